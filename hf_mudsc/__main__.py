@@ -1,0 +1,7 @@
+"""`python -m hf_mudsc` (what `accelerate launch -m hf_mudsc` and `torchrun -m hf_mudsc` run)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,232 @@
+"""Calibration: batches of model inputs -> forward hooks on both parents -> streaming correlation statistics.
+
+Both parents see the same batches in eval mode, float32, without gradients; every hooked position
+(token or image) is one sample, padding dropped. Statistics are plain sums, so process shards add up.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .similarity import CorrelationAccumulator
+from .spec import HookPoint, PermutationSpec
+
+logger = logging.getLogger(__name__)
+
+
+class CalibrationError(ValueError):
+    """The calibration data cannot be used (empty, missing columns, wrongly shaped)."""
+
+
+def _as_tensor(value: Any) -> torch.Tensor | Any:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
+        return torch.stack(list(value))
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], np.ndarray):
+        return torch.from_numpy(np.stack(value))
+    if isinstance(value, (list, tuple)):
+        try:
+            return torch.as_tensor(value)
+        except (TypeError, ValueError):
+            return value
+    return value
+
+
+def _batch_size_of(batch: Mapping[str, Any]) -> int:
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    raise CalibrationError(f"calibration batch has no tensor column (columns: {sorted(batch)})")
+
+
+def _truncate(batch: dict[str, Any], size: int) -> dict[str, Any]:
+    return {k: (v[:size] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in batch.items()}
+
+
+def iter_batches(
+    calibration: Any,
+    *,
+    batch_size: int = 32,
+    num_samples: int | None = None,
+    columns: Iterable[str] | None = None,
+    required: Iterable[str] = (),
+) -> Iterator[dict[str, Any]]:
+    """Yield dict batches of tensors from a `datasets.Dataset`/`IterableDataset` or an iterable of dicts.
+
+    Only `columns` are kept when given (datasets carry labels and raw fields the model must not see);
+    `required` columns are checked up front so a wrong dataset fails before any forward pass.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_samples is not None and num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1 or None, got {num_samples}")
+    keep = set(columns) if columns is not None else None
+    required = tuple(required)
+    seen = 0
+    for index, raw in enumerate(_raw_batches(calibration, batch_size, keep, required)):
+        if index == 0:
+            _check_columns(raw.keys(), required)
+        batch = {k: _as_tensor(v) for k, v in raw.items() if keep is None or k in keep}
+        size = _batch_size_of(batch)
+        if num_samples is not None and seen + size > num_samples:
+            batch = _truncate(batch, num_samples - seen)
+            size = num_samples - seen
+        if size == 0:
+            continue
+        yield batch
+        seen += size
+        if num_samples is not None and seen >= num_samples:
+            return
+
+
+def _check_columns(found: Iterable[str], required: tuple[str, ...]) -> None:
+    found = sorted(found)
+    missing = [name for name in required if name not in found]
+    if missing:
+        raise CalibrationError(
+            f"the calibration data lacks column(s) {missing} that the models need; found columns {found}. "
+            "Provide preprocessed model inputs (e.g. map the parents' processor over the dataset)."
+        )
+
+
+def _raw_batches(
+    calibration: Any, batch_size: int, keep: set[str] | None, required: tuple[str, ...]
+) -> Iterator[Mapping[str, Any]]:
+    import datasets
+
+    if isinstance(calibration, (datasets.Dataset, datasets.IterableDataset)):
+        names = calibration.column_names
+        if names is not None:
+            _check_columns(names, required)
+            if keep is not None:
+                calibration = calibration.select_columns([c for c in names if c in keep])
+        data = calibration.with_format("torch")
+        if isinstance(data, datasets.Dataset):
+            for start in range(0, len(data), batch_size):
+                yield data[start : start + batch_size]
+        else:
+            yield from data.iter(batch_size=batch_size)
+        return
+    if isinstance(calibration, Mapping):
+        yield calibration
+        return
+    if isinstance(calibration, (str, bytes)) or not isinstance(calibration, Iterable):
+        raise CalibrationError(
+            f"calibration must be a datasets.Dataset/IterableDataset or an iterable of dict batches, "
+            f"got {type(calibration).__name__}"
+        )
+    for batch in calibration:
+        if not isinstance(batch, Mapping):
+            raise CalibrationError(f"calibration batches must be dicts of model inputs, got {type(batch).__name__}")
+        yield batch
+
+
+def forward_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The batch entries the model's forward accepts."""
+    accepted = set(inspect.signature(model.forward).parameters)
+    return {k: v for k, v in batch.items() if k in accepted}
+
+
+class _Recorder:
+    """Forward hooks writing each group's features for the current batch into `features[(group, hook)]`."""
+
+    def __init__(self, model: nn.Module, spec: PermutationSpec) -> None:
+        self.features: dict[tuple[int, int], torch.Tensor] = {}
+        modules = dict(model.named_modules())
+        self.handles = []
+        for gi, group in enumerate(spec.groups):
+            for hi, hook in enumerate(group.hooks):
+                self.handles.append(
+                    modules[hook.module].register_forward_hook(self._hook(gi, hi, hook), with_kwargs=True)
+                )
+
+    def _hook(self, gi: int, hi: int, point: HookPoint):
+        def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if point.where == "input":
+                value = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+            else:
+                value = getattr(output, point.attr) if point.attr else output
+                if isinstance(value, tuple):
+                    value = value[0]
+            self.features[(gi, hi)] = value.detach()
+
+        return record
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _samples(features: torch.Tensor, point: HookPoint, batch: Mapping[str, Any]) -> torch.Tensor:
+    """Flatten `(..., d)` features into `(samples, d)`, dropping masked (padding) positions."""
+    mask = batch.get(point.mask) if point.mask else None
+    if isinstance(mask, torch.Tensor) and features.dim() == 3 and tuple(mask.shape) == tuple(features.shape[:2]):
+        return features[mask.to(torch.bool)]
+    return features.reshape(-1, features.shape[-1])
+
+
+def collect_statistics(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    spec: PermutationSpec,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    progress: bool = True,
+    accumulators: list[CorrelationAccumulator] | None = None,
+) -> list[CorrelationAccumulator]:
+    """Run both parents over the batches and accumulate each group's `[A; B]` activation statistics."""
+    if accumulators is None:
+        accumulators = [CorrelationAccumulator(2 * group.width) for group in spec.groups]
+    recorders = [_Recorder(model_a, spec), _Recorder(model_b, spec)]
+    was_training = [model_a.training, model_b.training]
+    model_a.eval()
+    model_b.eval()
+    seen = 0
+    bar = tqdm(desc="calibration", unit="sample", disable=not progress)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                for model, recorder in zip((model_a, model_b), recorders):
+                    recorder.features.clear()
+                    try:
+                        model(**forward_inputs(model, batch))
+                    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+                        raise CalibrationError(
+                            f"a calibration batch could not be run through {type(model).__name__} "
+                            f"(columns {sorted(batch)}): {error}"
+                        ) from error
+                for gi, group in enumerate(spec.groups):
+                    parts = []
+                    for hi, point in enumerate(group.hooks):
+                        key = (gi, hi)
+                        if key not in recorders[0].features:
+                            continue
+                        joint = torch.cat([recorders[0].features[key], recorders[1].features[key]], dim=-1)
+                        parts.append(_samples(joint, point, batch))
+                    if not parts:
+                        raise CalibrationError(f"group {group.name!r} saw no activations for this batch")
+                    accumulators[gi].update(torch.cat(parts) if len(parts) > 1 else parts[0])
+                size = _batch_size_of(batch)
+                seen += size
+                bar.update(size)
+    finally:
+        bar.close()
+        for recorder in recorders:
+            recorder.remove()
+        model_a.train(was_training[0])
+        model_b.train(was_training[1])
+    if seen == 0:
+        raise CalibrationError("the calibration data has no samples; pass a non-empty dataset or batches")
+    logger.info("collected activation statistics over %d calibration samples", seen)
+    return accumulators

@@ -1,0 +1,66 @@
+"""`hf-mudsc` entry point: one sub-command per module in `hf_mudsc.commands`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+
+# Sub-command name -> module in hf_mudsc.commands exposing `add_arguments(parser)` and `run(args) -> int`.
+COMMANDS = {
+    "demo": "Train two small ViTs from different seeds on halves of sklearn's digits and merge them.",
+    "merge": "Merge two models (Hub ids, folders) into one and save or push it.",
+    "push": "Push a merged model folder to the Hub with its card and recipe.",
+    "evaluate": "Evaluate a merged model (and its parents) per task and jointly.",
+}
+
+
+def _module(name: str):
+    return importlib.import_module(f"hf_mudsc.commands.{name}")
+
+
+def build_parser(available: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-mudsc",
+        description="Merge fine-tuned Hugging Face transformers without training (MuDSC, CVPR 2024).",
+    )
+    parser.add_argument("--version", action="version", version=f"hf-mudsc {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        if available is not None and name not in available:
+            continue
+        try:
+            module = _module(name)
+        except ModuleNotFoundError:
+            continue
+        command = sub.add_parser(name, help=help_text, description=help_text,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(command)
+        command.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=min(level, logging.INFO), format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hf_mudsc").setLevel(min(level, logging.INFO))
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, FileExistsError, FileNotFoundError, PermissionError) as error:
+        logging.getLogger("hf_mudsc").debug("command failed", exc_info=True)
+        print(f"hf-mudsc {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

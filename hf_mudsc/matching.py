@@ -1,0 +1,543 @@
+"""Unit matchers of MuDSC (design §4.6): align, group align, zip and group zip.
+
+Every matcher reads one symmetric ``(2n, 2n)`` similarity of the units of models A and B (rows and
+columns ``[A 0..n-1; B 0..n-1]``) and returns a :class:`Match`: a 0/1 ``unmerge`` matrix whose column
+``j`` lists the original units fused into merged unit ``j``, the column-normalised ``merge`` matrix and
+the mean similarity of the picks (the solver's objective). The merged width is always ``n``.
+
+The behaviour is that of the MuDSC reference implementation, cluster for cluster, including its tie
+order (row-major first) and its same-model / same-head budgets; :func:`zip_reference` keeps the
+straightforward ``O(n^3)`` greedy loop as the executable specification of the fast zip.
+Everything is computed in float64: real similarities have near-ties that float32 would flip.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MATCHERS", "Match", "head_scores", "match", "pair_heads", "zip_reference"]
+
+#: Valid values of ``match(..., matcher=...)``; ``num_heads > 1`` selects the group variant of each.
+MATCHERS: tuple[str, ...] = ("align", "zip")
+
+_NEG_INF = -np.inf
+
+
+@dataclass(frozen=True, eq=False)
+class Match:
+    """Result of matching one group: how the ``2n`` original units fuse into ``n`` merged units.
+
+    ``eq=False`` because comparing tensors field-wise has no single truth value.
+    """
+
+    unmerge: torch.Tensor
+    """(2n, n) float64 0/1; column j lists the original units fused into merged unit j."""
+    merge: torch.Tensor
+    """(2n, n) float64 = unmerge / (unmerge.sum(0) + normalizer_eps)."""
+    value: float
+    """Mean similarity of the picks (matched entries, or zip's picked maxima)."""
+    head_pairing: tuple[int, ...] | None = None
+    """For num_heads > 1: the partner B head of each A head; None otherwise."""
+
+    def clusters(self) -> list[tuple[int, ...]]:
+        """Original unit indices (rows) fused into each merged unit, in column order."""
+        cols, rows = np.nonzero(self.unmerge.detach().cpu().numpy().T)
+        out: list[list[int]] = [[] for _ in range(self.unmerge.shape[1])]
+        for col, row in zip(cols.tolist(), rows.tolist(), strict=True):
+            out[col].append(row)
+        return [tuple(c) for c in out]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------------
+_TILE = 256
+_ASYMMETRY_TOL = 1e-4
+
+
+def _max_asymmetry(arr: np.ndarray) -> float:
+    """max |C - C^T|, tile by tile: a transposed read of the whole matrix thrashes the cache."""
+    size, worst = arr.shape[0], 0.0
+    for i in range(0, size, _TILE):
+        for j in range(i, size, _TILE):
+            upper = arr[i : i + _TILE, j : j + _TILE].astype(np.float64)
+            diff = np.abs(upper - arr[j : j + _TILE, i : i + _TILE].T)
+            worst = max(worst, float(diff.max()))
+    return worst
+
+
+def _symmetrize(arr: np.ndarray) -> np.ndarray:
+    """(C + C^T) / 2, tile by tile; exactly symmetric because float addition commutes."""
+    size = arr.shape[0]
+    out = np.empty(arr.shape, dtype=np.float64)
+    for i in range(0, size, _TILE):
+        for j in range(i, size, _TILE):
+            upper = arr[i : i + _TILE, j : j + _TILE].astype(np.float64)
+            tile = (upper + arr[j : j + _TILE, i : i + _TILE].T) * 0.5
+            out[i : i + _TILE, j : j + _TILE] = tile
+            out[j : j + _TILE, i : i + _TILE] = tile.T
+    return out
+
+
+def _prepare(similarity: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Validate a (2n, 2n) similarity and return it as an exactly symmetric array, read-only.
+
+    The array keeps the input's float dtype (possibly sharing its memory): every consumer converts just
+    the part it reads to float64, which saves a full-size conversion for align and the group matchers.
+    Nearly symmetric input (rounding in a float32 ``X @ X.T``) is averaged with its transpose in float64,
+    a no-op for exactly symmetric input; clearly asymmetric input is refused.
+    """
+    if isinstance(similarity, np.ndarray):
+        similarity = torch.from_numpy(similarity)
+    if not isinstance(similarity, torch.Tensor):
+        raise TypeError(f"similarity must be a torch.Tensor, got {type(similarity).__name__}")
+    if similarity.is_complex():
+        raise ValueError("similarity must be real-valued, got a complex tensor")
+    if similarity.dim() != 2 or similarity.shape[0] != similarity.shape[1]:
+        raise ValueError(
+            "similarity must be a square (2n, 2n) matrix over the units [A; B], "
+            f"got shape {tuple(similarity.shape)}"
+        )
+    size = similarity.shape[0]
+    if size == 0:
+        raise ValueError("similarity is empty: a group needs at least one unit per model")
+    if size % 2:
+        raise ValueError(f"similarity must have an even size 2n (rows [A units; B units]), got {size}x{size}")
+    tensor = similarity.detach().cpu()
+    eps = torch.finfo(tensor.dtype).eps if tensor.is_floating_point() else 0.0
+    if tensor.dtype not in (torch.float16, torch.float32, torch.float64):  # bfloat16 has no numpy twin
+        tensor = tensor.to(torch.float64)
+    arr = tensor.numpy()
+    low, high = float(arr.min()), float(arr.max())  # NaN propagates: two passes check everything
+    if not (np.isfinite(low) and np.isfinite(high)):
+        nan = int(np.isnan(arr).sum())
+        if nan:
+            raise ValueError(
+                f"similarity contains {nan} NaN entries; check the calibration data / weights "
+                "(zero-variance units should give zero rows, not NaN)"
+            )
+        raise ValueError("similarity contains infinite entries; every similarity must be finite")
+    scale = max(1.0, -low, high)
+    asym = _max_asymmetry(arr)
+    if asym > max(_ASYMMETRY_TOL, 100 * eps) * scale:  # only gross mistakes; rounding is averaged away
+        raise ValueError(
+            f"similarity must be symmetric (a correlation of the stacked units [A; B]); "
+            f"max |C - C^T| = {asym:.3g}"
+        )
+    if asym:
+        logger.debug("symmetrising a similarity with max asymmetry %.3g", asym)
+        arr = _symmetrize(arr)
+    return arr
+
+
+def _check_num_heads(num_heads: int, n: int) -> int:
+    if isinstance(num_heads, bool) or not isinstance(num_heads, (int, np.integer)):
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    num_heads = int(num_heads)
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+    if n % num_heads:
+        raise ValueError(
+            f"n = {n} units per model is not divisible by num_heads = {num_heads}; "
+            "heads must be equal contiguous blocks of units"
+        )
+    return num_heads
+
+
+def _check_pairing(head_pairing: Sequence[int], num_heads: int) -> tuple[int, ...]:
+    try:
+        pairing = tuple(int(h) for h in head_pairing)
+        exact = all(int(h) == h and not isinstance(h, bool) for h in head_pairing)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"head_pairing must be a sequence of ints (a permutation of range({num_heads})), "
+            f"got {head_pairing!r}"
+        ) from None
+    if not exact or len(pairing) != num_heads or sorted(pairing) != list(range(num_heads)):
+        raise ValueError(
+            f"head_pairing must be a permutation of range({num_heads}) (the partner B head of each A head), "
+            f"got {head_pairing!r}"
+        )
+    return pairing
+
+
+def _check_zip_params(decay: float, budget: float) -> tuple[float, float]:
+    decay, budget = float(decay), float(budget)
+    if not (np.isfinite(decay) and 0.0 < decay <= 1.0):
+        raise ValueError(f"decay must lie in (0, 1] (fused similarities are min(x, y) * decay), got {decay}")
+    if not (np.isfinite(budget) and budget >= 0.0):
+        raise ValueError(f"budget must be a finite number >= 0 (same-model budget factor), got {budget}")
+    return decay, budget
+
+
+def _model_budget(n: int, budget: float) -> int:
+    """Same-model fusions allowed per model; the reference adds 1e-4 before truncating."""
+    return int((n // 2) * budget + 1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Assembling results
+# ---------------------------------------------------------------------------------------------------
+def _build(
+    clusters: Sequence[Sequence[int]],
+    size: int,
+    value: float,
+    head_pairing: tuple[int, ...] | None,
+    normalizer_eps: float,
+    device: torch.device,
+) -> Match:
+    sizes = np.array([len(members) for members in clusters], dtype=np.float64)
+    rows = np.fromiter((i for members in clusters for i in members), dtype=np.int64, count=size)
+    cols = np.repeat(np.arange(len(clusters)), sizes.astype(np.int64))
+    # Scattered rather than dense ops: at n = 3072 a dense (2n, n) pass costs more than the matching.
+    unmerge = np.zeros((size, len(clusters)), dtype=np.float64)
+    unmerge[rows, cols] = 1.0
+    merge = np.zeros_like(unmerge)
+    merge[rows, cols] = (1.0 / (sizes + normalizer_eps))[cols]
+    return Match(
+        unmerge=torch.from_numpy(unmerge).to(device),
+        merge=torch.from_numpy(merge).to(device),
+        value=float(value),
+        head_pairing=head_pairing,
+    )
+
+
+def _pair_clusters(n: int, partner: np.ndarray) -> list[list[int]]:
+    """Merged unit i = {A_i, B_partner[i]}."""
+    return [[i, n + int(p)] for i, p in enumerate(partner)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Align and heads
+# ---------------------------------------------------------------------------------------------------
+def _hungarian(block: np.ndarray) -> tuple[np.ndarray, float]:
+    """Column assigned to each row of a square block, and the mean matched similarity (float64)."""
+    block = np.asarray(block, dtype=np.float64)
+    rows, cols = linear_sum_assignment(block, maximize=True)
+    return cols, float(block[rows, cols].mean())
+
+
+def _head_block(c: np.ndarray, n: int, g: int, a_head: int, b_head: int) -> np.ndarray:
+    return c[a_head * g : (a_head + 1) * g, n + b_head * g : n + (b_head + 1) * g]
+
+
+def _all_head_blocks(c: np.ndarray, n: int, num_heads: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (k, k) and in-block assignments (k, k, g) of every (A head, B head) pair."""
+    g = n // num_heads
+    scores = np.empty((num_heads, num_heads), dtype=np.float64)
+    assign = np.empty((num_heads, num_heads, g), dtype=np.int64)
+    for j in range(num_heads):
+        for l_head in range(num_heads):
+            assign[j, l_head], scores[j, l_head] = _hungarian(_head_block(c, n, g, j, l_head))
+    return scores, assign
+
+
+def head_scores(similarity: torch.Tensor, num_heads: int) -> np.ndarray:
+    """(k, k) score[j, l] = mean of the Hungarian-matched entries of block (A head j rows, B head l cols).
+
+    Exposed so the solver can sum the scores of several groups (q/k and v of one attention block) and
+    pair their heads once with :func:`pair_heads`.
+    """
+    c = _prepare(similarity)
+    n = c.shape[0] // 2
+    num_heads = _check_num_heads(num_heads, n)
+    return _all_head_blocks(c, n, num_heads)[0]
+
+
+def pair_heads(scores: np.ndarray) -> tuple[int, ...]:
+    """Hungarian (maximize) on a k x k head score matrix -> partner B head for each A head."""
+    arr = np.asarray(scores, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[0] != arr.shape[1] or arr.shape[0] == 0:
+        raise ValueError(f"head scores must be a non-empty square (k, k) matrix, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError("head scores contain NaN or infinite entries")
+    return tuple(int(h) for h in _hungarian(arr)[0])
+
+
+def _align(c: np.ndarray, n: int) -> tuple[list[list[int]], float]:
+    partner, value = _hungarian(c[:n, n:])
+    return _pair_clusters(n, partner), value
+
+
+def _group_align(
+    c: np.ndarray, n: int, num_heads: int, pairing: tuple[int, ...] | None
+) -> tuple[list[list[int]], float, tuple[int, ...]]:
+    g = n // num_heads
+    if pairing is None:
+        scores, assign = _all_head_blocks(c, n, num_heads)
+        pairing = pair_heads(scores)
+        blocks = [(assign[j, p], scores[j, p]) for j, p in enumerate(pairing)]
+    else:
+        blocks = [_hungarian(_head_block(c, n, g, j, p)) for j, p in enumerate(pairing)]
+    partner = np.concatenate([p * g + cols for p, (cols, _) in zip(pairing, blocks, strict=True)])
+    value = float(np.mean([score for _, score in blocks]))
+    return _pair_clusters(n, partner), value, pairing
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fast zip
+# ---------------------------------------------------------------------------------------------------
+def _refresh_rows(s: np.ndarray, rowmax: np.ndarray, rowarg: np.ndarray, rows: np.ndarray) -> None:
+    """Recompute max and first argmax of the given rows."""
+    if rows.size == 1:
+        r = int(rows[0])
+        arg = int(s[r].argmax())
+        rowarg[r], rowmax[r] = arg, s[r, arg]
+    elif rows.size:
+        sub = s[rows]
+        arg = sub.argmax(axis=1)
+        rowarg[rows] = arg
+        rowmax[rows] = sub[np.arange(rows.size), arg]
+
+
+def _mask_label(
+    s: np.ndarray, labels: np.ndarray, alive: np.ndarray, label: int, rowmax: np.ndarray, rowarg: np.ndarray
+) -> None:
+    """Forbid every remaining pair of clusters carrying ``label`` (budget exhausted)."""
+    idx = np.flatnonzero(alive & (labels == label))
+    s[np.ix_(idx, idx)] = _NEG_INF
+    _refresh_rows(s, rowmax, rowarg, idx)
+
+
+def _zip_core(
+    s: np.ndarray,
+    labels: np.ndarray,
+    target: int,
+    decay: float,
+    model_budget: list[int],
+    model_masked: list[bool],
+    head_budget: list[int] | None = None,
+) -> tuple[list[list[int]], list[float]]:
+    """ZipIt's greedy on ``s`` (modified in place, diagonal already -inf) down to ``target`` clusters.
+
+    Instead of deleting rows and scanning the whole matrix for every pick, dead rows/columns are set to
+    -inf and each row keeps its max and first argmax. A fusion (lo, hi) rewrites row/column lo to
+    ``min(row lo, row hi) * decay`` (which can *raise* negative entries), so: rows whose argmax was lo or
+    hi are recomputed, every other row only compares its old max with its new entry at lo (ties go to
+    the lower column, as a row-major argmax does). Deleting preserves relative order, so the lowest
+    surviving index is the reference's first position and the picks are identical.
+
+    ``labels[i]`` is the model (0 = A, 1 = B) of cluster i's lowest member; ``model_budget`` and
+    ``model_masked`` are shared with later calls (group zip); ``head_budget`` is the per-head budget
+    of the two heads in play (labels coincide with heads inside one head pair).
+    Returns the surviving clusters (lists of local indices, by lowest index) and the picked values.
+    """
+    size = s.shape[0]
+    alive = np.ones(size, dtype=bool)
+    members: list[list[int]] = [[i] for i in range(size)]
+    rowarg = s.argmax(axis=1)
+    rowmax = s[np.arange(size), rowarg]
+    for label in (0, 1):
+        if model_masked[label]:
+            _mask_label(s, labels, alive, label, rowmax, rowarg)
+    picks: list[float] = []
+    for _ in range(size - target):
+        lo = int(np.argmax(rowmax))
+        hi = int(rowarg[lo])
+        if hi <= lo or not alive[hi]:  # only possible if no finite pair is left, which validation excludes
+            raise RuntimeError("zip found no admissible pair to fuse")
+        picks.append(float(rowmax[lo]))
+
+        new = np.minimum(s[lo], s[hi])
+        new *= decay
+        new[lo] = _NEG_INF
+        s[lo] = new
+        s[:, lo] = new
+        s[hi] = _NEG_INF
+        s[:, hi] = _NEG_INF
+        alive[hi] = False
+        rowmax[hi] = _NEG_INF
+        members[lo].extend(members[hi])
+        members[hi] = []
+
+        stale = (rowarg == lo) | (rowarg == hi)
+        stale[lo] = True
+        stale &= alive
+        keep = alive & ~stale
+        better = keep & ((new > rowmax) | ((new == rowmax) & (rowarg > lo)))
+        rowmax[better] = new[better]
+        rowarg[better] = lo
+        _refresh_rows(s, rowmax, rowarg, np.flatnonzero(stale))
+
+        if labels[lo] == labels[hi]:
+            label = int(labels[lo])
+            model_budget[label] -= 1
+            exhausted = model_budget[label] <= 0
+            if exhausted:
+                model_masked[label] = True
+            if head_budget is not None:
+                head_budget[label] -= 1
+                exhausted = exhausted or head_budget[label] <= 0
+            if exhausted:
+                _mask_label(s, labels, alive, label, rowmax, rowarg)
+    return [members[i] for i in np.flatnonzero(alive)], picks
+
+
+def _zip(c: np.ndarray, n: int, decay: float, budget: float) -> tuple[list[list[int]], float]:
+    s = c.astype(np.float64)
+    np.fill_diagonal(s, _NEG_INF)
+    labels = np.repeat(np.array([0, 1]), n)
+    budgets = [_model_budget(n, budget)] * 2
+    clusters, picks = _zip_core(s, labels, n, decay, budgets, [False, False])
+    return clusters, float(np.mean(picks))
+
+
+def _group_zip(
+    c: np.ndarray, n: int, num_heads: int, decay: float, budget: float, pairing: tuple[int, ...] | None
+) -> tuple[list[list[int]], float, tuple[int, ...]]:
+    """Zip each head pair separately, in A-head order; only the model budgets carry over between pairs.
+
+    In the reference every step is an argmax over the whole matrix with the other heads masked out, and
+    a fusion only rewrites the fused cluster's row/column, so head pairs interact only through the
+    model budgets (and the global same-model mask once a model's budget is spent).
+    """
+    if pairing is None:
+        pairing = pair_heads(_all_head_blocks(c, n, num_heads)[0])
+    g = n // num_heads
+    labels = np.repeat(np.array([0, 1]), g)
+    model_budget = [_model_budget(n, budget)] * 2
+    model_masked = [False, False]
+    clusters: list[list[int]] = []
+    picks: list[float] = []
+    for j, p in enumerate(pairing):
+        idx = np.r_[j * g : (j + 1) * g, n + p * g : n + (p + 1) * g]
+        s = c[np.ix_(idx, idx)].astype(np.float64, copy=False)
+        np.fill_diagonal(s, _NEG_INF)
+        head_budget = [n // (2 * num_heads)] * 2
+        local, local_picks = _zip_core(s, labels, g, decay, model_budget, model_masked, head_budget)
+        clusters.extend([int(idx[i]) for i in members] for members in local)
+        picks.extend(local_picks)
+    return clusters, float(np.mean(picks)), pairing
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public entry points
+# ---------------------------------------------------------------------------------------------------
+def match(
+    similarity: torch.Tensor,
+    *,
+    matcher: str = "align",
+    num_heads: int = 1,
+    decay: float = 0.5,
+    budget: float = 1.0,
+    head_pairing: Sequence[int] | None = None,
+    normalizer_eps: float = 0.0,
+) -> Match:
+    """Match the 2n units of one group into n merged units (design §4.6).
+
+    ``matcher`` is ``"align"`` (Hungarian, a permutation) or ``"zip"`` (ZipIt's greedy, which may also
+    fuse units of the same model); ``num_heads > 1`` selects their group variants, which only match units
+    inside paired heads. ``head_pairing`` (partner B head of each A head) overrides the Hungarian head
+    pairing so several groups can share one. ``decay``/``budget`` only affect zip.
+    """
+    if matcher not in MATCHERS:
+        raise ValueError(f"unknown matcher {matcher!r}; valid matchers: {', '.join(MATCHERS)}")
+    c = _prepare(similarity)
+    device = similarity.device if isinstance(similarity, torch.Tensor) else torch.device("cpu")
+    n = c.shape[0] // 2
+    num_heads = _check_num_heads(num_heads, n)
+    pairing = None if head_pairing is None else _check_pairing(head_pairing, num_heads)
+    decay, budget = _check_zip_params(decay, budget)
+    normalizer_eps = float(normalizer_eps)
+    if not (np.isfinite(normalizer_eps) and normalizer_eps >= 0.0):
+        raise ValueError(f"normalizer_eps must be a finite number >= 0, got {normalizer_eps}")
+
+    start = time.perf_counter()
+    if num_heads == 1:
+        if matcher == "align":
+            clusters, value = _align(c, n)
+        else:
+            clusters, value = _zip(c, n, decay, budget)
+        pairing = None
+    elif matcher == "align":
+        clusters, value, pairing = _group_align(c, n, num_heads, pairing)
+    else:
+        clusters, value, pairing = _group_zip(c, n, num_heads, decay, budget, pairing)
+    elapsed = time.perf_counter() - start
+    logger.debug(
+        "matched 2x%d units (%s, %d heads) in %.3fs, value %.6f", n, matcher, num_heads, elapsed, value
+    )
+    return _build(clusters, 2 * n, value, pairing, normalizer_eps, device)
+
+
+def zip_reference(
+    similarity: torch.Tensor,
+    *,
+    decay: float = 0.5,
+    budget: float = 1.0,
+    num_heads: int = 1,
+    head_pairing: Sequence[int] | None = None,
+) -> Match:
+    """The straightforward O(n^3) ZipIt / MuDSC greedy loop: the executable specification of zip.
+
+    It deletes the fused row/column and rescans the whole matrix at every step, exactly as the reference
+    implementation does. ``num_heads > 1`` gives group zip the reference's way: one global matrix,
+    the current head pair selected by a -inf mask, model budgets shared by all head pairs and a
+    per-original-head budget of n // (2 k) same-head fusions. Kept for tests and benchmarks only.
+    """
+    c = _prepare(similarity)
+    n = c.shape[0] // 2
+    num_heads = _check_num_heads(num_heads, n)
+    decay, budget = _check_zip_params(decay, budget)
+    grouped = num_heads > 1
+    if grouped:
+        pairing = (
+            pair_heads(_all_head_blocks(c, n, num_heads)[0])
+            if head_pairing is None
+            else _check_pairing(head_pairing, num_heads)
+        )
+        rounds = [(j, num_heads + p) for j, p in enumerate(pairing)]
+    else:
+        pairing, rounds = None, [(0, 1)]
+    g = n // num_heads
+
+    s = c.astype(np.float64)
+    np.fill_diagonal(s, _NEG_INF)
+    clusters: list[list[int]] = [[i] for i in range(2 * n)]
+    model = np.repeat(np.array([0, 1]), n)  # model of each cluster's lowest member, by position
+    head = np.arange(2 * n) // g  # original head of each cluster's lowest member (B heads k..2k-1)
+    model_budget = [_model_budget(n, budget)] * 2
+    head_budget = [n // (2 * num_heads)] * (2 * num_heads)
+    picks: list[float] = []
+    columns: list[list[int]] = []
+    for heads in rounds:
+        offset = np.zeros_like(s)
+        if grouped:
+            inside = np.isin(head, heads)
+            offset[~(inside[:, None] & inside[None, :])] = _NEG_INF
+        for _ in range(g if grouped else n):
+            row, col = divmod(int(np.argmax(s + offset)), s.shape[1])
+            picks.append(float(s[row, col]))
+            lo, hi = min(row, col), max(row, col)
+            s[:, lo] = np.minimum(s[:, lo], s[:, hi]) * decay
+            s = np.delete(s, hi, axis=1)
+            s[lo, :] = np.minimum(s[lo, :], s[hi, :]) * decay
+            s = np.delete(s, hi, axis=0)
+            offset = np.delete(np.delete(offset, hi, axis=1), hi, axis=0)
+            clusters[lo].extend(clusters.pop(hi))
+            same_model, same_head = model[lo] == model[hi], head[lo] == head[hi]
+            model, head = np.delete(model, hi), np.delete(head, hi)
+            if same_model:
+                model_budget[model[lo]] -= 1
+                if model_budget[model[lo]] <= 0:
+                    sel = model == model[lo]
+                    s[sel[:, None] & sel[None, :]] = _NEG_INF
+            if grouped and same_head:
+                head_budget[head[lo]] -= 1
+                if head_budget[head[lo]] <= 0:
+                    sel = head == head[lo]
+                    s[sel[:, None] & sel[None, :]] = _NEG_INF
+        if grouped:
+            columns.extend(members for members, h in zip(clusters, head, strict=True) if h in heads)
+    if not grouped:
+        columns = clusters
+    return _build(columns, 2 * n, float(np.mean(picks)), pairing, 0.0, torch.device("cpu"))

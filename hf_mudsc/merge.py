@@ -1,0 +1,296 @@
+"""`hf_mudsc.merge`: two parents -> checks -> calibration -> solve -> apply -> a stock PreTrainedModel."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
+
+from . import __version__
+from .adapters import spec_for
+from .calibration import collect_statistics, iter_batches
+from .heads import concatenated_head_config, distinct_task_names, same_label_set
+from .matching import Match
+from .methods import get_method
+from .similarity import GroupMaps
+from .solve import SolveOptions, Solver
+from .spec import PermutationSpec
+
+logger = logging.getLogger(__name__)
+
+MATCHERS = ("align", "zip")
+REFERENCE_NORMALIZER_EPS = 1e-5
+# Config fields that may differ between two parents of one architecture (labels and bookkeeping).
+_IGNORED_CONFIG_KEYS = {
+    "id2label", "label2id", "num_labels", "_name_or_path", "name_or_path", "transformers_version",
+    "dtype", "torch_dtype", "problem_type", "finetuning_task", "architectures", "task_label_ranges",
+    "mudsc", "_commit_hash", "output_attentions", "output_hidden_states", "return_dict",
+}
+
+
+class MergeInputError(ValueError):
+    """The parents or options cannot be merged; the message names the problem and the fix."""
+
+
+@dataclass
+class MergeReport:
+    """What the merge did, for logs and the model card (attached to the merged model as `merge_report`)."""
+
+    method: str
+    matcher: str | None
+    alpha: float | None
+    group_names: list[str] = field(default_factory=list)
+    group_values: list[float] = field(default_factory=list)
+    objective_history: list[float] = field(default_factory=list)
+    sweeps: int = 0
+    num_samples: int = 0
+
+
+def _config_differences(a: PretrainedConfig, b: PretrainedConfig, prefix: str = "") -> list[str]:
+    da, db = a.to_dict(), b.to_dict()
+    problems = []
+    for key in sorted(set(da) | set(db)):
+        if key in _IGNORED_CONFIG_KEYS:
+            continue
+        va, vb = da.get(key), db.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict) and key.endswith("_config"):
+            sub_a = {k: v for k, v in va.items() if k not in _IGNORED_CONFIG_KEYS}
+            sub_b = {k: v for k, v in vb.items() if k not in _IGNORED_CONFIG_KEYS}
+            for sub in sorted(set(sub_a) | set(sub_b)):
+                if sub_a.get(sub) != sub_b.get(sub):
+                    problems.append(f"{prefix}{key}.{sub}: {sub_a.get(sub)!r} vs {sub_b.get(sub)!r}")
+        elif va != vb:
+            problems.append(f"{prefix}{key}: {va!r} vs {vb!r}")
+    return problems
+
+
+def check_parents(model_a: PreTrainedModel, model_b: PreTrainedModel) -> None:
+    """Refuse parents that cannot share one permutation spec, before any heavy work."""
+    for name, model in (("A", model_a), ("B", model_b)):
+        if not isinstance(model, PreTrainedModel):
+            raise MergeInputError(
+                f"parent {name} is a {type(model).__name__}; pass a transformers PreTrainedModel or a local folder"
+            )
+    if type(model_a) is not type(model_b):
+        raise MergeInputError(
+            f"parents have different architectures: A is {type(model_a).__name__}, B is {type(model_b).__name__}; "
+            "merge two models of the same class (e.g. two ViTForImageClassification)"
+        )
+    differences = _config_differences(model_a.config, model_b.config)
+    if differences:
+        raise MergeInputError(
+            "parents have different configurations, so their tensors do not line up: "
+            + "; ".join(differences[:10])
+            + ("; ..." if len(differences) > 10 else "")
+            + ". Merge models fine-tuned from the same architecture configuration."
+        )
+    for name, model in (("A", model_a), ("B", model_b)):
+        for param_name, param in model.named_parameters():
+            if not torch.isfinite(param).all():
+                raise MergeInputError(
+                    f"parent {name} has NaN or infinite values in {param_name!r}; the checkpoint is corrupt or "
+                    "diverged in training — fix or re-export it before merging"
+                )
+
+
+def _parent_name(model: PreTrainedModel, fallback: str) -> str:
+    return str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or fallback)
+
+
+def apply_matches(
+    spec: PermutationSpec,
+    params_a: Mapping[str, torch.Tensor],
+    params_b: Mapping[str, torch.Tensor],
+    matches: Sequence[Match | None],
+    *,
+    concatenate_classifier: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Design §4.7: out axes by `(2·merge_i)ᵀ`, in axes by `U_iᵀ`, then the mean of the two parents.
+
+    Classifier tensors are concatenated (A's rows first) instead of averaged when label sets differ.
+    """
+    classifier = {spec.classifier.weight, spec.classifier.bias} if spec.classifier else set()
+    maps = [GroupMaps.from_matrices(m.merge, m.unmerge) if m is not None else None for m in matches]
+    merged: dict[str, torch.Tensor] = {}
+    for name, tensor_a in params_a.items():
+        transformed = []
+        for model, params in enumerate((params_a, params_b)):
+            tensor = params[name].detach().to(torch.float64)
+            for group_index, member in spec.axes_of(name):
+                found = maps[group_index]
+                if found is None:
+                    continue
+                axis_map = found.merge2[model] if member.role == "out" else found.unmerge[model]
+                tensor = axis_map.apply(tensor, member.axis)
+            transformed.append(tensor)
+        if concatenate_classifier and name in classifier:
+            value = torch.cat(transformed, dim=0)
+        else:
+            value = (transformed[0] + transformed[1]) / 2
+        merged[name] = value.to(tensor_a.dtype)
+    return merged
+
+
+def _build_model(
+    model_a: PreTrainedModel, config: PretrainedConfig, params: Mapping[str, torch.Tensor]
+) -> PreTrainedModel:
+    """A model of A's structure with `config`, holding `params` and A's buffers.
+
+    A copy of A keeps constructor choices the config does not record (e.g. `add_pooling_layer=False`);
+    a concatenated head changes the classifier's shape, so that case builds from the config.
+    """
+    if _first_shape_change(model_a, params) is None:
+        merged = copy.deepcopy(model_a)
+        merged.config = config
+    else:
+        merged = type(model_a)(config)
+    state = dict(params)
+    expected = merged.state_dict().keys()
+    for name, buffer in model_a.named_buffers():
+        if name in expected:
+            state.setdefault(name, buffer)
+    missing, unexpected = merged.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"merged state does not fit the model: missing {missing}, unexpected {unexpected}")
+    return merged.eval()
+
+
+def _first_shape_change(model: PreTrainedModel, params: Mapping[str, torch.Tensor]) -> str | None:
+    for name, param in model.named_parameters():
+        if tuple(params[name].shape) != tuple(param.shape):
+            return name
+    return None
+
+
+def merge(
+    models: Sequence[PreTrainedModel | str | os.PathLike],
+    calibration: Any = None,
+    *,
+    method: str = "mudsc",
+    matcher: str = "zip",
+    alpha: float = 0.5,
+    num_samples: int | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    zip_decay: float = 0.5,
+    zip_budget: float = 1.0,
+    independent_heads: bool = False,
+    reference_compat: bool = False,
+    progress: bool = True,
+) -> PreTrainedModel:
+    """Merge two fine-tuned models of one architecture into one model, without training.
+
+    Args:
+        models: two `PreTrainedModel`s (or local folders) of the same class and configuration.
+        calibration: model inputs for the activation statistics — a `datasets.Dataset`/`IterableDataset`
+            with columns such as `pixel_values` or `input_ids`/`attention_mask`, or an iterable of dict
+            batches. Not needed by `weight_matching` and `average`.
+        method: a name from `hf_mudsc.methods.METHODS` (`mudsc`, `zipit`, `activation_align`,
+            `weight_matching`, `average`).
+        matcher: `zip` or `align` for `mudsc` (the other methods fix their own).
+        alpha: weight-similarity share of the dual-space similarity (MuDSC's balance factor).
+        num_samples: calibration samples to use (all when None).
+        seed: seeds the random group order of the solve sweeps.
+        zip_decay, zip_budget: ZipIt's α (similarity decay after a fusion) and β (same-model budget).
+        independent_heads: pair q/k heads and v heads separately, as the reference implementation does.
+        reference_compat: reproduce the reference implementation's merged weights (its `+1e-5` merge
+            normaliser and independent head pairing).
+
+    Returns:
+        A `PreTrainedModel` of the parents' class; `save_pretrained`/`push_to_hub` work as usual.
+        When the parents' label sets differ, the classifier is A's classes then B's and
+        `config.task_label_ranges` maps each task to its slice.
+    """
+    spec_method = get_method(method)
+    if matcher not in MATCHERS:
+        raise MergeInputError(f"unknown matcher {matcher!r}; choose one of: {', '.join(MATCHERS)}")
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise MergeInputError(f"alpha must lie in [0, 1], got {alpha}")
+    if len(models) != 2:
+        raise MergeInputError(f"merge takes exactly two parents, got {len(models)}")
+    from .loading import load_model
+
+    model_a, model_b = (load_model(m) for m in models)
+    check_parents(model_a, model_b)
+    spec = spec_for(model_a)
+    spec_for(model_b)
+    used_matcher = spec_method.matcher or matcher if spec_method.matches_units else None
+    if spec_method.uses_activations and calibration is None:
+        raise MergeInputError(
+            f"method {method!r} needs calibration data (a datasets.Dataset or iterable of input batches); "
+            "use method='weight_matching' or 'average' to merge without data"
+        )
+
+    params_a = {k: v.detach() for k, v in model_a.named_parameters()}
+    params_b = {k: v.detach() for k, v in model_b.named_parameters()}
+    report = MergeReport(method=method, matcher=used_matcher,
+                         alpha=float(alpha) if method == "mudsc" else None)
+    matches: list[Match | None] = [None] * len(spec.groups)
+    if spec_method.matches_units:
+        correlations = None
+        if spec_method.uses_activations:
+            batches = iter_batches(calibration, batch_size=batch_size, num_samples=num_samples,
+                                   columns=_input_columns(model_a), required=spec.inputs)
+            accumulators = collect_statistics(model_a, model_b, spec, batches, progress=progress)
+            report.num_samples = accumulators[0].count
+            correlations = [acc.finalize() for acc in accumulators]
+        options = SolveOptions(
+            matcher=used_matcher,
+            alpha=float(alpha) if method == "mudsc" else (1.0 if spec_method.uses_weights else 0.0),
+            use_activations=spec_method.uses_activations,
+            iterate=spec_method.iterate,
+            zip_decay=zip_decay,
+            zip_budget=zip_budget,
+            independent_heads=independent_heads or reference_compat,
+            normalizer_eps=REFERENCE_NORMALIZER_EPS if reference_compat else 0.0,
+            seed=seed,
+        )
+        result = Solver(spec, params_a, params_b, correlations, options).solve(progress=progress)
+        matches = result.matches
+        report.group_names = [g.name for g in spec.groups]
+        report.group_values = result.group_values()
+        report.objective_history = result.objective_history
+        report.sweeps = result.sweeps
+
+    concatenate = spec.classifier is not None and not same_label_set(model_a.config, model_b.config)
+    merged_params = apply_matches(spec, params_a, params_b, matches, concatenate_classifier=concatenate)
+
+    config = copy.deepcopy(model_a.config)
+    parents = [_parent_name(model_a, "model_a"), _parent_name(model_b, "model_b")]
+    if concatenate:
+        for key, value in concatenated_head_config(
+            model_a.config, model_b.config, distinct_task_names(model_a.config, model_b.config)
+        ).items():
+            setattr(config, key, value)
+    config.mudsc = {
+        "library": "hf_mudsc",
+        "version": __version__,
+        "method": method,
+        "matcher": used_matcher,
+        "alpha": report.alpha,
+        "parents": parents,
+        "zip_decay": zip_decay if used_matcher == "zip" else None,
+        "zip_budget": zip_budget if used_matcher == "zip" else None,
+        "independent_heads": bool(independent_heads or reference_compat),
+        "reference_compat": bool(reference_compat),
+        "seed": seed,
+        "num_calibration_samples": report.num_samples,
+        "group_match_values": {n: round(float(v), 6) for n, v in zip(report.group_names, report.group_values)},
+    }
+    config._name_or_path = ""
+    merged = _build_model(model_a, config, merged_params)
+    merged.merge_report = report
+    logger.info("merged %s and %s with %s", parents[0], parents[1], method)
+    return merged
+
+
+def _input_columns(model: PreTrainedModel) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(model.forward).parameters)
