@@ -36,7 +36,9 @@ _NEG_INF = -np.inf
 class Match:
     """Result of matching one group: how the ``2n`` original units fuse into ``n`` merged units.
 
-    ``eq=False`` because comparing tensors field-wise has no single truth value.
+    Column order is deterministic: align puts A unit i's pair in column i; zip orders clusters by their
+    lowest original unit (the reference's order); the group matchers give merged head j (A head j and its
+    partner) the contiguous columns ``j*g .. (j+1)*g - 1``. ``eq=False``: tensors have no single truth value.
     """
 
     unmerge: torch.Tensor
@@ -510,19 +512,20 @@ def zip_reference(
     picks: list[float] = []
     columns: list[list[int]] = []
     for heads in rounds:
-        offset = np.zeros_like(s)
+        offset = None  # -inf outside the current head pair
         if grouped:
             inside = np.isin(head, heads)
-            offset[~(inside[:, None] & inside[None, :])] = _NEG_INF
+            offset = np.where(inside[:, None] & inside[None, :], 0.0, _NEG_INF)
         for _ in range(g if grouped else n):
-            row, col = divmod(int(np.argmax(s + offset)), s.shape[1])
+            row, col = divmod(int(np.argmax(s if offset is None else s + offset)), s.shape[1])
             picks.append(float(s[row, col]))
             lo, hi = min(row, col), max(row, col)
             s[:, lo] = np.minimum(s[:, lo], s[:, hi]) * decay
             s = np.delete(s, hi, axis=1)
             s[lo, :] = np.minimum(s[lo, :], s[hi, :]) * decay
             s = np.delete(s, hi, axis=0)
-            offset = np.delete(np.delete(offset, hi, axis=1), hi, axis=0)
+            if offset is not None:
+                offset = np.delete(np.delete(offset, hi, axis=1), hi, axis=0)
             clusters[lo].extend(clusters.pop(hi))
             same_model, same_head = model[lo] == model[hi], head[lo] == head[hi]
             model, head = np.delete(model, hi), np.delete(head, hi)

@@ -24,13 +24,15 @@ def pearson_from_covariance(covariance: torch.Tensor) -> torch.Tensor:
 class CorrelationAccumulator:
     """Streaming `Σx`, `Σxxᵀ` and count of `dim`-wide samples, summable across processes.
 
-    `update` per batch, `merge` another accumulator (same samples' statistics from another shard),
-    `finalize` for the Pearson correlation. Sums are kept in float64 so shards add exactly enough.
+    `update` per batch, `merge` another accumulator (another shard's statistics), `finalize` for the
+    Pearson correlation. Sums are float64 and taken around a shift (the first batch's mean), so
+    `E[xxᵀ] − μμᵀ` does not cancel catastrophically for units with a large mean.
     """
 
     def __init__(self, dim: int, dtype: torch.dtype = torch.float64) -> None:
         self.dim = dim
         self.dtype = dtype
+        self.shift = torch.zeros(dim, dtype=torch.float64)
         self.total = torch.zeros(dim, dtype=torch.float64)
         self.outer = torch.zeros(dim, dim, dtype=torch.float64)
         self.count = 0
@@ -41,17 +43,33 @@ class CorrelationAccumulator:
             raise ValueError(f"expected samples of shape (N, {self.dim}), got {tuple(samples.shape)}")
         if samples.shape[0] == 0:
             return
-        x = samples.detach().to(self.dtype)
-        self.total += x.sum(0, dtype=torch.float64).to(torch.float64)
+        x = samples.detach().to(torch.float64)
+        if self.count == 0:
+            self.shift = x.mean(0)
+        x = (x - self.shift).to(self.dtype)
+        self.total += x.sum(0).to(torch.float64)
         self.outer += (x.T @ x).to(torch.float64)
         self.count += samples.shape[0]
+
+    def _moments_around(self, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`Σ(x − shift)` and `Σ(x − shift)(x − shift)ᵀ` from the sums around `self.shift`."""
+        delta = self.shift - shift
+        total = self.total + self.count * delta
+        outer = self.outer + torch.outer(delta, self.total) + torch.outer(self.total, delta)
+        outer += self.count * torch.outer(delta, delta)
+        return total, outer
 
     def merge(self, other: CorrelationAccumulator) -> CorrelationAccumulator:
         """Fold another shard's statistics into this one (in place) and return self."""
         if other.dim != self.dim:
             raise ValueError(f"cannot merge accumulators of width {self.dim} and {other.dim}")
-        self.total += other.total
-        self.outer += other.outer
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            self.shift = other.shift.clone()
+        total, outer = other._moments_around(self.shift)
+        self.total += total
+        self.outer += outer
         self.count += other.count
         return self
 
@@ -66,12 +84,19 @@ class CorrelationAccumulator:
         return pearson_from_covariance(self.covariance())
 
     def tensors(self) -> list[torch.Tensor]:
-        """The summable state, for an all-reduce (count is carried as a float64 tensor)."""
-        return [self.total, self.outer, torch.tensor([float(self.count)], dtype=torch.float64)]
+        """The state as plain sums around zero, so shards can be added by an all-reduce."""
+        total, outer = self._moments_around(torch.zeros(self.dim, dtype=torch.float64))
+        return [total, outer, torch.tensor([float(self.count)], dtype=torch.float64)]
 
     def load_tensors(self, tensors: Sequence[torch.Tensor]) -> None:
-        self.total, self.outer = tensors[0], tensors[1]
+        """Adopt summed `tensors()` (e.g. after an all-reduce); re-centres them on their mean."""
+        self.shift = torch.zeros(self.dim, dtype=torch.float64)
+        self.total, self.outer = tensors[0].to(torch.float64), tensors[1].to(torch.float64)
         self.count = int(round(float(tensors[2].item())))
+        if self.count:
+            mean = self.total / self.count
+            self.total, self.outer = self._moments_around(mean)
+            self.shift = mean
 
 
 def transform_axis(tensor: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:

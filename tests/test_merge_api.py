@@ -1,0 +1,270 @@
+"""`hf_mudsc.merge`: heads, config records, round trips, the alpha extremes, and every input error."""
+
+from __future__ import annotations
+
+import copy
+
+import datasets
+import pytest
+import torch
+from factories import make_batches, make_model, model_output, permuted_copy, relative_error
+from transformers import (
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    GPT2Config,
+    GPT2Model,
+)
+
+import hf_mudsc
+from hf_mudsc.adapters import UnsupportedArchitectureError, spec_for
+from hf_mudsc.calibration import CalibrationError
+from hf_mudsc.merge import MergeInputError
+from hf_mudsc.solve import SolveOptions, Solver
+
+
+def relabel(model, labels):
+    model.config.id2label = dict(enumerate(labels))
+    model.config.label2id = {v: k for k, v in model.config.id2label.items()}
+    return model
+
+
+@pytest.fixture(scope="module")
+def vit_pair():
+    model = make_model("vit_cls", seed=0)
+    return model, permuted_copy(model, spec_for(model), seed=3), make_batches("vit_cls")
+
+
+def test_different_label_sets_concatenate_heads_a_first(vit_pair):
+    model, permuted, batches = vit_pair
+    a = relabel(copy.deepcopy(model), ["cat", "dog", "fox"])
+    a.config._name_or_path = "org/vit-animals"
+    b = relabel(copy.deepcopy(permuted), ["car", "bus", "van"])
+    b.config._name_or_path = "org/vit-vehicles@v2"
+    merged = hf_mudsc.merge([a, b], batches, method="mudsc", matcher="zip", progress=False)
+    assert merged.config.num_labels == 6
+    assert [merged.config.id2label[i] for i in range(6)] == [
+        "vit-animals: cat", "vit-animals: dog", "vit-animals: fox",
+        "vit-vehicles: car", "vit-vehicles: bus", "vit-vehicles: van",
+    ]
+    assert merged.config.task_label_ranges == {"vit-animals": [0, 3], "vit-vehicles": [3, 6]}
+    # B is A in another basis with other label names, so both halves of the head reproduce A's logits.
+    expected = model_output(a, batches[0])
+    logits = model_output(merged, batches[0])
+    assert relative_error(logits[:, :3], expected) < 1e-5
+    assert relative_error(logits[:, 3:], expected) < 1e-5
+
+
+def test_config_records_method_and_parents(vit_pair):
+    model, permuted, batches = vit_pair
+    merged = hf_mudsc.merge([model, permuted], batches, method="mudsc", matcher="align", alpha=0.3,
+                            progress=False)
+    info = merged.config.mudsc
+    assert info["method"] == "mudsc" and info["matcher"] == "align" and info["alpha"] == 0.3
+    assert len(info["parents"]) == 2
+    assert set(info["group_match_values"]) == {g.name for g in spec_for(model).groups}
+    assert info["num_calibration_samples"] == sum(b["pixel_values"].shape[0] for b in batches)
+    report = merged.merge_report
+    assert report.sweeps >= 6 and len(report.objective_history) == report.sweeps
+    # A perfect recovery matches every unit with correlation ~1.
+    assert min(report.group_values) > 0.999
+
+
+@pytest.mark.parametrize("kind,auto", [("vit_cls", AutoModelForImageClassification),
+                                       ("bert_cls", AutoModelForSequenceClassification),
+                                       ("clip", AutoModel)])
+def test_save_pretrained_round_trip(tmp_path, kind, auto):
+    a, b = make_model(kind, seed=0), make_model(kind, seed=1)
+    if kind != "clip":
+        relabel(b, ["x", "y", "z"])
+    batches = make_batches(kind, num_batches=2)
+    merged = hf_mudsc.merge([a, b], batches, method="zipit", progress=False)
+    merged.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = auto.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(merged)
+    assert torch.equal(model_output(loaded, batches[0]), model_output(merged, batches[0]))
+    assert loaded.config.mudsc["method"] == "zipit"
+    if kind != "clip":
+        assert loaded.config.task_label_ranges == merged.config.task_label_ranges
+
+
+def test_folders_are_accepted_as_parents(tmp_path, vit_pair):
+    model, permuted, batches = vit_pair
+    model.save_pretrained(tmp_path / "a")
+    permuted.save_pretrained(tmp_path / "b")
+    merged = hf_mudsc.merge([str(tmp_path / "a"), tmp_path / "b"], batches, method="activation_align",
+                            progress=False)
+    assert relative_error(model_output(merged, batches[0]), model_output(model, batches[0])) < 1e-5
+
+
+def test_inputs_are_never_modified(vit_pair):
+    model, permuted, batches = vit_pair
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (model, permuted)]
+    model.train()
+    hf_mudsc.merge([model, permuted], batches, method="mudsc", progress=False)
+    assert model.training, "the parent's train/eval mode must be restored"
+    model.eval()
+    for m, state in zip((model, permuted), before):
+        assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
+
+
+def test_dataset_calibration_equals_batch_calibration(vit_pair):
+    model, permuted, batches = vit_pair
+    pixels = torch.cat([b["pixel_values"] for b in batches])
+    dataset = datasets.Dataset.from_dict({"pixel_values": pixels.numpy(), "label": list(range(len(pixels)))})
+    from_batches = hf_mudsc.merge([model, make_model("vit_cls", 1)], batches, method="zipit", progress=False)
+    from_dataset = hf_mudsc.merge([model, make_model("vit_cls", 1)], dataset, method="zipit", batch_size=7,
+                                  progress=False)
+    for (name, x), y in zip(from_batches.named_parameters(), from_dataset.parameters()):
+        assert torch.allclose(x, y, atol=1e-6), name
+    streamed = hf_mudsc.merge([model, make_model("vit_cls", 1)], dataset.to_iterable_dataset(), method="zipit",
+                              batch_size=5, progress=False)
+    for (name, x), y in zip(from_batches.named_parameters(), streamed.parameters()):
+        assert torch.allclose(x, y, atol=1e-6), name
+
+
+def test_num_samples_limits_calibration(vit_pair):
+    model, permuted, batches = vit_pair
+    merged = hf_mudsc.merge([model, permuted], batches, method="zipit", num_samples=20, progress=False)
+    assert merged.config.mudsc["num_calibration_samples"] == 20
+
+
+# -- alpha extremes -----------------------------------------------------------------------------------
+
+
+def _solver(alpha, seed_b=1):
+    a, b = make_model("vit_cls", 0), make_model("vit_cls", seed_b)
+    spec = spec_for(a)
+    generator = torch.Generator().manual_seed(0)
+    activations = []
+    for group in spec.groups:
+        x = torch.randn(2 * group.width, 50, generator=generator, dtype=torch.float64)
+        activations.append(torch.corrcoef(x))
+    params_a, params_b = dict(a.named_parameters()), dict(b.named_parameters())
+    options = SolveOptions(matcher="align", alpha=alpha)
+    return Solver(spec, params_a, params_b, activations, options), activations
+
+
+def test_alpha_one_uses_weight_similarity_only():
+    solver, activations = _solver(1.0)
+    state = solver._initial_state()
+    for index in range(len(solver.spec.groups)):
+        weight_only = solver._weight(index, state)
+        assert torch.equal(solver.similarity(index, state), weight_only)
+        assert not torch.allclose(weight_only, activations[index])
+
+
+def test_alpha_zero_uses_activation_similarity_only():
+    solver, activations = _solver(0.0)
+    state = solver._initial_state()
+    for index in range(len(solver.spec.groups)):
+        assert torch.equal(solver.similarity(index, state), activations[index])
+
+
+def test_alpha_blends_linearly():
+    solver, activations = _solver(0.25)
+    state = solver._initial_state()
+    index = 1
+    expected = 0.25 * solver._weight(index, state) + 0.75 * activations[index]
+    assert torch.allclose(solver.similarity(index, state), expected)
+
+
+def test_mudsc_at_alpha_zero_equals_the_activation_only_methods():
+    a, b = make_model("vit_cls", 0), make_model("vit_cls", 1)
+    batches = make_batches("vit_cls", 2)
+    for matcher, baseline in (("align", "activation_align"), ("zip", "zipit")):
+        mudsc = hf_mudsc.merge([a, b], batches, method="mudsc", matcher=matcher, alpha=0.0, progress=False)
+        other = hf_mudsc.merge([a, b], batches, method=baseline, progress=False)
+        for x, y in zip(mudsc.parameters(), other.parameters()):
+            assert torch.equal(x, y)
+
+
+def test_weight_matching_ignores_calibration():
+    a, b = make_model("vit_cls", 0), make_model("vit_cls", 1)
+    without = hf_mudsc.merge([a, b], None, method="weight_matching", progress=False)
+    with_data = hf_mudsc.merge([a, b], make_batches("vit_cls", 1), method="weight_matching", progress=False)
+    for x, y in zip(without.parameters(), with_data.parameters()):
+        assert torch.equal(x, y)
+
+
+def test_shared_head_pairing_differs_from_independent_on_different_models():
+    a, b = make_model("vit_cls", 0), make_model("vit_cls", 1)
+    batches = make_batches("vit_cls", 2)
+    shared = hf_mudsc.merge([a, b], batches, method="mudsc", matcher="align", progress=False)
+    independent = hf_mudsc.merge([a, b], batches, method="mudsc", matcher="align", independent_heads=True,
+                                 progress=False)
+    assert any(not torch.equal(x, y) for x, y in zip(shared.parameters(), independent.parameters()))
+
+
+# -- errors ---------------------------------------------------------------------------------------------
+
+
+def test_parents_of_different_architecture_are_refused():
+    with pytest.raises(MergeInputError, match="different architectures"):
+        hf_mudsc.merge([make_model("vit_cls"), make_model("bert_cls")], make_batches("vit_cls", 1))
+
+
+def test_parents_of_different_config_are_refused():
+    from factories import VIT
+    from transformers import ViTConfig, ViTForImageClassification
+    wide = ViTForImageClassification(ViTConfig(**{**VIT, "hidden_size": 64}, num_labels=3))
+    with pytest.raises(MergeInputError, match="hidden_size: 32 vs 64"):
+        hf_mudsc.merge([make_model("vit_cls"), wide], make_batches("vit_cls", 1))
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    gpt = GPT2Model(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=20, n_positions=8))
+    with pytest.raises(UnsupportedArchitectureError, match="supported model types: bert, clip"):
+        hf_mudsc.merge([gpt, copy.deepcopy(gpt)], [{"input_ids": torch.ones(1, 4, dtype=torch.long)}])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_weights_are_refused(bad):
+    a, b = make_model("vit_cls", 0), make_model("vit_cls", 1)
+    with torch.no_grad():
+        b.vit.layers[1].mlp.fc1.weight[0, 0] = bad
+    with pytest.raises(MergeInputError, match=r"parent B has NaN or infinite values in 'vit.layers.1.mlp.fc1.weight'"):
+        hf_mudsc.merge([a, b], make_batches("vit_cls", 1))
+
+
+@pytest.mark.parametrize("empty", [[], datasets.Dataset.from_dict({"pixel_values": []})])
+def test_calibration_without_samples_is_refused(empty):
+    with pytest.raises(CalibrationError, match="no samples"):
+        hf_mudsc.merge([make_model("vit_cls", 0), make_model("vit_cls", 1)], empty, progress=False)
+
+
+def test_calibration_with_missing_columns_names_the_columns_found():
+    dataset = datasets.Dataset.from_dict({"image": [[0.0]] * 4, "label": [0, 1, 0, 1]})
+    expected = r"lacks column\(s\) \['pixel_values'\].*found columns \['image', 'label'\]"
+    with pytest.raises(CalibrationError, match=expected):
+        hf_mudsc.merge([make_model("vit_cls", 0), make_model("vit_cls", 1)], dataset, progress=False)
+    with pytest.raises(CalibrationError, match="input_ids"):
+        hf_mudsc.merge([make_model("bert_cls", 0), make_model("bert_cls", 1)], [{"attention_mask": torch.ones(2, 3)}],
+                       progress=False)
+
+
+def test_wrongly_shaped_calibration_is_refused():
+    batches = [{"pixel_values": torch.randn(2, 3, 16, 16)}]  # the models take 1 channel
+    with pytest.raises(CalibrationError, match="could not be run through ViTForImageClassification"):
+        hf_mudsc.merge([make_model("vit_cls", 0), make_model("vit_cls", 1)], batches, progress=False)
+
+
+def test_missing_calibration_suggests_data_free_methods():
+    with pytest.raises(MergeInputError, match="weight_matching"):
+        hf_mudsc.merge([make_model("vit_cls", 0), make_model("vit_cls", 1)], None)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"method": "ties"}, "unknown merge method 'ties'; choose one of: mudsc, zipit"),
+    ({"matcher": "greedy"}, "unknown matcher 'greedy'"),
+    ({"alpha": 1.5}, r"alpha must lie in \[0, 1\]"),
+])
+def test_bad_options_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        hf_mudsc.merge([make_model("vit_cls", 0), make_model("vit_cls", 1)], make_batches("vit_cls", 1), **kwargs)
+
+
+def test_exactly_two_parents():
+    with pytest.raises(MergeInputError, match="exactly two parents"):
+        hf_mudsc.merge([make_model("vit_cls", 0)], make_batches("vit_cls", 1))
