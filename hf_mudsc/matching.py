@@ -66,15 +66,22 @@ _TILE = 256
 _ASYMMETRY_TOL = 1e-4
 
 
-def _max_asymmetry(arr: np.ndarray) -> float:
-    """max |C - C^T|, tile by tile: a transposed read of the whole matrix thrashes the cache."""
-    size, worst = arr.shape[0], 0.0
+def _scan(arr: np.ndarray) -> tuple[float, float, float]:
+    """(min, max, max |C - C^T|) in one pass, tile by tile (a whole transposed read thrashes the cache).
+
+    NaN propagates into all three, so one pass also detects it.
+    """
+    size = arr.shape[0]
+    low, high, worst = np.inf, -np.inf, 0.0
     for i in range(0, size, _TILE):
         for j in range(i, size, _TILE):
             upper = arr[i : i + _TILE, j : j + _TILE].astype(np.float64)
-            diff = np.abs(upper - arr[j : j + _TILE, i : i + _TILE].T)
-            worst = max(worst, float(diff.max()))
-    return worst
+            lower = arr[j : j + _TILE, i : i + _TILE].T
+            low = min(low, float(upper.min()), float(lower.min()))
+            high = max(high, float(upper.max()), float(lower.max()))
+            with np.errstate(invalid="ignore"):  # inf - inf: reported as "infinite entries" by the caller
+                worst = max(worst, float(np.abs(upper - lower).max()))
+    return low, high, worst
 
 
 def _symmetrize(arr: np.ndarray) -> np.ndarray:
@@ -119,8 +126,8 @@ def _prepare(similarity: torch.Tensor | np.ndarray) -> np.ndarray:
     if tensor.dtype not in (torch.float16, torch.float32, torch.float64):  # bfloat16 has no numpy twin
         tensor = tensor.to(torch.float64)
     arr = tensor.numpy()
-    low, high = float(arr.min()), float(arr.max())  # NaN propagates: two passes check everything
-    if not (np.isfinite(low) and np.isfinite(high)):
+    low, high, asym = _scan(arr)
+    if not (np.isfinite(low) and np.isfinite(high) and np.isfinite(asym)):
         nan = int(np.isnan(arr).sum())
         if nan:
             raise ValueError(
@@ -129,7 +136,6 @@ def _prepare(similarity: torch.Tensor | np.ndarray) -> np.ndarray:
             )
         raise ValueError("similarity contains infinite entries; every similarity must be finite")
     scale = max(1.0, -low, high)
-    asym = _max_asymmetry(arr)
     if asym > max(_ASYMMETRY_TOL, 100 * eps) * scale:  # only gross mistakes; rounding is averaged away
         raise ValueError(
             f"similarity must be symmetric (a correlation of the stacked units [A; B]); "
@@ -203,7 +209,7 @@ def _build(
     # Scattered rather than dense ops: at n = 3072 a dense (2n, n) pass costs more than the matching.
     unmerge = np.zeros((size, len(clusters)), dtype=np.float64)
     unmerge[rows, cols] = 1.0
-    merge = np.zeros_like(unmerge)
+    merge = np.zeros(unmerge.shape, dtype=np.float64)  # np.zeros is lazy, zeros_like writes every page
     merge[rows, cols] = (1.0 / (sizes + normalizer_eps))[cols]
     return Match(
         unmerge=torch.from_numpy(unmerge).to(device),

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .spec import PermutationSpec
+from .spec import Member, PermutationSpec
 
 CLAMP = 1e-7
 
@@ -141,11 +141,43 @@ class GroupMaps:
 
     @classmethod
     def from_matrices(cls, merge: torch.Tensor, unmerge: torch.Tensor) -> GroupMaps:
-        n = merge.shape[0] // 2
+        two_n, m = unmerge.shape
+        n = two_n // 2
+        nonzero = unmerge.nonzero()
+        if nonzero.shape[0] != two_n or not torch.equal(nonzero[:, 0], torch.arange(two_n)):
+            raise ValueError("merge/unmerge rows must have exactly one nonzero entry")
+        clusters = nonzero[:, 1]
+        ones = unmerge[nonzero[:, 0], clusters].to(torch.float64)
+        weights = 2 * merge[nonzero[:, 0], clusters].to(torch.float64)
+        rows = [slice(i * n, (i + 1) * n) for i in range(2)]
         return cls(
-            merge2=tuple(AxisMap.from_matrix(2 * merge[i * n : (i + 1) * n]) for i in range(2)),  # type: ignore[arg-type]
-            unmerge=tuple(AxisMap.from_matrix(unmerge[i * n : (i + 1) * n]) for i in range(2)),  # type: ignore[arg-type]
+            merge2=tuple(AxisMap(clusters[r], weights[r], m) for r in rows),  # type: ignore[arg-type]
+            unmerge=tuple(AxisMap(clusters[r], ones[r], m) for r in rows),  # type: ignore[arg-type]
         )
+
+
+def _member_block(
+    spec: PermutationSpec,
+    group_index: int,
+    member: Member,
+    params: Mapping[str, torch.Tensor],
+    model: int,
+    maps: Sequence[GroupMaps | None],
+) -> torch.Tensor:
+    """One member's `(n, D_m)` slice of `Z_i`: its other axes mapped into their groups' merged spaces.
+
+    An axis that is an `in` member of a matched group q is multiplied by q's `(2·merge_i)ᵀ`, an `out`
+    member by q's `U_iᵀ` (the reference's pairing); unmatched groups leave their axes untouched.
+    """
+    tensor = params[member.param].to(torch.float64)
+    axis = member.axis % tensor.dim()
+    for other_index, other in spec.axes_of(member.param):
+        found = maps[other_index]
+        if other_index == group_index or found is None:
+            continue
+        axis_map = found.merge2[model] if other.role == "in" else found.unmerge[model]
+        tensor = axis_map.apply(tensor, other.axis)
+    return torch.movedim(tensor, axis, 0).reshape(spec.groups[group_index].width, -1)
 
 
 def weight_features(
@@ -155,26 +187,85 @@ def weight_features(
     model: int,
     maps: Sequence[GroupMaps | None],
 ) -> torch.Tensor:
-    """`Z_i` of design §4.3: every non-ignored member of the group, other axes mapped into merged spaces.
+    """`Z_i` of design §4.3: every non-ignored member of the group, concatenated column-wise in spec order."""
+    members = [m for m in spec.groups[group_index].members if not m.ignore]
+    return torch.cat([_member_block(spec, group_index, m, params, model, maps) for m in members], dim=1)
 
-    An axis that is an `in` member of a matched group q is multiplied by q's `(2·merge_i)ᵀ`, an `out`
-    member by q's `U_iᵀ` (the reference's pairing); unmatched groups leave their axes untouched.
+
+class _Moments:
+    """`Σ z zᵀ`, `Σ z` over columns and the column count of `[Z_A; Z_B]`, built member by member."""
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self.gram = torch.zeros(2 * width, 2 * width, dtype=torch.float64)
+        self.sums = torch.zeros(2 * width, dtype=torch.float64)
+        self.columns = 0
+
+    def add(self, za: torch.Tensor, zb: torch.Tensor) -> None:
+        n = self.width
+        self.gram[:n, :n].addmm_(za, za.T)
+        self.gram[n:, n:].addmm_(zb, zb.T)
+        cross = za @ zb.T
+        self.gram[:n, n:] += cross
+        self.gram[n:, :n] += cross.T
+        self.sums[:n] += za.sum(1)
+        self.sums[n:] += zb.sum(1)
+        self.columns += za.shape[1]
+
+    def plus(self, other: _Moments) -> _Moments:
+        total = _Moments(self.width)
+        total.gram = self.gram + other.gram
+        total.sums = self.sums + other.sums
+        total.columns = self.columns + other.columns
+        return total
+
+    def correlation(self) -> torch.Tensor:
+        mean = self.sums / self.columns
+        return pearson_from_covariance(self.gram / self.columns - torch.outer(mean, mean))
+
+
+class WeightCorrelation:
+    """`C_w` of design §4.3 for any group under any current matches, with the constant part cached.
+
+    Members whose other axes belong to no group (embedding tables, norms, biases) never change between
+    visits, so their Gram contribution is computed once — for BERT that is the 30k-column vocabulary.
     """
-    group = spec.groups[group_index]
-    blocks = []
-    for member in group.members:
-        if member.ignore:
-            continue
-        tensor = params[member.param].to(torch.float64)
-        axis = member.axis % tensor.dim()
-        for other_index, other in spec.axes_of(member.param):
-            found = maps[other_index]
-            if other_index == group_index or found is None:
-                continue
-            axis_map = found.merge2[model] if other.role == "in" else found.unmerge[model]
-            tensor = axis_map.apply(tensor, other.axis)
-        blocks.append(torch.movedim(tensor, axis, 0).reshape(group.width, -1))
-    return torch.cat(blocks, dim=1)
+
+    def __init__(
+        self,
+        spec: PermutationSpec,
+        params_a: Mapping[str, torch.Tensor],
+        params_b: Mapping[str, torch.Tensor],
+        cache_constant: bool = True,
+    ) -> None:
+        self.spec = spec
+        self.params = (params_a, params_b)
+        self.cache_constant = cache_constant
+        self._constant: dict[int, _Moments] = {}
+
+    def _is_constant(self, group_index: int, member: Member) -> bool:
+        return all(other == group_index for other, _ in self.spec.axes_of(member.param))
+
+    def _add(self, moments: _Moments, group_index: int, member: Member, maps: Sequence[GroupMaps | None]) -> None:
+        blocks = [_member_block(self.spec, group_index, member, self.params[i], i, maps) for i in range(2)]
+        moments.add(*blocks)
+
+    def __call__(self, group_index: int, maps: Sequence[GroupMaps | None]) -> torch.Tensor:
+        group = self.spec.groups[group_index]
+        members = [m for m in group.members if not m.ignore]
+        constant = [m for m in members if self._is_constant(group_index, m)] if self.cache_constant else []
+        moments = _Moments(group.width)
+        for member in members:
+            if member not in constant:
+                self._add(moments, group_index, member, maps)
+        if constant:
+            if group_index not in self._constant:
+                fixed = _Moments(group.width)
+                for member in constant:
+                    self._add(fixed, group_index, member, maps)
+                self._constant[group_index] = fixed
+            moments = moments.plus(self._constant[group_index])
+        return moments.correlation()
 
 
 def weight_correlation(
@@ -185,14 +276,7 @@ def weight_correlation(
     maps: Sequence[GroupMaps | None],
 ) -> torch.Tensor:
     """`C_w`: Pearson correlation of the rows of `[Z_A; Z_B]`, centered over the column axis."""
-    z = torch.cat(
-        [
-            weight_features(spec, group_index, params_a, 0, maps),
-            weight_features(spec, group_index, params_b, 1, maps),
-        ]
-    )
-    z = z - z.mean(dim=1, keepdim=True)
-    return pearson_from_covariance(z @ z.T / z.shape[1])
+    return WeightCorrelation(spec, params_a, params_b, cache_constant=False)(group_index, maps)
 
 
 def blend(weight: torch.Tensor | None, activation: torch.Tensor | None, alpha: float) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .matching import Match, head_scores, match, pair_heads
-from .similarity import GroupMaps, blend, weight_correlation
+from .similarity import GroupMaps, WeightCorrelation, blend
 from .spec import PermutationSpec
 
 logger = logging.getLogger(__name__)
@@ -86,10 +86,11 @@ class Solver:
         self.options = options
         self.ties = {} if options.independent_heads else spec.head_ties()
         self.tie_of = {index: members for members in self.ties.values() for index in members}
+        self.weight_correlation = WeightCorrelation(spec, params_a, params_b)
 
     # -- similarities -------------------------------------------------------------------------
     def _weight(self, index: int, state: _State) -> torch.Tensor:
-        return weight_correlation(self.spec, index, self.params_a, self.params_b, state.maps)
+        return self.weight_correlation(index, state.maps)
 
     def similarity(self, index: int, state: _State, *, activation_only: bool = False) -> torch.Tensor:
         options = self.options
