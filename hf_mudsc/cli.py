@@ -36,7 +36,9 @@ def build_parser(available: Sequence[str] | None = None) -> argparse.ArgumentPar
             continue
         try:
             module = _module(name)
-        except ModuleNotFoundError:
+        except ModuleNotFoundError as error:
+            if error.name != f"hf_mudsc.commands.{name}":
+                raise  # a missing dependency must not silently hide a command
             continue
         command = sub.add_parser(name, help=help_text, description=help_text,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -44,8 +44,11 @@ def check_folder(folder: str | os.PathLike) -> Path:
     """A pushable merged-model folder: config, safetensors weights, card and recipe."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"no merged-model folder at {str(folder)!r}; run `hf-mudsc merge ... --output DIR` first")
-    missing = [name for name in ("config.json", CARD_FILENAME, RECIPE_FILENAME) if not (folder / name).is_file()]
+        raise FileNotFoundError(
+            f"no merged-model folder at {str(folder)!r}; run `hf-mudsc merge ... --output DIR` first"
+        )
+    required = ("config.json", CARD_FILENAME, RECIPE_FILENAME)
+    missing = [name for name in required if not (folder / name).is_file()]
     if not any(folder.glob("*.safetensors")):
         missing.append("*.safetensors weights")
     if missing:

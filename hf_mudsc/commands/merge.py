@@ -1,0 +1,286 @@
+"""`hf-mudsc merge A B --calibration SPEC --output DIR [--push-to-hub ORG/NAME]` and `merge --recipe`.
+
+Order of work, so that bad input fails fast and a failure leaves nothing behind:
+recipe + flags checked -> output folder / Hub repo refused if they exist (without --overwrite) ->
+parents loaded (revisions resolved) -> calibration -> merge -> (rank 0 only) model, processor, card and
+recipe written to a hidden temporary sibling folder -> pushed in one commit (if asked) -> the temporary
+folder renamed into place. Any error or interrupt deletes the temporary folder; inputs are only read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+from ..methods import METHODS
+from ..recipe import MATCHERS, RECIPE_FILENAME, Recipe, RecipeError
+
+_DEFAULTS = Recipe()
+
+
+def _default(key: str) -> str:
+    return f"(default: {getattr(_DEFAULTS, key)})"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    S = argparse.SUPPRESS  # unset flags stay absent, so a recipe's keys are only overridden by given flags
+    parser.add_argument(
+        "models", nargs="*", metavar="MODEL", default=S,
+        help="the two parents: Hub repos `org/name` or `org/name@revision` (branch, tag or commit sha), or "
+        "local folders. Omit them with --recipe.")
+    parser.add_argument(
+        "--recipe", metavar="YAML", default=S,
+        help=f"run a recipe file (e.g. a {RECIPE_FILENAME} written next to a merged model); every other flag "
+        "overrides the recipe's key of the same name")
+    parser.add_argument(
+        "--calibration", metavar="SPEC", default=S,
+        help="calibration data for the activation statistics: `repo_or_path[:config]:split` — a Hub "
+        "dataset id, an imagefolder or a data file (streamed), or a folder written by Dataset.save_to_disk; "
+        "a split may carry a slice (`train[:512]`). Needed by every method except weight_matching and "
+        "average.")
+    parser.add_argument(
+        "--output", "-o", metavar="DIR", default=S,
+        help="folder for the merged model (safetensors weights, processor, README.md card, "
+        f"{RECIPE_FILENAME}); must not exist unless --overwrite")
+    parser.add_argument(
+        "--method", choices=list(METHODS), default=S,
+        help="merge method: " + "; ".join(f"{m.name} = {m.pretty_name}" for m in METHODS.values())
+        + f" {_default('method')}")
+    parser.add_argument(
+        "--matcher", choices=MATCHERS, default=S,
+        help="how matched units are fused for method mudsc: zip (ZipIt greedy, may fuse units within one "
+        f"model) or align (one permutation) {_default('matcher')}")
+    parser.add_argument(
+        "--alpha", type=float, metavar="A", default=S,
+        help=f"MuDSC balance factor: weight-space share of the similarity, in [0, 1] {_default('alpha')}")
+    parser.add_argument(
+        "--num-samples", type=int, metavar="N", default=S,
+        help="calibration samples to use (default: the whole split)")
+    parser.add_argument(
+        "--batch-size", type=int, metavar="N", default=S,
+        help=f"calibration batch size {_default('batch_size')}")
+    parser.add_argument(
+        "--seed", type=int, metavar="N", default=S,
+        help=f"seed of the calibration shuffle and the solver's group order {_default('seed')}")
+    parser.add_argument(
+        "--zip-decay", type=float, metavar="A", default=S,
+        help=f"zip matcher: similarity decay after a fusion (ZipIt's alpha) {_default('zip_decay')}")
+    parser.add_argument(
+        "--zip-budget", type=float, metavar="B", default=S,
+        help=f"zip matcher: same-model fusion budget factor (ZipIt's beta) {_default('zip_budget')}")
+    parser.add_argument(
+        "--independent-heads", action=argparse.BooleanOptionalAction, default=S,
+        help="pair q/k heads and v heads separately, as the reference implementation does "
+        f"{_default('independent_heads')}")
+    parser.add_argument(
+        "--reference-compat", action=argparse.BooleanOptionalAction, default=S,
+        help="reproduce the reference implementation's merged weights (its +1e-5 normaliser and "
+        f"independent heads) {_default('reference_compat')}")
+    parser.add_argument(
+        "--image-column", metavar="NAME", default=S,
+        help="image column of the calibration dataset (default: image or img)")
+    parser.add_argument(
+        "--text-column", metavar="NAME", default=S,
+        help="text column of the calibration dataset (default: text or sentence)")
+    parser.add_argument(
+        "--allow-pickle", action=argparse.BooleanOptionalAction, default=S,
+        help="allow parents with pickle-only weights (pytorch_model.bin can run arbitrary code when loaded; "
+        f"only for sources you trust) {_default('allow_pickle')}")
+    parser.add_argument(
+        "--push-to-hub", metavar="ORG/NAME", default=S,
+        help="also push the merged model, card and recipe to this Hub repo in one commit (refused if the "
+        "repo exists, unless --overwrite)")
+    parser.add_argument(
+        "--private", action=argparse.BooleanOptionalAction, default=S,
+        help=f"create the --push-to-hub repo private {_default('private')}")
+    parser.add_argument(
+        "--overwrite", action=argparse.BooleanOptionalAction, default=S,
+        help="replace an existing --output folder (only one written by hf-mudsc) and an existing "
+        f"--push-to-hub repo's files {_default('overwrite')}")
+    parser.add_argument(
+        "--token", metavar="TOKEN", default=S,
+        help="Hub token for private parents and pushing (default: HF_TOKEN or the stored `hf auth login`; "
+        "prefer those: a token on the command line is visible to other users of the machine). Never "
+        "logged or written.")
+
+
+def build_recipe(args: argparse.Namespace) -> Recipe:
+    """The recipe file (if any) with the given flags applied on top."""
+    path = getattr(args, "recipe", None)
+    recipe = Recipe.load(path) if path else Recipe()
+    overrides = {k: v for k, v in vars(args).items() if k in Recipe.keys() and k != "models"}
+    if getattr(args, "models", None):
+        overrides["models"] = list(args.models)
+    recipe = recipe.override(**overrides).validate()
+    if not recipe.output and not recipe.push_to_hub:
+        raise RecipeError("say where the merged model goes: --output DIR and/or --push-to-hub ORG/NAME")
+    return recipe
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        recipe = build_recipe(args)
+    except RecipeError as error:
+        print(f"hf-mudsc merge: error: {error}", file=sys.stderr)
+        return 2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from ..hub import PushError
+
+    try:
+        result = execute(recipe, token=getattr(args, "token", None))
+    except (PushError, HfHubHTTPError) as error:
+        print(f"hf-mudsc merge: error: {error}", file=sys.stderr)
+        return 1
+    if result.get("output"):
+        print(f"Merged model written to {result['output']}")
+    if result.get("push"):
+        push = result["push"]
+        print(f"Pushed to {push.url} (commit {push.commit_sha})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- work
+
+
+def execute(recipe: Recipe, *, token: str | None = None) -> dict[str, Any]:
+    """Run a validated recipe: merge, save (and push) on the main process. Returns what was produced."""
+    if not recipe.output and not recipe.push_to_hub:
+        raise RecipeError("say where the merged model goes: --output DIR and/or --push-to-hub ORG/NAME")
+    main = _is_main_process()
+    output = Path(recipe.output).expanduser().absolute() if recipe.output else None
+    if output is not None:
+        _check_output(output, recipe)
+    if recipe.push_to_hub and main:
+        from ..hub import check_target
+
+        check_target(recipe.push_to_hub, overwrite=recipe.overwrite, token=token)
+
+    from ..data import load_calibration_dataset
+    from ..loading import load_parents
+    from ..methods import get_method
+
+    calibration = None
+    if get_method(recipe.method).uses_activations:
+        # Opened (not read) first: a spec that does not exist fails before any weights are downloaded.
+        calibration = load_calibration_dataset(recipe.calibration, token=token)
+    parents = load_parents(recipe.models, token=token, allow_pickle=recipe.allow_pickle)
+    import hf_mudsc
+
+    merged = hf_mudsc.merge(parents, calibration, **recipe.merge_options(), token=token,
+                            allow_pickle=recipe.allow_pickle, image_column=recipe.image_column,
+                            text_column=recipe.text_column, progress=sys.stderr.isatty())
+    if merged is None or not main:  # a non-main process of a distributed run: rank 0 saves and publishes
+        return {}
+    pinned = recipe.override(models=[_pinned_reference(p) for p in parents],
+                             calibration=_pinned_calibration(recipe.calibration))
+    produced: dict[str, Any] = {}
+    staging_parent = output.parent if output is not None else Path(tempfile.gettempdir())
+    staging_parent.mkdir(parents=True, exist_ok=True)
+    name = output.name if output is not None else "hf-mudsc-merge"
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=staging_parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the output should get the usual permissions
+    try:
+        write_folder(staging, merged, pinned, parents)
+        if recipe.push_to_hub:
+            from ..hub import push_folder
+
+            produced["push"] = push_folder(staging, recipe.push_to_hub, private=recipe.private,
+                                           overwrite=recipe.overwrite, token=token)
+        if output is not None:
+            _move_into_place(staging, output)
+            produced["output"] = output
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return produced
+
+
+def write_folder(folder: Path, merged: Any, recipe: Recipe, parents: list[Any]) -> None:
+    """Model (safetensors), parent A's processor, the card and the pinned recipe."""
+    from ..card import render_card
+    from ..hub import CARD_FILENAME
+
+    merged.save_pretrained(folder)
+    processor = parents[0].processor
+    if processor is not None:
+        processor.save_pretrained(folder)
+    recipe.save(folder / RECIPE_FILENAME)
+    name = recipe.push_to_hub or (Path(recipe.output).name if recipe.output else None)
+    render_card(merged, recipe, parents=parents, model_name=name).save(folder / CARD_FILENAME)
+
+
+def _check_output(output: Path, recipe: Recipe) -> None:
+    """Refuse an existing output (without --overwrite), or one that would replace a parent folder."""
+    for reference in recipe.models:
+        parent = Path(reference).expanduser()
+        if parent.is_dir():
+            parent = parent.absolute()
+            if output == parent or parent.is_relative_to(output) or output.is_relative_to(parent):
+                raise ValueError(
+                    f"--output {str(output)!r} overlaps the parent folder {str(parent)!r}; inputs are never "
+                    "modified, choose an output folder outside the parents"
+                )
+    if not output.exists():
+        return
+    if not recipe.overwrite:
+        raise FileExistsError(
+            f"the output folder {str(output)!r} already exists; pass --overwrite to replace it, "
+            "or choose another --output"
+        )
+    if not output.is_dir() or (any(output.iterdir()) and not (output / RECIPE_FILENAME).is_file()):
+        raise FileExistsError(
+            f"refusing to overwrite {str(output)!r}: it is not a folder written by hf-mudsc (no "
+            f"{RECIPE_FILENAME}); delete it yourself or choose another --output"
+        )
+
+
+def _move_into_place(staging: Path, output: Path) -> None:
+    """Rename the finished folder into place; an old output (--overwrite) is swapped out, then deleted."""
+    if not output.exists():
+        os.replace(staging, output)
+        return
+    backup = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(output, backup)
+    try:
+        os.replace(staging, output)
+    except BaseException:
+        os.replace(backup, output)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _pinned_reference(parent: Any) -> str:
+    """`repo@commit_sha` for Hub parents, an absolute path for local folders (what the recipe records)."""
+    if getattr(parent, "repo_id", None) and getattr(parent, "commit_sha", None):
+        return f"{parent.repo_id}@{parent.commit_sha}"
+    reference = str(parent.reference)
+    path = Path(reference).expanduser()
+    return str(path.absolute()) if path.exists() else reference
+
+
+def _is_main_process() -> bool:
+    from ..distributed import is_main_process
+
+    return bool(is_main_process())
+
+
+def _pinned_calibration(spec: str | None) -> str | None:
+    """A local calibration path made absolute, so the recipe works from any directory."""
+    if not spec:
+        return spec
+    path = Path(spec).expanduser()
+    if path.exists():
+        return str(path.absolute())
+    head, sep, rest = spec.partition(":")
+    if sep and head and Path(head).expanduser().exists():
+        return f"{Path(head).expanduser().absolute()}:{rest}"
+    return spec

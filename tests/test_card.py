@@ -1,0 +1,176 @@
+"""The model card: front matter that the Hub's own parser reads back, and a body that documents the merge."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+import torch
+import yaml
+from factories import make_batches, make_model
+from huggingface_hub import ModelCard
+
+import hf_mudsc
+from hf_mudsc.card import (
+    EvalRow,
+    ParentInfo,
+    calibration_dataset_id,
+    pipeline_tag_for,
+    render_card,
+    template_path,
+)
+from hf_mudsc.recipe import Recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+SHA_A, SHA_B = "a" * 40, "b" * 40
+
+
+def _labelled(seed: int, labels: list[str]):
+    model = make_model("vit_cls", seed)
+    model.config.id2label = dict(enumerate(labels))
+    model.config.label2id = {label: i for i, label in enumerate(labels)}
+    model.config._name_or_path = f"org/vit-{'ab'[seed - 1]}"
+    return model
+
+
+@pytest.fixture(scope="module")
+def merged():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: thread start-up dominates on a busy machine
+    try:
+        return hf_mudsc.merge([_labelled(1, ["zero", "one", "two"]), _labelled(2, ["cat", "dog", "eel"])],
+                              make_batches("vit_cls", num_batches=2), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def recipe():
+    return Recipe(models=[f"org/vit-a@{SHA_A}", f"org/vit-b@{SHA_B}"], calibration="org/calib-images:train",
+                  num_samples=32, push_to_hub="org/merged")
+
+
+PARENTS = [ParentInfo("org/vit-a", "org/vit-a", None, SHA_A),
+           ParentInfo("org/vit-b@v2", "org/vit-b", "v2", SHA_B)]
+
+
+def test_front_matter_parses_back_with_the_hub_library(merged, recipe):
+    card = ModelCard(str(render_card(merged, recipe, parents=PARENTS)))
+    data = card.data
+    assert data.library_name == "transformers"
+    assert data.base_model == ["org/vit-a", "org/vit-b"]
+    assert data.base_model_relation == "merge"
+    assert data.pipeline_tag == "image-classification"
+    assert {"merge", "mudsc", "model-merging", "image-classification", "vit"} <= set(data.tags)
+    assert data.datasets == ["org/calib-images"]
+    assert data.eval_results is None and "model-index" not in card.content.split("---")[1]
+
+
+def test_body_documents_parents_method_settings_match_quality_and_recipe(merged, recipe):
+    content = str(render_card(merged, recipe, parents=PARENTS))
+    assert "[org/vit-a](https://huggingface.co/org/vit-a)" in content
+    assert f"(https://huggingface.co/org/vit-b/tree/{SHA_B})" in content and f"`{SHA_B[:10]}`" in content
+    paper = "([paper](https://arxiv.org/abs/2403.01753))"
+    assert f"MuDSC (merging under dual-space constraints)** {paper}" in content
+    assert "| Balance factor α (weight share) | 0.5 |" in content
+    assert "| Matcher | zip |" in content
+    samples = merged.config.mudsc["num_calibration_samples"]
+    assert samples == 32 and f"| Calibration samples | {samples} |" in content
+    for name, value in merged.config.mudsc["group_match_values"].items():
+        assert f"| `{name}` | {value:.4f} |" in content
+    assert "| vit-a | 0 – 2 |" in content and "| vit-b | 3 – 5 |" in content
+    assert 'AutoModelForImageClassification.from_pretrained("org/merged")' in content
+    assert f"hf_mudsc {hf_mudsc.__version__}" in content
+    block = re.search(r"```yaml\n(.*?)```", content, re.S).group(1)
+    assert Recipe.from_dict(yaml.safe_load(block)) == Recipe.from_dict(yaml.safe_load(recipe.to_yaml()))
+    assert "push_to_hub" not in block  # the written recipe leaves destinations out
+
+
+def test_parents_default_to_the_recipe_and_local_folders_are_not_base_models(merged, tmp_path):
+    local = tmp_path / "vit-local"
+    local.mkdir()
+    recipe = Recipe(models=[f"org/vit-a@{SHA_A}", str(local)], calibration=str(tmp_path))
+    card = render_card(merged, recipe)
+    assert card.data.base_model == ["org/vit-a"]
+    assert card.data.datasets is None  # a local calibration folder is no Hub dataset
+    assert f"/org/vit-a/tree/{SHA_A}" in card.content
+    assert "| B | `vit-local` (local folder) | — |" in card.content
+    only_local = render_card(merged, Recipe(models=[str(local), str(local)], calibration="c"))
+    assert only_local.data.base_model is None and "base_model_relation" not in only_local.content
+
+
+def test_evaluation_results_fill_the_model_index_and_the_table(merged, recipe):
+    rows = [
+        {"task": "vit-a", "dataset": "org/digits", "merged": 0.91, "parent_a": 0.97, "parent_b": 0.12,
+         "ensemble": 0.94},
+        EvalRow(task="joint", dataset="org/digits", merged=0.8, split="validation"),
+    ]
+    card = ModelCard(str(render_card(merged, recipe, parents=PARENTS, eval_results=rows)))
+    results = card.data.eval_results
+    got = [(r.task_name, r.dataset_type, r.metric_type, r.metric_value, r.dataset_split) for r in results]
+    assert got == [
+        ("vit-a", "org/digits", "accuracy", 0.91, "test"),
+        ("joint", "org/digits", "accuracy", 0.8, "validation"),
+    ]
+    assert all(r.task_type == "image-classification" for r in results)
+    assert card.data.model_name == "org/merged"
+    assert card.data.datasets == ["org/calib-images", "org/digits"]
+    assert "| vit-a | org/digits | test | accuracy | 0.9700 | 0.1200 | 0.9400 | **0.9100** |" in card.content
+    assert "| joint | org/digits | validation | accuracy | — | — | — | **0.8000** |" in card.content
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['acc'\]"):
+        render_card(merged, recipe, eval_results=[{"task": "t", "dataset": "d", "merged": 1.0, "acc": 1}])
+
+
+def test_a_token_given_to_the_cli_reaches_neither_recipe_nor_card(merged, monkeypatch):
+    from hf_mudsc.cli import build_parser
+    from hf_mudsc.commands.merge import build_recipe
+
+    secret = "hf_secretCardTokenShouldNeverAppear"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    args = build_parser().parse_args(["merge", "org/a", "org/b", "--calibration", "org/c:train", "--token",
+                                      secret, "--push-to-hub", "org/m", "--output", "o"])
+    recipe = build_recipe(args)
+    assert secret not in recipe.to_yaml(reproducible=False)
+    assert secret not in str(render_card(merged, recipe))
+
+
+@pytest.mark.parametrize(
+    ("kind", "tag"),
+    [("vit_cls", "image-classification"), ("bert_cls", "text-classification"),
+     ("clip", "zero-shot-image-classification"), ("vit", "feature-extraction"),
+     ("clip_text", "feature-extraction")],
+)
+def test_pipeline_tag_follows_the_model_class(kind, tag):
+    assert pipeline_tag_for(make_model(kind)) == tag
+
+
+def test_calibration_dataset_id_only_for_hub_specs(tmp_path):
+    assert calibration_dataset_id("org/ds:train") == "org/ds"
+    assert calibration_dataset_id("org/ds:cfg:train[:100]") == "org/ds"
+    assert calibration_dataset_id("mnist:test") == "mnist"
+    assert calibration_dataset_id(str(tmp_path)) is None
+    assert calibration_dataset_id(f"{tmp_path}:train") is None
+    assert calibration_dataset_id("./data:train") is None
+    assert calibration_dataset_id(None) is None
+
+
+def test_template_is_the_canonical_file_and_ships_in_the_wheel():
+    assert template_path() == ROOT / "model_cards" / "merged_model.md.jinja"
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools["package-dir"]["hf_mudsc.model_cards"] == "model_cards"
+    assert "*.jinja" in setuptools["package-data"]["hf_mudsc.model_cards"]
+    # The package list is explicit (discovery cannot map model_cards/): every sub-package must be in it.
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "hf_mudsc").rglob("__init__.py")}
+    missing = found - set(setuptools["packages"])
+    assert not missing, f"add {sorted(missing)} to [tool.setuptools] packages in pyproject.toml"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="paths")
+def test_a_custom_template_can_be_used(merged, recipe, tmp_path):
+    custom = tmp_path / "mine.md.jinja"
+    custom.write_text("---\n{{ card_data }}\n---\n# {{ model_name }} by {{ method_name }}\n")
+    card = render_card(merged, recipe, parents=PARENTS, template=custom)
+    assert card.content.endswith("# org/merged by mudsc\n") and card.data.base_model_relation == "merge"

@@ -1,0 +1,292 @@
+"""`hf-mudsc merge` / `push` on local folders: outputs, recipes, and every safety rule (no Hub needed)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from factories import make_model
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoModelForImageClassification, ViTImageProcessor
+
+import hf_mudsc
+from hf_mudsc.cli import build_parser, main
+from hf_mudsc.methods import METHODS
+from hf_mudsc.recipe import RECIPE_FILENAME, Recipe
+
+FAST = ["--method", "zipit", "--num-samples", "24", "--batch-size", "8"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: OpenMP start-up dominates on a busy 2-core machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def save_parents_and_data(root: Path) -> tuple[Path, Path, Path]:
+    """Two tiny ViT classifiers (different seeds and label sets) with a processor; a saved image dataset."""
+    processor = ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5])
+    folders = []
+    for name, seed, labels in (("vit-a", 1, ["zero", "one", "two"]), ("vit-b", 2, ["cat", "dog", "eel"])):
+        model = make_model("vit_cls", seed)
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {label: i for i, label in enumerate(labels)}
+        model.save_pretrained(root / name)
+        processor.save_pretrained(root / name)
+        folders.append(root / name)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L") for _ in range(32)]
+    data = datasets.Dataset.from_dict({"image": images, "label": [0] * 32})
+    data = data.cast_column("image", datasets.Image())
+    data.save_to_disk(root / "calibration")
+    return folders[0], folders[1], root / "calibration"
+
+
+def tree_digest(*folders: Path) -> str:
+    digest = hashlib.sha256()
+    for folder in folders:
+        for path in sorted(folder.rglob("*")):
+            digest.update(str(path.relative_to(folder)).encode())
+            if path.is_file():
+                digest.update(path.read_bytes())
+                digest.update(str(path.stat().st_mtime_ns).encode())
+    return digest.hexdigest()
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".partial-" in p.name or ".old-" in p.name)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return save_parents_and_data(tmp_path_factory.mktemp("inputs"))
+
+
+@pytest.fixture(scope="module")
+def merged_once(inputs, tmp_path_factory):
+    """One merge run through the CLI, with the inputs' digest taken before it."""
+    a, b, calibration = inputs
+    before = tree_digest(a, b, calibration)
+    out = tmp_path_factory.mktemp("runs") / "merged"
+    code = main(["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(out), *FAST])
+    return code, out, before
+
+
+def _help(*argv: str, capsys) -> str:
+    with pytest.raises(SystemExit) as caught:
+        main([*argv, "--help"])
+    assert caught.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_merge_help_documents_every_flag(capsys):
+    text = _help("merge", capsys=capsys)
+    for key in Recipe.keys():
+        if key == "models":
+            assert "MODEL" in text
+            continue
+        flag = "--" + key.replace("_", "-")
+        assert flag in text, flag
+        assert f"--no-{key.replace('_', '-')}" in text or not isinstance(getattr(Recipe(), key), bool)
+    for flag in ("--recipe", "--token"):
+        assert flag in text
+    for name in METHODS:
+        assert name in text
+    assert "(default: 0.5)" in text and "(default: mudsc)" in text
+
+
+def test_push_help_documents_every_flag(capsys):
+    text = _help("push", capsys=capsys)
+    for flag in ("DIR", "ORG/NAME", "--private", "--overwrite", "--token"):
+        assert flag in text
+
+
+def test_merge_writes_model_processor_card_and_pinned_recipe(merged_once, inputs, capsys):
+    code, out, _ = merged_once
+    assert code == 0
+    names = {p.name for p in out.iterdir()}
+    expected = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", RECIPE_FILENAME}
+    assert expected <= names
+    recipe = Recipe.load(out / RECIPE_FILENAME)
+    a, b, calibration = inputs
+    assert recipe.models == [str(a), str(b)] and recipe.calibration == str(calibration)  # absolute paths
+    assert recipe.method == "zipit" and recipe.num_samples == 24 and recipe.output is None
+    model = AutoModelForImageClassification.from_pretrained(out)
+    assert model.config.num_labels == 6 and model.config.mudsc["num_calibration_samples"] == 24
+    assert "zipit" in (out / "README.md").read_text()
+    assert leftovers(out.parent) == []
+
+
+def test_inputs_are_never_modified(merged_once, inputs):
+    _, _, before = merged_once
+    assert tree_digest(*inputs) == before
+
+
+def test_rerunning_the_written_recipe_gives_bit_identical_weights(merged_once, tmp_path):
+    _, out, _ = merged_once
+    again = tmp_path / "again"
+    assert main(["merge", "--recipe", str(out / RECIPE_FILENAME), "--output", str(again)]) == 0
+    first, second = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert (again / RECIPE_FILENAME).read_text() == (out / RECIPE_FILENAME).read_text()
+
+
+def test_cli_equals_the_python_api(merged_once, inputs):
+    _, out, _ = merged_once
+    a, b, calibration = inputs
+    expected = hf_mudsc.merge([str(a), str(b)], str(calibration), method="zipit", num_samples=24,
+                              batch_size=8, progress=False)
+    loaded = AutoModelForImageClassification.from_pretrained(out).state_dict()
+    assert loaded.keys() == expected.state_dict().keys()
+    for name, value in expected.state_dict().items():
+        assert torch.equal(loaded[name], value), name
+
+
+def test_existing_output_is_refused_before_any_work(inputs, tmp_path, monkeypatch, capsys):
+    a, b, calibration = inputs
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("parents were loaded although the output check should have failed first")
+
+    monkeypatch.setattr("hf_mudsc.loading.load_parents", no_loading)
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    argv = ["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(out), *FAST]
+    assert main(argv) == 1
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 1  # not a folder hf-mudsc wrote: never deleted
+    assert "not a folder written by hf-mudsc" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    assert leftovers(tmp_path) == []
+
+
+def test_overwrite_replaces_a_previous_output_atomically(merged_once, inputs, tmp_path):
+    _, first_out, _ = merged_once
+    a, b, calibration = inputs
+    out = tmp_path / "merged"
+    argv = ["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(out), *FAST]
+    assert main(argv) == 0
+    (out / "stale.txt").write_text("from an older run")
+    assert main([*argv, "--seed", "1", "--overwrite"]) == 0
+    assert not (out / "stale.txt").exists()
+    assert Recipe.load(out / RECIPE_FILENAME).seed == 1
+    assert leftovers(tmp_path) == []
+
+
+def test_output_inside_or_around_a_parent_is_refused(inputs, capsys):
+    a, b, calibration = inputs
+    for out in (a / "merged", a.parent, a):
+        assert main(["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(out),
+                     "--overwrite", *FAST]) == 1
+        assert "overlaps the parent folder" in capsys.readouterr().err
+    assert not (a / "merged").exists()
+
+
+def test_a_destination_is_required(inputs, capsys):
+    a, b, calibration = inputs
+    assert main(["merge", str(a), str(b), "--calibration", str(calibration)]) == 2
+    assert "--output DIR and/or --push-to-hub" in capsys.readouterr().err
+
+
+def test_a_missing_calibration_dataset_fails_before_weights_load(inputs, tmp_path, monkeypatch, capsys):
+    a, b, _ = inputs
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights loaded before the calibration spec was checked")
+
+    monkeypatch.setattr("hf_mudsc.loading.load_parents", no_loading)
+    out = tmp_path / "out"
+    code = main(["merge", str(a), str(b), "--calibration", str(tmp_path / "nowhere") + ":train", "--output",
+                 str(out)])
+    assert code == 1 and "nowhere" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def _raising_calibration(good_batches: int, error: BaseException, served: list):
+    def load(spec, **kwargs):
+        def batches():
+            generator = torch.Generator().manual_seed(0)
+            for _ in range(good_batches):
+                served.append(1)
+                yield {"pixel_values": torch.randn(4, 1, 16, 16, generator=generator)}
+            raise error
+
+        return batches()
+
+    return load
+
+
+@pytest.mark.parametrize("error", [OSError("calibration disk vanished"), KeyboardInterrupt()])
+def test_calibration_failing_midway_leaves_no_output(inputs, tmp_path, monkeypatch, error):
+    a, b, calibration = inputs
+    served: list = []
+    monkeypatch.setattr("hf_mudsc.data.load_calibration_dataset", _raising_calibration(2, error, served))
+    out = tmp_path / "out"
+    with pytest.raises(type(error)) as caught:
+        main(["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(out), *FAST])
+    assert caught.value is error and len(served) == 2  # it failed midway, after two good batches
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_failure_while_writing_leaves_no_output(inputs, tmp_path, monkeypatch):
+    a, b, calibration = inputs
+
+    def broken_card(*args, **kwargs):  # the weights are already in the staging folder at this point
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("hf_mudsc.card.render_card", broken_card)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        main(["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(out), *FAST])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_push_refuses_an_incomplete_folder_before_contacting_the_hub(merged_once, tmp_path, monkeypatch,
+                                                                     capsys):
+    _, out, _ = merged_once
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was contacted for an invalid folder")
+
+    monkeypatch.setattr("huggingface_hub.HfApi.repo_exists", no_hub)
+    assert main(["push", str(tmp_path / "missing"), "org/x"]) == 1
+    assert "no merged-model folder" in capsys.readouterr().err
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "config.json").write_bytes((out / "config.json").read_bytes())
+    assert main(["push", str(partial), "org/x"]) == 1
+    err = capsys.readouterr().err
+    assert "missing README.md, mudsc_recipe.yaml, *.safetensors weights" in err
+    assert main(["push", str(out), "not-a-repo-id"]) == 1
+    assert "must look like `org/name`" in capsys.readouterr().err
+
+
+def test_method_choices_come_from_the_registry():
+    merge_parser = build_parser()._subparsers._group_actions[0].choices["merge"]
+    method = next(a for a in merge_parser._actions if a.dest == "method")
+    assert list(method.choices) == list(METHODS)
+
+
+def test_only_the_main_process_writes(inputs, tmp_path, monkeypatch, capsys):
+    """Under torchrun/accelerate every process merges (its calibration shard); rank 0 alone saves/pushes."""
+    a, b, calibration = inputs
+    monkeypatch.setattr("hf_mudsc.distributed.is_main_process", lambda: False)
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a non-main process contacted the Hub")
+
+    monkeypatch.setattr("hf_mudsc.hub.check_target", no_hub)
+    monkeypatch.setattr("hf_mudsc.hub.push_folder", no_hub)
+    out = tmp_path / "out"
+    assert main(["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(out),
+                 "--push-to-hub", "org/m", *FAST]) == 0
+    assert list(tmp_path.iterdir()) == [] and capsys.readouterr().out == ""

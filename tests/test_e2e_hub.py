@@ -1,0 +1,210 @@
+"""End to end through the local Hub emulator: Hub parents -> `hf-mudsc merge --push-to-hub` -> stock loading.
+
+The CLI and every Hub client run in subprocesses (the client reads HF_ENDPOINT at import; see
+tests/hub_emulator.py); the emulator in this process shows what the Hub received. OMP_NUM_THREADS=1:
+on a busy 2-core machine OpenMP start-up, not arithmetic, dominates these tiny merges.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from factories import make_model
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+from test_cli import leftovers, save_parents_and_data, tree_digest
+from transformers import AutoModelForImageClassification
+
+import hf_mudsc
+from hf_mudsc.recipe import RECIPE_FILENAME, Recipe
+
+SECRET = "hf_secretE2eTokenThatMustNeverLeak0123"
+FAST = ["--method", "zipit", "--num-samples", "16", "--batch-size", "8"]
+MERGED_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", RECIPE_FILENAME}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return save_parents_and_data(tmp_path_factory.mktemp("e2e_inputs"))
+
+
+@pytest.fixture()
+def hub(hub_emulator, inputs):
+    """The emulator with the parents pushed; user/b's main moved past the pinned commit to prove pinning."""
+    a, b, _ = inputs
+    hub_emulator.upload_folder("user/a", a, "parent A")
+    hub_emulator.upload_folder("user/b", b, "parent B")
+    hub_emulator.pinned_b = hub_emulator.head("user/b")
+    other = make_model("vit_cls", 7)
+    other.config.id2label = {0: "x", 1: "y", 2: "z"}
+    other.config.label2id = {"x": 0, "y": 1, "z": 2}
+    newer = a.parent / "vit-b-newer"
+    other.save_pretrained(newer)
+    hub_emulator.commit_files("user/b", {"model.safetensors": newer / "model.safetensors"}, "retrained B")
+    return hub_emulator
+
+
+def run_cli(hub, *argv: str, token: str | None = SECRET) -> subprocess.CompletedProcess:
+    env = hub.client_env(token=token, extra={"OMP_NUM_THREADS": "1"})
+    return subprocess.run([sys.executable, "-m", "hf_mudsc", "-vv", *argv], env=env, capture_output=True,
+                          text=True, timeout=300, stdin=subprocess.DEVNULL)
+
+
+def logits_of(model, seed: int = 0) -> torch.Tensor:
+    with torch.no_grad():
+        pixels = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(seed))
+        return model(pixel_values=pixels).logits
+
+
+def test_merge_hub_parents_push_load_and_rerun_the_pushed_recipe(hub, inputs, tmp_path):
+    a, b, calibration = inputs
+    before = tree_digest(a, b, calibration)
+    heads = (hub.head("user/a"), hub.head("user/b"))
+    out = tmp_path / "merged"
+    proc = run_cli(hub, "merge", "user/a", f"user/b@{hub.pinned_b}", "--calibration", str(calibration),
+                   "--output", str(out), "--num-samples", "24", "--push-to-hub", "user/merged", "--private")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Pushed to" in proc.stdout and "Merged model written to" in proc.stdout
+
+    # One commit holding model, processor, card and recipe — the same bytes as the local output.
+    assert [c.title for c in hub.commits("user/merged")][1:] == ["initial commit"]
+    assert set(hub.list_files("user/merged")) == MERGED_FILES | {".gitattributes"}
+    for name in MERGED_FILES:
+        assert hub.file_bytes("user/merged", name) == (out / name).read_bytes(), name
+    assert hub.is_private("user/merged") and hub.is_lfs("user/merged", "model.safetensors")
+
+    # The recipe pins both parents to the commits used (B at the older sha, not main).
+    recipe = Recipe.from_dict(yaml.safe_load(hub.file_bytes("user/merged", RECIPE_FILENAME)))
+    assert recipe.models == [f"user/a@{heads[0]}", f"user/b@{hub.pinned_b}"] and heads[1] != hub.pinned_b
+
+    # The card validates, names both parents as a merge, and holds the recipe.
+    card = ModelCard(hub.file_bytes("user/merged", "README.md").decode())
+    assert card.data.base_model == ["user/a", "user/b"] and card.data.base_model_relation == "merge"
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-classification"
+    block = re.search(r"```yaml\n(.*?)```", card.content, re.S).group(1)
+    assert Recipe.from_dict(yaml.safe_load(block)) == recipe
+    assert hub.requests_for("validate_yaml")
+
+    # Stock transformers loads it from the Hub; the same client re-runs the pushed recipe.
+    again = tmp_path / "again"
+    res = hub.run_client(
+        f"""
+        import torch
+        from huggingface_hub import hf_hub_download
+        from transformers import AutoModelForImageClassification
+        torch.set_num_threads(1)
+        model = AutoModelForImageClassification.from_pretrained("user/merged")
+        with torch.no_grad():
+            pixels = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+            emit({{"logits": model(pixel_values=pixels).logits.tolist(), "class": type(model).__name__}})
+        from hf_mudsc.cli import main
+        emit({{"rerun": main(["merge", "--recipe", hf_hub_download("user/merged", {RECIPE_FILENAME!r}),
+                             "--output", {str(again)!r}])}})
+        """,
+        token=SECRET,
+    )
+    pulled, rerun = res.results
+    assert pulled["class"] == "ViTForImageClassification" and rerun["rerun"] == 0
+    local = logits_of(AutoModelForImageClassification.from_pretrained(out))
+    torch.testing.assert_close(torch.tensor(pulled["logits"]), local, rtol=1e-6, atol=1e-6)  # other threads
+
+    first, second = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+    # The pinned B (not main's retrained B) was merged: same function as merging the local folders.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected = hf_mudsc.merge([str(a), str(b)], str(calibration), num_samples=24, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.allclose(logits_of(expected), local, atol=1e-6, rtol=0)
+
+    # Inputs untouched; the token appears in no log line, file or request body / URL.
+    assert tree_digest(a, b, calibration) == before and (hub.head("user/a"), hub.head("user/b")) == heads
+    assert SECRET not in proc.stdout + proc.stderr + res.stdout + res.stderr
+    assert "DEBUG" in proc.stderr  # -vv really logged (so the check above covers debug lines)
+    for folder in (out, again):
+        for path in folder.iterdir():
+            assert SECRET.encode() not in path.read_bytes(), path
+    assert not hub.find_in_requests(SECRET, where=("body", "url"))
+    assert hub.find_in_requests(SECRET, where=("headers",))  # ... while it did authenticate the calls
+    assert not hub.unhandled and not hub.server_errors
+
+
+def test_a_failed_commit_leaves_no_output_folder_and_no_repo(hub, inputs, tmp_path):
+    a, b, calibration = inputs
+    hub.fail_next("commit", status=500, repo_id="user/merged", message="storage is down")
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "merged"
+    proc = run_cli(hub, "merge", "user/a", "user/b", "--calibration", str(calibration), "--output", str(out),
+                   "--push-to-hub", "user/merged", *FAST)
+    assert proc.returncode == 1
+    assert "nothing was committed; the repo 'user/merged' created by this run was deleted" in proc.stderr
+    assert not hub.repo_exists("user/merged") and hub.requests_for("commit", "user/merged")
+    assert not out.exists() and list(work.iterdir()) == []  # no output, no staging folder
+    assert SECRET not in proc.stdout + proc.stderr
+    assert not hub.pending_faults() and not hub.server_errors
+
+
+def test_existing_repos_are_refused_and_overwrite_replaces_them_in_one_commit(hub, inputs, tmp_path):
+    a, b, calibration = inputs
+    from hf_mudsc.cli import main
+
+    folder = tmp_path / "local-merge"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(folder),
+                     *FAST]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    hub.commit_files("user/taken", {"old-weights.bin": b"\0old", "README.md": b"# someone's model\n"}, "old")
+    taken_head = hub.head("user/taken")
+    refused_out = tmp_path / "refused"
+    scratch = tmp_path / "scratch"  # the client's TMPDIR: a push without --output stages its folder here
+    scratch.mkdir()
+    res = hub.run_client(
+        f"""
+        from hf_mudsc.cli import main
+        emit(main(["merge", "user/a", "user/b", "--calibration", {str(calibration)!r}, "--output",
+                   {str(refused_out)!r}, "--push-to-hub", "user/taken", *{FAST!r}]))
+        emit(main(["push", {str(folder)!r}, "user/pushed", "--private"]))
+        emit(main(["push", {str(folder)!r}, "user/pushed"]))
+        emit(main(["push", {str(folder)!r}, "user/taken", "--overwrite", "--private"]))
+        emit(main(["merge", "user/a", "user/b", "--calibration", {str(calibration)!r},
+                   "--push-to-hub", "user/hub-only", *{FAST!r}]))
+        """,
+        token=SECRET,
+        env={"OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)},
+    )
+    assert res.results == [1, 0, 1, 0, 0]
+    assert res.stderr.count("already exists; pass --overwrite") == 2
+    # Refused before any work: no output, and the parents were never even looked up.
+    # (the only requests for user/a come from the last, hub-only merge, after the pushes' commits)
+    order = [(r.op, r.repo_id) for r in hub.requests]
+    first_parent_request = next(i for i, (_, repo) in enumerate(order) if repo == "user/a")
+    assert first_parent_request > order.index(("commit", "user/taken"))
+    assert not refused_out.exists() and leftovers(tmp_path) == []
+    # `push` made one commit with every file, private as asked; the second push changed nothing.
+    assert [c.title for c in hub.commits("user/pushed")][1:] == ["initial commit"]
+    assert set(hub.list_files("user/pushed")) == MERGED_FILES | {".gitattributes"}
+    assert hub.is_private("user/pushed")
+    # --overwrite replaced the old repo's files, stale ones included, in a single commit.
+    log = hub.commits("user/taken")
+    assert len(log) == 3 and log[1].oid == taken_head
+    assert set(hub.list_files("user/taken")) == MERGED_FILES | {".gitattributes"}
+    assert hub.is_private("user/taken")  # --private on an existing public repo makes it private
+    assert hub.file_bytes("user/taken", "README.md") == (folder / "README.md").read_bytes()
+    # Without --output the merge is staged in a temporary folder, pushed, and the folder removed.
+    assert set(hub.list_files("user/hub-only")) == MERGED_FILES | {".gitattributes"}
+    assert [p for p in scratch.iterdir() if "hf-mudsc" in p.name] == []
+    assert SECRET not in res.stdout + res.stderr and not hub.find_in_requests(SECRET, where=("body", "url"))
+    assert not hub.unhandled and not hub.server_errors
+

@@ -1,0 +1,133 @@
+"""The recipe: every CLI flag is a key, YAML round trips, flags override keys, bad recipes fail clearly."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from hf_mudsc.cli import build_parser
+from hf_mudsc.commands.merge import build_recipe
+from hf_mudsc.recipe import DESTINATION_KEYS, RECIPE_FILENAME, Recipe, RecipeError
+
+
+def _parse(*argv: str):
+    return build_parser().parse_args(["merge", *argv])
+
+
+def test_yaml_round_trip_keeps_every_key(tmp_path):
+    recipe = Recipe(models=["org/a@" + "1" * 40, "/data/b"], calibration="org/ds:cfg:train", method="zipit",
+                    matcher="align", alpha=0.25, num_samples=64, batch_size=8, seed=3, zip_decay=0.7,
+                    zip_budget=0.5, independent_heads=True, reference_compat=True, image_column="img",
+                    text_column="sentence", allow_pickle=True, output="out", push_to_hub="org/m",
+                    private=True, overwrite=True)
+    path = tmp_path / RECIPE_FILENAME
+    recipe.save(path, reproducible=False)
+    assert Recipe.load(path) == recipe
+    assert path.read_text().startswith("# hf-mudsc merge recipe")
+
+
+def test_written_recipe_leaves_out_destinations_and_records_the_version(tmp_path):
+    recipe = Recipe(models=["a", "b"], calibration="c", output="out", push_to_hub="org/m", private=True,
+                    overwrite=True)
+    data = yaml.safe_load(recipe.to_yaml())
+    assert not set(DESTINATION_KEYS) & set(data)
+    assert data["hf_mudsc_version"]
+    assert data["models"] == ["a", "b"] and data["calibration"] == "c"
+    reloaded = Recipe.load(recipe.save(tmp_path / "r.yaml"))
+    assert reloaded.output is None and reloaded.push_to_hub is None and not reloaded.overwrite
+    assert reloaded.merge_options() == recipe.merge_options()
+
+
+def test_every_merge_flag_has_a_recipe_key():
+    merge_parser = next(a for a in build_parser()._subparsers._group_actions[0].choices.items()
+                        if a[0] == "merge")[1]
+    dests = {action.dest for action in merge_parser._actions} - {"help", "recipe", "token"}
+    assert dests == set(Recipe.keys())
+
+
+def test_flags_override_recipe_keys(tmp_path):
+    path = Recipe(models=["org/a", "org/b"], calibration="org/ds:train", alpha=0.3, seed=4,
+                  independent_heads=True).save(tmp_path / "r.yaml")
+    recipe = build_recipe(_parse("--recipe", str(path), "--alpha", "0.9", "--no-independent-heads",
+                                 "--output", "out"))
+    assert recipe.alpha == 0.9 and recipe.independent_heads is False
+    assert recipe.seed == 4 and recipe.models == ["org/a", "org/b"]  # untouched keys come from the file
+    assert recipe.output == "out"
+    recipe = build_recipe(_parse("--recipe", str(path), "x/1", "x/2", "--method", "average", "-o", "o"))
+    assert recipe.models == ["x/1", "x/2"] and recipe.method == "average"
+
+
+def test_defaults_without_a_recipe_equal_the_merge_api_defaults():
+    import inspect
+
+    import hf_mudsc
+
+    recipe = build_recipe(_parse("a", "b", "--calibration", "c", "--output", "o"))
+    signature = inspect.signature(hf_mudsc.merge).parameters
+    for key, value in recipe.merge_options().items():
+        assert signature[key].default == value, key
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        ({"models": ["a", "b"], "calibration": "c", "alpah": 0.5}, "unknown key(s) ['alpah']"),
+        ({"models": "a", "calibration": "c"}, "`models` must be a list"),
+        ({"models": ["a", "b"], "calibration": "c", "alpha": "high"}, "`alpha` must be float"),
+        ({"models": ["a", "b"], "calibration": "c", "seed": 1.5}, "`seed` must be int"),
+        ({"models": ["a", "b"], "calibration": "c", "private": "yes please"}, "`private` must be bool"),
+        ({"models": ["a", "b"], "calibration": "c", "batch_size": True}, "`batch_size` must be int"),
+        ({"models": ["a", "b"], "method": None}, "`method` cannot be null"),
+    ],
+)
+def test_bad_recipe_values_are_named(data, needle):
+    with pytest.raises(RecipeError) as caught:
+        Recipe.from_dict(data)
+    assert needle in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"models": ["a"]}, "exactly two parent models"),
+        ({"method": "ties"}, "unknown method 'ties'; choose one of: mudsc"),
+        ({"matcher": "hungarian"}, "unknown matcher"),
+        ({"alpha": 1.5}, "alpha must lie in [0, 1]"),
+        ({"num_samples": 0}, "num_samples must be >= 1"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"zip_decay": 0.0}, "zip_decay must lie in (0, 1]"),
+        ({"zip_budget": -1.0}, "zip_budget must be >= 0"),
+        ({"calibration": None}, "needs calibration data: pass --calibration"),
+        ({"push_to_hub": "just-a-name"}, "push_to_hub must be a repo id `org/name`"),
+    ],
+)
+def test_invalid_recipes_fail_validation(changes, needle):
+    recipe = Recipe(models=["a", "b"], calibration="c").override(**changes)
+    with pytest.raises(RecipeError) as caught:
+        recipe.validate()
+    assert needle in str(caught.value)
+
+
+def test_data_free_methods_need_no_calibration():
+    Recipe(models=["a", "b"], method="weight_matching").validate()
+    Recipe(models=["a", "b"], method="average").validate()
+
+
+def test_missing_or_malformed_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="no recipe file"):
+        Recipe.load(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [a, b\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        Recipe.load(bad)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    with pytest.raises(RecipeError, match="must be a YAML mapping"):
+        Recipe.load(listed)
+
+
+def test_cli_reports_recipe_errors_with_exit_code_2(capsys):
+    from hf_mudsc.cli import main
+
+    assert main(["merge", "only-one", "--calibration", "c", "--output", "o"]) == 2
+    assert "exactly two parent models" in capsys.readouterr().err
