@@ -105,6 +105,11 @@ def _raw_batches(
 ) -> Iterator[Mapping[str, Any]]:
     import datasets
 
+    from .data import CalibrationStream
+
+    if isinstance(calibration, CalibrationStream):
+        yield from calibration.batches(batch_size)
+        return
     if isinstance(calibration, (datasets.Dataset, datasets.IterableDataset)):
         names = calibration.column_names
         if names is not None:
@@ -184,8 +189,14 @@ def collect_statistics(
     *,
     progress: bool = True,
     accumulators: list[CorrelationAccumulator] | None = None,
+    total: int | None = None,
+    allow_empty: bool = False,
 ) -> list[CorrelationAccumulator]:
-    """Run both parents over the batches and accumulate each group's `[A; B]` activation statistics."""
+    """Run both parents over the batches and accumulate each group's `[A; B]` activation statistics.
+
+    `total` (samples, when known) sizes the progress bar, which shows samples/s. `allow_empty` lets one
+    process of a distributed run hold no samples (its zero sums still join the all-reduce).
+    """
     if accumulators is None:
         accumulators = [CorrelationAccumulator(2 * group.width) for group in spec.groups]
     recorders = [_Recorder(model_a, spec), _Recorder(model_b, spec)]
@@ -193,7 +204,7 @@ def collect_statistics(
     model_a.eval()
     model_b.eval()
     seen = 0
-    bar = tqdm(desc="calibration", unit="sample", disable=not progress)
+    bar = tqdm(desc="calibration", unit="samples", total=total, disable=not progress, dynamic_ncols=True)
     try:
         with torch.no_grad():
             for batch in batches:
@@ -226,7 +237,7 @@ def collect_statistics(
             recorder.remove()
         model_a.train(was_training[0])
         model_b.train(was_training[1])
-    if seen == 0:
+    if seen == 0 and not allow_empty:
         raise CalibrationError("the calibration data has no samples; pass a non-empty dataset or batches")
     logger.info("collected activation statistics over %d calibration samples", seen)
     return accumulators

@@ -1,52 +1,492 @@
-"""Parents from objects or local folders -> float32 `PreTrainedModel`s (safetensors only, no remote code)."""
+"""Parents from Hub references, local folders or objects -> float32 `PreTrainedModel`s plus their processors.
+
+Loading happens in two phases so that incompatible parents are refused cheaply: first every parent is
+*located* (Hub revision resolved to a commit sha, config and tokenizer/processor files fetched, weight
+format checked), then the parents are compared (configuration, vocabulary), and only then are weights
+downloaded and loaded. Weights come from safetensors only unless the caller opts into pickle; remote
+code is never run; every model comes back float32 whatever dtype its checkpoint was saved in.
+"""
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
-from transformers import AutoConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+
+from .merge import MergeInputError, _config_differences
 
 logger = logging.getLogger(__name__)
+
+# Small top-level files fetched before any weights: the config, processors and tokenizers.
+SMALL_FILE_SUFFIXES = (".json", ".txt", ".model")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
+    "sentencepiece.bpe.model", "tokenizer.model",
+)
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "image_processor_config.json")
+PROCESSOR_FILES = ("processor_config.json",)
+SAFETENSORS_SINGLE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 class LoadError(ValueError):
     """A parent cannot be loaded safely; the message says why and what to do."""
 
 
-def model_class_for(config) -> type[PreTrainedModel]:
+class ParentMismatchError(LoadError, MergeInputError):
+    """The parents cannot be merged with each other (architecture, configuration or vocabulary differ)."""
+
+
+@dataclass
+class LoadedParent:
+    """A parent model ready to merge, with where it came from (for the model card and the recipe)."""
+
+    model: PreTrainedModel
+    processor: Any | None
+    reference: str
+    repo_id: str | None = None
+    revision: str | None = None
+    commit_sha: str | None = None
+
+    @property
+    def pinned_reference(self) -> str:
+        """`org/name@<commit sha>` for Hub parents (reproducible), the reference otherwise."""
+        if self.repo_id and self.commit_sha:
+            return f"{self.repo_id}@{self.commit_sha}"
+        return self.reference
+
+
+@dataclass
+class _Located:
+    """Phase one of loading: everything but the weights."""
+
+    reference: str
+    config: PretrainedConfig | None
+    folder: Path | None = None
+    repo_id: str | None = None
+    revision: str | None = None
+    commit_sha: str | None = None
+    model: PreTrainedModel | None = None
+    processor: Any | None = None
+    weight_files: list[str] = field(default_factory=list)
+    use_pickle: bool = False
+    loaded: LoadedParent | None = None
+
+
+def parse_reference(ref: str | os.PathLike) -> tuple[str, str | None]:
+    """`"org/name@rev"` -> `("org/name", "rev")`; `"org/name"` -> `("org/name", None)`.
+
+    Anything that exists on disk, or looks like a path (`./x`, `/x`, `~/x`, more than one `/`), is a
+    folder and is returned untouched with revision None.
+    """
+    text = os.fspath(ref)
+    if not text:
+        raise LoadError("empty model reference; pass 'org/name', 'org/name@revision' or a local folder")
+    if _looks_like_path(text):
+        return text, None
+    repo_id, sep, revision = text.partition("@")
+    if sep and not revision:
+        raise LoadError(f"{text!r} ends with '@' but names no revision; use 'org/name@<branch, tag or sha>'")
+    if sep and not repo_id:
+        raise LoadError(f"{text!r} names a revision but no repository; use 'org/name@{revision}'")
+    return repo_id, revision or None
+
+
+def _looks_like_path(text: str) -> bool:
+    """Existing paths, and what only a path can look like (a Hub id is `name` or `org/name`)."""
+    name = text.split("@", 1)[0]
+    return (
+        os.path.exists(text)
+        or text.startswith((".", "/", "~"))
+        or "\\" in text
+        or name.count("/") > 1
+        or (len(text) > 2 and text[1] == ":" and text[2] in "\\/")  # a Windows drive
+    )
+
+
+def model_class_for(config: PretrainedConfig) -> type[PreTrainedModel]:
     """The class named in `config.architectures` (the class the checkpoint was saved from)."""
     for name in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, name, None)
-        if cls is not None:
+        if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
             return cls
     raise LoadError(
         f"the config names no transformers architecture ({getattr(config, 'architectures', None)!r}); "
-        "save the model with save_pretrained so config.json records its class"
+        "models with custom code are not supported (hf_mudsc never sets trust_remote_code). Save the model "
+        "with save_pretrained from a transformers class so config.json records it"
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# phase 1: locate
+# ----------------------------------------------------------------------------------------------------
+
+
+def _locate(ref: Any, *, token: str | bool | None, allow_pickle: bool,
+            cache_dir: str | os.PathLike | None) -> _Located:
+    if isinstance(ref, LoadedParent):
+        return _Located(reference=ref.reference, config=ref.model.config, repo_id=ref.repo_id,
+                        revision=ref.revision, commit_sha=ref.commit_sha, loaded=ref)
+    if isinstance(ref, PreTrainedModel):
+        name = str(getattr(ref.config, "_name_or_path", "") or type(ref).__name__)
+        return _Located(reference=name, config=ref.config, model=ref)
+    if not isinstance(ref, (str, os.PathLike)):
+        raise LoadError(
+            f"a parent must be a PreTrainedModel, a local folder or a Hub id ('org/name[@revision]'), "
+            f"got {type(ref).__name__}"
+        )
+    text = os.fspath(ref)
+    name, revision = parse_reference(text)
+    if revision is None and _looks_like_path(name):
+        return _locate_folder(text, Path(name).expanduser(), allow_pickle)
+    return _locate_hub(text, name, revision, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir)
+
+
+def _weights_format(reference: str, files: Sequence[str], allow_pickle: bool) -> tuple[list[str], bool]:
+    """The weight files to load and whether they are pickle; refuses pickle-only without the opt-in."""
+    names = set(files)
+    if SAFETENSORS_INDEX in names:
+        return [SAFETENSORS_INDEX], False
+    if SAFETENSORS_SINGLE in names:
+        return [SAFETENSORS_SINGLE], False
+    pickles = sorted(f for f in names if f.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        if not allow_pickle:
+            raise LoadError(
+                f"{reference!r} has only pickle weights ({', '.join(pickles[:3])}) and no model.safetensors. "
+                "Loading a pickle checkpoint can run arbitrary code hidden in the file. Convert it to "
+                "safetensors (e.g. the Hub's convert space), or pass allow_pickle=True (CLI: --allow-pickle) "
+                "if you trust its source"
+            )
+        if PICKLE_INDEX in names:
+            return [PICKLE_INDEX], True
+        if PICKLE_SINGLE in names:
+            return [PICKLE_SINGLE], True
+    variants = sorted(f for f in names if f.endswith(".safetensors"))
+    raise LoadError(
+        f"{reference!r} holds no loadable weights (found {variants or sorted(names)[:10]}); expected "
+        f"{SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} as written by save_pretrained"
+    )
+
+
+def _locate_folder(reference: str, path: Path, allow_pickle: bool) -> _Located:
+    if not path.is_dir():
+        raise LoadError(
+            f"no model folder at {str(path)!r}; pass an existing folder written by save_pretrained, or a Hub "
+            "id such as 'org/name' or 'org/name@revision'"
+        )
+    if not (path / "config.json").is_file():
+        raise LoadError(f"{str(path)!r} has no config.json; save the model with save_pretrained")
+    files = [p.name for p in path.iterdir() if p.is_file()]
+    weight_files, use_pickle = _weights_format(reference, files, allow_pickle)
+    return _Located(reference=reference, config=_load_config(path, reference), folder=path,
+                    weight_files=weight_files, use_pickle=use_pickle)
+
+
+def _load_config(folder: Path, reference: str) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except (ValueError, OSError, KeyError) as error:
+        raise LoadError(
+            f"cannot read the config of {reference!r}: {error}. Models that need custom code "
+            "(trust_remote_code) are not supported"
+        ) from error
+
+
+def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: str | bool | None,
+                allow_pickle: bool, cache_dir: str | os.PathLike | None) -> _Located:
+    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as error:
+        raise LoadError(
+            f"{reference!r} is neither an existing folder nor a valid Hub id ({error}); pass 'org/name', "
+            "'org/name@revision' or a path to a folder written by save_pretrained"
+        ) from error
+    if constants.HF_HUB_OFFLINE:
+        folder = _hub_call(reference, lambda: snapshot_download(
+            repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True))
+        folder = Path(folder)
+        files = [p.name for p in folder.iterdir() if p.is_file()]
+        weight_files, use_pickle = _weights_format(reference, files, allow_pickle)
+        sha = folder.name  # a snapshot folder is named by its commit sha
+        logger.info("offline: using the cached snapshot %s of %s", sha, repo_id)
+    else:
+        info = _hub_call(reference, lambda: HfApi().model_info(repo_id, revision=revision, token=token))
+        sha = info.sha
+        files = [s.rfilename for s in (info.siblings or [])]
+        top_level = [f for f in files if "/" not in f]
+        weight_files, use_pickle = _weights_format(reference, top_level, allow_pickle)
+        small = [f for f in top_level if f.endswith(SMALL_FILE_SUFFIXES)]
+        if "config.json" not in small:
+            raise LoadError(f"{reference!r} has no config.json at revision {sha}; it is not a transformers model")
+        folder = Path(_hub_call(reference, lambda: snapshot_download(
+            repo_id, revision=sha, cache_dir=cache_dir, token=token, allow_patterns=small)))
+    config = _load_config(folder, reference)
+    return _Located(reference=reference, config=config, folder=folder, repo_id=repo_id, revision=revision,
+                    commit_sha=sha, weight_files=weight_files, use_pickle=use_pickle)
+
+
+def _hub_call(reference: str, call):
+    """Run a Hub client call, turning its errors into a LoadError that says what to do."""
+    from huggingface_hub import errors
+
+    try:
+        return call()
+    except errors.RevisionNotFoundError as error:
+        raise LoadError(f"{reference!r}: the revision does not exist in the repository ({error}); "
+                        "use an existing branch, tag or commit sha") from error
+    except errors.GatedRepoError as error:
+        raise LoadError(f"{reference!r} is gated: accept its terms on the Hub and pass a token") from error
+    except errors.RepositoryNotFoundError as error:
+        raise LoadError(f"no model repository {reference!r} on the Hub (or it is private: pass token= or "
+                        "log in with `hf auth login`)") from error
+    except errors.LocalEntryNotFoundError as error:
+        raise LoadError(f"{reference!r} is not in the local cache and the Hub is unreachable or offline "
+                        "(HF_HUB_OFFLINE=1); download it once online or pass a local folder") from error
+    except errors.HfHubHTTPError as error:
+        raise LoadError(f"the Hub refused {reference!r}: {error}") from error
+    except (OSError, ConnectionError) as error:
+        raise LoadError(f"cannot reach the Hub for {reference!r}: {error}") from error
+
+
+# ----------------------------------------------------------------------------------------------------
+# processors and vocabularies
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_processor(folder: str | os.PathLike) -> Any | None:
+    """The folder's processor (AutoProcessor, else image processor, else tokenizer), None if it has none.
+
+    Gated on the files being present: transformers 5 happily builds an empty tokenizer from a bare
+    config.json, which would silently tokenize everything to [UNK].
+    """
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    folder = Path(folder)
+    has = {name for name in os.listdir(folder)}
+    has_processor = bool(has & set(PROCESSOR_FILES))
+    has_image = bool(has & set(IMAGE_PROCESSOR_FILES))
+    has_tokenizer = bool(has & set(TOKENIZER_FILES))
+    candidates = []
+    if has_processor or (has_image and has_tokenizer):
+        candidates.append(AutoProcessor)
+    if has_image:
+        candidates.append(AutoImageProcessor)
+    if has_tokenizer:
+        candidates.append(AutoTokenizer)
+    for cls in candidates:
+        try:
+            return cls.from_pretrained(folder, trust_remote_code=False)
+        except (OSError, ValueError, KeyError, TypeError, ImportError) as error:
+            logger.debug("%s could not load from %s: %s", cls.__name__, folder, error)
+    return None
+
+
+def tokenizer_of(processor: Any) -> Any | None:
+    """The tokenizer inside a processor (or the processor itself when it is one)."""
+    from transformers import PreTrainedTokenizerBase
+
+    if isinstance(processor, PreTrainedTokenizerBase):
+        return processor
+    tokenizer = getattr(processor, "tokenizer", None)
+    return tokenizer if isinstance(tokenizer, PreTrainedTokenizerBase) else None
+
+
+def image_processor_of(processor: Any) -> Any | None:
+    """The image processor inside a processor (or the processor itself when it is one)."""
+    from transformers.image_processing_base import ImageProcessingMixin
+
+    if isinstance(processor, ImageProcessingMixin):
+        return processor
+    image_processor = getattr(processor, "image_processor", None)
+    return image_processor if isinstance(image_processor, ImageProcessingMixin) else None
+
+
+def _is_text_model(config: PretrainedConfig | None) -> bool:
+    if config is None:
+        return False
+    if getattr(config, "vocab_size", None) is not None:
+        return True
+    text_config = getattr(config, "text_config", None)
+    return text_config is not None and getattr(text_config, "vocab_size", None) is not None
+
+
+def _vocabulary(located: _Located) -> dict[str, int] | None:
+    processor = located.processor
+    if located.loaded is not None:
+        processor = located.loaded.processor
+    tokenizer = tokenizer_of(processor)
+    return dict(tokenizer.get_vocab()) if tokenizer is not None else None
+
+
+def check_vocabularies(located: Sequence[_Located]) -> None:
+    """Refuse text parents whose token ids mean different tokens (their embedding rows cannot match)."""
+    if len(located) < 2 or not all(_is_text_model(p.config) for p in located):
+        return
+    vocabularies = [_vocabulary(p) for p in located]
+    if all(v is None for v in vocabularies):
+        logger.debug("no parent ships a tokenizer; vocabularies not compared")
+        return
+    if any(v is None for v in vocabularies):
+        missing = [p.reference for p, v in zip(located, vocabularies) if v is None]
+        logger.warning("cannot compare vocabularies: %s ship(s) no tokenizer; make sure all parents were "
+                       "fine-tuned with the same tokenizer", ", ".join(missing))
+        return
+    first = vocabularies[0]
+    for parent, vocab in zip(located[1:], vocabularies[1:]):
+        if vocab == first:
+            continue
+        differing = sorted(t for t in set(first) | set(vocab) if first.get(t) != vocab.get(t))
+        examples = ", ".join(f"{t!r}: {first.get(t)} vs {vocab.get(t)}" for t in differing[:3])
+        raise ParentMismatchError(
+            f"{located[0].reference!r} and {parent.reference!r} use different tokenizer vocabularies "
+            f"({len(first)} vs {len(vocab)} tokens, {len(differing)} differ, e.g. {examples}): the same token "
+            "id means different text in the two models, so their embeddings cannot be merged. Merge models "
+            "fine-tuned from the same base checkpoint and tokenizer"
+        )
+
+
+def _architecture(located: _Located) -> str:
+    """The class that will be instantiated (the object's own class for objects)."""
+    model = located.model if located.model is not None else (located.loaded.model if located.loaded else None)
+    if model is not None:
+        return type(model).__name__
+    names = getattr(located.config, "architectures", None) or []
+    return names[0] if names else f"a {located.config.model_type!r} model"
+
+
+def check_configs(located: Sequence[_Located]) -> None:
+    """Refuse parents whose configurations differ (architecture, sizes) before any weights are fetched."""
+    first = located[0]
+    for other in located[1:]:
+        if first.config is None or other.config is None:
+            continue
+        kind_a, kind_b = _architecture(first), _architecture(other)
+        if kind_a != kind_b:
+            raise ParentMismatchError(
+                f"parents have different architectures: {first.reference!r} is {kind_a}, {other.reference!r} is "
+                f"{kind_b}; merge two models of the same class (e.g. two ViTForImageClassification)"
+            )
+        differences = _config_differences(first.config, other.config)
+        if differences:
+            raise ParentMismatchError(
+                f"{first.reference!r} and {other.reference!r} have different configurations, so their tensors "
+                "do not line up: " + "; ".join(differences[:10]) + ("; ..." if len(differences) > 10 else "")
+                + ". Merge models fine-tuned from the same architecture configuration"
+            )
+
+
+# ----------------------------------------------------------------------------------------------------
+# phase 2: weights
+# ----------------------------------------------------------------------------------------------------
+
+
+def _as_float32(model: PreTrainedModel) -> PreTrainedModel:
+    """The object itself when already float32 (never modified); otherwise a float32 copy."""
+    floating = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
+    if all(t.dtype == torch.float32 for t in floating):
+        return model
+    logger.info("converting %s to float32 (a copy; the object passed in is left as it is)", type(model).__name__)
+    return copy.deepcopy(model).to(torch.float32)
+
+
+def _fetch_weights(located: _Located, *, token: str | bool | None, cache_dir: str | os.PathLike | None) -> None:
+    """Download the weight files of a Hub parent into its snapshot folder (no-op for folders/offline)."""
+    from huggingface_hub import constants, snapshot_download
+
+    if located.repo_id is None or constants.HF_HUB_OFFLINE:
+        return
+    patterns = list(located.weight_files)
+    for index_name in (SAFETENSORS_INDEX, PICKLE_INDEX):
+        if index_name in patterns:
+            index = json.loads((located.folder / index_name).read_text())
+            patterns += sorted(set(index.get("weight_map", {}).values()))
+    _hub_call(located.reference, lambda: snapshot_download(
+        located.repo_id, revision=located.commit_sha, cache_dir=cache_dir, token=token, allow_patterns=patterns))
+
+
+def _finish(located: _Located, *, token: str | bool | None, cache_dir: str | os.PathLike | None) -> LoadedParent:
+    if located.loaded is not None:
+        return located.loaded
+    if located.model is not None:
+        return LoadedParent(model=_as_float32(located.model), processor=None, reference=located.reference)
+    _fetch_weights(located, token=token, cache_dir=cache_dir)
+    cls = model_class_for(located.config)
+    model = cls.from_pretrained(
+        located.folder, config=located.config, dtype=torch.float32,
+        use_safetensors=False if located.use_pickle else True, trust_remote_code=False,
+    )
+    # The Hub id identifies a Hub parent (the snapshot path is a cache artefact); a folder, what was passed.
+    model.config._name_or_path = located.repo_id or located.reference
+    model.name_or_path = model.config._name_or_path
+    model = _as_float32(model).eval()
+    logger.info("loaded %s%s", located.reference, f" at commit {located.commit_sha}" if located.commit_sha else "")
+    return LoadedParent(model=model, processor=located.processor, reference=located.reference,
+                        repo_id=located.repo_id, revision=located.revision, commit_sha=located.commit_sha)
+
+
+def _locate_with_processor(ref: Any, *, token, allow_pickle, cache_dir) -> _Located:
+    located = _locate(ref, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir)
+    if located.folder is not None:
+        located.processor = load_processor(located.folder)
+    return located
+
+
+def load_parent(ref: Any, *, token: str | bool | None = None, allow_pickle: bool = False,
+                cache_dir: str | os.PathLike | None = None) -> LoadedParent:
+    """One parent: a `PreTrainedModel`, a `LoadedParent`, a local folder, or `org/name[@revision]`.
+
+    Hub parents are pinned: the revision is resolved to a commit sha first and every file is fetched
+    at that sha (`LoadedParent.commit_sha`). Objects are used as given (a float32 copy only if needed).
+    """
+    located = _locate_with_processor(ref, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir)
+    return _finish(located, token=token, cache_dir=cache_dir)
+
+
+def load_parents(refs: Sequence[Any], *, token: str | bool | None = None, allow_pickle: bool = False,
+                 cache_dir: str | os.PathLike | None = None) -> list[LoadedParent]:
+    """Several parents, checked against each other before any weights are downloaded.
+
+    Configurations must agree and text parents must share one vocabulary; a pickle-only checkpoint
+    is refused unless `allow_pickle=True`. Remote code is never run.
+    """
+    if isinstance(refs, (str, os.PathLike, PreTrainedModel)):
+        raise LoadError("load_parents takes a list of parents, e.g. ['org/a', 'org/b@v2']")
+    located = [_locate_with_processor(r, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir) for r in refs]
+    check_configs(located)
+    check_vocabularies(located)
+    return [_finish(p, token=token, cache_dir=cache_dir) for p in located]
 
 
 def load_model(ref: PreTrainedModel | str | os.PathLike, *, allow_pickle: bool = False) -> PreTrainedModel:
-    """A parent as a float32 model in eval mode. Objects are used as they are (never modified)."""
-    if isinstance(ref, PreTrainedModel):
-        return ref
-    if not isinstance(ref, (str, os.PathLike)):
-        raise LoadError(f"a parent must be a PreTrainedModel or a folder path, got {type(ref).__name__}")
-    path = Path(ref)
-    if not path.is_dir():
-        raise LoadError(f"no model folder at {str(path)!r}")
-    has_safetensors = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists()
-    if not has_safetensors and not allow_pickle:
-        raise LoadError(
-            f"{str(path)!r} has no safetensors weights; pickle checkpoints (pytorch_model.bin) can run arbitrary "
-            "code when loaded. Convert it to safetensors, or pass allow_pickle=True if you trust its source"
-        )
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    cls = model_class_for(config)
-    model = cls.from_pretrained(
-        path, dtype=torch.float32, use_safetensors=None if allow_pickle else True, trust_remote_code=False
-    )
-    return model.eval()
+    """A parent as a float32 model (kept for callers of the first API; prefer `load_parent`)."""
+    return load_parent(ref, allow_pickle=allow_pickle).model
+
+
+def from_pretrained(model_a: Any, model_b: Any, calibration: Any = None, *, token: str | bool | None = None,
+                    allow_pickle: bool = False, **merge_options: Any) -> PreTrainedModel | None:
+    """Merge two Hub repos (or folders / objects) into one model: `hf_mudsc.merge` with Hub loading in front.
+
+    `model_a`/`model_b`: `"org/name"`, `"org/name@revision"`, a local folder or a `PreTrainedModel`.
+    `calibration`: a `"repo_or_path[:config]:split"` spec, a `datasets` dataset (raw or model-input
+    columns) or an iterable of input batches. `merge_options` are `hf_mudsc.merge`'s keywords.
+    Under `torchrun`/`accelerate launch` only the main process gets the model; the others get None.
+    """
+    from .merge import merge
+
+    return merge([model_a, model_b], calibration, token=token, allow_pickle=allow_pickle, **merge_options)

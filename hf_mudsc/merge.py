@@ -14,7 +14,6 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from . import __version__
 from .adapters import spec_for
-from .calibration import collect_statistics, iter_batches
 from .heads import concatenated_head_config, distinct_task_names, same_label_set
 from .matching import Match
 from .methods import get_method
@@ -169,7 +168,7 @@ def _first_shape_change(model: PreTrainedModel, params: Mapping[str, torch.Tenso
 
 
 def merge(
-    models: Sequence[PreTrainedModel | str | os.PathLike],
+    models: Sequence[Any],
     calibration: Any = None,
     *,
     method: str = "mudsc",
@@ -183,29 +182,42 @@ def merge(
     independent_heads: bool = False,
     reference_compat: bool = False,
     progress: bool = True,
-) -> PreTrainedModel:
+    token: str | bool | None = None,
+    allow_pickle: bool = False,
+    image_column: str | None = None,
+    text_column: str | None = None,
+) -> PreTrainedModel | None:
     """Merge two fine-tuned models of one architecture into one model, without training.
 
     Args:
-        models: two `PreTrainedModel`s (or local folders) of the same class and configuration.
-        calibration: model inputs for the activation statistics — a `datasets.Dataset`/`IterableDataset`
-            with columns such as `pixel_values` or `input_ids`/`attention_mask`, or an iterable of dict
-            batches. Not needed by `weight_matching` and `average`.
+        models: two parents of the same class and configuration: `PreTrainedModel`s, local folders,
+            Hub ids `"org/name"` / `"org/name@revision"`, or `hf_mudsc.loading.LoadedParent`s.
+        calibration: data for the activation statistics — a `"repo_or_path[:config]:split"` spec (streamed
+            with `datasets.load_dataset`), a `datasets.Dataset`/`IterableDataset` with model-input columns
+            (`pixel_values`, `input_ids`/`attention_mask`) or raw columns (`image`/`img`, `text`/`sentence`,
+            preprocessed with the parents' processor), a `hf_mudsc.data.CalibrationStream`, or an iterable
+            of dict batches. Not needed by `weight_matching` and `average`.
         method: a name from `hf_mudsc.methods.METHODS` (`mudsc`, `zipit`, `activation_align`,
             `weight_matching`, `average`).
         matcher: `zip` or `align` for `mudsc` (the other methods fix their own).
         alpha: weight-similarity share of the dual-space similarity (MuDSC's balance factor).
-        num_samples: calibration samples to use (all when None).
-        seed: seeds the random group order of the solve sweeps.
+        num_samples: calibration samples to use (all when None), chosen by a shuffle seeded with `seed`.
+        seed: seeds the calibration subset and the random group order of the solve sweeps.
         zip_decay, zip_budget: ZipIt's α (similarity decay after a fusion) and β (same-model budget).
         independent_heads: pair q/k heads and v heads separately, as the reference implementation does.
         reference_compat: reproduce the reference implementation's merged weights (its `+1e-5` merge
             normaliser and independent head pairing).
+        token: Hub token for private parents/datasets (default: the usual places; never logged).
+        allow_pickle: load parents that only have pickle (`pytorch_model.bin`) weights — only if trusted.
+        image_column, text_column: raw calibration columns to preprocess (default `image`/`img`,
+            `text`/`sentence`).
 
     Returns:
         A `PreTrainedModel` of the parents' class; `save_pretrained`/`push_to_hub` work as usual.
         When the parents' label sets differ, the classifier is A's classes then B's and
-        `config.task_label_ranges` maps each task to its slice.
+        `config.task_label_ranges` maps each task to its slice. Under `torchrun`/`accelerate launch`
+        every process computes its share of the calibration statistics; only the main process
+        (`hf_mudsc.distributed.is_main_process()`) solves and gets the model, the others get None.
     """
     spec_method = get_method(method)
     if matcher not in MATCHERS:
@@ -214,18 +226,39 @@ def merge(
         raise MergeInputError(f"alpha must lie in [0, 1], got {alpha}")
     if len(models) != 2:
         raise MergeInputError(f"merge takes exactly two parents, got {len(models)}")
-    from .loading import load_model
+    from .data import load_calibration_dataset, resolve_calibration
+    from .distributed import collect_statistics_distributed, is_main_process
+    from .loading import load_parents
 
-    model_a, model_b = (load_model(m) for m in models)
+    if spec_method.uses_activations and calibration is None:
+        raise MergeInputError(
+            f"method {method!r} needs calibration data (a 'dataset:split' spec, a datasets.Dataset or an iterable "
+            "of input batches); use method='weight_matching' or 'average' to merge without data"
+        )
+    if spec_method.uses_activations and isinstance(calibration, (str, os.PathLike)):
+        # A spec that does not exist fails here, before any parent weights are downloaded.
+        calibration = load_calibration_dataset(calibration, token=token)
+    parents = load_parents(list(models), token=token, allow_pickle=allow_pickle)
+    model_a, model_b = parents[0].model, parents[1].model
     check_parents(model_a, model_b)
     spec = spec_for(model_a)
     spec_for(model_b)
     used_matcher = spec_method.matcher or matcher if spec_method.matches_units else None
-    if spec_method.uses_activations and calibration is None:
-        raise MergeInputError(
-            f"method {method!r} needs calibration data (a datasets.Dataset or iterable of input batches); "
-            "use method='weight_matching' or 'average' to merge without data"
+
+    accumulators = None
+    if spec_method.matches_units and spec_method.uses_activations:
+        calibration = resolve_calibration(
+            calibration, [p.processor for p in parents], image_column=image_column, text_column=text_column,
+            num_samples=num_samples, seed=seed, inputs=spec.inputs or None, model_config=model_a.config,
+            token=token,
         )
+        accumulators = collect_statistics_distributed(
+            model_a, model_b, spec, calibration, batch_size=batch_size, num_samples=num_samples,
+            columns=_input_columns(model_a), required=spec.inputs, progress=progress,
+        )
+    if not is_main_process():
+        logger.info("statistics shared with the main process, which solves and builds the merged model")
+        return None
 
     params_a = {k: v.detach() for k, v in model_a.named_parameters()}
     params_b = {k: v.detach() for k, v in model_b.named_parameters()}
@@ -234,10 +267,7 @@ def merge(
     matches: list[Match | None] = [None] * len(spec.groups)
     if spec_method.matches_units:
         correlations = None
-        if spec_method.uses_activations:
-            batches = iter_batches(calibration, batch_size=batch_size, num_samples=num_samples,
-                                   columns=_input_columns(model_a), required=spec.inputs)
-            accumulators = collect_statistics(model_a, model_b, spec, batches, progress=progress)
+        if accumulators is not None:
             report.num_samples = accumulators[0].count
             correlations = [acc.finalize() for acc in accumulators]
         options = SolveOptions(
@@ -262,7 +292,7 @@ def merge(
     merged_params = apply_matches(spec, params_a, params_b, matches, concatenate_classifier=concatenate)
 
     config = copy.deepcopy(model_a.config)
-    parents = [_parent_name(model_a, "model_a"), _parent_name(model_b, "model_b")]
+    parent_names = [p.repo_id or _parent_name(p.model, f"model_{side}") for p, side in zip(parents, "ab")]
     if concatenate:
         for key, value in concatenated_head_config(
             model_a.config, model_b.config, distinct_task_names(model_a.config, model_b.config)
@@ -274,7 +304,8 @@ def merge(
         "method": method,
         "matcher": used_matcher,
         "alpha": report.alpha,
-        "parents": parents,
+        "parents": parent_names,
+        "parent_revisions": [p.commit_sha for p in parents],
         "zip_decay": zip_decay if used_matcher == "zip" else None,
         "zip_budget": zip_budget if used_matcher == "zip" else None,
         "independent_heads": bool(independent_heads or reference_compat),
@@ -286,7 +317,7 @@ def merge(
     config._name_or_path = ""
     merged = _build_model(model_a, config, merged_params)
     merged.merge_report = report
-    logger.info("merged %s and %s with %s", parents[0], parents[1], method)
+    logger.info("merged %s and %s with %s", parent_names[0], parent_names[1], method)
     return merged
 
 

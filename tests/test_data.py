@@ -1,0 +1,237 @@
+"""Calibration from `datasets`: specs, raw columns through the parents' processors, subsets, streaming, errors."""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from factories import BERT, make_model
+from PIL import Image
+from transformers import BertTokenizer, CLIPImageProcessor, CLIPProcessor, CLIPTokenizer, ViTImageProcessor
+
+import hf_mudsc
+from hf_mudsc.calibration import CalibrationError
+from hf_mudsc.data import CalibrationStream, DatasetSpec, load_calibration_dataset, resolve_calibration
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(BERT["vocab_size"] - 5)]
+
+
+def vit_processor() -> ViTImageProcessor:
+    return ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5])
+
+
+def tokenizer() -> BertTokenizer:
+    return BertTokenizer(vocab={t: i for i, t in enumerate(VOCAB)})
+
+
+def random_images(count: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+@pytest.fixture()
+def imagefolder(tmp_path) -> Path:
+    root = tmp_path / "pets"
+    for index, image in enumerate(random_images(6)):
+        folder = root / "train" / ("cat" if index % 2 else "dog")
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"{index}.png")
+    return root
+
+
+def texts(count: int) -> list[str]:
+    rng = np.random.default_rng(1)
+    return [" ".join(f"w{i}" for i in rng.integers(0, 50, rng.integers(2, 15))) for _ in range(count)]
+
+
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("glue:sst2:validation", ("glue", "sst2", "validation")),
+        ("user/data:train", ("user/data", None, "train")),
+        ("user/data:train[:100]", ("user/data", None, "train[:100]")),
+        ("user/data:cfg:test[10:20]", ("user/data", "cfg", "test[10:20]")),
+        ("user/data", ("user/data", None, None)),
+    ],
+)
+def test_spec_parsing(spec, expected):
+    parsed = DatasetSpec.parse(spec)
+    assert (parsed.path, parsed.config, parsed.split) == expected
+    assert str(parsed) == spec
+
+
+@pytest.mark.parametrize("spec", ["a:b:c:d", "data:", ":train", "data::train", "", "data[:3]"])
+def test_malformed_specs(spec):
+    with pytest.raises(CalibrationError):
+        DatasetSpec.parse(spec)
+
+
+def test_imagefolder_spec_preprocessed_by_the_image_processor(imagefolder):
+    model = make_model("vit_cls")  # one input channel: the RGB images are converted to grayscale
+    stream = resolve_calibration(f"{imagefolder}:train", [vit_processor(), None], inputs=("pixel_values",),
+                                 model_config=model.config)
+    assert isinstance(stream, CalibrationStream) and isinstance(stream.dataset, datasets.IterableDataset)
+    batches = list(stream.batches(4))
+    assert [b["pixel_values"].shape for b in batches] == [(4, 1, 16, 16), (2, 1, 16, 16)]
+    rows = list(load_calibration_dataset(f"{imagefolder}:train"))
+    expected = vit_processor()(images=[r["image"].convert("L") for r in rows], return_tensors="pt")["pixel_values"]
+    assert torch.allclose(torch.cat([b["pixel_values"] for b in batches]), expected)
+
+
+def test_merge_with_an_imagefolder_spec_string(imagefolder, tmp_path):
+    folders = []
+    for seed in (0, 1):
+        folder = tmp_path / f"vit{seed}"
+        make_model("vit_cls", seed=seed).save_pretrained(folder)
+        vit_processor().save_pretrained(folder)
+        folders.append(folder)
+    merged = hf_mudsc.merge(folders, f"{imagefolder}:train", method="zipit", batch_size=4, progress=False)
+    assert merged.config.mudsc["num_calibration_samples"] == 6
+
+
+def test_saved_dataset_with_raw_images(tmp_path):
+    images = random_images(5, seed=2)
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"img": images, "label": [0, 1, 0, 1, 0]}).cast_column(
+        "img", datasets.Image()).save_to_disk(saved)
+    before = sorted(p.name for p in saved.iterdir())
+    model = make_model("clip_vision")  # RGB model, CLIP-style image processor
+    processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    stream = resolve_calibration(str(saved), [processor], num_samples=4, model_config=model.config)
+    batch = next(stream.batches(8))
+    assert set(batch) == {"pixel_values"} and batch["pixel_values"].shape == (4, 3, 16, 16)
+    assert sorted(p.name for p in saved.iterdir()) == before  # no cache/indices file written next to it
+    dd = tmp_path / "saved_dict"
+    datasets.DatasetDict({"train": datasets.load_from_disk(str(saved))}).save_to_disk(dd)
+    assert next(resolve_calibration(f"{dd}:train", [processor]).batches(8))["pixel_values"].shape[0] == 5
+    with pytest.raises(CalibrationError, match=r"no split 'test'; available splits: \['train'\]"):
+        resolve_calibration(f"{dd}:test", [processor])
+
+
+def test_text_column_tokenized_by_the_parents_tokenizer():
+    rows = texts(10)
+    dataset = datasets.Dataset.from_dict({"text": rows, "label": list(range(10))})
+    model = make_model("bert_cls")
+    stream = resolve_calibration(dataset, [tokenizer(), tokenizer()], inputs=("input_ids",),
+                                 model_config=model.config)
+    batches = list(stream.batches(4))
+    assert [set(b) for b in batches] == [{"input_ids", "attention_mask", "token_type_ids"}] * 3
+    expected = tokenizer()(rows[:4], padding=True, truncation=True, max_length=BERT["max_position_embeddings"],
+                           return_tensors="pt")
+    assert torch.equal(batches[0]["input_ids"], expected["input_ids"])
+    assert torch.equal(batches[0]["attention_mask"], expected["attention_mask"])
+    assert max(b["input_ids"].shape[1] for b in batches) <= BERT["max_position_embeddings"]
+
+
+def test_merge_tokenizes_with_the_saved_tokenizer(tmp_path):
+    folders = []
+    for seed in (0, 1):
+        folder = tmp_path / f"bert{seed}"
+        make_model("bert_cls", seed=seed).save_pretrained(folder)
+        tokenizer().save_pretrained(folder)
+        folders.append(folder)
+    rows = texts(8)
+    sentences = datasets.Dataset.from_dict({"sentence": rows})
+    merged = hf_mudsc.merge(folders, sentences, method="zipit", batch_size=4, progress=False)
+    assert merged.config.mudsc["num_calibration_samples"] == 8  # residual stream: one CLS sample per text
+
+
+def test_clip_image_and_text_columns():
+    vocab = {"<|startoftext|>": 57, "<|endoftext|>": 58, "a</w>": 2, "b</w>": 3, "a": 4, "ab</w>": 6}
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
+        tokenizer=CLIPTokenizer(vocab=vocab, merges=[("a", "b</w>")]),
+    )
+    config = make_model("clip").config
+    captions = ["ab a", "a b ab b", "b"]
+    dataset = datasets.Dataset.from_dict({"image": random_images(3), "caption": captions}).cast_column(
+        "image", datasets.Image())
+    stream = resolve_calibration(dataset, [processor], text_column="caption", inputs=("pixel_values", "input_ids"),
+                                 model_config=config)
+    batch = next(stream.batches(3))
+    assert batch["pixel_values"].shape == (3, 3, 16, 16)
+    assert batch["input_ids"].tolist() == [[57, 6, 2, 58, 58, 58], [57, 2, 3, 6, 3, 58], [57, 3, 58, 58, 58, 58]]
+    assert batch["attention_mask"].sum(1).tolist() == [4, 6, 3]
+    # Any object exposing image_processor/tokenizer works too (e.g. a hand-assembled pair).
+    pair = types.SimpleNamespace(image_processor=processor.image_processor, tokenizer=processor.tokenizer)
+    assert torch.equal(next(resolve_calibration(dataset, [pair], text_column="caption", model_config=config)
+                            .batches(3))["input_ids"], batch["input_ids"])
+    missing = r"lacks column\(s\) \['input_ids'\].*found columns \['image', 'caption'\].*No raw text column"
+    with pytest.raises(CalibrationError, match=missing):
+        resolve_calibration(dataset, [processor], inputs=("pixel_values", "input_ids"), model_config=config)
+
+
+def test_nonexistent_spec_fails_before_loading_parents(monkeypatch, tmp_path):
+    with pytest.raises(CalibrationError, match="not found.*no columns found"):
+        resolve_calibration(str(tmp_path / "nothing-here") + ":train", [vit_processor()])
+    import hf_mudsc.loading
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("parents were loaded before the calibration spec was checked")
+
+    monkeypatch.setattr(hf_mudsc.loading, "load_parents", must_not_load)
+    with pytest.raises(CalibrationError, match="not found"):
+        hf_mudsc.merge(["user/a", "user/b"], "user/no-such-dataset:train", progress=False)
+
+
+def test_no_usable_column_names_the_columns_found():
+    dataset = datasets.Dataset.from_dict({"foo": [1, 2], "label": [0, 1]})
+    with pytest.raises(CalibrationError, match=r"found columns \['foo', 'label'\]"):
+        resolve_calibration(dataset, [vit_processor()])
+    missing = r"lacks column\(s\) \['pixel_values'\].*found columns \['foo', 'label'\].*image_column="
+    with pytest.raises(CalibrationError, match=missing):
+        resolve_calibration(dataset, [vit_processor()], inputs=("pixel_values",))
+    with pytest.raises(CalibrationError, match=r"image_column='picture' is not a column.*\['foo', 'label'\]"):
+        resolve_calibration(dataset, [vit_processor()], image_column="picture")
+    with pytest.raises(CalibrationError, match=r"found columns \['foo', 'label'\]"):
+        hf_mudsc.merge([make_model("vit_cls", seed=0), make_model("vit_cls", seed=1)], dataset, progress=False)
+    raw = datasets.Dataset.from_dict({"text": ["w1 w2"]})
+    with pytest.raises(CalibrationError, match="ship no tokenizer"):
+        resolve_calibration(raw, [vit_processor()], inputs=("input_ids",))
+    no_tokenizer = r"found columns \['text'\]. Column 'text' holds raw text, but the parents ship no tokenizer"
+    with pytest.raises(CalibrationError, match=no_tokenizer):
+        hf_mudsc.merge([make_model("bert_cls", seed=0), make_model("bert_cls", seed=1)], raw, progress=False)
+
+
+def _first_tokens(stream: CalibrationStream) -> list[int]:
+    return [int(t) for batch in stream.batches(7) for t in batch["input_ids"][:, 0]]
+
+
+@pytest.mark.parametrize("iterable", [False, True])
+def test_num_samples_and_seeded_shuffle_are_deterministic(iterable):
+    ids = torch.arange(100)[:, None].repeat(1, 3)
+    dataset = datasets.Dataset.from_dict({"input_ids": ids.numpy(), "label": list(range(100))})
+    if iterable:
+        dataset = dataset.to_iterable_dataset(num_shards=4)
+
+    def pick(**options):
+        return _first_tokens(resolve_calibration(dataset, None, num_samples=20, **options))
+
+    first, again, other = pick(seed=0), pick(seed=0), pick(seed=1)
+    assert len(first) == 20 and len(set(first)) == 20
+    assert first == again and first != other
+    assert pick(shuffle=False) == list(range(20))
+    assert sorted(_first_tokens(resolve_calibration(dataset, None))) == list(range(100))  # all rows
+    assert set(next(resolve_calibration(dataset, None).batches(4))) == {"input_ids"}  # labels dropped
+
+
+def test_streaming_spec_does_not_materialise(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    with open(folder / "train.jsonl", "w") as handle:
+        for text in texts(3000):
+            handle.write(json.dumps({"text": text}) + "\n")
+    cache = Path(datasets.config.HF_DATASETS_CACHE)
+    before = set(cache.rglob("*.arrow")) if cache.exists() else set()
+    stream = resolve_calibration(f"{folder}:train", [tokenizer()], num_samples=5, shuffle=False,
+                                 model_config=make_model("bert_cls").config)
+    assert isinstance(stream.dataset, datasets.IterableDataset) and stream.num_rows is None
+    batches = list(stream.batches(2))
+    assert [b["input_ids"].shape[0] for b in batches] == [2, 2, 1]
+    after = set(cache.rglob("*.arrow")) if cache.exists() else set()
+    assert after == before  # nothing converted to arrow: the split was streamed

@@ -1,0 +1,265 @@
+"""Loading parents: references, folders, dtype, pickle refusal, vocabulary checks, Hub revisions (emulator)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from factories import BERT, make_model
+from safetensors.torch import load_file
+from transformers import BertTokenizer, CLIPImageProcessor, CLIPTokenizer, ViTImageProcessor
+
+import hf_mudsc
+from hf_mudsc.loading import (
+    LoadedParent,
+    LoadError,
+    image_processor_of,
+    load_parent,
+    load_parents,
+    parse_reference,
+    tokenizer_of,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def bert_vocab(prefix: str = "w") -> dict[str, int]:
+    """A vocabulary of exactly BERT["vocab_size"] tokens (so configs agree and only the vocabularies differ)."""
+    tokens = SPECIALS + [f"{prefix}{i}" for i in range(BERT["vocab_size"] - len(SPECIALS))]
+    return {token: index for index, token in enumerate(tokens)}
+
+
+def save_bert(folder: Path, seed: int, vocab: dict[str, int]) -> Path:
+    make_model("bert_cls", seed=seed).save_pretrained(folder)
+    # BertTokenizer(vocab_file=...) silently ignores the file in transformers 5: pass the dict itself.
+    BertTokenizer(vocab=vocab).save_pretrained(folder)
+    return folder
+
+
+def save_vit(folder: Path, seed: int, *, processor: bool = True, half: bool = False) -> Path:
+    model = make_model("vit_cls", seed=seed)
+    (model.half() if half else model).save_pretrained(folder)
+    if processor:
+        ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5]).save_pretrained(folder)
+    return folder
+
+
+def make_pickle_only(folder: Path) -> Path:
+    """A folder as an old checkpoint would be: config.json + pytorch_model.bin (file key names), no safetensors."""
+    save_vit(folder, seed=3, processor=False)
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "ref,expected",
+    [
+        ("org/name@v2", ("org/name", "v2")),
+        ("org/name", ("org/name", None)),
+        ("bert-base-uncased", ("bert-base-uncased", None)),
+        ("org/name@0123456789abcdef0123456789abcdef01234567",
+         ("org/name", "0123456789abcdef0123456789abcdef01234567")),
+        ("org/name@refs/pr/3", ("org/name", "refs/pr/3")),
+        ("./folder", ("./folder", None)),
+        ("../models/a@b", ("../models/a@b", None)),
+        ("/abs/path/model", ("/abs/path/model", None)),
+        ("some/deep/folder", ("some/deep/folder", None)),
+    ],
+)
+def test_parse_reference(ref, expected):
+    assert parse_reference(ref) == expected
+
+
+def test_parse_reference_keeps_existing_folders_with_at_signs(tmp_path, monkeypatch):
+    folder = tmp_path / "model@v2"
+    folder.mkdir()
+    assert parse_reference(str(folder)) == (str(folder), None)
+    monkeypatch.chdir(tmp_path)
+    assert parse_reference("model@v2") == ("model@v2", None)
+
+
+@pytest.mark.parametrize("ref", ["org/name@", "@v1", ""])
+def test_parse_reference_rejects_malformed(ref):
+    with pytest.raises(LoadError):
+        parse_reference(ref)
+
+
+def test_folder_float16_checkpoint_loads_as_float32_with_processor(tmp_path):
+    folder = save_vit(tmp_path / "vit", seed=0, half=True)
+    stored = load_file(folder / "model.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.float16}
+    parent = load_parent(str(folder))
+    assert isinstance(parent, LoadedParent)
+    assert {p.dtype for p in parent.model.parameters()} == {torch.float32}
+    assert not parent.model.training
+    expected = stored["vit.embeddings.cls_token"].to(torch.float32)
+    assert torch.equal(parent.model.vit.embeddings.cls_token.detach(), expected)
+    assert type(parent.processor).__name__.startswith("ViTImageProcessor")
+    assert (parent.reference, parent.repo_id, parent.revision, parent.commit_sha) == (str(folder), None, None, None)
+
+
+def test_folder_without_processor_files_has_none(tmp_path):
+    """transformers 5 builds an empty tokenizer from a bare config.json; we must not hand that out."""
+    folder = tmp_path / "bert"
+    make_model("bert_cls", seed=0).save_pretrained(folder)
+    assert load_parent(folder).processor is None
+
+
+def save_clip(folder: Path, seed: int = 0) -> Path:
+    make_model("clip", seed=seed).save_pretrained(folder)
+    vocab = {"<|startoftext|>": 57, "<|endoftext|>": 58, "a</w>": 2, "b</w>": 3, "a": 4, "ab</w>": 6}
+    CLIPTokenizer(vocab=vocab, merges=[("a", "b</w>")]).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(folder)
+    return folder
+
+
+def test_clip_folder_gets_a_processor_with_both_parts(tmp_path):
+    processor = load_parent(save_clip(tmp_path / "clip")).processor
+    assert tokenizer_of(processor).get_vocab()["ab</w>"] == 6
+    assert image_processor_of(processor).crop_size == {"height": 16, "width": 16}
+
+
+def test_objects_are_used_as_given_or_copied_to_float32():
+    model = make_model("vit_cls", seed=0)
+    assert load_parent(model).model is model
+    half = make_model("vit_cls", seed=0).half()
+    loaded = load_parent(half).model
+    assert loaded is not half and next(loaded.parameters()).dtype == torch.float32
+    assert next(half.parameters()).dtype == torch.float16  # the input is never modified
+
+
+def test_pickle_only_folder_refused_then_allowed(tmp_path):
+    folder = make_pickle_only(tmp_path / "pickled")
+    with pytest.raises(LoadError, match="allow_pickle=True") as caught:
+        load_parent(folder)
+    assert "arbitrary code" in str(caught.value)
+    with pytest.raises(LoadError, match="allow_pickle=True"):
+        hf_mudsc.merge([folder, folder], None, method="average", progress=False)
+    parent = load_parent(folder, allow_pickle=True)
+    reference = make_model("vit_cls", seed=3)
+    for (name, mine), theirs in zip(parent.model.named_parameters(), reference.parameters()):
+        assert torch.equal(mine, theirs), name
+
+
+def test_missing_folder_and_custom_code_refused(tmp_path):
+    with pytest.raises(LoadError, match="no model folder"):
+        load_parent("./does-not-exist")
+    folder = save_vit(tmp_path / "custom", seed=0)
+    config = (folder / "config.json").read_text().replace('"ViTForImageClassification"', '"MyCustomModel"')
+    (folder / "config.json").write_text(config)
+    with pytest.raises(LoadError, match="custom code"):
+        load_parent(folder)
+
+
+def test_mismatched_vocabularies_refused(tmp_path):
+    a = save_bert(tmp_path / "a", seed=0, vocab=bert_vocab("w"))
+    b = save_bert(tmp_path / "b", seed=1, vocab=bert_vocab("x"))
+    same = save_bert(tmp_path / "same", seed=2, vocab=bert_vocab("w"))
+    assert load_parent(a).processor.get_vocab() != load_parent(b).processor.get_vocab()  # the trap is avoided
+    with pytest.raises(LoadError, match="different tokenizer vocabularies"):
+        load_parents([a, b])
+    with pytest.raises(LoadError, match="different tokenizer vocabularies"):
+        hf_mudsc.merge([a, b], None, method="average", progress=False)
+    parents = load_parents([a, same])
+    assert [p.model.config.vocab_size for p in parents] == [BERT["vocab_size"]] * 2
+
+
+def test_mismatched_configs_refused_before_weights(tmp_path, monkeypatch):
+    a = save_vit(tmp_path / "a", seed=0)
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    (b / "config.json").write_text((b / "config.json").read_text().replace('"hidden_size": 32', '"hidden_size": 64'))
+    import hf_mudsc.loading as loading
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded before the configs were compared")
+
+    monkeypatch.setattr(loading, "_finish", no_weights)
+    with pytest.raises(LoadError, match="hidden_size"):
+        load_parents([a, b])
+
+
+def test_merge_records_folder_parents(tmp_path):
+    a, b = save_vit(tmp_path / "a", seed=0), save_vit(tmp_path / "b", seed=1)
+    merged = hf_mudsc.merge([str(a), str(b)], None, method="average", progress=False)
+    assert merged.config.mudsc["parents"] == [str(a), str(b)]
+    assert merged.config.mudsc["parent_revisions"] == [None, None]
+
+
+def test_offline_hub_reference_uses_the_cached_snapshot(tmp_path):
+    """HF_HUB_OFFLINE=1 (as in these tests): `org/name` resolves through the local cache to its commit sha."""
+    sha = "a" * 40
+    repo = tmp_path / "cache" / "models--user--cached"
+    save_vit(repo / "snapshots" / sha, seed=4)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(sha)
+    parent = load_parent("user/cached", cache_dir=tmp_path / "cache")
+    assert (parent.repo_id, parent.revision, parent.commit_sha) == ("user/cached", None, sha)
+    assert parent.model.config._name_or_path == "user/cached"
+    assert parent.pinned_reference == f"user/cached@{sha}"
+    with pytest.raises(LoadError, match="not in the local cache"):
+        load_parent("user/absent", cache_dir=tmp_path / "cache")
+
+
+HUB_CLIENT = """
+import torch
+import hf_mudsc
+from hf_mudsc.loading import LoadError, load_parent, load_parents
+
+def describe(parent):
+    return {"sha": parent.commit_sha, "revision": parent.revision, "repo_id": parent.repo_id,
+            "reference": parent.reference, "name": parent.model.config._name_or_path,
+            "dtypes": sorted({str(p.dtype) for p in parent.model.parameters()}),
+            "checksum": float(sum(p.double().sum() for p in parent.model.parameters())),
+            "processor": type(parent.processor).__name__}
+
+emit(describe(load_parent("user/vit@SHA1")))
+emit(describe(load_parent("user/vit")))
+for refs in (["user/bert-a", "user/bert-b"], ["user/pickled"]):
+    try:
+        load_parents(refs)
+        emit("no error")
+    except LoadError as error:
+        emit(str(error))
+merged = hf_mudsc.from_pretrained("user/vit@SHA1", "user/vit", method="average", progress=False)
+emit({"parents": merged.config.mudsc["parents"], "revisions": merged.config.mudsc["parent_revisions"]})
+"""
+
+
+def test_hub_parents_at_pinned_revisions(hub_emulator, tmp_path):
+    hub = hub_emulator
+    sha1 = hub.upload_folder("user/vit", save_vit(tmp_path / "v1", seed=0, half=True))
+    sha2 = hub.upload_folder("user/vit", save_vit(tmp_path / "v2", seed=1))
+    hub.upload_folder("user/bert-a", save_bert(tmp_path / "bert-a", seed=0, vocab=bert_vocab("w")))
+    hub.upload_folder("user/bert-b", save_bert(tmp_path / "bert-b", seed=1, vocab=bert_vocab("x")))
+    hub.upload_folder("user/pickled", make_pickle_only(tmp_path / "pickled"))
+    assert sha1 != sha2
+
+    result = hub.run_client(HUB_CLIENT.replace("SHA1", sha1), env={"PYTHONPATH": str(ROOT)})
+    pinned, head, vocab_error, pickle_error, merged = result.results
+
+    with torch.no_grad():
+        expected_v1 = float(sum(p.double().sum() for p in make_model("vit_cls", seed=0).half().float().parameters()))
+        expected_v2 = float(sum(p.double().sum() for p in make_model("vit_cls", seed=1).parameters()))
+    assert pinned["sha"] == sha1 and pinned["revision"] == sha1 and pinned["repo_id"] == "user/vit"
+    assert pinned["reference"] == f"user/vit@{sha1}" and pinned["name"] == "user/vit"
+    assert pinned["dtypes"] == ["torch.float32"]
+    assert pinned["checksum"] == pytest.approx(expected_v1, rel=1e-9)
+    assert pinned["processor"].startswith("ViTImageProcessor")
+    assert head["sha"] == sha2 and head["revision"] is None
+    assert head["checksum"] == pytest.approx(expected_v2, rel=1e-9)
+    assert "different tokenizer vocabularies" in vocab_error
+    assert "allow_pickle=True" in pickle_error
+    assert merged == {"parents": ["user/vit", "user/vit"], "revisions": [sha1, sha2]}
+
+    # Refused before any weights were downloaded.
+    fetched = [r.path for r in hub.requests_for("resolve")]
+    assert not [p for p in fetched if "bert" in p and p.endswith(".safetensors")], fetched
+    assert not [p for p in fetched if p.endswith("pytorch_model.bin")], fetched
+    assert any("user/bert-b" in p and "tokenizer" in p for p in fetched), fetched  # compared from the Hub
+    assert not hub.unhandled and not hub.server_errors
