@@ -235,6 +235,7 @@ def merge(
             f"method {method!r} needs calibration data (a 'dataset:split' spec, a datasets.Dataset or an iterable "
             "of input batches); use method='weight_matching' or 'average' to merge without data"
         )
+    calibration_name = _calibration_name(calibration) if spec_method.uses_activations else None
     if spec_method.uses_activations and isinstance(calibration, (str, os.PathLike)):
         # A spec that does not exist fails here, before any parent weights are downloaded.
         calibration = load_calibration_dataset(calibration, token=token)
@@ -311,6 +312,7 @@ def merge(
         "independent_heads": bool(independent_heads or reference_compat),
         "reference_compat": bool(reference_compat),
         "seed": seed,
+        "calibration": calibration_name,
         "num_calibration_samples": report.num_samples,
         "group_match_values": {n: round(float(v), 6) for n, v in zip(report.group_names, report.group_values)},
     }
@@ -319,6 +321,14 @@ def merge(
     merged.merge_report = report
     logger.info("merged %s and %s with %s", parent_names[0], parent_names[1], method)
     return merged
+
+
+def _calibration_name(calibration: Any) -> str | None:
+    """A printable name of the calibration data for the config and card (a spec string or dataset name)."""
+    if isinstance(calibration, (str, os.PathLike)):
+        return str(calibration)
+    info = getattr(calibration, "info", None)
+    return getattr(info, "dataset_name", None) or None
 
 
 def _input_columns(model: PreTrainedModel) -> set[str]:

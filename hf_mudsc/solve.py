@@ -80,6 +80,9 @@ class Solver:
         if not 0.0 <= options.alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {options.alpha}")
         self.spec = spec
+        # Detached: similarity work must never build autograd graphs or touch the parents' tensors.
+        params_a = {name: tensor.detach() for name, tensor in params_a.items()}
+        params_b = {name: tensor.detach() for name, tensor in params_b.items()}
         self.params_a = params_a
         self.params_b = params_b
         self.activations = activation_correlations
