@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 DIGITS_MEAN = 4.884164579855314
 DIGITS_STD = 6.016787548672236
 
+#: Default training length: ~5 CPU-seconds per model (1 thread) at hidden 64, 94-99% test accuracy.
+DEFAULT_EPOCHS = 25
+
 #: Bump when a change to training would make previously cached models stale.
 _CACHE_FORMAT = 1
 _CACHE_MARKER = "hf_mudsc_toy.json"
@@ -92,8 +95,7 @@ class DigitTask:
 
     def __repr__(self) -> str:  # tensors would flood logs
         return (
-            f"DigitTask(classes={self.classes}, train={len(self.train_labels)}, "
-            f"test={len(self.test_labels)})"
+            f"DigitTask(classes={self.classes}, train={len(self.train_labels)}, test={len(self.test_labels)})"
         )
 
 
@@ -157,7 +159,7 @@ def digit_splits(
     labels_np = labels.numpy()
     for digit in range(10):
         idx = np.flatnonzero(labels_np == digit)
-        n_test = int(round(test_fraction * len(idx)))
+        n_test = round(test_fraction * len(idx))
         is_test[rng.permutation(idx)[:n_test]] = True
 
     def make_task(classes: tuple[int, ...]) -> DigitTask:
@@ -186,7 +188,8 @@ def digit_calibration_batches(
 
     A merge measures activations of both parents on the same inputs, and the merged model must serve
     both tasks, so calibration mixes the tasks: half the samples come from each (as far as each task
-    has images), shuffled together.  ``num_samples=None`` uses every training image once.
+    has images), shuffled together.  ``num_samples=None`` uses every training image once.  Arguments
+    are checked at call time, not at the first ``next()``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -197,7 +200,9 @@ def digit_calibration_batches(
     if num_samples is None:
         num_samples = available
     if not 0 < num_samples <= available:
-        raise ValueError(f"num_samples must be in 1..{available} (training images of both tasks), got {num_samples}")
+        raise ValueError(
+            f"num_samples must be in 1..{available} (training images of both tasks), got {num_samples}"
+        )
 
     gen = torch.Generator().manual_seed(seed)
     want_a = min(len(pools[0]), max(num_samples - len(pools[1]), num_samples // 2))
@@ -211,8 +216,9 @@ def digit_calibration_batches(
         for row, idx in enumerate(task.train_indices.tolist()):
             by_index.setdefault(idx, task.train_pixel_values[row])
     images = torch.stack([by_index[i] for i in chosen.tolist()])
-    for start in range(0, num_samples, batch_size):
-        yield {"pixel_values": images[start : start + batch_size]}
+    return (
+        {"pixel_values": images[start : start + batch_size]} for start in range(0, num_samples, batch_size)
+    )
 
 
 def as_dataset(pixel_values: Tensor, labels: Tensor | None = None) -> Any:
@@ -296,33 +302,35 @@ def train_vit(
     labels: Tensor,
     *,
     seed: int,
-    epochs: int = 30,
+    epochs: int = DEFAULT_EPOCHS,
     batch_size: int = 64,
-    lr: float = 2e-3,
+    lr: float = 1.5e-3,
     weight_decay: float = 0.05,
     warmup_fraction: float = 0.1,
-    max_shift: int | None = None,
+    max_shift: int = 0,
 ) -> Any:
     """Train ``ViTForImageClassification(config)`` from scratch; deterministic for a given ``seed``.
 
     The seed fixes both the initialization and the data order/augmentation, which is what makes two
     models "different initializations" for merging.  The caller's global RNG state is left untouched.
-    AdamW with linear warm-up and cosine decay; augmentation = random shifts of up to ``max_shift``
-    pixels (default: one source pixel, i.e. ``image_size // 8``; 0 disables).  Returns a float32
-    model in eval mode.
+    AdamW with linear warm-up and cosine decay.  ``max_shift > 0`` adds random translations of up to
+    that many pixels; off by default because the digits are already centred and, within these short
+    schedules, 2-pixel shifts cost 1-4 test-accuracy points (measured at 30 epochs, 16x16).  Returns a
+    float32 model in eval mode.
     """
     from transformers import ViTForImageClassification
 
     if pixel_values.ndim != 4 or len(pixel_values) != len(labels):
         raise ValueError(
-            f"expected pixel_values (N, C, H, W) and N labels, got {tuple(pixel_values.shape)} and {len(labels)}"
+            f"expected pixel_values (N, C, H, W) and N labels, "
+            f"got {tuple(pixel_values.shape)} and {len(labels)}"
         )
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
     if int(labels.min()) < 0 or int(labels.max()) >= config.num_labels:
         raise ValueError(f"labels must lie in 0..{config.num_labels - 1} (config.num_labels)")
-    if max_shift is None:
-        max_shift = max(pixel_values.shape[-1] // 8, 0)
+    if max_shift < 0:
+        raise ValueError(f"max_shift must be >= 0, got {max_shift}")
     pixel_values = pixel_values.to(torch.float32)
     labels = labels.to(torch.int64)
     background = float((0.0 - DIGITS_MEAN) / DIGITS_STD)
@@ -344,9 +352,12 @@ def train_vit(
         model = ViTForImageClassification(config).to(torch.float32)
         gen = torch.Generator().manual_seed(seed)
         decay = [p for name, p in model.named_parameters() if p.ndim >= 2 and "embeddings" not in name]
-        no_decay = [p for name, p in model.named_parameters() if not (p.ndim >= 2 and "embeddings" not in name)]
+        no_decay = [
+            p for name, p in model.named_parameters() if not (p.ndim >= 2 and "embeddings" not in name)
+        ]
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=lr,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         model.train()
@@ -447,11 +458,11 @@ def trained_digit_pair(
     intermediate_size: int | None = None,
     image_size: int = 16,
     patch_size: int = 4,
-    epochs: int = 30,
+    epochs: int = DEFAULT_EPOCHS,
     batch_size: int = 64,
-    lr: float = 2e-3,
+    lr: float = 1.5e-3,
     weight_decay: float = 0.05,
-    max_shift: int | None = None,
+    max_shift: int = 0,
     split_seed: int = 0,
     test_fraction: float = 0.3,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -463,7 +474,9 @@ def trained_digit_pair(
     """
     if len(seeds) != 2:
         raise ValueError(f"seeds must hold two seeds (model A, model B), got {seeds!r}")
-    splits = digit_splits(classes_a, classes_b, seed=split_seed, test_fraction=test_fraction, image_size=image_size)
+    splits = digit_splits(
+        classes_a, classes_b, seed=split_seed, test_fraction=test_fraction, image_size=image_size
+    )
     if intermediate_size is None:
         intermediate_size = 4 * hidden_size
     models = []
@@ -479,7 +492,12 @@ def trained_digit_pair(
             id2label=task.id2label,
         )
         train_kwargs: dict[str, Any] = dict(
-            seed=int(seed), epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, max_shift=max_shift
+            seed=int(seed),
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            max_shift=max_shift,
         )
         params = {
             "format": _CACHE_FORMAT,
@@ -497,7 +515,9 @@ def trained_digit_pair(
         path = None
         model = None
         if cache_dir is not None:
-            path = Path(cache_dir) / f"digits-vit-{''.join(map(str, task.classes))}-s{seed}-{_cache_key(params)}"
+            path = (
+                Path(cache_dir) / f"digits-vit-{''.join(map(str, task.classes))}-s{seed}-{_cache_key(params)}"
+            )
             model = _load_cached(path)
             if model is not None:
                 logger.info("model %s: loaded cached %s", tag.upper(), path)

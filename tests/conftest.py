@@ -9,5 +9,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf_mudsc_test_home_"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# The suite's models are tiny: one thread avoids OpenMP synchronisation that dominates small ops (and that
+# degrades badly when the 2 cores are shared); subprocesses (CLI tests) inherit it through the environment.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 from hub_emulator import hub_emulator, hub_emulator_session  # noqa: E402,F401  (fixtures for the Hub tests)
