@@ -270,7 +270,8 @@ def merge(
         correlations = None
         if accumulators is not None:
             report.num_samples = accumulators[0].count
-            correlations = [acc.finalize() for acc in accumulators]
+            # Finalize one group at a time and drop its sums: peak memory holds one copy of the statistics.
+            correlations = [accumulators.pop(0).finalize() for _ in range(len(accumulators))]
         options = SolveOptions(
             matcher=used_matcher,
             alpha=float(alpha) if method == "mudsc" else (1.0 if spec_method.uses_weights else 0.0),

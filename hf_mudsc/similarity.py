@@ -6,7 +6,7 @@ All results are float64: real data has near-ties, and matching must not flip on 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,26 +36,53 @@ class CorrelationAccumulator:
         self.total = torch.zeros(dim, dtype=torch.float64)
         self.outer = torch.zeros(dim, dim, dtype=torch.float64)
         self.count = 0
+        self._lower_stale = False
 
     def update(self, samples: torch.Tensor) -> None:
-        """Add `(num_samples, dim)` samples."""
+        """Add `(num_samples, dim)` samples.
+
+        One shifted copy of the batch, one GEMM: with `dtype=float64` the product is added into the sum in
+        place; with `dtype=float32` the (shifted, so well-conditioned) batch product runs at fp32 GEMM speed
+        and only the batch's result is added into the float64 sums — error stays per batch, never across.
+        """
         if samples.dim() != 2 or samples.shape[1] != self.dim:
             raise ValueError(f"expected samples of shape (N, {self.dim}), got {tuple(samples.shape)}")
         if samples.shape[0] == 0:
             return
-        x = samples.detach().to(torch.float64)
+        samples = samples.detach()
         if self.count == 0:
-            self.shift = x.mean(0)
-        x = (x - self.shift).to(self.dtype)
-        self.total += x.sum(0).to(torch.float64)
-        self.outer += (x.T @ x).to(torch.float64)
+            # The shift is stored exactly as representable in the GEMM dtype, so the low-precision path
+            # subtracts it without a float64 round trip and the moment algebra stays exact.
+            self.shift = samples.to(torch.float64).mean(0).to(self.dtype).to(torch.float64)
+        # Only the blocks [AA AB] and BB of the symmetric Gram are multiplied (3/4 of the FLOPs of a full
+        # xᵀx); the BA block is filled in from AB when the sums are read (`_symmetric`).
+        h = self.dim // 2
+        if self.dtype == torch.float64:
+            x = samples.to(torch.float64) - self.shift
+            self.total += x.sum(0)
+            self.outer[:h].addmm_(x[:, :h].T, x)
+            self.outer[h:, h:].addmm_(x[:, h:].T, x[:, h:])
+        else:
+            x = samples.to(self.dtype) - self.shift.to(self.dtype)
+            self.total += x.sum(0, dtype=torch.float64)
+            self.outer[:h] += (x[:, :h].T @ x).to(torch.float64)
+            self.outer[h:, h:] += (x[:, h:].T @ x[:, h:]).to(torch.float64)
+        self._lower_stale = True
         self.count += samples.shape[0]
+
+    def _symmetric(self) -> torch.Tensor:
+        """`self.outer` with its lower-left block brought up to date (in place)."""
+        if getattr(self, "_lower_stale", False):
+            h = self.dim // 2
+            self.outer[h:, :h] = self.outer[:h, h:].T
+            self._lower_stale = False
+        return self.outer
 
     def _moments_around(self, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`Σ(x − shift)` and `Σ(x − shift)(x − shift)ᵀ` from the sums around `self.shift`."""
         delta = self.shift - shift
         total = self.total + self.count * delta
-        outer = self.outer + torch.outer(delta, self.total) + torch.outer(self.total, delta)
+        outer = self._symmetric() + torch.outer(delta, self.total) + torch.outer(self.total, delta)
         outer += self.count * torch.outer(delta, delta)
         return total, outer
 
@@ -69,7 +96,7 @@ class CorrelationAccumulator:
             self.shift = other.shift.clone()
         total, outer = other._moments_around(self.shift)
         self.total += total
-        self.outer += outer
+        self._symmetric().add_(outer)
         self.count += other.count
         return self
 
@@ -77,7 +104,7 @@ class CorrelationAccumulator:
         if self.count == 0:
             raise ValueError("no calibration samples reached this accumulator")
         mean = self.total / self.count
-        return self.outer / self.count - torch.outer(mean, mean)
+        return self._symmetric() / self.count - torch.outer(mean, mean)
 
     def finalize(self) -> torch.Tensor:
         """The `(dim, dim)` Pearson correlation of everything seen."""
@@ -92,6 +119,7 @@ class CorrelationAccumulator:
         """Adopt summed `tensors()` (e.g. after an all-reduce); re-centres them on their mean."""
         self.shift = torch.zeros(self.dim, dtype=torch.float64)
         self.total, self.outer = tensors[0].to(torch.float64), tensors[1].to(torch.float64)
+        self._lower_stale = False
         self.count = int(round(float(tensors[2].item())))
         if self.count:
             mean = self.total / self.count
@@ -110,12 +138,22 @@ class AxisMap:
     """A `(n, m)` merge/unmerge block with one nonzero per row, stored as (column, weight) per row.
 
     Every original unit belongs to exactly one merged unit, so contracting an axis with the block is a
-    weighted scatter-add: O(tensor size) instead of the O(n · tensor size) of a dense product.
+    weighted scatter-add: O(tensor size) instead of the O(n · tensor size) of a dense product. When the
+    block is a permutation (align; zip without same-model fusions) the scatter is a gather, and with unit
+    weights it is an exact copy — valid in any dtype (`exact`), so callers may skip a float64 round trip.
     """
 
     index: torch.Tensor
     weight: torch.Tensor
     size: int
+    inverse: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    exact: bool = field(default=False, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        n = self.index.numel()
+        if n == self.size and n and bool((torch.bincount(self.index, minlength=n) == 1).all()):
+            object.__setattr__(self, "inverse", torch.argsort(self.index))
+            object.__setattr__(self, "exact", bool((self.weight == 1).all()))
 
     @classmethod
     def from_matrix(cls, matrix: torch.Tensor) -> AxisMap:
@@ -125,11 +163,20 @@ class AxisMap:
         return cls(index=index, weight=matrix.gather(1, index[:, None])[:, 0].to(torch.float64), size=matrix.shape[1])
 
     def apply(self, tensor: torch.Tensor, axis: int) -> torch.Tensor:
+        axis = axis % tensor.dim()
+        if self.inverse is not None:
+            # out[c] = w[inv[c]] · x[inv[c]]: the same products the scatter-add into zeros would give.
+            out = tensor.index_select(axis, self.inverse)
+            if not self.exact:
+                shape = [1] * tensor.dim()
+                shape[axis] = self.size
+                out *= self.weight[self.inverse].to(tensor.dtype).reshape(shape)
+            return out
         # index_add_ along the last (contiguous) axis: along axis 0 torch's threaded kernel is orders of
         # magnitude slower for small tensors.
-        moved = torch.movedim(tensor, axis % tensor.dim(), -1) * self.weight.to(tensor.dtype)
+        moved = torch.movedim(tensor, axis, -1) * self.weight.to(tensor.dtype)
         out = torch.zeros(*moved.shape[:-1], self.size, dtype=tensor.dtype).index_add_(-1, self.index, moved)
-        return torch.movedim(out, -1, axis % tensor.dim())
+        return torch.movedim(out, -1, axis)
 
 
 @dataclass(frozen=True)
@@ -163,19 +210,26 @@ def _member_block(
     params: Mapping[str, torch.Tensor],
     model: int,
     maps: Sequence[GroupMaps | None],
+    as_float64: bool = True,
 ) -> torch.Tensor:
     """One member's `(n, D_m)` slice of `Z_i`: its other axes mapped into their groups' merged spaces.
 
     An axis that is an `in` member of a matched group q is multiplied by q's `(2·merge_i)ᵀ`, an `out`
     member by q's `U_iᵀ` (the reference's pairing); unmatched groups leave their axes untouched.
+    `as_float64=False` may return the parameter's own dtype when every step was an exact copy (the
+    caller converts while copying into its float64 buffer — same values, one copy less).
     """
-    tensor = params[member.param].to(torch.float64)
+    tensor = params[member.param].detach()
+    if as_float64:
+        tensor = tensor.to(torch.float64)
     axis = member.axis % tensor.dim()
     for other_index, other in spec.axes_of(member.param):
         found = maps[other_index]
         if other_index == group_index or found is None:
             continue
         axis_map = found.merge2[model] if other.role == "in" else found.unmerge[model]
+        if not axis_map.exact:
+            tensor = tensor.to(torch.float64)
         tensor = axis_map.apply(tensor, other.axis)
     return torch.movedim(tensor, axis, 0).reshape(spec.groups[group_index].width, -1)
 
@@ -193,42 +247,72 @@ def weight_features(
 
 
 class _Moments:
-    """`Σ z zᵀ`, `Σ z` over columns and the column count of `[Z_A; Z_B]`, built member by member."""
+    """`Σ z zᵀ`, `Σ z` over columns and the column count of `[Z_A; Z_B]`, built chunk by chunk.
+
+    Only the blocks `[AA AB]` and `BB` are multiplied (3/4 of a full `Z Zᵀ`, in two GEMMs on contiguous
+    row blocks); the `BA` block is the transpose of `AB` and is filled in by `correlation`.
+    """
 
     def __init__(self, width: int) -> None:
         self.width = width
-        self.gram = torch.zeros(2 * width, 2 * width, dtype=torch.float64)
+        self.gram = torch.empty(2 * width, 2 * width, dtype=torch.float64)
         self.sums = torch.zeros(2 * width, dtype=torch.float64)
         self.columns = 0
+        self._fresh = True  # gram holds garbage until the first product (saves zeroing 2n × 2n)
+
+    def add_stacked(self, z: torch.Tensor) -> None:
+        """Add the columns of a `(2n, D)` float64 block `[Z_A; Z_B]`."""
+        n = self.width
+        beta = 0.0 if self._fresh else 1.0
+        top, bottom = self.gram[:n], self.gram[n:, n:]
+        top.addmm_(z[:n], z.T, beta=beta)
+        bottom.addmm_(z[n:], z[n:].T, beta=beta)
+        self._fresh = False
+        self.sums += z.sum(1)
+        self.columns += z.shape[1]
 
     def add(self, za: torch.Tensor, zb: torch.Tensor) -> None:
-        n = self.width
-        self.gram[:n, :n].addmm_(za, za.T)
-        self.gram[n:, n:].addmm_(zb, zb.T)
-        cross = za @ zb.T
-        self.gram[:n, n:] += cross
-        self.gram[n:, :n] += cross.T
-        self.sums[:n] += za.sum(1)
-        self.sums[n:] += zb.sum(1)
-        self.columns += za.shape[1]
+        self.add_stacked(torch.cat([za, zb]).to(torch.float64))
+
+    def add_moments(self, other: _Moments) -> None:
+        """Add another `_Moments`' sums into this one (in place; `other` is left untouched)."""
+        if not other._fresh:
+            if self._fresh:
+                self.gram = other.gram.clone()
+            else:
+                self.gram += other.gram
+            self._fresh = False
+        self.sums += other.sums
+        self.columns += other.columns
 
     def plus(self, other: _Moments) -> _Moments:
         total = _Moments(self.width)
-        total.gram = self.gram + other.gram
-        total.sums = self.sums + other.sums
-        total.columns = self.columns + other.columns
+        total.add_moments(self)
+        total.add_moments(other)
         return total
 
     def correlation(self) -> torch.Tensor:
+        """Pearson correlation of the rows; a fresh matrix (the sums are left untouched)."""
+        n = self.width
         mean = self.sums / self.columns
-        return pearson_from_covariance(self.gram / self.columns - torch.outer(mean, mean))
+        cov = self.gram / self.columns
+        cov[n:, :n] = cov[:n, n:].T
+        cov -= torch.outer(mean, mean)
+        std = cov.diagonal().clamp_min(0).sqrt()
+        return cov.div_(torch.outer(std, std).clamp_min_(CLAMP))
+
+
+# Columns of `[Z_A; Z_B]` are gathered into chunks of about this many float64 elements (32 MB) before
+# each Gram update: large enough for GEMM speed, small enough that no group's full Z is materialised.
+_CHUNK_ELEMENTS = 4 * 2**20
 
 
 class WeightCorrelation:
     """`C_w` of design §4.3 for any group under any current matches, with the constant part cached.
 
     Members whose other axes belong to no group (embedding tables, norms, biases) never change between
-    visits, so their Gram contribution is computed once — for BERT that is the 30k-column vocabulary.
+    visits. Wide ones (BERT's 30k-column vocabulary) are cached as their Gram contribution; narrow ones
+    (biases, norms: a few columns) as their columns, which is far smaller than a `2n × 2n` Gram.
     """
 
     def __init__(
@@ -241,30 +325,74 @@ class WeightCorrelation:
         self.spec = spec
         self.params = (params_a, params_b)
         self.cache_constant = cache_constant
-        self._constant: dict[int, _Moments] = {}
+        self._constant: dict[int, tuple[_Moments | None, torch.Tensor | None]] = {}
 
     def _is_constant(self, group_index: int, member: Member) -> bool:
         return all(other == group_index for other, _ in self.spec.axes_of(member.param))
 
-    def _add(self, moments: _Moments, group_index: int, member: Member, maps: Sequence[GroupMaps | None]) -> None:
-        blocks = [_member_block(self.spec, group_index, member, self.params[i], i, maps) for i in range(2)]
-        moments.add(*blocks)
+    def _blocks(self, group_index: int, member: Member, maps: Sequence[GroupMaps | None]) -> list[torch.Tensor]:
+        return [_member_block(self.spec, group_index, member, self.params[i], i, maps, as_float64=False)
+                for i in range(2)]
+
+    def _accumulate(
+        self, moments: _Moments, group_index: int, members: Sequence[Member], maps: Sequence[GroupMaps | None],
+        extra: torch.Tensor | None = None,
+    ) -> None:
+        """Gram-update `moments` with the members' columns (and `extra` stacked columns), chunk by chunk."""
+        n = moments.width
+        pending: list[list[torch.Tensor]] = []
+        columns = 0
+
+        def flush() -> None:
+            nonlocal pending, columns
+            if not pending:
+                return
+            z = torch.empty(2 * n, columns, dtype=torch.float64)
+            start = 0
+            for za, zb in pending:
+                stop = start + za.shape[1]
+                z[:n, start:stop].copy_(za)
+                z[n:, start:stop].copy_(zb)
+                start = stop
+            moments.add_stacked(z)
+            pending, columns = [], 0
+
+        for member in members:
+            blocks = self._blocks(group_index, member, maps)
+            pending.append(blocks)
+            columns += blocks[0].shape[1]
+            if 2 * n * columns >= _CHUNK_ELEMENTS:
+                flush()
+        if extra is not None:
+            pending.append([extra[:n], extra[n:]])
+            columns += extra.shape[1]
+        flush()
+
+    def _constant_part(
+        self, group_index: int, constant: Sequence[Member], maps: Sequence[GroupMaps | None]
+    ) -> tuple[_Moments | None, torch.Tensor | None]:
+        if group_index not in self._constant:
+            width = self.spec.groups[group_index].width
+            blocks = [self._blocks(group_index, m, maps) for m in constant]
+            if sum(b[0].shape[1] for b in blocks) >= 2 * width:
+                fixed = _Moments(width)
+                self._accumulate(fixed, group_index, constant, maps)
+                self._constant[group_index] = (fixed, None)
+            else:
+                stacked = torch.cat([torch.cat(b, dim=1) for b in zip(*blocks)], dim=0).to(torch.float64)
+                self._constant[group_index] = (None, stacked)
+        return self._constant[group_index]
 
     def __call__(self, group_index: int, maps: Sequence[GroupMaps | None]) -> torch.Tensor:
         group = self.spec.groups[group_index]
         members = [m for m in group.members if not m.ignore]
         constant = [m for m in members if self._is_constant(group_index, m)] if self.cache_constant else []
+        varying = [m for m in members if m not in constant]
+        fixed, columns = self._constant_part(group_index, constant, maps) if constant else (None, None)
         moments = _Moments(group.width)
-        for member in members:
-            if member not in constant:
-                self._add(moments, group_index, member, maps)
-        if constant:
-            if group_index not in self._constant:
-                fixed = _Moments(group.width)
-                for member in constant:
-                    self._add(fixed, group_index, member, maps)
-                self._constant[group_index] = fixed
-            moments = moments.plus(self._constant[group_index])
+        self._accumulate(moments, group_index, varying, maps, extra=columns)
+        if fixed is not None:
+            moments.add_moments(fixed)
         return moments.correlation()
 
 

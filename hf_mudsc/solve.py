@@ -56,8 +56,15 @@ class _State:
         self.values: list[float] = [0.0] * size
 
     def set(self, index: int, found: Match) -> None:
+        previous = self.matches[index]
         self.matches[index] = found
-        self.maps[index] = GroupMaps.from_matrices(found.merge, found.unmerge)
+        # An unchanged match keeps its GroupMaps object: the solver's visit cache keys on map identity.
+        if previous is not found and not (
+            previous is not None
+            and torch.equal(previous.unmerge, found.unmerge)
+            and torch.equal(previous.merge, found.merge)
+        ):
+            self.maps[index] = GroupMaps.from_matrices(found.merge, found.unmerge)
         self.values[index] = found.value
 
     def copy(self) -> _State:
@@ -90,6 +97,20 @@ class Solver:
         self.ties = {} if options.independent_heads else spec.head_ties()
         self.tie_of = {index: members for members in self.ties.values() for index in members}
         self.weight_correlation = WeightCorrelation(spec, params_a, params_b)
+        # A visit's result depends only on the maps of the groups sharing a tensor with the visited
+        # group(s): while those GroupMaps objects are the same, the last result is reused exactly.
+        self._neighbours = {index: self._neighbour_groups(members) for members in
+                            [[i] for i in range(len(spec.groups)) if i not in self.tie_of] + list(self.ties.values())
+                            for index in members}
+        self._visit_cache: dict[int, tuple[list[GroupMaps | None], list[Match]]] = {}
+
+    def _neighbour_groups(self, members: Sequence[int]) -> list[int]:
+        found: set[int] = set()
+        for index in members:
+            for member in self.spec.groups[index].members:
+                if not member.ignore:
+                    found.update(q for q, _ in self.spec.axes_of(member.param) if q != index)
+        return sorted(found)
 
     # -- similarities -------------------------------------------------------------------------
     def _weight(self, index: int, state: _State) -> torch.Tensor:
@@ -104,7 +125,11 @@ class Solver:
             return self._weight(index, state)
         if options.alpha == 0:
             return activation
-        return blend(self._weight(index, state), activation, options.alpha)
+        if activation is None or options.alpha == 1:
+            return blend(self._weight(index, state), activation, options.alpha)
+        # blend(), in place on the fresh weight correlation: the same two products and sum, fewer copies.
+        weight = self._weight(index, state).mul_(options.alpha)
+        return weight.add_(activation * (1 - options.alpha))
 
     # -- matching -------------------------------------------------------------------------------
     def _match(self, index: int, similarity: torch.Tensor, head_pairing: Sequence[int] | None = None) -> Match:
@@ -122,15 +147,27 @@ class Solver:
     def visit(self, index: int, state: _State, *, activation_only: bool = False) -> None:
         """Re-match one group (and, with shared heads, its head-tied partners on one head pairing)."""
         members = self.tie_of.get(index)
+        key = None
+        if not activation_only:
+            key = [state.maps[q] for q in self._neighbours[index]]
+            cached = self._visit_cache.get(index)
+            if cached is not None and all(a is b for a, b in zip(cached[0], key, strict=True)):
+                for m, found in zip(members or [index], cached[1]):
+                    state.set(m, found)
+                return
         if members is None:
             state.set(index, self._match(index, self.similarity(index, state, activation_only=activation_only)))
-            return
-        # Every similarity is computed from the state before this visit, then all tied groups move together.
-        similarities = {m: self.similarity(m, state, activation_only=activation_only) for m in members}
-        scores = sum(head_scores(similarities[m], self.spec.groups[m].num_heads) for m in members)
-        pairing = pair_heads(np.asarray(scores))
-        for m in members:
-            state.set(m, self._match(m, similarities[m], head_pairing=pairing))
+        else:
+            # Every similarity is computed from the state before this visit, then all tied groups move together.
+            similarities = {m: self.similarity(m, state, activation_only=activation_only) for m in members}
+            scores = sum(head_scores(similarities[m], self.spec.groups[m].num_heads) for m in members)
+            pairing = pair_heads(np.asarray(scores))
+            for m in members:
+                state.set(m, self._match(m, similarities[m], head_pairing=pairing))
+        if key is not None:
+            result = [state.matches[m] for m in members or [index]]
+            for m in members or [index]:
+                self._visit_cache[m] = (key, result)
 
     def _initial_state(self) -> _State:
         state = _State(len(self.spec.groups))

@@ -1,0 +1,143 @@
+"""The fast paths (gather axis maps, chunked Gram, cached visits, fp32 statistics GEMMs) give the plain answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from factories import make_batches, make_model, permuted_copy
+
+import hf_mudsc.similarity as similarity
+from hf_mudsc.adapters import spec_for
+from hf_mudsc.calibration import collect_statistics
+from hf_mudsc.matching import match
+from hf_mudsc.merge import apply_matches
+from hf_mudsc.similarity import (
+    AxisMap,
+    CorrelationAccumulator,
+    GroupMaps,
+    WeightCorrelation,
+    pearson_from_covariance,
+    transform_axis,
+    weight_features,
+)
+from hf_mudsc.solve import SolveOptions, Solver
+
+
+def _dense(index: torch.Tensor, weight: torch.Tensor, size: int) -> torch.Tensor:
+    matrix = torch.zeros(index.numel(), size, dtype=torch.float64)
+    matrix[torch.arange(index.numel()), index] = weight
+    return matrix
+
+
+@pytest.mark.parametrize("kind", ["permutation", "weighted_permutation", "fusing"])
+@pytest.mark.parametrize("shape,axis", [((6,), 0), ((6, 5), 0), ((4, 6), 1), ((1, 3, 6), 2), ((6, 2, 3), 0)])
+def test_axis_map_equals_the_dense_product(kind, shape, axis):
+    gen = torch.Generator().manual_seed(0)
+    index = torch.randperm(6, generator=gen)
+    weight = torch.ones(6, dtype=torch.float64)
+    if kind == "weighted_permutation":
+        weight = torch.rand(6, generator=gen, dtype=torch.float64) + 0.5
+    if kind == "fusing":
+        index[index == 5] = 0
+    axis_map = AxisMap(index=index, weight=weight, size=6)
+    assert (axis_map.inverse is not None) == (kind != "fusing")
+    assert axis_map.exact == (kind == "permutation")
+    tensor = torch.randn(shape, generator=gen, dtype=torch.float64)
+    expected = transform_axis(tensor, axis, _dense(index, weight, 6))
+    assert torch.allclose(axis_map.apply(tensor, axis), expected, atol=1e-14)
+    if axis_map.exact:  # an exact copy: the fp32 result is the fp32 input, rearranged
+        dense = transform_axis(tensor.float().double(), axis, _dense(index, weight, 6))
+        assert torch.equal(axis_map.apply(tensor.float(), axis).double(), dense)
+
+
+def _plain_weight_correlation(spec, index, pa, pb, maps) -> torch.Tensor:
+    """Design §4.3 written out: concatenate Z_A and Z_B, centre over columns, Pearson of the rows."""
+    z = torch.cat([weight_features(spec, index, p, i, maps) for i, p in enumerate((pa, pb))])
+    centred = z - z.mean(1, keepdim=True)
+    return pearson_from_covariance(centred @ centred.T / z.shape[1])
+
+
+def _maps_from_matches(spec, pa, pb, matcher: str) -> list[GroupMaps]:
+    """Every group matched on its raw weight correlation: align gives permutations, zip fuses units."""
+    maps = []
+    for index, group in enumerate(spec.groups):
+        found = match(_plain_weight_correlation(spec, index, pa, pb, [None] * len(spec.groups)),
+                      matcher=matcher, num_heads=group.num_heads)
+        maps.append(GroupMaps.from_matrices(found.merge, found.unmerge))
+    return maps
+
+
+@pytest.mark.parametrize("kind", ["bert_cls", "vit_cls"])
+@pytest.mark.parametrize("matcher", ["align", "zip", None])
+def test_weight_correlation_equals_the_dense_computation(monkeypatch, kind, matcher):
+    a, b = make_model(kind, 0), make_model(kind, 1)
+    spec = spec_for(a)
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    maps = [None] * len(spec.groups) if matcher is None else _maps_from_matches(spec, pa, pb, matcher)
+    monkeypatch.setattr(similarity, "_CHUNK_ELEMENTS", 500)  # many chunks per group
+    cached = WeightCorrelation(spec, pa, pb)
+    for _ in range(2):  # the second call reads the cached constant part
+        for index in range(len(spec.groups)):
+            expected = _plain_weight_correlation(spec, index, pa, pb, maps)
+            assert torch.allclose(cached(index, maps), expected, atol=1e-10), spec.groups[index].name
+
+
+def test_accumulator_float32_gemm_matches_float64_for_large_means():
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(4000, 16, generator=gen) @ torch.randn(16, 16, generator=gen) + 50.0).float()
+    exact, fast = CorrelationAccumulator(16), CorrelationAccumulator(16, dtype=torch.float32)
+    for chunk in x.split(512):
+        exact.update(chunk)
+        fast.update(chunk)
+    assert torch.allclose(exact.finalize(), torch.corrcoef(x.double().T), atol=1e-12)
+    assert torch.allclose(fast.finalize(), exact.finalize(), atol=1e-5)
+    assert fast.count == exact.count == 4000
+    # The float32 shift is stored exactly, so the summable tensors describe the same data.
+    assert torch.allclose(fast.tensors()[0] / 4000, x.double().mean(0), rtol=1e-6)
+
+
+class _NoCache(dict):
+    def get(self, key, default=None):
+        return default
+
+
+def _perturbed_copy(model, spec, seed: int, noise: float):
+    other = permuted_copy(model, spec, seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in other.parameters():
+            param.add_(noise * torch.randn(param.shape, generator=gen))
+    return other
+
+
+@pytest.mark.parametrize("matcher", ["align", "zip"])
+def test_cached_solve_equals_the_uncached_solve(matcher):
+    a, b = make_model("bert_cls", 0), make_model("bert_cls", 1)  # unrelated: the solve wanders for sweeps
+    spec = spec_for(a)
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    correlations = [acc.finalize() for acc in collect_statistics(a, b, spec, make_batches("bert_cls"), progress=False)]
+    options = SolveOptions(matcher=matcher, max_sweeps=8)
+    fast = Solver(spec, pa, pb, correlations, options)
+    plain = Solver(spec, pa, pb, correlations, options)
+    plain._visit_cache = _NoCache()
+    got, expected = fast.solve(), plain.solve()
+    assert got.objective_history == expected.objective_history and got.sweeps == expected.sweeps >= 2
+    for g, e in zip(got.matches, expected.matches):
+        assert torch.equal(g.unmerge, e.unmerge) and g.value == e.value
+
+
+@pytest.mark.parametrize("matcher", ["align", "zip"])
+def test_float32_statistics_give_the_default_merged_weights(matcher):
+    a = make_model("bert_cls", 0)
+    spec = spec_for(a)
+    b = _perturbed_copy(a, spec, seed=1, noise=0.02)
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    merged = []
+    for dtype in (torch.float64, torch.float32):
+        accumulators = [CorrelationAccumulator(2 * g.width, dtype=dtype) for g in spec.groups]
+        collect_statistics(a, b, spec, make_batches("bert_cls"), progress=False, accumulators=accumulators)
+        result = Solver(spec, pa, pb, [acc.finalize() for acc in accumulators],
+                        SolveOptions(matcher=matcher)).solve()
+        merged.append(apply_matches(spec, pa, pb, result.matches))
+    for name, value in merged[0].items():
+        assert torch.allclose(merged[1][name], value, atol=1e-6), name
