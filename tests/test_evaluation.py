@@ -1,0 +1,645 @@
+"""Evaluation harness: shipped metrics, per-task / joint / ensemble scoring, CLIP zero-shot,
+`hf-mudsc evaluate` and `hf-mudsc demo` end to end. Known answers are worked out by hand in the comments."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from factories import TEXT, make_model
+from huggingface_hub import ModelCard
+from PIL import Image
+from sklearn.metrics import f1_score
+from torch import nn
+from transformers import (
+    AutoModelForImageClassification,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    ViTImageProcessor,
+)
+from transformers.modeling_outputs import ImageClassifierOutput
+
+from hf_mudsc.cli import main
+from hf_mudsc.evaluation import (
+    F1,
+    Accuracy,
+    EvaluationError,
+    EvaluationResult,
+    compute_metric,
+    evaluate_merge,
+    load_metric,
+    tasks_from_dataset,
+)
+from hf_mudsc.recipe import RECIPE_FILENAME
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: thread start-up dominates on a busy 2-core machine
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------- metrics
+def test_accuracy_metric_known_answers():
+    assert Accuracy(keep_in_memory=True).compute(predictions=[1, 2, 3], references=[1, 2, 0]) == {
+        "accuracy": pytest.approx(2 / 3)
+    }
+    weighted = Accuracy(keep_in_memory=True).compute(
+        predictions=[1, 2, 3], references=[1, 2, 0], sample_weight=[1.0, 1.0, 2.0]
+    )
+    assert weighted["accuracy"] == pytest.approx(0.5)
+    metric = load_metric("accuracy")
+    metric.add_batch(predictions=[0, 1], references=[0, 0])
+    metric.add_batch(predictions=[1], references=[1])
+    assert metric.compute()["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_f1_metric_is_macro_f1():
+    # class 0: tp 1, fp 1, fn 0 -> 2/3; class 1: tp 2, fp 0, fn 1 -> 4/5; macro = 11/15
+    assert F1(keep_in_memory=True).compute(predictions=[0, 0, 1, 1], references=[0, 1, 1, 1])[
+        "f1"
+    ] == pytest.approx(11 / 15)
+    rng = np.random.default_rng(0)
+    predictions, references = rng.integers(0, 4, 50), rng.integers(0, 5, 50)
+    assert compute_metric("f1", predictions, references) == pytest.approx(
+        f1_score(references, predictions, average="macro")
+    )
+
+
+def test_metrics_refuse_empty_input_and_unknown_names_offline():
+    with pytest.raises(EvaluationError, match="zero samples"):
+        compute_metric("accuracy", [], [])
+    with pytest.raises(EvaluationError, match="not shipped with hf_mudsc"):
+        load_metric("surely_not_a_metric_xyz")
+
+
+# ---------------------------------------------------------------------------- hand-built table models
+class TableConfig(PretrainedConfig):
+    model_type = "hf_mudsc_table_test"
+
+
+class TableForImageClassification(PreTrainedModel):
+    """Returns fixed logits per sample: `pixel_values[:, 0]` is the sample id, `table[id]` its logits."""
+
+    config_class = TableConfig
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: TableConfig, table: list[list[float]]) -> None:
+        super().__init__(config)
+        self.table = torch.tensor(table, dtype=torch.float32)
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, pixel_values: torch.Tensor) -> ImageClassifierOutput:
+        return ImageClassifierOutput(logits=self.table[pixel_values[:, 0].long()])
+
+
+def table_model(
+    table: list[list[float]], labels: list[str], ranges: dict | None = None
+) -> TableForImageClassification:
+    config = TableConfig(id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+    if ranges is not None:
+        config.task_label_ranges = ranges
+    return TableForImageClassification(config, table).eval()
+
+
+# Task A: samples 0-3, labels [0, 1, 1, 0]; task B: samples 4-6, labels [2, 0, 1] (task-local ids).
+MERGED_LOGITS = [  # classes: a0 a1 | b0 b1 b2
+    [3, 1, 0, 0, 5],  # A: 0 right;  joint 4 (b2) wrong
+    [0, 2, 1, 0, 0],  # A: 1 right;  joint 1 right
+    [2, 1, 0, 0, 0],  # A: 0 wrong;  joint 0 wrong
+    [4, 0, 1, 1, 1],  # A: 0 right;  joint 0 right
+    [9, 0, 0, 1, 2],  # B: 2 right;  joint 0 wrong
+    [0, 0, 3, 1, 0],  # B: 0 right;  joint 2 right
+    [0, 0, 1, 0, 2],  # B: 2 wrong;  joint 4 wrong
+]
+PARENT_A_LOGITS = [[2, 0], [0, 1], [0, 3], [0, 1], [5, 0], [0, 0.5], [1, 0]]  # right on 0, 1, 2 of A
+PARENT_B_LOGITS = [
+    [0, 0, 0],
+    [0, 0, 8],
+    [0, 0, 0],
+    [0, 0, 0],
+    [0, 0, 1],
+    [1, 0, 0],
+    [0, 2, 0],
+]  # B: all right
+RANGES = {"alpha": [0, 2], "beta": [2, 5]}
+
+
+def table_tasks() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {
+        "alpha": (torch.arange(4.0)[:, None], torch.tensor([0, 1, 1, 0])),
+        "beta": (torch.arange(4.0, 7.0)[:, None], torch.tensor([2, 0, 1])),
+    }
+
+
+@pytest.fixture(scope="module")
+def table_models():
+    merged = table_model(
+        MERGED_LOGITS, ["alpha: a0", "alpha: a1", "beta: b0", "beta: b1", "beta: b2"], RANGES
+    )
+    parent_a = table_model(PARENT_A_LOGITS, ["a0", "a1"])
+    parent_b = table_model(PARENT_B_LOGITS, ["b0", "b1", "b2"])
+    return merged, parent_a, parent_b
+
+
+def test_per_task_joint_average_of_merged_parents_and_ensemble(table_models):
+    merged, parent_a, parent_b = table_models
+    result = evaluate_merge(merged, [parent_a, parent_b], table_tasks(), batch_size=2, progress=False)
+    score = result.score
+    assert score("merged", "alpha") == pytest.approx(3 / 4)
+    assert score("merged", "beta") == pytest.approx(2 / 3)
+    assert score("merged", "average") == pytest.approx((3 / 4 + 2 / 3) / 2)
+    assert score("merged", "joint") == pytest.approx(3 / 7)  # samples 1, 3 and 5
+    # A parent answers only its own task; on the joint test it is right at most on its own samples.
+    assert score("parent_a", "alpha") == pytest.approx(3 / 4) and score("parent_a", "beta") is None
+    assert score("parent_a", "joint") == pytest.approx(3 / 7) and score("parent_a", "average") is None
+    assert score("parent_b", "beta") == pytest.approx(1.0) and score("parent_b", "alpha") is None
+    assert score("parent_b", "joint") == pytest.approx(3 / 7)
+    # Ensemble: per-head softmax, concatenated. Per task = the parents'. Joint: sample 1 goes to b2
+    # (B is sure: softmax 0.999 > A's 0.731), 3 is wrong for A anyway; 4: A's 0.993 beats B's 0.576 (wrong),
+    # 5: A's 0.622 beats B's right 0.576 (wrong), 6: B's 0.787 beats A's 0.731 (right) -> 0, 2, 6 right.
+    assert score("ensemble", "alpha") == pytest.approx(3 / 4) and score("ensemble", "beta") == pytest.approx(
+        1.0
+    )
+    assert score("ensemble", "average") == pytest.approx(7 / 8)
+    assert score("ensemble", "joint") == pytest.approx(3 / 7)
+    assert result.tasks["alpha"]["num_samples"] == 4 and result.tasks["beta"]["label_range"] == [2, 5]
+    assert list(result.scores) == ["parent_a", "parent_b", "ensemble", "merged"]
+
+
+def test_results_json_round_trip_card_rows_and_table(table_models, tmp_path):
+    merged, parent_a, parent_b = table_models
+    result = evaluate_merge(
+        {"mine": merged},
+        [parent_a, parent_b],
+        list(table_tasks().values()),
+        metrics=["accuracy", "f1"],
+        progress=False,
+    )
+    path = result.save(tmp_path / "eval.json")
+    again = EvaluationResult.load(path)
+    assert again.scores == result.scores and again.tasks == result.tasks and again.merged == ["mine"]
+    assert json.loads(path.read_text())["metrics"] == ["accuracy", "f1"]
+    rows = result.card_rows()
+    assert [(r.task, r.metric) for r in rows] == [
+        ("alpha", "accuracy"),
+        ("beta", "accuracy"),
+        ("joint (all tasks)", "accuracy"),
+        ("alpha", "f1"),
+        ("beta", "f1"),
+        ("joint (all tasks)", "f1"),
+    ]
+    assert rows[0].merged == pytest.approx(3 / 4) and rows[0].parent_a == pytest.approx(3 / 4)
+    assert rows[0].parent_b is None and rows[2].ensemble == pytest.approx(3 / 7)
+    table = result.table()
+    assert "| mine | 0.7500 | 0.6667 | 0.4286 | 0.7083 |" in table
+    assert "| parent_a | 0.7500 | - | 0.4286 | - |" in table
+
+
+def test_shared_label_set_scores_each_parent_on_every_task():
+    labels = ["x", "y"]
+    merged = table_model([[1, 0], [0, 1], [1, 0]], labels)
+    parent_a = table_model([[1, 0], [1, 0], [1, 0]], labels)
+    parent_b = table_model([[0, 3], [0, 2], [0, 3]], labels)
+    data = {
+        "one": (torch.tensor([[0.0], [1.0]]), torch.tensor([0, 1])),
+        "two": (torch.tensor([[2.0]]), ["x"]),
+    }
+    result = evaluate_merge(merged, [parent_a, parent_b], data, progress=False)
+    assert result.score("merged", "one") == 1.0 and result.score("merged", "two") == 1.0
+    assert result.score("parent_a", "one") == 0.5 and result.score("parent_b", "two") == 0.0
+    assert result.score("parent_b", "average") == pytest.approx(0.25)
+    # ensemble = mean softmax: sample 0 -> x (0.73+0.05)/2 < y (0.27+0.95)/2: wrong;
+    # 1 -> y (0.27+0.88)/2: right; 2 -> y: wrong.
+    assert result.score("ensemble", "joint") == pytest.approx(1 / 3)
+
+
+def test_one_dataset_with_joint_labels_or_a_task_column(table_models):
+    merged, parent_a, parent_b = table_models
+    ids = list(range(7))
+    joint_labels = [0, 1, 1, 0, 4, 2, 3]
+    data = datasets.Dataset.from_dict(
+        {
+            "pixel_values": [[float(i)] for i in ids],
+            "label": joint_labels,
+            "task": ["alpha"] * 4 + ["beta"] * 3,
+            "local": [0, 1, 1, 0, 2, 0, 1],
+        }
+    )
+    expected = evaluate_merge(merged, [parent_a, parent_b], table_tasks(), progress=False).scores
+    by_range = tasks_from_dataset(data, ["alpha", "beta"], RANGES)
+    assert evaluate_merge(merged, [parent_a, parent_b], by_range, progress=False).scores == expected
+    by_column = tasks_from_dataset(data, ["alpha", "beta"], task_column="task", label_column="local")
+    assert evaluate_merge(merged, [parent_a, parent_b], by_column, progress=False).scores == expected
+    shuffled = data.shuffle(seed=0)
+    by_column = tasks_from_dataset(
+        shuffled.to_iterable_dataset(), ["alpha", "beta"], task_column="task", label_column="local"
+    )
+    assert evaluate_merge(merged, [parent_a, parent_b], by_column, progress=False).scores == expected
+
+
+def test_bad_evaluation_input_gets_clear_errors(table_models):
+    merged, parent_a, parent_b = table_models
+    tasks = table_tasks()
+    with pytest.raises(EvaluationError, match=r"unknown task\(s\) \['gamma'\]"):
+        evaluate_merge(merged, None, {"gamma": tasks["alpha"]}, progress=False)
+    with pytest.raises(EvaluationError, match="parent A has 3 labels but task 'alpha' has 2"):
+        evaluate_merge(merged, [parent_b, parent_a], tasks, progress=False)
+    with pytest.raises(EvaluationError, match="label 5 is outside its classes 0..1"):
+        evaluate_merge(merged, None, {"alpha": (torch.zeros(1, 1), torch.tensor([5]))}, progress=False)
+    with pytest.raises(EvaluationError, match="label 'zz' is not one of its classes"):
+        evaluate_merge(merged, None, {"alpha": (torch.zeros(1, 1), ["zz"])}, progress=False)
+    with pytest.raises(EvaluationError, match="no label column"):
+        data = datasets.Dataset.from_dict({"pixel_values": [[0.0]], "target": [0]})
+        evaluate_merge(merged, None, {"alpha": data}, progress=False)
+    with pytest.raises(EvaluationError, match="3 datasets for 2 tasks"):
+        evaluate_merge(merged, None, [tasks["alpha"]] * 3, progress=False)
+    with pytest.raises(EvaluationError, match="not shipped"):
+        evaluate_merge(merged, None, tasks, metrics=["bogus_metric_xyz"], progress=False)
+
+
+def test_inputs_modes_are_restored(table_models):
+    merged, _, _ = table_models
+    merged.train()
+    evaluate_merge(merged, None, {"alpha": table_tasks()["alpha"]}, progress=False)
+    assert merged.training
+    merged.eval()
+
+
+def _joint_dataset() -> datasets.Dataset:
+    return datasets.Dataset.from_dict(
+        {"pixel_values": [[float(i)] for i in range(7)], "label": [0, 1, 1, 0, 4, 2, 3]}
+    )
+
+
+def _two_process_evaluation(out_dir: str) -> None:
+    from hf_mudsc.distributed import process_info
+
+    torch.set_num_threads(1)
+    merged = table_model(
+        MERGED_LOGITS, ["alpha: a0", "alpha: a1", "beta: b0", "beta: b1", "beta: b2"], RANGES
+    )
+    parents = [table_model(PARENT_A_LOGITS, ["a0", "a1"]), table_model(PARENT_B_LOGITS, ["b0", "b1", "b2"])]
+    rank, _ = process_info()
+    results = {
+        "tensors": evaluate_merge(merged, parents, table_tasks(), batch_size=2, progress=False),
+        "dataset": evaluate_merge(
+            merged,
+            parents,
+            tasks_from_dataset(_joint_dataset(), ["alpha", "beta"], RANGES),
+            batch_size=2,
+            progress=False,
+        ),
+    }
+    saved = {k: None if v is None else v.to_dict() for k, v in results.items()}
+    # A bad label in rank 1's shard only (rows are strided): both processes must raise, none may hang.
+    try:
+        bad = {"alpha": (torch.arange(4.0)[:, None], torch.tensor([0, 7, 1, 0]))}
+        evaluate_merge(merged, None, bad, progress=False)
+        saved["error"] = None
+    except EvaluationError as error:
+        saved["error"] = str(error)
+    torch.save(saved, f"{out_dir}/rank{rank}.pt")
+
+
+def test_two_processes_score_shards_and_the_main_process_gets_the_whole_result(table_models, tmp_path):
+    from accelerate import debug_launcher
+
+    debug_launcher(_two_process_evaluation, args=(str(tmp_path),), num_processes=2)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+    merged, parent_a, parent_b = table_models
+    expected = evaluate_merge(merged, [parent_a, parent_b], table_tasks(), progress=False)
+    for name in ("tensors", "dataset"):
+        assert ranks[1][name] is None  # only the main process gets (and writes) results
+        assert ranks[0][name]["scores"] == expected.scores, name
+        assert ranks[0][name]["tasks"]["alpha"]["num_samples"] == 4
+    assert "label 7 is outside its classes" in ranks[1]["error"]
+    assert "failed on another process" in ranks[0]["error"] and "label 7" in ranks[0]["error"]
+
+
+# ------------------------------------------------------------------------------------------ CLIP zero-shot
+def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """`<bos> word ... <eos>` with the tiny CLIP's special ids (bos 57, eos 58, pad 0)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "<bos>": TEXT["bos_token_id"], "<eos>": TEXT["eos_token_id"]}
+    vocab.update({w: 5 + i for i, w in enumerate(words)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>",
+        special_tokens=[("<bos>", TEXT["bos_token_id"]), ("<eos>", TEXT["eos_token_id"])],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="<bos>", eos_token="<eos>"
+    )
+
+
+def test_clip_zero_shot_matches_clips_own_image_text_logits():
+    names = {"pets": ["cat", "dog"], "fish": ["eel", "cod", "ray"]}
+    words = [w for ws in names.values() for w in ws] + ["photo", "of", "a"]
+    tokenizer = word_tokenizer(words)
+    model_a, model_b = make_model("clip", seed=0), make_model("clip", seed=1)
+    images = torch.randn(10, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    prompts = tokenizer(
+        [f"a photo of {n}" for ws in names.values() for n in ws], padding=True, return_tensors="pt"
+    )
+    with torch.no_grad():  # CLIP's own path: logits_per_image over all five class prompts
+        own = [
+            m(
+                input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"], pixel_values=images
+            ).logits_per_image
+            for m in (model_a, model_b)
+        ]
+    # Labels: task "pets" = images 0-4, "fish" = 5-9, chosen as model A's argmax within the task for the first
+    # three images of each task and deliberately something else for the rest.
+    pets_pred, fish_pred = own[0][:5, :2].argmax(1), own[0][5:, 2:].argmax(1)
+    pets_labels = torch.cat([pets_pred[:3], 1 - pets_pred[3:]])
+    fish_labels = torch.cat([fish_pred[:3], (fish_pred[3:] + 1) % 3])
+    data = {"pets": (images[:5], pets_labels), "fish": (images[5:], fish_labels)}
+    result = evaluate_merge(
+        model_a,
+        [model_a, model_b],
+        data,
+        processor=tokenizer,
+        class_names=names,
+        prompt_template="a photo of {}",
+        batch_size=4,
+        progress=False,
+    )
+    assert result.score("merged", "pets") == pytest.approx(3 / 5)
+    assert result.score("merged", "fish") == pytest.approx(3 / 5)
+    joint_labels = torch.cat([pets_labels, fish_labels + 2])
+    expected_joint = float((own[0].argmax(1) == joint_labels).float().mean())
+    assert result.score("merged", "joint") == pytest.approx(expected_joint)
+    assert result.score("parent_a", "joint") == pytest.approx(expected_joint)  # the same model
+    # Every CLIP scores every task; the ensemble averages both parents' softmaxes over all classes.
+    expected_b = float((own[1][5:, 2:].argmax(1) == fish_labels).float().mean())
+    assert result.score("parent_b", "fish") == pytest.approx(expected_b)
+    ensemble = (own[0].softmax(1) + own[1].softmax(1)) / 2
+    expected_ensemble = float((ensemble.argmax(1) == joint_labels).float().mean())
+    assert result.score("ensemble", "joint") == pytest.approx(expected_ensemble)
+    assert result.tasks["fish"]["classes"] == ["eel", "cod", "ray"]
+
+
+def test_clip_needs_class_names_and_a_tokenizer():
+    model = make_model("clip", seed=0)
+    data = {"pets": (torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))}
+    with pytest.raises(EvaluationError, match="needs the class names of task 'pets'"):
+        evaluate_merge(model, None, data, processor=word_tokenizer(["cat"]), progress=False)
+    with pytest.raises(EvaluationError, match="needs a tokenizer"):
+        evaluate_merge(model, None, data, class_names={"pets": ["cat", "dog"]}, progress=False)
+
+
+def test_raw_text_columns_are_tokenized_with_the_processor():
+    tokenizer = word_tokenizer(["good", "bad", "movie", "plot"])
+    model = make_model("bert_cls", seed=0, num_labels=2)
+    texts = ["good movie", "bad plot", "good plot plot", "bad", "movie"]
+    encoded = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        predictions = model(
+            input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]
+        ).logits.argmax(1)
+    labels = [
+        int(p) if i < 3 else 1 - int(p) for i, p in enumerate(predictions)
+    ]  # 3 of 5 right by construction
+    data = datasets.Dataset.from_dict({"text": texts, "label": labels})
+    result = evaluate_merge(model, None, [data], processor=tokenizer, batch_size=2, progress=False)
+    assert result.task_names == ["test"] and result.score("merged", "test") == pytest.approx(3 / 5)
+
+
+# ------------------------------------------------------------------------------------- evaluate command
+def _images(seed: int, count: int) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L") for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def merged_folder(tmp_path_factory):
+    """Two tiny ViTs with different label sets merged by the CLI (zipit), plus per-task test datasets."""
+    root = tmp_path_factory.mktemp("evaluate_cli")
+    processor = ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5])
+    for name, seed, labels in (("vit-a", 1, ["zero", "one", "two"]), ("vit-b", 2, ["cat", "dog"])):
+        model = make_model("vit_cls", seed, num_labels=len(labels))
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {label: i for i, label in enumerate(labels)}
+        model.save_pretrained(root / name)
+        processor.save_pretrained(root / name)
+    calibration = datasets.Dataset.from_dict({"image": _images(0, 24)}).cast_column("image", datasets.Image())
+    calibration.save_to_disk(root / "calibration")
+    out = root / "merged"
+    assert (
+        main(
+            [
+                "merge",
+                str(root / "vit-a"),
+                str(root / "vit-b"),
+                "--calibration",
+                str(root / "calibration"),
+                "--output",
+                str(out),
+                "--method",
+                "zipit",
+                "--num-samples",
+                "24",
+                "--batch-size",
+                "8",
+            ]
+        )
+        == 0
+    )
+    rng = np.random.default_rng(1)
+    tests = {}
+    for task, count, classes in (("vit-a", 12, 3), ("vit-b", 10, 2)):
+        labels = rng.integers(0, classes, count).tolist()
+        data = datasets.Dataset.from_dict({"image": _images(hash(task) % 100, count), "label": labels})
+        data.cast_column("image", datasets.Image()).save_to_disk(root / f"test-{task}")
+        tests[task] = root / f"test-{task}"
+    part_a = datasets.load_from_disk(str(tests["vit-a"])).map(
+        lambda row: {"task": "vit-a", "local": row["label"]}
+    )
+    part_b = datasets.load_from_disk(str(tests["vit-b"])).map(
+        lambda row: {"task": "vit-b", "local": row["label"], "label": row["label"] + 3}
+    )
+    joint = datasets.concatenate_datasets([part_a, part_b]).shuffle(seed=0)
+    joint.save_to_disk(root / "test-joint")
+    return root, out, tests
+
+
+def test_evaluate_cli_writes_json_and_model_index_like_the_python_api(merged_folder, capsys):
+    root, out, tests = merged_folder
+    before = (out / "model.safetensors").read_bytes()
+    code = main(
+        [
+            "evaluate",
+            str(out),
+            "--dataset",
+            f"vit-a={tests['vit-a']}",
+            "--dataset",
+            f"vit-b={tests['vit-b']}",
+            "--batch-size",
+            "5",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| parent A |" in printed and "| ensemble |" in printed and "| merged |" in printed
+    saved = EvaluationResult.load(out / "eval_results.json")
+    expected = evaluate_merge(
+        str(out),
+        [str(root / "vit-a"), str(root / "vit-b")],
+        {t: datasets.load_from_disk(str(p)) for t, p in tests.items()},
+        progress=False,
+    )
+    assert saved.scores == expected.scores
+    assert saved.tasks["vit-a"]["num_samples"] == 12 and saved.tasks["vit-b"]["dataset"] == "test-vit-b"
+    card = ModelCard.load(out / "README.md")
+    index = {(r.task_name, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert index[("vit-a", "accuracy")] == pytest.approx(expected.score("merged", "vit-a"))
+    assert index[("joint (all tasks)", "accuracy")] == pytest.approx(expected.score("merged", "joint"))
+    assert card.data.base_model is None and "## Evaluation" in card.text and "# merged" in card.text
+    assert (out / "model.safetensors").read_bytes() == before  # weights untouched
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_evaluate_cli_dataset_to_task_mappings_agree(merged_folder, tmp_path):
+    root, out, tests = merged_folder
+    reference = None
+    for index, argv in enumerate(
+        [
+            ["--dataset", str(tests["vit-a"]), "--dataset", str(tests["vit-b"])],  # in task order
+            ["--dataset", str(root / "test-joint")],  # one dataset, labels in the joint head's ids
+            ["--dataset", str(root / "test-joint"), "--task-column", "task", "--label-column", "local"],
+        ]
+    ):
+        json_path = tmp_path / f"{index}.json"
+        assert main(["evaluate", str(out), *argv, "--no-card", "--output-json", str(json_path)]) == 0
+        scores = EvaluationResult.load(json_path).scores
+        reference = reference or scores
+        assert scores == reference
+
+
+def test_evaluate_cli_errors_name_the_fix(merged_folder, tmp_path, capsys):
+    _, out, tests = merged_folder
+    assert (
+        main(
+            [
+                "evaluate",
+                str(out),
+                "--dataset",
+                f"nope={tests['vit-a']}",
+                "--no-card",
+                "--output-json",
+                str(tmp_path / "x.json"),
+            ]
+        )
+        == 1
+    )
+    assert "unknown task(s) ['nope']" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "evaluate",
+                str(out),
+                "--dataset",
+                str(tests["vit-a"]),
+                "--label-column",
+                "missing",
+                "--no-card",
+                "--output-json",
+                str(tmp_path / "x.json"),
+            ]
+        )
+        == 1
+    )
+    err = capsys.readouterr().err
+    assert "1 datasets for the model's 2 tasks" in err or "no label column" in err
+    assert main(["evaluate", str(tmp_path / "absent"), "--dataset", str(tests["vit-a"])]) == 1
+    assert "is not a model folder" in capsys.readouterr().err
+    assert main(["evaluate", str(out), "--dataset", str(tmp_path / "no-data:test")]) == 1
+    assert "not found" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------- demo
+def test_demo_end_to_end_writes_model_card_recipe_and_prints_the_table(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "hf-mudsc-demo"
+    argv = [
+        "demo",
+        "--output",
+        str(out),
+        "--hidden-size",
+        "32",
+        "--epochs",
+        "3",
+        "--num-samples",
+        "64",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
+    threads = torch.get_num_threads()
+    assert main(argv) == 0
+    assert torch.get_num_threads() == threads
+    printed = capsys.readouterr().out
+    for label in (
+        "parent A (digits 0-4)",
+        "ensemble (A+B)",
+        "mudsc (zip)",
+        "mudsc (align)",
+        "zipit",
+        "activation_align",
+        "weight_matching",
+        "| average |",
+    ):
+        assert label in printed, label
+    names = {p.name for p in out.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "README.md",
+        RECIPE_FILENAME,
+        "eval_results.json",
+        "preprocessor_config.json",
+    } <= names
+    card = ModelCard.load(out / "README.md")
+    assert {r.task_name for r in card.data.eval_results} == {"digits-0-4", "digits-5-9", "joint (all tasks)"}
+    result = EvaluationResult.load(out / "eval_results.json")
+    model = AutoModelForImageClassification.from_pretrained(out)
+    assert model.config.task_label_ranges == {"digits-0-4": [0, 5], "digits-5-9": [5, 10]}
+    assert model.config.mudsc["method"] == "mudsc" and model.config.mudsc["matcher"] == "zip"
+    from hf_mudsc import toy
+
+    splits = toy.digit_splits()
+    again = evaluate_merge(
+        model,
+        None,
+        {
+            "digits-0-4": (splits.task_a.test_pixel_values, splits.task_a.test_labels),
+            "digits-5-9": (splits.task_b.test_pixel_values, splits.task_b.test_labels),
+        },
+        progress=False,
+    )
+    for view in ("digits-0-4", "digits-5-9", "joint"):
+        assert again.score("merged", view) == pytest.approx(result.score("mudsc (zip)", view))
+
+    # A second run: refused without --overwrite; with it, parents come from the cache (no training).
+    assert main(argv) == 1
+    assert "already exists" in capsys.readouterr().err
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the demo retrained although its parents are cached")
+
+    monkeypatch.setattr("hf_mudsc.toy.train_vit", no_training)
+    assert main([*argv, "--overwrite"]) == 0
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert math.isclose(
+        EvaluationResult.load(out / "eval_results.json").score("mudsc (zip)", "joint"),
+        result.score("mudsc (zip)", "joint"),
+    )
