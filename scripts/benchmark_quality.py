@@ -796,7 +796,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     diff = result["summary"].get("different_init", {})
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 6.2))
+
+    def legend_below(ax: Any) -> None:
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
+
     ax = axes[0]
     widths = sorted(diff, key=int)
     for label in [
@@ -831,9 +835,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("hidden size")
     ax.set_ylabel("joint accuracy (%)")
     ax.set_title("Different-init ViTs: joint accuracy vs width")
-    ax.legend(fontsize=7)
+    legend_below(ax)
     ax = axes[1]
-    for width in widths:
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for color, width in zip(colors, widths):
         for matcher, style in (("zip", "-o"), ("align", ":s")):
             xs, ys = [], []
             for alpha in result["alphas"]:
@@ -842,11 +847,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
                     xs.append(alpha)
                     ys.append(100 * entry["mean"])
             if xs:
-                ax.plot(xs, ys, style, label=f"{matcher}, hidden {width}")
+                ax.plot(xs, ys, style, color=color, label=f"{matcher}, hidden {width}")
     ax.set_xlabel("alpha (weight-space share)")
     ax.set_ylabel("joint accuracy (%), test")
-    ax.set_title("Different-init: MuDSC alpha sweep")
-    ax.legend(fontsize=7)
+    ax.set_title("Different-init: MuDSC alpha sweep (mean over pairs)")
+    legend_below(ax)
     ax = axes[2]
     bars = []
     same = result["summary"].get("same_init", {})
@@ -866,15 +871,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
         "zipit",
         "mudsc align",
         "mudsc zip",
+        "mudsc zip α-tuned",
     ]
     width_bar = 0.8 / max(1, len(labels))
     for i, label in enumerate(labels):
-        values = [100 * (b[1].get(label) or 0.0) for b in bars]
+        values = [math.nan if b[1].get(label) is None else 100 * b[1][label] for b in bars]
         ax.bar(np.arange(len(bars)) + i * width_bar, values, width_bar, label=label)
     ax.set_xticks(np.arange(len(bars)) + 0.4 - width_bar / 2, [b[0] for b in bars], fontsize=8)
     ax.set_ylabel("per-task accuracy, avg of tasks (%)")
     ax.set_title("Same-init ViT and permuted-basis MiniLM")
-    ax.legend(fontsize=7)
+    legend_below(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -966,10 +972,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         result["records"] += [
             r for r in previous["records"] if (r["scenario"], r.get("width"), r.get("split")) not in known
         ]
-    result["commands"] = [c for c in commands if c] + [result["command"]]
+    result["commands"] = [c for c in commands if c]  # this command joins once it has produced a pair
     done = {(r["scenario"], r.get("width"), r.get("split")) for r in result["records"]}
 
     def record(entry: dict[str, Any]) -> None:
+        if not result["commands"] or result["commands"][-1] != result["command"]:
+            result["commands"].append(result["command"])
         result["records"].append(entry)
         result["summary"] = summarise(result["records"])
         write_json(json_path, result)
@@ -1019,6 +1027,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
     result["summary"] = summarise(result["records"])
     result["seconds"] = round(time.perf_counter() - start_all, 1)
+    result["compute_seconds"] = round(sum(r.get("seconds", 0.0) for r in result["records"]), 1)
     write_json(json_path, result)
     (out / "quality.md").write_text(markdown(result), encoding="utf-8")
     plot(result, out / "quality.png")
@@ -1026,6 +1035,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "benchmark": "quality",
         "json": str(json_path),
         "seconds": result["seconds"],
+        "compute_seconds": result["compute_seconds"],
         "joint_mean": {
             f"{s}/h{w}": {k: round(v["joint"]["mean"], 4) for k, v in t.items() if "joint" in v}
             for s, ws in result["summary"].items()
