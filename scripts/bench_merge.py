@@ -55,6 +55,7 @@ except ImportError:  # running from a checkout without installing
 from hf_mudsc.adapters import spec_for
 from hf_mudsc.calibration import collect_statistics
 from hf_mudsc.merge import _build_model, apply_matches
+from hf_mudsc.permute import random_permutations
 from hf_mudsc.similarity import CorrelationAccumulator
 from hf_mudsc.solve import SolveOptions, Solver
 from hf_mudsc.spec import PermutationSpec
@@ -65,25 +66,9 @@ VIT_S = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, inter
 
 
 # -- models ---------------------------------------------------------------------------------------------
-def spec_permutations(spec: PermutationSpec, seed: int) -> list[torch.Tensor]:
-    """A valid random permutation per group: heads move as blocks (shared within a head tie), units within."""
-    gen = torch.Generator().manual_seed(seed)
-    tied: dict[str, torch.Tensor] = {}
-    perms = []
-    for group in spec.groups:
-        k = group.num_heads
-        size = group.width // k
-        if group.head_tie is not None:
-            heads = tied.setdefault(group.head_tie, torch.randperm(k, generator=gen))
-        else:
-            heads = torch.randperm(k, generator=gen)
-        perms.append(torch.cat([int(heads[h]) * size + torch.randperm(size, generator=gen) for h in range(k)]))
-    return perms
-
-
 def perturbed_permuted_copy(model: torch.nn.Module, spec: PermutationSpec, seed: int, noise: float):
     """B = A with `noise`·std Gaussian noise on every tensor, then every group's units permuted."""
-    perms = spec_permutations(spec, seed)
+    perms = random_permutations(spec, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     clone = copy.deepcopy(model)
     with torch.no_grad():

@@ -24,6 +24,7 @@ from transformers import (
     ViTModel,
 )
 
+from hf_mudsc.permute import permute_model, random_permutations  # noqa: F401 (re-exported)
 from hf_mudsc.spec import PermutationSpec
 
 VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=16,
@@ -135,35 +136,6 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def random_permutations(spec: PermutationSpec, seed: int) -> list[torch.Tensor]:
-    """A valid random permutation per group: heads shared within a head tie, units within heads free."""
-    generator = torch.Generator().manual_seed(seed)
-    head_perms: dict[str, torch.Tensor] = {}
-    perms = []
-    for group in spec.groups:
-        k = group.num_heads
-        g = group.width // k
-        if group.head_tie is not None:
-            if group.head_tie not in head_perms:
-                head_perms[group.head_tie] = torch.randperm(k, generator=generator)
-            heads = head_perms[group.head_tie]
-        else:
-            heads = torch.randperm(k, generator=generator)
-        perm = torch.cat([heads[h] * g + torch.randperm(g, generator=generator) for h in range(k)])
-        perms.append(perm)
-    return perms
-
-
 def permuted_copy(model: torch.nn.Module, spec: PermutationSpec, seed: int) -> torch.nn.Module:
     """A copy whose unit j of every group is the original's unit perm[j] (same function, other basis)."""
-    import copy
-
-    perms = random_permutations(spec, seed)
-    clone = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, param in clone.named_parameters():
-            value = param.detach().clone()
-            for group_index, member in spec.axes_of(name):
-                value = value.index_select(member.axis % value.dim(), perms[group_index])
-            param.copy_(value)
-    return clone.eval()
+    return permute_model(model, spec, random_permutations(spec, seed))
