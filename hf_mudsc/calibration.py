@@ -21,6 +21,30 @@ from .spec import HookPoint, PermutationSpec
 
 logger = logging.getLogger(__name__)
 
+# Products per batch in float32 on mean-shifted activations, summed in float64 (design §4.1 "fp32 with care"):
+# fp64 GEMMs run at about half the fp32 rate on CPUs, and the per-batch error (~1e-7 relative) never
+# accumulates across batches. "float64" keeps every product in float64.
+STATISTICS_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DEFAULT_STATISTICS_DTYPE = "float32"
+
+
+def statistics_dtype_of(name: str | torch.dtype) -> torch.dtype:
+    """`"float32"`/`"float64"` (or the torch dtype) -> the dtype of the statistics GEMMs; anything else is refused."""
+    if isinstance(name, torch.dtype) and name in STATISTICS_DTYPES.values():
+        return name
+    if isinstance(name, str) and name in STATISTICS_DTYPES:
+        return STATISTICS_DTYPES[name]
+    raise CalibrationError(
+        f"statistics_dtype must be one of {', '.join(STATISTICS_DTYPES)}, got {name!r}"
+    )
+
+
+def new_accumulators(spec: PermutationSpec, statistics_dtype: str | torch.dtype = DEFAULT_STATISTICS_DTYPE,
+                     ) -> list[CorrelationAccumulator]:
+    """One empty `[A; B]` accumulator per spec group."""
+    dtype = statistics_dtype_of(statistics_dtype)
+    return [CorrelationAccumulator(2 * group.width, dtype=dtype) for group in spec.groups]
+
 
 class CalibrationError(ValueError):
     """The calibration data cannot be used (empty, missing columns, wrongly shaped)."""
@@ -191,14 +215,16 @@ def collect_statistics(
     accumulators: list[CorrelationAccumulator] | None = None,
     total: int | None = None,
     allow_empty: bool = False,
+    statistics_dtype: str | torch.dtype = DEFAULT_STATISTICS_DTYPE,
 ) -> list[CorrelationAccumulator]:
     """Run both parents over the batches and accumulate each group's `[A; B]` activation statistics.
 
     `total` (samples, when known) sizes the progress bar, which shows samples/s. `allow_empty` lets one
     process of a distributed run hold no samples (its zero sums still join the all-reduce).
+    `statistics_dtype` is the GEMM dtype of new accumulators (see `STATISTICS_DTYPES`).
     """
     if accumulators is None:
-        accumulators = [CorrelationAccumulator(2 * group.width) for group in spec.groups]
+        accumulators = new_accumulators(spec, statistics_dtype)
     recorders = [_Recorder(model_a, spec), _Recorder(model_b, spec)]
     was_training = [model_a.training, model_b.training]
     model_a.eval()

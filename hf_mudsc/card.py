@@ -11,6 +11,10 @@ task (and one for the joint task), e.g.::
      "merged": 0.93, "parent_a": 0.97, "parent_b": 0.11, "ensemble": 0.95}
 
 `merged` goes into the card's `model-index`; the parents and ensemble appear in the body's table.
+In the `model-index` each result's dataset `config` carries the row's task name (`model_index_config`):
+the Hub groups results by (task type, dataset, config, split) and keeps one task name per group, so
+without it two tasks evaluated on one dataset and split would collapse into one result under the first
+task's name. Callers never have to do this themselves.
 """
 
 from __future__ import annotations
@@ -85,7 +89,7 @@ class EvalRow:
     merged: float
     metric: str = "accuracy"
     split: str = "test"
-    dataset_config: str | None = None
+    dataset_config: str | None = None  # the dataset's own config (e.g. `sst2` of `glue`), if it has one
     parent_a: float | None = None
     parent_b: float | None = None
     ensemble: float | None = None
@@ -99,6 +103,14 @@ class EvalRow:
         if unknown:
             raise ValueError(f"evaluation result has unknown key(s) {unknown}; valid keys: {sorted(known)}")
         return cls(**row)
+
+    @property
+    def model_index_config(self) -> str:
+        """The `model-index` dataset config: the task name, after the dataset's own config when there is
+        one (`sst2 (topic)`); a config equal to the task name is not repeated."""
+        if not self.dataset_config or self.dataset_config == self.task:
+            return self.task
+        return f"{self.dataset_config} ({self.task})"
 
 
 def pipeline_tag_for(model_or_class: Any) -> str:
@@ -183,7 +195,7 @@ def card_data(
                 task_name=row.task,
                 dataset_type=row.dataset,
                 dataset_name=row.dataset,
-                dataset_config=row.dataset_config,
+                dataset_config=row.model_index_config,
                 dataset_split=row.split,
                 metric_type=row.metric,
                 metric_name=row.metric,

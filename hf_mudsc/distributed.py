@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibration import CalibrationError, collect_statistics, iter_batches
+from .calibration import DEFAULT_STATISTICS_DTYPE, CalibrationError, collect_statistics, iter_batches, new_accumulators
 from .similarity import CorrelationAccumulator
 from .spec import PermutationSpec
 
@@ -129,6 +129,7 @@ def collect_statistics_distributed(
     columns: Iterable[str] | None = None,
     required: Iterable[str] = (),
     progress: bool = True,
+    statistics_dtype: str | torch.dtype = DEFAULT_STATISTICS_DTYPE,
 ) -> list[CorrelationAccumulator]:
     """The statistics of the whole calibration stream, on every process.
 
@@ -139,10 +140,11 @@ def collect_statistics_distributed(
     if world_size == 1:
         batches, total = shard_batches(calibration, 0, 1, batch_size=batch_size, num_samples=num_samples,
                                        columns=columns, required=required)
-        return collect_statistics(model_a, model_b, spec, batches, progress=progress, total=total)
+        return collect_statistics(model_a, model_b, spec, batches, progress=progress, total=total,
+                                  statistics_dtype=statistics_dtype)
 
     error: BaseException | None = None
-    accumulators = [CorrelationAccumulator(2 * group.width) for group in spec.groups]
+    accumulators = new_accumulators(spec, statistics_dtype)
     try:
         batches, total = shard_batches(calibration, rank, world_size, batch_size=batch_size,
                                        num_samples=num_samples, columns=columns, required=required)

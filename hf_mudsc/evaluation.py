@@ -297,9 +297,6 @@ class EvaluationResult:
                 rows.append(EvalRow(
                     task=task,
                     dataset=str(info.get("dataset") or "dataset"),
-                    # The Hub's model-index groups results by (task type, dataset, config, split), not by task
-                    # name: one config per task keeps tasks that share a dataset apart.
-                    dataset_config=task,
                     split=str(info.get("split") or "test"),
                     metric=metric,
                     merged=value,

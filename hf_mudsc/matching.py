@@ -41,20 +41,43 @@ class Match:
     partner) the contiguous columns ``j*g .. (j+1)*g - 1``. ``eq=False``: tensors have no single truth value.
     """
 
-    unmerge: torch.Tensor
-    """(2n, n) float64 0/1; column j lists the original units fused into merged unit j."""
-    merge: torch.Tensor
-    """(2n, n) float64 = unmerge / (unmerge.sum(0) + normalizer_eps)."""
+    cluster_of: torch.Tensor
+    """(2n,) int64: the merged unit (column) each original unit `[A 0..n-1; B 0..n-1]` is fused into."""
+    merge_weight: torch.Tensor
+    """(2n,) float64: each original unit's entry in `merge`, 1 / (its cluster's size + normalizer_eps)."""
+    num_merged: int
+    """Merged width m (columns)."""
     value: float
     """Mean similarity of the picks (matched entries, or zip's picked maxima)."""
     head_pairing: tuple[int, ...] | None = None
     """For num_heads > 1: the partner B head of each A head; None otherwise."""
 
+    # Stored as one index and one weight per original unit: the dense (2n, n) matrices of a ViT-B MLP group
+    # are 150 MB each, and a solve keeps several matches of every group alive.
+    @property
+    def unmerge(self) -> torch.Tensor:
+        """(2n, m) float64 0/1; column j lists the original units fused into merged unit j (built on access)."""
+        return self._dense(torch.ones_like(self.merge_weight))
+
+    @property
+    def merge(self) -> torch.Tensor:
+        """(2n, m) float64 = unmerge / (unmerge.sum(0) + normalizer_eps) (built on access)."""
+        return self._dense(self.merge_weight)
+
+    def _dense(self, values: torch.Tensor) -> torch.Tensor:
+        dense = torch.zeros(self.cluster_of.numel(), self.num_merged, dtype=torch.float64,
+                            device=self.cluster_of.device)
+        return dense.scatter_(1, self.cluster_of[:, None], values[:, None])
+
+    def same_as(self, other: Match) -> bool:
+        """Equal unit assignment and merge weights (the value may differ)."""
+        return (self.num_merged == other.num_merged and torch.equal(self.cluster_of, other.cluster_of)
+                and torch.equal(self.merge_weight, other.merge_weight))
+
     def clusters(self) -> list[tuple[int, ...]]:
         """Original unit indices (rows) fused into each merged unit, in column order."""
-        cols, rows = np.nonzero(self.unmerge.detach().cpu().numpy().T)
-        out: list[list[int]] = [[] for _ in range(self.unmerge.shape[1])]
-        for col, row in zip(cols.tolist(), rows.tolist(), strict=True):
+        out: list[list[int]] = [[] for _ in range(self.num_merged)]
+        for row, col in enumerate(self.cluster_of.tolist()):
             out[col].append(row)
         return [tuple(c) for c in out]
 
@@ -206,14 +229,14 @@ def _build(
     sizes = np.array([len(members) for members in clusters], dtype=np.float64)
     rows = np.fromiter((i for members in clusters for i in members), dtype=np.int64, count=size)
     cols = np.repeat(np.arange(len(clusters)), sizes.astype(np.int64))
-    # Scattered rather than dense ops: at n = 3072 a dense (2n, n) pass costs more than the matching.
-    unmerge = np.zeros((size, len(clusters)), dtype=np.float64)
-    unmerge[rows, cols] = 1.0
-    merge = np.zeros(unmerge.shape, dtype=np.float64)  # np.zeros is lazy, zeros_like writes every page
-    merge[rows, cols] = (1.0 / (sizes + normalizer_eps))[cols]
+    if not np.array_equal(np.sort(rows), np.arange(size)):
+        raise AssertionError("every original unit must belong to exactly one cluster")
+    cluster_of = np.empty(size, dtype=np.int64)
+    cluster_of[rows] = cols
     return Match(
-        unmerge=torch.from_numpy(unmerge).to(device),
-        merge=torch.from_numpy(merge).to(device),
+        cluster_of=torch.from_numpy(cluster_of).to(device),
+        merge_weight=torch.from_numpy((1.0 / (sizes + normalizer_eps))[cluster_of]).to(device),
+        num_merged=len(clusters),
         value=float(value),
         head_pairing=head_pairing,
     )

@@ -67,8 +67,8 @@ def recovered_fraction(match: Match, perm: torch.Tensor) -> float:
     units of one model (zip) or of more than two units count as misses.
     """
     n = int(perm.numel())
-    if match.unmerge.shape[0] != 2 * n:
-        raise ValueError(f"match has {match.unmerge.shape[0] // 2} units per model, the permutation {n}")
+    if match.cluster_of.numel() != 2 * n:
+        raise ValueError(f"match has {match.cluster_of.numel() // 2} units per model, the permutation {n}")
     truth = perm.tolist()
     hits = 0
     for cluster in match.clusters():

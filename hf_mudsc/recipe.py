@@ -55,6 +55,7 @@ class Recipe:
     zip_budget: float = 1.0
     independent_heads: bool = False
     reference_compat: bool = False
+    statistics_dtype: str = "float32"
     image_column: str | None = None
     text_column: str | None = None
     allow_pickle: bool = False
@@ -125,6 +126,8 @@ class Recipe:
             raise RecipeError(f"zip_decay must lie in (0, 1], got {self.zip_decay}")
         if self.zip_budget < 0.0:
             raise RecipeError(f"zip_budget must be >= 0, got {self.zip_budget}")
+        if self.statistics_dtype not in ("float32", "float64"):
+            raise RecipeError(f"statistics_dtype must be float32 or float64, got {self.statistics_dtype!r}")
         if get_method(self.method).uses_activations and not self.calibration:
             raise RecipeError(
                 f"method {self.method!r} needs calibration data: pass --calibration "
@@ -151,6 +154,7 @@ class Recipe:
             "zip_budget": self.zip_budget,
             "independent_heads": self.independent_heads,
             "reference_compat": self.reference_compat,
+            "statistics_dtype": self.statistics_dtype,
         }
 
     def to_dict(self, *, reproducible: bool = False) -> dict[str, Any]:
@@ -184,6 +188,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "zip_budget": (float, int),
     "independent_heads": (bool,),
     "reference_compat": (bool,),
+    "statistics_dtype": (str,),
     "image_column": (str,),
     "text_column": (str,),
     "allow_pickle": (bool,),

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .spec import Member, PermutationSpec
+
+if TYPE_CHECKING:
+    from .matching import Match
 
 CLAMP = 1e-7
 
@@ -47,6 +51,7 @@ class CorrelationAccumulator:
         """
         if samples.dim() != 2 or samples.shape[1] != self.dim:
             raise ValueError(f"expected samples of shape (N, {self.dim}), got {tuple(samples.shape)}")
+        self._check_usable()
         if samples.shape[0] == 0:
             return
         samples = samples.detach()
@@ -90,6 +95,8 @@ class CorrelationAccumulator:
         """Fold another shard's statistics into this one (in place) and return self."""
         if other.dim != self.dim:
             raise ValueError(f"cannot merge accumulators of width {self.dim} and {other.dim}")
+        self._check_usable()
+        other._check_usable()
         if other.count == 0:
             return self
         if self.count == 0:
@@ -101,6 +108,7 @@ class CorrelationAccumulator:
         return self
 
     def covariance(self) -> torch.Tensor:
+        self._check_usable()
         if self.count == 0:
             raise ValueError("no calibration samples reached this accumulator")
         mean = self.total / self.count
@@ -110,8 +118,31 @@ class CorrelationAccumulator:
         """The `(dim, dim)` Pearson correlation of everything seen."""
         return pearson_from_covariance(self.covariance())
 
+    def finalize_in_place(self, chunk_rows: int = 1024) -> torch.Tensor:
+        """`finalize()` computed inside the sums' own buffer, which it returns: the accumulator is used up.
+
+        For the biggest groups the `(dim, dim)` sums are hundreds of MB; the plain formula makes three
+        temporaries of that size. Here only `chunk_rows` rows of the `σσᵀ` denominator exist at a time.
+        """
+        self._check_usable()
+        if self.count == 0:
+            raise ValueError("no calibration samples reached this accumulator")
+        mean = self.total / self.count
+        covariance = self._symmetric().div_(self.count).addr_(mean, mean, alpha=-1)
+        std = covariance.diagonal().clamp_min(0).sqrt()
+        for start in range(0, self.dim, chunk_rows):
+            rows = covariance[start:start + chunk_rows]
+            rows.div_(torch.outer(std[start:start + chunk_rows], std).clamp_min_(CLAMP))
+        self.outer = self.total = self.shift = None  # consumed: further use fails in _check_usable
+        return covariance
+
+    def _check_usable(self) -> None:
+        if self.outer is None:
+            raise RuntimeError("this accumulator was consumed by finalize_in_place(); its sums are gone")
+
     def tensors(self) -> list[torch.Tensor]:
         """The state as plain sums around zero, so shards can be added by an all-reduce."""
+        self._check_usable()
         total, outer = self._moments_around(torch.zeros(self.dim, dtype=torch.float64))
         return [total, outer, torch.tensor([float(self.count)], dtype=torch.float64)]
 
@@ -125,6 +156,17 @@ class CorrelationAccumulator:
             mean = self.total / self.count
             self.total, self.outer = self._moments_around(mean)
             self.shift = mean
+
+
+def correlations_from(accumulators: list[CorrelationAccumulator]) -> list[torch.Tensor]:
+    """Every accumulator's Pearson correlation, finalized in place one group at a time (the list is emptied).
+
+    Peak memory stays at one copy of the statistics plus a few rows, whatever the number of groups.
+    """
+    correlations = []
+    while accumulators:
+        correlations.append(accumulators.pop(0).finalize_in_place())
+    return correlations
 
 
 def transform_axis(tensor: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:
@@ -185,6 +227,19 @@ class GroupMaps:
 
     merge2: tuple[AxisMap, AxisMap]
     unmerge: tuple[AxisMap, AxisMap]
+
+    @classmethod
+    def from_match(cls, found: Match) -> GroupMaps:
+        """From a `hf_mudsc.matching.Match` (its per-unit cluster index and merge weight), without dense matrices."""
+        clusters = found.cluster_of.cpu()
+        n = clusters.numel() // 2
+        ones = torch.ones(2 * n, dtype=torch.float64)
+        weights = 2 * found.merge_weight.cpu().to(torch.float64)
+        rows = [slice(i * n, (i + 1) * n) for i in range(2)]
+        return cls(
+            merge2=tuple(AxisMap(clusters[r], weights[r], found.num_merged) for r in rows),  # type: ignore[arg-type]
+            unmerge=tuple(AxisMap(clusters[r], ones[r], found.num_merged) for r in rows),  # type: ignore[arg-type]
+        )
 
     @classmethod
     def from_matrices(cls, merge: torch.Tensor, unmerge: torch.Tensor) -> GroupMaps:

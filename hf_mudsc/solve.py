@@ -59,12 +59,8 @@ class _State:
         previous = self.matches[index]
         self.matches[index] = found
         # An unchanged match keeps its GroupMaps object: the solver's visit cache keys on map identity.
-        if previous is not found and not (
-            previous is not None
-            and torch.equal(previous.unmerge, found.unmerge)
-            and torch.equal(previous.merge, found.merge)
-        ):
-            self.maps[index] = GroupMaps.from_matrices(found.merge, found.unmerge)
+        if previous is not found and not (previous is not None and previous.same_as(found)):
+            self.maps[index] = GroupMaps.from_match(found)
         self.values[index] = found.value
 
     def copy(self) -> _State:
@@ -127,9 +123,9 @@ class Solver:
             return activation
         if activation is None or options.alpha == 1:
             return blend(self._weight(index, state), activation, options.alpha)
-        # blend(), in place on the fresh weight correlation: the same two products and sum, fewer copies.
+        # blend(), in place on the fresh weight correlation: no (2n, 2n) temporary.
         weight = self._weight(index, state).mul_(options.alpha)
-        return weight.add_(activation * (1 - options.alpha))
+        return weight.add_(activation, alpha=1 - options.alpha)
 
     # -- matching -------------------------------------------------------------------------------
     def _match(self, index: int, similarity: torch.Tensor, head_pairing: Sequence[int] | None = None) -> Match:

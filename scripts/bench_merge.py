@@ -53,16 +53,19 @@ except ImportError:  # running from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_mudsc.adapters import spec_for
-from hf_mudsc.calibration import collect_statistics
+from hf_mudsc.calibration import collect_statistics, new_accumulators
 from hf_mudsc.merge import _build_model, apply_matches
 from hf_mudsc.permute import random_permutations
-from hf_mudsc.similarity import CorrelationAccumulator
+from hf_mudsc.similarity import CorrelationAccumulator, correlations_from
 from hf_mudsc.solve import SolveOptions, Solver
 from hf_mudsc.spec import PermutationSpec
 
 SEQ_LEN = 64
 VIT_S = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
              num_channels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+# ViT-B/16 at 224 px: 86 M parameters (the issue's scale run); always the real image and patch size.
+VIT_B = dict(VIT_S, hidden_size=768, num_attention_heads=12, intermediate_size=3072)
+CASES = ("minilm", "vit", "vitb")
 
 
 # -- models ---------------------------------------------------------------------------------------------
@@ -92,7 +95,10 @@ def load_case(case: str, args: argparse.Namespace):
         from transformers import ViTConfig, ViTModel
 
         torch.manual_seed(0)
-        config = ViTConfig(**VIT_S, image_size=args.vit_image_size, patch_size=args.vit_patch_size)
+        if case == "vitb":
+            config = ViTConfig(**VIT_B, image_size=224, patch_size=16)
+        else:
+            config = ViTConfig(**VIT_S, image_size=args.vit_image_size, patch_size=args.vit_patch_size)
         model_a = ViTModel(config).eval()
     spec = spec_for(model_a)
     return model_a, perturbed_permuted_copy(model_a, spec, seed=1, noise=args.noise), spec
@@ -108,7 +114,8 @@ def batches(case: str, args: argparse.Namespace, num_samples: int) -> Iterator[d
             ids[:, 0], ids[:, -1] = 101, 102
             yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
         else:
-            shape = (size, 3, args.vit_image_size, args.vit_image_size)
+            image = 224 if case == "vitb" else args.vit_image_size
+            shape = (size, 3, image, image)
             yield {"pixel_values": torch.randn(shape, generator=gen)}
 
 
@@ -146,16 +153,28 @@ def rss_peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def rss_now_bytes() -> int:
+    """Current resident set size (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
 # -- one configuration ----------------------------------------------------------------------------------
 def run_child(args: argparse.Namespace) -> dict:
     case, matcher, num_samples = args.child_case, args.child_matcher, args.child_samples
     gemm_dtype = getattr(torch, args.child_gemm_dtype)
     out: dict = {"case": case, "matcher": matcher, "num_samples": num_samples, "gemm_dtype": args.child_gemm_dtype}
     phases: dict[str, float] = {}
+    # High-water mark after each phase (which phase sets the peak) and the bare runtime (torch + transformers).
+    peaks: dict[str, float] = {"runtime": rss_now_bytes() / 2**20}
 
     start = time.perf_counter()
     model_a, model_b, spec = load_case(case, args)
     phases["load"] = time.perf_counter() - start
+    peaks["load"] = rss_peak_bytes() / 2**20
 
     # The parents' plain forward over the same data (no hooks): the floor the calibration is compared with.
     start = time.perf_counter()
@@ -166,34 +185,40 @@ def run_child(args: argparse.Namespace) -> dict:
     forward_seconds = time.perf_counter() - start
 
     flops_rates = [matmul_flops_per_second()]
-    accumulators = [CorrelationAccumulator(2 * g.width, dtype=gemm_dtype) for g in spec.groups]
+    accumulators = new_accumulators(spec, gemm_dtype)  # exactly what hf_mudsc.merge uses
     start = time.perf_counter()
     collect_statistics(model_a, model_b, spec, batches(case, args, num_samples), progress=False,
                        accumulators=accumulators)
     phases["calibration"] = time.perf_counter() - start
+    peaks["calibration"] = rss_peak_bytes() / 2**20
     flops_rates.append(matmul_flops_per_second())
     stats_bytes = sum(sum(t.numel() * t.element_size() for t in (a.shift, a.total, a.outer))
                       for a in accumulators)
+    num_params = sum(p.numel() for p in model_a.parameters())
     counted_stats = statistics_flops(accumulators)
 
     params_a = {k: v.detach() for k, v in model_a.named_parameters()}
     params_b = {k: v.detach() for k, v in model_b.named_parameters()}
     start = time.perf_counter()
-    correlations = [acc.finalize() for acc in accumulators]
-    del accumulators
+    correlations = correlations_from(accumulators)  # as hf_mudsc.merge: in place, one group at a time
+    peaks["finalize"] = rss_peak_bytes() / 2**20
     options = SolveOptions(matcher=matcher, alpha=0.5, seed=0)
-    result = Solver(spec, params_a, params_b, correlations, options).solve(progress=False)
+    result = Solver(spec, params_a, params_b, correlations, options).solve(progress=args.progress)
     phases["solve"] = time.perf_counter() - start
+    peaks["solve"] = rss_peak_bytes() / 2**20
+    del correlations
 
     start = time.perf_counter()
     merged_params = apply_matches(spec, params_a, params_b, result.matches)
     merged = _build_model(model_a, copy.deepcopy(model_a.config), merged_params)
     phases["apply"] = time.perf_counter() - start
+    peaks["apply"] = rss_peak_bytes() / 2**20
 
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
         merged.save_pretrained(folder)
         phases["save"] = time.perf_counter() - start
+    peaks["save"] = rss_peak_bytes() / 2**20
 
     # Sanity: a merge with a permuted near-copy should compute nearly A's function.
     batch = next(batches(case, args, 4))
@@ -227,6 +252,9 @@ def run_child(args: argparse.Namespace) -> dict:
         peak_rss_mb=round(peak / 2**20, 1),
         rss_bound_mb=round(2.5 * (weights_bytes + stats_bytes) / 2**20, 1),
         rss_over_bound=round(peak / (2.5 * (weights_bytes + stats_bytes)), 3),
+        rss_peak_after_phase_mb={k: round(v, 1) for k, v in peaks.items()},
+        peak_phase=next(k for k, v in peaks.items() if k != "runtime" and v >= peak / 2**20 - 0.5),
+        parameters_per_parent=num_params,
         sweeps=result.sweeps,
         objective=round(max(result.objective_history), 6),
     )
@@ -238,21 +266,22 @@ def child_command(args: argparse.Namespace, case: str, matcher: str, samples: in
     return [sys.executable, __file__, "--child-case", case, "--child-matcher", matcher, "--child-samples",
             str(samples), "--child-gemm-dtype", dtype, "--batch-size", str(args.batch_size), "--noise",
             str(args.noise), "--vit-image-size", str(args.vit_image_size), "--vit-patch-size",
-            str(args.vit_patch_size), "--threads", str(args.threads)]
+            str(args.vit_patch_size), "--threads", str(args.threads)] + (["--progress"] if args.progress else [])
 
 
 def run_config(args: argparse.Namespace, *key) -> dict:
-    proc = subprocess.run(child_command(args, *key), capture_output=True, text=True)
+    proc = subprocess.run(child_command(args, *key), stdout=subprocess.PIPE, stderr=None if args.progress
+                          else subprocess.PIPE, text=True)
     if proc.returncode != 0:
         return {"case": key[0], "matcher": key[1], "num_samples": key[2], "gemm_dtype": key[3],
-                "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+                "error": proc.stderr.strip().splitlines()[-1] if (proc.stderr or "").strip() else "failed"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def table(rows: list[dict]) -> str:
     head = (f"{'case':7} {'match':5} {'N':>5} {'gemm':7} {'load':>6} {'calib':>7} {'solve':>7} {'apply':>6} "
             f"{'save':>5} {'fwd':>6} {'GF/s':>6} {'eff':>5} {'after%':>6} {'stat MB':>7} {'RSS MB':>7} "
-            f"{'bound':>7} {'rss/bd':>6} {'sweeps':>6} {'err':>8}")
+            f"{'bound':>7} {'rss/bd':>6} {'peak@':>11} {'sweeps':>6} {'err':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
@@ -264,7 +293,8 @@ def table(rows: list[dict]) -> str:
             f"{p['calibration']:7.1f} {p['solve']:7.1f} {p['apply']:6.1f} {p['save']:5.1f} "
             f"{r['forward_seconds']:6.1f} {r['matmul_gflops']:6.1f} {r['calibration_efficiency']:5.2f} "
             f"{100 * r['after_calibration_share']:6.1f} {r['statistics_mb']:7.1f} {r['peak_rss_mb']:7.0f} "
-            f"{r['rss_bound_mb']:7.0f} {r['rss_over_bound']:6.2f} {r['sweeps']:>6} {r['merged_vs_a_rel_error']:8.1e}"
+            f"{r['rss_bound_mb']:7.0f} {r['rss_over_bound']:6.2f} {r['peak_phase']:>11} {r['sweeps']:>6} "
+            f"{r['merged_vs_a_rel_error']:8.1e}"
         )
     lines.append("after% = (solve + apply + save) / (calibration + solve + apply + save); eff = calibration "
                  "efficiency; fwd = both parents' plain forward over the same data (s)")
@@ -273,7 +303,8 @@ def table(rows: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", default=["minilm", "vit"], choices=["minilm", "vit"])
+    parser.add_argument("--cases", nargs="+", default=["minilm", "vit"], choices=CASES,
+                        help="vitb = the ViT-B/16 scale run (86 M parameters, 224 px; use --num-samples 256)")
     parser.add_argument("--matchers", nargs="+", default=["align", "zip"], choices=["align", "zip"])
     parser.add_argument("--num-samples", type=int, default=512)
     parser.add_argument("--compare-samples", type=int, nargs="*", default=[256, 2048],
@@ -286,6 +317,7 @@ def main() -> int:
     parser.add_argument("--vit-patch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 64 samples, compare 32 vs 64")
+    parser.add_argument("--progress", action="store_true", help="show the solve's progress bar (stderr)")
     parser.add_argument("--child-case", help=argparse.SUPPRESS)
     parser.add_argument("--child-matcher", help=argparse.SUPPRESS)
     parser.add_argument("--child-samples", type=int, help=argparse.SUPPRESS)

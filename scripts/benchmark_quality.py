@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
-import importlib
 import json
 import math
 import os
@@ -60,7 +59,6 @@ except ImportError:  # running from a checkout without installing
     import hf_mudsc
 from hf_mudsc import toy
 from hf_mudsc.evaluation import TaskData, evaluate_merge
-from hf_mudsc.solve import Solver
 
 ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 BASE_METHODS: list[tuple[str, dict[str, Any]]] = [
@@ -81,21 +79,6 @@ SCENARIOS = ("different_init", "same_init", "bert_permuted")
 
 
 # ------------------------------------------------------------------------------------------- plumbing
-class RecordingSolver(Solver):
-    """The engine's Solver, remembering its last result: the benchmark needs the unit matches, which
-    `hf_mudsc.merge` does not return (see the report: a `MergeReport.matches` field would remove this)."""
-
-    last = None
-
-    def solve(self, **kwargs: Any) -> Any:
-        result = super().solve(**kwargs)
-        RecordingSolver.last = result
-        return result
-
-
-importlib.import_module("hf_mudsc.merge").Solver = RecordingSolver
-
-
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -188,16 +171,19 @@ def merge_all(
     merged, info = {}, {}
     for label, options in plan:
         start = time.perf_counter()
-        RecordingSolver.last = None
         model = hf_mudsc.merge(
             [model_a, model_b], calibration, batch_size=batch_size, progress=False, **options
         )
         entry: dict[str, Any] = {"seconds": round(time.perf_counter() - start, 2), "options": options}
-        if RecordingSolver.last is not None:
-            entry["sweeps"] = RecordingSolver.last.sweeps
+        report = model.merge_report
+        if hf_mudsc.get_method(report.method).matches_units:  # the solver ran: unit matches to score
+            entry["sweeps"] = report.sweeps
             if truth is not None:
-                matches = getattr(model.merge_report, "matches", None) or RecordingSolver.last.matches
-                fractions = [recovered_fraction(m, p) for m, p in zip(matches, truth)]
+                missing = sum(m is None for m in report.matches)
+                if len(report.matches) != len(truth) or missing:
+                    raise RuntimeError(f"{label}: merge_report.matches has {len(report.matches)} entries "
+                                       f"({missing} unmatched) for {len(truth)} permuted groups")
+                fractions = [recovered_fraction(m, p) for m, p in zip(report.matches, truth)]
                 widths = [int(p.numel()) for p in truth]
                 entry["recovered"] = sum(f * w for f, w in zip(fractions, widths)) / sum(widths)
                 entry["recovered_min_group"] = min(fractions)

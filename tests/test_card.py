@@ -110,10 +110,11 @@ def test_evaluation_results_fill_the_model_index_and_the_table(merged, recipe):
     ]
     card = ModelCard(str(render_card(merged, recipe, parents=PARENTS, eval_results=rows)))
     results = card.data.eval_results
-    got = [(r.task_name, r.dataset_type, r.metric_type, r.metric_value, r.dataset_split) for r in results]
+    got = [(r.task_name, r.dataset_type, r.dataset_config, r.metric_type, r.metric_value, r.dataset_split)
+           for r in results]
     assert got == [
-        ("vit-a", "org/digits", "accuracy", 0.91, "test"),
-        ("joint", "org/digits", "accuracy", 0.8, "validation"),
+        ("vit-a", "org/digits", "vit-a", "accuracy", 0.91, "test"),
+        ("joint", "org/digits", "joint", "accuracy", 0.8, "validation"),
     ]
     assert all(r.task_type == "image-classification" for r in results)
     assert card.data.model_name == "org/merged"
@@ -122,6 +123,39 @@ def test_evaluation_results_fill_the_model_index_and_the_table(merged, recipe):
     assert "| joint | org/digits | validation | accuracy | — | — | — | **0.8000** |" in card.content
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['acc'\]"):
         render_card(merged, recipe, eval_results=[{"task": "t", "dataset": "d", "merged": 1.0, "acc": 1}])
+
+
+def test_every_task_keeps_its_own_model_index_entry_through_the_dataset_config(merged, recipe):
+    """The Hub groups model-index results by (task type, dataset, config, split) and keeps one task name per
+    group: the card puts each row's task into the config, so tasks sharing a dataset and split stay apart."""
+    rows = [
+        {"task": "digits-0-4", "dataset": "org/digits", "merged": 0.9},
+        {"task": "digits-0-4", "dataset": "org/digits", "metric": "f1", "merged": 0.85},
+        {"task": "digits-5-9", "dataset": "org/digits", "merged": 0.7},
+        {"task": "joint (all tasks)", "dataset": "org/digits", "merged": 0.6},
+        {"task": "topic", "dataset": "glue", "dataset_config": "sst2", "merged": 0.5},
+        {"task": "intent", "dataset": "glue", "dataset_config": "intent", "merged": 0.4},
+    ]
+    text = str(render_card(merged, recipe, parents=PARENTS, eval_results=rows))
+    card = ModelCard(text)  # the Hub library parses (and validates) the front matter back
+    got = {(r.task_name, r.dataset_config, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert got == {
+        ("digits-0-4", "digits-0-4", "accuracy"): 0.9,
+        ("digits-0-4", "digits-0-4", "f1"): 0.85,
+        ("digits-5-9", "digits-5-9", "accuracy"): 0.7,
+        ("joint (all tasks)", "joint (all tasks)", "accuracy"): 0.6,
+        ("topic", "sst2 (topic)", "accuracy"): 0.5,
+        ("intent", "intent", "accuracy"): 0.4,  # a config equal to the task name is not repeated
+    }
+    results = yaml.safe_load(text.split("---")[1])["model-index"][0]["results"]
+    assert [(r["task"]["name"], r["dataset"]["config"], [m["type"] for m in r["metrics"]]) for r in results] == [
+        ("digits-0-4", "digits-0-4", ["accuracy", "f1"]),  # one task's metrics share one entry
+        ("digits-5-9", "digits-5-9", ["accuracy"]),
+        ("joint (all tasks)", "joint (all tasks)", ["accuracy"]),
+        ("topic", "sst2 (topic)", ["accuracy"]),
+        ("intent", "intent", ["accuracy"]),
+    ]
+    assert EvalRow(task="t", dataset="d", merged=1.0).model_index_config == "t"
 
 
 def test_a_token_given_to_the_cli_reaches_neither_recipe_nor_card(merged, monkeypatch):

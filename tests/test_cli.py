@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import datasets
@@ -248,6 +249,23 @@ def test_failure_while_writing_leaves_no_output(inputs, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         main(["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(out), *FAST])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_failure_while_overwriting_keeps_the_previous_output(merged_once, inputs, tmp_path, monkeypatch):
+    _, first_out, _ = merged_once
+    a, b, calibration = inputs
+    out = tmp_path / "merged"
+    shutil.copytree(first_out, out)
+    before = tree_digest(out)
+
+    def broken_card(*args, **kwargs):  # the new weights are already staged at this point
+        raise RuntimeError("card template broke")
+
+    monkeypatch.setattr("hf_mudsc.card.render_card", broken_card)
+    with pytest.raises(RuntimeError, match="card template broke"):
+        main(["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(out), "--seed", "1",
+              "--overwrite", *FAST])
+    assert tree_digest(out) == before and [p.name for p in tmp_path.iterdir()] == ["merged"]
 
 
 def test_push_refuses_an_incomplete_folder_before_contacting_the_hub(merged_once, tmp_path, monkeypatch,

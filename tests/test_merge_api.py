@@ -96,6 +96,9 @@ def test_folders_are_accepted_as_parents(tmp_path, vit_pair):
     merged = hf_mudsc.merge([str(tmp_path / "a"), tmp_path / "b"], batches, method="activation_align",
                             progress=False)
     assert relative_error(model_output(merged, batches[0]), model_output(model, batches[0])) < 1e-5
+    # Folder parents are recorded by name: a pushed config must not carry this machine's paths.
+    assert merged.config.mudsc["parents"] == ["a", "b"]
+    assert str(tmp_path) not in merged.config.to_json_string()
 
 
 def test_inputs_are_never_modified(vit_pair):

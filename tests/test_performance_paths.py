@@ -6,6 +6,7 @@ import pytest
 import torch
 from factories import make_batches, make_model, permuted_copy
 
+import hf_mudsc
 import hf_mudsc.similarity as similarity
 from hf_mudsc.adapters import spec_for
 from hf_mudsc.calibration import collect_statistics
@@ -141,3 +142,61 @@ def test_float32_statistics_give_the_default_merged_weights(matcher):
         merged.append(apply_matches(spec, pa, pb, result.matches))
     for name, value in merged[0].items():
         assert torch.allclose(merged[1][name], value, atol=1e-6), name
+
+
+@pytest.mark.parametrize("kind", ["vit_cls", "bert_cls", "clip"])
+@pytest.mark.parametrize("matcher", ["align", "zip"])
+def test_merge_statistics_dtypes_agree(kind, matcher):
+    """The default float32-GEMM statistics give `hf_mudsc.merge` the float64 path's weights to 1e-6."""
+    a = make_model(kind, 0)
+    b = _perturbed_copy(a, spec_for(a), seed=1, noise=0.02)
+    batches = make_batches(kind)
+    exact = hf_mudsc.merge([a, b], batches, matcher=matcher, statistics_dtype="float64", progress=False)
+    fast = hf_mudsc.merge([a, b], batches, matcher=matcher, progress=False)
+    assert fast.config.mudsc["statistics_dtype"] == "float32"
+    assert exact.config.mudsc["statistics_dtype"] == "float64"
+    assert fast.merge_report.group_values == pytest.approx(exact.merge_report.group_values, abs=1e-6)
+    expected = exact.state_dict()
+    for name, value in fast.state_dict().items():
+        assert torch.allclose(value, expected[name], atol=1e-6), name
+
+
+def test_merge_refuses_an_unknown_statistics_dtype():
+    a = make_model("vit_cls", 0)
+    with pytest.raises(hf_mudsc.MergeInputError, match="statistics_dtype.*float32, float64"):
+        hf_mudsc.merge([a, a], make_batches("vit_cls"), statistics_dtype="bfloat16", progress=False)
+
+
+def test_merge_report_lists_the_matches():
+    a = make_model("vit_cls", 0)
+    spec = spec_for(a)
+    b = permuted_copy(a, spec, seed=3)
+    merged = hf_mudsc.merge([a, b], make_batches("vit_cls"), matcher="align", progress=False)
+    matches = merged.merge_report.matches
+    assert len(matches) == len(spec.groups)
+    for group, found in zip(spec.groups, matches):
+        assert found.unmerge.shape == (2 * group.width, group.width)
+    averaged = hf_mudsc.merge([a, b], None, method="average", progress=False)
+    assert averaged.merge_report.matches == [None] * len(spec.groups)
+
+
+def test_in_place_finalize_equals_finalize_and_consumes_the_sums():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(700, 10, generator=gen, dtype=torch.float64) @ torch.randn(10, 10, generator=gen).double()
+    x[:, 3] = 2.0  # a zero-variance unit: zero row and column, as in `finalize`
+    accumulators = []
+    for dtype in (torch.float64, torch.float32):
+        acc = CorrelationAccumulator(10, dtype=dtype)
+        for chunk in x.split(64):
+            acc.update(chunk)
+        accumulators.append(acc)
+    expected = [acc.finalize() for acc in accumulators]
+    got = similarity.correlations_from(list(accumulators))
+    for e, g in zip(expected, got):
+        assert torch.equal(g[3], torch.zeros(10)) and torch.allclose(g, e, atol=1e-13)
+    rows = CorrelationAccumulator(10)
+    rows.update(x)
+    assert torch.allclose(rows.finalize_in_place(chunk_rows=3), expected[0], atol=1e-13)
+    for use in (lambda: rows.update(x), rows.finalize, rows.tensors, lambda: rows.merge(accumulators[0])):
+        with pytest.raises(RuntimeError, match="consumed by finalize_in_place"):
+            use()

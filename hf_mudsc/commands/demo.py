@@ -9,7 +9,7 @@
    ensemble are evaluated per task and jointly (`hf_mudsc.evaluation`); the table is printed.
 4. The MuDSC (zip) model is written to `./hf-mudsc-demo/` with its processor, model card (with the
    evaluation in its model-index), recipe and `eval_results.json` — into a temporary sibling folder that
-   is renamed into place, so an interrupted run leaves nothing half-written.
+   is renamed into place (`hf_mudsc.output`), so an interrupted run leaves nothing half-written.
 
 Tiny models run fastest on one thread (thread start-up and spin-waiting cost more than the small matrix
 products gain, dramatically so on a loaded machine), hence `--threads 1` by default.
@@ -22,12 +22,11 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
+
+from ..output import check_output, staged_output
 
 logger = logging.getLogger(__name__)
 
@@ -61,20 +60,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--threads", type=int, default=1, metavar="N", help="torch threads (tiny models: 1 is fastest)")
 
 
-def _check_output(output: Path, overwrite: bool) -> None:
-    from ..recipe import RECIPE_FILENAME
-
-    if not output.exists():
-        return
-    if not overwrite:
-        raise FileExistsError(
-            f"{output} already exists; pass --overwrite to replace it or --output to choose another"
-        )
-    if not output.is_dir() or (any(output.iterdir()) and not (output / RECIPE_FILENAME).is_file()):
-        raise FileExistsError(f"refusing to overwrite {output}: it is not a folder written by hf-mudsc (no "
-                              f"{RECIPE_FILENAME}); delete it yourself or choose another --output")
-
-
 def digit_processor() -> Any:
     """An image processor: 8x8 digit images (PIL, 0..255 = the raw 0..16 values x 255/16) -> the inputs.
 
@@ -89,21 +74,6 @@ def digit_processor() -> Any:
         do_resize=True, size={"height": 16, "width": 16}, resample=2, do_rescale=True, rescale_factor=1 / 255,
         do_normalize=True, image_mean=[toy.DIGITS_MEAN / 16], image_std=[toy.DIGITS_STD / 16],
     )
-
-
-def _write_atomically(target: Path, write) -> None:
-    """Call `write(tmp)` on a sibling temp folder, then rename it to `target` (kept if another run won)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not target.exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def prepare_inputs(args: argparse.Namespace) -> tuple[Path, Path, Path, Any]:
@@ -127,10 +97,9 @@ def prepare_inputs(args: argparse.Namespace) -> tuple[Path, Path, Path, Any]:
         processor = digit_processor()
         for folder, model in zip(folders, (pair.model_a, pair.model_b)):
             if not (folder / "config.json").is_file():
-                def write(tmp: Path, model: Any = model) -> None:
+                with staged_output(folder, keep_existing=True) as tmp:  # another run may win the race
                     model.save_pretrained(tmp)
                     processor.save_pretrained(tmp)
-                _write_atomically(folder, write)
     else:
         print(f"Using the cached parents in {root}", flush=True)
     if not (calibration / "state.json").is_file():
@@ -138,29 +107,16 @@ def prepare_inputs(args: argparse.Namespace) -> tuple[Path, Path, Path, Any]:
         import torch
 
         dataset = toy.as_dataset(torch.cat(images))
-        _write_atomically(calibration, lambda tmp: dataset.save_to_disk(str(tmp)))
+        with staged_output(calibration, keep_existing=True) as tmp:
+            dataset.save_to_disk(str(tmp))
     return folders[0], folders[1], calibration, splits
-
-
-def _move_into_place(staging: Path, output: Path) -> None:
-    if not output.exists():
-        os.replace(staging, output)
-        return
-    backup = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(output, backup)
-    try:
-        os.replace(staging, output)
-    except BaseException:
-        os.replace(backup, output)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     output = Path(args.output).expanduser().absolute()
-    _check_output(output, args.overwrite)
+    check_output(output, overwrite=args.overwrite)
     if args.hidden_size < 4 or args.hidden_size % 4:
         raise ValueError(f"--hidden-size must be a positive multiple of 4 (4 heads), got {args.hidden_size}")
     if args.epochs < 1 or args.num_samples < 1 or args.threads < 1:
@@ -179,7 +135,7 @@ def _run(args: argparse.Namespace, output: Path) -> int:
     import hf_mudsc
 
     from ..card import render_card
-    from ..evaluation import TaskData, _file_mode, evaluate_merge
+    from ..evaluation import RESULTS_FILENAME, TaskData, evaluate_merge
     from ..hub import CARD_FILENAME
     from ..loading import load_parents
     from ..recipe import RECIPE_FILENAME, Recipe
@@ -209,24 +165,14 @@ def _run(args: argparse.Namespace, output: Path) -> int:
     print(result.table(labels=names))
 
     best_label = DEMO_METHODS[0][0]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the output gets the usual permissions
-    try:
-        model = merged[best_label]
+    model = merged[best_label]
+    with staged_output(output, overwrite=args.overwrite) as staging:
         model.save_pretrained(staging)
         parents[0].processor.save_pretrained(staging)
         recipe.save(staging / RECIPE_FILENAME)
         render_card(model, recipe, parents=parents, eval_results=result.card_rows(best_label),
                     model_name=output.name).save(staging / CARD_FILENAME)
-        result.save(staging / "eval_results.json")
-        for path in staging.iterdir():  # some writers use mkstemp (0600): give every file the usual mode
-            path.chmod(_file_mode())
-        _move_into_place(staging, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        result.save(staging / RESULTS_FILENAME)
     print(f"\nThe {best_label} model is in {output}/ with its model card (README.md), recipe "
           f"({RECIPE_FILENAME}) and eval_results.json ({time.perf_counter() - start:.0f} s in total).\n"
           "Load it with "

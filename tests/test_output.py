@@ -1,0 +1,163 @@
+"""`hf_mudsc.output`: an output folder appears whole or not at all, and an existing one is never harmed."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from hf_mudsc.output import check_output, staged_output
+from hf_mudsc.recipe import RECIPE_FILENAME
+
+
+def digest(folder: Path) -> str:
+    """Names, bytes and modification times of everything in `folder`."""
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        h.update(str(path.relative_to(folder)).encode())
+        if path.is_file():
+            h.update(path.read_bytes())
+            h.update(str(path.stat().st_mtime_ns).encode())
+    return h.hexdigest()
+
+
+def previous_output(root: Path) -> Path:
+    """A folder as an earlier hf-mudsc run leaves it (it holds a recipe)."""
+    out = root / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / RECIPE_FILENAME).write_text("method: mudsc\n")
+    (out / "model.safetensors").write_bytes(b"old weights")
+    (out / "sub" / "notes.txt").write_text("old")
+    return out
+
+
+def hidden(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.startswith("."))
+
+
+def test_a_new_output_appears_complete_with_the_usual_permissions(tmp_path):
+    out = tmp_path / "deep" / "out"
+    with staged_output(out) as staging:
+        assert staging.parent == out.parent and ".out.partial-" in staging.name and not out.exists()
+        (staging / "model.safetensors").write_bytes(b"weights")
+        fd, name = tempfile.mkstemp(dir=staging)  # writers using mkstemp leave 0600 files
+        os.close(fd)
+        (staging / "sub").mkdir(mode=0o700)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["model.safetensors", Path(name).name, "sub"])
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / Path(name).name).stat().st_mode & 0o777 == 0o666 & ~umask
+    assert out.stat().st_mode & 0o777 == (out / "sub").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert hidden(out.parent) == []
+
+
+@pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_a_failure_while_writing_leaves_the_existing_output_untouched(tmp_path, error):
+    out = previous_output(tmp_path)
+    before = digest(out)
+    with pytest.raises(type(error)) as caught:
+        with staged_output(out, overwrite=True) as staging:
+            (staging / RECIPE_FILENAME).write_text("method: zipit\n")
+            (staging / "model.safetensors").write_bytes(b"half")
+            raise error
+    assert caught.value is error
+    assert digest(out) == before and (out / "model.safetensors").read_bytes() == b"old weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or backup folder left
+
+
+def test_a_failure_while_writing_a_new_output_leaves_nothing(tmp_path):
+    with pytest.raises(OSError, match="disk full"):
+        with staged_output(tmp_path / "out") as staging:
+            (staging / "config.json").write_text("{}")
+            raise OSError("disk full")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failure_of_the_final_rename_puts_the_old_output_back(tmp_path, monkeypatch):
+    out = previous_output(tmp_path)
+    before = digest(out)
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if ".partial-" in Path(src).name:  # the staged folder moving into place
+            raise KeyboardInterrupt
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        with staged_output(out, overwrite=True) as staging:
+            (staging / RECIPE_FILENAME).write_text("method: zipit\n")
+    monkeypatch.undo()
+    assert digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_overwrite_replaces_the_whole_folder(tmp_path):
+    out = previous_output(tmp_path)
+    with staged_output(out, overwrite=True) as staging:
+        (staging / RECIPE_FILENAME).write_text("method: zipit\n")
+    assert [p.name for p in out.iterdir()] == [RECIPE_FILENAME]  # old files and sub-folders are gone
+    assert (out / RECIPE_FILENAME).read_text() == "method: zipit\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_existing_outputs_are_refused_before_the_block_runs(tmp_path):
+    out = previous_output(tmp_path)
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"jpg")
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    link = tmp_path / "link"
+    link.symlink_to(out, target_is_directory=True)
+    before = digest(tmp_path)
+    cases = [
+        (out, False, "already exists; pass --overwrite"),
+        (foreign, True, "not a folder written by hf-mudsc"),
+        (a_file, True, "not a folder written by hf-mudsc"),
+        (link, True, "symbolic link"),
+    ]
+    for target, overwrite, message in cases:
+        with pytest.raises(FileExistsError, match=message):
+            check_output(target, overwrite=overwrite)
+        with pytest.raises(FileExistsError, match=message):
+            with staged_output(target, overwrite=overwrite):
+                raise AssertionError("the block ran although the output was refused")
+    assert digest(tmp_path) == before and hidden(tmp_path) == []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    check_output(empty, overwrite=True)  # an empty folder may be replaced
+    check_output(tmp_path / "absent", overwrite=False)
+
+
+def test_an_output_written_meanwhile_by_someone_else_is_not_replaced(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(FileExistsError, match="already exists"):
+        with staged_output(out) as staging:
+            (staging / "mine.txt").write_text("mine")
+            out.mkdir()
+            (out / "theirs.txt").write_text("theirs")
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"] and hidden(tmp_path) == []
+
+
+def test_keep_existing_lets_a_cache_entry_written_first_win(tmp_path):
+    entry = tmp_path / "cache" / "pair"
+    with staged_output(entry, keep_existing=True) as staging:
+        (staging / "config.json").write_text("first")
+    with staged_output(entry, keep_existing=True) as staging:  # a concurrent second run
+        (staging / "config.json").write_text("second")
+    assert (entry / "config.json").read_text() == "first" and hidden(entry.parent) == []
+
+
+def test_without_an_output_the_scratch_folder_is_always_removed(tmp_path):
+    with staged_output(None) as staging:
+        assert staging.is_dir() and Path(tempfile.gettempdir()) == staging.parent
+        (staging / "README.md").write_text("card")
+    assert not staging.exists()
+    with pytest.raises(ValueError):
+        with staged_output(None) as staging:
+            raise ValueError
+    assert not staging.exists()

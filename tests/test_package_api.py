@@ -1,0 +1,45 @@
+"""The package's public names: everything in `__all__` is importable, and `import hf_mudsc` stays cheap."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import hf_mudsc
+
+
+def test_every_public_name_is_exported():
+    for name in hf_mudsc.__all__:
+        assert getattr(hf_mudsc, name) is not None, name
+    assert {"evaluate_merge", "EvaluationResult", "merge", "from_pretrained"} <= set(hf_mudsc.__all__)
+    assert {"evaluate_merge", "EvaluationResult"} <= set(dir(hf_mudsc))
+
+
+def test_evaluation_is_exported_from_the_package():
+    from hf_mudsc import EvaluationResult, evaluate_merge, evaluation
+
+    assert evaluate_merge is evaluation.evaluate_merge and EvaluationResult is evaluation.EvaluationResult
+    result = EvaluationResult(metrics=["accuracy"], tasks={"t": {}}, scores={"merged": {"t": {"accuracy": 0.5}}})
+    assert result.score("merged", "t") == 0.5
+
+
+def test_unknown_names_raise_attribute_error():
+    with pytest.raises(AttributeError, match="has no attribute 'not_a_name'"):
+        hf_mudsc.not_a_name  # noqa: B018
+    with pytest.raises(ImportError):
+        from hf_mudsc import not_a_name  # noqa: F401
+
+
+def test_importing_the_package_does_not_load_the_evaluation_stack():
+    """`datasets` and `evaluate` (over a second of import time) load only when evaluation is used."""
+    code = (
+        "import sys, hf_mudsc\n"
+        "heavy = [m for m in ('evaluate', 'datasets', 'hf_mudsc.evaluation') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "from hf_mudsc import evaluate_merge\n"
+        "assert 'hf_mudsc.evaluation' in sys.modules and evaluate_merge.__module__ == 'hf_mudsc.evaluation'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
