@@ -1,0 +1,72 @@
+"""`collect_statistics` equals the Pearson correlation of the hooked features, computed here the plain way.
+
+The library folds parent B's features into the statistics as its hooks fire (never holding both parents'
+features of every group); this checks that against storing everything and calling `torch.corrcoef`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from factories import make_batches, make_model
+
+from hf_mudsc.adapters import spec_for
+from hf_mudsc.calibration import CalibrationError, collect_statistics
+from hf_mudsc.spec import PermutationSpec
+
+
+def _hooked_features(model: torch.nn.Module, spec: PermutationSpec, batch: dict) -> dict[tuple[int, int], torch.Tensor]:
+    """Every (group, hook) feature of one forward pass, flattened to samples with padding dropped."""
+    modules = dict(model.named_modules())
+    found: dict[tuple[int, int], torch.Tensor] = {}
+    handles = []
+    for gi, group in enumerate(spec.groups):
+        for hi, point in enumerate(group.hooks):
+            def hook(module, args, kwargs, output, key=(gi, hi), point=point):
+                if point.where == "input":
+                    value = args[0] if args else next(v for v in kwargs.values() if torch.is_tensor(v))
+                else:
+                    value = getattr(output, point.attr) if point.attr else output
+                    value = value[0] if isinstance(value, tuple) else value
+                mask = batch.get(point.mask) if point.mask else None
+                if mask is not None and value.dim() == 3 and tuple(mask.shape) == tuple(value.shape[:2]):
+                    value = value[mask.bool()]
+                found[key] = value.reshape(-1, value.shape[-1]).double()
+            handles.append(modules[point.module].register_forward_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model.eval()(**{k: v for k, v in batch.items() if k in ("pixel_values", "input_ids", "attention_mask")})
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
+
+
+@pytest.mark.parametrize("kind", ["vit_cls", "bert_cls", "clip"])
+def test_statistics_equal_the_correlation_of_all_hooked_features(kind):
+    a, b = make_model(kind, 0), make_model(kind, 1)
+    spec = spec_for(a)
+    batches = make_batches(kind, num_batches=3, batch_size=8)
+    samples: dict[int, list[torch.Tensor]] = {gi: [] for gi in range(len(spec.groups))}
+    for batch in batches:
+        fa, fb = _hooked_features(a, spec, batch), _hooked_features(b, spec, batch)
+        for (gi, hi), value in fa.items():
+            samples[gi].append(torch.cat([value, fb[(gi, hi)]], dim=1))
+    accumulators = collect_statistics(a, b, spec, batches, progress=False, statistics_dtype="float64")
+    for gi, group in enumerate(spec.groups):
+        x = torch.cat(samples[gi])
+        assert accumulators[gi].count == x.shape[0], group.name
+        assert torch.allclose(accumulators[gi].finalize(), torch.corrcoef(x.T), atol=1e-10), group.name
+    if kind == "bert_cls":  # padding is really dropped: fewer per-token samples than positions
+        positions = sum(int(batch["input_ids"].numel()) for batch in batches)
+        tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+        per_token = [acc.count for acc in accumulators if acc.count > 3 * 8]
+        assert tokens < positions and per_token and all(count == tokens for count in per_token)
+
+
+def test_a_batch_the_models_cannot_run_names_the_model_and_columns():
+    a, b = make_model("vit_cls", 0), make_model("vit_cls", 1)
+    with pytest.raises(CalibrationError, match=r"could not be run through ViTForImageClassification.*pixel_values"):
+        collect_statistics(a, b, spec_for(a), [{"pixel_values": torch.randn(2, 3, 5, 5)}], progress=False)
+    # The failed run left the parents as they were: no hooks, same mode.
+    assert not any(m._forward_hooks for m in a.modules()) and not any(m._forward_hooks for m in b.modules())
