@@ -204,7 +204,11 @@ class _Recorder:
 
 
 class _BatchStatistics:
-    """Pairs B's features with the stored A features of the same hook and updates that group's accumulator."""
+    """Pairs B's features with the stored A features of the same hook and updates that group's accumulator.
+
+    `running` says whose forward is under way: hooks of the other parent stay silent, which matters when
+    A and B share modules (the same model object passed twice) — each forward is then seen by both recorders.
+    """
 
     def __init__(self, spec: PermutationSpec, accumulators: list[CorrelationAccumulator]) -> None:
         self.spec = spec
@@ -212,22 +216,32 @@ class _BatchStatistics:
         self.features_a: dict[tuple[int, int], torch.Tensor] = {}
         self.batch: Mapping[str, Any] = {}
         self.updated: set[int] = set()
+        self.running: int | None = None
+        self.error: BaseException | None = None
 
     def start(self, batch: Mapping[str, Any]) -> None:
         self.features_a.clear()
         self.updated.clear()
         self.batch = batch
+        self.running = None
 
     def store_a(self, gi: int, hi: int, features: torch.Tensor) -> None:
-        self.features_a[(gi, hi)] = features
+        if self.running == 0:
+            self.features_a[(gi, hi)] = features
 
     def add_b(self, gi: int, hi: int, features: torch.Tensor) -> None:
+        if self.running != 1:
+            return
         features_a = self.features_a.pop((gi, hi), None)
         if features_a is None:
             return
-        joint = torch.cat([features_a, features], dim=-1)
-        del features_a
-        self.accumulators[gi].update(_samples(joint, self.spec.groups[gi].hooks[hi], self.batch))
+        try:
+            joint = torch.cat([features_a, features], dim=-1)
+            del features_a
+            self.accumulators[gi].update(_samples(joint, self.spec.groups[gi].hooks[hi], self.batch))
+        except Exception as error:  # a statistics failure, not the model's: re-raised as is by the caller
+            self.error = error
+            raise
         self.updated.add(gi)
 
     def check(self) -> None:
@@ -288,10 +302,13 @@ def collect_statistics(
         with torch.no_grad():
             for batch in batches:
                 statistics.start(batch)
-                for model in (model_a, model_b):
+                for side, model in enumerate((model_a, model_b)):
+                    statistics.running = side
                     try:
                         model(**forward_inputs(model, batch))
                     except (RuntimeError, ValueError, TypeError, IndexError) as error:
+                        if error is statistics.error:
+                            raise
                         raise CalibrationError(
                             f"a calibration batch could not be run through {type(model).__name__} "
                             f"(columns {sorted(batch)}): {error}"

@@ -14,7 +14,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from . import __version__
 from .adapters import spec_for
-from .calibration import STATISTICS_DTYPES
+from .calibration import STATISTICS_DTYPES, CalibrationError, statistics_dtype_of
 from .heads import concatenated_head_config, distinct_task_names, same_label_set
 from .matching import Match
 from .methods import get_method
@@ -103,11 +103,18 @@ def check_parents(model_a: PreTrainedModel, model_b: PreTrainedModel) -> None:
 
 
 def _parent_name(model: PreTrainedModel, fallback: str) -> str:
-    """A parent's name for the merged config: a local folder by its name only, since the config may be pushed
-    and absolute paths would publish this machine's layout (user names, cache folders)."""
+    """A parent's name for the merged config: a local folder by its name only. The config travels with every
+    copy of the model, and absolute paths would publish this machine's layout (user names, cache folders);
+    the recipe keeps the paths it needs to re-run the merge."""
     name = str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or fallback)
-    if os.path.isabs(name) or os.path.isdir(name):
-        return os.path.basename(os.path.normpath(name)) or fallback
+    return display_name(name) or fallback
+
+
+def display_name(name: str) -> str:
+    """How a parent or dataset reference appears in the merged config: Hub ids and specs as given, local paths
+    (absolute or existing) by their last component."""
+    if os.path.isabs(name) or os.path.exists(name):
+        return os.path.basename(os.path.abspath(name))
     return name
 
 
@@ -195,7 +202,7 @@ def merge(
     allow_pickle: bool = False,
     image_column: str | None = None,
     text_column: str | None = None,
-    statistics_dtype: str = "float32",
+    statistics_dtype: str | torch.dtype = "float32",
 ) -> PreTrainedModel | None:
     """Merge two fine-tuned models of one architecture into one model, without training.
 
@@ -223,7 +230,8 @@ def merge(
             `text`/`sentence`).
         statistics_dtype: `"float32"` (default) multiplies each batch's mean-shifted activations in float32
             and sums the products in float64 — about twice as fast on CPUs, merged weights equal to the
-            `"float64"` path to ~1e-6; `"float64"` keeps every product in float64.
+            `"float64"` path to ~1e-6 on the test models (nearly tied units of a large model may pair
+            differently); `"float64"` keeps every product in float64. A `torch.dtype` is accepted too.
 
     Returns:
         A `PreTrainedModel` of the parents' class; `save_pretrained`/`push_to_hub` work as usual.
@@ -239,10 +247,12 @@ def merge(
         raise MergeInputError(f"alpha must lie in [0, 1], got {alpha}")
     if len(models) != 2:
         raise MergeInputError(f"merge takes exactly two parents, got {len(models)}")
-    if statistics_dtype not in STATISTICS_DTYPES:
+    try:
+        statistics_dtype = str(statistics_dtype_of(statistics_dtype)).removeprefix("torch.")
+    except CalibrationError:
         raise MergeInputError(
             f"unknown statistics_dtype {statistics_dtype!r}; choose one of: {', '.join(STATISTICS_DTYPES)}"
-        )
+        ) from None
     from .data import load_calibration_dataset, resolve_calibration
     from .distributed import collect_statistics_distributed, is_main_process
     from .loading import load_parents
@@ -346,7 +356,7 @@ def merge(
 def _calibration_name(calibration: Any) -> str | None:
     """A printable name of the calibration data for the config and card (a spec string or dataset name)."""
     if isinstance(calibration, (str, os.PathLike)):
-        return str(calibration)
+        return display_name(str(calibration))
     info = getattr(calibration, "info", None)
     return getattr(info, "dataset_name", None) or None
 

@@ -105,6 +105,7 @@ class Recipe:
     # ------------------------------------------------------------------ checks
     def validate(self) -> Recipe:
         """Refuse a recipe that cannot run, before anything is downloaded or computed."""
+        from .calibration import STATISTICS_DTYPES
         from .methods import METHODS, get_method
 
         if len(self.models) != 2:
@@ -126,8 +127,10 @@ class Recipe:
             raise RecipeError(f"zip_decay must lie in (0, 1], got {self.zip_decay}")
         if self.zip_budget < 0.0:
             raise RecipeError(f"zip_budget must be >= 0, got {self.zip_budget}")
-        if self.statistics_dtype not in ("float32", "float64"):
-            raise RecipeError(f"statistics_dtype must be float32 or float64, got {self.statistics_dtype!r}")
+        if self.statistics_dtype not in STATISTICS_DTYPES:
+            raise RecipeError(
+                f"statistics_dtype must be one of {', '.join(STATISTICS_DTYPES)}, got {self.statistics_dtype!r}"
+            )
         if get_method(self.method).uses_activations and not self.calibration:
             raise RecipeError(
                 f"method {self.method!r} needs calibration data: pass --calibration "

@@ -70,8 +70,9 @@ class CorrelationAccumulator:
         else:
             x = samples.to(self.dtype) - self.shift.to(self.dtype)
             self.total += x.sum(0, dtype=torch.float64)
-            self.outer[:h] += (x[:, :h].T @ x).to(torch.float64)
-            self.outer[h:, h:] += (x[:, h:].T @ x[:, h:]).to(torch.float64)
+            # add_ widens the fp32 product element by element: no float64 copy of it is made.
+            self.outer[:h].add_(x[:, :h].T @ x)
+            self.outer[h:, h:].add_(x[:, h:].T @ x[:, h:])
         self._lower_stale = True
         self.count += samples.shape[0]
 

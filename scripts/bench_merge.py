@@ -256,7 +256,7 @@ def run_child(args: argparse.Namespace) -> dict:
         rss_bound_mb=round(2.5 * (weights_bytes + stats_bytes) / 2**20, 1),
         rss_over_bound=round(peak / (2.5 * (weights_bytes + stats_bytes)), 3),
         rss_peak_after_phase_mb={k: round(v, 1) for k, v in peaks.items()},
-        peak_phase=next(k for k, v in peaks.items() if k != "runtime" and v >= peak / 2**20 - 0.5),
+        peak_phase=next((k for k, v in peaks.items() if k != "runtime" and v >= peak / 2**20 - 0.5), "sanity check"),
         parameters_per_parent=num_params,
         sweeps=result.sweeps,
         objective=round(max(result.objective_history), 6),

@@ -6,12 +6,16 @@ features of every group); this checks that against storing everything and callin
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from factories import make_batches, make_model
 
+import hf_mudsc
 from hf_mudsc.adapters import spec_for
 from hf_mudsc.calibration import CalibrationError, collect_statistics
+from hf_mudsc.similarity import CorrelationAccumulator
 from hf_mudsc.spec import PermutationSpec
 
 
@@ -70,3 +74,42 @@ def test_a_batch_the_models_cannot_run_names_the_model_and_columns():
         collect_statistics(a, b, spec_for(a), [{"pixel_values": torch.randn(2, 3, 5, 5)}], progress=False)
     # The failed run left the parents as they were: no hooks, same mode.
     assert not any(m._forward_hooks for m in a.modules()) and not any(m._forward_hooks for m in b.modules())
+
+
+def test_the_same_model_object_as_both_parents_counts_each_batch_once():
+    a = make_model("vit_cls", 0)
+    spec = spec_for(a)
+    batches = make_batches("vit_cls", num_batches=2, batch_size=8)
+    twice = collect_statistics(a, a, spec, batches, progress=False, statistics_dtype="float64")
+    copies = collect_statistics(a, copy.deepcopy(a), spec, batches, progress=False, statistics_dtype="float64")
+    assert [acc.count for acc in twice] == [acc.count for acc in copies]
+    for got, expected in zip(twice, copies):
+        assert torch.allclose(got.finalize(), expected.finalize(), atol=1e-10)
+
+
+def test_a_statistics_failure_is_not_blamed_on_the_model():
+    a, b = make_model("vit_cls", 0), make_model("vit_cls", 1)
+    spec = spec_for(a)
+    wrong = [CorrelationAccumulator(3) for _ in spec.groups]  # not the groups' widths
+    with pytest.raises(ValueError, match=r"expected samples of shape \(N, 3\)") as caught:
+        collect_statistics(a, b, spec, make_batches("vit_cls"), progress=False, accumulators=wrong)
+    assert not isinstance(caught.value, CalibrationError)
+
+
+@pytest.mark.parametrize("requested,expected", [
+    (None, torch.float32), ("float64", torch.float64), (torch.float64, torch.float64), ("float32", torch.float32),
+])
+def test_merge_runs_its_statistics_gemms_in_the_requested_dtype(monkeypatch, requested, expected):
+    seen = []
+    original = CorrelationAccumulator.__init__
+
+    def spy(self, dim, dtype=torch.float64):
+        seen.append(dtype)
+        original(self, dim, dtype)
+
+    monkeypatch.setattr(CorrelationAccumulator, "__init__", spy)
+    a = make_model("vit_cls", 0)
+    options = {} if requested is None else {"statistics_dtype": requested}
+    merged = hf_mudsc.merge([a, copy.deepcopy(a)], make_batches("vit_cls", num_batches=1), progress=False, **options)
+    assert seen and set(seen) == {expected}
+    assert merged.config.mudsc["statistics_dtype"] == str(expected).removeprefix("torch.")

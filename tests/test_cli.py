@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -308,3 +309,14 @@ def test_only_the_main_process_writes(inputs, tmp_path, monkeypatch, capsys):
     assert main(["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(out),
                  "--push-to-hub", "org/m", *FAST]) == 0
     assert list(tmp_path.iterdir()) == [] and capsys.readouterr().out == ""
+
+
+def test_the_merged_config_names_local_inputs_without_their_paths(merged_once, inputs):
+    code, out, _ = merged_once
+    a, b, calibration = inputs
+    assert code == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["mudsc"]["parents"] == [a.name, b.name]
+    assert config["mudsc"]["calibration"] == calibration.name
+    assert config["mudsc"]["statistics_dtype"] == "float32"
+    assert str(a.parent) not in (out / "config.json").read_text()

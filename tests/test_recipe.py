@@ -99,6 +99,7 @@ def test_bad_recipe_values_are_named(data, needle):
         ({"zip_budget": -1.0}, "zip_budget must be >= 0"),
         ({"calibration": None}, "needs calibration data: pass --calibration"),
         ({"push_to_hub": "just-a-name"}, "push_to_hub must be a repo id `org/name`"),
+        ({"statistics_dtype": "float16"}, "statistics_dtype must be one of float32, float64, got 'float16'"),
     ],
 )
 def test_invalid_recipes_fail_validation(changes, needle):

@@ -181,6 +181,10 @@ def execute(recipe: Recipe, *, token: str | None = None) -> dict[str, Any]:
                             text_column=recipe.text_column, progress=sys.stderr.isatty())
     if merged is None or not main:  # a non-main process of a distributed run: rank 0 saves and publishes
         return {}
+    if calibration is not None:  # merge() saw an opened dataset; the config names what the user passed
+        from ..merge import display_name
+
+        merged.config.mudsc["calibration"] = display_name(str(recipe.calibration))
     pinned = recipe.override(models=[_pinned_reference(p) for p in parents],
                              calibration=_pinned_calibration(recipe.calibration))
     produced: dict[str, Any] = {}
