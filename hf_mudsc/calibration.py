@@ -315,6 +315,8 @@ def collect_statistics(
                         ) from error
                 statistics.check()
                 size = _batch_size_of(batch)
+                for accumulator in accumulators:
+                    accumulator.examples += size
                 seen += size
                 bar.update(size)
     finally:

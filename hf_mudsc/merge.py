@@ -297,7 +297,7 @@ def merge(
     if spec_method.matches_units:
         correlations = None
         if accumulators is not None:
-            report.num_samples = accumulators[0].count
+            report.num_samples = accumulators[0].examples or accumulators[0].count
             correlations = correlations_from(accumulators)
         options = SolveOptions(
             matcher=used_matcher,

@@ -40,6 +40,9 @@ class CorrelationAccumulator:
         self.total = torch.zeros(dim, dtype=torch.float64)
         self.outer = torch.zeros(dim, dim, dtype=torch.float64)
         self.count = 0
+        # Calibration examples behind the samples (a sample is a token for per-token groups): set by
+        # `collect_statistics`, carried through merges and all-reduces, reported as the calibration size.
+        self.examples = 0
         self._lower_stale = False
 
     def update(self, samples: torch.Tensor) -> None:
@@ -106,6 +109,7 @@ class CorrelationAccumulator:
         self.total += total
         self._symmetric().add_(outer)
         self.count += other.count
+        self.examples += other.examples
         return self
 
     def covariance(self) -> torch.Tensor:
@@ -145,14 +149,15 @@ class CorrelationAccumulator:
         """The state as plain sums around zero, so shards can be added by an all-reduce."""
         self._check_usable()
         total, outer = self._moments_around(torch.zeros(self.dim, dtype=torch.float64))
-        return [total, outer, torch.tensor([float(self.count)], dtype=torch.float64)]
+        return [total, outer, torch.tensor([float(self.count), float(self.examples)], dtype=torch.float64)]
 
     def load_tensors(self, tensors: Sequence[torch.Tensor]) -> None:
         """Adopt summed `tensors()` (e.g. after an all-reduce); re-centres them on their mean."""
         self.shift = torch.zeros(self.dim, dtype=torch.float64)
         self.total, self.outer = tensors[0].to(torch.float64), tensors[1].to(torch.float64)
         self._lower_stale = False
-        self.count = int(round(float(tensors[2].item())))
+        self.count = int(round(float(tensors[2][0].item())))
+        self.examples = int(round(float(tensors[2][1].item()))) if tensors[2].numel() > 1 else 0
         if self.count:
             mean = self.total / self.count
             self.total, self.outer = self._moments_around(mean)

@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 from factories import make_batches, make_model
+from transformers import BertModel
 
 import hf_mudsc
 from hf_mudsc.adapters import spec_for
@@ -113,3 +114,30 @@ def test_merge_runs_its_statistics_gemms_in_the_requested_dtype(monkeypatch, req
     merged = hf_mudsc.merge([a, copy.deepcopy(a)], make_batches("vit_cls", num_batches=1), progress=False, **options)
     assert seen and set(seen) == {expected}
     assert merged.config.mudsc["statistics_dtype"] == str(expected).removeprefix("torch.")
+
+
+@pytest.mark.parametrize("kind", ["bert_no_pooler", "bert", "bert_cls", "vit_cls"])
+def test_the_reported_calibration_size_counts_examples_not_tokens(kind):
+    if kind == "bert_no_pooler":  # every group, the residual stream too, is read per token
+        a = BertModel(make_model("bert", 0).config, add_pooling_layer=False).eval()
+        assert all(hook.mask for group in spec_for(a).groups for hook in group.hooks)
+    else:
+        a = make_model(kind, 0)
+    batches = make_batches(kind.removesuffix("_no_pooler"), num_batches=3, batch_size=8)
+    merged = hf_mudsc.merge([a, copy.deepcopy(a)], batches, progress=False)
+    assert merged.merge_report.num_samples == merged.config.mudsc["num_calibration_samples"] == 24
+
+
+def test_examples_survive_shard_merges_and_all_reduce_tensors():
+    a, b = make_model("bert", 0), make_model("bert", 1)
+    spec = spec_for(a)
+    batches = make_batches("bert", num_batches=4, batch_size=4)
+    whole = collect_statistics(a, b, spec, batches, progress=False)
+    first = collect_statistics(a, b, spec, batches[:1], progress=False)
+    second = collect_statistics(a, b, spec, batches[1:], progress=False)
+    for w, f, s in zip(whole, first, second):
+        restored = CorrelationAccumulator(w.dim)
+        restored.load_tensors([x + y for x, y in zip(f.tensors(), s.tensors())])
+        assert (f.merge(s).examples, restored.examples, w.examples) == (16, 16, 16)
+        assert restored.count == w.count
+    assert max(w.count for w in whole) > 16  # per-token groups count tokens, yet report 16 examples
