@@ -38,7 +38,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -258,19 +257,10 @@ class EvaluationResult:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the JSON atomically (temp file + rename: never a half-written file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(self.to_dict(), handle, indent=2)
-                handle.write("\n")
-            os.chmod(tmp, _file_mode())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        from .output import write_file_atomically
+
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        return write_file_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EvaluationResult:
@@ -322,13 +312,6 @@ class EvaluationResult:
                 cells.append("-" if value is None else f"{value:.4f}")
             lines.append("| " + " | ".join([labels.get(name, name), *cells]) + " |")
         return "\n".join(lines)
-
-
-def _file_mode() -> int:
-    """The mode a plain `open()` would give a new file (mkstemp makes 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def _joint_info(tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -87,6 +87,26 @@ def staged_output(
             _move_into_place(staging, target, overwrite=overwrite, keep_existing=keep_existing)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """`write(temporary_path)`, then rename it onto `path`: readers see the old file or the whole new one.
+
+    The temporary file sits next to `path` (renames are atomic within a folder) and gets the mode a plain
+    `open()` would give; on any failure it is removed and `path` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    temporary = Path(name)
+    try:
+        write(temporary)
+        temporary.chmod(0o666 & ~_umask())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
 
 
 def _move_into_place(staging: Path, target: Path, *, overwrite: bool, keep_existing: bool) -> None:

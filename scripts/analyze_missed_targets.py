@@ -54,7 +54,6 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import hf_mudsc
-from hf_mudsc import toy
 from hf_mudsc.adapters import spec_for
 from hf_mudsc.calibration import collect_statistics
 from hf_mudsc.evaluation import evaluate_merge
@@ -136,7 +135,7 @@ def identity_fractions(matches: Sequence[Match | None], names: Sequence[str]) ->
     for found, name in zip(matches, names, strict=True):
         if found is None:
             continue
-        n = found.unmerge.shape[0] // 2
+        n = found.cluster_of.numel() // 2
         hit = recovered_fraction(found, torch.arange(n)) * n
         for kind in (kind_of(name), "all"):
             hits[kind] += hit
@@ -213,7 +212,7 @@ def dual_space_similarities(
     weights = WeightCorrelation(spec, params_a, params_b)
     maps: list[GroupMaps | None] = [None] * len(spec.groups)
     if matches is not None:
-        maps = [None if m is None else GroupMaps.from_matrices(m.merge, m.unmerge) for m in matches]
+        maps = [None if m is None else GroupMaps.from_match(m) for m in matches]
     return [
         alpha * weights(index, maps).to(torch.float64) + (1 - alpha) * correlations[index]
         for index in range(len(spec.groups))
@@ -429,12 +428,7 @@ def merge_and_score(
 def run_same_init(
     bench: Any, bargs: argparse.Namespace, width: int, index: int, classes: Any
 ) -> dict[str, Any]:
-    pretrained = bench.pretrained_all_digits(bargs, width)
-    splits = toy.digit_splits(classes[0], classes[1])
-    model_a = bench.finetuned_copy(pretrained, splits.task_a, 10 + 2 * index, bargs, width, "a")
-    model_b = bench.finetuned_copy(pretrained, splits.task_b, 11 + 2 * index, bargs, width, "b")
-    bench.name_parents(model_a, model_b, splits)
-    calibration = list(toy.digit_calibration_batches(splits, num_samples=bargs.num_samples, batch_size=64))
+    model_a, model_b, splits, calibration = bench.same_init_pair(bargs, width, index, classes)
     names = [g.name for g in spec_for(model_a).groups]
     merged, scores = merge_and_score(bench, model_a, model_b, calibration, splits, SAME_INIT_METHODS)
     rows: dict[str, Any] = {}
@@ -444,7 +438,7 @@ def run_same_init(
             **scores[label],
             "identity": identity_fractions(matches, names),
             "identity_per_group": {
-                name: recovered_fraction(m, torch.arange(m.unmerge.shape[0] // 2))
+                name: recovered_fraction(m, torch.arange(m.cluster_of.numel() // 2))
                 for name, m in zip(names, matches, strict=True)
             },
             "sweeps": model.merge_report.sweeps,
@@ -472,22 +466,9 @@ def run_same_init(
 def run_head_pairing(
     bench: Any, bargs: argparse.Namespace, width: int, index: int, classes: Any
 ) -> dict[str, Any]:
-    pair = toy.trained_digit_pair(
-        classes[0],
-        classes[1],
-        seeds=(2 * index, 2 * index + 1),
-        hidden_size=width,
-        epochs=bargs.epochs,
-        image_size=16,
-        cache_dir=Path(bargs.cache_dir) / "vit",
-    )
-    model_a, model_b = pair.model_a, pair.model_b
-    bench.name_parents(model_a, model_b, pair.splits)
-    calibration = list(
-        toy.digit_calibration_batches(pair.splits, num_samples=bargs.num_samples, batch_size=64)
-    )
+    model_a, model_b, splits, calibration = bench.different_init_pair(bargs, width, index, classes)
     names = [g.name for g in spec_for(model_a).groups]
-    merged, scores = merge_and_score(bench, model_a, model_b, calibration, pair.splits, HEAD_METHODS)
+    merged, scores = merge_and_score(bench, model_a, model_b, calibration, splits, HEAD_METHODS)
     correlations = activation_correlations(model_a, model_b, calibration)
     start = block_head_scores(model_a, model_b, correlations, None, 0.0)
     pairings: dict[str, Any] = {

@@ -192,6 +192,12 @@ def merge_all(
     return merged, info
 
 
+PLOTTED_ROWS = [
+    "ensemble", "average", "weight_matching", "activation_align", "zipit", "mudsc align", "mudsc zip",
+    "mudsc zip α-tuned",
+]
+
+
 def sweep_label(matcher: str, alpha: float) -> str:
     return f"mudsc {matcher} α={alpha}" if alpha != 0.5 else f"mudsc {matcher}"
 
@@ -269,9 +275,12 @@ def name_parents(model_a: Any, model_b: Any, splits: toy.DigitSplits) -> None:
         model.config._name_or_path = f"digits {''.join(map(str, task.classes))}"
 
 
-def run_different_init(
-    args: argparse.Namespace, width: int, split_index: int, classes: tuple[tuple[int, ...], tuple[int, ...]]
-) -> dict[str, Any]:
+Classes = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+def different_init_pair(args: argparse.Namespace, width: int, split_index: int, classes: Classes) -> tuple:
+    """(model A, model B, splits, calibration batches) of one different-init pair — also used by
+    scripts/analyze_missed_targets.py, so its merges are this benchmark's merges."""
     pair = toy.trained_digit_pair(
         classes[0],
         classes[1],
@@ -281,19 +290,38 @@ def run_different_init(
         image_size=16,
         cache_dir=Path(args.cache_dir) / "vit",
     )
-    name_parents(pair.model_a, pair.model_b, pair.splits)
-    calibration = list(
-        toy.digit_calibration_batches(pair.splits, num_samples=args.num_samples, batch_size=64)
-    )
-    merged, info = merge_all(pair.model_a, pair.model_b, calibration, args.alphas, BASE_METHODS)
+    return _named_pair(args, pair.model_a, pair.model_b, pair.splits)
+
+
+def same_init_pair(args: argparse.Namespace, width: int, split_index: int, classes: Classes) -> tuple:
+    """(model A, model B, splits, calibration batches): two fine-tunes of one ViT pretrained on all digits."""
+    pretrained = pretrained_all_digits(args, width)
+    splits = toy.digit_splits(classes[0], classes[1])
+    model_a = finetuned_copy(pretrained, splits.task_a, 10 + 2 * split_index, args, width, "a")
+    model_b = finetuned_copy(pretrained, splits.task_b, 11 + 2 * split_index, args, width, "b")
+    return _named_pair(args, model_a, model_b, splits)
+
+
+def _named_pair(args: argparse.Namespace, model_a: Any, model_b: Any, splits: Any) -> tuple:
+    name_parents(model_a, model_b, splits)
+    calibration = list(toy.digit_calibration_batches(splits, num_samples=args.num_samples, batch_size=64))
+    return model_a, model_b, splits, calibration
+
+
+def run_pair(args: argparse.Namespace, model_a: Any, model_b: Any, splits: Any, calibration: list) -> dict[str, Any]:
+    merged, info = merge_all(model_a, model_b, calibration, args.alphas, BASE_METHODS)
     return score_pair(
         merged,
         info,
-        [pair.model_a, pair.model_b],
-        digit_tasks(pair.splits, "test"),
-        digit_tasks(pair.splits, "train"),
+        [model_a, model_b],
+        digit_tasks(splits, "test"),
+        digit_tasks(splits, "train"),
         args.alphas,
     )
+
+
+def run_different_init(args: argparse.Namespace, width: int, split_index: int, classes: Classes) -> dict[str, Any]:
+    return run_pair(args, *different_init_pair(args, width, split_index, classes))
 
 
 def pretrained_all_digits(args: argparse.Namespace, width: int) -> Any:
@@ -352,24 +380,8 @@ def finetuned_copy(
     return model
 
 
-def run_same_init(
-    args: argparse.Namespace, width: int, split_index: int, classes: tuple[tuple[int, ...], tuple[int, ...]]
-) -> dict[str, Any]:
-    pretrained = pretrained_all_digits(args, width)
-    splits = toy.digit_splits(classes[0], classes[1])
-    model_a = finetuned_copy(pretrained, splits.task_a, 10 + 2 * split_index, args, width, "a")
-    model_b = finetuned_copy(pretrained, splits.task_b, 11 + 2 * split_index, args, width, "b")
-    name_parents(model_a, model_b, splits)
-    calibration = list(toy.digit_calibration_batches(splits, num_samples=args.num_samples, batch_size=64))
-    merged, info = merge_all(model_a, model_b, calibration, args.alphas, BASE_METHODS)
-    return score_pair(
-        merged,
-        info,
-        [model_a, model_b],
-        digit_tasks(splits, "test"),
-        digit_tasks(splits, "train"),
-        args.alphas,
-    )
+def run_same_init(args: argparse.Namespace, width: int, split_index: int, classes: Classes) -> dict[str, Any]:
+    return run_pair(args, *same_init_pair(args, width, split_index, classes))
 
 
 # ----------------------------------------------------------------------------------- synthesised text
@@ -789,17 +801,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     ax = axes[0]
     widths = sorted(diff, key=int)
-    for label in [
-        "ensemble",
-        "average",
-        "weight_matching",
-        "activation_align",
-        "zipit",
-        "mudsc align",
-        "mudsc zip",
-        "mudsc zip α-tuned",
-        "mudsc zip indep-heads",
-    ]:
+    for label in [*PLOTTED_ROWS, "mudsc zip indep-heads"]:
         points = [
             (int(w), diff[w][label]["joint"])
             for w in widths
@@ -849,16 +851,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             bars.append(
                 (f"MiniLM {pair_name.replace('_', ' ')}", {k: v.get("average") for k, v in rows.items()})
             )
-    labels = [
-        "ensemble",
-        "average",
-        "weight_matching",
-        "activation_align",
-        "zipit",
-        "mudsc align",
-        "mudsc zip",
-        "mudsc zip α-tuned",
-    ]
+    labels = PLOTTED_ROWS
     width_bar = 0.8 / max(1, len(labels))
     for i, label in enumerate(labels):
         values = [math.nan if b[1].get(label) is None else 100 * b[1][label] for b in bars]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_mudsc.output import check_output, staged_output
+from hf_mudsc.output import check_output, staged_output, write_file_atomically
 from hf_mudsc.recipe import RECIPE_FILENAME
 
 
@@ -161,3 +161,25 @@ def test_without_an_output_the_scratch_folder_is_always_removed(tmp_path):
         with staged_output(None) as staging:
             raise ValueError
     assert not staging.exists()
+
+
+def test_a_single_file_is_replaced_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "results.json"
+    target.write_text("old")
+
+    def fail(temporary):
+        temporary.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_file_atomically(target, fail)
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    write_file_atomically(target, lambda temporary: temporary.write_text("new"))
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    assert target.stat().st_mode & 0o777 == 0o666 & ~_current_umask()
+
+
+def _current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask

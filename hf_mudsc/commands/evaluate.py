@@ -23,12 +23,12 @@ import argparse
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..evaluation import DEFAULT_PROMPT, RESULTS_FILENAME, SHIPPED_METRICS, _file_mode
+from ..evaluation import DEFAULT_PROMPT, RESULTS_FILENAME, SHIPPED_METRICS
 from ..hub import CARD_FILENAME
+from ..output import write_file_atomically
 
 EPILOG = """\
 which dataset scores which task (task names: the keys of the model's config.task_label_ranges):
@@ -174,16 +174,7 @@ def update_card(folder: Path, model: Any, result: Any) -> Path | None:
     card_path = folder / CARD_FILENAME
     title = _card_title(card_path) if card_path.is_file() else None
     card = render_card(model, Recipe.load(recipe_path), eval_results=result.card_rows(), model_name=title)
-    fd, tmp = tempfile.mkstemp(prefix=f".{CARD_FILENAME}.", dir=folder)
-    os.close(fd)
-    try:
-        card.save(tmp)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, card_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return card_path
+    return write_file_atomically(card_path, card.save)
 
 
 def run(args: argparse.Namespace) -> int:
