@@ -1,0 +1,58 @@
+"""Every "design §N" cited in code, tests, scripts and the design document itself names a section of
+docs/design.md — a renumbering or a deleted section cannot leave dangling references behind."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DESIGN = ROOT / "docs" / "design.md"
+SOURCES = ("hf_mudsc", "tests", "scripts")
+# "design §4.3", "Design §4.2–4.5", "docs/design.md §6"; in the document itself a bare "§7".
+SECTION = r"(\d+(?:\.\d+)?)"
+CITATION = re.compile(rf"design(?:\.md)?\s*§\s*{SECTION}(?:\s*[–-]\s*{SECTION})?", re.IGNORECASE)
+SELF_CITATION = re.compile(rf"§\s*{SECTION}(?:\s*[–-]\s*{SECTION})?")
+HEADING = re.compile(r"^(#{2,3})\s+(\d+(?:\.\d+)?)\.?\s+\S", re.MULTILINE)
+
+
+def sections() -> list[str]:
+    return [number for _, number in HEADING.findall(DESIGN.read_text(encoding="utf-8"))]
+
+
+def cited(pattern: re.Pattern[str], text: str) -> set[str]:
+    numbers = set()
+    for start, end in pattern.findall(text):
+        numbers.add(start)
+        if end:
+            numbers.add(end)
+    return numbers
+
+
+def test_design_sections_are_numbered_consecutively():
+    found = sections()
+    top = [n for n in found if "." not in n]
+    assert top == [str(i) for i in range(1, len(top) + 1)], top
+    for parent in top:
+        subs = [n for n in found if n.startswith(f"{parent}.")]
+        assert subs == [f"{parent}.{i}" for i in range(1, len(subs) + 1)], subs
+
+
+def test_every_design_citation_in_the_code_names_a_section():
+    known = set(sections())
+    citations: dict[str, set[str]] = {}
+    for folder in SOURCES:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            numbers = cited(CITATION, path.read_text(encoding="utf-8"))
+            if numbers:
+                citations[str(path.relative_to(ROOT))] = numbers
+    assert citations, "no design citations found: the pattern no longer matches the code's comments"
+    dangling = {path: sorted(numbers - known) for path, numbers in citations.items() if numbers - known}
+    assert not dangling, f"citations of sections that docs/design.md does not have: {dangling}"
+
+
+def test_the_design_document_cites_only_its_own_sections():
+    text = DESIGN.read_text(encoding="utf-8")
+    numbers = cited(SELF_CITATION, text)
+    assert numbers
+    assert sorted(numbers - set(sections())) == []
