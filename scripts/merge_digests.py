@@ -299,6 +299,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     problems: list[str] = []
     if baseline is not None:
         problems = mismatches(baseline, result)
+        for key in ("torch", "transformers"):
+            if baseline["settings"].get(key) != result["settings"][key]:
+                logger.warning("the baseline was recorded with %s %s, this run uses %s: bit-identity is not "
+                               "promised across versions", key, baseline["settings"].get(key),
+                               result["settings"][key])
         line["check"] = {"baseline": args.check, "mismatches": len(problems)}
     print(json.dumps(line, ensure_ascii=False))
     print(table(result))
