@@ -176,6 +176,22 @@ def _build_model(
     return merged.eval()
 
 
+def solve_spec(spec: PermutationSpec, concatenate_classifier: bool) -> PermutationSpec:
+    """The spec the solver matches with: the parents' spec, minus the classifier's weight similarity when the
+    heads are concatenated.
+
+    The classifier's columns are members of the residual (ViT) or pooler (BERT) group, and the weight
+    similarity correlates each unit's row of `[Z_A; Z_B]` column by column — which assumes column `j` of A
+    and of B mean the same thing. With different label sets (whatever their sizes) A's row `j` and B's row
+    `j` are different classes, and with different counts the blocks do not even line up; so the classifier
+    is then left out of `C_w` of its group (activations still see the features it reads, and apply still
+    maps its columns into the merged space). Same label sets keep it, exactly as before.
+    """
+    if not concatenate_classifier or spec.classifier is None:
+        return spec
+    return spec.without_weight_similarity([spec.classifier.weight])
+
+
 def _first_shape_change(model: PreTrainedModel, params: Mapping[str, torch.Tensor]) -> str | None:
     for name, param in model.named_parameters():
         if tuple(params[name].shape) != tuple(param.shape):
@@ -294,6 +310,7 @@ def merge(
     report = MergeReport(method=method, matcher=used_matcher,
                          alpha=float(alpha) if method == "mudsc" else None)
     matches: list[Match | None] = [None] * len(spec.groups)
+    concatenate = spec.classifier is not None and not same_label_set(model_a.config, model_b.config)
     if spec_method.matches_units:
         correlations = None
         if accumulators is not None:
@@ -310,7 +327,8 @@ def merge(
             normalizer_eps=REFERENCE_NORMALIZER_EPS if reference_compat else 0.0,
             seed=seed,
         )
-        result = Solver(spec, params_a, params_b, correlations, options).solve(progress=progress)
+        result = Solver(solve_spec(spec, concatenate), params_a, params_b, correlations, options).solve(
+            progress=progress)
         matches = result.matches
         report.group_names = [g.name for g in spec.groups]
         report.group_values = result.group_values()
@@ -318,7 +336,6 @@ def merge(
         report.sweeps = result.sweeps
     report.matches = list(matches)
 
-    concatenate = spec.classifier is not None and not same_label_set(model_a.config, model_b.config)
     merged_params = apply_matches(spec, params_a, params_b, matches, concatenate_classifier=concatenate)
 
     config = copy.deepcopy(model_a.config)
