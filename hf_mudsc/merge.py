@@ -31,7 +31,11 @@ _IGNORED_CONFIG_KEYS = {
     "id2label", "label2id", "num_labels", "_name_or_path", "name_or_path", "transformers_version",
     "dtype", "torch_dtype", "problem_type", "finetuning_task", "architectures", "task_label_ranges",
     "mudsc", "_commit_hash", "output_attentions", "output_hidden_states", "return_dict",
+    "auto_map", "custom_pipelines",
 }
+# Config keys that point at code in a parent's repo (`trust_remote_code` classes and pipelines). The merged
+# model is a stock transformers class; copying them would make it point users at code it was never built with.
+REMOTE_CODE_CONFIG_KEYS = ("auto_map", "custom_pipelines")
 
 
 class MergeInputError(ValueError):
@@ -339,6 +343,9 @@ def merge(
     merged_params = apply_matches(spec, params_a, params_b, matches, concatenate_classifier=concatenate)
 
     config = copy.deepcopy(model_a.config)
+    for key in REMOTE_CODE_CONFIG_KEYS:
+        if hasattr(config, key):
+            delattr(config, key)
     parent_names = [p.repo_id or _parent_name(p.model, f"model_{side}") for p, side in zip(parents, "ab")]
     if concatenate:
         for key, value in concatenated_head_config(
