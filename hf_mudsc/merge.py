@@ -14,7 +14,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from . import __version__
 from .adapters import spec_for
-from .calibration import STATISTICS_DTYPES, CalibrationError, statistics_dtype_of
+from .calibration import STATISTICS_DTYPES, CalibrationError, resolve_device, statistics_dtype_of
 from .heads import concatenated_head_config, distinct_task_names, same_label_set
 from .matching import Match
 from .methods import get_method
@@ -223,6 +223,7 @@ def merge(
     image_column: str | None = None,
     text_column: str | None = None,
     statistics_dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = None,
 ) -> PreTrainedModel | None:
     """Merge two fine-tuned models of one architecture into one model, without training.
 
@@ -252,6 +253,11 @@ def merge(
             and sums the products in float64 — about twice as fast on CPUs, merged weights equal to the
             `"float64"` path to ~1e-6 on the test models (nearly tied units of a large model may pair
             differently); `"float64"` keeps every product in float64. A `torch.dtype` is accepted too.
+        device: where the calibration forward passes and statistics products run: `"cpu"`, `"cuda"`,
+            `"cuda:N"` or a `torch.device`; None = CUDA when available, else the CPU. Parents are read into
+            CPU memory (as `from_pretrained` does), moved to the device for calibration and moved back;
+            statistics are summed and the solve runs on the CPU. The merged model is returned on `device`
+            when one was given, on the CPU otherwise (like `from_pretrained`).
 
     Returns:
         A `PreTrainedModel` of the parents' class; `save_pretrained`/`push_to_hub` work as usual.
@@ -267,6 +273,10 @@ def merge(
         raise MergeInputError(f"alpha must lie in [0, 1], got {alpha}")
     if len(models) != 2:
         raise MergeInputError(f"merge takes exactly two parents, got {len(models)}")
+    try:
+        run_device = resolve_device(device)
+    except ValueError as error:
+        raise MergeInputError(str(error)) from None
     try:
         statistics_dtype = str(statistics_dtype_of(statistics_dtype)).removeprefix("torch.")
     except CalibrationError:
@@ -303,14 +313,15 @@ def merge(
         accumulators = collect_statistics_distributed(
             model_a, model_b, spec, calibration, batch_size=batch_size, num_samples=num_samples,
             columns=_input_columns(model_a), required=spec.inputs, progress=progress,
-            statistics_dtype=statistics_dtype,
+            statistics_dtype=statistics_dtype, device=run_device,
         )
     if not is_main_process():
         logger.info("statistics shared with the main process, which solves and builds the merged model")
         return None
 
-    params_a = {k: v.detach() for k, v in model_a.named_parameters()}
-    params_b = {k: v.detach() for k, v in model_b.named_parameters()}
+    # The solve and apply run on the CPU (no copy for parents already there).
+    params_a = {k: v.detach().cpu() for k, v in model_a.named_parameters()}
+    params_b = {k: v.detach().cpu() for k, v in model_b.named_parameters()}
     report = MergeReport(method=method, matcher=used_matcher,
                          alpha=float(alpha) if method == "mudsc" else None)
     matches: list[Match | None] = [None] * len(spec.groups)
@@ -371,7 +382,7 @@ def merge(
         "group_match_values": {n: round(float(v), 6) for n, v in zip(report.group_names, report.group_values)},
     }
     config._name_or_path = ""
-    merged = _build_model(model_a, config, merged_params)
+    merged = _build_model(model_a, config, merged_params).to(run_device if device is not None else "cpu")
     merged.merge_report = report
     logger.info("merged %s and %s with %s", parent_names[0], parent_names[1], method)
     return merged

@@ -58,24 +58,26 @@ class CorrelationAccumulator:
         if samples.shape[0] == 0:
             return
         samples = samples.detach()
+        home = self.outer.device
         if self.count == 0:
             # The shift is stored exactly as representable in the GEMM dtype, so the low-precision path
             # subtracts it without a float64 round trip and the moment algebra stays exact.
-            self.shift = samples.to(torch.float64).mean(0).to(self.dtype).to(torch.float64)
+            self.shift = samples.to(torch.float64).mean(0).to(self.dtype).to(home, torch.float64)
         # Only the blocks [AA AB] and BB of the symmetric Gram are multiplied (3/4 of the FLOPs of a full
         # xᵀx); the BA block is filled in from AB when the sums are read (`_symmetric`).
         h = self.dim // 2
         if self.dtype == torch.float64:
-            x = samples.to(torch.float64) - self.shift
+            x = samples.to(home, torch.float64) - self.shift
             self.total += x.sum(0)
             self.outer[:h].addmm_(x[:, :h].T, x)
             self.outer[h:, h:].addmm_(x[:, h:].T, x[:, h:])
         else:
-            x = samples.to(self.dtype) - self.shift.to(self.dtype)
-            self.total += x.sum(0, dtype=torch.float64)
+            # Features on an accelerator are multiplied there; only the (dim, dim) products come back.
+            x = samples.to(self.dtype) - self.shift.to(samples.device, self.dtype)
+            self.total += x.sum(0, dtype=torch.float64).to(home)
             # add_ widens the fp32 product element by element: no float64 copy of it is made.
-            self.outer[:h].add_(x[:, :h].T @ x)
-            self.outer[h:, h:].add_(x[:, h:].T @ x[:, h:])
+            self.outer[:h].add_((x[:, :h].T @ x).to(home))
+            self.outer[h:, h:].add_((x[:, h:].T @ x[:, h:]).to(home))
         self._lower_stale = True
         self.count += samples.shape[0]
 
