@@ -256,8 +256,9 @@ def merge(
         device: where the calibration forward passes and statistics products run: `"cpu"`, `"cuda"`,
             `"cuda:N"` or a `torch.device`; None = CUDA when available, else the CPU. Parents are read into
             CPU memory (as `from_pretrained` does), moved to the device for calibration and moved back;
-            statistics are summed and the solve runs on the CPU. The merged model is returned on `device`
-            when one was given, on the CPU otherwise (like `from_pretrained`).
+            the solve's weight-similarity products run there too, while statistics sums, matching and the
+            apply step stay on the CPU. The merged model is returned on `device` when one was given, on
+            the CPU otherwise (like `from_pretrained`).
 
     Returns:
         A `PreTrainedModel` of the parents' class; `save_pretrained`/`push_to_hub` work as usual.
@@ -341,6 +342,7 @@ def merge(
             independent_heads=independent_heads or reference_compat,
             normalizer_eps=REFERENCE_NORMALIZER_EPS if reference_compat else 0.0,
             seed=seed,
+            device=str(run_device),
         )
         result = Solver(solve_spec(spec, concatenate), params_a, params_b, correlations, options).solve(
             progress=progress)

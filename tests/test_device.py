@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from factories import make_batches, make_model
@@ -101,3 +103,26 @@ def test_recipe_key_and_cli_flag(monkeypatch, tmp_path, capsys):
     assert err.strip().count("\n") == 0
     assert "--device cuda: CUDA is not available on this machine; use --device cpu" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_device_reaches_calibration_and_the_solve(monkeypatch, parents):
+    a, b, batches = parents
+    distributed = importlib.import_module("hf_mudsc.distributed")
+    merge_module = importlib.import_module("hf_mudsc.merge")  # `hf_mudsc.merge` is also the function
+
+    seen: dict[str, object] = {}
+    collect, solver = distributed.collect_statistics, merge_module.Solver
+
+    def spy_collect(*args, **kwargs):
+        seen["calibration"] = kwargs.get("device")
+        return collect(*args, **kwargs)
+
+    def spy_solver(spec, params_a, params_b, correlations, options):
+        seen["solve"] = options.device
+        seen["params"] = {t.device for t in [*params_a.values(), *params_b.values()]}
+        return solver(spec, params_a, params_b, correlations, options)
+
+    monkeypatch.setattr(distributed, "collect_statistics", spy_collect)
+    monkeypatch.setattr(merge_module, "Solver", spy_solver)
+    hf_mudsc.merge([a, b], batches, method="mudsc", matcher="align", progress=False, device=torch.device("cpu"))
+    assert seen == {"calibration": torch.device("cpu"), "solve": "cpu", "params": {torch.device("cpu")}}
