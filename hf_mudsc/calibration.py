@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import inspect
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -38,6 +39,45 @@ def statistics_dtype_of(name: str | torch.dtype) -> torch.dtype:
     raise CalibrationError(
         f"statistics_dtype must be one of {', '.join(STATISTICS_DTYPES)}, got {name!r}"
     )
+
+
+def resolve_device(device: str | torch.device | None, *, cli: bool = False) -> torch.device:
+    """The device that runs the calibration forwards and statistics GEMMs; bad values fail before any work.
+
+    None means CUDA when `torch.cuda.is_available()`, else the CPU. An unindexed CUDA device (None or
+    `"cuda"`) is `cuda:$LOCAL_RANK` under `torchrun`/`accelerate launch` (one GPU per process) and torch's
+    current CUDA device otherwise. `cli=True` words the errors with the `--device` flag.
+    """
+    shown = f"--device {device}" if cli else f"device {str(device)!r}"
+    choices = "use 'cpu', 'cuda' or 'cuda:N'"
+    if device is None:
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        parsed = torch.device("cuda")
+    elif isinstance(device, torch.device):
+        parsed = device
+    elif isinstance(device, str):
+        try:
+            parsed = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"unknown {shown}; {choices}") from None
+    else:
+        raise ValueError(f"device must be a string like 'cpu' or 'cuda:0' or a torch.device, got {device!r}")
+    if parsed.type == "cpu":
+        return torch.device("cpu")
+    if parsed.type != "cuda":
+        raise ValueError(f"unsupported {shown}; {choices}")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"{shown}: CUDA is not available on this machine; " + ("use --device cpu" if cli else "pass device='cpu'")
+        )
+    count = torch.cuda.device_count()
+    if parsed.index is None:
+        local_rank = os.environ.get("LOCAL_RANK", "")
+        return torch.device("cuda", int(local_rank) % count) if local_rank.isdigit() else parsed
+    if parsed.index >= count:
+        raise ValueError(f"{shown}: there is no CUDA device {parsed.index} ({count} available: 0-{count - 1})")
+    return parsed
 
 
 def new_accumulators(spec: PermutationSpec, statistics_dtype: str | torch.dtype = DEFAULT_STATISTICS_DTYPE,
@@ -271,6 +311,12 @@ def _samples(features: torch.Tensor, point: HookPoint, batch: Mapping[str, Any])
     return features.reshape(-1, features.shape[-1])
 
 
+def _single_device(model: nn.Module) -> torch.device | None:
+    """The one device holding all of `model`'s parameters and buffers (None when spread or empty)."""
+    devices = {t.device for t in (*model.parameters(), *model.buffers())}
+    return devices.pop() if len(devices) == 1 else None
+
+
 def collect_statistics(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -282,8 +328,12 @@ def collect_statistics(
     total: int | None = None,
     allow_empty: bool = False,
     statistics_dtype: str | torch.dtype = DEFAULT_STATISTICS_DTYPE,
+    device: str | torch.device | None = None,
 ) -> list[CorrelationAccumulator]:
     """Run both parents over the batches and accumulate each group's `[A; B]` activation statistics.
+
+    With a `device`, the parents and each batch are moved there for the forwards (the parents are moved
+    back afterwards: inputs are left as they were); the statistics' float64 sums stay on the CPU.
 
     `total` (samples, when known) sizes the progress bar, which shows samples/s. `allow_empty` lets one
     process of a distributed run hold no samples (its zero sums still join the all-reduce).
@@ -294,13 +344,21 @@ def collect_statistics(
     statistics = _BatchStatistics(spec, accumulators)
     recorders = [_Recorder(model_a, spec, statistics.store_a), _Recorder(model_b, spec, statistics.add_b)]
     was_training = [model_a.training, model_b.training]
+    homes = [_single_device(model_a), _single_device(model_b)]
+    target = torch.device(device) if device is not None else None
     model_a.eval()
     model_b.eval()
     seen = 0
     bar = tqdm(desc="calibration", unit="samples", total=total, disable=not progress, dynamic_ncols=True)
     try:
         with torch.no_grad():
+            if target is not None:
+                for model, home in zip((model_a, model_b), homes):
+                    if home is not None and home != target:
+                        model.to(target)
             for batch in batches:
+                if target is not None:
+                    batch = {k: v.to(target) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 statistics.start(batch)
                 for side, model in enumerate((model_a, model_b)):
                     statistics.running = side
@@ -326,6 +384,9 @@ def collect_statistics(
             recorder.remove()
         model_a.train(was_training[0])
         model_b.train(was_training[1])
+        for model, home in zip((model_a, model_b), homes):
+            if home is not None and _single_device(model) != home:
+                model.to(home)
         _return_freed_memory()
     if seen == 0 and not allow_empty:
         raise CalibrationError("the calibration data has no samples; pass a non-empty dataset or batches")

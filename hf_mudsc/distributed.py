@@ -130,8 +130,9 @@ def collect_statistics_distributed(
     required: Iterable[str] = (),
     progress: bool = True,
     statistics_dtype: str | torch.dtype = DEFAULT_STATISTICS_DTYPE,
+    device: torch.device | None = None,
 ) -> list[CorrelationAccumulator]:
-    """The statistics of the whole calibration stream, on every process.
+    """The statistics of the whole calibration stream, on every process (forwards on `device`).
 
     One process: `collect_statistics` over all batches. Several: each accumulates its shard, a failure
     anywhere is shared first (so no process waits forever in the all-reduce), then the sums are reduced.
@@ -141,7 +142,7 @@ def collect_statistics_distributed(
         batches, total = shard_batches(calibration, 0, 1, batch_size=batch_size, num_samples=num_samples,
                                        columns=columns, required=required)
         return collect_statistics(model_a, model_b, spec, batches, progress=progress, total=total,
-                                  statistics_dtype=statistics_dtype)
+                                  statistics_dtype=statistics_dtype, device=device)
 
     error: BaseException | None = None
     accumulators = new_accumulators(spec, statistics_dtype)
@@ -149,7 +150,7 @@ def collect_statistics_distributed(
         batches, total = shard_batches(calibration, rank, world_size, batch_size=batch_size,
                                        num_samples=num_samples, columns=columns, required=required)
         collect_statistics(model_a, model_b, spec, batches, progress=progress and rank == 0,
-                           accumulators=accumulators, total=total, allow_empty=True)
+                           accumulators=accumulators, total=total, allow_empty=True, device=device)
     except Exception as caught:  # shared with the other processes below, then re-raised here
         error = caught
     failed = all_reduce_sum(torch.tensor([1.0 if error is not None else 0.0], dtype=torch.float64))

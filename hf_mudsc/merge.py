@@ -14,7 +14,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from . import __version__
 from .adapters import spec_for
-from .calibration import STATISTICS_DTYPES, CalibrationError, statistics_dtype_of
+from .calibration import STATISTICS_DTYPES, CalibrationError, resolve_device, statistics_dtype_of
 from .heads import concatenated_head_config, distinct_task_names, same_label_set
 from .matching import Match
 from .methods import get_method
@@ -31,7 +31,11 @@ _IGNORED_CONFIG_KEYS = {
     "id2label", "label2id", "num_labels", "_name_or_path", "name_or_path", "transformers_version",
     "dtype", "torch_dtype", "problem_type", "finetuning_task", "architectures", "task_label_ranges",
     "mudsc", "_commit_hash", "output_attentions", "output_hidden_states", "return_dict",
+    "auto_map", "custom_pipelines",
 }
+# Config keys that point at code in a parent's repo (`trust_remote_code` classes and pipelines). The merged
+# model is a stock transformers class; copying them would make it point users at code it was never built with.
+REMOTE_CODE_CONFIG_KEYS = ("auto_map", "custom_pipelines")
 
 
 class MergeInputError(ValueError):
@@ -176,6 +180,22 @@ def _build_model(
     return merged.eval()
 
 
+def solve_spec(spec: PermutationSpec, concatenate_classifier: bool) -> PermutationSpec:
+    """The spec the solver matches with: the parents' spec, minus the classifier's weight similarity when the
+    heads are concatenated.
+
+    The classifier's columns are members of the residual (ViT) or pooler (BERT) group, and the weight
+    similarity correlates each unit's row of `[Z_A; Z_B]` column by column — which assumes column `j` of A
+    and of B mean the same thing. With different label sets (whatever their sizes) A's row `j` and B's row
+    `j` are different classes, and with different counts the blocks do not even line up; so the classifier
+    is then left out of `C_w` of its group (activations still see the features it reads, and apply still
+    maps its columns into the merged space). Same label sets keep it, exactly as before.
+    """
+    if not concatenate_classifier or spec.classifier is None:
+        return spec
+    return spec.without_weight_similarity([spec.classifier.weight])
+
+
 def _first_shape_change(model: PreTrainedModel, params: Mapping[str, torch.Tensor]) -> str | None:
     for name, param in model.named_parameters():
         if tuple(params[name].shape) != tuple(param.shape):
@@ -203,6 +223,7 @@ def merge(
     image_column: str | None = None,
     text_column: str | None = None,
     statistics_dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = None,
 ) -> PreTrainedModel | None:
     """Merge two fine-tuned models of one architecture into one model, without training.
 
@@ -232,6 +253,12 @@ def merge(
             and sums the products in float64 — about twice as fast on CPUs, merged weights equal to the
             `"float64"` path to ~1e-6 on the test models (nearly tied units of a large model may pair
             differently); `"float64"` keeps every product in float64. A `torch.dtype` is accepted too.
+        device: where the calibration forward passes and statistics products run: `"cpu"`, `"cuda"`,
+            `"cuda:N"` or a `torch.device`; None = CUDA when available, else the CPU. Parents are read into
+            CPU memory (as `from_pretrained` does), moved to the device for calibration and moved back;
+            the solve's weight-similarity products run there too, while statistics sums, matching and the
+            apply step stay on the CPU. The merged model is returned on `device` when one was given, on
+            the CPU otherwise (like `from_pretrained`).
 
     Returns:
         A `PreTrainedModel` of the parents' class; `save_pretrained`/`push_to_hub` work as usual.
@@ -247,6 +274,10 @@ def merge(
         raise MergeInputError(f"alpha must lie in [0, 1], got {alpha}")
     if len(models) != 2:
         raise MergeInputError(f"merge takes exactly two parents, got {len(models)}")
+    try:
+        run_device = resolve_device(device)
+    except ValueError as error:
+        raise MergeInputError(str(error)) from None
     try:
         statistics_dtype = str(statistics_dtype_of(statistics_dtype)).removeprefix("torch.")
     except CalibrationError:
@@ -283,17 +314,19 @@ def merge(
         accumulators = collect_statistics_distributed(
             model_a, model_b, spec, calibration, batch_size=batch_size, num_samples=num_samples,
             columns=_input_columns(model_a), required=spec.inputs, progress=progress,
-            statistics_dtype=statistics_dtype,
+            statistics_dtype=statistics_dtype, device=run_device,
         )
     if not is_main_process():
         logger.info("statistics shared with the main process, which solves and builds the merged model")
         return None
 
-    params_a = {k: v.detach() for k, v in model_a.named_parameters()}
-    params_b = {k: v.detach() for k, v in model_b.named_parameters()}
+    # The solve and apply run on the CPU (no copy for parents already there).
+    params_a = {k: v.detach().cpu() for k, v in model_a.named_parameters()}
+    params_b = {k: v.detach().cpu() for k, v in model_b.named_parameters()}
     report = MergeReport(method=method, matcher=used_matcher,
                          alpha=float(alpha) if method == "mudsc" else None)
     matches: list[Match | None] = [None] * len(spec.groups)
+    concatenate = spec.classifier is not None and not same_label_set(model_a.config, model_b.config)
     if spec_method.matches_units:
         correlations = None
         if accumulators is not None:
@@ -309,8 +342,10 @@ def merge(
             independent_heads=independent_heads or reference_compat,
             normalizer_eps=REFERENCE_NORMALIZER_EPS if reference_compat else 0.0,
             seed=seed,
+            device=str(run_device),
         )
-        result = Solver(spec, params_a, params_b, correlations, options).solve(progress=progress)
+        result = Solver(solve_spec(spec, concatenate), params_a, params_b, correlations, options).solve(
+            progress=progress)
         matches = result.matches
         report.group_names = [g.name for g in spec.groups]
         report.group_values = result.group_values()
@@ -318,10 +353,12 @@ def merge(
         report.sweeps = result.sweeps
     report.matches = list(matches)
 
-    concatenate = spec.classifier is not None and not same_label_set(model_a.config, model_b.config)
     merged_params = apply_matches(spec, params_a, params_b, matches, concatenate_classifier=concatenate)
 
     config = copy.deepcopy(model_a.config)
+    for key in REMOTE_CODE_CONFIG_KEYS:
+        if hasattr(config, key):
+            delattr(config, key)
     parent_names = [p.repo_id or _parent_name(p.model, f"model_{side}") for p, side in zip(parents, "ab")]
     if concatenate:
         for key, value in concatenated_head_config(
@@ -347,7 +384,7 @@ def merge(
         "group_match_values": {n: round(float(v), 6) for n, v in zip(report.group_names, report.group_values)},
     }
     config._name_or_path = ""
-    merged = _build_model(model_a, config, merged_params)
+    merged = _build_model(model_a, config, merged_params).to(run_device if device is not None else "cpu")
     merged.merge_report = report
     logger.info("merged %s and %s with %s", parent_names[0], parent_names[1], method)
     return merged

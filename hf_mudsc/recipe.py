@@ -56,6 +56,7 @@ class Recipe:
     independent_heads: bool = False
     reference_compat: bool = False
     statistics_dtype: str = "float32"
+    device: str | None = None
     image_column: str | None = None
     text_column: str | None = None
     allow_pickle: bool = False
@@ -105,7 +106,7 @@ class Recipe:
     # ------------------------------------------------------------------ checks
     def validate(self) -> Recipe:
         """Refuse a recipe that cannot run, before anything is downloaded or computed."""
-        from .calibration import STATISTICS_DTYPES
+        from .calibration import STATISTICS_DTYPES, resolve_device
         from .methods import METHODS, get_method
 
         if len(self.models) != 2:
@@ -131,6 +132,10 @@ class Recipe:
             raise RecipeError(
                 f"statistics_dtype must be one of {', '.join(STATISTICS_DTYPES)}, got {self.statistics_dtype!r}"
             )
+        try:
+            resolve_device(self.device, cli=True)
+        except ValueError as error:
+            raise RecipeError(str(error)) from None
         if get_method(self.method).uses_activations and not self.calibration:
             raise RecipeError(
                 f"method {self.method!r} needs calibration data: pass --calibration "
@@ -158,6 +163,7 @@ class Recipe:
             "independent_heads": self.independent_heads,
             "reference_compat": self.reference_compat,
             "statistics_dtype": self.statistics_dtype,
+            "device": self.device,
         }
 
     def to_dict(self, *, reproducible: bool = False) -> dict[str, Any]:
@@ -192,6 +198,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "independent_heads": (bool,),
     "reference_compat": (bool,),
     "statistics_dtype": (str,),
+    "device": (str,),
     "image_column": (str,),
     "text_column": (str,),
     "allow_pickle": (bool,),
@@ -200,7 +207,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "private": (bool,),
     "overwrite": (bool,),
 }
-_NULLABLE = {"calibration", "num_samples", "image_column", "text_column", "output", "push_to_hub"}
+_NULLABLE = {"calibration", "num_samples", "device", "image_column", "text_column", "output", "push_to_hub"}
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:

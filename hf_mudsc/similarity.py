@@ -58,24 +58,26 @@ class CorrelationAccumulator:
         if samples.shape[0] == 0:
             return
         samples = samples.detach()
+        home = self.outer.device
         if self.count == 0:
             # The shift is stored exactly as representable in the GEMM dtype, so the low-precision path
             # subtracts it without a float64 round trip and the moment algebra stays exact.
-            self.shift = samples.to(torch.float64).mean(0).to(self.dtype).to(torch.float64)
+            self.shift = samples.to(torch.float64).mean(0).to(self.dtype).to(home, torch.float64)
         # Only the blocks [AA AB] and BB of the symmetric Gram are multiplied (3/4 of the FLOPs of a full
         # xᵀx); the BA block is filled in from AB when the sums are read (`_symmetric`).
         h = self.dim // 2
         if self.dtype == torch.float64:
-            x = samples.to(torch.float64) - self.shift
+            x = samples.to(home, torch.float64) - self.shift
             self.total += x.sum(0)
             self.outer[:h].addmm_(x[:, :h].T, x)
             self.outer[h:, h:].addmm_(x[:, h:].T, x[:, h:])
         else:
-            x = samples.to(self.dtype) - self.shift.to(self.dtype)
-            self.total += x.sum(0, dtype=torch.float64)
+            # Features on an accelerator are multiplied there; only the (dim, dim) products come back.
+            x = samples.to(self.dtype) - self.shift.to(samples.device, self.dtype)
+            self.total += x.sum(0, dtype=torch.float64).to(home)
             # add_ widens the fp32 product element by element: no float64 copy of it is made.
-            self.outer[:h].add_(x[:, :h].T @ x)
-            self.outer[h:, h:].add_(x[:, h:].T @ x[:, h:])
+            self.outer[:h].add_((x[:, :h].T @ x).to(home))
+            self.outer[h:, h:].add_((x[:, h:].T @ x[:, h:]).to(home))
         self._lower_stale = True
         self.count += samples.shape[0]
 
@@ -314,15 +316,16 @@ class _Moments:
     row blocks); the `BA` block is the transpose of `AB` and is filled in by `correlation`.
     """
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, device: torch.device | str | None = None) -> None:
         self.width = width
-        self.gram = torch.empty(2 * width, 2 * width, dtype=torch.float64)
-        self.sums = torch.zeros(2 * width, dtype=torch.float64)
+        self.gram = torch.empty(2 * width, 2 * width, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(2 * width, dtype=torch.float64, device=device)
         self.columns = 0
         self._fresh = True  # gram holds garbage until the first product (saves zeroing 2n × 2n)
 
     def add_stacked(self, z: torch.Tensor) -> None:
-        """Add the columns of a `(2n, D)` float64 block `[Z_A; Z_B]`."""
+        """Add the columns of a `(2n, D)` float64 block `[Z_A; Z_B]` (moved to the sums' device)."""
+        z = z.to(self.gram.device)
         n = self.width
         beta = 0.0 if self._fresh else 1.0
         top, bottom = self.gram[:n], self.gram[n:, n:]
@@ -347,7 +350,7 @@ class _Moments:
         self.columns += other.columns
 
     def plus(self, other: _Moments) -> _Moments:
-        total = _Moments(self.width)
+        total = _Moments(self.width, self.gram.device)
         total.add_moments(self)
         total.add_moments(other)
         return total
@@ -382,10 +385,13 @@ class WeightCorrelation:
         params_a: Mapping[str, torch.Tensor],
         params_b: Mapping[str, torch.Tensor],
         cache_constant: bool = True,
+        device: torch.device | str | None = None,
     ) -> None:
         self.spec = spec
         self.params = (params_a, params_b)
         self.cache_constant = cache_constant
+        # Where the Gram products run (e.g. a GPU); `Z` is gathered on the CPU and the result returned there.
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._constant: dict[int, tuple[_Moments | None, torch.Tensor | None]] = {}
 
     def _is_constant(self, group_index: int, member: Member) -> bool:
@@ -436,7 +442,7 @@ class WeightCorrelation:
             width = self.spec.groups[group_index].width
             blocks = [self._blocks(group_index, m, maps) for m in constant]
             if sum(b[0].shape[1] for b in blocks) >= 2 * width:
-                fixed = _Moments(width)
+                fixed = _Moments(width, self.device)
                 self._accumulate(fixed, group_index, constant, maps)
                 self._constant[group_index] = (fixed, None)
             else:
@@ -450,11 +456,11 @@ class WeightCorrelation:
         constant = [m for m in members if self._is_constant(group_index, m)] if self.cache_constant else []
         varying = [m for m in members if m not in constant]
         fixed, columns = self._constant_part(group_index, constant, maps) if constant else (None, None)
-        moments = _Moments(group.width)
+        moments = _Moments(group.width, self.device)
         self._accumulate(moments, group_index, varying, maps, extra=columns)
         if fixed is not None:
             moments.add_moments(fixed)
-        return moments.correlation()
+        return moments.correlation().cpu()
 
 
 def weight_correlation(

@@ -35,6 +35,8 @@ class SolveOptions:
     seed: int = 0
     max_sweeps: int = 100
     patience: int = 5
+    # Where the weight-similarity Gram products run ("cpu", "cuda:0", ...); matching itself is on the CPU.
+    device: str = "cpu"
 
 
 @dataclass
@@ -92,7 +94,7 @@ class Solver:
         self.options = options
         self.ties = {} if options.independent_heads else spec.head_ties()
         self.tie_of = {index: members for members in self.ties.values() for index in members}
-        self.weight_correlation = WeightCorrelation(spec, params_a, params_b)
+        self.weight_correlation = WeightCorrelation(spec, params_a, params_b, device=options.device)
         # A visit's result depends only on the maps of the groups sharing a tensor with the visited
         # group(s): while those GroupMaps objects are the same, the last result is reused exactly.
         self._neighbours = {index: self._neighbour_groups(members) for members in

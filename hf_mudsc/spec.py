@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -107,6 +107,19 @@ class PermutationSpec:
             if group.name == name:
                 return index
         raise KeyError(name)
+
+    def without_weight_similarity(self, params: Iterable[str]) -> PermutationSpec:
+        """A copy in which every member on `params` is `ignore`d: still transformed, never correlated.
+
+        For tensors whose rows do not correspond between the two models (e.g. classifiers over different
+        label sets), so their columns cannot be stacked as `[Z_A; Z_B]` for the weight similarity.
+        """
+        names = set(params)
+        groups = tuple(
+            replace(group, members=tuple(replace(m, ignore=True) if m.param in names else m for m in group.members))
+            for group in self.groups
+        )
+        return replace(self, groups=groups)
 
     def head_ties(self) -> dict[str, list[int]]:
         """Tie key -> indices of the groups that must share one head pairing."""

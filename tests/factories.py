@@ -6,6 +6,8 @@ permuted-copy tests blind to a norm left out of its group.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers import (
     BertConfig,
@@ -139,3 +141,24 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def permuted_copy(model: torch.nn.Module, spec: PermutationSpec, seed: int) -> torch.nn.Module:
     """A copy whose unit j of every group is the original's unit perm[j] (same function, other basis)."""
     return permute_model(model, spec, random_permutations(spec, seed))
+
+
+def with_new_head(model: torch.nn.Module, num_labels: int, seed: int) -> torch.nn.Module:
+    """A copy of a `*ForXClassification` model whose classifier is a fresh random `num_labels`-way head.
+
+    Everything but the classifier is `model`'s: the pair shares its body, so a merge that finds the right
+    units must reproduce both parents' logits on their own slices of the concatenated head.
+    """
+    config = copy.deepcopy(model.config)
+    config.num_labels = num_labels
+    config.id2label = {i: f"class_{i}" for i in range(num_labels)}
+    config.label2id = {v: k for k, v in config.id2label.items()}
+    clone = type(model)(config)
+    body = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
+    missing, unexpected = clone.load_state_dict(body, strict=False)
+    assert not unexpected and set(missing) == {"classifier.weight", "classifier.bias"}, (missing, unexpected)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        clone.classifier.weight.copy_(0.2 * torch.randn(clone.classifier.weight.shape, generator=generator))
+        clone.classifier.bias.copy_(0.1 * torch.randn(clone.classifier.bias.shape, generator=generator))
+    return clone.eval()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import datasets
 import pytest
@@ -271,3 +272,26 @@ def test_bad_options_are_refused(kwargs, message):
 def test_exactly_two_parents():
     with pytest.raises(MergeInputError, match="exactly two parents"):
         hf_mudsc.merge([make_model("vit_cls", 0)], make_batches("vit_cls", 1))
+
+
+@pytest.mark.parametrize("method", ["mudsc", "average"])
+def test_merged_config_drops_pointers_to_remote_code(tmp_path, vit_pair, method):
+    """`auto_map`/`custom_pipelines` point at code in the parents' repos: the merged model must not carry them."""
+    model, permuted, batches = vit_pair
+    remote = {"auto_map": {"AutoModelForImageClassification": "modeling_evil.EvilViT"},
+              "custom_pipelines": {"image-classification": {"impl": "pipeline_evil.EvilPipeline"}}}
+    parents = [copy.deepcopy(model), copy.deepcopy(permuted)]
+    for parent in parents:
+        for key, value in remote.items():
+            setattr(parent.config, key, value)
+    merged = hf_mudsc.merge(parents, batches if method == "mudsc" else None, method=method, progress=False)
+    merged.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "auto_map" not in saved and "custom_pipelines" not in saved
+    assert saved["mudsc"]["method"] == method
+    # The parents keep theirs: inputs are never modified.
+    assert all(p.config.auto_map == remote["auto_map"] for p in parents)
+    # A pointer only one parent has is no reason to refuse the pair: it is dropped anyway.
+    del parents[1].config.auto_map
+    merged = hf_mudsc.merge(parents, batches if method == "mudsc" else None, method=method, progress=False)
+    assert not hasattr(merged.config, "auto_map")

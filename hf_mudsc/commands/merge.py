@@ -86,6 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "in float64 (about twice as fast on CPUs); float64 keeps every product in float64 "
         f"{_default('statistics_dtype')}")
     parser.add_argument(
+        "--device", metavar="DEVICE", default=S,
+        help="where the calibration forward passes run: cpu, cuda or cuda:N (default: cuda when available, "
+        "else cpu); the merged model is saved the same either way")
+    parser.add_argument(
         "--image-column", metavar="NAME", default=S,
         help="image column of the calibration dataset (default: image or img)")
     parser.add_argument(

@@ -1,0 +1,96 @@
+"""Parents with different numbers of labels (the README's "different label sets" case), for every method.
+
+B is A's body in a permuted basis with a fresh head of another size, so the true function of each task is
+known: a merge that finds the right units reproduces A's logits on A's slice and B's on B's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from factories import make_batches, make_model, model_output, permuted_copy, relative_error, with_new_head
+
+import hf_mudsc
+from hf_mudsc.adapters import spec_for
+
+METHODS = [
+    ("mudsc", "zip"),
+    ("mudsc", "align"),
+    ("zipit", "zip"),
+    ("activation_align", "align"),
+    ("weight_matching", "align"),
+    ("average", "zip"),
+]
+# (kind, labels of A, labels of B): the issue's ViT 3 vs 5 and BERT 4 vs 2.
+LABEL_COUNTS = [("vit_cls", 3, 5), ("bert_cls", 4, 2)]
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    cache = {}
+
+    def get(kind, labels_a, labels_b):
+        key = (kind, labels_a, labels_b)
+        if key not in cache:
+            a = make_model(kind, seed=0, num_labels=labels_a)
+            a.config._name_or_path = "org/task-a"
+            b = with_new_head(permuted_copy(a, spec_for(a), seed=1), labels_b, seed=7)
+            b.config._name_or_path = "org/task-b@v1"
+            cache[key] = (a, b, make_batches(kind, num_batches=3))
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("method,matcher", METHODS)
+@pytest.mark.parametrize("kind,labels_a,labels_b", LABEL_COUNTS)
+def test_unequal_label_counts_merge_with_a_concatenated_head(pairs, kind, labels_a, labels_b, method, matcher):
+    a, b, batches = pairs(kind, labels_a, labels_b)
+    calibration = None if method in ("weight_matching", "average") else batches
+    merged = hf_mudsc.merge([a, b], calibration, method=method, matcher=matcher, progress=False)
+
+    total = labels_a + labels_b
+    assert merged.classifier.weight.shape == (total, a.config.hidden_size)
+    assert merged.classifier.bias.shape == (total,)
+    assert merged.config.num_labels == total
+    assert [merged.config.id2label[i] for i in range(total)] == (
+        [f"task-a: LABEL_{i}" for i in range(labels_a)] + [f"task-b: class_{i}" for i in range(labels_b)]
+    )
+    assert merged.config.task_label_ranges == {"task-a": [0, labels_a], "task-b": [labels_a, total]}
+    # A's bias rows, then B's: biases carry no unit axis, so they are copied exactly.
+    assert torch.equal(merged.classifier.bias, torch.cat([a.classifier.bias, b.classifier.bias]))
+    if method == "average":
+        # No matching: the rows are the parents' own rows, A's first.
+        assert torch.equal(merged.classifier.weight, torch.cat([a.classifier.weight, b.classifier.weight]))
+        return
+    # Matching methods find the permutation: each task's slice computes that parent's logits.
+    for batch in batches[:2]:
+        logits = model_output(merged, batch)
+        assert relative_error(logits[:, :labels_a], model_output(a, batch)) < 1e-5
+        assert relative_error(logits[:, labels_a:], model_output(b, batch)) < 1e-5
+
+
+@pytest.mark.parametrize("kind,labels_a,labels_b", LABEL_COUNTS)
+def test_unequal_label_counts_round_trip_through_save_pretrained(tmp_path, pairs, kind, labels_a, labels_b):
+    a, b, batches = pairs(kind, labels_a, labels_b)
+    merged = hf_mudsc.merge([a, b], batches, method="mudsc", matcher="align", progress=False)
+    merged.save_pretrained(tmp_path)
+    loaded = type(merged).from_pretrained(tmp_path).eval()
+    assert loaded.config.task_label_ranges == {"task-a": [0, labels_a], "task-b": [labels_a, labels_a + labels_b]}
+    assert torch.equal(model_output(loaded, batches[0]), model_output(merged, batches[0]))
+
+
+@pytest.mark.parametrize("kind", ["vit_cls", "bert_cls"])
+def test_concatenated_classifiers_take_no_part_in_the_weight_similarity(kind):
+    """Different label sets (here of equal size): A's and B's classifier rows are different classes, so their
+    columns must not be correlated with each other — the merged body may not depend on B's classifier."""
+    a = make_model(kind, seed=0)
+    batches = make_batches(kind, num_batches=2)
+    heads = [with_new_head(make_model(kind, seed=1), 3, seed=s) for s in (5, 6)]
+    with torch.no_grad():
+        heads[1].classifier.weight.mul_(100.0)  # a loud head would dominate the similarity if it counted
+    merges = [hf_mudsc.merge([a, b], batches, method="mudsc", matcher="align", progress=False) for b in heads]
+    body = [{k: v for k, v in m.state_dict().items() if not k.startswith("classifier.")} for m in merges]
+    assert body[0].keys() == body[1].keys()
+    assert all(torch.equal(body[0][k], body[1][k]) for k in body[0]), "B's classifier rows steered the match"
+    assert not torch.equal(merges[0].classifier.weight[3:], merges[1].classifier.weight[3:])
