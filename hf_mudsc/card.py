@@ -31,6 +31,7 @@ import jinja2
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
 
 from . import __version__
+from .heads import task_ranges
 from .methods import METHODS
 from .recipe import RECIPE_FILENAME, Recipe
 
@@ -272,7 +273,7 @@ def render_card(
         num_samples=mudsc.get("num_calibration_samples", getattr(report, "num_samples", None)),
         sweeps=getattr(report, "sweeps", None),
         group_values=group_values,
-        task_label_ranges=getattr(model.config, "task_label_ranges", None) or {},
+        task_label_ranges=task_ranges(model.config),
         num_labels=len(getattr(model.config, "id2label", None) or {}),
         eval_rows=rows,
         recipe_yaml=recipe.to_yaml(reproducible=True).rstrip("\n"),
