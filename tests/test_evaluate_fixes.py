@@ -320,7 +320,7 @@ def _body(text: str) -> str:
     return text.split("---", 2)[2]
 
 
-def test_evaluate_keeps_every_section_the_merge_wrote(same_labels):
+def test_evaluate_keeps_every_section_the_merge_wrote(same_labels, hub_emulator, tmp_path):
     root, out = same_labels
     before = (out / "README.md").read_text()
     assert "| Solver sweeps |" in before and "## Usage" in before and "## Evaluation" not in before
@@ -341,6 +341,12 @@ def test_evaluate_keeps_every_section_the_merge_wrote(same_labels):
         ("test", pytest.approx(result["scores"]["merged"]["test"]["accuracy"])),
         ("joint (all tasks)", pytest.approx(result["scores"]["merged"]["joint"]["accuracy"])),
     ]
+    check = "import sys; from huggingface_hub import ModelCard; ModelCard.load(sys.argv[1]).validate()"
+    env = hub_emulator.client_env(hf_home=tmp_path / "home", token=None)
+    done = subprocess.run([sys.executable, "-c", check, str(out / "README.md")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr  # the Hub's metadata check (POST /api/validate-yaml)
+    assert hub_emulator.requests_for("validate_yaml")
     # A second evaluation replaces the section and the model-index instead of adding another.
     assert main(["evaluate", str(out), "--dataset", str(root / "test-xyz"), "--num-samples", "4"]) == 0
     again = (out / "README.md").read_text()

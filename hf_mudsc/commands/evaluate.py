@@ -182,22 +182,23 @@ def _datasets(
     return [open_spec(spec) for _, spec in parsed]
 
 
-def _card_title(card_path: Path) -> str | None:
-    match = re.search(r"^# (.+)$", card_path.read_text(encoding="utf-8"), flags=re.MULTILINE)
-    return match.group(1).strip() if match else None
-
-
 def update_card(folder: Path, model: Any, result: Any) -> Path | None:
-    """Re-render DIR/README.md with the results in its model-index (atomically); None without a recipe."""
-    from ..card import render_card
+    """Put the results into DIR/README.md (atomically): only its Evaluation section and `model-index` change,
+    every other part the merge wrote is kept. Without a card, one is rendered from the recipe; None if
+    the folder has neither."""
+    from huggingface_hub import ModelCard
+
+    from ..card import render_card, update_card_evaluation
     from ..recipe import RECIPE_FILENAME, Recipe
 
-    recipe_path = folder / RECIPE_FILENAME
-    if not recipe_path.is_file():
-        return None
     card_path = folder / CARD_FILENAME
-    title = _card_title(card_path) if card_path.is_file() else None
-    card = render_card(model, Recipe.load(recipe_path), eval_results=result.card_rows(), model_name=title)
+    if card_path.is_file():
+        card = update_card_evaluation(ModelCard.load(card_path), result.card_rows())
+    elif (folder / RECIPE_FILENAME).is_file():
+        card = render_card(model, Recipe.load(folder / RECIPE_FILENAME), eval_results=result.card_rows(),
+                           model_name=folder.resolve().name)
+    else:
+        return None
     return write_file_atomically(card_path, card.save)
 
 
@@ -231,7 +232,7 @@ def _local_config(folder: Path) -> Any:
 def _hub_recipe_parents(loaded: Any) -> list[str] | None:
     """The parents named by the merge recipe of a Hub model, at the commit evaluated (None if it has none)."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
     from ..recipe import RECIPE_FILENAME, Recipe
 
@@ -239,6 +240,10 @@ def _hub_recipe_parents(loaded: Any) -> list[str] | None:
         path = hf_hub_download(loaded.repo_id, RECIPE_FILENAME, revision=loaded.commit_sha)
     except (EntryNotFoundError, LocalEntryNotFoundError):
         return None
+    except (HfHubHTTPError, OSError) as error:
+        raise ValueError(
+            f"cannot read the merge recipe of {loaded.reference!r} ({error}); pass --parents A B or --no-parents"
+        ) from None
     return list(Recipe.load(path).models)
 
 
