@@ -31,10 +31,12 @@ import jinja2
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
 
 from . import __version__
+from .heads import task_ranges
 from .methods import METHODS
 from .recipe import RECIPE_FILENAME, Recipe
 
 DEFAULT_TEMPLATE = "merged_model.md.jinja"
+EVALUATION_TEMPLATE = "evaluation.md.jinja"  # the section `update_card_evaluation` replaces
 BASE_TAGS = ("merge", "mudsc", "model-merging")
 # Pipeline tag -> (model class, processor class) for the card's usage snippet.
 _AUTO_CLASSES = {
@@ -180,30 +182,43 @@ def card_data(
     if base_models:
         data["base_model"] = base_models
         data["base_model_relation"] = "merge"
-    datasets = [dataset] if dataset else []
-    for row in eval_results:
+    if dataset:
+        data["datasets"] = [dataset]
+    card = ModelCardData(**data)
+    if eval_results:
+        set_eval_results(card, eval_results, model_name=model_name)
+    return card
+
+
+def set_eval_results(data: ModelCardData, eval_results: Sequence[EvalRow], *, model_name: str) -> ModelCardData:
+    """Put the results into the front matter (in place): `model-index`, `metrics`, evaluation datasets.
+
+    Replaces any earlier results; every other key (tags, base models, calibration dataset...) is kept.
+    """
+    rows = [EvalRow.from_any(r) for r in eval_results]
+    datasets = list(getattr(data, "datasets", None) or [])
+    for row in rows:
         if _HUB_DATASET_ID.match(row.dataset) and row.dataset not in datasets:
             datasets.append(row.dataset)
     if datasets:
-        data["datasets"] = datasets
-    if eval_results:
-        data["metrics"] = sorted({row.metric for row in eval_results})
-        data["model_name"] = model_name
-        data["eval_results"] = [
-            EvalResult(
-                task_type=pipeline_tag,
-                task_name=row.task,
-                dataset_type=row.dataset,
-                dataset_name=row.dataset,
-                dataset_config=row.model_index_config,
-                dataset_split=row.split,
-                metric_type=row.metric,
-                metric_name=row.metric,
-                metric_value=float(row.merged),
-            )
-            for row in eval_results
-        ]
-    return ModelCardData(**data)
+        data.datasets = datasets
+    data.metrics = sorted({row.metric for row in rows}) or None
+    data.model_name = model_name
+    data.eval_results = [
+        EvalResult(
+            task_type=data.pipeline_tag or "other",
+            task_name=row.task,
+            dataset_type=row.dataset,
+            dataset_name=row.dataset,
+            dataset_config=row.model_index_config,
+            dataset_split=row.split,
+            metric_type=row.metric,
+            metric_name=row.metric,
+            metric_value=float(row.merged),
+        )
+        for row in rows
+    ] or None
+    return data
 
 
 def render_card(
@@ -240,15 +255,12 @@ def render_card(
         dict(zip(report.group_names, report.group_values)) if report is not None else {}
     )
     path = Path(template) if template is not None else template_path()
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(path.parent)),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        autoescape=False,
-    )
-    content = env.get_template(path.name).render(
+    shown_models = [local_name(str(m)) for m in recipe.models]
+    shown_calibration = local_name(recipe.calibration) if recipe.calibration else recipe.calibration
+    local_names = [shown for shown, given in zip([*shown_models, shown_calibration],
+                                                  [*recipe.models, recipe.calibration]) if shown != given]
+    shown_recipe = recipe.override(models=shown_models, calibration=shown_calibration) if local_names else recipe
+    content = _environment(path.parent).get_template(path.name).render(
         card_data=data.to_yaml(),
         model_name=name,
         model_class=type(model).__name__,
@@ -267,16 +279,81 @@ def render_card(
         independent_heads=mudsc.get("independent_heads", recipe.independent_heads),
         reference_compat=mudsc.get("reference_compat", recipe.reference_compat),
         seed=mudsc.get("seed", recipe.seed),
-        calibration=recipe.calibration,
+        calibration=shown_calibration,
         calibration_dataset=calibration_dataset_id(recipe.calibration),
         num_samples=mudsc.get("num_calibration_samples", getattr(report, "num_samples", None)),
         sweeps=getattr(report, "sweeps", None),
         group_values=group_values,
-        task_label_ranges=getattr(model.config, "task_label_ranges", None) or {},
+        task_label_ranges=task_ranges(model.config),
         num_labels=len(getattr(model.config, "id2label", None) or {}),
         eval_rows=rows,
-        recipe_yaml=recipe.to_yaml(reproducible=True).rstrip("\n"),
+        recipe_yaml=shown_recipe.to_yaml(reproducible=True).rstrip("\n"),
+        local_names=[f"`{name}`" for name in local_names],
         recipe_filename=RECIPE_FILENAME,
         version=mudsc.get("version", __version__),
     )
     return ModelCard(content)
+
+
+def _environment(folder: Path) -> jinja2.Environment:
+    """Templates from `folder`, then the shipped ones (a custom template may include the shipped sections)."""
+    return jinja2.Environment(
+        loader=jinja2.ChoiceLoader([jinja2.FileSystemLoader(str(folder)),
+                                    jinja2.FileSystemLoader(str(template_path().parent))]),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+    )
+
+
+def local_name(reference: str) -> str:
+    """How a card shows a parent or dataset reference: local folders by name, never by their absolute path.
+
+    A spec `path:split` keeps its suffix (`calibration:train`); Hub ids and specs are shown as given.
+    """
+    from .merge import display_name
+
+    text = os.fspath(reference)
+    head, sep, rest = text.partition(":")
+    if sep and head and not (os.path.isabs(text) or os.path.exists(text)) and (
+            os.path.isabs(head) or os.path.exists(head)):
+        return f"{display_name(head)}:{rest}"
+    return display_name(os.path.expanduser(text)) if text.startswith("~") else display_name(text)
+
+
+def evaluation_section(eval_results: Iterable[EvalRow | Mapping[str, Any]]) -> str:
+    """The card's `## Evaluation` section (the shipped `evaluation.md.jinja`), '' without results."""
+    rows = [EvalRow.from_any(r) for r in eval_results]
+    return _environment(template_path().parent).get_template(EVALUATION_TEMPLATE).render(eval_rows=rows)
+
+
+def update_card_evaluation(
+    card: ModelCard | str,
+    eval_results: Iterable[EvalRow | Mapping[str, Any]],
+    *,
+    model_name: str | None = None,
+) -> ModelCard:
+    """An existing card with new evaluation results: only its `## Evaluation` section and `model-index` change.
+
+    Everything else the merge wrote (parents, settings, sweeps, usage, recipe, datasets, tags) is kept as it
+    is. The section replaces an earlier one, or goes before `## Usage` (at the end when there is none).
+    """
+    card = card if isinstance(card, ModelCard) else ModelCard(card)
+    rows = [EvalRow.from_any(r) for r in eval_results]
+    title = re.search(r"^# (.+)$", card.text, flags=re.MULTILINE)
+    name = model_name or card.data.model_name or (title.group(1).strip() if title else "merged-model")
+    data = set_eval_results(card.data, rows, model_name=name)
+    section = evaluation_section(rows)
+    body = card.text
+    existing = re.search(r"^## Evaluation[ \t]*\n.*?(?=^## |\Z)", body, flags=re.MULTILINE | re.DOTALL)
+    if existing:
+        body = body[:existing.start()] + section + body[existing.end():]
+    else:
+        usage = re.search(r"^## Usage[ \t]*$", body, flags=re.MULTILINE)
+        if usage:
+            body = body[:usage.start()] + section + body[usage.start():]
+        else:
+            body = body.rstrip("\n") + "\n\n" + section
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")

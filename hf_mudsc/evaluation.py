@@ -26,7 +26,8 @@ Scorers:
   averages the parents' softmaxes over all classes.
 
 Metrics are `evaluate.Metric` subclasses shipped here (`accuracy`, `f1`: macro F1), so nothing is
-downloaded; other names go through `evaluate.load` (needs the Hub). `evaluate.evaluator` is not used
+downloaded or run; other names go through `evaluate.load`, which runs the metric's script — only with
+`trust_remote_code=True`. `evaluate.evaluator` is not used
 (it breaks on transformers 5). Under `accelerate launch`/`torchrun` each process scores its shard of
 every task (`datasets.distributed.split_dataset_by_node`, or a stride for tensors); predictions are
 gathered on the main process, which alone computes the metrics and gets the result (others get None).
@@ -127,24 +128,38 @@ class F1(evaluate.Metric):
 SHIPPED_METRICS: dict[str, type[evaluate.Metric]] = {"accuracy": Accuracy, "f1": F1}
 
 
-def load_metric(name: str) -> evaluate.EvaluationModule:
-    """A shipped metric by name (offline), else `evaluate.load(name)` (needs the Hub)."""
+def load_metric(name: str, *, trust_remote_code: bool = False) -> evaluate.EvaluationModule:
+    """A shipped metric by name (offline); any other name, folder or Space only with `trust_remote_code=True`.
+
+    `evaluate.load` imports the metric's Python script, so running code that is not ours is an explicit choice.
+    """
     if name in SHIPPED_METRICS:
         return SHIPPED_METRICS[name](keep_in_memory=True)
+    if not trust_remote_code:
+        raise EvaluationError(
+            f"metric {name!r} is not shipped with hf_mudsc (shipped: {', '.join(SHIPPED_METRICS)}); loading it "
+            "runs its Python script: pass trust_remote_code=True (CLI: --trust-remote-code) if you trust that code"
+        )
+    logger.warning("trust_remote_code=True: evaluate.load runs the code of metric %r", name)
     try:
         return evaluate.load(name)
     except Exception as error:  # evaluate raises many types (ConnectionError, FileNotFoundError, ...)
         raise EvaluationError(
             f"metric {name!r} is not shipped with hf_mudsc (shipped: {', '.join(SHIPPED_METRICS)}) and "
-            f"evaluate.load({name!r}) failed ({type(error).__name__}: {error}); it needs the Hub — go "
-            "online or use a shipped metric"
+            f"evaluate.load({name!r}) failed ({type(error).__name__}: {error}); a Hub metric needs the Hub — "
+            "go online or use a shipped metric"
         ) from error
 
 
-def compute_metric(name: str, predictions: Sequence[int], references: Sequence[int]) -> float:
-    """One number: the metric's value (the key named like the metric, else the only key)."""
-    values = load_metric(name).compute(predictions=list(map(int, predictions)),
-                                       references=list(map(int, references)))
+def compute_metric(name: str, predictions: Sequence[int], references: Sequence[int], *,
+                   trust_remote_code: bool = False, module: evaluate.EvaluationModule | None = None) -> float:
+    """One number: the metric's value (the key named like the metric, else the only key).
+
+    `module`: the metric already loaded (`load_metric`), so a metric script is imported once, not per view.
+    """
+    if module is None:
+        module = load_metric(name, trust_remote_code=trust_remote_code)
+    values = module.compute(predictions=list(map(int, predictions)), references=list(map(int, references)))
     if name in values:
         return float(values[name])
     if len(values) == 1:
@@ -466,10 +481,13 @@ def _load(model: Any, what: str) -> tuple[Any, Any]:
 
 
 def _task_names_of(model: Any) -> dict[str, tuple[int, int]] | None:
-    ranges = getattr(model.config, "task_label_ranges", None)
-    if not ranges:
-        return None
-    return {str(task): (int(bounds[0]), int(bounds[1])) for task, bounds in ranges.items()}
+    """The task ranges in parent order (a loaded config lists them sorted by name), None without tasks."""
+    from .heads import task_ranges
+
+    try:
+        return task_ranges(model.config) or None
+    except ValueError as error:
+        raise EvaluationError(str(error)) from None
 
 
 def _label_names(model: Any) -> list[str]:
@@ -711,6 +729,7 @@ def evaluate_merge(
     class_names: Mapping[str, Sequence[str]] | None = None,
     prompt_template: str | Sequence[str] = DEFAULT_PROMPT,
     progress: bool = True,
+    trust_remote_code: bool = False,
 ) -> EvaluationResult | None:
     """Score merged model(s), both parents and their ensemble per task, jointly and on average.
 
@@ -723,7 +742,8 @@ def evaluate_merge(
             `TaskData`, a `datasets.Dataset`/`IterableDataset`, a spec `"repo_or_path[:config]:split"` or a
             tuple `(inputs, labels)`; labels are the task's own class ids (or names). See `tasks_from_dataset`
             for one dataset holding every task.
-        metrics: shipped `accuracy`/`f1`, or any `evaluate.load` name (needs the Hub).
+        metrics: shipped `accuracy`/`f1`; any other `evaluate.load` name, folder or Space runs its script, so it
+            needs `trust_remote_code=True` (logged as a warning; a Hub metric also needs the Hub).
         ensemble: also score the two-parent ensemble (needs both parents).
         batch_size, num_samples: rows per forward pass; the first `num_samples` rows of each task only.
         processor: preprocesses raw `image`/`text` columns (default: the merged folder's, else parent A's).
@@ -735,8 +755,7 @@ def evaluate_merge(
     """
     from .distributed import is_main_process, process_info
 
-    for name in metrics:
-        load_metric(name)  # unknown metrics fail before any forward pass
+    modules = {name: load_metric(name, trust_remote_code=trust_remote_code) for name in metrics}  # before any model
     if batch_size < 1:
         raise EvaluationError(f"batch_size must be >= 1, got {batch_size}")
     if num_samples is not None and num_samples < 1:
@@ -789,6 +808,7 @@ def evaluate_merge(
         raise EvaluationError(
             f"unknown task(s) {unknown}; the merged model's tasks are {list(layout.ranges)}"
         )
+    sources = {task: sources[task] for task in layout.ranges if task in sources}  # parent order everywhere
 
     scorers = _scorers(merged_models, parent_models, layout, clip, ensemble, processor, prompt_template)
     rank, world = process_info()
@@ -856,7 +876,7 @@ def evaluate_merge(
     for scorer in scorers:
         views: dict[str, dict[str, float]] = {}
         for view, (predictions, references) in collected[scorer.name].items():
-            views[view] = {m: compute_metric(m, predictions, references) for m in metrics}
+            views[view] = {m: compute_metric(m, predictions, references, module=modules[m]) for m in metrics}
         if all(t in views for t in sources):
             views[AVERAGE] = {m: float(np.mean([views[t][m] for t in sources])) for m in metrics}
         ordered = {v: views[v] for v in [*sources, JOINT, AVERAGE] if v in views}

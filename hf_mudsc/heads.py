@@ -51,3 +51,35 @@ def distinct_task_names(config_a: PretrainedConfig, config_b: PretrainedConfig) 
     if a == b:
         a, b = f"{a}_a", f"{b}_b"
     return a, b
+
+
+def task_ranges(config: PretrainedConfig) -> dict[str, tuple[int, int]]:
+    """`config.task_label_ranges` in parent order (A's task first), validated; {} for one shared label set.
+
+    The order is taken from the ranges' start ids, not from the mapping: `config.json` is written with
+    sorted keys, so a loaded config lists the tasks alphabetically. The ranges must tile the head.
+    """
+    raw = getattr(config, "task_label_ranges", None) or {}
+    try:
+        ranges = {str(task): (int(bounds[0]), int(bounds[1])) for task, bounds in raw.items()}
+    except (AttributeError, TypeError, ValueError, IndexError, KeyError):
+        raise ValueError(
+            f"config.task_label_ranges must map each task to [first id, end id), got {raw!r}; "
+            "re-create the merged model with hf-mudsc merge"
+        ) from None
+    ordered = dict(sorted(ranges.items(), key=lambda item: item[1]))
+    end = 0
+    for lo, hi in ordered.values():
+        if lo != end or hi <= lo:
+            raise ValueError(
+                f"config.task_label_ranges {raw!r} overlap or leave gaps; each task needs its own contiguous "
+                "slice of the classifier, A's first — re-create the merged model with hf-mudsc merge"
+            )
+        end = hi
+    num_labels = len(getattr(config, "id2label", None) or {})
+    if ordered and num_labels and end != num_labels:
+        raise ValueError(
+            f"config.task_label_ranges {raw!r} cover {end} labels but the classifier has {num_labels}; "
+            "re-create the merged model with hf-mudsc merge"
+        )
+    return ordered

@@ -134,6 +134,11 @@ def model_class_for(config: PretrainedConfig) -> type[PreTrainedModel]:
 # ----------------------------------------------------------------------------------------------------
 
 
+def looks_like_path(text: str) -> bool:
+    """True for references that can only be a local path (an existing one, `./x`, `/x`, `~/x`, `a/b/c`)."""
+    return _looks_like_path(text)
+
+
 def _locate(ref: Any, *, token: str | bool | None, allow_pickle: bool,
             cache_dir: str | os.PathLike | None) -> _Located:
     if isinstance(ref, LoadedParent):

@@ -208,3 +208,29 @@ def test_a_custom_template_can_be_used(merged, recipe, tmp_path):
     custom.write_text("---\n{{ card_data }}\n---\n# {{ model_name }} by {{ method_name }}\n")
     card = render_card(merged, recipe, parents=PARENTS, template=custom)
     assert card.content.endswith("# org/merged by mudsc\n") and card.data.base_model_relation == "merge"
+
+
+def test_local_references_are_shown_by_name(tmp_path):
+    from hf_mudsc.card import local_name
+
+    (tmp_path / "calib").mkdir()
+    assert local_name(str(tmp_path / "calib")) == "calib"
+    assert local_name(f"{tmp_path / 'calib'}:train") == "calib:train"
+    assert local_name("/no/such/folder/parent-a") == "parent-a"
+    assert local_name("org/dataset:config:train") == "org/dataset:config:train"
+    assert local_name("org/model@v2") == "org/model@v2"
+
+
+def test_update_card_evaluation_replaces_only_its_section_and_the_model_index():
+    from hf_mudsc.card import update_card_evaluation
+
+    text = "---\nlicense: mit\ntags:\n- merge\n---\n\n# my merge\n\nIntro kept.\n\n## Notes\n\nKept too.\n"
+    row = {"task": "t", "dataset": "org/data", "merged": 0.5, "parent_a": 0.25}
+    first = update_card_evaluation(text, [row])
+    assert first.text.startswith("\n# my merge\n\nIntro kept.\n\n## Notes\n\nKept too.\n\n## Evaluation\n")
+    assert "| t | org/data | test | accuracy | 0.2500 | — | — | **0.5000** |" in first.text
+    assert first.data.license == "mit" and first.data.tags == ["merge"] and first.data.model_name == "my merge"
+    second = update_card_evaluation(str(first), [{**row, "merged": 0.75}])
+    assert second.text.count("## Evaluation") == 1 and "**0.7500**" in second.text and "0.5000" not in second.text
+    assert [r.metric_value for r in second.data.eval_results] == [0.75]
+    assert second.data.datasets == ["org/data"]

@@ -1,0 +1,366 @@
+"""`hf-mudsc evaluate` after issue 10: tasks kept in parent order, Hub ids, metric code only on opt-in, the
+merge's card kept intact, and no local paths in cards. Every expected figure is computed directly here."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from factories import make_model
+from huggingface_hub import ModelCard
+from PIL import Image
+from transformers import AutoModelForImageClassification, ViTImageProcessor
+
+from hf_mudsc.cli import main
+from hf_mudsc.evaluation import EvaluationError, evaluate_merge, load_metric
+from hf_mudsc.heads import task_ranges
+
+PROCESSOR = ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _images(seed: int, count: int) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L") for _ in range(count)]
+
+
+def _save_parent(folder, seed: int, labels: list[str]) -> None:
+    model = make_model("vit_cls", seed, num_labels=len(labels))
+    model.config.id2label = dict(enumerate(labels))
+    model.config.label2id = {label: i for i, label in enumerate(labels)}
+    model.save_pretrained(folder)
+    PROCESSOR.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def backward(tmp_path_factory):
+    """Parent A's task is `zeta` (3 classes), B's `alpha` (2): the names sort opposite to the parent order."""
+    root = tmp_path_factory.mktemp("backward")
+    _save_parent(root / "zeta", 1, ["z0", "z1", "z2"])
+    _save_parent(root / "alpha", 2, ["a0", "a1"])
+    calibration = datasets.Dataset.from_dict({"image": _images(0, 16)}).cast_column("image", datasets.Image())
+    calibration.save_to_disk(root / "calibration")
+    out = root / "merged"
+    argv = ["merge", str(root / "zeta"), str(root / "alpha"), "--calibration", str(root / "calibration"),
+            "--output", str(out), "--method", "zipit", "--num-samples", "16", "--batch-size", "8"]
+    assert main(argv) == 0
+    rng = np.random.default_rng(3)
+    tests = {}
+    for task, seed, count, classes in (("zeta", 11, 14, 3), ("alpha", 12, 13, 2)):
+        data = datasets.Dataset.from_dict({"image": _images(seed, count),
+                                           "label": rng.integers(0, classes, count).tolist()})
+        data.cast_column("image", datasets.Image()).save_to_disk(root / f"test-{task}")
+        tests[task] = root / f"test-{task}"
+    return root, out, tests
+
+
+def _direct_figures(root, out, tests) -> dict[str, dict[str, float]]:
+    """Every figure of eval_results.json computed by hand from the three models' logits."""
+    merged = AutoModelForImageClassification.from_pretrained(out).eval()
+    zeta = AutoModelForImageClassification.from_pretrained(root / "zeta").eval()
+    alpha = AutoModelForImageClassification.from_pretrained(root / "alpha").eval()
+    logits, labels = {}, {}
+    for task, path in tests.items():
+        data = datasets.load_from_disk(str(path))
+        pixels = PROCESSOR([image for image in data["image"]], return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            logits[task] = {name: model(pixel_values=pixels).logits.double()
+                            for name, model in (("merged", merged), ("zeta", zeta), ("alpha", alpha))}
+        labels[task] = torch.tensor(data["label"])
+    offset = {"zeta": 0, "alpha": 3}  # parent order: A (zeta) = ids 0..2, B (alpha) = ids 3..4
+
+    def acc(predictions, references) -> float:
+        return float((predictions == references).double().mean())
+
+    joint_labels = torch.cat([labels[t] + offset[t] for t in ("zeta", "alpha")])
+    both = {name: torch.cat([logits[t][name] for t in ("zeta", "alpha")]) for name in ("merged", "zeta", "alpha")}
+    ensemble_joint = torch.cat([both["zeta"].softmax(-1), both["alpha"].softmax(-1)], dim=1)
+    figures = {
+        "merged": {
+            "zeta": acc(logits["zeta"]["merged"][:, 0:3].argmax(-1), labels["zeta"]),
+            "alpha": acc(logits["alpha"]["merged"][:, 3:5].argmax(-1), labels["alpha"]),
+            "joint": acc(both["merged"].argmax(-1), joint_labels),
+        },
+        "parent_a": {
+            "zeta": acc(logits["zeta"]["zeta"].argmax(-1), labels["zeta"]),
+            "joint": acc(both["zeta"].argmax(-1), joint_labels),
+        },
+        "parent_b": {
+            "alpha": acc(logits["alpha"]["alpha"].argmax(-1), labels["alpha"]),
+            "joint": acc(both["alpha"].argmax(-1) + 3, joint_labels),
+        },
+        "ensemble": {
+            "zeta": acc(logits["zeta"]["zeta"].softmax(-1).argmax(-1), labels["zeta"]),
+            "alpha": acc(logits["alpha"]["alpha"].softmax(-1).argmax(-1), labels["alpha"]),
+            "joint": acc(ensemble_joint.argmax(-1), joint_labels),
+        },
+    }
+    for scorer in ("merged", "ensemble"):
+        figures[scorer]["average"] = (figures[scorer]["zeta"] + figures[scorer]["alpha"]) / 2
+    return figures
+
+
+def _figures(path) -> dict[str, dict[str, float]]:
+    scores = json.loads(path.read_text())["scores"]
+    return {scorer: {view: values["accuracy"] for view, values in views.items()} for scorer, views in scores.items()}
+
+
+# ------------------------------------------------------------------------------------ item 2: task order
+def test_task_ranges_follow_the_parent_order_even_when_stored_sorted(backward):
+    _, out, _ = backward
+    stored = json.loads((out / "config.json").read_text())["task_label_ranges"]
+    assert list(stored) == ["alpha", "zeta"]  # transformers writes config.json with sorted keys
+    config = AutoModelForImageClassification.from_pretrained(out).config
+    assert list(task_ranges(config).items()) == [("zeta", (0, 3)), ("alpha", (3, 5))]
+
+
+@pytest.mark.parametrize("mapping", ["positional", "named", "named-reversed"])
+def test_every_figure_matches_a_direct_computation_when_task_names_sort_backwards(backward, tmp_path, mapping):
+    root, out, tests = backward
+    if mapping == "positional":  # A's task first, as documented
+        flags = ["--dataset", str(tests["zeta"]), "--dataset", str(tests["alpha"])]
+    elif mapping == "named":
+        flags = ["--dataset", f"zeta={tests['zeta']}", "--dataset", f"alpha={tests['alpha']}"]
+    else:
+        flags = ["--dataset", f"alpha={tests['alpha']}", "--dataset", f"zeta={tests['zeta']}"]
+    json_path = tmp_path / "results.json"
+    assert main(["evaluate", str(out), *flags, "--no-card", "--output-json", str(json_path)]) == 0
+    expected = _direct_figures(root, out, tests)
+    got = _figures(json_path)
+    assert set(got) == set(expected)
+    for scorer, views in expected.items():
+        assert set(got[scorer]) == set(views), scorer
+        for view, value in views.items():
+            assert got[scorer][view] == pytest.approx(value, abs=1e-12), (scorer, view)
+    saved = json.loads(json_path.read_text())
+    assert list(saved["tasks"]) == ["zeta", "alpha"]  # parent order, whatever the flags' order
+    assert saved["tasks"]["zeta"]["label_range"] == [0, 3] and saved["tasks"]["alpha"]["label_range"] == [3, 5]
+    assert list(saved["scores"]["merged"]) == ["zeta", "alpha", "joint", "average"]
+
+
+def test_card_and_table_list_the_tasks_in_parent_order(backward, tmp_path):
+    _, out, tests = backward
+    folder = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(out, folder)
+    assert main(["evaluate", str(folder), "--dataset", str(tests["zeta"]), "--dataset", str(tests["alpha"])]) == 0
+    text = (folder / "README.md").read_text()
+    ranges = text[text.index("| Task | Label ids |"):]
+    assert ranges.index("| zeta | 0 – 2 |") < ranges.index("| alpha | 3 – 4 |")
+    evaluation = text[text.index("## Evaluation"):]
+    assert evaluation.index("| zeta |") < evaluation.index("| alpha |")
+
+
+def test_ambiguous_dataset_to_task_mappings_are_refused(backward, tmp_path, capsys):
+    _, out, tests = backward
+    json_path = tmp_path / "x.json"
+    cases = [
+        (["--dataset", f"zeta={tests['zeta']}", "--dataset", f"zeta={tests['alpha']}"],
+         "task 'zeta' is named by two --dataset flags"),
+        (["--dataset", str(tests["zeta"]), "--dataset", str(tests["alpha"]), "--dataset", str(tests["alpha"])],
+         "3 datasets for the model's 2 tasks ['zeta', 'alpha']"),
+        (["--dataset", f"beta={tests['alpha']}"], "unknown task(s) ['beta']"),
+    ]
+    for flags, message in cases:
+        assert main(["evaluate", str(out), *flags, "--no-card", "--output-json", str(json_path)]) == 1
+        err = capsys.readouterr().err
+        assert message in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not json_path.exists()
+
+
+def test_ranges_that_do_not_tile_the_head_are_refused(backward):
+    _, out, _ = backward
+    config = AutoModelForImageClassification.from_pretrained(out).config
+    config.task_label_ranges = {"zeta": [0, 3], "alpha": [2, 5]}
+    with pytest.raises(ValueError, match="overlap or leave gaps"):
+        task_ranges(config)
+
+
+# ------------------------------------------------------------------------------------ item 3: Hub ids
+def test_evaluate_accepts_hub_ids_with_and_without_a_revision(backward, hub_emulator, tmp_path):
+    root, out, tests = backward
+    hub_emulator.upload_folder("user/merged", out, "merged model")
+    sha = hub_emulator.head("user/merged")
+    hub_emulator.commit_files("user/merged", {"notes.txt": b"a later commit"}, "later")
+    assert hub_emulator.head("user/merged") != sha
+    reference = None
+    for ref in ("user/merged", f"user/merged@{sha}"):
+        work = tmp_path / ref.replace("/", "_").replace("@", "_")
+        work.mkdir()
+        env = hub_emulator.client_env(hf_home=tmp_path / "home", token=None, extra={"OMP_NUM_THREADS": "1"})
+        flags = ["--dataset", f"zeta={tests['zeta']}", "--dataset", f"alpha={tests['alpha']}"]
+        done = subprocess.run([sys.executable, "-m", "hf_mudsc", "evaluate", ref, *flags], env=env, cwd=work,
+                              capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stderr
+        assert "| merged |" in done.stdout and "| parent A |" in done.stdout
+        assert "not written" in done.stdout and "--output-json" in done.stdout
+        assert list(work.iterdir()) == []  # a Hub id has no folder: nothing is written unless asked
+        json_path = work / "results.json"
+        done = subprocess.run([sys.executable, "-m", "hf_mudsc", "evaluate", ref, *flags, "--output-json",
+                               str(json_path)], env=env, cwd=work, capture_output=True, text=True, timeout=300,
+                              stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stderr
+        assert [p.name for p in work.iterdir()] == ["results.json"]
+        figures = _figures(json_path)
+        reference = reference or figures
+        assert figures == reference
+    expected = _direct_figures(root, out, tests)
+    for scorer, views in expected.items():
+        for view, value in views.items():
+            assert reference[scorer][view] == pytest.approx(value, abs=1e-12), (scorer, view)
+
+
+def test_hub_id_refuses_a_missing_revision_in_one_line(backward, hub_emulator, tmp_path):
+    _, out, tests = backward
+    hub_emulator.upload_folder("user/merged2", out, "merged model")
+    env = hub_emulator.client_env(hf_home=tmp_path / "home", token=None, extra={"OMP_NUM_THREADS": "1"})
+    done = subprocess.run([sys.executable, "-m", "hf_mudsc", "evaluate", "user/merged2@nope", "--dataset",
+                           str(tests["zeta"])], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, stdin=subprocess.DEVNULL)
+    assert done.returncode == 1
+    assert "revision does not exist" in done.stderr and "Traceback" not in done.stderr
+
+
+# ------------------------------------------------------------------------ item 7: metric code needs opt-in
+METRIC_SCRIPT = '''
+import pathlib
+
+import datasets
+import evaluate
+
+pathlib.Path({marker!r}).write_text("the metric script ran")
+
+
+class MarkerMetric(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description="accuracy", citation="", inputs_description="",
+            features=datasets.Features({{"predictions": datasets.Value("int64"),
+                                         "references": datasets.Value("int64")}}))
+
+    def _compute(self, predictions, references):
+        return {{"marker_metric": sum(p == r for p, r in zip(predictions, references)) / len(references)}}
+'''
+
+
+@pytest.fixture()
+def marker_metric(tmp_path):
+    folder = tmp_path / "marker_metric"
+    folder.mkdir()
+    marker = tmp_path / "ran.txt"
+    (folder / "marker_metric.py").write_text(METRIC_SCRIPT.format(marker=str(marker)))
+    return folder, marker
+
+
+def test_a_metric_script_runs_only_with_trust_remote_code(backward, marker_metric, tmp_path, capsys, caplog):
+    _, out, tests = backward
+    folder, marker = marker_metric
+    json_path = tmp_path / "metric.json"
+    base = ["evaluate", str(out), "--dataset", str(tests["zeta"]), "--dataset", str(tests["alpha"]),
+            "--no-card", "--output-json", str(json_path), "--metric", str(folder)]
+    assert main(base) == 1
+    err = capsys.readouterr().err
+    assert "--trust-remote-code" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not marker.exists() and not json_path.exists()
+    with pytest.raises(EvaluationError, match="trust_remote_code=True"):
+        load_metric(str(folder))
+    assert not marker.exists()
+
+    with caplog.at_level("WARNING", logger="hf_mudsc"):
+        assert main([*base, "--metric", "accuracy", "--trust-remote-code"]) == 0
+    assert marker.exists()
+    assert any("runs the code of metric" in r.getMessage() for r in caplog.records)
+    figures = json.loads(json_path.read_text())["scores"]["merged"]
+    assert figures["zeta"][str(folder)] == pytest.approx(figures["zeta"]["accuracy"])
+    assert figures["joint"][str(folder)] == pytest.approx(figures["joint"]["accuracy"])
+
+
+def test_python_api_refuses_unshipped_metrics_before_loading_models(marker_metric):
+    folder, marker = marker_metric
+    with pytest.raises(EvaluationError, match="trust_remote_code=True"):
+        evaluate_merge("no/such-model", None, {"t": "x:test"}, metrics=[str(folder)])
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------- items 4 and 5: the card after evaluate
+@pytest.fixture(scope="module")
+def same_labels(tmp_path_factory):
+    """A mudsc merge (so the card has a solver-sweeps row) of two parents with one label set."""
+    root = tmp_path_factory.mktemp("card_keep")
+    _save_parent(root / "left", 1, ["x", "y", "z"])
+    _save_parent(root / "right", 2, ["x", "y", "z"])
+    calibration = datasets.Dataset.from_dict({"image": _images(0, 16)}).cast_column("image", datasets.Image())
+    calibration.save_to_disk(root / "calib-images")
+    out = root / "merged"
+    argv = ["merge", str(root / "left"), str(root / "right"), "--calibration", str(root / "calib-images"),
+            "--output", str(out), "--method", "mudsc", "--matcher", "align", "--num-samples", "16",
+            "--batch-size", "8"]
+    assert main(argv) == 0
+    data = datasets.Dataset.from_dict({"image": _images(5, 9), "label": [0, 1, 2] * 3})
+    data.cast_column("image", datasets.Image()).save_to_disk(root / "test-xyz")
+    return root, out
+
+
+def _body(text: str) -> str:
+    return text.split("---", 2)[2]
+
+
+def test_evaluate_keeps_every_section_the_merge_wrote(same_labels, hub_emulator, tmp_path):
+    root, out = same_labels
+    before = (out / "README.md").read_text()
+    assert "| Solver sweeps |" in before and "## Usage" in before and "## Evaluation" not in before
+    old_data = ModelCard(before).data.to_dict()
+    assert main(["evaluate", str(out), "--dataset", str(root / "test-xyz")]) == 0
+    after = (out / "README.md").read_text()
+    old_lines = [line for line in _body(before).splitlines() if line.strip()]
+    new_body = _body(after)
+    missing = [line for line in old_lines if line not in new_body.splitlines()]
+    assert missing == []
+    assert "## Evaluation" in new_body and "| test | test-xyz | test | accuracy |" in new_body
+    assert new_body.index("## Evaluation") < new_body.index("## Usage")
+    card = ModelCard.load(out / "README.md")  # parses the front matter and the model-index like the Hub
+    for key, value in old_data.items():
+        assert card.data.to_dict()[key] == value, key
+    result = json.loads((out / "eval_results.json").read_text())
+    assert [(r.task_name, r.metric_value) for r in card.data.eval_results] == [
+        ("test", pytest.approx(result["scores"]["merged"]["test"]["accuracy"])),
+        ("joint (all tasks)", pytest.approx(result["scores"]["merged"]["joint"]["accuracy"])),
+    ]
+    check = "import sys; from huggingface_hub import ModelCard; ModelCard.load(sys.argv[1]).validate()"
+    env = hub_emulator.client_env(hf_home=tmp_path / "home", token=None)
+    done = subprocess.run([sys.executable, "-c", check, str(out / "README.md")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr  # the Hub's metadata check (POST /api/validate-yaml)
+    assert hub_emulator.requests_for("validate_yaml")
+    # A second evaluation replaces the section and the model-index instead of adding another.
+    assert main(["evaluate", str(out), "--dataset", str(root / "test-xyz"), "--num-samples", "4"]) == 0
+    again = (out / "README.md").read_text()
+    assert again.count("## Evaluation") == 1 and len(ModelCard(again).data.eval_results) == 2
+    assert [line for line in old_lines if line not in _body(again).splitlines()] == []
+
+
+def test_cards_hold_no_absolute_local_paths(same_labels, backward):
+    for root, out in (same_labels, backward[:2]):
+        for text in ((out / "README.md").read_text(),):
+            assert str(root) not in text
+            assert re.search(r"/tmp/|/home/|\\\\", text) is None
+        mudsc = json.loads((out / "config.json").read_text())["mudsc"]
+        assert str(root) not in json.dumps(mudsc)
+    root, out = same_labels
+    text = (out / "README.md").read_text()
+    assert "`left`" in text and "`right`" in text and "calib-images" in text
