@@ -14,17 +14,16 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from . import __version__
 from .adapters import spec_for
-from .calibration import STATISTICS_DTYPES, CalibrationError, statistics_dtype_of
 from .heads import concatenated_head_config, distinct_task_names, same_label_set
 from .matching import Match
 from .methods import get_method
+from .options import OptionError, check_options
 from .similarity import GroupMaps, correlations_from
 from .solve import SolveOptions, Solver
 from .spec import PermutationSpec
 
 logger = logging.getLogger(__name__)
 
-MATCHERS = ("align", "zip")
 REFERENCE_NORMALIZER_EPS = 1e-5
 # Config fields that may differ between two parents of one architecture (labels and bookkeeping).
 _IGNORED_CONFIG_KEYS = {
@@ -240,19 +239,17 @@ def merge(
         every process computes its share of the calibration statistics; only the main process
         (`hf_mudsc.distributed.is_main_process()`) solves and gets the model, the others get None.
     """
+    try:  # every option, before anything is loaded (the same checks as a recipe and the CLI)
+        checked = check_options(method=method, matcher=matcher, alpha=alpha, num_samples=num_samples,
+                                batch_size=batch_size, seed=seed, zip_decay=zip_decay, zip_budget=zip_budget,
+                                statistics_dtype=statistics_dtype)
+    except OptionError as error:
+        raise MergeInputError(str(error)) from None
+    alpha, zip_decay, zip_budget, statistics_dtype = (checked[k] for k in ("alpha", "zip_decay", "zip_budget",
+                                                                          "statistics_dtype"))
     spec_method = get_method(method)
-    if matcher not in MATCHERS:
-        raise MergeInputError(f"unknown matcher {matcher!r}; choose one of: {', '.join(MATCHERS)}")
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise MergeInputError(f"alpha must lie in [0, 1], got {alpha}")
     if len(models) != 2:
         raise MergeInputError(f"merge takes exactly two parents, got {len(models)}")
-    try:
-        statistics_dtype = str(statistics_dtype_of(statistics_dtype)).removeprefix("torch.")
-    except CalibrationError:
-        raise MergeInputError(
-            f"unknown statistics_dtype {statistics_dtype!r}; choose one of: {', '.join(STATISTICS_DTYPES)}"
-        ) from None
     from .data import load_calibration_dataset, resolve_calibration
     from .distributed import collect_statistics_distributed, is_main_process
     from .loading import load_parents
