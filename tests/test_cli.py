@@ -320,3 +320,47 @@ def test_the_merged_config_names_local_inputs_without_their_paths(merged_once, i
     assert config["mudsc"]["calibration"] == calibration.name
     assert config["mudsc"]["statistics_dtype"] == "float32"
     assert str(a.parent) not in (out / "config.json").read_text()
+
+
+@pytest.mark.parametrize(("argv", "code", "needle"), [
+    (["merge", "--help"], 0, "--calibration SPEC"),
+    (["--help"], 0, "merge"),
+    (["--version"], 0, "hf-mudsc "),
+    (["push", "--help"], 0, "ORG/NAME"),
+    (["merge", "a", "b", "--alpha", "abc"], 2, "argument --alpha: invalid float value"),
+    (["merge", "a", "b", "--zip-budget", "nan", "--calibration", "c", "-o", "o"], 2, "--zip-budget"),
+    (["merge", "only-one", "--calibration", "c", "--output", "o"], 2, "exactly two parent models"),
+    (["nonsense"], 2, "invalid choice"),
+])
+def test_help_version_and_argument_errors_do_not_import_torch(argv, code, needle):
+    """Answering these must not pay the 5-8 s import of torch/transformers/datasets."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, contextlib, io\n"
+        "from hf_mudsc.cli import main\n"
+        "out, err = io.StringIO(), io.StringIO()\n"
+        "with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
+        "    try:\n"
+        f"        code = main({argv!r})\n"
+        "    except SystemExit as stop:\n"
+        "        code = stop.code\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'datasets', 'evaluate') if m in sys.modules)\n"
+        "print(repr((code, heavy, out.getvalue() + err.getvalue())))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    got_code, heavy, text = eval(done.stdout.strip().splitlines()[-1])  # noqa: S307 - our own repr
+    assert (got_code, heavy) == (code, []), text
+    assert needle in text
+
+
+def test_top_level_help_lists_every_command_with_its_help(capsys):
+    from hf_mudsc.cli import COMMANDS
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for name, help_text in COMMANDS.items():
+        assert name in out and help_text.split()[0] in out
