@@ -23,6 +23,7 @@ import torch
 
 from .calibration import CalibrationError
 from .loading import image_processor_of, tokenizer_of
+from .options import check_option, flag, option_hint
 
 logger = logging.getLogger(__name__)
 
@@ -229,8 +230,7 @@ class CalibrationStream:
     def batches(self, batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[dict[str, Any]]:
         import datasets
 
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        batch_size = check_option("batch_size", batch_size)
         data = self.dataset if self.preprocess is not None else self.dataset.with_format("torch")
         if isinstance(data, datasets.Dataset):
             chunks: Iterator[Mapping[str, Any]] = (data[s : s + batch_size] for s in range(0, len(data), batch_size))
@@ -295,7 +295,8 @@ def _infer_inputs(columns: Sequence[str], image_processor: Any, tokenizer: Any,
         raise CalibrationError(
             f"the calibration data has no usable column; found columns {list(columns)}. Expected model inputs "
             f"({', '.join(MODEL_INPUT_COLUMNS[:2])}) or raw columns ({', '.join(IMAGE_COLUMNS + TEXT_COLUMNS)}) "
-            "that the parents' processor can preprocess; name yours with image_column=/text_column="
+            f"that the parents' processor can preprocess; name yours with {option_hint('image_column')} or "
+            f"{option_hint('text_column')}"
         )
     return tuple(inputs)
 
@@ -308,7 +309,7 @@ def _require_raw(model_input: str, kind: str, column: str | None, candidates: Se
     if column is None:
         raise CalibrationError(
             lacking + f"No raw {kind} column to preprocess either (looked for {', '.join(candidates)}): name "
-            f"yours with {option}=, or provide {model_input} yourself"
+            f"yours with {option_hint(option)}, or provide {model_input} yourself"
         )
     if processor is None:
         raise CalibrationError(
@@ -323,8 +324,8 @@ def _plan(columns: Sequence[str], inputs: Sequence[str], processor: Any, image_c
     """Which columns to read and how to preprocess them (None: they already are model inputs)."""
     for name, override in (("image_column", image_column), ("text_column", text_column)):
         if override is not None and override not in columns:
-            raise CalibrationError(f"{name}={override!r} is not a column of the calibration data; found columns "
-                                   f"{list(columns)}")
+            raise CalibrationError(f"{name}={override!r} (CLI: {flag(name)}) is not a column of the calibration "
+                                   f"data; found columns {list(columns)}")
     if image_column is None and text_column is None and all(i in columns for i in inputs):
         return [c for c in columns if c in MODEL_INPUT_COLUMNS or c in inputs], None
     unknown = [i for i in inputs if i not in ("pixel_values", "input_ids") and i not in columns]
@@ -369,10 +370,9 @@ def _subset(dataset: Any, num_samples: int | None, seed: int, shuffle: bool) -> 
     """Seeded shuffle + first `num_samples` rows (statistics are sums: order only matters for a subset)."""
     import datasets
 
+    num_samples = check_option("num_samples", num_samples)
     if num_samples is None:
         return dataset, "auto"
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1 or None, got {num_samples}")
     if isinstance(dataset, datasets.Dataset):
         size = len(dataset)
         if shuffle:

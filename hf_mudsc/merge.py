@@ -17,7 +17,7 @@ from .adapters import spec_for
 from .heads import concatenated_head_config, distinct_task_names, same_label_set
 from .matching import Match
 from .methods import get_method
-from .options import OptionError, check_options
+from .options import OptionError, check_options, option_hint
 from .similarity import GroupMaps, correlations_from
 from .solve import SolveOptions, Solver
 from .spec import PermutationSpec
@@ -257,7 +257,7 @@ def merge(
     if spec_method.uses_activations and calibration is None:
         raise MergeInputError(
             f"method {method!r} needs calibration data (a 'dataset:split' spec, a datasets.Dataset or an iterable "
-            "of input batches); use method='weight_matching' or 'average' to merge without data"
+            "of input batches); use method='weight_matching' or 'average' (CLI: --method) to merge without data"
         )
     calibration_name = _calibration_name(calibration) if spec_method.uses_activations else None
     if spec_method.uses_activations and isinstance(calibration, (str, os.PathLike)):
@@ -295,6 +295,7 @@ def merge(
         correlations = None
         if accumulators is not None:
             report.num_samples = accumulators[0].examples or accumulators[0].count
+            _log_sample_count(num_samples, report.num_samples)
             correlations = correlations_from(accumulators)
         options = SolveOptions(
             matcher=used_matcher,
@@ -348,6 +349,15 @@ def merge(
     merged.merge_report = report
     logger.info("merged %s and %s with %s", parent_names[0], parent_names[1], method)
     return merged
+
+
+def _log_sample_count(asked: int | None, used: int) -> None:
+    """Say how many calibration samples were used; warn when fewer than `num_samples` asked for."""
+    if asked is not None and used < asked:
+        logger.warning("%s asked for %d calibration samples, but the data holds only %d; all %d were used",
+                       option_hint("num_samples"), asked, used, used)
+    else:
+        logger.info("calibrated on %d samples", used)
 
 
 def _calibration_name(calibration: Any) -> str | None:

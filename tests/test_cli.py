@@ -364,3 +364,24 @@ def test_top_level_help_lists_every_command_with_its_help(capsys):
     out = capsys.readouterr().out
     for name, help_text in COMMANDS.items():
         assert name in out and help_text.split()[0] in out
+
+
+def test_num_samples_beyond_the_data_prints_how_many_were_used(inputs, tmp_path, capsys, caplog):
+    a, b, calibration = inputs  # 32 images
+    out = tmp_path / "merged"
+    with caplog.at_level("WARNING", logger="hf_mudsc"):
+        code = main(["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(out),
+                     "--method", "zipit", "--num-samples", "1000", "--batch-size", "16"])
+    assert code == 0
+    assert "Calibrated on 32 samples (--num-samples asked for 1000)" in capsys.readouterr().out
+    assert any("asked for 1000 calibration samples, but the data holds only 32" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_a_wrong_column_is_named_by_its_flag(inputs, tmp_path, capsys):
+    a, b, calibration = inputs
+    code = main(["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(tmp_path / "m"),
+                 *FAST, "--image-column", "picture"])
+    err = capsys.readouterr().err
+    assert code == 1 and "image_column='picture' (CLI: --image-column) is not a column" in err
+    assert "Traceback" not in err and not (tmp_path / "m").exists()

@@ -186,7 +186,7 @@ def test_no_usable_column_names_the_columns_found():
     missing = r"lacks column\(s\) \['pixel_values'\].*found columns \['foo', 'label'\].*image_column="
     with pytest.raises(CalibrationError, match=missing):
         resolve_calibration(dataset, [vit_processor()], inputs=("pixel_values",))
-    with pytest.raises(CalibrationError, match=r"image_column='picture' is not a column.*\['foo', 'label'\]"):
+    with pytest.raises(CalibrationError, match=r"image_column='picture' \(CLI: --image-column\) is not a column.*\['foo', 'label'\]"):
         resolve_calibration(dataset, [vit_processor()], image_column="picture")
     with pytest.raises(CalibrationError, match=r"found columns \['foo', 'label'\]"):
         hf_mudsc.merge([make_model("vit_cls", seed=0), make_model("vit_cls", seed=1)], dataset, progress=False)
@@ -235,3 +235,42 @@ def test_streaming_spec_does_not_materialise(tmp_path):
     assert [b["input_ids"].shape[0] for b in batches] == [2, 2, 1]
     after = set(cache.rglob("*.arrow")) if cache.exists() else set()
     assert after == before  # nothing converted to arrow: the split was streamed
+
+
+# ------------------------------------------------ sample counts and flag-aware messages (issue 10, rough edges)
+@pytest.mark.parametrize("iterable", [False, True])
+def test_more_num_samples_than_rows_says_how_many_were_used(caplog, iterable):
+    from factories import make_batches
+
+    pixels = torch.cat([b["pixel_values"] for b in make_batches("vit_cls", 2, batch_size=6)])  # 12 rows
+    dataset = datasets.Dataset.from_dict({"pixel_values": pixels.numpy()})
+    if iterable:
+        dataset = dataset.to_iterable_dataset()
+    models = [make_model("vit_cls", seed=0), make_model("vit_cls", seed=1)]
+    with caplog.at_level("WARNING", logger="hf_mudsc"):
+        merged = hf_mudsc.merge(models, dataset, method="zipit", num_samples=500, batch_size=5, progress=False)
+    assert merged.merge_report.num_samples == 12
+    assert merged.config.mudsc["num_calibration_samples"] == 12
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert ("num_samples= (CLI: --num-samples) asked for 500 calibration samples, but the data holds only 12; "
+            "all 12 were used") in warnings
+
+
+def test_column_messages_name_the_cli_flags_too():
+    dataset = datasets.Dataset.from_dict({"foo": [1, 2], "label": [0, 1]})
+    with pytest.raises(CalibrationError) as caught:
+        resolve_calibration(dataset, [vit_processor()], image_column="picture")
+    assert "image_column='picture' (CLI: --image-column) is not a column" in str(caught.value)
+    raw = datasets.Dataset.from_dict({"text": ["w1"]})
+    with pytest.raises(CalibrationError) as caught:
+        resolve_calibration(raw, [tokenizer()], text_column="sentence")
+    assert "text_column='sentence' (CLI: --text-column) is not a column" in str(caught.value)
+    with pytest.raises(CalibrationError) as caught:
+        resolve_calibration(dataset, [vit_processor()])
+    assert "name yours with image_column= (CLI: --image-column) or text_column= (CLI: --text-column)" in str(
+        caught.value)
+    with pytest.raises(CalibrationError) as caught:
+        resolve_calibration(dataset, [vit_processor()], inputs=("pixel_values",))
+    assert "name yours with image_column= (CLI: --image-column), or provide pixel_values" in str(caught.value)
+    with pytest.raises(ValueError, match=r"num_samples must be >= 1, or None for the whole split \(CLI: "):
+        resolve_calibration(datasets.Dataset.from_dict({"input_ids": [[1, 2]]}), None, num_samples=0)

@@ -141,6 +141,10 @@ def run(args: argparse.Namespace) -> int:
     except (PushError, HfHubHTTPError) as error:
         print(f"hf-mudsc merge: error: {error}", file=sys.stderr)
         return 1
+    if result.get("calibration_samples") is not None:
+        used, asked = result["calibration_samples"], recipe.num_samples
+        short = f" (--num-samples asked for {asked})" if asked is not None and used < asked else ""
+        print(f"Calibrated on {used} samples{short}")
     if result.get("output"):
         print(f"Merged model written to {result['output']}")
     if result.get("push"):
@@ -188,6 +192,8 @@ def execute(recipe: Recipe, *, token: str | None = None) -> dict[str, Any]:
     pinned = recipe.override(models=[_pinned_reference(p) for p in parents],
                              calibration=_pinned_calibration(recipe.calibration))
     produced: dict[str, Any] = {}
+    if calibration is not None:
+        produced["calibration_samples"] = merged.merge_report.num_samples
     with staged_output(output, overwrite=recipe.overwrite) as staging:
         write_folder(staging, merged, pinned, parents)
         if recipe.push_to_hub:
