@@ -147,7 +147,7 @@ class Recipe:
         if get_method(self.method).uses_activations and not self.calibration:
             raise RecipeError(
                 f"method {self.method!r} needs calibration data: pass --calibration "
-                "(a dataset spec `repo_or_path[:config]:split` or a saved dataset folder), "
+                "(a dataset spec `repo_or_path[@revision][:config]:split` or a saved dataset folder), "
                 "or use --method weight_matching / average to merge without data"
             )
         if self.push_to_hub is not None and self.push_to_hub.count("/") != 1:

@@ -385,3 +385,35 @@ def test_a_wrong_column_is_named_by_its_flag(inputs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "image_column='picture' (CLI: --image-column) is not a column" in err
     assert "Traceback" not in err and not (tmp_path / "m").exists()
+
+
+def test_hub_calibration_is_pinned_in_the_recipe_and_loaded_at_that_commit(inputs, tmp_path, monkeypatch, capsys):
+    """`org/ds@v1:train`: the branch is resolved to its commit, loaded at that commit, and recorded so."""
+    import types
+
+    from huggingface_hub import HfApi, constants
+
+    from hf_mudsc.card import calibration_dataset_id
+
+    a, b, calibration = inputs
+    sha = "fedcba9876543210fedcba9876543210fedcba98"
+    saved = datasets.load_from_disk(str(calibration))
+    loads = []
+
+    def fake_load_dataset(*args, **kwargs):
+        loads.append((args, kwargs.get("revision"), kwargs.get("split")))
+        return saved
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(HfApi, "dataset_info", lambda self, repo_id, revision=None, token=None, **_:
+                        types.SimpleNamespace(sha=sha if (repo_id, revision) == ("org/digits", "v1") else None))
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    out = tmp_path / "merged"
+    code = main(["merge", str(a), str(b), "--calibration", "org/digits@v1:train", "--output", str(out), *FAST])
+    assert code == 0, capsys.readouterr().err
+    assert loads == [(("org/digits",), sha, "train")]
+    recipe = Recipe.load(out / RECIPE_FILENAME)
+    assert recipe.calibration == f"org/digits@{sha}:train"
+    card = (out / "README.md").read_text()
+    assert f"org/digits@{sha}:train" in card and "- org/digits\n" in card  # recipe block; `datasets:` metadata
+    assert calibration_dataset_id(f"org/digits@{sha}:train") == "org/digits"
