@@ -26,7 +26,8 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .options import MATCHERS, OPTION_NAMES, OptionError, check_options, check_type
+from .options import MATCHERS as MATCHERS  # re-exported: the CLI's --matcher choices
+from .options import OPTION_NAMES, OptionError, check_options, check_type
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ COMMAND_LINE_ONLY_KEYS = {"output": "--output DIR", "push_to_hub": "--push-to-hu
                           "private": "--private", "overwrite": "--overwrite", "allow_pickle": "--allow-pickle"}
 # Keys a recipe may carry for information only.
 INFO_KEYS = ("hf_mudsc_version",)
-__all__ = ["COMMAND_LINE_ONLY_KEYS", "DESTINATION_KEYS", "MATCHERS", "RECIPE_FILENAME", "Recipe", "RecipeError"]
 
 _HEADER = (
     "# hf-mudsc merge recipe. Reproduce the merge with:\n"
@@ -89,12 +89,10 @@ class Recipe:
         line may set (`COMMAND_LINE_ONLY_KEYS`) unless they state their default."""
         if not isinstance(data, Mapping):
             raise RecipeError(f"{source} must be a YAML mapping of keys to values, got {type(data).__name__}")
-        allowed = set(cls.keys()) - set(COMMAND_LINE_ONLY_KEYS)
-        unknown = sorted(set(data) - allowed - set(COMMAND_LINE_ONLY_KEYS) - set(INFO_KEYS))
+        unknown = sorted(set(data) - set(cls.keys()) - set(INFO_KEYS))
         if unknown:
-            raise RecipeError(
-                f"{source} has unknown key(s) {unknown}; valid keys are: {', '.join(sorted(allowed))}"
-            )
+            valid = [k for k in cls.keys() if k not in COMMAND_LINE_ONLY_KEYS]
+            raise RecipeError(f"{source} has unknown key(s) {unknown}; valid keys are: {', '.join(valid)}")
         for key, how in COMMAND_LINE_ONLY_KEYS.items():
             if key not in data:
                 continue
@@ -152,7 +150,7 @@ class Recipe:
             )
         if self.push_to_hub is not None and self.push_to_hub.count("/") != 1:
             raise RecipeError(
-                f"push_to_hub must be a repo id `org/name`, got {self.push_to_hub!r}"
+                f"push_to_hub must be a repo id `org/name` (CLI: --push-to-hub), got {self.push_to_hub!r}"
             )
         return self
 
