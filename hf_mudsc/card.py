@@ -135,7 +135,7 @@ def calibration_dataset_id(spec: str | None) -> str | None:
         return None
     if Path(spec).exists():
         return None
-    repo = spec.split(":", 1)[0]
+    repo = spec.split(":", 1)[0].partition("@")[0]  # `org/ds@revision:split` pins a revision of `org/ds`
     if not repo or Path(repo).exists() or repo.startswith((".", "/", "~")) or "\\" in repo:
         return None
     return repo if _HUB_DATASET_ID.match(repo) else None

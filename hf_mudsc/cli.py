@@ -23,7 +23,17 @@ def _module(name: str):
     return importlib.import_module(f"hf_mudsc.commands.{name}")
 
 
+def command_in(argv: Sequence[str]) -> str | None:
+    """The sub-command named in `argv`: the first argument that is not a top-level option (those take no value)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
 def build_parser(available: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; only the commands in `available` (all when None) get their flags, i.e. import their module.
+
+    Every command is listed by `hf-mudsc --help` either way: a command module may import torch (evaluate does),
+    and help or an argument error of another command must answer in a second, not after 5-8 s of imports.
+    """
     parser = argparse.ArgumentParser(
         prog="hf-mudsc",
         description="Merge fine-tuned Hugging Face transformers without training (MuDSC, CVPR 2024).",
@@ -33,6 +43,7 @@ def build_parser(available: Sequence[str] | None = None) -> argparse.ArgumentPar
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         if available is not None and name not in available:
+            sub.add_parser(name, help=help_text, description=help_text)  # listed, flags not loaded
             continue
         try:
             module = _module(name)
@@ -48,7 +59,8 @@ def build_parser(available: Sequence[str] | None = None) -> argparse.ArgumentPar
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(available=[command] if (command := command_in(argv)) else [])
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=min(level, logging.INFO), format="%(levelname)s %(name)s: %(message)s")

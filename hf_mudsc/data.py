@@ -23,6 +23,7 @@ import torch
 
 from .calibration import CalibrationError
 from .loading import image_processor_of, tokenizer_of
+from .options import check_option, flag, option_hint
 
 logger = logging.getLogger(__name__)
 
@@ -38,19 +39,26 @@ _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv
 _TEXT_LIMIT = 512  # fallback truncation when neither the tokenizer nor the config gives one
 
 
+_SPEC_FORMS = "use 'repo_or_path[:config]:split', or 'org/ds@revision[:config]:split' to pin a Hub dataset"
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A parsed `"repo_or_path[:config]:split"` (split may carry a slice, e.g. `train[:100]`)."""
+    """A parsed `"repo_or_path[@revision][:config]:split"` (split may carry a slice, e.g. `train[:100]`).
+
+    `revision` (a branch, tag or commit sha) pins a Hub dataset like `org/name@revision` pins a parent.
+    """
 
     path: str
     config: str | None = None
     split: str | None = None
+    revision: str | None = None
 
     @classmethod
     def parse(cls, spec: str | os.PathLike) -> DatasetSpec:
         text = os.fspath(spec).strip()
         if not text:
-            raise CalibrationError("empty calibration spec; use 'repo_or_path[:config]:split'")
+            raise CalibrationError(f"empty calibration spec; {_SPEC_FORMS}")
         if os.path.exists(text):
             return cls(path=text)
         match = re.fullmatch(r"(?P<body>.*?)(?P<slice>\[[^\]]*\])?", text)
@@ -59,21 +67,79 @@ class DatasetSpec:
         if len(parts) == 1:
             if slice_:
                 raise CalibrationError(f"calibration spec {text!r}: a slice needs a split, e.g. 'data:train[:100]'")
-            return cls(path=parts[0])
+            path, revision = _split_revision(parts[0], text)
+            return cls(path=path, revision=revision)
         if len(parts) == 2:
             path, config, split = parts[0], None, parts[1]
         elif len(parts) == 3:
             path, config, split = parts
         else:
-            raise CalibrationError(
-                f"calibration spec {text!r} has too many ':' parts; use 'repo_or_path[:config]:split'"
-            )
+            raise CalibrationError(f"calibration spec {text!r} has too many ':' parts; {_SPEC_FORMS}")
         if not path or not split or (config is not None and not config):
-            raise CalibrationError(f"calibration spec {text!r} has an empty part; use 'repo_or_path[:config]:split'")
-        return cls(path=path, config=config, split=split + slice_)
+            raise CalibrationError(f"calibration spec {text!r} has an empty part; {_SPEC_FORMS}")
+        path, revision = _split_revision(path, text)
+        return cls(path=path, config=config, split=split + slice_, revision=revision)
 
     def __str__(self) -> str:
-        return ":".join(p for p in (self.path, self.config, self.split) if p)
+        head = f"{self.path}@{self.revision}" if self.revision else self.path
+        return ":".join(p for p in (head, self.config, self.split) if p)
+
+
+def _split_revision(path: str, text: str) -> tuple[str, str | None]:
+    """`org/ds@rev` -> (`org/ds`, `rev`); an existing local path is taken as it is (it may contain '@')."""
+    if "@" not in path or os.path.exists(os.path.expanduser(path)):
+        return path, None
+    repo, _, revision = path.partition("@")
+    if not repo:
+        raise CalibrationError(f"calibration spec {text!r} has an empty part; {_SPEC_FORMS}")
+    if not revision:
+        raise CalibrationError(f"calibration spec {text!r} has an empty revision after '@'; {_SPEC_FORMS}")
+    if "@" in revision:
+        raise CalibrationError(f"calibration spec {text!r} may carry one '@revision' only; {_SPEC_FORMS}")
+    if os.path.exists(os.path.expanduser(repo)):
+        raise CalibrationError(
+            f"calibration spec {text!r}: a revision pins a Hub dataset, but {repo!r} is local data; "
+            f"drop '@{revision}'"
+        )
+    return repo, revision
+
+
+def pin_calibration_revision(spec: str, *, token: str | bool | None = None) -> str:
+    """`spec` with a Hub dataset's branch/tag (or no revision: the default branch) resolved to its commit sha.
+
+    Recipes record calibration data pinned like parents, so a re-run reads the same rows after the dataset
+    moved on. Local data, offline mode (`HF_HUB_OFFLINE=1`) and ids the Hub does not know (e.g. packaged
+    builders) are returned as given; an unknown revision is refused before anything is loaded.
+    """
+    from huggingface_hub import HfApi, constants, errors
+
+    parsed = DatasetSpec.parse(spec)
+    if Path(parsed.path).expanduser().exists() or constants.HF_HUB_OFFLINE:
+        return spec
+    try:
+        info = HfApi().dataset_info(parsed.path, revision=parsed.revision, token=token)
+    except errors.RevisionNotFoundError:
+        raise CalibrationError(
+            f"calibration dataset {spec!r}: revision {parsed.revision!r} does not exist in the dataset repository; "
+            "use an existing branch, tag or commit sha"
+        ) from None
+    except errors.GatedRepoError:
+        raise CalibrationError(
+            f"calibration dataset {parsed.path!r} is gated: accept its terms on the Hub and pass a token "
+            "(CLI: --token, or log in with `hf auth login`)"
+        ) from None
+    except errors.RepositoryNotFoundError:
+        logger.debug("calibration %r is not a Hub dataset repository; used as given", spec)
+        return spec
+    except (errors.HfHubHTTPError, OSError, ValueError) as error:
+        logger.warning("could not resolve the revision of calibration dataset %r (%s); it is recorded as given",
+                       spec, type(error).__name__)
+        return spec
+    if not getattr(info, "sha", None):
+        return spec
+    pinned = str(replace(parsed, revision=info.sha))
+    logger.info("calibration %s resolved to %s", spec, pinned)
+    return pinned
 
 
 def load_calibration_dataset(spec: str | os.PathLike | DatasetSpec, *, streaming: bool = True,
@@ -93,6 +159,8 @@ def load_calibration_dataset(spec: str | os.PathLike | DatasetSpec, *, streaming
         return _pick_split(datasets.load_from_disk(str(path)), parsed)
     use_streaming = streaming and not (parsed.split and "[" in parsed.split)
     kwargs: dict[str, Any] = {"split": parsed.split, "streaming": use_streaming}
+    if parsed.revision is not None:
+        kwargs["revision"] = parsed.revision
     if token is not None:
         kwargs["token"] = token
     if path.is_file():
@@ -229,8 +297,7 @@ class CalibrationStream:
     def batches(self, batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[dict[str, Any]]:
         import datasets
 
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        batch_size = check_option("batch_size", batch_size)
         data = self.dataset if self.preprocess is not None else self.dataset.with_format("torch")
         if isinstance(data, datasets.Dataset):
             chunks: Iterator[Mapping[str, Any]] = (data[s : s + batch_size] for s in range(0, len(data), batch_size))
@@ -295,7 +362,8 @@ def _infer_inputs(columns: Sequence[str], image_processor: Any, tokenizer: Any,
         raise CalibrationError(
             f"the calibration data has no usable column; found columns {list(columns)}. Expected model inputs "
             f"({', '.join(MODEL_INPUT_COLUMNS[:2])}) or raw columns ({', '.join(IMAGE_COLUMNS + TEXT_COLUMNS)}) "
-            "that the parents' processor can preprocess; name yours with image_column=/text_column="
+            f"that the parents' processor can preprocess; name yours with {option_hint('image_column')} or "
+            f"{option_hint('text_column')}"
         )
     return tuple(inputs)
 
@@ -308,7 +376,7 @@ def _require_raw(model_input: str, kind: str, column: str | None, candidates: Se
     if column is None:
         raise CalibrationError(
             lacking + f"No raw {kind} column to preprocess either (looked for {', '.join(candidates)}): name "
-            f"yours with {option}=, or provide {model_input} yourself"
+            f"yours with {option_hint(option)}, or provide {model_input} yourself"
         )
     if processor is None:
         raise CalibrationError(
@@ -323,8 +391,8 @@ def _plan(columns: Sequence[str], inputs: Sequence[str], processor: Any, image_c
     """Which columns to read and how to preprocess them (None: they already are model inputs)."""
     for name, override in (("image_column", image_column), ("text_column", text_column)):
         if override is not None and override not in columns:
-            raise CalibrationError(f"{name}={override!r} is not a column of the calibration data; found columns "
-                                   f"{list(columns)}")
+            raise CalibrationError(f"{name}={override!r} (CLI: {flag(name)}) is not a column of the calibration "
+                                   f"data; found columns {list(columns)}")
     if image_column is None and text_column is None and all(i in columns for i in inputs):
         return [c for c in columns if c in MODEL_INPUT_COLUMNS or c in inputs], None
     unknown = [i for i in inputs if i not in ("pixel_values", "input_ids") and i not in columns]
@@ -369,10 +437,9 @@ def _subset(dataset: Any, num_samples: int | None, seed: int, shuffle: bool) -> 
     """Seeded shuffle + first `num_samples` rows (statistics are sums: order only matters for a subset)."""
     import datasets
 
+    num_samples = check_option("num_samples", num_samples)
     if num_samples is None:
         return dataset, "auto"
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1 or None, got {num_samples}")
     if isinstance(dataset, datasets.Dataset):
         size = len(dataset)
         if shuffle:

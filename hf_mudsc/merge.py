@@ -14,17 +14,17 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from . import __version__
 from .adapters import spec_for
-from .calibration import STATISTICS_DTYPES, CalibrationError, resolve_device, statistics_dtype_of
+from .calibration import resolve_device
 from .heads import concatenated_head_config, distinct_task_names, same_label_set
 from .matching import Match
 from .methods import get_method
+from .options import OptionError, check_options, option_hint
 from .similarity import GroupMaps, correlations_from
 from .solve import SolveOptions, Solver
 from .spec import PermutationSpec
 
 logger = logging.getLogger(__name__)
 
-MATCHERS = ("align", "zip")
 REFERENCE_NORMALIZER_EPS = 1e-5
 # Config fields that may differ between two parents of one architecture (labels and bookkeeping).
 _IGNORED_CONFIG_KEYS = {
@@ -267,23 +267,21 @@ def merge(
         every process computes its share of the calibration statistics; only the main process
         (`hf_mudsc.distributed.is_main_process()`) solves and gets the model, the others get None.
     """
+    try:  # every option, before anything is loaded (the same checks as a recipe and the CLI)
+        checked = check_options(method=method, matcher=matcher, alpha=alpha, num_samples=num_samples,
+                                batch_size=batch_size, seed=seed, zip_decay=zip_decay, zip_budget=zip_budget,
+                                statistics_dtype=statistics_dtype)
+    except OptionError as error:
+        raise MergeInputError(str(error)) from None
+    alpha, zip_decay, zip_budget, statistics_dtype = (checked[k] for k in ("alpha", "zip_decay", "zip_budget",
+                                                                          "statistics_dtype"))
     spec_method = get_method(method)
-    if matcher not in MATCHERS:
-        raise MergeInputError(f"unknown matcher {matcher!r}; choose one of: {', '.join(MATCHERS)}")
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise MergeInputError(f"alpha must lie in [0, 1], got {alpha}")
     if len(models) != 2:
         raise MergeInputError(f"merge takes exactly two parents, got {len(models)}")
     try:
         run_device = resolve_device(device)
     except ValueError as error:
         raise MergeInputError(str(error)) from None
-    try:
-        statistics_dtype = str(statistics_dtype_of(statistics_dtype)).removeprefix("torch.")
-    except CalibrationError:
-        raise MergeInputError(
-            f"unknown statistics_dtype {statistics_dtype!r}; choose one of: {', '.join(STATISTICS_DTYPES)}"
-        ) from None
     from .data import load_calibration_dataset, resolve_calibration
     from .distributed import collect_statistics_distributed, is_main_process
     from .loading import load_parents
@@ -291,7 +289,7 @@ def merge(
     if spec_method.uses_activations and calibration is None:
         raise MergeInputError(
             f"method {method!r} needs calibration data (a 'dataset:split' spec, a datasets.Dataset or an iterable "
-            "of input batches); use method='weight_matching' or 'average' to merge without data"
+            "of input batches); use method='weight_matching' or 'average' (CLI: --method) to merge without data"
         )
     calibration_name = _calibration_name(calibration) if spec_method.uses_activations else None
     if spec_method.uses_activations and isinstance(calibration, (str, os.PathLike)):
@@ -331,6 +329,7 @@ def merge(
         correlations = None
         if accumulators is not None:
             report.num_samples = accumulators[0].examples or accumulators[0].count
+            _log_sample_count(num_samples, report.num_samples)
             correlations = correlations_from(accumulators)
         options = SolveOptions(
             matcher=used_matcher,
@@ -388,6 +387,15 @@ def merge(
     merged.merge_report = report
     logger.info("merged %s and %s with %s", parent_names[0], parent_names[1], method)
     return merged
+
+
+def _log_sample_count(asked: int | None, used: int) -> None:
+    """Say how many calibration samples were used; warn when fewer than `num_samples` asked for."""
+    if asked is not None and used < asked:
+        logger.warning("%s asked for %d calibration samples, but the data holds only %d; all %d were used",
+                       option_hint("num_samples"), asked, used, used)
+    else:
+        logger.info("calibrated on %d samples", used)
 
 
 def _calibration_name(calibration: Any) -> str | None:

@@ -3,14 +3,20 @@
 A recipe is written as `mudsc_recipe.yaml` next to every merged model, with the parents pinned to the
 commit shas that were actually used (`org/name@<sha>`), so `hf-mudsc merge --recipe mudsc_recipe.yaml
 --output DIR` rebuilds the same weights later, elsewhere. Flags given on the command line override the
-recipe's keys. The written recipe leaves out the destination keys (`output`, `push_to_hub`, `private`,
-`overwrite`): re-running a downloaded recipe must never write over someone's folder or repo by surprise.
-A token is never a recipe key.
+recipe's keys.
+
+A recipe says WHAT to merge. Where the result goes (`output`, `push_to_hub`, `private`, `overwrite`) and whether
+to trust pickle weights (`allow_pickle`) come only from the command line: a downloaded recipe must never write
+over someone's folder or repo, or run a pickle, with nothing on the command line asking for it. A recipe file
+that sets one of these keys is refused, naming the flag to use instead; a key stating its default (`false` /
+`null`, as hf-mudsc 0.1.0 wrote `allow_pickle: false` into every recipe) asks for nothing and is ignored. Written
+recipes never hold these keys. A token is never a recipe key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -20,13 +26,19 @@ from typing import Any
 import yaml
 
 from . import __version__
+from .options import MATCHERS as MATCHERS  # re-exported: the CLI's --matcher choices
+from .options import OPTION_NAMES, OptionError, check_options, check_type
+
+logger = logging.getLogger(__name__)
 
 RECIPE_FILENAME = "mudsc_recipe.yaml"
 # Keys that say where the result goes, not what it is; not written next to a merged model.
 DESTINATION_KEYS = ("output", "push_to_hub", "private", "overwrite")
+# Keys only the command line may set (destinations and trust), with the flag to use instead.
+COMMAND_LINE_ONLY_KEYS = {"output": "--output DIR", "push_to_hub": "--push-to-hub ORG/NAME",
+                          "private": "--private", "overwrite": "--overwrite", "allow_pickle": "--allow-pickle"}
 # Keys a recipe may carry for information only.
 INFO_KEYS = ("hf_mudsc_version",)
-MATCHERS = ("align", "zip")
 
 _HEADER = (
     "# hf-mudsc merge recipe. Reproduce the merge with:\n"
@@ -72,15 +84,27 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "recipe") -> Recipe:
-        """A recipe from a mapping; unknown keys are refused (a typo must not be silently ignored)."""
+        """A recipe from a mapping (a recipe file's contents).
+
+        Unknown keys are refused (a typo must not be silently ignored), and so are the keys only the command
+        line may set (`COMMAND_LINE_ONLY_KEYS`) unless they state their default."""
         if not isinstance(data, Mapping):
             raise RecipeError(f"{source} must be a YAML mapping of keys to values, got {type(data).__name__}")
         unknown = sorted(set(data) - set(cls.keys()) - set(INFO_KEYS))
         if unknown:
-            raise RecipeError(
-                f"{source} has unknown key(s) {unknown}; valid keys are: {', '.join(cls.keys())}"
-            )
-        values = {k: _coerce(k, v, source) for k, v in data.items() if k not in INFO_KEYS}
+            valid = [k for k in cls.keys() if k not in COMMAND_LINE_ONLY_KEYS]
+            raise RecipeError(f"{source} has unknown key(s) {unknown}; valid keys are: {', '.join(valid)}")
+        for key, how in COMMAND_LINE_ONLY_KEYS.items():
+            if key not in data:
+                continue
+            if data[key] not in (None, False):
+                raise RecipeError(
+                    f"{source} sets `{key}`, which a recipe may not set; pass {how} on the command line "
+                    "instead and delete the key from the file"
+                )
+            logger.info("%s: ignoring `%s: %s` (only the command line sets it)", source, key, data[key])
+        values = {k: _coerce(k, v, source) for k, v in data.items()
+                  if k not in INFO_KEYS and k not in COMMAND_LINE_ONLY_KEYS}
         recipe = cls(**values)
         return recipe
 
@@ -105,33 +129,21 @@ class Recipe:
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> Recipe:
-        """Refuse a recipe that cannot run, before anything is downloaded or computed."""
-        from .calibration import STATISTICS_DTYPES, resolve_device
-        from .methods import METHODS, get_method
+        """Refuse a recipe that cannot run, before anything is downloaded or computed (normalises options)."""
+        from .calibration import resolve_device
+        from .methods import get_method
 
         if len(self.models) != 2:
             raise RecipeError(
                 f"a merge takes exactly two parent models (Hub ids `org/name[@revision]` or folders), "
                 f"got {len(self.models)}: {self.models}"
             )
-        if self.method not in METHODS:
-            raise RecipeError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
-        if self.matcher not in MATCHERS:
-            raise RecipeError(f"unknown matcher {self.matcher!r}; choose one of: {', '.join(MATCHERS)}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise RecipeError(f"alpha must lie in [0, 1], got {self.alpha}")
-        if self.num_samples is not None and self.num_samples < 1:
-            raise RecipeError(f"num_samples must be >= 1 (or omitted for all), got {self.num_samples}")
-        if self.batch_size < 1:
-            raise RecipeError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not 0.0 < self.zip_decay <= 1.0:
-            raise RecipeError(f"zip_decay must lie in (0, 1], got {self.zip_decay}")
-        if self.zip_budget < 0.0:
-            raise RecipeError(f"zip_budget must be >= 0, got {self.zip_budget}")
-        if self.statistics_dtype not in STATISTICS_DTYPES:
-            raise RecipeError(
-                f"statistics_dtype must be one of {', '.join(STATISTICS_DTYPES)}, got {self.statistics_dtype!r}"
-            )
+        try:
+            checked = check_options(**{k: v for k, v in self.merge_options().items() if k in OPTION_NAMES})
+        except OptionError as error:
+            raise RecipeError(str(error)) from None
+        for key, value in checked.items():
+            setattr(self, key, value)
         try:
             resolve_device(self.device, cli=True)
         except ValueError as error:
@@ -139,12 +151,12 @@ class Recipe:
         if get_method(self.method).uses_activations and not self.calibration:
             raise RecipeError(
                 f"method {self.method!r} needs calibration data: pass --calibration "
-                "(a dataset spec `repo_or_path[:config]:split` or a saved dataset folder), "
+                "(a dataset spec `repo_or_path[@revision][:config]:split` or a saved dataset folder), "
                 "or use --method weight_matching / average to merge without data"
             )
         if self.push_to_hub is not None and self.push_to_hub.count("/") != 1:
             raise RecipeError(
-                f"push_to_hub must be a repo id `org/name`, got {self.push_to_hub!r}"
+                f"push_to_hub must be a repo id `org/name` (CLI: --push-to-hub), got {self.push_to_hub!r}"
             )
         return self
 
@@ -167,37 +179,31 @@ class Recipe:
         }
 
     def to_dict(self, *, reproducible: bool = False) -> dict[str, Any]:
-        """All keys; `reproducible=True` leaves out the destination keys (see module docstring)."""
+        """All fields; `reproducible=True` (what files hold) leaves out `COMMAND_LINE_ONLY_KEYS` (module docstring)."""
         data = dataclasses.asdict(self)
         if reproducible:
-            for key in DESTINATION_KEYS:
+            for key in COMMAND_LINE_ONLY_KEYS:
                 data.pop(key)
             data = {"hf_mudsc_version": __version__, **data}
         return data
 
     def to_yaml(self, *, reproducible: bool = True, name: str = RECIPE_FILENAME) -> str:
+        """The recipe as YAML; `reproducible=False` adds the command-line-only fields (for display, not loadable)."""
         body = yaml.safe_dump(self.to_dict(reproducible=reproducible), sort_keys=False, allow_unicode=True)
         return _HEADER.format(name=name) + body
 
-    def save(self, path: str | os.PathLike, *, reproducible: bool = True) -> Path:
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the recipe file; it never holds `COMMAND_LINE_ONLY_KEYS`, so it can be loaded and re-run."""
         path = Path(path)
-        path.write_text(self.to_yaml(reproducible=reproducible, name=path.name), encoding="utf-8")
+        path.write_text(self.to_yaml(reproducible=True, name=path.name), encoding="utf-8")
         return path
 
 
+# Types of the keys that are not merge options (those are typed by `hf_mudsc.options`).
 _TYPES: dict[str, tuple[type, ...]] = {
     "calibration": (str,),
-    "method": (str,),
-    "matcher": (str,),
-    "alpha": (float, int),
-    "num_samples": (int,),
-    "batch_size": (int,),
-    "seed": (int,),
-    "zip_decay": (float, int),
-    "zip_budget": (float, int),
     "independent_heads": (bool,),
     "reference_compat": (bool,),
-    "statistics_dtype": (str,),
     "device": (str,),
     "image_column": (str,),
     "text_column": (str,),
@@ -207,7 +213,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "private": (bool,),
     "overwrite": (bool,),
 }
-_NULLABLE = {"calibration", "num_samples", "device", "image_column", "text_column", "output", "push_to_hub"}
+_NULLABLE = {"calibration", "device", "image_column", "text_column", "output", "push_to_hub"}
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:
@@ -216,6 +222,11 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         if isinstance(value, (str, os.PathLike)) or not isinstance(value, (list, tuple)):
             raise RecipeError(f"{source}: `models` must be a list of two model references, got {value!r}")
         return [os.fspath(v) if isinstance(v, os.PathLike) else _expect_str(key, v, source) for v in value]
+    if key in OPTION_NAMES:
+        try:
+            return check_type(key, value)
+        except OptionError as error:
+            raise RecipeError(f"{source}: {error}") from None
     if value is None:
         if key in _NULLABLE:
             return None

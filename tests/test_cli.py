@@ -320,3 +320,100 @@ def test_the_merged_config_names_local_inputs_without_their_paths(merged_once, i
     assert config["mudsc"]["calibration"] == calibration.name
     assert config["mudsc"]["statistics_dtype"] == "float32"
     assert str(a.parent) not in (out / "config.json").read_text()
+
+
+@pytest.mark.parametrize(("argv", "code", "needle"), [
+    (["merge", "--help"], 0, "--calibration SPEC"),
+    (["--help"], 0, "merge"),
+    (["--version"], 0, "hf-mudsc "),
+    (["push", "--help"], 0, "ORG/NAME"),
+    (["merge", "a", "b", "--alpha", "abc"], 2, "argument --alpha: invalid float value"),
+    (["merge", "a", "b", "--zip-budget", "nan", "--calibration", "c", "-o", "o"], 2, "--zip-budget"),
+    (["merge", "only-one", "--calibration", "c", "--output", "o"], 2, "exactly two parent models"),
+    (["nonsense"], 2, "invalid choice"),
+])
+def test_help_version_and_argument_errors_do_not_import_torch(argv, code, needle):
+    """Answering these must not pay the 5-8 s import of torch/transformers/datasets."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, contextlib, io\n"
+        "from hf_mudsc.cli import main\n"
+        "out, err = io.StringIO(), io.StringIO()\n"
+        "with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
+        "    try:\n"
+        f"        code = main({argv!r})\n"
+        "    except SystemExit as stop:\n"
+        "        code = stop.code\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'datasets', 'evaluate') if m in sys.modules)\n"
+        "print(repr((code, heavy, out.getvalue() + err.getvalue())))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    got_code, heavy, text = eval(done.stdout.strip().splitlines()[-1])  # noqa: S307 - our own repr
+    assert (got_code, heavy) == (code, []), text
+    assert needle in text
+
+
+def test_top_level_help_lists_every_command_with_its_help(capsys):
+    from hf_mudsc.cli import COMMANDS
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for name, help_text in COMMANDS.items():
+        assert name in out and help_text.split()[0] in out
+
+
+def test_num_samples_beyond_the_data_prints_how_many_were_used(inputs, tmp_path, capsys, caplog):
+    a, b, calibration = inputs  # 32 images
+    out = tmp_path / "merged"
+    with caplog.at_level("WARNING", logger="hf_mudsc"):
+        code = main(["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(out),
+                     "--method", "zipit", "--num-samples", "1000", "--batch-size", "16"])
+    assert code == 0
+    assert "Calibrated on 32 samples (--num-samples asked for 1000)" in capsys.readouterr().out
+    assert any("asked for 1000 calibration samples, but the data holds only 32" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_a_wrong_column_is_named_by_its_flag(inputs, tmp_path, capsys):
+    a, b, calibration = inputs
+    code = main(["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(tmp_path / "m"),
+                 *FAST, "--image-column", "picture"])
+    err = capsys.readouterr().err
+    assert code == 1 and "image_column='picture' (CLI: --image-column) is not a column" in err
+    assert "Traceback" not in err and not (tmp_path / "m").exists()
+
+
+def test_hub_calibration_is_pinned_in_the_recipe_and_loaded_at_that_commit(inputs, tmp_path, monkeypatch, capsys):
+    """`org/ds@v1:train`: the branch is resolved to its commit, loaded at that commit, and recorded so."""
+    import types
+
+    from huggingface_hub import HfApi, constants
+
+    from hf_mudsc.card import calibration_dataset_id
+
+    a, b, calibration = inputs
+    sha = "fedcba9876543210fedcba9876543210fedcba98"
+    saved = datasets.load_from_disk(str(calibration))
+    loads = []
+
+    def fake_load_dataset(*args, **kwargs):
+        loads.append((args, kwargs.get("revision"), kwargs.get("split")))
+        return saved
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(HfApi, "dataset_info", lambda self, repo_id, revision=None, token=None, **_:
+                        types.SimpleNamespace(sha=sha if (repo_id, revision) == ("org/digits", "v1") else None))
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    out = tmp_path / "merged"
+    code = main(["merge", str(a), str(b), "--calibration", "org/digits@v1:train", "--output", str(out), *FAST])
+    assert code == 0, capsys.readouterr().err
+    assert loads == [(("org/digits",), sha, "train")]
+    recipe = Recipe.load(out / RECIPE_FILENAME)
+    assert recipe.calibration == f"org/digits@{sha}:train"
+    card = (out / "README.md").read_text()
+    assert f"org/digits@{sha}:train" in card and "- org/digits\n" in card  # recipe block; `datasets:` metadata
+    assert calibration_dataset_id(f"org/digits@{sha}:train") == "org/digits"

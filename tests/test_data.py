@@ -186,7 +186,8 @@ def test_no_usable_column_names_the_columns_found():
     missing = r"lacks column\(s\) \['pixel_values'\].*found columns \['foo', 'label'\].*image_column="
     with pytest.raises(CalibrationError, match=missing):
         resolve_calibration(dataset, [vit_processor()], inputs=("pixel_values",))
-    with pytest.raises(CalibrationError, match=r"image_column='picture' is not a column.*\['foo', 'label'\]"):
+    wrong_column = r"image_column='picture' \(CLI: --image-column\) is not a column.*\['foo', 'label'\]"
+    with pytest.raises(CalibrationError, match=wrong_column):
         resolve_calibration(dataset, [vit_processor()], image_column="picture")
     with pytest.raises(CalibrationError, match=r"found columns \['foo', 'label'\]"):
         hf_mudsc.merge([make_model("vit_cls", seed=0), make_model("vit_cls", seed=1)], dataset, progress=False)
@@ -235,3 +236,152 @@ def test_streaming_spec_does_not_materialise(tmp_path):
     assert [b["input_ids"].shape[0] for b in batches] == [2, 2, 1]
     after = set(cache.rglob("*.arrow")) if cache.exists() else set()
     assert after == before  # nothing converted to arrow: the split was streamed
+
+
+# ------------------------------------------------ sample counts and flag-aware messages (issue 10, rough edges)
+@pytest.mark.parametrize("iterable", [False, True])
+def test_more_num_samples_than_rows_says_how_many_were_used(caplog, iterable):
+    from factories import make_batches
+
+    pixels = torch.cat([b["pixel_values"] for b in make_batches("vit_cls", 2, batch_size=6)])  # 12 rows
+    dataset = datasets.Dataset.from_dict({"pixel_values": pixels.numpy()})
+    if iterable:
+        dataset = dataset.to_iterable_dataset()
+    models = [make_model("vit_cls", seed=0), make_model("vit_cls", seed=1)]
+    with caplog.at_level("WARNING", logger="hf_mudsc"):
+        merged = hf_mudsc.merge(models, dataset, method="zipit", num_samples=500, batch_size=5, progress=False)
+    assert merged.merge_report.num_samples == 12
+    assert merged.config.mudsc["num_calibration_samples"] == 12
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert ("num_samples= (CLI: --num-samples) asked for 500 calibration samples, but the data holds only 12; "
+            "all 12 were used") in warnings
+
+
+def test_column_messages_name_the_cli_flags_too():
+    dataset = datasets.Dataset.from_dict({"foo": [1, 2], "label": [0, 1]})
+    with pytest.raises(CalibrationError) as caught:
+        resolve_calibration(dataset, [vit_processor()], image_column="picture")
+    assert "image_column='picture' (CLI: --image-column) is not a column" in str(caught.value)
+    raw = datasets.Dataset.from_dict({"text": ["w1"]})
+    with pytest.raises(CalibrationError) as caught:
+        resolve_calibration(raw, [tokenizer()], text_column="sentence")
+    assert "text_column='sentence' (CLI: --text-column) is not a column" in str(caught.value)
+    with pytest.raises(CalibrationError) as caught:
+        resolve_calibration(dataset, [vit_processor()])
+    assert "name yours with image_column= (CLI: --image-column) or text_column= (CLI: --text-column)" in str(
+        caught.value)
+    with pytest.raises(CalibrationError) as caught:
+        resolve_calibration(dataset, [vit_processor()], inputs=("pixel_values",))
+    assert "name yours with image_column= (CLI: --image-column), or provide pixel_values" in str(caught.value)
+    with pytest.raises(ValueError, match=r"num_samples must be >= 1, or None for the whole split \(CLI: "):
+        resolve_calibration(datasets.Dataset.from_dict({"input_ids": [[1, 2]]}), None, num_samples=0)
+
+
+# ------------------------------------------------ calibration pinned like parents: `repo@revision:...` (issue 10)
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("org/ds@v1:train", ("org/ds", "v1", None, "train")),
+        ("org/ds@v1:cfg:train[:10]", ("org/ds", "v1", "cfg", "train[:10]")),
+        (f"org/ds@{SHA}:validation", ("org/ds", SHA, None, "validation")),
+        ("org/ds@refs/pr/1:train", ("org/ds", "refs/pr/1", None, "train")),
+        ("org/ds@main", ("org/ds", "main", None, None)),
+        ("glue:sst2:validation", ("glue", None, "sst2", "validation")),
+    ],
+)
+def test_spec_with_a_revision(spec, expected):
+    parsed = DatasetSpec.parse(spec)
+    assert (parsed.path, parsed.revision, parsed.config, parsed.split) == expected
+    assert str(parsed) == spec
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        ("org/ds@:train", "empty revision after '@'"),
+        ("@v1:train", "empty part"),
+        ("org/ds@v1@v2:train", "one '@revision'"),
+        ("org/ds@v1:", "empty part"),
+    ],
+)
+def test_malformed_revisions(spec, needle):
+    with pytest.raises(CalibrationError) as caught:
+        DatasetSpec.parse(spec)
+    assert needle in str(caught.value) and "'org/ds@revision[:config]:split'" in str(caught.value)
+
+
+def test_a_revision_on_local_data_is_refused(tmp_path):
+    (tmp_path / "data").mkdir()
+    with pytest.raises(CalibrationError, match="a revision pins a Hub dataset"):
+        DatasetSpec.parse(f"{tmp_path / 'data'}@v1:train")
+    folder = tmp_path / "odd@name"  # an existing path with '@' is a path, not a revision
+    folder.mkdir()
+    assert DatasetSpec.parse(f"{folder}:train") == DatasetSpec(path=str(folder), split="train")
+
+
+def test_the_revision_reaches_load_dataset(monkeypatch):
+    seen = {}
+
+    def fake_load_dataset(*args, **kwargs):
+        seen.update(args=args, kwargs=kwargs)
+        return datasets.Dataset.from_dict({"input_ids": [[1, 2]]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    load_calibration_dataset("org/ds@v1:cfg:train")
+    assert seen["args"] == ("org/ds", "cfg") and seen["kwargs"]["revision"] == "v1"
+    load_calibration_dataset("org/ds:train")
+    assert seen["kwargs"].get("revision") is None
+
+
+def test_pin_resolves_a_branch_to_its_commit(monkeypatch):
+    from huggingface_hub import HfApi, constants
+
+    from hf_mudsc.data import pin_calibration_revision
+
+    asked = []
+
+    def fake_dataset_info(self, repo_id, *, revision=None, token=None, **_):
+        asked.append((repo_id, revision))
+        return types.SimpleNamespace(sha=SHA)
+
+    monkeypatch.setattr(HfApi, "dataset_info", fake_dataset_info)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert pin_calibration_revision("org/ds@v1:cfg:train[:8]") == f"org/ds@{SHA}:cfg:train[:8]"
+    assert pin_calibration_revision("org/ds:train") == f"org/ds@{SHA}:train"
+    assert asked == [("org/ds", "v1"), ("org/ds", None)]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # offline: kept as given, nothing asked
+    assert pin_calibration_revision("org/ds@v1:train") == "org/ds@v1:train"
+    assert len(asked) == 2
+
+
+def test_pin_leaves_local_data_alone(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi, constants
+
+    from hf_mudsc.data import pin_calibration_revision
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(HfApi, "dataset_info", lambda *a, **k: pytest.fail("local data must not reach the Hub"))
+    (tmp_path / "data").mkdir()
+    assert pin_calibration_revision(f"{tmp_path / 'data'}:train") == f"{tmp_path / 'data'}:train"
+
+
+def test_a_missing_revision_is_one_clear_line(monkeypatch):
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    from hf_mudsc.data import pin_calibration_revision
+
+    def missing(self, repo_id, *, revision=None, token=None, **_):
+        response = types.SimpleNamespace(headers={}, request=None, status_code=404)
+        raise RevisionNotFoundError("404 Revision Not Found", response=response)
+
+    monkeypatch.setattr(HfApi, "dataset_info", missing)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(CalibrationError) as caught:
+        pin_calibration_revision("org/ds@nope:train")
+    message = str(caught.value)
+    assert "calibration dataset 'org/ds@nope:train': revision 'nope' does not exist" in message
+    assert "\n" not in message

@@ -43,3 +43,36 @@ def test_importing_the_package_does_not_load_the_evaluation_stack():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+
+
+HEAVY = ("torch", "transformers", "datasets", "evaluate")
+
+
+def _run_python(code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_importing_the_package_does_not_load_torch():
+    out = _run_python(
+        "import sys, hf_mudsc\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    assert out.strip() == "[]"
+
+
+def test_lazy_exports_still_work_and_merge_stays_the_function():
+    """`hf_mudsc.merge` is the function even after the submodule of the same name was imported."""
+    out = _run_python(
+        "import hf_mudsc\n"
+        "from hf_mudsc.merge import display_name\n"
+        "import hf_mudsc.merge\n"
+        "from hf_mudsc import MergeInputError, MergeReport, METHODS, from_pretrained, merge\n"
+        "import inspect, sys\n"
+        "print(inspect.isfunction(hf_mudsc.merge), merge is hf_mudsc.merge, merge.__module__)\n"
+        "print(issubclass(MergeInputError, ValueError), MergeReport.__module__, 'mudsc' in METHODS)\n"
+        "print(from_pretrained.__module__, 'torch' in sys.modules)\n"
+    )
+    assert out.split("\n")[:3] == ["True True hf_mudsc.merge", "True hf_mudsc.merge True",
+                                   "hf_mudsc.loading True"]

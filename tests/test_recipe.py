@@ -18,10 +18,9 @@ def test_yaml_round_trip_keeps_every_key(tmp_path):
     recipe = Recipe(models=["org/a@" + "1" * 40, "/data/b"], calibration="org/ds:cfg:train", method="zipit",
                     matcher="align", alpha=0.25, num_samples=64, batch_size=8, seed=3, zip_decay=0.7,
                     zip_budget=0.5, independent_heads=True, reference_compat=True, image_column="img",
-                    text_column="sentence", allow_pickle=True, output="out", push_to_hub="org/m",
-                    private=True, overwrite=True)
+                    text_column="sentence")
     path = tmp_path / RECIPE_FILENAME
-    recipe.save(path, reproducible=False)
+    recipe.save(path)
     assert Recipe.load(path) == recipe
     assert path.read_text().startswith("# hf-mudsc merge recipe")
 
@@ -73,11 +72,13 @@ def test_defaults_without_a_recipe_equal_the_merge_api_defaults():
     [
         ({"models": ["a", "b"], "calibration": "c", "alpah": 0.5}, "unknown key(s) ['alpah']"),
         ({"models": "a", "calibration": "c"}, "`models` must be a list"),
-        ({"models": ["a", "b"], "calibration": "c", "alpha": "high"}, "`alpha` must be float"),
-        ({"models": ["a", "b"], "calibration": "c", "seed": 1.5}, "`seed` must be int"),
-        ({"models": ["a", "b"], "calibration": "c", "private": "yes please"}, "`private` must be bool"),
-        ({"models": ["a", "b"], "calibration": "c", "batch_size": True}, "`batch_size` must be int"),
-        ({"models": ["a", "b"], "method": None}, "`method` cannot be null"),
+        ({"models": ["a", "b"], "calibration": "c", "alpha": "high"}, "alpha must be a number (CLI: --alpha)"),
+        ({"models": ["a", "b"], "calibration": "c", "seed": 1.5}, "seed must be an int (CLI: --seed)"),
+        ({"models": ["a", "b"], "calibration": "c", "independent_heads": "yes please"},
+         "`independent_heads` must be bool"),
+        ({"models": ["a", "b"], "calibration": "c", "batch_size": True}, "batch_size must be an int"),
+        ({"models": ["a", "b"], "method": None}, "method must be a string (CLI: --method), got None"),
+        ({"models": ["a", "b"], "image_column": 3}, "`image_column` must be str"),
     ],
 )
 def test_bad_recipe_values_are_named(data, needle):
@@ -90,16 +91,17 @@ def test_bad_recipe_values_are_named(data, needle):
     ("changes", "needle"),
     [
         ({"models": ["a"]}, "exactly two parent models"),
-        ({"method": "ties"}, "unknown method 'ties'; choose one of: mudsc"),
+        ({"method": "ties"}, "unknown merge method 'ties'; choose one of: mudsc"),
         ({"matcher": "hungarian"}, "unknown matcher"),
         ({"alpha": 1.5}, "alpha must lie in [0, 1]"),
         ({"num_samples": 0}, "num_samples must be >= 1"),
         ({"batch_size": 0}, "batch_size must be >= 1"),
         ({"zip_decay": 0.0}, "zip_decay must lie in (0, 1]"),
-        ({"zip_budget": -1.0}, "zip_budget must be >= 0"),
+        ({"zip_budget": -1.0}, "zip_budget must be a finite number >= 0"),
         ({"calibration": None}, "needs calibration data: pass --calibration"),
         ({"push_to_hub": "just-a-name"}, "push_to_hub must be a repo id `org/name`"),
-        ({"statistics_dtype": "float16"}, "statistics_dtype must be one of float32, float64, got 'float16'"),
+        ({"statistics_dtype": "float16"},
+         "statistics_dtype must be one of float32, float64 (CLI: --statistics-dtype), got 'float16'"),
     ],
 )
 def test_invalid_recipes_fail_validation(changes, needle):
@@ -132,3 +134,66 @@ def test_cli_reports_recipe_errors_with_exit_code_2(capsys):
 
     assert main(["merge", "only-one", "--calibration", "c", "--output", "o"]) == 2
     assert "exactly two parent models" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- keys only the command line may set (issue 10.6)
+COMMAND_LINE_ONLY = [
+    ("output", "elsewhere", "--output DIR"),
+    ("push_to_hub", "victim/repo", "--push-to-hub ORG/NAME"),
+    ("overwrite", True, "--overwrite"),
+    ("private", True, "--private"),
+    ("allow_pickle", True, "--allow-pickle"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "flag"), COMMAND_LINE_ONLY)
+def test_a_recipe_file_may_not_set_destination_or_trust_keys(tmp_path, key, value, flag):
+    path = tmp_path / RECIPE_FILENAME
+    path.write_text(yaml.safe_dump({"models": ["org/a", "org/b"], "calibration": "org/ds:train", key: value}))
+    with pytest.raises(RecipeError) as caught:
+        Recipe.load(path)
+    message = str(caught.value)
+    assert f"sets `{key}`, which a recipe may not set; pass {flag} on the command line" in message
+    assert RECIPE_FILENAME in message and "\n" not in message
+
+
+@pytest.mark.parametrize(("key", "value", "flag"), COMMAND_LINE_ONLY)
+def test_the_cli_refuses_such_a_recipe_even_with_the_flag_given(tmp_path, capsys, key, value, flag):
+    """The refusal comes first: no output folder appears, although --output is on the command line too."""
+    from hf_mudsc.cli import main
+
+    path = tmp_path / RECIPE_FILENAME
+    path.write_text(yaml.safe_dump({"models": [str(tmp_path / "a"), str(tmp_path / "b")], "method": "average",
+                                    key: value}))
+    out = tmp_path / "out"
+    assert main(["merge", "--recipe", str(path), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"sets `{key}`, which a recipe may not set; pass {flag} on the command line" in err
+    assert "Traceback" not in err and not out.exists() and not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.parametrize(("key", "value"), [("output", None), ("push_to_hub", None), ("overwrite", False),
+                                            ("private", False), ("allow_pickle", False)])
+def test_a_recipe_stating_the_default_of_such_a_key_still_loads(tmp_path, key, value):
+    """hf-mudsc 0.1.0 wrote `allow_pickle: false` into every recipe; a default asks for nothing, so it is ignored."""
+    path = tmp_path / RECIPE_FILENAME
+    path.write_text(yaml.safe_dump({"models": ["org/a", "org/b"], "calibration": "org/ds:train", key: value}))
+    recipe = Recipe.load(path)
+    assert getattr(recipe, key) == getattr(Recipe(), key)
+
+
+def test_written_recipes_and_the_card_block_hold_no_command_line_only_key(tmp_path):
+    recipe = Recipe(models=["a", "b"], calibration="c", allow_pickle=True, output="out", push_to_hub="org/m",
+                    private=True, overwrite=True)
+    for data in (yaml.safe_load(recipe.to_yaml()), recipe.to_dict(reproducible=True),
+                 yaml.safe_load(recipe.save(tmp_path / RECIPE_FILENAME).read_text())):
+        assert {"allow_pickle", *DESTINATION_KEYS}.isdisjoint(data), data
+    assert Recipe.load(tmp_path / RECIPE_FILENAME).merge_options() == recipe.merge_options()
+
+
+def test_the_cli_flags_still_set_those_keys(tmp_path):
+    path = Recipe(models=["org/a", "org/b"], calibration="org/ds:train").save(tmp_path / "r.yaml")
+    recipe = build_recipe(_parse("--recipe", str(path), "--output", "o", "--push-to-hub", "me/m", "--private",
+                                 "--overwrite", "--allow-pickle"))
+    assert (recipe.output, recipe.push_to_hub, recipe.private, recipe.overwrite, recipe.allow_pickle) == (
+        "o", "me/m", True, True, True)

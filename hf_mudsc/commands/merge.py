@@ -39,9 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--calibration", metavar="SPEC", default=S,
         help="calibration data for the activation statistics: `repo_or_path[:config]:split` — a Hub "
-        "dataset id, an imagefolder or a data file (streamed), or a folder written by Dataset.save_to_disk; "
-        "a split may carry a slice (`train[:512]`). Needed by every method except weight_matching and "
-        "average.")
+        "dataset id (pin it like a parent: `org/ds@revision:split`; the recipe records the commit used), an "
+        "imagefolder or a data file (streamed), or a folder written by Dataset.save_to_disk; a split may carry "
+        "a slice (`train[:512]`). Needed by every method except weight_matching and average.")
     parser.add_argument(
         "--output", "-o", metavar="DIR", default=S,
         help="folder for the merged model (safetensors weights, processor, README.md card, "
@@ -145,6 +145,10 @@ def run(args: argparse.Namespace) -> int:
     except (PushError, HfHubHTTPError) as error:
         print(f"hf-mudsc merge: error: {error}", file=sys.stderr)
         return 1
+    if result.get("calibration_samples") is not None:
+        used, asked = result["calibration_samples"], recipe.num_samples
+        short = f" (--num-samples asked for {asked})" if asked is not None and used < asked else ""
+        print(f"Calibrated on {used} samples{short}")
     if result.get("output"):
         print(f"Merged model written to {result['output']}")
     if result.get("push"):
@@ -169,14 +173,17 @@ def execute(recipe: Recipe, *, token: str | None = None) -> dict[str, Any]:
 
         check_target(recipe.push_to_hub, overwrite=recipe.overwrite, token=token)
 
-    from ..data import load_calibration_dataset
+    from ..data import load_calibration_dataset, pin_calibration_revision
     from ..loading import load_parents
     from ..methods import get_method
 
     calibration = None
+    calibration_spec = recipe.calibration
     if get_method(recipe.method).uses_activations:
-        # Opened (not read) first: a spec that does not exist fails before any weights are downloaded.
-        calibration = load_calibration_dataset(recipe.calibration, token=token)
+        # A Hub dataset is pinned to its commit (recorded in the recipe) and loaded at that commit; opened (not
+        # read) first: a spec that does not exist fails before any weights are downloaded.
+        calibration_spec = pin_calibration_revision(recipe.calibration, token=token)
+        calibration = load_calibration_dataset(calibration_spec, token=token)
     parents = load_parents(recipe.models, token=token, allow_pickle=recipe.allow_pickle)
     import hf_mudsc
 
@@ -188,10 +195,12 @@ def execute(recipe: Recipe, *, token: str | None = None) -> dict[str, Any]:
     if calibration is not None:  # merge() saw an opened dataset; the config names what the user passed
         from ..merge import display_name
 
-        merged.config.mudsc["calibration"] = display_name(str(recipe.calibration))
+        merged.config.mudsc["calibration"] = display_name(str(calibration_spec))
     pinned = recipe.override(models=[_pinned_reference(p) for p in parents],
-                             calibration=_pinned_calibration(recipe.calibration))
+                             calibration=_pinned_calibration(calibration_spec))
     produced: dict[str, Any] = {}
+    if calibration is not None:
+        produced["calibration_samples"] = merged.merge_report.num_samples
     with staged_output(output, overwrite=recipe.overwrite) as staging:
         write_folder(staging, merged, pinned, parents)
         if recipe.push_to_hub:

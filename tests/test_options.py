@@ -1,0 +1,73 @@
+"""Every merge option is checked in one place, before anything is loaded: the API, a recipe file and the CLI
+give the same one-line message (naming the CLI flag too), and the option error comes before the missing parents."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+
+import hf_mudsc
+from hf_mudsc.cli import main
+from hf_mudsc.recipe import RECIPE_FILENAME, Recipe, RecipeError
+
+# (option, bad value, fragment of the message)
+BAD_OPTIONS = [
+    ("zip_budget", math.nan, "zip_budget must be a finite number >= 0 (CLI: --zip-budget), got nan"),
+    ("zip_budget", math.inf, "zip_budget must be a finite number >= 0 (CLI: --zip-budget), got inf"),
+    ("zip_budget", -1.0, "zip_budget must be a finite number >= 0 (CLI: --zip-budget), got -1.0"),
+    ("zip_decay", math.nan, "zip_decay must lie in (0, 1] (CLI: --zip-decay), got nan"),
+    ("zip_decay", 0.0, "zip_decay must lie in (0, 1] (CLI: --zip-decay), got 0.0"),
+    ("zip_decay", 1.5, "zip_decay must lie in (0, 1] (CLI: --zip-decay), got 1.5"),
+    ("alpha", math.nan, "alpha must lie in [0, 1] (CLI: --alpha), got nan"),
+    ("alpha", -0.1, "alpha must lie in [0, 1] (CLI: --alpha), got -0.1"),
+    ("batch_size", 0, "batch_size must be >= 1 (CLI: --batch-size), got 0"),
+    ("batch_size", 100_000, "batch_size 100000 is absurdly large (CLI: --batch-size); the limit is 65536"),
+    ("num_samples", 0, "num_samples must be >= 1, or None for the whole split (CLI: --num-samples), got 0"),
+    ("seed", -1, "seed must be >= 0 (CLI: --seed; torch generators take non-negative seeds), got -1"),
+]
+# Wrong types: only the API and a recipe file can pass them (argparse converts flags).
+BAD_TYPES = [
+    ("batch_size", 2.5, "batch_size must be an int (CLI: --batch-size), got 2.5 (float)"),
+    ("batch_size", True, "batch_size must be an int (CLI: --batch-size), got True (bool)"),
+    ("num_samples", "10", "num_samples must be an int (CLI: --num-samples), got '10' (str)"),
+    ("seed", 1.0, "seed must be an int (CLI: --seed), got 1.0 (float)"),
+    ("alpha", "0.5", "alpha must be a number (CLI: --alpha), got '0.5' (str)"),
+    ("zip_budget", None, "zip_budget must be a number (CLI: --zip-budget), got None (NoneType)"),
+    ("matcher", "hungarian", "unknown matcher 'hungarian'; choose one of: align, zip (CLI: --matcher)"),
+]
+
+
+@pytest.mark.parametrize(("option", "value", "needle"), BAD_OPTIONS + BAD_TYPES)
+def test_the_api_checks_options_before_loading_anything(tmp_path, option, value, needle):
+    """Parents and calibration do not exist: if the option were checked later, their error would come first."""
+    missing = [str(tmp_path / "no-parent-a"), str(tmp_path / "no-parent-b")]
+    with pytest.raises(hf_mudsc.MergeInputError) as caught:
+        hf_mudsc.merge(missing, str(tmp_path / "no-data"), progress=False, **{option: value})
+    assert needle in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("option", "value", "needle"), BAD_OPTIONS)
+def test_the_cli_checks_options_before_loading_anything(tmp_path, capsys, option, value, needle):
+    out = tmp_path / "out"
+    code = main(["merge", str(tmp_path / "no-a"), str(tmp_path / "no-b"), "--calibration", str(tmp_path / "no-data"),
+                 "--output", str(out), "--" + option.replace("_", "-"), str(value)])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.parametrize(("option", "value", "needle"), BAD_OPTIONS + BAD_TYPES)
+def test_a_recipe_file_gets_the_same_checks(tmp_path, option, value, needle):
+    path = tmp_path / RECIPE_FILENAME
+    path.write_text(yaml.safe_dump({"models": ["org/a", "org/b"], "calibration": "org/ds:train", option: value}))
+    with pytest.raises(RecipeError) as caught:
+        Recipe.load(path).validate()
+    assert needle.split(" (CLI")[0] in str(caught.value)
+
+
+def test_valid_edge_values_pass(tmp_path):
+    recipe = Recipe(models=["a", "b"], calibration="c", alpha=1.0, zip_decay=1.0, zip_budget=0.0, batch_size=65536,
+                    num_samples=1, seed=2**63)
+    assert recipe.validate() is recipe
