@@ -9,6 +9,7 @@ This module imports nothing heavy (no torch), so the CLI can check options befor
 from __future__ import annotations
 
 import math
+import re
 from numbers import Integral, Real
 from typing import Any
 
@@ -45,10 +46,12 @@ def _is_number(value: Any) -> bool:
 # option -> "int" | "number" | "choice" | "dtype"
 _KINDS = {
     "method": "choice", "matcher": "choice", "alpha": "number", "num_samples": "int", "batch_size": "int",
-    "seed": "int", "zip_decay": "number", "zip_budget": "number", "statistics_dtype": "dtype",
+    "seed": "int", "zip_decay": "number", "zip_budget": "number", "statistics_dtype": "dtype", "device": "device",
 }
 OPTION_NAMES = tuple(_KINDS)
-NULLABLE_OPTIONS = frozenset({"num_samples"})
+NULLABLE_OPTIONS = frozenset({"num_samples", "device"})
+# The devices a merge can run on, by name; whether CUDA is really there is checked when the merge starts.
+DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
 def check_type(name: str, value: Any) -> Any:
@@ -67,6 +70,13 @@ def check_type(name: str, value: Any) -> Any:
         if not _is_number(value):
             raise OptionError(hint.format("a number"))
         return float(value)
+    if kind == "device":
+        # A torch.device is accepted by its text without importing torch (`torch.device("cuda", 0)` -> "cuda:0").
+        if type(value).__module__ == "torch" and type(value).__name__ == "device":
+            return str(value)
+        if not isinstance(value, str):
+            raise OptionError(hint.format("a string like 'cpu' or 'cuda:0'"))
+        return value
     if kind == "dtype":
         # A torch dtype is accepted by name without importing torch (`torch.float32` -> "float32").
         if type(value).__module__ == "torch" and type(value).__name__ == "dtype":
@@ -117,6 +127,9 @@ def check_option(name: str, value: Any) -> Any:
                               f"got {value}")
         if value > MAX_SEED:
             raise OptionError(f"seed must be <= 2**64 - 1 {cli} (the largest seed of a torch generator), got {value}")
+    elif name == "device":
+        if value is not None and not DEVICE_PATTERN.match(value):
+            raise OptionError(f"unknown device {value!r} {cli}; use 'cpu', 'cuda' or 'cuda:N'")
     elif name == "statistics_dtype":
         if value not in STATISTICS_DTYPES:
             raise OptionError(f"statistics_dtype must be one of {', '.join(STATISTICS_DTYPES)} {cli}, got {value!r}")

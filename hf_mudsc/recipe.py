@@ -130,7 +130,6 @@ class Recipe:
     # ------------------------------------------------------------------ checks
     def validate(self) -> Recipe:
         """Refuse a recipe that cannot run, before anything is downloaded or computed (normalises options)."""
-        from .calibration import resolve_device
         from .methods import get_method
 
         if len(self.models) != 2:
@@ -144,10 +143,6 @@ class Recipe:
             raise RecipeError(str(error)) from None
         for key, value in checked.items():
             setattr(self, key, value)
-        try:
-            resolve_device(self.device, cli=True)
-        except ValueError as error:
-            raise RecipeError(str(error)) from None
         if get_method(self.method).uses_activations and not self.calibration:
             raise RecipeError(
                 f"method {self.method!r} needs calibration data: pass --calibration "
@@ -204,7 +199,6 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "calibration": (str,),
     "independent_heads": (bool,),
     "reference_compat": (bool,),
-    "device": (str,),
     "image_column": (str,),
     "text_column": (str,),
     "allow_pickle": (bool,),
@@ -213,7 +207,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "private": (bool,),
     "overwrite": (bool,),
 }
-_NULLABLE = {"calibration", "device", "image_column", "text_column", "output", "push_to_hub"}
+_NULLABLE = {"calibration", "image_column", "text_column", "output", "push_to_hub"}
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:

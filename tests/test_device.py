@@ -91,9 +91,9 @@ def test_recipe_key_and_cli_flag(monkeypatch, tmp_path, capsys):
     assert recipe.device == "cpu" and recipe.merge_options()["device"] == "cpu"
     assert Recipe().device is None and Recipe().merge_options()["device"] is None
     assert Recipe.from_dict({"models": ["a", "b"], "device": "cuda:0"}).device == "cuda:0"
-    with pytest.raises(RecipeError, match="`device` must be str"):
+    with pytest.raises(RecipeError, match=r"device must be a string like 'cpu' or 'cuda:0' \(CLI: --device\)"):
         Recipe.from_dict({"models": ["a", "b"], "device": 0})
-    with pytest.raises(RecipeError, match=r"unknown --device tpu7; use 'cpu', 'cuda' or 'cuda:N'"):
+    with pytest.raises(RecipeError, match=r"unknown device 'tpu7' \(CLI: --device\); use 'cpu', 'cuda' or 'cuda:N'"):
         Recipe(models=["a", "b"], method="average", device="tpu7").validate()
     # From the command line: one line naming the flag, before any parent is loaded.
     monkeypatch.setattr("hf_mudsc.loading.load_parents", _no_loading)

@@ -164,6 +164,12 @@ def execute(recipe: Recipe, *, token: str | None = None) -> dict[str, Any]:
     """Run a validated recipe: merge, save (and push) on the main process. Returns what was produced."""
     if not recipe.output and not recipe.push_to_hub:
         raise RecipeError("say where the merged model goes: --output DIR and/or --push-to-hub ORG/NAME")
+    from ..calibration import resolve_device
+
+    try:  # CUDA asked for on a machine without it: one line naming the flag, before anything is loaded
+        resolve_device(recipe.device, cli=True)
+    except ValueError as error:
+        raise RecipeError(str(error)) from None
     main = _is_main_process()
     output = Path(recipe.output).expanduser().absolute() if recipe.output else None
     if output is not None:
