@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     from ..hub import PushError
 
     try:
-        result = execute(recipe, token=getattr(args, "token", None))
+        result = execute(recipe, token=getattr(args, "token", None), recipe_file=getattr(args, "recipe", None))
     except (PushError, HfHubHTTPError) as error:
         print(f"hf-mudsc merge: error: {error}", file=sys.stderr)
         return 1
@@ -152,14 +152,16 @@ def run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------- work
 
 
-def execute(recipe: Recipe, *, token: str | None = None) -> dict[str, Any]:
-    """Run a validated recipe: merge, save (and push) on the main process. Returns what was produced."""
+def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None = None) -> dict[str, Any]:
+    """Run a validated recipe: merge, save (and push) on the main process. Returns what was produced.
+
+    `recipe_file`: the recipe's path, when it came from one (an input the output must not overlap)."""
     if not recipe.output and not recipe.push_to_hub:
         raise RecipeError("say where the merged model goes: --output DIR and/or --push-to-hub ORG/NAME")
     main = _is_main_process()
     output = Path(recipe.output).expanduser().absolute() if recipe.output else None
     if output is not None:
-        _check_output(output, recipe)
+        _check_output(output, recipe, recipe_file)
     if recipe.push_to_hub and main:
         from ..hub import check_target
 
@@ -214,18 +216,27 @@ def write_folder(folder: Path, merged: Any, recipe: Recipe, parents: list[Any]) 
     render_card(merged, recipe, parents=parents, model_name=name).save(folder / CARD_FILENAME)
 
 
-def _check_output(output: Path, recipe: Recipe) -> None:
-    """Refuse an existing output (without --overwrite), or one that would replace a parent folder."""
-    for reference in recipe.models:
-        parent = Path(reference).expanduser()
-        if parent.is_dir():
-            parent = parent.absolute()
-            if output == parent or parent.is_relative_to(output) or output.is_relative_to(parent):
-                raise ValueError(
-                    f"--output {str(output)!r} overlaps the parent folder {str(parent)!r}; inputs are never "
-                    "modified, choose an output folder outside the parents"
-                )
-    check_output(output, overwrite=recipe.overwrite)
+def _check_output(output: Path, recipe: Recipe, recipe_file: str | None = None) -> None:
+    """Refuse an existing output (without --overwrite), or one equal to, inside or around any input: the
+    parent folders, the calibration data and the recipe file (paths resolved: `..` and symlinks)."""
+    inputs: list[tuple[str, str | Path]] = [
+        ("parent folder", reference) for reference in recipe.models if Path(reference).expanduser().exists()]
+    calibration = _calibration_path(recipe.calibration)
+    if calibration is not None:
+        inputs.append(("calibration data", calibration))
+    if recipe_file:
+        inputs.append(("recipe file", recipe_file))
+    check_output(output, overwrite=recipe.overwrite, inputs=inputs)
+
+
+def _calibration_path(spec: str | None) -> Path | None:
+    """The local file or folder of a calibration spec (`path[:config]:split`), if it names one."""
+    if not spec:
+        return None
+    for candidate in (spec, spec.partition(":")[0]):
+        if candidate and Path(candidate).expanduser().exists():
+            return Path(candidate).expanduser()
+    return None
 
 
 def _pinned_reference(parent: Any) -> str:
