@@ -12,10 +12,12 @@ from .methods import METHODS, MergeMethod, get_method, register_method  # noqa: 
 
 if TYPE_CHECKING:
     from .evaluation import EvaluationResult, evaluate_merge
+    from .publish import push_merged, save_merged
 
 # Exported lazily: `hf_mudsc.evaluation` pulls in `datasets` and `evaluate` (over a second of import time),
-# which a merge does not need.
-_LAZY = {"EvaluationResult": "evaluation", "evaluate_merge": "evaluation"}
+# which a merge does not need; `hf_mudsc.publish` pulls in the card renderer and the Hub client.
+_LAZY = {"EvaluationResult": "evaluation", "evaluate_merge": "evaluation", "save_merged": "publish",
+         "push_merged": "publish"}
 
 __all__ = [
     "METHODS",
@@ -28,7 +30,9 @@ __all__ = [
     "from_pretrained",
     "get_method",
     "merge",
+    "push_merged",
     "register_method",
+    "save_merged",
 ]
 
 

@@ -53,6 +53,10 @@ class MergeReport:
     # One Match per spec group (None for groups left unmatched, e.g. by `average`): which original units
     # of A and B were fused into each merged unit — what benchmarks and analyses of a merge need.
     matches: list[Match | None] = field(default_factory=list)
+    # What `hf_mudsc.save_merged`/`push_merged` write next to the model: the merge's inputs and options as
+    # recipe keys (parents pinned: `org/name@sha`, local folders absolute), and parent A's processor.
+    recipe: dict[str, Any] = field(default_factory=dict)
+    processor: Any = None
 
 
 def _config_differences(a: PretrainedConfig, b: PretrainedConfig, prefix: str = "") -> list[str]:
@@ -263,6 +267,7 @@ def merge(
             "of input batches); use method='weight_matching' or 'average' to merge without data"
         )
     calibration_name = _calibration_name(calibration) if spec_method.uses_activations else None
+    calibration_spec = _pinned_spec(calibration) if spec_method.uses_activations else None
     if spec_method.uses_activations and isinstance(calibration, (str, os.PathLike)):
         # A spec that does not exist fails here, before any parent weights are downloaded.
         calibration = load_calibration_dataset(calibration, token=token)
@@ -348,6 +353,14 @@ def merge(
     }
     config._name_or_path = ""
     merged = _build_model(model_a, config, merged_params)
+    report.recipe = {
+        "models": [_pinned_parent(p) for p in parents], "calibration": calibration_spec, "method": method,
+        "matcher": matcher, "alpha": float(alpha), "num_samples": num_samples, "batch_size": batch_size,
+        "seed": seed, "zip_decay": zip_decay, "zip_budget": zip_budget, "independent_heads": independent_heads,
+        "reference_compat": reference_compat, "statistics_dtype": statistics_dtype,
+        "image_column": image_column, "text_column": text_column,
+    }
+    report.processor = parents[0].processor
     merged.merge_report = report
     logger.info("merged %s and %s with %s", parent_names[0], parent_names[1], method)
     return merged
@@ -359,6 +372,27 @@ def _calibration_name(calibration: Any) -> str | None:
         return display_name(str(calibration))
     info = getattr(calibration, "info", None)
     return getattr(info, "dataset_name", None) or None
+
+
+def _pinned_parent(parent: Any) -> str:
+    """How the recipe names a parent: `org/name@<sha>` from the Hub, an absolute path for a local folder."""
+    if getattr(parent, "repo_id", None) and getattr(parent, "commit_sha", None):
+        return f"{parent.repo_id}@{parent.commit_sha}"
+    reference = str(parent.reference)
+    return os.path.abspath(os.path.expanduser(reference)) if os.path.exists(os.path.expanduser(reference)) \
+        else reference
+
+
+def _pinned_spec(calibration: Any) -> str | None:
+    """A calibration spec for the recipe (local paths made absolute); None for data passed as objects."""
+    if not isinstance(calibration, (str, os.PathLike)):
+        return None
+    spec = os.fspath(calibration)
+    head, sep, rest = spec.partition(":")
+    for path, tail in ((spec, ""), (head, sep + rest)):
+        if path and os.path.exists(os.path.expanduser(path)):
+            return os.path.abspath(os.path.expanduser(path)) + tail
+    return spec
 
 
 def _input_columns(model: PreTrainedModel) -> set[str]:

@@ -3,9 +3,10 @@
 Order of work, so that bad input fails fast and a failure leaves nothing behind:
 recipe + flags checked -> output folder / Hub repo refused if they exist (without --overwrite) ->
 parents loaded (revisions resolved) -> calibration -> merge -> (rank 0 only) model, processor, card and
-recipe written to a hidden temporary sibling folder -> pushed in one commit (if asked) -> the temporary
-folder renamed into place (`hf_mudsc.output`). Any error or interrupt deletes the temporary folder;
-inputs are only read.
+recipe written to a hidden temporary sibling folder (`hf_mudsc.publish`, the writer the API shares) ->
+pushed in one commit (if asked) -> the temporary folder renamed into place (`hf_mudsc.output`). Any error
+or interrupt before the push deletes the temporary folder; a failed push keeps the written model and says
+where; inputs are only read.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..methods import METHODS
-from ..output import check_output, staged_output
+from ..output import check_output
 from ..recipe import MATCHERS, RECIPE_FILENAME, Recipe, RecipeError
 
 _DEFAULTS = Recipe()
@@ -189,31 +190,12 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
         merged.config.mudsc["calibration"] = display_name(str(recipe.calibration))
     pinned = recipe.override(models=[_pinned_reference(p) for p in parents],
                              calibration=_pinned_calibration(recipe.calibration))
-    produced: dict[str, Any] = {}
-    with staged_output(output, overwrite=recipe.overwrite) as staging:
-        write_folder(staging, merged, pinned, parents)
-        if recipe.push_to_hub:
-            from ..hub import push_folder
+    from ..publish import publish
 
-            produced["push"] = push_folder(staging, recipe.push_to_hub, private=recipe.private,
-                                           overwrite=recipe.overwrite, token=token)
-    if output is not None:
-        produced["output"] = output
-    return produced
-
-
-def write_folder(folder: Path, merged: Any, recipe: Recipe, parents: list[Any]) -> None:
-    """Model (safetensors), parent A's processor, the card and the pinned recipe."""
-    from ..card import render_card
-    from ..hub import CARD_FILENAME
-
-    merged.save_pretrained(folder)
-    processor = parents[0].processor
-    if processor is not None:
-        processor.save_pretrained(folder)
-    recipe.save(folder / RECIPE_FILENAME)
-    name = recipe.push_to_hub or (Path(recipe.output).name if recipe.output else None)
-    render_card(merged, recipe, parents=parents, model_name=name).save(folder / CARD_FILENAME)
+    # On a failed push the written model is kept (in --output, or a folder the error names).
+    return publish(merged, output=output, push_to_hub=recipe.push_to_hub, overwrite=recipe.overwrite,
+                   private=recipe.private, token=token, recipe=pinned, parents=parents,
+                   processor=parents[0].processor)
 
 
 def _check_output(output: Path, recipe: Recipe, recipe_file: str | None = None) -> None:
