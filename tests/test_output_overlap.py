@@ -63,3 +63,17 @@ def test_the_calibration_data_and_the_recipe_are_inputs_too(inputs, tmp_path, no
         assert main(["merge", "--recipe", str(recipe), "--output", str(out), "--overwrite"]) == 1
         assert f"overlaps the recipe file {str(recipe)!r}" in capsys.readouterr().err
     assert sorted(p.name for p in downloads.iterdir()) == ["important.txt", "r.yaml"]
+
+
+def test_an_unwritable_output_location_fails_in_one_line_before_loading(inputs, tmp_path, no_loading, capsys):
+    a, b, calibration = inputs
+    (tmp_path / "file.txt").write_text("x")
+    cases = [(tmp_path / "file.txt" / "merged", "is under the file"),
+             (tmp_path / ("m" * 250), "too long for this filesystem"),
+             ("/proc/hf-mudsc-test/merged", "cannot create a folder in '/proc'")]
+    for out, message in cases:
+        assert main(["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(out),
+                     *FAST]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "--output" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
