@@ -378,9 +378,8 @@ def _pinned_parent(parent: Any) -> str:
     """How the recipe names a parent: `org/name@<sha>` from the Hub, an absolute path for a local folder."""
     if getattr(parent, "repo_id", None) and getattr(parent, "commit_sha", None):
         return f"{parent.repo_id}@{parent.commit_sha}"
-    reference = str(parent.reference)
-    return os.path.abspath(os.path.expanduser(reference)) if os.path.exists(os.path.expanduser(reference)) \
-        else reference
+    path = os.path.expanduser(str(parent.reference))
+    return os.path.abspath(path) if os.path.exists(path) else str(parent.reference)
 
 
 def _pinned_spec(calibration: Any) -> str | None:

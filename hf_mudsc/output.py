@@ -183,12 +183,13 @@ def read_marker(folder: str | os.PathLike) -> dict[str, Any] | None:
     return marker
 
 
-def record_files(folder: str | os.PathLike, *, complete: bool = True) -> dict[str, Any]:
+def record_files(folder: str | os.PathLike, *, complete: bool = True, staging: bool = False) -> dict[str, Any]:
     """Write the marker of `folder`: every regular file in it (symlinks are never listed) with size and sha256.
 
     Called by `staged_output` when the block ends (and by writers that use a folder before that, e.g. to
-    push it); `complete=False` is the marker a staging folder gets at once, so leftovers of a killed run can
-    be told apart from anything else.
+    push it). `complete=False` is the marker a staging folder gets at once; `staging=True` records this
+    process and host, so a leftover of a killed run can be told apart from a folder another run is writing
+    (the final output carries neither).
     """
     folder = Path(folder)
     files = {}
@@ -196,8 +197,9 @@ def record_files(folder: str | os.PathLike, *, complete: bool = True) -> dict[st
         for path in _walk(folder):
             if path.is_file() and not path.is_symlink():
                 files[path.relative_to(folder).as_posix()] = _fingerprint(path)
-    marker = {"written_by": WRITER, "version": __version__, "complete": complete, "pid": os.getpid(),
-              "host": socket.gethostname(), "files": files}
+    marker: dict[str, Any] = {"written_by": WRITER, "version": __version__, "complete": complete, "files": files}
+    if staging:  # who is writing: a leftover is only removed once its writer is gone
+        marker.update(pid=os.getpid(), host=socket.gethostname())
     _write_marker(folder, marker)
     return marker
 
@@ -332,7 +334,7 @@ def staged_output(
         clean_leftovers(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}{PARTIAL_MARK}", dir=parent))
     try:
-        record_files(staging, complete=False)
+        record_files(staging, complete=False, staging=True)
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700: the output gets the usual permissions
         yield staging
         if target is not None:

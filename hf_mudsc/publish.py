@@ -112,7 +112,7 @@ def publish(
         write_merged_folder(staging, merged, recipe=recipe, parents=parents, processor=processor,
                             eval_results=eval_results, model_name=model_name)
         if push_to_hub:
-            record_files(staging)  # the marker says what the push may upload
+            record_files(staging, staging=True)  # the marker says what the push may upload
             try:
                 produced["push"] = push_folder(staging, push_to_hub, private=private, overwrite=overwrite,
                                                token=token, flag=push_flag)

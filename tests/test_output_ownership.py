@@ -40,6 +40,7 @@ def test_the_marker_lists_every_written_file_with_size_and_sha256(tmp_path):
     assert sorted(marker["files"]) == ["model.safetensors", RECIPE_FILENAME, "sub/notes.txt"]
     assert marker["files"]["model.safetensors"] == {"size": 7, "sha256": hashlib.sha256(b"weights").hexdigest()}
     assert str(tmp_path) not in (out / MARKER_FILENAME).read_text()  # no paths in it
+    assert "host" not in marker and "pid" not in marker  # who wrote it matters only while writing
 
 
 def test_a_folder_holding_only_a_downloaded_recipe_is_never_replaced(tmp_path, monkeypatch):
@@ -135,17 +136,20 @@ def test_an_unusable_output_location_is_refused_before_any_work(tmp_path, make, 
 
 KILLED_WRITER = """
 import os, signal, sys
-from hf_mudsc.output import staged_output
+from hf_mudsc.output import record_files, staged_output
 with staged_output(sys.argv[1]) as staging:
     (staging / "model.safetensors").write_bytes(b"half")
+    if sys.argv[2] == "pushing":  # killed during the push, which happens on the sealed staging folder
+        record_files(staging, staging=True)
     os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def test_leftovers_of_a_killed_run_of_this_output_are_cleaned_on_the_next_run(tmp_path):
+@pytest.mark.parametrize("when", ["writing", "pushing"])
+def test_leftovers_of_a_killed_run_of_this_output_are_cleaned_on_the_next_run(tmp_path, when):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(KILLED_WRITER), str(out)], env=env)
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(KILLED_WRITER), str(out), when], env=env)
     assert proc.returncode == -9
     left = [p.name for p in tmp_path.iterdir()]
     assert len(left) == 1 and left[0].startswith(".out.partial-")
