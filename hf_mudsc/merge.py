@@ -267,7 +267,8 @@ def merge(
             "of input batches); use method='weight_matching' or 'average' to merge without data"
         )
     calibration_name = _calibration_name(calibration) if spec_method.uses_activations else None
-    calibration_spec = _pinned_spec(calibration) if spec_method.uses_activations else None
+    calibration_spec = (pinned_calibration(os.fspath(calibration))
+                        if spec_method.uses_activations and isinstance(calibration, (str, os.PathLike)) else None)
     if spec_method.uses_activations and isinstance(calibration, (str, os.PathLike)):
         # A spec that does not exist fails here, before any parent weights are downloaded.
         calibration = load_calibration_dataset(calibration, token=token)
@@ -354,7 +355,7 @@ def merge(
     config._name_or_path = ""
     merged = _build_model(model_a, config, merged_params)
     report.recipe = {
-        "models": [_pinned_parent(p) for p in parents], "calibration": calibration_spec, "method": method,
+        "models": [pinned_reference(p) for p in parents], "calibration": calibration_spec, "method": method,
         "matcher": matcher, "alpha": float(alpha), "num_samples": num_samples, "batch_size": batch_size,
         "seed": seed, "zip_decay": zip_decay, "zip_budget": zip_budget, "independent_heads": independent_heads,
         "reference_compat": reference_compat, "statistics_dtype": statistics_dtype,
@@ -374,19 +375,19 @@ def _calibration_name(calibration: Any) -> str | None:
     return getattr(info, "dataset_name", None) or None
 
 
-def _pinned_parent(parent: Any) -> str:
-    """How the recipe names a parent: `org/name@<sha>` from the Hub, an absolute path for a local folder."""
+def pinned_reference(parent: Any) -> str:
+    """How a recipe names a parent (`LoadedParent`): `org/name@<commit sha>` from the Hub, an absolute path for
+    a local folder, so the recipe re-runs the same merge from anywhere."""
     if getattr(parent, "repo_id", None) and getattr(parent, "commit_sha", None):
         return f"{parent.repo_id}@{parent.commit_sha}"
     path = os.path.expanduser(str(parent.reference))
     return os.path.abspath(path) if os.path.exists(path) else str(parent.reference)
 
 
-def _pinned_spec(calibration: Any) -> str | None:
-    """A calibration spec for the recipe (local paths made absolute); None for data passed as objects."""
-    if not isinstance(calibration, (str, os.PathLike)):
-        return None
-    spec = os.fspath(calibration)
+def pinned_calibration(spec: str | None) -> str | None:
+    """A calibration spec for a recipe: a local path (alone or before `:config:split`) made absolute."""
+    if not spec:
+        return spec
     head, sep, rest = spec.partition(":")
     for path, tail in ((spec, ""), (head, sep + rest)):
         if path and os.path.exists(os.path.expanduser(path)):

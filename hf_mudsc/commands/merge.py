@@ -188,8 +188,10 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
         from ..merge import display_name
 
         merged.config.mudsc["calibration"] = display_name(str(recipe.calibration))
-    pinned = recipe.override(models=[_pinned_reference(p) for p in parents],
-                             calibration=_pinned_calibration(recipe.calibration))
+    from ..merge import pinned_calibration, pinned_reference
+
+    pinned = recipe.override(models=[pinned_reference(p) for p in parents],
+                             calibration=pinned_calibration(recipe.calibration))
     from ..publish import publish
 
     # On a failed push the written model is kept (in --output, or a folder the error names).
@@ -221,29 +223,7 @@ def _calibration_path(spec: str | None) -> Path | None:
     return None
 
 
-def _pinned_reference(parent: Any) -> str:
-    """`repo@commit_sha` for Hub parents, an absolute path for local folders (what the recipe records)."""
-    if getattr(parent, "repo_id", None) and getattr(parent, "commit_sha", None):
-        return f"{parent.repo_id}@{parent.commit_sha}"
-    reference = str(parent.reference)
-    path = Path(reference).expanduser()
-    return str(path.absolute()) if path.exists() else reference
-
-
 def _is_main_process() -> bool:
     from ..distributed import is_main_process
 
     return bool(is_main_process())
-
-
-def _pinned_calibration(spec: str | None) -> str | None:
-    """A local calibration path made absolute, so the recipe works from any directory."""
-    if not spec:
-        return spec
-    path = Path(spec).expanduser()
-    if path.exists():
-        return str(path.absolute())
-    head, sep, rest = spec.partition(":")
-    if sep and head and Path(head).expanduser().exists():
-        return f"{Path(head).expanduser().absolute()}:{rest}"
-    return spec
