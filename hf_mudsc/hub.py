@@ -175,8 +175,9 @@ def _target_state(repo_id: str, *, overwrite: bool, token: str | None, flag: str
                        repo_id)
         return "empty"
     if not overwrite:
+        switch = "overwrite=True" if flag == "repo_id" else "--overwrite"  # the API's argument or the CLI flag
         raise RepoExistsError(
-            f"the Hub repo {repo_id!r} already exists; pass --overwrite to replace its files "
+            f"the Hub repo {repo_id!r} already exists; pass {switch} to replace its files "
             f"(in one commit), or choose another {flag}"
         )
     return "exists"

@@ -91,8 +91,9 @@ def check_output(
     if not _lexists(output):
         return
     if not overwrite:
+        switch = "--overwrite" if flag.startswith("--") else "overwrite=True"  # CLI flag or API argument
         raise FileExistsError(
-            f"the output folder {shown!r} already exists; pass --overwrite to replace it, "
+            f"the output folder {shown!r} already exists; pass {switch} to replace it, "
             f"or choose another {flag}"
         )
     if output.is_symlink():

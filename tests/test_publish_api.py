@@ -71,7 +71,8 @@ def test_save_merged_writes_what_the_cli_writes(merged, inputs, tmp_path):
 
 def test_save_merged_refuses_an_existing_folder_unless_overwrite_and_never_deletes_foreign_files(merged, tmp_path):
     out = hf_mudsc.save_merged(merged, tmp_path / "api")
-    with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
+    with pytest.raises(FileExistsError, match="already exists; pass overwrite=True to replace it, or choose "
+                                              "another directory"):
         hf_mudsc.save_merged(merged, out)
     (out / "mine.txt").write_text("mine")
     with pytest.raises(FileExistsError, match=r"did not write: mine\.txt"):
@@ -130,5 +131,6 @@ def test_push_merged_uploads_the_same_files_in_one_commit(hub_emulator, inputs, 
     card = ModelCard(hub.file_bytes("user/api-merged", "README.md").decode())
     assert card.data.base_model == ModelCard.load(saved / "README.md").data.base_model
     assert "user/api-merged" in card.content
-    assert "already exists; pass --overwrite" in refused and "choose another repo_id" in refused
+    assert "already exists; pass overwrite=True to replace its files (in one commit), or choose another repo_id" \
+        in refused
     assert not hub.unhandled and not hub.server_errors
