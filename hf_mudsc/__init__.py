@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from .loading import from_pretrained
     from .merge import MergeInputError, MergeReport, merge
     from .methods import METHODS, MergeMethod, get_method, register_method
+    from .publish import push_merged, save_merged
 
 # Every public name is exported lazily: the merge engine pulls in torch and transformers (5-8 s of import
 # time) and `hf_mudsc.evaluation` also `datasets` and `evaluate`; `import hf_mudsc`, `hf-mudsc --help` and
@@ -29,6 +30,8 @@ _LAZY = {
     "MergeMethod": "methods",
     "get_method": "methods",
     "register_method": "methods",
+    "save_merged": "publish",
+    "push_merged": "publish",
 }
 
 __all__ = [
@@ -42,7 +45,9 @@ __all__ = [
     "from_pretrained",
     "get_method",
     "merge",
+    "push_merged",
     "register_method",
+    "save_merged",
 ]
 
 

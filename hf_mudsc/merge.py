@@ -57,6 +57,10 @@ class MergeReport:
     # One Match per spec group (None for groups left unmatched, e.g. by `average`): which original units
     # of A and B were fused into each merged unit — what benchmarks and analyses of a merge need.
     matches: list[Match | None] = field(default_factory=list)
+    # What `hf_mudsc.save_merged`/`push_merged` write next to the model: the merge's inputs and options as
+    # recipe keys (parents pinned: `org/name@sha`, local folders absolute), and parent A's processor.
+    recipe: dict[str, Any] = field(default_factory=dict)
+    processor: Any = None
 
 
 def _config_differences(a: PretrainedConfig, b: PretrainedConfig, prefix: str = "") -> list[str]:
@@ -282,7 +286,7 @@ def merge(
         run_device = resolve_device(device)
     except ValueError as error:
         raise MergeInputError(str(error)) from None
-    from .data import load_calibration_dataset, resolve_calibration
+    from .data import load_calibration_dataset, pin_calibration_revision, resolve_calibration
     from .distributed import collect_statistics_distributed, is_main_process
     from .loading import load_parents
 
@@ -292,9 +296,12 @@ def merge(
             "of input batches); use method='weight_matching' or 'average' (CLI: --method) to merge without data"
         )
     calibration_name = _calibration_name(calibration) if spec_method.uses_activations else None
+    calibration_spec = None
     if spec_method.uses_activations and isinstance(calibration, (str, os.PathLike)):
-        # A spec that does not exist fails here, before any parent weights are downloaded.
-        calibration = load_calibration_dataset(calibration, token=token)
+        # A Hub dataset is pinned to its commit (the recipe records it) and read at that commit; a spec that
+        # does not exist fails here, before any parent weights are downloaded.
+        calibration_spec = pinned_calibration(pin_calibration_revision(os.fspath(calibration), token=token))
+        calibration = load_calibration_dataset(calibration_spec, token=token)
     parents = load_parents(list(models), token=token, allow_pickle=allow_pickle)
     model_a, model_b = parents[0].model, parents[1].model
     check_parents(model_a, model_b)
@@ -384,6 +391,15 @@ def merge(
     }
     config._name_or_path = ""
     merged = _build_model(model_a, config, merged_params).to(run_device if device is not None else "cpu")
+    report.recipe = {
+        "models": [pinned_reference(p) for p in parents], "calibration": calibration_spec, "method": method,
+        "matcher": matcher, "alpha": float(alpha), "num_samples": num_samples, "batch_size": batch_size,
+        "seed": seed, "zip_decay": zip_decay, "zip_budget": zip_budget, "independent_heads": independent_heads,
+        "reference_compat": reference_compat, "statistics_dtype": statistics_dtype,
+        "image_column": image_column, "text_column": text_column,
+        "device": None if device is None else str(device),
+    }
+    report.processor = parents[0].processor
     merged.merge_report = report
     logger.info("merged %s and %s with %s", parent_names[0], parent_names[1], method)
     return merged
@@ -404,6 +420,26 @@ def _calibration_name(calibration: Any) -> str | None:
         return display_name(str(calibration))
     info = getattr(calibration, "info", None)
     return getattr(info, "dataset_name", None) or None
+
+
+def pinned_reference(parent: Any) -> str:
+    """How a recipe names a parent (`LoadedParent`): `org/name@<commit sha>` from the Hub, an absolute path for
+    a local folder, so the recipe re-runs the same merge from anywhere."""
+    if getattr(parent, "repo_id", None) and getattr(parent, "commit_sha", None):
+        return f"{parent.repo_id}@{parent.commit_sha}"
+    path = os.path.expanduser(str(parent.reference))
+    return os.path.abspath(path) if os.path.exists(path) else str(parent.reference)
+
+
+def pinned_calibration(spec: str | None) -> str | None:
+    """A calibration spec for a recipe: a local path (alone or before `:config:split`) made absolute."""
+    if not spec:
+        return spec
+    head, sep, rest = spec.partition(":")
+    for path, tail in ((spec, ""), (head, sep + rest)):
+        if path and os.path.exists(os.path.expanduser(path)):
+            return os.path.abspath(os.path.expanduser(path)) + tail
+    return spec
 
 
 def _input_columns(model: PreTrainedModel) -> set[str]:

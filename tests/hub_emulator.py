@@ -112,7 +112,10 @@ repo_id=None, method=None)``. ``op`` names: whoami, create_repo, delete_repo, va
 repo_info (alias model_info), tree, paths_info, preupload, commit, commits, refs, branch, tag,
 settings, discussions, lfs_batch, lfs_verify, lfs_upload, resolve (HEAD and GET; narrow with
 ``method="GET"``), or "*" for any request. The matching request is answered with that status and is
-NOT executed (a failed commit leaves no commit). Note: the client retries preupload, LFS batch/upload
+NOT executed (a failed commit leaves no commit) — unless ``apply=True``: then it is executed and the answer
+is replaced by the error (or, with ``drop=True``, by a closed connection): a commit applied whose answer was
+lost. ``hub.stall_next(op, seconds)`` delays the next answer (a stalled server, for client timeouts).
+Note: the client retries preupload, LFS batch/upload
 and tree listing on 408/429/5xx (up to 5 times with back-off), but NOT the commit POST; use
 ``times=`` or a 4xx status to make those fail for good.
 
@@ -142,6 +145,7 @@ import sys
 import tempfile
 import textwrap
 import threading
+import time
 import traceback
 import uuid
 from collections.abc import Iterable, Mapping
@@ -339,6 +343,10 @@ class _Fault:
     error_code: str | None
     repo_id: str | None
     method: str | None
+    apply: bool = False  # execute the request first, then fail (the client never learns it succeeded)
+    drop: bool = False  # close the connection without any answer (instead of answering `status`)
+    delay: float = 0.0  # seconds to wait before answering (a stalled server)
+    passthrough: bool = False  # after the delay, answer normally (a slow, not a failing, server)
 
     def matches(self, op: str | None, method: str, repo_id: str | None) -> bool:
         if self.times <= 0:
@@ -747,10 +755,26 @@ class HubEmulator:
         error_code: str | None = None,
         repo_id: str | None = None,
         method: str | None = None,
+        apply: bool = False,
+        drop: bool = False,
+        delay: float = 0.0,
     ) -> _Fault:
-        """Answer the next ``times`` requests of ``op`` with ``status`` (without executing them)."""
+        """Answer the next ``times`` requests of ``op`` with ``status`` (without executing them).
+
+        ``apply=True``: execute the request, then answer ``status`` anyway (a commit that was applied but whose
+        answer was lost). ``drop=True``: close the connection without answering (after executing it when
+        ``apply``). ``delay``: wait that many seconds first (a stalled server).
+        """
         op = "repo_info" if op == "model_info" else op
-        fault = _Fault(op, status, times, message, error_code, repo_id, method)
+        fault = _Fault(op, status, times, message, error_code, repo_id, method, apply, drop, delay)
+        with self._lock:
+            self._faults.append(fault)
+        return fault
+
+    def stall_next(self, op: str, seconds: float, *, times: int = 1, repo_id: str | None = None) -> _Fault:
+        """Wait ``seconds`` before answering the next ``times`` requests of ``op`` normally."""
+        op = "repo_info" if op == "model_info" else op
+        fault = _Fault(op, 200, times, None, None, repo_id, None, delay=seconds, passthrough=True)
         with self._lock:
             self._faults.append(fault)
         return fault
@@ -957,6 +981,8 @@ class HubEmulator:
         headers: Mapping[str, str] | None = None,
         content_type: str | None = None,
     ) -> None:
+        if getattr(handler, "_emulator_silent", False):
+            return
         handler.send_response(status)
         hdrs = {"X-Request-Id": uuid.uuid4().hex, "Content-Length": str(len(body))}
         if content_type:
@@ -1013,7 +1039,19 @@ class HubEmulator:
                 fault = next((f for f in self._faults if f.matches(op, method, rec.repo_id)), None)
                 if fault is not None:
                     fault.times -= 1
-            if fault is not None:
+            if fault is not None and fault.delay:
+                time.sleep(fault.delay)
+            if fault is not None and not fault.passthrough:
+                if fault.apply:
+                    handler._emulator_silent = True  # type: ignore[attr-defined] - execute, answer nothing
+                    try:
+                        fn(handler, rec, *args)
+                    finally:
+                        handler._emulator_silent = False  # type: ignore[attr-defined]
+                if fault.drop:
+                    rec.status = 0
+                    handler.close_connection = True
+                    return
                 raise _HubError(fault.status, fault.message or f"Injected failure for {op}", fault.error_code)
             status = fn(handler, rec, *args)
             rec.status = status

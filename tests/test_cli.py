@@ -177,9 +177,11 @@ def test_overwrite_replaces_a_previous_output_atomically(merged_once, inputs, tm
     out = tmp_path / "merged"
     argv = ["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(out), *FAST]
     assert main(argv) == 0
-    (out / "stale.txt").write_text("from an older run")
+    (out / "notes.txt").write_text("the user's own file")  # not written by hf-mudsc: never deleted
+    assert main([*argv, "--seed", "1", "--overwrite"]) == 1
+    assert Recipe.load(out / RECIPE_FILENAME).seed == 0 and (out / "notes.txt").exists()
+    (out / "notes.txt").unlink()
     assert main([*argv, "--seed", "1", "--overwrite"]) == 0
-    assert not (out / "stale.txt").exists()
     assert Recipe.load(out / RECIPE_FILENAME).seed == 1
     assert leftovers(tmp_path) == []
 

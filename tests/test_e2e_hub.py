@@ -139,7 +139,7 @@ def test_merge_hub_parents_push_load_and_rerun_the_pushed_recipe(hub, inputs, tm
     assert not hub.unhandled and not hub.server_errors
 
 
-def test_a_failed_commit_leaves_no_output_folder_and_no_repo(hub, inputs, tmp_path):
+def test_a_failed_commit_leaves_no_repo_and_keeps_the_output_folder(hub, inputs, tmp_path):
     a, b, calibration = inputs
     hub.fail_next("commit", status=500, repo_id="user/merged", message="storage is down")
     work = tmp_path / "work"
@@ -150,7 +150,8 @@ def test_a_failed_commit_leaves_no_output_folder_and_no_repo(hub, inputs, tmp_pa
     assert proc.returncode == 1
     assert "nothing was committed; the repo 'user/merged' created by this run was deleted" in proc.stderr
     assert not hub.repo_exists("user/merged") and hub.requests_for("commit", "user/merged")
-    assert not out.exists() and list(work.iterdir()) == []  # no output, no staging folder
+    assert f"the merged model is kept in {out}; push it with `hf-mudsc push {out} user/merged`" in proc.stderr
+    assert MERGED_FILES <= {p.name for p in out.iterdir()} and [p.name for p in work.iterdir()] == ["merged"]
     assert SECRET not in proc.stdout + proc.stderr
     assert not hub.pending_faults() and not hub.server_errors
 

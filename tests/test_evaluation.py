@@ -506,7 +506,7 @@ def test_evaluate_cli_writes_json_and_model_index_like_the_python_api(merged_fol
     assert index[("joint (all tasks)", "accuracy")] == pytest.approx(expected.score("merged", "joint"))
     assert card.data.base_model is None and "## Evaluation" in card.text and "# merged" in card.text
     assert (out / "model.safetensors").read_bytes() == before  # weights untouched
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".hf_mudsc_output.json"]  # no temp files
 
 
 def test_evaluate_cli_dataset_to_task_mappings_agree(merged_folder, tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_mudsc.output import check_output, staged_output, write_file_atomically
+from hf_mudsc.output import MARKER_FILENAME, check_output, staged_output, write_file_atomically
 from hf_mudsc.recipe import RECIPE_FILENAME
 
 
@@ -25,12 +25,13 @@ def digest(folder: Path) -> str:
 
 
 def previous_output(root: Path) -> Path:
-    """A folder as an earlier hf-mudsc run leaves it (it holds a recipe)."""
+    """A folder as an earlier run of the writer leaves it (with its marker listing the files)."""
     out = root / "out"
-    (out / "sub").mkdir(parents=True)
-    (out / RECIPE_FILENAME).write_text("method: mudsc\n")
-    (out / "model.safetensors").write_bytes(b"old weights")
-    (out / "sub" / "notes.txt").write_text("old")
+    with staged_output(out) as staging:
+        (staging / "sub").mkdir()
+        (staging / RECIPE_FILENAME).write_text("method: mudsc\n")
+        (staging / "model.safetensors").write_bytes(b"old weights")
+        (staging / "sub" / "notes.txt").write_text("old")
     return out
 
 
@@ -46,7 +47,8 @@ def test_a_new_output_appears_complete_with_the_usual_permissions(tmp_path):
         fd, name = tempfile.mkstemp(dir=staging)  # writers using mkstemp leave 0600 files
         os.close(fd)
         (staging / "sub").mkdir(mode=0o700)
-    assert sorted(p.name for p in out.iterdir()) == sorted(["model.safetensors", Path(name).name, "sub"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(["model.safetensors", Path(name).name, "sub",
+                                                            MARKER_FILENAME])
     umask = os.umask(0)
     os.umask(umask)
     assert (out / Path(name).name).stat().st_mode & 0o777 == 0o666 & ~umask
@@ -99,7 +101,7 @@ def test_overwrite_replaces_the_whole_folder(tmp_path):
     out = previous_output(tmp_path)
     with staged_output(out, overwrite=True) as staging:
         (staging / RECIPE_FILENAME).write_text("method: zipit\n")
-    assert [p.name for p in out.iterdir()] == [RECIPE_FILENAME]  # old files and sub-folders are gone
+    assert sorted(p.name for p in out.iterdir()) == [MARKER_FILENAME, RECIPE_FILENAME]  # old files are gone
     assert (out / RECIPE_FILENAME).read_text() == "method: zipit\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 

@@ -134,10 +134,9 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, output: Path) -> int:
     import hf_mudsc
 
-    from ..card import render_card
     from ..evaluation import RESULTS_FILENAME, TaskData, evaluate_merge
-    from ..hub import CARD_FILENAME
     from ..loading import load_parents
+    from ..publish import write_merged_folder
     from ..recipe import RECIPE_FILENAME, Recipe
 
     start = time.perf_counter()
@@ -167,11 +166,8 @@ def _run(args: argparse.Namespace, output: Path) -> int:
     best_label = DEMO_METHODS[0][0]
     model = merged[best_label]
     with staged_output(output, overwrite=args.overwrite) as staging:
-        model.save_pretrained(staging)
-        parents[0].processor.save_pretrained(staging)
-        recipe.save(staging / RECIPE_FILENAME)
-        render_card(model, recipe, parents=parents, eval_results=result.card_rows(best_label),
-                    model_name=output.name).save(staging / CARD_FILENAME)
+        write_merged_folder(staging, model, recipe=recipe, parents=parents, processor=parents[0].processor,
+                            eval_results=result.card_rows(best_label), model_name=output.name)
         result.save(staging / RESULTS_FILENAME)
     print(f"\nThe {best_label} model is in {output}/ with its model card (README.md), recipe "
           f"({RECIPE_FILENAME}) and eval_results.json ({time.perf_counter() - start:.0f} s in total).\n"

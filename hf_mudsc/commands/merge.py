@@ -3,9 +3,10 @@
 Order of work, so that bad input fails fast and a failure leaves nothing behind:
 recipe + flags checked -> output folder / Hub repo refused if they exist (without --overwrite) ->
 parents loaded (revisions resolved) -> calibration -> merge -> (rank 0 only) model, processor, card and
-recipe written to a hidden temporary sibling folder -> pushed in one commit (if asked) -> the temporary
-folder renamed into place (`hf_mudsc.output`). Any error or interrupt deletes the temporary folder;
-inputs are only read.
+recipe written to a hidden temporary sibling folder (`hf_mudsc.publish`, the writer the API shares) ->
+pushed in one commit (if asked) -> the temporary folder renamed into place (`hf_mudsc.output`). Any error
+or interrupt before the push deletes the temporary folder; a failed push keeps the written model and says
+where; inputs are only read.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..methods import METHODS
-from ..output import check_output, staged_output
+from ..output import check_output
 from ..recipe import MATCHERS, RECIPE_FILENAME, Recipe, RecipeError
 
 _DEFAULTS = Recipe()
@@ -141,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     from ..hub import PushError
 
     try:
-        result = execute(recipe, token=getattr(args, "token", None))
+        result = execute(recipe, token=getattr(args, "token", None), recipe_file=getattr(args, "recipe", None))
     except (PushError, HfHubHTTPError) as error:
         print(f"hf-mudsc merge: error: {error}", file=sys.stderr)
         return 1
@@ -160,8 +161,10 @@ def run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------- work
 
 
-def execute(recipe: Recipe, *, token: str | None = None) -> dict[str, Any]:
-    """Run a validated recipe: merge, save (and push) on the main process. Returns what was produced."""
+def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None = None) -> dict[str, Any]:
+    """Run a validated recipe: merge, save (and push) on the main process. Returns what was produced.
+
+    `recipe_file`: the recipe's path, when it came from one (an input the output must not overlap)."""
     if not recipe.output and not recipe.push_to_hub:
         raise RecipeError("say where the merged model goes: --output DIR and/or --push-to-hub ORG/NAME")
     from ..calibration import resolve_device
@@ -173,7 +176,7 @@ def execute(recipe: Recipe, *, token: str | None = None) -> dict[str, Any]:
     main = _is_main_process()
     output = Path(recipe.output).expanduser().absolute() if recipe.output else None
     if output is not None:
-        _check_output(output, recipe)
+        _check_output(output, recipe, recipe_file)
     if recipe.push_to_hub and main:
         from ..hub import check_target
 
@@ -202,74 +205,45 @@ def execute(recipe: Recipe, *, token: str | None = None) -> dict[str, Any]:
         from ..merge import display_name
 
         merged.config.mudsc["calibration"] = display_name(str(calibration_spec))
-    pinned = recipe.override(models=[_pinned_reference(p) for p in parents],
-                             calibration=_pinned_calibration(calibration_spec))
-    produced: dict[str, Any] = {}
+    from ..merge import pinned_calibration, pinned_reference
+
+    pinned = recipe.override(models=[pinned_reference(p) for p in parents],
+                             calibration=pinned_calibration(calibration_spec))
+    from ..publish import publish
+
+    # On a failed push the written model is kept (in --output, or a folder the error names).
+    produced = publish(merged, output=output, push_to_hub=recipe.push_to_hub, overwrite=recipe.overwrite,
+                       private=recipe.private, token=token, recipe=pinned, parents=parents,
+                       processor=parents[0].processor)
     if calibration is not None:
         produced["calibration_samples"] = merged.merge_report.num_samples
-    with staged_output(output, overwrite=recipe.overwrite) as staging:
-        write_folder(staging, merged, pinned, parents)
-        if recipe.push_to_hub:
-            from ..hub import push_folder
-
-            produced["push"] = push_folder(staging, recipe.push_to_hub, private=recipe.private,
-                                           overwrite=recipe.overwrite, token=token)
-    if output is not None:
-        produced["output"] = output
     return produced
 
 
-def write_folder(folder: Path, merged: Any, recipe: Recipe, parents: list[Any]) -> None:
-    """Model (safetensors), parent A's processor, the card and the pinned recipe."""
-    from ..card import render_card
-    from ..hub import CARD_FILENAME
-
-    merged.save_pretrained(folder)
-    processor = parents[0].processor
-    if processor is not None:
-        processor.save_pretrained(folder)
-    recipe.save(folder / RECIPE_FILENAME)
-    name = recipe.push_to_hub or (Path(recipe.output).name if recipe.output else None)
-    render_card(merged, recipe, parents=parents, model_name=name).save(folder / CARD_FILENAME)
-
-
-def _check_output(output: Path, recipe: Recipe) -> None:
-    """Refuse an existing output (without --overwrite), or one that would replace a parent folder."""
-    for reference in recipe.models:
-        parent = Path(reference).expanduser()
-        if parent.is_dir():
-            parent = parent.absolute()
-            if output == parent or parent.is_relative_to(output) or output.is_relative_to(parent):
-                raise ValueError(
-                    f"--output {str(output)!r} overlaps the parent folder {str(parent)!r}; inputs are never "
-                    "modified, choose an output folder outside the parents"
-                )
-    check_output(output, overwrite=recipe.overwrite)
+def _check_output(output: Path, recipe: Recipe, recipe_file: str | None = None) -> None:
+    """Refuse an existing output (without --overwrite), or one equal to, inside or around any input: the
+    parent folders, the calibration data and the recipe file (paths resolved: `..` and symlinks)."""
+    inputs: list[tuple[str, str | Path]] = [
+        ("parent folder", reference) for reference in recipe.models if Path(reference).expanduser().exists()]
+    calibration = _calibration_path(recipe.calibration)
+    if calibration is not None:
+        inputs.append(("calibration data", calibration))
+    if recipe_file:
+        inputs.append(("recipe file", recipe_file))
+    check_output(output, overwrite=recipe.overwrite, inputs=inputs)
 
 
-def _pinned_reference(parent: Any) -> str:
-    """`repo@commit_sha` for Hub parents, an absolute path for local folders (what the recipe records)."""
-    if getattr(parent, "repo_id", None) and getattr(parent, "commit_sha", None):
-        return f"{parent.repo_id}@{parent.commit_sha}"
-    reference = str(parent.reference)
-    path = Path(reference).expanduser()
-    return str(path.absolute()) if path.exists() else reference
+def _calibration_path(spec: str | None) -> Path | None:
+    """The local file or folder of a calibration spec (`path[:config]:split`), if it names one."""
+    if not spec:
+        return None
+    for candidate in (spec, spec.partition(":")[0]):
+        if candidate and Path(candidate).expanduser().exists():
+            return Path(candidate).expanduser()
+    return None
 
 
 def _is_main_process() -> bool:
     from ..distributed import is_main_process
 
     return bool(is_main_process())
-
-
-def _pinned_calibration(spec: str | None) -> str | None:
-    """A local calibration path made absolute, so the recipe works from any directory."""
-    if not spec:
-        return spec
-    path = Path(spec).expanduser()
-    if path.exists():
-        return str(path.absolute())
-    head, sep, rest = spec.partition(":")
-    if sep and head and Path(head).expanduser().exists():
-        return f"{Path(head).expanduser().absolute()}:{rest}"
-    return spec

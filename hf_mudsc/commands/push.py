@@ -1,4 +1,8 @@
-"""`hf-mudsc push DIR ORG/NAME`: publish a folder written by `hf-mudsc merge --output DIR` in one commit."""
+"""`hf-mudsc push DIR ORG/NAME`: publish a folder written by `hf-mudsc merge --output DIR` in one commit.
+
+Only what the writer wrote is uploaded (its marker lists the files); a folder holding symlinks or other
+files is refused, naming them. A failed push says what the repo really holds and never touches DIR.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = push_folder(args.folder, args.repo_id, private=args.private, overwrite=args.overwrite,
-                             token=getattr(args, "token", None))
+                             token=getattr(args, "token", None), flag="ORG/NAME")
     except (PushError, HfHubHTTPError) as error:
         print(f"hf-mudsc push: error: {error}", file=sys.stderr)
         return 1

@@ -1,0 +1,79 @@
+"""Issue 10, item 5: an `--output` that reaches an input through `..` or a symlink is refused before any loading.
+
+Every input counts: both parents, the calibration folder or file, and the recipe file (and its folder).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from test_cli import FAST, leftovers, save_parents_and_data, tree_digest
+
+from hf_mudsc.cli import main
+from hf_mudsc.recipe import RECIPE_FILENAME
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return save_parents_and_data(tmp_path_factory.mktemp("overlap_inputs"))
+
+
+@pytest.fixture()
+def no_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("inputs were loaded although the output check should have failed first")
+
+    monkeypatch.setattr("hf_mudsc.loading.load_parents", refuse)
+    monkeypatch.setattr("hf_mudsc.data.load_calibration_dataset", refuse)
+
+
+def test_a_parent_reached_through_dotdot_or_a_symlink_is_refused(inputs, tmp_path, no_loading, capsys):
+    a, b, calibration = inputs
+    # A parent that is itself a merged model (it holds a recipe): the old check would have replaced it.
+    parent = tmp_path / "parents" / "merged-parent"
+    shutil.copytree(a, parent)
+    (parent / RECIPE_FILENAME).write_text("method: mudsc\n")
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "parents", target_is_directory=True)
+    before = tree_digest(parent, b, calibration)
+    for out in (b / ".." / ".." / tmp_path.name / "parents" / parent.name, link / parent.name, link):
+        argv = ["merge", str(parent), str(b), "--calibration", str(calibration), "--output", str(out),
+                "--overwrite", *FAST]
+        assert main(argv) == 1, out
+        err = capsys.readouterr().err
+        assert f"overlaps the parent folder {str(parent)!r}" in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert tree_digest(parent, b, calibration) == before
+    assert leftovers(tmp_path) == [] and leftovers(tmp_path / "parents") == []
+
+
+def test_the_calibration_data_and_the_recipe_are_inputs_too(inputs, tmp_path, no_loading, capsys):
+    a, b, calibration = inputs
+    argv = ["merge", str(a), str(b), "--calibration", f"{calibration}/../{calibration.name}", *FAST]
+    assert main([*argv, "--output", str(calibration / "merged")]) == 1
+    assert f"overlaps the calibration data {str(calibration)!r}" in capsys.readouterr().err
+    # The README flow: a recipe downloaded into a folder, then `--output <that folder> --overwrite`.
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    recipe = downloads / "r.yaml"
+    recipe.write_text(f"models: [{a}, {b}]\ncalibration: {calibration}\nmethod: zipit\nnum_samples: 8\n")
+    (downloads / "important.txt").write_text("precious")
+    for out in (downloads, tmp_path / "x" / ".." / "downloads"):
+        assert main(["merge", "--recipe", str(recipe), "--output", str(out), "--overwrite"]) == 1
+        assert f"overlaps the recipe file {str(recipe)!r}" in capsys.readouterr().err
+    assert sorted(p.name for p in downloads.iterdir()) == ["important.txt", "r.yaml"]
+
+
+def test_an_unwritable_output_location_fails_in_one_line_before_loading(inputs, tmp_path, no_loading, capsys):
+    a, b, calibration = inputs
+    (tmp_path / "file.txt").write_text("x")
+    cases = [(tmp_path / "file.txt" / "merged", "is under the file"),
+             (tmp_path / ("m" * 250), "too long for this filesystem"),
+             ("/proc/hf-mudsc-test/merged", "cannot create a folder in '/proc'")]
+    for out, message in cases:
+        assert main(["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(out),
+                     *FAST]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "--output" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]

@@ -1,0 +1,136 @@
+"""Issue 10, the Python API on a par with the CLI: `hf_mudsc.save_merged` / `hf_mudsc.push_merged` write the
+same folder as `hf-mudsc merge --output` (model, processor, card, recipe, marker), through the same writer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from factories import make_model
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+from test_cli import FAST, save_parents_and_data
+from transformers import AutoModelForImageClassification
+
+import hf_mudsc
+from hf_mudsc.cli import main
+from hf_mudsc.output import MARKER_FILENAME
+from hf_mudsc.recipe import RECIPE_FILENAME, Recipe
+
+MERGED_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", RECIPE_FILENAME}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return save_parents_and_data(tmp_path_factory.mktemp("api_inputs"))
+
+
+@pytest.fixture(scope="module")
+def merged(inputs):
+    a, b, calibration = inputs
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield hf_mudsc.merge([str(a), str(b)], str(calibration), method="zipit", num_samples=24, batch_size=8,
+                             progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def logits_of(model) -> torch.Tensor:
+    with torch.no_grad():
+        pixels = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+        return model(pixel_values=pixels).logits
+
+
+def test_save_merged_writes_what_the_cli_writes(merged, inputs, tmp_path):
+    a, b, calibration = inputs
+    out = hf_mudsc.save_merged(merged, tmp_path / "api")
+    assert out == tmp_path / "api"
+    assert {p.name for p in out.iterdir()} == MERGED_FILES | {MARKER_FILENAME}
+    assert sorted(json.loads((out / MARKER_FILENAME).read_text())["files"]) == sorted(MERGED_FILES)
+    card = ModelCard((out / "README.md").read_text())  # parses and checks the front matter (no network)
+    assert card.data.library_name == "transformers" and "zipit" in card.content and "api" in card.content
+    recipe = Recipe.load(out / RECIPE_FILENAME)
+    assert recipe.models == [str(a), str(b)] and recipe.calibration == str(calibration)
+    assert (recipe.method, recipe.num_samples, recipe.batch_size) == ("zipit", 24, 8)
+    loaded = AutoModelForImageClassification.from_pretrained(out)
+    torch.testing.assert_close(logits_of(loaded), logits_of(merged), rtol=0, atol=0)
+    # The CLI writes the same files and the same weights; its recipe re-runs the API's merge.
+    cli = tmp_path / "cli"
+    assert main(["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(cli), *FAST]) == 0
+    assert {p.name for p in cli.iterdir()} == {p.name for p in out.iterdir()}
+    assert ModelCard.load(cli / "README.md").data.base_model == card.data.base_model
+    assert (cli / RECIPE_FILENAME).read_text() == (out / RECIPE_FILENAME).read_text()
+    again = tmp_path / "again"
+    assert main(["merge", "--recipe", str(out / RECIPE_FILENAME), "--output", str(again)]) == 0
+    first, second = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_save_merged_refuses_an_existing_folder_unless_overwrite_and_never_deletes_foreign_files(merged, tmp_path):
+    out = hf_mudsc.save_merged(merged, tmp_path / "api")
+    with pytest.raises(FileExistsError, match="already exists; pass overwrite=True to replace it, or choose "
+                                              "another directory"):
+        hf_mudsc.save_merged(merged, out)
+    (out / "mine.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"did not write: mine\.txt"):
+        hf_mudsc.save_merged(merged, out, overwrite=True)
+    (out / "mine.txt").unlink()
+    assert hf_mudsc.save_merged(merged, out, overwrite=True) == out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["api"]
+
+
+def test_parents_without_a_processor_give_a_folder_without_one(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        merged = hf_mudsc.merge([make_model("vit_cls", 1), make_model("vit_cls", 2)], method="weight_matching",
+                                progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    out = hf_mudsc.save_merged(merged, tmp_path / "objects")
+    assert {p.name for p in out.iterdir()} == MERGED_FILES - {"preprocessor_config.json"} | {MARKER_FILENAME}
+    assert ModelCard((out / "README.md").read_text()).data.library_name == "transformers"
+    assert Recipe.load(out / RECIPE_FILENAME).method == "weight_matching"
+
+
+def test_a_model_not_returned_by_merge_is_refused_before_writing(tmp_path):
+    with pytest.raises(ValueError, match="carries no merge recipe"):
+        hf_mudsc.save_merged(make_model("vit_cls", 1), tmp_path / "x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_push_merged_uploads_the_same_files_in_one_commit(hub_emulator, inputs, tmp_path):
+    a, b, calibration = inputs
+    saved = tmp_path / "saved"
+    res = hub_emulator.run_client(
+        f"""
+        import torch, hf_mudsc
+        torch.set_num_threads(1)
+        merged = hf_mudsc.merge([{str(a)!r}, {str(b)!r}], {str(calibration)!r}, method="zipit", num_samples=24,
+                                batch_size=8, progress=False)
+        result = hf_mudsc.push_merged(merged, "user/api-merged", private=True)
+        emit(result.commit_sha)
+        hf_mudsc.save_merged(merged, {str(saved)!r})
+        try:
+            hf_mudsc.push_merged(merged, "user/api-merged")
+        except FileExistsError as error:
+            emit(str(error))
+        """,
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    sha, refused = res.results
+    hub = hub_emulator
+    assert sha == hub.head("user/api-merged") and hub.is_private("user/api-merged")
+    assert [c.title for c in hub.commits("user/api-merged")][1:] == ["initial commit"]
+    assert set(hub.list_files("user/api-merged")) == MERGED_FILES | {".gitattributes"}
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", RECIPE_FILENAME):
+        assert hub.file_bytes("user/api-merged", name) == (saved / name).read_bytes(), name
+    card = ModelCard(hub.file_bytes("user/api-merged", "README.md").decode())
+    assert card.data.base_model == ModelCard.load(saved / "README.md").data.base_model
+    assert "user/api-merged" in card.content
+    assert "already exists; pass overwrite=True to replace its files (in one commit), or choose another repo_id" \
+        in refused
+    assert not hub.unhandled and not hub.server_errors
