@@ -9,11 +9,12 @@ code is never run; every model comes back float32 whatever dtype its checkpoint 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,8 +192,52 @@ def _locate_folder(reference: str, path: Path, allow_pickle: bool) -> _Located:
         raise LoadError(f"{str(path)!r} has no config.json; save the model with save_pretrained")
     files = [p.name for p in path.iterdir() if p.is_file()]
     weight_files, use_pickle = _weights_format(reference, files, allow_pickle)
-    return _Located(reference=reference, config=_load_config(path, reference), folder=path,
-                    weight_files=weight_files, use_pickle=use_pickle)
+    config = _load_config(path, reference)
+    check_weight_files(reference, path, weight_files)
+    return _Located(reference=reference, config=config, folder=path, weight_files=weight_files,
+                    use_pickle=use_pickle)
+
+
+def _shard_names(reference: str, folder: Path, index_name: str) -> list[str]:
+    """The shard files a `*.index.json` of `folder` points to."""
+    try:
+        index = json.loads((folder / index_name).read_text())
+        return sorted(set(index["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise LoadError(f"{reference!r}: {index_name} is unreadable ({type(error).__name__}: {error}); "
+                        "re-download it or re-save the model with save_pretrained") from error
+
+
+def check_weight_files(reference: str, folder: Path, weight_files: Sequence[str]) -> None:
+    """Read the header of every safetensors file (cheap: no tensor data) so that a truncated or corrupt file
+    is reported in one line before any weights are loaded; pickle files are checked when they are loaded."""
+    from safetensors import SafetensorError, safe_open
+
+    names: list[str] = []
+    for name in weight_files:
+        names += _shard_names(reference, folder, name) if name.endswith(".index.json") else [name]
+    for name in names:
+        if not name.endswith(".safetensors"):
+            continue
+        path = folder / name
+        if not path.is_file():
+            raise LoadError(f"{reference!r}: weight file {name} is missing; re-download the model or re-save it "
+                            "with save_pretrained")
+        try:
+            with safe_open(str(path), framework="pt") as opened:
+                opened.keys()
+        except (SafetensorError, OSError, ValueError) as error:
+            raise LoadError(
+                f"{reference!r}: {name} is not a valid safetensors file ({_one_line(error)}): it is truncated or "
+                "corrupt. Download it again (for a Hub model, delete it from the cache first) or re-save it with "
+                "save_pretrained"
+            ) from error
+
+
+def _one_line(error: BaseException) -> str:
+    """The first line of an error message (library messages can span a screen)."""
+    text = str(error).strip()
+    return text.splitlines()[0].strip() if text else type(error).__name__
 
 
 def _load_config(folder: Path, reference: str) -> PretrainedConfig:
@@ -426,11 +471,8 @@ def _finish(located: _Located, *, token: str | bool | None, cache_dir: str | os.
     if located.model is not None:
         return LoadedParent(model=_as_float32(located.model), processor=None, reference=located.reference)
     _fetch_weights(located, token=token, cache_dir=cache_dir)
-    cls = model_class_for(located.config)
-    model = cls.from_pretrained(
-        located.folder, config=located.config, dtype=torch.float32,
-        use_safetensors=False if located.use_pickle else True, trust_remote_code=False,
-    )
+    check_weight_files(located.reference, located.folder, located.weight_files)
+    model = _load_weights(located)
     # The Hub id identifies a Hub parent (the snapshot path is a cache artefact); a folder, what was passed.
     model.config._name_or_path = located.repo_id or located.reference
     model.name_or_path = model.config._name_or_path
@@ -438,6 +480,84 @@ def _finish(located: _Located, *, token: str | bool | None, cache_dir: str | os.
     logger.info("loaded %s%s", located.reference, f" at commit {located.commit_sha}" if located.commit_sha else "")
     return LoadedParent(model=model, processor=located.processor, reference=located.reference,
                         repo_id=located.repo_id, revision=located.revision, commit_sha=located.commit_sha)
+
+
+def _load_weights(located: _Located) -> PreTrainedModel:
+    """`from_pretrained` on the located folder, refusing weights that the config does not describe.
+
+    transformers fills tensors missing from the checkpoint with random values (a config that names another
+    architecture loads as a random model); here every tensor must come from the file, with the config's shape.
+    Pickle is read with `weights_only=True` even under `allow_pickle`, so a pickle that runs code is refused.
+    """
+    import pickle
+
+    from safetensors import SafetensorError
+
+    cls = model_class_for(located.config)
+    name = located.weight_files[0]
+    try:
+        with _without_load_report():
+            model, info = cls.from_pretrained(
+                located.folder, config=located.config, dtype=torch.float32,
+                use_safetensors=False if located.use_pickle else True, trust_remote_code=False,
+                weights_only=True, output_loading_info=True, ignore_mismatched_sizes=True,
+            )
+    except pickle.UnpicklingError as error:
+        raise LoadError(
+            f"{located.reference!r}: {name} holds more than tensors — unpickling it would call "
+            f"{_unsafe_global(error)}, and hf_mudsc refused to run it (weights_only loading). Do not use this "
+            "file; convert the checkpoint to safetensors from a trusted copy"
+        ) from error
+    except (SafetensorError, OSError, EOFError, RuntimeError) as error:
+        raise LoadError(f"{located.reference!r}: cannot read the weights in {name} ({_one_line(error)}); "
+                        "download them again or re-save the model with save_pretrained") from error
+    problems = []
+    missing, unused = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if missing:
+        problems.append(f"{len(missing)} tensors the {cls.__name__} of config.json needs are missing "
+                        f"(e.g. {', '.join(map(repr, missing[:3]))})")
+    if unused:
+        problems.append(f"{len(unused)} tensors of the checkpoint are unused (e.g. {', '.join(map(repr, unused[:3]))})")
+    if mismatched:
+        key, stored, expected = mismatched[0]
+        problems.append(f"{len(mismatched)} tensors have other shapes than config.json says (e.g. {key!r} is "
+                        f"{tuple(stored)} in the checkpoint but {tuple(expected)} per config.json)")
+    if missing or mismatched:
+        raise LoadError(
+            f"{located.reference!r}: config.json does not describe the weights in {name}: " + "; ".join(problems)
+            + ". The config names another architecture or other sizes than the checkpoint was saved with; "
+            "restore the config.json saved with these weights (save_pretrained writes both)"
+        )
+    if unused:
+        logger.warning("%s: %s", located.reference, problems[-1])
+    return model
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _without_load_report() -> Iterator[None]:
+    """Silence transformers' screen-long key table while loading: `_load_weights` reports the same facts in
+    one line (an error for missing or reshaped tensors, a warning for unused ones)."""
+    target = logging.getLogger("transformers.modeling_utils")
+    dropper = _DropLoadReport()
+    target.addFilter(dropper)
+    try:
+        yield
+    finally:
+        target.removeFilter(dropper)
+
+
+def _unsafe_global(error: BaseException) -> str:
+    """The callable a refused pickle wanted to run, as torch names it (or a generic phrase)."""
+    import re
+
+    found = re.search(r"(?:GLOBAL|global:?)\s+([\w.]+)", str(error))
+    return found.group(1) if found else "code"
 
 
 def _locate_with_processor(ref: Any, *, token, allow_pickle, cache_dir) -> _Located:
