@@ -264,14 +264,18 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
         ) from error
     if constants.HF_HUB_OFFLINE:
         folder = _hub_call(reference, lambda: snapshot_download(
-            repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True))
+            repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True),
+            what="looking it up in the local cache")
         folder = Path(folder)
         files = [p.name for p in folder.iterdir() if p.is_file()]
         weight_files, use_pickle = _weights_format(reference, files, allow_pickle)
         sha = folder.name  # a snapshot folder is named by its commit sha
         logger.info("offline: using the cached snapshot %s of %s", sha, repo_id)
     else:
-        info = _hub_call(reference, lambda: HfApi().model_info(repo_id, revision=revision, token=token))
+        info = _hub_call(
+            reference, lambda: HfApi().model_info(repo_id, revision=revision, token=token,
+                                                  timeout=constants.HF_HUB_ETAG_TIMEOUT),
+            what="fetching the repository information (file list and commit)", timeout_setting="HF_HUB_ETAG_TIMEOUT")
         sha = info.sha
         files = [s.rfilename for s in (info.siblings or [])]
         top_level = [f for f in files if "/" not in f]
@@ -279,21 +283,53 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
         small = [f for f in top_level if f.endswith(SMALL_FILE_SUFFIXES)]
         if "config.json" not in small:
             raise LoadError(f"{reference!r} has no config.json at revision {sha}; it is not a transformers model")
-        folder = Path(_hub_call(reference, lambda: snapshot_download(
-            repo_id, revision=sha, cache_dir=cache_dir, token=token, allow_patterns=small)))
+        folder = download_files(reference, repo_id, sha, small, token=token, cache_dir=cache_dir)
     config = _load_config(folder, reference)
     return _Located(reference=reference, config=config, folder=folder, repo_id=repo_id, revision=revision,
                     commit_sha=sha, weight_files=weight_files, use_pickle=use_pickle)
 
 
-def _hub_call(reference: str, call):
-    """Run a Hub client call, turning its errors into a LoadError that says what to do."""
-    from huggingface_hub import errors
+def download_files(reference: str, repo_id: str, commit_sha: str, filenames: Sequence[str], *,
+                   token: str | bool | None, cache_dir: str | os.PathLike | None) -> Path:
+    """Top-level files of a Hub model at one commit -> its snapshot folder in the cache.
 
+    One `hf_hub_download` per file rather than `snapshot_download`, whose tree listing has no timeout (a
+    stalled server would hang it forever): every request here is bounded by HF_HUB_ETAG_TIMEOUT /
+    HF_HUB_DOWNLOAD_TIMEOUT, and every failure names the file it was waiting for.
+    """
+    from huggingface_hub import constants, hf_hub_download
+
+    folder = None
+    for filename in filenames:
+        path = _hub_call(reference, lambda name=filename: hf_hub_download(
+            repo_id, name, revision=commit_sha, cache_dir=cache_dir, token=token,
+            etag_timeout=constants.HF_HUB_ETAG_TIMEOUT), what=f"downloading {filename}")
+        folder = Path(path).parent
+    if folder is None:
+        raise LoadError(f"{reference!r}: nothing to download at commit {commit_sha}")
+    return folder
+
+
+def _transport_errors() -> tuple[type[BaseException], type[BaseException]]:
+    """(timeout, transport) exception classes of the HTTP client huggingface_hub uses (httpx2 from 2.x)."""
+    try:
+        import httpx2 as http
+    except ImportError:  # older huggingface_hub releases use httpx
+        import httpx as http
+    return http.TimeoutException, http.TransportError
+
+
+def _hub_call(reference: str, call, *, what: str = "contacting the Hub",
+              timeout_setting: str = "HF_HUB_DOWNLOAD_TIMEOUT"):
+    """Run a Hub client call, turning its errors into a one-line LoadError that says what was being waited
+    for (`what`) and what to do."""
+    from huggingface_hub import constants, errors
+
+    timeout_error, transport_error = _transport_errors()
     try:
         return call()
     except errors.RevisionNotFoundError as error:
-        raise LoadError(f"{reference!r}: the revision does not exist in the repository ({error}); "
+        raise LoadError(f"{reference!r}: the revision does not exist in the repository ({_one_line(error)}); "
                         "use an existing branch, tag or commit sha") from error
     except errors.GatedRepoError as error:
         raise LoadError(f"{reference!r} is gated: accept its terms on the Hub and pass a token") from error
@@ -304,9 +340,22 @@ def _hub_call(reference: str, call):
         raise LoadError(f"{reference!r} is not in the local cache and the Hub is unreachable or offline "
                         "(HF_HUB_OFFLINE=1); download it once online or pass a local folder") from error
     except errors.HfHubHTTPError as error:
-        raise LoadError(f"the Hub refused {reference!r}: {error}") from error
+        raise LoadError(f"the Hub refused {reference!r} while {what}: {_one_line(error)}") from error
+    except timeout_error as error:
+        seconds = getattr(constants, timeout_setting, None)
+        raise LoadError(
+            f"{reference!r}: the Hub did not answer within {seconds} s while {what} ({type(error).__name__}); "
+            f"the server is stalled or the connection is too slow: retry later, or allow more time with "
+            f"{timeout_setting}=<seconds>"
+        ) from error
+    except transport_error as error:
+        raise LoadError(
+            f"{reference!r}: the connection to the Hub dropped while {what} ({_one_line(error)}); retry the "
+            "command (files downloaded completely stay in the cache and are not fetched again)"
+        ) from error
     except (OSError, ConnectionError) as error:
-        raise LoadError(f"cannot reach the Hub for {reference!r}: {error}") from error
+        raise LoadError(f"{reference!r}: cannot reach the Hub while {what} ({_one_line(error)}); check the "
+                        "connection and retry the command") from error
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -452,17 +501,15 @@ def _as_float32(model: PreTrainedModel) -> PreTrainedModel:
 
 def _fetch_weights(located: _Located, *, token: str | bool | None, cache_dir: str | os.PathLike | None) -> None:
     """Download the weight files of a Hub parent into its snapshot folder (no-op for folders/offline)."""
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import constants
 
     if located.repo_id is None or constants.HF_HUB_OFFLINE:
         return
-    patterns = list(located.weight_files)
+    names = list(located.weight_files)
     for index_name in (SAFETENSORS_INDEX, PICKLE_INDEX):
-        if index_name in patterns:
-            index = json.loads((located.folder / index_name).read_text())
-            patterns += sorted(set(index.get("weight_map", {}).values()))
-    _hub_call(located.reference, lambda: snapshot_download(
-        located.repo_id, revision=located.commit_sha, cache_dir=cache_dir, token=token, allow_patterns=patterns))
+        if index_name in names:
+            names += _shard_names(located.reference, located.folder, index_name)
+    download_files(located.reference, located.repo_id, located.commit_sha, names, token=token, cache_dir=cache_dir)
 
 
 def _finish(located: _Located, *, token: str | bool | None, cache_dir: str | os.PathLike | None) -> LoadedParent:
