@@ -141,8 +141,9 @@ def _locate(ref: Any, *, token: str | bool | None, allow_pickle: bool,
         return _Located(reference=ref.reference, config=ref.model.config, repo_id=ref.repo_id,
                         revision=ref.revision, commit_sha=ref.commit_sha, loaded=ref)
     if isinstance(ref, PreTrainedModel):
-        name = str(getattr(ref.config, "_name_or_path", "") or type(ref).__name__)
-        return _Located(reference=name, config=ref.config, model=ref)
+        name_or_path = str(getattr(ref.config, "_name_or_path", "") or getattr(ref, "name_or_path", "") or "")
+        return _Located(reference=name_or_path or type(ref).__name__, config=ref.config, model=ref,
+                        processor=processor_from_name(name_or_path, getattr(ref.config, "_commit_hash", None)))
     if not isinstance(ref, (str, os.PathLike)):
         raise LoadError(
             f"a parent must be a PreTrainedModel, a local folder or a Hub id ('org/name[@revision]'), "
@@ -391,6 +392,30 @@ def load_processor(folder: str | os.PathLike) -> Any | None:
     return None
 
 
+def processor_from_name(name_or_path: str, commit_sha: str | None = None) -> Any | None:
+    """The processor saved with a model object: in its `name_or_path` folder, or in the locally cached snapshot
+    of its Hub id (at `commit_sha` when known). Local files only — never a download, never remote code; None
+    when there is nothing to find (e.g. a model built from a config)."""
+    from huggingface_hub import errors, snapshot_download
+    from huggingface_hub.utils import validate_repo_id
+
+    if not name_or_path:
+        return None
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        try:
+            repo_id, revision = parse_reference(name_or_path)
+            validate_repo_id(repo_id)
+            folder = Path(snapshot_download(repo_id, revision=commit_sha or revision, local_files_only=True))
+        except (LoadError, ValueError, OSError, errors.LocalEntryNotFoundError) as error:
+            logger.debug("no cached processor for %s: %s", name_or_path, error)
+            return None
+    processor = load_processor(folder)
+    if processor is not None:
+        logger.info("using the processor saved with %s", name_or_path)
+    return processor
+
+
 def tokenizer_of(processor: Any) -> Any | None:
     """The tokenizer inside a processor (or the processor itself when it is one)."""
     from transformers import PreTrainedTokenizerBase
@@ -516,7 +541,8 @@ def _finish(located: _Located, *, token: str | bool | None, cache_dir: str | os.
     if located.loaded is not None:
         return located.loaded
     if located.model is not None:
-        return LoadedParent(model=_as_float32(located.model), processor=None, reference=located.reference)
+        return LoadedParent(model=_as_float32(located.model), processor=located.processor,
+                            reference=located.reference)
     _fetch_weights(located, token=token, cache_dir=cache_dir)
     check_weight_files(located.reference, located.folder, located.weight_files)
     model = _load_weights(located)

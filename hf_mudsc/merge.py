@@ -203,6 +203,7 @@ def merge(
     image_column: str | None = None,
     text_column: str | None = None,
     statistics_dtype: str | torch.dtype = "float32",
+    processor: Any | None = None,
 ) -> PreTrainedModel | None:
     """Merge two fine-tuned models of one architecture into one model, without training.
 
@@ -232,6 +233,9 @@ def merge(
             and sums the products in float64 — about twice as fast on CPUs, merged weights equal to the
             `"float64"` path to ~1e-6 on the test models (nearly tied units of a large model may pair
             differently); `"float64"` keeps every product in float64. A `torch.dtype` is accepted too.
+        processor: preprocesses raw calibration columns (a tokenizer, image processor or processor) instead of
+            the parents' own — which are found in their folders, or for model objects in their `name_or_path`
+            folder or cached Hub snapshot.
 
     Returns:
         A `PreTrainedModel` of the parents' class; `save_pretrained`/`push_to_hub` work as usual.
@@ -276,7 +280,8 @@ def merge(
     accumulators = None
     if spec_method.matches_units and spec_method.uses_activations:
         calibration = resolve_calibration(
-            calibration, [p.processor for p in parents], image_column=image_column, text_column=text_column,
+            calibration, processor if processor is not None else [p.processor for p in parents],
+            image_column=image_column, text_column=text_column,
             num_samples=num_samples, seed=seed, inputs=spec.inputs or None, model_config=model_a.config,
             token=token,
         )

@@ -350,3 +350,70 @@ class _RunsCode:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# model objects + raw calibration data: the processor comes from name_or_path, or from processor=
+# ----------------------------------------------------------------------------------------------------
+
+
+def _texts(count: int) -> list[str]:
+    generator = torch.Generator().manual_seed(3)
+    return [" ".join(f"w{int(i)}" for i in torch.randint(0, 50, (int(n),), generator=generator))
+            for n in torch.randint(2, 12, (count,), generator=generator)]
+
+
+def _merged_weights(models, calibration, **options) -> dict[str, torch.Tensor]:
+    merged = hf_mudsc.merge(models, calibration, method="zipit", batch_size=4, progress=False, **options)
+    return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
+def test_model_objects_find_the_processor_saved_in_their_folder(tmp_path):
+    import datasets
+    from transformers import AutoModelForSequenceClassification
+
+    folders = [save_bert(tmp_path / f"bert{seed}", seed=seed, vocab=bert_vocab()) for seed in (0, 1)]
+    texts = datasets.Dataset.from_dict({"text": _texts(12)})
+    objects = [AutoModelForSequenceClassification.from_pretrained(f) for f in folders]
+    assert objects[0].name_or_path == str(folders[0])
+    from_objects = _merged_weights(objects, texts)
+    from_folders = _merged_weights([str(f) for f in folders], texts)
+    assert from_objects.keys() == from_folders.keys()
+    assert all(torch.equal(from_objects[k], from_folders[k]) for k in from_folders)
+    assert tokenizer_of(load_parent(objects[0]).processor).get_vocab() == bert_vocab()
+
+
+def test_model_objects_take_processor_keyword(tmp_path):
+    import datasets
+
+    texts = datasets.Dataset.from_dict({"text": _texts(12)})
+    folders = [save_bert(tmp_path / f"bert{seed}", seed=seed, vocab=bert_vocab()) for seed in (0, 1)]
+    expected = _merged_weights([str(f) for f in folders], texts)
+    objects = [make_model("bert_cls", seed=seed) for seed in (0, 1)]  # built from a config: no folder to look in
+    with pytest.raises(ValueError, match="ship no tokenizer"):
+        hf_mudsc.merge(objects, texts, method="zipit", batch_size=4, progress=False)
+    got = _merged_weights(objects, texts, processor=BertTokenizer(vocab=bert_vocab()))
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_model_objects_find_the_processor_of_a_cached_hub_id(tmp_path):
+    """`from_pretrained("org/name")` leaves name_or_path = the Hub id: the cached snapshot is used, offline."""
+    import datasets
+    from huggingface_hub import constants
+
+    sha = "c" * 40
+    repo = Path(constants.HF_HUB_CACHE) / "models--loadfix--cached-bert"
+    save_bert(repo / "snapshots" / sha, seed=0, vocab=bert_vocab())
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(sha)
+    objects = [make_model("bert_cls", seed=seed) for seed in (0, 1)]
+    for model in objects:
+        model.config._name_or_path = "loadfix/cached-bert"
+        model.name_or_path = "loadfix/cached-bert"
+    assert tokenizer_of(load_parent(objects[0]).processor).get_vocab() == bert_vocab()
+    texts = datasets.Dataset.from_dict({"text": _texts(12)})
+    expected = _merged_weights(objects, texts, processor=BertTokenizer(vocab=bert_vocab()))
+    got = _merged_weights(objects, texts)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    objects[0].name_or_path = objects[0].config._name_or_path = "loadfix/not-cached"
+    assert load_parent(objects[0]).processor is None  # nothing cached: no download is attempted
