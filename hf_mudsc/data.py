@@ -127,7 +127,8 @@ def _refuse_empty(dataset: Any, name: str) -> Any:
     import datasets
 
     if isinstance(dataset, datasets.Dataset) and len(dataset) == 0:
-        raise CalibrationError(f"calibration split {name!r} is empty (0 rows); pass a split that holds examples")
+        raise CalibrationError(f"calibration split {name!r} is empty (0 rows): no samples to calibrate "
+                               "with; pass a split that holds examples")
     return dataset
 
 
@@ -151,8 +152,8 @@ def _refuse_empty_saved_split(folder: Path, parsed: DatasetSpec) -> None:
     except (OSError, ValueError, AttributeError):
         return
     if data_files == []:
-        raise CalibrationError(f"calibration split {str(parsed)!r} is empty (0 rows); pass a split that holds "
-                               "examples")
+        raise CalibrationError(f"calibration split {str(parsed)!r} is empty (0 rows): no samples to calibrate "
+                               "with; pass a split that holds examples")
 
 
 def _pick_split(loaded: Any, parsed: DatasetSpec) -> Any:
