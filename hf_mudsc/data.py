@@ -156,7 +156,8 @@ def load_calibration_dataset(spec: str | os.PathLike | DatasetSpec, *, streaming
     parsed = spec if isinstance(spec, DatasetSpec) else DatasetSpec.parse(spec)
     path = Path(parsed.path).expanduser()
     if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
-        return _pick_split(datasets.load_from_disk(str(path)), parsed)
+        _refuse_empty_saved_split(path, parsed)
+        return _refuse_empty(_pick_split(datasets.load_from_disk(str(path)), parsed), str(parsed))
     use_streaming = streaming and not (parsed.split and "[" in parsed.split)
     kwargs: dict[str, Any] = {"split": parsed.split, "streaming": use_streaming}
     if parsed.revision is not None:
@@ -187,6 +188,40 @@ def load_calibration_dataset(spec: str | os.PathLike | DatasetSpec, *, streaming
             "(e.g. an imagefolder or a save_to_disk folder) or a Hub dataset id as 'repo[:config]:split'"
         ) from error
     return _pick_split(loaded, parsed)
+
+
+def _refuse_empty(dataset: Any, name: str) -> Any:
+    """A map-style split without rows cannot calibrate anything: say so before any parent is loaded."""
+    import datasets
+
+    if isinstance(dataset, datasets.Dataset) and len(dataset) == 0:
+        raise CalibrationError(f"calibration split {name!r} is empty (0 rows): no samples to calibrate "
+                               "with; pass a split that holds examples")
+    return dataset
+
+
+def _refuse_empty_saved_split(folder: Path, parsed: DatasetSpec) -> None:
+    """`save_to_disk` writes no data file for an empty split, and `load_from_disk` then fails with an
+    IndexError deep in `datasets`: read the split's state.json first."""
+    import json
+
+    split_folder = folder
+    if not (folder / "state.json").is_file():
+        try:
+            splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
+        except (OSError, ValueError, AttributeError):
+            return  # let datasets report an unreadable folder
+        name = parsed.split if parsed.split is not None else (splits[0] if len(splits) == 1 else None)
+        if name is None or name not in splits:
+            return  # _pick_split names the available splits
+        split_folder = folder / name
+    try:
+        data_files = json.loads((split_folder / "state.json").read_text()).get("_data_files")
+    except (OSError, ValueError, AttributeError):
+        return
+    if data_files == []:
+        raise CalibrationError(f"calibration split {str(parsed)!r} is empty (0 rows): no samples to calibrate "
+                               "with; pass a split that holds examples")
 
 
 def _pick_split(loaded: Any, parsed: DatasetSpec) -> Any:
@@ -494,6 +529,7 @@ def resolve_calibration(
         calibration = _pick_split(calibration, DatasetSpec(path=source))
     if not isinstance(calibration, (datasets.Dataset, datasets.IterableDataset)):
         return calibration
+    _refuse_empty(calibration, source)
     if source == "dataset":
         source = getattr(calibration.info, "dataset_name", None) or getattr(calibration.info, "builder_name", None) \
             or "dataset"

@@ -9,11 +9,12 @@ code is never run; every model comes back float32 whatever dtype its checkpoint 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,8 +146,9 @@ def _locate(ref: Any, *, token: str | bool | None, allow_pickle: bool,
         return _Located(reference=ref.reference, config=ref.model.config, repo_id=ref.repo_id,
                         revision=ref.revision, commit_sha=ref.commit_sha, loaded=ref)
     if isinstance(ref, PreTrainedModel):
-        name = str(getattr(ref.config, "_name_or_path", "") or type(ref).__name__)
-        return _Located(reference=name, config=ref.config, model=ref)
+        name_or_path = str(getattr(ref.config, "_name_or_path", "") or getattr(ref, "name_or_path", "") or "")
+        return _Located(reference=name_or_path or type(ref).__name__, config=ref.config, model=ref,
+                        processor=processor_from_name(name_or_path, getattr(ref.config, "_commit_hash", None)))
     if not isinstance(ref, (str, os.PathLike)):
         raise LoadError(
             f"a parent must be a PreTrainedModel, a local folder or a Hub id ('org/name[@revision]'), "
@@ -196,8 +198,52 @@ def _locate_folder(reference: str, path: Path, allow_pickle: bool) -> _Located:
         raise LoadError(f"{str(path)!r} has no config.json; save the model with save_pretrained")
     files = [p.name for p in path.iterdir() if p.is_file()]
     weight_files, use_pickle = _weights_format(reference, files, allow_pickle)
-    return _Located(reference=reference, config=_load_config(path, reference), folder=path,
-                    weight_files=weight_files, use_pickle=use_pickle)
+    config = _load_config(path, reference)
+    check_weight_files(reference, path, weight_files)
+    return _Located(reference=reference, config=config, folder=path, weight_files=weight_files,
+                    use_pickle=use_pickle)
+
+
+def _shard_names(reference: str, folder: Path, index_name: str) -> list[str]:
+    """The shard files a `*.index.json` of `folder` points to."""
+    try:
+        index = json.loads((folder / index_name).read_text())
+        return sorted(set(index["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise LoadError(f"{reference!r}: {index_name} is unreadable ({type(error).__name__}: {error}); "
+                        "re-download it or re-save the model with save_pretrained") from error
+
+
+def check_weight_files(reference: str, folder: Path, weight_files: Sequence[str]) -> None:
+    """Read the header of every safetensors file (cheap: no tensor data) so that a truncated or corrupt file
+    is reported in one line before any weights are loaded; pickle files are checked when they are loaded."""
+    from safetensors import SafetensorError, safe_open
+
+    names: list[str] = []
+    for name in weight_files:
+        names += _shard_names(reference, folder, name) if name.endswith(".index.json") else [name]
+    for name in names:
+        if not name.endswith(".safetensors"):
+            continue
+        path = folder / name
+        if not path.is_file():
+            raise LoadError(f"{reference!r}: weight file {name} is missing; re-download the model or re-save it "
+                            "with save_pretrained")
+        try:
+            with safe_open(str(path), framework="pt") as opened:
+                opened.keys()
+        except (SafetensorError, OSError, ValueError) as error:
+            raise LoadError(
+                f"{reference!r}: {name} is not a valid safetensors file ({_one_line(error)}): it is truncated or "
+                "corrupt. Download it again (for a Hub model, delete it from the cache first) or re-save it with "
+                "save_pretrained"
+            ) from error
+
+
+def _one_line(error: BaseException) -> str:
+    """The first line of an error message (library messages can span a screen)."""
+    text = str(error).strip()
+    return text.splitlines()[0].strip() if text else type(error).__name__
 
 
 def _load_config(folder: Path, reference: str) -> PretrainedConfig:
@@ -224,14 +270,18 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
         ) from error
     if constants.HF_HUB_OFFLINE:
         folder = _hub_call(reference, lambda: snapshot_download(
-            repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True))
+            repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True),
+            what="looking it up in the local cache")
         folder = Path(folder)
         files = [p.name for p in folder.iterdir() if p.is_file()]
         weight_files, use_pickle = _weights_format(reference, files, allow_pickle)
         sha = folder.name  # a snapshot folder is named by its commit sha
         logger.info("offline: using the cached snapshot %s of %s", sha, repo_id)
     else:
-        info = _hub_call(reference, lambda: HfApi().model_info(repo_id, revision=revision, token=token))
+        info = _hub_call(
+            reference, lambda: HfApi().model_info(repo_id, revision=revision, token=token,
+                                                  timeout=constants.HF_HUB_ETAG_TIMEOUT),
+            what="fetching the repository information (file list and commit)", timeout_setting="HF_HUB_ETAG_TIMEOUT")
         sha = info.sha
         files = [s.rfilename for s in (info.siblings or [])]
         top_level = [f for f in files if "/" not in f]
@@ -239,21 +289,53 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
         small = [f for f in top_level if f.endswith(SMALL_FILE_SUFFIXES)]
         if "config.json" not in small:
             raise LoadError(f"{reference!r} has no config.json at revision {sha}; it is not a transformers model")
-        folder = Path(_hub_call(reference, lambda: snapshot_download(
-            repo_id, revision=sha, cache_dir=cache_dir, token=token, allow_patterns=small)))
+        folder = download_files(reference, repo_id, sha, small, token=token, cache_dir=cache_dir)
     config = _load_config(folder, reference)
     return _Located(reference=reference, config=config, folder=folder, repo_id=repo_id, revision=revision,
                     commit_sha=sha, weight_files=weight_files, use_pickle=use_pickle)
 
 
-def _hub_call(reference: str, call):
-    """Run a Hub client call, turning its errors into a LoadError that says what to do."""
-    from huggingface_hub import errors
+def download_files(reference: str, repo_id: str, commit_sha: str, filenames: Sequence[str], *,
+                   token: str | bool | None, cache_dir: str | os.PathLike | None) -> Path:
+    """Top-level files of a Hub model at one commit -> its snapshot folder in the cache.
 
+    One `hf_hub_download` per file rather than `snapshot_download`, whose tree listing has no timeout (a
+    stalled server would hang it forever): every request here is bounded by HF_HUB_ETAG_TIMEOUT /
+    HF_HUB_DOWNLOAD_TIMEOUT, and every failure names the file it was waiting for.
+    """
+    from huggingface_hub import constants, hf_hub_download
+
+    folder = None
+    for filename in filenames:
+        path = _hub_call(reference, lambda name=filename: hf_hub_download(
+            repo_id, name, revision=commit_sha, cache_dir=cache_dir, token=token,
+            etag_timeout=constants.HF_HUB_ETAG_TIMEOUT), what=f"downloading {filename}")
+        folder = Path(path).parent
+    if folder is None:
+        raise LoadError(f"{reference!r}: nothing to download at commit {commit_sha}")
+    return folder
+
+
+def _transport_errors() -> tuple[type[BaseException], type[BaseException]]:
+    """(timeout, transport) exception classes of the HTTP client huggingface_hub uses (httpx2 from 2.x)."""
+    try:
+        import httpx2 as http
+    except ImportError:  # older huggingface_hub releases use httpx
+        import httpx as http
+    return http.TimeoutException, http.TransportError
+
+
+def _hub_call(reference: str, call, *, what: str = "contacting the Hub",
+              timeout_setting: str = "HF_HUB_DOWNLOAD_TIMEOUT"):
+    """Run a Hub client call, turning its errors into a one-line LoadError that says what was being waited
+    for (`what`) and what to do."""
+    from huggingface_hub import constants, errors
+
+    timeout_error, transport_error = _transport_errors()
     try:
         return call()
     except errors.RevisionNotFoundError as error:
-        raise LoadError(f"{reference!r}: the revision does not exist in the repository ({error}); "
+        raise LoadError(f"{reference!r}: the revision does not exist in the repository ({_one_line(error)}); "
                         "use an existing branch, tag or commit sha") from error
     except errors.GatedRepoError as error:
         raise LoadError(f"{reference!r} is gated: accept its terms on the Hub and pass a token") from error
@@ -264,9 +346,22 @@ def _hub_call(reference: str, call):
         raise LoadError(f"{reference!r} is not in the local cache and the Hub is unreachable or offline "
                         "(HF_HUB_OFFLINE=1); download it once online or pass a local folder") from error
     except errors.HfHubHTTPError as error:
-        raise LoadError(f"the Hub refused {reference!r}: {error}") from error
+        raise LoadError(f"the Hub refused {reference!r} while {what}: {_one_line(error)}") from error
+    except timeout_error as error:
+        seconds = getattr(constants, timeout_setting, None)
+        raise LoadError(
+            f"{reference!r}: the Hub did not answer within {seconds} s while {what} ({type(error).__name__}); "
+            f"the server is stalled or the connection is too slow: retry later, or allow more time with "
+            f"{timeout_setting}=<seconds>"
+        ) from error
+    except transport_error as error:
+        raise LoadError(
+            f"{reference!r}: the connection to the Hub dropped while {what} ({_one_line(error)}); retry the "
+            "command (files downloaded completely stay in the cache and are not fetched again)"
+        ) from error
     except (OSError, ConnectionError) as error:
-        raise LoadError(f"cannot reach the Hub for {reference!r}: {error}") from error
+        raise LoadError(f"{reference!r}: cannot reach the Hub while {what} ({_one_line(error)}); check the "
+                        "connection and retry the command") from error
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -300,6 +395,30 @@ def load_processor(folder: str | os.PathLike) -> Any | None:
         except (OSError, ValueError, KeyError, TypeError, ImportError) as error:
             logger.debug("%s could not load from %s: %s", cls.__name__, folder, error)
     return None
+
+
+def processor_from_name(name_or_path: str, commit_sha: str | None = None) -> Any | None:
+    """The processor saved with a model object: in its `name_or_path` folder, or in the locally cached snapshot
+    of its Hub id (at `commit_sha` when known). Local files only — never a download, never remote code; None
+    when there is nothing to find (e.g. a model built from a config)."""
+    from huggingface_hub import errors, snapshot_download
+    from huggingface_hub.utils import validate_repo_id
+
+    if not name_or_path:
+        return None
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        try:
+            repo_id, revision = parse_reference(name_or_path)
+            validate_repo_id(repo_id)
+            folder = Path(snapshot_download(repo_id, revision=commit_sha or revision, local_files_only=True))
+        except (LoadError, ValueError, OSError, errors.LocalEntryNotFoundError) as error:
+            logger.debug("no cached processor for %s: %s", name_or_path, error)
+            return None
+    processor = load_processor(folder)
+    if processor is not None:
+        logger.info("using the processor saved with %s", name_or_path)
+    return processor
 
 
 def tokenizer_of(processor: Any) -> Any | None:
@@ -412,30 +531,26 @@ def _as_float32(model: PreTrainedModel) -> PreTrainedModel:
 
 def _fetch_weights(located: _Located, *, token: str | bool | None, cache_dir: str | os.PathLike | None) -> None:
     """Download the weight files of a Hub parent into its snapshot folder (no-op for folders/offline)."""
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import constants
 
     if located.repo_id is None or constants.HF_HUB_OFFLINE:
         return
-    patterns = list(located.weight_files)
+    names = list(located.weight_files)
     for index_name in (SAFETENSORS_INDEX, PICKLE_INDEX):
-        if index_name in patterns:
-            index = json.loads((located.folder / index_name).read_text())
-            patterns += sorted(set(index.get("weight_map", {}).values()))
-    _hub_call(located.reference, lambda: snapshot_download(
-        located.repo_id, revision=located.commit_sha, cache_dir=cache_dir, token=token, allow_patterns=patterns))
+        if index_name in names:
+            names += _shard_names(located.reference, located.folder, index_name)
+    download_files(located.reference, located.repo_id, located.commit_sha, names, token=token, cache_dir=cache_dir)
 
 
 def _finish(located: _Located, *, token: str | bool | None, cache_dir: str | os.PathLike | None) -> LoadedParent:
     if located.loaded is not None:
         return located.loaded
     if located.model is not None:
-        return LoadedParent(model=_as_float32(located.model), processor=None, reference=located.reference)
+        return LoadedParent(model=_as_float32(located.model), processor=located.processor,
+                            reference=located.reference)
     _fetch_weights(located, token=token, cache_dir=cache_dir)
-    cls = model_class_for(located.config)
-    model = cls.from_pretrained(
-        located.folder, config=located.config, dtype=torch.float32,
-        use_safetensors=False if located.use_pickle else True, trust_remote_code=False,
-    )
+    check_weight_files(located.reference, located.folder, located.weight_files)
+    model = _load_weights(located)
     # The Hub id identifies a Hub parent (the snapshot path is a cache artefact); a folder, what was passed.
     model.config._name_or_path = located.repo_id or located.reference
     model.name_or_path = model.config._name_or_path
@@ -443,6 +558,84 @@ def _finish(located: _Located, *, token: str | bool | None, cache_dir: str | os.
     logger.info("loaded %s%s", located.reference, f" at commit {located.commit_sha}" if located.commit_sha else "")
     return LoadedParent(model=model, processor=located.processor, reference=located.reference,
                         repo_id=located.repo_id, revision=located.revision, commit_sha=located.commit_sha)
+
+
+def _load_weights(located: _Located) -> PreTrainedModel:
+    """`from_pretrained` on the located folder, refusing weights that the config does not describe.
+
+    transformers fills tensors missing from the checkpoint with random values (a config that names another
+    architecture loads as a random model); here every tensor must come from the file, with the config's shape.
+    Pickle is read with `weights_only=True` even under `allow_pickle`, so a pickle that runs code is refused.
+    """
+    import pickle
+
+    from safetensors import SafetensorError
+
+    cls = model_class_for(located.config)
+    name = located.weight_files[0]
+    try:
+        with _without_load_report():
+            model, info = cls.from_pretrained(
+                located.folder, config=located.config, dtype=torch.float32,
+                use_safetensors=False if located.use_pickle else True, trust_remote_code=False,
+                weights_only=True, output_loading_info=True, ignore_mismatched_sizes=True,
+            )
+    except pickle.UnpicklingError as error:
+        raise LoadError(
+            f"{located.reference!r}: {name} holds more than tensors — unpickling it would call "
+            f"{_unsafe_global(error)}, and hf_mudsc refused to run it (weights_only loading). Do not use this "
+            "file; convert the checkpoint to safetensors from a trusted copy"
+        ) from error
+    except (SafetensorError, OSError, EOFError, RuntimeError) as error:
+        raise LoadError(f"{located.reference!r}: cannot read the weights in {name} ({_one_line(error)}); "
+                        "download them again or re-save the model with save_pretrained") from error
+    problems = []
+    missing, unused = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if missing:
+        problems.append(f"{len(missing)} tensors the {cls.__name__} of config.json needs are missing "
+                        f"(e.g. {', '.join(map(repr, missing[:3]))})")
+    if unused:
+        problems.append(f"{len(unused)} tensors of the checkpoint are unused (e.g. {', '.join(map(repr, unused[:3]))})")
+    if mismatched:
+        key, stored, expected = mismatched[0]
+        problems.append(f"{len(mismatched)} tensors have other shapes than config.json says (e.g. {key!r} is "
+                        f"{tuple(stored)} in the checkpoint but {tuple(expected)} per config.json)")
+    if missing or mismatched:
+        raise LoadError(
+            f"{located.reference!r}: config.json does not describe the weights in {name}: " + "; ".join(problems)
+            + ". The config names another architecture or other sizes than the checkpoint was saved with; "
+            "restore the config.json saved with these weights (save_pretrained writes both)"
+        )
+    if unused:
+        logger.warning("%s: %s", located.reference, problems[-1])
+    return model
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _without_load_report() -> Iterator[None]:
+    """Silence transformers' screen-long key table while loading: `_load_weights` reports the same facts in
+    one line (an error for missing or reshaped tensors, a warning for unused ones)."""
+    target = logging.getLogger("transformers.modeling_utils")
+    dropper = _DropLoadReport()
+    target.addFilter(dropper)
+    try:
+        yield
+    finally:
+        target.removeFilter(dropper)
+
+
+def _unsafe_global(error: BaseException) -> str:
+    """The callable a refused pickle wanted to run, as torch names it (or a generic phrase)."""
+    import re
+
+    found = re.search(r"(?:GLOBAL|global:?)\s+([\w.]+)", str(error))
+    return found.group(1) if found else "code"
 
 
 def _locate_with_processor(ref: Any, *, token, allow_pickle, cache_dir) -> _Located:

@@ -228,6 +228,7 @@ def merge(
     text_column: str | None = None,
     statistics_dtype: str | torch.dtype = "float32",
     device: str | torch.device | None = None,
+    processor: Any | None = None,
 ) -> PreTrainedModel | None:
     """Merge two fine-tuned models of one architecture into one model, without training.
 
@@ -263,6 +264,9 @@ def merge(
             the solve's weight-similarity products run there too, while statistics sums, matching and the
             apply step stay on the CPU. The merged model is returned on `device` when one was given, on
             the CPU otherwise (like `from_pretrained`).
+        processor: preprocesses raw calibration columns (a tokenizer, image processor or processor) instead of
+            the parents' own — which are found in their folders, or for model objects in their `name_or_path`
+            folder or cached Hub snapshot.
 
     Returns:
         A `PreTrainedModel` of the parents' class; `save_pretrained`/`push_to_hub` work as usual.
@@ -312,7 +316,8 @@ def merge(
     accumulators = None
     if spec_method.matches_units and spec_method.uses_activations:
         calibration = resolve_calibration(
-            calibration, [p.processor for p in parents], image_column=image_column, text_column=text_column,
+            calibration, processor if processor is not None else [p.processor for p in parents],
+            image_column=image_column, text_column=text_column,
             num_samples=num_samples, seed=seed, inputs=spec.inputs or None, model_config=model_a.config,
             token=token,
         )

@@ -43,14 +43,18 @@ _CACHE_MARKER = "hf_mudsc_toy.json"
 
 
 # --------------------------------------------------------------------------------------------- data
-def load_digit_images(image_size: int = 16) -> tuple[Tensor, Tensor]:
-    """All 1797 digits as normalised ``(N, 1, S, S)`` float32 images and int64 labels 0..9.
+def load_digit_images(image_size: int = 16, num_channels: int = 1) -> tuple[Tensor, Tensor]:
+    """All 1797 digits as normalised ``(N, C, S, S)`` float32 images and int64 labels 0..9.
 
     Normalisation happens on the raw 8x8 values before the bilinear upsampling; interpolation is an
     affine-weight average, so the result stays centred with the same fixed constants at every size.
+    ``num_channels=3`` repeats the grey channel: what RGB models (``rgb_digit_model``) and the stock
+    pipelines, which turn every image into RGB, see.
     """
     if image_size < 1:
         raise ValueError(f"image_size must be a positive integer, got {image_size}")
+    if num_channels not in (1, 3):
+        raise ValueError(f"num_channels must be 1 (grey) or 3 (RGB), got {num_channels}")
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -59,7 +63,51 @@ def load_digit_images(image_size: int = 16) -> tuple[Tensor, Tensor]:
     if image_size != images.shape[-1]:
         images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
     labels = torch.from_numpy(np.asarray(digits.target, dtype=np.int64))
+    if num_channels == 3:
+        images = images.expand(-1, 3, -1, -1)
     return images.contiguous(), labels
+
+
+def digit_processor() -> Any:
+    """The image processor of the exported digit models: 8x8 digit images (PIL, 0..255 = the raw 0..16 values
+    x 255/16) -> ``(N, 3, 16, 16)`` inputs of an ``rgb_digit_model``.
+
+    RGB because ``transformers.pipeline`` converts every image to RGB before the processor runs; a grey image
+    arrives with three equal channels. Bilinear resize to 16x16 then the module's fixed normalisation on
+    every channel: matches ``load_digit_images(num_channels=3)`` to within uint8 rounding (< 0.01).
+    """
+    from transformers import ViTImageProcessorPil
+
+    return ViTImageProcessorPil(
+        do_resize=True, size={"height": 16, "width": 16}, resample=2, do_rescale=True, rescale_factor=1 / 255,
+        do_normalize=True, image_mean=[DIGITS_MEAN / 16] * 3, image_std=[DIGITS_STD / 16] * 3,
+        do_convert_rgb=True,
+    )
+
+
+def rgb_digit_model(model: Any) -> Any:
+    """A 3-channel copy of a (1-channel) toy digit ViT, for export: it computes what the original computes on
+    the grey image when given that image as RGB (three equal channels), so it works with the stock
+    ``image-classification`` pipeline, which always hands RGB to the model.
+
+    The patch projection's single input channel is split evenly over the three; every other tensor is copied.
+    Training stays 1-channel, so cached trained models and everything derived from them are unchanged.
+    """
+    import copy
+
+    if model.config.num_channels == 3:
+        return model
+    if model.config.num_channels != 1:
+        raise ValueError(f"expected a 1-channel digit ViT, got num_channels={model.config.num_channels}")
+    config = copy.deepcopy(model.config)
+    config.num_channels = 3
+    rgb = type(model)(config).to(torch.float32)
+    state = model.state_dict()
+    projection = model.vit.embeddings.patch_embeddings.projection.weight
+    name = next(k for k, v in model.named_parameters() if v is projection)
+    state[name] = projection.detach().repeat(1, 3, 1, 1) / 3
+    rgb.load_state_dict(state)
+    return rgb.eval()
 
 
 def _digit_name(digit: int) -> str:
@@ -142,17 +190,19 @@ def digit_splits(
     seed: int = 0,
     test_fraction: float = 0.3,
     image_size: int = 16,
+    num_channels: int = 1,
 ) -> DigitSplits:
     """Split the digits into two tasks with a deterministic, per-class stratified train/test split.
 
     The split is made once over all ten digits, so a digit's train/test membership does not depend on
-    which task it lands in; with disjoint class sets the two tasks share no image.
+    which task it lands in; with disjoint class sets the two tasks share no image. ``num_channels=3``
+    gives the same images as RGB (for ``rgb_digit_model``s).
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}")
     cls_a = _as_classes(classes_a, "classes_a")
     cls_b = _as_classes(classes_b, "classes_b")
-    images, labels = load_digit_images(image_size)
+    images, labels = load_digit_images(image_size, num_channels)
 
     rng = np.random.default_rng(seed)
     is_test = np.zeros(len(labels), dtype=bool)

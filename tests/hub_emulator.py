@@ -114,10 +114,18 @@ settings, discussions, lfs_batch, lfs_verify, lfs_upload, resolve (HEAD and GET;
 ``method="GET"``), or "*" for any request. The matching request is answered with that status and is
 NOT executed (a failed commit leaves no commit) — unless ``apply=True``: then it is executed and the answer
 is replaced by the error (or, with ``drop=True``, by a closed connection): a commit applied whose answer was
-lost. ``hub.stall_next(op, seconds)`` delays the next answer (a stalled server, for client timeouts).
+lost. ``hub.delay_next(op, seconds)`` delays the next answer (a slow server, for client timeouts).
 Note: the client retries preupload, LFS batch/upload
 and tree listing on 408/429/5xx (up to 5 times with back-off), but NOT the commit POST; use
 ``times=`` or a 4xx status to make those fail for good.
+
+Network faults (the request is received, then the connection misbehaves): ``hub.stall_next(op, seconds,
+times=1, repo_id=None, method=None, path=None)`` holds the request for ``seconds`` and closes the connection without an
+answer (a stalled server; ``op`` is ``repo_info`` or ``resolve``); ``hub.drop_next(after_bytes=None, times=1,
+repo_id=None, path=None)`` answers a download (``resolve`` GET) with its full headers, sends the file's bytes
+only up to offset ``after_bytes`` (default: half of the file) and closes the connection mid-body. The client
+resumes dropped downloads with Range requests; a resumed request that starts at or past the cut receives no
+bytes, so ``times=`` large enough makes the download fail for good.
 
 Inspection: ``hub.requests`` (``RecordedRequest``: method, url, path, op, repo_id, headers, body,
 status), ``hub.find_in_requests(needle, where=("body", "url", "headers"))``, ``hub.requests_for(op)``,
@@ -361,6 +369,28 @@ class _Fault:
 
 
 @dataclasses.dataclass
+class _NetworkFault:
+    kind: str  # "stall" | "drop"
+    op: str
+    times: int
+    seconds: float = 0.0
+    after_bytes: int | None = None
+    repo_id: str | None = None
+    method: str | None = None
+    path: str | None = None
+
+    def matches(self, kind: str, op: str, method: str, repo_id: str | None, path: str | None) -> bool:
+        return (
+            self.times > 0
+            and self.kind == kind
+            and self.op == op
+            and (self.method is None or self.method.upper() == method)
+            and (self.repo_id is None or self.repo_id == repo_id)
+            and (self.path is None or self.path == path)
+        )
+
+
+@dataclasses.dataclass
 class ClientResult:
     """Outcome of ``hub.run_client(code)``; ``results`` are the objects passed to ``emit(...)``."""
 
@@ -486,6 +516,7 @@ class HubEmulator:
             self._blobs: dict[str, bytes] = {}  # sha256 -> content
             self._lfs_objects: set[str] = set()  # sha256 of blobs uploaded through LFS
             self._faults: list[_Fault] = []
+            self._network_faults: list[_NetworkFault] = []
             self.requests: list[RecordedRequest] = []
             self.unhandled: list[RecordedRequest] = []
             self.server_errors: list[str] = []
@@ -771,17 +802,70 @@ class HubEmulator:
             self._faults.append(fault)
         return fault
 
-    def stall_next(self, op: str, seconds: float, *, times: int = 1, repo_id: str | None = None) -> _Fault:
-        """Wait ``seconds`` before answering the next ``times`` requests of ``op`` normally."""
+    def delay_next(self, op: str, seconds: float, *, times: int = 1, repo_id: str | None = None) -> _Fault:
+        """Wait ``seconds`` before answering the next ``times`` requests of ``op`` normally (a slow server)."""
         op = "repo_info" if op == "model_info" else op
         fault = _Fault(op, 200, times, None, None, repo_id, None, delay=seconds, passthrough=True)
         with self._lock:
             self._faults.append(fault)
         return fault
 
+    def stall_next(
+        self,
+        op: str,
+        seconds: float,
+        *,
+        times: int = 1,
+        repo_id: str | None = None,
+        method: str | None = None,
+        path: str | None = None,
+    ) -> _NetworkFault:
+        """Hold the next ``times`` ``op`` requests (repo_info, resolve) for ``seconds``, then hang up unanswered."""
+        op = "repo_info" if op == "model_info" else op
+        if op not in ("repo_info", "resolve"):
+            raise ValueError(f"stall_next supports repo_info and resolve, not {op!r}")
+        fault = _NetworkFault("stall", op, times, seconds=seconds, repo_id=repo_id, method=method, path=path)
+        with self._lock:
+            self._network_faults.append(fault)
+        return fault
+
+    def drop_next(
+        self,
+        *,
+        after_bytes: int | None = None,
+        times: int = 1,
+        repo_id: str | None = None,
+        path: str | None = None,
+    ) -> _NetworkFault:
+        """Cut the next ``times`` downloads (resolve GET) at file offset ``after_bytes`` (default: half)."""
+        fault = _NetworkFault("drop", "resolve", times, after_bytes=after_bytes, repo_id=repo_id, method="GET",
+                              path=path)
+        with self._lock:
+            self._network_faults.append(fault)
+        return fault
+
+    def _take_network_fault(
+        self, kind: str, op: str, rec: RecordedRequest, path: str | None = None
+    ) -> _NetworkFault | None:
+        with self._lock:
+            fault = next((f for f in self._network_faults
+                          if f.matches(kind, op, rec.method, rec.repo_id, path)), None)
+            if fault is not None:
+                fault.times -= 1
+        return fault
+
+    def _stall_if_asked(self, handler, rec: RecordedRequest, op: str, path: str | None = None) -> None:
+        """A stalled server: say nothing for a while, then close the connection (no answer at all)."""
+        fault = self._take_network_fault("stall", op, rec, path)
+        if fault is not None:
+            time.sleep(fault.seconds)
+            handler.close_connection = True
+            raise ConnectionResetError("emulated stall")
+
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
+            self._network_faults.clear()
 
     def pending_faults(self) -> list[_Fault]:
         with self._lock:
@@ -1293,6 +1377,7 @@ class HubEmulator:
         return {"parameters": params, "total": sum(params.values())} if found else None
 
     def _api_repo_info(self, handler, rec, key, rev) -> int:
+        self._stall_if_asked(handler, rec, "repo_info")
         with self._lock:
             repo = self._readable_repo(rec, key)
             oid = self._resolve_or_404(repo, rev or "main")
@@ -1729,6 +1814,7 @@ class HubEmulator:
 
     # ------------------------------------------------------------------ downloads
     def _resolve_file(self, handler, rec, key, rev, path) -> int:
+        self._stall_if_asked(handler, rec, "resolve", path)
         with self._lock:
             repo = self._readable_repo(rec, key)
             oid = self._resolve_or_404(repo, rev)
@@ -1761,6 +1847,19 @@ class HubEmulator:
                 )
             status, body = 206, data[start : end + 1]
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+        drop = self._take_network_fault("drop", "resolve", rec, path) if handler.command == "GET" else None
+        if drop is not None:  # full headers, then the bytes up to the cut, then hang up mid-body
+            cut = len(data) // 2 if drop.after_bytes is None else drop.after_bytes
+            start = int(headers["Content-Range"].split()[1].split("-")[0]) if status == 206 else 0
+            handler.send_response(status)
+            for name, value in {**headers, "Content-Length": str(len(body)),
+                                "Content-Type": "application/octet-stream"}.items():
+                handler.send_header(name, value)
+            handler.end_headers()
+            handler.wfile.write(body[: max(0, cut - start)])
+            handler.wfile.flush()
+            handler.close_connection = True
+            return -1
         self._send(handler, status, body, headers, "application/octet-stream")
         return status
 

@@ -616,7 +616,7 @@ def test_demo_end_to_end_writes_model_card_recipe_and_prints_the_table(tmp_path,
     assert model.config.mudsc["method"] == "mudsc" and model.config.mudsc["matcher"] == "zip"
     from hf_mudsc import toy
 
-    splits = toy.digit_splits()
+    splits = toy.digit_splits(num_channels=3)  # the demo exports RGB models
     again = evaluate_merge(
         model,
         None,

@@ -264,3 +264,156 @@ def test_hub_parents_at_pinned_revisions(hub_emulator, tmp_path):
     assert not [p for p in fetched if p.endswith("pytorch_model.bin")], fetched
     assert any("user/bert-b" in p and "tokenizer" in p for p in fetched), fetched  # compared from the Hub
     assert not hub.unhandled and not hub.server_errors
+
+
+# ----------------------------------------------------------------------------------------------------
+# bad files: one clear line each, before any weights of the other parent are loaded
+# ----------------------------------------------------------------------------------------------------
+
+
+def _no_weights_loaded(monkeypatch):
+    import hf_mudsc.loading as loading
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded before the bad file was reported")
+
+    monkeypatch.setattr(loading, "_finish", no_weights)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header garbage"])
+def test_corrupt_safetensors_refused_in_one_line_before_any_weights(tmp_path, monkeypatch, damage):
+    good = save_vit(tmp_path / "good", seed=0)
+    bad = save_vit(tmp_path / "bad", seed=1)
+    data = (bad / "model.safetensors").read_bytes()
+    if damage == "truncated":
+        (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    else:
+        (bad / "model.safetensors").write_bytes(b"\xff" * 64 + data[64:])
+    _no_weights_loaded(monkeypatch)
+    with pytest.raises(LoadError) as caught:
+        load_parents([good, bad])
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"{str(bad)!r}: model.safetensors is not a valid safetensors file" in message
+    assert "truncated or corrupt" in message and "re-save it with save_pretrained" in message
+
+
+def test_config_describing_another_architecture_is_refused(tmp_path):
+    """config.json says ViT, the weights are BERT's: transformers would silently initialise a random ViT."""
+    folder = tmp_path / "liar"
+    make_model("bert_cls", seed=0).save_pretrained(folder)
+    save_vit(tmp_path / "vit", seed=0, processor=False)
+    shutil.copy(tmp_path / "vit" / "config.json", folder / "config.json")
+    with pytest.raises(LoadError) as caught:
+        load_parent(folder)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "config.json does not describe the weights" in message
+    assert "38 tensors the ViTForImageClassification of config.json needs are missing" in message
+    assert "39 tensors of the checkpoint are unused" in message
+
+
+def test_config_with_other_shapes_than_the_weights_is_refused(tmp_path):
+    folder = save_vit(tmp_path / "vit", seed=0)
+    config = (folder / "config.json").read_text()
+    (folder / "config.json").write_text(config.replace('"hidden_size": 32', '"hidden_size": 64'))
+    with pytest.raises(LoadError) as caught:
+        load_parent(folder)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "config.json does not describe the weights" in message
+    assert "37 tensors have other shapes than config.json says" in message
+    assert "'classifier.weight' is (3, 32) in the checkpoint but (3, 64) per config.json" in message
+
+
+def test_malicious_pickle_is_refused_even_with_allow_pickle(tmp_path):
+    """--allow-pickle trusts the source, yet loading stays weights_only: a pickle that runs code is refused."""
+    folder = make_pickle_only(tmp_path / "evil")
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    marker = tmp_path / "code-ran"
+    state["evil"] = _RunsCode(str(marker))
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(LoadError) as caught:
+        load_parent(folder, allow_pickle=True)
+    message = str(caught.value)
+    assert not marker.exists()
+    assert "\n" not in message
+    assert f"{str(folder)!r}: pytorch_model.bin holds more than tensors" in message
+    assert "refused to run it" in message and "convert the checkpoint to safetensors" in message
+
+
+class _RunsCode:
+    """Unpickling this object would run `open(path, "w")`: what a malicious checkpoint does."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# model objects + raw calibration data: the processor comes from name_or_path, or from processor=
+# ----------------------------------------------------------------------------------------------------
+
+
+def _texts(count: int) -> list[str]:
+    generator = torch.Generator().manual_seed(3)
+    return [" ".join(f"w{int(i)}" for i in torch.randint(0, 50, (int(n),), generator=generator))
+            for n in torch.randint(2, 12, (count,), generator=generator)]
+
+
+def _merged_weights(models, calibration, **options) -> dict[str, torch.Tensor]:
+    merged = hf_mudsc.merge(models, calibration, method="zipit", batch_size=4, progress=False, **options)
+    return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
+def test_model_objects_find_the_processor_saved_in_their_folder(tmp_path):
+    import datasets
+    from transformers import AutoModelForSequenceClassification
+
+    folders = [save_bert(tmp_path / f"bert{seed}", seed=seed, vocab=bert_vocab()) for seed in (0, 1)]
+    texts = datasets.Dataset.from_dict({"text": _texts(12)})
+    objects = [AutoModelForSequenceClassification.from_pretrained(f) for f in folders]
+    assert objects[0].name_or_path == str(folders[0])
+    from_objects = _merged_weights(objects, texts)
+    from_folders = _merged_weights([str(f) for f in folders], texts)
+    assert from_objects.keys() == from_folders.keys()
+    assert all(torch.equal(from_objects[k], from_folders[k]) for k in from_folders)
+    assert tokenizer_of(load_parent(objects[0]).processor).get_vocab() == bert_vocab()
+
+
+def test_model_objects_take_processor_keyword(tmp_path):
+    import datasets
+
+    texts = datasets.Dataset.from_dict({"text": _texts(12)})
+    folders = [save_bert(tmp_path / f"bert{seed}", seed=seed, vocab=bert_vocab()) for seed in (0, 1)]
+    expected = _merged_weights([str(f) for f in folders], texts)
+    objects = [make_model("bert_cls", seed=seed) for seed in (0, 1)]  # built from a config: no folder to look in
+    with pytest.raises(ValueError, match="ship no tokenizer"):
+        hf_mudsc.merge(objects, texts, method="zipit", batch_size=4, progress=False)
+    got = _merged_weights(objects, texts, processor=BertTokenizer(vocab=bert_vocab()))
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_model_objects_find_the_processor_of_a_cached_hub_id(tmp_path):
+    """`from_pretrained("org/name")` leaves name_or_path = the Hub id: the cached snapshot is used, offline."""
+    import datasets
+    from huggingface_hub import constants
+
+    sha = "c" * 40
+    repo = Path(constants.HF_HUB_CACHE) / "models--loadfix--cached-bert"
+    save_bert(repo / "snapshots" / sha, seed=0, vocab=bert_vocab())
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(sha)
+    objects = [make_model("bert_cls", seed=seed) for seed in (0, 1)]
+    for model in objects:
+        model.config._name_or_path = "loadfix/cached-bert"
+        model.name_or_path = "loadfix/cached-bert"
+    assert tokenizer_of(load_parent(objects[0]).processor).get_vocab() == bert_vocab()
+    texts = datasets.Dataset.from_dict({"text": _texts(12)})
+    expected = _merged_weights(objects, texts, processor=BertTokenizer(vocab=bert_vocab()))
+    got = _merged_weights(objects, texts)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    objects[0].name_or_path = objects[0].config._name_or_path = "loadfix/not-cached"
+    assert load_parent(objects[0]).processor is None  # nothing cached: no download is attempted

@@ -142,7 +142,7 @@ def test_an_empty_repo_left_by_a_killed_push_is_pushed_into_and_wording_names_th
 
 def test_a_stalled_hub_times_out_and_says_what_it_waited_for(hub_emulator, merged):
     hub = hub_emulator
-    hub.stall_next("create_repo", 8)
+    hub.delay_next("create_repo", 8)
     proc = run_cli(hub, "push", str(merged), "user/slow", extra={"HF_MUDSC_HUB_TIMEOUT": "1"})
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "the Hub did not answer within 1 s while creating the repo 'user/slow'" in proc.stderr

@@ -297,3 +297,46 @@ def test_as_dataset() -> None:
     assert torch.equal(labelled[:10]["labels"], y)
     with pytest.raises(ValueError, match="labels"):
         toy.as_dataset(x, y[:3])
+
+
+# ------------------------------------------------------------------------------------------ RGB export
+def test_rgb_images_repeat_the_grey_channel() -> None:
+    grey, labels = toy.load_digit_images()
+    rgb, rgb_labels = toy.load_digit_images(num_channels=3)
+    assert rgb.shape == (1797, 3, 16, 16) and torch.equal(labels, rgb_labels)
+    assert all(torch.equal(rgb[:, c], grey[:, 0]) for c in range(3))
+    splits = toy.digit_splits(num_channels=3)
+    assert torch.equal(splits.task_b.test_pixel_values[:, 2], toy.digit_splits().task_b.test_pixel_values[:, 0])
+    with pytest.raises(ValueError, match="num_channels must be 1"):
+        toy.load_digit_images(num_channels=2)
+
+
+def test_rgb_digit_model_computes_what_the_grey_model_computes() -> None:
+    from transformers import ViTForImageClassification
+
+    torch.manual_seed(0)
+    grey = ViTForImageClassification(toy.tiny_vit_config(5, hidden_size=32)).eval()
+    before = {k: v.clone() for k, v in grey.state_dict().items()}
+    rgb = toy.rgb_digit_model(grey)
+    assert rgb.config.num_channels == 3 and grey.config.num_channels == 1
+    assert all(torch.equal(v, grey.state_dict()[k]) for k, v in before.items())  # the original is untouched
+    changed = [k for k, v in rgb.state_dict().items() if v.shape != before[k].shape or not torch.equal(v, before[k])]
+    assert changed == ["vit.embeddings.patch_embeddings.projection.weight"]
+    images = toy.load_digit_images()[0][:64]
+    with torch.no_grad():
+        expected = grey(pixel_values=images).logits
+        got = rgb(pixel_values=images.expand(-1, 3, -1, -1)).logits
+    assert (got - expected).abs().max() < 1e-5
+    assert toy.rgb_digit_model(rgb) is rgb
+
+
+def test_digit_processor_matches_the_training_images() -> None:
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    raw = load_digits().images[:8]
+    images = [Image.fromarray(np.round(d * 255 / 16).astype(np.uint8), mode="L") for d in raw]
+    processed = toy.digit_processor()(images=images, return_tensors="pt")["pixel_values"]
+    assert processed.shape == (8, 3, 16, 16)
+    assert (processed - toy.load_digit_images(num_channels=3)[0][:8]).abs().max() < 0.01

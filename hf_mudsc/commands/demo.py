@@ -61,19 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def digit_processor() -> Any:
-    """An image processor: 8x8 digit images (PIL, 0..255 = the raw 0..16 values x 255/16) -> the inputs.
-
-    Bilinear resize to 16x16 then the toy module's fixed normalisation: matches `toy.load_digit_images` to
-    within uint8 rounding (max abs difference < 0.01).
-    """
-    from transformers import ViTImageProcessorPil
-
+    """The exported parents' image processor (`toy.digit_processor`: RGB, as the stock pipelines feed it)."""
     from .. import toy
 
-    return ViTImageProcessorPil(
-        do_resize=True, size={"height": 16, "width": 16}, resample=2, do_rescale=True, rescale_factor=1 / 255,
-        do_normalize=True, image_mean=[toy.DIGITS_MEAN / 16], image_std=[toy.DIGITS_STD / 16],
-    )
+    return toy.digit_processor()
 
 
 def prepare_inputs(args: argparse.Namespace) -> tuple[Path, Path, Path, Any]:
@@ -81,13 +72,14 @@ def prepare_inputs(args: argparse.Namespace) -> tuple[Path, Path, Path, Any]:
     from .. import toy
 
     image_size = 16
+    # format 2: parents exported as RGB models (toy.rgb_digit_model) that the stock pipelines can feed.
     settings = {"hidden": args.hidden_size, "epochs": args.epochs, "seeds": list(args.seeds),
-                "size": image_size, "format": 1}
+                "size": image_size, "format": 2}
     key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]
     root = Path(args.cache_dir).expanduser().absolute() / f"pair-h{args.hidden_size}-{key}"
     folders = [root / name for name in TASK_NAMES]
     calibration = root / "calibration"
-    splits = toy.digit_splits(image_size=image_size)
+    splits = toy.digit_splits(image_size=image_size, num_channels=3)
     if not all((f / "config.json").is_file() for f in folders):
         print(f"Training two ViTs (hidden {args.hidden_size}, {args.epochs} epochs) from seeds "
               f"{tuple(args.seeds)}: A on digits 0-4, B on digits 5-9 ...", flush=True)
@@ -98,7 +90,7 @@ def prepare_inputs(args: argparse.Namespace) -> tuple[Path, Path, Path, Any]:
         for folder, model in zip(folders, (pair.model_a, pair.model_b)):
             if not (folder / "config.json").is_file():
                 with staged_output(folder, keep_existing=True) as tmp:  # another run may win the race
-                    model.save_pretrained(tmp)
+                    toy.rgb_digit_model(model).save_pretrained(tmp)
                     processor.save_pretrained(tmp)
     else:
         print(f"Using the cached parents in {root}", flush=True)

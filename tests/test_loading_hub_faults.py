@@ -1,0 +1,76 @@
+"""Downloads that go wrong: a connection dropped mid-body, a server that stalls (Hub emulator faults).
+
+Every case must end in one line that says what failed and what to do, never a traceback or a hang.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_loading import make_model, save_vit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+LOAD = """
+from hf_mudsc.loading import LoadError, load_parent
+try:
+    parent = load_parent("user/vit")
+    emit({"checksum": float(sum(p.double().sum() for p in parent.model.parameters()))})
+except LoadError as error:
+    emit({"error": str(error)})
+"""
+
+
+def expected_checksum() -> float:
+    return float(sum(p.detach().double().sum() for p in make_model("vit_cls", seed=0).parameters()))
+
+
+@pytest.fixture
+def hub(hub_emulator, tmp_path):
+    hub_emulator.upload_folder("user/vit", save_vit(tmp_path / "vit", seed=0))
+    return hub_emulator
+
+
+def test_a_connection_dropped_once_is_resumed(hub):
+    hub.drop_next(path="model.safetensors")
+    result = hub.run_client(LOAD, env={"PYTHONPATH": str(ROOT)}).result
+    assert result == {"checksum": pytest.approx(expected_checksum(), rel=1e-12)}
+    gets = [r.status for r in hub.requests_for("resolve") if r.path.endswith("model.safetensors") and r.method == "GET"]
+    assert gets == [-1, 200]  # the dropped download, then the retry that completed it
+
+
+def test_a_connection_that_keeps_dropping_gives_one_line_without_a_traceback(hub, tmp_path):
+    hub.drop_next(path="model.safetensors", times=50)
+    env = hub.client_env(extra={"PYTHONPATH": str(ROOT)})
+    done = subprocess.run([sys.executable, "-m", "hf_mudsc", "merge", "user/vit", "user/vit", "--method", "average",
+                           "--output", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("hf-mudsc merge: error:")]
+    assert len(errors) == 1, done.stderr
+    assert errors[0].startswith("hf-mudsc merge: error: 'user/vit': the connection to the Hub dropped while "
+                                "downloading model.safetensors")
+    assert "retry the command" in errors[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_stalled_server_gives_up_on_the_repository_information(hub):
+    hub.stall_next("repo_info", seconds=3, times=20)
+    error = hub.run_client(LOAD, env={"PYTHONPATH": str(ROOT), "HF_HUB_ETAG_TIMEOUT": "1"},
+                           timeout=120).result["error"]
+    assert "\n" not in error
+    assert error.startswith("'user/vit': the Hub did not answer within 1 s while fetching the repository "
+                            "information (file list and commit)")
+    assert "HF_HUB_ETAG_TIMEOUT" in error and "retry" in error
+
+
+def test_a_stalled_download_gives_up_and_names_the_file(hub):
+    hub.stall_next("resolve", seconds=3, times=50, method="GET", path="model.safetensors")
+    error = hub.run_client(LOAD, env={"PYTHONPATH": str(ROOT), "HF_HUB_DOWNLOAD_TIMEOUT": "1"},
+                           timeout=200).result["error"]
+    assert "\n" not in error
+    assert error.startswith("'user/vit': the Hub did not answer within 1 s while downloading model.safetensors")
+    assert "HF_HUB_DOWNLOAD_TIMEOUT" in error
