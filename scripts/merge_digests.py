@@ -103,7 +103,7 @@ def parents_record(model_a: Any, model_b: Any) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------ cases
 def demo_methods() -> list[tuple[str, dict[str, Any]]]:
     """The demo's (label, options) list — read from the demo, not copied — then the extra switches."""
-    from hf_mudsc.commands.demo import DEMO_METHODS
+    from hf_mudsc.cli.demo import DEMO_METHODS
 
     return [(label, {"method": method, "matcher": matcher}) for label, method, matcher in DEMO_METHODS]
 
@@ -112,10 +112,10 @@ def run_demo(cache_root: Path) -> dict[str, Any]:
     """The demo's pair and merges (`hf-mudsc demo` with its defaults), plus the CLI's default merge."""
     from transformers import AutoModelForImageClassification
 
-    from hf_mudsc.cli import main as cli_main
-    from hf_mudsc.commands import demo
-    from hf_mudsc.loading import load_parents
-    from hf_mudsc.recipe import Recipe
+    from hf_mudsc.cli import demo
+    from hf_mudsc.cli.main import main as cli_main
+    from hf_mudsc.load.parents import load_parents
+    from hf_mudsc.publish.recipe import Recipe
 
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)

@@ -26,8 +26,8 @@ from transformers import (
     ViTModel,
 )
 
-from hf_mudsc.permute import permute_model, random_permutations  # noqa: F401 (re-exported)
 from hf_mudsc.spec import PermutationSpec
+from hf_mudsc.testing.permute import permute_model, random_permutations  # noqa: F401 (re-exported)
 
 VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=16,
            patch_size=4, num_channels=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)

@@ -10,8 +10,8 @@ import pytest
 from factories import make_model
 
 import hf_mudsc
-from hf_mudsc.calibration import CalibrationError
-from hf_mudsc.cli import main
+from hf_mudsc.cli.main import main
+from hf_mudsc.errors import CalibrationError
 
 
 def save_empty_split(folder: Path, as_dict: bool) -> Path:
@@ -29,7 +29,7 @@ def save_empty_split(folder: Path, as_dict: bool) -> Path:
 def test_empty_saved_split_is_refused_before_the_parents_load(tmp_path, monkeypatch, as_dict):
     folder = save_empty_split(tmp_path / "empty", as_dict)
     spec = f"{folder}:test" if as_dict else str(folder)
-    import hf_mudsc.loading as loading
+    import hf_mudsc.load.parents as loading
 
     def no_parents(*args, **kwargs):
         raise AssertionError("parents were loaded before the empty calibration split was reported")

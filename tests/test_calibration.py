@@ -14,9 +14,10 @@ from factories import make_batches, make_model
 from transformers import BertModel
 
 import hf_mudsc
-from hf_mudsc.adapters import spec_for
-from hf_mudsc.calibration import CalibrationError, collect_statistics
-from hf_mudsc.similarity import CorrelationAccumulator
+from hf_mudsc.architectures import spec_for
+from hf_mudsc.calibrate.correlation import CorrelationAccumulator
+from hf_mudsc.calibrate.statistics import collect_statistics
+from hf_mudsc.errors import CalibrationError
 from hf_mudsc.spec import PermutationSpec
 
 

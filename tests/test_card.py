@@ -14,7 +14,7 @@ from factories import make_batches, make_model
 from huggingface_hub import ModelCard
 
 import hf_mudsc
-from hf_mudsc.card import (
+from hf_mudsc.publish.card import (
     EvalRow,
     ParentInfo,
     calibration_dataset_id,
@@ -22,7 +22,7 @@ from hf_mudsc.card import (
     render_card,
     template_path,
 )
-from hf_mudsc.recipe import Recipe
+from hf_mudsc.publish.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 SHA_A, SHA_B = "a" * 40, "b" * 40
@@ -159,8 +159,8 @@ def test_every_task_keeps_its_own_model_index_entry_through_the_dataset_config(m
 
 
 def test_a_token_given_to_the_cli_reaches_neither_recipe_nor_card(merged, monkeypatch):
-    from hf_mudsc.cli import build_parser
-    from hf_mudsc.commands.merge import build_recipe
+    from hf_mudsc.cli.main import build_parser
+    from hf_mudsc.cli.merge import build_recipe
 
     secret = "hf_secretCardTokenShouldNeverAppear"
     monkeypatch.setenv("HF_TOKEN", secret)
@@ -211,7 +211,7 @@ def test_a_custom_template_can_be_used(merged, recipe, tmp_path):
 
 
 def test_local_references_are_shown_by_name(tmp_path):
-    from hf_mudsc.card import local_name
+    from hf_mudsc.publish.card import local_name
 
     (tmp_path / "calib").mkdir()
     assert local_name(str(tmp_path / "calib")) == "calib"
@@ -222,7 +222,7 @@ def test_local_references_are_shown_by_name(tmp_path):
 
 
 def test_update_card_evaluation_replaces_only_its_section_and_the_model_index():
-    from hf_mudsc.card import update_card_evaluation
+    from hf_mudsc.publish.card import update_card_evaluation
 
     text = "---\nlicense: mit\ntags:\n- merge\n---\n\n# my merge\n\nIntro kept.\n\n## Notes\n\nKept too.\n"
     row = {"task": "t", "dataset": "org/data", "merged": 0.5, "parent_a": 0.25}

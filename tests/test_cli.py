@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, ViTImageProcessor
 
 import hf_mudsc
-from hf_mudsc.cli import build_parser, main
-from hf_mudsc.methods import METHODS
-from hf_mudsc.recipe import RECIPE_FILENAME, Recipe
+from hf_mudsc.cli.main import build_parser, main
+from hf_mudsc.methods.registry import METHODS
+from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
 
 FAST = ["--method", "zipit", "--num-samples", "24", "--batch-size", "8"]
 
@@ -158,7 +158,7 @@ def test_existing_output_is_refused_before_any_work(inputs, tmp_path, monkeypatc
     def no_loading(*args, **kwargs):
         raise AssertionError("parents were loaded although the output check should have failed first")
 
-    monkeypatch.setattr("hf_mudsc.loading.load_parents", no_loading)
+    monkeypatch.setattr("hf_mudsc.load.parents.load_parents", no_loading)
     out = tmp_path / "taken"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
@@ -207,7 +207,7 @@ def test_a_missing_calibration_dataset_fails_before_weights_load(inputs, tmp_pat
     def no_loading(*args, **kwargs):
         raise AssertionError("weights loaded before the calibration spec was checked")
 
-    monkeypatch.setattr("hf_mudsc.loading.load_parents", no_loading)
+    monkeypatch.setattr("hf_mudsc.load.parents.load_parents", no_loading)
     out = tmp_path / "out"
     code = main(["merge", str(a), str(b), "--calibration", str(tmp_path / "nowhere") + ":train", "--output",
                  str(out)])
@@ -233,7 +233,7 @@ def _raising_calibration(good_batches: int, error: BaseException, served: list):
 def test_calibration_failing_midway_leaves_no_output(inputs, tmp_path, monkeypatch, error):
     a, b, calibration = inputs
     served: list = []
-    monkeypatch.setattr("hf_mudsc.data.load_calibration_dataset", _raising_calibration(2, error, served))
+    monkeypatch.setattr("hf_mudsc.calibrate.datasets.load_calibration_dataset", _raising_calibration(2, error, served))
     out = tmp_path / "out"
     with pytest.raises(type(error)) as caught:
         main(["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(out), *FAST])
@@ -247,7 +247,7 @@ def test_failure_while_writing_leaves_no_output(inputs, tmp_path, monkeypatch):
     def broken_card(*args, **kwargs):  # the weights are already in the staging folder at this point
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("hf_mudsc.card.render_card", broken_card)
+    monkeypatch.setattr("hf_mudsc.publish.card.render_card", broken_card)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         main(["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(out), *FAST])
@@ -264,7 +264,7 @@ def test_failure_while_overwriting_keeps_the_previous_output(merged_once, inputs
     def broken_card(*args, **kwargs):  # the new weights are already staged at this point
         raise RuntimeError("card template broke")
 
-    monkeypatch.setattr("hf_mudsc.card.render_card", broken_card)
+    monkeypatch.setattr("hf_mudsc.publish.card.render_card", broken_card)
     with pytest.raises(RuntimeError, match="card template broke"):
         main(["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(out), "--seed", "1",
               "--overwrite", *FAST])
@@ -300,13 +300,13 @@ def test_method_choices_come_from_the_registry():
 def test_only_the_main_process_writes(inputs, tmp_path, monkeypatch, capsys):
     """Under torchrun/accelerate every process merges (its calibration shard); rank 0 alone saves/pushes."""
     a, b, calibration = inputs
-    monkeypatch.setattr("hf_mudsc.distributed.is_main_process", lambda: False)
+    monkeypatch.setattr("hf_mudsc.calibrate.distributed.is_main_process", lambda: False)
 
     def no_hub(*args, **kwargs):
         raise AssertionError("a non-main process contacted the Hub")
 
-    monkeypatch.setattr("hf_mudsc.hub.check_target", no_hub)
-    monkeypatch.setattr("hf_mudsc.hub.push_folder", no_hub)
+    monkeypatch.setattr("hf_mudsc.publish.hub.check_target", no_hub)
+    monkeypatch.setattr("hf_mudsc.publish.hub.push_folder", no_hub)
     out = tmp_path / "out"
     assert main(["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(out),
                  "--push-to-hub", "org/m", *FAST]) == 0
@@ -341,7 +341,7 @@ def test_help_version_and_argument_errors_do_not_import_torch(argv, code, needle
 
     script = (
         "import sys, contextlib, io\n"
-        "from hf_mudsc.cli import main\n"
+        "from hf_mudsc.cli.main import main\n"
         "out, err = io.StringIO(), io.StringIO()\n"
         "with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
         "    try:\n"
@@ -359,7 +359,7 @@ def test_help_version_and_argument_errors_do_not_import_torch(argv, code, needle
 
 
 def test_top_level_help_lists_every_command_with_its_help(capsys):
-    from hf_mudsc.cli import COMMANDS
+    from hf_mudsc.cli.main import COMMANDS
 
     with pytest.raises(SystemExit):
         main(["--help"])
@@ -395,7 +395,7 @@ def test_hub_calibration_is_pinned_in_the_recipe_and_loaded_at_that_commit(input
 
     from huggingface_hub import HfApi, constants
 
-    from hf_mudsc.card import calibration_dataset_id
+    from hf_mudsc.publish.card import calibration_dataset_id
 
     a, b, calibration = inputs
     sha = "fedcba9876543210fedcba9876543210fedcba98"

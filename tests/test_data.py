@@ -15,8 +15,8 @@ from PIL import Image
 from transformers import BertTokenizer, CLIPImageProcessor, CLIPProcessor, CLIPTokenizer, ViTImageProcessor
 
 import hf_mudsc
-from hf_mudsc.calibration import CalibrationError
-from hf_mudsc.data import CalibrationStream, DatasetSpec, load_calibration_dataset, resolve_calibration
+from hf_mudsc.calibrate.datasets import CalibrationStream, DatasetSpec, load_calibration_dataset, resolve_calibration
+from hf_mudsc.errors import CalibrationError
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(BERT["vocab_size"] - 5)]
 
@@ -169,12 +169,12 @@ def test_clip_image_and_text_columns():
 def test_nonexistent_spec_fails_before_loading_parents(monkeypatch, tmp_path):
     with pytest.raises(CalibrationError, match="not found.*no columns found"):
         resolve_calibration(str(tmp_path / "nothing-here") + ":train", [vit_processor()])
-    import hf_mudsc.loading
+    import hf_mudsc.load.parents
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("parents were loaded before the calibration spec was checked")
 
-    monkeypatch.setattr(hf_mudsc.loading, "load_parents", must_not_load)
+    monkeypatch.setattr(hf_mudsc.load.parents, "load_parents", must_not_load)
     with pytest.raises(CalibrationError, match="not found"):
         hf_mudsc.merge(["user/a", "user/b"], "user/no-such-dataset:train", progress=False)
 
@@ -339,7 +339,7 @@ def test_the_revision_reaches_load_dataset(monkeypatch):
 def test_pin_resolves_a_branch_to_its_commit(monkeypatch):
     from huggingface_hub import HfApi, constants
 
-    from hf_mudsc.data import pin_calibration_revision
+    from hf_mudsc.calibrate.datasets import pin_calibration_revision
 
     asked = []
 
@@ -360,7 +360,7 @@ def test_pin_resolves_a_branch_to_its_commit(monkeypatch):
 def test_pin_leaves_local_data_alone(tmp_path, monkeypatch):
     from huggingface_hub import HfApi, constants
 
-    from hf_mudsc.data import pin_calibration_revision
+    from hf_mudsc.calibrate.datasets import pin_calibration_revision
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(HfApi, "dataset_info", lambda *a, **k: pytest.fail("local data must not reach the Hub"))
@@ -372,7 +372,7 @@ def test_a_missing_revision_is_one_clear_line(monkeypatch):
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import RevisionNotFoundError
 
-    from hf_mudsc.data import pin_calibration_revision
+    from hf_mudsc.calibrate.datasets import pin_calibration_revision
 
     def missing(self, repo_id, *, revision=None, token=None, **_):
         response = types.SimpleNamespace(headers={}, request=None, status_code=404)

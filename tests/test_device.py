@@ -9,11 +9,11 @@ import torch
 from factories import make_batches, make_model
 
 import hf_mudsc
-from hf_mudsc.calibration import resolve_device
-from hf_mudsc.cli import build_parser, main
-from hf_mudsc.commands.merge import build_recipe
-from hf_mudsc.merge import MergeInputError
-from hf_mudsc.recipe import Recipe, RecipeError
+from hf_mudsc.calibrate.device import resolve_device
+from hf_mudsc.cli.main import build_parser, main
+from hf_mudsc.cli.merge import build_recipe
+from hf_mudsc.errors import MergeInputError, RecipeError
+from hf_mudsc.publish.recipe import Recipe
 
 
 def _no_loading(*args, **kwargs):
@@ -51,7 +51,7 @@ def test_explicit_cpu_devices_give_the_same_merge_on_the_cpu(parents):
 ])
 def test_bad_devices_are_refused_before_loading(monkeypatch, device, message):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr("hf_mudsc.loading.load_parents", _no_loading)
+    monkeypatch.setattr("hf_mudsc.load.parents.load_parents", _no_loading)
     with pytest.raises(MergeInputError) as caught:
         hf_mudsc.merge(["/no/such/a", "/no/such/b"], [{"pixel_values": torch.zeros(1)}], device=device)
     text = str(caught.value)
@@ -96,7 +96,7 @@ def test_recipe_key_and_cli_flag(monkeypatch, tmp_path, capsys):
     with pytest.raises(RecipeError, match=r"unknown device 'tpu7' \(CLI: --device\); use 'cpu', 'cuda' or 'cuda:N'"):
         Recipe(models=["a", "b"], method="average", device="tpu7").validate()
     # From the command line: one line naming the flag, before any parent is loaded.
-    monkeypatch.setattr("hf_mudsc.loading.load_parents", _no_loading)
+    monkeypatch.setattr("hf_mudsc.load.parents.load_parents", _no_loading)
     code = main(["merge", "a", "b", "--method", "average", "--device", "cuda", "--output", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code != 0 and "Traceback" not in err
@@ -107,8 +107,8 @@ def test_recipe_key_and_cli_flag(monkeypatch, tmp_path, capsys):
 
 def test_the_device_reaches_calibration_and_the_solve(monkeypatch, parents):
     a, b, batches = parents
-    distributed = importlib.import_module("hf_mudsc.distributed")
-    merge_module = importlib.import_module("hf_mudsc.merge")  # `hf_mudsc.merge` is also the function
+    distributed = importlib.import_module("hf_mudsc.calibrate.distributed")
+    merge_module = importlib.import_module("hf_mudsc.pipeline")  # `hf_mudsc.merge` is also the function
 
     seen: dict[str, object] = {}
     collect, solver = distributed.collect_statistics, merge_module.Solver

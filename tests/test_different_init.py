@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import hf_mudsc
-from hf_mudsc import toy
-from hf_mudsc.evaluation import evaluate_merge
+from hf_mudsc.evaluate.harness import evaluate_merge
+from hf_mudsc.testing import toy
 
 # Measured with these settings (16x16 digits, hidden 64, 2 layers, 25 epochs, seeds 0/1, 512 calibration
 # images): joint accuracy MuDSC ~0.39-0.47, average ~0.14-0.17, ensemble ~0.82-0.85.
@@ -67,8 +67,8 @@ def test_mudsc_beats_weight_averaging_across_different_initializations(tmp_path,
 def test_permuted_copy_computes_the_same_function_in_another_basis():
     from factories import make_batches, make_model
 
-    from hf_mudsc.adapters import spec_for
-    from hf_mudsc.permute import permute_model, random_permutations
+    from hf_mudsc.architectures import spec_for
+    from hf_mudsc.testing.permute import permute_model, random_permutations
 
     model = make_model("vit_cls", seed=3)
     spec = spec_for(model)
@@ -89,8 +89,8 @@ def test_permuted_copy_computes_the_same_function_in_another_basis():
 
 
 def test_recovered_fraction_counts_true_partner_pairs_only():
-    from hf_mudsc.matching import match
-    from hf_mudsc.permute import recovered_fraction
+    from hf_mudsc.solve.matchers import match
+    from hf_mudsc.testing.permute import recovered_fraction
 
     perm = torch.tensor([2, 0, 1])  # B unit j is A unit perm[j]
     similarity = torch.eye(6, dtype=torch.float64)

@@ -9,17 +9,17 @@ from accelerate import debug_launcher
 from factories import make_batches, make_model
 
 import hf_mudsc
-from hf_mudsc.adapters import spec_for
-from hf_mudsc.calibration import CalibrationError
-from hf_mudsc.data import resolve_calibration
-from hf_mudsc.distributed import (
+from hf_mudsc.architectures import spec_for
+from hf_mudsc.calibrate.correlation import CorrelationAccumulator
+from hf_mudsc.calibrate.datasets import resolve_calibration
+from hf_mudsc.calibrate.distributed import (
     all_reduce_accumulators,
     collect_statistics_distributed,
     is_main_process,
     process_info,
     shard_batches,
 )
-from hf_mudsc.similarity import CorrelationAccumulator
+from hf_mudsc.errors import CalibrationError
 
 ROWS = 44  # with batch size 8: shards of 22 rows -> batches 8, 8, 6 per process vs 8 x 5 + 4 in one process
 

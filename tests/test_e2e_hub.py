@@ -21,7 +21,7 @@ from test_cli import leftovers, save_parents_and_data, tree_digest
 from transformers import AutoModelForImageClassification
 
 import hf_mudsc
-from hf_mudsc.recipe import RECIPE_FILENAME, Recipe
+from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
 
 SECRET = "hf_secretE2eTokenThatMustNeverLeak0123"
 FAST = ["--method", "zipit", "--num-samples", "16", "--batch-size", "8"]
@@ -104,7 +104,7 @@ def test_merge_hub_parents_push_load_and_rerun_the_pushed_recipe(hub, inputs, tm
         with torch.no_grad():
             pixels = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
             emit({{"logits": model(pixel_values=pixels).logits.tolist(), "class": type(model).__name__}})
-        from hf_mudsc.cli import main
+        from hf_mudsc.cli.main import main
         emit({{"rerun": main(["merge", "--recipe", hf_hub_download("user/merged", {RECIPE_FILENAME!r}),
                              "--output", {str(again)!r}])}})
         """,
@@ -158,7 +158,7 @@ def test_a_failed_commit_leaves_no_repo_and_keeps_the_output_folder(hub, inputs,
 
 def test_existing_repos_are_refused_and_overwrite_replaces_them_in_one_commit(hub, inputs, tmp_path):
     a, b, calibration = inputs
-    from hf_mudsc.cli import main
+    from hf_mudsc.cli.main import main
 
     folder = tmp_path / "local-merge"
     threads = torch.get_num_threads()
@@ -175,7 +175,7 @@ def test_existing_repos_are_refused_and_overwrite_replaces_them_in_one_commit(hu
     scratch.mkdir()
     res = hub.run_client(
         f"""
-        from hf_mudsc.cli import main
+        from hf_mudsc.cli.main import main
         emit(main(["merge", "user/a", "user/b", "--calibration", {str(calibration)!r}, "--output",
                    {str(refused_out)!r}, "--push-to-hub", "user/taken", *{FAST!r}]))
         emit(main(["push", {str(folder)!r}, "user/pushed", "--private"]))

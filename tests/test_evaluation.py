@@ -24,18 +24,18 @@ from transformers import (
 )
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from hf_mudsc.cli import main
-from hf_mudsc.evaluation import (
+from hf_mudsc.cli.main import main
+from hf_mudsc.errors import EvaluationError
+from hf_mudsc.evaluate.harness import (
     F1,
     Accuracy,
-    EvaluationError,
     EvaluationResult,
     compute_metric,
     evaluate_merge,
     load_metric,
     tasks_from_dataset,
 )
-from hf_mudsc.recipe import RECIPE_FILENAME
+from hf_mudsc.publish.recipe import RECIPE_FILENAME
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -280,7 +280,7 @@ def _joint_dataset() -> datasets.Dataset:
 
 
 def _two_process_evaluation(out_dir: str) -> None:
-    from hf_mudsc.distributed import process_info
+    from hf_mudsc.calibrate.distributed import process_info
 
     torch.set_num_threads(1)
     merged = table_model(
@@ -614,7 +614,7 @@ def test_demo_end_to_end_writes_model_card_recipe_and_prints_the_table(tmp_path,
     model = AutoModelForImageClassification.from_pretrained(out)
     assert model.config.task_label_ranges == {"digits-0-4": [0, 5], "digits-5-9": [5, 10]}
     assert model.config.mudsc["method"] == "mudsc" and model.config.mudsc["matcher"] == "zip"
-    from hf_mudsc import toy
+    from hf_mudsc.testing import toy
 
     splits = toy.digit_splits(num_channels=3)  # the demo exports RGB models
     again = evaluate_merge(
@@ -636,7 +636,7 @@ def test_demo_end_to_end_writes_model_card_recipe_and_prints_the_table(tmp_path,
     def no_training(*args, **kwargs):
         raise AssertionError("the demo retrained although its parents are cached")
 
-    monkeypatch.setattr("hf_mudsc.toy.train_vit", no_training)
+    monkeypatch.setattr("hf_mudsc.testing.toy.train_vit", no_training)
     assert main([*argv, "--overwrite"]) == 0
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert math.isclose(

@@ -12,15 +12,10 @@ from safetensors.torch import load_file
 from transformers import BertTokenizer, CLIPImageProcessor, CLIPTokenizer, ViTImageProcessor
 
 import hf_mudsc
-from hf_mudsc.loading import (
-    LoadedParent,
-    LoadError,
-    image_processor_of,
-    load_parent,
-    load_parents,
-    parse_reference,
-    tokenizer_of,
-)
+from hf_mudsc.errors import LoadError
+from hf_mudsc.load.parents import LoadedParent, load_parent, load_parents
+from hf_mudsc.load.processors import image_processor_of, tokenizer_of
+from hf_mudsc.load.references import parse_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -174,7 +169,7 @@ def test_mismatched_configs_refused_before_weights(tmp_path, monkeypatch):
     b = tmp_path / "b"
     shutil.copytree(a, b)
     (b / "config.json").write_text((b / "config.json").read_text().replace('"hidden_size": 32', '"hidden_size": 64'))
-    import hf_mudsc.loading as loading
+    import hf_mudsc.load.parents as loading
 
     def no_weights(*args, **kwargs):
         raise AssertionError("weights were loaded before the configs were compared")
@@ -210,7 +205,8 @@ def test_offline_hub_reference_uses_the_cached_snapshot(tmp_path):
 HUB_CLIENT = """
 import torch
 import hf_mudsc
-from hf_mudsc.loading import LoadError, load_parent, load_parents
+from hf_mudsc.errors import LoadError
+from hf_mudsc.load.parents import load_parent, load_parents
 
 def describe(parent):
     return {"sha": parent.commit_sha, "revision": parent.revision, "repo_id": parent.repo_id,
@@ -272,7 +268,7 @@ def test_hub_parents_at_pinned_revisions(hub_emulator, tmp_path):
 
 
 def _no_weights_loaded(monkeypatch):
-    import hf_mudsc.loading as loading
+    import hf_mudsc.load.parents as loading
 
     def no_weights(*args, **kwargs):
         raise AssertionError("weights were loaded before the bad file was reported")

@@ -15,7 +15,8 @@ from test_loading import make_model, save_vit
 ROOT = Path(__file__).resolve().parents[1]
 
 LOAD = """
-from hf_mudsc.loading import LoadError, load_parent
+from hf_mudsc.errors import LoadError
+from hf_mudsc.load.parents import load_parent
 try:
     parent = load_parent("user/vit")
     emit({"checksum": float(sum(p.double().sum() for p in parent.model.parameters()))})

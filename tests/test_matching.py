@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_mudsc.matching import MATCHERS, Match, head_scores, match, pair_heads, zip_reference
+from hf_mudsc.solve.matchers import MATCHERS, Match, head_scores, match, pair_heads, zip_reference
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -18,10 +18,9 @@ from transformers import (
 )
 
 import hf_mudsc
-from hf_mudsc.adapters import UnsupportedArchitectureError, spec_for
-from hf_mudsc.calibration import CalibrationError
-from hf_mudsc.merge import MergeInputError
-from hf_mudsc.solve import SolveOptions, Solver
+from hf_mudsc.architectures import spec_for
+from hf_mudsc.errors import CalibrationError, MergeInputError, UnsupportedArchitectureError
+from hf_mudsc.solve.loop import SolveOptions, Solver
 
 
 def relabel(model, labels):

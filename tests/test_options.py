@@ -9,8 +9,9 @@ import pytest
 import yaml
 
 import hf_mudsc
-from hf_mudsc.cli import main
-from hf_mudsc.recipe import RECIPE_FILENAME, Recipe, RecipeError
+from hf_mudsc.cli.main import main
+from hf_mudsc.errors import RecipeError
+from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
 
 # (option, bad value, fragment of the message)
 BAD_OPTIONS = [

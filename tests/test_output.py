@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from hf_mudsc.output import MARKER_FILENAME, check_output, staged_output, write_file_atomically
-from hf_mudsc.recipe import RECIPE_FILENAME
+from hf_mudsc.publish.folder import MARKER_FILENAME, check_output, staged_output, write_file_atomically
+from hf_mudsc.publish.recipe import RECIPE_FILENAME
 
 
 def digest(folder: Path) -> str:

@@ -10,8 +10,8 @@ import shutil
 import pytest
 from test_cli import FAST, leftovers, save_parents_and_data, tree_digest
 
-from hf_mudsc.cli import main
-from hf_mudsc.recipe import RECIPE_FILENAME
+from hf_mudsc.cli.main import main
+from hf_mudsc.publish.recipe import RECIPE_FILENAME
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,8 @@ def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("inputs were loaded although the output check should have failed first")
 
-    monkeypatch.setattr("hf_mudsc.loading.load_parents", refuse)
-    monkeypatch.setattr("hf_mudsc.data.load_calibration_dataset", refuse)
+    monkeypatch.setattr("hf_mudsc.load.parents.load_parents", refuse)
+    monkeypatch.setattr("hf_mudsc.calibrate.datasets.load_calibration_dataset", refuse)
 
 
 def test_a_parent_reached_through_dotdot_or_a_symlink_is_refused(inputs, tmp_path, no_loading, capsys):

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from hf_mudsc.output import MARKER_FILENAME, check_output, staged_output, write_file_atomically
-from hf_mudsc.recipe import RECIPE_FILENAME
+from hf_mudsc.publish.folder import MARKER_FILENAME, check_output, staged_output, write_file_atomically
+from hf_mudsc.publish.recipe import RECIPE_FILENAME
 
 
 def written_output(root: Path, name: str = "out") -> Path:
@@ -136,7 +136,7 @@ def test_an_unusable_output_location_is_refused_before_any_work(tmp_path, make, 
 
 KILLED_WRITER = """
 import os, signal, sys
-from hf_mudsc.output import record_files, staged_output
+from hf_mudsc.publish.folder import record_files, staged_output
 with staged_output(sys.argv[1]) as staging:
     (staging / "model.safetensors").write_bytes(b"half")
     if sys.argv[2] == "pushing":  # killed during the push, which happens on the sealed staging folder

@@ -7,21 +7,15 @@ import torch
 from factories import make_batches, make_model, permuted_copy
 
 import hf_mudsc
-import hf_mudsc.similarity as similarity
-from hf_mudsc.adapters import spec_for
-from hf_mudsc.calibration import collect_statistics
-from hf_mudsc.matching import match
-from hf_mudsc.merge import apply_matches
-from hf_mudsc.similarity import (
-    AxisMap,
-    CorrelationAccumulator,
-    GroupMaps,
-    WeightCorrelation,
-    pearson_from_covariance,
-    transform_axis,
-    weight_features,
-)
-from hf_mudsc.solve import SolveOptions, Solver
+import hf_mudsc.solve.similarity as similarity
+from hf_mudsc.apply.weights import apply_matches
+from hf_mudsc.architectures import spec_for
+from hf_mudsc.calibrate.correlation import CorrelationAccumulator, correlations_from, pearson_from_covariance
+from hf_mudsc.calibrate.statistics import collect_statistics
+from hf_mudsc.solve.loop import SolveOptions, Solver
+from hf_mudsc.solve.maps import AxisMap, GroupMaps, transform_axis
+from hf_mudsc.solve.matchers import match
+from hf_mudsc.solve.similarity import WeightCorrelation, weight_features
 
 
 def _dense(index: torch.Tensor, weight: torch.Tensor, size: int) -> torch.Tensor:
@@ -191,7 +185,7 @@ def test_in_place_finalize_equals_finalize_and_consumes_the_sums():
             acc.update(chunk)
         accumulators.append(acc)
     expected = [acc.finalize() for acc in accumulators]
-    got = similarity.correlations_from(list(accumulators))
+    got = correlations_from(list(accumulators))
     for e, g in zip(expected, got):
         assert torch.equal(g[3], torch.zeros(10)) and torch.allclose(g, e, atol=1e-13)
     rows = CorrelationAccumulator(10)

@@ -7,7 +7,7 @@ import torch
 from factories import make_batches, make_model, model_output, permuted_copy, relative_error
 
 import hf_mudsc
-from hf_mudsc.adapters import spec_for
+from hf_mudsc.architectures import spec_for
 
 MATCHING_METHODS = [
     ("mudsc", "zip"),

@@ -26,8 +26,8 @@ from transformers import (
 )
 
 import hf_mudsc
-from hf_mudsc import toy
-from hf_mudsc.cli import main
+from hf_mudsc.cli.main import main
+from hf_mudsc.testing import toy
 
 
 def digit_image(index: int) -> Image.Image:

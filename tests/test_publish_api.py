@@ -14,9 +14,9 @@ from test_cli import FAST, save_parents_and_data
 from transformers import AutoModelForImageClassification
 
 import hf_mudsc
-from hf_mudsc.cli import main
-from hf_mudsc.output import MARKER_FILENAME
-from hf_mudsc.recipe import RECIPE_FILENAME, Recipe
+from hf_mudsc.cli.main import main
+from hf_mudsc.publish.folder import MARKER_FILENAME
+from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
 
 MERGED_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", RECIPE_FILENAME}
 

@@ -18,9 +18,9 @@ import pytest
 import torch
 from test_cli import FAST, leftovers, save_parents_and_data
 
-from hf_mudsc.cli import main
-from hf_mudsc.output import MARKER_FILENAME
-from hf_mudsc.recipe import RECIPE_FILENAME
+from hf_mudsc.cli.main import main
+from hf_mudsc.publish.folder import MARKER_FILENAME
+from hf_mudsc.publish.recipe import RECIPE_FILENAME
 
 SECRET = "hf_secretPushSafetyTokenNeverLeaks0123"
 MERGED_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", RECIPE_FILENAME}

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPProcessor
 
-from hf_mudsc.cli import main
+from hf_mudsc.cli.main import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from hf_mudsc.cli import build_parser
-from hf_mudsc.commands.merge import build_recipe
-from hf_mudsc.recipe import DESTINATION_KEYS, RECIPE_FILENAME, Recipe, RecipeError
+from hf_mudsc.cli.main import build_parser
+from hf_mudsc.cli.merge import build_recipe
+from hf_mudsc.errors import RecipeError
+from hf_mudsc.publish.recipe import DESTINATION_KEYS, RECIPE_FILENAME, Recipe
 
 
 def _parse(*argv: str):
@@ -130,7 +131,7 @@ def test_missing_or_malformed_recipe_file(tmp_path):
 
 
 def test_cli_reports_recipe_errors_with_exit_code_2(capsys):
-    from hf_mudsc.cli import main
+    from hf_mudsc.cli.main import main
 
     assert main(["merge", "only-one", "--calibration", "c", "--output", "o"]) == 2
     assert "exactly two parent models" in capsys.readouterr().err
@@ -160,7 +161,7 @@ def test_a_recipe_file_may_not_set_destination_or_trust_keys(tmp_path, key, valu
 @pytest.mark.parametrize(("key", "value", "flag"), COMMAND_LINE_ONLY)
 def test_the_cli_refuses_such_a_recipe_even_with_the_flag_given(tmp_path, capsys, key, value, flag):
     """The refusal comes first: no output folder appears, although --output is on the command line too."""
-    from hf_mudsc.cli import main
+    from hf_mudsc.cli.main import main
 
     path = tmp_path / RECIPE_FILENAME
     path.write_text(yaml.safe_dump({"models": [str(tmp_path / "a"), str(tmp_path / "b")], "method": "average",

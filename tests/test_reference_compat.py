@@ -15,7 +15,7 @@ import torch
 from factories import make_batches, make_model, relative_error
 
 import hf_mudsc
-from hf_mudsc.matching import match
+from hf_mudsc.solve.matchers import match
 
 TOLERANCE = 1e-6
 # (method, matcher, alpha, zip_decay, zip_budget)

@@ -6,17 +6,11 @@ import pytest
 import torch
 from factories import make_model
 
-from hf_mudsc.adapters import spec_for
-from hf_mudsc.matching import match
-from hf_mudsc.similarity import (
-    AxisMap,
-    CorrelationAccumulator,
-    GroupMaps,
-    blend,
-    pearson_from_covariance,
-    transform_axis,
-    weight_correlation,
-)
+from hf_mudsc.architectures import spec_for
+from hf_mudsc.calibrate.correlation import CorrelationAccumulator, pearson_from_covariance
+from hf_mudsc.solve.maps import AxisMap, GroupMaps, transform_axis
+from hf_mudsc.solve.matchers import match
+from hf_mudsc.solve.similarity import blend, weight_correlation
 
 
 def test_streaming_correlation_equals_corrcoef_of_everything():

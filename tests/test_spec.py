@@ -7,8 +7,9 @@ import dataclasses
 import pytest
 from factories import make_model
 
-from hf_mudsc.adapters import spec_for, supported_model_types
-from hf_mudsc.spec import Group, HookPoint, Member, PermutationSpec, SpecError
+from hf_mudsc.architectures import spec_for, supported_model_types
+from hf_mudsc.errors import SpecError
+from hf_mudsc.spec import Group, HookPoint, Member, PermutationSpec
 
 KINDS = ["vit_cls", "vit", "vit_nopool", "bert_cls", "bert", "clip", "clip_text", "clip_text_proj",
          "clip_vision", "clip_vision_proj"]

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from hf_mudsc import toy
+from hf_mudsc.testing import toy
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import torch
 from factories import make_batches, make_model, model_output, permuted_copy, relative_error, with_new_head
 
 import hf_mudsc
-from hf_mudsc.adapters import spec_for
+from hf_mudsc.architectures import spec_for
 
 METHODS = [
     ("mudsc", "zip"),

@@ -1,0 +1,1 @@
+"""Apply: matches -> merged parameters -> the merged model (classifier heads merged or concatenated)."""

@@ -1,0 +1,1 @@
+"""Calibrate: calibration data -> batches -> forward hooks -> streaming correlation statistics (sharded)."""

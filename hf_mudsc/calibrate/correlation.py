@@ -1,0 +1,172 @@
+"""Streaming activation statistics (sums, Gram, count) and their Pearson correlation (docs/design.md §4.1)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    pass
+
+
+CLAMP = 1e-7
+
+
+def pearson_from_covariance(covariance: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation `Cov / clamp(σσᵀ, 1e-7)`; zero-variance units get zero rows and columns."""
+    std = covariance.diagonal().clamp_min(0).sqrt()
+    return covariance / torch.outer(std, std).clamp_min(CLAMP)
+
+
+class CorrelationAccumulator:
+    """Streaming `Σx`, `Σxxᵀ` and count of `dim`-wide samples, summable across processes.
+
+    `update` per batch, `merge` another accumulator (another shard's statistics), `finalize` for the
+    Pearson correlation. Sums are float64 and taken around a shift (the first batch's mean), so
+    `E[xxᵀ] − μμᵀ` does not cancel catastrophically for units with a large mean.
+    """
+
+    def __init__(self, dim: int, dtype: torch.dtype = torch.float64) -> None:
+        self.dim = dim
+        self.dtype = dtype
+        self.shift = torch.zeros(dim, dtype=torch.float64)
+        self.total = torch.zeros(dim, dtype=torch.float64)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64)
+        self.count = 0
+        # Calibration examples behind the samples (a sample is a token for per-token groups): set by
+        # `collect_statistics`, carried through merges and all-reduces, reported as the calibration size.
+        self.examples = 0
+        self._lower_stale = False
+
+    def update(self, samples: torch.Tensor) -> None:
+        """Add `(num_samples, dim)` samples.
+
+        One shifted copy of the batch, one GEMM: with `dtype=float64` the product is added into the sum in
+        place; with `dtype=float32` the (shifted, so well-conditioned) batch product runs at fp32 GEMM speed
+        and only the batch's result is added into the float64 sums — error stays per batch, never across.
+        """
+        if samples.dim() != 2 or samples.shape[1] != self.dim:
+            raise ValueError(f"expected samples of shape (N, {self.dim}), got {tuple(samples.shape)}")
+        self._check_usable()
+        if samples.shape[0] == 0:
+            return
+        samples = samples.detach()
+        home = self.outer.device
+        if self.count == 0:
+            # The shift is stored exactly as representable in the GEMM dtype, so the low-precision path
+            # subtracts it without a float64 round trip and the moment algebra stays exact.
+            self.shift = samples.to(torch.float64).mean(0).to(self.dtype).to(home, torch.float64)
+        # Only the blocks [AA AB] and BB of the symmetric Gram are multiplied (3/4 of the FLOPs of a full
+        # xᵀx); the BA block is filled in from AB when the sums are read (`_symmetric`).
+        h = self.dim // 2
+        if self.dtype == torch.float64:
+            x = samples.to(home, torch.float64) - self.shift
+            self.total += x.sum(0)
+            self.outer[:h].addmm_(x[:, :h].T, x)
+            self.outer[h:, h:].addmm_(x[:, h:].T, x[:, h:])
+        else:
+            # Features on an accelerator are multiplied there; only the (dim, dim) products come back.
+            x = samples.to(self.dtype) - self.shift.to(samples.device, self.dtype)
+            self.total += x.sum(0, dtype=torch.float64).to(home)
+            # add_ widens the fp32 product element by element: no float64 copy of it is made.
+            self.outer[:h].add_((x[:, :h].T @ x).to(home))
+            self.outer[h:, h:].add_((x[:, h:].T @ x[:, h:]).to(home))
+        self._lower_stale = True
+        self.count += samples.shape[0]
+
+    def _symmetric(self) -> torch.Tensor:
+        """`self.outer` with its lower-left block brought up to date (in place)."""
+        if getattr(self, "_lower_stale", False):
+            h = self.dim // 2
+            self.outer[h:, :h] = self.outer[:h, h:].T
+            self._lower_stale = False
+        return self.outer
+
+    def _moments_around(self, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`Σ(x − shift)` and `Σ(x − shift)(x − shift)ᵀ` from the sums around `self.shift`."""
+        delta = self.shift - shift
+        total = self.total + self.count * delta
+        outer = self._symmetric() + torch.outer(delta, self.total) + torch.outer(self.total, delta)
+        outer += self.count * torch.outer(delta, delta)
+        return total, outer
+
+    def merge(self, other: CorrelationAccumulator) -> CorrelationAccumulator:
+        """Fold another shard's statistics into this one (in place) and return self."""
+        if other.dim != self.dim:
+            raise ValueError(f"cannot merge accumulators of width {self.dim} and {other.dim}")
+        self._check_usable()
+        other._check_usable()
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            self.shift = other.shift.clone()
+        total, outer = other._moments_around(self.shift)
+        self.total += total
+        self._symmetric().add_(outer)
+        self.count += other.count
+        self.examples += other.examples
+        return self
+
+    def covariance(self) -> torch.Tensor:
+        self._check_usable()
+        if self.count == 0:
+            raise ValueError("no calibration samples reached this accumulator")
+        mean = self.total / self.count
+        return self._symmetric() / self.count - torch.outer(mean, mean)
+
+    def finalize(self) -> torch.Tensor:
+        """The `(dim, dim)` Pearson correlation of everything seen."""
+        return pearson_from_covariance(self.covariance())
+
+    def finalize_in_place(self, chunk_rows: int = 1024) -> torch.Tensor:
+        """`finalize()` computed inside the sums' own buffer, which it returns: the accumulator is used up.
+
+        For the biggest groups the `(dim, dim)` sums are hundreds of MB; the plain formula makes three
+        temporaries of that size. Here only `chunk_rows` rows of the `σσᵀ` denominator exist at a time.
+        """
+        self._check_usable()
+        if self.count == 0:
+            raise ValueError("no calibration samples reached this accumulator")
+        mean = self.total / self.count
+        covariance = self._symmetric().div_(self.count).addr_(mean, mean, alpha=-1)
+        std = covariance.diagonal().clamp_min(0).sqrt()
+        for start in range(0, self.dim, chunk_rows):
+            rows = covariance[start:start + chunk_rows]
+            rows.div_(torch.outer(std[start:start + chunk_rows], std).clamp_min_(CLAMP))
+        self.outer = self.total = self.shift = None  # consumed: further use fails in _check_usable
+        return covariance
+
+    def _check_usable(self) -> None:
+        if self.outer is None:
+            raise RuntimeError("this accumulator was consumed by finalize_in_place(); its sums are gone")
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The state as plain sums around zero, so shards can be added by an all-reduce."""
+        self._check_usable()
+        total, outer = self._moments_around(torch.zeros(self.dim, dtype=torch.float64))
+        return [total, outer, torch.tensor([float(self.count), float(self.examples)], dtype=torch.float64)]
+
+    def load_tensors(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Adopt summed `tensors()` (e.g. after an all-reduce); re-centres them on their mean."""
+        self.shift = torch.zeros(self.dim, dtype=torch.float64)
+        self.total, self.outer = tensors[0].to(torch.float64), tensors[1].to(torch.float64)
+        self._lower_stale = False
+        self.count = int(round(float(tensors[2][0].item())))
+        self.examples = int(round(float(tensors[2][1].item()))) if tensors[2].numel() > 1 else 0
+        if self.count:
+            mean = self.total / self.count
+            self.total, self.outer = self._moments_around(mean)
+            self.shift = mean
+
+
+def correlations_from(accumulators: list[CorrelationAccumulator]) -> list[torch.Tensor]:
+    """Every accumulator's Pearson correlation, finalized in place one group at a time (the list is emptied).
+
+    Peak memory stays at one copy of the statistics plus a few rows, whatever the number of groups.
+    """
+    correlations = []
+    while accumulators:
+        correlations.append(accumulators.pop(0).finalize_in_place())
+    return correlations

@@ -1,0 +1,547 @@
+"""Calibration data: a dataset spec or a `datasets` dataset -> a lazily preprocessed stream of input batches.
+
+`resolve_calibration` turns `"repo_or_path[:config]:split"`, a `Dataset`/`IterableDataset` with model-input
+columns (`pixel_values`, `input_ids`, ...) or with raw columns (`image`/`img`, `text`/`sentence`) into a
+`CalibrationStream`. Nothing is materialised: Hub and file datasets stream, saved datasets are memory-mapped,
+and the parents' processor runs batch by batch while the stream is consumed (text is padded per batch, and
+padding is masked out of the statistics anyway). Subsets (`num_samples`) are taken after a seeded shuffle so
+the same call always sees the same samples, on one process or sharded over many.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hf_mudsc.errors import CalibrationError
+from hf_mudsc.load.processors import image_processor_of, tokenizer_of
+from hf_mudsc.options import check_option, flag, option_hint
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMNS = ("image", "img")
+TEXT_COLUMNS = ("text", "sentence")
+# Columns passed to the models as they are (everything else, e.g. labels, is dropped).
+MODEL_INPUT_COLUMNS = ("pixel_values", "input_ids", "attention_mask", "token_type_ids", "position_ids",
+                       "pixel_mask")
+SHUFFLE_BUFFER_SIZE = 1000
+DEFAULT_BATCH_SIZE = 32
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet",
+                  ".arrow": "arrow", ".txt": "text"}
+_TEXT_LIMIT = 512  # fallback truncation when neither the tokenizer nor the config gives one
+
+
+_SPEC_FORMS = "use 'repo_or_path[:config]:split', or 'org/ds@revision[:config]:split' to pin a Hub dataset"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A parsed `"repo_or_path[@revision][:config]:split"` (split may carry a slice, e.g. `train[:100]`).
+
+    `revision` (a branch, tag or commit sha) pins a Hub dataset like `org/name@revision` pins a parent.
+    """
+
+    path: str
+    config: str | None = None
+    split: str | None = None
+    revision: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str | os.PathLike) -> DatasetSpec:
+        text = os.fspath(spec).strip()
+        if not text:
+            raise CalibrationError(f"empty calibration spec; {_SPEC_FORMS}")
+        if os.path.exists(text):
+            return cls(path=text)
+        match = re.fullmatch(r"(?P<body>.*?)(?P<slice>\[[^\]]*\])?", text)
+        body, slice_ = match.group("body"), match.group("slice") or ""
+        parts = body.split(":")
+        if len(parts) == 1:
+            if slice_:
+                raise CalibrationError(f"calibration spec {text!r}: a slice needs a split, e.g. 'data:train[:100]'")
+            path, revision = _split_revision(parts[0], text)
+            return cls(path=path, revision=revision)
+        if len(parts) == 2:
+            path, config, split = parts[0], None, parts[1]
+        elif len(parts) == 3:
+            path, config, split = parts
+        else:
+            raise CalibrationError(f"calibration spec {text!r} has too many ':' parts; {_SPEC_FORMS}")
+        if not path or not split or (config is not None and not config):
+            raise CalibrationError(f"calibration spec {text!r} has an empty part; {_SPEC_FORMS}")
+        path, revision = _split_revision(path, text)
+        return cls(path=path, config=config, split=split + slice_, revision=revision)
+
+    def __str__(self) -> str:
+        head = f"{self.path}@{self.revision}" if self.revision else self.path
+        return ":".join(p for p in (head, self.config, self.split) if p)
+
+
+def _split_revision(path: str, text: str) -> tuple[str, str | None]:
+    """`org/ds@rev` -> (`org/ds`, `rev`); an existing local path is taken as it is (it may contain '@')."""
+    if "@" not in path or os.path.exists(os.path.expanduser(path)):
+        return path, None
+    repo, _, revision = path.partition("@")
+    if not repo:
+        raise CalibrationError(f"calibration spec {text!r} has an empty part; {_SPEC_FORMS}")
+    if not revision:
+        raise CalibrationError(f"calibration spec {text!r} has an empty revision after '@'; {_SPEC_FORMS}")
+    if "@" in revision:
+        raise CalibrationError(f"calibration spec {text!r} may carry one '@revision' only; {_SPEC_FORMS}")
+    if os.path.exists(os.path.expanduser(repo)):
+        raise CalibrationError(
+            f"calibration spec {text!r}: a revision pins a Hub dataset, but {repo!r} is local data; "
+            f"drop '@{revision}'"
+        )
+    return repo, revision
+
+
+def pin_calibration_revision(spec: str, *, token: str | bool | None = None) -> str:
+    """`spec` with a Hub dataset's branch/tag (or no revision: the default branch) resolved to its commit sha.
+
+    Recipes record calibration data pinned like parents, so a re-run reads the same rows after the dataset
+    moved on. Local data, offline mode (`HF_HUB_OFFLINE=1`) and ids the Hub does not know (e.g. packaged
+    builders) are returned as given; an unknown revision is refused before anything is loaded.
+    """
+    from huggingface_hub import HfApi, constants, errors
+
+    parsed = DatasetSpec.parse(spec)
+    if Path(parsed.path).expanduser().exists() or constants.HF_HUB_OFFLINE:
+        return spec
+    try:
+        info = HfApi().dataset_info(parsed.path, revision=parsed.revision, token=token)
+    except errors.RevisionNotFoundError:
+        raise CalibrationError(
+            f"calibration dataset {spec!r}: revision {parsed.revision!r} does not exist in the dataset repository; "
+            "use an existing branch, tag or commit sha"
+        ) from None
+    except errors.GatedRepoError:
+        raise CalibrationError(
+            f"calibration dataset {parsed.path!r} is gated: accept its terms on the Hub and pass a token "
+            "(CLI: --token, or log in with `hf auth login`)"
+        ) from None
+    except errors.RepositoryNotFoundError:
+        logger.debug("calibration %r is not a Hub dataset repository; used as given", spec)
+        return spec
+    except (errors.HfHubHTTPError, OSError, ValueError) as error:
+        logger.warning("could not resolve the revision of calibration dataset %r (%s); it is recorded as given",
+                       spec, type(error).__name__)
+        return spec
+    if not getattr(info, "sha", None):
+        return spec
+    pinned = str(replace(parsed, revision=info.sha))
+    logger.info("calibration %s resolved to %s", spec, pinned)
+    return pinned
+
+
+def load_calibration_dataset(spec: str | os.PathLike | DatasetSpec, *, streaming: bool = True,
+                             token: str | bool | None = None) -> Any:
+    """The split named by `spec`, without materialising it.
+
+    Folders written by `save_to_disk` are memory-mapped with `load_from_disk`; single data files use the
+    matching packaged builder; everything else (Hub ids, imagefolder/audiofolder/data-file folders) goes to
+    `datasets.load_dataset(..., streaming=True)`. Slices (`train[:100]`) need `streaming=False`, which
+    is chosen automatically (they are read into the local arrow cache, not into memory).
+    """
+    import datasets
+
+    parsed = spec if isinstance(spec, DatasetSpec) else DatasetSpec.parse(spec)
+    path = Path(parsed.path).expanduser()
+    if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+        _refuse_empty_saved_split(path, parsed)
+        return _refuse_empty(_pick_split(datasets.load_from_disk(str(path)), parsed), str(parsed))
+    use_streaming = streaming and not (parsed.split and "[" in parsed.split)
+    kwargs: dict[str, Any] = {"split": parsed.split, "streaming": use_streaming}
+    if parsed.revision is not None:
+        kwargs["revision"] = parsed.revision
+    if token is not None:
+        kwargs["token"] = token
+    if path.is_file():
+        builder = _FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise CalibrationError(
+                f"calibration file {parsed.path!r} has an unknown format; use one of "
+                f"{', '.join(sorted(_FILE_BUILDERS))} or a dataset folder"
+            )
+        args: tuple[Any, ...] = (builder,)
+        kwargs.update(data_files=str(path), split=parsed.split or "train")
+    else:
+        args = (parsed.path,) if parsed.config is None else (parsed.path, parsed.config)
+    try:
+        loaded = datasets.load_dataset(*args, **kwargs)
+    except ValueError as error:
+        if "split" in str(error).lower():
+            raise CalibrationError(f"calibration spec {str(parsed)!r}: {error}") from error
+        raise CalibrationError(f"cannot load calibration dataset {str(parsed)!r}: {error}") from error
+    except (FileNotFoundError, ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as error:
+        raise CalibrationError(
+            f"calibration dataset {str(parsed)!r} not found: it is no local folder or file, and the Hub could not "
+            f"provide it ({type(error).__name__}: {error}); no columns found. Pass an existing path "
+            "(e.g. an imagefolder or a save_to_disk folder) or a Hub dataset id as 'repo[:config]:split'"
+        ) from error
+    return _pick_split(loaded, parsed)
+
+
+def _refuse_empty(dataset: Any, name: str) -> Any:
+    """A map-style split without rows cannot calibrate anything: say so before any parent is loaded."""
+    import datasets
+
+    if isinstance(dataset, datasets.Dataset) and len(dataset) == 0:
+        raise CalibrationError(f"calibration split {name!r} is empty (0 rows): no samples to calibrate "
+                               "with; pass a split that holds examples")
+    return dataset
+
+
+def _refuse_empty_saved_split(folder: Path, parsed: DatasetSpec) -> None:
+    """`save_to_disk` writes no data file for an empty split, and `load_from_disk` then fails with an
+    IndexError deep in `datasets`: read the split's state.json first."""
+    import json
+
+    split_folder = folder
+    if not (folder / "state.json").is_file():
+        try:
+            splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
+        except (OSError, ValueError, AttributeError):
+            return  # let datasets report an unreadable folder
+        name = parsed.split if parsed.split is not None else (splits[0] if len(splits) == 1 else None)
+        if name is None or name not in splits:
+            return  # _pick_split names the available splits
+        split_folder = folder / name
+    try:
+        data_files = json.loads((split_folder / "state.json").read_text()).get("_data_files")
+    except (OSError, ValueError, AttributeError):
+        return
+    if data_files == []:
+        raise CalibrationError(f"calibration split {str(parsed)!r} is empty (0 rows): no samples to calibrate "
+                               "with; pass a split that holds examples")
+
+
+def _pick_split(loaded: Any, parsed: DatasetSpec) -> Any:
+    import datasets
+
+    if not isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        return loaded
+    splits = list(loaded)
+    if parsed.split is not None:
+        if parsed.split not in loaded:
+            raise CalibrationError(
+                f"calibration spec {str(parsed)!r}: no split {parsed.split!r}; available splits: {splits}"
+            )
+        return loaded[parsed.split]
+    if len(splits) == 1:
+        return loaded[splits[0]]
+    raise CalibrationError(
+        f"calibration dataset {parsed.path!r} has several splits {splits}; name one as '{parsed.path}:<split>'"
+    )
+
+
+@dataclass
+class _Preprocessor:
+    """Raw columns of one batch (dict of lists) -> model inputs (dict of tensors)."""
+
+    image_column: str | None
+    text_column: str | None
+    image_processor: Any | None
+    tokenizer: Any | None
+    num_channels: int | None
+    max_length: int | None
+
+    def __call__(self, rows: Mapping[str, Sequence[Any]]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        if self.image_column is not None:
+            images = [self._image(x) for x in rows[self.image_column]]
+            try:
+                processed = self.image_processor(images=images, return_tensors="pt")
+            except (ValueError, TypeError, OSError) as error:
+                raise CalibrationError(
+                    f"the parents' image processor ({type(self.image_processor).__name__}) cannot preprocess column "
+                    f"{self.image_column!r}: {error}"
+                ) from error
+            out["pixel_values"] = _as_tensor(processed["pixel_values"])
+        if self.text_column is not None:
+            texts = [str(t) for t in rows[self.text_column]]
+            encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                                     return_tensors="pt")
+            out.update({k: _as_tensor(v) for k, v in encoded.items()})
+        return out
+
+    def _image(self, image: Any) -> Any:
+        """PIL images converted to the model's channel count (grayscale data for an RGB model and back)."""
+        convert = getattr(image, "convert", None)
+        if convert is None:
+            return np.asarray(image)
+        if self.num_channels == 1 and image.mode != "L":
+            return convert("L")
+        if self.num_channels in (3, None) and image.mode != "RGB":
+            return convert("RGB")
+        return image
+
+
+def _as_tensor(value: Any) -> torch.Tensor:
+    return value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+
+
+@dataclass
+class CalibrationStream:
+    """Calibration rows plus how to turn a batch of them into model inputs; what `merge()` consumes.
+
+    `dataset` is a `datasets.Dataset` (memory-mapped) or `IterableDataset` (streamed), already
+    shuffled and cut to `num_samples`; `preprocess` (None for model-input columns) runs per batch.
+    Iterating it yields batches of `DEFAULT_BATCH_SIZE`; `batches(n)` picks the size.
+    """
+
+    dataset: Any
+    preprocess: Callable[[Mapping[str, Sequence[Any]]], dict[str, torch.Tensor]] | None = None
+    source: str = "dataset"
+    sharding: str = "auto"
+
+    @property
+    def num_rows(self) -> int | None:
+        """Rows in the stream when known without reading it (map-style or cut to a size)."""
+        import datasets
+
+        if isinstance(self.dataset, datasets.Dataset):
+            return len(self.dataset)
+        return None
+
+    def shard(self, rank: int, world_size: int) -> CalibrationStream:
+        """This process's part (`datasets.distributed.split_dataset_by_node`); all parts add up to the stream.
+
+        A cut streaming dataset is split example by example, so every process walks the same seeded
+        order and the parts together are exactly the single-process sample set.
+        """
+        import datasets
+        from datasets.distributed import split_dataset_by_node
+
+        if world_size == 1:
+            return self
+        if isinstance(self.dataset, datasets.Dataset):
+            part = split_dataset_by_node(self.dataset, rank=rank, world_size=world_size)
+        else:
+            part = split_dataset_by_node(self.dataset, rank=rank, world_size=world_size, strategy=self.sharding)
+        return replace(self, dataset=part)
+
+    def batches(self, batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[dict[str, Any]]:
+        import datasets
+
+        batch_size = check_option("batch_size", batch_size)
+        data = self.dataset if self.preprocess is not None else self.dataset.with_format("torch")
+        if isinstance(data, datasets.Dataset):
+            chunks: Iterator[Mapping[str, Any]] = (data[s : s + batch_size] for s in range(0, len(data), batch_size))
+        else:
+            chunks = data.iter(batch_size=batch_size)
+        for chunk in chunks:
+            yield self.preprocess(chunk) if self.preprocess is not None else dict(chunk)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.batches(DEFAULT_BATCH_SIZE)
+
+    def __repr__(self) -> str:
+        columns = self.dataset.column_names
+        how = "preprocessed by the parents' processor" if self.preprocess is not None else "model inputs"
+        return f"CalibrationStream({self.source!r}, columns={columns}, {how}, rows={self.num_rows})"
+
+
+def _column_names(dataset: Any) -> list[str]:
+    names = dataset.column_names
+    if names is None:  # a streaming dataset whose features are unknown until read: peek at one row
+        first = next(iter(dataset.take(1)), None)
+        names = list(first) if first is not None else []
+    return list(names)
+
+
+def _first_present(candidates: Sequence[str], columns: Sequence[str]) -> str | None:
+    return next((c for c in candidates if c in columns), None)
+
+
+def _max_length(tokenizer: Any, model_config: Any) -> int:
+    limits = []
+    tokenizer_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tokenizer_limit, int) and tokenizer_limit < 1_000_000:
+        limits.append(tokenizer_limit)
+    for config in (model_config, getattr(model_config, "text_config", None)):
+        positions = getattr(config, "max_position_embeddings", None)
+        if isinstance(positions, int) and positions > 0:
+            limits.append(positions)
+            break
+    return min(limits) if limits else _TEXT_LIMIT
+
+
+def _num_channels(model_config: Any) -> int | None:
+    for config in (model_config, getattr(model_config, "vision_config", None)):
+        channels = getattr(config, "num_channels", None)
+        if isinstance(channels, int):
+            return channels
+    return None
+
+
+def _infer_inputs(columns: Sequence[str], image_processor: Any, tokenizer: Any,
+                  image_column: str | None, text_column: str | None) -> tuple[str, ...]:
+    present = [c for c in MODEL_INPUT_COLUMNS if c in columns]
+    if present and image_column is None and text_column is None:
+        return tuple(c for c in ("pixel_values", "input_ids") if c in present) or tuple(present)
+    inputs = []
+    if image_column is not None or (image_processor is not None and _first_present(IMAGE_COLUMNS, columns)):
+        inputs.append("pixel_values")
+    if text_column is not None or (tokenizer is not None and _first_present(TEXT_COLUMNS, columns)):
+        inputs.append("input_ids")
+    if not inputs:
+        raise CalibrationError(
+            f"the calibration data has no usable column; found columns {list(columns)}. Expected model inputs "
+            f"({', '.join(MODEL_INPUT_COLUMNS[:2])}) or raw columns ({', '.join(IMAGE_COLUMNS + TEXT_COLUMNS)}) "
+            f"that the parents' processor can preprocess; name yours with {option_hint('image_column')} or "
+            f"{option_hint('text_column')}"
+        )
+    return tuple(inputs)
+
+
+def _require_raw(model_input: str, kind: str, column: str | None, candidates: Sequence[str], option: str,
+                 processor: Any, processor_name: str, columns: Sequence[str]) -> None:
+    """Raw `kind` data needs a column and the parents' processor for it; say which is missing and the fix."""
+    lacking = (f"the calibration data lacks column(s) {[model_input]} that the models need; found columns "
+               f"{list(columns)}. ")
+    if column is None:
+        raise CalibrationError(
+            lacking + f"No raw {kind} column to preprocess either (looked for {', '.join(candidates)}): name "
+            f"yours with {option_hint(option)}, or provide {model_input} yourself"
+        )
+    if processor is None:
+        raise CalibrationError(
+            lacking + f"Column {column!r} holds raw {kind}, but the parents ship no {processor_name} to "
+            f"preprocess it: save it with the parent models (or load them with their processor), or map your "
+            f"own preprocessing to a {model_input} column"
+        )
+
+
+def _plan(columns: Sequence[str], inputs: Sequence[str], processor: Any, image_column: str | None,
+          text_column: str | None, model_config: Any) -> tuple[list[str], _Preprocessor | None]:
+    """Which columns to read and how to preprocess them (None: they already are model inputs)."""
+    for name, override in (("image_column", image_column), ("text_column", text_column)):
+        if override is not None and override not in columns:
+            raise CalibrationError(f"{name}={override!r} (CLI: {flag(name)}) is not a column of the calibration "
+                                   f"data; found columns {list(columns)}")
+    if image_column is None and text_column is None and all(i in columns for i in inputs):
+        return [c for c in columns if c in MODEL_INPUT_COLUMNS or c in inputs], None
+    unknown = [i for i in inputs if i not in ("pixel_values", "input_ids") and i not in columns]
+    if unknown:
+        raise CalibrationError(f"the models need input(s) {unknown} that no column provides; found columns "
+                               f"{list(columns)}")
+    image_processor, tokenizer = image_processor_of(processor), tokenizer_of(processor)
+    use_image = use_text = None
+    if "pixel_values" in inputs:
+        use_image = image_column or _first_present(IMAGE_COLUMNS, columns)
+        _require_raw("pixel_values", "image", use_image, IMAGE_COLUMNS, "image_column", image_processor,
+                     "image processor (preprocessor_config.json)", columns)
+    if "input_ids" in inputs:
+        use_text = text_column or _first_present(TEXT_COLUMNS, columns)
+        _require_raw("input_ids", "text", use_text, TEXT_COLUMNS, "text_column", tokenizer, "tokenizer", columns)
+    preprocess = _Preprocessor(
+        image_column=use_image, text_column=use_text, image_processor=image_processor if use_image else None,
+        tokenizer=tokenizer if use_text else None, num_channels=_num_channels(model_config),
+        max_length=_max_length(tokenizer, model_config) if use_text else None,
+    )
+    return [c for c in (use_image, use_text) if c is not None], preprocess
+
+
+def _choose_processor(processors: Any) -> Any | None:
+    """Parent A's processor (the first one present); a differing image processor in B is logged."""
+    if processors is None:
+        return None
+    if not isinstance(processors, (list, tuple)):
+        return processors
+    present = [p for p in processors if p is not None]
+    if not present:
+        return None
+    first = image_processor_of(present[0])
+    for other in present[1:]:
+        other_image = image_processor_of(other)
+        if first is not None and other_image is not None and first.to_dict() != other_image.to_dict():
+            logger.warning("the parents' image processors differ; calibration uses the first parent's")
+    return present[0]
+
+
+def _subset(dataset: Any, num_samples: int | None, seed: int, shuffle: bool) -> tuple[Any, str]:
+    """Seeded shuffle + first `num_samples` rows (statistics are sums: order only matters for a subset)."""
+    import datasets
+
+    num_samples = check_option("num_samples", num_samples)
+    if num_samples is None:
+        return dataset, "auto"
+    if isinstance(dataset, datasets.Dataset):
+        size = len(dataset)
+        if shuffle:
+            indices = np.random.default_rng(seed).permutation(size)[: min(num_samples, size)]
+        else:
+            indices = np.arange(min(num_samples, size))
+        # keep_in_memory: never write an indices cache file next to the caller's dataset.
+        return dataset.select(indices, keep_in_memory=True), "auto"
+    if shuffle:
+        dataset = dataset.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER_SIZE)
+    return dataset.take(num_samples), "examples"
+
+
+def resolve_calibration(
+    calibration: Any,
+    processors: Any = None,
+    *,
+    image_column: str | None = None,
+    text_column: str | None = None,
+    num_samples: int | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    streaming: bool = True,
+    inputs: Sequence[str] | None = None,
+    model_config: Any = None,
+    token: str | bool | None = None,
+) -> Any:
+    """Calibration in any accepted form -> what `merge()` consumes (a `CalibrationStream`, or the input as is).
+
+    Args:
+        calibration: `"repo_or_path[:config]:split"`, a `Dataset`/`IterableDataset` (model-input or raw
+            columns), a `CalibrationStream` (returned as is) or an iterable of dict batches (returned as is).
+        processors: the parents' processors (a list; the first present one is used) or one processor.
+        image_column, text_column: raw columns to preprocess (default: `image`/`img`, `text`/`sentence`).
+        num_samples: keep this many rows, chosen by a shuffle seeded with `seed` (a buffer shuffle of
+            `SHUFFLE_BUFFER_SIZE` rows when streaming); all rows when None (then order is irrelevant).
+        streaming: stream spec datasets instead of downloading and converting them first.
+        inputs: model inputs the parents need (e.g. `spec.inputs`); inferred from columns/processors if None.
+        model_config: a parent's config, for the image channel count and the text length limit.
+    """
+    import datasets
+
+    if calibration is None:
+        raise CalibrationError("no calibration data; pass a dataset, a 'repo_or_path[:config]:split' spec or batches")
+    if isinstance(calibration, CalibrationStream):
+        return calibration
+    source = "dataset"
+    if isinstance(calibration, (str, os.PathLike, DatasetSpec)):
+        source = str(calibration if isinstance(calibration, DatasetSpec) else DatasetSpec.parse(calibration))
+        calibration = load_calibration_dataset(calibration, streaming=streaming, token=token)
+    if isinstance(calibration, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        calibration = _pick_split(calibration, DatasetSpec(path=source))
+    if not isinstance(calibration, (datasets.Dataset, datasets.IterableDataset)):
+        return calibration
+    _refuse_empty(calibration, source)
+    if source == "dataset":
+        source = getattr(calibration.info, "dataset_name", None) or getattr(calibration.info, "builder_name", None) \
+            or "dataset"
+    columns = _column_names(calibration)
+    processor = _choose_processor(processors)
+    if inputs is None:
+        inputs = _infer_inputs(columns, image_processor_of(processor), tokenizer_of(processor),
+                               image_column, text_column)
+    keep, preprocess = _plan(columns, tuple(inputs), processor, image_column, text_column, model_config)
+    if keep != columns:
+        calibration = calibration.select_columns(keep)
+    calibration, sharding = _subset(calibration, num_samples, seed, shuffle)
+    logger.info("calibration from %s: columns %s%s", source, keep,
+                " preprocessed by the parents' processor" if preprocess else "")
+    return CalibrationStream(dataset=calibration, preprocess=preprocess, source=source, sharding=sharding)

@@ -1,0 +1,321 @@
+"""`hf-mudsc evaluate DIR --dataset [TASK=]SPEC ...`: a merged model next to its parents and their ensemble.
+
+Which data scores which task (the task names are the keys of the merged model's `config.task_label_ranges`,
+printed by `--help`'s error when a name is wrong):
+
+* `--dataset TASK=SPEC`, once per task: each dataset holds one task, labels are that task's own class ids
+  (0..k-1, as the parent was trained) or class names.
+* `--dataset SPEC` once per task, without names: assigned to the tasks in order (A's task first).
+* `--dataset SPEC` once, for a model with several tasks: the dataset holds every task. With
+  `--task-column COL` the column names each row's task (task name or index) and labels are task-local;
+  without it, labels are ids of the merged model's joint head (task = the range the id falls in).
+* A merged model with ONE shared label set (no task ranges): every `--dataset` is scored on that label set.
+
+SPEC is `repo_or_path[:config]:split` (a Hub dataset, an imagefolder, a data file or a `save_to_disk` folder).
+DIR may also be a Hub id `org/name[@revision]` (downloaded like a parent: pinned commit, safetensors only, no
+remote code; its parents come from the recipe in the repo). Results are printed, written to
+`DIR/eval_results.json` (or `--output-json`), and put into DIR/README.md: only its Evaluation section and its
+`model-index` are replaced, the rest of the card stays as the merge wrote it (`--no-card` leaves it alone). A
+Hub id has no folder: its results are printed and written only to `--output-json PATH`.
+Metrics other than the shipped ones run their own script: they need `--trust-remote-code`.
+Under `accelerate launch`/`torchrun` every process scores a shard; the main process writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from hf_mudsc.evaluate.harness import DEFAULT_PROMPT, RESULTS_FILENAME, SHIPPED_METRICS
+from hf_mudsc.publish.folder import write_file_atomically
+from hf_mudsc.publish.hub import CARD_FILENAME
+
+EPILOG = """\
+which dataset scores which task (task names: the keys of the model's config.task_label_ranges):
+  --dataset TASK=SPEC (repeat)   one dataset per task; labels = the task's own class ids (0..k-1) or names
+  --dataset SPEC (one per task)  the same, assigned to the tasks in order (A's task first)
+  --dataset SPEC (once)          one dataset holding every task: labels = ids of the merged model's joint
+                                 head, or, with --task-column COL, COL names each row's task (name or index)
+                                 and labels are task-local
+examples:
+  hf-mudsc evaluate merged --dataset cars=org/cars:test --dataset pets=org/pets:test
+  hf-mudsc evaluate merged --dataset ./joint_test --task-column task --label-column label
+  hf-mudsc evaluate org/merged@v1 --dataset cars=org/cars:test --dataset pets=org/pets:test --output-json r.json
+results: printed, written to DIR/eval_results.json, and put into DIR/README.md (the Evaluation section and the
+model-index; every other part of the card is kept). For a Hub id the results are printed and written only to
+--output-json PATH; the Hub repo and its card are never changed (push a local folder to publish them).
+"""
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Real defaults shown in the flag help (not None/False, not twice); the epilog's layout kept."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or "(default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = _Formatter
+    parser.epilog = EPILOG
+    parser.add_argument("model", metavar="DIR",
+                        help="the merged model: a folder a merge wrote, or a Hub id org/name[@revision] "
+                        "(safetensors only, no remote code; the parents come from its recipe)")
+    parser.add_argument(
+        "--dataset", "-d", action="append", metavar="[TASK=]SPEC", required=True,
+        help="evaluation data `repo_or_path[:config]:split`, optionally prefixed by the task it scores; "
+        "repeat per task (see below for how datasets map to tasks)")
+    parser.add_argument("--task-column", metavar="COL",
+                        help="with one dataset for several tasks: the column naming each row's task "
+                        "(name or index)")
+    parser.add_argument("--label-column", metavar="COL", help="label column (default: label or labels)")
+    parser.add_argument("--image-column", metavar="COL", help="raw image column (default: image or img)")
+    parser.add_argument("--text-column", metavar="COL", help="raw text column (default: text or sentence)")
+    parents = parser.add_mutually_exclusive_group()
+    parents.add_argument("--parents", nargs=2, metavar=("A", "B"),
+                         help="the parents in merge order (default: the models of DIR/mudsc_recipe.yaml)")
+    parents.add_argument("--no-parents", action="store_true", help="score the merged model alone")
+    parser.add_argument("--no-ensemble", action="store_true", help="do not score the two-parent ensemble")
+    parser.add_argument("--metric", action="append", metavar="NAME",
+                        help=f"metric (repeatable; shipped, offline: {', '.join(SHIPPED_METRICS)}; any other "
+                        "name, folder or Space goes through evaluate.load, which runs its script: needs "
+                        "--trust-remote-code) (default: accuracy)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow --metric names that are not shipped: their Python script is downloaded "
+                        "or read and RUN (only for code you trust)")
+    parser.add_argument("--batch-size", type=int, default=64, metavar="N", help="rows per forward pass")
+    parser.add_argument("--num-samples", type=int, metavar="N",
+                        help="score only the first N rows of each task")
+    parser.add_argument("--class-names", action="append", metavar="TASK=NAME,NAME,...",
+                        help="CLIP zero-shot: the class names of a task (default: the label column's "
+                        "ClassLabel names)")
+    parser.add_argument("--prompt-template", action="append", metavar="TEXT",
+                        help=f"CLIP zero-shot prompt with {{}} for the class name; repeat to average several "
+                        f"(default: {DEFAULT_PROMPT!r})")
+    parser.add_argument("--output-json", metavar="PATH",
+                        help=f"results file (default: DIR/{RESULTS_FILENAME}; for a Hub id the results are "
+                        "only printed unless this names a file)")
+    parser.add_argument("--no-card", action="store_true",
+                        help="do not put the results into DIR/README.md (the model card's model-index)")
+
+
+def _split_task(value: str) -> tuple[str | None, str]:
+    """`TASK=SPEC` -> (TASK, SPEC); a prefix holding a path separator or ':' is part of the spec instead."""
+    head, sep, rest = value.partition("=")
+    if sep and head and rest and not re.search(r"[/\\:]", head):
+        return head, rest
+    return None, value
+
+
+def _class_names(values: list[str] | None) -> dict[str, list[str]] | None:
+    if not values:
+        return None
+    out = {}
+    for value in values:
+        task, sep, names = value.partition("=")
+        if not sep or not task or not names:
+            raise ValueError(f"--class-names {value!r}: use TASK=NAME,NAME,... (e.g. pets=cat,dog)")
+        out[task] = [n.strip() for n in names.split(",") if n.strip()]
+    return out
+
+
+def _parents(args: argparse.Namespace, folder: Path | None) -> list[str] | None:
+    if args.no_parents:
+        return None
+    if args.parents:
+        return list(args.parents)
+    from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
+
+    recipe = folder / RECIPE_FILENAME if folder is not None else None
+    if recipe is None or not recipe.is_file():
+        print("No --parents and no merge recipe next to the model: scoring the merged model alone.")
+        return None
+    return list(Recipe.load(recipe).models)
+
+
+def _datasets(
+    args: argparse.Namespace, task_names: list[str], ranges: dict | None
+) -> dict[str, Any] | list[Any]:
+    """The --dataset flags -> evaluate_merge's datasets_per_task (opened lazily: bad specs fail fast)."""
+    from hf_mudsc.calibrate.datasets import DatasetSpec, load_calibration_dataset
+    from hf_mudsc.evaluate.harness import TaskData, tasks_from_dataset
+
+    parsed = [_split_task(v) for v in args.dataset]
+    named = [task for task, _ in parsed if task]
+    if named and len(named) != len(parsed):
+        raise ValueError("name the task of every --dataset (TASK=SPEC) or of none")
+
+    def open_spec(spec: str) -> TaskData:
+        dataset = load_calibration_dataset(spec)
+        info = DatasetSpec.parse(spec)
+        name = Path(info.path).name if Path(info.path).exists() else info.path
+        return TaskData(dataset, label_column=args.label_column, name=name, split=info.split)
+
+    if named:
+        twice = sorted({task for task in named if named.count(task) > 1})
+        if twice:
+            raise ValueError(
+                f"task {twice[0]!r} is named by two --dataset flags; pass one --dataset TASK=SPEC per task"
+            )
+        unknown = [task for task in named if ranges and task not in ranges]
+        if unknown:
+            raise ValueError(
+                f"unknown task(s) {unknown}; the merged model's tasks are {task_names}: use them in "
+                "--dataset TASK=SPEC"
+            )
+        return {task: open_spec(spec) for task, spec in parsed}
+    if len(parsed) == 1 and ranges and len(task_names) > 1:
+        source = open_spec(parsed[0][1])
+        return tasks_from_dataset(source.data, task_names, ranges, task_column=args.task_column,
+                                  label_column=args.label_column, name=source.name, split=source.split)
+    if args.task_column:
+        raise ValueError("--task-column applies to a single --dataset holding every task")
+    if ranges and len(parsed) != len(task_names):
+        raise ValueError(
+            f"{len(parsed)} datasets for the model's {len(task_names)} tasks {task_names}: pass one per task "
+            "(optionally TASK=SPEC) or one holding every task"
+        )
+    return [open_spec(spec) for _, spec in parsed]
+
+
+def update_card(folder: Path, model: Any, result: Any) -> Path | None:
+    """Put the results into DIR/README.md (atomically): only its Evaluation section and `model-index` change,
+    every other part the merge wrote is kept. Without a card, one is rendered from the recipe; None if
+    the folder has neither."""
+    from huggingface_hub import ModelCard
+
+    from hf_mudsc.publish.card import render_card, update_card_evaluation
+    from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
+
+    card_path = folder / CARD_FILENAME
+    if card_path.is_file():
+        card = update_card_evaluation(ModelCard.load(card_path), result.card_rows())
+    elif (folder / RECIPE_FILENAME).is_file():
+        card = render_card(model, Recipe.load(folder / RECIPE_FILENAME), eval_results=result.card_rows(),
+                           model_name=folder.resolve().name)
+    else:
+        return None
+    return write_file_atomically(card_path, card.save)
+
+
+def _is_hub_id(reference: str) -> bool:
+    """`org/name[@rev]` that is not an existing path (a folder that is absent is an error, not a Hub id)."""
+    from hf_mudsc.load.references import looks_like_path
+
+    return not looks_like_path(reference) and "/" in reference.split("@", 1)[0]
+
+
+def _check_metrics(names: list[str], trust_remote_code: bool) -> None:
+    """Metrics other than the shipped ones run a script: only with --trust-remote-code (before any loading)."""
+    foreign = [name for name in names if name not in SHIPPED_METRICS]
+    if foreign and not trust_remote_code:
+        raise ValueError(
+            f"metric {foreign[0]!r} is not shipped with hf-mudsc (shipped: {', '.join(SHIPPED_METRICS)}); "
+            "loading it runs its Python script: pass --trust-remote-code if you trust that code"
+        )
+
+
+def _local_config(folder: Path) -> Any:
+    """The merged folder's config alone (no weights), so dataset flags are checked before loading."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except (ValueError, OSError, KeyError) as error:
+        raise ValueError(f"cannot read the config of the merged model {str(folder)!r}: {error}") from None
+
+
+def _hub_recipe_parents(loaded: Any) -> list[str] | None:
+    """The parents named by the merge recipe of a Hub model, at the commit evaluated (None if it has none)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
+
+    try:
+        path = hf_hub_download(loaded.repo_id, RECIPE_FILENAME, revision=loaded.commit_sha)
+    except (EntryNotFoundError, LocalEntryNotFoundError):
+        return None
+    except (HfHubHTTPError, OSError) as error:
+        raise ValueError(
+            f"cannot read the merge recipe of {loaded.reference!r} ({error}); pass --parents A B or --no-parents"
+        ) from None
+    return list(Recipe.load(path).models)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hf_mudsc.apply.classifier import task_ranges
+    from hf_mudsc.errors import EvaluationError, LoadError
+    from hf_mudsc.evaluate.harness import evaluate_merge
+    from hf_mudsc.load.parents import load_parent
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.num_samples is not None and args.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    _check_metrics(args.metric or [], args.trust_remote_code)
+    class_names = _class_names(args.class_names)
+    folder = Path(args.model).expanduser()
+    local = folder.is_dir()
+    if not local and not _is_hub_id(args.model):
+        raise FileNotFoundError(
+            f"{args.model!r} is not a model folder; pass the folder a merge wrote or a Hub id org/name[@revision]"
+        )
+    datasets_per_task = None
+    if local:  # check the dataset flags against the config before loading any weights
+        ranges = {task: list(bounds) for task, bounds in task_ranges(_local_config(folder)).items()} or None
+        datasets_per_task = _datasets(args, list(ranges or {}), ranges)
+    try:
+        merged = load_parent(args.model)
+    except LoadError as error:
+        raise ValueError(f"cannot load the merged model {args.model!r}: {error}") from error
+    if datasets_per_task is None:
+        ranges = {task: list(bounds) for task, bounds in task_ranges(merged.model.config).items()} or None
+        datasets_per_task = _datasets(args, list(ranges or {}), ranges)  # tasks in parent order
+    if args.no_parents:
+        parent_refs = None
+    elif args.parents or local:
+        parent_refs = _parents(args, folder if local else None)
+    else:
+        parent_refs = _hub_recipe_parents(merged)
+        if parent_refs is None:
+            print("No --parents and no merge recipe in the repository: scoring the merged model alone.")
+    parents = None
+    if parent_refs is not None:
+        try:
+            parents = [load_parent(ref) for ref in parent_refs]
+        except LoadError as error:
+            raise ValueError(
+                f"cannot load the parents {parent_refs}: {error}; pass --parents A B or --no-parents"
+            ) from error
+    try:
+        result = evaluate_merge(
+            {"merged": merged}, parents, datasets_per_task, metrics=args.metric or ["accuracy"],
+            ensemble=not args.no_ensemble, batch_size=args.batch_size, num_samples=args.num_samples,
+            image_column=args.image_column, text_column=args.text_column, class_names=class_names,
+            prompt_template=args.prompt_template or DEFAULT_PROMPT, progress=sys.stderr.isatty(),
+            trust_remote_code=args.trust_remote_code)
+    except EvaluationError as error:
+        print(f"hf-mudsc evaluate: error: {error}", file=sys.stderr)
+        return 1
+    if result is None:  # a non-main process of a distributed run
+        return 0
+    labels = {"parent_a": "parent A", "parent_b": "parent B"}
+    for metric in result.metrics:
+        print(f"\n{metric}:\n{result.table(metric, labels=labels)}")
+    json_path = Path(args.output_json) if args.output_json else (folder / RESULTS_FILENAME if local else None)
+    if json_path is None:
+        print(f"\nResults not written: {args.model} is a Hub model, not a folder; pass --output-json PATH to "
+              "save them (the Hub card is left as it is)")
+        return 0
+    result.save(json_path)
+    print(f"\nResults written to {json_path}")
+    if local and not args.no_card:
+        card = update_card(folder, merged.model, result)
+        if card is not None:
+            print(f"Model card {card} updated with the results (model-index)")
+    return 0

@@ -1,0 +1,42 @@
+"""`hf-mudsc push DIR ORG/NAME`: publish a folder written by `hf-mudsc merge --output DIR` in one commit.
+
+Only what the writer wrote is uploaded (its marker lists the files); a folder holding symlinks or other
+files is refused, naming them. A failed push says what the repo really holds and never touches DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hf_mudsc.publish.recipe import RECIPE_FILENAME
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "folder", metavar="DIR",
+        help=f"merged-model folder (config.json, *.safetensors, README.md, {RECIPE_FILENAME}, processor)")
+    parser.add_argument("repo_id", metavar="ORG/NAME", help="the Hub model repo to create and upload to")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="allow an existing repo: its files are replaced by the folder's in one commit")
+    parser.add_argument(
+        "--token", metavar="TOKEN", default=argparse.SUPPRESS,
+        help="Hub token (default: HF_TOKEN or the stored `hf auth login`); never logged or written")
+
+
+def run(args: argparse.Namespace) -> int:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from hf_mudsc.errors import PushError
+    from hf_mudsc.publish.hub import push_folder
+
+    try:
+        result = push_folder(args.folder, args.repo_id, private=args.private, overwrite=args.overwrite,
+                             token=getattr(args, "token", None), flag="ORG/NAME")
+    except (PushError, HfHubHTTPError) as error:
+        print(f"hf-mudsc push: error: {error}", file=sys.stderr)
+        return 1
+    print(f"Pushed {args.folder} to {result.url} (commit {result.commit_sha})")
+    return 0

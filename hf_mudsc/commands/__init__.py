@@ -1,1 +1,0 @@
-"""CLI sub-commands, one module each (`add_arguments(parser)`, `run(args) -> int`)."""

@@ -1,0 +1,51 @@
+"""Every error hf_mudsc raises on purpose: each message names the problem and the fix."""
+
+from __future__ import annotations
+
+
+class MergeInputError(ValueError):
+    """The parents or options cannot be merged; the message names the problem and the fix."""
+
+
+class LoadError(ValueError):
+    """A parent cannot be loaded safely; the message says why and what to do."""
+
+
+class ParentMismatchError(LoadError, MergeInputError):
+    """The parents cannot be merged with each other (architecture, configuration or vocabulary differ)."""
+
+
+class CalibrationError(ValueError):
+    """The calibration data cannot be used (empty, missing columns, wrongly shaped)."""
+
+
+class RecipeError(ValueError):
+    """A recipe (file or flags) is invalid; the message names the key and the fix."""
+
+
+class EvaluationError(ValueError):
+    """The models or data cannot be evaluated as asked; the message names the problem and the fix."""
+
+
+class OutputLocationError(ValueError):
+    """The output cannot be written where asked (under a file, name too long, folder not writable)."""
+
+
+class SpecError(ValueError):
+    """A permutation spec does not describe the model it was built for (an adapter bug)."""
+
+
+class RepoExistsError(FileExistsError):
+    """The target repo exists and `overwrite` was not given."""
+
+
+class PushError(RuntimeError):
+    """The upload failed; the message says what the repo really holds afterwards."""
+
+
+class OptionError(ValueError):
+    """A merge option has a wrong type or value; the message names the option, its flag and the valid values."""
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model's architecture has no adapter."""

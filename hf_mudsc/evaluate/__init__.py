@@ -1,0 +1,1 @@
+"""Evaluation of a merge: the merged model next to its parents and their ensemble, per task and jointly."""

@@ -1,0 +1,68 @@
+"""Checks that two parents can be merged: same class and configuration (up to keys that do not matter)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
+
+from hf_mudsc.errors import MergeInputError
+
+# Config fields that may differ between two parents of one architecture (labels and bookkeeping).
+_IGNORED_CONFIG_KEYS = {
+    "id2label", "label2id", "num_labels", "_name_or_path", "name_or_path", "transformers_version",
+    "dtype", "torch_dtype", "problem_type", "finetuning_task", "architectures", "task_label_ranges",
+    "mudsc", "_commit_hash", "output_attentions", "output_hidden_states", "return_dict",
+    "auto_map", "custom_pipelines",
+}
+
+
+# Config keys that point at code in a parent's repo (`trust_remote_code` classes and pipelines). The merged
+# model is a stock transformers class; copying them would make it point users at code it was never built with.
+REMOTE_CODE_CONFIG_KEYS = ("auto_map", "custom_pipelines")
+
+
+def config_differences(a: PretrainedConfig, b: PretrainedConfig, prefix: str = "") -> list[str]:
+    da, db = a.to_dict(), b.to_dict()
+    problems = []
+    for key in sorted(set(da) | set(db)):
+        if key in _IGNORED_CONFIG_KEYS:
+            continue
+        va, vb = da.get(key), db.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict) and key.endswith("_config"):
+            sub_a = {k: v for k, v in va.items() if k not in _IGNORED_CONFIG_KEYS}
+            sub_b = {k: v for k, v in vb.items() if k not in _IGNORED_CONFIG_KEYS}
+            for sub in sorted(set(sub_a) | set(sub_b)):
+                if sub_a.get(sub) != sub_b.get(sub):
+                    problems.append(f"{prefix}{key}.{sub}: {sub_a.get(sub)!r} vs {sub_b.get(sub)!r}")
+        elif va != vb:
+            problems.append(f"{prefix}{key}: {va!r} vs {vb!r}")
+    return problems
+
+
+def check_parents(model_a: PreTrainedModel, model_b: PreTrainedModel) -> None:
+    """Refuse parents that cannot share one permutation spec, before any heavy work."""
+    for name, model in (("A", model_a), ("B", model_b)):
+        if not isinstance(model, PreTrainedModel):
+            raise MergeInputError(
+                f"parent {name} is a {type(model).__name__}; pass a transformers PreTrainedModel or a local folder"
+            )
+    if type(model_a) is not type(model_b):
+        raise MergeInputError(
+            f"parents have different architectures: A is {type(model_a).__name__}, B is {type(model_b).__name__}; "
+            "merge two models of the same class (e.g. two ViTForImageClassification)"
+        )
+    differences = config_differences(model_a.config, model_b.config)
+    if differences:
+        raise MergeInputError(
+            "parents have different configurations, so their tensors do not line up: "
+            + "; ".join(differences[:10])
+            + ("; ..." if len(differences) > 10 else "")
+            + ". Merge models fine-tuned from the same architecture configuration."
+        )
+    for name, model in (("A", model_a), ("B", model_b)):
+        for param_name, param in model.named_parameters():
+            if not torch.isfinite(param).all():
+                raise MergeInputError(
+                    f"parent {name} has NaN or infinite values in {param_name!r}; the checkpoint is corrupt or "
+                    "diverged in training — fix or re-export it before merging"
+                )

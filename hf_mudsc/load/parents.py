@@ -1,0 +1,577 @@
+"""Parents from Hub references, local folders or objects -> float32 `PreTrainedModel`s plus their processors.
+
+Loading happens in two phases so that incompatible parents are refused cheaply: first every parent is
+*located* (Hub revision resolved to a commit sha, config and tokenizer/processor files fetched, weight
+format checked), then the parents are compared (configuration, vocabulary), and only then are weights
+downloaded and loaded. Weights come from safetensors only unless the caller opts into pickle; remote
+code is never run; every model comes back float32 whatever dtype its checkpoint was saved in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+
+from hf_mudsc.errors import LoadError, ParentMismatchError
+from hf_mudsc.load.checks import config_differences
+from hf_mudsc.load.processors import load_processor, processor_from_name, tokenizer_of
+from hf_mudsc.load.references import looks_like_path, parse_reference
+
+logger = logging.getLogger(__name__)
+
+# Small top-level files fetched before any weights: the config, processors and tokenizers.
+SMALL_FILE_SUFFIXES = (".json", ".txt", ".model")
+SAFETENSORS_SINGLE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+
+
+
+
+@dataclass
+class LoadedParent:
+    """A parent model ready to merge, with where it came from (for the model card and the recipe)."""
+
+    model: PreTrainedModel
+    processor: Any | None
+    reference: str
+    repo_id: str | None = None
+    revision: str | None = None
+    commit_sha: str | None = None
+
+    @property
+    def pinned_reference(self) -> str:
+        """`org/name@<commit sha>` for Hub parents (reproducible), the reference otherwise."""
+        if self.repo_id and self.commit_sha:
+            return f"{self.repo_id}@{self.commit_sha}"
+        return self.reference
+
+
+@dataclass
+class _Located:
+    """Phase one of loading: everything but the weights."""
+
+    reference: str
+    config: PretrainedConfig | None
+    folder: Path | None = None
+    repo_id: str | None = None
+    revision: str | None = None
+    commit_sha: str | None = None
+    model: PreTrainedModel | None = None
+    processor: Any | None = None
+    weight_files: list[str] = field(default_factory=list)
+    use_pickle: bool = False
+    loaded: LoadedParent | None = None
+
+
+
+
+
+
+def model_class_for(config: PretrainedConfig) -> type[PreTrainedModel]:
+    """The class named in `config.architectures` (the class the checkpoint was saved from)."""
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
+            return cls
+    raise LoadError(
+        f"the config names no transformers architecture ({getattr(config, 'architectures', None)!r}); "
+        "models with custom code are not supported (hf_mudsc never sets trust_remote_code). Save the model "
+        "with save_pretrained from a transformers class so config.json records it"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# phase 1: locate
+# ----------------------------------------------------------------------------------------------------
+
+
+
+
+def _locate(ref: Any, *, token: str | bool | None, allow_pickle: bool,
+            cache_dir: str | os.PathLike | None) -> _Located:
+    if isinstance(ref, LoadedParent):
+        return _Located(reference=ref.reference, config=ref.model.config, repo_id=ref.repo_id,
+                        revision=ref.revision, commit_sha=ref.commit_sha, loaded=ref)
+    if isinstance(ref, PreTrainedModel):
+        name_or_path = str(getattr(ref.config, "_name_or_path", "") or getattr(ref, "name_or_path", "") or "")
+        return _Located(reference=name_or_path or type(ref).__name__, config=ref.config, model=ref,
+                        processor=processor_from_name(name_or_path, getattr(ref.config, "_commit_hash", None)))
+    if not isinstance(ref, (str, os.PathLike)):
+        raise LoadError(
+            f"a parent must be a PreTrainedModel, a local folder or a Hub id ('org/name[@revision]'), "
+            f"got {type(ref).__name__}"
+        )
+    text = os.fspath(ref)
+    name, revision = parse_reference(text)
+    if revision is None and looks_like_path(name):
+        return _locate_folder(text, Path(name).expanduser(), allow_pickle)
+    return _locate_hub(text, name, revision, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir)
+
+
+def _weights_format(reference: str, files: Sequence[str], allow_pickle: bool) -> tuple[list[str], bool]:
+    """The weight files to load and whether they are pickle; refuses pickle-only without the opt-in."""
+    names = set(files)
+    if SAFETENSORS_INDEX in names:
+        return [SAFETENSORS_INDEX], False
+    if SAFETENSORS_SINGLE in names:
+        return [SAFETENSORS_SINGLE], False
+    pickles = sorted(f for f in names if f.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        if not allow_pickle:
+            raise LoadError(
+                f"{reference!r} has only pickle weights ({', '.join(pickles[:3])}) and no model.safetensors. "
+                "Loading a pickle checkpoint can run arbitrary code hidden in the file. Convert it to "
+                "safetensors (e.g. the Hub's convert space), or pass allow_pickle=True (CLI: --allow-pickle) "
+                "if you trust its source"
+            )
+        if PICKLE_INDEX in names:
+            return [PICKLE_INDEX], True
+        if PICKLE_SINGLE in names:
+            return [PICKLE_SINGLE], True
+    variants = sorted(f for f in names if f.endswith(".safetensors"))
+    raise LoadError(
+        f"{reference!r} holds no loadable weights (found {variants or sorted(names)[:10]}); expected "
+        f"{SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} as written by save_pretrained"
+    )
+
+
+def _locate_folder(reference: str, path: Path, allow_pickle: bool) -> _Located:
+    if not path.is_dir():
+        raise LoadError(
+            f"no model folder at {str(path)!r}; pass an existing folder written by save_pretrained, or a Hub "
+            "id such as 'org/name' or 'org/name@revision'"
+        )
+    if not (path / "config.json").is_file():
+        raise LoadError(f"{str(path)!r} has no config.json; save the model with save_pretrained")
+    files = [p.name for p in path.iterdir() if p.is_file()]
+    weight_files, use_pickle = _weights_format(reference, files, allow_pickle)
+    config = _load_config(path, reference)
+    check_weight_files(reference, path, weight_files)
+    return _Located(reference=reference, config=config, folder=path, weight_files=weight_files,
+                    use_pickle=use_pickle)
+
+
+def _shard_names(reference: str, folder: Path, index_name: str) -> list[str]:
+    """The shard files a `*.index.json` of `folder` points to."""
+    try:
+        index = json.loads((folder / index_name).read_text())
+        return sorted(set(index["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise LoadError(f"{reference!r}: {index_name} is unreadable ({type(error).__name__}: {error}); "
+                        "re-download it or re-save the model with save_pretrained") from error
+
+
+def check_weight_files(reference: str, folder: Path, weight_files: Sequence[str]) -> None:
+    """Read the header of every safetensors file (cheap: no tensor data) so that a truncated or corrupt file
+    is reported in one line before any weights are loaded; pickle files are checked when they are loaded."""
+    from safetensors import SafetensorError, safe_open
+
+    names: list[str] = []
+    for name in weight_files:
+        names += _shard_names(reference, folder, name) if name.endswith(".index.json") else [name]
+    for name in names:
+        if not name.endswith(".safetensors"):
+            continue
+        path = folder / name
+        if not path.is_file():
+            raise LoadError(f"{reference!r}: weight file {name} is missing; re-download the model or re-save it "
+                            "with save_pretrained")
+        try:
+            with safe_open(str(path), framework="pt") as opened:
+                opened.keys()
+        except (SafetensorError, OSError, ValueError) as error:
+            raise LoadError(
+                f"{reference!r}: {name} is not a valid safetensors file ({_one_line(error)}): it is truncated or "
+                "corrupt. Download it again (for a Hub model, delete it from the cache first) or re-save it with "
+                "save_pretrained"
+            ) from error
+
+
+def _one_line(error: BaseException) -> str:
+    """The first line of an error message (library messages can span a screen)."""
+    text = str(error).strip()
+    return text.splitlines()[0].strip() if text else type(error).__name__
+
+
+def _load_config(folder: Path, reference: str) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except (ValueError, OSError, KeyError) as error:
+        raise LoadError(
+            f"cannot read the config of {reference!r}: {error}. Models that need custom code "
+            "(trust_remote_code) are not supported"
+        ) from error
+
+
+def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: str | bool | None,
+                allow_pickle: bool, cache_dir: str | os.PathLike | None) -> _Located:
+    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as error:
+        raise LoadError(
+            f"{reference!r} is neither an existing folder nor a valid Hub id ({error}); pass 'org/name', "
+            "'org/name@revision' or a path to a folder written by save_pretrained"
+        ) from error
+    if constants.HF_HUB_OFFLINE:
+        folder = _hub_call(reference, lambda: snapshot_download(
+            repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True),
+            what="looking it up in the local cache")
+        folder = Path(folder)
+        files = [p.name for p in folder.iterdir() if p.is_file()]
+        weight_files, use_pickle = _weights_format(reference, files, allow_pickle)
+        sha = folder.name  # a snapshot folder is named by its commit sha
+        logger.info("offline: using the cached snapshot %s of %s", sha, repo_id)
+    else:
+        info = _hub_call(
+            reference, lambda: HfApi().model_info(repo_id, revision=revision, token=token,
+                                                  timeout=constants.HF_HUB_ETAG_TIMEOUT),
+            what="fetching the repository information (file list and commit)", timeout_setting="HF_HUB_ETAG_TIMEOUT")
+        sha = info.sha
+        files = [s.rfilename for s in (info.siblings or [])]
+        top_level = [f for f in files if "/" not in f]
+        weight_files, use_pickle = _weights_format(reference, top_level, allow_pickle)
+        small = [f for f in top_level if f.endswith(SMALL_FILE_SUFFIXES)]
+        if "config.json" not in small:
+            raise LoadError(f"{reference!r} has no config.json at revision {sha}; it is not a transformers model")
+        folder = download_files(reference, repo_id, sha, small, token=token, cache_dir=cache_dir)
+    config = _load_config(folder, reference)
+    return _Located(reference=reference, config=config, folder=folder, repo_id=repo_id, revision=revision,
+                    commit_sha=sha, weight_files=weight_files, use_pickle=use_pickle)
+
+
+def download_files(reference: str, repo_id: str, commit_sha: str, filenames: Sequence[str], *,
+                   token: str | bool | None, cache_dir: str | os.PathLike | None) -> Path:
+    """Top-level files of a Hub model at one commit -> its snapshot folder in the cache.
+
+    One `hf_hub_download` per file rather than `snapshot_download`, whose tree listing has no timeout (a
+    stalled server would hang it forever): every request here is bounded by HF_HUB_ETAG_TIMEOUT /
+    HF_HUB_DOWNLOAD_TIMEOUT, and every failure names the file it was waiting for.
+    """
+    from huggingface_hub import constants, hf_hub_download
+
+    folder = None
+    for filename in filenames:
+        path = _hub_call(reference, lambda name=filename: hf_hub_download(
+            repo_id, name, revision=commit_sha, cache_dir=cache_dir, token=token,
+            etag_timeout=constants.HF_HUB_ETAG_TIMEOUT), what=f"downloading {filename}")
+        folder = Path(path).parent
+    if folder is None:
+        raise LoadError(f"{reference!r}: nothing to download at commit {commit_sha}")
+    return folder
+
+
+def _transport_errors() -> tuple[type[BaseException], type[BaseException]]:
+    """(timeout, transport) exception classes of the HTTP client huggingface_hub uses (httpx2 from 2.x)."""
+    try:
+        import httpx2 as http
+    except ImportError:  # older huggingface_hub releases use httpx
+        import httpx as http
+    return http.TimeoutException, http.TransportError
+
+
+def _hub_call(reference: str, call, *, what: str = "contacting the Hub",
+              timeout_setting: str = "HF_HUB_DOWNLOAD_TIMEOUT"):
+    """Run a Hub client call, turning its errors into a one-line LoadError that says what was being waited
+    for (`what`) and what to do."""
+    from huggingface_hub import constants, errors
+
+    timeout_error, transport_error = _transport_errors()
+    try:
+        return call()
+    except errors.RevisionNotFoundError as error:
+        raise LoadError(f"{reference!r}: the revision does not exist in the repository ({_one_line(error)}); "
+                        "use an existing branch, tag or commit sha") from error
+    except errors.GatedRepoError as error:
+        raise LoadError(f"{reference!r} is gated: accept its terms on the Hub and pass a token") from error
+    except errors.RepositoryNotFoundError as error:
+        raise LoadError(f"no model repository {reference!r} on the Hub (or it is private: pass token= or "
+                        "log in with `hf auth login`)") from error
+    except errors.LocalEntryNotFoundError as error:
+        raise LoadError(f"{reference!r} is not in the local cache and the Hub is unreachable or offline "
+                        "(HF_HUB_OFFLINE=1); download it once online or pass a local folder") from error
+    except errors.HfHubHTTPError as error:
+        raise LoadError(f"the Hub refused {reference!r} while {what}: {_one_line(error)}") from error
+    except timeout_error as error:
+        seconds = getattr(constants, timeout_setting, None)
+        raise LoadError(
+            f"{reference!r}: the Hub did not answer within {seconds} s while {what} ({type(error).__name__}); "
+            f"the server is stalled or the connection is too slow: retry later, or allow more time with "
+            f"{timeout_setting}=<seconds>"
+        ) from error
+    except transport_error as error:
+        raise LoadError(
+            f"{reference!r}: the connection to the Hub dropped while {what} ({_one_line(error)}); retry the "
+            "command (files downloaded completely stay in the cache and are not fetched again)"
+        ) from error
+    except (OSError, ConnectionError) as error:
+        raise LoadError(f"{reference!r}: cannot reach the Hub while {what} ({_one_line(error)}); check the "
+                        "connection and retry the command") from error
+
+
+# ----------------------------------------------------------------------------------------------------
+# processors and vocabularies
+# ----------------------------------------------------------------------------------------------------
+
+
+
+
+
+
+
+
+
+
+def _is_text_model(config: PretrainedConfig | None) -> bool:
+    if config is None:
+        return False
+    if getattr(config, "vocab_size", None) is not None:
+        return True
+    text_config = getattr(config, "text_config", None)
+    return text_config is not None and getattr(text_config, "vocab_size", None) is not None
+
+
+def _vocabulary(located: _Located) -> dict[str, int] | None:
+    processor = located.processor
+    if located.loaded is not None:
+        processor = located.loaded.processor
+    tokenizer = tokenizer_of(processor)
+    return dict(tokenizer.get_vocab()) if tokenizer is not None else None
+
+
+def check_vocabularies(located: Sequence[_Located]) -> None:
+    """Refuse text parents whose token ids mean different tokens (their embedding rows cannot match)."""
+    if len(located) < 2 or not all(_is_text_model(p.config) for p in located):
+        return
+    vocabularies = [_vocabulary(p) for p in located]
+    if all(v is None for v in vocabularies):
+        logger.debug("no parent ships a tokenizer; vocabularies not compared")
+        return
+    if any(v is None for v in vocabularies):
+        missing = [p.reference for p, v in zip(located, vocabularies) if v is None]
+        logger.warning("cannot compare vocabularies: %s ship(s) no tokenizer; make sure all parents were "
+                       "fine-tuned with the same tokenizer", ", ".join(missing))
+        return
+    first = vocabularies[0]
+    for parent, vocab in zip(located[1:], vocabularies[1:]):
+        if vocab == first:
+            continue
+        differing = sorted(t for t in set(first) | set(vocab) if first.get(t) != vocab.get(t))
+        examples = ", ".join(f"{t!r}: {first.get(t)} vs {vocab.get(t)}" for t in differing[:3])
+        raise ParentMismatchError(
+            f"{located[0].reference!r} and {parent.reference!r} use different tokenizer vocabularies "
+            f"({len(first)} vs {len(vocab)} tokens, {len(differing)} differ, e.g. {examples}): the same token "
+            "id means different text in the two models, so their embeddings cannot be merged. Merge models "
+            "fine-tuned from the same base checkpoint and tokenizer"
+        )
+
+
+def _architecture(located: _Located) -> str:
+    """The class that will be instantiated (the object's own class for objects)."""
+    model = located.model if located.model is not None else (located.loaded.model if located.loaded else None)
+    if model is not None:
+        return type(model).__name__
+    names = getattr(located.config, "architectures", None) or []
+    return names[0] if names else f"a {located.config.model_type!r} model"
+
+
+def check_configs(located: Sequence[_Located]) -> None:
+    """Refuse parents whose configurations differ (architecture, sizes) before any weights are fetched."""
+    first = located[0]
+    for other in located[1:]:
+        if first.config is None or other.config is None:
+            continue
+        kind_a, kind_b = _architecture(first), _architecture(other)
+        if kind_a != kind_b:
+            raise ParentMismatchError(
+                f"parents have different architectures: {first.reference!r} is {kind_a}, {other.reference!r} is "
+                f"{kind_b}; merge two models of the same class (e.g. two ViTForImageClassification)"
+            )
+        differences = config_differences(first.config, other.config)
+        if differences:
+            raise ParentMismatchError(
+                f"{first.reference!r} and {other.reference!r} have different configurations, so their tensors "
+                "do not line up: " + "; ".join(differences[:10]) + ("; ..." if len(differences) > 10 else "")
+                + ". Merge models fine-tuned from the same architecture configuration"
+            )
+
+
+# ----------------------------------------------------------------------------------------------------
+# phase 2: weights
+# ----------------------------------------------------------------------------------------------------
+
+
+def _as_float32(model: PreTrainedModel) -> PreTrainedModel:
+    """The object itself when already float32 (never modified); otherwise a float32 copy."""
+    floating = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
+    if all(t.dtype == torch.float32 for t in floating):
+        return model
+    logger.info("converting %s to float32 (a copy; the object passed in is left as it is)", type(model).__name__)
+    return copy.deepcopy(model).to(torch.float32)
+
+
+def _fetch_weights(located: _Located, *, token: str | bool | None, cache_dir: str | os.PathLike | None) -> None:
+    """Download the weight files of a Hub parent into its snapshot folder (no-op for folders/offline)."""
+    from huggingface_hub import constants
+
+    if located.repo_id is None or constants.HF_HUB_OFFLINE:
+        return
+    names = list(located.weight_files)
+    for index_name in (SAFETENSORS_INDEX, PICKLE_INDEX):
+        if index_name in names:
+            names += _shard_names(located.reference, located.folder, index_name)
+    download_files(located.reference, located.repo_id, located.commit_sha, names, token=token, cache_dir=cache_dir)
+
+
+def _finish(located: _Located, *, token: str | bool | None, cache_dir: str | os.PathLike | None) -> LoadedParent:
+    if located.loaded is not None:
+        return located.loaded
+    if located.model is not None:
+        return LoadedParent(model=_as_float32(located.model), processor=located.processor,
+                            reference=located.reference)
+    _fetch_weights(located, token=token, cache_dir=cache_dir)
+    check_weight_files(located.reference, located.folder, located.weight_files)
+    model = _load_weights(located)
+    # The Hub id identifies a Hub parent (the snapshot path is a cache artefact); a folder, what was passed.
+    model.config._name_or_path = located.repo_id or located.reference
+    model.name_or_path = model.config._name_or_path
+    model = _as_float32(model).eval()
+    logger.info("loaded %s%s", located.reference, f" at commit {located.commit_sha}" if located.commit_sha else "")
+    return LoadedParent(model=model, processor=located.processor, reference=located.reference,
+                        repo_id=located.repo_id, revision=located.revision, commit_sha=located.commit_sha)
+
+
+def _load_weights(located: _Located) -> PreTrainedModel:
+    """`from_pretrained` on the located folder, refusing weights that the config does not describe.
+
+    transformers fills tensors missing from the checkpoint with random values (a config that names another
+    architecture loads as a random model); here every tensor must come from the file, with the config's shape.
+    Pickle is read with `weights_only=True` even under `allow_pickle`, so a pickle that runs code is refused.
+    """
+    import pickle
+
+    from safetensors import SafetensorError
+
+    cls = model_class_for(located.config)
+    name = located.weight_files[0]
+    try:
+        with _without_load_report():
+            model, info = cls.from_pretrained(
+                located.folder, config=located.config, dtype=torch.float32,
+                use_safetensors=False if located.use_pickle else True, trust_remote_code=False,
+                weights_only=True, output_loading_info=True, ignore_mismatched_sizes=True,
+            )
+    except pickle.UnpicklingError as error:
+        raise LoadError(
+            f"{located.reference!r}: {name} holds more than tensors — unpickling it would call "
+            f"{_unsafe_global(error)}, and hf_mudsc refused to run it (weights_only loading). Do not use this "
+            "file; convert the checkpoint to safetensors from a trusted copy"
+        ) from error
+    except (SafetensorError, OSError, EOFError, RuntimeError) as error:
+        raise LoadError(f"{located.reference!r}: cannot read the weights in {name} ({_one_line(error)}); "
+                        "download them again or re-save the model with save_pretrained") from error
+    problems = []
+    missing, unused = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if missing:
+        problems.append(f"{len(missing)} tensors the {cls.__name__} of config.json needs are missing "
+                        f"(e.g. {', '.join(map(repr, missing[:3]))})")
+    if unused:
+        problems.append(f"{len(unused)} tensors of the checkpoint are unused (e.g. {', '.join(map(repr, unused[:3]))})")
+    if mismatched:
+        key, stored, expected = mismatched[0]
+        problems.append(f"{len(mismatched)} tensors have other shapes than config.json says (e.g. {key!r} is "
+                        f"{tuple(stored)} in the checkpoint but {tuple(expected)} per config.json)")
+    if missing or mismatched:
+        raise LoadError(
+            f"{located.reference!r}: config.json does not describe the weights in {name}: " + "; ".join(problems)
+            + ". The config names another architecture or other sizes than the checkpoint was saved with; "
+            "restore the config.json saved with these weights (save_pretrained writes both)"
+        )
+    if unused:
+        logger.warning("%s: %s", located.reference, problems[-1])
+    return model
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _without_load_report() -> Iterator[None]:
+    """Silence transformers' screen-long key table while loading: `_load_weights` reports the same facts in
+    one line (an error for missing or reshaped tensors, a warning for unused ones)."""
+    target = logging.getLogger("transformers.modeling_utils")
+    dropper = _DropLoadReport()
+    target.addFilter(dropper)
+    try:
+        yield
+    finally:
+        target.removeFilter(dropper)
+
+
+def _unsafe_global(error: BaseException) -> str:
+    """The callable a refused pickle wanted to run, as torch names it (or a generic phrase)."""
+    import re
+
+    found = re.search(r"(?:GLOBAL|global:?)\s+([\w.]+)", str(error))
+    return found.group(1) if found else "code"
+
+
+def _locate_with_processor(ref: Any, *, token, allow_pickle, cache_dir) -> _Located:
+    located = _locate(ref, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir)
+    if located.folder is not None:
+        located.processor = load_processor(located.folder)
+    return located
+
+
+def load_parent(ref: Any, *, token: str | bool | None = None, allow_pickle: bool = False,
+                cache_dir: str | os.PathLike | None = None) -> LoadedParent:
+    """One parent: a `PreTrainedModel`, a `LoadedParent`, a local folder, or `org/name[@revision]`.
+
+    Hub parents are pinned: the revision is resolved to a commit sha first and every file is fetched
+    at that sha (`LoadedParent.commit_sha`). Objects are used as given (a float32 copy only if needed).
+    """
+    located = _locate_with_processor(ref, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir)
+    return _finish(located, token=token, cache_dir=cache_dir)
+
+
+def load_parents(refs: Sequence[Any], *, token: str | bool | None = None, allow_pickle: bool = False,
+                 cache_dir: str | os.PathLike | None = None) -> list[LoadedParent]:
+    """Several parents, checked against each other before any weights are downloaded.
+
+    Configurations must agree and text parents must share one vocabulary; a pickle-only checkpoint
+    is refused unless `allow_pickle=True`. Remote code is never run.
+    """
+    if isinstance(refs, (str, os.PathLike, PreTrainedModel)):
+        raise LoadError("load_parents takes a list of parents, e.g. ['org/a', 'org/b@v2']")
+    located = [_locate_with_processor(r, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir) for r in refs]
+    check_configs(located)
+    check_vocabularies(located)
+    return [_finish(p, token=token, cache_dir=cache_dir) for p in located]
+
+
+def load_model(ref: PreTrainedModel | str | os.PathLike, *, allow_pickle: bool = False) -> PreTrainedModel:
+    """A parent as a float32 model (kept for callers of the first API; prefer `load_parent`)."""
+    return load_parent(ref, allow_pickle=allow_pickle).model
+
+

@@ -1,0 +1,96 @@
+"""Processors (tokenizers, image processors) of parents: found in their folders or cached Hub snapshots."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from hf_mudsc.errors import LoadError
+from hf_mudsc.load.references import parse_reference
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
+    "sentencepiece.bpe.model", "tokenizer.model",
+)
+
+
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "image_processor_config.json")
+
+
+PROCESSOR_FILES = ("processor_config.json",)
+
+
+def load_processor(folder: str | os.PathLike) -> Any | None:
+    """The folder's processor (AutoProcessor, else image processor, else tokenizer), None if it has none.
+
+    Gated on the files being present: transformers 5 happily builds an empty tokenizer from a bare
+    config.json, which would silently tokenize everything to [UNK].
+    """
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    folder = Path(folder)
+    has = {name for name in os.listdir(folder)}
+    has_processor = bool(has & set(PROCESSOR_FILES))
+    has_image = bool(has & set(IMAGE_PROCESSOR_FILES))
+    has_tokenizer = bool(has & set(TOKENIZER_FILES))
+    candidates = []
+    if has_processor or (has_image and has_tokenizer):
+        candidates.append(AutoProcessor)
+    if has_image:
+        candidates.append(AutoImageProcessor)
+    if has_tokenizer:
+        candidates.append(AutoTokenizer)
+    for cls in candidates:
+        try:
+            return cls.from_pretrained(folder, trust_remote_code=False)
+        except (OSError, ValueError, KeyError, TypeError, ImportError) as error:
+            logger.debug("%s could not load from %s: %s", cls.__name__, folder, error)
+    return None
+
+
+def processor_from_name(name_or_path: str, commit_sha: str | None = None) -> Any | None:
+    """The processor saved with a model object: in its `name_or_path` folder, or in the locally cached snapshot
+    of its Hub id (at `commit_sha` when known). Local files only — never a download, never remote code; None
+    when there is nothing to find (e.g. a model built from a config)."""
+    from huggingface_hub import errors, snapshot_download
+    from huggingface_hub.utils import validate_repo_id
+
+    if not name_or_path:
+        return None
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        try:
+            repo_id, revision = parse_reference(name_or_path)
+            validate_repo_id(repo_id)
+            folder = Path(snapshot_download(repo_id, revision=commit_sha or revision, local_files_only=True))
+        except (LoadError, ValueError, OSError, errors.LocalEntryNotFoundError) as error:
+            logger.debug("no cached processor for %s: %s", name_or_path, error)
+            return None
+    processor = load_processor(folder)
+    if processor is not None:
+        logger.info("using the processor saved with %s", name_or_path)
+    return processor
+
+
+def tokenizer_of(processor: Any) -> Any | None:
+    """The tokenizer inside a processor (or the processor itself when it is one)."""
+    from transformers import PreTrainedTokenizerBase
+
+    if isinstance(processor, PreTrainedTokenizerBase):
+        return processor
+    tokenizer = getattr(processor, "tokenizer", None)
+    return tokenizer if isinstance(tokenizer, PreTrainedTokenizerBase) else None
+
+
+def image_processor_of(processor: Any) -> Any | None:
+    """The image processor inside a processor (or the processor itself when it is one)."""
+    from transformers.image_processing_base import ImageProcessingMixin
+
+    if isinstance(processor, ImageProcessingMixin):
+        return processor
+    image_processor = getattr(processor, "image_processor", None)
+    return image_processor if isinstance(image_processor, ImageProcessingMixin) else None

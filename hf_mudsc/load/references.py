@@ -1,0 +1,82 @@
+"""References to parents and data: `org/name@rev` parsing, display names, pinned references for recipes."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from transformers import PreTrainedModel
+
+from hf_mudsc.errors import LoadError
+
+
+def parent_name(model: PreTrainedModel, fallback: str) -> str:
+    """A parent's name for the merged config: a local folder by its name only. The config travels with every
+    copy of the model, and absolute paths would publish this machine's layout (user names, cache folders);
+    the recipe keeps the paths it needs to re-run the merge."""
+    name = str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or fallback)
+    return display_name(name) or fallback
+
+
+def display_name(name: str) -> str:
+    """How a parent or dataset reference appears in the merged config: Hub ids and specs as given, local paths
+    (absolute or existing) by their last component."""
+    if os.path.isabs(name) or os.path.exists(name):
+        return os.path.basename(os.path.abspath(name))
+    return name
+
+
+def pinned_reference(parent: Any) -> str:
+    """How a recipe names a parent (`LoadedParent`): `org/name@<commit sha>` from the Hub, an absolute path for
+    a local folder, so the recipe re-runs the same merge from anywhere."""
+    if getattr(parent, "repo_id", None) and getattr(parent, "commit_sha", None):
+        return f"{parent.repo_id}@{parent.commit_sha}"
+    path = os.path.expanduser(str(parent.reference))
+    return os.path.abspath(path) if os.path.exists(path) else str(parent.reference)
+
+
+def pinned_calibration(spec: str | None) -> str | None:
+    """A calibration spec for a recipe: a local path (alone or before `:config:split`) made absolute."""
+    if not spec:
+        return spec
+    head, sep, rest = spec.partition(":")
+    for path, tail in ((spec, ""), (head, sep + rest)):
+        if path and os.path.exists(os.path.expanduser(path)):
+            return os.path.abspath(os.path.expanduser(path)) + tail
+    return spec
+
+
+def parse_reference(ref: str | os.PathLike) -> tuple[str, str | None]:
+    """`"org/name@rev"` -> `("org/name", "rev")`; `"org/name"` -> `("org/name", None)`.
+
+    Anything that exists on disk, or looks like a path (`./x`, `/x`, `~/x`, more than one `/`), is a
+    folder and is returned untouched with revision None.
+    """
+    text = os.fspath(ref)
+    if not text:
+        raise LoadError("empty model reference; pass 'org/name', 'org/name@revision' or a local folder")
+    if _looks_like_path(text):
+        return text, None
+    repo_id, sep, revision = text.partition("@")
+    if sep and not revision:
+        raise LoadError(f"{text!r} ends with '@' but names no revision; use 'org/name@<branch, tag or sha>'")
+    if sep and not repo_id:
+        raise LoadError(f"{text!r} names a revision but no repository; use 'org/name@{revision}'")
+    return repo_id, revision or None
+
+
+def _looks_like_path(text: str) -> bool:
+    """Existing paths, and what only a path can look like (a Hub id is `name` or `org/name`)."""
+    name = text.split("@", 1)[0]
+    return (
+        os.path.exists(text)
+        or text.startswith((".", "/", "~"))
+        or "\\" in text
+        or name.count("/") > 1
+        or (len(text) > 2 and text[1] == ":" and text[2] in "\\/")  # a Windows drive
+    )
+
+
+def looks_like_path(text: str) -> bool:
+    """True for references that can only be a local path (an existing one, `./x`, `/x`, `~/x`, `a/b/c`)."""
+    return _looks_like_path(text)

@@ -1,0 +1,1 @@
+"""Merge methods: one registry entry per method (what it needs and how it solves)."""

@@ -1,0 +1,1 @@
+"""Publish: the merged folder (model, processor, card, recipe, ownership marker), written atomically and pushed."""

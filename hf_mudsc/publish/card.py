@@ -1,0 +1,359 @@
+"""Model card of a merged model, rendered from the Jinja template in `model_cards/` (design §8).
+
+The YAML front matter is built as `huggingface_hub.ModelCardData` (so the Hub's metadata rules are the
+library's, not ours) and dropped into the template as `{{ card_data }}`; the body reads
+`merged.config.mudsc`, `merged.merge_report`, the recipe and optional evaluation results.
+
+Evaluation results (`eval_results=`): a list of `EvalRow`s or dicts with the same keys, one row per
+task (and one for the joint task), e.g.::
+
+    {"task": "digits 0-4", "dataset": "sklearn/digits", "split": "test", "metric": "accuracy",
+     "merged": 0.93, "parent_a": 0.97, "parent_b": 0.11, "ensemble": 0.95}
+
+`merged` goes into the card's `model-index`; the parents and ensemble appear in the body's table.
+In the `model-index` each result's dataset `config` carries the row's task name (`model_index_config`):
+the Hub groups results by (task type, dataset, config, split) and keeps one task name per group, so
+without it two tasks evaluated on one dataset and split would collapse into one result under the first
+task's name. Callers never have to do this themselves.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
+
+from hf_mudsc._version import __version__
+from hf_mudsc.apply.classifier import task_ranges
+from hf_mudsc.methods.registry import METHODS
+from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
+
+DEFAULT_TEMPLATE = "merged_model.md.jinja"
+EVALUATION_TEMPLATE = "evaluation.md.jinja"  # the section `update_card_evaluation` replaces
+BASE_TAGS = ("merge", "mudsc", "model-merging")
+# Pipeline tag -> (model class, processor class) for the card's usage snippet.
+_AUTO_CLASSES = {
+    "image-classification": ("AutoModelForImageClassification", "AutoImageProcessor"),
+    "text-classification": ("AutoModelForSequenceClassification", "AutoTokenizer"),
+    "zero-shot-image-classification": ("AutoModel", "AutoProcessor"),
+    "feature-extraction": ("AutoModel", "AutoProcessor"),
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class ParentInfo:
+    """One parent as the card shows it: the reference given, and the Hub repo + commit actually used."""
+
+    reference: str
+    repo_id: str | None = None
+    revision: str | None = None
+    commit_sha: str | None = None
+
+    @classmethod
+    def from_any(cls, parent: Any) -> ParentInfo:
+        """From a `LoadedParent`-like object (attributes) or a reference string `org/name[@rev]`/folder."""
+        if isinstance(parent, ParentInfo):
+            return parent
+        if isinstance(parent, (str, os.PathLike)):
+            reference = os.fspath(parent)
+            name, _, revision = reference.partition("@")
+            if not Path(reference).exists() and _HUB_ID.match(name):
+                sha = revision if re.fullmatch(r"[0-9a-f]{40}", revision or "") else None
+                return cls(reference, name, revision or None, sha)
+            return cls(reference)
+        return cls(
+            reference=str(getattr(parent, "reference", None) or getattr(parent, "repo_id", None) or "model"),
+            repo_id=getattr(parent, "repo_id", None),
+            revision=getattr(parent, "revision", None),
+            commit_sha=getattr(parent, "commit_sha", None),
+        )
+
+    @property
+    def display_name(self) -> str:
+        return self.repo_id or Path(self.reference.rstrip("/\\")).name or self.reference
+
+
+@dataclass
+class EvalRow:
+    """One evaluation result (see module docstring); scores are fractions in [0, 1] for accuracy."""
+
+    task: str
+    dataset: str
+    merged: float
+    metric: str = "accuracy"
+    split: str = "test"
+    dataset_config: str | None = None  # the dataset's own config (e.g. `sst2` of `glue`), if it has one
+    parent_a: float | None = None
+    parent_b: float | None = None
+    ensemble: float | None = None
+
+    @classmethod
+    def from_any(cls, row: EvalRow | Mapping[str, Any]) -> EvalRow:
+        if isinstance(row, EvalRow):
+            return row
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(row) - known)
+        if unknown:
+            raise ValueError(f"evaluation result has unknown key(s) {unknown}; valid keys: {sorted(known)}")
+        return cls(**row)
+
+    @property
+    def model_index_config(self) -> str:
+        """The `model-index` dataset config: the task name, after the dataset's own config when there is
+        one (`sst2 (topic)`); a config equal to the task name is not repeated."""
+        if not self.dataset_config or self.dataset_config == self.task:
+            return self.task
+        return f"{self.dataset_config} ({self.task})"
+
+
+def pipeline_tag_for(model_or_class: Any) -> str:
+    """The Hub pipeline tag of a transformers model class (from its name)."""
+    name = model_or_class if isinstance(model_or_class, str) else (
+        model_or_class.__name__ if isinstance(model_or_class, type) else type(model_or_class).__name__
+    )
+    if name.endswith("ForImageClassification"):
+        return "image-classification"
+    if name.endswith("ForSequenceClassification"):
+        return "text-classification"
+    if name == "CLIPModel":
+        return "zero-shot-image-classification"
+    return "feature-extraction"
+
+
+def calibration_dataset_id(spec: str | None) -> str | None:
+    """The Hub dataset id in a calibration spec `repo[:config]:split`, or None for local data."""
+    if not spec:
+        return None
+    if Path(spec).exists():
+        return None
+    repo = spec.split(":", 1)[0].partition("@")[0]  # `org/ds@revision:split` pins a revision of `org/ds`
+    if not repo or Path(repo).exists() or repo.startswith((".", "/", "~")) or "\\" in repo:
+        return None
+    return repo if _HUB_DATASET_ID.match(repo) else None
+
+
+def template_path(name: str = DEFAULT_TEMPLATE) -> Path:
+    """The template file: shipped inside the wheel (`hf_mudsc/model_cards/`) or the source tree's
+    top-level `model_cards/` (editable installs and checkouts)."""
+    shipped = importlib.resources.files("hf_mudsc") / "model_cards" / name
+    if shipped.is_file():
+        return Path(str(shipped))
+    source = Path(__file__).resolve().parents[2] / "model_cards" / name
+    if source.is_file():
+        return source
+    raise FileNotFoundError(
+        f"model card template {name!r} not found in the package or in {str(source.parent)!r}; "
+        "reinstall hf-mudsc (the template ships as package data)"
+    )
+
+
+def card_data(
+    model: Any,
+    recipe: Recipe,
+    parents: Sequence[ParentInfo],
+    *,
+    model_name: str,
+    eval_results: Sequence[EvalRow] = (),
+) -> ModelCardData:
+    """The YAML front matter (design §8)."""
+    mudsc = dict(getattr(model.config, "mudsc", None) or {})
+    pipeline_tag = pipeline_tag_for(model)
+    tags = list(BASE_TAGS)
+    method = mudsc.get("method") or recipe.method
+    for extra in (method, pipeline_tag, getattr(model.config, "model_type", None)):
+        if extra and extra not in tags:
+            tags.append(extra)
+    base_models = [p.repo_id for p in parents if p.repo_id]
+    dataset = calibration_dataset_id(recipe.calibration)
+    data: dict[str, Any] = {
+        "library_name": "transformers",
+        "pipeline_tag": pipeline_tag,
+        "tags": tags,
+    }
+    if base_models:
+        data["base_model"] = base_models
+        data["base_model_relation"] = "merge"
+    if dataset:
+        data["datasets"] = [dataset]
+    card = ModelCardData(**data)
+    if eval_results:
+        set_eval_results(card, eval_results, model_name=model_name)
+    return card
+
+
+def set_eval_results(data: ModelCardData, eval_results: Sequence[EvalRow], *, model_name: str) -> ModelCardData:
+    """Put the results into the front matter (in place): `model-index`, `metrics`, evaluation datasets.
+
+    Replaces any earlier results; every other key (tags, base models, calibration dataset...) is kept.
+    """
+    rows = [EvalRow.from_any(r) for r in eval_results]
+    datasets = list(getattr(data, "datasets", None) or [])
+    for row in rows:
+        if _HUB_DATASET_ID.match(row.dataset) and row.dataset not in datasets:
+            datasets.append(row.dataset)
+    if datasets:
+        data.datasets = datasets
+    data.metrics = sorted({row.metric for row in rows}) or None
+    data.model_name = model_name
+    data.eval_results = [
+        EvalResult(
+            task_type=data.pipeline_tag or "other",
+            task_name=row.task,
+            dataset_type=row.dataset,
+            dataset_name=row.dataset,
+            dataset_config=row.model_index_config,
+            dataset_split=row.split,
+            metric_type=row.metric,
+            metric_name=row.metric,
+            metric_value=float(row.merged),
+        )
+        for row in rows
+    ] or None
+    return data
+
+
+def render_card(
+    model: Any,
+    recipe: Recipe,
+    *,
+    parents: Iterable[Any] | None = None,
+    eval_results: Iterable[EvalRow | Mapping[str, Any]] | None = None,
+    model_name: str | None = None,
+    template: str | os.PathLike | None = None,
+) -> ModelCard:
+    """Render the card of a merged model.
+
+    Args:
+        model: the merged `PreTrainedModel` (reads `config.mudsc` and `merge_report` when present).
+        recipe: the recipe that made it (shown verbatim; parents pinned).
+        parents: `LoadedParent`s / `ParentInfo`s / reference strings; default: `recipe.models`.
+        eval_results: optional evaluation rows (module docstring); they fill the `model-index`.
+        model_name: the title (default: the push target, else a name from the parents).
+        template: another template file (default: `model_cards/merged_model.md.jinja`).
+
+    Returns:
+        A `huggingface_hub.ModelCard` (`str(card)` is the README; `card.save(path)`, `card.data`).
+    """
+    infos = [ParentInfo.from_any(p) for p in (parents if parents is not None else recipe.models)]
+    rows = [EvalRow.from_any(r) for r in (eval_results or [])]
+    name = model_name or recipe.push_to_hub or "-".join(["merged"] + [p.display_name.split("/")[-1]
+                                                                       for p in infos])
+    data = card_data(model, recipe, infos, model_name=name, eval_results=rows)
+    mudsc = dict(getattr(model.config, "mudsc", None) or {})
+    report = getattr(model, "merge_report", None)
+    method = METHODS.get(mudsc.get("method") or recipe.method)
+    group_values = mudsc.get("group_match_values") or (
+        dict(zip(report.group_names, report.group_values)) if report is not None else {}
+    )
+    path = Path(template) if template is not None else template_path()
+    shown_models = [local_name(str(m)) for m in recipe.models]
+    shown_calibration = local_name(recipe.calibration) if recipe.calibration else recipe.calibration
+    local_names = [shown for shown, given in zip([*shown_models, shown_calibration],
+                                                  [*recipe.models, recipe.calibration]) if shown != given]
+    shown_recipe = recipe.override(models=shown_models, calibration=shown_calibration) if local_names else recipe
+    content = _environment(path.parent).get_template(path.name).render(
+        card_data=data.to_yaml(),
+        model_name=name,
+        model_class=type(model).__name__,
+        pipeline_tag=data.pipeline_tag,
+        auto_model=_AUTO_CLASSES[data.pipeline_tag][0],
+        auto_processor=_AUTO_CLASSES[data.pipeline_tag][1],
+        repo_id=recipe.push_to_hub,
+        parents=infos,
+        hub_url=constants.ENDPOINT.rstrip("/"),
+        method=method,
+        method_name=mudsc.get("method") or recipe.method,
+        matcher=mudsc.get("matcher", recipe.matcher),
+        alpha=mudsc.get("alpha", recipe.alpha),
+        zip_decay=mudsc.get("zip_decay"),
+        zip_budget=mudsc.get("zip_budget"),
+        independent_heads=mudsc.get("independent_heads", recipe.independent_heads),
+        reference_compat=mudsc.get("reference_compat", recipe.reference_compat),
+        seed=mudsc.get("seed", recipe.seed),
+        calibration=shown_calibration,
+        calibration_dataset=calibration_dataset_id(recipe.calibration),
+        num_samples=mudsc.get("num_calibration_samples", getattr(report, "num_samples", None)),
+        sweeps=getattr(report, "sweeps", None),
+        group_values=group_values,
+        task_label_ranges=task_ranges(model.config),
+        num_labels=len(getattr(model.config, "id2label", None) or {}),
+        eval_rows=rows,
+        recipe_yaml=shown_recipe.to_yaml(reproducible=True).rstrip("\n"),
+        local_names=[f"`{name}`" for name in local_names],
+        recipe_filename=RECIPE_FILENAME,
+        version=mudsc.get("version", __version__),
+    )
+    return ModelCard(content)
+
+
+def _environment(folder: Path) -> jinja2.Environment:
+    """Templates from `folder`, then the shipped ones (a custom template may include the shipped sections)."""
+    return jinja2.Environment(
+        loader=jinja2.ChoiceLoader([jinja2.FileSystemLoader(str(folder)),
+                                    jinja2.FileSystemLoader(str(template_path().parent))]),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+    )
+
+
+def local_name(reference: str) -> str:
+    """How a card shows a parent or dataset reference: local folders by name, never by their absolute path.
+
+    A spec `path:split` keeps its suffix (`calibration:train`); Hub ids and specs are shown as given.
+    """
+    from hf_mudsc.load.references import display_name
+
+    text = os.fspath(reference)
+    head, sep, rest = text.partition(":")
+    if sep and head and not (os.path.isabs(text) or os.path.exists(text)) and (
+            os.path.isabs(head) or os.path.exists(head)):
+        return f"{display_name(head)}:{rest}"
+    return display_name(os.path.expanduser(text)) if text.startswith("~") else display_name(text)
+
+
+def evaluation_section(eval_results: Iterable[EvalRow | Mapping[str, Any]]) -> str:
+    """The card's `## Evaluation` section (the shipped `evaluation.md.jinja`), '' without results."""
+    rows = [EvalRow.from_any(r) for r in eval_results]
+    return _environment(template_path().parent).get_template(EVALUATION_TEMPLATE).render(eval_rows=rows)
+
+
+def update_card_evaluation(
+    card: ModelCard | str,
+    eval_results: Iterable[EvalRow | Mapping[str, Any]],
+    *,
+    model_name: str | None = None,
+) -> ModelCard:
+    """An existing card with new evaluation results: only its `## Evaluation` section and `model-index` change.
+
+    Everything else the merge wrote (parents, settings, sweeps, usage, recipe, datasets, tags) is kept as it
+    is. The section replaces an earlier one, or goes before `## Usage` (at the end when there is none).
+    """
+    card = card if isinstance(card, ModelCard) else ModelCard(card)
+    rows = [EvalRow.from_any(r) for r in eval_results]
+    title = re.search(r"^# (.+)$", card.text, flags=re.MULTILINE)
+    name = model_name or card.data.model_name or (title.group(1).strip() if title else "merged-model")
+    data = set_eval_results(card.data, rows, model_name=name)
+    section = evaluation_section(rows)
+    body = card.text
+    existing = re.search(r"^## Evaluation[ \t]*\n.*?(?=^## |\Z)", body, flags=re.MULTILINE | re.DOTALL)
+    if existing:
+        body = body[:existing.start()] + section + body[existing.end():]
+    else:
+        usage = re.search(r"^## Usage[ \t]*$", body, flags=re.MULTILINE)
+        if usage:
+            body = body[:usage.start()] + section + body[usage.start():]
+        else:
+            body = body.rstrip("\n") + "\n\n" + section
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")

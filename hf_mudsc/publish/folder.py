@@ -1,0 +1,407 @@
+"""Writing an output folder all at once: staged in a hidden sibling folder, then renamed into place.
+
+Every output carries the writer's marker (`.hf_mudsc_output.json`: each file it wrote, with size and
+sha256); `--overwrite` replaces only a folder whose every file the marker lists unchanged, so it never
+deletes a file hf-mudsc did not write. `check_output` also refuses the current directory, outputs that
+overlap an input (after resolving `..` and symlinks) and locations that cannot be written, before any work.
+
+The CLI commands (`merge`, `demo`) and the demo's cache share this, so that a crash, an error or Ctrl-C at
+any point leaves either the old folder untouched or the complete new one — never a half-written folder,
+never a stray temporary one. Renames within one directory are atomic, hence the sibling staging folder.
+
+    check_output(out, overwrite=args.overwrite)      # before any heavy work: fail fast
+    ...                                              # heavy work
+    with staged_output(out, overwrite=args.overwrite) as staging:
+        model.save_pretrained(staging)               # anything raised here: `out` is not touched
+    # here `out` holds exactly what was written to `staging`
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from hf_mudsc._version import __version__
+from hf_mudsc.errors import OutputLocationError
+from hf_mudsc.publish.recipe import RECIPE_FILENAME
+
+logger = logging.getLogger(__name__)
+
+PARTIAL_MARK = ".partial-"  # in the staging folder's name: `.{name}.partial-XXXX`
+OLD_MARK = ".old-"  # in the name of a replaced output while the new one is renamed in
+# The writer's proof of ownership: every file it wrote, with size and sha256. A user does not copy a hidden
+# file by accident, and a copied one lists files that the folder then does not match. It holds no paths.
+MARKER_FILENAME = ".hf_mudsc_output.json"
+WRITER = "hf-mudsc"
+_STAGING_SUFFIX_LENGTH = len(PARTIAL_MARK) + 10  # what mkdtemp adds to `.{name}`
+
+
+
+
+def check_output(
+    output: str | os.PathLike,
+    *,
+    overwrite: bool,
+    inputs: Iterable[tuple[str, str | os.PathLike]] = (),
+    flag: str = "--output",
+) -> None:
+    """Refuse an output that would harm anything, before any heavy work.
+
+    Refused: the current directory or a folder containing it; a folder equal to, inside or around one of
+    `inputs` (`(description, path)` pairs, compared after resolving `..` and symlinks); a location that
+    cannot be written (under a file, a name too long, a folder without write access); an existing output
+    without `overwrite`; and, even with it, any folder whose every file is not listed, unchanged, in the
+    writer's marker — so `overwrite` never deletes a file hf-mudsc did not write.
+
+    Raises:
+        FileExistsError: the output exists and may not be replaced (the message says why and names files).
+        OutputLocationError: the location cannot be written (a `ValueError`).
+        ValueError: the output overlaps an input.
+    """
+    output = Path(output).expanduser()
+    if not _lexists(output):
+        check_location(output, flag=flag)  # first: a name too long for the filesystem breaks `resolve`
+    resolved = output.resolve()
+    shown = str(output)
+    cwd = Path.cwd().resolve()
+    if cwd == resolved or cwd.is_relative_to(resolved):
+        raise FileExistsError(
+            f"refusing {flag} {shown!r}: it is the current directory or contains it, which hf-mudsc never "
+            f"replaces; pass a new sub-folder, e.g. {flag} merged-model"
+        )
+    for description, path in inputs:
+        source = Path(path).expanduser().resolve()
+        if resolved == source or source.is_relative_to(resolved) or resolved.is_relative_to(source):
+            raise ValueError(
+                f"{flag} {shown!r} overlaps the {description} {str(source)!r}; inputs are never modified, "
+                f"choose a {flag} outside it"
+            )
+    if not _lexists(output):
+        return
+    if not overwrite:
+        switch = "--overwrite" if flag.startswith("--") else "overwrite=True"  # CLI flag or API argument
+        raise FileExistsError(
+            f"the output folder {shown!r} already exists; pass {switch} to replace it, "
+            f"or choose another {flag}"
+        )
+    if output.is_symlink():
+        raise FileExistsError(
+            f"refusing to overwrite {shown!r}: it is a symbolic link, and the output is replaced by a "
+            f"rename that would not write through it; pass the link's target as {flag}"
+        )
+    if not output.is_dir():
+        raise FileExistsError(
+            f"refusing to overwrite {shown!r}: it is not a folder written by hf-mudsc; delete it yourself "
+            f"or choose another {flag}"
+        )
+    if not any(output.iterdir()):
+        return  # an empty folder: nothing to lose
+    if read_marker(output) is None:
+        earlier = (output / RECIPE_FILENAME).is_file()
+        raise FileExistsError(
+            f"refusing to overwrite {shown!r}: it is not a folder written by hf-mudsc (no {MARKER_FILENAME} "
+            "listing its files"
+            + ("; it holds a recipe, but a recipe may be downloaded anywhere and an earlier hf-mudsc wrote "
+               "no list" if earlier else "")
+            + f"); delete it yourself or choose another {flag}"
+        )
+    foreign, changed = unlisted_files(output, check_content=True)
+    if foreign or changed:
+        reasons = []
+        if foreign:
+            reasons.append(f"it holds files hf-mudsc did not write: {_names(foreign)}")
+        if changed:
+            reasons.append(f"files changed since hf-mudsc wrote them: {_names(changed)}")
+        raise FileExistsError(
+            f"refusing to overwrite {shown!r}: {'; '.join(reasons)}; move them out (or delete the folder "
+            f"yourself) or choose another {flag}"
+        )
+
+
+def check_location(output: str | os.PathLike, *, flag: str = "--output") -> None:
+    """Refuse a new output that cannot be created: fail in a second, not after the merge."""
+    output = Path(output).expanduser().absolute()
+    shown = str(output)
+    existing = output.parent
+    missing = [output.name]
+    while not _lexists(existing):
+        missing.insert(0, existing.name)
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputLocationError(
+            f"{flag} {shown!r} is under the file {str(existing)!r}, which is not a folder; choose another {flag}"
+        )
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for name in missing:
+        needed = len(os.fsencode(name)) + (_STAGING_SUFFIX_LENGTH + 1 if name == output.name else 0)
+        if needed > limit:
+            raise OutputLocationError(
+                f"{flag} {shown!r}: the name {name[:20]!r}... is too long for this filesystem ({limit} bytes "
+                f"at most, including the {_STAGING_SUFFIX_LENGTH + 1} of hf-mudsc's temporary sibling); "
+                f"choose a shorter {flag}"
+            )
+    try:
+        probe = tempfile.mkdtemp(prefix=".hf-mudsc-write-check-", dir=existing)
+    except OSError as error:
+        raise OutputLocationError(
+            f"{flag} {shown!r}: cannot create a folder in {str(existing)!r} "
+            f"({error.strerror or errno.errorcode.get(error.errno or 0, error)}); choose a {flag} in a folder "
+            "you can write to"
+        ) from None
+    os.rmdir(probe)
+
+
+# ---------------------------------------------------------------------------------------------- the marker
+
+
+def read_marker(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The writer's marker of `folder`, or None when it has none (or an unreadable one)."""
+    path = Path(folder) / MARKER_FILENAME
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        marker = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or marker.get("written_by") != WRITER or not isinstance(
+            marker.get("files"), dict):
+        return None
+    return marker
+
+
+def record_files(folder: str | os.PathLike, *, complete: bool = True, staging: bool = False) -> dict[str, Any]:
+    """Write the marker of `folder`: every regular file in it (symlinks are never listed) with size and sha256.
+
+    Called by `staged_output` when the block ends (and by writers that use a folder before that, e.g. to
+    push it). `complete=False` is the marker a staging folder gets at once; `staging=True` records this
+    process and host, so a leftover of a killed run can be told apart from a folder another run is writing
+    (the final output carries neither).
+    """
+    folder = Path(folder)
+    files = {}
+    if complete:
+        for path in _walk(folder):
+            if path.is_file() and not path.is_symlink():
+                files[path.relative_to(folder).as_posix()] = _fingerprint(path)
+    marker: dict[str, Any] = {"written_by": WRITER, "version": __version__, "complete": complete, "files": files}
+    if staging:  # who is writing: a leftover is only removed once its writer is gone
+        marker.update(pid=os.getpid(), host=socket.gethostname())
+    _write_marker(folder, marker)
+    return marker
+
+
+def unlisted_files(folder: str | os.PathLike, *, check_content: bool = False) -> tuple[list[str], list[str]]:
+    """`(foreign, changed)`: entries of `folder` the marker does not list (symlinks always count), and — with
+    `check_content` — listed files whose size or sha256 differ from what was written."""
+    folder = Path(folder)
+    listed = (read_marker(folder) or {}).get("files", {})
+    foreign, changed = [], []
+    for path in _walk(folder):
+        name = path.relative_to(folder).as_posix()
+        if path.is_dir() and not path.is_symlink():
+            continue
+        entry = listed.get(name)
+        if path.is_symlink() or not path.is_file() or not isinstance(entry, dict):
+            foreign.append(name)
+        elif check_content and (entry.get("size") != path.stat().st_size
+                                or entry.get("sha256") != _fingerprint(path)["sha256"]):
+            changed.append(name)
+    return foreign, changed
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    """Every entry under `folder` except the marker, sorted; symlinked folders are not entered."""
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(dirs + files):
+            path = Path(root) / name
+            if path.parent == folder and name == MARKER_FILENAME:
+                continue
+            yield path
+
+
+def _fingerprint(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _write_marker(folder: Path, marker: dict[str, Any]) -> None:
+    temporary = folder / f"{MARKER_FILENAME}.{uuid.uuid4().hex[:8]}.tmp"
+    temporary.write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(temporary, folder / MARKER_FILENAME)
+
+
+def _lexists(path: Path) -> bool:
+    """Whether anything (a symlink too) is at `path`; a path the filesystem cannot even look up is absent."""
+    try:
+        os.lstat(path)
+    except OSError:
+        return False
+    return True
+
+
+def _names(names: list[str], limit: int = 10) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def clean_leftovers(output: str | os.PathLike) -> list[Path]:
+    """Delete staging folders of `output` left by a killed run: only `.{name}.partial-*` folders that carry
+    the writer's marker and whose writing process (on this host) is gone. Returns what was deleted."""
+    target = Path(output).expanduser().absolute()
+    if not target.parent.is_dir():
+        return []
+    removed = []
+    for candidate in target.parent.glob(f".{target.name}{PARTIAL_MARK}*"):
+        if candidate.is_symlink() or not candidate.is_dir():
+            continue
+        marker = read_marker(candidate)
+        if marker is None or marker.get("host") != socket.gethostname() or _pid_alive(marker.get("pid")):
+            continue
+        shutil.rmtree(candidate, ignore_errors=True)
+        logger.info("removed %s, left by an interrupted run", candidate)
+        removed.append(candidate)
+    return removed
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+@contextmanager
+def staged_output(
+    output: str | os.PathLike | None,
+    *,
+    overwrite: bool = False,
+    keep_existing: bool = False,
+    inputs: Iterable[tuple[str, str | os.PathLike]] = (),
+    flag: str = "--output",
+) -> Iterator[Path]:
+    """Yield an empty staging folder; when the block succeeds it becomes `output`, else it is deleted.
+
+    Args:
+        output: the folder to produce. `None`: a scratch folder in the system temp dir, always deleted at
+            the end (e.g. a push-only merge that uploads the staged folder).
+        overwrite: replace an existing `output` (only one `check_output` accepts). The old folder is
+            swapped out and deleted only after the new one is in place; if that rename fails, it is
+            put back.
+        keep_existing: for write-once caches: an `output` that exists when the block ends (another run
+            finished first) wins, and the staged copy is dropped.
+        inputs, flag: as for `check_output`.
+
+    The output gets the writer's marker (`MARKER_FILENAME`) listing every file written in the block.
+
+    Raises:
+        FileExistsError: `output` exists (on entry or, written meanwhile by someone else, at the end) and
+            neither `overwrite` nor `keep_existing` allows it; then nothing is changed.
+    """
+    target = Path(output).expanduser().absolute() if output is not None else None
+    if target is not None and not keep_existing:
+        check_output(target, overwrite=overwrite, inputs=inputs, flag=flag)
+    elif target is not None and not _lexists(target):
+        check_location(target, flag=flag)
+    parent = target.parent if target is not None else Path(tempfile.gettempdir())
+    parent.mkdir(parents=True, exist_ok=True)
+    name = target.name if target is not None else "hf-mudsc"
+    if target is not None:
+        clean_leftovers(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}{PARTIAL_MARK}", dir=parent))
+    try:
+        record_files(staging, complete=False, staging=True)
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700: the output gets the usual permissions
+        yield staging
+        if target is not None:
+            _normalise_modes(staging)
+            record_files(staging)
+            _move_into_place(staging, target, overwrite=overwrite, keep_existing=keep_existing)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """`write(temporary_path)`, then rename it onto `path`: readers see the old file or the whole new one.
+
+    The temporary file sits next to `path` (renames are atomic within a folder) and gets the mode a plain
+    `open()` would give; on any failure it is removed and `path` is untouched. In a folder the writer made
+    (it has the marker), the file is recorded in the marker, so `--overwrite` still knows it as its own.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    temporary = Path(name)
+    try:
+        write(temporary)
+        temporary.chmod(0o666 & ~_umask())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    marker = read_marker(path.parent)
+    if marker is not None and marker.get("complete"):
+        marker["files"][path.name] = _fingerprint(path)
+        _write_marker(path.parent, marker)
+    return path
+
+
+def _move_into_place(staging: Path, target: Path, *, overwrite: bool, keep_existing: bool) -> None:
+    if not target.exists() and not target.is_symlink():
+        try:
+            os.rename(staging, target)
+            return
+        except OSError:
+            if not target.exists():  # no race lost: a real error
+                raise
+    if keep_existing:
+        return
+    check_output(target, overwrite=overwrite)  # it may have appeared or changed since the first check
+    backup = target.with_name(f".{target.name}{OLD_MARK}{uuid.uuid4().hex[:8]}")
+    os.rename(target, backup)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(backup, target)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _normalise_modes(folder: Path) -> None:
+    """Give every staged file and folder the mode a plain `open()`/`mkdir()` would: some writers use
+    `mkstemp` (0600), which would make a shared output unreadable to others."""
+    umask = _umask()
+    for path in folder.rglob("*"):
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

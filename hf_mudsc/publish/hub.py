@@ -1,0 +1,301 @@
+"""Publisher: a merged-model folder -> a Hub repo, in one commit, with its card and recipe.
+
+One commit (`upload_folder`) makes the push atomic: the repo shows either the previous state or the
+whole merged model, never half of it. Only the files the writer's marker lists are uploaded (never the
+marker, never a symlink's target). After a failed commit the repo's head is checked, because a commit can
+be applied although its answer was lost; a repo this run created is deleted only when nothing was
+committed, and an empty repo left by a killed push is pushed into on the rerun. Every Hub call has a
+timeout (`HF_MUDSC_HUB_TIMEOUT`) and logs what it waits for.
+The token comes from the usual places (argument, `HF_TOKEN`, the stored `hf auth login`) through
+`huggingface_hub`; it is never logged, printed or written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from huggingface_hub import HfApi, get_session
+from huggingface_hub.errors import HfHubHTTPError
+
+from hf_mudsc.errors import PushError, RepoExistsError
+from hf_mudsc.publish.folder import MARKER_FILENAME, read_marker, unlisted_files
+from hf_mudsc.publish.recipe import RECIPE_FILENAME
+
+logger = logging.getLogger(__name__)
+
+CARD_FILENAME = "README.md"
+# Seconds any one Hub call of a push may wait for an answer (env var, for slow links and huge files).
+TIMEOUT_ENV = "HF_MUDSC_HUB_TIMEOUT"
+DEFAULT_TIMEOUT = 120.0
+_T = TypeVar("_T")
+
+
+
+
+
+
+@dataclass(frozen=True)
+class PushResult:
+    repo_id: str
+    commit_sha: str
+    commit_url: str
+    url: str
+    created: bool
+
+
+def hub_timeout() -> float:
+    """The per-call timeout of Hub requests made by a push (`HF_MUDSC_HUB_TIMEOUT`, default 120 s)."""
+    text = os.environ.get(TIMEOUT_ENV)
+    if not text:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {text!r}")
+    return value
+
+
+@contextmanager
+def hub_timeouts(seconds: float | None = None) -> Iterator[float]:
+    """Give the shared Hub client a timeout (huggingface_hub waits forever by default), restored afterwards:
+    a stalled server must end a push with a message, not hang it."""
+    import httpx2
+
+    seconds = hub_timeout() if seconds is None else seconds
+    session = get_session()
+    previous = session.timeout
+    session.timeout = httpx2.Timeout(seconds, connect=min(seconds, 10.0))
+    try:
+        yield seconds
+    finally:
+        session.timeout = previous
+
+
+def _step(what: str, call: Callable[[], _T], *, seconds: float) -> _T:
+    """Run one Hub call, logging what it waits for; a timeout or a lost connection becomes a `PushError`."""
+    import httpx2
+
+    logger.info("waiting for the Hub: %s", what)
+    try:
+        return call()
+    except httpx2.TimeoutException:
+        raise PushError(
+            f"the Hub did not answer within {seconds:g} s while {what}; try again later, or allow more time "
+            f"with {TIMEOUT_ENV}=SECONDS"
+        ) from None
+    except httpx2.TransportError as error:
+        raise PushError(f"the connection to the Hub failed while {what}: {error}") from error
+
+
+def check_folder(folder: str | os.PathLike) -> Path:
+    """A pushable merged-model folder: config, safetensors weights, card and recipe — written by hf-mudsc.
+
+    Everything in it is published, so it must hold only what the writer wrote (its marker lists those files)
+    and no symbolic link (its target, anywhere on this machine, would be uploaded).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"no merged-model folder at {str(folder)!r}; run `hf-mudsc merge ... --output DIR` first"
+        )
+    required = ("config.json", CARD_FILENAME, RECIPE_FILENAME)
+    missing = [name for name in required if not (folder / name).is_file()]
+    if not any(folder.glob("*.safetensors")):
+        missing.append("*.safetensors weights")
+    if missing:
+        raise FileNotFoundError(
+            f"{str(folder)!r} is not a complete merged-model folder: missing {', '.join(missing)}. "
+            "Push a folder written by `hf-mudsc merge --output DIR` (model, processor, README.md, "
+            f"{RECIPE_FILENAME})"
+        )
+    foreign, _ = unlisted_files(folder)
+    links = [name for name in foreign if (folder / name).is_symlink()]
+    if links:
+        raise ValueError(
+            f"refusing to push {str(folder)!r}: it holds symbolic links ({', '.join(links)}), whose targets "
+            "would be uploaded; remove them"
+        )
+    if read_marker(folder) is None:
+        raise ValueError(
+            f"refusing to push {str(folder)!r}: it has no {MARKER_FILENAME} listing its files, so nothing "
+            "proves it holds only what hf-mudsc wrote (an older version wrote none); write it again with "
+            "`hf-mudsc merge --output DIR`, or upload it yourself with `hf upload`"
+        )
+    if foreign:
+        raise ValueError(
+            f"refusing to push {str(folder)!r}: it holds files hf-mudsc did not write ({', '.join(foreign[:10])}"
+            f"{' ...' if len(foreign) > 10 else ''}); move them out of the folder, which is uploaded whole"
+        )
+    return folder
+
+
+def published_files(folder: str | os.PathLike) -> list[str]:
+    """The files a push uploads: those the writer's marker lists and that are still there (never the marker)."""
+    folder = Path(folder)
+    listed = (read_marker(folder) or {}).get("files", {})
+    return sorted(name for name in listed if (folder / name).is_file() and not (folder / name).is_symlink())
+
+
+def _check_repo_id(repo_id: str) -> None:
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ValueError(f"the Hub repo id must look like `org/name`, got {repo_id!r}")
+
+
+def _is_empty(api: HfApi, repo_id: str) -> bool:
+    """Only the Hub's initial commit (no file but .gitattributes): what a push killed after creating it leaves."""
+    try:
+        files = api.list_repo_files(repo_id)
+        commits = api.list_repo_commits(repo_id)
+    except HfHubHTTPError:
+        return False
+    return set(files) <= {".gitattributes"} and len(commits) <= 1
+
+
+def _target_state(repo_id: str, *, overwrite: bool, token: str | None, flag: str, seconds: float) -> str:
+    """"absent", "empty" (pushed into without --overwrite) or "exists" (only with `overwrite`)."""
+    _check_repo_id(repo_id)
+    api = HfApi(token=token)
+    exists = _step(f"checking whether the repo {repo_id!r} exists", lambda: api.repo_exists(repo_id),
+                   seconds=seconds)
+    if not exists:
+        return "absent"
+    if _step(f"listing the files of the repo {repo_id!r}", lambda: _is_empty(api, repo_id), seconds=seconds):
+        logger.warning("the Hub repo %s exists but is empty (left by an interrupted push?): pushing into it",
+                       repo_id)
+        return "empty"
+    if not overwrite:
+        switch = "overwrite=True" if flag == "repo_id" else "--overwrite"  # the API's argument or the CLI flag
+        raise RepoExistsError(
+            f"the Hub repo {repo_id!r} already exists; pass {switch} to replace its files "
+            f"(in one commit), or choose another {flag}"
+        )
+    return "exists"
+
+
+def check_target(
+    repo_id: str, *, overwrite: bool = False, token: str | None = None, flag: str = "--push-to-hub name"
+) -> bool:
+    """Refuse an existing repo unless `overwrite` (called before any heavy work). Returns: it exists.
+
+    An empty repo (the initial commit only, as a push killed after creating it leaves) is not refused.
+    `flag` names where the user gave the repo id, for the message.
+    """
+    with hub_timeouts() as seconds:
+        return _target_state(repo_id, overwrite=overwrite, token=token, flag=flag, seconds=seconds) != "absent"
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    overwrite: bool = False,
+    token: str | None = None,
+    commit_message: str | None = None,
+    flag: str = "--push-to-hub name",
+) -> PushResult:
+    """Create `repo_id` (model repo) and upload `folder` to it in one commit.
+
+    Args:
+        folder: a merged-model folder written by hf-mudsc (`check_folder`); the marker is not uploaded.
+        repo_id: `org/name`.
+        private: create the repo private (an existing public repo is made private too).
+        overwrite: allow an existing repo; its files are replaced by the folder's in the same commit.
+            An empty repo (initial commit only) is pushed into without it.
+        token: a Hub token; default: `HF_TOKEN` or the stored login.
+        flag: how the user named the repo (for messages): `--push-to-hub name`, `ORG/NAME`, `repo_id`.
+
+    Raises:
+        RepoExistsError: the repo exists and `overwrite` is False.
+        PushError: the upload failed; the message says what the repo holds afterwards (its head is checked:
+            a commit may be applied although its answer was lost). A repo created by this call is deleted
+            when nothing was committed.
+    """
+    folder = check_folder(folder)
+    files = published_files(folder)
+    with hub_timeouts() as seconds:
+        return _push(folder, files, repo_id, private=private, overwrite=overwrite, token=token,
+                     commit_message=commit_message, flag=flag, seconds=seconds)
+
+
+def _push(folder: Path, files: list[str], repo_id: str, *, private: bool, overwrite: bool, token: str | None,
+          commit_message: str | None, flag: str, seconds: float) -> PushResult:
+    api = HfApi(token=token)
+    state = _target_state(repo_id, overwrite=overwrite, token=token, flag=flag, seconds=seconds)
+    try:
+        repo_url = _step(f"creating the repo {repo_id!r}",
+                         lambda: api.create_repo(repo_id, private=private, exist_ok=state != "absent"),
+                         seconds=seconds)
+    except HfHubHTTPError as error:
+        if error.response is not None and error.response.status_code == 409:
+            raise RepoExistsError(
+                f"the Hub repo {repo_id!r} already exists (possibly private and not visible to this token); "
+                f"pass --overwrite, or choose another {flag}"
+            ) from None
+        raise PushError(f"could not create the Hub repo {repo_id!r}: {error}") from error
+    created = state == "absent"
+    info = _step(f"reading the repo {repo_id!r}", lambda: api.repo_info(repo_id), seconds=seconds)
+    head_before = info.sha
+    if not created and private and not info.private:
+        _step(f"making the repo {repo_id!r} private",
+              lambda: api.update_repo_settings(repo_id, private=True), seconds=seconds)
+    message = commit_message or f"Upload merged model ({folder.name}) with hf-mudsc"
+    try:
+        commit = _step(
+            f"uploading {len(files)} files to {repo_id!r} in one commit",
+            lambda: api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=message,
+                allow_patterns=files,  # exactly the writer's files: never the marker, nothing added since
+                # On overwrite, files of the old model that the new folder lacks go away in the same commit.
+                delete_patterns="*" if state == "exists" else None,
+            ),
+            seconds=seconds,
+        )
+    except BaseException as error:
+        logger.debug("push failed", exc_info=True)
+        if not isinstance(error, Exception):
+            raise
+        left = _what_is_there(api, repo_id, head_before, message, created=created, seconds=seconds)
+        raise PushError(f"uploading to {repo_id!r} failed: {error} ({left})") from error
+    logger.info("pushed %s to %s (commit %s)", folder, repo_id, commit.oid)
+    return PushResult(repo_id=repo_id, commit_sha=commit.oid, commit_url=commit.commit_url,
+                      url=str(repo_url), created=created)
+
+
+def _what_is_there(api: HfApi, repo_id: str, head_before: str | None, message: str, *, created: bool,
+                   seconds: float) -> str:
+    """After a failed commit, ask the Hub what the repo's head is: the commit may have been applied although
+    its answer was lost. A repo this run created is deleted only when nothing was committed to it."""
+    try:
+        commits = _step(f"checking the head of {repo_id!r} after the failure",
+                        lambda: api.list_repo_commits(repo_id), seconds=seconds)
+    except Exception as error:  # noqa: BLE001 - report what is known, keep the original error
+        return (f"could not check what the repo holds ({error}); look at its commit history before retrying"
+                + ("; it was created by this run" if created else ""))
+    head = commits[0] if commits else None
+    if head is not None and head.commit_id != head_before:
+        if head.title == message:
+            return (f"the commit was applied although its answer was lost: the repo's head is now "
+                    f"{head.commit_id} ({head.title!r})")
+        return (f"the repo's head moved to {head.commit_id} ({head.title!r}), which is not this push's commit: "
+                "someone else pushed meanwhile")
+    left = "nothing was committed"
+    if created:
+        try:
+            _step(f"deleting the repo {repo_id!r} created by this run", lambda: api.delete_repo(repo_id),
+                  seconds=seconds)
+            left += f"; the repo {repo_id!r} created by this run was deleted"
+        except Exception:  # noqa: BLE001 - report what is left, keep the original error
+            left += (f"; the repo {repo_id!r} created by this run is left empty (initial commit only) — a rerun "
+                     f"pushes into it, or delete it with `hf repo delete {repo_id}`")
+    return left

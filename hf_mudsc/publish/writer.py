@@ -1,0 +1,173 @@
+"""One writer for a merged model: model, processor, card, recipe and ownership marker — for the CLI and the API.
+
+`hf-mudsc merge`, `hf-mudsc demo`, `hf_mudsc.save_merged` and `hf_mudsc.push_merged` all write through
+`write_merged_folder` inside `output.staged_output`, so a Python user gets the same folder as a CLI user
+(not just the config and weights `save_pretrained` writes), atomically, and a push uploads exactly it.
+
+    merged = hf_mudsc.merge(["org/a", "org/b"], calibration="org/data:train")
+    hf_mudsc.save_merged(merged, "merged-model")         # folder: model, processor, README.md, recipe
+    hf_mudsc.push_merged(merged, "me/merged-model")      # one commit with the same files
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from hf_mudsc.publish.folder import record_files, staged_output
+from hf_mudsc.publish.hub import CARD_FILENAME
+from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
+
+logger = logging.getLogger(__name__)
+
+UNPUSHED_PREFIX = "hf-mudsc-unpushed-"  # a push-only run's folder kept after a failed push
+
+
+def recipe_of(merged: Any) -> Recipe:
+    """The recipe of a model returned by `hf_mudsc.merge` (its parents pinned), from `merged.merge_report`."""
+    report = getattr(merged, "merge_report", None)
+    keys = getattr(report, "recipe", None)
+    if not keys:
+        raise ValueError(
+            f"{type(merged).__name__} carries no merge recipe: save_merged/push_merged write models returned by "
+            "hf_mudsc.pipeline (a model loaded from a merged folder already has its files there; use "
+            "save_pretrained for it)"
+        )
+    return Recipe(**{k: v for k, v in keys.items() if k in Recipe.keys()})
+
+
+def write_merged_folder(
+    folder: str | os.PathLike,
+    merged: Any,
+    *,
+    recipe: Recipe | None = None,
+    parents: Iterable[Any] | None = None,
+    processor: Any = None,
+    eval_results: Iterable[Mapping[str, Any] | Any] | None = None,
+    model_name: str | None = None,
+) -> Path:
+    """Write the merged model's folder: safetensors weights + config, processor, README.md card, recipe.
+
+    Args:
+        folder: an empty folder (a `staged_output` staging folder: it gets the marker when the block ends).
+        merged: a model returned by `hf_mudsc.merge`.
+        recipe: the recipe to record (default: `recipe_of(merged)`); its push target names the card.
+        parents: `LoadedParent`s for the card (default: the recipe's references).
+        processor: saved with the model (default: parent A's, which `merge` keeps on `merge_report`).
+        eval_results: evaluation rows for the card's model-index.
+        model_name: the card's title (default: the push target, else the output folder's name).
+    """
+    from hf_mudsc.publish.card import render_card
+
+    folder = Path(folder)
+    recipe = recipe if recipe is not None else recipe_of(merged)
+    if processor is None:
+        processor = getattr(getattr(merged, "merge_report", None), "processor", None)
+    merged.save_pretrained(folder)
+    if processor is not None:
+        processor.save_pretrained(folder)
+    recipe.save(folder / RECIPE_FILENAME)
+    name = model_name or recipe.push_to_hub or (Path(recipe.output).name if recipe.output else None)
+    render_card(merged, recipe, parents=list(parents) if parents is not None else None,
+                eval_results=eval_results, model_name=name).save(folder / CARD_FILENAME)
+    return folder
+
+
+def publish(
+    merged: Any,
+    *,
+    output: str | os.PathLike | None = None,
+    push_to_hub: str | None = None,
+    overwrite: bool = False,
+    private: bool = False,
+    token: str | None = None,
+    recipe: Recipe | None = None,
+    parents: Iterable[Any] | None = None,
+    processor: Any = None,
+    eval_results: Iterable[Mapping[str, Any] | Any] | None = None,
+    model_name: str | None = None,
+    output_flag: str = "--output",
+    push_flag: str = "--push-to-hub name",
+) -> dict[str, Any]:
+    """Write the folder (to `output`, else a scratch folder) and push it in one commit (to `push_to_hub`).
+
+    On any push failure the written model is kept — in `output`, or (push only) in a kept folder next to the
+    scratch one — and the raised `PushError` says where, and how to push it again.
+
+    Returns:
+        `{"output": Path}` and/or `{"push": PushResult}`.
+    """
+    from hf_mudsc.errors import PushError
+    from hf_mudsc.publish.hub import push_folder
+
+    if output is None and not push_to_hub:
+        raise ValueError("say where the merged model goes: an output folder and/or a Hub repo id")
+    produced: dict[str, Any] = {}
+    failure: Exception | None = None
+    kept: Path | None = None
+    with staged_output(output, overwrite=overwrite, flag=output_flag) as staging:
+        write_merged_folder(staging, merged, recipe=recipe, parents=parents, processor=processor,
+                            eval_results=eval_results, model_name=model_name)
+        if push_to_hub:
+            record_files(staging, staging=True)  # the marker says what the push may upload
+            try:
+                produced["push"] = push_folder(staging, push_to_hub, private=private, overwrite=overwrite,
+                                               token=token, flag=push_flag)
+            except Exception as error:  # noqa: BLE001 - any push failure: keep the model, then report
+                failure = error
+                if output is None:
+                    kept = staging.with_name(f"{UNPUSHED_PREFIX}{uuid.uuid4().hex[:8]}")
+                    os.rename(staging, kept)
+    if output is not None:
+        produced["output"] = Path(output).expanduser().absolute()
+    if failure is not None:
+        where = kept or produced["output"]
+        logger.debug("push failed", exc_info=failure)
+        raise PushError(f"{failure} — the merged model is kept in {where}; push it with "
+                        f"`hf-mudsc push {where} {push_to_hub}`") from failure
+    return produced
+
+
+def save_merged(merged: Any, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Save a model returned by `hf_mudsc.merge` as the CLI does: weights, config, processor (when the parents
+    had one), README.md model card, `mudsc_recipe.yaml` — written to a hidden sibling and renamed into place.
+
+    Args:
+        merged: the merged model.
+        directory: the folder to create.
+        overwrite: replace an existing `directory`, only if hf-mudsc wrote every file in it.
+
+    Raises:
+        FileExistsError: `directory` exists (without `overwrite`), or holds files hf-mudsc did not write.
+    """
+    recipe_of(merged)  # refuse a model merge() did not return before touching the disk
+    return publish(merged, output=directory, overwrite=overwrite, model_name=Path(directory).name,
+                   output_flag="directory")["output"]
+
+
+def push_merged(
+    merged: Any, repo_id: str, *, private: bool = False, overwrite: bool = False, token: str | None = None
+) -> Any:
+    """Push a model returned by `hf_mudsc.merge` to the Hub with the same files `save_merged` writes, in one
+    commit (staged in a temporary folder, removed afterwards; kept and named if the push fails).
+
+    Args:
+        merged: the merged model.
+        repo_id: `org/name` (refused if it exists, unless `overwrite`; an empty repo is pushed into).
+        private: create the repo private.
+        overwrite: replace an existing repo's files in the same commit.
+        token: a Hub token (default: `HF_TOKEN` or the stored login; never logged or written).
+
+    Returns:
+        A `hf_mudsc.hub.PushResult` (`commit_sha`, `commit_url`, `url`).
+    """
+    from hf_mudsc.publish.hub import check_target
+
+    recipe = recipe_of(merged).override(push_to_hub=repo_id)
+    check_target(repo_id, overwrite=overwrite, token=token, flag="repo_id")  # before writing anything
+    return publish(merged, push_to_hub=repo_id, overwrite=overwrite, private=private, token=token,
+                   recipe=recipe, push_flag="repo_id")["push"]

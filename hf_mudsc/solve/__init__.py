@@ -1,0 +1,1 @@
+"""Solve: weight similarity, the four matchers and the MuDSC sweep loop — architecture-free."""
