@@ -1,5 +1,6 @@
-"""Every "design §N" cited in code, tests, scripts and the design document itself names a section of
-docs/design.md — a renumbering or a deleted section cannot leave dangling references behind."""
+"""Every "docs/design.md §N" cited in code, tests, scripts and the design document itself names a section of
+docs/design.md — a renumbering or a deleted section cannot leave dangling references behind — and every citation
+names the document by its path, so a reader finds it."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DESIGN = ROOT / "docs" / "design.md"
 SOURCES = ("hf_mudsc", "tests", "scripts")
-# "design §4.3", "Design §4.2–4.5", "docs/design.md §6"; in the document itself a bare "§7".
+# "docs/design.md §6", "docs/design.md §4.2–4.5"; in the document itself a bare "§7". CITATION also matches the
+# short forms ("design §4.3") so that they are checked for dangling numbers and reported by SHORT_CITATION.
 SECTION = r"(\d+(?:\.\d+)?)"
 CITATION = re.compile(rf"design(?:\.md)?\s*§\s*{SECTION}(?:\s*[–-]\s*{SECTION})?", re.IGNORECASE)
+SHORT_CITATION = re.compile(r"(?<!docs/)design(?:\.md)?\s*§", re.IGNORECASE)
 SELF_CITATION = re.compile(rf"§\s*{SECTION}(?:\s*[–-]\s*{SECTION})?")
 HEADING = re.compile(r"^(#{2,3})\s+(\d+(?:\.\d+)?)\.?\s+\S", re.MULTILINE)
 
@@ -56,3 +59,23 @@ def test_the_design_document_cites_only_its_own_sections():
     numbers = cited(SELF_CITATION, text)
     assert numbers
     assert sorted(numbers - set(sections())) == []
+
+
+def test_every_design_citation_names_the_document_by_its_path():
+    short = []
+    for folder in SOURCES:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path == Path(__file__).resolve():
+                continue  # this file spells the short form out to test the pattern
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                if SHORT_CITATION.search(line):
+                    short.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not short, 'cite "docs/design.md §N", not "design §N":\n' + "\n".join(short)
+
+
+def test_the_short_citation_pattern_tells_the_two_forms_apart():
+    assert SHORT_CITATION.search("(design §4.6)")
+    assert SHORT_CITATION.search("Design §8")
+    assert SHORT_CITATION.search("see design.md §8")
+    assert not SHORT_CITATION.search("(docs/design.md §4.6)")
+    assert cited(CITATION, "docs/design.md §4.2–4.5 and docs/design.md §6") == {"4.2", "4.5", "6"}

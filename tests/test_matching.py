@@ -1,4 +1,4 @@
-"""Matchers (design §4.6): hand-checked clusters, invariants, fast zip == reference loop, errors."""
+"""Matchers (docs/design.md §4.6): hand-checked clusters, invariants, fast zip == reference loop, errors."""
 
 from __future__ import annotations
 

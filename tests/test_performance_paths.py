@@ -46,7 +46,7 @@ def test_axis_map_equals_the_dense_product(kind, shape, axis):
 
 
 def _plain_weight_correlation(spec, index, pa, pb, maps) -> torch.Tensor:
-    """Design §4.3 written out: concatenate Z_A and Z_B, centre over columns, Pearson of the rows."""
+    """docs/design.md §4.3 written out: concatenate Z_A and Z_B, centre over columns, Pearson of the rows."""
     z = torch.cat([weight_features(spec, index, p, i, maps) for i, p in enumerate((pa, pb))])
     centred = z - z.mean(1, keepdim=True)
     return pearson_from_covariance(centred @ centred.T / z.shape[1])

@@ -1,4 +1,4 @@
-"""Classifier heads of the parents -> head of the merged model (design §6).
+"""Classifier heads of the parents -> head of the merged model (docs/design.md §6).
 
 Same label set: the classifier is merged like any layer. Different label sets: the heads are
 concatenated (A's classes first), labels prefixed by task, and the task -> label range is stored in

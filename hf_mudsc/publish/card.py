@@ -1,4 +1,4 @@
-"""Model card of a merged model, rendered from the Jinja template in `model_cards/` (design §8).
+"""Model card of a merged model, rendered from the Jinja template in `model_cards/` (docs/design.md §8).
 
 The YAML front matter is built as `huggingface_hub.ModelCardData` (so the Hub's metadata rules are the
 library's, not ours) and dropped into the template as `{{ card_data }}`; the body reads
@@ -164,7 +164,7 @@ def card_data(
     model_name: str,
     eval_results: Sequence[EvalRow] = (),
 ) -> ModelCardData:
-    """The YAML front matter (design §8)."""
+    """The YAML front matter (docs/design.md §8)."""
     mudsc = dict(getattr(model.config, "mudsc", None) or {})
     pipeline_tag = pipeline_tag_for(model)
     tags = list(BASE_TAGS)

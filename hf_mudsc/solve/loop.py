@@ -1,4 +1,4 @@
-"""The MuDSC solve loop (design §4.2–4.5): activation start, then dual-space sweeps in a seeded random order.
+"""The MuDSC solve loop (docs/design.md §4.2–4.5): activation start, then dual-space sweeps in a seeded random order.
 
 Architecture-free: it reads only the PermutationSpec, parameters and per-group activation correlations.
 """

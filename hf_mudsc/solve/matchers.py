@@ -1,4 +1,4 @@
-"""Unit matchers of MuDSC (design §4.6): align, group align, zip and group zip.
+"""Unit matchers of MuDSC (docs/design.md §4.6): align, group align, zip and group zip.
 
 Every matcher reads one symmetric ``(2n, 2n)`` similarity of the units of models A and B (rows and
 columns ``[A 0..n-1; B 0..n-1]``) and returns a :class:`Match`: a 0/1 ``unmerge`` matrix whose column
@@ -463,7 +463,7 @@ def match(
     head_pairing: Sequence[int] | None = None,
     normalizer_eps: float = 0.0,
 ) -> Match:
-    """Match the 2n units of one group into n merged units (design §4.6).
+    """Match the 2n units of one group into n merged units (docs/design.md §4.6).
 
     ``matcher`` is ``"align"`` (Hungarian, a permutation) or ``"zip"`` (ZipIt's greedy, which may also
     fuse units of the same model); ``num_heads > 1`` selects their group variants, which only match units
