@@ -29,7 +29,7 @@ def task_name(config: PretrainedConfig, fallback: str) -> str:
     return name or fallback
 
 
-def concatenated_head_config(
+def concatenated_classifier_config(
     config_a: PretrainedConfig, config_b: PretrainedConfig, tasks: tuple[str, str]
 ) -> dict[str, Any]:
     """Config fields of a merged model whose classifier is A's rows then B's rows."""

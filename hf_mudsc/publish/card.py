@@ -129,13 +129,13 @@ def pipeline_tag_for(model_or_class: Any) -> str:
     return "feature-extraction"
 
 
-def calibration_dataset_id(spec: str | None) -> str | None:
+def calibration_dataset_id(calibration_spec: str | None) -> str | None:
     """The Hub dataset id in a calibration spec `repo[:config]:split`, or None for local data."""
-    if not spec:
+    if not calibration_spec:
         return None
-    if Path(spec).exists():
+    if Path(calibration_spec).exists():
         return None
-    repo = spec.split(":", 1)[0].partition("@")[0]  # `org/ds@revision:split` pins a revision of `org/ds`
+    repo = calibration_spec.split(":", 1)[0].partition("@")[0]  # `org/ds@revision:split` pins a revision of `org/ds`
     if not repo or Path(repo).exists() or repo.startswith((".", "/", "~")) or "\\" in repo:
         return None
     return repo if _HUB_DATASET_ID.match(repo) else None
