@@ -79,3 +79,60 @@ def test_the_short_citation_pattern_tells_the_two_forms_apart():
     assert SHORT_CITATION.search("see design.md §8")
     assert not SHORT_CITATION.search("(docs/design.md §4.6)")
     assert cited(CITATION, "docs/design.md §4.2–4.5 and docs/design.md §6") == {"4.2", "4.5", "6"}
+
+
+# --- README: the layout section is the package's tree, and the design document is linked --------------------
+
+README = ROOT / "README.md"
+PATH_IN_README = re.compile(r"\b((?:hf_mudsc|scripts|docs|tests|model_cards)/[A-Za-z0-9_./*-]*[A-Za-z0-9_*/])")
+PIPELINE_ORDER = ("load/", "calibrate/", "solve/", "apply/", "publish/")
+
+
+def readme_section(title: str) -> str:
+    text = README.read_text(encoding="utf-8")
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", text, re.MULTILINE | re.DOTALL)
+    assert match, f"README.md has no '## {title}' section"
+    return match.group(1)
+
+
+def layout_entries() -> list[str]:
+    """The paths of the Layout block: a line's first word; an indented `name.py` is under the folder above it."""
+    block = re.search(r"```\n(.*?)```", readme_section("Layout"), re.DOTALL)
+    assert block, "the README's Layout section has no code block"
+    entries: list[str] = []
+    folder = ""
+    for line in block.group(1).splitlines():
+        if not line.strip():
+            continue
+        first = line.split()[0]
+        if line.startswith(" "):
+            entries.append(folder + first)
+        else:
+            entries.append(first)
+            folder = first if first.endswith("/") else ""
+    return entries
+
+
+def test_every_path_the_readme_names_exists():
+    text = README.read_text(encoding="utf-8")
+    missing = sorted(
+        {path for path in PATH_IN_README.findall(text) if not any(ROOT.glob(path.rstrip("/")))}
+    )
+    assert not missing, f"README.md names paths that do not exist: {missing}"
+
+
+def test_the_readme_layout_is_the_package_tree_in_pipeline_order():
+    entries = layout_entries()
+    missing = [entry for entry in entries if not (ROOT / entry).exists()]
+    assert not missing, f"the Layout section lists paths that do not exist: {missing}"
+    package = ROOT / "hf_mudsc"
+    required = [f"hf_mudsc/{path.name}" for path in sorted(package.glob("*.py")) if path.name != "__init__.py"]
+    required += [f"hf_mudsc/{path.parent.name}/" for path in sorted(package.glob("*/__init__.py"))]
+    unlisted = [path for path in required if path not in entries]
+    assert not unlisted, f"the Layout section does not list: {unlisted}"
+    stages = [entries.index(f"hf_mudsc/{stage}") for stage in PIPELINE_ORDER]
+    assert stages == sorted(stages), f"stages out of pipeline order: {[entries[i] for i in sorted(stages)]}"
+
+
+def test_the_readme_links_the_design_document_where_it_explains_how_it_works():
+    assert "[docs/design.md](docs/design.md)" in readme_section("How it works")
