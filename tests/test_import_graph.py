@@ -11,8 +11,12 @@ What counts as an edge of the graph (module A -> module B means "running A can r
   `from hf_mudsc.a import name` inside `hf_mudsc/a/b.py` is still an edge to `hf_mudsc.a`);
 - NOT imports under `if TYPE_CHECKING:` — they never run, so they cannot form a runtime cycle, and they are how
   annotations name a type without importing its module (the private-name rule applies to them all the same);
-- NOT the lazy exports of `hf_mudsc/__init__.py` (`importlib.import_module` on a module name held in a string):
-  they run when a user touches `hf_mudsc.merge`, never while a module of the package is being imported.
+- `importlib.import_module("hf_mudsc.x")` with the name written out as a literal is an import like any other;
+- NOT the lazy exports of `hf_mudsc/__init__.py` (`importlib.import_module` on a module name looked up in a
+  table): they run when a user touches `hf_mudsc.merge`, never while a module of the package is being imported.
+- a package `__init__` that discovers its submodules (`pkgutil.iter_modules` / `walk_packages`) imports every
+  submodule of the package: a plug-in that imports its registry from that `__init__` closes a cycle (keep the
+  registry in a submodule of its own instead).
 
 A private name is one with a single leading underscore (`_x`); dunders (`__version__`) are public. Importing a
 private module by path (`hf_mudsc._version`) is allowed; importing a private NAME from another module is not:
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGE = "hf_mudsc"
+DISCOVERY = ("iter_modules", "walk_packages")  # in a package `__init__`: imports of all its submodules
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 
@@ -70,7 +75,7 @@ def imports_of(importer: str, path: Path, root: Path = ROOT) -> list[Import]:
     found: list[Import] = []
     relative = path.relative_to(root.parent).as_posix()
 
-    def where(node: ast.stmt) -> str:
+    def where(node: ast.stmt | ast.expr) -> str:
         return f"{relative}:{node.lineno}"
 
     def visit(node: ast.AST, type_checking: bool) -> None:
@@ -91,6 +96,20 @@ def imports_of(importer: str, path: Path, root: Path = ROOT) -> list[Import]:
             )
             for alias in node.names:
                 found.append(Import(importer, target, alias.name, where(node), type_checking))
+        elif (
+            isinstance(node, ast.Call)
+            and (getattr(node.func, "attr", None) or getattr(node.func, "id", None)) == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            found.append(Import(importer, node.args[0].value, None, where(node), type_checking))
+        elif (
+            isinstance(node, ast.Call)
+            and (getattr(node.func, "attr", None) or getattr(node.func, "id", None)) in DISCOVERY
+            and path.name == "__init__.py"
+        ):
+            found.append(Import(importer, f"{importer}.*", None, where(node), type_checking))
         for child in ast.iter_child_nodes(node):
             visit(child, type_checking)
 
@@ -111,10 +130,15 @@ def edges_of(item: Import, modules: set[str]) -> set[str]:
     """The package modules that running this import statement can start."""
     if item.target != PACKAGE and not item.target.startswith(PACKAGE + "."):
         return set()
+    if item.target.endswith(".*"):  # a package discovering its submodules imports every one of them
+        prefix = item.target[:-1]
+        return {name for name in modules if name.startswith(prefix)}
     own = set(ancestors(item.importer))
-    targets = {item.target} if item.target in modules else set()
     if item.name and f"{item.target}.{item.name}" in modules:
-        targets.add(f"{item.target}.{item.name}")
+        # `from pkg import submodule` runs pkg's `__init__` only as the submodule's parent (rule above)
+        targets = {f"{item.target}.{item.name}"}
+    else:
+        targets = {item.target} if item.target in modules else set()
     started = set()
     for target in targets:
         started.add(target)
@@ -318,7 +342,9 @@ def test_checker_treats_a_package_init_as_a_module(tmp_path):
         tmp_path,
         {
             "__init__.py": "",
-            "architectures/__init__.py": "REGISTRY = {}\nfrom hf_mudsc.architectures import vit\n",
+            "architectures/__init__.py": (
+                "import importlib\nREGISTRY = {}\nimportlib.import_module('hf_mudsc.architectures.vit')\n"
+            ),
             "architectures/vit.py": "from hf_mudsc.architectures import REGISTRY\n",
             "solve/__init__.py": "from hf_mudsc.load.parents import load\n",
             "solve/loop.py": "",
@@ -373,4 +399,32 @@ def test_checker_finds_a_private_helper_reached_through_a_module_attribute(tmp_p
     assert private_attribute_uses(root) == [
         "hf_mudsc/evaluate.py:4: _as_tensor from hf_mudsc.calibrate.statistics",
         "hf_mudsc/evaluate.py:4: _as_tensor from hf_mudsc.calibrate.statistics",
+    ]
+
+
+def test_checker_counts_submodule_discovery_as_importing_every_submodule(tmp_path):
+    root = write_package(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "architectures/__init__.py": (
+                "import importlib, pkgutil\n"
+                "for info in pkgutil.iter_modules(__path__):\n"
+                "    importlib.import_module(f'{__name__}.{info.name}')\n"
+            ),
+            "architectures/registry.py": "REGISTRY = {}\n",
+            "architectures/vit.py": "from hf_mudsc.architectures.registry import REGISTRY\n",
+            "architectures/bert.py": "from hf_mudsc.architectures import registry\n",
+        },
+    )
+    graph = import_graph(all_imports(root), root)
+    assert sorted(graph["hf_mudsc.architectures"]) == [
+        "hf_mudsc.architectures.bert",
+        "hf_mudsc.architectures.registry",
+        "hf_mudsc.architectures.vit",
+    ]
+    assert find_cycles(graph) == []  # registry in a submodule of its own: no cycle
+    (root / "architectures" / "vit.py").write_text("from hf_mudsc.architectures import REGISTRY\n", encoding="utf-8")
+    assert find_cycles(import_graph(all_imports(root), root)) == [
+        ["hf_mudsc.architectures", "hf_mudsc.architectures.vit", "hf_mudsc.architectures"]
     ]
