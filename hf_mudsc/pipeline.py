@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 
 from hf_mudsc._version import __version__
 from hf_mudsc.apply.build import build_model
-from hf_mudsc.apply.classifier import concatenated_head_config, distinct_task_names, same_label_set
+from hf_mudsc.apply.classifier import concatenated_classifier_config, distinct_task_names, same_label_set
 from hf_mudsc.apply.weights import apply_matches
 from hf_mudsc.architectures import spec_for
 from hf_mudsc.calibrate.correlation import correlations_from
@@ -235,7 +235,7 @@ def merge(
             delattr(config, key)
     parent_names = [p.repo_id or parent_name(p.model, f"model_{side}") for p, side in zip(parents, "ab")]
     if concatenate:
-        for key, value in concatenated_head_config(
+        for key, value in concatenated_classifier_config(
             model_a.config, model_b.config, distinct_task_names(model_a.config, model_b.config)
         ).items():
             setattr(config, key, value)

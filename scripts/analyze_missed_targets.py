@@ -58,7 +58,7 @@ from hf_mudsc.architectures import spec_for
 from hf_mudsc.calibrate.statistics import collect_statistics
 from hf_mudsc.evaluate.harness import evaluate_merge
 from hf_mudsc.solve.maps import GroupMaps
-from hf_mudsc.solve.matchers import Match, head_scores, match, pair_heads
+from hf_mudsc.solve.matchers import Match, attention_head_scores, match, pair_attention_heads
 from hf_mudsc.solve.similarity import WeightCorrelation
 from hf_mudsc.testing.permute import recovered_fraction
 
@@ -248,7 +248,7 @@ def identity_stability(model_a: Any, similarities: Sequence[torch.Tensor]) -> di
         heads = spec.groups[members[0]].num_heads
         pairing = None
         if heads > 1:
-            pairing = pair_heads(sum(head_scores(similarities[m], heads) for m in members))
+            pairing = pair_attention_heads(sum(attention_head_scores(similarities[m], heads) for m in members))
         for m in members:
             found = match(similarities[m], matcher="align", num_heads=heads, head_pairing=pairing)
             group = spec.groups[m]
@@ -276,7 +276,7 @@ def activation_correlations(model_a: Any, model_b: Any, calibration: list[dict])
 
 
 def pairing_score(scores: np.ndarray, pairing: Sequence[int]) -> float:
-    """Mean head score of a pairing (what `pair_heads` maximises, per head)."""
+    """Mean head score of a pairing (what `pair_attention_heads` maximises, per head)."""
     return float(np.mean([scores[j, p] for j, p in enumerate(pairing)]))
 
 
@@ -289,9 +289,9 @@ def head_score_stats(scores_qk: np.ndarray, scores_v: np.ndarray) -> dict[str, A
     groups' scores (the default's shared pairing).
     """
     out: dict[str, Any] = {}
-    shared = pair_heads(scores_qk + scores_v)
+    shared = pair_attention_heads(scores_qk + scores_v)
     for kind, scores in (("qk", scores_qk), ("v", scores_v)):
-        own = pair_heads(scores)
+        own = pair_attention_heads(scores)
         best = pairing_score(scores, own)
         margin = float("nan")
         if 1 < len(scores) <= MAX_ENUMERATED_HEADS:
@@ -324,7 +324,7 @@ def block_head_scores(
         kind = kind_of(group.name)
         if kind in ("qk", "v"):
             block = group.name.rsplit(".", 1)[0]
-            scores.setdefault(block, {})[kind] = head_scores(similarity, group.num_heads)
+            scores.setdefault(block, {})[kind] = attention_head_scores(similarity, group.num_heads)
     return {block: head_score_stats(s["qk"], s["v"]) for block, s in scores.items()}
 
 

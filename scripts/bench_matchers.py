@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark the matchers (design §4.6): fast zip against the reference loop, group zip, align.
+"""Benchmark the matchers (docs/design.md §4.6): fast zip against the reference loop, group zip, align.
 
 For each size n it builds the Pearson correlation of 2n planted features (model B = a noisy copy of A with
 heads and units shuffled, the A units sharing latent factors so same-model pairs compete), casts it to

@@ -139,6 +139,6 @@ def test_examples_survive_shard_merges_and_all_reduce_tensors():
     for w, f, s in zip(whole, first, second):
         restored = CorrelationAccumulator(w.dim)
         restored.load_tensors([x + y for x, y in zip(f.tensors(), s.tensors())])
-        assert (f.merge(s).examples, restored.examples, w.examples) == (16, 16, 16)
+        assert (f.combine(s).examples, restored.examples, w.examples) == (16, 16, 16)
         assert restored.count == w.count
     assert max(w.count for w in whole) > 16  # per-token groups count tokens, yet report 16 examples

@@ -1,5 +1,6 @@
-"""Every "design §N" cited in code, tests, scripts and the design document itself names a section of
-docs/design.md — a renumbering or a deleted section cannot leave dangling references behind."""
+"""Every "docs/design.md §N" cited in code, tests, scripts and the design document itself names a section of
+docs/design.md — a renumbering or a deleted section cannot leave dangling references behind — and every citation
+names the document by its path, so a reader finds it."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DESIGN = ROOT / "docs" / "design.md"
 SOURCES = ("hf_mudsc", "tests", "scripts")
-# "design §4.3", "Design §4.2–4.5", "docs/design.md §6"; in the document itself a bare "§7".
+# "docs/design.md §6", "docs/design.md §4.2–4.5"; in the document itself a bare "§7". CITATION also matches the
+# short forms ("design §4.3") so that they are checked for dangling numbers and reported by SHORT_CITATION.
 SECTION = r"(\d+(?:\.\d+)?)"
 CITATION = re.compile(rf"design(?:\.md)?\s*§\s*{SECTION}(?:\s*[–-]\s*{SECTION})?", re.IGNORECASE)
+SHORT_CITATION = re.compile(r"(?<!docs/)design(?:\.md)?\s*§", re.IGNORECASE)
 SELF_CITATION = re.compile(rf"§\s*{SECTION}(?:\s*[–-]\s*{SECTION})?")
 HEADING = re.compile(r"^(#{2,3})\s+(\d+(?:\.\d+)?)\.?\s+\S", re.MULTILINE)
 
@@ -56,3 +59,80 @@ def test_the_design_document_cites_only_its_own_sections():
     numbers = cited(SELF_CITATION, text)
     assert numbers
     assert sorted(numbers - set(sections())) == []
+
+
+def test_every_design_citation_names_the_document_by_its_path():
+    short = []
+    for folder in SOURCES:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path == Path(__file__).resolve():
+                continue  # this file spells the short form out to test the pattern
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                if SHORT_CITATION.search(line):
+                    short.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not short, 'cite "docs/design.md §N", not "design §N":\n' + "\n".join(short)
+
+
+def test_the_short_citation_pattern_tells_the_two_forms_apart():
+    assert SHORT_CITATION.search("(design §4.6)")
+    assert SHORT_CITATION.search("Design §8")
+    assert SHORT_CITATION.search("see design.md §8")
+    assert not SHORT_CITATION.search("(docs/design.md §4.6)")
+    assert cited(CITATION, "docs/design.md §4.2–4.5 and docs/design.md §6") == {"4.2", "4.5", "6"}
+
+
+# --- README: the layout section is the package's tree, and the design document is linked --------------------
+
+README = ROOT / "README.md"
+PATH_IN_README = re.compile(r"\b((?:hf_mudsc|scripts|docs|tests|model_cards)/[A-Za-z0-9_./*-]*[A-Za-z0-9_*/])")
+PIPELINE_ORDER = ("load/", "calibrate/", "solve/", "apply/", "publish/")
+
+
+def readme_section(title: str) -> str:
+    text = README.read_text(encoding="utf-8")
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", text, re.MULTILINE | re.DOTALL)
+    assert match, f"README.md has no '## {title}' section"
+    return match.group(1)
+
+
+def layout_entries() -> list[str]:
+    """The paths of the Layout block: a line's first word; an indented `name.py` is under the folder above it."""
+    block = re.search(r"```\n(.*?)```", readme_section("Layout"), re.DOTALL)
+    assert block, "the README's Layout section has no code block"
+    entries: list[str] = []
+    folder = ""
+    for line in block.group(1).splitlines():
+        if not line.strip():
+            continue
+        first = line.split()[0]
+        if line.startswith(" "):
+            entries.append(folder + first)
+        else:
+            entries.append(first)
+            folder = first if first.endswith("/") else ""
+    return entries
+
+
+def test_every_path_the_readme_names_exists():
+    text = README.read_text(encoding="utf-8")
+    missing = sorted(
+        {path for path in PATH_IN_README.findall(text) if not any(ROOT.glob(path.rstrip("/")))}
+    )
+    assert not missing, f"README.md names paths that do not exist: {missing}"
+
+
+def test_the_readme_layout_is_the_package_tree_in_pipeline_order():
+    entries = layout_entries()
+    missing = [entry for entry in entries if not (ROOT / entry).exists()]
+    assert not missing, f"the Layout section lists paths that do not exist: {missing}"
+    package = ROOT / "hf_mudsc"
+    required = [f"hf_mudsc/{path.name}" for path in sorted(package.glob("*.py")) if path.name != "__init__.py"]
+    required += [f"hf_mudsc/{path.parent.name}/" for path in sorted(package.glob("*/__init__.py"))]
+    unlisted = [path for path in required if path not in entries]
+    assert not unlisted, f"the Layout section does not list: {unlisted}"
+    stages = [entries.index(f"hf_mudsc/{stage}") for stage in PIPELINE_ORDER]
+    assert stages == sorted(stages), f"stages out of pipeline order: {[entries[i] for i in sorted(stages)]}"
+
+
+def test_the_readme_links_the_design_document_where_it_explains_how_it_works():
+    assert "[docs/design.md](docs/design.md)" in readme_section("How it works")

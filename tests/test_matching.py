@@ -1,4 +1,4 @@
-"""Matchers (design §4.6): hand-checked clusters, invariants, fast zip == reference loop, errors."""
+"""Matchers (docs/design.md §4.6): hand-checked clusters, invariants, fast zip == reference loop, errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_mudsc.solve.matchers import MATCHERS, Match, head_scores, match, pair_heads, zip_reference
+from hf_mudsc.solve.matchers import MATCHERS, Match, attention_head_scores, match, pair_attention_heads, zip_reference
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -171,13 +171,13 @@ HEADS4 = sym(
 HEADS4_SCORES = np.array([[0.25, 0.85], [0.65, 0.25]])
 
 
-def test_head_scores_and_pairing() -> None:
-    scores = head_scores(HEADS4, 2)
+def test_attention_head_scores_and_pairing() -> None:
+    scores = attention_head_scores(HEADS4, 2)
     assert scores.shape == (2, 2) and scores.dtype == np.float64
     np.testing.assert_allclose(scores, HEADS4_SCORES)
-    assert pair_heads(scores) == (1, 0)
+    assert pair_attention_heads(scores) == (1, 0)
     # The Hungarian, not a greedy pick: greedy would take 0.9 for A head 0 and be left with 0 + 0.5.
-    assert pair_heads(np.array([[0.9, 0.8, 0.0], [0.85, 0.0, 0.0], [0.0, 0.0, 0.5]])) == (1, 0, 2)
+    assert pair_attention_heads(np.array([[0.9, 0.8, 0.0], [0.85, 0.0, 0.0], [0.0, 0.0, 0.5]])) == (1, 0, 2)
 
 
 @pytest.mark.parametrize("matcher", MATCHERS)
@@ -261,7 +261,7 @@ def test_group_matchers_never_mix_heads(matcher: str, pairing: tuple[int, ...] |
     if pairing is not None:
         assert m.head_pairing == pairing
     else:
-        assert m.head_pairing == pair_heads(head_scores(c, k))
+        assert m.head_pairing == pair_attention_heads(attention_head_scores(c, k))
     for col, rows in enumerate(m.clusters()):
         head = col // g  # merged head j = columns j*g..(j+1)*g-1 = A head j and its partner
         a_rows = [r for r in rows if r < n]
@@ -283,16 +283,16 @@ def test_shapes_and_normalisation(matcher: str, num_heads: int, eps: float) -> N
     n = 12
     c = random_symmetric(rng, 2 * n, "normal")
     m = match(c, matcher=matcher, num_heads=num_heads, normalizer_eps=eps)
-    assert m.unmerge.shape == m.merge.shape == (2 * n, n)
-    assert m.unmerge.dtype == m.merge.dtype == torch.float64
+    assert m.unmerge.shape == m.merge_matrix.shape == (2 * n, n)
+    assert m.unmerge.dtype == m.merge_matrix.dtype == torch.float64
     assert set(m.unmerge.unique().tolist()) <= {0.0, 1.0}
     assert torch.equal(m.unmerge.sum(dim=1), torch.ones(2 * n, dtype=torch.float64))  # every unit once
     colsum = m.unmerge.sum(dim=0)
     assert (colsum >= 1).all()
-    assert torch.equal(m.merge, m.unmerge / (colsum + eps))
-    torch.testing.assert_close(m.merge.sum(dim=0), colsum / (colsum + eps), rtol=0, atol=1e-12)
+    assert torch.equal(m.merge_matrix, m.unmerge / (colsum + eps))
+    torch.testing.assert_close(m.merge_matrix.sum(dim=0), colsum / (colsum + eps), rtol=0, atol=1e-12)
     if eps == 0.0:
-        torch.testing.assert_close(m.merge.sum(dim=0), torch.ones(n, dtype=torch.float64), rtol=0, atol=1e-12)
+        torch.testing.assert_close(m.merge_matrix.sum(dim=0), torch.ones(n, dtype=torch.float64), rtol=0, atol=1e-12)
     if matcher == "align":
         assert torch.equal(colsum, torch.full((n,), 2.0, dtype=torch.float64))
     assert (m.head_pairing is None) == (num_heads == 1)
@@ -307,7 +307,7 @@ def test_value_semantics() -> None:
     partner = [max(col) - n for col in m.clusters()]
     assert m.value == pytest.approx(np.mean([cn[i, n + p] for i, p in enumerate(partner)]))
     m = match(c, matcher="align", num_heads=k)
-    scores = head_scores(c, k)
+    scores = attention_head_scores(c, k)
     assert m.value == pytest.approx(scores[np.arange(k), list(m.head_pairing)].mean())
     for heads in (1, k):
         fast = match(c, matcher="zip", num_heads=heads)
@@ -323,7 +323,7 @@ def test_input_untouched_and_dtypes() -> None:
         for mt in MATCHERS:
             match(c, matcher=mt, num_heads=heads)
         zip_reference(c, num_heads=heads)
-        head_scores(c, heads)
+        attention_head_scores(c, heads)
     assert torch.equal(c, before)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for mt in MATCHERS:
@@ -427,7 +427,7 @@ def test_non_finite_similarity(bad: float) -> None:
     for call in (
         lambda: match(c),
         lambda: match(c, matcher="zip"),
-        lambda: head_scores(c, 1),
+        lambda: attention_head_scores(c, 1),
         lambda: zip_reference(c),
     ):
         with pytest.raises(ValueError, match=message):
@@ -438,11 +438,11 @@ def test_other_errors() -> None:
     with pytest.raises(TypeError, match="torch.Tensor"):
         match([[1.0, 0.0], [0.0, 1.0]])
     with pytest.raises(ValueError, match="not divisible"):
-        head_scores(torch.eye(6), 2)
+        attention_head_scores(torch.eye(6), 2)
     with pytest.raises(ValueError, match="square"):
-        pair_heads(np.zeros((2, 3)))
+        pair_attention_heads(np.zeros((2, 3)))
     with pytest.raises(ValueError, match="NaN"):
-        pair_heads(np.array([[0.0, np.nan], [1.0, 0.0]]))
+        pair_attention_heads(np.array([[0.0, np.nan], [1.0, 0.0]]))
     with pytest.raises(ValueError, match="decay"):
         zip_reference(GOOD, decay=-1.0)
     with pytest.raises(ValueError, match="permutation"):

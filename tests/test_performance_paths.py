@@ -46,7 +46,7 @@ def test_axis_map_equals_the_dense_product(kind, shape, axis):
 
 
 def _plain_weight_correlation(spec, index, pa, pb, maps) -> torch.Tensor:
-    """Design §4.3 written out: concatenate Z_A and Z_B, centre over columns, Pearson of the rows."""
+    """docs/design.md §4.3 written out: concatenate Z_A and Z_B, centre over columns, Pearson of the rows."""
     z = torch.cat([weight_features(spec, index, p, i, maps) for i, p in enumerate((pa, pb))])
     centred = z - z.mean(1, keepdim=True)
     return pearson_from_covariance(centred @ centred.T / z.shape[1])
@@ -58,7 +58,7 @@ def _maps_from_matches(spec, pa, pb, matcher: str) -> list[GroupMaps]:
     for index, group in enumerate(spec.groups):
         found = match(_plain_weight_correlation(spec, index, pa, pb, [None] * len(spec.groups)),
                       matcher=matcher, num_heads=group.num_heads)
-        maps.append(GroupMaps.from_matrices(found.merge, found.unmerge))
+        maps.append(GroupMaps.from_matrices(found.merge_matrix, found.unmerge))
     return maps
 
 
@@ -191,6 +191,6 @@ def test_in_place_finalize_equals_finalize_and_consumes_the_sums():
     rows = CorrelationAccumulator(10)
     rows.update(x)
     assert torch.allclose(rows.finalize_in_place(chunk_rows=3), expected[0], atol=1e-13)
-    for use in (lambda: rows.update(x), rows.finalize, rows.tensors, lambda: rows.merge(accumulators[0])):
+    for use in (lambda: rows.update(x), rows.finalize, rows.tensors, lambda: rows.combine(accumulators[0])):
         with pytest.raises(RuntimeError, match="consumed by finalize_in_place"):
             use()

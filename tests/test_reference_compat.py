@@ -189,7 +189,7 @@ def test_library_matchers_equal_the_oracle_on_tied_similarities(matcher, heads, 
                       normalizer_eps=ref.REFERENCE_EPS)
         assert found.clusters() == expected.clusters, seed
         assert torch.equal(found.unmerge, expected.unmerge)
-        assert torch.allclose(2 * found.merge, expected.merge2, rtol=0, atol=1e-12)
+        assert torch.allclose(2 * found.merge_matrix, expected.merge2, rtol=0, atol=1e-12)
         assert found.value == pytest.approx(expected.value, abs=1e-12)
         if heads > 1:
             assert list(found.head_pairing) == expected.head_pairing

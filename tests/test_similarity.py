@@ -28,7 +28,7 @@ def test_merged_shards_equal_one_accumulator():
     whole.update(x)
     left.update(x[:77])
     right.update(x[77:])
-    assert torch.allclose(left.merge(right).finalize(), whole.finalize(), atol=1e-14)
+    assert torch.allclose(left.combine(right).finalize(), whole.finalize(), atol=1e-14)
     restored = CorrelationAccumulator(6)
     restored.load_tensors([t.clone() for t in whole.tensors()])
     assert restored.count == 200 and torch.allclose(restored.finalize(), whole.finalize(), atol=1e-13)
@@ -51,7 +51,7 @@ def test_accumulator_errors():
     with pytest.raises(ValueError, match=r"shape \(N, 3\)"):
         acc.update(torch.zeros(2, 4))
     with pytest.raises(ValueError, match="width 3 and 4"):
-        acc.merge(CorrelationAccumulator(4))
+        acc.combine(CorrelationAccumulator(4))
 
 
 def test_pearson_clamps_tiny_variances():
@@ -62,12 +62,13 @@ def test_pearson_clamps_tiny_variances():
 def test_axis_map_equals_dense_contraction():
     c = torch.randn(16, 16, dtype=torch.float64)
     found = match(c @ c.T, matcher="zip")
-    maps = GroupMaps.from_matrices(found.merge, found.unmerge)
+    maps = GroupMaps.from_matrices(found.merge_matrix, found.unmerge)
     tensor = torch.randn(5, 8, 3, dtype=torch.float64)
     for model in (0, 1):
         rows = slice(model * 8, (model + 1) * 8)
         assert torch.allclose(maps.unmerge[model].apply(tensor, 1), transform_axis(tensor, 1, found.unmerge[rows]))
-        assert torch.allclose(maps.merge2[model].apply(tensor, -2), transform_axis(tensor, 1, 2 * found.merge[rows]))
+        merge2 = 2 * found.merge_matrix[rows]
+        assert torch.allclose(maps.merge2[model].apply(tensor, -2), transform_axis(tensor, 1, merge2))
     with pytest.raises(ValueError, match="exactly one nonzero"):
         AxisMap.from_matrix(torch.ones(3, 2))
 

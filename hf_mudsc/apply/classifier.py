@@ -1,4 +1,4 @@
-"""Classifier heads of the parents -> head of the merged model (design §6).
+"""Classifier heads of the parents -> head of the merged model (docs/design.md §6).
 
 Same label set: the classifier is merged like any layer. Different label sets: the heads are
 concatenated (A's classes first), labels prefixed by task, and the task -> label range is stored in
@@ -29,7 +29,7 @@ def task_name(config: PretrainedConfig, fallback: str) -> str:
     return name or fallback
 
 
-def concatenated_head_config(
+def concatenated_classifier_config(
     config_a: PretrainedConfig, config_b: PretrainedConfig, tasks: tuple[str, str]
 ) -> dict[str, Any]:
     """Config fields of a merged model whose classifier is A's rows then B's rows."""

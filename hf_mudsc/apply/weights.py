@@ -19,7 +19,7 @@ def apply_matches(
     *,
     concatenate_classifier: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Design §4.7: out axes by `(2·merge_i)ᵀ`, in axes by `U_iᵀ`, then the mean of the two parents.
+    """docs/design.md §4.7: out axes by `(2·merge_i)ᵀ`, in axes by `U_iᵀ`, then the mean of the two parents.
 
     Classifier tensors are concatenated (A's rows first) instead of averaged when label sets differ.
     """

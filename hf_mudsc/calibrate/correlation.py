@@ -23,7 +23,7 @@ def pearson_from_covariance(covariance: torch.Tensor) -> torch.Tensor:
 class CorrelationAccumulator:
     """Streaming `Σx`, `Σxxᵀ` and count of `dim`-wide samples, summable across processes.
 
-    `update` per batch, `merge` another accumulator (another shard's statistics), `finalize` for the
+    `update` per batch, `combine` another accumulator (another shard's statistics), `finalize` for the
     Pearson correlation. Sums are float64 and taken around a shift (the first batch's mean), so
     `E[xxᵀ] − μμᵀ` does not cancel catastrophically for units with a large mean.
     """
@@ -92,10 +92,10 @@ class CorrelationAccumulator:
         outer += self.count * torch.outer(delta, delta)
         return total, outer
 
-    def merge(self, other: CorrelationAccumulator) -> CorrelationAccumulator:
+    def combine(self, other: CorrelationAccumulator) -> CorrelationAccumulator:
         """Fold another shard's statistics into this one (in place) and return self."""
         if other.dim != self.dim:
-            raise ValueError(f"cannot merge accumulators of width {self.dim} and {other.dim}")
+            raise ValueError(f"cannot combine accumulators of width {self.dim} and {other.dim}")
         self._check_usable()
         other._check_usable()
         if other.count == 0:

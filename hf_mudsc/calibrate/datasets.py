@@ -55,8 +55,8 @@ class DatasetSpec:
     revision: str | None = None
 
     @classmethod
-    def parse(cls, spec: str | os.PathLike) -> DatasetSpec:
-        text = os.fspath(spec).strip()
+    def parse(cls, dataset_spec: str | os.PathLike) -> DatasetSpec:
+        text = os.fspath(dataset_spec).strip()
         if not text:
             raise CalibrationError(f"empty calibration spec; {_SPEC_FORMS}")
         if os.path.exists(text):
@@ -81,8 +81,8 @@ class DatasetSpec:
         return cls(path=path, config=config, split=split + slice_, revision=revision)
 
     def __str__(self) -> str:
-        head = f"{self.path}@{self.revision}" if self.revision else self.path
-        return ":".join(p for p in (head, self.config, self.split) if p)
+        source = f"{self.path}@{self.revision}" if self.revision else self.path
+        return ":".join(p for p in (source, self.config, self.split) if p)
 
 
 def _split_revision(path: str, text: str) -> tuple[str, str | None]:
@@ -104,8 +104,8 @@ def _split_revision(path: str, text: str) -> tuple[str, str | None]:
     return repo, revision
 
 
-def pin_calibration_revision(spec: str, *, token: str | bool | None = None) -> str:
-    """`spec` with a Hub dataset's branch/tag (or no revision: the default branch) resolved to its commit sha.
+def pin_calibration_revision(dataset_spec: str, *, token: str | bool | None = None) -> str:
+    """`dataset_spec` with a Hub dataset's branch/tag (or no revision: the default branch) pinned to its commit sha.
 
     Recipes record calibration data pinned like parents, so a re-run reads the same rows after the dataset
     moved on. Local data, offline mode (`HF_HUB_OFFLINE=1`) and ids the Hub does not know (e.g. packaged
@@ -113,15 +113,15 @@ def pin_calibration_revision(spec: str, *, token: str | bool | None = None) -> s
     """
     from huggingface_hub import HfApi, constants, errors
 
-    parsed = DatasetSpec.parse(spec)
+    parsed = DatasetSpec.parse(dataset_spec)
     if Path(parsed.path).expanduser().exists() or constants.HF_HUB_OFFLINE:
-        return spec
+        return dataset_spec
     try:
         info = HfApi().dataset_info(parsed.path, revision=parsed.revision, token=token)
     except errors.RevisionNotFoundError:
         raise CalibrationError(
-            f"calibration dataset {spec!r}: revision {parsed.revision!r} does not exist in the dataset repository; "
-            "use an existing branch, tag or commit sha"
+            f"calibration dataset {dataset_spec!r}: revision {parsed.revision!r} does not exist in the dataset "
+            "repository; use an existing branch, tag or commit sha"
         ) from None
     except errors.GatedRepoError:
         raise CalibrationError(
@@ -129,22 +129,22 @@ def pin_calibration_revision(spec: str, *, token: str | bool | None = None) -> s
             "(CLI: --token, or log in with `hf auth login`)"
         ) from None
     except errors.RepositoryNotFoundError:
-        logger.debug("calibration %r is not a Hub dataset repository; used as given", spec)
-        return spec
+        logger.debug("calibration %r is not a Hub dataset repository; used as given", dataset_spec)
+        return dataset_spec
     except (errors.HfHubHTTPError, OSError, ValueError) as error:
         logger.warning("could not resolve the revision of calibration dataset %r (%s); it is recorded as given",
-                       spec, type(error).__name__)
-        return spec
+                       dataset_spec, type(error).__name__)
+        return dataset_spec
     if not getattr(info, "sha", None):
-        return spec
+        return dataset_spec
     pinned = str(replace(parsed, revision=info.sha))
-    logger.info("calibration %s resolved to %s", spec, pinned)
+    logger.info("calibration %s resolved to %s", dataset_spec, pinned)
     return pinned
 
 
-def load_calibration_dataset(spec: str | os.PathLike | DatasetSpec, *, streaming: bool = True,
+def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, streaming: bool = True,
                              token: str | bool | None = None) -> Any:
-    """The split named by `spec`, without materialising it.
+    """The split named by `dataset_spec`, without materialising it.
 
     Folders written by `save_to_disk` are memory-mapped with `load_from_disk`; single data files use the
     matching packaged builder; everything else (Hub ids, imagefolder/audiofolder/data-file folders) goes to
@@ -153,7 +153,7 @@ def load_calibration_dataset(spec: str | os.PathLike | DatasetSpec, *, streaming
     """
     import datasets
 
-    parsed = spec if isinstance(spec, DatasetSpec) else DatasetSpec.parse(spec)
+    parsed = dataset_spec if isinstance(dataset_spec, DatasetSpec) else DatasetSpec.parse(dataset_spec)
     path = Path(parsed.path).expanduser()
     if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
         _refuse_empty_saved_split(path, parsed)

@@ -23,7 +23,7 @@ from hf_mudsc.spec import HookPoint, PermutationSpec
 
 logger = logging.getLogger(__name__)
 
-# Products per batch in float32 on mean-shifted activations, summed in float64 (design §4.1 "fp32 with care"):
+# Products per batch in float32 on mean-shifted activations, summed in float64 (docs/design.md §4.1 "fp32 with care"):
 # fp64 GEMMs run at about half the fp32 rate on CPUs, and the per-batch error (~1e-7 relative) never
 # accumulates across batches. "float64" keeps every product in float64.
 STATISTICS_DTYPES = {"float32": torch.float32, "float64": torch.float64}

@@ -1,7 +1,7 @@
 """Evaluation of a merge: the merged model next to both parents and their ensemble, per task and jointly.
 
 Everything is scored in one **joint label space**: the tasks' classes one after the other, in the order
-of the merged model's `config.task_label_ranges` (A's classes, then B's — design §6). Every scorer
+of the merged model's `config.task_label_ranges` (A's classes, then B's — docs/design.md §6). Every scorer
 produces one score per joint class and sample; the views then read those scores:
 
 * **per-task** (view = the task's name): argmax within the task's slice, against the task's own label.

@@ -35,15 +35,15 @@ def pinned_reference(parent: Any) -> str:
     return os.path.abspath(path) if os.path.exists(path) else str(parent.reference)
 
 
-def pinned_calibration(spec: str | None) -> str | None:
+def pinned_calibration(calibration_spec: str | None) -> str | None:
     """A calibration spec for a recipe: a local path (alone or before `:config:split`) made absolute."""
-    if not spec:
-        return spec
-    head, sep, rest = spec.partition(":")
-    for path, tail in ((spec, ""), (head, sep + rest)):
+    if not calibration_spec:
+        return calibration_spec
+    first, sep, rest = calibration_spec.partition(":")
+    for path, tail in ((calibration_spec, ""), (first, sep + rest)):
         if path and os.path.exists(os.path.expanduser(path)):
             return os.path.abspath(os.path.expanduser(path)) + tail
-    return spec
+    return calibration_spec
 
 
 def parse_reference(ref: str | os.PathLike) -> tuple[str, str | None]:

@@ -1,4 +1,4 @@
-"""Model card of a merged model, rendered from the Jinja template in `model_cards/` (design §8).
+"""Model card of a merged model, rendered from the Jinja template in `model_cards/` (docs/design.md §8).
 
 The YAML front matter is built as `huggingface_hub.ModelCardData` (so the Hub's metadata rules are the
 library's, not ours) and dropped into the template as `{{ card_data }}`; the body reads
@@ -129,13 +129,13 @@ def pipeline_tag_for(model_or_class: Any) -> str:
     return "feature-extraction"
 
 
-def calibration_dataset_id(spec: str | None) -> str | None:
+def calibration_dataset_id(calibration_spec: str | None) -> str | None:
     """The Hub dataset id in a calibration spec `repo[:config]:split`, or None for local data."""
-    if not spec:
+    if not calibration_spec:
         return None
-    if Path(spec).exists():
+    if Path(calibration_spec).exists():
         return None
-    repo = spec.split(":", 1)[0].partition("@")[0]  # `org/ds@revision:split` pins a revision of `org/ds`
+    repo = calibration_spec.split(":", 1)[0].partition("@")[0]  # `org/ds@revision:split` pins a revision of `org/ds`
     if not repo or Path(repo).exists() or repo.startswith((".", "/", "~")) or "\\" in repo:
         return None
     return repo if _HUB_DATASET_ID.match(repo) else None
@@ -164,7 +164,7 @@ def card_data(
     model_name: str,
     eval_results: Sequence[EvalRow] = (),
 ) -> ModelCardData:
-    """The YAML front matter (design §8)."""
+    """The YAML front matter (docs/design.md §8)."""
     mudsc = dict(getattr(model.config, "mudsc", None) or {})
     pipeline_tag = pipeline_tag_for(model)
     tags = list(BASE_TAGS)

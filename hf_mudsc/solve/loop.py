@@ -1,4 +1,4 @@
-"""The MuDSC solve loop (design §4.2–4.5): activation start, then dual-space sweeps in a seeded random order.
+"""The MuDSC solve loop (docs/design.md §4.2–4.5): activation start, then dual-space sweeps in a seeded random order.
 
 Architecture-free: it reads only the PermutationSpec, parameters and per-group activation correlations.
 """
@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hf_mudsc.solve.maps import GroupMaps
-from hf_mudsc.solve.matchers import Match, head_scores, match, pair_heads
+from hf_mudsc.solve.matchers import Match, attention_head_scores, match, pair_attention_heads
 from hf_mudsc.solve.similarity import WeightCorrelation, blend
 from hf_mudsc.spec import PermutationSpec
 
@@ -159,8 +159,8 @@ class Solver:
         else:
             # Every similarity is computed from the state before this visit, then all tied groups move together.
             similarities = {m: self.similarity(m, state, activation_only=activation_only) for m in members}
-            scores = sum(head_scores(similarities[m], self.spec.groups[m].num_heads) for m in members)
-            pairing = pair_heads(np.asarray(scores))
+            scores = sum(attention_head_scores(similarities[m], self.spec.groups[m].num_heads) for m in members)
+            pairing = pair_attention_heads(np.asarray(scores))
             for m in members:
                 state.set(m, self._match(m, similarities[m], head_pairing=pairing))
         if key is not None:

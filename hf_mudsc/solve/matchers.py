@@ -1,4 +1,4 @@
-"""Unit matchers of MuDSC (design §4.6): align, group align, zip and group zip.
+"""Unit matchers of MuDSC (docs/design.md §4.6): align, group align, zip and group zip.
 
 Every matcher reads one symmetric ``(2n, 2n)`` similarity of the units of models A and B (rows and
 columns ``[A 0..n-1; B 0..n-1]``) and returns a :class:`Match`: a 0/1 ``unmerge`` matrix whose column
@@ -24,7 +24,7 @@ from scipy.optimize import linear_sum_assignment
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MATCHERS", "Match", "head_scores", "match", "pair_heads", "zip_reference"]
+__all__ = ["MATCHERS", "Match", "attention_head_scores", "match", "pair_attention_heads", "zip_reference"]
 
 #: Valid values of ``match(..., matcher=...)``; ``num_heads > 1`` selects the group variant of each.
 MATCHERS: tuple[str, ...] = ("align", "zip")
@@ -44,7 +44,7 @@ class Match:
     cluster_of: torch.Tensor
     """(2n,) int64: the merged unit (column) each original unit `[A 0..n-1; B 0..n-1]` is fused into."""
     merge_weight: torch.Tensor
-    """(2n,) float64: each original unit's entry in `merge`, 1 / (its cluster's size + normalizer_eps)."""
+    """(2n,) float64: each original unit's entry in `merge_matrix`, 1 / (its cluster's size + normalizer_eps)."""
     num_merged: int
     """Merged width m (columns)."""
     value: float
@@ -60,7 +60,7 @@ class Match:
         return self._dense(torch.ones_like(self.merge_weight))
 
     @property
-    def merge(self) -> torch.Tensor:
+    def merge_matrix(self) -> torch.Tensor:
         """(2n, m) float64 = unmerge / (unmerge.sum(0) + normalizer_eps) (built on access)."""
         return self._dense(self.merge_weight)
 
@@ -272,11 +272,11 @@ def _all_head_blocks(c: np.ndarray, n: int, num_heads: int) -> tuple[np.ndarray,
     return scores, assign
 
 
-def head_scores(similarity: torch.Tensor, num_heads: int) -> np.ndarray:
+def attention_head_scores(similarity: torch.Tensor, num_heads: int) -> np.ndarray:
     """(k, k) score[j, l] = mean of the Hungarian-matched entries of block (A head j rows, B head l cols).
 
     Exposed so the solver can sum the scores of several groups (q/k and v of one attention block) and
-    pair their heads once with :func:`pair_heads`.
+    pair their heads once with :func:`pair_attention_heads`.
     """
     c = _prepare(similarity)
     n = c.shape[0] // 2
@@ -284,7 +284,7 @@ def head_scores(similarity: torch.Tensor, num_heads: int) -> np.ndarray:
     return _all_head_blocks(c, n, num_heads)[0]
 
 
-def pair_heads(scores: np.ndarray) -> tuple[int, ...]:
+def pair_attention_heads(scores: np.ndarray) -> tuple[int, ...]:
     """Hungarian (maximize) on a k x k head score matrix -> partner B head for each A head."""
     arr = np.asarray(scores, dtype=np.float64)
     if arr.ndim != 2 or arr.shape[0] != arr.shape[1] or arr.shape[0] == 0:
@@ -305,7 +305,7 @@ def _group_align(
     g = n // num_heads
     if pairing is None:
         scores, assign = _all_head_blocks(c, n, num_heads)
-        pairing = pair_heads(scores)
+        pairing = pair_attention_heads(scores)
         blocks = [(assign[j, p], scores[j, p]) for j, p in enumerate(pairing)]
     else:
         blocks = [_hungarian(_head_block(c, n, g, j, p)) for j, p in enumerate(pairing)]
@@ -432,7 +432,7 @@ def _group_zip(
     model budgets (and the global same-model mask once a model's budget is spent).
     """
     if pairing is None:
-        pairing = pair_heads(_all_head_blocks(c, n, num_heads)[0])
+        pairing = pair_attention_heads(_all_head_blocks(c, n, num_heads)[0])
     g = n // num_heads
     labels = np.repeat(np.array([0, 1]), g)
     model_budget = [_model_budget(n, budget)] * 2
@@ -463,7 +463,7 @@ def match(
     head_pairing: Sequence[int] | None = None,
     normalizer_eps: float = 0.0,
 ) -> Match:
-    """Match the 2n units of one group into n merged units (design §4.6).
+    """Match the 2n units of one group into n merged units (docs/design.md §4.6).
 
     ``matcher`` is ``"align"`` (Hungarian, a permutation) or ``"zip"`` (ZipIt's greedy, which may also
     fuse units of the same model); ``num_heads > 1`` selects their group variants, which only match units
@@ -522,7 +522,7 @@ def zip_reference(
     grouped = num_heads > 1
     if grouped:
         pairing = (
-            pair_heads(_all_head_blocks(c, n, num_heads)[0])
+            pair_attention_heads(_all_head_blocks(c, n, num_heads)[0])
             if head_pairing is None
             else _check_pairing(head_pairing, num_heads)
         )

@@ -69,7 +69,7 @@ def weight_features(
     model: int,
     maps: Sequence[GroupMaps | None],
 ) -> torch.Tensor:
-    """`Z_i` of design §4.3: every non-ignored member of the group, concatenated column-wise in spec order."""
+    """`Z_i` of docs/design.md §4.3: every non-ignored member of the group, concatenated column-wise in spec order."""
     members = [m for m in spec.groups[group_index].members if not m.ignore]
     return torch.cat([_member_block(spec, group_index, m, params, model, maps) for m in members], dim=1)
 
@@ -137,7 +137,7 @@ _CHUNK_ELEMENTS = 4 * 2**20
 
 
 class WeightCorrelation:
-    """`C_w` of design §4.3 for any group under any current matches, with the constant part cached.
+    """`C_w` of docs/design.md §4.3 for any group under any current matches, with the constant part cached.
 
     Members whose other axes belong to no group (embedding tables, norms, biases) never change between
     visits. Wide ones (BERT's 30k-column vocabulary) are cached as their Gram contribution; narrow ones

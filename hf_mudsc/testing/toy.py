@@ -165,7 +165,7 @@ class DigitSplits:
         """Both tasks' test images with labels in the concatenated label space (A's, then B's offset).
 
         This is the label layout of a merged model whose classifier stacks A's rows on top of B's
-        (design §6), so joint accuracy is a plain argmax over all logits.
+        (docs/design.md §6), so joint accuracy is a plain argmax over all logits.
         """
         pixel_values = torch.cat([self.task_a.test_pixel_values, self.task_b.test_pixel_values])
         labels = torch.cat([self.task_a.test_labels, self.task_b.test_labels + self.task_a.num_labels])
