@@ -15,22 +15,18 @@ from transformers import PreTrainedModel
 from hf_mudsc._version import __version__
 from hf_mudsc.apply.build import build_model
 from hf_mudsc.apply.classifier import concatenated_classifier_config, distinct_task_names, same_label_set
-from hf_mudsc.apply.weights import apply_matches
 from hf_mudsc.architectures import spec_for
 from hf_mudsc.calibrate.correlation import correlations_from
 from hf_mudsc.calibrate.device import resolve_device
 from hf_mudsc.errors import MergeInputError, OptionError
 from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_parents
 from hf_mudsc.load.references import display_name, parent_name, pinned_calibration, pinned_reference
-from hf_mudsc.methods.registry import get_method
+from hf_mudsc.methods.registry import MethodContext, get_method
 from hf_mudsc.options import check_options, option_hint
-from hf_mudsc.solve.loop import SolveOptions, Solver
 from hf_mudsc.solve.matchers import Match
 from hf_mudsc.spec import PermutationSpec
 
 logger = logging.getLogger(__name__)
-
-REFERENCE_NORMALIZER_EPS = 1e-5
 
 
 @dataclass
@@ -146,9 +142,12 @@ def merge(
         raise MergeInputError(str(error)) from None
     alpha, zip_decay, zip_budget, statistics_dtype = (checked[k] for k in ("alpha", "zip_decay", "zip_budget",
                                                                           "statistics_dtype"))
-    spec_method = get_method(method)
-    if len(models) != 2:
+    merge_method = get_method(method)
+    if len(models) != merge_method.num_parents:
         raise MergeInputError(f"merge takes exactly two parents, got {len(models)}")
+    if merge_method.needs_base_model:
+        raise MergeInputError(f"method {method!r} needs a base model, which merge() does not take yet; "
+                              "choose another method (CLI: --method)")
     try:
         run_device = resolve_device(device)
     except ValueError as error:
@@ -157,14 +156,14 @@ def merge(
     from hf_mudsc.calibrate.distributed import collect_statistics_distributed, is_main_process
     from hf_mudsc.load.parents import load_parents
 
-    if spec_method.uses_activations and calibration is None:
+    if merge_method.needs_calibration and calibration is None:
         raise MergeInputError(
             f"method {method!r} needs calibration data (a 'dataset:split' spec, a datasets.Dataset or an iterable "
             "of input batches); use method='weight_matching' or 'average' (CLI: --method) to merge without data"
         )
-    calibration_name = _calibration_name(calibration) if spec_method.uses_activations else None
+    calibration_name = _calibration_name(calibration) if merge_method.needs_calibration else None
     calibration_spec = None
-    if spec_method.uses_activations and isinstance(calibration, (str, os.PathLike)):
+    if merge_method.needs_calibration and isinstance(calibration, (str, os.PathLike)):
         # A Hub dataset is pinned to its commit (the recipe records it) and read at that commit; a spec that
         # does not exist fails here, before any parent weights are downloaded.
         calibration_spec = pinned_calibration(pin_calibration_revision(os.fspath(calibration), token=token))
@@ -174,10 +173,10 @@ def merge(
     check_parents(model_a, model_b)
     spec = spec_for(model_a)
     spec_for(model_b)
-    used_matcher = spec_method.matcher or matcher if spec_method.matches_units else None
+    used_matcher = merge_method.used_matcher(matcher)
 
     accumulators = None
-    if spec_method.matches_units and spec_method.uses_activations:
+    if merge_method.needs_calibration:
         calibration = resolve_calibration(
             calibration, processor if processor is not None else [p.processor for p in parents],
             image_column=image_column, text_column=text_column,
@@ -196,38 +195,25 @@ def merge(
     # The solve and apply run on the CPU (no copy for parents already there).
     params_a = {k: v.detach().cpu() for k, v in model_a.named_parameters()}
     params_b = {k: v.detach().cpu() for k, v in model_b.named_parameters()}
-    report = MergeReport(method=method, matcher=used_matcher,
-                         alpha=float(alpha) if method == "mudsc" else None)
-    matches: list[Match | None] = [None] * len(spec.groups)
+    report = MergeReport(method=method, matcher=used_matcher, alpha=merge_method.recorded_alpha(alpha))
     concatenate = spec.classifier is not None and not same_label_set(model_a.config, model_b.config)
-    if spec_method.matches_units:
-        correlations = None
-        if accumulators is not None:
-            report.num_samples = accumulators[0].examples or accumulators[0].count
-            _log_sample_count(num_samples, report.num_samples)
-            correlations = correlations_from(accumulators)
-        options = SolveOptions(
-            matcher=used_matcher,
-            alpha=float(alpha) if method == "mudsc" else (1.0 if spec_method.uses_weights else 0.0),
-            use_activations=spec_method.uses_activations,
-            iterate=spec_method.iterate,
-            zip_decay=zip_decay,
-            zip_budget=zip_budget,
-            independent_heads=independent_heads or reference_compat,
-            normalizer_eps=REFERENCE_NORMALIZER_EPS if reference_compat else 0.0,
-            seed=seed,
-            device=str(run_device),
-        )
-        result = Solver(solve_spec(spec, concatenate), params_a, params_b, correlations, options).solve(
-            progress=progress)
-        matches = result.matches
-        report.group_names = [g.name for g in spec.groups]
-        report.group_values = result.group_values()
-        report.objective_history = result.objective_history
-        report.sweeps = result.sweeps
-    report.matches = list(matches)
-
-    merged_params = apply_matches(spec, params_a, params_b, matches, concatenate_classifier=concatenate)
+    correlations = None
+    if accumulators is not None:
+        report.num_samples = accumulators[0].examples or accumulators[0].count
+        _log_sample_count(num_samples, report.num_samples)
+        correlations = correlations_from(accumulators)
+    result = merge_method.merge_parameters(MethodContext(
+        spec=spec, solve_spec=solve_spec(spec, concatenate), params_a=params_a, params_b=params_b,
+        correlations=correlations, concatenate_classifier=concatenate, matcher=matcher, alpha=float(alpha),
+        zip_decay=zip_decay, zip_budget=zip_budget, independent_heads=independent_heads,
+        reference_compat=reference_compat, seed=seed, device=str(run_device), progress=progress,
+    ))
+    report.matches = list(result.matches)
+    report.group_names = list(result.group_names)
+    report.group_values = list(result.group_values)
+    report.objective_history = list(result.objective_history)
+    report.sweeps = result.sweeps
+    merged_params = result.parameters
 
     config = copy.deepcopy(model_a.config)
     for key in REMOTE_CODE_CONFIG_KEYS:
@@ -253,7 +239,7 @@ def merge(
         "reference_compat": bool(reference_compat),
         "seed": seed,
         "calibration": calibration_name,
-        "statistics_dtype": statistics_dtype if spec_method.uses_activations and spec_method.matches_units else None,
+        "statistics_dtype": statistics_dtype if merge_method.needs_calibration else None,
         "num_calibration_samples": report.num_samples,
         "group_match_values": {n: round(float(v), 6) for n, v in zip(report.group_names, report.group_values)},
     }

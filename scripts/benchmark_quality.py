@@ -61,19 +61,26 @@ from hf_mudsc.evaluate.harness import TaskData, evaluate_merge
 from hf_mudsc.testing import toy
 
 ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-BASE_METHODS: list[tuple[str, dict[str, Any]]] = [
-    ("average", {"method": "average"}),
-    ("weight_matching", {"method": "weight_matching"}),
-    ("activation_align", {"method": "activation_align"}),
-    ("zipit", {"method": "zipit"}),
-    ("mudsc align", {"method": "mudsc", "matcher": "align", "alpha": 0.5}),
-    ("mudsc zip", {"method": "mudsc", "matcher": "zip", "alpha": 0.5}),
-    (
-        "mudsc align indep-heads",
-        {"method": "mudsc", "matcher": "align", "alpha": 0.5, "independent_heads": True},
-    ),
-    ("mudsc zip indep-heads", {"method": "mudsc", "matcher": "zip", "alpha": 0.5, "independent_heads": True}),
-]
+
+
+def registry_methods() -> list[tuple[str, dict[str, Any]]]:
+    """Every registered method and matcher, simplest first (the registry lists MuDSC first); the methods that
+    read the balance factor run at alpha 0.5."""
+    from hf_mudsc.methods import method_runs
+
+    runs = []
+    for label, options in reversed(method_runs("{name} {matcher}")):
+        if hf_mudsc.get_method(options["method"]).recorded_alpha(0.5) is not None:
+            options = {**options, "alpha": 0.5}
+        runs.append((label, options))
+    return runs
+
+
+REGISTRY_METHODS = registry_methods()
+# ... then the balance-factor methods with the reference's independent head pairing.
+INDEPENDENT_HEADS = [(f"{label} indep-heads", {**options, "independent_heads": True})
+                     for label, options in REGISTRY_METHODS if "alpha" in options]
+BASE_METHODS: list[tuple[str, dict[str, Any]]] = [*REGISTRY_METHODS, *INDEPENDENT_HEADS]
 TUNED = ("mudsc align α-tuned", "mudsc zip α-tuned")
 SCENARIOS = ("different_init", "same_init", "bert_permuted")
 
@@ -192,10 +199,7 @@ def merge_all(
     return merged, info
 
 
-PLOTTED_ROWS = [
-    "ensemble", "average", "weight_matching", "activation_align", "zipit", "mudsc align", "mudsc zip",
-    "mudsc zip α-tuned",
-]
+PLOTTED_ROWS = ["ensemble", *(label for label, _ in REGISTRY_METHODS), "mudsc zip α-tuned"]
 
 
 def sweep_label(matcher: str, alpha: float) -> str:
@@ -700,15 +704,9 @@ ROW_ORDER = [
     "parent_a",
     "parent_b",
     "ensemble",
-    "average",
-    "weight_matching",
-    "activation_align",
-    "zipit",
-    "mudsc align",
-    "mudsc zip",
+    *(label for label, _ in REGISTRY_METHODS),
     *TUNED,
-    "mudsc align indep-heads",
-    "mudsc zip indep-heads",
+    *(label for label, _ in INDEPENDENT_HEADS),
 ]
 ROW_NAMES = {
     "parent_a": "parent A (own task)",

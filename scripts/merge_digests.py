@@ -103,9 +103,9 @@ def parents_record(model_a: Any, model_b: Any) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------ cases
 def demo_methods() -> list[tuple[str, dict[str, Any]]]:
     """The demo's (label, options) list — read from the demo, not copied — then the extra switches."""
-    from hf_mudsc.cli.demo import DEMO_METHODS
+    from hf_mudsc.cli.demo import demo_methods as registry_runs
 
-    return [(label, {"method": method, "matcher": matcher}) for label, method, matcher in DEMO_METHODS]
+    return registry_runs()
 
 
 def run_demo(cache_root: Path) -> dict[str, Any]:

@@ -108,10 +108,10 @@ def test_recipe_key_and_cli_flag(monkeypatch, tmp_path, capsys):
 def test_the_device_reaches_calibration_and_the_solve(monkeypatch, parents):
     a, b, batches = parents
     distributed = importlib.import_module("hf_mudsc.calibrate.distributed")
-    merge_module = importlib.import_module("hf_mudsc.pipeline")  # `hf_mudsc.merge` is also the function
+    loop = importlib.import_module("hf_mudsc.solve.loop")  # the matching methods build their Solver from here
 
     seen: dict[str, object] = {}
-    collect, solver = distributed.collect_statistics, merge_module.Solver
+    collect, solver = distributed.collect_statistics, loop.Solver
 
     def spy_collect(*args, **kwargs):
         seen["calibration"] = kwargs.get("device")
@@ -123,6 +123,6 @@ def test_the_device_reaches_calibration_and_the_solve(monkeypatch, parents):
         return solver(spec, params_a, params_b, correlations, options)
 
     monkeypatch.setattr(distributed, "collect_statistics", spy_collect)
-    monkeypatch.setattr(merge_module, "Solver", spy_solver)
+    monkeypatch.setattr(loop, "Solver", spy_solver)
     hf_mudsc.merge([a, b], batches, method="mudsc", matcher="align", progress=False, device=torch.device("cpu"))
     assert seen == {"calibration": torch.device("cpu"), "solve": "cpu", "params": {torch.device("cpu")}}

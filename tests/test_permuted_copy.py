@@ -8,14 +8,11 @@ from factories import make_batches, make_model, model_output, permuted_copy, rel
 
 import hf_mudsc
 from hf_mudsc.architectures import spec_for
+from hf_mudsc.methods import get_method, method_runs
 
-MATCHING_METHODS = [
-    ("mudsc", "zip"),
-    ("mudsc", "align"),
-    ("weight_matching", "align"),
-    ("activation_align", "align"),
-    ("zipit", "zip"),
-]
+# Every registered method that matches units, with each of its matchers.
+MATCHING_METHODS = [(options["method"], options["matcher"]) for _, options in method_runs()
+                    if get_method(options["method"]).matches_units]
 ARCHITECTURES = ["vit_cls", "bert_cls", "clip"]
 BARE_MODELS = ["vit", "vit_nopool", "bert", "clip_text", "clip_text_proj", "clip_vision", "clip_vision_proj"]
 

@@ -12,15 +12,10 @@ from factories import make_batches, make_model, model_output, permuted_copy, rel
 
 import hf_mudsc
 from hf_mudsc.architectures import spec_for
+from hf_mudsc.methods import get_method, method_runs
 
-METHODS = [
-    ("mudsc", "zip"),
-    ("mudsc", "align"),
-    ("zipit", "zip"),
-    ("activation_align", "align"),
-    ("weight_matching", "align"),
-    ("average", "zip"),
-]
+# Every registered method with each of its matchers (the demo's list).
+METHODS = [(options["method"], options.get("matcher", "zip")) for _, options in method_runs()]
 # (kind, labels of A, labels of B): the issue's ViT 3 vs 5 and BERT 4 vs 2.
 LABEL_COUNTS = [("vit_cls", 3, 5), ("bert_cls", 4, 2)]
 
@@ -46,7 +41,7 @@ def pairs():
 @pytest.mark.parametrize("kind,labels_a,labels_b", LABEL_COUNTS)
 def test_unequal_label_counts_merge_with_a_concatenated_head(pairs, kind, labels_a, labels_b, method, matcher):
     a, b, batches = pairs(kind, labels_a, labels_b)
-    calibration = None if method in ("weight_matching", "average") else batches
+    calibration = batches if get_method(method).needs_calibration else None
     merged = hf_mudsc.merge([a, b], calibration, method=method, matcher=matcher, progress=False)
 
     total = labels_a + labels_b
@@ -59,7 +54,7 @@ def test_unequal_label_counts_merge_with_a_concatenated_head(pairs, kind, labels
     assert merged.config.task_label_ranges == {"task-a": [0, labels_a], "task-b": [labels_a, total]}
     # A's bias rows, then B's: biases carry no unit axis, so they are copied exactly.
     assert torch.equal(merged.classifier.bias, torch.cat([a.classifier.bias, b.classifier.bias]))
-    if method == "average":
+    if not get_method(method).matches_units:
         # No matching: the rows are the parents' own rows, A's first.
         assert torch.equal(merged.classifier.weight, torch.cat([a.classifier.weight, b.classifier.weight]))
         return

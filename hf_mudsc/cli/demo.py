@@ -31,18 +31,16 @@ from hf_mudsc.publish.folder import check_output, staged_output
 logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE = Path(os.environ.get("HF_MUDSC_CACHE", Path.home() / ".cache" / "hf_mudsc")) / "demo"
-# (label, method, matcher); the first entry is the model that is written out.
-DEMO_METHODS = [
-    ("mudsc (zip)", "mudsc", "zip"),
-    ("mudsc (align)", "mudsc", "align"),
-    ("zipit", "zipit", "zip"),
-    ("activation_align", "activation_align", "align"),
-    ("weight_matching", "weight_matching", "align"),
-    ("average", "average", "zip"),
-]
 TASK_NAMES = ("digits-0-4", "digits-5-9")
 CALIBRATION_BATCH = 64
 DATASET_NAME = "sklearn digits"
+
+
+def demo_methods() -> list[tuple[str, dict[str, Any]]]:
+    """(label, merge options) of every registered method and matcher; the first is the model written out."""
+    from hf_mudsc.methods import method_runs
+
+    return method_runs()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -138,10 +136,11 @@ def _run(args: argparse.Namespace, output: Path) -> int:
                     matcher="zip", alpha=float(args.alpha), num_samples=args.num_samples,
                     batch_size=CALIBRATION_BATCH, seed=0)
     merged = {}
-    print(f"Merging with {', '.join(label for label, _, _ in DEMO_METHODS)} "
+    runs = demo_methods()
+    print(f"Merging with {', '.join(label for label, _ in runs)} "
           f"({args.num_samples} calibration images) ...", flush=True)
-    for label, method, matcher in DEMO_METHODS:
-        options = recipe.override(method=method, matcher=matcher).merge_options()
+    for label, run_options in runs:
+        options = recipe.override(**run_options).merge_options()
         merged[label] = hf_mudsc.merge(parents, str(calibration), **options, progress=False)
     tests = {task_name: TaskData((task.test_pixel_values, task.test_labels), name=DATASET_NAME, split="test")
              for task_name, task in zip(TASK_NAMES, splits.tasks)}
@@ -154,7 +153,7 @@ def _run(args: argparse.Namespace, output: Path) -> int:
           "answer the other task):\n")
     print(result.table(labels=names))
 
-    best_label = DEMO_METHODS[0][0]
+    best_label = runs[0][0]
     model = merged[best_label]
     with staged_output(output, overwrite=args.overwrite) as staging:
         write_merged_folder(staging, model, recipe=recipe, parents=parents, processor=parents[0].processor,

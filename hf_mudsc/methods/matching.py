@@ -1,0 +1,114 @@
+"""The unit-matching family: MuDSC and its baselines (ZipIt, activation matching, Git Re-Basin weight matching).
+
+All four share one implementation — the solve loop of docs/design.md §4 followed by the apply step — and
+differ only in their parameters: which similarity they match on (activation, weight or the dual-space blend),
+which matcher (align/zip, fixed or the user's) and whether they refine the start by sweeps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hf_mudsc.methods.registry import (
+    PAPER_MUDSC,
+    PAPER_REBASIN,
+    PAPER_ZIPIT,
+    MergeMethod,
+    MethodContext,
+    MethodResult,
+    register_method,
+)
+
+#: The reference implementation's merge normaliser (`reference_compat=True`; docs/design.md §4.8).
+REFERENCE_NORMALIZER_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class UnitMatchingMethod(MergeMethod):
+    """Match the units of every spec group, then fuse the parents through the matches.
+
+    `matcher=None`: the user picks align or zip. `alpha=None`: the user's balance factor blends weight and
+    activation similarity; a fixed `alpha` is 0.0 (activations only) or 1.0 (weights only). Without
+    calibration (`needs_calibration=False`) no activation start exists and the similarity is the weights'.
+    """
+
+    matcher: str | None = None
+    alpha: float | None = None
+    iterate: bool = True
+
+    @property
+    def uses_weights(self) -> bool:
+        return self.alpha != 0.0
+
+    @property
+    def matches_units(self) -> bool:
+        return True
+
+    def matcher_choices(self) -> tuple[str | None, ...]:
+        return (self.matcher,) if self.matcher is not None else ("zip", "align")
+
+    def used_matcher(self, requested: str) -> str | None:
+        return self.matcher or requested
+
+    def recorded_alpha(self, alpha: float) -> float | None:
+        return float(alpha) if self.alpha is None else None
+
+    def merge_parameters(self, context: MethodContext) -> MethodResult:
+        from hf_mudsc.apply.weights import apply_matches
+        from hf_mudsc.solve.loop import SolveOptions, Solver
+
+        options = SolveOptions(
+            matcher=self.used_matcher(context.matcher),
+            alpha=float(context.alpha) if self.alpha is None else self.alpha,
+            use_activations=self.needs_calibration,
+            iterate=self.iterate,
+            zip_decay=context.zip_decay,
+            zip_budget=context.zip_budget,
+            independent_heads=context.independent_heads or context.reference_compat,
+            normalizer_eps=REFERENCE_NORMALIZER_EPS if context.reference_compat else 0.0,
+            seed=context.seed,
+            device=context.device,
+        )
+        solver = Solver(context.solve_spec, context.params_a, context.params_b, context.correlations, options)
+        result = solver.solve(progress=context.progress)
+        parameters = apply_matches(context.spec, context.params_a, context.params_b, result.matches,
+                                   concatenate_classifier=context.concatenate_classifier)
+        return MethodResult(
+            parameters=parameters,
+            matches=list(result.matches),
+            group_names=[g.name for g in context.spec.groups],
+            group_values=result.group_values(),
+            objective_history=result.objective_history,
+            sweeps=result.sweeps,
+        )
+
+
+MUDSC = register_method(UnitMatchingMethod(
+    name="mudsc",
+    pretty_name="MuDSC (merging under dual-space constraints)",
+    paper=PAPER_MUDSC,
+    description="Units matched on alpha * weight correlation + (1 - alpha) * activation correlation, "
+    "started from the activation matching and refined by seeded coordinate sweeps.",
+    needs_calibration=True, iterate=True,
+))
+ZIPIT = register_method(UnitMatchingMethod(
+    name="zipit",
+    pretty_name="ZipIt! (activation zip)",
+    paper=PAPER_ZIPIT,
+    description="Activation correlation only, greedy zip that may also fuse units within one model.",
+    needs_calibration=True, alpha=0.0, iterate=False, matcher="zip",
+))
+ACTIVATION_ALIGN = register_method(UnitMatchingMethod(
+    name="activation_align",
+    pretty_name="Activation matching (permutation)",
+    paper=PAPER_REBASIN,
+    description="Activation correlation only, one Hungarian permutation per group.",
+    needs_calibration=True, alpha=0.0, iterate=False, matcher="align",
+))
+WEIGHT_MATCHING = register_method(UnitMatchingMethod(
+    name="weight_matching",
+    pretty_name="Weight matching (Git Re-Basin)",
+    paper=PAPER_REBASIN,
+    description="Weight correlation only, Hungarian permutations refined by seeded coordinate sweeps.",
+    needs_calibration=False, alpha=1.0, iterate=True, matcher="align",
+))

@@ -1,0 +1,155 @@
+"""Methods carry behaviour: the pipeline asks the registered method object what it needs and how it merges."""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from factories import make_batches, make_model
+
+import hf_mudsc
+from hf_mudsc.errors import MergeInputError
+from hf_mudsc.methods import (
+    METHODS,
+    MergeMethod,
+    MethodContext,
+    MethodResult,
+    method_runs,
+    register_method,
+    unregister_method,
+)
+
+PACKAGE = Path(hf_mudsc.__file__).parent
+# The attributes that used to be flags read by the pipeline's `if` branches.
+METHOD_FLAGS = {"uses_activations", "uses_weights", "iterate", "matches_units", "matcher"}
+
+
+@dataclass(frozen=True)
+class FirstParent(MergeMethod):
+    """Returns parent A's parameters unchanged; records what it was given."""
+
+    def merge_parameters(self, context: MethodContext) -> MethodResult:
+        seen.append(context)
+        return MethodResult(parameters={k: v.clone() for k, v in context.params_a.items()},
+                            matches=[None] * len(context.spec.groups))
+
+
+seen: list[MethodContext] = []
+
+
+@pytest.fixture
+def temporary_method():
+    """Registers methods for one test and removes them afterwards, whatever happens."""
+    added: list[str] = []
+
+    def add(method: MergeMethod) -> MergeMethod:
+        register_method(method)
+        added.append(method.name)
+        return method
+
+    seen.clear()
+    yield add
+    for name in added:
+        unregister_method(name)
+
+
+def test_builtin_methods_in_registry_order_with_their_runs():
+    assert list(METHODS) == ["mudsc", "zipit", "activation_align", "weight_matching", "average"]
+    assert method_runs() == [
+        ("mudsc (zip)", {"method": "mudsc", "matcher": "zip"}),
+        ("mudsc (align)", {"method": "mudsc", "matcher": "align"}),
+        ("zipit", {"method": "zipit", "matcher": "zip"}),
+        ("activation_align", {"method": "activation_align", "matcher": "align"}),
+        ("weight_matching", {"method": "weight_matching", "matcher": "align"}),
+        ("average", {"method": "average"}),
+    ]
+    assert [label for label, _ in method_runs("{name} {matcher}")][:2] == ["mudsc zip", "mudsc align"]
+    needs = {name: (m.needs_calibration, m.needs_base_model, m.num_parents) for name, m in METHODS.items()}
+    assert needs == {"mudsc": (True, False, 2), "zipit": (True, False, 2), "activation_align": (True, False, 2),
+                     "weight_matching": (False, False, 2), "average": (False, False, 2)}
+    assert {n: (m.used_matcher("zip"), m.used_matcher("align"), m.recorded_alpha(0.3)) for n, m in METHODS.items()} \
+        == {"mudsc": ("zip", "align", 0.3), "zipit": ("zip", "zip", None),
+            "activation_align": ("align", "align", None), "weight_matching": ("align", "align", None),
+            "average": (None, None, None)}
+    assert hf_mudsc.METHODS is METHODS and hf_mudsc.get_method("zipit") is METHODS["zipit"]
+
+
+def test_no_method_name_or_flag_branches_outside_the_methods_package():
+    offences = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.parent.name == "methods":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Compare):
+                for operand in [node.left, *node.comparators]:
+                    names = operand.elts if isinstance(operand, (ast.Tuple, ast.List, ast.Set)) else [operand]
+                    if any(isinstance(n, ast.Constant) and n.value in METHODS for n in names):
+                        offences.append(f"{path.relative_to(PACKAGE)}:{node.lineno} compares with a method name")
+            if path.name == "pipeline.py" and isinstance(node, ast.Attribute) and node.attr in METHOD_FLAGS:
+                offences.append(f"{path.relative_to(PACKAGE)}:{node.lineno} reads the method flag .{node.attr}")
+    assert offences == []
+
+
+def test_a_registered_method_merges_through_the_pipeline(temporary_method):
+    temporary_method(FirstParent(name="first_parent", pretty_name="First parent", paper=None,
+                                 description="parent A, unchanged"))
+    model_a, model_b = make_model("vit_cls", 0), make_model("vit_cls", 1)
+    merged = hf_mudsc.merge([model_a, model_b], None, method="first_parent", alpha=0.3, progress=False)
+    for (name, tensor), merged_tensor in zip(model_a.state_dict().items(), merged.state_dict().values()):
+        assert torch.equal(tensor, merged_tensor), name
+    assert len(seen) == 1 and seen[0].correlations is None and seen[0].alpha == 0.3
+    assert seen[0].concatenate_classifier is False
+    report = merged.merge_report
+    assert (report.method, report.matcher, report.alpha, report.group_names) == ("first_parent", None, None, [])
+    assert merged.config.mudsc["method"] == "first_parent" and merged.config.mudsc["statistics_dtype"] is None
+    assert merged.config.mudsc["calibration"] is None
+
+
+def test_a_method_that_needs_calibration_gets_correlations(temporary_method):
+    temporary_method(FirstParent(name="first_parent_calibrated", pretty_name="First parent", paper=None,
+                                 description="parent A, after calibration", needs_calibration=True))
+    with pytest.raises(MergeInputError, match="method 'first_parent_calibrated' needs calibration data"):
+        # Refused before any parent is loaded: the folders do not exist.
+        hf_mudsc.merge(["/nonexistent/a", "/nonexistent/b"], None, method="first_parent_calibrated")
+    model_a, model_b = make_model("vit_cls", 0), make_model("vit_cls", 1)
+    merged = hf_mudsc.merge([model_a, model_b], make_batches("vit_cls", 1), method="first_parent_calibrated",
+                            progress=False)
+    groups = seen[0].spec.groups
+    assert [tuple(c.shape) for c in seen[0].correlations] == [(2 * g.width, 2 * g.width) for g in groups]
+    assert merged.merge_report.num_samples == 16 and merged.config.mudsc["statistics_dtype"] == "float32"
+
+
+def test_a_method_that_needs_a_base_model_is_refused(temporary_method):
+    temporary_method(FirstParent(name="needs_base", pretty_name="Needs base", paper=None, description="",
+                                 needs_base_model=True))
+    with pytest.raises(MergeInputError, match="method 'needs_base' needs a base model"):
+        hf_mudsc.merge(["/nonexistent/a", "/nonexistent/b"], None, method="needs_base")
+
+
+def test_cli_choices_and_demo_list_follow_the_registry(temporary_method):
+    from hf_mudsc.cli.demo import demo_methods
+    from hf_mudsc.cli.main import build_parser
+
+    def choices() -> list[str]:
+        merge_parser = build_parser()._subparsers._group_actions[0].choices["merge"]
+        return list(next(a for a in merge_parser._actions if a.dest == "method").choices)
+
+    before = [label for label, _ in demo_methods()]
+    assert before == ["mudsc (zip)", "mudsc (align)", "zipit", "activation_align", "weight_matching", "average"]
+    temporary_method(FirstParent(name="first_parent", pretty_name="First parent", paper=None, description=""))
+    assert choices()[-1] == "first_parent"
+    assert demo_methods()[-1] == ("first_parent", {"method": "first_parent"})
+
+
+def test_registry_refuses_bad_registrations(temporary_method):
+    with pytest.raises(ValueError, match="merge method 'mudsc' is already registered"):
+        register_method(FirstParent(name="mudsc", pretty_name="", paper=None, description=""))
+    with pytest.raises(TypeError, match="register_method takes a MergeMethod, got dict"):
+        register_method({"name": "x"})
+    with pytest.raises(ValueError, match="merge method 'nothing' is not registered"):
+        unregister_method("nothing")
+    with pytest.raises(NotImplementedError, match="'bare' does not implement merge_parameters"):
+        MergeMethod(name="bare", pretty_name="", paper=None, description="").merge_parameters(None)
