@@ -5,14 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from factories import make_model
+from factories import KINDS, make_model
 
 from hf_mudsc.architectures import spec_for, supported_model_types
 from hf_mudsc.errors import SpecError
 from hf_mudsc.spec import Group, HookPoint, Member, PermutationSpec
-
-KINDS = ["vit_cls", "vit", "vit_nopool", "bert_cls", "bert", "clip", "clip_text", "clip_text_proj",
-         "clip_vision", "clip_vision_proj"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from factories import make_batches, make_model, model_output, permuted_copy, relative_error, with_new_head
+from factories import (
+    CLASSIFIERS,
+    LABEL_COUNTS,
+    make_batches,
+    make_model,
+    model_output,
+    permuted_copy,
+    relative_error,
+    with_new_head,
+)
 
 import hf_mudsc
 from hf_mudsc.architectures import spec_for
@@ -21,8 +30,6 @@ METHODS = [
     ("weight_matching", "align"),
     ("average", "zip"),
 ]
-# (kind, labels of A, labels of B): the issue's ViT 3 vs 5 and BERT 4 vs 2.
-LABEL_COUNTS = [("vit_cls", 3, 5), ("bert_cls", 4, 2)]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +87,7 @@ def test_unequal_label_counts_round_trip_through_save_pretrained(tmp_path, pairs
     assert torch.equal(model_output(loaded, batches[0]), model_output(merged, batches[0]))
 
 
-@pytest.mark.parametrize("kind", ["vit_cls", "bert_cls"])
+@pytest.mark.parametrize("kind", CLASSIFIERS)
 def test_concatenated_classifiers_take_no_part_in_the_weight_similarity(kind):
     """Different label sets (here of equal size): A's and B's classifier rows are different classes, so their
     columns must not be correlated with each other — the merged body may not depend on B's classifier."""
