@@ -23,6 +23,9 @@ from transformers import (
     CLIPVisionConfig,
     CLIPVisionModel,
     CLIPVisionModelWithProjection,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+    RobertaModel,
     ViTConfig,
     ViTForImageClassification,
     ViTModel,
@@ -108,6 +111,9 @@ ROWS = (
                  (text_batch(),), logits=True, labels=(4, 2)),
     Architecture("bert", lambda n: BertModel(BertConfig(**BERT)), (text_batch(),)),
     Architecture("bert_nopool", lambda n: BertModel(BertConfig(**BERT), add_pooling_layer=False), (text_batch(),)),
+    Architecture("roberta_cls", lambda n: RobertaForSequenceClassification(RobertaConfig(**BERT, num_labels=n)),
+                 (text_batch(),), logits=True, labels=(3, 2)),
+    Architecture("roberta", lambda n: RobertaModel(RobertaConfig(**BERT)), (text_batch(),)),
     Architecture("clip", lambda n: CLIPModel(CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=24)),
                  (image_batch(3), text_batch(TEXT["eos_token_id"])), logits=True),
     Architecture("clip_text", lambda n: CLIPTextModel(CLIPTextConfig(**TEXT)), (text_batch(TEXT["eos_token_id"]),)),
@@ -176,10 +182,25 @@ def permuted_copy(model: torch.nn.Module, spec: PermutationSpec, seed: int) -> t
     return permute_model(model, spec, random_permutations(spec, seed))
 
 
-def with_new_head(model: torch.nn.Module, num_labels: int, seed: int) -> torch.nn.Module:
-    """A copy of a `*ForXClassification` model whose classifier is a fresh random `num_labels`-way head.
+def classifier_names(model: torch.nn.Module) -> tuple[str, str]:
+    """The names of the label head's weight and bias (rows = labels), as the model's adapter declares them."""
+    from hf_mudsc.architectures import spec_for
 
-    Everything but the classifier is `model`'s: the pair shares its body, so a merge that finds the right
+    head = spec_for(model).classifier
+    assert head is not None and head.bias is not None, type(model).__name__
+    return head.weight, head.bias
+
+
+def classifier_params(model: torch.nn.Module) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
+    params = dict(model.named_parameters())
+    weight, bias = classifier_names(model)
+    return params[weight], params[bias]
+
+
+def with_new_head(model: torch.nn.Module, num_labels: int, seed: int) -> torch.nn.Module:
+    """A copy of a `*ForXClassification` model whose label head is a fresh random `num_labels`-way head.
+
+    Everything but the label rows is `model`'s: the pair shares its body, so a merge that finds the right
     units must reproduce both parents' logits on their own slices of the concatenated head.
     """
     config = copy.deepcopy(model.config)
@@ -187,11 +208,13 @@ def with_new_head(model: torch.nn.Module, num_labels: int, seed: int) -> torch.n
     config.id2label = {i: f"class_{i}" for i in range(num_labels)}
     config.label2id = {v: k for k, v in config.id2label.items()}
     clone = type(model)(config)
-    body = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
+    head = set(classifier_names(model))
+    body = {k: v for k, v in model.state_dict().items() if k not in head}
     missing, unexpected = clone.load_state_dict(body, strict=False)
-    assert not unexpected and set(missing) == {"classifier.weight", "classifier.bias"}, (missing, unexpected)
+    assert not unexpected and set(missing) == head, (missing, unexpected)
     generator = torch.Generator().manual_seed(seed)
+    weight, bias = classifier_params(clone)
     with torch.no_grad():
-        clone.classifier.weight.copy_(0.2 * torch.randn(clone.classifier.weight.shape, generator=generator))
-        clone.classifier.bias.copy_(0.1 * torch.randn(clone.classifier.bias.shape, generator=generator))
+        weight.copy_(0.2 * torch.randn(weight.shape, generator=generator))
+        bias.copy_(0.1 * torch.randn(bias.shape, generator=generator))
     return clone.eval()
