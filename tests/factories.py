@@ -1,4 +1,4 @@
-"""Tiny random models of every supported architecture, random calibration batches, and spec permutations.
+"""Tiny random models of every supported architecture (one table, `ROWS`), random batches, and permutations.
 
 Norm parameters and biases are randomised too: default LayerNorm weights (all ones) would make the
 permuted-copy tests blind to a norm left out of its group.
@@ -7,6 +7,8 @@ permuted-copy tests blind to a norm left out of its group.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from transformers import (
@@ -21,6 +23,9 @@ from transformers import (
     CLIPVisionConfig,
     CLIPVisionModel,
     CLIPVisionModelWithProjection,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+    RobertaModel,
     ViTConfig,
     ViTForImageClassification,
     ViTModel,
@@ -38,6 +43,8 @@ TEXT = dict(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_he
 VISION = dict(hidden_size=40, num_hidden_layers=2, num_attention_heads=2, intermediate_size=56, image_size=16,
               patch_size=4, num_channels=3, projection_dim=24)
 
+BatchPart = Callable[[torch.Generator, int], dict[str, torch.Tensor]]
+
 
 def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     generator = torch.Generator().manual_seed(seed)
@@ -54,55 +61,87 @@ def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
+def image_batch(channels: int) -> BatchPart:
+    def part(generator: torch.Generator, batch_size: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": torch.randn(batch_size, channels, 16, 16, generator=generator)}
+
+    return part
+
+
+def text_batch(eos_token_id: int | None = None) -> BatchPart:
+    """Token ids with padding (so masking is exercised); CLIP pools at the EOS token, so it ends each text."""
+
+    def part(generator: torch.Generator, batch_size: int) -> dict[str, torch.Tensor]:
+        length = 12
+        ids = torch.randint(1, 56, (batch_size, length), generator=generator)
+        lengths = torch.randint(4, length + 1, (batch_size,), generator=generator)
+        mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+        if eos_token_id is not None:
+            ids[torch.arange(batch_size), lengths - 1] = eos_token_id
+        return {"input_ids": ids * mask, "attention_mask": mask}
+
+    return part
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One row of the table that drives every architecture test.
+
+    `build(num_labels)` makes an untrained model; `batch` parts are drawn in order from one generator;
+    `logits`: the model returns logits, so merges are compared on them (the full method matrix runs);
+    otherwise it is a bare model, compared through Gram matrices of its features. `labels`: label counts
+    (A, B) for the unequal-label-sets tests, for models with a classifier.
+    """
+
+    kind: str
+    build: Callable[[int], torch.nn.Module]
+    batch: tuple[BatchPart, ...]
+    logits: bool = False
+    labels: tuple[int, int] | None = None
+
+
+ROWS = (
+    Architecture("vit_cls", lambda n: ViTForImageClassification(ViTConfig(**VIT, num_labels=n)), (image_batch(1),),
+                 logits=True, labels=(3, 5)),
+    Architecture("vit", lambda n: ViTModel(ViTConfig(**VIT)), (image_batch(1),)),
+    Architecture("vit_nopool", lambda n: ViTModel(ViTConfig(**VIT), add_pooling_layer=False), (image_batch(1),)),
+    Architecture("vit_nobias", lambda n: ViTForImageClassification(ViTConfig(**VIT, qkv_bias=False, num_labels=n)),
+                 (image_batch(1),), logits=True, labels=(2, 3)),
+    Architecture("bert_cls", lambda n: BertForSequenceClassification(BertConfig(**BERT, num_labels=n)),
+                 (text_batch(),), logits=True, labels=(4, 2)),
+    Architecture("bert", lambda n: BertModel(BertConfig(**BERT)), (text_batch(),)),
+    Architecture("bert_nopool", lambda n: BertModel(BertConfig(**BERT), add_pooling_layer=False), (text_batch(),)),
+    Architecture("roberta_cls", lambda n: RobertaForSequenceClassification(RobertaConfig(**BERT, num_labels=n)),
+                 (text_batch(),), logits=True, labels=(3, 2)),
+    Architecture("roberta", lambda n: RobertaModel(RobertaConfig(**BERT)), (text_batch(),)),
+    Architecture("clip", lambda n: CLIPModel(CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=24)),
+                 (image_batch(3), text_batch(TEXT["eos_token_id"])), logits=True),
+    Architecture("clip_text", lambda n: CLIPTextModel(CLIPTextConfig(**TEXT)), (text_batch(TEXT["eos_token_id"]),)),
+    Architecture("clip_text_proj", lambda n: CLIPTextModelWithProjection(CLIPTextConfig(**TEXT)),
+                 (text_batch(TEXT["eos_token_id"]),)),
+    Architecture("clip_vision", lambda n: CLIPVisionModel(CLIPVisionConfig(**VISION)), (image_batch(3),)),
+    Architecture("clip_vision_proj", lambda n: CLIPVisionModelWithProjection(CLIPVisionConfig(**VISION)),
+                 (image_batch(3),)),
+)
+ARCHITECTURES: dict[str, Architecture] = {row.kind: row for row in ROWS}
+# The parametrisations the architecture tests read (never their own lists).
+KINDS = tuple(ARCHITECTURES)
+WITH_LOGITS = tuple(row.kind for row in ROWS if row.logits)
+BARE = tuple(row.kind for row in ROWS if not row.logits)
+LABEL_COUNTS = tuple((row.kind, *row.labels) for row in ROWS if row.labels)
+CLASSIFIERS = tuple(kind for kind, _, _ in LABEL_COUNTS)
+
+
 def make_model(kind: str, seed: int = 0, num_labels: int = 3) -> torch.nn.Module:
     torch.manual_seed(seed)
-    if kind == "vit_cls":
-        model = ViTForImageClassification(ViTConfig(**VIT, num_labels=num_labels))
-    elif kind == "vit":
-        model = ViTModel(ViTConfig(**VIT))
-    elif kind == "vit_nopool":
-        model = ViTModel(ViTConfig(**VIT), add_pooling_layer=False)
-    elif kind == "bert_cls":
-        model = BertForSequenceClassification(BertConfig(**BERT, num_labels=num_labels))
-    elif kind == "bert":
-        model = BertModel(BertConfig(**BERT))
-    elif kind == "clip":
-        model = CLIPModel(CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=24))
-    elif kind == "clip_text":
-        model = CLIPTextModel(CLIPTextConfig(**TEXT))
-    elif kind == "clip_text_proj":
-        model = CLIPTextModelWithProjection(CLIPTextConfig(**TEXT))
-    elif kind == "clip_vision":
-        model = CLIPVisionModel(CLIPVisionConfig(**VISION))
-    elif kind == "clip_vision_proj":
-        model = CLIPVisionModelWithProjection(CLIPVisionConfig(**VISION))
-    else:
-        raise KeyError(kind)
-    return randomize(model, seed)
+    return randomize(ARCHITECTURES[kind].build(num_labels), seed)
 
 
 def make_batches(kind: str, num_batches: int = 4, batch_size: int = 16, seed: int = 0) -> list[dict]:
-    """Random inputs; text batches carry padding so masking is exercised."""
+    """Random inputs of the row's modalities; text batches carry padding so masking is exercised."""
     generator = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(num_batches):
-        batch: dict[str, torch.Tensor] = {}
-        if kind.startswith("vit"):
-            batch["pixel_values"] = torch.randn(batch_size, 1, 16, 16, generator=generator)
-        if kind.startswith("clip") and "text" not in kind:
-            batch["pixel_values"] = torch.randn(batch_size, 3, 16, 16, generator=generator)
-        if kind.startswith("bert") or (kind.startswith("clip") and "vision" not in kind):
-            length = 12
-            ids = torch.randint(1, 56, (batch_size, length), generator=generator)
-            lengths = torch.randint(4, length + 1, (batch_size,), generator=generator)
-            mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
-            if kind.startswith("clip"):
-                ids[torch.arange(batch_size), lengths - 1] = TEXT["eos_token_id"]
-            ids = ids * mask
-            batch["input_ids"] = ids
-            batch["attention_mask"] = mask
-        batches.append(batch)
-    return batches
+    parts = ARCHITECTURES[kind].batch
+    return [{k: v for part in parts for k, v in part(generator, batch_size).items()} for _ in range(num_batches)]
 
 
 def _gram(features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -143,10 +182,25 @@ def permuted_copy(model: torch.nn.Module, spec: PermutationSpec, seed: int) -> t
     return permute_model(model, spec, random_permutations(spec, seed))
 
 
-def with_new_head(model: torch.nn.Module, num_labels: int, seed: int) -> torch.nn.Module:
-    """A copy of a `*ForXClassification` model whose classifier is a fresh random `num_labels`-way head.
+def classifier_names(model: torch.nn.Module) -> tuple[str, str]:
+    """The names of the label head's weight and bias (rows = labels), as the model's adapter declares them."""
+    from hf_mudsc.architectures import spec_for
 
-    Everything but the classifier is `model`'s: the pair shares its body, so a merge that finds the right
+    head = spec_for(model).classifier
+    assert head is not None and head.bias is not None, type(model).__name__
+    return head.weight, head.bias
+
+
+def classifier_params(model: torch.nn.Module) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
+    params = dict(model.named_parameters())
+    weight, bias = classifier_names(model)
+    return params[weight], params[bias]
+
+
+def with_new_head(model: torch.nn.Module, num_labels: int, seed: int) -> torch.nn.Module:
+    """A copy of a `*ForXClassification` model whose label head is a fresh random `num_labels`-way head.
+
+    Everything but the label rows is `model`'s: the pair shares its body, so a merge that finds the right
     units must reproduce both parents' logits on their own slices of the concatenated head.
     """
     config = copy.deepcopy(model.config)
@@ -154,11 +208,13 @@ def with_new_head(model: torch.nn.Module, num_labels: int, seed: int) -> torch.n
     config.id2label = {i: f"class_{i}" for i in range(num_labels)}
     config.label2id = {v: k for k, v in config.id2label.items()}
     clone = type(model)(config)
-    body = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
+    head = set(classifier_names(model))
+    body = {k: v for k, v in model.state_dict().items() if k not in head}
     missing, unexpected = clone.load_state_dict(body, strict=False)
-    assert not unexpected and set(missing) == {"classifier.weight", "classifier.bias"}, (missing, unexpected)
+    assert not unexpected and set(missing) == head, (missing, unexpected)
     generator = torch.Generator().manual_seed(seed)
+    weight, bias = classifier_params(clone)
     with torch.no_grad():
-        clone.classifier.weight.copy_(0.2 * torch.randn(clone.classifier.weight.shape, generator=generator))
-        clone.classifier.bias.copy_(0.1 * torch.randn(clone.classifier.bias.shape, generator=generator))
+        weight.copy_(0.2 * torch.randn(weight.shape, generator=generator))
+        bias.copy_(0.1 * torch.randn(bias.shape, generator=generator))
     return clone.eval()

@@ -10,8 +10,7 @@ import copy
 
 import pytest
 import torch
-from factories import make_batches, make_model
-from transformers import BertModel
+from factories import KINDS, make_batches, make_model
 
 import hf_mudsc
 from hf_mudsc.architectures import spec_for
@@ -48,7 +47,7 @@ def _hooked_features(model: torch.nn.Module, spec: PermutationSpec, batch: dict)
     return found
 
 
-@pytest.mark.parametrize("kind", ["vit_cls", "bert_cls", "clip"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_statistics_equal_the_correlation_of_all_hooked_features(kind):
     a, b = make_model(kind, 0), make_model(kind, 1)
     spec = spec_for(a)
@@ -117,14 +116,12 @@ def test_merge_runs_its_statistics_gemms_in_the_requested_dtype(monkeypatch, req
     assert merged.config.mudsc["statistics_dtype"] == str(expected).removeprefix("torch.")
 
 
-@pytest.mark.parametrize("kind", ["bert_no_pooler", "bert", "bert_cls", "vit_cls"])
+@pytest.mark.parametrize("kind", ["bert_nopool", "bert", "bert_cls", "vit_cls"])
 def test_the_reported_calibration_size_counts_examples_not_tokens(kind):
-    if kind == "bert_no_pooler":  # every group, the residual stream too, is read per token
-        a = BertModel(make_model("bert", 0).config, add_pooling_layer=False).eval()
+    a = make_model(kind, 0)
+    if kind == "bert_nopool":  # every group, the residual stream too, is read per token
         assert all(hook.mask for group in spec_for(a).groups for hook in group.hooks)
-    else:
-        a = make_model(kind, 0)
-    batches = make_batches(kind.removesuffix("_no_pooler"), num_batches=3, batch_size=8)
+    batches = make_batches(kind, num_batches=3, batch_size=8)
     merged = hf_mudsc.merge([a, copy.deepcopy(a)], batches, progress=False)
     assert merged.merge_report.num_samples == merged.config.mudsc["num_calibration_samples"] == 24
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from factories import make_batches, make_model, permuted_copy
+from factories import CLASSIFIERS, WITH_LOGITS, make_batches, make_model, permuted_copy
 
 import hf_mudsc
 import hf_mudsc.solve.similarity as similarity
@@ -62,7 +62,7 @@ def _maps_from_matches(spec, pa, pb, matcher: str) -> list[GroupMaps]:
     return maps
 
 
-@pytest.mark.parametrize("kind", ["bert_cls", "vit_cls"])
+@pytest.mark.parametrize("kind", CLASSIFIERS)
 @pytest.mark.parametrize("matcher", ["align", "zip", None])
 def test_weight_correlation_equals_the_dense_computation(monkeypatch, kind, matcher):
     a, b = make_model(kind, 0), make_model(kind, 1)
@@ -138,7 +138,7 @@ def test_float32_statistics_give_the_default_merged_weights(matcher):
         assert torch.allclose(merged[1][name], value, atol=1e-6), name
 
 
-@pytest.mark.parametrize("kind", ["vit_cls", "bert_cls", "clip"])
+@pytest.mark.parametrize("kind", WITH_LOGITS)
 @pytest.mark.parametrize("matcher", ["align", "zip"])
 def test_merge_statistics_dtypes_agree(kind, matcher):
     """The default float32-GEMM statistics give `hf_mudsc.merge` the float64 path's weights to 1e-6."""

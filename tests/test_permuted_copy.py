@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from factories import make_batches, make_model, model_output, permuted_copy, relative_error
+from factories import BARE, WITH_LOGITS, make_batches, make_model, model_output, permuted_copy, relative_error
 
 import hf_mudsc
 from hf_mudsc.architectures import spec_for
@@ -13,8 +13,8 @@ from hf_mudsc.methods import get_method, method_runs
 # Every registered method that matches units, with each of its matchers.
 MATCHING_METHODS = [(options["method"], options["matcher"]) for _, options in method_runs()
                     if get_method(options["method"]).matches_units]
-ARCHITECTURES = ["vit_cls", "bert_cls", "clip"]
-BARE_MODELS = ["vit", "vit_nopool", "bert", "clip_text", "clip_text_proj", "clip_vision", "clip_vision_proj"]
+ARCHITECTURES = WITH_LOGITS  # from the one factory table
+BARE_MODELS = BARE
 
 
 @pytest.fixture(scope="module")

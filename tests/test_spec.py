@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import pytest
-from factories import make_model
+from factories import KINDS, make_model
 
-from hf_mudsc.architectures import spec_for, supported_model_types
+from hf_mudsc import architectures
+from hf_mudsc.architectures import spec_for, supported_model_types, unregister
 from hf_mudsc.errors import SpecError
 from hf_mudsc.spec import Group, HookPoint, Member, PermutationSpec
-
-KINDS = ["vit_cls", "vit", "vit_nopool", "bert_cls", "bert", "clip", "clip_text", "clip_text_proj",
-         "clip_vision", "clip_vision_proj"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -30,7 +29,26 @@ def test_every_adapter_spec_validates_and_covers_every_parameter(kind):
 
 
 def test_supported_model_types():
-    assert {"vit", "bert", "clip", "clip_text_model", "clip_vision_model"} <= set(supported_model_types())
+    assert {"vit", "bert", "clip", "clip_text_model", "clip_vision_model", "roberta"} <= set(supported_model_types())
+
+
+def test_adapter_modules_are_discovered_not_listed(tmp_path, monkeypatch):
+    """A module dropped into the adapters package registers itself; no list of module names is edited."""
+    (tmp_path / "toyarch.py").write_text(
+        "from hf_mudsc.architectures.registry import register\n\n\n"
+        "@register('toyarch')\ndef toy_spec(model):\n    raise NotImplementedError\n"
+    )
+    assert {f"hf_mudsc.architectures.{name}" for name in ("bert", "clip", "roberta", "vit")} <= set(
+        architectures.adapter_modules())
+    monkeypatch.setattr(architectures, "__path__", [*architectures.__path__, str(tmp_path)])
+    monkeypatch.setattr(architectures, "_discovered", False)
+    try:
+        assert "hf_mudsc.architectures.toyarch" in architectures.adapter_modules()
+        assert "toyarch" in supported_model_types()
+    finally:
+        unregister("toyarch")
+        sys.modules.pop("hf_mudsc.architectures.toyarch", None)
+    assert "toyarch" not in supported_model_types()
 
 
 def _vit():

@@ -8,7 +8,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from factories import make_batches, make_model, model_output, permuted_copy, relative_error, with_new_head
+from factories import (
+    CLASSIFIERS,
+    LABEL_COUNTS,
+    classifier_names,
+    classifier_params,
+    make_batches,
+    make_model,
+    model_output,
+    permuted_copy,
+    relative_error,
+    with_new_head,
+)
 
 import hf_mudsc
 from hf_mudsc.architectures import spec_for
@@ -16,8 +27,6 @@ from hf_mudsc.methods import get_method, method_runs
 
 # Every registered method with each of its matchers (the demo's list).
 METHODS = [(options["method"], options.get("matcher", "zip")) for _, options in method_runs()]
-# (kind, labels of A, labels of B): the issue's ViT 3 vs 5 and BERT 4 vs 2.
-LABEL_COUNTS = [("vit_cls", 3, 5), ("bert_cls", 4, 2)]
 
 
 @pytest.fixture(scope="module")
@@ -45,18 +54,19 @@ def test_unequal_label_counts_merge_with_a_concatenated_head(pairs, kind, labels
     merged = hf_mudsc.merge([a, b], calibration, method=method, matcher=matcher, progress=False)
 
     total = labels_a + labels_b
-    assert merged.classifier.weight.shape == (total, a.config.hidden_size)
-    assert merged.classifier.bias.shape == (total,)
+    (merged_weight, merged_bias), (a_weight, a_bias), (b_weight, b_bias) = map(classifier_params, (merged, a, b))
+    assert merged_weight.shape == (total, a.config.hidden_size)
+    assert merged_bias.shape == (total,)
     assert merged.config.num_labels == total
     assert [merged.config.id2label[i] for i in range(total)] == (
         [f"task-a: LABEL_{i}" for i in range(labels_a)] + [f"task-b: class_{i}" for i in range(labels_b)]
     )
     assert merged.config.task_label_ranges == {"task-a": [0, labels_a], "task-b": [labels_a, total]}
     # A's bias rows, then B's: biases carry no unit axis, so they are copied exactly.
-    assert torch.equal(merged.classifier.bias, torch.cat([a.classifier.bias, b.classifier.bias]))
+    assert torch.equal(merged_bias, torch.cat([a_bias, b_bias]))
     if not get_method(method).matches_units:
         # No matching: the rows are the parents' own rows, A's first.
-        assert torch.equal(merged.classifier.weight, torch.cat([a.classifier.weight, b.classifier.weight]))
+        assert torch.equal(merged_weight, torch.cat([a_weight, b_weight]))
         return
     # Matching methods find the permutation: each task's slice computes that parent's logits.
     for batch in batches[:2]:
@@ -75,7 +85,7 @@ def test_unequal_label_counts_round_trip_through_save_pretrained(tmp_path, pairs
     assert torch.equal(model_output(loaded, batches[0]), model_output(merged, batches[0]))
 
 
-@pytest.mark.parametrize("kind", ["vit_cls", "bert_cls"])
+@pytest.mark.parametrize("kind", CLASSIFIERS)
 def test_concatenated_classifiers_take_no_part_in_the_weight_similarity(kind):
     """Different label sets (here of equal size): A's and B's classifier rows are different classes, so their
     columns must not be correlated with each other — the merged body may not depend on B's classifier."""
@@ -83,9 +93,10 @@ def test_concatenated_classifiers_take_no_part_in_the_weight_similarity(kind):
     batches = make_batches(kind, num_batches=2)
     heads = [with_new_head(make_model(kind, seed=1), 3, seed=s) for s in (5, 6)]
     with torch.no_grad():
-        heads[1].classifier.weight.mul_(100.0)  # a loud head would dominate the similarity if it counted
+        classifier_params(heads[1])[0].mul_(100.0)  # a loud head would dominate the similarity if it counted
     merges = [hf_mudsc.merge([a, b], batches, method="mudsc", matcher="align", progress=False) for b in heads]
-    body = [{k: v for k, v in m.state_dict().items() if not k.startswith("classifier.")} for m in merges]
+    head = set(classifier_names(a))
+    body = [{k: v for k, v in m.state_dict().items() if k not in head} for m in merges]
     assert body[0].keys() == body[1].keys()
     assert all(torch.equal(body[0][k], body[1][k]) for k in body[0]), "B's classifier rows steered the match"
-    assert not torch.equal(merges[0].classifier.weight[3:], merges[1].classifier.weight[3:])
+    assert not torch.equal(classifier_params(merges[0])[0][3:], classifier_params(merges[1])[0][3:])

@@ -1,49 +1,68 @@
 """Architecture adapters: `config.model_type` -> a function building the model's PermutationSpec.
 
-Adding an architecture is adding one file that calls `register`; nothing else changes.
+Every module of this package (but the shared `registry` and `templates`) is an adapter: it is imported
+on first lookup and registers its builders with `register`, so adding an architecture is adding one file
+(see docs/adding_an_architecture.md); nothing else changes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import pkgutil
 
 from torch import nn
 
+from hf_mudsc.architectures.registry import SpecBuilder, builder_for, register, registered_model_types, unregister
 from hf_mudsc.errors import UnsupportedArchitectureError
 from hf_mudsc.spec import PermutationSpec
 
-SpecBuilder = Callable[[nn.Module], PermutationSpec]
-_REGISTRY: dict[str, SpecBuilder] = {}
+__all__ = ["SpecBuilder", "adapter_modules", "discover", "register", "spec_for", "supported_model_types",
+           "unregister", "UnsupportedArchitectureError"]
+
+# Modules of this package that hold shared code, not adapters.
+SHARED_MODULES = frozenset({"registry", "templates"})
+_discovered = False
 
 
+def adapter_modules() -> tuple[str, ...]:
+    """The adapter modules found in this package (full dotted names)."""
+    return tuple(
+        f"{__name__}.{module.name}"
+        for module in pkgutil.iter_modules(__path__)
+        if module.name not in SHARED_MODULES and not module.name.startswith("_")
+    )
 
 
-def register(*model_types: str) -> Callable[[SpecBuilder], SpecBuilder]:
-    def decorator(builder: SpecBuilder) -> SpecBuilder:
-        for model_type in model_types:
-            _REGISTRY[model_type] = builder
-        return builder
+def discover() -> None:
+    """Import every adapter module once; each registers itself on import.
 
-    return decorator
+    On first lookup rather than at package import, so that importing the package stays cheap and an
+    adapter's own imports never meet a half-initialised package.
+    """
+    global _discovered
+    if not _discovered:
+        for name in adapter_modules():
+            importlib.import_module(name)
+        _discovered = True
 
 
 def supported_model_types() -> tuple[str, ...]:
-    return tuple(sorted(_REGISTRY))
+    discover()
+    return registered_model_types()
 
 
 def spec_for(model: nn.Module) -> PermutationSpec:
     """Build and validate the permutation spec of a loaded model."""
+    discover()
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    builder = _REGISTRY.get(model_type or "")
+    builder = builder_for(model_type or "")
     if builder is None:
         raise UnsupportedArchitectureError(
             f"hf_mudsc cannot merge {type(model).__name__} (model_type={model_type!r}); supported model types: "
-            f"{', '.join(supported_model_types())}. Adding one is a new file in hf_mudsc/architectures/."
+            f"{', '.join(supported_model_types())}. Adding one is a new file in hf_mudsc/architectures/ "
+            "(docs/adding_an_architecture.md)."
         )
     spec = builder(model)
     spec.validate(dict(model.named_parameters()), (name for name, _ in model.named_modules()))
     return spec
-
-
-from hf_mudsc.architectures import bert, clip, vit  # noqa: E402,F401  (registration side effects)

@@ -4,12 +4,35 @@ from __future__ import annotations
 
 from torch import nn
 
-from hf_mudsc.architectures import register
-from hf_mudsc.architectures.templates import attention_groups, in_cols, linear_out, mlp_group, norm
+from hf_mudsc.architectures.registry import register
+from hf_mudsc.architectures.templates import BlockNames, Embedding, EncoderTable, encoder_groups, in_cols, linear_out
 from hf_mudsc.errors import UnsupportedArchitectureError
-from hf_mudsc.spec import Classifier, Group, HookPoint, Member, PermutationSpec
+from hf_mudsc.spec import Classifier, Group, HookPoint, PermutationSpec
 
 MASK = "attention_mask"
+
+BERT = EncoderTable(
+    embeddings=(
+        Embedding("embeddings.word_embeddings.weight", 1),
+        Embedding("embeddings.position_embeddings.weight", 1),
+        Embedding("embeddings.token_type_embeddings.weight", 1),
+        Embedding("embeddings.LayerNorm.weight", 0),
+        Embedding("embeddings.LayerNorm.bias", 0),
+    ),
+    block=BlockNames(
+        layer="encoder.layer.{i}",
+        attention="attention",
+        query="attention.self.query",
+        key="attention.self.key",
+        value="attention.self.value",
+        output="attention.output.dense",
+        up="intermediate.dense",
+        down="output.dense",
+        attention_norm="attention.output.LayerNorm",
+        mlp_norm="output.LayerNorm",
+        post_norm=True,
+    ),
+)
 
 
 @register("bert")
@@ -25,38 +48,10 @@ def bert_spec(model: nn.Module) -> PermutationSpec:
             f"{type(model).__name__} is not supported; use BertModel or BertForSequenceClassification"
         )
     has_pooler = f"{prefix}pooler.dense.weight" in params
-    width, heads = config.hidden_size, config.num_attention_heads
-
-    emb = f"{prefix}embeddings"
-    residual = [
-        Member(f"{emb}.word_embeddings.weight", 1, "out"),
-        Member(f"{emb}.position_embeddings.weight", 1, "out"),
-        Member(f"{emb}.token_type_embeddings.weight", 1, "out"),
-        *norm(f"{emb}.LayerNorm"),
-    ]
-    blocks: list[Group] = []
-    for i in range(config.num_hidden_layers):
-        layer = f"{prefix}encoder.layer.{i}"
-        attn = f"{layer}.attention"
-        residual += in_cols(f"{attn}.self.query.weight", f"{attn}.self.key.weight", f"{attn}.self.value.weight")
-        residual += linear_out(f"{attn}.output.dense")
-        residual += norm(f"{attn}.output.LayerNorm")
-        residual += in_cols(f"{layer}.intermediate.dense.weight")
-        residual += linear_out(f"{layer}.output.dense")
-        residual += norm(f"{layer}.output.LayerNorm")
-        blocks += attention_groups(
-            attn,
-            query=f"{attn}.self.query",
-            key=f"{attn}.self.key",
-            value=f"{attn}.self.value",
-            output=f"{attn}.output.dense",
-            width=width,
-            num_heads=heads,
-            mask=MASK,
-        )
-        blocks.append(mlp_group(layer, up=f"{layer}.intermediate.dense", down=f"{layer}.output.dense",
-                                width=config.intermediate_size, mask=MASK))
-
+    width = config.hidden_size
+    residual, blocks = encoder_groups(BERT, prefix, num_layers=config.num_hidden_layers, width=width,
+                                      num_heads=config.num_attention_heads, intermediate=config.intermediate_size,
+                                      params=params, mask=MASK)
     tail: list[Group] = []
     if has_pooler:
         residual += in_cols(f"{prefix}pooler.dense.weight")

@@ -4,43 +4,44 @@ from __future__ import annotations
 
 from torch import nn
 
-from hf_mudsc.architectures import register
-from hf_mudsc.architectures.templates import attention_groups, in_cols, linear_out, mlp_group, norm
+from hf_mudsc.architectures.registry import register
+from hf_mudsc.architectures.templates import BlockNames, Embedding, EncoderTable, encoder_groups, in_cols, linear_out
 from hf_mudsc.errors import UnsupportedArchitectureError
 from hf_mudsc.spec import Group, HookPoint, Member, PermutationSpec
 
 TEXT_MASK = "attention_mask"
 
-
-def _tower(prefix: str, config, *, text: bool) -> tuple[list[Member], list[Group]]:
-    """Residual members and block groups of one tower (`prefix` ends with '.' or is empty)."""
-    emb = f"{prefix}embeddings"
-    mask = TEXT_MASK if text else None
-    if text:
-        residual = [Member(f"{emb}.token_embedding.weight", 1, "out"),
-                    Member(f"{emb}.position_embedding.weight", 1, "out")]
-    else:
-        residual = [Member(f"{emb}.class_embedding", 0, "out"),
-                    Member(f"{emb}.patch_embedding.weight", 0, "out"),
-                    Member(f"{emb}.position_embedding.weight", 1, "out"),
-                    *norm(f"{prefix}pre_layrnorm")]
-    blocks: list[Group] = []
-    for i in range(config.num_hidden_layers):
-        layer = f"{prefix}encoder.layers.{i}"
-        attn = f"{layer}.self_attn"
-        residual += norm(f"{layer}.layer_norm1")
-        residual += in_cols(f"{attn}.q_proj.weight", f"{attn}.k_proj.weight", f"{attn}.v_proj.weight")
-        residual += linear_out(f"{attn}.out_proj")
-        residual += norm(f"{layer}.layer_norm2")
-        residual += in_cols(f"{layer}.mlp.fc1.weight")
-        residual += linear_out(f"{layer}.mlp.fc2")
-        blocks += attention_groups(attn, query=f"{attn}.q_proj", key=f"{attn}.k_proj", value=f"{attn}.v_proj",
-                                   output=f"{attn}.out_proj", width=config.hidden_size,
-                                   num_heads=config.num_attention_heads, mask=mask)
-        blocks.append(mlp_group(layer, up=f"{layer}.mlp.fc1", down=f"{layer}.mlp.fc2",
-                                width=config.intermediate_size, mask=mask))
-    residual += norm(f"{prefix}final_layer_norm" if text else f"{prefix}post_layernorm")
-    return residual, blocks
+BLOCK = BlockNames(
+    layer="encoder.layers.{i}",
+    attention="self_attn",
+    query="self_attn.q_proj",
+    key="self_attn.k_proj",
+    value="self_attn.v_proj",
+    output="self_attn.out_proj",
+    up="mlp.fc1",
+    down="mlp.fc2",
+    attention_norm="layer_norm1",
+    mlp_norm="layer_norm2",
+)
+TEXT = EncoderTable(
+    embeddings=(
+        Embedding("embeddings.token_embedding.weight", 1),
+        Embedding("embeddings.position_embedding.weight", 1),
+    ),
+    block=BLOCK,
+    final_norm="final_layer_norm",
+)
+VISION = EncoderTable(
+    embeddings=(
+        Embedding("embeddings.class_embedding", 0),
+        Embedding("embeddings.patch_embedding.weight", 0),
+        Embedding("embeddings.position_embedding.weight", 1),
+        Embedding("pre_layrnorm.weight", 0),
+        Embedding("pre_layrnorm.bias", 0),
+    ),
+    block=BLOCK,
+    final_norm="post_layernorm",
+)
 
 
 @register("clip", "clip_text_model", "clip_vision_model")
@@ -66,7 +67,10 @@ def clip_spec(model: nn.Module) -> PermutationSpec:
 
     for kind, prefix, tower_config in towers:
         text = kind == "text"
-        residual, tower_blocks = _tower(prefix, tower_config, text=text)
+        residual, tower_blocks = encoder_groups(
+            TEXT if text else VISION, prefix, num_layers=tower_config.num_hidden_layers,
+            width=tower_config.hidden_size, num_heads=tower_config.num_attention_heads,
+            intermediate=tower_config.intermediate_size, params=params, mask=TEXT_MASK if text else None)
         projection = "text_projection" if text else "visual_projection"
         if f"{projection}.weight" in params:
             residual += in_cols(f"{projection}.weight")

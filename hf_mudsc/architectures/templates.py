@@ -1,9 +1,16 @@
-"""Small builders shared by the adapters: a transformer block is the same four groups everywhere.
+"""Declarative adapter tables and the builders that turn them into groups.
 
-They only name tensors; they know nothing about matching.
+A transformer encoder is the same four groups per layer everywhere (residual stream, attention q/k,
+attention v, MLP); only the tensor names differ. An adapter therefore states the names once, as data
+(`Embedding` rows, a `BlockNames` table of per-layer name templates, a final norm) — as peft's model-type
+mapping or mergekit's architecture JSON do — and `encoder_groups` expands them. The builders only name
+tensors; they know nothing about matching.
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
 
 from hf_mudsc.spec import Group, HookPoint, Member
 
@@ -36,15 +43,21 @@ def attention_groups(
     width: int,
     num_heads: int,
     mask: str | None = None,
+    biases: bool | Collection[str] = True,
 ) -> list[Group]:
     """The q/k group (read at the key projection output) and the v group (read at the output projection input).
 
     Both share a head tie, so one head pairing serves the attention pattern and the values it mixes.
+    `biases`: True (every projection has one) or the model's parameter names (a bias is a member iff it exists).
     """
+
+    def out(prefix: str) -> list[Member]:
+        return linear_out(prefix, bias=biases is True or (biases is not False and f"{prefix}.bias" in biases))
+
     qk = Group(
         name=f"{block}.qk",
         width=width,
-        members=tuple(linear_out(query) + linear_out(key)),
+        members=tuple(out(query) + out(key)),
         hooks=(HookPoint(key, "output", mask=mask),),
         num_heads=num_heads,
         head_tie=block,
@@ -52,7 +65,7 @@ def attention_groups(
     v = Group(
         name=f"{block}.v",
         width=width,
-        members=tuple(linear_out(value) + in_cols(f"{output}.weight")),
+        members=tuple(out(value) + in_cols(f"{output}.weight")),
         hooks=(HookPoint(output, "input", mask=mask),),
         num_heads=num_heads,
         head_tie=block,
@@ -68,3 +81,97 @@ def mlp_group(block: str, *, up: str, down: str, width: int, mask: str | None = 
         members=tuple(linear_out(up) + in_cols(f"{down}.weight")),
         hooks=(HookPoint(down, "input", mask=mask),),
     )
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """One embedding-side tensor of the residual stream: its name (after the tower prefix) and unit axis.
+
+    `optional`: the tensor exists only in some variants (e.g. ViT's `mask_token`) and is skipped when absent.
+    """
+
+    param: str
+    axis: int
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class BlockNames:
+    """The per-layer names of one encoder block; `{i}` in `layer` is the layer index.
+
+    Every other name is relative to the layer. Linears are named without `.weight`; norms without
+    `.weight`/`.bias`. `post_norm`: the norms follow their sublayer (BERT) instead of preceding it (ViT, CLIP);
+    it only decides where they sit in the residual group's member order.
+    """
+
+    layer: str
+    attention: str
+    query: str
+    key: str
+    value: str
+    output: str
+    up: str
+    down: str
+    attention_norm: str
+    mlp_norm: str
+    post_norm: bool = False
+
+
+@dataclass(frozen=True)
+class EncoderTable:
+    """A whole encoder tower as data: embeddings, the repeated block, and the final norm (if any)."""
+
+    embeddings: tuple[Embedding, ...]
+    block: BlockNames
+    final_norm: str | None = None
+
+
+def encoder_groups(
+    table: EncoderTable,
+    prefix: str,
+    *,
+    num_layers: int,
+    width: int,
+    num_heads: int,
+    intermediate: int,
+    params: Collection[str],
+    mask: str | None = None,
+) -> tuple[list[Member], list[Group]]:
+    """The residual stream's members and the per-layer block groups of one tower (`prefix` ends in '.' or is '').
+
+    A linear's bias is a member iff the model has it (a missing bias is simply absent; an extra one would
+    still be caught by `PermutationSpec.validate`), so variants such as ViT's `qkv_bias=False` need no code.
+    """
+    residual: list[Member] = []
+    for row in table.embeddings:
+        name = f"{prefix}{row.param}"
+        if row.optional and name not in params:
+            continue
+        residual.append(Member(name, row.axis, "out"))
+
+    def out(linear: str) -> list[Member]:
+        return linear_out(linear, bias=f"{linear}.bias" in params)
+
+    names = table.block
+    blocks: list[Group] = []
+    for i in range(num_layers):
+        layer = f"{prefix}{names.layer.format(i=i)}"
+        attention_norm = norm(f"{layer}.{names.attention_norm}")
+        mlp_norm = norm(f"{layer}.{names.mlp_norm}")
+        q, k, v, o = (f"{layer}.{n}" for n in (names.query, names.key, names.value, names.output))
+        up, down = f"{layer}.{names.up}", f"{layer}.{names.down}"
+        if not names.post_norm:
+            residual += attention_norm
+        residual += in_cols(f"{q}.weight", f"{k}.weight", f"{v}.weight")
+        residual += out(o)
+        residual += attention_norm if names.post_norm else mlp_norm
+        residual += in_cols(f"{up}.weight")
+        residual += out(down)
+        if names.post_norm:
+            residual += mlp_norm
+        blocks += attention_groups(f"{layer}.{names.attention}", query=q, key=k, value=v, output=o, width=width,
+                                   num_heads=num_heads, mask=mask, biases=params)
+        blocks.append(mlp_group(layer, up=up, down=down, width=intermediate, mask=mask))
+    if table.final_norm is not None:
+        residual += norm(f"{prefix}{table.final_norm}")
+    return residual, blocks

@@ -4,10 +4,40 @@ from __future__ import annotations
 
 from torch import nn
 
-from hf_mudsc.architectures import register
-from hf_mudsc.architectures.templates import attention_groups, in_cols, linear_out, mlp_group, norm
+from hf_mudsc.architectures.registry import register
+from hf_mudsc.architectures.templates import (
+    BlockNames,
+    Embedding,
+    EncoderTable,
+    encoder_groups,
+    in_cols,
+    linear_out,
+)
 from hf_mudsc.errors import UnsupportedArchitectureError
-from hf_mudsc.spec import Classifier, Group, HookPoint, Member, PermutationSpec
+from hf_mudsc.spec import Classifier, Group, HookPoint, PermutationSpec
+
+VIT = EncoderTable(
+    embeddings=(
+        Embedding("embeddings.cls_token", 2),
+        Embedding("embeddings.position_embeddings", 2),
+        Embedding("embeddings.patch_embeddings.projection.weight", 0),
+        Embedding("embeddings.patch_embeddings.projection.bias", 0),
+        Embedding("embeddings.mask_token", 2, optional=True),
+    ),
+    block=BlockNames(
+        layer="layers.{i}",
+        attention="attention",
+        query="attention.q_proj",
+        key="attention.k_proj",
+        value="attention.v_proj",
+        output="attention.o_proj",
+        up="mlp.fc1",
+        down="mlp.fc2",
+        attention_norm="layernorm_before",
+        mlp_norm="layernorm_after",
+    ),
+    final_norm="layernorm",
+)
 
 
 @register("vit")
@@ -23,39 +53,10 @@ def vit_spec(model: nn.Module) -> PermutationSpec:
         raise UnsupportedArchitectureError(
             f"{type(model).__name__} is not supported; use ViTModel or ViTForImageClassification"
         )
-    width, heads = config.hidden_size, config.num_attention_heads
-
-    embeddings = f"{prefix}embeddings"
-    residual = [
-        Member(f"{embeddings}.cls_token", 2, "out"),
-        Member(f"{embeddings}.position_embeddings", 2, "out"),
-        *linear_out(f"{embeddings}.patch_embeddings.projection"),
-    ]
-    if f"{embeddings}.mask_token" in params:
-        residual.append(Member(f"{embeddings}.mask_token", 2, "out"))
-    blocks: list[Group] = []
-    for i in range(config.num_hidden_layers):
-        layer = f"{prefix}layers.{i}"
-        attn = f"{layer}.attention"
-        residual += norm(f"{layer}.layernorm_before")
-        residual += in_cols(f"{attn}.q_proj.weight", f"{attn}.k_proj.weight", f"{attn}.v_proj.weight")
-        residual += linear_out(f"{attn}.o_proj")
-        residual += norm(f"{layer}.layernorm_after")
-        residual += in_cols(f"{layer}.mlp.fc1.weight")
-        residual += linear_out(f"{layer}.mlp.fc2")
-        blocks += attention_groups(
-            attn,
-            query=f"{attn}.q_proj",
-            key=f"{attn}.k_proj",
-            value=f"{attn}.v_proj",
-            output=f"{attn}.o_proj",
-            width=width,
-            num_heads=heads,
-        )
-        blocks.append(mlp_group(layer, up=f"{layer}.mlp.fc1", down=f"{layer}.mlp.fc2",
-                                width=config.intermediate_size))
-    residual += norm(f"{prefix}layernorm")
-
+    width = config.hidden_size
+    residual, blocks = encoder_groups(VIT, prefix, num_layers=config.num_hidden_layers, width=width,
+                                      num_heads=config.num_attention_heads, intermediate=config.intermediate_size,
+                                      params=params)
     groups: list[Group] = []
     tail: list[Group] = []
     if has_classifier:

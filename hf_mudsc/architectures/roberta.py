@@ -1,0 +1,49 @@
+"""RoBERTa (`RobertaModel`, `RobertaForSequenceClassification`): BERT's encoder, its own classifier head."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from hf_mudsc.architectures.bert import BERT, MASK
+from hf_mudsc.architectures.registry import register
+from hf_mudsc.architectures.templates import encoder_groups, in_cols, linear_out
+from hf_mudsc.errors import UnsupportedArchitectureError
+from hf_mudsc.spec import Classifier, Group, HookPoint, PermutationSpec
+
+# The embeddings and blocks carry BERT's module names, so BERT's table serves as is.
+ROBERTA = BERT
+
+
+@register("roberta")
+def roberta_spec(model: nn.Module) -> PermutationSpec:
+    config = model.config
+    params = dict(model.named_parameters())
+    prefix = "roberta." if "roberta.embeddings.word_embeddings.weight" in params else ""
+    has_head = "classifier.out_proj.weight" in params
+    if f"{prefix}embeddings.word_embeddings.weight" not in params or (prefix and not has_head):
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} is not supported; use RobertaModel or RobertaForSequenceClassification"
+        )
+    width = config.hidden_size
+    residual, groups = encoder_groups(ROBERTA, prefix, num_layers=config.num_hidden_layers, width=width,
+                                      num_heads=config.num_attention_heads, intermediate=config.intermediate_size,
+                                      params=params, mask=MASK)
+    if has_head:
+        # The head reads the first token: dense -> tanh -> out_proj. Its hidden layer is one more unit space.
+        residual += in_cols("classifier.dense.weight")
+        hook = HookPoint("classifier.dense", "input")
+        groups.append(Group(name="classifier.dense", width=width,
+                            members=tuple(linear_out("classifier.dense") + in_cols("classifier.out_proj.weight")),
+                            hooks=(HookPoint("classifier.out_proj", "input"),)))
+    elif f"{prefix}pooler.dense.weight" in params:
+        residual += in_cols(f"{prefix}pooler.dense.weight")
+        hook = HookPoint(f"{prefix}pooler.dense", "input")
+        groups.append(Group(name=f"{prefix}pooler", width=width, members=tuple(linear_out(f"{prefix}pooler.dense")),
+                            hooks=(HookPoint(f"{prefix}pooler", "output"),)))
+    else:
+        last = f"{prefix}encoder.layer.{config.num_hidden_layers - 1}.output.LayerNorm"
+        hook = HookPoint(last, "output", mask=MASK)
+    residual_group = Group(name="residual", width=width, members=tuple(residual), hooks=(hook,))
+    classifier = Classifier("classifier.out_proj.weight", "classifier.out_proj.bias") if has_head else None
+    return PermutationSpec(groups=(residual_group, *groups), classifier=classifier, family="roberta",
+                           averaged=("classifier.out_proj.bias",) if has_head else (), inputs=("input_ids",))
