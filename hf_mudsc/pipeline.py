@@ -96,6 +96,9 @@ def merge(
 ) -> PreTrainedModel | None:
     """Merge two fine-tuned models of one architecture into one model, without training.
 
+    The options (everything but `models`, `calibration`, `progress`, `token` and `processor`) are declared with
+    their checks in `hf_mudsc.options.MergeOptions`, which also gives the CLI flags and recipe keys.
+
     Args:
         models: two parents of the same class and configuration: `PreTrainedModel`s, local folders,
             Hub ids `"org/name"` / `"org/name@revision"`, or `hf_mudsc.load.parents.LoadedParent`s.
@@ -109,11 +112,13 @@ def merge(
         matcher: `zip` or `align` for `mudsc` (the other methods fix their own).
         alpha: weight-similarity share of the dual-space similarity (MuDSC's balance factor).
         num_samples: calibration samples to use (all when None), chosen by a shuffle seeded with `seed`.
+        batch_size: calibration batch size (examples per forward pass: speed against memory).
         seed: seeds the calibration subset and the random group order of the solve sweeps.
         zip_decay, zip_budget: ZipIt's α (similarity decay after a fusion) and β (same-model budget).
         independent_heads: pair q/k heads and v heads separately, as the reference implementation does.
         reference_compat: reproduce the reference implementation's merged weights (its `+1e-5` merge
             normaliser and independent head pairing).
+        progress: show progress bars for calibration and the solve.
         token: Hub token for private parents/datasets (default: the usual places; never logged).
         allow_pickle: load parents that only have pickle (`pytorch_model.bin`) weights — only if trusted.
         image_column, text_column: raw calibration columns to preprocess (default `image`/`img`,

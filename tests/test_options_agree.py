@@ -170,3 +170,14 @@ def test_a_new_option_is_one_declaration_keywords_and_card(merged):
     assert merge_keyword_mismatch(DummyRecipe) == {"dummy_level"}
     card = str(render_card(merged, DummyRecipe(models=["org/a", "org/b"], calibration="c", dummy_level=7)))
     assert "| Seed | 0 |\n| Dummy level | 7 |\n| Solver sweeps |" in card
+
+
+def test_merge_docstring_documents_every_keyword():
+    """merge()'s docstring is written for Python users (its own words), but it must name every keyword."""
+    args = hf_mudsc.merge.__doc__.split("Args:", 1)[1].split("Returns:", 1)[0]
+    documented = {name.strip() for line in re.findall(r"^ {8}([a-z_, ]+):", args, flags=re.MULTILINE)
+                  for name in line.split(",")}
+    keywords = {name for name, parameter in inspect.signature(hf_mudsc.merge).parameters.items()
+                if parameter.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert keywords - documented == set()
+    assert documented - {"models", "calibration"} <= keywords
