@@ -1,4 +1,13 @@
-"""The merge options, checked in one place: `hf_mudsc.merge`, a recipe file and `hf-mudsc merge` all call this.
+"""Every merge option, declared once: `MergeOptions`, a dataclass whose fields carry their help and checks.
+
+Each field is one option: its name, type, default, help text, valid range (a check that raises one line naming the
+option and its flag), how its `hf-mudsc merge` flag looks, and where it goes — a keyword of `hf_mudsc.merge`, a key
+a recipe file may set (or one only the command line may set: where the result goes and whether to trust pickle),
+a key of the merged model's `config.mudsc`, a row of the model card's settings table. Everything else is derived
+from these fields (as transformers derives its CLI from `TrainingArguments`): the CLI flags (`hf_mudsc.cli.merge`),
+the recipe keys and their type checks (`hf_mudsc.publish.recipe.Recipe` is a `MergeOptions` plus the parents),
+`merge()`'s keyword checks and its recording, and the card's table. Adding an option is one field here (plus its
+use); `tests/test_options_agree.py` checks that every derived set agrees.
 
 A bad value must fail with one line naming the option and the fix before any weights are loaded or any data is
 read. The same option is a keyword argument in Python (`zip_budget=`) and a flag on the command line
@@ -9,20 +18,27 @@ This module imports nothing heavy (no torch), so the CLI can check options befor
 from __future__ import annotations
 
 import math
+import os
 import re
+from collections.abc import Callable, Mapping
+from dataclasses import Field, dataclass, field, fields
 from numbers import Integral, Real
 from typing import Any
 
 from hf_mudsc.errors import OptionError
+from hf_mudsc.solve.matcher_names import MATCHERS
 
-MATCHERS = ("align", "zip")
 STATISTICS_DTYPES = ("float32", "float64")
 # A batch this large would need tens of GB of activations for any real model; a typo (an extra 0) is likelier.
 MAX_BATCH_SIZE = 65536
 # torch.Generator.manual_seed takes at most an unsigned 64-bit integer.
 MAX_SEED = 2**64 - 1
-
-
+# The devices a merge can run on, by name; whether CUDA is really there is checked when the merge starts.
+DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?)$")
+# The recipe file written next to every merged model (`hf_mudsc.publish.recipe`); named here for the --output help.
+RECIPE_FILENAME = "mudsc_recipe.yaml"
+# Kinds of option values: how a value is type-checked (and converted to an argparse `type`).
+KINDS = ("int", "number", "str", "bool", "choice", "dtype", "device")
 
 
 def flag(name: str) -> str:
@@ -43,97 +59,369 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
-# option -> "int" | "number" | "choice" | "dtype"
-_KINDS = {
-    "method": "choice", "matcher": "choice", "alpha": "number", "num_samples": "int", "batch_size": "int",
-    "seed": "int", "zip_decay": "number", "zip_budget": "number", "statistics_dtype": "dtype", "device": "device",
-}
-OPTION_NAMES = tuple(_KINDS)
-NULLABLE_OPTIONS = frozenset({"num_samples", "device"})
-# The devices a merge can run on, by name; whether CUDA is really there is checked when the merge starts.
-DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?)$")
+# ---------------------------------------------------------------------------------------------------- declaration
 
 
-def check_type(name: str, value: Any) -> Any:
-    """`value` with the type option `name` needs (ints stay ints, numbers become floats); refuse anything else.
+@dataclass(frozen=True)
+class CardRow:
+    """Where an option shows in the model card's settings table: its row position, label and text.
 
-    Booleans are refused for numbers (`True` is an int to Python, never a meant batch size)."""
-    kind = _KINDS[name]
-    hint = f"{name} must be {{}} (CLI: {flag(name)}), got {value!r} ({type(value).__name__})"
-    if value is None and name in NULLABLE_OPTIONS:
-        return None
-    if kind == "int":
-        if not _is_int(value):
-            raise OptionError(hint.format("an int"))
-        return int(value)
-    if kind == "number":
-        if not _is_number(value):
-            raise OptionError(hint.format("a number"))
-        return float(value)
-    if kind == "device":
-        # A torch.device is accepted by its text without importing torch (`torch.device("cuda", 0)` -> "cuda:0").
-        if type(value).__module__ == "torch" and type(value).__name__ == "device":
-            return str(value)
-        if not isinstance(value, str):
-            raise OptionError(hint.format("a string like 'cpu' or 'cuda:0'"))
-        return value
-    if kind == "dtype":
-        # A torch dtype is accepted by name without importing torch (`torch.float32` -> "float32").
-        if type(value).__module__ == "torch" and type(value).__name__ == "dtype":
-            value = str(value).removeprefix("torch.")
+    `text(value, context)` gives the cell (None hides the row); options sharing a label share one row, their texts
+    joined by " / ". The value is the merged model's `config.mudsc` entry, else the recipe's (`source="merge"`),
+    only the former (`"config"`) or only the recipe's (`"recipe"`, as the card shows it). `context` holds what a
+    cell may need besides the value (see `hf_mudsc.publish.card.settings_rows`)."""
+
+    position: int
+    label: str
+    text: Callable[[Any, Mapping[str, Any]], str | None] = lambda value, context: str(value)
+    source: str = "merge"
+
+
+def option(
+    default: Any,
+    *,
+    help: str | Callable[[], str],
+    kind: str,
+    nullable: bool = False,
+    check: Callable[[str, Any, str], None] | None = None,
+    choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None,
+    metavar: str | None = None,
+    short: str | None = None,
+    show_default: bool = True,
+    keyword: bool = True,
+    check_keyword: bool = True,
+    recipe: bool = True,
+    destination: bool = False,
+    recorded: bool = False,
+    card: CardRow | None = None,
+) -> Any:
+    """A `MergeOptions` field: the option's default plus everything the derived places need (its metadata).
+
+    Args:
+        help: the `--help` text (a callable when it lists the registry); `show_default` appends "(default: X)".
+        kind: one of `KINDS`, how values are type-checked; `nullable`: None is a valid value.
+        check: `check(name, value, cli)` raises `OptionError` for a value out of range (`cli` = "(CLI: --flag)").
+        choices: the flag's argparse choices; metavar / short: the flag's metavar and short alias (`-o`).
+        keyword: a keyword argument of `hf_mudsc.merge` (not: `calibration`, its second positional argument,
+            and the destinations).
+        check_keyword: merge() checks the keyword with the others, up front; False = the stage that uses it
+            checks it (`device`: `resolve_device` knows torch devices and whether CUDA is there).
+        recipe: a recipe file may set it; False = only the command line may (a downloaded recipe must never
+            write over someone's folder or repo, or run a pickle, with nothing on the command line asking for it).
+        destination: says where the result goes, not what it is (the CLI and writer act on it, merge() never).
+        recorded: kept in the merged model's `config.mudsc` (the value the merge used).
+        card: its row in the model card's settings table.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown option kind {kind!r}; one of {KINDS}")
+    metadata = {"help": help, "kind": kind, "nullable": nullable or default is None, "check": check,
+                "choices": choices, "metavar": metavar, "short": short, "show_default": show_default,
+                "keyword": keyword, "check_keyword": check_keyword, "recipe": recipe, "destination": destination,
+                "recorded": recorded, "card": card}
+    return field(default=default, metadata=metadata)
+
+
+def _method_names() -> tuple[str, ...]:
+    from hf_mudsc.methods.registry import METHODS
+
+    return tuple(METHODS)
+
+
+def _method_help() -> str:
+    from hf_mudsc.methods.registry import METHODS
+
+    return "merge method: " + "; ".join(f"{m.name} = {m.pretty_name}" for m in METHODS.values())
+
+
+# ------------------------------------------------------------------------------------- range checks, one per option
+
+
+def _check_method(name: str, value: str, cli: str) -> None:
+    if value not in _method_names():
+        raise OptionError(f"unknown merge method {value!r}; choose one of: {', '.join(_method_names())} {cli}")
+
+
+def _check_matcher(name: str, value: str, cli: str) -> None:
+    if value not in MATCHERS:
+        raise OptionError(f"unknown matcher {value!r}; choose one of: {', '.join(MATCHERS)} {cli}")
+
+
+def _check_alpha(name: str, value: float, cli: str) -> None:
+    if not 0.0 <= value <= 1.0:  # NaN fails every comparison
+        raise OptionError(f"alpha must lie in [0, 1] {cli}, got {value}")
+
+
+def _check_zip_decay(name: str, value: float, cli: str) -> None:
+    # Fused similarities become min(x, y) * decay: 0 would erase them, > 1 would let fused units attract more.
+    if not 0.0 < value <= 1.0:
+        raise OptionError(f"zip_decay must lie in (0, 1] {cli}, got {value}")
+
+
+def _check_zip_budget(name: str, value: float, cli: str) -> None:
+    # Same-model budget int((n // 2) * budget): any finite factor >= 0 is meaningful (>= 2 means unlimited).
+    if not (math.isfinite(value) and value >= 0.0):
+        raise OptionError(f"zip_budget must be a finite number >= 0 {cli}, got {value}")
+
+
+def _check_batch_size(name: str, value: int, cli: str) -> None:
+    if value < 1:
+        raise OptionError(f"batch_size must be >= 1 {cli}, got {value}")
+    if value > MAX_BATCH_SIZE:
+        raise OptionError(f"batch_size {value} is absurdly large {cli}; the limit is {MAX_BATCH_SIZE} "
+                          "(a few dozen is plenty: statistics are sums over batches)")
+
+
+def _check_num_samples(name: str, value: int | None, cli: str) -> None:
+    if value is not None and value < 1:
+        raise OptionError(f"num_samples must be >= 1, or None for the whole split {cli}, got {value}")
+
+
+def _check_seed(name: str, value: int, cli: str) -> None:
+    if value < 0:
+        raise OptionError(f"seed must be >= 0 (CLI: {flag(name)}; torch generators take non-negative seeds), "
+                          f"got {value}")
+    if value > MAX_SEED:
+        raise OptionError(f"seed must be <= 2**64 - 1 {cli} (the largest seed of a torch generator), got {value}")
+
+
+def _check_device(name: str, value: str | None, cli: str) -> None:
+    if value is not None and not DEVICE_PATTERN.match(value):
+        raise OptionError(f"unknown device {value!r} {cli}; use 'cpu', 'cuda' or 'cuda:N'")
+
+
+def _check_statistics_dtype(name: str, value: str, cli: str) -> None:
+    if value not in STATISTICS_DTYPES:
+        raise OptionError(f"statistics_dtype must be one of {', '.join(STATISTICS_DTYPES)} {cli}, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------- card cells
+
+
+def _card_method(value: Any, context: Mapping[str, Any]) -> str:
+    method = context.get("method")
+    return f"`{value}`" + (f" — {method.description}" if method else "")
+
+
+def _card_zip(value: Any, context: Mapping[str, Any]) -> str | None:
+    return None if context["settings"].get("zip_decay") is None else str(value)
+
+
+def _card_calibration(value: Any, context: Mapping[str, Any]) -> str:
+    if not value:
+        return "none"
+    dataset = context.get("calibration_dataset")
+    return f"[{value}]({context['hub_url']}/datasets/{dataset})" if dataset else f"`{value}`"
+
+
+# ---------------------------------------------------------------------------------------------------- options
+
+
+@dataclass
+class MergeOptions:
+    """The options of a merge, each declared once (module docstring). Field names are `hf_mudsc.merge`'s keywords
+    and, with `-` for `_`, the `hf-mudsc merge` flags; a recipe file holds them as YAML keys."""
+
+    calibration: str | None = option(
+        None, kind="str", keyword=False, recorded=True, metavar="SPEC", show_default=False,
+        card=CardRow(5, "Calibration data", _card_calibration, source="recipe"),
+        help="calibration data for the activation statistics: `repo_or_path[:config]:split` — a Hub "
+        "dataset id (pin it like a parent: `org/ds@revision:split`; the recipe records the commit used), an "
+        "imagefolder or a data file (streamed), or a folder written by Dataset.save_to_disk; a split may carry "
+        "a slice (`train[:512]`). Needed by every method except weight_matching and average.")
+    method: str = option(
+        "mudsc", kind="choice", check=_check_method, choices=_method_names, help=_method_help, recorded=True,
+        card=CardRow(1, "Method", _card_method))
+    matcher: str = option(
+        "zip", kind="choice", check=_check_matcher, choices=MATCHERS, recorded=True,
+        card=CardRow(2, "Matcher", lambda value, context: value if value else "— (no unit matching)"),
+        help="how matched units are fused for method mudsc: zip (ZipIt greedy, may fuse units within one "
+        "model) or align (one permutation)")
+    alpha: float = option(
+        0.5, kind="number", check=_check_alpha, metavar="A", recorded=True,
+        card=CardRow(3, "Balance factor α (weight share)", lambda value, context: "—" if value is None else str(value)),
+        help="MuDSC balance factor: weight-space share of the similarity, in [0, 1]")
+    num_samples: int | None = option(
+        None, kind="int", check=_check_num_samples, metavar="N", show_default=False,
+        # The card shows the number of samples actually used (`config.mudsc["num_calibration_samples"]`).
+        card=CardRow(6, "Calibration samples", lambda value, context: str(context.get("num_samples") or 0)),
+        help="calibration samples to use (default: the whole split)")
+    batch_size: int = option(
+        32, kind="int", check=_check_batch_size, metavar="N", help="calibration batch size")
+    seed: int = option(
+        0, kind="int", check=_check_seed, metavar="N", recorded=True, card=CardRow(9, "Seed"),
+        help="seed of the calibration shuffle and the solver's group order")
+    zip_decay: float = option(
+        0.5, kind="number", check=_check_zip_decay, metavar="A", recorded=True,
+        card=CardRow(4, "Zip decay / budget", _card_zip, source="config"),
+        help="zip matcher: similarity decay after a fusion (ZipIt's alpha)")
+    zip_budget: float = option(
+        1.0, kind="number", check=_check_zip_budget, metavar="B", recorded=True,
+        card=CardRow(4, "Zip decay / budget", _card_zip, source="config"),
+        help="zip matcher: same-model fusion budget factor (ZipIt's beta)")
+    independent_heads: bool = option(
+        False, kind="bool", recorded=True,
+        card=CardRow(7, "Head pairing", lambda value, context: "independent per group (reference)" if value
+                     else "shared per attention block"),
+        help="pair q/k heads and v heads separately, as the reference implementation does")
+    reference_compat: bool = option(
+        False, kind="bool", recorded=True,
+        card=CardRow(8, "Reference-compatible weights", lambda value, context: "yes" if value else "no"),
+        help="reproduce the reference implementation's merged weights (its +1e-5 normaliser and "
+        "independent heads)")
+    statistics_dtype: str = option(
+        "float32", kind="dtype", check=_check_statistics_dtype, choices=STATISTICS_DTYPES, recorded=True,
+        help="precision of the calibration statistics: float32 multiplies each batch in float32 and sums "
+        "in float64 (about twice as fast on CPUs); float64 keeps every product in float64")
+    device: str | None = option(
+        None, kind="device", check=_check_device, metavar="DEVICE", show_default=False, check_keyword=False,
+        help="where the calibration forward passes run: cpu, cuda or cuda:N (default: cuda when available, "
+        "else cpu); the merged model is saved the same either way")
+    image_column: str | None = option(
+        None, kind="str", metavar="NAME", show_default=False,
+        help="image column of the calibration dataset (default: image or img)")
+    text_column: str | None = option(
+        None, kind="str", metavar="NAME", show_default=False,
+        help="text column of the calibration dataset (default: text or sentence)")
+    allow_pickle: bool = option(
+        False, kind="bool", recipe=False,
+        help="allow parents with pickle-only weights (pytorch_model.bin can run arbitrary code when loaded; "
+        "only for sources you trust)")
+    output: str | None = option(
+        None, kind="str", keyword=False, recipe=False, destination=True, metavar="DIR", short="-o",
+        show_default=False,
+        help="folder for the merged model (safetensors weights, processor, README.md card, "
+        f"{RECIPE_FILENAME}); must not exist unless --overwrite")
+    push_to_hub: str | None = option(
+        None, kind="str", keyword=False, recipe=False, destination=True, metavar="ORG/NAME", show_default=False,
+        help="also push the merged model, card and recipe to this Hub repo in one commit (refused if the "
+        "repo exists, unless --overwrite)")
+    private: bool = option(
+        False, kind="bool", keyword=False, recipe=False, destination=True,
+        help="create the --push-to-hub repo private")
+    overwrite: bool = option(
+        False, kind="bool", keyword=False, recipe=False, destination=True,
+        help="replace an existing --output folder (only one written by hf-mudsc) and an existing "
+        "--push-to-hub repo's files")
+
+    # ------------------------------------------------------------------ the declaration, read by the derived places
+    @classmethod
+    def option_fields(cls) -> tuple[Field, ...]:
+        """The options' fields, in declaration order (a subclass may add fields that are not options: no metadata)."""
+        return tuple(f for f in fields(cls) if "kind" in f.metadata)
+
+    @classmethod
+    def option_field(cls, name: str) -> Field:
+        for f in cls.option_fields():
+            if f.name == name:
+                return f
+        raise KeyError(f"{name!r} is not a merge option")
+
+    @classmethod
+    def names(cls, **where: Any) -> tuple[str, ...]:
+        """The option names whose metadata match `where` (e.g. `names(keyword=True)`, `names(recipe=False)`)."""
+        return tuple(f.name for f in cls.option_fields() if all(f.metadata[k] == v for k, v in where.items()))
+
+    @classmethod
+    def command_line_only(cls) -> dict[str, str]:
+        """The options only the command line may set, with how to pass them (`output` -> "--output DIR")."""
+        return {f.name: flag(f.name) + (f" {f.metadata['metavar']}" if f.metadata["metavar"] else "")
+                for f in cls.option_fields() if not f.metadata["recipe"]}
+
+    # ------------------------------------------------------------------ checks
+    @classmethod
+    def check_type(cls, name: str, value: Any) -> Any:
+        """`value` with the type option `name` needs (ints stay ints, numbers become floats); refuse anything else.
+
+        Booleans are refused for numbers (`True` is an int to Python, never a meant batch size)."""
+        meta = cls.option_field(name).metadata
+        kind = meta["kind"]
+        hint = f"{name} must be {{}} (CLI: {flag(name)}), got {value!r} ({type(value).__name__})"
+        if value is None and meta["nullable"]:
+            return None
+        if kind in ("str", "bool"):
+            if value is None:
+                raise OptionError(f"`{name}` cannot be null")
+            if kind == "str" and isinstance(value, os.PathLike):
+                return os.fspath(value)
+            expected = str if kind == "str" else bool
+            if not isinstance(value, expected):
+                raise OptionError(f"`{name}` must be {expected.__name__}, got {value!r} ({type(value).__name__})")
+            return value
+        if kind == "int":
+            if not _is_int(value):
+                raise OptionError(hint.format("an int"))
+            return int(value)
+        if kind == "number":
+            if not _is_number(value):
+                raise OptionError(hint.format("a number"))
+            return float(value)
+        if kind == "device":
+            # A torch.device is accepted by its text without importing torch (`torch.device("cuda", 0)` -> "cuda:0").
+            if type(value).__module__ == "torch" and type(value).__name__ == "device":
+                return str(value)
+            if not isinstance(value, str):
+                raise OptionError(hint.format("a string like 'cpu' or 'cuda:0'"))
+            return value
+        if kind == "dtype":
+            # A torch dtype is accepted by name without importing torch (`torch.float32` -> "float32").
+            if type(value).__module__ == "torch" and type(value).__name__ == "dtype":
+                value = str(value).removeprefix("torch.")
         if not isinstance(value, str):
             raise OptionError(hint.format("a string"))
         return value
-    if not isinstance(value, str):
-        raise OptionError(hint.format("a string"))
-    return value
+
+    @classmethod
+    def check(cls, name: str, value: Any) -> Any:
+        """Type and range of one option; returns the normalised value. Raises `OptionError`."""
+        value = cls.check_type(name, value)
+        check = cls.option_field(name).metadata["check"]
+        if check is not None:
+            check(name, value, f"(CLI: {flag(name)})")
+        return value
+
+    @classmethod
+    def check_all(cls, **options: Any) -> dict[str, Any]:
+        """Check every given option (type, then range); return them normalised. Raises `OptionError`."""
+        unknown = sorted(set(options) - set(cls.names()))
+        if unknown:
+            raise OptionError(f"unknown option(s) {unknown}; valid options are: {', '.join(cls.names())}")
+        return {name: cls.check(name, value) for name, value in options.items()}
+
+    @classmethod
+    def from_keywords(cls, **keywords: Any) -> MergeOptions:
+        """The options of a `hf_mudsc.merge` call from its keyword arguments, every one checked (the same checks as
+        a recipe and the CLI); keywords that are not merge() options are refused."""
+        unknown = sorted(set(keywords) - set(cls.names(keyword=True)))
+        if unknown:
+            raise OptionError(f"unknown keyword argument(s) {unknown}; merge() options are: "
+                              f"{', '.join(cls.names(keyword=True))}")
+        unchecked = {name for name in keywords if not cls.option_field(name).metadata["check_keyword"]}
+        checked = cls.check_all(**{name: value for name, value in keywords.items() if name not in unchecked})
+        return cls(**checked, **{name: keywords[name] for name in unchecked})
+
+    # ------------------------------------------------------------------ derived views
+    def values(self, **where: Any) -> dict[str, Any]:
+        """{name: value} of the options whose metadata match `where`, in declaration order."""
+        return {name: getattr(self, name) for name in self.names(**where)}
+
+    def keywords(self) -> dict[str, Any]:
+        """The keyword arguments of `hf_mudsc.merge` these options stand for."""
+        return self.values(keyword=True)
+
+
+# The names, kinds and checks of the options, for the callers that check one value at a time.
+OPTION_NAMES = MergeOptions.names()
+NULLABLE_OPTIONS = frozenset(f.name for f in MergeOptions.option_fields() if f.metadata["nullable"])
+
+
+def check_type(name: str, value: Any) -> Any:
+    """`MergeOptions.check_type`: the value with the type option `name` needs."""
+    return MergeOptions.check_type(name, value)
 
 
 def check_option(name: str, value: Any) -> Any:
     """Type and range of one option (see `check_options`); returns the normalised value."""
-    value = check_type(name, value)
-    cli = f"(CLI: {flag(name)})"
-    if name == "method":
-        from hf_mudsc.methods.registry import METHODS
-
-        if value not in METHODS:
-            raise OptionError(f"unknown merge method {value!r}; choose one of: {', '.join(METHODS)} {cli}")
-    elif name == "matcher":
-        if value not in MATCHERS:
-            raise OptionError(f"unknown matcher {value!r}; choose one of: {', '.join(MATCHERS)} {cli}")
-    elif name == "alpha":
-        if not 0.0 <= value <= 1.0:  # NaN fails every comparison
-            raise OptionError(f"alpha must lie in [0, 1] {cli}, got {value}")
-    elif name == "zip_decay":
-        # Fused similarities become min(x, y) * decay: 0 would erase them, > 1 would let fused units attract more.
-        if not 0.0 < value <= 1.0:
-            raise OptionError(f"zip_decay must lie in (0, 1] {cli}, got {value}")
-    elif name == "zip_budget":
-        # Same-model budget int((n // 2) * budget): any finite factor >= 0 is meaningful (>= 2 means unlimited).
-        if not (math.isfinite(value) and value >= 0.0):
-            raise OptionError(f"zip_budget must be a finite number >= 0 {cli}, got {value}")
-    elif name == "batch_size":
-        if value < 1:
-            raise OptionError(f"batch_size must be >= 1 {cli}, got {value}")
-        if value > MAX_BATCH_SIZE:
-            raise OptionError(f"batch_size {value} is absurdly large {cli}; the limit is {MAX_BATCH_SIZE} "
-                              "(a few dozen is plenty: statistics are sums over batches)")
-    elif name == "num_samples":
-        if value is not None and value < 1:
-            raise OptionError(f"num_samples must be >= 1, or None for the whole split {cli}, got {value}")
-    elif name == "seed":
-        if value < 0:
-            raise OptionError(f"seed must be >= 0 (CLI: {flag(name)}; torch generators take non-negative seeds), "
-                              f"got {value}")
-        if value > MAX_SEED:
-            raise OptionError(f"seed must be <= 2**64 - 1 {cli} (the largest seed of a torch generator), got {value}")
-    elif name == "device":
-        if value is not None and not DEVICE_PATTERN.match(value):
-            raise OptionError(f"unknown device {value!r} {cli}; use 'cpu', 'cuda' or 'cuda:N'")
-    elif name == "statistics_dtype":
-        if value not in STATISTICS_DTYPES:
-            raise OptionError(f"statistics_dtype must be one of {', '.join(STATISTICS_DTYPES)} {cli}, got {value!r}")
-    return value
+    return MergeOptions.check(name, value)
 
 
 def check_options(**options: Any) -> dict[str, Any]:
@@ -143,4 +431,4 @@ def check_options(**options: Any) -> dict[str, Any]:
     `zip_decay` in (0, 1], `zip_budget` finite >= 0, `batch_size` in [1, 65536], `num_samples` >= 1 or None,
     `seed` in [0, 2**64 - 1], `matcher`/`method`/`statistics_dtype` from their lists.
     """
-    return {name: check_option(name, value) for name, value in options.items()}
+    return MergeOptions.check_all(**options)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from hf_mudsc.errors import MergeInputError, OptionError
 from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_parents
 from hf_mudsc.load.references import display_name, parent_name, pinned_calibration, pinned_reference
 from hf_mudsc.methods.registry import MethodContext, get_method
-from hf_mudsc.options import check_options, option_hint
+from hf_mudsc.options import MergeOptions, option_hint
 from hf_mudsc.solve.matchers import Match
 from hf_mudsc.spec import PermutationSpec
 
@@ -91,6 +92,9 @@ def merge(
 ) -> PreTrainedModel | None:
     """Merge two fine-tuned models of one architecture into one model, without training.
 
+    The options (everything but `models`, `calibration`, `progress`, `token` and `processor`) are declared with
+    their checks in `hf_mudsc.options.MergeOptions`, which also gives the CLI flags and recipe keys.
+
     Args:
         models: two parents of the same class and configuration: `PreTrainedModel`s, local folders,
             Hub ids `"org/name"` / `"org/name@revision"`, or `hf_mudsc.load.parents.LoadedParent`s.
@@ -104,11 +108,13 @@ def merge(
         matcher: `zip` or `align` for `mudsc` (the other methods fix their own).
         alpha: weight-similarity share of the dual-space similarity (MuDSC's balance factor).
         num_samples: calibration samples to use (all when None), chosen by a shuffle seeded with `seed`.
+        batch_size: calibration batch size (examples per forward pass: speed against memory).
         seed: seeds the calibration subset and the random group order of the solve sweeps.
         zip_decay, zip_budget: ZipIt's α (similarity decay after a fusion) and β (same-model budget).
         independent_heads: pair q/k heads and v heads separately, as the reference implementation does.
         reference_compat: reproduce the reference implementation's merged weights (its `+1e-5` merge
             normaliser and independent head pairing).
+        progress: show progress bars for calibration and the solve.
         token: Hub token for private parents/datasets (default: the usual places; never logged).
         allow_pickle: load parents that only have pickle (`pytorch_model.bin`) weights — only if trusted.
         image_column, text_column: raw calibration columns to preprocess (default `image`/`img`,
@@ -134,14 +140,15 @@ def merge(
         every process computes its share of the calibration statistics; only the main process
         (`hf_mudsc.calibrate.distributed.is_main_process()`) solves and gets the model, the others get None.
     """
-    try:  # every option, before anything is loaded (the same checks as a recipe and the CLI)
-        checked = check_options(method=method, matcher=matcher, alpha=alpha, num_samples=num_samples,
-                                batch_size=batch_size, seed=seed, zip_decay=zip_decay, zip_budget=zip_budget,
-                                statistics_dtype=statistics_dtype)
+    # Every option, before anything is loaded (the same checks as a recipe and the CLI): the keyword arguments
+    # above that `MergeOptions` declares (tests/test_options_agree.py keeps the two lists equal).
+    keywords = {name: value for name, value in locals().items() if name in MergeOptions.names(keyword=True)}
+    try:
+        merge_options = MergeOptions.from_keywords(**keywords)
     except OptionError as error:
         raise MergeInputError(str(error)) from None
-    alpha, zip_decay, zip_budget, statistics_dtype = (checked[k] for k in ("alpha", "zip_decay", "zip_budget",
-                                                                          "statistics_dtype"))
+    alpha, zip_decay, zip_budget, statistics_dtype = (merge_options.alpha, merge_options.zip_decay,
+                                                      merge_options.zip_budget, merge_options.statistics_dtype)
     merge_method = get_method(method)
     if len(models) != merge_method.num_parents:
         raise MergeInputError(f"merge takes exactly two parents, got {len(models)}")
@@ -225,34 +232,28 @@ def merge(
             model_a.config, model_b.config, distinct_task_names(model_a.config, model_b.config)
         ).items():
             setattr(config, key, value)
+    # What the merge used, for each option declared `recorded` (an option the method does not use is None).
+    used = dataclasses.replace(
+        merge_options, calibration=calibration_name, matcher=used_matcher, alpha=report.alpha,
+        zip_decay=zip_decay if used_matcher == "zip" else None,
+        zip_budget=zip_budget if used_matcher == "zip" else None,
+        independent_heads=bool(independent_heads or reference_compat), reference_compat=bool(reference_compat),
+        statistics_dtype=statistics_dtype if merge_method.needs_calibration else None)
     config.mudsc = {
         "library": "hf_mudsc",
         "version": __version__,
-        "method": method,
-        "matcher": used_matcher,
-        "alpha": report.alpha,
+        **used.values(recorded=True),
         "parents": parent_names,
         "parent_revisions": [p.commit_sha for p in parents],
-        "zip_decay": zip_decay if used_matcher == "zip" else None,
-        "zip_budget": zip_budget if used_matcher == "zip" else None,
-        "independent_heads": bool(independent_heads or reference_compat),
-        "reference_compat": bool(reference_compat),
-        "seed": seed,
-        "calibration": calibration_name,
-        "statistics_dtype": statistics_dtype if merge_method.needs_calibration else None,
         "num_calibration_samples": report.num_samples,
         "group_match_values": {n: round(float(v), 6) for n, v in zip(report.group_names, report.group_values)},
     }
     config._name_or_path = ""
     merged = build_model(model_a, config, merged_params).to(run_device if device is not None else "cpu")
-    report.recipe = {
-        "models": [pinned_reference(p) for p in parents], "calibration": calibration_spec, "method": method,
-        "matcher": matcher, "alpha": float(alpha), "num_samples": num_samples, "batch_size": batch_size,
-        "seed": seed, "zip_decay": zip_decay, "zip_budget": zip_budget, "independent_heads": independent_heads,
-        "reference_compat": reference_compat, "statistics_dtype": statistics_dtype,
-        "image_column": image_column, "text_column": text_column,
-        "device": None if device is None else str(device),
-    }
+    # The recipe keys (every option a recipe file may set, as given), parents pinned.
+    given = dataclasses.replace(merge_options, calibration=calibration_spec,
+                                device=None if device is None else str(device))
+    report.recipe = {"models": [pinned_reference(p) for p in parents], **given.values(recipe=True)}
     report.processor = parents[0].processor
     merged.merge_report = report
     logger.info("merged %s and %s with %s", parent_names[0], parent_names[1], method)

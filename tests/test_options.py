@@ -37,6 +37,11 @@ BAD_TYPES = [
     ("alpha", "0.5", "alpha must be a number (CLI: --alpha), got '0.5' (str)"),
     ("zip_budget", None, "zip_budget must be a number (CLI: --zip-budget), got None (NoneType)"),
     ("matcher", "hungarian", "unknown matcher 'hungarian'; choose one of: align, zip (CLI: --matcher)"),
+    # Every declared keyword is checked by merge() too, not only the numeric ones.
+    ("independent_heads", "yes", "`independent_heads` must be bool, got 'yes' (str)"),
+    ("reference_compat", 1, "`reference_compat` must be bool, got 1 (int)"),
+    ("text_column", 3, "`text_column` must be str, got 3 (int)"),
+    ("image_column", ["img"], "`image_column` must be str, got ['img'] (list)"),
 ]
 
 

@@ -13,22 +13,39 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import Field
 from pathlib import Path
 from typing import Any
 
 from hf_mudsc.errors import RecipeError
-from hf_mudsc.methods.registry import METHODS
+from hf_mudsc.options import MergeOptions, flag
 from hf_mudsc.publish.folder import check_output
-from hf_mudsc.publish.recipe import MATCHERS, RECIPE_FILENAME, Recipe
-
-_DEFAULTS = Recipe()
+from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
 
 
-def _default(key: str) -> str:
-    return f"(default: {getattr(_DEFAULTS, key)})"
+def option_argument(option: Field) -> tuple[list[str], dict[str, Any]]:
+    """The `add_argument` flags and keywords of one declared option (`hf_mudsc.options.MergeOptions`).
+
+    Unset flags stay absent (`default=SUPPRESS`), so a recipe's keys are only overridden by given flags."""
+    meta = option.metadata
+    help_text = meta["help"]() if callable(meta["help"]) else meta["help"]
+    if meta["show_default"]:
+        help_text += f" (default: {option.default})"
+    kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
+    if meta["kind"] == "bool":
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif meta["kind"] in ("int", "number"):
+        kwargs["type"] = int if meta["kind"] == "int" else float
+    if meta["choices"] is not None:
+        choices = meta["choices"]
+        kwargs["choices"] = list(choices() if callable(choices) else choices)
+    if meta["metavar"] is not None:
+        kwargs["metavar"] = meta["metavar"]
+    return [flag(option.name), *([meta["short"]] if meta["short"] else [])], kwargs
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, options: type[MergeOptions] = Recipe) -> None:
+    """The `hf-mudsc merge` arguments: the parents, --recipe, one flag per declared option, --token."""
     S = argparse.SUPPRESS  # unset flags stay absent, so a recipe's keys are only overridden by given flags
     parser.add_argument(
         "models", nargs="*", metavar="MODEL", default=S,
@@ -38,80 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--recipe", metavar="YAML", default=S,
         help=f"run a recipe file (e.g. a {RECIPE_FILENAME} written next to a merged model); every other flag "
         "overrides the recipe's key of the same name")
-    parser.add_argument(
-        "--calibration", metavar="SPEC", default=S,
-        help="calibration data for the activation statistics: `repo_or_path[:config]:split` — a Hub "
-        "dataset id (pin it like a parent: `org/ds@revision:split`; the recipe records the commit used), an "
-        "imagefolder or a data file (streamed), or a folder written by Dataset.save_to_disk; a split may carry "
-        "a slice (`train[:512]`). Needed by every method except weight_matching and average.")
-    parser.add_argument(
-        "--output", "-o", metavar="DIR", default=S,
-        help="folder for the merged model (safetensors weights, processor, README.md card, "
-        f"{RECIPE_FILENAME}); must not exist unless --overwrite")
-    parser.add_argument(
-        "--method", choices=list(METHODS), default=S,
-        help="merge method: " + "; ".join(f"{m.name} = {m.pretty_name}" for m in METHODS.values())
-        + f" {_default('method')}")
-    parser.add_argument(
-        "--matcher", choices=MATCHERS, default=S,
-        help="how matched units are fused for method mudsc: zip (ZipIt greedy, may fuse units within one "
-        f"model) or align (one permutation) {_default('matcher')}")
-    parser.add_argument(
-        "--alpha", type=float, metavar="A", default=S,
-        help=f"MuDSC balance factor: weight-space share of the similarity, in [0, 1] {_default('alpha')}")
-    parser.add_argument(
-        "--num-samples", type=int, metavar="N", default=S,
-        help="calibration samples to use (default: the whole split)")
-    parser.add_argument(
-        "--batch-size", type=int, metavar="N", default=S,
-        help=f"calibration batch size {_default('batch_size')}")
-    parser.add_argument(
-        "--seed", type=int, metavar="N", default=S,
-        help=f"seed of the calibration shuffle and the solver's group order {_default('seed')}")
-    parser.add_argument(
-        "--zip-decay", type=float, metavar="A", default=S,
-        help=f"zip matcher: similarity decay after a fusion (ZipIt's alpha) {_default('zip_decay')}")
-    parser.add_argument(
-        "--zip-budget", type=float, metavar="B", default=S,
-        help=f"zip matcher: same-model fusion budget factor (ZipIt's beta) {_default('zip_budget')}")
-    parser.add_argument(
-        "--independent-heads", action=argparse.BooleanOptionalAction, default=S,
-        help="pair q/k heads and v heads separately, as the reference implementation does "
-        f"{_default('independent_heads')}")
-    parser.add_argument(
-        "--reference-compat", action=argparse.BooleanOptionalAction, default=S,
-        help="reproduce the reference implementation's merged weights (its +1e-5 normaliser and "
-        f"independent heads) {_default('reference_compat')}")
-    parser.add_argument(
-        "--statistics-dtype", choices=("float32", "float64"), default=S,
-        help="precision of the calibration statistics: float32 multiplies each batch in float32 and sums "
-        "in float64 (about twice as fast on CPUs); float64 keeps every product in float64 "
-        f"{_default('statistics_dtype')}")
-    parser.add_argument(
-        "--device", metavar="DEVICE", default=S,
-        help="where the calibration forward passes run: cpu, cuda or cuda:N (default: cuda when available, "
-        "else cpu); the merged model is saved the same either way")
-    parser.add_argument(
-        "--image-column", metavar="NAME", default=S,
-        help="image column of the calibration dataset (default: image or img)")
-    parser.add_argument(
-        "--text-column", metavar="NAME", default=S,
-        help="text column of the calibration dataset (default: text or sentence)")
-    parser.add_argument(
-        "--allow-pickle", action=argparse.BooleanOptionalAction, default=S,
-        help="allow parents with pickle-only weights (pytorch_model.bin can run arbitrary code when loaded; "
-        f"only for sources you trust) {_default('allow_pickle')}")
-    parser.add_argument(
-        "--push-to-hub", metavar="ORG/NAME", default=S,
-        help="also push the merged model, card and recipe to this Hub repo in one commit (refused if the "
-        "repo exists, unless --overwrite)")
-    parser.add_argument(
-        "--private", action=argparse.BooleanOptionalAction, default=S,
-        help=f"create the --push-to-hub repo private {_default('private')}")
-    parser.add_argument(
-        "--overwrite", action=argparse.BooleanOptionalAction, default=S,
-        help="replace an existing --output folder (only one written by hf-mudsc) and an existing "
-        f"--push-to-hub repo's files {_default('overwrite')}")
+    for option in options.option_fields():
+        flags, kwargs = option_argument(option)
+        parser.add_argument(*flags, **kwargs)
     parser.add_argument(
         "--token", metavar="TOKEN", default=S,
         help="Hub token for private parents and pushing (default: HF_TOKEN or the stored `hf auth login`; "
@@ -119,11 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "logged or written.")
 
 
-def build_recipe(args: argparse.Namespace) -> Recipe:
+def build_recipe(args: argparse.Namespace, recipe_class: type[Recipe] = Recipe) -> Recipe:
     """The recipe file (if any) with the given flags applied on top."""
     path = getattr(args, "recipe", None)
-    recipe = Recipe.load(path) if path else Recipe()
-    overrides = {k: v for k, v in vars(args).items() if k in Recipe.keys() and k != "models"}
+    recipe = recipe_class.load(path) if path else recipe_class()
+    overrides = {k: v for k, v in vars(args).items() if k in recipe_class.keys() and k != "models"}
     if getattr(args, "models", None):
         overrides["models"] = list(args.models)
     recipe = recipe.override(**overrides).validate()
@@ -197,9 +143,8 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
     parents = load_parents(recipe.models, token=token, allow_pickle=recipe.allow_pickle)
     import hf_mudsc
 
-    merged = hf_mudsc.merge(parents, calibration, **recipe.merge_options(), token=token,
-                            allow_pickle=recipe.allow_pickle, image_column=recipe.image_column,
-                            text_column=recipe.text_column, progress=sys.stderr.isatty())
+    merged = hf_mudsc.merge(parents, calibration, **recipe.keywords(), token=token,
+                            progress=sys.stderr.isatty())
     if merged is None or not main:  # a non-main process of a distributed run: rank 0 saves and publishes
         return {}
     if calibration is not None:  # merge() saw an opened dataset; the config names what the user passed

@@ -260,6 +260,10 @@ def render_card(
     local_names = [shown for shown, given in zip([*shown_models, shown_calibration],
                                                   [*recipe.models, recipe.calibration]) if shown != given]
     shown_recipe = recipe.override(models=shown_models, calibration=shown_calibration) if local_names else recipe
+    num_samples = mudsc.get("num_calibration_samples", getattr(report, "num_samples", None))
+    settings = settings_rows(mudsc, shown_recipe, {
+        "method": method, "hub_url": constants.ENDPOINT.rstrip("/"),
+        "calibration_dataset": calibration_dataset_id(recipe.calibration), "num_samples": num_samples})
     content = _environment(path.parent).get_template(path.name).render(
         card_data=data.to_yaml(),
         model_name=name,
@@ -281,7 +285,8 @@ def render_card(
         seed=mudsc.get("seed", recipe.seed),
         calibration=shown_calibration,
         calibration_dataset=calibration_dataset_id(recipe.calibration),
-        num_samples=mudsc.get("num_calibration_samples", getattr(report, "num_samples", None)),
+        num_samples=num_samples,
+        settings=settings,
         sweeps=getattr(report, "sweeps", None),
         group_values=group_values,
         task_label_ranges=task_ranges(model.config),
@@ -293,6 +298,28 @@ def render_card(
         version=mudsc.get("version", __version__),
     )
     return ModelCard(content)
+
+
+def settings_rows(mudsc: Mapping[str, Any], recipe: Recipe, context: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The card's settings table, (label, cell) per row: every option declared with a `card` row
+    (`hf_mudsc.options.CardRow`), in row order; options sharing a label share a row, a None cell hides it.
+
+    `mudsc`: the merged model's `config.mudsc` (what the merge used); `recipe`: the recipe as the card shows it."""
+    rows = sorted(((f.metadata["card"], f.name) for f in recipe.option_fields() if f.metadata["card"] is not None),
+                  key=lambda row: row[0].position)
+    values = {}
+    for row, name in rows:
+        if row.source == "recipe":
+            values[name] = getattr(recipe, name)
+        elif row.source == "config":
+            values[name] = mudsc.get(name)
+        else:
+            values[name] = mudsc.get(name, getattr(recipe, name))
+    context = {**context, "settings": values}
+    cells: dict[str, list[str | None]] = {}
+    for row, name in rows:
+        cells.setdefault(row.label, []).append(row.text(values[name], context))
+    return [(label, " / ".join(texts)) for label, texts in cells.items() if texts[0] is not None]
 
 
 def _environment(folder: Path) -> jinja2.Environment:

@@ -15,11 +15,12 @@ recipes never hold these keys. A token is never a recipe key.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +29,15 @@ import yaml
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import OptionError, RecipeError
 from hf_mudsc.options import MATCHERS as MATCHERS  # re-exported: the CLI's --matcher choices
-from hf_mudsc.options import OPTION_NAMES, check_options, check_type
+from hf_mudsc.options import RECIPE_FILENAME as RECIPE_FILENAME
+from hf_mudsc.options import MergeOptions
 
 logger = logging.getLogger(__name__)
 
-RECIPE_FILENAME = "mudsc_recipe.yaml"
 # Keys that say where the result goes, not what it is; not written next to a merged model.
-DESTINATION_KEYS = ("output", "push_to_hub", "private", "overwrite")
+DESTINATION_KEYS = MergeOptions.names(destination=True)
 # Keys only the command line may set (destinations and trust), with the flag to use instead.
-COMMAND_LINE_ONLY_KEYS = {"output": "--output DIR", "push_to_hub": "--push-to-hub ORG/NAME",
-                          "private": "--private", "overwrite": "--overwrite", "allow_pickle": "--allow-pickle"}
+COMMAND_LINE_ONLY_KEYS = MergeOptions.command_line_only()
 # Keys a recipe may carry for information only.
 INFO_KEYS = ("hf_mudsc_version",)
 
@@ -48,38 +48,18 @@ _HEADER = (
 )
 
 
-
-
 @dataclass
-class Recipe:
-    """What to merge and how. Field names are the `hf-mudsc merge` flags with `_` for `-`."""
+class Recipe(MergeOptions):
+    """What to merge and how: the parents plus every merge option (`hf_mudsc.options.MergeOptions`). Keys are the
+    `hf-mudsc merge` flags with `_` for `-`; `models` comes first in files."""
 
     models: list[str] = field(default_factory=list)
-    calibration: str | None = None
-    method: str = "mudsc"
-    matcher: str = "zip"
-    alpha: float = 0.5
-    num_samples: int | None = None
-    batch_size: int = 32
-    seed: int = 0
-    zip_decay: float = 0.5
-    zip_budget: float = 1.0
-    independent_heads: bool = False
-    reference_compat: bool = False
-    statistics_dtype: str = "float32"
-    device: str | None = None
-    image_column: str | None = None
-    text_column: str | None = None
-    allow_pickle: bool = False
-    output: str | None = None
-    push_to_hub: str | None = None
-    private: bool = False
-    overwrite: bool = False
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def keys(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
+        """Every key, as files order them: `models`, then the options in declaration order."""
+        return ["models", *cls.names()]
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "recipe") -> Recipe:
@@ -91,9 +71,9 @@ class Recipe:
             raise RecipeError(f"{source} must be a YAML mapping of keys to values, got {type(data).__name__}")
         unknown = sorted(set(data) - set(cls.keys()) - set(INFO_KEYS))
         if unknown:
-            valid = [k for k in cls.keys() if k not in COMMAND_LINE_ONLY_KEYS]
+            valid = [k for k in cls.keys() if k not in cls.command_line_only()]
             raise RecipeError(f"{source} has unknown key(s) {unknown}; valid keys are: {', '.join(valid)}")
-        for key, how in COMMAND_LINE_ONLY_KEYS.items():
+        for key, how in cls.command_line_only().items():
             if key not in data:
                 continue
             if data[key] not in (None, False):
@@ -102,8 +82,8 @@ class Recipe:
                     "instead and delete the key from the file"
                 )
             logger.info("%s: ignoring `%s: %s` (only the command line sets it)", source, key, data[key])
-        values = {k: _coerce(k, v, source) for k, v in data.items()
-                  if k not in INFO_KEYS and k not in COMMAND_LINE_ONLY_KEYS}
+        values = {k: cls.coerce(k, v, source) for k, v in data.items()
+                  if k not in INFO_KEYS and k not in cls.command_line_only()}
         recipe = cls(**values)
         return recipe
 
@@ -123,8 +103,20 @@ class Recipe:
         unknown = sorted(set(changes) - set(self.keys()))
         if unknown:
             raise RecipeError(f"unknown recipe key(s) {unknown}")
-        coerced = {k: _coerce(k, v, "command line") for k, v in changes.items()}
+        coerced = {k: self.coerce(k, v, "command line") for k, v in changes.items()}
         return dataclasses.replace(self, **coerced)
+
+    @classmethod
+    def coerce(cls, key: str, value: Any, source: str) -> Any:
+        """Check one value's type (YAML `0.5` is a float, `yes` a bool); paths become strings."""
+        if key == "models":
+            if isinstance(value, (str, os.PathLike)) or not isinstance(value, (list, tuple)):
+                raise RecipeError(f"{source}: `models` must be a list of two model references, got {value!r}")
+            return [os.fspath(v) if isinstance(v, os.PathLike) else _expect_str(key, v, source) for v in value]
+        try:
+            return cls.check_type(key, value)
+        except OptionError as error:
+            raise RecipeError(f"{source}: {error}") from None
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> Recipe:
@@ -137,7 +129,7 @@ class Recipe:
                 f"got {len(self.models)}: {self.models}"
             )
         try:
-            checked = check_options(**{k: v for k, v in self.merge_options().items() if k in OPTION_NAMES})
+            checked = self.check_all(**self.values())
         except OptionError as error:
             raise RecipeError(str(error)) from None
         for key, value in checked.items():
@@ -156,27 +148,15 @@ class Recipe:
 
     # ------------------------------------------------------------------ output
     def merge_options(self) -> dict[str, Any]:
-        """Keyword arguments of `hf_mudsc.merge` taken from this recipe."""
-        return {
-            "method": self.method,
-            "matcher": self.matcher,
-            "alpha": self.alpha,
-            "num_samples": self.num_samples,
-            "batch_size": self.batch_size,
-            "seed": self.seed,
-            "zip_decay": self.zip_decay,
-            "zip_budget": self.zip_budget,
-            "independent_heads": self.independent_heads,
-            "reference_compat": self.reference_compat,
-            "statistics_dtype": self.statistics_dtype,
-            "device": self.device,
-        }
+        """Keyword arguments of `hf_mudsc.merge` that a recipe file holds (`keywords()` adds `allow_pickle`, which
+        only the command line sets)."""
+        return self.values(keyword=True, recipe=True)
 
     def to_dict(self, *, reproducible: bool = False) -> dict[str, Any]:
         """All fields; `reproducible=True` (what files hold) leaves out `COMMAND_LINE_ONLY_KEYS` (module docstring)."""
-        data = dataclasses.asdict(self)
+        data = {key: copy.deepcopy(getattr(self, key)) for key in self.keys()}
         if reproducible:
-            for key in COMMAND_LINE_ONLY_KEYS:
+            for key in self.command_line_only():
                 data.pop(key)
             data = {"hf_mudsc_version": __version__, **data}
         return data
@@ -191,47 +171,6 @@ class Recipe:
         path = Path(path)
         path.write_text(self.to_yaml(reproducible=True, name=path.name), encoding="utf-8")
         return path
-
-
-# Types of the keys that are not merge options (those are typed by `hf_mudsc.options`).
-_TYPES: dict[str, tuple[type, ...]] = {
-    "calibration": (str,),
-    "independent_heads": (bool,),
-    "reference_compat": (bool,),
-    "image_column": (str,),
-    "text_column": (str,),
-    "allow_pickle": (bool,),
-    "output": (str,),
-    "push_to_hub": (str,),
-    "private": (bool,),
-    "overwrite": (bool,),
-}
-_NULLABLE = {"calibration", "image_column", "text_column", "output", "push_to_hub"}
-
-
-def _coerce(key: str, value: Any, source: str) -> Any:
-    """Check one value's type (YAML `0.5` is a float, `yes` a bool); paths become strings."""
-    if key == "models":
-        if isinstance(value, (str, os.PathLike)) or not isinstance(value, (list, tuple)):
-            raise RecipeError(f"{source}: `models` must be a list of two model references, got {value!r}")
-        return [os.fspath(v) if isinstance(v, os.PathLike) else _expect_str(key, v, source) for v in value]
-    if key in OPTION_NAMES:
-        try:
-            return check_type(key, value)
-        except OptionError as error:
-            raise RecipeError(f"{source}: {error}") from None
-    if value is None:
-        if key in _NULLABLE:
-            return None
-        raise RecipeError(f"{source}: `{key}` cannot be null")
-    if isinstance(value, os.PathLike):
-        value = os.fspath(value)
-    expected = _TYPES[key]
-    ok = isinstance(value, expected) and not (isinstance(value, bool) and bool not in expected)
-    if not ok:
-        names = " or ".join(t.__name__ for t in expected)
-        raise RecipeError(f"{source}: `{key}` must be {names}, got {value!r} ({type(value).__name__})")
-    return float(value) if float in expected else value
 
 
 def _expect_str(key: str, value: Any, source: str) -> str:

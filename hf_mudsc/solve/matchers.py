@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from hf_mudsc.solve.matcher_names import MATCHERS
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["MATCHERS", "Match", "attention_head_scores", "match", "pair_attention_heads", "zip_reference"]
 
-#: Valid values of ``match(..., matcher=...)``; ``num_heads > 1`` selects the group variant of each.
-MATCHERS: tuple[str, ...] = ("align", "zip")
 
 _NEG_INF = -np.inf
 
