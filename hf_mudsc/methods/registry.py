@@ -81,11 +81,6 @@ class MergeMethod:
     num_parents: int = 2
 
     @property
-    def uses_activations(self) -> bool:
-        """The name this requirement had before methods carried behaviour (recipes and scripts read it)."""
-        return self.needs_calibration
-
-    @property
     def matches_units(self) -> bool:
         """Whether the merge report's `matches` say which units were fused (False: no unit matching)."""
         return False

@@ -134,7 +134,7 @@ class Recipe(MergeOptions):
             raise RecipeError(str(error)) from None
         for key, value in checked.items():
             setattr(self, key, value)
-        if get_method(self.method).uses_activations and not self.calibration:
+        if get_method(self.method).needs_calibration and not self.calibration:
             raise RecipeError(
                 f"method {self.method!r} needs calibration data: pass --calibration "
                 "(a dataset spec `repo_or_path[@revision][:config]:split` or a saved dataset folder), "
