@@ -1,7 +1,7 @@
 """Which data scores which task, and the joint label space the tasks share.
 
 The tasks' classes lie one after the other in one **joint label space**, in the order of the merged model's
-`config.task_label_ranges` (A's classes, then B's — docs/design.md). A CLIP model has no head: its tasks and
+`config.task_label_ranges` (A's classes, then B's — docs/design.md §6). A CLIP model has no head: its tasks and
 their class names come from the data (or `class_names=`). Labels read from the data are mapped to each task's
 own class ids here.
 """
