@@ -9,7 +9,8 @@ from hf_mudsc._version import __version__
 
 if TYPE_CHECKING:
     from hf_mudsc.errors import MergeInputError
-    from hf_mudsc.evaluate.harness import EvaluationResult, evaluate_merge
+    from hf_mudsc.evaluate.harness import evaluate_merge
+    from hf_mudsc.evaluate.results import EvaluationResult
     from hf_mudsc.methods.registry import METHODS, MergeMethod, get_method, register_method
     from hf_mudsc.pipeline import MergeReport, from_pretrained, merge
     from hf_mudsc.publish.writer import push_merged, save_merged
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 # time) and evaluation also `datasets` and `evaluate`; `import hf_mudsc`, `hf-mudsc --help` and argument
 # errors need none of them. Name -> the module that defines it.
 _LAZY = {
-    "EvaluationResult": "hf_mudsc.evaluate.harness",
+    "EvaluationResult": "hf_mudsc.evaluate.results",
     "evaluate_merge": "hf_mudsc.evaluate.harness",
     "from_pretrained": "hf_mudsc.pipeline",
     "merge": "hf_mudsc.pipeline",

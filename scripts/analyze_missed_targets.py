@@ -3,7 +3,7 @@
 
 The quality benchmark (`scripts/benchmark_quality.py`) missed two targets on the toy ViTs (depth 2, 4 heads
 at every width); this script measures the mechanism behind each, on exactly the benchmark's parents and
-calibration data (its functions are imported, its cached models reused, `hf_mudsc.merge` called with the
+calibration data (its pair builders in `scripts/common.py`, its cached models reused, `hf_mudsc.merge` called with the
 same options and seed, so every merge here is the benchmark's merge):
 
 * `same_init` — same-init pairs (one ViT pretrained on all digits, two copies fine-tuned on a 5+5 split).
@@ -34,26 +34,21 @@ unit matches read here come from `merged.merge_report.matches`.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import functools
 import itertools
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import common
 import numpy as np
 import torch
 
-try:
-    import hf_mudsc
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import hf_mudsc
+import hf_mudsc
 from hf_mudsc.architectures import spec_for
 from hf_mudsc.calibrate.statistics import collect_statistics
 from hf_mudsc.evaluate.harness import evaluate_merge
@@ -90,26 +85,7 @@ START = "start (activation only)"
 MAX_ENUMERATED_HEADS = 8  # 8! = 40320 pairings per block
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def load_benchmark() -> Any:
-    """scripts/benchmark_quality.py as a module: its pair builders, cache layout and defaults rule."""
-    path = ROOT / "scripts" / "benchmark_quality.py"
-    spec = importlib.util.spec_from_file_location("benchmark_quality", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmark_quality"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def write_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=1)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+log = functools.partial(common.log, stream=sys.stderr)
 
 
 def kind_of(group_name: str) -> str:
@@ -399,7 +375,6 @@ def head_diversity(probs: torch.Tensor, values: torch.Tensor) -> float:
 
 
 def merge_and_score(
-    bench: Any,
     model_a: Any,
     model_b: Any,
     calibration: list[dict],
@@ -411,7 +386,7 @@ def merge_and_score(
         label: hf_mudsc.merge([model_a, model_b], calibration, batch_size=64, progress=False, **options)
         for label, options in methods
     }
-    tests = bench.digit_tasks(splits, "test")
+    tests = common.digit_tasks(splits, "test")
     result = evaluate_merge(merged, [model_a, model_b], tests, progress=False)
     tasks = list(tests)
     scores = {}
@@ -427,11 +402,11 @@ def merge_and_score(
 
 # ------------------------------------------------------------------------------------------------- pairs
 def run_same_init(
-    bench: Any, bargs: argparse.Namespace, width: int, index: int, classes: Any
+    bargs: argparse.Namespace, width: int, index: int, classes: Any
 ) -> dict[str, Any]:
-    model_a, model_b, splits, calibration = bench.same_init_pair(bargs, width, index, classes)
+    model_a, model_b, splits, calibration = common.same_init_pair(bargs, width, index, classes)
     names = [g.name for g in spec_for(model_a).groups]
-    merged, scores = merge_and_score(bench, model_a, model_b, calibration, splits, SAME_INIT_METHODS)
+    merged, scores = merge_and_score(model_a, model_b, calibration, splits, SAME_INIT_METHODS)
     rows: dict[str, Any] = {}
     for label, model in merged.items():
         matches = model.merge_report.matches
@@ -465,11 +440,11 @@ def run_same_init(
 
 
 def run_head_pairing(
-    bench: Any, bargs: argparse.Namespace, width: int, index: int, classes: Any
+    bargs: argparse.Namespace, width: int, index: int, classes: Any
 ) -> dict[str, Any]:
-    model_a, model_b, splits, calibration = bench.different_init_pair(bargs, width, index, classes)
+    model_a, model_b, splits, calibration = common.different_init_pair(bargs, width, index, classes)
     names = [g.name for g in spec_for(model_a).groups]
-    merged, scores = merge_and_score(bench, model_a, model_b, calibration, splits, HEAD_METHODS)
+    merged, scores = merge_and_score(model_a, model_b, calibration, splits, HEAD_METHODS)
     correlations = activation_correlations(model_a, model_b, calibration)
     start = block_head_scores(model_a, model_b, correlations, None, 0.0)
     pairings: dict[str, Any] = {
@@ -863,10 +838,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
-    bench = load_benchmark()
-    bench_argv = ["--splits", str(args.splits)] + (["--cache-dir", args.cache_dir] if args.cache_dir else [])
-    bargs = bench.parse_args(bench_argv)  # the benchmark's defaults: epochs, fine-tuning, calibration size
+    common.set_threads(args.threads)
+    # The benchmark's pair settings (epochs, fine-tuning, calibration size), only the cache may differ.
+    bargs = common.pair_settings(**({"cache_dir": args.cache_dir} if args.cache_dir else {}))
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "missed_targets.json"
@@ -885,7 +859,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         result["records"] = previous["records"]
         result["commands"] = [*previous.get("commands", [previous["command"]]), command.strip()]
     done = {(r["part"], r["width"], r["split"]) for r in result["records"]}
-    splits = bench.random_class_splits(args.splits)
+    splits = common.random_class_splits(args.splits)
     jobs = [
         ("head_pairing", w, i)
         for w in args.widths
@@ -905,7 +879,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         log(f"{part}: hidden {width}, split {index} {splits[index]}")
         start = time.perf_counter()
         runner = run_same_init if part == "same_init" else run_head_pairing
-        entry = runner(bench, bargs, width, index, splits[index])
+        entry = runner(bargs, width, index, splits[index])
         result["records"].append(
             {
                 "part": part,
@@ -917,11 +891,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             }
         )
         result["summary"] = summarise(result["records"])
-        write_json(json_path, result)
+        common.write_json(json_path, result)
         log(f"  done in {time.perf_counter() - start:.0f} s")
     result["summary"] = summarise(result["records"])
     result["seconds"] = round(time.perf_counter() - start_all, 1)
-    write_json(json_path, result)
+    common.write_json(json_path, result)
     text = markdown(result)
     (out / "missed_targets.md").write_text(text, encoding="utf-8")
     line: dict[str, Any] = {

@@ -15,19 +15,14 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
+import common  # noqa: F401 - finds the library of this checkout when it is not installed
 import numpy as np
 import torch
 
-try:
-    from hf_mudsc.solve.matchers import Match, match, zip_reference
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from hf_mudsc.solve.matchers import Match, match, zip_reference
+from hf_mudsc.solve.matchers import Match, match, zip_reference
 
 
 def planted_correlation(n: int, heads: int, samples: int, rng: np.random.Generator) -> torch.Tensor:

@@ -44,14 +44,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
+import common
 import torch
-
-try:
-    import hf_mudsc  # noqa: F401
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_mudsc.apply.build import build_model
 from hf_mudsc.apply.weights import apply_matches
@@ -328,7 +323,7 @@ def main() -> int:
     parser.add_argument("--child-gemm-dtype", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
-        torch.set_num_threads(args.threads)
+        common.set_threads(args.threads)
     if args.child_case:
         print(json.dumps(run_child(args)))
         return 0

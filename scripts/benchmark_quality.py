@@ -33,16 +33,11 @@ Trained models are cached under `--cache-dir` (default ~/.cache/hf_mudsc/bench).
 from __future__ import annotations
 
 import argparse
-import copy
-import hashlib
 import json
 import math
-import os
 import platform
-import random
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -50,15 +45,24 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from common import (
+    PAIR_DEFAULTS,
+    Classes,
+    cache_key,
+    different_init_pair,
+    digit_tasks,
+    finetune,
+    log,
+    random_class_splits,
+    same_init_pair,
+    save_model_atomically,
+    set_threads,
+    write_json,
+)
 
-try:
-    import hf_mudsc
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import hf_mudsc
-from hf_mudsc.evaluate.harness import TaskData, evaluate_merge
-from hf_mudsc.testing import toy
+import hf_mudsc
+from hf_mudsc.evaluate.harness import evaluate_merge
+from hf_mudsc.evaluate.tasks import TaskData
 
 ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -83,76 +87,6 @@ INDEPENDENT_HEADS = [(f"{label} indep-heads", {**options, "independent_heads": T
 BASE_METHODS: list[tuple[str, dict[str, Any]]] = [*REGISTRY_METHODS, *INDEPENDENT_HEADS]
 TUNED = ("mudsc align α-tuned", "mudsc zip α-tuned")
 SCENARIOS = ("different_init", "same_init", "bert_permuted")
-
-
-# ------------------------------------------------------------------------------------------- plumbing
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def cache_key(**params: Any) -> str:
-    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def save_model_atomically(model: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    model.save_pretrained(tmp)
-    try:
-        os.rename(tmp, path)
-    except OSError:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=1)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
-def finetune(
-    model: Any,
-    inputs: dict[str, torch.Tensor],
-    labels: torch.Tensor,
-    *,
-    seed: int,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    weight_decay: float = 0.01,
-    warmup: float = 0.1,
-) -> Any:
-    """AdamW with linear warm-up and cosine decay; deterministic for a seed (fixes the data order).
-
-    Element-wise optimiser, no dropout: fine-tuning a permuted copy gives the permuted fine-tuned model.
-    """
-    n = len(labels)
-    steps = epochs * math.ceil(n / batch_size)
-    warm = max(1, int(warmup * steps))
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=gen)
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            loss = F.cross_entropy(model(**{k: v[idx] for k, v in inputs.items()}).logits, labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------- merging
@@ -248,70 +182,6 @@ def score_pair(
 
 
 # -------------------------------------------------------------------------------------------- scenarios
-def random_class_splits(count: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """Split 0 is digits 0-4 / 5-9; the others are seeded random 5+5 partitions (distinct)."""
-    splits = [(tuple(range(5)), tuple(range(5, 10)))]
-    rng = random.Random(2024)
-    while len(splits) < count:
-        classes = list(range(10))
-        rng.shuffle(classes)
-        split = (tuple(sorted(classes[:5])), tuple(sorted(classes[5:])))
-        if split not in splits and split[::-1] not in splits:
-            splits.append(split)
-    return splits
-
-
-def digit_tasks(splits: toy.DigitSplits, attr: str) -> dict[str, TaskData]:
-    names = [f"digits {''.join(map(str, t.classes))}" for t in splits.tasks]
-    return {
-        name: TaskData(
-            (getattr(t, f"{attr}_pixel_values"), getattr(t, f"{attr}_labels")),
-            name="sklearn digits",
-            split=attr,
-        )
-        for name, t in zip(names, splits.tasks)
-    }
-
-
-def name_parents(model_a: Any, model_b: Any, splits: toy.DigitSplits) -> None:
-    """Task names of the merged head come from the parents' names."""
-    for model, task in zip((model_a, model_b), splits.tasks):
-        model.config._name_or_path = f"digits {''.join(map(str, task.classes))}"
-
-
-Classes = tuple[tuple[int, ...], tuple[int, ...]]
-
-
-def different_init_pair(args: argparse.Namespace, width: int, split_index: int, classes: Classes) -> tuple:
-    """(model A, model B, splits, calibration batches) of one different-init pair — also used by
-    scripts/analyze_missed_targets.py, so its merges are this benchmark's merges."""
-    pair = toy.trained_digit_pair(
-        classes[0],
-        classes[1],
-        seeds=(2 * split_index, 2 * split_index + 1),
-        hidden_size=width,
-        epochs=args.epochs,
-        image_size=16,
-        cache_dir=Path(args.cache_dir) / "vit",
-    )
-    return _named_pair(args, pair.model_a, pair.model_b, pair.splits)
-
-
-def same_init_pair(args: argparse.Namespace, width: int, split_index: int, classes: Classes) -> tuple:
-    """(model A, model B, splits, calibration batches): two fine-tunes of one ViT pretrained on all digits."""
-    pretrained = pretrained_all_digits(args, width)
-    splits = toy.digit_splits(classes[0], classes[1])
-    model_a = finetuned_copy(pretrained, splits.task_a, 10 + 2 * split_index, args, width, "a")
-    model_b = finetuned_copy(pretrained, splits.task_b, 11 + 2 * split_index, args, width, "b")
-    return _named_pair(args, model_a, model_b, splits)
-
-
-def _named_pair(args: argparse.Namespace, model_a: Any, model_b: Any, splits: Any) -> tuple:
-    name_parents(model_a, model_b, splits)
-    calibration = list(toy.digit_calibration_batches(splits, num_samples=args.num_samples, batch_size=64))
-    return model_a, model_b, splits, calibration
-
-
 def run_pair(args: argparse.Namespace, model_a: Any, model_b: Any, splits: Any, calibration: list) -> dict[str, Any]:
     merged, info = merge_all(model_a, model_b, calibration, args.alphas, BASE_METHODS)
     return score_pair(
@@ -326,62 +196,6 @@ def run_pair(args: argparse.Namespace, model_a: Any, model_b: Any, splits: Any, 
 
 def run_different_init(args: argparse.Namespace, width: int, split_index: int, classes: Classes) -> dict[str, Any]:
     return run_pair(args, *different_init_pair(args, width, split_index, classes))
-
-
-def pretrained_all_digits(args: argparse.Namespace, width: int) -> Any:
-    from transformers import ViTForImageClassification
-
-    splits = toy.digit_splits(range(10), range(10))  # one task = all ten digits (B is unused)
-    task = splits.task_a
-    path = (
-        Path(args.cache_dir) / "same_init" / f"pretrained-h{width}-{cache_key(w=width, e=args.epochs, v=1)}"
-    )
-    if (path / "config.json").is_file():
-        return ViTForImageClassification.from_pretrained(path, dtype=torch.float32).eval()
-    config = toy.tiny_vit_config(10, hidden_size=width, id2label=task.id2label)
-    model = toy.train_vit(config, task.train_pixel_values, task.train_labels, seed=100, epochs=args.epochs)
-    save_model_atomically(model, path)
-    return model
-
-
-def finetuned_copy(
-    pretrained: Any, task: toy.DigitTask, seed: int, args: argparse.Namespace, width: int, tag: str
-) -> Any:
-    from transformers import ViTForImageClassification
-
-    path = (
-        Path(args.cache_dir)
-        / "same_init"
-        / (
-            f"ft-h{width}-{''.join(map(str, task.classes))}-"
-            f"{cache_key(w=width, e=args.epochs, ft=args.ft_epochs, s=seed)}"
-        )
-    )
-    if (path / "config.json").is_file():
-        return ViTForImageClassification.from_pretrained(path, dtype=torch.float32).eval()
-    config = copy.deepcopy(pretrained.config)
-    config.num_labels = task.num_labels
-    config.id2label = task.id2label
-    config.label2id = {v: k for k, v in task.id2label.items()}
-    model = ViTForImageClassification(config)
-    state = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("classifier.")}
-    model.load_state_dict(state, strict=False)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        model.classifier.weight.normal_(0.0, 0.02, generator=gen)
-        model.classifier.bias.zero_()
-    with torch.random.fork_rng(devices=[]):
-        finetune(
-            model,
-            {"pixel_values": task.train_pixel_values},
-            task.train_labels,
-            seed=seed,
-            epochs=args.ft_epochs,
-            lr=5e-4,
-            batch_size=64,
-        )
-    save_model_atomically(model, path)
-    return model
 
 
 def run_same_init(args: argparse.Namespace, width: int, split_index: int, classes: Classes) -> dict[str, Any]:
@@ -871,16 +685,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, < 2 minutes")
     parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
     parser.add_argument(
-        "--widths", type=int, nargs="+", default=[64, 128, 256], help="different-init ViT widths"
+        "--widths", type=int, nargs="+", default=PAIR_DEFAULTS["widths"], help="different-init ViT widths"
     )
-    parser.add_argument("--same-init-widths", type=int, nargs="+", default=[64])
+    parser.add_argument("--same-init-widths", type=int, nargs="+", default=PAIR_DEFAULTS["same_init_widths"])
     parser.add_argument("--splits", type=int, default=5, help="random 5+5 class splits (pairs) per width")
-    parser.add_argument("--epochs", type=int, default=toy.DEFAULT_EPOCHS, help="ViT training epochs")
-    parser.add_argument("--ft-epochs", type=int, default=10, help="same-init fine-tuning epochs")
+    parser.add_argument("--epochs", type=int, default=PAIR_DEFAULTS["epochs"], help="ViT training epochs")
+    parser.add_argument("--ft-epochs", type=int, default=PAIR_DEFAULTS["ft_epochs"],
+                        help="same-init fine-tuning epochs")
     parser.add_argument(
         "--num-samples",
         type=int,
-        default=None,
+        default=PAIR_DEFAULTS["num_samples"],
         help="calibration images (default: every training image of both tasks)",
     )
     parser.add_argument("--bert-layers", type=int, default=6, help="MiniLM layers kept (6 = the whole model)")
@@ -888,10 +703,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--bert-samples", type=int, default=1024, help="calibration sentences")
     parser.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest)")
-    parser.add_argument(
-        "--cache-dir",
-        default=str(Path(os.environ.get("HF_MUDSC_CACHE", Path.home() / ".cache" / "hf_mudsc")) / "bench"),
-    )
+    parser.add_argument("--cache-dir", default=PAIR_DEFAULTS["cache_dir"])
     parser.add_argument("--out-dir", default="bench_results/quality")
     parser.add_argument(
         "--resume", action="store_true", help="keep the pairs already in OUT_DIR/quality.json"
@@ -922,7 +734,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # MiniLM's load reports (a new classifier, dropped layers) are expected: keep the log readable.
     transformers.logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "quality.json"

@@ -5,12 +5,12 @@ Three parent pairs, each merged with every method the demo uses plus the default
 switches, which take other code paths of the solver and apply step):
 
 * ``demo`` — the pair `hf-mudsc demo` trains (two digit ViTs from seeds 0/1, width 64), loaded through
-  `hf_mudsc.commands.demo.prepare_inputs` (so the demo's cache is reused), merged exactly as the demo
+  `hf_mudsc.cli.demo.prepare_inputs` (so the demo's cache is reused), merged exactly as the demo
   merges (its recipe, its calibration folder, 512 images), plus ``cli defaults``: the real
   `hf-mudsc merge A B --calibration DIR --output TMP` run in-process and the written folder read back.
 * ``different_init`` / ``same_init`` — the quality benchmark's first pair of each scenario (smallest
-  default width, class split 0), built by `scripts/benchmark_quality.py`'s `different_init_pair` /
-  `same_init_pair` and merged as its `merge_all` merges (calibration batches, `batch_size=64`), plus
+  default width, class split 0), built by `scripts/common.py`'s `different_init_pair` /
+  `same_init_pair` and merged as the benchmark's `merge_all` merges (calibration batches, `batch_size=64`), plus
   ``api defaults``: `hf_mudsc.merge([a, b], batches)` with no options.
 
 For every merge the digest covers the state_dict in sorted key order: each key, its shape and the bytes of
@@ -45,20 +45,15 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never reach for the Hub
 
+import common  # noqa: E402
 import torch  # noqa: E402
 
-SCRIPTS = Path(__file__).resolve().parent
-try:
-    import hf_mudsc
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, str(SCRIPTS.parent))
-    import hf_mudsc
+import hf_mudsc  # noqa: E402
 
 logger = logging.getLogger("merge_digests")
 
 FORMAT = 1
 CASES = ("demo", "different_init", "same_init")
-DEFAULT_CACHE = Path(os.environ.get("HF_MUDSC_CACHE", Path.home() / ".cache" / "hf_mudsc"))
 # Extra merges beyond the demo's methods: the reference switches exercise other solver/apply paths.
 EXTRA_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("mudsc (zip) independent_heads", {"method": "mudsc", "matcher": "zip", "independent_heads": True}),
@@ -122,7 +117,7 @@ def run_demo(cache_root: Path) -> dict[str, Any]:
     args = parser.parse_args(["--cache-dir", str(cache_root / "demo")])
     folder_a, folder_b, calibration, _ = demo.prepare_inputs(args)
     parents = load_parents([str(folder_a), str(folder_b)])
-    # The recipe `commands/demo.py` builds for its merges (same fields, same values).
+    # The recipe `hf_mudsc/cli/demo.py` builds for its merges (same fields, same values).
     recipe = Recipe(models=[str(folder_a), str(folder_b)], calibration=str(calibration), method="mudsc",
                     matcher="zip", alpha=float(args.alpha), num_samples=args.num_samples,
                     batch_size=demo.CALIBRATION_BATCH, seed=0)
@@ -142,22 +137,12 @@ def run_demo(cache_root: Path) -> dict[str, Any]:
     return {"parents": parents_record(parents[0].model, parents[1].model), "merges": merges}
 
 
-def benchmark_module() -> Any:
-    """scripts/benchmark_quality.py as a module (it lives next to this script)."""
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))
-    import benchmark_quality
-
-    return benchmark_quality
-
-
 def run_benchmark_pair(scenario: str, cache_root: Path) -> dict[str, Any]:
     """The quality benchmark's first pair of `scenario` (smallest default width, split 0), merged as it merges."""
-    bench = benchmark_module()
-    bargs = bench.parse_args(["--cache-dir", str(cache_root / "bench")])
+    bargs = common.pair_settings(cache_dir=str(cache_root / "bench"))
     width = min(bargs.widths if scenario == "different_init" else bargs.same_init_widths)
-    classes = bench.random_class_splits(1)[0]
-    build = bench.different_init_pair if scenario == "different_init" else bench.same_init_pair
+    classes = common.random_class_splits(1)[0]
+    build = common.different_init_pair if scenario == "different_init" else common.same_init_pair
     model_a, model_b, _, calibration = build(bargs, width, 0, classes)
     merges: dict[str, Any] = {}
     for label, options in [*demo_methods(), *EXTRA_OPTIONS]:
@@ -172,8 +157,7 @@ def compute(cases: Sequence[str], cache_root: Path, threads: int) -> dict[str, A
     """Every requested case; the library's own prints (training notices, CLI output) go to stderr."""
     import transformers
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    previous = common.set_threads(threads)
     start = time.perf_counter()
     result: dict[str, Any] = {
         "format": FORMAT,
@@ -236,21 +220,6 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Written whole or not at all (temporary sibling, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=1, sort_keys=False)
-            handle.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 # ------------------------------------------------------------------------------------------------- main
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -260,7 +229,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), help="which pairs to run")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default 1, or the baseline's with --check)")
-    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE),
+    parser.add_argument("--cache-dir", default=str(common.CACHE_ROOT),
                         help="root of the trained-parent caches (demo/ and bench/ below it)")
     return parser.parse_args(argv)
 
@@ -288,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     result = compute(args.cases, Path(args.cache_dir).expanduser(), threads)
     if args.out:
-        write_json(Path(args.out), result)
+        common.write_json(Path(args.out), result)
     line: dict[str, Any] = {
         "benchmark": "merge_digests",
         "seconds": result["seconds"],

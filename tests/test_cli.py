@@ -329,6 +329,8 @@ def test_the_merged_config_names_local_inputs_without_their_paths(merged_once, i
     (["--help"], 0, "merge"),
     (["--version"], 0, "hf-mudsc "),
     (["push", "--help"], 0, "ORG/NAME"),
+    (["evaluate", "--help"], 0, "eval_results.json"),
+    (["demo", "--help"], 0, "--output"),
     (["merge", "a", "b", "--alpha", "abc"], 2, "argument --alpha: invalid float value"),
     (["merge", "a", "b", "--zip-budget", "nan", "--calibration", "c", "-o", "o"], 2, "--zip-budget"),
     (["merge", "only-one", "--calibration", "c", "--output", "o"], 2, "exactly two parent models"),

@@ -20,7 +20,8 @@ from transformers import AutoModelForImageClassification, ViTImageProcessor
 from hf_mudsc.apply.classifier import task_ranges
 from hf_mudsc.cli.main import main
 from hf_mudsc.errors import EvaluationError
-from hf_mudsc.evaluate.harness import evaluate_merge, load_metric
+from hf_mudsc.evaluate.harness import evaluate_merge
+from hf_mudsc.evaluate.metrics import load_metric
 
 PROCESSOR = ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5])
 

@@ -26,15 +26,10 @@ from transformers.modeling_outputs import ImageClassifierOutput
 
 from hf_mudsc.cli.main import main
 from hf_mudsc.errors import EvaluationError
-from hf_mudsc.evaluate.harness import (
-    F1,
-    Accuracy,
-    EvaluationResult,
-    compute_metric,
-    evaluate_merge,
-    load_metric,
-    tasks_from_dataset,
-)
+from hf_mudsc.evaluate.harness import evaluate_merge
+from hf_mudsc.evaluate.metrics import F1, Accuracy, compute_metric, load_metric
+from hf_mudsc.evaluate.results import EvaluationResult
+from hf_mudsc.evaluate.tasks import tasks_from_dataset
 from hf_mudsc.publish.recipe import RECIPE_FILENAME
 
 
@@ -643,3 +638,11 @@ def test_demo_end_to_end_writes_model_card_recipe_and_prints_the_table(tmp_path,
         EvaluationResult.load(out / "eval_results.json").score("mudsc (zip)", "joint"),
         result.score("mudsc (zip)", "joint"),
     )
+
+
+def test_the_light_metric_names_are_the_shipped_metrics():
+    """`evaluate --help` lists the shipped metrics from a torch-free module; it must list exactly those."""
+    from hf_mudsc.evaluate.metrics import SHIPPED_METRICS
+    from hf_mudsc.evaluate.names import SHIPPED_METRIC_NAMES
+
+    assert SHIPPED_METRIC_NAMES == tuple(SHIPPED_METRICS) == ("accuracy", "f1")

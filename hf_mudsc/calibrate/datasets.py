@@ -350,7 +350,8 @@ class CalibrationStream:
         return f"CalibrationStream({self.source!r}, columns={columns}, {how}, rows={self.num_rows})"
 
 
-def _column_names(dataset: Any) -> list[str]:
+def column_names(dataset: Any) -> list[str]:
+    """A dataset's columns; shared with evaluation so both read streamed datasets the same way."""
     names = dataset.column_names
     if names is None:  # a streaming dataset whose features are unknown until read: peek at one row
         first = next(iter(dataset.take(1)), None)
@@ -533,7 +534,7 @@ def resolve_calibration(
     if source == "dataset":
         source = getattr(calibration.info, "dataset_name", None) or getattr(calibration.info, "builder_name", None) \
             or "dataset"
-    columns = _column_names(calibration)
+    columns = column_names(calibration)
     processor = _choose_processor(processors)
     if inputs is None:
         inputs = _infer_inputs(columns, image_processor_of(processor), tokenizer_of(processor),

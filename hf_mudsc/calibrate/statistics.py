@@ -52,7 +52,9 @@ def new_accumulators(spec: PermutationSpec, statistics_dtype: str | torch.dtype 
 
 
 
-def _as_tensor(value: Any) -> torch.Tensor | Any:
+def batch_column_as_tensor(value: Any) -> torch.Tensor | Any:
+    """A batch column as a tensor when it is numeric (tensors/arrays stacked), else unchanged (e.g. strings);
+    shared with evaluation so test batches are built like calibration batches."""
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, np.ndarray):
@@ -103,7 +105,7 @@ def iter_batches(
     for index, raw in enumerate(_raw_batches(calibration, batch_size, keep, required)):
         if index == 0:
             _check_columns(raw.keys(), required)
-        batch = {k: _as_tensor(v) for k, v in raw.items() if keep is None or k in keep}
+        batch = {k: batch_column_as_tensor(v) for k, v in raw.items() if keep is None or k in keep}
         size = _batch_size_of(batch)
         if num_samples is not None and seen + size > num_samples:
             batch = _truncate(batch, num_samples - seen)

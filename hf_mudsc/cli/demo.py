@@ -123,7 +123,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, output: Path) -> int:
     import hf_mudsc
-    from hf_mudsc.evaluate.harness import RESULTS_FILENAME, TaskData, evaluate_merge
+    from hf_mudsc.evaluate.harness import evaluate_merge
+    from hf_mudsc.evaluate.names import RESULTS_FILENAME
+    from hf_mudsc.evaluate.tasks import TaskData
     from hf_mudsc.load.parents import load_parents
     from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
     from hf_mudsc.publish.writer import write_merged_folder

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hf_mudsc.evaluate.harness import DEFAULT_PROMPT, RESULTS_FILENAME, SHIPPED_METRICS
+from hf_mudsc.evaluate.names import DEFAULT_PROMPT, RESULTS_FILENAME, SHIPPED_METRIC_NAMES
 from hf_mudsc.publish.folder import write_file_atomically
 from hf_mudsc.publish.hub import CARD_FILENAME
 
@@ -81,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parents.add_argument("--no-parents", action="store_true", help="score the merged model alone")
     parser.add_argument("--no-ensemble", action="store_true", help="do not score the two-parent ensemble")
     parser.add_argument("--metric", action="append", metavar="NAME",
-                        help=f"metric (repeatable; shipped, offline: {', '.join(SHIPPED_METRICS)}; any other "
+                        help=f"metric (repeatable; shipped, offline: {', '.join(SHIPPED_METRIC_NAMES)}; any other "
                         "name, folder or Space goes through evaluate.load, which runs its script: needs "
                         "--trust-remote-code) (default: accuracy)")
     parser.add_argument("--trust-remote-code", action="store_true",
@@ -142,7 +142,7 @@ def _datasets(
 ) -> dict[str, Any] | list[Any]:
     """The --dataset flags -> evaluate_merge's datasets_per_task (opened lazily: bad specs fail fast)."""
     from hf_mudsc.calibrate.datasets import DatasetSpec, load_calibration_dataset
-    from hf_mudsc.evaluate.harness import TaskData, tasks_from_dataset
+    from hf_mudsc.evaluate.tasks import TaskData, tasks_from_dataset
 
     parsed = [_split_task(v) for v in args.dataset]
     named = [task for task, _ in parsed if task]
@@ -211,10 +211,10 @@ def _is_hub_id(reference: str) -> bool:
 
 def _check_metrics(names: list[str], trust_remote_code: bool) -> None:
     """Metrics other than the shipped ones run a script: only with --trust-remote-code (before any loading)."""
-    foreign = [name for name in names if name not in SHIPPED_METRICS]
+    foreign = [name for name in names if name not in SHIPPED_METRIC_NAMES]
     if foreign and not trust_remote_code:
         raise ValueError(
-            f"metric {foreign[0]!r} is not shipped with hf-mudsc (shipped: {', '.join(SHIPPED_METRICS)}); "
+            f"metric {foreign[0]!r} is not shipped with hf-mudsc (shipped: {', '.join(SHIPPED_METRIC_NAMES)}); "
             "loading it runs its Python script: pass --trust-remote-code if you trust that code"
         )
 

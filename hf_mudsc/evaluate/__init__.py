@@ -1,1 +1,5 @@
-"""Evaluation of a merge: the merged model next to its parents and their ensemble, per task and jointly."""
+"""Evaluation of a merge: the merged model next to its parents and their ensemble, per task and jointly.
+
+`harness.evaluate_merge` runs the pipeline; `tasks` (which data scores which task, the joint label space),
+`batches` (test data), `scorers`, `metrics` and `results` each do one step; `names` holds the light constants.
+"""

@@ -381,10 +381,49 @@ def train_vit(
         raise ValueError(f"labels must lie in 0..{config.num_labels - 1} (config.num_labels)")
     if max_shift < 0:
         raise ValueError(f"max_shift must be >= 0, got {max_shift}")
-    pixel_values = pixel_values.to(torch.float32)
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ViTForImageClassification(config).to(torch.float32)
+        fit_classifier(model, {"pixel_values": pixel_values.to(torch.float32)}, labels, seed=seed, epochs=epochs,
+                       batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_fraction=warmup_fraction,
+                       max_shift=max_shift)
+    logger.info(
+        "trained ViT (hidden %d, %d layers, %d labels, seed %d) for %d epochs in %.1fs",
+        config.hidden_size,
+        config.num_hidden_layers,
+        config.num_labels,
+        seed,
+        epochs,
+        time.perf_counter() - start,
+    )
+    return model
+
+
+def fit_classifier(
+    model: Any,
+    inputs: dict[str, Tensor],
+    labels: Tensor,
+    *,
+    seed: int,
+    epochs: int,
+    batch_size: int = 64,
+    lr: float = 1.5e-3,
+    weight_decay: float = 0.05,
+    warmup_fraction: float = 0.1,
+    max_shift: int = 0,
+    decay_all: bool = False,
+) -> Any:
+    """Train a classifier in place on whole-tensor `inputs` (cross-entropy); the loop `train_vit` uses, also
+    for fine-tuning an existing model (the quality benchmark's same-init and MiniLM pairs).
+
+    Deterministic for a ``seed`` (it fixes the data order and the shifts); the caller's global RNG state is
+    left untouched. AdamW with linear warm-up and cosine decay; weight decay on the weight matrices only,
+    or on every parameter with ``decay_all``. ``max_shift`` translates `pixel_values` (see `train_vit`).
+    Returns the model in eval mode.
+    """
     labels = labels.to(torch.int64)
     background = float((0.0 - DIGITS_MEAN) / DIGITS_STD)
-
     n = len(labels)
     steps_per_epoch = math.ceil(n / batch_size)
     total_steps = epochs * steps_per_epoch
@@ -396,19 +435,17 @@ def train_vit(
         progress = (step - warmup) / max(1, total_steps - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = ViTForImageClassification(config).to(torch.float32)
         gen = torch.Generator().manual_seed(seed)
-        decay = [p for name, p in model.named_parameters() if p.ndim >= 2 and "embeddings" not in name]
-        no_decay = [
-            p for name, p in model.named_parameters() if not (p.ndim >= 2 and "embeddings" not in name)
-        ]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=lr,
-        )
+        if decay_all:
+            groups = [{"params": list(model.parameters()), "weight_decay": weight_decay}]
+        else:
+            decay = [p for name, p in model.named_parameters() if p.ndim >= 2 and "embeddings" not in name]
+            no_decay = [
+                p for name, p in model.named_parameters() if not (p.ndim >= 2 and "embeddings" not in name)
+            ]
+            groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         model.train()
         for epoch in range(epochs):
@@ -416,10 +453,10 @@ def train_vit(
             total_loss = 0.0
             for step in range(steps_per_epoch):
                 idx = order[step * batch_size : (step + 1) * batch_size]
-                batch = pixel_values[idx]
+                batch = {k: v[idx] for k, v in inputs.items()}
                 if max_shift > 0:
-                    batch = _random_shift(batch, max_shift, background, gen)
-                logits = model(pixel_values=batch).logits
+                    batch["pixel_values"] = _random_shift(batch["pixel_values"], max_shift, background, gen)
+                logits = model(**batch).logits
                 loss = F.cross_entropy(logits, labels[idx])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -427,17 +464,7 @@ def train_vit(
                 scheduler.step()
                 total_loss += loss.item() * len(idx)
             logger.debug("seed %d epoch %d/%d: loss %.4f", seed, epoch + 1, epochs, total_loss / n)
-    model.eval()
-    logger.info(
-        "trained ViT (hidden %d, %d layers, %d labels, seed %d) for %d epochs in %.1fs",
-        config.hidden_size,
-        config.num_hidden_layers,
-        config.num_labels,
-        seed,
-        epochs,
-        time.perf_counter() - start,
-    )
-    return model
+    return model.eval()
 
 
 @torch.no_grad()

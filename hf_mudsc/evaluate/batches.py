@@ -1,0 +1,126 @@
+"""Test data in batches: one process's shard of one task, as (model inputs, raw labels).
+
+Raw `image`/`text` columns are preprocessed exactly as calibration does (`resolve_calibration`), so a model
+sees the same inputs when it is merged and when it is scored; rows are never shuffled.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+
+from hf_mudsc.calibrate.statistics import batch_column_as_tensor
+from hf_mudsc.errors import EvaluationError
+from hf_mudsc.evaluate.names import LABEL_COLUMNS
+from hf_mudsc.evaluate.tasks import TaskData
+
+
+def _dataset_of(source: TaskData) -> Any:
+    data = source.data
+    if isinstance(data, (str, os.PathLike)):
+        from hf_mudsc.calibrate.datasets import load_calibration_dataset
+
+        return load_calibration_dataset(os.fspath(data))
+    return data
+
+
+def _select_rows(dataset: Any, source: TaskData, label_column: str, task_names: Sequence[str]) -> Any:
+    """Rows of this task only (task column or joint label range); nothing is written next to the data."""
+    def keep(row: Mapping[str, Any]) -> bool:
+        if source.task_column is not None:
+            index, name = source.task_value
+            value = row[source.task_column]
+            return value == name or (isinstance(value, (int, np.integer)) and int(value) == index)
+        lo, hi = source.label_range
+        label = row[label_column]
+        return isinstance(label, (int, np.integer)) and lo <= int(label) < hi
+
+    if source.task_column is None and source.label_range is None:
+        return dataset
+    columns = [c for c in (source.task_column, label_column) if c]
+    if isinstance(dataset, datasets.Dataset):
+        table = dataset.select_columns(columns)
+        mask = [keep(row) for row in table]
+        indices = np.flatnonzero(mask)
+        if source.task_column is not None and not len(indices):
+            values = sorted({str(v) for v in table[source.task_column][:1000]})
+            raise EvaluationError(
+                f"no row of task column {source.task_column!r} names task {source.task_value[1]!r} (or its "
+                f"index {source.task_value[0]}); values found: {values[:10]}; tasks: {list(task_names)}"
+            )
+        return dataset.select(indices, keep_in_memory=True)
+    return dataset.filter(keep)
+
+
+def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: int, num_samples: int | None,
+             processor: Any, image_column: str | None, text_column: str | None, model_config: Any,
+             rank: int, world: int, task_names: Sequence[str],
+             ) -> tuple[Iterator[tuple[dict, list]], int | None]:
+    """(model inputs, raw labels) batches of this process's shard of one task, and the row count if known."""
+    data = source.data
+    if isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data, str):
+        inputs, labels = data
+        inputs = dict(inputs) if isinstance(inputs, Mapping) else {main_input: inputs}
+        labels = labels.tolist() if hasattr(labels, "tolist") else list(labels)
+        count = len(labels)
+        for name, value in inputs.items():
+            if len(value) != count:
+                raise EvaluationError(f"task {task!r}: {len(value)} rows of {name!r} for {count} labels")
+        if num_samples is not None:
+            count = min(count, num_samples)
+        rows = list(range(rank, count, world))
+
+        def tensor_batches() -> Iterator[tuple[dict, list]]:
+            for start in range(0, len(rows), batch_size):
+                index = rows[start:start + batch_size]
+                yield ({k: torch.as_tensor(v)[index] for k, v in inputs.items()}, [labels[i] for i in index])
+
+        return tensor_batches(), len(rows)
+
+    dataset = _dataset_of(source)
+    if not isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)):
+        raise EvaluationError(
+            f"task {task!r}: evaluation data is a {type(dataset).__name__}; pass a datasets.Dataset or "
+            "IterableDataset, a dataset spec 'repo_or_path[:config]:split' or a tuple (inputs, labels)"
+        )
+    from hf_mudsc.calibrate.datasets import column_names, resolve_calibration
+
+    columns = column_names(dataset)
+    label_column = source.label_column or next((c for c in LABEL_COLUMNS if c in columns), None)
+    if label_column is None or label_column not in columns:
+        raise EvaluationError(
+            f"task {task!r}: no label column {source.label_column or ' or '.join(LABEL_COLUMNS)!r}; found "
+            f"columns {columns}. Name it with label_column= (CLI: --label-column)"
+        )
+    if source.task_column is not None and source.task_column not in columns:
+        raise EvaluationError(f"task column {source.task_column!r} is not a column; found columns {columns}")
+    stream = resolve_calibration(dataset, processor, image_column=image_column, text_column=text_column,
+                                 shuffle=False, inputs=(main_input,), model_config=model_config)
+    preprocess = stream.preprocess
+    kept = list(column_names(stream.dataset))
+    dataset = _select_rows(dataset, source, label_column, task_names)
+    if num_samples is not None:
+        dataset = (dataset.select(range(min(num_samples, len(dataset))), keep_in_memory=True)
+                   if isinstance(dataset, datasets.Dataset) else dataset.take(num_samples))
+    if world > 1:
+        from datasets.distributed import split_dataset_by_node
+
+        dataset = split_dataset_by_node(dataset, rank=rank, world_size=world)
+    count = len(dataset) if isinstance(dataset, datasets.Dataset) else None
+
+    def dataset_batches() -> Iterator[tuple[dict, list]]:
+        if isinstance(dataset, datasets.Dataset):
+            chunks = (dataset[s:s + batch_size] for s in range(0, len(dataset), batch_size))
+        else:
+            chunks = dataset.iter(batch_size=batch_size)
+        for rows in chunks:
+            inputs = preprocess(rows) if preprocess is not None else {c: batch_column_as_tensor(rows[c]) for c in kept}
+            labels = rows[label_column]
+            yield inputs, labels.tolist() if hasattr(labels, "tolist") else list(labels)
+
+    return dataset_batches(), count

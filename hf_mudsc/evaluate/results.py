@@ -1,0 +1,129 @@
+"""The result of an evaluation: scores by scorer, view and metric; its JSON file, markdown table and card rows."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hf_mudsc._version import __version__
+from hf_mudsc.errors import EvaluationError
+from hf_mudsc.evaluate.names import AVERAGE, ENSEMBLE, JOINT, MERGED, PARENT_NAMES
+
+
+@dataclass
+class EvaluationResult:
+    """Scores by scorer (`merged`…, `parent_a`, `parent_b`, `ensemble`), view (task, joint, average), metric.
+
+    `tasks` maps each task to its data description: `dataset`, `split`, `num_samples` and `label_range`
+    (its slice of the joint label space). Scores are fractions in [0, 1]. A missing entry means the view
+    is not defined for that scorer (e.g. parent A on task B).
+    """
+
+    metrics: list[str]
+    tasks: dict[str, dict[str, Any]]
+    scores: dict[str, dict[str, dict[str, float]]]
+    merged: list[str] = field(default_factory=list)
+    definitions: dict[str, str] = field(default_factory=dict)
+
+    def score(self, scorer: str, view: str, metric: str | None = None) -> float | None:
+        return self.scores.get(scorer, {}).get(view, {}).get(metric or self.metrics[0])
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "hf_mudsc_version": __version__,
+            "metrics": list(self.metrics),
+            "tasks": self.tasks,
+            "merged": list(self.merged),
+            "scores": self.scores,
+            "definitions": dict(self.definitions),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EvaluationResult:
+        return cls(metrics=list(data["metrics"]), tasks=dict(data["tasks"]), scores=dict(data["scores"]),
+                   merged=list(data.get("merged", [])), definitions=dict(data.get("definitions", {})))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the JSON atomically (temp file + rename: never a half-written file)."""
+        from hf_mudsc.publish.folder import write_file_atomically
+
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        return write_file_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> EvaluationResult:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    def card_rows(self, merged: str | None = None) -> list[Any]:
+        """`hf_mudsc.publish.card.EvalRow`s for `render_card(..., eval_results=...)`: per task and metric, plus joint.
+
+        `merged` picks which merged scorer fills the card's `model-index` (default: the first one).
+        """
+        from hf_mudsc.publish.card import EvalRow
+
+        merged = merged or (self.merged[0] if self.merged else MERGED)
+        if merged not in self.scores:
+            raise EvaluationError(f"no scores for {merged!r}; scored: {sorted(self.scores)}")
+        rows = []
+        for metric in self.metrics:
+            for view in [*self.tasks, JOINT]:
+                value = self.score(merged, view, metric)
+                if value is None:
+                    continue
+                info = self.tasks.get(view) or _joint_info(self.tasks)
+                task = view if view != JOINT else "joint (all tasks)"
+                rows.append(EvalRow(
+                    task=task,
+                    dataset=str(info.get("dataset") or "dataset"),
+                    split=str(info.get("split") or "test"),
+                    metric=metric,
+                    merged=value,
+                    parent_a=self.score(PARENT_NAMES[0], view, metric),
+                    parent_b=self.score(PARENT_NAMES[1], view, metric),
+                    ensemble=self.score(ENSEMBLE, view, metric),
+                ))
+        return rows
+
+    def table(self, metric: str | None = None, *, scorers: Sequence[str] | None = None,
+              labels: Mapping[str, str] | None = None) -> str:
+        """A markdown table: one row per scorer, columns = tasks, joint, average (`-`: not defined)."""
+        metric = metric or self.metrics[0]
+        views = [*self.tasks, JOINT, AVERAGE]
+        labels = dict(labels or {})
+        names = list(scorers or self.scores)
+        header = ["model", *views]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * len(views)]
+        for name in names:
+            cells = []
+            for view in views:
+                value = self.score(name, view, metric)
+                cells.append("-" if value is None else f"{value:.4f}")
+            lines.append("| " + " | ".join([labels.get(name, name), *cells]) + " |")
+        return "\n".join(lines)
+
+
+def _joint_info(tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    names = sorted({str(info.get("dataset")) for info in tasks.values() if info.get("dataset")})
+    splits = sorted({str(info.get("split")) for info in tasks.values() if info.get("split")})
+    return {"dataset": " + ".join(names) if names else "dataset",
+            "split": "+".join(splits) if splits else "test"}
+
+
+DEFINITIONS = {
+    "per_task": "argmax within the task's slice of the joint label space, on that task's data",
+    JOINT: "argmax over all classes of all tasks, on every task's data together",
+    AVERAGE: "mean of the per-task figures (only when a scorer has one for every task)",
+    "parent": "with different label sets a parent scores only its own classes: per task on its own task; "
+              "joint = a single-task model answering the joint test (right at most on its own task's share)",
+    ENSEMBLE: "both parents; different label sets: per-head softmax concatenated, argmax over the "
+              "concatenation; same label set: mean of the softmaxes",
+    "clip": "zero-shot: cosine similarity of image and class-prompt embeddings times logit_scale",
+}

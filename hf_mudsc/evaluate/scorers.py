@@ -1,0 +1,165 @@
+"""Scorers: each turns a batch into one score per joint class and sample.
+
+* **merged** models: their logits (a concatenated head is already in the joint space).
+* **parent A / B**: when the parents have different label sets, a parent scores only its own classes
+  (its slice holds its logits, every other class ``-inf``). It is scored per task on its own task only;
+  its joint figure is that of a single-task model answering the joint test — always one of its own
+  classes, so it is right at most on its own task's share of the samples. When the parents share one
+  label set, each parent is scored on every task.
+* **ensemble**: both parents run; different label sets: each head's softmax, concatenated (argmax over
+  the concatenation); one shared label set: the mean of the two softmaxes.
+* **CLIP** (no classifier): zero-shot. Each task names its classes; the text tower embeds prompts made
+  from the names (`prompt_template`, several templates are averaged), images are classified by cosine
+  similarity times `logit_scale`. Every CLIP (merged or parent) can score every task; the ensemble
+  averages the parents' softmaxes over all classes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from hf_mudsc.errors import EvaluationError
+from hf_mudsc.evaluate.names import ENSEMBLE, PARENT_NAMES
+from hf_mudsc.evaluate.tasks import LabelLayout
+
+
+def is_clip(model: Any) -> bool:
+    return hasattr(model, "get_text_features") and hasattr(model, "get_image_features")
+
+
+def _features(output: Any) -> torch.Tensor:
+    """`get_*_features` returns a tensor in transformers 4 and an output object (`.pooler_output`) in 5."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def _forward_kwargs(model: Any, batch: Mapping[str, Any]) -> dict[str, Any]:
+    from hf_mudsc.calibrate.statistics import forward_inputs
+
+    return forward_inputs(model, batch)
+
+
+class Scorer:
+    """Turns a batch into joint-space scores `(N, layout.size)`; `tasks`: where it has per-task figures."""
+
+    def __init__(self, name: str, tasks: Sequence[str]) -> None:
+        self.name = name
+        self.tasks = list(tasks)
+
+    def scores(self, batch: Mapping[str, Any], cache: dict[int, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _logits(model: Any, batch: Mapping[str, Any], cache: dict[int, torch.Tensor]) -> torch.Tensor:
+    """A classifier's logits for the batch, cached per model so the ensemble reuses the parents' pass."""
+    key = id(model)
+    if key not in cache:
+        cache[key] = model(**_forward_kwargs(model, batch)).logits.to(torch.float32)
+    return cache[key]
+
+
+class _ClassifierScorer(Scorer):
+    def __init__(self, name: str, model: Any, layout: LabelLayout, own: str | None) -> None:
+        super().__init__(name, list(layout.ranges) if own is None else [own])
+        self.model, self.layout, self.own = model, layout, own
+
+    def scores(self, batch: Mapping[str, Any], cache: dict[int, torch.Tensor]) -> torch.Tensor:
+        logits = _logits(self.model, batch, cache)
+        if self.own is None or self.layout.shared:
+            return logits
+        lo, hi = self.layout.ranges[self.own]
+        full = torch.full((logits.shape[0], self.layout.size), -math.inf)
+        full[:, lo:hi] = logits
+        return full
+
+
+class _ClassifierEnsemble(Scorer):
+    def __init__(self, parents: Sequence[Any], layout: LabelLayout) -> None:
+        super().__init__(ENSEMBLE, list(layout.ranges))
+        self.parents, self.layout = list(parents), layout
+
+    def scores(self, batch: Mapping[str, Any], cache: dict[int, torch.Tensor]) -> torch.Tensor:
+        probs = [_logits(p, batch, cache).softmax(-1) for p in self.parents]
+        if self.layout.shared:
+            return torch.stack(probs).mean(0)
+        full = torch.zeros((probs[0].shape[0], self.layout.size))
+        for (lo, hi), p in zip(self.layout.ranges.values(), probs):
+            full[:, lo:hi] = p
+        return full
+
+
+class _ClipScorer(Scorer):
+    """Zero-shot CLIP over all classes of all tasks; text embeddings computed once."""
+
+    def __init__(
+        self, name: str, model: Any, layout: LabelLayout, tokenizer: Any, templates: Sequence[str]
+    ) -> None:
+        super().__init__(name, list(layout.ranges))
+        self.model = model
+        classes = [c for names in layout.class_names.values() for c in names]
+        prompts_per_class = [[t.format(c) for t in templates] for c in classes]
+        flat = [p for prompts in prompts_per_class for p in prompts]
+        encoded = tokenizer(flat, padding=True, truncation=True, return_tensors="pt")
+        inputs = {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        with torch.no_grad():
+            embeds = _features(model.get_text_features(**inputs)).float()
+        embeds = torch.nn.functional.normalize(embeds, dim=-1)
+        embeds = embeds.view(len(prompts_per_class), len(templates), -1).mean(1)
+        self.text = torch.nn.functional.normalize(embeds, dim=-1)
+        self.scale = float(model.logit_scale.detach().exp()) if hasattr(model, "logit_scale") else 1.0
+
+    def scores(self, batch: Mapping[str, Any], cache: dict[int, torch.Tensor]) -> torch.Tensor:
+        key = id(self.model)
+        if key not in cache:
+            image = _features(self.model.get_image_features(pixel_values=batch["pixel_values"])).float()
+            cache[key] = self.scale * torch.nn.functional.normalize(image, dim=-1) @ self.text.T
+        return cache[key]
+
+
+class _ClipEnsemble(Scorer):
+    def __init__(self, parents: Sequence[_ClipScorer], tasks: Sequence[str]) -> None:
+        super().__init__(ENSEMBLE, tasks)
+        self.parents = list(parents)
+
+    def scores(self, batch: Mapping[str, Any], cache: dict[int, torch.Tensor]) -> torch.Tensor:
+        return torch.stack([p.scores(batch, cache).softmax(-1) for p in self.parents]).mean(0)
+
+
+def build_scorers(merged: Mapping[str, Any], parents: Sequence[Any], layout: LabelLayout, clip: bool, ensemble: bool,
+             processor: Any, prompt_template: str | Sequence[str]) -> list[Scorer]:
+    tasks = list(layout.ranges)
+    if clip:
+        from hf_mudsc.load.processors import tokenizer_of
+
+        tokenizer = tokenizer_of(processor)
+        if tokenizer is None:
+            raise EvaluationError(
+                "zero-shot CLIP evaluation needs a tokenizer for the class prompts: pass processor= (a "
+                "CLIPProcessor or tokenizer) or evaluate a folder that holds one"
+            )
+        templates = [prompt_template] if isinstance(prompt_template, str) else list(prompt_template)
+        if not templates or any("{}" not in t for t in templates):
+            raise EvaluationError(f"prompt templates need a '{{}}' for the class name, got {templates}")
+        merged_scorers: list[Scorer] = [
+            _ClipScorer(n, m, layout, tokenizer, templates) for n, m in merged.items()
+        ]
+        parent_scorers = [
+            _ClipScorer(n, m, layout, tokenizer, templates) for n, m in zip(PARENT_NAMES, parents)
+        ]
+        extra = [_ClipEnsemble(parent_scorers, tasks)] if ensemble and len(parent_scorers) == 2 else []
+        return [*parent_scorers, *extra, *merged_scorers]
+    for name, model in [*merged.items(), *zip(PARENT_NAMES, parents)]:
+        if not hasattr(model, "classifier") and "ForSequenceClassification" not in type(model).__name__ \
+                and "ForImageClassification" not in type(model).__name__:
+            raise EvaluationError(
+                f"{name} is a {type(model).__name__}, which has no classifier head; evaluate "
+                "*ForImageClassification / *ForSequenceClassification or CLIP models"
+            )
+    merged_scorers = [_ClassifierScorer(n, m, layout, None) for n, m in merged.items()]
+    parent_scorers = [_ClassifierScorer(n, m, layout, None if layout.shared else task)
+                      for n, m, task in zip(PARENT_NAMES, parents, tasks)]
+    extra = [_ClassifierEnsemble(parents, layout)] if ensemble and len(parents) == 2 else []
+    return [*parent_scorers, *extra, *merged_scorers]

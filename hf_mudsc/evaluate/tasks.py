@@ -1,0 +1,242 @@
+"""Which data scores which task, and the joint label space the tasks share.
+
+The tasks' classes lie one after the other in one **joint label space**, in the order of the merged model's
+`config.task_label_ranges` (A's classes, then B's — docs/design.md §6). A CLIP model has no head: its tasks and
+their class names come from the data (or `class_names=`). Labels read from the data are mapped to each task's
+own class ids here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import numpy as np
+
+from hf_mudsc.errors import EvaluationError
+from hf_mudsc.evaluate.names import AVERAGE, JOINT, LABEL_COLUMNS
+
+
+@dataclass
+class TaskData:
+    """One task's evaluation data and how to read its labels.
+
+    Attributes:
+        data: a `datasets.Dataset`/`IterableDataset` (model-input columns such as `pixel_values` or
+            `input_ids`, or raw `image`/`img`/`text`/`sentence` columns preprocessed with the processor),
+            a dataset spec `"repo_or_path[:config]:split"`, or a tuple `(inputs, labels)` of tensors
+            (inputs: a tensor for the model's main input, or a dict of tensors).
+        label_column: the label column (default: `label` or `labels`). Integer labels are the task's own
+            class ids `0..k-1`; string labels are class names of the task.
+        label_offset: subtracted from integer labels first (a dataset labelled in the joint label space).
+        task_column, task_value: keep only the rows whose `task_column` equals `task_value`.
+        label_range: keep only rows whose integer label lies in `[lo, hi)` (before the offset).
+        name, split: shown in the results and the model card.
+    """
+
+    data: Any
+    label_column: str | None = None
+    label_offset: int = 0
+    task_column: str | None = None
+    task_value: Any = None
+    label_range: tuple[int, int] | None = None
+    name: str | None = None
+    split: str | None = None
+
+
+def tasks_from_dataset(
+    data: Any,
+    task_names: Sequence[str],
+    task_ranges: Mapping[str, Sequence[int]] | None = None,
+    *,
+    task_column: str | None = None,
+    label_column: str | None = None,
+    name: str | None = None,
+    split: str | None = None,
+) -> dict[str, TaskData]:
+    """Split ONE dataset holding several tasks into `TaskData` per task.
+
+    With `task_column`, a row belongs to the task whose name (or index in `task_names`) the column holds,
+    and its label is that task's own class id or name. Without it, integer labels are ids of the joint label
+    space (the merged model's head, `task_ranges`), so the task is the range the label falls in.
+    """
+    if task_column is not None:
+        return {task: TaskData(data, label_column=label_column, task_column=task_column, task_value=(i, task),
+                               name=name, split=split) for i, task in enumerate(task_names)}
+    if not task_ranges:
+        raise EvaluationError(
+            "one dataset for several tasks needs either task_column= (a column naming each row's task) or a "
+            "merged model with config.task_label_ranges (labels in the joint label space)"
+        )
+    return {task: TaskData(data, label_column=label_column, label_offset=int(task_ranges[task][0]),
+                           label_range=(int(task_ranges[task][0]), int(task_ranges[task][1])), name=name,
+                           split=split) for task in task_names}
+
+
+def as_task_data(value: Any) -> TaskData:
+    if isinstance(value, TaskData):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return TaskData(os.fspath(value), name=os.fspath(value))
+    return TaskData(value)
+
+
+@dataclass
+class LabelLayout:
+    """The joint label space: task -> (lo, hi), in order; `shared` when all tasks use one label set."""
+
+    ranges: dict[str, tuple[int, int]]
+    shared: bool
+    class_names: dict[str, list[str]]
+
+    @property
+    def size(self) -> int:
+        return max(hi for _, hi in self.ranges.values())
+
+
+def _task_ranges_of(model: Any) -> dict[str, tuple[int, int]] | None:
+    """The task ranges in parent order (a loaded config lists them sorted by name), None without tasks."""
+    from hf_mudsc.apply.classifier import task_ranges
+
+    try:
+        return task_ranges(model.config) or None
+    except ValueError as error:
+        raise EvaluationError(str(error)) from None
+
+
+def _label_names(model: Any) -> list[str]:
+    id2label = getattr(model.config, "id2label", None) or {}
+    return [str(id2label[k]) for k in sorted(id2label, key=int)]
+
+
+def _strip_task(label: str, task: str) -> str:
+    prefix = f"{task}: "
+    return label[len(prefix):] if label.startswith(prefix) else label
+
+
+def classifier_layout(merged: Mapping[str, Any], parents: Sequence[Any], requested: Sequence[str] | None,
+                       count: int) -> LabelLayout:
+    reference_name, reference = next(iter(merged.items()))
+    ranges = _task_ranges_of(reference)
+    names = _label_names(reference)
+    for name, model in merged.items():
+        if _task_ranges_of(model) != ranges or len(_label_names(model)) != len(names):
+            raise EvaluationError(
+                f"merged models {reference_name!r} and {name!r} have different label layouts "
+                "(config.task_label_ranges); evaluate them separately"
+            )
+    if ranges is None:
+        if requested:
+            tasks = list(requested)
+        else:
+            tasks = ["test"] if count == 1 else [f"task_{i}" for i in range(count)]
+        layout = LabelLayout({t: (0, len(names)) for t in tasks}, shared=True,
+                         class_names={t: names for t in tasks})
+        for i, parent in enumerate(parents):
+            if _label_names(parent) != names:
+                raise EvaluationError(
+                    f"parent {'AB'[i]} has labels {_label_names(parent)[:6]}…, the merged model "
+                    f"{names[:6]}…; the merged model has one shared label set (no config.task_label_ranges), "
+                    "so the parents must too"
+                )
+        return layout
+    for task in ranges:
+        if task in (JOINT, AVERAGE):
+            raise EvaluationError(
+                f"a task may not be named {task!r} (a reserved view name); rename it in the config"
+            )
+    class_names = {t: [_strip_task(names[i], t) for i in range(lo, hi)] for t, (lo, hi) in ranges.items()}
+    if parents:
+        if len(parents) != len(ranges):
+            raise EvaluationError(
+                f"{len(parents)} parents for {len(ranges)} tasks {list(ranges)}; pass one per task"
+            )
+        for (task, (lo, hi)), parent, side in zip(ranges.items(), parents, "AB"):
+            width = len(_label_names(parent))
+            if width != hi - lo:
+                raise EvaluationError(
+                    f"parent {side} has {width} labels but task {task!r} has {hi - lo} in the merged model; "
+                    "pass the parents in the order they were merged (A first)"
+                )
+    return LabelLayout(dict(ranges), shared=False, class_names=class_names)
+
+
+def clip_layout(tasks: Sequence[str], sources: Mapping[str, TaskData],
+                 class_names: Mapping[str, Sequence[str]] | None) -> LabelLayout:
+    names: dict[str, list[str]] = {}
+    for task in tasks:
+        given = (class_names or {}).get(task)
+        if given is None:
+            given = _class_label_names(sources[task])
+        if not given:
+            raise EvaluationError(
+                f"zero-shot CLIP evaluation needs the class names of task {task!r}: pass "
+                f"class_names={{{task!r}: [...]}} (CLI: --class-names) or use a dataset whose label column "
+                "is a ClassLabel"
+            )
+        names[task] = [str(n) for n in given]
+    ranges, start = {}, 0
+    for task in tasks:
+        ranges[task] = (start, start + len(names[task]))
+        start += len(names[task])
+    return LabelLayout(ranges, shared=False, class_names=names)
+
+
+def _class_label_names(source: TaskData) -> list[str] | None:
+    data = source.data
+    features = getattr(data, "features", None)
+    if not features:
+        return None
+    column = source.label_column or next((c for c in LABEL_COLUMNS if c in features), None)
+    feature = features.get(column) if column else None
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+
+def local_labels(raw: Sequence[Any], source: TaskData, task: str, names: Sequence[str]) -> np.ndarray:
+    """Raw labels -> the task's own class ids (names looked up; joint ids shifted); range checked."""
+    out = np.empty(len(raw), dtype=np.int64)
+    lookup = None
+    for i, value in enumerate(raw):
+        if isinstance(value, str):
+            if lookup is None:
+                lookup = {n: j for j, n in enumerate(names)}
+            if value not in lookup:
+                raise EvaluationError(
+                    f"task {task!r}: label {value!r} is not one of its classes {list(names)}"
+                )
+            out[i] = lookup[value]
+        else:
+            out[i] = int(value) - source.label_offset
+    bad = out[(out < 0) | (out >= len(names))]
+    if len(bad):
+        raise EvaluationError(
+            f"task {task!r}: label {int(bad[0]) + source.label_offset} is outside its classes "
+            f"0..{len(names) - 1}; labels must be the task's own class ids (or names). For a dataset "
+            "labelled with the merged model's joint ids, pass it once without a task (tasks_from_dataset; "
+            "CLI: --dataset SPEC alone)"
+        )
+    return out
+
+
+def source_name(source: TaskData) -> str:
+    if source.name:
+        return source.name
+    data = source.data
+    if isinstance(data, (str, os.PathLike)):
+        from hf_mudsc.calibrate.datasets import DatasetSpec
+
+        return DatasetSpec.parse(os.fspath(data)).path
+    info = getattr(data, "info", None)
+    return str(getattr(info, "dataset_name", None) or getattr(info, "builder_name", None) or "dataset")
+
+
+def spec_split(source: TaskData) -> str | None:
+    if isinstance(source.data, (str, os.PathLike)):
+        from hf_mudsc.calibrate.datasets import DatasetSpec
+
+        return DatasetSpec.parse(os.fspath(source.data)).split
+    split = getattr(source.data, "split", None)
+    return str(split) if split else None

@@ -1,0 +1,118 @@
+"""The benchmark scripts share `scripts/common.py`: imported normally, no loading of each other by path."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_mudsc.testing import toy
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def test_no_script_loads_another_by_path_or_edits_sys_path():
+    """Only common.py may add the checkout to sys.path (when the library is not installed)."""
+    offenders = {}
+    for script in sorted(SCRIPTS.glob("*.py")):
+        text = script.read_text(encoding="utf-8")
+        found = re.findall(r"spec_from_file_location|sys\.path\.(?:insert|append)|import benchmark_quality", text)
+        if found and script.name != "common.py":
+            offenders[script.name] = found
+    assert offenders == {}
+
+
+def test_scripts_import_common_and_share_the_benchmark_pair_settings(tmp_path):
+    """As `python scripts/x.py` runs them (scripts/ first on sys.path): every script imports, and the pairs the
+    digests and the analysis build use exactly the quality benchmark's defaults."""
+    code = (
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(SCRIPTS)!r})\n"
+        "import common, benchmark_quality, merge_digests, analyze_missed_targets, bench_merge, bench_matchers\n"
+        "bench = benchmark_quality.parse_args([])\n"
+        "keys = sorted(common.PAIR_DEFAULTS)\n"
+        "print(json.dumps([{k: getattr(bench, k) for k in keys}, vars(common.pair_settings())]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    bench, common = json.loads(done.stdout.strip().splitlines()[-1])
+    assert bench == common
+    assert common["epochs"] == toy.DEFAULT_EPOCHS and common["ft_epochs"] == 10
+    assert common["cache_dir"].endswith("bench")
+
+
+def test_write_json_is_the_library_atomic_write(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import common
+
+    path = tmp_path / "out" / "result.json"
+    common.write_json(path, {"b": 1, "a": [1.5, "α"]})
+    assert path.read_text(encoding="utf-8") == '{\n "b": 1,\n "a": [\n  1.5,\n  "\\u03b1"\n ]\n}\n'
+
+    with pytest.raises(TypeError):
+        common.write_json(path, {"c": object()})  # not serialisable: the old file stays whole
+    assert json.loads(path.read_text(encoding="utf-8")) == {"b": 1, "a": [1.5, "α"]}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["result.json"]
+
+
+def test_benchmark_finetuning_is_the_toy_loop_with_decay_on_every_parameter(monkeypatch):
+    """`common.finetune` (the benchmark's same-init / MiniLM fine-tuning) runs `toy.fit_classifier`: the same
+    weights as the loop the benchmark used to carry (AdamW, one group, weight decay 0.01 on every parameter)."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import common
+
+    torch.manual_seed(0)
+    config = toy.tiny_vit_config(3, hidden_size=16, image_size=8)
+    base = toy.train_vit(config, torch.randn(24, 1, 8, 8), torch.arange(24) % 3, seed=1, epochs=1)
+    pixels, labels = torch.randn(40, 1, 8, 8), torch.arange(40) % 3
+
+    expected = _reference_finetune(_copy(base), pixels, labels, seed=5, epochs=2, lr=5e-4, batch_size=16)
+    state_before = torch.random.get_rng_state()
+    got = common.finetune(_copy(base), {"pixel_values": pixels}, labels, seed=5, epochs=2, lr=5e-4, batch_size=16)
+    assert torch.equal(torch.random.get_rng_state(), state_before)  # the caller's RNG is left alone
+    assert not got.training
+    for key, value in expected.state_dict().items():
+        assert torch.equal(got.state_dict()[key], value), key
+    assert not torch.equal(got.classifier.weight, base.classifier.weight)
+
+
+def _copy(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def _reference_finetune(model, pixels, labels, *, seed, epochs, lr, batch_size):
+    """The benchmark's former loop, written out: one AdamW group, linear warm-up (10 %), cosine decay."""
+    import math
+
+    import torch.nn.functional as F
+
+    steps = epochs * math.ceil(len(labels) / batch_size)
+    warm = max(1, int(0.1 * steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(labels), generator=gen)
+        for start in range(0, len(labels), batch_size):
+            idx = order[start:start + batch_size]
+            loss = F.cross_entropy(model(pixel_values=pixels[idx]).logits, labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    return model.eval()
