@@ -5,7 +5,8 @@ to tasks (`tasks`) -> build the scorers (`scorers`) -> run every task's test bat
 scorer, collecting predictions -> compute the metrics (`metrics`) -> an `EvaluationResult` (`results`).
 
 Every scorer produces one score per joint class and sample (the tasks' classes one after the other, in
-the order of the merged model's `config.task_label_ranges`: A's classes, then B's — docs/design.md §6); the views then read those scores:
+the order of the merged model's `config.task_label_ranges`: A's classes, then B's — docs/design.md §6);
+the views then read those scores:
 
 * **per-task** (view = the task's name): argmax within the task's slice, against the task's own label.
 * **joint** (view `joint`): argmax over all classes, on every task's test data together, against the
