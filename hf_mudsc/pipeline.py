@@ -51,9 +51,15 @@ class MergeReport:
     processor: Any = None
 
 
-def solve_spec(spec: PermutationSpec, concatenate_classifier: bool) -> PermutationSpec:
+def solve_spec(spec: PermutationSpec, concatenate_classifier: bool, *, reference_rows: bool = False
+               ) -> PermutationSpec:
     """The spec the solver matches with: the parents' spec, minus the classifier's weight similarity when the
     heads are concatenated.
+
+    `reference_rows` (with `reference_compat=True`, when both classifiers have as many rows): keep the
+    classifier in `C_w` as the reference implementation does for the paper's setting (task A = classes 0-4,
+    task B = classes 5-9: row `j` of A and of B are stacked although they are different classes), so that
+    its merged weights stay reproducible (docs/design.md §9).
 
     The classifier's columns are members of the residual (ViT) or pooler (BERT) group, and the weight
     similarity correlates each unit's row of `[Z_A; Z_B]` column by column — which assumes column `j` of A
@@ -62,7 +68,7 @@ def solve_spec(spec: PermutationSpec, concatenate_classifier: bool) -> Permutati
     is then left out of `C_w` of its group (activations still see the features it reads, and apply still
     maps its columns into the merged space). Same label sets keep it, exactly as before.
     """
-    if not concatenate_classifier or spec.classifier is None:
+    if not concatenate_classifier or spec.classifier is None or reference_rows:
         return spec
     return spec.without_weight_similarity([spec.classifier.weight])
 
@@ -210,7 +216,9 @@ def merge(
         _log_sample_count(num_samples, report.num_samples)
         correlations = correlations_from(accumulators)
     result = merge_method.merge_parameters(MethodContext(
-        spec=spec, solve_spec=solve_spec(spec, concatenate), params_a=params_a, params_b=params_b,
+        spec=spec, params_a=params_a, params_b=params_b,
+        solve_spec=solve_spec(spec, concatenate, reference_rows=reference_compat and spec.classifier is not None
+                              and params_a[spec.classifier.weight].shape == params_b[spec.classifier.weight].shape),
         correlations=correlations, concatenate_classifier=concatenate, matcher=matcher, alpha=float(alpha),
         zip_decay=zip_decay, zip_budget=zip_budget, independent_heads=independent_heads,
         reference_compat=reference_compat, seed=seed, device=str(run_device), progress=progress,

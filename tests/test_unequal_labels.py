@@ -6,6 +6,8 @@ known: a merge that finds the right units reproduces A's logits on A's slice and
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from factories import (
@@ -100,3 +102,28 @@ def test_concatenated_classifiers_take_no_part_in_the_weight_similarity(kind):
     assert body[0].keys() == body[1].keys()
     assert all(torch.equal(body[0][k], body[1][k]) for k in body[0]), "B's classifier rows steered the match"
     assert not torch.equal(classifier_params(merges[0])[0][3:], classifier_params(merges[1])[0][3:])
+
+
+@pytest.mark.parametrize("kind", ["vit_cls", "bert_cls"])
+def test_reference_compat_keeps_the_references_stacked_classifier_rows(kind):
+    """With `reference_compat=True` and two classifiers of equal size, the reference's rule holds: their rows
+    are stacked in the weight similarity even when the label sets differ (the paper's 0-4 / 5-9 setting), so the
+    merged body equals the body of the merge whose B carries A's label names (same solve, merged head)."""
+    a = make_model(kind, seed=0)
+    batches = make_batches(kind, num_batches=2)
+    b = with_new_head(make_model(kind, seed=1), 3, seed=5)
+    with torch.no_grad():
+        classifier_params(b)[0].mul_(100.0)  # loud enough to steer the match when it counts
+    same_names = copy.deepcopy(b)
+    same_names.config.id2label = dict(a.config.id2label)
+    same_names.config.label2id = dict(a.config.label2id)
+    options = dict(method="mudsc", matcher="align", reference_compat=True, progress=False)
+    concatenated = hf_mudsc.merge([a, b], batches, **options)
+    merged_head = hf_mudsc.merge([a, same_names], batches, **options)
+    assert classifier_params(concatenated)[0].shape[0] == 6 and classifier_params(merged_head)[0].shape[0] == 3
+    head = set(classifier_names(a))
+    body = [{k: v for k, v in m.state_dict().items() if k not in head} for m in (concatenated, merged_head)]
+    assert all(torch.equal(body[0][k], body[1][k]) for k in body[0])
+    default = hf_mudsc.merge([a, b], batches, method="mudsc", matcher="align", progress=False)
+    assert not all(torch.equal(default.state_dict()[k], body[0][k]) for k in body[0]), \
+        "the default should leave B's rows out and match differently here"
