@@ -41,6 +41,10 @@ class MergeReport:
     group_values: list[float] = field(default_factory=list)
     objective_history: list[float] = field(default_factory=list)
     sweeps: int = 0
+    # The solve's starts (docs/design.md §4.5): each start's final objective, in the order they ran, and the
+    # start whose solution was kept (`objective_history`, `sweeps` and `group_values` are that start's).
+    starts: dict[str, float] = field(default_factory=dict)
+    solve_start: str | None = None
     num_samples: int = 0
     # One Match per spec group (None for groups left unmatched, e.g. by `average`): which original units
     # of A and B were fused into each merged unit — what benchmarks and analyses of a merge need.
@@ -228,6 +232,8 @@ def merge(
     report.group_values = list(result.group_values)
     report.objective_history = list(result.objective_history)
     report.sweeps = result.sweeps
+    report.starts = dict(result.start_objectives)
+    report.solve_start = result.solve_start
     merged_params = result.parameters
 
     config = copy.deepcopy(model_a.config)
@@ -255,6 +261,8 @@ def merge(
         "parent_revisions": [p.commit_sha for p in parents],
         "num_calibration_samples": report.num_samples,
         "group_match_values": {n: round(float(v), 6) for n, v in zip(report.group_names, report.group_values)},
+        "solve_start": report.solve_start,
+        "start_objectives": {name: round(float(v), 6) for name, v in report.starts.items()},
     }
     config._name_or_path = ""
     merged = build_model(model_a, config, merged_params).to(run_device if device is not None else "cpu")

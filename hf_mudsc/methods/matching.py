@@ -30,11 +30,14 @@ class UnitMatchingMethod(MergeMethod):
     `matcher=None`: the user picks align or zip. `alpha=None`: the user's balance factor blends weight and
     activation similarity; a fixed `alpha` is 0.0 (activations only) or 1.0 (weights only). Without
     calibration (`needs_calibration=False`) no activation start exists and the similarity is the weights'.
+    `extra_starts`: starts refined besides the activation start (`hf_mudsc.solve.loop.STARTS`; docs/design.md
+    §4.5), dropped under `reference_compat`, which keeps the paper's single start.
     """
 
     matcher: str | None = None
     alpha: float | None = None
     iterate: bool = True
+    extra_starts: tuple[str, ...] = ()
 
     @property
     def uses_weights(self) -> bool:
@@ -68,6 +71,7 @@ class UnitMatchingMethod(MergeMethod):
             normalizer_eps=REFERENCE_NORMALIZER_EPS if context.reference_compat else 0.0,
             seed=context.seed,
             device=context.device,
+            extra_starts=() if context.reference_compat else self.extra_starts,
         )
         solver = Solver(context.solve_spec, context.params_a, context.params_b, context.correlations, options)
         result = solver.solve(progress=context.progress)
@@ -80,6 +84,8 @@ class UnitMatchingMethod(MergeMethod):
             group_values=result.group_values(),
             objective_history=result.objective_history,
             sweeps=result.sweeps,
+            solve_start=result.start,
+            start_objectives=dict(result.starts),
         )
 
 
@@ -88,8 +94,11 @@ MUDSC = register_method(UnitMatchingMethod(
     pretty_name="MuDSC (merging under dual-space constraints)",
     paper=PAPER_MUDSC,
     description="Units matched on alpha * weight correlation + (1 - alpha) * activation correlation, "
-    "started from the activation matching and refined by seeded coordinate sweeps.",
-    needs_calibration=True, iterate=True,
+    "refined by seeded coordinate sweeps from the activation matching (the paper's start), the weight matching "
+    "and the identity; the activation start's solution is kept unless another ends clearly higher.",
+    # weight_matching needs no extra start: its own start is the weight start, and on same-base parents it
+    # already ends at the identity (docs/research/quality_probe.md §1). zipit/activation_align do not iterate.
+    needs_calibration=True, iterate=True, extra_starts=("weight", "identity"),
 ))
 ZIPIT = register_method(UnitMatchingMethod(
     name="zipit",

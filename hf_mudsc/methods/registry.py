@@ -61,6 +61,10 @@ class MethodResult:
     group_values: list[float] = field(default_factory=list)
     objective_history: list[float] = field(default_factory=list)
     sweeps: int = 0
+    solve_start: str | None = None
+    """The start whose solution was kept (None: no solve)."""
+    start_objectives: dict[str, float] = field(default_factory=dict)
+    """Each start's final objective, in the order the starts ran."""
 
 
 @dataclass(frozen=True)

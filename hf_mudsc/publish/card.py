@@ -288,6 +288,8 @@ def render_card(
         num_samples=num_samples,
         settings=settings,
         sweeps=getattr(report, "sweeps", None),
+        start_objectives=mudsc.get("start_objectives") or getattr(report, "starts", None) or {},
+        solve_start=mudsc.get("solve_start", getattr(report, "solve_start", None)),
         group_values=group_values,
         task_label_ranges=task_ranges(model.config),
         num_labels=len(getattr(model.config, "id2label", None) or {}),

@@ -1,4 +1,8 @@
-"""The MuDSC solve loop (docs/design.md §4.2–4.5): activation start, then dual-space sweeps in a seeded random order.
+"""The MuDSC solve loop (docs/design.md §4.2–4.5): starts refined by dual-space sweeps in a seeded random order.
+
+The paper's solve has one start, the activation-only matching. The default adds two more (§4.5): the weight-only
+solve (Git Re-Basin's) and the identity (A_i <-> B_i). Each start is refined by the same sweeps; the activation
+start's solution is kept unless another start ends above it by more than `MULTISTART_MARGIN`.
 
 Architecture-free: it reads only the PermutationSpec, parameters and per-group activation correlations.
 """
@@ -7,7 +11,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -19,6 +24,33 @@ from hf_mudsc.solve.similarity import WeightCorrelation, blend
 from hf_mudsc.spec import PermutationSpec
 
 logger = logging.getLogger(__name__)
+
+#: The starts a solve may run, in the order they run (docs/design.md §4.5). A solve without activations
+#: (`weight_matching`) has no activation start: its own start is the weight-only solve, named "weight".
+STARTS = ("activation", "weight", "identity")
+#: How much higher (absolute, on the mean-similarity objective in [-1, 1]) another start's final objective must
+#: be to replace the activation start's solution. An internal constant, not an option: on different-init pairs the
+#: three starts end within 0.004 of each other — a plateau where the higher objective is noise and once cost 12.5
+#: points of joint accuracy — while on same-init pairs the weight/identity start wins by 0.08–0.33
+#: (docs/research/quality_probe.md §1, §7). Nothing in between was measured, so a user has no basis to tune it;
+#: `reference_compat=True` is the switch back to the paper's single start.
+MULTISTART_MARGIN = 0.01
+
+
+def choose_start(objectives: Mapping[str, float], *, keep: str = "activation",
+                 margin: float = MULTISTART_MARGIN) -> str:
+    """The start whose solution wins: `keep` unless another start's final objective exceeds it by more than
+    `margin`; then the highest such start (the earlier one in `objectives`' order on a tie).
+
+    A near-tie is kept on the paper's solution: the objective is flat across the starts' optima on unrelated
+    parents, so only a clear gain is evidence of a better merge. Without `keep` among the starts: the highest.
+    """
+    if not objectives:
+        raise ValueError("choose_start needs at least one start's objective")
+    best = max(objectives, key=lambda name: objectives[name])  # max() keeps the first of equal values
+    if keep not in objectives:
+        return best
+    return best if objectives[best] > objectives[keep] + margin else keep
 
 
 @dataclass(frozen=True)
@@ -36,18 +68,30 @@ class SolveOptions:
     seed: int = 0
     max_sweeps: int = 100
     patience: int = 5
+    # Starts refined besides the activation start, from STARTS (run in STARTS order); they need activations and
+    # are skipped when no sweeps run (`iterate=False` or `alpha=0`). Empty: the paper's single start.
+    extra_starts: tuple[str, ...] = ()
     # Where the weight-similarity Gram products run ("cpu", "cuda:0", ...); matching itself is on the CPU.
     device: str = "cpu"
 
 
 @dataclass
 class SolveResult:
+    """The winning start's matches, objective history and sweep count; `starts` holds every start's final
+    objective (in the order they ran) and `start` names the winner."""
+
     matches: list[Match]
     objective_history: list[float] = field(default_factory=list)
     sweeps: int = 0
+    start: str = "activation"
+    starts: dict[str, float] = field(default_factory=dict)
 
     def group_values(self) -> list[float]:
         return [m.value for m in self.matches]
+
+
+def _is_permutation(index: torch.Tensor) -> bool:
+    return torch.equal(torch.sort(index).values, torch.arange(index.numel(), device=index.device))
 
 
 class _State:
@@ -85,6 +129,12 @@ class Solver:
             raise ValueError("activation correlations are required for this method")
         if not 0.0 <= options.alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {options.alpha}")
+        unknown = sorted(set(options.extra_starts) - set(STARTS))
+        if unknown:
+            raise ValueError(f"unknown solve starts {unknown}; choose from {', '.join(STARTS)}")
+        if options.extra_starts and not options.use_activations:
+            raise ValueError("extra solve starts need activation correlations: without them the weight-only "
+                             "solve is the only start")
         self.spec = spec
         # Detached: similarity work must never build autograd graphs or touch the parents' tensors.
         params_a = {name: tensor.detach() for name, tensor in params_a.items()}
@@ -115,8 +165,12 @@ class Solver:
     def _weight(self, index: int, state: _State) -> torch.Tensor:
         return self.weight_correlation(index, state.maps)
 
-    def similarity(self, index: int, state: _State, *, activation_only: bool = False) -> torch.Tensor:
+    def similarity(self, index: int, state: _State, *, activation_only: bool = False,
+                   weight_only: bool = False) -> torch.Tensor:
+        """The similarity group `index` is matched on: the dual-space blend, or one of its two parts."""
         options = self.options
+        if weight_only:
+            return self._weight(index, state)
         activation = self.activations[index].to(torch.float64) if self.activations is not None else None
         if activation_only:
             return activation
@@ -131,11 +185,12 @@ class Solver:
         return weight.add_(activation, alpha=1 - options.alpha)
 
     # -- matching -------------------------------------------------------------------------------
-    def _match(self, index: int, similarity: torch.Tensor, head_pairing: Sequence[int] | None = None) -> Match:
+    def _match(self, index: int, similarity: torch.Tensor, head_pairing: Sequence[int] | None = None,
+               matcher: str | None = None) -> Match:
         group = self.spec.groups[index]
         return match(
             similarity,
-            matcher=self.options.matcher,
+            matcher=matcher or self.options.matcher,
             num_heads=group.num_heads,
             decay=self.options.zip_decay,
             budget=self.options.zip_budget,
@@ -143,30 +198,36 @@ class Solver:
             normalizer_eps=self.options.normalizer_eps,
         )
 
-    def visit(self, index: int, state: _State, *, activation_only: bool = False) -> None:
-        """Re-match one group (and, with shared heads, its head-tied partners on one head pairing)."""
+    def visit(self, index: int, state: _State, *, activation_only: bool = False, weight_only: bool = False) -> None:
+        """Re-match one group (and, with shared heads, its head-tied partners on one head pairing).
+
+        `weight_only`: on the weight similarity with the align matcher — a sweep of the weight start's solve."""
         members = self.tie_of.get(index)
+        matcher = "align" if weight_only else None
         key = None
         if not activation_only:
+            # The weight start's visits are cached apart: the same maps give another similarity and matcher.
+            slot = (weight_only, index)
             key = [state.maps[q] for q in self._neighbours[index]]
-            cached = self._visit_cache.get(index)
+            cached = self._visit_cache.get(slot)
             if cached is not None and all(a is b for a, b in zip(cached[0], key, strict=True)):
                 for m, found in zip(members or [index], cached[1]):
                     state.set(m, found)
                 return
+        similarity = partial(self.similarity, activation_only=activation_only, weight_only=weight_only)
         if members is None:
-            state.set(index, self._match(index, self.similarity(index, state, activation_only=activation_only)))
+            state.set(index, self._match(index, similarity(index, state), matcher=matcher))
         else:
             # Every similarity is computed from the state before this visit, then all tied groups move together.
-            similarities = {m: self.similarity(m, state, activation_only=activation_only) for m in members}
+            similarities = {m: similarity(m, state) for m in members}
             scores = sum(attention_head_scores(similarities[m], self.spec.groups[m].num_heads) for m in members)
             pairing = pair_attention_heads(np.asarray(scores))
             for m in members:
-                state.set(m, self._match(m, similarities[m], head_pairing=pairing))
+                state.set(m, self._match(m, similarities[m], head_pairing=pairing, matcher=matcher))
         if key is not None:
             result = [state.matches[m] for m in members or [index]]
             for m in members or [index]:
-                self._visit_cache[m] = (key, result)
+                self._visit_cache[(weight_only, m)] = (key, result)
 
     def _initial_state(self) -> _State:
         state = _State(len(self.spec.groups))
@@ -176,25 +237,63 @@ class Solver:
                     self.visit(index, state, activation_only=True)
         return state
 
-    def solve(self, *, progress: bool = False) -> SolveResult:
+    def _identity_state(self) -> _State:
+        """A_i <-> B_i in every group, heads unpermuted: a same-base pair's natural correspondence."""
+        state = _State(len(self.spec.groups))
+        weight = 1.0 / (2.0 + self.options.normalizer_eps)
+        for index, group in enumerate(self.spec.groups):
+            n = group.width
+            state.set(index, Match(
+                cluster_of=torch.arange(n).repeat(2), merge_weight=torch.full((2 * n,), weight, dtype=torch.float64),
+                num_merged=n, value=0.0,
+                head_pairing=tuple(range(group.num_heads)) if group.num_heads > 1 else None,
+            ))
+        return state
+
+    def _weight_state(self) -> _State:
+        """The weight-only align solve (what `weight_matching` does): no start, weight-only sweeps."""
+        state, _, _, _ = self._sweeps(_State(len(self.spec.groups)), candidate=False, weight_only=True)
+        return state
+
+    def _score(self, state: _State) -> float:
+        """Give every group of a permutation start its value under the blended similarity, given the whole start.
+
+        The value is the mean similarity of the matched (A, B) pairs — exactly what align reports for a
+        permutation, and what zip reports had it picked those pairs (n cross-model fusions of single units, so
+        no decay). The start then competes with the sweeps that follow it. Returns the objective L.
+        """
+        for index, found in enumerate(state.matches):
+            assert found is not None
+            n = found.num_merged
+            a_cluster, b_cluster = found.cluster_of[:n], found.cluster_of[n:]
+            if found.cluster_of.numel() != 2 * n or not (_is_permutation(a_cluster) and _is_permutation(b_cluster)):
+                raise ValueError(f"group {self.spec.groups[index].name!r}: only a permutation start can be scored")
+            b_unit = torch.argsort(b_cluster)  # the B unit in each merged unit
+            similarity = self.similarity(index, state)
+            value = float(similarity[torch.arange(n), n + b_unit[a_cluster]].mean())
+            state.set(index, replace(found, value=value))
+        return float(np.mean(state.values))
+
+    def _sweeps(self, state: _State, *, candidate: bool, weight_only: bool = False, progress: bool = False,
+                label: str = "solve") -> tuple[_State, float, list[float], int]:
+        """Refine `state` by sweeps (§4.5): a fresh generator seeded with `seed`, strict improvement, `patience`
+        consecutive stalls revert-and-stop, at most `max_sweeps`. `candidate`: the start itself competes (its
+        values already set); otherwise the first sweep is always accepted. Returns (best state, its objective,
+        the objective after each sweep, sweeps run)."""
         options = self.options
-        state = self._initial_state()
         groups = self.spec.groups
-        if not options.iterate or (options.use_activations and options.alpha == 0):
-            # Activation-only similarities never change, so sweeps would reproduce the start exactly.
-            return SolveResult(matches=list(state.matches), objective_history=[float(np.mean(state.values))])
         generator = torch.Generator().manual_seed(options.seed)
-        best: _State | None = None
-        best_objective = -float("inf")
+        best: _State | None = state.copy() if candidate else None
+        best_objective = float(np.mean(state.values)) if candidate else -float("inf")
         stalls = 0
         history: list[float] = []
         sweeps = 0
-        bar = tqdm(total=options.max_sweeps, desc="solve", unit="sweep", disable=not progress)
+        bar = tqdm(total=options.max_sweeps, desc=label, unit="sweep", disable=not progress)
         try:
             for _ in range(options.max_sweeps):
                 sweeps += 1
                 for index in torch.randperm(len(groups), generator=generator).tolist():
-                    self.visit(index, state)
+                    self.visit(index, state, weight_only=weight_only)
                 objective = float(np.mean(state.values))
                 history.append(objective)
                 bar.update(1)
@@ -209,6 +308,31 @@ class Solver:
                     best, best_objective = state.copy(), objective
         finally:
             bar.close()
-        logger.info("solve: %d sweeps, best objective %.6f", sweeps, best_objective)
         assert best is not None
-        return SolveResult(matches=list(best.matches), objective_history=history, sweeps=sweeps)
+        return best, best_objective, history, sweeps
+
+    def solve(self, *, progress: bool = False) -> SolveResult:
+        options = self.options
+        own = "activation" if options.use_activations else "weight"
+        state = self._initial_state()
+        if not options.iterate or (options.use_activations and options.alpha == 0):
+            # Activation-only similarities never change, so sweeps would reproduce the start exactly.
+            objective = float(np.mean(state.values))
+            return SolveResult(matches=list(state.matches), objective_history=[objective], start=own,
+                               starts={own: objective})
+        extra = [name for name in STARTS if name in options.extra_starts and name != own]
+        outcomes: dict[str, tuple[_State, float, list[float], int]] = {}
+        outcomes[own] = self._sweeps(state, candidate=False, progress=progress)
+        for name in extra:
+            start = self._weight_state() if name == "weight" else self._identity_state()
+            self._score(start)
+            outcomes[name] = self._sweeps(start, candidate=True, progress=progress, label=f"solve ({name} start)")
+        objectives = {name: outcome[1] for name, outcome in outcomes.items()}
+        chosen = choose_start(objectives, keep=own)
+        best, best_objective, history, sweeps = outcomes[chosen]
+        if len(outcomes) > 1:
+            logger.info("solve: start objectives %s; kept the %s start",
+                        ", ".join(f"{name} {value:.6f}" for name, value in objectives.items()), chosen)
+        logger.info("solve: %d sweeps, best objective %.6f", sweeps, best_objective)
+        return SolveResult(matches=list(best.matches), objective_history=history, sweeps=sweeps, start=chosen,
+                           starts=objectives)
