@@ -204,6 +204,18 @@ def test_refit_memory_does_not_grow_with_the_number_of_samples():
     assert small["vit.layers.0.mlp.fc1"].samples == 16 * 17  # every token of every image
 
 
+def test_refit_drops_padding_tokens_like_calibration():
+    model_a, model_b = make_model("bert_cls", seed=1), make_model("bert_cls", seed=2)
+    batches = make_batches("bert_cls", num_batches=2)
+    report = hf_mudsc.merge([model_a, model_b], batches, refit="ridge", progress=False).merge_report.refit
+    tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+    assert tokens < sum(batch["attention_mask"].numel() for batch in batches)  # there is padding to drop
+    samples = {fit.name: fit.samples for fit in report.layers}
+    assert samples == {**{f"bert.encoder.layer.{i}.{name}": tokens for i in range(2) for name in (
+        "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+        "intermediate.dense", "output.dense")}, "bert.pooler.dense": 32, "classifier": 32}
+
+
 # ------------------------------------------------------------------------------ the option end to end
 
 
@@ -228,6 +240,42 @@ def test_refit_option_reaches_config_recipe_cli_and_card(tmp_path):
     args = build_parser().parse_args(["merge", "a", "b", "--calibration", "c", "-o", "o", "--refit", "ridge",
                                       "--refit-lambda", "0.5"])
     assert (build_recipe(args).refit, build_recipe(args).refit_lambda) == ("ridge", 0.5)
+
+
+def test_cli_merge_with_refit_writes_it_to_config_recipe_and_card_and_the_recipe_reproduces_it(tmp_path):
+    import datasets
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+    from transformers import ViTImageProcessor
+
+    from hf_mudsc.cli.main import main
+
+    processor = ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5])
+    parents = []
+    for name, seed in (("vit-a", 1), ("vit-b", 2)):
+        make_model("vit_cls", seed).save_pretrained(tmp_path / name)
+        processor.save_pretrained(tmp_path / name)
+        parents.append(str(tmp_path / name))
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L") for _ in range(24)]
+    datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image()).save_to_disk(
+        tmp_path / "calibration")
+    out = tmp_path / "merged"
+    assert main(["merge", *parents, "--calibration", str(tmp_path / "calibration"), "--method", "average",
+                 "--refit", "ridge", "--refit-lambda", "0.01", "--batch-size", "8", "-o", str(out)]) == 0
+    config = yaml.safe_load((out / "config.json").read_text())["mudsc"]
+    assert (config["refit"], config["refit_lambda"]) == ("ridge", 0.01)
+    recipe = Recipe.load(out / "mudsc_recipe.yaml")
+    assert (recipe.refit, recipe.refit_lambda) == ("ridge", 0.01)
+    assert "| Refit / ridge λ (relative) | ridge / 0.01 |" in (out / "README.md").read_text()
+    again = tmp_path / "again"
+    assert main(["merge", "--recipe", str(out / "mudsc_recipe.yaml"), "-o", str(again)]) == 0
+    first, second = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    plain = tmp_path / "plain"
+    assert main(["merge", "--recipe", str(out / "mudsc_recipe.yaml"), "--refit", "none", "-o", str(plain)]) == 0
+    assert not torch.equal(load_file(plain / "model.safetensors")["classifier.weight"], first["classifier.weight"])
 
 
 def test_average_with_refit_uses_the_calibration_data():
@@ -261,6 +309,26 @@ def test_refit_refuses_a_one_shot_iterator_before_loading():
     batches = iter(make_batches("vit_cls", num_batches=1))
     with pytest.raises(MergeInputError, match=r"reads the calibration data once per layer step"):
         hf_mudsc.merge(MISSING, batches, refit="ridge")
+
+
+class ReadOnce:
+    """An iterable (not an iterator) that yields its batches only the first time: a stream that cannot be re-read."""
+
+    def __init__(self, batches: list[dict]) -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        batches, self.batches = self.batches, []
+        return iter(batches)
+
+
+def test_refit_refuses_calibration_data_that_cannot_be_read_again():
+    from hf_mudsc.errors import CalibrationError
+
+    model_a, model_b = make_model("vit_cls", seed=1), make_model("vit_cls", seed=2)
+    with pytest.raises(CalibrationError, match=r"^refit: the calibration data gave no samples when read again"):
+        hf_mudsc.merge([model_a, model_b], ReadOnce(make_batches("vit_cls", num_batches=1)), refit="ridge",
+                       progress=False)
 
 
 @pytest.mark.parametrize(("extra", "message"), [

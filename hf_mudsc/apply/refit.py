@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from hf_mudsc.calibrate.correlation import CLAMP
 from hf_mudsc.calibrate.statistics import forward_inputs
+from hf_mudsc.errors import CalibrationError
 from hf_mudsc.solve.maps import GroupMaps
 from hf_mudsc.solve.matchers import Match
 from hf_mudsc.solve.similarity import weight_features
@@ -39,6 +40,8 @@ logger = logging.getLogger(__name__)
 # matched heads are kept). Measured: same-init fine-tunes 0.94, different inits 0.20-0.22, a permuted copy 1.0.
 SHARED_BASIS_THRESHOLD = 0.5
 DEFAULT_LAMBDA = 1e-3
+_READ_AGAIN = ("the calibration data gave no samples when read again (the refit reads it once per layer step); "
+               "pass data that can be read more than once: a list of batches or a datasets.Dataset")
 
 
 @dataclass(frozen=True)
@@ -264,9 +267,11 @@ def refit_model(
             if target is not None:
                 model.to(target)
         with torch.no_grad():
-            first = next(iter(batches()), None)
-            if first is None or not layers:
+            if not layers:
                 return report
+            first = next(iter(batches()), None)
+            if first is None:
+                raise CalibrationError(f"refit: {_READ_AGAIN}")
             report.steps = forward_steps(merged, layers, _to(first, target))
             bar = tqdm(total=len(report.steps), desc="refit", unit="step", disable=not progress, dynamic_ncols=True)
             for step in report.steps:
@@ -283,6 +288,9 @@ def refit_model(
                         accumulators[name].update(_samples(inputs[name], mask),
                                                   _target(spec, maps, name, name == head and concatenate_classifier,
                                                           ys))
+                empty = [name for name in step if accumulators[name].samples == 0]
+                if empty:  # e.g. a stream that cannot be read twice: never leave a layer silently unfitted
+                    raise CalibrationError(f"refit: no samples for {', '.join(empty)}; {_READ_AGAIN}")
                 for name in step:
                     report.layers.append(_write(modules[name], name, accumulators[name], lambda_rel))
                 bar.update(1)
