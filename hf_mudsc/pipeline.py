@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 from hf_mudsc._version import __version__
 from hf_mudsc.apply.build import build_model
 from hf_mudsc.apply.classifier import concatenated_classifier_config, distinct_task_names, same_label_set
-from hf_mudsc.apply.refit import RefitReport
+from hf_mudsc.apply.refit import RefitReport, refit_model
 from hf_mudsc.architectures import spec_for
 from hf_mudsc.calibrate.correlation import correlations_from
 from hf_mudsc.calibrate.device import resolve_device
@@ -276,7 +276,6 @@ def merge(
     config._name_or_path = ""
     merged = build_model(model_a, config, merged_params)
     if refitting:
-        from hf_mudsc.apply.refit import refit_model
         from hf_mudsc.calibrate.statistics import iter_batches
 
         report.refit = refit_model(
@@ -285,6 +284,8 @@ def merge(
                                  columns=_input_columns(model_a), required=spec.inputs),
             concatenate_classifier=concatenate, lambda_rel=merge_options.refit_lambda, device=run_device,
             progress=progress)
+        if accumulators is None:  # a method without statistics: the refit's data is the calibration
+            merged.config.mudsc["num_calibration_samples"] = report.num_samples = report.refit.examples
     merged = merged.to(run_device if device is not None else "cpu")
     # The recipe keys (every option a recipe file may set, as given), parents pinned.
     given = dataclasses.replace(merge_options, calibration=calibration_spec,

@@ -284,6 +284,8 @@ def test_average_with_refit_uses_the_calibration_data():
     plain = hf_mudsc.merge([model_a, model_b], None, method="average", progress=False)
     refitted = hf_mudsc.merge([model_a, model_b], batches, method="average", refit="ridge", progress=False)
     assert len(refitted.merge_report.refit.layers) == 13
+    assert refitted.merge_report.refit.examples == 32
+    assert refitted.merge_report.num_samples == refitted.config.mudsc["num_calibration_samples"] == 32
     assert relative_error(model_output(refitted, batches[0]), model_output(plain, batches[0])) > 1e-2
 
 
@@ -369,6 +371,8 @@ def test_refit_lifts_a_different_init_merge_of_the_toy_digit_vits(tmp_path_facto
              "digits-5-9": (splits.task_b.test_pixel_values, splits.task_b.test_labels)}
     result = evaluate_merge(merged, [pair.model_a, pair.model_b], tests, progress=False)
     print("\n" + result.table())
+    print(f"refit: {len(report.layers)} layers in {len(report.steps)} steps, {report.seconds:.2f} s; "
+          f"shared-basis score {report.shared_basis:.3f}")
     assert result.score("ensemble", "joint") >= 0.7
     plain, refit = result.score("plain", "joint"), result.score("refit", "joint")
     assert refit >= plain + 0.15, f"joint with refit {refit:.3f} vs without {plain:.3f}"

@@ -64,6 +64,8 @@ class RefitReport:
     layers: list[LayerFit] = field(default_factory=list)
     shared_basis: float | None = None
     head_kept: bool = False
+    examples: int = 0
+    """Calibration examples (images, texts) read per pass."""
     seconds: float = 0.0
 
 
@@ -274,11 +276,14 @@ def refit_model(
                 raise CalibrationError(f"refit: {_READ_AGAIN}")
             report.steps = forward_steps(merged, layers, _to(first, target))
             bar = tqdm(total=len(report.steps), desc="refit", unit="step", disable=not progress, dynamic_ncols=True)
-            for step in report.steps:
+            for number, step in enumerate(report.steps):
                 accumulators = {name: RidgeAccumulator(modules[name].in_features, modules[name].out_features,
                                                        modules[name].bias is not None, target) for name in step}
                 for batch in batches():
                     batch = _to(batch, target)
+                    if number == 0:
+                        report.examples += next(len(v) for v in batch.values()
+                                                if isinstance(v, torch.Tensor) and v.dim() > 0)
                     inputs = _capture(merged, step, batch, "input")
                     outputs = [_capture(parent, step, batch, "output") for parent in parents]
                     for name in step:
