@@ -135,7 +135,7 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
 
     calibration = None
     calibration_spec = recipe.calibration
-    if get_method(recipe.method).needs_calibration:
+    if get_method(recipe.method).needs_calibration or recipe.refit != "none":
         # A Hub dataset is pinned to its commit (recorded in the recipe) and loaded at that commit; opened (not
         # read) first: a spec that does not exist fails before any weights are downloaded.
         calibration_spec = pin_calibration_revision(recipe.calibration, token=token)

@@ -134,6 +134,13 @@ class Recipe(MergeOptions):
             raise RecipeError(str(error)) from None
         for key, value in checked.items():
             setattr(self, key, value)
+        try:
+            self.check_combination()
+        except OptionError as error:
+            raise RecipeError(str(error)) from None
+        if self.refit != "none" and not self.calibration:
+            raise RecipeError(f"refit {self.refit!r} needs calibration data: pass --calibration (a dataset spec "
+                              "`repo_or_path[@revision][:config]:split` or a saved dataset folder), or --refit none")
         if get_method(self.method).needs_calibration and not self.calibration:
             raise RecipeError(
                 f"method {self.method!r} needs calibration data: pass --calibration "

@@ -1,0 +1,349 @@
+"""Refit after matching (docs/design.md §4.9): every linear layer of the merged model, in forward order, by ridge
+least squares toward the parents' outputs mapped into the merged basis — from calibration data only.
+
+A permutation or zip merge of models trained from different initializations keeps each unit's weights but not
+the function: the fused units never saw each other's inputs. The refit repairs that layer by layer (PLeaS,
+RegMean++): a layer's inputs come from the merged model itself (earlier layers already refitted), its targets are
+the parents' outputs of the same layer mapped by the apply step's out-axis map (each merged unit's target is the
+mean output of the units fused into it), and the ridge pulls toward the matched weights. Measured on the toy
+different-init digit ViTs: joint accuracy 33.6 -> 76.8 (ensemble 74.3), docs/research/quality_probe.md §2, §8.
+
+Architecture-free: layers are found from the spec (a `nn.Linear` whose weight is a member of some group, or the
+spec's classifier), ordered and grouped into steps by the order their forward hooks fire on one batch (layers fed
+the same tensor form one step and share one pass), and the padding mask is the one the spec's hooks declare.
+Memory is flat in the number of samples: per layer a `(d+1)²` Gram and a `(d+1)×m` cross-Gram in float64.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from hf_mudsc.calibrate.correlation import CLAMP
+from hf_mudsc.calibrate.statistics import forward_inputs
+from hf_mudsc.errors import CalibrationError
+from hf_mudsc.solve.maps import GroupMaps
+from hf_mudsc.solve.matchers import Match
+from hf_mudsc.solve.similarity import weight_features
+from hf_mudsc.spec import PermutationSpec
+
+logger = logging.getLogger(__name__)
+
+# Mean weight correlation of fused units at or above which the parents are taken to share one basis (then the
+# matched heads are kept). Measured: same-init fine-tunes 0.94, different inits 0.20-0.22, a permuted copy 1.0.
+SHARED_BASIS_THRESHOLD = 0.5
+DEFAULT_LAMBDA = 1e-3
+_READ_AGAIN = ("the calibration data gave no samples when read again (the refit reads it once per layer step); "
+               "pass data that can be read more than once: a list of batches or a datasets.Dataset")
+
+
+@dataclass(frozen=True)
+class LayerFit:
+    """One refitted layer: its accumulator shapes (independent of the number of samples), samples, λ, change."""
+
+    name: str
+    gram_shape: tuple[int, int]
+    cross_shape: tuple[int, int]
+    samples: int
+    ridge: float
+    relative_change: float
+
+
+@dataclass
+class RefitReport:
+    """What the refit did, for logs, benchmarks and tests (attached to the merge report as `refit`)."""
+
+    steps: list[list[str]] = field(default_factory=list)
+    layers: list[LayerFit] = field(default_factory=list)
+    shared_basis: float | None = None
+    head_kept: bool = False
+    examples: int = 0
+    """Calibration examples (images, texts) read per pass."""
+    seconds: float = 0.0
+
+
+class RidgeAccumulator:
+    """Streamed `G = X̃ᵀX̃`, `H = X̃ᵀY` of one layer (X̃ = [X, 1] with a bias), in float64: flat in samples."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device: torch.device | None = None) -> None:
+        size = in_features + int(bias)
+        self.bias = bias
+        self.gram = torch.zeros(size, size, dtype=torch.float64, device=device)
+        self.cross = torch.zeros(size, out_features, dtype=torch.float64, device=device)
+        self.samples = 0
+
+    def update(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        x = inputs.to(torch.float64)
+        if self.bias:
+            x = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64, device=x.device)], dim=1)
+        self.gram += x.T @ x
+        self.cross += x.T @ targets.to(device=x.device, dtype=torch.float64)
+        self.samples += len(x)
+
+    def solve(self, weight: torch.Tensor, bias: torch.Tensor | None, lambda_rel: float,
+              ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """argmin ‖X̃W̃ − Y‖² + λ‖W̃ − W̃⁰‖² with λ = lambda_rel · mean diag(XᵀX): (weight, bias, λ)."""
+        d = weight.shape[1]
+        start = weight.detach().T.to(device=self.gram.device, dtype=torch.float64)
+        if self.bias:
+            start = torch.cat([start, bias.detach().to(start)[None]], dim=0)
+        energy = float(self.gram.diagonal()[:d].mean()) if d else 0.0
+        ridge = lambda_rel * energy if energy > 0 else lambda_rel  # no input energy: W̃ = W̃⁰ for any λ > 0
+        system = self.gram + ridge * torch.eye(len(self.gram), dtype=torch.float64, device=self.gram.device)
+        right = self.cross + ridge * start
+        factor, info = torch.linalg.cholesky_ex(system)
+        solution = torch.cholesky_solve(right, factor) if int(info) == 0 else torch.linalg.solve(system, right)
+        return solution[:d].T, (solution[d] if self.bias else None), ridge
+
+
+class _Stop(Exception):
+    """Raised by a hook once every layer of the step has fired: the rest of the forward is not needed."""
+
+
+def refit_layers(model: nn.Module, spec: PermutationSpec) -> list[str]:
+    """The linear layers the refit rewrites: weight in some spec group, or the spec's classifier (module order)."""
+    head = _classifier_module(spec)
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and (spec.axes_of(f"{name}.weight") or name == head)]
+
+
+def _classifier_module(spec: PermutationSpec) -> str | None:
+    return spec.classifier.weight.removesuffix(".weight") if spec.classifier is not None else None
+
+
+def forward_steps(model: nn.Module, layers: Sequence[str], batch: Mapping[str, Any]) -> list[list[str]]:
+    """`layers` in the order their forwards run on `batch`, grouped into steps of layers fed the same tensor."""
+    modules = dict(model.named_modules())
+    fired: list[tuple[str, torch.Tensor]] = []
+    seen: set[str] = set()
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple) -> None:
+            if name not in seen and args:
+                seen.add(name)
+                fired.append((name, args[0]))
+        return record
+
+    handles = [modules[name].register_forward_pre_hook(hook(name)) for name in layers]
+    try:
+        with torch.no_grad():
+            model(**forward_inputs(model, batch))
+    finally:
+        for handle in handles:
+            handle.remove()
+    steps: list[list[str]] = []
+    previous: torch.Tensor | None = None
+    for name, tensor in fired:
+        if steps and tensor is previous:
+            steps[-1].append(name)
+        else:
+            steps.append([name])
+        previous = tensor
+    missing = [name for name in layers if name not in seen]
+    if missing:
+        logger.warning("refit: %d linear layer(s) never ran on the calibration data and are kept: %s",
+                       len(missing), ", ".join(missing))
+    return steps
+
+
+def shared_basis_score(spec: PermutationSpec, params_a: Mapping[str, torch.Tensor],
+                       params_b: Mapping[str, torch.Tensor], matches: Sequence[Match | None]) -> float | None:
+    """Mean over groups of the weight-space Pearson correlation between the A and B units fused together.
+
+    Each unit's weight row is its `Z_i` row (docs/design.md §4.3: every non-ignored member, other axes mapped into
+    their merged spaces by the final matches), centred over its columns; every (A unit, B unit) pair of a merged
+    unit counts once; a group without a match pairs unit i with unit i (what averaging fuses). Invariant to unit
+    permutations. None when no group has weights to compare (e.g. only a concatenated classifier).
+    """
+    maps = [GroupMaps.from_match(found) if found is not None else None for found in matches]
+    values: list[torch.Tensor] = []
+    for index, group in enumerate(spec.groups):
+        if all(member.ignore for member in group.members):
+            continue
+        rows = [weight_features(spec, index, params, side, maps) for side, params in enumerate((params_a, params_b))]
+        rows = [r - r.mean(dim=1, keepdim=True) for r in rows]
+        rows = [r / r.norm(dim=1, keepdim=True).clamp_min(CLAMP) for r in rows]
+        found = matches[index]
+        n = group.width
+        if found is None:
+            pairs = torch.arange(n)[:, None].expand(n, 2)
+        else:
+            clusters = found.cluster_of.cpu()
+            pairs = (clusters[:n, None] == clusters[None, n:]).nonzero()
+        if len(pairs):
+            values.append((rows[0][pairs[:, 0]] * rows[1][pairs[:, 1]]).sum(dim=1).mean())
+    return float(torch.stack(values).mean()) if values else None
+
+
+def _mask_key(spec: PermutationSpec, weight: str) -> str | None:
+    """The batch key of the padding mask the spec declares for the groups this layer's weight belongs to."""
+    for index, _ in spec.axes_of(weight):
+        for hook in spec.groups[index].hooks:
+            if hook.mask:
+                return hook.mask
+    return None
+
+
+def _samples(features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """`(..., d)` -> `(samples, d)`, padding positions dropped (as calibration does)."""
+    if mask is not None and features.dim() == 3 and tuple(mask.shape) == tuple(features.shape[:2]):
+        return features[mask.to(torch.bool)]
+    return features.reshape(-1, features.shape[-1])
+
+
+def _capture(model: nn.Module, names: Sequence[str], batch: Mapping[str, Any], where: str) -> dict[str, torch.Tensor]:
+    """The first input (`where="input"`) or output of each named module on `batch`; the forward stops after them."""
+    modules = dict(model.named_modules())
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple, output: Any) -> None:
+            if name not in captured:
+                captured[name] = (args[0] if where == "input" else output).detach()
+                if len(captured) == len(names):
+                    raise _Stop
+        return record
+
+    handles = [modules[name].register_forward_hook(hook(name)) for name in names]
+    try:
+        model(**forward_inputs(model, batch))
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def refit_model(
+    merged: nn.Module,
+    parents: Sequence[nn.Module],
+    spec: PermutationSpec,
+    matches: Sequence[Match | None],
+    batches: Callable[[], Iterable[Mapping[str, Any]]],
+    *,
+    concatenate_classifier: bool = False,
+    lambda_rel: float = DEFAULT_LAMBDA,
+    keep_head: bool | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> RefitReport:
+    """Refit `merged`'s linear layers in place (docs/design.md §4.9); returns what was done.
+
+    Args:
+        merged: the merged model (parent A's structure), modified in place.
+        parents: the two parents, never modified (moved to `device` for the forwards and back).
+        spec, matches: the parents' spec and one match per group (None: unmatched, i.e. identity maps).
+        batches: returns a fresh iterable of model-input batches on each call (one pass per step).
+        concatenate_classifier: the merged head is A's rows then B's: its target is each parent's logits centred
+            per task — unless the parents share a basis (`shared_basis_score` >= 0.5) or `keep_head=True`, when
+            the matched head is kept: it already reads the merged features and keeps the heads comparable.
+        lambda_rel: ridge strength relative to each layer's mean input energy.
+    """
+    started = time.perf_counter()
+    report = RefitReport()
+    target = torch.device(device) if device is not None else None
+    homes = [_home(model) for model in (merged, *parents)]
+    was_training = [model.training for model in (merged, *parents)]
+    head = _classifier_module(spec)
+    if concatenate_classifier and head is not None:
+        if keep_head is None:
+            head_spec = spec.without_weight_similarity([spec.classifier.weight])
+            params = [{k: v.detach().cpu() for k, v in p.named_parameters()} for p in parents]
+            report.shared_basis = shared_basis_score(head_spec, params[0], params[1], matches)
+            keep_head = report.shared_basis is not None and report.shared_basis >= SHARED_BASIS_THRESHOLD
+        report.head_kept = bool(keep_head)
+    maps = [GroupMaps.from_match(found) if found is not None else None for found in matches]
+    modules = dict(merged.named_modules())
+    layers = [name for name in refit_layers(merged, spec) if not (report.head_kept and name == head)]
+    try:
+        for model in (merged, *parents):
+            model.eval()
+            if target is not None:
+                model.to(target)
+        with torch.no_grad():
+            if not layers:
+                return report
+            first = next(iter(batches()), None)
+            if first is None:
+                raise CalibrationError(f"refit: {_READ_AGAIN}")
+            report.steps = forward_steps(merged, layers, _to(first, target))
+            bar = tqdm(total=len(report.steps), desc="refit", unit="step", disable=not progress, dynamic_ncols=True)
+            for number, step in enumerate(report.steps):
+                accumulators = {name: RidgeAccumulator(modules[name].in_features, modules[name].out_features,
+                                                       modules[name].bias is not None, target) for name in step}
+                for batch in batches():
+                    batch = _to(batch, target)
+                    if number == 0:
+                        report.examples += next(len(v) for v in batch.values()
+                                                if isinstance(v, torch.Tensor) and v.dim() > 0)
+                    inputs = _capture(merged, step, batch, "input")
+                    outputs = [_capture(parent, step, batch, "output") for parent in parents]
+                    for name in step:
+                        key = _mask_key(spec, f"{name}.weight")
+                        mask = batch.get(key) if key else None
+                        ys = [_samples(out[name], mask).to(torch.float64) for out in outputs]
+                        accumulators[name].update(_samples(inputs[name], mask),
+                                                  _target(spec, maps, name, name == head and concatenate_classifier,
+                                                          ys))
+                empty = [name for name in step if accumulators[name].samples == 0]
+                if empty:  # e.g. a stream that cannot be read twice: never leave a layer silently unfitted
+                    raise CalibrationError(f"refit: no samples for {', '.join(empty)}; {_READ_AGAIN}")
+                for name in step:
+                    report.layers.append(_write(modules[name], name, accumulators[name], lambda_rel))
+                bar.update(1)
+            bar.close()
+    finally:
+        for model, home, training in zip((merged, *parents), homes, was_training):
+            if target is not None and home is not None:
+                model.to(home)
+            model.train(training)
+    report.seconds = time.perf_counter() - started
+    logger.info("refit %d linear layers in %d steps (%.1f s)%s", len(report.layers), len(report.steps),
+                report.seconds, "; matched head kept (shared basis)" if report.head_kept else "")
+    return report
+
+
+def _target(spec: PermutationSpec, maps: Sequence[GroupMaps | None], name: str, concatenated_head: bool,
+            outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The layer's target in the merged basis: per-task centred logits for a concatenated head, else the mean
+    of the parents' outputs mapped by the apply step's out-axis map (`2·merge_i`: each merged unit's cluster mean)."""
+    if concatenated_head:
+        return torch.cat([y - y.mean(dim=1, keepdim=True) for y in outputs], dim=1)
+    out_group = next((index for index, member in spec.axes_of(f"{name}.weight")
+                      if member.role == "out" and member.axis % 2 == 0), None)
+    found = maps[out_group] if out_group is not None else None
+    if found is None:
+        return sum(outputs) / len(outputs)
+    return sum(found.merge2[side].apply(y, -1) for side, y in enumerate(outputs)) / len(outputs)
+
+
+def _write(module: nn.Linear, name: str, accumulator: RidgeAccumulator, lambda_rel: float) -> LayerFit:
+    weight, bias, ridge = accumulator.solve(module.weight, module.bias, lambda_rel)
+    before = torch.cat([module.weight.detach().to(torch.float64).flatten(),
+                        *([module.bias.detach().to(torch.float64)] if module.bias is not None else [])])
+    module.weight.copy_(weight.to(module.weight))
+    if bias is not None:
+        module.bias.copy_(bias.to(module.bias))
+    after = torch.cat([weight.flatten(), *([bias] if bias is not None else [])]).to(before)
+    change = float((after - before).norm() / before.norm().clamp_min(CLAMP))
+    return LayerFit(name, tuple(accumulator.gram.shape), tuple(accumulator.cross.shape), accumulator.samples,
+                    ridge, change)
+
+
+def _to(batch: Mapping[str, Any], device: torch.device | None) -> dict[str, Any]:
+    if device is None:
+        return dict(batch)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _home(model: nn.Module) -> torch.device | None:
+    devices = {t.device for t in (*model.parameters(), *model.buffers())}
+    return devices.pop() if len(devices) == 1 else None

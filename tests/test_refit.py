@@ -1,0 +1,379 @@
+"""`refit="ridge"` (docs/design.md §4.9): after matching, every linear layer is refitted in forward order by ridge
+least squares toward the parents' outputs mapped into the merged basis, from calibration data only.
+
+Proven here: the refit is a no-op on a permuted copy (the merge keeps the function), it equals the closed-form
+ridge solution on a single linear layer (body targets mapped by the match, concatenated heads centred per task),
+its memory does not grow with the calibration set, it lifts a different-init merge of the toy digit ViTs far
+above the plain merge, the option flows through merge(), the recipe, the CLI and the card, and bad values are
+refused before anything is loaded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from factories import make_batches, make_model, model_output, permuted_copy, relative_error, with_new_head
+from torch import nn
+
+import hf_mudsc
+from hf_mudsc.apply.refit import refit_model, shared_basis_score
+from hf_mudsc.architectures import spec_for
+from hf_mudsc.cli.main import build_parser
+from hf_mudsc.cli.merge import build_recipe
+from hf_mudsc.errors import MergeInputError, RecipeError
+from hf_mudsc.publish.card import render_card
+from hf_mudsc.publish.recipe import Recipe
+from hf_mudsc.solve.matchers import Match
+from hf_mudsc.spec import Classifier, Group, HookPoint, Member, PermutationSpec
+
+MISSING = ["/nonexistent/parent-a", "/nonexistent/parent-b"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------------ invariance
+
+
+@pytest.mark.parametrize(("kind", "matcher", "layers"), [
+    ("vit_cls", "align", 13), ("vit_cls", "zip", 13), ("bert_cls", "align", 14), ("clip", "align", 26)])
+def test_refit_keeps_the_function_of_a_model_merged_with_its_permuted_copy(kind, matcher, layers):
+    model = make_model(kind, seed=0)
+    permuted = permuted_copy(model, spec_for(model), seed=1)
+    batches = make_batches(kind)
+    merged = hf_mudsc.merge([model, permuted], batches, matcher=matcher, refit="ridge", progress=False)
+    for batch in batches[:2]:
+        assert relative_error(model_output(merged, batch), model_output(model, batch)) < 1e-5
+    report = merged.merge_report.refit
+    assert len(report.layers) == layers  # every q/k/v, o, fc1, fc2, pooler, classifier / projection was refitted
+    assert all(fit.samples > 0 for fit in report.layers)
+    assert merged.config.mudsc["refit"] == "ridge" and merged.config.mudsc["refit_lambda"] == 1e-3
+
+
+def test_refit_steps_follow_the_forward_order_and_group_layers_that_share_their_input():
+    model = make_model("vit_cls", seed=0)
+    permuted = permuted_copy(model, spec_for(model), seed=1)
+    merged = hf_mudsc.merge([model, permuted], make_batches("vit_cls", num_batches=1), matcher="align",
+                            refit="ridge", progress=False)
+    block = ["vit.layers.{i}.attention.q_proj", "vit.layers.{i}.attention.k_proj", "vit.layers.{i}.attention.v_proj"]
+    expected = []
+    for i in range(2):
+        expected += [[n.format(i=i) for n in block], [f"vit.layers.{i}.attention.o_proj"],
+                     [f"vit.layers.{i}.mlp.fc1"], [f"vit.layers.{i}.mlp.fc2"]]
+    assert merged.merge_report.refit.steps == [*expected, ["classifier"]]
+
+
+def test_refit_keeps_the_concatenated_head_of_parents_in_one_basis():
+    """A permuted copy with its own head: the fused units' weights correlate perfectly, so the matched heads are
+    kept (no centring) and each task's slice gives back its parent's logits exactly."""
+    model = make_model("vit_cls", seed=0)
+    other = with_new_head(model, 5, seed=3)
+    permuted = permuted_copy(other, spec_for(other), seed=1)
+    batches = make_batches("vit_cls")
+    merged = hf_mudsc.merge([model, permuted], batches, matcher="align", refit="ridge", progress=False)
+    report = merged.merge_report.refit
+    assert report.shared_basis == pytest.approx(1.0, abs=1e-6) and report.head_kept
+    assert "classifier" not in [fit.name for fit in report.layers]
+    with torch.no_grad():
+        logits = merged(**batches[0]).logits
+        assert relative_error(logits[:, :3], model(**batches[0]).logits) < 1e-5
+        assert relative_error(logits[:, 3:], permuted(**batches[0]).logits) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------ known answer
+
+
+class OneLinear(nn.Module):
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d_in, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+def _one_linear(d_in: int, d_out: int, seed: int) -> OneLinear:
+    torch.manual_seed(seed)
+    return OneLinear(d_in, d_out).eval()
+
+
+def _ridge(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lambda_rel: float):
+    """argmin ‖[x, 1] W̃ − y‖² + λ‖W̃ − [Wᵀ; b]‖², λ = lambda_rel · mean diag(xᵀx), directly in float64."""
+    x1 = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
+    gram = x1.T @ x1
+    lam = lambda_rel * gram.diagonal()[:-1].mean()
+    start = torch.cat([weight.T, bias[None]], dim=0).to(torch.float64)
+    solution = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=torch.float64), x1.T @ y + lam * start)
+    return solution[:-1].T, solution[-1]
+
+
+@pytest.mark.parametrize("clusters", [
+    [2, 0, 3, 1, 0, 3, 1, 2],  # align: merged unit j = {A_i, B_k}
+    [0, 0, 1, 2, 1, 2, 3, 3],  # zip: A0+A1 and B2+B3 fused within their model
+])
+def test_refit_of_a_single_linear_layer_is_the_closed_form_ridge_solution(clusters):
+    spec = PermutationSpec(groups=(Group("hidden", 4, (Member("lin.weight", 0, "out"), Member("lin.bias", 0, "out")),
+                                         (HookPoint("lin", "output"),)),))
+    parent_a, parent_b = _one_linear(3, 4, seed=1), _one_linear(3, 4, seed=2)
+    merged = _one_linear(3, 4, seed=3)  # any starting point: the ridge pulls toward it
+    start_w, start_b = merged.lin.weight.detach().clone(), merged.lin.bias.detach().clone()
+    cluster_of = torch.tensor(clusters)
+    found = Match(cluster_of=cluster_of, merge_weight=torch.full((8,), 0.5, dtype=torch.float64), num_merged=4,
+                  value=1.0)
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"x": torch.randn(5, 3, generator=generator)} for _ in range(3)]
+    report = refit_model(merged, [parent_a, parent_b], spec, [found], lambda: iter(batches), lambda_rel=0.1)
+
+    x = torch.cat([b["x"] for b in batches]).to(torch.float64)
+    with torch.no_grad():
+        outputs = torch.cat([parent_a(x.float()), parent_b(x.float())], dim=1).to(torch.float64)  # [A 0..3, B 0..3]
+    target = torch.stack([outputs[:, cluster_of == j].mean(1) for j in range(4)], dim=1)  # each cluster's mean
+    weight, bias = _ridge(x, target, start_w, start_b, 0.1)
+    assert torch.allclose(merged.lin.weight.to(torch.float64), weight, atol=1e-6)
+    assert torch.allclose(merged.lin.bias.to(torch.float64), bias, atol=1e-6)
+    assert not torch.allclose(merged.lin.weight, start_w, atol=1e-3)  # the refit really moved the layer
+    assert [fit.name for fit in report.layers] == ["lin"] and report.layers[0].samples == 15
+
+
+def _head_spec() -> PermutationSpec:
+    return PermutationSpec(groups=(Group("features", 3, (Member("lin.weight", 1, "in"),), (HookPoint("lin"),)),),
+                           averaged=("lin.bias",), classifier=Classifier("lin.weight", "lin.bias"))
+
+
+def test_refit_of_concatenated_heads_fits_each_tasks_centred_logits():
+    parent_a, parent_b, merged = _one_linear(3, 2, seed=1), _one_linear(3, 3, seed=2), _one_linear(3, 5, seed=3)
+    start_w, start_b = merged.lin.weight.detach().clone(), merged.lin.bias.detach().clone()
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"x": torch.randn(6, 3, generator=generator)} for _ in range(2)]
+    report = refit_model(merged, [parent_a, parent_b], _head_spec(), [None], lambda: iter(batches),
+                         concatenate_classifier=True, lambda_rel=0.05)
+    assert report.shared_basis is None and not report.head_kept  # no weight evidence of a shared basis
+
+    x = torch.cat([b["x"] for b in batches]).to(torch.float64)
+    with torch.no_grad():
+        logits = [parent(x.float()).to(torch.float64) for parent in (parent_a, parent_b)]
+    target = torch.cat([z - z.mean(1, keepdim=True) for z in logits], dim=1)
+    weight, bias = _ridge(x, target, start_w, start_b, 0.05)
+    assert torch.allclose(merged.lin.weight.to(torch.float64), weight, atol=1e-6)
+    assert torch.allclose(merged.lin.bias.to(torch.float64), bias, atol=1e-6)
+
+
+def test_refit_keeps_a_head_it_is_told_to_keep():
+    parent_a, parent_b, merged = _one_linear(3, 2, seed=1), _one_linear(3, 3, seed=2), _one_linear(3, 5, seed=3)
+    before = {k: v.clone() for k, v in merged.state_dict().items()}
+    batches = [{"x": torch.randn(6, 3)}]
+    report = refit_model(merged, [parent_a, parent_b], _head_spec(), [None], lambda: iter(batches),
+                         concatenate_classifier=True, keep_head=True)
+    assert report.head_kept and report.layers == []
+    assert all(torch.equal(before[k], v) for k, v in merged.state_dict().items())
+
+
+def test_shared_basis_score_is_the_weight_correlation_of_fused_units():
+    model = make_model("vit_cls", seed=0)
+    spec = spec_for(model)
+    other = make_model("vit_cls", seed=7)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    identity = [None] * len(spec.groups)
+    assert shared_basis_score(spec, params, params, identity) == pytest.approx(1.0, abs=1e-9)
+    unrelated = shared_basis_score(spec, params, {k: v.detach() for k, v in other.named_parameters()}, identity)
+    assert abs(unrelated) < 0.2
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+def test_refit_memory_does_not_grow_with_the_number_of_samples():
+    model_a, model_b = make_model("vit_cls", seed=1), make_model("vit_cls", seed=2)
+    reports = [hf_mudsc.merge([model_a, model_b], make_batches("vit_cls", num_batches=n), matcher="align",
+                              refit="ridge", progress=False).merge_report.refit for n in (1, 4)]
+    small, large = ({fit.name: fit for fit in report.layers} for report in reports)
+    assert small.keys() == large.keys()
+    for name, fit in small.items():
+        assert (fit.gram_shape, fit.cross_shape) == (large[name].gram_shape, large[name].cross_shape)
+        assert large[name].samples == 4 * fit.samples
+    # (in + 1)² Gram and (in + 1) × out cross-Gram per layer: hidden 32, MLP 48, 3 labels.
+    assert (small["vit.layers.0.attention.q_proj"].gram_shape, small["vit.layers.0.attention.q_proj"].cross_shape) \
+        == ((33, 33), (33, 32))
+    assert (small["vit.layers.1.mlp.fc2"].gram_shape, small["vit.layers.1.mlp.fc2"].cross_shape) == ((49, 49), (49, 32))
+    assert (small["classifier"].gram_shape, small["classifier"].cross_shape) == ((33, 33), (33, 3))
+    assert small["vit.layers.0.mlp.fc1"].samples == 16 * 17  # every token of every image
+
+
+def test_refit_drops_padding_tokens_like_calibration():
+    model_a, model_b = make_model("bert_cls", seed=1), make_model("bert_cls", seed=2)
+    batches = make_batches("bert_cls", num_batches=2)
+    report = hf_mudsc.merge([model_a, model_b], batches, refit="ridge", progress=False).merge_report.refit
+    tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+    assert tokens < sum(batch["attention_mask"].numel() for batch in batches)  # there is padding to drop
+    samples = {fit.name: fit.samples for fit in report.layers}
+    assert samples == {**{f"bert.encoder.layer.{i}.{name}": tokens for i in range(2) for name in (
+        "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+        "intermediate.dense", "output.dense")}, "bert.pooler.dense": 32, "classifier": 32}
+
+
+# ------------------------------------------------------------------------------ the option end to end
+
+
+def test_refit_option_reaches_config_recipe_cli_and_card(tmp_path):
+    model_a, model_b = make_model("vit_cls", seed=1), make_model("vit_cls", seed=2)
+    batches = make_batches("vit_cls", num_batches=1)
+    merged = hf_mudsc.merge([model_a, model_b], batches, refit="ridge", refit_lambda=0.01, progress=False)
+    assert (merged.config.mudsc["refit"], merged.config.mudsc["refit_lambda"]) == ("ridge", 0.01)
+    recipe = merged.merge_report.recipe
+    assert (recipe["refit"], recipe["refit_lambda"]) == ("ridge", 0.01)
+    path = Recipe(models=["a", "b"], calibration="c", refit="ridge", refit_lambda=0.01).save(tmp_path / "r.yaml")
+    assert yaml.safe_load(path.read_text())["refit"] == "ridge"
+    loaded = Recipe.load(path)
+    assert (loaded.refit, loaded.refit_lambda) == ("ridge", 0.01)
+    card = str(render_card(merged, loaded))
+    assert "| Refit / ridge λ (relative) | ridge / 0.01 |" in card
+    plain = hf_mudsc.merge([model_a, model_b], batches, progress=False)
+    assert (plain.config.mudsc["refit"], plain.config.mudsc["refit_lambda"]) == ("none", None)
+    assert plain.merge_report.refit is None
+    assert "| Refit / ridge λ (relative) | none / — |" in str(render_card(plain, Recipe(models=["a", "b"])))
+
+    args = build_parser().parse_args(["merge", "a", "b", "--calibration", "c", "-o", "o", "--refit", "ridge",
+                                      "--refit-lambda", "0.5"])
+    assert (build_recipe(args).refit, build_recipe(args).refit_lambda) == ("ridge", 0.5)
+
+
+def test_cli_merge_with_refit_writes_it_to_config_recipe_and_card_and_the_recipe_reproduces_it(tmp_path):
+    import datasets
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+    from transformers import ViTImageProcessor
+
+    from hf_mudsc.cli.main import main
+
+    processor = ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5])
+    parents = []
+    for name, seed in (("vit-a", 1), ("vit-b", 2)):
+        make_model("vit_cls", seed).save_pretrained(tmp_path / name)
+        processor.save_pretrained(tmp_path / name)
+        parents.append(str(tmp_path / name))
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L") for _ in range(24)]
+    datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image()).save_to_disk(
+        tmp_path / "calibration")
+    out = tmp_path / "merged"
+    assert main(["merge", *parents, "--calibration", str(tmp_path / "calibration"), "--method", "average",
+                 "--refit", "ridge", "--refit-lambda", "0.01", "--batch-size", "8", "-o", str(out)]) == 0
+    config = yaml.safe_load((out / "config.json").read_text())["mudsc"]
+    assert (config["refit"], config["refit_lambda"]) == ("ridge", 0.01)
+    recipe = Recipe.load(out / "mudsc_recipe.yaml")
+    assert (recipe.refit, recipe.refit_lambda) == ("ridge", 0.01)
+    assert "| Refit / ridge λ (relative) | ridge / 0.01 |" in (out / "README.md").read_text()
+    again = tmp_path / "again"
+    assert main(["merge", "--recipe", str(out / "mudsc_recipe.yaml"), "-o", str(again)]) == 0
+    first, second = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    plain = tmp_path / "plain"
+    assert main(["merge", "--recipe", str(out / "mudsc_recipe.yaml"), "--refit", "none", "-o", str(plain)]) == 0
+    assert not torch.equal(load_file(plain / "model.safetensors")["classifier.weight"], first["classifier.weight"])
+
+
+def test_average_with_refit_uses_the_calibration_data():
+    model_a, model_b = make_model("vit_cls", seed=1), make_model("vit_cls", seed=2)
+    batches = make_batches("vit_cls", num_batches=2)
+    plain = hf_mudsc.merge([model_a, model_b], None, method="average", progress=False)
+    refitted = hf_mudsc.merge([model_a, model_b], batches, method="average", refit="ridge", progress=False)
+    assert len(refitted.merge_report.refit.layers) == 13
+    assert refitted.merge_report.refit.examples == 32
+    assert refitted.merge_report.num_samples == refitted.config.mudsc["num_calibration_samples"] == 32
+    assert relative_error(model_output(refitted, batches[0]), model_output(plain, batches[0])) > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"refit": "bogus"}, "unknown refit 'bogus'; choose one of: none, ridge (CLI: --refit)"),
+    ({"refit": "ridge", "refit_lambda": 0}, "refit_lambda must be a finite number > 0 (CLI: --refit-lambda)"),
+    ({"refit": "ridge", "refit_lambda": float("nan")}, "refit_lambda must be a finite number > 0"),
+    ({"refit": "ridge", "reference_compat": True},
+     "refit='ridge' changes the merged weights, which reference_compat=True must keep equal to the reference's; "
+     "drop one of --refit / --reference-compat"),
+    ({"refit": "ridge", "method": "average"}, "refit='ridge' needs calibration data"),
+])
+def test_bad_refit_options_are_refused_before_loading(options, message):
+    with pytest.raises(MergeInputError) as caught:
+        hf_mudsc.merge(MISSING, None, **options)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_refit_refuses_a_one_shot_iterator_before_loading():
+    batches = iter(make_batches("vit_cls", num_batches=1))
+    with pytest.raises(MergeInputError, match=r"reads the calibration data once per layer step"):
+        hf_mudsc.merge(MISSING, batches, refit="ridge")
+
+
+class ReadOnce:
+    """An iterable (not an iterator) that yields its batches only the first time: a stream that cannot be re-read."""
+
+    def __init__(self, batches: list[dict]) -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        batches, self.batches = self.batches, []
+        return iter(batches)
+
+
+def test_refit_refuses_calibration_data_that_cannot_be_read_again():
+    from hf_mudsc.errors import CalibrationError
+
+    model_a, model_b = make_model("vit_cls", seed=1), make_model("vit_cls", seed=2)
+    with pytest.raises(CalibrationError, match=r"^refit: the calibration data gave no samples when read again"):
+        hf_mudsc.merge([model_a, model_b], ReadOnce(make_batches("vit_cls", num_batches=1)), refit="ridge",
+                       progress=False)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--refit", "ridge", "--reference-compat"], "drop one of --refit / --reference-compat"),
+    (["--refit", "ridge", "--method", "average"], "needs calibration data: pass --calibration"),
+])
+def test_cli_refuses_contradicting_refit_options(extra, message):
+    args = build_parser().parse_args(["merge", "a", "b", "-o", "o", *extra])
+    with pytest.raises(RecipeError, match=message):
+        build_recipe(args)
+
+
+def test_recipe_with_a_bad_refit_is_refused(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("models: [a, b]\ncalibration: c\nrefit: bogus\n")
+    with pytest.raises(RecipeError, match=r"unknown refit 'bogus'; choose one of: none, ridge \(CLI: --refit\)"):
+        Recipe.load(path).validate()
+
+
+# ------------------------------------------------------------------------ improvement on a different-init pair
+
+
+def test_refit_lifts_a_different_init_merge_of_the_toy_digit_vits(tmp_path_factory):
+    from hf_mudsc.evaluate.harness import evaluate_merge
+    from hf_mudsc.testing import toy
+
+    pair = toy.trained_digit_pair(range(5), range(5, 10), seeds=(0, 1), hidden_size=64,
+                                  cache_dir=tmp_path_factory.mktemp("digits"))
+    pair.model_a.config._name_or_path = "digits-0-4"
+    pair.model_b.config._name_or_path = "digits-5-9"
+    splits = pair.splits
+    calibration = list(toy.digit_calibration_batches(splits, num_samples=512, batch_size=64))
+    merged = {name: hf_mudsc.merge([pair.model_a, pair.model_b], calibration, refit=refit, progress=False)
+              for name, refit in (("plain", "none"), ("refit", "ridge"))}
+    report = merged["refit"].merge_report.refit
+    assert report.shared_basis < 0.5 and not report.head_kept  # different bases: the head is refitted
+    tests = {"digits-0-4": (splits.task_a.test_pixel_values, splits.task_a.test_labels),
+             "digits-5-9": (splits.task_b.test_pixel_values, splits.task_b.test_labels)}
+    result = evaluate_merge(merged, [pair.model_a, pair.model_b], tests, progress=False)
+    print("\n" + result.table())
+    print(f"refit: {len(report.layers)} layers in {len(report.steps)} steps, {report.seconds:.2f} s; "
+          f"shared-basis score {report.shared_basis:.3f}")
+    assert result.score("ensemble", "joint") >= 0.7
+    plain, refit = result.score("plain", "joint"), result.score("refit", "joint")
+    assert refit >= plain + 0.15, f"joint with refit {refit:.3f} vs without {plain:.3f}"
+    assert result.score("refit", "average") >= result.score("plain", "average") + 0.15
