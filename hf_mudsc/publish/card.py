@@ -288,6 +288,7 @@ def render_card(
         num_samples=num_samples,
         settings=settings,
         sweeps=getattr(report, "sweeps", None),
+        parent_relation=relation_text(mudsc.get("parent_relation")),
         group_values=group_values,
         task_label_ranges=task_ranges(model.config),
         num_labels=len(getattr(model.config, "id2label", None) or {}),
@@ -298,6 +299,13 @@ def render_card(
         version=mudsc.get("version", __version__),
     )
     return ModelCard(content)
+
+
+def relation_text(relation: Mapping[str, Any] | None) -> str | None:
+    """The card's "Parent relation" cell from `config.mudsc["parent_relation"]` (None: merged before it existed)."""
+    if not relation:
+        return None
+    return f"{relation['relation']} (relative weight distance {relation['weight_distance']:.3g})"
 
 
 def settings_rows(mudsc: Mapping[str, Any], recipe: Recipe, context: Mapping[str, Any]) -> list[tuple[str, str]]:
