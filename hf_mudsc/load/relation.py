@@ -131,11 +131,17 @@ class _Distance:
         self.sorted = 0.0
         self.norm = 0.0
 
-    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
         a, b = a.double().flatten(), b.double().flatten()
-        self.identity += float((a - b).pow(2).sum())
-        self.sorted += float((a.sort().values - b.sort().values).pow(2).sum())
-        self.norm += float(a.pow(2).sum())
+        sums = (float((a - b).pow(2).sum()), float((a.sort().values - b.sort().values).pow(2).sum()),
+                float(a.pow(2).sum()))
+        self.add_sums(sums)
+        return sums
+
+    def add_sums(self, sums: tuple[float, float, float]) -> None:
+        self.identity += sums[0]
+        self.sorted += sums[1]
+        self.norm += sums[2]
 
     def relative(self, aligned: str) -> float:
         value = self.identity if aligned == "identity" else self.sorted
@@ -168,9 +174,9 @@ def parent_relation(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
         if b is None or b.shape != a.shape:
             continue
         identical = identical and bool(torch.equal(a, b))
-        whole.add(a, b)
+        sums = whole.add(a, b)
         if name not in attention:
-            rest.add(a, b)
+            rest.add_sums(sums)
     for qk, v in attention_pairs(spec):
         pairs_a, pairs_b = head_factors(params_a, qk, v), head_factors(params_b, qk, v)
         factors.add(torch.cat([torch.cat(p) for p in pairs_a]), torch.cat([torch.cat(p) for p in pairs_b]))
