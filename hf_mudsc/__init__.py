@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from hf_mudsc._version import __version__
 
 if TYPE_CHECKING:
-    from hf_mudsc.errors import MergeInputError
+    from hf_mudsc.errors import MergeInputError, UnmergeableModelError
     from hf_mudsc.evaluate.harness import evaluate_merge
     from hf_mudsc.evaluate.results import EvaluationResult
     from hf_mudsc.methods.registry import METHODS, MergeMethod, get_method, register_method
@@ -25,6 +25,7 @@ _LAZY = {
     "merge": "hf_mudsc.pipeline",
     "MergeReport": "hf_mudsc.pipeline",
     "MergeInputError": "hf_mudsc.errors",
+    "UnmergeableModelError": "hf_mudsc.errors",
     "METHODS": "hf_mudsc.methods.registry",
     "MergeMethod": "hf_mudsc.methods.registry",
     "get_method": "hf_mudsc.methods.registry",
@@ -39,6 +40,7 @@ __all__ = [
     "MergeInputError",
     "MergeMethod",
     "MergeReport",
+    "UnmergeableModelError",
     "__version__",
     "evaluate_merge",
     "from_pretrained",

@@ -49,3 +49,8 @@ class OptionError(ValueError):
 
 class UnsupportedArchitectureError(ValueError):
     """The model's architecture has no adapter."""
+
+
+class UnmergeableModelError(MergeInputError):
+    """A parent is protected against merging (e.g. MergeLock-style re-factored attention heads); no option
+    overrides this: its owner asked not to be merged, and the merge would collapse."""

@@ -23,6 +23,7 @@ from hf_mudsc.calibrate.device import resolve_device
 from hf_mudsc.errors import MergeInputError, OptionError
 from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_parents
 from hf_mudsc.load.references import display_name, parent_name, pinned_calibration, pinned_reference
+from hf_mudsc.load.relation import check_mergeable
 from hf_mudsc.methods.registry import MethodContext, get_method
 from hf_mudsc.options import MergeOptions, option_hint
 from hf_mudsc.solve.matchers import Match
@@ -213,6 +214,10 @@ def merge(
     check_parents(model_a, model_b)
     spec = spec_for(model_a)
     spec_for(model_b)
+    # A protected parent is refused here, before calibration and before anything is written or pushed.
+    relation = check_mergeable({k: v.detach() for k, v in model_a.named_parameters()},
+                               {k: v.detach() for k, v in model_b.named_parameters()}, spec,
+                               [p.repo_id or parent_name(p.model, f"model_{side}") for p, side in zip(parents, "ab")])
     used_matcher = merge_method.used_matcher(matcher)
 
     accumulators = None
@@ -288,6 +293,7 @@ def merge(
         "group_match_values": {n: round(float(v), 6) for n, v in zip(report.group_names, report.group_values)},
         "solve_start": report.solve_start,
         "start_objectives": {name: round(float(v), 6) for name, v in report.starts.items()},
+        "parent_relation": relation.as_config(),
     }
     config._name_or_path = ""
     merged = build_model(model_a, config, merged_params)

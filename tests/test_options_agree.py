@@ -26,7 +26,7 @@ from hf_mudsc.publish.recipe import COMMAND_LINE_ONLY_KEYS, DESTINATION_KEYS, Re
 NON_OPTION_KEYWORDS = {"token", "progress", "processor"}
 # config.mudsc keys that describe the result, not an option.
 RESULT_KEYS = {"library", "version", "parents", "parent_revisions", "num_calibration_samples", "group_match_values",
-               "solve_start", "start_objectives"}
+               "solve_start", "start_objectives", "parent_relation"}
 # CLI arguments that are not options: the recipe file to run and the Hub token (never recorded).
 NON_OPTION_FLAGS = {"--recipe", "--token", "--help"}
 
@@ -110,7 +110,7 @@ def test_card_settings_rows_are_the_options_declared_with_a_card_row(merged):
     rows = sorted((f.metadata["card"] for f in MergeOptions.option_fields() if f.metadata["card"] is not None),
                   key=lambda row: row.position)
     declared = list(dict.fromkeys(row.label for row in rows))
-    assert labels == ["Setting", *declared, "Solver sweeps"]
+    assert labels == ["Setting", *declared, "Solver sweeps", "Parent relation"]
     assert "| Zip decay / budget | 0.5 / 1.0 |" in table and "| Seed | 0 |" in table
 
 

@@ -290,6 +290,7 @@ def render_card(
         sweeps=getattr(report, "sweeps", None),
         start_objectives=mudsc.get("start_objectives") or getattr(report, "starts", None) or {},
         solve_start=mudsc.get("solve_start", getattr(report, "solve_start", None)),
+        parent_relation=relation_text(mudsc.get("parent_relation")),
         group_values=group_values,
         task_label_ranges=task_ranges(model.config),
         num_labels=len(getattr(model.config, "id2label", None) or {}),
@@ -300,6 +301,13 @@ def render_card(
         version=mudsc.get("version", __version__),
     )
     return ModelCard(content)
+
+
+def relation_text(relation: Mapping[str, Any] | None) -> str | None:
+    """The card's "Parent relation" cell from `config.mudsc["parent_relation"]` (None: merged before it existed)."""
+    if not relation:
+        return None
+    return f"{relation['relation']} (relative weight distance {relation['weight_distance']:.3g})"
 
 
 def settings_rows(mudsc: Mapping[str, Any], recipe: Recipe, context: Mapping[str, Any]) -> list[tuple[str, str]]:

