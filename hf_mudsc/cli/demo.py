@@ -36,6 +36,9 @@ CALIBRATION_BATCH = 64
 DATASET_NAME = "sklearn digits"
 
 
+REFIT_LABEL = "mudsc (zip) + refit"
+
+
 def demo_methods() -> list[tuple[str, dict[str, Any]]]:
     """(label, merge options) of every registered method and matcher; the first is the model written out."""
     from hf_mudsc.methods import method_runs
@@ -138,7 +141,8 @@ def _run(args: argparse.Namespace, output: Path) -> int:
                     matcher="zip", alpha=float(args.alpha), num_samples=args.num_samples,
                     batch_size=CALIBRATION_BATCH, seed=0)
     merged = {}
-    runs = demo_methods()
+    # Every registered method, then the default with the opt-in refit (docs/design.md §4.9) for comparison.
+    runs = [*demo_methods(), (REFIT_LABEL, {"method": "mudsc", "matcher": "zip", "refit": "ridge"})]
     print(f"Merging with {', '.join(label for label, _ in runs)} "
           f"({args.num_samples} calibration images) ...", flush=True)
     for label, run_options in runs:
@@ -154,6 +158,8 @@ def _run(args: argparse.Namespace, output: Path) -> int:
           "over all 10 classes;\naverage: mean of the per-task figures; '-': a single-task parent cannot "
           "answer the other task):\n")
     print(result.table(labels=names))
+    print(f"\n{REFIT_LABEL}: the same merge, then every linear layer refitted by ridge least squares toward the "
+          "parents' outputs on the\ncalibration images (no labels, no gradients; `refit=\"ridge\"`, opt-in for now).")
 
     best_label = runs[0][0]
     model = merged[best_label]
