@@ -53,6 +53,7 @@ from hf_mudsc.apply.weights import apply_matches
 from hf_mudsc.architectures import spec_for
 from hf_mudsc.calibrate.correlation import CorrelationAccumulator, correlations_from
 from hf_mudsc.calibrate.statistics import collect_statistics, new_accumulators
+from hf_mudsc.methods import get_method
 from hf_mudsc.solve.loop import SolveOptions, Solver
 from hf_mudsc.spec import PermutationSpec
 from hf_mudsc.testing.permute import random_permutations
@@ -199,7 +200,8 @@ def run_child(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     correlations = correlations_from(accumulators)  # as hf_mudsc.merge: in place, one group at a time
     peaks["finalize"] = rss_peak_bytes() / 2**20
-    options = SolveOptions(matcher=matcher, alpha=0.5, seed=0)
+    # The default mudsc solve: its extra starts (docs/design.md §4.5) come from the method registry.
+    options = SolveOptions(matcher=matcher, alpha=0.5, seed=0, extra_starts=get_method("mudsc").extra_starts)
     result = Solver(spec, params_a, params_b, correlations, options).solve(progress=args.progress)
     phases["solve"] = time.perf_counter() - start
     peaks["solve"] = rss_peak_bytes() / 2**20
