@@ -121,6 +121,16 @@ def _copy_buffer(name: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return first.clone()
 
 
+def _unmerged(name: str, base: torch.Tensor, present: Sequence[tuple]) -> torch.Tensor | None:
+    """The output of a base tensor that takes no part in a task-vector merge: an integer buffer (equal in every
+    input) or a tensor no parent holds (the base's own); None for a tensor to merge."""
+    if not base.is_floating_point():
+        return _copy_buffer(name, [base] + [t for _, t in present])
+    if not present:
+        return base.clone()
+    return None
+
+
 def tensor_generator(seed: int, name: str, index: int) -> torch.Generator:
     """A CPU generator for (seed, tensor name, parent index).
 
@@ -247,11 +257,9 @@ def _gta(
     out: StateDict = {}
     for name, b in base.items():
         present = _gather(name, b, parents)
-        if not b.is_floating_point():
-            out[name] = _copy_buffer(name, [b] + [t for _, t in present])
-            continue
-        if not present:
-            out[name] = b.clone()
+        kept = _unmerged(name, b, present)
+        if kept is not None:
+            out[name] = kept
             continue
         wd = _work_dtype(b)
         b32 = b.to(wd)
@@ -520,11 +528,9 @@ def consensus(base, parents, weights=None, *, k: int = 2, tall_mask_lambda: floa
     out: StateDict = {}
     for name, b in base.items():
         present = _gather(name, b, parents)
-        if not b.is_floating_point():
-            out[name] = _copy_buffer(name, [b] + [t for _, t in present])
-            continue
-        if not present:
-            out[name] = b.clone()
+        kept = _unmerged(name, b, present)
+        if kept is not None:
+            out[name] = kept
             continue
         wd = _work_dtype(b)
         b32 = b.to(wd)
