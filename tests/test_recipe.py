@@ -198,3 +198,45 @@ def test_the_cli_flags_still_set_those_keys(tmp_path):
                                  "--overwrite", "--allow-pickle"))
     assert (recipe.output, recipe.push_to_hub, recipe.private, recipe.overwrite, recipe.allow_pickle) == (
         "o", "me/m", True, True, True)
+
+
+# A mudsc_recipe.yaml exactly as the previous release (commit dcb5a50) wrote it next to every merged model.
+PREVIOUS_RELEASE_RECIPE = """\
+# hf-mudsc merge recipe. Reproduce the merge with:
+#   hf-mudsc merge --recipe mudsc_recipe.yaml --output merged-model
+# Parents are pinned to the commits that were used; flags on the command line override keys.
+hf_mudsc_version: 0.1.0
+models:
+- org/a@0123456789abcdef0123456789abcdef01234567
+- /data/b
+calibration: /data/cal:train
+method: mudsc
+matcher: zip
+alpha: 0.5
+num_samples: 64
+batch_size: 32
+seed: 0
+zip_decay: 0.5
+zip_budget: 1.0
+independent_heads: false
+reference_compat: false
+statistics_dtype: float32
+image_column: null
+text_column: null
+allow_pickle: false
+"""
+
+
+def test_a_recipe_written_by_the_previous_release_still_loads(tmp_path):
+    path = tmp_path / RECIPE_FILENAME
+    path.write_text(PREVIOUS_RELEASE_RECIPE)
+    recipe = Recipe.load(path).validate()
+    assert recipe.models == ["org/a@0123456789abcdef0123456789abcdef01234567", "/data/b"]
+    assert recipe.calibration == "/data/cal:train"
+    assert (recipe.method, recipe.matcher, recipe.alpha, recipe.num_samples, recipe.batch_size) == (
+        "mudsc", "zip", 0.5, 64, 32)
+    assert (recipe.zip_decay, recipe.zip_budget, recipe.seed, recipe.statistics_dtype) == (0.5, 1.0, 0, "float32")
+    assert recipe.independent_heads is False and recipe.reference_compat is False and recipe.allow_pickle is False
+    # Written again, it keeps every merge key (only the command-line-only `allow_pickle` is left out).
+    again = Recipe.load(recipe.save(tmp_path / "again.yaml")).validate()
+    assert again.merge_options() == recipe.merge_options()
