@@ -440,26 +440,6 @@ class MergeOptions:
         return self.values(keyword=True)
 
 
-# The names, kinds and checks of the options, for the callers that check one value at a time.
-OPTION_NAMES = MergeOptions.names()
-NULLABLE_OPTIONS = frozenset(f.name for f in MergeOptions.option_fields() if f.metadata["nullable"])
-
-
-def check_type(name: str, value: Any) -> Any:
-    """`MergeOptions.check_type`: the value with the type option `name` needs."""
-    return MergeOptions.check_type(name, value)
-
-
 def check_option(name: str, value: Any) -> Any:
-    """Type and range of one option (see `check_options`); returns the normalised value."""
+    """Type and range of one option (`MergeOptions.check`), for callers that check one value at a time."""
     return MergeOptions.check(name, value)
-
-
-def check_options(**options: Any) -> dict[str, Any]:
-    """Check every given merge option (type, then range); return them normalised. Raises `OptionError`.
-
-    Valid ranges follow the algorithm: `alpha` in [0, 1] (a convex combination of the two similarities),
-    `zip_decay` in (0, 1], `zip_budget` finite >= 0, `batch_size` in [1, 65536], `num_samples` >= 1 or None,
-    `seed` in [0, 2**64 - 1], `matcher`/`method`/`statistics_dtype` from their lists.
-    """
-    return MergeOptions.check_all(**options)

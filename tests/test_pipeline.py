@@ -90,8 +90,7 @@ def test_a_tiny_vit_merge_works_with_the_image_classification_pipeline(tmp_path)
     calibration = datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image())
     merged = hf_mudsc.merge(parents, calibration, method="zipit", batch_size=8, progress=False)
     out = tmp_path / "merged"
-    merged.save_pretrained(out)
-    processor.save_pretrained(out)
+    hf_mudsc.save_merged(merged, out)  # the library's writer: model, the parents' processor, card, recipe
     classify = pipeline("image-classification", model=str(out))
     with torch.no_grad():
         logits = merged(**processor(images=images[:4], return_tensors="pt")).logits
@@ -114,8 +113,7 @@ def test_a_tiny_bert_merge_works_with_the_text_classification_pipeline(tmp_path)
     merged = hf_mudsc.merge(parents, datasets.Dataset.from_dict({"text": texts}), method="zipit", batch_size=8,
                             progress=False)
     out = tmp_path / "merged"
-    merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    hf_mudsc.save_merged(merged, out)  # the library's writer: model, the parents' tokenizer, card, recipe
     classify = pipeline("text-classification", model=str(out))
     with torch.no_grad():
         logits = merged(**AutoTokenizer.from_pretrained(out)(texts[:4], padding=True, return_tensors="pt")).logits

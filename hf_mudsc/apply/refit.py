@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from hf_mudsc.calibrate.correlation import CLAMP
 from hf_mudsc.calibrate.statistics import forward_inputs
 from hf_mudsc.errors import CalibrationError
+from hf_mudsc.options import MergeOptions
 from hf_mudsc.solve.maps import GroupMaps
 from hf_mudsc.solve.matchers import Match
 from hf_mudsc.solve.similarity import weight_features
@@ -39,7 +40,6 @@ logger = logging.getLogger(__name__)
 # Mean weight correlation of fused units at or above which the parents are taken to share one basis (then the
 # matched heads are kept). Measured: same-init fine-tunes 0.94, different inits 0.20-0.22, a permuted copy 1.0.
 SHARED_BASIS_THRESHOLD = 0.5
-DEFAULT_LAMBDA = 1e-3
 _READ_AGAIN = ("the calibration data gave no samples when read again (the refit reads it once per layer step); "
                "pass data that can be read more than once: a list of batches or a datasets.Dataset")
 
@@ -230,7 +230,7 @@ def refit_model(
     batches: Callable[[], Iterable[Mapping[str, Any]]],
     *,
     concatenate_classifier: bool = False,
-    lambda_rel: float = DEFAULT_LAMBDA,
+    lambda_rel: float = MergeOptions.refit_lambda,  # the option's one declared default
     keep_head: bool | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,

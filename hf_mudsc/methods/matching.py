@@ -40,10 +40,6 @@ class UnitMatchingMethod(MergeMethod):
     extra_starts: tuple[str, ...] = ()
 
     @property
-    def uses_weights(self) -> bool:
-        return self.alpha != 0.0
-
-    @property
     def matches_units(self) -> bool:
         return True
 

@@ -70,7 +70,7 @@ def check_output(
         ValueError: the output overlaps an input.
     """
     output = Path(output).expanduser()
-    if not _lexists(output):
+    if not os.path.lexists(output):
         check_location(output, flag=flag)  # first: a name too long for the filesystem breaks `resolve`
     resolved = output.resolve()
     shown = str(output)
@@ -87,7 +87,7 @@ def check_output(
                 f"{flag} {shown!r} overlaps the {description} {str(source)!r}; inputs are never modified, "
                 f"choose a {flag} outside it"
             )
-    if not _lexists(output):
+    if not os.path.lexists(output):
         return
     if not overwrite:
         switch = "--overwrite" if flag.startswith("--") else "overwrite=True"  # CLI flag or API argument
@@ -135,7 +135,7 @@ def check_location(output: str | os.PathLike, *, flag: str = "--output") -> None
     shown = str(output)
     existing = output.parent
     missing = [output.name]
-    while not _lexists(existing):
+    while not os.path.lexists(existing):
         missing.insert(0, existing.name)
         existing = existing.parent
     if not existing.is_dir():
@@ -248,15 +248,6 @@ def _write_marker(folder: Path, marker: dict[str, Any]) -> None:
     os.replace(temporary, folder / MARKER_FILENAME)
 
 
-def _lexists(path: Path) -> bool:
-    """Whether anything (a symlink too) is at `path`; a path the filesystem cannot even look up is absent."""
-    try:
-        os.lstat(path)
-    except OSError:
-        return False
-    return True
-
-
 def _names(names: list[str], limit: int = 10) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
@@ -325,7 +316,7 @@ def staged_output(
     target = Path(output).expanduser().absolute() if output is not None else None
     if target is not None and not keep_existing:
         check_output(target, overwrite=overwrite, inputs=inputs, flag=flag)
-    elif target is not None and not _lexists(target):
+    elif target is not None and not os.path.lexists(target):
         check_location(target, flag=flag)
     parent = target.parent if target is not None else Path(tempfile.gettempdir())
     parent.mkdir(parents=True, exist_ok=True)
