@@ -198,9 +198,15 @@ def test_evaluate_accepts_hub_ids_with_and_without_a_revision(backward, hub_emul
     root, out, tests = backward
     hub_emulator.upload_folder("user/merged", out, "merged model")
     sha = hub_emulator.head("user/merged")
-    hub_emulator.commit_files("user/merged", {"notes.txt": b"a later commit"}, "later")
+    # A later commit changes the weights (the classifier negated), so the two revisions must score differently.
+    later = AutoModelForImageClassification.from_pretrained(out)
+    with torch.no_grad():
+        later.classifier.weight.neg_()
+    later.save_pretrained(tmp_path / "later")
+    hub_emulator.commit_files("user/merged", {"model.safetensors": (tmp_path / "later" / "model.safetensors")
+                                              .read_bytes()}, "later")
     assert hub_emulator.head("user/merged") != sha
-    reference = None
+    scored = {}
     for ref in ("user/merged", f"user/merged@{sha}"):
         work = tmp_path / ref.replace("/", "_").replace("@", "_")
         work.mkdir()
@@ -218,13 +224,13 @@ def test_evaluate_accepts_hub_ids_with_and_without_a_revision(backward, hub_emul
                               stdin=subprocess.DEVNULL)
         assert done.returncode == 0, done.stderr
         assert [p.name for p in work.iterdir()] == ["results.json"]
-        figures = _figures(json_path)
-        reference = reference or figures
-        assert figures == reference
+        scored[ref] = _figures(json_path)
+    pinned = scored[f"user/merged@{sha}"]
+    assert scored["user/merged"]["merged"] != pinned["merged"]  # the head's weights are not the pinned ones
     expected = _direct_figures(root, out, tests)
     for scorer, views in expected.items():
         for view, value in views.items():
-            assert reference[scorer][view] == pytest.approx(value, abs=1e-12), (scorer, view)
+            assert pinned[scorer][view] == pytest.approx(value, abs=1e-12), (scorer, view)
 
 
 def test_hub_id_refuses_a_missing_revision_in_one_line(backward, hub_emulator, tmp_path):
