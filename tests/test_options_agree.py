@@ -27,8 +27,8 @@ NON_OPTION_KEYWORDS = {"token", "progress", "processor"}
 # config.mudsc keys that describe the result, not an option.
 RESULT_KEYS = {"library", "version", "parents", "parent_revisions", "num_calibration_samples", "group_match_values",
                "solve_start", "start_objectives", "parent_relation"}
-# CLI arguments that are not options: the recipe file to run and the Hub token (never recorded).
-NON_OPTION_FLAGS = {"--recipe", "--token", "--help"}
+# CLI arguments that are not options: the recipe file to run, the Hub token (never recorded) and verbosity.
+NON_OPTION_FLAGS = {"--recipe", "--token", "--help", "--quiet", "--verbose"}
 
 
 def merge_keyword_mismatch(options: type[MergeOptions]) -> set[str]:

@@ -28,6 +28,32 @@ def command_in(argv: Sequence[str]) -> str | None:
     return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
+# The HTTP client's loggers: one INFO line per request (`HTTP Request: GET ...`), shown only with -v.
+HTTP_LOGGERS = ("httpx2", "httpx", "httpcore", "urllib3", "huggingface_hub")
+
+
+def add_verbosity(parser: argparse.ArgumentParser, dest_prefix: str = "") -> None:
+    """`-q/--quiet` and `-v/--verbose`, accepted before the command (`hf-mudsc -q merge ...`) and after it."""
+    parser.add_argument("-q", "--quiet", action="store_true", dest=f"{dest_prefix}quiet",
+                        help="only warnings and errors: no progress, no INFO lines")
+    parser.add_argument("-v", "--verbose", action="count", default=0, dest=f"{dest_prefix}verbose",
+                        help="debug lines of hf_mudsc and the HTTP client's per-request lines; -vv: every "
+                        "library's debug lines")
+
+
+def configure_logging(verbose: int, quiet: bool) -> None:
+    """Levels for one run: hf_mudsc's INFO lines by default, other libraries' warnings only (the HTTP client
+    logs every request at INFO); `quiet`: warnings and errors only; `verbose` >= 1: hf_mudsc's DEBUG lines and
+    the per-request lines; >= 2: every library's DEBUG lines."""
+    own = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=logging.DEBUG if verbose >= 2 else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hf_mudsc").setLevel(own)
+    for name in HTTP_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else logging.INFO if verbose
+                                         else logging.WARNING)
+
+
 def build_parser(available: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser; only the commands in `available` (all when None) get their flags, i.e. import their module.
 
@@ -39,7 +65,7 @@ def build_parser(available: Sequence[str] | None = None) -> argparse.ArgumentPar
         description="Merge fine-tuned Hugging Face transformers without training (MuDSC, CVPR 2024).",
     )
     parser.add_argument("--version", action="version", version=f"hf-mudsc {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    add_verbosity(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         if available is not None and name not in available:
@@ -54,6 +80,7 @@ def build_parser(available: Sequence[str] | None = None) -> argparse.ArgumentPar
         command = sub.add_parser(name, help=help_text, description=help_text,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         module.add_arguments(command)
+        add_verbosity(command, dest_prefix="command_")
         command.set_defaults(_run=module.run)
     return parser
 
@@ -62,9 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(available=[command] if (command := command_in(argv)) else [])
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=min(level, logging.INFO), format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("hf_mudsc").setLevel(min(level, logging.INFO))
+    args.verbose += getattr(args, "command_verbose", 0)
+    args.quiet = args.quiet or getattr(args, "command_quiet", False)
+    if args.quiet and args.verbose:
+        parser.error("-q/--quiet and -v/--verbose contradict each other; pass one of them")
+    configure_logging(args.verbose, args.quiet)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
