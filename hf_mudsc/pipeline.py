@@ -20,12 +20,14 @@ from hf_mudsc.apply.refit import RefitReport, refit_model
 from hf_mudsc.architectures import spec_for
 from hf_mudsc.calibrate.correlation import correlations_from
 from hf_mudsc.calibrate.device import resolve_device
+from hf_mudsc.diagnostics import merge_warnings
 from hf_mudsc.errors import MergeInputError, OptionError
 from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_parents
 from hf_mudsc.load.references import display_name, parent_name, pinned_calibration, pinned_reference
 from hf_mudsc.load.relation import check_mergeable
 from hf_mudsc.methods.registry import MethodContext, get_method
 from hf_mudsc.options import MergeOptions, option_hint
+from hf_mudsc.plan import MergePlan
 from hf_mudsc.solve.matchers import Match
 from hf_mudsc.spec import PermutationSpec
 
@@ -57,6 +59,8 @@ class MergeReport:
     processor: Any = None
     # What `refit="ridge"` did (layers, steps, shared-basis score, time); None without a refit.
     refit: RefitReport | None = None
+    # Why the merge may disappoint (hf_mudsc.diagnostics): logged, in `config.mudsc["warnings"]` and the card.
+    warnings: list[str] = field(default_factory=list)
 
 
 def solve_spec(spec: PermutationSpec, concatenate_classifier: bool, *, reference_rows: bool = False
@@ -105,7 +109,8 @@ def merge(
     processor: Any | None = None,
     refit: str = "none",
     refit_lambda: float = 1e-3,
-) -> PreTrainedModel | None:
+    dry_run: bool = False,
+) -> PreTrainedModel | MergePlan | None:
     """Merge two fine-tuned models of one architecture into one model, without training.
 
     The options (everything but `models`, `calibration`, `progress`, `token` and `processor`) are declared with
@@ -154,6 +159,10 @@ def merge(
             iterator). Under `torchrun` it runs on the main process over the whole calibration stream.
         refit_lambda: the refit's ridge strength relative to each layer's mean input energy (pulls toward the
             matched weights).
+        dry_run: return a `hf_mudsc.plan.MergePlan` instead of merging: the parents' pinned revisions, their
+            relation as far as configs tell, the method, the groups and widths, the calibration rows and an
+            estimate of time and peak memory — from configs and safetensors headers only (no weights downloaded,
+            nothing written).
         processor: preprocesses raw calibration columns (a tokenizer, image processor or processor) instead of
             the parents' own — which are found in their folders, or for model objects in their `name_or_path`
             folder or cached Hub snapshot.
@@ -202,6 +211,10 @@ def merge(
             f"method {method!r} needs calibration data (a 'dataset:split' spec, a datasets.Dataset or an iterable "
             "of input batches); use method='weight_matching' or 'average' (CLI: --method) to merge without data"
         )
+    if dry_run:
+        from hf_mudsc.plan import plan_merge
+
+        return plan_merge(models, calibration, merge_options, token=token)
     calibration_name = _calibration_name(calibration) if needs_data else None
     calibration_spec = None
     if needs_data and isinstance(calibration, (str, os.PathLike)):
@@ -263,6 +276,12 @@ def merge(
     report.sweeps = result.sweeps
     report.starts = dict(result.start_objectives)
     report.solve_start = result.solve_start
+    report.warnings = merge_warnings(
+        relation=relation.relation, method=merge_method, group_names=report.group_names,
+        group_values=report.group_values, widths={g.name: g.width for g in spec.groups},
+        rows={g.name: a.count for g, a in zip(spec.groups, accumulators)} if accumulators is not None else None)
+    for text in report.warnings:
+        logger.warning("%s", text)
     merged_params = result.parameters
 
     config = copy.deepcopy(model_a.config)
@@ -294,6 +313,7 @@ def merge(
         "solve_start": report.solve_start,
         "start_objectives": {name: round(float(v), 6) for name, v in report.starts.items()},
         "parent_relation": relation.as_config(),
+        "warnings": list(report.warnings),
     }
     config._name_or_path = ""
     merged = build_model(model_a, config, merged_params)
