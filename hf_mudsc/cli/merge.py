@@ -73,7 +73,7 @@ def build_recipe(args: argparse.Namespace, recipe_class: type[Recipe] = Recipe) 
     if getattr(args, "models", None):
         overrides["models"] = list(args.models)
     recipe = recipe.override(**overrides).validate()
-    if not recipe.output and not recipe.push_to_hub:
+    if not recipe.output and not recipe.push_to_hub and not recipe.dry_run:
         raise RecipeError("say where the merged model goes: --output DIR and/or --push-to-hub ORG/NAME")
     return recipe
 
@@ -87,6 +87,18 @@ def run(args: argparse.Namespace) -> int:
     from huggingface_hub.errors import HfHubHTTPError
 
     from hf_mudsc.errors import PushError
+
+    if recipe.dry_run:  # the plan only: nothing loaded but small files, nothing written or pushed
+        import hf_mudsc
+
+        try:
+            plan = hf_mudsc.merge(recipe.models, recipe.calibration, **recipe.keywords(),
+                                  token=getattr(args, "token", None))
+        except HfHubHTTPError as error:
+            print(f"hf-mudsc merge: error: {error}", file=sys.stderr)
+            return 1
+        print(plan)
+        return 0
 
     try:
         result = execute(recipe, token=getattr(args, "token", None), recipe_file=getattr(args, "recipe", None),
