@@ -257,7 +257,9 @@ def merge(
     report = MergeReport(method=method, matcher=used_matcher, alpha=merge_method.recorded_alpha(alpha))
     concatenate = spec.classifier is not None and not same_label_set(model_a.config, model_b.config)
     correlations = None
+    rows = None  # calibration rows (examples x tokens) each group saw, for the size warning
     if accumulators is not None:
+        rows = {g.name: accumulator.count for g, accumulator in zip(spec.groups, accumulators)}
         report.num_samples = accumulators[0].examples or accumulators[0].count
         _log_sample_count(num_samples, report.num_samples)
         correlations = correlations_from(accumulators)
@@ -279,7 +281,7 @@ def merge(
     report.warnings = merge_warnings(
         relation=relation.relation, method=merge_method, group_names=report.group_names,
         group_values=report.group_values, widths={g.name: g.width for g in spec.groups},
-        rows={g.name: a.count for g, a in zip(spec.groups, accumulators)} if accumulators is not None else None)
+        rows=rows)
     for text in report.warnings:
         logger.warning("%s", text)
     merged_params = result.parameters
