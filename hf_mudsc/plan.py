@@ -340,6 +340,8 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
             model = meta_model(parent.config)
         models_meta.append(model)
         data_bytes, dtypes = header_facts(parent, token=token) if parent.folder is not None else (None, [])
+        logger.debug("%s: %s, weight files %s, %s bytes of tensor data %s", parent.reference,
+                     parent.commit_sha or "local", parent.weight_files, data_bytes, dtypes)
         if model.device.type != "meta" and not dtypes:
             dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
         parents.append(ParentPlan(
