@@ -325,7 +325,7 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     import torch
 
     from hf_mudsc.architectures import spec_for
-    from hf_mudsc.diagnostics import calibration_size_warning
+    from hf_mudsc.diagnostics import calibration_size_warning, relation_warning
     from hf_mudsc.load.parents import locate_parents
     from hf_mudsc.methods.registry import get_method
 
@@ -372,6 +372,8 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         if text:
             warnings.append(text)
     identical = _identical_weights(located, token=token)
+    if identical:
+        warnings.insert(0, relation_warning("same model", method))
     relation = (f"same class and configuration ({parents[0].architecture})"
                 + ("; identical weight files (the same model)" if identical else "")
                 + "; the weight-based relation check (shared base, permuted copy, independent, protected) runs "
@@ -441,11 +443,18 @@ def _batch_rows(batch: Any) -> int:
 
 
 def _identical_weights(located: Sequence[Any], *, token: str | bool | None) -> bool:
-    """Whether the parents' weight files are byte-identical, judged by the Hub's content hashes (ETags) —
-    no download; local folders are not compared (that would read the weights)."""
+    """Whether the parents' weight files are one and the same: the same local file, or Hub files with equal
+    content hashes (ETags) — no download; different local files are not compared (that would read them)."""
+    from pathlib import Path
+
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE or any(p.repo_id is None or not p.weight_files for p in located):
+    if any(not p.weight_files or p.folder is None for p in located):
+        return False
+    files = [Path(p.folder) / p.weight_files[0] for p in located]
+    if all(f.is_file() for f in files) and all(os.path.samefile(files[0], f) for f in files[1:]):
+        return True
+    if constants.HF_HUB_OFFLINE or any(p.repo_id is None for p in located):
         return False
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 

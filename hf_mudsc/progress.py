@@ -14,6 +14,7 @@ import sys
 import time
 from typing import Any
 
+from tqdm import autonotebook
 from tqdm.auto import tqdm
 from tqdm.std import tqdm as plain_tqdm
 
@@ -26,7 +27,7 @@ LOG_EVERY_SECONDS = 30.0
 
 def interactive() -> bool:
     """Whether a bar can be drawn: stderr is a terminal, or `tqdm.auto` picked a notebook widget."""
-    if tqdm is not plain_tqdm:
+    if autonotebook.tqdm is not plain_tqdm:  # tqdm.auto found a notebook kernel: it draws a widget
         return True
     stream = sys.stderr
     return bool(getattr(stream, "isatty", None) and stream.isatty())

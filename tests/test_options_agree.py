@@ -25,8 +25,8 @@ from hf_mudsc.publish.recipe import COMMAND_LINE_ONLY_KEYS, DESTINATION_KEYS, Re
 # merge()'s keywords that are not merge options: how to reach the Hub, progress bars, the processor object.
 NON_OPTION_KEYWORDS = {"token", "progress", "processor"}
 # config.mudsc keys that describe the result, not an option.
-RESULT_KEYS = {"library", "version", "parents", "parent_revisions", "num_calibration_samples", "group_match_values", "warnings",
-               "solve_start", "start_objectives", "parent_relation"}
+RESULT_KEYS = {"library", "version", "parents", "parent_revisions", "num_calibration_samples", "group_match_values",
+               "solve_start", "start_objectives", "parent_relation", "warnings"}
 # CLI arguments that are not options: the recipe file to run, the Hub token (never recorded) and verbosity.
 NON_OPTION_FLAGS = {"--recipe", "--token", "--help", "--quiet", "--verbose"}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -54,6 +55,26 @@ def configure_logging(verbose: int, quiet: bool) -> None:
                                          else logging.WARNING)
 
 
+# The libraries' own progress bars (weights loading, shard writing, dataset saving), switched off by these.
+LIBRARY_BAR_SWITCHES = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
+
+
+def silence_library_bars() -> None:
+    """Turn off the progress bars of huggingface_hub, transformers and datasets (their bars in a log are walls of
+    carriage returns, and -q means no progress): by environment before they are imported, by their switches if
+    they already are. A variable the user set is left alone."""
+    unset = [name for name in LIBRARY_BAR_SWITCHES if name not in os.environ]
+    for name in unset:
+        os.environ[name] = "1"
+    if "HF_HUB_DISABLE_PROGRESS_BARS" in unset:
+        if "huggingface_hub" in sys.modules:
+            sys.modules["huggingface_hub"].utils.disable_progress_bars()
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
+    if "HF_DATASETS_DISABLE_PROGRESS_BARS" in unset and "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+
+
 def build_parser(available: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser; only the commands in `available` (all when None) get their flags, i.e. import their module.
 
@@ -94,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quiet and args.verbose:
         parser.error("-q/--quiet and -v/--verbose contradict each other; pass one of them")
     configure_logging(args.verbose, args.quiet)
+    from hf_mudsc.progress import interactive
+
+    if args.quiet or not interactive():
+        silence_library_bars()
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

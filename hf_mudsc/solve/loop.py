@@ -299,6 +299,7 @@ class Solver:
                 history.append(objective)
                 bar.update(1)
                 bar.set_postfix(objective=f"{objective:.5f}")
+                logger.debug("%s: sweep %d, objective %.6f", label, sweeps, objective)
                 if best is not None and best_objective >= objective:
                     stalls += 1
                     if stalls >= options.patience:
