@@ -49,7 +49,7 @@ def test_default_shows_info_and_periodic_progress_lines_but_no_bars(inputs, tmp_
 
 
 def test_quiet_shows_no_info_and_no_progress(inputs, tmp_path):
-    proc = run_merge(inputs, tmp_path / "merged", "-q")
+    proc = run_merge(inputs, tmp_path / "merged", before=("-q",))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "INFO" not in proc.stderr and "calibration:" not in proc.stderr and "\r" not in proc.stderr
     assert "Merged model written to" in proc.stdout  # the command's own result is still printed
@@ -63,7 +63,7 @@ def test_verbose_shows_debug_lines(inputs, tmp_path):
 
 
 def test_quiet_and_verbose_together_are_refused(inputs, tmp_path):
-    proc = run_merge(inputs, tmp_path / "merged", "-q", before=("-v",))
+    proc = run_merge(inputs, tmp_path / "merged", before=("-q", "-v"))
     assert proc.returncode == 2 and "-q/--quiet and -v/--verbose contradict each other" in proc.stderr
     assert not (tmp_path / "merged").exists()
 

@@ -33,11 +33,11 @@ def command_in(argv: Sequence[str]) -> str | None:
 HTTP_LOGGERS = ("httpx2", "httpx", "httpcore", "urllib3", "huggingface_hub")
 
 
-def add_verbosity(parser: argparse.ArgumentParser, dest_prefix: str = "") -> None:
-    """`-q/--quiet` and `-v/--verbose`, accepted before the command (`hf-mudsc -q merge ...`) and after it."""
-    parser.add_argument("-q", "--quiet", action="store_true", dest=f"{dest_prefix}quiet",
+def add_verbosity(parser: argparse.ArgumentParser) -> None:
+    """`-q/--quiet` and `-v/--verbose`, global options given before the command (`hf-mudsc -q merge ...`)."""
+    parser.add_argument("-q", "--quiet", action="store_true",
                         help="only warnings and errors: no progress, no INFO lines")
-    parser.add_argument("-v", "--verbose", action="count", default=0, dest=f"{dest_prefix}verbose",
+    parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="debug lines of hf_mudsc and the HTTP client's per-request lines; -vv: every "
                         "library's debug lines")
 
@@ -101,7 +101,6 @@ def build_parser(available: Sequence[str] | None = None) -> argparse.ArgumentPar
         command = sub.add_parser(name, help=help_text, description=help_text,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         module.add_arguments(command)
-        add_verbosity(command, dest_prefix="command_")
         command.set_defaults(_run=module.run)
     return parser
 
@@ -110,8 +109,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(available=[command] if (command := command_in(argv)) else [])
     args = parser.parse_args(argv)
-    args.verbose += getattr(args, "command_verbose", 0)
-    args.quiet = args.quiet or getattr(args, "command_quiet", False)
     if args.quiet and args.verbose:
         parser.error("-q/--quiet and -v/--verbose contradict each other; pass one of them")
     configure_logging(args.verbose, args.quiet)
