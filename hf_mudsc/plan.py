@@ -127,7 +127,8 @@ class MergePlan:
         for side, parent in zip("AB", self.parents):
             size = f", {_bytes(parent.weight_bytes)} of weights" if parent.weight_bytes is not None else ""
             dtypes = f" ({'/'.join(parent.dtypes)})" if parent.dtypes else ""
-            lines.append(f"  {side}: {parent.pinned} — {parent.architecture}, "
+            name = "a model object" if parent.pinned == parent.architecture else parent.pinned
+            lines.append(f"  {side}: {name} — {parent.architecture}, "
                          f"{parent.num_parameters / 1e6:.2f} M parameters{dtypes}{size}")
         lines += [f"Relation: {self.relation}", "",
                   f"Method: {self.method}" + (f" (matcher {self.matcher})" if self.matcher else "")]

@@ -160,6 +160,21 @@ def test_dry_run_of_objects_and_batches_counts_rows_and_warns_about_a_small_cali
     assert no_data.estimate.statistics_bytes == 0 and "Calibration: none" in str(no_data)
 
 
+def test_the_same_folder_twice_is_named_the_same_model(wide_inputs):
+    a, _, _, _ = wide_inputs
+    plan = hf_mudsc.merge([str(a), str(a)], method="average", dry_run=True)
+    assert "identical weight files (the same model)" in plan.relation
+    assert plan.warnings == ["the parents are the same model: the merge gives back that model"]
+
+
+def test_a_recipe_cannot_ask_for_a_dry_run(tmp_path):
+    from hf_mudsc.errors import RecipeError
+    from hf_mudsc.publish.recipe import Recipe
+
+    with pytest.raises(RecipeError, match="--dry-run"):
+        Recipe.from_dict({"models": ["a", "b"], "dry_run": True})
+
+
 def test_bad_input_is_refused_by_the_dry_run_too(tmp_path):
     with pytest.raises(MergeInputError, match="needs calibration data"):
         hf_mudsc.merge([make_model("vit_cls", 1), make_model("vit_cls", 2)], dry_run=True)
