@@ -173,6 +173,7 @@ def merge(
         `config.task_label_ranges` maps each task to its slice. Under `torchrun`/`accelerate launch`
         every process computes its share of the calibration statistics; only the main process
         (`hf_mudsc.calibrate.distributed.is_main_process()`) solves and gets the model, the others get None.
+        With `dry_run=True`, a `hf_mudsc.plan.MergePlan` instead (nothing merged, downloaded or written).
     """
     # Every option, before anything is loaded (the same checks as a recipe and the CLI): the keyword arguments
     # above that `MergeOptions` declares (tests/test_options_agree.py keeps the two lists equal).
