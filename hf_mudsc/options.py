@@ -383,6 +383,11 @@ class MergeOptions:
         False, kind="bool", recipe=False,
         help="allow parents with pickle-only weights (pytorch_model.bin can run arbitrary code when loaded; "
         "only for sources you trust)")
+    dry_run: bool = option(
+        False, kind="bool", recipe=False,
+        help="plan the merge without doing it: resolve the parents' revisions, read their configs and safetensors "
+        "headers (no weights downloaded), print the parents, their relation, the method, the groups and widths, "
+        "the calibration rows and an estimate of time and peak memory; nothing is written or pushed")
     output: str | None = option(
         None, kind="str", keyword=False, recipe=False, destination=True, metavar="DIR", short="-o",
         show_default=False,

@@ -25,6 +25,7 @@ from hf_mudsc.apply.refit import RefitReport, refit_model
 from hf_mudsc.architectures import spec_for
 from hf_mudsc.calibrate.correlation import correlations_from
 from hf_mudsc.calibrate.device import resolve_device
+from hf_mudsc.diagnostics import merge_warnings
 from hf_mudsc.errors import MergeInputError, OptionError
 from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_parents
 from hf_mudsc.load.references import display_name, parent_name, pinned_calibration, pinned_reference
@@ -32,6 +33,7 @@ from hf_mudsc.load.relation import base_relations, check_parents_mergeable, pare
 from hf_mudsc.methods.auto import choose_method, is_auto
 from hf_mudsc.methods.registry import METHODS, MergeMethod, MethodContext, get_method
 from hf_mudsc.options import MergeOptions, option_hint
+from hf_mudsc.plan import MergePlan
 from hf_mudsc.solve.matchers import Match
 from hf_mudsc.spec import PermutationSpec
 
@@ -63,6 +65,8 @@ class MergeReport:
     processor: Any = None
     # What `refit="ridge"` did (layers, steps, shared-basis score, time); None without a refit.
     refit: RefitReport | None = None
+    # Why the merge may disappoint (hf_mudsc.diagnostics): logged, in `config.mudsc["warnings"]` and the card.
+    warnings: list[str] = field(default_factory=list)
 
 
 def solve_spec(spec: PermutationSpec, concatenate_classifier: bool, *, reference_rows: bool = False
@@ -117,7 +121,8 @@ def merge(
     processor: Any | None = None,
     refit: str = "none",
     refit_lambda: float = 1e-3,
-) -> PreTrainedModel | None:
+    dry_run: bool = False,
+) -> PreTrainedModel | MergePlan | None:
     """Merge two or more fine-tuned models of one architecture into one model, without training.
 
     The options (everything but `models`, `calibration`, `progress`, `token` and `processor`) are declared with
@@ -177,6 +182,10 @@ def merge(
             iterator). Under `torchrun` it runs on the main process over the whole calibration stream.
         refit_lambda: the refit's ridge strength relative to each layer's mean input energy (pulls toward the
             matched weights).
+        dry_run: return a `hf_mudsc.plan.MergePlan` instead of merging: the parents' pinned revisions, their
+            relation as far as configs tell, the method, the groups and widths, the calibration rows and an
+            estimate of time and peak memory — from configs and safetensors headers only (no weights downloaded,
+            nothing written).
         processor: preprocesses raw calibration columns (a tokenizer, image processor or processor) instead of
             the parents' own — which are found in their folders, or for model objects in their `name_or_path`
             folder or cached Hub snapshot.
@@ -187,6 +196,7 @@ def merge(
         `config.task_label_ranges` maps each task to its slice. Under `torchrun`/`accelerate launch`
         every process computes its share of the calibration statistics; only the main process
         (`hf_mudsc.calibrate.distributed.is_main_process()`) solves and gets the model, the others get None.
+        With `dry_run=True`, a `hf_mudsc.plan.MergePlan` instead (nothing merged, downloaded or written).
     """
     # Every option, before anything is loaded (the same checks as a recipe and the CLI): the keyword arguments
     # above that `MergeOptions` declares (tests/test_options_agree.py keeps the two lists equal).
@@ -226,6 +236,10 @@ def merge(
                               "one-shot iterator; pass a list of batches or a datasets.Dataset")
     if merge_method is not None:
         _check_data(merge_method, calibration)
+    if dry_run:
+        from hf_mudsc.plan import plan_merge
+
+        return plan_merge(models, calibration, merge_options, token=token)
     # `auto` opens the calibration data it was given: the method it chooses may read it.
     needs_data = calibration is not None if merge_method is None else _reads_data(merge_method, refitting)
     given_calibration_name = _calibration_name(calibration) if calibration is not None else None
@@ -301,7 +315,9 @@ def merge(
     # Heads of different label sets: concatenated here unless the method builds them (the unit-matching apply step).
     left_out = set(head) if concatenate and not merge_method.builds_concatenated_head else set()
     correlations = None
+    rows = None  # calibration rows (examples x tokens) each group saw, for the size warning
     if accumulators is not None:
+        rows = {g.name: accumulator.count for g, accumulator in zip(spec.groups, accumulators)}
         report.num_samples = accumulators[0].examples or accumulators[0].count
         _log_sample_count(num_samples, report.num_samples)
         correlations = correlations_from(accumulators)
@@ -328,6 +344,12 @@ def merge(
     report.sweeps = result.sweeps
     report.starts = dict(result.start_objectives)
     report.solve_start = result.solve_start
+    report.warnings = merge_warnings(
+        relation=relation.relation, method=merge_method, group_names=report.group_names,
+        group_values=report.group_values, widths={g.name: g.width for g in spec.groups},
+        rows=rows)
+    for text in report.warnings:
+        logger.warning("%s", text)
     merged_params = dict(result.parameters)
     if left_out:
         merged_params.update(concatenated_head(params, sorted(left_out)))
@@ -364,6 +386,7 @@ def merge(
         "solve_start": report.solve_start,
         "start_objectives": {name: round(float(v), 6) for name, v in report.starts.items()},
         "parent_relation": relation.as_config(),
+        "warnings": list(report.warnings),
     }
     config._name_or_path = ""
     merged = build_model(model_a, config, merged_params)

@@ -27,7 +27,7 @@ NON_OPTION_KEYWORDS = {"token", "progress", "processor"}
 # config.mudsc keys that describe the result, not an option.
 RESULT_KEYS = {"library", "version", "parents", "parent_revisions", "num_calibration_samples", "group_match_values",
                "solve_start", "start_objectives", "parent_relation", "method_choice_reason", "base_revision",
-               "base_source"}
+               "base_source", "warnings"}
 # CLI arguments that are not options: the recipe file to run and the Hub token (never recorded).
 NON_OPTION_FLAGS = {"--recipe", "--token", "--help"}
 
@@ -88,10 +88,10 @@ def test_cli_flags_are_the_declared_options_with_their_help_and_shape():
 def test_recipe_keys_are_the_parents_plus_the_declared_options(tmp_path):
     assert Recipe.keys() == ["models", *MergeOptions.names()]
     assert set(COMMAND_LINE_ONLY_KEYS) == set(MergeOptions.names(recipe=False)) == {
-        "allow_pickle", "output", "push_to_hub", "private", "overwrite"}
-    assert COMMAND_LINE_ONLY_KEYS == {"allow_pickle": "--allow-pickle", "output": "--output DIR",
-                                      "push_to_hub": "--push-to-hub ORG/NAME", "private": "--private",
-                                      "overwrite": "--overwrite"}
+        "allow_pickle", "dry_run", "output", "push_to_hub", "private", "overwrite"}
+    assert COMMAND_LINE_ONLY_KEYS == {"allow_pickle": "--allow-pickle", "dry_run": "--dry-run",
+                                      "output": "--output DIR", "push_to_hub": "--push-to-hub ORG/NAME",
+                                      "private": "--private", "overwrite": "--overwrite"}
     assert DESTINATION_KEYS == ("output", "push_to_hub", "private", "overwrite")
     written = yaml.safe_load(Recipe(models=["a", "b"], calibration="c").save(tmp_path / "r.yaml").read_text())
     assert list(written) == ["hf_mudsc_version", "models", *MergeOptions.names(recipe=True)]

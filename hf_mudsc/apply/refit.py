@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from hf_mudsc.calibrate.correlation import CLAMP
 from hf_mudsc.calibrate.statistics import forward_inputs
 from hf_mudsc.errors import CalibrationError
 from hf_mudsc.options import MergeOptions
+from hf_mudsc.progress import Progress
 from hf_mudsc.solve.maps import GroupMaps
 from hf_mudsc.solve.matchers import Match
 from hf_mudsc.solve.similarity import weight_features
@@ -275,7 +275,7 @@ def refit_model(
             if first is None:
                 raise CalibrationError(f"refit: {_READ_AGAIN}")
             report.steps = forward_steps(merged, layers, _to(first, target))
-            bar = tqdm(total=len(report.steps), desc="refit", unit="step", disable=not progress, dynamic_ncols=True)
+            bar = Progress(total=len(report.steps), desc="refit", unit="steps", enabled=progress)
             for number, step in enumerate(report.steps):
                 accumulators = {name: RidgeAccumulator(modules[name].in_features, modules[name].out_features,
                                                        modules[name].bias is not None, target) for name in step}

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from hf_mudsc.calibrate.correlation import CorrelationAccumulator
 from hf_mudsc.errors import CalibrationError
+from hf_mudsc.progress import Progress
 from hf_mudsc.spec import HookPoint, PermutationSpec
 
 logger = logging.getLogger(__name__)
@@ -312,7 +312,7 @@ def collect_statistics(
     model_a.eval()
     model_b.eval()
     seen = 0
-    bar = tqdm(desc="calibration", unit="samples", total=total, disable=not progress, dynamic_ncols=True)
+    bar = Progress(desc="calibration", unit="samples", total=total, enabled=progress, rate=True)
     try:
         with torch.no_grad():
             if target is not None:

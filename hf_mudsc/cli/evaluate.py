@@ -297,7 +297,8 @@ def run(args: argparse.Namespace) -> int:
             {"merged": merged}, parents, datasets_per_task, metrics=args.metric or ["accuracy"],
             ensemble=not args.no_ensemble, batch_size=args.batch_size, num_samples=args.num_samples,
             image_column=args.image_column, text_column=args.text_column, class_names=class_names,
-            prompt_template=args.prompt_template or DEFAULT_PROMPT, progress=sys.stderr.isatty(),
+            prompt_template=args.prompt_template or DEFAULT_PROMPT,
+            progress=sys.stderr.isatty() and not getattr(args, "quiet", False),
             trust_remote_code=args.trust_remote_code)
     except EvaluationError as error:
         print(f"hf-mudsc evaluate: error: {error}", file=sys.stderr)

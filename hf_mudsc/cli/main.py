@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -28,6 +29,52 @@ def command_in(argv: Sequence[str]) -> str | None:
     return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
+# The HTTP client's loggers: one INFO line per request (`HTTP Request: GET ...`), shown only with -v.
+HTTP_LOGGERS = ("httpx2", "httpx", "httpcore", "urllib3", "huggingface_hub")
+
+
+def add_verbosity(parser: argparse.ArgumentParser) -> None:
+    """`-q/--quiet` and `-v/--verbose`, global options given before the command (`hf-mudsc -q merge ...`)."""
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="only warnings and errors: no progress, no INFO lines")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="debug lines of hf_mudsc and the HTTP client's per-request lines; -vv: every "
+                        "library's debug lines")
+
+
+def configure_logging(verbose: int, quiet: bool) -> None:
+    """Levels for one run: hf_mudsc's INFO lines by default, other libraries' warnings only (the HTTP client
+    logs every request at INFO); `quiet`: warnings and errors only; `verbose` >= 1: hf_mudsc's DEBUG lines and
+    the per-request lines; >= 2: every library's DEBUG lines."""
+    own = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=logging.DEBUG if verbose >= 2 else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hf_mudsc").setLevel(own)
+    for name in HTTP_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else logging.INFO if verbose
+                                         else logging.WARNING)
+
+
+# The libraries' own progress bars (weights loading, shard writing, dataset saving), switched off by these.
+LIBRARY_BAR_SWITCHES = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
+
+
+def silence_library_bars() -> None:
+    """Turn off the progress bars of huggingface_hub, transformers and datasets (their bars in a log are walls of
+    carriage returns, and -q means no progress): by environment before they are imported, by their switches if
+    they already are. A variable the user set is left alone."""
+    unset = [name for name in LIBRARY_BAR_SWITCHES if name not in os.environ]
+    for name in unset:
+        os.environ[name] = "1"
+    if "HF_HUB_DISABLE_PROGRESS_BARS" in unset:
+        if "huggingface_hub" in sys.modules:
+            sys.modules["huggingface_hub"].utils.disable_progress_bars()
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
+    if "HF_DATASETS_DISABLE_PROGRESS_BARS" in unset and "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+
+
 def build_parser(available: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser; only the commands in `available` (all when None) get their flags, i.e. import their module.
 
@@ -39,7 +86,7 @@ def build_parser(available: Sequence[str] | None = None) -> argparse.ArgumentPar
         description="Merge fine-tuned Hugging Face transformers without training (MuDSC, CVPR 2024).",
     )
     parser.add_argument("--version", action="version", version=f"hf-mudsc {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    add_verbosity(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         if available is not None and name not in available:
@@ -62,9 +109,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(available=[command] if (command := command_in(argv)) else [])
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=min(level, logging.INFO), format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("hf_mudsc").setLevel(min(level, logging.INFO))
+    if args.quiet and args.verbose:
+        parser.error("-q/--quiet and -v/--verbose contradict each other; pass one of them")
+    configure_logging(args.verbose, args.quiet)
+    from hf_mudsc.progress import interactive
+
+    if args.quiet or not interactive():
+        silence_library_bars()
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

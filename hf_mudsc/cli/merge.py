@@ -75,7 +75,7 @@ def build_recipe(args: argparse.Namespace, recipe_class: type[Recipe] = Recipe) 
     if getattr(args, "models", None):
         overrides["models"] = list(args.models)
     recipe = recipe.override(**overrides).validate()
-    if not recipe.output and not recipe.push_to_hub:
+    if not recipe.output and not recipe.push_to_hub and not recipe.dry_run:
         raise RecipeError("say where the merged model goes: --output DIR and/or --push-to-hub ORG/NAME")
     return recipe
 
@@ -90,8 +90,21 @@ def run(args: argparse.Namespace) -> int:
 
     from hf_mudsc.errors import PushError
 
+    if recipe.dry_run:  # the plan only: nothing loaded but small files, nothing written or pushed
+        import hf_mudsc
+
+        try:
+            plan = hf_mudsc.merge(recipe.models, recipe.calibration, **recipe.keywords(),
+                                  token=getattr(args, "token", None))
+        except HfHubHTTPError as error:
+            print(f"hf-mudsc merge: error: {error}", file=sys.stderr)
+            return 1
+        print(plan)
+        return 0
+
     try:
-        result = execute(recipe, token=getattr(args, "token", None), recipe_file=getattr(args, "recipe", None))
+        result = execute(recipe, token=getattr(args, "token", None), recipe_file=getattr(args, "recipe", None),
+                         progress=not getattr(args, "quiet", False))
     except (PushError, HfHubHTTPError) as error:
         print(f"hf-mudsc merge: error: {error}", file=sys.stderr)
         return 1
@@ -110,10 +123,12 @@ def run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------- work
 
 
-def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None = None) -> dict[str, Any]:
+def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None = None,
+            progress: bool = True) -> dict[str, Any]:
     """Run a validated recipe: merge, save (and push) on the main process. Returns what was produced.
 
-    `recipe_file`: the recipe's path, when it came from one (an input the output must not overlap)."""
+    `recipe_file`: the recipe's path, when it came from one (an input the output must not overlap).
+    `progress`: progress bars on a terminal, periodic log lines otherwise (`hf_mudsc.progress`); False: neither."""
     if not recipe.output and not recipe.push_to_hub:
         raise RecipeError("say where the merged model goes: --output DIR and/or --push-to-hub ORG/NAME")
     from hf_mudsc.calibrate.device import resolve_device
@@ -153,7 +168,7 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
     import hf_mudsc
 
     merged = hf_mudsc.merge(parents, calibration, **{**recipe.keywords(), "base": base}, token=token,
-                            progress=sys.stderr.isatty())
+                            progress=progress)
     if merged is None or not main:  # a non-main process of a distributed run: rank 0 saves and publishes
         return {}
     if calibration is not None:  # merge() saw an opened dataset; the config names what the user passed

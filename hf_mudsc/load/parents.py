@@ -692,6 +692,16 @@ def base_from_cards(located: Sequence[_Located], *, token: str | bool | None = N
     return None
 
 
+def locate_parents(refs: Sequence[Any], *, token: str | bool | None = None, allow_pickle: bool = False,
+                   cache_dir: str | os.PathLike | None = None) -> list[_Located]:
+    """The first phase of `load_parents` alone, for a dry run: revisions resolved, configs and processors read,
+    configurations and vocabularies compared — no weight file fetched (`located.weight_files` names them)."""
+    located = [_locate_with_processor(r, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir) for r in refs]
+    check_configs(located)
+    check_vocabularies(located)
+    return located
+
+
 def load_model(ref: PreTrainedModel | str | os.PathLike, *, allow_pickle: bool = False) -> PreTrainedModel:
     """A parent as a float32 model (kept for callers of the first API; prefer `load_parent`)."""
     return load_parent(ref, allow_pickle=allow_pickle).model

@@ -298,6 +298,7 @@ def render_card(
         solve_start=mudsc.get("solve_start", getattr(report, "solve_start", None)),
         parent_relation=relation_text(mudsc.get("parent_relation")),
         group_values=group_values,
+        merge_warnings=mudsc.get("warnings", getattr(report, "warnings", None)) or [],
         task_label_ranges=task_ranges(model.config),
         num_labels=len(getattr(model.config, "id2label", None) or {}),
         eval_rows=rows,

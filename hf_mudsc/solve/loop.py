@@ -16,8 +16,8 @@ from functools import partial
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from hf_mudsc.progress import Progress
 from hf_mudsc.solve.maps import GroupMaps
 from hf_mudsc.solve.matchers import Match, attention_head_scores, match, pair_attention_heads
 from hf_mudsc.solve.similarity import WeightCorrelation, blend
@@ -288,7 +288,8 @@ class Solver:
         stalls = 0
         history: list[float] = []
         sweeps = 0
-        bar = tqdm(total=options.max_sweeps, desc=label, unit="sweep", disable=not progress)
+        # The total is the sweep limit; an early stop (patience) cuts it to the sweeps run, so the bar ends full.
+        bar = Progress(total=options.max_sweeps, desc=label, unit="sweeps", enabled=progress)
         try:
             for _ in range(options.max_sweeps):
                 sweeps += 1
@@ -298,6 +299,7 @@ class Solver:
                 history.append(objective)
                 bar.update(1)
                 bar.set_postfix(objective=f"{objective:.5f}")
+                logger.debug("%s: sweep %d, objective %.6f", label, sweeps, objective)
                 if best is not None and best_objective >= objective:
                     stalls += 1
                     if stalls >= options.patience:
@@ -307,6 +309,7 @@ class Solver:
                     stalls = 0
                     best, best_objective = state.copy(), objective
         finally:
+            bar.set_total(sweeps)
             bar.close()
         assert best is not None
         return best, best_objective, history, sweeps

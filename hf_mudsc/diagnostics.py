@@ -1,0 +1,94 @@
+"""Warnings for merges likely to disappoint (docs/design.md, "Warnings"): logged, kept in `MergeReport.warnings`,
+`config.mudsc["warnings"]` and the model card. Each check is a pure function of numbers the merge already has,
+so the dry run and the merge share them.
+
+1. A *weak group*: its match value is far below the other groups'. "Far" is a robust outlier rule: below
+   `median − 3 × 1.4826 × MAD` of all groups' values (MAD scaled to a standard deviation, the usual robust
+   3-sigma) AND at least `WEAK_GROUP_MIN_GAP` below the median — match values of healthy merges vary by a few
+   hundredths between groups, and a MAD of nearly equal values would flag a 0.01 dip. Needs `WEAK_GROUP_MIN_GROUPS`
+   groups for a median to mean anything.
+2. *Too little calibration data*: a group's correlation is a `(2n × 2n)` matrix over the stacked `[A; B]` units
+   estimated from the rows its hook saw (examples × tokens, padding dropped). With fewer rows than `2n` it is
+   rank-deficient: most unit pairs are then matched on noise.
+3. *Method against relation*: a method without unit matching (`average`, task-vector methods) on parents that
+   are not fine-tunes of one base fuses unrelated units; a unit-matching method on fine-tunes of one base only
+   reorders units that already correspond (a plain average or a task-vector method keeps the base's alignment
+   and needs no data); parents that are the same model give back that model.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from hf_mudsc.options import option_hint
+
+WEAK_GROUP_MAD_FACTOR = 3.0
+MAD_TO_SIGMA = 1.4826
+WEAK_GROUP_MIN_GAP = 0.1
+WEAK_GROUP_MIN_GROUPS = 4
+# Relations (hf_mudsc.load.relation.ParentRelation.relation) whose units correspond without matching.
+ALIGNED_RELATIONS = ("shared base",)
+UNALIGNED_RELATIONS = ("independent", "permuted copy")
+
+
+def weak_groups(names: Sequence[str], values: Sequence[float]) -> list[tuple[str, float, float]]:
+    """(name, value, threshold) of each group whose match value is far below the others' (module docstring)."""
+    finite = [float(v) for v in values if v == v]
+    if len(finite) < WEAK_GROUP_MIN_GROUPS:
+        return []
+    median = statistics.median(finite)
+    mad = statistics.median(abs(v - median) for v in finite)
+    threshold = min(median - WEAK_GROUP_MAD_FACTOR * MAD_TO_SIGMA * mad, median - WEAK_GROUP_MIN_GAP)
+    return [(name, float(value), threshold) for name, value in zip(names, values) if value < threshold]
+
+
+def weak_group_warning(names: Sequence[str], values: Sequence[float]) -> str | None:
+    weak = weak_groups(names, values)
+    if not weak:
+        return None
+    median = statistics.median(float(v) for v in values if v == v)
+    shown = ", ".join(f"{name} {value:.3f}" for name, value, _ in weak[:5]) + (", ..." if len(weak) > 5 else "")
+    return (f"{len(weak)} group(s) match far worse than the others (median {median:.3f}; below "
+            f"{weak[0][2]:.3f}): {shown} — the parents' units there have no good counterpart, so the merged layer "
+            "serves both tasks poorly; check the parents are of one kind, or add calibration data")
+
+
+def calibration_size_warning(rows: Mapping[str, int], widths: Mapping[str, int]) -> str | None:
+    """Warn when a group saw fewer calibration rows (examples × tokens) than the `2n` units it correlates;
+    names the widest such group. `rows`/`widths`: per group name."""
+    short = [(name, rows[name], width) for name, width in widths.items() if name in rows and rows[name] < 2 * width]
+    if not short:
+        return None
+    name, seen, width = max(short, key=lambda item: (item[2], -item[1]))
+    return (f"calibration too small for the widths: group {name!r} ({width} units per parent) saw {seen} rows "
+            f"(examples × tokens), fewer than the {2 * width} units it correlates, so its correlations are "
+            f"rank-deficient ({len(short)} group(s) affected); give more samples ({option_hint('num_samples')} "
+            "or a larger calibration split)")
+
+
+def relation_warning(relation: str, method: Any) -> str | None:
+    """Warn when the parents' relation makes the method a poor fit; `method` is a registry `MergeMethod`."""
+    if relation == "same model":
+        return "the parents are the same model: the merge gives back that model"
+    if relation in UNALIGNED_RELATIONS and not method.matches_units:
+        return (f"method {method.name!r} fuses units by position, but the parents are {relation} models whose "
+                "units do not correspond: the merge will likely collapse; use a unit-matching method such as "
+                f"'mudsc' ({option_hint('method')})")
+    if relation in ALIGNED_RELATIONS and method.matches_units:
+        return (f"the parents are fine-tunes of one base, whose units already correspond: {method.name!r} can only "
+                "reorder them; a same-base method (e.g. 'average') keeps the base's alignment and needs no "
+                f"calibration data ({option_hint('method')})")
+    return None
+
+
+def merge_warnings(*, relation: str | None, method: Any, group_names: Sequence[str], group_values: Sequence[float],
+                   rows: Mapping[str, int] | None, widths: Mapping[str, int]) -> list[str]:
+    """Every warning of a finished solve, in a fixed order (relation, calibration size, weak groups)."""
+    found = [
+        relation_warning(relation, method) if relation else None,
+        calibration_size_warning(rows, widths) if rows else None,
+        weak_group_warning(group_names, group_values) if method.matches_units else None,
+    ]
+    return [text for text in found if text]

@@ -1,0 +1,472 @@
+"""`merge(..., dry_run=True)` / `hf-mudsc merge --dry-run`: what a merge would do, from small files only.
+
+The plan resolves the parents' revisions, reads their configs, processors and safetensors *headers* (tensor names,
+shapes, dtypes: `huggingface_hub.get_safetensors_metadata` for Hub repos, `safetensors.safe_open` for local files —
+never a weight file's data), builds the model on the `meta` device to get the permutation spec (the groups and
+their widths), opens (does not read) the calibration split, and estimates time and peak memory from the sizes
+(docs/design.md, "Dry run"). Nothing is written and nothing is pushed. `MergePlan.to_dict()` is JSON-able (what
+a service shows for its dry-run button); `str(plan)` is what the CLI prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from hf_mudsc.options import MergeOptions, option_hint
+
+logger = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------------------- estimate constants
+# Calibrated on scripts/bench_merge.py (README "Performance": 2 CPU cores, fp32 matmul 145-190 GFLOP/s).
+# Calibration runs at about the matmul rate on the useful FLOPs: 1.2 fits MiniLM-L6 (31 s measured, 31.5 s
+# predicted at 150 GFLOP/s), the ViT-S stand-in (62 / 63 s) and ViT-B/16 (388 / 383 s).
+CALIBRATION_EFFICIENCY = 1.2
+# Solve + apply + save = (SOLVE_FACTOR × solve FLOPs + APPLY_FLOPS_PER_PARAMETER × parameters) / matmul FLOP/s:
+# fitted to MiniLM-L6 (9 s measured, 9 s predicted), ViT-B/16 (44 / 44 s); the ViT-S stand-in predicts 9.3 s
+# (5 s align, 11 s zip measured). The per-parameter term is the apply step and writing the model.
+SOLVE_FACTOR = 0.41
+APPLY_FLOPS_PER_PARAMETER = 5.3e4
+# Peak RSS = runtime + WEIGHTS_FACTOR x both parents' fp32 weights + STATISTICS_FACTOR x the statistics
+# (MiniLM 1.46 GB predicted / 1.45-1.55 measured, ViT-S stand-in 2.06 / 2.02, ViT-B 7.0 / 7.7).
+RUNTIME_BYTES = 380e6
+WEIGHTS_FACTOR = 2.5
+STATISTICS_FACTOR = 1.25
+# Text calibration: tokens per example are unknown without reading rows; this many are assumed (capped by the
+# model's limit) and the plan says so.
+ASSUMED_TEXT_TOKENS = 128
+# A second of fp32 matmuls of this size measures the machine's rate when none is given.
+PROBE_SIZE = 1024
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+@dataclass
+class ParentPlan:
+    """One parent as the dry run found it (`commit_sha` pins a Hub parent)."""
+
+    reference: str
+    repo_id: str | None
+    commit_sha: str | None
+    architecture: str
+    num_parameters: int
+    weight_files: list[str] = field(default_factory=list)
+    weight_bytes: int | None = None
+    """Bytes of tensor data in the weight files (what loading downloads/reads); None without headers."""
+    dtypes: list[str] = field(default_factory=list)
+
+    @property
+    def pinned(self) -> str:
+        return f"{self.repo_id}@{self.commit_sha}" if self.repo_id and self.commit_sha else self.reference
+
+
+@dataclass
+class GroupPlan:
+    name: str
+    width: int
+    num_heads: int = 1
+
+
+@dataclass
+class CalibrationPlan:
+    """The calibration rows the merge would read."""
+
+    source: str
+    rows_available: int | None
+    rows: int | None
+    """Examples the merge would read: `num_samples` capped by the split's size (None: unknown until read)."""
+    tokens_per_example: int
+    tokens_assumed: bool
+
+
+@dataclass
+class Estimate:
+    """Rough cost of the merge on this machine (docs/design.md, "Dry run"): not counting the download."""
+
+    calibration_seconds: float
+    solve_seconds: float
+    peak_memory_bytes: float
+    matmul_flops_per_second: float
+    statistics_bytes: float
+
+    @property
+    def seconds(self) -> float:
+        return self.calibration_seconds + self.solve_seconds
+
+
+@dataclass
+class MergePlan:
+    """What `merge()` would do with these inputs (see the module docstring)."""
+
+    parents: list[ParentPlan]
+    relation: str
+    method: str
+    matcher: str | None
+    groups: list[GroupPlan]
+    calibration: CalibrationPlan | None
+    estimate: Estimate
+    warnings: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-able): every field, plus the estimate's total and the parents' pinned references."""
+        data = dataclasses.asdict(self)
+        data["estimate"]["seconds"] = self.estimate.seconds
+        for parent, entry in zip(self.parents, data["parents"]):
+            entry["pinned"] = parent.pinned
+        return data
+
+    def __str__(self) -> str:
+        lines = ["Dry run: nothing was downloaded but configs and safetensors headers; nothing was written.", "",
+                 "Parents:"]
+        for side, parent in zip("AB", self.parents):
+            size = f", {_bytes(parent.weight_bytes)} of weights" if parent.weight_bytes is not None else ""
+            dtypes = f" ({'/'.join(parent.dtypes)})" if parent.dtypes else ""
+            name = "a model object" if parent.pinned == parent.architecture else parent.pinned
+            lines.append(f"  {side}: {name} — {parent.architecture}, "
+                         f"{parent.num_parameters / 1e6:.2f} M parameters{dtypes}{size}")
+        lines += [f"Relation: {self.relation}", "",
+                  f"Method: {self.method}" + (f" (matcher {self.matcher})" if self.matcher else "")]
+        widths = sorted({g.width for g in self.groups})
+        lines.append(f"Groups: {len(self.groups)} (widths {', '.join(map(str, widths))})")
+        for group in self.groups:
+            heads = f", {group.num_heads} heads" if group.num_heads > 1 else ""
+            lines.append(f"  {group.name}: {group.width} units{heads}")
+        calibration = self.calibration
+        if calibration is None:
+            lines.append("Calibration: none (the method reads no data)")
+        else:
+            rows = "unknown until read" if calibration.rows is None else str(calibration.rows)
+            available = "" if calibration.rows_available is None else f" of {calibration.rows_available}"
+            tokens = f"{calibration.tokens_per_example} tokens per example" + (
+                " (assumed)" if calibration.tokens_assumed else "")
+            lines.append(f"Calibration: {calibration.source}: {rows}{available} rows, {tokens}")
+        estimate = self.estimate
+        lines += ["", f"Estimate: {_seconds(estimate.seconds)} (calibration {_seconds(estimate.calibration_seconds)}, "
+                  f"solve and apply {_seconds(estimate.solve_seconds)}; download not included), peak memory "
+                  f"{_bytes(estimate.peak_memory_bytes)} (statistics {_bytes(estimate.statistics_bytes)}), at "
+                  f"{estimate.matmul_flops_per_second / 1e9:.0f} GFLOP/s"]
+        if self.warnings:
+            lines += ["", "Warnings:"] + [f"  - {text}" for text in self.warnings]
+        return "\n".join(lines)
+
+
+def _bytes(value: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= size:
+            return f"{value / size:.2f} {unit}"
+    return f"{value:.0f} B"
+
+
+def _seconds(value: float) -> str:
+    return f"{value / 60:.1f} min" if value >= 90 else f"{value:.1f} s"
+
+
+# ---------------------------------------------------------------------------------------------------- estimate
+
+
+def matmul_rate(size: int = PROBE_SIZE) -> float:
+    """fp32 matmul FLOP/s of this machine: the best of a few `size`³ products (a few tens of ms)."""
+    import torch
+
+    a = torch.randn(size, size)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        torch.matmul(a, a)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / max(best, 1e-9)
+
+
+def statistics_bytes(widths: Iterable[int]) -> float:
+    """The float64 `(2n)²` sums of every group (docs/design.md §4.1) — held at once during calibration."""
+    return float(sum(8 * (2 * n) ** 2 for n in widths))
+
+
+def forward_flops(linear_params: Mapping[str, int], tokens: Mapping[str, int]) -> float:
+    """Multiply-add FLOPs of one example's forward pass: 2 × (matrix weights) × tokens of the tower they are in.
+
+    `linear_params`: parameter name -> element count of every matrix weight (embedding tables excluded: a
+    lookup is no product); `tokens`: parameter-name prefix -> tokens per example (the key "" for the rest).
+    Attention's `QKᵀ`/`AV` products (4·T·h per token and layer, ~4 % for ViT-B) are left out."""
+    return float(sum(2 * count * _tokens_for(name, tokens) for name, count in linear_params.items()))
+
+
+def _tokens_for(name: str, tokens: Mapping[str, int]) -> int:
+    prefix = max((p for p in tokens if name.startswith(p)), key=len, default="")
+    return tokens.get(prefix, tokens.get("", 1))
+
+
+def solve_flops(widths: Sequence[int], columns: Sequence[int]) -> float:
+    """The solve's work in FLOPs, the unit `SOLVE_FACTOR` is fitted in: per group of width n with D weight
+    columns, the weight correlation `[Z_A; Z_B]` product (2·(2n)²·D) and an O((2n)³) matching."""
+    return float(sum(2 * (2 * n) ** 2 * d + (2 * n) ** 3 for n, d in zip(widths, columns)))
+
+
+def estimate_cost(*, widths: Sequence[int], columns: Sequence[int], group_tokens: Sequence[int],
+                  linear_params: Mapping[str, int], tokens: Mapping[str, int], num_parameters: int,
+                  rows: int | None, needs_statistics: bool, matmul_flops: float, solves: bool = True) -> Estimate:
+    """Time and peak memory of a merge (docs/design.md, "Dry run"):
+
+    calibration s = rows × (2 × forward FLOPs + Σ_g tokens_g · 2·(2n_g)²) / (efficiency × matmul FLOP/s)
+    solve s       = (SOLVE_FACTOR × Σ_g (2·(2n_g)²·D_g + (2n_g)³) + APPLY_FLOPS_PER_PARAMETER × parameters)
+                    / matmul FLOP/s          (no solve term for methods without unit matching)
+    peak bytes    = runtime + 2.5 × 2 × 4 × parameters + 1.25 × Σ_g 8·(2n_g)²   (statistics only with data)
+    """
+    stats = statistics_bytes(widths) if needs_statistics else 0.0
+    calibration = 0.0
+    if needs_statistics:
+        per_example = 2 * forward_flops(linear_params, tokens) + sum(
+            t * 2 * (2 * n) ** 2 for n, t in zip(widths, group_tokens))
+        calibration = (rows or 0) * per_example / (CALIBRATION_EFFICIENCY * matmul_flops)
+    solve = ((SOLVE_FACTOR * solve_flops(widths, columns) if solves else 0.0)
+             + APPLY_FLOPS_PER_PARAMETER * num_parameters) / matmul_flops
+    peak = RUNTIME_BYTES + WEIGHTS_FACTOR * 2 * 4 * num_parameters + STATISTICS_FACTOR * stats
+    return Estimate(calibration_seconds=calibration, solve_seconds=solve, peak_memory_bytes=peak,
+                    matmul_flops_per_second=matmul_flops, statistics_bytes=stats)
+
+
+# ------------------------------------------------------------------------------------------------ model facts
+
+
+def tokens_per_example(config: Any) -> tuple[dict[str, int], bool]:
+    """Tokens each example puts through each tower, by parameter-name prefix, and whether any was assumed.
+
+    Vision: (image_size / patch_size)² patches + the class token. Text: `ASSUMED_TEXT_TOKENS`, capped by the
+    model's position limit (the real length depends on the rows, which a dry run does not read)."""
+    towers = {"vision": getattr(config, "vision_config", None), "text": getattr(config, "text_config", None)}
+    if not any(towers.values()):
+        count, assumed = _tower_tokens(config)
+        return {"": count}, assumed
+    tokens, assumed = {}, False
+    for prefix, sub in towers.items():
+        if sub is not None:
+            tokens[f"{prefix}_model"], tower_assumed = _tower_tokens(sub)
+            assumed = assumed or tower_assumed
+    tokens[""] = 1  # projections and heads see one row per example
+    return tokens, assumed
+
+
+def _tower_tokens(config: Any) -> tuple[int, bool]:
+    image, patch = getattr(config, "image_size", None), getattr(config, "patch_size", None)
+    if isinstance(image, int) and isinstance(patch, int) and patch > 0:
+        return (image // patch) ** 2 + 1, False
+    limit = getattr(config, "max_position_embeddings", None)
+    return (min(ASSUMED_TEXT_TOKENS, limit) if isinstance(limit, int) and limit > 0 else ASSUMED_TEXT_TOKENS), True
+
+
+def meta_model(config: Any) -> Any:
+    """The config's model with every tensor on the `meta` device: shapes without memory or weights."""
+    import torch
+
+    from hf_mudsc.load.parents import model_class_for
+
+    with torch.device("meta"):
+        return model_class_for(config)(config)
+
+
+def header_facts(parent: Any, *, token: str | bool | None) -> tuple[int | None, list[str]]:
+    """(tensor data bytes, dtypes) from the safetensors headers of a located parent; (None, []) without them.
+
+    Hub parents: `get_safetensors_metadata` (a HEAD and a ranged GET of each file's first bytes); local folders
+    and cached snapshots: `safe_open`, which maps the file and reads its header only."""
+    files = [f for f in parent.weight_files if f.endswith((".safetensors", ".safetensors.index.json"))]
+    if not files:
+        return None, []
+    from huggingface_hub import constants
+
+    if parent.repo_id is not None and not constants.HF_HUB_OFFLINE:
+        from huggingface_hub import HfApi
+
+        metadata = HfApi().get_safetensors_metadata(parent.repo_id, revision=parent.commit_sha, token=token)
+        infos = [t for f in metadata.files_metadata.values() for t in f.tensors.values()]
+        return (sum(t.data_offsets[1] - t.data_offsets[0] for t in infos), sorted({t.dtype for t in infos}))
+    return _local_header_facts(parent.folder, files)
+
+
+def _local_header_facts(folder: Any, files: Sequence[str]) -> tuple[int | None, list[str]]:
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    names: list[str] = []
+    for name in files:
+        if name.endswith(".index.json"):
+            names += sorted(set(json.loads((Path(folder) / name).read_text())["weight_map"].values()))
+        else:
+            names.append(name)
+    total, dtypes = 0, set()
+    for name in names:
+        path = Path(folder) / name
+        if not path.is_file():
+            return None, []
+        with safe_open(str(path), framework="pt") as opened:
+            for key in opened.keys():
+                piece = opened.get_slice(key)
+                count = 1
+                for size in piece.get_shape():
+                    count *= size
+                dtypes.add(piece.get_dtype())
+                total += count * DTYPE_BYTES.get(piece.get_dtype(), 4)
+    return total, sorted(dtypes)
+
+
+# ---------------------------------------------------------------------------------------------------- the plan
+
+
+def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *, token: str | bool | None = None,
+               matmul_flops: float | None = None) -> MergePlan:
+    """The dry run of `merge(models, calibration, **options)` (options already checked by merge())."""
+    import torch
+
+    from hf_mudsc.architectures import spec_for
+    from hf_mudsc.diagnostics import calibration_size_warning, relation_warning
+    from hf_mudsc.load.parents import locate_parents
+    from hf_mudsc.methods.auto import is_auto
+    from hf_mudsc.methods.registry import get_method
+
+    automatic = is_auto(options.method)
+    # `auto` decides from the weights, which a dry run does not read: plan for the costlier candidate the data
+    # allows (unit matching with calibration data, the plain average without).
+    method = get_method(("mudsc" if calibration is not None else "linear") if automatic else options.method)
+    needs_data = method.needs_calibration or options.refit != "none"
+    calibration_plan = None
+    located = locate_parents(list(models), token=token, allow_pickle=options.allow_pickle)
+    parents, models_meta = [], []
+    for parent in located:
+        model = parent.model if parent.model is not None else (parent.loaded.model if parent.loaded else None)
+        if model is None:
+            model = meta_model(parent.config)
+        models_meta.append(model)
+        data_bytes, dtypes = header_facts(parent, token=token) if parent.folder is not None else (None, [])
+        logger.debug("%s: %s, weight files %s, %s bytes of tensor data %s", parent.reference,
+                     parent.commit_sha or "local", parent.weight_files, data_bytes, dtypes)
+        if model.device.type != "meta" and not dtypes:
+            dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+        parents.append(ParentPlan(
+            reference=parent.reference, repo_id=parent.repo_id, commit_sha=parent.commit_sha,
+            architecture=type(model).__name__, num_parameters=sum(p.numel() for p in model.parameters()),
+            weight_files=list(parent.weight_files), weight_bytes=data_bytes, dtypes=dtypes))
+    config = located[0].config
+    spec = spec_for(models_meta[0])
+    tokens, assumed = tokens_per_example(config)
+    if needs_data:
+        calibration_plan = _calibration_plan(calibration, options, tokens, assumed, token=token)
+    shapes = {name: tuple(p.shape) for name, p in models_meta[0].named_parameters()}
+    embeddings = {f"{name}.weight" for name, module in models_meta[0].named_modules()
+                  if isinstance(module, torch.nn.Embedding)}
+    linear = {name: _numel(shape) for name, shape in shapes.items() if len(shape) >= 2 and name not in embeddings}
+    widths = [g.width for g in spec.groups]
+    columns = [sum(_numel(shapes[m.param]) // g.width for m in g.members if m.param in shapes) for g in spec.groups]
+    group_tokens = [max(_tokens_for(h.module, tokens) for h in g.hooks) if g.hooks else 1 for g in spec.groups]
+    rows = calibration_plan.rows if calibration_plan is not None else None
+    estimate = estimate_cost(
+        widths=widths, columns=columns, group_tokens=group_tokens, linear_params=linear, tokens=tokens,
+        num_parameters=parents[0].num_parameters, rows=rows, needs_statistics=method.needs_calibration,
+        matmul_flops=matmul_flops or matmul_rate(), solves=method.matches_units)
+    warnings = []
+    if calibration_plan is not None and rows is not None and method.needs_calibration:
+        text = calibration_size_warning({g.name: rows * t for g, t in zip(spec.groups, group_tokens)},
+                                        dict(zip((g.name for g in spec.groups), widths)))
+        if text:
+            warnings.append(text)
+    identical = _identical_weights(located, token=token)
+    if identical:
+        warnings.insert(0, relation_warning("same model", method))
+    relation = (f"same class and configuration ({parents[0].architecture})"
+                + ("; identical weight files (the same model)" if identical else "")
+                + "; the weight-based relation check (shared base, permuted copy, independent, protected) runs "
+                "at merge time")
+    keywords = options.values(recipe=True)
+    method_label = (f"auto (chosen at merge time from the parents' weights; estimated as {method.name})"
+                    if automatic else method.name)
+    plan = MergePlan(parents=parents, relation=relation, method=method_label,
+                     matcher=method.used_matcher(options.matcher), groups=[
+                         GroupPlan(g.name, g.width, g.num_heads) for g in spec.groups],
+                     calibration=calibration_plan, estimate=estimate, warnings=warnings,
+                     options={k: v for k, v in keywords.items() if k != "calibration"})
+    logger.info("dry run: %d groups, estimate %.1f s, peak %.2f GB", len(plan.groups), estimate.seconds,
+                estimate.peak_memory_bytes / 1e9)
+    return plan
+
+
+def _numel(shape: Sequence[int]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def _calibration_plan(calibration: Any, options: MergeOptions, tokens: Mapping[str, int], assumed: bool, *,
+                      token: str | bool | None) -> CalibrationPlan:
+    """The rows the merge would read: the split opened (not read) for a spec, counted for objects."""
+    import datasets
+
+    from hf_mudsc.calibrate.datasets import load_calibration_dataset, pin_calibration_revision
+    from hf_mudsc.load.references import pinned_calibration
+
+    if calibration is None:
+        from hf_mudsc.errors import MergeInputError
+
+        raise MergeInputError(f"method {options.method!r} needs calibration data; pass calibration (CLI: "
+                              "--calibration) or another method (CLI: --method)")
+    source = "dataset"
+    available: int | None = None
+    if isinstance(calibration, (str, os.PathLike)):
+        spec = pin_calibration_revision(os.fspath(calibration), token=token)
+        source = str(pinned_calibration(spec))
+        calibration = load_calibration_dataset(spec, token=token)
+    if isinstance(calibration, datasets.Dataset):
+        available = len(calibration)
+    elif isinstance(calibration, datasets.IterableDataset):
+        splits = getattr(calibration.info, "splits", None) or {}
+        split = splits.get(str(calibration.split)) if calibration.split is not None else None
+        available = getattr(split, "num_examples", None) or None
+    elif isinstance(calibration, (list, tuple)):
+        source = f"{len(calibration)} batches"
+        available = sum(_batch_rows(batch) for batch in calibration)
+    rows = available
+    if options.num_samples is not None:
+        rows = options.num_samples if available is None else min(options.num_samples, available)
+    if rows is None:
+        logger.info("calibration rows unknown until read; %s caps them", option_hint("num_samples"))
+    text_tokens = max(tokens.values()) if tokens else 1
+    return CalibrationPlan(source=source, rows_available=available, rows=rows,
+                           tokens_per_example=text_tokens, tokens_assumed=assumed)
+
+
+def _batch_rows(batch: Any) -> int:
+    for value in (batch.values() if isinstance(batch, Mapping) else ()):
+        shape = getattr(value, "shape", None)
+        if shape is not None and len(shape) > 0:
+            return int(shape[0])
+    return 0
+
+
+def _identical_weights(located: Sequence[Any], *, token: str | bool | None) -> bool:
+    """Whether the parents' weight files are one and the same: the same local file, or Hub files with equal
+    content hashes (ETags) — no download; different local files are not compared (that would read them)."""
+    from pathlib import Path
+
+    from huggingface_hub import constants
+
+    if any(not p.weight_files or p.folder is None for p in located):
+        return False
+    files = [Path(p.folder) / p.weight_files[0] for p in located]
+    if all(f.is_file() for f in files) and all(os.path.samefile(files[0], f) for f in files[1:]):
+        return True
+    if constants.HF_HUB_OFFLINE or any(p.repo_id is None for p in located):
+        return False
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    etags = []
+    for parent in located:
+        url = hf_hub_url(parent.repo_id, parent.weight_files[0], revision=parent.commit_sha)
+        etags.append((parent.weight_files[0], get_hf_file_metadata(url, token=token).etag))
+    return len(set(etags)) == 1 and not etags[0][0].endswith(".index.json")

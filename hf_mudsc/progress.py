@@ -1,0 +1,111 @@
+"""Progress of the long stages (calibration, solve sweeps, refit): a tqdm bar on a terminal, log lines elsewhere.
+
+A bar written into a log file or a CI console is a wall of carriage returns, and a job that prints nothing for
+minutes looks hung. So `Progress` shows tqdm's bar only when stderr is a terminal (or a notebook, where
+`tqdm.auto` draws a widget), and otherwise logs one INFO line every `LOG_EVERY_FRACTION` of the total (when the
+total is known) or every `LOG_EVERY_SECONDS`, whichever comes first, plus a last line at the end. `enabled=False`
+(`progress=False`, `hf-mudsc -q`) shows neither.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+from tqdm import autonotebook
+from tqdm.auto import tqdm
+from tqdm.std import tqdm as plain_tqdm
+
+logger = logging.getLogger(__name__)
+
+# A log line at least every tenth of the total, and at least every 30 s (unknown totals, slow stages).
+LOG_EVERY_FRACTION = 0.1
+LOG_EVERY_SECONDS = 30.0
+
+
+def interactive() -> bool:
+    """Whether a bar can be drawn: stderr is a terminal, or `tqdm.auto` picked a notebook widget."""
+    if autonotebook.tqdm is not plain_tqdm:  # tqdm.auto found a notebook kernel: it draws a widget
+        return True
+    stream = sys.stderr
+    return bool(getattr(stream, "isatty", None) and stream.isatty())
+
+
+class Progress:
+    """One stage's progress: `update(n)` / `set_postfix(**values)` / `close()` (also a context manager).
+
+    `total` may change while running (`set_total`): the solve's bar starts at the sweep limit and is cut to the
+    sweeps run when it converges early, so the bar ends full and the last line says how many ran."""
+
+    def __init__(self, *, desc: str, unit: str, total: int | None = None, enabled: bool = True,
+                 rate: bool = False, clock: Any = time.monotonic) -> None:
+        self.desc, self.unit, self.total, self.rate = desc, unit, total, rate
+        self.n = 0
+        self.postfix: dict[str, Any] = {}
+        self._clock = clock
+        self._start = self._last_time = clock()
+        self._last_logged = 0
+        self._bar = None
+        self._log = enabled and not interactive()
+        if enabled and not self._log:
+            self._bar = tqdm(desc=desc, unit=unit, total=total, dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self._log and self._due():
+            self._emit()
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = values
+        if self._bar is not None:
+            self._bar.set_postfix(**values)
+
+    def set_total(self, total: int) -> None:
+        self.total = total
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        elif self._log and self.n != self._last_logged:
+            self._emit()
+        self._log = False
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _due(self) -> bool:
+        if self._clock() - self._last_time >= LOG_EVERY_SECONDS:
+            return True
+        if self.total:
+            step = max(1, round(self.total * LOG_EVERY_FRACTION))
+            return self.n // step > self._last_logged // step
+        return False
+
+    def line(self) -> str:
+        """The text of one progress line: `calibration: 64/128 samples (50%), 210.3 samples/s, objective=0.5`."""
+        done = f"{self.n}/{self.total}" if self.total else str(self.n)
+        text = f"{self.desc}: {done} {self.unit}"
+        if self.total:
+            text += f" ({100 * self.n / self.total:.0f}%)"
+        elapsed = self._clock() - self._start
+        if self.rate and elapsed > 0:
+            text += f", {self.n / elapsed:.1f} {self.unit}/s"
+        if self.postfix:
+            text += ", " + ", ".join(f"{key}={value}" for key, value in self.postfix.items())
+        return text
+
+    def _emit(self) -> None:
+        logger.info("%s", self.line())
+        self._last_logged = self.n
+        self._last_time = self._clock()

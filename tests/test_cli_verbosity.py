@@ -1,0 +1,123 @@
+"""`-q/--quiet`, `-v/--verbose` and progress: tqdm bars only on a terminal, periodic log lines otherwise.
+
+The CLI runs in a subprocess, whose stderr is a pipe (not a terminal): no bar may appear there, the periodic lines
+must. The HTTP client's per-request lines (default off, on with -v) are checked against the Hub emulator in
+tests/test_dry_run.py."""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import sys
+
+import pytest
+from test_cli import save_parents_and_data
+
+from hf_mudsc.cli.main import configure_logging
+from hf_mudsc.progress import LOG_EVERY_SECONDS, Progress
+
+FAST = ["--num-samples", "16", "--batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return save_parents_and_data(tmp_path_factory.mktemp("verbosity_inputs"))
+
+
+def run_merge(inputs, out, *flags: str, before: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    a, b, calibration = inputs
+    argv = [sys.executable, "-m", "hf_mudsc", *before, "merge", str(a), str(b), "--calibration", str(calibration),
+            "--output", str(out), *FAST, *flags]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+
+
+def test_default_shows_info_and_periodic_progress_lines_but_no_bars(inputs, tmp_path):
+    proc = run_merge(inputs, tmp_path / "merged")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    err = proc.stderr
+    assert "\r" not in err and "█" not in err and "it/s]" not in err  # no tqdm bar
+    # 16 samples in batches of 4: a line at every batch (each passes a tenth of the total) ...
+    lines = re.findall(r"^INFO hf_mudsc.progress: calibration: (\d+)/16 samples \((\d+)%\), [\d.]+ samples/s$",
+                       err, re.M)
+    assert lines == [("4", "25"), ("8", "50"), ("12", "75"), ("16", "100")]
+    # ... and the solve's last line: the sweep limit cut to the sweeps run, so it ends at 100 %
+    sweeps = re.findall(r"^INFO hf_mudsc.progress: solve: (\d+)/(\d+) sweeps \(100%\), objective=0\.\d+$", err, re.M)
+    assert sweeps and all(done == total for done, total in sweeps)
+    assert "INFO hf_mudsc.pipeline: merged" in err and "DEBUG" not in err
+
+
+def test_quiet_shows_no_info_and_no_progress(inputs, tmp_path):
+    proc = run_merge(inputs, tmp_path / "merged", before=("-q",))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "INFO" not in proc.stderr and "calibration:" not in proc.stderr and "\r" not in proc.stderr
+    assert "Merged model written to" in proc.stdout  # the command's own result is still printed
+
+
+def test_verbose_shows_debug_lines(inputs, tmp_path):
+    proc = run_merge(inputs, tmp_path / "merged", before=("-v",))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"^DEBUG hf_mudsc.solve.loop: solve: sweep 1, objective 0\.\d+$", proc.stderr, re.M)
+    assert "INFO hf_mudsc.progress: calibration: 16/16 samples" in proc.stderr
+
+
+def test_quiet_and_verbose_together_are_refused(inputs, tmp_path):
+    proc = run_merge(inputs, tmp_path / "merged", before=("-q", "-v"))
+    assert proc.returncode == 2 and "-q/--quiet and -v/--verbose contradict each other" in proc.stderr
+    assert not (tmp_path / "merged").exists()
+
+
+def test_configure_logging_levels():
+    names = ("hf_mudsc", "httpx2", "huggingface_hub")
+    try:
+        configure_logging(0, False)
+        assert [logging.getLogger(n).level for n in names] == [logging.INFO, logging.WARNING, logging.WARNING]
+        configure_logging(0, True)
+        assert [logging.getLogger(n).level for n in names] == [logging.WARNING, logging.WARNING, logging.WARNING]
+        configure_logging(1, False)
+        assert [logging.getLogger(n).level for n in names] == [logging.DEBUG, logging.INFO, logging.INFO]
+    finally:
+        for name in names:
+            logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_logs_every_tenth_and_every_30_seconds_when_not_a_terminal(caplog):
+    clock = FakeClock()
+    with caplog.at_level(logging.INFO, logger="hf_mudsc.progress"):
+        with Progress(desc="calibration", unit="samples", total=100, rate=True, clock=clock) as bar:
+            for _ in range(100):
+                clock.now += 0.1
+                bar.update(1)
+        assert [r.getMessage() for r in caplog.records][:2] == [
+            "calibration: 10/100 samples (10%), 10.0 samples/s", "calibration: 20/100 samples (20%), 10.0 samples/s"]
+        assert len(caplog.records) == 10 and caplog.records[-1].getMessage().startswith("calibration: 100/100")
+        caplog.clear()
+        # Unknown total: a line every 30 s, and the last count when it closes.
+        clock = FakeClock()
+        with Progress(desc="calibration", unit="samples", clock=clock) as bar:
+            for _ in range(7):
+                clock.now += LOG_EVERY_SECONDS / 2
+                bar.update(3)
+        assert [r.getMessage() for r in caplog.records] == [
+            "calibration: 6 samples", "calibration: 12 samples", "calibration: 18 samples", "calibration: 21 samples"]
+        caplog.clear()
+        # A limit that is not reached: the total is cut to what ran, so the last line reads 100 %.
+        with Progress(desc="solve", unit="sweeps", total=100, clock=clock) as bar:
+            for sweep in range(7):
+                bar.update(1)
+                bar.set_postfix(objective=f"{0.5 + sweep / 100:.5f}")
+            bar.set_total(7)
+        assert [r.getMessage() for r in caplog.records] == ["solve: 7/7 sweeps (100%), objective=0.56000"]
+        caplog.clear()
+        with Progress(desc="solve", unit="sweeps", total=10, enabled=False, clock=clock) as bar:
+            bar.update(10)
+        assert caplog.records == []

@@ -1,0 +1,129 @@
+"""Warnings for merges likely to disappoint (hf_mudsc.diagnostics): each one triggered by a real merge and found in
+the log, the report, `config.mudsc` and the card; the outlier rule on hand-made values."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from factories import make_batches, make_model, permuted_copy
+
+import hf_mudsc
+from hf_mudsc.architectures import spec_for
+from hf_mudsc.diagnostics import (
+    calibration_size_warning,
+    relation_warning,
+    weak_group_warning,
+    weak_groups,
+)
+from hf_mudsc.methods import get_method
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: thread start-up dominates on a busy machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def _merge(models, batches, caplog, **options):
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
+        merged = hf_mudsc.merge(models, batches, progress=False, **options)
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    return merged, logged
+
+
+def _card(merged, tmp_path) -> str:
+    return (hf_mudsc.save_merged(merged, tmp_path / "merged") / "README.md").read_text()
+
+
+def test_weak_group_rule_on_hand_made_values():
+    names = ["g0", "g1", "g2", "g3", "g4"]
+    # median 0.9, MAD 0.01: the threshold is min(0.9 - 3 * 1.4826 * 0.01, 0.9 - 0.1) = 0.8
+    assert weak_groups(names, [0.9, 0.91, 0.89, 0.9, 0.3]) == [("g4", 0.3, pytest.approx(0.8))]
+    # a dip of 0.05 among equal values: MAD = 0 would flag it, the minimum gap does not
+    assert weak_groups(names, [0.9, 0.9, 0.9, 0.9, 0.85]) == []
+    # spread-out values widen the threshold: median 0.5, MAD 0.2 -> 0.5 - 0.89 < 0: nothing is far below
+    assert weak_groups(names, [0.1, 0.3, 0.5, 0.7, 0.9]) == []
+    assert weak_groups(names[:3], [1.0, 1.0, 0.0]) == []  # too few groups for a median to mean anything
+    text = weak_group_warning(names, [0.9, 0.91, 0.89, 0.9, 0.3])
+    assert text.startswith("1 group(s) match far worse than the others (median 0.900; below 0.800): g4 0.300")
+
+
+def test_calibration_size_rule_names_the_widest_short_group():
+    widths = {"residual": 32, "mlp": 48, "pooler": 32}
+    assert calibration_size_warning({"residual": 64, "mlp": 96, "pooler": 64}, widths) is None  # rows = 2n: enough
+    text = calibration_size_warning({"residual": 40, "mlp": 95, "pooler": 8}, widths)
+    assert text.startswith("calibration too small for the widths: group 'mlp' (48 units per parent) saw 95 rows "
+                           "(examples × tokens), fewer than the 96 units it correlates")
+    assert "(3 group(s) affected)" in text and "num_samples= (CLI: --num-samples)" in text
+
+
+def test_a_layer_with_no_counterpart_is_warned_about_in_log_report_config_and_card(caplog, tmp_path):
+    a = make_model("vit_cls", 1)
+    b = permuted_copy(a, spec_for(a), 3)  # the same function in another basis: every group matches perfectly ...
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # ... except layer 1's MLP, whose first weights are replaced by random ones
+        for name, param in b.named_parameters():
+            if "layers.1.mlp.fc1" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * param.std())
+    merged, logged = _merge([a, b], make_batches("vit_cls", num_batches=4), caplog, method="mudsc")
+    values = dict(zip(merged.merge_report.group_names, merged.merge_report.group_values))
+    assert values["vit.layers.1.mlp"] < 0.5 and values["vit.layers.0.mlp"] > 0.99
+    [warning] = merged.merge_report.warnings
+    assert warning.startswith("2 group(s) match far worse than the others (median 1.000; below 0.900): residual ")
+    assert f"vit.layers.1.mlp {values['vit.layers.1.mlp']:.3f}" in warning
+    assert logged == [warning] and merged.config.mudsc["warnings"] == [warning]
+    card = _card(merged, tmp_path)
+    assert "## Warnings" in card and f"- {warning}" in card
+
+
+def test_too_few_calibration_rows_for_the_widths_are_warned_about(caplog, tmp_path):
+    a, b = make_model("vit_cls", 1), make_model("vit_cls", 2)
+    # 2 images x 17 tokens = 34 rows per token group, fewer than 2 x 48 MLP units (the residual group, read once
+    # per image, saw 2 rows for 2 x 32 units: also short, but narrower)
+    merged, logged = _merge([a, b], make_batches("vit_cls", num_batches=1, batch_size=2), caplog, method="zipit")
+    text = ("calibration too small for the widths: group 'vit.layers.0.mlp' (48 units per parent) saw 34 rows "
+            "(examples × tokens), fewer than the 96 units it correlates")
+    assert [w for w in merged.merge_report.warnings if w.startswith(text)]
+    assert [w for w in logged if w.startswith(text)] and [w for w in merged.config.mudsc["warnings"]
+                                                         if w.startswith(text)]
+    assert text in _card(merged, tmp_path)
+    # 4 batches of 16 images: 1088 rows per token group and 64 for the residual's 2 x 32 units — no such warning
+    enough, _ = _merge([a, b], make_batches("vit_cls", num_batches=4), caplog, method="zipit")
+    assert not [w for w in enough.merge_report.warnings if w.startswith("calibration too small")]
+
+
+def test_averaging_independent_inits_is_warned_about(caplog, tmp_path):
+    a, b = make_model("vit_cls", 1), make_model("vit_cls", 2)  # different random inits
+    merged, logged = _merge([a, b], None, caplog, method="average")
+    assert merged.config.mudsc["parent_relation"]["relation"] == "independent"
+    expected = ("method 'average' fuses units by position, but the parents are independent models whose units do "
+                "not correspond: the merge will likely collapse; use a unit-matching method such as 'mudsc' "
+                "(method= (CLI: --method))")
+    assert merged.merge_report.warnings == [expected] and logged == [expected]
+    assert f"- {expected}" in _card(merged, tmp_path)
+
+
+def test_unit_matching_on_fine_tunes_of_one_base_is_warned_about_and_a_clean_merge_is_not(caplog):
+    a = make_model("vit_cls", 1)
+    b = make_model("vit_cls", 1)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # a "fine-tune": the same init moved by 5 %
+        for param in b.parameters():
+            param.add_(0.05 * param.std() * torch.randn(param.shape, generator=generator))
+    merged, logged = _merge([a, b], make_batches("vit_cls", num_batches=4), caplog, method="mudsc")
+    assert merged.config.mudsc["parent_relation"]["relation"] == "shared base"
+    expected = relation_warning("shared base", get_method("mudsc"))
+    assert expected.startswith("the parents are fine-tunes of one base, whose units already correspond: 'mudsc' "
+                               "can only reorder them")
+    assert merged.merge_report.warnings == [expected] and logged == [expected]
+    # The same data on independent inits with mudsc: nothing to warn about.
+    clean, logged = _merge([a, make_model("vit_cls", 2)], make_batches("vit_cls", num_batches=4), caplog)
+    assert clean.merge_report.warnings == [] and clean.config.mudsc["warnings"] == []
+    assert logged == []
+    assert relation_warning("same model", get_method("mudsc")) == (
+        "the parents are the same model: the merge gives back that model")
