@@ -8,6 +8,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from hf_mudsc.load.references import display_name, parent_name, pinned_calibrati
 from hf_mudsc.load.relation import check_mergeable
 from hf_mudsc.methods.registry import MethodContext, get_method
 from hf_mudsc.options import MergeOptions, option_hint
+from hf_mudsc.solve.diagnostics import MergeDiagnostics, compute_diagnostics
 from hf_mudsc.solve.matchers import Match
 from hf_mudsc.spec import PermutationSpec
 
@@ -57,6 +59,18 @@ class MergeReport:
     processor: Any = None
     # What `refit="ridge"` did (layers, steps, shared-basis score, time); None without a refit.
     refit: RefitReport | None = None
+    # Per-group match quality (activation, weight, blended correlation of the fused pairs), head pairings and
+    # sampled similarity blocks, for the plots and `hf-mudsc inspect`; None when no unit was matched.
+    diagnostics: MergeDiagnostics | None = None
+
+    def plot(self, path: str | os.PathLike, evaluation: Any = None) -> list[Path]:
+        """Draw the merge's diagnostic PNGs into the folder `path` (created if needed) and return their paths:
+        match quality per group, the solve objective, similarity heat maps, the attention-head pairing and, with
+        `evaluation` (an `EvaluationResult` or its JSON dict), the accuracy bar chart (docs/design.md §8b)."""
+        from hf_mudsc.publish.plots import draw_plots
+
+        diagnostics = self.diagnostics.rounded() if self.diagnostics is not None else None
+        return [plot.path for plot in draw_plots(path, diagnostics, evaluation)]
 
 
 def solve_spec(spec: PermutationSpec, concatenate_classifier: bool, *, reference_rows: bool = False
@@ -248,10 +262,10 @@ def merge(
         report.num_samples = accumulators[0].examples or accumulators[0].count
         _log_sample_count(num_samples, report.num_samples)
         correlations = correlations_from(accumulators)
+    matching_spec = solve_spec(spec, concatenate, reference_rows=reference_compat and spec.classifier is not None
+                               and params_a[spec.classifier.weight].shape == params_b[spec.classifier.weight].shape)
     result = merge_method.merge_parameters(MethodContext(
-        spec=spec, params_a=params_a, params_b=params_b,
-        solve_spec=solve_spec(spec, concatenate, reference_rows=reference_compat and spec.classifier is not None
-                              and params_a[spec.classifier.weight].shape == params_b[spec.classifier.weight].shape),
+        spec=spec, params_a=params_a, params_b=params_b, solve_spec=matching_spec,
         correlations=correlations, concatenate_classifier=concatenate, matcher=matcher, alpha=float(alpha),
         zip_decay=zip_decay, zip_budget=zip_budget, independent_heads=independent_heads,
         reference_compat=reference_compat, seed=seed, device=str(run_device), progress=progress,
@@ -263,6 +277,11 @@ def merge(
     report.sweeps = result.sweeps
     report.starts = dict(result.start_objectives)
     report.solve_start = result.solve_start
+    report.diagnostics = compute_diagnostics(
+        matching_spec, params_a, params_b, report.matches, correlations, alpha=result.similarity_alpha,
+        method=method, matcher=used_matcher, group_values=report.group_values,
+        objective_history=report.objective_history, sweeps=report.sweeps, starts=report.starts,
+        solve_start=report.solve_start)
     merged_params = result.parameters
 
     config = copy.deepcopy(model_a.config)

@@ -1,0 +1,262 @@
+"""How well the parents' units matched, per group: what the plots and `hf-mudsc inspect` show (docs/design.md §8b).
+
+Computed once at merge time from the final matches, while the activation correlations are still in memory, and
+kept small enough to store next to the model (`merge_diagnostics.json`): per group the mean activation, weight and
+blended correlation of the fused (A unit, B unit) pairs, the share of merged units that fuse both parents, the
+head pairing with each head pair's score, and for a few groups a sampled block of the similarity in matched order.
+
+The dataclasses are torch-free (`inspect` reads them without importing torch); `compute_diagnostics` imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from hf_mudsc.solve.matchers import Match
+    from hf_mudsc.spec import PermutationSpec
+
+DIAGNOSTICS_FILENAME = "merge_diagnostics.json"
+FORMAT_VERSION = 1
+#: Units shown per heat map side: a sample of evenly spaced merged units (whole matrices of a ViT-B MLP group are
+#: 6144 x 6144 — far too large to store, and pooling would wash out the diagonal of matched pairs).
+HEATMAP_UNITS = 48
+#: Heat maps kept: the first, middle and last group in solve order and the worst-matched one (when distinct).
+HEATMAP_GROUPS = 4
+
+
+def _rounded(value: float | None, digits: int = 5) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(float(value), digits)
+
+
+@dataclass
+class GroupDiagnostics:
+    """One group's match quality. Correlations are means over every (A unit, B unit) pair fused into one merged unit
+    (None when that similarity was not computed, e.g. activations for `weight_matching`)."""
+
+    name: str
+    width: int
+    num_heads: int = 1
+    value: float | None = None
+    """The matcher's own objective for the group (the card's "match value")."""
+    activation: float | None = None
+    weight: float | None = None
+    blended: float | None = None
+    """The similarity the units were matched on: `alpha * weight + (1 - alpha) * activation`."""
+    cross_fraction: float | None = None
+    """Share of merged units holding at least one unit of each parent (1.0 for align; zip may fuse within one)."""
+    head_pairing: list[int] | None = None
+    """The B head merged with each A head (attention groups)."""
+    head_scores: list[float] | None = None
+    """Mean blended correlation of the fused pairs of each A head with its partner."""
+
+
+@dataclass
+class Heatmap:
+    """A sampled block of one group's similarity: rows are A units, columns B units, both in merged order, so a
+    good match is a bright diagonal."""
+
+    group: str
+    rows: list[int]
+    """The A units shown (original indices), in merged order."""
+    columns: list[int]
+    """The B units shown (original indices, 0..n-1), in merged order."""
+    values: list[list[float]]
+
+
+@dataclass
+class MergeDiagnostics:
+    """Everything the merge plots need, JSON-serialisable (`to_dict`/`from_dict`, `save`/`load`)."""
+
+    method: str
+    matcher: str | None = None
+    alpha: float | None = None
+    """The weight share of the similarity the units were matched on (0: activations only, 1: weights only)."""
+    groups: list[GroupDiagnostics] = field(default_factory=list)
+    objective_history: list[float] = field(default_factory=list)
+    sweeps: int = 0
+    starts: dict[str, float] = field(default_factory=dict)
+    solve_start: str | None = None
+    heatmaps: list[Heatmap] = field(default_factory=list)
+
+    def group(self, name: str) -> GroupDiagnostics:
+        for group in self.groups:
+            if group.name == name:
+                return group
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MergeDiagnostics:
+        if data.get("format") != FORMAT_VERSION:
+            raise ValueError(f"unknown merge diagnostics format {data.get('format')!r} (this version reads "
+                             f"{FORMAT_VERSION}); redraw with the hf-mudsc version that merged the model")
+        return cls(
+            method=data["method"], matcher=data.get("matcher"), alpha=data.get("alpha"),
+            groups=[GroupDiagnostics(**g) for g in data.get("groups", [])],
+            objective_history=list(data.get("objective_history", [])), sweeps=int(data.get("sweeps", 0)),
+            starts=dict(data.get("starts", {})), solve_start=data.get("solve_start"),
+            heatmaps=[Heatmap(**h) for h in data.get("heatmaps", [])],
+        )
+
+    @classmethod
+    def from_config(cls, mudsc: Mapping[str, Any]) -> MergeDiagnostics:
+        """What a merged model's `config.mudsc` alone tells (a folder without `merge_diagnostics.json`): the method,
+        each group's match value and each start's final objective — no correlations, heads or heat maps."""
+        return cls(
+            method=str(mudsc.get("method")), matcher=mudsc.get("matcher"), alpha=mudsc.get("alpha"),
+            groups=[GroupDiagnostics(name=name, width=0, value=value)
+                    for name, value in (mudsc.get("group_match_values") or {}).items()],
+            starts=dict(mudsc.get("start_objectives") or {}), solve_start=mudsc.get("solve_start"),
+        )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> MergeDiagnostics:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    def rounded(self) -> MergeDiagnostics:
+        """As stored (5 decimals, heat maps 3): plots drawn at merge time and redrawn from the file are identical."""
+        return MergeDiagnostics.from_dict(json.loads(json.dumps(self.to_dict())))
+
+
+def heatmap_groups(groups: Sequence[GroupDiagnostics], limit: int = HEATMAP_GROUPS) -> list[int]:
+    """Positions of the groups worth a heat map: first, middle and last in solve order, and the worst-matched."""
+    if not groups:
+        return []
+    chosen = [0, len(groups) // 2, len(groups) - 1]
+    scored = [i for i, g in enumerate(groups) if g.blended is not None]
+    if scored:
+        chosen.append(min(scored, key=lambda i: groups[i].blended))
+    return sorted(set(chosen))[:limit]
+
+
+def compute_diagnostics(
+    spec: PermutationSpec,
+    params_a: Mapping[str, torch.Tensor],
+    params_b: Mapping[str, torch.Tensor],
+    matches: Sequence[Match | None],
+    correlations: Sequence[torch.Tensor] | None,
+    *,
+    alpha: float | None,
+    method: str,
+    matcher: str | None,
+    group_values: Sequence[float] = (),
+    objective_history: Sequence[float] = (),
+    sweeps: int = 0,
+    starts: Mapping[str, float] | None = None,
+    solve_start: str | None = None,
+    heatmap_units: int = HEATMAP_UNITS,
+) -> MergeDiagnostics | None:
+    """The diagnostics of a finished solve (None when no group was matched, e.g. `average`).
+
+    `spec` is the spec the solve matched with (weight similarities as in docs/design.md §4.3, other axes mapped by
+    the final matches). Only the fused pairs' entries and a sampled block are computed: `O(n · D)` per group,
+    not the `O(n² · D)` of a full weight correlation.
+    """
+    import torch
+
+    from hf_mudsc.calibrate.correlation import CLAMP
+    from hf_mudsc.solve.maps import GroupMaps
+    from hf_mudsc.solve.similarity import weight_features
+
+    if not any(m is not None for m in matches):
+        return None
+    maps = [GroupMaps.from_match(m) if m is not None else None for m in matches]
+    # Without activations the units were matched on weights alone, whatever `alpha` says.
+    weight_share = 1.0 if correlations is None else (0.0 if alpha is None else float(alpha))
+    report = MergeDiagnostics(
+        method=method, matcher=matcher, alpha=weight_share, objective_history=[float(v) for v in objective_history],
+        sweeps=int(sweeps), starts={k: float(v) for k, v in (starts or {}).items()}, solve_start=solve_start)
+    samples: list[tuple[list[int], list[int], torch.Tensor]] = []
+    for index, (group, found) in enumerate(zip(spec.groups, matches)):
+        n = group.width
+        entry = GroupDiagnostics(name=group.name, width=n, num_heads=group.num_heads,
+                                 value=_rounded(group_values[index]) if index < len(group_values) else None)
+        report.groups.append(entry)
+        if found is None:
+            samples.append(([], [], torch.zeros(0, 0)))
+            continue
+        cluster = found.cluster_of.cpu()
+        a_units, b_units = _fused_pairs(cluster, n)
+        # Weight similarity: rows of Z = [Z_A; Z_B], centred and scaled as C_w's Pearson correlation.
+        features = [weight_features(spec, index, params, side, maps) for side, params in
+                    enumerate((params_a, params_b))]
+        z = [f - f.mean(1, keepdim=True) for f in features]
+        scale = [f.pow(2).mean(1).sqrt() for f in z]
+        columns = z[0].shape[1]
+
+        def weight_corr(rows: torch.Tensor, cols: torch.Tensor, outer: bool = False) -> torch.Tensor:
+            if outer:
+                cov = z[0][rows] @ z[1][cols].T / columns
+                return cov / torch.outer(scale[0][rows], scale[1][cols]).clamp_min(CLAMP)
+            cov = (z[0][rows] * z[1][cols]).sum(1) / columns
+            return cov / (scale[0][rows] * scale[1][cols]).clamp_min(CLAMP)
+
+        activation = correlations[index].to(torch.float64) if correlations is not None else None
+        pair_weight = weight_corr(a_units, b_units)
+        pair_activation = activation[a_units, n + b_units] if activation is not None else None
+        pair_blended = (pair_weight if pair_activation is None
+                        else weight_share * pair_weight + (1 - weight_share) * pair_activation)
+        entry.weight = _mean(pair_weight)
+        entry.activation = _mean(pair_activation) if pair_activation is not None else None
+        entry.blended = _mean(pair_blended)
+        members = torch.zeros(found.num_merged, 2, dtype=torch.bool)
+        members[cluster[:n], 0] = True
+        members[cluster[n:], 1] = True
+        entry.cross_fraction = _rounded(float(members.all(1).double().mean()))
+        if found.head_pairing is not None and group.num_heads > 1:
+            entry.head_pairing = [int(h) for h in found.head_pairing]
+            size = n // group.num_heads
+            heads = a_units // size
+            entry.head_scores = [_mean(pair_blended[heads == h]) if bool((heads == h).any()) else None
+                                 for h in range(group.num_heads)]
+        # A sampled block in merged order: rows = A units, columns = B units, sorted by merged unit.
+        order_a = sorted(range(n), key=lambda u: (int(cluster[u]), u))
+        order_b = sorted(range(n), key=lambda u: (int(cluster[n + u]), u))
+        shown = min(heatmap_units, n)
+        picks = sorted({round(i * (n - 1) / max(shown - 1, 1)) for i in range(shown)})
+        rows = torch.tensor([order_a[i] for i in picks])
+        cols = torch.tensor([order_b[i] for i in picks])
+        block = weight_corr(rows, cols, outer=True)
+        if activation is not None:
+            block = weight_share * block + (1 - weight_share) * activation[rows][:, n + cols]
+        samples.append((rows.tolist(), cols.tolist(), block))
+    for index in heatmap_groups(report.groups):
+        rows, cols, block = samples[index]
+        if rows:
+            report.heatmaps.append(Heatmap(group=report.groups[index].name, rows=rows, columns=cols,
+                                           values=[[round(float(v), 3) for v in row] for row in block.tolist()]))
+    return report
+
+
+def _fused_pairs(cluster: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (A unit, B unit) pair fused into one merged unit, as two index tensors (B units as 0..n-1)."""
+    import torch
+
+    a_of: dict[int, list[int]] = {}
+    for unit, merged in enumerate(cluster[:n].tolist()):
+        a_of.setdefault(merged, []).append(unit)
+    pairs = [(a, b) for b, merged in enumerate(cluster[n:].tolist()) for a in a_of.get(merged, [])]
+    if not pairs:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    a_units, b_units = zip(*sorted(pairs))
+    return torch.tensor(a_units), torch.tensor(b_units)
+
+
+def _mean(values: torch.Tensor) -> float | None:
+    return _rounded(float(values.mean())) if values.numel() else None
