@@ -28,17 +28,18 @@ from hf_mudsc.solve.diagnostics import GroupDiagnostics, MergeDiagnostics
 
 logger = logging.getLogger(__name__)
 
-PLOTS_FOLDER = "plots"  # next to the model: DIR/plots/*.png
 DPI = 100
 STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 10,
          "xtick.labelsize": 9, "ytick.labelsize": 10, "figure.titlesize": 13, "axes.grid": False}
 SCORER_LABELS = {"parent_a": "parent A", "parent_b": "parent B", "ensemble": "ensemble (A+B)"}
+# Merged models' bars: matplotlib's default cycle without its grey (the parents' colour).
+MERGED_COLORS = ("#d62728", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
 COLORS = {"activation": "#1f77b4", "weight": "#ff7f0e", "blended": "#222222", "value": "#7f7f7f"}
 
 
 @dataclass(frozen=True)
 class Plot:
-    """One written PNG: `name` is its file stem, `title` the card's alt text, `caption` one line saying what it shows."""
+    """One written PNG: `name` is its file stem, `title` the card's alt text, `caption` says what it shows."""
 
     name: str
     title: str
@@ -89,7 +90,7 @@ def draw_plots(folder: str | os.PathLike, diagnostics: MergeDiagnostics | None, 
         path = folder / f"{name}.png"
         write_file_atomically(path, lambda temporary, figure=figure: _save(figure, temporary), owner=owner)
         drawn.append(Plot(name=name, title=title, caption=caption, path=path))
-    logger.info("wrote %d plots to %s", len(drawn), folder)
+    logger.debug("wrote %d plots to %s", len(drawn), folder)
     return drawn
 
 
@@ -151,8 +152,8 @@ def match_quality_figure(diagnostics: MergeDiagnostics) -> Figure:
     with rc_context(STYLE):
         figure = Figure(figsize=(min(max(8.0, 0.3 * len(groups) + 3.0), 24.0), 6.0), layout="constrained")
         axes = figure.add_subplot()
-        series = [("activation", "activation correlation"), ("weight", "weight correlation"),
-                  ("blended", f"blended (matched on; α = {diagnostics.alpha:g})" if diagnostics.alpha is not None
+        series = [("activation", "activation"), ("weight", "weight"),
+                  ("blended", f"blended (α = {diagnostics.alpha:g}; matched on)" if diagnostics.alpha is not None
                    else "blended (matched on)")]
         fractions = [g.cross_fraction for g in groups]
         if any(f is not None for f in fractions):
@@ -167,9 +168,10 @@ def match_quality_figure(diagnostics: MergeDiagnostics) -> Figure:
                       else "D", markersize=5, linewidth=2.2 if key == "blended" else 1.4, color=COLORS[key],
                       label=label)
             drawn = True
-        if not drawn:  # an older folder: only the match values of config.json
-            axes.plot(positions, [math.nan if g.value is None else g.value for g in groups], marker="o",
-                      color=COLORS["value"], label="match value (matcher's objective)")
+        if any(g.value is not None for g in groups):  # zip's also counts fusions within one parent
+            axes.plot(positions, [math.nan if g.value is None else g.value for g in groups], marker="s" if drawn
+                      else "o", markersize=4, linestyle=":" if drawn else "-", color=COLORS["value"],
+                      label="match value (matcher's objective)")
         for position, group in enumerate(groups):
             if group.cross_fraction == 0.0:  # zip fused every unit within its own parent: no pair to score
                 axes.annotate("no A–B pair", (position, 0.0), xytext=(0, 6), textcoords="offset points",
@@ -183,11 +185,12 @@ def match_quality_figure(diagnostics: MergeDiagnostics) -> Figure:
                   default=0.0)
         axes.set_ylim(min(-0.05, low - 0.05), 1.05)
         axes.set_xlabel("unit group, in solve order (residual stream, then each block's q/k, v, MLP)")
-        axes.set_ylabel("mean Pearson correlation of fused pairs")
+        axes.set_ylabel("mean correlation of fused A–B pairs")
+        note = "\n(zip's match value also counts fusions within one parent)" if diagnostics.matcher == "zip" else ""
         axes.set_title(f"Match quality per group — {_title_settings(diagnostics)}\n"
-                       "1 = the parents' fused units agree perfectly, 0 = unrelated")
+                       f"1 = fused units agree perfectly, 0 = unrelated{note}")
         axes.grid(axis="y", alpha=0.3)
-        figure.legend(loc="outside lower center", ncols=2, framealpha=0.9)
+        figure.legend(loc="outside lower center", ncols=3, framealpha=0.9)
     return figure
 
 
@@ -234,9 +237,9 @@ def heatmap_figure(diagnostics: MergeDiagnostics) -> Figure:
         for axes, heatmap in zip(axes_list, maps):
             image = axes.imshow(heatmap.values, cmap="RdBu_r", vmin=-1.0, vmax=1.0, interpolation="nearest")
             shown = len(heatmap.rows)
-            width = widths.get(heatmap.group, shown)
-            sample = f"{shown} of {width} units" if shown < width else f"all {width} units"
-            axes.set_title(f"{short_name(heatmap.group)}\n({sample})")
+            total = heatmap.fused_units or shown
+            sample = f"{shown} of {total} fused pairs" if shown < total else f"all {total} fused pairs"
+            axes.set_title(f"{short_name(heatmap.group)}\n({sample}; {widths.get(heatmap.group, '?')} units)")
             axes.set_xlabel("unit of B (merged order)")
             ticks = sorted({0, shown - 1})
             axes.set_xticks(ticks)
@@ -246,7 +249,7 @@ def heatmap_figure(diagnostics: MergeDiagnostics) -> Figure:
             bar = figure.colorbar(image, ax=list(axes_list), shrink=0.85)
             bar.set_label("similarity (blended correlation)")
         figure.suptitle(f"Similarity in matched order — {_title_settings(diagnostics)}: "
-                        "fused pairs lie on the diagonal (red = similar)")
+                        "row i and column i were fused (diagonal), red = similar")
     return figure
 
 
@@ -258,7 +261,7 @@ def head_pairing_figure(diagnostics: MergeDiagnostics) -> Figure:
     for group in diagnostics.groups:
         if group.head_pairing:
             by_block.setdefault(block_name(group.name), []).append(group)
-    for block, groups in by_block.items():
+    for groups in by_block.values():
         if all(g.head_pairing == groups[0].head_pairing for g in groups):
             scores = [_mean_or_none([g.head_scores[h] if g.head_scores else None for g in groups])
                       for h in range(len(groups[0].head_pairing or []))]
@@ -289,7 +292,8 @@ def head_pairing_figure(diagnostics: MergeDiagnostics) -> Figure:
         axes.set_xlabel("head of A")
         axes.set_ylabel("block")
         axes.set_title("Attention head pairing: the head of B merged with each head of A\n"
-                       "(bold: another index than A's; colour: mean similarity of the fused units)")
+                       "bold: another index than A's; colour: mean similarity of its fused A–B units "
+                       "(grey: none fused)", fontsize=11)
         bar = figure.colorbar(image, ax=axes, shrink=0.9)
         bar.set_label("mean blended correlation")
     return figure
@@ -305,7 +309,7 @@ def accuracy_figure(evaluation: Mapping[str, Any]) -> Figure:
     order += [s for s in scores if s not in order]
     width = 0.8 / max(len(order), 1)
     with rc_context(STYLE):
-        figure = Figure(figsize=(min(max(8.0, 1.0 + len(views) * (0.35 * len(order) + 0.6)), 20.0), 5.2),
+        figure = Figure(figsize=(min(max(8.0, 2.5 + len(views) * (0.25 * len(order) + 0.5)), 15.0), 5.2),
                         layout="constrained")
         axes = figure.add_subplot()
         for index, scorer in enumerate(order):
@@ -316,8 +320,9 @@ def accuracy_figure(evaluation: Mapping[str, Any]) -> Figure:
                     xs.append(position - 0.4 + width * (index + 0.5))
                     heights.append(100.0 * value)
             colour = "#9e9e9e" if scorer.startswith("parent") else ("#555555" if scorer == "ensemble" else None)
+            merged_index = index - sum(1 for s in order[:index] if s in SCORER_LABELS)
             bars = axes.bar(xs, heights, width=width * 0.95, label=SCORER_LABELS.get(scorer, scorer),
-                            color=colour if colour else f"C{index % 10}",
+                            color=colour if colour else MERGED_COLORS[merged_index % len(MERGED_COLORS)],
                             hatch="//" if scorer == "parent_b" else None, edgecolor="white" if colour else None)
             if len(order) <= 6:
                 axes.bar_label(bars, fmt="%.0f", fontsize=8, padding=1)

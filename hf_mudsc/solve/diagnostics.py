@@ -25,10 +25,11 @@ if TYPE_CHECKING:
     from hf_mudsc.spec import PermutationSpec
 
 DIAGNOSTICS_FILENAME = "merge_diagnostics.json"
+PLOTS_FOLDER = "plots"  # the PNGs drawn from the diagnostics, next to the model: DIR/plots/*.png
 FORMAT_VERSION = 1
 #: Units shown per heat map side: a sample of evenly spaced merged units (whole matrices of a ViT-B MLP group are
 #: 6144 x 6144 — far too large to store, and pooling would wash out the diagonal of matched pairs).
-HEATMAP_UNITS = 48
+HEATMAP_UNITS = 40
 #: Heat maps kept: the first, middle and last group in solve order and the worst-matched one (when distinct).
 HEATMAP_GROUPS = 4
 
@@ -61,15 +62,17 @@ class GroupDiagnostics:
 
 @dataclass
 class Heatmap:
-    """A sampled block of one group's similarity: rows are A units, columns B units, both in merged order, so a
-    good match is a bright diagonal."""
+    """A sampled block of one group's similarity: row i and column i are the A unit and the B unit of one merged
+    unit (in merged order), so a good match is a bright diagonal."""
 
     group: str
     rows: list[int]
     """The A units shown (original indices), in merged order."""
     columns: list[int]
-    """The B units shown (original indices, 0..n-1), in merged order."""
+    """The B units shown (original indices, 0..n-1), fused with the A unit of the same position."""
     values: list[list[float]]
+    fused_units: int = 0
+    """Merged units that fuse a unit of A with a unit of B (the sample is drawn from them)."""
 
 
 @dataclass
@@ -122,7 +125,7 @@ class MergeDiagnostics:
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+        path.write_text(json.dumps(self.to_dict(), separators=(",", ":")) + "\n", encoding="utf-8")
         return path
 
     @classmethod
@@ -130,19 +133,18 @@ class MergeDiagnostics:
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
 
     def rounded(self) -> MergeDiagnostics:
-        """As stored (5 decimals, heat maps 3): plots drawn at merge time and redrawn from the file are identical."""
+        """As stored (5 decimals, heat maps 2): plots drawn at merge time and redrawn from the file are identical."""
         return MergeDiagnostics.from_dict(json.loads(json.dumps(self.to_dict())))
 
 
 def heatmap_groups(groups: Sequence[GroupDiagnostics], limit: int = HEATMAP_GROUPS) -> list[int]:
-    """Positions of the groups worth a heat map: first, middle and last in solve order, and the worst-matched."""
-    if not groups:
-        return []
-    chosen = [0, len(groups) // 2, len(groups) - 1]
+    """Positions of the groups worth a heat map, among those with fused A-B pairs: the first, middle and last in
+    solve order, and the worst-matched."""
     scored = [i for i, g in enumerate(groups) if g.blended is not None]
-    if scored:
-        chosen.append(min(scored, key=lambda i: groups[i].blended))
-    return sorted(set(chosen))[:limit]
+    if not scored:
+        return []
+    chosen = {scored[0], scored[len(scored) // 2], scored[-1], min(scored, key=lambda i: groups[i].blended)}
+    return sorted(chosen)[:limit]
 
 
 def compute_diagnostics(
@@ -170,7 +172,6 @@ def compute_diagnostics(
     """
     import torch
 
-    from hf_mudsc.calibrate.correlation import CLAMP
     from hf_mudsc.solve.maps import GroupMaps
     from hf_mudsc.solve.similarity import weight_features
 
@@ -182,33 +183,22 @@ def compute_diagnostics(
     report = MergeDiagnostics(
         method=method, matcher=matcher, alpha=weight_share, objective_history=[float(v) for v in objective_history],
         sweeps=int(sweeps), starts={k: float(v) for k, v in (starts or {}).items()}, solve_start=solve_start)
-    samples: list[tuple[list[int], list[int], torch.Tensor]] = []
+    samples: list[tuple[list[int], list[int], torch.Tensor, int]] = []
     for index, (group, found) in enumerate(zip(spec.groups, matches)):
         n = group.width
         entry = GroupDiagnostics(name=group.name, width=n, num_heads=group.num_heads,
                                  value=_rounded(group_values[index]) if index < len(group_values) else None)
         report.groups.append(entry)
         if found is None:
-            samples.append(([], [], torch.zeros(0, 0)))
+            samples.append(([], [], torch.zeros(0, 0), 0))
             continue
         cluster = found.cluster_of.cpu()
         a_units, b_units = _fused_pairs(cluster, n)
         # Weight similarity: rows of Z = [Z_A; Z_B], centred and scaled as C_w's Pearson correlation.
-        features = [weight_features(spec, index, params, side, maps) for side, params in
-                    enumerate((params_a, params_b))]
-        z = [f - f.mean(1, keepdim=True) for f in features]
-        scale = [f.pow(2).mean(1).sqrt() for f in z]
-        columns = z[0].shape[1]
-
-        def weight_corr(rows: torch.Tensor, cols: torch.Tensor, outer: bool = False) -> torch.Tensor:
-            if outer:
-                cov = z[0][rows] @ z[1][cols].T / columns
-                return cov / torch.outer(scale[0][rows], scale[1][cols]).clamp_min(CLAMP)
-            cov = (z[0][rows] * z[1][cols]).sum(1) / columns
-            return cov / (scale[0][rows] * scale[1][cols]).clamp_min(CLAMP)
-
+        rows_a, rows_b = (_centred_rows(weight_features(spec, index, params, side, maps))
+                          for side, params in enumerate((params_a, params_b)))
         activation = correlations[index].to(torch.float64) if correlations is not None else None
-        pair_weight = weight_corr(a_units, b_units)
+        pair_weight = _pearson(rows_a, rows_b, a_units, b_units)
         pair_activation = activation[a_units, n + b_units] if activation is not None else None
         pair_blended = (pair_weight if pair_activation is None
                         else weight_share * pair_weight + (1 - weight_share) * pair_activation)
@@ -225,23 +215,46 @@ def compute_diagnostics(
             heads = a_units // size
             entry.head_scores = [_mean(pair_blended[heads == h]) if bool((heads == h).any()) else None
                                  for h in range(group.num_heads)]
-        # A sampled block in merged order: rows = A units, columns = B units, sorted by merged unit.
-        order_a = sorted(range(n), key=lambda u: (int(cluster[u]), u))
-        order_b = sorted(range(n), key=lambda u: (int(cluster[n + u]), u))
-        shown = min(heatmap_units, n)
-        picks = sorted({round(i * (n - 1) / max(shown - 1, 1)) for i in range(shown)})
-        rows = torch.tensor([order_a[i] for i in picks])
-        cols = torch.tensor([order_b[i] for i in picks])
-        block = weight_corr(rows, cols, outer=True)
+        # A sampled block in merged order: one (A unit, B unit) pair per merged unit that fuses both parents (the
+        # lowest of each), evenly spaced over those merged units: row i and column i were fused, so a good match
+        # is a bright diagonal against a dim background.
+        first: dict[int, list[int]] = {}
+        for a, b in zip(a_units.tolist(), b_units.tolist()):
+            first.setdefault(int(cluster[a]), [a, b])
+        fused = [first[merged] for merged in sorted(first)]
+        shown = min(heatmap_units, len(fused))
+        picks = sorted({round(i * (len(fused) - 1) / max(shown - 1, 1)) for i in range(shown)})
+        rows = torch.tensor([fused[i][0] for i in picks], dtype=torch.long)
+        cols = torch.tensor([fused[i][1] for i in picks], dtype=torch.long)
+        block = _pearson(rows_a, rows_b, rows, cols, outer=True)
         if activation is not None:
             block = weight_share * block + (1 - weight_share) * activation[rows][:, n + cols]
-        samples.append((rows.tolist(), cols.tolist(), block))
+        samples.append((rows.tolist(), cols.tolist(), block, len(fused)))
     for index in heatmap_groups(report.groups):
-        rows, cols, block = samples[index]
+        rows, cols, block, total = samples[index]
         if rows:
             report.heatmaps.append(Heatmap(group=report.groups[index].name, rows=rows, columns=cols,
-                                           values=[[round(float(v), 3) for v in row] for row in block.tolist()]))
+                                           values=[[round(float(v), 2) for v in row] for row in block.tolist()],
+                                           fused_units=total))
     return report
+
+
+def _centred_rows(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of `Z_i` centred over their columns, and their population standard deviations (as `C_w` uses)."""
+    centred = features - features.mean(1, keepdim=True)
+    return centred, centred.pow(2).mean(1).sqrt()
+
+
+def _pearson(rows_a: tuple[torch.Tensor, torch.Tensor], rows_b: tuple[torch.Tensor, torch.Tensor],
+             a: torch.Tensor, b: torch.Tensor, *, outer: bool = False) -> torch.Tensor:
+    """Entries of `C_w` (docs/design.md §4.3) of A units `a` and B units `b`: pairwise, or all a x b (`outer`)."""
+    from hf_mudsc.calibrate.correlation import CLAMP
+
+    (za, sa), (zb, sb) = rows_a, rows_b
+    columns = za.shape[1]
+    if outer:
+        return (za[a] @ zb[b].T / columns) / (sa[a][:, None] * sb[b][None, :]).clamp_min(CLAMP)
+    return (za[a] * zb[b]).sum(1) / columns / (sa[a] * sb[b]).clamp_min(CLAMP)
 
 
 def _fused_pairs(cluster: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
