@@ -21,6 +21,7 @@ from typing import Any
 from matplotlib import colormaps, rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from hf_mudsc.publish.folder import write_file_atomically
@@ -282,6 +283,8 @@ def head_pairing_figure(diagnostics: MergeDiagnostics) -> Figure:
         image = axes.imshow(values, cmap=colours, vmin=min(0.0, _nanmin(values)), vmax=1.0, aspect="auto",
                             interpolation="nearest")
         for row, (_, pairing, _) in enumerate(rows):
+            for head in range(len(pairing), heads):  # a block with fewer heads (CLIP's towers): no cell at all
+                axes.add_patch(Rectangle((head - 0.5, row - 0.5), 1, 1, facecolor="white", edgecolor="none"))
             for head, partner in enumerate(pairing):
                 value = values[row][head]
                 colour = "black" if math.isnan(value) or value > 0.6 else "white"
