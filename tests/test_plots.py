@@ -4,7 +4,6 @@ from its card, and `hf-mudsc inspect` (summary + redrawn plots) on merged folder
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import subprocess
 import sys
@@ -28,7 +27,6 @@ from hf_mudsc.solve.diagnostics import (
     PLOTS_FOLDER,
     GroupDiagnostics,
     MergeDiagnostics,
-    compute_diagnostics,
     heatmap_groups,
 )
 from hf_mudsc.solve.maps import GroupMaps
