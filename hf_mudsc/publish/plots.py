@@ -223,7 +223,7 @@ def objective_figure(diagnostics: MergeDiagnostics) -> Figure:
         axes.set_title(f"Solve objective per sweep — {_title_settings(diagnostics)}\n"
                        f"{diagnostics.sweeps} sweeps; the best sweep's matches are kept")
         axes.grid(alpha=0.3)
-        axes.legend(loc="lower right", framealpha=0.9)
+        axes.legend(loc="best", framealpha=0.9)
     return figure
 
 
