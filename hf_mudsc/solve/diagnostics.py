@@ -173,7 +173,6 @@ def compute_diagnostics(
     import torch
 
     from hf_mudsc.solve.maps import GroupMaps
-    from hf_mudsc.solve.similarity import weight_features
 
     if not any(m is not None for m in matches):
         return None
@@ -194,11 +193,20 @@ def compute_diagnostics(
             continue
         cluster = found.cluster_of.cpu()
         a_units, b_units = _fused_pairs(cluster, n)
-        # Weight similarity: rows of Z = [Z_A; Z_B], centred and scaled as C_w's Pearson correlation.
-        rows_a, rows_b = (_centred_rows(weight_features(spec, index, params, side, maps))
-                          for side, params in enumerate((params_a, params_b)))
+        # One (A unit, B unit) pair per merged unit that fuses both parents (the lowest of each), evenly spaced in
+        # merged order, for the heat map: row i and column i were fused, so a good match is a bright diagonal.
+        first: dict[int, list[int]] = {}
+        merged_of = cluster.tolist()
+        for a, b in zip(a_units.tolist(), b_units.tolist()):
+            first.setdefault(merged_of[a], [a, b])
+        fused = [first[merged] for merged in sorted(first)]
+        shown = min(heatmap_units, len(fused))
+        picks = sorted({round(i * (len(fused) - 1) / max(shown - 1, 1)) for i in range(shown)})
+        rows = torch.tensor([fused[i][0] for i in picks], dtype=torch.long)
+        cols = torch.tensor([fused[i][1] for i in picks], dtype=torch.long)
+        pair_weight, block = _weight_correlations(spec, index, params_a, params_b, maps, (a_units, b_units),
+                                                  (rows, cols))
         activation = correlations[index].to(torch.float64) if correlations is not None else None
-        pair_weight = _pearson(rows_a, rows_b, a_units, b_units)
         pair_activation = activation[a_units, n + b_units] if activation is not None else None
         pair_blended = (pair_weight if pair_activation is None
                         else weight_share * pair_weight + (1 - weight_share) * pair_activation)
@@ -215,18 +223,6 @@ def compute_diagnostics(
             heads = a_units // size
             entry.head_scores = [_mean(pair_blended[heads == h]) if bool((heads == h).any()) else None
                                  for h in range(group.num_heads)]
-        # A sampled block in merged order: one (A unit, B unit) pair per merged unit that fuses both parents (the
-        # lowest of each), evenly spaced over those merged units: row i and column i were fused, so a good match
-        # is a bright diagonal against a dim background.
-        first: dict[int, list[int]] = {}
-        for a, b in zip(a_units.tolist(), b_units.tolist()):
-            first.setdefault(int(cluster[a]), [a, b])
-        fused = [first[merged] for merged in sorted(first)]
-        shown = min(heatmap_units, len(fused))
-        picks = sorted({round(i * (len(fused) - 1) / max(shown - 1, 1)) for i in range(shown)})
-        rows = torch.tensor([fused[i][0] for i in picks], dtype=torch.long)
-        cols = torch.tensor([fused[i][1] for i in picks], dtype=torch.long)
-        block = _pearson(rows_a, rows_b, rows, cols, outer=True)
         if activation is not None:
             block = weight_share * block + (1 - weight_share) * activation[rows][:, n + cols]
         samples.append((rows.tolist(), cols.tolist(), block, len(fused)))
@@ -239,22 +235,48 @@ def compute_diagnostics(
     return report
 
 
-def _centred_rows(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of `Z_i` centred over their columns, and their population standard deviations (as `C_w` uses)."""
-    centred = features - features.mean(1, keepdim=True)
-    return centred, centred.pow(2).mean(1).sqrt()
+def _weight_correlations(
+    spec: PermutationSpec,
+    index: int,
+    params_a: Mapping[str, torch.Tensor],
+    params_b: Mapping[str, torch.Tensor],
+    maps: Sequence[Any],
+    pairs: tuple[torch.Tensor, torch.Tensor],
+    sample: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entries of `C_w` (docs/design.md §4.3, as the solver computes it: raw moments over the columns of `Z_i`)
+    for the fused `pairs` (pairwise) and the heat map's `sample` (every row x column), summed member by member:
+    a wide member (BERT's vocabulary) is never concatenated with the others."""
+    import torch
 
-
-def _pearson(rows_a: tuple[torch.Tensor, torch.Tensor], rows_b: tuple[torch.Tensor, torch.Tensor],
-             a: torch.Tensor, b: torch.Tensor, *, outer: bool = False) -> torch.Tensor:
-    """Entries of `C_w` (docs/design.md §4.3) of A units `a` and B units `b`: pairwise, or all a x b (`outer`)."""
     from hf_mudsc.calibrate.correlation import CLAMP
+    from hf_mudsc.solve.similarity import weight_feature_blocks
 
-    (za, sa), (zb, sb) = rows_a, rows_b
-    columns = za.shape[1]
-    if outer:
-        return (za[a] @ zb[b].T / columns) / (sa[a][:, None] * sb[b][None, :]).clamp_min(CLAMP)
-    return (za[a] * zb[b]).sum(1) / columns / (sa[a] * sb[b]).clamp_min(CLAMP)
+    n = spec.groups[index].width
+    sums = [torch.zeros(n, dtype=torch.float64) for _ in range(2)]
+    squares = [torch.zeros(n, dtype=torch.float64) for _ in range(2)]
+    cross = torch.zeros(pairs[0].numel(), dtype=torch.float64)
+    block = torch.zeros(sample[0].numel(), sample[1].numel(), dtype=torch.float64)
+    columns = 0
+    # Products in the parameters' dtype (float32: one rounding per product), every sum in float64 — a displayed
+    # diagnostic, at a third of the memory traffic of float64 copies of every block.
+    blocks = zip(weight_feature_blocks(spec, index, params_a, 0, maps, as_float64=False),
+                 weight_feature_blocks(spec, index, params_b, 1, maps, as_float64=False))
+    for za, zb in blocks:
+        za, zb = (z.to(torch.promote_types(za.dtype, zb.dtype)) for z in (za, zb))
+        for side, z in enumerate((za, zb)):
+            sums[side] += z.sum(1, dtype=torch.float64)
+            squares[side] += (z * z).sum(1, dtype=torch.float64)
+        cross += (za[pairs[0]] * zb[pairs[1]]).sum(1, dtype=torch.float64)
+        block += (za[sample[0]].to(torch.float64) @ zb[sample[1]].to(torch.float64).T)
+        columns += za.shape[1]
+    mean = [s / columns for s in sums]
+    std = [(q / columns - m * m).clamp_min(0).sqrt() for q, m in zip(squares, mean)]
+    pair = (cross / columns - mean[0][pairs[0]] * mean[1][pairs[1]]) / (
+        std[0][pairs[0]] * std[1][pairs[1]]).clamp_min(CLAMP)
+    sampled = (block / columns - torch.outer(mean[0][sample[0]], mean[1][sample[1]])) / torch.outer(
+        std[0][sample[0]], std[1][sample[1]]).clamp_min(CLAMP)
+    return pair, sampled
 
 
 def _fused_pairs(cluster: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
