@@ -193,13 +193,17 @@ def redraw_in_place(folder: Path, diagnostics: Any, evaluation: Mapping[str, Any
 
 def inspect_recipe(path: Path) -> int:
     """Print what the recipe would merge: parents, method and the options it sets (nothing is loaded)."""
+    from hf_mudsc.methods.registry import get_method
     from hf_mudsc.publish.recipe import Recipe
 
     recipe = Recipe.load(path)
     defaults = Recipe()
     lines = [f"Recipe {path}", f"  would merge: {', '.join(recipe.models) or '(no parents)'}"]
-    settings = f" (matcher {recipe.matcher}, alpha {recipe.alpha:g})" if recipe.method == "mudsc" else ""
-    lines.append(f"  method:      {recipe.method}{settings}")
+    method = get_method(recipe.method)  # the options the method reads, as the merge records them
+    matcher, alpha = method.used_matcher(recipe.matcher), method.recorded_alpha(recipe.alpha)
+    settings = ", ".join(s for s in (f"matcher {matcher}" if matcher else "",
+                                     f"alpha {alpha:g}" if alpha is not None else "") if s)
+    lines.append(f"  method:      {recipe.method}{f' ({settings})' if settings else ''}")
     if recipe.calibration:
         samples = f", {recipe.num_samples} samples" if recipe.num_samples else ", every sample"
         lines.append(f"  calibration: {recipe.calibration}{samples}")
