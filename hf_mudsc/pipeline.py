@@ -8,6 +8,7 @@ import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ from hf_mudsc.methods.auto import choose_method, is_auto
 from hf_mudsc.methods.registry import METHODS, MergeMethod, MethodContext, get_method
 from hf_mudsc.options import MergeOptions, option_hint
 from hf_mudsc.plan import MergePlan
+from hf_mudsc.solve.diagnostics import MergeDiagnostics, compute_diagnostics
 from hf_mudsc.solve.matchers import Match
 from hf_mudsc.spec import PermutationSpec
 
@@ -67,6 +69,19 @@ class MergeReport:
     refit: RefitReport | None = None
     # Why the merge may disappoint (hf_mudsc.diagnostics): logged, in `config.mudsc["warnings"]` and the card.
     warnings: list[str] = field(default_factory=list)
+
+    # Per-group match quality (activation, weight, blended correlation of the fused pairs), head pairings and
+    # sampled similarity blocks, for the plots and `hf-mudsc inspect`; None when no unit was matched.
+    diagnostics: MergeDiagnostics | None = None
+
+    def plot(self, path: str | os.PathLike, evaluation: Any = None) -> list[Path]:
+        """Draw the merge's diagnostic PNGs into the folder `path` (created if needed) and return their paths:
+        match quality per group, the solve objective, similarity heat maps, the attention-head pairing and, with
+        `evaluation` (an `EvaluationResult` or its JSON dict), the accuracy bar chart (docs/design.md §8c)."""
+        from hf_mudsc.publish.plots import draw_plots
+
+        diagnostics = self.diagnostics.rounded() if self.diagnostics is not None else None
+        return [plot.path for plot in draw_plots(path, diagnostics, evaluation)]
 
 
 def solve_spec(spec: PermutationSpec, concatenate_classifier: bool, *, reference_rows: bool = False
@@ -330,8 +345,9 @@ def merge(
                                 columns=_input_columns(model_a), required=spec.inputs)
     reference_rows = (reference_compat and spec.classifier is not None and count == 2
                       and params[0][spec.classifier.weight].shape == params[1][spec.classifier.weight].shape)
+    matching_spec = solve_spec(spec, concatenate, reference_rows=reference_rows)
     result = merge_method.merge_parameters(MethodContext(
-        spec=spec, solve_spec=solve_spec(spec, concatenate, reference_rows=reference_rows),
+        spec=spec, solve_spec=matching_spec,
         parents=[_without(p, left_out) for p in params],
         base=None if base_params is None else _without(base_params, left_out),
         models=loaded, batches=batches, correlations=correlations, concatenate_classifier=concatenate,
@@ -350,6 +366,12 @@ def merge(
         rows=rows)
     for text in report.warnings:
         logger.warning("%s", text)
+    if count == 2:  # the diagnostics describe a two-parent unit matching (None when no unit was matched)
+        report.diagnostics = compute_diagnostics(
+            matching_spec, params[0], params[1], report.matches, correlations, alpha=result.similarity_alpha,
+            method=merge_method.name, matcher=used_options.get("matcher"), group_values=report.group_values,
+            objective_history=report.objective_history, sweeps=report.sweeps, starts=report.starts,
+            solve_start=report.solve_start)
     merged_params = dict(result.parameters)
     if left_out:
         merged_params.update(concatenated_head(params, sorted(left_out)))

@@ -328,13 +328,11 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     from hf_mudsc.architectures import spec_for
     from hf_mudsc.diagnostics import calibration_size_warning, relation_warning
     from hf_mudsc.load.parents import locate_parents
-    from hf_mudsc.methods.auto import is_auto
+    from hf_mudsc.methods.auto import is_auto, planned_method
     from hf_mudsc.methods.registry import get_method
 
     automatic = is_auto(options.method)
-    # `auto` decides from the weights, which a dry run does not read: plan for the costlier candidate the data
-    # allows (unit matching with calibration data, the plain average without).
-    method = get_method(("mudsc" if calibration is not None else "linear") if automatic else options.method)
+    method = planned_method(calibration is not None) if automatic else get_method(options.method)
     needs_data = method.needs_calibration or options.refit != "none"
     calibration_plan = None
     located = locate_parents(list(models), token=token, allow_pickle=options.allow_pickle)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,11 +22,20 @@ from test_cli import leftovers, save_parents_and_data, tree_digest
 from transformers import AutoModelForImageClassification
 
 import hf_mudsc
+from hf_mudsc.publish.folder import read_marker
 from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
+from hf_mudsc.solve.diagnostics import DIAGNOSTICS_FILENAME, PLOTS_FOLDER
 
 SECRET = "hf_secretE2eTokenThatMustNeverLeak0123"
 FAST = ["--method", "zipit", "--num-samples", "16", "--batch-size", "8"]
 MERGED_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", RECIPE_FILENAME}
+
+
+def written(folder: Path) -> set[str]:
+    """Every file hf-mudsc wrote into a merged folder (its marker): the model files, the diagnostics and the plots."""
+    files = set(read_marker(folder)["files"])
+    assert MERGED_FILES | {DIAGNOSTICS_FILENAME, f"{PLOTS_FOLDER}/match_quality.png"} <= files
+    return files
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +83,8 @@ def test_merge_hub_parents_push_load_and_rerun_the_pushed_recipe(hub, inputs, tm
 
     # One commit holding model, processor, card and recipe — the same bytes as the local output.
     assert [c.title for c in hub.commits("user/merged")][1:] == ["initial commit"]
-    assert set(hub.list_files("user/merged")) == MERGED_FILES | {".gitattributes"}
-    for name in MERGED_FILES:
+    assert set(hub.list_files("user/merged")) == written(out) | {".gitattributes"}
+    for name in written(out):
         assert hub.file_bytes("user/merged", name) == (out / name).read_bytes(), name
     assert hub.is_private("user/merged") and hub.is_lfs("user/merged", "model.safetensors")
 
@@ -132,8 +142,8 @@ def test_merge_hub_parents_push_load_and_rerun_the_pushed_recipe(hub, inputs, tm
     assert SECRET not in proc.stdout + proc.stderr + res.stdout + res.stderr
     assert "DEBUG" in proc.stderr  # -vv really logged (so the check above covers debug lines)
     for folder in (out, again):
-        for path in folder.iterdir():
-            assert SECRET.encode() not in path.read_bytes(), path
+        for path in folder.rglob("*"):
+            assert path.is_dir() or SECRET.encode() not in path.read_bytes(), path
     assert not hub.find_in_requests(SECRET, where=("body", "url"))
     assert hub.find_in_requests(SECRET, where=("headers",))  # ... while it did authenticate the calls
     assert not hub.unhandled and not hub.server_errors
@@ -197,16 +207,16 @@ def test_existing_repos_are_refused_and_overwrite_replaces_them_in_one_commit(hu
     assert not refused_out.exists() and leftovers(tmp_path) == []
     # `push` made one commit with every file, private as asked; the second push changed nothing.
     assert [c.title for c in hub.commits("user/pushed")][1:] == ["initial commit"]
-    assert set(hub.list_files("user/pushed")) == MERGED_FILES | {".gitattributes"}
+    assert set(hub.list_files("user/pushed")) == written(folder) | {".gitattributes"}
     assert hub.is_private("user/pushed")
     # --overwrite replaced the old repo's files, stale ones included, in a single commit.
     log = hub.commits("user/taken")
     assert len(log) == 3 and log[1].oid == taken_head
-    assert set(hub.list_files("user/taken")) == MERGED_FILES | {".gitattributes"}
+    assert set(hub.list_files("user/taken")) == written(folder) | {".gitattributes"}
     assert hub.is_private("user/taken")  # --private on an existing public repo makes it private
     assert hub.file_bytes("user/taken", "README.md") == (folder / "README.md").read_bytes()
     # Without --output the merge is staged in a temporary folder, pushed, and the folder removed.
-    assert set(hub.list_files("user/hub-only")) == MERGED_FILES | {".gitattributes"}
+    assert set(hub.list_files("user/hub-only")) == written(folder) | {".gitattributes"}
     assert [p for p in scratch.iterdir() if "hf-mudsc" in p.name] == []
     assert SECRET not in res.stdout + res.stderr and not hub.find_in_requests(SECRET, where=("body", "url"))
     assert not hub.unhandled and not hub.server_errors

@@ -17,8 +17,12 @@ import hf_mudsc
 from hf_mudsc.cli.main import main
 from hf_mudsc.publish.folder import MARKER_FILENAME
 from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
+from hf_mudsc.solve.diagnostics import DIAGNOSTICS_FILENAME, PLOTS_FOLDER
 
-MERGED_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", RECIPE_FILENAME}
+MERGED_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", RECIPE_FILENAME,
+                DIAGNOSTICS_FILENAME}
+# What a zipit merge of the fixtures draws (no sweeps, so no objective plot); a push uploads them with the model.
+ZIPIT_PLOTS = {f"{PLOTS_FOLDER}/{name}.png" for name in ("match_quality", "similarity_heatmaps", "attention_heads")}
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +52,8 @@ def test_save_merged_writes_what_the_cli_writes(merged, inputs, tmp_path):
     a, b, calibration = inputs
     out = hf_mudsc.save_merged(merged, tmp_path / "api")
     assert out == tmp_path / "api"
-    assert {p.name for p in out.iterdir()} == MERGED_FILES | {MARKER_FILENAME}
-    assert sorted(json.loads((out / MARKER_FILENAME).read_text())["files"]) == sorted(MERGED_FILES)
+    assert {p.name for p in out.iterdir()} == MERGED_FILES | {PLOTS_FOLDER, MARKER_FILENAME}
+    assert sorted(json.loads((out / MARKER_FILENAME).read_text())["files"]) == sorted(MERGED_FILES | ZIPIT_PLOTS)
     card = ModelCard((out / "README.md").read_text())  # parses and checks the front matter (no network)
     assert card.data.library_name == "transformers" and "zipit" in card.content and "api" in card.content
     recipe = Recipe.load(out / RECIPE_FILENAME)
@@ -91,7 +95,8 @@ def test_parents_without_a_processor_give_a_folder_without_one(tmp_path):
     finally:
         torch.set_num_threads(threads)
     out = hf_mudsc.save_merged(merged, tmp_path / "objects")
-    assert {p.name for p in out.iterdir()} == MERGED_FILES - {"preprocessor_config.json"} | {MARKER_FILENAME}
+    assert {p.name for p in out.iterdir()} == MERGED_FILES - {"preprocessor_config.json"} | {PLOTS_FOLDER,
+                                                                                          MARKER_FILENAME}
     assert ModelCard((out / "README.md").read_text()).data.library_name == "transformers"
     assert Recipe.load(out / RECIPE_FILENAME).method == "weight_matching"
 
@@ -125,7 +130,7 @@ def test_push_merged_uploads_the_same_files_in_one_commit(hub_emulator, inputs, 
     hub = hub_emulator
     assert sha == hub.head("user/api-merged") and hub.is_private("user/api-merged")
     assert [c.title for c in hub.commits("user/api-merged")][1:] == ["initial commit"]
-    assert set(hub.list_files("user/api-merged")) == MERGED_FILES | {".gitattributes"}
+    assert set(hub.list_files("user/api-merged")) == MERGED_FILES | ZIPIT_PLOTS | {".gitattributes"}
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", RECIPE_FILENAME):
         assert hub.file_bytes("user/api-merged", name) == (saved / name).read_bytes(), name
     card = ModelCard(hub.file_bytes("user/api-merged", "README.md").decode())

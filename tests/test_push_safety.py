@@ -21,9 +21,13 @@ from test_cli import FAST, leftovers, save_parents_and_data
 from hf_mudsc.cli.main import main
 from hf_mudsc.publish.folder import MARKER_FILENAME
 from hf_mudsc.publish.recipe import RECIPE_FILENAME
+from hf_mudsc.solve.diagnostics import DIAGNOSTICS_FILENAME, PLOTS_FOLDER
 
 SECRET = "hf_secretPushSafetyTokenNeverLeaks0123"
-MERGED_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", RECIPE_FILENAME}
+MERGED_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", RECIPE_FILENAME,
+                DIAGNOSTICS_FILENAME}
+# The plots a zipit merge of the fixtures draws: uploaded with the model (no sweeps, so no objective plot).
+PUSHED = MERGED_FILES | {f"{PLOTS_FOLDER}/{n}.png" for n in ("match_quality", "similarity_heatmaps", "attention_heads")}
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +88,7 @@ def run_cli(hub, *argv: str, extra: dict | None = None) -> subprocess.CompletedP
 def test_the_marker_is_not_uploaded(hub_emulator, merged):
     proc = run_cli(hub_emulator, "push", str(merged), "user/pushed")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert set(hub_emulator.list_files("user/pushed")) == MERGED_FILES | {".gitattributes"}
+    assert set(hub_emulator.list_files("user/pushed")) == PUSHED | {".gitattributes"}
 
 
 @pytest.mark.parametrize("drop", [False, True], ids=["answer-500", "connection-dropped"])
@@ -97,7 +101,7 @@ def test_a_commit_applied_whose_answer_was_lost_is_reported_as_applied(hub_emula
     assert [c.title for c in hub.commits("user/merged")][1:] == ["initial commit"]  # it was applied
     assert f"the commit was applied although its answer was lost: the repo's head is now {head}" in proc.stderr
     assert "nothing was committed" not in proc.stderr and "deleted" not in proc.stderr
-    assert set(hub.list_files("user/merged")) == MERGED_FILES | {".gitattributes"}
+    assert set(hub.list_files("user/merged")) == PUSHED | {".gitattributes"}
     assert not hub.pending_faults() and SECRET not in proc.stdout + proc.stderr
 
 
@@ -132,7 +136,7 @@ def test_an_empty_repo_left_by_a_killed_push_is_pushed_into_and_wording_names_th
     proc = run_cli(hub, "push", str(merged), "user/empty")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [c.title for c in hub.commits("user/empty")][1:] == ["initial commit"]
-    assert set(hub.list_files("user/empty")) == MERGED_FILES | {".gitattributes"}
+    assert set(hub.list_files("user/empty")) == PUSHED | {".gitattributes"}
     proc = run_cli(hub, "push", str(merged), "user/empty")  # now it holds a model: refused
     assert proc.returncode == 1
     assert "already exists; pass --overwrite to replace its files (in one commit), or choose another ORG/NAME" \

@@ -132,6 +132,7 @@ def _run(args: argparse.Namespace, output: Path) -> int:
     from hf_mudsc.load.parents import load_parents
     from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
     from hf_mudsc.publish.writer import write_merged_folder
+    from hf_mudsc.solve.diagnostics import PLOTS_FOLDER
 
     start = time.perf_counter()
 
@@ -165,10 +166,13 @@ def _run(args: argparse.Namespace, output: Path) -> int:
     model = merged[best_label]
     with staged_output(output, overwrite=args.overwrite) as staging:
         write_merged_folder(staging, model, recipe=recipe, parents=parents, processor=parents[0].processor,
-                            eval_results=result.card_rows(best_label), model_name=output.name)
+                            eval_results=result.card_rows(best_label), model_name=output.name, evaluation=result)
         result.save(staging / RESULTS_FILENAME)
+    plots = sorted(path.name for path in (output / PLOTS_FOLDER).glob("*.png"))
     print(f"\nThe {best_label} model is in {output}/ with its model card (README.md), recipe "
           f"({RECIPE_FILENAME}) and eval_results.json ({time.perf_counter() - start:.0f} s in total).\n"
+          f"Its diagnostic plots are in {output / PLOTS_FOLDER}/ ({', '.join(plots)}); the card links them and "
+          f"`hf-mudsc inspect {output.name}` summarises the merge.\n"
           "Load it with "
           "transformers.AutoModelForImageClassification.from_pretrained; re-run the merge with "
           f"`hf-mudsc merge --recipe {output.name}/{RECIPE_FILENAME} --output merged`.")

@@ -17,6 +17,7 @@ COMMANDS = {
     "merge": "Merge two models (Hub ids, folders) into one and save or push it.",
     "push": "Push a merged model folder to the Hub with its card and recipe.",
     "evaluate": "Evaluate a merged model (and its parents) per task and jointly.",
+    "inspect": "Summarise a merged folder (or a recipe) and redraw its diagnostic plots.",
 }
 
 

@@ -53,3 +53,14 @@ def choose_method(relation: str, weight_distance: float, *, has_base: bool) -> t
             return METHODS[name], reason
     raise ValueError(f"method 'auto' would choose one of {', '.join(candidates)} for parents whose relation is "
                      f"{relation!r}, but none is registered; pass method= (CLI: --method)")
+
+
+def planned_method(has_data: bool) -> MergeMethod:
+    """What a dry run plans for `auto`, which decides from weights a dry run does not read: the costlier candidate
+    the data allows (unit matching when calibration data is given, the plain average otherwise)."""
+    candidates = UNIT_MATCHING if has_data else CHOICES[("shared base", False)]
+    for name in candidates:
+        if name in METHODS:
+            return METHODS[name]
+    raise ValueError(f"method 'auto' would plan one of {', '.join(candidates)}, but none is registered; pass "
+                     "method= (CLI: --method)")

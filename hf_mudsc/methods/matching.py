@@ -96,6 +96,7 @@ class UnitMatchingMethod(MergeMethod):
             sweeps=result.sweeps,
             solve_start=result.start,
             start_objectives=dict(result.starts),
+            similarity_alpha=options.alpha,
         )
 
 

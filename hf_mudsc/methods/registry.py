@@ -85,6 +85,8 @@ class MethodResult:
     """The start whose solution was kept (None: no solve)."""
     start_objectives: dict[str, float] = field(default_factory=dict)
     """Each start's final objective, in the order the starts ran."""
+    similarity_alpha: float | None = None
+    """The weight share of the similarity the units were matched on (None: no matching), for the diagnostics."""
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from hf_mudsc._version import __version__
 from hf_mudsc.apply.classifier import task_ranges
 from hf_mudsc.methods.registry import METHODS
 from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
+from hf_mudsc.solve.diagnostics import DIAGNOSTICS_FILENAME
 
 DEFAULT_TEMPLATE = "merged_model.md.jinja"
 EVALUATION_TEMPLATE = "evaluation.md.jinja"  # the section `update_card_evaluation` replaces
@@ -232,6 +233,7 @@ def render_card(
     eval_results: Iterable[EvalRow | Mapping[str, Any]] | None = None,
     model_name: str | None = None,
     template: str | os.PathLike | None = None,
+    plots: Iterable[Mapping[str, str]] = (),
 ) -> ModelCard:
     """Render the card of a merged model.
 
@@ -242,6 +244,8 @@ def render_card(
         eval_results: optional evaluation rows (module docstring); they fill the `model-index`.
         model_name: the title (default: the push target, else a name from the parents).
         template: another template file (default: `model_cards/merged_model.md.jinja`).
+        plots: the diagnostic PNGs written next to the card, as `{"title", "caption", "link"}` with `link` relative
+            to the card (`plots/match_quality.png`); they fill its "Diagnostics" section.
 
     Returns:
         A `huggingface_hub.ModelCard` (`str(card)` is the README; `card.save(path)`, `card.data`).
@@ -306,6 +310,8 @@ def render_card(
         local_names=[f"`{name}`" for name in local_names],
         recipe_filename=RECIPE_FILENAME,
         version=mudsc.get("version", __version__),
+        plots=[dict(plot) for plot in plots],
+        diagnostics_filename=DIAGNOSTICS_FILENAME,
     )
     return ModelCard(content)
 

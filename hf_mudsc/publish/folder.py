@@ -336,12 +336,14 @@ def staged_output(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None], *,
+                          owner: str | os.PathLike | None = None) -> Path:
     """`write(temporary_path)`, then rename it onto `path`: readers see the old file or the whole new one.
 
     The temporary file sits next to `path` (renames are atomic within a folder) and gets the mode a plain
     `open()` would give; on any failure it is removed and `path` is untouched. In a folder the writer made
     (it has the marker), the file is recorded in the marker, so `--overwrite` still knows it as its own.
+    `owner`: the folder whose marker lists the file, when it is not `path`'s own folder (e.g. `DIR/plots/x.png`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -354,10 +356,11 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None]
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
-    marker = read_marker(path.parent)
+    root = Path(owner) if owner is not None else path.parent
+    marker = read_marker(root)
     if marker is not None and marker.get("complete"):
-        marker["files"][path.name] = _fingerprint(path)
-        _write_marker(path.parent, marker)
+        marker["files"][path.absolute().relative_to(root.absolute()).as_posix()] = _fingerprint(path)
+        _write_marker(root, marker)
     return path
 
 

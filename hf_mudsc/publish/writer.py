@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 from hf_mudsc.publish.folder import record_files, staged_output
 from hf_mudsc.publish.hub import CARD_FILENAME
 from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
+from hf_mudsc.solve.diagnostics import DIAGNOSTICS_FILENAME, PLOTS_FOLDER, MergeDiagnostics
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +51,10 @@ def write_merged_folder(
     processor: Any = None,
     eval_results: Iterable[Mapping[str, Any] | Any] | None = None,
     model_name: str | None = None,
+    evaluation: Any = None,
 ) -> Path:
-    """Write the merged model's folder: safetensors weights + config, processor, README.md card, recipe.
+    """Write the merged model's folder: safetensors weights + config, processor, README.md card, recipe, and the
+    merge's diagnostics (`merge_diagnostics.json`, `plots/*.png`, linked from the card).
 
     Args:
         folder: an empty folder (a `staged_output` staging folder: it gets the marker when the block ends).
@@ -60,6 +64,7 @@ def write_merged_folder(
         processor: saved with the model (default: parent A's, which `merge` keeps on `merge_report`).
         eval_results: evaluation rows for the card's model-index.
         model_name: the card's title (default: the push target, else the output folder's name).
+        evaluation: an `EvaluationResult` (or its dict) to draw as the accuracy chart next to the other plots.
     """
     from hf_mudsc.publish.card import render_card
 
@@ -71,10 +76,38 @@ def write_merged_folder(
     if processor is not None:
         processor.save_pretrained(folder)
     recipe.save(folder / RECIPE_FILENAME)
+    plots = write_diagnostics(folder, getattr(getattr(merged, "merge_report", None), "diagnostics", None),
+                              evaluation)
     name = model_name or recipe.push_to_hub or (Path(recipe.output).name if recipe.output else None)
     render_card(merged, recipe, parents=list(parents) if parents is not None else None,
-                eval_results=eval_results, model_name=name).save(folder / CARD_FILENAME)
+                eval_results=eval_results, model_name=name, plots=plots).save(folder / CARD_FILENAME)
     return folder
+
+
+def write_diagnostics(folder: Path, diagnostics: MergeDiagnostics | None, evaluation: Any = None
+                      ) -> list[dict[str, str]]:
+    """`merge_diagnostics.json` and the plots (`plots/*.png`) into a folder being written; returns the card's links.
+
+    A plot that fails to draw costs the plots, never the merged model: the failure is logged as a warning, the
+    half-drawn plots folder is removed and the card simply has no Diagnostics section.
+    """
+    if diagnostics is not None:
+        diagnostics = diagnostics.rounded()  # as stored: `inspect` redraws the same bytes from the file
+        diagnostics.save(folder / DIAGNOSTICS_FILENAME)
+    if diagnostics is None and evaluation is None:
+        return []
+    try:
+        from hf_mudsc.publish.plots import draw_plots
+
+        drawn = draw_plots(folder / PLOTS_FOLDER, diagnostics, evaluation)
+    except Exception as error:  # noqa: BLE001 - plots are a by-product: keep the model, say what failed
+        logger.warning("the merge's plots could not be drawn (%s: %s); the model is written without them",
+                       type(error).__name__, error)
+        logger.debug("plotting failed", exc_info=True)
+        shutil.rmtree(folder / PLOTS_FOLDER, ignore_errors=True)
+        return []
+    return [{"title": plot.title, "caption": plot.caption, "link": plot.path.relative_to(folder).as_posix()}
+            for plot in drawn]
 
 
 def publish(

@@ -5,7 +5,7 @@ All results are float64: real data has near-ties, and matching must not flip on 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -70,8 +70,24 @@ def weight_features(
     maps: Sequence[GroupMaps | None],
 ) -> torch.Tensor:
     """`Z_i` of docs/design.md §4.3: every non-ignored member of the group, concatenated column-wise in spec order."""
-    members = [m for m in spec.groups[group_index].members if not m.ignore]
-    return torch.cat([_member_block(spec, group_index, m, params, model, maps) for m in members], dim=1)
+    return torch.cat(list(weight_feature_blocks(spec, group_index, params, model, maps)), dim=1)
+
+
+def weight_feature_blocks(
+    spec: PermutationSpec,
+    group_index: int,
+    params: Mapping[str, torch.Tensor],
+    model: int,
+    maps: Sequence[GroupMaps | None],
+    *,
+    as_float64: bool = True,
+) -> Iterator[torch.Tensor]:
+    """The column blocks of `Z_i`, one `(n, D_m)` block per non-ignored member, in spec order: for sums over the
+    columns of a wide group (BERT's 30k-column vocabulary) without concatenating all of them at once.
+    `as_float64=False` keeps a block in the parameters' dtype where every map applied to it was an exact copy."""
+    for member in spec.groups[group_index].members:
+        if not member.ignore:
+            yield _member_block(spec, group_index, member, params, model, maps, as_float64=as_float64)
 
 
 class _Moments:

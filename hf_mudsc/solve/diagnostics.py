@@ -1,0 +1,297 @@
+"""How well the parents' units matched, per group: what the plots and `hf-mudsc inspect` show (docs/design.md §8c).
+
+Computed once at merge time from the final matches, while the activation correlations are still in memory, and
+kept small enough to store next to the model (`merge_diagnostics.json`): per group the mean activation, weight and
+blended correlation of the fused (A unit, B unit) pairs, the share of merged units that fuse both parents, the
+head pairing with each head pair's score, and for a few groups a sampled block of the similarity in matched order.
+
+The dataclasses are torch-free (`inspect` reads them without importing torch); `compute_diagnostics` imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from hf_mudsc.solve.matchers import Match
+    from hf_mudsc.spec import PermutationSpec
+
+DIAGNOSTICS_FILENAME = "merge_diagnostics.json"
+PLOTS_FOLDER = "plots"  # the PNGs drawn from the diagnostics, next to the model: DIR/plots/*.png
+FORMAT_VERSION = 1
+#: Units shown per heat map side: a sample of evenly spaced merged units (whole matrices of a ViT-B MLP group are
+#: 6144 x 6144 — far too large to store, and pooling would wash out the diagonal of matched pairs).
+HEATMAP_UNITS = 40
+#: Heat maps kept: the first, middle and last group in solve order and the worst-matched one (when distinct).
+HEATMAP_GROUPS = 4
+
+
+def _rounded(value: float | None, digits: int = 5) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(float(value), digits)
+
+
+@dataclass
+class GroupDiagnostics:
+    """One group's match quality. Correlations are means over every (A unit, B unit) pair fused into one merged unit
+    (None when that similarity was not computed, e.g. activations for `weight_matching`)."""
+
+    name: str
+    width: int
+    num_heads: int = 1
+    value: float | None = None
+    """The matcher's own objective for the group (the card's "match value")."""
+    activation: float | None = None
+    weight: float | None = None
+    blended: float | None = None
+    """The similarity the units were matched on: `alpha * weight + (1 - alpha) * activation`."""
+    cross_fraction: float | None = None
+    """Share of merged units holding at least one unit of each parent (1.0 for align; zip may fuse within one)."""
+    head_pairing: list[int] | None = None
+    """The B head merged with each A head (attention groups)."""
+    head_scores: list[float] | None = None
+    """Mean blended correlation of the fused pairs of each A head with its partner."""
+
+
+@dataclass
+class Heatmap:
+    """A sampled block of one group's similarity: row i and column i are the A unit and the B unit of one merged
+    unit (in merged order), so a good match is a bright diagonal."""
+
+    group: str
+    rows: list[int]
+    """The A units shown (original indices), in merged order."""
+    columns: list[int]
+    """The B units shown (original indices, 0..n-1), fused with the A unit of the same position."""
+    values: list[list[float]]
+    fused_units: int = 0
+    """Merged units that fuse a unit of A with a unit of B (the sample is drawn from them)."""
+
+
+@dataclass
+class MergeDiagnostics:
+    """Everything the merge plots need, JSON-serialisable (`to_dict`/`from_dict`, `save`/`load`)."""
+
+    method: str
+    matcher: str | None = None
+    alpha: float | None = None
+    """The weight share of the similarity the units were matched on (0: activations only, 1: weights only)."""
+    groups: list[GroupDiagnostics] = field(default_factory=list)
+    objective_history: list[float] = field(default_factory=list)
+    sweeps: int = 0
+    starts: dict[str, float] = field(default_factory=dict)
+    solve_start: str | None = None
+    heatmaps: list[Heatmap] = field(default_factory=list)
+
+    def group(self, name: str) -> GroupDiagnostics:
+        for group in self.groups:
+            if group.name == name:
+                return group
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MergeDiagnostics:
+        if data.get("format") != FORMAT_VERSION:
+            raise ValueError(f"unknown merge diagnostics format {data.get('format')!r} (this version reads "
+                             f"{FORMAT_VERSION}); redraw with the hf-mudsc version that merged the model")
+        return cls(
+            method=data["method"], matcher=data.get("matcher"), alpha=data.get("alpha"),
+            groups=[GroupDiagnostics(**g) for g in data.get("groups", [])],
+            objective_history=list(data.get("objective_history", [])), sweeps=int(data.get("sweeps", 0)),
+            starts=dict(data.get("starts", {})), solve_start=data.get("solve_start"),
+            heatmaps=[Heatmap(**h) for h in data.get("heatmaps", [])],
+        )
+
+    @classmethod
+    def from_config(cls, mudsc: Mapping[str, Any]) -> MergeDiagnostics:
+        """What a merged model's `config.mudsc` alone tells (a folder without `merge_diagnostics.json`): the method,
+        each group's match value and each start's final objective — no correlations, heads or heat maps."""
+        return cls(
+            method=str(mudsc.get("method")), matcher=mudsc.get("matcher"), alpha=mudsc.get("alpha"),
+            groups=[GroupDiagnostics(name=name, width=0, value=value)
+                    for name, value in (mudsc.get("group_match_values") or {}).items()],
+            starts=dict(mudsc.get("start_objectives") or {}), solve_start=mudsc.get("solve_start"),
+        )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), separators=(",", ":")) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> MergeDiagnostics:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    def rounded(self) -> MergeDiagnostics:
+        """As stored (5 decimals, heat maps 2): plots drawn at merge time and redrawn from the file are identical."""
+        return MergeDiagnostics.from_dict(json.loads(json.dumps(self.to_dict())))
+
+
+def heatmap_groups(groups: Sequence[GroupDiagnostics], limit: int = HEATMAP_GROUPS) -> list[int]:
+    """Positions of the groups worth a heat map, among those with fused A-B pairs: the first, middle and last in
+    solve order, and the worst-matched."""
+    scored = [i for i, g in enumerate(groups) if g.blended is not None]
+    if not scored:
+        return []
+    chosen = {scored[0], scored[len(scored) // 2], scored[-1], min(scored, key=lambda i: groups[i].blended)}
+    return sorted(chosen)[:limit]
+
+
+def compute_diagnostics(
+    spec: PermutationSpec,
+    params_a: Mapping[str, torch.Tensor],
+    params_b: Mapping[str, torch.Tensor],
+    matches: Sequence[Match | None],
+    correlations: Sequence[torch.Tensor] | None,
+    *,
+    alpha: float | None,
+    method: str,
+    matcher: str | None,
+    group_values: Sequence[float] = (),
+    objective_history: Sequence[float] = (),
+    sweeps: int = 0,
+    starts: Mapping[str, float] | None = None,
+    solve_start: str | None = None,
+    heatmap_units: int = HEATMAP_UNITS,
+) -> MergeDiagnostics | None:
+    """The diagnostics of a finished solve (None when no group was matched, e.g. `average`).
+
+    `spec` is the spec the solve matched with (weight similarities as in docs/design.md §4.3, other axes mapped by
+    the final matches). Only the fused pairs' entries and a sampled block are computed: `O(n · D)` per group,
+    not the `O(n² · D)` of a full weight correlation.
+    """
+    import torch
+
+    from hf_mudsc.solve.maps import GroupMaps
+
+    if not any(m is not None for m in matches):
+        return None
+    maps = [GroupMaps.from_match(m) if m is not None else None for m in matches]
+    # Without activations the units were matched on weights alone, whatever `alpha` says.
+    weight_share = 1.0 if correlations is None else (0.0 if alpha is None else float(alpha))
+    report = MergeDiagnostics(
+        method=method, matcher=matcher, alpha=weight_share, objective_history=[float(v) for v in objective_history],
+        sweeps=int(sweeps), starts={k: float(v) for k, v in (starts or {}).items()}, solve_start=solve_start)
+    samples: list[tuple[list[int], list[int], torch.Tensor, int]] = []
+    for index, (group, found) in enumerate(zip(spec.groups, matches)):
+        n = group.width
+        entry = GroupDiagnostics(name=group.name, width=n, num_heads=group.num_heads,
+                                 value=_rounded(group_values[index]) if index < len(group_values) else None)
+        report.groups.append(entry)
+        if found is None:
+            samples.append(([], [], torch.zeros(0, 0), 0))
+            continue
+        cluster = found.cluster_of.cpu()
+        a_units, b_units = _fused_pairs(cluster, n)
+        # One (A unit, B unit) pair per merged unit that fuses both parents (the lowest of each), evenly spaced in
+        # merged order, for the heat map: row i and column i were fused, so a good match is a bright diagonal.
+        first: dict[int, list[int]] = {}
+        merged_of = cluster.tolist()
+        for a, b in zip(a_units.tolist(), b_units.tolist()):
+            first.setdefault(merged_of[a], [a, b])
+        fused = [first[merged] for merged in sorted(first)]
+        shown = min(heatmap_units, len(fused))
+        picks = sorted({round(i * (len(fused) - 1) / max(shown - 1, 1)) for i in range(shown)})
+        rows = torch.tensor([fused[i][0] for i in picks], dtype=torch.long)
+        cols = torch.tensor([fused[i][1] for i in picks], dtype=torch.long)
+        pair_weight, block = _weight_correlations(spec, index, params_a, params_b, maps, (a_units, b_units),
+                                                  (rows, cols))
+        activation = correlations[index].to(torch.float64) if correlations is not None else None
+        pair_activation = activation[a_units, n + b_units] if activation is not None else None
+        pair_blended = (pair_weight if pair_activation is None
+                        else weight_share * pair_weight + (1 - weight_share) * pair_activation)
+        entry.weight = _mean(pair_weight)
+        entry.activation = _mean(pair_activation) if pair_activation is not None else None
+        entry.blended = _mean(pair_blended)
+        members = torch.zeros(found.num_merged, 2, dtype=torch.bool)
+        members[cluster[:n], 0] = True
+        members[cluster[n:], 1] = True
+        entry.cross_fraction = _rounded(float(members.all(1).double().mean()))
+        if found.head_pairing is not None and group.num_heads > 1:
+            entry.head_pairing = [int(h) for h in found.head_pairing]
+            size = n // group.num_heads
+            heads = a_units // size
+            entry.head_scores = [_mean(pair_blended[heads == h]) if bool((heads == h).any()) else None
+                                 for h in range(group.num_heads)]
+        if activation is not None:
+            block = weight_share * block + (1 - weight_share) * activation[rows][:, n + cols]
+        samples.append((rows.tolist(), cols.tolist(), block, len(fused)))
+    for index in heatmap_groups(report.groups):
+        rows, cols, block, total = samples[index]
+        if rows:
+            report.heatmaps.append(Heatmap(group=report.groups[index].name, rows=rows, columns=cols,
+                                           values=[[round(float(v), 2) for v in row] for row in block.tolist()],
+                                           fused_units=total))
+    return report
+
+
+def _weight_correlations(
+    spec: PermutationSpec,
+    index: int,
+    params_a: Mapping[str, torch.Tensor],
+    params_b: Mapping[str, torch.Tensor],
+    maps: Sequence[Any],
+    pairs: tuple[torch.Tensor, torch.Tensor],
+    sample: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entries of `C_w` (docs/design.md §4.3, as the solver computes it: raw moments over the columns of `Z_i`)
+    for the fused `pairs` (pairwise) and the heat map's `sample` (every row x column), summed member by member:
+    a wide member (BERT's vocabulary) is never concatenated with the others."""
+    import torch
+
+    from hf_mudsc.calibrate.correlation import CLAMP
+    from hf_mudsc.solve.similarity import weight_feature_blocks
+
+    n = spec.groups[index].width
+    sums = [torch.zeros(n, dtype=torch.float64) for _ in range(2)]
+    squares = [torch.zeros(n, dtype=torch.float64) for _ in range(2)]
+    cross = torch.zeros(pairs[0].numel(), dtype=torch.float64)
+    block = torch.zeros(sample[0].numel(), sample[1].numel(), dtype=torch.float64)
+    columns = 0
+    # Products in the parameters' dtype (float32: one rounding per product), every sum in float64 — a displayed
+    # diagnostic, at a third of the memory traffic of float64 copies of every block.
+    blocks = zip(weight_feature_blocks(spec, index, params_a, 0, maps, as_float64=False),
+                 weight_feature_blocks(spec, index, params_b, 1, maps, as_float64=False))
+    for za, zb in blocks:
+        za, zb = (z.to(torch.promote_types(za.dtype, zb.dtype)) for z in (za, zb))
+        for side, z in enumerate((za, zb)):
+            sums[side] += z.sum(1, dtype=torch.float64)
+            squares[side] += (z * z).sum(1, dtype=torch.float64)
+        cross += (za[pairs[0]] * zb[pairs[1]]).sum(1, dtype=torch.float64)
+        block += (za[sample[0]].to(torch.float64) @ zb[sample[1]].to(torch.float64).T)
+        columns += za.shape[1]
+    mean = [s / columns for s in sums]
+    std = [(q / columns - m * m).clamp_min(0).sqrt() for q, m in zip(squares, mean)]
+    pair = (cross / columns - mean[0][pairs[0]] * mean[1][pairs[1]]) / (
+        std[0][pairs[0]] * std[1][pairs[1]]).clamp_min(CLAMP)
+    sampled = (block / columns - torch.outer(mean[0][sample[0]], mean[1][sample[1]])) / torch.outer(
+        std[0][sample[0]], std[1][sample[1]]).clamp_min(CLAMP)
+    return pair, sampled
+
+
+def _fused_pairs(cluster: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (A unit, B unit) pair fused into one merged unit, as two index tensors (B units as 0..n-1)."""
+    import torch
+
+    a_of: dict[int, list[int]] = {}
+    for unit, merged in enumerate(cluster[:n].tolist()):
+        a_of.setdefault(merged, []).append(unit)
+    pairs = [(a, b) for b, merged in enumerate(cluster[n:].tolist()) for a in a_of.get(merged, [])]
+    if not pairs:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    a_units, b_units = zip(*sorted(pairs))
+    return torch.tensor(a_units), torch.tensor(b_units)
+
+
+def _mean(values: torch.Tensor) -> float | None:
+    return _rounded(float(values.mean())) if values.numel() else None
