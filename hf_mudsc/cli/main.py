@@ -16,6 +16,7 @@ COMMANDS = {
     "merge": "Merge two models (Hub ids, folders) into one and save or push it.",
     "push": "Push a merged model folder to the Hub with its card and recipe.",
     "evaluate": "Evaluate a merged model (and its parents) per task and jointly.",
+    "serve": "Run the merging service: merge jobs over HTTP, a job store that survives restarts, a web page.",
 }
 
 

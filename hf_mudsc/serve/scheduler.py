@@ -1,0 +1,183 @@
+"""The web process's side of the jobs: a queue, at most `workers` worker processes, cancel, restart recovery.
+
+One thread starts queued jobs (oldest first) while fewer than `workers` run; each running job has a thread
+reading its pipe (phases, log lines, the final status) into the store. Tokens are held here, in memory, from
+submission until the worker has received them — never in the store, a log or an error (docs/design.md §8b).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from hf_mudsc.serve.store import JobStore
+
+logger = logging.getLogger(__name__)
+
+CANCEL_GRACE_S = 30.0  # a running job that ignores a cancel this long (stuck outside a cancel point) is killed
+
+
+@dataclass
+class Running:
+    process: Any
+    conn: Any
+    cancelled: bool = False
+    finished: bool = False
+    timer: threading.Timer | None = field(default=None, repr=False)
+
+
+class Scheduler:
+    """Runs the store's queued jobs in worker processes (multiprocessing spawn: one fresh process per job)."""
+
+    def __init__(self, store: JobStore, workers: int = 1) -> None:
+        if workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {workers}")
+        self.store = store
+        self.workers = workers
+        self.tokens: dict[str, str | None] = {}
+        self.running: dict[str, Running] = {}
+        self._context = multiprocessing.get_context("spawn")
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="hf-mudsc-scheduler")
+
+    def start(self) -> None:
+        marked = self.store.recover()
+        if marked:
+            logger.warning("marked %d job(s) failed after a restart: %s", len(marked), ", ".join(marked))
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Cancel running jobs (they stop at their next cancel point) and wait a little for them."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+            running = list(self.running.items())
+        for job_id, run in running:
+            self._send_cancel(job_id, run)
+        for _, run in running:
+            run.process.join(timeout=10)
+            if run.process.is_alive():
+                run.process.kill()
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, job_id: str, token: str | None) -> None:
+        with self._wake:
+            self.tokens[job_id] = token
+            self._wake.notify_all()
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a queued job at once, a running one at its next cancel point. False if it had finished."""
+        with self._wake:
+            run = self.running.get(job_id)
+            if run is None:
+                self.tokens.pop(job_id, None)
+                return self.store.finish_if_active(job_id, "cancelled", "cancelled before it started")
+        self._send_cancel(job_id, run)
+        return True
+
+    def _send_cancel(self, job_id: str, run: Running) -> None:
+        run.cancelled = True
+        try:
+            run.conn.send("cancel")
+        except (BrokenPipeError, OSError):
+            pass
+        if run.timer is None:
+            run.timer = threading.Timer(CANCEL_GRACE_S, self._kill, args=(job_id, run))
+            run.timer.daemon = True
+            run.timer.start()
+
+    def _kill(self, job_id: str, run: Running) -> None:
+        if not run.finished and run.process.is_alive():
+            logger.warning("job %s did not stop within %.0f s of its cancel; killing its worker", job_id,
+                           CANCEL_GRACE_S)
+            run.process.kill()
+
+    # ------------------------------------------------------------------ running
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and (len(self.running) >= self.workers or not self._next()):
+                    self._wake.wait(timeout=1.0)
+                if self._stopping:
+                    return
+                job_id = self._next()
+                if job_id is None:
+                    continue
+                try:
+                    self._launch(job_id)
+                except Exception as error:  # noqa: BLE001 - a job that cannot start fails; the service stays up
+                    logger.exception("job %s could not start", job_id)
+                    self.store.finish_if_active(job_id, "failed", f"the worker could not start: {error}")
+
+    def _next(self) -> str | None:
+        return next(iter(self.store.queued()), None)
+
+    def _launch(self, job_id: str) -> None:
+        """Start a worker process for a queued job (called with the lock held)."""
+        from hf_mudsc.serve import worker
+
+        job = self.store.get(job_id)
+        if job is None or job["status"] != "queued":
+            return
+        token = self.tokens.pop(job_id, None)
+        parent_end, child_end = self._context.Pipe()
+        process = self._context.Process(target=worker.main, args=(child_end, job_id, job["request"]),
+                                        name=f"hf-mudsc-job-{job_id}")
+        self.store.update(job_id, status="running", phase="load", progress=0.0)
+        process.start()
+        child_end.close()
+        parent_end.send({"token": token})
+        del token
+        run = Running(process, parent_end)
+        self.running[job_id] = run
+        threading.Thread(target=self._follow, args=(job_id, run), daemon=True, name=f"follow-{job_id}").start()
+
+    def _follow(self, job_id: str, run: Running) -> None:
+        """Copy one worker's messages into the store until its pipe closes; then settle the job's status."""
+        final: tuple | None = None
+        pending: list[str] = []
+        while True:
+            try:
+                message = run.conn.recv()
+            except (EOFError, OSError):
+                break
+            kind = message[0]
+            if kind == "log":
+                pending.append(message[1])
+                if len(pending) >= 20:
+                    self.store.append_log(job_id, pending)
+                    pending = []
+                continue
+            if pending:
+                self.store.append_log(job_id, pending)
+                pending = []
+            if kind == "phase":
+                self.store.update(job_id, phase=message[1], progress=float(message[2]))
+            elif kind == "done":
+                final = message
+        if pending:
+            self.store.append_log(job_id, pending)
+        run.process.join()
+        run.finished = True
+        if run.timer is not None:
+            run.timer.cancel()
+        if final is not None:
+            _, status, error, result = final
+            fields: dict[str, Any] = {"status": status, "error": error, "result": result}
+            if status == "succeeded":
+                fields["progress"] = 1.0
+            self.store.update(job_id, **fields)
+        elif run.cancelled:
+            self.store.update(job_id, status="cancelled",
+                              error="cancelled; the worker was stopped (nothing was pushed)")
+        else:
+            self.store.update(job_id, status="failed",
+                              error=f"the worker process died (exit code {run.process.exitcode}) — out of memory "
+                              "or a crash in native code; the service is unaffected")
+        with self._wake:
+            self.running.pop(job_id, None)
+            self._wake.notify_all()
