@@ -128,7 +128,7 @@ class Service:
             except OSError:
                 continue
             parent = int(stat.rsplit(")", 1)[1].split()[1])
-            if parent == self.process.pid and "multiprocessing" in cmdline:
+            if parent == self.process.pid and "spawn_main" in cmdline:
                 pids.append(int(entry.name))
         return pids
 
