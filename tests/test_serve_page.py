@@ -7,6 +7,7 @@ Screenshots go to the test's tmp folder; with `HF_MUDSC_SCREENSHOTS=docs/images`
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import tempfile
@@ -48,12 +49,11 @@ def browser(tmp_path):
 
 
 def screenshot(driver: webdriver.Chrome, folder: Path, name: str) -> Path:
-    """A full-page PNG (the window resized to the page's height), copied to $HF_MUDSC_SCREENSHOTS if set."""
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1400, max(600, min(int(height) + 40, 2400)))
+    """A full-page PNG (DevTools' captureBeyondViewport), copied to $HF_MUDSC_SCREENSHOTS if set."""
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
+    data = base64.b64decode(shot["data"])
     path = folder / name
-    assert driver.save_screenshot(str(path))
-    data = path.read_bytes()
+    path.write_bytes(data)
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, f"{name} is not a real screenshot"
     if os.environ.get("HF_MUDSC_SCREENSHOTS"):
         target = Path(os.environ["HF_MUDSC_SCREENSHOTS"])

@@ -127,7 +127,7 @@ class Scheduler:
         parent_end, child_end = self._context.Pipe()
         process = self._context.Process(target=worker.main, args=(child_end, job_id, job["request"]),
                                         name=f"hf-mudsc-job-{job_id}")
-        self.store.update(job_id, status="running", phase="load", progress=0.0)
+        self.store.update(job_id, status="running", phase=None if job["dry_run"] else "load", progress=0.0)
         process.start()
         child_end.close()
         parent_end.send({"token": token})
