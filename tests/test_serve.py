@@ -67,6 +67,22 @@ def test_a_bad_request_names_the_offending_key(tmp_path):
     assert parse_job({"models": ["user/a", "user/b"], "method": "average"}, tmp_path, dry_run=True).dry_run
 
 
+def test_the_web_process_does_not_import_the_merge_engine(tmp_path):
+    """The app and a validated job need no torch: only worker processes import it."""
+    script = (
+        "import sys\n"
+        "from hf_mudsc.serve.app import create_app\n"
+        "from hf_mudsc.serve.jobs import parse_job\n"
+        f"create_app({str(tmp_path)!r})\n"
+        f"parse_job({{'models': ['a/b', 'c/d'], 'method': 'mudsc', 'calibration': 'x:train', 'output': 'o'}}, "
+        f"__import__('pathlib').Path({str(tmp_path)!r}))\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_store_claims_targets_and_recovers_after_a_restart(tmp_path):
     store = JobStore(tmp_path)
     running = store.add({"models": []}, output="/o/1", repo_id="me/one", dry_run=False, has_token=False)
@@ -245,3 +261,30 @@ def test_an_exposed_service_needs_an_api_key_for_post_and_delete(hub, tmp_path):
         assert service.request("DELETE", f"/api/jobs/{answer['id']}")[0] == 401
         assert service.request("GET", f"/api/jobs/{answer['id']}")[0] == 200  # reading needs no key
     assert not files_containing(tmp_path / "state", key), "the API key was written to the state dir"
+
+
+def test_the_space_example_runs_hf_mudsc_serve_exposed_only_with_a_key(tmp_path):
+    import importlib.util
+
+    from hf_mudsc.cli.main import build_parser
+    from hf_mudsc.cli.serve import check_exposure
+
+    space = Path(__file__).resolve().parents[1] / "docs" / "space"
+    spec = importlib.util.spec_from_file_location("space_app", space / "app.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)  # importing it starts nothing
+    (tmp_path / "data").mkdir()
+    argv = app.serve_args({}, data=tmp_path / "data")
+    args = build_parser(available=["serve"]).parse_args(argv)
+    assert (args.command, args.host, args.port, args.workers) == ("serve", "0.0.0.0", 7860, 1)
+    assert args.state_dir == str(tmp_path / "data" / "hf-mudsc")
+    assert app.serve_args({"PORT": "9000"}, data=tmp_path / "none")[4] == "9000"
+    with pytest.raises(ValueError, match="--api-key"):
+        check_exposure(args.host, None)
+    check_exposure(args.host, "secret-from-the-space")
+
+    dockerfile = (space / "Dockerfile").read_text()
+    assert 'CMD ["python", "app.py"]' in dockerfile and "EXPOSE 7860" in dockerfile
+    assert '"hf-mudsc[serve]"' in dockerfile and "torch==2.13.0" in dockerfile
+    front = (space / "README.md").read_text().split("---")[1]
+    assert "sdk: docker" in front and "app_port: 7860" in front

@@ -1,4 +1,4 @@
-"""`hf-mudsc serve`: merge jobs over HTTP (docs/design.md §8b).
+"""`hf-mudsc serve`: merge jobs over HTTP (docs/design.md §11).
 
     store.py      the job store: SQLite under --state-dir (jobs, logs; never a token)
     jobs.py       a request body -> a validated job (recipe keys, destination, 400 naming the key)

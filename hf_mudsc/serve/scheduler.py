@@ -2,7 +2,7 @@
 
 One thread starts queued jobs (oldest first) while fewer than `workers` run; each running job has a thread
 reading its pipe (phases, log lines, the final status) into the store. Tokens are held here, in memory, from
-submission until the worker has received them — never in the store, a log or an error (docs/design.md §8b).
+submission until the worker has received them — never in the store, a log or an error (docs/design.md §11).
 """
 
 from __future__ import annotations

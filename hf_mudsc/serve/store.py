@@ -3,7 +3,7 @@
 Only the web process writes it (workers report through a pipe), so there is one writer and SQLite's own
 locking is never contended across processes. What it holds: each job's request (recipe keys, destination,
 `dry_run`), status, progress, phase, error, result and log lines, and whether a Hub token came with the job —
-never the token itself (tokens live in the scheduler's memory only; docs/design.md §8b).
+never the token itself (tokens live in the scheduler's memory only; docs/design.md §11).
 """
 
 from __future__ import annotations
