@@ -117,8 +117,9 @@ class Service:
             self._log_file.close()
 
     def workers(self) -> list[int]:
-        """The pids of the service's worker processes (its children running multiprocessing's spawn_main)."""
-        pids = []
+        """The pids of the service's worker processes: children of its forkserver (the server's child that runs
+        multiprocessing.forkserver), or spawned children of the server itself."""
+        table = {}
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
@@ -127,10 +128,11 @@ class Service:
                 cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
             except OSError:
                 continue
-            parent = int(stat.rsplit(")", 1)[1].split()[1])
-            if parent == self.process.pid and "spawn_main" in cmdline:
-                pids.append(int(entry.name))
-        return pids
+            table[int(entry.name)] = (int(stat.rsplit(")", 1)[1].split()[1]), cmdline)
+        servers = {pid for pid, (parent, cmd) in table.items()
+                   if parent == self.process.pid and "forkserver" in cmd}
+        return sorted(pid for pid, (parent, cmd) in table.items()
+                      if parent in servers or (parent == self.process.pid and "spawn_main" in cmd))
 
     def __enter__(self) -> Service:
         return self

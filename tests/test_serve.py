@@ -251,15 +251,16 @@ def test_an_exposed_service_needs_an_api_key_for_post_and_delete(hub, tmp_path):
 
     key = "k3y-for-tests"
     with Service(hub, tmp_path / "state", tmp_path / "server.log", extra=("--api-key", key)) as service:
-        body = {"models": ["user/a", "user/b"], "method": "average", "dry_run": True}
+        body = {"models": ["user/a", "user/b"], "method": "average", "dry_run": True, "alpha": 7}
         status, answer = service.request("POST", "/api/jobs", body)
         assert status == 401 and "X-API-Key" in answer["error"]
         status, answer = service.request("POST", "/api/jobs", body, headers={"X-API-Key": "wrong"})
         assert status == 401
         status, answer = service.request("POST", "/api/jobs", body, headers={"X-API-Key": key})
-        assert status == 201
-        assert service.request("DELETE", f"/api/jobs/{answer['id']}")[0] == 401
-        assert service.request("GET", f"/api/jobs/{answer['id']}")[0] == 200  # reading needs no key
+        assert status == 400 and "alpha" in answer["error"]  # past the key check, on to the recipe's
+        assert service.request("DELETE", "/api/jobs/abc")[0] == 401
+        assert service.request("DELETE", "/api/jobs/abc", headers={"X-API-Key": key})[0] == 404
+        assert service.request("GET", "/api/jobs")[0] == 200  # reading needs no key
     assert not files_containing(tmp_path / "state", key), "the API key was written to the state dir"
 
 

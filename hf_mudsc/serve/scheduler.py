@@ -17,7 +17,25 @@ from hf_mudsc.serve.store import JobStore
 
 logger = logging.getLogger(__name__)
 
+EXIT_GRACE_S = 30.0  # a worker that has reported its end gets this long to exit before it is killed
 CANCEL_GRACE_S = 30.0  # a running job that ignores a cancel this long (stuck outside a cancel point) is killed
+
+
+# What the forkserver imports once, so a job's process starts in milliseconds instead of re-importing torch.
+PRELOAD = ["hf_mudsc.serve.worker", "torch", "transformers", "datasets", "hf_mudsc.pipeline", "hf_mudsc.cli.merge",
+           "hf_mudsc.publish.hub"]
+
+
+def worker_context() -> Any:
+    """Fresh processes for jobs: forked from a forkserver that has the merge engine imported (POSIX), else spawned.
+
+    Either way each job is its own process (its memory is returned when it exits), and the web process never
+    imports torch and is never forked. The forkserver starts at once and imports in the background."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    return context
 
 
 @dataclass
@@ -30,7 +48,7 @@ class Running:
 
 
 class Scheduler:
-    """Runs the store's queued jobs in worker processes (multiprocessing spawn: one fresh process per job)."""
+    """Runs the store's queued jobs in worker processes (one fresh process per job; `worker_context`)."""
 
     def __init__(self, store: JobStore, workers: int = 1) -> None:
         if workers < 1:
@@ -39,7 +57,7 @@ class Scheduler:
         self.workers = workers
         self.tokens: dict[str, str | None] = {}
         self.running: dict[str, Running] = {}
-        self._context = multiprocessing.get_context("spawn")
+        self._context = worker_context()
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, daemon=True, name="hf-mudsc-scheduler")
@@ -48,6 +66,10 @@ class Scheduler:
         marked = self.store.recover()
         if marked:
             logger.warning("marked %d job(s) failed after a restart: %s", len(marked), ", ".join(marked))
+        if self._context.get_start_method() == "forkserver":
+            from multiprocessing import forkserver
+
+            forkserver.ensure_running()
         self._thread.start()
 
     def stop(self) -> None:
@@ -136,6 +158,22 @@ class Scheduler:
         self.running[job_id] = run
         threading.Thread(target=self._follow, args=(job_id, run), daemon=True, name=f"follow-{job_id}").start()
 
+    def _settle(self, job_id: str, run: Running, final: tuple | None) -> None:
+        """The job's final status: what the worker reported, else cancelled (if asked) or failed (it died)."""
+        if final is not None:
+            _, status, error, result = final
+            fields: dict[str, Any] = {"status": status, "error": error, "result": result}
+            if status == "succeeded":
+                fields["progress"] = 1.0
+            self.store.update(job_id, **fields)
+        elif run.cancelled:
+            self.store.update(job_id, status="cancelled",
+                              error="cancelled; the worker was stopped (nothing was pushed)")
+        else:
+            self.store.update(job_id, status="failed",
+                              error=f"the worker process died (exit code {run.process.exitcode}) — out of memory "
+                              "or a crash in native code; the service is unaffected")
+
     def _follow(self, job_id: str, run: Running) -> None:
         """Copy one worker's messages into the store until its pipe closes; then settle the job's status."""
         final: tuple | None = None
@@ -159,25 +197,18 @@ class Scheduler:
                 self.store.update(job_id, phase=message[1], progress=float(message[2]))
             elif kind == "done":
                 final = message
+                self._settle(job_id, run, final)
         if pending:
             self.store.append_log(job_id, pending)
-        run.process.join()
+        run.process.join(timeout=EXIT_GRACE_S)
+        if run.process.is_alive():  # reported its end but does not exit (a stuck library thread): reclaim it
+            run.process.kill()
+            run.process.join()
         run.finished = True
         if run.timer is not None:
             run.timer.cancel()
-        if final is not None:
-            _, status, error, result = final
-            fields: dict[str, Any] = {"status": status, "error": error, "result": result}
-            if status == "succeeded":
-                fields["progress"] = 1.0
-            self.store.update(job_id, **fields)
-        elif run.cancelled:
-            self.store.update(job_id, status="cancelled",
-                              error="cancelled; the worker was stopped (nothing was pushed)")
-        else:
-            self.store.update(job_id, status="failed",
-                              error=f"the worker process died (exit code {run.process.exitcode}) — out of memory "
-                              "or a crash in native code; the service is unaffected")
+        if final is None:
+            self._settle(job_id, run, None)
         with self._wake:
             self.running.pop(job_id, None)
             self._wake.notify_all()

@@ -17,7 +17,7 @@ push has committed, cancelling no longer applies (the job has succeeded).
 If the web process dies (the pipe closes), the worker cancels itself the same way, and exits hard after
 `ORPHAN_GRACE_S` if it has not stopped by then: an orphaned job must never push later.
 
-Test-only delay: `HF_MUDSC_SERVE_TEST_DELAY=SECONDS` makes every forward pass of a whole model sleep that long
+Test-only delay: `HF_MUDSC_SERVE_TEST_DELAY=SECONDS` makes every batch (a parent's whole-model forward) sleep that long
 (in 0.05 s slices that honour a cancel), and the load phase wait once as long, so tests can cancel or kill a job
 while it runs. Never set it in production.
 """
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 import traceback
@@ -62,7 +63,21 @@ class Reporter:
         self.cancel = threading.Event()
         self.committed = False  # the push has committed: too late to cancel
         self.phase: str | None = None
+        self.batches = 0
         self._lock = threading.Lock()
+
+    def batch(self, expected: int | None) -> None:
+        """One forward batch of a parent: in the calibrate phase, progress moves from 0.2 toward 0.6 (exactly when
+        the number of batches is known, asymptotically otherwise)."""
+        if not self.calibrates:
+            return
+        if self.phase == "load":
+            self.enter("calibrate")
+        if self.phase != "calibrate":
+            return
+        self.batches += 1
+        share = min(1.0, self.batches / expected) if expected else 1 - 1 / (1 + self.batches / 20)
+        self.send(("phase", "calibrate", round(0.2 + 0.4 * share * 0.98, 4)))
 
     def scrub(self, text: str) -> str:
         return text.replace(self.token, "***") if self.token else text
@@ -142,6 +157,7 @@ def watch_pipe(conn: Any, reporter: Reporter) -> None:
 
 def main(conn: Any, job_id: str, request: dict[str, Any]) -> None:
     """The worker process's entry point (multiprocessing target)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server cancels us
     first = conn.recv()
     token = first.get("token")
     job = JobRequest.from_stored(request)
@@ -173,6 +189,12 @@ def _needs_calibration(job: JobRequest) -> bool:
     return bool(get_method(job.recipe.method).needs_calibration)
 
 
+def _expected_batches(job: JobRequest) -> int | None:
+    """Forward batches of calibration (both parents), when `num_samples` says how many samples are read."""
+    samples = job.recipe.num_samples
+    return 2 * -(-samples // job.recipe.batch_size) if samples else None
+
+
 def dry_run_plan(job: JobRequest) -> dict[str, Any]:
     """The dry run's answer — the ONE adapter to the pipeline's dry run.
 
@@ -195,15 +217,24 @@ def run_merge(job: JobRequest, token: str | None, reporter: Reporter) -> dict[st
 
     from hf_mudsc.cli.merge import execute
 
+    depth = [0]  # nesting of whole-model forwards: a ViTForImageClassification runs its ViTModel inside
+    expected = _expected_batches(job)
+
     def before_forward(module: torch.nn.Module, args: Any) -> None:
         if isinstance(module, PreTrainedModel):
-            if reporter.calibrates and reporter.phase == "load":
-                reporter.enter("calibrate")
-            if delay:
-                reporter.wait(delay)
+            depth[0] += 1
+            if depth[0] == 1:  # one batch of one parent (calibration, refit or evaluation)
+                reporter.batch(expected)
+                if delay:
+                    reporter.wait(delay)
         reporter.checkpoint()
 
+    def after_forward(module: torch.nn.Module, args: Any, output: Any) -> None:
+        if isinstance(module, PreTrainedModel):
+            depth[0] = max(0, depth[0] - 1)
+
     torch.nn.modules.module.register_module_forward_pre_hook(before_forward)
+    torch.nn.modules.module.register_module_forward_hook(after_forward)
     produced = execute(job.recipe, token=token)
     push = produced.get("push")
     output = produced.get("output")
