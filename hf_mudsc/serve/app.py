@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from jinja2 import Environment, PackageLoader, select_autoescape
 
@@ -95,12 +96,15 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         raw = await request.body()
         if len(raw) > MAX_BODY:
             return error(413, f"the body is larger than {MAX_BODY} bytes; a recipe is a few hundred")
+        token = _bearer(request)
+        # Store and scheduler calls take locks: run them off the event loop, so GETs are never held up.
+        return await run_in_threadpool(enqueue, raw, request.headers.get("content-type", ""), dry_run, token)
+
+    def enqueue(raw: bytes, content_type: str, dry_run: bool, token: str | None) -> JSONResponse:
         try:
-            body = _parse_body(raw, request.headers.get("content-type", ""))
-            job = parse_job(body, outputs, dry_run=dry_run)
+            job = parse_job(_parse_body(raw, content_type), outputs, dry_run=dry_run)
         except RecipeError as problem:
             return error(400, str(problem))
-        token = _bearer(request)
         try:
             job_id = store.add(job.to_dict(), output=job.output, repo_id=job.repo_id, dry_run=job.dry_run,
                                has_token=token is not None)

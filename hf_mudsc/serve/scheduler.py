@@ -48,7 +48,10 @@ class Running:
 
 
 class Scheduler:
-    """Runs the store's queued jobs in worker processes (one fresh process per job; `worker_context`)."""
+    """Runs the store's queued jobs in worker processes (one fresh process per job; `worker_context`).
+
+    The lock guards `tokens` and `running` only, and is never held while a process starts (with a forkserver
+    still importing torch that can take a while): submitting, cancelling and the API never wait for a worker."""
 
     def __init__(self, store: JobStore, workers: int = 1) -> None:
         if workers < 1:
@@ -58,7 +61,8 @@ class Scheduler:
         self.tokens: dict[str, str | None] = {}
         self.running: dict[str, Running] = {}
         self._context = worker_context()
-        self._wake = threading.Condition()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, daemon=True, name="hf-mudsc-scheduler")
 
@@ -74,26 +78,27 @@ class Scheduler:
 
     def stop(self) -> None:
         """Cancel running jobs (they stop at their next cancel point) and wait a little for them."""
-        with self._wake:
+        with self._lock:
             self._stopping = True
-            self._wake.notify_all()
             running = list(self.running.items())
+        self._wake.set()
         for job_id, run in running:
             self._send_cancel(job_id, run)
         for _, run in running:
-            run.process.join(timeout=10)
-            if run.process.is_alive():
-                run.process.kill()
+            if run.process is not None:
+                run.process.join(timeout=10)
+                if run.process.is_alive():
+                    run.process.kill()
 
     # ------------------------------------------------------------------ requests
     def submit(self, job_id: str, token: str | None) -> None:
-        with self._wake:
+        with self._lock:
             self.tokens[job_id] = token
-            self._wake.notify_all()
+        self._wake.set()
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a queued job at once, a running one at its next cancel point. False if it had finished."""
-        with self._wake:
+        with self._lock:
             run = self.running.get(job_id)
             if run is None:
                 self.tokens.pop(job_id, None)
@@ -102,9 +107,13 @@ class Scheduler:
         return True
 
     def _send_cancel(self, job_id: str, run: Running) -> None:
-        run.cancelled = True
+        with self._lock:
+            run.cancelled = True
+            conn = run.conn
+        if conn is None:
+            return  # still starting: `_start` sends the cancel once the pipe exists
         try:
-            run.conn.send("cancel")
+            conn.send("cancel")
         except (BrokenPipeError, OSError):
             pass
         if run.timer is None:
@@ -113,7 +122,7 @@ class Scheduler:
             run.timer.start()
 
     def _kill(self, job_id: str, run: Running) -> None:
-        if not run.finished and run.process.is_alive():
+        if not run.finished and run.process is not None and run.process.is_alive():
             logger.warning("job %s did not stop within %.0f s of its cancel; killing its worker", job_id,
                            CANCEL_GRACE_S)
             run.process.kill()
@@ -121,42 +130,48 @@ class Scheduler:
     # ------------------------------------------------------------------ running
     def _loop(self) -> None:
         while True:
-            with self._wake:
-                while not self._stopping and (len(self.running) >= self.workers or not self._next()):
-                    self._wake.wait(timeout=1.0)
-                if self._stopping:
-                    return
-                job_id = self._next()
-                if job_id is None:
-                    continue
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            while True:
+                with self._lock:
+                    if self._stopping or len(self.running) >= self.workers:
+                        break
+                    job = next((j for j in map(self.store.get, self.store.queued()[:1]) if j), None)
+                    if job is None:
+                        break
+                    job_id = job["id"]
+                    token = self.tokens.pop(job_id, None)
+                    self.store.update(job_id, status="running", phase=None if job["dry_run"] else "load",
+                                      progress=0.0)
+                    run = Running(None, None)
+                    self.running[job_id] = run
                 try:
-                    self._launch(job_id)
+                    self._start(job_id, job["request"], run, token)
                 except Exception as error:  # noqa: BLE001 - a job that cannot start fails; the service stays up
                     logger.exception("job %s could not start", job_id)
-                    self.store.finish_if_active(job_id, "failed", f"the worker could not start: {error}")
+                    self.store.update(job_id, status="failed", error=f"the worker could not start: {error}")
+                    with self._lock:
+                        self.running.pop(job_id, None)
+                del token
+            if self._stopping:
+                return
 
-    def _next(self) -> str | None:
-        return next(iter(self.store.queued()), None)
-
-    def _launch(self, job_id: str) -> None:
-        """Start a worker process for a queued job (called with the lock held)."""
+    def _start(self, job_id: str, request: dict[str, Any], run: Running, token: str | None) -> None:
+        """Start the job's worker process, hand it the token through its pipe, follow it."""
         from hf_mudsc.serve import worker
 
-        job = self.store.get(job_id)
-        if job is None or job["status"] != "queued":
-            return
-        token = self.tokens.pop(job_id, None)
         parent_end, child_end = self._context.Pipe()
-        process = self._context.Process(target=worker.main, args=(child_end, job_id, job["request"]),
+        process = self._context.Process(target=worker.main, args=(child_end, job_id, request),
                                         name=f"hf-mudsc-job-{job_id}")
-        self.store.update(job_id, status="running", phase=None if job["dry_run"] else "load", progress=0.0)
         process.start()
         child_end.close()
         parent_end.send({"token": token})
-        del token
-        run = Running(process, parent_end)
-        self.running[job_id] = run
+        with self._lock:
+            run.process, run.conn = process, parent_end
+            cancelled = run.cancelled
         threading.Thread(target=self._follow, args=(job_id, run), daemon=True, name=f"follow-{job_id}").start()
+        if cancelled:
+            self._send_cancel(job_id, run)
 
     def _settle(self, job_id: str, run: Running, final: tuple | None) -> None:
         """The job's final status: what the worker reported, else cancelled (if asked) or failed (it died)."""
@@ -209,6 +224,6 @@ class Scheduler:
             run.timer.cancel()
         if final is None:
             self._settle(job_id, run, None)
-        with self._wake:
+        with self._lock:
             self.running.pop(job_id, None)
-            self._wake.notify_all()
+        self._wake.set()
