@@ -63,8 +63,17 @@ def screenshot(driver: webdriver.Chrome, folder: Path, name: str) -> Path:
 
 
 def status_of(driver: webdriver.Chrome, job_id: str) -> str | None:
-    rows = driver.find_elements(By.ID, f"job-{job_id}")
-    return rows[0].get_attribute("data-status") if rows else None
+    """Read in one script: the list's rows are replaced every 2 s, so an element found earlier goes stale."""
+    return driver.execute_script(
+        "const row = document.getElementById(arguments[0]); return row ? row.dataset.status : null", f"job-{job_id}")
+
+
+def row_of(driver: webdriver.Chrome, job_id: str) -> tuple[str, dict[str, str]]:
+    """A row's text and its links (text -> href), read atomically."""
+    return tuple(driver.execute_script(
+        "const row = document.getElementById(arguments[0]);"
+        "const links = {}; for (const a of row.querySelectorAll('a')) links[a.textContent.trim()] = a.href;"
+        "return [row.innerText, links];", f"job-{job_id}"))
 
 
 def submit(driver: webdriver.Chrome, recipe: str, *, dry_run: bool = False) -> str:
@@ -102,15 +111,15 @@ def test_the_page_submits_a_merge_and_shows_the_finished_job(hub_emulator, input
         # The list refreshes itself (no reload): both rows reach `succeeded`.
         WebDriverWait(browser, 240, poll_frequency=0.5).until(
             lambda d: status_of(d, merge_id) == "succeeded" and status_of(d, dry_id) == "succeeded")
-        row = browser.find_element(By.ID, f"job-{merge_id}")
-        links = {link.text: link.get_attribute("href") for link in row.find_elements(By.TAG_NAME, "a")}
+        text, links = row_of(browser, merge_id)
         assert links["repo"] == f"{hub_emulator.endpoint}/user/merged-digits"
         assert links["card"] == f"{service.url}/jobs/{merge_id}/files/README.md"
-        assert "100%" in row.text and "user/merged-digits" in row.text
-        assert "dry run" in browser.find_element(By.ID, f"job-{dry_id}").text
+        assert "100%" in text and "user/merged-digits" in text
+        assert "dry run" in row_of(browser, dry_id)[0]
         screenshot(browser, tmp_path, "serve_jobs.png")
 
-        browser.find_element(By.LINK_TEXT, merge_id).click()
+        assert links[merge_id] == f"{service.url}/jobs/{merge_id}"
+        browser.get(links[merge_id])  # the job's own page (following the row's link)
         WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.ID, "log"))
         text = browser.find_element(By.TAG_NAME, "main").text
         assert "user/merged-digits" in text and hub_emulator.head("user/merged-digits")[:12] in text
