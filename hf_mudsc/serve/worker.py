@@ -1,7 +1,8 @@
 """The worker process: runs ONE job (a merge or a dry run) and reports to the web process through a pipe.
 
-Each job gets a fresh process (multiprocessing "spawn"), so a crash cannot take the server down and the
-memory of a finished merge goes back to the system when it exits. Messages:
+Each job gets a fresh process (forked from the scheduler's forkserver, or spawned; `scheduler.worker_context`), so
+a crash cannot take the server down and the memory of a finished merge goes back to the system when it exits.
+This module imports nothing heavy at import time; the merge engine is imported by `run_merge`. Messages:
 
     web -> worker   {"token": str | None}   first, once (the token never touches the disk)
                     "cancel"                 stop at the next safe point
