@@ -7,6 +7,7 @@ in hf_mudsc/serve/worker.py) so each forward pass of calibration takes a moment.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from test_cli import save_parents_and_data
 from hf_mudsc.errors import RecipeError
 from hf_mudsc.serve.jobs import parse_job
 from hf_mudsc.serve.store import RESTARTED_RUNNING, RESTARTED_TOKEN, JobStore, TargetClaimedError
+from hf_mudsc.serve.worker import ForwardHandler, JobCancelled, Reporter
 
 SECRET = "hf_serveSecretTokenThatMustNeverLeak42"
 
@@ -81,6 +83,49 @@ def test_the_web_process_does_not_import_the_merge_engine(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+class FakePipe:
+    def __init__(self) -> None:
+        self.sent: list[tuple] = []
+
+    def send(self, message: tuple) -> None:
+        self.sent.append(message)
+
+
+def record(name: str, message: str) -> logging.LogRecord:
+    return logging.LogRecord(name, logging.INFO, __file__, 1, message, (), None)
+
+
+def test_the_worker_maps_pipeline_records_to_phases_scrubs_the_token_and_cancels_until_the_push_begins():
+    pipe = FakePipe()
+    reporter = Reporter(pipe, SECRET, calibrates=True, pushes=True)
+    handler = ForwardHandler(reporter)
+    reporter.enter("load")
+    handler.emit(record("hf_mudsc.load.parents", "loaded user/a"))
+    handler.emit(record("hf_mudsc.load.relation", "parents: independent"))
+    reporter.batch(expected=4)
+    reporter.batch(expected=4)
+    handler.emit(record("hf_mudsc.calibrate.statistics", "collected activation statistics over 16 samples"))
+    handler.emit(record("hf_mudsc.solve.loop", "solve: 7 sweeps, best objective 0.2"))
+    handler.emit(record("hf_mudsc.load.parents", f"a line that quotes {SECRET} by mistake"))
+    phases = [m[1:] for m in pipe.sent if m[0] == "phase"]
+    assert phases == [("load", 0.02), ("calibrate", 0.2), ("calibrate", 0.298), ("calibrate", 0.396),
+                      ("solve", 0.6), ("apply", 0.75)]
+    lines = [m[1] for m in pipe.sent if m[0] == "log"]
+    assert len(lines) == 5 and lines[-1].endswith("a line that quotes *** by mistake")
+    assert not any(SECRET in str(m) for m in pipe.sent)
+
+    reporter.cancel.set()  # a cancel: the next record (or batch) raises
+    with pytest.raises(JobCancelled):
+        handler.emit(record("hf_mudsc.pipeline", "merged user/a and user/b with zipit"))
+    assert reporter.phase == "publish"
+    with pytest.raises(JobCancelled):
+        reporter.checkpoint()  # writing the folder: still cancellable (the staging folder is dropped)
+    handler.emit(record("hf_mudsc.publish.hub", "waiting for the Hub: creating the repo 'user/m'"))
+    reporter.checkpoint()  # the push has begun: it completes
+    handler.emit(record("hf_mudsc.publish.hub", "pushed /x to user/m (commit abc)"))
+    assert pipe.sent[-1] == ("phase", "publish", 0.99)
 
 
 def test_store_claims_targets_and_recovers_after_a_restart(tmp_path):

@@ -13,7 +13,8 @@ records to a phase: load / calibrate / solve / apply / build / publish) and from
 torch (every batch of calibration, refit and evaluation passes it). Both are the CANCEL POINTS: when a cancel has
 been asked, they raise `JobCancelled` (a BaseException, so no `except Exception` of the library swallows it),
 which unwinds through the one writer's staging folder — nothing half-written is left, nothing is pushed. Once the
-push has committed, cancelling no longer applies (the job has succeeded).
+push has begun (the merged folder is written and the Hub repo is being checked or created), a cancel no longer
+applies: the push is one commit, and stopping it halfway would leave an empty repo behind.
 
 If the web process dies (the pipe closes), the worker cancels itself the same way, and exits hard after
 `ORPHAN_GRACE_S` if it has not stopped by then: an orphaned job must never push later.
@@ -62,7 +63,7 @@ class Reporter:
         self.calibrates = calibrates
         self.pushes = pushes
         self.cancel = threading.Event()
-        self.committed = False  # the push has committed: too late to cancel
+        self.pushing = False  # the push has begun (repo created, one commit): it completes, a cancel waits it out
         self.phase: str | None = None
         self.batches = 0
         self._lock = threading.Lock()
@@ -102,8 +103,8 @@ class Reporter:
         self.send(("phase", phase, PROGRESS[phase] if progress is None else progress))
 
     def checkpoint(self) -> None:
-        """A cancel point: raise `JobCancelled` if a cancel was asked and the push has not committed."""
-        if self.cancel.is_set() and not self.committed:
+        """A cancel point: raise `JobCancelled` if a cancel was asked and the push has not begun."""
+        if self.cancel.is_set() and not self.pushing:
             raise JobCancelled()
 
     def wait(self, seconds: float) -> None:
@@ -116,10 +117,11 @@ class Reporter:
 
     def on_record(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
+        if self.phase == "publish" and record.name == "hf_mudsc.publish.hub":
+            self.pushing = True  # checking or creating the repo after the merge: the push has begun
         for prefix, start, phase, progress in PHASE_MARKS:
             if record.name.startswith(prefix) and message.startswith(start):
                 if phase == "published":
-                    self.committed = True
                     self.phase = "publish"
                     self.send(("phase", "publish", 0.99))
                 elif phase == "after_load":
