@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import string
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -124,7 +125,7 @@ class MergePlan:
     def __str__(self) -> str:
         lines = ["Dry run: nothing was downloaded but configs and safetensors headers; nothing was written.", "",
                  "Parents:"]
-        for side, parent in zip("AB", self.parents):
+        for side, parent in zip(string.ascii_uppercase, self.parents):
             size = f", {_bytes(parent.weight_bytes)} of weights" if parent.weight_bytes is not None else ""
             dtypes = f" ({'/'.join(parent.dtypes)})" if parent.dtypes else ""
             name = "a model object" if parent.pinned == parent.architecture else parent.pinned

@@ -18,6 +18,7 @@ COMMANDS = {
     "push": "Push a merged model folder to the Hub with its card and recipe.",
     "evaluate": "Evaluate a merged model (and its parents) per task and jointly.",
     "inspect": "Summarise a merged folder (or a recipe) and redraw its diagnostic plots.",
+    "serve": "Run the merging service: merge jobs over HTTP, a job store that survives restarts, a web page.",
 }
 
 

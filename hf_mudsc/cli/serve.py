@@ -1,0 +1,59 @@
+"""`hf-mudsc serve --host 127.0.0.1 --port 8000 --state-dir DIR [--workers N] [--api-key KEY]`: the merging service.
+
+Safe by default: it binds 127.0.0.1; any other host needs an API key (`--api-key` or `HF_MUDSC_API_KEY`) that
+POST and DELETE must send as `X-API-Key`. Needs the `serve` extra (`pip install "hf-mudsc[serve]"`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+
+API_KEY_ENV = "HF_MUDSC_API_KEY"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind; anything but a loopback address needs --api-key")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument("--state-dir", default="hf-mudsc-serve", metavar="DIR",
+                        help="where the job store (SQLite) and, by default, the output folders live; jobs "
+                        "survive a restart with the same folder")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="merges run at once, each in its own process (memory: a few parents' worth each)")
+    parser.add_argument("--api-key", default=argparse.SUPPRESS, metavar="KEY",
+                        help=f"a key POST and DELETE must send as `X-API-Key` (default: ${API_KEY_ENV}); "
+                        "required with a non-loopback --host")
+    parser.add_argument("--output-root", default=argparse.SUPPRESS, metavar="DIR",
+                        help="the folder a job's `output` names a folder in (default: STATE_DIR/outputs)")
+
+
+def check_exposure(host: str, api_key: str | None) -> None:
+    """Refuse to listen beyond this machine without an API key (one line naming the flag)."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not api_key:
+        raise ValueError(f"--host {host} exposes the service beyond this machine: pass --api-key KEY (or set "
+                         f"{API_KEY_ENV}); POST and DELETE will then need the header `X-API-Key`")
+
+
+def run(args: argparse.Namespace) -> int:
+    api_key = getattr(args, "api_key", None) or os.environ.get(API_KEY_ENV) or None
+    check_exposure(args.host, api_key)
+    if args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    try:
+        import uvicorn
+
+        from hf_mudsc.serve.app import create_app
+    except ModuleNotFoundError as missing:
+        raise ValueError(f"`hf-mudsc serve` needs {missing.name}: pip install \"hf-mudsc[serve]\"") from None
+    app = create_app(args.state_dir, workers=args.workers, api_key=api_key,
+                     output_root=getattr(args, "output_root", None))
+    logging.getLogger("hf_mudsc").info("serving on http://%s:%d (state in %s)", args.host, args.port, args.state_dir)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True)
+    return 0

@@ -1,0 +1,226 @@
+"""The FastAPI app of `hf-mudsc serve`: the HTTP API (JSON everywhere) and a server-rendered page.
+
+    POST   /api/jobs               recipe keys (JSON, or YAML with a YAML content type) -> 201 {"id", "status"}
+                                   400 {"error"} naming the key; 409 when the output/repo is claimed by an active job
+    GET    /api/jobs               {"jobs": [job, ...]} newest first
+    GET    /api/jobs/{id}          {"id", "status", "progress", "phase", "error", "result", "created", "updated"}
+    DELETE /api/jobs/{id}          cancel (a running job stops at its next cancel point) -> 202
+    GET    /api/jobs/{id}/log      {"id", "lines", "next"}; `?since=N` returns lines N.. (poll to follow)
+    GET    /                       the page: jobs, a form to submit a recipe (merge or dry run)
+    GET    /jobs/{id}              one job: result, links, recipe, log
+    GET    /jobs/{id}/files/{name} a file of a job's output folder (card, plots, recipe)
+
+`Authorization: Bearer <hf token>` on POST is the job's Hub token: kept in memory only (scheduler.py). With an
+API key configured, POST and DELETE need `X-API-Key: <key>`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from hf_mudsc._version import __version__
+from hf_mudsc.errors import RecipeError
+from hf_mudsc.serve.jobs import accepted_keys, parse_job
+from hf_mudsc.serve.scheduler import Scheduler
+from hf_mudsc.serve.store import ACTIVE, PHASES, JobStore, TargetClaimedError
+
+logger = logging.getLogger(__name__)
+
+EXAMPLE_RECIPE = """models:
+  - org/vit-task-a
+  - org/vit-task-b
+method: weight_matching
+push_to_hub: me/merged-vit
+private: true
+"""
+MAX_BODY = 1 << 20  # a recipe is a few hundred bytes
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def public(job: dict[str, Any]) -> dict[str, Any]:
+    """A job as the API answers it: the contract's fields, plus `dry_run` and the submitted `recipe`."""
+    view = {k: job[k] for k in ("id", "status", "progress", "phase", "error", "result", "created", "updated")}
+    view["dry_run"] = job["dry_run"]
+    view["recipe"] = {k: v for k, v in job["request"].items() if k != "dry_run"}
+    return view
+
+
+def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None = None,
+               output_root: str | Path | None = None) -> FastAPI:
+    """The app; its scheduler starts (and recovers the store after a restart) when the server starts."""
+    state_dir = Path(state_dir).expanduser().absolute()
+    store = JobStore(state_dir)
+    scheduler = Scheduler(store, workers=workers)
+    outputs = Path(output_root).expanduser().absolute() if output_root else state_dir / "outputs"
+    outputs.mkdir(parents=True, exist_ok=True)
+    templates = Environment(loader=PackageLoader("hf_mudsc.serve", "templates"),
+                            autoescape=select_autoescape(["html", "jinja"]))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        scheduler.start()
+        yield
+        scheduler.stop()
+        store.close()
+
+    app = FastAPI(title="hf-mudsc serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.store, app.state.scheduler, app.state.outputs = store, scheduler, outputs
+
+    def refused(request: Request) -> JSONResponse | None:
+        if api_key is None:
+            return None
+        given = request.headers.get("x-api-key", "")
+        if not hmac.compare_digest(given.encode(), api_key.encode()):
+            return error(401, "this service needs its API key for POST and DELETE: send the header `X-API-Key`")
+        return None
+
+    # ------------------------------------------------------------------ API
+    @app.post("/api/jobs")
+    async def submit(request: Request, dry_run: bool = False) -> JSONResponse:
+        if (denied := refused(request)) is not None:
+            return denied
+        raw = await request.body()
+        if len(raw) > MAX_BODY:
+            return error(413, f"the body is larger than {MAX_BODY} bytes; a recipe is a few hundred")
+        token = _bearer(request)
+        # Store and scheduler calls take locks: run them off the event loop, so GETs are never held up.
+        return await run_in_threadpool(enqueue, raw, request.headers.get("content-type", ""), dry_run, token)
+
+    def enqueue(raw: bytes, content_type: str, dry_run: bool, token: str | None) -> JSONResponse:
+        try:
+            job = parse_job(_parse_body(raw, content_type), outputs, dry_run=dry_run)
+        except RecipeError as problem:
+            return error(400, str(problem))
+        try:
+            job_id = store.add(job.to_dict(), output=job.output, repo_id=job.repo_id, dry_run=job.dry_run,
+                               has_token=token is not None)
+        except TargetClaimedError as problem:
+            return error(409, str(problem))
+        scheduler.submit(job_id, token)
+        return JSONResponse({"id": job_id, "status": "queued"}, status_code=201)
+
+    @app.get("/api/jobs")
+    def list_jobs(limit: int | None = None) -> JSONResponse:
+        return JSONResponse({"jobs": [public(j) for j in store.list(limit)]})
+
+    @app.get("/api/jobs/{job_id}")
+    def get_job(job_id: str) -> JSONResponse:
+        job = store.get(job_id)
+        return JSONResponse(public(job)) if job else error(404, f"no job {job_id!r}; GET /api/jobs lists them")
+
+    @app.delete("/api/jobs/{job_id}")
+    def cancel_job(job_id: str, request: Request) -> JSONResponse:
+        if (denied := refused(request)) is not None:
+            return denied
+        job = store.get(job_id)
+        if job is None:
+            return error(404, f"no job {job_id!r}; GET /api/jobs lists them")
+        if job["status"] not in ACTIVE or not scheduler.cancel(job_id):
+            return error(409, f"job {job_id} has already finished ({store.get(job_id)['status']}); nothing to cancel")
+        return JSONResponse({"id": job_id, "status": store.get(job_id)["status"]}, status_code=202)
+
+    @app.get("/api/jobs/{job_id}/log")
+    def job_log(job_id: str, since: int = 0) -> JSONResponse:
+        if store.get(job_id) is None:
+            return error(404, f"no job {job_id!r}; GET /api/jobs lists them")
+        lines = store.log(job_id, since=max(0, since))
+        return JSONResponse({"id": job_id, "lines": lines, "next": max(0, since) + len(lines)})
+
+    # ------------------------------------------------------------------ page
+    def render(name: str, **context: Any) -> HTMLResponse:
+        return HTMLResponse(templates.get_template(name).render(
+            version=__version__, needs_key=api_key is not None, phases=PHASES, **context))
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> HTMLResponse:
+        return render("index.html.jinja", jobs=[_page_job(j, outputs) for j in store.list(200)],
+                      example=EXAMPLE_RECIPE, keys=accepted_keys())
+
+    @app.get("/partials/jobs", response_class=HTMLResponse)
+    def jobs_rows() -> HTMLResponse:
+        return render("rows.html.jinja", jobs=[_page_job(j, outputs) for j in store.list(200)])
+
+    @app.get("/jobs/{job_id}", response_class=HTMLResponse)
+    def job_page(job_id: str) -> HTMLResponse:
+        job = store.get(job_id)
+        if job is None:
+            return HTMLResponse(f"no job {job_id}", status_code=404)
+        recipe = yaml.safe_dump(public(job)["recipe"], sort_keys=False)
+        return render("job.html.jinja", job=_page_job(job, outputs), recipe=recipe, log=store.log(job_id))
+
+    @app.get("/jobs/{job_id}/files/{name}")
+    def job_file(job_id: str, name: str):
+        job = store.get(job_id)
+        folder = _output_folder(job, outputs) if job else None
+        if folder is None or name not in _files(folder):
+            return error(404, f"job {job_id} has no output file {name!r}")
+        return FileResponse(folder / name)
+
+    return app
+
+
+def _parse_body(raw: bytes, content_type: str) -> Any:
+    text = raw.decode("utf-8", errors="replace")
+    if not text.strip():
+        raise RecipeError("the body is empty; send the recipe keys (at least `models`) as JSON or YAML")
+    try:
+        if "yaml" in content_type:
+            return yaml.safe_load(text)
+        return json.loads(text)
+    except (ValueError, yaml.YAMLError) as problem:
+        kind = "YAML" if "yaml" in content_type else "JSON"
+        raise RecipeError(f"the body is not valid {kind}: {problem}") from None
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    return value.strip() or None if scheme.lower() == "bearer" else None
+
+
+def _output_folder(job: dict[str, Any], outputs: Path) -> Path | None:
+    """The job's output folder, if it finished writing one inside the output root."""
+    output = (job.get("result") or {}).get("output")
+    if not output:
+        return None
+    folder = Path(output)
+    if not folder.is_dir() or not folder.resolve().is_relative_to(outputs.resolve()):
+        return None
+    return folder
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def _page_job(job: dict[str, Any], outputs: Path) -> dict[str, Any]:
+    """A job with what the page links to: the pushed repo, the card, the plots, the recipe."""
+    view = public(job)
+    result = job.get("result") or {}
+    folder = _output_folder(job, outputs)
+    files = _files(folder) if folder else []
+    view["links"] = {
+        "repo": result.get("url"),
+        "card": f"/jobs/{job['id']}/files/README.md" if "README.md" in files else (
+            f"{result['url']}/blob/main/README.md" if result.get("url") else None),
+        "plots": [(name, f"/jobs/{job['id']}/files/{name}") for name in files
+                  if name.endswith((".png", ".svg"))],
+    }
+    view["target"] = view["recipe"].get("push_to_hub") or (
+        Path(view["recipe"]["output"]).name if view["recipe"].get("output") else None)
+    view["parents"] = view["recipe"].get("models") or []
+    return view

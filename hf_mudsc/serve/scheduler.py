@@ -1,0 +1,229 @@
+"""The web process's side of the jobs: a queue, at most `workers` worker processes, cancel, restart recovery.
+
+One thread starts queued jobs (oldest first) while fewer than `workers` run; each running job has a thread
+reading its pipe (phases, log lines, the final status) into the store. Tokens are held here, in memory, from
+submission until the worker has received them — never in the store, a log or an error (docs/design.md §11).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from hf_mudsc.serve.store import JobStore
+
+logger = logging.getLogger(__name__)
+
+EXIT_GRACE_S = 30.0  # a worker that has reported its end gets this long to exit before it is killed
+CANCEL_GRACE_S = 30.0  # a running job that ignores a cancel this long (stuck outside a cancel point) is killed
+
+
+# What the forkserver imports once, so a job's process starts in milliseconds instead of re-importing torch.
+PRELOAD = ["hf_mudsc.serve.worker", "torch", "transformers", "datasets", "hf_mudsc.pipeline", "hf_mudsc.cli.merge",
+           "hf_mudsc.publish.hub"]
+
+
+def worker_context() -> Any:
+    """Fresh processes for jobs: forked from a forkserver that has the merge engine imported (POSIX), else spawned.
+
+    Either way each job is its own process (its memory is returned when it exits), and the web process never
+    imports torch and is never forked. The forkserver starts at once and imports in the background."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    return context
+
+
+@dataclass
+class Running:
+    process: Any
+    conn: Any
+    cancelled: bool = False
+    finished: bool = False
+    timer: threading.Timer | None = field(default=None, repr=False)
+
+
+class Scheduler:
+    """Runs the store's queued jobs in worker processes (one fresh process per job; `worker_context`).
+
+    The lock guards `tokens` and `running` only, and is never held while a process starts (with a forkserver
+    still importing torch that can take a while): submitting, cancelling and the API never wait for a worker."""
+
+    def __init__(self, store: JobStore, workers: int = 1) -> None:
+        if workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {workers}")
+        self.store = store
+        self.workers = workers
+        self.tokens: dict[str, str | None] = {}
+        self.running: dict[str, Running] = {}
+        self._context = worker_context()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="hf-mudsc-scheduler")
+
+    def start(self) -> None:
+        marked = self.store.recover()
+        if marked:
+            logger.warning("marked %d job(s) failed after a restart: %s", len(marked), ", ".join(marked))
+        if self._context.get_start_method() == "forkserver":
+            from multiprocessing import forkserver
+
+            forkserver.ensure_running()
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Cancel running jobs (they stop at their next cancel point) and wait a little for them."""
+        with self._lock:
+            self._stopping = True
+            running = list(self.running.items())
+        self._wake.set()
+        for job_id, run in running:
+            self._send_cancel(job_id, run)
+        for _, run in running:
+            if run.process is not None:
+                run.process.join(timeout=10)
+                if run.process.is_alive():
+                    run.process.kill()
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, job_id: str, token: str | None) -> None:
+        with self._lock:
+            self.tokens[job_id] = token
+        self._wake.set()
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a queued job at once, a running one at its next cancel point. False if it had finished."""
+        with self._lock:
+            run = self.running.get(job_id)
+            if run is None:
+                self.tokens.pop(job_id, None)
+                return self.store.finish_if_active(job_id, "cancelled", "cancelled before it started")
+        self._send_cancel(job_id, run)
+        return True
+
+    def _send_cancel(self, job_id: str, run: Running) -> None:
+        with self._lock:
+            run.cancelled = True
+            conn = run.conn
+        if conn is None:
+            return  # still starting: `_start` sends the cancel once the pipe exists
+        try:
+            conn.send("cancel")
+        except (BrokenPipeError, OSError):
+            pass
+        if run.timer is None:
+            run.timer = threading.Timer(CANCEL_GRACE_S, self._kill, args=(job_id, run))
+            run.timer.daemon = True
+            run.timer.start()
+
+    def _kill(self, job_id: str, run: Running) -> None:
+        if not run.finished and run.process is not None and run.process.is_alive():
+            logger.warning("job %s did not stop within %.0f s of its cancel; killing its worker", job_id,
+                           CANCEL_GRACE_S)
+            run.process.kill()
+
+    # ------------------------------------------------------------------ running
+    def _loop(self) -> None:
+        while True:
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            while True:
+                with self._lock:
+                    if self._stopping or len(self.running) >= self.workers:
+                        break
+                    job = next((j for j in map(self.store.get, self.store.queued()[:1]) if j), None)
+                    if job is None:
+                        break
+                    job_id = job["id"]
+                    token = self.tokens.pop(job_id, None)
+                    self.store.update(job_id, status="running", phase=None if job["dry_run"] else "load",
+                                      progress=0.0)
+                    run = Running(None, None)
+                    self.running[job_id] = run
+                try:
+                    self._start(job_id, job["request"], run, token)
+                except Exception as error:  # noqa: BLE001 - a job that cannot start fails; the service stays up
+                    logger.exception("job %s could not start", job_id)
+                    self.store.update(job_id, status="failed", error=f"the worker could not start: {error}")
+                    with self._lock:
+                        self.running.pop(job_id, None)
+                del token
+            if self._stopping:
+                return
+
+    def _start(self, job_id: str, request: dict[str, Any], run: Running, token: str | None) -> None:
+        """Start the job's worker process, hand it the token through its pipe, follow it."""
+        from hf_mudsc.serve import worker
+
+        parent_end, child_end = self._context.Pipe()
+        process = self._context.Process(target=worker.main, args=(child_end, job_id, request),
+                                        name=f"hf-mudsc-job-{job_id}")
+        process.start()
+        child_end.close()
+        parent_end.send({"token": token})
+        with self._lock:
+            run.process, run.conn = process, parent_end
+            cancelled = run.cancelled
+        threading.Thread(target=self._follow, args=(job_id, run), daemon=True, name=f"follow-{job_id}").start()
+        if cancelled:
+            self._send_cancel(job_id, run)
+
+    def _settle(self, job_id: str, run: Running, final: tuple | None) -> None:
+        """The job's final status: what the worker reported, else cancelled (if asked) or failed (it died)."""
+        if final is not None:
+            _, status, error, result = final
+            fields: dict[str, Any] = {"status": status, "error": error, "result": result}
+            if status == "succeeded":
+                fields["progress"] = 1.0
+            self.store.update(job_id, **fields)
+        elif run.cancelled:
+            self.store.update(job_id, status="cancelled",
+                              error="cancelled; the worker was stopped (nothing was pushed)")
+        else:
+            self.store.update(job_id, status="failed",
+                              error=f"the worker process died (exit code {run.process.exitcode}) — out of memory "
+                              "or a crash in native code; the service is unaffected")
+
+    def _follow(self, job_id: str, run: Running) -> None:
+        """Copy one worker's messages into the store until its pipe closes; then settle the job's status."""
+        final: tuple | None = None
+        pending: list[str] = []
+        while True:
+            try:
+                message = run.conn.recv()
+            except (EOFError, OSError):
+                break
+            kind = message[0]
+            if kind == "log":
+                pending.append(message[1])
+                if len(pending) >= 20:
+                    self.store.append_log(job_id, pending)
+                    pending = []
+                continue
+            if pending:
+                self.store.append_log(job_id, pending)
+                pending = []
+            if kind == "phase":
+                self.store.update(job_id, phase=message[1], progress=float(message[2]))
+            elif kind == "done":
+                final = message
+                self._settle(job_id, run, final)
+        if pending:
+            self.store.append_log(job_id, pending)
+        run.process.join(timeout=EXIT_GRACE_S)
+        if run.process.is_alive():  # reported its end but does not exit (a stuck library thread): reclaim it
+            run.process.kill()
+            run.process.join()
+        run.finished = True
+        if run.timer is not None:
+            run.timer.cancel()
+        if final is None:
+            self._settle(job_id, run, None)
+        with self._lock:
+            self.running.pop(job_id, None)
+        self._wake.set()

@@ -1,0 +1,195 @@
+"""The job store: one SQLite file (`jobs.sqlite3`) under `--state-dir`, through the standard library.
+
+Only the web process writes it (workers report through a pipe), so there is one writer and SQLite's own
+locking is never contended across processes. What it holds: each job's request (recipe keys, destination,
+`dry_run`), status, progress, phase, error, result and log lines, and whether a Hub token came with the job —
+never the token itself (tokens live in the scheduler's memory only; docs/design.md §11).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+STORE_FILENAME = "jobs.sqlite3"
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+ACTIVE = ("queued", "running")
+PHASES = ("load", "calibrate", "solve", "apply", "build", "publish")
+
+RESTARTED_RUNNING = ("the service stopped while this job was running (crash, kill or restart); nothing was "
+                     "pushed after that point — resubmit the job")
+RESTARTED_TOKEN = ("the service restarted before this job ran, and Hub tokens are held in memory only: "
+                   "resubmit with a token")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    status TEXT NOT NULL,
+    progress REAL NOT NULL DEFAULT 0,
+    phase TEXT,
+    error TEXT,
+    request TEXT NOT NULL,
+    dry_run INTEGER NOT NULL DEFAULT 0,
+    has_token INTEGER NOT NULL DEFAULT 0,
+    output TEXT,
+    repo_id TEXT,
+    result TEXT,
+    created TEXT NOT NULL,
+    updated TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS logs (
+    job_id TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    line TEXT NOT NULL,
+    PRIMARY KEY (job_id, n)
+);
+"""
+
+
+class TargetClaimedError(Exception):
+    """The job's output folder or Hub repo is claimed by a queued or running job (HTTP 409)."""
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class JobStore:
+    """Jobs and their logs in SQLite; thread-safe within the web process (one connection, one lock)."""
+
+    def __init__(self, state_dir: str | Path) -> None:
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.state_dir / STORE_FILENAME
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ------------------------------------------------------------------ writes
+    def add(self, request: dict[str, Any], *, output: str | None, repo_id: str | None, dry_run: bool,
+            has_token: bool) -> str:
+        """A new queued job; refused (`TargetClaimedError`) if a queued or running job claims its destination.
+
+        The check and the insert are one transaction, so two concurrent submissions cannot both claim a target."""
+        job_id = uuid.uuid4().hex[:12]
+        stamp = now()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for column, value, what in (("output", output, "output folder"), ("repo_id", repo_id, "Hub repo")):
+                    if value is None:
+                        continue
+                    row = self._db.execute(
+                        f"SELECT id, status FROM jobs WHERE {column} = ? AND status IN (?, ?)",  # noqa: S608
+                        (value, *ACTIVE)).fetchone()
+                    if row is not None:
+                        raise TargetClaimedError(
+                            f"the {what} {value!r} is claimed by job {row['id']} ({row['status']}); wait for it to "
+                            "finish or cancel it (DELETE /api/jobs/{id}), or choose another destination")
+                self._db.execute(
+                    "INSERT INTO jobs (id, status, progress, request, dry_run, has_token, output, repo_id, created, "
+                    "updated) VALUES (?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?)",
+                    (job_id, json.dumps(request), int(dry_run), int(has_token), output, repo_id, stamp, stamp))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return job_id
+
+    def update(self, job_id: str, **fields: Any) -> None:
+        """Set some of status, progress, phase, error, result (a dict, stored as JSON)."""
+        allowed = {"status", "progress", "phase", "error", "result"}
+        unknown = set(fields) - allowed
+        if unknown:
+            raise ValueError(f"unknown job field(s) {sorted(unknown)}")
+        if "result" in fields and fields["result"] is not None:
+            fields["result"] = json.dumps(fields["result"])
+        fields["updated"] = now()
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        with self._lock:
+            self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?",  # noqa: S608
+                             (*fields.values(), job_id))
+
+    def finish_if_active(self, job_id: str, status: str, error: str | None = None) -> bool:
+        """Move a queued/running job to a final `status`; False if it had already finished."""
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE jobs SET status = ?, error = ?, updated = ? WHERE id = ? AND status IN (?, ?)",
+                (status, error, now(), job_id, *ACTIVE))
+        return cursor.rowcount == 1
+
+    def append_log(self, job_id: str, lines: Iterable[str]) -> None:
+        with self._lock:
+            row = self._db.execute("SELECT COALESCE(MAX(n), -1) FROM logs WHERE job_id = ?", (job_id,)).fetchone()
+            start = row[0] + 1
+            self._db.executemany("INSERT INTO logs (job_id, n, line) VALUES (?, ?, ?)",
+                                 [(job_id, start + i, line) for i, line in enumerate(lines)])
+
+    def recover(self) -> list[str]:
+        """After a start: running jobs failed (the process that ran them is gone); queued jobs that came with a
+        token failed too (the token died with the old process). Returns the ids marked."""
+        stamp = now()
+        with self._lock:
+            marked = [r["id"] for r in self._db.execute(
+                "SELECT id FROM jobs WHERE status = 'running' OR (status = 'queued' AND has_token = 1)")]
+            self._db.execute("UPDATE jobs SET status = 'failed', error = ?, updated = ? WHERE status = 'running'",
+                             (RESTARTED_RUNNING, stamp))
+            self._db.execute("UPDATE jobs SET status = 'failed', error = ?, updated = ? "
+                             "WHERE status = 'queued' AND has_token = 1", (RESTARTED_TOKEN, stamp))
+        return marked
+
+    # ------------------------------------------------------------------ reads
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _job(row) if row is not None else None
+
+    def list(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Newest first."""
+        query = "SELECT * FROM jobs ORDER BY seq DESC" + (" LIMIT ?" if limit else "")
+        with self._lock:
+            rows = self._db.execute(query, (limit,) if limit else ()).fetchall()
+        return [_job(r) for r in rows]
+
+    def queued(self) -> list[str]:
+        """Queued job ids, oldest first (the order they run in)."""
+        with self._lock:
+            return [r["id"] for r in self._db.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY seq")]
+
+    def log(self, job_id: str, since: int = 0) -> list[str]:
+        with self._lock:
+            rows = self._db.execute("SELECT line FROM logs WHERE job_id = ? AND n >= ? ORDER BY n",
+                                    (job_id, since)).fetchall()
+        return [r["line"] for r in rows]
+
+
+def _job(row: sqlite3.Row) -> dict[str, Any]:
+    """A stored row as the API shows it (plus `request` and `dry_run`, which the page uses)."""
+    result = json.loads(row["result"]) if row["result"] else None
+    return {
+        "id": row["id"],
+        "status": row["status"],
+        "progress": round(float(row["progress"]), 4),
+        "phase": row["phase"],
+        "error": row["error"],
+        "result": result,
+        "created": row["created"],
+        "updated": row["updated"],
+        "dry_run": bool(row["dry_run"]),
+        "request": json.loads(row["request"]),
+    }

@@ -1,0 +1,254 @@
+"""The worker process: runs ONE job (a merge or a dry run) and reports to the web process through a pipe.
+
+Each job gets a fresh process (forked from the scheduler's forkserver, or spawned; `scheduler.worker_context`), so
+a crash cannot take the server down and the memory of a finished merge goes back to the system when it exits.
+This module imports nothing heavy at import time; the merge engine is imported by `run_merge`. Messages:
+
+    web -> worker   {"token": str | None}   first, once (the token never touches the disk)
+                    "cancel"                 stop at the next safe point
+    worker -> web   ("phase", name, progress)   ("log", line)   ("done", status, error, result)
+
+Progress comes from the pipeline's own logging records (a handler on the `hf_mudsc` logger maps each stage's
+records to a phase: load / calibrate / solve / apply / build / publish) and from a global forward pre-hook of
+torch (every batch of calibration, refit and evaluation passes it). Both are the CANCEL POINTS: when a cancel has
+been asked, they raise `JobCancelled` (a BaseException, so no `except Exception` of the library swallows it),
+which unwinds through the one writer's staging folder — nothing half-written is left, nothing is pushed. Once the
+push has begun (the merged folder is written and the Hub repo is being checked or created), a cancel no longer
+applies: the push is one commit, and stopping it halfway would leave an empty repo behind.
+
+If the web process dies (the pipe closes), the worker cancels itself the same way, and exits hard after
+`ORPHAN_GRACE_S` if it has not stopped by then: an orphaned job must never push later.
+
+Test-only delay: `HF_MUDSC_SERVE_TEST_DELAY=SECONDS` makes every batch (a parent's whole-model forward) sleep that long
+(in 0.05 s slices that honour a cancel), and the load phase wait once as long, so tests can cancel or kill a job
+while it runs. Never set it in production.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+import traceback
+from typing import Any
+
+from hf_mudsc.serve.jobs import JobRequest
+
+DELAY_ENV = "HF_MUDSC_SERVE_TEST_DELAY"
+ORPHAN_GRACE_S = 20.0
+# (logger name prefix, message prefix) -> the phase that record shows has begun, and the progress it marks.
+PHASE_MARKS = (
+    ("hf_mudsc.load.relation", "", "after_load", None),
+    ("hf_mudsc.calibrate.statistics", "collected", "solve", 0.6),
+    ("hf_mudsc.solve.loop", "solve: ", "apply", 0.75),
+    ("hf_mudsc.apply.refit", "", "build", 0.8),
+    ("hf_mudsc.pipeline", "merged ", "publish", 0.9),  # the model is built; the folder is written (and pushed)
+    ("hf_mudsc.publish.hub", "pushed ", "published", 1.0),
+)
+PROGRESS = {"load": 0.02, "calibrate": 0.2, "solve": 0.6, "apply": 0.75, "build": 0.85, "publish": 0.9}
+
+
+class JobCancelled(BaseException):
+    """Raised at a cancel point; a BaseException so no `except Exception` in the library swallows it."""
+
+
+class Reporter:
+    """The worker's side of the pipe: phases (monotonic), log lines (token scrubbed) and the cancel flag."""
+
+    def __init__(self, conn: Any, token: str | None, calibrates: bool, pushes: bool) -> None:
+        self.conn = conn
+        self.token = token
+        self.calibrates = calibrates
+        self.pushes = pushes
+        self.cancel = threading.Event()
+        self.pushing = False  # the push has begun (repo created, one commit): it completes, a cancel waits it out
+        self.phase: str | None = None
+        self.batches = 0
+        self._lock = threading.Lock()
+
+    def batch(self, expected: int | None) -> None:
+        """One forward batch of a parent: in the calibrate phase, progress moves from 0.2 toward 0.6 (exactly when
+        the number of batches is known, asymptotically otherwise)."""
+        if not self.calibrates:
+            return
+        if self.phase == "load":
+            self.enter("calibrate")
+        if self.phase != "calibrate":
+            return
+        self.batches += 1
+        share = min(1.0, self.batches / expected) if expected else 1 - 1 / (1 + self.batches / 20)
+        self.send(("phase", "calibrate", round(0.2 + 0.4 * share * 0.98, 4)))
+
+    def scrub(self, text: str) -> str:
+        return text.replace(self.token, "***") if self.token else text
+
+    def send(self, message: tuple) -> None:
+        with self._lock:
+            try:
+                self.conn.send(message)
+            except (BrokenPipeError, OSError):
+                self.cancel.set()  # the web process is gone
+
+    def log(self, line: str) -> None:
+        self.send(("log", self.scrub(line)))
+
+    def enter(self, phase: str, progress: float | None = None) -> None:
+        """Advance to `phase` (never back)."""
+        order = list(PROGRESS)
+        if self.phase is not None and order.index(phase) <= order.index(self.phase):
+            return
+        self.phase = phase
+        self.send(("phase", phase, PROGRESS[phase] if progress is None else progress))
+
+    def checkpoint(self) -> None:
+        """A cancel point: raise `JobCancelled` if a cancel was asked and the push has not begun."""
+        if self.cancel.is_set() and not self.pushing:
+            raise JobCancelled()
+
+    def wait(self, seconds: float) -> None:
+        """Sleep (the test-only delay) while honouring a cancel."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.checkpoint()
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        self.checkpoint()
+
+    def on_record(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if self.phase == "publish" and record.name == "hf_mudsc.publish.hub":
+            self.pushing = True  # checking or creating the repo after the merge: the push has begun
+        for prefix, start, phase, progress in PHASE_MARKS:
+            if record.name.startswith(prefix) and message.startswith(start):
+                if phase == "published":
+                    self.phase = "publish"
+                    self.send(("phase", "publish", 0.99))
+                elif phase == "after_load":
+                    self.enter("calibrate" if self.calibrates else "solve")
+                else:
+                    self.enter(phase, progress)
+                break
+
+
+class ForwardHandler(logging.Handler):
+    """Forwards the `hf_mudsc` log records to the web process (the job's log) and checks for a cancel."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        super().__init__(level=logging.INFO)
+        self.reporter = reporter
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.reporter.log(self.format(record))
+        self.reporter.on_record(record)
+        self.reporter.checkpoint()  # raising here is deliberate: the record's call site is a safe point
+
+
+def watch_pipe(conn: Any, reporter: Reporter) -> None:
+    """Reads "cancel" from the web process; a closed pipe (the server died) cancels too, then exits hard."""
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            reporter.cancel.set()
+            time.sleep(ORPHAN_GRACE_S)
+            os._exit(3)
+        if message == "cancel":
+            reporter.cancel.set()
+
+
+def main(conn: Any, job_id: str, request: dict[str, Any]) -> None:
+    """The worker process's entry point (multiprocessing target)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server cancels us
+    first = conn.recv()
+    token = first.get("token")
+    job = JobRequest.from_stored(request)
+    needs_data = job.recipe.refit != "none" or _needs_calibration(job)
+    reporter = Reporter(conn, token, calibrates=needs_data, pushes=bool(job.recipe.push_to_hub))
+    threading.Thread(target=watch_pipe, args=(conn, reporter), daemon=True, name="pipe-watch").start()
+    logger = logging.getLogger("hf_mudsc")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger.addHandler(ForwardHandler(reporter))
+    try:
+        result = dry_run_plan(job, token) if job.dry_run else run_merge(job, token, reporter)
+    except JobCancelled:
+        reporter.send(("done", "cancelled", "cancelled on request; nothing was written or pushed", None))
+    except Exception as error:  # noqa: BLE001 - any failure of the job is reported, the worker exits
+        for line in traceback.format_exception(error):
+            for part in line.rstrip().splitlines():
+                reporter.log(part)
+        reporter.send(("done", "failed", reporter.scrub(f"{type(error).__name__}: {error}"), None))
+    else:
+        reporter.send(("done", "succeeded", None, result))
+    finally:
+        conn.close()
+
+
+def _needs_calibration(job: JobRequest) -> bool:
+    from hf_mudsc.methods.registry import get_method
+
+    return bool(get_method(job.recipe.method).needs_calibration)
+
+
+def _expected_batches(job: JobRequest) -> int | None:
+    """Forward batches of calibration (both parents), when `num_samples` says how many samples are read."""
+    samples = job.recipe.num_samples
+    return 2 * -(-samples // job.recipe.batch_size) if samples else None
+
+
+def dry_run_plan(job: JobRequest, token: str | None) -> dict[str, Any]:
+    """The dry run's answer: `hf_mudsc.merge(..., dry_run=True)` — configs and safetensors headers only, nothing
+    downloaded or written — as JSON (`plan`) and as the text the CLI prints (`plan_text`, shown on the job page)."""
+    import hf_mudsc
+
+    recipe = job.recipe
+    plan = hf_mudsc.merge(list(recipe.models), recipe.calibration, **{**recipe.keywords(), "dry_run": True},
+                          token=token, progress=False)
+    return {"plan": plan.to_dict(), "plan_text": str(plan), "repo_id": None, "commit": None, "output": None,
+            "eval": None}
+
+
+def run_merge(job: JobRequest, token: str | None, reporter: Reporter) -> dict[str, Any]:
+    """Merge, write and push exactly as `hf-mudsc merge` does (`hf_mudsc.cli.merge.execute`, the one writer)."""
+    reporter.enter("load")
+    delay = float(os.environ.get(DELAY_ENV) or 0)
+    if delay:
+        reporter.wait(delay)
+    import torch
+    from transformers import PreTrainedModel
+
+    from hf_mudsc.cli.merge import execute
+
+    depth = [0]  # nesting of whole-model forwards: a ViTForImageClassification runs its ViTModel inside
+    expected = _expected_batches(job)
+
+    def before_forward(module: torch.nn.Module, args: Any) -> None:
+        if isinstance(module, PreTrainedModel):
+            depth[0] += 1
+            if depth[0] == 1:  # one batch of one parent (calibration, refit or evaluation)
+                reporter.batch(expected)
+                if delay:
+                    reporter.wait(delay)
+        reporter.checkpoint()
+
+    def after_forward(module: torch.nn.Module, args: Any, output: Any) -> None:
+        if isinstance(module, PreTrainedModel):
+            depth[0] = max(0, depth[0] - 1)
+
+    torch.nn.modules.module.register_module_forward_pre_hook(before_forward)
+    torch.nn.modules.module.register_module_forward_hook(after_forward)
+    produced = execute(job.recipe, token=token)
+    push = produced.get("push")
+    output = produced.get("output")
+    files = sorted(p.name for p in output.iterdir() if p.is_file() and not p.name.startswith(".")) if output else []
+    return {
+        "repo_id": push.repo_id if push else None,
+        "commit": push.commit_sha if push else None,
+        "url": push.url if push else None,
+        "output": str(output) if output else None,
+        "files": files,
+        "calibration_samples": produced.get("calibration_samples"),
+        "eval": None,
+    }

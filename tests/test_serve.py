@@ -1,0 +1,337 @@
+"""`hf-mudsc serve` end to end: the service in a subprocess on a free port, parents and pushes on the Hub emulator.
+
+Merges use tiny ViTs (tests/factories.py) and `weight_matching` where the method does not matter; tests that need
+a job to stay running (cancel, kill) set the service's test-only delay (`HF_MUDSC_SERVE_TEST_DELAY`, documented
+in hf_mudsc/serve/worker.py) so each forward pass of calibration takes a moment.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from serve_service import Service, alive, files_containing
+from test_cli import save_parents_and_data
+
+from hf_mudsc.errors import RecipeError
+from hf_mudsc.serve.jobs import parse_job
+from hf_mudsc.serve.store import RESTARTED_RUNNING, RESTARTED_TOKEN, JobStore, TargetClaimedError
+from hf_mudsc.serve.worker import ForwardHandler, JobCancelled, Reporter
+
+SECRET = "hf_serveSecretTokenThatMustNeverLeak42"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return save_parents_and_data(tmp_path_factory.mktemp("serve_inputs"))
+
+
+@pytest.fixture()
+def hub(hub_emulator, inputs):
+    a, b, _ = inputs
+    hub_emulator.upload_folder("user/a", a, "parent A")
+    hub_emulator.upload_folder("user/b", b, "parent B")
+    return hub_emulator
+
+
+def partials(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if ".partial-" in p.name)
+
+
+# ---------------------------------------------------------------------------------------------- unit: requests
+
+
+def test_a_bad_request_names_the_offending_key(tmp_path):
+    base = {"models": ["user/a", "user/b"], "method": "weight_matching", "output": "m"}
+    cases = [
+        ({**base, "alpah": 0.3}, "['alpah']"),
+        ({**base, "alpha": 3}, "alpha"),
+        ({**base, "models": ["user/a"]}, "two or more parent models"),
+        ({**base, "method": "nope"}, "method"),
+        ({**base, "output": "../escape"}, "`output` must name a folder inside"),
+        ({**base, "output": "/etc"}, "`output` must name a folder inside"),
+        ({**base, "allow_pickle": True}, "`allow_pickle` is refused"),
+        ({**base, "dry_run": "yes"}, "`dry_run`"),
+        ({"models": ["user/a", "user/b"], "method": "weight_matching"}, "say where the merged model goes"),
+        ({**base, "method": "zipit"}, "needs calibration data"),
+        (["user/a", "user/b"], "must be a mapping"),
+    ]
+    for body, fragment in cases:
+        with pytest.raises(RecipeError) as caught:
+            parse_job(body, tmp_path)
+        assert fragment in str(caught.value), (body, str(caught.value))
+    job = parse_job({**base, "output": "sub/m"}, tmp_path)
+    assert job.output == str((tmp_path / "sub" / "m").resolve()) and not job.dry_run
+    assert parse_job({"models": ["user/a", "user/b"], "method": "average"}, tmp_path, dry_run=True).dry_run
+
+
+def test_the_web_process_does_not_import_the_merge_engine(tmp_path):
+    """The app and a validated job need no torch: only worker processes import it."""
+    script = (
+        "import sys\n"
+        "from hf_mudsc.serve.app import create_app\n"
+        "from hf_mudsc.serve.jobs import parse_job\n"
+        f"create_app({str(tmp_path)!r})\n"
+        f"parse_job({{'models': ['a/b', 'c/d'], 'method': 'mudsc', 'calibration': 'x:train', 'output': 'o'}}, "
+        f"__import__('pathlib').Path({str(tmp_path)!r}))\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+class FakePipe:
+    def __init__(self) -> None:
+        self.sent: list[tuple] = []
+
+    def send(self, message: tuple) -> None:
+        self.sent.append(message)
+
+
+def record(name: str, message: str) -> logging.LogRecord:
+    return logging.LogRecord(name, logging.INFO, __file__, 1, message, (), None)
+
+
+def test_the_worker_maps_pipeline_records_to_phases_scrubs_the_token_and_cancels_until_the_push_begins():
+    pipe = FakePipe()
+    reporter = Reporter(pipe, SECRET, calibrates=True, pushes=True)
+    handler = ForwardHandler(reporter)
+    reporter.enter("load")
+    handler.emit(record("hf_mudsc.load.parents", "loaded user/a"))
+    handler.emit(record("hf_mudsc.load.relation", "parents: independent"))
+    reporter.batch(expected=4)
+    reporter.batch(expected=4)
+    handler.emit(record("hf_mudsc.calibrate.statistics", "collected activation statistics over 16 samples"))
+    handler.emit(record("hf_mudsc.solve.loop", "solve: 7 sweeps, best objective 0.2"))
+    handler.emit(record("hf_mudsc.load.parents", f"a line that quotes {SECRET} by mistake"))
+    phases = [m[1:] for m in pipe.sent if m[0] == "phase"]
+    assert phases == [("load", 0.02), ("calibrate", 0.2), ("calibrate", 0.298), ("calibrate", 0.396),
+                      ("solve", 0.6), ("apply", 0.75)]
+    lines = [m[1] for m in pipe.sent if m[0] == "log"]
+    assert len(lines) == 5 and lines[-1].endswith("a line that quotes *** by mistake")
+    assert not any(SECRET in str(m) for m in pipe.sent)
+
+    reporter.cancel.set()  # a cancel: the next record (or batch) raises
+    with pytest.raises(JobCancelled):
+        handler.emit(record("hf_mudsc.pipeline", "merged user/a and user/b with zipit"))
+    assert reporter.phase == "publish"
+    with pytest.raises(JobCancelled):
+        reporter.checkpoint()  # writing the folder: still cancellable (the staging folder is dropped)
+    handler.emit(record("hf_mudsc.publish.hub", "waiting for the Hub: creating the repo 'user/m'"))
+    reporter.checkpoint()  # the push has begun: it completes
+    handler.emit(record("hf_mudsc.publish.hub", "pushed /x to user/m (commit abc)"))
+    assert pipe.sent[-1] == ("phase", "publish", 0.99)
+
+
+def test_store_claims_targets_and_recovers_after_a_restart(tmp_path):
+    store = JobStore(tmp_path)
+    running = store.add({"models": []}, output="/o/1", repo_id="me/one", dry_run=False, has_token=False)
+    store.update(running, status="running", phase="solve", progress=0.6)
+    with pytest.raises(TargetClaimedError, match="claimed by job " + running):
+        store.add({}, output="/o/1", repo_id=None, dry_run=False, has_token=False)
+    with pytest.raises(TargetClaimedError, match="Hub repo 'me/one'"):
+        store.add({}, output="/o/2", repo_id="me/one", dry_run=False, has_token=False)
+    with_token = store.add({}, output="/o/2", repo_id="me/two", dry_run=False, has_token=True)
+    without = store.add({}, output="/o/3", repo_id=None, dry_run=False, has_token=False)
+    store.close()
+
+    again = JobStore(tmp_path)
+    assert sorted(again.recover()) == sorted([running, with_token])
+    assert (again.get(running)["status"], again.get(running)["error"]) == ("failed", RESTARTED_RUNNING)
+    assert (again.get(with_token)["status"], again.get(with_token)["error"]) == ("failed", RESTARTED_TOKEN)
+    assert "resubmit with a token" in RESTARTED_TOKEN
+    assert again.queued() == [without]
+    # A finished job releases its target.
+    assert again.add({}, output="/o/1", repo_id="me/one", dry_run=False, has_token=False)
+
+
+# ---------------------------------------------------------------------------------------------- the service
+
+
+def test_push_a_merge_poll_to_succeeded_and_load_it_by_repo_id(hub, tmp_path):
+    with Service(hub, tmp_path / "state", tmp_path / "server.log") as service:
+        status, answer = service.request("POST", "/api/jobs", {"models": ["user/a", "user/b"], "alpah": 1})
+        assert status == 400 and "alpah" in answer["error"]
+        status, answer = service.request("POST", "/api/jobs", {"models": ["user/a", "user/b"], "alpha": 2,
+                                                               "push_to_hub": "user/x"})
+        assert status == 400 and "alpha" in answer["error"]
+        assert service.request("GET", "/api/jobs/nope")[0] == 404
+
+        job_id = service.submit({"models": ["user/a", "user/b"], "method": "weight_matching",
+                                 "push_to_hub": "user/merged", "private": True, "output": "merged"}, token=SECRET)
+        job = service.wait(job_id)
+        assert job["status"] == "succeeded", job
+        assert job["progress"] == 1.0 and job["phase"] == "publish" and job["error"] is None
+        result = job["result"]
+        assert result["repo_id"] == "user/merged" and result["commit"] == hub.head("user/merged")
+        assert result["output"] == str((tmp_path / "state" / "outputs" / "merged").resolve())
+        assert {"README.md", "model.safetensors", "mudsc_recipe.yaml"} <= set(result["files"])
+        assert result["eval"] is None
+        assert set(job) >= {"id", "status", "progress", "phase", "error", "result", "created", "updated"}
+        assert hub.is_private("user/merged")
+        assert hub.file_bytes("user/merged", "model.safetensors") == (
+            Path(result["output"]) / "model.safetensors").read_bytes()
+
+        listed = service.request("GET", "/api/jobs")[1]["jobs"]
+        assert [j["id"] for j in listed] == [job_id]
+        log = service.request("GET", f"/api/jobs/{job_id}/log")[1]
+        assert any("pushed" in line and "user/merged" in line for line in log["lines"]), log
+        tail = service.request("GET", f"/api/jobs/{job_id}/log?since={log['next'] - 1}")[1]
+        assert tail["lines"] == log["lines"][-1:] and tail["next"] == log["next"]
+        page = service.request("GET", "/")[1]
+        assert job_id in page and "user/merged" in page and "succeeded" in page
+        card = service.request("GET", f"/jobs/{job_id}/files/README.md")[1]
+        assert card == (Path(result["output"]) / "README.md").read_text()
+        assert service.request("GET", f"/jobs/{job_id}/files/..%2Fjobs.sqlite3")[0] == 404
+
+
+    loaded = hub.run_client("""
+        from transformers import AutoModelForImageClassification
+        model = AutoModelForImageClassification.from_pretrained("user/merged")
+        emit([type(model).__name__, model.config.mudsc["method"], model.config.mudsc["parents"]])
+    """)
+    assert loaded.result == ["ViTForImageClassification", "weight_matching", ["user/a", "user/b"]]
+    assert not files_containing(tmp_path, SECRET), "the token leaked into the state dir or the server log"
+
+
+def test_cancel_a_running_job_leaves_nothing_and_a_second_job_on_its_target_gets_409(hub, inputs, tmp_path):
+    _, _, calibration = inputs
+    body = {"models": ["user/a", "user/b"], "method": "zipit", "calibration": str(calibration),
+            "num_samples": 16, "batch_size": 4, "push_to_hub": "user/cancelled", "output": "cancelled"}
+    with Service(hub, tmp_path / "state", tmp_path / "server.log", delay=0.4) as service:
+        job_id = service.submit(body, token=SECRET)
+        service.wait(job_id, until=lambda job: job["phase"] == "calibrate")
+        for clash in ({**body, "output": "other"}, {**body, "push_to_hub": "user/other"}):
+            status, answer = service.request("POST", "/api/jobs", clash, token=SECRET)
+            assert status == 409 and job_id in answer["error"] and "claimed" in answer["error"], answer
+        [worker] = service.workers()
+
+        status, answer = service.request("DELETE", f"/api/jobs/{job_id}")
+        assert status == 202 and answer["id"] == job_id
+        job = service.wait(job_id)
+        assert job["status"] == "cancelled" and "nothing was written or pushed" in job["error"], job
+        deadline = time.monotonic() + 10
+        while alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(worker), "the cancelled job's worker process is still running"
+        outputs = tmp_path / "state" / "outputs"
+        assert not (outputs / "cancelled").exists() and partials(outputs) == []
+        assert not hub.repo_exists("user/cancelled")
+        assert service.request("DELETE", f"/api/jobs/{job_id}")[0] == 409  # already finished
+
+        # A queued job is cancelled at once; the target is free again.
+        first = service.submit({**body, "output": "one", "push_to_hub": None}, token=SECRET)
+        queued = service.submit({**body, "output": "two", "push_to_hub": None})
+        assert service.request("DELETE", f"/api/jobs/{queued}")[0] == 202
+        assert service.job(queued)["status"] == "cancelled"
+        service.request("DELETE", f"/api/jobs/{first}")
+        assert service.wait(first)["status"] == "cancelled"
+    assert not files_containing(tmp_path, SECRET)
+
+
+def test_a_crashing_worker_fails_its_job_and_the_service_keeps_serving(hub, inputs, tmp_path):
+    _, _, calibration = inputs
+    with Service(hub, tmp_path / "state", tmp_path / "server.log", delay=0.4) as service:
+        job_id = service.submit({"models": ["user/a", "user/b"], "method": "zipit", "calibration": str(calibration),
+                                 "num_samples": 16, "batch_size": 4, "output": "crash"})
+        service.wait(job_id, until=lambda job: job["phase"] == "calibrate")
+        [worker] = service.workers()
+        subprocess.run(["kill", "-9", str(worker)], check=True)
+        job = service.wait(job_id)
+        assert job["status"] == "failed" and "worker process died (exit code -9)" in job["error"], job
+        dry = service.submit({"models": ["user/a", "user/b"], "method": "average", "dry_run": True})
+        plan = service.wait(dry)
+        assert plan["status"] == "succeeded", plan
+        assert [p["reference"] for p in plan["result"]["plan"]["parents"]] == ["user/a", "user/b"]
+        assert plan["result"]["plan"]["method"] == "average"
+        assert plan["result"]["plan_text"].startswith("Dry run: nothing was downloaded but configs and safetensors")
+        assert partials(tmp_path / "state" / "outputs") == []
+
+
+def test_kill_the_server_mid_job_and_restart(hub, inputs, tmp_path):
+    _, _, calibration = inputs
+    slow = {"models": ["user/a", "user/b"], "method": "zipit", "calibration": str(calibration),
+            "num_samples": 16, "batch_size": 4}
+    state, log = tmp_path / "state", tmp_path / "server.log"
+    service = Service(hub, state, log, delay=0.5)
+    try:
+        running = service.submit({**slow, "push_to_hub": "user/killed", "output": "killed"}, token=SECRET)
+        with_token = service.submit({"models": ["user/a", "user/b"], "method": "weight_matching",
+                                     "push_to_hub": "user/queued"}, token=SECRET)
+        without = service.submit({"models": ["user/a", "user/b"], "method": "weight_matching", "output": "later"})
+        service.wait(running, until=lambda job: job["phase"] == "calibrate")
+        [worker] = service.workers()
+    finally:
+        service.kill()
+    deadline = time.monotonic() + 15
+    while alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(worker), "the orphaned worker kept running after the server was killed"
+
+    with Service(hub, state, log) as service:
+        jobs = {job["id"]: job for job in service.request("GET", "/api/jobs")[1]["jobs"]}
+        assert set(jobs) == {running, with_token, without}
+        assert (jobs[running]["status"], jobs[running]["error"]) == ("failed", RESTARTED_RUNNING)
+        assert jobs[with_token]["status"] == "failed" and "resubmit with a token" in jobs[with_token]["error"]
+        later = service.wait(without)
+        assert later["status"] == "succeeded", later
+        assert Path(later["result"]["output"], "model.safetensors").is_file()
+    outputs = state / "outputs"
+    assert not (outputs / "killed").exists() and partials(outputs) == []
+    assert not hub.repo_exists("user/killed") and not hub.repo_exists("user/queued")
+    assert not files_containing(tmp_path, SECRET), "the token leaked into the state dir or the server log"
+
+
+def test_an_exposed_service_needs_an_api_key_for_post_and_delete(hub, tmp_path):
+    refused = subprocess.run([sys.executable, "-m", "hf_mudsc", "serve", "--host", "0.0.0.0", "--state-dir",
+                              str(tmp_path / "s0")], capture_output=True, text=True, timeout=60,
+                             env=hub.client_env(token=None))
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "--api-key" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert not (tmp_path / "s0").exists()
+
+    key = "k3y-for-tests"
+    with Service(hub, tmp_path / "state", tmp_path / "server.log", extra=("--api-key", key)) as service:
+        body = {"models": ["user/a", "user/b"], "method": "average", "dry_run": True, "alpha": 7}
+        status, answer = service.request("POST", "/api/jobs", body)
+        assert status == 401 and "X-API-Key" in answer["error"]
+        status, answer = service.request("POST", "/api/jobs", body, headers={"X-API-Key": "wrong"})
+        assert status == 401
+        status, answer = service.request("POST", "/api/jobs", body, headers={"X-API-Key": key})
+        assert status == 400 and "alpha" in answer["error"]  # past the key check, on to the recipe's
+        assert service.request("DELETE", "/api/jobs/abc")[0] == 401
+        assert service.request("DELETE", "/api/jobs/abc", headers={"X-API-Key": key})[0] == 404
+        assert service.request("GET", "/api/jobs")[0] == 200  # reading needs no key
+    assert not files_containing(tmp_path / "state", key), "the API key was written to the state dir"
+
+
+def test_the_space_example_runs_hf_mudsc_serve_exposed_only_with_a_key(tmp_path):
+    import importlib.util
+
+    from hf_mudsc.cli.main import build_parser
+    from hf_mudsc.cli.serve import check_exposure
+
+    space = Path(__file__).resolve().parents[1] / "docs" / "space"
+    spec = importlib.util.spec_from_file_location("space_app", space / "app.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)  # importing it starts nothing
+    (tmp_path / "data").mkdir()
+    argv = app.serve_args({}, data=tmp_path / "data")
+    args = build_parser(available=["serve"]).parse_args(argv)
+    assert (args.command, args.host, args.port, args.workers) == ("serve", "0.0.0.0", 7860, 1)
+    assert args.state_dir == str(tmp_path / "data" / "hf-mudsc")
+    assert app.serve_args({"PORT": "9000"}, data=tmp_path / "none")[4] == "9000"
+    with pytest.raises(ValueError, match="--api-key"):
+        check_exposure(args.host, None)
+    check_exposure(args.host, "secret-from-the-space")
+
+    dockerfile = (space / "Dockerfile").read_text()
+    assert 'CMD ["python", "app.py"]' in dockerfile and "EXPOSE 7860" in dockerfile
+    assert '"hf-mudsc[serve]"' in dockerfile and "torch==2.13.0" in dockerfile
+    front = (space / "README.md").read_text().split("---")[1]
+    assert "sdk: docker" in front and "app_port: 7860" in front
