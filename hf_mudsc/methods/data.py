@@ -100,7 +100,7 @@ class Unit:
 
 def transformer_blocks(model: nn.Module) -> list[str]:
     """The blocks of every stack in the model: children of an `nn.ModuleList` that each hold an `nn.Linear`
-    (outermost stacks only) — `encoder.layer.3` for BERT/ViT, `encoder.layers.3` for CLIP's towers."""
+    (outermost stacks only): `bert.encoder.layer.3`, `vit.layers.3`, CLIP's `text_model.encoder.layers.3`."""
     blocks: list[str] = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or any(name.startswith(b + ".") for b in blocks):

@@ -1,0 +1,211 @@
+"""The calibration-data same-base methods (issue 13): `regmean`, `regmean_plusplus`, `fisher` (docs/design.md §11).
+
+Proven here, on the tiny ViT/BERT models of tests/factories.py: the streamed Grams drop padding (a padded batch
+gives the Grams of the same texts without padding) and keep nothing per batch; the RegMean solve equals a direct
+least-squares solve over the stacked activations (regmean_scale=1) and the energy-weighted column average
+(regmean_scale=0); the Fisher equals the analytic softmax-regression Fisher of the classifier; through `merge()`:
+RegMean equals the closed form on Grams collected directly with hooks, identical parents give that parent, weights
+(1, 0) give parent 0, RegMean++ averages the layers whose inputs all parents share (BERT's first q/k/v) and equals
+a direct block-by-block re-computation, Fisher takes the other parent's value where one parent's Fisher is zero;
+and errors come before any forward pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import warnings
+
+import pytest
+import torch
+from factories import make_batches, make_model
+from torch import nn
+
+import hf_mudsc
+from hf_mudsc.architectures import spec_for
+from hf_mudsc.calibrate.fisher import diagonal_fisher
+from hf_mudsc.calibrate.layer_inputs import collect_grams, linear_layers, padding_mask_key
+from hf_mudsc.errors import MergeInputError
+from hf_mudsc.methods.data import RegMeanSystem, chained_units, transformer_blocks
+from hf_mudsc.solve.task_vectors import fisher_average, regmean_solve
+
+
+def fine_tune(model: nn.Module, seed: int, scale: float = 0.02) -> nn.Module:
+    """A "fine-tune" of `model`: every parameter moved by a small seeded random step (same base, same names)."""
+    copy_ = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in copy_.parameters():
+            param.add_(scale * torch.randn(param.shape, generator=generator))
+    return copy_.eval()
+
+
+def direct_grams(model: nn.Module, layers: list[str], batches: list[dict], spec) -> dict[str, torch.Tensor]:
+    """Each layer's mean input Gram over non-padding tokens, by keeping every activation (the naive way)."""
+    modules = dict(model.named_modules())
+    rows: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    current: dict = {}
+
+    def hook(name):
+        def record(module, args):
+            x = args[0].detach().double()
+            key = padding_mask_key(spec, f"{name}.weight")
+            mask = current.get(key) if key else None
+            if mask is not None and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
+                x = x[mask.bool()]
+            rows[name].append(x.reshape(-1, x.shape[-1]))
+        return record
+
+    handles = [modules[name].register_forward_pre_hook(hook(name)) for name in layers]
+    with torch.no_grad():
+        for batch in batches:
+            current.clear()
+            current.update(batch)
+            model(**batch)
+    for handle in handles:
+        handle.remove()
+    stacked = {name: torch.cat(values) for name, values in rows.items()}
+    return {name: x.T @ x / len(x) for name, x in stacked.items()}
+
+
+# ----------------------------------------------------------------------------------------- streamed Grams
+
+
+def test_grams_of_a_padded_batch_equal_the_grams_of_the_same_texts_without_padding():
+    model = make_model("bert_cls", seed=0)
+    spec = spec_for(model)
+    layers = linear_layers(model)
+    batch = make_batches("bert_cls", num_batches=1, batch_size=6, seed=3)[0]
+    lengths = batch["attention_mask"].sum(1)
+    assert int(lengths.min()) < batch["attention_mask"].shape[1]  # the batch really is padded
+    keys = {name: padding_mask_key(spec, f"{name}.weight") for name in layers}
+    padded, examples = collect_grams(model, layers, lambda: [batch], mask_keys=keys)
+    alone = [{"input_ids": batch["input_ids"][i:i + 1, :n], "attention_mask": batch["attention_mask"][i:i + 1, :n]}
+             for i, n in enumerate(lengths.tolist())]
+    unpadded, _ = collect_grams(model, layers, lambda: alone, mask_keys=keys)
+    assert examples == 6
+    assert padded["bert.encoder.layer.0.attention.self.query"].rows == int(lengths.sum())  # tokens, pads dropped
+    for name in layers:
+        assert padded[name].rows == unpadded[name].rows
+        scale = float(unpadded[name].sum.abs().max())
+        assert float((padded[name].sum - unpadded[name].sum).abs().max()) < 1e-6 * scale  # float32 forwards
+    # Without the mask keys the padded rows would count: the comparison above can fail.
+    unmasked, _ = collect_grams(model, layers, lambda: [batch])
+    name = "bert.encoder.layer.0.attention.self.query"
+    assert unmasked[name].rows == batch["attention_mask"].numel()
+    assert float((unmasked[name].sum - unpadded[name].sum).abs().max()) > 1e-2 * float(unpadded[name].sum.abs().max())
+
+
+def test_grams_equal_the_naive_gram_of_every_kept_activation_and_memory_does_not_grow_with_the_batches():
+    model = make_model("vit_cls", seed=0)
+    spec = spec_for(model)
+    layers = linear_layers(model)
+
+    def live_bytes() -> int:
+        gc.collect()
+        with warnings.catch_warnings():  # isinstance on deprecated torch aliases in gc's list warns
+            warnings.simplefilter("ignore")
+            return sum(o.numel() * o.element_size() for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    def run(count: int):
+        before = live_bytes()
+        grams, examples = collect_grams(model, layers, lambda: (make_batches("vit_cls", 1, 8, seed=s)[0]
+                                                                 for s in range(count)))
+        return grams, examples, live_bytes() - before
+
+    few, examples_few, kept_few = run(2)
+    many, examples_many, kept_many = run(12)
+    assert (examples_few, examples_many) == (16, 96)
+    assert kept_few == kept_many  # only the (in, in) sums are kept, whatever the number of batches
+    assert kept_many == sum(g.sum.numel() * 8 for g in many.values())
+    naive = direct_grams(model, layers, [make_batches("vit_cls", 1, 8, seed=s)[0] for s in range(12)], spec)
+    for name in layers:
+        torch.testing.assert_close(many[name].mean(), naive[name], rtol=1e-9, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------- the solve
+
+
+def test_regmean_solve_with_scale_1_is_the_least_squares_fit_to_every_parents_outputs():
+    generator = torch.Generator().manual_seed(0)
+    xs = [torch.randn(40, 6, generator=generator, dtype=torch.float64) for _ in range(3)]
+    ws = [torch.randn(4, 6, generator=generator, dtype=torch.float64) for _ in range(3)]
+    weights = [1.0, 2.0, 0.5]
+    system = RegMeanSystem(6, 4)
+    for w, x, matrix in zip(weights, xs, ws):
+        system.add(w, x.T @ x / len(x), matrix, scale=1.0, rows=len(x))
+    solved = system.solve(torch.zeros(4, 6, dtype=torch.float64))
+    # argmin_W Σ_i (w_i / n_i) ||X_i Wᵀ - X_i W_iᵀ||²: stack √(w_i/n_i) X_i against √(w_i/n_i) X_i W_iᵀ.
+    a = torch.cat([(w / len(x)) ** 0.5 * x for w, x in zip(weights, xs)])
+    b = torch.cat([(w / len(x)) ** 0.5 * x @ m.T for w, x, m in zip(weights, xs, ws)])
+    torch.testing.assert_close(solved, torch.linalg.lstsq(a, b).solution.T, rtol=1e-9, atol=1e-10)
+    # The package's independent closed form agrees (weights folded into the Grams).
+    reference = regmean_solve([w * x.T @ x / len(x) for w, x in zip(weights, xs)], ws, scale=1.0)
+    torch.testing.assert_close(solved, reference, rtol=1e-9, atol=1e-10)
+
+
+def test_regmean_solve_with_scale_0_averages_each_input_column_by_its_input_energy_and_keeps_dead_features():
+    grams = [torch.diag(torch.tensor([4.0, 1.0, 0.0], dtype=torch.float64)),
+             torch.diag(torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64))]
+    grams[0][0, 1] = grams[0][1, 0] = 1.5  # off-diagonals vanish at scale 0
+    ws = [torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64), torch.tensor([[6.0, 4.0, 5.0]], dtype=torch.float64)]
+    system = RegMeanSystem(3, 1)
+    for gram, matrix in zip(grams, ws):
+        system.add(1.0, gram, matrix, scale=0.0, rows=10)
+    average = torch.tensor([[3.5, 3.0, 4.0]], dtype=torch.float64)  # what the caller would average
+    solved = system.solve(average)
+    # column 0: (4·1 + 1·6)/5 = 2; column 1: (2 + 4)/2 = 3; column 2 saw no input: the average's 4.
+    torch.testing.assert_close(solved, torch.tensor([[2.0, 3.0, 4.0]], dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------------------------ Fisher
+
+
+def test_fisher_of_the_classifier_equals_the_analytic_softmax_fisher_under_the_models_own_predictions():
+    model = make_model("bert_cls", seed=0, num_labels=3)
+    batches = make_batches("bert_cls", num_batches=2, batch_size=5, seed=1)
+    fisher, examples = diagonal_fisher(model, lambda: batches, ["classifier.weight", "classifier.bias"])
+    assert examples == 10
+    expected_w = torch.zeros(3, 32, dtype=torch.float64)
+    expected_b = torch.zeros(3, dtype=torch.float64)
+    with torch.no_grad():
+        for batch in batches:
+            pooled = model.bert(**batch).pooler_output.double()
+            probs = torch.softmax(model(**batch).logits.double(), dim=-1)
+            for h, p in zip(pooled, probs):
+                for c in range(3):
+                    residual = torch.nn.functional.one_hot(torch.tensor(c), 3).double() - p  # ∂ log p_c / ∂ logits
+                    expected_w += p[c] * torch.outer(residual, h) ** 2
+                    expected_b += p[c] * residual ** 2
+    torch.testing.assert_close(fisher["classifier.weight"], expected_w / examples, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(fisher["classifier.bias"], expected_b / examples, rtol=1e-5, atol=1e-9)
+    assert all(p.grad is None for p in model.parameters())  # the parents are left as they were
+
+
+def test_fisher_refuses_a_model_without_a_classification_head_in_one_line():
+    model = make_model("bert", seed=0)
+    with pytest.raises(MergeInputError, match=r"fisher needs parents with a classification head") as error:
+        diagonal_fisher(model, lambda: make_batches("bert", 1, 2))
+    assert "\n" not in str(error.value)
+
+
+# --------------------------------------------------------------------------------------- RegMean++ units
+
+
+def test_transformer_blocks_and_chained_units_follow_the_forward_order():
+    vit = make_model("vit_cls", seed=0)
+    assert transformer_blocks(vit) == ["vit.layers.0", "vit.layers.1"]  # transformers 5 names
+    clip = make_model("clip", seed=0)
+    assert transformer_blocks(clip) == [f"text_model.encoder.layers.{i}" for i in range(2)] + [
+        f"vision_model.encoder.layers.{i}" for i in range(2)]
+    bert = make_model("bert_cls", seed=0)
+    names = [n for n, _ in bert.named_parameters()]
+    units = chained_units(bert, linear_layers(bert), make_batches("bert_cls", 1, 2)[0], names)
+    assert [u.stop_after for u in units] == ["bert.encoder.layer.0", "bert.encoder.layer.1", None]
+    assert units[0].layers[:3] == ("bert.encoder.layer.0.attention.self.query",
+                                   "bert.encoder.layer.0.attention.self.key",
+                                   "bert.encoder.layer.0.attention.self.value")
+    assert units[2].layers == ("bert.pooler.dense", "classifier")
+    assert set(units[2].own) == {"bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight",
+                                 "classifier.bias"}
+    assert "bert.encoder.layer.1.output.LayerNorm.weight" in units[1].own
