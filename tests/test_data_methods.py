@@ -209,3 +209,155 @@ def test_transformer_blocks_and_chained_units_follow_the_forward_order():
     assert set(units[2].own) == {"bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight",
                                  "classifier.bias"}
     assert "bert.encoder.layer.1.output.LayerNorm.weight" in units[1].own
+
+
+# ------------------------------------------------------------------------------------------ through merge()
+
+
+def weighted_average(states: list[dict], weights: list[float]) -> dict[str, torch.Tensor]:
+    return {k: sum(w * s[k].double() for w, s in zip(weights, states)) / sum(weights) for k in states[0]}
+
+
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def assert_states_close(merged: nn.Module, expected: dict[str, torch.Tensor], rtol: float = 1e-5) -> None:
+    params = state(merged)
+    assert set(params) == set(expected)
+    for name, value in expected.items():
+        error = float((params[name].double() - value.double()).abs().max())
+        assert error <= rtol * max(float(value.abs().max()), 1e-3), (name, error)
+
+
+def test_regmean_through_merge_equals_the_closed_form_on_grams_collected_directly_for_three_weighted_parents():
+    base = make_model("bert_cls", seed=0)
+    parents = [fine_tune(base, seed) for seed in (1, 2, 3)]
+    batches = make_batches("bert_cls", num_batches=3, batch_size=8, seed=5)
+    weights = [1.0, 2.0, 0.5]
+    merged = hf_mudsc.merge(parents, batches, method="regmean", weights=weights, progress=False)
+    spec = spec_for(base)
+    layers = linear_layers(base)
+    grams = [direct_grams(p, layers, batches, spec) for p in parents]
+    expected = weighted_average([state(p) for p in parents], weights)
+    for name in layers:
+        expected[f"{name}.weight"] = regmean_solve([w * g[name] for w, g in zip(weights, grams)],
+                                                   [state(p)[f"{name}.weight"].double() for p in parents], 0.95)
+    assert_states_close(merged, expected)
+    # The solve moved the Linear weights away from the plain weighted average (the test can fail).
+    query = "bert.encoder.layer.0.attention.self.query.weight"
+    average = weighted_average([state(p) for p in parents], weights)[query]
+    assert float((state(merged)[query].double() - average).abs().max()) > 1e-3
+    assert merged.config.mudsc["regmean_scale"] == 0.95 and merged.config.mudsc["fisher_epsilon"] is None
+
+
+@pytest.mark.parametrize("method", ["regmean", "regmean_plusplus", "fisher"])
+def test_identical_parents_give_that_parent_and_weights_one_zero_give_parent_zero(method):
+    base = make_model("vit_cls", seed=0)
+    batches = make_batches("vit_cls", num_batches=2, batch_size=4, seed=1)
+    same = hf_mudsc.merge([base, copy.deepcopy(base)], batches, method=method, progress=False)
+    assert_states_close(same, state(base))
+    other = fine_tune(base, seed=7, scale=0.05)
+    first = hf_mudsc.merge([other, base], batches, method=method, weights=[1.0, 0.0], progress=False)
+    assert_states_close(first, state(other))
+
+
+def test_regmean_plusplus_averages_layers_whose_inputs_all_parents_share_and_equals_a_direct_block_by_block_solve():
+    base = make_model("bert_cls", seed=0)
+    parents = [fine_tune(base, seed, scale=0.05) for seed in (1, 2)]
+    batches = make_batches("bert_cls", num_batches=2, batch_size=8, seed=4)
+    merged = hf_mudsc.merge(parents, batches, method="regmean_plusplus", regmean_scale=0.9, progress=False)
+    plain = hf_mudsc.merge(parents, batches, method="regmean", regmean_scale=0.9, progress=False)
+    average = weighted_average([state(p) for p in parents], [1.0, 1.0])
+    query = "bert.encoder.layer.0.attention.self.query.weight"
+    # BERT's block 0 reads the merged embeddings (LayerNorm outside the block): the same Gram for both parents,
+    # so RegMean++ gives the average there, while RegMean (each parent's own embeddings) does not.
+    torch.testing.assert_close(state(merged)[query].double(), average[query], rtol=1e-5, atol=1e-6)
+    assert float((state(plain)[query].double() - average[query]).abs().max()) > 1e-4
+    # Direct re-computation: a working model with the merged blocks before l and parent i's block l.
+    spec = spec_for(base)
+    working = copy.deepcopy(base)
+    working.load_state_dict({k: v.float() for k, v in average.items()}, strict=False)
+    expected = dict(average)
+    units = [("bert.encoder.layer.0.", None), ("bert.encoder.layer.1.", None), ("", ("bert.pooler.dense", "classifier"))]
+    for prefix, tail in units:
+        layers = [n for n in linear_layers(base) if (n in tail if tail else n.startswith(prefix))]
+        own = [k for k in average if (k.rsplit(".", 1)[0] in tail if tail else k.startswith(prefix))]
+        grams = []
+        for parent in parents:
+            working.load_state_dict({k: state(parent)[k] for k in own}, strict=False)
+            grams.append(direct_grams(working, layers, batches, spec))
+        for name in layers:
+            expected[f"{name}.weight"] = regmean_solve([g[name] for g in grams],
+                                                       [state(p)[f"{name}.weight"].double() for p in parents], 0.9)
+        working.load_state_dict({k: expected[k].float() for k in own}, strict=False)
+    assert_states_close(merged, expected)
+
+
+def test_fisher_takes_the_other_parents_value_where_one_parents_fisher_is_zero():
+    base = make_model("vit_cls", seed=0)
+    parent_a = fine_tune(base, seed=1, scale=0.05)
+    parent_b = fine_tune(base, seed=2, scale=0.05)
+    with torch.no_grad():  # feature 5 of B's final norm is dead: B's classifier column 5 has no gradient
+        parent_b.vit.layernorm.weight[5] = 0.0
+        parent_b.vit.layernorm.bias[5] = 0.0
+    batches = make_batches("vit_cls", num_batches=2, batch_size=6, seed=3)
+    merged = hf_mudsc.merge([parent_a, parent_b], batches, method="fisher", weights=[1.0, 3.0], progress=False)
+    column = state(merged)["classifier.weight"][:, 5]
+    torch.testing.assert_close(column, state(parent_a)["classifier.weight"][:, 5], rtol=1e-4, atol=1e-6)
+    other = state(merged)["classifier.weight"][:, 4]
+    assert float((other - state(parent_a)["classifier.weight"][:, 4]).abs().max()) > 1e-3  # elsewhere: a blend
+    # The whole merge is the floored Fisher-weighted average (the package's separate fisher_average agrees).
+    fishers = [{k: v.clamp_min(1e-6) for k, v in diagonal_fisher(p, lambda: batches)[0].items()}
+               for p in (parent_a, parent_b)]
+    expected = fisher_average([state(parent_a), state(parent_b)], fishers, [1.0, 3.0], epsilon=0.0, normalize=False)
+    assert_states_close(merged, expected)
+    assert merged.config.mudsc["fisher_epsilon"] == 1e-6 and merged.config.mudsc["regmean_scale"] is None
+
+
+# --------------------------------------------------------------------------------------------------- errors
+
+MISSING = ["/nonexistent/parent-a", "/nonexistent/parent-b"]
+
+
+@pytest.mark.parametrize("method", ["regmean", "regmean_plusplus", "fisher"])
+def test_no_calibration_is_refused_in_one_line_naming_calibration_before_anything_is_loaded(method):
+    with pytest.raises(MergeInputError, match="calibration") as error:
+        hf_mudsc.merge(MISSING, method=method, progress=False)
+    assert "\n" not in str(error.value) and method in str(error.value)
+
+
+@pytest.mark.parametrize(("keyword", "value", "fragment"), [
+    ("regmean_scale", 1.5, "--regmean-scale"), ("regmean_scale", -0.1, "--regmean-scale"),
+    ("fisher_epsilon", 0.0, "--fisher-epsilon"), ("fisher_epsilon", float("nan"), "--fisher-epsilon")])
+def test_bad_option_values_are_refused_before_anything_is_loaded(keyword, value, fragment):
+    with pytest.raises(MergeInputError, match=keyword) as error:
+        hf_mudsc.merge(MISSING, make_batches("vit_cls", 1), method="regmean", progress=False, **{keyword: value})
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+def test_fisher_refuses_parents_without_a_classification_head_through_merge():
+    base = make_model("bert", seed=0)
+    with pytest.raises(MergeInputError, match="classification head"):
+        hf_mudsc.merge([base, fine_tune(base, 1)], make_batches("bert", 1, 2), method="fisher", progress=False)
+
+
+def test_options_reach_the_cli_recipe_and_card_only_for_the_method_that_reads_them(tmp_path):
+    from hf_mudsc.cli.main import build_parser
+    from hf_mudsc.cli.merge import build_recipe
+    from hf_mudsc.publish.card import render_card
+    from hf_mudsc.publish.recipe import Recipe
+
+    args = build_parser().parse_args(["merge", "a", "b", "c", "--calibration", "d", "-o", "o", "--method", "regmean",
+                                      "--regmean-scale", "0.5", "--fisher-epsilon", "1e-8"])
+    recipe = build_recipe(args)
+    assert (recipe.method, recipe.regmean_scale, recipe.fisher_epsilon) == ("regmean", 0.5, 1e-8)
+    base = make_model("vit_cls", seed=0)
+    parents = [fine_tune(base, 1), fine_tune(base, 2)]
+    batches = make_batches("vit_cls", 1, 4)
+    merged = hf_mudsc.merge(parents, batches, method="regmean", regmean_scale=0.5, progress=False)
+    card = str(render_card(merged, Recipe(models=["a", "b"], method="regmean", regmean_scale=0.5)))
+    assert "| RegMean off-diagonal scale | 0.5 |" in card and "Fisher floor" not in card
+    fisher = hf_mudsc.merge(parents, batches, method="fisher", fisher_epsilon=1e-8, progress=False)
+    card = str(render_card(fisher, Recipe(models=["a", "b"], method="fisher", fisher_epsilon=1e-8)))
+    assert "| Fisher floor ε | 1e-08 |" in card and "RegMean off-diagonal scale" not in card
