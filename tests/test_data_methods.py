@@ -279,7 +279,8 @@ def test_regmean_plusplus_averages_layers_whose_inputs_all_parents_share_and_equ
     working = copy.deepcopy(base)
     working.load_state_dict({k: v.float() for k, v in average.items()}, strict=False)
     expected = dict(average)
-    units = [("bert.encoder.layer.0.", None), ("bert.encoder.layer.1.", None), ("", ("bert.pooler.dense", "classifier"))]
+    units = [("bert.encoder.layer.0.", None), ("bert.encoder.layer.1.", None),
+             ("", ("bert.pooler.dense", "classifier"))]
     for prefix, tail in units:
         layers = [n for n in linear_layers(base) if (n in tail if tail else n.startswith(prefix))]
         own = [k for k in average if (k.rsplit(".", 1)[0] in tail if tail else k.startswith(prefix))]

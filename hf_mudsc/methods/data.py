@@ -235,7 +235,8 @@ class RegMeanMethod(MergeMethod):
                 merged[key] = systems[name].solve(merged[key])
             if working is not None:
                 _write(working, merged, unit.own or ())
-        return MethodResult(parameters=merged, matches=[None] * len(context.spec.groups))
+        return MethodResult(parameters=merged, matches=[None] * len(context.spec.groups),
+                            calibration_examples=examples)
 
 
 @dataclass(frozen=True)
@@ -258,11 +259,13 @@ class FisherMethod(MergeMethod):
         numerator = {name: torch.zeros(parents[0][name].shape, dtype=torch.float64) for name in names}
         denominator = {name: torch.zeros(parents[0][name].shape, dtype=torch.float64) for name in names}
         device = torch.device(context.device)
+        examples = 0
         for index, (parent, model) in enumerate(zip(parents, context.models)):
             home = _device_of(model)
             try:
                 model.to(device)
-                fisher, _ = diagonal_fisher(model, context.batches, names, device=device, progress=context.progress)
+                fisher, examples = diagonal_fisher(model, context.batches, names, device=device,
+                                                   progress=context.progress)
             finally:
                 model.to(home)
             for name in names:
@@ -272,7 +275,8 @@ class FisherMethod(MergeMethod):
         parameters = {name: value.clone() for name, value in parents[0].items()}
         for name in names:
             parameters[name] = (numerator[name] / denominator[name]).to(parents[0][name].dtype)
-        return MethodResult(parameters=parameters, matches=[None] * len(context.spec.groups))
+        return MethodResult(parameters=parameters, matches=[None] * len(context.spec.groups),
+                            calibration_examples=examples)
 
 
 REGMEAN = register_method(RegMeanMethod(
