@@ -27,8 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hf_mudsc.calibrate.correlation import CLAMP
-from hf_mudsc.calibrate.layer_inputs import StopForward, batch_to, padding_mask_key, token_rows
-from hf_mudsc.calibrate.statistics import forward_inputs
+from hf_mudsc.calibrate.layer_inputs import StopForward, batch_to, forward_inputs, padding_mask_key, token_rows
 from hf_mudsc.errors import CalibrationError
 from hf_mudsc.options import MergeOptions
 from hf_mudsc.solve.maps import GroupMaps

@@ -23,8 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hf_mudsc.calibrate.layer_inputs import batch_to
-from hf_mudsc.calibrate.statistics import forward_inputs
+from hf_mudsc.calibrate.layer_inputs import batch_to, forward_inputs
 from hf_mudsc.errors import MergeInputError
 
 

@@ -7,14 +7,20 @@ float64 `Σ xᵀx` at once, so memory is one `(in, in)` matrix per layer whateve
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from hf_mudsc.calibrate.statistics import forward_inputs
 from hf_mudsc.spec import PermutationSpec
+
+
+def forward_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The batch entries the model's forward accepts."""
+    accepted = set(inspect.signature(model.forward).parameters)
+    return {k: v for k, v in batch.items() if k in accepted}
 
 
 class StopForward(Exception):

@@ -113,7 +113,7 @@ def transformer_blocks(model: nn.Module) -> list[str]:
 
 def firing_order(model: nn.Module, layers: Sequence[str], batch: Mapping[str, Any]) -> list[str]:
     """`layers` in the order their forwards first run on `batch` (layers that never run are left out)."""
-    from hf_mudsc.calibrate.statistics import forward_inputs
+    from hf_mudsc.calibrate.layer_inputs import forward_inputs
 
     modules = dict(model.named_modules())
     fired: list[str] = []
