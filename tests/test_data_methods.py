@@ -412,3 +412,23 @@ def test_cli_merges_folders_with_regmean_and_the_recipe_reproduces_the_weights(t
     assert main(["merge", "--recipe", str(out / "mudsc_recipe.yaml"), "-o", str(again)]) == 0
     first, second = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("method", ["regmean", "fisher"])
+def test_parents_with_different_label_sets_get_the_concatenated_head_and_a_merged_body(method):
+    from factories import classifier_names, with_new_head
+
+    base = make_model("bert_cls", seed=0, num_labels=4)
+    parent_a = fine_tune(base, seed=1)
+    parent_b = with_new_head(fine_tune(base, seed=2), num_labels=2, seed=3)
+    batches = make_batches("bert_cls", num_batches=2, batch_size=6, seed=4)
+    merged = hf_mudsc.merge([parent_a, parent_b], batches, method=method, progress=False)
+    weight, bias = classifier_names(base)
+    head = state(merged)
+    torch.testing.assert_close(head[weight], torch.cat([state(parent_a)[weight], state(parent_b)[weight]]))
+    torch.testing.assert_close(head[bias], torch.cat([state(parent_a)[bias], state(parent_b)[bias]]))
+    assert merged.config.num_labels == 6
+    # The body is the method's merge, not a copy of either parent nor the plain average.
+    query = "bert.encoder.layer.1.attention.self.query.weight"
+    average = (state(parent_a)[query] + state(parent_b)[query]) / 2
+    assert float((head[query] - average).abs().max()) > 1e-4
