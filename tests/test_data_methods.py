@@ -432,3 +432,16 @@ def test_parents_with_different_label_sets_get_the_concatenated_head_and_a_merge
     query = "bert.encoder.layer.1.attention.self.query.weight"
     average = (state(parent_a)[query] + state(parent_b)[query]) / 2
     assert float((head[query] - average).abs().max()) > 1e-4
+
+
+def test_fisher_of_a_padded_batch_equals_the_fisher_of_the_same_texts_without_padding():
+    model = make_model("bert_cls", seed=0)
+    batch = make_batches("bert_cls", num_batches=1, batch_size=5, seed=6)[0]
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert min(lengths) < batch["attention_mask"].shape[1]
+    alone = [{"input_ids": batch["input_ids"][i:i + 1, :n], "attention_mask": batch["attention_mask"][i:i + 1, :n]}
+             for i, n in enumerate(lengths)]
+    padded, _ = diagonal_fisher(model, lambda: [batch])
+    unpadded, _ = diagonal_fisher(model, lambda: alone)
+    for name, value in unpadded.items():
+        assert float((padded[name] - value).abs().max()) <= 1e-5 * float(value.abs().max()) + 1e-12, name
