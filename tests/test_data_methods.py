@@ -445,3 +445,11 @@ def test_fisher_of_a_padded_batch_equals_the_fisher_of_the_same_texts_without_pa
     unpadded, _ = diagonal_fisher(model, lambda: alone)
     for name, value in unpadded.items():
         assert float((padded[name] - value).abs().max()) <= 1e-5 * float(value.abs().max()) + 1e-12, name
+
+
+@pytest.mark.parametrize("method", ["regmean", "regmean_plusplus", "fisher"])
+def test_calibration_data_without_examples_is_refused_in_one_line(method):
+    base = make_model("vit_cls", seed=0)
+    with pytest.raises(MergeInputError, match="gave no examples") as error:
+        hf_mudsc.merge([base, fine_tune(base, 1)], [], method=method, progress=False)
+    assert "\n" not in str(error.value)
