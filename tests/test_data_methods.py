@@ -26,7 +26,7 @@ from hf_mudsc.architectures import spec_for
 from hf_mudsc.calibrate.fisher import diagonal_fisher
 from hf_mudsc.calibrate.layer_inputs import collect_grams, linear_layers, padding_mask_key
 from hf_mudsc.errors import MergeInputError
-from hf_mudsc.methods.data import RegMeanSystem, chained_units, transformer_blocks
+from hf_mudsc.solve.regmean import RegMeanSystem, chained_units, transformer_blocks
 from hf_mudsc.solve.task_vectors import fisher_average, regmean_solve
 
 
