@@ -455,3 +455,24 @@ def test_calibration_data_without_examples_is_refused_in_one_line(method):
     with pytest.raises(MergeInputError, match="gave no examples") as error:
         hf_mudsc.merge([base, fine_tune(base, 1)], [], method=method, progress=False)
     assert "\n" not in str(error.value)
+
+
+def test_a_singular_system_takes_the_least_squares_solution_nearest_the_weighted_average():
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 6, generator=generator, dtype=torch.float64)  # 3 samples, 6 features: rank 3
+    ws = [torch.randn(2, 6, generator=generator, dtype=torch.float64) for _ in range(2)]
+    system = RegMeanSystem(6, 2)
+    for matrix in ws:
+        system.add(1.0, x.T @ x / 3, matrix, scale=1.0, rows=3)
+    average = (ws[0] + ws[1]) / 2
+    solved = system.solve(average)
+    # It fits the data like the average does (both parents saw the same inputs) and moves nowhere else.
+    torch.testing.assert_close(solved, average, rtol=1e-9, atol=1e-9)
+    only_first = RegMeanSystem(6, 2)
+    only_first.add(1.0, x.T @ x / 3, ws[0], scale=1.0, rows=3)
+    only_first.add(0.0, x.T @ x / 3, ws[1], scale=1.0, rows=3)
+    torch.testing.assert_close(only_first.solve(ws[0]), ws[0], rtol=1e-9, atol=1e-9)
+    # Against another start the data-determined part is still parent 0's outputs.
+    shifted = only_first.solve(average)
+    torch.testing.assert_close(x @ shifted.T, x @ ws[0].T, rtol=1e-9, atol=1e-9)
+    assert float((shifted - ws[0]).abs().max()) > 1e-3  # free directions follow the given average

@@ -39,7 +39,8 @@ class RegMeanSystem:
         self.rows += rows
 
     def solve(self, average: torch.Tensor) -> torch.Tensor:
-        """The merged `(out, in)` weight; features without input energy keep `average`'s column."""
+        """The merged `(out, in)` weight; features without input energy keep `average`'s column, and a singular
+        system takes the least-squares solution nearest `average`."""
         lhs, rhs = self.lhs.clone(), self.rhs.clone()
         diagonal = lhs.diagonal()
         dead = diagonal <= DEAD_FEATURE * float(diagonal.abs().max().clamp_min(0))
@@ -53,8 +54,12 @@ class RegMeanSystem:
         factor, info = torch.linalg.cholesky_ex(lhs)
         if int(info) == 0:
             solution = torch.cholesky_solve(rhs, factor)
-        else:  # not positive definite (regmean_scale=1 with fewer tokens than features, negative weights)
-            solution = torch.linalg.lstsq(lhs, rhs, driver="gelsd").solution
+        else:
+            # Not positive definite (regmean_scale=1 with fewer samples than features, negative weights): of the
+            # least-squares solutions, the one closest to the weighted average — directions the data leaves
+            # free keep the average, as dead features do.
+            start = average.detach().to(torch.float64).T
+            solution = start + torch.linalg.lstsq(lhs, rhs - lhs @ start, driver="gelsd").solution
         return solution.T.contiguous().to(average.dtype)
 
 
