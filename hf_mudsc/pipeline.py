@@ -136,6 +136,8 @@ def merge(
     processor: Any | None = None,
     refit: str = "none",
     refit_lambda: float = 1e-3,
+    regmean_scale: float = 0.95,
+    fisher_epsilon: float = 1e-6,
     dry_run: bool = False,
 ) -> PreTrainedModel | MergePlan | None:
     """Merge two or more fine-tuned models of one architecture into one model, without training.
@@ -197,6 +199,9 @@ def merge(
             iterator). Under `torchrun` it runs on the main process over the whole calibration stream.
         refit_lambda: the refit's ridge strength relative to each layer's mean input energy (pulls toward the
             matched weights).
+        regmean_scale: `regmean` / `regmean_plusplus`: factor on the off-diagonal entries of every input Gram
+            matrix, in [0, 1] (docs/design.md §4.10).
+        fisher_epsilon: `fisher`: floor on every parent's diagonal Fisher, > 0.
         dry_run: return a `hf_mudsc.plan.MergePlan` instead of merging: the parents' pinned revisions, their
             relation as far as configs tell, the method, the groups and widths, the calibration rows and an
             estimate of time and peak memory — from configs and safetensors headers only (no weights downloaded,
@@ -360,6 +365,9 @@ def merge(
     report.sweeps = result.sweeps
     report.starts = dict(result.start_objectives)
     report.solve_start = result.solve_start
+    if result.calibration_examples:  # a method that read the calibration data itself (`needs_data`)
+        report.num_samples = result.calibration_examples
+        _log_sample_count(num_samples, report.num_samples)
     report.warnings = merge_warnings(
         relation=relation.relation, method=merge_method, group_names=report.group_names,
         group_values=report.group_values, widths={g.name: g.width for g in spec.groups},

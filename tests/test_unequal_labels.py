@@ -52,7 +52,7 @@ def pairs():
 @pytest.mark.parametrize("kind,labels_a,labels_b", LABEL_COUNTS)
 def test_unequal_label_counts_merge_with_a_concatenated_head(pairs, kind, labels_a, labels_b, method, matcher):
     a, b, batches = pairs(kind, labels_a, labels_b)
-    calibration = batches if get_method(method).needs_calibration else None
+    calibration = batches if get_method(method).needs_calibration or get_method(method).needs_data else None
     merged = hf_mudsc.merge([a, b], calibration, method=method, matcher=matcher, progress=False)
 
     total = labels_a + labels_b

@@ -87,6 +87,8 @@ class MethodResult:
     """Each start's final objective, in the order the starts ran."""
     similarity_alpha: float | None = None
     """The weight share of the similarity the units were matched on (None: no matching), for the diagnostics."""
+    calibration_examples: int = 0
+    """Examples read per pass over the calibration data, by a method that reads it itself (`needs_data`)."""
 
 
 @dataclass(frozen=True)

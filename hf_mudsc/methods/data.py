@@ -1,0 +1,193 @@
+"""Same-base methods that read calibration data themselves: `regmean`, `regmean_plusplus` and `fisher`.
+
+They run the parents on the calibration batches (`context.batches`, a fresh pass per call) instead of using the
+unit-matching correlation statistics, keep the identity correspondence (fine-tunes of one base), and merge any
+number of parents with per-parent `weights`. Definitions and sources: docs/design.md §4.10.
+
+* `regmean` (Jin et al., ICLR 2023): each `nn.Linear` weight is the closed form `(Σ_i w_i G_i')⁻¹ Σ_i w_i G_i' W_i`
+  (in torch's transposed layout), G_i the mean Gram of parent i's OWN inputs to that layer over every non-padding
+  calibration token, G' its off-diagonal entries times `regmean_scale`; every other tensor (biases, norms,
+  embeddings) is the weighted average. The Grams stream into float64 sums (memory flat in the number of samples),
+  and each parent's Gram is folded into the system at once (memory flat in the number of parents).
+* `regmean_plusplus` (RegMean++, Nguyen et al. 2025; FusionBench `regmean_plusplus`): the same closed form, solved
+  block by block in forward order; the Linear inputs of block l are those of each parent's OWN block l fed the
+  MERGED model's output of blocks < l (so later blocks see the merge's real inputs, and each block's layers
+  still see their parent's own weights inside the block).
+* `fisher` (Matena & Raffel, NeurIPS 2022): θ = Σ_i w_i F_i θ_i / Σ_i w_i F_i per entry, F_i the diagonal Fisher of
+  parent i on the calibration data under its own predictive distribution (`hf_mudsc.calibrate.fisher`), floored at
+  `fisher_epsilon`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from hf_mudsc.errors import MergeInputError
+from hf_mudsc.methods.registry import MergeMethod, MethodContext, MethodResult, register_method
+
+if TYPE_CHECKING:
+    from hf_mudsc.options import MergeOptions
+
+logger = logging.getLogger(__name__)
+
+PAPER_REGMEAN = "https://arxiv.org/abs/2212.09849"
+PAPER_REGMEAN_PLUSPLUS = "https://arxiv.org/abs/2508.03121"
+PAPER_FISHER = "https://arxiv.org/abs/2111.09832"
+NO_EXAMPLES = ("the calibration data gave no examples (this method reads it once per parent, per block for "
+               "regmean_plusplus); pass data that can be read more than once: a list of batches or a datasets.Dataset")
+
+
+def parent_weights(options: MergeOptions, count: int) -> list[float]:
+    """The `weights` option, one per parent (1 each when not given; merge() checks the length)."""
+    weights = getattr(options, "weights", None)
+    return [1.0] * count if weights is None else [float(w) for w in weights]
+
+
+@dataclass(frozen=True)
+class RegMeanMethod(MergeMethod):
+    """RegMean, or with `chained` RegMean++ (module docstring)."""
+
+    chained: bool = False
+    num_parents: int | None = None
+    needs_data: bool = True
+
+    def used_options(self, options: MergeOptions) -> dict[str, Any]:
+        return {"weights": options.weights, "regmean_scale": options.regmean_scale}
+
+    def merge_parameters(self, context: MethodContext) -> MethodResult:
+        import torch
+
+        from hf_mudsc.calibrate.layer_inputs import collect_grams, linear_layers, padding_mask_key
+        from hf_mudsc.solve.regmean import RegMeanSystem, Unit, chained_units, device_of, write_parameters
+        from hf_mudsc.solve.task_vectors import linear
+
+        parents = list(context.parents)
+        weights = parent_weights(context.options, len(parents))
+        scale = float(context.options.regmean_scale)
+        merged = linear(None, parents, weights, normalize=True)  # every tensor; Linear weights are solved below
+        first = context.models[0]
+        # Only layers whose weight the method merges (a concatenated classifier is left to the pipeline).
+        layers = [name for name in linear_layers(first) if f"{name}.weight" in parents[0]]
+        modules = dict(first.named_modules())
+        mask_keys = {name: padding_mask_key(context.spec, f"{name}.weight") for name in layers}
+        working = None
+        if self.chained:
+            batch = next(iter(context.batches()), None)
+            working = copy.deepcopy(first).eval()
+            write_parameters(working, merged, [n for n in merged if n in dict(working.named_parameters())])
+            if batch is None:
+                raise MergeInputError(f"{self.name}: {NO_EXAMPLES}")
+            units = chained_units(working, layers, batch, merged)
+            unreached = [name for name in layers if not any(name in unit.layers for unit in units)]
+            if unreached:
+                logger.warning("%s: %d linear layer(s) never ran on the calibration data; their weights are the "
+                               "weighted average: %s", self.name, len(unreached), ", ".join(unreached))
+        else:
+            units = [Unit(tuple(layers))]
+        device = torch.device(context.device)
+        examples = 0
+        for unit in units:
+            systems = {name: RegMeanSystem(modules[name].in_features, modules[name].out_features)
+                       for name in unit.layers}
+            for index, parent in enumerate(parents):
+                if working is None:
+                    model = context.models[index]
+                else:
+                    write_parameters(working, parent, unit.own or ())
+                    model = working
+                home = device_of(model)
+                training = model.training
+                try:
+                    model.eval().to(device)
+                    grams, examples = collect_grams(model, unit.layers, context.batches, mask_keys=mask_keys,
+                                                    stop_after=unit.stop_after, device=device)
+                finally:
+                    model.to(home).train(training)
+                if not examples:
+                    raise MergeInputError(f"{self.name}: {NO_EXAMPLES}")
+                for name in unit.layers:
+                    systems[name].add(weights[index], grams[name].mean(), parent[f"{name}.weight"], scale,
+                                      grams[name].rows)
+            for name in unit.layers:
+                key = f"{name}.weight"
+                if systems[name].rows == 0:
+                    logger.warning("%s: layer %s received no calibration inputs; its weight is the weighted "
+                                   "average", self.name, name)
+                    continue
+                merged[key] = systems[name].solve(merged[key])
+            if working is not None:
+                write_parameters(working, merged, unit.own or ())
+        return MethodResult(parameters=merged, matches=[None] * len(context.spec.groups),
+                            calibration_examples=examples)
+
+
+@dataclass(frozen=True)
+class FisherMethod(MergeMethod):
+    """Fisher-weighted averaging (module docstring)."""
+
+    num_parents: int | None = None
+    needs_data: bool = True
+
+    def used_options(self, options: MergeOptions) -> dict[str, Any]:
+        return {"weights": options.weights, "fisher_epsilon": options.fisher_epsilon}
+
+    def merge_parameters(self, context: MethodContext) -> MethodResult:
+        import torch
+
+        from hf_mudsc.calibrate.fisher import diagonal_fisher
+        from hf_mudsc.solve.regmean import device_of
+
+        parents = list(context.parents)
+        weights = parent_weights(context.options, len(parents))
+        floor = float(context.options.fisher_epsilon)
+        names = [name for name, value in parents[0].items() if value.is_floating_point()]
+        numerator = {name: torch.zeros(parents[0][name].shape, dtype=torch.float64) for name in names}
+        denominator = {name: torch.zeros(parents[0][name].shape, dtype=torch.float64) for name in names}
+        device = torch.device(context.device)
+        examples = 0
+        for index, (parent, model) in enumerate(zip(parents, context.models)):
+            home = device_of(model)
+            try:
+                model.to(device)
+                fisher, examples = diagonal_fisher(model, context.batches, names, device=device,
+                                                   progress=context.progress)
+            finally:
+                model.to(home)
+            if not examples:
+                raise MergeInputError(f"{self.name}: {NO_EXAMPLES}")
+            for name in names:
+                share = weights[index] * fisher[name].clamp_min(floor)
+                numerator[name] += share * parent[name].to(torch.float64)
+                denominator[name] += share
+        parameters = {name: value.clone() for name, value in parents[0].items()}
+        for name in names:
+            parameters[name] = (numerator[name] / denominator[name]).to(parents[0][name].dtype)
+        return MethodResult(parameters=parameters, matches=[None] * len(context.spec.groups),
+                            calibration_examples=examples)
+
+
+REGMEAN = register_method(RegMeanMethod(
+    name="regmean",
+    pretty_name="RegMean (regression mean)",
+    paper=PAPER_REGMEAN,
+    description="Each linear layer solved in closed form from every parent's input Gram matrices on the calibration "
+    "data; other tensors averaged. For fine-tunes of one base.",
+))
+REGMEAN_PLUSPLUS = register_method(RegMeanMethod(
+    name="regmean_plusplus",
+    pretty_name="RegMean++ (regression mean, merged-model inputs)",
+    paper=PAPER_REGMEAN_PLUSPLUS,
+    description="RegMean solved block by block, each block's inputs taken from the merged model's earlier blocks. "
+    "For fine-tunes of one base.",
+    chained=True,
+))
+FISHER = register_method(FisherMethod(
+    name="fisher",
+    pretty_name="Fisher merging",
+    paper=PAPER_FISHER,
+    description="Each parameter averaged with the weights of every parent's diagonal Fisher information on the "
+    "calibration data (no labels needed). For fine-tunes of one base.",
+))

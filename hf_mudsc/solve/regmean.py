@@ -1,0 +1,145 @@
+"""RegMean's closed form accumulated parent by parent, and RegMean++'s solve order (docs/design.md §4.10).
+
+Used by the `regmean` / `regmean_plusplus` merge methods (`hf_mudsc/methods/data.py`), which stay torch-free at
+import so `hf-mudsc merge --help` lists them without loading torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from hf_mudsc.calibrate.layer_inputs import forward_inputs
+
+# A feature whose summed Gram diagonal is below this share of the largest carried no input energy: its weight
+# column cannot change any output on the data, so it keeps the weighted average (the system is singular there).
+DEAD_FEATURE = 1e-12
+
+
+class RegMeanSystem:
+    """`Σ_i w_i G_i'` and `Σ_i w_i G_i' W_iᵀ` of one Linear layer, parent by parent, then the least-squares solve."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        self.lhs = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.rhs = torch.zeros(in_features, out_features, dtype=torch.float64)
+        self.rows = 0
+
+    def add(self, weight: float, gram: torch.Tensor, matrix: torch.Tensor, scale: float, rows: int) -> None:
+        """Fold in one parent: its mean Gram `(in, in)`, its weight matrix `(out, in)`, off-diagonals times `scale`."""
+        gram = gram.to(torch.float64).cpu()
+        reduced = gram * scale
+        reduced.diagonal().copy_(gram.diagonal())
+        term = weight * reduced
+        self.lhs += term
+        self.rhs += term @ matrix.detach().to(torch.float64).cpu().T
+        self.rows += rows
+
+    def solve(self, average: torch.Tensor) -> torch.Tensor:
+        """The merged `(out, in)` weight; features without input energy keep `average`'s column, and a singular
+        system takes the least-squares solution nearest `average`."""
+        lhs, rhs = self.lhs.clone(), self.rhs.clone()
+        diagonal = lhs.diagonal()
+        dead = diagonal <= DEAD_FEATURE * float(diagonal.abs().max().clamp_min(0))
+        if bool(dead.all()):
+            return average.clone()
+        if bool(dead.any()):
+            lhs[dead, :] = 0
+            lhs[:, dead] = 0
+            lhs[dead, dead] = 1
+            rhs[dead] = average.detach().to(torch.float64)[:, dead].T
+        factor, info = torch.linalg.cholesky_ex(lhs)
+        if int(info) == 0:
+            solution = torch.cholesky_solve(rhs, factor)
+        else:
+            # Not positive definite (regmean_scale=1 with fewer samples than features, negative weights): of the
+            # least-squares solutions, the one closest to the weighted average — directions the data leaves
+            # free keep the average, as dead features do.
+            start = average.detach().to(torch.float64).T
+            solution = start + torch.linalg.lstsq(lhs, rhs - lhs @ start, driver="gelsd").solution
+        return solution.T.contiguous().to(average.dtype)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Linear layers solved together; `own`: the parameters taken from the parent being measured (None = the whole
+    parent model runs); `stop_after`: a module whose output ends each forward (nothing later is needed)."""
+
+    layers: tuple[str, ...]
+    own: tuple[str, ...] | None = None
+    stop_after: str | None = None
+
+
+def transformer_blocks(model: nn.Module) -> list[str]:
+    """The blocks of every stack in the model: children of an `nn.ModuleList` that each hold an `nn.Linear`
+    (outermost stacks only): `bert.encoder.layer.3`, `vit.layers.3`, CLIP's `text_model.encoder.layers.3`."""
+    blocks: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or any(name.startswith(b + ".") for b in blocks):
+            continue
+        children = list(module.named_children())
+        if children and all(any(isinstance(m, nn.Linear) for m in child.modules()) for _, child in children):
+            blocks.extend(f"{name}.{child}" if name else child for child, _ in children)
+    return blocks
+
+
+def firing_order(model: nn.Module, layers: Sequence[str], batch: Mapping[str, Any]) -> list[str]:
+    """`layers` in the order their forwards first run on `batch` (layers that never run are left out)."""
+    modules = dict(model.named_modules())
+    fired: list[str] = []
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple) -> None:
+            if name not in fired:
+                fired.append(name)
+        return record
+
+    handles = [modules[name].register_forward_pre_hook(hook(name)) for name in layers]
+    try:
+        with torch.no_grad():
+            model(**forward_inputs(model, batch))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return fired
+
+
+def chained_units(model: nn.Module, layers: Sequence[str], batch: Mapping[str, Any],
+                  parameters: Iterable[str]) -> list[Unit]:
+    """RegMean++'s solve order: one unit per transformer block, in forward order; Linear layers outside every block
+    (a pooler, a projection, the classifier) form one unit per consecutive run. Layers that never run are left out."""
+    blocks = transformer_blocks(model)
+    names = list(parameters)
+
+    def block_of(layer: str) -> str | None:
+        return next((b for b in blocks if layer.startswith(b + ".")), None)
+
+    runs: list[tuple[str | None, list[str]]] = []
+    for layer in firing_order(model, layers, batch):
+        key = block_of(layer)
+        if runs and runs[-1][0] == key:
+            runs[-1][1].append(layer)
+        else:
+            runs.append((key, [layer]))
+    units = []
+    for key, run in runs:
+        if key is not None:
+            own = tuple(n for n in names if n.startswith(key + "."))
+        else:
+            own = tuple(n for n in names if n.rsplit(".", 1)[0] in run)
+        units.append(Unit(tuple(run), own, key))
+    return units
+
+
+def write_parameters(model: nn.Module, values: Mapping[str, torch.Tensor], names: Iterable[str]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in names:
+            params[name].copy_(values[name].to(params[name]))
+
+
+def device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
