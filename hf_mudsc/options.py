@@ -207,6 +207,11 @@ def _check_refit_lambda(name: str, value: float, cli: str) -> None:
         raise OptionError(f"refit_lambda must be a finite number > 0 {cli} (1e-3 is a good start), got {value}")
 
 
+def _check_refit_samples(name: str, value: int | None, cli: str) -> None:
+    if value is not None and value < 1:
+        raise OptionError(f"refit_samples must be >= 1, or None for all calibration examples {cli}, got {value}")
+
+
 # --------------------------------------------------------------------------------------------- card cells
 
 
@@ -283,15 +288,23 @@ class MergeOptions:
         "independent heads)")
     refit: str = option(
         "none", kind="choice", check=_check_refit, choices=REFITS, recorded=True,
-        card=CardRow(4, "Refit / ridge λ (relative)"),
+        card=CardRow(4, "Refit / ridge λ (relative) / examples"),
         help="after matching, refit every linear layer in forward order by ridge least squares toward the parents' "
         "outputs on the calibration data (no labels, no gradients): none keeps the paper's merge; ridge closes "
         "most of the gap to the ensemble across initializations (opt-in until measured on larger models)")
     refit_lambda: float = option(
         1e-3, kind="number", check=_check_refit_lambda, metavar="L", recorded=True,
-        card=CardRow(4, "Refit / ridge λ (relative)", lambda value, context: "—" if value is None else str(value)),
+        card=CardRow(4, "Refit / ridge λ (relative) / examples",
+                     lambda value, context: "—" if value is None else str(value)),
         help="refit ridge strength, relative to the mean input energy of each layer (pulls toward the matched "
         "weights)")
+    refit_samples: int | None = option(
+        128, kind="int", check=_check_refit_samples, metavar="N", recorded=True,
+        card=CardRow(4, "Refit / ridge λ (relative) / examples",
+                     lambda value, context: "—" if value is None else f"{value} examples"),
+        help="examples the refit reads: a subset of the calibration data chosen by a shuffle seeded with --seed "
+        "(all of it when it holds fewer). The refit reads it once per layer step, so this bounds its cost; every "
+        "token is a sample of each layer's least squares, so a few thousand tokens per layer already pin it down")
     statistics_dtype: str = option(
         "float32", kind="dtype", check=_check_statistics_dtype, choices=STATISTICS_DTYPES, recorded=True,
         help="precision of the calibration statistics: float32 multiplies each batch in float32 and sums "

@@ -105,6 +105,7 @@ def merge(
     processor: Any | None = None,
     refit: str = "none",
     refit_lambda: float = 1e-3,
+    refit_samples: int | None = 128,
 ) -> PreTrainedModel | None:
     """Merge two fine-tuned models of one architecture into one model, without training.
 
@@ -154,6 +155,7 @@ def merge(
             iterator). Under `torchrun` it runs on the main process over the whole calibration stream.
         refit_lambda: the refit's ridge strength relative to each layer's mean input energy (pulls toward the
             matched weights).
+        refit_samples: calibration examples the refit reads, chosen by a shuffle seeded with `seed` (None: all).
         processor: preprocesses raw calibration columns (a tokenizer, image processor or processor) instead of
             the parents' own — which are found in their folders, or for model objects in their `name_or_path`
             folder or cached Hub snapshot.
@@ -244,7 +246,9 @@ def merge(
     report = MergeReport(method=method, matcher=used_matcher, alpha=merge_method.recorded_alpha(alpha))
     concatenate = spec.classifier is not None and not same_label_set(model_a.config, model_b.config)
     correlations = None
+    calibration_examples = None  # examples the calibration stream holds, when the statistics counted them
     if accumulators is not None:
+        calibration_examples = accumulators[0].examples or None
         report.num_samples = accumulators[0].examples or accumulators[0].count
         _log_sample_count(num_samples, report.num_samples)
         correlations = correlations_from(accumulators)
@@ -282,7 +286,8 @@ def merge(
         zip_budget=zip_budget if used_matcher == "zip" else None,
         independent_heads=bool(independent_heads or reference_compat), reference_compat=bool(reference_compat),
         statistics_dtype=statistics_dtype if merge_method.needs_calibration else None,
-        refit_lambda=merge_options.refit_lambda if refitting else None)
+        refit_lambda=merge_options.refit_lambda if refitting else None,
+        refit_samples=merge_options.refit_samples if refitting else None)
     config.mudsc = {
         "library": "hf_mudsc",
         "version": __version__,
@@ -304,7 +309,8 @@ def merge(
             merged, [model_a, model_b], spec, report.matches,
             lambda: iter_batches(calibration, batch_size=batch_size, num_samples=num_samples,
                                  columns=_input_columns(model_a), required=spec.inputs),
-            concatenate_classifier=concatenate, lambda_rel=merge_options.refit_lambda, device=run_device,
+            concatenate_classifier=concatenate, lambda_rel=merge_options.refit_lambda,
+            samples=merge_options.refit_samples, seed=seed, total=calibration_examples, device=run_device,
             progress=progress)
         if accumulators is None:  # a method without statistics: the refit's data is the calibration
             merged.config.mudsc["num_calibration_samples"] = report.num_samples = report.refit.examples
