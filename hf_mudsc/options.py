@@ -40,7 +40,9 @@ DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?)$")
 # The recipe file written next to every merged model (`hf_mudsc.publish.recipe`); named here for the --output help.
 RECIPE_FILENAME = "mudsc_recipe.yaml"
 # Kinds of option values: how a value is type-checked (and converted to an argparse `type`).
-KINDS = ("int", "number", "str", "bool", "choice", "dtype", "device")
+KINDS = ("int", "number", "number_or_auto", "str", "bool", "choice", "dtype", "device")
+#: The value of a `number_or_auto` option that asks the merge to choose the number (`alpha="auto"`).
+AUTO = "auto"
 
 
 def flag(name: str) -> str:
@@ -51,6 +53,11 @@ def flag(name: str) -> str:
 def option_hint(name: str) -> str:
     """How messages name an option, right from Python and the CLI alike: `text_column= (CLI: --text-column)`."""
     return f"{name}= (CLI: {flag(name)})"
+
+
+def number_or_auto(text: str) -> float | str:
+    """The command-line type of a `number_or_auto` option: "auto" or a float."""
+    return AUTO if text == AUTO else float(text)
 
 
 def _is_int(value: Any) -> bool:
@@ -148,9 +155,11 @@ def _check_matcher(name: str, value: str, cli: str) -> None:
         raise OptionError(f"unknown matcher {value!r}; choose one of: {', '.join(MATCHERS)} {cli}")
 
 
-def _check_alpha(name: str, value: float, cli: str) -> None:
+def _check_alpha(name: str, value: float | str, cli: str) -> None:
+    if value == AUTO:
+        return
     if not 0.0 <= value <= 1.0:  # NaN fails every comparison
-        raise OptionError(f"alpha must lie in [0, 1] {cli}, got {value}")
+        raise OptionError(f"alpha must lie in [0, 1] or be 'auto' {cli}, got {value}")
 
 
 def _check_zip_decay(name: str, value: float, cli: str) -> None:
@@ -220,6 +229,16 @@ def _card_method(value: Any, context: Mapping[str, Any]) -> str:
     return f"`{value}`" + (f" — {method.description}" if method else "")
 
 
+def _card_alpha(value: Any, context: Mapping[str, Any]) -> str:
+    if value is None:
+        return "—"
+    curve = (context.get("mudsc") or {}).get("alpha_auto")
+    if not curve:
+        return str(value)
+    points = ", ".join(f"{alpha}: {score:.3f}" for alpha, score in zip(curve["grid"], curve["fidelity"]))
+    return f"{value} (auto: held-out fidelity {points}; {curve['held_out_examples']} examples)"
+
+
 def _card_zip(value: Any, context: Mapping[str, Any]) -> str | None:
     return None if context["settings"].get("zip_decay") is None else str(value)
 
@@ -254,10 +273,12 @@ class MergeOptions:
         card=CardRow(2, "Matcher", lambda value, context: value if value else "— (no unit matching)"),
         help="how matched units are fused for method mudsc: zip (ZipIt greedy, may fuse units within one "
         "model) or align (one permutation)")
-    alpha: float = option(
-        0.5, kind="number", check=_check_alpha, metavar="A", recorded=True,
-        card=CardRow(3, "Balance factor α (weight share)", lambda value, context: "—" if value is None else str(value)),
-        help="MuDSC balance factor: weight-space share of the similarity, in [0, 1]")
+    alpha: float | str = option(
+        0.5, kind="number_or_auto", check=_check_alpha, metavar="A", recorded=True,
+        card=CardRow(3, "Balance factor α (weight share)", lambda value, context: _card_alpha(value, context)),
+        help="MuDSC balance factor: weight-space share of the similarity, in [0, 1]; 'auto' chooses it without "
+        "labels — each of 0.1, 0.3, ..., 0.9 is solved and the merge most faithful to the parents on held-out "
+        "calibration examples (every 5th) wins")
     num_samples: int | None = option(
         None, kind="int", check=_check_num_samples, metavar="N", show_default=False,
         # The card shows the number of samples actually used (`config.mudsc["num_calibration_samples"]`).
@@ -392,6 +413,12 @@ class MergeOptions:
             if not _is_number(value):
                 raise OptionError(hint.format("a number"))
             return float(value)
+        if kind == "number_or_auto":
+            if value == AUTO:
+                return AUTO
+            if not _is_number(value):
+                raise OptionError(hint.format(f"a number or '{AUTO}'"))
+            return float(value)
         if kind == "device":
             # A torch.device is accepted by its text without importing torch (`torch.device("cuda", 0)` -> "cuda:0").
             if type(value).__module__ == "torch" and type(value).__name__ == "device":
@@ -443,6 +470,10 @@ class MergeOptions:
 
     def check_combination(self) -> None:
         """Refuse options that contradict each other (each alone is valid). Raises `OptionError`."""
+        if self.alpha == AUTO and self.reference_compat:
+            raise OptionError(f"alpha='auto' chooses the balance factor, but reference_compat=True reproduces the "
+                              f"reference's merge at a given one; pass a number ({flag('alpha')} 0.5) or drop "
+                              f"{flag('reference_compat')}")
         if self.refit != "none" and self.reference_compat:
             raise OptionError(f"refit={self.refit!r} changes the merged weights, which reference_compat=True must "
                               f"keep equal to the reference's; drop one of {flag('refit')} / "

@@ -25,7 +25,7 @@ from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_parents
 from hf_mudsc.load.references import display_name, parent_name, pinned_calibration, pinned_reference
 from hf_mudsc.load.relation import check_mergeable
 from hf_mudsc.methods.registry import MethodContext, get_method
-from hf_mudsc.options import MergeOptions, option_hint
+from hf_mudsc.options import AUTO, MergeOptions, option_hint
 from hf_mudsc.solve.matchers import Match
 from hf_mudsc.spec import PermutationSpec
 
@@ -87,7 +87,7 @@ def merge(
     *,
     method: str = "mudsc",
     matcher: str = "zip",
-    alpha: float = 0.5,
+    alpha: float | str = 0.5,
     num_samples: int | None = None,
     batch_size: int = 32,
     seed: int = 0,
@@ -123,7 +123,10 @@ def merge(
         method: a name from `hf_mudsc.METHODS` (`mudsc`, `zipit`, `activation_align`,
             `weight_matching`, `average`).
         matcher: `zip` or `align` for `mudsc` (the other methods fix their own).
-        alpha: weight-similarity share of the dual-space similarity (MuDSC's balance factor).
+        alpha: weight-similarity share of the dual-space similarity (MuDSC's balance factor), or `"auto"`: chosen
+            without labels from the grid 0.1, 0.3, ..., 0.9 by the merges' fidelity to the parents on held-out
+            calibration examples (every 5th; the statistics use the others), the curve recorded in
+            `config.mudsc["alpha_auto"]` and the card (`hf_mudsc.apply.fidelity`).
         num_samples: calibration samples to use (all when None), chosen by a shuffle seeded with `seed`.
         batch_size: calibration batch size (examples per forward pass: speed against memory).
         seed: seeds the calibration subset and the random group order of the solve sweeps.
@@ -221,6 +224,9 @@ def merge(
                                {k: v.detach() for k, v in model_b.named_parameters()}, spec,
                                [p.repo_id or parent_name(p.model, f"model_{side}") for p, side in zip(parents, "ab")])
     used_matcher = merge_method.used_matcher(matcher)
+    # alpha="auto" (docs/design.md §4.4): only for a method that reads the balance factor from activations.
+    auto_alpha = alpha == AUTO and merge_method.needs_calibration and merge_method.recorded_alpha(0.5) is not None
+    alpha = 0.5 if alpha == AUTO else alpha  # what a method that ignores α is handed (and records: nothing)
 
     accumulators = None
     if needs_data:
@@ -230,9 +236,19 @@ def merge(
             num_samples=num_samples, seed=seed, inputs=spec.inputs or None, model_config=model_a.config,
             token=token,
         )
+    held_out = None
+    statistics_data, statistics_samples = calibration, num_samples
+    if auto_alpha:  # every 5th example is held out to score the candidate merges; the rest feed the statistics
+        from hf_mudsc.apply.fidelity import holdout_split
+        from hf_mudsc.calibrate.statistics import iter_batches
+
+        statistics_data, held_out = holdout_split(lambda: iter_batches(
+            calibration, batch_size=batch_size, num_samples=num_samples, columns=_input_columns(model_a),
+            required=spec.inputs))
+        statistics_samples = None
     if merge_method.needs_calibration:
         accumulators = collect_statistics_distributed(
-            model_a, model_b, spec, calibration, batch_size=batch_size, num_samples=num_samples,
+            model_a, model_b, spec, statistics_data, batch_size=batch_size, num_samples=statistics_samples,
             columns=_input_columns(model_a), required=spec.inputs, progress=progress,
             statistics_dtype=statistics_dtype, device=run_device,
         )
@@ -252,14 +268,32 @@ def merge(
         report.num_samples = accumulators[0].examples or accumulators[0].count
         _log_sample_count(num_samples, report.num_samples)
         correlations = correlations_from(accumulators)
-    result = merge_method.merge_parameters(MethodContext(
+    context = MethodContext(
         spec=spec, params_a=params_a, params_b=params_b,
         solve_spec=solve_spec(spec, concatenate, reference_rows=reference_compat and spec.classifier is not None
                               and params_a[spec.classifier.weight].shape == params_b[spec.classifier.weight].shape),
         correlations=correlations, concatenate_classifier=concatenate, matcher=matcher, alpha=float(alpha),
         zip_decay=zip_decay, zip_budget=zip_budget, independent_heads=independent_heads,
         reference_compat=reference_compat, seed=seed, device=str(run_device), progress=progress,
-    ))
+    )
+    alpha_curve = None
+    if auto_alpha:
+        from hf_mudsc.apply.fidelity import FidelityScorer, search_alpha
+
+        head_config = copy.deepcopy(model_a.config)
+        if concatenate:
+            for key, value in concatenated_classifier_config(
+                model_a.config, model_b.config, distinct_task_names(model_a.config, model_b.config)
+            ).items():
+                setattr(head_config, key, value)
+        scorer = FidelityScorer([model_a, model_b], held_out, mask_key="attention_mask", task_sizes=[
+            params_a[spec.classifier.weight].shape[0], params_b[spec.classifier.weight].shape[0]] if concatenate
+            else None)
+        chosen_alpha, result, alpha_curve = search_alpha(
+            merge_method, context, scorer, lambda parameters: build_model(model_a, head_config, parameters))
+        report.alpha = chosen_alpha
+    else:
+        result = merge_method.merge_parameters(context)
     report.matches = list(result.matches)
     report.group_names = list(result.group_names)
     report.group_values = list(result.group_values)
@@ -299,6 +333,7 @@ def merge(
         "solve_start": report.solve_start,
         "start_objectives": {name: round(float(v), 6) for name, v in report.starts.items()},
         "parent_relation": relation.as_config(),
+        **({"alpha_auto": alpha_curve} if alpha_curve else {}),
     }
     config._name_or_path = ""
     merged = build_model(model_a, config, merged_params)

@@ -26,7 +26,7 @@ from hf_mudsc.publish.recipe import COMMAND_LINE_ONLY_KEYS, DESTINATION_KEYS, Re
 NON_OPTION_KEYWORDS = {"token", "progress", "processor"}
 # config.mudsc keys that describe the result, not an option.
 RESULT_KEYS = {"library", "version", "parents", "parent_revisions", "num_calibration_samples", "group_match_values",
-               "solve_start", "start_objectives", "parent_relation"}
+               "solve_start", "start_objectives", "parent_relation", "alpha_auto"}
 # CLI arguments that are not options: the recipe file to run and the Hub token (never recorded).
 NON_OPTION_FLAGS = {"--recipe", "--token", "--help"}
 
