@@ -159,7 +159,7 @@ def _check_alpha(name: str, value: float | str, cli: str) -> None:
     if value == AUTO:
         return
     if not 0.0 <= value <= 1.0:  # NaN fails every comparison
-        raise OptionError(f"alpha must lie in [0, 1] or be 'auto' {cli}, got {value}")
+        raise OptionError(f"alpha must lie in [0, 1] {cli}, got {value}")
 
 
 def _check_zip_decay(name: str, value: float, cli: str) -> None:
@@ -320,7 +320,7 @@ class MergeOptions:
         help="refit ridge strength, relative to the mean input energy of each layer (pulls toward the matched "
         "weights)")
     refit_samples: int | None = option(
-        128, kind="int", check=_check_refit_samples, metavar="N", recorded=True,
+        128, kind="int", nullable=True, check=_check_refit_samples, metavar="N", recorded=True,
         card=CardRow(4, "Refit / ridge λ (relative) / examples",
                      lambda value, context: "—" if value is None else f"{value} examples"),
         help="examples the refit reads: a subset of the calibration data chosen by a shuffle seeded with --seed "

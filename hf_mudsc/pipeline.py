@@ -333,7 +333,7 @@ def merge(
         "solve_start": report.solve_start,
         "start_objectives": {name: round(float(v), 6) for name, v in report.starts.items()},
         "parent_relation": relation.as_config(),
-        **({"alpha_auto": alpha_curve} if alpha_curve else {}),
+        "alpha_auto": alpha_curve,  # the α search's curve (alpha="auto"), else None
     }
     config._name_or_path = ""
     merged = build_model(model_a, config, merged_params)
