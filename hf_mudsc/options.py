@@ -60,6 +60,9 @@ def number_or_auto(text: str) -> float | str:
     return AUTO if text == AUTO else float(text)
 
 
+number_or_auto.__name__ = "float or 'auto'"  # argparse names the type in its message: "invalid float or 'auto' value"
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
 

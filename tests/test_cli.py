@@ -331,7 +331,7 @@ def test_the_merged_config_names_local_inputs_without_their_paths(merged_once, i
     (["push", "--help"], 0, "ORG/NAME"),
     (["evaluate", "--help"], 0, "eval_results.json"),
     (["demo", "--help"], 0, "--output"),
-    (["merge", "a", "b", "--alpha", "abc"], 2, "argument --alpha: invalid float value"),
+    (["merge", "a", "b", "--alpha", "abc"], 2, "argument --alpha: invalid float or 'auto' value"),
     (["merge", "a", "b", "--zip-budget", "nan", "--calibration", "c", "-o", "o"], 2, "--zip-budget"),
     (["merge", "only-one", "--calibration", "c", "--output", "o"], 2, "exactly two parent models"),
     (["nonsense"], 2, "invalid choice"),
