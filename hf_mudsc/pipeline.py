@@ -152,8 +152,8 @@ def merge(
         refit: `"ridge"` refits every linear layer after the apply step, in forward order, by ridge least squares
             toward the parents' outputs mapped into the merged basis, on the calibration data (no labels, no
             gradients; docs/design.md §4.9): across initializations it closes most of the gap to the ensemble
-            (toy digit ViTs: joint 34 -> 77, ensemble 74). Opt-in for now: the default stays `"none"` (the
-            paper's merge) until it is measured on MiniLM/CLIP against the merge-time target; then it flips.
+            (toy digit ViTs: joint 34 -> 77, ensemble 74). Opt-in: measured on MiniLM it costs more than the
+            merge-time budget (docs/design.md §4.9), so the default stays `"none"` (the paper's merge).
             Needs calibration data, also for `average`; it reads the data once per layer step (not a one-shot
             iterator). Under `torchrun` it runs on the main process over the whole calibration stream.
         refit_lambda: the refit's ridge strength relative to each layer's mean input energy (pulls toward the
