@@ -41,8 +41,12 @@ DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?)$")
 RECIPE_FILENAME = "mudsc_recipe.yaml"
 # Kinds of option values: how a value is type-checked (and converted to an argparse `type`).
 # `numbers`: a list of floats (CLI: `--weights 1 2 1`); `number_or_numbers`: one float or a list (one per parent);
-# `model`: a reference to a model (a Hub id `org/name[@rev]` or folder string; from Python also a model object).
-KINDS = ("int", "number", "str", "bool", "choice", "dtype", "device", "numbers", "number_or_numbers", "model")
+# `model`: a reference to a model (a Hub id `org/name[@rev]` or folder string; from Python also a model object);
+# `number_or_auto`: a number or "auto" (the merge chooses it: `alpha="auto"`).
+KINDS = ("int", "number", "number_or_auto", "str", "bool", "choice", "dtype", "device", "numbers",
+         "number_or_numbers", "model")
+#: The value of a `number_or_auto` option that asks the merge to choose the number (`alpha="auto"`).
+AUTO = "auto"
 
 
 def flag(name: str) -> str:
@@ -53,6 +57,14 @@ def flag(name: str) -> str:
 def option_hint(name: str) -> str:
     """How messages name an option, right from Python and the CLI alike: `text_column= (CLI: --text-column)`."""
     return f"{name}= (CLI: {flag(name)})"
+
+
+def number_or_auto(text: str) -> float | str:
+    """The command-line type of a `number_or_auto` option: "auto" or a float."""
+    return AUTO if text == AUTO else float(text)
+
+
+number_or_auto.__name__ = "float or 'auto'"  # argparse names the type in its message: "invalid float or 'auto' value"
 
 
 def _is_int(value: Any) -> bool:
@@ -155,7 +167,9 @@ def _check_matcher(name: str, value: str, cli: str) -> None:
         raise OptionError(f"unknown matcher {value!r}; choose one of: {', '.join(MATCHERS)} {cli}")
 
 
-def _check_alpha(name: str, value: float, cli: str) -> None:
+def _check_alpha(name: str, value: float | str, cli: str) -> None:
+    if value == AUTO:
+        return
     if not 0.0 <= value <= 1.0:  # NaN fails every comparison
         raise OptionError(f"alpha must lie in [0, 1] {cli}, got {value}")
 
@@ -250,12 +264,27 @@ def _check_fisher_epsilon(name: str, value: float, cli: str) -> None:
         raise OptionError(f"fisher_epsilon must be a finite number > 0 {cli} (1e-6 is the paper's), got {value}")
 
 
+def _check_refit_samples(name: str, value: int | None, cli: str) -> None:
+    if value is not None and value < 1:
+        raise OptionError(f"refit_samples must be >= 1, or None for all calibration examples {cli}, got {value}")
+
+
 # --------------------------------------------------------------------------------------------- card cells
 
 
 def _card_method(value: Any, context: Mapping[str, Any]) -> str:
     method = context.get("method")
     return f"`{value}`" + (f" — {method.description}" if method else "")
+
+
+def _card_alpha(value: Any, context: Mapping[str, Any]) -> str:
+    if value is None:
+        return "—"
+    curve = (context.get("mudsc") or {}).get("alpha_auto")
+    if not curve:
+        return str(value)
+    points = ", ".join(f"{alpha}: {score:.3f}" for alpha, score in zip(curve["grid"], curve["fidelity"]))
+    return f"{value} (auto: held-out fidelity {points}; {curve['held_out_examples']} examples)"
 
 
 def _card_zip(value: Any, context: Mapping[str, Any]) -> str | None:
@@ -306,10 +335,12 @@ class MergeOptions:
         card=CardRow(2, "Matcher", lambda value, context: value if value else "— (no unit matching)"),
         help="how matched units are fused for method mudsc: zip (ZipIt greedy, may fuse units within one "
         "model) or align (one permutation)")
-    alpha: float = option(
-        0.5, kind="number", check=_check_alpha, metavar="A", recorded=True, per_method=True,
-        card=CardRow(3, "Balance factor α (weight share)", lambda value, context: "—" if value is None else str(value)),
-        help="MuDSC balance factor: weight-space share of the similarity, in [0, 1]")
+    alpha: float | str = option(
+        0.5, kind="number_or_auto", check=_check_alpha, metavar="A", recorded=True, per_method=True,
+        card=CardRow(3, "Balance factor α (weight share)", lambda value, context: _card_alpha(value, context)),
+        help="MuDSC balance factor: weight-space share of the similarity, in [0, 1]; 'auto' chooses it without "
+        "labels — each of 0.1, 0.3, ..., 0.9 is solved and the merge most faithful to the parents on held-out "
+        "calibration examples (every 5th) wins")
     num_samples: int | None = option(
         None, kind="int", check=_check_num_samples, metavar="N", show_default=False,
         # The card shows the number of samples actually used (`config.mudsc["num_calibration_samples"]`).
@@ -340,13 +371,15 @@ class MergeOptions:
         "independent heads)")
     refit: str = option(
         "none", kind="choice", check=_check_refit, choices=REFITS, recorded=True,
-        card=CardRow(4, "Refit / ridge λ (relative)"),
+        card=CardRow(4, "Refit / ridge λ (relative) / examples"),
         help="after matching, refit every linear layer in forward order by ridge least squares toward the parents' "
         "outputs on the calibration data (no labels, no gradients): none keeps the paper's merge; ridge closes "
-        "most of the gap to the ensemble across initializations (opt-in until measured on larger models)")
+        "most of the gap to the ensemble across initializations (opt-in: on MiniLM it costs ~5x the calibration pass "
+        "over the same examples)")
     refit_lambda: float = option(
         1e-3, kind="number", check=_check_refit_lambda, metavar="L", recorded=True,
-        card=CardRow(4, "Refit / ridge λ (relative)", lambda value, context: "—" if value is None else str(value)),
+        card=CardRow(4, "Refit / ridge λ (relative) / examples",
+                     lambda value, context: "—" if value is None else str(value)),
         help="refit ridge strength, relative to the mean input energy of each layer (pulls toward the matched "
         "weights)")
     # ---- same-base merging (issue 13): the common base and the task-vector parameters, as mergekit names them
@@ -378,6 +411,15 @@ class MergeOptions:
         True, kind="bool", recorded=True, per_method=True, card=CardRow(3, "Rescale kept entries", _card_numbers),
         help="DARE/DELLA: rescale each tensor's kept entries so its L1 norm is kept (--no-rescale to skip)")
     # ---- end of the same-base options
+
+
+    refit_samples: int | None = option(
+        128, kind="int", nullable=True, check=_check_refit_samples, metavar="N", recorded=True,
+        card=CardRow(4, "Refit / ridge λ (relative) / examples",
+                     lambda value, context: "—" if value is None else f"{value} examples"),
+        help="examples the refit reads: a subset of the calibration data chosen by a shuffle seeded with --seed "
+        "(all of it when it holds fewer). The refit reads it once per layer step, so this bounds its cost; every "
+        "token is a sample of each layer's least squares, so a few thousand tokens per layer already pin it down")
     statistics_dtype: str = option(
         "float32", kind="dtype", check=_check_statistics_dtype, choices=STATISTICS_DTYPES, recorded=True,
         help="precision of the calibration statistics: float32 multiplies each batch in float32 and sums "
@@ -504,6 +546,12 @@ class MergeOptions:
             if type(value).__name__ in ("LoadedParent",) or hasattr(value, "state_dict"):
                 return value
             raise OptionError(hint.format("a Hub id `org/name[@revision]`, a folder or a model"))
+        if kind == "number_or_auto":
+            if value == AUTO:
+                return AUTO
+            if not _is_number(value):
+                raise OptionError(hint.format(f"a number or '{AUTO}'"))
+            return float(value)
         if kind == "device":
             # A torch.device is accepted by its text without importing torch (`torch.device("cuda", 0)` -> "cuda:0").
             if type(value).__module__ == "torch" and type(value).__name__ == "device":
@@ -555,6 +603,10 @@ class MergeOptions:
 
     def check_combination(self) -> None:
         """Refuse options that contradict each other (each alone is valid). Raises `OptionError`."""
+        if self.alpha == AUTO and self.reference_compat:
+            raise OptionError(f"alpha='auto' chooses the balance factor, but reference_compat=True reproduces the "
+                              f"reference's merge at a given one; pass a number ({flag('alpha')} 0.5) or drop "
+                              f"{flag('reference_compat')}")
         if self.refit != "none" and self.reference_compat:
             raise OptionError(f"refit={self.refit!r} changes the merged weights, which reference_compat=True must "
                               f"keep equal to the reference's; drop one of {flag('refit')} / "

@@ -33,7 +33,7 @@ from hf_mudsc.load.references import display_name, parent_name, pinned_calibrati
 from hf_mudsc.load.relation import base_relations, check_parents_mergeable, parent_label
 from hf_mudsc.methods.auto import choose_method, is_auto
 from hf_mudsc.methods.registry import METHODS, MergeMethod, MethodContext, get_method
-from hf_mudsc.options import MergeOptions, option_hint
+from hf_mudsc.options import AUTO, MergeOptions, option_hint
 from hf_mudsc.plan import MergePlan
 from hf_mudsc.solve.diagnostics import MergeDiagnostics, compute_diagnostics
 from hf_mudsc.solve.matchers import Match
@@ -118,7 +118,7 @@ def merge(
     scaling: float = 1.0,
     rescale: bool = True,
     matcher: str = "zip",
-    alpha: float = 0.5,
+    alpha: float | str = 0.5,
     num_samples: int | None = None,
     batch_size: int = 32,
     seed: int = 0,
@@ -136,6 +136,7 @@ def merge(
     processor: Any | None = None,
     refit: str = "none",
     refit_lambda: float = 1e-3,
+    refit_samples: int | None = 128,
     regmean_scale: float = 0.95,
     fisher_epsilon: float = 1e-6,
     dry_run: bool = False,
@@ -167,7 +168,10 @@ def merge(
         scaling: factor on the merged task vector (mergekit's `lambda`).
         rescale: DARE/DELLA rescale the kept entries to keep each tensor's L1 norm.
         matcher: `zip` or `align` for `mudsc` (the other methods fix their own).
-        alpha: weight-similarity share of the dual-space similarity (MuDSC's balance factor).
+        alpha: weight-similarity share of the dual-space similarity (MuDSC's balance factor), or `"auto"`: chosen
+            without labels from the grid 0.1, 0.3, ..., 0.9 by the merges' fidelity to the parents on held-out
+            calibration examples (every 5th; the statistics use the others), the curve recorded in
+            `config.mudsc["alpha_auto"]` and the card (`hf_mudsc.apply.fidelity`).
         num_samples: calibration samples to use (all when None), chosen by a shuffle seeded with `seed`.
         batch_size: calibration batch size (examples per forward pass: speed against memory).
         seed: seeds the calibration subset and the random group order of the solve sweeps.
@@ -193,12 +197,13 @@ def merge(
         refit: `"ridge"` refits every linear layer after the apply step, in forward order, by ridge least squares
             toward the parents' outputs mapped into the merged basis, on the calibration data (no labels, no
             gradients; docs/design.md §4.9): across initializations it closes most of the gap to the ensemble
-            (toy digit ViTs: joint 34 -> 77, ensemble 74). Opt-in for now: the default stays `"none"` (the
-            paper's merge) until it is measured on MiniLM/CLIP against the merge-time target; then it flips.
+            (toy digit ViTs: joint 34 -> 77, ensemble 74). Opt-in: measured on MiniLM it costs more than the
+            merge-time budget (docs/design.md §4.9), so the default stays `"none"` (the paper's merge).
             Needs calibration data, also for `average`; it reads the data once per layer step (not a one-shot
             iterator). Under `torchrun` it runs on the main process over the whole calibration stream.
         refit_lambda: the refit's ridge strength relative to each layer's mean input energy (pulls toward the
             matched weights).
+        refit_samples: calibration examples the refit reads, chosen by a shuffle seeded with `seed` (None: all).
         regmean_scale: `regmean` / `regmean_plusplus`: factor on the off-diagonal entries of every input Gram
             matrix, in [0, 1] (docs/design.md §4.10).
         fisher_epsilon: `fisher`: floor on every parent's diagonal Fisher, > 0.
@@ -303,10 +308,15 @@ def merge(
         raise MergeInputError(f"method {merge_method.name!r} reads the calibration data more than once, so it cannot "
                               "be a one-shot iterator; pass a list of batches or a datasets.Dataset")
     # Options as the method reads them: `weights` one per parent (1 each when not given).
-    method_options = dataclasses.replace(merge_options, weights=list(merge_options.weights or [1.0] * count))
+    # `alpha="auto"` hands the method 0.5 until the search below sets each candidate.
+    method_options = dataclasses.replace(merge_options, weights=list(merge_options.weights or [1.0] * count),
+                                         alpha=0.5 if merge_options.alpha == AUTO else merge_options.alpha)
     used_options = merge_method.used_options(method_options)
     _warn_unread(merge_options, used_options, merge_method.name)
     calibration_name = given_calibration_name if needs_data else None
+    # alpha="auto" (docs/design.md §4.4): only for a method that matches units on activations and reads α.
+    auto_alpha = (merge_options.alpha == AUTO and merge_method.needs_calibration
+                  and used_options.get("alpha") is not None)
 
     accumulators = None
     if needs_data:
@@ -316,9 +326,19 @@ def merge(
             num_samples=num_samples, seed=seed, inputs=spec.inputs or None, model_config=model_a.config,
             token=token,
         )
+    held_out = None
+    statistics_data, statistics_samples = calibration, num_samples
+    if auto_alpha:  # every 5th example is held out to score the candidate merges; the rest feed the statistics
+        from hf_mudsc.apply.fidelity import holdout_split
+        from hf_mudsc.calibrate.statistics import iter_batches
+
+        statistics_data, held_out = holdout_split(lambda: iter_batches(
+            calibration, batch_size=batch_size, num_samples=num_samples, columns=_input_columns(model_a),
+            required=spec.inputs))
+        statistics_samples = None
     if merge_method.needs_calibration:
         accumulators = collect_statistics_distributed(
-            loaded[0], loaded[1], spec, calibration, batch_size=batch_size, num_samples=num_samples,
+            loaded[0], loaded[1], spec, statistics_data, batch_size=batch_size, num_samples=statistics_samples,
             columns=_input_columns(model_a), required=spec.inputs, progress=progress,
             statistics_dtype=statistics_dtype, device=run_device,
         )
@@ -336,7 +356,9 @@ def merge(
     left_out = set(head) if concatenate and not merge_method.builds_concatenated_head else set()
     correlations = None
     rows = None  # calibration rows (examples x tokens) each group saw, for the size warning
+    calibration_examples = None  # examples the calibration stream holds, when the statistics counted them
     if accumulators is not None:
+        calibration_examples = accumulators[0].examples or None
         rows = {g.name: accumulator.count for g, accumulator in zip(spec.groups, accumulators)}
         report.num_samples = accumulators[0].examples or accumulators[0].count
         _log_sample_count(num_samples, report.num_samples)
@@ -351,13 +373,31 @@ def merge(
     reference_rows = (reference_compat and spec.classifier is not None and count == 2
                       and params[0][spec.classifier.weight].shape == params[1][spec.classifier.weight].shape)
     matching_spec = solve_spec(spec, concatenate, reference_rows=reference_rows)
-    result = merge_method.merge_parameters(MethodContext(
+    context = MethodContext(
         spec=spec, solve_spec=matching_spec,
         parents=[_without(p, left_out) for p in params],
         base=None if base_params is None else _without(base_params, left_out),
         models=loaded, batches=batches, correlations=correlations, concatenate_classifier=concatenate,
         options=method_options, device=str(run_device), progress=progress,
-    ))
+    )
+    alpha_curve = None
+    if auto_alpha:
+        from hf_mudsc.apply.fidelity import FidelityScorer, search_alpha
+
+        head_config = copy.deepcopy(model_a.config)
+        if concatenate:
+            for key, value in concatenated_classifier_config(
+                [m.config for m in loaded], distinct_task_names([m.config for m in loaded])
+            ).items():
+                setattr(head_config, key, value)
+        scorer = FidelityScorer(loaded, held_out, mask_key="attention_mask", task_sizes=[
+            p[spec.classifier.weight].shape[0] for p in params] if concatenate else None)
+        chosen_alpha, result, alpha_curve = search_alpha(
+            merge_method, context, scorer, lambda parameters: build_model(model_a, head_config, parameters))
+        report.alpha = chosen_alpha
+        used_options = {**used_options, "alpha": chosen_alpha}
+    else:
+        result = merge_method.merge_parameters(context)
     report.matches = list(result.matches)
     report.group_names = list(result.group_names)
     report.group_values = list(result.group_values)
@@ -401,7 +441,8 @@ def merge(
         base=None if base_parent is None else (base_parent.repo_id or parent_name(base_parent.model, "base")),
         independent_heads=bool(independent_heads or reference_compat), reference_compat=bool(reference_compat),
         statistics_dtype=statistics_dtype if merge_method.needs_calibration else None,
-        refit_lambda=merge_options.refit_lambda if refitting else None)
+        refit_lambda=merge_options.refit_lambda if refitting else None,
+        refit_samples=merge_options.refit_samples if refitting else None)
     config.mudsc = {
         "library": "hf_mudsc",
         "version": __version__,
@@ -417,6 +458,7 @@ def merge(
         "start_objectives": {name: round(float(v), 6) for name, v in report.starts.items()},
         "parent_relation": relation.as_config(),
         "warnings": list(report.warnings),
+        "alpha_auto": alpha_curve,  # the α search's curve (alpha="auto"), else None
     }
     config._name_or_path = ""
     merged = build_model(model_a, config, merged_params)
@@ -427,7 +469,8 @@ def merge(
             merged, loaded, spec, report.matches,
             lambda: iter_batches(calibration, batch_size=batch_size, num_samples=num_samples,
                                  columns=_input_columns(model_a), required=spec.inputs),
-            concatenate_classifier=concatenate, lambda_rel=merge_options.refit_lambda, device=run_device,
+            concatenate_classifier=concatenate, lambda_rel=merge_options.refit_lambda,
+            samples=merge_options.refit_samples, seed=seed, total=calibration_examples, device=run_device,
             progress=progress)
         if accumulators is None:  # a method without statistics: the refit's data is the calibration
             merged.config.mudsc["num_calibration_samples"] = report.num_samples = report.refit.examples

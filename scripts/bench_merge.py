@@ -12,7 +12,8 @@ its own subprocess so `ru_maxrss` is that configuration's peak. Prints ONE JSON 
     python scripts/bench_merge.py --cases minilm --matchers align --gemm-dtypes float64 float32
 
 Phases mirror `hf_mudsc.merge.merge`: load (parents in memory), calibration (`collect_statistics`),
-solve (`finalize` + `Solver.solve`), apply (`apply_matches` + building the model), save (`save_pretrained`).
+solve (`finalize` + `Solver.solve`), apply (`apply_matches` + building the model), refit (`--refit ridge`:
+`refit_model`), save (`save_pretrained`).
 
 FLOP formulas (multiply-add = 2 FLOPs; embeddings lookups, norms, softmax, GELU not counted):
   transformer layer, per token, T tokens per example, width h, MLP width I:
@@ -49,6 +50,7 @@ import common
 import torch
 
 from hf_mudsc.apply.build import build_model
+from hf_mudsc.apply.refit import refit_model
 from hf_mudsc.apply.weights import apply_matches
 from hf_mudsc.architectures import spec_for
 from hf_mudsc.calibrate.correlation import CorrelationAccumulator, correlations_from
@@ -213,6 +215,17 @@ def run_child(args: argparse.Namespace) -> dict:
     phases["apply"] = time.perf_counter() - start
     peaks["apply"] = rss_peak_bytes() / 2**20
 
+    if args.refit != "none":
+        # The opt-in refit (docs/design.md §4.9) on the same lazily generated batches, as hf_mudsc.merge runs it.
+        start = time.perf_counter()
+        refit_report = refit_model(merged, [model_a, model_b], spec, result.matches,
+                                   lambda: batches(case, args, num_samples), progress=args.progress,
+                                   **({} if args.refit_samples is None else {"samples": args.refit_samples}))
+        phases["refit"] = time.perf_counter() - start
+        peaks["refit"] = rss_peak_bytes() / 2**20
+        out["refit_examples"] = refit_report.examples
+        out["refit_steps"] = len(refit_report.steps)
+
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
         merged.save_pretrained(folder)
@@ -231,7 +244,7 @@ def run_child(args: argparse.Namespace) -> dict:
     fwd = forward_flops_per_example(model_a) * num_samples * 2
     stats = counted_stats
     total = sum(phases.values())
-    after = phases["solve"] + phases["apply"] + phases["save"]
+    after = phases["solve"] + phases["apply"] + phases.get("refit", 0.0) + phases["save"]
     peak = rss_peak_bytes()
     out.update(
         phases={k: round(v, 3) for k, v in phases.items()},
@@ -267,7 +280,9 @@ def child_command(args: argparse.Namespace, case: str, matcher: str, samples: in
     return [sys.executable, __file__, "--child-case", case, "--child-matcher", matcher, "--child-samples",
             str(samples), "--child-gemm-dtype", dtype, "--batch-size", str(args.batch_size), "--noise",
             str(args.noise), "--vit-image-size", str(args.vit_image_size), "--vit-patch-size",
-            str(args.vit_patch_size), "--threads", str(args.threads)] + (["--progress"] if args.progress else [])
+            str(args.vit_patch_size), "--threads", str(args.threads), "--refit", args.refit] + (
+                ["--refit-samples", str(args.refit_samples)] if args.refit_samples is not None else []) + (
+                ["--progress"] if args.progress else [])
 
 
 def run_config(args: argparse.Namespace, *key) -> dict:
@@ -281,7 +296,7 @@ def run_config(args: argparse.Namespace, *key) -> dict:
 
 def table(rows: list[dict]) -> str:
     head = (f"{'case':7} {'match':5} {'N':>5} {'gemm':7} {'load':>6} {'calib':>7} {'solve':>7} {'apply':>6} "
-            f"{'save':>5} {'fwd':>6} {'GF/s':>6} {'eff':>5} {'after%':>6} {'stat MB':>7} {'RSS MB':>7} "
+            f"{'save':>5} {'refit':>6} {'fwd':>6} {'GF/s':>6} {'eff':>5} {'after%':>6} {'stat MB':>7} {'RSS MB':>7} "
             f"{'bound':>7} {'rss/bd':>6} {'peak@':>11} {'sweeps':>6} {'err':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -291,14 +306,14 @@ def table(rows: list[dict]) -> str:
         p = r["phases"]
         lines.append(
             f"{r['case']:7} {r['matcher']:5} {r['num_samples']:>5} {r['gemm_dtype']:7} {p['load']:6.1f} "
-            f"{p['calibration']:7.1f} {p['solve']:7.1f} {p['apply']:6.1f} {p['save']:5.1f} "
+            f"{p['calibration']:7.1f} {p['solve']:7.1f} {p['apply']:6.1f} {p['save']:5.1f} {p.get('refit', 0.0):6.1f} "
             f"{r['forward_seconds']:6.1f} {r['matmul_gflops']:6.1f} {r['calibration_efficiency']:5.2f} "
             f"{100 * r['after_calibration_share']:6.1f} {r['statistics_mb']:7.1f} {r['peak_rss_mb']:7.0f} "
             f"{r['rss_bound_mb']:7.0f} {r['rss_over_bound']:6.2f} {r['peak_phase']:>11} {r['sweeps']:>6} "
             f"{r['merged_vs_a_rel_error']:8.1e}"
         )
-    lines.append("after% = (solve + apply + save) / (calibration + solve + apply + save); eff = calibration "
-                 "efficiency; fwd = both parents' plain forward over the same data (s)")
+    lines.append("after% = (solve + apply + refit + save) / (calibration + solve + apply + refit + save); "
+                 "eff = calibration efficiency; fwd = both parents' plain forward over the same data (s)")
     return "\n".join(lines)
 
 
@@ -319,6 +334,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 64 samples, compare 32 vs 64")
     parser.add_argument("--progress", action="store_true", help="show the solve's progress bar (stderr)")
+    parser.add_argument("--refit", default="none", choices=["none", "ridge"],
+                        help="also run the after-matching refit (phase 'refit'; hf_mudsc.apply.refit)")
+    parser.add_argument("--refit-samples", type=int, default=None,
+                        help="examples the refit reads (default: the library's refit_samples default)")
     parser.add_argument("--child-case", help=argparse.SUPPRESS)
     parser.add_argument("--child-matcher", help=argparse.SUPPRESS)
     parser.add_argument("--child-samples", type=int, help=argparse.SUPPRESS)

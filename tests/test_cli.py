@@ -333,7 +333,7 @@ def test_the_merged_config_names_local_inputs_without_their_paths(merged_once, i
     (["demo", "--help"], 0, "--output"),
     (["serve", "--help"], 0, "--state-dir DIR"),
     (["serve", "--host", "0.0.0.0"], 1, "pass --api-key KEY"),
-    (["merge", "a", "b", "--alpha", "abc"], 2, "argument --alpha: invalid float value"),
+    (["merge", "a", "b", "--alpha", "abc"], 2, "argument --alpha: invalid float or 'auto' value"),
     (["merge", "a", "b", "--zip-budget", "nan", "--calibration", "c", "-o", "o"], 2, "--zip-budget"),
     (["merge", "only-one", "--calibration", "c", "--output", "o"], 2, "two or more parent models"),
     (["nonsense"], 2, "invalid choice"),

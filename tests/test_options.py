@@ -34,7 +34,7 @@ BAD_TYPES = [
     ("batch_size", True, "batch_size must be an int (CLI: --batch-size), got True (bool)"),
     ("num_samples", "10", "num_samples must be an int (CLI: --num-samples), got '10' (str)"),
     ("seed", 1.0, "seed must be an int (CLI: --seed), got 1.0 (float)"),
-    ("alpha", "0.5", "alpha must be a number (CLI: --alpha), got '0.5' (str)"),
+    ("alpha", "0.5", "alpha must be a number or 'auto' (CLI: --alpha), got '0.5' (str)"),
     ("zip_budget", None, "zip_budget must be a number (CLI: --zip-budget), got None (NoneType)"),
     ("matcher", "hungarian", "unknown matcher 'hungarian'; choose one of: align, zip (CLI: --matcher)"),
     # Every declared keyword is checked by merge() too, not only the numeric ones.

@@ -18,7 +18,7 @@ import hf_mudsc
 from hf_mudsc.cli.main import build_parser
 from hf_mudsc.cli.merge import add_arguments, build_recipe
 from hf_mudsc.errors import OptionError, RecipeError
-from hf_mudsc.options import CardRow, MergeOptions, flag, option
+from hf_mudsc.options import CardRow, MergeOptions, flag, number_or_auto, option
 from hf_mudsc.publish.card import render_card
 from hf_mudsc.publish.recipe import COMMAND_LINE_ONLY_KEYS, DESTINATION_KEYS, Recipe
 
@@ -27,7 +27,7 @@ NON_OPTION_KEYWORDS = {"token", "progress", "processor"}
 # config.mudsc keys that describe the result, not an option.
 RESULT_KEYS = {"library", "version", "parents", "parent_revisions", "num_calibration_samples", "group_match_values",
                "solve_start", "start_objectives", "parent_relation", "method_choice_reason", "base_revision",
-               "base_source", "warnings"}
+               "base_source", "warnings", "alpha_auto"}
 # CLI arguments that are not options: the recipe file to run and the Hub token (never recorded).
 NON_OPTION_FLAGS = {"--recipe", "--token", "--help"}
 
@@ -82,7 +82,8 @@ def test_cli_flags_are_the_declared_options_with_their_help_and_shape():
     assert by_dest["output"].option_strings == ["--output", "-o"]
     assert by_dest["matcher"].choices == ["align", "zip"]
     assert by_dest["method"].choices == ["auto", *hf_mudsc.METHODS]
-    assert by_dest["batch_size"].type is int and by_dest["alpha"].type is float
+    assert by_dest["batch_size"].type is int and by_dest["refit_lambda"].type is float
+    assert by_dest["alpha"].type is number_or_auto  # a number, or "auto"
 
 
 def test_recipe_keys_are_the_parents_plus_the_declared_options(tmp_path):

@@ -12,7 +12,7 @@ from hf_mudsc.apply.weights import apply_matches
 from hf_mudsc.architectures import spec_for
 from hf_mudsc.calibrate.correlation import CorrelationAccumulator, correlations_from, pearson_from_covariance
 from hf_mudsc.calibrate.statistics import collect_statistics
-from hf_mudsc.solve.loop import SolveOptions, Solver
+from hf_mudsc.solve.loop import VISIT_CACHE_SIZE, SolveOptions, Solver
 from hf_mudsc.solve.maps import AxisMap, GroupMaps, transform_axis
 from hf_mudsc.solve.matchers import match
 from hf_mudsc.solve.similarity import WeightCorrelation, weight_features
@@ -105,20 +105,45 @@ def _perturbed_copy(model, spec, seed: int, noise: float):
     return other
 
 
+@pytest.mark.parametrize("starts", [(), ("weight", "identity")], ids=["one start", "three starts"])
 @pytest.mark.parametrize("matcher", ["align", "zip"])
-def test_cached_solve_equals_the_uncached_solve(matcher):
+def test_cached_solve_equals_the_uncached_solve(matcher, starts):
+    # With three starts the cache also serves a later start the results an earlier one computed for the same
+    # neighbouring matches (equal unit assignments in other Match objects): still exactly the uncached solve.
     a, b = make_model("bert_cls", 0), make_model("bert_cls", 1)  # unrelated: the solve wanders for sweeps
     spec = spec_for(a)
     pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
     correlations = [acc.finalize() for acc in collect_statistics(a, b, spec, make_batches("bert_cls"), progress=False)]
-    options = SolveOptions(matcher=matcher, max_sweeps=8)
+    options = SolveOptions(matcher=matcher, max_sweeps=8, extra_starts=starts)
     fast = Solver(spec, pa, pb, correlations, options)
     plain = Solver(spec, pa, pb, correlations, options)
     plain._visit_cache = _NoCache()
     got, expected = fast.solve(), plain.solve()
     assert got.objective_history == expected.objective_history and got.sweeps == expected.sweeps >= 2
+    assert got.starts == expected.starts and got.start == expected.start
+    assert list(got.starts) == ["activation", *starts]
     for g, e in zip(got.matches, expected.matches):
         assert torch.equal(g.unmerge, e.unmerge) and g.value == e.value
+    # The weight start's own (weight-only) visits are freed once it has run; the rest stay bounded.
+    assert all(not weight_only for weight_only, _ in fast._visit_cache)
+    assert all(len(entries) <= VISIT_CACHE_SIZE for entries in fast._visit_cache.values())
+
+
+def test_consumed_weight_moments_give_the_same_correlation_bitwise():
+    # The solve finalizes each weight correlation inside its Gram buffer, a few rows at a time; every entry must
+    # equal the plain formula's exactly (the merged weights are digested bit for bit).
+    gen = torch.Generator().manual_seed(0)
+    width = 300  # 2n = 600 rows: more than one block of _CORRELATION_ROWS, and a ragged last block
+    z = torch.randn(2 * width, 50, generator=gen, dtype=torch.float64) * torch.rand(2 * width, 1, generator=gen)
+    z[3] = 0.0  # a zero-variance unit: its row and column stay zero
+    plain, consumed = similarity._Moments(width), similarity._Moments(width)
+    for moments in (plain, consumed):
+        moments.add_stacked(z)
+    expected = plain.correlation()
+    got = consumed.correlation(consume=True)
+    assert torch.equal(got, expected)
+    assert torch.equal(plain.correlation(), expected)  # the plain call leaves its sums untouched
+    assert got[3].abs().sum() == 0 and got[:, 3].abs().sum() == 0
 
 
 @pytest.mark.parametrize("matcher", ["align", "zip"])

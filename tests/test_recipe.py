@@ -73,7 +73,8 @@ def test_defaults_without_a_recipe_equal_the_merge_api_defaults():
     [
         ({"models": ["a", "b"], "calibration": "c", "alpah": 0.5}, "unknown key(s) ['alpah']"),
         ({"models": "a", "calibration": "c"}, "`models` must be a list"),
-        ({"models": ["a", "b"], "calibration": "c", "alpha": "high"}, "alpha must be a number (CLI: --alpha)"),
+        ({"models": ["a", "b"], "calibration": "c", "alpha": "high"},
+         "alpha must be a number or 'auto' (CLI: --alpha)"),
         ({"models": ["a", "b"], "calibration": "c", "seed": 1.5}, "seed must be an int (CLI: --seed)"),
         ({"models": ["a", "b"], "calibration": "c", "independent_heads": "yes please"},
          "`independent_heads` must be bool"),

@@ -16,7 +16,8 @@ from factories import make_batches, make_model, model_output, permuted_copy, rel
 from torch import nn
 
 import hf_mudsc
-from hf_mudsc.apply.refit import refit_model, shared_basis_score
+from hf_mudsc.apply import refit
+from hf_mudsc.apply.refit import refit_model, shared_basis_score, subset_batches
 from hf_mudsc.architectures import spec_for
 from hf_mudsc.cli.main import build_parser
 from hf_mudsc.cli.merge import build_recipe
@@ -204,6 +205,49 @@ def test_refit_memory_does_not_grow_with_the_number_of_samples():
     assert small["vit.layers.0.mlp.fc1"].samples == 16 * 17  # every token of every image
 
 
+def test_refit_samples_is_a_seeded_subset_read_the_same_on_every_pass():
+    batches = make_batches("vit_cls", num_batches=5)  # 80 images
+    images = torch.cat([batch["pixel_values"] for batch in batches])
+    subset = subset_batches(lambda: iter(batches), 24, seed=3)
+    first, second = (torch.cat([batch["pixel_values"] for batch in subset()]) for _ in range(2))
+    assert len(first) == 24 and torch.equal(first, second)  # the same rows on every read
+    rows = [int((images == row).flatten(1).all(1).nonzero()) for row in first]
+    assert rows == sorted(rows) and len(set(rows)) == 24  # original images, in stream order, no repeats
+    other = torch.cat([batch["pixel_values"] for batch in subset_batches(lambda: iter(batches), 24, seed=4)()])
+    assert not torch.equal(first, other)  # the seed chooses
+    # Given the stream's length, no counting pass; as many or more samples than the stream holds: all of it.
+    assert torch.equal(torch.cat([b["pixel_values"] for b in subset_batches(lambda: iter(batches), 24, seed=3,
+                                                                              total=80)()]), first)
+    everything = lambda: iter(batches)  # noqa: E731
+    assert subset_batches(everything, 80) is everything and subset_batches(everything, None) is everything
+
+    model_a, model_b = make_model("vit_cls", seed=1), make_model("vit_cls", seed=2)
+    report = hf_mudsc.merge([model_a, model_b], batches, matcher="align", refit="ridge", refit_samples=24,
+                            progress=False).merge_report.refit
+    assert report.examples == 24
+    assert {fit.samples for fit in report.layers if fit.name != "classifier"} == {24 * 17}  # every token of 24
+
+
+def test_refit_runs_the_parents_once_per_chunk_of_steps_with_the_same_result(monkeypatch):
+    # Caching the parents' targets between steps changes how often they run, never the refitted weights.
+    model_a, model_b = make_model("vit_cls", seed=1), make_model("vit_cls", seed=2)
+    batches = make_batches("vit_cls", num_batches=2)
+    calls = []
+    for parent in (model_a, model_b):
+        parent.register_forward_pre_hook(lambda module, args, kwargs: calls.append(1), with_kwargs=True)
+    weights, passes = [], []
+    for budget in (0, refit.TARGET_CACHE_BYTES):  # 0: one step per chunk (the parents run for every step)
+        monkeypatch.setattr(refit, "TARGET_CACHE_BYTES", budget)
+        calls.clear()
+        merged = hf_mudsc.merge([model_a, model_b], batches, matcher="align", refit="ridge", progress=False)
+        weights.append(merged.state_dict())
+        passes.append(len(calls))
+    steps = len(merged.merge_report.refit.steps)
+    assert passes[0] > passes[1] >= 2 * 2 * 2  # both parents, both batches, at least the first step's chunk + one
+    assert passes[0] - passes[1] == 2 * 2 * (steps - 2)  # cached: the first step alone, then every other in one
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
 def test_refit_drops_padding_tokens_like_calibration():
     model_a, model_b = make_model("bert_cls", seed=1), make_model("bert_cls", seed=2)
     batches = make_batches("bert_cls", num_batches=2)
@@ -231,11 +275,12 @@ def test_refit_option_reaches_config_recipe_cli_and_card(tmp_path):
     loaded = Recipe.load(path)
     assert (loaded.refit, loaded.refit_lambda) == ("ridge", 0.01)
     card = str(render_card(merged, loaded))
-    assert "| Refit / ridge λ (relative) | ridge / 0.01 |" in card
+    assert "| Refit / ridge λ (relative) / examples | ridge / 0.01 / 128 examples |" in card
     plain = hf_mudsc.merge([model_a, model_b], batches, progress=False)
     assert (plain.config.mudsc["refit"], plain.config.mudsc["refit_lambda"]) == ("none", None)
     assert plain.merge_report.refit is None
-    assert "| Refit / ridge λ (relative) | none / — |" in str(render_card(plain, Recipe(models=["a", "b"])))
+    plain_card = str(render_card(plain, Recipe(models=["a", "b"])))
+    assert "| Refit / ridge λ (relative) / examples | none / — / — |" in plain_card
 
     args = build_parser().parse_args(["merge", "a", "b", "--calibration", "c", "-o", "o", "--refit", "ridge",
                                       "--refit-lambda", "0.5"])
@@ -268,7 +313,7 @@ def test_cli_merge_with_refit_writes_it_to_config_recipe_and_card_and_the_recipe
     assert (config["refit"], config["refit_lambda"]) == ("ridge", 0.01)
     recipe = Recipe.load(out / "mudsc_recipe.yaml")
     assert (recipe.refit, recipe.refit_lambda) == ("ridge", 0.01)
-    assert "| Refit / ridge λ (relative) | ridge / 0.01 |" in (out / "README.md").read_text()
+    assert "| Refit / ridge λ (relative) / examples | ridge / 0.01 / 128 examples |" in (out / "README.md").read_text()
     again = tmp_path / "again"
     assert main(["merge", "--recipe", str(out / "mudsc_recipe.yaml"), "-o", str(again)]) == 0
     first, second = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")

@@ -40,6 +40,10 @@ logger = logging.getLogger(__name__)
 # Mean weight correlation of fused units at or above which the parents are taken to share one basis (then the
 # matched heads are kept). Measured: same-init fine-tunes 0.94, different inits 0.20-0.22, a permuted copy 1.0.
 SHARED_BASIS_THRESHOLD = 0.5
+# Parents' layer outputs (as float64 targets) kept between the steps that use them, at most this many bytes: the
+# parents then run once per chunk of consecutive steps (typically a whole transformer block) instead of once per
+# step. Bounded by the refit's sample count, never by the calibration set's.
+TARGET_CACHE_BYTES = 256 * 2**20
 _READ_AGAIN = ("the calibration data gave no samples when read again (the refit reads it once per layer step); "
                "pass data that can be read more than once: a list of batches or a datasets.Dataset")
 
@@ -211,6 +215,9 @@ def refit_model(
     *,
     concatenate_classifier: bool = False,
     lambda_rel: float = MergeOptions.refit_lambda,  # the option's one declared default
+    samples: int | None = MergeOptions.refit_samples,
+    seed: int = 0,
+    total: int | None = None,
     keep_head: bool | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
@@ -226,6 +233,9 @@ def refit_model(
             per task — unless the parents share a basis (`shared_basis_score` >= 0.5) or `keep_head=True`, when
             the matched head is kept: it already reads the merged features and keeps the heads comparable.
         lambda_rel: ridge strength relative to each layer's mean input energy.
+        samples: examples the refit reads — a subset of the calibration data chosen by a shuffle seeded with `seed`
+            (every example when None or when the data holds no more); `total`: how many examples `batches` yields,
+            if known (else one counting pass reads it).
     """
     started = time.perf_counter()
     report = RefitReport()
@@ -251,34 +261,51 @@ def refit_model(
         with torch.no_grad():
             if not layers:
                 return report
+            batches = subset_batches(batches, samples, seed=seed, total=total)
             first = next(iter(batches()), None)
             if first is None:
                 raise CalibrationError(f"refit: {_READ_AGAIN}")
             report.steps = forward_steps(merged, layers, batch_to(first, target))
             bar = Progress(total=len(report.steps), desc="refit", unit="steps", enabled=progress)
-            for number, step in enumerate(report.steps):
-                accumulators = {name: RidgeAccumulator(modules[name].in_features, modules[name].out_features,
-                                                       modules[name].bias is not None, target) for name in step}
+            tokens = 0  # samples (tokens) per pass, known after the first step: sizes the target cache
+            position = 0
+            while position < len(report.steps):
+                chunk = _next_chunk(report.steps, position, modules, tokens)
+                # One parents' pass for the whole chunk: each layer's target, per batch, kept until its step runs.
+                cached: dict[str, list[torch.Tensor]] = {name: [] for step in chunk for name in step}
+                names = [name for step in chunk for name in step]
                 for batch in batches():
                     batch = batch_to(batch, target)
-                    if number == 0:
+                    if position == 0:
                         report.examples += next(len(v) for v in batch.values()
                                                 if isinstance(v, torch.Tensor) and v.dim() > 0)
-                    inputs = _capture(merged, step, batch, "input")
-                    outputs = [_capture(parent, step, batch, "output") for parent in parents]
-                    for name in step:
-                        key = padding_mask_key(spec, f"{name}.weight")
-                        mask = batch.get(key) if key else None
+                    outputs = [_capture(parent, names, batch, "output") for parent in parents]
+                    for name in names:
+                        mask = _mask(spec, name, batch)
                         ys = [token_rows(out[name], mask).to(torch.float64) for out in outputs]
-                        accumulators[name].update(token_rows(inputs[name], mask),
-                                                  _target(spec, maps, name, name == head and concatenate_classifier,
-                                                          ys))
-                empty = [name for name in step if accumulators[name].samples == 0]
-                if empty:  # e.g. a stream that cannot be read twice: never leave a layer silently unfitted
-                    raise CalibrationError(f"refit: no samples for {', '.join(empty)}; {_READ_AGAIN}")
-                for name in step:
-                    report.layers.append(_write(modules[name], name, accumulators[name], lambda_rel))
-                bar.update(1)
+                        cached[name].append(_target(spec, maps, name, name == head and concatenate_classifier, ys))
+                    del outputs
+                for step in chunk:
+                    accumulators = {name: RidgeAccumulator(modules[name].in_features, modules[name].out_features,
+                                                           modules[name].bias is not None, target) for name in step}
+                    for number, batch in enumerate(batches()):
+                        batch = batch_to(batch, target)
+                        inputs = _capture(merged, step, batch, "input")
+                        for name in step:
+                            if number >= len(cached[name]):
+                                raise CalibrationError(f"refit: the calibration data gave more batches when read "
+                                                       f"again; {_READ_AGAIN}")
+                            accumulators[name].update(token_rows(inputs[name], _mask(spec, name, batch)),
+                                                      cached[name][number])
+                    empty = [name for name in step if accumulators[name].samples == 0]
+                    if empty:  # e.g. a stream that cannot be read twice: never leave a layer silently unfitted
+                        raise CalibrationError(f"refit: no samples for {', '.join(empty)}; {_READ_AGAIN}")
+                    for name in step:
+                        tokens = max(tokens, accumulators[name].samples)
+                        report.layers.append(_write(modules[name], name, accumulators[name], lambda_rel))
+                        del cached[name]
+                    bar.update(1)
+                position += len(chunk)
             bar.close()
     finally:
         for model, home, training in zip((merged, *parents), homes, was_training):
@@ -289,6 +316,60 @@ def refit_model(
     logger.info("refit %d linear layers in %d steps (%.1f s)%s", len(report.layers), len(report.steps),
                 report.seconds, "; matched head kept (shared basis)" if report.head_kept else "")
     return report
+
+
+def _mask(spec: PermutationSpec, name: str, batch: Mapping[str, Any]) -> torch.Tensor | None:
+    key = padding_mask_key(spec, f"{name}.weight")
+    return batch.get(key) if key else None
+
+
+def _next_chunk(steps: Sequence[Sequence[str]], position: int, modules: Mapping[str, nn.Module],
+                tokens: int) -> list[Sequence[str]]:
+    """The steps from `position` whose targets fit `TARGET_CACHE_BYTES` together (at least one step). Before the
+    first step has run the token count is unknown: the first chunk is that step alone."""
+    chunk = [steps[position]]
+    if tokens == 0:
+        return chunk
+    size = sum(modules[name].out_features for name in steps[position]) * tokens * 8
+    for step in steps[position + 1:]:
+        size += sum(modules[name].out_features for name in step) * tokens * 8
+        if size > TARGET_CACHE_BYTES:
+            break
+        chunk.append(step)
+    return chunk
+
+
+def subset_batches(batches: Callable[[], Iterable[Mapping[str, Any]]], samples: int | None, *, seed: int = 0,
+                   total: int | None = None) -> Callable[[], Iterable[Mapping[str, Any]]]:
+    """`batches` restricted to `samples` examples chosen by a shuffle seeded with `seed` (kept in stream order).
+
+    Every batch keeps only its chosen rows (tensors whose first axis is the batch's examples), so any re-readable
+    stream — a list of batches, a dataset — gives the same subset on every read. `total`: the stream's example
+    count when known; otherwise one pass counts it. Returns `batches` itself when every example is chosen.
+    """
+    if samples is None:
+        return batches
+    if total is None:
+        total = sum(_batch_rows(batch) for batch in batches())
+    if samples >= total:
+        return batches
+    chosen = torch.zeros(total, dtype=torch.bool)
+    chosen[torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:samples]] = True
+
+    def subset() -> Iterable[Mapping[str, Any]]:
+        start = 0
+        for batch in batches():
+            rows = _batch_rows(batch)
+            keep = chosen[start:start + rows].nonzero()[:, 0]
+            start += rows
+            if len(keep):
+                yield {k: v.index_select(0, keep) if isinstance(v, torch.Tensor) and v.dim() > 0 and len(v) == rows
+                       else v for k, v in batch.items()}
+    return subset
+
+
+def _batch_rows(batch: Mapping[str, Any]) -> int:
+    return next(len(v) for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
 
 
 def _target(spec: PermutationSpec, maps: Sequence[GroupMaps | None], name: str, concatenated_head: bool,

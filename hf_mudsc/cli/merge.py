@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_mudsc.errors import RecipeError
-from hf_mudsc.options import MergeOptions, flag
+from hf_mudsc.options import MergeOptions, flag, number_or_auto
 from hf_mudsc.publish.folder import check_output
 from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
 
@@ -38,6 +38,8 @@ def option_argument(option: Field) -> tuple[list[str], dict[str, Any]]:
         kwargs["type"] = int if meta["kind"] == "int" else float
     elif meta["kind"] in ("numbers", "number_or_numbers"):  # `--weights 1 2 1`, `--density 0.5` or one per parent
         kwargs["type"], kwargs["nargs"] = float, "+"
+    elif meta["kind"] == "number_or_auto":
+        kwargs["type"] = number_or_auto
     if meta["choices"] is not None:
         choices = meta["choices"]
         kwargs["choices"] = list(choices() if callable(choices) else choices)

@@ -269,7 +269,8 @@ def render_card(
     shown_recipe = recipe.override(models=shown_models, calibration=shown_calibration) if local_names else recipe
     num_samples = mudsc.get("num_calibration_samples", getattr(report, "num_samples", None))
     settings = settings_rows(mudsc, shown_recipe, {
-        "method": method, "hub_url": constants.ENDPOINT.rstrip("/"), "base_source": mudsc.get("base_source"),
+        "method": method, "mudsc": mudsc, "hub_url": constants.ENDPOINT.rstrip("/"),
+        "base_source": mudsc.get("base_source"),
         "calibration_dataset": calibration_dataset_id(recipe.calibration), "num_samples": num_samples})
     content = _environment(path.parent).get_template(path.name).render(
         card_data=data.to_yaml(),

@@ -9,6 +9,8 @@ Architecture-free: it reads only the PermutationSpec, parameters and per-group a
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -35,6 +37,29 @@ STARTS = ("activation", "weight", "identity")
 #: (docs/research/quality_probe.md §1, §7). Nothing in between was measured, so a user has no basis to tune it;
 #: `reference_compat=True` is the switch back to the paper's single start.
 MULTISTART_MARGIN = 0.01
+#: Visit results kept per group (§4.5's exact shortcut): enough for the sweeps' revert-to-best states and for a
+#: later start that reaches a neighbourhood an earlier one visited; each is a few index tensors.
+VISIT_CACHE_SIZE = 4
+
+
+def release_free_heap() -> None:
+    """Hand memory the process freed back to the OS (glibc's `malloc_trim`; elsewhere nothing happens).
+
+    Between solve starts the live state is a few index tensors per group, yet the resident size grew by
+    ~170 MB per start on MiniLM (bench_merge): freed (2n, 2n) similarities stay in the C heap, fragmented, and
+    the next start's temporaries land on top. Trimming between starts keeps the solve's peak at one start's.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
+
+
+def _same_match(a: Match | None, b: Match | None) -> bool:
+    """The same unit assignment (or both unmatched): a visit's similarity depends on nothing else of a neighbour."""
+    return a is b or (a is not None and b is not None and a.same_as(b))
 
 
 def choose_start(objectives: Mapping[str, float], *, keep: str = "activation",
@@ -105,7 +130,7 @@ class _State:
     def set(self, index: int, found: Match) -> None:
         previous = self.matches[index]
         self.matches[index] = found
-        # An unchanged match keeps its GroupMaps object: the solver's visit cache keys on map identity.
+        # An unchanged match keeps its GroupMaps object (the maps are rebuilt only when the units move).
         if previous is not found and not (previous is not None and previous.same_as(found)):
             self.maps[index] = GroupMaps.from_match(found)
         self.values[index] = found.value
@@ -146,12 +171,13 @@ class Solver:
         self.ties = {} if options.independent_heads else spec.head_ties()
         self.tie_of = {index: members for members in self.ties.values() for index in members}
         self.weight_correlation = WeightCorrelation(spec, params_a, params_b, device=options.device)
-        # A visit's result depends only on the maps of the groups sharing a tensor with the visited
-        # group(s): while those GroupMaps objects are the same, the last result is reused exactly.
+        # A visit's result depends only on the matches of the groups sharing a tensor with the visited
+        # group(s): while those are the same (the same objects, or equal unit assignments — another start that
+        # reached the same neighbourhood), an earlier result is reused exactly. A few results per group are kept.
         self._neighbours = {index: self._neighbour_groups(members) for members in
                             [[i] for i in range(len(spec.groups)) if i not in self.tie_of] + list(self.ties.values())
                             for index in members}
-        self._visit_cache: dict[int, tuple[list[GroupMaps | None], list[Match]]] = {}
+        self._visit_cache: dict[tuple[bool, int], list[tuple[list[Match | None], list[Match]]]] = {}
 
     def _neighbour_groups(self, members: Sequence[int]) -> list[int]:
         found: set[int] = set()
@@ -207,13 +233,12 @@ class Solver:
         key = None
         if not activation_only:
             # The weight start's visits are cached apart: the same maps give another similarity and matcher.
-            slot = (weight_only, index)
-            key = [state.maps[q] for q in self._neighbours[index]]
-            cached = self._visit_cache.get(slot)
-            if cached is not None and all(a is b for a, b in zip(cached[0], key, strict=True)):
-                for m, found in zip(members or [index], cached[1]):
-                    state.set(m, found)
-                return
+            key = [state.matches[q] for q in self._neighbours[index]]
+            for cached_key, cached in self._visit_cache.get((weight_only, index), ()):
+                if all(_same_match(a, b) for a, b in zip(cached_key, key, strict=True)):
+                    for m, found in zip(members or [index], cached):
+                        state.set(m, found)
+                    return
         similarity = partial(self.similarity, activation_only=activation_only, weight_only=weight_only)
         if members is None:
             state.set(index, self._match(index, similarity(index, state), matcher=matcher))
@@ -227,7 +252,9 @@ class Solver:
         if key is not None:
             result = [state.matches[m] for m in members or [index]]
             for m in members or [index]:
-                self._visit_cache[(weight_only, m)] = (key, result)
+                entries = self._visit_cache.setdefault((weight_only, m), [])
+                entries.insert(0, (key, result))
+                del entries[VISIT_CACHE_SIZE:]
 
     def _initial_state(self) -> _State:
         state = _State(len(self.spec.groups))
@@ -253,6 +280,9 @@ class Solver:
     def _weight_state(self) -> _State:
         """The weight-only align solve (what `weight_matching` does): no start, weight-only sweeps."""
         state, _, _, _ = self._sweeps(_State(len(self.spec.groups)), candidate=False, weight_only=True)
+        # Its visits are never repeated (one weight start per solve): free them now.
+        for slot in [slot for slot in self._visit_cache if slot[0]]:
+            del self._visit_cache[slot]
         return state
 
     def _score(self, state: _State) -> float:
@@ -324,16 +354,30 @@ class Solver:
             return SolveResult(matches=list(state.matches), objective_history=[objective], start=own,
                                starts={own: objective})
         extra = [name for name in STARTS if name in options.extra_starts and name != own]
-        outcomes: dict[str, tuple[_State, float, list[float], int]] = {}
-        outcomes[own] = self._sweeps(state, candidate=False, progress=progress)
+        # Only the paper's start and the best other start so far are kept: a losing start's state is dropped as
+        # soon as it loses (choose_start picks among these two exactly as among all).
+        kept: dict[str, tuple[_State, float, list[float], int]] = {}
+        kept[own] = self._sweeps(state, candidate=False, progress=progress)
+        del state
+        release_free_heap()
+        objectives = {own: kept[own][1]}
+        runner_up: str | None = None
         for name in extra:
             start = self._weight_state() if name == "weight" else self._identity_state()
             self._score(start)
-            outcomes[name] = self._sweeps(start, candidate=True, progress=progress, label=f"solve ({name} start)")
-        objectives = {name: outcome[1] for name, outcome in outcomes.items()}
+            outcome = self._sweeps(start, candidate=True, progress=progress, label=f"solve ({name} start)")
+            del start
+            objectives[name] = outcome[1]
+            if runner_up is None or outcome[1] > objectives[runner_up]:  # ties: the earlier start, as choose_start
+                if runner_up is not None:
+                    del kept[runner_up]
+                runner_up, kept[name] = name, outcome
+            del outcome
+            release_free_heap()
         chosen = choose_start(objectives, keep=own)
-        best, best_objective, history, sweeps = outcomes[chosen]
-        if len(outcomes) > 1:
+        best, best_objective, history, sweeps = kept.pop(chosen)
+        kept.clear()
+        if len(objectives) > 1:
             logger.info("solve: start objectives %s; kept the %s start",
                         ", ".join(f"{name} {value:.6f}" for name, value in objectives.items()), chosen)
         logger.info("solve: %d sweeps, best objective %.6f", sweeps, best_objective)

@@ -6,29 +6,12 @@ All results are float64: real data has near-ties, and matching must not flip on 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
 from hf_mudsc.calibrate.correlation import CLAMP
 from hf_mudsc.solve.maps import GroupMaps
 from hf_mudsc.spec import Member, PermutationSpec
-
-if TYPE_CHECKING:
-    pass
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def _member_block(
@@ -90,6 +73,10 @@ def weight_feature_blocks(
             yield _member_block(spec, group_index, member, params, model, maps, as_float64=as_float64)
 
 
+# Rows of the `(2n, 2n)` correlation finalized at a time (the `μμᵀ`, `σσᵀ` temporaries stay this many rows).
+_CORRELATION_ROWS = 256
+
+
 class _Moments:
     """`Σ z zᵀ`, `Σ z` over columns and the column count of `[Z_A; Z_B]`, built chunk by chunk.
 
@@ -136,15 +123,26 @@ class _Moments:
         total.add_moments(other)
         return total
 
-    def correlation(self) -> torch.Tensor:
-        """Pearson correlation of the rows; a fresh matrix (the sums are left untouched)."""
+    def correlation(self, *, consume: bool = False) -> torch.Tensor:
+        """Pearson correlation of the rows: a fresh matrix, or with `consume` the Gram's own buffer (the moments
+        are used up) and no `(2n, 2n)` temporary — `_CORRELATION_ROWS` rows of `μμᵀ` and `σσᵀ` at a time.
+
+        Both ways compute every entry with the same operations, so the results are bitwise equal; the solve
+        consumes (a visit of a MiniLM MLP group otherwise makes three 75 MB temporaries, which also fragment
+        the heap between the solve's starts)."""
         n = self.width
         mean = self.sums / self.columns
-        cov = self.gram / self.columns
+        cov = self.gram.div_(self.columns) if consume else self.gram / self.columns
+        if consume:
+            self.gram, self._fresh = torch.empty(0, dtype=torch.float64), True
         cov[n:, :n] = cov[:n, n:].T
-        cov -= torch.outer(mean, mean)
+        for start in range(0, 2 * n, _CORRELATION_ROWS):
+            cov[start:start + _CORRELATION_ROWS] -= torch.outer(mean[start:start + _CORRELATION_ROWS], mean)
         std = cov.diagonal().clamp_min(0).sqrt()
-        return cov.div_(torch.outer(std, std).clamp_min_(CLAMP))
+        for start in range(0, 2 * n, _CORRELATION_ROWS):
+            rows = cov[start:start + _CORRELATION_ROWS]
+            rows.div_(torch.outer(std[start:start + _CORRELATION_ROWS], std).clamp_min_(CLAMP))
+        return cov
 
 
 # Columns of `[Z_A; Z_B]` are gathered into chunks of about this many float64 elements (32 MB) before
@@ -241,7 +239,7 @@ class WeightCorrelation:
         self._accumulate(moments, group_index, varying, maps, extra=columns)
         if fixed is not None:
             moments.add_moments(fixed)
-        return moments.correlation().cpu()
+        return moments.correlation(consume=True).cpu()
 
 
 def weight_correlation(

@@ -1,0 +1,102 @@
+"""`alpha="auto"` (docs/design.md §4.4, `hf_mudsc.apply.fidelity`): the balance factor chosen without labels.
+
+Proven here: the curve is recorded in `config.mudsc` and the card, each point is the fidelity of the merge at that
+α with the statistics of the kept examples (recomputed independently), the chosen α is the curve's argmax (ties to
+the α nearest 0.5), permuted copies are still recovered exactly, and bad combinations are refused up front."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from factories import BARE, WITH_LOGITS, make_batches, make_model, model_output, permuted_copy, relative_error
+
+import hf_mudsc
+from hf_mudsc.apply.fidelity import ALPHA_GRID, FidelityScorer, choose_alpha, holdout_split, linear_cka
+from hf_mudsc.architectures import spec_for
+from hf_mudsc.cli.main import build_parser
+from hf_mudsc.cli.merge import build_recipe
+from hf_mudsc.errors import MergeInputError
+from hf_mudsc.publish.card import render_card
+from hf_mudsc.publish.recipe import Recipe
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_choose_alpha_takes_the_best_and_breaks_ties_towards_one_half():
+    assert choose_alpha({0.1: 0.2, 0.3: 0.9, 0.5: 0.5, 0.7: 0.1, 0.9: 0.3}) == 0.3
+    assert choose_alpha({0.1: 0.8, 0.3: 0.8, 0.5: 0.6, 0.7: 0.8, 0.9: 0.8}) == 0.3  # equal distance: the smaller
+    assert choose_alpha({0.1: 1.0, 0.3: 1.0, 0.5: 1.0, 0.7: 1.0, 0.9: 1.0}) == 0.5
+
+
+def test_holdout_split_holds_out_every_fifth_example_the_same_on_every_read():
+    batches = make_batches("vit_cls", num_batches=3, batch_size=7)  # 21 images, batches not a multiple of 5
+    images = torch.cat([b["pixel_values"] for b in batches])
+    kept, held_out = holdout_split(lambda: iter(batches))
+    held = torch.cat([b["pixel_values"] for b in held_out])
+    assert torch.equal(held, images[[4, 9, 14, 19]])
+    assert torch.equal(torch.cat([b["pixel_values"] for b in kept]),
+                       images[[i for i in range(21) if i % 5 != 4]])
+    assert torch.equal(torch.cat([b["pixel_values"] for b in held_out]), held)  # re-readable, same rows
+
+
+def test_linear_cka_ignores_the_basis():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, generator=gen, dtype=torch.float64)
+    assert linear_cka(x, x[:, torch.randperm(6, generator=gen)] * 3.0) == pytest.approx(1.0, abs=1e-12)
+    assert linear_cka(x, torch.randn(40, 6, generator=gen, dtype=torch.float64)) < 0.6
+
+
+def test_auto_alpha_records_its_curve_and_keeps_the_argmax_of_independently_computed_fidelities(tmp_path):
+    model_a, model_b = make_model("vit_cls", seed=1), make_model("vit_cls", seed=2)  # unrelated: α matters
+    batches = make_batches("vit_cls", num_batches=5)  # 80 images: 64 feed the statistics, 16 are held out
+    merged = hf_mudsc.merge([model_a, model_b], batches, alpha="auto", progress=False)
+    curve = merged.config.mudsc["alpha_auto"]
+    assert curve["grid"] == list(ALPHA_GRID) and curve["held_out_examples"] == 16
+    assert merged.config.mudsc["num_calibration_samples"] == 64
+    # Every point, recomputed: the merge at that α on the kept examples, scored on the held-out ones.
+    kept, held_out = holdout_split(lambda: iter(batches))
+    kept, held_out = list(kept), list(held_out)
+    scorer = FidelityScorer([model_a, model_b], held_out, task_sizes=None)
+    expected = {}
+    for alpha in ALPHA_GRID:
+        fixed = hf_mudsc.merge([model_a, model_b], kept, alpha=alpha, progress=False)
+        expected[alpha] = scorer(fixed)
+        if alpha == curve["chosen"]:
+            assert all(torch.equal(v, fixed.state_dict()[k]) for k, v in merged.state_dict().items())
+    assert curve["fidelity"] == [round(expected[a], 6) for a in ALPHA_GRID]
+    assert len(set(curve["fidelity"])) > 1  # the curve is not flat here: the choice is a real one
+    assert curve["chosen"] == choose_alpha(expected) == merged.config.mudsc["alpha"]
+    assert merged.merge_report.alpha == curve["chosen"]
+    # The recipe keeps "auto" (it reproduces the choice); the card shows the choice and the curve.
+    assert merged.merge_report.recipe["alpha"] == "auto"
+    card = str(render_card(merged, Recipe(models=["a", "b"], alpha="auto")))
+    assert f"| Balance factor α (weight share) | {curve['chosen']} (auto: held-out fidelity 0.1: " in card
+    assert "; 16 examples)" in card
+
+
+@pytest.mark.parametrize("kind", [WITH_LOGITS[0], BARE[0]])
+def test_auto_alpha_still_recovers_a_permuted_copy_exactly(kind):
+    model = make_model(kind, seed=0)
+    permuted = permuted_copy(model, spec_for(model), seed=1)
+    batches = make_batches(kind, num_batches=5)
+    merged = hf_mudsc.merge([model, permuted], batches, alpha="auto", progress=False)
+    for batch in batches[:2]:
+        assert relative_error(model_output(merged, batch), model_output(model, batch)) < 1e-5
+    assert max(merged.config.mudsc["alpha_auto"]["fidelity"]) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_auto_alpha_is_refused_with_reference_compat_and_parsed_from_the_command_line(tmp_path):
+    with pytest.raises(MergeInputError, match=r"alpha='auto'.*reference_compat.*--alpha 0.5"):
+        hf_mudsc.merge(["/nonexistent/a", "/nonexistent/b"], "c:train", alpha="auto", reference_compat=True)
+    with pytest.raises(MergeInputError, match=r"alpha must be a number or 'auto' \(CLI: --alpha\)"):
+        hf_mudsc.merge(["/nonexistent/a", "/nonexistent/b"], "c:train", alpha="best")
+    args = build_parser().parse_args(["merge", "a", "b", "--calibration", "c", "-o", "o", "--alpha", "auto"])
+    assert build_recipe(args).alpha == "auto"
+    args = build_parser().parse_args(["merge", "a", "b", "--calibration", "c", "-o", "o", "--alpha", "0.3"])
+    assert build_recipe(args).alpha == 0.3
