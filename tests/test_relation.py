@@ -178,3 +178,14 @@ def test_cli_refuses_a_locked_parent_in_one_line_and_writes_nothing(tmp_path, ca
     assert len(errors) == 1 and "Traceback" not in err
     assert errors[0].startswith("hf-mudsc merge: error: parent B (b-locked) is protected against merging")
     assert sorted(p.name for p in tmp_path.iterdir()) == before and not Path(out).exists()
+
+
+def test_the_head_product_nuclear_norm_equals_the_direct_svd_of_the_product():
+    from hf_mudsc.load.relation import product_nuclear_norm
+
+    generator = torch.Generator().manual_seed(0)
+    for rows, hidden in [(32, 384), (4, 16), (8, 8), (3, 50)]:
+        a = torch.randn(rows, hidden, generator=generator)
+        b = 3 * torch.randn(rows, hidden, generator=generator)
+        direct = torch.linalg.matrix_norm(a.double().T @ b.double(), ord="nuc")
+        assert torch.allclose(product_nuclear_norm(a, b), direct, rtol=1e-12, atol=0)
