@@ -441,7 +441,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     settings = result["settings"]
-    fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 5.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(settings), figsize=(max(8.0, 6.0 * len(settings)), 5.8), squeeze=False)
     for ax, (setting, v) in zip(axes[0], settings.items()):
         summary = v["summary"]
         names = [n for n in summary if "mean" in summary[n]]
@@ -455,13 +455,18 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.invert_yaxis()
         ax.axvline(100, color="black", linewidth=0.8, linestyle="--")
         low = min(means + [100]) - max(stds + [0]) - 5
-        ax.set_xlim(max(0, low), 105)
-        for y, m in zip(ys, means):
-            ax.text(m + 0.3, y, f"{m:.1f}", va="center", fontsize=8)
-        ax.set_xlabel("normalised accuracy, % of each fine-tune's own (mean ± std over seeds)")
+        ax.set_xlim(max(0, low), 106)
+        for y, m, sd in zip(ys, means, stds):
+            ax.text(min(m + sd, 100) + 0.4, y, f"{m:.1f}", va="center", fontsize=8)
+        ax.set_xlabel("normalised accuracy, % (mean ± std over seeds)")
         ax.set_title(f"{setting}: {len(v['seeds'][0]['tasks'])} fine-tunes of one base")
-    fig.suptitle("Same-base merging (orange: data-free, blue: uses calibration data, grey: references)")
-    fig.tight_layout()
+    from matplotlib.patches import Patch
+
+    legend = [Patch(color="#ff7f0e", label="data-free"), Patch(color="#1f77b4", label="uses calibration data"),
+              Patch(color="#d62728", label='method="auto"'), Patch(color="#999999", label="references")]
+    fig.legend(handles=legend, loc="lower center", ncol=4, frameon=False)
+    fig.suptitle("Same-base merging: each task's accuracy / its own fine-tune's, averaged over the tasks")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
