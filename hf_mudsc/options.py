@@ -40,7 +40,9 @@ DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?)$")
 # The recipe file written next to every merged model (`hf_mudsc.publish.recipe`); named here for the --output help.
 RECIPE_FILENAME = "mudsc_recipe.yaml"
 # Kinds of option values: how a value is type-checked (and converted to an argparse `type`).
-KINDS = ("int", "number", "str", "bool", "choice", "dtype", "device")
+# `numbers`: a list of floats (CLI: `--weights 1 2 1`); `number_or_numbers`: one float or a list (one per parent);
+# `model`: a reference to a model (a Hub id `org/name[@rev]` or folder string; from Python also a model object).
+KINDS = ("int", "number", "str", "bool", "choice", "dtype", "device", "numbers", "number_or_numbers", "model")
 
 
 def flag(name: str) -> str:
@@ -95,6 +97,7 @@ def option(
     recipe: bool = True,
     destination: bool = False,
     recorded: bool = False,
+    per_method: bool = False,
     card: CardRow | None = None,
 ) -> Any:
     """A `MergeOptions` field: the option's default plus everything the derived places need (its metadata).
@@ -112,6 +115,8 @@ def option(
             write over someone's folder or repo, or run a pickle, with nothing on the command line asking for it).
         destination: says where the result goes, not what it is (the CLI and writer act on it, merge() never).
         recorded: kept in the merged model's `config.mudsc` (the value the merge used).
+        per_method: read by some methods only: recorded (and shown in the card) with the value the method's
+            `used_options` reports, None (row hidden) for a method that does not read it.
         card: its row in the model card's settings table.
     """
     if kind not in KINDS:
@@ -119,20 +124,22 @@ def option(
     metadata = {"help": help, "kind": kind, "nullable": nullable or default is None, "check": check,
                 "choices": choices, "metavar": metavar, "short": short, "show_default": show_default,
                 "keyword": keyword, "check_keyword": check_keyword, "recipe": recipe, "destination": destination,
-                "recorded": recorded, "card": card}
+                "recorded": recorded, "per_method": per_method, "card": card}
     return field(default=default, metadata=metadata)
 
 
 def _method_names() -> tuple[str, ...]:
-    from hf_mudsc.methods.registry import METHODS
+    """`auto` (the default: chosen from the parents' relation, `hf_mudsc.methods.auto`) and every registered method."""
+    from hf_mudsc.methods.registry import AUTO, METHODS
 
-    return tuple(METHODS)
+    return (AUTO, *METHODS)
 
 
 def _method_help() -> str:
     from hf_mudsc.methods.registry import METHODS
 
-    return "merge method: " + "; ".join(f"{m.name} = {m.pretty_name}" for m in METHODS.values())
+    return ("merge method: auto = chosen from how the parents relate (different inits -> mudsc; fine-tunes of one base "
+            "-> ties with --base, else linear); " + "; ".join(f"{m.name} = {m.pretty_name}" for m in METHODS.values()))
 
 
 # ------------------------------------------------------------------------------------- range checks, one per option
@@ -284,6 +291,29 @@ def _card_if_used(value: Any, context: Mapping[str, Any]) -> str | None:
     return None if value is None else str(value)
 
 
+def _check_weights(name: str, value: list[float] | None, cli: str) -> None:
+    if value is None:
+        return
+    if not value:
+        raise OptionError(f"weights must hold one number per parent {cli}, got an empty list")
+    if not all(math.isfinite(v) for v in value):
+        raise OptionError(f"weights must be finite numbers {cli}, got {value}")
+
+
+def _check_density(name: str, value: float | list[float] | None, cli: str) -> None:
+    values = [] if value is None else value if isinstance(value, list) else [value]
+    if isinstance(value, list) and not value:
+        raise OptionError(f"density must be a number in (0, 1] or one per parent {cli}, got an empty list")
+    for v in values:
+        if not 0.0 < v <= 1.0:  # NaN fails too
+            raise OptionError(f"density must lie in (0, 1] {cli} (the fraction of each task vector kept), got {v}")
+
+
+def _check_scaling(name: str, value: float, cli: str) -> None:
+    if not math.isfinite(value):
+        raise OptionError(f"scaling must be a finite number {cli} (mergekit's lambda, 1.0 by default), got {value}")
+
+
 # --------------------------------------------------------------------------------------------- card cells
 
 
@@ -294,6 +324,20 @@ def _card_method(value: Any, context: Mapping[str, Any]) -> str:
 
 def _card_zip(value: Any, context: Mapping[str, Any]) -> str | None:
     return None if context["settings"].get("zip_decay") is None else str(value)
+
+
+def _card_numbers(value: Any, context: Mapping[str, Any]) -> str | None:
+    """A per-method option's cell: hidden (None) when the method does not read it; lists joined by spaces."""
+    if value is None:
+        return None
+    return " ".join(str(v) for v in value) if isinstance(value, list) else str(value)
+
+
+def _card_base(value: Any, context: Mapping[str, Any]) -> str | None:
+    if not value:
+        return None
+    source = context.get("base_source")
+    return f"`{value}`" + (f" ({source})" if source else "")
 
 
 def _card_calibration(value: Any, context: Mapping[str, Any]) -> str:
@@ -319,15 +363,15 @@ class MergeOptions:
         "imagefolder or a data file (streamed), or a folder written by Dataset.save_to_disk; a split may carry "
         "a slice (`train[:512]`). Needed by every method except weight_matching and average.")
     method: str = option(
-        "mudsc", kind="choice", check=_check_method, choices=_method_names, help=_method_help, recorded=True,
+        "auto", kind="choice", check=_check_method, choices=_method_names, help=_method_help, recorded=True,
         card=CardRow(1, "Method", _card_method))
     matcher: str = option(
-        "zip", kind="choice", check=_check_matcher, choices=MATCHERS, recorded=True,
+        "zip", kind="choice", check=_check_matcher, choices=MATCHERS, recorded=True, per_method=True,
         card=CardRow(2, "Matcher", lambda value, context: value if value else "— (no unit matching)"),
         help="how matched units are fused for method mudsc: zip (ZipIt greedy, may fuse units within one "
         "model) or align (one permutation)")
     alpha: float = option(
-        0.5, kind="number", check=_check_alpha, metavar="A", recorded=True,
+        0.5, kind="number", check=_check_alpha, metavar="A", recorded=True, per_method=True,
         card=CardRow(3, "Balance factor α (weight share)", lambda value, context: "—" if value is None else str(value)),
         help="MuDSC balance factor: weight-space share of the similarity, in [0, 1]")
     num_samples: int | None = option(
@@ -341,11 +385,11 @@ class MergeOptions:
         0, kind="int", check=_check_seed, metavar="N", recorded=True, card=CardRow(9, "Seed"),
         help="seed of the calibration shuffle and the solver's group order")
     zip_decay: float = option(
-        0.5, kind="number", check=_check_zip_decay, metavar="A", recorded=True,
+        0.5, kind="number", check=_check_zip_decay, metavar="A", recorded=True, per_method=True,
         card=CardRow(4, "Zip decay / budget", _card_zip, source="config"),
         help="zip matcher: similarity decay after a fusion (ZipIt's alpha)")
     zip_budget: float = option(
-        1.0, kind="number", check=_check_zip_budget, metavar="B", recorded=True,
+        1.0, kind="number", check=_check_zip_budget, metavar="B", recorded=True, per_method=True,
         card=CardRow(4, "Zip decay / budget", _card_zip, source="config"),
         help="zip matcher: same-model fusion budget factor (ZipIt's beta)")
     independent_heads: bool = option(
@@ -402,6 +446,35 @@ class MergeOptions:
         card=CardRow(4, "Refit / ridge λ (relative)", lambda value, context: "—" if value is None else str(value)),
         help="refit ridge strength, relative to the mean input energy of each layer (pulls toward the matched "
         "weights)")
+    # ---- same-base merging (issue 13): the common base and the task-vector parameters, as mergekit names them
+    base: str | None = option(
+        None, kind="model", metavar="MODEL", show_default=False, recorded=True,
+        card=CardRow(1, "Base model", _card_base),
+        help="the parents' common base model (a Hub id `org/name[@revision]` or a folder; from Python also a model): "
+        "task-vector methods (task_arithmetic, ties, dare_*, ...) merge the parents' differences from it. When a "
+        "method needs it and it is not given, the base_model every parent's model card names is used")
+    weights: list[float] | None = option(
+        None, kind="numbers", check=_check_weights, metavar="W", show_default=False, recorded=True, per_method=True,
+        card=CardRow(3, "Weights", _card_numbers),
+        help="one weight per parent, in parent order (mergekit's `weight`; default 1 each), e.g. --weights 1 2 1")
+    density: float | list[float] | None = option(
+        None, kind="number_or_numbers", check=_check_density, metavar="D", show_default=False, recorded=True,
+        per_method=True, card=CardRow(3, "Density", _card_numbers),
+        help="fraction of each task vector kept, in (0, 1]: one number or one per parent (TIES, DARE, breadcrumbs, "
+        "DELLA; default: the method's)")
+    normalize: bool | None = option(
+        None, kind="bool", show_default=False, recorded=True, per_method=True,
+        card=CardRow(3, "Normalize by the weights", _card_numbers),
+        help="divide by the sum of the weights (default: the method's, as mergekit: linear and ties do, "
+        "task_arithmetic and dare_* do not)")
+    scaling: float = option(
+        1.0, kind="number", check=_check_scaling, metavar="L", recorded=True, per_method=True,
+        card=CardRow(3, "Scaling λ", _card_numbers),
+        help="factor on the merged task vector (mergekit's `lambda`)")
+    rescale: bool = option(
+        True, kind="bool", recorded=True, per_method=True, card=CardRow(3, "Rescale kept entries", _card_numbers),
+        help="DARE/DELLA: rescale each tensor's kept entries so its L1 norm is kept (--no-rescale to skip)")
+    # ---- end of the same-base options
     statistics_dtype: str = option(
         "float32", kind="dtype", check=_check_statistics_dtype, choices=STATISTICS_DTYPES, recorded=True,
         help="precision of the calibration statistics: float32 multiplies each batch in float32 and sums "
@@ -489,6 +562,28 @@ class MergeOptions:
             if not _is_number(value):
                 raise OptionError(hint.format("a number"))
             return float(value)
+        if kind == "numbers":
+            if not isinstance(value, (list, tuple)) or not all(_is_number(v) for v in value):
+                raise OptionError(hint.format("a list of numbers"))
+            return [float(v) for v in value]
+        if kind == "number_or_numbers":
+            if _is_number(value):
+                return float(value)
+            if not isinstance(value, (list, tuple)) or not all(_is_number(v) for v in value):
+                raise OptionError(hint.format("a number or a list of numbers (one per parent)"))
+            # One value given as a list (the CLI's `--density 0.5`) is that value.
+            return float(value[0]) if len(value) == 1 else [float(v) for v in value]
+        if kind == "model":
+            # From Python a model object is accepted too (merge() loads it); files and the CLI hold a reference.
+            if isinstance(value, os.PathLike):
+                return os.fspath(value)
+            if isinstance(value, str):
+                if not value:
+                    raise OptionError(f"{name} must name a model (CLI: {flag(name)}), got an empty string")
+                return value
+            if type(value).__name__ in ("LoadedParent",) or hasattr(value, "state_dict"):
+                return value
+            raise OptionError(hint.format("a Hub id `org/name[@revision]`, a folder or a model"))
         if kind == "device":
             # A torch.device is accepted by its text without importing torch (`torch.device("cuda", 0)` -> "cuda:0").
             if type(value).__module__ == "torch" and type(value).__name__ == "device":

@@ -6,7 +6,7 @@ import copy
 import dataclasses
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +15,12 @@ from transformers import PreTrainedModel
 
 from hf_mudsc._version import __version__
 from hf_mudsc.apply.build import build_model
-from hf_mudsc.apply.classifier import concatenated_classifier_config, distinct_task_names, same_label_set
+from hf_mudsc.apply.classifier import (
+    concatenated_classifier_config,
+    concatenated_head,
+    distinct_task_names,
+    same_label_sets,
+)
 from hf_mudsc.apply.refit import RefitReport, refit_model
 from hf_mudsc.architectures import spec_for
 from hf_mudsc.calibrate.correlation import correlations_from
@@ -23,8 +28,9 @@ from hf_mudsc.calibrate.device import resolve_device
 from hf_mudsc.errors import MergeInputError, OptionError
 from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_parents
 from hf_mudsc.load.references import display_name, parent_name, pinned_calibration, pinned_reference
-from hf_mudsc.load.relation import check_mergeable
-from hf_mudsc.methods.registry import MethodContext, get_method
+from hf_mudsc.load.relation import base_relations, check_parents_mergeable, parent_label
+from hf_mudsc.methods.auto import choose_method, is_auto
+from hf_mudsc.methods.registry import METHODS, MergeMethod, MethodContext, get_method
 from hf_mudsc.options import MergeOptions, option_hint
 from hf_mudsc.solve.matchers import Match
 from hf_mudsc.spec import PermutationSpec
@@ -85,7 +91,13 @@ def merge(
     models: Sequence[Any],
     calibration: Any = None,
     *,
-    method: str = "mudsc",
+    method: str = "auto",
+    base: Any = None,
+    weights: Sequence[float] | None = None,
+    density: float | Sequence[float] | None = None,
+    normalize: bool | None = None,
+    scaling: float = 1.0,
+    rescale: bool = True,
     matcher: str = "zip",
     alpha: float = 0.5,
     num_samples: int | None = None,
@@ -106,21 +118,32 @@ def merge(
     refit: str = "none",
     refit_lambda: float = 1e-3,
 ) -> PreTrainedModel | None:
-    """Merge two fine-tuned models of one architecture into one model, without training.
+    """Merge two or more fine-tuned models of one architecture into one model, without training.
 
     The options (everything but `models`, `calibration`, `progress`, `token` and `processor`) are declared with
     their checks in `hf_mudsc.options.MergeOptions`, which also gives the CLI flags and recipe keys.
 
     Args:
-        models: two parents of the same class and configuration: `PreTrainedModel`s, local folders,
-            Hub ids `"org/name"` / `"org/name@revision"`, or `hf_mudsc.load.parents.LoadedParent`s.
+        models: N >= 2 parents of the same class and configuration: `PreTrainedModel`s, local folders,
+            Hub ids `"org/name"` / `"org/name@revision"`, or `hf_mudsc.load.parents.LoadedParent`s. The
+            unit-matching methods (mudsc, zipit, ...) merge exactly two; `linear` and the same-base methods any N.
         calibration: data for the activation statistics — a `"repo_or_path[:config]:split"` spec (streamed
             with `datasets.load_dataset`), a `datasets.Dataset`/`IterableDataset` with model-input columns
             (`pixel_values`, `input_ids`/`attention_mask`) or raw columns (`image`/`img`, `text`/`sentence`,
             preprocessed with the parents' processor), a `hf_mudsc.calibrate.datasets.CalibrationStream`, or an iterable
             of dict batches. Not needed by `weight_matching` and `average`.
-        method: a name from `hf_mudsc.METHODS` (`mudsc`, `zipit`, `activation_align`,
-            `weight_matching`, `average`).
+        method: `"auto"` (default) or a name from `hf_mudsc.METHODS` (`mudsc`, `zipit`, `activation_align`,
+            `weight_matching`, `average`, `linear`, ...). `auto` chooses from the parents' relation
+            (`hf_mudsc.methods.auto`): different initializations -> `mudsc`; fine-tunes of one base -> `ties` with
+            `base`, else `linear`. The log, `config.mudsc["method_choice_reason"]` and the card say which and why.
+        base: the parents' common base (a model, folder or `"org/name[@revision]"`), loaded and checked like a
+            parent (same class, configuration and tensor shapes). Methods that need one and are not given one
+            use the `base_model` every parent's model card names.
+        weights: one weight per parent, in parent order (mergekit's `weight`); None = 1 each.
+        density: fraction of each task vector kept, in (0, 1], one number or one per parent (None: the method's).
+        normalize: divide by the sum of the weights (None: the method's default, as mergekit's).
+        scaling: factor on the merged task vector (mergekit's `lambda`).
+        rescale: DARE/DELLA rescale the kept entries to keep each tensor's L1 norm.
         matcher: `zip` or `align` for `mudsc` (the other methods fix their own).
         alpha: weight-similarity share of the dual-space similarity (MuDSC's balance factor).
         num_samples: calibration samples to use (all when None), chosen by a shuffle seeded with `seed`.
@@ -160,7 +183,7 @@ def merge(
 
     Returns:
         A `PreTrainedModel` of the parents' class; `save_pretrained`/`push_to_hub` work as usual.
-        When the parents' label sets differ, the classifier is A's classes then B's and
+        When the parents' label sets differ, the classifier is A's classes then B's (then C's ...) and
         `config.task_label_ranges` maps each task to its slice. Under `torchrun`/`accelerate launch`
         every process computes its share of the calibration statistics; only the main process
         (`hf_mudsc.calibrate.distributed.is_main_process()`) solves and gets the model, the others get None.
@@ -173,52 +196,82 @@ def merge(
         merge_options.check_combination()
     except OptionError as error:
         raise MergeInputError(str(error)) from None
-    alpha, zip_decay, zip_budget, statistics_dtype = (merge_options.alpha, merge_options.zip_decay,
-                                                      merge_options.zip_budget, merge_options.statistics_dtype)
-    merge_method = get_method(method)
-    if len(models) != merge_method.num_parents:
-        raise MergeInputError(f"merge takes exactly two parents, got {len(models)}")
-    if merge_method.needs_base_model:
-        raise MergeInputError(f"method {method!r} needs a base model, which merge() does not take yet; "
-                              "choose another method (CLI: --method)")
+    alpha, statistics_dtype = merge_options.alpha, merge_options.statistics_dtype
+    if isinstance(models, (str, os.PathLike, PreTrainedModel)) or len(models) < 2:
+        raise MergeInputError("merge takes a list of two or more parents (Hub ids, folders or models), got "
+                              f"{models if isinstance(models, (str, os.PathLike)) else type(models).__name__}")
+    count = len(models)
+    automatic = is_auto(method)
+    merge_method = None if automatic else get_method(method)
+    if merge_method is not None:
+        _check_parent_count(merge_method, count)
+    _check_per_parent_options(merge_options, count)
     try:
         run_device = resolve_device(device)
     except ValueError as error:
         raise MergeInputError(str(error)) from None
     from hf_mudsc.calibrate.datasets import load_calibration_dataset, pin_calibration_revision, resolve_calibration
     from hf_mudsc.calibrate.distributed import collect_statistics_distributed, is_main_process
-    from hf_mudsc.load.parents import load_parents
+    from hf_mudsc.load.parents import load_parents_and_base
 
     refitting = merge_options.refit != "none"
-    needs_data = merge_method.needs_calibration or refitting
     if refitting and calibration is None:
         raise MergeInputError(f"refit={refit!r} needs calibration data (a 'dataset:split' spec, a datasets.Dataset "
                               "or a list of input batches); pass calibration, or refit='none' (CLI: --refit none)")
+    if refitting and count != 2:
+        raise MergeInputError(f"refit={refit!r} refits a merge of two parents, got {count}; use refit='none' "
+                              "(CLI: --refit none)")
     if refitting and isinstance(calibration, Iterator):
         raise MergeInputError(f"refit={refit!r} reads the calibration data once per layer step, so it cannot be a "
                               "one-shot iterator; pass a list of batches or a datasets.Dataset")
-    if merge_method.needs_calibration and calibration is None:
-        raise MergeInputError(
-            f"method {method!r} needs calibration data (a 'dataset:split' spec, a datasets.Dataset or an iterable "
-            "of input batches); use method='weight_matching' or 'average' (CLI: --method) to merge without data"
-        )
-    calibration_name = _calibration_name(calibration) if needs_data else None
+    if merge_method is not None:
+        _check_data(merge_method, calibration)
+    # `auto` opens the calibration data it was given: the method it chooses may read it.
+    needs_data = calibration is not None if merge_method is None else _reads_data(merge_method, refitting)
+    given_calibration_name = _calibration_name(calibration) if calibration is not None else None
     calibration_spec = None
     if needs_data and isinstance(calibration, (str, os.PathLike)):
         # A Hub dataset is pinned to its commit (the recipe records it) and read at that commit; a spec that
         # does not exist fails here, before any parent weights are downloaded.
         calibration_spec = pinned_calibration(pin_calibration_revision(os.fspath(calibration), token=token))
         calibration = load_calibration_dataset(calibration_spec, token=token)
-    parents = load_parents(list(models), token=token, allow_pickle=allow_pickle)
-    model_a, model_b = parents[0].model, parents[1].model
-    check_parents(model_a, model_b)
+    parents, base_parent, base_source = load_parents_and_base(
+        list(models), base, token=token, allow_pickle=allow_pickle,
+        base_needed_for=method if merge_method is not None and merge_method.needs_base_model else None)
+    loaded = [p.model for p in parents]
+    model_a = loaded[0]
+    for other in loaded[1:]:
+        check_parents(model_a, other)
     spec = spec_for(model_a)
-    spec_for(model_b)
+    for other in loaded[1:]:
+        spec_for(other)
+    parent_names = [p.repo_id or parent_name(p.model, f"model_{parent_label(i).lower()}")
+                    for i, p in enumerate(parents)]
     # A protected parent is refused here, before calibration and before anything is written or pushed.
-    relation = check_mergeable({k: v.detach() for k, v in model_a.named_parameters()},
-                               {k: v.detach() for k, v in model_b.named_parameters()}, spec,
-                               [p.repo_id or parent_name(p.model, f"model_{side}") for p, side in zip(parents, "ab")])
-    used_matcher = merge_method.used_matcher(matcher)
+    relation = check_parents_mergeable([{k: v.detach() for k, v in m.named_parameters()} for m in loaded], spec,
+                                       parent_names)
+    base_params = None
+    if base_parent is not None:
+        base_params = _check_base(base_parent, model_a, spec)
+        _log_base_relations(base_parent, base_params, loaded, spec)
+    choice_reason = None
+    if merge_method is None:
+        try:
+            merge_method, choice_reason = choose_method(relation.relation, relation.weight_distance,
+                                                        has_base=base_parent is not None)
+        except ValueError as error:
+            raise MergeInputError(str(error)) from None
+        logger.info("method auto: %s", choice_reason)
+        _check_parent_count(merge_method, count, chosen=choice_reason)
+        _check_data(merge_method, calibration, chosen=choice_reason)
+        needs_data = _reads_data(merge_method, refitting)
+    if (merge_method.needs_data and isinstance(calibration, Iterator)):
+        raise MergeInputError(f"method {merge_method.name!r} reads the calibration data more than once, so it cannot "
+                              "be a one-shot iterator; pass a list of batches or a datasets.Dataset")
+    # Options as the method reads them: `weights` one per parent (1 each when not given).
+    method_options = dataclasses.replace(merge_options, weights=list(merge_options.weights or [1.0] * count))
+    used_options = merge_method.used_options(method_options)
+    calibration_name = given_calibration_name if needs_data else None
 
     accumulators = None
     if needs_data:
@@ -230,7 +283,7 @@ def merge(
         )
     if merge_method.needs_calibration:
         accumulators = collect_statistics_distributed(
-            model_a, model_b, spec, calibration, batch_size=batch_size, num_samples=num_samples,
+            loaded[0], loaded[1], spec, calibration, batch_size=batch_size, num_samples=num_samples,
             columns=_input_columns(model_a), required=spec.inputs, progress=progress,
             statistics_dtype=statistics_dtype, device=run_device,
         )
@@ -239,22 +292,33 @@ def merge(
         return None
 
     # The solve and apply run on the CPU (no copy for parents already there).
-    params_a = {k: v.detach().cpu() for k, v in model_a.named_parameters()}
-    params_b = {k: v.detach().cpu() for k, v in model_b.named_parameters()}
-    report = MergeReport(method=method, matcher=used_matcher, alpha=merge_method.recorded_alpha(alpha))
-    concatenate = spec.classifier is not None and not same_label_set(model_a.config, model_b.config)
+    params = [{k: v.detach().cpu() for k, v in m.named_parameters()} for m in loaded]
+    report = MergeReport(method=merge_method.name, matcher=used_options.get("matcher"),
+                         alpha=used_options.get("alpha"))
+    concatenate = spec.classifier is not None and not same_label_sets([m.config for m in loaded])
+    head = [n for n in (spec.classifier.weight, spec.classifier.bias) if n] if spec.classifier else []
+    # Heads of different label sets: concatenated here unless the method builds them (the unit-matching apply step).
+    left_out = set(head) if concatenate and not merge_method.builds_concatenated_head else set()
     correlations = None
     if accumulators is not None:
         report.num_samples = accumulators[0].examples or accumulators[0].count
         _log_sample_count(num_samples, report.num_samples)
         correlations = correlations_from(accumulators)
+    batches = None
+    if needs_data:
+        from hf_mudsc.calibrate.statistics import iter_batches
+
+        def batches() -> Iterator[dict]:
+            return iter_batches(calibration, batch_size=batch_size, num_samples=num_samples,
+                                columns=_input_columns(model_a), required=spec.inputs)
+    reference_rows = (reference_compat and spec.classifier is not None and count == 2
+                      and params[0][spec.classifier.weight].shape == params[1][spec.classifier.weight].shape)
     result = merge_method.merge_parameters(MethodContext(
-        spec=spec, params_a=params_a, params_b=params_b,
-        solve_spec=solve_spec(spec, concatenate, reference_rows=reference_compat and spec.classifier is not None
-                              and params_a[spec.classifier.weight].shape == params_b[spec.classifier.weight].shape),
-        correlations=correlations, concatenate_classifier=concatenate, matcher=matcher, alpha=float(alpha),
-        zip_decay=zip_decay, zip_budget=zip_budget, independent_heads=independent_heads,
-        reference_compat=reference_compat, seed=seed, device=str(run_device), progress=progress,
+        spec=spec, solve_spec=solve_spec(spec, concatenate, reference_rows=reference_rows),
+        parents=[_without(p, left_out) for p in params],
+        base=None if base_params is None else _without(base_params, left_out),
+        models=loaded, batches=batches, correlations=correlations, concatenate_classifier=concatenate,
+        options=method_options, device=str(run_device), progress=progress,
     ))
     report.matches = list(result.matches)
     report.group_names = list(result.group_names)
@@ -263,23 +327,25 @@ def merge(
     report.sweeps = result.sweeps
     report.starts = dict(result.start_objectives)
     report.solve_start = result.solve_start
-    merged_params = result.parameters
+    merged_params = dict(result.parameters)
+    if left_out:
+        merged_params.update(concatenated_head(params, sorted(left_out)))
+    _fill_missing(merged_params, params, method_options.weights)
 
     config = copy.deepcopy(model_a.config)
     for key in REMOTE_CODE_CONFIG_KEYS:
         if hasattr(config, key):
             delattr(config, key)
-    parent_names = [p.repo_id or parent_name(p.model, f"model_{side}") for p, side in zip(parents, "ab")]
     if concatenate:
-        for key, value in concatenated_classifier_config(
-            model_a.config, model_b.config, distinct_task_names(model_a.config, model_b.config)
-        ).items():
+        configs = [m.config for m in loaded]
+        for key, value in concatenated_classifier_config(configs, distinct_task_names(configs)).items():
             setattr(config, key, value)
-    # What the merge used, for each option declared `recorded` (an option the method does not use is None).
+    # What the merge used, for each option declared `recorded`: the per-method options as the method reports them
+    # (None where it does not read them), the others as given.
     used = dataclasses.replace(
-        merge_options, calibration=calibration_name, matcher=used_matcher, alpha=report.alpha,
-        zip_decay=zip_decay if used_matcher == "zip" else None,
-        zip_budget=zip_budget if used_matcher == "zip" else None,
+        merge_options, **{**dict.fromkeys(MergeOptions.names(per_method=True)), **used_options},
+        method=merge_method.name, calibration=calibration_name,
+        base=None if base_parent is None else (base_parent.repo_id or parent_name(base_parent.model, "base")),
         independent_heads=bool(independent_heads or reference_compat), reference_compat=bool(reference_compat),
         statistics_dtype=statistics_dtype if merge_method.needs_calibration else None,
         refit_lambda=merge_options.refit_lambda if refitting else None)
@@ -287,6 +353,9 @@ def merge(
         "library": "hf_mudsc",
         "version": __version__,
         **used.values(recorded=True),
+        "method_choice_reason": choice_reason,
+        "base_revision": None if base_parent is None else base_parent.commit_sha,
+        "base_source": base_source,
         "parents": parent_names,
         "parent_revisions": [p.commit_sha for p in parents],
         "num_calibration_samples": report.num_samples,
@@ -301,7 +370,7 @@ def merge(
         from hf_mudsc.calibrate.statistics import iter_batches
 
         report.refit = refit_model(
-            merged, [model_a, model_b], spec, report.matches,
+            merged, loaded, spec, report.matches,
             lambda: iter_batches(calibration, batch_size=batch_size, num_samples=num_samples,
                                  columns=_input_columns(model_a), required=spec.inputs),
             concatenate_classifier=concatenate, lambda_rel=merge_options.refit_lambda, device=run_device,
@@ -309,14 +378,109 @@ def merge(
         if accumulators is None:  # a method without statistics: the refit's data is the calibration
             merged.config.mudsc["num_calibration_samples"] = report.num_samples = report.refit.examples
     merged = merged.to(run_device if device is not None else "cpu")
-    # The recipe keys (every option a recipe file may set, as given), parents pinned.
-    given = dataclasses.replace(merge_options, calibration=calibration_spec,
+    # The recipe keys (every option a recipe file may set, as given), parents and base pinned; `auto` is recorded
+    # as the method it chose, so the recipe re-runs the same merge whatever a later release would choose.
+    given = dataclasses.replace(merge_options, calibration=calibration_spec, method=merge_method.name,
+                                base=None if base_parent is None else pinned_reference(base_parent),
                                 device=None if device is None else str(device))
     report.recipe = {"models": [pinned_reference(p) for p in parents], **given.values(recipe=True)}
     report.processor = parents[0].processor
     merged.merge_report = report
-    logger.info("merged %s and %s with %s", parent_names[0], parent_names[1], method)
+    logger.info("merged %s with %s", ", ".join(parent_names), merge_method.name)
     return merged
+
+
+def _check_parent_count(method: MergeMethod, count: int, chosen: str | None = None) -> None:
+    """Refuse a number of parents the method does not merge (before loading, unless `auto` chose it)."""
+    if method.num_parents is None or method.num_parents == count:
+        return
+    why = f"method 'auto' chose {method.name!r} ({chosen}), which" if chosen else f"method {method.name!r}"
+    raise MergeInputError(
+        f"{why} merges exactly {method.num_parents} parents, got {count}; merge them {method.num_parents} at a "
+        f"time, or choose a method that takes any number of parents: "
+        f"{', '.join(m.name for m in METHODS.values() if m.num_parents is None) or 'none registered'} (CLI: --method)")
+
+
+def _check_data(method: MergeMethod, calibration: Any, chosen: str | None = None) -> None:
+    """Refuse a method that reads calibration data when there is none (before loading, unless `auto` chose it)."""
+    if calibration is not None or not (method.needs_calibration or method.needs_data):
+        return
+    why = f"method 'auto' chose {method.name!r} ({chosen}), which" if chosen else f"method {method.name!r}"
+    alternatives = ", ".join(repr(m.name) for m in METHODS.values()
+                             if not (m.needs_calibration or m.needs_data) and m.num_parents in (None, 2))
+    raise MergeInputError(
+        f"{why} needs calibration data (a 'dataset:split' spec, a datasets.Dataset or an iterable of input batches); "
+        f"pass calibration, or use method={alternatives.split(', ')[0] if alternatives else 'average'} "
+        f"(CLI: --method; without data: {alternatives}) to merge without data"
+    )
+
+
+def _reads_data(method: MergeMethod, refitting: bool) -> bool:
+    return method.needs_calibration or method.needs_data or refitting
+
+
+def _check_per_parent_options(options: MergeOptions, count: int) -> None:
+    """`weights` (and a `density` list) give one value per parent, in parent order."""
+    for name in ("weights", "density"):
+        value = getattr(options, name)
+        if isinstance(value, list) and len(value) != count:
+            raise MergeInputError(f"{option_hint(name)} gives {len(value)} values for {count} parents; give one "
+                                  "per parent, in parent order")
+
+
+def _check_base(base: Any, model_a: PreTrainedModel, spec: PermutationSpec) -> dict[str, torch.Tensor]:
+    """The base's parameters (CPU), refused in one line unless every parent tensor has its shape in the base (a
+    classifier of another label set aside: it is left out) and every value is finite."""
+    name = base.repo_id or base.reference
+    base_params = {k: v.detach().cpu() for k, v in base.model.named_parameters()}
+    head = {spec.classifier.weight, spec.classifier.bias} if spec.classifier else set()
+    for key, tensor in model_a.named_parameters():
+        found = base_params.get(key)
+        if found is not None and tuple(found.shape) == tuple(tensor.shape):
+            continue
+        if key in head:
+            base_params.pop(key, None)  # a head of other labels: the parents' heads are merged without it
+            continue
+        shape = "missing" if found is None else f"{tuple(found.shape)}"
+        raise MergeInputError(
+            f"the base {name!r} does not fit the parents: tensor {key!r} is {shape} in the base but "
+            f"{tuple(tensor.shape)} in the parents; pass the base the parents were fine-tuned from "
+            f"({option_hint('base')})")
+    for key, tensor in base_params.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise MergeInputError(f"the base {name!r} has NaN or infinite values in {key!r}; fix or re-export it")
+    return {k: v for k, v in base_params.items() if k in dict(model_a.named_parameters())}
+
+
+def _log_base_relations(base: Any, base_params: dict[str, torch.Tensor], models: Sequence[PreTrainedModel],
+                        spec: PermutationSpec) -> None:
+    """Say how each parent relates to the base; warn about parents that do not look like fine-tunes of it."""
+    relations = base_relations(base_params, [{k: v.detach() for k, v in m.named_parameters()} for m in models], spec)
+    name = base.repo_id or base.reference
+    for index, relation in enumerate(relations):
+        if relation.relation in ("independent", "protected"):
+            logger.warning("parent %s is not a fine-tune of the base %s by its weights (%s, relative distance %.3g); "
+                           "task vectors from this base will be large", parent_label(index), name,
+                           relation.relation, relation.weight_distance)
+    logger.info("base %s: parents relate to it as %s", name, ", ".join(
+        f"{r.relation} ({r.weight_distance:.3g})" for r in relations))
+
+
+def _without(params: dict[str, torch.Tensor], names: set[str]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in params.items() if k not in names} if names else params
+
+
+def _fill_missing(merged: dict[str, torch.Tensor], params: Sequence[Mapping[str, torch.Tensor]],
+                  weights: Sequence[float]) -> None:
+    """Parameters a method left out (a base without a head for these labels) become the parents' weighted mean."""
+    missing = [k for k in params[0] if k not in merged]
+    if not missing:
+        return
+    from hf_mudsc.solve.task_vectors import linear
+
+    logger.info("%d tensors the method did not merge (not in the base: %s) are the parents' weighted mean",
+                len(missing), ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else ""))
+    merged.update(linear(None, [{k: p[k] for k in missing} for p in params], list(weights)))
 
 
 def _log_sample_count(asked: int | None, used: int) -> None:

@@ -259,7 +259,7 @@ def test_missing_calibration_suggests_data_free_methods():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"method": "ties"}, "unknown merge method 'ties'; choose one of: mudsc, zipit"),
+    ({"method": "no_such_method"}, "unknown merge method 'no_such_method'; choose one of: auto, mudsc, zipit"),
     ({"matcher": "greedy"}, "unknown matcher 'greedy'"),
     ({"alpha": 1.5}, r"alpha must lie in \[0, 1\]"),
 ])
@@ -268,9 +268,12 @@ def test_bad_options_are_refused(kwargs, message):
         hf_mudsc.merge([make_model("vit_cls", 0), make_model("vit_cls", 1)], make_batches("vit_cls", 1), **kwargs)
 
 
-def test_exactly_two_parents():
-    with pytest.raises(MergeInputError, match="exactly two parents"):
+def test_two_or_more_parents():
+    with pytest.raises(MergeInputError, match="merge takes a list of two or more parents"):
         hf_mudsc.merge([make_model("vit_cls", 0)], make_batches("vit_cls", 1))
+    with pytest.raises(MergeInputError, match="method 'mudsc' merges exactly 2 parents, got 3; merge them 2 at a "
+                                              "time, or choose a method that takes any number of parents: linear"):
+        hf_mudsc.merge([make_model("vit_cls", s) for s in range(3)], make_batches("vit_cls", 1), method="mudsc")
 
 
 @pytest.mark.parametrize("method", ["mudsc", "average"])

@@ -57,7 +57,7 @@ def temporary_method():
 
 
 def test_builtin_methods_in_registry_order_with_their_runs():
-    assert list(METHODS) == ["mudsc", "zipit", "activation_align", "weight_matching", "average"]
+    assert list(METHODS) == ["mudsc", "zipit", "activation_align", "weight_matching", "average", "linear"]
     assert method_runs() == [
         ("mudsc (zip)", {"method": "mudsc", "matcher": "zip"}),
         ("mudsc (align)", {"method": "mudsc", "matcher": "align"}),
@@ -65,15 +65,17 @@ def test_builtin_methods_in_registry_order_with_their_runs():
         ("activation_align", {"method": "activation_align", "matcher": "align"}),
         ("weight_matching", {"method": "weight_matching", "matcher": "align"}),
         ("average", {"method": "average"}),
+        ("linear", {"method": "linear"}),
     ]
     assert [label for label, _ in method_runs("{name} {matcher}")][:2] == ["mudsc zip", "mudsc align"]
     needs = {name: (m.needs_calibration, m.needs_base_model, m.num_parents) for name, m in METHODS.items()}
     assert needs == {"mudsc": (True, False, 2), "zipit": (True, False, 2), "activation_align": (True, False, 2),
-                     "weight_matching": (False, False, 2), "average": (False, False, 2)}
+                     "weight_matching": (False, False, 2), "average": (False, False, 2),
+                     "linear": (False, False, None)}
     assert {n: (m.used_matcher("zip"), m.used_matcher("align"), m.recorded_alpha(0.3)) for n, m in METHODS.items()} \
         == {"mudsc": ("zip", "align", 0.3), "zipit": ("zip", "zip", None),
             "activation_align": ("align", "align", None), "weight_matching": ("align", "align", None),
-            "average": (None, None, None)}
+            "average": (None, None, None), "linear": (None, None, None)}
     assert hf_mudsc.METHODS is METHODS and hf_mudsc.get_method("zipit") is METHODS["zipit"]
 
 
@@ -100,7 +102,7 @@ def test_a_registered_method_merges_through_the_pipeline(temporary_method):
     merged = hf_mudsc.merge([model_a, model_b], None, method="first_parent", alpha=0.3, progress=False)
     for (name, tensor), merged_tensor in zip(model_a.state_dict().items(), merged.state_dict().values()):
         assert torch.equal(tensor, merged_tensor), name
-    assert len(seen) == 1 and seen[0].correlations is None and seen[0].alpha == 0.3
+    assert len(seen) == 1 and seen[0].correlations is None and seen[0].options.alpha == 0.3
     assert seen[0].concatenate_classifier is False
     report = merged.merge_report
     assert (report.method, report.matcher, report.alpha, report.group_names) == ("first_parent", None, None, [])
@@ -122,11 +124,18 @@ def test_a_method_that_needs_calibration_gets_correlations(temporary_method):
     assert merged.merge_report.num_samples == 16 and merged.config.mudsc["statistics_dtype"] == "float32"
 
 
-def test_a_method_that_needs_a_base_model_is_refused(temporary_method):
+def test_a_method_that_needs_a_base_model_is_refused_without_one(temporary_method, tmp_path):
     temporary_method(FirstParent(name="needs_base", pretty_name="Needs base", paper=None, description="",
                                  needs_base_model=True))
-    with pytest.raises(MergeInputError, match="method 'needs_base' needs a base model"):
-        hf_mudsc.merge(["/nonexistent/a", "/nonexistent/b"], None, method="needs_base")
+    folders = []
+    for seed in (0, 1):  # saved without a model card: no base_model to find
+        make_model("vit_cls", seed).save_pretrained(tmp_path / f"p{seed}")
+        folders.append(str(tmp_path / f"p{seed}"))
+    with pytest.raises(MergeInputError) as caught:
+        hf_mudsc.merge(folders, None, method="needs_base", progress=False)
+    assert str(caught.value).startswith("method 'needs_base' needs the parents' common base model and none was "
+                                        "given; pass base= (CLI: --base)")
+    assert seen == []
 
 
 def test_cli_choices_and_demo_list_follow_the_registry(temporary_method):
@@ -138,7 +147,8 @@ def test_cli_choices_and_demo_list_follow_the_registry(temporary_method):
         return list(next(a for a in merge_parser._actions if a.dest == "method").choices)
 
     before = [label for label, _ in demo_methods()]
-    assert before == ["mudsc (zip)", "mudsc (align)", "zipit", "activation_align", "weight_matching", "average"]
+    assert before == ["mudsc (zip)", "mudsc (align)", "zipit", "activation_align", "weight_matching", "average",
+                      "linear"]
     temporary_method(FirstParent(name="first_parent", pretty_name="First parent", paper=None, description=""))
     assert choices()[-1] == "first_parent"
     assert demo_methods()[-1] == ("first_parent", {"method": "first_parent"})

@@ -26,7 +26,8 @@ from hf_mudsc.publish.recipe import COMMAND_LINE_ONLY_KEYS, DESTINATION_KEYS, Re
 NON_OPTION_KEYWORDS = {"token", "progress", "processor"}
 # config.mudsc keys that describe the result, not an option.
 RESULT_KEYS = {"library", "version", "parents", "parent_revisions", "num_calibration_samples", "group_match_values",
-               "solve_start", "start_objectives", "parent_relation"}
+               "solve_start", "start_objectives", "parent_relation", "method_choice_reason", "base_revision",
+               "base_source"}
 # CLI arguments that are not options: the recipe file to run and the Hub token (never recorded).
 NON_OPTION_FLAGS = {"--recipe", "--token", "--help"}
 
@@ -80,7 +81,7 @@ def test_cli_flags_are_the_declared_options_with_their_help_and_shape():
             assert action.option_strings == [flag(field.name), "--no-" + flag(field.name)[2:]], field.name
     assert by_dest["output"].option_strings == ["--output", "-o"]
     assert by_dest["matcher"].choices == ["align", "zip"]
-    assert by_dest["method"].choices == list(hf_mudsc.METHODS)
+    assert by_dest["method"].choices == ["auto", *hf_mudsc.METHODS]
     assert by_dest["batch_size"].type is int and by_dest["alpha"].type is float
 
 
@@ -109,7 +110,9 @@ def test_card_settings_rows_are_the_options_declared_with_a_card_row(merged):
     labels = re.findall(r"^\| ([^|]+?) \| .* \|$", table, flags=re.MULTILINE)
     rows = sorted((f.metadata["card"] for f in MergeOptions.option_fields() if f.metadata["card"] is not None),
                   key=lambda row: row.position)
-    declared = list(dict.fromkeys(row.label for row in rows))
+    # Rows of options mudsc does not read (and of the base, none here) are hidden.
+    hidden = {"Base model", "Weights", "Density", "Normalize by the weights", "Scaling λ", "Rescale kept entries"}
+    declared = [label for label in dict.fromkeys(row.label for row in rows) if label not in hidden]
     assert labels == ["Setting", *declared, "Solver sweeps", "Parent relation"]
     assert "| Zip decay / budget | 0.5 / 1.0 |" in table and "| Seed | 0 |" in table
 

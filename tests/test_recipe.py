@@ -91,15 +91,15 @@ def test_bad_recipe_values_are_named(data, needle):
 @pytest.mark.parametrize(
     ("changes", "needle"),
     [
-        ({"models": ["a"]}, "exactly two parent models"),
-        ({"method": "ties"}, "unknown merge method 'ties'; choose one of: mudsc"),
+        ({"models": ["a"]}, "two or more parent models"),
+        ({"method": "no_such_method"}, "unknown merge method 'no_such_method'; choose one of: auto, mudsc"),
         ({"matcher": "hungarian"}, "unknown matcher"),
         ({"alpha": 1.5}, "alpha must lie in [0, 1]"),
         ({"num_samples": 0}, "num_samples must be >= 1"),
         ({"batch_size": 0}, "batch_size must be >= 1"),
         ({"zip_decay": 0.0}, "zip_decay must lie in (0, 1]"),
         ({"zip_budget": -1.0}, "zip_budget must be a finite number >= 0"),
-        ({"calibration": None}, "needs calibration data: pass --calibration"),
+        ({"calibration": None, "method": "mudsc"}, "needs calibration data: pass --calibration"),
         ({"push_to_hub": "just-a-name"}, "push_to_hub must be a repo id `org/name`"),
         ({"statistics_dtype": "float16"},
          "statistics_dtype must be one of float32, float64 (CLI: --statistics-dtype), got 'float16'"),
@@ -134,7 +134,7 @@ def test_cli_reports_recipe_errors_with_exit_code_2(capsys):
     from hf_mudsc.cli.main import main
 
     assert main(["merge", "only-one", "--calibration", "c", "--output", "o"]) == 2
-    assert "exactly two parent models" in capsys.readouterr().err
+    assert "two or more parent models" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- keys only the command line may set (issue 10.6)

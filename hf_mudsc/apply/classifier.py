@@ -1,15 +1,17 @@
 """Classifier heads of the parents -> head of the merged model (docs/design.md §6).
 
 Same label set: the classifier is merged like any layer. Different label sets: the heads are
-concatenated (A's classes first), labels prefixed by task, and the task -> label range is stored in
-the config so evaluation can score each task on its slice.
+concatenated (parent A's classes first, then B's, C's ...), labels prefixed by task, and the task -> label
+range is stored in the config so evaluation can score each task on its slice.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from transformers import PretrainedConfig
 
 
@@ -22,6 +24,11 @@ def same_label_set(config_a: PretrainedConfig, config_b: PretrainedConfig) -> bo
     return label_names(config_a) == label_names(config_b)
 
 
+def same_label_sets(configs: Sequence[PretrainedConfig]) -> bool:
+    """Whether every parent has parent 0's label set (then the classifier is merged like any layer)."""
+    return all(same_label_set(configs[0], other) for other in configs[1:])
+
+
 def task_name(config: PretrainedConfig, fallback: str) -> str:
     """A short task name from the parent's name (`org/vit-cars@v2` -> `vit-cars`)."""
     raw = str(getattr(config, "_name_or_path", "") or "").rstrip("/")
@@ -29,28 +36,36 @@ def task_name(config: PretrainedConfig, fallback: str) -> str:
     return name or fallback
 
 
-def concatenated_classifier_config(
-    config_a: PretrainedConfig, config_b: PretrainedConfig, tasks: tuple[str, str]
-) -> dict[str, Any]:
-    """Config fields of a merged model whose classifier is A's rows then B's rows."""
-    labels_a, labels_b = label_names(config_a), label_names(config_b)
-    id2label = {i: f"{tasks[0]}: {label}" for i, label in enumerate(labels_a)}
-    id2label.update({len(labels_a) + i: f"{tasks[1]}: {label}" for i, label in enumerate(labels_b)})
+def concatenated_classifier_config(configs: Sequence[PretrainedConfig], tasks: Sequence[str]) -> dict[str, Any]:
+    """Config fields of a merged model whose classifier is parent 0's rows, then parent 1's, ... (one task each)."""
+    id2label: dict[int, str] = {}
+    ranges: dict[str, list[int]] = {}
+    for config, task in zip(configs, tasks, strict=True):
+        start = len(id2label)
+        for label in label_names(config):
+            id2label[len(id2label)] = f"{task}: {label}"
+        ranges[task] = [start, len(id2label)]
     return {
         "id2label": id2label,
         "label2id": {label: i for i, label in id2label.items()},
-        "task_label_ranges": {
-            tasks[0]: [0, len(labels_a)],
-            tasks[1]: [len(labels_a), len(labels_a) + len(labels_b)],
-        },
+        "task_label_ranges": ranges,
     }
 
 
-def distinct_task_names(config_a: PretrainedConfig, config_b: PretrainedConfig) -> tuple[str, str]:
-    a, b = task_name(config_a, "task_a"), task_name(config_b, "task_b")
-    if a == b:
-        a, b = f"{a}_a", f"{b}_b"
-    return a, b
+def distinct_task_names(configs: Sequence[PretrainedConfig]) -> tuple[str, ...]:
+    """One task name per parent from its name; names shared by several parents get the parent's letter
+    (`vit_a`, `vit_b`)."""
+    names = [task_name(config, f"task_{_letter(i)}") for i, config in enumerate(configs)]
+    return tuple(f"{name}_{_letter(i)}" if names.count(name) > 1 else name for i, name in enumerate(names))
+
+
+def _letter(index: int) -> str:
+    return chr(ord("a") + index) if index < 26 else str(index + 1)
+
+
+def concatenated_head(params: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The classifier tensors `names` (weight, bias) of the merged model: every parent's rows, in parent order."""
+    return {name: torch.cat([p[name].detach() for p in params], dim=0) for name in names}
 
 
 def task_ranges(config: PretrainedConfig) -> dict[str, tuple[int, int]]:

@@ -36,6 +36,8 @@ def option_argument(option: Field) -> tuple[list[str], dict[str, Any]]:
         kwargs["action"] = argparse.BooleanOptionalAction
     elif meta["kind"] in ("int", "number"):
         kwargs["type"] = int if meta["kind"] == "int" else float
+    elif meta["kind"] in ("numbers", "number_or_numbers"):  # `--weights 1 2 1`, `--density 0.5` or one per parent
+        kwargs["type"], kwargs["nargs"] = float, "+"
     if meta["choices"] is not None:
         choices = meta["choices"]
         kwargs["choices"] = list(choices() if callable(choices) else choices)
@@ -49,8 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser, options: type[MergeOptions] =
     S = argparse.SUPPRESS  # unset flags stay absent, so a recipe's keys are only overridden by given flags
     parser.add_argument(
         "models", nargs="*", metavar="MODEL", default=S,
-        help="the two parents: Hub repos `org/name` or `org/name@revision` (branch, tag or commit sha), or "
-        "local folders. Omit them with --recipe.")
+        help="the parents (two or more): Hub repos `org/name` or `org/name@revision` (branch, tag or commit sha), "
+        "or local folders. Omit them with --recipe.")
     parser.add_argument(
         "--recipe", metavar="YAML", default=S,
         help=f"run a recipe file (e.g. a {RECIPE_FILENAME} written next to a merged model); every other flag "
@@ -130,20 +132,27 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
         check_target(recipe.push_to_hub, overwrite=recipe.overwrite, token=token)
 
     from hf_mudsc.calibrate.datasets import load_calibration_dataset, pin_calibration_revision
-    from hf_mudsc.load.parents import load_parents
+    from hf_mudsc.load.parents import load_parents_and_base
+    from hf_mudsc.methods.auto import is_auto
     from hf_mudsc.methods.registry import get_method
 
     calibration = None
     calibration_spec = recipe.calibration
-    if get_method(recipe.method).needs_calibration or recipe.refit != "none":
+    chosen = None if is_auto(recipe.method) else get_method(recipe.method)
+    # `auto` opens the calibration it is given: the method it chooses may read it.
+    reads_data = recipe.calibration is not None if chosen is None else (
+        chosen.needs_calibration or chosen.needs_data)
+    if reads_data or recipe.refit != "none":
         # A Hub dataset is pinned to its commit (recorded in the recipe) and loaded at that commit; opened (not
         # read) first: a spec that does not exist fails before any weights are downloaded.
         calibration_spec = pin_calibration_revision(recipe.calibration, token=token)
         calibration = load_calibration_dataset(calibration_spec, token=token)
-    parents = load_parents(recipe.models, token=token, allow_pickle=recipe.allow_pickle)
+    parents, base, _ = load_parents_and_base(
+        recipe.models, recipe.base, token=token, allow_pickle=recipe.allow_pickle,
+        base_needed_for=recipe.method if chosen is not None and chosen.needs_base_model else None)
     import hf_mudsc
 
-    merged = hf_mudsc.merge(parents, calibration, **recipe.keywords(), token=token,
+    merged = hf_mudsc.merge(parents, calibration, **{**recipe.keywords(), "base": base}, token=token,
                             progress=sys.stderr.isatty())
     if merged is None or not main:  # a non-main process of a distributed run: rank 0 saves and publishes
         return {}
@@ -153,8 +162,10 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
         merged.config.mudsc["calibration"] = display_name(str(calibration_spec))
     from hf_mudsc.load.references import pinned_calibration, pinned_reference
 
+    # Parents, base and data pinned; `auto` recorded as the method it chose (as `merge_report.recipe` does).
     pinned = recipe.override(models=[pinned_reference(p) for p in parents],
-                             calibration=pinned_calibration(calibration_spec))
+                             calibration=pinned_calibration(calibration_spec),
+                             base=merged.merge_report.recipe["base"], method=merged.merge_report.method)
     from hf_mudsc.publish.writer import publish
 
     # On a failed push the written model is kept (in --output, or a folder the error names).

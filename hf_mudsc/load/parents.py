@@ -23,7 +23,7 @@ import torch
 import transformers
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from hf_mudsc.errors import LoadError, ParentMismatchError
+from hf_mudsc.errors import LoadError, MergeInputError, ParentMismatchError
 from hf_mudsc.load.checks import config_differences
 from hf_mudsc.load.processors import load_processor, processor_from_name, tokenizer_of
 from hf_mudsc.load.references import looks_like_path, parse_reference
@@ -568,6 +568,124 @@ def load_parents(refs: Sequence[Any], *, token: str | bool | None = None, allow_
     check_configs(located)
     check_vocabularies(located)
     return [_finish(p, token=token, cache_dir=cache_dir) for p in located]
+
+
+# How the log, the config and the card say where a base came from when it was not given.
+BASE_FROM_CARDS = "named as base_model by every parent's model card"
+
+
+def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_for: str | None = None,
+                          token: str | bool | None = None, allow_pickle: bool = False,
+                          cache_dir: str | os.PathLike | None = None
+                          ) -> tuple[list[LoadedParent], LoadedParent | None, str | None]:
+    """N parents and their common base (`base`: a reference, model or `LoadedParent`, or None), checked against
+    each other before any weights are downloaded: `(parents, base or None, where the base came from or None)`.
+
+    The base is loaded like a parent (pinned, safetensors unless `allow_pickle`, float32) and must be of the
+    parents' class and configuration (labels aside). Without `base`, when `base_needed_for` names a method that
+    needs one, the base is the `base_model` every parent's model card names (README.md front matter; Hub parents'
+    cards at their pinned commit); if they name none or different ones, a one-line `MergeInputError`.
+    """
+    if isinstance(refs, (str, os.PathLike, PreTrainedModel)):
+        raise LoadError("load_parents takes a list of parents, e.g. ['org/a', 'org/b@v2']")
+    located = [_locate_with_processor(r, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir) for r in refs]
+    check_configs(located)
+    source = None
+    if base is None and base_needed_for is not None:
+        base = base_from_cards(located, token=token, cache_dir=cache_dir)
+        if base is None:
+            from hf_mudsc.options import option_hint
+
+            raise MergeInputError(
+                f"method {base_needed_for!r} needs the parents' common base model and none was given; pass "
+                f"{option_hint('base')} (a Hub id `org/name[@revision]` or a folder), or choose a method that needs "
+                "no base (CLI: --method linear)"
+            )
+        source = BASE_FROM_CARDS
+        logger.info("base model %s: %s", base, BASE_FROM_CARDS)
+    located_base = None
+    if base is not None:
+        located_base = _locate_with_processor(base, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir)
+        check_base_config(located_base, located[0])
+    check_vocabularies(located + ([located_base] if located_base is not None else []))
+    parents = [_finish(p, token=token, cache_dir=cache_dir) for p in located]
+    loaded_base = _finish(located_base, token=token, cache_dir=cache_dir) if located_base is not None else None
+    return parents, loaded_base, source
+
+
+def check_base_config(base: _Located, parent: _Located) -> None:
+    """Refuse a base of another class or configuration than the parents' (labels aside), before any weights."""
+    if base.config is None or parent.config is None:
+        return
+    kind_base, kind_parent = _architecture(base), _architecture(parent)
+    if kind_base != kind_parent:
+        raise ParentMismatchError(
+            f"the base {base.reference!r} is a {kind_base} but the parents are {kind_parent}; pass the base of the "
+            "parents' class that they were fine-tuned from (save it with that class if needed)"
+        )
+    differences = config_differences(base.config, parent.config)
+    if differences:
+        raise ParentMismatchError(
+            f"the base {base.reference!r} has another configuration than the parents, so the parents are not "
+            "fine-tunes of it: " + "; ".join(differences[:5]) + ("; ..." if len(differences) > 5 else "")
+            + ". Pass the base the parents were fine-tuned from"
+        )
+
+
+def _card_text(located: _Located, *, token: str | bool | None, cache_dir: str | os.PathLike | None) -> str | None:
+    """A parent's model card (README.md) text: from its folder, or from the Hub at its pinned commit; None if none."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    loaded_model = located.loaded.model if located.loaded is not None else located.model
+    folder = located.folder
+    if folder is None and located.repo_id is None:
+        # A model object or a LoadedParent from a folder: its reference may be that folder.
+        for candidate in (located.reference, getattr(getattr(loaded_model, "config", None), "_name_or_path", "")):
+            if candidate and Path(str(candidate)).expanduser().is_dir():
+                folder = Path(str(candidate)).expanduser()
+                break
+    if located.repo_id is not None and (folder is None or not (folder / "README.md").is_file()):
+        def download() -> str | None:
+            try:
+                return hf_hub_download(located.repo_id, "README.md", revision=located.commit_sha or located.revision,
+                                       cache_dir=cache_dir, token=token, etag_timeout=constants.HF_HUB_ETAG_TIMEOUT,
+                                       local_files_only=constants.HF_HUB_OFFLINE)
+            except (EntryNotFoundError, LocalEntryNotFoundError):  # no card (or none cached offline)
+                return None
+
+        path = _hub_call(located.reference, download, what="downloading README.md (the model card)")
+        return Path(path).read_text(encoding="utf-8") if path else None
+    if folder is not None and (folder / "README.md").is_file():
+        return (folder / "README.md").read_text(encoding="utf-8")
+    return None
+
+
+def card_base_model(card_text: str | None) -> str | None:
+    """The one `base_model` a model card's front matter names (a string or a one-item list), else None."""
+    from huggingface_hub import ModelCard
+
+    if not card_text:
+        return None
+    try:
+        value = ModelCard(card_text, ignore_metadata_errors=True).data.to_dict().get("base_model")
+    except ValueError:
+        return None
+    if isinstance(value, list):
+        value = value[0] if len(value) == 1 else None
+    return value if isinstance(value, str) and value else None
+
+
+def base_from_cards(located: Sequence[_Located], *, token: str | bool | None = None,
+                    cache_dir: str | os.PathLike | None = None) -> str | None:
+    """The base every parent's model card names (`base_model` in README.md), or None when any names none or
+    they differ (logged)."""
+    named = [card_base_model(_card_text(p, token=token, cache_dir=cache_dir)) for p in located]
+    if named and all(n is not None for n in named) and len(set(named)) == 1:
+        return named[0]
+    logger.info("the parents' model cards do not name one common base_model: %s",
+                ", ".join(f"{p.reference}: {n or 'none'}" for p, n in zip(located, named)))
+    return None
 
 
 def load_model(ref: PreTrainedModel | str | os.PathLike, *, allow_pickle: bool = False) -> PreTrainedModel:

@@ -109,11 +109,13 @@ class ParentRelation:
     `shared base` (fine-tunes of one base: identity-aligned relative distance below 0.5) or `independent`.
     `weight_distance`: ‖A − B‖ / ‖A‖ over every tensor of equal shape, unaligned.
     `imbalance`: each parent's largest per-block head factor imbalance (see `factor_imbalance`).
+    For N > 2 parents (`combined_relation`): the loosest pairwise relation with parent 0, the largest distance,
+    one imbalance per parent.
     """
 
     relation: str
     weight_distance: float
-    imbalance: tuple[float, float]
+    imbalance: tuple[float, ...]
 
     def as_config(self) -> dict[str, object]:
         return {
@@ -153,8 +155,11 @@ def _attention_params(spec: PermutationSpec) -> set[str]:
 
 
 def parent_relation(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, torch.Tensor],
-                    spec: PermutationSpec) -> tuple[ParentRelation, tuple[int, str] | None]:
-    """The parents' relation, and — when a parent looks protected — which one (0 = A, 1 = B) and why, else None."""
+                    spec: PermutationSpec, labels: Sequence[str] = ("A", "B")
+                    ) -> tuple[ParentRelation, tuple[int, str] | None]:
+    """The parents' relation, and — when a parent looks protected — which one (0 = A, 1 = B) and why, else None.
+
+    `labels`: how the reason names the two parents."""
     imbalance = []
     for side, params in enumerate((params_a, params_b)):
         blocks = factor_imbalance(params, spec)
@@ -200,7 +205,8 @@ def parent_relation(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
             # Which one was re-factored: the less balanced one (B when they tie, e.g. under an orthogonal M).
             side = 0 if imbalance[0] > imbalance[1] else 1
             return relation, (side, (
-                f"its attention heads are re-factored relative to parent {'BA'[side]} (MergeLock-style protection): "
+                f"its attention heads are re-factored relative to parent {labels[1 - side]} "
+                "(MergeLock-style protection): "
                 f"the parents share their other weights (relative distance {d_rest:.2g}) and every head computes "
                 f"the same product (distance {d_products:.2g}), but the q/k and v/o factors differ by {d_factors:.2g}"
             ))
@@ -221,3 +227,54 @@ def check_mergeable(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
     logger.info("parents: %s (relative weight distance %.3g; head factor imbalance %.3g / %.3g)",
                 relation.relation, relation.weight_distance, *relation.imbalance)
     return relation
+
+
+# From the closest relation to the loosest: N parents relate as loosely as their loosest pair.
+RELATION_ORDER = ("same model", "permuted copy", "shared base", "independent")
+
+
+def parent_label(index: int) -> str:
+    """How messages name parent `index`: A, B, C, ... (then numbers past Z)."""
+    return chr(ord("A") + index) if index < 26 else str(index + 1)
+
+
+def combined_relation(relations: Sequence[ParentRelation]) -> ParentRelation:
+    """The relation of N parents from each parent's relation to parent 0 (`relations[i - 1]` for parent i):
+    the loosest label, the largest distance, parent 0's imbalance then each other parent's."""
+    if len(relations) == 1:
+        return relations[0]
+    label = max((r.relation for r in relations), key=RELATION_ORDER.index)
+    return ParentRelation(label, max(r.weight_distance for r in relations),
+                          (relations[0].imbalance[0], *(r.imbalance[1] for r in relations)))
+
+
+def check_parents_mergeable(params: Sequence[Mapping[str, torch.Tensor]], spec: PermutationSpec,
+                            names: Sequence[str]) -> ParentRelation:
+    """`check_mergeable` for N >= 2 parents: each parent against parent 0 (a protected one is refused by its letter
+    and name); the combined relation is logged and returned (two parents: exactly `check_mergeable`'s)."""
+    if len(params) == 2:
+        return check_mergeable(params[0], params[1], spec, names)
+    relations = []
+    for index in range(1, len(params)):
+        relation, protected = parent_relation(params[0], params[index], spec,
+                                              labels=(parent_label(0), parent_label(index)))
+        if protected is not None:
+            side, why = protected
+            which = 0 if side == 0 else index
+            raise UnmergeableModelError(
+                f"parent {parent_label(which)} ({names[which]}) is protected against merging and cannot be merged: "
+                f"{why}; merge an unprotected release of that model instead"
+            )
+        relations.append(relation)
+    combined = combined_relation(relations)
+    logger.info("%d parents: %s (largest relative weight distance to parent A %.3g; head factor imbalance %s)",
+                len(params), combined.relation, combined.weight_distance,
+                " / ".join(f"{x:.3g}" for x in combined.imbalance))
+    return combined
+
+
+def base_relations(base: Mapping[str, torch.Tensor], params: Sequence[Mapping[str, torch.Tensor]],
+                   spec: PermutationSpec) -> list[ParentRelation]:
+    """How each parent relates to the base (a fine-tune of it is `shared base`); the base is no parent, so it is
+    not refused here as a protected one."""
+    return [parent_relation(base, parent, spec)[0] for parent in params]

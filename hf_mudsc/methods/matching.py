@@ -8,6 +8,7 @@ which matcher (align/zip, fixed or the user's) and whether they refine the start
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from hf_mudsc.methods.registry import (
     PAPER_MUDSC,
@@ -18,6 +19,9 @@ from hf_mudsc.methods.registry import (
     MethodResult,
     register_method,
 )
+
+if TYPE_CHECKING:
+    from hf_mudsc.options import MergeOptions
 
 #: The reference implementation's merge normaliser (`reference_compat=True`; docs/design.md §4.8).
 REFERENCE_NORMALIZER_EPS = 1e-5
@@ -38,6 +42,7 @@ class UnitMatchingMethod(MergeMethod):
     alpha: float | None = None
     iterate: bool = True
     extra_starts: tuple[str, ...] = ()
+    builds_concatenated_head: bool = True
 
     @property
     def matches_units(self) -> bool:
@@ -52,22 +57,31 @@ class UnitMatchingMethod(MergeMethod):
     def recorded_alpha(self, alpha: float) -> float | None:
         return float(alpha) if self.alpha is None else None
 
+    def used_options(self, options: MergeOptions) -> dict[str, Any]:
+        """The matcher, the user's balance factor (when not fixed) and the zip settings (zip matcher only)."""
+        matcher = self.used_matcher(options.matcher)
+        zipping = matcher == "zip"
+        return {"matcher": matcher, "alpha": self.recorded_alpha(options.alpha),
+                "zip_decay": options.zip_decay if zipping else None,
+                "zip_budget": options.zip_budget if zipping else None}
+
     def merge_parameters(self, context: MethodContext) -> MethodResult:
         from hf_mudsc.apply.weights import apply_matches
         from hf_mudsc.solve.loop import SolveOptions, Solver
 
+        given = context.options
         options = SolveOptions(
-            matcher=self.used_matcher(context.matcher),
-            alpha=float(context.alpha) if self.alpha is None else self.alpha,
+            matcher=self.used_matcher(given.matcher),
+            alpha=float(given.alpha) if self.alpha is None else self.alpha,
             use_activations=self.needs_calibration,
             iterate=self.iterate,
-            zip_decay=context.zip_decay,
-            zip_budget=context.zip_budget,
-            independent_heads=context.independent_heads or context.reference_compat,
-            normalizer_eps=REFERENCE_NORMALIZER_EPS if context.reference_compat else 0.0,
-            seed=context.seed,
+            zip_decay=given.zip_decay,
+            zip_budget=given.zip_budget,
+            independent_heads=given.independent_heads or given.reference_compat,
+            normalizer_eps=REFERENCE_NORMALIZER_EPS if given.reference_compat else 0.0,
+            seed=given.seed,
             device=context.device,
-            extra_starts=() if context.reference_compat else self.extra_starts,
+            extra_starts=() if given.reference_compat else self.extra_starts,
         )
         solver = Solver(context.solve_spec, context.params_a, context.params_b, context.correlations, options)
         result = solver.solve(progress=context.progress)

@@ -2,7 +2,8 @@
 
 `hf_mudsc.merge` loads and checks the parents, collects activation statistics when the method asks for
 calibration data, then hands a `MethodContext` to `method.merge_parameters` and builds the model from the
-parameters it returns. It never branches on a method's name; the API, the CLI's `--method` choices, the card,
+parameters it returns. The default `method="auto"` is resolved to a registered method by
+`hf_mudsc.methods.auto`. It never branches on a method's name; the API, the CLI's `--method` choices, the card,
 the demo and the benchmarks all read this registry. Adding a method = one module with a `MergeMethod`
 subclass + `register_method` (docs/adding_a_method.md).
 
@@ -11,44 +12,63 @@ Torch-free on purpose: `hf-mudsc merge --help` lists the methods without importi
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+    from transformers import PreTrainedModel
 
+    from hf_mudsc.options import MergeOptions
     from hf_mudsc.solve.matchers import Match
     from hf_mudsc.spec import PermutationSpec
 
 PAPER_MUDSC = "https://arxiv.org/abs/2403.01753"
 PAPER_ZIPIT = "https://arxiv.org/abs/2305.03053"
 PAPER_REBASIN = "https://arxiv.org/abs/2209.04836"
+# The `method` option's default: not a registry entry but a choice among them from the parents' relation
+# (`hf_mudsc.methods.auto.choose_method`).
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
 class MethodContext:
-    """Everything a method may read to merge two loaded parents (parameters on the CPU, never modified)."""
+    """Everything a method may read to merge N loaded parents (parameters on the CPU, never modified)."""
 
     spec: PermutationSpec
     """The parents' permutation spec: groups, members, attention heads (what apply maps)."""
     solve_spec: PermutationSpec
     """The spec to compute weight similarities with (the classifier left out when heads are concatenated)."""
-    params_a: Mapping[str, torch.Tensor]
-    params_b: Mapping[str, torch.Tensor]
+    parents: Sequence[Mapping[str, torch.Tensor]]
+    """Each parent's parameters, in parent order. When the heads are concatenated (`concatenate_classifier`) and
+    the method does not build the concatenated head itself (`builds_concatenated_head`), the classifier tensors
+    are left out here and the pipeline concatenates them."""
+    base: Mapping[str, torch.Tensor] | None
+    """The common base's parameters when `base=` was given or found (else None); same names as the parents'
+    (a base classifier of another label set is left out)."""
+    models: Sequence[PreTrainedModel]
+    """The loaded parents (for methods that run them: `needs_data`)."""
+    batches: Callable[[], Iterable[dict]] | None
+    """A new pass over the calibration input batches at each call (None without calibration data)."""
     correlations: Sequence[torch.Tensor] | None
     """One activation correlation `(2n, 2n)` per spec group; None unless the method needs calibration."""
     concatenate_classifier: bool
-    """The parents' label sets differ: the merged classifier is A's rows then B's."""
-    matcher: str
-    alpha: float
-    zip_decay: float
-    zip_budget: float
-    independent_heads: bool
-    reference_compat: bool
-    seed: int
+    """The parents' label sets differ: the merged classifier is parent 0's rows, then parent 1's, ..."""
+    options: MergeOptions
+    """Every merge option, checked (`alpha`, `matcher`, `seed`, `weights`, `density`, ...)."""
     device: str
     progress: bool = False
+
+    @property
+    def params_a(self) -> Mapping[str, torch.Tensor]:
+        """Parent 0's parameters (two-parent methods)."""
+        return self.parents[0]
+
+    @property
+    def params_b(self) -> Mapping[str, torch.Tensor]:
+        """Parent 1's parameters (two-parent methods)."""
+        return self.parents[1]
 
 
 @dataclass
@@ -81,8 +101,14 @@ class MergeMethod:
     needs_calibration: bool = False
     """Needs activation statistics (`context.correlations`), i.e. calibration data."""
     needs_base_model: bool = False
-    """Needs the parents' common ancestor (same-base methods; `merge()` cannot take one yet)."""
-    num_parents: int = 2
+    """Needs the parents' common base (`context.base`): `base=` (CLI: --base), or the parents' model cards' one."""
+    num_parents: int | None = 2
+    """How many parents it merges: a number, or None for any N >= 2."""
+    needs_data: bool = False
+    """Reads the calibration batches itself (`context.batches`, e.g. RegMean, Fisher), without the statistics."""
+    builds_concatenated_head: bool = False
+    """With different label sets, builds the concatenated classifier itself (the unit-matching apply step does);
+    otherwise the classifier is left out of `context.parents` and the pipeline concatenates it."""
 
     @property
     def matches_units(self) -> bool:
@@ -100,6 +126,12 @@ class MergeMethod:
     def recorded_alpha(self, alpha: float) -> float | None:
         """The balance factor recorded in the config and card (None where the method does not read it)."""
         return None
+
+    def used_options(self, options: MergeOptions) -> dict[str, Any]:
+        """The per-method options (`MergeOptions` fields declared `per_method`) this method reads, with the values
+        it used (a method default resolved): the config and card record these; every other per-method option is
+        recorded as None (its card row hidden)."""
+        return {}
 
     def merge_parameters(self, context: MethodContext) -> MethodResult:
         """Merge the parents' parameters; runs on the main process only, after calibration."""
@@ -128,6 +160,7 @@ def unregister_method(name: str) -> MergeMethod:
 
 
 def get_method(name: str) -> MergeMethod:
+    """The registered method `name` (not `auto`, which `hf_mudsc.methods.auto.choose_method` resolves)."""
     try:
         return METHODS[name]
     except KeyError:

@@ -173,6 +173,9 @@ def card_data(
         if extra and extra not in tags:
             tags.append(extra)
     base_models = [p.repo_id for p in parents if p.repo_id]
+    base = ParentInfo.from_any(recipe.base) if recipe.base else None
+    if base is not None and base.repo_id and base.repo_id not in base_models:
+        base_models.append(base.repo_id)  # the common base too: the merge is built from it (task vectors)
     dataset = calibration_dataset_id(recipe.calibration)
     data: dict[str, Any] = {
         "library_name": "transformers",
@@ -262,7 +265,7 @@ def render_card(
     shown_recipe = recipe.override(models=shown_models, calibration=shown_calibration) if local_names else recipe
     num_samples = mudsc.get("num_calibration_samples", getattr(report, "num_samples", None))
     settings = settings_rows(mudsc, shown_recipe, {
-        "method": method, "hub_url": constants.ENDPOINT.rstrip("/"),
+        "method": method, "hub_url": constants.ENDPOINT.rstrip("/"), "base_source": mudsc.get("base_source"),
         "calibration_dataset": calibration_dataset_id(recipe.calibration), "num_samples": num_samples})
     content = _environment(path.parent).get_template(path.name).render(
         card_data=data.to_yaml(),
@@ -273,6 +276,9 @@ def render_card(
         auto_processor=_AUTO_CLASSES[data.pipeline_tag][1],
         repo_id=recipe.push_to_hub,
         parents=infos,
+        parent_letters=[chr(ord("A") + i) if i < 26 else str(i + 1) for i in range(len(infos))],
+        base=ParentInfo.from_any(recipe.base) if recipe.base else None,
+        method_choice_reason=mudsc.get("method_choice_reason"),
         hub_url=constants.ENDPOINT.rstrip("/"),
         method=method,
         method_name=mudsc.get("method") or recipe.method,

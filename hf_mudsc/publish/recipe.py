@@ -111,7 +111,7 @@ class Recipe(MergeOptions):
         """Check one value's type (YAML `0.5` is a float, `yes` a bool); paths become strings."""
         if key == "models":
             if isinstance(value, (str, os.PathLike)) or not isinstance(value, (list, tuple)):
-                raise RecipeError(f"{source}: `models` must be a list of two model references, got {value!r}")
+                raise RecipeError(f"{source}: `models` must be a list of model references, got {value!r}")
             return [os.fspath(v) if isinstance(v, os.PathLike) else _expect_str(key, v, source) for v in value]
         try:
             return cls.check_type(key, value)
@@ -121,11 +121,12 @@ class Recipe(MergeOptions):
     # ------------------------------------------------------------------ checks
     def validate(self) -> Recipe:
         """Refuse a recipe that cannot run, before anything is downloaded or computed (normalises options)."""
+        from hf_mudsc.methods.auto import is_auto
         from hf_mudsc.methods.registry import get_method
 
-        if len(self.models) != 2:
+        if len(self.models) < 2:
             raise RecipeError(
-                f"a merge takes exactly two parent models (Hub ids `org/name[@revision]` or folders), "
+                f"a merge takes two or more parent models (Hub ids `org/name[@revision]` or folders), "
                 f"got {len(self.models)}: {self.models}"
             )
         try:
@@ -141,7 +142,16 @@ class Recipe(MergeOptions):
         if self.refit != "none" and not self.calibration:
             raise RecipeError(f"refit {self.refit!r} needs calibration data: pass --calibration (a dataset spec "
                               "`repo_or_path[@revision][:config]:split` or a saved dataset folder), or --refit none")
-        if get_method(self.method).needs_calibration and not self.calibration:
+        for key in ("weights", "density"):
+            value = getattr(self, key)
+            if isinstance(value, list) and len(value) != len(self.models):
+                raise RecipeError(f"{key} gives {len(value)} values for {len(self.models)} parents (CLI: --{key}); "
+                                  "give one per parent, in parent order")
+        method = None if is_auto(self.method) else get_method(self.method)
+        if method is not None and method.num_parents is not None and method.num_parents != len(self.models):
+            raise RecipeError(f"method {self.method!r} merges exactly {method.num_parents} parents, got "
+                              f"{len(self.models)}; choose another method (CLI: --method)")
+        if method is not None and (method.needs_calibration or method.needs_data) and not self.calibration:
             raise RecipeError(
                 f"method {self.method!r} needs calibration data: pass --calibration "
                 "(a dataset spec `repo_or_path[@revision][:config]:split` or a saved dataset folder), "

@@ -1,0 +1,55 @@
+"""The default `method="auto"`: a registered method chosen from how the parents relate (docs/design.md §2).
+
+The rule is a table (relation of the parents, base given?) -> candidate methods, the first registered one wins:
+
+- different initializations (`independent`) or a `permuted copy`: units must be matched first -> `mudsc`;
+- fine-tunes of one base (`shared base`) or the `same model`: the identity correspondence already holds ->
+  `ties` when the base is given (mergekit's and FusionBench's usual dataless choice for N parents), else `linear`.
+
+The reason string says which and why; the log, `config.mudsc["method_choice_reason"]` and the card carry it.
+Torch-free (reads the relation's label and distance only).
+"""
+
+from __future__ import annotations
+
+from hf_mudsc.methods.registry import AUTO, METHODS, MergeMethod
+
+# (relation of the parents, base given) -> methods in order of preference; the first registered one is chosen.
+UNIT_MATCHING = ("mudsc",)
+CHOICES: dict[tuple[str, bool], tuple[str, ...]] = {
+    ("independent", False): UNIT_MATCHING,
+    ("independent", True): UNIT_MATCHING,
+    ("permuted copy", False): UNIT_MATCHING,
+    ("permuted copy", True): UNIT_MATCHING,
+    ("shared base", False): ("linear",),
+    ("shared base", True): ("ties", "linear"),
+    ("same model", False): ("linear",),
+    ("same model", True): ("ties", "linear"),
+}
+WHY = {
+    "independent": "parents come from different initializations, so their units must be matched",
+    "permuted copy": "parents are permuted copies of one model, so their units must be matched",
+    "shared base": "parents share a base, so the identity correspondence holds",
+    "same model": "parents are the same model, so the identity correspondence holds",
+}
+
+
+def is_auto(method: str) -> bool:
+    """Whether the `method` option asks for the automatic choice."""
+    return method == AUTO
+
+
+def choose_method(relation: str, weight_distance: float, *, has_base: bool) -> tuple[MergeMethod, str]:
+    """The method `auto` picks for parents with this relation (`hf_mudsc.load.relation.ParentRelation`), and why.
+
+    Raises ValueError when none of the candidates is registered (a plug-in removed them)."""
+    candidates = CHOICES.get((relation, has_base))
+    if candidates is None:
+        raise ValueError(f"method 'auto' cannot choose for parents whose relation is {relation!r}")
+    for name in candidates:
+        if name in METHODS:
+            base = " and the base is given" if has_base else ""
+            reason = (f"{WHY[relation]}{base} (relative weight distance {weight_distance:.3g}): {name}")
+            return METHODS[name], reason
+    raise ValueError(f"method 'auto' would choose one of {', '.join(candidates)} for parents whose relation is "
+                     f"{relation!r}, but none is registered; pass method= (CLI: --method)")

@@ -1,0 +1,205 @@
+"""`base=`: the parents' common base, loaded like a parent, refused in one line when it does not fit, found from the
+parents' model cards when a method needs it and none is given (local folders and the Hub emulator)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import pytest
+import torch
+from factories import classifier_names, make_model, with_new_head
+from transformers import ViTImageProcessor
+
+import hf_mudsc
+from hf_mudsc.errors import MergeInputError, ParentMismatchError
+from hf_mudsc.load.parents import BASE_FROM_CARDS
+from hf_mudsc.methods import MergeMethod, MethodContext, MethodResult, register_method, unregister_method
+from hf_mudsc.publish.card import render_card
+from hf_mudsc.publish.writer import recipe_of
+
+seen: list[MethodContext] = []
+
+
+@dataclass(frozen=True)
+class SumOfTaskVectors(MergeMethod):
+    """base + sum_i (parent_i - base) over the base's tensors: the smallest method that reads the base."""
+
+    num_parents: int | None = None
+    needs_base_model: bool = True
+
+    def merge_parameters(self, context: MethodContext) -> MethodResult:
+        seen.append(context)
+        merged = {name: base + sum(p[name] - base for p in context.parents) for name, base in context.base.items()}
+        return MethodResult(parameters=merged, matches=[None] * len(context.spec.groups))
+
+
+@pytest.fixture
+def needs_base():
+    seen.clear()
+    register_method(SumOfTaskVectors(name="sum_of_task_vectors", pretty_name="Sum of task vectors", paper=None,
+                                     description="base + the parents' task vectors"))
+    yield "sum_of_task_vectors"
+    unregister_method("sum_of_task_vectors")
+
+
+def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in model.named_parameters()}
+
+
+def fine_tune(model: torch.nn.Module, scale: float, seed: int) -> torch.nn.Module:
+    clone = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in clone.parameters():
+            if param.numel() > 1:
+                param.add_(scale * param.std() * torch.randn(param.shape, generator=generator))
+    return clone.eval()
+
+
+def save(model: torch.nn.Module, folder, base_model: str | None = None) -> str:
+    model.save_pretrained(folder)
+    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5]).save_pretrained(folder)
+    if base_model is not None:
+        (folder / "README.md").write_text(f"---\nbase_model: {base_model}\nlibrary_name: transformers\n---\n\n# x\n")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def family():
+    base = make_model("vit_cls", 0)
+    return base, [fine_tune(base, 0.05, seed) for seed in (1, 2)]
+
+
+def expected_sum(base, parents) -> dict[str, torch.Tensor]:
+    return {n: b + sum(params(p)[n] - b for p in parents) for n, b in params(base).items()}
+
+
+def test_a_given_base_reaches_the_method_and_the_record(family, needs_base, tmp_path):
+    base, parents = family
+    folders = [save(p, tmp_path / f"p{i}") for i, p in enumerate(parents)]
+    base_folder = save(base, tmp_path / "base")
+    merged = hf_mudsc.merge(folders, base=base_folder, method=needs_base, progress=False)
+    assert len(seen) == 1 and set(seen[0].base) == set(params(base))
+    assert all(torch.equal(seen[0].base[n], t) for n, t in params(base).items())
+    for name, tensor in expected_sum(base, parents).items():
+        assert torch.equal(params(merged)[name], tensor), name
+    mudsc = merged.config.mudsc
+    assert (mudsc["base"], mudsc["base_source"], mudsc["base_revision"]) == ("base", None, None)
+    assert merged.merge_report.recipe["base"] == base_folder  # absolute: the recipe re-runs from anywhere
+    card = str(render_card(merged, recipe_of(merged)))
+    assert "| base | `base` (local folder) | — |" in card and "| Base model | `base` |" in card
+
+
+def test_a_base_with_a_head_of_other_labels_is_used_without_it(family, needs_base, caplog):
+    base, parents = family
+    other_head = with_new_head(base, 5, seed=3)
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        merged = hf_mudsc.merge(parents, base=other_head, method=needs_base, progress=False)
+    weight, bias = classifier_names(base)
+    assert weight not in seen[0].base and bias not in seen[0].base
+    for name in (weight, bias):  # the parents' shared head: their weighted mean
+        assert torch.equal(params(merged)[name], (params(parents[0])[name] + params(parents[1])[name]) / 2)
+    assert "2 tensors the method did not merge (not in the base" in caplog.text
+
+
+def test_a_base_of_another_class_or_configuration_is_refused_before_its_weights(family, needs_base, tmp_path):
+    base, parents = family
+    folders = [save(p, tmp_path / f"p{i}") for i, p in enumerate(parents)]
+    bare = save(base.vit, tmp_path / "bare")
+    with pytest.raises(ParentMismatchError) as caught:
+        hf_mudsc.merge(folders, base=bare, method=needs_base, progress=False)
+    assert str(caught.value) == (f"the base {bare!r} is a ViTModel but the parents are ViTForImageClassification; "
+                                 "pass the base of the parents' class that they were fine-tuned from (save it with "
+                                 "that class if needed)")
+    config = copy.deepcopy(base.config)
+    config.intermediate_size = 2 * config.intermediate_size
+    wider = save(type(base)(config), tmp_path / "wider")
+    with pytest.raises(ParentMismatchError, match=r"^the base '.*wider' has another configuration than the parents, "
+                                                  r"so the parents are not fine-tunes of it: intermediate_size: "):
+        hf_mudsc.merge(folders, base=wider, method=needs_base, progress=False)
+    assert seen == []
+
+
+def test_a_base_tensor_of_another_shape_is_named(family, needs_base):
+    base, parents = family
+    odd = copy.deepcopy(base)
+    odd.vit.embeddings.position_embeddings = torch.nn.Parameter(torch.zeros(1, 5, base.config.hidden_size))
+    with pytest.raises(MergeInputError) as caught:
+        hf_mudsc.merge(parents, base=odd, method=needs_base, progress=False)
+    expected = tuple(base.vit.embeddings.position_embeddings.shape)
+    assert str(caught.value) == (
+        f"the base 'ViTForImageClassification' does not fit the parents: tensor 'vit.embeddings.position_embeddings' "
+        f"is (1, 5, {base.config.hidden_size}) in the base but {expected} in the parents; pass the base the parents "
+        "were fine-tuned from (base= (CLI: --base))")
+    assert seen == []
+
+
+def test_the_base_named_by_every_parents_card_is_found(family, needs_base, tmp_path, caplog):
+    base, parents = family
+    base_folder = save(base, tmp_path / "base")
+    folders = [save(p, tmp_path / f"p{i}", base_model=base_folder) for i, p in enumerate(parents)]
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        merged = hf_mudsc.merge(folders, method=needs_base, progress=False)
+    assert f"base model {base_folder}: {BASE_FROM_CARDS}" in caplog.text
+    for name, tensor in expected_sum(base, parents).items():
+        assert torch.equal(params(merged)[name], tensor), name
+    assert merged.config.mudsc["base_source"] == BASE_FROM_CARDS
+    assert merged.merge_report.recipe["base"] == base_folder
+    card = str(render_card(merged, recipe_of(merged)))
+    assert f"| Base model | `base` ({BASE_FROM_CARDS}) |" in card
+
+
+def test_cards_naming_different_bases_or_none_are_a_one_line_error(family, needs_base, tmp_path):
+    base, parents = family
+    folders = [save(parents[0], tmp_path / "p0", base_model="org/base-one"),
+               save(parents[1], tmp_path / "p1", base_model="org/base-two")]
+    for models in (folders, [folders[0], save(parents[1], tmp_path / "bare")]):
+        with pytest.raises(MergeInputError) as caught:
+            hf_mudsc.merge(models, method=needs_base, progress=False)
+        assert str(caught.value) == (
+            "method 'sum_of_task_vectors' needs the parents' common base model and none was given; pass base= "
+            "(CLI: --base) (a Hub id `org/name[@revision]` or a folder), or choose a method that needs no base "
+            "(CLI: --method linear)")
+    assert seen == []
+
+
+def test_the_base_named_by_hub_cards_is_loaded_and_pinned(family, hub_emulator, tmp_path):
+    base, parents = family
+    save(base, tmp_path / "base")
+    hub_emulator.upload_folder("user/base", tmp_path / "base", "the base")
+    for index, parent in enumerate(parents):
+        save(parent, tmp_path / f"p{index}", base_model="user/base")
+        hub_emulator.upload_folder(f"user/p{index}", tmp_path / f"p{index}", f"fine-tune {index}")
+    result = hub_emulator.run_client('''
+        import logging
+        from dataclasses import dataclass
+
+        import hf_mudsc
+        from hf_mudsc.methods import MergeMethod, MethodResult, register_method
+        from hf_mudsc.publish.card import render_card
+        from hf_mudsc.publish.writer import recipe_of
+
+        @dataclass(frozen=True)
+        class SumOfTaskVectors(MergeMethod):
+            def merge_parameters(self, context):
+                merged = {n: b + sum(p[n] - b for p in context.parents) for n, b in context.base.items()}
+                return MethodResult(parameters=merged, matches=[None] * len(context.spec.groups))
+
+        register_method(SumOfTaskVectors(name="sum_of_task_vectors", pretty_name="Sum", paper=None, description="",
+                                         needs_base_model=True, num_parents=None))
+        merged = hf_mudsc.merge(["user/p0", "user/p1"], method="sum_of_task_vectors", progress=False)
+        emit({key: merged.config.mudsc[key] for key in ("base", "base_revision", "base_source", "parents")})
+        emit(merged.merge_report.recipe["base"])
+        emit(render_card(merged, recipe_of(merged)).data.to_dict())
+        emit({k: v.tolist() for k, v in merged.state_dict().items() if k.endswith("classifier.bias")})
+    ''')
+    sha = hub_emulator.head("user/base")
+    recorded, pinned, card, head = result.results
+    assert recorded == {"base": "user/base", "base_revision": sha, "base_source": BASE_FROM_CARDS,
+                        "parents": ["user/p0", "user/p1"]}
+    assert pinned == f"user/base@{sha}"
+    assert card["base_model"] == ["user/p0", "user/p1", "user/base"] and card["base_model_relation"] == "merge"
+    bias = expected_sum(base, parents)["classifier.bias"]
+    assert torch.allclose(torch.tensor(head["classifier.bias"]), bias, atol=0, rtol=0)
