@@ -314,6 +314,19 @@ def _check_scaling(name: str, value: float, cli: str) -> None:
         raise OptionError(f"scaling must be a finite number {cli} (mergekit's lambda, 1.0 by default), got {value}")
 
 
+# Calibration-data same-base methods (hf_mudsc/methods/data.py).
+def _check_regmean_scale(name: str, value: float, cli: str) -> None:
+    # The off-diagonal factor of a Gram: 1 keeps it (plain least squares), 0 leaves only the diagonal.
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise OptionError(f"regmean_scale must lie in [0, 1] {cli} (0.95 is FusionBench's), got {value}")
+
+
+def _check_fisher_epsilon(name: str, value: float, cli: str) -> None:
+    # A floor on every Fisher entry: 0 would divide 0 by 0 where no parent's data moves a parameter.
+    if not (math.isfinite(value) and value > 0.0):
+        raise OptionError(f"fisher_epsilon must be a finite number > 0 {cli} (1e-6 is the paper's), got {value}")
+
+
 # --------------------------------------------------------------------------------------------- card cells
 
 
@@ -479,6 +492,18 @@ class MergeOptions:
         "float32", kind="dtype", check=_check_statistics_dtype, choices=STATISTICS_DTYPES, recorded=True,
         help="precision of the calibration statistics: float32 multiplies each batch in float32 and sums "
         "in float64 (about twice as fast on CPUs); float64 keeps every product in float64")
+    # ---- calibration-data same-base methods (regmean, regmean_plusplus, fisher: hf_mudsc/methods/data.py)
+    regmean_scale: float = option(
+        0.95, kind="number", check=_check_regmean_scale, metavar="R", recorded=True, per_method=True,
+        card=CardRow(3, "RegMean off-diagonal scale", _card_numbers),
+        help="regmean, regmean_plusplus: factor on the off-diagonal entries of every input Gram matrix, in [0, 1] "
+        "(1 = plain least squares on the parents' inputs; smaller pulls toward a per-feature average)")
+    fisher_epsilon: float = option(
+        1e-6, kind="number", check=_check_fisher_epsilon, metavar="E", recorded=True, per_method=True,
+        card=CardRow(3, "Fisher floor ε", _card_numbers),
+        help="fisher: floor on every parent's diagonal Fisher (where no parent's data moves a parameter, the "
+        "weighted average)")
+    # ---- end of the calibration-data method options
     device: str | None = option(
         None, kind="device", check=_check_device, metavar="DEVICE", show_default=False, check_keyword=False,
         help="where the calibration forward passes run: cpu, cuda or cuda:N (default: cuda when available, "

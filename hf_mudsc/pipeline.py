@@ -117,6 +117,8 @@ def merge(
     processor: Any | None = None,
     refit: str = "none",
     refit_lambda: float = 1e-3,
+    regmean_scale: float = 0.95,
+    fisher_epsilon: float = 1e-6,
 ) -> PreTrainedModel | None:
     """Merge two or more fine-tuned models of one architecture into one model, without training.
 
@@ -177,6 +179,9 @@ def merge(
             iterator). Under `torchrun` it runs on the main process over the whole calibration stream.
         refit_lambda: the refit's ridge strength relative to each layer's mean input energy (pulls toward the
             matched weights).
+        regmean_scale: `regmean` / `regmean_plusplus`: factor on the off-diagonal entries of every input Gram
+            matrix, in [0, 1] (docs/design.md §4.10).
+        fisher_epsilon: `fisher`: floor on every parent's diagonal Fisher, > 0.
         processor: preprocesses raw calibration columns (a tokenizer, image processor or processor) instead of
             the parents' own — which are found in their folders, or for model objects in their `name_or_path`
             folder or cached Hub snapshot.
@@ -327,6 +332,9 @@ def merge(
     report.sweeps = result.sweeps
     report.starts = dict(result.start_objectives)
     report.solve_start = result.solve_start
+    if result.calibration_examples:  # a method that read the calibration data itself (`needs_data`)
+        report.num_samples = result.calibration_examples
+        _log_sample_count(num_samples, report.num_samples)
     merged_params = dict(result.parameters)
     if left_out:
         merged_params.update(concatenated_head(params, sorted(left_out)))

@@ -65,4 +65,5 @@ def test_the_example_methods_register_and_merge(my_methods):
 def test_the_registry_is_clean_again():
     """Runs after the example test in file order: nothing it registered is left behind."""
     assert "first_parent" not in METHODS and "weight_zip" not in METHODS
-    assert list(METHODS) == ["mudsc", "zipit", "activation_align", "weight_matching", "average", "linear"]
+    assert list(METHODS) == ["mudsc", "zipit", "activation_align", "weight_matching", "average", "linear",
+                             "regmean", "regmean_plusplus", "fisher"]

@@ -57,7 +57,8 @@ def temporary_method():
 
 
 def test_builtin_methods_in_registry_order_with_their_runs():
-    assert list(METHODS) == ["mudsc", "zipit", "activation_align", "weight_matching", "average", "linear"]
+    assert list(METHODS) == ["mudsc", "zipit", "activation_align", "weight_matching", "average", "linear",
+                             "regmean", "regmean_plusplus", "fisher"]
     assert method_runs() == [
         ("mudsc (zip)", {"method": "mudsc", "matcher": "zip"}),
         ("mudsc (align)", {"method": "mudsc", "matcher": "align"}),
@@ -66,16 +67,22 @@ def test_builtin_methods_in_registry_order_with_their_runs():
         ("weight_matching", {"method": "weight_matching", "matcher": "align"}),
         ("average", {"method": "average"}),
         ("linear", {"method": "linear"}),
+        ("regmean", {"method": "regmean"}),
+        ("regmean_plusplus", {"method": "regmean_plusplus"}),
+        ("fisher", {"method": "fisher"}),
     ]
     assert [label for label, _ in method_runs("{name} {matcher}")][:2] == ["mudsc zip", "mudsc align"]
     needs = {name: (m.needs_calibration, m.needs_base_model, m.num_parents) for name, m in METHODS.items()}
     assert needs == {"mudsc": (True, False, 2), "zipit": (True, False, 2), "activation_align": (True, False, 2),
                      "weight_matching": (False, False, 2), "average": (False, False, 2),
-                     "linear": (False, False, None)}
+                     "linear": (False, False, None), "regmean": (False, False, None),
+                     "regmean_plusplus": (False, False, None), "fisher": (False, False, None)}
+    assert [n for n, m in METHODS.items() if m.needs_data] == ["regmean", "regmean_plusplus", "fisher"]
     assert {n: (m.used_matcher("zip"), m.used_matcher("align"), m.recorded_alpha(0.3)) for n, m in METHODS.items()} \
         == {"mudsc": ("zip", "align", 0.3), "zipit": ("zip", "zip", None),
             "activation_align": ("align", "align", None), "weight_matching": ("align", "align", None),
-            "average": (None, None, None), "linear": (None, None, None)}
+            "average": (None, None, None), "linear": (None, None, None), "regmean": (None, None, None),
+            "regmean_plusplus": (None, None, None), "fisher": (None, None, None)}
     assert hf_mudsc.METHODS is METHODS and hf_mudsc.get_method("zipit") is METHODS["zipit"]
 
 
@@ -148,7 +155,7 @@ def test_cli_choices_and_demo_list_follow_the_registry(temporary_method):
 
     before = [label for label, _ in demo_methods()]
     assert before == ["mudsc (zip)", "mudsc (align)", "zipit", "activation_align", "weight_matching", "average",
-                      "linear"]
+                      "linear", "regmean", "regmean_plusplus", "fisher"]
     temporary_method(FirstParent(name="first_parent", pretty_name="First parent", paper=None, description=""))
     assert choices()[-1] == "first_parent"
     assert demo_methods()[-1] == ("first_parent", {"method": "first_parent"})

@@ -112,6 +112,7 @@ def test_card_settings_rows_are_the_options_declared_with_a_card_row(merged):
                   key=lambda row: row.position)
     # Rows of options mudsc does not read (and of the base, none here) are hidden.
     hidden = {"Base model", "Weights", "Density", "Normalize by the weights", "Scaling λ", "Rescale kept entries"}
+    hidden |= {"RegMean off-diagonal scale", "Fisher floor ε"}  # regmean / fisher only
     declared = [label for label in dict.fromkeys(row.label for row in rows) if label not in hidden]
     assert labels == ["Setting", *declared, "Solver sweeps", "Parent relation"]
     assert "| Zip decay / budget | 0.5 / 1.0 |" in table and "| Seed | 0 |" in table

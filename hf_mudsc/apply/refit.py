@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hf_mudsc.calibrate.correlation import CLAMP
-from hf_mudsc.calibrate.statistics import forward_inputs
+from hf_mudsc.calibrate.layer_inputs import StopForward, batch_to, forward_inputs, padding_mask_key, token_rows
 from hf_mudsc.errors import CalibrationError
 from hf_mudsc.options import MergeOptions
 from hf_mudsc.solve.maps import GroupMaps
@@ -101,10 +101,6 @@ class RidgeAccumulator:
         factor, info = torch.linalg.cholesky_ex(system)
         solution = torch.cholesky_solve(right, factor) if int(info) == 0 else torch.linalg.solve(system, right)
         return solution[:d].T, (solution[d] if self.bias else None), ridge
-
-
-class _Stop(Exception):
-    """Raised by a hook once every layer of the step has fired: the rest of the forward is not needed."""
 
 
 def refit_layers(model: nn.Module, spec: PermutationSpec) -> list[str]:
@@ -182,22 +178,6 @@ def shared_basis_score(spec: PermutationSpec, params_a: Mapping[str, torch.Tenso
     return float(torch.stack(values).mean()) if values else None
 
 
-def _mask_key(spec: PermutationSpec, weight: str) -> str | None:
-    """The batch key of the padding mask the spec declares for the groups this layer's weight belongs to."""
-    for index, _ in spec.axes_of(weight):
-        for hook in spec.groups[index].hooks:
-            if hook.mask:
-                return hook.mask
-    return None
-
-
-def _samples(features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """`(..., d)` -> `(samples, d)`, padding positions dropped (as calibration does)."""
-    if mask is not None and features.dim() == 3 and tuple(mask.shape) == tuple(features.shape[:2]):
-        return features[mask.to(torch.bool)]
-    return features.reshape(-1, features.shape[-1])
-
-
 def _capture(model: nn.Module, names: Sequence[str], batch: Mapping[str, Any], where: str) -> dict[str, torch.Tensor]:
     """The first input (`where="input"`) or output of each named module on `batch`; the forward stops after them."""
     modules = dict(model.named_modules())
@@ -208,13 +188,13 @@ def _capture(model: nn.Module, names: Sequence[str], batch: Mapping[str, Any], w
             if name not in captured:
                 captured[name] = (args[0] if where == "input" else output).detach()
                 if len(captured) == len(names):
-                    raise _Stop
+                    raise StopForward
         return record
 
     handles = [modules[name].register_forward_hook(hook(name)) for name in names]
     try:
         model(**forward_inputs(model, batch))
-    except _Stop:
+    except StopForward:
         pass
     finally:
         for handle in handles:
@@ -274,23 +254,23 @@ def refit_model(
             first = next(iter(batches()), None)
             if first is None:
                 raise CalibrationError(f"refit: {_READ_AGAIN}")
-            report.steps = forward_steps(merged, layers, _to(first, target))
+            report.steps = forward_steps(merged, layers, batch_to(first, target))
             bar = tqdm(total=len(report.steps), desc="refit", unit="step", disable=not progress, dynamic_ncols=True)
             for number, step in enumerate(report.steps):
                 accumulators = {name: RidgeAccumulator(modules[name].in_features, modules[name].out_features,
                                                        modules[name].bias is not None, target) for name in step}
                 for batch in batches():
-                    batch = _to(batch, target)
+                    batch = batch_to(batch, target)
                     if number == 0:
                         report.examples += next(len(v) for v in batch.values()
                                                 if isinstance(v, torch.Tensor) and v.dim() > 0)
                     inputs = _capture(merged, step, batch, "input")
                     outputs = [_capture(parent, step, batch, "output") for parent in parents]
                     for name in step:
-                        key = _mask_key(spec, f"{name}.weight")
+                        key = padding_mask_key(spec, f"{name}.weight")
                         mask = batch.get(key) if key else None
-                        ys = [_samples(out[name], mask).to(torch.float64) for out in outputs]
-                        accumulators[name].update(_samples(inputs[name], mask),
+                        ys = [token_rows(out[name], mask).to(torch.float64) for out in outputs]
+                        accumulators[name].update(token_rows(inputs[name], mask),
                                                   _target(spec, maps, name, name == head and concatenate_classifier,
                                                           ys))
                 empty = [name for name in step if accumulators[name].samples == 0]
@@ -336,12 +316,6 @@ def _write(module: nn.Linear, name: str, accumulator: RidgeAccumulator, lambda_r
     change = float((after - before).norm() / before.norm().clamp_min(CLAMP))
     return LayerFit(name, tuple(accumulator.gram.shape), tuple(accumulator.cross.shape), accumulator.samples,
                     ridge, change)
-
-
-def _to(batch: Mapping[str, Any], device: torch.device | None) -> dict[str, Any]:
-    if device is None:
-        return dict(batch)
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _home(model: nn.Module) -> torch.device | None:

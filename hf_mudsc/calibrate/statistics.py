@@ -7,7 +7,6 @@ Both parents see the same batches in eval mode, float32, without gradients; ever
 from __future__ import annotations
 
 import ctypes
-import inspect
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -18,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hf_mudsc.calibrate.correlation import CorrelationAccumulator
+from hf_mudsc.calibrate.layer_inputs import forward_inputs as forward_inputs  # re-exported
 from hf_mudsc.errors import CalibrationError
 from hf_mudsc.spec import HookPoint, PermutationSpec
 
@@ -163,12 +163,6 @@ def _raw_batches(
         if not isinstance(batch, Mapping):
             raise CalibrationError(f"calibration batches must be dicts of model inputs, got {type(batch).__name__}")
         yield batch
-
-
-def forward_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
-    """The batch entries the model's forward accepts."""
-    accepted = set(inspect.signature(model.forward).parameters)
-    return {k: v for k, v in batch.items() if k in accepted}
 
 
 class _Recorder:

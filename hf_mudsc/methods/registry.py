@@ -85,6 +85,8 @@ class MethodResult:
     """The start whose solution was kept (None: no solve)."""
     start_objectives: dict[str, float] = field(default_factory=dict)
     """Each start's final objective, in the order the starts ran."""
+    calibration_examples: int = 0
+    """Examples read per pass over the calibration data, by a method that reads it itself (`needs_data`)."""
 
 
 @dataclass(frozen=True)

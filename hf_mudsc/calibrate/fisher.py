@@ -1,0 +1,96 @@
+"""The diagonal Fisher information of a classifier on calibration data, without labels (Fisher merging's weights).
+
+Matena & Raffel (2022, "Merging Models with Fisher-Weighted Averaging", arXiv:2111.09832, §2 and their reference
+code `model_merging/fisher.py`): for each example x, the expectation over the model's OWN predictive distribution
+
+    F(x) = Σ_c p(c|x) (∂ log p(c|x) / ∂θ)²        (exact over the classes; no labels needed)
+
+and F = the mean of F(x) over the examples. Per-example gradients are needed (the square comes before the sum over
+examples); they are taken one example at a time, one backward per class with the graph kept. Measured on the tiny
+test models, `torch.func.vmap` over examples is no faster and fails on BERT (its attention-mask preparation is
+data-dependent control flow), so the plain loop it is.
+
+FusionBench's variant differs (docs/research/same_base_facts.md §7): it squares the gradient of a whole batch's
+√p-weighted log-likelihood sum, so cross-example terms enter; this module implements the paper's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from hf_mudsc.calibrate.layer_inputs import batch_to, forward_inputs
+from hf_mudsc.errors import MergeInputError
+
+
+def classifier_logits(output: Any) -> torch.Tensor:
+    """The `(examples, classes)` logits of a model output; refuses outputs without a predictive distribution."""
+    logits = getattr(output, "logits", None)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise MergeInputError(
+            "fisher needs parents with a classification head (a `logits` output of shape (examples, classes), as "
+            "*ForSequenceClassification / *ForImageClassification models give); use method='regmean' or a dataless "
+            "method (CLI: --method) for these parents")
+    return logits
+
+
+def diagonal_fisher(
+    model: nn.Module,
+    batches: Callable[[], Iterable[Mapping[str, Any]]],
+    names: Sequence[str] | None = None,
+    *,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """The mean over examples of `Σ_c p(c|x) (∂ log p(c|x)/∂θ)²` for each named parameter (float64, CPU).
+
+    The model runs in eval mode (no dropout); its parameters and `.grad` are left as they were.
+    Returns ({parameter name: Fisher}, number of examples).
+    """
+    params = dict(model.named_parameters())
+    wanted = list(names) if names is not None else list(params)
+    tensors = [params[name] for name in wanted]
+    fisher = {name: torch.zeros(params[name].shape, dtype=torch.float64) for name in wanted}
+    flags = [t.requires_grad for t in tensors]
+    training = model.training
+    examples = 0
+    bar = tqdm(desc="fisher", unit="example", disable=not progress, dynamic_ncols=True)
+    try:
+        model.eval()
+        for t in tensors:
+            t.requires_grad_(True)
+        with torch.enable_grad():
+            for batch in batches():
+                batch = batch_to(batch, device)
+                size = next(len(v) for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+                # One batch's terms in the parameters' dtype with fused multiply-adds (no temporaries; the
+                # embedding's gradient alone is 12 M entries for MiniLM), folded into the float64 sums per batch.
+                partial = [torch.zeros_like(t, memory_format=torch.contiguous_format) for t in tensors]
+                for index in range(size):
+                    one = {k: v[index:index + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+                           for k, v in batch.items()}
+                    log_probs = torch.log_softmax(classifier_logits(model(**forward_inputs(model, one)))[0], dim=-1)
+                    probs = log_probs.detach().exp().tolist()
+                    for c in range(len(log_probs)):
+                        grads = torch.autograd.grad(log_probs[c], tensors, retain_graph=c + 1 < len(log_probs),
+                                                    allow_unused=True)
+                        for total, grad in zip(partial, grads):
+                            if grad is not None:
+                                total.addcmul_(grad, grad, value=probs[c])
+                    examples += 1
+                    bar.update(1)
+                for name, total in zip(wanted, partial):
+                    fisher[name].add_(total.detach().to("cpu", torch.float64))
+    finally:
+        bar.close()
+        for t, flag in zip(tensors, flags):
+            t.requires_grad_(flag)
+        model.train(training)
+    if examples:
+        for value in fisher.values():
+            value.div_(examples)
+    return fisher, examples

@@ -1,0 +1,128 @@
+"""Streamed Gram matrices of the inputs of a model's `nn.Linear` layers (padding dropped): RegMean's statistics.
+
+Shared by the refit (docs/design.md §4.9) and the calibration-data same-base methods (`regmean`,
+`regmean_plusplus`, docs/design.md §4.10): a forward pre-hook on each layer folds the batch's token rows into a
+float64 `Σ xᵀx` at once, so memory is one `(in, in)` matrix per layer whatever the number of samples.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from hf_mudsc.spec import PermutationSpec
+
+
+def forward_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The batch entries the model's forward accepts."""
+    accepted = set(inspect.signature(model.forward).parameters)
+    return {k: v for k, v in batch.items() if k in accepted}
+
+
+class StopForward(Exception):
+    """Raised by a hook once everything a pass needs has run: the rest of the forward is skipped."""
+
+
+def padding_mask_key(spec: PermutationSpec, weight: str) -> str | None:
+    """The batch key of the padding mask the spec declares for the groups this layer's weight belongs to."""
+    for index, _ in spec.axes_of(weight):
+        for hook in spec.groups[index].hooks:
+            if hook.mask:
+                return hook.mask
+    return None
+
+
+def token_rows(features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """`(..., d)` -> `(samples, d)`: every token / image is one row, padding positions (mask 0) dropped."""
+    if mask is not None and features.dim() == 3 and tuple(mask.shape) == tuple(features.shape[:2]):
+        return features[mask.to(device=features.device, dtype=torch.bool)]
+    return features.reshape(-1, features.shape[-1])
+
+
+def batch_to(batch: Mapping[str, Any], device: torch.device | str | None) -> dict[str, Any]:
+    """The batch with its tensors on `device` (unchanged for None)."""
+    if device is None:
+        return dict(batch)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def linear_layers(model: nn.Module, exclude: Iterable[str] = ()) -> list[str]:
+    """The names of the model's `nn.Linear` modules, in module order, minus `exclude`."""
+    skip = set(exclude)
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name not in skip]
+
+
+class GramAccumulator:
+    """`Σ xᵀx` over the token rows a layer received, in float64, and how many rows: flat in the number of samples."""
+
+    def __init__(self, size: int, device: torch.device | str | None = None) -> None:
+        self.sum = torch.zeros(size, size, dtype=torch.float64, device=device)
+        self.rows = 0
+
+    def update(self, rows: torch.Tensor) -> None:
+        x = rows.detach().to(device=self.sum.device, dtype=torch.float64)
+        self.sum.addmm_(x.T, x)
+        self.rows += len(x)
+
+    def mean(self) -> torch.Tensor:
+        """`Σ xᵀx / rows` (RegMean's Gram as FusionBench scales it); zeros when the layer never ran."""
+        return self.sum / self.rows if self.rows else self.sum.clone()
+
+
+def collect_grams(
+    model: nn.Module,
+    layers: Sequence[str],
+    batches: Callable[[], Iterable[Mapping[str, Any]]],
+    *,
+    mask_keys: Mapping[str, str | None] | None = None,
+    stop_after: str | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[dict[str, GramAccumulator], int]:
+    """One pass over `batches()`: the Gram of each named Linear layer's inputs (every call of the layer counts).
+
+    Args:
+        model: run in its current mode under `torch.no_grad` (callers put it in eval mode and on `device`).
+        layers: names of `nn.Linear` modules of `model`.
+        mask_keys: layer -> batch key of its padding mask (`padding_mask_key`); rows where it is 0 are dropped.
+        stop_after: a module whose output ends the pass for this batch (the rest of the forward is not needed).
+    Returns:
+        ({layer: GramAccumulator}, number of examples read).
+    """
+    modules = dict(model.named_modules())
+    grams = {name: GramAccumulator(modules[name].in_features, device) for name in layers}
+    keys = mask_keys or {}
+    current: dict[str, Any] = {}
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                key = keys.get(name)
+                grams[name].update(token_rows(args[0], current.get(key) if key else None))
+        return hook
+
+    def stop(module: nn.Module, args: tuple, output: Any) -> None:
+        raise StopForward
+
+    handles = [modules[name].register_forward_pre_hook(record(name)) for name in layers]
+    if stop_after is not None:
+        handles.append(modules[stop_after].register_forward_hook(stop))
+    examples = 0
+    try:
+        with torch.no_grad():
+            for batch in batches():
+                batch = batch_to(batch, device)
+                current.clear()
+                current.update(batch)
+                examples += next((len(v) for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0), 0)
+                try:
+                    model(**forward_inputs(model, batch))
+                except StopForward:
+                    pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return grams, examples
