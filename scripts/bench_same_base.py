@@ -80,6 +80,9 @@ METHODS = [
 ]
 QUICK_METHODS = ["linear", "task_arithmetic", "ties", "regmean"]
 DIGIT_SUBSETS = [(0, 1, 2), (3, 4, 5), (6, 7), (8, 9)]
+# The method parameters config.mudsc may record (a method records the ones it read; None = not read).
+PARAMETERS = ["weights", "density", "normalize", "scaling", "rescale", "gamma", "epsilon", "consensus_k",
+              "consensus_lambda", "pcb_ratio", "regmean_scale", "fisher_epsilon", "matcher", "alpha"]
 FUSIONBENCH_ORDER = ["regmean", "ties", "task_arithmetic"]  # FusionBench CLIP ViT-B/32, 8 tasks: 82.4 > 72.2 > 68.0
 
 # ----------------------------------------------------------------------------------------- text tasks
@@ -339,6 +342,7 @@ def run_setting(args: argparse.Namespace, build: Callable[[argparse.Namespace, i
                 log(f"{setting.name} seed {seed}: {method} FAILED: {error}")
                 continue
             row = {"accuracy": acc, "normalised": normalised(acc, own), "seconds": time.perf_counter() - t0}
+            row["parameters"] = {k: record[k] for k in PARAMETERS if record.get(k) is not None}
             if method == "auto":
                 row["chose"] = record.get("method")
                 row["reason"] = record.get("method_choice_reason")
@@ -364,6 +368,8 @@ def summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
             "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "per_task_accuracy": [statistics.fmean(t) for t in tasks],
         }
+        if "parameters" in rows[0]:
+            summary[name]["parameters"] = rows[0]["parameters"]
         if "chose" in rows[0]:
             summary[name]["chose"] = rows[0]["chose"]
             summary[name]["reason"] = rows[0]["reason"]
@@ -414,6 +420,11 @@ def markdown(result: dict[str, Any]) -> str:
             label = f"auto (→ {', '.join(sorted({str(c) for c in chose.values()}))})"
         lines.append(f"| {label} | " + " | ".join(cell(v["summary"].get(name, {})) for v in settings.values()) + " |")
     lines.append("")
+    first = next(iter(settings.values()))["summary"]
+    params = [f"`{name}` " + (", ".join(f"{k} {v}" for k, v in entry["parameters"].items() if k != "weights") or "—")
+              for name, entry in first.items() if "parameters" in entry]
+    if params:
+        lines += ["Parameters (as `config.mudsc` recorded them; weights 1 each): " + "; ".join(params) + ".", ""]
     for setting, v in settings.items():
         lines.append(f"**{setting}** tasks: {', '.join(v['seeds'][0]['tasks'])}; own accuracies (seed mean): "
                      + ", ".join(f"{100 * a:.1f}" for a in v["summary"]["individual"]["per_task_accuracy"]) + ".  ")
