@@ -80,9 +80,6 @@ METHODS = [
 ]
 QUICK_METHODS = ["linear", "task_arithmetic", "ties", "regmean"]
 DIGIT_SUBSETS = [(0, 1, 2), (3, 4, 5), (6, 7), (8, 9)]
-# The method parameters config.mudsc may record (a method records the ones it read; None = not read).
-PARAMETERS = ["weights", "density", "normalize", "scaling", "rescale", "gamma", "epsilon", "consensus_k",
-              "consensus_lambda", "pcb_ratio", "regmean_scale", "fisher_epsilon", "matcher", "alpha"]
 FUSIONBENCH_ORDER = ["regmean", "ties", "task_arithmetic"]  # FusionBench CLIP ViT-B/32, 8 tasks: 82.4 > 72.2 > 68.0
 
 # ----------------------------------------------------------------------------------------- text tasks
@@ -303,6 +300,16 @@ def method_reach(name: str, num_parents: int) -> str | None:
     return None
 
 
+def parameters_of(record: dict[str, Any]) -> dict[str, Any]:
+    """The parameters the merge used: the options its method reads (registry `used_options`), with the values
+    `config.mudsc` recorded (weights and seed left out: 1 each, the run's seed)."""
+    from hf_mudsc.methods.registry import get_method
+    from hf_mudsc.options import MergeOptions
+
+    used = get_method(record["method"]).used_options(MergeOptions())
+    return {k: record.get(k, v) for k, v in used.items() if k not in ("weights", "seed")}
+
+
 def run_method(setting: Setting, method: str, seed: int, **options: Any) -> tuple[list[float], dict[str, Any]]:
     """Merge through the public API; (per-task accuracies, the merged config's record)."""
     merged = hf_mudsc.merge(setting.parents, setting.calibration, method=method, base=setting.base, seed=seed,
@@ -342,7 +349,7 @@ def run_setting(args: argparse.Namespace, build: Callable[[argparse.Namespace, i
                 log(f"{setting.name} seed {seed}: {method} FAILED: {error}")
                 continue
             row = {"accuracy": acc, "normalised": normalised(acc, own), "seconds": time.perf_counter() - t0}
-            row["parameters"] = {k: record[k] for k in PARAMETERS if record.get(k) is not None}
+            row["parameters"] = parameters_of(record)
             if method == "auto":
                 row["chose"] = record.get("method")
                 row["reason"] = record.get("method_choice_reason")
@@ -478,8 +485,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.legend(handles=legend, loc="lower center", ncol=4, frameon=False)
     fig.suptitle("Same-base merging: each task's accuracy / its own fine-tune's, averaged over the tasks")
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
+
+
+def write_outputs(result: dict[str, Any], out_dir: Path) -> None:
+    """same_base.json, .md and .png, each written whole or not at all."""
+    write_json(out_dir / "same_base.json", result)
+    text = markdown(result) + "\n"
+    write_file_atomically(out_dir / "same_base.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_file_atomically(out_dir / "same_base.png", lambda tmp: plot(result, tmp))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -495,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--text-epochs", type=int, default=3)
     parser.add_argument("--text-lr", type=float, default=1e-4)
     parser.add_argument("--max-length", type=int, default=16)
-    parser.add_argument("--calibration-samples", type=int, default=256)
+    parser.add_argument("--calibration-samples", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache-dir", default=str(BENCH_CACHE / "same_base"))
     parser.add_argument("--out-dir", default=str(REPO / "docs" / "benchmarks"))
@@ -517,20 +532,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads},
         "settings": {},
     }
-    for name in args.settings:
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in args.settings:  # the files are rewritten after each setting: a long run can be read midway
         t0 = time.perf_counter()
         out = run_setting(args, builders[name])
         out["ranking"] = ranking(out["summary"])
         out["fusionbench"] = fusionbench_comparison(out["summary"])
         out["seconds"] = time.perf_counter() - t0
         result["settings"][name] = out
-
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "same_base.json", result)
-    text = markdown(result) + "\n"
-    write_file_atomically(out_dir / "same_base.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    plot(result, out_dir / "same_base.png")
+        write_outputs(result, out_dir)
     print(markdown(result))
     line = {
         "benchmark": "same_base",
