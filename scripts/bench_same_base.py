@@ -310,6 +310,34 @@ def parameters_of(record: dict[str, Any]) -> dict[str, Any]:
     return {k: record.get(k, v) for k, v in used.items() if k not in ("weights", "seed")}
 
 
+def memoise_parent_relations() -> None:
+    """Compute each pair's weight relation once per run instead of once per merge.
+
+    `hf_mudsc.merge` measures how the parents relate (to each other and to the base: float64 sorts of every
+    tensor) on every call; for MiniLM-sized parents that is minutes per merge on a loaded 2-core box, and this
+    benchmark merges the same parents ~15 times per seed. The relation is a pure function of the weights and only
+    feeds logs, the config and `auto`'s choice, so caching it by a content fingerprint changes no merged weight."""
+    from hf_mudsc.load import relation
+
+    if getattr(relation.parent_relation, "memoised", False):
+        return
+    original = relation.parent_relation
+    cache: dict[tuple, Any] = {}
+
+    def fingerprint(params: Any) -> tuple:
+        names = sorted(params)
+        return tuple((n, tuple(params[n].shape), float(params[n].double().sum())) for n in names[:3] + names[-3:])
+
+    def cached(params_a: Any, params_b: Any, spec: Any, labels: Sequence[str] = ("A", "B")) -> Any:
+        key = (fingerprint(params_a), fingerprint(params_b), tuple(labels), len(params_a), len(params_b))
+        if key not in cache:
+            cache[key] = original(params_a, params_b, spec, labels)
+        return cache[key]
+
+    cached.memoised = True  # type: ignore[attr-defined]
+    relation.parent_relation = cached
+
+
 def run_method(setting: Setting, method: str, seed: int, **options: Any) -> tuple[list[float], dict[str, Any]]:
     """Merge through the public API; (per-task accuracies, the merged config's record)."""
     merged = hf_mudsc.merge(setting.parents, setting.calibration, method=method, base=setting.base, seed=seed,
@@ -406,16 +434,24 @@ def cell(entry: dict[str, Any]) -> str:
     return f"— ({entry.get('skipped', '')})"
 
 
+def runs_line(result: dict[str, Any]) -> str:
+    """The command(s) that produced these figures."""
+    argvs = [run["argv"] for run in result.get("earlier_runs", []) if run.get("argv") is not None]
+    argvs += result.get("joined", []) or [result["argv"]]
+    return "; ".join(f"`python scripts/bench_same_base.py {' '.join(a)}`" for a in argvs)
+
+
 def markdown(result: dict[str, Any]) -> str:
     settings = result["settings"]
     names = list(next(iter(settings.values()))["summary"])
     lines = [
         "# Same-base benchmark",
         "",
-        f"`python scripts/bench_same_base.py {' '.join(result['argv'])}` — normalised accuracy (each task's "
-        "accuracy / its own fine-tune's, averaged over the tasks; %, mean ± std over seeds "
-        f"{result['args']['seeds']}). Backbones merged, each task keeps its own head. Every method at its "
-        "published defaults through `hf_mudsc.merge(parents, calibration, base=base, method=...)`.",
+        f"{runs_line(result)} — normalised accuracy (each task's accuracy / its own fine-tune's, averaged over the "
+        "tasks; %, mean ± std over the seeds of the fine-tunes and of DARE: "
+        + ", ".join(f"{k} {[s['seed'] for s in v['seeds']]}" for k, v in settings.items())
+        + "). Backbones merged, each task keeps its own head. Every method at its published defaults through "
+        "`hf_mudsc.merge(parents, calibration, base=base, method=...)`.",
         "",
         "| method | " + " | ".join(settings) + " |",
         "|---|" + "---|" * len(settings),
@@ -497,6 +533,24 @@ def write_outputs(result: dict[str, Any], out_dir: Path) -> None:
     write_file_atomically(out_dir / "same_base.png", lambda tmp: plot(result, tmp))
 
 
+def combine(paths: Sequence[str], result: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Join runs of other seeds (e.g. one process per seed) into `result`'s settings and write the outputs."""
+    for path in paths:
+        run = json.loads(Path(path).read_text(encoding="utf-8"))
+        result.setdefault("joined", []).append(run.get("argv"))
+        for name, setting in run["settings"].items():
+            seeds = result["settings"].setdefault(name, {"seeds": []})["seeds"]
+            seeds.extend(s for s in setting["seeds"] if s["seed"] not in {x["seed"] for x in seeds})
+    for setting in result["settings"].values():
+        setting["seeds"].sort(key=lambda s: s["seed"])
+        setting["summary"] = summarise(setting["seeds"])
+        setting["ranking"] = ranking(setting["summary"])
+        setting["fusionbench"] = fusionbench_comparison(setting["summary"])
+    write_outputs(result, out_dir)
+    print(markdown(result))
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--settings", nargs="+", default=["vision", "text"], choices=["vision", "text"])
@@ -512,6 +566,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-length", type=int, default=16)
     parser.add_argument("--calibration-samples", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--combine", nargs="+", metavar="JSON",
+                        help="no run: join the seeds of these same_base.json files (one setting each run, e.g. one "
+                        "process per seed) and write the outputs")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other settings' figures already in --out-dir's same_base.json")
     parser.add_argument("--cache-dir", default=str(BENCH_CACHE / "same_base"))
     parser.add_argument("--out-dir", default=str(REPO / "docs" / "benchmarks"))
     args = parser.parse_args(argv)
@@ -534,6 +593,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.update and (out_dir / "same_base.json").is_file():  # keep the settings this run does not redo
+        previous = json.loads((out_dir / "same_base.json").read_text(encoding="utf-8"))
+        result["settings"] = {k: v for k, v in previous.get("settings", {}).items() if k not in args.settings}
+        result["earlier_runs"] = previous.get("earlier_runs", []) + [{"argv": previous.get("argv"),
+                                                                       "settings": list(result["settings"])}]
+    if args.combine:
+        return combine(args.combine, result, out_dir)
+    memoise_parent_relations()
     for name in args.settings:  # the files are rewritten after each setting: a long run can be read midway
         t0 = time.perf_counter()
         out = run_setting(args, builders[name])
