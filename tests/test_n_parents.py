@@ -125,6 +125,14 @@ def test_auto_merges_fine_tunes_of_one_base_linearly_and_says_why(three, caplog)
         assert torch.equal(tensor.detach(), weighted_mean([params(p)[name] for p in parents[:2]], [1.0, 1.0]))
 
 
+def test_options_the_method_does_not_read_are_named_in_a_warning(three, caplog):
+    _, parents = three
+    with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
+        hf_mudsc.merge(parents[:2], method="linear", alpha=0.3, density=0.5, weights=[1, 1], progress=False)
+    assert ("method linear does not read alpha= (CLI: --alpha), density= (CLI: --density): they have no effect"
+            in caplog.text)
+
+
 def test_auto_matches_units_of_independent_parents_and_needs_data_for_it():
     a, b = make_model("vit_cls", 0), make_model("vit_cls", 1)
     merged = hf_mudsc.merge([a, b], make_batches("vit_cls", 1), progress=False)
@@ -198,3 +206,23 @@ def test_recipe_round_trip_with_base_and_weights(tmp_path):
     written = yaml.safe_load((tmp_path / RECIPE_FILENAME).read_text())
     assert written["base"] == "org/base@" + "2" * 40 and written["weights"] == [1.0, 2.0, 0.5]
     assert Recipe(models=["a", "b"]).override(density=[0.5]).density == 0.5  # `--density 0.5`
+
+
+def test_the_readme_n_parents_example_runs(capsys):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    [block] = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+               if b.startswith("# readme-test: n-parents")]
+    namespace: dict = {"__name__": "readme_n_parents"}
+    exec(compile(block, "README.md (N parents example)", "exec"), namespace)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "linear [1.0, 2.0, 1.0]"
+    assert re.fullmatch(r"parents share a base, so the identity correspondence holds \(relative weight distance "
+                        r"[0-9.e-]+\): linear", printed[1]), printed[1]
+    parents, merged = namespace["parents"], namespace["merged"]
+    for name, tensor in merged.named_parameters():
+        expected = weighted_mean([params(p)[name] for p in parents], [1.0, 2.0, 1.0])
+        assert torch.equal(tensor.detach(), expected), name
+    assert merged.config.mudsc["base"] == "base"  # a model object without a name
