@@ -98,6 +98,13 @@ def merge(
     normalize: bool | None = None,
     scaling: float = 1.0,
     rescale: bool = True,
+    gamma: float | Sequence[float] | None = None,
+    epsilon: float | Sequence[float] | None = None,
+    slerp_t: float = 0.5,
+    consensus_k: int = 2,
+    consensus_lambda: float = 0.6,
+    pcb_ratio: float = 0.1,
+    layer_swap: str | None = None,
     matcher: str = "zip",
     alpha: float = 0.5,
     num_samples: int | None = None,
@@ -144,6 +151,8 @@ def merge(
         normalize: divide by the sum of the weights (None: the method's default, as mergekit's).
         scaling: factor on the merged task vector (mergekit's `lambda`).
         rescale: DARE/DELLA rescale the kept entries to keep each tensor's L1 norm.
+        gamma, epsilon, slerp_t, consensus_k, consensus_lambda, pcb_ratio, layer_swap: parameters of one method
+            each (breadcrumbs, della, slerp, consensus, pcb, layer_swap; docs/design.md §4.10), read only by it.
         matcher: `zip` or `align` for `mudsc` (the other methods fix their own).
         alpha: weight-similarity share of the dual-space similarity (MuDSC's balance factor).
         num_samples: calibration samples to use (all when None), chosen by a shuffle seeded with `seed`.
@@ -206,6 +215,8 @@ def merge(
     if merge_method is not None:
         _check_parent_count(merge_method, count)
     _check_per_parent_options(merge_options, count)
+    if merge_method is not None:
+        merge_method.check_options(merge_options, count)
     try:
         run_device = resolve_device(device)
     except ValueError as error:
@@ -264,6 +275,7 @@ def merge(
         logger.info("method auto: %s", choice_reason)
         _check_parent_count(merge_method, count, chosen=choice_reason)
         _check_data(merge_method, calibration, chosen=choice_reason)
+        merge_method.check_options(merge_options, count)
         needs_data = _reads_data(merge_method, refitting)
     if (merge_method.needs_data and isinstance(calibration, Iterator)):
         raise MergeInputError(f"method {merge_method.name!r} reads the calibration data more than once, so it cannot "
@@ -420,8 +432,8 @@ def _reads_data(method: MergeMethod, refitting: bool) -> bool:
 
 
 def _check_per_parent_options(options: MergeOptions, count: int) -> None:
-    """`weights` (and a `density` list) give one value per parent, in parent order."""
-    for name in ("weights", "density"):
+    """`weights` (and a `density`, `gamma` or `epsilon` list) give one value per parent, in parent order."""
+    for name in MergeOptions.names(kind="numbers") + MergeOptions.names(kind="number_or_numbers"):
         value = getattr(options, name)
         if isinstance(value, list) and len(value) != count:
             raise MergeInputError(f"{option_hint(name)} gives {len(value)} values for {count} parents; give one "

@@ -133,6 +133,10 @@ class MergeMethod:
         recorded as None (its card row hidden)."""
         return {}
 
+    def check_options(self, options: MergeOptions, num_parents: int) -> None:
+        """Refuse option values this method cannot use with `num_parents` parents (raise `MergeInputError`, one
+        line naming the option); merge() calls it before anything is loaded (after `auto` chose, for `auto`)."""
+
     def merge_parameters(self, context: MethodContext) -> MethodResult:
         """Merge the parents' parameters; runs on the main process only, after calibration."""
         raise NotImplementedError(f"merge method {self.name!r} does not implement merge_parameters")
