@@ -203,3 +203,29 @@ def test_the_base_named_by_hub_cards_is_loaded_and_pinned(family, hub_emulator, 
     assert card["base_model"] == ["user/p0", "user/p1", "user/base"] and card["base_model_relation"] == "merge"
     bias = expected_sum(base, parents)["classifier.bias"]
     assert torch.allclose(torch.tensor(head["classifier.bias"]), bias, atol=0, rtol=0)
+
+
+def test_cli_pins_a_hub_base_in_the_recipe_and_lists_it_in_the_card(family, hub_emulator, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    base, parents = family
+    hub_emulator.upload_folder("user/base", save(base, tmp_path / "base"), "the base")
+    for index, parent in enumerate(parents):
+        hub_emulator.upload_folder(f"user/p{index}", save(parent, tmp_path / f"p{index}"), f"fine-tune {index}")
+    out = tmp_path / "merged"
+    done = subprocess.run([sys.executable, "-m", "hf_mudsc", "merge", "user/p0", "user/p1", "--base", "user/base",
+                           "--method", "linear", "--weights", "3", "1", "--output", str(out)],
+                          env=hub_emulator.client_env(extra={"OMP_NUM_THREADS": "1"}), capture_output=True, text=True,
+                          timeout=300, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sha = hub_emulator.head("user/base")
+    recipe = yaml.safe_load((out / "mudsc_recipe.yaml").read_text())
+    assert recipe["base"] == f"user/base@{sha}" and recipe["weights"] == [3.0, 1.0]
+    assert [m.split("@")[0] for m in recipe["models"]] == ["user/p0", "user/p1"]
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["base_model"] == ["user/p0", "user/p1", "user/base"] and front["base_model_relation"] == "merge"
+    assert f"| base | [user/base]({hub_emulator.endpoint}/user/base) | [`{sha[:10]}`]" in card

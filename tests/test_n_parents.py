@@ -198,3 +198,23 @@ def test_recipe_round_trip_with_base_and_weights(tmp_path):
     written = yaml.safe_load((tmp_path / RECIPE_FILENAME).read_text())
     assert written["base"] == "org/base@" + "2" * 40 and written["weights"] == [1.0, 2.0, 0.5]
     assert Recipe(models=["a", "b"]).override(density=[0.5]).density == 0.5  # `--density 0.5`
+
+
+def test_the_readme_n_parents_example_runs(capsys):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    [block] = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+               if b.startswith("# readme-test: n-parents")]
+    namespace: dict = {"__name__": "readme_n_parents"}
+    exec(compile(block, "README.md (N parents example)", "exec"), namespace)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "linear [1.0, 2.0, 1.0]"
+    assert re.fullmatch(r"parents share a base, so the identity correspondence holds \(relative weight distance "
+                        r"[0-9.e-]+\): linear", printed[1]), printed[1]
+    parents, merged = namespace["parents"], namespace["merged"]
+    for name, tensor in merged.named_parameters():
+        expected = weighted_mean([params(p)[name] for p in parents], [1.0, 2.0, 1.0])
+        assert torch.equal(tensor.detach(), expected), name
+    assert merged.config.mudsc["base"] == "base"  # a model object without a name

@@ -182,6 +182,8 @@ def _check_output(output: Path, recipe: Recipe, recipe_file: str | None = None) 
     parent folders, the calibration data and the recipe file (paths resolved: `..` and symlinks)."""
     inputs: list[tuple[str, str | Path]] = [
         ("parent folder", reference) for reference in recipe.models if Path(reference).expanduser().exists()]
+    if recipe.base and Path(recipe.base).expanduser().exists():
+        inputs.append(("base folder", recipe.base))
     calibration = _calibration_path(recipe.calibration)
     if calibration is not None:
         inputs.append(("calibration data", calibration))

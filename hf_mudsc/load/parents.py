@@ -53,6 +53,8 @@ class LoadedParent:
     repo_id: str | None = None
     revision: str | None = None
     commit_sha: str | None = None
+    origin: str | None = None
+    """How it was found when nobody named it (a base named by the parents' model cards: `BASE_FROM_CARDS`)."""
 
     @property
     def pinned_reference(self) -> str:
@@ -610,7 +612,9 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
     check_vocabularies(located + ([located_base] if located_base is not None else []))
     parents = [_finish(p, token=token, cache_dir=cache_dir) for p in located]
     loaded_base = _finish(located_base, token=token, cache_dir=cache_dir) if located_base is not None else None
-    return parents, loaded_base, source
+    if loaded_base is not None and source is not None:
+        loaded_base.origin = source
+    return parents, loaded_base, source or (loaded_base.origin if loaded_base is not None else None)
 
 
 def check_base_config(base: _Located, parent: _Located) -> None:

@@ -171,14 +171,18 @@ def get_method(name: str) -> MergeMethod:
         raise ValueError(f"unknown merge method {name!r}; choose one of: {', '.join(METHODS)}") from None
 
 
-def method_runs(label_format: str = "{name} ({matcher})") -> list[tuple[str, dict[str, Any]]]:
+def method_runs(label_format: str = "{name} ({matcher})", *, with_base: bool = False
+                ) -> list[tuple[str, dict[str, Any]]]:
     """Every registered method with each of its matchers, in registry order: `(label, merge options)`.
 
     A method with several matchers gets one run per matcher, labelled with `label_format`; the others are
-    labelled by their name. The demo and the benchmarks compare the methods from this list.
+    labelled by their name. The demo and the benchmarks compare the methods from this list. Methods that need a
+    base model are listed only `with_base` (the demo's two parents have none).
     """
     runs: list[tuple[str, dict[str, Any]]] = []
     for method in METHODS.values():
+        if method.needs_base_model and not with_base:
+            continue
         choices = method.matcher_choices()
         for matcher in choices:
             options: dict[str, Any] = {"method": method.name}
