@@ -271,3 +271,49 @@ def test_cli_layer_swap_flag(family, tmp_path, capsys):
                  "--output", str(tmp_path / "bad")]) == 2  # an option error, as argparse
     err = capsys.readouterr().err
     assert "--layer-swap" in err and "Traceback" not in err and not (tmp_path / "bad").exists()
+
+
+def test_tensor_wise_methods_read_folder_parents_and_base_one_tensor_at_a_time(family, tmp_path, monkeypatch):
+    """Parents after the first and the base come from their safetensors files lazily (the streaming merge); the
+    merge equals the in-memory one. A method that ranks the whole model (pcb) gets them loaded."""
+    from hf_mudsc.load.lazy import LazyParameters
+
+    base = make_model("bert_cls", 0)  # BERT checkpoints hold the parameters' own names (ViT's are renamed on load)
+    parents = [fine_tune(base, seed) for seed in (1, 2, 3)]
+    base_dir = save(base, tmp_path / "base")
+    folders = [save(p, tmp_path / f"ft-{i}") for i, p in enumerate(parents)]
+    seen = {}
+    for name in ("ties", "pcb"):
+        real = getattr(tv, name)
+
+        def spy(base_params, parent_params, *args, _real=real, _name=name, **kwargs):
+            seen[_name] = (base_params, list(parent_params))
+            return _real(base_params, parent_params, *args, **kwargs)
+
+        monkeypatch.setattr(tv, name, spy)
+    merged = hf_mudsc.merge(folders, base=base_dir, method="ties", progress=False)
+    base_seen, parents_seen = seen["ties"]
+    assert isinstance(base_seen, LazyParameters)
+    assert not isinstance(parents_seen[0], LazyParameters)
+    assert all(isinstance(p, LazyParameters) for p in parents_seen[1:])
+    assert_state_equal(merged, tv.ties(params(base), [params(p) for p in parents], density=0.2, normalize=True))
+    hf_mudsc.merge(folders, base=base_dir, method="pcb", progress=False)
+    assert not any(isinstance(p, LazyParameters) for p in [seen["pcb"][0], *seen["pcb"][1]])
+
+    # A checkpoint whose tensor names differ from the parameters' (transformers 5 renames ViT's legacy names on
+    # load) is loaded as before, not read lazily: same result.
+    vit = [save(p, tmp_path / f"vit-{i}") for i, p in enumerate(family[1])]
+    merged = hf_mudsc.merge(vit, base=save(family[0], tmp_path / "vit-base"), method="ties", progress=False)
+    assert not any(isinstance(p, LazyParameters) for p in [seen["ties"][0], *seen["ties"][1]])
+    assert_state_equal(merged, tv.ties(params(family[0]), [params(p) for p in family[1]], density=0.2,
+                                       normalize=True))
+
+
+def test_a_lazily_read_parent_with_nan_weights_is_refused_in_one_line(family, tmp_path):
+    base = make_model("bert_cls", 0)
+    broken = fine_tune(base, 5)
+    with torch.no_grad():
+        broken.bert.encoder.layer[1].attention.self.query.weight[0, 0] = float("nan")
+    folders = [save(fine_tune(base, 6), tmp_path / "ok"), save(broken, tmp_path / "broken")]
+    with pytest.raises(MergeInputError, match=r"parent B has NaN or infinite values in 'bert\.encoder\.layer\.1\."):
+        hf_mudsc.merge(folders, base=save(base, tmp_path / "base"), method="ties", progress=False)

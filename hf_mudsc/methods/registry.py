@@ -106,6 +106,10 @@ class MergeMethod:
     """How many parents it merges: a number, or None for any N >= 2."""
     needs_data: bool = False
     """Reads the calibration batches itself (`context.batches`, e.g. RegMean, Fisher), without the statistics."""
+    streams: bool = False
+    """Reads each parent's tensor only while merging that name (tensor-wise methods): merge() then gives it
+    parents after the first and the base as `LazyParameters` read from disk one tensor at a time, so memory does
+    not grow with the number of parents (docs/design.md §4.10)."""
     builds_concatenated_head: bool = False
     """With different label sets, builds the concatenated classifier itself (the unit-matching apply step does);
     otherwise the classifier is left out of `context.parents` and the pipeline concatenates it."""
