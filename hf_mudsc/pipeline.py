@@ -292,6 +292,7 @@ def merge(
     # Options as the method reads them: `weights` one per parent (1 each when not given).
     method_options = dataclasses.replace(merge_options, weights=list(merge_options.weights or [1.0] * count))
     used_options = merge_method.used_options(method_options)
+    _warn_unread(merge_options, used_options, merge_method.name)
     calibration_name = given_calibration_name if needs_data else None
 
     accumulators = None
@@ -432,6 +433,15 @@ def _check_data(method: MergeMethod, calibration: Any, chosen: str | None = None
         f"pass calibration, or use method={alternatives.split(', ')[0] if alternatives else 'average'} "
         f"(CLI: --method; without data: {alternatives}) to merge without data"
     )
+
+
+def _warn_unread(options: MergeOptions, used: Mapping[str, Any], method: str) -> None:
+    """Say which per-method options were set but are not read by the method (they change nothing)."""
+    unread = [field.name for field in MergeOptions.option_fields() if field.metadata["per_method"]
+              and field.name not in used and getattr(options, field.name) != field.default]
+    if unread:
+        logger.warning("method %s does not read %s: %s no effect", method,
+                       ", ".join(option_hint(name) for name in unread), "it has" if len(unread) == 1 else "they have")
 
 
 def _reads_data(method: MergeMethod, refitting: bool) -> bool:

@@ -125,6 +125,14 @@ def test_auto_merges_fine_tunes_of_one_base_linearly_and_says_why(three, caplog)
         assert torch.equal(tensor.detach(), weighted_mean([params(p)[name] for p in parents[:2]], [1.0, 1.0]))
 
 
+def test_options_the_method_does_not_read_are_named_in_a_warning(three, caplog):
+    _, parents = three
+    with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
+        hf_mudsc.merge(parents[:2], method="linear", alpha=0.3, density=0.5, weights=[1, 1], progress=False)
+    assert ("method linear does not read alpha= (CLI: --alpha), density= (CLI: --density): they have no effect"
+            in caplog.text)
+
+
 def test_auto_matches_units_of_independent_parents_and_needs_data_for_it():
     a, b = make_model("vit_cls", 0), make_model("vit_cls", 1)
     merged = hf_mudsc.merge([a, b], make_batches("vit_cls", 1), progress=False)
