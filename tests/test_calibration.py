@@ -111,7 +111,8 @@ def test_merge_runs_its_statistics_gemms_in_the_requested_dtype(monkeypatch, req
     monkeypatch.setattr(CorrelationAccumulator, "__init__", spy)
     a = make_model("vit_cls", 0)
     options = {} if requested is None else {"statistics_dtype": requested}
-    merged = hf_mudsc.merge([a, copy.deepcopy(a)], make_batches("vit_cls", num_batches=1), progress=False, **options)
+    merged = hf_mudsc.merge([a, copy.deepcopy(a)], make_batches("vit_cls", num_batches=1), method="mudsc",
+                            progress=False, **options)
     assert seen and set(seen) == {expected}
     assert merged.config.mudsc["statistics_dtype"] == str(expected).removeprefix("torch.")
 
@@ -122,7 +123,7 @@ def test_the_reported_calibration_size_counts_examples_not_tokens(kind):
     if kind == "bert_nopool":  # every group, the residual stream too, is read per token
         assert all(hook.mask for group in spec_for(a).groups for hook in group.hooks)
     batches = make_batches(kind, num_batches=3, batch_size=8)
-    merged = hf_mudsc.merge([a, copy.deepcopy(a)], batches, progress=False)
+    merged = hf_mudsc.merge([a, copy.deepcopy(a)], batches, method="mudsc", progress=False)
     assert merged.merge_report.num_samples == merged.config.mudsc["num_calibration_samples"] == 24
 
 
