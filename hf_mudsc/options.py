@@ -25,7 +25,9 @@ from dataclasses import Field, dataclass, field, fields
 from numbers import Integral, Real
 from typing import Any
 
-from hf_mudsc.errors import OptionError
+# `flag`/`option_hint` live in errors.py (modules below options, e.g. methods/, name options in messages too).
+from hf_mudsc.errors import OptionError, flag, option_hint  # noqa: F401 (re-exported)
+from hf_mudsc.solve.layer_ranges import parse_layer_swap
 from hf_mudsc.solve.matcher_names import MATCHERS
 
 STATISTICS_DTYPES = ("float32", "float64")
@@ -43,16 +45,6 @@ RECIPE_FILENAME = "mudsc_recipe.yaml"
 # `numbers`: a list of floats (CLI: `--weights 1 2 1`); `number_or_numbers`: one float or a list (one per parent);
 # `model`: a reference to a model (a Hub id `org/name[@rev]` or folder string; from Python also a model object).
 KINDS = ("int", "number", "str", "bool", "choice", "dtype", "device", "numbers", "number_or_numbers", "model")
-
-
-def flag(name: str) -> str:
-    """The command-line flag of an option or keyword argument: `text_column` -> `--text-column`."""
-    return "--" + name.replace("_", "-")
-
-
-def option_hint(name: str) -> str:
-    """How messages name an option, right from Python and the CLI alike: `text_column= (CLI: --text-column)`."""
-    return f"{name}= (CLI: {flag(name)})"
 
 
 def _is_int(value: Any) -> bool:
@@ -216,35 +208,6 @@ def _check_refit_lambda(name: str, value: float, cli: str) -> None:
 
 # ------------------------------------------------------ same-base method parameters (issue 13, methods/task_vector)
 
-#: `layer_swap` text: comma-separated `parent:first-last` (or `parent:block`) items, blocks counted from 0.
-LAYER_SWAP_ITEM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
-
-
-def parse_layer_swap(text: str) -> dict[int, int]:
-    """`"1:0-5,2:9"` -> {block: parent} ({0: 1, ..., 5: 1, 9: 2}); raises ValueError naming the bad item.
-
-    Blocks not listed come from parent 0 (so do the embeddings, final norms and head); a block listed twice is
-    refused, since it could come from only one parent."""
-    blocks: dict[int, int] = {}
-    items = [item for item in text.split(",")]
-    if not text.strip():
-        raise ValueError("it is empty; give items like '1:0-5' (parent 1's blocks 0 to 5)")
-    for item in items:
-        found = LAYER_SWAP_ITEM.match(item)
-        if found is None:
-            raise ValueError(f"item {item.strip()!r} is not 'parent:first-last' or 'parent:block' (e.g. '1:0-5')")
-        parent, first = int(found.group(1)), int(found.group(2))
-        last = int(found.group(3)) if found.group(3) is not None else first
-        if last < first:
-            raise ValueError(f"item {item.strip()!r} has its last block before its first")
-        for block in range(first, last + 1):
-            if block in blocks:
-                raise ValueError(f"block {block} is listed twice ({blocks[block]} and {parent}); each block "
-                                 "comes from one parent")
-            blocks[block] = parent
-    return blocks
-
-
 def _check_layer_swap(name: str, value: str | None, cli: str) -> None:
     if value is None:
         return
@@ -254,15 +217,22 @@ def _check_layer_swap(name: str, value: str | None, cli: str) -> None:
         raise OptionError(f"layer_swap {value!r}: {error} {cli}") from None
 
 
-def _check_epsilon(name: str, value: float | None, cli: str) -> None:
+def _each(value: float | list[float] | None) -> list[float]:
+    """The values of a `number_or_numbers` option (one, or one per parent; none when unset)."""
+    return [] if value is None else value if isinstance(value, list) else [value]
+
+
+def _check_epsilon(name: str, value: float | list[float] | None, cli: str) -> None:
     # DELLA keeps entries with probability density -/+ epsilon: both ends must be probabilities.
-    if value is not None and not 0.0 < value < 0.5:
-        raise OptionError(f"epsilon must lie in (0, 0.5) {cli} (keep probabilities density ± epsilon), got {value}")
+    for v in _each(value):
+        if not 0.0 < v < 0.5:
+            raise OptionError(f"epsilon must lie in (0, 0.5) {cli} (keep probabilities density ± epsilon), got {v}")
 
 
-def _check_gamma(name: str, value: float | None, cli: str) -> None:
-    if value is not None and not 0.0 <= value < 1.0:
-        raise OptionError(f"gamma must lie in [0, 1) {cli} (the share of largest entries dropped), got {value}")
+def _check_gamma(name: str, value: float | list[float] | None, cli: str) -> None:
+    for v in _each(value):
+        if not 0.0 <= v < 1.0:
+            raise OptionError(f"gamma must lie in [0, 1) {cli} (the share of largest entries dropped), got {v}")
 
 
 def _check_slerp_t(name: str, value: float, cli: str) -> None:
@@ -284,11 +254,6 @@ def _check_consensus_lambda(name: str, value: float, cli: str) -> None:
 def _check_pcb_ratio(name: str, value: float, cli: str) -> None:
     if not 0.0 < value <= 1.0:
         raise OptionError(f"pcb_ratio must lie in (0, 1] {cli} (the share of entries kept per task), got {value}")
-
-
-def _card_if_used(value: Any, context: Mapping[str, Any]) -> str | None:
-    """A method parameter's cell: hidden when the method did not read it (recorded as None)."""
-    return None if value is None else str(value)
 
 
 def _check_weights(name: str, value: list[float] | None, cli: str) -> None:
@@ -416,36 +381,37 @@ class MergeOptions:
         help="reproduce the reference implementation's merged weights (its +1e-5 normaliser and "
         "independent heads)")
     # --- same-base method parameters (methods/task_vector.py reads them; recorded only by the methods that do)
-    gamma: float | None = option(
-        None, kind="number", check=_check_gamma, metavar="G", recorded=True, show_default=False,
-        card=CardRow(10, "Breadcrumbs γ / DELLA ε", _card_if_used),
-        help="breadcrumbs, breadcrumbs_ties: share of each task vector's LARGEST entries dropped (mergekit gamma; "
-        "default 0.01)")
-    epsilon: float | None = option(
-        None, kind="number", check=_check_epsilon, metavar="E", recorded=True, show_default=False,
-        card=CardRow(10, "Breadcrumbs γ / DELLA ε", _card_if_used),
+    gamma: float | list[float] | None = option(
+        None, kind="number_or_numbers", check=_check_gamma, metavar="G", recorded=True, per_method=True,
+        show_default=False, card=CardRow(10, "Breadcrumbs γ (largest entries dropped)", _card_numbers),
+        help="breadcrumbs, breadcrumbs_ties: share of each task vector's LARGEST entries dropped, one number or one "
+        "per parent (mergekit gamma; default 0.01)")
+    epsilon: float | list[float] | None = option(
+        None, kind="number_or_numbers", check=_check_epsilon, metavar="E", recorded=True, per_method=True,
+        show_default=False, card=CardRow(10, "DELLA ε (keep-probability spread)", _card_numbers),
         help="della, della_linear: keep probabilities run from density - epsilon (smallest entries of a row) to "
-        "density + epsilon (largest) (mergekit epsilon; default 0.15)")
+        "density + epsilon (largest), one number or one per parent (mergekit epsilon; default 0.15)")
     slerp_t: float = option(
-        0.5, kind="number", check=_check_slerp_t, metavar="T", recorded=True,
-        card=CardRow(11, "SLERP t", _card_if_used),
+        0.5, kind="number", check=_check_slerp_t, metavar="T", recorded=True, per_method=True,
+        card=CardRow(11, "SLERP t", _card_numbers),
         help="slerp: where between parent 0 (t=0) and parent 1 (t=1) each tensor is interpolated (mergekit t)")
     consensus_k: int = option(
-        2, kind="int", check=_check_consensus_k, metavar="K", recorded=True,
-        card=CardRow(12, "Consensus k / λ", _card_if_used),
+        2, kind="int", check=_check_consensus_k, metavar="K", recorded=True, per_method=True,
+        card=CardRow(12, "Consensus k / λ", _card_numbers),
         help="consensus: keep an entry only where at least K tasks' TALL masks hold it (2 drops 'selfish' "
         "weights; 0 = task arithmetic)")
     consensus_lambda: float = option(
-        0.6, kind="number", check=_check_consensus_lambda, metavar="L", recorded=True,
-        card=CardRow(12, "Consensus k / λ", _card_if_used),
+        0.6, kind="number", check=_check_consensus_lambda, metavar="L", recorded=True, per_method=True,
+        card=CardRow(12, "Consensus k / λ", _card_numbers),
         help="consensus: TALL mask of task t holds the entries where |tau_t| > L * |tau_sum - tau_t|")
     pcb_ratio: float = option(
-        0.1, kind="number", check=_check_pcb_ratio, metavar="R", recorded=True,
-        card=CardRow(13, "PCB ratio", _card_if_used),
+        0.1, kind="number", check=_check_pcb_ratio, metavar="R", recorded=True, per_method=True,
+        card=CardRow(13, "PCB ratio", _card_numbers),
         help="pcb: share of each task vector's entries kept after the balancing scores (PCB_merge's ratio)")
     layer_swap: str | None = option(
-        None, kind="str", check=_check_layer_swap, metavar="P:A-B,...", recorded=True, show_default=False,
-        card=CardRow(14, "Layer swap (parent:blocks)", _card_if_used),
+        None, kind="str", check=_check_layer_swap, metavar="P:A-B,...", recorded=True, per_method=True,
+        show_default=False,
+        card=CardRow(14, "Layer swap (parent:blocks)", _card_numbers),
         help="layer_swap: which parent each encoder block comes from, e.g. '1:0-5,2:6-8' = blocks 0-5 from "
         "parent 1, 6-8 from parent 2; unlisted blocks, embeddings, final norm and head from parent 0")
     refit: str = option(

@@ -21,9 +21,12 @@ from hf_mudsc.cli.main import main
 from hf_mudsc.errors import MergeInputError
 from hf_mudsc.methods import METHODS
 from hf_mudsc.methods.task_vector import TensorWiseMethod
-from hf_mudsc.options import MergeOptions, parse_layer_swap
+from hf_mudsc.options import MergeOptions
+from hf_mudsc.publish.card import render_card
 from hf_mudsc.publish.recipe import RECIPE_FILENAME
+from hf_mudsc.publish.writer import recipe_of
 from hf_mudsc.solve import task_vectors as tv
+from hf_mudsc.solve.layer_ranges import parse_layer_swap
 
 TENSOR_WISE = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
                "della", "della_linear", "slerp", "pcb", "consensus", "localize_stitch", "layer_swap")
@@ -159,6 +162,7 @@ def test_parse_layer_swap():
     ({"method": "layer_swap", "layer_swap": "1:0-"}, "layer_swap '1:0-': item '1:0-' is not"),
     ({"method": "layer_swap"}, "needs the blocks to take from each parent: layer_swap= (CLI: --layer-swap)"),
     ({"method": "layer_swap", "layer_swap": "3:0"}, "names parent 3, but there are 3 parents (0 to 2)"),
+    ({"method": "layer_swap", "layer_swap": "1:5"}, "lists block 5, but the model has blocks 0 to 1"),
     ({"method": "della", "epsilon": 0.7}, "epsilon must lie in (0, 0.5) (CLI: --epsilon)"),
     ({"method": "breadcrumbs", "gamma": 1.0}, "gamma must lie in [0, 1) (CLI: --gamma)"),
     ({"method": "slerp", "slerp_t": 1.5}, "slerp_t must lie in [0, 1] (CLI: --slerp-t)"),
@@ -208,11 +212,9 @@ def test_config_and_card_record_only_the_options_the_method_read(family):
     mudsc = merged.config.mudsc
     assert mudsc["density"] == 0.9 and mudsc["gamma"] == 0.02 and mudsc["normalize"] is False
     assert mudsc.get("epsilon") is None and mudsc.get("slerp_t") is None and mudsc.get("layer_swap") is None
-    from hf_mudsc.publish.card import render_card
-
-    card = str(render_card(merged))
-    assert "Breadcrumbs γ / DELLA ε | 0.02" in card
-    assert "SLERP t" not in card and "PCB ratio" not in card and "Layer swap" not in card
+    card = str(render_card(merged, recipe_of(merged)))
+    assert "| Breadcrumbs γ (largest entries dropped) | 0.02 |" in card and "| Density | 0.9 |" in card
+    assert "DELLA ε" not in card and "SLERP t" not in card and "PCB ratio" not in card and "Layer swap" not in card
 
 
 def test_different_label_sets_concatenate_heads_and_merge_the_rest_by_the_method(family):
@@ -244,11 +246,11 @@ def test_cli_three_parents_with_a_base_writes_a_loadable_model_card_and_recipe(f
     model = AutoModelForImageClassification.from_pretrained(out)
     assert_state_equal(model, tv.ties(params(base), [params(p) for p in parents], [1.0, 1.0, 1.0], density=0.5,
                                       normalize=True))
-    card = (out / "README.md").read_text()
-    front = yaml.safe_load(card.split("---")[1])
-    listed = front["base_model"] if isinstance(front["base_model"], list) else [front["base_model"]]
-    assert {Path(x).name for x in listed} >= {"base", "ft-0", "ft-1", "ft-2"}
-    assert front["base_model_relation"] == "merge"
+    card = (out / "README.md").read_text()  # local folders: in the parents table (Hub ids go to `base_model:`)
+    for row in ("| A | `ft-0` (local folder) |", "| B | `ft-1` (local folder) |", "| C | `ft-2` (local folder) |",
+                "| base | `base` (local folder) |", "| Method | `ties`", "| Density | 0.5 |",
+                "| Weights | 1.0 1.0 1.0 |"):
+        assert row in card, row
     recipe = yaml.safe_load((out / RECIPE_FILENAME).read_text())
     assert recipe["method"] == "ties" and recipe["density"] == 0.5 and recipe["weights"] == [1.0, 1.0, 1.0]
     again = tmp_path / "again"
@@ -266,6 +268,52 @@ def test_cli_layer_swap_flag(family, tmp_path, capsys):
     got, one, zero = params(model), params(parents[1]), params(parents[0])
     assert all(torch.equal(got[n], one[n] if ".layers." in n else zero[n]) for n in got)
     assert main(["merge", *map(str, folders), "--method", "layer_swap", "--layer-swap", "1:x",
-                 "--output", str(tmp_path / "bad")]) == 1
+                 "--output", str(tmp_path / "bad")]) == 2  # an option error, as argparse
     err = capsys.readouterr().err
     assert "--layer-swap" in err and "Traceback" not in err and not (tmp_path / "bad").exists()
+
+
+def test_tensor_wise_methods_read_folder_parents_and_base_one_tensor_at_a_time(family, tmp_path, monkeypatch):
+    """Parents after the first and the base come from their safetensors files lazily (the streaming merge); the
+    merge equals the in-memory one. A method that ranks the whole model (pcb) gets them loaded."""
+    from hf_mudsc.load.lazy import LazyParameters
+
+    base = make_model("bert_cls", 0)  # BERT checkpoints hold the parameters' own names (ViT's are renamed on load)
+    parents = [fine_tune(base, seed) for seed in (1, 2, 3)]
+    base_dir = save(base, tmp_path / "base")
+    folders = [save(p, tmp_path / f"ft-{i}") for i, p in enumerate(parents)]
+    seen = {}
+    for name in ("ties", "pcb"):
+        real = getattr(tv, name)
+
+        def spy(base_params, parent_params, *args, _real=real, _name=name, **kwargs):
+            seen[_name] = (base_params, list(parent_params))
+            return _real(base_params, parent_params, *args, **kwargs)
+
+        monkeypatch.setattr(tv, name, spy)
+    merged = hf_mudsc.merge(folders, base=base_dir, method="ties", progress=False)
+    base_seen, parents_seen = seen["ties"]
+    assert isinstance(base_seen, LazyParameters)
+    assert not isinstance(parents_seen[0], LazyParameters)
+    assert all(isinstance(p, LazyParameters) for p in parents_seen[1:])
+    assert_state_equal(merged, tv.ties(params(base), [params(p) for p in parents], density=0.2, normalize=True))
+    hf_mudsc.merge(folders, base=base_dir, method="pcb", progress=False)
+    assert not any(isinstance(p, LazyParameters) for p in [seen["pcb"][0], *seen["pcb"][1]])
+
+    # A checkpoint whose tensor names differ from the parameters' (transformers 5 renames ViT's legacy names on
+    # load) is loaded as before, not read lazily: same result.
+    vit = [save(p, tmp_path / f"vit-{i}") for i, p in enumerate(family[1])]
+    merged = hf_mudsc.merge(vit, base=save(family[0], tmp_path / "vit-base"), method="ties", progress=False)
+    assert not any(isinstance(p, LazyParameters) for p in [seen["ties"][0], *seen["ties"][1]])
+    assert_state_equal(merged, tv.ties(params(family[0]), [params(p) for p in family[1]], density=0.2,
+                                       normalize=True))
+
+
+def test_a_lazily_read_parent_with_nan_weights_is_refused_in_one_line(family, tmp_path):
+    base = make_model("bert_cls", 0)
+    broken = fine_tune(base, 5)
+    with torch.no_grad():
+        broken.bert.encoder.layer[1].attention.self.query.weight[0, 0] = float("nan")
+    folders = [save(fine_tune(base, 6), tmp_path / "ok"), save(broken, tmp_path / "broken")]
+    with pytest.raises(MergeInputError, match=r"parent B has NaN or infinite values in 'bert\.encoder\.layer\.1\."):
+        hf_mudsc.merge(folders, base=save(base, tmp_path / "base"), method="ties", progress=False)

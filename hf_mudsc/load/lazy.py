@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -111,3 +111,33 @@ def lazy_parameters(folder: str | os.PathLike, *, names: Iterable[str] | None = 
         return LazyParameters(files, names=names, dtype=dtype)
     except KeyError:
         return None
+
+
+class Subset(Mapping[str, torch.Tensor]):
+    """A read-only view of a parameter mapping restricted to some names: a lazy mapping stays lazy (a dict
+    comprehension over it would read every tensor at once)."""
+
+    def __init__(self, parameters: Mapping[str, torch.Tensor], keep: Callable[[str], bool]) -> None:
+        self._parameters = parameters
+        self._keep = keep
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if not self._keep(name):
+            raise KeyError(name)
+        return self._parameters[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name in self._parameters if self._keep(name))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._keep(name) and name in self._parameters
+
+
+def subset(parameters: Mapping[str, torch.Tensor], keep: Callable[[str], bool]) -> Mapping[str, torch.Tensor]:
+    """`parameters` restricted to the names `keep` accepts: a dict for a dict, a lazy view for anything else."""
+    if isinstance(parameters, dict):
+        return {name: tensor for name, tensor in parameters.items() if keep(name)}
+    return Subset(parameters, keep)

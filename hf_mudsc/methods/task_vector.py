@@ -12,20 +12,19 @@ Tensor-wise methods read each parent's tensor only while merging it (`streams=Tr
 `hf_mudsc.load.lazy.LazyParameters` parents, memory stays at about one model however many parents there are.
 `pcb` and `localize_stitch` rank entries over the whole model and read every tensor of every parent at once.
 
-When the parents' label sets differ, the classifier is left out here: the pipeline concatenates the heads.
+When the parents' label sets differ, the pipeline leaves the classifier out of `context.parents` and concatenates
+the heads itself (`builds_concatenated_head=False`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hf_mudsc.methods.registry import MergeMethod, MethodContext, MethodResult, register_method
 
 if TYPE_CHECKING:
-    import torch
-
     from hf_mudsc.options import MergeOptions
 
 PAPER_TASK_ARITHMETIC = "https://arxiv.org/abs/2212.04089"
@@ -39,28 +38,6 @@ PAPER_PCB = "https://arxiv.org/abs/2410.02396"
 PAPER_TALL = "https://arxiv.org/abs/2405.07813"
 PAPER_LOCALIZE_STITCH = "https://arxiv.org/abs/2408.13656"
 PAPER_LAYER_SWAP = "https://arxiv.org/abs/2410.01335"
-
-
-class _Without(Mapping[str, "torch.Tensor"]):
-    """A read-only view of a parameter mapping without some names (lazy mappings stay lazy)."""
-
-    def __init__(self, parameters: Mapping[str, torch.Tensor], excluded: frozenset[str]) -> None:
-        self._parameters = parameters
-        self._excluded = excluded
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name in self._excluded:
-            raise KeyError(name)
-        return self._parameters[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return (name for name in self._parameters if name not in self._excluded)
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-    def __contains__(self, name: object) -> bool:
-        return name not in self._excluded and name in self._parameters
 
 
 @dataclass(frozen=True)
@@ -89,8 +66,8 @@ class TensorWiseMethod(MergeMethod):
 
     def check_options(self, options: MergeOptions, num_parents: int) -> None:
         """Refuse option values this method cannot use with `num_parents` parents (one line each)."""
-        from hf_mudsc.errors import MergeInputError
-        from hf_mudsc.options import option_hint, parse_layer_swap
+        from hf_mudsc.errors import MergeInputError, option_hint
+        from hf_mudsc.solve.layer_ranges import parse_layer_swap
 
         read = dict(self.arguments)
         if "layer_swap" in read:
@@ -110,7 +87,7 @@ class TensorWiseMethod(MergeMethod):
 
     def keywords(self, options: MergeOptions) -> dict[str, Any]:
         """The function's keyword arguments for these options."""
-        from hf_mudsc.options import parse_layer_swap
+        from hf_mudsc.solve.layer_ranges import parse_layer_swap
 
         out: dict[str, Any] = {}
         for name, keyword in self.arguments:
@@ -125,8 +102,7 @@ class TensorWiseMethod(MergeMethod):
         return out
 
     def merge_parameters(self, context: MethodContext) -> MethodResult:
-        from hf_mudsc.errors import MergeInputError
-        from hf_mudsc.options import option_hint
+        from hf_mudsc.errors import MergeInputError, option_hint
 
         if self.function is None:
             raise NotImplementedError(f"merge method {self.name!r} has no function")
@@ -134,20 +110,28 @@ class TensorWiseMethod(MergeMethod):
         if self.needs_base_model and context.base is None:
             raise MergeInputError(f"method {self.name!r} needs the parents' common base model: "
                                   f"{option_hint('base')}")
-        excluded: frozenset[str] = frozenset()
-        if context.concatenate_classifier and context.spec.classifier is not None:
-            head = context.spec.classifier
-            excluded = frozenset(n for n in (head.weight, head.bias) if n is not None)
-        parents = [_Without(p, excluded) if excluded else p for p in context.parents]
-        base = context.base
-        if base is not None and excluded:
-            base = _Without(base, excluded)
+        keywords = self.keywords(context.options)
+        if "blocks" in keywords:
+            _check_blocks(keywords["blocks"], context.parents[0], context.options.layer_swap)
         weights = self.option_value(context.options, "weights") if "weights" in dict(self.arguments) else None
         try:
-            parameters = self.function(base, parents, weights, **self.keywords(context.options))
+            parameters = self.function(context.base, list(context.parents), weights, **keywords)
         except ValueError as error:  # shapes that do not fit, weights summing to 0 ...: one line, no traceback
             raise MergeInputError(f"method {self.name!r}: {error}") from None
         return MethodResult(parameters=parameters, matches=[None] * len(context.spec.groups))
+
+
+def _check_blocks(blocks: dict[int, int], parameters: Sequence[str], text: str) -> None:
+    """Refuse `layer_swap` blocks the model does not have (they would silently change nothing)."""
+    from hf_mudsc.errors import MergeInputError, option_hint
+    from hf_mudsc.solve.task_vectors import block_index
+
+    present = {block_index(name) for name in parameters} - {None}
+    missing = sorted(set(blocks) - present)
+    if missing:
+        have = f"blocks 0 to {max(present)}" if present else "no numbered encoder blocks"
+        raise MergeInputError(f"layer_swap {text!r} lists block {missing[0]}, but the model has {have} "
+                              f"{option_hint('layer_swap')}")
 
 
 def _function(name: str) -> Callable[..., dict[str, Any]]:
