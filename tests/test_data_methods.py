@@ -362,3 +362,94 @@ def test_options_reach_the_cli_recipe_and_card_only_for_the_method_that_reads_th
     fisher = hf_mudsc.merge(parents, batches, method="fisher", fisher_epsilon=1e-8, progress=False)
     card = str(render_card(fisher, Recipe(models=["a", "b"], method="fisher", fisher_epsilon=1e-8)))
     assert "| Fisher floor ε | 1e-08 |" in card and "RegMean off-diagonal scale" not in card
+
+
+def test_cli_without_calibration_exits_2_with_one_line_naming_calibration(tmp_path, capsys):
+    """A recipe/usage error: exit 2, as every option error of `hf-mudsc merge` (tests/test_cli.py)."""
+    from hf_mudsc.cli.main import main
+
+    code = main(["merge", *MISSING, "/nonexistent/parent-c", "--method", "regmean_plusplus", "-o",
+                 str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "calibration" in lines[0] and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_merges_folders_with_regmean_and_the_recipe_reproduces_the_weights(tmp_path):
+    import datasets
+    import numpy as np
+    import yaml
+    from PIL import Image
+    from safetensors.torch import load_file
+    from transformers import ViTImageProcessor
+
+    from hf_mudsc.cli.main import main
+    from hf_mudsc.publish.recipe import Recipe
+
+    processor = ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5])
+    base = make_model("vit_cls", seed=0)
+    folders = []
+    for seed in (1, 2):
+        fine_tune(base, seed).save_pretrained(tmp_path / f"ft-{seed}")
+        processor.save_pretrained(tmp_path / f"ft-{seed}")
+        folders.append(str(tmp_path / f"ft-{seed}"))
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L") for _ in range(12)]
+    datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image()).save_to_disk(
+        tmp_path / "calibration")
+    out = tmp_path / "merged"
+    assert main(["merge", *folders, "--calibration", str(tmp_path / "calibration"), "--method", "regmean",
+                 "--regmean-scale", "0.8", "--weights", "1", "2", "--batch-size", "5", "-o", str(out)]) == 0
+    config = yaml.safe_load((out / "config.json").read_text())["mudsc"]
+    assert (config["method"], config["regmean_scale"], config["weights"]) == ("regmean", 0.8, [1.0, 2.0])
+    assert config["fisher_epsilon"] is None and config["num_calibration_samples"] == 12
+    recipe = Recipe.load(out / "mudsc_recipe.yaml")
+    assert (recipe.method, recipe.regmean_scale) == ("regmean", 0.8)
+    card = (out / "README.md").read_text()
+    assert "| RegMean off-diagonal scale | 0.8 |" in card and "Fisher floor" not in card
+    again = tmp_path / "again"
+    assert main(["merge", "--recipe", str(out / "mudsc_recipe.yaml"), "-o", str(again)]) == 0
+    first, second = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("method", ["regmean", "fisher"])
+def test_parents_with_different_label_sets_get_the_concatenated_head_and_a_merged_body(method):
+    from factories import classifier_names, with_new_head
+
+    base = make_model("bert_cls", seed=0, num_labels=4)
+    parent_a = fine_tune(base, seed=1)
+    parent_b = with_new_head(fine_tune(base, seed=2), num_labels=2, seed=3)
+    batches = make_batches("bert_cls", num_batches=2, batch_size=6, seed=4)
+    merged = hf_mudsc.merge([parent_a, parent_b], batches, method=method, progress=False)
+    weight, bias = classifier_names(base)
+    head = state(merged)
+    torch.testing.assert_close(head[weight], torch.cat([state(parent_a)[weight], state(parent_b)[weight]]))
+    torch.testing.assert_close(head[bias], torch.cat([state(parent_a)[bias], state(parent_b)[bias]]))
+    assert merged.config.num_labels == 6
+    # The body is the method's merge, not a copy of either parent nor the plain average.
+    query = "bert.encoder.layer.1.attention.self.query.weight"
+    average = (state(parent_a)[query] + state(parent_b)[query]) / 2
+    assert float((head[query] - average).abs().max()) > 1e-4
+
+
+def test_fisher_of_a_padded_batch_equals_the_fisher_of_the_same_texts_without_padding():
+    model = make_model("bert_cls", seed=0)
+    batch = make_batches("bert_cls", num_batches=1, batch_size=5, seed=6)[0]
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert min(lengths) < batch["attention_mask"].shape[1]
+    alone = [{"input_ids": batch["input_ids"][i:i + 1, :n], "attention_mask": batch["attention_mask"][i:i + 1, :n]}
+             for i, n in enumerate(lengths)]
+    padded, _ = diagonal_fisher(model, lambda: [batch])
+    unpadded, _ = diagonal_fisher(model, lambda: alone)
+    for name, value in unpadded.items():
+        assert float((padded[name] - value).abs().max()) <= 1e-5 * float(value.abs().max()) + 1e-12, name
+
+
+@pytest.mark.parametrize("method", ["regmean", "regmean_plusplus", "fisher"])
+def test_calibration_data_without_examples_is_refused_in_one_line(method):
+    base = make_model("vit_cls", seed=0)
+    with pytest.raises(MergeInputError, match="gave no examples") as error:
+        hf_mudsc.merge([base, fine_tune(base, 1)], [], method=method, progress=False)
+    assert "\n" not in str(error.value)

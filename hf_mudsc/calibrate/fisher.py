@@ -38,6 +38,19 @@ def classifier_logits(output: Any) -> torch.Tensor:
     return logits
 
 
+def without_trailing_padding(example: Mapping[str, Any]) -> dict[str, Any]:
+    """One example (batch of 1) cut after its last `attention_mask` token: the padding positions are masked out of
+    attention, so the outputs are the same and each forward/backward is shorter (per-example gradients run alone)."""
+    mask = example.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or len(mask) != 1:
+        return dict(example)
+    kept = torch.nonzero(mask[0]).flatten()
+    length = int(kept[-1]) + 1 if len(kept) else mask.shape[1]
+    width = mask.shape[1]
+    return {k: v[:, :length] if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == width else v
+            for k, v in example.items()}
+
+
 def diagonal_fisher(
     model: nn.Module,
     batches: Callable[[], Iterable[Mapping[str, Any]]],
@@ -71,8 +84,9 @@ def diagonal_fisher(
                 # embedding's gradient alone is 12 M entries for MiniLM), folded into the float64 sums per batch.
                 partial = [torch.zeros_like(t, memory_format=torch.contiguous_format) for t in tensors]
                 for index in range(size):
-                    one = {k: v[index:index + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v
-                           for k, v in batch.items()}
+                    one = without_trailing_padding(
+                        {k: v[index:index + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+                         for k, v in batch.items()})
                     log_probs = torch.log_softmax(classifier_logits(model(**forward_inputs(model, one)))[0], dim=-1)
                     probs = log_probs.detach().exp().tolist()
                     for c in range(len(log_probs)):

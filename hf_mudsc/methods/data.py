@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from hf_mudsc.errors import MergeInputError
 from hf_mudsc.methods.registry import MergeMethod, MethodContext, MethodResult, register_method
 
 if TYPE_CHECKING:
@@ -42,6 +43,8 @@ PAPER_FISHER = "https://arxiv.org/abs/2111.09832"
 # A feature whose summed Gram diagonal is below this share of the largest carried no input energy: its weight
 # column cannot change any output on the data, so it keeps the weighted average (the system is singular there).
 DEAD_FEATURE = 1e-12
+NO_EXAMPLES = ("the calibration data gave no examples (this method reads it once per parent, per block for "
+               "regmean_plusplus); pass data that can be read more than once: a list of batches or a datasets.Dataset")
 
 
 def parent_weights(options: MergeOptions, count: int) -> list[float]:
@@ -201,7 +204,13 @@ class RegMeanMethod(MergeMethod):
             batch = next(iter(context.batches()), None)
             working = copy.deepcopy(first).eval()
             _write(working, merged, [n for n in merged if n in dict(working.named_parameters())])
-            units = chained_units(working, layers, batch, merged) if batch is not None else []
+            if batch is None:
+                raise MergeInputError(f"{self.name}: {NO_EXAMPLES}")
+            units = chained_units(working, layers, batch, merged)
+            unreached = [name for name in layers if not any(name in unit.layers for unit in units)]
+            if unreached:
+                logger.warning("%s: %d linear layer(s) never ran on the calibration data; their weights are the "
+                               "weighted average: %s", self.name, len(unreached), ", ".join(unreached))
         else:
             units = [Unit(tuple(layers))]
         device = torch.device(context.device)
@@ -223,6 +232,8 @@ class RegMeanMethod(MergeMethod):
                                                     stop_after=unit.stop_after, device=device)
                 finally:
                     model.to(home).train(training)
+                if not examples:
+                    raise MergeInputError(f"{self.name}: {NO_EXAMPLES}")
                 for name in unit.layers:
                     systems[name].add(weights[index], grams[name].mean(), parent[f"{name}.weight"], scale,
                                       grams[name].rows)
@@ -268,6 +279,8 @@ class FisherMethod(MergeMethod):
                                                    progress=context.progress)
             finally:
                 model.to(home)
+            if not examples:
+                raise MergeInputError(f"{self.name}: {NO_EXAMPLES}")
             for name in names:
                 share = weights[index] * fisher[name].clamp_min(floor)
                 numerator[name] += share * parent[name].to(torch.float64)
