@@ -401,6 +401,7 @@ def summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         summary[name] = {
             "mean": statistics.fmean(values),
             "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "seeds": len(values),
             "per_task_accuracy": [statistics.fmean(t) for t in tasks],
         }
         if "parameters" in rows[0]:
@@ -429,6 +430,8 @@ def fusionbench_comparison(summary: dict[str, Any]) -> dict[str, Any]:
 
 # -------------------------------------------------------------------------------------------- output
 def cell(entry: dict[str, Any]) -> str:
+    if "mean" in entry and entry.get("seeds", 2) == 1:
+        return f"{100 * entry['mean']:.1f} (1 seed)"
     if "mean" in entry:
         return f"{100 * entry['mean']:.1f} ± {100 * entry['std']:.1f}"
     return f"— ({entry.get('skipped', '')})"
