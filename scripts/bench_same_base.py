@@ -512,11 +512,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.invert_yaxis()
         ax.axvline(100, color="black", linewidth=0.8, linestyle="--")
         low = min(means + [100]) - max(stds + [0]) - 5
-        ax.set_xlim(max(0, low), 106)
+        ax.set_xlim(max(0, low), max(m + sd for m, sd in zip(means, stds)) + 6)
         for y, m, sd in zip(ys, means, stds):
-            ax.text(min(m + sd, 100) + 0.4, y, f"{m:.1f}", va="center", fontsize=8)
+            ax.text(m + sd + 0.5, y, f"{m:.1f}", va="center", fontsize=8,
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5})
         ax.set_xlabel("normalised accuracy, % (mean ± std over seeds)")
-        ax.set_title(f"{setting}: {len(v['seeds'][0]['tasks'])} fine-tunes of one base")
+        ax.set_title(f"{setting}: {len(v['seeds'][0]['tasks'])} fine-tunes of one base, {len(v['seeds'])} seed(s)")
     from matplotlib.patches import Patch
 
     legend = [Patch(color="#ff7f0e", label="data-free"), Patch(color="#1f77b4", label="uses calibration data"),
