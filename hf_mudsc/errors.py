@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 
+def flag(name: str) -> str:
+    """The command-line flag of an option or keyword argument: `text_column` -> `--text-column`."""
+    return "--" + name.replace("_", "-")
+
+
+def option_hint(name: str) -> str:
+    """How messages name an option, right from Python and the CLI alike: `text_column= (CLI: --text-column)`."""
+    return f"{name}= (CLI: {flag(name)})"
+
+
 class MergeInputError(ValueError):
     """The parents or options cannot be merged; the message names the problem and the fix."""
 

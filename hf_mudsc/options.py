@@ -25,7 +25,9 @@ from dataclasses import Field, dataclass, field, fields
 from numbers import Integral, Real
 from typing import Any
 
-from hf_mudsc.errors import OptionError
+# `flag`/`option_hint` live in errors.py (modules below options, e.g. methods/, name options in messages too).
+from hf_mudsc.errors import OptionError, flag, option_hint  # noqa: F401 (re-exported)
+from hf_mudsc.solve.layer_ranges import parse_layer_swap
 from hf_mudsc.solve.matcher_names import MATCHERS
 
 STATISTICS_DTYPES = ("float32", "float64")
@@ -47,16 +49,6 @@ KINDS = ("int", "number", "number_or_auto", "str", "bool", "choice", "dtype", "d
          "number_or_numbers", "model")
 #: The value of a `number_or_auto` option that asks the merge to choose the number (`alpha="auto"`).
 AUTO = "auto"
-
-
-def flag(name: str) -> str:
-    """The command-line flag of an option or keyword argument: `text_column` -> `--text-column`."""
-    return "--" + name.replace("_", "-")
-
-
-def option_hint(name: str) -> str:
-    """How messages name an option, right from Python and the CLI alike: `text_column= (CLI: --text-column)`."""
-    return f"{name}= (CLI: {flag(name)})"
 
 
 def number_or_auto(text: str) -> float | str:
@@ -228,6 +220,56 @@ def _check_refit_lambda(name: str, value: float, cli: str) -> None:
         raise OptionError(f"refit_lambda must be a finite number > 0 {cli} (1e-3 is a good start), got {value}")
 
 
+# ------------------------------------------------------ same-base method parameters (issue 13, methods/task_vector)
+
+def _check_layer_swap(name: str, value: str | None, cli: str) -> None:
+    if value is None:
+        return
+    try:
+        parse_layer_swap(value)
+    except ValueError as error:
+        raise OptionError(f"layer_swap {value!r}: {error} {cli}") from None
+
+
+def _each(value: float | list[float] | None) -> list[float]:
+    """The values of a `number_or_numbers` option (one, or one per parent; none when unset)."""
+    return [] if value is None else value if isinstance(value, list) else [value]
+
+
+def _check_epsilon(name: str, value: float | list[float] | None, cli: str) -> None:
+    # DELLA keeps entries with probability density -/+ epsilon: both ends must be probabilities.
+    for v in _each(value):
+        if not 0.0 < v < 0.5:
+            raise OptionError(f"epsilon must lie in (0, 0.5) {cli} (keep probabilities density ± epsilon), got {v}")
+
+
+def _check_gamma(name: str, value: float | list[float] | None, cli: str) -> None:
+    for v in _each(value):
+        if not 0.0 <= v < 1.0:
+            raise OptionError(f"gamma must lie in [0, 1) {cli} (the share of largest entries dropped), got {v}")
+
+
+def _check_slerp_t(name: str, value: float, cli: str) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise OptionError(f"slerp_t must lie in [0, 1] {cli} (0 = parent 0, 1 = parent 1), got {value}")
+
+
+def _check_consensus_k(name: str, value: int, cli: str) -> None:
+    if value < 0:
+        raise OptionError(f"consensus_k must be >= 0 {cli} (tasks that must share an entry; 2 is the paper's), "
+                          f"got {value}")
+
+
+def _check_consensus_lambda(name: str, value: float, cli: str) -> None:
+    if not (math.isfinite(value) and value >= 0.0):
+        raise OptionError(f"consensus_lambda must be a finite number >= 0 {cli} (0.6 is FusionBench's), got {value}")
+
+
+def _check_pcb_ratio(name: str, value: float, cli: str) -> None:
+    if not 0.0 < value <= 1.0:
+        raise OptionError(f"pcb_ratio must lie in (0, 1] {cli} (the share of entries kept per task), got {value}")
+
+
 def _check_weights(name: str, value: list[float] | None, cli: str) -> None:
     if value is None:
         return
@@ -369,6 +411,40 @@ class MergeOptions:
         card=CardRow(8, "Reference-compatible weights", lambda value, context: "yes" if value else "no"),
         help="reproduce the reference implementation's merged weights (its +1e-5 normaliser and "
         "independent heads)")
+    # --- same-base method parameters (methods/task_vector.py reads them; recorded only by the methods that do)
+    gamma: float | list[float] | None = option(
+        None, kind="number_or_numbers", check=_check_gamma, metavar="G", recorded=True, per_method=True,
+        show_default=False, card=CardRow(10, "Breadcrumbs γ (largest entries dropped)", _card_numbers),
+        help="breadcrumbs, breadcrumbs_ties: share of each task vector's LARGEST entries dropped, one number or one "
+        "per parent (mergekit gamma; default 0.01)")
+    epsilon: float | list[float] | None = option(
+        None, kind="number_or_numbers", check=_check_epsilon, metavar="E", recorded=True, per_method=True,
+        show_default=False, card=CardRow(10, "DELLA ε (keep-probability spread)", _card_numbers),
+        help="della, della_linear: keep probabilities run from density - epsilon (smallest entries of a row) to "
+        "density + epsilon (largest), one number or one per parent (mergekit epsilon; default 0.15)")
+    slerp_t: float = option(
+        0.5, kind="number", check=_check_slerp_t, metavar="T", recorded=True, per_method=True,
+        card=CardRow(11, "SLERP t", _card_numbers),
+        help="slerp: where between parent 0 (t=0) and parent 1 (t=1) each tensor is interpolated (mergekit t)")
+    consensus_k: int = option(
+        2, kind="int", check=_check_consensus_k, metavar="K", recorded=True, per_method=True,
+        card=CardRow(12, "Consensus k / λ", _card_numbers),
+        help="consensus: keep an entry only where at least K tasks' TALL masks hold it (2 drops 'selfish' "
+        "weights; 0 = task arithmetic)")
+    consensus_lambda: float = option(
+        0.6, kind="number", check=_check_consensus_lambda, metavar="L", recorded=True, per_method=True,
+        card=CardRow(12, "Consensus k / λ", _card_numbers),
+        help="consensus: TALL mask of task t holds the entries where |tau_t| > L * |tau_sum - tau_t|")
+    pcb_ratio: float = option(
+        0.1, kind="number", check=_check_pcb_ratio, metavar="R", recorded=True, per_method=True,
+        card=CardRow(13, "PCB ratio", _card_numbers),
+        help="pcb: share of each task vector's entries kept after the balancing scores (PCB_merge's ratio)")
+    layer_swap: str | None = option(
+        None, kind="str", check=_check_layer_swap, metavar="P:A-B,...", recorded=True, per_method=True,
+        show_default=False,
+        card=CardRow(14, "Layer swap (parent:blocks)", _card_numbers),
+        help="layer_swap: which parent each encoder block comes from, e.g. '1:0-5,2:6-8' = blocks 0-5 from "
+        "parent 1, 6-8 from parent 2; unlisted blocks, embeddings, final norm and head from parent 0")
     refit: str = option(
         "none", kind="choice", check=_check_refit, choices=REFITS, recorded=True,
         card=CardRow(4, "Refit / ridge λ (relative) / examples"),

@@ -28,7 +28,8 @@ from hf_mudsc.calibrate.correlation import correlations_from
 from hf_mudsc.calibrate.device import resolve_device
 from hf_mudsc.diagnostics import merge_warnings
 from hf_mudsc.errors import MergeInputError, OptionError
-from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_parents
+from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_finite, check_parents
+from hf_mudsc.load.lazy import subset
 from hf_mudsc.load.references import display_name, parent_name, pinned_calibration, pinned_reference
 from hf_mudsc.load.relation import base_relations, check_parents_mergeable, parent_label
 from hf_mudsc.methods.auto import choose_method, is_auto
@@ -117,6 +118,13 @@ def merge(
     normalize: bool | None = None,
     scaling: float = 1.0,
     rescale: bool = True,
+    gamma: float | Sequence[float] | None = None,
+    epsilon: float | Sequence[float] | None = None,
+    slerp_t: float = 0.5,
+    consensus_k: int = 2,
+    consensus_lambda: float = 0.6,
+    pcb_ratio: float = 0.1,
+    layer_swap: str | None = None,
     matcher: str = "zip",
     alpha: float | str = 0.5,
     num_samples: int | None = None,
@@ -167,6 +175,8 @@ def merge(
         normalize: divide by the sum of the weights (None: the method's default, as mergekit's).
         scaling: factor on the merged task vector (mergekit's `lambda`).
         rescale: DARE/DELLA rescale the kept entries to keep each tensor's L1 norm.
+        gamma, epsilon, slerp_t, consensus_k, consensus_lambda, pcb_ratio, layer_swap: parameters of one method
+            each (breadcrumbs, della, slerp, consensus, pcb, layer_swap; docs/design.md §4.10), read only by it.
         matcher: `zip` or `align` for `mudsc` (the other methods fix their own).
         alpha: weight-similarity share of the dual-space similarity (MuDSC's balance factor), or `"auto"`: chosen
             without labels from the grid 0.1, 0.3, ..., 0.9 by the merges' fidelity to the parents on held-out
@@ -241,13 +251,15 @@ def merge(
     if merge_method is not None:
         _check_parent_count(merge_method, count)
     _check_per_parent_options(merge_options, count)
+    if merge_method is not None:
+        merge_method.check_options(merge_options, count)
     try:
         run_device = resolve_device(device)
     except ValueError as error:
         raise MergeInputError(str(error)) from None
     from hf_mudsc.calibrate.datasets import load_calibration_dataset, pin_calibration_revision, resolve_calibration
     from hf_mudsc.calibrate.distributed import collect_statistics_distributed, is_main_process
-    from hf_mudsc.load.parents import load_parents_and_base
+    from hf_mudsc.load.parents import load_parents_and_base, parameters_of
 
     refitting = merge_options.refit != "none"
     if refitting and calibration is None:
@@ -274,9 +286,12 @@ def merge(
         # does not exist fails here, before any parent weights are downloaded.
         calibration_spec = pinned_calibration(pin_calibration_revision(os.fspath(calibration), token=token))
         calibration = load_calibration_dataset(calibration_spec, token=token)
+    # A tensor-wise method reads each parent's tensor only while merging it: parents after the first and the base
+    # are then read from their safetensors files one tensor at a time (docs/design.md §4.10, streaming).
+    streaming = merge_method is not None and merge_method.streams and not _reads_data(merge_method, refitting)
     parents, base_parent, base_source = load_parents_and_base(
         list(models), base, token=token, allow_pickle=allow_pickle,
-        base_needed_for=method if merge_method is not None and merge_method.needs_base_model else None)
+        base_needed_for=method if merge_method is not None and merge_method.needs_base_model else None, lazy=streaming)
     loaded = [p.model for p in parents]
     model_a = loaded[0]
     for other in loaded[1:]:
@@ -287,12 +302,17 @@ def merge(
     parent_names = [p.repo_id or parent_name(p.model, f"model_{parent_label(i).lower()}")
                     for i, p in enumerate(parents)]
     # A protected parent is refused here, before calibration and before anything is written or pushed.
-    relation = check_parents_mergeable([{k: v.detach() for k, v in m.named_parameters()} for m in loaded], spec,
+    # The solve and apply run on the CPU (no copy for parents already there); lazily read parents stay lazy.
+    params = [parameters_of(p) for p in parents]
+    for index, (parent, parent_params) in enumerate(zip(parents, params)):
+        if parent.parameters is not None:
+            check_finite(parent_params, f"parent {parent_label(index)}")
+    relation = check_parents_mergeable(params, spec,
                                        parent_names)
     base_params = None
     if base_parent is not None:
         base_params = _check_base(base_parent, model_a, spec)
-        _log_base_relations(base_parent, base_params, loaded, spec)
+        _log_base_relations(base_parent, base_params, params, spec)
     choice_reason = None
     if merge_method is None:
         try:
@@ -303,6 +323,7 @@ def merge(
         logger.info("method auto: %s", choice_reason)
         _check_parent_count(merge_method, count, chosen=choice_reason)
         _check_data(merge_method, calibration, chosen=choice_reason)
+        merge_method.check_options(merge_options, count)
         needs_data = _reads_data(merge_method, refitting)
     if (merge_method.needs_data and isinstance(calibration, Iterator)):
         raise MergeInputError(f"method {merge_method.name!r} reads the calibration data more than once, so it cannot "
@@ -346,8 +367,6 @@ def merge(
         logger.info("statistics shared with the main process, which solves and builds the merged model")
         return None
 
-    # The solve and apply run on the CPU (no copy for parents already there).
-    params = [{k: v.detach().cpu() for k, v in m.named_parameters()} for m in loaded]
     report = MergeReport(method=merge_method.name, matcher=used_options.get("matcher"),
                          alpha=used_options.get("alpha"))
     concatenate = spec.classifier is not None and not same_label_sets([m.config for m in loaded])
@@ -526,28 +545,33 @@ def _reads_data(method: MergeMethod, refitting: bool) -> bool:
 
 
 def _check_per_parent_options(options: MergeOptions, count: int) -> None:
-    """`weights` (and a `density` list) give one value per parent, in parent order."""
-    for name in ("weights", "density"):
+    """`weights` (and a `density`, `gamma` or `epsilon` list) give one value per parent, in parent order."""
+    for name in MergeOptions.names(kind="numbers") + MergeOptions.names(kind="number_or_numbers"):
         value = getattr(options, name)
         if isinstance(value, list) and len(value) != count:
             raise MergeInputError(f"{option_hint(name)} gives {len(value)} values for {count} parents; give one "
                                   "per parent, in parent order")
 
 
-def _check_base(base: Any, model_a: PreTrainedModel, spec: PermutationSpec) -> dict[str, torch.Tensor]:
-    """The base's parameters (CPU), refused in one line unless every parent tensor has its shape in the base (a
-    classifier of another label set aside: it is left out) and every value is finite."""
+def _check_base(base: Any, model_a: PreTrainedModel, spec: PermutationSpec) -> Mapping[str, torch.Tensor]:
+    """The base's parameters (CPU; read lazily when the base was opened so), refused in one line unless every
+    parent tensor has its shape in the base (a classifier of another label set aside: it is left out) and every
+    value is finite."""
+    from hf_mudsc.load.parents import parameters_of
+
     name = base.repo_id or base.reference
-    base_params = {k: v.detach().cpu() for k, v in base.model.named_parameters()}
+    base_params = parameters_of(base)
+    shapes = {k: tuple(v.shape) for k, v in base.model.named_parameters()}  # meta tensors too: no values read
     head = {spec.classifier.weight, spec.classifier.bias} if spec.classifier else set()
+    dropped = set()
     for key, tensor in model_a.named_parameters():
-        found = base_params.get(key)
-        if found is not None and tuple(found.shape) == tuple(tensor.shape):
+        found = shapes.get(key)
+        if found is not None and found == tuple(tensor.shape):
             continue
         if key in head:
-            base_params.pop(key, None)  # a head of other labels: the parents' heads are merged without it
+            dropped.add(key)  # a head of other labels: the parents' heads are merged without it
             continue
-        shape = "missing" if found is None else f"{tuple(found.shape)}"
+        shape = "missing" if found is None else f"{found}"
         raise MergeInputError(
             f"the base {name!r} does not fit the parents: tensor {key!r} is {shape} in the base but "
             f"{tuple(tensor.shape)} in the parents; pass the base the parents were fine-tuned from "
@@ -555,13 +579,16 @@ def _check_base(base: Any, model_a: PreTrainedModel, spec: PermutationSpec) -> d
     for key, tensor in base_params.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise MergeInputError(f"the base {name!r} has NaN or infinite values in {key!r}; fix or re-export it")
-    return {k: v for k, v in base_params.items() if k in dict(model_a.named_parameters())}
+    names = dict(model_a.named_parameters())
+    if not dropped and all(key in names for key in base_params):
+        return base_params
+    return subset(base_params, lambda key: key in names and key not in dropped)
 
 
-def _log_base_relations(base: Any, base_params: dict[str, torch.Tensor], models: Sequence[PreTrainedModel],
-                        spec: PermutationSpec) -> None:
+def _log_base_relations(base: Any, base_params: Mapping[str, torch.Tensor],
+                        params: Sequence[Mapping[str, torch.Tensor]], spec: PermutationSpec) -> None:
     """Say how each parent relates to the base; warn about parents that do not look like fine-tunes of it."""
-    relations = base_relations(base_params, [{k: v.detach() for k, v in m.named_parameters()} for m in models], spec)
+    relations = base_relations(base_params, params, spec)
     name = base.repo_id or base.reference
     for index, relation in enumerate(relations):
         if relation.relation in ("independent", "protected"):
@@ -572,8 +599,8 @@ def _log_base_relations(base: Any, base_params: dict[str, torch.Tensor], models:
         f"{r.relation} ({r.weight_distance:.3g})" for r in relations))
 
 
-def _without(params: dict[str, torch.Tensor], names: set[str]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in params.items() if k not in names} if names else params
+def _without(params: Mapping[str, torch.Tensor], names: set[str]) -> Mapping[str, torch.Tensor]:
+    return subset(params, lambda key: key not in names) if names else params
 
 
 def _fill_missing(merged: dict[str, torch.Tensor], params: Sequence[Mapping[str, torch.Tensor]],

@@ -18,6 +18,7 @@ import hf_mudsc
 from hf_mudsc.cli.main import build_parser
 from hf_mudsc.cli.merge import add_arguments, build_recipe
 from hf_mudsc.errors import OptionError, RecipeError
+from hf_mudsc.methods import METHODS
 from hf_mudsc.options import CardRow, MergeOptions, flag, number_or_auto, option
 from hf_mudsc.publish.card import render_card
 from hf_mudsc.publish.recipe import COMMAND_LINE_ONLY_KEYS, DESTINATION_KEYS, Recipe
@@ -111,9 +112,10 @@ def test_card_settings_rows_are_the_options_declared_with_a_card_row(merged):
     labels = re.findall(r"^\| ([^|]+?) \| .* \|$", table, flags=re.MULTILINE)
     rows = sorted((f.metadata["card"] for f in MergeOptions.option_fields() if f.metadata["card"] is not None),
                   key=lambda row: row.position)
-    # Rows of options mudsc does not read (and of the base, none here) are hidden.
-    hidden = {"Base model", "Weights", "Density", "Normalize by the weights", "Scaling λ", "Rescale kept entries"}
-    hidden |= {"RegMean off-diagonal scale", "Fisher floor ε"}  # regmean / fisher only
+    # Rows of the per-method options mudsc does not read (and of the base, none here) are hidden.
+    used = METHODS[merged.config.mudsc["method"]].used_options(MergeOptions())
+    hidden = {"Base model"} | {f.metadata["card"].label for f in MergeOptions.option_fields()
+                               if f.metadata["per_method"] and f.metadata["card"] and f.name not in used}
     declared = [label for label in dict.fromkeys(row.label for row in rows) if label not in hidden]
     assert labels == ["Setting", *declared, "Solver sweeps", "Parent relation"]
     assert "| Zip decay / budget | 0.5 / 1.0 |" in table and "| Seed | 0 |" in table

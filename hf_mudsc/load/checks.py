@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
@@ -60,9 +62,15 @@ def check_parents(model_a: PreTrainedModel, model_b: PreTrainedModel) -> None:
             + ". Merge models fine-tuned from the same architecture configuration."
         )
     for name, model in (("A", model_a), ("B", model_b)):
-        for param_name, param in model.named_parameters():
-            if not torch.isfinite(param).all():
-                raise MergeInputError(
-                    f"parent {name} has NaN or infinite values in {param_name!r}; the checkpoint is corrupt or "
-                    "diverged in training — fix or re-export it before merging"
-                )
+        check_finite(dict(model.named_parameters()), f"parent {name}")
+
+
+def check_finite(parameters: Mapping[str, torch.Tensor], who: str) -> None:
+    """Refuse NaN or infinite weights (one tensor at a time: lazily read parameters stay lazy). Parameters on the
+    meta device (a lazily read parent's model) carry no values: their `LazyParameters` are checked instead."""
+    for param_name, param in parameters.items():
+        if param.is_floating_point() and not param.is_meta and not torch.isfinite(param).all():
+            raise MergeInputError(
+                f"{who} has NaN or infinite values in {param_name!r}; the checkpoint is corrupt or "
+                "diverged in training — fix or re-export it before merging"
+            )

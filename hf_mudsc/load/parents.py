@@ -14,7 +14,7 @@ import copy
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,10 @@ class LoadedParent:
     commit_sha: str | None = None
     origin: str | None = None
     """How it was found when nobody named it (a base named by the parents' model cards: `BASE_FROM_CARDS`)."""
+    parameters: Mapping[str, torch.Tensor] | None = None
+    """Loaded lazily (`load_parents_and_base(lazy=True)`): the parameters, read one tensor at a time from the
+    safetensors files (`hf_mudsc.load.lazy.LazyParameters`); `model` then lives on the meta device (class, config
+    and shapes, no values). None: the parameters are `model`'s."""
 
     @property
     def pinned_reference(self) -> str:
@@ -443,7 +447,8 @@ def _fetch_weights(located: _Located, *, token: str | bool | None, cache_dir: st
     download_files(located.reference, located.repo_id, located.commit_sha, names, token=token, cache_dir=cache_dir)
 
 
-def _finish(located: _Located, *, token: str | bool | None, cache_dir: str | os.PathLike | None) -> LoadedParent:
+def _finish(located: _Located, *, token: str | bool | None, cache_dir: str | os.PathLike | None,
+            lazy: bool = False) -> LoadedParent:
     if located.loaded is not None:
         return located.loaded
     if located.model is not None:
@@ -451,6 +456,10 @@ def _finish(located: _Located, *, token: str | bool | None, cache_dir: str | os.
                             reference=located.reference)
     _fetch_weights(located, token=token, cache_dir=cache_dir)
     check_weight_files(located.reference, located.folder, located.weight_files)
+    if lazy and not located.use_pickle:
+        parent = _finish_lazily(located)
+        if parent is not None:
+            return parent
     model = _load_weights(located)
     # The Hub id identifies a Hub parent (the snapshot path is a cache artefact); a folder, what was passed.
     model.config._name_or_path = located.repo_id or located.reference
@@ -459,6 +468,33 @@ def _finish(located: _Located, *, token: str | bool | None, cache_dir: str | os.
     logger.info("loaded %s%s", located.reference, f" at commit {located.commit_sha}" if located.commit_sha else "")
     return LoadedParent(model=model, processor=located.processor, reference=located.reference,
                         repo_id=located.repo_id, revision=located.revision, commit_sha=located.commit_sha)
+
+
+def _finish_lazily(located: _Located) -> LoadedParent | None:
+    """A parent whose tensors are read on access (a model on the meta device + `LazyParameters`), or None when
+    the checkpoint's tensors are not exactly the model's parameters with their shapes (tied weights saved once,
+    legacy names ...): then `_load_weights` loads it, and reports what does not fit."""
+    from hf_mudsc.load.lazy import lazy_parameters
+
+    with torch.device("meta"):
+        model = model_class_for(located.config)(located.config)
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.named_parameters()}
+    parameters = lazy_parameters(located.folder, names=list(shapes), dtype=torch.float32)
+    if parameters is None or any(parameters.shape(name) != shape for name, shape in shapes.items()):
+        return None
+    model.config._name_or_path = model.name_or_path = located.repo_id or located.reference
+    logger.info("opened %s%s (tensors read one at a time)", located.reference,
+                f" at commit {located.commit_sha}" if located.commit_sha else "")
+    return LoadedParent(model=model.eval(), processor=located.processor, reference=located.reference,
+                        repo_id=located.repo_id, revision=located.revision, commit_sha=located.commit_sha,
+                        parameters=parameters)
+
+
+def parameters_of(parent: LoadedParent) -> Mapping[str, torch.Tensor]:
+    """A loaded parent's parameters by name (CPU tensors, never to be modified): read lazily, or the model's."""
+    if parent.parameters is not None:
+        return parent.parameters
+    return {name: tensor.detach().cpu() for name, tensor in parent.model.named_parameters()}
 
 
 def _load_weights(located: _Located) -> PreTrainedModel:
@@ -578,10 +614,12 @@ BASE_FROM_CARDS = "named as base_model by every parent's model card"
 
 def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_for: str | None = None,
                           token: str | bool | None = None, allow_pickle: bool = False,
-                          cache_dir: str | os.PathLike | None = None
+                          cache_dir: str | os.PathLike | None = None, lazy: bool = False,
                           ) -> tuple[list[LoadedParent], LoadedParent | None, str | None]:
     """N parents and their common base (`base`: a reference, model or `LoadedParent`, or None), checked against
     each other before any weights are downloaded: `(parents, base or None, where the base came from or None)`.
+    `lazy`: parents after the first and the base are opened for reading one tensor at a time (`LoadedParent.
+    parameters`) where their weights are safetensors (docs/design.md §4.10, streaming).
 
     The base is loaded like a parent (pinned, safetensors unless `allow_pickle`, float32) and must be of the
     parents' class and configuration (labels aside). Without `base`, when `base_needed_for` names a method that
@@ -610,8 +648,11 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
         located_base = _locate_with_processor(base, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir)
         check_base_config(located_base, located[0])
     check_vocabularies(located + ([located_base] if located_base is not None else []))
-    parents = [_finish(p, token=token, cache_dir=cache_dir) for p in located]
-    loaded_base = _finish(located_base, token=token, cache_dir=cache_dir) if located_base is not None else None
+    # `lazy` (a tensor-wise method): every parent but the first (the merged model is built from it) and the base
+    # with safetensors weights are read one tensor at a time, so memory does not grow with the number of parents.
+    parents = [_finish(p, token=token, cache_dir=cache_dir, lazy=lazy and i > 0) for i, p in enumerate(located)]
+    loaded_base = (_finish(located_base, token=token, cache_dir=cache_dir, lazy=lazy)
+                   if located_base is not None else None)
     if loaded_base is not None and source is not None:
         loaded_base.origin = source
     return parents, loaded_base, source or (loaded_base.origin if loaded_base is not None else None)

@@ -110,6 +110,10 @@ class MergeMethod:
     """How many parents it merges: a number, or None for any N >= 2."""
     needs_data: bool = False
     """Reads the calibration batches itself (`context.batches`, e.g. RegMean, Fisher), without the statistics."""
+    streams: bool = False
+    """Reads each parent's tensor only while merging that name (tensor-wise methods): merge() then gives it
+    parents after the first and the base as `LazyParameters` read from disk one tensor at a time, so memory does
+    not grow with the number of parents (docs/design.md §4.10)."""
     builds_concatenated_head: bool = False
     """With different label sets, builds the concatenated classifier itself (the unit-matching apply step does);
     otherwise the classifier is left out of `context.parents` and the pipeline concatenates it."""
@@ -136,6 +140,10 @@ class MergeMethod:
         it used (a method default resolved): the config and card record these; every other per-method option is
         recorded as None (its card row hidden)."""
         return {}
+
+    def check_options(self, options: MergeOptions, num_parents: int) -> None:
+        """Refuse option values this method cannot use with `num_parents` parents (raise `MergeInputError`, one
+        line naming the option); merge() calls it before anything is loaded (after `auto` chose, for `auto`)."""
 
     def merge_parameters(self, context: MethodContext) -> MethodResult:
         """Merge the parents' parameters; runs on the main process only, after calibration."""

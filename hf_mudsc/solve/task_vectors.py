@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -59,6 +60,8 @@ __all__ = [
     "pcb",
     "consensus",
     "localize_stitch",
+    "layer_swap",
+    "block_index",
     "regmean_solve",
     "regmean",
     "fisher_average",
@@ -594,6 +597,43 @@ def localize_stitch(base, parents, weights=None, *, sparsity: float = 0.1,
             if name in taus[i]:
                 acc += w_all[i] * masks[i][name].to(wd) * inv * taus[i][name]
         out[name] = acc.to(b.dtype)
+    return out
+
+
+# ------------------------------------------------------------------------------- layer swapping
+
+#: An encoder block's tensors: `<prefix>.layer.<i>.<rest>` (BERT, RoBERTa) or `<prefix>.layers.<i>.<rest>` (ViT in
+#: transformers 5, CLIP's towers) — the block naming of every architecture in `hf_mudsc.architectures`.
+BLOCK_PATTERN = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
+
+
+def block_index(name: str) -> int | None:
+    """The encoder block a tensor belongs to (None: embeddings, final norms, pooler, heads)."""
+    found = BLOCK_PATTERN.search(name)
+    return int(found.group(1)) if found else None
+
+
+def layer_swap(base, parents, weights=None, *, blocks: Mapping[int, int]) -> StateDict:
+    """Layer swapping (Bandarkar et al. 2024, "Layer Swapping for Zero-Shot Cross-Lingual Transfer"; mergekit
+    does it with ``slices`` + ``passthrough``): every tensor of encoder block ``b`` (``block_index``) is a copy of
+    parent ``blocks[b]``'s; every other tensor (unlisted blocks, embeddings, final norms, head) is parent 0's.
+    In a two-tower model (CLIP) block ``b`` of both towers is swapped. ``base`` and ``weights`` are unused."""
+    _check_parents(parents)
+    for block, index in blocks.items():
+        if not 0 <= index < len(parents):
+            raise ValueError(f"layer_swap: block {block} is assigned to parent {index}, but there are only "
+                             f"{len(parents)} parents (0 to {len(parents) - 1})")
+    out: StateDict = {}
+    for name, ref in parents[0].items():
+        block = block_index(name)
+        source = parents[blocks.get(block, 0)] if block is not None else parents[0]
+        if name not in source:
+            raise ValueError(f"layer_swap: parent {blocks[block]} has no tensor {name!r}")
+        tensor = source[name]
+        if tensor.shape != ref.shape:
+            raise ValueError(f"layer_swap: tensor {name!r} has shape {tuple(tensor.shape)} in parent "
+                             f"{blocks[block]}, {tuple(ref.shape)} in parent 0")
+        out[name] = tensor.clone()
     return out
 
 

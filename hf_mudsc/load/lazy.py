@@ -1,0 +1,143 @@
+"""Parameters read one tensor at a time from safetensors files, as mergekit's lazy loader does.
+
+A tensor-wise merge (task arithmetic, TIES, DARE ...) needs each parent's tensor `name` only while it merges
+`name`. Holding every parent in memory makes peak memory grow with the number of parents; reading each tensor on
+access keeps it at about one merged model plus one tensor per parent (issue 13: 8 parents <= 1.5x the memory
+of 2).
+
+`LazyParameters` is a read-only `Mapping` over one checkpoint (a single `model.safetensors` or the shards of a
+`model.safetensors.index.json`): its keys and shapes come from the files' headers; `mapping[name]` opens the
+file, copies that one tensor out and closes the file again. Nothing is cached. The file is opened per access on
+purpose: a long-lived `safe_open` handle memory-maps the file, and every page read through the map stays in the
+process's resident set until the handle closes — after reading all tensors once, the whole checkpoint would be
+resident again (measured: a 256 MB file read through one handle peaks at +256 MB RSS, through a handle per
+tensor at +0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class LazyParameters(Mapping[str, torch.Tensor]):
+    """`name -> tensor` over safetensors files, each tensor read from disk when it is looked up (never cached).
+
+    `files`: the checkpoint's safetensors files. `names`: expose only these tensors (e.g. a model's parameter
+    names, leaving out buffers a checkpoint also holds); None = every tensor in the files. `dtype`: the tensors are
+    returned in this dtype (parents are merged in float32, as `from_pretrained(dtype=torch.float32)` loads them);
+    None keeps the stored dtype. Tensors are plain CPU tensors that the caller owns.
+    """
+
+    def __init__(self, files: Iterable[str | os.PathLike], *, names: Iterable[str] | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        self._files = [Path(f) for f in files]
+        if not self._files:
+            raise ValueError("LazyParameters needs at least one safetensors file")
+        self._where: dict[str, Path] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        for file in self._files:
+            with safe_open(file, framework="pt") as handle:
+                for key in handle.keys():
+                    if key in self._where:
+                        raise ValueError(f"tensor {key!r} is stored twice: in {self._where[key].name} and {file.name}")
+                    self._where[key] = file
+                    self._shapes[key] = tuple(handle.get_slice(key).get_shape())
+        if names is not None:
+            wanted = list(names)
+            missing = [n for n in wanted if n not in self._where]
+            if missing:
+                raise KeyError(f"{len(missing)} tensor(s) not in the checkpoint, e.g. {missing[0]!r}")
+            self._where = {n: self._where[n] for n in wanted}
+        self.dtype = dtype
+
+    # ------------------------------------------------------------------ Mapping
+    def __getitem__(self, name: str) -> torch.Tensor:
+        file = self._where[name]  # KeyError for an unknown name, as a dict
+        with safe_open(file, framework="pt") as handle:
+            tensor = handle.get_tensor(name)
+        return tensor if self.dtype is None or not tensor.is_floating_point() else tensor.to(self.dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where
+
+    # ------------------------------------------------------------------ header facts (no tensor read)
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, from the file header."""
+        return self._shapes[name]
+
+    @property
+    def files(self) -> list[Path]:
+        return list(self._files)
+
+    def __repr__(self) -> str:
+        return f"LazyParameters({len(self)} tensors in {len(self._files)} file(s), first {self._files[0]})"
+
+
+def safetensors_files(folder: str | os.PathLike) -> list[Path] | None:
+    """The safetensors files of a checkpoint folder (a save_pretrained folder or a Hub snapshot), or None when it
+    has none (pickle-only checkpoints cannot be read lazily)."""
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [folder / shard for shard in dict.fromkeys(weight_map.values())]
+    single = folder / SINGLE_FILE
+    return [single] if single.is_file() else None
+
+
+def lazy_parameters(folder: str | os.PathLike, *, names: Iterable[str] | None = None,
+                    dtype: torch.dtype | None = torch.float32) -> LazyParameters | None:
+    """`LazyParameters` over a checkpoint folder, or None when it has no safetensors weights or lacks one of
+    `names` (e.g. tied weights saved once: the caller then uses the loaded model's parameters)."""
+    files = safetensors_files(folder)
+    if files is None:
+        return None
+    try:
+        return LazyParameters(files, names=names, dtype=dtype)
+    except KeyError:
+        return None
+
+
+class Subset(Mapping[str, torch.Tensor]):
+    """A read-only view of a parameter mapping restricted to some names: a lazy mapping stays lazy (a dict
+    comprehension over it would read every tensor at once)."""
+
+    def __init__(self, parameters: Mapping[str, torch.Tensor], keep: Callable[[str], bool]) -> None:
+        self._parameters = parameters
+        self._keep = keep
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if not self._keep(name):
+            raise KeyError(name)
+        return self._parameters[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name in self._parameters if self._keep(name))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._keep(name) and name in self._parameters
+
+
+def subset(parameters: Mapping[str, torch.Tensor], keep: Callable[[str], bool]) -> Mapping[str, torch.Tensor]:
+    """`parameters` restricted to the names `keep` accepts: a dict for a dict, a lazy view for anything else."""
+    if isinstance(parameters, dict):
+        return {name: tensor for name, tensor in parameters.items() if keep(name)}
+    return Subset(parameters, keep)

@@ -1,0 +1,303 @@
+"""Same-base, tensor-wise merge methods: mergekit's task-vector family, the seed list's dataless methods, SLERP and
+layer swapping — each a registry entry around a pure function of `hf_mudsc.solve.task_vectors`.
+
+The arithmetic lives in `hf_mudsc.solve.task_vectors` (checked against mergekit 0.1.5; facts and citations in
+docs/research/same_base_facts.md). An entry here says what the function needs (a base, how many parents), which
+`MergeOptions` it reads and under which keyword, and the defaults of those left unset (`None`): mergekit's
+`normalize` per method, and `density` as the method's paper or FusionBench publishes it (mergekit's own default
+is 1.0 — no sparsification at all, which would make `ties` plain sign election and `breadcrumbs` plain task
+arithmetic). `used_options` returns the values actually used, so the config and card record exactly those.
+
+Tensor-wise methods read each parent's tensor only while merging it (`streams=True`): given
+`hf_mudsc.load.lazy.LazyParameters` parents, memory stays at about one model however many parents there are.
+`pcb` and `localize_stitch` rank entries over the whole model and read every tensor of every parent at once.
+
+When the parents' label sets differ, the pipeline leaves the classifier out of `context.parents` and concatenates
+the heads itself (`builds_concatenated_head=False`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from hf_mudsc.methods.registry import MergeMethod, MethodContext, MethodResult, register_method
+
+if TYPE_CHECKING:
+    from hf_mudsc.options import MergeOptions
+
+PAPER_TASK_ARITHMETIC = "https://arxiv.org/abs/2212.04089"
+PAPER_TIES = "https://arxiv.org/abs/2306.01708"
+PAPER_DARE = "https://arxiv.org/abs/2311.03099"
+PAPER_BREADCRUMBS = "https://arxiv.org/abs/2312.06795"
+PAPER_DELLA = "https://arxiv.org/abs/2406.11617"
+PAPER_SOUPS = "https://arxiv.org/abs/2203.05482"
+PAPER_SLERP = "https://github.com/arcee-ai/mergekit"  # mergekit's SLERP (Shoemake 1985 applied to weights)
+PAPER_PCB = "https://arxiv.org/abs/2410.02396"
+PAPER_TALL = "https://arxiv.org/abs/2405.07813"
+PAPER_LOCALIZE_STITCH = "https://arxiv.org/abs/2408.13656"
+PAPER_LAYER_SWAP = "https://arxiv.org/abs/2410.01335"
+
+
+@dataclass(frozen=True)
+class TensorWiseMethod(MergeMethod):
+    """A same-base method: `function(base, parents, weights, **keywords)` from `hf_mudsc.solve.task_vectors`.
+
+    `arguments`: (option, keyword) pairs — which `MergeOptions` fields the method reads and the function keyword
+    each becomes (`weights` is passed positionally). `defaults`: (option, value) pairs used where the option is
+    None (unset). `streams`: the function reads one tensor name at a time across the parents.
+    """
+
+    function: Callable[..., dict[str, Any]] | None = None
+    arguments: tuple[tuple[str, str], ...] = ()
+    defaults: tuple[tuple[str, Any], ...] = ()
+    streams: bool = True
+    num_parents: int | None = None
+
+    def option_value(self, options: MergeOptions, name: str) -> Any:
+        """The value the method uses for option `name`: the user's, else the method's default."""
+        value = getattr(options, name)
+        return dict(self.defaults).get(name) if value is None else value
+
+    def used_options(self, options: MergeOptions) -> dict[str, Any]:
+        """Exactly the options this method reads, with the values it uses (the config and card record these)."""
+        return {name: self.option_value(options, name) for name, _ in self.arguments}
+
+    def check_options(self, options: MergeOptions, num_parents: int) -> None:
+        """Refuse option values this method cannot use with `num_parents` parents (one line each)."""
+        from hf_mudsc.errors import MergeInputError, option_hint
+        from hf_mudsc.solve.layer_ranges import parse_layer_swap
+
+        read = dict(self.arguments)
+        if "layer_swap" in read:
+            text = self.option_value(options, "layer_swap")
+            if text is None:
+                raise MergeInputError(f"method {self.name!r} needs the blocks to take from each parent: "
+                                      f"{option_hint('layer_swap')}, e.g. '1:0-5' (parent 1's blocks 0 to 5)")
+            wrong = sorted({p for p in parse_layer_swap(text).values() if p >= num_parents})
+            if wrong:
+                raise MergeInputError(f"layer_swap {text!r} names parent {wrong[0]}, but there are {num_parents} "
+                                      f"parents (0 to {num_parents - 1}) {option_hint('layer_swap')}")
+        if read.get("density") == "sparsity":
+            density = self.option_value(options, "density")
+            if isinstance(density, Sequence):
+                raise MergeInputError(f"method {self.name!r} keeps one share of entries for every parent: give "
+                                      f"one number, not {len(density)}, {option_hint('density')}")
+
+    def keywords(self, options: MergeOptions) -> dict[str, Any]:
+        """The function's keyword arguments for these options."""
+        from hf_mudsc.solve.layer_ranges import parse_layer_swap
+
+        out: dict[str, Any] = {}
+        for name, keyword in self.arguments:
+            if name == "weights":
+                continue
+            value = self.option_value(options, name)
+            if name == "layer_swap":
+                value = parse_layer_swap(value)
+            if isinstance(value, Sequence) and not isinstance(value, str):
+                value = [float(v) for v in value]
+            out[keyword] = value
+        return out
+
+    def merge_parameters(self, context: MethodContext) -> MethodResult:
+        from hf_mudsc.errors import MergeInputError, option_hint
+
+        if self.function is None:
+            raise NotImplementedError(f"merge method {self.name!r} has no function")
+        self.check_options(context.options, len(context.parents))
+        if self.needs_base_model and context.base is None:
+            raise MergeInputError(f"method {self.name!r} needs the parents' common base model: "
+                                  f"{option_hint('base')}")
+        keywords = self.keywords(context.options)
+        if "blocks" in keywords:
+            _check_blocks(keywords["blocks"], context.parents[0], context.options.layer_swap)
+        weights = self.option_value(context.options, "weights") if "weights" in dict(self.arguments) else None
+        try:
+            parameters = self.function(context.base, list(context.parents), weights, **keywords)
+        except ValueError as error:  # shapes that do not fit, weights summing to 0 ...: one line, no traceback
+            raise MergeInputError(f"method {self.name!r}: {error}") from None
+        return MethodResult(parameters=parameters, matches=[None] * len(context.spec.groups))
+
+
+def _check_blocks(blocks: dict[int, int], parameters: Sequence[str], text: str) -> None:
+    """Refuse `layer_swap` blocks the model does not have (they would silently change nothing)."""
+    from hf_mudsc.errors import MergeInputError, option_hint
+    from hf_mudsc.solve.task_vectors import block_index
+
+    present = {block_index(name) for name in parameters} - {None}
+    missing = sorted(set(blocks) - present)
+    if missing:
+        have = f"blocks 0 to {max(present)}" if present else "no numbered encoder blocks"
+        raise MergeInputError(f"layer_swap {text!r} lists block {missing[0]}, but the model has {have} "
+                              f"{option_hint('layer_swap')}")
+
+
+def _function(name: str) -> Callable[..., dict[str, Any]]:
+    """The pure function `name` of `hf_mudsc.solve.task_vectors`, imported when first called (keeps the registry
+    torch-free: `hf-mudsc merge --help` lists the methods without importing torch)."""
+
+    def call(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        from hf_mudsc.solve import task_vectors
+
+        return getattr(task_vectors, name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"hf_mudsc.solve.task_vectors.{name}"
+    return call
+
+
+# What every generalized-task-arithmetic method reads (mergekit 0.1.5 `GeneralizedTaskArithmeticMerge`).
+_GTA = (("weights", "weights"), ("normalize", "normalize"), ("scaling", "scaling"))
+_SPARSE = _GTA + (("density", "density"),)
+_RANDOM = _SPARSE + (("rescale", "rescale"), ("seed", "seed"))
+
+LINEAR = register_method(TensorWiseMethod(
+    name="linear",
+    pretty_name="Linear (weighted average, model soup)",
+    paper=PAPER_SOUPS,
+    description="Weighted average of the parents' tensors, divided by the weights' sum (mergekit linear); "
+    "no base needed.",
+    function=_function("linear"),
+    arguments=(("weights", "weights"), ("normalize", "normalize")),
+    defaults=(("normalize", True),),
+))
+TASK_ARITHMETIC = register_method(TensorWiseMethod(
+    name="task_arithmetic",
+    pretty_name="Task arithmetic",
+    paper=PAPER_TASK_ARITHMETIC,
+    description="base + scaling * sum_i w_i (parent_i - base) (mergekit task_arithmetic).",
+    needs_base_model=True,
+    function=_function("task_arithmetic"),
+    arguments=_GTA,
+    defaults=(("normalize", False),),
+))
+TIES = register_method(TensorWiseMethod(
+    name="ties",
+    pretty_name="TIES-Merging",
+    paper=PAPER_TIES,
+    description="Task vectors trimmed to their top-density magnitudes per tensor, signs elected by the sum, "
+    "agreeing entries averaged (mergekit ties; density 0.2 = the paper's top 20%).",
+    needs_base_model=True,
+    function=_function("ties"),
+    arguments=_SPARSE,
+    defaults=(("normalize", True), ("density", 0.2)),
+))
+DARE_LINEAR = register_method(TensorWiseMethod(
+    name="dare_linear",
+    pretty_name="DARE (task arithmetic)",
+    paper=PAPER_DARE,
+    description="Task-vector entries kept at random with probability density, L1 norm restored, then summed "
+    "(mergekit dare_linear; masks seeded by seed; density 0.5 as FusionBench).",
+    needs_base_model=True,
+    function=_function("dare_linear"),
+    arguments=_RANDOM,
+    defaults=(("normalize", False), ("density", 0.5)),
+))
+DARE_TIES = register_method(TensorWiseMethod(
+    name="dare_ties",
+    pretty_name="DARE + TIES sign election",
+    paper=PAPER_DARE,
+    description="DARE's random drop and rescale, then TIES's sign election (mergekit dare_ties; masks seeded by "
+    "seed; density 0.5 as FusionBench).",
+    needs_base_model=True,
+    function=_function("dare_ties"),
+    arguments=_RANDOM,
+    defaults=(("normalize", False), ("density", 0.5)),
+))
+BREADCRUMBS = register_method(TensorWiseMethod(
+    name="breadcrumbs",
+    pretty_name="Model Breadcrumbs",
+    paper=PAPER_BREADCRUMBS,
+    description="Task vectors without their largest gamma and smallest entries (density kept), summed "
+    "(mergekit breadcrumbs; density 0.9, gamma 0.01).",
+    needs_base_model=True,
+    function=_function("breadcrumbs"),
+    arguments=_SPARSE + (("gamma", "gamma"),),
+    defaults=(("normalize", False), ("density", 0.9), ("gamma", 0.01)),
+))
+BREADCRUMBS_TIES = register_method(TensorWiseMethod(
+    name="breadcrumbs_ties",
+    pretty_name="Model Breadcrumbs + TIES sign election",
+    paper=PAPER_BREADCRUMBS,
+    description="Breadcrumbs masks, then TIES's sign election (mergekit breadcrumbs_ties, which does not "
+    "normalise by default; density 0.9, gamma 0.01).",
+    needs_base_model=True,
+    function=_function("breadcrumbs_ties"),
+    arguments=_SPARSE + (("gamma", "gamma"),),
+    defaults=(("normalize", False), ("density", 0.9), ("gamma", 0.01)),
+))
+DELLA = register_method(TensorWiseMethod(
+    name="della",
+    pretty_name="DELLA (MagPrune + TIES sign election)",
+    paper=PAPER_DELLA,
+    description="Entries kept at random with a probability rising with magnitude (density ± epsilon per row), "
+    "L1 norm restored, signs elected (mergekit della; density 0.5, epsilon 0.15).",
+    needs_base_model=True,
+    function=_function("della"),
+    arguments=_RANDOM + (("epsilon", "epsilon"),),
+    defaults=(("normalize", True), ("density", 0.5), ("epsilon", 0.15)),
+))
+DELLA_LINEAR = register_method(TensorWiseMethod(
+    name="della_linear",
+    pretty_name="DELLA (MagPrune, task arithmetic)",
+    paper=PAPER_DELLA,
+    description="DELLA's magnitude-ranked random drop and rescale, then summed (mergekit della_linear; "
+    "density 0.5, epsilon 0.15).",
+    needs_base_model=True,
+    function=_function("della_linear"),
+    arguments=_RANDOM + (("epsilon", "epsilon"),),
+    defaults=(("normalize", False), ("density", 0.5), ("epsilon", 0.15)),
+))
+SLERP = register_method(TensorWiseMethod(
+    name="slerp",
+    pretty_name="SLERP (spherical interpolation)",
+    paper=PAPER_SLERP,
+    description="Each tensor interpolated along the great circle from parent 0 (t=0) to parent 1 (t=1), "
+    "linear where they are nearly colinear (mergekit slerp); two parents, no base.",
+    num_parents=2,
+    function=_function("slerp"),
+    arguments=(("slerp_t", "t"),),
+))
+PCB = register_method(TensorWiseMethod(
+    name="pcb",
+    pretty_name="PCB-Merging (parameter competition balancing)",
+    paper=PAPER_PCB,
+    description="Task-vector entries scored by intra- and inter-task balancing over the whole model, the top "
+    "pcb_ratio kept per task and averaged by score (PCB_merge).",
+    needs_base_model=True, streams=False,
+    function=_function("pcb"),
+    arguments=(("weights", "weights"), ("pcb_ratio", "pcb_ratio"), ("scaling", "scaling")),
+))
+CONSENSUS = register_method(TensorWiseMethod(
+    name="consensus",
+    pretty_name="Consensus merging (TALL masks)",
+    paper=PAPER_TALL,
+    description="Task arithmetic keeping only the entries at least consensus_k tasks' TALL masks hold "
+    "(drops selfish and catastrophic weights).",
+    needs_base_model=True,
+    function=_function("consensus"),
+    arguments=(("weights", "weights"), ("consensus_k", "k"), ("consensus_lambda", "tall_mask_lambda"),
+               ("scaling", "scaling")),
+))
+LOCALIZE_STITCH = register_method(TensorWiseMethod(
+    name="localize_stitch",
+    pretty_name="Localize-and-Stitch (dataless)",
+    paper=PAPER_LOCALIZE_STITCH,
+    description="Each parent's largest task-vector entries over the whole model (density = share kept, 0.1 as "
+    "the paper), stitched onto the base; overlapping entries shared equally.",
+    needs_base_model=True, streams=False,
+    function=_function("localize_stitch"),
+    arguments=(("weights", "weights"), ("density", "sparsity")),
+    defaults=(("density", 0.1),),
+))
+LAYER_SWAP = register_method(TensorWiseMethod(
+    name="layer_swap",
+    pretty_name="Layer swapping",
+    paper=PAPER_LAYER_SWAP,
+    description="Chosen encoder blocks copied from other parents (layer_swap = 'parent:first-last,...'); the "
+    "rest, embeddings and head from parent 0; no base.",
+    function=_function("layer_swap"),
+    arguments=(("layer_swap", "blocks"),),
+))

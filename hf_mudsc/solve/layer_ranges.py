@@ -1,0 +1,33 @@
+"""The `layer_swap` option's text: which parent each encoder block comes from (torch-free: options checks it)."""
+
+from __future__ import annotations
+
+import re
+
+#: `layer_swap` text: comma-separated `parent:first-last` (or `parent:block`) items, blocks counted from 0.
+LAYER_SWAP_ITEM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+
+
+def parse_layer_swap(text: str) -> dict[int, int]:
+    """`"1:0-5,2:9"` -> {block: parent} ({0: 1, ..., 5: 1, 9: 2}); raises ValueError naming the bad item.
+
+    Blocks not listed come from parent 0 (so do the embeddings, final norms and head); a block listed twice is
+    refused, since it could come from only one parent."""
+    blocks: dict[int, int] = {}
+    items = [item for item in text.split(",")]
+    if not text.strip():
+        raise ValueError("it is empty; give items like '1:0-5' (parent 1's blocks 0 to 5)")
+    for item in items:
+        found = LAYER_SWAP_ITEM.match(item)
+        if found is None:
+            raise ValueError(f"item {item.strip()!r} is not 'parent:first-last' or 'parent:block' (e.g. '1:0-5')")
+        parent, first = int(found.group(1)), int(found.group(2))
+        last = int(found.group(3)) if found.group(3) is not None else first
+        if last < first:
+            raise ValueError(f"item {item.strip()!r} has its last block before its first")
+        for block in range(first, last + 1):
+            if block in blocks:
+                raise ValueError(f"block {block} is listed twice ({blocks[block]} and {parent}); each block "
+                                 "comes from one parent")
+            blocks[block] = parent
+    return blocks

@@ -1,0 +1,126 @@
+"""`LazyParameters`: a checkpoint's tensors read one at a time, on access, never cached (the streaming merge)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from factories import make_model
+from safetensors.torch import save_file
+
+import hf_mudsc.load.lazy as lazy
+from hf_mudsc.load.lazy import LazyParameters, lazy_parameters, safetensors_files
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    tensors = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.full((4,), 2.5, dtype=torch.float16),
+               "ids": torch.tensor([1, 2, 3])}
+    save_file(tensors, tmp_path / "model.safetensors")
+    return tmp_path, tensors
+
+
+def test_keys_and_shapes_come_from_the_header_and_no_tensor_is_read_until_asked(checkpoint, monkeypatch):
+    folder, tensors = checkpoint
+    read: list[str] = []
+    real_open = lazy.safe_open
+
+    class CountingOpen:
+        def __init__(self, *args, **kwargs):
+            self.handle = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            handle = self.handle.__enter__()
+            outer = self
+
+            class Handle:
+                def keys(self):
+                    return handle.keys()
+
+                def get_slice(self, name):
+                    return handle.get_slice(name)
+
+                def get_tensor(self, name):
+                    read.append(name)
+                    return handle.get_tensor(name)
+
+            outer.wrapped = Handle()
+            return outer.wrapped
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+    monkeypatch.setattr(lazy, "safe_open", CountingOpen)
+    parameters = LazyParameters([folder / "model.safetensors"])
+    assert sorted(parameters) == ["a", "b", "ids"] and len(parameters) == 3
+    assert parameters.shape("a") == (2, 3) and "a" in parameters and "zz" not in parameters
+    assert read == []
+    assert torch.equal(parameters["b"], tensors["b"]) and parameters["b"].dtype == torch.float16
+    assert read == ["b", "b"]  # only the tensor asked for, once per lookup (nothing cached)
+    with pytest.raises(KeyError):
+        parameters["zz"]
+
+
+def test_a_tensor_is_read_from_disk_at_each_access_not_cached(checkpoint):
+    folder, tensors = checkpoint
+    parameters = LazyParameters([folder / "model.safetensors"])
+    assert torch.equal(parameters["a"], tensors["a"])
+    save_file({**tensors, "a": -tensors["a"]}, folder / "model.safetensors")  # same header, new values
+    assert torch.equal(parameters["a"], -tensors["a"])
+
+
+def test_dtype_converts_floating_tensors_only_and_names_restrict_the_keys(checkpoint):
+    folder, tensors = checkpoint
+    parameters = LazyParameters([folder / "model.safetensors"], names=["b", "ids"], dtype=torch.float32)
+    assert list(parameters) == ["b", "ids"]
+    assert parameters["b"].dtype == torch.float32 and parameters["ids"].dtype == torch.int64
+    with pytest.raises(KeyError, match="not in the checkpoint"):
+        LazyParameters([folder / "model.safetensors"], names=["a", "missing"])
+
+
+def test_sharded_checkpoints_and_folders_without_safetensors(tmp_path):
+    save_file({"x": torch.ones(2)}, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({"y": torch.zeros(3)}, tmp_path / "model-00002-of-00002.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
+        "x": "model-00001-of-00002.safetensors", "y": "model-00002-of-00002.safetensors"}}))
+    parameters = lazy_parameters(tmp_path)
+    assert dict(parameters.items()).keys() == {"x", "y"}
+    assert torch.equal(parameters["y"], torch.zeros(3))
+    assert safetensors_files(tmp_path / "nothing") is None
+    assert lazy_parameters(tmp_path, names=["x", "tied_and_not_saved"]) is None
+
+
+def test_a_saved_model_reads_back_equal_to_its_parameters(tmp_path):
+    model = make_model("bert_cls", 3)
+    model.save_pretrained(tmp_path)
+    names = [n for n, _ in model.named_parameters()]
+    parameters = lazy_parameters(tmp_path, names=names)
+    assert list(parameters) == names
+    for name, tensor in model.named_parameters():
+        assert torch.equal(parameters[name], tensor.detach()), name
+
+
+def test_reading_every_tensor_keeps_memory_flat(tmp_path):
+    """Peak RSS after reading all tensors of a 128 MB checkpoint one by one stays far below the file size (a
+    long-lived memory map would keep every page read resident)."""
+    save_file({f"t{i}": torch.randn(512, 1024) for i in range(64)}, tmp_path / "model.safetensors")
+    script = textwrap.dedent(f"""
+        import resource, torch
+        from hf_mudsc.load.lazy import lazy_parameters
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        total = 0.0
+        for name, tensor in lazy_parameters({str(tmp_path)!r}).items():
+            total += float(tensor[0, 0])
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    """)
+    run = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
+                         cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": ROOT})
+    grown = float(run.stdout.strip().splitlines()[-1])
+    assert grown < 40, f"peak RSS grew by {grown:.0f} MB reading a 128 MB checkpoint"
