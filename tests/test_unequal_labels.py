@@ -28,7 +28,7 @@ from hf_mudsc.architectures import spec_for
 from hf_mudsc.methods import get_method, method_runs
 
 # Every registered method with each of its matchers (the demo's list).
-METHODS = [(options["method"], options.get("matcher", "zip")) for _, options in method_runs()]
+RUNS = {label: options for label, options in method_runs()}
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +48,13 @@ def pairs():
     return get
 
 
-@pytest.mark.parametrize("method,matcher", METHODS)
+@pytest.mark.parametrize("run", list(RUNS))
 @pytest.mark.parametrize("kind,labels_a,labels_b", LABEL_COUNTS)
-def test_unequal_label_counts_merge_with_a_concatenated_head(pairs, kind, labels_a, labels_b, method, matcher):
+def test_unequal_label_counts_merge_with_a_concatenated_head(pairs, kind, labels_a, labels_b, run):
     a, b, batches = pairs(kind, labels_a, labels_b)
+    method = RUNS[run]["method"]
     calibration = batches if get_method(method).needs_calibration or get_method(method).needs_data else None
-    merged = hf_mudsc.merge([a, b], calibration, method=method, matcher=matcher, progress=False)
+    merged = hf_mudsc.merge([a, b], calibration, progress=False, **RUNS[run])
 
     total = labels_a + labels_b
     (merged_weight, merged_bias), (a_weight, a_bias), (b_weight, b_bias) = map(classifier_params, (merged, a, b))

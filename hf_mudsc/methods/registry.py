@@ -110,6 +110,9 @@ class MergeMethod:
     """How many parents it merges: a number, or None for any N >= 2."""
     needs_data: bool = False
     """Reads the calibration batches itself (`context.batches`, e.g. RegMean, Fisher), without the statistics."""
+    demo_options: tuple[tuple[str, Any], ...] = ()
+    """(option, value) pairs its runs in the demo and benchmarks add (`method_runs`): a method with an option that
+    has no default (layer_swap's block ranges) is run with these."""
     streams: bool = False
     """Reads each parent's tensor only while merging that name (tensor-wise methods): merge() then gives it
     parents after the first and the base as `LazyParameters` read from disk one tensor at a time, so memory does
@@ -193,7 +196,7 @@ def method_runs(label_format: str = "{name} ({matcher})", *, with_base: bool = F
             continue
         choices = method.matcher_choices()
         for matcher in choices:
-            options: dict[str, Any] = {"method": method.name}
+            options: dict[str, Any] = {"method": method.name, **dict(method.demo_options)}
             if matcher is not None:
                 options["matcher"] = matcher
             label = label_format.format(name=method.name, matcher=matcher) if len(choices) > 1 else method.name

@@ -300,4 +300,5 @@ LAYER_SWAP = register_method(TensorWiseMethod(
     "rest, embeddings and head from parent 0; no base.",
     function=_function("layer_swap"),
     arguments=(("layer_swap", "blocks"),),
+    demo_options=(("layer_swap", "1:0"),),  # the demo's pair: block 0 from parent B, the rest from A
 ))

@@ -275,7 +275,7 @@ def _gta(
                 mask = outlier_mask(delta, d_all[i], g_all[i])
             elif sparsify == "random":
                 mask = bernoulli_mask(delta, d_all[i], tensor_generator(seed, name, i))
-            elif sparsify == "della":
+            elif sparsify == "della_magprune":
                 mask = _della_mask(delta, d_all[i], e_all[i], tensor_generator(seed, name, i))
             else:
                 mask = None
@@ -355,14 +355,14 @@ def breadcrumbs_ties(base, parents, weights=None, *, density: FloatOrList = 1.0,
 def della(base, parents, weights=None, *, density: FloatOrList = 1.0, epsilon: FloatOrList = 0.15,
           normalize: bool = True, rescale: bool = True, scaling: float = 1.0, seed: int = 0) -> StateDict:
     """DELLA (Deep et al. 2024; mergekit ``della``): MagPrune, L1 rescale, TIES consensus."""
-    return _gta(base, parents, weights, sparsify="della", consensus=True, normalize=normalize,
+    return _gta(base, parents, weights, sparsify="della_magprune", consensus=True, normalize=normalize,
                 rescale=rescale, scaling=scaling, density=density, epsilon=epsilon, seed=seed)
 
 
 def della_linear(base, parents, weights=None, *, density: FloatOrList = 1.0, epsilon: FloatOrList = 0.15,
                  normalize: bool = False, rescale: bool = True, scaling: float = 1.0, seed: int = 0) -> StateDict:
     """DELLA without sign consensus (mergekit ``della_linear``)."""
-    return _gta(base, parents, weights, sparsify="della", consensus=False, normalize=normalize,
+    return _gta(base, parents, weights, sparsify="della_magprune", consensus=False, normalize=normalize,
                 rescale=rescale, scaling=scaling, density=density, epsilon=epsilon, seed=seed)
 
 
