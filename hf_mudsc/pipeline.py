@@ -317,7 +317,8 @@ def merge(
     if merge_method is None:
         try:
             merge_method, choice_reason = choose_method(relation.relation, relation.weight_distance,
-                                                        has_base=base_parent is not None)
+                                                        has_base=base_parent is not None,
+                                                        has_data=calibration is not None)
         except ValueError as error:
             raise MergeInputError(str(error)) from None
         logger.info("method auto: %s", choice_reason)

@@ -84,8 +84,7 @@ def test_builtin_methods_in_registry_order_with_their_runs():
             if n in first} \
         == {"mudsc": ("zip", "align", 0.3), "zipit": ("zip", "zip", None),
             "activation_align": ("align", "align", None), "weight_matching": ("align", "align", None),
-            "average": (None, None, None), "linear": (None, None, None), "regmean": (None, None, None),
-            "regmean_plusplus": (None, None, None), "fisher": (None, None, None)}
+            "average": (None, None, None), "linear": (None, None, None)}
     assert hf_mudsc.METHODS is METHODS and hf_mudsc.get_method("zipit") is METHODS["zipit"]
 
 

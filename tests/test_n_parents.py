@@ -125,6 +125,20 @@ def test_auto_merges_fine_tunes_of_one_base_linearly_and_says_why(three, caplog)
         assert torch.equal(tensor.detach(), weighted_mean([params(p)[name] for p in parents[:2]], [1.0, 1.0]))
 
 
+def test_auto_merges_fine_tunes_of_one_base_by_regmean_when_calibration_data_is_given(three):
+    base, parents = three
+    distance = parent_relation(params(parents[0]), params(parents[1]), spec_for(base))[0].weight_distance
+    batches = make_batches("vit_cls", 2)
+    merged = hf_mudsc.merge(parents[:2], batches, progress=False)
+    assert merged.config.mudsc["method"] == "regmean"
+    assert merged.config.mudsc["method_choice_reason"] == (
+        "parents share a base, so the identity correspondence holds and calibration data is given "
+        f"(relative weight distance {distance:.3g}): regmean")
+    direct = hf_mudsc.merge(parents[:2], batches, method="regmean", progress=False)
+    for (name, tensor), (_, expected) in zip(merged.named_parameters(), direct.named_parameters()):
+        assert torch.equal(tensor, expected), name
+
+
 def test_options_the_method_does_not_read_are_named_in_a_warning(three, caplog):
     _, parents = three
     with caplog.at_level(logging.WARNING, logger="hf_mudsc"):

@@ -4,7 +4,10 @@ The rule is a table (relation of the parents, base given?) -> candidate methods,
 
 - different initializations (`independent`) or a `permuted copy`: units must be matched first -> `mudsc`;
 - fine-tunes of one base (`shared base`) or the `same model`: the identity correspondence already holds ->
-  `ties` when the base is given (mergekit's and FusionBench's usual dataless choice for N parents), else `linear`.
+  `regmean` when calibration data is given (first in FusionBench's comparison and in ours,
+  `scripts/bench_same_base.py`: vision 97.8 vs linear 96.1 and ties 94.3, text 103.6 vs 96.8 and 98.6, normalised
+  accuracy); without data `ties` when the base is given (mergekit's and FusionBench's usual dataless choice for N
+  parents), else `linear`.
 
 The reason string says which and why; the log, `config.mudsc["method_choice_reason"]` and the card carry it.
 Torch-free (reads the relation's label and distance only).
@@ -26,6 +29,8 @@ CHOICES: dict[tuple[str, bool], tuple[str, ...]] = {
     ("same model", False): ("linear",),
     ("same model", True): ("ties", "linear"),
 }
+# With calibration data, parents whose units already correspond are merged by a data method first.
+WITH_DATA: dict[str, tuple[str, ...]] = {"shared base": ("regmean",), "same model": ("regmean",)}
 WHY = {
     "independent": "parents come from different initializations, so their units must be matched",
     "permuted copy": "parents are permuted copies of one model, so their units must be matched",
@@ -39,13 +44,20 @@ def is_auto(method: str) -> bool:
     return method == AUTO
 
 
-def choose_method(relation: str, weight_distance: float, *, has_base: bool) -> tuple[MergeMethod, str]:
+def choose_method(relation: str, weight_distance: float, *, has_base: bool, has_data: bool = False
+                  ) -> tuple[MergeMethod, str]:
     """The method `auto` picks for parents with this relation (`hf_mudsc.load.relation.ParentRelation`), and why.
 
     Raises ValueError when none of the candidates is registered (a plug-in removed them)."""
     candidates = CHOICES.get((relation, has_base))
     if candidates is None:
         raise ValueError(f"method 'auto' cannot choose for parents whose relation is {relation!r}")
+    with_data = WITH_DATA.get(relation, ()) if has_data else ()
+    for name in with_data:
+        if name in METHODS:
+            reason = (f"{WHY[relation]} and calibration data is given (relative weight distance "
+                      f"{weight_distance:.3g}): {name}")
+            return METHODS[name], reason
     for name in candidates:
         if name in METHODS:
             base = " and the base is given" if has_base else ""
