@@ -310,34 +310,6 @@ def parameters_of(record: dict[str, Any]) -> dict[str, Any]:
     return {k: record.get(k, v) for k, v in used.items() if k not in ("weights", "seed")}
 
 
-def memoise_parent_relations() -> None:
-    """Compute each pair's weight relation once per run instead of once per merge.
-
-    `hf_mudsc.merge` measures how the parents relate (to each other and to the base: float64 sorts of every
-    tensor) on every call; for MiniLM-sized parents that is minutes per merge on a loaded 2-core box, and this
-    benchmark merges the same parents ~15 times per seed. The relation is a pure function of the weights and only
-    feeds logs, the config and `auto`'s choice, so caching it by a content fingerprint changes no merged weight."""
-    from hf_mudsc.load import relation
-
-    if getattr(relation.parent_relation, "memoised", False):
-        return
-    original = relation.parent_relation
-    cache: dict[tuple, Any] = {}
-
-    def fingerprint(params: Any) -> tuple:
-        names = sorted(params)
-        return tuple((n, tuple(params[n].shape), float(params[n].double().sum())) for n in names[:3] + names[-3:])
-
-    def cached(params_a: Any, params_b: Any, spec: Any, labels: Sequence[str] = ("A", "B")) -> Any:
-        key = (fingerprint(params_a), fingerprint(params_b), tuple(labels), len(params_a), len(params_b))
-        if key not in cache:
-            cache[key] = original(params_a, params_b, spec, labels)
-        return cache[key]
-
-    cached.memoised = True  # type: ignore[attr-defined]
-    relation.parent_relation = cached
-
-
 def run_method(setting: Setting, method: str, seed: int, **options: Any) -> tuple[list[float], dict[str, Any]]:
     """Merge through the public API; (per-task accuracies, the merged config's record)."""
     merged = hf_mudsc.merge(setting.parents, setting.calibration, method=method, base=setting.base, seed=seed,
@@ -604,7 +576,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                                                        "settings": list(result["settings"])}]
     if args.combine:
         return combine(args.combine, result, out_dir)
-    memoise_parent_relations()
     for name in args.settings:  # the files are rewritten after each setting: a long run can be read midway
         t0 = time.perf_counter()
         out = run_setting(args, builders[name])
