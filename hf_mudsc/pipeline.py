@@ -440,6 +440,8 @@ def merge(
             method=merge_method.name, matcher=used_options.get("matcher"), group_values=report.group_values,
             objective_history=report.objective_history, sweeps=report.sweeps, starts=report.starts,
             solve_start=report.solve_start)
+        if report.diagnostics is not None and alpha_curve is not None:
+            report.diagnostics.alpha_curve = alpha_curve
     merged_params = dict(result.parameters)
     if left_out:
         merged_params.update(concatenated_head(params, sorted(left_out)))

@@ -4,6 +4,7 @@ from its card, and `hf-mudsc inspect` (summary + redrawn plots) on merged folder
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import subprocess
 import sys
@@ -366,3 +367,21 @@ def test_inspect_and_help_do_not_import_torch_or_matplotlib_needlessly(merged_fo
         done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         assert eval(done.stdout.strip().splitlines()[-1]) == expected, argv  # noqa: S307 - our own repr
+
+
+def test_alpha_auto_draws_the_fidelity_curve_and_the_card_links_it(tmp_path):
+    """With alpha="auto" the diagnostics carry the search's curve; the plot is drawn, linked and redrawn by inspect."""
+
+
+    a, b = make_model("vit_cls", 0), make_model("vit_cls", 1)
+    merged = hf_mudsc.merge([a, b], make_batches("vit_cls", 4), method="mudsc", alpha="auto", progress=False)
+    curve = merged.config.mudsc["alpha_auto"]
+    assert merged.merge_report.diagnostics.alpha_curve == curve
+    folder = hf_mudsc.save_merged(merged, tmp_path / "merged")
+    png = folder / "plots" / "alpha_fidelity.png"
+    with Image.open(png) as image:
+        assert image.size[0] > 400 and image.size[1] > 300
+        assert len(image.convert("RGB").getcolors(1 << 20)) > 50
+    assert "plots/alpha_fidelity.png" in (folder / "README.md").read_text()
+    stored = json.loads((folder / "merge_diagnostics.json").read_text())
+    assert stored["alpha_curve"]["chosen"] == curve["chosen"] and stored["alpha_curve"]["grid"] == curve["grid"]

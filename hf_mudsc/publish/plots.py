@@ -83,6 +83,10 @@ def draw_plots(folder: str | os.PathLike, diagnostics: MergeDiagnostics | None, 
             figures.append(("attention_heads", "Attention head pairing",
                             "the head of B merged with each head of A, per block",
                             head_pairing_figure(diagnostics)))
+    if diagnostics is not None and diagnostics.alpha_curve:
+        figures.append(("alpha_fidelity", "Balance factor α chosen without labels",
+                        "held-out fidelity of the merge to its parents for each α of the search (alpha=\"auto\")",
+                        alpha_figure(diagnostics.alpha_curve)))
     scores = _evaluation_dict(evaluation)
     if scores is not None and scores.get("scores"):
         figures.append(("accuracy", "Accuracy", "per task and joint accuracy of the merge, its parents and their "
@@ -299,6 +303,26 @@ def head_pairing_figure(diagnostics: MergeDiagnostics) -> Figure:
                        "(grey: none fused)", fontsize=11)
         bar = figure.colorbar(image, ax=axes, shrink=0.9)
         bar.set_label("mean blended correlation")
+    return figure
+
+
+def alpha_figure(curve: Mapping[str, Any]) -> Figure:
+    """`alpha="auto"`: each α of the grid against the held-out fidelity of its merge, the chosen one marked."""
+    grid, fidelity, chosen = list(curve["grid"]), list(curve["fidelity"]), curve["chosen"]
+    with rc_context(STYLE):
+        figure = Figure(figsize=(8.0, 4.8), layout="constrained")
+        axes = figure.add_subplot()
+        axes.plot(grid, fidelity, marker="o", color=COLORS["blended"], linewidth=1.8,
+                  label="held-out fidelity of the merge at this α")
+        axes.axvline(chosen, color="C1", linestyle="--", linewidth=1.3, label=f"chosen: α = {chosen:g}")
+        axes.set_xlim(-0.02, 1.02)
+        axes.set_xlabel("α: weight-space share of the similarity (0 = activations only, 1 = weights only)")
+        axes.set_ylabel("fidelity to the parents (1 = agrees everywhere)")
+        examples = curve.get("held_out_examples", "?")
+        axes.set_title("Balance factor chosen without labels (alpha=\"auto\")\n"
+                       f"each α solved and scored on {examples} held-out calibration examples")
+        axes.grid(alpha=0.3)
+        axes.legend(loc="best", framealpha=0.9)
     return figure
 
 

@@ -89,6 +89,8 @@ class MergeDiagnostics:
     starts: dict[str, float] = field(default_factory=dict)
     solve_start: str | None = None
     heatmaps: list[Heatmap] = field(default_factory=list)
+    alpha_curve: dict[str, Any] | None = None
+    """`alpha="auto"`'s search (`config.mudsc["alpha_auto"]`: grid, held-out fidelity, chosen α), else None."""
 
     def group(self, name: str) -> GroupDiagnostics:
         for group in self.groups:
@@ -110,6 +112,7 @@ class MergeDiagnostics:
             objective_history=list(data.get("objective_history", [])), sweeps=int(data.get("sweeps", 0)),
             starts=dict(data.get("starts", {})), solve_start=data.get("solve_start"),
             heatmaps=[Heatmap(**h) for h in data.get("heatmaps", [])],
+            alpha_curve=data.get("alpha_curve"),
         )
 
     @classmethod
