@@ -282,20 +282,33 @@ def test_tensor_wise_methods_read_folder_parents_and_base_one_tensor_at_a_time(f
     parents = [fine_tune(base, seed) for seed in (1, 2, 3)]
     base_dir = save(base, tmp_path / "base")
     folders = [save(p, tmp_path / f"ft-{i}") for i, p in enumerate(parents)]
-    seen = {}
+    from hf_mudsc.methods.task_vector import TensorWiseMethod
+
+    seen, calls, contexts = {}, [], []
     for name in ("ties", "pcb"):
         real = getattr(tv, name)
 
         def spy(base_params, parent_params, *args, _real=real, _name=name, **kwargs):
             seen[_name] = (base_params, list(parent_params))
+            calls.append((_name, {len(base_params or {}), *(len(p) for p in parent_params)}))
             return _real(base_params, parent_params, *args, **kwargs)
 
         monkeypatch.setattr(tv, name, spy)
+    streamed = TensorWiseMethod.merge_tensor_by_tensor
+
+    def record(self, context, *args, **kwargs):
+        contexts.append((context.base, list(context.parents)))
+        return streamed(self, context, *args, **kwargs)
+
+    monkeypatch.setattr(TensorWiseMethod, "merge_tensor_by_tensor", record)
     merged = hf_mudsc.merge(folders, base=base_dir, method="ties", progress=False)
-    base_seen, parents_seen = seen["ties"]
+    [(base_seen, parents_seen)] = contexts
     assert isinstance(base_seen, LazyParameters)
     assert not isinstance(parents_seen[0], LazyParameters)
     assert all(isinstance(p, LazyParameters) for p in parents_seen[1:])
+    # The function sees one tensor of each parent at a time, once per tensor name.
+    ties_calls = [sizes for name, sizes in calls if name == "ties"]
+    assert len(ties_calls) == len(dict(parents[0].named_parameters())) and all(s <= {0, 1} for s in ties_calls)
     assert_state_equal(merged, tv.ties(params(base), [params(p) for p in parents], density=0.2, normalize=True))
     hf_mudsc.merge(folders, base=base_dir, method="pcb", progress=False)
     assert not any(isinstance(p, LazyParameters) for p in [seen["pcb"][0], *seen["pcb"][1]])

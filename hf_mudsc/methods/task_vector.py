@@ -18,7 +18,7 @@ the heads itself (`builds_concatenated_head=False`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -101,6 +101,18 @@ class TensorWiseMethod(MergeMethod):
             out[keyword] = value
         return out
 
+    def merge_tensor_by_tensor(self, context: MethodContext, weights: Any, keywords: dict[str, Any]
+                               ) -> dict[str, Any]:
+        """The method's function called on one tensor name at a time: a streaming method's definition is per
+        tensor (TIES trims, DARE draws its masks seeded by the tensor's name, ...), so this equals one call on
+        whole state dicts, while only one tensor of each parent (read lazily from its file) is held at a time."""
+        parameters: dict[str, Any] = {}
+        for name in _names_in_order(context.parents):
+            parents = [{name: parent[name]} if name in parent else {} for parent in context.parents]
+            base = None if context.base is None else ({name: context.base[name]} if name in context.base else {})
+            parameters.update(self.function(base, parents, weights, **keywords))
+        return parameters
+
     def merge_parameters(self, context: MethodContext) -> MethodResult:
         from hf_mudsc.errors import MergeInputError, option_hint
 
@@ -115,10 +127,18 @@ class TensorWiseMethod(MergeMethod):
             _check_blocks(keywords["blocks"], context.parents[0], context.options.layer_swap)
         weights = self.option_value(context.options, "weights") if "weights" in dict(self.arguments) else None
         try:
-            parameters = self.function(context.base, list(context.parents), weights, **keywords)
+            if self.streams:
+                parameters = self.merge_tensor_by_tensor(context, weights, keywords)
+            else:
+                parameters = self.function(context.base, list(context.parents), weights, **keywords)
         except ValueError as error:  # shapes that do not fit, weights summing to 0 ...: one line, no traceback
             raise MergeInputError(f"method {self.name!r}: {error}") from None
         return MethodResult(parameters=parameters, matches=[None] * len(context.spec.groups))
+
+
+def _names_in_order(mappings: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Every tensor name of the mappings, parent 0's order first (dict keys keep order, duplicates dropped)."""
+    return list(dict.fromkeys(name for mapping in mappings for name in mapping.keys()))
 
 
 def _check_blocks(blocks: dict[int, int], parameters: Sequence[str], text: str) -> None:
