@@ -26,7 +26,14 @@ import torch
 from torch import nn
 
 from hf_mudsc.calibrate.correlation import CLAMP
-from hf_mudsc.calibrate.layer_inputs import StopForward, batch_to, forward_inputs, padding_mask_key, token_rows
+from hf_mudsc.calibrate.layer_inputs import (
+    StopForward,
+    batch_to,
+    first_inputs,
+    forward_inputs,
+    padding_mask_key,
+    token_rows,
+)
 from hf_mudsc.errors import CalibrationError
 from hf_mudsc.options import MergeOptions
 from hf_mudsc.progress import Progress
@@ -120,24 +127,8 @@ def _classifier_module(spec: PermutationSpec) -> str | None:
 
 def forward_steps(model: nn.Module, layers: Sequence[str], batch: Mapping[str, Any]) -> list[list[str]]:
     """`layers` in the order their forwards run on `batch`, grouped into steps of layers fed the same tensor."""
-    modules = dict(model.named_modules())
-    fired: list[tuple[str, torch.Tensor]] = []
-    seen: set[str] = set()
-
-    def hook(name: str) -> Callable[..., None]:
-        def record(module: nn.Module, args: tuple) -> None:
-            if name not in seen and args:
-                seen.add(name)
-                fired.append((name, args[0]))
-        return record
-
-    handles = [modules[name].register_forward_pre_hook(hook(name)) for name in layers]
-    try:
-        with torch.no_grad():
-            model(**forward_inputs(model, batch))
-    finally:
-        for handle in handles:
-            handle.remove()
+    fired = first_inputs(model, layers, batch)
+    seen = {name for name, _ in fired}
     steps: list[list[str]] = []
     previous: torch.Tensor | None = None
     for name, tensor in fired:

@@ -50,6 +50,31 @@ def batch_to(batch: Mapping[str, Any], device: torch.device | str | None) -> dic
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def first_inputs(model: nn.Module, layers: Sequence[str], batch: Mapping[str, Any]
+                 ) -> list[tuple[str, torch.Tensor]]:
+    """`layers` in the order their forwards first run on `batch`, each with the first tensor it was fed (layers
+    that never run are left out): the forward order the refit and RegMean++ walk."""
+    modules = dict(model.named_modules())
+    fired: list[tuple[str, torch.Tensor]] = []
+    seen: set[str] = set()
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple) -> None:
+            if name not in seen and args:
+                seen.add(name)
+                fired.append((name, args[0]))
+        return record
+
+    handles = [modules[name].register_forward_pre_hook(hook(name)) for name in layers]
+    try:
+        with torch.no_grad():
+            model(**forward_inputs(model, batch))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return fired
+
+
 def linear_layers(model: nn.Module, exclude: Iterable[str] = ()) -> list[str]:
     """The names of the model's `nn.Linear` modules, in module order, minus `exclude`."""
     skip = set(exclude)

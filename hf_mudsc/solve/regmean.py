@@ -6,14 +6,14 @@ import so `hf-mudsc merge --help` lists them without loading torch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from hf_mudsc.calibrate.layer_inputs import forward_inputs
+from hf_mudsc.calibrate.layer_inputs import first_inputs
 
 # A feature whose summed Gram diagonal is below this share of the largest carried no input energy: its weight
 # column cannot change any output on the data, so it keeps the weighted average (the system is singular there).
@@ -88,24 +88,7 @@ def transformer_blocks(model: nn.Module) -> list[str]:
 
 def firing_order(model: nn.Module, layers: Sequence[str], batch: Mapping[str, Any]) -> list[str]:
     """`layers` in the order their forwards first run on `batch` (layers that never run are left out)."""
-    modules = dict(model.named_modules())
-    fired: list[str] = []
-
-    def hook(name: str) -> Callable[..., None]:
-        def record(module: nn.Module, args: tuple) -> None:
-            if name not in fired:
-                fired.append(name)
-        return record
-
-    handles = [modules[name].register_forward_pre_hook(hook(name)) for name in layers]
-    try:
-        with torch.no_grad():
-            model(**forward_inputs(model, batch))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return fired
-
+    return [name for name, _ in first_inputs(model, layers, batch)]
 
 def chained_units(model: nn.Module, layers: Sequence[str], batch: Mapping[str, Any],
                   parameters: Iterable[str]) -> list[Unit]:
