@@ -294,8 +294,8 @@ def merge(
         base_needed_for=method if merge_method is not None and merge_method.needs_base_model else None, lazy=streaming)
     loaded = [p.model for p in parents]
     model_a = loaded[0]
-    for other in loaded[1:]:
-        check_parents(model_a, other)
+    for index, other in enumerate(loaded[1:], start=1):
+        check_parents(model_a, other, labels=(parent_label(0), parent_label(index)))
     spec = spec_for(model_a)
     for other in loaded[1:]:
         spec_for(other)

@@ -240,3 +240,11 @@ def test_the_readme_n_parents_example_runs(capsys):
         expected = weighted_mean([params(p)[name] for p in parents], [1.0, 2.0, 1.0])
         assert torch.equal(tensor.detach(), expected), name
     assert merged.config.mudsc["base"] == "base"  # a model object without a name
+
+
+def test_a_third_parent_of_another_architecture_is_named_c_not_b():
+    a, b = make_model("vit_cls", 0), make_model("vit_cls", 1)
+    expected = "different architectures: parent A is ViTForImageClassification, parent C is Bert"
+    with pytest.raises(MergeInputError, match=expected):
+        hf_mudsc.merge([a, b, make_model("bert_cls")], method="linear", progress=False)
+

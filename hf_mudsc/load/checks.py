@@ -41,16 +41,19 @@ def config_differences(a: PretrainedConfig, b: PretrainedConfig, prefix: str = "
     return problems
 
 
-def check_parents(model_a: PreTrainedModel, model_b: PreTrainedModel) -> None:
-    """Refuse parents that cannot share one permutation spec, before any heavy work."""
-    for name, model in (("A", model_a), ("B", model_b)):
+def check_parents(model_a: PreTrainedModel, model_b: PreTrainedModel, labels: tuple[str, str] = ("A", "B")) -> None:
+    """Refuse parents that cannot share one permutation spec, before any heavy work. `labels` name the two parents
+    in messages (with N parents the pipeline checks parent A against each other parent: B, C, ...)."""
+    label_a, label_b = labels
+    for name, model in ((label_a, model_a), (label_b, model_b)):
         if not isinstance(model, PreTrainedModel):
             raise MergeInputError(
                 f"parent {name} is a {type(model).__name__}; pass a transformers PreTrainedModel or a local folder"
             )
     if type(model_a) is not type(model_b):
         raise MergeInputError(
-            f"parents have different architectures: A is {type(model_a).__name__}, B is {type(model_b).__name__}; "
+            f"parents have different architectures: {label_a} is {type(model_a).__name__}, "
+            f"{label_b} is {type(model_b).__name__}; "
             "merge two models of the same class (e.g. two ViTForImageClassification)"
         )
     differences = config_differences(model_a.config, model_b.config)
@@ -61,7 +64,7 @@ def check_parents(model_a: PreTrainedModel, model_b: PreTrainedModel) -> None:
             + ("; ..." if len(differences) > 10 else "")
             + ". Merge models fine-tuned from the same architecture configuration."
         )
-    for name, model in (("A", model_a), ("B", model_b)):
+    for name, model in ((label_a, model_a), (label_b, model_b)):
         check_finite(dict(model.named_parameters()), f"parent {name}")
 
 

@@ -27,6 +27,7 @@ from hf_mudsc.errors import LoadError, MergeInputError, ParentMismatchError
 from hf_mudsc.load.checks import config_differences
 from hf_mudsc.load.processors import load_processor, processor_from_name, tokenizer_of
 from hf_mudsc.load.references import looks_like_path, parse_reference
+from hf_mudsc.load.relation import parent_label
 
 logger = logging.getLogger(__name__)
 
@@ -399,17 +400,23 @@ def _architecture(located: _Located) -> str:
     return names[0] if names else f"a {located.config.model_type!r} model"
 
 
+def _named(located: _Located, index: int) -> str:
+    """How messages name parent `index`: its letter, plus its reference when it has one beyond its class name."""
+    label = f"parent {parent_label(index)}"
+    return label if located.reference == _architecture(located) else f"{label} ({located.reference!r})"
+
+
 def check_configs(located: Sequence[_Located]) -> None:
     """Refuse parents whose configurations differ (architecture, sizes) before any weights are fetched."""
     first = located[0]
-    for other in located[1:]:
+    for index, other in enumerate(located[1:], start=1):
         if first.config is None or other.config is None:
             continue
         kind_a, kind_b = _architecture(first), _architecture(other)
         if kind_a != kind_b:
             raise ParentMismatchError(
-                f"parents have different architectures: {first.reference!r} is {kind_a}, {other.reference!r} is "
-                f"{kind_b}; merge two models of the same class (e.g. two ViTForImageClassification)"
+                f"parents have different architectures: {_named(first, 0)} is {kind_a}, {_named(other, index)} is "
+                f"{kind_b}; merge models of the same class (e.g. all ViTForImageClassification)"
             )
         differences = config_differences(first.config, other.config)
         if differences:
