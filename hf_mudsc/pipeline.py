@@ -33,7 +33,7 @@ from hf_mudsc.load.lazy import subset
 from hf_mudsc.load.references import display_name, parent_name, pinned_calibration, pinned_reference
 from hf_mudsc.load.relation import base_relations, check_parents_mergeable, parent_label
 from hf_mudsc.methods.auto import choose_method, is_auto
-from hf_mudsc.methods.registry import METHODS, MergeMethod, MethodContext, get_method
+from hf_mudsc.methods.registry import METHODS, MergeMethod, MethodContext, data_free_methods, get_method
 from hf_mudsc.options import AUTO, MergeOptions, option_hint
 from hf_mudsc.plan import MergePlan
 from hf_mudsc.solve.diagnostics import MergeDiagnostics, compute_diagnostics
@@ -272,7 +272,7 @@ def merge(
         raise MergeInputError(f"refit={refit!r} reads the calibration data once per layer step, so it cannot be a "
                               "one-shot iterator; pass a list of batches or a datasets.Dataset")
     if merge_method is not None:
-        _check_data(merge_method, calibration)
+        _check_data(merge_method, calibration, count)
     if dry_run:
         from hf_mudsc.plan import plan_merge
 
@@ -323,7 +323,7 @@ def merge(
             raise MergeInputError(str(error)) from None
         logger.info("method auto: %s", choice_reason)
         _check_parent_count(merge_method, count, chosen=choice_reason)
-        _check_data(merge_method, calibration, chosen=choice_reason)
+        _check_data(merge_method, calibration, count, chosen=choice_reason)
         merge_method.check_options(merge_options, count)
         needs_data = _reads_data(merge_method, refitting)
     if (merge_method.needs_data and isinstance(calibration, Iterator)):
@@ -520,17 +520,16 @@ def _check_parent_count(method: MergeMethod, count: int, chosen: str | None = No
         f"{', '.join(m.name for m in METHODS.values() if m.num_parents is None) or 'none registered'} (CLI: --method)")
 
 
-def _check_data(method: MergeMethod, calibration: Any, chosen: str | None = None) -> None:
+def _check_data(method: MergeMethod, calibration: Any, count: int, chosen: str | None = None) -> None:
     """Refuse a method that reads calibration data when there is none (before loading, unless `auto` chose it)."""
     if calibration is not None or not (method.needs_calibration or method.needs_data):
         return
     why = f"method 'auto' chose {method.name!r} ({chosen}), which" if chosen else f"method {method.name!r}"
-    alternatives = ", ".join(repr(m.name) for m in METHODS.values()
-                             if not (m.needs_calibration or m.needs_data) and m.num_parents in (None, 2))
+    alternatives = data_free_methods(count)
     raise MergeInputError(
         f"{why} needs calibration data (a 'dataset:split' spec, a datasets.Dataset or an iterable of input batches); "
-        f"pass calibration, or use method={alternatives.split(', ')[0] if alternatives else 'average'} "
-        f"(CLI: --method; without data: {alternatives}) to merge without data"
+        f"pass calibration, or merge without data: method={' / '.join(map(repr, alternatives[:3])) or 'auto'} "
+        "(CLI: --method)"
     )
 
 

@@ -241,3 +241,16 @@ def test_a_recipe_written_by_the_previous_release_still_loads(tmp_path):
     # Written again, it keeps every merge key (only the command-line-only `allow_pickle` is left out).
     again = Recipe.load(recipe.save(tmp_path / "again.yaml")).validate()
     assert again.merge_options() == recipe.merge_options()
+
+
+@pytest.mark.parametrize(("models", "method", "suggested", "not_suggested"), [
+    (["a", "b"], "mudsc", "--method weight_matching", None),
+    (["a", "b", "c"], "regmean", "--method ties", "weight_matching"),  # weight_matching merges exactly two
+])
+def test_a_method_that_needs_data_suggests_data_free_methods_that_fit_the_parents(
+        models, method, suggested, not_suggested):
+    with pytest.raises(RecipeError) as caught:
+        Recipe(models=models, method=method).validate()
+    message = str(caught.value)
+    assert f"method {method!r} needs calibration data" in message and suggested in message
+    assert not_suggested is None or not_suggested not in message

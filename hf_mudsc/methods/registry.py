@@ -182,6 +182,20 @@ def get_method(name: str) -> MergeMethod:
         raise ValueError(f"unknown merge method {name!r}; choose one of: {', '.join(METHODS)}") from None
 
 
+# Suggested first when a merge has no calibration data: unit matching by weights alone (different inits, two
+# parents), then the usual dataless same-base choices.
+SUGGESTED_WITHOUT_DATA = ("weight_matching", "ties", "linear")
+
+
+def data_free_methods(num_parents: int) -> list[str]:
+    """Registered methods that merge `num_parents` parents without calibration data, the suggested ones first
+    (error messages offer them when data is missing)."""
+    fits = [m.name for m in METHODS.values()
+            if not (m.needs_calibration or m.needs_data) and m.num_parents in (None, num_parents)]
+    preferred = [name for name in SUGGESTED_WITHOUT_DATA if name in fits]
+    return preferred + [name for name in fits if name not in preferred]
+
+
 def method_runs(label_format: str = "{name} ({matcher})", *, with_base: bool = False
                 ) -> list[tuple[str, dict[str, Any]]]:
     """Every registered method with each of its matchers, in registry order: `(label, merge options)`.

@@ -122,7 +122,7 @@ class Recipe(MergeOptions):
     def validate(self) -> Recipe:
         """Refuse a recipe that cannot run, before anything is downloaded or computed (normalises options)."""
         from hf_mudsc.methods.auto import is_auto
-        from hf_mudsc.methods.registry import get_method
+        from hf_mudsc.methods.registry import data_free_methods, get_method
 
         if len(self.models) < 2:
             raise RecipeError(
@@ -155,7 +155,7 @@ class Recipe(MergeOptions):
             raise RecipeError(
                 f"method {self.method!r} needs calibration data: pass --calibration "
                 "(a dataset spec `repo_or_path[@revision][:config]:split` or a saved dataset folder), "
-                "or use --method weight_matching / average to merge without data"
+                f"or merge without data: --method {' / '.join(data_free_methods(len(self.models))[:3]) or 'auto'}"
             )
         if self.push_to_hub is not None and self.push_to_hub.count("/") != 1:
             raise RecipeError(
