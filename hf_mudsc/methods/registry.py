@@ -126,6 +126,12 @@ class MergeMethod:
         """Whether the merge report's `matches` say which units were fused (False: no unit matching)."""
         return False
 
+    @property
+    def supports_size(self) -> bool:
+        """Whether it can spend a size budget (`size` > 1: a merged model wider than one parent, docs/design.md
+        §4.11); the others keep one parent's shape and refuse `size` != 1."""
+        return False
+
     def matcher_choices(self) -> tuple[str | None, ...]:
         """The matchers this method runs with, the demo's first; `(None,)` when the matcher plays no part."""
         return (None,)
