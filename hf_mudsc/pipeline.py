@@ -27,13 +27,13 @@ from hf_mudsc.architectures import spec_for
 from hf_mudsc.calibrate.correlation import correlations_from
 from hf_mudsc.calibrate.device import resolve_device
 from hf_mudsc.diagnostics import merge_warnings
-from hf_mudsc.errors import MergeInputError, OptionError, flag
+from hf_mudsc.errors import MergeInputError, OptionError
 from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_finite, check_parents
 from hf_mudsc.load.lazy import subset
 from hf_mudsc.load.references import display_name, parent_name, pinned_calibration, pinned_reference
 from hf_mudsc.load.relation import base_relations, check_parents_mergeable, parent_label
 from hf_mudsc.methods.auto import choose_method, is_auto
-from hf_mudsc.methods.registry import METHODS, MergeMethod, MethodContext, get_method
+from hf_mudsc.methods.registry import METHODS, MergeMethod, MethodContext, check_size, get_method
 from hf_mudsc.options import AUTO, MergeOptions, option_hint
 from hf_mudsc.plan import MergePlan
 from hf_mudsc.solve.diagnostics import MergeDiagnostics, compute_diagnostics
@@ -260,7 +260,7 @@ def merge(
     _check_per_parent_options(merge_options, count)
     if merge_method is not None:
         merge_method.check_options(merge_options, count)
-        _check_size(merge_method, merge_options)
+        check_size(merge_method, merge_options.size)
     try:
         run_device = resolve_device(device)
     except ValueError as error:
@@ -333,7 +333,7 @@ def merge(
         _check_parent_count(merge_method, count, chosen=choice_reason)
         _check_data(merge_method, calibration, chosen=choice_reason)
         merge_method.check_options(merge_options, count)
-        _check_size(merge_method, merge_options, chosen=choice_reason)
+        check_size(merge_method, merge_options.size, chosen=choice_reason)
         needs_data = _reads_data(merge_method, refitting)
     if (merge_method.needs_data and isinstance(calibration, Iterator)):
         raise MergeInputError(f"method {merge_method.name!r} reads the calibration data more than once, so it cannot "
@@ -533,16 +533,6 @@ def _check_parent_count(method: MergeMethod, count: int, chosen: str | None = No
         f"{why} merges exactly {method.num_parents} parents, got {count}; merge them {method.num_parents} at a "
         f"time, or choose a method that takes any number of parents: "
         f"{', '.join(m.name for m in METHODS.values() if m.num_parents is None) or 'none registered'} (CLI: --method)")
-
-
-def _check_size(method: MergeMethod, options: MergeOptions, chosen: str | None = None) -> None:
-    """Refuse a size budget for a method that keeps one parent's shape (before loading, unless `auto` chose it)."""
-    if options.size == 1.0 or method.supports_size:
-        return
-    why = f"method 'auto' chose {method.name!r} ({chosen}), which" if chosen else f"method {method.name!r}"
-    able = ", ".join(m.name for m in METHODS.values() if m.supports_size) or "none registered"
-    raise MergeInputError(f"{why} keeps one parent's shape, so it cannot spend size={options.size:g} (CLI: "
-                          f"{flag('size')}); use size=1 or a unit-matching method: {able} (CLI: --method)")
 
 
 def _check_data(method: MergeMethod, calibration: Any, chosen: str | None = None) -> None:

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from hf_mudsc.errors import MergeInputError, flag
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
@@ -186,6 +188,17 @@ def get_method(name: str) -> MergeMethod:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"unknown merge method {name!r}; choose one of: {', '.join(METHODS)}") from None
+
+
+def check_size(method: MergeMethod, size: float, chosen: str | None = None) -> None:
+    """Refuse a size budget (`size` != 1) for a method that keeps one parent's shape, in one line (`chosen`: why
+    `auto` chose it). merge() and the CLI call it before any weights are loaded (after the choice, for `auto`)."""
+    if size == 1.0 or method.supports_size:
+        return
+    why = f"method 'auto' chose {method.name!r} ({chosen}), which" if chosen else f"method {method.name!r}"
+    able = ", ".join(m.name for m in METHODS.values() if m.supports_size) or "none registered"
+    raise MergeInputError(f"{why} keeps one parent's shape, so it cannot spend size={size:g} (CLI: {flag('size')}); "
+                          f"use size=1 or a unit-matching method: {able} (CLI: --method)")
 
 
 def method_runs(label_format: str = "{name} ({matcher})", *, with_base: bool = False
