@@ -22,6 +22,7 @@ import torch
 from hf_mudsc.solve.matchers import Match
 from hf_mudsc.spec import PermutationSpec
 
+
 @dataclass(frozen=True)
 class SizePlan:
     """How a size budget is spent: units added per width key, the merged widths and the exact parameter count."""
@@ -175,7 +176,8 @@ def unfuse(found: Match, similarity: torch.Tensor, extra: int, *, num_models: in
 
 
 def widen_matches(spec: PermutationSpec, matches: Sequence[Match | None], plan: SizePlan,
-                  similarity_of: Callable[[int], torch.Tensor], *, num_models: int = 2, normalizer_eps: float = 0.0) -> list[Match | None]:
+                  similarity_of: Callable[[int], torch.Tensor], *, num_models: int = 2,
+                  normalizer_eps: float = 0.0) -> list[Match | None]:
     """Every widenable group's match with its plan's extra units (`similarity_of(index)`: the group's similarity
     under the final matches, computed only for groups that grow)."""
     widened = list(matches)
