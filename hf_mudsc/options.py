@@ -316,12 +316,13 @@ def _check_size(name: str, value: float, cli: str) -> None:
 
 
 def _card_size(value: Any, context: Mapping[str, Any]) -> str | None:
-    """`1.5× one parent: intermediate_size 96 (+32 units kept unfused); 123,456 parameters (1.47×)`; hidden at 1."""
+    """`1.5× one parent: intermediate_size 96 (+32 units kept unfused); 123,456 parameters (1.470× ...)`; hidden for
+    methods without a budget."""
     budget = (context.get("mudsc") or {}).get("size_budget")
-    if value is None or value == 1.0 or not budget:
+    if value is None or not budget:
         return None
     widths = ", ".join(f"{key} {width} (+{budget['extra_units'][key]} units kept unfused)"
-                       for key, width in budget["widths"].items())
+                       for key, width in budget["widths"].items()) if value != 1.0 else "nothing widened"
     return (f"{value:g}× one parent: {widths}; {budget['num_parameters']:,} parameters "
             f"({budget['ratio']:.3f}× the parent's {budget['parent_parameters']:,})")
 

@@ -278,11 +278,12 @@ def test_bert_round_trip_keeps_the_function(different, tmp_path):
         assert torch.allclose(loaded(**batches[0]).last_hidden_state, hidden, atol=1e-6)
 
 
-def test_card_hides_the_row_at_size_one(different, tmp_path):
+def test_card_row_at_size_one_says_nothing_was_widened(different, tmp_path):
     a, b, batches = different("vit_cls")
     merged = hf_mudsc.merge([a, b], batches, method="mudsc", progress=False)
     folder = hf_mudsc.save_merged(merged, tmp_path / "plain")
-    assert "Size budget" not in (Path(folder) / "README.md").read_text()
+    row = next(line for line in (Path(folder) / "README.md").read_text().splitlines() if "Size budget" in line)
+    assert f"1× one parent: nothing widened; {count(a):,} parameters (1.000× the parent's {count(a):,})" in row
     assert merged.config.mudsc["size_budget"]["extra_units"] == {"intermediate_size": 0}
 
 
