@@ -33,7 +33,7 @@ from hf_mudsc.solve.matcher_names import MATCHERS
 STATISTICS_DTYPES = ("float32", "float64")
 # After-matching refits (`hf_mudsc.apply.refit`): "none" keeps the paper's merge, "ridge" refits every linear layer.
 REFITS = ("none", "ridge")
-# The size budget's range (`size`): one parent's parameters up to two parents' (docs/design.md §4.11).
+# The size budget's range (`size`): one parent's parameters up to two parents' (docs/design.md §4.12).
 SIZE_RANGE = (1.0, 2.0)
 # A batch this large would need tens of GB of activations for any real model; a typo (an extra 0) is likelier.
 MAX_BATCH_SIZE = 65536

@@ -222,7 +222,7 @@ def merge(
         size: the size budget of the unit-matching methods, in [1, 2]: the merged model may hold up to `size` times
             one parent's parameters (heads included, counted exactly). The extra keeps the MLP units whose best
             cross-parent match is weakest unfused — a wider `intermediate_size`, still the parents' stock class
-            (docs/design.md §4.11); `config.mudsc["size_budget"]` records the widths and the parameter count.
+            (docs/design.md §4.12); `config.mudsc["size_budget"]` records the widths and the parameter count.
             1.0 (default) is the paper's merge; the other methods keep one parent's shape and refuse other values.
         dry_run: return a `hf_mudsc.plan.MergePlan` instead of merging: the parents' pinned revisions, their
             relation as far as configs tell, the method, the groups and widths, the calibration rows and an
@@ -492,7 +492,7 @@ def merge(
         "parent_relation": relation.as_config(),
         "warnings": list(report.warnings),
         "alpha_auto": alpha_curve,  # the α search's curve (alpha="auto"), else None
-        # The size budget's widths and exact parameter count (docs/design.md §4.11); None for methods without one.
+        # The size budget's widths and exact parameter count (docs/design.md §4.12); None for methods without one.
         "size_budget": measured_plan(spec, params, merged_params, merge_options.size).as_config()
         if merge_method.supports_size else None,
     }

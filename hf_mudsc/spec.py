@@ -60,7 +60,7 @@ class Group:
     must use one head pairing, otherwise attention patterns and values are paired with different heads.
     `width_key`: the config attribute (dotted for a sub-config, e.g. `vision_config.intermediate_size`) that sets
     this group's width in a stock model class; a merge with a size budget may widen only such groups, all groups
-    of one key by the same amount (docs/design.md §4.11).
+    of one key by the same amount (docs/design.md §4.12).
     """
 
     name: str

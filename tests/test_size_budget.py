@@ -1,8 +1,9 @@
-"""The size budget (`size=`, docs/design.md §4.11): MLP units left unfused, counted exactly, stock classes."""
+"""The size budget (`size=`, docs/design.md §4.12): MLP units left unfused, counted exactly, stock classes."""
 
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -326,3 +327,20 @@ def test_cli_refuses_a_bad_size_in_one_line(tmp_path):
         lines = [line for line in run.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and needle in lines[0], run.stderr
         assert not (tmp_path / "out").exists()
+
+
+def test_the_readme_size_budget_example_runs_and_gives_what_it_says(tmp_path, monkeypatch):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    [python] = [block for block in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+                if block.startswith("# readme-test: size-budget")]
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {"__name__": "readme_size_budget"}
+    exec(compile(python, "README.md (size-budget example)", "exec"), scope)
+    merged, wide, parents = scope["merged"], scope["wide"], scope["parents"]
+    assert "# 128: 64 units kept unfused" in python
+    assert merged.config.intermediate_size == wide.config.intermediate_size == 128
+    assert count(merged) <= 1.5 * count(parents[0])
+    with torch.no_grad():
+        batch = scope["batches"][0]
+        assert torch.equal(wide(**batch).logits, merged(**batch).logits)
+    assert (tmp_path / "wide" / "model.safetensors").is_file()

@@ -46,7 +46,7 @@ def widened_config(config: PretrainedConfig, spec: PermutationSpec,
                    params: Mapping[str, torch.Tensor]) -> PretrainedConfig:
     """`config` (changed in place and returned) with each group's width attribute (`Group.width_key`, e.g.
     `intermediate_size` or `vision_config.intermediate_size`) read from the merged tensors: a size budget may have
-    widened the MLP groups (docs/design.md §4.11), and the stock class builds its layers from these numbers."""
+    widened the MLP groups (docs/design.md §4.12), and the stock class builds its layers from these numbers."""
     for group in spec.groups:
         if group.width_key is None:
             continue

@@ -76,7 +76,7 @@ def attention_groups(
 def mlp_group(block: str, *, up: str, down: str, width: int, mask: str | None = None,
               width_key: str | None = "intermediate_size") -> Group:
     """The MLP hidden layer, read at the input of the second linear (post-activation); its width is the config's
-    `width_key` (a size budget may widen it: docs/design.md §4.11)."""
+    `width_key` (a size budget may widen it: docs/design.md §4.12)."""
     return Group(
         name=f"{block}.mlp",
         width=width,

@@ -90,7 +90,7 @@ class UnitMatchingMethod(MergeMethod):
         solver = Solver(context.solve_spec, context.params_a, context.params_b, context.correlations, options)
         result = solver.solve(progress=context.progress)
         matches = list(result.matches)
-        if given.size != 1.0:  # the size budget (docs/design.md §4.11): MLP units left unfused
+        if given.size != 1.0:  # the size budget (docs/design.md §4.12): MLP units left unfused
             from hf_mudsc.solve.widen import plan_size, widen_matches
 
             plan = plan_size(context.spec, context.parents, given.size,

@@ -1,4 +1,4 @@
-"""A size budget (docs/design.md §4.11): units of the MLP groups left unfused, so the merged model may be wider.
+"""A size budget (docs/design.md §4.12): units of the MLP groups left unfused, so the merged model may be wider.
 
 `merge(..., size=s)` lets the merged model hold up to `s` times one parent's parameters. The extra is spent on
 the groups whose width a stock config sets (`Group.width_key`: the MLP hidden layer, `intermediate_size`): of the
