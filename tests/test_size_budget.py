@@ -18,9 +18,9 @@ from hf_mudsc.architectures import spec_for
 from hf_mudsc.errors import MergeInputError
 from hf_mudsc.solve.maps import GroupMaps
 from hf_mudsc.solve.matchers import Match
-from hf_mudsc.solve.widen import plan_size, unfuse
+from hf_mudsc.solve.widen import best_cross_match, plan_size, unfuse
 
-KINDS = ("vit_cls", "bert_cls", "clip")
+KINDS = ("vit_cls", "bert_cls", "clip", "clip_text_proj")
 SIZES = (1.0, 1.1, 1.25, 1.5, 2.0)
 
 
@@ -210,6 +210,19 @@ def test_unfuse_known_answer():
     assert sorted(three.cluster_of.tolist()) == list(range(6))
     with pytest.raises(ValueError, match="only 3 units can be left unfused"):
         unfuse(found, similarity, 4)
+
+
+def test_best_cross_match_ignores_the_own_parent():
+    similarity = torch.tensor([
+        [1.0, 0.9, 0.2, 0.1, 0.0, 0.3],
+        [0.9, 1.0, 0.4, 0.0, 0.1, 0.0],
+        [0.2, 0.4, 1.0, 0.8, 0.6, 0.0],
+        [0.1, 0.0, 0.8, 1.0, 0.0, 0.5],
+        [0.0, 0.1, 0.6, 0.0, 1.0, 0.7],
+        [0.3, 0.0, 0.0, 0.5, 0.7, 1.0],
+    ], dtype=torch.float64)
+    assert best_cross_match(similarity, 3).tolist() == [0.3, 0.4, 0.6, 0.5, 0.6, 0.5]
+    assert best_cross_match(similarity, 2).tolist() == [0.3, 0.1, 0.8, 0.8, 0.6, 0.3]
 
 
 def test_plan_counts_by_hand():

@@ -97,7 +97,7 @@ class UnitMatchingMethod(MergeMethod):
                              concatenate_classifier=context.concatenate_classifier)
             matches = widen_matches(context.solve_spec, matches, plan,
                                     lambda index: solver.similarity_of(index, result.matches),
-                                    normalizer_eps=options.normalizer_eps)
+                                    num_models=len(context.parents), normalizer_eps=options.normalizer_eps)
         parameters = apply_matches(context.spec, context.params_a, context.params_b, matches,
                                    concatenate_classifier=context.concatenate_classifier)
         return MethodResult(

@@ -123,11 +123,15 @@ def measured_plan(spec: PermutationSpec, parents: Sequence[Mapping[str, torch.Te
 
 
 def best_cross_match(similarity: torch.Tensor, num_models: int = 2) -> torch.Tensor:
-    """Each original unit's highest similarity to any unit of another parent (rows `[A 0..k-1; B 0..k-1; ...]`)."""
-    total = similarity.shape[0]
-    model_of = torch.arange(total, device=similarity.device) // (total // num_models)
-    other = model_of[:, None] != model_of[None, :]
-    return similarity.to(torch.float64).masked_fill(~other, -math.inf).amax(dim=1)
+    """Each original unit's highest similarity to any unit of another parent (rows `[A 0..k-1; B 0..k-1; ...]`),
+    block by block: no `(N·k, N·k)` temporary besides the similarity itself."""
+    k = similarity.shape[0] // num_models
+    blocks = [slice(i * k, (i + 1) * k) for i in range(num_models)]
+    best = []
+    for i, rows in enumerate(blocks):
+        others = [similarity[rows, columns].amax(dim=1) for j, columns in enumerate(blocks) if j != i]
+        best.append(torch.stack(others).amax(dim=0))
+    return torch.cat(best).to(torch.float64)
 
 
 def unfuse(found: Match, similarity: torch.Tensor, extra: int, *, num_models: int = 2,
