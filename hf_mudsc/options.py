@@ -33,6 +33,8 @@ from hf_mudsc.solve.matcher_names import MATCHERS
 STATISTICS_DTYPES = ("float32", "float64")
 # After-matching refits (`hf_mudsc.apply.refit`): "none" keeps the paper's merge, "ridge" refits every linear layer.
 REFITS = ("none", "ridge")
+# The size budget's range (`size`): one parent's parameters up to two parents' (docs/design.md §4.12).
+SIZE_RANGE = (1.0, 2.0)
 # A batch this large would need tens of GB of activations for any real model; a typo (an extra 0) is likelier.
 MAX_BATCH_SIZE = 65536
 # torch.Generator.manual_seed takes at most an unsigned 64-bit integer.
@@ -306,6 +308,25 @@ def _check_fisher_epsilon(name: str, value: float, cli: str) -> None:
         raise OptionError(f"fisher_epsilon must be a finite number > 0 {cli} (1e-6 is the paper's), got {value}")
 
 
+def _check_size(name: str, value: float, cli: str) -> None:
+    low, high = SIZE_RANGE
+    if not (math.isfinite(value) and low <= value <= high):
+        raise OptionError(f"size must lie in [{low:g}, {high:g}] {cli} (times one parent's parameters; 1 = the "
+                          f"paper's merge), got {value}")
+
+
+def _card_size(value: Any, context: Mapping[str, Any]) -> str | None:
+    """`1.5× one parent: intermediate_size 96 (+32 units kept unfused); 123,456 parameters (1.470× ...)`; hidden for
+    methods without a budget."""
+    budget = (context.get("mudsc") or {}).get("size_budget")
+    if value is None or not budget:
+        return None
+    widths = ", ".join(f"{key} {width} (+{budget['extra_units'][key]} units kept unfused)"
+                       for key, width in budget["widths"].items()) if value != 1.0 else "nothing widened"
+    return (f"{value:g}× one parent: {widths}; {budget['num_parameters']:,} parameters "
+            f"({budget['ratio']:.3f}× the parent's {budget['parent_parameters']:,})")
+
+
 def _check_refit_samples(name: str, value: int | None, cli: str) -> None:
     if value is not None and value < 1:
         raise OptionError(f"refit_samples must be >= 1, or None for all calibration examples {cli}, got {value}")
@@ -500,6 +521,12 @@ class MergeOptions:
         "float32", kind="dtype", check=_check_statistics_dtype, choices=STATISTICS_DTYPES, recorded=True,
         help="precision of the calibration statistics: float32 multiplies each batch in float32 and sums "
         "in float64 (about twice as fast on CPUs); float64 keeps every product in float64")
+    size: float = option(
+        1.0, kind="number", check=_check_size, metavar="S", recorded=True, per_method=True,
+        card=CardRow(4, "Size budget", _card_size),
+        help="size budget for the unit-matching methods: the merged model may hold up to S times one parent's "
+        "parameters, in [1, 2]; the extra keeps the MLP units with the weakest cross-parent match unfused (a wider "
+        "intermediate_size, still a stock class). 1 = the paper's merge")
     # ---- calibration-data same-base methods (regmean, regmean_plusplus, fisher: hf_mudsc/methods/data.py)
     regmean_scale: float = option(
         0.95, kind="number", check=_check_regmean_scale, metavar="R", recorded=True, per_method=True,
@@ -683,6 +710,9 @@ class MergeOptions:
             raise OptionError(f"alpha='auto' chooses the balance factor, but reference_compat=True reproduces the "
                               f"reference's merge at a given one; pass a number ({flag('alpha')} 0.5) or drop "
                               f"{flag('reference_compat')}")
+        if self.size != 1.0 and self.reference_compat:
+            raise OptionError(f"size={self.size:g} widens the merged model, which reference_compat=True must keep "
+                              f"equal to the reference's; drop one of {flag('size')} / {flag('reference_compat')}")
         if self.refit != "none" and self.reference_compat:
             raise OptionError(f"refit={self.refit!r} changes the merged weights, which reference_compat=True must "
                               f"keep equal to the reference's; drop one of {flag('refit')} / "

@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedModel
 
 from hf_mudsc._version import __version__
-from hf_mudsc.apply.build import build_model
+from hf_mudsc.apply.build import build_model, widened_config
 from hf_mudsc.apply.classifier import (
     concatenated_classifier_config,
     concatenated_head,
@@ -33,11 +33,19 @@ from hf_mudsc.load.lazy import subset
 from hf_mudsc.load.references import display_name, parent_name, pinned_calibration, pinned_reference
 from hf_mudsc.load.relation import base_relations, check_parents_mergeable, parent_label
 from hf_mudsc.methods.auto import choose_method, is_auto
-from hf_mudsc.methods.registry import METHODS, MergeMethod, MethodContext, data_free_methods, get_method
+from hf_mudsc.methods.registry import (
+    METHODS,
+    MergeMethod,
+    MethodContext,
+    check_size,
+    data_free_methods,
+    get_method,
+)
 from hf_mudsc.options import AUTO, MergeOptions, option_hint
 from hf_mudsc.plan import MergePlan
 from hf_mudsc.solve.diagnostics import MergeDiagnostics, compute_diagnostics
 from hf_mudsc.solve.matchers import Match
+from hf_mudsc.solve.widen import measured_plan
 from hf_mudsc.spec import PermutationSpec
 
 logger = logging.getLogger(__name__)
@@ -147,6 +155,7 @@ def merge(
     refit_samples: int | None = 128,
     regmean_scale: float = 0.95,
     fisher_epsilon: float = 1e-6,
+    size: float = 1.0,
     dry_run: bool = False,
 ) -> PreTrainedModel | MergePlan | None:
     """Merge two or more fine-tuned models of one architecture into one model, without training.
@@ -217,6 +226,11 @@ def merge(
         regmean_scale: `regmean` / `regmean_plusplus`: factor on the off-diagonal entries of every input Gram
             matrix, in [0, 1] (docs/design.md §4.10).
         fisher_epsilon: `fisher`: floor on every parent's diagonal Fisher, > 0.
+        size: the size budget of the unit-matching methods, in [1, 2]: the merged model may hold up to `size` times
+            one parent's parameters (heads included, counted exactly). The extra keeps the MLP units whose best
+            cross-parent match is weakest unfused — a wider `intermediate_size`, still the parents' stock class
+            (docs/design.md §4.12); `config.mudsc["size_budget"]` records the widths and the parameter count.
+            1.0 (default) is the paper's merge; the other methods keep one parent's shape and refuse other values.
         dry_run: return a `hf_mudsc.plan.MergePlan` instead of merging: the parents' pinned revisions, their
             relation as far as configs tell, the method, the groups and widths, the calibration rows and an
             estimate of time and peak memory — from configs and safetensors headers only (no weights downloaded,
@@ -253,6 +267,7 @@ def merge(
     _check_per_parent_options(merge_options, count)
     if merge_method is not None:
         merge_method.check_options(merge_options, count)
+        check_size(merge_method, merge_options.size)
     try:
         run_device = resolve_device(device)
     except ValueError as error:
@@ -325,6 +340,7 @@ def merge(
         _check_parent_count(merge_method, count, chosen=choice_reason)
         _check_data(merge_method, calibration, count, chosen=choice_reason)
         merge_method.check_options(merge_options, count)
+        check_size(merge_method, merge_options.size, chosen=choice_reason)
         needs_data = _reads_data(merge_method, refitting)
     if (merge_method.needs_data and isinstance(calibration, Iterator)):
         raise MergeInputError(f"method {merge_method.name!r} reads the calibration data more than once, so it cannot "
@@ -413,7 +429,9 @@ def merge(
         scorer = FidelityScorer(loaded, held_out, mask_key="attention_mask", task_sizes=[
             p[spec.classifier.weight].shape[0] for p in params] if concatenate else None)
         chosen_alpha, result, alpha_curve = search_alpha(
-            merge_method, context, scorer, lambda parameters: build_model(model_a, head_config, parameters))
+            merge_method, context, scorer,
+            lambda parameters: build_model(model_a, widened_config(copy.deepcopy(head_config), spec, parameters),
+                                           parameters))
         report.alpha = chosen_alpha
         used_options = {**used_options, "alpha": chosen_alpha}
     else:
@@ -481,7 +499,11 @@ def merge(
         "parent_relation": relation.as_config(),
         "warnings": list(report.warnings),
         "alpha_auto": alpha_curve,  # the α search's curve (alpha="auto"), else None
+        # The size budget's widths and exact parameter count (docs/design.md §4.12); None for methods without one.
+        "size_budget": measured_plan(spec, params, merged_params, merge_options.size).as_config()
+        if merge_method.supports_size else None,
     }
+    widened_config(config, spec, merged_params)
     config._name_or_path = ""
     merged = build_model(model_a, config, merged_params)
     if refitting:

@@ -58,6 +58,9 @@ class Group:
     `num_heads > 1`: the units are `num_heads` contiguous blocks that may only be matched inside a
     matched head pair. Groups with the same `head_tie` (the q/k and v groups of one attention block)
     must use one head pairing, otherwise attention patterns and values are paired with different heads.
+    `width_key`: the config attribute (dotted for a sub-config, e.g. `vision_config.intermediate_size`) that sets
+    this group's width in a stock model class; a merge with a size budget may widen only such groups, all groups
+    of one key by the same amount (docs/design.md §4.12).
     """
 
     name: str
@@ -66,6 +69,7 @@ class Group:
     hooks: tuple[HookPoint, ...]
     num_heads: int = 1
     head_tie: str | None = None
+    width_key: str | None = None
 
 
 @dataclass(frozen=True)

@@ -678,6 +678,155 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- main
+# ------------------------------------------------------------------------------------------ size budget
+SIZE_REFITS = ("none", "ridge")
+
+
+def forward_flops(model: Any, batch: dict[str, torch.Tensor]) -> int:
+    """FLOPs of one forward pass on `batch` (torch's FlopCounterMode: matmuls, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(**batch)
+    return int(counter.get_total_flops())
+
+
+def run_size_pair(args: argparse.Namespace, width: int, split_index: int, classes: Classes) -> dict[str, Any]:
+    """One different-init pair merged by the default unit-matching method at every `--sizes` budget, with and
+    without `refit="ridge"`: joint/per-task accuracy, parameters and FLOPs per image against the ensemble's."""
+    model_a, model_b, splits, calibration = different_init_pair(args, width, split_index, classes)
+    image = {"pixel_values": calibration[0]["pixel_values"][:1]}
+    parent_parameters = sum(p.numel() for p in model_a.parameters())
+    parent_flops = forward_flops(model_a, image)
+    merged, info = {}, {}
+    for size in args.sizes:
+        for refit in SIZE_REFITS:
+            label = f"size {size:g} refit {refit}"
+            start = time.perf_counter()
+            model = hf_mudsc.merge([model_a, model_b], calibration, method="mudsc", size=size, refit=refit,
+                                   batch_size=64, progress=False)
+            budget = model.config.mudsc["size_budget"]
+            merged[label] = model
+            info[label] = {"size": size, "refit": refit, "seconds": round(time.perf_counter() - start, 2),
+                           "parameters": budget["num_parameters"], "intermediate_size": model.config.intermediate_size,
+                           "parameter_ratio": budget["num_parameters"] / parent_parameters,
+                           "flops_ratio": forward_flops(model, image) / parent_flops}
+    test = evaluate_merge(merged, [model_a, model_b], digit_tasks(splits, "test"), progress=False)
+    tasks = list(digit_tasks(splits, "test"))
+    rows = {}
+    for label in ["parent_a", "parent_b", "ensemble", *merged]:
+        rows[label] = {"joint": test.score(label, "joint"), "task_a": test.score(label, tasks[0]),
+                       "task_b": test.score(label, tasks[1]), **info.get(label, {})}
+    rows["ensemble"].update(parameter_ratio=2.0, flops_ratio=2.0, parameters=2 * parent_parameters)
+    return {"scenario": "size_budget", "width": width, "split": split_index, "classes": [list(c) for c in classes],
+            "parent_parameters": parent_parameters, "parent_flops": parent_flops, "rows": rows}
+
+
+def summarise_sizes(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean ± std over pairs of every row's figures, per width."""
+    summary: dict[str, Any] = {}
+    for record in records:
+        for label, row in record["rows"].items():
+            entry = summary.setdefault(str(record["width"]), {}).setdefault(label, {})
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    entry.setdefault(key, []).append(float(value))
+    for table in summary.values():
+        for label, entry in table.items():
+            table[label] = {k: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
+                                "n": len(v)} for k, v in entry.items()}
+    return summary
+
+
+def size_markdown(result: dict[str, Any]) -> str:
+    lines = [f"# Size budget: accuracy against parameters and FLOPs (different init, `{result['command']}`)", "",
+             "Mean ± std over pairs; parameters and FLOPs per image relative to one parent (the ensemble runs both "
+             "parents: 2.0). Method mudsc (zip, α 0.5) at each `size`, with and without `refit=\"ridge\"`.", ""]
+    for width, table in result["summary"].items():
+        lines += [f"## hidden {width} ({table['ensemble']['joint']['n']} pairs)", "",
+                  "| row | joint | task A | task B | params | FLOPs | intermediate |", "|---|---|---|---|---|---|---|"]
+        for label, row in table.items():
+            def cell(key: str, row: dict = row) -> str:
+                value = row.get(key)
+                return "—" if value is None else f"{value['mean']:.3f} ± {value['std']:.3f}"
+
+            ratio = row.get("parameter_ratio")
+            flops = row.get("flops_ratio")
+            inner = row.get("intermediate_size")
+            lines.append(f"| {label} | {cell('joint')} | {cell('task_a')} | {cell('task_b')} | "
+                         f"{'1.000' if ratio is None else format(ratio['mean'], '.3f')}× | "
+                         f"{'1.000' if flops is None else format(flops['mean'], '.3f')}× | "
+                         f"{'—' if inner is None else format(inner['mean'], '.0f')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def size_plot(result: dict[str, Any], path: Path) -> None:
+    """Joint accuracy against parameters (× one parent), one line per width and refit, the ensemble dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for index, (width, table) in enumerate(result["summary"].items()):
+        color = f"C{index}"
+        for refit, style in zip(SIZE_REFITS, ("-o", "-s")):
+            rows = [row for label, row in table.items() if label.endswith(f"refit {refit}")]
+            rows.sort(key=lambda row: row["parameter_ratio"]["mean"])
+            xs = [row["parameter_ratio"]["mean"] for row in rows]
+            ys = [row["joint"]["mean"] for row in rows]
+            errors = [row["joint"]["std"] for row in rows]
+            ax.errorbar(xs, ys, yerr=errors, fmt=style, color=color, alpha=1.0 if refit == "ridge" else 0.55,
+                        capsize=3, label=f"h{width} mudsc, refit {refit}")
+        ensemble = table["ensemble"]["joint"]["mean"]
+        ax.axhline(ensemble, color=color, linestyle="--", linewidth=1.2, label=f"h{width} ensemble (2.0× params)")
+        ax.plot([2.0], [ensemble], marker="*", markersize=12, color=color)
+    ax.set_xlabel("parameters (× one parent)")
+    ax.set_ylabel("joint accuracy (10 digits)")
+    ax.set_title("Size budget: unfused MLP units, different-init digit ViTs")
+    ax.set_xlim(0.95, 2.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_sizes(args: argparse.Namespace) -> dict[str, Any]:
+    """`--sizes`: the size-budget study alone (size_budget.json/.md/.png in `--out-dir`)."""
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python scripts/benchmark_quality.py " + " ".join(args.argv)
+    result: dict[str, Any] = {"command": command.strip(), "sizes": list(args.sizes), "refits": list(SIZE_REFITS),
+                              "machine": {"platform": platform.platform(), "threads": args.threads,
+                                          "torch": torch.__version__, "hf_mudsc": hf_mudsc.__version__},
+                              "records": [], "summary": {}}
+    splits = random_class_splits(args.splits)
+    start_all = time.perf_counter()
+    for width in args.widths:
+        for index in range(len(splits)):
+            log(f"size budget: hidden {width}, split {index} {splits[index]}")
+            start = time.perf_counter()
+            entry = run_size_pair(args, width, index, splits[index])
+            entry["seconds"] = round(time.perf_counter() - start, 1)
+            result["records"].append(entry)
+            result["summary"] = summarise_sizes(result["records"])
+            write_json(out / "size_budget.json", result)
+            rows = entry["rows"]
+            log("  joint: " + ", ".join(f"{label} {row['joint']:.3f}" for label, row in rows.items()))
+    result["seconds"] = round(time.perf_counter() - start_all, 1)
+    write_json(out / "size_budget.json", result)
+    (out / "size_budget.md").write_text(size_markdown(result), encoding="utf-8")
+    size_plot(result, out / "size_budget.png")
+    print(json.dumps({"benchmark": "size_budget", "json": str(out / "size_budget.json"), "seconds": result["seconds"],
+                      "joint_mean": {f"h{w}": {label: round(row["joint"]["mean"], 4) for label, row in t.items()}
+                                     for w, t in result["summary"].items()}}))
+    print(size_markdown(result))
+    return result
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -702,6 +851,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--bert-epochs", type=int, default=3)
     parser.add_argument("--bert-samples", type=int, default=1024, help="calibration sentences")
     parser.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS))
+    parser.add_argument(
+        "--sizes", type=float, nargs="+", default=None, metavar="S",
+        help="run the size-budget study instead of the scenarios: mudsc at each size (e.g. 1 1.25 1.5 2), with and "
+        "without refit='ridge', on the different-init pairs of --widths x --splits; writes size_budget.json/.md/.png",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest)")
     parser.add_argument("--cache-dir", default=PAIR_DEFAULTS["cache_dir"])
     parser.add_argument("--out-dir", default="bench_results/quality")
@@ -717,6 +871,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "finished jobs are not run again",
     )
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.quick:
         args.widths, args.same_init_widths, args.splits = [32], [32], 2
         args.epochs, args.ft_epochs, args.num_samples = 8, 3, 256
@@ -735,6 +890,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # MiniLM's load reports (a new classifier, dropped layers) are expected: keep the log readable.
     transformers.logging.set_verbosity_error()
     set_threads(args.threads)
+    if args.sizes:
+        return run_sizes(args)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "quality.json"

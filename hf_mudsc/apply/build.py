@@ -8,6 +8,8 @@ from collections.abc import Mapping
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
+from hf_mudsc.spec import PermutationSpec
+
 
 def build_model(
     model_a: PreTrainedModel, config: PretrainedConfig, params: Mapping[str, torch.Tensor]
@@ -38,3 +40,22 @@ def _first_shape_change(model: PreTrainedModel, params: Mapping[str, torch.Tenso
         if tuple(params[name].shape) != tuple(param.shape):
             return name
     return None
+
+
+def widened_config(config: PretrainedConfig, spec: PermutationSpec,
+                   params: Mapping[str, torch.Tensor]) -> PretrainedConfig:
+    """`config` (changed in place and returned) with each group's width attribute (`Group.width_key`, e.g.
+    `intermediate_size` or `vision_config.intermediate_size`) read from the merged tensors: a size budget may have
+    widened the MLP groups (docs/design.md §4.12), and the stock class builds its layers from these numbers."""
+    for group in spec.groups:
+        if group.width_key is None:
+            continue
+        member = group.members[0]
+        width = int(params[member.param].shape[member.axis])
+        *path, attribute = group.width_key.split(".")
+        holder = config
+        for name in path:
+            holder = getattr(holder, name)
+        if getattr(holder, attribute) != width:
+            setattr(holder, attribute, width)
+    return config

@@ -70,7 +70,8 @@ def clip_spec(model: nn.Module) -> PermutationSpec:
         residual, tower_blocks = encoder_groups(
             TEXT if text else VISION, prefix, num_layers=tower_config.num_hidden_layers,
             width=tower_config.hidden_size, num_heads=tower_config.num_attention_heads,
-            intermediate=tower_config.intermediate_size, params=params, mask=TEXT_MASK if text else None)
+            intermediate=tower_config.intermediate_size, params=params, mask=TEXT_MASK if text else None,
+            config_prefix="" if tower_config is config else f"{kind}_config.")
         projection = "text_projection" if text else "visual_projection"
         if f"{projection}.weight" in params:
             residual += in_cols(f"{projection}.weight")

@@ -73,13 +73,16 @@ def attention_groups(
     return [qk, v]
 
 
-def mlp_group(block: str, *, up: str, down: str, width: int, mask: str | None = None) -> Group:
-    """The MLP hidden layer, read at the input of the second linear (post-activation)."""
+def mlp_group(block: str, *, up: str, down: str, width: int, mask: str | None = None,
+              width_key: str | None = "intermediate_size") -> Group:
+    """The MLP hidden layer, read at the input of the second linear (post-activation); its width is the config's
+    `width_key` (a size budget may widen it: docs/design.md §4.12)."""
     return Group(
         name=f"{block}.mlp",
         width=width,
         members=tuple(linear_out(up) + in_cols(f"{down}.weight")),
         hooks=(HookPoint(down, "input", mask=mask),),
+        width_key=width_key,
     )
 
 
@@ -136,8 +139,12 @@ def encoder_groups(
     intermediate: int,
     params: Collection[str],
     mask: str | None = None,
+    config_prefix: str = "",
 ) -> tuple[list[Member], list[Group]]:
     """The residual stream's members and the per-layer block groups of one tower (`prefix` ends in '.' or is '').
+
+    `config_prefix`: where the tower's config sits in the model's config ('' or e.g. 'vision_config.'), so the
+    MLP groups name the attribute that sets their width (`{config_prefix}intermediate_size`).
 
     A linear's bias is a member iff the model has it (a missing bias is simply absent; an extra one would
     still be caught by `PermutationSpec.validate`), so variants such as ViT's `qkv_bias=False` need no code.
@@ -171,7 +178,8 @@ def encoder_groups(
             residual += mlp_norm
         blocks += attention_groups(f"{layer}.{names.attention}", query=q, key=k, value=v, output=o, width=width,
                                    num_heads=num_heads, mask=mask, biases=params)
-        blocks.append(mlp_group(layer, up=up, down=down, width=intermediate, mask=mask))
+        blocks.append(mlp_group(layer, up=up, down=down, width=intermediate, mask=mask,
+                                width_key=f"{config_prefix}intermediate_size"))
     if table.final_norm is not None:
         residual += norm(f"{prefix}{table.final_norm}")
     return residual, blocks

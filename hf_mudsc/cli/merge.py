@@ -151,11 +151,13 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
     from hf_mudsc.calibrate.datasets import load_calibration_dataset, pin_calibration_revision
     from hf_mudsc.load.parents import load_parents_and_base
     from hf_mudsc.methods.auto import is_auto
-    from hf_mudsc.methods.registry import get_method
+    from hf_mudsc.methods.registry import check_size, get_method
 
     calibration = None
     calibration_spec = recipe.calibration
     chosen = None if is_auto(recipe.method) else get_method(recipe.method)
+    if chosen is not None:  # a size budget the method cannot spend: refused before any weights are read
+        check_size(chosen, recipe.size)
     # `auto` opens the calibration it is given: the method it chooses may read it.
     reads_data = recipe.calibration is not None if chosen is None else (
         chosen.needs_calibration or chosen.needs_data)

@@ -48,6 +48,10 @@ class UnitMatchingMethod(MergeMethod):
     def matches_units(self) -> bool:
         return True
 
+    @property
+    def supports_size(self) -> bool:
+        return True
+
     def matcher_choices(self) -> tuple[str | None, ...]:
         return (self.matcher,) if self.matcher is not None else ("zip", "align")
 
@@ -63,7 +67,7 @@ class UnitMatchingMethod(MergeMethod):
         zipping = matcher == "zip"
         return {"matcher": matcher, "alpha": self.recorded_alpha(options.alpha),
                 "zip_decay": options.zip_decay if zipping else None,
-                "zip_budget": options.zip_budget if zipping else None}
+                "zip_budget": options.zip_budget if zipping else None, "size": options.size}
 
     def merge_parameters(self, context: MethodContext) -> MethodResult:
         from hf_mudsc.apply.weights import apply_matches
@@ -85,11 +89,20 @@ class UnitMatchingMethod(MergeMethod):
         )
         solver = Solver(context.solve_spec, context.params_a, context.params_b, context.correlations, options)
         result = solver.solve(progress=context.progress)
-        parameters = apply_matches(context.spec, context.params_a, context.params_b, result.matches,
+        matches = list(result.matches)
+        if given.size != 1.0:  # the size budget (docs/design.md §4.12): MLP units left unfused
+            from hf_mudsc.solve.widen import plan_size, widen_matches
+
+            plan = plan_size(context.spec, context.parents, given.size,
+                             concatenate_classifier=context.concatenate_classifier)
+            matches = widen_matches(context.solve_spec, matches, plan,
+                                    lambda index: solver.similarity_of(index, result.matches),
+                                    num_models=len(context.parents), normalizer_eps=options.normalizer_eps)
+        parameters = apply_matches(context.spec, context.params_a, context.params_b, matches,
                                    concatenate_classifier=context.concatenate_classifier)
         return MethodResult(
             parameters=parameters,
-            matches=list(result.matches),
+            matches=matches,
             group_names=[g.name for g in context.spec.groups],
             group_values=result.group_values(),
             objective_history=result.objective_history,

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from hf_mudsc.errors import MergeInputError, flag
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
@@ -126,6 +128,12 @@ class MergeMethod:
         """Whether the merge report's `matches` say which units were fused (False: no unit matching)."""
         return False
 
+    @property
+    def supports_size(self) -> bool:
+        """Whether it can spend a size budget (`size` > 1: a merged model wider than one parent, docs/design.md
+        §4.11); the others keep one parent's shape and refuse `size` != 1."""
+        return False
+
     def matcher_choices(self) -> tuple[str | None, ...]:
         """The matchers this method runs with, the demo's first; `(None,)` when the matcher plays no part."""
         return (None,)
@@ -194,6 +202,17 @@ def data_free_methods(num_parents: int) -> list[str]:
             if not (m.needs_calibration or m.needs_data) and m.num_parents in (None, num_parents)]
     preferred = [name for name in SUGGESTED_WITHOUT_DATA if name in fits]
     return preferred + [name for name in fits if name not in preferred]
+
+
+def check_size(method: MergeMethod, size: float, chosen: str | None = None) -> None:
+    """Refuse a size budget (`size` != 1) for a method that keeps one parent's shape, in one line (`chosen`: why
+    `auto` chose it). merge() and the CLI call it before any weights are loaded (after the choice, for `auto`)."""
+    if size == 1.0 or method.supports_size:
+        return
+    why = f"method 'auto' chose {method.name!r} ({chosen}), which" if chosen else f"method {method.name!r}"
+    able = ", ".join(m.name for m in METHODS.values() if m.supports_size) or "none registered"
+    raise MergeInputError(f"{why} keeps one parent's shape, so it cannot spend size={size:g} (CLI: {flag('size')}); "
+                          f"use size=1 or a unit-matching method: {able} (CLI: --method)")
 
 
 def method_runs(label_format: str = "{name} ({matcher})", *, with_base: bool = False

@@ -210,6 +210,15 @@ class Solver:
         weight = self._weight(index, state).mul_(options.alpha)
         return weight.add_(activation, alpha=1 - options.alpha)
 
+    def similarity_of(self, index: int, matches: Sequence[Match | None]) -> torch.Tensor:
+        """Group `index`'s similarity (the one it is matched on) with every group at `matches` — e.g. a solve's
+        result, for the size budget's choice of units to keep unfused (hf_mudsc.solve.widen)."""
+        state = _State(len(self.spec.groups))
+        for position, found in enumerate(matches):
+            if found is not None:
+                state.set(position, found)
+        return self.similarity(index, state)
+
     # -- matching -------------------------------------------------------------------------------
     def _match(self, index: int, similarity: torch.Tensor, head_pairing: Sequence[int] | None = None,
                matcher: str | None = None) -> Match:
