@@ -362,7 +362,7 @@ def merge(
         accumulators = collect_statistics_distributed(
             loaded[0], loaded[1], spec, statistics_data, batch_size=batch_size, num_samples=statistics_samples,
             columns=_input_columns(model_a), required=spec.inputs, progress=progress,
-            statistics_dtype=statistics_dtype, device=run_device,
+            statistics_dtype=statistics_dtype, device=run_device, others=loaded[2:],
         )
     if not is_main_process():
         logger.info("statistics shared with the main process, which solves and builds the merged model")

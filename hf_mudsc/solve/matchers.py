@@ -51,7 +51,10 @@ class Match:
     value: float
     """Mean similarity of the picks (matched entries, or zip's picked maxima)."""
     head_pairing: tuple[int, ...] | None = None
-    """For num_heads > 1: the partner B head of each A head; None otherwise."""
+    """For num_heads > 1: the partner B head of each A head; None otherwise. N > 2 models: model 1's partner heads,
+    then model 2's, ..."""
+    num_models: int = 2
+    """How many models the units come from: `cluster_of` lists model 0's n units, then model 1's, ..."""
 
     # Stored as one index and one weight per original unit: the dense (2n, n) matrices of a ViT-B MLP group
     # are 150 MB each, and a solve keeps several matches of every group alive.
@@ -72,7 +75,7 @@ class Match:
 
     def same_as(self, other: Match) -> bool:
         """Equal unit assignment and merge weights (the value may differ)."""
-        return (self.num_merged == other.num_merged and torch.equal(self.cluster_of, other.cluster_of)
+        return (self.num_merged == other.num_merged and self.num_models == other.num_models and torch.equal(self.cluster_of, other.cluster_of)
                 and torch.equal(self.merge_weight, other.merge_weight))
 
     def clusters(self) -> list[tuple[int, ...]]:
@@ -229,6 +232,7 @@ def _build(
     head_pairing: tuple[int, ...] | None,
     normalizer_eps: float,
     device: torch.device,
+    num_models: int = 2,
 ) -> Match:
     sizes = np.array([len(members) for members in clusters], dtype=np.float64)
     rows = np.fromiter((i for members in clusters for i in members), dtype=np.int64, count=size)
@@ -243,6 +247,7 @@ def _build(
         num_merged=len(clusters),
         value=float(value),
         head_pairing=head_pairing,
+        num_models=num_models,
     )
 
 
@@ -664,7 +669,7 @@ def _match_models(similarity: torch.Tensor, num_models: int, matcher: str, num_h
     if not (np.isfinite(normalizer_eps) and normalizer_eps >= 0.0):
         raise ValueError(f"normalizer_eps must be a finite number >= 0, got {normalizer_eps}")
     clusters, value, pairing = _match_n(c, n, num_models, matcher, num_heads, decay, budget, pairing)
-    return _build(clusters, num_models * n, value, pairing, normalizer_eps, device)
+    return _build(clusters, num_models * n, value, pairing, normalizer_eps, device, num_models)
 
 
 def zip_reference(
