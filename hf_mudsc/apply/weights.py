@@ -77,8 +77,8 @@ def apply_matches_weighted(
         out_weight = 1.0 / cluster_share[clusters]
         ones = torch.ones(n, dtype=torch.float64)
         rows = [slice(i * n, (i + 1) * n) for i in range(models)]
-        maps.append([(AxisMap(clusters[r], out_weight[r], found.num_merged), AxisMap(clusters[r], ones, found.num_merged))
-                     for r in rows])
+        maps.append([(AxisMap(clusters[r], out_weight[r], found.num_merged),
+                      AxisMap(clusters[r], ones, found.num_merged)) for r in rows])
     merged: dict[str, torch.Tensor] = {}
     for name, tensor_0 in parents[0].items():
         transformed = []

@@ -75,7 +75,8 @@ class Match:
 
     def same_as(self, other: Match) -> bool:
         """Equal unit assignment and merge weights (the value may differ)."""
-        return (self.num_merged == other.num_merged and self.num_models == other.num_models and torch.equal(self.cluster_of, other.cluster_of)
+        return (self.num_merged == other.num_merged and self.num_models == other.num_models
+                and torch.equal(self.cluster_of, other.cluster_of)
                 and torch.equal(self.merge_weight, other.merge_weight))
 
     def clusters(self) -> list[tuple[int, ...]]:
