@@ -273,3 +273,28 @@ def test_cli_refuses_three_parents_with_reference_compat_without_a_traceback(tmp
     err = capsys.readouterr().err
     assert code == 1 and "--reference-compat" in err and "got 3 parents" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_the_dry_run_estimate_counts_every_parents_statistics_and_weights():
+    from hf_mudsc.plan import estimate_cost, statistics_bytes
+
+    assert statistics_bytes([2, 3], parents=3) == 8 * (6 ** 2 + 9 ** 2)
+    kwargs = dict(widths=[2, 3], columns=[4, 5], group_tokens=[5, 1], linear_params={"w": 10}, tokens={"": 5},
+                  num_parameters=100, rows=10, needs_statistics=True, matmul_flops=1e9)
+    two, three = estimate_cost(**kwargs), estimate_cost(**kwargs, parents=3)
+    assert three.statistics_bytes == statistics_bytes([2, 3], parents=3)
+    assert three.peak_memory_bytes > two.peak_memory_bytes and three.calibration_seconds > two.calibration_seconds
+
+
+def test_the_readme_example_of_n_parents_matching_runs(capsys):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    [block] = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+               if b.startswith("# readme-test: matching-n-parents")]
+    namespace: dict = {"__name__": "readme_matching_n_parents"}
+    exec(compile(block, "README.md (N-parent matching example)", "exec"), namespace)
+    assert capsys.readouterr().out.splitlines() == ["True", "3 [2.0, 1.0, 1.0]"]
+    merged, model = namespace["merged"], namespace["model"]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(merged.parameters(), model.parameters()))

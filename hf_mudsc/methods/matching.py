@@ -76,8 +76,7 @@ class UnitMatchingMethod(MergeMethod):
     def check_options(self, options: MergeOptions, num_parents: int) -> None:
         """`reference_compat` reproduces the two-parent, equal-weight reference: refused with more parents or
         unequal weights; weights must be positive (each is a share of every merged unit)."""
-        from hf_mudsc.errors import MergeInputError
-        from hf_mudsc.options import option_hint
+        from hf_mudsc.errors import MergeInputError, option_hint
 
         if options.reference_compat and num_parents != 2:
             raise MergeInputError(f"{option_hint('reference_compat')} reproduces the reference's two-parent merge, "
