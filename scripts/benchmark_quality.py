@@ -793,7 +793,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--widths", type=int, nargs="+", default=PAIR_DEFAULTS["widths"], help="different-init ViT widths"
     )
     parser.add_argument("--same-init-widths", type=int, nargs="+", default=PAIR_DEFAULTS["same_init_widths"])
-    parser.add_argument("--splits", type=int, default=5, help="random 5+5 class splits (pairs) per width; 4+3+3 splits for three_parents")
+    parser.add_argument("--splits", type=int, default=5,
+                        help="random 5+5 class splits (pairs) per width; 4+3+3 splits for three_parents")
     parser.add_argument("--epochs", type=int, default=PAIR_DEFAULTS["epochs"], help="ViT training epochs")
     parser.add_argument("--ft-epochs", type=int, default=PAIR_DEFAULTS["ft_epochs"],
                         help="same-init fine-tuning epochs")
