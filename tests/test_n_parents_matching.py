@@ -298,3 +298,36 @@ def test_the_readme_example_of_n_parents_matching_runs(capsys):
     assert capsys.readouterr().out.splitlines() == ["True", "3 [2.0, 1.0, 1.0]"]
     merged, model = namespace["merged"], namespace["model"]
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(merged.parameters(), model.parameters()))
+
+
+def test_cli_merges_three_parents_by_zipit_with_weights_and_the_card_and_recipe_say_so(tmp_path, capsys):
+    import datasets
+    import yaml
+    from PIL import Image
+    from transformers import ViTForImageClassification, ViTImageProcessor
+
+    from hf_mudsc.publish.recipe import RECIPE_FILENAME
+
+    model = make_model("vit_cls", 0)
+    spec = spec_for(model)
+    processor = ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5])
+    folders = []
+    for index, parent in enumerate([model, permuted_copy(model, spec, 1), permuted_copy(model, spec, 2)]):
+        parent.save_pretrained(tmp_path / f"parent-{index}")
+        processor.save_pretrained(tmp_path / f"parent-{index}")
+        folders.append(str(tmp_path / f"parent-{index}"))
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L") for _ in range(48)]
+    datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image()).save_to_disk(
+        tmp_path / "calibration")
+    out = tmp_path / "merged"
+    capsys.readouterr()
+    assert main(["-q", "merge", *folders, "--calibration", str(tmp_path / "calibration"), "--method", "zipit",
+                 "--weights", "2", "1", "1", "--output", str(out)]) == 0
+    merged = ViTForImageClassification.from_pretrained(out)
+    for name, tensor in merged.named_parameters():
+        assert torch.allclose(tensor.detach(), params(model)[name], atol=1e-6), name
+    recipe = yaml.safe_load((out / RECIPE_FILENAME).read_text())
+    assert recipe["models"] == folders and recipe["weights"] == [2.0, 1.0, 1.0] and recipe["method"] == "zipit"
+    card = (out / "README.md").read_text()
+    assert "| C | `parent-2` (local folder) |" in card and "| Weights | 2.0 1.0 1.0 |" in card
