@@ -108,8 +108,8 @@ class UnitMatchingMethod(MergeMethod):
             extra_starts=() if given.reference_compat else self.extra_starts,
         )
         parents = list(context.parents)
-        solver = Solver(context.solve_spec, parents[0], parents[1], context.correlations, options,
-                        others=parents[2:])
+        more = {"others": parents[2:]} if len(parents) > 2 else {}  # two parents: the two-parent call as before
+        solver = Solver(context.solve_spec, parents[0], parents[1], context.correlations, options, **more)
         result = solver.solve(progress=context.progress)
         weights = list(given.weights) if given.weights is not None else [1.0] * len(parents)
         if len(parents) == 2 and not _weighted(weights):
