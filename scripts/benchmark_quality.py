@@ -94,7 +94,7 @@ INDEPENDENT_HEADS = [(f"{label} indep-heads", {**options, "independent_heads": T
 BASE_METHODS: list[tuple[str, dict[str, Any]]] = [*REGISTRY_METHODS, *INDEPENDENT_HEADS]
 TUNED = ("mudsc align α-tuned", "mudsc zip α-tuned")
 SCENARIOS = ("different_init", "same_init", "bert_permuted", "three_parents")
-# Three parents (docs/design.md §4.6 "N parents"): every unit-matching method, plain averaging (`linear`, heads
+# Three parents (docs/design.md §4.12): every unit-matching method, plain averaging (`linear`, heads
 # concatenated) and the ensemble of the three.
 THREE_METHODS = [("mudsc zip", {"method": "mudsc", "matcher": "zip", "alpha": 0.5}),
                  ("mudsc align", {"method": "mudsc", "matcher": "align", "alpha": 0.5}),

@@ -1,4 +1,4 @@
-"""N > 2 parents for the unit-matching methods (docs/design.md §4.6 "N parents"): one merged space for all parents.
+"""N > 2 parents for the unit-matching methods (docs/design.md §4.12): one merged space for all parents.
 
 Permuted copies merge back exactly for every method and architecture; hand-made similarities give known N-model
 clusters; different label sets give the heads in parent order; weights make each merged unit the weighted mean of

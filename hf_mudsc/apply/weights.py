@@ -53,7 +53,7 @@ def apply_matches_weighted(
     *,
     concatenate_classifier: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """N parents with per-parent weights (docs/design.md §4.7 "N parents"): merged unit = the weighted mean of its
+    """N parents with per-parent weights (docs/design.md §4.12): merged unit = the weighted mean of its
     cluster, `Σ_u w_{p(u)} x_u / Σ_u w_{p(u)}`; a consumer column = `Σ_i w̄_i Σ_{u ∈ cluster, parent i} W_i[:, u]`
     (`w̄` the weights normalised to sum 1); ungrouped tensors the weighted mean. Two parents with equal weights
     give `apply_matches`' merge (the two-parent path itself stays `apply_matches`, bit for bit).

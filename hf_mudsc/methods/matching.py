@@ -49,7 +49,7 @@ class UnitMatchingMethod(MergeMethod):
     iterate: bool = True
     extra_starts: tuple[str, ...] = ()
     builds_concatenated_head: bool = True
-    num_parents: int | None = None  # N >= 2 parents share one merged space (docs/design.md §4.6 "N parents")
+    num_parents: int | None = None  # N >= 2 parents share one merged space (docs/design.md §4.12)
 
     @property
     def matches_units(self) -> bool:

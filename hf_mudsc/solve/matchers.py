@@ -371,7 +371,7 @@ def _zip_core(
     ``labels[i]`` is the model (0 = A, 1 = B) of cluster i's lowest member; ``model_budget`` and
     ``model_masked`` are shared with later calls (group zip); ``head_budget`` is the per-head budget
     of the two heads in play (labels coincide with heads inside one head pair).
-    ``unit_models`` (N > 2 models; docs/design.md §4.6 "N parents"): each local unit's model; the decay is then
+    ``unit_models`` (N > 2 models; docs/design.md §4.12): each local unit's model; the decay is then
     applied only to a fused cluster that is complete (one unit per model or more) or holds two units of one model,
     so a cluster still missing some models' units is not penalised for taking one. None: always (two models).
     Returns the surviving clusters (lists of local indices, by lowest index) and the picked values.
@@ -472,7 +472,7 @@ def _group_zip(
 
 
 # ---------------------------------------------------------------------------------------------------
-# N > 2 models (docs/design.md §4.6 "N parents"): rows/columns [model 0 units; model 1 units; ...]
+# N > 2 models (docs/design.md §4.12): rows/columns [model 0 units; model 1 units; ...]
 # ---------------------------------------------------------------------------------------------------
 #: Passes of the sum-of-pairwise refinement of N-model align (each pass re-matches every model but model 0).
 ALIGN_N_PASSES = 20
@@ -614,7 +614,7 @@ def match(
     """Match the 2n units of one group into n merged units (docs/design.md §4.6).
 
     ``num_models = N > 2``: the similarity is over ``[model 0 units; ...; model N-1 units]`` and the N·n units
-    are matched into n merged units (docs/design.md §4.6 "N parents"); ``head_pairing`` then holds model 1's
+    are matched into n merged units (docs/design.md §4.12); ``head_pairing`` then holds model 1's
     partner heads, then model 2's, ... (`pair_attention_heads_n`).
 
     ``matcher`` is ``"align"`` (Hungarian, a permutation) or ``"zip"`` (ZipIt's greedy, which may also
