@@ -55,15 +55,16 @@ def weak_group_warning(names: Sequence[str], values: Sequence[float]) -> str | N
             "serves both tasks poorly; check the parents are of one kind, or add calibration data")
 
 
-def calibration_size_warning(rows: Mapping[str, int], widths: Mapping[str, int]) -> str | None:
-    """Warn when a group saw fewer calibration rows (examples × tokens) than the `2n` units it correlates;
-    names the widest such group. `rows`/`widths`: per group name."""
-    short = [(name, rows[name], width) for name, width in widths.items() if name in rows and rows[name] < 2 * width]
+def calibration_size_warning(rows: Mapping[str, int], widths: Mapping[str, int], parents: int = 2) -> str | None:
+    """Warn when a group saw fewer calibration rows (examples × tokens) than the `N·n` units it correlates
+    (N = `parents`); names the widest such group. `rows`/`widths`: per group name."""
+    short = [(name, rows[name], width) for name, width in widths.items()
+             if name in rows and rows[name] < parents * width]
     if not short:
         return None
     name, seen, width = max(short, key=lambda item: (item[2], -item[1]))
     return (f"calibration too small for the widths: group {name!r} ({width} units per parent) saw {seen} rows "
-            f"(examples × tokens), fewer than the {2 * width} units it correlates, so its correlations are "
+            f"(examples × tokens), fewer than the {parents * width} units it correlates, so its correlations are "
             f"rank-deficient ({len(short)} group(s) affected); give more samples ({option_hint('num_samples')} "
             "or a larger calibration split)")
 
@@ -84,11 +85,11 @@ def relation_warning(relation: str, method: Any) -> str | None:
 
 
 def merge_warnings(*, relation: str | None, method: Any, group_names: Sequence[str], group_values: Sequence[float],
-                   rows: Mapping[str, int] | None, widths: Mapping[str, int]) -> list[str]:
+                   rows: Mapping[str, int] | None, widths: Mapping[str, int], parents: int = 2) -> list[str]:
     """Every warning of a finished solve, in a fixed order (relation, calibration size, weak groups)."""
     found = [
         relation_warning(relation, method) if relation else None,
-        calibration_size_warning(rows, widths) if rows else None,
+        calibration_size_warning(rows, widths, parents) if rows else None,
         weak_group_warning(group_names, group_values) if method.matches_units else None,
     ]
     return [text for text in found if text]

@@ -378,7 +378,7 @@ def merge(
         accumulators = collect_statistics_distributed(
             loaded[0], loaded[1], spec, statistics_data, batch_size=batch_size, num_samples=statistics_samples,
             columns=_input_columns(model_a), required=spec.inputs, progress=progress,
-            statistics_dtype=statistics_dtype, device=run_device,
+            statistics_dtype=statistics_dtype, device=run_device, others=loaded[2:],
         )
     if not is_main_process():
         logger.info("statistics shared with the main process, which solves and builds the merged model")
@@ -449,7 +449,7 @@ def merge(
     report.warnings = merge_warnings(
         relation=relation.relation, method=merge_method, group_names=report.group_names,
         group_values=report.group_values, widths={g.name: g.width for g in spec.groups},
-        rows=rows)
+        rows=rows, parents=count)
     for text in report.warnings:
         logger.warning("%s", text)
     if count == 2:  # the diagnostics describe a two-parent unit matching (None when no unit was matched)

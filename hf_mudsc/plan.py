@@ -184,9 +184,10 @@ def matmul_rate(size: int = PROBE_SIZE) -> float:
     return 2 * size**3 / max(best, 1e-9)
 
 
-def statistics_bytes(widths: Iterable[int]) -> float:
-    """The float64 `(2n)²` sums of every group (docs/design.md §4.1) — held at once during calibration."""
-    return float(sum(8 * (2 * n) ** 2 for n in widths))
+def statistics_bytes(widths: Iterable[int], parents: int = 2) -> float:
+    """The float64 `(N·n)²` sums of every group (docs/design.md §4.1; N = `parents`) — held at once during
+    calibration."""
+    return float(sum(8 * (parents * n) ** 2 for n in widths))
 
 
 def forward_flops(linear_params: Mapping[str, int], tokens: Mapping[str, int]) -> float:
@@ -203,31 +204,34 @@ def _tokens_for(name: str, tokens: Mapping[str, int]) -> int:
     return tokens.get(prefix, tokens.get("", 1))
 
 
-def solve_flops(widths: Sequence[int], columns: Sequence[int]) -> float:
+def solve_flops(widths: Sequence[int], columns: Sequence[int], parents: int = 2) -> float:
     """The solve's work in FLOPs, the unit `SOLVE_FACTOR` is fitted in: per group of width n with D weight
-    columns, the weight correlation `[Z_A; Z_B]` product (2·(2n)²·D) and an O((2n)³) matching."""
-    return float(sum(2 * (2 * n) ** 2 * d + (2 * n) ** 3 for n, d in zip(widths, columns)))
+    columns, the weight correlation `[Z_A; Z_B]` product (2·(2n)²·D) and an O((2n)³) matching (N·n for N
+    `parents`)."""
+    return float(sum(2 * (parents * n) ** 2 * d + (parents * n) ** 3 for n, d in zip(widths, columns)))
 
 
 def estimate_cost(*, widths: Sequence[int], columns: Sequence[int], group_tokens: Sequence[int],
                   linear_params: Mapping[str, int], tokens: Mapping[str, int], num_parameters: int,
-                  rows: int | None, needs_statistics: bool, matmul_flops: float, solves: bool = True) -> Estimate:
+                  rows: int | None, needs_statistics: bool, matmul_flops: float, solves: bool = True,
+                  parents: int = 2) -> Estimate:
     """Time and peak memory of a merge (docs/design.md, "Dry run"):
 
     calibration s = rows × (2 × forward FLOPs + Σ_g tokens_g · 2·(2n_g)²) / (efficiency × matmul FLOP/s)
     solve s       = (SOLVE_FACTOR × Σ_g (2·(2n_g)²·D_g + (2n_g)³) + APPLY_FLOPS_PER_PARAMETER × parameters)
                     / matmul FLOP/s          (no solve term for methods without unit matching)
     peak bytes    = runtime + 2.5 × 2 × 4 × parameters + 1.25 × Σ_g 8·(2n_g)²   (statistics only with data)
+    With N `parents` every 2 above is N (N forwards, `(N·n)²` statistics, N parents' weights).
     """
-    stats = statistics_bytes(widths) if needs_statistics else 0.0
+    stats = statistics_bytes(widths, parents) if needs_statistics else 0.0
     calibration = 0.0
     if needs_statistics:
-        per_example = 2 * forward_flops(linear_params, tokens) + sum(
-            t * 2 * (2 * n) ** 2 for n, t in zip(widths, group_tokens))
+        per_example = parents * forward_flops(linear_params, tokens) + sum(
+            t * 2 * (parents * n) ** 2 for n, t in zip(widths, group_tokens))
         calibration = (rows or 0) * per_example / (CALIBRATION_EFFICIENCY * matmul_flops)
-    solve = ((SOLVE_FACTOR * solve_flops(widths, columns) if solves else 0.0)
+    solve = ((SOLVE_FACTOR * solve_flops(widths, columns, parents) if solves else 0.0)
              + APPLY_FLOPS_PER_PARAMETER * num_parameters) / matmul_flops
-    peak = RUNTIME_BYTES + WEIGHTS_FACTOR * 2 * 4 * num_parameters + STATISTICS_FACTOR * stats
+    peak = RUNTIME_BYTES + WEIGHTS_FACTOR * parents * 4 * num_parameters + STATISTICS_FACTOR * stats
     return Estimate(calibration_seconds=calibration, solve_seconds=solve, peak_memory_bytes=peak,
                     matmul_flops_per_second=matmul_flops, statistics_bytes=stats)
 
@@ -368,11 +372,11 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     estimate = estimate_cost(
         widths=widths, columns=columns, group_tokens=group_tokens, linear_params=linear, tokens=tokens,
         num_parameters=parents[0].num_parameters, rows=rows, needs_statistics=method.needs_calibration,
-        matmul_flops=matmul_flops or matmul_rate(), solves=method.matches_units)
+        matmul_flops=matmul_flops or matmul_rate(), solves=method.matches_units, parents=len(models))
     warnings = []
     if calibration_plan is not None and rows is not None and method.needs_calibration:
         text = calibration_size_warning({g.name: rows * t for g, t in zip(spec.groups, group_tokens)},
-                                        dict(zip((g.name for g in spec.groups), widths)))
+                                        dict(zip((g.name for g in spec.groups), widths)), len(models))
         if text:
             warnings.append(text)
     identical = _identical_weights(located, token=token)

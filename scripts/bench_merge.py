@@ -51,7 +51,7 @@ import torch
 
 from hf_mudsc.apply.build import build_model
 from hf_mudsc.apply.refit import refit_model
-from hf_mudsc.apply.weights import apply_matches
+from hf_mudsc.apply.weights import apply_matches, apply_matches_weighted
 from hf_mudsc.architectures import spec_for
 from hf_mudsc.calibrate.correlation import CorrelationAccumulator, correlations_from
 from hf_mudsc.calibrate.statistics import collect_statistics, new_accumulators
@@ -101,7 +101,9 @@ def load_case(case: str, args: argparse.Namespace):
             config = ViTConfig(**VIT_S, image_size=args.vit_image_size, patch_size=args.vit_patch_size)
         model_a = ViTModel(config).eval()
     spec = spec_for(model_a)
-    return model_a, perturbed_permuted_copy(model_a, spec, seed=1, noise=args.noise), spec
+    # `--parents N`: N - 1 perturbed permuted copies (seeds 1, 3, 5, ...; the first is the two-parent case's B).
+    others = [perturbed_permuted_copy(model_a, spec, seed=2 * i + 1, noise=args.noise) for i in range(args.parents - 1)]
+    return model_a, others, spec
 
 
 def batches(case: str, args: argparse.Namespace, num_samples: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -172,7 +174,9 @@ def run_child(args: argparse.Namespace) -> dict:
     peaks: dict[str, float] = {"runtime": rss_now_bytes() / 2**20}
 
     start = time.perf_counter()
-    model_a, model_b, spec = load_case(case, args)
+    model_a, copies, spec = load_case(case, args)
+    model_b, more = copies[0], copies[1:]
+    out["parents"] = args.parents
     phases["load"] = time.perf_counter() - start
     peaks["load"] = rss_peak_bytes() / 2**20
 
@@ -180,15 +184,15 @@ def run_child(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     with torch.no_grad():
         for batch in batches(case, args, num_samples):
-            model_a(**batch)
-            model_b(**batch)
+            for model in (model_a, *copies):
+                model(**batch)
     forward_seconds = time.perf_counter() - start
 
     flops_rates = [matmul_flops_per_second()]
-    accumulators = new_accumulators(spec, gemm_dtype)  # exactly what hf_mudsc.merge uses
+    accumulators = new_accumulators(spec, gemm_dtype, args.parents)  # exactly what hf_mudsc.merge uses
     start = time.perf_counter()
     collect_statistics(model_a, model_b, spec, batches(case, args, num_samples), progress=False,
-                       accumulators=accumulators)
+                       accumulators=accumulators, others=more)
     phases["calibration"] = time.perf_counter() - start
     peaks["calibration"] = rss_peak_bytes() / 2**20
     flops_rates.append(matmul_flops_per_second())
@@ -199,18 +203,23 @@ def run_child(args: argparse.Namespace) -> dict:
 
     params_a = {k: v.detach() for k, v in model_a.named_parameters()}
     params_b = {k: v.detach() for k, v in model_b.named_parameters()}
+    params_more = [{k: v.detach() for k, v in m.named_parameters()} for m in more]
     start = time.perf_counter()
     correlations = correlations_from(accumulators)  # as hf_mudsc.merge: in place, one group at a time
     peaks["finalize"] = rss_peak_bytes() / 2**20
     # The default mudsc solve: its extra starts (docs/design.md §4.5) come from the method registry.
     options = SolveOptions(matcher=matcher, alpha=0.5, seed=0, extra_starts=get_method("mudsc").extra_starts)
-    result = Solver(spec, params_a, params_b, correlations, options).solve(progress=args.progress)
+    result = Solver(spec, params_a, params_b, correlations, options, others=params_more).solve(progress=args.progress)
     phases["solve"] = time.perf_counter() - start
     peaks["solve"] = rss_peak_bytes() / 2**20
     del correlations
 
     start = time.perf_counter()
-    merged_params = apply_matches(spec, params_a, params_b, result.matches)
+    if more:
+        merged_params = apply_matches_weighted(spec, [params_a, params_b, *params_more], result.matches,
+                                               [1.0] * args.parents)
+    else:
+        merged_params = apply_matches(spec, params_a, params_b, result.matches)
     merged = build_model(model_a, copy.deepcopy(model_a.config), merged_params)
     phases["apply"] = time.perf_counter() - start
     peaks["apply"] = rss_peak_bytes() / 2**20
@@ -239,7 +248,7 @@ def run_child(args: argparse.Namespace) -> dict:
         got = merged(**batch).last_hidden_state
     out["merged_vs_a_rel_error"] = float((got - ref).norm() / ref.norm())
 
-    weights_bytes = sum(p.numel() * 4 for p in params_a.values()) * 2
+    weights_bytes = sum(p.numel() * 4 for p in params_a.values()) * args.parents
     flops_rate = statistics.median(flops_rates)
     fwd = forward_flops_per_example(model_a) * num_samples * 2
     stats = counted_stats
@@ -280,7 +289,8 @@ def child_command(args: argparse.Namespace, case: str, matcher: str, samples: in
     return [sys.executable, __file__, "--child-case", case, "--child-matcher", matcher, "--child-samples",
             str(samples), "--child-gemm-dtype", dtype, "--batch-size", str(args.batch_size), "--noise",
             str(args.noise), "--vit-image-size", str(args.vit_image_size), "--vit-patch-size",
-            str(args.vit_patch_size), "--threads", str(args.threads), "--refit", args.refit] + (
+            str(args.vit_patch_size), "--threads", str(args.threads), "--refit", args.refit,
+            "--parents", str(args.parents)] + (
                 ["--refit-samples", str(args.refit_samples)] if args.refit_samples is not None else []) + (
                 ["--progress"] if args.progress else [])
 
@@ -333,6 +343,8 @@ def main() -> int:
     parser.add_argument("--vit-patch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 64 samples, compare 32 vs 64")
+    parser.add_argument("--parents", type=int, default=2,
+                        help="parents merged: A and N - 1 perturbed permuted copies (N > 2: no refit)")
     parser.add_argument("--progress", action="store_true", help="show the solve's progress bar (stderr)")
     parser.add_argument("--refit", default="none", choices=["none", "ridge"],
                         help="also run the after-matching refit (phase 'refit'; hf_mudsc.apply.refit)")
@@ -343,6 +355,8 @@ def main() -> int:
     parser.add_argument("--child-samples", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child-gemm-dtype", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.parents < 2 or (args.parents > 2 and args.refit != "none"):
+        parser.error("--parents must be >= 2, and the refit (--refit ridge) merges two parents only")
     if args.threads:
         common.set_threads(args.threads)
     if args.child_case:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Quality benchmark: does MuDSC beat its baselines where the paper says it does? (A benchmark, not a test.)
 
-Three scenarios, every method of the registry on each (`average`, `weight_matching`, `activation_align`,
+Three two-parent scenarios, every method of the registry on each (`average`, `weight_matching`, `activation_align`,
 `zipit`, `mudsc` align and zip at alpha 0.5, the alpha sweep 0.1..0.9 with alpha chosen on TRAINING data —
 joint accuracy on both tasks' training images/sentences, as the paper selects it — and `mudsc` with
 `independent_heads=True`, the reference's head pairing):
@@ -18,6 +18,13 @@ joint accuracy on both tasks' training images/sentences, as the paper selects it
   different-init pair whose true unit correspondence is known) and, for reference, from MiniLM itself
   (the same-basis pair; with dropout off and the same seed the two B's are the same function). Reported:
   each method's accuracies on both pairs and the fraction of units matched to their true partner.
+
+and one three-parent scenario:
+
+* three_parents — three digit ViTs from three seeds, trained on a 4+3+3 class split each (`--splits` splits,
+  split 0 is 0-3 / 4-6 / 7-9), at every width of `--widths`, merged by every unit-matching method and plain
+  averaging into one model with the three heads concatenated; the ensemble of three is the argmax over the
+  parents' concatenated logits.
 
 Outputs (in `--out-dir`, default `bench_results/quality/`): `quality.json` (every pair's figures and the
 mean ± std summary; rewritten after every pair, so a long run can be inspected or `--resume`d),
@@ -86,7 +93,16 @@ INDEPENDENT_HEADS = [(f"{label} indep-heads", {**options, "independent_heads": T
                      for label, options in REGISTRY_METHODS if "alpha" in options]
 BASE_METHODS: list[tuple[str, dict[str, Any]]] = [*REGISTRY_METHODS, *INDEPENDENT_HEADS]
 TUNED = ("mudsc align α-tuned", "mudsc zip α-tuned")
-SCENARIOS = ("different_init", "same_init", "bert_permuted")
+SCENARIOS = ("different_init", "same_init", "bert_permuted", "three_parents")
+# Three parents (docs/design.md §4.13): every unit-matching method, plain averaging (`linear`, heads
+# concatenated) and the ensemble of the three.
+THREE_METHODS = [("mudsc zip", {"method": "mudsc", "matcher": "zip", "alpha": 0.5}),
+                 ("mudsc align", {"method": "mudsc", "matcher": "align", "alpha": 0.5}),
+                 ("zipit", {"method": "zipit"}),
+                 ("activation_align", {"method": "activation_align"}),
+                 ("weight_matching", {"method": "weight_matching"}),
+                 ("linear", {"method": "linear"})]
+THREE_ROWS = ["parents", "ensemble", "ensemble (softmax)", *(label for label, _ in THREE_METHODS)]
 
 
 # ---------------------------------------------------------------------------------------------- merging
@@ -192,6 +208,77 @@ def run_pair(args: argparse.Namespace, model_a: Any, model_b: Any, splits: Any, 
         digit_tasks(splits, "train"),
         args.alphas,
     )
+
+
+def three_way_splits(count: int) -> list[tuple[tuple[int, ...], ...]]:
+    """Split 0 is digits 0-3 / 4-6 / 7-9; the others are seeded random 4+3+3 partitions (distinct)."""
+    import random
+
+    splits = [(tuple(range(4)), tuple(range(4, 7)), tuple(range(7, 10)))]
+    rng = random.Random(2025)
+    while len(splits) < count:
+        digits = list(range(10))
+        rng.shuffle(digits)
+        split = (tuple(sorted(digits[:4])), tuple(sorted(digits[4:7])), tuple(sorted(digits[7:])))
+        if split not in splits:
+            splits.append(split)
+    return splits
+
+
+def run_three_parents(args: argparse.Namespace, width: int, split_index: int,
+                      classes: tuple[tuple[int, ...], ...]) -> dict[str, Any]:
+    """Three digit ViTs from three seeds (different inits), one per class set, merged into one model with the
+    three heads concatenated. Per task: argmax within the task's slice on its test images; joint: argmax over all
+    ten classes on all three test sets. Ensemble: the three parents run, argmax over their concatenated logits
+    ("ensemble"), or over their concatenated per-head softmax ("ensemble (softmax)", the two-parent harness's)."""
+    from hf_mudsc.apply.classifier import task_ranges
+    from hf_mudsc.testing import toy
+
+    seeds = [100 + 3 * split_index + i for i in range(3)]
+    common = {"hidden_size": width, "epochs": args.epochs, "image_size": 16, "cache_dir": Path(args.cache_dir) / "vit"}
+    first = toy.trained_digit_pair(classes[0], classes[1], seeds=seeds[:2], **common)
+    third = toy.trained_digit_pair(classes[2], classes[0], seeds=(seeds[2], seeds[0]), **common)
+    parents = [first.model_a, first.model_b, third.model_a]
+    tasks = [toy.digit_splits(c, c).task_a for c in classes]
+    for model, task in zip(parents, tasks):
+        model.config._name_or_path = f"digits {''.join(map(str, task.classes))}"
+    pool = torch.cat([t.train_pixel_values for t in tasks])
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))
+    pool = pool[order[: args.num_samples] if args.num_samples else order]
+    calibration = [{"pixel_values": pool[i:i + 64]} for i in range(0, len(pool), 64)]
+    images = torch.cat([t.test_pixel_values for t in tasks])
+    offsets = np.cumsum([0] + [t.num_labels for t in tasks])
+    labels = torch.cat([t.test_labels + int(offsets[i]) for i, t in enumerate(tasks)])
+    owner = torch.cat([torch.full((len(t.test_labels),), i) for i, t in enumerate(tasks)])
+
+    def logits_of(model: Any) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([model(pixel_values=images[i:i + 256]).logits for i in range(0, len(images), 256)])
+
+    def figures(logits: torch.Tensor, slices: Sequence[tuple[int, int]]) -> dict[str, float]:
+        row = {}
+        for i, (lo, hi) in enumerate(slices):
+            mine = owner == i
+            row[f"task_{'abc'[i]}"] = float((logits[mine, lo:hi].argmax(1) + lo == labels[mine]).float().mean())
+        row["average"] = statistics.fmean(row[f"task_{'abc'[i]}"] for i in range(3))
+        row["joint"] = float((logits.argmax(1) == labels).float().mean())
+        return row
+
+    slices = [(int(offsets[i]), int(offsets[i + 1])) for i in range(3)]
+    parent_logits = [logits_of(p) for p in parents]
+    rows: dict[str, Any] = {}
+    own = [float((pl[owner == i].argmax(1) == tasks[i].test_labels).float().mean())
+           for i, pl in enumerate(parent_logits)]
+    rows["parents"] = {**{f"task_{'abc'[i]}": own[i] for i in range(3)}, "average": statistics.fmean(own)}
+    rows["ensemble"] = figures(torch.cat(parent_logits, 1), slices)
+    rows["ensemble (softmax)"] = figures(torch.cat([pl.softmax(1) for pl in parent_logits], 1), slices)
+    for label, options in THREE_METHODS:
+        start = time.perf_counter()
+        merged = hf_mudsc.merge(parents, calibration, batch_size=64, progress=False, **options)
+        ranges = list(task_ranges(merged.config).values())
+        assert ranges == slices, (ranges, slices)
+        rows[label] = {**figures(logits_of(merged), slices), "seconds": round(time.perf_counter() - start, 2)}
+    return rows
 
 
 def run_different_init(args: argparse.Namespace, width: int, split_index: int, classes: Classes) -> dict[str, Any]:
@@ -501,7 +588,7 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
         table = {}
         for label in labels:
             entry = {}
-            for figure in ("task_a", "task_b", "average", "joint", "alpha", "recovered"):
+            for figure in ("task_a", "task_b", "task_c", "average", "joint", "alpha", "recovered"):
                 values = [p[label].get(figure) for p in pairs if p[label].get(figure) is not None]
                 if values:
                     entry[figure] = {
@@ -556,6 +643,8 @@ def markdown(result: dict[str, Any]) -> str:
         "same_init": "Same initialization (ViT pretrained on all digits, fine-tuned on 5+5 splits)",
     }
     for scenario, widths in result["summary"].items():
+        if scenario == "three_parents":
+            continue
         lines += [f"## {titles.get(scenario, scenario)}", ""]
         for width, table in widths.items():
             n = max((e.get("joint", {}).get("n", 0) for e in table.values()), default=0)
@@ -594,6 +683,22 @@ def markdown(result: dict[str, Any]) -> str:
                     f"{fmt(e, 'task_b')} | {fmt(e, 'average')} | {fmt(e, 'joint')} | {rec} | "
                     f"{fmt(e, 'alpha')} |"
                 )
+        lines.append("")
+    for width, table in result["summary"].get("three_parents", {}).items():
+        n = max((e.get("joint", {}).get("n", 0) for e in table.values()), default=0)
+        lines += [
+            f"## Three parents, different initializations (ViT, digits, 4+3+3 splits): hidden {width} ({n} splits)",
+            "",
+            "Parents are scored on their own task. Ensemble: argmax over the three parents' concatenated logits "
+            "(softmax: over their concatenated per-head probabilities). linear: plain averaging, heads concatenated.",
+            "",
+            "| model | task A | task B | task C | avg | joint |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for label in [r for r in THREE_ROWS if r in table]:
+            e = table[label]
+            lines.append(f"| {label} | {fmt(e, 'task_a')} | {fmt(e, 'task_b')} | {fmt(e, 'task_c')} | "
+                         f"{fmt(e, 'average')} | {fmt(e, 'joint')} |")
         lines.append("")
     lines += ["![quality](quality.png)", ""]
     return "\n".join(lines)
@@ -837,7 +942,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--widths", type=int, nargs="+", default=PAIR_DEFAULTS["widths"], help="different-init ViT widths"
     )
     parser.add_argument("--same-init-widths", type=int, nargs="+", default=PAIR_DEFAULTS["same_init_widths"])
-    parser.add_argument("--splits", type=int, default=5, help="random 5+5 class splits (pairs) per width")
+    parser.add_argument("--splits", type=int, default=5,
+                        help="random 5+5 class splits (pairs) per width; 4+3+3 splits for three_parents")
     parser.add_argument("--epochs", type=int, default=PAIR_DEFAULTS["epochs"], help="ViT training epochs")
     parser.add_argument("--ft-epochs", type=int, default=PAIR_DEFAULTS["ft_epochs"],
                         help="same-init fine-tuning epochs")
@@ -934,9 +1040,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         jobs += [("different_init", w, i) for w in args.widths for i in range(len(splits))]
     if "same_init" in args.scenarios:
         jobs += [("same_init", w, i) for w in args.same_init_widths for i in range(len(splits))]
+    if "three_parents" in args.scenarios:
+        jobs += [("three_parents", w, i) for w in args.widths for i in range(args.splits)]
+    three_splits = three_way_splits(args.splits)
     start_all = time.perf_counter()
     for scenario, width, index in jobs:
         if (scenario, width, index) in done:
+            continue
+        if scenario == "three_parents":
+            log(f"three_parents: hidden {width}, split {index} {three_splits[index]}")
+            start = time.perf_counter()
+            rows = run_three_parents(args, width, index, three_splits[index])
+            record({"scenario": scenario, "width": width, "split": index,
+                    "classes": [list(c) for c in three_splits[index]],
+                    "seconds": round(time.perf_counter() - start, 1), "rows": rows})
+            log(f"  done in {time.perf_counter() - start:.0f} s: joint mudsc zip {rows['mudsc zip']['joint']:.3f}, "
+                f"zipit {rows['zipit']['joint']:.3f}, ensemble {rows['ensemble']['joint']:.3f}")
             continue
         log(f"{scenario}: hidden {width}, split {index} {splits[index]}")
         start = time.perf_counter()

@@ -65,14 +65,14 @@ def test_the_benchmark_scores_merges_of_the_public_api_and_writes_its_files(benc
     """A tiny vision run: `linear` through hf_mudsc.merge scores exactly what the pure weighted mean of the
     fine-tunes' backbones scores; a two-parent method is reported as skipped; auto's choice is recorded."""
     out = tmp_path / "out"
-    result = bench.main(["--quick", "--settings", "vision", "--methods", "linear", "mudsc",
+    result = bench.main(["--quick", "--settings", "vision", "--methods", "linear", "average",
                          "--threads", "1", "--out-dir", str(out), "--cache-dir", str(tmp_path / "cache")])
     vision = result["settings"]["vision"]
     [run] = vision["seeds"]
     rows = run["rows"]
     assert rows["individual"]["normalised"] == 1.0
-    assert rows["mudsc"] == {"skipped": "takes 2 parents"}
-    assert set(rows) == {"individual", "base", "linear", "mudsc", "auto"}
+    assert rows["average"] == {"skipped": "takes 2 parents"}
+    assert set(rows) == {"individual", "base", "linear", "average", "auto"}
     assert rows["auto"]["chose"] in {"linear", "ties", "task_arithmetic", "regmean"}
 
     # Known answer: rebuild the setting (cached) and score the pure function's merge directly.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -132,6 +132,7 @@ def collect_statistics_distributed(
     progress: bool = True,
     statistics_dtype: str | torch.dtype = DEFAULT_STATISTICS_DTYPE,
     device: torch.device | None = None,
+    others: Sequence[nn.Module] = (),
 ) -> list[CorrelationAccumulator]:
     """The statistics of the whole calibration stream, on every process (forwards on `device`).
 
@@ -143,15 +144,15 @@ def collect_statistics_distributed(
         batches, total = shard_batches(calibration, 0, 1, batch_size=batch_size, num_samples=num_samples,
                                        columns=columns, required=required)
         return collect_statistics(model_a, model_b, spec, batches, progress=progress, total=total,
-                                  statistics_dtype=statistics_dtype, device=device)
+                                  statistics_dtype=statistics_dtype, device=device, others=others)
 
     error: BaseException | None = None
-    accumulators = new_accumulators(spec, statistics_dtype)
+    accumulators = new_accumulators(spec, statistics_dtype, 2 + len(others))
     try:
         batches, total = shard_batches(calibration, rank, world_size, batch_size=batch_size,
                                        num_samples=num_samples, columns=columns, required=required)
         collect_statistics(model_a, model_b, spec, batches, progress=progress and rank == 0,
-                           accumulators=accumulators, total=total, allow_empty=True, device=device)
+                           accumulators=accumulators, total=total, allow_empty=True, device=device, others=others)
     except Exception as caught:  # shared with the other processes below, then re-raised here
         error = caught
     failed = all_reduce_sum(torch.tensor([1.0 if error is not None else 0.0], dtype=torch.float64))

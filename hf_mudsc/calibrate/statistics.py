@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,10 +44,11 @@ def statistics_dtype_of(name: str | torch.dtype) -> torch.dtype:
 
 
 def new_accumulators(spec: PermutationSpec, statistics_dtype: str | torch.dtype = DEFAULT_STATISTICS_DTYPE,
-                     ) -> list[CorrelationAccumulator]:
-    """One empty `[A; B]` accumulator per spec group."""
+                     num_models: int = 2) -> list[CorrelationAccumulator]:
+    """One empty `[A; B]` accumulator per spec group (`[parent 0; ...; parent N-1]` for N models: its sums are
+    `(N·n, N·n)`, so memory grows with N², docs/design.md §4.1)."""
     dtype = statistics_dtype_of(statistics_dtype)
-    return [CorrelationAccumulator(2 * group.width, dtype=dtype) for group in spec.groups]
+    return [CorrelationAccumulator(num_models * group.width, dtype=dtype) for group in spec.groups]
 
 
 
@@ -201,16 +202,19 @@ class _Recorder:
 
 
 class _BatchStatistics:
-    """Pairs B's features with the stored A features of the same hook and updates that group's accumulator.
+    """Joins the last parent's features with the stored features of the parents before it (same hook) and updates
+    that group's accumulator with `[x_0; x_1; ...]`.
 
-    `running` says whose forward is under way: hooks of the other parent stay silent, which matters when
-    A and B share modules (the same model object passed twice) — each forward is then seen by both recorders.
+    `running` says whose forward is under way: hooks of the other parents stay silent, which matters when
+    parents share modules (the same model object passed twice) — each forward is then seen by every recorder.
     """
 
-    def __init__(self, spec: PermutationSpec, accumulators: list[CorrelationAccumulator]) -> None:
+    def __init__(self, spec: PermutationSpec, accumulators: list[CorrelationAccumulator],
+                 num_models: int = 2) -> None:
         self.spec = spec
         self.accumulators = accumulators
-        self.features_a: dict[tuple[int, int], torch.Tensor] = {}
+        self.num_models = num_models
+        self.features_a: dict[tuple[int, int], list[torch.Tensor]] = {}
         self.batch: Mapping[str, Any] = {}
         self.updated: set[int] = set()
         self.running: int | None = None
@@ -222,18 +226,32 @@ class _BatchStatistics:
         self.batch = batch
         self.running = None
 
+    def sink(self, model: int) -> Callable[[int, int, torch.Tensor], None]:
+        """The hook sink of parent `model`: the last parent's joins and updates, the others' store."""
+        if model == self.num_models - 1:
+            return self.add_b
+        return lambda gi, hi, features: self.store(model, gi, hi, features)
+
+    def store(self, model: int, gi: int, hi: int, features: torch.Tensor) -> None:
+        if self.running != model:
+            return
+        stored = self.features_a.setdefault((gi, hi), [])
+        if len(stored) < model:  # an earlier parent's features of this hook are missing
+            return
+        del stored[model:]
+        stored.append(features)
+
     def store_a(self, gi: int, hi: int, features: torch.Tensor) -> None:
-        if self.running == 0:
-            self.features_a[(gi, hi)] = features
+        self.store(0, gi, hi, features)
 
     def add_b(self, gi: int, hi: int, features: torch.Tensor) -> None:
-        if self.running != 1:
+        if self.running != self.num_models - 1:
             return
         features_a = self.features_a.pop((gi, hi), None)
-        if features_a is None:
+        if features_a is None or len(features_a) != self.num_models - 1:
             return
         try:
-            joint = torch.cat([features_a, features], dim=-1)
+            joint = torch.cat([*features_a, features], dim=-1)
             del features_a
             self.accumulators[gi].update(_samples(joint, self.spec.groups[gi].hooks[hi], self.batch))
         except Exception as error:  # a statistics failure, not the model's: re-raised as is by the caller
@@ -286,8 +304,11 @@ def collect_statistics(
     allow_empty: bool = False,
     statistics_dtype: str | torch.dtype = DEFAULT_STATISTICS_DTYPE,
     device: str | torch.device | None = None,
+    others: Sequence[nn.Module] = (),
 ) -> list[CorrelationAccumulator]:
     """Run both parents over the batches and accumulate each group's `[A; B]` activation statistics.
+
+    `others`: parents after the first two; each group's statistics are then those of `[x_0; x_1; ...; x_{N-1}]`.
 
     With a `device`, the parents and each batch are moved there for the forwards (the parents are moved
     back afterwards: inputs are left as they were); the statistics' float64 sums stay on the CPU.
@@ -296,28 +317,29 @@ def collect_statistics(
     process of a distributed run hold no samples (its zero sums still join the all-reduce).
     `statistics_dtype` is the GEMM dtype of new accumulators (see `STATISTICS_DTYPES`).
     """
+    models = [model_a, model_b, *others]
     if accumulators is None:
-        accumulators = new_accumulators(spec, statistics_dtype)
-    statistics = _BatchStatistics(spec, accumulators)
-    recorders = [_Recorder(model_a, spec, statistics.store_a), _Recorder(model_b, spec, statistics.add_b)]
-    was_training = [model_a.training, model_b.training]
-    homes = [_single_device(model_a), _single_device(model_b)]
+        accumulators = new_accumulators(spec, statistics_dtype, len(models))
+    statistics = _BatchStatistics(spec, accumulators, len(models))
+    recorders = [_Recorder(model, spec, statistics.sink(i)) for i, model in enumerate(models)]
+    was_training = [model.training for model in models]
+    homes = [_single_device(model) for model in models]
     target = torch.device(device) if device is not None else None
-    model_a.eval()
-    model_b.eval()
+    for model in models:
+        model.eval()
     seen = 0
     bar = Progress(desc="calibration", unit="samples", total=total, enabled=progress, rate=True)
     try:
         with torch.no_grad():
             if target is not None:
-                for model, home in zip((model_a, model_b), homes):
+                for model, home in zip(models, homes):
                     if home is not None and home != target:
                         model.to(target)
             for batch in batches:
                 if target is not None:
                     batch = {k: v.to(target) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 statistics.start(batch)
-                for side, model in enumerate((model_a, model_b)):
+                for side, model in enumerate(models):
                     statistics.running = side
                     try:
                         model(**forward_inputs(model, batch))
@@ -339,9 +361,9 @@ def collect_statistics(
         statistics.start({})
         for recorder in recorders:
             recorder.remove()
-        model_a.train(was_training[0])
-        model_b.train(was_training[1])
-        for model, home in zip((model_a, model_b), homes):
+        for model, training in zip(models, was_training):
+            model.train(training)
+        for model, home in zip(models, homes):
             if home is not None and _single_device(model) != home:
                 model.to(home)
         _return_freed_memory()

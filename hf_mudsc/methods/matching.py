@@ -27,6 +27,12 @@ if TYPE_CHECKING:
 REFERENCE_NORMALIZER_EPS = 1e-5
 
 
+def _weighted(weights: list[float] | None) -> bool:
+    """Whether the weights change the merge: more than two parents, or unequal weights (two parents with equal
+    weights are the paper's merge, recorded as before: no weights row)."""
+    return weights is not None and (len(weights) > 2 or len(set(weights)) > 1)
+
+
 @dataclass(frozen=True)
 class UnitMatchingMethod(MergeMethod):
     """Match the units of every spec group, then fuse the parents through the matches.
@@ -43,6 +49,7 @@ class UnitMatchingMethod(MergeMethod):
     iterate: bool = True
     extra_starts: tuple[str, ...] = ()
     builds_concatenated_head: bool = True
+    num_parents: int | None = None  # N >= 2 parents share one merged space (docs/design.md §4.13)
 
     @property
     def matches_units(self) -> bool:
@@ -67,10 +74,27 @@ class UnitMatchingMethod(MergeMethod):
         zipping = matcher == "zip"
         return {"matcher": matcher, "alpha": self.recorded_alpha(options.alpha),
                 "zip_decay": options.zip_decay if zipping else None,
-                "zip_budget": options.zip_budget if zipping else None, "size": options.size}
+                "zip_budget": options.zip_budget if zipping else None, "size": options.size,
+                **({"weights": list(options.weights)} if _weighted(options.weights) else {})}
+
+    def check_options(self, options: MergeOptions, num_parents: int) -> None:
+        """`reference_compat` reproduces the two-parent, equal-weight reference: refused with more parents or
+        unequal weights; weights must be positive (each is a share of every merged unit)."""
+        from hf_mudsc.errors import MergeInputError, option_hint
+
+        if options.reference_compat and num_parents != 2:
+            raise MergeInputError(f"{option_hint('reference_compat')} reproduces the reference's two-parent merge, "
+                                  f"got {num_parents} parents; drop it to merge {num_parents} parents")
+        weights = options.weights
+        if weights is not None and any(not w > 0 for w in weights):
+            raise MergeInputError(f"{option_hint('weights')} of {self.name} must all be > 0 (each parent's share of "
+                                  f"every merged unit), got {list(weights)}")
+        if options.reference_compat and weights is not None and len(set(weights)) > 1:
+            raise MergeInputError(f"{option_hint('reference_compat')} reproduces the reference's equal-weight merge; "
+                                  f"drop {option_hint('weights')} (got {list(weights)})")
 
     def merge_parameters(self, context: MethodContext) -> MethodResult:
-        from hf_mudsc.apply.weights import apply_matches
+        from hf_mudsc.apply.weights import apply_matches, apply_matches_weighted
         from hf_mudsc.solve.loop import SolveOptions, Solver
 
         given = context.options
@@ -87,7 +111,9 @@ class UnitMatchingMethod(MergeMethod):
             device=context.device,
             extra_starts=() if given.reference_compat else self.extra_starts,
         )
-        solver = Solver(context.solve_spec, context.params_a, context.params_b, context.correlations, options)
+        parents = list(context.parents)
+        more = {"others": parents[2:]} if len(parents) > 2 else {}  # two parents: the two-parent call as before
+        solver = Solver(context.solve_spec, parents[0], parents[1], context.correlations, options, **more)
         result = solver.solve(progress=context.progress)
         matches = list(result.matches)
         if given.size != 1.0:  # the size budget (docs/design.md §4.12): MLP units left unfused
@@ -98,8 +124,13 @@ class UnitMatchingMethod(MergeMethod):
             matches = widen_matches(context.solve_spec, matches, plan,
                                     lambda index: solver.similarity_of(index, result.matches),
                                     num_models=len(context.parents), normalizer_eps=options.normalizer_eps)
-        parameters = apply_matches(context.spec, context.params_a, context.params_b, matches,
-                                   concatenate_classifier=context.concatenate_classifier)
+        weights = list(given.weights) if given.weights is not None else [1.0] * len(parents)
+        if len(parents) == 2 and not _weighted(weights):
+            parameters = apply_matches(context.spec, parents[0], parents[1], matches,
+                                       concatenate_classifier=context.concatenate_classifier)
+        else:
+            parameters = apply_matches_weighted(context.spec, parents, matches, weights,
+                                                concatenate_classifier=context.concatenate_classifier)
         return MethodResult(
             parameters=parameters,
             matches=matches,

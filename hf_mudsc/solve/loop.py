@@ -21,7 +21,14 @@ import torch
 
 from hf_mudsc.progress import Progress
 from hf_mudsc.solve.maps import GroupMaps
-from hf_mudsc.solve.matchers import Match, attention_head_scores, match, pair_attention_heads
+from hf_mudsc.solve.matchers import (
+    Match,
+    attention_head_scores,
+    attention_head_scores_n,
+    match,
+    pair_attention_heads,
+    pair_attention_heads_n,
+)
 from hf_mudsc.solve.similarity import WeightCorrelation, blend
 from hf_mudsc.spec import PermutationSpec
 
@@ -149,7 +156,10 @@ class Solver:
         params_b: Mapping[str, torch.Tensor],
         activation_correlations: Sequence[torch.Tensor] | None,
         options: SolveOptions,
+        others: Sequence[Mapping[str, torch.Tensor]] = (),
     ) -> None:
+        """`others`: the parents after the first two (N > 2 parents: every similarity is `(N·n, N·n)` over
+        `[parent 0 units; parent 1 units; ...]` and the matchers merge N·n units into n, docs/design.md §4.6)."""
         if options.use_activations and activation_correlations is None:
             raise ValueError("activation correlations are required for this method")
         if not 0.0 <= options.alpha <= 1.0:
@@ -166,11 +176,13 @@ class Solver:
         params_b = {name: tensor.detach() for name, tensor in params_b.items()}
         self.params_a = params_a
         self.params_b = params_b
+        others = [{name: tensor.detach() for name, tensor in params.items()} for params in others]
+        self.num_models = 2 + len(others)
         self.activations = activation_correlations
         self.options = options
         self.ties = {} if options.independent_heads else spec.head_ties()
         self.tie_of = {index: members for members in self.ties.values() for index in members}
-        self.weight_correlation = WeightCorrelation(spec, params_a, params_b, device=options.device)
+        self.weight_correlation = WeightCorrelation(spec, params_a, params_b, device=options.device, others=others)
         # A visit's result depends only on the matches of the groups sharing a tensor with the visited
         # group(s): while those are the same (the same objects, or equal unit assignments — another start that
         # reached the same neighbourhood), an earlier result is reused exactly. A few results per group are kept.
@@ -231,6 +243,7 @@ class Solver:
             budget=self.options.zip_budget,
             head_pairing=head_pairing,
             normalizer_eps=self.options.normalizer_eps,
+            num_models=self.num_models,
         )
 
     def visit(self, index: int, state: _State, *, activation_only: bool = False, weight_only: bool = False) -> None:
@@ -254,8 +267,13 @@ class Solver:
         else:
             # Every similarity is computed from the state before this visit, then all tied groups move together.
             similarities = {m: similarity(m, state) for m in members}
-            scores = sum(attention_head_scores(similarities[m], self.spec.groups[m].num_heads) for m in members)
-            pairing = pair_attention_heads(np.asarray(scores))
+            if self.num_models == 2:
+                scores = sum(attention_head_scores(similarities[m], self.spec.groups[m].num_heads) for m in members)
+                pairing = pair_attention_heads(np.asarray(scores))
+            else:
+                scores = sum(attention_head_scores_n(similarities[m], self.spec.groups[m].num_heads, self.num_models)
+                             for m in members)
+                pairing = pair_attention_heads_n(np.asarray(scores))
             for m in members:
                 state.set(m, self._match(m, similarities[m], head_pairing=pairing, matcher=matcher))
         if key is not None:
@@ -276,13 +294,16 @@ class Solver:
     def _identity_state(self) -> _State:
         """A_i <-> B_i in every group, heads unpermuted: a same-base pair's natural correspondence."""
         state = _State(len(self.spec.groups))
-        weight = 1.0 / (2.0 + self.options.normalizer_eps)
+        models = self.num_models
+        weight = 1.0 / (float(models) + self.options.normalizer_eps)
         for index, group in enumerate(self.spec.groups):
             n = group.width
             state.set(index, Match(
-                cluster_of=torch.arange(n).repeat(2), merge_weight=torch.full((2 * n,), weight, dtype=torch.float64),
+                cluster_of=torch.arange(n).repeat(models),
+                merge_weight=torch.full((models * n,), weight, dtype=torch.float64),
                 num_merged=n, value=0.0,
-                head_pairing=tuple(range(group.num_heads)) if group.num_heads > 1 else None,
+                head_pairing=tuple(range(group.num_heads)) * (models - 1) if group.num_heads > 1 else None,
+                num_models=models,
             ))
         return state
 
@@ -301,6 +322,8 @@ class Solver:
         permutation, and what zip reports had it picked those pairs (n cross-model fusions of single units, so
         no decay). The start then competes with the sweeps that follow it. Returns the objective L.
         """
+        if self.num_models != 2:
+            return self._score_models(state)
         for index, found in enumerate(state.matches):
             assert found is not None
             n = found.num_merged
@@ -310,6 +333,24 @@ class Solver:
             b_unit = torch.argsort(b_cluster)  # the B unit in each merged unit
             similarity = self.similarity(index, state)
             value = float(similarity[torch.arange(n), n + b_unit[a_cluster]].mean())
+            state.set(index, replace(found, value=value))
+        return float(np.mean(state.values))
+
+    def _score_models(self, state: _State) -> float:
+        """`_score` for N > 2 parents: each group's value is the mean over every pair of parents of the mean
+        similarity of their units in one merged unit (N-model align's value, `matchers._align_n`)."""
+        models = self.num_models
+        for index, found in enumerate(state.matches):
+            assert found is not None
+            n = found.num_merged
+            blocks = found.cluster_of.reshape(models, n)
+            if found.cluster_of.numel() != models * n or not all(_is_permutation(row) for row in blocks):
+                raise ValueError(f"group {self.spec.groups[index].name!r}: only a permutation start can be scored")
+            # unit[j][c]: parent j's unit (global row) in merged unit c
+            unit = [j * n + torch.argsort(blocks[j]) for j in range(models)]
+            similarity = self.similarity(index, state)
+            value = float(np.mean([float(similarity[unit[a], unit[b]].mean())
+                                   for a in range(models) for b in range(a + 1, models)]))
             state.set(index, replace(found, value=value))
         return float(np.mean(state.values))
 

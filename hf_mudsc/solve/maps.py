@@ -65,19 +65,23 @@ class AxisMap:
 
 @dataclass(frozen=True)
 class GroupMaps:
-    """Per model (0 = A, 1 = B): `2·merge_i` (out-role in apply) and `U_i` as AxisMaps."""
+    """Per model (0 = A, 1 = B, 2, ...): `N·merge_i` (out-role in apply; `2·merge_i` for two models) and `U_i` as
+    AxisMaps."""
 
-    merge2: tuple[AxisMap, AxisMap]
-    unmerge: tuple[AxisMap, AxisMap]
+    merge2: tuple[AxisMap, ...]
+    unmerge: tuple[AxisMap, ...]
 
     @classmethod
     def from_match(cls, found: Match) -> GroupMaps:
-        """From a `hf_mudsc.matching.Match` (its per-unit cluster index and merge weight), without dense matrices."""
+        """From a `hf_mudsc.matching.Match` (its per-unit cluster index and merge weight), without dense matrices.
+
+        The match says how many models its units come from (`Match.num_models`)."""
         clusters = found.cluster_of.cpu()
-        n = clusters.numel() // 2
-        ones = torch.ones(2 * n, dtype=torch.float64)
-        weights = 2 * found.merge_weight.cpu().to(torch.float64)
-        rows = [slice(i * n, (i + 1) * n) for i in range(2)]
+        models = found.num_models
+        n = clusters.numel() // models
+        ones = torch.ones(models * n, dtype=torch.float64)
+        weights = models * found.merge_weight.cpu().to(torch.float64)
+        rows = [slice(i * n, (i + 1) * n) for i in range(models)]
         return cls(
             merge2=tuple(AxisMap(clusters[r], weights[r], found.num_merged) for r in rows),  # type: ignore[arg-type]
             unmerge=tuple(AxisMap(clusters[r], ones[r], found.num_merged) for r in rows),  # type: ignore[arg-type]

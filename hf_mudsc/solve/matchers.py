@@ -26,7 +26,8 @@ from hf_mudsc.solve.matcher_names import MATCHERS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MATCHERS", "Match", "attention_head_scores", "match", "pair_attention_heads", "zip_reference"]
+__all__ = ["MATCHERS", "Match", "attention_head_scores", "attention_head_scores_n", "match", "pair_attention_heads",
+           "pair_attention_heads_n", "zip_reference"]
 
 
 _NEG_INF = -np.inf
@@ -50,7 +51,10 @@ class Match:
     value: float
     """Mean similarity of the picks (matched entries, or zip's picked maxima)."""
     head_pairing: tuple[int, ...] | None = None
-    """For num_heads > 1: the partner B head of each A head; None otherwise."""
+    """For num_heads > 1: the partner B head of each A head; None otherwise. N > 2 models: model 1's partner heads,
+    then model 2's, ..."""
+    num_models: int = 2
+    """How many models the units come from: `cluster_of` lists model 0's n units, then model 1's, ..."""
 
     # Stored as one index and one weight per original unit: the dense (2n, n) matrices of a ViT-B MLP group
     # are 150 MB each, and a solve keeps several matches of every group alive.
@@ -71,7 +75,8 @@ class Match:
 
     def same_as(self, other: Match) -> bool:
         """Equal unit assignment and merge weights (the value may differ)."""
-        return (self.num_merged == other.num_merged and torch.equal(self.cluster_of, other.cluster_of)
+        return (self.num_merged == other.num_merged and self.num_models == other.num_models
+                and torch.equal(self.cluster_of, other.cluster_of)
                 and torch.equal(self.merge_weight, other.merge_weight))
 
     def clusters(self) -> list[tuple[int, ...]]:
@@ -120,7 +125,7 @@ def _symmetrize(arr: np.ndarray) -> np.ndarray:
     return out
 
 
-def _prepare(similarity: torch.Tensor | np.ndarray) -> np.ndarray:
+def _prepare(similarity: torch.Tensor | np.ndarray, num_models: int = 2) -> np.ndarray:
     """Validate a (2n, 2n) similarity and return it as an exactly symmetric array, read-only.
 
     The array keeps the input's float dtype (possibly sharing its memory): every consumer converts just
@@ -142,8 +147,11 @@ def _prepare(similarity: torch.Tensor | np.ndarray) -> np.ndarray:
     size = similarity.shape[0]
     if size == 0:
         raise ValueError("similarity is empty: a group needs at least one unit per model")
-    if size % 2:
+    if num_models == 2 and size % 2:
         raise ValueError(f"similarity must have an even size 2n (rows [A units; B units]), got {size}x{size}")
+    if size % num_models:
+        raise ValueError(f"similarity of {num_models} models must have a size N·n (rows [model 0 units; model 1 "
+                         f"units; ...]), got {size}x{size}")
     tensor = similarity.detach().cpu()
     eps = torch.finfo(tensor.dtype).eps if tensor.is_floating_point() else 0.0
     if tensor.dtype not in (torch.float16, torch.float32, torch.float64):  # bfloat16 has no numpy twin
@@ -225,6 +233,7 @@ def _build(
     head_pairing: tuple[int, ...] | None,
     normalizer_eps: float,
     device: torch.device,
+    num_models: int = 2,
 ) -> Match:
     sizes = np.array([len(members) for members in clusters], dtype=np.float64)
     rows = np.fromiter((i for members in clusters for i in members), dtype=np.int64, count=size)
@@ -239,6 +248,7 @@ def _build(
         num_merged=len(clusters),
         value=float(value),
         head_pairing=head_pairing,
+        num_models=num_models,
     )
 
 
@@ -347,6 +357,7 @@ def _zip_core(
     model_budget: list[int],
     model_masked: list[bool],
     head_budget: list[int] | None = None,
+    unit_models: np.ndarray | None = None,
 ) -> tuple[list[list[int]], list[float]]:
     """ZipIt's greedy on ``s`` (modified in place, diagonal already -inf) down to ``target`` clusters.
 
@@ -360,6 +371,9 @@ def _zip_core(
     ``labels[i]`` is the model (0 = A, 1 = B) of cluster i's lowest member; ``model_budget`` and
     ``model_masked`` are shared with later calls (group zip); ``head_budget`` is the per-head budget
     of the two heads in play (labels coincide with heads inside one head pair).
+    ``unit_models`` (N > 2 models; docs/design.md §4.13): each local unit's model; the decay is then
+    applied only to a fused cluster that is complete (one unit per model or more) or holds two units of one model,
+    so a cluster still missing some models' units is not penalised for taking one. None: always (two models).
     Returns the surviving clusters (lists of local indices, by lowest index) and the picked values.
     """
     size = s.shape[0]
@@ -367,7 +381,7 @@ def _zip_core(
     members: list[list[int]] = [[i] for i in range(size)]
     rowarg = s.argmax(axis=1)
     rowmax = s[np.arange(size), rowarg]
-    for label in (0, 1):
+    for label in range(len(model_masked)):
         if model_masked[label]:
             _mask_label(s, labels, alive, label, rowmax, rowarg)
     picks: list[float] = []
@@ -379,7 +393,8 @@ def _zip_core(
         picks.append(float(rowmax[lo]))
 
         new = np.minimum(s[lo], s[hi])
-        new *= decay
+        if unit_models is None or _complete(members[lo] + members[hi], unit_models, len(model_masked)):
+            new *= decay
         new[lo] = _NEG_INF
         s[lo] = new
         s[:, lo] = new
@@ -411,6 +426,12 @@ def _zip_core(
             if exhausted:
                 _mask_label(s, labels, alive, label, rowmax, rowarg)
     return [members[i] for i in np.flatnonzero(alive)], picks
+
+
+def _complete(cluster: Sequence[int], unit_models: np.ndarray, num_models: int) -> bool:
+    """A cluster with at least one unit per model, or with two units of one model (N-model zip's decay rule)."""
+    models = unit_models[np.asarray(cluster)]
+    return len(cluster) >= num_models or np.unique(models).size < len(cluster)
 
 
 def _zip(c: np.ndarray, n: int, decay: float, budget: float) -> tuple[list[list[int]], float]:
@@ -451,6 +472,132 @@ def _group_zip(
 
 
 # ---------------------------------------------------------------------------------------------------
+# N > 2 models (docs/design.md §4.13): rows/columns [model 0 units; model 1 units; ...]
+# ---------------------------------------------------------------------------------------------------
+#: Passes of the sum-of-pairwise refinement of N-model align (each pass re-matches every model but model 0).
+ALIGN_N_PASSES = 20
+
+
+def _model_budget_n(n: int, num_models: int, budget: float) -> int:
+    """ZipIt's N-model budget: `((N-1)·n // N) · b` same-model fusions per model; `(n // 2) · b` for two."""
+    return int(((num_models - 1) * n // num_models) * budget + 1e-4)
+
+
+def _pairwise_value(c: np.ndarray, chosen: Sequence[np.ndarray]) -> float:
+    """Mean over every pair of models (l < j) of the mean similarity of their units in the same merged unit."""
+    values = [float(c[chosen[l_model], chosen[j]].mean())
+              for l_model in range(len(chosen)) for j in range(l_model + 1, len(chosen))]
+    return float(np.mean(values))
+
+
+def _align_n(c: np.ndarray, units: Sequence[np.ndarray]) -> tuple[list[np.ndarray], float]:
+    """One permutation per model onto model 0's order: `chosen[j][i]` = model j's unit in merged unit i.
+
+    Start: every model matched to model 0 (Hungarian on the (0, j) block). Then coordinate ascent on the
+    sum-of-pairwise objective: model j (j >= 1) is re-matched, by one Hungarian, against the sum of its
+    similarities to the other models' units of each merged unit; a pass never lowers the objective. Stops when a
+    pass changes nothing (at most `ALIGN_N_PASSES`). Value: `_pairwise_value`.
+    """
+    chosen = [np.asarray(units[0])]
+    for j in range(1, len(units)):
+        cols, _ = _hungarian(c[np.ix_(units[0], units[j])])
+        chosen.append(np.asarray(units[j])[cols])
+    for _ in range(ALIGN_N_PASSES):
+        changed = False
+        for j in range(1, len(units)):
+            cost = sum(c[np.ix_(chosen[l_model], units[j])] for l_model in range(len(units)) if l_model != j)
+            cols, _ = _hungarian(cost)
+            picked = np.asarray(units[j])[cols]
+            if not np.array_equal(picked, chosen[j]):
+                changed, chosen[j] = True, picked
+        if not changed:
+            break
+    return chosen, _pairwise_value(c, chosen)
+
+
+def _head_units(n: int, g: int, model: int, head: int) -> np.ndarray:
+    return model * n + head * g + np.arange(g)
+
+
+def _head_scores_n(c: np.ndarray, n: int, num_heads: int, num_models: int) -> np.ndarray:
+    """(N-1, k, k): score[j-1, a, b] = mean Hungarian-matched similarity of model 0's head a and model j's head b."""
+    g = n // num_heads
+    scores = np.empty((num_models - 1, num_heads, num_heads), dtype=np.float64)
+    for j in range(1, num_models):
+        for a in range(num_heads):
+            for b in range(num_heads):
+                block = c[np.ix_(_head_units(n, g, 0, a), _head_units(n, g, j, b))]
+                scores[j - 1, a, b] = _hungarian(block)[1]
+    return scores
+
+
+def attention_head_scores_n(similarity: torch.Tensor, num_heads: int, num_models: int) -> np.ndarray:
+    """`attention_head_scores` for N models: one (k, k) score matrix of model 0's heads against model j's."""
+    c = _prepare(similarity, num_models)
+    n = c.shape[0] // num_models
+    return _head_scores_n(c, n, _check_num_heads(num_heads, n), num_models)
+
+
+def pair_attention_heads_n(scores: np.ndarray) -> tuple[int, ...]:
+    """Each model j >= 1's partner head of every model-0 head (one Hungarian per model), flattened in model order:
+    entries `(j-1)·k .. j·k - 1` are model j's."""
+    return tuple(h for per_model in np.asarray(scores) for h in pair_attention_heads(per_model))
+
+
+def _split_pairing(pairing: tuple[int, ...], num_heads: int, num_models: int) -> list[tuple[int, ...]]:
+    return [pairing[(j - 1) * num_heads : j * num_heads] for j in range(1, num_models)]
+
+
+def _check_pairing_n(head_pairing: Sequence[int], num_heads: int, num_models: int) -> tuple[int, ...]:
+    flat = tuple(head_pairing) if not isinstance(head_pairing, (str, bytes)) else head_pairing
+    if len(flat) != (num_models - 1) * num_heads:
+        raise ValueError(f"head_pairing of {num_models} models must hold {num_models - 1} x {num_heads} partner "
+                         f"heads (model 1's, then model 2's, ...), got {head_pairing!r}")
+    return tuple(h for chunk in _split_pairing(flat, num_heads, num_models)
+                 for h in _check_pairing(chunk, num_heads))
+
+
+def _head_sets(n: int, num_heads: int, num_models: int, pairing: tuple[int, ...]) -> list[list[np.ndarray]]:
+    """For each merged head h: the units of model 0's head h and of each model's partner head."""
+    g = n // num_heads
+    per_model = _split_pairing(pairing, num_heads, num_models)
+    return [[_head_units(n, g, 0, h)] + [_head_units(n, g, j, per_model[j - 1][h]) for j in range(1, num_models)]
+            for h in range(num_heads)]
+
+
+def _match_n(c: np.ndarray, n: int, num_models: int, matcher: str, num_heads: int, decay: float, budget: float,
+             pairing: tuple[int, ...] | None) -> tuple[list[list[int]], float, tuple[int, ...] | None]:
+    """Align or zip of N > 2 models; merged unit i of head h is column h·g + i (as for two models)."""
+    if num_heads == 1:
+        heads = [[np.arange(n) + j * n for j in range(num_models)]]
+        pairing = None
+    else:
+        if pairing is None:
+            pairing = pair_attention_heads_n(_head_scores_n(c, n, num_heads, num_models))
+        heads = _head_sets(n, num_heads, num_models, pairing)
+    g = n // num_heads
+    clusters: list[list[int]] = []
+    values: list[float] = []
+    model_budget = [_model_budget_n(n, num_models, budget)] * num_models
+    model_masked = [False] * num_models
+    for units in heads:
+        if matcher == "align":
+            chosen, value = _align_n(c, units)
+            clusters.extend([int(chosen[j][i]) for j in range(num_models)] for i in range(g))
+            values.append(value)
+            continue
+        idx = np.concatenate(units)
+        s = c[np.ix_(idx, idx)].astype(np.float64)
+        np.fill_diagonal(s, _NEG_INF)
+        labels = np.repeat(np.arange(num_models), g)
+        head_budget = [(num_models - 1) * g // num_models] * num_models if num_heads > 1 else None
+        local, picks = _zip_core(s, labels, g, decay, model_budget, model_masked, head_budget, unit_models=labels)
+        clusters.extend([int(idx[i]) for i in members] for members in local)
+        values.extend(picks)
+    return clusters, float(np.mean(values)), pairing
+
+
+# ---------------------------------------------------------------------------------------------------
 # Public entry points
 # ---------------------------------------------------------------------------------------------------
 def match(
@@ -462,8 +609,13 @@ def match(
     budget: float = 1.0,
     head_pairing: Sequence[int] | None = None,
     normalizer_eps: float = 0.0,
+    num_models: int = 2,
 ) -> Match:
     """Match the 2n units of one group into n merged units (docs/design.md §4.6).
+
+    ``num_models = N > 2``: the similarity is over ``[model 0 units; ...; model N-1 units]`` and the N·n units
+    are matched into n merged units (docs/design.md §4.13); ``head_pairing`` then holds model 1's
+    partner heads, then model 2's, ... (`pair_attention_heads_n`).
 
     ``matcher`` is ``"align"`` (Hungarian, a permutation) or ``"zip"`` (ZipIt's greedy, which may also
     fuse units of the same model); ``num_heads > 1`` selects their group variants, which only match units
@@ -472,6 +624,11 @@ def match(
     """
     if matcher not in MATCHERS:
         raise ValueError(f"unknown matcher {matcher!r}; valid matchers: {', '.join(MATCHERS)}")
+    if isinstance(num_models, bool) or not isinstance(num_models, (int, np.integer)) or num_models < 2:
+        raise ValueError(f"num_models must be an int >= 2, got {num_models!r}")
+    if num_models != 2:
+        return _match_models(similarity, int(num_models), matcher, num_heads, decay, budget, head_pairing,
+                             normalizer_eps)
     c = _prepare(similarity)
     device = similarity.device if isinstance(similarity, torch.Tensor) else torch.device("cpu")
     n = c.shape[0] // 2
@@ -498,6 +655,22 @@ def match(
         "matched 2x%d units (%s, %d heads) in %.3fs, value %.6f", n, matcher, num_heads, elapsed, value
     )
     return _build(clusters, 2 * n, value, pairing, normalizer_eps, device)
+
+
+def _match_models(similarity: torch.Tensor, num_models: int, matcher: str, num_heads: int, decay: float,
+                  budget: float, head_pairing: Sequence[int] | None, normalizer_eps: float) -> Match:
+    c = _prepare(similarity, num_models)
+    device = similarity.device if isinstance(similarity, torch.Tensor) else torch.device("cpu")
+    n = c.shape[0] // num_models
+    num_heads = _check_num_heads(num_heads, n)
+    pairing = None if head_pairing is None or num_heads == 1 else _check_pairing_n(head_pairing, num_heads,
+                                                                                   num_models)
+    decay, budget = _check_zip_params(decay, budget)
+    normalizer_eps = float(normalizer_eps)
+    if not (np.isfinite(normalizer_eps) and normalizer_eps >= 0.0):
+        raise ValueError(f"normalizer_eps must be a finite number >= 0, got {normalizer_eps}")
+    clusters, value, pairing = _match_n(c, n, num_models, matcher, num_heads, decay, budget, pairing)
+    return _build(clusters, num_models * n, value, pairing, normalizer_eps, device, num_models)
 
 
 def zip_reference(

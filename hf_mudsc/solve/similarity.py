@@ -84,17 +84,21 @@ class _Moments:
     row blocks); the `BA` block is the transpose of `AB` and is filled in by `correlation`.
     """
 
-    def __init__(self, width: int, device: torch.device | str | None = None) -> None:
+    def __init__(self, width: int, device: torch.device | str | None = None, models: int = 2) -> None:
         self.width = width
-        self.gram = torch.empty(2 * width, 2 * width, dtype=torch.float64, device=device)
-        self.sums = torch.zeros(2 * width, dtype=torch.float64, device=device)
+        self.models = models
+        # The first `split` rows are multiplied against all columns, the rest only against themselves (n for two
+        # models: the blocks [AA AB] and BB; the same 3/4 of the product for N models).
+        self.split = models * width // 2
+        self.gram = torch.empty(models * width, models * width, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(models * width, dtype=torch.float64, device=device)
         self.columns = 0
         self._fresh = True  # gram holds garbage until the first product (saves zeroing 2n × 2n)
 
     def add_stacked(self, z: torch.Tensor) -> None:
         """Add the columns of a `(2n, D)` float64 block `[Z_A; Z_B]` (moved to the sums' device)."""
         z = z.to(self.gram.device)
-        n = self.width
+        n = self.split
         beta = 0.0 if self._fresh else 1.0
         top, bottom = self.gram[:n], self.gram[n:, n:]
         top.addmm_(z[:n], z.T, beta=beta)
@@ -118,7 +122,7 @@ class _Moments:
         self.columns += other.columns
 
     def plus(self, other: _Moments) -> _Moments:
-        total = _Moments(self.width, self.gram.device)
+        total = _Moments(self.width, self.gram.device, self.models)
         total.add_moments(self)
         total.add_moments(other)
         return total
@@ -130,16 +134,16 @@ class _Moments:
         Both ways compute every entry with the same operations, so the results are bitwise equal; the solve
         consumes (a visit of a MiniLM MLP group otherwise makes three 75 MB temporaries, which also fragment
         the heap between the solve's starts)."""
-        n = self.width
+        n, size = self.split, self.models * self.width
         mean = self.sums / self.columns
         cov = self.gram.div_(self.columns) if consume else self.gram / self.columns
         if consume:
             self.gram, self._fresh = torch.empty(0, dtype=torch.float64), True
         cov[n:, :n] = cov[:n, n:].T
-        for start in range(0, 2 * n, _CORRELATION_ROWS):
+        for start in range(0, size, _CORRELATION_ROWS):
             cov[start:start + _CORRELATION_ROWS] -= torch.outer(mean[start:start + _CORRELATION_ROWS], mean)
         std = cov.diagonal().clamp_min(0).sqrt()
-        for start in range(0, 2 * n, _CORRELATION_ROWS):
+        for start in range(0, size, _CORRELATION_ROWS):
             rows = cov[start:start + _CORRELATION_ROWS]
             rows.div_(torch.outer(std[start:start + _CORRELATION_ROWS], std).clamp_min_(CLAMP))
         return cov
@@ -165,9 +169,11 @@ class WeightCorrelation:
         params_b: Mapping[str, torch.Tensor],
         cache_constant: bool = True,
         device: torch.device | str | None = None,
+        others: Sequence[Mapping[str, torch.Tensor]] = (),
     ) -> None:
+        """`others`: parents after the first two (N > 2: `Z = [Z_0; Z_1; ...]`, an `(N·n, N·n)` correlation)."""
         self.spec = spec
-        self.params = (params_a, params_b)
+        self.params = (params_a, params_b, *others)
         self.cache_constant = cache_constant
         # Where the Gram products run (e.g. a GPU); `Z` is gathered on the CPU and the result returned there.
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -178,7 +184,7 @@ class WeightCorrelation:
 
     def _blocks(self, group_index: int, member: Member, maps: Sequence[GroupMaps | None]) -> list[torch.Tensor]:
         return [_member_block(self.spec, group_index, member, self.params[i], i, maps, as_float64=False)
-                for i in range(2)]
+                for i in range(len(self.params))]
 
     def _accumulate(
         self, moments: _Moments, group_index: int, members: Sequence[Member], maps: Sequence[GroupMaps | None],
@@ -193,12 +199,12 @@ class WeightCorrelation:
             nonlocal pending, columns
             if not pending:
                 return
-            z = torch.empty(2 * n, columns, dtype=torch.float64)
+            z = torch.empty(len(self.params) * n, columns, dtype=torch.float64)
             start = 0
-            for za, zb in pending:
-                stop = start + za.shape[1]
-                z[:n, start:stop].copy_(za)
-                z[n:, start:stop].copy_(zb)
+            for blocks in pending:
+                stop = start + blocks[0].shape[1]
+                for model, block in enumerate(blocks):
+                    z[model * n:(model + 1) * n, start:stop].copy_(block)
                 start = stop
             moments.add_stacked(z)
             pending, columns = [], 0
@@ -207,10 +213,10 @@ class WeightCorrelation:
             blocks = self._blocks(group_index, member, maps)
             pending.append(blocks)
             columns += blocks[0].shape[1]
-            if 2 * n * columns >= _CHUNK_ELEMENTS:
+            if len(self.params) * n * columns >= _CHUNK_ELEMENTS:
                 flush()
         if extra is not None:
-            pending.append([extra[:n], extra[n:]])
+            pending.append([extra[i * n:(i + 1) * n] for i in range(len(self.params))])
             columns += extra.shape[1]
         flush()
 
@@ -221,7 +227,7 @@ class WeightCorrelation:
             width = self.spec.groups[group_index].width
             blocks = [self._blocks(group_index, m, maps) for m in constant]
             if sum(b[0].shape[1] for b in blocks) >= 2 * width:
-                fixed = _Moments(width, self.device)
+                fixed = _Moments(width, self.device, len(self.params))
                 self._accumulate(fixed, group_index, constant, maps)
                 self._constant[group_index] = (fixed, None)
             else:
@@ -235,7 +241,7 @@ class WeightCorrelation:
         constant = [m for m in members if self._is_constant(group_index, m)] if self.cache_constant else []
         varying = [m for m in members if m not in constant]
         fixed, columns = self._constant_part(group_index, constant, maps) if constant else (None, None)
-        moments = _Moments(group.width, self.device)
+        moments = _Moments(group.width, self.device, len(self.params))
         self._accumulate(moments, group_index, varying, maps, extra=columns)
         if fixed is not None:
             moments.add_moments(fixed)
