@@ -331,3 +331,15 @@ def test_cli_merges_three_parents_by_zipit_with_weights_and_the_card_and_recipe_
     assert recipe["models"] == folders and recipe["weights"] == [2.0, 1.0, 1.0] and recipe["method"] == "zipit"
     card = (out / "README.md").read_text()
     assert "| C | `parent-2` (local folder) |" in card and "| Weights | 2.0 1.0 1.0 |" in card
+
+
+@pytest.mark.parametrize("matcher", ["zip", "align"])
+def test_three_permuted_copies_with_a_size_budget_come_back_with_a_wider_mlp(triples, matcher):
+    # The size budget (§4.12) on the N-parent apply (§4.13): kept MLP units are exact copies of one parent's unit,
+    # so the function is the model's while the MLP is wider and the parameter count stays within the budget.
+    (model, *copies), batches = triples("vit_cls")
+    merged = hf_mudsc.merge([model, *copies], batches, method="mudsc", matcher=matcher, size=1.5, progress=False)
+    assert merged.config.intermediate_size > model.config.intermediate_size
+    assert merged.num_parameters() <= 1.5 * model.num_parameters()
+    for batch in batches[:2]:
+        assert relative_error(model_output(merged, batch), model_output(model, batch)) < 1e-5

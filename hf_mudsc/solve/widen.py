@@ -176,7 +176,7 @@ def unfuse(found: Match, similarity: torch.Tensor, extra: int, *, num_models: in
         if column in touched:
             weights[unit] = 1.0 / (sizes[column] + normalizer_eps)
     return Match(cluster_of=cluster_of.to(found.cluster_of.device), merge_weight=weights.to(found.merge_weight.device),
-                 num_merged=len(sizes), value=found.value, head_pairing=None)
+                 num_merged=len(sizes), value=found.value, head_pairing=None, num_models=found.num_models)
 
 
 def widen_matches(spec: PermutationSpec, matches: Sequence[Match | None], plan: SizePlan,
