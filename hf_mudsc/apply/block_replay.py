@@ -72,7 +72,7 @@ def _storable(value: Any) -> bool:
 
 def _outer_list(modules: Mapping[str, nn.Module], layer: str) -> str | None:
     parts = layer.split(".")
-    for cut in range(1, len(parts) - 1):
+    for cut in range(1, len(parts)):
         if isinstance(modules.get(".".join(parts[:cut])), nn.ModuleList):
             return ".".join(parts[:cut])
     return None
@@ -161,9 +161,14 @@ def _replaced(modules: Mapping[str, nn.Module], returns: Mapping[str, Callable[[
 class Storage:
     """Where stored outputs live: RAM up to a shared byte budget, then files in one temporary directory."""
 
-    def __init__(self, ram_bytes: int) -> None:
+    def __init__(self, ram_bytes: int | None = None) -> None:
+        ram_bytes = RAM_BYTES if ram_bytes is None else ram_bytes
+        self.ram_bytes = ram_bytes
         self.ram_left = ram_bytes
+        self.ram_peak = 0
+        """Most bytes held in RAM at once."""
         self.files = 0
+        """Files written (outputs beyond the RAM budget)."""
         self._directory: tempfile.TemporaryDirectory | None = None
 
     def path(self) -> Path:
@@ -192,6 +197,7 @@ class BatchStore:
         size = sum(t.numel() * t.element_size() for t in _tensors(value))
         if size <= self.storage.ram_left:
             self.storage.ram_left -= size
+            self.storage.ram_peak = max(self.storage.ram_peak, self.storage.ram_bytes - self.storage.ram_left)
             self.ram += size
             self.items[number] = value
         else:

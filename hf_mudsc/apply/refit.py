@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_mudsc.apply.block_replay import RAM_BYTES, BlockReplay, Storage, find_chains
+from hf_mudsc.apply.block_replay import BlockReplay, Storage, find_chains
 from hf_mudsc.calibrate.correlation import CLAMP
 from hf_mudsc.calibrate.layer_inputs import (
     StopForward,
@@ -80,6 +80,12 @@ class RefitReport:
     examples: int = 0
     """Calibration examples (images, texts) read per pass."""
     seconds: float = 0.0
+    chains: list[tuple[str, ...]] = field(default_factory=list)
+    """Block chains replayed from stored outputs (`hf_mudsc.apply.block_replay`); empty: every pass ran the model."""
+    stored_bytes: int = 0
+    """Most bytes of stored block outputs held in RAM at once (bounded by the refit's samples)."""
+    stored_files: int = 0
+    """Stored block outputs written to a temporary directory (beyond `block_replay.RAM_BYTES`; removed after)."""
 
 
 class RidgeAccumulator:
@@ -277,7 +283,7 @@ def refit_model(
             report.steps = forward_steps(merged, layers, first)
             chains = find_chains(merged, [name for step in report.steps for name in step], first)
             del first
-            storage = Storage(RAM_BYTES)
+            storage = Storage()
             replays = [BlockReplay(model, chains, storage) for model in (merged, *parents)]
             bar = Progress(total=len(report.steps), desc="refit", unit="steps", enabled=progress)
             tokens = 0  # samples (tokens) per pass, known after the first step: sizes the target cache
@@ -336,6 +342,8 @@ def refit_model(
                 for replay in replays:
                     replay.close()
                 storage.close()
+                report.chains = [chain.blocks for chain in chains]
+                report.stored_bytes, report.stored_files = storage.ram_peak, storage.files
             bar.close()
     finally:
         for model, home, training in zip((merged, *parents), homes, was_training):
