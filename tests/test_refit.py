@@ -430,7 +430,7 @@ def test_refit_option_reaches_config_recipe_cli_and_card(tmp_path):
     assert (loaded.refit, loaded.refit_lambda) == ("ridge", 0.01)
     card = str(render_card(merged, loaded))
     assert "| Refit / ridge λ (relative) / examples | ridge / 0.01 / 128 examples |" in card
-    plain = hf_mudsc.merge([model_a, model_b], batches, progress=False)
+    plain = hf_mudsc.merge([model_a, model_b], batches, refit="none", progress=False)
     assert (plain.config.mudsc["refit"], plain.config.mudsc["refit_lambda"]) == ("none", None)
     assert plain.merge_report.refit is None
     plain_card = str(render_card(plain, Recipe(models=["a", "b"])))
@@ -488,11 +488,60 @@ def test_average_with_refit_uses_the_calibration_data():
     assert relative_error(model_output(refitted, batches[0]), model_output(plain, batches[0])) > 1e-2
 
 
+# ----------------------------------------------------------------------------------- the default: auto
+
+
+def test_default_refit_is_ridge_for_unit_matching_merges_with_calibration_data(tmp_path):
+    model_a, model_b = make_model("vit_cls", seed=1), make_model("vit_cls", seed=2)
+    batches = make_batches("vit_cls", num_batches=2)
+    default = hf_mudsc.merge([model_a, model_b], batches, method="mudsc", progress=False)
+    ridge = hf_mudsc.merge([model_a, model_b], batches, method="mudsc", refit="ridge", progress=False)
+    assert default.config.mudsc["refit"] == "ridge" and default.merge_report.recipe["refit"] == "ridge"
+    assert default.config.mudsc["refit_samples"] == 128 and len(default.merge_report.refit.layers) == 13
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), ridge.state_dict().values()))
+    card = str(render_card(default, Recipe(models=["a", "b"], calibration="c")))
+    assert "| Refit / ridge λ (relative) / examples | ridge / 0.001 / 128 examples |" in card
+    for method in ("zipit", "activation_align", "weight_matching"):  # every unit-matching method
+        assert hf_mudsc.merge([model_a, model_b], batches, method=method, progress=False
+                              ).config.mudsc["refit"] == "ridge", method
+
+
+@pytest.mark.parametrize(("options", "data"), [
+    ({"method": "average"}, True),  # no unit matching: nothing the refit would repair by default
+    ({"method": "linear"}, True),
+    ({"method": "weight_matching"}, False),  # unit matching without calibration data
+    ({"method": "mudsc", "reference_compat": True}, True),  # the reference's merge, bit for bit
+    ({"method": "mudsc"}, "iterator"),  # a one-shot stream cannot be read once per layer step
+])
+def test_default_refit_is_none_where_it_does_not_apply(options, data):
+    model_a, model_b = make_model("vit_cls", seed=1), make_model("vit_cls", seed=2)
+    batches = make_batches("vit_cls", num_batches=2)
+    calibration = {True: batches, False: None, "iterator": iter(batches)}[data]
+    merged = hf_mudsc.merge([model_a, model_b], calibration, progress=False, **options)
+    assert merged.config.mudsc["refit"] == "none" and merged.merge_report.refit is None
+    assert merged.merge_report.recipe["refit"] == "none"  # the recipe re-runs the same merge
+
+
+def test_default_refit_leaves_same_base_fine_tunes_to_the_method_auto_picks():
+    """Fine-tunes of one base: method="auto" picks a tensor-wise method, which the refit does not touch."""
+    tuned = []
+    for seed in (2, 3):
+        model = make_model("vit_cls", seed=1)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(0.01 * param.std().nan_to_num() * torch.randn(param.shape, generator=generator))
+        tuned.append(model)
+    merged = hf_mudsc.merge(tuned, make_batches("vit_cls", num_batches=2), progress=False)
+    assert not hf_mudsc.get_method(merged.merge_report.method).matches_units
+    assert merged.config.mudsc["refit"] == "none" and merged.merge_report.refit is None
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"refit": "bogus"}, "unknown refit 'bogus'; choose one of: none, ridge (CLI: --refit)"),
+    ({"refit": "bogus"}, "unknown refit 'bogus'; choose one of: auto, none, ridge (CLI: --refit)"),
     ({"refit": "ridge", "refit_lambda": 0}, "refit_lambda must be a finite number > 0 (CLI: --refit-lambda)"),
     ({"refit": "ridge", "refit_lambda": float("nan")}, "refit_lambda must be a finite number > 0"),
     ({"refit": "ridge", "reference_compat": True},
@@ -545,7 +594,7 @@ def test_cli_refuses_contradicting_refit_options(extra, message):
 def test_recipe_with_a_bad_refit_is_refused(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("models: [a, b]\ncalibration: c\nrefit: bogus\n")
-    with pytest.raises(RecipeError, match=r"unknown refit 'bogus'; choose one of: none, ridge \(CLI: --refit\)"):
+    with pytest.raises(RecipeError, match=r"unknown refit 'bogus'; choose one of: auto, none, ridge \(CLI: --refit\)"):
         Recipe.load(path).validate()
 
 

@@ -159,7 +159,7 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
     # `auto` opens the calibration it is given: the method it chooses may read it.
     reads_data = recipe.calibration is not None if chosen is None else (
         chosen.needs_calibration or chosen.needs_data)
-    if reads_data or recipe.refit != "none":
+    if reads_data or recipe.refit == "ridge" or (recipe.refit == "auto" and recipe.calibration is not None):
         # A Hub dataset is pinned to its commit (recorded in the recipe) and loaded at that commit; opened (not
         # read) first: a spec that does not exist fails before any weights are downloaded.
         calibration_spec = pin_calibration_revision(recipe.calibration, token=token)
