@@ -10,8 +10,12 @@ different-init digit ViTs: joint accuracy 33.6 -> 76.8 (ensemble 74.3), docs/res
 
 Architecture-free: layers are found from the spec (a `nn.Linear` whose weight is a member of some group, or the
 spec's classifier), ordered and grouped into steps by the order their forward hooks fire on one batch (layers fed
-the same tensor form one step and share one pass), and the padding mask is the one the spec's hooks declare.
-Memory is flat in the number of samples: per layer a `(d+1)²` Gram and a `(d+1)×m` cross-Gram in float64.
+the same tensor form one step, share one pass and one Gram), and the padding mask is the one the spec's hooks
+declare. Each pass starts after the blocks already final, replayed from their stored outputs
+(`hf_mudsc.apply.block_replay`): the cost is linear in depth. Memory is flat in the number of calibration
+samples: per layer a `(d+1)²` Gram and a `(d+1)×m` cross-Gram in float64, and per model one block output per
+refit batch (bounded by `refit_samples`; beyond `block_replay.RAM_BYTES` in a temporary directory).
+`refit="auto"` (the default) runs it after unit-matching methods (`hf_mudsc.options.resolve_refit`).
 """
 
 from __future__ import annotations
