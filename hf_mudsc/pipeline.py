@@ -32,9 +32,9 @@ from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_finite, check_pa
 from hf_mudsc.load.lazy import subset
 from hf_mudsc.load.references import display_name, parent_name, pinned_calibration, pinned_reference
 from hf_mudsc.load.relation import base_relations, check_parents_mergeable, parent_label
-from hf_mudsc.methods.auto import choose_method, is_auto
+from hf_mudsc.methods.auto import choose_method, is_auto, refit_runs
 from hf_mudsc.methods.registry import METHODS, MergeMethod, MethodContext, get_method
-from hf_mudsc.options import AUTO, MergeOptions, option_hint, resolve_refit
+from hf_mudsc.options import AUTO, MergeOptions, option_hint
 from hf_mudsc.plan import MergePlan
 from hf_mudsc.solve.diagnostics import MergeDiagnostics, compute_diagnostics
 from hf_mudsc.solve.matchers import Match
@@ -549,10 +549,10 @@ def _warn_unread(options: MergeOptions, used: Mapping[str, Any], method: str) ->
 
 
 def _refits(options: MergeOptions, method: MergeMethod, calibration: Any, count: int) -> bool:
-    """Whether the refit runs (`refit="auto"` resolved for this method and data, `resolve_refit`)."""
-    return resolve_refit(options.refit, matches_units=method.matches_units, has_data=calibration is not None,
-                         num_parents=count, reference_compat=bool(options.reference_compat),
-                         rereadable=not isinstance(calibration, Iterator)) == "ridge"
+    """Whether the refit runs (`refit="auto"` resolved for this method and data, `methods.auto.refit_runs`)."""
+    return refit_runs(method, options.refit, has_data=calibration is not None, num_parents=count,
+                      reference_compat=bool(options.reference_compat),
+                      rereadable=not isinstance(calibration, Iterator))
 
 
 def _reads_data(method: MergeMethod, refitting: bool) -> bool:
