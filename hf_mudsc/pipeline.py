@@ -32,7 +32,7 @@ from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_finite, check_pa
 from hf_mudsc.load.lazy import subset
 from hf_mudsc.load.references import display_name, parent_name, pinned_calibration, pinned_reference
 from hf_mudsc.load.relation import base_relations, check_parents_mergeable, parent_label
-from hf_mudsc.methods.auto import choose_method, is_auto
+from hf_mudsc.methods.auto import choose_method, is_auto, refit_runs
 from hf_mudsc.methods.registry import (
     METHODS,
     MergeMethod,
@@ -150,7 +150,7 @@ def merge(
     statistics_dtype: str | torch.dtype = "float32",
     device: str | torch.device | None = None,
     processor: Any | None = None,
-    refit: str = "none",
+    refit: str = "auto",
     refit_lambda: float = 1e-3,
     refit_samples: int | None = 128,
     regmean_scale: float = 0.95,
@@ -216,10 +216,11 @@ def merge(
         refit: `"ridge"` refits every linear layer after the apply step, in forward order, by ridge least squares
             toward the parents' outputs mapped into the merged basis, on the calibration data (no labels, no
             gradients; docs/design.md §4.9): across initializations it closes most of the gap to the ensemble
-            (toy digit ViTs: joint 34 -> 77, ensemble 74). Opt-in: measured on MiniLM it costs more than the
-            merge-time budget (docs/design.md §4.9), so the default stays `"none"` (the paper's merge).
-            Needs calibration data, also for `average`; it reads the data once per layer step (not a one-shot
-            iterator). Under `torchrun` it runs on the main process over the whole calibration stream.
+            (toy digit ViTs: joint 31 -> 75, ensemble 78). `"none"`: the paper's merge. `"auto"` (default):
+            ridge for a unit-matching method (mudsc, zipit, ...) given re-readable calibration data, none for
+            the others (e.g. the same-base methods `method="auto"` picks for fine-tunes of one base) and under
+            `reference_compat=True`. `"ridge"` needs calibration data, also for `average`; it reads the data once
+            per layer step (not a one-shot iterator). Under `torchrun` it runs on the main process.
         refit_lambda: the refit's ridge strength relative to each layer's mean input energy (pulls toward the
             matched weights).
         refit_samples: calibration examples the refit reads, chosen by a shuffle seeded with `seed` (None: all).
@@ -276,7 +277,7 @@ def merge(
     from hf_mudsc.calibrate.distributed import collect_statistics_distributed, is_main_process
     from hf_mudsc.load.parents import load_parents_and_base, parameters_of
 
-    refitting = merge_options.refit != "none"
+    refitting = merge_options.refit == "ridge"  # "auto" is resolved once the method is known (resolve_refit)
     if refitting and calibration is None:
         raise MergeInputError(f"refit={refit!r} needs calibration data (a 'dataset:split' spec, a datasets.Dataset "
                               "or a list of input batches); pass calibration, or refit='none' (CLI: --refit none)")
@@ -288,6 +289,7 @@ def merge(
                               "one-shot iterator; pass a list of batches or a datasets.Dataset")
     if merge_method is not None:
         _check_data(merge_method, calibration, count)
+        refitting = _refits(merge_options, merge_method, calibration, count)
     if dry_run:
         from hf_mudsc.plan import plan_merge
 
@@ -341,6 +343,7 @@ def merge(
         _check_data(merge_method, calibration, count, chosen=choice_reason)
         merge_method.check_options(merge_options, count)
         check_size(merge_method, merge_options.size, chosen=choice_reason)
+        refitting = _refits(merge_options, merge_method, calibration, count)
         needs_data = _reads_data(merge_method, refitting)
     if (merge_method.needs_data and isinstance(calibration, Iterator)):
         raise MergeInputError(f"method {merge_method.name!r} reads the calibration data more than once, so it cannot "
@@ -481,6 +484,7 @@ def merge(
         base=None if base_parent is None else (base_parent.repo_id or parent_name(base_parent.model, "base")),
         independent_heads=bool(independent_heads or reference_compat), reference_compat=bool(reference_compat),
         statistics_dtype=statistics_dtype if merge_method.needs_calibration else None,
+        refit="ridge" if refitting else "none",
         refit_lambda=merge_options.refit_lambda if refitting else None,
         refit_samples=merge_options.refit_samples if refitting else None)
     config.mudsc = {
@@ -522,6 +526,7 @@ def merge(
     # The recipe keys (every option a recipe file may set, as given), parents and base pinned; `auto` is recorded
     # as the method it chose, so the recipe re-runs the same merge whatever a later release would choose.
     given = dataclasses.replace(merge_options, calibration=calibration_spec, method=merge_method.name,
+                                refit="ridge" if refitting else "none",
                                 base=None if base_parent is None else pinned_reference(base_parent),
                                 device=None if device is None else str(device))
     report.recipe = {"models": [pinned_reference(p) for p in parents], **given.values(recipe=True)}
@@ -562,6 +567,13 @@ def _warn_unread(options: MergeOptions, used: Mapping[str, Any], method: str) ->
     if unread:
         logger.warning("method %s does not read %s: %s no effect", method,
                        ", ".join(option_hint(name) for name in unread), "it has" if len(unread) == 1 else "they have")
+
+
+def _refits(options: MergeOptions, method: MergeMethod, calibration: Any, count: int) -> bool:
+    """Whether the refit runs (`refit="auto"` resolved for this method and data, `methods.auto.refit_runs`)."""
+    return refit_runs(method, options.refit, has_data=calibration is not None, num_parents=count,
+                      reference_compat=bool(options.reference_compat),
+                      rereadable=not isinstance(calibration, Iterator))
 
 
 def _reads_data(method: MergeMethod, refitting: bool) -> bool:

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hf_mudsc.options import MergeOptions, option_hint
+from hf_mudsc.options import MergeOptions, option_hint, resolve_refit
 
 logger = logging.getLogger(__name__)
 
@@ -338,7 +338,9 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
 
     automatic = is_auto(options.method)
     method = planned_method(calibration is not None) if automatic else get_method(options.method)
-    needs_data = method.needs_calibration or options.refit != "none"
+    needs_data = method.needs_calibration or resolve_refit(
+        options.refit, matches_units=method.matches_units, has_data=calibration is not None, num_parents=len(models),
+        reference_compat=bool(options.reference_compat)) == "ridge"
     calibration_plan = None
     located = locate_parents(list(models), token=token, allow_pickle=options.allow_pickle)
     parents, models_meta = [], []

@@ -622,7 +622,7 @@ def test_demo_end_to_end_writes_model_card_recipe_and_prints_the_table(tmp_path,
         progress=False,
     )
     for view in ("digits-0-4", "digits-5-9", "joint"):
-        assert again.score("merged", view) == pytest.approx(result.score("mudsc (zip)", view))
+        assert again.score("merged", view) == pytest.approx(result.score("mudsc (zip) + refit", view))
 
     # A second run: refused without --overwrite; with it, parents come from the cache (no training).
     assert main(argv) == 1
@@ -635,8 +635,8 @@ def test_demo_end_to_end_writes_model_card_recipe_and_prints_the_table(tmp_path,
     assert main([*argv, "--overwrite"]) == 0
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert math.isclose(
-        EvaluationResult.load(out / "eval_results.json").score("mudsc (zip)", "joint"),
-        result.score("mudsc (zip)", "joint"),
+        EvaluationResult.load(out / "eval_results.json").score("mudsc (zip) + refit", "joint"),
+        result.score("mudsc (zip) + refit", "joint"),
     )
 
 

@@ -72,6 +72,7 @@ def library_merge(parents, method, matcher, alpha=0.5, decay=0.5, budget=1.0, **
     here are tighter than the float32-GEMM default's rounding (that path is checked in test_performance_paths)."""
     model_a, model_b, batches, _ = parents
     switches.setdefault("statistics_dtype", "float64")
+    switches.setdefault("refit", "none")  # the reference's merge has no refit (reference_compat=True implies none)
     return hf_mudsc.merge([model_a, model_b], batches, method=method, matcher=matcher, alpha=alpha,
                           zip_decay=decay, zip_budget=budget, progress=False, **switches)
 

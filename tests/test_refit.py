@@ -9,6 +9,8 @@ refused before anything is loaded."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -36,6 +38,158 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------- cost without change
+
+# (kind, matcher, batches, refit_samples): body groups, padding, two towers (two chains), a seeded subset. Their
+# refitted weights were recorded in tests/data/refit_reference.safetensors at commit 8967b32, before the refit
+# replayed finished blocks and shared the Gram of q/k/v (one thread, this machine: bitwise equal since).
+REFIT_CASES = (("vit_cls", "zip", 2, None), ("bert_cls", "align", 2, None), ("clip", "align", 2, None),
+               ("vit_cls", "align", 2, 24))
+REFERENCE = Path(__file__).parent / "data" / "refit_reference.safetensors"
+
+
+def _refitted(kind: str, matcher: str, num_batches: int, samples: int | None, **options) -> nn.Module:
+    return hf_mudsc.merge([make_model(kind, seed=1), make_model(kind, seed=2)],
+                          make_batches(kind, num_batches=num_batches), matcher=matcher, refit="ridge",
+                          **({} if samples is None else {"refit_samples": samples}), progress=False, **options)
+
+
+@pytest.mark.parametrize("case", REFIT_CASES, ids=lambda case: "-".join(map(str, case)))
+def test_refit_result_is_the_one_recorded_before_blocks_were_replayed(case):
+    """Same numbers as the refit that re-ran every pass from the input. Bitwise on the recording machine; the
+    tolerance only allows another BLAS (other kernels sum in another order): float32 weights, float64 solves."""
+    from safetensors.torch import load_file
+
+    reference = load_file(REFERENCE)
+    prefix = f"{case[0]}-{case[1]}-{case[3]}/"
+    recorded = {k.removeprefix(prefix): v for k, v in reference.items() if k.startswith(prefix)}
+    merged = _refitted(*case)
+    assert merged.merge_report.refit.chains  # the blocks were replayed
+    state = merged.state_dict()
+    assert state.keys() == recorded.keys()
+    for name, value in recorded.items():
+        torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _block_runs(model: nn.Module, blocks: int) -> list[int]:
+    """How often each block of a ViT really computes (its first LayerNorm runs; a replayed block does not)."""
+    modules = dict(model.named_modules())
+    runs = [0] * blocks
+    for index in range(blocks):
+        modules[f"vit.layers.{index}.layernorm_before"].register_forward_pre_hook(
+            lambda module, args, index=index: runs.__setitem__(index, runs[index] + 1))
+    return runs
+
+
+def _deep_vit(seed: int, layers: int = 4) -> nn.Module:
+    from factories import VIT, randomize
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    return randomize(ViTForImageClassification(ViTConfig(**{**VIT, "num_hidden_layers": layers}, num_labels=3)), seed)
+
+
+def test_refit_runs_each_parent_block_a_fixed_number_of_times_whatever_the_depth(monkeypatch):
+    """Replaying finished blocks, with the parents run once per step (no target cache): a parent's block runs in
+    the statistics pass, the passes of its own 4 steps and the next step's (which stores its output) — the same
+    count for the first block as for the last. Without the replay (no chains) the first block runs in every pass:
+    the same weights, far more work."""
+    monkeypatch.setattr(refit, "TARGET_CACHE_BYTES", 0)
+    batches = make_batches("vit_cls", num_batches=2)
+    results, counts = [], []
+    for replay in (True, False):
+        if not replay:
+            monkeypatch.setattr(refit, "find_chains", lambda *args: [])
+        parents = [_deep_vit(1), _deep_vit(2)]
+        calls = _block_runs(parents[1], 4)  # B: A's hooks would be copied into the merged model
+        merged = hf_mudsc.merge(parents, batches, matcher="zip", refit="ridge", progress=False)
+        counts.append(calls)
+        results.append(merged.state_dict())
+        assert bool(merged.merge_report.refit.chains) == replay
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+    with_replay, without = counts
+    assert with_replay == [2 + 5 * 2] * 4  # statistics, then 5 refit passes, 2 batches each
+    steps = 4 * 4 + 1  # q/k/v, o, fc1, fc2 per block, then the classifier
+    assert without == [2 + 2 * (steps - 4 * i) for i in range(4)]  # every pass from the input: 36, 28, 20, 12
+
+
+def test_refit_merged_model_runs_each_block_in_five_passes(monkeypatch):
+    batches = make_batches("vit_cls", num_batches=2)
+    parents = [_deep_vit(1), _deep_vit(2)]
+    runs: list[list[int]] = []
+    original = refit.forward_steps
+
+    def watch(model, layers, batch):  # the merged model, as the refit receives it
+        runs.append(_block_runs(model, 4))
+        return original(model, layers, batch)
+
+    monkeypatch.setattr(refit, "forward_steps", watch)
+    hf_mudsc.merge(parents, batches, matcher="align", refit="ridge", progress=False)
+    # First batch: forward_steps' forward and find_chains' two (its replay check runs only the last block), then
+    # 5 passes x 2 batches: the block's 4 steps and the next step's, which stores the block's output.
+    assert runs == [[1 + 1 + 5 * 2] * 3 + [1 + 2 + 5 * 2]]
+
+
+def test_refit_stores_block_outputs_in_files_beyond_the_ram_budget_and_removes_them(monkeypatch, tmp_path):
+    import tempfile
+
+    from hf_mudsc.apply import block_replay
+
+    in_ram = _refitted("bert_cls", "align", 2, None)
+    monkeypatch.setattr(block_replay, "RAM_BYTES", 0)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    on_disk = _refitted("bert_cls", "align", 2, None)
+    report = on_disk.merge_report.refit
+    assert report.stored_files > 0 and report.stored_bytes == 0
+    assert in_ram.merge_report.refit.stored_files == 0 and in_ram.merge_report.refit.stored_bytes > 0
+    assert list(tmp_path.iterdir()) == []  # the temporary directory is gone
+    first, second = in_ram.state_dict(), on_disk.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_refit_stored_outputs_are_bounded_by_refit_samples_not_by_the_calibration_set():
+    reports = [hf_mudsc.merge([make_model("vit_cls", seed=1), make_model("vit_cls", seed=2)],
+                              make_batches("vit_cls", num_batches=n), matcher="align", refit="ridge",
+                              refit_samples=16, progress=False).merge_report.refit for n in (2, 8)]
+    assert reports[0].examples == reports[1].examples == 16
+    # Per model (merged + 2 parents), one block output per chain (16 images x 17 tokens x 32 float32), and the
+    # next block's while it replaces it: at most 2 per model. Here the merged model's two blocks, one after the
+    # other (the parents' targets are cached per chunk: they need no stored block in a 2-block model).
+    one = 16 * 17 * 32 * 4
+    assert reports[0].stored_bytes == reports[1].stored_bytes == 2 * one
+
+
+def test_refit_replays_nothing_when_the_replay_would_change_the_output():
+    """A model whose head reads every block's output (not only the last one): replaying would change its output,
+    so no chain is used and the result is the plain pass-by-pass refit."""
+    from hf_mudsc.apply.block_replay import find_chains
+
+    class Summed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            total = torch.zeros_like(x)
+            for block in self.blocks:
+                x = block(x)
+                total = total + x
+            return total
+
+    class Chained(Summed):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    torch.manual_seed(0)
+    batch = {"x": torch.randn(5, 4)}
+    layers = [f"blocks.{i}" for i in range(3)]
+    assert find_chains(Summed(), layers, batch) == []
+    (chain,) = find_chains(Chained(), [f"blocks.{i}" for i in range(3)], batch)
+    assert chain.blocks == ("blocks.0", "blocks.1", "blocks.2") and chain.layers_before_end == (1, 2, 3)
 
 
 # ------------------------------------------------------------------------------------------------ invariance
@@ -276,7 +430,7 @@ def test_refit_option_reaches_config_recipe_cli_and_card(tmp_path):
     assert (loaded.refit, loaded.refit_lambda) == ("ridge", 0.01)
     card = str(render_card(merged, loaded))
     assert "| Refit / ridge λ (relative) / examples | ridge / 0.01 / 128 examples |" in card
-    plain = hf_mudsc.merge([model_a, model_b], batches, progress=False)
+    plain = hf_mudsc.merge([model_a, model_b], batches, refit="none", progress=False)
     assert (plain.config.mudsc["refit"], plain.config.mudsc["refit_lambda"]) == ("none", None)
     assert plain.merge_report.refit is None
     plain_card = str(render_card(plain, Recipe(models=["a", "b"])))
@@ -334,11 +488,60 @@ def test_average_with_refit_uses_the_calibration_data():
     assert relative_error(model_output(refitted, batches[0]), model_output(plain, batches[0])) > 1e-2
 
 
+# ----------------------------------------------------------------------------------- the default: auto
+
+
+def test_default_refit_is_ridge_for_unit_matching_merges_with_calibration_data(tmp_path):
+    model_a, model_b = make_model("vit_cls", seed=1), make_model("vit_cls", seed=2)
+    batches = make_batches("vit_cls", num_batches=2)
+    default = hf_mudsc.merge([model_a, model_b], batches, method="mudsc", progress=False)
+    ridge = hf_mudsc.merge([model_a, model_b], batches, method="mudsc", refit="ridge", progress=False)
+    assert default.config.mudsc["refit"] == "ridge" and default.merge_report.recipe["refit"] == "ridge"
+    assert default.config.mudsc["refit_samples"] == 128 and len(default.merge_report.refit.layers) == 13
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), ridge.state_dict().values()))
+    card = str(render_card(default, Recipe(models=["a", "b"], calibration="c")))
+    assert "| Refit / ridge λ (relative) / examples | ridge / 0.001 / 128 examples |" in card
+    for method in ("zipit", "activation_align", "weight_matching"):  # every unit-matching method
+        assert hf_mudsc.merge([model_a, model_b], batches, method=method, progress=False
+                              ).config.mudsc["refit"] == "ridge", method
+
+
+@pytest.mark.parametrize(("options", "data"), [
+    ({"method": "average"}, True),  # no unit matching: nothing the refit would repair by default
+    ({"method": "linear"}, True),
+    ({"method": "weight_matching"}, False),  # unit matching without calibration data
+    ({"method": "mudsc", "reference_compat": True}, True),  # the reference's merge, bit for bit
+    ({"method": "mudsc"}, "iterator"),  # a one-shot stream cannot be read once per layer step
+])
+def test_default_refit_is_none_where_it_does_not_apply(options, data):
+    model_a, model_b = make_model("vit_cls", seed=1), make_model("vit_cls", seed=2)
+    batches = make_batches("vit_cls", num_batches=2)
+    calibration = {True: batches, False: None, "iterator": iter(batches)}[data]
+    merged = hf_mudsc.merge([model_a, model_b], calibration, progress=False, **options)
+    assert merged.config.mudsc["refit"] == "none" and merged.merge_report.refit is None
+    assert merged.merge_report.recipe["refit"] == "none"  # the recipe re-runs the same merge
+
+
+def test_default_refit_leaves_same_base_fine_tunes_to_the_method_auto_picks():
+    """Fine-tunes of one base: method="auto" picks a tensor-wise method, which the refit does not touch."""
+    tuned = []
+    for seed in (2, 3):
+        model = make_model("vit_cls", seed=1)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(0.01 * param.std().nan_to_num() * torch.randn(param.shape, generator=generator))
+        tuned.append(model)
+    merged = hf_mudsc.merge(tuned, make_batches("vit_cls", num_batches=2), progress=False)
+    assert not hf_mudsc.get_method(merged.merge_report.method).matches_units
+    assert merged.config.mudsc["refit"] == "none" and merged.merge_report.refit is None
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"refit": "bogus"}, "unknown refit 'bogus'; choose one of: none, ridge (CLI: --refit)"),
+    ({"refit": "bogus"}, "unknown refit 'bogus'; choose one of: auto, none, ridge (CLI: --refit)"),
     ({"refit": "ridge", "refit_lambda": 0}, "refit_lambda must be a finite number > 0 (CLI: --refit-lambda)"),
     ({"refit": "ridge", "refit_lambda": float("nan")}, "refit_lambda must be a finite number > 0"),
     ({"refit": "ridge", "reference_compat": True},
@@ -391,7 +594,7 @@ def test_cli_refuses_contradicting_refit_options(extra, message):
 def test_recipe_with_a_bad_refit_is_refused(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("models: [a, b]\ncalibration: c\nrefit: bogus\n")
-    with pytest.raises(RecipeError, match=r"unknown refit 'bogus'; choose one of: none, ridge \(CLI: --refit\)"):
+    with pytest.raises(RecipeError, match=r"unknown refit 'bogus'; choose one of: auto, none, ridge \(CLI: --refit\)"):
         Recipe.load(path).validate()
 
 

@@ -10,12 +10,17 @@ different-init digit ViTs: joint accuracy 33.6 -> 76.8 (ensemble 74.3), docs/res
 
 Architecture-free: layers are found from the spec (a `nn.Linear` whose weight is a member of some group, or the
 spec's classifier), ordered and grouped into steps by the order their forward hooks fire on one batch (layers fed
-the same tensor form one step and share one pass), and the padding mask is the one the spec's hooks declare.
-Memory is flat in the number of samples: per layer a `(d+1)²` Gram and a `(d+1)×m` cross-Gram in float64.
+the same tensor form one step, share one pass and one Gram), and the padding mask is the one the spec's hooks
+declare. Each pass starts after the blocks already final, replayed from their stored outputs
+(`hf_mudsc.apply.block_replay`): the cost is linear in depth. Memory is flat in the number of calibration
+samples: per layer a `(d+1)²` Gram and a `(d+1)×m` cross-Gram in float64, and per model one block output per
+refit batch (bounded by `refit_samples`; beyond `block_replay.RAM_BYTES` in a temporary directory).
+`refit="auto"` (the default) runs it after unit-matching methods (`hf_mudsc.options.resolve_refit`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_mudsc.apply.block_replay import BlockReplay, Storage, find_chains
 from hf_mudsc.calibrate.correlation import CLAMP
 from hf_mudsc.calibrate.layer_inputs import (
     StopForward,
@@ -78,39 +84,60 @@ class RefitReport:
     examples: int = 0
     """Calibration examples (images, texts) read per pass."""
     seconds: float = 0.0
+    chains: list[tuple[str, ...]] = field(default_factory=list)
+    """Block chains replayed from stored outputs (`hf_mudsc.apply.block_replay`); empty: every pass ran the model."""
+    stored_bytes: int = 0
+    """Most bytes of stored block outputs held in RAM at once (bounded by the refit's samples)."""
+    stored_files: int = 0
+    """Stored block outputs written to a temporary directory (beyond `block_replay.RAM_BYTES`; removed after)."""
 
 
 class RidgeAccumulator:
-    """Streamed `G = X̃ᵀX̃`, `H = X̃ᵀY` of one layer (X̃ = [X, 1] with a bias), in float64: flat in samples."""
+    """Streamed `G = X̃ᵀX̃` and one `H_i = X̃ᵀY_i` per layer fed the same input (X̃ = [X, 1] with a bias), in
+    float64: flat in samples. Layers that share their input (q, k, v) share one Gram and one factorisation."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, device: torch.device | None = None) -> None:
+    def __init__(self, in_features: int, out_features: int | Sequence[int], bias: bool,
+                 device: torch.device | None = None) -> None:
         size = in_features + int(bias)
+        widths = [out_features] if isinstance(out_features, int) else list(out_features)
         self.bias = bias
         self.gram = torch.zeros(size, size, dtype=torch.float64, device=device)
-        self.cross = torch.zeros(size, out_features, dtype=torch.float64, device=device)
+        self.crosses = [torch.zeros(size, width, dtype=torch.float64, device=device) for width in widths]
         self.samples = 0
+        self._factor: tuple[torch.Tensor, torch.Tensor | None, float, float] | None = None
 
-    def update(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    @property
+    def cross(self) -> torch.Tensor:
+        """The first (or only) layer's cross-Gram."""
+        return self.crosses[0]
+
+    def update(self, inputs: torch.Tensor, targets: torch.Tensor | Sequence[torch.Tensor]) -> None:
         x = inputs.to(torch.float64)
         if self.bias:
             x = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64, device=x.device)], dim=1)
         self.gram += x.T @ x
-        self.cross += x.T @ targets.to(device=x.device, dtype=torch.float64)
+        for cross, target in zip(self.crosses, [targets] if isinstance(targets, torch.Tensor) else targets,
+                                 strict=True):
+            cross += x.T @ target.to(device=x.device, dtype=torch.float64)
         self.samples += len(x)
+        self._factor = None
 
-    def solve(self, weight: torch.Tensor, bias: torch.Tensor | None, lambda_rel: float,
+    def solve(self, weight: torch.Tensor, bias: torch.Tensor | None, lambda_rel: float, index: int = 0,
               ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
-        """argmin ‖X̃W̃ − Y‖² + λ‖W̃ − W̃⁰‖² with λ = lambda_rel · mean diag(XᵀX): (weight, bias, λ)."""
+        """argmin ‖X̃W̃ − Y_index‖² + λ‖W̃ − W̃⁰‖² with λ = lambda_rel · mean diag(XᵀX): (weight, bias, λ)."""
         d = weight.shape[1]
         start = weight.detach().T.to(device=self.gram.device, dtype=torch.float64)
         if self.bias:
             start = torch.cat([start, bias.detach().to(start)[None]], dim=0)
-        energy = float(self.gram.diagonal()[:d].mean()) if d else 0.0
-        ridge = lambda_rel * energy if energy > 0 else lambda_rel  # no input energy: W̃ = W̃⁰ for any λ > 0
-        system = self.gram + ridge * torch.eye(len(self.gram), dtype=torch.float64, device=self.gram.device)
-        right = self.cross + ridge * start
-        factor, info = torch.linalg.cholesky_ex(system)
-        solution = torch.cholesky_solve(right, factor) if int(info) == 0 else torch.linalg.solve(system, right)
+        if self._factor is None or self._factor[2] != lambda_rel:
+            energy = float(self.gram.diagonal()[:d].mean()) if d else 0.0
+            ridge = lambda_rel * energy if energy > 0 else lambda_rel  # no input energy: W̃ = W̃⁰ for any λ > 0
+            system = self.gram + ridge * torch.eye(len(self.gram), dtype=torch.float64, device=self.gram.device)
+            factor, info = torch.linalg.cholesky_ex(system)
+            self._factor = (system, factor if int(info) == 0 else None, lambda_rel, ridge)
+        system, factor, _, ridge = self._factor
+        right = self.crosses[index] + ridge * start
+        solution = torch.cholesky_solve(right, factor) if factor is not None else torch.linalg.solve(system, right)
         return solution[:d].T, (solution[d] if self.bias else None), ridge
 
 
@@ -256,47 +283,71 @@ def refit_model(
             first = next(iter(batches()), None)
             if first is None:
                 raise CalibrationError(f"refit: {_READ_AGAIN}")
-            report.steps = forward_steps(merged, layers, batch_to(first, target))
+            first = batch_to(first, target)
+            report.steps = forward_steps(merged, layers, first)
+            chains = find_chains(merged, [name for step in report.steps for name in step], first)
+            del first
+            storage = Storage()
+            replays = [BlockReplay(model, chains, storage) for model in (merged, *parents)]
             bar = Progress(total=len(report.steps), desc="refit", unit="steps", enabled=progress)
             tokens = 0  # samples (tokens) per pass, known after the first step: sizes the target cache
             position = 0
-            while position < len(report.steps):
-                chunk = _next_chunk(report.steps, position, modules, tokens)
-                # One parents' pass for the whole chunk: each layer's target, per batch, kept until its step runs.
-                cached: dict[str, list[torch.Tensor]] = {name: [] for step in chunk for name in step}
-                names = [name for step in chunk for name in step]
-                for batch in batches():
-                    batch = batch_to(batch, target)
-                    if position == 0:
-                        report.examples += next(len(v) for v in batch.values()
-                                                if isinstance(v, torch.Tensor) and v.dim() > 0)
-                    outputs = [_capture(parent, names, batch, "output") for parent in parents]
-                    for name in names:
-                        mask = _mask(spec, name, batch)
-                        ys = [token_rows(out[name], mask).to(torch.float64) for out in outputs]
-                        cached[name].append(_target(spec, maps, name, name == head and concatenate_classifier, ys))
-                    del outputs
-                for step in chunk:
-                    accumulators = {name: RidgeAccumulator(modules[name].in_features, modules[name].out_features,
-                                                           modules[name].bias is not None, target) for name in step}
-                    for number, batch in enumerate(batches()):
-                        batch = batch_to(batch, target)
-                        inputs = _capture(merged, step, batch, "input")
-                        for name in step:
-                            if number >= len(cached[name]):
-                                raise CalibrationError(f"refit: the calibration data gave more batches when read "
-                                                       f"again; {_READ_AGAIN}")
-                            accumulators[name].update(token_rows(inputs[name], _mask(spec, name, batch)),
-                                                      cached[name][number])
-                    empty = [name for name in step if accumulators[name].samples == 0]
-                    if empty:  # e.g. a stream that cannot be read twice: never leave a layer silently unfitted
-                        raise CalibrationError(f"refit: no samples for {', '.join(empty)}; {_READ_AGAIN}")
-                    for name in step:
-                        tokens = max(tokens, accumulators[name].samples)
-                        report.layers.append(_write(modules[name], name, accumulators[name], lambda_rel))
-                        del cached[name]
-                    bar.update(1)
-                position += len(chunk)
+            finished = 0  # layers refitted so far (forward order): the blocks before them are replayed
+            try:
+                while position < len(report.steps):
+                    chunk = _next_chunk(report.steps, position, modules, tokens)
+                    # One parents' pass for the whole chunk: each layer's target, per batch, kept until its step
+                    # runs.
+                    cached: dict[str, list[torch.Tensor]] = {name: [] for step in chunk for name in step}
+                    names = [name for step in chunk for name in step]
+                    with contextlib.ExitStack() as passes:
+                        for replay in replays[1:]:
+                            passes.enter_context(replay.run(finished))
+                        for number, batch in enumerate(batches()):
+                            batch = batch_to(batch, target)
+                            if position == 0:
+                                report.examples += _batch_rows(batch)
+                            outputs = []
+                            for parent, replay in zip(parents, replays[1:]):
+                                replay.batch(number)
+                                outputs.append(_capture(parent, names, batch, "output"))
+                            for name in names:
+                                mask = _mask(spec, name, batch)
+                                ys = [token_rows(out[name], mask).to(torch.float64) for out in outputs]
+                                cached[name].append(_target(spec, maps, name, name == head and concatenate_classifier,
+                                                            ys))
+                            del outputs
+                    for step in chunk:
+                        accumulators = _step_accumulators(spec, modules, step, target)
+                        with replays[0].run(finished):
+                            for number, batch in enumerate(batches()):
+                                batch = batch_to(batch, target)
+                                replays[0].batch(number)
+                                inputs = _capture(merged, step, batch, "input")
+                                for accumulator, members in accumulators:
+                                    if any(number >= len(cached[name]) for name in members):
+                                        raise CalibrationError(f"refit: the calibration data gave more batches "
+                                                               f"when read again; {_READ_AGAIN}")
+                                    accumulator.update(token_rows(inputs[members[0]], _mask(spec, members[0], batch)),
+                                                       [cached[name][number] for name in members])
+                        empty = [name for accumulator, members in accumulators for name in members
+                                 if accumulator.samples == 0]
+                        if empty:  # e.g. a stream that cannot be read twice: never leave a layer silently unfitted
+                            raise CalibrationError(f"refit: no samples for {', '.join(empty)}; {_READ_AGAIN}")
+                        for accumulator, members in accumulators:
+                            tokens = max(tokens, accumulator.samples)
+                            for index, name in enumerate(members):
+                                report.layers.append(_write(modules[name], name, accumulator, index, lambda_rel))
+                                del cached[name]
+                        finished += len(step)
+                        bar.update(1)
+                    position += len(chunk)
+            finally:
+                for replay in replays:
+                    replay.close()
+                storage.close()
+                report.chains = [chain.blocks for chain in chains]
+                report.stored_bytes, report.stored_files = storage.ram_peak, storage.files
             bar.close()
     finally:
         for model, home, training in zip((merged, *parents), homes, was_training):
@@ -377,8 +428,19 @@ def _target(spec: PermutationSpec, maps: Sequence[GroupMaps | None], name: str, 
     return sum(found.merge2[side].apply(y, -1) for side, y in enumerate(outputs)) / len(outputs)
 
 
-def _write(module: nn.Linear, name: str, accumulator: RidgeAccumulator, lambda_rel: float) -> LayerFit:
-    weight, bias, ridge = accumulator.solve(module.weight, module.bias, lambda_rel)
+def _step_accumulators(spec: PermutationSpec, modules: Mapping[str, nn.Module], step: Sequence[str],
+                       device: torch.device | None) -> list[tuple[RidgeAccumulator, list[str]]]:
+    """One accumulator per set of the step's layers with the same input rows (same bias flag and padding mask, in
+    step order): they share one Gram `X̃ᵀX̃` — computed once instead of once per layer, the same numbers."""
+    groups: dict[tuple[bool, str | None], list[str]] = {}
+    for name in step:
+        groups.setdefault((modules[name].bias is not None, padding_mask_key(spec, f"{name}.weight")), []).append(name)
+    return [(RidgeAccumulator(modules[members[0]].in_features, [modules[n].out_features for n in members], bias,
+                              device), members) for (bias, _), members in groups.items()]
+
+
+def _write(module: nn.Linear, name: str, accumulator: RidgeAccumulator, index: int, lambda_rel: float) -> LayerFit:
+    weight, bias, ridge = accumulator.solve(module.weight, module.bias, lambda_rel, index)
     before = torch.cat([module.weight.detach().to(torch.float64).flatten(),
                         *([module.bias.detach().to(torch.float64)] if module.bias is not None else [])])
     module.weight.copy_(weight.to(module.weight))
@@ -386,8 +448,8 @@ def _write(module: nn.Linear, name: str, accumulator: RidgeAccumulator, lambda_r
         module.bias.copy_(bias.to(module.bias))
     after = torch.cat([weight.flatten(), *([bias] if bias is not None else [])]).to(before)
     change = float((after - before).norm() / before.norm().clamp_min(CLAMP))
-    return LayerFit(name, tuple(accumulator.gram.shape), tuple(accumulator.cross.shape), accumulator.samples,
-                    ridge, change)
+    return LayerFit(name, tuple(accumulator.gram.shape), tuple(accumulator.crosses[index].shape),
+                    accumulator.samples, ridge, change)
 
 
 def _home(model: nn.Module) -> torch.device | None:

@@ -161,7 +161,7 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
     # `auto` opens the calibration it is given: the method it chooses may read it.
     reads_data = recipe.calibration is not None if chosen is None else (
         chosen.needs_calibration or chosen.needs_data)
-    if reads_data or recipe.refit != "none":
+    if reads_data or recipe.refit == "ridge" or (recipe.refit == "auto" and recipe.calibration is not None):
         # A Hub dataset is pinned to its commit (recorded in the recipe) and loaded at that commit; opened (not
         # read) first: a spec that does not exist fails before any weights are downloaded.
         calibration_spec = pin_calibration_revision(recipe.calibration, token=token)
@@ -181,10 +181,11 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
         merged.config.mudsc["calibration"] = display_name(str(calibration_spec))
     from hf_mudsc.load.references import pinned_calibration, pinned_reference
 
-    # Parents, base and data pinned; `auto` recorded as the method it chose (as `merge_report.recipe` does).
+    # Parents, base and data pinned; `auto` recorded as the method (and refit) it chose (as `merge_report.recipe`).
     pinned = recipe.override(models=[pinned_reference(p) for p in parents],
                              calibration=pinned_calibration(calibration_spec),
-                             base=merged.merge_report.recipe["base"], method=merged.merge_report.method)
+                             base=merged.merge_report.recipe["base"], method=merged.merge_report.method,
+                             refit=merged.merge_report.recipe["refit"])
     from hf_mudsc.publish.writer import publish
 
     # On a failed push the written model is kept (in --output, or a folder the error names).

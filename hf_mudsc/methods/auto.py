@@ -76,3 +76,13 @@ def planned_method(has_data: bool) -> MergeMethod:
             return METHODS[name]
     raise ValueError(f"method 'auto' would plan one of {', '.join(candidates)}, but none is registered; pass "
                      "method= (CLI: --method)")
+
+
+def refit_runs(method: MergeMethod, refit: str, *, has_data: bool, num_parents: int, reference_compat: bool,
+               rereadable: bool) -> bool:
+    """Whether the after-matching refit runs for `method` (`refit="auto"`: a unit-matching method with data,
+    `hf_mudsc.options.resolve_refit`)."""
+    from hf_mudsc.options import resolve_refit
+
+    return resolve_refit(refit, matches_units=method.matches_units, has_data=has_data, num_parents=num_parents,
+                         reference_compat=reference_compat, rereadable=rereadable) == "ridge"

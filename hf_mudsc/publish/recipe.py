@@ -139,7 +139,7 @@ class Recipe(MergeOptions):
             self.check_combination()
         except OptionError as error:
             raise RecipeError(str(error)) from None
-        if self.refit != "none" and not self.calibration:
+        if self.refit == "ridge" and not self.calibration:
             raise RecipeError(f"refit {self.refit!r} needs calibration data: pass --calibration (a dataset spec "
                               "`repo_or_path[@revision][:config]:split` or a saved dataset folder), or --refit none")
         for key in ("weights", "density"):

@@ -1,0 +1,79 @@
+"""What auto-α + the refit add to a merge's time (issue 12's cost target), through `hf_mudsc.merge` end to end.
+
+The parents and the calibration batches are `scripts/bench_merge.py`'s (MiniLM and B = A perturbed and permuted,
+random token batches generated lazily); each configuration runs in its own child process (its peak RSS is its
+own). Configurations: `plain` (alpha 0.5, refit none — today's default merge, multi-start included) and
+`auto+refit` (alpha="auto", refit="ridge"), plus `refit` alone when `--all`.
+
+    python scripts/bench_refit_cost.py --num-samples 512 --threads 1       # the issue's measurement
+    python scripts/bench_refit_cost.py --num-samples 64 --refit-samples 32  # a quick look
+
+Prints one JSON line per configuration, then the ratio (auto+refit) / plain of the merge seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+import types
+
+CONFIGS = {"plain": {"alpha": 0.5, "refit": "none"}, "refit": {"alpha": 0.5, "refit": "ridge"},
+           "auto+refit": {"alpha": "auto", "refit": "ridge"}}
+
+
+def run_child(args: argparse.Namespace) -> dict:
+    import bench_merge
+    import torch
+
+    import hf_mudsc
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    case = types.SimpleNamespace(noise=args.noise, batch_size=args.batch_size, vit_image_size=32, vit_patch_size=4)
+    model_a, model_b, _ = bench_merge.load_case("minilm", case)
+    batches = list(bench_merge.batches("minilm", case, args.num_samples))
+    options = dict(CONFIGS[args.child])
+    if options["refit"] != "none" and args.refit_samples is not None:
+        options["refit_samples"] = args.refit_samples
+    start = time.perf_counter()
+    merged = hf_mudsc.merge([model_a, model_b], batches, method="mudsc", matcher=args.matcher, progress=False,
+                            **options)
+    seconds = time.perf_counter() - start
+    report = merged.merge_report
+    return {"config": args.child, "merge_seconds": round(seconds, 2),
+            "refit_seconds": round(report.refit.seconds, 2) if report.refit is not None else 0.0,
+            "alpha": report.alpha, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "num_samples": args.num_samples, "options": {k: v for k, v in options.items()}}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-samples", type=int, default=512)
+    parser.add_argument("--refit-samples", type=int, default=None, help="default: the library's refit_samples")
+    parser.add_argument("--matcher", default="zip", choices=["zip", "align"])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--noise", type=float, default=0.05)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    parser.add_argument("--all", action="store_true", help="also the refit alone (alpha 0.5)")
+    parser.add_argument("--child", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_child(args)))
+        return 0
+    rows = {}
+    for name in ("plain", *(["refit"] if args.all else []), "auto+refit"):
+        command = [sys.executable, __file__, "--child", name, *[a for a in sys.argv[1:] if a != "--all"]]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        rows[name] = json.loads(output)
+        print(output, flush=True)
+    ratio = rows["auto+refit"]["merge_seconds"] / rows["plain"]["merge_seconds"]
+    print(f"merge time auto+refit / plain = {ratio:.2f} (+{100 * (ratio - 1):.0f}%; target: at most +100%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
