@@ -123,7 +123,8 @@ def test_size_two_keeps_every_mlp_unit_and_outputs_the_parents_mean(different, m
     generator = torch.Generator().manual_seed(5)
     errors = {}
     for size in (1.0, 2.0):
-        merged = hf_mudsc.merge([a, b], batches, method="mudsc", matcher=matcher, size=size, progress=False)
+        merged = hf_mudsc.merge([a, b], batches, method="mudsc", matcher=matcher, size=size, refit="none",
+                                 progress=False)
         k = a.config.intermediate_size
         assert merged.config.intermediate_size == (2 * k if size == 2.0 else k)
         found = merged.merge_report.matches[residual]
@@ -158,7 +159,8 @@ def test_permuted_copy_comes_back_exactly_with_duplicated_units(matcher, size):
     spec = spec_for(model)
     permuted = permuted_copy(model, spec, seed=1)
     batches = make_batches("vit_cls")
-    merged = hf_mudsc.merge([model, permuted], batches, method="mudsc", matcher=matcher, size=size, progress=False)
+    merged = hf_mudsc.merge([model, permuted], batches, method="mudsc", matcher=matcher, size=size, refit="none",
+                            progress=False)
     for batch in batches[:2]:
         assert relative_error(model_output(merged, batch), model_output(model, batch)) < 1e-5
     k = model.config.intermediate_size
