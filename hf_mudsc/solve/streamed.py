@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -222,7 +223,7 @@ def _gta_chunked(function: str, name: str, base: TensorSource, present: list[tup
                     plan.window.restart()
             else:
                 mask = tv.sparsify_mask(sparsify, delta, d_all[i], g_all[i], e_all[i],
-                                        lambda i=i: tv.tensor_generator(seed, name, i))
+                                        partial(tv.tensor_generator, seed, name, i))
                 plan.factor = tv.l1_factor(delta, mask)
             del delta
         del whole_base, b32

@@ -40,6 +40,7 @@ import hashlib
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 
 import torch
 
@@ -303,7 +304,8 @@ def _gta(
         deltas = []
         for i, t in present:
             delta = t.to(wd) - b32
-            mask = sparsify_mask(sparsify, delta, d_all[i], g_all[i], e_all[i], lambda i=i: tensor_generator(seed, name, i))
+            mask = sparsify_mask(sparsify, delta, d_all[i], g_all[i], e_all[i],
+                                 partial(tensor_generator, seed, name, i))
             if mask is not None:
                 delta = l1_rescale(delta, mask) if rescale else delta * mask
             deltas.append(delta)
