@@ -170,27 +170,29 @@ def merge_tensor(function: str, name: str, base: TensorSource | None, parents: S
     rows = chunk_rows(reference.shape, inputs, DEFAULT_BUDGET if budget is None else budget)
     if rows is None:
         return None
-    first = reference.read_rows(0, 1)
-    if not first.is_floating_point():
-        return None
     if function in tv.GTA_FORMS:
         if base is None:
             return None
         return _gta_chunked(function, name, base, present, len(parents), weights, keywords, rows)
-    return _elementwise_chunked(function, name, base, parents, weights, keywords, rows, first.dtype)
+    return _elementwise_chunked(function, name, base, parents, weights, keywords, rows, reference.shape)
 
 
 def _elementwise_chunked(function: str, name: str, base: TensorSource | None,
                          parents: Sequence[TensorSource | None], weights: Any, keywords: dict[str, Any],
-                         rows: int, dtype: torch.dtype) -> torch.Tensor:
+                         rows: int, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """Each chunk is one call of the function (an integer buffer included: the function copies it)."""
     pure = getattr(tv, function)
-    shape = (base or next(s for s in parents if s is not None)).shape
-    out = torch.empty(shape, dtype=dtype)
+    out: torch.Tensor | None = None
     for start in range(0, shape[0], rows):
         stop = min(start + rows, shape[0])
         chunk_base = None if base is None else {name: base.read_rows(start, stop)}
         chunk_parents = [{} if s is None else {name: s.read_rows(start, stop)} for s in parents]
-        out[start:stop] = pure(chunk_base, chunk_parents, weights, **keywords)[name]
+        merged = pure(chunk_base, chunk_parents, weights, **keywords).get(name)
+        if merged is None:
+            return None
+        if out is None:
+            out = torch.empty(shape, dtype=merged.dtype)
+        out[start:stop] = merged
     return out
 
 
@@ -210,6 +212,8 @@ def _gta_chunked(function: str, name: str, base: TensorSource, present: list[tup
     plans = [_Parent(i, source) for i, source in present]
     if windowed or (random and rescale):
         whole_base = base.read()
+        if not whole_base.is_floating_point():
+            return None  # an integer buffer: the function copies it
         b32 = whole_base.to(tv.work_dtype(whole_base))
         for plan in plans:
             delta = plan.source.read().to(b32.dtype) - b32
@@ -237,6 +241,8 @@ def _gta_chunked(function: str, name: str, base: TensorSource, present: list[tup
     for start in range(0, length, rows):
         stop = min(start + rows, length)
         b = base.read_rows(start, stop)
+        if not b.is_floating_point():
+            return None  # an integer buffer: the function copies it
         b32 = b.to(tv.work_dtype(b))
         deltas = []
         for plan in plans:
