@@ -9,7 +9,9 @@ is 1.0 — no sparsification at all, which would make `ties` plain sign election
 arithmetic). `used_options` returns the values actually used, so the config and card record exactly those.
 
 Tensor-wise methods read each parent's tensor only while merging it (`streams=True`): given
-`hf_mudsc.load.lazy.LazyParameters` parents, memory stays at about one model however many parents there are.
+`hf_mudsc.load.lazy.LazyParameters` parents, memory stays at about one model however many parents there are. Big
+tensors of the `chunked=True` entries are merged in row chunks (`hf_mudsc.solve.streamed`), so neither do the
+N-sized intermediates of one tensor (stacked task vectors, masks ...) grow with the number of parents.
 `pcb` and `localize_stitch` rank entries over the whole model and read every tensor of every parent at once.
 
 When the parents' label sets differ, the pipeline leaves the classifier out of `context.parents` and concatenates
