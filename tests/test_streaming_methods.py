@@ -33,7 +33,8 @@ def family(n: int, seed: int = 0, shape: tuple[int, ...] = SHAPE) -> tuple[torch
 class CountingSource:
     """Sources over in-memory tensors that count reads and track how many whole parent tensors are alive."""
 
-    def __init__(self) -> None:
+    def __init__(self, tracked: str = "") -> None:
+        self.tracked = tracked  # alive copies are tracked for labels ending so
         self.whole_reads: list[str] = []
         self.row_reads: list[tuple[str, int, int]] = []
         self.alive: set[int] = set()
@@ -43,7 +44,7 @@ class CountingSource:
         def read() -> torch.Tensor:
             self.whole_reads.append(label)
             copy = tensor.clone()  # a new tensor per read, as LazyParameters returns
-            if label != "base":
+            if label != "base" and not label.startswith("base:") and label.endswith(self.tracked):
                 key = id(copy)
                 self.alive.add(key)
                 weakref.finalize(copy, self.alive.discard, key)
@@ -226,6 +227,7 @@ def fine_tune(base: torch.nn.Module, seed: int) -> torch.nn.Module:
     ("ties", {}, lambda b, p: tv.ties(b, p, None, density=0.2, normalize=True)),
     ("dare_ties", {"seed": 5}, lambda b, p: tv.dare_ties(b, p, None, density=0.5, normalize=False, seed=5)),
     ("linear", {"weights": [1.0, 2.0, 0.5]}, lambda b, p: tv.linear(None, p, [1.0, 2.0, 0.5])),
+    ("localize_stitch", {}, lambda b, p: tv.localize_stitch(b, p, None, sparsity=0.1)),
 ])
 def test_merge_of_folder_parents_reads_big_tensors_in_row_chunks_and_equals_the_pure_function(
         tmp_path, monkeypatch, method, keywords, expected):
@@ -239,7 +241,8 @@ def test_merge_of_folder_parents_reads_big_tensors_in_row_chunks_and_equals_the_
     real_rows = LazyParameters.rows
 
     def spy(self, name, start, stop):
-        row_reads.append(name)
+        if stop - start > 1:  # (0, 1): localize_stitch looks at the base's dtype
+            row_reads.append(name)
         return real_rows(self, name, start, stop)
 
     monkeypatch.setattr(LazyParameters, "rows", spy)
@@ -258,3 +261,57 @@ def test_registry_marks_the_chunked_methods():
     chunked = {name for name, method in METHODS.items() if getattr(method, "chunked", False)}
     assert chunked == {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
                        "breadcrumbs_ties", "della", "della_linear", "consensus"}
+
+
+def state_family(n: int, seed: int = 0) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Hand-made state dicts: a tensor spanning several chunks, small ones, a 0-d scalar, an integer buffer."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {"emb": (301, 37), "w": (8, 5), "b": (7,), "scale": ()}
+    base = {k: torch.randn(shape, generator=generator) for k, shape in shapes.items()}
+    base["ids"] = torch.arange(6)
+    parents = []
+    for _ in range(n):
+        parents.append({k: (v + torch.round(2 * torch.randn(v.shape, generator=generator)) / 20
+                            if v.is_floating_point() else v.clone()) for k, v in base.items()})
+    return base, parents
+
+
+@pytest.mark.parametrize("n", [2, 5])
+@pytest.mark.parametrize(("sparsity", "exclude"), [(0.1, ()), (0.3, ("w",)), (0.0, ())])
+def test_streamed_localize_stitch_equals_the_pure_function(n, sparsity, exclude):
+    base, parents = state_family(n, seed=n)
+    del parents[-1]["w"]  # a parent without a tensor does not contribute to it
+    weights = [1.0 + 0.5 * i for i in range(n)]
+    expected = tv.localize_stitch(base, parents, weights, sparsity=sparsity, exclude=exclude)
+    count = CountingSource(tracked=":emb")
+    labels = {id(base): "base", **{id(p): f"p{i}" for i, p in enumerate(parents)}}
+
+    def source(mapping, name):
+        return count(f"{labels[id(mapping)]}:{name}", mapping[name]) if name in mapping else None
+
+    got = streamed.localize_stitch(base, parents, weights, sparsity=sparsity, exclude=exclude, source=source,
+                                   budget=BUDGET)
+    assert list(got) == list(expected)
+    assert all(got[k].dtype == expected[k].dtype and torch.equal(got[k], expected[k]) for k in expected)
+    if sparsity:
+        assert not torch.equal(got["emb"], base["emb"])
+    # phase 1: each parent's tensors read whole once, parent after parent; then the big tensor only by rows
+    ranked = [k for k in ("emb", "w", "b", "scale") if k not in exclude]
+    phase1 = [f"p{i}:{k}" for i in range(n) for k in ranked if k in parents[i]]
+    parent_reads = [label for label in count.whole_reads if not label.startswith("base")]
+    assert parent_reads[: len(phase1)] == phase1
+    assert not any(label.endswith(":emb") for label in parent_reads[len(phase1):])
+    chunks = {label for label, start, stop in count.row_reads if stop - start > 1}  # (0, 1): the base's dtype
+    assert chunks == {"base:emb"} | {f"p{i}:emb" for i in range(n)}
+    assert count.most_alive == 1  # the big tensor: one parent's copy at a time
+
+
+def test_streamed_localize_stitch_hands_refused_inputs_to_the_pure_function():
+    base, parents = state_family(2)
+    parents[1]["w"] = torch.zeros(8, 6)
+
+    def source(mapping, name):
+        return TensorSource.of(mapping[name]) if name in mapping else None
+
+    with pytest.raises(ValueError, match="parent 0 has shape"):
+        streamed.localize_stitch(base, parents, source=source)

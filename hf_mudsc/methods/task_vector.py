@@ -12,7 +12,9 @@ Tensor-wise methods read each parent's tensor only while merging it (`streams=Tr
 `hf_mudsc.load.lazy.LazyParameters` parents, memory stays at about one model however many parents there are. Big
 tensors of the `chunked=True` entries are merged in row chunks (`hf_mudsc.solve.streamed`), so neither do the
 N-sized intermediates of one tensor (stacked task vectors, masks ...) grow with the number of parents.
-`pcb` and `localize_stitch` rank entries over the whole model and read every tensor of every parent at once.
+`localize_stitch` ranks entries over the whole model: its streaming form finds each parent's threshold one parent at
+a time, then stitches tensor by tensor. `pcb`'s balancing couples every entry of every parent over the whole
+model: it reads every tensor of every parent at once.
 
 When the parents' label sets differ, the pipeline leaves the classifier out of `context.parents` and concatenates
 the heads itself (`builds_concatenated_head=False`).
@@ -50,7 +52,9 @@ class TensorWiseMethod(MergeMethod):
     each becomes (`weights` is passed positionally). `defaults`: (option, value) pairs used where the option is
     None (unset). `streams`: the function reads one tensor name at a time across the parents. `chunked`: big
     tensors are merged in row chunks by `hf_mudsc.solve.streamed` (the function is one of `GTA_FORMS` or elementwise
-    across a tensor), so the working set does not grow with the number of parents either.
+    across a tensor), so the working set does not grow with the number of parents either. `streamed_function`: a
+    whole-model method's streaming form (`hf_mudsc.solve.streamed`, called with `source=`), used instead of
+    `function` when set.
     """
 
     function: Callable[..., dict[str, Any]] | None = None
@@ -59,6 +63,7 @@ class TensorWiseMethod(MergeMethod):
     streams: bool = True
     num_parents: int | None = None
     chunked: bool = False
+    streamed_function: Callable[..., dict[str, Any]] | None = None
 
     def option_value(self, options: MergeOptions, name: str) -> Any:
         """The value the method uses for option `name`: the user's, else the method's default."""
@@ -146,7 +151,10 @@ class TensorWiseMethod(MergeMethod):
             _check_blocks(keywords["blocks"], context.parents[0], context.options.layer_swap)
         weights = self.option_value(context.options, "weights") if "weights" in dict(self.arguments) else None
         try:
-            if self.streams:
+            if self.streamed_function is not None:
+                parameters = self.streamed_function(context.base, list(context.parents), weights, source=_source,
+                                                    **keywords)
+            elif self.streams:
                 parameters = self.merge_tensor_by_tensor(context, weights, keywords)
             else:
                 parameters = self.function(context.base, list(context.parents), weights, **keywords)
@@ -195,6 +203,19 @@ def _function(name: str) -> Callable[..., dict[str, Any]]:
 
     call.__name__ = call.__qualname__ = name
     call.__doc__ = f"hf_mudsc.solve.task_vectors.{name}"
+    return call
+
+
+def _streamed(name: str) -> Callable[..., dict[str, Any]]:
+    """The streaming form `name` of `hf_mudsc.solve.streamed`, imported when first called (as `_function`)."""
+
+    def call(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        from hf_mudsc.solve import streamed
+
+        return getattr(streamed, name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"hf_mudsc.solve.streamed.{name}"
     return call
 
 
@@ -347,8 +368,9 @@ LOCALIZE_STITCH = register_method(TensorWiseMethod(
     paper=PAPER_LOCALIZE_STITCH,
     description="Each parent's largest task-vector entries over the whole model (density = share kept, 0.1 as "
     "the paper), stitched onto the base; overlapping entries shared equally.",
-    needs_base_model=True, streams=False,
+    needs_base_model=True,
     function=_function("localize_stitch"),
+    streamed_function=_streamed("localize_stitch"),
     arguments=(("weights", "weights"), ("density", "sparsity")),
     defaults=(("density", 0.1),),
 ))

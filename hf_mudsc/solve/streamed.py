@@ -265,3 +265,98 @@ def _gta_chunked(function: str, name: str, base: TensorSource, present: list[tup
             out = torch.empty(base.shape, dtype=merged.dtype)
         out[start:stop] = merged
     return out
+
+
+def localize_stitch(base: Mapping[str, torch.Tensor], parents: Sequence[Mapping[str, torch.Tensor]],
+                    weights: Any = None, *, sparsity: float = 0.1, exclude: Sequence[str] = (),
+                    source: Callable[[Mapping[str, torch.Tensor], str], TensorSource | None],
+                    budget: int | None = None) -> dict[str, torch.Tensor]:
+    """`task_vectors.localize_stitch` with a working set that does not grow with the number of parents.
+
+    Phase 1, one parent at a time: the threshold of its top-`sparsity` task-vector magnitudes over the whole model
+    (the same value as the function's `topk(...).values.min()`: a selection of the k-th largest). Phase 2, tensor
+    by tensor in row chunks: the stitch is elementwise (masks `|tau_i| > threshold_i`, overlaps shared), so each
+    chunk gives those rows of the function's result. `source(mapping, name)` gives a tensor's `TensorSource` (None
+    when the mapping lacks it). Inputs the function refuses (shapes that differ) or ranks in another dtype (mixed
+    float dtypes) are handed to it whole.
+    """
+    if base is None or not parents:
+        return tv.localize_stitch(base, parents, weights, sparsity=sparsity, exclude=exclude)  # its error
+    n = len(parents)
+    w_all = tv.per_parent(weights, n, "weights", 1.0)
+    excluded = set(exclude)
+    sources: dict[str, tuple[TensorSource, list[TensorSource | None]]] = {}
+    for name in base:
+        b_source = source(base, name)
+        if b_source is None or name in excluded or not _head(b_source).is_floating_point():
+            continue
+        sources[name] = (b_source, [source(parent, name) for parent in parents])
+    if any(s is not None and s.shape != b.shape for b, ps in sources.values() for s in ps):
+        return tv.localize_stitch(base, parents, weights, sparsity=sparsity, exclude=exclude)  # its error
+
+    thresholds: list[float | None] = []
+    for i in range(n):
+        magnitudes, dtypes = [], set()
+        for b_source, p_sources in sources.values():
+            if p_sources[i] is not None:
+                b = b_source.read()
+                wd = tv.work_dtype(b)
+                dtypes.add(wd)
+                magnitudes.append((p_sources[i].read().to(wd) - b.to(wd)).abs().reshape(-1))
+        if len(dtypes) > 1:
+            return tv.localize_stitch(base, parents, weights, sparsity=sparsity, exclude=exclude)
+        flat = torch.cat(magnitudes) if magnitudes else torch.zeros(0)
+        del magnitudes
+        k = int(sparsity * flat.numel())
+        index = flat.numel() - k
+        thresholds.append(float(np.partition(flat.numpy(), index)[index]) if k > 0 else None)
+        del flat
+
+    out: dict[str, torch.Tensor] = {}
+    for name in base:
+        if name not in sources:
+            present = [{name: parent[name]} if name in parent else {} for parent in parents]
+            out[name] = tv.localize_stitch({name: base[name]}, present, weights, sparsity=sparsity,
+                                           exclude=[name])[name]
+            continue
+        b_source, p_sources = sources[name]
+        rows = chunk_rows(b_source.shape, 1 + sum(s is not None for s in p_sources),
+                          DEFAULT_BUDGET if budget is None else budget)
+        if rows is None:
+            b = b_source.read()
+            out[name] = stitch(b, [None if s is None else s.read() for s in p_sources], thresholds, w_all)
+            continue
+        merged = torch.empty(b_source.shape, dtype=_head(b_source).dtype)
+        for start in range(0, b_source.shape[0], rows):
+            stop = min(start + rows, b_source.shape[0])
+            merged[start:stop] = stitch(b_source.read_rows(start, stop),
+                                        [None if s is None else s.read_rows(start, stop) for s in p_sources],
+                                        thresholds, w_all)
+        out[name] = merged
+    return out
+
+
+def _head(source: TensorSource) -> torch.Tensor:
+    """A little of the tensor, for its dtype (the first row; a 0-d tensor whole)."""
+    return source.read_rows(0, 1) if source.shape else source.read()
+
+
+def stitch(b: torch.Tensor, parents: Sequence[torch.Tensor | None], thresholds: Sequence[float | None],
+           weights: Sequence[float]) -> torch.Tensor:
+    """Localize-and-Stitch's stitch of (rows of) one tensor, the same operations as `task_vectors.localize_stitch`:
+    parent i's mask `|tau_i| > threshold_i` (none without a threshold), overlapping entries shared equally."""
+    wd = tv.work_dtype(b)
+    b32 = b.to(wd)
+    taus = [None if t is None else t.to(wd) - b32 for t in parents]
+    masks = [None if tau is None else (torch.zeros_like(tau, dtype=torch.bool) if thr is None else tau.abs() > thr)
+             for tau, thr in zip(taus, thresholds)]
+    count = torch.zeros(b.shape, dtype=wd)
+    for mask in masks:
+        if mask is not None:
+            count += mask.to(wd)
+    inv = torch.where(count > 0, 1.0 / torch.where(count > 0, count, 1), 0).to(wd)
+    acc = b32.clone()
+    for weight, mask, tau in zip(weights, masks, taus):
+        if tau is not None:
+            acc += weight * mask.to(wd) * inv * tau
+    return acc.to(b.dtype)
