@@ -6,7 +6,8 @@ of its shape from a config): the base, and `max(--counts)` fine-tune stand-ins (
 saved as a safetensors folder. Each measurement runs `hf_mudsc.merge(folders, base=folder, method=...)` in its
 own process with one torch thread, so `ru_maxrss` is that merge's peak; an extra process that only imports the
 library measures the runtime's own share ("idle"). Reported per method and count: the peak, the peak above idle,
-and the ratios of the largest count to the smallest. Prints a table and, last, ONE JSON line.
+and the ratios of the largest count to the smallest. Prints one JSON line per method as it is measured
+(`{"partial": ...}`), then a table and, last, ONE JSON line with everything.
 
     python scripts/bench_same_base_memory.py                  # ties, 2 and 8 parents, MiniLM-sized
     python scripts/bench_same_base_memory.py --methods ties dare_ties della --counts 2 8
@@ -170,7 +171,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     base, parents, what = write_parents(Path(args.cache_dir), max(args.counts), args.tiny)
     parent_mb = sum(f.stat().st_size for f in parents[0].glob("*.safetensors")) / 2**20
     idle = measure(argparse.Namespace(**{**vars(args), "method": args.methods[0]}), base, [])
-    results = [method_result(args, method, base, parents, idle) for method in args.methods]
+    results = []
+    for method in args.methods:  # each method's block as soon as it is measured (a long run keeps what it has)
+        results.append(method_result(args, method, base, parents, idle))
+        print(json.dumps({"partial": results[-1]}, sort_keys=True), flush=True)
     result: dict[str, Any] = {
         "benchmark": "same_base_memory",
         "model": what,
