@@ -151,6 +151,7 @@ def _options(function: str, weights: Any, keywords: Mapping[str, Any]) -> dict[s
     return dict(bound.arguments)
 
 
+@torch.no_grad()
 def merge_tensor(function: str, name: str, base: TensorSource | None, parents: Sequence[TensorSource | None],
                  weights: Any = None, keywords: Mapping[str, Any] | None = None, *,
                  budget: int | None = None) -> torch.Tensor | None:
@@ -267,6 +268,7 @@ def _gta_chunked(function: str, name: str, base: TensorSource, present: list[tup
     return out
 
 
+@torch.no_grad()
 def localize_stitch(base: Mapping[str, torch.Tensor], parents: Sequence[Mapping[str, torch.Tensor]],
                     weights: Any = None, *, sparsity: float = 0.1, exclude: Sequence[str] = (),
                     source: Callable[[Mapping[str, torch.Tensor], str], TensorSource | None],
