@@ -199,6 +199,7 @@ def _elementwise_chunked(function: str, name: str, base: TensorSource | None,
 
 def _gta_chunked(function: str, name: str, base: TensorSource, present: list[tuple[int, TensorSource]], n: int,
                  weights: Any, keywords: dict[str, Any], rows: int) -> torch.Tensor | None:
+    """`_gta` of `task_vectors` for one tensor in two phases (module docstring); None: merge it whole."""
     sparsify, consensus = tv.GTA_FORMS[function]
     options = _options(function, weights, keywords)
     w_all = tv.per_parent(weights, n, "weights", 1.0)
