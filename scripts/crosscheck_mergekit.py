@@ -57,6 +57,27 @@ def test_deterministic_methods_equal(method, fn, params):
     assert torch.allclose(a, b, atol=1e-6, rtol=0), (a - b).abs().max()
 
 
+@pytest.mark.parametrize("method,params", [
+    ("task_arithmetic", {"lambda": 0.7}),
+    ("ties", {"density": 0.3}),
+    ("ties", {"density": [0.2, 0.5, 0.9], "rescale": True}),
+    ("breadcrumbs_ties", {"density": 0.6, "gamma": 0.1}),
+])
+def test_row_chunked_merges_equal_mergekit(method, params):
+    """hf_mudsc.solve.streamed (big tensors in row chunks, the streaming merge) against mergekit on whole tensors."""
+    from hf_mudsc.solve import streamed
+
+    base = _rand(301, 37, seed=1)
+    # no equal magnitudes: mergekit's (unstable) argsort breaks ties its own way (test_tie_breaking_on_equal_...)
+    parents = [base + 0.1 * _rand(301, 37, seed=s) for s in (2, 3, 4)]
+    kw = {("scaling" if k == "lambda" else k): v for k, v in params.items()}
+    a = streamed.merge_tensor(method, "w", streamed.TensorSource.of(base),
+                              [streamed.TensorSource.of(p) for p in parents], W, kw, budget=4000)
+    assert a is not None
+    b = merge_tensors([base] + parents, method, base_index=0, parameters={"weight": W, **params})
+    assert torch.allclose(a, b, atol=1e-6, rtol=0), (a - b).abs().max()
+
+
 def test_linear_equal():
     a = tm.linear(None, [{"w": p} for p in PARENTS], W)["w"]
     b = merge_tensors(PARENTS, "linear", parameters={"weight": W})

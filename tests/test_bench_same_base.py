@@ -110,11 +110,23 @@ def test_the_memory_benchmark_merges_in_a_process_of_its_own_and_reports_the_rat
     monkeypatch.setattr(memory, "measure", lambda args, base, parents: {"count": len(parents),
                                                                          "peak_rss_mb": canned[len(parents)]})
     result = memory.main(["--tiny", "--counts", "3", "2", "--cache-dir", str(tmp_path)])
-    assert [r["count"] for r in result["runs"]] == [2, 3]
-    assert [r["above_idle_mb"] for r in result["runs"]] == [100.0, 120.0]
-    assert (result["ratio"], result["ratio_above_idle"], result["meets_target"]) == (1.04, 1.2, True)
+    (ties,) = result["results"]
+    assert ties["method"] == "ties"
+    assert [r["count"] for r in ties["runs"]] == [2, 3]
+    assert [r["above_idle_mb"] for r in ties["runs"]] == [100.0, 120.0]
+    assert (ties["ratio"], ties["ratio_above_idle"], ties["meets_target"]) == (1.04, 1.2, True)
     out = capsys.readouterr().out
-    assert "ratio 3 vs 2: 1.04 (above idle: 1.2); target <= 1.5: met" in out
+    assert "ties: ratio 3 vs 2: 1.04 (above idle: 1.2); target <= 1.5: met" in out
+
+    by_method = {"linear": {2: 500.0, 3: 510.0}, "della": {2: 500.0, 3: 800.0}}
+    monkeypatch.setattr(memory, "measure", lambda args, base, parents: {
+        "count": len(parents), "peak_rss_mb": by_method[args.method][len(parents)] if parents else 400.0})
+    result = memory.main(["--tiny", "--counts", "2", "3", "--methods", "linear", "della", "--cache-dir",
+                          str(tmp_path)])
+    assert [(r["method"], r["ratio"], r["meets_target"]) for r in result["results"]] == [
+        ("linear", 1.02, True), ("della", 1.6, False)]
+    out = capsys.readouterr().out
+    assert "della: ratio 3 vs 2: 1.6 (above idle: 4.0); target <= 1.5: NOT met" in out
     assert json.loads(out.strip().splitlines()[-1])["benchmark"] == "same_base_memory"
 
 

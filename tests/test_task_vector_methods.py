@@ -191,7 +191,7 @@ def test_registry_entries_declare_base_parents_defaults_and_used_options():
     assert all(isinstance(m, TensorWiseMethod) for m in entries.values())
     assert {n for n, m in entries.items() if not m.needs_base_model} == {"linear", "slerp", "layer_swap"}
     assert {n: m.num_parents for n, m in entries.items() if m.num_parents is not None} == {"slerp": 2}
-    assert {n for n, m in entries.items() if not m.streams} == {"pcb", "localize_stitch"}
+    assert {n for n, m in entries.items() if not m.streams} == {"pcb"}
     options = MergeOptions()
     normalize = {n: m.used_options(options).get("normalize") for n, m in entries.items()}
     assert normalize == {"linear": True, "task_arithmetic": False, "ties": True, "dare_linear": False,

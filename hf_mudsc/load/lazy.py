@@ -66,6 +66,14 @@ class LazyParameters(Mapping[str, torch.Tensor]):
             tensor = handle.get_tensor(name)
         return tensor if self.dtype is None or not tensor.is_floating_point() else tensor.to(self.dtype)
 
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` (along dim 0) of tensor `name`, read without reading the rest of it (safetensors
+        `get_slice`): a big tensor is merged in row chunks, so only a chunk of each parent's version is held."""
+        file = self._where[name]
+        with safe_open(file, framework="pt") as handle:
+            tensor = handle.get_slice(name)[start:stop]
+        return tensor if self.dtype is None or not tensor.is_floating_point() else tensor.to(self.dtype)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
 
@@ -135,9 +143,32 @@ class Subset(Mapping[str, torch.Tensor]):
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self._keep(name) and name in self._parameters
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        if not self._keep(name):
+            raise KeyError(name)
+        return shape_of(self._parameters, name)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        if not self._keep(name):
+            raise KeyError(name)
+        return rows_of(self._parameters, name, start, stop)
+
 
 def subset(parameters: Mapping[str, torch.Tensor], keep: Callable[[str], bool]) -> Mapping[str, torch.Tensor]:
     """`parameters` restricted to the names `keep` accepts: a dict for a dict, a lazy view for anything else."""
     if isinstance(parameters, dict):
         return {name: tensor for name, tensor in parameters.items() if keep(name)}
     return Subset(parameters, keep)
+
+
+def shape_of(parameters: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
+    """Tensor `name`'s shape without reading it from a lazy mapping (`LazyParameters`, `Subset`: the file header)."""
+    shape = getattr(parameters, "shape", None)
+    return tuple(shape(name)) if callable(shape) else tuple(parameters[name].shape)
+
+
+def rows_of(parameters: Mapping[str, torch.Tensor], name: str, start: int, stop: int) -> torch.Tensor:
+    """Rows `start:stop` of tensor `name`: read from the file alone for a lazy mapping, a view of a held tensor
+    otherwise."""
+    rows = getattr(parameters, "rows", None)
+    return rows(name, start, stop) if callable(rows) else parameters[name][start:stop]

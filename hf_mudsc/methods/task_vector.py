@@ -9,8 +9,12 @@ is 1.0 — no sparsification at all, which would make `ties` plain sign election
 arithmetic). `used_options` returns the values actually used, so the config and card record exactly those.
 
 Tensor-wise methods read each parent's tensor only while merging it (`streams=True`): given
-`hf_mudsc.load.lazy.LazyParameters` parents, memory stays at about one model however many parents there are.
-`pcb` and `localize_stitch` rank entries over the whole model and read every tensor of every parent at once.
+`hf_mudsc.load.lazy.LazyParameters` parents, memory stays at about one model however many parents there are. Big
+tensors of the `chunked=True` entries are merged in row chunks (`hf_mudsc.solve.streamed`), so neither do the
+N-sized intermediates of one tensor (stacked task vectors, masks ...) grow with the number of parents.
+`localize_stitch` ranks entries over the whole model: its streaming form finds each parent's threshold one parent at
+a time, then stitches tensor by tensor. `pcb`'s balancing couples every entry of every parent over the whole
+model: it reads every tensor of every parent at once.
 
 When the parents' label sets differ, the pipeline leaves the classifier out of `context.parents` and concatenates
 the heads itself (`builds_concatenated_head=False`).
@@ -46,7 +50,11 @@ class TensorWiseMethod(MergeMethod):
 
     `arguments`: (option, keyword) pairs — which `MergeOptions` fields the method reads and the function keyword
     each becomes (`weights` is passed positionally). `defaults`: (option, value) pairs used where the option is
-    None (unset). `streams`: the function reads one tensor name at a time across the parents.
+    None (unset). `streams`: the function reads one tensor name at a time across the parents. `chunked`: big
+    tensors are merged in row chunks by `hf_mudsc.solve.streamed` (the function is one of `GTA_FORMS` or elementwise
+    across a tensor), so the working set does not grow with the number of parents either. `streamed_function`: a
+    whole-model method's streaming form (`hf_mudsc.solve.streamed`, called with `source=`), used instead of
+    `function` when set.
     """
 
     function: Callable[..., dict[str, Any]] | None = None
@@ -54,6 +62,8 @@ class TensorWiseMethod(MergeMethod):
     defaults: tuple[tuple[str, Any], ...] = ()
     streams: bool = True
     num_parents: int | None = None
+    chunked: bool = False
+    streamed_function: Callable[..., dict[str, Any]] | None = None
 
     def option_value(self, options: MergeOptions, name: str) -> Any:
         """The value the method uses for option `name`: the user's, else the method's default."""
@@ -108,10 +118,24 @@ class TensorWiseMethod(MergeMethod):
         whole state dicts, while only one tensor of each parent (read lazily from its file) is held at a time."""
         parameters: dict[str, Any] = {}
         for name in _names_in_order(context.parents):
+            if self.chunked:
+                merged = self.merge_in_chunks(context, name, weights, keywords)
+                if merged is not None:
+                    parameters[name] = merged
+                    continue
             parents = [{name: parent[name]} if name in parent else {} for parent in context.parents]
             base = None if context.base is None else ({name: context.base[name]} if name in context.base else {})
             parameters.update(self.function(base, parents, weights, **keywords))
         return parameters
+
+    def merge_in_chunks(self, context: MethodContext, name: str, weights: Any, keywords: dict[str, Any]) -> Any:
+        """Tensor `name` merged in row chunks (`hf_mudsc.solve.streamed.merge_tensor`), or None for a tensor that
+        is not chunked (small, 1-D, ...: the caller merges it whole)."""
+        from hf_mudsc.solve import streamed
+
+        base = context.base if self.needs_base_model else None
+        return streamed.merge_tensor(self.function.__name__, name, _source(base, name),
+                                     [_source(parent, name) for parent in context.parents], weights, keywords)
 
     def merge_parameters(self, context: MethodContext) -> MethodResult:
         from hf_mudsc.errors import MergeInputError, option_hint
@@ -127,7 +151,10 @@ class TensorWiseMethod(MergeMethod):
             _check_blocks(keywords["blocks"], context.parents[0], context.options.layer_swap)
         weights = self.option_value(context.options, "weights") if "weights" in dict(self.arguments) else None
         try:
-            if self.streams:
+            if self.streamed_function is not None:
+                parameters = self.streamed_function(context.base, list(context.parents), weights, source=_source,
+                                                    **keywords)
+            elif self.streams:
                 parameters = self.merge_tensor_by_tensor(context, weights, keywords)
             else:
                 parameters = self.function(context.base, list(context.parents), weights, **keywords)
@@ -139,6 +166,17 @@ class TensorWiseMethod(MergeMethod):
 def _names_in_order(mappings: Sequence[Mapping[str, Any]]) -> list[str]:
     """Every tensor name of the mappings, parent 0's order first (dict keys keep order, duplicates dropped)."""
     return list(dict.fromkeys(name for mapping in mappings for name in mapping.keys()))
+
+
+def _source(parameters: Mapping[str, Any] | None, name: str) -> Any:
+    """A `TensorSource` of tensor `name` of a (possibly lazy) parameter mapping; None when it lacks the tensor."""
+    from hf_mudsc.load.lazy import rows_of, shape_of
+    from hf_mudsc.solve.streamed import TensorSource
+
+    if parameters is None or name not in parameters:
+        return None
+    return TensorSource(shape_of(parameters, name), lambda: parameters[name],
+                        lambda start, stop: rows_of(parameters, name, start, stop))
 
 
 def _check_blocks(blocks: dict[int, int], parameters: Sequence[str], text: str) -> None:
@@ -168,6 +206,19 @@ def _function(name: str) -> Callable[..., dict[str, Any]]:
     return call
 
 
+def _streamed(name: str) -> Callable[..., dict[str, Any]]:
+    """The streaming form `name` of `hf_mudsc.solve.streamed`, imported when first called (as `_function`)."""
+
+    def call(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        from hf_mudsc.solve import streamed
+
+        return getattr(streamed, name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"hf_mudsc.solve.streamed.{name}"
+    return call
+
+
 # What every generalized-task-arithmetic method reads (mergekit 0.1.5 `GeneralizedTaskArithmeticMerge`).
 _GTA = (("weights", "weights"), ("normalize", "normalize"), ("scaling", "scaling"))
 _SPARSE = _GTA + (("density", "density"),)
@@ -180,6 +231,7 @@ LINEAR = register_method(TensorWiseMethod(
     description="Weighted average of the parents' tensors, divided by the weights' sum (mergekit linear); "
     "no base needed.",
     function=_function("linear"),
+    chunked=True,
     arguments=(("weights", "weights"), ("normalize", "normalize")),
     defaults=(("normalize", True),),
 ))
@@ -190,6 +242,7 @@ TASK_ARITHMETIC = register_method(TensorWiseMethod(
     description="base + scaling * sum_i w_i (parent_i - base) (mergekit task_arithmetic).",
     needs_base_model=True,
     function=_function("task_arithmetic"),
+    chunked=True,
     arguments=_GTA,
     defaults=(("normalize", False),),
 ))
@@ -201,6 +254,7 @@ TIES = register_method(TensorWiseMethod(
     "agreeing entries averaged (mergekit ties; density 0.2 = the paper's top 20%).",
     needs_base_model=True,
     function=_function("ties"),
+    chunked=True,
     arguments=_SPARSE,
     defaults=(("normalize", True), ("density", 0.2)),
 ))
@@ -212,6 +266,7 @@ DARE_LINEAR = register_method(TensorWiseMethod(
     "(mergekit dare_linear; masks seeded by seed; density 0.5 as FusionBench).",
     needs_base_model=True,
     function=_function("dare_linear"),
+    chunked=True,
     arguments=_RANDOM,
     defaults=(("normalize", False), ("density", 0.5)),
 ))
@@ -223,6 +278,7 @@ DARE_TIES = register_method(TensorWiseMethod(
     "seed; density 0.5 as FusionBench).",
     needs_base_model=True,
     function=_function("dare_ties"),
+    chunked=True,
     arguments=_RANDOM,
     defaults=(("normalize", False), ("density", 0.5)),
 ))
@@ -234,6 +290,7 @@ BREADCRUMBS = register_method(TensorWiseMethod(
     "(mergekit breadcrumbs; density 0.9, gamma 0.01).",
     needs_base_model=True,
     function=_function("breadcrumbs"),
+    chunked=True,
     arguments=_SPARSE + (("gamma", "gamma"),),
     defaults=(("normalize", False), ("density", 0.9), ("gamma", 0.01)),
 ))
@@ -245,6 +302,7 @@ BREADCRUMBS_TIES = register_method(TensorWiseMethod(
     "normalise by default; density 0.9, gamma 0.01).",
     needs_base_model=True,
     function=_function("breadcrumbs_ties"),
+    chunked=True,
     arguments=_SPARSE + (("gamma", "gamma"),),
     defaults=(("normalize", False), ("density", 0.9), ("gamma", 0.01)),
 ))
@@ -256,6 +314,7 @@ DELLA = register_method(TensorWiseMethod(
     "L1 norm restored, signs elected (mergekit della; density 0.5, epsilon 0.15).",
     needs_base_model=True,
     function=_function("della"),
+    chunked=True,
     arguments=_RANDOM + (("epsilon", "epsilon"),),
     defaults=(("normalize", True), ("density", 0.5), ("epsilon", 0.15)),
 ))
@@ -267,6 +326,7 @@ DELLA_LINEAR = register_method(TensorWiseMethod(
     "density 0.5, epsilon 0.15).",
     needs_base_model=True,
     function=_function("della_linear"),
+    chunked=True,
     arguments=_RANDOM + (("epsilon", "epsilon"),),
     defaults=(("normalize", False), ("density", 0.5), ("epsilon", 0.15)),
 ))
@@ -298,6 +358,7 @@ CONSENSUS = register_method(TensorWiseMethod(
     "(drops selfish and catastrophic weights).",
     needs_base_model=True,
     function=_function("consensus"),
+    chunked=True,
     arguments=(("weights", "weights"), ("consensus_k", "k"), ("consensus_lambda", "tall_mask_lambda"),
                ("scaling", "scaling")),
 ))
@@ -307,8 +368,9 @@ LOCALIZE_STITCH = register_method(TensorWiseMethod(
     paper=PAPER_LOCALIZE_STITCH,
     description="Each parent's largest task-vector entries over the whole model (density = share kept, 0.1 as "
     "the paper), stitched onto the base; overlapping entries shared equally.",
-    needs_base_model=True, streams=False,
+    needs_base_model=True,
     function=_function("localize_stitch"),
+    streamed_function=_streamed("localize_stitch"),
     arguments=(("weights", "weights"), ("density", "sparsity")),
     defaults=(("density", 0.1),),
 ))

@@ -40,6 +40,7 @@ import hashlib
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 
 import torch
 
@@ -69,6 +70,15 @@ __all__ = [
     "outlier_mask",
     "bernoulli_mask",
     "l1_rescale",
+    "l1_factor",
+    "sparsify_mask",
+    "combine_task_vectors",
+    "work_dtype",
+    "GTA_FORMS",
+    "per_parent",
+    "magnitude_window",
+    "outlier_window",
+    "della_mask",
     "tensor_generator",
 ]
 
@@ -76,11 +86,12 @@ __all__ = [
 # --------------------------------------------------------------------------- helpers
 
 
-def _work_dtype(t: torch.Tensor) -> torch.dtype:
+def work_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the arithmetic runs in: float64 for float64 inputs, else float32."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _per_parent(value: FloatOrList | None, n: int, name: str, default: float) -> list[float]:
+def per_parent(value: FloatOrList | None, n: int, name: str, default: float) -> list[float]:
     """Broadcast a scalar option to one value per parent, or check a per-parent list."""
     if value is None:
         return [float(default)] * n
@@ -149,20 +160,36 @@ def tensor_generator(seed: int, name: str, index: int) -> torch.Generator:
 # ----------------------------------------------------------------- sparsifiers (deltas)
 
 
+def l1_factor(delta: torch.Tensor, mask: torch.Tensor, eps: float = 1e-7) -> torch.Tensor | None:
+    """The factor `l1_rescale` multiplies ``delta * mask`` by (a 0-d tensor), or None when either L1 norm < eps.
+    Public so a tensor merged in row chunks (`hf_mudsc.solve.streamed`) scales every chunk by the same factor."""
+    before = delta.abs().sum()
+    after = (delta * mask).abs().sum()
+    if before < eps or after < eps:
+        return None
+    return before / after
+
+
 def l1_rescale(delta: torch.Tensor, mask: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """``delta * mask`` scaled so its L1 norm equals ``delta``'s (mergekit
     ``rescaled_masked_tensor`` with ``RescaleNorm.l1``): no rescale when either norm < eps."""
     masked = delta * mask
-    before = delta.abs().sum()
-    after = masked.abs().sum()
-    if before < eps or after < eps:
-        return masked
-    return masked * (before / after)
+    factor = l1_factor(delta, mask, eps)
+    return masked if factor is None else masked * factor
 
 
 def _desc_order(delta: torch.Tensor) -> torch.Tensor:
     """Flat indices by decreasing magnitude; equal magnitudes keep flat-index order."""
     return torch.sort(delta.abs().reshape(-1), descending=True, stable=True).indices
+
+
+def magnitude_window(numel: int, density: float) -> tuple[int, int]:
+    """The ranks (by decreasing magnitude, equal magnitudes in flat-index order) the TIES trim keeps: [lo, hi)."""
+    if density >= 1:
+        return 0, numel
+    if density <= 0 or numel == 0:
+        return 0, 0
+    return 0, max(1, int(density * numel))
 
 
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -174,10 +201,23 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
         return torch.ones_like(delta)
     if density <= 0 or n == 0:
         return torch.zeros_like(delta)
-    k = max(1, int(density * n))
+    lo, hi = magnitude_window(n, density)
     mask = torch.zeros(n, dtype=delta.dtype)
-    mask[_desc_order(delta)[:k]] = 1
+    mask[_desc_order(delta)[lo:hi]] = 1
     return mask.reshape(delta.shape)
+
+
+def outlier_window(numel: int, density: float, gamma: float) -> tuple[int, int]:
+    """The ranks (by decreasing magnitude, equal magnitudes in flat-index order) Model Breadcrumbs keeps:
+    [lo, hi). mergekit: ascending order, keep positions [n_bot, n_bot + target); in descending rank that is
+    [n - n_bot - target, n - n_bot)."""
+    if density >= 1:
+        return 0, numel
+    target = int(density * numel)
+    n_top = int(gamma * numel)
+    n_bot = max(0, numel - target - n_top)
+    start = numel - n_bot - target
+    return start, start + target
 
 
 def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -188,14 +228,9 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Ten
     n = delta.numel()
     if density >= 1:
         return torch.ones_like(delta)
-    target = int(density * n)
-    n_top = int(gamma * n)
-    n_bot = max(0, n - target - n_top)
-    # mergekit: ascending order, keep positions [n_bot, n_bot + target). In descending rank
-    # that is [n - n_bot - target, n - n_bot).
-    start = n - n_bot - target
+    lo, hi = outlier_window(n, density, gamma)
     mask = torch.zeros(n, dtype=delta.dtype)
-    mask[_desc_order(delta)[start : start + target]] = 1
+    mask[_desc_order(delta)[lo:hi]] = 1
     return mask.reshape(delta.shape)
 
 
@@ -208,7 +243,7 @@ def bernoulli_mask(delta: torch.Tensor, density: float, generator: torch.Generat
     return torch.bernoulli(p, generator=generator).to(delta.dtype)
 
 
-def _della_mask(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> torch.Tensor:
+def della_mask(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> torch.Tensor:
     """DELLA MagPrune (mergekit ``sparsify.della_magprune``): per row (dim 1 of the tensor,
     1-D tensors as one row), keep probability rises linearly with magnitude rank from
     ``density - epsilon`` (smallest) to ``density + epsilon`` (largest)."""
@@ -253,10 +288,10 @@ def _gta(
         raise ValueError("this method needs the common base model (base=...)")
     _check_parents(parents)
     n = len(parents)
-    w_all = _per_parent(weights, n, "weights", 1.0)
-    d_all = _per_parent(density, n, "density", 1.0)
-    g_all = _per_parent(gamma, n, "gamma", 0.01)
-    e_all = _per_parent(epsilon, n, "epsilon", 0.15)
+    w_all = per_parent(weights, n, "weights", 1.0)
+    d_all = per_parent(density, n, "density", 1.0)
+    g_all = per_parent(gamma, n, "gamma", 0.01)
+    e_all = per_parent(epsilon, n, "epsilon", 0.15)
     out: StateDict = {}
     for name, b in base.items():
         present = _gather(name, b, parents)
@@ -264,46 +299,78 @@ def _gta(
         if kept is not None:
             out[name] = kept
             continue
-        wd = _work_dtype(b)
+        wd = work_dtype(b)
         b32 = b.to(wd)
         deltas = []
         for i, t in present:
             delta = t.to(wd) - b32
-            if sparsify == "magnitude":
-                mask = magnitude_mask(delta, d_all[i])
-            elif sparsify == "outliers":
-                mask = outlier_mask(delta, d_all[i], g_all[i])
-            elif sparsify == "random":
-                mask = bernoulli_mask(delta, d_all[i], tensor_generator(seed, name, i))
-            elif sparsify == "della_magprune":
-                mask = _della_mask(delta, d_all[i], e_all[i], tensor_generator(seed, name, i))
-            else:
-                mask = None
+            mask = sparsify_mask(sparsify, delta, d_all[i], g_all[i], e_all[i],
+                                 partial(tensor_generator, seed, name, i))
             if mask is not None:
                 delta = l1_rescale(delta, mask) if rescale else delta * mask
             deltas.append(delta)
-        D = torch.stack(deltas)  # (m, *shape)
-        w = torch.tensor([w_all[i] for i, _ in present], dtype=wd).reshape(-1, *([1] * b.dim()))
-        WD = D * w
-        if consensus:
-            # TIES sign election by the sum: elected = +1 where sum >= 0 (zero -> +), else -1.
-            elected = torch.where(WD.sum(0) >= 0, 1.0, -1.0).to(wd)
-            # An entry agrees only if its own sign equals the elected one; zeros (trimmed or
-            # unchanged entries) have sign 0 and never agree, so they are not counted.
-            agree = (torch.sign(WD) == elected).to(wd)
-            mixed = (WD * agree).sum(0)
-            divisor = (w * agree).sum(0)
-            divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-        else:
-            mixed = WD.sum(0)
-            divisor = w.sum(0)
-            divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
-        if normalize:
-            mixed = mixed / divisor
-        if scaling != 1:
-            mixed = mixed * scaling
-        out[name] = (b32 + mixed).to(b.dtype)
+        out[name] = combine_task_vectors(b, b32, deltas, [w_all[i] for i, _ in present], consensus=consensus,
+                                         normalize=normalize, scaling=scaling)
     return out
+
+
+def sparsify_mask(sparsify: str | None, delta: torch.Tensor, density: float, gamma: float, epsilon: float,
+                  generator: Callable[[], torch.Generator]) -> torch.Tensor | None:
+    """One parent's mask of a generalized-task-arithmetic merge (None: no sparsification); `generator` makes the
+    parent's generator for the random kinds (called only by them)."""
+    if sparsify == "magnitude":
+        return magnitude_mask(delta, density)
+    if sparsify == "outliers":
+        return outlier_mask(delta, density, gamma)
+    if sparsify == "random":
+        return bernoulli_mask(delta, density, generator())
+    if sparsify == "della_magprune":
+        return della_mask(delta, density, epsilon, generator())
+    return None
+
+
+def combine_task_vectors(b: torch.Tensor, b32: torch.Tensor, deltas: Sequence[torch.Tensor],
+                         weights: Sequence[float], *, consensus: bool, normalize: bool,
+                         scaling: float) -> torch.Tensor:
+    """The merged tensor from the (sparsified) task vectors of the parents holding it (mergekit 0.1.5's
+    sign election, divisor and scaling). Elementwise across the tensor: applied to the same rows of every input it
+    gives those rows of the whole result (`hf_mudsc.solve.streamed` merges big tensors in row chunks)."""
+    wd = b32.dtype
+    D = torch.stack(list(deltas))  # (m, *shape)
+    w = torch.tensor(list(weights), dtype=wd).reshape(-1, *([1] * b.dim()))
+    WD = D * w
+    if consensus:
+        # TIES sign election by the sum: elected = +1 where sum >= 0 (zero -> +), else -1.
+        elected = torch.where(WD.sum(0) >= 0, 1.0, -1.0).to(wd)
+        # An entry agrees only if its own sign equals the elected one; zeros (trimmed or
+        # unchanged entries) have sign 0 and never agree, so they are not counted.
+        agree = (torch.sign(WD) == elected).to(wd)
+        mixed = (WD * agree).sum(0)
+        divisor = (w * agree).sum(0)
+        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    else:
+        mixed = WD.sum(0)
+        divisor = w.sum(0)
+        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
+    if normalize:
+        mixed = mixed / divisor
+    if scaling != 1:
+        mixed = mixed * scaling
+    return (b32 + mixed).to(b.dtype)
+
+
+#: The generalized-task-arithmetic functions below: function name -> (sparsify, consensus) as `_gta` is called.
+#: `hf_mudsc.solve.streamed` merges big tensors of these in row chunks with the same definitions.
+GTA_FORMS: dict[str, tuple[str | None, bool]] = {
+    "task_arithmetic": (None, False),
+    "ties": ("magnitude", True),
+    "dare_linear": ("random", False),
+    "dare_ties": ("random", True),
+    "breadcrumbs": ("outliers", False),
+    "breadcrumbs_ties": ("outliers", True),
+    "della": ("della_magprune", True),
+    "della_linear": ("della_magprune", False),
+}
 
 
 def task_arithmetic(base, parents, weights=None, *, normalize: bool = False, scaling: float = 1.0) -> StateDict:
@@ -374,7 +441,7 @@ def linear(base, parents, weights=None, *, normalize: bool = True) -> StateDict:
     sum_i w_i theta_i [/ sum_i w_i]. The base is not used (mergekit ignores it)."""
     _check_parents(parents)
     n = len(parents)
-    w_all = _per_parent(weights, n, "weights", 1.0)
+    w_all = per_parent(weights, n, "weights", 1.0)
     ref_sd = parents[0]
     out: StateDict = {}
     for name, ref in ref_sd.items():
@@ -383,7 +450,7 @@ def linear(base, parents, weights=None, *, normalize: bool = True) -> StateDict:
         if not ref.is_floating_point():
             out[name] = _copy_buffer(name, tensors)
             continue
-        wd = _work_dtype(ref)
+        wd = work_dtype(ref)
         acc = torch.zeros(ref.shape, dtype=wd)
         total = 0.0
         for i, t in present:
@@ -401,7 +468,7 @@ def linear(base, parents, weights=None, *, normalize: bool = True) -> StateDict:
 def _slerp_tensor(t: float, v0: torch.Tensor, v1: torch.Tensor,
                   dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
     """Spherical interpolation of two whole tensors (flattened), mergekit 0.1.5 ``slerp``."""
-    wd = _work_dtype(v0)
+    wd = work_dtype(v0)
     a = v0.reshape(-1).to(wd)
     b = v1.reshape(-1).to(wd)
     if a.numel() == 0:
@@ -480,7 +547,7 @@ def pcb(base, parents, weights=None, *, pcb_ratio: float = 0.1, scaling: float =
         raise ValueError("pcb needs the common base model (base=...)")
     _check_parents(parents)
     n = len(parents)
-    lam = _per_parent(weights, n, "weights", 1.0)
+    lam = per_parent(weights, n, "weights", 1.0)
     names = [k for k, v in base.items() if v.is_floating_point()]
     for sd in parents:
         for k in names:
@@ -527,7 +594,7 @@ def consensus(base, parents, weights=None, *, k: int = 2, tall_mask_lambda: floa
         raise ValueError("consensus needs the common base model (base=...)")
     _check_parents(parents)
     n = len(parents)
-    w_all = _per_parent(weights, n, "weights", 1.0)
+    w_all = per_parent(weights, n, "weights", 1.0)
     out: StateDict = {}
     for name, b in base.items():
         present = _gather(name, b, parents)
@@ -535,7 +602,7 @@ def consensus(base, parents, weights=None, *, k: int = 2, tall_mask_lambda: floa
         if kept is not None:
             out[name] = kept
             continue
-        wd = _work_dtype(b)
+        wd = work_dtype(b)
         b32 = b.to(wd)
         taus = [(i, t.to(wd) - b32) for i, t in present]
         mtl = sum(w_all[i] * tau for i, tau in taus)
@@ -562,7 +629,7 @@ def localize_stitch(base, parents, weights=None, *, sparsity: float = 0.1,
         raise ValueError("localize_stitch needs the common base model (base=...)")
     _check_parents(parents)
     n = len(parents)
-    w_all = _per_parent(weights, n, "weights", 1.0)
+    w_all = per_parent(weights, n, "weights", 1.0)
     names = [k for k, v in base.items() if v.is_floating_point() and k not in set(exclude)]
     masks: list[dict[str, torch.Tensor]] = []
     taus: list[dict[str, torch.Tensor]] = []
@@ -571,7 +638,7 @@ def localize_stitch(base, parents, weights=None, *, sparsity: float = 0.1,
         for k in names:
             _gather(k, base[k], [sd])
             if k in sd:
-                tau[k] = sd[k].to(_work_dtype(base[k])) - base[k].to(_work_dtype(base[k]))
+                tau[k] = sd[k].to(work_dtype(base[k])) - base[k].to(work_dtype(base[k]))
         taus.append(tau)
         flat = torch.cat([v.abs().reshape(-1) for v in tau.values()]) if tau else torch.zeros(0)
         kk = int(sparsity * flat.numel())
@@ -586,7 +653,7 @@ def localize_stitch(base, parents, weights=None, *, sparsity: float = 0.1,
             present = [sd[name] for sd in parents if name in sd]
             out[name] = _copy_buffer(name, [b] + present) if not b.is_floating_point() else b.clone()
             continue
-        wd = _work_dtype(b)
+        wd = work_dtype(b)
         count = torch.zeros(b.shape, dtype=wd)
         for m in masks:
             if name in m:
@@ -671,7 +738,7 @@ def regmean(parents, grams: Mapping[str, Sequence[torch.Tensor]], weights=None, 
     Per-parent ``weights`` scale the Grams (w_i G_i) - equal weights reproduce FusionBench."""
     _check_parents(parents, 2)
     n = len(parents)
-    w_all = _per_parent(weights, n, "weights", 1.0)
+    w_all = per_parent(weights, n, "weights", 1.0)
     avg = linear(None, parents, w_all, normalize=True)
     out = dict(avg)
     for module, gs in grams.items():
@@ -697,7 +764,7 @@ def fisher_average(params: Sequence[Mapping[str, torch.Tensor]], fishers: Sequen
     n = len(params)
     if len(fishers) != n:
         raise ValueError("fisher_average: need one Fisher dict per parent")
-    c = torch.tensor(_per_parent(weights, n, "weights", 1.0 / n), dtype=torch.float64)
+    c = torch.tensor(per_parent(weights, n, "weights", 1.0 / n), dtype=torch.float64)
     names = list(params[0].keys())
     if normalize:
         norms = torch.stack([
