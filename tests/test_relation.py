@@ -189,3 +189,15 @@ def test_the_head_product_nuclear_norm_equals_the_direct_svd_of_the_product():
         b = 3 * torch.randn(rows, hidden, generator=generator)
         direct = torch.linalg.matrix_norm(a.double().T @ b.double(), ord="nuc")
         assert torch.allclose(product_nuclear_norm(a, b), direct, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_sorted_values_equal_a_float64_sort_whatever_the_dtype(dtype):
+    from hf_mudsc.load.relation import sorted_values
+
+    values = torch.tensor([[3.0, -0.0, 0.0, -2.5], [1e-3, 3.0, -7.0, 0.5]], dtype=dtype)
+    result = sorted_values(values)
+    assert result.dtype == torch.float64
+    assert torch.equal(result, values.double().flatten().sort().values)
+    assert result.tolist()[0] == -7.0 and result.tolist()[-2:] == [3.0, 3.0]
+    assert torch.equal(values, torch.tensor([[3.0, -0.0, 0.0, -2.5], [1e-3, 3.0, -7.0, 0.5]], dtype=dtype))
