@@ -113,6 +113,9 @@ class MergePlan:
     estimate: Estimate
     warnings: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
+    size_budget: dict[str, Any] | None = None
+    """How `size` would be spent — the widths and exact parameter count the merge records in
+    `config.mudsc["size_budget"]`, counted from shapes (docs/design.md §4.12); None for methods without a budget."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON-able): every field, plus the estimate's total and the parents' pinned references."""
@@ -138,6 +141,12 @@ class MergePlan:
         for group in self.groups:
             heads = f", {group.num_heads} heads" if group.num_heads > 1 else ""
             lines.append(f"  {group.name}: {group.width} units{heads}")
+        budget = self.size_budget
+        if budget is not None and budget["size"] != 1.0:
+            grown = ", ".join(f"{key} {budget['widths'][key] - budget['extra_units'][key]} -> {budget['widths'][key]}"
+                              for key in budget["widths"])
+            lines.append(f"Size budget: {budget['size']:g} x one parent: {grown or 'no width to grow'}; "
+                         f"{budget['num_parameters'] / 1e6:.3f} M parameters ({budget['ratio']:.3g} x)")
         calibration = self.calibration
         if calibration is None:
             lines.append("Calibration: none (the method reads no data)")
@@ -389,13 +398,22 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
                 + "; the weight-based relation check (shared base, permuted copy, independent, protected) runs "
                 "at merge time")
     keywords = options.values(recipe=True)
+    size_budget = None
+    if method.supports_size:
+        from hf_mudsc.apply.classifier import same_label_sets
+        from hf_mudsc.solve.widen import plan_size
+
+        # Shapes are all the count needs: the meta parameters stand in for the weights.
+        concatenate = spec.classifier is not None and not same_label_sets([parent.config for parent in located])
+        size_budget = plan_size(spec, [dict(model.named_parameters()) for model in models_meta], options.size,
+                                concatenate_classifier=concatenate).as_config()
     method_label = (f"auto (chosen at merge time from the parents' weights; estimated as {method.name})"
                     if automatic else method.name)
     plan = MergePlan(parents=parents, relation=relation, method=method_label,
                      matcher=method.used_matcher(options.matcher), groups=[
                          GroupPlan(g.name, g.width, g.num_heads) for g in spec.groups],
                      calibration=calibration_plan, estimate=estimate, warnings=warnings,
-                     options={k: v for k, v in keywords.items() if k != "calibration"})
+                     options={k: v for k, v in keywords.items() if k != "calibration"}, size_budget=size_budget)
     logger.info("dry run: %d groups, estimate %.1f s, peak %.2f GB", len(plan.groups), estimate.seconds,
                 estimate.peak_memory_bytes / 1e9)
     return plan

@@ -201,3 +201,22 @@ def test_estimate_formula_on_hand_made_sizes():
     assert tokens_per_example(BertConfig(max_position_embeddings=64)) == ({"": 64}, True)
     clip = tokens_per_example(CLIPConfig(vision_config={"image_size": 32, "patch_size": 8}))
     assert clip == ({"vision_model": 17, "text_model": 77, "": 1}, True)
+
+
+def test_the_dry_run_reports_how_a_size_budget_is_spent():
+    a, b = make_model("vit_cls", 1), make_model("vit_cls", 2)
+    data = make_batches("vit_cls", num_batches=2, batch_size=8)
+    plan = hf_mudsc.merge([a, b], data, method="mudsc", size=1.5, dry_run=True)
+    merged = hf_mudsc.merge([a, b], data, method="mudsc", size=1.5, refit="none", progress=False)
+    done = merged.config.mudsc["size_budget"]
+    # the plan counts exactly what the merge then builds, from shapes alone
+    assert plan.size_budget == done
+    assert done["widths"]["intermediate_size"] > a.config.intermediate_size
+    assert plan.size_budget["num_parameters"] == sum(p.numel() for p in merged.parameters())
+    text = str(plan)
+    assert (f"Size budget: 1.5 x one parent: intermediate_size {a.config.intermediate_size} -> "
+            f"{done['widths']['intermediate_size']}") in text
+    assert json.loads(json.dumps(plan.to_dict()))["size_budget"] == done
+    # methods without a size budget plan none
+    assert hf_mudsc.merge([a, b], method="average", dry_run=True).size_budget is None
+    assert "Size budget" not in str(hf_mudsc.merge([a, b], data, method="mudsc", dry_run=True))
