@@ -705,81 +705,78 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
+    """The panels the run has data for: joint accuracy against width, the α sweep (when more than one α ran),
+    per-task bars of same-init and MiniLM pairs. A run of one scenario draws only its own panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     diff = result["summary"].get("different_init", {})
-    fig, axes = plt.subplots(1, 3, figsize=(17, 6.2))
-
-    def legend_below(ax: Any) -> None:
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
-
-    ax = axes[0]
     widths = sorted(diff, key=int)
-    for label in [*PLOTTED_ROWS, "mudsc zip indep-heads"]:
-        points = [
-            (int(w), diff[w][label]["joint"])
-            for w in widths
-            if label in diff[w] and "joint" in diff[w][label]
-        ]
-        if points:
-            style = "k--" if label == "ensemble" else "-o"
-            ax.errorbar(
-                [p[0] for p in points],
-                [100 * p[1]["mean"] for p in points],
-                yerr=[100 * p[1]["std"] for p in points],
-                fmt=style,
-                capsize=3,
-                label=ROW_NAMES.get(label, label),
-            )
-    ax.set_xscale("log", base=2)
-    if widths:
-        ax.set_xticks([int(w) for w in widths], [str(w) for w in widths])
-    ax.set_xlabel("hidden size")
-    ax.set_ylabel("joint accuracy (%)")
-    ax.set_title("Different-init ViTs: joint accuracy vs width")
-    legend_below(ax)
-    ax = axes[1]
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for color, width in zip(colors, widths):
-        for matcher, style in (("zip", "-o"), ("align", ":s")):
-            xs, ys = [], []
-            for alpha in result["alphas"]:
-                entry = diff[width].get(sweep_label(matcher, alpha), {}).get("joint")
-                if entry:
-                    xs.append(alpha)
-                    ys.append(100 * entry["mean"])
-            if xs:
-                ax.plot(xs, ys, style, color=color, label=f"{matcher}, hidden {width}")
-    ax.set_xlabel("alpha (weight-space share)")
-    ax.set_ylabel("joint accuracy (%), test")
-    ax.set_title("Different-init: MuDSC alpha sweep (mean over pairs)")
-    legend_below(ax)
-    ax = axes[2]
     bars = []
-    same = result["summary"].get("same_init", {})
-    for width, table in same.items():
+    for width, table in result["summary"].get("same_init", {}).items():
         bars.append((f"same-init h{width}", {k: v.get("average", {}).get("mean") for k, v in table.items()}))
     bert = next((r for r in result["records"] if r["scenario"] == "bert_permuted"), None)
     if bert is not None:
         for pair_name, rows in bert["pairs"].items():
-            bars.append(
-                (f"MiniLM {pair_name.replace('_', ' ')}", {k: v.get("average") for k, v in rows.items()})
-            )
-    labels = PLOTTED_ROWS
-    width_bar = 0.8 / max(1, len(labels))
-    for i, label in enumerate(labels):
+            bars.append((f"MiniLM {pair_name.replace('_', ' ')}", {k: v.get("average") for k, v in rows.items()}))
+    panels: list[Callable[[Any], None]] = []
+    if widths:
+        panels.append(lambda ax: plot_joint_by_width(ax, diff, widths))
+        if len(result["alphas"]) > 1:
+            panels.append(lambda ax: plot_alpha_sweep(ax, diff, widths, result["alphas"]))
+    if bars:
+        panels.append(lambda ax: plot_task_bars(ax, bars))
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.7 * len(panels) + 0.5, 6.2), squeeze=False)
+    for draw, ax in zip(panels, axes[0]):
+        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)  # more rows than the default 10 colours
+        draw(ax)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_joint_by_width(ax: Any, diff: dict[str, Any], widths: Sequence[str]) -> None:
+    for label in [*PLOTTED_ROWS, "mudsc zip indep-heads"]:
+        points = [(int(w), diff[w][label]["joint"]) for w in widths if label in diff[w] and "joint" in diff[w][label]]
+        if points:
+            ax.errorbar([p[0] for p in points], [100 * p[1]["mean"] for p in points],
+                        yerr=[100 * p[1]["std"] for p in points], fmt="k--" if label == "ensemble" else "-o",
+                        capsize=3, label=ROW_NAMES.get(label, label))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([int(w) for w in widths], [str(w) for w in widths])
+    ax.set_xlabel("hidden size")
+    ax.set_ylabel("joint accuracy (%)")
+    ax.set_title("Different-init ViTs: joint accuracy vs width")
+
+
+def plot_alpha_sweep(ax: Any, diff: dict[str, Any], widths: Sequence[str], alphas: Sequence[float]) -> None:
+    import matplotlib.pyplot as plt
+
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for color, width in zip(colors, widths):
+        for matcher, style in (("zip", "-o"), ("align", ":s")):
+            points = [(alpha, diff[width].get(sweep_label(matcher, alpha), {}).get("joint")) for alpha in alphas]
+            points = [(alpha, 100 * entry["mean"]) for alpha, entry in points if entry]
+            if points:
+                ax.plot(*zip(*points), style, color=color, label=f"{matcher}, hidden {width}")
+    ax.set_xlabel("alpha (weight-space share)")
+    ax.set_ylabel("joint accuracy (%), test")
+    ax.set_title("Different-init: MuDSC alpha sweep (mean over pairs)")
+
+
+def plot_task_bars(ax: Any, bars: list[tuple[str, dict[str, Any]]]) -> None:
+    width_bar = 0.8 / max(1, len(PLOTTED_ROWS))
+    for i, label in enumerate(PLOTTED_ROWS):
         values = [math.nan if b[1].get(label) is None else 100 * b[1][label] for b in bars]
         ax.bar(np.arange(len(bars)) + i * width_bar, values, width_bar, label=label)
     ax.set_xticks(np.arange(len(bars)) + 0.4 - width_bar / 2, [b[0] for b in bars], fontsize=8)
     ax.set_ylabel("per-task accuracy, avg of tasks (%)")
     ax.set_title("Same-init ViT and permuted-basis MiniLM")
-    legend_below(ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------- main
