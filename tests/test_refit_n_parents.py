@@ -66,13 +66,14 @@ def _batches(rows: int, count: int, width: int = 3) -> list[dict[str, torch.Tens
     return [{"x": torch.randn(rows, width, generator=generator)} for _ in range(count)]
 
 
+@pytest.mark.parametrize("weights", [None, (1.0, 2.0, 5.0)])
 @pytest.mark.parametrize("clusters", [
     [2, 0, 3, 1, 0, 3, 1, 2, 1, 2, 0, 3],  # align: merged unit j = {A_i, B_k, C_l}
     [0, 0, 1, 2, 1, 2, 3, 3, 3, 2, 1, 0],  # zip: A0+A1 and B2+B3 fused within their model, clusters of 2 to 4
 ])
-def test_three_parent_refit_of_a_single_linear_layer_is_the_closed_form_ridge_solution(clusters):
-    """Each merged unit's target is the weighted mean of the outputs fused into it: `merge_weight` = 1/|cluster|
-    (equal weights), so the target is the plain mean of the cluster's units over all three parents."""
+def test_three_parent_refit_of_a_single_linear_layer_is_the_closed_form_ridge_solution(clusters, weights):
+    """Each merged unit's target is the weighted mean of the outputs fused into it, `Σ_u w_p(u) y_u / Σ_u w_p(u)`
+    (the apply step's weighting); equal weights: the plain mean of the cluster's units over all three parents."""
     spec = PermutationSpec(groups=(Group("hidden", 4, (Member("lin.weight", 0, "out"), Member("lin.bias", 0, "out")),
                                          (HookPoint("lin", "output"),)),))
     parents = [_one_linear(3, 4, seed=seed) for seed in (1, 2, 4)]
@@ -82,17 +83,35 @@ def test_three_parent_refit_of_a_single_linear_layer_is_the_closed_form_ridge_so
     sizes = torch.bincount(cluster_of, minlength=4).to(torch.float64)
     found = Match(cluster_of=cluster_of, merge_weight=1.0 / sizes[cluster_of], num_merged=4, value=1.0, num_models=3)
     batches = _batches(5, 3)
-    report = refit_model(merged, parents, spec, [found], lambda: iter(batches), lambda_rel=0.1)
+    report = refit_model(merged, parents, spec, [found], lambda: iter(batches), lambda_rel=0.1, weights=weights)
 
     x = torch.cat([b["x"] for b in batches]).to(torch.float64)
     with torch.no_grad():
         outputs = torch.cat([p(x.float()) for p in parents], dim=1).to(torch.float64)  # [A 0..3, B 0..3, C 0..3]
-    target = torch.stack([outputs[:, cluster_of == j].mean(1) for j in range(4)], dim=1)
+    unit_weight = torch.tensor(weights or (1.0, 1.0, 1.0), dtype=torch.float64).repeat_interleave(4)
+    target = torch.stack([(outputs[:, cluster_of == j] * unit_weight[cluster_of == j]).sum(1)
+                          / unit_weight[cluster_of == j].sum() for j in range(4)], dim=1)
     weight, bias = _ridge(x, target, start_w, start_b, 0.1)
     assert torch.allclose(merged.lin.weight.to(torch.float64), weight, atol=1e-6)
     assert torch.allclose(merged.lin.bias.to(torch.float64), bias, atol=1e-6)
     assert not torch.allclose(merged.lin.weight, start_w, atol=1e-3)
     assert [fit.name for fit in report.layers] == ["lin"] and report.layers[0].samples == 15
+
+
+def test_weighted_three_parent_refit_of_an_unmatched_layer_targets_the_weighted_mean_of_the_outputs():
+    spec = PermutationSpec(groups=(Group("features", 3, (Member("lin.weight", 1, "in"),), (HookPoint("lin"),)),),
+                           averaged=("lin.bias",))
+    parents = [_one_linear(3, 2, seed) for seed in (1, 2, 4)]
+    merged = _one_linear(3, 2, seed=3)
+    start_w, start_b = merged.lin.weight.detach().clone(), merged.lin.bias.detach().clone()
+    batches = _batches(6, 2)
+    refit_model(merged, parents, spec, [None], lambda: iter(batches), lambda_rel=0.05, weights=[1.0, 2.0, 5.0])
+    x = torch.cat([b["x"] for b in batches]).to(torch.float64)
+    with torch.no_grad():
+        target = sum(w * parent(x.float()).to(torch.float64) for w, parent in zip((1 / 8, 2 / 8, 5 / 8), parents))
+    weight, bias = _ridge(x, target, start_w, start_b, 0.05)
+    assert torch.allclose(merged.lin.weight.to(torch.float64), weight, atol=1e-6)
+    assert torch.allclose(merged.lin.bias.to(torch.float64), bias, atol=1e-6)
 
 
 def test_three_parent_refit_of_concatenated_heads_fits_each_tasks_centred_logits_in_parent_order():
@@ -137,7 +156,6 @@ def test_refit_keeps_the_function_of_three_permuted_copies(kind, matcher, layers
 def test_three_permuted_copies_with_their_own_heads_keep_the_matched_heads():
     """One basis for all three (score 1 against parent 0 for both others): each task's slice is its parent's."""
     model = make_model("vit_cls", seed=0)
-    spec = spec_for(model)
     heads = [with_new_head(model, labels, seed=seed) for labels, seed in ((4, 1), (5, 2))]
     parents = [model, *(permuted_copy(head, spec_for(head), seed=seed) for head, seed in zip(heads, (1, 2)))]
     batches = make_batches("vit_cls")
@@ -157,7 +175,7 @@ def test_shared_basis_of_three_parents_is_the_lowest_score_against_parent_0():
     spec = spec_for(model)
     other = with_new_head(model, 4, seed=1)
     parents = [model, permuted_copy(other, spec_for(other), seed=1), make_model("vit_cls", 7, 5)]
-    merged = hf_mudsc.merge(parents, make_batches("vit_cls"), method="mudsc", matcher="zip", refit="ridge",
+    merged = hf_mudsc.merge(parents, make_batches("vit_cls"), method="mudsc", matcher="align", refit="ridge",
                             progress=False)
     report = merged.merge_report.refit
     head_spec = spec.without_weight_similarity([spec.classifier.weight])
