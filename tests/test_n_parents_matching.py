@@ -302,7 +302,7 @@ def test_the_readme_example_of_n_parents_matching_runs(capsys):
                if b.startswith("# readme-test: matching-n-parents")]
     namespace: dict = {"__name__": "readme_matching_n_parents"}
     exec(compile(block, "README.md (N-parent matching example)", "exec"), namespace)
-    assert capsys.readouterr().out.splitlines() == ["True", "3 [2.0, 1.0, 1.0]"]
+    assert capsys.readouterr().out.splitlines() == ["True", "3 [2.0, 1.0, 1.0]", "ridge 13"]
     merged, model = namespace["merged"], namespace["model"]
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(merged.parameters(), model.parameters()))
 
