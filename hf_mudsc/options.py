@@ -40,12 +40,13 @@ SIZE_RANGE = (1.0, 2.0)
 
 def resolve_refit(refit: str, *, matches_units: bool, has_data: bool, num_parents: int, reference_compat: bool,
                   rereadable: bool = True) -> str:
-    """The refit a merge runs: `refit="auto"` is "ridge" for a unit-matching method (mudsc, zipit, ...) of two
-    parents with re-readable calibration data, and "none" otherwise — and always under `reference_compat=True`,
-    which reproduces the reference's merge (docs/design.md §4.9: measured +44 joint points across inits)."""
+    """The refit a merge runs: `refit="auto"` is "ridge" for a unit-matching method (mudsc, zipit, ...) of any
+    N >= 2 parents with re-readable calibration data, and "none" otherwise — and always under
+    `reference_compat=True`, which reproduces the reference's merge (docs/design.md §4.9: measured +44 joint points
+    across inits for two parents; §4.13 for N)."""
     if refit != "auto":
         return refit
-    applies = matches_units and has_data and rereadable and num_parents == 2 and not reference_compat
+    applies = matches_units and has_data and rereadable and num_parents >= 2 and not reference_compat
     return "ridge" if applies else "none"
 
 
@@ -486,7 +487,7 @@ class MergeOptions:
         help="after matching, refit every linear layer in forward order by ridge least squares toward the parents' "
         "outputs on the calibration data (no labels, no gradients): ridge closes most of the gap to the ensemble "
         "across initializations; none keeps the paper's merge; auto = ridge for unit-matching methods (mudsc, "
-        "zipit, ...) given calibration data, none otherwise and under --reference-compat")
+        "zipit, ...) of any number of parents given calibration data, none otherwise and under --reference-compat")
     refit_lambda: float = option(
         1e-3, kind="number", check=_check_refit_lambda, metavar="L", recorded=True,
         card=CardRow(4, "Refit / ridge λ (relative) / examples",

@@ -281,9 +281,6 @@ def merge(
     if refitting and calibration is None:
         raise MergeInputError(f"refit={refit!r} needs calibration data (a 'dataset:split' spec, a datasets.Dataset "
                               "or a list of input batches); pass calibration, or refit='none' (CLI: --refit none)")
-    if refitting and count != 2:
-        raise MergeInputError(f"refit={refit!r} refits a merge of two parents, got {count}; use refit='none' "
-                              "(CLI: --refit none)")
     if refitting and isinstance(calibration, Iterator):
         raise MergeInputError(f"refit={refit!r} reads the calibration data once per layer step, so it cannot be a "
                               "one-shot iterator; pass a list of batches or a datasets.Dataset")
@@ -517,7 +514,7 @@ def merge(
             merged, loaded, spec, report.matches,
             lambda: iter_batches(calibration, batch_size=batch_size, num_samples=num_samples,
                                  columns=_input_columns(model_a), required=spec.inputs),
-            concatenate_classifier=concatenate, lambda_rel=merge_options.refit_lambda,
+            concatenate_classifier=concatenate, lambda_rel=merge_options.refit_lambda, weights=merge_options.weights,
             samples=merge_options.refit_samples, seed=seed, total=calibration_examples, device=run_device,
             progress=progress)
         if accumulators is None:  # a method without statistics: the refit's data is the calibration

@@ -94,14 +94,18 @@ INDEPENDENT_HEADS = [(f"{label} indep-heads", {**options, "independent_heads": T
 BASE_METHODS: list[tuple[str, dict[str, Any]]] = [*REGISTRY_METHODS, *INDEPENDENT_HEADS]
 TUNED = ("mudsc align α-tuned", "mudsc zip α-tuned")
 SCENARIOS = ("different_init", "same_init", "bert_permuted", "three_parents")
-# Three parents (docs/design.md §4.13): every unit-matching method, plain averaging (`linear`, heads
-# concatenated) and the ensemble of the three.
-THREE_METHODS = [("mudsc zip", {"method": "mudsc", "matcher": "zip", "alpha": 0.5}),
-                 ("mudsc align", {"method": "mudsc", "matcher": "align", "alpha": 0.5}),
-                 ("zipit", {"method": "zipit"}),
-                 ("activation_align", {"method": "activation_align"}),
-                 ("weight_matching", {"method": "weight_matching"}),
-                 ("linear", {"method": "linear"})]
+# Three parents (docs/design.md §4.13): every unit-matching method with its default refit (`refit="auto"` = ridge,
+# §4.9) and without (`refit="none"`, the matched merge), plain averaging (`linear`, heads concatenated) without
+# and with the refit, and the ensemble of the three.
+_THREE_MATCHING = [("mudsc zip", {"method": "mudsc", "matcher": "zip", "alpha": 0.5}),
+                   ("mudsc align", {"method": "mudsc", "matcher": "align", "alpha": 0.5}),
+                   ("zipit", {"method": "zipit"}),
+                   ("activation_align", {"method": "activation_align"}),
+                   ("weight_matching", {"method": "weight_matching"})]
+THREE_METHODS = [*_THREE_MATCHING,
+                 *((f"{label} no refit", {**options, "refit": "none"}) for label, options in _THREE_MATCHING),
+                 ("linear", {"method": "linear"}),
+                 ("linear + refit", {"method": "linear", "refit": "ridge"})]
 THREE_ROWS = ["parents", "ensemble", "ensemble (softmax)", *(label for label, _ in THREE_METHODS)]
 
 

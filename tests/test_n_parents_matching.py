@@ -62,13 +62,18 @@ def test_three_permuted_copies_merge_back_to_the_model(triples, kind, method, ma
     (model, *copies), batches = triples(kind)
     assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), copies[1].parameters()))
     merged = hf_mudsc.merge([model, *copies], batches, method=method, matcher=matcher, progress=False)
-    # One merged space in parent 0's basis: every merged tensor is parent 0's.
-    original = params(model)
-    for name, tensor in merged.named_parameters():
-        assert torch.allclose(tensor.detach(), original[name], atol=1e-6, rtol=1e-6), name
-    for batch in batches[:2]:
-        assert relative_error(model_output(merged, batch), model_output(model, batch)) < 1e-6
     report = merged.merge_report
+    # One merged space in parent 0's basis: every matched tensor is parent 0's ...
+    original = params(model)
+    matched = apply_matches_weighted(spec_for(model), [params(p) for p in (model, *copies)], report.matches,
+                                     [1.0, 1.0, 1.0], concatenate_classifier=False)
+    assert matched.keys() == original.keys()
+    for name, tensor in matched.items():
+        assert torch.allclose(tensor, original[name], atol=1e-6, rtol=1e-6), name
+    # ... and the default refit (ridge, for N parents too) keeps that function: its targets are the model's own.
+    assert merged.config.mudsc["refit"] == "ridge" and report.refit is not None
+    for batch in batches[:2]:
+        assert relative_error(model_output(merged, batch), model_output(model, batch)) < 1e-5
     assert all(m.num_models == 3 and m.cluster_of.numel() == 3 * m.num_merged for m in report.matches)
     assert len(merged.config.mudsc["parents"]) == 3 and merged.config.mudsc["weights"] == [1.0, 1.0, 1.0]
 
@@ -211,7 +216,8 @@ def test_weights_make_each_merged_unit_the_weighted_mean_of_its_cluster():
     parents = [make_model("vit_cls", seed) for seed in (0, 1, 2)]
     batches = make_batches("vit_cls")
     weights = [1.0, 2.0, 5.0]
-    merged = hf_mudsc.merge(parents, batches, method="zipit", weights=weights, progress=False)
+    # The weighted apply itself (the default refit would rewrite it): refit="none".
+    merged = hf_mudsc.merge(parents, batches, method="zipit", weights=weights, refit="none", progress=False)
     assert merged.config.mudsc["weights"] == weights
     spec = spec_for(parents[0])
     residual = merged.merge_report.matches[0]
@@ -296,7 +302,7 @@ def test_the_readme_example_of_n_parents_matching_runs(capsys):
                if b.startswith("# readme-test: matching-n-parents")]
     namespace: dict = {"__name__": "readme_matching_n_parents"}
     exec(compile(block, "README.md (N-parent matching example)", "exec"), namespace)
-    assert capsys.readouterr().out.splitlines() == ["True", "3 [2.0, 1.0, 1.0]"]
+    assert capsys.readouterr().out.splitlines() == ["True", "3 [2.0, 1.0, 1.0]", "ridge 13"]
     merged, model = namespace["merged"], namespace["model"]
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(merged.parameters(), model.parameters()))
 

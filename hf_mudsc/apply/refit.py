@@ -43,7 +43,7 @@ from hf_mudsc.calibrate.layer_inputs import (
 from hf_mudsc.errors import CalibrationError
 from hf_mudsc.options import MergeOptions
 from hf_mudsc.progress import Progress
-from hf_mudsc.solve.maps import GroupMaps
+from hf_mudsc.solve.maps import AxisMap, GroupMaps
 from hf_mudsc.solve.matchers import Match
 from hf_mudsc.solve.similarity import weight_features
 from hf_mudsc.spec import PermutationSpec
@@ -172,20 +172,24 @@ def forward_steps(model: nn.Module, layers: Sequence[str], batch: Mapping[str, A
 
 
 def shared_basis_score(spec: PermutationSpec, params_a: Mapping[str, torch.Tensor],
-                       params_b: Mapping[str, torch.Tensor], matches: Sequence[Match | None]) -> float | None:
-    """Mean over groups of the weight-space Pearson correlation between the A and B units fused together.
+                       params_b: Mapping[str, torch.Tensor], matches: Sequence[Match | None], *,
+                       other: int = 1) -> float | None:
+    """Mean over groups of the weight-space Pearson correlation between parent 0's units and parent `other`'s
+    fused with them (`params_a` is parent 0's, `params_b` parent `other`'s; two parents: A and B).
 
     Each unit's weight row is its `Z_i` row (docs/design.md §4.3: every non-ignored member, other axes mapped into
-    their merged spaces by the final matches), centred over its columns; every (A unit, B unit) pair of a merged
-    unit counts once; a group without a match pairs unit i with unit i (what averaging fuses). Invariant to unit
-    permutations. None when no group has weights to compare (e.g. only a concatenated classifier).
+    their merged spaces by the final matches), centred over its columns; every (parent 0 unit, parent `other`
+    unit) pair of a merged unit counts once; a group without a match pairs unit i with unit i (what averaging
+    fuses). Invariant to unit permutations. None when no group has weights to compare (e.g. only a concatenated
+    classifier).
     """
     maps = [GroupMaps.from_match(found) if found is not None else None for found in matches]
     values: list[torch.Tensor] = []
     for index, group in enumerate(spec.groups):
         if all(member.ignore for member in group.members):
             continue
-        rows = [weight_features(spec, index, params, side, maps) for side, params in enumerate((params_a, params_b))]
+        rows = [weight_features(spec, index, params, side, maps)
+                for side, params in ((0, params_a), (other, params_b))]
         rows = [r - r.mean(dim=1, keepdim=True) for r in rows]
         rows = [r / r.norm(dim=1, keepdim=True).clamp_min(CLAMP) for r in rows]
         found = matches[index]
@@ -194,10 +198,26 @@ def shared_basis_score(spec: PermutationSpec, params_a: Mapping[str, torch.Tenso
             pairs = torch.arange(n)[:, None].expand(n, 2)
         else:
             clusters = found.cluster_of.cpu()
-            pairs = (clusters[:n, None] == clusters[None, n:]).nonzero()
+            pairs = (clusters[:n, None] == clusters[None, other * n:(other + 1) * n]).nonzero()
         if len(pairs):
             values.append((rows[0][pairs[:, 0]] * rows[1][pairs[:, 1]]).sum(dim=1).mean())
     return float(torch.stack(values).mean()) if values else None
+
+
+def parents_shared_basis(spec: PermutationSpec, parents: Sequence[nn.Module],
+                         matches: Sequence[Match | None]) -> float | None:
+    """The shared-basis score of N parents: the lowest `shared_basis_score` of parent j against parent 0.
+
+    The minimum, not the mean: keeping the matched concatenated head is right only if EVERY parent's head reads
+    the merged features (parent 0's basis, which the merged units follow); one parent from another init makes its
+    slice of the head uncalibrated against the others, and a mean (e.g. a permuted copy at 1.0 and another init
+    at 0.2 -> 0.6) would hide it. Against parent 0 only: N - 1 scores, linear in parents. Two parents: the score
+    of B against A.
+    """
+    params = [{k: v.detach().cpu() for k, v in parent.named_parameters()} for parent in parents]
+    scores = [shared_basis_score(spec, params[0], params[j], matches, other=j) for j in range(1, len(params))]
+    known = [score for score in scores if score is not None]
+    return min(known) if known else None
 
 
 def _capture(model: nn.Module, names: Sequence[str], batch: Mapping[str, Any], where: str) -> dict[str, torch.Tensor]:
@@ -237,23 +257,29 @@ def refit_model(
     seed: int = 0,
     total: int | None = None,
     keep_head: bool | None = None,
+    weights: Sequence[float] | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
 ) -> RefitReport:
     """Refit `merged`'s linear layers in place (docs/design.md §4.9); returns what was done.
 
     Args:
-        merged: the merged model (parent A's structure), modified in place.
-        parents: the two parents, never modified (moved to `device` for the forwards and back).
-        spec, matches: the parents' spec and one match per group (None: unmatched, i.e. identity maps).
+        merged: the merged model (parent 0's structure), modified in place.
+        parents: the N >= 2 parents in merge order, never modified (moved to `device` for the forwards and back).
+        spec, matches: the parents' spec and one match per group over all N parents (None: unmatched, i.e.
+            identity maps).
         batches: returns a fresh iterable of model-input batches on each call (one pass per step).
-        concatenate_classifier: the merged head is A's rows then B's: its target is each parent's logits centred
-            per task — unless the parents share a basis (`shared_basis_score` >= 0.5) or `keep_head=True`, when
-            the matched head is kept: it already reads the merged features and keeps the heads comparable.
+        concatenate_classifier: the merged head is every parent's rows in parent order: its target is each
+            parent's logits centred per task — unless the parents share a basis (`parents_shared_basis` >= 0.5)
+            or `keep_head=True`, when the matched head is kept: it already reads the merged features and keeps
+            the heads comparable.
         lambda_rel: ridge strength relative to each layer's mean input energy.
         samples: examples the refit reads — a subset of the calibration data chosen by a shuffle seeded with `seed`
             (every example when None or when the data holds no more); `total`: how many examples `batches` yields,
             if known (else one counting pass reads it).
+        weights: the merge's per-parent weights (`MergeOptions.weights`; None: equal): a body layer's target is
+            then each merged unit's weighted cluster mean, `Σ_u w̄_p(u) Y_u / Σ_u w̄_p(u)`, and an unmatched
+            layer's `Σ_i w̄_i Y_i` — the apply step's own weighting (`apply_matches_weighted`).
     """
     started = time.perf_counter()
     report = RefitReport()
@@ -264,11 +290,10 @@ def refit_model(
     if concatenate_classifier and head is not None:
         if keep_head is None:
             head_spec = spec.without_weight_similarity([spec.classifier.weight])
-            params = [{k: v.detach().cpu() for k, v in p.named_parameters()} for p in parents]
-            report.shared_basis = shared_basis_score(head_spec, params[0], params[1], matches)
+            report.shared_basis = parents_shared_basis(head_spec, parents, matches)
             keep_head = report.shared_basis is not None and report.shared_basis >= SHARED_BASIS_THRESHOLD
         report.head_kept = bool(keep_head)
-    maps = [GroupMaps.from_match(found) if found is not None else None for found in matches]
+    maps, shares = target_maps(matches, weights, len(parents))
     modules = dict(merged.named_modules())
     layers = [name for name in refit_layers(merged, spec) if not (report.head_kept and name == head)]
     try:
@@ -315,7 +340,7 @@ def refit_model(
                                 mask = _mask(spec, name, batch)
                                 ys = [token_rows(out[name], mask).to(torch.float64) for out in outputs]
                                 cached[name].append(_target(spec, maps, name, name == head and concatenate_classifier,
-                                                            ys))
+                                                            ys, shares))
                             del outputs
                     for step in chunk:
                         accumulators = _step_accumulators(spec, modules, step, target)
@@ -414,16 +439,51 @@ def _batch_rows(batch: Mapping[str, Any]) -> int:
     return next(len(v) for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
 
 
+def target_maps(matches: Sequence[Match | None], weights: Sequence[float] | None, num_parents: int,
+                ) -> tuple[list[GroupMaps | None], list[float] | None]:
+    """Per group, the out-axis maps `_target` applies (parent i's `merge2[i]`, averaged over the N parents), and
+    the parents' normalised weights `w̄` (None when equal).
+
+    Equal weights: the apply step's `N·merge_i` (`GroupMaps.from_match`; two parents: `2·merge_i`), the code path
+    of two parents. Unequal: unit u of parent i weighs `N · w̄_i / Σ_{v ∈ c(u)} w̄_p(v)`, so the mean over parents
+    is each merged unit's weighted cluster mean (`apply_matches_weighted`'s out weight, times `N · w̄_i`)."""
+    if weights is None or len(set(map(float, weights))) <= 1:
+        return [GroupMaps.from_match(found) if found is not None else None for found in matches], None
+    if len(weights) != num_parents:
+        raise ValueError(f"{len(weights)} weights for {num_parents} parents")
+    total = float(sum(weights))
+    shares = [float(w) / total for w in weights]
+    maps: list[GroupMaps | None] = []
+    for found in matches:
+        if found is None:
+            maps.append(None)
+            continue
+        clusters = found.cluster_of.cpu()
+        n = clusters.numel() // num_parents
+        unit_share = torch.tensor(shares, dtype=torch.float64).repeat_interleave(n)
+        cluster_share = torch.zeros(found.num_merged, dtype=torch.float64).index_add_(0, clusters, unit_share)
+        weight = num_parents * unit_share / cluster_share[clusters]
+        rows = [slice(i * n, (i + 1) * n) for i in range(num_parents)]
+        maps.append(GroupMaps(merge2=tuple(AxisMap(clusters[r], weight[r], found.num_merged) for r in rows),
+                              unmerge=tuple(AxisMap(clusters[r], torch.ones(n, dtype=torch.float64),
+                                                    found.num_merged) for r in rows)))
+    return maps, shares
+
+
 def _target(spec: PermutationSpec, maps: Sequence[GroupMaps | None], name: str, concatenated_head: bool,
-            outputs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The layer's target in the merged basis: per-task centred logits for a concatenated head, else the mean
-    of the parents' outputs mapped by the apply step's out-axis map (`2·merge_i`: each merged unit's cluster mean)."""
+            outputs: Sequence[torch.Tensor], shares: Sequence[float] | None = None) -> torch.Tensor:
+    """The layer's target in the merged basis: per-task centred logits for a concatenated head (parent order),
+    else the mean over the N parents of their outputs mapped by the apply step's out-axis map (`N·merge_i`, so
+    `Σ_i merge_i Y_i`: each merged unit's cluster mean; `target_maps`), or `Σ_i w̄_i Y_i` for an unmatched layer
+    of a weighted merge."""
     if concatenated_head:
         return torch.cat([y - y.mean(dim=1, keepdim=True) for y in outputs], dim=1)
     out_group = next((index for index, member in spec.axes_of(f"{name}.weight")
                       if member.role == "out" and member.axis % 2 == 0), None)
     found = maps[out_group] if out_group is not None else None
     if found is None:
+        if shares is not None:
+            return sum(share * y for share, y in zip(shares, outputs, strict=True))
         return sum(outputs) / len(outputs)
     return sum(found.merge2[side].apply(y, -1) for side, y in enumerate(outputs)) / len(outputs)
 

@@ -76,10 +76,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-column", metavar="COL", help="raw image column (default: image or img)")
     parser.add_argument("--text-column", metavar="COL", help="raw text column (default: text or sentence)")
     parents = parser.add_mutually_exclusive_group()
-    parents.add_argument("--parents", nargs=2, metavar=("A", "B"),
-                         help="the parents in merge order (default: the models of DIR/mudsc_recipe.yaml)")
+    parents.add_argument("--parents", nargs="+", metavar="PARENT",
+                         help="the parents in merge order, two or more: A B [C ...] (default: the models of "
+                         "DIR/mudsc_recipe.yaml)")
     parents.add_argument("--no-parents", action="store_true", help="score the merged model alone")
-    parser.add_argument("--no-ensemble", action="store_true", help="do not score the two-parent ensemble")
+    parser.add_argument("--no-ensemble", action="store_true", help="do not score the parents' ensemble")
     parser.add_argument("--metric", action="append", metavar="NAME",
                         help=f"metric (repeatable; shipped, offline: {', '.join(SHIPPED_METRIC_NAMES)}; any other "
                         "name, folder or Space goes through evaluate.load, which runs its script: needs "
@@ -257,6 +258,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.num_samples is not None and args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.parents is not None and len(args.parents) < 2:
+        raise ValueError(f"--parents takes the parents in merge order, at least two (A B [C ...]), got "
+                         f"{len(args.parents)}; or pass --no-parents")
     _check_metrics(args.metric or [], args.trust_remote_code)
     class_names = _class_names(args.class_names)
     folder = Path(args.model).expanduser()
@@ -305,7 +309,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if result is None:  # a non-main process of a distributed run
         return 0
-    labels = {"parent_a": "parent A", "parent_b": "parent B"}
+    labels = {name: f"parent {name.removeprefix('parent_').upper()}" for name in result.scores
+              if name.startswith("parent_")}
     for metric in result.metrics:
         print(f"\n{metric}:\n{result.table(metric, labels=labels)}")
     json_path = Path(args.output_json) if args.output_json else (folder / RESULTS_FILENAME if local else None)

@@ -1,11 +1,11 @@
-"""Evaluation of a merge: the merged model next to both parents and their ensemble, per task and jointly.
+"""Evaluation of a merge: the merged model next to its N >= 2 parents and their ensemble, per task and jointly.
 
 `evaluate_merge` is a short pipeline: load the models -> lay out the joint label space and assign the data
 to tasks (`tasks`) -> build the scorers (`scorers`) -> run every task's test batches (`batches`) through every
 scorer, collecting predictions -> compute the metrics (`metrics`) -> an `EvaluationResult` (`results`).
 
 Every scorer produces one score per joint class and sample (the tasks' classes one after the other, in
-the order of the merged model's `config.task_label_ranges`: A's classes, then B's — docs/design.md §6);
+the order of the merged model's `config.task_label_ranges`: A's classes, then B's, C's ... — docs/design.md §6);
 the views then read those scores:
 
 * **per-task** (view = the task's name): argmax within the task's slice, against the task's own label.
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from hf_mudsc.errors import EvaluationError
 from hf_mudsc.evaluate.batches import task_batches
 from hf_mudsc.evaluate.metrics import compute_metric, load_metric
-from hf_mudsc.evaluate.names import AVERAGE, DEFAULT_PROMPT, JOINT, MERGED
+from hf_mudsc.evaluate.names import AVERAGE, DEFAULT_PROMPT, JOINT, MERGED, parent_letter
 from hf_mudsc.evaluate.results import DEFINITIONS, EvaluationResult
 from hf_mudsc.evaluate.scorers import Scorer, build_scorers, is_clip
 from hf_mudsc.evaluate.tasks import (
@@ -68,12 +68,13 @@ def evaluate_merge(
     progress: bool = True,
     trust_remote_code: bool = False,
 ) -> EvaluationResult | None:
-    """Score merged model(s), both parents and their ensemble per task, jointly and on average.
+    """Score merged model(s), the parents and their ensemble per task, jointly and on average.
 
     Args:
         merged: the merged model (a `PreTrainedModel`, folder or Hub id), or a mapping name -> model to score
             several merges of the same parents in one pass (e.g. every method).
-        parents: the two parents in merge order (A, B), or None to score the merged model(s) alone.
+        parents: the N >= 2 parents in merge order (A, B, C, ...: one per task of a concatenated head), or None
+            to score the merged model(s) alone. Scorers `parent_a`, `parent_b`, `parent_c`, ...
         datasets_per_task: the test data of each task: a mapping task -> data (task names as in the merged
             model's `config.task_label_ranges`; a subset is allowed) or a sequence in task order. Data: a
             `TaskData`, a `datasets.Dataset`/`IterableDataset`, a spec `"repo_or_path[:config]:split"` or a
@@ -81,7 +82,7 @@ def evaluate_merge(
             for one dataset holding every task.
         metrics: shipped `accuracy`/`f1`; any other `evaluate.load` name, folder or Space runs its script, so it
             needs `trust_remote_code=True` (logged as a warning; a Hub metric also needs the Hub).
-        ensemble: also score the two-parent ensemble (needs both parents).
+        ensemble: also score the parents' ensemble (needs the parents).
         batch_size, num_samples: rows per forward pass; the first `num_samples` rows of each task only.
         processor: preprocesses raw `image`/`text` columns (default: the merged folder's, else parent A's).
         class_names, prompt_template: CLIP zero-shot — class names per task (default: the label column's
@@ -142,7 +143,7 @@ def evaluate_merge(
 
 
 def _load_models(merged: Any, parents: Sequence[Any] | None, processor: Any) -> tuple[dict, list, Any]:
-    """The merged model(s) by name, the parents (A, B) and the processor to use (given, merged's, A's)."""
+    """The merged model(s) by name, the parents (A, B, ...) and the processor to use (given, merged's, A's)."""
     merged_in = dict(merged) if isinstance(merged, Mapping) else {MERGED: merged}
     if not merged_in:
         raise EvaluationError("no merged model to evaluate")
@@ -152,10 +153,11 @@ def _load_models(merged: Any, parents: Sequence[Any] | None, processor: Any) -> 
         merged_processor = merged_processor or loaded_processor
     parent_models, parent_processor = [], None
     if parents is not None:
-        if len(parents) != 2:
-            raise EvaluationError(f"pass the two parents (A, B) or None, got {len(parents)}")
-        for side, parent in zip("AB", parents):
-            model, loaded_processor = _load(parent, f"parent {side}")
+        if len(parents) < 2:
+            raise EvaluationError(f"pass the parents in merge order (at least two: A, B, ...) or None, got "
+                                  f"{len(parents)}")
+        for index, parent in enumerate(parents):
+            model, loaded_processor = _load(parent, f"parent {parent_letter(index)}")
             parent_models.append(model)
             parent_processor = parent_processor or loaded_processor
     return merged_models, parent_models, processor or merged_processor or parent_processor

@@ -9,6 +9,16 @@ from __future__ import annotations
 JOINT = "joint"
 AVERAGE = "average"
 PARENT_NAMES = ("parent_a", "parent_b")
+
+
+def parent_letter(index: int) -> str:
+    """How messages and tables name parent `index` (0 -> "A", 1 -> "B", ...; past "Z": "P26", ...)."""
+    return chr(ord("A") + index) if index < 26 else f"P{index}"
+
+
+def parent_names(count: int) -> list[str]:
+    """The scorer names of `count` parents in merge order: `parent_a`, `parent_b`, `parent_c`, ..."""
+    return [f"parent_{parent_letter(i).lower()}" for i in range(count)]
 ENSEMBLE = "ensemble"
 MERGED = "merged"
 LABEL_COLUMNS = ("label", "labels")

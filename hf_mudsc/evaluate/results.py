@@ -16,7 +16,8 @@ from hf_mudsc.evaluate.names import AVERAGE, ENSEMBLE, JOINT, MERGED, PARENT_NAM
 
 @dataclass
 class EvaluationResult:
-    """Scores by scorer (`merged`…, `parent_a`, `parent_b`, `ensemble`), view (task, joint, average), metric.
+    """Scores by scorer (`merged`…, `parent_a`, `parent_b`, `parent_c` …, `ensemble`), view (task, joint,
+    average), metric.
 
     `tasks` maps each task to its data description: `dataset`, `split`, `num_samples` and `label_range`
     (its slice of the joint label space). Scores are fractions in [0, 1]. A missing entry means the view
@@ -123,7 +124,7 @@ DEFINITIONS = {
     AVERAGE: "mean of the per-task figures (only when a scorer has one for every task)",
     "parent": "with different label sets a parent scores only its own classes: per task on its own task; "
               "joint = a single-task model answering the joint test (right at most on its own task's share)",
-    ENSEMBLE: "both parents; different label sets: per-head softmax concatenated, argmax over the "
-              "concatenation; same label set: mean of the softmaxes",
+    ENSEMBLE: "every parent; different label sets: per-head softmax concatenated in parent order, argmax over "
+              "the concatenation; same label set: mean of the softmaxes",
     "clip": "zero-shot: cosine similarity of image and class-prompt embeddings times logit_scale",
 }

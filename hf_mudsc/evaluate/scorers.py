@@ -1,13 +1,13 @@
 """Scorers: each turns a batch into one score per joint class and sample.
 
 * **merged** models: their logits (a concatenated head is already in the joint space).
-* **parent A / B**: when the parents have different label sets, a parent scores only its own classes
-  (its slice holds its logits, every other class ``-inf``). It is scored per task on its own task only;
-  its joint figure is that of a single-task model answering the joint test — always one of its own
-  classes, so it is right at most on its own task's share of the samples. When the parents share one
-  label set, each parent is scored on every task.
-* **ensemble**: both parents run; different label sets: each head's softmax, concatenated (argmax over
-  the concatenation); one shared label set: the mean of the two softmaxes.
+* **parent A / B / C ...** (N >= 2 parents, merge order): when the parents have different label sets, a
+  parent scores only its own classes (its slice holds its logits, every other class ``-inf``). It is scored per
+  task on its own task only; its joint figure is that of a single-task model answering the joint test — always
+  one of its own classes, so it is right at most on its own task's share of the samples. When the parents share
+  one label set, each parent is scored on every task.
+* **ensemble**: every parent runs; different label sets: each head's softmax, concatenated in parent order
+  (argmax over the concatenation); one shared label set: the mean of the parents' softmaxes.
 * **CLIP** (no classifier): zero-shot. Each task names its classes; the text tower embeds prompts made
   from the names (`prompt_template`, several templates are averaged), images are classified by cosine
   similarity times `logit_scale`. Every CLIP (merged or parent) can score every task; the ensemble
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from hf_mudsc.errors import EvaluationError
-from hf_mudsc.evaluate.names import ENSEMBLE, PARENT_NAMES
+from hf_mudsc.evaluate.names import ENSEMBLE, parent_names
 from hf_mudsc.evaluate.tasks import LabelLayout
 
 
@@ -147,11 +147,11 @@ def build_scorers(merged: Mapping[str, Any], parents: Sequence[Any], layout: Lab
             _ClipScorer(n, m, layout, tokenizer, templates) for n, m in merged.items()
         ]
         parent_scorers = [
-            _ClipScorer(n, m, layout, tokenizer, templates) for n, m in zip(PARENT_NAMES, parents)
+            _ClipScorer(n, m, layout, tokenizer, templates) for n, m in zip(parent_names(len(parents)), parents)
         ]
-        extra = [_ClipEnsemble(parent_scorers, tasks)] if ensemble and len(parent_scorers) == 2 else []
+        extra = [_ClipEnsemble(parent_scorers, tasks)] if ensemble and len(parent_scorers) >= 2 else []
         return [*parent_scorers, *extra, *merged_scorers]
-    for name, model in [*merged.items(), *zip(PARENT_NAMES, parents)]:
+    for name, model in [*merged.items(), *zip(parent_names(len(parents)), parents)]:
         if not hasattr(model, "classifier") and "ForSequenceClassification" not in type(model).__name__ \
                 and "ForImageClassification" not in type(model).__name__:
             raise EvaluationError(
@@ -160,6 +160,6 @@ def build_scorers(merged: Mapping[str, Any], parents: Sequence[Any], layout: Lab
             )
     merged_scorers = [_ClassifierScorer(n, m, layout, None) for n, m in merged.items()]
     parent_scorers = [_ClassifierScorer(n, m, layout, None if layout.shared else task)
-                      for n, m, task in zip(PARENT_NAMES, parents, tasks)]
-    extra = [_ClassifierEnsemble(parents, layout)] if ensemble and len(parents) == 2 else []
+                      for n, m, task in zip(parent_names(len(parents)), parents, tasks)]
+    extra = [_ClassifierEnsemble(parents, layout)] if ensemble and len(parents) >= 2 else []
     return [*parent_scorers, *extra, *merged_scorers]

@@ -17,7 +17,7 @@ import datasets
 import numpy as np
 
 from hf_mudsc.errors import EvaluationError
-from hf_mudsc.evaluate.names import AVERAGE, JOINT, LABEL_COLUMNS
+from hf_mudsc.evaluate.names import AVERAGE, JOINT, LABEL_COLUMNS, parent_letter
 
 
 @dataclass
@@ -138,7 +138,7 @@ def classifier_layout(merged: Mapping[str, Any], parents: Sequence[Any], request
         for i, parent in enumerate(parents):
             if _label_names(parent) != names:
                 raise EvaluationError(
-                    f"parent {'AB'[i]} has labels {_label_names(parent)[:6]}…, the merged model "
+                    f"parent {parent_letter(i)} has labels {_label_names(parent)[:6]}…, the merged model "
                     f"{names[:6]}…; the merged model has one shared label set (no config.task_label_ranges), "
                     "so the parents must too"
                 )
@@ -154,7 +154,8 @@ def classifier_layout(merged: Mapping[str, Any], parents: Sequence[Any], request
             raise EvaluationError(
                 f"{len(parents)} parents for {len(ranges)} tasks {list(ranges)}; pass one per task"
             )
-        for (task, (lo, hi)), parent, side in zip(ranges.items(), parents, "AB"):
+        for index, ((task, (lo, hi)), parent) in enumerate(zip(ranges.items(), parents)):
+            side = parent_letter(index)
             width = len(_label_names(parent))
             if width != hi - lo:
                 raise EvaluationError(
