@@ -234,3 +234,31 @@ def test_update_card_evaluation_replaces_only_its_section_and_the_model_index():
     assert second.text.count("## Evaluation") == 1 and "**0.7500**" in second.text and "0.5000" not in second.text
     assert [r.metric_value for r in second.data.eval_results] == [0.75]
     assert second.data.datasets == ["org/data"]
+
+
+def test_the_evaluation_table_has_a_column_per_parent_for_n_parents():
+    from hf_mudsc.publish.card import EvalRow, evaluation_section
+
+    rows = [{"task": "a", "dataset": "org/d", "merged": 0.5, "parent_a": 0.9, "parent_b": 0.1, "parent_c": 0.2,
+             "ensemble": 0.6},
+            {"task": "joint (all tasks)", "dataset": "org/d", "merged": 0.4}]
+    text = evaluation_section(rows)
+    assert "| Task | Dataset | Split | Metric | Parent A | Parent B | Parent C | Ensemble | Merged |" in text
+    assert "| a | org/d | test | accuracy | 0.9000 | 0.1000 | 0.2000 | 0.6000 | **0.5000** |" in text
+    assert "| joint (all tasks) | org/d | test | accuracy | — | — | — | — | **0.4000** |" in text
+    assert EvalRow.from_any(rows[0]).parent_scores == (0.9, 0.1, 0.2)
+    # two parents: the table as before
+    assert "| Parent A | Parent B | Ensemble | Merged |" in evaluation_section(rows[1:])
+    with pytest.raises(ValueError, match="parent_d.*parent_c"):  # a gap in the letters is a typo, not a column
+        EvalRow.from_any({k: v for k, v in {**rows[0], "parent_d": 0.3}.items() if k != "parent_c"})
+
+
+def test_evaluation_card_rows_carry_every_parent():
+    from hf_mudsc.evaluate.results import EvaluationResult
+
+    scores = {name: {"t": {"accuracy": value}} for name, value in
+              (("merged", 0.5), ("parent_a", 0.9), ("parent_b", 0.8), ("parent_c", 0.7), ("ensemble", 0.6))}
+    result = EvaluationResult(scores=scores, tasks={"t": {"dataset": "org/d", "split": "test"}},
+                              metrics=["accuracy"], merged=["merged"])
+    row = result.card_rows()[0]
+    assert row.parent_scores == (0.9, 0.8, 0.7) and row.ensemble == 0.6

@@ -250,6 +250,20 @@ def test_the_accuracy_chart_has_a_bar_per_scorer_and_view(tmp_path):
     check_png(plot.path)
 
 
+def test_the_accuracy_chart_names_every_parent_of_an_n_parent_merge():
+    tasks = {name: {"dataset": "org/d", "split": "test"} for name in ("a", "b", "c")}
+    scores = {"merged": {"a": {"accuracy": 0.5}}, "ensemble": {"a": {"accuracy": 0.6}},
+              "parent_c": {"c": {"accuracy": 0.7}}, "parent_a": {"a": {"accuracy": 0.9}},
+              "parent_b": {"b": {"accuracy": 0.8}}}
+    figure = accuracy_figure(EvaluationResult(metrics=["accuracy"], tasks=tasks, scores=scores,
+                                              merged=["merged"]).to_dict())
+    axes = figure.axes[0]
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == [
+        "parent A", "parent B", "parent C", "ensemble (A+B+C)", "merged"]
+    hatches = [axes.containers[i].patches[0].get_hatch() for i in range(3)]
+    assert len(set(hatches)) == 3  # the three grey parents told apart
+
+
 # ------------------------------------------------------------------------------------------ hf-mudsc inspect
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import EvaluationError
-from hf_mudsc.evaluate.names import AVERAGE, ENSEMBLE, JOINT, MERGED, PARENT_NAMES
+from hf_mudsc.evaluate.names import AVERAGE, ENSEMBLE, JOINT, MERGED, PARENT_NAMES, parent_names
 
 
 @dataclass
@@ -32,6 +32,11 @@ class EvaluationResult:
 
     def score(self, scorer: str, view: str, metric: str | None = None) -> float | None:
         return self.scores.get(scorer, {}).get(view, {}).get(metric or self.metrics[0])
+
+    @property
+    def parent_scorers(self) -> list[str]:
+        """The parents' scorer names present, in merge order (`parent_a`, `parent_b`, `parent_c`, ...)."""
+        return [name for name in parent_names(26) if name in self.scores]
 
     @property
     def task_names(self) -> list[str]:
@@ -74,6 +79,7 @@ class EvaluationResult:
         if merged not in self.scores:
             raise EvaluationError(f"no scores for {merged!r}; scored: {sorted(self.scores)}")
         rows = []
+        later = self.parent_scorers[2:]
         for metric in self.metrics:
             for view in [*self.tasks, JOINT]:
                 value = self.score(merged, view, metric)
@@ -90,6 +96,7 @@ class EvaluationResult:
                     parent_a=self.score(PARENT_NAMES[0], view, metric),
                     parent_b=self.score(PARENT_NAMES[1], view, metric),
                     ensemble=self.score(ENSEMBLE, view, metric),
+                    later_parents=tuple(self.score(name, view, metric) for name in later),
                 ))
         return rows
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.resources
 import os
 import re
+import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -48,6 +49,8 @@ _AUTO_CLASSES = {
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# Evaluation-result keys of parents after A and B (N-parent merges): parent_c, parent_d, ...
+_LATER_PARENT = re.compile(r"parent_[c-z]")
 
 
 @dataclass(frozen=True)
@@ -96,16 +99,32 @@ class EvalRow:
     parent_a: float | None = None
     parent_b: float | None = None
     ensemble: float | None = None
+    later_parents: tuple[float | None, ...] = ()
+    """Scores of parents C, D, ... in merge order (an N-parent merge); as dict keys `parent_c`, `parent_d`, ..."""
 
     @classmethod
     def from_any(cls, row: EvalRow | Mapping[str, Any]) -> EvalRow:
         if isinstance(row, EvalRow):
             return row
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(row) - known)
+        row = dict(row)
+        later = sorted(key for key in row if _LATER_PARENT.fullmatch(key))
+        expected = [f"parent_{letter}" for letter in string.ascii_lowercase[2:2 + len(later)]]
+        if later != expected:
+            missing = next(key for key in expected if key not in later)
+            raise ValueError(f"evaluation result has {', '.join(later)} but no {missing}: parents are lettered "
+                             f"in merge order without gaps")
+        known = {f.name for f in fields(cls)} - {"later_parents"}
+        unknown = sorted(set(row) - known - set(later))
         if unknown:
-            raise ValueError(f"evaluation result has unknown key(s) {unknown}; valid keys: {sorted(known)}")
-        return cls(**row)
+            raise ValueError(f"evaluation result has unknown key(s) {unknown}; valid keys: {sorted(known)} "
+                             f"and parent_c, parent_d, ... for more parents")
+        scores = tuple(row.pop(key) for key in later)
+        return cls(**row, later_parents=scores)
+
+    @property
+    def parent_scores(self) -> tuple[float | None, ...]:
+        """Every parent's score in merge order (A, B, C, ...)."""
+        return (self.parent_a, self.parent_b, *self.later_parents)
 
     @property
     def model_index_config(self) -> str:
@@ -375,9 +394,12 @@ def local_name(reference: str) -> str:
 
 
 def evaluation_section(eval_results: Iterable[EvalRow | Mapping[str, Any]]) -> str:
-    """The card's `## Evaluation` section (the shipped `evaluation.md.jinja`), '' without results."""
+    """The card's `## Evaluation` section (the shipped `evaluation.md.jinja`), '' without results: one column
+    per parent (at least A and B)."""
     rows = [EvalRow.from_any(r) for r in eval_results]
-    return _environment(template_path().parent).get_template(EVALUATION_TEMPLATE).render(eval_rows=rows)
+    count = max([2, *(len(row.parent_scores) for row in rows)])
+    return _environment(template_path().parent).get_template(EVALUATION_TEMPLATE).render(
+        eval_rows=rows, parent_letters=string.ascii_uppercase[:count])
 
 
 def update_card_evaluation(

@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 DPI = 100
 STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 10,
          "xtick.labelsize": 9, "ytick.labelsize": 10, "figure.titlesize": 13, "axes.grid": False}
+# Parents' bars are grey; A, B, C, ... told apart by hatching.
+PARENT_HATCHES = (None, "//", "\\\\", "xx", "..")
 SCORER_LABELS = {"parent_a": "parent A", "parent_b": "parent B", "ensemble": "ensemble (A+B)"}
 # Merged models' bars: matplotlib's default cycle without its grey (the parents' colour).
 MERGED_COLORS = ("#d62728", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
@@ -326,14 +328,25 @@ def alpha_figure(curve: Mapping[str, Any]) -> Figure:
     return figure
 
 
+def scorer_label(scorer: str, parents: Sequence[str] = ("parent_a", "parent_b")) -> str:
+    """How a legend names a scorer: `parent_c` -> "parent C", the ensemble by its parents' letters ("ensemble
+    (A+B+C)"); merged models by their own names."""
+    if scorer == "ensemble":
+        return f"ensemble ({'+'.join(p.removeprefix('parent_').upper() for p in parents)})"
+    if scorer in SCORER_LABELS:
+        return SCORER_LABELS[scorer]
+    return f"parent {scorer.removeprefix('parent_').upper()}" if scorer.startswith("parent_") else scorer
+
+
 def accuracy_figure(evaluation: Mapping[str, Any]) -> Figure:
     """Grouped bars: per task, joint and average, one bar per scorer (parents, ensemble, merged models)."""
     metric = "accuracy" if "accuracy" in evaluation.get("metrics", []) else (evaluation.get("metrics") or [None])[0]
     scores: Mapping[str, Mapping[str, Mapping[str, float]]] = evaluation["scores"]
     views = [*evaluation.get("tasks", {}), "joint", "average"]
     views = [v for v in views if any(metric in scores[s].get(v, {}) for s in scores)]
-    order = [s for s in ("parent_a", "parent_b", "ensemble") if s in scores]
-    order += [s for s in scores if s not in order]
+    parents = sorted(s for s in scores if s.startswith("parent_"))
+    fixed = parents + [s for s in ("ensemble",) if s in scores]
+    order = fixed + [s for s in scores if s not in fixed]
     width = 0.8 / max(len(order), 1)
     with rc_context(STYLE):
         figure = Figure(figsize=(min(max(8.0, 2.5 + len(views) * (0.25 * len(order) + 0.5)), 15.0), 5.2),
@@ -346,11 +359,12 @@ def accuracy_figure(evaluation: Mapping[str, Any]) -> Figure:
                 if value is not None:
                     xs.append(position - 0.4 + width * (index + 0.5))
                     heights.append(100.0 * value)
-            colour = "#9e9e9e" if scorer.startswith("parent") else ("#555555" if scorer == "ensemble" else None)
-            merged_index = index - sum(1 for s in order[:index] if s in SCORER_LABELS)
-            bars = axes.bar(xs, heights, width=width * 0.95, label=SCORER_LABELS.get(scorer, scorer),
+            colour = "#9e9e9e" if scorer in parents else ("#555555" if scorer == "ensemble" else None)
+            hatch = PARENT_HATCHES[index % len(PARENT_HATCHES)] if scorer in parents else None
+            merged_index = index - len(fixed)
+            bars = axes.bar(xs, heights, width=width * 0.95, label=scorer_label(scorer, parents),
                             color=colour if colour else MERGED_COLORS[merged_index % len(MERGED_COLORS)],
-                            hatch="//" if scorer == "parent_b" else None, edgecolor="white" if colour else None)
+                            hatch=hatch, edgecolor="white" if colour else None)
             if len(order) <= 6:
                 axes.bar_label(bars, fmt="%.0f", fontsize=8, padding=1)
         axes.set_xticks(range(len(views)), views)
