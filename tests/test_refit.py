@@ -497,10 +497,11 @@ def test_default_refit_is_ridge_for_unit_matching_merges_with_calibration_data(t
     default = hf_mudsc.merge([model_a, model_b], batches, method="mudsc", progress=False)
     ridge = hf_mudsc.merge([model_a, model_b], batches, method="mudsc", refit="ridge", progress=False)
     assert default.config.mudsc["refit"] == "ridge" and default.merge_report.recipe["refit"] == "ridge"
-    assert default.config.mudsc["refit_samples"] == 128 and len(default.merge_report.refit.layers) == 13
+    assert default.config.mudsc["refit_samples"] == "auto" and len(default.merge_report.refit.layers) == 13
+    assert default.config.mudsc["refit_examples"] == 32  # auto: the floor (128) is more than the 32 images given
     assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), ridge.state_dict().values()))
     card = str(render_card(default, Recipe(models=["a", "b"], calibration="c")))
-    assert "| Refit / ridge λ (relative) / examples | ridge / 0.001 / 128 examples |" in card
+    assert "| Refit / ridge λ (relative) / examples | ridge / 0.001 / auto: 32 examples |" in card
     for method in ("zipit", "activation_align", "weight_matching"):  # every unit-matching method
         assert hf_mudsc.merge([model_a, model_b], batches, method=method, progress=False
                               ).config.mudsc["refit"] == "ridge", method
