@@ -457,12 +457,21 @@ def _batch_rows(batch: Mapping[str, Any]) -> int:
     return next(len(v) for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
 
 
+def head_target(outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A concatenated head's target: each parent's logits centred per task, `[z_A − mean_row(z_A), ...]`.
+
+    Measured against raw logits, per-task log-probabilities (the ensemble's own decision rule: least squares
+    chases their large negative tails), floored log-probabilities and probabilities in docs/research/width_gap.md
+    §2: none beat the centred logits on the mean over pairs."""
+    return torch.cat([y - y.mean(dim=1, keepdim=True) for y in outputs], dim=1)
+
+
 def _target(spec: PermutationSpec, maps: Sequence[GroupMaps | None], name: str, concatenated_head: bool,
             outputs: Sequence[torch.Tensor]) -> torch.Tensor:
     """The layer's target in the merged basis: per-task centred logits for a concatenated head, else the mean
     of the parents' outputs mapped by the apply step's out-axis map (`2·merge_i`: each merged unit's cluster mean)."""
     if concatenated_head:
-        return torch.cat([y - y.mean(dim=1, keepdim=True) for y in outputs], dim=1)
+        return head_target(outputs)
     out_group = next((index for index, member in spec.axes_of(f"{name}.weight")
                       if member.role == "out" and member.axis % 2 == 0), None)
     found = maps[out_group] if out_group is not None else None
