@@ -61,9 +61,9 @@ RECIPE_FILENAME = "mudsc_recipe.yaml"
 # Kinds of option values: how a value is type-checked (and converted to an argparse `type`).
 # `numbers`: a list of floats (CLI: `--weights 1 2 1`); `number_or_numbers`: one float or a list (one per parent);
 # `model`: a reference to a model (a Hub id `org/name[@rev]` or folder string; from Python also a model object);
-# `number_or_auto`: a number or "auto" (the merge chooses it: `alpha="auto"`).
-KINDS = ("int", "number", "number_or_auto", "str", "bool", "choice", "dtype", "device", "numbers",
-         "number_or_numbers", "model")
+# `number_or_auto`: a number or "auto" (the merge chooses it: `alpha="auto"`); `int_or_auto` likewise for a count.
+KINDS = ("int", "int_or_auto", "number", "number_or_auto", "str", "bool", "choice", "dtype", "device",
+         "numbers", "number_or_numbers", "model")
 #: The value of a `number_or_auto` option that asks the merge to choose the number (`alpha="auto"`).
 AUTO = "auto"
 
@@ -74,6 +74,14 @@ def number_or_auto(text: str) -> float | str:
 
 
 number_or_auto.__name__ = "float or 'auto'"  # argparse names the type in its message: "invalid float or 'auto' value"
+
+
+def int_or_auto(text: str) -> int | str:
+    """The command-line type of an `int_or_auto` option: "auto" or an int."""
+    return AUTO if text == AUTO else int(text)
+
+
+int_or_auto.__name__ = "int or 'auto'"
 
 
 def _is_int(value: Any) -> bool:
@@ -342,9 +350,20 @@ def _card_size(value: Any, context: Mapping[str, Any]) -> str | None:
             f"({budget['ratio']:.3f}× the parent's {budget['parent_parameters']:,})")
 
 
-def _check_refit_samples(name: str, value: int | None, cli: str) -> None:
-    if value is not None and value < 1:
-        raise OptionError(f"refit_samples must be >= 1, or None for all calibration examples {cli}, got {value}")
+def _check_refit_samples(name: str, value: int | str | None, cli: str) -> None:
+    if value is not None and value != AUTO and value < 1:
+        raise OptionError(f"refit_samples must be >= 1, '{AUTO}' (enough rows per unknown) or None for all "
+                          f"calibration examples {cli}, got {value}")
+
+
+def _card_refit_samples(value: Any, context: Mapping[str, Any]) -> str:
+    """`auto: 483 examples` (the resolved count, config `refit_examples`), `512 examples`, `—` without a refit."""
+    if value is None:
+        return "—"
+    examples = (context.get("mudsc") or {}).get("refit_examples")
+    if value == AUTO:
+        return f"auto: {examples} examples" if examples is not None else "auto"
+    return f"{value} examples"
 
 
 # --------------------------------------------------------------------------------------------- card cells
@@ -525,13 +544,13 @@ class MergeOptions:
     # ---- end of the same-base options
 
 
-    refit_samples: int | None = option(
-        128, kind="int", nullable=True, check=_check_refit_samples, metavar="N", recorded=True,
-        card=CardRow(4, "Refit / ridge λ (relative) / examples",
-                     lambda value, context: "—" if value is None else f"{value} examples"),
+    refit_samples: int | str | None = option(
+        AUTO, kind="int_or_auto", nullable=True, check=_check_refit_samples, metavar="N", recorded=True,
+        card=CardRow(4, "Refit / ridge λ (relative) / examples", _card_refit_samples),
         help="examples the refit reads: a subset of the calibration data chosen by a shuffle seeded with --seed "
-        "(all of it when it holds fewer). The refit reads it once per layer step, so this bounds its cost; every "
-        "token is a sample of each layer's least squares, so a few thousand tokens per layer already pin it down")
+        "(all of it when it holds fewer). The refit reads it once per layer step, so this bounds its cost. 'auto': "
+        "enough that every per-token layer's least squares has 16 token rows per unknown, within [128, 1024] "
+        "examples")
     statistics_dtype: str = option(
         "float32", kind="dtype", check=_check_statistics_dtype, choices=STATISTICS_DTYPES, recorded=True,
         help="precision of the calibration statistics: float32 multiplies each batch in float32 and sums "
@@ -664,6 +683,12 @@ class MergeOptions:
             if type(value).__name__ in ("LoadedParent",) or hasattr(value, "state_dict"):
                 return value
             raise OptionError(hint.format("a Hub id `org/name[@revision]`, a folder or a model"))
+        if kind == "int_or_auto":
+            if value == AUTO:
+                return AUTO
+            if not _is_int(value):
+                raise OptionError(hint.format(f"an int or '{AUTO}'"))
+            return int(value)
         if kind == "number_or_auto":
             if value == AUTO:
                 return AUTO

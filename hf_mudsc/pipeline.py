@@ -152,7 +152,7 @@ def merge(
     processor: Any | None = None,
     refit: str = "auto",
     refit_lambda: float = 1e-3,
-    refit_samples: int | None = 128,
+    refit_samples: int | str | None = "auto",
     regmean_scale: float = 0.95,
     fisher_epsilon: float = 1e-6,
     size: float = 1.0,
@@ -223,7 +223,9 @@ def merge(
             per layer step (not a one-shot iterator). Under `torchrun` it runs on the main process.
         refit_lambda: the refit's ridge strength relative to each layer's mean input energy (pulls toward the
             matched weights).
-        refit_samples: calibration examples the refit reads, chosen by a shuffle seeded with `seed` (None: all).
+        refit_samples: calibration examples the refit reads, chosen by a shuffle seeded with `seed` (None: all;
+            `"auto"`, the default: 16 token rows per unknown of the widest per-token layer, 128 to 1024 examples;
+            the count used is recorded as `config.mudsc["refit_examples"]`).
         regmean_scale: `regmean` / `regmean_plusplus`: factor on the off-diagonal entries of every input Gram
             matrix, in [0, 1] (docs/design.md §4.10).
         fisher_epsilon: `fisher`: floor on every parent's diagonal Fisher, > 0.
@@ -494,6 +496,7 @@ def merge(
         "parents": parent_names,
         "parent_revisions": [p.commit_sha for p in parents],
         "num_calibration_samples": report.num_samples,
+        "refit_examples": None,  # the examples the refit read (refit_samples resolved), set once it ran
         "group_match_values": {n: round(float(v), 6) for n, v in zip(report.group_names, report.group_values)},
         "solve_start": report.solve_start,
         "start_objectives": {name: round(float(v), 6) for name, v in report.starts.items()},
@@ -517,6 +520,7 @@ def merge(
             concatenate_classifier=concatenate, lambda_rel=merge_options.refit_lambda, weights=merge_options.weights,
             samples=merge_options.refit_samples, seed=seed, total=calibration_examples, device=run_device,
             progress=progress)
+        merged.config.mudsc["refit_examples"] = report.refit.examples
         if accumulators is None:  # a method without statistics: the refit's data is the calibration
             merged.config.mudsc["num_calibration_samples"] = report.num_samples = report.refit.examples
     merged = merged.to(run_device if device is not None else "cpu")

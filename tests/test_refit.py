@@ -429,7 +429,7 @@ def test_refit_option_reaches_config_recipe_cli_and_card(tmp_path):
     loaded = Recipe.load(path)
     assert (loaded.refit, loaded.refit_lambda) == ("ridge", 0.01)
     card = str(render_card(merged, loaded))
-    assert "| Refit / ridge λ (relative) / examples | ridge / 0.01 / 128 examples |" in card
+    assert "| Refit / ridge λ (relative) / examples | ridge / 0.01 / auto: 16 examples |" in card  # all 16 given
     plain = hf_mudsc.merge([model_a, model_b], batches, refit="none", progress=False)
     assert (plain.config.mudsc["refit"], plain.config.mudsc["refit_lambda"]) == ("none", None)
     assert plain.merge_report.refit is None
@@ -467,7 +467,9 @@ def test_cli_merge_with_refit_writes_it_to_config_recipe_and_card_and_the_recipe
     assert (config["refit"], config["refit_lambda"]) == ("ridge", 0.01)
     recipe = Recipe.load(out / "mudsc_recipe.yaml")
     assert (recipe.refit, recipe.refit_lambda) == ("ridge", 0.01)
-    assert "| Refit / ridge λ (relative) / examples | ridge / 0.01 / 128 examples |" in (out / "README.md").read_text()
+    assert (config["refit_samples"], config["refit_examples"]) == ("auto", 24)  # the floor, 128, > the 24 images
+    assert "| Refit / ridge λ (relative) / examples | ridge / 0.01 / auto: 24 examples |" in (out / "README.md"
+                                                                                             ).read_text()
     again = tmp_path / "again"
     assert main(["merge", "--recipe", str(out / "mudsc_recipe.yaml"), "-o", str(again)]) == 0
     first, second = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
@@ -497,10 +499,11 @@ def test_default_refit_is_ridge_for_unit_matching_merges_with_calibration_data(t
     default = hf_mudsc.merge([model_a, model_b], batches, method="mudsc", progress=False)
     ridge = hf_mudsc.merge([model_a, model_b], batches, method="mudsc", refit="ridge", progress=False)
     assert default.config.mudsc["refit"] == "ridge" and default.merge_report.recipe["refit"] == "ridge"
-    assert default.config.mudsc["refit_samples"] == 128 and len(default.merge_report.refit.layers) == 13
+    assert default.config.mudsc["refit_samples"] == "auto" and len(default.merge_report.refit.layers) == 13
+    assert default.config.mudsc["refit_examples"] == 32  # auto: the floor (128) is more than the 32 images given
     assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), ridge.state_dict().values()))
     card = str(render_card(default, Recipe(models=["a", "b"], calibration="c")))
-    assert "| Refit / ridge λ (relative) / examples | ridge / 0.001 / 128 examples |" in card
+    assert "| Refit / ridge λ (relative) / examples | ridge / 0.001 / auto: 32 examples |" in card
     for method in ("zipit", "activation_align", "weight_matching"):  # every unit-matching method
         assert hf_mudsc.merge([model_a, model_b], batches, method=method, progress=False
                               ).config.mudsc["refit"] == "ridge", method

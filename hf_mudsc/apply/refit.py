@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from hf_mudsc.calibrate.layer_inputs import (
     token_rows,
 )
 from hf_mudsc.errors import CalibrationError
-from hf_mudsc.options import MergeOptions
+from hf_mudsc.options import AUTO, MergeOptions
 from hf_mudsc.progress import Progress
 from hf_mudsc.solve.maps import AxisMap, GroupMaps
 from hf_mudsc.solve.matchers import Match
@@ -57,6 +58,14 @@ SHARED_BASIS_THRESHOLD = 0.5
 # parents then run once per chunk of consecutive steps (typically a whole transformer block) instead of once per
 # step. Bounded by the refit's sample count, never by the calibration set's.
 TARGET_CACHE_BYTES = 256 * 2**20
+# `refit_samples="auto"`: enough examples that every per-token layer's least squares has at least this many rows
+# (tokens) per unknown (its d+1 inputs): ordinary least squares with n rows and p unknowns overfits by about
+# p/(n-p) of the noise on unseen inputs, so 16 rows per unknown keep that near 7%. Clipped to [floor, cap]: the floor
+# (the previous fixed default) keeps the per-example layers (pooler, classifier: one row per example) at least as
+# well fed as before, the cap bounds the refit's cost (linear in examples) for models with few tokens per example.
+AUTO_ROWS_PER_UNKNOWN = 16
+AUTO_SAMPLES_FLOOR = 128
+AUTO_SAMPLES_CAP = 1024
 _READ_AGAIN = ("the calibration data gave no samples when read again (the refit reads it once per layer step); "
                "pass data that can be read more than once: a list of batches or a datasets.Dataset")
 
@@ -83,6 +92,8 @@ class RefitReport:
     head_kept: bool = False
     examples: int = 0
     """Calibration examples (images, texts) read per pass."""
+    samples: int | None = None
+    """The sample count the refit used (`refit_samples="auto"` resolved; None: every example)."""
     seconds: float = 0.0
     chains: list[tuple[str, ...]] = field(default_factory=list)
     """Block chains replayed from stored outputs (`hf_mudsc.apply.block_replay`); empty: every pass ran the model."""
@@ -253,7 +264,7 @@ def refit_model(
     *,
     concatenate_classifier: bool = False,
     lambda_rel: float = MergeOptions.refit_lambda,  # the option's one declared default
-    samples: int | None = MergeOptions.refit_samples,
+    samples: int | str | None = MergeOptions.refit_samples,
     seed: int = 0,
     total: int | None = None,
     keep_head: bool | None = None,
@@ -274,9 +285,9 @@ def refit_model(
             or `keep_head=True`, when the matched head is kept: it already reads the merged features and keeps
             the heads comparable.
         lambda_rel: ridge strength relative to each layer's mean input energy.
-        samples: examples the refit reads — a subset of the calibration data chosen by a shuffle seeded with `seed`
-            (every example when None or when the data holds no more); `total`: how many examples `batches` yields,
-            if known (else one counting pass reads it).
+        samples: examples the refit reads ("auto": `auto_refit_samples` of the layers' shapes) — a subset of the
+            calibration data chosen by a shuffle seeded with `seed` (every example when None or when the data holds
+            no more); `total`: how many examples `batches` yields, if known (else one counting pass reads it).
         weights: the merge's per-parent weights (`MergeOptions.weights`; None: equal): a body layer's target is
             then each merged unit's weighted cluster mean, `Σ_u w̄_p(u) Y_u / Σ_u w̄_p(u)`, and an unmatched
             layer's `Σ_i w̄_i Y_i` — the apply step's own weighting (`apply_matches_weighted`).
@@ -304,6 +315,9 @@ def refit_model(
         with torch.no_grad():
             if not layers:
                 return report
+            if samples == AUTO:
+                samples = _auto_samples(merged, spec, layers, batches, target)
+            report.samples = samples
             batches = subset_batches(batches, samples, seed=seed, total=total)
             first = next(iter(batches()), None)
             if first is None:
@@ -383,6 +397,35 @@ def refit_model(
     logger.info("refit %d linear layers in %d steps (%.1f s)%s", len(report.layers), len(report.steps),
                 report.seconds, "; matched head kept (shared basis)" if report.head_kept else "")
     return report
+
+
+def auto_refit_samples(layers: Iterable[tuple[int, float]]) -> int:
+    """The examples `refit_samples="auto"` reads, from each refit layer's (unknowns d+1, rows per example): enough
+    that every per-token layer (more than one row per example) has `AUTO_ROWS_PER_UNKNOWN` rows per unknown, within
+    [`AUTO_SAMPLES_FLOOR`, `AUTO_SAMPLES_CAP`]. Per-example layers (pooler, classifier) do not raise it: at one row
+    per example they would ask for thousands of forwards; the floor and the ridge toward the matched weights hold
+    them."""
+    need = [math.ceil(AUTO_ROWS_PER_UNKNOWN * unknowns / rows) for unknowns, rows in layers if rows > 1]
+    return min(max([AUTO_SAMPLES_FLOOR, *need]), AUTO_SAMPLES_CAP)
+
+
+def _auto_samples(merged: nn.Module, spec: PermutationSpec, layers: Sequence[str],
+                  batches: Callable[[], Iterable[Mapping[str, Any]]], device: torch.device | None) -> int:
+    """`auto_refit_samples` of the refit layers, their rows per example counted on the first calibration batch
+    (padding dropped as in the fit)."""
+    first = next(iter(batches()), None)
+    if first is None:
+        raise CalibrationError(f"refit: {_READ_AGAIN}")
+    first = batch_to(first, device)
+    modules = dict(merged.named_modules())
+    examples = _batch_rows(first)
+    shapes = [(modules[name].in_features + int(modules[name].bias is not None),
+               len(token_rows(tensor, _mask(spec, name, first))) / examples)
+              for name, tensor in first_inputs(merged, layers, first)]
+    chosen = auto_refit_samples(shapes)
+    logger.info("refit_samples='auto': %d examples (%d rows per unknown of the widest per-token layer, within "
+                "[%d, %d])", chosen, AUTO_ROWS_PER_UNKNOWN, AUTO_SAMPLES_FLOOR, AUTO_SAMPLES_CAP)
+    return chosen
 
 
 def _mask(spec: PermutationSpec, name: str, batch: Mapping[str, Any]) -> torch.Tensor | None:
@@ -470,6 +513,15 @@ def target_maps(matches: Sequence[Match | None], weights: Sequence[float] | None
     return maps, shares
 
 
+def head_target(outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A concatenated head's target: each parent's logits centred per task, `[z_A − mean_row(z_A), ...]`.
+
+    Measured against raw logits, per-task log-probabilities (the ensemble's own decision rule: least squares
+    chases their large negative tails), floored log-probabilities and probabilities in docs/research/width_gap.md
+    §2: none beat the centred logits on the mean over pairs."""
+    return torch.cat([y - y.mean(dim=1, keepdim=True) for y in outputs], dim=1)
+
+
 def _target(spec: PermutationSpec, maps: Sequence[GroupMaps | None], name: str, concatenated_head: bool,
             outputs: Sequence[torch.Tensor], shares: Sequence[float] | None = None) -> torch.Tensor:
     """The layer's target in the merged basis: per-task centred logits for a concatenated head (parent order),
@@ -477,7 +529,7 @@ def _target(spec: PermutationSpec, maps: Sequence[GroupMaps | None], name: str, 
     `Σ_i merge_i Y_i`: each merged unit's cluster mean; `target_maps`), or `Σ_i w̄_i Y_i` for an unmatched layer
     of a weighted merge."""
     if concatenated_head:
-        return torch.cat([y - y.mean(dim=1, keepdim=True) for y in outputs], dim=1)
+        return head_target(outputs)
     out_group = next((index for index, member in spec.axes_of(f"{name}.weight")
                       if member.role == "out" and member.axis % 2 == 0), None)
     found = maps[out_group] if out_group is not None else None

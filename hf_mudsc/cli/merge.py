@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_mudsc.errors import RecipeError
-from hf_mudsc.options import MergeOptions, flag, number_or_auto
+from hf_mudsc.options import MergeOptions, flag, int_or_auto, number_or_auto
 from hf_mudsc.publish.folder import check_output
 from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
 
@@ -40,6 +40,8 @@ def option_argument(option: Field) -> tuple[list[str], dict[str, Any]]:
         kwargs["type"], kwargs["nargs"] = float, "+"
     elif meta["kind"] == "number_or_auto":
         kwargs["type"] = number_or_auto
+    elif meta["kind"] == "int_or_auto":
+        kwargs["type"] = int_or_auto
     if meta["choices"] is not None:
         choices = meta["choices"]
         kwargs["choices"] = list(choices() if callable(choices) else choices)

@@ -1,0 +1,67 @@
+"""`refit_samples`: the refit's example count — "auto" from the layers' shapes, an int exactly, None all."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import ViTConfig, ViTForImageClassification
+
+import hf_mudsc
+from hf_mudsc.apply.refit import AUTO_SAMPLES_CAP, AUTO_SAMPLES_FLOOR, auto_refit_samples
+from hf_mudsc.cli.merge import int_or_auto
+from hf_mudsc.errors import OptionError
+from hf_mudsc.options import MergeOptions
+from hf_mudsc.publish.card import render_card
+from hf_mudsc.publish.recipe import Recipe
+from tests.factories import randomize
+
+
+def test_auto_gives_every_per_token_layer_sixteen_rows_per_unknown_within_floor_and_cap():
+    # (unknowns d+1, rows per example): the toy digit ViT at hidden 256 (17 tokens, fc2 reads 1024 units).
+    assert auto_refit_samples([(257, 17.0), (1025, 17.0), (257, 1.0)]) == math.ceil(16 * 1025 / 17) == 965
+    assert auto_refit_samples([(257, 17.0)]) == math.ceil(16 * 257 / 17) == 242  # hidden 64
+    assert auto_refit_samples([(1537, 64.0), (385, 1.0)]) == 385  # MiniLM, 64 tokens: the pooler does not count
+    assert auto_refit_samples([(65, 17.0)]) == AUTO_SAMPLES_FLOOR == 128  # narrow layers: the floor
+    assert auto_refit_samples([(3073, 2.0)]) == AUTO_SAMPLES_CAP == 1024  # few tokens, wide layer: the cap
+    assert auto_refit_samples([(257, 1.0)]) == auto_refit_samples([]) == 128  # per-example layers only
+
+
+def wide_vit(seed: int) -> ViTForImageClassification:
+    """8x8 images in 4x4 patches (5 tokens) and a 160-unit MLP: auto asks for ceil(16 * 161 / 5) = 516 examples."""
+    torch.manual_seed(seed)
+    config = ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=160,
+                       image_size=8, patch_size=4, num_channels=1, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0, num_labels=3)
+    return randomize(ViTForImageClassification(config), seed)
+
+
+def test_auto_resolves_from_the_model_and_records_the_count_an_int_is_exact(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"pixel_values": torch.randn(100, 1, 8, 8, generator=generator)} for _ in range(7)]  # 700 images
+    parents = [wide_vit(1), wide_vit(2)]
+    merged = hf_mudsc.merge(parents, batches, matcher="align", progress=False)
+    report = merged.merge_report.refit
+    assert report.samples == report.examples == merged.config.mudsc["refit_examples"] == 516
+    assert merged.config.mudsc["refit_samples"] == "auto" and merged.merge_report.recipe["refit_samples"] == "auto"
+    assert {fit.samples for fit in report.layers if fit.name != "classifier"} == {516 * 5}  # every token of 516
+    card = str(render_card(merged, Recipe(models=["a", "b"], calibration="c")))
+    assert "| Refit / ridge λ (relative) / examples | ridge / 0.001 / auto: 516 examples |" in card
+    exact = hf_mudsc.merge(parents, batches, matcher="align", refit_samples=300, progress=False)
+    assert exact.merge_report.refit.examples == exact.config.mudsc["refit_examples"] == 300
+    assert exact.merge_report.refit.samples == 300 and exact.config.mudsc["refit_samples"] == 300
+    everything = hf_mudsc.merge(parents, batches, matcher="align", refit_samples=None, progress=False)
+    assert everything.merge_report.refit.examples == 700 and everything.merge_report.refit.samples is None
+    plain = hf_mudsc.merge(parents, batches, matcher="align", refit="none", progress=False)
+    assert plain.config.mudsc["refit_examples"] is None and plain.config.mudsc["refit_samples"] is None
+
+
+def test_refit_samples_values_and_refusals():
+    assert MergeOptions.check("refit_samples", "auto") == "auto"
+    assert MergeOptions.check("refit_samples", 64) == 64 and MergeOptions.check("refit_samples", None) is None
+    assert int_or_auto("auto") == "auto" and int_or_auto("12") == 12
+    with pytest.raises(OptionError, match=r"refit_samples must be an int or 'auto' \(CLI: --refit-samples\)"):
+        MergeOptions.check("refit_samples", "many")
+    with pytest.raises(OptionError, match=r"refit_samples must be >= 1, 'auto'.*--refit-samples"):
+        MergeOptions.check("refit_samples", 0)
