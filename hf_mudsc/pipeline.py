@@ -573,7 +573,7 @@ def _refits(options: MergeOptions, method: MergeMethod, calibration: Any, count:
     """Whether the refit runs (`refit="auto"` resolved for this method and data, `methods.auto.refit_runs`)."""
     return refit_runs(method, options.refit, has_data=calibration is not None, num_parents=count,
                       reference_compat=bool(options.reference_compat),
-                      rereadable=not isinstance(calibration, Iterator))
+                      rereadable=not isinstance(calibration, Iterator), weights=options.weights)
 
 
 def _reads_data(method: MergeMethod, refitting: bool) -> bool:

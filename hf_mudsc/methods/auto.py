@@ -79,10 +79,11 @@ def planned_method(has_data: bool) -> MergeMethod:
 
 
 def refit_runs(method: MergeMethod, refit: str, *, has_data: bool, num_parents: int, reference_compat: bool,
-               rereadable: bool) -> bool:
-    """Whether the after-matching refit runs for `method` (`refit="auto"`: a unit-matching method with data,
-    `hf_mudsc.options.resolve_refit`)."""
+               rereadable: bool, weights: list[float] | None = None) -> bool:
+    """Whether the refit runs for `method` (`refit="auto"`: a unit-matching method, or a method that reads the
+    calibration data itself with equally weighted parents, given data: `hf_mudsc.options.resolve_refit`)."""
     from hf_mudsc.options import resolve_refit
 
     return resolve_refit(refit, matches_units=method.matches_units, has_data=has_data, num_parents=num_parents,
-                         reference_compat=reference_compat, rereadable=rereadable) == "ridge"
+                         reference_compat=reference_compat, rereadable=rereadable, reads_data=method.needs_data,
+                         weights=weights) == "ridge"
