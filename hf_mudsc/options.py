@@ -493,7 +493,8 @@ class MergeOptions:
         help="after matching, refit every linear layer in forward order by ridge least squares toward the parents' "
         "outputs on the calibration data (no labels, no gradients): ridge closes most of the gap to the ensemble "
         "across initializations; none keeps the paper's merge; auto = ridge for unit-matching methods (mudsc, "
-        "zipit, ...) given calibration data, none otherwise and under --reference-compat")
+        "zipit, ...) and for regmean / regmean_plusplus / fisher of equally weighted parents given calibration data, "
+        "none otherwise and under --reference-compat")
     refit_lambda: float = option(
         1e-3, kind="number", check=_check_refit_lambda, metavar="L", recorded=True,
         card=CardRow(4, "Refit / ridge λ (relative) / examples",

@@ -24,8 +24,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common import PAIR_DEFAULTS, digit_tasks, log, pair_settings, pretrained_all_digits, random_class_splits, \
-    same_init_pair, set_threads, write_json
+from common import (
+    PAIR_DEFAULTS,
+    digit_tasks,
+    log,
+    pair_settings,
+    pretrained_all_digits,
+    random_class_splits,
+    same_init_pair,
+    set_threads,
+    write_json,
+)
 
 import hf_mudsc
 from hf_mudsc.evaluate.harness import evaluate_merge
@@ -123,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--splits", type=int, default=3)
-    parser.add_argument("--variants", nargs="+", default=[*VARIANTS, *WITH_BASE], choices=[*VARIANTS, *SLOW, *WITH_BASE])
+    parser.add_argument("--variants", nargs="+", default=[*VARIANTS, *WITH_BASE],
+                        choices=[*VARIANTS, *SLOW, *WITH_BASE])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache-dir", default=PAIR_DEFAULTS["cache_dir"])
     parser.add_argument("--out", default="bench_results/same_init_variants.json")

@@ -9,7 +9,12 @@ The rule is a table (relation of the parents, base given?) -> candidate methods,
   accuracy); without data `ties` when the base is given (mergekit's and FusionBench's usual dataless choice for N
   parents), else `linear`.
 
-The reason string says which and why; the log, `config.mudsc["method_choice_reason"]` and the card carry it.
+With calibration data and two equally weighted parents, `refit="auto"` then refits after regmean
+(`hf_mudsc.options.resolve_refit`, docs/design.md §4.9): on the same-init digit ViT pairs (issue 12, 8 pairs at
+widths 64/128/256, `scripts/same_init_variants.py`) regmean alone lost 2 joint points to plain averaging and kept
+per-task accuracy 0.7-1.1 points under the parents; regmean + refit ties or beats averaging's joint and stays
+within 0.4 per task. The reason string says which and why; the log, `config.mudsc["method_choice_reason"]` and the
+card carry it.
 Torch-free (reads the relation's label and distance only).
 """
 
