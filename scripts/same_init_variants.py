@@ -118,7 +118,7 @@ def table(result: dict[str, Any]) -> str:
         linear = rows.get("linear", {}).get("joint", (float("nan"),))[0]
         parents = [rows["parent_a"]["task_a"][0], rows["parent_b"]["task_b"][0]]
         for label, entry in rows.items():
-            if "joint" not in entry or "task_a" not in entry:
+            if not all(figure in entry for figure in FIGURES):  # the parents: one task each
                 continue
             gap = max(parents[0] - entry["task_a"][0], parents[1] - entry["task_b"][0])
             lines.append(f"| {label} | {100 * entry['task_a'][0]:.1f} | {100 * entry['task_b'][0]:.1f} | "
