@@ -47,7 +47,8 @@ def resolve_refit(refit: str, *, matches_units: bool, has_data: bool, num_parent
     Also "ridge" after a same-base method that reads the calibration data itself (`reads_data`: regmean,
     regmean_plusplus, fisher; what `method="auto"` picks for fine-tunes of one base given data) when the parents
     count equally: measured on 9 same-init pairs, joint 90.5 -> 92.3 (plain averaging 92.3) and the worst per-task
-    gap to the parents 2.7 -> 0.7 points (issue 12, docs/design.md §4.9). Unequal `weights` keep "none": the refit's targets are the parents' unweighted mean."""
+    gap to the parents 2.7 -> 0.7 points (issue 12, docs/design.md §4.9). Unequal `weights` keep "none": the refit's
+    targets are the parents' unweighted mean."""
     if refit != "auto":
         return refit
     equal = weights is None or len(set(weights)) <= 1

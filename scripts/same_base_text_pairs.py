@@ -28,7 +28,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "linear": {"method": "linear"},
     "linear + refit": {"method": "linear", "refit": "ridge"},
-    "regmean": {"method": "regmean"},
+    "regmean": {"method": "regmean", "refit": "none"},
     "regmean + refit": {"method": "regmean", "refit": "ridge"},
 }
 

@@ -39,28 +39,29 @@ from common import (
 import hf_mudsc
 from hf_mudsc.evaluate.harness import evaluate_merge
 
+# Without "+ refit": refit="none" explicitly (refit="auto" refits after the data methods since issue 12).
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
-    "linear": {"method": "linear"},
+    "linear": {"method": "linear", "refit": "none"},
     "linear + refit": {"method": "linear", "refit": "ridge"},
     "linear + refit λ=1e-2": {"method": "linear", "refit": "ridge", "refit_lambda": 1e-2},
     "linear + refit λ=1e-1": {"method": "linear", "refit": "ridge", "refit_lambda": 1e-1},
-    "regmean": {"method": "regmean"},
+    "regmean": {"method": "regmean", "refit": "none"},
     "regmean + refit": {"method": "regmean", "refit": "ridge"},
-    "regmean scale=1.0": {"method": "regmean", "regmean_scale": 1.0},
-    "regmean scale=0.5": {"method": "regmean", "regmean_scale": 0.5},
+    "regmean scale=1.0": {"method": "regmean", "regmean_scale": 1.0, "refit": "none"},
+    "regmean scale=0.5": {"method": "regmean", "regmean_scale": 0.5, "refit": "none"},
     "regmean scale=0.5 + refit": {"method": "regmean", "regmean_scale": 0.5, "refit": "ridge"},
-    "regmean_plusplus": {"method": "regmean_plusplus"},
+    "regmean_plusplus": {"method": "regmean_plusplus", "refit": "none"},
     "regmean_plusplus + refit": {"method": "regmean_plusplus", "refit": "ridge"},
 }
 # Slow (per-sample gradients: ~2 min a pair at width 64); run with --variants.
 SLOW: dict[str, dict[str, Any]] = {
-    "fisher": {"method": "fisher"},
+    "fisher": {"method": "fisher", "refit": "none"},
     "fisher + refit": {"method": "fisher", "refit": "ridge"},
 }
 # With the base given (TIES needs it): not the target's setting, for reference.
 WITH_BASE: dict[str, dict[str, Any]] = {
-    "ties (base given)": {"method": "ties"},
+    "ties (base given)": {"method": "ties", "refit": "none"},
     "ties (base given) + refit": {"method": "ties", "refit": "ridge"},
 }
 FIGURES = ("task_a", "task_b", "joint")

@@ -12,9 +12,9 @@ The rule is a table (relation of the parents, base given?) -> candidate methods,
 With calibration data and two equally weighted parents, `refit="auto"` then refits after regmean
 (`hf_mudsc.options.resolve_refit`, docs/design.md §4.9): on the same-init digit ViT pairs (issue 12, 9 pairs at
 widths 64/128/256, `scripts/same_init_variants.py`) regmean alone lost 1.8 joint points to plain averaging (mean
-over the pairs) and up to 2.7 points per task; regmean + refit ties averaging's joint (92.3 both; -0.6 at width
-128) and stays within 0.7 points of the parents per task. The reason string says which and why; the log, `config.mudsc["method_choice_reason"]` and the
-card carry it.
+over the pairs) and up to 2.7 points per task; regmean + refit ties averaging's joint (92.3 both; -0.6 at width 128)
+and stays within 0.7 points of the parents per task. The reason string says which and why; the log,
+`config.mudsc["method_choice_reason"]` and the card carry it.
 Torch-free (reads the relation's label and distance only).
 """
 
