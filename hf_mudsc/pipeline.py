@@ -520,7 +520,7 @@ def merge(
             concatenate_classifier=concatenate, lambda_rel=merge_options.refit_lambda,
             samples=merge_options.refit_samples, seed=seed, total=calibration_examples, device=run_device,
             progress=progress)
-        if accumulators is None:  # a method without statistics: the refit's data is the calibration
+        if accumulators is None and not report.num_samples:  # nothing else read the data: the refit's is the count
             merged.config.mudsc["num_calibration_samples"] = report.num_samples = report.refit.examples
     merged = merged.to(run_device if device is not None else "cpu")
     # The recipe keys (every option a recipe file may set, as given), parents and base pinned; `auto` is recorded

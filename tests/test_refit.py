@@ -571,6 +571,15 @@ def test_default_merge_of_a_model_with_itself_returns_that_model(kind):
     assert relative_error(model_output(merged, batches[0]), model_output(model, batches[0])) < 1e-5
 
 
+def test_a_data_method_then_the_refit_records_the_examples_the_method_read():
+    """regmean reads every calibration example, the refit a subset: the config records the method's count."""
+    tuned = same_base_fine_tunes()
+    batches = make_batches("vit_cls", num_batches=2)  # 32 examples
+    merged = hf_mudsc.merge(tuned, batches, refit_samples=8, progress=False)
+    assert merged.config.mudsc["refit"] == "ridge" and merged.merge_report.refit.examples == 8
+    assert merged.config.mudsc["num_calibration_samples"] == merged.merge_report.num_samples == 32
+
+
 def test_default_refit_is_none_after_a_data_method_whose_parents_are_weighted_unequally():
     """The refit's targets are the parents' unweighted mean: with unequal `weights` it would undo them."""
     tuned = same_base_fine_tunes()
