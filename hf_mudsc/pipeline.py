@@ -521,7 +521,7 @@ def merge(
             samples=merge_options.refit_samples, seed=seed, total=calibration_examples, device=run_device,
             progress=progress)
         merged.config.mudsc["refit_examples"] = report.refit.examples
-        if accumulators is None:  # a method without statistics: the refit's data is the calibration
+        if accumulators is None and not report.num_samples:  # nothing else read the data: the refit's is the count
             merged.config.mudsc["num_calibration_samples"] = report.num_samples = report.refit.examples
     merged = merged.to(run_device if device is not None else "cpu")
     # The recipe keys (every option a recipe file may set, as given), parents and base pinned; `auto` is recorded
@@ -574,7 +574,7 @@ def _refits(options: MergeOptions, method: MergeMethod, calibration: Any, count:
     """Whether the refit runs (`refit="auto"` resolved for this method and data, `methods.auto.refit_runs`)."""
     return refit_runs(method, options.refit, has_data=calibration is not None, num_parents=count,
                       reference_compat=bool(options.reference_compat),
-                      rereadable=not isinstance(calibration, Iterator))
+                      rereadable=not isinstance(calibration, Iterator), weights=options.weights)
 
 
 def _reads_data(method: MergeMethod, refitting: bool) -> bool:

@@ -91,7 +91,9 @@ REGISTRY_METHODS = registry_methods()
 # ... then the balance-factor methods with the reference's independent head pairing.
 INDEPENDENT_HEADS = [(f"{label} indep-heads", {**options, "independent_heads": True})
                      for label, options in REGISTRY_METHODS if "alpha" in options]
-BASE_METHODS: list[tuple[str, dict[str, Any]]] = [*REGISTRY_METHODS, *INDEPENDENT_HEADS]
+# "default": `hf_mudsc.merge` with no option set (method="auto", refit="auto", ...), the merge a user gets.
+DEFAULT = ("default", {})
+BASE_METHODS: list[tuple[str, dict[str, Any]]] = [DEFAULT, *REGISTRY_METHODS, *INDEPENDENT_HEADS]
 TUNED = ("mudsc align α-tuned", "mudsc zip α-tuned")
 SCENARIOS = ("different_init", "same_init", "bert_permuted", "three_parents")
 # Three parents (docs/design.md §4.13): every unit-matching method with its default refit (`refit="auto"` = ridge,
@@ -547,7 +549,7 @@ def run_bert(args: argparse.Namespace) -> dict[str, Any]:
 
     identity = [torch.arange(p.numel()) for p in perms]
     methods = (
-        BASE_METHODS if not args.quick else [m for m in BASE_METHODS if m[0] in ("average", "mudsc zip")]
+        BASE_METHODS if not args.quick else [m for m in BASE_METHODS if m[0] in (DEFAULT[0], "average", "mudsc zip")]
     )
     results = {}
     sweep = (0.5,) if args.quick else args.alphas
@@ -609,6 +611,7 @@ ROW_ORDER = [
     "parent_a",
     "parent_b",
     "ensemble",
+    DEFAULT[0],
     *(label for label, _ in REGISTRY_METHODS),
     *TUNED,
     *(label for label, _ in INDEPENDENT_HEADS),
@@ -617,6 +620,7 @@ ROW_NAMES = {
     "parent_a": "parent A (own task)",
     "parent_b": "parent B (own task)",
     "ensemble": "ensemble (A+B)",
+    DEFAULT[0]: "default (no option set)",
 }
 
 

@@ -42,6 +42,7 @@ VARIANTS: dict[str, tuple[int | str | None, str, float]] = {
     "auto_c_l1e-2": ("auto", "centred", 1e-2),
     "all_raw": (None, "raw", 1e-3),
     "all_ls": (None, "logsoftmax", 1e-3),
+    "auto_crms": ("auto", "centred_rms", 1e-3),
 }
 
 
@@ -54,6 +55,9 @@ def head_target(kind: str) -> Callable[[Sequence[torch.Tensor]], torch.Tensor]:
             return torch.cat([y.log_softmax(dim=1) for y in outputs], dim=1)
         if kind == "prob":
             return torch.cat([y.softmax(dim=1) for y in outputs], dim=1)
+        if kind == "centred_rms":  # each parent's centred logits at unit RMS (over the batch's rows)
+            centred = [y - y.mean(dim=1, keepdim=True) for y in outputs]
+            return torch.cat([c / c.pow(2).mean().sqrt().clamp_min(1e-12) for c in centred], dim=1)
         if kind.startswith("lsf"):  # log-probabilities floored at -(log k + m): every argmax is unchanged
             margin = float(kind[3:])
             return torch.cat([y.log_softmax(dim=1).clamp_min(-(math.log(y.shape[1]) + margin)) for y in outputs],

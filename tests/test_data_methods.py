@@ -268,8 +268,10 @@ def test_regmean_plusplus_averages_layers_whose_inputs_all_parents_share_and_equ
     base = make_model("bert_cls", seed=0)
     parents = [fine_tune(base, seed, scale=0.05) for seed in (1, 2)]
     batches = make_batches("bert_cls", num_batches=2, batch_size=8, seed=4)
-    merged = hf_mudsc.merge(parents, batches, method="regmean_plusplus", regmean_scale=0.9, progress=False)
-    plain = hf_mudsc.merge(parents, batches, method="regmean", regmean_scale=0.9, progress=False)
+    # refit="none": the methods' own closed forms (refit="auto" would refit after them, two equal parents)
+    merged = hf_mudsc.merge(parents, batches, method="regmean_plusplus", regmean_scale=0.9, refit="none",
+                            progress=False)
+    plain = hf_mudsc.merge(parents, batches, method="regmean", regmean_scale=0.9, refit="none", progress=False)
     average = weighted_average([state(p) for p in parents], [1.0, 1.0])
     query = "bert.encoder.layer.0.attention.self.query.weight"
     # BERT's block 0 reads the merged embeddings (LayerNorm outside the block): the same Gram for both parents,

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+import hf_mudsc
 from hf_mudsc.cli.main import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -62,3 +63,20 @@ def test_the_readme_same_base_examples_run_and_give_what_they_say(tmp_path, monk
     assert all(torch.allclose(regmean_cli[k], regmean_api[k], atol=1e-6) for k in regmean_cli)
     dare_cli = load_file(tmp_path / "tuned-dare-cli" / "model.safetensors")
     assert not torch.equal(dare_cli[key], scope["dare"].state_dict()[key])  # other weights (1 1 2): other merge
+
+
+def test_the_readme_default_for_two_fine_tunes_runs_and_is_regmean_then_the_refit(tmp_path, monkeypatch, capsys):
+    """README "Same-base merging": the default merge of two fine-tunes given data, printed as it says."""
+    [setup] = [block for block in readme_blocks("python") if block.startswith("# readme-test: same-base")]
+    [python] = [block for block in readme_blocks("python") if block.startswith("# readme-test: default-same-base")]
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {"__name__": "readme_same_base"}
+    exec(compile(setup, "README.md (same-base example)", "exec"), scope)
+    capsys.readouterr()
+    exec(compile(python, "README.md (same-base default)", "exec"), scope)
+    assert capsys.readouterr().out == "regmean ridge\n"
+    default = scope["default"]
+    assert default.merge_report.refit is not None and default.merge_report.refit.head_kept is False  # one label set
+    plain = hf_mudsc.merge(scope["parents"][:2], scope["calibration"], batch_size=8, refit="none")
+    key = "bert.encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(default.state_dict()[key], plain.state_dict()[key])  # the refit changed the regmean merge

@@ -512,6 +512,7 @@ def test_default_refit_is_ridge_for_unit_matching_merges_with_calibration_data(t
 @pytest.mark.parametrize(("options", "data"), [
     ({"method": "average"}, True),  # no unit matching: nothing the refit would repair by default
     ({"method": "linear"}, True),
+    ({"method": "regmean", "weights": [1.0, 3.0]}, True),  # the refit's targets would undo unequal weights
     ({"method": "weight_matching"}, False),  # unit matching without calibration data
     ({"method": "mudsc", "reference_compat": True}, True),  # the reference's merge, bit for bit
     ({"method": "mudsc"}, "iterator"),  # a one-shot stream cannot be read once per layer step
@@ -525,19 +526,91 @@ def test_default_refit_is_none_where_it_does_not_apply(options, data):
     assert merged.merge_report.recipe["refit"] == "none"  # the recipe re-runs the same merge
 
 
-def test_default_refit_leaves_same_base_fine_tunes_to_the_method_auto_picks():
-    """Fine-tunes of one base: method="auto" picks a tensor-wise method, which the refit does not touch."""
+def same_base_fine_tunes(kind: str = "vit_cls", seeds: tuple[int, ...] = (2, 3)) -> list[nn.Module]:
+    """Small changes to one model: parents `check_mergeable` calls "shared base" (distance well below 0.5)."""
     tuned = []
-    for seed in (2, 3):
-        model = make_model("vit_cls", seed=1)
+    for seed in seeds:
+        model = make_model(kind, seed=1)
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for param in model.parameters():
                 param.add_(0.01 * param.std().nan_to_num() * torch.randn(param.shape, generator=generator))
         tuned.append(model)
-    merged = hf_mudsc.merge(tuned, make_batches("vit_cls", num_batches=2), progress=False)
-    assert not hf_mudsc.get_method(merged.merge_report.method).matches_units
-    assert merged.config.mudsc["refit"] == "none" and merged.merge_report.refit is None
+    return tuned
+
+
+def test_default_refits_after_the_data_method_auto_picks_for_same_base_fine_tunes():
+    """Fine-tunes of one base with calibration data: method="auto" picks regmean and refit="auto" refits after it
+    (issue 12: measured on the same-init digit ViTs, docs/design.md §4.9) — the same merge as asking for both."""
+    tuned = same_base_fine_tunes()
+    batches = make_batches("vit_cls", num_batches=2)
+    merged = hf_mudsc.merge(tuned, batches, progress=False)
+    mudsc = merged.config.mudsc
+    assert mudsc["method"] == "regmean" and mudsc["refit"] == "ridge"
+    assert mudsc["method_choice_reason"].startswith("parents share a base, so the identity correspondence holds and "
+                                                    "calibration data is given (relative weight distance ")
+    assert mudsc["method_choice_reason"].endswith("): regmean")
+    assert merged.merge_report.recipe["refit"] == "ridge"  # the recipe re-runs the same merge
+    assert len(merged.merge_report.refit.layers) == 13
+    asked = hf_mudsc.merge(tuned, batches, method="regmean", refit="ridge", progress=False)
+    plain = hf_mudsc.merge(tuned, batches, method="regmean", refit="none", progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), asked.state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), plain.state_dict().values()))
+
+
+@pytest.mark.parametrize("kind", ["vit_cls", "bert_cls"])
+def test_default_merge_of_a_model_with_itself_returns_that_model(kind):
+    """Identical parents (relation "same model"): regmean returns the model and the refit's targets are its own
+    outputs, so the refit keeps it — weights and outputs."""
+    model = make_model(kind, seed=4)
+    batches = make_batches(kind, num_batches=2)
+    merged = hf_mudsc.merge([model, model], batches, progress=False)
+    assert merged.config.mudsc["method"] == "regmean" and merged.config.mudsc["refit"] == "ridge"
+    assert merged.config.mudsc["parent_relation"]["relation"] == "same model"
+    expected = model.state_dict()
+    for name, tensor in merged.state_dict().items():  # float32 rounding of the refit's targets: ~1e-5 of the tensor
+        error = float((tensor - expected[name]).abs().max())
+        assert error <= 5e-5 * max(float(expected[name].abs().max()), 1e-3), (name, error)
+    assert relative_error(model_output(merged, batches[0]), model_output(model, batches[0])) < 1e-5
+
+
+def test_a_data_method_then_the_refit_records_the_examples_the_method_read():
+    """regmean reads every calibration example, the refit a subset: the config records the method's count."""
+    tuned = same_base_fine_tunes()
+    batches = make_batches("vit_cls", num_batches=2)  # 32 examples
+    merged = hf_mudsc.merge(tuned, batches, refit_samples=8, progress=False)
+    assert merged.config.mudsc["refit"] == "ridge" and merged.merge_report.refit.examples == 8
+    assert merged.config.mudsc["num_calibration_samples"] == merged.merge_report.num_samples == 32
+
+
+def test_default_refit_is_none_after_a_data_method_whose_parents_are_weighted_unequally():
+    """The refit's targets are the parents' unweighted mean: with unequal `weights` it would undo them."""
+    tuned = same_base_fine_tunes()
+    batches = make_batches("vit_cls", num_batches=2)
+    merged = hf_mudsc.merge(tuned, batches, weights=[1.0, 3.0], progress=False)
+    assert merged.config.mudsc["method"] == "regmean" and merged.config.mudsc["refit"] == "none"
+    assert merged.merge_report.refit is None
+    equal = hf_mudsc.merge(tuned, batches, weights=[2.0, 2.0], progress=False)  # equal weights: the refit runs
+    assert equal.config.mudsc["refit"] == "ridge"
+
+
+@pytest.mark.parametrize(("matches_units", "reads_data", "weights", "expected"), [
+    (True, False, None, "ridge"),  # unit matching (mudsc, zipit, ...)
+    (False, True, None, "ridge"),  # a data method (regmean, regmean_plusplus, fisher): parents count equally
+    (False, True, [1.0, 1.0], "ridge"),
+    (False, True, [1.0, 3.0], "none"),  # unequal weights: the refit's unweighted targets would undo them
+    (False, False, None, "none"),  # a tensor-wise method (linear, ties, ...): no data of its own
+])
+def test_resolve_refit_auto(matches_units, reads_data, weights, expected):
+    from hf_mudsc.options import resolve_refit
+
+    common = {"has_data": True, "num_parents": 2, "reference_compat": False}
+    assert resolve_refit("auto", matches_units=matches_units, reads_data=reads_data, weights=weights,
+                         **common) == expected
+    assert resolve_refit("auto", matches_units=matches_units, reads_data=reads_data, weights=weights,
+                         **{**common, "reference_compat": True}) == "none"
+    assert resolve_refit("auto", matches_units=matches_units, reads_data=reads_data, weights=weights,
+                         **{**common, "has_data": False}) == "none"
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -15,7 +15,8 @@ declare. Each pass starts after the blocks already final, replayed from their st
 (`hf_mudsc.apply.block_replay`): the cost is linear in depth. Memory is flat in the number of calibration
 samples: per layer a `(d+1)²` Gram and a `(d+1)×m` cross-Gram in float64, and per model one block output per
 refit batch (bounded by `refit_samples`; beyond `block_replay.RAM_BYTES` in a temporary directory).
-`refit="auto"` (the default) runs it after unit-matching methods (`hf_mudsc.options.resolve_refit`).
+`refit="auto"` (the default) runs it after unit-matching methods, and after the same-base methods that read the
+calibration data (regmean, regmean_plusplus, fisher) of equally weighted parents (`hf_mudsc.options.resolve_refit`).
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ ROW_NOTES = {
 }
 REFIT_NOTE = ("+ refit: then every linear layer refitted by ridge least squares toward the parents' outputs on "
               "the calibration images\n  (no labels, no gradients; refit='auto': the default for unit-matching "
-              "methods, docs/design.md §4.9)")
+              "methods and for regmean / regmean_plusplus / fisher, docs/design.md §4.9)")
 
 
 def demo_methods() -> list[tuple[str, dict[str, Any]]]:

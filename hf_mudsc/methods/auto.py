@@ -9,7 +9,12 @@ The rule is a table (relation of the parents, base given?) -> candidate methods,
   accuracy); without data `ties` when the base is given (mergekit's and FusionBench's usual dataless choice for N
   parents), else `linear`.
 
-The reason string says which and why; the log, `config.mudsc["method_choice_reason"]` and the card carry it.
+With calibration data and two equally weighted parents, `refit="auto"` then refits after regmean
+(`hf_mudsc.options.resolve_refit`, docs/design.md §4.9): on the same-init digit ViT pairs (issue 12, 9 pairs at
+widths 64/128/256, `scripts/same_init_variants.py`) regmean alone lost 1.8 joint points to plain averaging (mean
+over the pairs) and up to 2.7 points per task; regmean + refit ties averaging's joint (92.3 both; -0.6 at width 128)
+and stays within 0.7 points of the parents per task. The reason string says which and why; the log,
+`config.mudsc["method_choice_reason"]` and the card carry it.
 Torch-free (reads the relation's label and distance only).
 """
 
@@ -79,10 +84,11 @@ def planned_method(has_data: bool) -> MergeMethod:
 
 
 def refit_runs(method: MergeMethod, refit: str, *, has_data: bool, num_parents: int, reference_compat: bool,
-               rereadable: bool) -> bool:
-    """Whether the after-matching refit runs for `method` (`refit="auto"`: a unit-matching method with data,
-    `hf_mudsc.options.resolve_refit`)."""
+               rereadable: bool, weights: list[float] | None = None) -> bool:
+    """Whether the refit runs for `method` (`refit="auto"`: a unit-matching method, or a method that reads the
+    calibration data itself with equally weighted parents, given data: `hf_mudsc.options.resolve_refit`)."""
     from hf_mudsc.options import resolve_refit
 
     return resolve_refit(refit, matches_units=method.matches_units, has_data=has_data, num_parents=num_parents,
-                         reference_compat=reference_compat, rereadable=rereadable) == "ridge"
+                         reference_compat=reference_compat, rereadable=rereadable, reads_data=method.needs_data,
+                         weights=weights) == "ridge"
