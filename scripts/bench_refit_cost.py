@@ -35,8 +35,9 @@ def run_child(args: argparse.Namespace) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    case = types.SimpleNamespace(noise=args.noise, batch_size=args.batch_size, vit_image_size=32, vit_patch_size=4)
-    model_a, model_b, _ = bench_merge.load_case("minilm", case)
+    case = types.SimpleNamespace(noise=args.noise, batch_size=args.batch_size, vit_image_size=32, vit_patch_size=4,
+                                 parents=2)
+    model_a, (model_b,), _ = bench_merge.load_case("minilm", case)
     batches = list(bench_merge.batches("minilm", case, args.num_samples))
     options = dict(CONFIGS[args.child])
     if options["refit"] != "none" and args.refit_samples is not None:
