@@ -122,7 +122,7 @@ def merge_all(
     batch_size: int = 64,
 ) -> tuple[dict[str, Any], dict[str, dict]]:
     """Every method (and the alpha sweep of mudsc align/zip) -> merged models and per-merge info."""
-    from hf_mudsc.testing.permute import recovered_fraction
+    from hf_mudsc.testing.permute import recovered_fraction, recovery_breakdown
 
     plan = list(methods)
     for alpha in alphas:
@@ -150,6 +150,9 @@ def merge_all(
                 widths = [int(p.numel()) for p in truth]
                 entry["recovered"] = sum(f * w for f, w in zip(fractions, widths)) / sum(widths)
                 entry["recovered_min_group"] = min(fractions)
+                # Where units are missed, by kind (zip's same-model fusions, wrong cross pairs, ...).
+                entry["misses"] = {name: recovery_breakdown(m, p) for name, m, p, f in
+                                   zip(report.group_names, report.matches, truth, fractions) if f < 1}
         merged[label] = model
         info[label] = entry
     return merged, info

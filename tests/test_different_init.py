@@ -90,7 +90,7 @@ def test_permuted_copy_computes_the_same_function_in_another_basis():
 
 def test_recovered_fraction_counts_true_partner_pairs_only():
     from hf_mudsc.solve.matchers import match
-    from hf_mudsc.testing.permute import recovered_fraction
+    from hf_mudsc.testing.permute import recovered_fraction, recovery_breakdown
 
     perm = torch.tensor([2, 0, 1])  # B unit j is A unit perm[j]
     similarity = torch.eye(6, dtype=torch.float64)
@@ -108,3 +108,7 @@ def test_recovered_fraction_counts_true_partner_pairs_only():
     assert recovered_fraction(zipped, perm) == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match="units per model"):
         recovered_fraction(found, torch.arange(4))
+    # Where the misses are: one true pair, one same-model fusion in each parent.
+    assert recovery_breakdown(zipped, perm) == {"true": 1, "A-A": 1, "B-B": 1}
+    assert recovery_breakdown(found, perm) == {"true": 3}
+    assert recovery_breakdown(found, torch.tensor([0, 1, 2])) == {"wrong cross": 3}

@@ -137,8 +137,12 @@ def search_alpha(method: Any, context: Any, scorer: FidelityScorer, build: Calla
     import dataclasses
     import logging
 
+    from hf_mudsc.solve.loop import SolveCache
+
     scores: dict[float, float] = {}
     results: dict[float, Any] = {}
+    # The solves differ only in alpha: what does not depend on it is computed once (the same results, less time).
+    context = dataclasses.replace(context, solve_cache=SolveCache())
     for alpha in grid:
         result = method.merge_parameters(dataclasses.replace(
             context, options=dataclasses.replace(context.options, alpha=float(alpha))))

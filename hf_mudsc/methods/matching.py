@@ -113,6 +113,8 @@ class UnitMatchingMethod(MergeMethod):
         )
         parents = list(context.parents)
         more = {"others": parents[2:]} if len(parents) > 2 else {}  # two parents: the two-parent call as before
+        if context.solve_cache is not None:  # the alpha="auto" search's shared alpha-free parts
+            more["cache"] = context.solve_cache
         solver = Solver(context.solve_spec, parents[0], parents[1], context.correlations, options, **more)
         result = solver.solve(progress=context.progress)
         matches = list(result.matches)

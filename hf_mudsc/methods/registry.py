@@ -61,6 +61,9 @@ class MethodContext:
     """Every merge option, checked (`alpha`, `matcher`, `seed`, `weights`, `density`, ...)."""
     device: str
     progress: bool = False
+    solve_cache: Any = None
+    """What successive solves of one merge may share (`hf_mudsc.solve.loop.SolveCache`, the `alpha="auto"`
+    search's): the parts of a solve that do not depend on alpha. None: every solve starts from scratch."""
 
     @property
     def params_a(self) -> Mapping[str, torch.Tensor]:

@@ -122,6 +122,36 @@ class SolveResult:
         return [m.value for m in self.matches]
 
 
+class SolveCache:
+    """The parts of a solve that do not depend on alpha, shared by successive solves of one merge that differ only
+    in alpha (the `alpha="auto"` search, docs/design.md §4.4): the weight correlations' constant parts, the
+    activation start (matched on activations only), the weight start (matched on weights only) and, for each
+    candidate start, the weight-correlation entries of its matched pairs (its score's weight half).
+
+    Each of these is exactly what a fresh solve would compute, so every solve that uses the cache returns what it
+    would return without it. A solve whose inputs differ in anything but alpha (other parents, statistics,
+    matcher, seed, ...) clears the cache and starts it again.
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.weight_correlation: WeightCorrelation | None = None
+        self.activation_start: _State | None = None
+        self.weight_start: _State | None = None
+        self.start_entries: dict[str, list[torch.Tensor]] = {}
+
+    def bind(self, key: tuple) -> None:
+        """Use the cache for inputs identified by `key`; other inputs than last time empty it first."""
+        if self.key != key:
+            self.__init__()  # type: ignore[misc]
+            self.key = key
+
+
+def _storage_key(tensors: Sequence[Mapping[object, torch.Tensor]]) -> tuple:
+    """Which tensors these are (names, memory, shapes, dtypes): equal keys, the same inputs (never modified)."""
+    return tuple((name, t.data_ptr(), tuple(t.shape), t.dtype) for mapping in tensors for name, t in mapping.items())
+
+
 def _is_permutation(index: torch.Tensor) -> bool:
     return torch.equal(torch.sort(index).values, torch.arange(index.numel(), device=index.device))
 
@@ -157,9 +187,11 @@ class Solver:
         activation_correlations: Sequence[torch.Tensor] | None,
         options: SolveOptions,
         others: Sequence[Mapping[str, torch.Tensor]] = (),
+        cache: SolveCache | None = None,
     ) -> None:
         """`others`: the parents after the first two (N > 2 parents: every similarity is `(N·n, N·n)` over
-        `[parent 0 units; parent 1 units; ...]` and the matchers merge N·n units into n, docs/design.md §4.6)."""
+        `[parent 0 units; parent 1 units; ...]` and the matchers merge N·n units into n, docs/design.md §4.6).
+        `cache`: alpha-free parts shared with other solves of the same inputs (`SolveCache`); results unchanged."""
         if options.use_activations and activation_correlations is None:
             raise ValueError("activation correlations are required for this method")
         if not 0.0 <= options.alpha <= 1.0:
@@ -182,7 +214,18 @@ class Solver:
         self.options = options
         self.ties = {} if options.independent_heads else spec.head_ties()
         self.tie_of = {index: members for members in self.ties.values() for index in members}
-        self.weight_correlation = WeightCorrelation(spec, params_a, params_b, device=options.device, others=others)
+        self.cache = cache
+        if cache is not None:
+            # Everything a solve reads except alpha: the same objects (parents, statistics, spec) and options.
+            cache.bind((id(spec), _storage_key([params_a, params_b, *others]),
+                        _storage_key([dict(enumerate(activation_correlations or ()))]), replace(options, alpha=0.0)))
+            if cache.weight_correlation is None:
+                cache.weight_correlation = WeightCorrelation(spec, params_a, params_b, device=options.device,
+                                                             others=others)
+            self.weight_correlation = cache.weight_correlation
+        else:
+            self.weight_correlation = WeightCorrelation(spec, params_a, params_b, device=options.device,
+                                                        others=others)
         # A visit's result depends only on the matches of the groups sharing a tensor with the visited
         # group(s): while those are the same (the same objects, or equal unit assignments — another start that
         # reached the same neighbourhood), an earlier result is reused exactly. A few results per group are kept.
@@ -284,6 +327,16 @@ class Solver:
                 del entries[VISIT_CACHE_SIZE:]
 
     def _initial_state(self) -> _State:
+        cache = self.cache
+        if cache is not None and cache.activation_start is not None:
+            return cache.activation_start.copy()
+        state = self._activation_state()
+        if cache is not None:
+            cache.activation_start = state.copy()
+        return state
+
+    def _activation_state(self) -> _State:
+        """Every group matched on its activation correlation alone (§4.2; alpha plays no part)."""
         state = _State(len(self.spec.groups))
         if self.options.use_activations:
             for index in range(len(self.spec.groups)):
@@ -308,14 +361,20 @@ class Solver:
         return state
 
     def _weight_state(self) -> _State:
-        """The weight-only align solve (what `weight_matching` does): no start, weight-only sweeps."""
+        """The weight-only align solve (what `weight_matching` does): no start, weight-only sweeps (alpha plays no
+        part: a `SolveCache` keeps it for the next solve)."""
+        cache = self.cache
+        if cache is not None and cache.weight_start is not None:
+            return cache.weight_start.copy()
         state, _, _, _ = self._sweeps(_State(len(self.spec.groups)), candidate=False, weight_only=True)
         # Its visits are never repeated (one weight start per solve): free them now.
         for slot in [slot for slot in self._visit_cache if slot[0]]:
             del self._visit_cache[slot]
+        if cache is not None:
+            cache.weight_start = state.copy()
         return state
 
-    def _score(self, state: _State) -> float:
+    def _score(self, state: _State, name: str = "") -> float:
         """Give every group of a permutation start its value under the blended similarity, given the whole start.
 
         The value is the mean similarity of the matched (A, B) pairs — exactly what align reports for a
@@ -324,6 +383,9 @@ class Solver:
         """
         if self.num_models != 2:
             return self._score_models(state)
+        cache = self.cache
+        entries = cache.start_entries.get(name) if cache is not None and name else None
+        fresh: list[torch.Tensor] = []
         for index, found in enumerate(state.matches):
             assert found is not None
             n = found.num_merged
@@ -331,9 +393,20 @@ class Solver:
             if found.cluster_of.numel() != 2 * n or not (_is_permutation(a_cluster) and _is_permutation(b_cluster)):
                 raise ValueError(f"group {self.spec.groups[index].name!r}: only a permutation start can be scored")
             b_unit = torch.argsort(b_cluster)  # the B unit in each merged unit
-            similarity = self.similarity(index, state)
-            value = float(similarity[torch.arange(n), n + b_unit[a_cluster]].mean())
+            pairs = (torch.arange(n), n + b_unit[a_cluster])
+            if cache is None or not name or self.options.alpha in (0.0, 1.0):
+                value = float(self.similarity(index, state)[pairs].mean())
+            else:
+                # The blend of the matched entries only, with the operations `similarity` applies to the whole
+                # matrix (elementwise, so the same values); the weight entries depend on the start alone.
+                if entries is None:
+                    fresh.append(self._weight(index, state)[pairs].clone())
+                weight = (entries[index] if entries is not None else fresh[-1]).clone().mul_(self.options.alpha)
+                activation = self.activations[index].to(torch.float64)[pairs]
+                value = float(weight.add_(activation, alpha=1 - self.options.alpha).mean())
             state.set(index, replace(found, value=value))
+        if cache is not None and name and entries is None and fresh:
+            cache.start_entries[name] = fresh
         return float(np.mean(state.values))
 
     def _score_models(self, state: _State) -> float:
@@ -414,7 +487,7 @@ class Solver:
         runner_up: str | None = None
         for name in extra:
             start = self._weight_state() if name == "weight" else self._identity_state()
-            self._score(start)
+            self._score(start, name)
             outcome = self._sweeps(start, candidate=True, progress=progress, label=f"solve ({name} start)")
             del start
             objectives[name] = outcome[1]

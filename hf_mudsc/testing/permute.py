@@ -77,3 +77,25 @@ def recovered_fraction(match: Match, perm: torch.Tensor) -> float:
         if len(a) == 1 and len(b) == 1 and truth[b[0]] == a[0]:
             hits += 1
     return hits / n
+
+
+def recovery_breakdown(match: Match, perm: torch.Tensor) -> dict[str, int]:
+    """How a group's merged units relate to the true correspondence (B unit j = A unit `perm[j]`), counted by kind:
+    `true` (an A unit with its partner), `wrong cross` (one A and one B unit, not partners), `A-A` / `B-B` (zip's
+    same-model fusions of two units), else `<a>A+<b>B` — where `recovered_fraction` misses units, and why."""
+    n = int(perm.numel())
+    if match.cluster_of.numel() != 2 * n:
+        raise ValueError(f"match has {match.cluster_of.numel() // 2} units per model, the permutation {n}")
+    truth = perm.tolist()
+    kinds: dict[str, int] = {}
+    for cluster in match.clusters():
+        a = [u for u in cluster if u < n]
+        b = [u - n for u in cluster if u >= n]
+        if len(a) == 1 and len(b) == 1:
+            kind = "true" if truth[b[0]] == a[0] else "wrong cross"
+        elif len(a) + len(b) == 2:
+            kind = "A-A" if a else "B-B"
+        else:
+            kind = f"{len(a)}A+{len(b)}B"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds

@@ -1,0 +1,126 @@
+"""`SolveCache` (hf_mudsc/solve/loop.py): the `alpha="auto"` search's solves share what does not depend on alpha.
+
+Proven here: a solve with the cache returns exactly what a fresh solve returns (matches, values, objective
+history, sweeps, every start's objective and the winner) at every alpha, for both matchers, on a different-init
+and a same-init pair; the alpha-free work really is done once (the weight start's sweeps and the weight
+correlations counted); and a solve of other inputs (another seed, other parents) empties the cache first."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from factories import make_batches, make_model
+
+from hf_mudsc.apply.fidelity import ALPHA_GRID
+from hf_mudsc.architectures import spec_for
+from hf_mudsc.calibrate.correlation import correlations_from
+from hf_mudsc.calibrate.statistics import collect_statistics
+from hf_mudsc.solve.loop import SolveCache, SolveOptions, Solver
+from hf_mudsc.solve.similarity import WeightCorrelation
+
+ALPHAS = (*ALPHA_GRID, 0.0, 1.0)
+STARTS = ("weight", "identity")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _fine_tune(base: torch.nn.Module, seed: int) -> torch.nn.Module:
+    model = copy.deepcopy(base)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.15 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def _inputs(pair: str):
+    if pair == "different_init":
+        a, b = make_model("vit_cls", 0), make_model("vit_cls", 1)
+    else:
+        base = make_model("vit_cls", seed=0)
+        a, b = _fine_tune(base, 1), _fine_tune(base, 2)
+    spec = spec_for(a)
+    correlations = correlations_from(collect_statistics(a, b, spec, make_batches("vit_cls"), progress=False))
+    return spec, dict(a.named_parameters()), dict(b.named_parameters()), correlations
+
+
+def _same(got, want) -> None:
+    assert got.start == want.start and got.starts == want.starts
+    assert got.objective_history == want.objective_history and got.sweeps == want.sweeps
+    for g, w in zip(got.matches, want.matches, strict=True):
+        assert torch.equal(g.cluster_of, w.cluster_of) and torch.equal(g.merge_weight, w.merge_weight)
+        assert g.value == w.value and g.head_pairing == w.head_pairing and g.num_merged == w.num_merged
+
+
+@pytest.mark.parametrize("pair", ["different_init", "same_init"])
+@pytest.mark.parametrize("matcher", ["zip", "align"])
+def test_cached_solves_equal_fresh_solves_at_every_alpha(pair, matcher):
+    spec, params_a, params_b, correlations = _inputs(pair)
+    cache = SolveCache()
+    winners = set()
+    for alpha in ALPHAS:
+        options = SolveOptions(matcher=matcher, alpha=alpha, extra_starts=STARTS)
+        fresh = Solver(spec, params_a, params_b, correlations, options).solve()
+        cached = Solver(spec, params_a, params_b, correlations, options, cache=cache).solve()
+        _same(cached, fresh)
+        winners.add(fresh.start)
+    # Both regimes are covered: the activation start kept (different init) and another start winning (same init).
+    assert winners == ({"activation"} if pair == "different_init" else {"activation", "weight"})
+
+
+def test_the_alpha_free_work_is_done_once(monkeypatch):
+    spec, params_a, params_b, correlations = _inputs("different_init")
+    calls = {"weight_correlations": 0, "weight_sweeps": 0}
+    real_call, real_sweeps = WeightCorrelation.__call__, Solver._sweeps
+
+    def counting_call(self, *args, **kwargs):
+        calls["weight_correlations"] += 1
+        return real_call(self, *args, **kwargs)
+
+    def counting_sweeps(self, *args, weight_only=False, **kwargs):
+        calls["weight_sweeps"] += weight_only
+        return real_sweeps(self, *args, weight_only=weight_only, **kwargs)
+
+    monkeypatch.setattr(WeightCorrelation, "__call__", counting_call)
+    monkeypatch.setattr(Solver, "_sweeps", counting_sweeps)
+    per_solve = {}
+    cache = SolveCache()
+    for label, shared in (("first", cache), ("second", cache), ("fresh", None)):
+        calls.update(weight_correlations=0, weight_sweeps=0)
+        options = SolveOptions(matcher="zip", alpha=0.3 if label != "first" else 0.7, extra_starts=STARTS)
+        Solver(spec, params_a, params_b, correlations, options, cache=shared).solve()
+        per_solve[label] = dict(calls)
+    assert per_solve["first"]["weight_sweeps"] == 1 and per_solve["fresh"]["weight_sweeps"] == 1
+    assert per_solve["second"]["weight_sweeps"] == 0  # the weight start is reused
+    # The weight start's solve and both starts' scores are not recomputed: fewer weight correlations than fresh.
+    groups = len(spec.groups)
+    assert per_solve["second"]["weight_correlations"] <= per_solve["fresh"]["weight_correlations"] - 2 * groups
+    assert cache.weight_start is not None and cache.activation_start is not None
+    assert sorted(cache.start_entries) == ["identity", "weight"]
+    assert all(len(entries) == groups for entries in cache.start_entries.values())
+
+
+def test_a_solve_of_other_inputs_empties_the_cache_first():
+    spec, params_a, params_b, correlations = _inputs("different_init")
+    _, _, other_b, other_correlations = _inputs("same_init")
+    cache = SolveCache()
+    options = SolveOptions(matcher="zip", alpha=0.5, extra_starts=STARTS)
+    Solver(spec, params_a, params_b, correlations, options, cache=cache).solve()
+    first_start = cache.weight_start
+    for changed in ({"options": SolveOptions(matcher="zip", alpha=0.5, seed=3, extra_starts=STARTS)},
+                    {"params_b": other_b, "correlations": other_correlations}):
+        inputs = {"params_b": params_b, "correlations": correlations, "options": options, **changed}
+        fresh = Solver(spec, params_a, inputs["params_b"], inputs["correlations"], inputs["options"]).solve()
+        cached = Solver(spec, params_a, inputs["params_b"], inputs["correlations"], inputs["options"],
+                        cache=cache).solve()
+        _same(cached, fresh)
+        assert cache.weight_start is not first_start
+        first_start = cache.weight_start
