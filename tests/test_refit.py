@@ -339,6 +339,40 @@ def test_shared_basis_score_is_the_weight_correlation_of_fused_units():
     assert abs(unrelated) < 0.2
 
 
+def test_a_zip_that_fuses_few_units_across_parents_is_no_evidence_of_a_shared_basis():
+    """Zip on different-init parents may fuse almost every unit within its own parent: one cross pair (here a
+    perfect one) must not decide that the parents share a basis. Units of parent 0 without a partner count 0."""
+    from hf_mudsc.solve.maps import GroupMaps
+    from hf_mudsc.solve.matchers import Match
+    from hf_mudsc.solve.similarity import weight_features
+
+    model = make_model("vit_cls", seed=0)
+    spec = spec_for(model)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    matches = []
+    for group in spec.groups:
+        if not group.name.endswith("mlp"):
+            matches.append(None)  # identity: the same model on both sides correlates 1.0
+            continue
+        n = group.width  # A unit 0 fused with B unit 0; every other unit alone
+        clusters = torch.cat([torch.arange(n), torch.tensor([0]), torch.arange(n, 2 * n - 1)])
+        weights = torch.ones(2 * n, dtype=torch.float64)
+        weights[[0, n]] = 0.5
+        matches.append(Match(clusters, weights, 2 * n - 1, 0.0))
+    # Known answer per group: the attention groups 1.0 (the same weights); each MLP group 1/n (one perfect pair,
+    # n - 1 partnerless units of parent 0); the residual stream pairs unit i with unit i, its rows read the MLP
+    # units through each side's own (different) merge map: its correlation computed directly.
+    maps = [GroupMaps.from_match(found) if found is not None else None for found in matches]
+    residual = spec.groups.index(next(g for g in spec.groups if g.name == "residual"))
+    rows = [weight_features(spec, residual, params, side, maps) for side in (0, 1)]
+    rows = [r - r.mean(dim=1, keepdim=True) for r in rows]
+    rows = [r / r.norm(dim=1, keepdim=True) for r in rows]
+    per_group = {"residual": float((rows[0] * rows[1]).sum(dim=1).mean())}
+    per_group |= {g.name: 1 / g.width if g.name.endswith("mlp") else 1.0 for g in spec.groups if g.name != "residual"}
+    expected = sum(per_group.values()) / len(spec.groups)
+    assert shared_basis_score(spec, params, params, matches) == pytest.approx(expected, abs=1e-9)
+
+
 # ---------------------------------------------------------------------------------------------- memory
 
 

@@ -190,10 +190,11 @@ def shared_basis_score(spec: PermutationSpec, params_a: Mapping[str, torch.Tenso
     fused with them (`params_a` is parent 0's, `params_b` parent `other`'s; two parents: A and B).
 
     Each unit's weight row is its `Z_i` row (docs/design.md §4.3: every non-ignored member, other axes mapped into
-    their merged spaces by the final matches), centred over its columns; every (parent 0 unit, parent `other`
-    unit) pair of a merged unit counts once; a group without a match pairs unit i with unit i (what averaging
-    fuses). Invariant to unit permutations. None when no group has weights to compare (e.g. only a concatenated
-    classifier).
+    their merged spaces by the final matches), centred over its columns; each unit of parent 0 scores the mean
+    correlation with the parent-`other` units fused with it, 0 when none is (a zip may fuse within one parent);
+    a group's value is the mean over parent 0's units; a group without a match pairs unit i with unit i (what
+    averaging fuses). Invariant to unit permutations. None when no group has weights to compare (e.g. only a
+    concatenated classifier).
     """
     maps = [GroupMaps.from_match(found) if found is not None else None for found in matches]
     values: list[torch.Tensor] = []
@@ -211,8 +212,12 @@ def shared_basis_score(spec: PermutationSpec, params_a: Mapping[str, torch.Tenso
         else:
             clusters = found.cluster_of.cpu()
             pairs = (clusters[:n, None] == clusters[None, other * n:(other + 1) * n]).nonzero()
-        if len(pairs):
-            values.append((rows[0][pairs[:, 0]] * rows[1][pairs[:, 1]]).sum(dim=1).mean())
+        # Per unit of parent 0: the mean correlation with its partners, 0 without one — zip on different inits
+        # may fuse nearly every unit within its own parent, and a handful of cross pairs is no evidence.
+        correlation = (rows[0][pairs[:, 0]] * rows[1][pairs[:, 1]]).sum(dim=1)
+        total = torch.zeros(n, dtype=correlation.dtype).index_add_(0, pairs[:, 0], correlation)
+        count = torch.zeros(n, dtype=correlation.dtype).index_add_(0, pairs[:, 0], torch.ones_like(correlation))
+        values.append((total / count.clamp_min(1)).mean())
     return float(torch.stack(values).mean()) if values else None
 
 
