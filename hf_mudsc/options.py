@@ -693,18 +693,14 @@ class MergeOptions:
             if type(value).__name__ in ("LoadedParent",) or hasattr(value, "state_dict"):
                 return value
             raise OptionError(hint.format("a Hub id `org/name[@revision]`, a folder or a model"))
-        if kind == "int_or_auto":
+        if kind in ("int_or_auto", "number_or_auto"):
             if value == AUTO:
                 return AUTO
-            if not _is_int(value):
-                raise OptionError(hint.format(f"an int or '{AUTO}'"))
-            return int(value)
-        if kind == "number_or_auto":
-            if value == AUTO:
-                return AUTO
-            if not _is_number(value):
-                raise OptionError(hint.format(f"a number or '{AUTO}'"))
-            return float(value)
+            accepts, convert, what = (_is_int, int, "an int") if kind == "int_or_auto" else (
+                _is_number, float, "a number")
+            if not accepts(value):
+                raise OptionError(hint.format(f"{what} or '{AUTO}'"))
+            return convert(value)
         if kind == "device":
             # A torch.device is accepted by its text without importing torch (`torch.device("cuda", 0)` -> "cuda:0").
             if type(value).__module__ == "torch" and type(value).__name__ == "device":

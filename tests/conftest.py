@@ -17,4 +17,15 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+import pytest  # noqa: E402
 from hub_emulator import hub_emulator, hub_emulator_session  # noqa: E402,F401  (fixtures for the Hub tests)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test, whatever an earlier test left set (merges compared bit for bit, or timed):
+    modules ask for it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

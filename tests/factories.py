@@ -218,3 +218,29 @@ def with_new_head(model: torch.nn.Module, num_labels: int, seed: int) -> torch.n
         weight.copy_(0.2 * torch.randn(weight.shape, generator=generator))
         bias.copy_(0.1 * torch.randn(bias.shape, generator=generator))
     return clone.eval()
+
+
+class OneLinear(torch.nn.Module):
+    """One linear layer: the smallest model a refit known-answer test can solve by hand."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(d_in, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+def one_linear(d_in: int, d_out: int, seed: int) -> OneLinear:
+    torch.manual_seed(seed)
+    return OneLinear(d_in, d_out).eval()
+
+
+def ridge_solution(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lambda_rel: float):
+    """argmin ‖[x, 1] W̃ − y‖² + λ‖W̃ − [Wᵀ; b]‖², λ = lambda_rel · mean diag(xᵀx), directly in float64."""
+    x1 = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
+    gram = x1.T @ x1
+    lam = lambda_rel * gram.diagonal()[:-1].mean()
+    start = torch.cat([weight.T, bias[None]], dim=0).to(torch.float64)
+    solution = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=torch.float64), x1.T @ y + lam * start)
+    return solution[:-1].T, solution[-1]

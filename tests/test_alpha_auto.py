@@ -19,13 +19,7 @@ from hf_mudsc.errors import MergeInputError
 from hf_mudsc.publish.card import render_card
 from hf_mudsc.publish.recipe import Recipe
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_choose_alpha_takes_the_best_and_breaks_ties_towards_one_half():

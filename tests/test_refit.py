@@ -14,7 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from factories import make_batches, make_model, model_output, permuted_copy, relative_error, with_new_head
+from factories import (
+    make_batches,
+    make_model,
+    model_output,
+    one_linear,
+    permuted_copy,
+    relative_error,
+    ridge_solution,
+    with_new_head,
+)
 from torch import nn
 
 import hf_mudsc
@@ -32,12 +41,7 @@ from hf_mudsc.spec import Classifier, Group, HookPoint, Member, PermutationSpec
 MISSING = ["/nonexistent/parent-a", "/nonexistent/parent-b"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------- cost without change
@@ -243,30 +247,6 @@ def test_refit_keeps_the_concatenated_head_of_parents_in_one_basis():
 # ------------------------------------------------------------------------------------------ known answer
 
 
-class OneLinear(nn.Module):
-    def __init__(self, d_in: int, d_out: int) -> None:
-        super().__init__()
-        self.lin = nn.Linear(d_in, d_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(x)
-
-
-def _one_linear(d_in: int, d_out: int, seed: int) -> OneLinear:
-    torch.manual_seed(seed)
-    return OneLinear(d_in, d_out).eval()
-
-
-def _ridge(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lambda_rel: float):
-    """argmin ‖[x, 1] W̃ − y‖² + λ‖W̃ − [Wᵀ; b]‖², λ = lambda_rel · mean diag(xᵀx), directly in float64."""
-    x1 = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
-    gram = x1.T @ x1
-    lam = lambda_rel * gram.diagonal()[:-1].mean()
-    start = torch.cat([weight.T, bias[None]], dim=0).to(torch.float64)
-    solution = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=torch.float64), x1.T @ y + lam * start)
-    return solution[:-1].T, solution[-1]
-
-
 @pytest.mark.parametrize("clusters", [
     [2, 0, 3, 1, 0, 3, 1, 2],  # align: merged unit j = {A_i, B_k}
     [0, 0, 1, 2, 1, 2, 3, 3],  # zip: A0+A1 and B2+B3 fused within their model
@@ -274,8 +254,8 @@ def _ridge(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.T
 def test_refit_of_a_single_linear_layer_is_the_closed_form_ridge_solution(clusters):
     spec = PermutationSpec(groups=(Group("hidden", 4, (Member("lin.weight", 0, "out"), Member("lin.bias", 0, "out")),
                                          (HookPoint("lin", "output"),)),))
-    parent_a, parent_b = _one_linear(3, 4, seed=1), _one_linear(3, 4, seed=2)
-    merged = _one_linear(3, 4, seed=3)  # any starting point: the ridge pulls toward it
+    parent_a, parent_b = one_linear(3, 4, seed=1), one_linear(3, 4, seed=2)
+    merged = one_linear(3, 4, seed=3)  # any starting point: the ridge pulls toward it
     start_w, start_b = merged.lin.weight.detach().clone(), merged.lin.bias.detach().clone()
     cluster_of = torch.tensor(clusters)
     found = Match(cluster_of=cluster_of, merge_weight=torch.full((8,), 0.5, dtype=torch.float64), num_merged=4,
@@ -288,7 +268,7 @@ def test_refit_of_a_single_linear_layer_is_the_closed_form_ridge_solution(cluste
     with torch.no_grad():
         outputs = torch.cat([parent_a(x.float()), parent_b(x.float())], dim=1).to(torch.float64)  # [A 0..3, B 0..3]
     target = torch.stack([outputs[:, cluster_of == j].mean(1) for j in range(4)], dim=1)  # each cluster's mean
-    weight, bias = _ridge(x, target, start_w, start_b, 0.1)
+    weight, bias = ridge_solution(x, target, start_w, start_b, 0.1)
     assert torch.allclose(merged.lin.weight.to(torch.float64), weight, atol=1e-6)
     assert torch.allclose(merged.lin.bias.to(torch.float64), bias, atol=1e-6)
     assert not torch.allclose(merged.lin.weight, start_w, atol=1e-3)  # the refit really moved the layer
@@ -301,7 +281,7 @@ def _head_spec() -> PermutationSpec:
 
 
 def test_refit_of_concatenated_heads_fits_each_tasks_centred_logits():
-    parent_a, parent_b, merged = _one_linear(3, 2, seed=1), _one_linear(3, 3, seed=2), _one_linear(3, 5, seed=3)
+    parent_a, parent_b, merged = one_linear(3, 2, seed=1), one_linear(3, 3, seed=2), one_linear(3, 5, seed=3)
     start_w, start_b = merged.lin.weight.detach().clone(), merged.lin.bias.detach().clone()
     generator = torch.Generator().manual_seed(0)
     batches = [{"x": torch.randn(6, 3, generator=generator)} for _ in range(2)]
@@ -313,13 +293,13 @@ def test_refit_of_concatenated_heads_fits_each_tasks_centred_logits():
     with torch.no_grad():
         logits = [parent(x.float()).to(torch.float64) for parent in (parent_a, parent_b)]
     target = torch.cat([z - z.mean(1, keepdim=True) for z in logits], dim=1)
-    weight, bias = _ridge(x, target, start_w, start_b, 0.05)
+    weight, bias = ridge_solution(x, target, start_w, start_b, 0.05)
     assert torch.allclose(merged.lin.weight.to(torch.float64), weight, atol=1e-6)
     assert torch.allclose(merged.lin.bias.to(torch.float64), bias, atol=1e-6)
 
 
 def test_refit_keeps_a_head_it_is_told_to_keep():
-    parent_a, parent_b, merged = _one_linear(3, 2, seed=1), _one_linear(3, 3, seed=2), _one_linear(3, 5, seed=3)
+    parent_a, parent_b, merged = one_linear(3, 2, seed=1), one_linear(3, 3, seed=2), one_linear(3, 5, seed=3)
     before = {k: v.clone() for k, v in merged.state_dict().items()}
     batches = [{"x": torch.randn(6, 3)}]
     report = refit_model(merged, [parent_a, parent_b], _head_spec(), [None], lambda: iter(batches),

@@ -11,7 +11,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from factories import make_batches, make_model, model_output, permuted_copy, relative_error, with_new_head
+from factories import (
+    make_batches,
+    make_model,
+    model_output,
+    one_linear,
+    permuted_copy,
+    relative_error,
+    ridge_solution,
+    with_new_head,
+)
 from torch import nn
 
 import hf_mudsc
@@ -21,13 +30,7 @@ from hf_mudsc.options import resolve_refit
 from hf_mudsc.solve.matchers import Match
 from hf_mudsc.spec import Classifier, Group, HookPoint, Member, PermutationSpec
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _params(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -35,30 +38,6 @@ def _params(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------ known answer
-
-
-class OneLinear(nn.Module):
-    def __init__(self, d_in: int, d_out: int) -> None:
-        super().__init__()
-        self.lin = nn.Linear(d_in, d_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(x)
-
-
-def _one_linear(d_in: int, d_out: int, seed: int) -> OneLinear:
-    torch.manual_seed(seed)
-    return OneLinear(d_in, d_out).eval()
-
-
-def _ridge(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lambda_rel: float):
-    """argmin ‖[x, 1] W̃ − y‖² + λ‖W̃ − [Wᵀ; b]‖², λ = lambda_rel · mean diag(xᵀx), directly in float64."""
-    x1 = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
-    gram = x1.T @ x1
-    lam = lambda_rel * gram.diagonal()[:-1].mean()
-    start = torch.cat([weight.T, bias[None]], dim=0).to(torch.float64)
-    solution = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=torch.float64), x1.T @ y + lam * start)
-    return solution[:-1].T, solution[-1]
 
 
 def _batches(rows: int, count: int, width: int = 3) -> list[dict[str, torch.Tensor]]:
@@ -76,8 +55,8 @@ def test_three_parent_refit_of_a_single_linear_layer_is_the_closed_form_ridge_so
     (the apply step's weighting); equal weights: the plain mean of the cluster's units over all three parents."""
     spec = PermutationSpec(groups=(Group("hidden", 4, (Member("lin.weight", 0, "out"), Member("lin.bias", 0, "out")),
                                          (HookPoint("lin", "output"),)),))
-    parents = [_one_linear(3, 4, seed=seed) for seed in (1, 2, 4)]
-    merged = _one_linear(3, 4, seed=3)
+    parents = [one_linear(3, 4, seed=seed) for seed in (1, 2, 4)]
+    merged = one_linear(3, 4, seed=3)
     start_w, start_b = merged.lin.weight.detach().clone(), merged.lin.bias.detach().clone()
     cluster_of = torch.tensor(clusters)
     sizes = torch.bincount(cluster_of, minlength=4).to(torch.float64)
@@ -91,7 +70,7 @@ def test_three_parent_refit_of_a_single_linear_layer_is_the_closed_form_ridge_so
     unit_weight = torch.tensor(weights or (1.0, 1.0, 1.0), dtype=torch.float64).repeat_interleave(4)
     target = torch.stack([(outputs[:, cluster_of == j] * unit_weight[cluster_of == j]).sum(1)
                           / unit_weight[cluster_of == j].sum() for j in range(4)], dim=1)
-    weight, bias = _ridge(x, target, start_w, start_b, 0.1)
+    weight, bias = ridge_solution(x, target, start_w, start_b, 0.1)
     assert torch.allclose(merged.lin.weight.to(torch.float64), weight, atol=1e-6)
     assert torch.allclose(merged.lin.bias.to(torch.float64), bias, atol=1e-6)
     assert not torch.allclose(merged.lin.weight, start_w, atol=1e-3)
@@ -101,15 +80,15 @@ def test_three_parent_refit_of_a_single_linear_layer_is_the_closed_form_ridge_so
 def test_weighted_three_parent_refit_of_an_unmatched_layer_targets_the_weighted_mean_of_the_outputs():
     spec = PermutationSpec(groups=(Group("features", 3, (Member("lin.weight", 1, "in"),), (HookPoint("lin"),)),),
                            averaged=("lin.bias",))
-    parents = [_one_linear(3, 2, seed) for seed in (1, 2, 4)]
-    merged = _one_linear(3, 2, seed=3)
+    parents = [one_linear(3, 2, seed) for seed in (1, 2, 4)]
+    merged = one_linear(3, 2, seed=3)
     start_w, start_b = merged.lin.weight.detach().clone(), merged.lin.bias.detach().clone()
     batches = _batches(6, 2)
     refit_model(merged, parents, spec, [None], lambda: iter(batches), lambda_rel=0.05, weights=[1.0, 2.0, 5.0])
     x = torch.cat([b["x"] for b in batches]).to(torch.float64)
     with torch.no_grad():
         target = sum(w * parent(x.float()).to(torch.float64) for w, parent in zip((1 / 8, 2 / 8, 5 / 8), parents))
-    weight, bias = _ridge(x, target, start_w, start_b, 0.05)
+    weight, bias = ridge_solution(x, target, start_w, start_b, 0.05)
     assert torch.allclose(merged.lin.weight.to(torch.float64), weight, atol=1e-6)
     assert torch.allclose(merged.lin.bias.to(torch.float64), bias, atol=1e-6)
 
@@ -117,8 +96,8 @@ def test_weighted_three_parent_refit_of_an_unmatched_layer_targets_the_weighted_
 def test_three_parent_refit_of_concatenated_heads_fits_each_tasks_centred_logits_in_parent_order():
     spec = PermutationSpec(groups=(Group("features", 3, (Member("lin.weight", 1, "in"),), (HookPoint("lin"),)),),
                            averaged=("lin.bias",), classifier=Classifier("lin.weight", "lin.bias"))
-    parents = [_one_linear(3, labels, seed) for labels, seed in ((2, 1), (3, 2), (4, 4))]
-    merged = _one_linear(3, 9, seed=3)
+    parents = [one_linear(3, labels, seed) for labels, seed in ((2, 1), (3, 2), (4, 4))]
+    merged = one_linear(3, 9, seed=3)
     start_w, start_b = merged.lin.weight.detach().clone(), merged.lin.bias.detach().clone()
     batches = _batches(6, 2)
     report = refit_model(merged, parents, spec, [None], lambda: iter(batches), concatenate_classifier=True,
@@ -129,7 +108,7 @@ def test_three_parent_refit_of_concatenated_heads_fits_each_tasks_centred_logits
     with torch.no_grad():
         logits = [parent(x.float()).to(torch.float64) for parent in parents]
     target = torch.cat([z - z.mean(1, keepdim=True) for z in logits], dim=1)
-    weight, bias = _ridge(x, target, start_w, start_b, 0.05)
+    weight, bias = ridge_solution(x, target, start_w, start_b, 0.05)
     assert torch.allclose(merged.lin.weight.to(torch.float64), weight, atol=1e-6)
     assert torch.allclose(merged.lin.bias.to(torch.float64), bias, atol=1e-6)
 

@@ -24,12 +24,7 @@ ALPHAS = (*ALPHA_GRID, 0.0, 1.0)
 STARTS = ("weight", "identity")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fine_tune(base: torch.nn.Module, seed: int) -> torch.nn.Module:

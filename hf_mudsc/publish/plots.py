@@ -34,7 +34,6 @@ STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fo
          "xtick.labelsize": 9, "ytick.labelsize": 10, "figure.titlesize": 13, "axes.grid": False}
 # Parents' bars are grey; A, B, C, ... told apart by hatching.
 PARENT_HATCHES = (None, "//", "\\\\", "xx", "..")
-SCORER_LABELS = {"parent_a": "parent A", "parent_b": "parent B", "ensemble": "ensemble (A+B)"}
 # Merged models' bars: matplotlib's default cycle without its grey (the parents' colour).
 MERGED_COLORS = ("#d62728", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
 COLORS = {"activation": "#1f77b4", "weight": "#ff7f0e", "blended": "#222222", "value": "#7f7f7f"}
@@ -333,8 +332,6 @@ def scorer_label(scorer: str, parents: Sequence[str] = ("parent_a", "parent_b"))
     (A+B+C)"); merged models by their own names."""
     if scorer == "ensemble":
         return f"ensemble ({'+'.join(p.removeprefix('parent_').upper() for p in parents)})"
-    if scorer in SCORER_LABELS:
-        return SCORER_LABELS[scorer]
     return f"parent {scorer.removeprefix('parent_').upper()}" if scorer.startswith("parent_") else scorer
 
 
