@@ -25,7 +25,9 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -45,8 +47,14 @@ OLD_MARK = ".old-"  # in the name of a replaced output while the new one is rena
 MARKER_FILENAME = ".hf_mudsc_output.json"
 WRITER = "hf-mudsc"
 _STAGING_SUFFIX_LENGTH = len(PARTIAL_MARK) + 10  # what mkdtemp adds to `.{name}`
-
-
+# The fingerprints this process took, by file identity (device, inode: kept across the staging folder's rename),
+# with the stat they were taken at and whether the file had settled then (`_fingerprint_of`): a run reads each
+# file once, although a push records the marker twice and an overwritten folder is checked three times.
+_KNOWN: dict[tuple[int, int], tuple[tuple[int, int, int], dict[str, Any], bool]] = {}
+_KNOWN_LIMIT = 4096  # a long-running service forgets them all now and then: the cost is one more read
+# File times advance in ticks (a few ms; 1-2 s on some filesystems): a file changed this shortly before it was
+# hashed could change again within the same tick without its times showing it.
+_SETTLED_NS = 2 * 10**9
 
 
 def check_output(
@@ -189,14 +197,16 @@ def record_files(folder: str | os.PathLike, *, complete: bool = True, staging: b
     Called by `staged_output` when the block ends (and by writers that use a folder before that, e.g. to
     push it). `complete=False` is the marker a staging folder gets at once; `staging=True` records this
     process and host, so a leftover of a killed run can be told apart from a folder another run is writing
-    (the final output carries neither).
+    (the final output carries neither). A complete marker first gives the files the usual modes
+    (`_normalise_modes`): a chmod after hashing would move their ctime and cost another read.
     """
     folder = Path(folder)
     files = {}
     if complete:
+        _normalise_modes(folder)
         for path in _walk(folder):
             if path.is_file() and not path.is_symlink():
-                files[path.relative_to(folder).as_posix()] = _fingerprint(path)
+                files[path.relative_to(folder).as_posix()] = _fingerprint_of(path, settled=False)
     marker: dict[str, Any] = {"written_by": WRITER, "version": __version__, "complete": complete, "files": files}
     if staging:  # who is writing: a leftover is only removed once its writer is gone
         marker.update(pid=os.getpid(), host=socket.gethostname())
@@ -218,7 +228,7 @@ def unlisted_files(folder: str | os.PathLike, *, check_content: bool = False) ->
         if path.is_symlink() or not path.is_file() or not isinstance(entry, dict):
             foreign.append(name)
         elif check_content and (entry.get("size") != path.stat().st_size
-                                or entry.get("sha256") != _fingerprint(path)["sha256"]):
+                                or entry.get("sha256") != _fingerprint_of(path, settled=True)["sha256"]):
             changed.append(name)
     return foreign, changed
 
@@ -240,6 +250,26 @@ def _fingerprint(path: Path) -> dict[str, Any]:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _fingerprint_of(path: Path, *, settled: bool) -> dict[str, Any]:
+    """`_fingerprint(path)`, read once per run: reused while the file's inode, size, mtime and ctime are unchanged.
+
+    `settled=True` (accepting a folder for replacing): reused only if the file had not changed for `_SETTLED_NS`
+    when it was hashed, so that any later change moves its times. Recording a file may reuse any: a stale record
+    can only make a later `--overwrite` refuse the folder, never delete a changed file.
+    """
+    now = path.stat()
+    key, state = (now.st_dev, now.st_ino), (now.st_size, now.st_mtime_ns, now.st_ctime_ns)
+    known = _KNOWN.get(key)
+    if known is not None and known[0] == state and (known[2] or not settled):
+        return dict(known[1])
+    started = time.time_ns()
+    fingerprint = _fingerprint(path)
+    if len(_KNOWN) >= _KNOWN_LIMIT:
+        _KNOWN.clear()
+    _KNOWN[key] = (state, dict(fingerprint), now.st_mtime_ns < started - _SETTLED_NS)
+    return fingerprint
 
 
 def _write_marker(folder: Path, marker: dict[str, Any]) -> None:
@@ -329,7 +359,6 @@ def staged_output(
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700: the output gets the usual permissions
         yield staging
         if target is not None:
-            _normalise_modes(staging)
             record_files(staging)
             _move_into_place(staging, target, overwrite=overwrite, keep_existing=keep_existing)
     finally:
@@ -359,7 +388,8 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None]
     root = Path(owner) if owner is not None else path.parent
     marker = read_marker(root)
     if marker is not None and marker.get("complete"):
-        marker["files"][path.absolute().relative_to(root.absolute()).as_posix()] = _fingerprint(path)
+        marker["files"][path.absolute().relative_to(root.absolute()).as_posix()] = _fingerprint_of(
+            path, settled=False)
         _write_marker(root, marker)
     return path
 
@@ -393,9 +423,12 @@ def _umask() -> int:
 
 def _normalise_modes(folder: Path) -> None:
     """Give every staged file and folder the mode a plain `open()`/`mkdir()` would: some writers use
-    `mkstemp` (0600), which would make a shared output unreadable to others."""
+    `mkstemp` (0600), which would make a shared output unreadable to others. A file whose mode is right already
+    is left alone: a chmod moves its ctime, and the fingerprint taken for a push would be read again."""
     umask = _umask()
     for path in folder.rglob("*"):
         if path.is_symlink():
             continue
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        mode = (0o777 if path.is_dir() else 0o666) & ~umask
+        if stat.S_IMODE(path.stat().st_mode) != mode:
+            path.chmod(mode)
