@@ -25,6 +25,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from hf_mudsc.errors import LoadError, MergeInputError, ParentMismatchError
 from hf_mudsc.load.checks import config_differences
+from hf_mudsc.load.hub_calls import hub_call
 from hf_mudsc.load.processors import load_processor, processor_from_name, tokenizer_of
 from hf_mudsc.load.references import looks_like_path, parse_reference
 from hf_mudsc.load.relation import parent_label
@@ -286,24 +287,17 @@ def download_files(reference: str, repo_id: str, commit_sha: str, filenames: Seq
     return folder
 
 
-def _transport_errors() -> tuple[type[BaseException], type[BaseException]]:
-    """(timeout, transport) exception classes of the HTTP client huggingface_hub uses (httpx2 from 2.x)."""
-    try:
-        import httpx2 as http
-    except ImportError:  # older huggingface_hub releases use httpx
-        import httpx as http
-    return http.TimeoutException, http.TransportError
-
-
 def _hub_call(reference: str, call, *, what: str = "contacting the Hub",
               timeout_setting: str = "HF_HUB_DOWNLOAD_TIMEOUT"):
     """Run a Hub client call, turning its errors into a one-line LoadError that says what was being waited
-    for (`what`) and what to do."""
+    for (`what`) and what to do (timeouts and dropped connections: `hub_calls.hub_call`)."""
     from huggingface_hub import constants, errors
 
-    timeout_error, transport_error = _transport_errors()
     try:
-        return call()
+        return hub_call(call, what=what, seconds=getattr(constants, timeout_setting, None), setting=timeout_setting,
+                        error=LoadError, subject=f"{reference!r}: ",
+                        then="retry the command (files downloaded completely stay in the cache and are not "
+                             "fetched again)")
     except errors.RevisionNotFoundError as error:
         raise LoadError(f"{reference!r}: the revision does not exist in the repository ({_one_line(error)}); "
                         "use an existing branch, tag or commit sha") from error
@@ -317,18 +311,6 @@ def _hub_call(reference: str, call, *, what: str = "contacting the Hub",
                         "(HF_HUB_OFFLINE=1); download it once online or pass a local folder") from error
     except errors.HfHubHTTPError as error:
         raise LoadError(f"the Hub refused {reference!r} while {what}: {_one_line(error)}") from error
-    except timeout_error as error:
-        seconds = getattr(constants, timeout_setting, None)
-        raise LoadError(
-            f"{reference!r}: the Hub did not answer within {seconds} s while {what} ({type(error).__name__}); "
-            f"the server is stalled or the connection is too slow: retry later, or allow more time with "
-            f"{timeout_setting}=<seconds>"
-        ) from error
-    except transport_error as error:
-        raise LoadError(
-            f"{reference!r}: the connection to the Hub dropped while {what} ({_one_line(error)}); retry the "
-            "command (files downloaded completely stay in the cache and are not fetched again)"
-        ) from error
     except (OSError, ConnectionError) as error:
         raise LoadError(f"{reference!r}: cannot reach the Hub while {what} ({_one_line(error)}); check the "
                         "connection and retry the command") from error

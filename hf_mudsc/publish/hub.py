@@ -24,6 +24,7 @@ from huggingface_hub import HfApi, get_session
 from huggingface_hub.errors import HfHubHTTPError
 
 from hf_mudsc.errors import PushError, RepoExistsError
+from hf_mudsc.load.hub_calls import http_client, hub_call
 from hf_mudsc.publish.folder import MARKER_FILENAME, read_marker, unlisted_files
 from hf_mudsc.publish.recipe import RECIPE_FILENAME
 
@@ -67,12 +68,10 @@ def hub_timeout() -> float:
 def hub_timeouts(seconds: float | None = None) -> Iterator[float]:
     """Give the shared Hub client a timeout (huggingface_hub waits forever by default), restored afterwards:
     a stalled server must end a push with a message, not hang it."""
-    import httpx2
-
     seconds = hub_timeout() if seconds is None else seconds
     session = get_session()
     previous = session.timeout
-    session.timeout = httpx2.Timeout(seconds, connect=min(seconds, 10.0))
+    session.timeout = http_client().Timeout(seconds, connect=min(seconds, 10.0))
     try:
         yield seconds
     finally:
@@ -80,19 +79,10 @@ def hub_timeouts(seconds: float | None = None) -> Iterator[float]:
 
 
 def _step(what: str, call: Callable[[], _T], *, seconds: float) -> _T:
-    """Run one Hub call, logging what it waits for; a timeout or a lost connection becomes a `PushError`."""
-    import httpx2
-
+    """Run one Hub call, logging what it waits for (`serve` reads this logger to know a push has begun); a
+    timeout or a lost connection becomes a one-line `PushError` (`hub_calls.hub_call`, shared with loading)."""
     logger.info("waiting for the Hub: %s", what)
-    try:
-        return call()
-    except httpx2.TimeoutException:
-        raise PushError(
-            f"the Hub did not answer within {seconds:g} s while {what}; try again later, or allow more time "
-            f"with {TIMEOUT_ENV}=SECONDS"
-        ) from None
-    except httpx2.TransportError as error:
-        raise PushError(f"the connection to the Hub failed while {what}: {error}") from error
+    return hub_call(call, what=what, seconds=seconds, setting=TIMEOUT_ENV, error=PushError, then="try again later")
 
 
 def check_folder(folder: str | os.PathLike) -> Path:

@@ -1,0 +1,52 @@
+"""One Hub call -> its answer, or a one-line error saying what was awaited and what to do: loading and pushing alike.
+
+Where the time limit comes from differs, and is the caller's: loading passes huggingface_hub's own per-request
+timeouts (`HF_HUB_ETAG_TIMEOUT`, `HF_HUB_DOWNLOAD_TIMEOUT`); a push calls `HfApi` methods that take none, so
+`publish/hub.py` puts `HF_MUDSC_HUB_TIMEOUT` on the client's shared session. Either way a request that times out or
+a connection that drops ends here, in the caller's error class, naming the setting that allows more time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import ModuleType
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def http_client() -> ModuleType:
+    """The HTTP client module huggingface_hub uses: httpx2 from 2.x, httpx before."""
+    try:
+        import httpx2 as http
+    except ImportError:
+        import httpx as http
+    return http
+
+
+def hub_call(call: Callable[[], T], *, what: str, seconds: float | None, setting: str, error: type[Exception],
+             subject: str = "", then: str = "retry the command") -> T:
+    """`call()`, with a timeout or a dropped connection turned into one line: `{subject}the Hub did not answer
+    within {seconds} s while {what}...` / `{subject}the connection to the Hub dropped while {what} (...); {then}`.
+
+    Args:
+        call: the Hub request (any other exception passes through: HTTP answers are the caller's to explain).
+        what: what was awaited, e.g. "downloading config.json".
+        seconds, setting: the time limit that ran out and the environment variable that sets it.
+        error: the exception class raised (`LoadError`, `PushError`).
+        subject: the message's prefix, e.g. the parent's reference: "'org/name': ".
+        then: what to do after a dropped connection.
+    """
+    http = http_client()
+    try:
+        return call()
+    except http.TimeoutException as failure:
+        limit = f"{seconds:g} s" if seconds is not None else "its time limit"
+        raise error(
+            f"{subject}the Hub did not answer within {limit} while {what} ({type(failure).__name__}); the server is "
+            f"stalled or the connection is too slow: retry later, or allow more time with {setting}=<seconds>"
+        ) from failure
+    except http.TransportError as failure:
+        text = str(failure).strip()
+        detail = text.splitlines()[0].strip() if text else type(failure).__name__
+        raise error(f"{subject}the connection to the Hub dropped while {what} ({detail}); {then}") from failure
