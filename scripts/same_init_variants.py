@@ -158,6 +158,24 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def pair_table(result: dict[str, Any]) -> str:
+    """Per pair: each variant's joint % with its tasks' accuracies in brackets (`--per-pair`)."""
+    records = result["records"]
+    count = len(records[0]["classes"])
+    labels = [name for name in records[0]["rows"] if not name.startswith("parent_")]
+    lines = [f"| width | split | classes | parents {' / '.join(LETTERS[:count].upper())} | {' | '.join(labels)} |",
+             "|---|---|---|---|" + "---:|" * len(labels)]
+    for record in records:
+        rows = record["rows"]
+        own = " / ".join(f"{100 * rows[f'parent_{x}'][f'task_{x}']:.1f}" for x in LETTERS[:count])
+        cells = [f"{100 * rows[label]['joint']:.1f} ("
+                 + "/".join(f"{100 * rows[label][f'task_{x}']:.1f}" for x in LETTERS[:count]) + ")"
+                 for label in labels]
+        classes = " / ".join("".join(map(str, c)) for c in record["classes"])
+        lines.append(f"| {record['width']} | {record['split']} | {classes} | {own} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256])
@@ -172,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--cache-dir", default=PAIR_DEFAULTS["cache_dir"])
     parser.add_argument("--out", default="bench_results/same_init_variants.json")
     parser.add_argument("--resume", action="store_true", help="keep the pairs already in --out")
+    parser.add_argument("--per-pair", action="store_true", help="also print every pair's figures (a table)")
     args = parser.parse_args(argv)
     if args.weights is not None and len(args.weights) != args.parents:
         parser.error(f"--weights needs one weight per parent ({args.parents}), got {len(args.weights)}")
@@ -208,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             write_json(out, result)
             log("  " + ", ".join(f"{label} {100 * rows[label]['joint']:.1f}" for label in rows))
     print(table(result))
+    if args.per_pair:
+        print(pair_table(result))
 
 
 if __name__ == "__main__":

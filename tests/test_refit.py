@@ -553,10 +553,12 @@ def same_base_fine_tunes(kind: str = "vit_cls", seeds: tuple[int, ...] = (2, 3))
     return tuned
 
 
-def test_default_refits_after_the_data_method_auto_picks_for_same_base_fine_tunes():
+@pytest.mark.parametrize("seeds", [(2, 3), (2, 3, 4)])
+def test_default_refits_after_the_data_method_auto_picks_for_same_base_fine_tunes(seeds):
     """Fine-tunes of one base with calibration data: method="auto" picks regmean and refit="auto" refits after it
-    (issue 12: measured on the same-init digit ViTs, docs/design.md §4.9) — the same merge as asking for both."""
-    tuned = same_base_fine_tunes()
+    (issue 12: measured on the same-init digit ViTs, two and three parents, docs/design.md §4.9,
+    docs/benchmarks/same_init_three.md) — the same merge as asking for both."""
+    tuned = same_base_fine_tunes(seeds=seeds)
     batches = make_batches("vit_cls", num_batches=2)
     merged = hf_mudsc.merge(tuned, batches, progress=False)
     mudsc = merged.config.mudsc
@@ -608,17 +610,20 @@ def test_default_refit_is_none_after_a_data_method_whose_parents_are_weighted_un
     assert equal.config.mudsc["refit"] == "ridge"
 
 
-@pytest.mark.parametrize(("matches_units", "reads_data", "weights", "expected"), [
-    (True, False, None, "ridge"),  # unit matching (mudsc, zipit, ...)
-    (False, True, None, "ridge"),  # a data method (regmean, regmean_plusplus, fisher): parents count equally
-    (False, True, [1.0, 1.0], "ridge"),
-    (False, True, [1.0, 3.0], "none"),  # unequal weights: the refit's unweighted targets would undo them
-    (False, False, None, "none"),  # a tensor-wise method (linear, ties, ...): no data of its own
+@pytest.mark.parametrize(("matches_units", "reads_data", "num_parents", "weights", "expected"), [
+    (True, False, 2, None, "ridge"),  # unit matching (mudsc, zipit, ...)
+    (False, True, 2, None, "ridge"),  # a data method (regmean, regmean_plusplus, fisher): parents count equally
+    (False, True, 2, [1.0, 1.0], "ridge"),
+    (False, True, 3, None, "ridge"),  # three same-base parents: measured, docs/benchmarks/same_init_three.md
+    (False, True, 3, [2.0, 2.0, 2.0], "ridge"),
+    (False, True, 5, None, "ridge"),  # any N: the targets are the mean of N parents' outputs, as for matching
+    (False, False, 2, None, "none"),  # a tensor-wise method (linear, ties, ...): no data of its own
+    (False, False, 3, None, "none"),
 ])
-def test_resolve_refit_auto(matches_units, reads_data, weights, expected):
+def test_resolve_refit_auto(matches_units, reads_data, num_parents, weights, expected):
     from hf_mudsc.options import resolve_refit
 
-    common = {"has_data": True, "num_parents": 2, "reference_compat": False}
+    common = {"has_data": True, "num_parents": num_parents, "reference_compat": False}
     assert resolve_refit("auto", matches_units=matches_units, reads_data=reads_data, weights=weights,
                          **common) == expected
     assert resolve_refit("auto", matches_units=matches_units, reads_data=reads_data, weights=weights,
