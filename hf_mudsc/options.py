@@ -46,15 +46,19 @@ def resolve_refit(refit: str, *, matches_units: bool, has_data: bool, num_parent
     across inits for two parents; §4.13 for N).
 
     Also "ridge" after a same-base method that reads the calibration data itself (`reads_data`: regmean,
-    regmean_plusplus, fisher; what `method="auto"` picks for fine-tunes of one base given data) of two equally
-    weighted parents: measured on 9 same-init pairs, joint 90.5 -> 92.3 (plain averaging 92.3) and the worst
-    per-task gap to the parents 2.7 -> 0.7 points (issue 12, docs/design.md §4.9). Unequal `weights` keep "none"
-    (the data method's weighting is its own), and so do N > 2 same-base parents (not measured)."""
+    regmean_plusplus, fisher; what `method="auto"` picks for fine-tunes of one base given data) of N >= 2 equally
+    weighted parents. Measured on the same-init digit ViTs (issue 12, docs/design.md §4.9), regmean -> regmean +
+    refit: two parents (9 pairs) joint 90.5 -> 92.3 (plain averaging 92.3), worst per-task gap to the parents
+    2.7 -> 0.7 points; three parents (4+3+3 splits, 15 sets at widths 64/128/256,
+    docs/benchmarks/same_init_three.md) joint 78.7 -> 84.0 (plain averaging 82.2), worst per-task gap 2.2 -> 0.7.
+    Unequal `weights` keep "none": there the refit (targets: the weighted mean of the parents' outputs) tied regmean
+    alone on joint at best and fell below the weighted plain average at width 256, which regmean alone does not
+    (same document)."""
     if refit != "auto":
         return refit
     equal = weights is None or len(set(weights)) <= 1
     after_matching = matches_units and num_parents >= 2
-    after_data_method = reads_data and equal and num_parents == 2
+    after_data_method = reads_data and equal and num_parents >= 2
     applies = (after_matching or after_data_method) and has_data and rereadable and not reference_compat
     return "ridge" if applies else "none"
 
@@ -515,7 +519,7 @@ class MergeOptions:
         help="after matching, refit every linear layer in forward order by ridge least squares toward the parents' "
         "outputs on the calibration data (no labels, no gradients): ridge closes most of the gap to the ensemble "
         "across initializations; none keeps the paper's merge; auto = ridge for unit-matching methods (mudsc, "
-        "zipit, ...) of any number of parents, and for regmean / regmean_plusplus / fisher of two equally weighted "
+        "zipit, ...) of any number of parents, and for regmean / regmean_plusplus / fisher of equally weighted "
         "parents, given calibration data; none otherwise and under --reference-compat")
     refit_lambda: float = option(
         1e-3, kind="number", check=_check_refit_lambda, metavar="L", recorded=True,

@@ -311,7 +311,15 @@ def parameters_of(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_method(setting: Setting, method: str, seed: int, **options: Any) -> tuple[list[float], dict[str, Any]]:
-    """Merge through the public API; (per-task accuracies, the merged config's record)."""
+    """Merge through the public API; (per-task accuracies, the merged config's record).
+
+    A method that reads the calibration data itself (regmean, regmean_plusplus, fisher) runs as published,
+    `refit="none"`: `refit="auto"` refits after it for equally weighted parents (docs/design.md §4.9), which this
+    table does not measure; `auto` (the library's default) keeps every default."""
+    from hf_mudsc.methods.registry import get_method
+
+    if method != "auto" and get_method(method).needs_data:
+        options = {"refit": "none", **options}
     merged = hf_mudsc.merge(setting.parents, setting.calibration, method=method, base=setting.base, seed=seed,
                             progress=False, **options)
     record = dict(getattr(merged.config, "mudsc", {}) or {})

@@ -57,13 +57,17 @@ from common import (
     Classes,
     cache_key,
     different_init_pair,
+    digit_task_per_classes,
     digit_tasks,
     finetune,
     log,
+    pooled_calibration,
     random_class_splits,
     same_init_pair,
     save_model_atomically,
     set_threads,
+    task_name,
+    three_way_splits,
     write_json,
 )
 
@@ -219,21 +223,6 @@ def run_pair(args: argparse.Namespace, model_a: Any, model_b: Any, splits: Any, 
     )
 
 
-def three_way_splits(count: int) -> list[tuple[tuple[int, ...], ...]]:
-    """Split 0 is digits 0-3 / 4-6 / 7-9; the others are seeded random 4+3+3 partitions (distinct)."""
-    import random
-
-    splits = [(tuple(range(4)), tuple(range(4, 7)), tuple(range(7, 10)))]
-    rng = random.Random(2025)
-    while len(splits) < count:
-        digits = list(range(10))
-        rng.shuffle(digits)
-        split = (tuple(sorted(digits[:4])), tuple(sorted(digits[4:7])), tuple(sorted(digits[7:])))
-        if split not in splits:
-            splits.append(split)
-    return splits
-
-
 def run_three_parents(args: argparse.Namespace, width: int, split_index: int,
                       classes: tuple[tuple[int, ...], ...]) -> dict[str, Any]:
     """Three digit ViTs from three seeds (different inits), one per class set, merged into one model with the
@@ -248,13 +237,10 @@ def run_three_parents(args: argparse.Namespace, width: int, split_index: int,
     first = toy.trained_digit_pair(classes[0], classes[1], seeds=seeds[:2], **common)
     third = toy.trained_digit_pair(classes[2], classes[0], seeds=(seeds[2], seeds[0]), **common)
     parents = [first.model_a, first.model_b, third.model_a]
-    tasks = [toy.digit_splits(c, c).task_a for c in classes]
+    tasks = digit_task_per_classes(classes)
     for model, task in zip(parents, tasks):
-        model.config._name_or_path = f"digits {''.join(map(str, task.classes))}"
-    pool = torch.cat([t.train_pixel_values for t in tasks])
-    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))
-    pool = pool[order[: args.num_samples] if args.num_samples else order]
-    calibration = [{"pixel_values": pool[i:i + 64]} for i in range(0, len(pool), 64)]
+        model.config._name_or_path = task_name(task)
+    calibration = pooled_calibration(tasks, args.num_samples)
     images = torch.cat([t.test_pixel_values for t in tasks])
     offsets = np.cumsum([0] + [t.num_labels for t in tasks])
     labels = torch.cat([t.test_labels + int(offsets[i]) for i, t in enumerate(tasks)])

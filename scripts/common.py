@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -110,25 +111,59 @@ def random_class_splits(count: int) -> list[tuple[tuple[int, ...], tuple[int, ..
     return splits
 
 
-def digit_tasks(splits: toy.DigitSplits, attr: str) -> dict[str, TaskData]:
-    """Each task's `attr` ("train"/"test") images as evaluation data, named like the merged head's tasks."""
+def three_way_splits(count: int) -> list[tuple[tuple[int, ...], ...]]:
+    """Split 0 is digits 0-3 / 4-6 / 7-9; the others are seeded random 4+3+3 partitions (distinct)."""
+    splits = [(tuple(range(4)), tuple(range(4, 7)), tuple(range(7, 10)))]
+    rng = random.Random(2025)
+    while len(splits) < count:
+        digits = list(range(10))
+        rng.shuffle(digits)
+        split = (tuple(sorted(digits[:4])), tuple(sorted(digits[4:7])), tuple(sorted(digits[7:])))
+        if split not in splits:
+            splits.append(split)
+    return splits
+
+
+def digit_task_per_classes(class_sets: Sequence[Sequence[int]]) -> list[toy.DigitTask]:
+    """One digit task per class set, all from the one stratified train/test split (`toy.digit_splits`)."""
+    return [toy.digit_splits(classes, classes).task_a for classes in class_sets]
+
+
+def pooled_calibration(tasks: Sequence[toy.DigitTask], num_samples: int | None) -> list[dict[str, torch.Tensor]]:
+    """Every task's training images pooled, shuffled (seed 0), the first `num_samples` (None: all), batches of 64:
+    the calibration of a merge of N digit parents."""
+    pool = torch.cat([t.train_pixel_values for t in tasks])
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))
+    pool = pool[order[:num_samples] if num_samples else order]
+    return [{"pixel_values": pool[i:i + 64]} for i in range(0, len(pool), 64)]
+
+
+def digit_tasks(splits: toy.DigitSplits | Sequence[toy.DigitTask], attr: str) -> dict[str, TaskData]:
+    """Each task's `attr` ("train"/"test") images as evaluation data, named like the merged head's tasks (the
+    tasks of a pair's splits, or N tasks in parent order)."""
     from hf_mudsc.evaluate.tasks import TaskData  # the evaluation stack (datasets, evaluate) only when scoring
 
-    names = [f"digits {''.join(map(str, t.classes))}" for t in splits.tasks]
+    tasks = splits.tasks if isinstance(splits, toy.DigitSplits) else tuple(splits)
+    names = [task_name(t) for t in tasks]
     return {
         name: TaskData(
             (getattr(t, f"{attr}_pixel_values"), getattr(t, f"{attr}_labels")),
             name="sklearn digits",
             split=attr,
         )
-        for name, t in zip(names, splits.tasks)
+        for name, t in zip(names, tasks)
     }
+
+
+def task_name(task: toy.DigitTask) -> str:
+    """A digit task's name, which is also its parent's `_name_or_path` (the merged head's task names)."""
+    return f"digits {''.join(map(str, task.classes))}"
 
 
 def name_parents(model_a: Any, model_b: Any, splits: toy.DigitSplits) -> None:
     """Task names of the merged head come from the parents' names."""
     for model, task in zip((model_a, model_b), splits.tasks):
-        model.config._name_or_path = f"digits {''.join(map(str, task.classes))}"
+        model.config._name_or_path = task_name(task)
 
 
 def different_init_pair(args: argparse.Namespace, width: int, split_index: int, classes: Classes) -> tuple:
@@ -153,6 +188,21 @@ def same_init_pair(args: argparse.Namespace, width: int, split_index: int, class
     model_a = finetuned_copy(pretrained, splits.task_a, 10 + 2 * split_index, args, width, "a")
     model_b = finetuned_copy(pretrained, splits.task_b, 11 + 2 * split_index, args, width, "b")
     return named_pair(args, model_a, model_b, splits)
+
+
+def same_init_parents(args: argparse.Namespace, width: int, split_index: int,
+                      class_sets: Sequence[Sequence[int]]) -> tuple[list[Any], list[toy.DigitTask], list[dict]]:
+    """(parents, tasks, calibration batches): N fine-tunes of one ViT pretrained on all digits, parent k on class
+    set k (N = 3: a 4+3+3 split, `three_way_splits`), with seeds 40 + N·split + k (apart from `same_init_pair`'s);
+    calibration pools every task's training images (`pooled_calibration`)."""
+    pretrained = pretrained_all_digits(args, width)
+    tasks = digit_task_per_classes(class_sets)
+    count = len(tasks)
+    parents = [finetuned_copy(pretrained, task, 40 + count * split_index + k, args, width, "abcdefgh"[k])
+               for k, task in enumerate(tasks)]
+    for model, task in zip(parents, tasks):
+        model.config._name_or_path = task_name(task)
+    return parents, tasks, pooled_calibration(tasks, args.num_samples)
 
 
 def named_pair(args: argparse.Namespace, model_a: Any, model_b: Any, splits: Any) -> tuple:

@@ -8,6 +8,9 @@ scored as that benchmark scores: each task's accuracy with the merged backbone u
 divided by its fine-tune's own accuracy ("normalised"), averaged over the two tasks.
 
     python scripts/same_base_text_pairs.py --seed 0 --pairs 0,1 2,3 --threads 1
+
+A "pair" may name more tasks (`--pairs 0,1,2`: three parents) and `--weights 2 1` weighs every variant's parents
+(docs/benchmarks/same_init_three.md).
 """
 
 from __future__ import annotations
@@ -36,7 +39,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0, help="the fine-tunes' seed (bench_same_base's --seeds)")
-    parser.add_argument("--pairs", nargs="+", default=["0,1", "2,3"], help="task indices, e.g. 0,1 (topic, intent)")
+    parser.add_argument("--pairs", nargs="+", default=["0,1", "2,3"],
+                        help="task indices, e.g. 0,1 (topic, intent); 0,1,2 merges three")
+    parser.add_argument("--weights", type=float, nargs="+", default=None,
+                        help="per-parent merge weights given to every variant (one per task of a pair)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="write every pair's figures here (JSON)")
@@ -52,26 +58,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     own = [batched_accuracy(p, inputs, labels) for p, (inputs, labels) in zip(setting.parents, setting.test)]
     result: dict[str, Any] = {"seed": args.seed, "tasks": setting.tasks, "own": own, "pairs": {}}
     for pair in args.pairs:
-        i, j = (int(x) for x in pair.split(","))
-        parents = [setting.parents[i], setting.parents[j]]
+        indices = [int(x) for x in pair.split(",")]
+        if args.weights is not None and len(args.weights) != len(indices):
+            parser.error(f"--weights needs one weight per task of {pair}")
+        parents = [setting.parents[index] for index in indices]
+        weighted = {"weights": list(args.weights)} if args.weights is not None else {}
         rows = {}
         for label in args.variants:
             start = time.perf_counter()
-            merged = hf_mudsc.merge(parents, setting.calibration, progress=False, **VARIANTS[label])
+            merged = hf_mudsc.merge(parents, setting.calibration, progress=False, **VARIANTS[label], **weighted)
             seconds = time.perf_counter() - start
             backbone = backbone_of(merged)
             accuracies = []
-            for index in (i, j):  # each task under its own fine-tuned head
+            for index, model in zip(indices, parents):  # each task under its own fine-tuned head
                 inputs, labels = setting.test[index]
-                model = parents[(i, j).index(index)]
                 saved = {k: v.clone() for k, v in model.state_dict().items()}
                 model.load_state_dict(backbone, strict=False)
                 accuracies.append(batched_accuracy(model, inputs, labels))
                 model.load_state_dict(saved)
-            rows[label] = {"accuracy": accuracies, "normalised": normalised(accuracies, [own[i], own[j]]),
+            rows[label] = {"accuracy": accuracies, "normalised": normalised(accuracies, [own[k] for k in indices]),
                            "method": merged.config.mudsc["method"], "refit": merged.config.mudsc["refit"],
                            "seconds": round(seconds, 1)}
-            log(f"pair {setting.tasks[i]}+{setting.tasks[j]}: {label:<16} normalised {rows[label]['normalised']:.4f} "
+            names = "+".join(setting.tasks[k] for k in indices)
+            log(f"pair {names}: {label:<16} normalised {rows[label]['normalised']:.4f} "
                 f"{[round(a, 4) for a in accuracies]} ({seconds:.0f} s, {rows[label]['method']}, "
                 f"refit {rows[label]['refit']})")
         result["pairs"][pair] = rows

@@ -142,3 +142,27 @@ def test_memory_benchmark_stand_in_fine_tunes_differ_from_the_base_by_seeded_noi
     key = "encoder.layer.0.attention.self.query.weight"
     assert not torch.equal(p0[key], b[key]) and not torch.equal(p0[key], p1[key])
     assert float(((p0[key] - b[key]).abs() / b[key].abs().clamp_min(1e-12)).max()) < 0.1
+
+
+def test_the_data_methods_run_as_published_without_the_refit_and_auto_keeps_every_default(bench, monkeypatch):
+    """`refit="auto"` refits after regmean / regmean_plusplus / fisher of equally weighted parents (docs/design.md
+    §4.9); the benchmark's rows for those methods measure them as published (`refit="none"`), `auto` and the
+    tensor-wise methods get the merge's own defaults."""
+    asked: dict[str, dict] = {}
+
+    class Merged:
+        config = type("Config", (), {"mudsc": {}})()
+
+        def state_dict(self) -> dict:
+            return {}
+
+    def fake_merge(parents, calibration, *, method, **options):
+        asked[method] = options
+        return Merged()
+
+    monkeypatch.setattr(bench.hf_mudsc, "merge", fake_merge)
+    setting = bench.Setting("toy", None, [], [], [], [])
+    for method in ("regmean", "regmean_plusplus", "fisher", "linear", "ties", "auto"):
+        bench.run_method(setting, method, 0)
+    assert {method: options.get("refit") for method, options in asked.items()} == {
+        "regmean": "none", "regmean_plusplus": "none", "fisher": "none", "linear": None, "ties": None, "auto": None}

@@ -66,7 +66,8 @@ def test_the_readme_same_base_examples_run_and_give_what_they_say(tmp_path, monk
 
 
 def test_the_readme_default_for_two_fine_tunes_runs_and_is_regmean_then_the_refit(tmp_path, monkeypatch, capsys):
-    """README "Same-base merging": the default merge of two fine-tunes given data, printed as it says."""
+    """README "Same-base merging": the default merge of two and of three fine-tunes given data (regmean, then the
+    refit) and of two weighted unequally (regmean alone), printed as it says."""
     [setup] = [block for block in readme_blocks("python") if block.startswith("# readme-test: same-base")]
     [python] = [block for block in readme_blocks("python") if block.startswith("# readme-test: default-same-base")]
     monkeypatch.chdir(tmp_path)
@@ -74,7 +75,8 @@ def test_the_readme_default_for_two_fine_tunes_runs_and_is_regmean_then_the_refi
     exec(compile(setup, "README.md (same-base example)", "exec"), scope)
     capsys.readouterr()
     exec(compile(python, "README.md (same-base default)", "exec"), scope)
-    assert capsys.readouterr().out == "regmean ridge\n"
+    assert capsys.readouterr().out == "regmean ridge\nregmean ridge\nregmean none\n"
+    assert scope["three"].merge_report.refit is not None and scope["weighted"].merge_report.refit is None
     default = scope["default"]
     assert default.merge_report.refit is not None and default.merge_report.refit.head_kept is False  # one label set
     plain = hf_mudsc.merge(scope["parents"][:2], scope["calibration"], batch_size=8, refit="none")

@@ -553,10 +553,12 @@ def same_base_fine_tunes(kind: str = "vit_cls", seeds: tuple[int, ...] = (2, 3))
     return tuned
 
 
-def test_default_refits_after_the_data_method_auto_picks_for_same_base_fine_tunes():
+@pytest.mark.parametrize("seeds", [(2, 3), (2, 3, 4)])
+def test_default_refits_after_the_data_method_auto_picks_for_same_base_fine_tunes(seeds):
     """Fine-tunes of one base with calibration data: method="auto" picks regmean and refit="auto" refits after it
-    (issue 12: measured on the same-init digit ViTs, docs/design.md §4.9) — the same merge as asking for both."""
-    tuned = same_base_fine_tunes()
+    (issue 12: measured on the same-init digit ViTs, two and three parents, docs/design.md §4.9,
+    docs/benchmarks/same_init_three.md) — the same merge as asking for both."""
+    tuned = same_base_fine_tunes(seeds=seeds)
     batches = make_batches("vit_cls", num_batches=2)
     merged = hf_mudsc.merge(tuned, batches, progress=False)
     mudsc = merged.config.mudsc
@@ -598,7 +600,9 @@ def test_a_data_method_then_the_refit_records_the_examples_the_method_read():
 
 
 def test_default_refit_is_none_after_a_data_method_whose_parents_are_weighted_unequally():
-    """The refit's targets are the parents' unweighted mean: with unequal `weights` it would undo them."""
+    """Unequal `weights` keep the data method's merge: measured on the same-init digit ViTs with weights (2, 1) and
+    (1, 2), the refit tied regmean alone on joint at best and fell below the weighted plain average at width 256
+    (docs/benchmarks/same_init_three.md)."""
     tuned = same_base_fine_tunes()
     batches = make_batches("vit_cls", num_batches=2)
     merged = hf_mudsc.merge(tuned, batches, weights=[1.0, 3.0], progress=False)
@@ -608,17 +612,42 @@ def test_default_refit_is_none_after_a_data_method_whose_parents_are_weighted_un
     assert equal.config.mudsc["refit"] == "ridge"
 
 
-@pytest.mark.parametrize(("matches_units", "reads_data", "weights", "expected"), [
-    (True, False, None, "ridge"),  # unit matching (mudsc, zipit, ...)
-    (False, True, None, "ridge"),  # a data method (regmean, regmean_plusplus, fisher): parents count equally
-    (False, True, [1.0, 1.0], "ridge"),
-    (False, True, [1.0, 3.0], "none"),  # unequal weights: the refit's unweighted targets would undo them
-    (False, False, None, "none"),  # a tensor-wise method (linear, ties, ...): no data of its own
+def test_a_refit_asked_for_after_a_data_method_of_unequally_weighted_parents_targets_their_weighted_mean():
+    """Three same-base parents weighted (1, 2, 5), one label set: regmean, then `refit="ridge"` fits every layer
+    toward the weighted mean of the parents' outputs (identity maps, `refit.target_maps`), so the merged logits
+    move toward the weighted mean of the parents' logits, 20x closer to it than to their unweighted mean."""
+    tuned = same_base_fine_tunes(seeds=(2, 3, 4))
+    batches = make_batches("vit_cls", num_batches=2)
+    weights = [1.0, 2.0, 5.0]
+    plain = hf_mudsc.merge(tuned, batches, weights=weights, progress=False)
+    refitted = hf_mudsc.merge(tuned, batches, weights=weights, refit="ridge", progress=False)
+    assert plain.config.mudsc["refit"] == "none" and refitted.config.mudsc["refit"] == "ridge"
+    assert refitted.config.mudsc["method"] == "regmean"
+    outputs = [model_output(parent, batches[0]) for parent in tuned]
+    weighted = sum(w * out for w, out in zip(weights, outputs)) / sum(weights)
+    unweighted = sum(outputs) / len(outputs)
+    error = relative_error(model_output(refitted, batches[0]), weighted)
+    assert error < 0.3 * relative_error(model_output(plain, batches[0]), weighted)
+    assert 20 * error < relative_error(model_output(refitted, batches[0]), unweighted)
+
+
+@pytest.mark.parametrize(("matches_units", "reads_data", "num_parents", "weights", "expected"), [
+    (True, False, 2, None, "ridge"),  # unit matching (mudsc, zipit, ...)
+    (False, True, 2, None, "ridge"),  # a data method (regmean, regmean_plusplus, fisher): parents count equally
+    (False, True, 2, [1.0, 1.0], "ridge"),
+    (False, True, 3, None, "ridge"),  # three same-base parents: measured, docs/benchmarks/same_init_three.md
+    (False, True, 3, [2.0, 2.0, 2.0], "ridge"),
+    (False, True, 5, None, "ridge"),  # any N: the targets are the mean of N parents' outputs, as for matching
+    (False, True, 2, [1.0, 3.0], "none"),  # unequal weights: measured no better than the data method alone
+    (False, True, 3, [2.0, 1.0, 1.0], "none"),
+    (True, False, 3, [2.0, 1.0, 1.0], "ridge"),  # unit matching refits whatever the weights
+    (False, False, 2, None, "none"),  # a tensor-wise method (linear, ties, ...): no data of its own
+    (False, False, 3, None, "none"),
 ])
-def test_resolve_refit_auto(matches_units, reads_data, weights, expected):
+def test_resolve_refit_auto(matches_units, reads_data, num_parents, weights, expected):
     from hf_mudsc.options import resolve_refit
 
-    common = {"has_data": True, "num_parents": 2, "reference_compat": False}
+    common = {"has_data": True, "num_parents": num_parents, "reference_compat": False}
     assert resolve_refit("auto", matches_units=matches_units, reads_data=reads_data, weights=weights,
                          **common) == expected
     assert resolve_refit("auto", matches_units=matches_units, reads_data=reads_data, weights=weights,

@@ -9,12 +9,13 @@ The rule is a table (relation of the parents, base given?) -> candidate methods,
   accuracy); without data `ties` when the base is given (mergekit's and FusionBench's usual dataless choice for N
   parents), else `linear`.
 
-With calibration data and two equally weighted parents, `refit="auto"` then refits after regmean
+With calibration data and equally weighted parents (any number), `refit="auto"` then refits after regmean
 (`hf_mudsc.options.resolve_refit`, docs/design.md §4.9): on the same-init digit ViT pairs (issue 12, 9 pairs at
 widths 64/128/256, `scripts/same_init_variants.py`) regmean alone lost 1.8 joint points to plain averaging (mean
 over the pairs) and up to 2.7 points per task; regmean + refit ties averaging's joint (92.3 both; -0.6 at width 128)
-and stays within 0.7 points of the parents per task. The reason string says which and why; the log,
-`config.mudsc["method_choice_reason"]` and the card carry it.
+and stays within 0.7 points of the parents per task. Three parents (15 sets, `--parents 3`): regmean alone 3.6
+joint points below averaging, regmean + refit 1.7 above (docs/benchmarks/same_init_three.md). The reason string
+says which and why; the log, `config.mudsc["method_choice_reason"]` and the card carry it.
 Torch-free (reads the relation's label and distance only).
 """
 
