@@ -116,6 +116,11 @@ THREE_ROWS = ["parents", "ensemble", "ensemble (softmax)", *(label for label, _ 
 
 
 # ---------------------------------------------------------------------------------------------- merging
+def chosen_methods(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+    """The two-parent rows `--methods` keeps (all of BASE_METHODS without it), in BASE_METHODS' order."""
+    return [m for m in BASE_METHODS if not args.methods or m[0] in args.methods]
+
+
 def merge_all(
     model_a: Any,
     model_b: Any,
@@ -212,7 +217,7 @@ def score_pair(
 
 # -------------------------------------------------------------------------------------------- scenarios
 def run_pair(args: argparse.Namespace, model_a: Any, model_b: Any, splits: Any, calibration: list) -> dict[str, Any]:
-    merged, info = merge_all(model_a, model_b, calibration, args.alphas, BASE_METHODS)
+    merged, info = merge_all(model_a, model_b, calibration, args.alphas, chosen_methods(args))
     return score_pair(
         merged,
         info,
@@ -537,9 +542,9 @@ def run_bert(args: argparse.Namespace) -> dict[str, Any]:
         return out
 
     identity = [torch.arange(p.numel()) for p in perms]
-    methods = (
-        BASE_METHODS if not args.quick else [m for m in BASE_METHODS if m[0] in (DEFAULT[0], "average", "mudsc zip")]
-    )
+    methods = chosen_methods(args)
+    if args.quick:
+        methods = [m for m in methods if m[0] in (DEFAULT[0], "average", "mudsc zip")]
     results = {}
     sweep = (0.5,) if args.quick else args.alphas
     for pair_name, model_b, truth, alphas in (
@@ -951,6 +956,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--bert-epochs", type=int, default=3)
     parser.add_argument("--bert-samples", type=int, default=1024, help="calibration sentences")
     parser.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS))
+    parser.add_argument("--methods", nargs="+", default=None, metavar="LABEL",
+                        choices=[label for label, _ in BASE_METHODS],
+                        help="only these two-parent rows (different_init, same_init, bert_permuted); default: all")
     parser.add_argument(
         "--sizes", type=float, nargs="+", default=None, metavar="S",
         help="run the size-budget study instead of the scenarios: mudsc at each size (e.g. 1 1.25 1.5 2), with and "

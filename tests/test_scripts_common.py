@@ -116,3 +116,25 @@ def _reference_finetune(model, pixels, labels, *, seed, epochs, lr, batch_size):
             optimizer.step()
             scheduler.step()
     return model.eval()
+
+
+def test_benchmark_quality_methods_keeps_the_named_rows_in_table_order_and_refuses_unknown_labels(tmp_path):
+    """`--methods` narrows the two-parent rows (e.g. the slow MiniLM scenario) without reordering them; an unknown
+    label is an argparse error naming the choices, before any model is built."""
+    code = (
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(SCRIPTS)!r})\n"
+        "import benchmark_quality as b\n"
+        "picked = b.chosen_methods(b.parse_args(['--methods', 'mudsc zip', 'default', 'average']))\n"
+        "every = b.chosen_methods(b.parse_args([]))\n"
+        "print(json.dumps([[m[0] for m in picked], [m[0] for m in every], [m[0] for m in b.BASE_METHODS]]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    picked, every, table = json.loads(done.stdout.strip().splitlines()[-1])
+    assert picked == ["default", "average", "mudsc zip"]
+    assert every == table
+    refused = subprocess.run([sys.executable, str(SCRIPTS / "benchmark_quality.py"), "--methods", "nonsense"],
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "invalid choice: 'nonsense'" in refused.stderr
