@@ -1073,12 +1073,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "rows": rows,
             }
         )
-        mudsc = rows["mudsc zip"]["joint"]
-        log(
-            f"  done in {time.perf_counter() - start:.0f} s: joint mudsc zip {mudsc:.3f}, zipit "
-            f"{rows['zipit']['joint']:.3f}, average {rows['average']['joint']:.3f}, ensemble "
-            f"{rows['ensemble']['joint']:.3f}"
-        )
+        shown = ", ".join(f"{label} {rows[label]['joint']:.3f}"
+                          for label in ("mudsc zip", "zipit", "average", "ensemble") if label in rows)
+        log(f"  done in {time.perf_counter() - start:.0f} s: joint {shown}")
     if "bert_permuted" in args.scenarios and ("bert_permuted", None, None) not in done:
         log("bert_permuted: MiniLM")
         start = time.perf_counter()
