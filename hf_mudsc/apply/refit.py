@@ -55,10 +55,12 @@ logger = logging.getLogger(__name__)
 # Mean weight correlation of fused units at or above which the parents are taken to share one basis (then the
 # matched heads are kept). Measured: same-init fine-tunes 0.94, different inits 0.20-0.22, a permuted copy 1.0.
 SHARED_BASIS_THRESHOLD = 0.5
-# Parents' layer outputs (as float64 targets) kept between the steps that use them, at most this many bytes: the
-# parents then run once per chunk of consecutive steps (typically a whole transformer block) instead of once per
-# step. Bounded by the refit's sample count, never by the calibration set's.
+# Parents' layer outputs (as float32 targets: they come from float32 forwards) kept between the steps that use
+# them, at most this many bytes: the parents then run once per chunk of consecutive steps (a whole transformer block
+# or half of one) instead of once per step. Bounded by the refit's sample count, never by the calibration set's.
 TARGET_CACHE_BYTES = 256 * 2**20
+# Bytes per cached target element (float32).
+_TARGET_BYTES = 4
 # `refit_samples="auto"`: enough examples that every per-token layer's least squares has at least this many rows
 # (tokens) per unknown (its d+1 inputs): ordinary least squares with n rows and p unknowns overfits by about
 # p/(n-p) of the noise on unseen inputs, so 16 rows per unknown keep that near 7%. Clipped to [floor, cap]: the floor
@@ -102,6 +104,9 @@ class RefitReport:
     """Most bytes of stored block outputs held in RAM at once (bounded by the refit's samples)."""
     stored_files: int = 0
     """Stored block outputs written to a temporary directory (beyond `block_replay.RAM_BYTES`; removed after)."""
+    parent_passes: int = 0
+    """Passes of each parent over the refit's data: one per chunk of steps whose targets fit `TARGET_CACHE_BYTES`
+    (the merged model makes one per step)."""
 
 
 class RidgeAccumulator:
@@ -237,20 +242,33 @@ def parents_shared_basis(spec: PermutationSpec, parents: Sequence[nn.Module],
     return min(known) if known else None
 
 
-def _capture(model: nn.Module, names: Sequence[str], batch: Mapping[str, Any], where: str) -> dict[str, torch.Tensor]:
-    """The first input (`where="input"`) or output of each named module on `batch`; the forward stops after them."""
+def _capture(model: nn.Module, names: Sequence[str], batch: Mapping[str, Any], where: str,
+             until: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """The first input (`where="input"`) or output of each named module on `batch`; the forward stops after them
+    and after the modules `until` have returned (blocks whose outputs the pass stores for later passes)."""
     modules = dict(model.named_modules())
     captured: dict[str, torch.Tensor] = {}
+    waiting = set(until)
+
+    def done() -> None:
+        if len(captured) == len(names) and not waiting:
+            raise StopForward
 
     def hook(name: str) -> Callable[..., None]:
         def record(module: nn.Module, args: tuple, output: Any) -> None:
             if name not in captured:
                 captured[name] = (args[0] if where == "input" else output).detach()
-                if len(captured) == len(names):
-                    raise StopForward
+                done()
+        return record
+
+    def returned(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple, output: Any) -> None:
+            waiting.discard(name)
+            done()
         return record
 
     handles = [modules[name].register_forward_hook(hook(name)) for name in names]
+    handles += [modules[name].register_forward_hook(returned(name)) for name in waiting]
     try:
         model(**forward_inputs(model, batch))
     except StopForward:
@@ -345,9 +363,13 @@ def refit_model(
                     # runs.
                     cached: dict[str, list[torch.Tensor]] = {name: [] for step in chunk for name in step}
                     names = [name for step in chunk for name in step]
+                    # The parents never change: a block whose layers all end in this chunk is final for them now.
+                    # Unless nothing follows, the pass runs on to its end and stores its output, so the next chunk
+                    # starts after it (each parent block computes in its chunks' passes, not in 5).
+                    done = finished + len(names) if position + len(chunk) < len(report.steps) else finished
                     with contextlib.ExitStack() as passes:
                         for replay in replays[1:]:
-                            passes.enter_context(replay.run(finished))
+                            passes.enter_context(replay.run(done))
                         for number, batch in enumerate(batches()):
                             batch = batch_to(batch, target)
                             if position == 0:
@@ -355,13 +377,15 @@ def refit_model(
                             outputs = []
                             for parent, replay in zip(parents, replays[1:]):
                                 replay.batch(number)
-                                outputs.append(_capture(parent, names, batch, "output"))
+                                outputs.append(_capture(parent, names, batch, "output", until=replay.storing))
                             for name in names:
                                 mask = _mask(spec, name, batch)
                                 ys = [token_rows(out[name], mask).to(torch.float64) for out in outputs]
+                                # Computed in float64, kept in float32 (the parents' own precision).
                                 cached[name].append(_target(spec, maps, name, name == head and concatenate_classifier,
-                                                            ys, shares))
+                                                            ys, shares).to(torch.float32))
                             del outputs
+                    report.parent_passes += 1
                     for step in chunk:
                         accumulators = _step_accumulators(spec, modules, step, target)
                         with replays[0].run(finished):
@@ -446,9 +470,9 @@ def _next_chunk(steps: Sequence[Sequence[str]], position: int, modules: Mapping[
     chunk = [steps[position]]
     if tokens == 0:
         return chunk
-    size = sum(modules[name].out_features for name in steps[position]) * tokens * 8
+    size = sum(modules[name].out_features for name in steps[position]) * tokens * _TARGET_BYTES
     for step in steps[position + 1:]:
-        size += sum(modules[name].out_features for name in step) * tokens * 8
+        size += sum(modules[name].out_features for name in step) * tokens * _TARGET_BYTES
         if size > TARGET_CACHE_BYTES:
             break
         chunk.append(step)
