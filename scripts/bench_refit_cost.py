@@ -9,7 +9,7 @@ alone when `--all`.
 
     python scripts/bench_refit_cost.py --num-samples 512 --threads 1 --all  # the measurement
     python scripts/bench_refit_cost.py --num-samples 64 --refit-samples 32  # a quick look
-    python scripts/bench_refit_cost.py --case tiny --num-samples 32 --all    # smoke run (tests/test_bench_refit_cost.py)
+    python scripts/bench_refit_cost.py --case tiny --num-samples 32 --all    # smoke run (as its test)
 
 Prints one JSON line per configuration, then the ratio (auto+refit) / plain of the merge seconds, wall and CPU (the
 process's user + system time: with `--threads 1` it is what the wall time would be on a quiet machine, so the ratio
@@ -63,7 +63,8 @@ def run_child(args: argparse.Namespace) -> dict:
                             **options)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     report = merged.merge_report
-    return {"config": args.child, "case": args.case, "merge_seconds": round(seconds, 2), "merge_cpu_seconds": round(cpu, 2),
+    return {"config": args.child, "case": args.case, "merge_seconds": round(seconds, 2),
+            "merge_cpu_seconds": round(cpu, 2),
             "refit_seconds": round(report.refit.seconds, 2) if report.refit is not None else 0.0,
             "refit_examples": report.refit.examples if report.refit is not None else 0,
             "parent_passes": report.refit.parent_passes if report.refit is not None else 0,

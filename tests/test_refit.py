@@ -401,6 +401,28 @@ def test_refit_memory_does_not_grow_with_the_number_of_samples():
     assert small["vit.layers.0.mlp.fc1"].samples == 16 * 17  # every token of every image
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_ridge_accumulator_sums_the_gram_and_cross_grams_of_its_batches_in_float64(bias):
+    """Hand-made batches in small integers (every product and sum exact in float64): the Gram (one triangle
+    summed by dsyrk, mirrored when read) and each cross-Gram are exactly `X̃ᵀX̃` and `X̃ᵀY_i`."""
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randint(-4, 5, (rows, 3), generator=gen).to(torch.float32) for rows in (5, 1, 4)]
+    ys = [[torch.randint(-4, 5, (len(x), width), generator=gen).to(torch.float32) for width in (2, 1)] for x in xs]
+    accumulator = refit.RidgeAccumulator(3, [2, 1], bias)
+    for x, y in zip(xs, ys):
+        accumulator.update(x, y)
+    inputs = torch.cat(xs).to(torch.float64)
+    if bias:
+        inputs = torch.cat([inputs, torch.ones(len(inputs), 1, dtype=torch.float64)], dim=1)
+    assert accumulator.samples == 10 and accumulator.gram.dtype == torch.float64
+    assert torch.equal(accumulator.gram, inputs.T @ inputs)
+    assert torch.equal(accumulator.gram, accumulator.gram.T)
+    for index in range(2):
+        assert torch.equal(accumulator.crosses[index], inputs.T @ torch.cat([y[index] for y in ys]).to(torch.float64))
+    accumulator.update(xs[0], ys[0])  # more data after a read: summed on top
+    assert torch.equal(accumulator.gram, inputs.T @ inputs + (inputs[:5].T @ inputs[:5]))
+
+
 def test_refit_samples_is_a_seeded_subset_read_the_same_on_every_pass():
     batches = make_batches("vit_cls", num_batches=5)  # 80 images
     images = torch.cat([batch["pixel_values"] for batch in batches])

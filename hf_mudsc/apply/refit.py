@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from hf_mudsc.apply.block_replay import BlockReplay, Storage, find_chains
@@ -111,17 +112,31 @@ class RefitReport:
 
 class RidgeAccumulator:
     """Streamed `G = X̃ᵀX̃` and one `H_i = X̃ᵀY_i` per layer fed the same input (X̃ = [X, 1] with a bias), in
-    float64: flat in samples. Layers that share their input (q, k, v) share one Gram and one factorisation."""
+    float64: flat in samples. Layers that share their input (q, k, v) share one Gram and one factorisation.
+
+    On the CPU the Gram is a symmetric rank-k update (BLAS `dsyrk`: one triangle, half the multiply-adds of
+    `X̃ᵀX̃`, the same float64 sums), mirrored once when read; it is most of the refit's arithmetic (the fc2
+    layers' `(4h+1)²` Grams)."""
 
     def __init__(self, in_features: int, out_features: int | Sequence[int], bias: bool,
                  device: torch.device | None = None) -> None:
         size = in_features + int(bias)
         widths = [out_features] if isinstance(out_features, int) else list(out_features)
         self.bias = bias
-        self.gram = torch.zeros(size, size, dtype=torch.float64, device=device)
+        self._gram = torch.zeros(size, size, dtype=torch.float64, device=device)
+        self._upper_only = False  # only the upper triangle of `_gram` is summed so far (dsyrk)
         self.crosses = [torch.zeros(size, width, dtype=torch.float64, device=device) for width in widths]
         self.samples = 0
         self._factor: tuple[torch.Tensor, torch.Tensor | None, float, float] | None = None
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """`X̃ᵀX̃` (symmetric)."""
+        if self._upper_only:
+            upper = self._gram.triu()
+            self._gram = upper + upper.triu(1).T
+            self._upper_only = False
+        return self._gram
 
     @property
     def cross(self) -> torch.Tensor:
@@ -129,13 +144,18 @@ class RidgeAccumulator:
         return self.crosses[0]
 
     def update(self, inputs: torch.Tensor, targets: torch.Tensor | Sequence[torch.Tensor]) -> None:
-        x = inputs.to(torch.float64)
+        x = torch.empty(len(inputs), self._gram.shape[0], dtype=torch.float64, device=self._gram.device)
+        x[:, :inputs.shape[1]] = inputs
         if self.bias:
-            x = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64, device=x.device)], dim=1)
-        self.gram += x.T @ x
+            x[:, -1] = 1.0
+        if x.device.type == "cpu" and len(x):
+            _syrk_upper(self._gram, x)
+            self._upper_only = True
+        else:
+            self.gram.addmm_(x.T, x)
         for cross, target in zip(self.crosses, [targets] if isinstance(targets, torch.Tensor) else targets,
                                  strict=True):
-            cross += x.T @ target.to(device=x.device, dtype=torch.float64)
+            cross.addmm_(x.T, target.to(device=x.device, dtype=torch.float64))
         self.samples += len(x)
         self._factor = None
 
@@ -156,6 +176,17 @@ class RidgeAccumulator:
         right = self.crosses[index] + ridge * start
         solution = torch.cholesky_solve(right, factor) if factor is not None else torch.linalg.solve(system, right)
         return solution[:d].T, (solution[d] if self.bias else None), ridge
+
+
+def _syrk_upper(total: torch.Tensor, x: torch.Tensor) -> None:
+    """`total += xᵀx` on the upper triangle of a C-contiguous float64 CPU `total` (the lower one is left as is),
+    by BLAS `dsyrk` in place: the transposed views are Fortran-ordered, so nothing is copied."""
+    from scipy.linalg import blas
+
+    # In Fortran order `total` is its transpose: its lower triangle is `total`'s upper one.
+    result = blas.dsyrk(1.0, x.numpy().T, beta=1.0, c=total.numpy().T, trans=0, lower=1, overwrite_c=1)
+    if result.ctypes.data != total.data_ptr():  # not in place (never seen; BLAS wrappers may copy)
+        total.copy_(torch.from_numpy(result.T))
 
 
 def refit_layers(model: nn.Module, spec: PermutationSpec) -> list[str]:
@@ -336,7 +367,8 @@ def refit_model(
             model.eval()
             if target is not None:
                 model.to(target)
-        with torch.no_grad():
+        # The Gram's BLAS (scipy's, `_syrk_upper`) uses as many threads as torch does.
+        with torch.no_grad(), threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
             if not layers:
                 return report
             if samples == AUTO:
