@@ -275,8 +275,9 @@ def parents_shared_basis(spec: PermutationSpec, parents: Sequence[nn.Module],
 
 def _capture(model: nn.Module, names: Sequence[str], batch: Mapping[str, Any], where: str,
              until: Sequence[str] = ()) -> dict[str, torch.Tensor]:
-    """The first input (`where="input"`) or output of each named module on `batch`; the forward stops after them
-    and after the modules `until` have returned (blocks whose outputs the pass stores for later passes)."""
+    """The first input (`where="input"`) or output of each named module on `batch`; the forward stops once they are
+    known (an input before its module runs) and the modules `until` have returned (blocks whose outputs the pass
+    stores for later passes)."""
     modules = dict(model.named_modules())
     captured: dict[str, torch.Tensor] = {}
     waiting = set(until)
@@ -286,7 +287,7 @@ def _capture(model: nn.Module, names: Sequence[str], batch: Mapping[str, Any], w
             raise StopForward
 
     def hook(name: str) -> Callable[..., None]:
-        def record(module: nn.Module, args: tuple, output: Any) -> None:
+        def record(module: nn.Module, args: tuple, output: Any = None) -> None:
             if name not in captured:
                 captured[name] = (args[0] if where == "input" else output).detach()
                 done()
@@ -298,7 +299,9 @@ def _capture(model: nn.Module, names: Sequence[str], batch: Mapping[str, Any], w
             done()
         return record
 
-    handles = [modules[name].register_forward_hook(hook(name)) for name in names]
+    # An input is known before its module runs (a forward pre-hook): the pass stops before computing it.
+    handles = [modules[name].register_forward_pre_hook(hook(name)) if where == "input"
+               else modules[name].register_forward_hook(hook(name)) for name in names]
     handles += [modules[name].register_forward_hook(returned(name)) for name in waiting]
     try:
         model(**forward_inputs(model, batch))
@@ -424,7 +427,9 @@ def refit_model(
                             for number, batch in enumerate(batches()):
                                 batch = batch_to(batch, target)
                                 replays[0].batch(number)
-                                inputs = _capture(merged, step, batch, "input")
+                                # The layers of one accumulator share their input: the first one's is read,
+                                # and the pass stops before it runs.
+                                inputs = _capture(merged, [members[0] for _, members in accumulators], batch, "input")
                                 for accumulator, members in accumulators:
                                     if any(number >= len(cached[name]) for name in members):
                                         raise CalibrationError(f"refit: the calibration data gave more batches "
