@@ -46,6 +46,45 @@ def test_linear_cka_ignores_the_basis():
     assert linear_cka(x, torch.randn(40, 6, generator=gen, dtype=torch.float64)) < 0.6
 
 
+def test_alpha_search_scores_each_distinct_merge_once():
+    """Neighbouring α often give the same matches: a merge equal tensor for tensor to one already scored takes its
+    score without being built and run. Here α 0.1 and 0.3 give one merge, 0.5-0.9 another (0.7 a bit apart)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from hf_mudsc.apply.fidelity import parameters_digest, search_alpha
+
+    @dataclasses.dataclass
+    class Options:
+        alpha: float = 0.5
+
+    @dataclasses.dataclass
+    class Context:
+        options: Options
+        solve_cache: object = None
+
+    def merged(alpha: float) -> dict[str, torch.Tensor]:
+        value = 1.0 if alpha < 0.4 else 2.0
+        return {"w": torch.full((2, 3), value), "b": torch.tensor([value, 0.125 if alpha == 0.7 else 0.0])}
+
+    method = SimpleNamespace(merge_parameters=lambda context: SimpleNamespace(
+        parameters=merged(context.options.alpha), alpha=context.options.alpha))
+    built: list[float] = []
+
+    def scorer(model) -> float:
+        built.append(float(model["w"][0, 0]) + float(model["b"][1]))
+        return {1.0: 0.25, 2.0: 0.75}.get(built[-1], 0.5)
+
+    scorer.examples = 7
+    chosen, result, curve = search_alpha(method, Context(Options()), scorer, build=lambda parameters: parameters)
+    assert built == [1.0, 2.0, 2.125]  # three distinct merges, each built and scored once
+    assert curve["fidelity"] == [0.25, 0.25, 0.75, 0.5, 0.75] and curve["held_out_examples"] == 7
+    assert chosen == 0.5 and result.alpha == 0.5
+    assert parameters_digest(merged(0.5)) == parameters_digest(dict(reversed(list(merged(0.9).items()))))
+    assert parameters_digest(merged(0.5)) != parameters_digest(merged(0.7))
+    assert parameters_digest({"w": torch.ones(2)}) != parameters_digest({"w": torch.ones(2, dtype=torch.float64)})
+
+
 def test_auto_alpha_records_its_curve_and_keeps_the_argmax_of_independently_computed_fidelities(tmp_path):
     model_a, model_b = make_model("vit_cls", seed=1), make_model("vit_cls", seed=2)  # unrelated: α matters
     batches = make_batches("vit_cls", num_batches=5)  # 80 images: 64 feed the statistics, 16 are held out

@@ -236,6 +236,9 @@ class BlockReplay:
         self.number = 0
         self.batches = 0
         self._memo: dict[int, tuple[int, Any]] = {}
+        self.storing: tuple[str, ...] = ()
+        """The blocks whose outputs the current pass stores (a caller that stops its forwards early lets them
+        return first, else nothing is stored)."""
 
     def batch(self, number: int) -> None:
         self.number = number
@@ -267,6 +270,7 @@ class BlockReplay:
                     lambda module, args, output, store=store: store.put(self.number, output)))
         self.batches = 0
         self._memo.clear()
+        self.storing = tuple(self.chains[index].blocks[last] for index, (last, _) in fresh.items())
         committed = False
         try:
             with _replaced(self.modules, returns):
@@ -274,6 +278,7 @@ class BlockReplay:
             committed = True
         finally:
             self._memo.clear()
+            self.storing = ()
             for handle in handles:
                 handle.remove()
             for index, (last, store) in fresh.items():

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from hf_mudsc.apply.block_replay import BlockReplay, Storage, find_chains
@@ -55,10 +56,12 @@ logger = logging.getLogger(__name__)
 # Mean weight correlation of fused units at or above which the parents are taken to share one basis (then the
 # matched heads are kept). Measured: same-init fine-tunes 0.94, different inits 0.20-0.22, a permuted copy 1.0.
 SHARED_BASIS_THRESHOLD = 0.5
-# Parents' layer outputs (as float64 targets) kept between the steps that use them, at most this many bytes: the
-# parents then run once per chunk of consecutive steps (typically a whole transformer block) instead of once per
-# step. Bounded by the refit's sample count, never by the calibration set's.
+# Parents' layer outputs (as float32 targets: they come from float32 forwards) kept between the steps that use
+# them, at most this many bytes: the parents then run once per chunk of consecutive steps (a whole transformer block
+# or half of one) instead of once per step. Bounded by the refit's sample count, never by the calibration set's.
 TARGET_CACHE_BYTES = 256 * 2**20
+# Bytes per cached target element (float32).
+_TARGET_BYTES = 4
 # `refit_samples="auto"`: enough examples that every per-token layer's least squares has at least this many rows
 # (tokens) per unknown (its d+1 inputs): ordinary least squares with n rows and p unknowns overfits by about
 # p/(n-p) of the noise on unseen inputs, so 16 rows per unknown keep that near 7%. Clipped to [floor, cap]: the floor
@@ -102,21 +105,38 @@ class RefitReport:
     """Most bytes of stored block outputs held in RAM at once (bounded by the refit's samples)."""
     stored_files: int = 0
     """Stored block outputs written to a temporary directory (beyond `block_replay.RAM_BYTES`; removed after)."""
+    parent_passes: int = 0
+    """Passes of each parent over the refit's data: one per chunk of steps whose targets fit `TARGET_CACHE_BYTES`
+    (the merged model makes one per step)."""
 
 
 class RidgeAccumulator:
     """Streamed `G = X̃ᵀX̃` and one `H_i = X̃ᵀY_i` per layer fed the same input (X̃ = [X, 1] with a bias), in
-    float64: flat in samples. Layers that share their input (q, k, v) share one Gram and one factorisation."""
+    float64: flat in samples. Layers that share their input (q, k, v) share one Gram and one factorisation.
+
+    On the CPU the Gram is a symmetric rank-k update (BLAS `dsyrk`: one triangle, half the multiply-adds of
+    `X̃ᵀX̃`, the same float64 sums), mirrored once when read; it is most of the refit's arithmetic (the fc2
+    layers' `(4h+1)²` Grams)."""
 
     def __init__(self, in_features: int, out_features: int | Sequence[int], bias: bool,
                  device: torch.device | None = None) -> None:
         size = in_features + int(bias)
         widths = [out_features] if isinstance(out_features, int) else list(out_features)
         self.bias = bias
-        self.gram = torch.zeros(size, size, dtype=torch.float64, device=device)
+        self._gram = torch.zeros(size, size, dtype=torch.float64, device=device)
+        self._upper_only = False  # only the upper triangle of `_gram` is summed so far (dsyrk)
         self.crosses = [torch.zeros(size, width, dtype=torch.float64, device=device) for width in widths]
         self.samples = 0
         self._factor: tuple[torch.Tensor, torch.Tensor | None, float, float] | None = None
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """`X̃ᵀX̃` (symmetric)."""
+        if self._upper_only:
+            upper = self._gram.triu()
+            self._gram = upper + upper.triu(1).T
+            self._upper_only = False
+        return self._gram
 
     @property
     def cross(self) -> torch.Tensor:
@@ -124,13 +144,18 @@ class RidgeAccumulator:
         return self.crosses[0]
 
     def update(self, inputs: torch.Tensor, targets: torch.Tensor | Sequence[torch.Tensor]) -> None:
-        x = inputs.to(torch.float64)
+        x = torch.empty(len(inputs), self._gram.shape[0], dtype=torch.float64, device=self._gram.device)
+        x[:, :inputs.shape[1]] = inputs
         if self.bias:
-            x = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64, device=x.device)], dim=1)
-        self.gram += x.T @ x
+            x[:, -1] = 1.0
+        if x.device.type == "cpu" and len(x):
+            _syrk_upper(self._gram, x)
+            self._upper_only = True
+        else:
+            self.gram.addmm_(x.T, x)
         for cross, target in zip(self.crosses, [targets] if isinstance(targets, torch.Tensor) else targets,
                                  strict=True):
-            cross += x.T @ target.to(device=x.device, dtype=torch.float64)
+            cross.addmm_(x.T, target.to(device=x.device, dtype=torch.float64))
         self.samples += len(x)
         self._factor = None
 
@@ -151,6 +176,17 @@ class RidgeAccumulator:
         right = self.crosses[index] + ridge * start
         solution = torch.cholesky_solve(right, factor) if factor is not None else torch.linalg.solve(system, right)
         return solution[:d].T, (solution[d] if self.bias else None), ridge
+
+
+def _syrk_upper(total: torch.Tensor, x: torch.Tensor) -> None:
+    """`total += xᵀx` on the upper triangle of a C-contiguous float64 CPU `total` (the lower one is left as is),
+    by BLAS `dsyrk` in place: the transposed views are Fortran-ordered, so nothing is copied."""
+    from scipy.linalg import blas
+
+    # In Fortran order `total` is its transpose: its lower triangle is `total`'s upper one.
+    result = blas.dsyrk(1.0, x.numpy().T, beta=1.0, c=total.numpy().T, trans=0, lower=1, overwrite_c=1)
+    if result.ctypes.data != total.data_ptr():  # not in place (never seen; BLAS wrappers may copy)
+        total.copy_(torch.from_numpy(result.T))
 
 
 def refit_layers(model: nn.Module, spec: PermutationSpec) -> list[str]:
@@ -237,20 +273,36 @@ def parents_shared_basis(spec: PermutationSpec, parents: Sequence[nn.Module],
     return min(known) if known else None
 
 
-def _capture(model: nn.Module, names: Sequence[str], batch: Mapping[str, Any], where: str) -> dict[str, torch.Tensor]:
-    """The first input (`where="input"`) or output of each named module on `batch`; the forward stops after them."""
+def _capture(model: nn.Module, names: Sequence[str], batch: Mapping[str, Any], where: str,
+             until: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """The first input (`where="input"`) or output of each named module on `batch`; the forward stops once they are
+    known (an input before its module runs) and the modules `until` have returned (blocks whose outputs the pass
+    stores for later passes)."""
     modules = dict(model.named_modules())
     captured: dict[str, torch.Tensor] = {}
+    waiting = set(until)
+
+    def done() -> None:
+        if len(captured) == len(names) and not waiting:
+            raise StopForward
 
     def hook(name: str) -> Callable[..., None]:
-        def record(module: nn.Module, args: tuple, output: Any) -> None:
+        def record(module: nn.Module, args: tuple, output: Any = None) -> None:
             if name not in captured:
                 captured[name] = (args[0] if where == "input" else output).detach()
-                if len(captured) == len(names):
-                    raise StopForward
+                done()
         return record
 
-    handles = [modules[name].register_forward_hook(hook(name)) for name in names]
+    def returned(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple, output: Any) -> None:
+            waiting.discard(name)
+            done()
+        return record
+
+    # An input is known before its module runs (a forward pre-hook): the pass stops before computing it.
+    handles = [modules[name].register_forward_pre_hook(hook(name)) if where == "input"
+               else modules[name].register_forward_hook(hook(name)) for name in names]
+    handles += [modules[name].register_forward_hook(returned(name)) for name in waiting]
     try:
         model(**forward_inputs(model, batch))
     except StopForward:
@@ -318,7 +370,8 @@ def refit_model(
             model.eval()
             if target is not None:
                 model.to(target)
-        with torch.no_grad():
+        # The Gram's BLAS (scipy's, `_syrk_upper`) uses as many threads as torch does.
+        with torch.no_grad(), threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
             if not layers:
                 return report
             if samples == AUTO:
@@ -345,9 +398,13 @@ def refit_model(
                     # runs.
                     cached: dict[str, list[torch.Tensor]] = {name: [] for step in chunk for name in step}
                     names = [name for step in chunk for name in step]
+                    # The parents never change: a block whose layers all end in this chunk is final for them now.
+                    # Unless nothing follows, the pass runs on to its end and stores its output, so the next chunk
+                    # starts after it (each parent block computes in its chunks' passes, not in 5).
+                    done = finished + len(names) if position + len(chunk) < len(report.steps) else finished
                     with contextlib.ExitStack() as passes:
                         for replay in replays[1:]:
-                            passes.enter_context(replay.run(finished))
+                            passes.enter_context(replay.run(done))
                         for number, batch in enumerate(batches()):
                             batch = batch_to(batch, target)
                             if position == 0:
@@ -355,20 +412,24 @@ def refit_model(
                             outputs = []
                             for parent, replay in zip(parents, replays[1:]):
                                 replay.batch(number)
-                                outputs.append(_capture(parent, names, batch, "output"))
+                                outputs.append(_capture(parent, names, batch, "output", until=replay.storing))
                             for name in names:
                                 mask = _mask(spec, name, batch)
                                 ys = [token_rows(out[name], mask).to(torch.float64) for out in outputs]
+                                # Computed in float64, kept in float32 (the parents' own precision).
                                 cached[name].append(_target(spec, maps, name, name == head and concatenate_classifier,
-                                                            ys, shares))
+                                                            ys, shares).to(torch.float32))
                             del outputs
+                    report.parent_passes += 1
                     for step in chunk:
                         accumulators = _step_accumulators(spec, modules, step, target)
                         with replays[0].run(finished):
                             for number, batch in enumerate(batches()):
                                 batch = batch_to(batch, target)
                                 replays[0].batch(number)
-                                inputs = _capture(merged, step, batch, "input")
+                                # The layers of one accumulator share their input: the first one's is read,
+                                # and the pass stops before it runs.
+                                inputs = _capture(merged, [members[0] for _, members in accumulators], batch, "input")
                                 for accumulator, members in accumulators:
                                     if any(number >= len(cached[name]) for name in members):
                                         raise CalibrationError(f"refit: the calibration data gave more batches "
@@ -446,9 +507,9 @@ def _next_chunk(steps: Sequence[Sequence[str]], position: int, modules: Mapping[
     chunk = [steps[position]]
     if tokens == 0:
         return chunk
-    size = sum(modules[name].out_features for name in steps[position]) * tokens * 8
+    size = sum(modules[name].out_features for name in steps[position]) * tokens * _TARGET_BYTES
     for step in steps[position + 1:]:
-        size += sum(modules[name].out_features for name in step) * tokens * 8
+        size += sum(modules[name].out_features for name in step) * tokens * _TARGET_BYTES
         if size > TARGET_CACHE_BYTES:
             break
         chunk.append(step)
