@@ -394,7 +394,10 @@ def _card_alpha(value: Any, context: Mapping[str, Any]) -> str:
     if not curve:
         return str(value)
     points = ", ".join(f"{alpha}: {score:.3f}" for alpha, score in zip(curve["grid"], curve["fidelity"]))
-    return f"{value} (auto: held-out fidelity {points}; {curve['held_out_examples']} examples)"
+    # The candidates were solved from the paper's start; the merge returned, with every start, may differ.
+    returned = ("" if curve.get("returned_is_candidate", True)
+                else f"; {value} with every start (the merge returned): {curve['returned_fidelity']:.3f}")
+    return f"{value} (auto: held-out fidelity {points}{returned}; {curve['held_out_examples']} examples)"
 
 
 def _card_zip(value: Any, context: Mapping[str, Any]) -> str | None:

@@ -62,6 +62,7 @@ def test_alpha_search_scores_each_distinct_merge_once():
     class Context:
         options: Options
         solve_cache: object = None
+        candidate: bool = False
 
     def merged(alpha: float) -> dict[str, torch.Tensor]:
         value = 1.0 if alpha < 0.4 else 2.0

@@ -141,8 +141,13 @@ def parameters_digest(parameters: Mapping[str, torch.Tensor]) -> str:
 
 def search_alpha(method: Any, context: Any, scorer: FidelityScorer, build: Callable[[dict], nn.Module],
                  grid: Sequence[float] = ALPHA_GRID) -> tuple[float, Any, dict[str, Any]]:
-    """Solve and apply `method` at every α of `grid` (the statistics in `context` are shared), score each merge
-    with `scorer`; returns (the chosen α, its `MethodResult`, the curve for `config.mudsc["alpha_auto"]`).
+    """Merge with `method` at every α of `grid` (the statistics in `context` are shared), score each merge with
+    `scorer`; returns (the chosen α, the `MethodResult` to return, the curve for `config.mudsc["alpha_auto"]`).
+
+    The candidates are merges for scoring only (`context.candidate`): a unit-matching method solves them from the
+    paper's start alone, and the chosen α is then solved again with every start (docs/design.md §4.4-4.5), so the
+    merge returned never ends below its starts. When that merge differs from the candidate it is scored too: the
+    curve holds the candidates' scores (`fidelity`, and the starts they ran) and the returned merge's.
 
     Only the best result so far is kept (each holds a full set of merged parameters). A merge equal, tensor for
     tensor, to one already scored (neighbouring α often give the same matches) takes that score without being
@@ -152,24 +157,46 @@ def search_alpha(method: Any, context: Any, scorer: FidelityScorer, build: Calla
 
     from hf_mudsc.solve.loop import SolveCache
 
+    logger = logging.getLogger(__name__)
     scores: dict[float, float] = {}
     results: dict[float, Any] = {}
     scored: dict[str, float] = {}  # parameters digest -> fidelity
+    digests: dict[float, str] = {}
+    candidate_starts: list[str] = []
     # The solves differ only in alpha: what does not depend on it is computed once (the same results, less time).
     context = dataclasses.replace(context, solve_cache=SolveCache())
-    for alpha in grid:
-        result = method.merge_parameters(dataclasses.replace(
-            context, options=dataclasses.replace(context.options, alpha=float(alpha))))
+
+    def at(alpha: float, candidate: bool) -> Any:
+        return method.merge_parameters(dataclasses.replace(
+            context, candidate=candidate, options=dataclasses.replace(context.options, alpha=float(alpha))))
+
+    def score(result: Any) -> tuple[str, float]:
         key = parameters_digest(result.parameters)
         if key not in scored:
             scored[key] = scorer(build(result.parameters))
-        scores[alpha] = scored[key]
+        return key, scored[key]
+
+    for alpha in grid:
+        result = at(alpha, candidate=True)
+        candidate_starts += [name for name in getattr(result, "start_objectives", None) or ()
+                             if name not in candidate_starts]
+        digests[alpha], scores[alpha] = score(result)
         results[alpha] = result
         best = choose_alpha(scores)
         for other in [a for a in results if a != best]:
             del results[other]
-        logging.getLogger(__name__).info("alpha %.2f: held-out fidelity %.4f", alpha, scores[alpha])
+        logger.info("alpha %.2f: held-out fidelity %.4f", alpha, scores[alpha])
     chosen = choose_alpha(scores)
+    result = results.pop(chosen)
+    returned_key, returned_score = digests[chosen], scores[chosen]
+    if not getattr(result, "full", True):  # a cheaper candidate: the chosen α merged again in full
+        del result
+        result = at(chosen, candidate=False)
+        returned_key, returned_score = score(result)
+        logger.info("alpha %.2f merged with every start: held-out fidelity %.4f (%s the candidate)", chosen,
+                    returned_score, "the same merge as" if returned_key == digests[chosen] else "differs from")
     curve = {"grid": [float(a) for a in grid], "fidelity": [round(scores[a], 6) for a in grid], "chosen": chosen,
-             "held_out_examples": scorer.examples}
-    return chosen, results[chosen], curve
+             "held_out_examples": scorer.examples, "candidate_starts": candidate_starts,
+             "returned_fidelity": round(returned_score, 6),
+             "returned_is_candidate": returned_key == digests[chosen]}
+    return chosen, result, curve

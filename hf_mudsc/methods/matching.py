@@ -98,6 +98,10 @@ class UnitMatchingMethod(MergeMethod):
         from hf_mudsc.solve.loop import SolveOptions, Solver
 
         given = context.options
+        starts = () if given.reference_compat else self.extra_starts
+        # A search candidate is solved from the paper's start only (docs/design.md §4.4); the merge the search
+        # returns is solved again with every start.
+        shortcut = context.candidate and bool(starts)
         options = SolveOptions(
             matcher=self.used_matcher(given.matcher),
             alpha=float(given.alpha) if self.alpha is None else self.alpha,
@@ -109,7 +113,7 @@ class UnitMatchingMethod(MergeMethod):
             normalizer_eps=REFERENCE_NORMALIZER_EPS if given.reference_compat else 0.0,
             seed=given.seed,
             device=context.device,
-            extra_starts=() if given.reference_compat else self.extra_starts,
+            extra_starts=() if shortcut else starts,
         )
         parents = list(context.parents)
         more = {"others": parents[2:]} if len(parents) > 2 else {}  # two parents: the two-parent call as before
@@ -143,6 +147,7 @@ class UnitMatchingMethod(MergeMethod):
             solve_start=result.start,
             start_objectives=dict(result.starts),
             similarity_alpha=options.alpha,
+            full=not shortcut,
         )
 
 

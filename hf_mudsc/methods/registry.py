@@ -64,6 +64,10 @@ class MethodContext:
     solve_cache: Any = None
     """What successive solves of one merge may share (`hf_mudsc.solve.loop.SolveCache`, the `alpha="auto"`
     search's): the parts of a solve that do not depend on alpha. None: every solve starts from scratch."""
+    candidate: bool = False
+    """A candidate merge of the `alpha="auto"` search, only to be scored: the method may merge more cheaply (unit
+    matching: the paper's single start) and say so (`MethodResult.full`); the search merges the chosen one again
+    in full."""
 
     @property
     def params_a(self) -> Mapping[str, torch.Tensor]:
@@ -94,6 +98,8 @@ class MethodResult:
     """The weight share of the similarity the units were matched on (None: no matching), for the diagnostics."""
     calibration_examples: int = 0
     """Examples read per pass over the calibration data, by a method that reads it itself (`needs_data`)."""
+    full: bool = True
+    """False: a cheaper merge for a search candidate (`MethodContext.candidate`), not the merge to return."""
 
 
 @dataclass(frozen=True)

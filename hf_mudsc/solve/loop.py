@@ -126,11 +126,13 @@ class SolveCache:
     """The parts of a solve that do not depend on alpha, shared by successive solves of one merge that differ only
     in alpha (the `alpha="auto"` search, docs/design.md §4.4): the weight correlations' constant parts, the
     activation start (matched on activations only), the weight start (matched on weights only) and, for each
-    candidate start, the weight-correlation entries of its matched pairs (its score's weight half).
+    candidate start, the weight-correlation entries of its matched pairs (its score's weight half). Per alpha it
+    also keeps what a second solve at that alpha would repeat — the search's single-start candidate, then the full
+    solve at the chosen alpha: the activation start's refined outcome and the visit results.
 
     Each of these is exactly what a fresh solve would compute, so every solve that uses the cache returns what it
-    would return without it. A solve whose inputs differ in anything but alpha (other parents, statistics,
-    matcher, seed, ...) clears the cache and starts it again.
+    would return without it. A solve whose inputs differ in anything but alpha and the extra starts (other
+    parents, statistics, matcher, seed, ...) clears the cache and starts it again.
     """
 
     def __init__(self) -> None:
@@ -139,6 +141,9 @@ class SolveCache:
         self.activation_start: _State | None = None
         self.weight_start: _State | None = None
         self.start_entries: dict[str, list[torch.Tensor]] = {}
+        # alpha -> the activation start's sweeps outcome (state, objective, history, sweeps); alpha -> visit cache
+        self.refined: dict[float, tuple[_State, float, list[float], int]] = {}
+        self.visits: dict[float, dict[tuple[bool, int], list[tuple[list[Match | None], list[Match]]]]] = {}
 
     def bind(self, key: tuple) -> None:
         """Use the cache for inputs identified by `key`; other inputs than last time empty it first."""
@@ -218,7 +223,8 @@ class Solver:
         if cache is not None:
             # Everything a solve reads except alpha: the same objects (parents, statistics, spec) and options.
             cache.bind((id(spec), _storage_key([params_a, params_b, *others]),
-                        _storage_key([dict(enumerate(activation_correlations or ()))]), replace(options, alpha=0.0)))
+                        _storage_key([dict(enumerate(activation_correlations or ()))]),
+                        replace(options, alpha=0.0, extra_starts=())))
             if cache.weight_correlation is None:
                 cache.weight_correlation = WeightCorrelation(spec, params_a, params_b, device=options.device,
                                                              others=others)
@@ -232,7 +238,9 @@ class Solver:
         self._neighbours = {index: self._neighbour_groups(members) for members in
                             [[i] for i in range(len(spec.groups)) if i not in self.tie_of] + list(self.ties.values())
                             for index in members}
-        self._visit_cache: dict[tuple[bool, int], list[tuple[list[Match | None], list[Match]]]] = {}
+        # Visit results depend on alpha: a cache shares them only between solves at the same alpha.
+        self._visit_cache: dict[tuple[bool, int], list[tuple[list[Match | None], list[Match]]]] = (
+            {} if cache is None else cache.visits.setdefault(options.alpha, {}))
 
     def _neighbour_groups(self, members: Sequence[int]) -> list[int]:
         found: set[int] = set()
@@ -467,6 +475,19 @@ class Solver:
         assert best is not None
         return best, best_objective, history, sweeps
 
+    def _refined_start(self, state: _State, progress: bool) -> tuple[_State, float, list[float], int]:
+        """The own start refined by the sweeps: taken from the cache when a solve at this alpha ran them (the same
+        seeded sweeps from the same start give the same outcome)."""
+        cache, alpha = self.cache, self.options.alpha
+        if cache is not None and alpha in cache.refined:
+            best, objective, history, sweeps = cache.refined[alpha]
+            return best.copy(), objective, list(history), sweeps
+        outcome = self._sweeps(state, candidate=False, progress=progress)
+        if cache is not None:
+            best, objective, history, sweeps = outcome
+            cache.refined[alpha] = (best.copy(), objective, list(history), sweeps)
+        return outcome
+
     def solve(self, *, progress: bool = False) -> SolveResult:
         options = self.options
         own = "activation" if options.use_activations else "weight"
@@ -480,7 +501,7 @@ class Solver:
         # Only the paper's start and the best other start so far are kept: a losing start's state is dropped as
         # soon as it loses (choose_start picks among these two exactly as among all).
         kept: dict[str, tuple[_State, float, list[float], int]] = {}
-        kept[own] = self._sweeps(state, candidate=False, progress=progress)
+        kept[own] = self._refined_start(state, progress)
         del state
         release_free_heap()
         objectives = {own: kept[own][1]}
