@@ -6,6 +6,9 @@ the α nearest 0.5), permuted copies are still recovered exactly, and bad combin
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 from factories import BARE, WITH_LOGITS, make_batches, make_model, model_output, permuted_copy, relative_error
@@ -16,8 +19,10 @@ from hf_mudsc.architectures import spec_for
 from hf_mudsc.cli.main import build_parser
 from hf_mudsc.cli.merge import build_recipe
 from hf_mudsc.errors import MergeInputError
+from hf_mudsc.methods.registry import METHODS
 from hf_mudsc.publish.card import render_card
 from hf_mudsc.publish.recipe import Recipe
+from hf_mudsc.solve.loop import Solver
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -113,6 +118,59 @@ def test_auto_alpha_records_its_curve_and_keeps_the_argmax_of_independently_comp
     card = str(render_card(merged, Recipe(models=["a", "b"], alpha="auto")))
     assert f"| Balance factor α (weight share) | {curve['chosen']} (auto: held-out fidelity 0.1: " in card
     assert "; 16 examples)" in card
+
+
+def _fine_tune(base: torch.nn.Module, seed: int) -> torch.nn.Module:
+    model = copy.deepcopy(base)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.15 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def test_auto_alpha_scores_single_start_candidates_then_solves_the_chosen_alpha_with_every_start(monkeypatch):
+    """The candidates are solved from the activation start alone (counted); the chosen α is solved again with the
+    three starts, reusing that α's refined activation start; the merge returned is `merge(alpha=<chosen>)` tensor
+    for tensor. On this same-init pair the weight start wins at the chosen α, so the returned merge differs from
+    the candidate and its own fidelity is recorded next to the candidates' (each recomputed independently)."""
+    base = make_model("vit_cls", seed=0)
+    model_a, model_b = _fine_tune(base, 1), _fine_tune(base, 2)
+    batches = make_batches("vit_cls", num_batches=5)
+    runs: list[tuple[float, str]] = []
+    real_sweeps = Solver._sweeps
+
+    def counting_sweeps(self, *args, label="solve", weight_only=False, **kwargs):
+        runs.append((self.options.alpha, "weight-only solve" if weight_only else label))
+        return real_sweeps(self, *args, label=label, weight_only=weight_only, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Solver, "_sweeps", counting_sweeps)
+        merged = hf_mudsc.merge([model_a, model_b], batches, method="mudsc", alpha="auto", refit="none",
+                                progress=False)
+    curve = merged.config.mudsc["alpha_auto"]
+    chosen = curve["chosen"]
+    assert runs == [*((alpha, "solve") for alpha in ALPHA_GRID),  # one start per candidate, in grid order
+                    (chosen, "weight-only solve"), (chosen, "solve (weight start)"), (chosen, "solve (identity start)")]
+    assert curve["candidate_starts"] == ["activation"]
+    assert list(merged.config.mudsc["start_objectives"]) == ["activation", "weight", "identity"]
+    assert merged.config.mudsc["solve_start"] == "weight" and curve["returned_is_candidate"] is False
+
+    kept, held_out = holdout_split(lambda: iter(batches))
+    kept, held_out = list(kept), list(held_out)
+    scorer = FidelityScorer([model_a, model_b], held_out, task_sizes=None)
+    with monkeypatch.context() as patch:  # the paper's single start, as a registered method would run it
+        patch.setitem(METHODS, "mudsc", dataclasses.replace(METHODS["mudsc"], extra_starts=()))
+        candidates = {alpha: scorer(hf_mudsc.merge([model_a, model_b], kept, method="mudsc", alpha=alpha,
+                                                   refit="none", progress=False)) for alpha in ALPHA_GRID}
+    assert curve["fidelity"] == [round(candidates[a], 6) for a in ALPHA_GRID]
+    assert chosen == choose_alpha(candidates) == merged.config.mudsc["alpha"]
+    full = hf_mudsc.merge([model_a, model_b], kept, method="mudsc", alpha=chosen, refit="none", progress=False)
+    assert full.state_dict().keys() == merged.state_dict().keys()
+    assert all(torch.equal(v, full.state_dict()[k]) for k, v in merged.state_dict().items())
+    assert curve["returned_fidelity"] == round(scorer(full), 6) != curve["fidelity"][ALPHA_GRID.index(chosen)]
+    card = str(render_card(merged, Recipe(models=["a", "b"], alpha="auto")))
+    assert f"; {chosen} with every start (the merge returned): {curve['returned_fidelity']:.3f}; 16 examples)" in card
 
 
 @pytest.mark.parametrize("kind", [WITH_LOGITS[0], BARE[0]])

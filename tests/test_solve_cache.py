@@ -71,6 +71,36 @@ def test_cached_solves_equal_fresh_solves_at_every_alpha(pair, matcher):
     assert winners == ({"activation"} if pair == "different_init" else {"activation", "weight"})
 
 
+@pytest.mark.parametrize("pair", ["different_init", "same_init"])
+def test_a_full_solve_after_a_single_start_one_at_the_same_alpha_reuses_its_sweeps_and_equals_a_fresh_one(
+        pair, monkeypatch):
+    """The α search's order: every candidate from the activation start alone, then the chosen α with every start.
+    The second solve at an α takes that α's refined activation start from the cache (no sweeps from it) and
+    returns exactly what a fresh solve returns."""
+    spec, params_a, params_b, correlations = _inputs(pair)
+    cache = SolveCache()
+    single = {alpha: SolveOptions(matcher="zip", alpha=alpha) for alpha in ALPHA_GRID}
+    candidates = {alpha: Solver(spec, params_a, params_b, correlations, options, cache=cache).solve()
+                  for alpha, options in single.items()}
+    own_sweeps = []
+    real_sweeps = Solver._sweeps
+
+    def counting_sweeps(self, *args, label="solve", **kwargs):
+        own_sweeps.append(label == "solve" and not kwargs.get("weight_only", False))
+        return real_sweeps(self, *args, label=label, **kwargs)
+
+    monkeypatch.setattr(Solver, "_sweeps", counting_sweeps)
+    for alpha, other_sweeps in ((0.7, 3), (0.1, 2)):  # the weight-only solve (the first time), weight, identity
+        options = SolveOptions(matcher="zip", alpha=alpha, extra_starts=STARTS)
+        own_sweeps.clear()
+        full = Solver(spec, params_a, params_b, correlations, options, cache=cache).solve()
+        assert own_sweeps == [False] * other_sweeps
+        _same(full, Solver(spec, params_a, params_b, correlations, options).solve())
+        assert full.starts["activation"] == candidates[alpha].starts["activation"]
+    for alpha, options in single.items():
+        _same(candidates[alpha], Solver(spec, params_a, params_b, correlations, options).solve())
+
+
 def test_the_alpha_free_work_is_done_once(monkeypatch):
     spec, params_a, params_b, correlations = _inputs("different_init")
     calls = {"weight_correlations": 0, "weight_sweeps": 0}
