@@ -22,7 +22,7 @@ from hf_mudsc.architectures import spec_for
 from hf_mudsc.cli.main import main
 from hf_mudsc.evaluate.results import EvaluationResult
 from hf_mudsc.publish.folder import MARKER_FILENAME, read_marker, unlisted_files
-from hf_mudsc.publish.plots import accuracy_figure, draw_plots, short_name
+from hf_mudsc.publish.plots import accuracy_figure, alpha_figure, draw_plots, short_name
 from hf_mudsc.solve.diagnostics import (
     DIAGNOSTICS_FILENAME,
     PLOTS_FOLDER,
@@ -399,3 +399,16 @@ def test_alpha_auto_draws_the_fidelity_curve_and_the_card_links_it(tmp_path):
     assert "plots/alpha_fidelity.png" in (folder / "README.md").read_text()
     stored = json.loads((folder / "merge_diagnostics.json").read_text())
     assert stored["alpha_curve"]["chosen"] == curve["chosen"] and stored["alpha_curve"]["grid"] == curve["grid"]
+
+
+def test_alpha_figure_marks_the_returned_merge_only_when_the_full_solve_changed_it():
+    """The curve is the candidates' (one start); a star at the chosen α shows the returned merge's own fidelity."""
+    curve = {"grid": [0.1, 0.5, 0.9], "fidelity": [0.25, 0.5, 0.75], "chosen": 0.9, "held_out_examples": 16,
+             "candidate_starts": ["activation"], "returned_fidelity": 0.875, "returned_is_candidate": False}
+    axes = alpha_figure(curve).axes[0]
+    stars = [line for line in axes.get_lines() if line.get_marker() == "*"]
+    assert [(list(s.get_xdata()), list(s.get_ydata()), s.get_label()) for s in stars] == [
+        ([0.9], [0.875], "the merge returned (solved again with every start)")]
+    assert "each α solved from the activation start and scored on 16 held-out" in axes.get_title()
+    same = alpha_figure({**curve, "returned_fidelity": 0.75, "returned_is_candidate": True}).axes[0]
+    assert not [line for line in same.get_lines() if line.get_marker() == "*"]

@@ -316,12 +316,16 @@ def alpha_figure(curve: Mapping[str, Any]) -> Figure:
         axes.plot(grid, fidelity, marker="o", color=COLORS["blended"], linewidth=1.8,
                   label="held-out fidelity of the merge at this α")
         axes.axvline(chosen, color="C1", linestyle="--", linewidth=1.3, label=f"chosen: α = {chosen:g}")
+        if curve.get("returned_is_candidate") is False:  # the full solve at the chosen α changed the merge
+            axes.plot([chosen], [curve["returned_fidelity"]], linestyle="none", marker="*", markersize=13,
+                      color="C3", label="the merge returned (solved again with every start)")
         axes.set_xlim(-0.02, 1.02)
         axes.set_xlabel("α: weight-space share of the similarity (0 = activations only, 1 = weights only)")
         axes.set_ylabel("fidelity to the parents (1 = agrees everywhere)")
         examples = curve.get("held_out_examples", "?")
+        starts = f" from the {' and '.join(curve['candidate_starts'])} start" if curve.get("candidate_starts") else ""
         axes.set_title("Balance factor chosen without labels (alpha=\"auto\")\n"
-                       f"each α solved and scored on {examples} held-out calibration examples")
+                       f"each α solved{starts} and scored on {examples} held-out calibration examples")
         axes.grid(alpha=0.3)
         axes.legend(loc="best", framealpha=0.9)
     return figure
