@@ -90,11 +90,16 @@ def test_a_full_solve_after_a_single_start_one_at_the_same_alpha_reuses_its_swee
         return real_sweeps(self, *args, label=label, **kwargs)
 
     monkeypatch.setattr(Solver, "_sweeps", counting_sweeps)
-    for alpha, other_sweeps in ((0.7, 3), (0.1, 2)):  # the weight-only solve (the first time), weight, identity
+    assert sorted(cache.refined) == sorted(cache.visits) == sorted(ALPHA_GRID)
+    cache.keep_alpha(0.7)  # the search chose 0.7: the other alphas' refined starts and visits are dropped
+    assert list(cache.refined) == list(cache.visits) == [0.7]
+    # At 0.7: no sweeps from the activation start, then the weight-only solve, the weight and identity starts.
+    # At 0.1 (dropped): the activation start's sweeps run again; the weight-only solve is cached.
+    for alpha, expected in ((0.7, [False] * 3), (0.1, [True, False, False])):
         options = SolveOptions(matcher="zip", alpha=alpha, extra_starts=STARTS)
         own_sweeps.clear()
         full = Solver(spec, params_a, params_b, correlations, options, cache=cache).solve()
-        assert own_sweeps == [False] * other_sweeps
+        assert own_sweeps == expected
         _same(full, Solver(spec, params_a, params_b, correlations, options).solve())
         assert full.starts["activation"] == candidates[alpha].starts["activation"]
     for alpha, options in single.items():

@@ -164,7 +164,8 @@ def search_alpha(method: Any, context: Any, scorer: FidelityScorer, build: Calla
     digests: dict[float, str] = {}
     candidate_starts: list[str] = []
     # The solves differ only in alpha: what does not depend on it is computed once (the same results, less time).
-    context = dataclasses.replace(context, solve_cache=SolveCache())
+    cache = SolveCache()
+    context = dataclasses.replace(context, solve_cache=cache)
 
     def at(alpha: float, candidate: bool) -> Any:
         return method.merge_parameters(dataclasses.replace(
@@ -191,6 +192,7 @@ def search_alpha(method: Any, context: Any, scorer: FidelityScorer, build: Calla
     returned_key, returned_score = digests[chosen], scores[chosen]
     if not getattr(result, "full", True):  # a cheaper candidate: the chosen α merged again in full
         del result
+        cache.keep_alpha(float(chosen))
         result = at(chosen, candidate=False)
         returned_key, returned_score = score(result)
         logger.info("alpha %.2f merged with every start: held-out fidelity %.4f (%s the candidate)", chosen,

@@ -145,6 +145,11 @@ class SolveCache:
         self.refined: dict[float, tuple[_State, float, list[float], int]] = {}
         self.visits: dict[float, dict[tuple[bool, int], list[tuple[list[Match | None], list[Match]]]]] = {}
 
+    def keep_alpha(self, alpha: float) -> None:
+        """Drop the per-alpha parts of every other alpha (the search, once it has chosen)."""
+        self.refined = {a: v for a, v in self.refined.items() if a == alpha}
+        self.visits = {a: v for a, v in self.visits.items() if a == alpha}
+
     def bind(self, key: tuple) -> None:
         """Use the cache for inputs identified by `key`; other inputs than last time empty it first."""
         if self.key != key:
