@@ -28,9 +28,9 @@ import yaml
 
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import OptionError, RecipeError
+from hf_mudsc.options import DATA_REFITS, MergeOptions
 from hf_mudsc.options import MATCHERS as MATCHERS  # re-exported: the CLI's --matcher choices
 from hf_mudsc.options import RECIPE_FILENAME as RECIPE_FILENAME
-from hf_mudsc.options import DATA_REFITS, MergeOptions
 
 logger = logging.getLogger(__name__)
 
