@@ -521,10 +521,10 @@ class MergeOptions:
         card=CardRow(4, "Refit / ridge λ (relative) / examples"),
         help="after matching, refit every linear layer in forward order by ridge least squares toward the parents' "
         "outputs on the calibration data (no labels, no gradients): ridge closes most of the gap to the ensemble "
-        "across initializations; repair only rescales each MLP/LayerNorm unit to the parents' mean and std (REPAIR: "
-        "cheaper, smaller gain); none keeps the paper's merge; auto = ridge for unit-matching methods (mudsc, "
-        "zipit, ...) of any number of parents, and for regmean / regmean_plusplus / fisher of equally weighted "
-        "parents, given calibration data; none otherwise and under --reference-compat")
+        "across initializations; repair only rescales each unit of every linear layer and LayerNorm to the parents' "
+        "mean and std (REPAIR: no Gram matrices, a smaller gain); none keeps the paper's merge; auto = ridge for "
+        "unit-matching methods (mudsc, zipit, ...) of any number of parents, and for regmean / regmean_plusplus / "
+        "fisher of equally weighted parents, given calibration data; none otherwise and under --reference-compat")
     refit_lambda: float = option(
         1e-3, kind="number", check=_check_refit_lambda, metavar="L", recorded=True,
         card=CardRow(4, "Refit / ridge λ (relative) / examples",

@@ -223,9 +223,9 @@ def merge(
             the others (e.g. the same-base methods `method="auto"` picks for fine-tunes of one base) and under
             `reference_compat=True`. `"ridge"` needs calibration data, also for `average`; it reads the data once
             per layer step (not a one-shot iterator). Under `torchrun` it runs on the main process. `"repair"`
-            (REPAIR, `hf_mudsc.apply.repair`): only rescales each MLP / LayerNorm unit so its mean and std on the
-            calibration data are the parents' (its fused units' merge-weighted mean); cheaper than ridge (no
-            Gram matrices), a smaller gain (docs/benchmarks/repair.md); needs calibration data like ridge.
+            (REPAIR, `hf_mudsc.apply.repair`): only rescales each unit of every linear layer and LayerNorm so its
+            mean and std on the calibration data are the parents' (its fused units' merge-weighted mean); no Gram
+            matrices, a smaller gain than ridge (docs/benchmarks/repair.md); needs calibration data like ridge.
         refit_lambda: the refit's ridge strength relative to each layer's mean input energy (pulls toward the
             matched weights).
         refit_samples: calibration examples the refit reads, chosen by a shuffle seeded with `seed` (None: all;

@@ -181,12 +181,17 @@ def test_repair_of_a_different_init_pair_moves_the_merged_model():
     plain = hf_mudsc.merge([model_a, model_b], batches, refit="none", progress=False)
     repaired = hf_mudsc.merge([model_a, model_b], batches, refit="repair", progress=False)
     report = repaired.merge_report.refit
-    assert report.scope == "mlp+ln" and [len(step) for step in report.steps] == [1] * len(report.layers)
-    assert report.examples == 64 and report.seconds > 0
+    assert report.scope == "all" and report.samples == 256 and report.examples == 64 and report.seconds > 0
+    # Forward order; the q/k/v projections read one tensor: one step, one pass of the merged model.
+    block = [["vit.layers.{i}.layernorm_before"], [f"vit.layers.{{i}}.attention.{p}_proj" for p in "qkv"],
+             ["vit.layers.{i}.attention.o_proj"], ["vit.layers.{i}.layernorm_after"], ["vit.layers.{i}.mlp.fc1"],
+             ["vit.layers.{i}.mlp.fc2"]]
+    assert report.steps == [[name.format(i=i) for name in step] for i in range(2) for step in block] + [
+        ["vit.layernorm"]]
     changed = [layer.name for layer in report.layers
                if not torch.equal(repaired.get_submodule(layer.name).weight, plain.get_submodule(layer.name).weight)]
     assert changed == [layer.name for layer in report.layers]
-    assert repaired.config.mudsc["repair"] == {"scope": "mlp+ln", "layers": len(report.layers)}
+    assert repaired.config.mudsc["repair"] == {"scope": "all", "layers": len(report.layers)}
 
 
 # ----------------------------------------------------------------------------------- option and CLI
@@ -230,7 +235,7 @@ def test_cli_merge_with_repair_round_trips_through_from_pretrained(tmp_path):
     assert main(["merge", *parents, "--calibration", str(tmp_path / "calibration"), "--method", "mudsc",
                  "--refit", "repair", "--batch-size", "8", "-o", str(out)]) == 0
     config = yaml.safe_load((out / "config.json").read_text())["mudsc"]
-    assert (config["refit"], config["refit_examples"], config["repair"]["scope"]) == ("repair", 24, "mlp+ln")
+    assert (config["refit"], config["refit_examples"], config["repair"]["scope"]) == ("repair", 24, "all")
     assert Recipe.load(out / "mudsc_recipe.yaml").refit == "repair"
     assert "| Refit / ridge λ (relative) / examples | repair / — / auto: 24 examples |" in (out / "README.md"
                                                                                             ).read_text()
