@@ -99,8 +99,10 @@ INDEPENDENT_HEADS = [(f"{label} indep-heads", {**options, "independent_heads": T
 DEFAULT = ("default", {})
 # ... and mudsc zip without the refit and with REPAIR instead of ridge ("mudsc zip" itself refits by ridge: `refit=
 # "auto"`), docs/benchmarks/repair.md.
-REFIT_VARIANTS = [(f"mudsc zip refit {refit}", {"method": "mudsc", "matcher": "zip", "alpha": 0.5, "refit": refit})
-                  for refit in ("none", "repair")]
+REFIT_VARIANTS = [*((f"mudsc zip refit {refit}", {"method": "mudsc", "matcher": "zip", "alpha": 0.5, "refit": refit})
+                    for refit in ("none", "repair")),
+                  ("weight_matching refit repair",
+                   {"method": "weight_matching", "matcher": "align", "refit": "repair"})]
 BASE_METHODS: list[tuple[str, dict[str, Any]]] = [DEFAULT, *REGISTRY_METHODS, *INDEPENDENT_HEADS, *REFIT_VARIANTS]
 TUNED = ("mudsc align α-tuned", "mudsc zip α-tuned")
 SCENARIOS = ("different_init", "same_init", "bert_permuted", "three_parents")

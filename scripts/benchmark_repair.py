@@ -2,8 +2,9 @@
 
 Per pair (the quality benchmark's builders: different init at --widths, same init at --same-init-widths, 5+5
 digit splits): mudsc zip (α 0.5) merged once with `refit="none"`; then REPAIR at each scope of
-`hf_mudsc.apply.repair.SCOPES` applied to a copy (the default scope also through `hf_mudsc.merge(refit="repair")`,
-timed end to end); then `refit="ridge"`. Joint and per-task test accuracy, seconds of each refit.
+`hf_mudsc.apply.repair.SCOPES` applied to a copy (256 examples, the default; mlp+ln and all also at 1024); the
+default through `hf_mudsc.merge(refit="repair")`, timed end to end; then `refit="ridge"`. Joint and per-task test
+accuracy, seconds of each refit.
 
     python scripts/benchmark_repair.py --widths 64 128 --same-init-widths 64 --splits 5 --threads 1
 """
@@ -38,7 +39,7 @@ from hf_mudsc.architectures import spec_for  # noqa: E402
 from hf_mudsc.evaluate.harness import evaluate_merge  # noqa: E402
 
 ZIP = {"method": "mudsc", "matcher": "zip", "alpha": 0.5}
-FEW = 256
+MORE = 1024  # against the default `refit_samples="auto"` (256 examples): how many the moments need
 FIGURES = ("joint", "average", "task_a", "task_b")
 
 
@@ -57,12 +58,12 @@ def run_pair(model_a: Any, model_b: Any, splits: Any, calibration: list[dict]) -
                               scope=scope)
         merged[f"repair {scope}"] = model
         seconds[f"repair {scope} (repair only)"] = report.seconds
-    for scope in SCOPES[1:]:  # fewer examples: how many the moments need
+    for scope in SCOPES[1:]:
         model = copy.deepcopy(base)
         report = repair_model(model, [model_a, model_b], spec, base.merge_report.matches, lambda: calibration,
-                              scope=scope, samples=FEW)
-        merged[f"repair {scope} {FEW} examples"] = model
-        seconds[f"repair {scope} {FEW} examples (repair only)"] = report.seconds
+                              scope=scope, samples=MORE)
+        merged[f"repair {scope} {MORE} examples"] = model
+        seconds[f"repair {scope} {MORE} examples (repair only)"] = report.seconds
     start = time.perf_counter()
     merged["repair"] = hf_mudsc.merge([model_a, model_b], calibration, refit="repair", progress=False, **ZIP)
     seconds["repair"] = time.perf_counter() - start
