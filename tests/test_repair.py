@@ -115,6 +115,35 @@ def test_repair_sets_each_layers_unit_mean_and_std_to_the_merge_weighted_parents
         assert torch.equal(getattr(merged, name).weight, getattr(TwoLayers(3), name).weight)
 
 
+def test_repair_of_a_widened_merge_sets_every_merged_units_statistics_to_its_clusters_mean():
+    """A size budget keeps some MLP units unfused (a wider fc1 than the parents'): each merged unit's target is its
+    cluster's mean, a single parent unit's own statistics for an unfused one."""
+    model_a, model_b = make_model("vit_cls", seed=1), make_model("vit_cls", seed=2)
+    batches = make_batches("vit_cls")
+    merged = hf_mudsc.merge([model_a, model_b], batches, size=1.5, refit="repair", progress=False)
+    name = "vit.layers.1.mlp.fc1"
+    assert merged.get_submodule(name).out_features > model_a.get_submodule(name).out_features
+    found = merged.merge_report.matches[spec_for(model_a).group_index("vit.layers.1.mlp")]
+
+    def outputs(model: nn.Module) -> torch.Tensor:
+        rows = []
+        handle = model.get_submodule(name).register_forward_hook(
+            lambda module, args, output: rows.append(output.detach().reshape(-1, output.shape[-1])))
+        with torch.no_grad():
+            for batch in batches:  # 64 examples: all of them are read (fewer than the 256 of "auto")
+                model(**batch)
+        handle.remove()
+        return torch.cat(rows).to(torch.float64)
+
+    parents = torch.cat([outputs(model_a), outputs(model_b)], dim=1)
+    mean, std = parents.mean(0), parents.std(0, unbiased=False)
+    after = outputs(merged)
+    for j in range(found.num_merged):
+        members = found.cluster_of == j
+        assert float(after[:, j].mean()) == pytest.approx(float(mean[members].mean()), abs=1e-4)
+        assert float(after[:, j].std(unbiased=False)) == pytest.approx(float(std[members].mean()), abs=1e-4)
+
+
 def test_repair_layers_follow_the_spec_for_each_scope():
     model = make_model("bert_cls", seed=0)
     spec = spec_for(model)

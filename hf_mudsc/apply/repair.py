@@ -257,8 +257,9 @@ def repair_model(
             report.chains = [chain.blocks for chain in chains]
             del first
             # The targets: every parent once over the data, every repaired layer's moments at once.
-            widths = {name: modules[name].weight.shape[0] for name in order}
-            parent_moments = [{name: Moments(widths[name], target) for name in order} for _ in parents]
+            # Each model's own widths: a size budget widens the merged MLP beyond the parents'.
+            parent_moments = [{name: Moments(parent.get_submodule(name).weight.shape[0], target) for name in order}
+                              for parent in parents]
             for batch in batches():
                 batch = batch_to(batch, target)
                 report.examples += _batch_rows(batch)
@@ -270,7 +271,7 @@ def repair_model(
             finished = 0
             try:
                 for step in report.steps:
-                    moments = {name: Moments(widths[name], target) for name in step}
+                    moments = {name: Moments(modules[name].weight.shape[0], target) for name in step}
                     with replay.run(finished):
                         for number, batch in enumerate(batches()):
                             replay.batch(number)
