@@ -317,3 +317,16 @@ def test_cli_repair_without_calibration_is_a_usage_error_in_one_line(capsys):
     assert main(["merge", *MISSING, "--refit", "repair", "-o", "/nonexistent/out"]) == 2
     err = capsys.readouterr().err
     assert "refit 'repair' needs calibration data" in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_the_readme_repair_example_runs_and_prints_what_it_says(capsys):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    [block] = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+               if b.startswith("# readme-test: repair")]
+    exec(compile(block, "README.md (repair example)", "exec"), {"__name__": "readme_repair"})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == ["repair {'scope': 'all', 'layers': 17}", "128 13"]
+    assert all(f"# {line}" in block for line in printed)  # the comments say what is printed
