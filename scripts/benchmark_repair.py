@@ -20,9 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from common import (  # noqa: E402
+from common import (
     different_init_pair,
     digit_tasks,
     log,
@@ -33,10 +31,10 @@ from common import (  # noqa: E402
     write_json,
 )
 
-import hf_mudsc  # noqa: E402
-from hf_mudsc.apply.repair import DEFAULT_SCOPE, SCOPES, repair_model  # noqa: E402
-from hf_mudsc.architectures import spec_for  # noqa: E402
-from hf_mudsc.evaluate.harness import evaluate_merge  # noqa: E402
+import hf_mudsc
+from hf_mudsc.apply.repair import DEFAULT_SCOPE, SCOPES, repair_model
+from hf_mudsc.architectures import spec_for
+from hf_mudsc.evaluate.harness import evaluate_merge
 
 ZIP = {"method": "mudsc", "matcher": "zip", "alpha": 0.5}
 MORE = 1024  # against the default `refit_samples="auto"` (256 examples): how many the moments need
