@@ -141,7 +141,7 @@ def target_statistic(maps: Sequence[GroupMaps | None], group: int | None, values
     """Per merged unit, the merge-weighted mean of the parents' per-unit `values` over the units fused into it:
     `Σ_i merge_i v_i` (`target_maps`: the refit's targets, applied to statistics instead of outputs); for an
     unmatched group the (weighted) mean over the parents of unit i's values."""
-    found = maps[group] if group is not None else None
+    found = maps[group] if group is not None and group < len(maps) else None
     if found is None:
         if shares is not None:
             return sum(share * v for share, v in zip(shares, values, strict=True))
