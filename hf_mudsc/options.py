@@ -32,8 +32,11 @@ from hf_mudsc.solve.matcher_names import MATCHERS
 
 STATISTICS_DTYPES = ("float32", "float64")
 # After-matching refits (`hf_mudsc.apply.refit`): "none" keeps the paper's merge, "ridge" refits every linear layer,
-# "auto" (the default) is ridge wherever it applies (`resolve_refit`), else none.
-REFITS = ("auto", "none", "ridge")
+# "repair" renormalises per-unit mean/std (`hf_mudsc.apply.repair`), "auto" (the default) is ridge wherever it
+# applies (`resolve_refit`), else none.
+REFITS = ("auto", "none", "ridge", "repair")
+# The refits that read the calibration data (once per layer step).
+DATA_REFITS = ("ridge", "repair")
 # The size budget's range (`size`): one parent's parameters up to two parents' (docs/design.md §4.12).
 SIZE_RANGE = (1.0, 2.0)
 
@@ -521,9 +524,10 @@ class MergeOptions:
         card=CardRow(4, "Refit / ridge λ (relative) / examples"),
         help="after matching, refit every linear layer in forward order by ridge least squares toward the parents' "
         "outputs on the calibration data (no labels, no gradients): ridge closes most of the gap to the ensemble "
-        "across initializations; none keeps the paper's merge; auto = ridge for unit-matching methods (mudsc, "
-        "zipit, ...) of any number of parents, and for regmean / regmean_plusplus / fisher of equally weighted "
-        "parents, given calibration data; none otherwise and under --reference-compat")
+        "across initializations; repair only rescales each unit of every linear layer and LayerNorm to the parents' "
+        "mean and std (REPAIR: no Gram matrices, a smaller gain); none keeps the paper's merge; auto = ridge for "
+        "unit-matching methods (mudsc, zipit, ...) of any number of parents, and for regmean / regmean_plusplus / "
+        "fisher of equally weighted parents, given calibration data; none otherwise and under --reference-compat")
     refit_lambda: float = option(
         1e-3, kind="number", check=_check_refit_lambda, metavar="L", recorded=True,
         card=CardRow(4, "Refit / ridge λ (relative) / examples",
@@ -766,7 +770,7 @@ class MergeOptions:
         if self.size != 1.0 and self.reference_compat:
             raise OptionError(f"size={self.size:g} widens the merged model, which reference_compat=True must keep "
                               f"equal to the reference's; drop one of {flag('size')} / {flag('reference_compat')}")
-        if self.refit == "ridge" and self.reference_compat:
+        if self.refit in DATA_REFITS and self.reference_compat:
             raise OptionError(f"refit={self.refit!r} changes the merged weights, which reference_compat=True must "
                               f"keep equal to the reference's; drop one of {flag('refit')} / "
                               f"{flag('reference_compat')}")

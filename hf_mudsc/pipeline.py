@@ -23,6 +23,7 @@ from hf_mudsc.apply.classifier import (
     same_label_sets,
 )
 from hf_mudsc.apply.refit import RefitReport, refit_model
+from hf_mudsc.apply.repair import RepairReport, repair_model
 from hf_mudsc.architectures import spec_for
 from hf_mudsc.calibrate.correlation import correlations_from
 from hf_mudsc.calibrate.device import resolve_device
@@ -41,7 +42,7 @@ from hf_mudsc.methods.registry import (
     data_free_methods,
     get_method,
 )
-from hf_mudsc.options import AUTO, MergeOptions, option_hint
+from hf_mudsc.options import AUTO, DATA_REFITS, MergeOptions, option_hint
 from hf_mudsc.plan import MergePlan
 from hf_mudsc.solve.diagnostics import MergeDiagnostics, compute_diagnostics
 from hf_mudsc.solve.matchers import Match
@@ -74,8 +75,9 @@ class MergeReport:
     # recipe keys (parents pinned: `org/name@sha`, local folders absolute), and parent A's processor.
     recipe: dict[str, Any] = field(default_factory=dict)
     processor: Any = None
-    # What `refit="ridge"` did (layers, steps, shared-basis score, time); None without a refit.
-    refit: RefitReport | None = None
+    # What `refit="ridge"` did (layers, steps, shared-basis score, time) or `refit="repair"` (a RepairReport:
+    # layers, scales, time); None without a refit.
+    refit: RefitReport | RepairReport | None = None
     # Why the merge may disappoint (hf_mudsc.diagnostics): logged, in `config.mudsc["warnings"]` and the card.
     warnings: list[str] = field(default_factory=list)
 
@@ -220,7 +222,10 @@ def merge(
             ridge for a unit-matching method (mudsc, zipit, ...) given re-readable calibration data, none for
             the others (e.g. the same-base methods `method="auto"` picks for fine-tunes of one base) and under
             `reference_compat=True`. `"ridge"` needs calibration data, also for `average`; it reads the data once
-            per layer step (not a one-shot iterator). Under `torchrun` it runs on the main process.
+            per layer step (not a one-shot iterator). Under `torchrun` it runs on the main process. `"repair"`
+            (REPAIR, `hf_mudsc.apply.repair`): only rescales each unit of every linear layer and LayerNorm so its
+            mean and std on the calibration data are the parents' (its fused units' merge-weighted mean); no Gram
+            matrices, a smaller gain than ridge (docs/benchmarks/repair.md); needs calibration data like ridge.
         refit_lambda: the refit's ridge strength relative to each layer's mean input energy (pulls toward the
             matched weights).
         refit_samples: calibration examples the refit reads, chosen by a shuffle seeded with `seed` (None: all;
@@ -279,7 +284,7 @@ def merge(
     from hf_mudsc.calibrate.distributed import collect_statistics_distributed, is_main_process
     from hf_mudsc.load.parents import load_parents_and_base, parameters_of
 
-    refitting = merge_options.refit == "ridge"  # "auto" is resolved once the method is known (resolve_refit)
+    refitting = merge_options.refit in DATA_REFITS  # "auto" is resolved once the method is known (resolve_refit)
     if refitting and calibration is None:
         raise MergeInputError(f"refit={refit!r} needs calibration data (a 'dataset:split' spec, a datasets.Dataset "
                               "or a list of input batches); pass calibration, or refit='none' (CLI: --refit none)")
@@ -483,8 +488,8 @@ def merge(
         base=None if base_parent is None else (base_parent.repo_id or parent_name(base_parent.model, "base")),
         independent_heads=bool(independent_heads or reference_compat), reference_compat=bool(reference_compat),
         statistics_dtype=statistics_dtype if merge_method.needs_calibration else None,
-        refit="ridge" if refitting else "none",
-        refit_lambda=merge_options.refit_lambda if refitting else None,
+        refit=refit_kind(merge_options, refitting),
+        refit_lambda=merge_options.refit_lambda if refit_kind(merge_options, refitting) == "ridge" else None,
         refit_samples=merge_options.refit_samples if refitting else None)
     config.mudsc = {
         "library": "hf_mudsc",
@@ -510,7 +515,17 @@ def merge(
     widened_config(config, spec, merged_params)
     config._name_or_path = ""
     merged = build_model(model_a, config, merged_params)
-    if refitting:
+    if refitting and refit_kind(merge_options, refitting) == "repair":
+        from hf_mudsc.calibrate.statistics import iter_batches
+
+        report.refit = repair_model(
+            merged, loaded, spec, report.matches,
+            lambda: iter_batches(calibration, batch_size=batch_size, num_samples=num_samples,
+                                 columns=_input_columns(model_a), required=spec.inputs),
+            weights=merge_options.weights, samples=merge_options.refit_samples, seed=seed, total=calibration_examples,
+            device=run_device, progress=progress)
+        merged.config.mudsc["repair"] = {"scope": report.refit.scope, "layers": len(report.refit.layers)}
+    elif refitting:
         from hf_mudsc.calibrate.statistics import iter_batches
 
         report.refit = refit_model(
@@ -520,6 +535,7 @@ def merge(
             concatenate_classifier=concatenate, lambda_rel=merge_options.refit_lambda, weights=merge_options.weights,
             samples=merge_options.refit_samples, seed=seed, total=calibration_examples, device=run_device,
             progress=progress)
+    if refitting:
         merged.config.mudsc["refit_examples"] = report.refit.examples
         if accumulators is None and not report.num_samples:  # nothing else read the data: the refit's is the count
             merged.config.mudsc["num_calibration_samples"] = report.num_samples = report.refit.examples
@@ -527,7 +543,7 @@ def merge(
     # The recipe keys (every option a recipe file may set, as given), parents and base pinned; `auto` is recorded
     # as the method it chose, so the recipe re-runs the same merge whatever a later release would choose.
     given = dataclasses.replace(merge_options, calibration=calibration_spec, method=merge_method.name,
-                                refit="ridge" if refitting else "none",
+                                refit=refit_kind(merge_options, refitting),
                                 base=None if base_parent is None else pinned_reference(base_parent),
                                 device=None if device is None else str(device))
     report.recipe = {"models": [pinned_reference(p) for p in parents], **given.values(recipe=True)}
@@ -575,6 +591,13 @@ def _refits(options: MergeOptions, method: MergeMethod, calibration: Any, count:
     return refit_runs(method, options.refit, has_data=calibration is not None, num_parents=count,
                       reference_compat=bool(options.reference_compat),
                       rereadable=not isinstance(calibration, Iterator), weights=options.weights)
+
+
+def refit_kind(options: MergeOptions, refitting: bool) -> str:
+    """The refit that runs: "repair" when asked for, "ridge" for "ridge" or a resolved "auto", else "none"."""
+    if not refitting:
+        return "none"
+    return "repair" if options.refit == "repair" else "ridge"
 
 
 def _reads_data(method: MergeMethod, refitting: bool) -> bool:

@@ -97,7 +97,13 @@ INDEPENDENT_HEADS = [(f"{label} indep-heads", {**options, "independent_heads": T
                      for label, options in REGISTRY_METHODS if "alpha" in options]
 # "default": `hf_mudsc.merge` with no option set (method="auto", refit="auto", ...), the merge a user gets.
 DEFAULT = ("default", {})
-BASE_METHODS: list[tuple[str, dict[str, Any]]] = [DEFAULT, *REGISTRY_METHODS, *INDEPENDENT_HEADS]
+# ... and mudsc zip without the refit and with REPAIR instead of ridge ("mudsc zip" itself refits by ridge: `refit=
+# "auto"`), docs/benchmarks/repair.md.
+REFIT_VARIANTS = [*((f"mudsc zip refit {refit}", {"method": "mudsc", "matcher": "zip", "alpha": 0.5, "refit": refit})
+                    for refit in ("none", "repair")),
+                  ("weight_matching refit repair",
+                   {"method": "weight_matching", "matcher": "align", "refit": "repair"})]
+BASE_METHODS: list[tuple[str, dict[str, Any]]] = [DEFAULT, *REGISTRY_METHODS, *INDEPENDENT_HEADS, *REFIT_VARIANTS]
 TUNED = ("mudsc align α-tuned", "mudsc zip α-tuned")
 SCENARIOS = ("different_init", "same_init", "bert_permuted", "three_parents")
 # Three parents (docs/design.md §4.13): every unit-matching method with its default refit (`refit="auto"` = ridge,

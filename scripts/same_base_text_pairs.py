@@ -33,6 +33,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "linear + refit": {"method": "linear", "refit": "ridge"},
     "regmean": {"method": "regmean", "refit": "none"},
     "regmean + refit": {"method": "regmean", "refit": "ridge"},
+    "regmean + repair": {"method": "regmean", "refit": "repair"},  # docs/benchmarks/repair.md
 }
 
 

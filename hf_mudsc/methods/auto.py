@@ -92,4 +92,4 @@ def refit_runs(method: MergeMethod, refit: str, *, has_data: bool, num_parents: 
 
     return resolve_refit(refit, matches_units=method.matches_units, has_data=has_data, num_parents=num_parents,
                          reference_compat=reference_compat, rereadable=rereadable, reads_data=method.needs_data,
-                         weights=weights) == "ridge"
+                         weights=weights) != "none"
