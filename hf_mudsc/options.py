@@ -32,8 +32,11 @@ from hf_mudsc.solve.matcher_names import MATCHERS
 
 STATISTICS_DTYPES = ("float32", "float64")
 # After-matching refits (`hf_mudsc.apply.refit`): "none" keeps the paper's merge, "ridge" refits every linear layer,
-# "auto" (the default) is ridge wherever it applies (`resolve_refit`), else none.
-REFITS = ("auto", "none", "ridge")
+# "gate" refits on the calibration examples not held out and keeps the refit only if it is at least as faithful to
+# the parents on the held-out ones (`hf_mudsc.apply.refit_gate`); "auto" (the default) resolves by `resolve_refit`.
+REFITS = ("auto", "none", "ridge", "gate")
+#: The resolved refit values that run the refit (the gate runs it, then decides whether to keep it).
+REFITTING = ("ridge", "gate")
 # The size budget's range (`size`): one parent's parameters up to two parents' (docs/design.md §4.12).
 SIZE_RANGE = (1.0, 2.0)
 
@@ -369,6 +372,17 @@ def _check_refit_samples(name: str, value: int | str | None, cli: str) -> None:
                           f"calibration examples {cli}, got {value}")
 
 
+def _card_refit(value: Any, context: Mapping[str, Any]) -> str:
+    """`ridge`, `none`, or the gate's decision with both held-out scores (config `refit_gate`)."""
+    gate = (context.get("mudsc") or {}).get("refit_gate")
+    if value != "gate" or not gate:
+        return str(value)
+    if gate.get("none") is None:
+        return "gate: refit kept (no held-out example to score)"
+    return (f"gate: refit {'kept' if gate['kept'] else 'dropped'} (held-out log-probability agreement "
+            f"{gate['refit']:.4f} with, {gate['none']:.4f} without; {gate['held_out_examples']} examples)")
+
+
 def _card_refit_samples(value: Any, context: Mapping[str, Any]) -> str:
     """`auto: 483 examples` (the resolved count, config `refit_examples`), `512 examples`, `—` without a refit."""
     if value is None:
@@ -515,10 +529,12 @@ class MergeOptions:
         "parent 1, 6-8 from parent 2; unlisted blocks, embeddings, final norm and head from parent 0")
     refit: str = option(
         "auto", kind="choice", check=_check_refit, choices=REFITS, recorded=True,
-        card=CardRow(4, "Refit / ridge λ (relative) / examples"),
+        card=CardRow(4, "Refit / ridge λ (relative) / examples", _card_refit),
         help="after matching, refit every linear layer in forward order by ridge least squares toward the parents' "
         "outputs on the calibration data (no labels, no gradients): ridge closes most of the gap to the ensemble "
-        "across initializations; none keeps the paper's merge; auto = ridge for unit-matching methods (mudsc, "
+        "across initializations; none keeps the paper's merge; gate = ridge fitted on the calibration examples not "
+        "held out (every 5th), kept only if the parents' log-probabilities agree at least as well on the held-out "
+        "ones (both scores recorded); auto = ridge for unit-matching methods (mudsc, "
         "zipit, ...) of any number of parents, and for regmean / regmean_plusplus / fisher of equally weighted "
         "parents, given calibration data; none otherwise and under --reference-compat")
     refit_lambda: float = option(
@@ -763,7 +779,7 @@ class MergeOptions:
         if self.size != 1.0 and self.reference_compat:
             raise OptionError(f"size={self.size:g} widens the merged model, which reference_compat=True must keep "
                               f"equal to the reference's; drop one of {flag('size')} / {flag('reference_compat')}")
-        if self.refit == "ridge" and self.reference_compat:
+        if self.refit in REFITTING and self.reference_compat:
             raise OptionError(f"refit={self.refit!r} changes the merged weights, which reference_compat=True must "
                               f"keep equal to the reference's; drop one of {flag('refit')} / "
                               f"{flag('reference_compat')}")

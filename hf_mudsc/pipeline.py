@@ -6,7 +6,7 @@ import copy
 import dataclasses
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from hf_mudsc.methods.registry import (
     data_free_methods,
     get_method,
 )
-from hf_mudsc.options import AUTO, MergeOptions, option_hint
+from hf_mudsc.options import AUTO, REFITTING, MergeOptions, option_hint
 from hf_mudsc.plan import MergePlan
 from hf_mudsc.solve.diagnostics import MergeDiagnostics, compute_diagnostics
 from hf_mudsc.solve.matchers import Match
@@ -279,7 +279,9 @@ def merge(
     from hf_mudsc.calibrate.distributed import collect_statistics_distributed, is_main_process
     from hf_mudsc.load.parents import load_parents_and_base, parameters_of
 
-    refitting = merge_options.refit == "ridge"  # "auto" is resolved once the method is known (resolve_refit)
+    # "auto" is resolved once the method is known (resolve_refit); `refit_value` is the resolved refit.
+    refit_value = merge_options.refit
+    refitting = refit_value in REFITTING
     if refitting and calibration is None:
         raise MergeInputError(f"refit={refit!r} needs calibration data (a 'dataset:split' spec, a datasets.Dataset "
                               "or a list of input batches); pass calibration, or refit='none' (CLI: --refit none)")
@@ -288,7 +290,8 @@ def merge(
                               "one-shot iterator; pass a list of batches or a datasets.Dataset")
     if merge_method is not None:
         _check_data(merge_method, calibration, count)
-        refitting = _refits(merge_options, merge_method, calibration, count)
+        refit_value = _refits(merge_options, merge_method, calibration, count)
+        refitting = refit_value in REFITTING
     if dry_run:
         from hf_mudsc.plan import plan_merge
 
@@ -342,7 +345,8 @@ def merge(
         _check_data(merge_method, calibration, count, chosen=choice_reason)
         merge_method.check_options(merge_options, count)
         check_size(merge_method, merge_options.size, chosen=choice_reason)
-        refitting = _refits(merge_options, merge_method, calibration, count)
+        refit_value = _refits(merge_options, merge_method, calibration, count)
+        refitting = refit_value in REFITTING
         needs_data = _reads_data(merge_method, refitting)
     if (merge_method.needs_data and isinstance(calibration, Iterator)):
         raise MergeInputError(f"method {merge_method.name!r} reads the calibration data more than once, so it cannot "
@@ -483,7 +487,7 @@ def merge(
         base=None if base_parent is None else (base_parent.repo_id or parent_name(base_parent.model, "base")),
         independent_heads=bool(independent_heads or reference_compat), reference_compat=bool(reference_compat),
         statistics_dtype=statistics_dtype if merge_method.needs_calibration else None,
-        refit="ridge" if refitting else "none",
+        refit=refit_value if refitting else "none",
         refit_lambda=merge_options.refit_lambda if refitting else None,
         refit_samples=merge_options.refit_samples if refitting else None)
     config.mudsc = {
@@ -497,6 +501,7 @@ def merge(
         "parent_revisions": [p.commit_sha for p in parents],
         "num_calibration_samples": report.num_samples,
         "refit_examples": None,  # the examples the refit read (refit_samples resolved), set once it ran
+        "refit_gate": None,  # refit="gate": both held-out scores and whether the refit was kept (apply.refit_gate)
         "group_match_values": {n: round(float(v), 6) for n, v in zip(report.group_names, report.group_values)},
         "solve_start": report.solve_start,
         "start_objectives": {name: round(float(v), 6) for name, v in report.starts.items()},
@@ -513,13 +518,25 @@ def merge(
     if refitting:
         from hf_mudsc.calibrate.statistics import iter_batches
 
-        report.refit = refit_model(
-            merged, loaded, spec, report.matches,
-            lambda: iter_batches(calibration, batch_size=batch_size, num_samples=num_samples,
-                                 columns=_input_columns(model_a), required=spec.inputs),
-            concatenate_classifier=concatenate, lambda_rel=merge_options.refit_lambda, weights=merge_options.weights,
-            samples=merge_options.refit_samples, seed=seed, total=calibration_examples, device=run_device,
-            progress=progress)
+        def refit_batches() -> Iterator[dict]:
+            return iter_batches(calibration, batch_size=batch_size, num_samples=num_samples,
+                                columns=_input_columns(model_a), required=spec.inputs)
+
+        def run_refit(model: Any, data: Callable[[], Iterable[Mapping[str, Any]]], total: int | None) -> Any:
+            return refit_model(
+                model, loaded, spec, report.matches, data, concatenate_classifier=concatenate,
+                lambda_rel=merge_options.refit_lambda, weights=merge_options.weights,
+                samples=merge_options.refit_samples, seed=seed, total=total, device=run_device, progress=progress)
+
+        if refit_value == "gate":  # fitted on the examples not held out, kept if at least as faithful on those held out
+            from hf_mudsc.apply.refit_gate import gated_refit
+
+            merged, report.refit, gate = gated_refit(
+                merged, loaded, refit_batches, lambda model, data: run_refit(model, data, None),
+                task_sizes=[p[spec.classifier.weight].shape[0] for p in params] if concatenate else None)
+            merged.config.mudsc["refit_gate"] = gate.as_config()
+        else:
+            report.refit = run_refit(merged, refit_batches, calibration_examples)
         merged.config.mudsc["refit_examples"] = report.refit.examples
         if accumulators is None and not report.num_samples:  # nothing else read the data: the refit's is the count
             merged.config.mudsc["num_calibration_samples"] = report.num_samples = report.refit.examples
@@ -527,7 +544,7 @@ def merge(
     # The recipe keys (every option a recipe file may set, as given), parents and base pinned; `auto` is recorded
     # as the method it chose, so the recipe re-runs the same merge whatever a later release would choose.
     given = dataclasses.replace(merge_options, calibration=calibration_spec, method=merge_method.name,
-                                refit="ridge" if refitting else "none",
+                                refit=refit_value if refitting else "none",
                                 base=None if base_parent is None else pinned_reference(base_parent),
                                 device=None if device is None else str(device))
     report.recipe = {"models": [pinned_reference(p) for p in parents], **given.values(recipe=True)}
@@ -570,8 +587,9 @@ def _warn_unread(options: MergeOptions, used: Mapping[str, Any], method: str) ->
                        ", ".join(option_hint(name) for name in unread), "it has" if len(unread) == 1 else "they have")
 
 
-def _refits(options: MergeOptions, method: MergeMethod, calibration: Any, count: int) -> bool:
-    """Whether the refit runs (`refit="auto"` resolved for this method and data, `methods.auto.refit_runs`)."""
+def _refits(options: MergeOptions, method: MergeMethod, calibration: Any, count: int) -> str:
+    """The refit that runs: "none", "ridge" or "gate" (`refit="auto"` resolved for this method and data,
+    `methods.auto.refit_runs`)."""
     return refit_runs(method, options.refit, has_data=calibration is not None, num_parents=count,
                       reference_compat=bool(options.reference_compat),
                       rereadable=not isinstance(calibration, Iterator), weights=options.weights)

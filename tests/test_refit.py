@@ -710,7 +710,7 @@ def test_resolve_refit_auto(matches_units, reads_data, num_parents, weights, exp
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"refit": "bogus"}, "unknown refit 'bogus'; choose one of: auto, none, ridge (CLI: --refit)"),
+    ({"refit": "bogus"}, "unknown refit 'bogus'; choose one of: auto, none, ridge, gate (CLI: --refit)"),
     ({"refit": "ridge", "refit_lambda": 0}, "refit_lambda must be a finite number > 0 (CLI: --refit-lambda)"),
     ({"refit": "ridge", "refit_lambda": float("nan")}, "refit_lambda must be a finite number > 0"),
     ({"refit": "ridge", "reference_compat": True},
@@ -763,7 +763,7 @@ def test_cli_refuses_contradicting_refit_options(extra, message):
 def test_recipe_with_a_bad_refit_is_refused(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("models: [a, b]\ncalibration: c\nrefit: bogus\n")
-    with pytest.raises(RecipeError, match=r"unknown refit 'bogus'; choose one of: auto, none, ridge \(CLI: --refit\)"):
+    with pytest.raises(RecipeError, match=r"unknown refit 'bogus'; choose one of: auto, none, ridge, gate \(CLI: --refit\)"):
         Recipe.load(path).validate()
 
 
