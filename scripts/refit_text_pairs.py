@@ -256,12 +256,14 @@ def summary(records: Sequence[dict[str, Any]], key: str) -> dict[str, Any]:
     out: dict[str, Any] = {"models": {}, "rules": {}}
     for label in records[0]["figures"]:
         out["models"][label] = stats([r["figures"][label][key] for r in records])
+    oracle = [max(r["figures"]["none"][key], r["figures"]["ridge"][key]) for r in records]
     for rule in RULES:
-        out["rules"][rule] = stats([r["rule"][rule] for r in records])
+        out["rules"][rule] = stats([r["figures"][r["choice"][rule]][key] for r in records])
         out["rules"][rule]["right"] = sum(
-            r["figures"]["ridge" if r["choice"][rule] != "none" else "none"][key] == r["oracle"] for r in records)
+            r["figures"]["ridge" if r["choice"][rule] != "none" else "none"][key] == best
+            for r, best in zip(records, oracle))
         out["rules"][rule]["kept_refit"] = sum(r["choice"][rule] != "none" for r in records)
-    out["rules"]["oracle"] = stats([r["oracle"] for r in records])
+    out["rules"]["oracle"] = stats(oracle)
     return out
 
 
@@ -275,6 +277,35 @@ def table(name: str, result: dict[str, Any], key: str) -> str:
     return "\n".join(lines)
 
 
+def key_joint(records: Sequence[dict[str, Any]]) -> bool:
+    """Whether the records' main figure is not the joint one (then a joint table follows)."""
+    return "normalised" in records[0]["figures"]["none"]
+
+
+def markdown(name: str, records: Sequence[dict[str, Any]], key: str) -> str:
+    """The docs page's tables of one setting: every pair, then mean ± std of every model and rule."""
+    labels = list(records[0]["figures"])
+    lines = [f"| pair | {' | '.join(labels)} | held-out loglik none / refit | shared basis | gate keeps |",
+             "|---|" + "---:|" * (len(labels) + 3)]
+    digits = 3 if key == "normalised" else 1
+    for r in records:
+        gate = r["gate"]
+        basis = "–" if r["shared_basis"] is None else f"{r['shared_basis']:.3f}"
+        lines.append(f"| {r['pair']} | " + " | ".join(f"{r['figures'][label][key]:.{digits}f}" for label in labels)
+                     + f" | {gate['loglik_none']:.3f} / {gate['loglik_ridge80']:.3f} | {basis} | "
+                     + ("yes" if r["choice"]["gate_loglik"] != "none" else "no") + " |")
+    result = summary(records, key)
+    lines += ["", f"| {name}: mean ± std over {len(records)} pairs ({key}) | value | right (of {len(records)}) "
+              "| refit kept |", "|---|---:|---:|---:|"]
+    for label, s in result["models"].items():
+        lines.append(f"| {label} | {s['mean']:.{digits}f} ± {s['std']:.{digits}f} | | |")
+    for label, s in result["rules"].items():
+        right = s.get("right", "")
+        lines.append(f"| rule: {label} | {s['mean']:.{digits}f} ± {s['std']:.{digits}f} | {right} | "
+                     f"{s.get('kept_refit', '')} |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="+", default=["text_s", "text_p"], choices=SETTINGS)
@@ -284,7 +315,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--splits", type=int, default=5, help="toys: class splits per width")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="write every pair's figures and the summary here (JSON)")
+    parser.add_argument("--markdown", nargs="+", default=None, metavar="SETTING=JSON",
+                        help="print the docs tables of finished runs instead (e.g. text_s=/tmp/rt_s.json.text_s.partial"
+                             " — a --out file or its per-setting .partial) and exit")
     args = parser.parse_args(argv)
+    if args.markdown:
+        keys = {"text_s": "normalised", "text_p": "joint", "toy_diff": "joint", "toy_same": "joint"}
+        for item in args.markdown:
+            name, path = item.split("=", 1)
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
+            records = data["records"][name] if isinstance(data, dict) else data
+            print(f"### {name}\n\n{markdown(name, records, keys[name])}\n")
+            if name != "text_p" and key_joint(records):
+                print(markdown(name + " (joint)", records, "joint") + "\n")
+        return {}
     set_threads(args.threads)
     import transformers
 

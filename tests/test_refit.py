@@ -763,7 +763,8 @@ def test_cli_refuses_contradicting_refit_options(extra, message):
 def test_recipe_with_a_bad_refit_is_refused(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("models: [a, b]\ncalibration: c\nrefit: bogus\n")
-    with pytest.raises(RecipeError, match=r"unknown refit 'bogus'; choose one of: auto, none, ridge, gate \(CLI: --refit\)"):
+    with pytest.raises(RecipeError,
+                       match=r"unknown refit 'bogus'; choose one of: auto, none, ridge, gate \(CLI: --refit\)"):
         Recipe.load(path).validate()
 
 
