@@ -52,7 +52,7 @@ from hf_mudsc.apply.refit import refit_model
 from hf_mudsc.architectures import spec_for
 
 SETTINGS = ("text_s", "text_p", "toy_diff", "toy_same")
-RULES = ("today", "gate_agreement", "gate_loglik", "shared_basis")
+RULES = ("today", "gate_agreement", "gate_loglik", "shared_basis", "enough_data")
 
 
 @torch.no_grad()
@@ -103,6 +103,7 @@ def refits(parents: Sequence[Any], calibration: list[dict[str, Any]], **merge_kw
     seconds["gate"] = time.perf_counter() - start
     return {"models": {"none": merged, "ridge": ridge, "ridge80": ridge80}, "gate": gate,
             "shared_basis": report.shared_basis, "method": merged.config.mudsc["method"],
+            "refit_examples": report.examples, "refit_samples": report.samples,
             "seconds": {k: round(v, 1) for k, v in seconds.items()}}
 
 
@@ -144,6 +145,10 @@ def decisions(run: dict[str, Any]) -> dict[str, str]:
         "gate_loglik": "ridge80" if gate["loglik_ridge80"] >= gate["loglik_none"] else "none",
         # A merge without a concatenated head has no score: the rule then refits (shared basis unknown).
         "shared_basis": "none" if basis is not None and basis >= 0.5 else "ridge",
+        # (d) enough data: the calibration holds the examples `refit_samples="auto"` asks for (16 token rows per
+        # unknown of the widest per-token layer, within [128, 1024]), so the least squares is not data-starved.
+        "enough_data": "ridge" if run["refit_samples"] is None or run["refit_examples"] >= run["refit_samples"]
+        else "none",
     }
 
 
@@ -155,6 +160,7 @@ def record(run: dict[str, Any], figures: dict[str, dict[str, float]], key: str) 
     return {"figures": figures, "gate": {k: round(v, 6) if isinstance(v, float) else v
                                          for k, v in run["gate"].items()},
             "shared_basis": run["shared_basis"], "method": run["method"], "seconds": run["seconds"],
+            "refit_examples": run["refit_examples"], "refit_samples": run["refit_samples"],
             "choice": chosen, "rule": {rule: figures[choice][key] for rule, choice in chosen.items()},
             "oracle": best}
 
@@ -165,7 +171,8 @@ def text_pairs(args: argparse.Namespace, permuted: bool) -> list[dict[str, Any]]
 
     from hf_mudsc.testing.permute import permute_model, random_permutations
 
-    settings = argparse.Namespace(text_layers=6, text_epochs=3, text_lr=1e-4, max_length=16, calibration_samples=128,
+    settings = argparse.Namespace(text_layers=6, text_epochs=3, text_lr=1e-4, max_length=16,
+                                  calibration_samples=args.calibration_samples or 128,
                                   quick=False, cache_dir=str(BENCH_CACHE / "same_base"))
     records = []
     for seed in args.seeds:
@@ -227,6 +234,9 @@ def toy_pairs(args: argparse.Namespace, same_init: bool) -> list[dict[str, Any]]
         for index, classes in enumerate(splits):
             build = same_init_pair if same_init else different_init_pair
             model_a, model_b, pair_splits, calibration = build(settings, width, index, classes)
+            if args.calibration_samples:  # the first N calibration images (batches of 64)
+                pool = torch.cat([batch["pixel_values"] for batch in calibration])[:args.calibration_samples]
+                calibration = [{"pixel_values": pool[i:i + 64]} for i in range(0, len(pool), 64)]
             parents = [model_a, model_b]
             tests = [(dict(pixel_values=t.test_pixel_values), t.test_labels) for t in pair_splits.tasks]
             run = refits(parents, calibration, batch_size=64)
@@ -258,11 +268,11 @@ def summary(records: Sequence[dict[str, Any]], key: str) -> dict[str, Any]:
         out["models"][label] = stats([r["figures"][label][key] for r in records])
     oracle = [max(r["figures"]["none"][key], r["figures"]["ridge"][key]) for r in records]
     for rule in RULES:
-        out["rules"][rule] = stats([r["figures"][r["choice"][rule]][key] for r in records])
-        out["rules"][rule]["right"] = sum(
-            r["figures"]["ridge" if r["choice"][rule] != "none" else "none"][key] == best
-            for r, best in zip(records, oracle))
-        out["rules"][rule]["kept_refit"] = sum(r["choice"][rule] != "none" for r in records)
+        choices = [decisions(r)[rule] for r in records]
+        out["rules"][rule] = stats([r["figures"][c][key] for r, c in zip(records, choices)])
+        out["rules"][rule]["right"] = sum(r["figures"]["ridge" if c != "none" else "none"][key] == best
+                                          for r, c, best in zip(records, choices, oracle))
+        out["rules"][rule]["kept_refit"] = sum(c != "none" for c in choices)
     out["rules"]["oracle"] = stats(oracle)
     return out
 
@@ -293,7 +303,7 @@ def markdown(name: str, records: Sequence[dict[str, Any]], key: str) -> str:
         basis = "–" if r["shared_basis"] is None else f"{r['shared_basis']:.3f}"
         lines.append(f"| {r['pair']} | " + " | ".join(f"{r['figures'][label][key]:.{digits}f}" for label in labels)
                      + f" | {gate['loglik_none']:.3f} / {gate['loglik_ridge80']:.3f} | {basis} | "
-                     + ("yes" if r["choice"]["gate_loglik"] != "none" else "no") + " |")
+                     + ("yes" if decisions(r)["gate_loglik"] != "none" else "no") + " |")
     result = summary(records, key)
     lines += ["", f"| {name}: mean ± std over {len(records)} pairs ({key}) | value | right (of {len(records)}) "
               "| refit kept |", "|---|---:|---:|---:|"]
@@ -313,6 +323,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--pairs", nargs="*", default=None, help="text: only these task pairs, e.g. 0,1 2,3")
     parser.add_argument("--widths", type=int, nargs="+", default=[64, 128], help="toys: hidden sizes")
     parser.add_argument("--splits", type=int, default=5, help="toys: class splits per width")
+    parser.add_argument("--calibration-samples", type=int, default=None,
+                        help="calibration examples (text: drawn as bench_same_base draws them, default 128; toys: "
+                             "the first N of the pair's calibration images, default all)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="write every pair's figures and the summary here (JSON)")
     parser.add_argument("--markdown", nargs="+", default=None, metavar="SETTING=JSON",
