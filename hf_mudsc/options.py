@@ -37,18 +37,21 @@ STATISTICS_DTYPES = ("float32", "float64")
 REFITS = ("auto", "none", "ridge", "gate")
 #: The resolved refit values that run the refit (the gate runs it, then decides whether to keep it).
 REFITTING = ("ridge", "gate")
+#: What `refit="auto"` resolves to where a refit applies (`resolve_refit`; measured: docs/benchmarks/refit_text.md).
+AUTO_REFIT = "gate"
 # The size budget's range (`size`): one parent's parameters up to two parents' (docs/design.md §4.12).
 SIZE_RANGE = (1.0, 2.0)
 
 
 def resolve_refit(refit: str, *, matches_units: bool, has_data: bool, num_parents: int, reference_compat: bool,
                   rereadable: bool = True, reads_data: bool = False, weights: Sequence[float] | None = None) -> str:
-    """The refit a merge runs: `refit="auto"` is "ridge" for a unit-matching method (mudsc, zipit, ...) of any
-    N >= 2 parents with re-readable calibration data, and "none" otherwise — and always under
-    `reference_compat=True`, which reproduces the reference's merge (docs/design.md §4.9: measured +44 joint points
-    across inits for two parents; §4.13 for N).
+    """The refit a merge runs: `refit="auto"` is `AUTO_REFIT` ("gate": the ridge refit, kept only if the parents'
+    held-out log-probability agreement is at least as good with it; docs/benchmarks/refit_text.md) for a
+    unit-matching method (mudsc, zipit, ...) of any N >= 2 parents with re-readable calibration data, and "none"
+    otherwise — and always under `reference_compat=True`, which reproduces the reference's merge (docs/design.md
+    §4.9: the refit measured +44 joint points across inits for two parents; §4.13 for N).
 
-    Also "ridge" after a same-base method that reads the calibration data itself (`reads_data`: regmean,
+    Also `AUTO_REFIT` after a same-base method that reads the calibration data itself (`reads_data`: regmean,
     regmean_plusplus, fisher; what `method="auto"` picks for fine-tunes of one base given data) of N >= 2 equally
     weighted parents. Measured on the same-init digit ViTs (issue 12, docs/design.md §4.9), regmean -> regmean +
     refit: two parents (9 pairs) joint 90.5 -> 92.3 (plain averaging 92.3), worst per-task gap to the parents
@@ -63,7 +66,7 @@ def resolve_refit(refit: str, *, matches_units: bool, has_data: bool, num_parent
     after_matching = matches_units and num_parents >= 2
     after_data_method = reads_data and equal and num_parents >= 2
     applies = (after_matching or after_data_method) and has_data and rereadable and not reference_compat
-    return "ridge" if applies else "none"
+    return AUTO_REFIT if applies else "none"
 
 
 # A batch this large would need tens of GB of activations for any real model; a typo (an extra 0) is likelier.

@@ -539,7 +539,8 @@ def merge(
             report.refit = run_refit(merged, refit_batches, calibration_examples)
         merged.config.mudsc["refit_examples"] = report.refit.examples
         if accumulators is None and not report.num_samples:  # nothing else read the data: the refit's is the count
-            merged.config.mudsc["num_calibration_samples"] = report.num_samples = report.refit.examples
+            held = (merged.config.mudsc["refit_gate"] or {}).get("held_out_examples", 0)  # the gate's held-out rows
+            merged.config.mudsc["num_calibration_samples"] = report.num_samples = report.refit.examples + held
     merged = merged.to(run_device if device is not None else "cpu")
     # The recipe keys (every option a recipe file may set, as given), parents and base pinned; `auto` is recorded
     # as the method it chose, so the recipe re-runs the same merge whatever a later release would choose.
