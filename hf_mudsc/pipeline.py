@@ -76,6 +76,8 @@ class MergeReport:
     processor: Any = None
     # What `refit="ridge"` did (layers, steps, shared-basis score, time); None without a refit.
     refit: RefitReport | None = None
+    # `refit="gate"`: both held-out scores and the decision (`apply.refit_gate.GateDecision`); None otherwise.
+    refit_gate: Any = None
     # Why the merge may disappoint (hf_mudsc.diagnostics): logged, in `config.mudsc["warnings"]` and the card.
     warnings: list[str] = field(default_factory=list)
 
@@ -535,6 +537,7 @@ def merge(
                 merged, loaded, refit_batches, lambda model, data: run_refit(model, data, None),
                 task_sizes=[p[spec.classifier.weight].shape[0] for p in params] if concatenate else None)
             merged.config.mudsc["refit_gate"] = gate.as_config()
+            report.refit_gate = gate
         else:
             report.refit = run_refit(merged, refit_batches, calibration_examples)
         merged.config.mudsc["refit_examples"] = report.refit.examples

@@ -143,6 +143,7 @@ def test_merge_with_the_gate_records_its_decision_in_config_recipe_and_card(monk
     gate = gated.config.mudsc["refit_gate"]
     assert gated.config.mudsc["refit"] == gated.merge_report.recipe["refit"] == "gate"
     assert gate["kept"] is keep and gate["held_out_examples"] == 6
+    assert gated.merge_report.refit_gate.as_config() == gate  # the merge report holds the same decision
     assert isinstance(gate["none"], float) and isinstance(gate["refit"], float)
     assert gated.merge_report.refit.examples == 26  # the refit read the 26 examples not held out
     same = all(torch.equal(p, q) for p, q in zip(gated.state_dict().values(), plain.state_dict().values()))

@@ -53,8 +53,10 @@ def test_auto_resolves_from_the_model_and_records_the_count_an_int_is_exact(tmp_
     exact = hf_mudsc.merge(parents, batches, matcher="align", refit_samples=300, progress=False)
     assert exact.merge_report.refit.examples == exact.config.mudsc["refit_examples"] == 300
     assert exact.merge_report.refit.samples == 300 and exact.config.mudsc["refit_samples"] == 300
-    everything = hf_mudsc.merge(parents, batches, matcher="align", refit_samples=None, progress=False)
+    everything = hf_mudsc.merge(parents, batches, matcher="align", refit="ridge", refit_samples=None, progress=False)
     assert everything.merge_report.refit.examples == 700 and everything.merge_report.refit.samples is None
+    gated = hf_mudsc.merge(parents, batches, matcher="align", refit_samples=None, progress=False)  # the default
+    assert gated.merge_report.refit.examples == 560  # all: the 700 images but the 140 the gate holds out
     plain = hf_mudsc.merge(parents, batches, matcher="align", refit="none", progress=False)
     assert plain.config.mudsc["refit_examples"] is None and plain.config.mudsc["refit_samples"] is None
 

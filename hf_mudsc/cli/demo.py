@@ -188,7 +188,8 @@ def _run(args: argparse.Namespace, output: Path) -> int:
     for label, run_options in runs:
         options = recipe.override(**run_options).merge_options()
         model = hf_mudsc.merge(parents, str(calibration), **options, progress=False)
-        if model.config.mudsc.get("refit") in REFITTING:
+        if model.config.mudsc.get("refit") in REFITTING and (model.config.mudsc.get("refit_gate") or {}).get(
+                "kept", True):  # the refit ran and was kept (the gate may drop it)
             label += REFIT_SUFFIX
         merged[label] = model
         labels.append(label)
