@@ -537,7 +537,7 @@ class MergeOptions:
         "outputs on the calibration data (no labels, no gradients): ridge closes most of the gap to the ensemble "
         "across initializations; none keeps the paper's merge; gate = ridge fitted on the calibration examples not "
         "held out (every 5th), kept only if the parents' log-probabilities agree at least as well on the held-out "
-        "ones (both scores recorded); auto = ridge for unit-matching methods (mudsc, "
+        "ones (both scores recorded); auto = gate for unit-matching methods (mudsc, "
         "zipit, ...) of any number of parents, and for regmean / regmean_plusplus / fisher of equally weighted "
         "parents, given calibration data; none otherwise and under --reference-compat")
     refit_lambda: float = option(

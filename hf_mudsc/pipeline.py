@@ -218,11 +218,14 @@ def merge(
         refit: `"ridge"` refits every linear layer after the apply step, in forward order, by ridge least squares
             toward the parents' outputs mapped into the merged basis, on the calibration data (no labels, no
             gradients; docs/design.md §4.9): across initializations it closes most of the gap to the ensemble
-            (toy digit ViTs: joint 31 -> 75, ensemble 78). `"none"`: the paper's merge. `"auto"` (default):
-            ridge for a unit-matching method (mudsc, zipit, ...) given re-readable calibration data, none for
-            the others (e.g. the same-base methods `method="auto"` picks for fine-tunes of one base) and under
-            `reference_compat=True`. `"ridge"` needs calibration data, also for `average`; it reads the data once
-            per layer step (not a one-shot iterator). Under `torchrun` it runs on the main process.
+            (toy digit ViTs: joint 31 -> 75, ensemble 78). `"none"`: the paper's merge. `"gate"`: ridge fitted on
+            the calibration examples not held out (every 5th is), kept only if the merged model's held-out
+            log-probability agreement with the parents is at least as good with it (`config.mudsc["refit_gate"]`;
+            on real MiniLM pairs the refit can lose: docs/benchmarks/refit_text.md). `"auto"` (default): gate for
+            a unit-matching method (mudsc, zipit, ...) and after regmean / regmean_plusplus / fisher of equally
+            weighted parents, given re-readable calibration data; none for the others and under
+            `reference_compat=True`. `"ridge"` and `"gate"` need calibration data, also for `average`; they read
+            the data once per layer step (not a one-shot iterator). Under `torchrun` it runs on the main process.
         refit_lambda: the refit's ridge strength relative to each layer's mean input energy (pulls toward the
             matched weights).
         refit_samples: calibration examples the refit reads, chosen by a shuffle seeded with `seed` (None: all;

@@ -122,7 +122,6 @@ class FidelityScorer:
         agreements.append(float((out.argmax(1) == ensemble.argmax(1)).double().mean()))
         return sum(agreements) / len(agreements)
 
-
     def log_likelihood(self, merged: nn.Module) -> float:
         """The parents' log-probability agreement of `merged` on the held-out examples (higher is better, <= 0):
         the mean over parents of `Σ_c p_i(c) log q_i(c)` (p_i: parent i's softmax, q_i: the merged softmax over
