@@ -32,23 +32,28 @@ from hf_mudsc.solve.matcher_names import MATCHERS
 
 STATISTICS_DTYPES = ("float32", "float64")
 # After-matching refits (`hf_mudsc.apply.refit`): "none" keeps the paper's merge, "ridge" refits every linear layer,
-# "repair" renormalises per-unit mean/std (`hf_mudsc.apply.repair`), "auto" (the default) is ridge wherever it
-# applies (`resolve_refit`), else none.
-REFITS = ("auto", "none", "ridge", "repair")
-# The refits that read the calibration data (once per layer step).
-DATA_REFITS = ("ridge", "repair")
+# "gate" refits on the calibration examples not held out and keeps the refit only if it is at least as faithful to
+# the parents on the held-out ones (`hf_mudsc.apply.refit_gate`), "repair" renormalises per-unit mean/std
+# (`hf_mudsc.apply.repair`); "auto" (the default) resolves by `resolve_refit`.
+REFITS = ("auto", "none", "ridge", "gate", "repair")
+#: The resolved refit values that change the merged weights from the calibration data (the gate runs the ridge
+#: refit, then decides whether to keep it); each reads the data once per layer step.
+REFITTING = ("ridge", "gate", "repair")
+#: What `refit="auto"` resolves to where a refit applies (`resolve_refit`; measured: docs/benchmarks/refit_text.md).
+AUTO_REFIT = "gate"
 # The size budget's range (`size`): one parent's parameters up to two parents' (docs/design.md §4.12).
 SIZE_RANGE = (1.0, 2.0)
 
 
 def resolve_refit(refit: str, *, matches_units: bool, has_data: bool, num_parents: int, reference_compat: bool,
                   rereadable: bool = True, reads_data: bool = False, weights: Sequence[float] | None = None) -> str:
-    """The refit a merge runs: `refit="auto"` is "ridge" for a unit-matching method (mudsc, zipit, ...) of any
-    N >= 2 parents with re-readable calibration data, and "none" otherwise — and always under
-    `reference_compat=True`, which reproduces the reference's merge (docs/design.md §4.9: measured +44 joint points
-    across inits for two parents; §4.13 for N).
+    """The refit a merge runs: `refit="auto"` is `AUTO_REFIT` ("gate": the ridge refit, kept only if the parents'
+    held-out log-probability agreement is at least as good with it; docs/benchmarks/refit_text.md) for a
+    unit-matching method (mudsc, zipit, ...) of any N >= 2 parents with re-readable calibration data, and "none"
+    otherwise — and always under `reference_compat=True`, which reproduces the reference's merge (docs/design.md
+    §4.9: the refit measured +44 joint points across inits for two parents; §4.13 for N).
 
-    Also "ridge" after a same-base method that reads the calibration data itself (`reads_data`: regmean,
+    Also `AUTO_REFIT` after a same-base method that reads the calibration data itself (`reads_data`: regmean,
     regmean_plusplus, fisher; what `method="auto"` picks for fine-tunes of one base given data) of N >= 2 equally
     weighted parents. Measured on the same-init digit ViTs (issue 12, docs/design.md §4.9), regmean -> regmean +
     refit: two parents (9 pairs) joint 90.5 -> 92.3 (plain averaging 92.3), worst per-task gap to the parents
@@ -63,7 +68,7 @@ def resolve_refit(refit: str, *, matches_units: bool, has_data: bool, num_parent
     after_matching = matches_units and num_parents >= 2
     after_data_method = reads_data and equal and num_parents >= 2
     applies = (after_matching or after_data_method) and has_data and rereadable and not reference_compat
-    return "ridge" if applies else "none"
+    return AUTO_REFIT if applies else "none"
 
 
 # A batch this large would need tens of GB of activations for any real model; a typo (an extra 0) is likelier.
@@ -372,6 +377,17 @@ def _check_refit_samples(name: str, value: int | str | None, cli: str) -> None:
                           f"calibration examples {cli}, got {value}")
 
 
+def _card_refit(value: Any, context: Mapping[str, Any]) -> str:
+    """`ridge`, `none`, or the gate's decision with both held-out scores (config `refit_gate`)."""
+    gate = (context.get("mudsc") or {}).get("refit_gate")
+    if value != "gate" or not gate:
+        return str(value)
+    if gate.get("none") is None:
+        return "gate: refit kept (no held-out example to score)"
+    return (f"gate: refit {'kept' if gate['kept'] else 'dropped'} (held-out log-probability agreement "
+            f"{gate['refit']:.4f} with, {gate['none']:.4f} without; {gate['held_out_examples']} examples)")
+
+
 def _card_refit_samples(value: Any, context: Mapping[str, Any]) -> str:
     """`auto: 483 examples` (the resolved count, config `refit_examples`), `512 examples`, `—` without a refit."""
     if value is None:
@@ -521,13 +537,16 @@ class MergeOptions:
         "parent 1, 6-8 from parent 2; unlisted blocks, embeddings, final norm and head from parent 0")
     refit: str = option(
         "auto", kind="choice", check=_check_refit, choices=REFITS, recorded=True,
-        card=CardRow(4, "Refit / ridge λ (relative) / examples"),
+        card=CardRow(4, "Refit / ridge λ (relative) / examples", _card_refit),
         help="after matching, refit every linear layer in forward order by ridge least squares toward the parents' "
         "outputs on the calibration data (no labels, no gradients): ridge closes most of the gap to the ensemble "
         "across initializations; repair only rescales each unit of every linear layer and LayerNorm to the parents' "
-        "mean and std (REPAIR: no Gram matrices, a smaller gain); none keeps the paper's merge; auto = ridge for "
-        "unit-matching methods (mudsc, zipit, ...) of any number of parents, and for regmean / regmean_plusplus / "
-        "fisher of equally weighted parents, given calibration data; none otherwise and under --reference-compat")
+        "mean and std (REPAIR: no Gram matrices, a smaller gain); none keeps the paper's merge; gate = ridge fitted on "
+        "the calibration examples not "
+        "held out (every 5th), kept only if the parents' log-probabilities agree at least as well on the held-out "
+        "ones (both scores recorded); auto = gate for unit-matching methods (mudsc, "
+        "zipit, ...) of any number of parents, and for regmean / regmean_plusplus / fisher of equally weighted "
+        "parents, given calibration data; none otherwise and under --reference-compat")
     refit_lambda: float = option(
         1e-3, kind="number", check=_check_refit_lambda, metavar="L", recorded=True,
         card=CardRow(4, "Refit / ridge λ (relative) / examples",
@@ -770,7 +789,7 @@ class MergeOptions:
         if self.size != 1.0 and self.reference_compat:
             raise OptionError(f"size={self.size:g} widens the merged model, which reference_compat=True must keep "
                               f"equal to the reference's; drop one of {flag('size')} / {flag('reference_compat')}")
-        if self.refit in DATA_REFITS and self.reference_compat:
+        if self.refit in REFITTING and self.reference_compat:
             raise OptionError(f"refit={self.refit!r} changes the merged weights, which reference_compat=True must "
                               f"keep equal to the reference's; drop one of {flag('refit')} / "
                               f"{flag('reference_compat')}")

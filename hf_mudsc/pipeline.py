@@ -6,7 +6,7 @@ import copy
 import dataclasses
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from hf_mudsc.methods.registry import (
     data_free_methods,
     get_method,
 )
-from hf_mudsc.options import AUTO, DATA_REFITS, MergeOptions, option_hint
+from hf_mudsc.options import AUTO, REFITTING, MergeOptions, option_hint
 from hf_mudsc.plan import MergePlan
 from hf_mudsc.solve.diagnostics import MergeDiagnostics, compute_diagnostics
 from hf_mudsc.solve.matchers import Match
@@ -75,9 +75,11 @@ class MergeReport:
     # recipe keys (parents pinned: `org/name@sha`, local folders absolute), and parent A's processor.
     recipe: dict[str, Any] = field(default_factory=dict)
     processor: Any = None
-    # What `refit="ridge"` did (layers, steps, shared-basis score, time) or `refit="repair"` (a RepairReport:
-    # layers, scales, time); None without a refit.
+    # What `refit="ridge"` / "gate" did (layers, steps, shared-basis score, time) or `refit="repair"` (a
+    # RepairReport: layers, scales, time); None without a refit.
     refit: RefitReport | RepairReport | None = None
+    # `refit="gate"`: both held-out scores and the decision (`apply.refit_gate.GateDecision`); None otherwise.
+    refit_gate: Any = None
     # Why the merge may disappoint (hf_mudsc.diagnostics): logged, in `config.mudsc["warnings"]` and the card.
     warnings: list[str] = field(default_factory=list)
 
@@ -218,14 +220,17 @@ def merge(
         refit: `"ridge"` refits every linear layer after the apply step, in forward order, by ridge least squares
             toward the parents' outputs mapped into the merged basis, on the calibration data (no labels, no
             gradients; docs/design.md §4.9): across initializations it closes most of the gap to the ensemble
-            (toy digit ViTs: joint 31 -> 75, ensemble 78). `"none"`: the paper's merge. `"auto"` (default):
-            ridge for a unit-matching method (mudsc, zipit, ...) given re-readable calibration data, none for
-            the others (e.g. the same-base methods `method="auto"` picks for fine-tunes of one base) and under
-            `reference_compat=True`. `"ridge"` needs calibration data, also for `average`; it reads the data once
-            per layer step (not a one-shot iterator). Under `torchrun` it runs on the main process. `"repair"`
-            (REPAIR, `hf_mudsc.apply.repair`): only rescales each unit of every linear layer and LayerNorm so its
-            mean and std on the calibration data are the parents' (its fused units' merge-weighted mean); no Gram
-            matrices, a smaller gain than ridge (docs/benchmarks/repair.md); needs calibration data like ridge.
+            (toy digit ViTs: joint 31 -> 75, ensemble 78). `"none"`: the paper's merge. `"gate"`: ridge fitted on
+            the calibration examples not held out (every 5th is), kept only if the merged model's held-out
+            log-probability agreement with the parents is at least as good with it (`config.mudsc["refit_gate"]`;
+            on real MiniLM pairs the refit can lose: docs/benchmarks/refit_text.md). `"auto"` (default): gate for
+            a unit-matching method (mudsc, zipit, ...) and after regmean / regmean_plusplus / fisher of equally
+            weighted parents, given re-readable calibration data; none for the others and under
+            `reference_compat=True`. `"ridge"` and `"gate"` need calibration data, also for `average`; they read
+            the data once per layer step (not a one-shot iterator). Under `torchrun` it runs on the main process.
+            `"repair"` (REPAIR, `hf_mudsc.apply.repair`): only rescales each unit of every linear layer and LayerNorm
+            so its mean and std on the calibration data are the parents' (its fused units' merge-weighted mean); no
+            Gram matrices, a smaller gain than ridge on the toys (docs/benchmarks/repair.md); needs calibration data.
         refit_lambda: the refit's ridge strength relative to each layer's mean input energy (pulls toward the
             matched weights).
         refit_samples: calibration examples the refit reads, chosen by a shuffle seeded with `seed` (None: all;
@@ -284,7 +289,9 @@ def merge(
     from hf_mudsc.calibrate.distributed import collect_statistics_distributed, is_main_process
     from hf_mudsc.load.parents import load_parents_and_base, parameters_of
 
-    refitting = merge_options.refit in DATA_REFITS  # "auto" is resolved once the method is known (resolve_refit)
+    # "auto" is resolved once the method is known (resolve_refit); `refit_value` is the resolved refit.
+    refit_value = merge_options.refit
+    refitting = refit_value in REFITTING
     if refitting and calibration is None:
         raise MergeInputError(f"refit={refit!r} needs calibration data (a 'dataset:split' spec, a datasets.Dataset "
                               "or a list of input batches); pass calibration, or refit='none' (CLI: --refit none)")
@@ -293,7 +300,8 @@ def merge(
                               "one-shot iterator; pass a list of batches or a datasets.Dataset")
     if merge_method is not None:
         _check_data(merge_method, calibration, count)
-        refitting = _refits(merge_options, merge_method, calibration, count)
+        refit_value = _refits(merge_options, merge_method, calibration, count)
+        refitting = refit_value in REFITTING
     if dry_run:
         from hf_mudsc.plan import plan_merge
 
@@ -347,7 +355,8 @@ def merge(
         _check_data(merge_method, calibration, count, chosen=choice_reason)
         merge_method.check_options(merge_options, count)
         check_size(merge_method, merge_options.size, chosen=choice_reason)
-        refitting = _refits(merge_options, merge_method, calibration, count)
+        refit_value = _refits(merge_options, merge_method, calibration, count)
+        refitting = refit_value in REFITTING
         needs_data = _reads_data(merge_method, refitting)
     if (merge_method.needs_data and isinstance(calibration, Iterator)):
         raise MergeInputError(f"method {merge_method.name!r} reads the calibration data more than once, so it cannot "
@@ -488,8 +497,8 @@ def merge(
         base=None if base_parent is None else (base_parent.repo_id or parent_name(base_parent.model, "base")),
         independent_heads=bool(independent_heads or reference_compat), reference_compat=bool(reference_compat),
         statistics_dtype=statistics_dtype if merge_method.needs_calibration else None,
-        refit=refit_kind(merge_options, refitting),
-        refit_lambda=merge_options.refit_lambda if refit_kind(merge_options, refitting) == "ridge" else None,
+        refit=refit_value if refitting else "none",
+        refit_lambda=merge_options.refit_lambda if refit_value in ("ridge", "gate") else None,
         refit_samples=merge_options.refit_samples if refitting else None)
     config.mudsc = {
         "library": "hf_mudsc",
@@ -502,6 +511,7 @@ def merge(
         "parent_revisions": [p.commit_sha for p in parents],
         "num_calibration_samples": report.num_samples,
         "refit_examples": None,  # the examples the refit read (refit_samples resolved), set once it ran
+        "refit_gate": None,  # refit="gate": both held-out scores and whether the refit was kept (apply.refit_gate)
         "group_match_values": {n: round(float(v), 6) for n, v in zip(report.group_names, report.group_values)},
         "solve_start": report.solve_start,
         "start_objectives": {name: round(float(v), 6) for name, v in report.starts.items()},
@@ -515,7 +525,7 @@ def merge(
     widened_config(config, spec, merged_params)
     config._name_or_path = ""
     merged = build_model(model_a, config, merged_params)
-    if refitting and refit_kind(merge_options, refitting) == "repair":
+    if refit_value == "repair":
         from hf_mudsc.calibrate.statistics import iter_batches
 
         report.refit = repair_model(
@@ -528,22 +538,36 @@ def merge(
     elif refitting:
         from hf_mudsc.calibrate.statistics import iter_batches
 
-        report.refit = refit_model(
-            merged, loaded, spec, report.matches,
-            lambda: iter_batches(calibration, batch_size=batch_size, num_samples=num_samples,
-                                 columns=_input_columns(model_a), required=spec.inputs),
-            concatenate_classifier=concatenate, lambda_rel=merge_options.refit_lambda, weights=merge_options.weights,
-            samples=merge_options.refit_samples, seed=seed, total=calibration_examples, device=run_device,
-            progress=progress)
+        def refit_batches() -> Iterator[dict]:
+            return iter_batches(calibration, batch_size=batch_size, num_samples=num_samples,
+                                columns=_input_columns(model_a), required=spec.inputs)
+
+        def run_refit(model: Any, data: Callable[[], Iterable[Mapping[str, Any]]], total: int | None) -> Any:
+            return refit_model(
+                model, loaded, spec, report.matches, data, concatenate_classifier=concatenate,
+                lambda_rel=merge_options.refit_lambda, weights=merge_options.weights,
+                samples=merge_options.refit_samples, seed=seed, total=total, device=run_device, progress=progress)
+
+        if refit_value == "gate":  # fitted on the examples not held out, kept if at least as faithful on those held out
+            from hf_mudsc.apply.refit_gate import gated_refit
+
+            merged, report.refit, gate = gated_refit(
+                merged, loaded, refit_batches, lambda model, data: run_refit(model, data, None),
+                task_sizes=[p[spec.classifier.weight].shape[0] for p in params] if concatenate else None)
+            merged.config.mudsc["refit_gate"] = gate.as_config()
+            report.refit_gate = gate
+        else:
+            report.refit = run_refit(merged, refit_batches, calibration_examples)
     if refitting:
         merged.config.mudsc["refit_examples"] = report.refit.examples
         if accumulators is None and not report.num_samples:  # nothing else read the data: the refit's is the count
-            merged.config.mudsc["num_calibration_samples"] = report.num_samples = report.refit.examples
+            held = (merged.config.mudsc["refit_gate"] or {}).get("held_out_examples", 0)  # the gate's held-out rows
+            merged.config.mudsc["num_calibration_samples"] = report.num_samples = report.refit.examples + held
     merged = merged.to(run_device if device is not None else "cpu")
     # The recipe keys (every option a recipe file may set, as given), parents and base pinned; `auto` is recorded
     # as the method it chose, so the recipe re-runs the same merge whatever a later release would choose.
     given = dataclasses.replace(merge_options, calibration=calibration_spec, method=merge_method.name,
-                                refit=refit_kind(merge_options, refitting),
+                                refit=refit_value if refitting else "none",
                                 base=None if base_parent is None else pinned_reference(base_parent),
                                 device=None if device is None else str(device))
     report.recipe = {"models": [pinned_reference(p) for p in parents], **given.values(recipe=True)}
@@ -586,18 +610,12 @@ def _warn_unread(options: MergeOptions, used: Mapping[str, Any], method: str) ->
                        ", ".join(option_hint(name) for name in unread), "it has" if len(unread) == 1 else "they have")
 
 
-def _refits(options: MergeOptions, method: MergeMethod, calibration: Any, count: int) -> bool:
-    """Whether the refit runs (`refit="auto"` resolved for this method and data, `methods.auto.refit_runs`)."""
+def _refits(options: MergeOptions, method: MergeMethod, calibration: Any, count: int) -> str:
+    """The refit that runs: "none", "ridge" or "gate" (`refit="auto"` resolved for this method and data,
+    `methods.auto.refit_runs`)."""
     return refit_runs(method, options.refit, has_data=calibration is not None, num_parents=count,
                       reference_compat=bool(options.reference_compat),
                       rereadable=not isinstance(calibration, Iterator), weights=options.weights)
-
-
-def refit_kind(options: MergeOptions, refitting: bool) -> str:
-    """The refit that runs: "repair" when asked for, "ridge" for "ridge" or a resolved "auto", else "none"."""
-    if not refitting:
-        return "none"
-    return "repair" if options.refit == "repair" else "ridge"
 
 
 def _reads_data(method: MergeMethod, refitting: bool) -> bool:

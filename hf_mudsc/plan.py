@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hf_mudsc.options import MergeOptions, option_hint, resolve_refit
+from hf_mudsc.options import REFITTING, MergeOptions, option_hint, resolve_refit
 
 logger = logging.getLogger(__name__)
 
@@ -350,7 +350,7 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     needs_data = method.needs_calibration or resolve_refit(
         options.refit, matches_units=method.matches_units, has_data=calibration is not None, num_parents=len(models),
         reference_compat=bool(options.reference_compat), reads_data=method.needs_data,
-        weights=options.weights) != "none"
+        weights=options.weights) in REFITTING
     calibration_plan = None
     located = locate_parents(list(models), token=token, allow_pickle=options.allow_pickle)
     parents, models_meta = [], []

@@ -28,11 +28,14 @@ def test_bench_refit_cost_tiny_case_prints_one_json_line_per_configuration_and_t
     plain, auto = rows
     assert {row["case"] for row in rows} == {"tiny"} and {row["num_samples"] for row in rows} == {24}
     assert plain["options"] == {"alpha": 0.5, "refit": "none"}
-    assert auto["options"] == {"alpha": "auto", "refit": "ridge"}
-    # No refit in the plain merge; the refit read all 24 examples (fewer than refit_samples="auto"'s floor), its
-    # parents in 2 passes (the first step alone, then every other step's targets in one chunk).
+    assert auto["options"] == {"alpha": "auto", "refit": "auto"}  # the library's default refit ...
+    assert (plain["refit"], auto["refit"]) == ("none", "gate")    # ... resolves to the held-out gate here
+    # No refit in the plain merge; the gate's refit read the 20 examples not held out (every 5th of 24 is; fewer than
+    # refit_samples="auto"'s floor), its parents in 2 passes (the first step alone, then every other step's targets
+    # in one chunk); the gate decided (kept or not).
     assert (plain["refit_seconds"], plain["refit_examples"], plain["parent_passes"]) == (0.0, 0, 0)
-    assert auto["refit_examples"] == 24 and auto["parent_passes"] == 2 and auto["refit_seconds"] > 0
+    assert auto["refit_examples"] == 20 and auto["parent_passes"] == 2 and auto["refit_seconds"] > 0
+    assert plain["gate_kept"] is None and auto["gate_kept"] in (True, False)
     assert plain["alpha"] == 0.5 and auto["alpha"] in (0.1, 0.3, 0.5, 0.7, 0.9)
     for row in rows:
         assert row["merge_cpu_seconds"] > 0 and row["merge_seconds"] > 0 and row["peak_rss_mb"] > 100

@@ -70,8 +70,8 @@ def test_three_permuted_copies_merge_back_to_the_model(triples, kind, method, ma
     assert matched.keys() == original.keys()
     for name, tensor in matched.items():
         assert torch.allclose(tensor, original[name], atol=1e-6, rtol=1e-6), name
-    # ... and the default refit (ridge, for N parents too) keeps that function: its targets are the model's own.
-    assert merged.config.mudsc["refit"] == "ridge" and report.refit is not None
+    # ... and the default refit (the gate, for N parents too) keeps that function: its targets are the model's own.
+    assert merged.config.mudsc["refit"] == "gate" and report.refit is not None
     for batch in batches[:2]:
         assert relative_error(model_output(merged, batch), model_output(model, batch)) < 1e-5
     assert all(m.num_models == 3 and m.cluster_of.numel() == 3 * m.num_merged for m in report.matches)
@@ -302,7 +302,7 @@ def test_the_readme_example_of_n_parents_matching_runs(capsys):
                if b.startswith("# readme-test: matching-n-parents")]
     namespace: dict = {"__name__": "readme_matching_n_parents"}
     exec(compile(block, "README.md (N-parent matching example)", "exec"), namespace)
-    assert capsys.readouterr().out.splitlines() == ["True", "3 [2.0, 1.0, 1.0]", "ridge 13"]
+    assert capsys.readouterr().out.splitlines() == ["True", "3 [2.0, 1.0, 1.0]", "gate 13"]
     merged, model = namespace["merged"], namespace["model"]
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(merged.parameters(), model.parameters()))
 

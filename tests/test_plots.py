@@ -279,7 +279,7 @@ def test_inspect_redraws_the_same_plots_and_prints_a_summary(merged_folder, tmp_
     assert main(["inspect", str(copy)]) == 0
     text = capsys.readouterr().out
     assert "parents:   vit-a, vit-b" in text and "method:    mudsc (matcher zip" not in text
-    assert "method:    mudsc (matcher align, alpha 0.5, refit ridge)" in text  # refit="auto" ran
+    assert "method:    mudsc (matcher align, alpha 0.5, refit gate)" in text  # refit="auto" ran
     assert "relation:  independent" in text and "weakest group:" in text
     for group in MergeDiagnostics.load(out / DIAGNOSTICS_FILENAME).groups:
         assert re.search(rf"^\s+{re.escape(group.name)}\s+{group.value:.3f} \|", text, re.MULTILINE), group.name

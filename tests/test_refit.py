@@ -557,20 +557,22 @@ def test_average_with_refit_uses_the_calibration_data():
 # ----------------------------------------------------------------------------------- the default: auto
 
 
-def test_default_refit_is_ridge_for_unit_matching_merges_with_calibration_data(tmp_path):
+def test_default_refit_is_the_gate_for_unit_matching_merges_with_calibration_data(tmp_path):
     model_a, model_b = make_model("vit_cls", seed=1), make_model("vit_cls", seed=2)
     batches = make_batches("vit_cls", num_batches=2)
     default = hf_mudsc.merge([model_a, model_b], batches, method="mudsc", progress=False)
-    ridge = hf_mudsc.merge([model_a, model_b], batches, method="mudsc", refit="ridge", progress=False)
-    assert default.config.mudsc["refit"] == "ridge" and default.merge_report.recipe["refit"] == "ridge"
+    gated = hf_mudsc.merge([model_a, model_b], batches, method="mudsc", refit="gate", progress=False)
+    assert default.config.mudsc["refit"] == "gate" and default.merge_report.recipe["refit"] == "gate"
     assert default.config.mudsc["refit_samples"] == "auto" and len(default.merge_report.refit.layers) == 13
-    assert default.config.mudsc["refit_examples"] == 32  # auto: the floor (128) is more than the 32 images given
-    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), ridge.state_dict().values()))
+    # auto: the floor (128) is more than the 26 images not held out (every 5th of the 32 is held out for the gate)
+    assert default.config.mudsc["refit_examples"] == 26
+    assert default.config.mudsc["refit_gate"]["held_out_examples"] == 6
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), gated.state_dict().values()))
     card = str(render_card(default, Recipe(models=["a", "b"], calibration="c")))
-    assert "| Refit / ridge λ (relative) / examples | ridge / 0.001 / auto: 32 examples |" in card
+    assert "| Refit / ridge λ (relative) / examples | gate: refit " in card and "/ 0.001 / auto: 26 examples |" in card
     for method in ("zipit", "activation_align", "weight_matching"):  # every unit-matching method
         assert hf_mudsc.merge([model_a, model_b], batches, method=method, progress=False
-                              ).config.mudsc["refit"] == "ridge", method
+                              ).config.mudsc["refit"] == "gate", method
 
 
 @pytest.mark.parametrize(("options", "data"), [
@@ -612,16 +614,17 @@ def test_default_refits_after_the_data_method_auto_picks_for_same_base_fine_tune
     batches = make_batches("vit_cls", num_batches=2)
     merged = hf_mudsc.merge(tuned, batches, progress=False)
     mudsc = merged.config.mudsc
-    assert mudsc["method"] == "regmean" and mudsc["refit"] == "ridge"
+    assert mudsc["method"] == "regmean" and mudsc["refit"] == "gate"
     assert mudsc["method_choice_reason"].startswith("parents share a base, so the identity correspondence holds and "
                                                     "calibration data is given (relative weight distance ")
     assert mudsc["method_choice_reason"].endswith("): regmean")
-    assert merged.merge_report.recipe["refit"] == "ridge"  # the recipe re-runs the same merge
+    assert merged.merge_report.recipe["refit"] == "gate"  # the recipe re-runs the same merge
     assert len(merged.merge_report.refit.layers) == 13
-    asked = hf_mudsc.merge(tuned, batches, method="regmean", refit="ridge", progress=False)
+    asked = hf_mudsc.merge(tuned, batches, method="regmean", refit="gate", progress=False)
     plain = hf_mudsc.merge(tuned, batches, method="regmean", refit="none", progress=False)
     assert all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), asked.state_dict().values()))
-    assert not all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), plain.state_dict().values()))
+    unrefitted = all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), plain.state_dict().values()))
+    assert unrefitted is not mudsc["refit_gate"]["kept"]  # kept: the refitted weights; dropped: regmean's
 
 
 @pytest.mark.parametrize("kind", ["vit_cls", "bert_cls"])
@@ -631,7 +634,7 @@ def test_default_merge_of_a_model_with_itself_returns_that_model(kind):
     model = make_model(kind, seed=4)
     batches = make_batches(kind, num_batches=2)
     merged = hf_mudsc.merge([model, model], batches, progress=False)
-    assert merged.config.mudsc["method"] == "regmean" and merged.config.mudsc["refit"] == "ridge"
+    assert merged.config.mudsc["method"] == "regmean" and merged.config.mudsc["refit"] == "gate"
     assert merged.config.mudsc["parent_relation"]["relation"] == "same model"
     expected = model.state_dict()
     for name, tensor in merged.state_dict().items():  # float32 rounding of the refit's targets: ~1e-5 of the tensor
@@ -645,7 +648,7 @@ def test_a_data_method_then_the_refit_records_the_examples_the_method_read():
     tuned = same_base_fine_tunes()
     batches = make_batches("vit_cls", num_batches=2)  # 32 examples
     merged = hf_mudsc.merge(tuned, batches, refit_samples=8, progress=False)
-    assert merged.config.mudsc["refit"] == "ridge" and merged.merge_report.refit.examples == 8
+    assert merged.config.mudsc["refit"] == "gate" and merged.merge_report.refit.examples == 8
     assert merged.config.mudsc["num_calibration_samples"] == merged.merge_report.num_samples == 32
 
 
@@ -659,7 +662,7 @@ def test_default_refit_is_none_after_a_data_method_whose_parents_are_weighted_un
     assert merged.config.mudsc["method"] == "regmean" and merged.config.mudsc["refit"] == "none"
     assert merged.merge_report.refit is None
     equal = hf_mudsc.merge(tuned, batches, weights=[2.0, 2.0], progress=False)  # equal weights: the refit runs
-    assert equal.config.mudsc["refit"] == "ridge"
+    assert equal.config.mudsc["refit"] == "gate"
 
 
 def test_a_refit_asked_for_after_a_data_method_of_unequally_weighted_parents_targets_their_weighted_mean():
@@ -682,15 +685,15 @@ def test_a_refit_asked_for_after_a_data_method_of_unequally_weighted_parents_tar
 
 
 @pytest.mark.parametrize(("matches_units", "reads_data", "num_parents", "weights", "expected"), [
-    (True, False, 2, None, "ridge"),  # unit matching (mudsc, zipit, ...)
-    (False, True, 2, None, "ridge"),  # a data method (regmean, regmean_plusplus, fisher): parents count equally
-    (False, True, 2, [1.0, 1.0], "ridge"),
-    (False, True, 3, None, "ridge"),  # three same-base parents: measured, docs/benchmarks/same_init_three.md
-    (False, True, 3, [2.0, 2.0, 2.0], "ridge"),
-    (False, True, 5, None, "ridge"),  # any N: the targets are the mean of N parents' outputs, as for matching
+    (True, False, 2, None, "gate"),  # unit matching (mudsc, zipit, ...)
+    (False, True, 2, None, "gate"),  # a data method (regmean, regmean_plusplus, fisher): parents count equally
+    (False, True, 2, [1.0, 1.0], "gate"),
+    (False, True, 3, None, "gate"),  # three same-base parents: measured, docs/benchmarks/same_init_three.md
+    (False, True, 3, [2.0, 2.0, 2.0], "gate"),
+    (False, True, 5, None, "gate"),  # any N: the targets are the mean of N parents' outputs, as for matching
     (False, True, 2, [1.0, 3.0], "none"),  # unequal weights: measured no better than the data method alone
     (False, True, 3, [2.0, 1.0, 1.0], "none"),
-    (True, False, 3, [2.0, 1.0, 1.0], "ridge"),  # unit matching refits whatever the weights
+    (True, False, 3, [2.0, 1.0, 1.0], "gate"),  # unit matching refits whatever the weights
     (False, False, 2, None, "none"),  # a tensor-wise method (linear, ties, ...): no data of its own
     (False, False, 3, None, "none"),
 ])
@@ -710,7 +713,7 @@ def test_resolve_refit_auto(matches_units, reads_data, num_parents, weights, exp
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"refit": "bogus"}, "unknown refit 'bogus'; choose one of: auto, none, ridge, repair (CLI: --refit)"),
+    ({"refit": "bogus"}, "unknown refit 'bogus'; choose one of: auto, none, ridge, gate, repair (CLI: --refit)"),
     ({"refit": "ridge", "refit_lambda": 0}, "refit_lambda must be a finite number > 0 (CLI: --refit-lambda)"),
     ({"refit": "ridge", "refit_lambda": float("nan")}, "refit_lambda must be a finite number > 0"),
     ({"refit": "ridge", "reference_compat": True},
@@ -764,7 +767,7 @@ def test_recipe_with_a_bad_refit_is_refused(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("models: [a, b]\ncalibration: c\nrefit: bogus\n")
     with pytest.raises(RecipeError,
-                       match=r"unknown refit 'bogus'; choose one of: auto, none, ridge, repair \(CLI: --refit\)"):
+                       match=r"unknown refit 'bogus'; choose one of: auto, none, ridge, gate, repair \(CLI: --refit\)"):
         Recipe.load(path).validate()
 
 

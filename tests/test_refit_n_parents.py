@@ -203,13 +203,13 @@ def test_three_parent_merge_with_refit_ridge_runs_and_changes_the_weights():
 
 
 @pytest.mark.parametrize("method", ["mudsc", "zipit", "activation_align", "weight_matching"])
-def test_default_refit_is_ridge_for_three_parents_of_a_unit_matching_method(method):
-    assert resolve_refit("auto", matches_units=True, has_data=True, num_parents=3, reference_compat=False) == "ridge"
+def test_default_refit_is_the_gate_for_three_parents_of_a_unit_matching_method(method):
+    assert resolve_refit("auto", matches_units=True, has_data=True, num_parents=3, reference_compat=False) == "gate"
     assert resolve_refit("auto", matches_units=True, has_data=True, num_parents=3, reference_compat=False,
                          rereadable=False) == "none"
     parents = [make_model("vit_cls", seed=seed) for seed in (1, 2, 3)]
     merged = hf_mudsc.merge(parents, make_batches("vit_cls", num_batches=1), method=method, progress=False)
-    assert merged.config.mudsc["refit"] == "ridge" and len(merged.merge_report.refit.layers) == 13
+    assert merged.config.mudsc["refit"] == "gate" and len(merged.merge_report.refit.layers) == 13
 
 
 def test_three_parent_refit_memory_does_not_grow_with_the_number_of_samples():

@@ -41,18 +41,22 @@ def test_auto_resolves_from_the_model_and_records_the_count_an_int_is_exact(tmp_
     generator = torch.Generator().manual_seed(0)
     batches = [{"pixel_values": torch.randn(100, 1, 8, 8, generator=generator)} for _ in range(7)]  # 700 images
     parents = [wide_vit(1), wide_vit(2)]
-    merged = hf_mudsc.merge(parents, batches, matcher="align", progress=False)
+    merged = hf_mudsc.merge(parents, batches, matcher="align", refit="ridge", progress=False)
     report = merged.merge_report.refit
     assert report.samples == report.examples == merged.config.mudsc["refit_examples"] == 516
     assert merged.config.mudsc["refit_samples"] == "auto" and merged.merge_report.recipe["refit_samples"] == "auto"
     assert {fit.samples for fit in report.layers if fit.name != "classifier"} == {516 * 5}  # every token of 516
     card = str(render_card(merged, Recipe(models=["a", "b"], calibration="c")))
     assert "| Refit / ridge λ (relative) / examples | ridge / 0.001 / auto: 516 examples |" in card
+    gated = hf_mudsc.merge(parents, batches, matcher="align", progress=False)  # the default: the gate
+    assert gated.merge_report.refit.examples == 516 and gated.config.mudsc["refit_gate"]["held_out_examples"] == 140
     exact = hf_mudsc.merge(parents, batches, matcher="align", refit_samples=300, progress=False)
     assert exact.merge_report.refit.examples == exact.config.mudsc["refit_examples"] == 300
     assert exact.merge_report.refit.samples == 300 and exact.config.mudsc["refit_samples"] == 300
-    everything = hf_mudsc.merge(parents, batches, matcher="align", refit_samples=None, progress=False)
+    everything = hf_mudsc.merge(parents, batches, matcher="align", refit="ridge", refit_samples=None, progress=False)
     assert everything.merge_report.refit.examples == 700 and everything.merge_report.refit.samples is None
+    gated = hf_mudsc.merge(parents, batches, matcher="align", refit_samples=None, progress=False)  # the default
+    assert gated.merge_report.refit.examples == 560  # all: the 700 images but the 140 the gate holds out
     plain = hf_mudsc.merge(parents, batches, matcher="align", refit="none", progress=False)
     assert plain.config.mudsc["refit_examples"] is None and plain.config.mudsc["refit_samples"] is None
 

@@ -287,7 +287,7 @@ def test_cli_merge_with_repair_round_trips_through_from_pretrained(tmp_path):
      "refit='repair' changes the merged weights, which reference_compat=True must keep equal to the reference's; "
      "drop one of --refit / --reference-compat"),
     ({"refit": "repair", "method": "average"}, "refit='repair' needs calibration data"),
-    ({"refit": "repiar"}, "unknown refit 'repiar'; choose one of: auto, none, ridge, repair (CLI: --refit)"),
+    ({"refit": "repiar"}, "unknown refit 'repiar'; choose one of: auto, none, ridge, gate, repair (CLI: --refit)"),
 ])
 def test_bad_repair_options_are_refused_before_loading(options, message):
     with pytest.raises(MergeInputError) as caught:

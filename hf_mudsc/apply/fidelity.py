@@ -81,7 +81,7 @@ def _outputs(model: nn.Module, batches: Iterable[Mapping[str, Any]], mask_key: s
                            else torch.ones(features.shape[:2], dtype=features.dtype))[..., None]
                 features = (features * weights).sum(1) / weights.sum(1).clamp_min(1)
             parts.append(features)
-    return torch.cat(parts), is_logits
+    return (torch.cat(parts) if parts else torch.zeros(0, 0, dtype=torch.float64)), is_logits  # nothing held out
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -121,6 +121,26 @@ class FidelityScorer:
                       for part, parent in zip(slices, self.parents)]
         agreements.append(float((out.argmax(1) == ensemble.argmax(1)).double().mean()))
         return sum(agreements) / len(agreements)
+
+    def log_likelihood(self, merged: nn.Module) -> float:
+        """The parents' log-probability agreement of `merged` on the held-out examples (higher is better, <= 0):
+        the mean over parents of `Σ_c p_i(c) log q_i(c)` (p_i: parent i's softmax, q_i: the merged softmax over
+        parent i's slice of a concatenated head, or over the shared head), and, with concatenated heads, the same
+        for the whole head against the ensemble's concatenated per-head softmax divided by N; the N + 1 terms
+        averaged. Continuous where argmax agreement ties (a few dozen held-out examples), and it scores what the
+        refit aims at: the parents' predictions. Without logits: the mean linear CKA (`__call__`)."""
+        if self.examples == 0:
+            return 0.0
+        out, is_logits = _outputs(merged, self.held_out, self.mask_key)
+        if not (is_logits and self.logits):
+            return sum(linear_cka(out, parent) for parent in self.parents) / len(self.parents)
+        slices = torch.split(out, list(self.task_sizes), dim=1) if self.task_sizes else [out] * len(self.parents)
+        terms = [float((parent.softmax(1) * part.log_softmax(1)).sum(1).mean())
+                 for part, parent in zip(slices, self.parents)]
+        if self.task_sizes:
+            ensemble = torch.cat([parent.softmax(1) for parent in self.parents], dim=1) / len(self.parents)
+            terms.append(float((ensemble * out.log_softmax(1)).sum(1).mean()))
+        return sum(terms) / len(terms)
 
 
 def choose_alpha(scores: Mapping[float, float]) -> float:

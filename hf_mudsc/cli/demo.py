@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hf_mudsc.options import REFITTING
 from hf_mudsc.publish.folder import check_output, staged_output
 
 logger = logging.getLogger(__name__)
@@ -187,7 +188,8 @@ def _run(args: argparse.Namespace, output: Path) -> int:
     for label, run_options in runs:
         options = recipe.override(**run_options).merge_options()
         model = hf_mudsc.merge(parents, str(calibration), **options, progress=False)
-        if model.config.mudsc.get("refit") == "ridge":
+        if model.config.mudsc.get("refit") in REFITTING and (model.config.mudsc.get("refit_gate") or {}).get(
+                "kept", True):  # the refit ran and was kept (the gate may drop it)
             label += REFIT_SUFFIX
         merged[label] = model
         labels.append(label)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_mudsc.errors import RecipeError
-from hf_mudsc.options import DATA_REFITS, MergeOptions, flag, int_or_auto, number_or_auto
+from hf_mudsc.options import REFITTING, MergeOptions, flag, int_or_auto, number_or_auto
 from hf_mudsc.publish.folder import check_output
 from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
 
@@ -163,7 +163,7 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
     # `auto` opens the calibration it is given: the method it chooses may read it.
     reads_data = recipe.calibration is not None if chosen is None else (
         chosen.needs_calibration or chosen.needs_data)
-    if reads_data or recipe.refit in DATA_REFITS or (recipe.refit == "auto" and recipe.calibration is not None):
+    if reads_data or recipe.refit in REFITTING or (recipe.refit == "auto" and recipe.calibration is not None):
         # A Hub dataset is pinned to its commit (recorded in the recipe) and loaded at that commit; opened (not
         # read) first: a spec that does not exist fails before any weights are downloaded.
         calibration_spec = pin_calibration_revision(recipe.calibration, token=token)

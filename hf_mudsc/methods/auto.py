@@ -85,11 +85,12 @@ def planned_method(has_data: bool) -> MergeMethod:
 
 
 def refit_runs(method: MergeMethod, refit: str, *, has_data: bool, num_parents: int, reference_compat: bool,
-               rereadable: bool, weights: list[float] | None = None) -> bool:
-    """Whether the refit runs for `method` (`refit="auto"`: a unit-matching method, or a method that reads the
-    calibration data itself with equally weighted parents, given data: `hf_mudsc.options.resolve_refit`)."""
+               rereadable: bool, weights: list[float] | None = None) -> str:
+    """The refit that runs for `method`: "none", "ridge" or "gate" (`refit="auto"` resolved: a unit-matching method,
+    or a method that reads the calibration data itself with equally weighted parents, given data:
+    `hf_mudsc.options.resolve_refit`)."""
     from hf_mudsc.options import resolve_refit
 
     return resolve_refit(refit, matches_units=method.matches_units, has_data=has_data, num_parents=num_parents,
                          reference_compat=reference_compat, rereadable=rereadable, reads_data=method.needs_data,
-                         weights=weights) != "none"
+                         weights=weights)

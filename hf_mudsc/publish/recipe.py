@@ -28,9 +28,9 @@ import yaml
 
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import OptionError, RecipeError
-from hf_mudsc.options import DATA_REFITS, MergeOptions
 from hf_mudsc.options import MATCHERS as MATCHERS  # re-exported: the CLI's --matcher choices
 from hf_mudsc.options import RECIPE_FILENAME as RECIPE_FILENAME
+from hf_mudsc.options import REFITTING, MergeOptions
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class Recipe(MergeOptions):
             self.check_combination()
         except OptionError as error:
             raise RecipeError(str(error)) from None
-        if self.refit in DATA_REFITS and not self.calibration:
+        if self.refit in REFITTING and not self.calibration:
             raise RecipeError(f"refit {self.refit!r} needs calibration data: pass --calibration (a dataset spec "
                               "`repo_or_path[@revision][:config]:split` or a saved dataset folder), or --refit none")
         for key in ("weights", "density"):

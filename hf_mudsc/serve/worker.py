@@ -34,6 +34,7 @@ import time
 import traceback
 from typing import Any
 
+from hf_mudsc.options import REFITTING
 from hf_mudsc.serve.jobs import JobRequest
 
 DELAY_ENV = "HF_MUDSC_SERVE_TEST_DELAY"
@@ -164,9 +165,7 @@ def main(conn: Any, job_id: str, request: dict[str, Any]) -> None:
     first = conn.recv()
     token = first.get("token")
     job = JobRequest.from_stored(request)
-    from hf_mudsc.options import DATA_REFITS
-
-    needs_data = job.recipe.refit in DATA_REFITS or (job.recipe.refit == "auto" and bool(job.recipe.calibration)) \
+    needs_data = job.recipe.refit in REFITTING or (job.recipe.refit == "auto" and bool(job.recipe.calibration)) \
         or _needs_calibration(job)
     reporter = Reporter(conn, token, calibrates=needs_data, pushes=bool(job.recipe.push_to_hub))
     threading.Thread(target=watch_pipe, args=(conn, reporter), daemon=True, name="pipe-watch").start()

@@ -1,0 +1,371 @@
+#!/usr/bin/env python
+"""Should `refit="auto"` refit? Every candidate rule measured over many real text pairs and the toy digit ViTs.
+(A benchmark, not a test; issue 12, docs/benchmarks/refit_text.md.)
+
+Each pair is merged ONCE without the refit (`refit="none"`, the method `method="auto"` picks); from that merge and
+its matches (`merge_report.matches`) the library's own refit (`hf_mudsc.apply.refit.refit_model`, what the
+pipeline's refit step calls) builds
+
+* `ridge` — the refit on all calibration examples (today's `refit="auto"`);
+* `ridge80` — the refit on the calibration examples that are not held out (`hf_mudsc.apply.fidelity.holdout_split`:
+  every 5th held out), which the held-out FIDELITY GATE compares with `none` on the held-out examples by two
+  label-free scores: `agreement` (`FidelityScorer`: each task's argmax agreement with its parent and the joint
+  argmax agreement with the ensemble) and `loglik` (the parents' log-probability agreement: the mean over tasks of
+  Σ_c p_parent(c) log q_merged_slice(c), plus the same for the joint head against the ensemble's distribution
+  — continuous, so 25 held-out sentences do not tie, and it is what the refit's targets aim at).
+
+Rules scored per pair against the better of none / ridge on the test labels:
+(a) gate — keep `ridge80` if its held-out score >= `none`'s, else `none`; (b) shared basis — ridge only when
+`parents_shared_basis` < 0.5 (the refit report's score); (c) today — always ridge after these methods.
+
+Settings:
+* text S (same base, no base given): MiniLM fine-tunes of `bench_same_base.py` (topic/intent/sentiment/tense,
+  cached per seed), all 6 task pairs per seed; `method="auto"` (regmean) and `linear`; scored as
+  `same_base_text_pairs.py` does (normalised: each task under its own fine-tuned head / the fine-tune's accuracy).
+* text P (permuted basis): the same pairs with parent B's units permuted (`hf_mudsc.testing.permute`, seed 7; the
+  fine-tune commutes with the permutation, `benchmark_quality.py`'s bert_permuted); `method="auto"` (mudsc zip);
+  per task (argmax in the task's slice) and joint (argmax over all classes); ensemble: per-head softmax.
+* toy diff / toy same: the quality benchmark's digit ViT pairs (`common.different_init_pair` / `same_init_pair`).
+
+    python scripts/refit_text_pairs.py --settings text_s text_p --seeds 0 1 2 --threads 2 --out /tmp/refit_text.json
+    python scripts/refit_text_pairs.py --settings toy_diff --widths 64 128 --splits 5 --out /tmp/refit_toy_diff.json
+    python scripts/refit_text_pairs.py --settings toy_same --widths 64 128 256 --splits 5 --out /tmp/refit_toy_same.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from common import BENCH_CACHE, log, set_threads
+
+import hf_mudsc
+from hf_mudsc.apply.fidelity import FidelityScorer, holdout_split
+from hf_mudsc.apply.refit import refit_model
+from hf_mudsc.architectures import spec_for
+
+SETTINGS = ("text_s", "text_p", "toy_diff", "toy_same")
+RULES = ("today", "gate_agreement", "gate_loglik", "shared_basis", "enough_data")
+
+
+@torch.no_grad()
+def logits_of(model: Any, batches: Iterable[Mapping[str, Any]]) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(**dict(batch)).logits.double() for batch in batches])
+
+
+def loglik_score(merged: torch.Tensor, parents: Sequence[torch.Tensor]) -> float:
+    """The parents' log-probability agreement of `merged` logits (concatenated heads, parent order): the mean over
+    tasks of Σ_c p_parent(c) log q_slice(c), and the joint head against the ensemble's concatenated per-head softmax
+    divided by the number of parents; averaged over the N + 1 terms (higher is better, 0 at most)."""
+    sizes = [p.shape[1] for p in parents]
+    terms = [float((p.softmax(1) * q.log_softmax(1)).sum(1).mean())
+             for p, q in zip(parents, torch.split(merged, sizes, dim=1))]
+    ensemble = torch.cat([p.softmax(1) for p in parents], dim=1) / len(parents)
+    terms.append(float((ensemble * merged.log_softmax(1)).sum(1).mean()))
+    return sum(terms) / len(terms)
+
+
+def refits(parents: Sequence[Any], calibration: list[dict[str, Any]], **merge_kwargs: Any) -> dict[str, Any]:
+    """none / ridge / ridge80 merges of `parents` and the held-out gate's scores."""
+    start = time.perf_counter()
+    merged = hf_mudsc.merge(list(parents), calibration, refit="none", progress=False, **merge_kwargs)
+    seconds = {"merge": time.perf_counter() - start}
+    spec = spec_for(parents[0])
+    matches = merged.merge_report.matches
+    concatenate = merged.config.num_labels != parents[0].config.num_labels
+
+    def refitted(batches: Callable[[], Iterable[Mapping[str, Any]]]) -> tuple[Any, Any]:
+        model = copy.deepcopy(merged)
+        report = refit_model(model, parents, spec, matches, batches, concatenate_classifier=concatenate, seed=0)
+        return model, report
+
+    start = time.perf_counter()
+    ridge, report = refitted(lambda: iter(calibration))
+    seconds["refit"] = time.perf_counter() - start
+    kept, held = holdout_split(lambda: iter(calibration))
+    ridge80, _ = refitted(lambda: iter(kept))
+    start = time.perf_counter()
+    scorer = FidelityScorer(parents, held, task_sizes=[p.config.num_labels for p in parents] if concatenate else None,
+                            mask_key="attention_mask")
+    parent_logits = [logits_of(p, held) for p in parents]
+    gate = {"held_out": scorer.examples}
+    for name, model in (("none", merged), ("ridge80", ridge80)):
+        gate[f"agreement_{name}"] = scorer(model)
+        gate[f"loglik_{name}"] = loglik_score(logits_of(model, held), parent_logits)
+    seconds["gate"] = time.perf_counter() - start
+    return {"models": {"none": merged, "ridge": ridge, "ridge80": ridge80}, "gate": gate,
+            "shared_basis": report.shared_basis, "method": merged.config.mudsc["method"],
+            "refit_examples": report.examples, "refit_samples": report.samples,
+            "seconds": {k: round(v, 1) for k, v in seconds.items()}}
+
+
+def task_scores(model: Any, parents: Sequence[Any], tests: Sequence[tuple[dict, torch.Tensor]]) -> dict[str, float]:
+    """Per-task (argmax in the task's slice of the concatenated head) and joint (argmax over all) accuracy, %."""
+    sizes = [p.config.num_labels for p in parents]
+    offsets = [sum(sizes[:k]) for k in range(len(sizes))]
+    out, joint_hits, total = {}, 0, 0
+    for k, (inputs, labels) in enumerate(tests):
+        z = logits_of(model, [inputs])
+        part = z[:, offsets[k]:offsets[k] + sizes[k]]
+        out[f"task_{k}"] = 100 * float((part.argmax(1) == labels).double().mean())
+        joint_hits += int((z.argmax(1) == labels + offsets[k]).sum())
+        total += len(labels)
+    out["joint"] = 100 * joint_hits / total
+    return out
+
+
+def ensemble_scores(parents: Sequence[Any], tests: Sequence[tuple[dict, torch.Tensor]]) -> dict[str, float]:
+    sizes = [p.config.num_labels for p in parents]
+    offsets = [sum(sizes[:k]) for k in range(len(sizes))]
+    out, joint_hits, total = {}, 0, 0
+    for k, (inputs, labels) in enumerate(tests):
+        z = [logits_of(p, [inputs]) for p in parents]
+        out[f"task_{k}"] = 100 * float((z[k].argmax(1) == labels).double().mean())
+        joint_hits += int((torch.cat([x.softmax(1) for x in z], 1).argmax(1) == labels + offsets[k]).sum())
+        total += len(labels)
+    out["joint"] = 100 * joint_hits / total
+    return out
+
+
+def decisions(run: dict[str, Any]) -> dict[str, str]:
+    """Each rule's choice ("none" / "ridge"; the gate's "ridge" is the refit on the kept examples, `ridge80`)."""
+    gate = run["gate"]
+    basis = run["shared_basis"]
+    return {
+        "today": "ridge",
+        "gate_agreement": "ridge80" if gate["agreement_ridge80"] >= gate["agreement_none"] else "none",
+        "gate_loglik": "ridge80" if gate["loglik_ridge80"] >= gate["loglik_none"] else "none",
+        # A merge without a concatenated head has no score: the rule then refits (shared basis unknown).
+        "shared_basis": "none" if basis is not None and basis >= 0.5 else "ridge",
+        # (d) enough data: the calibration holds the examples `refit_samples="auto"` asks for (16 token rows per
+        # unknown of the widest per-token layer, within [128, 1024]), so the least squares is not data-starved.
+        "enough_data": "ridge" if run["refit_samples"] is None or run["refit_examples"] >= run["refit_samples"]
+        else "none",
+    }
+
+
+def record(run: dict[str, Any], figures: dict[str, dict[str, float]], key: str) -> dict[str, Any]:
+    """One pair's record: every model's figures, each rule's choice and figure `key`, the oracle (the better of
+    none / ridge on `key`)."""
+    chosen = decisions(run)
+    best = max(figures["none"][key], figures["ridge"][key])
+    return {"figures": figures, "gate": {k: round(v, 6) if isinstance(v, float) else v
+                                         for k, v in run["gate"].items()},
+            "shared_basis": run["shared_basis"], "method": run["method"], "seconds": run["seconds"],
+            "refit_examples": run["refit_examples"], "refit_samples": run["refit_samples"],
+            "choice": chosen, "rule": {rule: figures[choice][key] for rule, choice in chosen.items()},
+            "oracle": best}
+
+
+# ------------------------------------------------------------------------------------------------ settings
+def text_pairs(args: argparse.Namespace, permuted: bool) -> list[dict[str, Any]]:
+    from bench_same_base import backbone_of, batched_accuracy, normalised, text_setting
+
+    from hf_mudsc.testing.permute import permute_model, random_permutations
+
+    settings = argparse.Namespace(text_layers=6, text_epochs=3, text_lr=1e-4, max_length=16,
+                                  calibration_samples=args.calibration_samples or 128,
+                                  quick=False, cache_dir=str(BENCH_CACHE / "same_base"))
+    records = []
+    for seed in args.seeds:
+        setting = text_setting(settings, seed)
+        own = [batched_accuracy(p, inputs, labels) for p, (inputs, labels) in zip(setting.parents, setting.test)]
+        for i, j in itertools.combinations(range(len(setting.parents)), 2):
+            if args.pairs and f"{i},{j}" not in args.pairs:
+                continue
+            parents = [setting.parents[i], setting.parents[j]]
+            tests = [setting.test[i], setting.test[j]]
+            name = f"seed {seed} {setting.tasks[i]}+{setting.tasks[j]}"
+            if permuted:
+                spec = spec_for(parents[1])
+                parents[1] = permute_model(parents[1], spec, random_permutations(spec, seed=7))
+                run = refits(parents, setting.calibration)
+                figures = {label: task_scores(model, parents, tests) for label, model in run["models"].items()}
+                figures["ensemble"] = ensemble_scores(parents, tests)
+                entry = record(run, figures, "joint")
+            else:
+                run = refits(parents, setting.calibration)
+                linear = hf_mudsc.merge(parents, setting.calibration, method="linear", progress=False)
+                figures = {}
+                for label, model in {**run["models"], "linear": linear}.items():
+                    backbone = backbone_of(model)
+                    accuracies = []
+                    for model_index, parent in zip((i, j), parents):
+                        inputs, labels = setting.test[model_index]
+                        saved = {k: v.clone() for k, v in parent.state_dict().items()}
+                        parent.load_state_dict(backbone, strict=False)
+                        accuracies.append(batched_accuracy(parent, inputs, labels))
+                        parent.load_state_dict(saved)
+                    figures[label] = {"task_0": 100 * accuracies[0], "task_1": 100 * accuracies[1],
+                                      "normalised": normalised(accuracies, [own[i], own[j]])}
+                    figures[label].update({"joint": task_scores(model, parents, tests)["joint"]})
+                entry = record(run, figures, "normalised")
+            entry["pair"] = name
+            log(f"{'P' if permuted else 'S'} {name}: " + ", ".join(
+                f"{label} {fig['joint' if permuted else 'normalised']:.3f}" for label, fig in figures.items())
+                + f" | gate {entry['gate']} | basis {entry['shared_basis']} | {entry['seconds']}")
+            records.append(entry)
+            checkpoint(args, "text_p" if permuted else "text_s", records)
+    return records
+
+
+def checkpoint(args: argparse.Namespace, name: str, records: Sequence[dict[str, Any]]) -> None:
+    """Every finished pair's record on disk (`--out` + `.partial`), so a long run can be read while it runs."""
+    if args.out:
+        with open(f"{args.out}.{name}.partial", "w", encoding="utf-8") as handle:
+            json.dump(list(records), handle, indent=1, default=str)
+
+
+def toy_pairs(args: argparse.Namespace, same_init: bool) -> list[dict[str, Any]]:
+    from common import different_init_pair, pair_settings, random_class_splits, same_init_pair
+
+    settings = pair_settings()
+    records = []
+    splits = random_class_splits(args.splits)
+    for width in args.widths:
+        for index, classes in enumerate(splits):
+            build = same_init_pair if same_init else different_init_pair
+            model_a, model_b, pair_splits, calibration = build(settings, width, index, classes)
+            if args.calibration_samples:  # the first N calibration images (batches of 64)
+                pool = torch.cat([batch["pixel_values"] for batch in calibration])[:args.calibration_samples]
+                calibration = [{"pixel_values": pool[i:i + 64]} for i in range(0, len(pool), 64)]
+            parents = [model_a, model_b]
+            tests = [(dict(pixel_values=t.test_pixel_values), t.test_labels) for t in pair_splits.tasks]
+            run = refits(parents, calibration, batch_size=64)
+            figures = {label: task_scores(model, parents, tests) for label, model in run["models"].items()}
+            figures["ensemble"] = ensemble_scores(parents, tests)
+            if same_init:
+                figures["linear"] = task_scores(hf_mudsc.merge(parents, calibration, method="linear", progress=False),
+                                                parents, tests)
+            entry = record(run, figures, "joint")
+            entry["pair"] = f"h{width} split {index} {classes}"
+            entry["width"] = width
+            log(f"{'same' if same_init else 'diff'} {entry['pair']}: " + ", ".join(
+                f"{label} {fig['joint']:.1f}" for label, fig in figures.items())
+                + f" | choice {entry['choice']} | basis {entry['shared_basis']}")
+            records.append(entry)
+            checkpoint(args, "toy_same" if same_init else "toy_diff", records)
+    return records
+
+
+def summary(records: Sequence[dict[str, Any]], key: str) -> dict[str, Any]:
+    """Mean ± std over pairs of every model's `key`, every rule's, the oracle's; how often each rule picked the
+    better of none / ridge (ridge80 counted as ridge)."""
+    def stats(values: Sequence[float]) -> dict[str, float]:
+        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "n": len(values)}
+
+    out: dict[str, Any] = {"models": {}, "rules": {}}
+    for label in records[0]["figures"]:
+        out["models"][label] = stats([r["figures"][label][key] for r in records])
+    oracle = [max(r["figures"]["none"][key], r["figures"]["ridge"][key]) for r in records]
+    for rule in RULES:
+        choices = [decisions(r)[rule] for r in records]
+        out["rules"][rule] = stats([r["figures"][c][key] for r, c in zip(records, choices)])
+        out["rules"][rule]["right"] = sum(r["figures"]["ridge" if c != "none" else "none"][key] == best
+                                          for r, c, best in zip(records, choices, oracle))
+        out["rules"][rule]["kept_refit"] = sum(c != "none" for c in choices)
+    out["rules"]["oracle"] = stats(oracle)
+    return out
+
+
+def table(name: str, result: dict[str, Any], key: str) -> str:
+    lines = [f"{name} ({key}, mean ± std over {result['models']['none']['n']} pairs)"]
+    for label, s in result["models"].items():
+        lines.append(f"  {label:<16} {s['mean']:8.3f} ± {s['std']:.3f}")
+    for label, s in result["rules"].items():
+        extra = f"  (right {s['right']}, refit kept {s['kept_refit']})" if "right" in s else ""
+        lines.append(f"  rule {label:<14} {s['mean']:6.3f} ± {s['std']:.3f}{extra}")
+    return "\n".join(lines)
+
+
+def key_joint(records: Sequence[dict[str, Any]]) -> bool:
+    """Whether the records' main figure is not the joint one (then a joint table follows)."""
+    return "normalised" in records[0]["figures"]["none"]
+
+
+def markdown(name: str, records: Sequence[dict[str, Any]], key: str) -> str:
+    """The docs page's tables of one setting: every pair, then mean ± std of every model and rule."""
+    labels = list(records[0]["figures"])
+    lines = [f"| pair | {' | '.join(labels)} | held-out loglik none / refit | shared basis | gate keeps |",
+             "|---|" + "---:|" * (len(labels) + 3)]
+    digits = 3 if key == "normalised" else 1
+    for r in records:
+        gate = r["gate"]
+        basis = "–" if r["shared_basis"] is None else f"{r['shared_basis']:.3f}"
+        lines.append(f"| {r['pair']} | " + " | ".join(f"{r['figures'][label][key]:.{digits}f}" for label in labels)
+                     + f" | {gate['loglik_none']:.3f} / {gate['loglik_ridge80']:.3f} | {basis} | "
+                     + ("yes" if decisions(r)["gate_loglik"] != "none" else "no") + " |")
+    result = summary(records, key)
+    lines += ["", f"| {name}: mean ± std over {len(records)} pairs ({key}) | value | right (of {len(records)}) "
+              "| refit kept |", "|---|---:|---:|---:|"]
+    for label, s in result["models"].items():
+        lines.append(f"| {label} | {s['mean']:.{digits}f} ± {s['std']:.{digits}f} | | |")
+    for label, s in result["rules"].items():
+        right = s.get("right", "")
+        lines.append(f"| rule: {label} | {s['mean']:.{digits}f} ± {s['std']:.{digits}f} | {right} | "
+                     f"{s.get('kept_refit', '')} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", nargs="+", default=["text_s", "text_p"], choices=SETTINGS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="text: the fine-tunes' seeds")
+    parser.add_argument("--pairs", nargs="*", default=None, help="text: only these task pairs, e.g. 0,1 2,3")
+    parser.add_argument("--widths", type=int, nargs="+", default=[64, 128], help="toys: hidden sizes")
+    parser.add_argument("--splits", type=int, default=5, help="toys: class splits per width")
+    parser.add_argument("--calibration-samples", type=int, default=None,
+                        help="calibration examples (text: drawn as bench_same_base draws them, default 128; toys: "
+                             "the first N of the pair's calibration images, default all)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None, help="write every pair's figures and the summary here (JSON)")
+    parser.add_argument("--markdown", nargs="+", default=None, metavar="SETTING=JSON",
+                        help="print the docs tables of finished runs instead (e.g. text_s=/tmp/rt_s.json.text_s.partial"
+                             " — a --out file or its per-setting .partial) and exit")
+    args = parser.parse_args(argv)
+    if args.markdown:
+        keys = {"text_s": "normalised", "text_p": "joint", "toy_diff": "joint", "toy_same": "joint"}
+        for item in args.markdown:
+            name, path = item.split("=", 1)
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
+            records = data["records"][name] if isinstance(data, dict) else data
+            print(f"### {name}\n\n{markdown(name, records, keys[name])}\n")
+            if name != "text_p" and key_joint(records):
+                print(markdown(name + " (joint)", records, "joint") + "\n")
+        return {}
+    set_threads(args.threads)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    result: dict[str, Any] = {"args": vars(args), "records": {}, "summary": {}}
+    keys = {"text_s": "normalised", "text_p": "joint", "toy_diff": "joint", "toy_same": "joint"}
+    for name in args.settings:
+        if name.startswith("text"):
+            records = text_pairs(args, permuted=name == "text_p")
+        else:
+            records = toy_pairs(args, same_init=name == "toy_same")
+        result["records"][name] = records
+        result["summary"][name] = summary(records, keys[name])
+        if name in ("text_s", "toy_same", "toy_diff", "text_p"):
+            result["summary"][name + " (joint)"] = summary(records, "joint")
+        print(table(name, result["summary"][name], keys[name]), flush=True)
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as handle:
+                json.dump(result, handle, indent=1, default=str)
+    print(json.dumps({name: {rule: round(s["mean"], 4) for rule, s in value["rules"].items()}
+                      for name, value in result["summary"].items()}))
+    return result
+
+
+if __name__ == "__main__":
+    main()

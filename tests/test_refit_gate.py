@@ -1,0 +1,197 @@
+"""`refit="gate"` (docs/design.md §4.9, `hf_mudsc.apply.refit_gate`): the refit is fitted on the calibration examples
+that are not held out and kept only if the merged model is at least as faithful to the parents on the held-out ones
+(the parents' log-probability agreement, `FidelityScorer.log_likelihood`).
+
+Proven here: the score's known values on hand-made logits; the gate drops a refit that makes the model less
+faithful (returning the unrefitted model bit for bit) and keeps one that makes it more faithful; the refit sees only
+the examples not held out; the decision and both scores reach config, recipe and card; bad input is refused
+before loading."""
+
+from __future__ import annotations
+
+import copy
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from factories import make_batches, make_model
+from torch import nn
+
+import hf_mudsc
+from hf_mudsc.apply import refit_gate
+from hf_mudsc.apply.fidelity import FidelityScorer
+from hf_mudsc.apply.refit_gate import GateDecision, decide, gated_refit
+from hf_mudsc.cli.main import build_parser
+from hf_mudsc.cli.merge import build_recipe
+from hf_mudsc.errors import MergeInputError, RecipeError
+from hf_mudsc.options import resolve_refit
+from hf_mudsc.publish.card import render_card
+from hf_mudsc.publish.recipe import Recipe
+
+MISSING = ["/nonexistent/parent-a", "/nonexistent/parent-b"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class FixedLogits(nn.Module):
+    """Returns the same logits row for every example (`x`'s row count)."""
+
+    def __init__(self, row: list[float]) -> None:
+        super().__init__()
+        self.row = nn.Parameter(torch.tensor(row, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.row.expand(len(x), -1))
+
+
+def _batches(rows: int = 10) -> list[dict[str, torch.Tensor]]:
+    return [{"x": torch.zeros(rows, 1)}]
+
+
+# ----------------------------------------------------------------------------------------- the score's values
+
+
+def test_log_likelihood_of_uniform_merged_logits_is_minus_the_log_of_each_head_size():
+    parents = [FixedLogits([2.0, 0.0]), FixedLogits([0.0, 1.0])]
+    scorer = FidelityScorer(parents, _batches(), task_sizes=[2, 2])
+    # tasks: -log 2 each; joint (4 classes, the ensemble's probabilities / 2 over them): -log 4
+    assert scorer.log_likelihood(FixedLogits([0.0, 0.0, 0.0, 0.0])) == pytest.approx(-(4 / 3) * math.log(2))
+
+
+def test_log_likelihood_of_the_parents_own_log_probabilities_is_minus_their_entropies():
+    p_a, p_b = torch.tensor([0.8, 0.2], dtype=torch.float64), torch.tensor([0.25, 0.75], dtype=torch.float64)
+    parents = [FixedLogits(p_a.log().tolist()), FixedLogits(p_b.log().tolist())]
+    scorer = FidelityScorer(parents, _batches(), task_sizes=[2, 2])
+    entropy = [float(-(p * p.log()).sum()) for p in (p_a, p_b)]
+    # joint: q = [p_a, p_b] / 2, so Σ e log q = -(H_a + H_b) / 2 - log 2
+    expected = (-entropy[0] - entropy[1] - (entropy[0] + entropy[1]) / 2 - math.log(2)) / 3
+    merged = FixedLogits(torch.cat([p_a, p_b]).log().tolist())
+    assert scorer.log_likelihood(merged) == pytest.approx(expected)
+
+
+def test_log_likelihood_with_one_shared_head_averages_the_parents_terms():
+    parents = [FixedLogits([0.0, 0.0, 0.0]), FixedLogits([0.0, 0.0, 0.0])]
+    scorer = FidelityScorer(parents, _batches(), task_sizes=None)
+    assert scorer.log_likelihood(FixedLogits([0.0, 0.0, 0.0])) == pytest.approx(-math.log(3))
+
+
+def test_decide_keeps_the_refit_when_it_scores_at_least_as_well():
+    assert decide(-1.0, -0.5) and decide(-1.0, -1.0) and not decide(-0.5, -0.50001)
+
+
+# ----------------------------------------------------------------------------------------- the gate's choice
+
+
+class CountingRefit:
+    """A stand-in for the pipeline's refit: sets the model's logits row to `row` and counts the examples it read."""
+
+    def __init__(self, row: list[float]) -> None:
+        self.row, self.examples = row, 0
+
+    def __call__(self, model: nn.Module, batches) -> str:
+        self.examples = sum(len(batch["x"]) for batch in batches())
+        with torch.no_grad():
+            model.row.copy_(torch.tensor(self.row, dtype=torch.float64))
+        return "report"
+
+
+def test_gate_drops_a_refit_that_moves_the_merged_model_away_from_its_parents():
+    parents = [FixedLogits([3.0, 0.0]), FixedLogits([0.0, 3.0])]
+    merged = FixedLogits([3.0, 0.0, 0.0, 3.0])  # the parents' logits exactly
+    before = merged.row.detach().clone()
+    refit = CountingRefit([0.0, 3.0, 3.0, 0.0])  # every task's prediction reversed
+    kept, report, decision = gated_refit(merged, parents, lambda: _batches(10), refit, task_sizes=[2, 2])
+    assert report == "report" and refit.examples == 8  # the 2 held-out examples (every 5th) are not fitted
+    assert decision.kept is False and decision.held_out_examples == 2
+    assert decision.score_refit < decision.score_none
+    assert torch.equal(kept.row, before)  # the unrefitted model, bit for bit
+
+
+def test_gate_keeps_a_refit_that_brings_the_merged_model_closer_to_its_parents():
+    parents = [FixedLogits([3.0, 0.0]), FixedLogits([0.0, 3.0])]
+    merged = FixedLogits([0.0, 0.0, 0.0, 0.0])
+    refit = CountingRefit([3.0, 0.0, 0.0, 3.0])
+    kept, _, decision = gated_refit(merged, parents, lambda: _batches(10), refit, task_sizes=[2, 2])
+    assert decision.kept is True and kept is merged
+    assert kept.row.tolist() == [3.0, 0.0, 0.0, 3.0]
+    assert decision.as_config() == {
+        "kept": True, "score": "parents' log-probability agreement (held out)",
+        "none": round(decision.score_none, 6), "refit": round(decision.score_refit, 6), "held_out_examples": 2}
+
+
+def test_gate_without_a_held_out_example_fits_on_everything_and_keeps_the_refit(caplog):
+    parents = [FixedLogits([3.0, 0.0]), FixedLogits([0.0, 3.0])]
+    refit = CountingRefit([0.0, 3.0, 3.0, 0.0])
+    kept, _, decision = gated_refit(FixedLogits([3.0, 0.0, 0.0, 3.0]), parents, lambda: _batches(4), refit,
+                                    task_sizes=[2, 2])
+    assert decision == GateDecision(True, None, None, 0) and refit.examples == 4
+    assert kept.row.tolist() == [0.0, 3.0, 3.0, 0.0]
+    assert "no held-out calibration example" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------- through merge()
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_merge_with_the_gate_records_its_decision_in_config_recipe_and_card(monkeypatch, keep):
+    model_a, model_b = make_model("vit_cls", seed=1), make_model("vit_cls", seed=2)
+    batches = make_batches("vit_cls", num_batches=2)  # 32 examples: 6 held out
+    monkeypatch.setattr(refit_gate, "decide", lambda none, refit: keep)
+    gated = hf_mudsc.merge([model_a, model_b], batches, refit="gate", progress=False)
+    plain = hf_mudsc.merge([model_a, model_b], batches, refit="none", progress=False)
+    gate = gated.config.mudsc["refit_gate"]
+    assert gated.config.mudsc["refit"] == gated.merge_report.recipe["refit"] == "gate"
+    assert gate["kept"] is keep and gate["held_out_examples"] == 6
+    assert gated.merge_report.refit_gate.as_config() == gate  # the merge report holds the same decision
+    assert isinstance(gate["none"], float) and isinstance(gate["refit"], float)
+    assert gated.merge_report.refit.examples == 26  # the refit read the 26 examples not held out
+    same = all(torch.equal(p, q) for p, q in zip(gated.state_dict().values(), plain.state_dict().values()))
+    assert same is not keep  # dropped: the unrefitted merge exactly; kept: the refitted one
+    assert plain.config.mudsc["refit_gate"] is None
+    card = str(render_card(gated, Recipe(models=["a", "b"], calibration="c", refit="gate")))
+    verdict = "kept" if keep else "dropped"
+    assert (f"| Refit / ridge λ (relative) / examples | gate: refit {verdict} (held-out log-probability agreement "
+            f"{gate['refit']:.4f} with, {gate['none']:.4f} without; 6 examples) / 0.001 / auto: 26 examples |") in card
+
+
+def test_the_gate_is_a_cli_flag_and_a_recipe_value():
+    args = build_parser().parse_args(["merge", "a", "b", "--calibration", "c", "-o", "o", "--refit", "gate"])
+    assert build_recipe(args).refit == "gate"
+    assert resolve_refit("gate", matches_units=False, has_data=True, num_parents=2, reference_compat=False) == "gate"
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"refit": "gate", "reference_compat": True},
+     "refit='gate' changes the merged weights, which reference_compat=True must keep equal to the reference's; "
+     "drop one of --refit / --reference-compat"),
+    ({"refit": "gate", "method": "average"}, "refit='gate' needs calibration data"),
+    ({"refit": "gates"}, "unknown refit 'gates'; choose one of: auto, none, ridge, gate, repair (CLI: --refit)"),
+])
+def test_bad_gate_options_are_refused_before_loading(options, message):
+    with pytest.raises(MergeInputError) as caught:
+        hf_mudsc.merge(MISSING, None, **options)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_gate_refuses_a_one_shot_iterator_before_loading():
+    with pytest.raises(MergeInputError, match=r"reads the calibration data once per layer step"):
+        hf_mudsc.merge(MISSING, iter(make_batches("vit_cls", num_batches=1)), refit="gate")
+
+
+def test_a_recipe_with_the_gate_and_no_calibration_is_refused(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("models: [a, b]\nrefit: gate\n")
+    with pytest.raises(RecipeError, match=r"refit 'gate' needs calibration data"):
+        Recipe.load(path).validate()
+
+
+def test_a_deep_copy_is_what_the_gate_returns_when_it_drops_the_refit():
+    parents = [FixedLogits([3.0, 0.0]), FixedLogits([0.0, 3.0])]
+    merged = FixedLogits([3.0, 0.0, 0.0, 3.0])
+    kept, _, _ = gated_refit(merged, parents, lambda: _batches(10), CountingRefit([0.0, 3.0, 3.0, 0.0]),
+                             task_sizes=[2, 2])
+    assert kept is not merged and copy.deepcopy(kept).row.tolist() == [3.0, 0.0, 0.0, 3.0]
