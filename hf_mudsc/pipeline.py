@@ -380,7 +380,7 @@ def merge(
             num_samples=num_samples, seed=seed, inputs=spec.inputs or None, model_config=model_a.config,
             token=token,
         )
-    held_out = None
+    held_out = alpha_scorer = None
     statistics_data, statistics_samples = calibration, num_samples
     if auto_alpha:  # every 5th example is held out to score the candidate merges; the rest feed the statistics
         from hf_mudsc.apply.fidelity import holdout_split
@@ -442,10 +442,10 @@ def merge(
                 [m.config for m in loaded], distinct_task_names([m.config for m in loaded])
             ).items():
                 setattr(head_config, key, value)
-        scorer = FidelityScorer(loaded, held_out, mask_key="attention_mask", task_sizes=[
+        alpha_scorer = FidelityScorer(loaded, held_out, mask_key="attention_mask", task_sizes=[
             p[spec.classifier.weight].shape[0] for p in params] if concatenate else None)
         chosen_alpha, result, alpha_curve = search_alpha(
-            merge_method, context, scorer,
+            merge_method, context, alpha_scorer,
             lambda parameters: build_model(model_a, widened_config(copy.deepcopy(head_config), spec, parameters),
                                            parameters))
         report.alpha = chosen_alpha
@@ -553,7 +553,8 @@ def merge(
 
             merged, report.refit, gate = gated_refit(
                 merged, loaded, refit_batches, lambda model, data: run_refit(model, data, None),
-                task_sizes=[p[spec.classifier.weight].shape[0] for p in params] if concatenate else None)
+                task_sizes=[p[spec.classifier.weight].shape[0] for p in params] if concatenate else None,
+                scorer=alpha_scorer)  # alpha="auto" held out the same examples: its parents' outputs are reused
             merged.config.mudsc["refit_gate"] = gate.as_config()
             report.refit_gate = gate
         else:

@@ -155,6 +155,32 @@ def test_merge_with_the_gate_records_its_decision_in_config_recipe_and_card(monk
             f"{gate['refit']:.4f} with, {gate['none']:.4f} without; 6 examples) / 0.001 / auto: 26 examples |") in card
 
 
+def test_with_auto_alpha_the_gate_reuses_the_alpha_searchs_held_out_parent_outputs(monkeypatch):
+    """alpha="auto" holds out the same examples as the gate: the parents' held-out outputs are computed once, and
+    the merge is the one a gate with its own scorer gives, tensor for tensor."""
+    model_a, model_b = make_model("vit_cls", seed=1), make_model("vit_cls", seed=2)
+    batches = make_batches("vit_cls", num_batches=2)
+    built = []
+    original_init = FidelityScorer.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(1)
+        original_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(FidelityScorer, "__init__", counting_init)
+    shared = hf_mudsc.merge([model_a, model_b], batches, alpha="auto", refit="gate", progress=False)
+    assert len(built) == 1  # the α search's scorer, reused by the gate
+    original_gate = refit_gate.gated_refit
+    monkeypatch.setattr(refit_gate, "gated_refit", lambda *a, **k: original_gate(*a, **{**k, "scorer": None}))
+    built.clear()
+    fresh = hf_mudsc.merge([model_a, model_b], batches, alpha="auto", refit="gate", progress=False)
+    assert len(built) == 2  # the α search's and the gate's own
+    assert shared.config.mudsc["refit_gate"] == fresh.config.mudsc["refit_gate"]
+    assert shared.config.mudsc["refit_gate"]["held_out_examples"] == shared.config.mudsc["alpha_auto"][
+        "held_out_examples"] == 6
+    assert all(torch.equal(p, q) for p, q in zip(shared.state_dict().values(), fresh.state_dict().values()))
+
+
 def test_the_gate_is_a_cli_flag_and_a_recipe_value():
     args = build_parser().parse_args(["merge", "a", "b", "--calibration", "c", "-o", "o", "--refit", "gate"])
     assert build_recipe(args).refit == "gate"

@@ -51,13 +51,17 @@ def gated_refit(merged: nn.Module, parents: Sequence[nn.Module],
                 batches: Callable[[], Iterable[Mapping[str, Any]]],
                 refit: Callable[[nn.Module, Callable[[], Iterable[Mapping[str, Any]]]], Any], *,
                 task_sizes: Sequence[int] | None, mask_key: str | None = "attention_mask",
-                ) -> tuple[nn.Module, Any, GateDecision]:
+                scorer: FidelityScorer | None = None) -> tuple[nn.Module, Any, GateDecision]:
     """(the model to keep, the refit's report, the decision). `refit(model, batches)` refits `model` in place on
     `batches` (the pipeline's `refit_model` call); `merged` is refitted in place on the kept examples, and a copy
     taken before is returned when the gate drops the refit. Without held-out examples (fewer than
-    `HOLDOUT_EVERY` calibration examples) nothing can be measured: the refit is fitted on all of them and kept."""
+    `HOLDOUT_EVERY` calibration examples) nothing can be measured: the refit is fitted on all of them and kept.
+
+    `scorer`: one already built on the held-out split of these same `batches` (`alpha="auto"`'s: the same
+    examples, heads and mask), so the parents' held-out outputs are computed once per merge."""
     kept_rows, held_out = holdout_split(batches)
-    scorer = FidelityScorer(parents, held_out, task_sizes=task_sizes, mask_key=mask_key)
+    if scorer is None:
+        scorer = FidelityScorer(parents, held_out, task_sizes=task_sizes, mask_key=mask_key)
     if scorer.examples == 0:
         report = refit(merged, batches)
         logger.warning("refit gate: no held-out calibration example (fewer than 5 examples); the refit is kept")
