@@ -244,3 +244,24 @@ def ridge_solution(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias:
     start = torch.cat([weight.T, bias[None]], dim=0).to(torch.float64)
     solution = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=torch.float64), x1.T @ y + lam * start)
     return solution[:-1].T, solution[-1]
+
+
+def vit_cli_case(folder) -> tuple[list[str], str]:
+    """Two `vit_cls` parents (seeds 1, 2) saved with a 16x16 grey-scale processor, and 24 random images saved as a
+    `datasets` folder: what the CLI's merge takes (parent folders, `--calibration`)."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+    from transformers import ViTImageProcessor
+
+    processor = ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5])
+    parents = []
+    for name, seed in (("vit-a", 1), ("vit-b", 2)):
+        make_model("vit_cls", seed).save_pretrained(folder / name)
+        processor.save_pretrained(folder / name)
+        parents.append(str(folder / name))
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L") for _ in range(24)]
+    datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image()).save_to_disk(
+        folder / "calibration")
+    return parents, str(folder / "calibration")

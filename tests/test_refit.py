@@ -22,6 +22,7 @@ from factories import (
     permuted_copy,
     relative_error,
     ridge_solution,
+    vit_cli_case,
     with_new_head,
 )
 from torch import nn
@@ -506,26 +507,13 @@ def test_refit_option_reaches_config_recipe_cli_and_card(tmp_path):
 
 
 def test_cli_merge_with_refit_writes_it_to_config_recipe_and_card_and_the_recipe_reproduces_it(tmp_path):
-    import datasets
-    import numpy as np
-    from PIL import Image
     from safetensors.torch import load_file
-    from transformers import ViTImageProcessor
 
     from hf_mudsc.cli.main import main
 
-    processor = ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5])
-    parents = []
-    for name, seed in (("vit-a", 1), ("vit-b", 2)):
-        make_model("vit_cls", seed).save_pretrained(tmp_path / name)
-        processor.save_pretrained(tmp_path / name)
-        parents.append(str(tmp_path / name))
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L") for _ in range(24)]
-    datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image()).save_to_disk(
-        tmp_path / "calibration")
+    parents, calibration = vit_cli_case(tmp_path)
     out = tmp_path / "merged"
-    assert main(["merge", *parents, "--calibration", str(tmp_path / "calibration"), "--method", "average",
+    assert main(["merge", *parents, "--calibration", calibration, "--method", "average",
                  "--refit", "ridge", "--refit-lambda", "0.01", "--batch-size", "8", "-o", str(out)]) == 0
     config = yaml.safe_load((out / "config.json").read_text())["mudsc"]
     assert (config["refit"], config["refit_lambda"]) == ("ridge", 0.01)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from factories import make_batches, make_model, model_output, permuted_copy, relative_error
+from factories import make_batches, make_model, model_output, permuted_copy, relative_error, vit_cli_case
 from torch import nn
 
 import hf_mudsc
@@ -243,25 +243,13 @@ def test_repair_option_reaches_config_recipe_and_card(tmp_path):
 
 
 def test_cli_merge_with_repair_round_trips_through_from_pretrained(tmp_path):
-    import datasets
-    import numpy as np
-    from PIL import Image
-    from transformers import AutoModelForImageClassification, ViTImageProcessor
+    from transformers import AutoModelForImageClassification
 
     from hf_mudsc.cli.main import main
 
-    processor = ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5])
-    parents = []
-    for name, seed in (("vit-a", 1), ("vit-b", 2)):
-        make_model("vit_cls", seed).save_pretrained(tmp_path / name)
-        processor.save_pretrained(tmp_path / name)
-        parents.append(str(tmp_path / name))
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L") for _ in range(24)]
-    datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image()).save_to_disk(
-        tmp_path / "calibration")
+    parents, calibration = vit_cli_case(tmp_path)
     out = tmp_path / "merged"
-    assert main(["merge", *parents, "--calibration", str(tmp_path / "calibration"), "--method", "mudsc",
+    assert main(["merge", *parents, "--calibration", calibration, "--method", "mudsc",
                  "--refit", "repair", "--batch-size", "8", "-o", str(out)]) == 0
     config = yaml.safe_load((out / "config.json").read_text())["mudsc"]
     assert (config["refit"], config["refit_examples"], config["repair"]["scope"]) == ("repair", 24, "all")

@@ -273,23 +273,31 @@ def parents_shared_basis(spec: PermutationSpec, parents: Sequence[nn.Module],
     return min(known) if known else None
 
 
-def _capture(model: nn.Module, names: Sequence[str], batch: Mapping[str, Any], where: str,
-             until: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+def capture_layers(model: nn.Module, names: Sequence[str], batch: Mapping[str, Any], where: str,
+                   until: Iterable[str] = (), consume: Callable[[str, torch.Tensor], None] | None = None
+                   ) -> dict[str, torch.Tensor]:
     """The first input (`where="input"`) or output of each named module on `batch`; the forward stops once they are
     known (an input before its module runs) and the modules `until` have returned (blocks whose outputs the pass
-    stores for later passes)."""
+    stores for later passes). With `consume`, each tensor is handed to `consume(name, tensor)` as it is known
+    instead of kept (REPAIR's moments: one layer's output alive at a time); the returned dict is then empty."""
     modules = dict(model.named_modules())
     captured: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
     waiting = set(until)
 
     def done() -> None:
-        if len(captured) == len(names) and not waiting:
+        if len(seen) == len(names) and not waiting:
             raise StopForward
 
     def hook(name: str) -> Callable[..., None]:
         def record(module: nn.Module, args: tuple, output: Any = None) -> None:
-            if name not in captured:
-                captured[name] = (args[0] if where == "input" else output).detach()
+            if name not in seen:
+                seen.add(name)
+                value = (args[0] if where == "input" else output).detach()
+                if consume is None:
+                    captured[name] = value
+                else:
+                    consume(name, value)
                 done()
         return record
 
@@ -412,7 +420,7 @@ def refit_model(
                             outputs = []
                             for parent, replay in zip(parents, replays[1:]):
                                 replay.batch(number)
-                                outputs.append(_capture(parent, names, batch, "output", until=replay.storing))
+                                outputs.append(capture_layers(parent, names, batch, "output", until=replay.storing))
                             for name in names:
                                 mask = _mask(spec, name, batch)
                                 ys = [token_rows(out[name], mask).to(torch.float64) for out in outputs]
@@ -429,7 +437,8 @@ def refit_model(
                                 replays[0].batch(number)
                                 # The layers of one accumulator share their input: the first one's is read,
                                 # and the pass stops before it runs.
-                                inputs = _capture(merged, [members[0] for _, members in accumulators], batch, "input")
+                                firsts = [members[0] for _, members in accumulators]
+                                inputs = capture_layers(merged, firsts, batch, "input")
                                 for accumulator, members in accumulators:
                                     if any(number >= len(cached[name]) for name in members):
                                         raise CalibrationError(f"refit: the calibration data gave more batches "

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from hf_mudsc.apply.block_replay import BlockReplay, Storage, find_chains
-from hf_mudsc.apply.refit import forward_steps, subset_batches, target_maps
-from hf_mudsc.calibrate.layer_inputs import StopForward, batch_to, forward_inputs, padding_mask_key, token_rows
+from hf_mudsc.apply.refit import capture_layers, forward_steps, subset_batches, target_maps
+from hf_mudsc.calibrate.layer_inputs import batch_to, padding_mask_key, token_rows
 from hf_mudsc.errors import CalibrationError
 from hf_mudsc.options import AUTO
 from hf_mudsc.progress import Progress
@@ -153,38 +153,11 @@ def _accumulate(model: nn.Module, spec: PermutationSpec, names: Sequence[str], b
                 moments: Mapping[str, Moments], until: Iterable[str] = ()) -> None:
     """One forward of `batch`: each named module's first output (padding dropped) added to its moments; the
     forward stops once they are all known and the modules `until` have returned."""
-    modules = dict(model.named_modules())
-    seen: set[str] = set()
-    waiting = set(until)
+    def add(name: str, output: torch.Tensor) -> None:
+        key = padding_mask_key(spec, f"{name}.weight")
+        moments[name].update(token_rows(output, batch.get(key) if key else None))
 
-    def done() -> None:
-        if len(seen) == len(names) and not waiting:
-            raise StopForward
-
-    def hook(name: str) -> Callable[..., None]:
-        def record(module: nn.Module, args: tuple, output: Any) -> None:
-            if name not in seen:
-                seen.add(name)
-                key = padding_mask_key(spec, f"{name}.weight")
-                moments[name].update(token_rows(output.detach(), batch.get(key) if key else None))
-                done()
-        return record
-
-    def returned(name: str) -> Callable[..., None]:
-        def record(module: nn.Module, args: tuple, output: Any) -> None:
-            waiting.discard(name)
-            done()
-        return record
-
-    handles = [modules[name].register_forward_hook(hook(name)) for name in names]
-    handles += [modules[name].register_forward_hook(returned(name)) for name in waiting]
-    try:
-        model(**forward_inputs(model, batch))
-    except StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    capture_layers(model, names, batch, "output", until=until, consume=add)
 
 
 def renormalise(module: nn.Module, name: str, merged: Moments, mean_t: torch.Tensor, std_t: torch.Tensor
