@@ -94,7 +94,9 @@ def _direct_figures(root, out, tests) -> dict[str, dict[str, float]]:
         "merged": {
             "zeta": acc(logits["zeta"]["merged"][:, 0:3].argmax(-1), labels["zeta"]),
             "alpha": acc(logits["alpha"]["merged"][:, 3:5].argmax(-1), labels["alpha"]),
-            "joint": acc(both["merged"].argmax(-1), joint_labels),
+            # a concatenated head decides jointly by each task's softmax, as the ensemble does
+            "joint": acc(torch.cat([both["merged"][:, 0:3].softmax(-1), both["merged"][:, 3:5].softmax(-1)],
+                                   dim=1).argmax(-1), joint_labels),
         },
         "parent_a": {
             "zeta": acc(logits["zeta"]["zeta"].argmax(-1), labels["zeta"]),

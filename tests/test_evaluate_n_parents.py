@@ -60,8 +60,12 @@ def test_evaluate_merge_scores_three_parents_their_ensemble_and_the_merged_model
             assert result.score(parent_names(3)[other], task) is None  # a parent scores its own task only
     ensemble = torch.cat([z.softmax(1) for z in logits], 1).argmax(1)
     assert result.score("ensemble", "joint") == pytest.approx((ensemble == joint_labels).float().mean().item())
+    # The merged head decides jointly by each task's softmax (the ensemble's rule): the kept heads give back
+    # the ensemble's joint figure.
+    merged_joint = torch.cat([merged_logits[:, lo:hi].softmax(1) for lo, hi in ((0, 3), (3, 7), (7, 12))], 1)
     assert result.score("merged", "joint") == pytest.approx(
-        (merged_logits.argmax(1) == joint_labels).float().mean().item())
+        (merged_joint.argmax(1) == joint_labels).float().mean().item())
+    assert result.score("merged", "joint") == pytest.approx(result.score("ensemble", "joint"))
     # a parent's joint figure: a single-task model answering the joint test, right at most on its own share
     parent_c = logits[2].argmax(1) + 7
     assert result.score("parent_c", "joint") == pytest.approx((parent_c == joint_labels).float().mean().item())

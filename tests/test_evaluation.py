@@ -24,6 +24,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import ImageClassifierOutput
 
+import hf_mudsc
 from hf_mudsc.cli.main import main
 from hf_mudsc.errors import EvaluationError
 from hf_mudsc.evaluate.harness import evaluate_merge
@@ -646,3 +647,46 @@ def test_the_light_metric_names_are_the_shipped_metrics():
     from hf_mudsc.evaluate.names import SHIPPED_METRIC_NAMES
 
     assert SHIPPED_METRIC_NAMES == tuple(SHIPPED_METRICS) == ("accuracy", "f1")
+
+
+# Task A's logits run small, task B's large: the raw argmax over the concatenation picks B's classes on A's
+# samples 0-2; each task's softmax first (the ensemble's rule) decides samples 0 and 1 right.
+SCALED_LOGITS = [  # classes: a0 a1 | b0 b1 b2
+    [2, 0, 5, 4, 4.5],  # A label 0: raw b0 (wrong); per task a0 0.881 > b0 0.506 (right)
+    [0, 1, 6, 5.5, 5],  # A label 1: raw b0 (wrong); per task a1 0.731 > b0 0.506 (right)
+    [0, 0.5, 3, 0, 0],  # A label 1: raw b0 (wrong); per task b0 0.909 > a1 0.622 (wrong)
+    [3, 0, 0, 0, 0],    # A label 0: right either way
+    [0, 0, 0, 0, 9],    # B label b2: right either way
+    [1, 0, 7, 0, 0],    # B label b0: right either way
+    [0.1, 0, 3, 3.2, 0],  # B label b1: raw b1; per task b1 0.535 > a0 0.525 (right either way)
+]
+
+
+def test_a_concatenated_merged_head_decides_jointly_by_each_tasks_softmax_like_the_ensemble(table_models):
+    _, parent_a, parent_b = table_models
+    labels = ["alpha: a0", "alpha: a1", "beta: b0", "beta: b1", "beta: b2"]
+    merged = table_model(SCALED_LOGITS, labels, RANGES)
+    result = evaluate_merge(merged, [parent_a, parent_b], table_tasks(), batch_size=3, progress=False)
+    assert result.score("merged", "joint") == pytest.approx(6 / 7)  # the raw argmax would score 4 / 7
+    assert result.score("merged", "alpha") == pytest.approx(1.0) and result.score("merged", "beta") == 1.0
+    # The public helper is the rule the joint figure scores.
+    logits = torch.tensor(SCALED_LOGITS)
+    joint = hf_mudsc.joint_probabilities(logits, merged.config)
+    assert joint.argmax(-1).tolist() == [0, 1, 2, 0, 4, 2, 3]
+    assert torch.allclose(joint[:, :2].sum(-1), torch.ones(7)) and torch.allclose(joint[:, 2:].sum(-1), torch.ones(7))
+    assert torch.allclose(joint[:, 2:], logits[:, 2:].softmax(-1))
+
+
+def test_joint_probabilities_reads_the_ranges_in_label_order_and_refuses_a_mismatch():
+    # config.json is written with sorted keys: the loaded mapping can list B's task first.
+    logits = torch.tensor([[1.0, 2.0, 0.0, 0.0, 3.0]])
+    config = TableConfig(id2label=dict(enumerate("abcde")), task_label_ranges={"zeta": [0, 2], "beta": [2, 5]})
+    expected = torch.cat([logits[:, :2].softmax(-1), logits[:, 2:].softmax(-1)], dim=-1)
+    assert torch.allclose(hf_mudsc.joint_probabilities(logits, config), expected)
+    assert torch.allclose(hf_mudsc.joint_probabilities(logits, {"beta": [2, 5], "zeta": [0, 2]}), expected)
+    # One shared label set (no ranges): a plain softmax.
+    assert torch.allclose(hf_mudsc.joint_probabilities(logits, TableConfig()), logits.softmax(-1))
+    with pytest.raises(ValueError, match="cover 5 labels but the logits have 4"):
+        hf_mudsc.joint_probabilities(logits[:, :4], {"a": [0, 2], "b": [2, 5]})
+    with pytest.raises(ValueError, match="overlap or leave gaps"):
+        hf_mudsc.joint_probabilities(logits, {"a": [0, 2], "b": [3, 5]})

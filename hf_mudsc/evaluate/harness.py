@@ -10,7 +10,8 @@ the views then read those scores:
 
 * **per-task** (view = the task's name): argmax within the task's slice, against the task's own label.
 * **joint** (view `joint`): argmax over all classes, on every task's test data together, against the
-  label shifted into the joint space.
+  label shifted into the joint space. A concatenated head (the merged model's or the ensemble's) is scored
+  by each task's softmax, concatenated (`decision`), so merge and ensemble decide by one rule.
 * **average** (view `average`): the mean of the per-task figures (the papers' "Avg"); only for scorers
   that have a figure for every task.
 

@@ -127,7 +127,8 @@ def _joint_info(tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
 
 DEFINITIONS = {
     "per_task": "argmax within the task's slice of the joint label space, on that task's data",
-    JOINT: "argmax over all classes of all tasks, on every task's data together",
+    JOINT: "argmax over all classes of all tasks, on every task's data together; a concatenated head (merged "
+           "model or ensemble) decides by each task's softmax, concatenated",
     AVERAGE: "mean of the per-task figures (only when a scorer has one for every task)",
     "parent": "with different label sets a parent scores only its own classes: per task on its own task; "
               "joint = a single-task model answering the joint test (right at most on its own task's share)",

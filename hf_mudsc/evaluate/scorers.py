@@ -1,6 +1,7 @@
 """Scorers: each turns a batch into one score per joint class and sample.
 
-* **merged** models: their logits (a concatenated head is already in the joint space).
+* **merged** models: their logits; a concatenated head (different label sets) decides jointly by each task's
+  softmax, concatenated — the ensemble's rule (`decision.per_task_softmax`; why: `decision`'s docstring).
 * **parent A / B / C ...** (N >= 2 parents, merge order): when the parents have different label sets, a
   parent scores only its own classes (its slice holds its logits, every other class ``-inf``). It is scored per
   task on its own task only; its joint figure is that of a single-task model answering the joint test — always
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from hf_mudsc.errors import EvaluationError
+from hf_mudsc.evaluate.decision import per_task_softmax
 from hf_mudsc.evaluate.names import ENSEMBLE, parent_names
 from hf_mudsc.evaluate.tasks import LabelLayout
 
@@ -68,8 +70,10 @@ class _ClassifierScorer(Scorer):
 
     def scores(self, batch: Mapping[str, Any], cache: dict[int, torch.Tensor]) -> torch.Tensor:
         logits = _logits(self.model, batch, cache)
-        if self.own is None or self.layout.shared:
+        if self.layout.shared:
             return logits
+        if self.own is None:
+            return per_task_softmax(logits, list(self.layout.ranges.values()))
         lo, hi = self.layout.ranges[self.own]
         full = torch.full((logits.shape[0], self.layout.size), -math.inf)
         full[:, lo:hi] = logits
@@ -82,13 +86,10 @@ class _ClassifierEnsemble(Scorer):
         self.parents, self.layout = list(parents), layout
 
     def scores(self, batch: Mapping[str, Any], cache: dict[int, torch.Tensor]) -> torch.Tensor:
-        probs = [_logits(p, batch, cache).softmax(-1) for p in self.parents]
+        logits = [_logits(p, batch, cache) for p in self.parents]
         if self.layout.shared:
-            return torch.stack(probs).mean(0)
-        full = torch.zeros((probs[0].shape[0], self.layout.size))
-        for (lo, hi), p in zip(self.layout.ranges.values(), probs):
-            full[:, lo:hi] = p
-        return full
+            return torch.stack([z.softmax(-1) for z in logits]).mean(0)
+        return per_task_softmax(torch.cat(logits, dim=-1), list(self.layout.ranges.values()))
 
 
 class _ClipScorer(Scorer):

@@ -1,0 +1,48 @@
+"""The joint decision over a concatenated head: each task's softmax, then the most probable label of all tasks.
+
+A merged model whose parents had different label sets carries their heads one after the other
+(`config.task_label_ranges`). Each task's slice holds that parent's logits up to a per-task shift (the refit's
+head target is each parent's logits centred per task, docs/design.md §4.9), so within a task it decides like
+its parent, but nothing ties the scale of one task's logits to another's: an argmax over the raw
+concatenation favours whichever task's logits run larger. Normalising each slice first — per-task softmax,
+concatenated — gives every task a probability distribution and decides jointly by comparing those; it is the
+rule of the parents' ensemble (each head's softmax, concatenated), so the merge and the ensemble it is compared
+with decide by the same rule. One shared label set is one slice: a plain softmax, whose argmax is the logits'.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+
+def per_task_softmax(logits: torch.Tensor, ranges: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """`logits` (..., labels) with each `[lo, hi)` slice replaced by its softmax; the slices must tile the labels."""
+    bounds = sorted((int(lo), int(hi)) for lo, hi in ranges)
+    end = 0
+    for lo, hi in bounds:
+        if lo != end or hi <= lo:
+            raise ValueError(f"task ranges {list(ranges)} overlap or leave gaps; each task needs its own "
+                             "contiguous slice of the labels")
+        end = hi
+    if not bounds:
+        return logits.softmax(-1)
+    if end != logits.shape[-1]:
+        raise ValueError(f"task ranges cover {end} labels but the logits have {logits.shape[-1]}; pass the "
+                         "logits of the model whose config the ranges come from")
+    return torch.cat([logits[..., lo:hi].softmax(-1) for lo, hi in bounds], dim=-1)
+
+
+def joint_probabilities(logits: torch.Tensor, config: Any) -> torch.Tensor:
+    """Per-task probabilities of a merged model's `logits`, concatenated in label order (module docstring).
+
+    `config`: the merged model's config (or a mapping task -> [first id, end id), its `task_label_ranges`).
+    `joint_probabilities(out.logits, model.config).argmax(-1)` is the label id the evaluation's joint accuracy
+    scores; `id2label` names it (`"task: label"`). A model without task ranges gets a plain softmax.
+    """
+    from hf_mudsc.apply.classifier import task_ranges
+
+    ranges = config if isinstance(config, Mapping) else task_ranges(config)
+    return per_task_softmax(logits, [tuple(bounds) for bounds in ranges.values()])
