@@ -15,7 +15,8 @@ pipeline's refit step calls) builds
   — continuous, so 25 held-out sentences do not tie, and it is what the refit's targets aim at).
 
 Rules scored per pair against the better of none / ridge on the test labels:
-(a) gate — keep `ridge80` if its held-out score >= `none`'s, else `none`; (b) shared basis — ridge only when
+(a) gate — keep `ridge80` if its held-out score >= `none`'s, else `none` (`gate_loglik_tasks`: the log-probability
+score without the whole-head term); (b) shared basis — ridge only when
 `parents_shared_basis` < 0.5 (the refit report's score); (c) today — always ridge after these methods.
 
 Settings:
@@ -24,7 +25,9 @@ Settings:
   `same_base_text_pairs.py` does (normalised: each task under its own fine-tuned head / the fine-tune's accuracy).
 * text P (permuted basis): the same pairs with parent B's units permuted (`hf_mudsc.testing.permute`, seed 7; the
   fine-tune commutes with the permutation, `benchmark_quality.py`'s bert_permuted); `method="auto"` (mudsc zip);
-  per task (argmax in the task's slice) and joint (argmax over all classes); ensemble: per-head softmax.
+  per task (argmax in the task's slice) and joint (each task's softmax, then the argmax over all classes — the
+  library's evaluation rule since 2026-11-30; `joint_raw`: the argmax over the raw logits); ensemble: per-head
+  softmax (and raw).
 * toy diff / toy same: the quality benchmark's digit ViT pairs (`common.different_init_pair` / `same_init_pair`).
 
     python scripts/refit_text_pairs.py --settings text_s text_p --seeds 0 1 2 --threads 2 --out /tmp/refit_text.json
@@ -52,7 +55,7 @@ from hf_mudsc.apply.refit import refit_model
 from hf_mudsc.architectures import spec_for
 
 SETTINGS = ("text_s", "text_p", "toy_diff", "toy_same")
-RULES = ("today", "gate_agreement", "gate_loglik", "shared_basis", "enough_data")
+RULES = ("today", "gate_agreement", "gate_loglik", "gate_loglik_tasks", "shared_basis", "enough_data")
 
 
 @torch.no_grad()
@@ -61,15 +64,18 @@ def logits_of(model: Any, batches: Iterable[Mapping[str, Any]]) -> torch.Tensor:
     return torch.cat([model(**dict(batch)).logits.double() for batch in batches])
 
 
-def loglik_score(merged: torch.Tensor, parents: Sequence[torch.Tensor]) -> float:
+def loglik_score(merged: torch.Tensor, parents: Sequence[torch.Tensor], *, whole_head: bool = True) -> float:
     """The parents' log-probability agreement of `merged` logits (concatenated heads, parent order): the mean over
-    tasks of Σ_c p_parent(c) log q_slice(c), and the joint head against the ensemble's concatenated per-head softmax
-    divided by the number of parents; averaged over the N + 1 terms (higher is better, 0 at most)."""
+    tasks of Σ_c p_parent(c) log q_slice(c), and (`whole_head`) the joint head under ONE softmax against the
+    ensemble's concatenated per-head softmax divided by the number of parents; averaged over the terms (higher is
+    better, 0 at most). Without the whole-head term it scores what the per-task joint rule uses: under that rule
+    the whole-head term is the mean of the per-task terms plus a constant."""
     sizes = [p.shape[1] for p in parents]
     terms = [float((p.softmax(1) * q.log_softmax(1)).sum(1).mean())
              for p, q in zip(parents, torch.split(merged, sizes, dim=1))]
-    ensemble = torch.cat([p.softmax(1) for p in parents], dim=1) / len(parents)
-    terms.append(float((ensemble * merged.log_softmax(1)).sum(1).mean()))
+    if whole_head:
+        ensemble = torch.cat([p.softmax(1) for p in parents], dim=1) / len(parents)
+        terms.append(float((ensemble * merged.log_softmax(1)).sum(1).mean()))
     return sum(terms) / len(terms)
 
 
@@ -99,7 +105,9 @@ def refits(parents: Sequence[Any], calibration: list[dict[str, Any]], **merge_kw
     gate = {"held_out": scorer.examples}
     for name, model in (("none", merged), ("ridge80", ridge80)):
         gate[f"agreement_{name}"] = scorer(model)
-        gate[f"loglik_{name}"] = loglik_score(logits_of(model, held), parent_logits)
+        held_logits = logits_of(model, held)
+        gate[f"loglik_{name}"] = loglik_score(held_logits, parent_logits)
+        gate[f"loglik_tasks_{name}"] = loglik_score(held_logits, parent_logits, whole_head=False)
     seconds["gate"] = time.perf_counter() - start
     return {"models": {"none": merged, "ridge": ridge, "ridge80": ridge80}, "gate": gate,
             "shared_basis": report.shared_basis, "method": merged.config.mudsc["method"],
@@ -108,30 +116,37 @@ def refits(parents: Sequence[Any], calibration: list[dict[str, Any]], **merge_kw
 
 
 def task_scores(model: Any, parents: Sequence[Any], tests: Sequence[tuple[dict, torch.Tensor]]) -> dict[str, float]:
-    """Per-task (argmax in the task's slice of the concatenated head) and joint (argmax over all) accuracy, %."""
+    """Per-task (argmax in the task's slice of the concatenated head) and joint accuracy, %: `joint` by each task's
+    softmax, concatenated (`hf_mudsc.joint_probabilities`, the library's evaluation rule), `joint_raw` by the argmax
+    over the raw concatenated logits."""
     sizes = [p.config.num_labels for p in parents]
     offsets = [sum(sizes[:k]) for k in range(len(sizes))]
-    out, joint_hits, total = {}, 0, 0
+    ranges = {f"task_{k}": [offsets[k], offsets[k] + sizes[k]] for k in range(len(sizes))}
+    out, joint_hits, raw_hits, total = {}, 0, 0, 0
     for k, (inputs, labels) in enumerate(tests):
         z = logits_of(model, [inputs])
         part = z[:, offsets[k]:offsets[k] + sizes[k]]
         out[f"task_{k}"] = 100 * float((part.argmax(1) == labels).double().mean())
-        joint_hits += int((z.argmax(1) == labels + offsets[k]).sum())
+        joint_hits += int((hf_mudsc.joint_probabilities(z, ranges).argmax(1) == labels + offsets[k]).sum())
+        raw_hits += int((z.argmax(1) == labels + offsets[k]).sum())
         total += len(labels)
     out["joint"] = 100 * joint_hits / total
+    out["joint_raw"] = 100 * raw_hits / total
     return out
 
 
 def ensemble_scores(parents: Sequence[Any], tests: Sequence[tuple[dict, torch.Tensor]]) -> dict[str, float]:
     sizes = [p.config.num_labels for p in parents]
     offsets = [sum(sizes[:k]) for k in range(len(sizes))]
-    out, joint_hits, total = {}, 0, 0
+    out, joint_hits, raw_hits, total = {}, 0, 0, 0
     for k, (inputs, labels) in enumerate(tests):
         z = [logits_of(p, [inputs]) for p in parents]
         out[f"task_{k}"] = 100 * float((z[k].argmax(1) == labels).double().mean())
         joint_hits += int((torch.cat([x.softmax(1) for x in z], 1).argmax(1) == labels + offsets[k]).sum())
+        raw_hits += int((torch.cat(z, 1).argmax(1) == labels + offsets[k]).sum())
         total += len(labels)
     out["joint"] = 100 * joint_hits / total
+    out["joint_raw"] = 100 * raw_hits / total
     return out
 
 
@@ -143,6 +158,7 @@ def decisions(run: dict[str, Any]) -> dict[str, str]:
         "today": "ridge",
         "gate_agreement": "ridge80" if gate["agreement_ridge80"] >= gate["agreement_none"] else "none",
         "gate_loglik": "ridge80" if gate["loglik_ridge80"] >= gate["loglik_none"] else "none",
+        "gate_loglik_tasks": "ridge80" if gate["loglik_tasks_ridge80"] >= gate["loglik_tasks_none"] else "none",
         # A merge without a concatenated head has no score: the rule then refits (shared basis unknown).
         "shared_basis": "none" if basis is not None and basis >= 0.5 else "ridge",
         # (d) enough data: the calibration holds the examples `refit_samples="auto"` asks for (16 token rows per

@@ -138,3 +138,23 @@ def test_benchmark_quality_methods_keeps_the_named_rows_in_table_order_and_refus
                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert refused.returncode == 2
     assert "invalid choice: 'nonsense'" in refused.stderr
+
+
+def test_joint_rules_scores_both_rules_and_summarises_the_gap(monkeypatch):
+    """`scripts/joint_rules.py`: raw = argmax over the concatenation, per_task = each slice's softmax first."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import joint_rules
+
+    out = torch.tensor([[2.0, 0.0, 5.0, 4.0, 4.5], [0.0, 0.0, 0.0, 0.0, 9.0]])  # A's slice small, B's large
+    ranges = {"a": [0, 2], "b": [2, 5]}
+    labels = torch.tensor([0, 4])
+    assert joint_rules.accuracy(joint_rules.decide(out, ranges, "raw"), labels) == 50.0
+    assert joint_rules.accuracy(joint_rules.decide(out, ranges, "per_task"), labels) == 100.0
+    rows = [{"width": 64, "merged": {"joint_raw": m_raw, "joint_per_task": m_pt, "task_a": 90.0, "task_b": 95.0},
+             "ensemble": {"joint_raw": e_raw, "joint_per_task": e_pt, "task_a": 95.0, "task_b": 96.0}}
+            for m_raw, m_pt, e_raw, e_pt in ((70.0, 74.0, 68.0, 76.0), (72.0, 76.0, 70.0, 80.0))]
+    summary = joint_rules.summarise(rows)["64"]
+    assert summary["pairs"] == 2 and summary["merged_joint_per_task"][0] == 75.0
+    assert summary["gap_raw"] == -2.0 and summary["gap_per_task"] == 3.0
+    assert "| 64 | 2 | 71.0 ± 1.4 | 69.0 ± 1.4 | -2.0 | 75.0 ± 1.4 | 78.0 ± 2.8 | 3.0 |" in joint_rules.table(
+        {"64": summary})

@@ -133,3 +133,25 @@ def test_reference_compat_keeps_the_references_stacked_classifier_rows(kind):
     default = hf_mudsc.merge([a, b], batches, method="mudsc", matcher="align", progress=False)
     assert not all(torch.equal(default.state_dict()[k], body[0][k]) for k in body[0]), \
         "the default should leave B's rows out and match differently here"
+
+
+def test_the_cards_joint_decision_snippet_runs_on_the_saved_model(tmp_path, pairs):
+    """The card's Usage code for all labels at once runs as written and names a label of one task."""
+    import re
+
+    kind, labels_a, labels_b = LABEL_COUNTS[0]
+    a, b, batches = pairs(kind, labels_a, labels_b)
+    merged = hf_mudsc.merge([a, b], batches, method="mudsc", matcher="align", progress=False)
+    folder = hf_mudsc.save_merged(merged, tmp_path / "merged")
+    card = (folder / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    snippet = next(block for block in blocks if "joint_probabilities" in block)
+    model = type(merged).from_pretrained(folder).eval()
+    inputs = {key: value for key, value in batches[0].items() if key != "labels"}
+    scope = {"model": model, "inputs": inputs}
+    with torch.no_grad():
+        exec(snippet, scope)
+    logits = model(**inputs).logits
+    expected = torch.cat([logits[:, :labels_a].softmax(-1), logits[:, labels_a:].softmax(-1)], dim=-1).argmax(-1)
+    assert scope["labels"] == [model.config.id2label[int(i)] for i in expected]
+    assert all(label.startswith(("task-a: ", "task-b: ")) for label in scope["labels"])
