@@ -98,3 +98,20 @@ def task_ranges(config: PretrainedConfig) -> dict[str, tuple[int, int]]:
             "re-create the merged model with hf-mudsc merge"
         )
     return ordered
+
+
+def per_task_softmax(logits: torch.Tensor, ranges: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """`logits` (..., labels) with each `[lo, hi)` slice replaced by its softmax; the slices must tile the labels."""
+    bounds = sorted((int(lo), int(hi)) for lo, hi in ranges)
+    end = 0
+    for lo, hi in bounds:
+        if lo != end or hi <= lo:
+            raise ValueError(f"task ranges {list(ranges)} overlap or leave gaps; each task needs its own "
+                             "contiguous slice of the labels")
+        end = hi
+    if not bounds:
+        return logits.softmax(-1)
+    if end != logits.shape[-1]:
+        raise ValueError(f"task ranges cover {end} labels but the logits have {logits.shape[-1]}; pass the "
+                         "logits of the model whose config the ranges come from")
+    return torch.cat([logits[..., lo:hi].softmax(-1) for lo, hi in bounds], dim=-1)

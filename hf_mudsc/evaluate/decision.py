@@ -8,31 +8,17 @@ concatenation favours whichever task's logits run larger. Normalising each slice
 concatenated — gives every task a probability distribution and decides jointly by comparing those; it is the
 rule of the parents' ensemble (each head's softmax, concatenated), so the merge and the ensemble it is compared
 with decide by the same rule. One shared label set is one slice: a plain softmax, whose argmax is the logits'.
+The rule itself (`apply.classifier.per_task_softmax`) lives with the head layout it reads.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-
-def per_task_softmax(logits: torch.Tensor, ranges: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """`logits` (..., labels) with each `[lo, hi)` slice replaced by its softmax; the slices must tile the labels."""
-    bounds = sorted((int(lo), int(hi)) for lo, hi in ranges)
-    end = 0
-    for lo, hi in bounds:
-        if lo != end or hi <= lo:
-            raise ValueError(f"task ranges {list(ranges)} overlap or leave gaps; each task needs its own "
-                             "contiguous slice of the labels")
-        end = hi
-    if not bounds:
-        return logits.softmax(-1)
-    if end != logits.shape[-1]:
-        raise ValueError(f"task ranges cover {end} labels but the logits have {logits.shape[-1]}; pass the "
-                         "logits of the model whose config the ranges come from")
-    return torch.cat([logits[..., lo:hi].softmax(-1) for lo, hi in bounds], dim=-1)
+from hf_mudsc.apply.classifier import per_task_softmax, task_ranges
 
 
 def joint_probabilities(logits: torch.Tensor, config: Any) -> torch.Tensor:
@@ -42,7 +28,5 @@ def joint_probabilities(logits: torch.Tensor, config: Any) -> torch.Tensor:
     `joint_probabilities(out.logits, model.config).argmax(-1)` is the label id the evaluation's joint accuracy
     scores; `id2label` names it (`"task: label"`). A model without task ranges gets a plain softmax.
     """
-    from hf_mudsc.apply.classifier import task_ranges
-
     ranges = config if isinstance(config, Mapping) else task_ranges(config)
     return per_task_softmax(logits, [tuple(bounds) for bounds in ranges.values()])

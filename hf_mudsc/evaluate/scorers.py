@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
+from hf_mudsc.apply.classifier import per_task_softmax
 from hf_mudsc.errors import EvaluationError
-from hf_mudsc.evaluate.decision import per_task_softmax
 from hf_mudsc.evaluate.names import ENSEMBLE, parent_names
 from hf_mudsc.evaluate.tasks import LabelLayout
 
