@@ -158,3 +158,24 @@ def test_joint_rules_scores_both_rules_and_summarises_the_gap(monkeypatch):
     assert summary["gap_raw"] == -2.0 and summary["gap_per_task"] == 3.0
     assert "| 64 | 2 | 71.0 ± 1.4 | 69.0 ± 1.4 | -2.0 | 75.0 ± 1.4 | 78.0 ± 2.8 | 3.0 |" in joint_rules.table(
         {"64": summary})
+
+
+def test_paired_differences_compares_rows_on_the_same_pairs(monkeypatch):
+    """`scripts/paired_differences.py`: per-pair joint differences, wins, and 'ahead by more than the spread'."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import paired_differences
+
+    def record(split: int, zip_joint: float, other_joint: float) -> dict:
+        return {"scenario": "different_init", "width": 64, "split": split,
+                "rows": {"ensemble": {"joint": 0.9}, "mudsc zip": {"joint": zip_joint},
+                         "zipit": {"joint": other_joint}, "missing": {"joint": None}}}
+
+    records = [record(0, 0.80, 0.70), record(1, 0.70, 0.72), record(2, 0.90, 0.60)]
+    result = paired_differences.differences(records, "mudsc zip")["different_init 64"]
+    assert result["pairs"] == 3 and list(result["against"]) == ["zipit"]  # no ensemble, no row without figures
+    zipit = result["against"]["zipit"]
+    assert zipit["mean"] == pytest.approx((10 - 2 + 30) / 3) and zipit["wins"] == 2 and zipit["ties"] == 0
+    assert result["row_std"] == pytest.approx(10.0)
+    assert zipit["ahead_by_more_than_spread"] is True  # 12.7 > 10.0
+    assert "| zipit | +12.7 ± 16.2 | 2 / 0 | yes |" in paired_differences.table(
+        {"different_init 64": result}, "mudsc zip")
