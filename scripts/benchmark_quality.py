@@ -789,7 +789,7 @@ def plot_task_bars(ax: Any, bars: list[tuple[str, dict[str, Any]]]) -> None:
 
 # ------------------------------------------------------------------------------------------------- main
 # ------------------------------------------------------------------------------------------ size budget
-SIZE_REFITS = ("none", "ridge")
+SIZE_REFITS = ("none", "auto")  # the paper's merge and the default (the gated refit)
 
 
 def forward_flops(model: Any, batch: dict[str, torch.Tensor]) -> int:
@@ -803,8 +803,9 @@ def forward_flops(model: Any, batch: dict[str, torch.Tensor]) -> int:
 
 
 def run_size_pair(args: argparse.Namespace, width: int, split_index: int, classes: Classes) -> dict[str, Any]:
-    """One different-init pair merged by the default unit-matching method at every `--sizes` budget, with and
-    without `refit="ridge"`: joint/per-task accuracy, parameters and FLOPs per image against the ensemble's."""
+    """One different-init pair merged by the default unit-matching method at every `--sizes` budget, with
+    `refit="none"` and the default `refit="auto"`: joint/per-task accuracy, parameters and FLOPs per image
+    against the ensemble's."""
     model_a, model_b, splits, calibration = different_init_pair(args, width, split_index, classes)
     image = {"pixel_values": calibration[0]["pixel_values"][:1]}
     parent_parameters = sum(p.numel() for p in model_a.parameters())
@@ -852,7 +853,9 @@ def summarise_sizes(records: list[dict[str, Any]]) -> dict[str, Any]:
 def size_markdown(result: dict[str, Any]) -> str:
     lines = [f"# Size budget: accuracy against parameters and FLOPs (different init, `{result['command']}`)", "",
              "Mean ± std over pairs; parameters and FLOPs per image relative to one parent (the ensemble runs both "
-             "parents: 2.0). Method mudsc (zip, α 0.5) at each `size`, with and without `refit=\"ridge\"`.", ""]
+             "parents: 2.0). Method mudsc (zip, α 0.5) at each `size`, with `refit=\"none\"` (the paper's merge) and "
+             "the default `refit=\"auto\"` (the gated refit). Joint: each task's softmax, then the argmax (the "
+             "evaluation's rule, also the ensemble's).", ""]
     for width, table in result["summary"].items():
         lines += [f"## hidden {width} ({table['ensemble']['joint']['n']} pairs)", "",
                   "| row | joint | task A | task B | params | FLOPs | intermediate |", "|---|---|---|---|---|---|---|"]
@@ -888,7 +891,7 @@ def size_plot(result: dict[str, Any], path: Path) -> None:
             xs = [row["parameter_ratio"]["mean"] for row in rows]
             ys = [row["joint"]["mean"] for row in rows]
             errors = [row["joint"]["std"] for row in rows]
-            ax.errorbar(xs, ys, yerr=errors, fmt=style, color=color, alpha=1.0 if refit == "ridge" else 0.55,
+            ax.errorbar(xs, ys, yerr=errors, fmt=style, color=color, alpha=1.0 if refit != "none" else 0.55,
                         capsize=3, label=f"h{width} mudsc, refit {refit}")
         ensemble = table["ensemble"]["joint"]["mean"]
         ax.axhline(ensemble, color=color, linestyle="--", linewidth=1.2, label=f"h{width} ensemble (2.0× params)")
@@ -967,8 +970,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="only these two-parent rows (different_init, same_init, bert_permuted); default: all")
     parser.add_argument(
         "--sizes", type=float, nargs="+", default=None, metavar="S",
-        help="run the size-budget study instead of the scenarios: mudsc at each size (e.g. 1 1.25 1.5 2), with and "
-        "without refit='ridge', on the different-init pairs of --widths x --splits; writes size_budget.json/.md/.png",
+        help="run the size-budget study instead of the scenarios: mudsc at each size (e.g. 1 1.25 1.5 2), with "
+        "refit='none' and the default refit='auto', on the different-init pairs of --widths x --splits; writes "
+        "size_budget.json/.md/.png",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest)")
     parser.add_argument("--cache-dir", default=PAIR_DEFAULTS["cache_dir"])
