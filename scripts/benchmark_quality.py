@@ -642,8 +642,11 @@ def markdown(result: dict[str, Any]) -> str:
         "Produced by: " + "; then ".join(f"`{c}`" for c in result.get("commands", [result["command"]])),
         "",
         "Accuracy in % (mean ± std over pairs). Task A/B: argmax within the task's classes on its test "
-        "split; avg: their mean; joint: argmax over all 10 classes on both test splits. Parents are scored "
-        "on their own task (their joint figure: a single-task model answering the joint test).",
+        "split; avg: their mean; joint: one label among all 10 classes on both test splits, decided by each "
+        "task's softmax then the argmax (`hf_mudsc.joint_probabilities`; the rule of the ensemble and, since "
+        "2026-11-30, of every merged model — before, merged models were scored by the raw argmax: "
+        "docs/benchmarks/joint_rules.md). Parents are scored on their own task (their joint figure: a "
+        "single-task model answering the joint test).",
         "",
     ]
     titles = {

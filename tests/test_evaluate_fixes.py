@@ -374,3 +374,32 @@ def test_cards_hold_no_absolute_local_paths(same_labels, backward):
     root, out = same_labels
     text = (out / "README.md").read_text()
     assert "`left`" in text and "`right`" in text and "calib-images" in text
+
+
+def test_the_cli_joint_rule_raw_scores_merged_and_ensemble_by_their_raw_logits(backward, tmp_path, capsys):
+    root, out, tests = backward
+    json_path = tmp_path / "raw.json"
+    flags = ["--dataset", str(tests["zeta"]), "--dataset", str(tests["alpha"]), "--no-card"]
+    assert main(["evaluate", str(out), *flags, "--joint-rule", "raw", "--output-json", str(json_path)]) == 0
+    saved = json.loads(json_path.read_text())
+    merged = AutoModelForImageClassification.from_pretrained(out).eval()
+    zeta = AutoModelForImageClassification.from_pretrained(root / "zeta").eval()
+    alpha = AutoModelForImageClassification.from_pretrained(root / "alpha").eval()
+    logits, labels = {}, []
+    for offset, task in ((0, "zeta"), (3, "alpha")):
+        data = datasets.load_from_disk(str(tests[task]))
+        pixels = PROCESSOR([image for image in data["image"]], return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            for name, model in (("merged", merged), ("zeta", zeta), ("alpha", alpha)):
+                logits.setdefault(name, []).append(model(pixel_values=pixels).logits.double())
+        labels.append(torch.tensor(data["label"]) + offset)
+    both = {name: torch.cat(parts) for name, parts in logits.items()}
+    joint_labels = torch.cat(labels)
+    raw_merged = float((both["merged"].argmax(-1) == joint_labels).double().mean())
+    raw_ensemble = float((torch.cat([both["zeta"], both["alpha"]], 1).argmax(-1) == joint_labels).double().mean())
+    assert saved["scores"]["merged"]["joint"]["accuracy"] == pytest.approx(raw_merged, abs=1e-12)
+    assert saved["scores"]["ensemble"]["joint"]["accuracy"] == pytest.approx(raw_ensemble, abs=1e-12)
+    assert saved["definitions"]["joint_rule"] == "raw"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", str(out), *flags, "--joint-rule", "softmax"])
+    assert exit_info.value.code == 2 and "invalid choice: 'softmax'" in capsys.readouterr().err

@@ -690,3 +690,26 @@ def test_joint_probabilities_reads_the_ranges_in_label_order_and_refuses_a_misma
         hf_mudsc.joint_probabilities(logits[:, :4], {"a": [0, 2], "b": [2, 5]})
     with pytest.raises(ValueError, match="overlap or leave gaps"):
         hf_mudsc.joint_probabilities(logits, {"a": [0, 2], "b": [3, 5]})
+
+
+def test_the_raw_joint_rule_scores_merged_head_and_ensemble_by_their_raw_logits(table_models):
+    _, parent_a, parent_b = table_models
+    labels = ["alpha: a0", "alpha: a1", "beta: b0", "beta: b1", "beta: b2"]
+    merged = table_model(SCALED_LOGITS, labels, RANGES)
+    result = evaluate_merge(merged, [parent_a, parent_b], table_tasks(), batch_size=3, progress=False,
+                            joint_rule="raw")
+    assert result.score("merged", "joint") == pytest.approx(4 / 7)  # samples 3-6; A's 0-2 go to B's b0
+    assert result.score("merged", "alpha") == pytest.approx(1.0)  # per task: no rule involved
+    # Ensemble, raw (A's logits then B's): 0 -> a0 (right), 1 -> b2 (8; wrong), 2 -> a1 (right), 3 -> a1 (wrong),
+    # 4 -> a0 (5; wrong), 5 -> b0 (1 > 0.5; right), 6 -> b1 (2 > 1; right). Per-head softmax gives 3 / 7.
+    assert result.score("ensemble", "joint") == pytest.approx(4 / 7)
+    assert result.definitions["joint_rule"] == "raw" and "raw concatenated logits" in result.definitions["joint"]
+    assert [row.task for row in result.card_rows()][-1] == "joint (all tasks, raw logits)"  # the card says which
+    per_task = evaluate_merge(merged, [parent_a, parent_b], table_tasks(), batch_size=3, progress=False)
+    assert per_task.definitions["joint_rule"] == "per_task"
+    assert [row.task for row in per_task.card_rows()][-1] == "joint (all tasks)"
+    # A result saved before the rule was recorded reads as the default rule.
+    assert EvaluationResult.from_dict({**per_task.to_dict(), "definitions": {}}).card_rows()[-1].task == \
+        "joint (all tasks)"
+    with pytest.raises(EvaluationError, match="joint_rule must be one of per_task, raw, got 'softmax'"):
+        evaluate_merge(merged, [parent_a, parent_b], table_tasks(), progress=False, joint_rule="softmax")

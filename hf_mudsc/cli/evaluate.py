@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hf_mudsc.evaluate.names import DEFAULT_PROMPT, RESULTS_FILENAME, SHIPPED_METRIC_NAMES
+from hf_mudsc.evaluate.names import DEFAULT_PROMPT, JOINT_RULES, RESULTS_FILENAME, SHIPPED_METRIC_NAMES
 from hf_mudsc.publish.folder import write_file_atomically
 from hf_mudsc.publish.hub import CARD_FILENAME
 
@@ -97,6 +97,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-template", action="append", metavar="TEXT",
                         help=f"CLIP zero-shot prompt with {{}} for the class name; repeat to average several "
                         f"(default: {DEFAULT_PROMPT!r})")
+    parser.add_argument("--joint-rule", choices=JOINT_RULES, default="per_task",
+                        help="how a concatenated head (merged model and ensemble alike) decides the joint view: "
+                        "per_task = each task's softmax, then the argmax (default); raw = the argmax over the "
+                        "raw concatenated logits, what a transformers pipeline does")
     parser.add_argument("--output-json", metavar="PATH",
                         help=f"results file (default: DIR/{RESULTS_FILENAME}; for a Hub id the results are "
                         "only printed unless this names a file)")
@@ -301,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
             {"merged": merged}, parents, datasets_per_task, metrics=args.metric or ["accuracy"],
             ensemble=not args.no_ensemble, batch_size=args.batch_size, num_samples=args.num_samples,
             image_column=args.image_column, text_column=args.text_column, class_names=class_names,
-            prompt_template=args.prompt_template or DEFAULT_PROMPT,
+            prompt_template=args.prompt_template or DEFAULT_PROMPT, joint_rule=args.joint_rule,
             progress=sys.stderr.isatty() and not getattr(args, "quiet", False),
             trust_remote_code=args.trust_remote_code)
     except EvaluationError as error:

@@ -10,8 +10,8 @@ the views then read those scores:
 
 * **per-task** (view = the task's name): argmax within the task's slice, against the task's own label.
 * **joint** (view `joint`): argmax over all classes, on every task's test data together, against the
-  label shifted into the joint space. A concatenated head (the merged model's or the ensemble's) is scored
-  by each task's softmax, concatenated (`decision`), so merge and ensemble decide by one rule.
+  label shifted into the joint space. A concatenated head (the merged model's or the ensemble's) decides by
+  `joint_rule` — each task's softmax, concatenated (default), or the raw logits — one rule for both.
 * **average** (view `average`): the mean of the per-task figures (the papers' "Avg"); only for scorers
   that have a figure for every task.
 
@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 from hf_mudsc.errors import EvaluationError
 from hf_mudsc.evaluate.batches import task_batches
 from hf_mudsc.evaluate.metrics import compute_metric, load_metric
-from hf_mudsc.evaluate.names import AVERAGE, DEFAULT_PROMPT, JOINT, MERGED, parent_letter
-from hf_mudsc.evaluate.results import DEFINITIONS, EvaluationResult
+from hf_mudsc.evaluate.names import AVERAGE, DEFAULT_PROMPT, JOINT, JOINT_RULES, MERGED, parent_letter
+from hf_mudsc.evaluate.results import EvaluationResult, definitions
 from hf_mudsc.evaluate.scorers import Scorer, build_scorers, is_clip
 from hf_mudsc.evaluate.tasks import (
     LabelLayout,
@@ -66,6 +66,7 @@ def evaluate_merge(
     text_column: str | None = None,
     class_names: Mapping[str, Sequence[str]] | None = None,
     prompt_template: str | Sequence[str] = DEFAULT_PROMPT,
+    joint_rule: str = "per_task",
     progress: bool = True,
     trust_remote_code: bool = False,
 ) -> EvaluationResult | None:
@@ -88,6 +89,10 @@ def evaluate_merge(
         processor: preprocesses raw `image`/`text` columns (default: the merged folder's, else parent A's).
         class_names, prompt_template: CLIP zero-shot — class names per task (default: the label column's
             `ClassLabel` names) and the prompt template(s) with `{}` for the name.
+        joint_rule: how a concatenated head decides the joint view, for the merged model(s) and the ensemble
+            alike: `"per_task"` (each task's softmax, then the argmax; `hf_mudsc.joint_probabilities`) or `"raw"`
+            (the argmax over the raw concatenated logits, what a `transformers` pipeline does). Neither wins
+            everywhere (docs/benchmarks/joint_rules.md); the result records the rule.
 
     Returns:
         An `EvaluationResult` on the main process (None on the others under a distributed launch).
@@ -97,6 +102,8 @@ def evaluate_merge(
     modules = {name: load_metric(name, trust_remote_code=trust_remote_code) for name in metrics}  # before any model
     if batch_size < 1:
         raise EvaluationError(f"batch_size must be >= 1, got {batch_size}")
+    if joint_rule not in JOINT_RULES:
+        raise EvaluationError(f"joint_rule must be one of {', '.join(JOINT_RULES)}, got {joint_rule!r}")
     if num_samples is not None and num_samples < 1:
         raise EvaluationError(f"num_samples must be >= 1 or None, got {num_samples}")
     if datasets_per_task is None or len(datasets_per_task) == 0:
@@ -105,7 +112,8 @@ def evaluate_merge(
     reference = next(iter(merged_models.values()))
     clip = is_clip(reference)
     layout, sources = _layout_and_sources(datasets_per_task, merged_models, parent_models, clip, class_names)
-    scorers = build_scorers(merged_models, parent_models, layout, clip, ensemble, processor, prompt_template)
+    scorers = build_scorers(merged_models, parent_models, layout, clip, ensemble, processor, prompt_template,
+                            joint_rule)
     rank, world = process_info()
     main_input = "pixel_values" if clip else getattr(reference, "main_input_name", "input_ids")
 
@@ -138,7 +146,7 @@ def evaluate_merge(
         for task, source in sources.items()
     }
     result = EvaluationResult(metrics=list(metrics), tasks=tasks, scores=scores, merged=list(merged_models),
-                              definitions=dict(DEFINITIONS))
+                              definitions=definitions(joint_rule if not clip and not layout.shared else None))
     logger.info("evaluated %s on %s", ", ".join(scores), ", ".join(f"{t} ({n})" for t, n in counts.items()))
     return result
 

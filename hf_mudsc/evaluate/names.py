@@ -7,6 +7,10 @@ seconds) just for these strings would make help slow.
 from __future__ import annotations
 
 JOINT = "joint"
+#: How a concatenated head (merged model or ensemble) decides the joint test: `per_task` — each task's softmax
+#: over its own slice, then the argmax (the default); `raw` — the argmax over the raw concatenated logits (what a
+#: `transformers` pipeline does with a merged model). Both models are always scored by the same rule.
+JOINT_RULES = ("per_task", "raw")
 AVERAGE = "average"
 PARENT_NAMES = ("parent_a", "parent_b")
 

@@ -86,7 +86,8 @@ class EvaluationResult:
                 if value is None:
                     continue
                 info = self.tasks.get(view) or _joint_info(self.tasks)
-                task = view if view != JOINT else "joint (all tasks)"
+                raw = self.definitions.get("joint_rule") == "raw"  # the default rule keeps the plain name
+                task = view if view != JOINT else ("joint (all tasks, raw logits)" if raw else "joint (all tasks)")
                 rows.append(EvalRow(
                     task=task,
                     dataset=str(info.get("dataset") or "dataset"),
@@ -125,14 +126,31 @@ def _joint_info(tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
             "split": "+".join(splits) if splits else "test"}
 
 
+#: How a concatenated head decides the joint view, per `names.JOINT_RULES` entry.
+JOINT_RULE_DEFINITIONS = {
+    "per_task": "a concatenated head (merged model and ensemble alike) decides by each task's softmax over its own "
+                "slice, concatenated, then the argmax",
+    "raw": "a concatenated head (merged model and ensemble alike) decides by the argmax over its raw concatenated "
+           "logits",
+}
+
 DEFINITIONS = {
     "per_task": "argmax within the task's slice of the joint label space, on that task's data",
-    JOINT: "argmax over all classes of all tasks, on every task's data together; a concatenated head (merged "
-           "model or ensemble) decides by each task's softmax, concatenated",
+    JOINT: "argmax over all classes of all tasks, on every task's data together",
     AVERAGE: "mean of the per-task figures (only when a scorer has one for every task)",
     "parent": "with different label sets a parent scores only its own classes: per task on its own task; "
               "joint = a single-task model answering the joint test (right at most on its own task's share)",
-    ENSEMBLE: "every parent; different label sets: per-head softmax concatenated in parent order, argmax over "
-              "the concatenation; same label set: mean of the softmaxes",
+    ENSEMBLE: "every parent; different label sets: the heads concatenated in parent order, decided by the joint "
+              "rule; same label set: mean of the softmaxes",
     "clip": "zero-shot: cosine similarity of image and class-prompt embeddings times logit_scale",
 }
+
+
+def definitions(joint_rule: str | None) -> dict[str, str]:
+    """What each figure means; `joint_rule` (None: no concatenated head, e.g. CLIP or one shared label set) is
+    recorded with the joint view's definition."""
+    out = dict(DEFINITIONS)
+    if joint_rule is not None:
+        out[JOINT] = f"{out[JOINT]}; joint rule {joint_rule!r}: {JOINT_RULE_DEFINITIONS[joint_rule]}"
+        out["joint_rule"] = joint_rule
+    return out

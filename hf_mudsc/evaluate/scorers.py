@@ -1,14 +1,16 @@
 """Scorers: each turns a batch into one score per joint class and sample.
 
-* **merged** models: their logits; a concatenated head (different label sets) decides jointly by each task's
-  softmax, concatenated — the ensemble's rule (`decision.per_task_softmax`; why: `decision`'s docstring).
+* **merged** models: their logits; a concatenated head (different label sets) decides jointly by the
+  `joint_rule` (`names.JOINT_RULES`): each task's softmax, concatenated (`per_task`, the default;
+  `classifier.per_task_softmax`, why: `decision`'s docstring), or the raw logits (`raw`) — the ensemble's rule too.
 * **parent A / B / C ...** (N >= 2 parents, merge order): when the parents have different label sets, a
   parent scores only its own classes (its slice holds its logits, every other class ``-inf``). It is scored per
   task on its own task only; its joint figure is that of a single-task model answering the joint test — always
   one of its own classes, so it is right at most on its own task's share of the samples. When the parents share
   one label set, each parent is scored on every task.
-* **ensemble**: every parent runs; different label sets: each head's softmax, concatenated in parent order
-  (argmax over the concatenation); one shared label set: the mean of the parents' softmaxes.
+* **ensemble**: every parent runs; different label sets: the parents' logits concatenated in parent order, decided
+  by the same `joint_rule` as the merged head (`per_task`: each head's softmax); one shared label set: the mean of
+  the parents' softmaxes.
 * **CLIP** (no classifier): zero-shot. Each task names its classes; the text tower embeds prompts made
   from the names (`prompt_template`, several templates are averaged), images are classified by cosine
   similarity times `logit_scale`. Every CLIP (merged or parent) can score every task; the ensemble
@@ -63,17 +65,22 @@ def _logits(model: Any, batch: Mapping[str, Any], cache: dict[int, torch.Tensor]
     return cache[key]
 
 
+def _decided(logits: torch.Tensor, layout: LabelLayout, joint_rule: str) -> torch.Tensor:
+    """A concatenated head's scores under the joint rule (`names.JOINT_RULES`)."""
+    return logits if joint_rule == "raw" else per_task_softmax(logits, list(layout.ranges.values()))
+
+
 class _ClassifierScorer(Scorer):
-    def __init__(self, name: str, model: Any, layout: LabelLayout, own: str | None) -> None:
+    def __init__(self, name: str, model: Any, layout: LabelLayout, own: str | None, joint_rule: str) -> None:
         super().__init__(name, list(layout.ranges) if own is None else [own])
-        self.model, self.layout, self.own = model, layout, own
+        self.model, self.layout, self.own, self.joint_rule = model, layout, own, joint_rule
 
     def scores(self, batch: Mapping[str, Any], cache: dict[int, torch.Tensor]) -> torch.Tensor:
         logits = _logits(self.model, batch, cache)
         if self.layout.shared:
             return logits
         if self.own is None:
-            return per_task_softmax(logits, list(self.layout.ranges.values()))
+            return _decided(logits, self.layout, self.joint_rule)
         lo, hi = self.layout.ranges[self.own]
         full = torch.full((logits.shape[0], self.layout.size), -math.inf)
         full[:, lo:hi] = logits
@@ -81,15 +88,15 @@ class _ClassifierScorer(Scorer):
 
 
 class _ClassifierEnsemble(Scorer):
-    def __init__(self, parents: Sequence[Any], layout: LabelLayout) -> None:
+    def __init__(self, parents: Sequence[Any], layout: LabelLayout, joint_rule: str) -> None:
         super().__init__(ENSEMBLE, list(layout.ranges))
-        self.parents, self.layout = list(parents), layout
+        self.parents, self.layout, self.joint_rule = list(parents), layout, joint_rule
 
     def scores(self, batch: Mapping[str, Any], cache: dict[int, torch.Tensor]) -> torch.Tensor:
         logits = [_logits(p, batch, cache) for p in self.parents]
         if self.layout.shared:
             return torch.stack([z.softmax(-1) for z in logits]).mean(0)
-        return per_task_softmax(torch.cat(logits, dim=-1), list(self.layout.ranges.values()))
+        return _decided(torch.cat(logits, dim=-1), self.layout, self.joint_rule)
 
 
 class _ClipScorer(Scorer):
@@ -130,7 +137,7 @@ class _ClipEnsemble(Scorer):
 
 
 def build_scorers(merged: Mapping[str, Any], parents: Sequence[Any], layout: LabelLayout, clip: bool, ensemble: bool,
-             processor: Any, prompt_template: str | Sequence[str]) -> list[Scorer]:
+             processor: Any, prompt_template: str | Sequence[str], joint_rule: str = "per_task") -> list[Scorer]:
     tasks = list(layout.ranges)
     if clip:
         from hf_mudsc.load.processors import tokenizer_of
@@ -159,8 +166,8 @@ def build_scorers(merged: Mapping[str, Any], parents: Sequence[Any], layout: Lab
                 f"{name} is a {type(model).__name__}, which has no classifier head; evaluate "
                 "*ForImageClassification / *ForSequenceClassification or CLIP models"
             )
-    merged_scorers = [_ClassifierScorer(n, m, layout, None) for n, m in merged.items()]
-    parent_scorers = [_ClassifierScorer(n, m, layout, None if layout.shared else task)
+    merged_scorers = [_ClassifierScorer(n, m, layout, None, joint_rule) for n, m in merged.items()]
+    parent_scorers = [_ClassifierScorer(n, m, layout, None if layout.shared else task, joint_rule)
                       for n, m, task in zip(parent_names(len(parents)), parents, tasks)]
-    extra = [_ClassifierEnsemble(parents, layout)] if ensemble and len(parents) >= 2 else []
+    extra = [_ClassifierEnsemble(parents, layout, joint_rule)] if ensemble and len(parents) >= 2 else []
     return [*parent_scorers, *extra, *merged_scorers]
