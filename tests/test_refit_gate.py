@@ -55,8 +55,8 @@ def _batches(rows: int = 10) -> list[dict[str, torch.Tensor]]:
 def test_log_likelihood_of_uniform_merged_logits_is_minus_the_log_of_each_head_size():
     parents = [FixedLogits([2.0, 0.0]), FixedLogits([0.0, 1.0])]
     scorer = FidelityScorer(parents, _batches(), task_sizes=[2, 2])
-    # tasks: -log 2 each; joint (4 classes, the ensemble's probabilities / 2 over them): -log 4
-    assert scorer.log_likelihood(FixedLogits([0.0, 0.0, 0.0, 0.0])) == pytest.approx(-(4 / 3) * math.log(2))
+    # each task: -log 2 (the joint decision is each task's softmax, so it adds nothing but a constant)
+    assert scorer.log_likelihood(FixedLogits([0.0, 0.0, 0.0, 0.0])) == pytest.approx(-math.log(2))
 
 
 def test_log_likelihood_of_the_parents_own_log_probabilities_is_minus_their_entropies():
@@ -64,10 +64,22 @@ def test_log_likelihood_of_the_parents_own_log_probabilities_is_minus_their_entr
     parents = [FixedLogits(p_a.log().tolist()), FixedLogits(p_b.log().tolist())]
     scorer = FidelityScorer(parents, _batches(), task_sizes=[2, 2])
     entropy = [float(-(p * p.log()).sum()) for p in (p_a, p_b)]
-    # joint: q = [p_a, p_b] / 2, so Σ e log q = -(H_a + H_b) / 2 - log 2
-    expected = (-entropy[0] - entropy[1] - (entropy[0] + entropy[1]) / 2 - math.log(2)) / 3
     merged = FixedLogits(torch.cat([p_a, p_b]).log().tolist())
-    assert scorer.log_likelihood(merged) == pytest.approx(expected)
+    assert scorer.log_likelihood(merged) == pytest.approx(-(entropy[0] + entropy[1]) / 2)
+
+
+def test_fidelity_ignores_a_per_task_shift_of_a_concatenated_head_as_the_joint_rule_does():
+    """A concatenated head decides jointly by each task's softmax: shifting one task's logits changes neither its
+    decisions nor the scores (a whole-head softmax would move both)."""
+    p_a, p_b = torch.tensor([0.6, 0.4], dtype=torch.float64), torch.tensor([0.1, 0.9], dtype=torch.float64)
+    parents = [FixedLogits(p_a.log().tolist()), FixedLogits(p_b.log().tolist())]
+    scorer = FidelityScorer(parents, _batches(), task_sizes=[2, 2])
+    logits = torch.cat([p_a, p_b]).log()
+    shifted = FixedLogits((logits + torch.tensor([9.0, 9.0, 0.0, 0.0], dtype=torch.float64)).tolist())
+    same = FixedLogits(logits.tolist())
+    assert scorer.log_likelihood(shifted) == pytest.approx(scorer.log_likelihood(same))
+    # The ensemble picks B's class 1 (0.9); the shifted head's raw argmax would pick A's class 0.
+    assert scorer(shifted) == scorer(same) == 1.0
 
 
 def test_log_likelihood_with_one_shared_head_averages_the_parents_terms():

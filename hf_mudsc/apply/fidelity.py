@@ -5,8 +5,9 @@ example of the stream is held out). For each α of `ALPHA_GRID` the method solve
 statistics), and the merged model is scored on the held-out examples against its parents:
 
 * with a classifier: the mean of each task's agreement (the argmax of the merged model's slice of that parent's
-  classes against the parent's argmax) and the joint agreement (the merged argmax over all classes against the
-  ensemble's — each parent's softmax, concatenated, or averaged when the heads share one label set);
+  classes against the parent's argmax) and the joint agreement (the merged model's joint decision against the
+  ensemble's — each parent's softmax, concatenated, or averaged when the heads share one label set; a concatenated
+  merged head decides by each task's softmax too, `classifier.per_task_softmax`, the evaluation's rule);
 * without one (a bare encoder): the mean over parents of the linear CKA between the merged model's and the
   parent's example features (final hidden states averaged over the non-padding tokens) — basis-free, so a merged
   space that is any relabelling of a parent's scores as that parent.
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_mudsc.apply.classifier import per_task_softmax
 from hf_mudsc.calibrate.statistics import forward_inputs
 
 #: The balance factors `alpha="auto"` tries (the research's grid; the paper's default 0.5 in the middle).
@@ -114,21 +116,24 @@ class FidelityScorer:
         if self.task_sizes:
             slices = torch.split(out, list(self.task_sizes), dim=1)
             ensemble = torch.cat([parent.softmax(1) for parent in self.parents], dim=1)
+            decided = per_task_softmax(out, self._ranges())
         else:
             slices = [out] * len(self.parents)
             ensemble = sum(parent.softmax(1) for parent in self.parents) / len(self.parents)
+            decided = out
         agreements = [float((part.argmax(1) == parent.argmax(1)).double().mean())
                       for part, parent in zip(slices, self.parents)]
-        agreements.append(float((out.argmax(1) == ensemble.argmax(1)).double().mean()))
+        agreements.append(float((decided.argmax(1) == ensemble.argmax(1)).double().mean()))
         return sum(agreements) / len(agreements)
 
     def log_likelihood(self, merged: nn.Module) -> float:
         """The parents' log-probability agreement of `merged` on the held-out examples (higher is better, <= 0):
         the mean over parents of `Σ_c p_i(c) log q_i(c)` (p_i: parent i's softmax, q_i: the merged softmax over
-        parent i's slice of a concatenated head, or over the shared head), and, with concatenated heads, the same
-        for the whole head against the ensemble's concatenated per-head softmax divided by N; the N + 1 terms
-        averaged. Continuous where argmax agreement ties (a few dozen held-out examples), and it scores what the
-        refit aims at: the parents' predictions. Without logits: the mean linear CKA (`__call__`)."""
+        parent i's slice of a concatenated head, or over the shared head). Continuous where argmax agreement ties
+        (a few dozen held-out examples), and it scores what the refit aims at: the parents' predictions. A
+        concatenated head decides jointly by each task's softmax (`classifier.per_task_softmax`), so the joint
+        distribution's agreement with the ensemble (`Σ_c ens(c)/N · log(q(c)/N)`) is the mean of these terms
+        minus log N: no separate joint term. Without logits: the mean linear CKA (`__call__`)."""
         if self.examples == 0:
             return 0.0
         out, is_logits = _outputs(merged, self.held_out, self.mask_key)
@@ -137,10 +142,13 @@ class FidelityScorer:
         slices = torch.split(out, list(self.task_sizes), dim=1) if self.task_sizes else [out] * len(self.parents)
         terms = [float((parent.softmax(1) * part.log_softmax(1)).sum(1).mean())
                  for part, parent in zip(slices, self.parents)]
-        if self.task_sizes:
-            ensemble = torch.cat([parent.softmax(1) for parent in self.parents], dim=1) / len(self.parents)
-            terms.append(float((ensemble * out.log_softmax(1)).sum(1).mean()))
         return sum(terms) / len(terms)
+
+    def _ranges(self) -> list[tuple[int, int]]:
+        bounds = [0]
+        for size in self.task_sizes or ():
+            bounds.append(bounds[-1] + int(size))
+        return list(zip(bounds[:-1], bounds[1:]))
 
 
 def choose_alpha(scores: Mapping[float, float]) -> float:
