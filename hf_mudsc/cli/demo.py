@@ -199,9 +199,9 @@ def _run(args: argparse.Namespace, output: Path) -> int:
 
     names = {"parent_a": "parent A (digits 0-4)", "parent_b": "parent B (digits 5-9)",
              "ensemble": "ensemble (A+B)", labels[0]: f"{labels[0]} (default)"}
-    print("\nAccuracy on the digits test split (per task: argmax within the task's classes; joint: argmax "
-          "over all 10 classes;\naverage: mean of the per-task figures; '-': a single-task parent cannot "
-          "answer the other task):\n")
+    print("\nAccuracy on the digits test split (per task: argmax within the task's classes; joint: one of all "
+          "10 classes,\neach task's softmax then the argmax, for the merges and the ensemble alike; average: mean "
+          "of the per-task figures;\n'-': a single-task parent cannot answer the other task):\n")
     print(result.table(labels=names))
     print("\nRows:")
     for name in result.scores:

@@ -165,7 +165,8 @@ class DigitSplits:
         """Both tasks' test images with labels in the concatenated label space (A's, then B's offset).
 
         This is the label layout of a merged model whose classifier stacks A's rows on top of B's
-        (docs/design.md §6), so joint accuracy is a plain argmax over all logits.
+        (docs/design.md §6): joint accuracy picks one of all labels (the evaluation decides by each task's softmax
+        first, `hf_mudsc.joint_probabilities`; a plain argmax over the logits is the `raw` rule).
         """
         pixel_values = torch.cat([self.task_a.test_pixel_values, self.task_b.test_pixel_values])
         labels = torch.cat([self.task_a.test_labels, self.task_b.test_labels + self.task_a.num_labels])
