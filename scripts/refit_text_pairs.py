@@ -226,6 +226,16 @@ def task_scores(model: Any, parents: Sequence[Any], tests: Sequence[tuple[dict, 
     return out
 
 
+def test_fidelity(models: Mapping[str, Any], parents: Sequence[Any],
+                  tests: Sequence[tuple[dict, torch.Tensor]]) -> dict[str, float]:
+    """The gate's own score (the parents' log-probability agreement, mean over tasks) measured on the TEST inputs
+    (labels unused): what a gate with a held-out split exactly like the test distribution would see."""
+    parent_logits = [torch.cat([logits_of(p, [inputs]) for inputs, _ in tests]) for p in parents]
+    return {name: loglik_score(torch.cat([logits_of(model, [inputs]) for inputs, _ in tests]), parent_logits,
+                               whole_head=False)
+            for name, model in models.items() if name in ("none", "ridge", "ridge80")}
+
+
 def ensemble_scores(parents: Sequence[Any], tests: Sequence[tuple[dict, torch.Tensor]]) -> dict[str, float]:
     sizes = [p.config.num_labels for p in parents]
     offsets = [sum(sizes[:k]) for k in range(len(sizes))]
@@ -301,6 +311,7 @@ def text_pairs(args: argparse.Namespace, permuted: bool) -> list[dict[str, Any]]
                 figures = {label: task_scores(model, parents, tests) for label, model in run["models"].items()}
                 figures["ensemble"] = ensemble_scores(parents, tests)
                 entry = record(run, figures, "joint")
+                entry["test_loglik_tasks"] = test_fidelity(run["models"], parents, tests)
             else:
                 run = refits(parents, setting.calibration)
                 linear = hf_mudsc.merge(parents, setting.calibration, method="linear", progress=False)
@@ -318,6 +329,7 @@ def text_pairs(args: argparse.Namespace, permuted: bool) -> list[dict[str, Any]]
                                       "normalised": normalised(accuracies, [own[i], own[j]])}
                     figures[label].update({"joint": task_scores(model, parents, tests)["joint"]})
                 entry = record(run, figures, "normalised")
+                entry["test_loglik_tasks"] = test_fidelity(run["models"], parents, tests)
             entry["pair"] = name
             log(f"{'P' if permuted else 'S'} {name}: " + ", ".join(
                 f"{label} {fig['joint' if permuted else 'normalised']:.3f}" for label, fig in figures.items())
@@ -356,6 +368,7 @@ def toy_pairs(args: argparse.Namespace, same_init: bool) -> list[dict[str, Any]]
                 figures["linear"] = task_scores(hf_mudsc.merge(parents, calibration, method="linear", progress=False),
                                                 parents, tests)
             entry = record(run, figures, "joint")
+            entry["test_loglik_tasks"] = test_fidelity(run["models"], parents, tests)
             entry["pair"] = f"h{width} split {index} {classes}"
             entry["width"] = width
             log(f"{'same' if same_init else 'diff'} {entry['pair']}: " + ", ".join(
