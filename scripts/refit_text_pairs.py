@@ -420,8 +420,10 @@ def markdown(name: str, records: Sequence[dict[str, Any]], key: str) -> str:
     labels = list(records[0]["figures"])
     clusters = [kind for kind in CLUSTER_FEATURES if f"cluster_{kind}_refit" in records[0]["gate"]]
     shifted = "".join(f" cluster {kind}: none / refit (held out) | keeps |" for kind in clusters)
+    tested = "test_loglik_tasks" in records[0]
+    shifted += " test inputs loglik none / ridge80 |" if tested else ""
     lines = [f"| pair | {' | '.join(labels)} | held-out loglik none / refit | shared basis | gate keeps |{shifted}",
-             "|---|" + "---:|" * (len(labels) + 3 + 2 * len(clusters))]
+             "|---|" + "---:|" * (len(labels) + 3 + 2 * len(clusters) + tested)]
     digits = 3 if key == "normalised" else 1
     for r in records:
         gate = r["gate"]
@@ -432,7 +434,9 @@ def markdown(name: str, records: Sequence[dict[str, Any]], key: str) -> str:
                      + "".join(f" {gate[f'cluster_{kind}_none']:.3f} / {gate[f'cluster_{kind}_refit']:.3f}"
                                f" ({gate[f'cluster_{kind}_held_out']}) | "
                                + ("yes" if decisions(r)[f"gate_cluster_{kind}"] != "none" else "no") + " |"
-                               for kind in clusters))
+                               for kind in clusters)
+                     + (f" {r['test_loglik_tasks']['none']:.3f} / {r['test_loglik_tasks']['ridge80']:.3f} |"
+                        if tested else ""))
     result = summary(records, key)
     lines += ["", f"| {name}: mean ± std over {len(records)} pairs ({key}) | value | right (of {len(records)}) "
               "| refit kept |", "|---|---:|---:|---:|"]
