@@ -20,8 +20,10 @@ score without the whole-head term); (a') shifted gates `gate_cluster_logits` / `
 (docs/benchmarks/gate_shifted.md) — the calibration examples k-means-clustered (8 clusters, seeded) on a label-free
 feature (`logits`: the parents' softmaxes concatenated; `embed`: the parents' mean input embeddings), whole clusters
 held out (~20 %), the refit `ridge_cluster_<feature>` fitted on the rest and kept if its held-out
-`FidelityScorer.log_likelihood` >= `none`'s on the same clusters; (b) shared basis — ridge only when
-`parents_shared_basis` < 0.5 (the refit report's score); (c) today — always ridge after these methods.
+`FidelityScorer.log_likelihood` >= `none`'s on the same clusters; each record's `test_loglik_tasks` is that score on the
+TEST inputs (labels unused): what a gate whose held-out split were the test distribution would see;
+(b) shared basis — ridge only when `parents_shared_basis` < 0.5 (the refit report's score);
+(c) today — always ridge after these methods.
 
 Settings:
 * text S (same base, no base given): MiniLM fine-tunes of `bench_same_base.py` (topic/intent/sentiment/tense,
