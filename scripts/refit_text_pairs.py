@@ -16,8 +16,14 @@ pipeline's refit step calls) builds
 
 Rules scored per pair against the better of none / ridge on the test labels:
 (a) gate — keep `ridge80` if its held-out score >= `none`'s, else `none` (`gate_loglik_tasks`: the log-probability
-score without the whole-head term); (b) shared basis — ridge only when
-`parents_shared_basis` < 0.5 (the refit report's score); (c) today — always ridge after these methods.
+score without the whole-head term); (a') shifted gates `gate_cluster_logits` / `gate_cluster_embed`
+(docs/benchmarks/gate_shifted.md) — the calibration examples k-means-clustered (8 clusters, seeded) on a label-free
+feature (`logits`: the parents' softmaxes concatenated; `embed`: the parents' mean input embeddings), whole clusters
+held out (~20 %), the refit `ridge_cluster_<feature>` fitted on the rest and kept if its held-out
+`FidelityScorer.log_likelihood` >= `none`'s on the same clusters; each record's `test_loglik_tasks` is that score on the
+TEST inputs (labels unused): what a gate whose held-out split were the test distribution would see;
+(b) shared basis — ridge only when `parents_shared_basis` < 0.5 (the refit report's score);
+(c) today — always ridge after these methods.
 
 Settings:
 * text S (same base, no base given): MiniLM fine-tunes of `bench_same_base.py` (topic/intent/sentiment/tense,
@@ -43,19 +49,27 @@ import itertools
 import json
 import statistics
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from common import BENCH_CACHE, log, set_threads
+from scipy.cluster.vq import kmeans2
 
 import hf_mudsc
 from hf_mudsc.apply.fidelity import FidelityScorer, holdout_split
 from hf_mudsc.apply.refit import refit_model
 from hf_mudsc.architectures import spec_for
+from hf_mudsc.calibrate.layer_inputs import forward_inputs
 
 SETTINGS = ("text_s", "text_p", "toy_diff", "toy_same")
-RULES = ("today", "gate_agreement", "gate_loglik", "gate_loglik_tasks", "shared_basis", "enough_data")
+#: The shifted (cluster) held-out splits: k-means on a label-free per-example feature, whole clusters held out.
+CLUSTER_FEATURES = ("logits", "embed")
+CLUSTERS = 8
+CLUSTER_FRACTION = 0.2
+RULES = ("today", "gate_agreement", "gate_loglik", "gate_loglik_tasks", "shared_basis", "enough_data",
+         *(f"gate_cluster_{f}" for f in CLUSTER_FEATURES))
 
 
 @torch.no_grad()
@@ -77,6 +91,66 @@ def loglik_score(merged: torch.Tensor, parents: Sequence[torch.Tensor], *, whole
         ensemble = torch.cat([p.softmax(1) for p in parents], dim=1) / len(parents)
         terms.append(float((ensemble * merged.log_softmax(1)).sum(1).mean()))
     return sum(terms) / len(terms)
+
+class MaskSplit:
+    """The rows of a re-readable batch stream whose example index is (held_out=True) or is not in `held`: the
+    same rows on every read, whatever the batch sizes (`fidelity.RowSplit`'s contract, any row set)."""
+
+    def __init__(self, batches: Callable[[], Iterable[Mapping[str, Any]]], held: torch.Tensor,
+                 held_out: bool) -> None:
+        self.batches, self.held, self.held_out = batches, held, held_out
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        start = 0
+        for batch in self.batches():
+            rows = next(len(v) for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+            keep = (self.held[start:start + rows] == self.held_out).nonzero()[:, 0]
+            start += rows
+            if len(keep):
+                yield {k: v.index_select(0, keep.to(v.device)) if isinstance(v, torch.Tensor) and v.dim() > 0
+                       and len(v) == rows else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def example_features(parents: Sequence[Any], batches: Iterable[Mapping[str, Any]], kind: str) -> np.ndarray:
+    """One label-free row per calibration example (one pass): `logits` — each parent's softmax, concatenated (what
+    the parents decide); `embed` — each parent's input embedding averaged over the non-padding tokens / patches,
+    L2-normalised per parent, concatenated (what the input is made of: words / pixels)."""
+    rows = []
+    for batch in batches:
+        parts = []
+        for parent in parents:
+            parent.eval()
+            if kind == "logits":
+                parts.append(parent(**forward_inputs(parent, batch)).logits.double().softmax(1))
+                continue
+            key = "input_ids" if "input_ids" in batch else "pixel_values"
+            emb = parent.get_input_embeddings()(batch[key]).double()
+            mask = batch.get("attention_mask") if key == "input_ids" else None
+            weights = (mask.double() if mask is not None else torch.ones(emb.shape[:2], dtype=emb.dtype))[..., None]
+            mean = (emb * weights).sum(1) / weights.sum(1).clamp_min(1)
+            parts.append(mean / mean.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        rows.append(torch.cat(parts, 1))
+    return torch.cat(rows).numpy()
+
+
+def cluster_holdout(features: np.ndarray, *, clusters: int = CLUSTERS, fraction: float = CLUSTER_FRACTION,
+                    seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """(held-out mask, cluster labels): k-means (seeded k-means++) on the rows, then whole clusters in a seeded
+    random order held out until they hold >= `fraction` of the examples; a cluster that would take the held-out
+    part past 1.5 × `fraction` is skipped, so the refit keeps about the same share of the data as the every-5th
+    split's (80 %) and the two gates differ in WHICH examples are held out, not how many."""
+    _, labels = kmeans2(features, clusters, minit="++", seed=seed)
+    order = np.random.default_rng(seed).permutation(clusters)
+    held = np.zeros(len(features), dtype=bool)
+    for c in order:
+        size = int((labels == c).sum())
+        if size == 0 or held.sum() + size > 1.5 * fraction * len(features):
+            continue
+        held |= labels == c
+        if held.sum() >= fraction * len(features):
+            break
+    return torch.from_numpy(held), labels
 
 
 def refits(parents: Sequence[Any], calibration: list[dict[str, Any]], **merge_kwargs: Any) -> dict[str, Any]:
@@ -109,7 +183,26 @@ def refits(parents: Sequence[Any], calibration: list[dict[str, Any]], **merge_kw
         gate[f"loglik_{name}"] = loglik_score(held_logits, parent_logits)
         gate[f"loglik_tasks_{name}"] = loglik_score(held_logits, parent_logits, whole_head=False)
     seconds["gate"] = time.perf_counter() - start
-    return {"models": {"none": merged, "ridge": ridge, "ridge80": ridge80}, "gate": gate,
+    models = {"none": merged, "ridge": ridge, "ridge80": ridge80}
+    # The shifted splits: whole k-means clusters held out; the refit on the rest against none on those clusters,
+    # by the library's gate score (`FidelityScorer.log_likelihood`, the mean over tasks).
+    for kind in CLUSTER_FEATURES:
+        start = time.perf_counter()
+        held_mask, labels = cluster_holdout(example_features(parents, calibration, kind))
+        kept_c = MaskSplit(lambda: iter(calibration), held_mask, held_out=False)
+        held_c = MaskSplit(lambda: iter(calibration), held_mask, held_out=True)
+        name = f"ridge_cluster_{kind}"
+        models[name], _ = refitted(lambda kept_c=kept_c: iter(kept_c))
+        scorer_c = FidelityScorer(parents, held_c, mask_key="attention_mask",
+                                  task_sizes=[p.config.num_labels for p in parents] if concatenate else None)
+        gate[f"cluster_{kind}_held_out"] = scorer_c.examples
+        gate[f"cluster_{kind}_sizes"] = np.bincount(labels, minlength=CLUSTERS).tolist()
+        gate[f"cluster_{kind}_none"] = scorer_c.log_likelihood(merged)
+        gate[f"cluster_{kind}_refit"] = scorer_c.log_likelihood(models[name])
+        # ridge80 on the same clusters too (it saw 4 of 5 of their rows): what seeing the cluster buys.
+        gate[f"cluster_{kind}_ridge80"] = scorer_c.log_likelihood(ridge80)
+        seconds[f"cluster_{kind}"] = time.perf_counter() - start
+    return {"models": models, "gate": gate,
             "shared_basis": report.shared_basis, "method": merged.config.mudsc["method"],
             "refit_examples": report.examples, "refit_samples": report.samples,
             "seconds": {k: round(v, 1) for k, v in seconds.items()}}
@@ -133,6 +226,16 @@ def task_scores(model: Any, parents: Sequence[Any], tests: Sequence[tuple[dict, 
     out["joint"] = 100 * joint_hits / total
     out["joint_raw"] = 100 * raw_hits / total
     return out
+
+
+def test_fidelity(models: Mapping[str, Any], parents: Sequence[Any],
+                  tests: Sequence[tuple[dict, torch.Tensor]]) -> dict[str, float]:
+    """The gate's own score (the parents' log-probability agreement, mean over tasks) measured on the TEST inputs
+    (labels unused): what a gate with a held-out split exactly like the test distribution would see."""
+    parent_logits = [torch.cat([logits_of(p, [inputs]) for inputs, _ in tests]) for p in parents]
+    return {name: loglik_score(torch.cat([logits_of(model, [inputs]) for inputs, _ in tests]), parent_logits,
+                               whole_head=False)
+            for name, model in models.items() if name in ("none", "ridge", "ridge80")}
 
 
 def ensemble_scores(parents: Sequence[Any], tests: Sequence[tuple[dict, torch.Tensor]]) -> dict[str, float]:
@@ -159,6 +262,9 @@ def decisions(run: dict[str, Any]) -> dict[str, str]:
         "gate_agreement": "ridge80" if gate["agreement_ridge80"] >= gate["agreement_none"] else "none",
         "gate_loglik": "ridge80" if gate["loglik_ridge80"] >= gate["loglik_none"] else "none",
         "gate_loglik_tasks": "ridge80" if gate["loglik_tasks_ridge80"] >= gate["loglik_tasks_none"] else "none",
+        **{f"gate_cluster_{kind}": f"ridge_cluster_{kind}"
+           if gate[f"cluster_{kind}_refit"] >= gate[f"cluster_{kind}_none"] else "none"
+           for kind in CLUSTER_FEATURES if f"cluster_{kind}_refit" in gate},
         # A merge without a concatenated head has no score: the rule then refits (shared basis unknown).
         "shared_basis": "none" if basis is not None and basis >= 0.5 else "ridge",
         # (d) enough data: the calibration holds the examples `refit_samples="auto"` asks for (16 token rows per
@@ -207,6 +313,7 @@ def text_pairs(args: argparse.Namespace, permuted: bool) -> list[dict[str, Any]]
                 figures = {label: task_scores(model, parents, tests) for label, model in run["models"].items()}
                 figures["ensemble"] = ensemble_scores(parents, tests)
                 entry = record(run, figures, "joint")
+                entry["test_loglik_tasks"] = test_fidelity(run["models"], parents, tests)
             else:
                 run = refits(parents, setting.calibration)
                 linear = hf_mudsc.merge(parents, setting.calibration, method="linear", progress=False)
@@ -224,6 +331,7 @@ def text_pairs(args: argparse.Namespace, permuted: bool) -> list[dict[str, Any]]
                                       "normalised": normalised(accuracies, [own[i], own[j]])}
                     figures[label].update({"joint": task_scores(model, parents, tests)["joint"]})
                 entry = record(run, figures, "normalised")
+                entry["test_loglik_tasks"] = test_fidelity(run["models"], parents, tests)
             entry["pair"] = name
             log(f"{'P' if permuted else 'S'} {name}: " + ", ".join(
                 f"{label} {fig['joint' if permuted else 'normalised']:.3f}" for label, fig in figures.items())
@@ -262,6 +370,7 @@ def toy_pairs(args: argparse.Namespace, same_init: bool) -> list[dict[str, Any]]
                 figures["linear"] = task_scores(hf_mudsc.merge(parents, calibration, method="linear", progress=False),
                                                 parents, tests)
             entry = record(run, figures, "joint")
+            entry["test_loglik_tasks"] = test_fidelity(run["models"], parents, tests)
             entry["pair"] = f"h{width} split {index} {classes}"
             entry["width"] = width
             log(f"{'same' if same_init else 'diff'} {entry['pair']}: " + ", ".join(
@@ -283,7 +392,7 @@ def summary(records: Sequence[dict[str, Any]], key: str) -> dict[str, Any]:
     for label in records[0]["figures"]:
         out["models"][label] = stats([r["figures"][label][key] for r in records])
     oracle = [max(r["figures"]["none"][key], r["figures"]["ridge"][key]) for r in records]
-    for rule in RULES:
+    for rule in (rule for rule in RULES if rule in decisions(records[0])):  # older records: no cluster gates
         choices = [decisions(r)[rule] for r in records]
         out["rules"][rule] = stats([r["figures"][c][key] for r, c in zip(records, choices)])
         out["rules"][rule]["right"] = sum(r["figures"]["ridge" if c != "none" else "none"][key] == best
@@ -311,15 +420,25 @@ def key_joint(records: Sequence[dict[str, Any]]) -> bool:
 def markdown(name: str, records: Sequence[dict[str, Any]], key: str) -> str:
     """The docs page's tables of one setting: every pair, then mean ± std of every model and rule."""
     labels = list(records[0]["figures"])
-    lines = [f"| pair | {' | '.join(labels)} | held-out loglik none / refit | shared basis | gate keeps |",
-             "|---|" + "---:|" * (len(labels) + 3)]
+    clusters = [kind for kind in CLUSTER_FEATURES if f"cluster_{kind}_refit" in records[0]["gate"]]
+    shifted = "".join(f" cluster {kind}: none / refit (held out) | keeps |" for kind in clusters)
+    tested = "test_loglik_tasks" in records[0]
+    shifted += " test inputs loglik none / ridge80 |" if tested else ""
+    lines = [f"| pair | {' | '.join(labels)} | held-out loglik none / refit | shared basis | gate keeps |{shifted}",
+             "|---|" + "---:|" * (len(labels) + 3 + 2 * len(clusters) + tested)]
     digits = 3 if key == "normalised" else 1
     for r in records:
         gate = r["gate"]
         basis = "–" if r["shared_basis"] is None else f"{r['shared_basis']:.3f}"
         lines.append(f"| {r['pair']} | " + " | ".join(f"{r['figures'][label][key]:.{digits}f}" for label in labels)
                      + f" | {gate['loglik_none']:.3f} / {gate['loglik_ridge80']:.3f} | {basis} | "
-                     + ("yes" if decisions(r)["gate_loglik"] != "none" else "no") + " |")
+                     + ("yes" if decisions(r)["gate_loglik"] != "none" else "no") + " |"
+                     + "".join(f" {gate[f'cluster_{kind}_none']:.3f} / {gate[f'cluster_{kind}_refit']:.3f}"
+                               f" ({gate[f'cluster_{kind}_held_out']}) | "
+                               + ("yes" if decisions(r)[f"gate_cluster_{kind}"] != "none" else "no") + " |"
+                               for kind in clusters)
+                     + (f" {r['test_loglik_tasks']['none']:.3f} / {r['test_loglik_tasks']['ridge80']:.3f} |"
+                        if tested else ""))
     result = summary(records, key)
     lines += ["", f"| {name}: mean ± std over {len(records)} pairs ({key}) | value | right (of {len(records)}) "
               "| refit kept |", "|---|---:|---:|---:|"]
