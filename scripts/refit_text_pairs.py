@@ -261,7 +261,8 @@ def decisions(run: dict[str, Any]) -> dict[str, str]:
         "today": "ridge",
         "gate_agreement": "ridge80" if gate["agreement_ridge80"] >= gate["agreement_none"] else "none",
         "gate_loglik": "ridge80" if gate["loglik_ridge80"] >= gate["loglik_none"] else "none",
-        "gate_loglik_tasks": "ridge80" if gate["loglik_tasks_ridge80"] >= gate["loglik_tasks_none"] else "none",
+        **({"gate_loglik_tasks": "ridge80" if gate["loglik_tasks_ridge80"] >= gate["loglik_tasks_none"] else "none"}
+           if "loglik_tasks_ridge80" in gate else {}),  # records before 2026-11-30 have no per-task-only score
         **{f"gate_cluster_{kind}": f"ridge_cluster_{kind}"
            if gate[f"cluster_{kind}_refit"] >= gate[f"cluster_{kind}_none"] else "none"
            for kind in CLUSTER_FEATURES if f"cluster_{kind}_refit" in gate},
@@ -392,7 +393,7 @@ def summary(records: Sequence[dict[str, Any]], key: str) -> dict[str, Any]:
     for label in records[0]["figures"]:
         out["models"][label] = stats([r["figures"][label][key] for r in records])
     oracle = [max(r["figures"]["none"][key], r["figures"]["ridge"][key]) for r in records]
-    for rule in (rule for rule in RULES if rule in decisions(records[0])):  # older records: no cluster gates
+    for rule in (rule for rule in RULES if rule in decisions(records[0])):  # older records: fewer gates
         choices = [decisions(r)[rule] for r in records]
         out["rules"][rule] = stats([r["figures"][c][key] for r, c in zip(records, choices)])
         out["rules"][rule]["right"] = sum(r["figures"]["ridge" if c != "none" else "none"][key] == best
