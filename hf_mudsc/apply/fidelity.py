@@ -20,6 +20,7 @@ picks in 9 of 10 choices, +4.6 (zip) / +7.2 (align) joint points over α = 0.5.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -102,6 +103,8 @@ class FidelityScorer:
         """`task_sizes`: each parent's class count when the merged head is their heads concatenated (in parent
         order); None when the heads share one label set or there are no logits."""
         self.held_out, self.mask_key, self.task_sizes = held_out, mask_key, task_sizes
+        ends = [int(end) for end in itertools.accumulate(task_sizes or ())]
+        self.task_ranges = list(zip([0, *ends[:-1]], ends))  # the concatenated head's slices, parent order
         outputs = [_outputs(parent, held_out, mask_key) for parent in parents]
         self.parents = [out for out, _ in outputs]
         self.logits = all(is_logits for _, is_logits in outputs)
@@ -116,7 +119,7 @@ class FidelityScorer:
         if self.task_sizes:
             slices = torch.split(out, list(self.task_sizes), dim=1)
             ensemble = torch.cat([parent.softmax(1) for parent in self.parents], dim=1)
-            decided = per_task_softmax(out, self._ranges())
+            decided = per_task_softmax(out, self.task_ranges)
         else:
             slices = [out] * len(self.parents)
             ensemble = sum(parent.softmax(1) for parent in self.parents) / len(self.parents)
@@ -143,12 +146,6 @@ class FidelityScorer:
         terms = [float((parent.softmax(1) * part.log_softmax(1)).sum(1).mean())
                  for part, parent in zip(slices, self.parents)]
         return sum(terms) / len(terms)
-
-    def _ranges(self) -> list[tuple[int, int]]:
-        bounds = [0]
-        for size in self.task_sizes or ():
-            bounds.append(bounds[-1] + int(size))
-        return list(zip(bounds[:-1], bounds[1:]))
 
 
 def choose_alpha(scores: Mapping[float, float]) -> float:

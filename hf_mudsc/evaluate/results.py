@@ -80,13 +80,13 @@ class EvaluationResult:
             raise EvaluationError(f"no scores for {merged!r}; scored: {sorted(self.scores)}")
         rows = []
         later = self.parent_scorers[2:]
+        raw = self.definitions.get("joint_rule") == "raw"  # the default rule keeps the plain name
         for metric in self.metrics:
             for view in [*self.tasks, JOINT]:
                 value = self.score(merged, view, metric)
                 if value is None:
                     continue
                 info = self.tasks.get(view) or _joint_info(self.tasks)
-                raw = self.definitions.get("joint_rule") == "raw"  # the default rule keeps the plain name
                 task = view if view != JOINT else ("joint (all tasks, raw logits)" if raw else "joint (all tasks)")
                 rows.append(EvalRow(
                     task=task,
