@@ -43,6 +43,9 @@ REFITTING = ("ridge", "gate", "repair")
 AUTO_REFIT = "gate"
 # The size budget's range (`size`): one parent's parameters up to two parents' (docs/design.md §4.12).
 SIZE_RANGE = (1.0, 2.0)
+#: Where a size budget goes (`size_spend`): MLP units only, or whole attention heads and the residual stream first
+#: (the rest in MLP units); docs/design.md §4.12.
+SIZE_SPENDS = ("mlp", "heads")
 
 
 def resolve_refit(refit: str, *, matches_units: bool, has_data: bool, num_parents: int, reference_compat: bool,
@@ -359,6 +362,11 @@ def _check_size(name: str, value: float, cli: str) -> None:
                           f"paper's merge), got {value}")
 
 
+def _check_size_spend(name: str, value: str, cli: str) -> None:
+    if value not in SIZE_SPENDS:
+        raise OptionError(f"unknown size_spend {value!r}; choose one of: {', '.join(SIZE_SPENDS)} {cli}")
+
+
 def _card_size(value: Any, context: Mapping[str, Any]) -> str | None:
     """`1.5× one parent: intermediate_size 96 (+32 units kept unfused); 123,456 parameters (1.470× ...)`; hidden for
     methods without a budget."""
@@ -601,6 +609,11 @@ class MergeOptions:
         help="size budget for the unit-matching methods: the merged model may hold up to S times one parent's "
         "parameters, in [1, 2]; the extra keeps the MLP units with the weakest cross-parent match unfused (a wider "
         "intermediate_size, still a stock class). 1 = the paper's merge")
+    size_spend: str = option(
+        "mlp", kind="choice", check=_check_size_spend, choices=SIZE_SPENDS, recorded=True, per_method=True,
+        help="where a size budget goes: mlp keeps MLP units unfused (a wider intermediate_size); heads first keeps "
+        "whole attention head pairs and as many residual-stream units unfused (hidden_size and num_attention_heads "
+        "grow together, head_dim kept; ViT only), the rest in MLP units")
     # ---- calibration-data same-base methods (regmean, regmean_plusplus, fisher: hf_mudsc/methods/data.py)
     regmean_scale: float = option(
         0.95, kind="number", check=_check_regmean_scale, metavar="R", recorded=True, per_method=True,

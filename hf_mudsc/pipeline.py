@@ -46,7 +46,7 @@ from hf_mudsc.options import AUTO, REFITTING, MergeOptions, option_hint
 from hf_mudsc.plan import MergePlan
 from hf_mudsc.solve.diagnostics import MergeDiagnostics, compute_diagnostics
 from hf_mudsc.solve.matchers import Match
-from hf_mudsc.solve.widen import measured_plan
+from hf_mudsc.solve.widen import check_spend, measured_plan
 from hf_mudsc.spec import PermutationSpec
 
 logger = logging.getLogger(__name__)
@@ -160,6 +160,7 @@ def merge(
     regmean_scale: float = 0.95,
     fisher_epsilon: float = 1e-6,
     size: float = 1.0,
+    size_spend: str = "mlp",
     dry_run: bool = False,
 ) -> PreTrainedModel | MergePlan | None:
     """Merge two or more fine-tuned models of one architecture into one model, without training.
@@ -244,6 +245,9 @@ def merge(
             cross-parent match is weakest unfused — a wider `intermediate_size`, still the parents' stock class
             (docs/design.md §4.12); `config.mudsc["size_budget"]` records the widths and the parameter count.
             1.0 (default) is the paper's merge; the other methods keep one parent's shape and refuse other values.
+        size_spend: where the budget goes: `"mlp"` (default) as above; `"heads"` first leaves the weakest-matched
+            attention head pairs of every block and as many residual-stream units unfused (`hidden_size` and
+            `num_attention_heads` grow by whole heads, ViT only, two parents), the rest in MLP units.
         dry_run: return a `hf_mudsc.plan.MergePlan` instead of merging: the parents' pinned revisions, their
             relation as far as configs tell, the method, the groups and widths, the calibration rows and an
             estimate of time and peak memory — from configs and safetensors headers only (no weights downloaded,
@@ -326,6 +330,7 @@ def merge(
     for index, other in enumerate(loaded[1:], start=1):
         check_parents(model_a, other, labels=(parent_label(0), parent_label(index)))
     spec = spec_for(model_a)
+    check_spend(spec, merge_options.size, merge_options.size_spend)
     for other in loaded[1:]:
         spec_for(other)
     parent_names = [p.repo_id or parent_name(p.model, f"model_{parent_label(i).lower()}")

@@ -81,6 +81,18 @@ class Classifier:
 
 
 @dataclass(frozen=True)
+class Stream:
+    """The config attributes of a residual stream a size budget may widen by whole attention heads
+    (`size_spend="heads"`, docs/design.md §4.12): the stock class derives `head_dim = width / heads`, so the stream
+    (the group named `group`) and every attention group (`num_heads > 1`, as wide as the stream) grow together by
+    `k · head_dim` units, and the config gains `k` heads."""
+
+    width_key: str = "hidden_size"
+    heads_key: str = "num_attention_heads"
+    group: str = "residual"
+
+
+@dataclass(frozen=True)
 class PermutationSpec:
     """All groups of a model, in solve order (residual stream first, then per block q/k, v, MLP)."""
 
@@ -89,6 +101,8 @@ class PermutationSpec:
     classifier: Classifier | None = None
     family: str = ""
     inputs: tuple[str, ...] = ()
+    stream: Stream | None = None
+    """How a stock config sets the residual stream's width, if a size budget may widen it (ViT only so far)."""
     _axes: Mapping[str, tuple[tuple[int, Member], ...]] = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:

@@ -58,4 +58,13 @@ def widened_config(config: PretrainedConfig, spec: PermutationSpec,
             holder = getattr(holder, name)
         if getattr(holder, attribute) != width:
             setattr(holder, attribute, width)
+    stream = spec.stream
+    if stream is not None:  # size_spend="heads": the stream grew by whole heads (head_dim = width / heads is kept)
+        group = spec.groups[spec.group_index(stream.group)]
+        member = group.members[0]
+        width = int(params[member.param].shape[member.axis])
+        if width != getattr(config, stream.width_key):
+            head_dim = getattr(config, stream.width_key) // getattr(config, stream.heads_key)
+            setattr(config, stream.heads_key, width // head_dim)
+            setattr(config, stream.width_key, width)
     return config

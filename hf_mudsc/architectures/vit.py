@@ -14,7 +14,7 @@ from hf_mudsc.architectures.templates import (
     linear_out,
 )
 from hf_mudsc.errors import UnsupportedArchitectureError
-from hf_mudsc.spec import Classifier, Group, HookPoint, PermutationSpec
+from hf_mudsc.spec import Classifier, Group, HookPoint, PermutationSpec, Stream
 
 VIT = EncoderTable(
     embeddings=(
@@ -80,4 +80,4 @@ def vit_spec(model: nn.Module) -> PermutationSpec:
     classifier = Classifier("classifier.weight", "classifier.bias") if has_classifier else None
     averaged = ("classifier.bias",) if has_classifier else ()
     return PermutationSpec(groups=tuple(groups), averaged=averaged, classifier=classifier, family="vit",
-                           inputs=("pixel_values",))
+                           inputs=("pixel_values",), stream=Stream())

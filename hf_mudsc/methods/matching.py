@@ -75,6 +75,7 @@ class UnitMatchingMethod(MergeMethod):
         return {"matcher": matcher, "alpha": self.recorded_alpha(options.alpha),
                 "zip_decay": options.zip_decay if zipping else None,
                 "zip_budget": options.zip_budget if zipping else None, "size": options.size,
+                "size_spend": options.size_spend if options.size != 1.0 else None,
                 **({"weights": list(options.weights)} if _weighted(options.weights) else {})}
 
     def check_options(self, options: MergeOptions, num_parents: int) -> None:
@@ -85,6 +86,9 @@ class UnitMatchingMethod(MergeMethod):
         if options.reference_compat and num_parents != 2:
             raise MergeInputError(f"{option_hint('reference_compat')} reproduces the reference's two-parent merge, "
                                   f"got {num_parents} parents; drop it to merge {num_parents} parents")
+        if options.size_spend == "heads" and options.size != 1.0 and num_parents != 2:
+            raise MergeInputError(f"{option_hint('size_spend')} 'heads' merges two parents, got {num_parents}; use "
+                                  f"size_spend='mlp' (CLI: --size-spend mlp)")
         weights = options.weights
         if weights is not None and any(not w > 0 for w in weights):
             raise MergeInputError(f"{option_hint('weights')} of {self.name} must all be > 0 (each parent's share of "
@@ -122,7 +126,15 @@ class UnitMatchingMethod(MergeMethod):
         solver = Solver(context.solve_spec, parents[0], parents[1], context.correlations, options, **more)
         result = solver.solve(progress=context.progress)
         matches = list(result.matches)
-        if given.size != 1.0:  # the size budget (docs/design.md §4.12): MLP units left unfused
+        if given.size != 1.0 and given.size_spend == "heads":  # whole heads and the stream first (§4.12)
+            from hf_mudsc.solve.widen import plan_heads, widen_stream
+
+            plan = plan_heads(context.spec, context.parents, given.size,
+                              concatenate_classifier=context.concatenate_classifier)
+            matches = widen_stream(context.solve_spec, matches, plan,
+                                   lambda index: solver.similarity_of(index, result.matches),
+                                   normalizer_eps=options.normalizer_eps)
+        elif given.size != 1.0:  # the size budget (docs/design.md §4.12): MLP units left unfused
             from hf_mudsc.solve.widen import plan_size, widen_matches
 
             plan = plan_size(context.spec, context.parents, given.size,

@@ -118,6 +118,21 @@ def measured_plan(spec: PermutationSpec, parents: Sequence[Mapping[str, torch.Te
     total = sum(int(t.numel()) for t in merged.values())
     added = sum(extra[key] * sum(unit_cost(spec, parents[0], i) for i in indices)
                 for key, indices in widenable_groups(spec).items())
+    stream = stream_groups(spec)
+    if stream is not None and spec.stream is not None:
+        member = spec.groups[stream.residual].members[0]
+        grown = int(merged[member.param].shape[member.axis]) - spec.groups[stream.residual].width
+        if grown:  # size_spend="heads": the stream and the heads grew too (both axes of some tensors: count shapes)
+            group_widths = {i: int(merged[spec.groups[i].members[0].param].shape[spec.groups[i].members[0].axis])
+                            for i in range(len(spec.groups))}
+            head = spec.classifier.weight if spec.classifier is not None else None
+            concatenated = head is not None and merged[head].shape[0] != parents[0][head].shape[0]
+            added = (parameter_count(spec, parents, group_widths, concatenate_classifier=concatenated)
+                     - parameter_count(spec, parents, {}, concatenate_classifier=concatenated))
+            heads = grown // stream.head_dim
+            extra = {spec.stream.width_key: grown, spec.stream.heads_key: heads, **extra}
+            widths = {spec.stream.width_key: spec.groups[stream.residual].width + grown,
+                      spec.stream.heads_key: stream.num_heads + heads, **widths}
     return SizePlan(size=float(size), parent_parameters=max(counts), base_parameters=total - added, extra=extra,
                     widths=widths, num_parameters=total)
 
@@ -196,3 +211,196 @@ def widen_matches(spec: PermutationSpec, matches: Sequence[Match | None], plan: 
             widened[index] = unfuse(found, similarity_of(index), extra, num_models=num_models,
                                     normalizer_eps=normalizer_eps)
     return widened
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# size_spend="heads": the residual stream and whole attention heads (docs/design.md §4.12)
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StreamGroups:
+    """The groups that widen together when the residual stream gains whole heads: the stream and the attention
+    groups (q/k and v of every block, `num_heads` heads of `head_dim` units each)."""
+
+    residual: int
+    attention: tuple[int, ...]
+    num_heads: int
+    head_dim: int
+
+
+def stream_groups(spec: PermutationSpec) -> StreamGroups | None:
+    """The spec's `StreamGroups`, or None when its architecture does not declare a widenable stream
+    (`PermutationSpec.stream`)."""
+    if spec.stream is None:
+        return None
+    residual = spec.group_index(spec.stream.group)
+    width = spec.groups[residual].width
+    attention = tuple(i for i, g in enumerate(spec.groups) if g.num_heads > 1 and g.width == width)
+    heads = {spec.groups[i].num_heads for i in attention}
+    if len(heads) != 1:
+        raise ValueError(f"attention groups of the stream have different head counts {sorted(heads)}")
+    num_heads = heads.pop()
+    return StreamGroups(residual=residual, attention=attention, num_heads=num_heads, head_dim=width // num_heads)
+
+
+def check_spend(spec: PermutationSpec, size: float, spend: str) -> None:
+    """Refuse `size_spend="heads"` for an architecture without a declared stream, in one line, before calibration
+    (merge() calls it as soon as the spec is known)."""
+    from hf_mudsc.errors import MergeInputError, option_hint
+
+    if size != 1.0 and spend == "heads" and spec.stream is None:
+        raise MergeInputError(f"{option_hint('size_spend')} 'heads' widens the residual stream by whole heads, which "
+                              f"only ViT supports so far, not {spec.family or 'this architecture'}; use "
+                              f"size_spend='mlp' (CLI: --size-spend mlp)")
+
+
+def parameter_count(spec: PermutationSpec, parents: Sequence[Mapping[str, torch.Tensor]],
+                    widths: Mapping[int, int], *, concatenate_classifier: bool = False) -> int:
+    """The merged model's exact parameter count when group `i` has width `widths[i]` (others: the parents'): every
+    tensor's shape with each grouped axis replaced — exact also when both axes of a tensor grow (q/k/v/o)."""
+
+    def count(name: str, tensor: torch.Tensor) -> int:
+        shape = list(tensor.shape)
+        for index, member in spec.axes_of(name):
+            if index in widths:
+                shape[member.axis] = widths[index]
+        return math.prod(shape)
+
+    total = sum(count(name, tensor) for name, tensor in parents[0].items())
+    if concatenate_classifier and spec.classifier is not None:
+        head = [n for n in (spec.classifier.weight, spec.classifier.bias) if n]
+        total += sum(count(name, p[name]) for p in parents[1:] for name in head)
+    return total
+
+
+def plan_heads(spec: PermutationSpec, parents: Sequence[Mapping[str, torch.Tensor]], size: float, *,
+               concatenate_classifier: bool = False) -> SizePlan:
+    """`size_spend="heads"`: the most whole heads `k` that fit (the stream and every attention group grow by
+    `k · head_dim` units, the config by `k` heads; at most every head pair unfused), then as many MLP units as the
+    rest of the budget allows (the MLP groups' `width_key`, one width for all layers). Counted exactly."""
+    stream = stream_groups(spec)
+    if stream is None:
+        raise ValueError(f"the {spec.family or 'given'} architecture declares no widenable residual stream")
+    if len(parents) != 2:
+        raise ValueError("size_spend='heads' merges two parents")
+    counts = [sum(int(t.numel()) for t in p.values()) for p in parents]
+    parent_parameters = max(counts)
+    limit = math.floor(size * parent_parameters)
+    keys = widenable_groups(spec)
+    residual_width = spec.groups[stream.residual].width
+
+    def widths_for(heads: int, mlp: Mapping[str, int]) -> dict[int, int]:
+        grown = {i: spec.groups[i].width + heads * stream.head_dim for i in (stream.residual, *stream.attention)}
+        for key, indices in keys.items():
+            grown.update({i: spec.groups[i].width + mlp.get(key, 0) for i in indices})
+        return grown
+
+    def total(heads: int, mlp: Mapping[str, int]) -> int:
+        return parameter_count(spec, parents, widths_for(heads, mlp), concatenate_classifier=concatenate_classifier)
+
+    base = total(0, {})
+    heads = 0
+    if size > 1.0:
+        while heads < stream.num_heads and total(heads + 1, {}) <= limit:
+            heads += 1
+    extra = dict.fromkeys(keys, 0)
+    if size > 1.0:
+        capacity = {key: spec.groups[indices[0]].width for key, indices in keys.items()}
+        while True:
+            used = total(heads, extra)
+            fits = [key for key in keys if extra[key] < capacity[key]
+                    and total(heads, {**extra, key: extra[key] + 1}) <= limit]
+            if not fits:
+                break
+            key = min(fits, key=lambda k: extra[k] / capacity[k])
+            step = total(heads, {**extra, key: extra[key] + 1}) - used
+            # Units of one key cost the same at a fixed stream width: take all that fit at once.
+            room = min(capacity[key] - extra[key], (limit - used) // step) if len(keys) == 1 else 1
+            extra[key] += max(room, 1)
+    widths = {key: spec.groups[indices[0]].width + extra[key] for key, indices in keys.items()}
+    stream_keys = spec.stream
+    assert stream_keys is not None
+    if heads:
+        extra = {stream_keys.width_key: heads * stream.head_dim, stream_keys.heads_key: heads, **extra}
+        widths = {stream_keys.width_key: residual_width + heads * stream.head_dim,
+                  stream_keys.heads_key: stream.num_heads + heads, **widths}
+    return SizePlan(size=float(size), parent_parameters=parent_parameters, base_parameters=base, extra=extra,
+                    widths=widths, num_parameters=total(heads, {k: v for k, v in extra.items() if k in keys}))
+
+
+def weakest_head_pairs(head_scores: torch.Tensor | Sequence[Sequence[float]], pairing: Sequence[int],
+                       count: int) -> list[int]:
+    """The A heads of the `count` weakest matched head pairs (`head_scores[j, pairing[j]]` lowest first; ties:
+    lower head first), in increasing head order."""
+    scores = torch.as_tensor(head_scores, dtype=torch.float64)
+    paired = torch.stack([scores[j, p] for j, p in enumerate(pairing)])
+    order = torch.argsort(paired, stable=True).tolist()
+    return sorted(order[:count])
+
+
+def unfuse_heads(found: Match, heads: Sequence[int], num_heads: int, *, normalizer_eps: float = 0.0) -> Match:
+    """`found` (a group matched inside head pairs) with the head pairs of A heads `heads` left unfused: A head `j`
+    keeps merged head `j`, each of its units alone in its own column (unit `i` -> column `j·d + i`); its partner B
+    head `pairing[j]` becomes a new merged head appended after the `num_heads` existing ones (in the order of
+    `heads`), likewise unit by unit. Every other unit keeps its column and weight, so `heads=()` returns `found`.
+    The merged width grows by `len(heads) · d` (`d` = head_dim): merged heads stay contiguous blocks of `d`."""
+    if not heads:
+        return found
+    if found.head_pairing is None or found.num_models != 2:
+        raise ValueError("only a two-parent match inside head pairs can have head pairs unfused")
+    n = found.cluster_of.numel() // 2
+    d = n // num_heads
+    clusters = found.cluster_of.cpu().clone()
+    weights = found.merge_weight.cpu().clone()
+    single = 1.0 / (1.0 + normalizer_eps)
+    for position, head in enumerate(heads):
+        partner = found.head_pairing[head]
+        a_units = torch.arange(head * d, (head + 1) * d)
+        b_units = n + torch.arange(partner * d, (partner + 1) * d)
+        clusters[a_units] = head * d + torch.arange(d)
+        clusters[b_units] = (num_heads + position) * d + torch.arange(d)
+        weights[a_units] = single
+        weights[b_units] = single
+    return Match(cluster_of=clusters.to(found.cluster_of.device), merge_weight=weights.to(found.merge_weight.device),
+                 num_merged=found.num_merged + len(heads) * d, value=found.value, head_pairing=found.head_pairing,
+                 num_models=2)
+
+
+def widen_stream(spec: PermutationSpec, matches: Sequence[Match | None], plan: SizePlan,
+                 similarity_of: Callable[[int], torch.Tensor], *, normalizer_eps: float = 0.0
+                 ) -> list[Match | None]:
+    """`size_spend="heads"`: the stream's `k · head_dim` weakest-matched units unfused (`unfuse`), and in every
+    attention block the `k` head pairs with the lowest summed head score over its tied groups (q/k and v:
+    `attention_head_scores` at the final matches, the score that paired them) left unfused (`unfuse_heads`);
+    then the MLP groups as `widen_matches` does."""
+    from hf_mudsc.solve.matchers import attention_head_scores
+
+    stream = stream_groups(spec)
+    assert stream is not None and spec.stream is not None
+    heads = plan.extra.get(spec.stream.heads_key, 0)
+    widened = list(matches)
+    if heads:
+        found = matches[stream.residual]
+        if found is None:
+            raise ValueError(f"group {spec.groups[stream.residual].name!r} has no match to widen")
+        widened[stream.residual] = unfuse(found, similarity_of(stream.residual), heads * stream.head_dim,
+                                          normalizer_eps=normalizer_eps)
+        ties: dict[str | None, list[int]] = {}
+        for index in stream.attention:
+            ties.setdefault(spec.groups[index].head_tie or spec.groups[index].name, []).append(index)
+        for members in ties.values():
+            tied = [matches[i] for i in members]
+            if any(m is None for m in tied):
+                raise ValueError(f"group {spec.groups[members[0]].name!r} has no match to widen")
+            pairing = tied[0].head_pairing  # type: ignore[union-attr]
+            if pairing is None or any(m.head_pairing != pairing for m in tied):  # type: ignore[union-attr]
+                raise ValueError(f"groups {[spec.groups[i].name for i in members]} do not share one head pairing")
+            scores = sum(torch.as_tensor(attention_head_scores(similarity_of(i), stream.num_heads))
+                         for i in members)
+            chosen = weakest_head_pairs(scores, pairing, heads)  # type: ignore[arg-type]
+            for i, found_head in zip(members, tied, strict=True):
+                widened[i] = unfuse_heads(found_head, chosen, stream.num_heads,  # type: ignore[arg-type]
+                                          normalizer_eps=normalizer_eps)
+    mlp = SizePlan(size=plan.size, parent_parameters=plan.parent_parameters, base_parameters=plan.base_parameters,
+                   extra={k: v for k, v in plan.extra.items() if k in widenable_groups(spec)},
+                   widths=plan.widths, num_parameters=plan.num_parameters)
+    return widen_matches(spec, widened, mlp, similarity_of, normalizer_eps=normalizer_eps)
