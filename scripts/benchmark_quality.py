@@ -822,18 +822,22 @@ def run_size_pair(args: argparse.Namespace, width: int, split_index: int, classe
     parent_parameters = sum(p.numel() for p in model_a.parameters())
     parent_flops = forward_flops(model_a, image)
     merged, info = {}, {}
-    for size in args.sizes:
-        for refit in SIZE_REFITS:
-            label = f"size {size:g} refit {refit}"
-            start = time.perf_counter()
-            model = hf_mudsc.merge([model_a, model_b], calibration, method="mudsc", size=size, refit=refit,
-                                   batch_size=64, progress=False)
-            budget = model.config.mudsc["size_budget"]
-            merged[label] = model
-            info[label] = {"size": size, "refit": refit, "seconds": round(time.perf_counter() - start, 2),
-                           "parameters": budget["num_parameters"], "intermediate_size": model.config.intermediate_size,
-                           "parameter_ratio": budget["num_parameters"] / parent_parameters,
-                           "flops_ratio": forward_flops(model, image) / parent_flops}
+    runs = [(size, spend, refit) for size in args.sizes for spend in (args.size_spends if size != 1 else ["mlp"])
+            for refit in SIZE_REFITS]
+    for size, spend, refit in runs:
+        # `size_spend="mlp"` keeps the rows' earlier labels; other spends are named in theirs.
+        label = f"size {size:g} refit {refit}" if spend == "mlp" else f"size {size:g} {spend} refit {refit}"
+        start = time.perf_counter()
+        model = hf_mudsc.merge([model_a, model_b], calibration, method="mudsc", size=size, refit=refit,
+                               size_spend=spend, batch_size=64, progress=False)
+        budget = model.config.mudsc["size_budget"]
+        merged[label] = model
+        info[label] = {"size": size, "refit": refit, "spend": spend,
+                       "seconds": round(time.perf_counter() - start, 2),
+                       "parameters": budget["num_parameters"], "intermediate_size": model.config.intermediate_size,
+                       "hidden_size": model.config.hidden_size,
+                       "parameter_ratio": budget["num_parameters"] / parent_parameters,
+                       "flops_ratio": forward_flops(model, image) / parent_flops}
     test = evaluate_merge(merged, [model_a, model_b], digit_tasks(splits, "test"), progress=False)
     tasks = list(digit_tasks(splits, "test"))
     rows = {}
@@ -869,7 +873,8 @@ def size_markdown(result: dict[str, Any]) -> str:
              "evaluation's rule, also the ensemble's).", ""]
     for width, table in result["summary"].items():
         lines += [f"## hidden {width} ({table['ensemble']['joint']['n']} pairs)", "",
-                  "| row | joint | task A | task B | params | FLOPs | intermediate |", "|---|---|---|---|---|---|---|"]
+                  "| row | joint | task A | task B | params | FLOPs | hidden | intermediate |",
+                  "|---|---|---|---|---|---|---|---|"]
         for label, row in table.items():
             def cell(key: str, row: dict = row) -> str:
                 value = row.get(key)
@@ -878,9 +883,11 @@ def size_markdown(result: dict[str, Any]) -> str:
             ratio = row.get("parameter_ratio")
             flops = row.get("flops_ratio")
             inner = row.get("intermediate_size")
+            hidden = row.get("hidden_size")
             lines.append(f"| {label} | {cell('joint')} | {cell('task_a')} | {cell('task_b')} | "
                          f"{'1.000' if ratio is None else format(ratio['mean'], '.3f')}× | "
                          f"{'1.000' if flops is None else format(flops['mean'], '.3f')}× | "
+                         f"{'—' if hidden is None else format(hidden['mean'], '.0f')} | "
                          f"{'—' if inner is None else format(inner['mean'], '.0f')} |")
         lines.append("")
     return "\n".join(lines)
@@ -896,20 +903,26 @@ def size_plot(result: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for index, (width, table) in enumerate(result["summary"].items()):
         color = f"C{index}"
-        for refit, style in zip(SIZE_REFITS, ("-o", "-s")):
-            rows = [row for label, row in table.items() if label.endswith(f"refit {refit}")]
+        for (refit, spend), style in zip([(r, sp) for sp in ("mlp", "heads") for r in SIZE_REFITS],
+                                         ("-o", "-s", ":o", ":s")):
+            # The mlp line: every size's mlp row; another spend's: size 1 (the same merge) and its own rows.
+            rows = [row for label, row in table.items() if label.endswith(f"refit {refit}")
+                    and (f" {spend} " in label or label.startswith("size 1 ")
+                         or (spend == "mlp" and not any(f" {sp} " in label for sp in ("heads",))))]
+            if len(rows) < 2 and spend != "mlp":
+                continue
             rows.sort(key=lambda row: row["parameter_ratio"]["mean"])
             xs = [row["parameter_ratio"]["mean"] for row in rows]
             ys = [row["joint"]["mean"] for row in rows]
             errors = [row["joint"]["std"] for row in rows]
             ax.errorbar(xs, ys, yerr=errors, fmt=style, color=color, alpha=1.0 if refit != "none" else 0.55,
-                        capsize=3, label=f"h{width} mudsc, refit {refit}")
+                        capsize=3, label=f"h{width} mudsc, refit {refit}, spend {spend}")
         ensemble = table["ensemble"]["joint"]["mean"]
         ax.axhline(ensemble, color=color, linestyle="--", linewidth=1.2, label=f"h{width} ensemble (2.0× params)")
         ax.plot([2.0], [ensemble], marker="*", markersize=12, color=color)
     ax.set_xlabel("parameters (× one parent)")
     ax.set_ylabel("joint accuracy (10 digits)")
-    ax.set_title("Size budget: unfused MLP units, different-init digit ViTs")
+    ax.set_title("Size budget: unfused units, different-init digit ViTs")
     ax.set_xlim(0.95, 2.05)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
@@ -985,6 +998,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "refit='none' and the default refit='auto', on the different-init pairs of --widths x --splits; writes "
         "size_budget.json/.md/.png",
     )
+    parser.add_argument("--size-spends", nargs="+", default=["mlp"], choices=["mlp", "heads"],
+                        help="with --sizes: where each size > 1 spends its budget (merge's size_spend); one row each")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest)")
     parser.add_argument("--cache-dir", default=PAIR_DEFAULTS["cache_dir"])
     parser.add_argument("--out-dir", default="bench_results/quality")

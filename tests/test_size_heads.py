@@ -1,0 +1,254 @@
+"""`size_spend="heads"` (docs/design.md §4.12): a size budget spent on whole attention heads and the residual stream
+first (hidden_size and num_attention_heads grow together, head_dim kept), the rest on MLP units."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from factories import make_batches, make_model, permuted_copy, with_new_head
+from transformers import AutoModelForImageClassification
+
+import hf_mudsc
+from hf_mudsc.architectures import spec_for
+from hf_mudsc.errors import MergeInputError
+from hf_mudsc.solve.maps import GroupMaps
+from hf_mudsc.solve.matchers import Match, attention_head_scores
+from hf_mudsc.solve.widen import parameter_count, plan_heads, unfuse_heads, weakest_head_pairs
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: OpenMP start-up dominates on a busy 2-core machine
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vit_pair():
+    return make_model("vit_cls", seed=0), make_model("vit_cls", seed=1), make_batches("vit_cls", num_batches=6)
+
+
+def count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def vit_parameters(hidden: int, intermediate: int, *, layers: int = 2, labels: int = 3, patches: int = 16,
+                   channels: int = 1, patch: int = 4) -> int:
+    """A ViTForImageClassification's parameter count by hand (the factories' toy: 16x16 images, 4x4 patches)."""
+    embeddings = hidden + (patches + 1) * hidden + hidden * channels * patch * patch + hidden
+    block = 4 * (hidden * hidden + hidden) + 2 * 2 * hidden + (hidden * intermediate + intermediate) + (
+        intermediate * hidden + hidden)
+    return embeddings + layers * block + 2 * hidden + labels * hidden + labels
+
+
+@pytest.mark.parametrize("size", [1.25, 1.5, 2.0])
+def test_heads_plan_counts_exactly_and_no_head_or_unit_more_fits(vit_pair, size):
+    """The toy ViT: hidden 32 = 4 heads of 8, intermediate 48, 2 layers. Every width and the count by hand."""
+    a, b, batches = vit_pair
+    parent = count(a)
+    assert parent == vit_parameters(32, 48)
+    merged = hf_mudsc.merge([a, b], batches, method="mudsc", size=size, size_spend="heads", refit="none",
+                            progress=False)
+    config = merged.config
+    heads = config.num_attention_heads - 4
+    extra = config.intermediate_size - 48
+    assert config.hidden_size == 32 + 8 * heads and config.hidden_size // config.num_attention_heads == 8
+    total = count(merged)
+    assert total == vit_parameters(config.hidden_size, config.intermediate_size) <= math.floor(size * parent)
+    # Maximal: one more head does not fit (with no MLP unit), and one more MLP unit does not fit at these heads.
+    assert heads == 4 or vit_parameters(32 + 8 * (heads + 1), 48) > math.floor(size * parent)
+    assert extra == 48 or vit_parameters(config.hidden_size, config.intermediate_size + 1) > math.floor(size * parent)
+    assert heads == {1.25: 0, 1.5: 1, 2.0: 2}[size]
+    budget = config.mudsc["size_budget"]
+    assert budget["num_parameters"] == total and budget["parent_parameters"] == parent
+    if heads:
+        assert budget["extra_units"] == {"hidden_size": 8 * heads, "num_attention_heads": heads,
+                                         "intermediate_size": extra}
+        assert budget["widths"] == {"hidden_size": config.hidden_size, "num_attention_heads": 4 + heads,
+                                    "intermediate_size": config.intermediate_size}
+    else:  # 1.25: no head fits, all of it goes to MLP units, as size_spend="mlp" spends it
+        mlp = hf_mudsc.merge([a, b], batches, method="mudsc", size=size, refit="none", progress=False)
+        assert budget == mlp.config.mudsc["size_budget"]
+        assert all(torch.equal(t, mlp.state_dict()[n]) for n, t in merged.state_dict().items())
+    plan = plan_heads(spec_for(a), [dict(a.named_parameters()), dict(b.named_parameters())], size)
+    assert plan.num_parameters == total and plan.extra == budget["extra_units"]
+    assert config.mudsc["size_spend"] == "heads"
+
+
+def test_heads_round_trip_with_the_stock_class(vit_pair, tmp_path):
+    a, b, batches = vit_pair
+    merged = hf_mudsc.merge([a, b], batches, method="mudsc", size=2.0, size_spend="heads", progress=False)
+    folder = hf_mudsc.save_merged(merged, tmp_path / "wide")
+    loaded = AutoModelForImageClassification.from_pretrained(folder)
+    assert type(loaded) is type(a)
+    assert (loaded.config.hidden_size, loaded.config.num_attention_heads) == (48, 6)
+    assert loaded.config.intermediate_size == merged.config.intermediate_size > 48
+    assert loaded.vit.layers[1].attention.q_proj.weight.shape == (48, 48)
+    assert loaded.vit.embeddings.position_embeddings.shape == (1, 17, 48)
+    with torch.no_grad():
+        assert torch.equal(loaded(**batches[0]).logits, merged(**batches[0]).logits)
+    card = (Path(folder) / "README.md").read_text()
+    row = next(line for line in card.splitlines() if "Size budget" in line)
+    assert "hidden_size 48 (+16 units kept unfused)" in row and f"{count(loaded):,} parameters" in row
+    assert "size_spend: heads" in (Path(folder) / "mudsc_recipe.yaml").read_text()
+
+
+def test_size_one_is_bitwise_the_paper_merge_whatever_the_spend(vit_pair):
+    a, b, batches = vit_pair
+    plain = hf_mudsc.merge([a, b], batches, method="mudsc", progress=False)
+    heads = hf_mudsc.merge([a, b], batches, method="mudsc", size=1.0, size_spend="heads", progress=False)
+    assert plain.state_dict().keys() == heads.state_dict().keys()
+    assert all(torch.equal(t, heads.state_dict()[name]) for name, t in plain.state_dict().items())
+    assert heads.config.mudsc["size_budget"] == plain.config.mudsc["size_budget"]
+    assert heads.config.hidden_size == 32 and heads.config.num_attention_heads == 4
+
+
+def test_weakest_head_pairs_known_answer():
+    scores = torch.tensor([[0.9, 0.1, 0.0],
+                           [0.2, 0.3, 0.8],
+                           [0.1, 0.4, 0.2]], dtype=torch.float64)
+    pairing = (0, 2, 1)  # pair scores 0.9, 0.8, 0.4
+    assert weakest_head_pairs(scores, pairing, 0) == []
+    assert weakest_head_pairs(scores, pairing, 1) == [2]
+    assert weakest_head_pairs(scores, pairing, 2) == [1, 2]
+    assert weakest_head_pairs(torch.zeros(3, 3), pairing, 2) == [0, 1]  # ties: lower head first
+
+
+def test_head_scores_of_hand_made_similarities_pick_the_weakest_pair():
+    """Two heads of two units per parent; A head 0 ~ B head 1 strongly (0.9), A head 1 ~ B head 0 weakly (0.3 on
+    q/k, 0.5 on v): the summed score unfuses the pair (A1, B0)."""
+
+    def similarity(strong: float, weak: float) -> torch.Tensor:
+        c = torch.eye(8, dtype=torch.float64)
+        for i, j, v in ((0, 6, strong), (1, 7, strong), (2, 4, weak), (3, 5, weak)):
+            c[i, j] = c[j, i] = v
+        return c
+
+    scores = torch.as_tensor(attention_head_scores(similarity(0.9, 0.3), 2)) + torch.as_tensor(
+        attention_head_scores(similarity(0.9, 0.5), 2))
+    assert torch.allclose(scores, torch.tensor([[0.0, 1.8], [0.8, 0.0]], dtype=torch.float64))
+    assert weakest_head_pairs(scores, (1, 0), 1) == [1]
+
+
+def test_unfuse_heads_known_answer():
+    """Two heads of two units: A head 0 + B head 1 and A head 1 + B head 0, zipped (A1 and A0 fused in one column,
+    B3 alone, ...). Unfusing A head 1's pair: A head 1 keeps merged head 1, one column per unit; B head 0 is new
+    merged head 2; the other pair is untouched."""
+    # Units [A0 A1 A2 A3; B0 B1 B2 B3]; head pairing (1, 0): merged head 0 = A head 0 + B head 1 (units 0,1 / 6,7),
+    # merged head 1 = A head 1 + B head 0 (units 2,3 / 4,5) with zip clusters {A2, A3}, {B4, B5}.
+    found = Match(cluster_of=torch.tensor([0, 1, 2, 2, 3, 3, 0, 1]),
+                  merge_weight=torch.tensor([0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5], dtype=torch.float64),
+                  num_merged=4, value=0.6, head_pairing=(1, 0))
+    assert unfuse_heads(found, [], 2) is found
+    one = unfuse_heads(found, [1], 2)
+    assert one.num_merged == 6 and one.value == 0.6 and one.head_pairing == (1, 0)
+    assert one.cluster_of.tolist() == [0, 1, 2, 3, 4, 5, 0, 1]
+    assert one.merge_weight.tolist() == [0.5, 0.5, 1.0, 1.0, 1.0, 1.0, 0.5, 0.5]
+    both = unfuse_heads(found, [0, 1], 2)
+    # A head 0 -> columns 0,1; A head 1 -> 2,3; B head 1 (partner of A0) -> new head 2 (4,5); B head 0 -> head 3.
+    assert both.cluster_of.tolist() == [0, 1, 2, 3, 6, 7, 4, 5]
+    assert both.merge_weight.tolist() == [1.0] * 8
+    with pytest.raises(ValueError, match="head pairs"):
+        unfuse_heads(Match(cluster_of=torch.tensor([0, 1, 0, 1]), merge_weight=torch.full((4,), 0.5,
+                                                                                            dtype=torch.float64),
+                           num_merged=2, value=0.0), [0], 2)
+
+
+def test_parameter_count_counts_both_grown_axes():
+    model = make_model("vit_cls", seed=0)
+    spec = spec_for(model)
+    params = dict(model.named_parameters())
+    stream = [spec.group_index("residual")] + [i for i, g in enumerate(spec.groups) if g.num_heads > 1]
+    widths = {i: 40 for i in stream}
+    assert parameter_count(spec, [params], widths) == vit_parameters(40, 48)
+    assert parameter_count(spec, [params], {}) == count(model)
+
+
+@pytest.mark.parametrize("matcher", ["zip", "align"])
+def test_permuted_copy_every_sublayer_is_the_parents_on_the_duplicated_stream(matcher):
+    """A permuted copy at size 2 (2 heads of 4 and 16 stream units kept twice). Exact: every attention and MLP
+    sublayer of the merged model, fed the parents' sublayer input in the merged basis (each unit's value, kept
+    units twice), gives the parents' output in the merged basis — an unfused head pair is the head twice with
+    half its o_proj columns each, a kept stream unit is read with half its q/k/v/fc1 columns. Not exact: the whole
+    model, because LayerNorm's mean and variance now run over the duplicated units (measured below)."""
+    model = make_model("vit_cls", seed=0)
+    spec = spec_for(model)
+    permuted = permuted_copy(model, spec, seed=1)
+    batches = make_batches("vit_cls")
+    merged = hf_mudsc.merge([model, permuted], batches, method="mudsc", matcher=matcher, size=2.0,
+                            size_spend="heads", refit="none", progress=False)
+    assert (merged.config.hidden_size, merged.config.num_attention_heads) == (48, 6)
+    maps = GroupMaps.from_match(merged.merge_report.matches[spec.group_index("residual")])
+    # Every kept stream unit is a unit and its twin: merged columns hold each A unit once or twice, never zero.
+    found = merged.merge_report.matches[spec.group_index("residual")]
+    assert sorted(torch.bincount(found.cluster_of[:32], minlength=48).tolist()) == [0] * 16 + [1] * 32
+
+    def to_merged(x_a: torch.Tensor, x_b: torch.Tensor) -> torch.Tensor:
+        return ((maps.merge2[0].apply(x_a.double(), -1) + maps.merge2[1].apply(x_b.double(), -1)) / 2).float()
+
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def hook(module, args, output):
+            captured[name + ".in"] = args[0].detach()
+            captured[name + ".out"] = (output[0] if isinstance(output, tuple) else output).detach()
+        return hook
+
+    errors = []
+    for layer in range(2):
+        for part in ("attention", "mlp"):
+            handles = [getattr(m.vit.layers[layer], part).register_forward_hook(keep(side))
+                       for side, m in (("a", model), ("b", permuted))]
+            with torch.no_grad():
+                model(**batches[0])
+                permuted(**batches[0])
+                for handle in handles:
+                    handle.remove()
+                module = getattr(merged.vit.layers[layer], part)
+                got = module(to_merged(captured["a.in"], captured["b.in"]))
+                got = got[0] if isinstance(got, tuple) else got
+            expected = to_merged(captured["a.out"], captured["b.out"])
+            errors.append(float((got - expected).abs().max() / expected.abs().max()))
+    assert max(errors) < 1e-5, errors
+    with torch.no_grad():
+        whole = float((merged(**batches[0]).logits - model(**batches[0]).logits).abs().max()
+                      / model(**batches[0]).logits.abs().max())
+    assert whole > 1e-4  # LayerNorm over duplicated units: the known, documented difference
+
+
+def test_heads_refused_for_bert_and_three_parents_in_one_line():
+    a, b = make_model("bert_cls", seed=0), make_model("bert_cls", seed=1)
+    with pytest.raises(MergeInputError, match=r"size_spend= \(CLI: --size-spend\) 'heads' .* only ViT") as error:
+        hf_mudsc.merge([a, b], make_batches("bert_cls"), method="mudsc", size=1.5, size_spend="heads",
+                       progress=False)
+    assert "\n" not in str(error.value)
+    vits = [make_model("vit_cls", seed=s) for s in range(3)]
+    with pytest.raises(MergeInputError, match="merges two parents, got 3"):
+        hf_mudsc.merge(vits, make_batches("vit_cls"), method="mudsc", size=1.5, size_spend="heads", progress=False)
+    # size 1: nothing is spent, so nothing is refused
+    hf_mudsc.merge([a, b], make_batches("bert_cls"), method="mudsc", size_spend="heads", refit="none",
+                   progress=False)
+
+
+def test_concatenated_heads_count_with_the_widened_stream():
+    a = make_model("vit_cls", seed=0, num_labels=3)
+    b = with_new_head(make_model("vit_cls", seed=1, num_labels=3), 5, seed=2)
+    merged = hf_mudsc.merge([a, b], make_batches("vit_cls"), method="mudsc", size=1.6, size_spend="heads",
+                            refit="none", progress=False)
+    hidden, inner = merged.config.hidden_size, merged.config.intermediate_size
+    assert hidden == 40 and merged.classifier.weight.shape == (8, 40)
+    assert count(merged) == vit_parameters(hidden, inner, labels=8) <= math.floor(1.6 * count(b))
+    assert merged.config.mudsc["size_budget"]["num_parameters"] == count(merged)
+
+
+def test_cli_bad_spend_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "hf_mudsc", "merge", "a", "b", "--size-spend", "wide",
+                             "-o", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr and "wide" in result.stderr
