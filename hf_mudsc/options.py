@@ -45,7 +45,7 @@ AUTO_REFIT = "gate"
 SIZE_RANGE = (1.0, 2.0)
 #: Where a size budget goes (`size_spend`): MLP units only, or whole attention heads and the residual stream first
 #: (the rest in MLP units); docs/design.md §4.12.
-SIZE_SPENDS = ("mlp", "heads")
+SIZE_SPENDS = ("mlp", "heads", "residual")
 
 
 def resolve_refit(refit: str, *, matches_units: bool, has_data: bool, num_parents: int, reference_compat: bool,
@@ -613,7 +613,8 @@ class MergeOptions:
         "mlp", kind="choice", check=_check_size_spend, choices=SIZE_SPENDS, recorded=True, per_method=True,
         help="where a size budget goes: mlp keeps MLP units unfused (a wider intermediate_size); heads first keeps "
         "whole attention head pairs and as many residual-stream units unfused (hidden_size and num_attention_heads "
-        "grow together, head_dim kept; ViT only), the rest in MLP units")
+        "grow together, head_dim kept; ViT only), residual first keeps residual-stream units unfused (hidden_size "
+        "grows, the config pins head_dim; ViT only); both spend the rest on MLP units")
     # ---- calibration-data same-base methods (regmean, regmean_plusplus, fisher: hf_mudsc/methods/data.py)
     regmean_scale: float = option(
         0.95, kind="number", check=_check_regmean_scale, metavar="R", recorded=True, per_method=True,

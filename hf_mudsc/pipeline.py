@@ -247,7 +247,9 @@ def merge(
             1.0 (default) is the paper's merge; the other methods keep one parent's shape and refuse other values.
         size_spend: where the budget goes: `"mlp"` (default) as above; `"heads"` first leaves the weakest-matched
             attention head pairs of every block and as many residual-stream units unfused (`hidden_size` and
-            `num_attention_heads` grow by whole heads, ViT only, two parents), the rest in MLP units.
+            `num_attention_heads` grow by whole heads, ViT only, two parents), `"residual"` first leaves residual-stream
+            units unfused (`hidden_size` grows, the config pins `head_dim`; ViT only, two parents); both spend the rest
+            on MLP units.
         dry_run: return a `hf_mudsc.plan.MergePlan` instead of merging: the parents' pinned revisions, their
             relation as far as configs tell, the method, the groups and widths, the calibration rows and an
             estimate of time and peak memory — from configs and safetensors headers only (no weights downloaded,

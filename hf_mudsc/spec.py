@@ -82,13 +82,16 @@ class Classifier:
 
 @dataclass(frozen=True)
 class Stream:
-    """The config attributes of a residual stream a size budget may widen by whole attention heads
-    (`size_spend="heads"`, docs/design.md §4.12): the stock class derives `head_dim = width / heads`, so the stream
-    (the group named `group`) and every attention group (`num_heads > 1`, as wide as the stream) grow together by
-    `k · head_dim` units, and the config gains `k` heads."""
+    """The config attributes of a residual stream a size budget may widen (docs/design.md §4.12): by whole attention
+    heads (`size_spend="heads"`: the stock class derives `head_dim = width / heads`, so the stream — the group named
+    `group` — and every attention group (`num_heads > 1`, as wide as the stream) grow together by `k · head_dim`
+    units and the config gains `k` heads), or alone (`"residual"`: the config pins `head_dim_key`)."""
 
     width_key: str = "hidden_size"
     heads_key: str = "num_attention_heads"
+    head_dim_key: str = "head_dim"
+    """The attribute the stock class reads for the head size when the stream is wider than its heads
+    (`size_spend="residual"`)."""
     group: str = "residual"
 
 

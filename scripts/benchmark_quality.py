@@ -903,12 +903,12 @@ def size_plot(result: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for index, (width, table) in enumerate(result["summary"].items()):
         color = f"C{index}"
-        for (refit, spend), style in zip([(r, sp) for sp in ("mlp", "heads") for r in SIZE_REFITS],
-                                         ("-o", "-s", ":o", ":s")):
+        for (refit, spend), style in zip([(r, sp) for sp in ("mlp", "heads", "residual") for r in SIZE_REFITS],
+                                         ("-o", "-s", ":o", ":s", "--o", "--s")):
             # The mlp line: every size's mlp row; another spend's: size 1 (the same merge) and its own rows.
             rows = [row for label, row in table.items() if label.endswith(f"refit {refit}")
                     and (f" {spend} " in label or label.startswith("size 1 ")
-                         or (spend == "mlp" and not any(f" {sp} " in label for sp in ("heads",))))]
+                         or (spend == "mlp" and not any(f" {sp} " in label for sp in ("heads", "residual"))))]
             if len(rows) < 2 and spend != "mlp":
                 continue
             rows.sort(key=lambda row: row["parameter_ratio"]["mean"])
@@ -998,7 +998,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "refit='none' and the default refit='auto', on the different-init pairs of --widths x --splits; writes "
         "size_budget.json/.md/.png",
     )
-    parser.add_argument("--size-spends", nargs="+", default=["mlp"], choices=["mlp", "heads"],
+    parser.add_argument("--size-spends", nargs="+", default=["mlp"], choices=["mlp", "heads", "residual"],
                         help="with --sizes: where each size > 1 spends its budget (merge's size_spend); one row each")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest)")
     parser.add_argument("--cache-dir", default=PAIR_DEFAULTS["cache_dir"])

@@ -18,7 +18,7 @@ from hf_mudsc.architectures import spec_for
 from hf_mudsc.errors import MergeInputError
 from hf_mudsc.solve.maps import GroupMaps
 from hf_mudsc.solve.matchers import Match, attention_head_scores
-from hf_mudsc.solve.widen import parameter_count, plan_heads, unfuse_heads, weakest_head_pairs
+from hf_mudsc.solve.widen import parameter_count, plan_stream, unfuse_heads, weakest_head_pairs
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -38,12 +38,14 @@ def count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def vit_parameters(hidden: int, intermediate: int, *, layers: int = 2, labels: int = 3, patches: int = 16,
-                   channels: int = 1, patch: int = 4) -> int:
-    """A ViTForImageClassification's parameter count by hand (the factories' toy: 16x16 images, 4x4 patches)."""
+def vit_parameters(hidden: int, intermediate: int, *, attention: int | None = None, layers: int = 2, labels: int = 3,
+                   patches: int = 16, channels: int = 1, patch: int = 4) -> int:
+    """A ViTForImageClassification's parameter count by hand (the factories' toy: 16x16 images, 4x4 patches);
+    `attention`: the heads' total width (heads x head_dim), the stream's by default."""
+    attention = hidden if attention is None else attention
     embeddings = hidden + (patches + 1) * hidden + hidden * channels * patch * patch + hidden
-    block = 4 * (hidden * hidden + hidden) + 2 * 2 * hidden + (hidden * intermediate + intermediate) + (
-        intermediate * hidden + hidden)
+    block = 3 * (hidden * attention + attention) + (attention * hidden + hidden) + 2 * 2 * hidden + (
+        hidden * intermediate + intermediate) + (intermediate * hidden + hidden)
     return embeddings + layers * block + 2 * hidden + labels * hidden + labels
 
 
@@ -76,9 +78,43 @@ def test_heads_plan_counts_exactly_and_no_head_or_unit_more_fits(vit_pair, size)
         mlp = hf_mudsc.merge([a, b], batches, method="mudsc", size=size, refit="none", progress=False)
         assert budget == mlp.config.mudsc["size_budget"]
         assert all(torch.equal(t, mlp.state_dict()[n]) for n, t in merged.state_dict().items())
-    plan = plan_heads(spec_for(a), [dict(a.named_parameters()), dict(b.named_parameters())], size)
+    plan = plan_stream(spec_for(a), [dict(a.named_parameters()), dict(b.named_parameters())], size, "heads")
     assert plan.num_parameters == total and plan.extra == budget["extra_units"]
     assert config.mudsc["size_spend"] == "heads"
+
+
+@pytest.mark.parametrize("size", [1.25, 1.5, 2.0])
+def test_residual_plan_counts_exactly_and_no_unit_more_fits(vit_pair, size):
+    """`size_spend="residual"`: the stream alone grows (4 heads of 8 kept, `head_dim` pinned in the config)."""
+    a, b, batches = vit_pair
+    parent = count(a)
+    merged = hf_mudsc.merge([a, b], batches, method="mudsc", size=size, size_spend="residual", refit="none",
+                            progress=False)
+    config = merged.config
+    hidden, inner = config.hidden_size, config.intermediate_size
+    assert (config.num_attention_heads, config.head_dim) == (4, 8)
+    assert merged.vit.layers[0].attention.q_proj.weight.shape == (32, hidden)
+    total = count(merged)
+    limit = math.floor(size * parent)
+    assert total == vit_parameters(hidden, inner, attention=32) <= limit
+    assert hidden == 64 or vit_parameters(hidden + 1, 48, attention=32) > limit
+    assert inner == 96 or vit_parameters(hidden, inner + 1, attention=32) > limit
+    assert hidden == {1.25: 40, 1.5: 48, 2.0: 64}[size]
+    budget = config.mudsc["size_budget"]
+    assert budget["num_parameters"] == total
+    assert budget["extra_units"] == {"hidden_size": hidden - 32, "intermediate_size": inner - 48}
+    plan = plan_stream(spec_for(a), [dict(a.named_parameters()), dict(b.named_parameters())], size, "residual")
+    assert plan.num_parameters == total and plan.extra == budget["extra_units"]
+
+
+def test_residual_round_trip_pins_head_dim(vit_pair, tmp_path):
+    a, b, batches = vit_pair
+    merged = hf_mudsc.merge([a, b], batches, method="mudsc", size=1.5, size_spend="residual", progress=False)
+    folder = hf_mudsc.save_merged(merged, tmp_path / "wide")
+    loaded = AutoModelForImageClassification.from_pretrained(folder)
+    assert (loaded.config.hidden_size, loaded.config.num_attention_heads, loaded.config.head_dim) == (48, 4, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(**batches[0]).logits, merged(**batches[0]).logits)
 
 
 def test_heads_round_trip_with_the_stock_class(vit_pair, tmp_path):
@@ -170,24 +206,29 @@ def test_parameter_count_counts_both_grown_axes():
     assert parameter_count(spec, [params], {}) == count(model)
 
 
-@pytest.mark.parametrize("matcher", ["zip", "align"])
-def test_permuted_copy_every_sublayer_is_the_parents_on_the_duplicated_stream(matcher):
-    """A permuted copy at size 2 (2 heads of 4 and 16 stream units kept twice). Exact: every attention and MLP
+@pytest.mark.parametrize(("matcher", "spend"), [("zip", "heads"), ("align", "heads"), ("zip", "residual"),
+                                                 ("align", "residual")])
+def test_permuted_copy_every_sublayer_is_the_parents_on_the_duplicated_stream(matcher, spend):
+    """A permuted copy at size 2 (heads: 2 heads of 8 and 16 stream units kept twice; residual: all 32 stream
+    units kept twice, heads fused). Exact: every attention and MLP
     sublayer of the merged model, fed the parents' sublayer input in the merged basis (each unit's value, kept
     units twice), gives the parents' output in the merged basis — an unfused head pair is the head twice with
-    half its o_proj columns each, a kept stream unit is read with half its q/k/v/fc1 columns. Not exact: the whole
-    model, because LayerNorm's mean and variance now run over the duplicated units (measured below)."""
+    half its o_proj columns each, a kept stream unit is read with half its q/k/v/fc1 columns. The whole model is
+    exact only when every stream unit is kept twice (residual at size 2): otherwise LayerNorm's mean and variance
+    weigh the duplicated units double."""
     model = make_model("vit_cls", seed=0)
     spec = spec_for(model)
     permuted = permuted_copy(model, spec, seed=1)
     batches = make_batches("vit_cls")
     merged = hf_mudsc.merge([model, permuted], batches, method="mudsc", matcher=matcher, size=2.0,
-                            size_spend="heads", refit="none", progress=False)
-    assert (merged.config.hidden_size, merged.config.num_attention_heads) == (48, 6)
+                            size_spend=spend, refit="none", progress=False)
+    hidden = merged.config.hidden_size
+    assert (hidden, merged.config.num_attention_heads) == ((48, 6) if spend == "heads" else (64, 4))
     maps = GroupMaps.from_match(merged.merge_report.matches[spec.group_index("residual")])
-    # Every kept stream unit is a unit and its twin: merged columns hold each A unit once or twice, never zero.
+    # Every kept stream unit is a unit and its twin: each merged column holds one A unit (fused pair or A's copy)
+    # or none (B's copy).
     found = merged.merge_report.matches[spec.group_index("residual")]
-    assert sorted(torch.bincount(found.cluster_of[:32], minlength=48).tolist()) == [0] * 16 + [1] * 32
+    assert sorted(torch.bincount(found.cluster_of[:32], minlength=hidden).tolist()) == [0] * (hidden - 32) + [1] * 32
 
     def to_merged(x_a: torch.Tensor, x_b: torch.Tensor) -> torch.Tensor:
         return ((maps.merge2[0].apply(x_a.double(), -1) + maps.merge2[1].apply(x_b.double(), -1)) / 2).float()
@@ -219,12 +260,16 @@ def test_permuted_copy_every_sublayer_is_the_parents_on_the_duplicated_stream(ma
     with torch.no_grad():
         whole = float((merged(**batches[0]).logits - model(**batches[0]).logits).abs().max()
                       / model(**batches[0]).logits.abs().max())
-    assert whole > 1e-4  # LayerNorm over duplicated units: the known, documented difference
+    if spend == "residual":  # every stream unit twice: LayerNorm's mean and variance are the parent's, exact
+        assert whole < 1e-5
+    else:  # half of the units twice: LayerNorm's statistics weigh them double, the known, documented difference
+        assert whole > 1e-4
 
 
 def test_heads_refused_for_bert_and_three_parents_in_one_line():
     a, b = make_model("bert_cls", seed=0), make_model("bert_cls", seed=1)
-    with pytest.raises(MergeInputError, match=r"size_spend= \(CLI: --size-spend\) 'heads' .* only ViT") as error:
+    refused = r"size_spend= \(CLI: --size-spend\) 'heads' widens the residual stream, which only ViT"
+    with pytest.raises(MergeInputError, match=refused) as error:
         hf_mudsc.merge([a, b], make_batches("bert_cls"), method="mudsc", size=1.5, size_spend="heads",
                        progress=False)
     assert "\n" not in str(error.value)

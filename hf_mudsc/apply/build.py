@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from hf_mudsc.spec import PermutationSpec
+from hf_mudsc.spec import Group, PermutationSpec
 
 
 def build_model(
@@ -59,12 +59,20 @@ def widened_config(config: PretrainedConfig, spec: PermutationSpec,
         if getattr(holder, attribute) != width:
             setattr(holder, attribute, width)
     stream = spec.stream
-    if stream is not None:  # size_spend="heads": the stream grew by whole heads (head_dim = width / heads is kept)
+    if stream is not None:  # size_spend="heads"/"residual": the stream grew (head_dim is kept)
         group = spec.groups[spec.group_index(stream.group)]
-        member = group.members[0]
-        width = int(params[member.param].shape[member.axis])
-        if width != getattr(config, stream.width_key):
-            head_dim = getattr(config, stream.width_key) // getattr(config, stream.heads_key)
-            setattr(config, stream.heads_key, width // head_dim)
+        width = _width(group, params)
+        if width != group.width:
+            attention = next(g for g in spec.groups if g.num_heads > 1 and g.width == group.width)
+            head_dim = attention.width // attention.num_heads
+            heads_width = _width(attention, params)
+            setattr(config, stream.heads_key, heads_width // head_dim)
             setattr(config, stream.width_key, width)
+            if heads_width != width:  # the stream alone grew: the stock class must not derive head_dim from it
+                setattr(config, stream.head_dim_key, head_dim)
     return config
+
+
+def _width(group: Group, params: Mapping[str, torch.Tensor]) -> int:
+    member = group.members[0]
+    return int(params[member.param].shape[member.axis])

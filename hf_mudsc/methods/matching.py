@@ -86,9 +86,9 @@ class UnitMatchingMethod(MergeMethod):
         if options.reference_compat and num_parents != 2:
             raise MergeInputError(f"{option_hint('reference_compat')} reproduces the reference's two-parent merge, "
                                   f"got {num_parents} parents; drop it to merge {num_parents} parents")
-        if options.size_spend == "heads" and options.size != 1.0 and num_parents != 2:
-            raise MergeInputError(f"{option_hint('size_spend')} 'heads' merges two parents, got {num_parents}; use "
-                                  f"size_spend='mlp' (CLI: --size-spend mlp)")
+        if options.size_spend != "mlp" and options.size != 1.0 and num_parents != 2:
+            raise MergeInputError(f"{option_hint('size_spend')} {options.size_spend!r} merges two parents, got "
+                                  f"{num_parents}; use size_spend='mlp' (CLI: --size-spend mlp)")
         weights = options.weights
         if weights is not None and any(not w > 0 for w in weights):
             raise MergeInputError(f"{option_hint('weights')} of {self.name} must all be > 0 (each parent's share of "
@@ -126,11 +126,11 @@ class UnitMatchingMethod(MergeMethod):
         solver = Solver(context.solve_spec, parents[0], parents[1], context.correlations, options, **more)
         result = solver.solve(progress=context.progress)
         matches = list(result.matches)
-        if given.size != 1.0 and given.size_spend == "heads":  # whole heads and the stream first (§4.12)
-            from hf_mudsc.solve.widen import plan_heads, widen_stream
+        if given.size != 1.0 and given.size_spend != "mlp":  # the stream (and whole heads) first (§4.12)
+            from hf_mudsc.solve.widen import plan_stream, widen_stream
 
-            plan = plan_heads(context.spec, context.parents, given.size,
-                              concatenate_classifier=context.concatenate_classifier)
+            plan = plan_stream(context.spec, context.parents, given.size, given.size_spend,
+                               concatenate_classifier=context.concatenate_classifier)
             matches = widen_stream(context.solve_spec, matches, plan,
                                    lambda index: solver.similarity_of(index, result.matches),
                                    normalizer_eps=options.normalizer_eps)

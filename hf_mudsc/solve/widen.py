@@ -122,17 +122,17 @@ def measured_plan(spec: PermutationSpec, parents: Sequence[Mapping[str, torch.Te
     if stream is not None and spec.stream is not None:
         member = spec.groups[stream.residual].members[0]
         grown = int(merged[member.param].shape[member.axis]) - spec.groups[stream.residual].width
-        if grown:  # size_spend="heads": the stream and the heads grew too (both axes of some tensors: count shapes)
+        if grown:  # size_spend="heads"/"residual": the stream (and the heads) grew (both axes of some tensors)
             group_widths = {i: int(merged[spec.groups[i].members[0].param].shape[spec.groups[i].members[0].axis])
                             for i in range(len(spec.groups))}
             head = spec.classifier.weight if spec.classifier is not None else None
             concatenated = head is not None and merged[head].shape[0] != parents[0][head].shape[0]
             added = (parameter_count(spec, parents, group_widths, concatenate_classifier=concatenated)
                      - parameter_count(spec, parents, {}, concatenate_classifier=concatenated))
-            heads = grown // stream.head_dim
-            extra = {spec.stream.width_key: grown, spec.stream.heads_key: heads, **extra}
+            heads = (group_widths[stream.attention[0]] - spec.groups[stream.attention[0]].width) // stream.head_dim
+            extra = {spec.stream.width_key: grown, **({spec.stream.heads_key: heads} if heads else {}), **extra}
             widths = {spec.stream.width_key: spec.groups[stream.residual].width + grown,
-                      spec.stream.heads_key: stream.num_heads + heads, **widths}
+                      **({spec.stream.heads_key: stream.num_heads + heads} if heads else {}), **widths}
     return SizePlan(size=float(size), parent_parameters=max(counts), base_parameters=total - added, extra=extra,
                     widths=widths, num_parameters=total)
 
@@ -247,10 +247,10 @@ def check_spend(spec: PermutationSpec, size: float, spend: str) -> None:
     (merge() calls it as soon as the spec is known)."""
     from hf_mudsc.errors import MergeInputError, option_hint
 
-    if size != 1.0 and spend == "heads" and spec.stream is None:
-        raise MergeInputError(f"{option_hint('size_spend')} 'heads' widens the residual stream by whole heads, which "
-                              f"only ViT supports so far, not {spec.family or 'this architecture'}; use "
-                              f"size_spend='mlp' (CLI: --size-spend mlp)")
+    if size != 1.0 and spend != "mlp" and spec.stream is None:
+        raise MergeInputError(f"{option_hint('size_spend')} {spend!r} widens the residual stream, which only ViT "
+                              f"supports so far, not {spec.family or 'this architecture'}; use size_spend='mlp' "
+                              f"(CLI: --size-spend mlp)")
 
 
 def parameter_count(spec: PermutationSpec, parents: Sequence[Mapping[str, torch.Tensor]],
@@ -272,59 +272,73 @@ def parameter_count(spec: PermutationSpec, parents: Sequence[Mapping[str, torch.
     return total
 
 
-def plan_heads(spec: PermutationSpec, parents: Sequence[Mapping[str, torch.Tensor]], size: float, *,
-               concatenate_classifier: bool = False) -> SizePlan:
-    """`size_spend="heads"`: the most whole heads `k` that fit (the stream and every attention group grow by
-    `k · head_dim` units, the config by `k` heads; at most every head pair unfused), then as many MLP units as the
-    rest of the budget allows (the MLP groups' `width_key`, one width for all layers). Counted exactly."""
+def plan_stream(spec: PermutationSpec, parents: Sequence[Mapping[str, torch.Tensor]], size: float, spend: str, *,
+                concatenate_classifier: bool = False) -> SizePlan:
+    """A budget spent on the residual stream first, then as many MLP units as the rest allows (the MLP groups'
+    `width_key`, one width for all layers). Counted exactly.
+
+    `spend="heads"`: the most whole heads `k` that fit (the stream and every attention group grow by `k · head_dim`
+    units, the config by `k` heads; at most every head pair unfused). `spend="residual"`: the most stream units `r`
+    that fit (at most every unit unfused), the attention groups unchanged — the config then pins `head_dim`
+    (`Stream.head_dim_key`), since the stream is no longer `heads · head_dim` wide."""
     stream = stream_groups(spec)
-    if stream is None:
+    if stream is None or spec.stream is None:
         raise ValueError(f"the {spec.family or 'given'} architecture declares no widenable residual stream")
     if len(parents) != 2:
-        raise ValueError("size_spend='heads' merges two parents")
+        raise ValueError(f"size_spend={spend!r} merges two parents")
     counts = [sum(int(t.numel()) for t in p.values()) for p in parents]
     parent_parameters = max(counts)
     limit = math.floor(size * parent_parameters)
     keys = widenable_groups(spec)
     residual_width = spec.groups[stream.residual].width
+    per_step = stream.head_dim if spend == "heads" else 1  # stream units per step
+    steps_cap = stream.num_heads if spend == "heads" else residual_width
 
-    def widths_for(heads: int, mlp: Mapping[str, int]) -> dict[int, int]:
-        grown = {i: spec.groups[i].width + heads * stream.head_dim for i in (stream.residual, *stream.attention)}
+    def widths_for(steps: int, mlp: Mapping[str, int]) -> dict[int, int]:
+        grown = {stream.residual: residual_width + steps * per_step}
+        if spend == "heads":
+            grown.update({i: spec.groups[i].width + steps * stream.head_dim for i in stream.attention})
         for key, indices in keys.items():
             grown.update({i: spec.groups[i].width + mlp.get(key, 0) for i in indices})
         return grown
 
-    def total(heads: int, mlp: Mapping[str, int]) -> int:
-        return parameter_count(spec, parents, widths_for(heads, mlp), concatenate_classifier=concatenate_classifier)
+    def total(steps: int, mlp: Mapping[str, int]) -> int:
+        return parameter_count(spec, parents, widths_for(steps, mlp), concatenate_classifier=concatenate_classifier)
 
     base = total(0, {})
-    heads = 0
+    steps = 0
     if size > 1.0:
-        while heads < stream.num_heads and total(heads + 1, {}) <= limit:
-            heads += 1
+        low, high = 0, steps_cap  # the count grows with the steps: the largest that fits, by bisection
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if total(middle, {}) <= limit else (low, middle - 1)
+        steps = low
     extra = dict.fromkeys(keys, 0)
     if size > 1.0:
         capacity = {key: spec.groups[indices[0]].width for key, indices in keys.items()}
         while True:
-            used = total(heads, extra)
+            used = total(steps, extra)
             fits = [key for key in keys if extra[key] < capacity[key]
-                    and total(heads, {**extra, key: extra[key] + 1}) <= limit]
+                    and total(steps, {**extra, key: extra[key] + 1}) <= limit]
             if not fits:
                 break
             key = min(fits, key=lambda k: extra[k] / capacity[k])
-            step = total(heads, {**extra, key: extra[key] + 1}) - used
+            step = total(steps, {**extra, key: extra[key] + 1}) - used
             # Units of one key cost the same at a fixed stream width: take all that fit at once.
             room = min(capacity[key] - extra[key], (limit - used) // step) if len(keys) == 1 else 1
             extra[key] += max(room, 1)
-    widths = {key: spec.groups[indices[0]].width + extra[key] for key, indices in keys.items()}
-    stream_keys = spec.stream
-    assert stream_keys is not None
-    if heads:
-        extra = {stream_keys.width_key: heads * stream.head_dim, stream_keys.heads_key: heads, **extra}
-        widths = {stream_keys.width_key: residual_width + heads * stream.head_dim,
-                  stream_keys.heads_key: stream.num_heads + heads, **widths}
+    mlp = dict(extra)
+    widths: dict[str, int] = {key: spec.groups[indices[0]].width + extra[key] for key, indices in keys.items()}
+    if steps:
+        keys_of = spec.stream
+        stream_extra = {keys_of.width_key: steps * per_step}
+        stream_widths = {keys_of.width_key: residual_width + steps * per_step}
+        if spend == "heads":
+            stream_extra[keys_of.heads_key] = steps
+            stream_widths[keys_of.heads_key] = stream.num_heads + steps
+        extra, widths = {**stream_extra, **extra}, {**stream_widths, **widths}
     return SizePlan(size=float(size), parent_parameters=parent_parameters, base_parameters=base, extra=extra,
-                    widths=widths, num_parameters=total(heads, {k: v for k, v in extra.items() if k in keys}))
+                    widths=widths, num_parameters=total(steps, mlp))
 
 
 def weakest_head_pairs(head_scores: torch.Tensor | Sequence[Sequence[float]], pairing: Sequence[int],
@@ -368,22 +382,23 @@ def unfuse_heads(found: Match, heads: Sequence[int], num_heads: int, *, normaliz
 def widen_stream(spec: PermutationSpec, matches: Sequence[Match | None], plan: SizePlan,
                  similarity_of: Callable[[int], torch.Tensor], *, normalizer_eps: float = 0.0
                  ) -> list[Match | None]:
-    """`size_spend="heads"`: the stream's `k · head_dim` weakest-matched units unfused (`unfuse`), and in every
-    attention block the `k` head pairs with the lowest summed head score over its tied groups (q/k and v:
-    `attention_head_scores` at the final matches, the score that paired them) left unfused (`unfuse_heads`);
-    then the MLP groups as `widen_matches` does."""
+    """`size_spend="heads"` / `"residual"`: the stream's weakest-matched units unfused (`unfuse`: `k · head_dim`
+    of them, or the plan's `r`); with heads, in every attention block the `k` head pairs with the lowest summed head
+    score over its tied groups (q/k and v: `attention_head_scores` at the final matches, the score that paired
+    them) left unfused (`unfuse_heads`); then the MLP groups as `widen_matches` does."""
     from hf_mudsc.solve.matchers import attention_head_scores
 
     stream = stream_groups(spec)
     assert stream is not None and spec.stream is not None
     heads = plan.extra.get(spec.stream.heads_key, 0)
+    units = plan.extra.get(spec.stream.width_key, 0)
     widened = list(matches)
-    if heads:
+    if units:
         found = matches[stream.residual]
         if found is None:
             raise ValueError(f"group {spec.groups[stream.residual].name!r} has no match to widen")
-        widened[stream.residual] = unfuse(found, similarity_of(stream.residual), heads * stream.head_dim,
-                                          normalizer_eps=normalizer_eps)
+        widened[stream.residual] = unfuse(found, similarity_of(stream.residual), units, normalizer_eps=normalizer_eps)
+    if heads:
         ties: dict[str | None, list[int]] = {}
         for index in stream.attention:
             ties.setdefault(spec.groups[index].head_tie or spec.groups[index].name, []).append(index)
