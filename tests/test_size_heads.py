@@ -297,3 +297,17 @@ def test_cli_bad_spend_is_one_line(tmp_path):
                              "-o", str(tmp_path / "out")], capture_output=True, text=True)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr and "wide" in result.stderr
+
+
+@pytest.mark.parametrize("spend", ["heads", "residual"])
+def test_the_dry_run_plans_what_the_merge_builds(spend):
+    a, b = make_model("vit_cls", 1), make_model("vit_cls", 2)
+    data = make_batches("vit_cls", num_batches=2, batch_size=8)
+    plan = hf_mudsc.merge([a, b], data, method="mudsc", size=1.5, size_spend=spend, dry_run=True)
+    merged = hf_mudsc.merge([a, b], data, method="mudsc", size=1.5, size_spend=spend, refit="none", progress=False)
+    assert plan.size_budget == merged.config.mudsc["size_budget"]
+    assert plan.size_budget["num_parameters"] == count(merged)
+    assert f"hidden_size 32 -> {merged.config.hidden_size}" in str(plan)
+    with pytest.raises(MergeInputError, match="only ViT"):
+        hf_mudsc.merge([make_model("bert_cls", 0), make_model("bert_cls", 1)], make_batches("bert_cls"),
+                       method="mudsc", size=1.5, size_spend=spend, dry_run=True)
