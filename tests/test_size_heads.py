@@ -292,11 +292,25 @@ def test_concatenated_heads_count_with_the_widened_stream():
     assert merged.config.mudsc["size_budget"]["num_parameters"] == count(merged)
 
 
-def test_cli_bad_spend_is_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "hf_mudsc", "merge", "a", "b", "--size-spend", "wide",
-                             "-o", str(tmp_path / "out")], capture_output=True, text=True)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr and "wide" in result.stderr
+def test_cli_refuses_a_bad_spend_in_one_line(tmp_path):
+    """An unknown spend is a usage error (exit 2, as every choice flag's); a stream spend on BERT exits 1 before the
+    weights are merged, nothing written."""
+    parents = []
+    for seed in (0, 1):
+        make_model("bert_cls", seed=seed).save_pretrained(tmp_path / f"p{seed}")
+        parents.append(str(tmp_path / f"p{seed}"))
+    for flags, code, needle in (
+            (["--size-spend", "wide"], 2, "invalid choice: 'wide'"),
+            (["--method", "weight_matching", "--size", "1.5", "--size-spend", "residual"], 1,
+             "size_spend= (CLI: --size-spend) 'residual' widens the residual stream, which only ViT supports")):
+        run = subprocess.run([sys.executable, "-m", "hf_mudsc", "merge", *parents, *flags,
+                              "--output", str(tmp_path / "out")], capture_output=True, text=True)
+        assert run.returncode == code, run.stderr
+        assert "Traceback" not in run.stderr
+        lines = [line for line in run.stderr.splitlines() if line.strip()]
+        # exit 2: argparse's usage, then its one error line (as for every choice flag, e.g. --refit)
+        assert (len(lines) == 1 or code == 2) and needle in lines[-1], run.stderr
+        assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("spend", ["heads", "residual"])
