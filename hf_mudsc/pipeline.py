@@ -326,7 +326,8 @@ def merge(
     streaming = merge_method is not None and merge_method.streams and not _reads_data(merge_method, refitting)
     parents, base_parent, base_source = load_parents_and_base(
         list(models), base, token=token, allow_pickle=allow_pickle,
-        base_needed_for=method if merge_method is not None and merge_method.needs_base_model else None, lazy=streaming)
+        base_needed_for=method if merge_method is not None and merge_method.needs_base_model else None, lazy=streaming,
+        check_config=lambda config: check_size_spend(config, merge_options))
     loaded = [p.model for p in parents]
     model_a = loaded[0]
     for index, other in enumerate(loaded[1:], start=1):
@@ -628,6 +629,16 @@ def _refits(options: MergeOptions, method: MergeMethod, calibration: Any, count:
 
 def _reads_data(method: MergeMethod, refitting: bool) -> bool:
     return method.needs_calibration or method.needs_data or refitting
+
+
+def check_size_spend(config: Any, options: MergeOptions) -> None:
+    """A `size_spend` the architecture cannot spend, refused from the first parent's config (or model) before any
+    weights are read (the spec of a weightless model; docs/design.md §4.12). merge() and the CLI call it."""
+    if options.size != 1.0 and options.size_spend != "mlp":
+        from hf_mudsc.plan import meta_model
+
+        model = config if isinstance(config, PreTrainedModel) else meta_model(config)
+        check_spend(spec_for(model), options.size, options.size_spend)
 
 
 def _check_per_parent_options(options: MergeOptions, count: int) -> None:

@@ -168,9 +168,12 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
         # read) first: a spec that does not exist fails before any weights are downloaded.
         calibration_spec = pin_calibration_revision(recipe.calibration, token=token)
         calibration = load_calibration_dataset(calibration_spec, token=token)
+    from hf_mudsc.pipeline import check_size_spend
+
     parents, base, _ = load_parents_and_base(
         recipe.models, recipe.base, token=token, allow_pickle=recipe.allow_pickle,
-        base_needed_for=recipe.method if chosen is not None and chosen.needs_base_model else None)
+        base_needed_for=recipe.method if chosen is not None and chosen.needs_base_model else None,
+        check_config=lambda config: check_size_spend(config, recipe))
     import hf_mudsc
 
     merged = hf_mudsc.merge(parents, calibration, **{**recipe.keywords(), "base": base}, token=token,

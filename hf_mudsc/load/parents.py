@@ -14,7 +14,7 @@ import copy
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -604,6 +604,7 @@ BASE_FROM_CARDS = "named as base_model by every parent's model card"
 def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_for: str | None = None,
                           token: str | bool | None = None, allow_pickle: bool = False,
                           cache_dir: str | os.PathLike | None = None, lazy: bool = False,
+                          check_config: Callable[[PretrainedConfig | PreTrainedModel], None] | None = None,
                           ) -> tuple[list[LoadedParent], LoadedParent | None, str | None]:
     """N parents and their common base (`base`: a reference, model or `LoadedParent`, or None), checked against
     each other before any weights are downloaded: `(parents, base or None, where the base came from or None)`.
@@ -611,14 +612,18 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
     parameters`) where their weights are safetensors (docs/design.md §4.10, streaming).
 
     The base is loaded like a parent (pinned, safetensors unless `allow_pickle`, float32) and must be of the
-    parents' class and configuration (labels aside). Without `base`, when `base_needed_for` names a method that
-    needs one, the base is the `base_model` every parent's model card names (README.md front matter; Hub parents'
-    cards at their pinned commit); if they name none or different ones, a one-line `MergeInputError`.
+    parents' class and configuration (labels aside). `check_config(config)`: the caller's own check of the first
+    parent's configuration (its model instead, for a parent given as a model), also before any weights. Without
+    `base`, when `base_needed_for` names a method that needs one, the base is the `base_model` every parent's model
+    card names (README.md front matter; Hub parents' cards at their pinned commit); if they name none or different
+    ones, a one-line `MergeInputError`.
     """
     if isinstance(refs, (str, os.PathLike, PreTrainedModel)):
         raise LoadError("load_parents takes a list of parents, e.g. ['org/a', 'org/b@v2']")
     located = [_locate_with_processor(r, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir) for r in refs]
     check_configs(located)
+    if check_config is not None and located[0].config is not None:
+        check_config(located[0].model if located[0].model is not None else located[0].config)
     source = None
     if base is None and base_needed_for is not None:
         base = base_from_cards(located, token=token, cache_dir=cache_dir)
