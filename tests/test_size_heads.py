@@ -325,3 +325,23 @@ def test_the_dry_run_plans_what_the_merge_builds(spend):
     with pytest.raises(MergeInputError, match="only ViT"):
         hf_mudsc.merge([make_model("bert_cls", 0), make_model("bert_cls", 1)], make_batches("bert_cls"),
                        method="mudsc", size=1.5, size_spend=spend, dry_run=True)
+
+
+def test_the_readme_size_spend_example_runs_and_gives_what_it_says(tmp_path, monkeypatch):
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    [python] = [block for block in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+                if block.startswith("# readme-test: size-spend")]
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {"__name__": "readme_size_spend"}
+    exec(compile(python, "README.md (size-spend example)", "exec"), scope)
+    heads, residual, wide, parents = scope["heads"], scope["residual"], scope["wide"], scope["parents"]
+    assert "# 40 5 76" in python and "# 48 8 64" in python
+    assert (heads.config.hidden_size, heads.config.num_attention_heads, heads.config.intermediate_size) == (40, 5, 76)
+    assert (residual.config.hidden_size, residual.config.head_dim, residual.config.intermediate_size) == (48, 8, 64)
+    for model in (heads, residual):
+        assert count(model) <= 1.5 * count(parents[0])
+    with torch.no_grad():
+        batch = scope["batches"][0]
+        assert torch.equal(wide(**batch).logits, residual(**batch).logits)
