@@ -345,3 +345,23 @@ def test_the_readme_size_spend_example_runs_and_gives_what_it_says(tmp_path, mon
     with torch.no_grad():
         batch = scope["batches"][0]
         assert torch.equal(wide(**batch).logits, residual(**batch).logits)
+
+
+@pytest.mark.parametrize("spend", ["heads", "residual"])
+def test_every_unit_matching_method_and_refit_spend_the_stream(vit_pair, spend):
+    a, b, batches = vit_pair
+    parent = count(a)
+    for options in ({"method": "weight_matching"}, {"method": "zipit"}, {"method": "activation_align"},
+                    {"method": "mudsc", "refit": "ridge"}, {"method": "mudsc", "alpha": "auto"}):
+        merged = hf_mudsc.merge([a, b], None if options["method"] == "weight_matching" else batches,
+                                size=1.5, size_spend=spend, progress=False, **options)
+        assert parent < count(merged) <= 1.5 * parent, options
+        assert merged.config.hidden_size == (40 if spend == "heads" else 48), options
+        with torch.no_grad():
+            assert torch.isfinite(merged(**batches[0]).logits).all()
+
+
+def test_heads_with_independent_heads_is_refused_before_loading():
+    with pytest.raises(MergeInputError, match=r"independent_heads= \(CLI: --independent-heads\) pairs apart"):
+        hf_mudsc.merge(["no/such-a", "no/such-b"], method="mudsc", size=1.5, size_spend="heads",
+                       independent_heads=True, progress=False)
