@@ -365,3 +365,49 @@ def test_heads_with_independent_heads_is_refused_before_loading():
     with pytest.raises(MergeInputError, match=r"independent_heads= \(CLI: --independent-heads\) pairs apart"):
         hf_mudsc.merge(["no/such-a", "no/such-b"], method="mudsc", size=1.5, size_spend="heads",
                        independent_heads=True, progress=False)
+
+
+def test_widen_stream_known_answer_on_hand_made_similarities():
+    """The toy ViT's spec (stream 32 = 4 heads of 8), every group matched A_i <-> B_i, heads unpermuted. Hand-made
+    similarities: stream unit u's twin scores 0.5 + u/100 (A0/B0 weakest); head pair j scores 0.9, 0.2, 0.7, 0.5 on
+    q/k and on v (pair 1 weakest). At size 1.5 one head fits: A0..A7 leave their pairs (B0..B7 keep their columns),
+    attention head pair 1 becomes merged heads 1 (A's) and 4 (B's) in both q/k and v."""
+    from hf_mudsc.solve.widen import widen_stream
+
+    model = make_model("vit_cls", seed=0)
+    spec = spec_for(model)
+    params = dict(model.named_parameters())
+    plan = plan_stream(spec, [params, params], 1.5, "heads")
+    assert plan.extra["num_attention_heads"] == 1 and plan.extra["hidden_size"] == 8
+
+    def identity(group) -> Match:
+        n = group.width
+        return Match(cluster_of=torch.arange(n).repeat(2), merge_weight=torch.full((2 * n,), 0.5, dtype=torch.float64),
+                     num_merged=n, value=0.0, head_pairing=tuple(range(group.num_heads)) if group.num_heads > 1
+                     else None)
+
+    matches = [identity(g) for g in spec.groups]
+    head_score = [0.9, 0.2, 0.7, 0.5]
+
+    def similarity_of(index: int) -> torch.Tensor:
+        group = spec.groups[index]
+        n = group.width
+        c = torch.eye(2 * n, dtype=torch.float64)
+        for u in range(n):
+            value = head_score[u // (n // group.num_heads)] if group.num_heads > 1 else 0.5 + u / 100
+            c[u, n + u] = c[n + u, u] = value
+        return c
+
+    widened = widen_stream(spec, matches, plan, similarity_of)
+    residual = widened[spec.group_index("residual")]
+    assert residual.num_merged == 40
+    assert residual.cluster_of.tolist() == list(range(32, 40)) + list(range(8, 32)) + list(range(32))
+    for index, group in enumerate(spec.groups):
+        if group.num_heads > 1:
+            found = widened[index]
+            assert found.num_merged == 40
+            b_columns = list(range(8)) + list(range(32, 40)) + list(range(16, 32))
+            assert found.cluster_of.tolist() == list(range(32)) + b_columns, group.name
+            assert found.merge_weight.tolist() == ([0.5] * 8 + [1.0] * 8 + [0.5] * 16) * 2
+        elif group.width_key is not None:  # the MLP groups: the rest of the budget, as size_spend="mlp" would
+            assert widened[index].num_merged == 48 + plan.extra["intermediate_size"]
