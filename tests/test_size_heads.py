@@ -411,3 +411,18 @@ def test_widen_stream_known_answer_on_hand_made_similarities():
             assert found.merge_weight.tolist() == ([0.5] * 8 + [1.0] * 8 + [0.5] * 16) * 2
         elif group.width_key is not None:  # the MLP groups: the rest of the budget, as size_spend="mlp" would
             assert widened[index].num_merged == 48 + plan.extra["intermediate_size"]
+
+
+@pytest.mark.parametrize("spend", ["mlp", "heads", "residual"])
+def test_a_wider_vit_without_pooler_keeps_having_none(spend):
+    """A constructor choice the config does not record (`ViTModel(add_pooling_layer=False)`) survives a widening
+    (the merged model is built from the widened config, then mirrors A's absent modules)."""
+    a, b = make_model("vit_nopool", seed=0), make_model("vit_nopool", seed=1)
+    batches = make_batches("vit_nopool")
+    merged = hf_mudsc.merge([a, b], batches, method="mudsc", size=1.5, size_spend=spend, refit="none",
+                            progress=False)
+    assert merged.pooler is None and a.pooler is None
+    assert count(merged) <= 1.5 * count(a)
+    assert merged.config.mudsc["size_budget"]["num_parameters"] == count(merged)
+    with torch.no_grad():
+        assert torch.isfinite(merged(**batches[0]).last_hidden_state).all()

@@ -24,6 +24,7 @@ def build_model(
         merged.config = config
     else:
         merged = type(model_a)(config)
+        _mirror_absent_modules(model_a, merged)
     state = dict(params)
     expected = merged.state_dict().keys()
     for name, buffer in model_a.named_buffers():
@@ -33,6 +34,21 @@ def build_model(
     if missing or unexpected:
         raise RuntimeError(f"merged state does not fit the model: missing {missing}, unexpected {unexpected}")
     return merged.eval()
+
+
+def _mirror_absent_modules(model: PreTrainedModel, merged: PreTrainedModel) -> None:
+    """Set to None every submodule of `merged` that is None in `model`: a constructor choice the config does not
+    record (`ViTModel(add_pooling_layer=False)`) would otherwise come back when the model is built from its config."""
+    for name, _ in list(merged.named_modules()):
+        if not name:
+            continue
+        owner, _, attribute = name.rpartition(".")
+        try:
+            source = model.get_submodule(owner) if owner else model
+        except AttributeError:
+            continue
+        if hasattr(source, attribute) and getattr(source, attribute) is None:
+            setattr(merged.get_submodule(owner) if owner else merged, attribute, None)
 
 
 def _first_shape_change(model: PreTrainedModel, params: Mapping[str, torch.Tensor]) -> str | None:
