@@ -608,7 +608,7 @@ class MergeOptions:
         card=CardRow(4, "Size budget", _card_size),
         help="size budget for the unit-matching methods: the merged model may hold up to S times one parent's "
         "parameters, in [1, 2]; the extra keeps the MLP units with the weakest cross-parent match unfused (a wider "
-        "intermediate_size, still a stock class). 1 = the paper's merge")
+        "intermediate_size, still a stock class; --size-spend chooses other units). 1 = the paper's merge")
     size_spend: str = option(
         "mlp", kind="choice", check=_check_size_spend, choices=SIZE_SPENDS, recorded=True, per_method=True,
         help="where a size budget goes: mlp keeps MLP units unfused (a wider intermediate_size); heads first keeps "
