@@ -68,7 +68,10 @@ SETTINGS = ("text_s", "text_p", "toy_diff", "toy_same")
 CLUSTER_FEATURES = ("logits", "embed")
 CLUSTERS = 8
 CLUSTER_FRACTION = 0.2
-RULES = ("today", "gate_agreement", "gate_loglik", "gate_loglik_tasks", "shared_basis", "enough_data",
+#: The raw-joint gate candidates (docs/benchmarks/gate_joint.md): the score is the raw-joint term alone, or the mean
+#: of today's per-task score and it.
+JOINT_GATES = ("gate_raw_joint", "gate_tasks_raw_mean")
+RULES = ("today", "gate_agreement", "gate_loglik", "gate_loglik_tasks", *JOINT_GATES, "shared_basis", "enough_data",
          *(f"gate_cluster_{f}" for f in CLUSTER_FEATURES))
 
 
@@ -91,6 +94,26 @@ def loglik_score(merged: torch.Tensor, parents: Sequence[torch.Tensor], *, whole
         ensemble = torch.cat([p.softmax(1) for p in parents], dim=1) / len(parents)
         terms.append(float((ensemble * merged.log_softmax(1)).sum(1).mean()))
     return sum(terms) / len(terms)
+
+
+def raw_joint_score(merged: torch.Tensor, parents: Sequence[torch.Tensor]) -> float:
+    """The joint decision under the RAW rule (the argmax over the concatenated logits, a stock pipeline's): the
+    parents' raw ensemble — ONE softmax over the parents' concatenated raw logits — against the merged model's ONE
+    softmax over its whole concatenated head, `Σ_c p_ens_raw(c) log q_merged_raw(c)` averaged over the examples
+    (higher is better, <= 0). Unlike the whole-head term of `loglik_score` (the per-head softmaxes / N, which the
+    per-task terms already determine), it changes when a task's slice shifts against the others: it sees the
+    cross-head calibration that the refit's per-task centred head targets drop."""
+    ensemble = torch.cat(list(parents), dim=1).softmax(1)
+    return float((ensemble * merged.log_softmax(1)).sum(1).mean())
+
+
+def joint_gate_scores(merged: torch.Tensor, parents: Sequence[torch.Tensor]) -> dict[str, float]:
+    """The gate candidates' scores of one model's logits: `tasks` (today's: the mean over tasks), `raw_joint`, and
+    their mean `tasks_raw_mean`."""
+    tasks = loglik_score(merged, parents, whole_head=False)
+    raw = raw_joint_score(merged, parents)
+    return {"tasks": tasks, "raw_joint": raw, "tasks_raw_mean": (tasks + raw) / 2}
+
 
 class MaskSplit:
     """The rows of a re-readable batch stream whose example index is (held_out=True) or is not in `held`: the
@@ -153,8 +176,10 @@ def cluster_holdout(features: np.ndarray, *, clusters: int = CLUSTERS, fraction:
     return torch.from_numpy(held), labels
 
 
-def refits(parents: Sequence[Any], calibration: list[dict[str, Any]], **merge_kwargs: Any) -> dict[str, Any]:
-    """none / ridge / ridge80 merges of `parents` and the held-out gate's scores."""
+def refits(parents: Sequence[Any], calibration: list[dict[str, Any]], *, shifted: bool = True,
+           **merge_kwargs: Any) -> dict[str, Any]:
+    """none / ridge / ridge80 merges of `parents` and the held-out gate's scores (`shifted`: also the cluster
+    gates of gate_shifted.md)."""
     start = time.perf_counter()
     merged = hf_mudsc.merge(list(parents), calibration, refit="none", progress=False, **merge_kwargs)
     seconds = {"merge": time.perf_counter() - start}
@@ -182,11 +207,13 @@ def refits(parents: Sequence[Any], calibration: list[dict[str, Any]], **merge_kw
         held_logits = logits_of(model, held)
         gate[f"loglik_{name}"] = loglik_score(held_logits, parent_logits)
         gate[f"loglik_tasks_{name}"] = loglik_score(held_logits, parent_logits, whole_head=False)
+        if concatenate:  # one shared label set has no joint term: the candidates equal today's score
+            gate[f"raw_joint_{name}"] = raw_joint_score(held_logits, parent_logits)
     seconds["gate"] = time.perf_counter() - start
     models = {"none": merged, "ridge": ridge, "ridge80": ridge80}
     # The shifted splits: whole k-means clusters held out; the refit on the rest against none on those clusters,
     # by the library's gate score (`FidelityScorer.log_likelihood`, the mean over tasks).
-    for kind in CLUSTER_FEATURES:
+    for kind in CLUSTER_FEATURES if shifted else ():
         start = time.perf_counter()
         held_mask, labels = cluster_holdout(example_features(parents, calibration, kind))
         kept_c = MaskSplit(lambda: iter(calibration), held_mask, held_out=False)
@@ -229,13 +256,15 @@ def task_scores(model: Any, parents: Sequence[Any], tests: Sequence[tuple[dict, 
 
 
 def test_fidelity(models: Mapping[str, Any], parents: Sequence[Any],
-                  tests: Sequence[tuple[dict, torch.Tensor]]) -> dict[str, float]:
-    """The gate's own score (the parents' log-probability agreement, mean over tasks) measured on the TEST inputs
-    (labels unused): what a gate with a held-out split exactly like the test distribution would see."""
+                  tests: Sequence[tuple[dict, torch.Tensor]]) -> tuple[dict[str, float], dict[str, float]]:
+    """The gate's own score (the parents' log-probability agreement, mean over tasks) and the raw-joint term
+    (`raw_joint_score`) measured on the TEST inputs (labels unused): what a gate with a held-out split exactly like
+    the test distribution would see."""
     parent_logits = [torch.cat([logits_of(p, [inputs]) for inputs, _ in tests]) for p in parents]
-    return {name: loglik_score(torch.cat([logits_of(model, [inputs]) for inputs, _ in tests]), parent_logits,
-                               whole_head=False)
-            for name, model in models.items() if name in ("none", "ridge", "ridge80")}
+    merged = {name: torch.cat([logits_of(model, [inputs]) for inputs, _ in tests])
+              for name, model in models.items() if name in ("none", "ridge", "ridge80")}
+    return ({name: loglik_score(z, parent_logits, whole_head=False) for name, z in merged.items()},
+            {name: raw_joint_score(z, parent_logits) for name, z in merged.items()})
 
 
 def ensemble_scores(parents: Sequence[Any], tests: Sequence[tuple[dict, torch.Tensor]]) -> dict[str, float]:
@@ -263,6 +292,10 @@ def decisions(run: dict[str, Any]) -> dict[str, str]:
         "gate_loglik": "ridge80" if gate["loglik_ridge80"] >= gate["loglik_none"] else "none",
         **({"gate_loglik_tasks": "ridge80" if gate["loglik_tasks_ridge80"] >= gate["loglik_tasks_none"] else "none"}
            if "loglik_tasks_ridge80" in gate else {}),  # records before 2026-11-30 have no per-task-only score
+        **({"gate_raw_joint": "ridge80" if gate["raw_joint_ridge80"] >= gate["raw_joint_none"] else "none",
+            "gate_tasks_raw_mean": "ridge80" if gate["loglik_tasks_ridge80"] + gate["raw_joint_ridge80"]
+            >= gate["loglik_tasks_none"] + gate["raw_joint_none"] else "none"}
+           if "raw_joint_ridge80" in gate else {}),  # records before gate_joint.md have no raw-joint term
         **{f"gate_cluster_{kind}": f"ridge_cluster_{kind}"
            if gate[f"cluster_{kind}_refit"] >= gate[f"cluster_{kind}_none"] else "none"
            for kind in CLUSTER_FEATURES if f"cluster_{kind}_refit" in gate},
@@ -310,13 +343,13 @@ def text_pairs(args: argparse.Namespace, permuted: bool) -> list[dict[str, Any]]
             if permuted:
                 spec = spec_for(parents[1])
                 parents[1] = permute_model(parents[1], spec, random_permutations(spec, seed=7))
-                run = refits(parents, setting.calibration)
+                run = refits(parents, setting.calibration, shifted=args.shifted)
                 figures = {label: task_scores(model, parents, tests) for label, model in run["models"].items()}
                 figures["ensemble"] = ensemble_scores(parents, tests)
                 entry = record(run, figures, "joint")
-                entry["test_loglik_tasks"] = test_fidelity(run["models"], parents, tests)
+                entry["test_loglik_tasks"], entry["test_raw_joint"] = test_fidelity(run["models"], parents, tests)
             else:
-                run = refits(parents, setting.calibration)
+                run = refits(parents, setting.calibration, shifted=args.shifted)
                 linear = hf_mudsc.merge(parents, setting.calibration, method="linear", progress=False)
                 figures = {}
                 for label, model in {**run["models"], "linear": linear}.items():
@@ -330,9 +363,10 @@ def text_pairs(args: argparse.Namespace, permuted: bool) -> list[dict[str, Any]]
                         parent.load_state_dict(saved)
                     figures[label] = {"task_0": 100 * accuracies[0], "task_1": 100 * accuracies[1],
                                       "normalised": normalised(accuracies, [own[i], own[j]])}
-                    figures[label].update({"joint": task_scores(model, parents, tests)["joint"]})
+                    joint = task_scores(model, parents, tests)
+                    figures[label].update({"joint": joint["joint"], "joint_raw": joint["joint_raw"]})
                 entry = record(run, figures, "normalised")
-                entry["test_loglik_tasks"] = test_fidelity(run["models"], parents, tests)
+                entry["test_loglik_tasks"], entry["test_raw_joint"] = test_fidelity(run["models"], parents, tests)
             entry["pair"] = name
             log(f"{'P' if permuted else 'S'} {name}: " + ", ".join(
                 f"{label} {fig['joint' if permuted else 'normalised']:.3f}" for label, fig in figures.items())
@@ -364,14 +398,14 @@ def toy_pairs(args: argparse.Namespace, same_init: bool) -> list[dict[str, Any]]
                 calibration = [{"pixel_values": pool[i:i + 64]} for i in range(0, len(pool), 64)]
             parents = [model_a, model_b]
             tests = [(dict(pixel_values=t.test_pixel_values), t.test_labels) for t in pair_splits.tasks]
-            run = refits(parents, calibration, batch_size=64)
+            run = refits(parents, calibration, batch_size=64, shifted=args.shifted)
             figures = {label: task_scores(model, parents, tests) for label, model in run["models"].items()}
             figures["ensemble"] = ensemble_scores(parents, tests)
             if same_init:
                 figures["linear"] = task_scores(hf_mudsc.merge(parents, calibration, method="linear", progress=False),
                                                 parents, tests)
             entry = record(run, figures, "joint")
-            entry["test_loglik_tasks"] = test_fidelity(run["models"], parents, tests)
+            entry["test_loglik_tasks"], entry["test_raw_joint"] = test_fidelity(run["models"], parents, tests)
             entry["pair"] = f"h{width} split {index} {classes}"
             entry["width"] = width
             log(f"{'same' if same_init else 'diff'} {entry['pair']}: " + ", ".join(
@@ -463,6 +497,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="calibration examples (text: drawn as bench_same_base draws them, default 128; toys: "
                              "the first N of the pair's calibration images, default all)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-shifted", dest="shifted", action="store_false",
+                        help="skip the cluster gates of gate_shifted.md (two more refits per pair)")
     parser.add_argument("--out", default=None, help="write every pair's figures and the summary here (JSON)")
     parser.add_argument("--markdown", nargs="+", default=None, metavar="SETTING=JSON",
                         help="print the docs tables of finished runs instead (e.g. text_s=/tmp/rt_s.json.text_s.partial"
@@ -494,6 +530,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         result["summary"][name] = summary(records, keys[name])
         if name in ("text_s", "toy_same", "toy_diff", "text_p"):
             result["summary"][name + " (joint)"] = summary(records, "joint")
+            result["summary"][name + " (joint_raw)"] = summary(records, "joint_raw")
         print(table(name, result["summary"][name], keys[name]), flush=True)
         if args.out:
             with open(args.out, "w", encoding="utf-8") as handle:
