@@ -485,6 +485,83 @@ def markdown(name: str, records: Sequence[dict[str, Any]], key: str) -> str:
                      f"{s.get('kept_refit', '')} |")
     return "\n".join(lines)
 
+#: The gates compared in gate_joint.md: today's (per-task score) and the two raw-joint candidates.
+JOINT_TABLE_GATES = {"gate_loglik_tasks": "today's gate (per-task score)", "gate_raw_joint": "raw-joint term only",
+                     "gate_tasks_raw_mean": "mean of both"}
+
+
+def joint_keys(records: Sequence[dict[str, Any]]) -> list[str]:
+    """The figures a setting is judged on: normalised accuracy (text S), then joint under each rule."""
+    return [*(["normalised"] if "normalised" in records[0]["figures"]["none"] else []), "joint", "joint_raw"]
+
+
+def joint_summary_markdown(settings: Mapping[str, Sequence[dict[str, Any]]]) -> str:
+    """gate_joint.md's summary: per setting and figure, every gate's mean ± std, how often it picked the better of
+    none / ridge ("right") and how often it kept the refit; none, ridge and the oracle for reference."""
+    def cell(s: Mapping[str, float], digits: int) -> str:
+        return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+    lines = ["| setting | figure | none | ridge | oracle | " + " | ".join(JOINT_TABLE_GATES.values()) + " |",
+             "|---|---|---:|---:|---:|" + "---:|" * len(JOINT_TABLE_GATES)]
+    for name, records in settings.items():
+        for key in joint_keys(records):
+            result = summary(records, key)
+            digits = 3 if key == "normalised" else 1
+            gates = [f"{cell(result['rules'][g], digits)} (right {result['rules'][g]['right']}, kept "
+                     f"{result['rules'][g]['kept_refit']})" for g in JOINT_TABLE_GATES]
+            lines.append(f"| {name} ({len(records)}) | {key} | {cell(result['models']['none'], digits)} | "
+                         f"{cell(result['models']['ridge'], digits)} | {cell(result['rules']['oracle'], digits)} | "
+                         + " | ".join(gates) + " |")
+    return "\n".join(lines)
+
+
+def joint_margins_markdown(settings: Mapping[str, Sequence[dict[str, Any]]]) -> str:
+    """Each score's margin ridge80 − none, mean over pairs (and on how many pairs it is >= 0, i.e. prefers the
+    refit), held out and on the test inputs; then on how many pairs ridge80 is >= none on the test figures."""
+    def margin(pairs: Sequence[tuple[float, float]]) -> str:
+        diffs = [refit - none for none, refit in pairs]
+        return f"{statistics.fmean(diffs):+.3f} ({sum(d >= 0 for d in diffs)} of {len(diffs)})"
+
+    lines = ["| setting | per-task score, held out | raw-joint term, held out | mean of both, held out | "
+             "per-task score, test inputs | raw-joint term, test inputs | ridge80 ≥ none: per-task joint | "
+             "ridge80 ≥ none: raw joint |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, records in settings.items():
+        gates = [r["gate"] for r in records]
+        tasks = [(g["loglik_tasks_none"], g["loglik_tasks_ridge80"]) for g in gates]
+        raw = [(g["raw_joint_none"], g["raw_joint_ridge80"]) for g in gates]
+        both = [((a[0] + b[0]) / 2, (a[1] + b[1]) / 2) for a, b in zip(tasks, raw)]
+        test_tasks = [(r["test_loglik_tasks"]["none"], r["test_loglik_tasks"]["ridge80"]) for r in records]
+        test_raw = [(r["test_raw_joint"]["none"], r["test_raw_joint"]["ridge80"]) for r in records]
+        better = {key: sum(r["figures"]["ridge80"][key] >= r["figures"]["none"][key] for r in records)
+                  for key in ("joint", "joint_raw")}
+        lines.append(f"| {name} | {margin(tasks)} | {margin(raw)} | {margin(both)} | {margin(test_tasks)} | "
+                     f"{margin(test_raw)} | {better['joint']} of {len(records)} | {better['joint_raw']} of "
+                     f"{len(records)} |")
+    return "\n".join(lines)
+
+
+def joint_pairs_markdown(name: str, records: Sequence[dict[str, Any]]) -> str:
+    """gate_joint.md's per-pair table of one setting: the figures (per-task joint / raw joint; text S also
+    normalised), the held-out scores of none / ridge80, each gate's choice, the scores on the test inputs."""
+    norm = "normalised" in records[0]["figures"]["none"]
+    labels = [label for label in ("none", "ridge", "ridge80", "ensemble", "linear") if label in records[0]["figures"]]
+    head = " | ".join(f"{label} {'norm / ' if norm else ''}joint / raw" for label in labels)
+    lines = [f"| pair | {head} | held out per-task none / ridge80 | held out raw-joint none / ridge80 | keeps: "
+             "today / raw-joint / mean | test per-task none / ridge80 | test raw-joint none / ridge80 |",
+             "|---|" + "---:|" * (len(labels) + 5)]
+    for r in records:
+        figures, gate, chosen = r["figures"], r["gate"], decisions(r)
+        cells = [(f"{figures[label]['normalised']:.3f} / " if norm and "normalised" in figures[label] else
+                  ("– / " if norm else "")) + f"{figures[label]['joint']:.1f} / {figures[label]['joint_raw']:.1f}"
+                 for label in labels]
+        keeps = " / ".join("yes" if chosen[g] != "none" else "no" for g in JOINT_TABLE_GATES)
+        lines.append(f"| {r['pair']} | " + " | ".join(cells)
+                     + f" | {gate['loglik_tasks_none']:.3f} / {gate['loglik_tasks_ridge80']:.3f}"
+                     + f" | {gate['raw_joint_none']:.3f} / {gate['raw_joint_ridge80']:.3f} | {keeps}"
+                     + f" | {r['test_loglik_tasks']['none']:.3f} / {r['test_loglik_tasks']['ridge80']:.3f}"
+                     + f" | {r['test_raw_joint']['none']:.3f} / {r['test_raw_joint']['ridge80']:.3f} |")
+    return "\n".join(lines)
+
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -503,7 +580,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--markdown", nargs="+", default=None, metavar="SETTING=JSON",
                         help="print the docs tables of finished runs instead (e.g. text_s=/tmp/rt_s.json.text_s.partial"
                              " — a --out file or its per-setting .partial) and exit")
+    parser.add_argument("--markdown-joint", nargs="+", default=None, metavar="SETTING=JSON",
+                        help="print gate_joint.md's tables (the raw-joint gate candidates) of finished runs and exit")
     args = parser.parse_args(argv)
+    if args.markdown_joint:
+        loaded = {}
+        for item in args.markdown_joint:
+            name, path = item.split("=", 1)
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
+            loaded[name] = data["records"][name] if isinstance(data, dict) else data
+        print(f"{joint_summary_markdown(loaded)}\n\n{joint_margins_markdown(loaded)}\n")
+        for name, records in loaded.items():
+            print(f"### {name}\n\n{joint_pairs_markdown(name, records)}\n")
+        return {}
     if args.markdown:
         keys = {"text_s": "normalised", "text_p": "joint", "toy_diff": "joint", "toy_same": "joint"}
         for item in args.markdown:
