@@ -107,6 +107,17 @@ def raw_joint_score(merged: torch.Tensor, parents: Sequence[torch.Tensor]) -> fl
     return float((ensemble * merged.log_softmax(1)).sum(1).mean())
 
 
+def raw_mass_score(merged: torch.Tensor, parents: Sequence[torch.Tensor]) -> float:
+    """The cross-head part of `raw_joint_score`: with P_t / Q_t the raw ensemble's / the merged model's softmax mass on
+    task t's slice, `Σ_t P_t log Q_t` (<= 0). `raw_joint_score` = this + `Σ_t P_t Σ_{c∈t} p(c|t) log q(c|t)` (the
+    within-slice terms weighted by the ensemble's task mass), so this is how well the merged head says WHICH task's
+    labels an input belongs to — the cross-head calibration the raw rule relies on."""
+    sizes = [p.shape[1] for p in parents]
+    mass_ens = torch.stack([part.sum(1) for part in torch.split(torch.cat(list(parents), 1).softmax(1), sizes, 1)], 1)
+    log_mass = torch.stack([part.logsumexp(1) for part in torch.split(merged.log_softmax(1), sizes, 1)], 1)
+    return float((mass_ens * log_mass).sum(1).mean())
+
+
 def joint_gate_scores(merged: torch.Tensor, parents: Sequence[torch.Tensor]) -> dict[str, float]:
     """The gate candidates' scores of one model's logits: `tasks` (today's: the mean over tasks), `raw_joint`, and
     their mean `tasks_raw_mean`."""
@@ -209,6 +220,7 @@ def refits(parents: Sequence[Any], calibration: list[dict[str, Any]], *, shifted
         gate[f"loglik_tasks_{name}"] = loglik_score(held_logits, parent_logits, whole_head=False)
         if concatenate:  # one shared label set has no joint term: the candidates equal today's score
             gate[f"raw_joint_{name}"] = raw_joint_score(held_logits, parent_logits)
+            gate[f"raw_mass_{name}"] = raw_mass_score(held_logits, parent_logits)
     seconds["gate"] = time.perf_counter() - start
     models = {"none": merged, "ridge": ridge, "ridge80": ridge80}
     # The shifted splits: whole k-means clusters held out; the refit on the rest against none on those clusters,
@@ -256,15 +268,16 @@ def task_scores(model: Any, parents: Sequence[Any], tests: Sequence[tuple[dict, 
 
 
 def test_fidelity(models: Mapping[str, Any], parents: Sequence[Any],
-                  tests: Sequence[tuple[dict, torch.Tensor]]) -> tuple[dict[str, float], dict[str, float]]:
+                  tests: Sequence[tuple[dict, torch.Tensor]]) -> dict[str, dict[str, float]]:
     """The gate's own score (the parents' log-probability agreement, mean over tasks) and the raw-joint term
     (`raw_joint_score`) measured on the TEST inputs (labels unused): what a gate with a held-out split exactly like
     the test distribution would see."""
     parent_logits = [torch.cat([logits_of(p, [inputs]) for inputs, _ in tests]) for p in parents]
     merged = {name: torch.cat([logits_of(model, [inputs]) for inputs, _ in tests])
               for name, model in models.items() if name in ("none", "ridge", "ridge80")}
-    return ({name: loglik_score(z, parent_logits, whole_head=False) for name, z in merged.items()},
-            {name: raw_joint_score(z, parent_logits) for name, z in merged.items()})
+    return {"test_loglik_tasks": {name: loglik_score(z, parent_logits, whole_head=False) for name, z in merged.items()},
+            "test_raw_joint": {name: raw_joint_score(z, parent_logits) for name, z in merged.items()},
+            "test_raw_mass": {name: raw_mass_score(z, parent_logits) for name, z in merged.items()}}
 
 
 def ensemble_scores(parents: Sequence[Any], tests: Sequence[tuple[dict, torch.Tensor]]) -> dict[str, float]:
@@ -347,7 +360,7 @@ def text_pairs(args: argparse.Namespace, permuted: bool) -> list[dict[str, Any]]
                 figures = {label: task_scores(model, parents, tests) for label, model in run["models"].items()}
                 figures["ensemble"] = ensemble_scores(parents, tests)
                 entry = record(run, figures, "joint")
-                entry["test_loglik_tasks"], entry["test_raw_joint"] = test_fidelity(run["models"], parents, tests)
+                entry.update(test_fidelity(run["models"], parents, tests))
             else:
                 run = refits(parents, setting.calibration, shifted=args.shifted)
                 linear = hf_mudsc.merge(parents, setting.calibration, method="linear", progress=False)
@@ -366,7 +379,7 @@ def text_pairs(args: argparse.Namespace, permuted: bool) -> list[dict[str, Any]]
                     joint = task_scores(model, parents, tests)
                     figures[label].update({"joint": joint["joint"], "joint_raw": joint["joint_raw"]})
                 entry = record(run, figures, "normalised")
-                entry["test_loglik_tasks"], entry["test_raw_joint"] = test_fidelity(run["models"], parents, tests)
+                entry.update(test_fidelity(run["models"], parents, tests))
             entry["pair"] = name
             log(f"{'P' if permuted else 'S'} {name}: " + ", ".join(
                 f"{label} {fig['joint' if permuted else 'normalised']:.3f}" for label, fig in figures.items())
@@ -405,7 +418,7 @@ def toy_pairs(args: argparse.Namespace, same_init: bool) -> list[dict[str, Any]]
                 figures["linear"] = task_scores(hf_mudsc.merge(parents, calibration, method="linear", progress=False),
                                                 parents, tests)
             entry = record(run, figures, "joint")
-            entry["test_loglik_tasks"], entry["test_raw_joint"] = test_fidelity(run["models"], parents, tests)
+            entry.update(test_fidelity(run["models"], parents, tests))
             entry["pair"] = f"h{width} split {index} {classes}"
             entry["width"] = width
             log(f"{'same' if same_init else 'diff'} {entry['pair']}: " + ", ".join(
