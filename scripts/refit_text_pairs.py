@@ -536,8 +536,9 @@ def joint_margins_markdown(settings: Mapping[str, Sequence[dict[str, Any]]]) -> 
         return f"{statistics.fmean(diffs):+.3f} ({sum(d >= 0 for d in diffs)} of {len(diffs)})"
 
     lines = ["| setting | per-task score, held out | raw-joint term, held out | mean of both, held out | "
-             "per-task score, test inputs | raw-joint term, test inputs | ridge80 ≥ none: per-task joint | "
-             "ridge80 ≥ none: raw joint |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "task-mass part, held out | per-task score, test inputs | raw-joint term, test inputs | task-mass part, "
+             "test inputs | ridge80 ≥ none: per-task joint | ridge80 ≥ none: raw joint |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, records in settings.items():
         gates = [r["gate"] for r in records]
         tasks = [(g["loglik_tasks_none"], g["loglik_tasks_ridge80"]) for g in gates]
@@ -547,9 +548,13 @@ def joint_margins_markdown(settings: Mapping[str, Sequence[dict[str, Any]]]) -> 
         test_raw = [(r["test_raw_joint"]["none"], r["test_raw_joint"]["ridge80"]) for r in records]
         better = {key: sum(r["figures"]["ridge80"][key] >= r["figures"]["none"][key] for r in records)
                   for key in ("joint", "joint_raw")}
-        lines.append(f"| {name} | {margin(tasks)} | {margin(raw)} | {margin(both)} | {margin(test_tasks)} | "
-                     f"{margin(test_raw)} | {better['joint']} of {len(records)} | {better['joint_raw']} of "
-                     f"{len(records)} |")
+        has_mass = "raw_mass_none" in gates[0]  # recorded since the text P run of gate_joint.md
+        mass = margin([(g["raw_mass_none"], g["raw_mass_ridge80"]) for g in gates]) if has_mass else "–"
+        test_mass = (margin([(r["test_raw_mass"]["none"], r["test_raw_mass"]["ridge80"]) for r in records])
+                     if has_mass else "–")
+        lines.append(f"| {name} | {margin(tasks)} | {margin(raw)} | {margin(both)} | {mass} | {margin(test_tasks)} | "
+                     f"{margin(test_raw)} | {test_mass} | {better['joint']} of {len(records)} | "
+                     f"{better['joint_raw']} of {len(records)} |")
     return "\n".join(lines)
 
 
@@ -560,8 +565,9 @@ def joint_pairs_markdown(name: str, records: Sequence[dict[str, Any]]) -> str:
     labels = [label for label in ("none", "ridge", "ridge80", "ensemble", "linear") if label in records[0]["figures"]]
     head = " | ".join(f"{label} {'norm / ' if norm else ''}joint / raw" for label in labels)
     lines = [f"| pair | {head} | held out per-task none / ridge80 | held out raw-joint none / ridge80 | keeps: "
-             "today / raw-joint / mean | test per-task none / ridge80 | test raw-joint none / ridge80 |",
-             "|---|" + "---:|" * (len(labels) + 5)]
+             "today / raw-joint / mean | test per-task none / ridge80 | test raw-joint none / ridge80 | held out "
+             "task mass none / ridge80 | test task mass none / ridge80 |",
+             "|---|" + "---:|" * (len(labels) + 7)]
     for r in records:
         figures, gate, chosen = r["figures"], r["gate"], decisions(r)
         cells = [(f"{figures[label]['normalised']:.3f} / " if norm and "normalised" in figures[label] else
@@ -572,7 +578,10 @@ def joint_pairs_markdown(name: str, records: Sequence[dict[str, Any]]) -> str:
                      + f" | {gate['loglik_tasks_none']:.3f} / {gate['loglik_tasks_ridge80']:.3f}"
                      + f" | {gate['raw_joint_none']:.3f} / {gate['raw_joint_ridge80']:.3f} | {keeps}"
                      + f" | {r['test_loglik_tasks']['none']:.3f} / {r['test_loglik_tasks']['ridge80']:.3f}"
-                     + f" | {r['test_raw_joint']['none']:.3f} / {r['test_raw_joint']['ridge80']:.3f} |")
+                     + f" | {r['test_raw_joint']['none']:.3f} / {r['test_raw_joint']['ridge80']:.3f}"
+                     + (f" | {gate['raw_mass_none']:.3f} / {gate['raw_mass_ridge80']:.3f} | "
+                        f"{r['test_raw_mass']['none']:.3f} / {r['test_raw_mass']['ridge80']:.3f} |"
+                        if "raw_mass_none" in gate else " | – | – |"))
     return "\n".join(lines)
 
 
