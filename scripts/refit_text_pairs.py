@@ -22,6 +22,9 @@ feature (`logits`: the parents' softmaxes concatenated; `embed`: the parents' me
 held out (~20 %), the refit `ridge_cluster_<feature>` fitted on the rest and kept if its held-out
 `FidelityScorer.log_likelihood` >= `none`'s on the same clusters; each record's `test_loglik_tasks` is that score on the
 TEST inputs (labels unused): what a gate whose held-out split were the test distribution would see;
+(a'') raw-joint gates `gate_raw_joint` / `gate_tasks_raw_mean` (docs/benchmarks/gate_joint.md) — the every-5th split,
+scored by the raw ensemble's agreement with the merged head's ONE softmax (`raw_joint_score`), or the mean of it and
+the per-task score; `test_raw_joint` / `test_raw_mass` are that term and its task-mass part on the test inputs;
 (b) shared basis — ridge only when `parents_shared_basis` < 0.5 (the refit report's score);
 (c) today — always ridge after these methods.
 
