@@ -22,6 +22,9 @@ feature (`logits`: the parents' softmaxes concatenated; `embed`: the parents' me
 held out (~20 %), the refit `ridge_cluster_<feature>` fitted on the rest and kept if its held-out
 `FidelityScorer.log_likelihood` >= `none`'s on the same clusters; each record's `test_loglik_tasks` is that score on the
 TEST inputs (labels unused): what a gate whose held-out split were the test distribution would see;
+(a'') raw-joint gates `gate_raw_joint` / `gate_tasks_raw_mean` (docs/benchmarks/gate_joint.md) — the every-5th split,
+scored by the raw ensemble's agreement with the merged head's ONE softmax (`raw_joint_score`), or the mean of it and
+the per-task score; `test_raw_joint` / `test_raw_mass` are that term and its task-mass part on the test inputs;
 (b) shared basis — ridge only when `parents_shared_basis` < 0.5 (the refit report's score);
 (c) today — always ridge after these methods.
 
@@ -68,7 +71,10 @@ SETTINGS = ("text_s", "text_p", "toy_diff", "toy_same")
 CLUSTER_FEATURES = ("logits", "embed")
 CLUSTERS = 8
 CLUSTER_FRACTION = 0.2
-RULES = ("today", "gate_agreement", "gate_loglik", "gate_loglik_tasks", "shared_basis", "enough_data",
+#: The raw-joint gate candidates (docs/benchmarks/gate_joint.md): the score is the raw-joint term alone, or the mean
+#: of today's per-task score and it.
+JOINT_GATES = ("gate_raw_joint", "gate_tasks_raw_mean")
+RULES = ("today", "gate_agreement", "gate_loglik", "gate_loglik_tasks", *JOINT_GATES, "shared_basis", "enough_data",
          *(f"gate_cluster_{f}" for f in CLUSTER_FEATURES))
 
 
@@ -91,6 +97,37 @@ def loglik_score(merged: torch.Tensor, parents: Sequence[torch.Tensor], *, whole
         ensemble = torch.cat([p.softmax(1) for p in parents], dim=1) / len(parents)
         terms.append(float((ensemble * merged.log_softmax(1)).sum(1).mean()))
     return sum(terms) / len(terms)
+
+
+def raw_joint_score(merged: torch.Tensor, parents: Sequence[torch.Tensor]) -> float:
+    """The joint decision under the RAW rule (the argmax over the concatenated logits, a stock pipeline's): the
+    parents' raw ensemble — ONE softmax over the parents' concatenated raw logits — against the merged model's ONE
+    softmax over its whole concatenated head, `Σ_c p_ens_raw(c) log q_merged_raw(c)` averaged over the examples
+    (higher is better, <= 0). Unlike the whole-head term of `loglik_score` (the per-head softmaxes / N, which the
+    per-task terms already determine), it changes when a task's slice shifts against the others: it sees the
+    cross-head calibration that the refit's per-task centred head targets drop."""
+    ensemble = torch.cat(list(parents), dim=1).softmax(1)
+    return float((ensemble * merged.log_softmax(1)).sum(1).mean())
+
+
+def raw_mass_score(merged: torch.Tensor, parents: Sequence[torch.Tensor]) -> float:
+    """The cross-head part of `raw_joint_score`: with P_t / Q_t the raw ensemble's / the merged model's softmax mass on
+    task t's slice, `Σ_t P_t log Q_t` (<= 0). `raw_joint_score` = this + `Σ_t P_t Σ_{c∈t} p(c|t) log q(c|t)` (the
+    within-slice terms weighted by the ensemble's task mass), so this is how well the merged head says WHICH task's
+    labels an input belongs to — the cross-head calibration the raw rule relies on."""
+    sizes = [p.shape[1] for p in parents]
+    mass_ens = torch.stack([part.sum(1) for part in torch.split(torch.cat(list(parents), 1).softmax(1), sizes, 1)], 1)
+    log_mass = torch.stack([part.logsumexp(1) for part in torch.split(merged.log_softmax(1), sizes, 1)], 1)
+    return float((mass_ens * log_mass).sum(1).mean())
+
+
+def joint_gate_scores(merged: torch.Tensor, parents: Sequence[torch.Tensor]) -> dict[str, float]:
+    """The gate candidates' scores of one model's logits: `tasks` (today's: the mean over tasks), `raw_joint`, and
+    their mean `tasks_raw_mean`."""
+    tasks = loglik_score(merged, parents, whole_head=False)
+    raw = raw_joint_score(merged, parents)
+    return {"tasks": tasks, "raw_joint": raw, "tasks_raw_mean": (tasks + raw) / 2}
+
 
 class MaskSplit:
     """The rows of a re-readable batch stream whose example index is (held_out=True) or is not in `held`: the
@@ -153,8 +190,10 @@ def cluster_holdout(features: np.ndarray, *, clusters: int = CLUSTERS, fraction:
     return torch.from_numpy(held), labels
 
 
-def refits(parents: Sequence[Any], calibration: list[dict[str, Any]], **merge_kwargs: Any) -> dict[str, Any]:
-    """none / ridge / ridge80 merges of `parents` and the held-out gate's scores."""
+def refits(parents: Sequence[Any], calibration: list[dict[str, Any]], *, shifted: bool = True,
+           **merge_kwargs: Any) -> dict[str, Any]:
+    """none / ridge / ridge80 merges of `parents` and the held-out gate's scores (`shifted`: also the cluster
+    gates of gate_shifted.md)."""
     start = time.perf_counter()
     merged = hf_mudsc.merge(list(parents), calibration, refit="none", progress=False, **merge_kwargs)
     seconds = {"merge": time.perf_counter() - start}
@@ -182,11 +221,14 @@ def refits(parents: Sequence[Any], calibration: list[dict[str, Any]], **merge_kw
         held_logits = logits_of(model, held)
         gate[f"loglik_{name}"] = loglik_score(held_logits, parent_logits)
         gate[f"loglik_tasks_{name}"] = loglik_score(held_logits, parent_logits, whole_head=False)
+        if concatenate:  # one shared label set has no joint term: the candidates equal today's score
+            gate[f"raw_joint_{name}"] = raw_joint_score(held_logits, parent_logits)
+            gate[f"raw_mass_{name}"] = raw_mass_score(held_logits, parent_logits)
     seconds["gate"] = time.perf_counter() - start
     models = {"none": merged, "ridge": ridge, "ridge80": ridge80}
     # The shifted splits: whole k-means clusters held out; the refit on the rest against none on those clusters,
     # by the library's gate score (`FidelityScorer.log_likelihood`, the mean over tasks).
-    for kind in CLUSTER_FEATURES:
+    for kind in CLUSTER_FEATURES if shifted else ():
         start = time.perf_counter()
         held_mask, labels = cluster_holdout(example_features(parents, calibration, kind))
         kept_c = MaskSplit(lambda: iter(calibration), held_mask, held_out=False)
@@ -229,13 +271,16 @@ def task_scores(model: Any, parents: Sequence[Any], tests: Sequence[tuple[dict, 
 
 
 def test_fidelity(models: Mapping[str, Any], parents: Sequence[Any],
-                  tests: Sequence[tuple[dict, torch.Tensor]]) -> dict[str, float]:
-    """The gate's own score (the parents' log-probability agreement, mean over tasks) measured on the TEST inputs
-    (labels unused): what a gate with a held-out split exactly like the test distribution would see."""
+                  tests: Sequence[tuple[dict, torch.Tensor]]) -> dict[str, dict[str, float]]:
+    """The gate's own score (the parents' log-probability agreement, mean over tasks) and the raw-joint term
+    (`raw_joint_score`) measured on the TEST inputs (labels unused): what a gate with a held-out split exactly like
+    the test distribution would see."""
     parent_logits = [torch.cat([logits_of(p, [inputs]) for inputs, _ in tests]) for p in parents]
-    return {name: loglik_score(torch.cat([logits_of(model, [inputs]) for inputs, _ in tests]), parent_logits,
-                               whole_head=False)
-            for name, model in models.items() if name in ("none", "ridge", "ridge80")}
+    merged = {name: torch.cat([logits_of(model, [inputs]) for inputs, _ in tests])
+              for name, model in models.items() if name in ("none", "ridge", "ridge80")}
+    return {"test_loglik_tasks": {name: loglik_score(z, parent_logits, whole_head=False) for name, z in merged.items()},
+            "test_raw_joint": {name: raw_joint_score(z, parent_logits) for name, z in merged.items()},
+            "test_raw_mass": {name: raw_mass_score(z, parent_logits) for name, z in merged.items()}}
 
 
 def ensemble_scores(parents: Sequence[Any], tests: Sequence[tuple[dict, torch.Tensor]]) -> dict[str, float]:
@@ -263,6 +308,10 @@ def decisions(run: dict[str, Any]) -> dict[str, str]:
         "gate_loglik": "ridge80" if gate["loglik_ridge80"] >= gate["loglik_none"] else "none",
         **({"gate_loglik_tasks": "ridge80" if gate["loglik_tasks_ridge80"] >= gate["loglik_tasks_none"] else "none"}
            if "loglik_tasks_ridge80" in gate else {}),  # records before 2026-11-30 have no per-task-only score
+        **({"gate_raw_joint": "ridge80" if gate["raw_joint_ridge80"] >= gate["raw_joint_none"] else "none",
+            "gate_tasks_raw_mean": "ridge80" if gate["loglik_tasks_ridge80"] + gate["raw_joint_ridge80"]
+            >= gate["loglik_tasks_none"] + gate["raw_joint_none"] else "none"}
+           if "raw_joint_ridge80" in gate else {}),  # records before gate_joint.md have no raw-joint term
         **{f"gate_cluster_{kind}": f"ridge_cluster_{kind}"
            if gate[f"cluster_{kind}_refit"] >= gate[f"cluster_{kind}_none"] else "none"
            for kind in CLUSTER_FEATURES if f"cluster_{kind}_refit" in gate},
@@ -310,13 +359,13 @@ def text_pairs(args: argparse.Namespace, permuted: bool) -> list[dict[str, Any]]
             if permuted:
                 spec = spec_for(parents[1])
                 parents[1] = permute_model(parents[1], spec, random_permutations(spec, seed=7))
-                run = refits(parents, setting.calibration)
+                run = refits(parents, setting.calibration, shifted=args.shifted)
                 figures = {label: task_scores(model, parents, tests) for label, model in run["models"].items()}
                 figures["ensemble"] = ensemble_scores(parents, tests)
                 entry = record(run, figures, "joint")
-                entry["test_loglik_tasks"] = test_fidelity(run["models"], parents, tests)
+                entry.update(test_fidelity(run["models"], parents, tests))
             else:
-                run = refits(parents, setting.calibration)
+                run = refits(parents, setting.calibration, shifted=args.shifted)
                 linear = hf_mudsc.merge(parents, setting.calibration, method="linear", progress=False)
                 figures = {}
                 for label, model in {**run["models"], "linear": linear}.items():
@@ -330,9 +379,10 @@ def text_pairs(args: argparse.Namespace, permuted: bool) -> list[dict[str, Any]]
                         parent.load_state_dict(saved)
                     figures[label] = {"task_0": 100 * accuracies[0], "task_1": 100 * accuracies[1],
                                       "normalised": normalised(accuracies, [own[i], own[j]])}
-                    figures[label].update({"joint": task_scores(model, parents, tests)["joint"]})
+                    joint = task_scores(model, parents, tests)
+                    figures[label].update({"joint": joint["joint"], "joint_raw": joint["joint_raw"]})
                 entry = record(run, figures, "normalised")
-                entry["test_loglik_tasks"] = test_fidelity(run["models"], parents, tests)
+                entry.update(test_fidelity(run["models"], parents, tests))
             entry["pair"] = name
             log(f"{'P' if permuted else 'S'} {name}: " + ", ".join(
                 f"{label} {fig['joint' if permuted else 'normalised']:.3f}" for label, fig in figures.items())
@@ -364,14 +414,14 @@ def toy_pairs(args: argparse.Namespace, same_init: bool) -> list[dict[str, Any]]
                 calibration = [{"pixel_values": pool[i:i + 64]} for i in range(0, len(pool), 64)]
             parents = [model_a, model_b]
             tests = [(dict(pixel_values=t.test_pixel_values), t.test_labels) for t in pair_splits.tasks]
-            run = refits(parents, calibration, batch_size=64)
+            run = refits(parents, calibration, batch_size=64, shifted=args.shifted)
             figures = {label: task_scores(model, parents, tests) for label, model in run["models"].items()}
             figures["ensemble"] = ensemble_scores(parents, tests)
             if same_init:
                 figures["linear"] = task_scores(hf_mudsc.merge(parents, calibration, method="linear", progress=False),
                                                 parents, tests)
             entry = record(run, figures, "joint")
-            entry["test_loglik_tasks"] = test_fidelity(run["models"], parents, tests)
+            entry.update(test_fidelity(run["models"], parents, tests))
             entry["pair"] = f"h{width} split {index} {classes}"
             entry["width"] = width
             log(f"{'same' if same_init else 'diff'} {entry['pair']}: " + ", ".join(
@@ -451,6 +501,92 @@ def markdown(name: str, records: Sequence[dict[str, Any]], key: str) -> str:
                      f"{s.get('kept_refit', '')} |")
     return "\n".join(lines)
 
+#: The gates compared in gate_joint.md: today's (per-task score) and the two raw-joint candidates.
+JOINT_TABLE_GATES = {"gate_loglik_tasks": "today's gate (per-task score)", "gate_raw_joint": "raw-joint term only",
+                     "gate_tasks_raw_mean": "mean of both"}
+
+
+def joint_keys(records: Sequence[dict[str, Any]]) -> list[str]:
+    """The figures a setting is judged on: normalised accuracy (text S), then joint under each rule."""
+    return [*(["normalised"] if "normalised" in records[0]["figures"]["none"] else []), "joint", "joint_raw"]
+
+
+def joint_summary_markdown(settings: Mapping[str, Sequence[dict[str, Any]]]) -> str:
+    """gate_joint.md's summary: per setting and figure, every gate's mean ± std, how often it picked the better of
+    none / ridge ("right") and how often it kept the refit; none, ridge and the oracle for reference."""
+    def cell(s: Mapping[str, float], digits: int) -> str:
+        return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+    lines = ["| setting | figure | none | ridge | oracle | " + " | ".join(JOINT_TABLE_GATES.values()) + " |",
+             "|---|---|---:|---:|---:|" + "---:|" * len(JOINT_TABLE_GATES)]
+    for name, records in settings.items():
+        for key in joint_keys(records):
+            result = summary(records, key)
+            digits = 3 if key == "normalised" else 1
+            gates = [f"{cell(result['rules'][g], digits)} (right {result['rules'][g]['right']}, kept "
+                     f"{result['rules'][g]['kept_refit']})" for g in JOINT_TABLE_GATES]
+            lines.append(f"| {name} ({len(records)}) | {key} | {cell(result['models']['none'], digits)} | "
+                         f"{cell(result['models']['ridge'], digits)} | {cell(result['rules']['oracle'], digits)} | "
+                         + " | ".join(gates) + " |")
+    return "\n".join(lines)
+
+
+def joint_margins_markdown(settings: Mapping[str, Sequence[dict[str, Any]]]) -> str:
+    """Each score's margin ridge80 − none, mean over pairs (and on how many pairs it is >= 0, i.e. prefers the
+    refit), held out and on the test inputs; then on how many pairs ridge80 is >= none on the test figures."""
+    def margin(pairs: Sequence[tuple[float, float]]) -> str:
+        diffs = [refit - none for none, refit in pairs]
+        return f"{statistics.fmean(diffs):+.3f} ({sum(d >= 0 for d in diffs)} of {len(diffs)})"
+
+    lines = ["| setting | per-task score, held out | raw-joint term, held out | mean of both, held out | "
+             "task-mass part, held out | per-task score, test inputs | raw-joint term, test inputs | task-mass part, "
+             "test inputs | ridge80 ≥ none: per-task joint | ridge80 ≥ none: raw joint |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, records in settings.items():
+        gates = [r["gate"] for r in records]
+        tasks = [(g["loglik_tasks_none"], g["loglik_tasks_ridge80"]) for g in gates]
+        raw = [(g["raw_joint_none"], g["raw_joint_ridge80"]) for g in gates]
+        both = [((a[0] + b[0]) / 2, (a[1] + b[1]) / 2) for a, b in zip(tasks, raw)]
+        test_tasks = [(r["test_loglik_tasks"]["none"], r["test_loglik_tasks"]["ridge80"]) for r in records]
+        test_raw = [(r["test_raw_joint"]["none"], r["test_raw_joint"]["ridge80"]) for r in records]
+        better = {key: sum(r["figures"]["ridge80"][key] >= r["figures"]["none"][key] for r in records)
+                  for key in ("joint", "joint_raw")}
+        has_mass = "raw_mass_none" in gates[0]  # recorded since the text P run of gate_joint.md
+        mass = margin([(g["raw_mass_none"], g["raw_mass_ridge80"]) for g in gates]) if has_mass else "–"
+        test_mass = (margin([(r["test_raw_mass"]["none"], r["test_raw_mass"]["ridge80"]) for r in records])
+                     if has_mass else "–")
+        lines.append(f"| {name} | {margin(tasks)} | {margin(raw)} | {margin(both)} | {mass} | {margin(test_tasks)} | "
+                     f"{margin(test_raw)} | {test_mass} | {better['joint']} of {len(records)} | "
+                     f"{better['joint_raw']} of {len(records)} |")
+    return "\n".join(lines)
+
+
+def joint_pairs_markdown(name: str, records: Sequence[dict[str, Any]]) -> str:
+    """gate_joint.md's per-pair table of one setting: the figures (per-task joint / raw joint; text S also
+    normalised), the held-out scores of none / ridge80, each gate's choice, the scores on the test inputs."""
+    norm = "normalised" in records[0]["figures"]["none"]
+    labels = [label for label in ("none", "ridge", "ridge80", "ensemble", "linear") if label in records[0]["figures"]]
+    head = " | ".join(f"{label} {'norm / ' if norm else ''}joint / raw" for label in labels)
+    lines = [f"| pair | {head} | held out per-task none / ridge80 | held out raw-joint none / ridge80 | keeps: "
+             "today / raw-joint / mean | test per-task none / ridge80 | test raw-joint none / ridge80 | held out "
+             "task mass none / ridge80 | test task mass none / ridge80 |",
+             "|---|" + "---:|" * (len(labels) + 7)]
+    for r in records:
+        figures, gate, chosen = r["figures"], r["gate"], decisions(r)
+        cells = [(f"{figures[label]['normalised']:.3f} / " if norm and "normalised" in figures[label] else
+                  ("– / " if norm else "")) + f"{figures[label]['joint']:.1f} / {figures[label]['joint_raw']:.1f}"
+                 for label in labels]
+        keeps = " / ".join("yes" if chosen[g] != "none" else "no" for g in JOINT_TABLE_GATES)
+        lines.append(f"| {r['pair']} | " + " | ".join(cells)
+                     + f" | {gate['loglik_tasks_none']:.3f} / {gate['loglik_tasks_ridge80']:.3f}"
+                     + f" | {gate['raw_joint_none']:.3f} / {gate['raw_joint_ridge80']:.3f} | {keeps}"
+                     + f" | {r['test_loglik_tasks']['none']:.3f} / {r['test_loglik_tasks']['ridge80']:.3f}"
+                     + f" | {r['test_raw_joint']['none']:.3f} / {r['test_raw_joint']['ridge80']:.3f}"
+                     + (f" | {gate['raw_mass_none']:.3f} / {gate['raw_mass_ridge80']:.3f} | "
+                        f"{r['test_raw_mass']['none']:.3f} / {r['test_raw_mass']['ridge80']:.3f} |"
+                        if "raw_mass_none" in gate else " | – | – |"))
+    return "\n".join(lines)
+
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -463,11 +599,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="calibration examples (text: drawn as bench_same_base draws them, default 128; toys: "
                              "the first N of the pair's calibration images, default all)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-shifted", dest="shifted", action="store_false",
+                        help="skip the cluster gates of gate_shifted.md (two more refits per pair)")
     parser.add_argument("--out", default=None, help="write every pair's figures and the summary here (JSON)")
     parser.add_argument("--markdown", nargs="+", default=None, metavar="SETTING=JSON",
                         help="print the docs tables of finished runs instead (e.g. text_s=/tmp/rt_s.json.text_s.partial"
                              " — a --out file or its per-setting .partial) and exit")
+    parser.add_argument("--markdown-joint", nargs="+", default=None, metavar="SETTING=JSON",
+                        help="print gate_joint.md's tables (the raw-joint gate candidates) of finished runs and exit")
     args = parser.parse_args(argv)
+    if args.markdown_joint:
+        loaded = {}
+        for item in args.markdown_joint:
+            name, path = item.split("=", 1)
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
+            loaded[name] = data["records"][name] if isinstance(data, dict) else data
+        print(f"{joint_summary_markdown(loaded)}\n\n{joint_margins_markdown(loaded)}\n")
+        for name, records in loaded.items():
+            print(f"### {name}\n\n{joint_pairs_markdown(name, records)}\n")
+        return {}
     if args.markdown:
         keys = {"text_s": "normalised", "text_p": "joint", "toy_diff": "joint", "toy_same": "joint"}
         for item in args.markdown:
@@ -494,6 +645,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         result["summary"][name] = summary(records, keys[name])
         if name in ("text_s", "toy_same", "toy_diff", "text_p"):
             result["summary"][name + " (joint)"] = summary(records, "joint")
+            result["summary"][name + " (joint_raw)"] = summary(records, "joint_raw")
         print(table(name, result["summary"][name], keys[name]), flush=True)
         if args.out:
             with open(args.out, "w", encoding="utf-8") as handle:
