@@ -52,32 +52,41 @@ def _batches(rows: int = 10) -> list[dict[str, torch.Tensor]]:
 # ----------------------------------------------------------------------------------------- the score's values
 
 
-def test_log_likelihood_of_uniform_merged_logits_is_minus_the_log_of_each_head_size():
+def test_log_likelihood_of_uniform_merged_logits_is_the_mean_of_the_task_and_whole_head_terms():
     parents = [FixedLogits([2.0, 0.0]), FixedLogits([0.0, 1.0])]
     scorer = FidelityScorer(parents, _batches(), task_sizes=[2, 2])
-    # each task: -log 2 (the joint decision is each task's softmax, so it adds nothing but a constant)
-    assert scorer.log_likelihood(FixedLogits([0.0, 0.0, 0.0, 0.0])) == pytest.approx(-math.log(2))
+    # each task: -log 2; the whole head against the raw ensemble (one softmax over [2, 0, 0, 1]): -log 4
+    assert scorer.log_likelihood(FixedLogits([0.0, 0.0, 0.0, 0.0])) == pytest.approx(-1.5 * math.log(2))
 
 
-def test_log_likelihood_of_the_parents_own_log_probabilities_is_minus_their_entropies():
+def test_log_likelihood_of_the_parents_own_log_probabilities_is_minus_their_entropies_and_half_log_two():
     p_a, p_b = torch.tensor([0.8, 0.2], dtype=torch.float64), torch.tensor([0.25, 0.75], dtype=torch.float64)
     parents = [FixedLogits(p_a.log().tolist()), FixedLogits(p_b.log().tolist())]
     scorer = FidelityScorer(parents, _batches(), task_sizes=[2, 2])
     entropy = [float(-(p * p.log()).sum()) for p in (p_a, p_b)]
     merged = FixedLogits(torch.cat([p_a, p_b]).log().tolist())
-    assert scorer.log_likelihood(merged) == pytest.approx(-(entropy[0] + entropy[1]) / 2)
+    # per task: -(H_a + H_b) / 2; whole head: the raw ensemble is [p_a, p_b] / 2 and so is the merged softmax,
+    # whose entropy is (H_a + H_b) / 2 + log 2
+    tasks, whole = -(entropy[0] + entropy[1]) / 2, -(entropy[0] + entropy[1]) / 2 - math.log(2)
+    assert scorer.log_likelihood(merged) == pytest.approx((tasks + whole) / 2)
 
 
-def test_fidelity_ignores_a_per_task_shift_of_a_concatenated_head_as_the_joint_rule_does():
-    """A concatenated head decides jointly by each task's softmax: shifting one task's logits changes neither its
-    decisions nor the scores (a whole-head softmax would move both)."""
+def test_log_likelihood_sees_a_per_task_shift_that_the_per_task_agreement_does_not():
+    """Shifting one task's logits against the other's leaves every task's softmax, and so the per-task joint
+    decision and `scorer()`'s agreement, unchanged — but not the raw argmax a stock pipeline takes over the whole
+    head. The log-likelihood's whole-head term (one softmax over the merged head against one over the parents'
+    concatenated raw logits) scores that cross-head calibration, so the shifted head scores lower."""
     p_a, p_b = torch.tensor([0.6, 0.4], dtype=torch.float64), torch.tensor([0.1, 0.9], dtype=torch.float64)
     parents = [FixedLogits(p_a.log().tolist()), FixedLogits(p_b.log().tolist())]
     scorer = FidelityScorer(parents, _batches(), task_sizes=[2, 2])
     logits = torch.cat([p_a, p_b]).log()
     shifted = FixedLogits((logits + torch.tensor([9.0, 9.0, 0.0, 0.0], dtype=torch.float64)).tolist())
     same = FixedLogits(logits.tolist())
-    assert scorer.log_likelihood(shifted) == pytest.approx(scorer.log_likelihood(same))
+    ensemble = torch.cat([p_a, p_b]) / 2
+    whole_shifted = float((ensemble * torch.log_softmax(shifted.row, 0)).sum())
+    tasks = float(sum((p * p.log()).sum() for p in (p_a, p_b)) / 2)
+    assert scorer.log_likelihood(shifted) == pytest.approx((tasks + whole_shifted) / 2)
+    assert scorer.log_likelihood(shifted) < scorer.log_likelihood(same) - 1.0
     # The ensemble picks B's class 1 (0.9); the shifted head's raw argmax would pick A's class 0.
     assert scorer(shifted) == scorer(same) == 1.0
 
@@ -120,6 +129,19 @@ def test_gate_drops_a_refit_that_moves_the_merged_model_away_from_its_parents():
     assert torch.equal(kept.row, before)  # the unrefitted model, bit for bit
 
 
+def test_gate_drops_a_refit_that_keeps_each_tasks_softmax_but_shifts_one_head_against_the_other():
+    """The refit's head targets are centred per task; on text pairs that lost the cross-head calibration the raw
+    joint decision needs (docs/benchmarks/gate_joint.md). A refit that changes nothing but one task's offset
+    scores equal per task and lower on the whole head: dropped, the unrefitted model returned bit for bit."""
+    parents = [FixedLogits([2.0, 0.0]), FixedLogits([0.5, 1.5])]
+    merged = FixedLogits([2.0, 0.0, 0.5, 1.5])  # the parents' logits exactly
+    before = merged.row.detach().clone()
+    refit = CountingRefit([-1.0, -3.0, 0.5, 1.5])  # task A's logits 3 lower: each task's softmax unchanged
+    kept, _, decision = gated_refit(merged, parents, lambda: _batches(10), refit, task_sizes=[2, 2])
+    assert decision.kept is False and decision.score_refit < decision.score_none
+    assert torch.equal(kept.row, before)
+
+
 def test_gate_keeps_a_refit_that_brings_the_merged_model_closer_to_its_parents():
     parents = [FixedLogits([3.0, 0.0]), FixedLogits([0.0, 3.0])]
     merged = FixedLogits([0.0, 0.0, 0.0, 0.0])
@@ -128,7 +150,7 @@ def test_gate_keeps_a_refit_that_brings_the_merged_model_closer_to_its_parents()
     assert decision.kept is True and kept is merged
     assert kept.row.tolist() == [3.0, 0.0, 0.0, 3.0]
     assert decision.as_config() == {
-        "kept": True, "score": "parents' log-probability agreement (held out)",
+        "kept": True, "score": "parents' log-probability agreement, per task and whole head (held out)",
         "none": round(decision.score_none, 6), "refit": round(decision.score_refit, 6), "held_out_examples": 2}
 
 

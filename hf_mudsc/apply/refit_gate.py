@@ -3,7 +3,8 @@ examples, to be at least as faithful to the parents as the merge without it.
 
 The refit (`hf_mudsc.apply.refit`) is fitted on the calibration examples that are not held out (every
 `fidelity.HOLDOUT_EVERY`-th example is held out, `fidelity.holdout_split`); the merged model before and after it is
-scored on the held-out examples by the parents' log-probability agreement (`FidelityScorer.log_likelihood`). The
+scored on the held-out examples by the parents' log-probability agreement (`FidelityScorer.log_likelihood`: per
+task and, for a concatenated head, over the whole head as a stock pipeline reads it). The
 refitted model is kept when its score is >= the unrefitted one's, else the unrefitted model is returned. Both
 scores are recorded (`config.mudsc["refit_gate"]`, the card's refit row). Why a gate: the refit adds up to +44
 joint points across initializations of the toy ViTs but measured below the unrefitted merge on real MiniLM pairs
@@ -35,7 +36,8 @@ class GateDecision:
     held_out_examples: int
 
     def as_config(self) -> dict[str, Any]:
-        return {"kept": self.kept, "score": "parents' log-probability agreement (held out)",
+        return {"kept": self.kept,
+                "score": "parents' log-probability agreement, per task and whole head (held out)",
                 "none": None if self.score_none is None else round(self.score_none, 6),
                 "refit": None if self.score_refit is None else round(self.score_refit, 6),
                 "held_out_examples": self.held_out_examples}
