@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hf_mudsc.solve.matchers import Match
+from hf_mudsc.errors import MergeInputError, option_hint
+from hf_mudsc.solve.matchers import Match, attention_head_scores
 from hf_mudsc.spec import PermutationSpec
 
 
@@ -245,8 +246,6 @@ def stream_groups(spec: PermutationSpec) -> StreamGroups | None:
 def check_spend(spec: PermutationSpec, size: float, spend: str) -> None:
     """Refuse `size_spend="heads"` for an architecture without a declared stream, in one line, before calibration
     (merge() calls it as soon as the spec is known)."""
-    from hf_mudsc.errors import MergeInputError, option_hint
-
     if size != 1.0 and spend != "mlp" and spec.stream is None:
         raise MergeInputError(f"{option_hint('size_spend')} {spend!r} widens the residual stream, which only ViT "
                               f"supports so far, not {spec.family or 'this architecture'}; use size_spend='mlp' "
@@ -386,10 +385,9 @@ def widen_stream(spec: PermutationSpec, matches: Sequence[Match | None], plan: S
     of them, or the plan's `r`); with heads, in every attention block the `k` head pairs with the lowest summed head
     score over its tied groups (q/k and v: `attention_head_scores` at the final matches, the score that paired
     them) left unfused (`unfuse_heads`); then the MLP groups as `widen_matches` does."""
-    from hf_mudsc.solve.matchers import attention_head_scores
-
     stream = stream_groups(spec)
-    assert stream is not None and spec.stream is not None
+    if stream is None or spec.stream is None:
+        raise ValueError(f"the {spec.family or 'given'} architecture declares no widenable residual stream")
     heads = plan.extra.get(spec.stream.heads_key, 0)
     units = plan.extra.get(spec.stream.width_key, 0)
     widened = list(matches)
