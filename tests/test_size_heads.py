@@ -3,6 +3,7 @@ first (hidden_size and num_attention_heads grow together, head_dim kept), the re
 
 from __future__ import annotations
 
+import copy
 import math
 import subprocess
 import sys
@@ -313,6 +314,22 @@ def test_cli_refuses_a_bad_spend_in_one_line(tmp_path):
         assert not (tmp_path / "out").exists()
 
 
+def test_cli_refuses_stream_spend_conflicts_before_reading_any_parent(tmp_path):
+    """Three parents, or `heads` with `independent_heads`: refused by the method's option check before the
+    calibration data and the parents are opened (neither exists: opening them would fail with another message)."""
+    missing = [str(tmp_path / name) for name in ("a", "b", "c")]
+    for parents, flags, needle in (
+            (missing, ["--size-spend", "residual"], "size_spend= (CLI: --size-spend) 'residual' merges two parents"),
+            (missing[:2], ["--size-spend", "heads", "--independent-heads"],
+             "size_spend= (CLI: --size-spend) 'heads' unfuses head pairs")):
+        run = subprocess.run([sys.executable, "-m", "hf_mudsc", "merge", *parents, "--method", "mudsc", "--size",
+                              "1.5", *flags, "--calibration", str(tmp_path / "no-data"), "--output",
+                              str(tmp_path / "out")], capture_output=True, text=True)
+        lines = [line for line in run.stderr.splitlines() if line.strip()]
+        assert run.returncode == 1 and len(lines) == 1 and needle in lines[0], run.stderr
+        assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("spend", ["heads", "residual"])
 def test_the_dry_run_plans_what_the_merge_builds(spend):
     a, b = make_model("vit_cls", 1), make_model("vit_cls", 2)
@@ -426,3 +443,24 @@ def test_a_wider_vit_without_pooler_keeps_having_none(spend):
     assert merged.config.mudsc["size_budget"]["num_parameters"] == count(merged)
     with torch.no_grad():
         assert torch.isfinite(merged(**batches[0]).last_hidden_state).all()
+
+
+def test_a_residual_widened_merge_can_be_a_parent_again(vit_pair, tmp_path):
+    """A `size_spend="residual"` merge pins `head_dim` (its attention is narrower than its stream). Merged again —
+    with itself, and widened by heads — its attention groups are read at their real width (heads × head_dim), not
+    at hidden_size (this raised a SpecError before)."""
+    a, b, batches = vit_pair
+    wide = hf_mudsc.merge([a, b], batches, method="mudsc", size=1.5, size_spend="residual", progress=False)
+    assert (wide.config.hidden_size, wide.config.num_attention_heads, wide.config.head_dim) == (48, 4, 8)
+    again = hf_mudsc.merge([wide, copy.deepcopy(wide)], batches, method="mudsc", matcher="align", progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batches[0]).logits, wide(**batches[0]).logits, rtol=1e-5, atol=1e-5)
+    grown = hf_mudsc.merge([wide, copy.deepcopy(wide)], batches, method="mudsc", size=2.0, size_spend="heads",
+                           progress=False)
+    heads = grown.config.num_attention_heads
+    assert heads > 4 and grown.config.head_dim == 8 and grown.config.hidden_size == 48 + (heads - 4) * 8
+    folder = hf_mudsc.save_merged(grown, tmp_path / "grown")
+    loaded = AutoModelForImageClassification.from_pretrained(folder)
+    assert loaded.vit.layers[0].attention.q_proj.weight.shape == (heads * 8, grown.config.hidden_size)
+    with torch.no_grad():
+        assert torch.equal(loaded(**batches[0]).logits, grown(**batches[0]).logits)

@@ -130,9 +130,10 @@ class FidelityScorer:
         return sum(agreements) / len(agreements)
 
     def log_likelihood(self, merged: nn.Module) -> float:
-        """The parents' log-probability agreement of `merged` on the held-out examples (higher is better, <= 0):
-        the mean over parents of `Σ_c p_i(c) log q_i(c)` (p_i: parent i's softmax, q_i: the merged softmax over
-        parent i's slice of a concatenated head, or over the shared head). Continuous where argmax agreement ties
+        """The parents' log-probability agreement of `merged` on the held-out examples (higher is better, <= 0).
+        Per task: the mean over parents of `Σ_c p_i(c) log q_i(c)` (p_i: parent i's softmax, q_i: the merged
+        softmax over parent i's slice of a concatenated head, or over the shared head) — the whole score for a
+        shared head, half of it for a concatenated one (below). Continuous where argmax agreement ties
         (a few dozen held-out examples), and it scores what the refit aims at: the parents' predictions.
 
         A concatenated head is also used whole: a stock pipeline takes one softmax over all its labels (the raw

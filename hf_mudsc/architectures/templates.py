@@ -140,8 +140,12 @@ def encoder_groups(
     params: Collection[str],
     mask: str | None = None,
     config_prefix: str = "",
+    attention_width: int | None = None,
 ) -> tuple[list[Member], list[Group]]:
     """The residual stream's members and the per-layer block groups of one tower (`prefix` ends in '.' or is '').
+
+    `attention_width`: the q/k/v width when it differs from the stream's (`num_heads × head_dim` of a config that
+    pins `head_dim`, e.g. a `size_spend="residual"` merge); default `width`.
 
     `config_prefix`: where the tower's config sits in the model's config ('' or e.g. 'vision_config.'), so the
     MLP groups name the attribute that sets their width (`{config_prefix}intermediate_size`).
@@ -176,8 +180,8 @@ def encoder_groups(
         residual += out(down)
         if names.post_norm:
             residual += mlp_norm
-        blocks += attention_groups(f"{layer}.{names.attention}", query=q, key=k, value=v, output=o, width=width,
-                                   num_heads=num_heads, mask=mask, biases=params)
+        blocks += attention_groups(f"{layer}.{names.attention}", query=q, key=k, value=v, output=o,
+                                   width=attention_width or width, num_heads=num_heads, mask=mask, biases=params)
         blocks.append(mlp_group(layer, up=up, down=down, width=intermediate, mask=mask,
                                 width_key=f"{config_prefix}intermediate_size"))
     if table.final_norm is not None:

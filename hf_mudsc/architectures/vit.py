@@ -54,9 +54,11 @@ def vit_spec(model: nn.Module) -> PermutationSpec:
             f"{type(model).__name__} is not supported; use ViTModel or ViTForImageClassification"
         )
     width = config.hidden_size
+    head_dim = getattr(config, "head_dim", None)  # pinned by a size_spend="residual" merge (docs/design.md §4.12)
     residual, blocks = encoder_groups(VIT, prefix, num_layers=config.num_hidden_layers, width=width,
                                       num_heads=config.num_attention_heads, intermediate=config.intermediate_size,
-                                      params=params)
+                                      params=params,
+                                      attention_width=config.num_attention_heads * head_dim if head_dim else None)
     groups: list[Group] = []
     tail: list[Group] = []
     if has_classifier:

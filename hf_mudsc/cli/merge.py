@@ -158,8 +158,9 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
     calibration = None
     calibration_spec = recipe.calibration
     chosen = None if is_auto(recipe.method) else get_method(recipe.method)
-    if chosen is not None:  # a size budget the method cannot spend: refused before any weights are read
+    if chosen is not None:  # a size budget the method cannot spend, or options it refuses: before any data is read
         check_size(chosen, recipe.size)
+        chosen.check_options(recipe, len(recipe.models))
     # `auto` opens the calibration it is given: the method it chooses may read it.
     reads_data = recipe.calibration is not None if chosen is None else (
         chosen.needs_calibration or chosen.needs_data)

@@ -9,6 +9,11 @@ down projection) are halved by the parents' mean — so the block adds each kept
 parent's weight. With every unit kept (two parents, size 2.0 or enough budget) the MLP's output is the mean of
 the parents' MLP outputs on the same input. This is ZipIt's "partial zip" (arXiv:2305.03053 §5) applied to
 units instead of layers: the merged width grows from `k` to `k + e` and stays a stock class.
+
+`size_spend="heads"` / `"residual"` (ViT, two parents) spend the budget on the residual stream first: whole head
+pairs of every block left unfused with as many stream units (`hidden_size` and `num_attention_heads` grow
+together), or stream units alone (the config pins `head_dim`); the rest goes to MLP units as above
+(`plan_stream`, `widen_stream`; docs/benchmarks/size_residual.md).
 """
 
 from __future__ import annotations
@@ -234,12 +239,12 @@ def stream_groups(spec: PermutationSpec) -> StreamGroups | None:
     if spec.stream is None:
         return None
     residual = spec.group_index(spec.stream.group)
-    width = spec.groups[residual].width
-    attention = tuple(i for i, g in enumerate(spec.groups) if g.num_heads > 1 and g.width == width)
-    heads = {spec.groups[i].num_heads for i in attention}
-    if len(heads) != 1:
-        raise ValueError(f"attention groups of the stream have different head counts {sorted(heads)}")
-    num_heads = heads.pop()
+    # every attention group (a pinned head_dim makes them narrower than the stream: a size_spend="residual" merge)
+    attention = tuple(i for i, g in enumerate(spec.groups) if g.num_heads > 1)
+    shapes = {(spec.groups[i].num_heads, spec.groups[i].width) for i in attention}
+    if len(shapes) != 1:
+        raise ValueError(f"the stream's attention groups differ in (heads, width): {sorted(shapes)}")
+    num_heads, width = shapes.pop()
     return StreamGroups(residual=residual, attention=attention, num_heads=num_heads, head_dim=width // num_heads)
 
 
