@@ -91,6 +91,21 @@ def test_log_likelihood_sees_a_per_task_shift_that_the_per_task_agreement_does_n
     assert scorer(shifted) == scorer(same) == 1.0
 
 
+def test_log_likelihood_with_three_parents_of_unequal_heads_uses_one_softmax_over_all_their_logits():
+    rows = [[1.0, -1.0], [0.5, 2.0, -0.5], [3.0]]
+    parents = [FixedLogits(row) for row in rows]
+    scorer = FidelityScorer(parents, _batches(), task_sizes=[2, 3, 1])
+    merged_row = [0.0, 1.0, 2.0, 0.0, 1.0, -2.0]
+    tasks = []
+    for row, (lo, hi) in zip(rows, [(0, 2), (2, 5), (5, 6)]):
+        p = torch.tensor(row, dtype=torch.float64).softmax(0)
+        tasks.append(float((p * torch.tensor(merged_row[lo:hi], dtype=torch.float64).log_softmax(0)).sum()))
+    ensemble = torch.tensor(sum(rows, []), dtype=torch.float64).softmax(0)
+    whole = float((ensemble * torch.tensor(merged_row, dtype=torch.float64).log_softmax(0)).sum())
+    assert tasks[2] == 0.0  # a one-label task agrees whatever its logit
+    assert scorer.log_likelihood(FixedLogits(merged_row)) == pytest.approx((sum(tasks) / 3 + whole) / 2)
+
+
 def test_log_likelihood_with_one_shared_head_averages_the_parents_terms():
     parents = [FixedLogits([0.0, 0.0, 0.0]), FixedLogits([0.0, 0.0, 0.0])]
     scorer = FidelityScorer(parents, _batches(), task_sizes=None)
