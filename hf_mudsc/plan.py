@@ -402,17 +402,14 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     size_budget = None
     if method.supports_size:
         from hf_mudsc.apply.classifier import same_label_sets
-        from hf_mudsc.solve.widen import check_spend, plan_size, plan_stream
+        from hf_mudsc.solve.widen import check_spend, plan_budget
 
         # Shapes are all the count needs: the meta parameters stand in for the weights.
         concatenate = spec.classifier is not None and not same_label_sets([parent.config for parent in located])
         metas = [dict(model.named_parameters()) for model in models_meta]
         check_spend(spec, options.size, options.size_spend)
-        if options.size != 1.0 and options.size_spend != "mlp":
-            size_budget = plan_stream(spec, metas, options.size, options.size_spend,
-                                      concatenate_classifier=concatenate).as_config()
-        else:
-            size_budget = plan_size(spec, metas, options.size, concatenate_classifier=concatenate).as_config()
+        size_budget = plan_budget(spec, metas, options.size, options.size_spend,
+                                  concatenate_classifier=concatenate).as_config()
     method_label = (f"auto (chosen at merge time from the parents' weights; estimated as {method.name})"
                     if automatic else method.name)
     plan = MergePlan(parents=parents, relation=relation, method=method_label,

@@ -84,7 +84,7 @@ class Classifier:
 class Stream:
     """The config attributes of a residual stream a size budget may widen (docs/design.md §4.12): by whole attention
     heads (`size_spend="heads"`: the stock class derives `head_dim = width / heads`, so the stream — the group named
-    `group` — and every attention group (`num_heads > 1`, as wide as the stream) grow together by `k · head_dim`
+    `group` — and every attention group (`num_heads > 1`) grow together by `k · head_dim`
     units and the config gains `k` heads), or alone (`"residual"`: the config pins `head_dim_key`)."""
 
     width_key: str = "hidden_size"

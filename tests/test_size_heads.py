@@ -21,13 +21,7 @@ from hf_mudsc.solve.maps import GroupMaps
 from hf_mudsc.solve.matchers import Match, attention_head_scores
 from hf_mudsc.solve.widen import parameter_count, plan_stream, unfuse_heads, weakest_head_pairs
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: OpenMP start-up dominates on a busy 2-core machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: OpenMP start-up dominates on 2 busy cores
 
 
 @pytest.fixture(scope="module")

@@ -66,8 +66,7 @@ def widened_config(config: PretrainedConfig, spec: PermutationSpec,
     for group in spec.groups:
         if group.width_key is None:
             continue
-        member = group.members[0]
-        width = int(params[member.param].shape[member.axis])
+        width = _width(group, params)
         *path, attribute = group.width_key.split(".")
         holder = config
         for name in path:
@@ -90,5 +89,6 @@ def widened_config(config: PretrainedConfig, spec: PermutationSpec,
 
 
 def _width(group: Group, params: Mapping[str, torch.Tensor]) -> int:
+    """The group's width in `params` (its first member's unit axis)."""
     member = group.members[0]
     return int(params[member.param].shape[member.axis])

@@ -129,22 +129,14 @@ class UnitMatchingMethod(MergeMethod):
         solver = Solver(context.solve_spec, parents[0], parents[1], context.correlations, options, **more)
         result = solver.solve(progress=context.progress)
         matches = list(result.matches)
-        if given.size != 1.0 and given.size_spend != "mlp":  # the stream (and whole heads) first (§4.12)
-            from hf_mudsc.solve.widen import plan_stream, widen_stream
+        if given.size != 1.0:  # the size budget (docs/design.md §4.12): MLP units, or the stream first, unfused
+            from hf_mudsc.solve.widen import plan_budget, widen_budget
 
-            plan = plan_stream(context.spec, context.parents, given.size, given.size_spend,
+            plan = plan_budget(context.spec, context.parents, given.size, given.size_spend,
                                concatenate_classifier=context.concatenate_classifier)
-            matches = widen_stream(context.solve_spec, matches, plan,
+            matches = widen_budget(context.solve_spec, matches, plan,
                                    lambda index: solver.similarity_of(index, result.matches),
-                                   normalizer_eps=options.normalizer_eps)
-        elif given.size != 1.0:  # the size budget (docs/design.md §4.12): MLP units left unfused
-            from hf_mudsc.solve.widen import plan_size, widen_matches
-
-            plan = plan_size(context.spec, context.parents, given.size,
-                             concatenate_classifier=context.concatenate_classifier)
-            matches = widen_matches(context.solve_spec, matches, plan,
-                                    lambda index: solver.similarity_of(index, result.matches),
-                                    num_models=len(context.parents), normalizer_eps=options.normalizer_eps)
+                                   num_models=len(context.parents), normalizer_eps=options.normalizer_eps)
         weights = list(given.weights) if given.weights is not None else [1.0] * len(parents)
         if len(parents) == 2 and not _weighted(weights):
             parameters = apply_matches(context.spec, parents[0], parents[1], matches,

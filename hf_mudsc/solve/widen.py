@@ -418,7 +418,26 @@ def widen_stream(spec: PermutationSpec, matches: Sequence[Match | None], plan: S
             for i, found_head in zip(members, tied, strict=True):
                 widened[i] = unfuse_heads(found_head, chosen, stream.num_heads,  # type: ignore[arg-type]
                                           normalizer_eps=normalizer_eps)
-    mlp = SizePlan(size=plan.size, parent_parameters=plan.parent_parameters, base_parameters=plan.base_parameters,
-                   extra={k: v for k, v in plan.extra.items() if k in widenable_groups(spec)},
-                   widths=plan.widths, num_parameters=plan.num_parameters)
-    return widen_matches(spec, widened, mlp, similarity_of, normalizer_eps=normalizer_eps)
+    # widen_matches reads only the MLP width keys of the plan (the stream's keys name no widenable group)
+    return widen_matches(spec, widened, plan, similarity_of, normalizer_eps=normalizer_eps)
+
+
+def plan_budget(spec: PermutationSpec, parents: Sequence[Mapping[str, torch.Tensor]], size: float, spend: str, *,
+                concatenate_classifier: bool = False) -> SizePlan:
+    """The plan a merge with `size` and `size_spend=spend` carries out: the stream first (`plan_stream`) for
+    "heads"/"residual" with a budget, else MLP units only (`plan_size`; `size=1.0` adds nothing)."""
+    if size != 1.0 and spend != "mlp":
+        return plan_stream(spec, parents, size, spend, concatenate_classifier=concatenate_classifier)
+    return plan_size(spec, parents, size, concatenate_classifier=concatenate_classifier)
+
+
+def widen_budget(spec: PermutationSpec, matches: Sequence[Match | None], plan: SizePlan,
+                 similarity_of: Callable[[int], torch.Tensor], *, num_models: int = 2,
+                 normalizer_eps: float = 0.0) -> list[Match | None]:
+    """`matches` widened as `plan` (from `plan_budget`) says: the stream and heads first when it grows them
+    (`widen_stream`), the MLP units in any case (`widen_matches`)."""
+    stream = spec.stream
+    if stream is not None and (plan.extra.get(stream.width_key) or plan.extra.get(stream.heads_key)):
+        return widen_stream(spec, matches, plan, similarity_of, normalizer_eps=normalizer_eps)
+    return widen_matches(spec, matches, plan, similarity_of, num_models=num_models, normalizer_eps=normalizer_eps)
+
