@@ -324,6 +324,25 @@ def test_cli_refuses_stream_spend_conflicts_before_reading_any_parent(tmp_path):
         assert not (tmp_path / "out").exists()
 
 
+def test_cli_refuses_a_stream_spend_for_bert_before_opening_the_calibration_data(tmp_path):
+    """The "ViT only" refusal reads the first parent's config: the CLI locates the parents (configs, no weights)
+    before it pins or opens the calibration data. The data does not exist: opening it would fail with another
+    message, and a Hub dataset would have been resolved for nothing."""
+    parents = []
+    for seed in (0, 1):
+        folder = tmp_path / f"bert-{seed}"
+        make_model("bert_cls", seed).save_pretrained(folder)
+        parents.append(str(folder))
+    for spend in ("heads", "residual"):
+        run = subprocess.run([sys.executable, "-m", "hf_mudsc", "merge", *parents, "--method", "mudsc", "--size",
+                              "1.5", "--size-spend", spend, "--calibration", str(tmp_path / "no-data"),
+                              "--output", str(tmp_path / "out")], capture_output=True, text=True)
+        lines = [line for line in run.stderr.splitlines() if line.strip()]
+        assert run.returncode == 1 and len(lines) == 1, run.stderr
+        assert f"size_spend= (CLI: --size-spend) '{spend}' widens the residual stream, which only ViT" in lines[0]
+        assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("spend", ["heads", "residual"])
 def test_the_dry_run_plans_what_the_merge_builds(spend):
     a, b = make_model("vit_cls", 1), make_model("vit_cls", 2)

@@ -2,7 +2,8 @@
 
 Order of work, so that bad input fails fast and a failure leaves nothing behind:
 recipe + flags checked -> output folder / Hub repo refused if they exist (without --overwrite) ->
-parents loaded (revisions resolved) -> calibration -> merge -> (rank 0 only) model, processor, card and
+parents located and their configs checked (revisions resolved) -> calibration opened -> parents' weights
+loaded -> merge -> (rank 0 only) model, processor, card and
 recipe written to a hidden temporary sibling folder (`hf_mudsc.publish`, the writer the API shares) ->
 pushed in one commit (if asked) -> the temporary folder renamed into place (`hf_mudsc.output`). Any error
 or interrupt before the push deletes the temporary folder; a failed push keeps the written model and says
@@ -155,8 +156,6 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
     from hf_mudsc.methods.auto import is_auto
     from hf_mudsc.methods.registry import check_size, get_method
 
-    calibration = None
-    calibration_spec = recipe.calibration
     chosen = None if is_auto(recipe.method) else get_method(recipe.method)
     if chosen is not None:  # a size budget the method cannot spend, or options it refuses: before any data is read
         check_size(chosen, recipe.size)
@@ -164,17 +163,24 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
     # `auto` opens the calibration it is given: the method it chooses may read it.
     reads_data = recipe.calibration is not None if chosen is None else (
         chosen.needs_calibration or chosen.needs_data)
-    if reads_data or recipe.refit in REFITTING or (recipe.refit == "auto" and recipe.calibration is not None):
+    opened: dict[str, Any] = {}
+
+    def open_calibration() -> None:
         # A Hub dataset is pinned to its commit (recorded in the recipe) and loaded at that commit; opened (not
-        # read) first: a spec that does not exist fails before any weights are downloaded.
-        calibration_spec = pin_calibration_revision(recipe.calibration, token=token)
-        calibration = load_calibration_dataset(calibration_spec, token=token)
+        # read) once the parents' configurations passed their checks and before their weights are read: a
+        # refusal from a config comes first, a spec that does not exist fails before any weights are downloaded.
+        opened["spec"] = pin_calibration_revision(recipe.calibration, token=token)
+        opened["data"] = load_calibration_dataset(opened["spec"], token=token)
+
     from hf_mudsc.pipeline import check_size_spend
 
     parents, base, _ = load_parents_and_base(
         recipe.models, recipe.base, token=token, allow_pickle=recipe.allow_pickle,
         base_needed_for=recipe.method if chosen is not None and chosen.needs_base_model else None,
-        check_config=lambda config: check_size_spend(config, recipe))
+        check_config=lambda config: check_size_spend(config, recipe),
+        before_weights=open_calibration if reads_data or recipe.refit in REFITTING or (
+            recipe.refit == "auto" and recipe.calibration is not None) else None)
+    calibration, calibration_spec = opened.get("data"), opened.get("spec", recipe.calibration)
     import hf_mudsc
 
     merged = hf_mudsc.merge(parents, calibration, **{**recipe.keywords(), "base": base}, token=token,
