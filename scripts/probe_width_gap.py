@@ -8,9 +8,14 @@ Two measurements on the quality benchmark's different-init pairs (`common.differ
   reach at best.
 * ``refit``: mudsc zip + ridge refit with each variant (sample count, head target, ridge λ); per task and joint
   test accuracy next to the ensemble's. Head targets other than the library's are swapped in for the probe only.
+* ``features``: where the refitted merge loses per-task accuracy — its body or its head. An oracle linear head
+  (ridge least squares on one-hot LABELS of each task's training images, λ 1e-3 of the mean feature energy) on the
+  final CLS features of each parent and of the default merge (size 1, and size 1.5 `size_spend="heads"`), per task
+  on the test images, next to the models' own heads. Oracle ≈ own head: the features, not the head, are the limit.
 
     python scripts/probe_width_gap.py rules --widths 64 128 256 --splits 5
     python scripts/probe_width_gap.py refit --widths 128 256 --splits 3 --variants s128_c auto_c all_c auto_raw
+    python scripts/probe_width_gap.py features --widths 128 256 --splits 5
 
 Prints one JSON line per pair. One torch thread.
 """
@@ -116,9 +121,54 @@ def refit(width: int, split: int, classes: common.Classes, variants: Sequence[st
     return {"refit_examples": resolved, **scores}
 
 
+# The merges `features` reads (merge() options): the default at size 1 and at size 1.5 spent on heads.
+FEATURE_MERGES: dict[str, dict[str, Any]] = {"default": {}, "heads 1.5": {"size": 1.5, "size_spend": "heads"}}
+
+
+def cls_features(model: Any, images: torch.Tensor) -> torch.Tensor:
+    """The final CLS features the classifier reads (after the last LayerNorm), float64."""
+    with torch.no_grad():
+        return model.vit(pixel_values=images).last_hidden_state[:, 0].double()
+
+
+def oracle_accuracy(model: Any, task: Any) -> float:
+    """Test accuracy (%) of a ridge least-squares head fitted on `task`'s labelled training images' features."""
+    def design(images: torch.Tensor) -> torch.Tensor:
+        features = cls_features(model, images)
+        return torch.cat([features, torch.ones(len(features), 1, dtype=features.dtype)], dim=1)
+
+    inputs = design(task.train_pixel_values)
+    gram = inputs.T @ inputs
+    ridge = 1e-3 * gram.diagonal().mean()
+    targets = torch.nn.functional.one_hot(task.train_labels, len(task.classes)).double()
+    weight = torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype), inputs.T @ targets)
+    predicted = (design(task.test_pixel_values) @ weight).argmax(dim=1)
+    return round(100 * float((predicted == task.test_labels).double().mean()), 1)
+
+
+def features(width: int, split: int, classes: common.Classes) -> dict[str, Any]:
+    import hf_mudsc
+
+    model_a, model_b, splits, calibration = common.different_init_pair(common.pair_settings(), width, split, classes)
+    row: dict[str, Any] = {}
+    for name, parent, task in (("parent A", model_a, splits.task_a), ("parent B", model_b, splits.task_b)):
+        own = logits(parent, task.test_pixel_values).argmax(dim=1)
+        row[name] = {"oracle": oracle_accuracy(parent, task),
+                     "head": round(100 * float((own == task.test_labels).double().mean()), 1)}
+    for name, options in FEATURE_MERGES.items():
+        merged = hf_mudsc.merge([model_a, model_b], calibration, batch_size=64, progress=False, **options)
+        offset = 0
+        for letter, task in (("A", splits.task_a), ("B", splits.task_b)):
+            slice_ = logits(merged, task.test_pixel_values)[:, offset:offset + len(task.classes)]
+            row[f"{name} {letter}"] = {"oracle": oracle_accuracy(merged, task), "head": round(
+                100 * float((slice_.argmax(dim=1) == task.test_labels).double().mean()), 1)}
+            offset += len(task.classes)
+    return row
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["rules", "refit"])
+    parser.add_argument("what", choices=["rules", "refit", "features"])
     parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--splits", type=int, default=3, help="class splits 0..N-1 (the benchmark's)")
     parser.add_argument("--variants", nargs="+", default=["s128_c", "auto_c", "all_c", "auto_raw"],
@@ -128,8 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     classes = common.random_class_splits(args.splits)
     for width in args.widths:
         for split in range(args.splits):
-            row = (rules(width, split, classes[split]) if args.what == "rules"
-                   else refit(width, split, classes[split], args.variants))
+            if args.what == "refit":
+                row = refit(width, split, classes[split], args.variants)
+            else:
+                row = (rules if args.what == "rules" else features)(width, split, classes[split])
             print(json.dumps({"width": width, "split": split, **row}), flush=True)
     return 0
 
