@@ -807,6 +807,7 @@ def plot_task_bars(ax: Any, bars: list[tuple[str, dict[str, Any]]]) -> None:
 # ------------------------------------------------------------------------------------------------- main
 # ------------------------------------------------------------------------------------------ size budget
 SIZE_REFITS = ("none", "auto")  # the paper's merge and the default (the gated refit)
+SIZE_SPENDS = ("mlp", "heads", "residual")  # merge()'s size_spend values, the default first
 
 
 def forward_flops(model: Any, batch: dict[str, torch.Tensor]) -> int:
@@ -899,42 +900,64 @@ def size_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def size_spend_of(label: str) -> str:
+    """The `size_spend` of a size-budget row label (`mlp` rows keep their earlier, unnamed labels)."""
+    return next((spend for spend in SIZE_SPENDS[1:] if f" {spend} " in label), "mlp")
+
+
 def size_plot(result: dict[str, Any], path: Path) -> None:
-    """Joint accuracy against parameters (× one parent), one line per width and refit, the ensemble dashed."""
+    """Joint accuracy against parameters (× one parent), one panel per width: a line per spend and refit (each
+    through size 1, the same merge for every spend), the ensemble (2.0×) dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for index, (width, table) in enumerate(result["summary"].items()):
-        color = f"C{index}"
-        for (refit, spend), style in zip([(r, sp) for sp in ("mlp", "heads", "residual") for r in SIZE_REFITS],
-                                         ("-o", "-s", ":o", ":s", "--o", "--s")):
-            # The mlp line: every size's mlp row; another spend's: size 1 (the same merge) and its own rows.
-            rows = [row for label, row in table.items() if label.endswith(f"refit {refit}")
-                    and (f" {spend} " in label or label.startswith("size 1 ")
-                         or (spend == "mlp" and not any(f" {sp} " in label for sp in ("heads", "residual"))))]
-            if len(rows) < 2 and spend != "mlp":
-                continue
-            rows.sort(key=lambda row: row["parameter_ratio"]["mean"])
-            xs = [row["parameter_ratio"]["mean"] for row in rows]
-            ys = [row["joint"]["mean"] for row in rows]
-            errors = [row["joint"]["std"] for row in rows]
-            ax.errorbar(xs, ys, yerr=errors, fmt=style, color=color, alpha=1.0 if refit != "none" else 0.55,
-                        capsize=3, label=f"h{width} mudsc, refit {refit}, spend {spend}")
-        ensemble = table["ensemble"]["joint"]["mean"]
-        ax.axhline(ensemble, color=color, linestyle="--", linewidth=1.2, label=f"h{width} ensemble (2.0× params)")
-        ax.plot([2.0], [ensemble], marker="*", markersize=12, color=color)
-    ax.set_xlabel("parameters (× one parent)")
-    ax.set_ylabel("joint accuracy (10 digits)")
-    ax.set_title("Size budget: unfused units, different-init digit ViTs")
-    ax.set_xlim(0.95, 2.05)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    summary = result["summary"]
+    fig, axes = plt.subplots(1, len(summary), figsize=(4.6 * len(summary), 4.4), squeeze=False)
+    for ax, (width, table) in zip(axes[0], summary.items()):
+        for color, spend in zip(("C0", "C1", "C2"), SIZE_SPENDS):
+            for refit in SIZE_REFITS:
+                rows = [row for label, row in table.items() if label.startswith("size ")
+                        and label.endswith(f"refit {refit}")
+                        and (size_spend_of(label) == spend or label.startswith("size 1 "))]
+                if len(rows) < 2:
+                    continue
+                rows.sort(key=lambda row: row["parameter_ratio"]["mean"])
+                ax.errorbar([r["parameter_ratio"]["mean"] for r in rows], [100 * r["joint"]["mean"] for r in rows],
+                            yerr=[100 * r["joint"]["std"] for r in rows], fmt="-o" if refit != "none" else ":s",
+                            color=color, alpha=1.0 if refit != "none" else 0.5, capsize=3,
+                            label=f"{spend}, refit {refit}")
+        ensemble = 100 * table["ensemble"]["joint"]["mean"]
+        ax.axhline(ensemble, color="k", linestyle="--", linewidth=1.2, label="ensemble (2.0× params)")
+        ax.plot([2.0], [ensemble], marker="*", markersize=12, color="k")
+        ax.set_title(f"hidden {width} ({table['ensemble']['joint']['n']} pairs)")
+        ax.set_xlabel("parameters (× one parent)")
+        ax.set_xlim(0.95, 2.05)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("joint accuracy, 10 digits (%)")
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.suptitle("Size budget: different-init digit ViTs, mean ± std over pairs")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def joined_size_records(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """`--join-sizes`: one record per (width, split) with the rows of every run. The pair cache makes runs on the
+    same splits the same models, so a row two runs measured must agree; if not, the runs were on other pairs."""
+    joined: dict[tuple[int, int], dict[str, Any]] = {}
+    for path in paths:
+        for record in json.loads(path.read_text(encoding="utf-8"))["records"]:
+            key = (record["width"], record["split"])
+            entry = joined.setdefault(key, {**record, "rows": {}})
+            for label, row in record["rows"].items():
+                known = entry["rows"].get(label)
+                if known is not None and not math.isclose(known["joint"], row["joint"], abs_tol=1e-9):
+                    raise SystemExit(f"{path}: '{label}' at hidden {key[0]} split {key[1]} is {row['joint']} here and "
+                                     f"{known['joint']} in an earlier file: the runs were not on the same pairs")
+                entry["rows"][label] = row
+    return [joined[key] for key in sorted(joined)]
 
 
 def run_sizes(args: argparse.Namespace) -> dict[str, Any]:
@@ -942,13 +965,18 @@ def run_sizes(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     command = "python scripts/benchmark_quality.py " + " ".join(args.argv)
-    result: dict[str, Any] = {"command": command.strip(), "sizes": list(args.sizes), "refits": list(SIZE_REFITS),
+    result: dict[str, Any] = {"command": command.strip(), "sizes": list(args.sizes or []), "refits": list(SIZE_REFITS),
                               "machine": {"platform": platform.platform(), "threads": args.threads,
                                           "torch": torch.__version__, "hf_mudsc": hf_mudsc.__version__},
                               "records": [], "summary": {}}
-    splits = random_class_splits(args.splits)
+    if args.join_sizes:
+        result["records"] = joined_size_records([Path(path) for path in args.join_sizes])
+        result["sizes"] = sorted({row["size"] for record in result["records"] for row in record["rows"].values()
+                                  if "size" in row})
+        result["summary"] = summarise_sizes(result["records"])
+    splits = [] if args.join_sizes else random_class_splits(args.splits)
     start_all = time.perf_counter()
-    for width in args.widths:
+    for width in [] if args.join_sizes else args.widths:
         for index in range(len(splits)):
             log(f"size budget: hidden {width}, split {index} {splits[index]}")
             start = time.perf_counter()
@@ -1006,8 +1034,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "refit='none' and the default refit='auto', on the different-init pairs of --widths x --splits; writes "
         "size_budget.json/.md/.png",
     )
-    parser.add_argument("--size-spends", nargs="+", default=["mlp"], choices=["mlp", "heads", "residual"],
+    parser.add_argument("--size-spends", nargs="+", default=["mlp"], choices=SIZE_SPENDS,
                         help="with --sizes: where each size > 1 spends its budget (merge's size_spend); one row each")
+    parser.add_argument("--join-sizes", nargs="+", default=None, metavar="JSON", type=Path,
+                        help="instead of merging: join the records of these size_budget.json runs (same pairs, "
+                        "e.g. one per spend or width) and write size_budget.json/.md/.png to --out-dir")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest)")
     parser.add_argument("--cache-dir", default=PAIR_DEFAULTS["cache_dir"])
     parser.add_argument("--out-dir", default="bench_results/quality")
@@ -1042,7 +1073,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # MiniLM's load reports (a new classifier, dropped layers) are expected: keep the log readable.
     transformers.logging.set_verbosity_error()
     set_threads(args.threads)
-    if args.sizes:
+    if args.sizes or args.join_sizes:
         return run_sizes(args)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -140,6 +140,45 @@ def test_benchmark_quality_methods_keeps_the_named_rows_in_table_order_and_refus
     assert "invalid choice: 'nonsense'" in refused.stderr
 
 
+def test_join_sizes_merges_runs_on_the_same_pairs_and_refuses_runs_on_other_pairs(tmp_path):
+    """`benchmark_quality.py --join-sizes` (no merging): rows of several size-budget runs on the same (width,
+    split) are joined into one record; the summary and the plot read every spend; a row two runs measured
+    differently stops the join with the row and pair named."""
+    def run(rows: dict) -> dict:
+        return {"records": [{"scenario": "size_budget", "width": 8, "split": 0, "rows": rows}]}
+
+    def row(joint: float, size: float, ratio: float, spend: str = "mlp") -> dict:
+        return {"joint": joint, "task_a": 0.9, "task_b": 0.9, "size": size, "refit": "auto", "spend": spend,
+                "parameter_ratio": ratio, "flops_ratio": ratio}
+
+    ensemble = {"joint": 0.8, "task_a": 0.9, "task_b": 0.9}
+    first = run({"ensemble": ensemble, "size 1 refit auto": row(0.7, 1, 1.0),
+                 "size 1.5 refit auto": row(0.72, 1.5, 1.5)})
+    second = run({"ensemble": ensemble, "size 1 refit auto": row(0.7, 1, 1.0),
+                  "size 1.5 heads refit auto": row(0.75, 1.5, 1.5, "heads")})
+    other = run({"ensemble": {**ensemble, "joint": 0.6}})
+    for name, result in (("a", first), ("b", second), ("c", other)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(result))
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(SCRIPTS / "benchmark_quality.py"), "--join-sizes",
+                           str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out-dir", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    joined = json.loads((out / "size_budget.json").read_text())
+    assert [sorted(r["rows"]) for r in joined["records"]] == [
+        ["ensemble", "size 1 refit auto", "size 1.5 heads refit auto", "size 1.5 refit auto"]]
+    assert joined["sizes"] == [1, 1.5]
+    assert joined["summary"]["8"]["size 1.5 heads refit auto"]["joint"]["mean"] == 0.75
+    assert (out / "size_budget.png").stat().st_size > 0 and "size 1.5 heads refit auto" in (
+        out / "size_budget.md").read_text()
+    refused = subprocess.run([sys.executable, str(SCRIPTS / "benchmark_quality.py"), "--join-sizes",
+                              str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--out-dir", str(tmp_path / "x")],
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert refused.returncode == 1
+    assert "'ensemble' at hidden 8 split 0 is 0.6 here and 0.8 in an earlier file" in refused.stderr
+    assert not (tmp_path / "x" / "size_budget.json").exists()
+
+
 def test_joint_rules_scores_both_rules_and_summarises_the_gap(monkeypatch):
     """`scripts/joint_rules.py`: raw = argmax over the concatenation, per_task = each slice's softmax first."""
     monkeypatch.syspath_prepend(str(SCRIPTS))
