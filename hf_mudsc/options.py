@@ -192,7 +192,8 @@ def _method_help() -> str:
     from hf_mudsc.methods.registry import METHODS
 
     return ("merge method: auto = chosen from how the parents relate (different inits -> mudsc; fine-tunes of one base "
-            "-> ties with --base, else linear); " + "; ".join(f"{m.name} = {m.pretty_name}" for m in METHODS.values()))
+            "-> regmean with --calibration, else ties with --base, else linear); "
+            + "; ".join(f"{m.name} = {m.pretty_name}" for m in METHODS.values()))
 
 
 # ------------------------------------------------------------------------------------- range checks, one per option

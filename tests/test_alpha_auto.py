@@ -193,3 +193,18 @@ def test_auto_alpha_is_refused_with_reference_compat_and_parsed_from_the_command
     assert build_recipe(args).alpha == "auto"
     args = build_parser().parse_args(["merge", "a", "b", "--calibration", "c", "-o", "o", "--alpha", "0.3"])
     assert build_recipe(args).alpha == 0.3
+
+
+def test_the_readme_alpha_auto_example_runs_and_prints_the_curve(capsys):
+    """The README's `alpha="auto"` example as written (it crashed when `auto` merged its tiny parents by regmean)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    [block] = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+               if b.startswith("# readme-test: alpha-auto")]
+    exec(compile(block, "README.md (alpha auto example)", "exec"), {"__name__": "readme_alpha_auto"})
+    alpha, curve = capsys.readouterr().out.strip().split(" ", 1)
+    fidelity = [float(value) for value in curve.strip("[]").split(",")]
+    assert len(fidelity) == len(ALPHA_GRID) and all(0 <= value <= 1 for value in fidelity)
+    assert float(alpha) == choose_alpha(dict(zip(ALPHA_GRID, fidelity)))

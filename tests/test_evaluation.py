@@ -31,7 +31,7 @@ from hf_mudsc.evaluate.harness import evaluate_merge
 from hf_mudsc.evaluate.metrics import F1, Accuracy, compute_metric, load_metric
 from hf_mudsc.evaluate.results import EvaluationResult
 from hf_mudsc.evaluate.tasks import tasks_from_dataset
-from hf_mudsc.publish.recipe import RECIPE_FILENAME
+from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -624,6 +624,18 @@ def test_demo_end_to_end_writes_model_card_recipe_and_prints_the_table(tmp_path,
     )
     for view in ("digits-0-4", "digits-5-9", "joint"):
         assert again.score("merged", view) == pytest.approx(result.score("mudsc (zip) + refit", view))
+
+    # The recipe records the refit that ran (resolved, as `hf-mudsc merge` records it), and the command the demo
+    # prints re-runs the exact merge: it pins the demo's one torch thread (float sums depend on the thread count).
+    assert Recipe.load(out / RECIPE_FILENAME).refit == model.config.mudsc["refit"] == "gate"
+    assert f"`OMP_NUM_THREADS=1 hf-mudsc merge --recipe {out.name}/{RECIPE_FILENAME} --output merged`" in printed
+    torch.set_num_threads(1)  # what OMP_NUM_THREADS=1 sets in a fresh process
+    try:
+        assert main(["merge", "--recipe", str(out / RECIPE_FILENAME), "--output", str(tmp_path / "rebuilt")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rebuilt = (tmp_path / "rebuilt" / "model.safetensors").read_bytes()
+    assert rebuilt == (out / "model.safetensors").read_bytes()
 
     # A second run: refused without --overwrite; with it, parents come from the cache (no training).
     assert main(argv) == 1

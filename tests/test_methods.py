@@ -168,6 +168,20 @@ def test_cli_choices_and_demo_list_follow_the_registry(temporary_method):
     assert demo_methods()[-1] == ("first_parent", {"method": "first_parent"})
 
 
+def test_the_method_help_states_the_auto_rule_it_runs():
+    """`hf-mudsc merge --help` says what `auto` picks for fine-tunes of one base: regmean given data (the table in
+    hf_mudsc.methods.auto), else ties with a base, else linear — the help had lost the data case."""
+    from dataclasses import fields
+
+    from hf_mudsc.methods.auto import CHOICES, WITH_DATA
+    from hf_mudsc.options import MergeOptions
+
+    text = next(f for f in fields(MergeOptions) if f.name == "method").metadata["help"]()
+    assert (WITH_DATA["shared base"][0], CHOICES[("shared base", True)][0], CHOICES[("shared base", False)][0]) == (
+        "regmean", "ties", "linear")
+    assert "fine-tunes of one base -> regmean with --calibration, else ties with --base, else linear" in text
+
+
 def test_registry_refuses_bad_registrations(temporary_method):
     with pytest.raises(ValueError, match="merge method 'mudsc' is already registered"):
         register_method(FirstParent(name="mudsc", pretty_name="", paper=None, description=""))

@@ -210,8 +210,10 @@ def _run(args: argparse.Namespace, output: Path) -> int:
 
     best_label = labels[0]
     model = merged[best_label]
+    # The recipe records what ran, as `hf-mudsc merge` writes it: the run's options, the refit resolved.
+    written = recipe.override(**runs[0][1], refit=model.merge_report.recipe["refit"])
     with staged_output(output, overwrite=args.overwrite) as staging:
-        write_merged_folder(staging, model, recipe=recipe, parents=parents, processor=parents[0].processor,
+        write_merged_folder(staging, model, recipe=written, parents=parents, processor=parents[0].processor,
                             eval_results=result.card_rows(best_label), model_name=output.name, evaluation=result)
         result.save(staging / RESULTS_FILENAME)
     plots = sorted(path.name for path in (output / PLOTS_FOLDER).glob("*.png"))
@@ -220,6 +222,7 @@ def _run(args: argparse.Namespace, output: Path) -> int:
           f"Its diagnostic plots are in {output / PLOTS_FOLDER}/ ({', '.join(plots)}); the card links them and "
           f"`hf-mudsc inspect {output.name}` summarises the merge.\n"
           "Load it with "
-          "transformers.AutoModelForImageClassification.from_pretrained; re-run the merge with "
-          f"`hf-mudsc merge --recipe {output.name}/{RECIPE_FILENAME} --output merged`.")
+          "transformers.AutoModelForImageClassification.from_pretrained; re-run the merge (bit for bit: float sums "
+          f"depend on the thread count, and the demo used {args.threads}) with\n"
+          f"`OMP_NUM_THREADS={args.threads} hf-mudsc merge --recipe {output.name}/{RECIPE_FILENAME} --output merged`.")
     return 0
