@@ -69,13 +69,21 @@ def calibration_size_warning(rows: Mapping[str, int], widths: Mapping[str, int],
             "or a larger calibration split)")
 
 
-def relation_warning(relation: str, method: Any) -> str | None:
-    """Warn when the parents' relation makes the method a poor fit; `method` is a registry `MergeMethod`."""
+def relation_warning(relation: str, method: Any, refitting: bool = False) -> str | None:
+    """Warn when the parents' relation makes the method a poor fit; `method` is a registry `MergeMethod`,
+    `refitting`: a refit follows the merge (the resolved `refit` is ridge or gate), which rebuilds a merge by position
+    from the data — then a collapse is not what the user gets (docs/design.md §4.9)."""
     if relation == "same model":
         return "the parents are the same model: the merge gives back that model"
     if relation in UNALIGNED_RELATIONS and not method.matches_units:
-        return (f"method {method.name!r} fuses units by position, but the parents are {relation} models whose "
-                "units do not correspond: the merge will likely collapse; use a unit-matching method such as "
+        start = (f"method {method.name!r} fuses units by position, but the parents are {relation} models whose "
+                 "units do not correspond: ")
+        if refitting:
+            return (start + "alone that merge collapses; the refit that follows rebuilds every linear layer from "
+                    "the calibration data (kept only if it agrees better with the parents on held-out samples), "
+                    f"while a unit-matching method such as 'mudsc' starts from corresponding units "
+                    f"({option_hint('method')})")
+        return (start + "the merge will likely collapse; use a unit-matching method such as "
                 f"'mudsc' ({option_hint('method')})")
     if relation in ALIGNED_RELATIONS and method.matches_units:
         return (f"the parents are fine-tunes of one base, whose units already correspond: {method.name!r} can only "
@@ -85,10 +93,12 @@ def relation_warning(relation: str, method: Any) -> str | None:
 
 
 def merge_warnings(*, relation: str | None, method: Any, group_names: Sequence[str], group_values: Sequence[float],
-                   rows: Mapping[str, int] | None, widths: Mapping[str, int], parents: int = 2) -> list[str]:
-    """Every warning of a finished solve, in a fixed order (relation, calibration size, weak groups)."""
+                   rows: Mapping[str, int] | None, widths: Mapping[str, int], parents: int = 2,
+                   refitting: bool = False) -> list[str]:
+    """Every warning of a finished solve, in a fixed order (relation, calibration size, weak groups);
+    `refitting`: a ridge refit follows (`relation_warning`)."""
     found = [
-        relation_warning(relation, method) if relation else None,
+        relation_warning(relation, method, refitting) if relation else None,
         calibration_size_warning(rows, widths, parents) if rows else None,
         weak_group_warning(group_names, group_values) if method.matches_units else None,
     ]

@@ -473,7 +473,7 @@ def merge(
     report.warnings = merge_warnings(
         relation=relation.relation, method=merge_method, group_names=report.group_names,
         group_values=report.group_values, widths={g.name: g.width for g in spec.groups},
-        rows=rows, parents=count)
+        rows=rows, parents=count, refitting=refit_value in ("ridge", "gate"))
     for text in report.warnings:
         logger.warning("%s", text)
     if count == 2:  # the diagnostics describe a two-parent unit matching (None when no unit was matched)

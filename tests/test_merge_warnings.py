@@ -108,6 +108,26 @@ def test_averaging_independent_inits_is_warned_about(caplog, tmp_path):
     assert f"- {expected}" in _card(merged, tmp_path)
 
 
+def test_a_position_method_on_independent_inits_followed_by_the_refit_is_not_called_a_collapse(caplog):
+    """regmean (a same-base method that reads the data) on independent inits: refit="auto" refits it (the gate
+    keeps the refit when held-out fidelity improves; the README demo's regmean + refit row is among its best), so
+    "will likely collapse" would be false; the warning says what holds: by position alone the units do not
+    correspond, the refit rebuilds the layers, and a unit-matching method starts from corresponding units."""
+    a, b = make_model("vit_cls", 1), make_model("vit_cls", 2)
+    merged, logged = _merge([a, b], make_batches("vit_cls", num_batches=4), caplog, method="regmean")
+    assert merged.config.mudsc["parent_relation"]["relation"] == "independent"
+    assert merged.merge_report.recipe["refit"] == "gate"
+    expected = ("method 'regmean' fuses units by position, but the parents are independent models whose units do "
+                "not correspond: alone that merge collapses; the refit that follows rebuilds every linear layer "
+                "from the calibration data (kept only if it agrees better with the parents on held-out samples), "
+                "while a unit-matching method such as 'mudsc' starts from corresponding units (method= (CLI: "
+                "--method))")
+    assert merged.merge_report.warnings == [expected] and logged == [expected]
+    # without the refit the collapse stands
+    alone, _ = _merge([a, b], make_batches("vit_cls", num_batches=4), caplog, method="regmean", refit="none")
+    assert "the merge will likely collapse" in alone.merge_report.warnings[0]
+
+
 def test_unit_matching_on_fine_tunes_of_one_base_is_warned_about_and_a_clean_merge_is_not(caplog):
     a = make_model("vit_cls", 1)
     b = make_model("vit_cls", 1)
