@@ -213,3 +213,15 @@ def test_unknown_or_activation_free_extra_starts_are_refused(different_init):
     with pytest.raises(ValueError, match="extra solve starts need activation correlations"):
         Solver(spec_for(a), dict(a.named_parameters()), dict(b.named_parameters()), None,
                SolveOptions(use_activations=False, alpha=1.0, extra_starts=("identity",)))
+
+
+def test_the_start_choice_note_says_why_a_higher_start_was_not_kept():
+    from hf_mudsc.solve.loop import start_choice_note
+
+    objectives = {"activation": 0.6231, "weight": 0.6245, "identity": 0.6240}
+    assert start_choice_note(objectives, choose_start(objectives)) == (
+        "start objectives activation 0.623100, weight 0.624500, identity 0.624000; kept the activation start (the "
+        "weight start ends 0.0014 higher, within the 0.01 margin a start must clear to replace it)")
+    clear = {"activation": 0.60, "weight": 0.70}
+    assert start_choice_note(clear, choose_start(clear)) == (
+        "start objectives activation 0.600000, weight 0.700000; kept the weight start")

@@ -69,6 +69,17 @@ def _same_match(a: Match | None, b: Match | None) -> bool:
     return a is b or (a is not None and b is not None and a.same_as(b))
 
 
+def start_choice_note(objectives: Mapping[str, float], chosen: str) -> str:
+    """The log line of a multi-start solve: every start's final objective and the one kept — with why, when a start
+    that ends higher was not kept (it did not clear `MULTISTART_MARGIN`)."""
+    listed = ", ".join(f"{name} {value:.6f}" for name, value in objectives.items())
+    top = max(objectives, key=lambda name: objectives[name])
+    why = (f" (the {top} start ends {objectives[top] - objectives[chosen]:.4f} higher, within the "
+           f"{MULTISTART_MARGIN} margin a start must clear to replace it)" if objectives[top] > objectives[chosen]
+           else "")
+    return f"start objectives {listed}; kept the {chosen} start{why}"
+
+
 def choose_start(objectives: Mapping[str, float], *, keep: str = "activation",
                  margin: float = MULTISTART_MARGIN) -> str:
     """The start whose solution wins: `keep` unless another start's final objective exceeds it by more than
@@ -527,8 +538,7 @@ class Solver:
         best, best_objective, history, sweeps = kept.pop(chosen)
         kept.clear()
         if len(objectives) > 1:
-            logger.info("solve: start objectives %s; kept the %s start",
-                        ", ".join(f"{name} {value:.6f}" for name, value in objectives.items()), chosen)
+            logger.info("solve: %s", start_choice_note(objectives, chosen))
         logger.info("solve: %d sweeps, best objective %.6f", sweeps, best_objective)
         return SolveResult(matches=list(best.matches), objective_history=history, sweeps=sweeps, start=chosen,
                            starts=objectives)
