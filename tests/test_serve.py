@@ -7,6 +7,8 @@ in hf_mudsc/serve/worker.py) so each forward pass of calibration takes a moment.
 
 from __future__ import annotations
 
+import http.client
+import json
 import logging
 import subprocess
 import sys
@@ -54,6 +56,8 @@ def test_a_bad_request_names_the_offending_key(tmp_path):
         ({**base, "method": "nope"}, "method"),
         ({**base, "output": "../escape"}, "`output` must name a folder inside"),
         ({**base, "output": "/etc"}, "`output` must name a folder inside"),
+        ({**base, "output": "a\x00b"}, "`output` must not contain a NUL byte"),
+        ({**base, "output": "x" * 300}, "`output` has a folder name longer than 255 bytes"),
         ({**base, "allow_pickle": True}, "`allow_pickle` is refused"),
         ({**base, "dry_run": "yes"}, "`dry_run`"),
         ({"models": ["user/a", "user/b"], "method": "weight_matching"}, "say where the merged model goes"),
@@ -335,3 +339,124 @@ def test_the_space_example_runs_hf_mudsc_serve_exposed_only_with_a_key(tmp_path)
     assert '"hf-mudsc[serve]"' in dockerfile and "torch==2.13.0" in dockerfile
     front = (space / "README.md").read_text().split("---")[1]
     assert "sdk: docker" in front and "app_port: 7860" in front
+
+
+# ---------------------------------------------------------------------------------------------- hostile requests
+# One service for these (no job of theirs runs): a finished job with hostile strings is written into the store
+# before the service starts.
+
+HOSTILE = '"><img src=x onerror=alert(1)><script>alert(2)</script>'
+
+
+@pytest.fixture(scope="module")
+def hostile(hub_emulator_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    store = JobStore(root / "state")
+    seeded = store.add({"models": [f"user/{HOSTILE}", "user/b"], "method": HOSTILE, "output": f"/o/{HOSTILE}"},
+                       output=None, repo_id=None, dry_run=False, has_token=False)
+    store.update(seeded, status="failed", error=f"LoadError: {HOSTILE}")
+    store.append_log(seeded, [f"a log line {HOSTILE}", "another"])
+    store.close()
+    with Service(hub_emulator_session, root / "state", root / "server.log") as service:
+        service.seeded = seeded
+        yield service
+
+
+def raw(service: Service, method: str, path: str, body: bytes | None = None,
+        headers: dict[str, str] | None = None, *, chunks: list[bytes] | None = None) -> tuple[int, str, str]:
+    """A request exactly as given (no default Content-Type, a Content-Length that may lie, chunked bodies)."""
+    connection = http.client.HTTPConnection("127.0.0.1", service.port, timeout=15)
+    try:
+        if chunks is not None:
+            connection.request(method, path, body=iter(chunks), headers=headers or {}, encode_chunked=True)
+        else:
+            connection.putrequest(method, path, skip_accept_encoding=True)
+            for key, value in (headers or {}).items():
+                connection.putheader(key, value)
+            connection.endheaders()
+            if body:
+                connection.send(body)
+        answer = connection.getresponse()
+        return answer.status, answer.getheader("content-type") or "", answer.read().decode()
+    finally:
+        connection.close()
+
+
+def job_count(service: Service) -> int:
+    return len(service.request("GET", "/api/jobs")[1]["jobs"])
+
+
+def test_a_body_a_browser_may_send_cross_site_is_refused_with_415(hostile):
+    """text/plain, form and multipart bodies (or none declared) are what a page on another site can POST without a
+    CORS preflight: refused, so a drive-by page cannot queue a job on a local service (with its Hub login)."""
+    body = json.dumps({"models": ["user/a", "user/b"], "alpah": 1, "dry_run": True}).encode()
+    before = job_count(hostile)
+    for kind in ("text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+                 "multipart/form-data; boundary=x", None):
+        headers = {"Content-Length": str(len(body)), **({"Content-Type": kind} if kind else {})}
+        status, content_type, text = raw(hostile, "POST", "/api/jobs", body, headers)
+        assert status == 415 and content_type == "application/json", (kind, status, text)
+        error = json.loads(text)["error"]
+        assert "application/json" in error and "application/yaml" in error and "\n" not in error, error
+    for kind in ("application/json", "application/json; charset=utf-8", "application/yaml", "application/x-yaml",
+                 "text/yaml"):
+        status, _, text = raw(hostile, "POST", "/api/jobs", body,
+                              {"Content-Type": kind, "Content-Length": str(len(body))})
+        assert status == 400 and "['alpah']" in json.loads(text)["error"], (kind, status, text)
+    assert job_count(hostile) == before
+
+
+def test_pages_escape_what_a_client_wrote_and_a_missing_job_page_does_not_reflect_html(hostile):
+    for path in ("/", f"/jobs/{hostile.seeded}", "/partials/jobs"):
+        status, page = hostile.request("GET", path)
+        assert status == 200 and "&lt;script&gt;alert(2)&lt;/script&gt;" in page, path
+        assert "<script>alert" not in page and "<img src=x" not in page, path
+    status, content_type, page = raw(hostile, "GET", "/jobs/%3Cimg%20src%3Dx%20onerror%3Dalert(1)%3E")
+    assert status == 404 and "<img" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page, page
+
+
+def test_a_yaml_alias_bomb_and_deep_nesting_answer_400_not_a_huge_answer_or_a_500(hostile):
+    level = '&a ["xxxxxxxx", "xxxxxxxx", "xxxxxxxx", "xxxxxxxx", "xxxxxxxx", "xxxxxxxx", "xxxxxxxx", "xxxxxxxx"]'
+    levels = [level] + [f"&{b} [" + ", ".join([f"*{a}"] * 8) + "]" for a, b in zip("abcdef", "bcdefg")]
+    bomb = ("models: [user/a, user/b]\nmethod: average\ndry_run: true\nweights: [" + ", ".join(levels) + "]\n")
+    status, _, text = raw(hostile, "POST", "/api/jobs", bomb.encode(),
+                          {"Content-Type": "application/yaml", "Content-Length": str(len(bomb))})
+    assert status == 400 and len(text) < 500, (status, len(text), text[:300])
+    assert "anchors and aliases" in json.loads(text)["error"]
+    deep = {"application/json": b"[" * 100_000 + b"]" * 100_000,
+            "application/yaml": b"models: " + b"[" * 100_000 + b"]" * 100_000}
+    for kind, body in deep.items():
+        status, content_type, text = raw(hostile, "POST", "/api/jobs", body,
+                                         {"Content-Type": kind, "Content-Length": str(len(body))})
+        assert status == 400 and content_type == "application/json", (kind, status, text[:300])
+        assert "nested too deeply" in json.loads(text)["error"], text
+
+
+def test_a_huge_body_is_refused_before_it_is_read(hostile):
+    """A declared 100 MB body is answered 413 at once (the server does not wait for it); a chunked one that grows
+    past the limit too."""
+    status, _, text = raw(hostile, "POST", "/api/jobs", b"{",
+                          {"Content-Type": "application/json", "Content-Length": str(100 << 20)})
+    assert status == 413 and "larger than" in json.loads(text)["error"]
+    status, _, text = raw(hostile, "POST", "/api/jobs", chunks=[b" " * (256 << 10)] * 8,
+                          headers={"Content-Type": "application/json"})
+    assert status == 413 and "larger than" in json.loads(text)["error"]
+
+
+def test_bad_query_values_and_unknown_routes_answer_one_line_json_errors(hostile):
+    job = hostile.seeded
+    status, answer = hostile.request("GET", f"/api/jobs/{job}/log?since={10 ** 30}")
+    assert status == 200 and answer["lines"] == [] and answer["next"] == 10 ** 30
+    status, answer = hostile.request("GET", f"/api/jobs/{job}/log?since=-5")
+    assert status == 200 and answer["lines"][0].startswith("a log line") and answer["next"] == 2
+    status, answer = hostile.request("GET", f"/api/jobs?limit={10 ** 30}")
+    assert status == 200 and job in [j["id"] for j in answer["jobs"]]
+    for method, path, code, fragment in (("GET", f"/api/jobs/{job}/log?since=abc", 400, "`since`"),
+                                         ("GET", "/api/jobs?limit=1.5", 400, "`limit`"),
+                                         ("POST", "/api/jobs?dry_run=maybe", 400, "`dry_run`"),
+                                         ("GET", "/api/nothing-here", 404, "/api/nothing-here"),
+                                         ("PUT", f"/api/jobs/{job}", 405, "PUT")):
+        status, content_type, text = raw(hostile, method, path)
+        assert status == code and content_type == "application/json", (path, status, text)
+        error = json.loads(text)["error"]
+        assert fragment in error and "\n" not in error, (path, error)
