@@ -11,12 +11,15 @@
     GET    /jobs/{id}/files/{name} a file of a job's output folder (card, plots, recipe)
 
 `Authorization: Bearer <hf token>` on POST is the job's Hub token: kept in memory only (scheduler.py). With an
-API key configured, POST and DELETE need `X-API-Key: <key>`.
+API key configured, POST and DELETE need `X-API-Key: <key>`. POST takes only a JSON or YAML content type (415
+otherwise): a form or text/plain body is what a page on another site can send without a CORS preflight.
+Every error is one line of JSON, `{"error": ...}` (bad query values 400, unknown routes 404, wrong methods 405).
 """
 
 from __future__ import annotations
 
 import hmac
+import html
 import json
 import logging
 from contextlib import asynccontextmanager
@@ -26,8 +29,10 @@ from typing import Any
 import yaml
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from jinja2 import Environment, PackageLoader, select_autoescape
+from starlette.exceptions import HTTPException
 
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import RecipeError
@@ -45,6 +50,10 @@ push_to_hub: me/merged-vit
 private: true
 """
 MAX_BODY = 1 << 20  # a recipe is a few hundred bytes
+# The body's media types: JSON, or YAML (a recipe file). Not text/plain or forms, which need no CORS preflight.
+JSON_TYPES = ("application/json",)
+YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
+SQLITE_MAX = (1 << 63) - 1  # the largest integer SQLite binds; larger query values are clamped to it
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -80,6 +89,19 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
     app = FastAPI(title="hf-mudsc serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.store, app.state.scheduler, app.state.outputs = store, scheduler, outputs
 
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameter(request: Request, problem: RequestValidationError) -> JSONResponse:
+        first = problem.errors()[0]
+        name = first["loc"][-1] if first.get("loc") else "request"
+        return error(400, f"`{name}`: {first['msg']} (got {first.get('input')!r})")
+
+    @app.exception_handler(HTTPException)
+    async def no_route(request: Request, problem: HTTPException) -> JSONResponse:
+        answer = error(problem.status_code, f"{request.method} {request.url.path}: {problem.detail}; the API is "
+                       "/api/jobs (GET, POST), /api/jobs/{id} (GET, DELETE), /api/jobs/{id}/log (GET)")
+        answer.headers.update(problem.headers or {})
+        return answer
+
     def refused(request: Request) -> JSONResponse | None:
         if api_key is None:
             return None
@@ -93,12 +115,21 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
     async def submit(request: Request, dry_run: bool = False) -> JSONResponse:
         if (denied := refused(request)) is not None:
             return denied
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            return error(413, f"the body is larger than {MAX_BODY} bytes; a recipe is a few hundred")
+        content_type = request.headers.get("content-type", "")
+        if _media_type(content_type) not in JSON_TYPES + YAML_TYPES:
+            return error(415, f"send the recipe with `Content-Type: application/json` or `application/yaml`, "
+                         f"got {content_type or 'none'!r}")
+        too_big = error(413, f"the body is larger than {MAX_BODY} bytes; a recipe is a few hundred")
+        if int(request.headers.get("content-length") or 0) > MAX_BODY:
+            return too_big  # declared too big: refused before a byte of it is read
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > MAX_BODY:
+                return too_big
         token = _bearer(request)
         # Store and scheduler calls take locks: run them off the event loop, so GETs are never held up.
-        return await run_in_threadpool(enqueue, raw, request.headers.get("content-type", ""), dry_run, token)
+        return await run_in_threadpool(enqueue, bytes(raw), content_type, dry_run, token)
 
     def enqueue(raw: bytes, content_type: str, dry_run: bool, token: str | None) -> JSONResponse:
         try:
@@ -115,7 +146,7 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
 
     @app.get("/api/jobs")
     def list_jobs(limit: int | None = None) -> JSONResponse:
-        return JSONResponse({"jobs": [public(j) for j in store.list(limit)]})
+        return JSONResponse({"jobs": [public(j) for j in store.list(min(limit, SQLITE_MAX) if limit else None)]})
 
     @app.get("/api/jobs/{job_id}")
     def get_job(job_id: str) -> JSONResponse:
@@ -137,8 +168,9 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
     def job_log(job_id: str, since: int = 0) -> JSONResponse:
         if store.get(job_id) is None:
             return error(404, f"no job {job_id!r}; GET /api/jobs lists them")
-        lines = store.log(job_id, since=max(0, since))
-        return JSONResponse({"id": job_id, "lines": lines, "next": max(0, since) + len(lines)})
+        since = max(0, since)
+        lines = store.log(job_id, since=min(since, SQLITE_MAX))
+        return JSONResponse({"id": job_id, "lines": lines, "next": since + len(lines)})
 
     # ------------------------------------------------------------------ page
     def render(name: str, **context: Any) -> HTMLResponse:
@@ -158,7 +190,7 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
     def job_page(job_id: str) -> HTMLResponse:
         job = store.get(job_id)
         if job is None:
-            return HTMLResponse(f"no job {job_id}", status_code=404)
+            return HTMLResponse(f"no job {html.escape(job_id)}", status_code=404)
         recipe = yaml.safe_dump(public(job)["recipe"], sort_keys=False)
         return render("job.html.jinja", job=_page_job(job, outputs), recipe=recipe, log=store.log(job_id))
 
@@ -173,16 +205,32 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
     return app
 
 
+def _media_type(content_type: str) -> str:
+    return content_type.split(";")[0].strip().lower()
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """Safe YAML without aliases: a few hundred bytes of nested aliases expand to gigabytes ("billion laughs"),
+    and a recipe needs none."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise RecipeError("YAML anchors and aliases (`&name`, `*name`) are refused in a job: write the values out")
+        return super().compose_node(parent, index)
+
+
 def _parse_body(raw: bytes, content_type: str) -> Any:
     text = raw.decode("utf-8", errors="replace")
     if not text.strip():
         raise RecipeError("the body is empty; send the recipe keys (at least `models`) as JSON or YAML")
+    kind = "YAML" if _media_type(content_type) in YAML_TYPES else "JSON"
     try:
-        if "yaml" in content_type:
-            return yaml.safe_load(text)
-        return json.loads(text)
+        return yaml.load(text, Loader=RecipeLoader) if kind == "YAML" else json.loads(text)
+    except RecipeError:
+        raise
+    except RecursionError:
+        raise RecipeError(f"the body's {kind} is nested too deeply; a recipe is a flat mapping") from None
     except (ValueError, yaml.YAMLError) as problem:
-        kind = "YAML" if "yaml" in content_type else "JSON"
         raise RecipeError(f"the body is not valid {kind}: {problem}") from None
 
 

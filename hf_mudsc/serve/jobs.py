@@ -19,6 +19,7 @@ from hf_mudsc.errors import RecipeError
 from hf_mudsc.publish.recipe import DESTINATION_KEYS, INFO_KEYS, Recipe
 
 SERVICE_KEYS = ("dry_run",)
+NAME_MAX = 255  # bytes in one folder name (Linux, macOS, Windows)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,11 @@ def parse_job(body: Any, output_root: Path, *, dry_run: bool = False) -> JobRequ
 
 def resolve_output(output: str, output_root: Path) -> Path:
     """`output` as a folder inside `output_root` (relative names; `..` or another absolute path is refused)."""
+    if "\x00" in output:
+        raise RecipeError(f"`output` must not contain a NUL byte, got {output!r}")
+    if any(len(part.encode()) > NAME_MAX for part in Path(output).parts):
+        raise RecipeError(f"`output` has a folder name longer than {NAME_MAX} bytes (the file system's limit): "
+                          f"{output[:80]!r}...")
     root = output_root.expanduser().resolve()
     path = Path(output).expanduser()
     resolved = (path if path.is_absolute() else root / path).resolve()
