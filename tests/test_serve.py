@@ -58,6 +58,8 @@ def test_a_bad_request_names_the_offending_key(tmp_path):
         ({**base, "output": "/etc"}, "`output` must name a folder inside"),
         ({**base, "output": "a\x00b"}, "`output` must not contain a NUL byte"),
         ({**base, "output": "x" * 300}, "`output` has a folder name longer than 255 bytes"),
+        ({**base, "output": "a\ud800"}, "not valid Unicode"),
+        ({**base, "models": ["user/a", "user/b\udcff"]}, "not valid Unicode"),
         ({**base, "allow_pickle": True}, "`allow_pickle` is refused"),
         ({**base, "dry_run": "yes"}, "`dry_run`"),
         ({"models": ["user/a", "user/b"], "method": "weight_matching"}, "say where the merged model goes"),
@@ -449,8 +451,9 @@ def test_bad_query_values_and_unknown_routes_answer_one_line_json_errors(hostile
     assert status == 200 and answer["lines"] == [] and answer["next"] == 10 ** 30
     status, answer = hostile.request("GET", f"/api/jobs/{job}/log?since=-5")
     assert status == 200 and answer["lines"][0].startswith("a log line") and answer["next"] == 2
-    status, answer = hostile.request("GET", f"/api/jobs?limit={10 ** 30}")
-    assert status == 200 and job in [j["id"] for j in answer["jobs"]]
+    for limit in (10 ** 30, -(10 ** 22)):
+        status, answer = hostile.request("GET", f"/api/jobs?limit={limit}")
+        assert status == 200 and job in [j["id"] for j in answer["jobs"]], (limit, status, answer)
     for method, path, code, fragment in (("GET", f"/api/jobs/{job}/log?since=abc", 400, "`since`"),
                                          ("GET", "/api/jobs?limit=1.5", 400, "`limit`"),
                                          ("POST", "/api/jobs?dry_run=maybe", 400, "`dry_run`"),
@@ -460,3 +463,13 @@ def test_bad_query_values_and_unknown_routes_answer_one_line_json_errors(hostile
         assert status == code and content_type == "application/json", (path, status, text)
         error = json.loads(text)["error"]
         assert fragment in error and "\n" not in error, (path, error)
+
+
+def test_a_lone_surrogate_is_refused_so_the_job_list_keeps_answering(hostile):
+    """JSON may escape a lone UTF-16 surrogate (`\\ud800`); stored, it made every answer that lists the job a 500."""
+    body = b'{"models": ["user/a", "user/b\\ud800"], "method": "average", "output": "surrogate"}'
+    status, _, text = raw(hostile, "POST", "/api/jobs", body,
+                          {"Content-Type": "application/json", "Content-Length": str(len(body))})
+    assert status == 400 and "not valid Unicode" in json.loads(text)["error"], (status, text)
+    for path in ("/api/jobs", "/", "/partials/jobs"):
+        assert hostile.request("GET", path)[0] == 200, path

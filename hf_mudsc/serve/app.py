@@ -146,7 +146,8 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
 
     @app.get("/api/jobs")
     def list_jobs(limit: int | None = None) -> JSONResponse:
-        return JSONResponse({"jobs": [public(j) for j in store.list(min(limit, SQLITE_MAX) if limit else None)]})
+        limit = min(limit, SQLITE_MAX) if limit and limit > 0 else None  # none, 0 or negative: all
+        return JSONResponse({"jobs": [public(j) for j in store.list(limit)]})
 
     @app.get("/api/jobs/{job_id}")
     def get_job(job_id: str) -> JSONResponse:

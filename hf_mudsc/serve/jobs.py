@@ -10,6 +10,7 @@ there, never a path elsewhere on the server. `allow_pickle` is refused: the serv
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,11 @@ def parse_job(body: Any, output_root: Path, *, dry_run: bool = False) -> JobRequ
     if not isinstance(body, Mapping):
         raise RecipeError(f"the body must be a mapping of recipe keys to values (JSON or YAML), "
                           f"got {type(body).__name__}")
+    try:  # a lone surrogate (JSON's "\ud800") cannot be stored or answered as UTF-8: refused here
+        json.dumps(body, ensure_ascii=False, default=str).encode("utf-8")
+    except UnicodeEncodeError as problem:
+        raise RecipeError(f"the body is not valid Unicode text: it holds a lone surrogate "
+                          f"{problem.object[problem.start:problem.end]!r}") from None
     body = {k: v for k, v in body.items() if k not in INFO_KEYS}
     unknown = sorted(str(k) for k in set(body) - set(accepted_keys()) - {"allow_pickle"})
     if unknown:
