@@ -313,6 +313,8 @@ def test_an_exposed_service_needs_an_api_key_for_post_and_delete(hub, tmp_path):
         assert service.request("DELETE", "/api/jobs/abc")[0] == 401
         assert service.request("DELETE", "/api/jobs/abc", headers={"X-API-Key": key})[0] == 404
         assert service.request("GET", "/api/jobs")[0] == 200  # reading needs no key
+        # Exposed with a key, any Host is answered (the key, not the name, guards the writes).
+        assert service.request("GET", "/api/jobs", headers={"Host": "merge.example.org"})[0] == 200
     assert not files_containing(tmp_path / "state", key), "the API key was written to the state dir"
 
 
@@ -358,9 +360,16 @@ def hostile(hub_emulator_session, tmp_path_factory):
                        output=None, repo_id=None, dry_run=False, has_token=False)
     store.update(seeded, status="failed", error=f"LoadError: {HOSTILE}")
     store.append_log(seeded, [f"a log line {HOSTILE}", "another"])
+    folder = root / "state" / "outputs" / "written"  # a finished merge's folder, as the one writer leaves it
+    folder.mkdir(parents=True)
+    for name in ("README.md", "mudsc_recipe.yaml", "model.safetensors", "config.json", "heads.png"):
+        (folder / name).write_text(f"the file {name}")
+    written = store.add({"models": ["user/a", "user/b"], "output": str(folder)}, output=str(folder), repo_id=None,
+                        dry_run=False, has_token=False)
+    store.update(written, status="succeeded", result={"output": str(folder), "repo_id": None, "url": None})
     store.close()
     with Service(hub_emulator_session, root / "state", root / "server.log") as service:
-        service.seeded = seeded
+        service.seeded, service.written = seeded, written
         yield service
 
 
@@ -372,7 +381,7 @@ def raw(service: Service, method: str, path: str, body: bytes | None = None,
         if chunks is not None:
             connection.request(method, path, body=iter(chunks), headers=headers or {}, encode_chunked=True)
         else:
-            connection.putrequest(method, path, skip_accept_encoding=True)
+            connection.putrequest(method, path, skip_host="Host" in (headers or {}), skip_accept_encoding=True)
             for key, value in (headers or {}).items():
                 connection.putheader(key, value)
             connection.endheaders()
@@ -473,3 +482,27 @@ def test_a_lone_surrogate_is_refused_so_the_job_list_keeps_answering(hostile):
     assert status == 400 and "not valid Unicode" in json.loads(text)["error"], (status, text)
     for path in ("/api/jobs", "/", "/partials/jobs"):
         assert hostile.request("GET", path)[0] == 200, path
+
+
+def test_without_an_api_key_only_requests_addressed_to_this_machine_are_answered(hostile):
+    """DNS rebinding: a page on evil.example whose name turns into 127.0.0.1 is same-origin with the service; its
+    requests still say `Host: evil.example`. Without a key the service (bound to loopback) refuses them."""
+    body = json.dumps({"models": ["user/a", "user/b"], "alpah": 1, "dry_run": True}).encode()
+    for host in ("evil.example", f"evil.example:{hostile.port}", "127.0.0.1.evil.example", "10.0.0.1", ""):
+        for method, path, payload in (("GET", "/api/jobs", None), ("GET", "/", None), ("POST", "/api/jobs", body)):
+            headers = {"Host": host, "Content-Type": "application/json", "Content-Length": str(len(payload or b""))}
+            status, _, text = raw(hostile, method, path, payload, headers)
+            assert status == 400 and "Host" in json.loads(text)["error"], (host, path, status, text)
+    for host in (f"localhost:{hostile.port}", f"127.0.0.1:{hostile.port}", f"[::1]:{hostile.port}", "127.0.0.2"):
+        status, _, text = raw(hostile, "GET", "/api/jobs", headers={"Host": host})
+        assert status == 200, (host, status, text)
+
+
+def test_the_files_route_serves_the_card_recipe_and_plots_not_the_weights(hostile):
+    """GETs need no key (an exposed service shows its jobs): the merged weights of a private push must not be."""
+    for name in ("README.md", "mudsc_recipe.yaml", "heads.png"):
+        status, content_type, text = raw(hostile, "GET", f"/jobs/{hostile.written}/files/{name}")
+        assert status == 200 and text == f"the file {name}", (name, status, text)
+    for name in ("model.safetensors", "config.json"):
+        status, _, text = raw(hostile, "GET", f"/jobs/{hostile.written}/files/{name}")
+        assert status == 404 and name in json.loads(text)["error"], (name, status, text)

@@ -14,6 +14,9 @@
 API key configured, POST and DELETE need `X-API-Key: <key>`. POST takes only a JSON or YAML content type (415
 otherwise): a form or text/plain body is what a page on another site can send without a CORS preflight.
 Every error is one line of JSON, `{"error": ...}` (bad query values 400, unknown routes 404, wrong methods 405).
+Without an API key (so bound to loopback) only requests whose Host header names this machine are answered: a
+page elsewhere whose name is re-pointed at 127.0.0.1 (DNS rebinding) gets 400. GET /jobs/{id}/files serves the
+card, the recipe and plots, never the weights (reading needs no key).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from starlette.exceptions import HTTPException
 
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import RecipeError
+from hf_mudsc.serve import host_name, is_loopback
 from hf_mudsc.serve.jobs import accepted_keys, parse_job
 from hf_mudsc.serve.scheduler import Scheduler
 from hf_mudsc.serve.store import ACTIVE, PHASES, JobStore, TargetClaimedError
@@ -53,6 +57,9 @@ MAX_BODY = 1 << 20  # a recipe is a few hundred bytes
 # The body's media types: JSON, or YAML (a recipe file). Not text/plain or forms, which need no CORS preflight.
 JSON_TYPES = ("application/json",)
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
+# What GET /jobs/{id}/files serves of an output folder: the card, the recipe, plots (what the page links to).
+SERVED_FILES = ("README.md", "mudsc_recipe.yaml")
+SERVED_SUFFIXES = (".png", ".svg")
 SQLITE_MAX = (1 << 63) - 1  # the largest integer SQLite binds; larger query values are clamped to it
 
 
@@ -88,6 +95,16 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
 
     app = FastAPI(title="hf-mudsc serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.store, app.state.scheduler, app.state.outputs = store, scheduler, outputs
+
+    if api_key is None:  # then bound to loopback (cli/serve.py): answer only requests addressed to this machine
+        @app.middleware("http")
+        async def loopback_only(request: Request, call_next: Any) -> Any:
+            host = request.headers.get("host", "")
+            if not is_loopback(host_name(host)):
+                return error(400, f"the Host header {host!r} does not name this machine: without --api-key the "
+                             "service answers only requests to localhost or a loopback address (a guard against "
+                             "DNS rebinding); to serve under another name, pass --api-key")
+            return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def bad_parameter(request: Request, problem: RequestValidationError) -> JSONResponse:
@@ -253,7 +270,9 @@ def _output_folder(job: dict[str, Any], outputs: Path) -> Path | None:
 
 
 def _files(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    """The files of an output folder the service serves: the card, the recipe and plots — never the weights."""
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and (p.name in SERVED_FILES or p.name.endswith(SERVED_SUFFIXES)))
 
 
 def _page_job(job: dict[str, Any], outputs: Path) -> dict[str, Any]:
