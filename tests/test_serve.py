@@ -115,11 +115,13 @@ def test_the_worker_maps_pipeline_records_to_phases_scrubs_the_token_and_cancels
     handler.emit(record("hf_mudsc.calibrate.statistics", "collected activation statistics over 16 samples"))
     handler.emit(record("hf_mudsc.solve.loop", "solve: 7 sweeps, best objective 0.2"))
     handler.emit(record("hf_mudsc.load.parents", f"a line that quotes {SECRET} by mistake"))
+    reporter.log("a server path that is not UTF-8: /data/caf\udce9")  # os.fsdecode's surrogateescape
     phases = [m[1:] for m in pipe.sent if m[0] == "phase"]
     assert phases == [("load", 0.02), ("calibrate", 0.2), ("calibrate", 0.298), ("calibrate", 0.396),
                       ("solve", 0.6), ("apply", 0.75)]
     lines = [m[1] for m in pipe.sent if m[0] == "log"]
-    assert len(lines) == 5 and lines[-1].endswith("a line that quotes *** by mistake")
+    assert len(lines) == 6 and lines[-2].endswith("a line that quotes *** by mistake")
+    assert lines[-1] == "a server path that is not UTF-8: /data/caf\\udce9"  # storable: SQLite takes UTF-8 only
     assert not any(SECRET in str(m) for m in pipe.sent)
 
     reporter.cancel.set()  # a cancel: the next record (or batch) raises
@@ -142,6 +144,8 @@ def test_store_claims_targets_and_recovers_after_a_restart(tmp_path):
         store.add({}, output="/o/1", repo_id=None, dry_run=False, has_token=False)
     with pytest.raises(TargetClaimedError, match="Hub repo 'me/one'"):
         store.add({}, output="/o/2", repo_id="me/one", dry_run=False, has_token=False)
+    with pytest.raises(TargetClaimedError, match="Hub repo 'Me/ONE'"):  # the Hub's names ignore case
+        store.add({}, output="/o/2", repo_id="Me/ONE", dry_run=False, has_token=False)
     with_token = store.add({}, output="/o/2", repo_id="me/two", dry_run=False, has_token=True)
     without = store.add({}, output="/o/3", repo_id=None, dry_run=False, has_token=False)
     store.close()
