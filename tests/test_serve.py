@@ -368,6 +368,8 @@ def hostile(hub_emulator_session, tmp_path_factory):
     folder.mkdir(parents=True)
     for name in ("README.md", "mudsc_recipe.yaml", "model.safetensors", "config.json", "heads.png"):
         (folder / name).write_text(f"the file {name}")
+    (folder / "plots").mkdir()
+    (folder / "plots" / "match_quality.png").write_text("the file plots/match_quality.png")  # the writer's plots
     written = store.add({"models": ["user/a", "user/b"], "output": str(folder)}, output=str(folder), repo_id=None,
                         dry_run=False, has_token=False)
     store.update(written, status="succeeded", result={"output": str(folder), "repo_id": None, "url": None})
@@ -503,10 +505,14 @@ def test_without_an_api_key_only_requests_addressed_to_this_machine_are_answered
 
 
 def test_the_files_route_serves_the_card_recipe_and_plots_not_the_weights(hostile):
-    """GETs need no key (an exposed service shows its jobs): the merged weights of a private push must not be."""
-    for name in ("README.md", "mudsc_recipe.yaml", "heads.png"):
+    """GETs need no key (an exposed service shows its jobs): the merged weights of a private push must not be.
+    The plots are where the writer puts them (`plots/`, as the card links them), and the job page links them."""
+    for name in ("README.md", "mudsc_recipe.yaml", "heads.png", "plots/match_quality.png"):
         status, content_type, text = raw(hostile, "GET", f"/jobs/{hostile.written}/files/{name}")
         assert status == 200 and text == f"the file {name}", (name, status, text)
-    for name in ("model.safetensors", "config.json"):
+    for name in ("model.safetensors", "config.json", "plots/../model.safetensors", "plots/%2e%2e/config.json",
+                 "plots", "plots/", "../written/README.md"):
         status, _, text = raw(hostile, "GET", f"/jobs/{hostile.written}/files/{name}")
-        assert status == 404 and name in json.loads(text)["error"], (name, status, text)
+        assert status == 404, (name, status, text)
+    page = hostile.request("GET", f"/jobs/{hostile.written}")[1]
+    assert f'<img src="/jobs/{hostile.written}/files/plots/match_quality.png"' in page

@@ -43,6 +43,7 @@ from hf_mudsc.serve import host_name, is_loopback
 from hf_mudsc.serve.jobs import accepted_keys, parse_job
 from hf_mudsc.serve.scheduler import Scheduler
 from hf_mudsc.serve.store import ACTIVE, PHASES, JobStore, TargetClaimedError
+from hf_mudsc.solve.diagnostics import PLOTS_FOLDER
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         recipe = yaml.safe_dump(public(job)["recipe"], sort_keys=False)
         return render("job.html.jinja", job=_page_job(job, outputs), recipe=recipe, log=store.log(job_id))
 
-    @app.get("/jobs/{job_id}/files/{name}")
+    @app.get("/jobs/{job_id}/files/{name:path}")
     def job_file(job_id: str, name: str):
         job = store.get(job_id)
         folder = _output_folder(job, outputs) if job else None
@@ -270,9 +271,11 @@ def _output_folder(job: dict[str, Any], outputs: Path) -> Path | None:
 
 
 def _files(folder: Path) -> list[str]:
-    """The files of an output folder the service serves: the card, the recipe and plots — never the weights."""
-    return sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                  and (p.name in SERVED_FILES or p.name.endswith(SERVED_SUFFIXES)))
+    """The files of an output folder the service serves, as paths relative to it: the card, the recipe and plots
+    (at the top or in `plots/`, where the writer puts them) — never the weights. A request names one exactly."""
+    found = [p for p in (*folder.iterdir(), *(folder / PLOTS_FOLDER).glob("*")) if p.is_file()]
+    names = [p.relative_to(folder).as_posix() for p in found if not p.name.startswith(".")]
+    return sorted(n for n in names if n in SERVED_FILES or n.endswith(SERVED_SUFFIXES))
 
 
 def _page_job(job: dict[str, Any], outputs: Path) -> dict[str, Any]:
