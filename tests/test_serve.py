@@ -516,3 +516,14 @@ def test_the_files_route_serves_the_card_recipe_and_plots_not_the_weights(hostil
         assert status == 404, (name, status, text)
     page = hostile.request("GET", f"/jobs/{hostile.written}")[1]
     assert f'<img src="/jobs/{hostile.written}/files/plots/match_quality.png"' in page
+
+
+def test_a_dry_run_claims_no_destination(hostile):
+    """A dry run writes and pushes nothing, so a merge into the same folder and repo is not refused with 409."""
+    body = {"models": ["user/absent-a", "user/absent-b"], "method": "average", "output": "dry-claim",
+            "push_to_hub": "user/dry-claim"}
+    dry = hostile.submit({**body, "dry_run": True})
+    status, answer = hostile.request("POST", "/api/jobs", body)
+    assert status == 201, answer
+    for job_id in (dry, answer["id"]):
+        assert hostile.wait(job_id)["status"] == "failed"  # the parents are not on the Hub: both end at load

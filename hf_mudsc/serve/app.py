@@ -155,7 +155,8 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         except RecipeError as problem:
             return error(400, str(problem))
         try:
-            job_id = store.add(job.to_dict(), output=job.output, repo_id=job.repo_id, dry_run=job.dry_run,
+            claims = (None, None) if job.dry_run else (job.output, job.repo_id)  # a dry run writes nothing
+            job_id = store.add(job.to_dict(), output=claims[0], repo_id=claims[1], dry_run=job.dry_run,
                                has_token=token is not None)
         except TargetClaimedError as problem:
             return error(409, str(problem))
