@@ -447,6 +447,11 @@ def test_a_yaml_alias_bomb_and_deep_nesting_answer_400_not_a_huge_answer_or_a_50
                                          {"Content-Type": kind, "Content-Length": str(len(body))})
         assert status == 400 and content_type == "application/json", (kind, status, text[:300])
         assert "nested too deeply" in json.loads(text)["error"], text
+    for depth in range(950, 1001):  # deep enough to strain the recursion limit after the parse, not in it
+        body = b'{"models": ' + b"[" * depth + b"]" * depth + b', "method": "average", "dry_run": true}'
+        status, _, text = raw(hostile, "POST", "/api/jobs", body,
+                              {"Content-Type": "application/json", "Content-Length": str(len(body))})
+        assert status == 400, (depth, status, text[:300])
 
 
 def test_a_huge_body_is_refused_before_it_is_read(hostile):
