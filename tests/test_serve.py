@@ -7,6 +7,8 @@ in hf_mudsc/serve/worker.py) so each forward pass of calibration takes a moment.
 
 from __future__ import annotations
 
+import http.client
+import json
 import logging
 import subprocess
 import sys
@@ -54,6 +56,10 @@ def test_a_bad_request_names_the_offending_key(tmp_path):
         ({**base, "method": "nope"}, "method"),
         ({**base, "output": "../escape"}, "`output` must name a folder inside"),
         ({**base, "output": "/etc"}, "`output` must name a folder inside"),
+        ({**base, "output": "a\x00b"}, "`output` must not contain a NUL byte"),
+        ({**base, "output": "x" * 300}, "`output` has a folder name longer than 255 bytes"),
+        ({**base, "output": "a\ud800"}, "not valid Unicode"),
+        ({**base, "models": ["user/a", "user/b\udcff"]}, "not valid Unicode"),
         ({**base, "allow_pickle": True}, "`allow_pickle` is refused"),
         ({**base, "dry_run": "yes"}, "`dry_run`"),
         ({"models": ["user/a", "user/b"], "method": "weight_matching"}, "say where the merged model goes"),
@@ -109,11 +115,13 @@ def test_the_worker_maps_pipeline_records_to_phases_scrubs_the_token_and_cancels
     handler.emit(record("hf_mudsc.calibrate.statistics", "collected activation statistics over 16 samples"))
     handler.emit(record("hf_mudsc.solve.loop", "solve: 7 sweeps, best objective 0.2"))
     handler.emit(record("hf_mudsc.load.parents", f"a line that quotes {SECRET} by mistake"))
+    reporter.log("a server path that is not UTF-8: /data/caf\udce9")  # os.fsdecode's surrogateescape
     phases = [m[1:] for m in pipe.sent if m[0] == "phase"]
     assert phases == [("load", 0.02), ("calibrate", 0.2), ("calibrate", 0.298), ("calibrate", 0.396),
                       ("solve", 0.6), ("apply", 0.75)]
     lines = [m[1] for m in pipe.sent if m[0] == "log"]
-    assert len(lines) == 5 and lines[-1].endswith("a line that quotes *** by mistake")
+    assert len(lines) == 6 and lines[-2].endswith("a line that quotes *** by mistake")
+    assert lines[-1] == "a server path that is not UTF-8: /data/caf\\udce9"  # storable: SQLite takes UTF-8 only
     assert not any(SECRET in str(m) for m in pipe.sent)
 
     reporter.cancel.set()  # a cancel: the next record (or batch) raises
@@ -136,6 +144,8 @@ def test_store_claims_targets_and_recovers_after_a_restart(tmp_path):
         store.add({}, output="/o/1", repo_id=None, dry_run=False, has_token=False)
     with pytest.raises(TargetClaimedError, match="Hub repo 'me/one'"):
         store.add({}, output="/o/2", repo_id="me/one", dry_run=False, has_token=False)
+    with pytest.raises(TargetClaimedError, match="Hub repo 'Me/ONE'"):  # the Hub's names ignore case
+        store.add({}, output="/o/2", repo_id="Me/ONE", dry_run=False, has_token=False)
     with_token = store.add({}, output="/o/2", repo_id="me/two", dry_run=False, has_token=True)
     without = store.add({}, output="/o/3", repo_id=None, dry_run=False, has_token=False)
     store.close()
@@ -307,6 +317,8 @@ def test_an_exposed_service_needs_an_api_key_for_post_and_delete(hub, tmp_path):
         assert service.request("DELETE", "/api/jobs/abc")[0] == 401
         assert service.request("DELETE", "/api/jobs/abc", headers={"X-API-Key": key})[0] == 404
         assert service.request("GET", "/api/jobs")[0] == 200  # reading needs no key
+        # Exposed with a key, any Host is answered (the key, not the name, guards the writes).
+        assert service.request("GET", "/api/jobs", headers={"Host": "merge.example.org"})[0] == 200
     assert not files_containing(tmp_path / "state", key), "the API key was written to the state dir"
 
 
@@ -335,3 +347,188 @@ def test_the_space_example_runs_hf_mudsc_serve_exposed_only_with_a_key(tmp_path)
     assert '"hf-mudsc[serve]"' in dockerfile and "torch==2.13.0" in dockerfile
     front = (space / "README.md").read_text().split("---")[1]
     assert "sdk: docker" in front and "app_port: 7860" in front
+
+
+# ---------------------------------------------------------------------------------------------- hostile requests
+# One service for these (no job of theirs runs): a finished job with hostile strings is written into the store
+# before the service starts.
+
+HOSTILE = '"><img src=x onerror=alert(1)><script>alert(2)</script>'
+
+
+@pytest.fixture(scope="module")
+def hostile(hub_emulator_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    store = JobStore(root / "state")
+    seeded = store.add({"models": [f"user/{HOSTILE}", "user/b"], "method": HOSTILE, "output": f"/o/{HOSTILE}"},
+                       output=None, repo_id=None, dry_run=False, has_token=False)
+    store.update(seeded, status="failed", error=f"LoadError: {HOSTILE}")
+    store.append_log(seeded, [f"a log line {HOSTILE}", "another"])
+    folder = root / "state" / "outputs" / "written"  # a finished merge's folder, as the one writer leaves it
+    folder.mkdir(parents=True)
+    for name in ("README.md", "mudsc_recipe.yaml", "model.safetensors", "config.json", "heads.png"):
+        (folder / name).write_text(f"the file {name}")
+    (folder / "plots").mkdir()
+    (folder / "plots" / "match_quality.png").write_text("the file plots/match_quality.png")  # the writer's plots
+    written = store.add({"models": ["user/a", "user/b"], "output": str(folder)}, output=str(folder), repo_id=None,
+                        dry_run=False, has_token=False)
+    store.update(written, status="succeeded", result={"output": str(folder), "repo_id": None, "url": None})
+    store.close()
+    with Service(hub_emulator_session, root / "state", root / "server.log") as service:
+        service.seeded, service.written = seeded, written
+        yield service
+
+
+def raw(service: Service, method: str, path: str, body: bytes | None = None,
+        headers: dict[str, str] | None = None, *, chunks: list[bytes] | None = None) -> tuple[int, str, str]:
+    """A request exactly as given (no default Content-Type, a Content-Length that may lie, chunked bodies)."""
+    connection = http.client.HTTPConnection("127.0.0.1", service.port, timeout=15)
+    try:
+        if chunks is not None:
+            connection.request(method, path, body=iter(chunks), headers=headers or {}, encode_chunked=True)
+        else:
+            connection.putrequest(method, path, skip_host="Host" in (headers or {}), skip_accept_encoding=True)
+            for key, value in (headers or {}).items():
+                connection.putheader(key, value)
+            connection.endheaders()
+            if body:
+                connection.send(body)
+        answer = connection.getresponse()
+        return answer.status, answer.getheader("content-type") or "", answer.read().decode()
+    finally:
+        connection.close()
+
+
+def job_count(service: Service) -> int:
+    return len(service.request("GET", "/api/jobs")[1]["jobs"])
+
+
+def test_a_body_a_browser_may_send_cross_site_is_refused_with_415(hostile):
+    """text/plain, form and multipart bodies (or none declared) are what a page on another site can POST without a
+    CORS preflight: refused, so a drive-by page cannot queue a job on a local service (with its Hub login)."""
+    body = json.dumps({"models": ["user/a", "user/b"], "alpah": 1, "dry_run": True}).encode()
+    before = job_count(hostile)
+    for kind in ("text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+                 "multipart/form-data; boundary=x", None):
+        headers = {"Content-Length": str(len(body)), **({"Content-Type": kind} if kind else {})}
+        status, content_type, text = raw(hostile, "POST", "/api/jobs", body, headers)
+        assert status == 415 and content_type == "application/json", (kind, status, text)
+        error = json.loads(text)["error"]
+        assert "application/json" in error and "application/yaml" in error and "\n" not in error, error
+    for kind in ("application/json", "application/json; charset=utf-8", "application/yaml", "application/x-yaml",
+                 "text/yaml"):
+        status, _, text = raw(hostile, "POST", "/api/jobs", body,
+                              {"Content-Type": kind, "Content-Length": str(len(body))})
+        assert status == 400 and "['alpah']" in json.loads(text)["error"], (kind, status, text)
+    assert job_count(hostile) == before
+
+
+def test_pages_escape_what_a_client_wrote_and_a_missing_job_page_does_not_reflect_html(hostile):
+    for path in ("/", f"/jobs/{hostile.seeded}", "/partials/jobs"):
+        status, page = hostile.request("GET", path)
+        assert status == 200 and "&lt;script&gt;alert(2)&lt;/script&gt;" in page, path
+        assert "<script>alert" not in page and "<img src=x" not in page, path
+    status, content_type, page = raw(hostile, "GET", "/jobs/%3Cimg%20src%3Dx%20onerror%3Dalert(1)%3E")
+    assert status == 404 and "<img" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page, page
+
+
+def test_a_yaml_alias_bomb_and_deep_nesting_answer_400_not_a_huge_answer_or_a_500(hostile):
+    level = '&a ["xxxxxxxx", "xxxxxxxx", "xxxxxxxx", "xxxxxxxx", "xxxxxxxx", "xxxxxxxx", "xxxxxxxx", "xxxxxxxx"]'
+    levels = [level] + [f"&{b} [" + ", ".join([f"*{a}"] * 8) + "]" for a, b in zip("abcdef", "bcdefg")]
+    bomb = ("models: [user/a, user/b]\nmethod: average\ndry_run: true\nweights: [" + ", ".join(levels) + "]\n")
+    status, _, text = raw(hostile, "POST", "/api/jobs", bomb.encode(),
+                          {"Content-Type": "application/yaml", "Content-Length": str(len(bomb))})
+    assert status == 400 and len(text) < 500, (status, len(text), text[:300])
+    assert "anchors and aliases" in json.loads(text)["error"]
+    deep = {"application/json": b"[" * 100_000 + b"]" * 100_000,
+            "application/yaml": b"models: " + b"[" * 100_000 + b"]" * 100_000}
+    for kind, body in deep.items():
+        status, content_type, text = raw(hostile, "POST", "/api/jobs", body,
+                                         {"Content-Type": kind, "Content-Length": str(len(body))})
+        assert status == 400 and content_type == "application/json", (kind, status, text[:300])
+        assert "nested too deeply" in json.loads(text)["error"], text
+    for depth in range(950, 1001):  # deep enough to strain the recursion limit after the parse, not in it
+        body = b'{"models": ' + b"[" * depth + b"]" * depth + b', "method": "average", "dry_run": true}'
+        status, _, text = raw(hostile, "POST", "/api/jobs", body,
+                              {"Content-Type": "application/json", "Content-Length": str(len(body))})
+        assert status == 400, (depth, status, text[:300])
+
+
+def test_a_huge_body_is_refused_before_it_is_read(hostile):
+    """A declared 100 MB body is answered 413 at once (the server does not wait for it); a chunked one that grows
+    past the limit too."""
+    status, _, text = raw(hostile, "POST", "/api/jobs", b"{",
+                          {"Content-Type": "application/json", "Content-Length": str(100 << 20)})
+    assert status == 413 and "larger than" in json.loads(text)["error"]
+    status, _, text = raw(hostile, "POST", "/api/jobs", chunks=[b" " * (256 << 10)] * 8,
+                          headers={"Content-Type": "application/json"})
+    assert status == 413 and "larger than" in json.loads(text)["error"]
+
+
+def test_bad_query_values_and_unknown_routes_answer_one_line_json_errors(hostile):
+    job = hostile.seeded
+    status, answer = hostile.request("GET", f"/api/jobs/{job}/log?since={10 ** 30}")
+    assert status == 200 and answer["lines"] == [] and answer["next"] == 10 ** 30
+    status, answer = hostile.request("GET", f"/api/jobs/{job}/log?since=-5")
+    assert status == 200 and answer["lines"][0].startswith("a log line") and answer["next"] == 2
+    for limit in (10 ** 30, -(10 ** 22)):
+        status, answer = hostile.request("GET", f"/api/jobs?limit={limit}")
+        assert status == 200 and job in [j["id"] for j in answer["jobs"]], (limit, status, answer)
+    for method, path, code, fragment in (("GET", f"/api/jobs/{job}/log?since=abc", 400, "`since`"),
+                                         ("GET", "/api/jobs?limit=1.5", 400, "`limit`"),
+                                         ("POST", "/api/jobs?dry_run=maybe", 400, "`dry_run`"),
+                                         ("GET", "/api/nothing-here", 404, "/api/nothing-here"),
+                                         ("PUT", f"/api/jobs/{job}", 405, "PUT")):
+        status, content_type, text = raw(hostile, method, path)
+        assert status == code and content_type == "application/json", (path, status, text)
+        error = json.loads(text)["error"]
+        assert fragment in error and "\n" not in error, (path, error)
+
+
+def test_a_lone_surrogate_is_refused_so_the_job_list_keeps_answering(hostile):
+    """JSON may escape a lone UTF-16 surrogate (`\\ud800`); stored, it made every answer that lists the job a 500."""
+    body = b'{"models": ["user/a", "user/b\\ud800"], "method": "average", "output": "surrogate"}'
+    status, _, text = raw(hostile, "POST", "/api/jobs", body,
+                          {"Content-Type": "application/json", "Content-Length": str(len(body))})
+    assert status == 400 and "not valid Unicode" in json.loads(text)["error"], (status, text)
+    for path in ("/api/jobs", "/", "/partials/jobs"):
+        assert hostile.request("GET", path)[0] == 200, path
+
+
+def test_without_an_api_key_only_requests_addressed_to_this_machine_are_answered(hostile):
+    """DNS rebinding: a page on evil.example whose name turns into 127.0.0.1 is same-origin with the service; its
+    requests still say `Host: evil.example`. Without a key the service (bound to loopback) refuses them."""
+    body = json.dumps({"models": ["user/a", "user/b"], "alpah": 1, "dry_run": True}).encode()
+    for host in ("evil.example", f"evil.example:{hostile.port}", "127.0.0.1.evil.example", "10.0.0.1", ""):
+        for method, path, payload in (("GET", "/api/jobs", None), ("GET", "/", None), ("POST", "/api/jobs", body)):
+            headers = {"Host": host, "Content-Type": "application/json", "Content-Length": str(len(payload or b""))}
+            status, _, text = raw(hostile, method, path, payload, headers)
+            assert status == 400 and "Host" in json.loads(text)["error"], (host, path, status, text)
+    for host in (f"localhost:{hostile.port}", f"127.0.0.1:{hostile.port}", f"[::1]:{hostile.port}", "127.0.0.2"):
+        status, _, text = raw(hostile, "GET", "/api/jobs", headers={"Host": host})
+        assert status == 200, (host, status, text)
+
+
+def test_the_files_route_serves_the_card_recipe_and_plots_not_the_weights(hostile):
+    """GETs need no key (an exposed service shows its jobs): the merged weights of a private push must not be.
+    The plots are where the writer puts them (`plots/`, as the card links them), and the job page links them."""
+    for name in ("README.md", "mudsc_recipe.yaml", "heads.png", "plots/match_quality.png"):
+        status, content_type, text = raw(hostile, "GET", f"/jobs/{hostile.written}/files/{name}")
+        assert status == 200 and text == f"the file {name}", (name, status, text)
+    for name in ("model.safetensors", "config.json", "plots/../model.safetensors", "plots/%2e%2e/config.json",
+                 "plots", "plots/", "../written/README.md"):
+        status, _, text = raw(hostile, "GET", f"/jobs/{hostile.written}/files/{name}")
+        assert status == 404, (name, status, text)
+    page = hostile.request("GET", f"/jobs/{hostile.written}")[1]
+    assert f'<img src="/jobs/{hostile.written}/files/plots/match_quality.png"' in page
+
+
+def test_a_dry_run_claims_no_destination(hostile):
+    """A dry run writes and pushes nothing, so a merge into the same folder and repo is not refused with 409."""
+    body = {"models": ["user/absent-a", "user/absent-b"], "method": "average", "output": "dry-claim",
+            "push_to_hub": "user/dry-claim"}
+    dry = hostile.submit({**body, "dry_run": True})
+    status, answer = hostile.request("POST", "/api/jobs", body)
+    assert status == 201, answer
+    for job_id in (dry, answer["id"]):
+        assert hostile.wait(job_id)["status"] == "failed"  # the parents are not on the Hub: both end at load

@@ -7,9 +7,10 @@ POST and DELETE must send as `X-API-Key`. Needs the `serve` extra (`pip install 
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
+
+from hf_mudsc.serve import is_loopback
 
 API_KEY_ENV = "HF_MUDSC_API_KEY"
 
@@ -32,11 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_exposure(host: str, api_key: str | None) -> None:
     """Refuse to listen beyond this machine without an API key (one line naming the flag)."""
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback and not api_key:
+    if not is_loopback(host) and not api_key:
         raise ValueError(f"--host {host} exposes the service beyond this machine: pass --api-key KEY (or set "
                          f"{API_KEY_ENV}); POST and DELETE will then need the header `X-API-Key`")
 

@@ -9,3 +9,23 @@
 Nothing here imports torch: the web process stays light and `hf-mudsc serve --help` answers at once; the
 merge engine is imported only inside worker processes.
 """
+
+from __future__ import annotations
+
+import ipaddress
+
+
+def is_loopback(host: str) -> bool:
+    """`localhost` or a loopback address (127.0.0.0/8, ::1): the only names a service without an API key binds to
+    and answers to (cli/serve.py, app.py)."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(header: str) -> str:
+    """A Host header's name: `name:port`, `[v6]:port` or a bare name -> `name`, `v6`."""
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header

@@ -11,12 +11,18 @@
     GET    /jobs/{id}/files/{name} a file of a job's output folder (card, plots, recipe)
 
 `Authorization: Bearer <hf token>` on POST is the job's Hub token: kept in memory only (scheduler.py). With an
-API key configured, POST and DELETE need `X-API-Key: <key>`.
+API key configured, POST and DELETE need `X-API-Key: <key>`. POST takes only a JSON or YAML content type (415
+otherwise): a form or text/plain body is what a page on another site can send without a CORS preflight.
+Every error is one line of JSON, `{"error": ...}` (bad query values 400, unknown routes 404, wrong methods 405).
+Without an API key (so bound to loopback) only requests whose Host header names this machine are answered: a
+page elsewhere whose name is re-pointed at 127.0.0.1 (DNS rebinding) gets 400. GET /jobs/{id}/files serves the
+card, the recipe and plots, never the weights (reading needs no key).
 """
 
 from __future__ import annotations
 
 import hmac
+import html
 import json
 import logging
 from contextlib import asynccontextmanager
@@ -26,14 +32,18 @@ from typing import Any
 import yaml
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from jinja2 import Environment, PackageLoader, select_autoescape
+from starlette.exceptions import HTTPException
 
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import RecipeError
+from hf_mudsc.serve import host_name, is_loopback
 from hf_mudsc.serve.jobs import accepted_keys, parse_job
 from hf_mudsc.serve.scheduler import Scheduler
 from hf_mudsc.serve.store import ACTIVE, PHASES, JobStore, TargetClaimedError
+from hf_mudsc.solve.diagnostics import PLOTS_FOLDER
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +55,13 @@ push_to_hub: me/merged-vit
 private: true
 """
 MAX_BODY = 1 << 20  # a recipe is a few hundred bytes
+# The body's media types: JSON, or YAML (a recipe file). Not text/plain or forms, which need no CORS preflight.
+JSON_TYPES = ("application/json",)
+YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
+# What GET /jobs/{id}/files serves of an output folder: the card, the recipe, plots (what the page links to).
+SERVED_FILES = ("README.md", "mudsc_recipe.yaml")
+SERVED_SUFFIXES = (".png", ".svg")
+SQLITE_MAX = (1 << 63) - 1  # the largest integer SQLite binds; larger query values are clamped to it
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -80,6 +97,29 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
     app = FastAPI(title="hf-mudsc serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.store, app.state.scheduler, app.state.outputs = store, scheduler, outputs
 
+    if api_key is None:  # then bound to loopback (cli/serve.py): answer only requests addressed to this machine
+        @app.middleware("http")
+        async def loopback_only(request: Request, call_next: Any) -> Any:
+            host = request.headers.get("host", "")
+            if not is_loopback(host_name(host)):
+                return error(400, f"the Host header {host!r} does not name this machine: without --api-key the "
+                             "service answers only requests to localhost or a loopback address (a guard against "
+                             "DNS rebinding); to serve under another name, pass --api-key")
+            return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameter(request: Request, problem: RequestValidationError) -> JSONResponse:
+        first = problem.errors()[0]
+        name = first["loc"][-1] if first.get("loc") else "request"
+        return error(400, f"`{name}`: {first['msg']} (got {first.get('input')!r})")
+
+    @app.exception_handler(HTTPException)
+    async def no_route(request: Request, problem: HTTPException) -> JSONResponse:
+        answer = error(problem.status_code, f"{request.method} {request.url.path}: {problem.detail}; the API is "
+                       "/api/jobs (GET, POST), /api/jobs/{id} (GET, DELETE), /api/jobs/{id}/log (GET)")
+        answer.headers.update(problem.headers or {})
+        return answer
+
     def refused(request: Request) -> JSONResponse | None:
         if api_key is None:
             return None
@@ -93,12 +133,21 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
     async def submit(request: Request, dry_run: bool = False) -> JSONResponse:
         if (denied := refused(request)) is not None:
             return denied
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            return error(413, f"the body is larger than {MAX_BODY} bytes; a recipe is a few hundred")
+        content_type = request.headers.get("content-type", "")
+        if _media_type(content_type) not in JSON_TYPES + YAML_TYPES:
+            return error(415, f"send the recipe with `Content-Type: application/json` or `application/yaml`, "
+                         f"got {content_type or 'none'!r}")
+        too_big = error(413, f"the body is larger than {MAX_BODY} bytes; a recipe is a few hundred")
+        if int(request.headers.get("content-length") or 0) > MAX_BODY:
+            return too_big  # declared too big: refused before a byte of it is read
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > MAX_BODY:
+                return too_big
         token = _bearer(request)
         # Store and scheduler calls take locks: run them off the event loop, so GETs are never held up.
-        return await run_in_threadpool(enqueue, raw, request.headers.get("content-type", ""), dry_run, token)
+        return await run_in_threadpool(enqueue, bytes(raw), content_type, dry_run, token)
 
     def enqueue(raw: bytes, content_type: str, dry_run: bool, token: str | None) -> JSONResponse:
         try:
@@ -106,7 +155,8 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         except RecipeError as problem:
             return error(400, str(problem))
         try:
-            job_id = store.add(job.to_dict(), output=job.output, repo_id=job.repo_id, dry_run=job.dry_run,
+            claims = (None, None) if job.dry_run else (job.output, job.repo_id)  # a dry run writes nothing
+            job_id = store.add(job.to_dict(), output=claims[0], repo_id=claims[1], dry_run=job.dry_run,
                                has_token=token is not None)
         except TargetClaimedError as problem:
             return error(409, str(problem))
@@ -115,6 +165,7 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
 
     @app.get("/api/jobs")
     def list_jobs(limit: int | None = None) -> JSONResponse:
+        limit = min(limit, SQLITE_MAX) if limit and limit > 0 else None  # none, 0 or negative: all
         return JSONResponse({"jobs": [public(j) for j in store.list(limit)]})
 
     @app.get("/api/jobs/{job_id}")
@@ -137,8 +188,9 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
     def job_log(job_id: str, since: int = 0) -> JSONResponse:
         if store.get(job_id) is None:
             return error(404, f"no job {job_id!r}; GET /api/jobs lists them")
-        lines = store.log(job_id, since=max(0, since))
-        return JSONResponse({"id": job_id, "lines": lines, "next": max(0, since) + len(lines)})
+        since = max(0, since)
+        lines = store.log(job_id, since=min(since, SQLITE_MAX))
+        return JSONResponse({"id": job_id, "lines": lines, "next": since + len(lines)})
 
     # ------------------------------------------------------------------ page
     def render(name: str, **context: Any) -> HTMLResponse:
@@ -158,11 +210,11 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
     def job_page(job_id: str) -> HTMLResponse:
         job = store.get(job_id)
         if job is None:
-            return HTMLResponse(f"no job {job_id}", status_code=404)
+            return HTMLResponse(f"no job {html.escape(job_id)}", status_code=404)
         recipe = yaml.safe_dump(public(job)["recipe"], sort_keys=False)
         return render("job.html.jinja", job=_page_job(job, outputs), recipe=recipe, log=store.log(job_id))
 
-    @app.get("/jobs/{job_id}/files/{name}")
+    @app.get("/jobs/{job_id}/files/{name:path}")
     def job_file(job_id: str, name: str):
         job = store.get(job_id)
         folder = _output_folder(job, outputs) if job else None
@@ -173,16 +225,32 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
     return app
 
 
+def _media_type(content_type: str) -> str:
+    return content_type.split(";")[0].strip().lower()
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """Safe YAML without aliases: a few hundred bytes of nested aliases expand to gigabytes ("billion laughs"),
+    and a recipe needs none."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise RecipeError("YAML anchors and aliases (`&name`, `*name`) are refused in a job: write the values out")
+        return super().compose_node(parent, index)
+
+
 def _parse_body(raw: bytes, content_type: str) -> Any:
     text = raw.decode("utf-8", errors="replace")
     if not text.strip():
         raise RecipeError("the body is empty; send the recipe keys (at least `models`) as JSON or YAML")
+    kind = "YAML" if _media_type(content_type) in YAML_TYPES else "JSON"
     try:
-        if "yaml" in content_type:
-            return yaml.safe_load(text)
-        return json.loads(text)
+        return yaml.load(text, Loader=RecipeLoader) if kind == "YAML" else json.loads(text)
+    except RecipeError:
+        raise
+    except RecursionError:
+        raise RecipeError(f"the body's {kind} is nested too deeply; a recipe is a flat mapping") from None
     except (ValueError, yaml.YAMLError) as problem:
-        kind = "YAML" if "yaml" in content_type else "JSON"
         raise RecipeError(f"the body is not valid {kind}: {problem}") from None
 
 
@@ -204,7 +272,11 @@ def _output_folder(job: dict[str, Any], outputs: Path) -> Path | None:
 
 
 def _files(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    """The files of an output folder the service serves, as paths relative to it: the card, the recipe and plots
+    (at the top or in `plots/`, where the writer puts them) — never the weights. A request names one exactly."""
+    found = [p for p in (*folder.iterdir(), *(folder / PLOTS_FOLDER).glob("*")) if p.is_file()]
+    names = [p.relative_to(folder).as_posix() for p in found if not p.name.startswith(".")]
+    return sorted(n for n in names if n in SERVED_FILES or n.endswith(SERVED_SUFFIXES))
 
 
 def _page_job(job: dict[str, Any], outputs: Path) -> dict[str, Any]:

@@ -10,6 +10,7 @@ there, never a path elsewhere on the server. `allow_pickle` is refused: the serv
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from hf_mudsc.errors import RecipeError
 from hf_mudsc.publish.recipe import DESTINATION_KEYS, INFO_KEYS, Recipe
 
 SERVICE_KEYS = ("dry_run",)
+NAME_MAX = 255  # bytes in one folder name (Linux, macOS, Windows)
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,11 @@ def parse_job(body: Any, output_root: Path, *, dry_run: bool = False) -> JobRequ
     if not isinstance(body, Mapping):
         raise RecipeError(f"the body must be a mapping of recipe keys to values (JSON or YAML), "
                           f"got {type(body).__name__}")
+    try:  # a lone surrogate (JSON's "\ud800") cannot be stored or answered as UTF-8: refused here
+        json.dumps(body, ensure_ascii=False, default=str).encode("utf-8")
+    except UnicodeEncodeError as problem:
+        raise RecipeError(f"the body is not valid Unicode text: it holds a lone surrogate "
+                          f"{problem.object[problem.start:problem.end]!r}") from None
     body = {k: v for k, v in body.items() if k not in INFO_KEYS}
     unknown = sorted(str(k) for k in set(body) - set(accepted_keys()) - {"allow_pickle"})
     if unknown:
@@ -81,6 +88,11 @@ def parse_job(body: Any, output_root: Path, *, dry_run: bool = False) -> JobRequ
 
 def resolve_output(output: str, output_root: Path) -> Path:
     """`output` as a folder inside `output_root` (relative names; `..` or another absolute path is refused)."""
+    if "\x00" in output:
+        raise RecipeError(f"`output` must not contain a NUL byte, got {output!r}")
+    if any(len(part.encode()) > NAME_MAX for part in Path(output).parts):
+        raise RecipeError(f"`output` has a folder name longer than {NAME_MAX} bytes (the file system's limit): "
+                          f"{output[:80]!r}...")
     root = output_root.expanduser().resolve()
     path = Path(output).expanduser()
     resolved = (path if path.is_absolute() else root / path).resolve()

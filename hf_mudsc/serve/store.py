@@ -91,11 +91,13 @@ class JobStore:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for column, value, what in (("output", output, "output folder"), ("repo_id", repo_id, "Hub repo")):
+                # A Hub repo id is one repo whatever its case (`Me/X` is `me/x`); a folder path is case-sensitive.
+                for column, value, what, case in (("output", output, "output folder", ""),
+                                                  ("repo_id", repo_id, "Hub repo", " COLLATE NOCASE")):
                     if value is None:
                         continue
                     row = self._db.execute(
-                        f"SELECT id, status FROM jobs WHERE {column} = ? AND status IN (?, ?)",  # noqa: S608
+                        f"SELECT id, status FROM jobs WHERE {column} = ?{case} AND status IN (?, ?)",  # noqa: S608
                         (value, *ACTIVE)).fetchone()
                     if row is not None:
                         raise TargetClaimedError(

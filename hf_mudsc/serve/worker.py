@@ -83,6 +83,8 @@ class Reporter:
         self.send(("phase", "calibrate", round(0.2 + 0.4 * share * 0.98, 4)))
 
     def scrub(self, text: str) -> str:
+        """The token masked, and lone surrogates (a non-UTF-8 path through os.fsdecode) escaped: the store is UTF-8."""
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
         return text.replace(self.token, "***") if self.token else text
 
     def send(self, message: tuple) -> None:
