@@ -532,3 +532,63 @@ def test_a_dry_run_claims_no_destination(hostile):
     assert status == 201, answer
     for job_id in (dry, answer["id"]):
         assert hostile.wait(job_id)["status"] == "failed"  # the parents are not on the Hub: both end at load
+
+
+def test_a_store_write_that_fails_while_following_a_worker_fails_the_job_and_frees_its_slot(tmp_path):
+    """The follow thread copies a worker's messages into the store; if a write fails (disk full, a locked or
+    corrupt database), the job must not stay "running" holding a worker slot forever: the worker is stopped, the
+    job is failed with the reason (when the store still takes it), and the slot is free."""
+    import sqlite3
+
+    from hf_mudsc.serve.scheduler import Running, Scheduler
+
+    class Pipe:
+        def __init__(self, messages):
+            self.messages = list(messages)
+
+        def recv(self):
+            if not self.messages:
+                raise EOFError
+            return self.messages.pop(0)
+
+    class Process:
+        exitcode = None
+        killed = False
+
+        def join(self, timeout=None):
+            return None
+
+        def is_alive(self):
+            return not self.killed
+
+        def kill(self):
+            self.killed = True
+            self.exitcode = -9
+
+    store = JobStore(tmp_path / "state")
+    job_id = store.add({"models": ["a", "b"]}, output=None, repo_id=None, dry_run=False, has_token=False)
+    store.update(job_id, status="running")
+    failures = iter([sqlite3.OperationalError("disk I/O error")])
+
+    def failing_update(job, **fields):
+        if "phase" in fields:  # the first phase report fails to write; later writes (the failure) work
+            raise next(failures)
+        return JobStore.update(store, job, **fields)
+
+    store.update = failing_update
+    scheduler = Scheduler(store, workers=1)
+    run = Running(process=Process(), conn=Pipe([("phase", "calibrate", 0.1), ("log", "never read")]))
+    scheduler.running[job_id] = run
+    scheduler._follow(job_id, run)
+    job = store.get(job_id)
+    assert job["status"] == "failed"
+    assert "could not record the job's progress (disk I/O error)" in job["error"]
+    assert run.process.killed and job_id not in scheduler.running
+    # a job the worker already reported finished keeps that status when a later log write fails
+    done = store.add({"models": ["a", "b"]}, output=None, repo_id=None, dry_run=False, has_token=False)
+    store.update(done, status="running")
+    store.append_log = lambda job, lines: (_ for _ in ()).throw(sqlite3.OperationalError("disk full"))
+    finished = Running(process=Process(), conn=Pipe([("done", "succeeded", None, {"output": "x"}), ("log", "late")]))
+    scheduler.running[done] = finished
+    scheduler._follow(done, finished)
+    assert store.get(done)["status"] == "succeeded" and done not in scheduler.running

@@ -190,7 +190,41 @@ class Scheduler:
                               "or a crash in native code; the service is unaffected")
 
     def _follow(self, job_id: str, run: Running) -> None:
-        """Copy one worker's messages into the store until its pipe closes; then settle the job's status."""
+        """Copy one worker's messages into the store until its pipe closes; then settle the job's status. Whatever
+        happens here, the worker ends and its slot is freed: a store write that fails (disk full, a locked or
+        corrupt database) stops the worker and fails the job with the reason, instead of leaving it "running"."""
+        final: tuple | None = None
+        broken: Exception | None = None
+        try:
+            final = self._copy_messages(job_id, run)
+        except Exception as error:  # noqa: BLE001 - the service stays up; the job is failed below
+            logger.exception("job %s: following its worker failed", job_id)
+            broken = error
+            run.process.kill()
+        run.process.join(timeout=EXIT_GRACE_S)
+        if run.process.is_alive():  # reported its end but does not exit (a stuck library thread): reclaim it
+            run.process.kill()
+            run.process.join()
+        run.finished = True
+        if run.timer is not None:
+            run.timer.cancel()
+        try:
+            if broken is not None:  # failed unless the worker's own report already settled it
+                self.store.finish_if_active(job_id, "failed", f"the service could not record the job's progress "
+                                            f"({broken}); the worker was stopped — check the state directory's "
+                                            "disk and resubmit")
+            elif final is None:
+                self._settle(job_id, run, None)
+        except Exception:  # noqa: BLE001 - the store refuses even that: logged, the slot is still freed
+            logger.exception("job %s: its final status could not be recorded", job_id)
+        finally:
+            with self._lock:
+                self.running.pop(job_id, None)
+            self._wake.set()
+
+    def _copy_messages(self, job_id: str, run: Running) -> tuple | None:
+        """The worker's log lines, phases and final report into the store, until its pipe closes; the final
+        report (settled as it arrives) or None."""
         final: tuple | None = None
         pending: list[str] = []
         while True:
@@ -215,15 +249,4 @@ class Scheduler:
                 self._settle(job_id, run, final)
         if pending:
             self.store.append_log(job_id, pending)
-        run.process.join(timeout=EXIT_GRACE_S)
-        if run.process.is_alive():  # reported its end but does not exit (a stuck library thread): reclaim it
-            run.process.kill()
-            run.process.join()
-        run.finished = True
-        if run.timer is not None:
-            run.timer.cancel()
-        if final is None:
-            self._settle(job_id, run, None)
-        with self._lock:
-            self.running.pop(job_id, None)
-        self._wake.set()
+        return final
