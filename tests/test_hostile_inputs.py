@@ -149,3 +149,109 @@ def test_a_key_given_twice_is_refused(tmp_path):
         Recipe.load(path)
     path.write_text("models: [a, b]\n<<: {alpha: 0.3}\nseed: 1\n")  # a merge key is not a repeated key
     assert Recipe.load(path).alpha == 0.3
+
+
+# ---------------------------------------------------------------- parent folders: config.json read with care
+
+
+def _vit_folder(folder, edit=None, raw: str | bytes | None = None):
+    """A tiny ViT classifier saved with save_pretrained, its config.json edited (a dict change) or replaced."""
+    import json
+
+    from factories import make_model
+
+    make_model("vit_cls", seed=0).save_pretrained(folder)
+    path = folder / "config.json"
+    if edit is not None:
+        config = json.loads(path.read_text())
+        edit(config)
+        path.write_text(json.dumps(config))
+    if raw is not None:
+        path.write_bytes(raw if isinstance(raw, bytes) else raw.encode())
+    return folder
+
+
+@pytest.mark.parametrize(("raw", "needle"), [
+    ("null", "config.json is not a JSON object (got null)"),
+    ("[1, 2]", "config.json is not a JSON object (got a list)"),
+    ('"vit"', "config.json is not a JSON object (got a string)"),
+    ("{not json", "config.json is not valid JSON (line 1, column 2"),
+    ("", "config.json is not valid JSON (line 1, column 1"),
+    (b'{"model_type": "vit", "x": "caf\xe9"}', "config.json is not UTF-8 JSON"),
+    ('{"hidden_size": 32}', "config.json names no model_type"),
+    ('{"model_type": 5}', "config.json names no model_type"),
+])
+def test_a_config_that_is_no_json_object_is_refused_in_one_line(tmp_path, raw, needle):
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import load_parent
+
+    folder = _vit_folder(tmp_path / "vit", raw=raw)
+    with pytest.raises(LoadError) as caught:
+        load_parent(folder)
+    message = str(caught.value)
+    assert "\n" not in message and needle in message and str(folder) in message, message
+    assert "restore the config.json saved with the weights" in message
+
+
+@pytest.mark.parametrize(("edit", "needle"), [
+    (lambda c: c.update(hidden_size="32"), "hidden_size"),
+    (lambda c: c.update(model_type="../../etc"), "model type `../../etc`"),
+])
+def test_a_config_transformers_cannot_read_is_refused_in_one_line(tmp_path, edit, needle):
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import load_parent
+
+    folder = _vit_folder(tmp_path / "vit", edit=edit)
+    with pytest.raises(LoadError) as caught:
+        load_parent(folder)
+    message = str(caught.value)
+    assert "\n" not in message and "cannot read the config of" in message and needle in message, message
+
+
+@pytest.mark.parametrize(("edit", "needle"), [
+    (lambda c: c.update(num_labels=10**9), "num_labels is 1000000000"),
+    (lambda c: c.update(id2label=None, num_labels=10**9), "num_labels is 1000000000"),
+    (lambda c: c.update(num_hidden_layers=10**9), "num_hidden_layers is 1000000000"),
+    (lambda c: c.update(num_attention_heads=-4), "num_attention_heads is -4"),
+])
+def test_absurd_counts_in_a_config_are_refused_before_transformers_expands_them(tmp_path, edit, needle):
+    """transformers turns num_labels into one id2label entry per label (10**9 took 23 GB) and builds one module per
+    layer: the counts are checked on the JSON first."""
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import load_parent
+
+    folder = _vit_folder(tmp_path / "vit", edit=edit)
+    start = time.perf_counter()
+    with pytest.raises(LoadError) as caught:
+        load_parent(folder)
+    assert time.perf_counter() - start < 5
+    message = str(caught.value)
+    assert "\n" not in message and needle in message and "restore the config.json saved with the weights" in message
+
+
+@pytest.mark.parametrize("renamed", [False, True])
+def test_a_config_far_larger_than_its_weights_is_refused_before_anything_is_allocated(tmp_path, monkeypatch, capsys,
+                                                                                      renamed):
+    """Both parents say hidden_size 10**9 (so they agree) over a 65 kB checkpoint: from_pretrained would allocate
+    68 GB before noticing the shapes differ. The parameter count is compared with the safetensors header first
+    (whatever the checkpoint's tensor names)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import ViTForImageClassification
+
+    def never(*args, **kwargs):
+        raise AssertionError("from_pretrained was called: the model was allocated")
+
+    monkeypatch.setattr(ViTForImageClassification, "from_pretrained", never)
+    huge = lambda c: c.update(hidden_size=10**9, intermediate_size=10**9)  # noqa: E731
+    a, b = _vit_folder(tmp_path / "a", edit=huge), _vit_folder(tmp_path / "b", edit=huge)
+    if renamed:  # a checkpoint whose names the model does not use: only the count can tell
+        for folder in (a, b):
+            tensors = load_file(folder / "model.safetensors")
+            save_file({f"legacy.{k}": v for k, v in tensors.items()}, folder / "model.safetensors")
+    out = tmp_path / "out"
+    capsys.readouterr()  # the folders' save_pretrained progress
+    assert main(["merge", str(a), str(b), "--method", "weight_matching", "--output", str(out)]) == 1
+    line = _one_line_error(capsys)
+    assert f"'{a}': config.json describes a model of " in line and ", but model.safetensors holds 16," in line
+    assert "restore the config.json saved with the weights" in line
+    assert not out.exists()

@@ -25,6 +25,8 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from hf_mudsc.errors import LoadError, MergeInputError, ParentMismatchError
 from hf_mudsc.load.checks import config_differences
+from hf_mudsc.load.config_json import FIX as CONFIG_FIX
+from hf_mudsc.load.config_json import check_config_json
 from hf_mudsc.load.hub_calls import hub_call
 from hf_mudsc.load.processors import load_processor, processor_from_name, tokenizer_of
 from hf_mudsc.load.references import looks_like_path, parse_reference
@@ -218,11 +220,15 @@ def _one_line(error: BaseException) -> str:
 
 
 def _load_config(folder: Path, reference: str) -> PretrainedConfig:
+    from huggingface_hub.errors import StrictDataclassError
+
+    check_config_json(folder, reference)  # not a JSON object, absurd counts: refused before transformers reads it
     try:
         return AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    except (ValueError, OSError, KeyError) as error:
+    except (ValueError, OSError, KeyError, TypeError, AttributeError, StrictDataclassError) as error:
+        text = " ".join(str(error).split())  # one line: library messages span several
         raise LoadError(
-            f"cannot read the config of {reference!r}: {error}. Models that need custom code "
+            f"cannot read the config of {reference!r}: {text[:400]}. Models that need custom code "
             "(trust_remote_code) are not supported"
         ) from error
 
@@ -445,6 +451,8 @@ def _finish(located: _Located, *, token: str | bool | None, cache_dir: str | os.
                             reference=located.reference)
     _fetch_weights(located, token=token, cache_dir=cache_dir)
     check_weight_files(located.reference, located.folder, located.weight_files)
+    if not located.use_pickle:
+        check_config_fits_weights(located)
     if lazy and not located.use_pickle:
         parent = _finish_lazily(located)
         if parent is not None:
@@ -457,6 +465,27 @@ def _finish(located: _Located, *, token: str | bool | None, cache_dir: str | os.
     logger.info("loaded %s%s", located.reference, f" at commit {located.commit_sha}" if located.commit_sha else "")
     return LoadedParent(model=model, processor=located.processor, reference=located.reference,
                         repo_id=located.repo_id, revision=located.revision, commit_sha=located.commit_sha)
+
+
+def check_config_fits_weights(located: _Located) -> None:
+    """Refuse a config.json whose model is far larger than its safetensors checkpoint, from the headers and a model
+    on the meta device, before `from_pretrained` allocates it (a hidden_size of 10**9 over a 65 kB file asked for
+    68 GB). Smaller disagreements are left to `_load_weights`, which names the tensors that do not fit."""
+    import math
+
+    from hf_mudsc.load.lazy import LazyParameters, safetensors_files
+
+    files = safetensors_files(located.folder)
+    if not files:
+        return
+    with torch.device("meta"):
+        model = model_class_for(located.config)(located.config)
+    needed = sum(tensor.numel() for tensor in model.parameters())
+    stored = LazyParameters(files)
+    held = sum(math.prod(stored.shape(key)) for key in stored)
+    if needed > 2 * held + 2**26:  # tied tensors are saved once; 2**26 float32 values are 256 MB
+        raise LoadError(f"{located.reference!r}: config.json describes a model of {needed:,} parameters, but "
+                        f"{located.weight_files[0]} holds {held:,} values; {CONFIG_FIX}")
 
 
 def _finish_lazily(located: _Located) -> LoadedParent | None:
