@@ -255,3 +255,24 @@ def test_a_config_far_larger_than_its_weights_is_refused_before_anything_is_allo
     assert f"'{a}': config.json describes a model of " in line and ", but model.safetensors holds 16," in line
     assert "restore the config.json saved with the weights" in line
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- tokens never echoed by the argument parser
+
+TOKEN = "hf_FAKEFAKEFAKE1234567890"
+
+
+@pytest.mark.parametrize("argv", [
+    ["evaluate", "some/model", "--dataset", "d:test", "--token", TOKEN],  # evaluate has no --token flag
+    ["evaluate", "some/model", "--dataset", "d:test", f"--token={TOKEN}"],
+    ["merge", "a", "b", "--output", "o", "--tokn", TOKEN],  # a typo of the flag
+    ["merge", "a", "b", "--output", "o", "--batch-size", TOKEN],  # a token where a number goes
+    ["evaluate", "some/model", "--dataset", "d:test", "--token", "s3cr3t-not-hf-shaped"],
+])
+def test_argument_errors_never_echo_a_token(capsys, argv):
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and TOKEN not in err and "s3cr3t-not-hf-shaped" not in err, err
+    assert "***" in err

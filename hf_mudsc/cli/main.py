@@ -6,8 +6,10 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from hf_mudsc._version import __version__
 
@@ -77,13 +79,31 @@ def silence_library_bars() -> None:
         sys.modules["datasets"].disable_progress_bars()
 
 
+# What argument errors must never echo: the value of a --token flag (also a mistyped or unknown one, `--tokn X`) and
+# anything shaped like a Hub token (`hf_...`, `api_org_...`), e.g. given where a number goes.
+SECRET_PATTERN = re.compile(r"(?<=--tok)(\w*[ =])(\S+)|\b(?:hf|api_org)_[A-Za-z0-9]{8,}")
+
+
+def redact(text: str) -> str:
+    """`text` with tokens replaced by `***` (see `SECRET_PATTERN`)."""
+    return SECRET_PATTERN.sub(lambda m: f"{m.group(1)}***" if m.group(1) else "***", text)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, except that its error line never echoes a token (`unrecognized arguments: --token hf_...`
+    when a command has no --token flag)."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(redact(message))
+
+
 def build_parser(available: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser; only the commands in `available` (all when None) get their flags, i.e. import their module.
 
     Every command is listed by `hf-mudsc --help` either way: a command module may import torch (evaluate does),
     and help or an argument error of another command must answer in a second, not after 5-8 s of imports.
     """
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="hf-mudsc",
         description="Merge fine-tuned Hugging Face transformers without training (MuDSC, CVPR 2024).",
     )
