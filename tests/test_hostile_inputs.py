@@ -276,3 +276,80 @@ def test_argument_errors_never_echo_a_token(capsys, argv):
     err = capsys.readouterr().err
     assert "error:" in err and TOKEN not in err and "s3cr3t-not-hf-shaped" not in err, err
     assert "***" in err
+
+
+# ---------------------------------------------------------------- evaluate writes only over files it wrote
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """A merged folder (CLI, with the writer's marker), a plain save_pretrained folder with its owner's card, and
+    a labelled image dataset."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+    from test_cli import save_parents_and_data
+
+    root = tmp_path_factory.mktemp("evaluate_hostile")
+    a, b, calibration = save_parents_and_data(root)
+    merged = root / "merged"
+    assert main(["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(merged),
+                 "--method", "zipit", "--num-samples", "16", "--batch-size", "8", "--refit", "none"]) == 0
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L") for _ in range(6)]
+    data = datasets.Dataset.from_dict({"image": images, "label": [0, 1, 2] * 2})
+    data.cast_column("image", datasets.Image()).save_to_disk(root / "test-data")
+    foreign = root / "their-model"
+    import shutil
+
+    shutil.copytree(a, foreign)
+    (foreign / "README.md").write_text("# their own card\n")
+    return merged, foreign, root / "test-data"
+
+
+def _evaluate(model, data, *extra: str) -> int:
+    tasks = ["vit-a=", "vit-b="] if (model / "mudsc_recipe.yaml").exists() else [""]
+    datasets = [item for task in tasks for item in ("--dataset", f"{task}{data}")]
+    return main(["evaluate", str(model), "--no-parents", "--no-ensemble", *datasets, *extra])
+
+
+@pytest.mark.parametrize("target", ["user-file", "model-config", "model-weights", "a-folder"])
+def test_evaluate_never_replaces_a_file_it_did_not_write_with_its_json(evaluated, tmp_path, capsys, monkeypatch,
+                                                                        target):
+    merged, _, data = evaluated
+    path = {"user-file": tmp_path / "notes.json", "model-config": merged / "config.json",
+            "model-weights": merged / "model.safetensors", "a-folder": tmp_path}[target]
+    if target == "user-file":
+        path.write_text('{"mine": true}\n')
+    before = path.read_bytes() if path.is_file() else None
+    import hf_mudsc.load.parents as parents
+
+    monkeypatch.setattr(parents, "load_parent", lambda *a, **k: pytest.fail("loaded before refusing"))
+    capsys.readouterr()
+    assert _evaluate(merged, data, "--output-json", str(path)) == 1
+    line = _one_line_error(capsys)
+    assert f"refusing to replace {str(path)!r} with the results" in line and "--output-json" in line, line
+    assert (path.read_bytes() if path.is_file() else None) == before
+
+
+def test_evaluate_leaves_the_card_of_a_folder_it_did_not_write_alone(evaluated, capsys, monkeypatch):
+    _, foreign, data = evaluated
+    import hf_mudsc.load.parents as parents
+
+    monkeypatch.setattr(parents, "load_parent", lambda *a, **k: pytest.fail("loaded before refusing"))
+    capsys.readouterr()
+    assert _evaluate(foreign, data) == 1
+    line = _one_line_error(capsys)
+    assert f"refusing to replace {str(foreign / 'README.md')!r} with the results" in line and "--no-card" in line
+    assert (foreign / "README.md").read_text() == "# their own card\n"
+    assert not (foreign / "eval_results.json").exists()
+
+
+def test_evaluate_rewrites_its_own_results_and_card_again(evaluated, tmp_path, capsys):
+    merged, foreign, data = evaluated
+    for _ in range(2):  # the second run replaces what the first wrote: recorded in the marker, or its own JSON
+        assert _evaluate(merged, data) == 0
+        assert _evaluate(merged, data, "--output-json", str(tmp_path / "results.json")) == 0
+    assert "model-index" in (merged / "README.md").read_text() and (merged / "eval_results.json").is_file()
+    assert _evaluate(foreign, data, "--no-card", "--output-json", str(tmp_path / "theirs.json")) == 0
+    assert (foreign / "README.md").read_text() == "# their own card\n"
