@@ -353,3 +353,25 @@ def test_evaluate_rewrites_its_own_results_and_card_again(evaluated, tmp_path, c
     assert "model-index" in (merged / "README.md").read_text() and (merged / "eval_results.json").is_file()
     assert _evaluate(foreign, data, "--no-card", "--output-json", str(tmp_path / "theirs.json")) == 0
     assert (foreign / "README.md").read_text() == "# their own card\n"
+
+
+# ---------------------------------------------------------------- running out of memory is one line, not a traceback
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                 "tried to allocate 8192000000 bytes. Error code 12 (Cannot allocate memory)"),
+    MemoryError(),
+])
+def test_running_out_of_memory_is_one_line_naming_the_dry_run(tmp_path, capsys, monkeypatch, error):
+    """What torch raised when a recipe listed 1000 parents (the statistics of 1000 x 32 units need 8 GB)."""
+    import hf_mudsc.cli.merge as merge_cli
+
+    def out_of_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(merge_cli, "execute", out_of_memory)
+    assert main(["merge", "a", "b", "--method", "weight_matching", "--output", str(tmp_path / "out")]) == 1
+    line = _one_line_error(capsys)
+    assert line.startswith("hf-mudsc merge: error: out of memory") and "--dry-run" in line, line
+    assert "Traceback" not in line

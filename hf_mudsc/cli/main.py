@@ -89,6 +89,10 @@ def redact(text: str) -> str:
     return SECRET_PATTERN.sub(lambda m: f"{m.group(1)}***" if m.group(1) else "***", text)
 
 
+# How torch says an allocation failed (CPU: "DefaultCPUAllocator: can't allocate memory"; CUDA: "out of memory").
+OUT_OF_MEMORY = re.compile(r"can't allocate memory|out of memory", re.IGNORECASE)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse's parser, except that its error line never echoes a token (`unrecognized arguments: --token hf_...`
     when a command has no --token flag)."""
@@ -146,6 +150,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileExistsError, FileNotFoundError, PermissionError) as error:
         logging.getLogger("hf_mudsc").debug("command failed", exc_info=True)
         print(f"hf-mudsc {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as error:
+        if not isinstance(error, MemoryError) and not OUT_OF_MEMORY.search(str(error)):
+            raise
+        logging.getLogger("hf_mudsc").debug("command failed", exc_info=True)
+        said = " ".join(str(error).split())
+        print(f"hf-mudsc {args.command}: error: out of memory{f' ({said[:300]})' if said else ''}; `hf-mudsc "
+              "merge ... --dry-run` estimates the peak memory: use fewer parents, calibration samples or a "
+              "smaller --batch-size", file=sys.stderr)
         return 1
 
 
