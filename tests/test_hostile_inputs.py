@@ -375,3 +375,21 @@ def test_running_out_of_memory_is_one_line_naming_the_dry_run(tmp_path, capsys, 
     line = _one_line_error(capsys)
     assert line.startswith("hf-mudsc merge: error: out of memory") and "--dry-run" in line, line
     assert "Traceback" not in line
+
+
+# ---------------------------------------------------------------- calibration data that is code
+
+
+def test_a_calibration_folder_holding_a_dataset_script_is_refused_in_one_line(tmp_path, capsys):
+    """datasets refuses the script with a RuntimeError (it never runs it): that surfaced as a traceback."""
+    folder = tmp_path / "evilds"
+    folder.mkdir()
+    marker = tmp_path / "ran"
+    (folder / "evilds.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    out = tmp_path / "out"
+    code = main(["merge", "a", "b", "--method", "zipit", "--calibration", f"{folder}:train", "--output", str(out)])
+    assert code == 1
+    line = _one_line_error(capsys)
+    assert f"calibration dataset '{folder}:train' is a dataset script (evilds.py)" in line, line
+    assert "never runs" in line and "save_to_disk" in line
+    assert not marker.exists() and not out.exists()

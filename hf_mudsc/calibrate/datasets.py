@@ -181,6 +181,15 @@ def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, s
         if "split" in str(error).lower():
             raise CalibrationError(f"calibration spec {str(parsed)!r}: {error}") from error
         raise CalibrationError(f"cannot load calibration dataset {str(parsed)!r}: {error}") from error
+    except RuntimeError as error:  # datasets refuses a loading script (never running it) with a RuntimeError
+        script = re.search(r"found (\S+\.py)", str(error))
+        if script is None:
+            raise
+        raise CalibrationError(
+            f"calibration dataset {str(parsed)!r} is a dataset script ({script.group(1)}), which hf_mudsc never runs "
+            "(nor does datasets any more); pass its data: data files, an imagefolder or a folder written by "
+            "Dataset.save_to_disk"
+        ) from None
     except (FileNotFoundError, ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as error:
         raise CalibrationError(
             f"calibration dataset {str(parsed)!r} not found: it is no local folder or file, and the Hub could not "
