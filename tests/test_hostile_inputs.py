@@ -7,6 +7,7 @@ not grow with the input (a value is shown shortened, never whole).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -393,3 +394,54 @@ def test_a_calibration_folder_holding_a_dataset_script_is_refused_in_one_line(tm
     assert f"calibration dataset '{folder}:train' is a dataset script (evilds.py)" in line, line
     assert "never runs" in line and "save_to_disk" in line
     assert not marker.exists() and not out.exists()
+
+
+# ---------------------------------------------------------------- parent folders: links out are not followed
+
+
+def _save_vit_with_processor(folder):
+    from factories import make_model
+    from transformers import ViTImageProcessor
+
+    make_model("vit_cls", seed=0).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5]).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("name", ["preprocessor_config.json", "model.safetensors", "config.json"])
+def test_a_parent_file_linking_out_of_its_folder_is_refused(tmp_path, name):
+    """A folder unpacked from someone else's archive may link a file the merge reads (and writes back into the
+    merged model, maybe pushed) to any file of this machine, e.g. ~/.cache/huggingface/token."""
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import load_parent
+
+    folder = _save_vit_with_processor(tmp_path / "vit")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (folder / name).rename(elsewhere / name)
+    (folder / name).symlink_to(elsewhere / name)
+    with pytest.raises(LoadError) as caught:
+        load_parent(folder)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"{str(folder)!r}: {name} is a symbolic link to {str(elsewhere / name)!r}, outside the folder" in message
+    assert "copy the file into the folder" in message
+
+
+def test_links_inside_the_folder_and_a_hub_cache_snapshot_still_load(tmp_path):
+    from hf_mudsc.load.parents import load_parent
+
+    folder = _save_vit_with_processor(tmp_path / "vit")
+    (folder / "weights").mkdir()
+    (folder / "model.safetensors").rename(folder / "weights" / "model.safetensors")
+    (folder / "model.safetensors").symlink_to(Path("weights") / "model.safetensors")
+    assert load_parent(folder).processor is not None
+    # The Hub cache's layout: snapshots/<sha>/<file> -> ../../blobs/<hash>
+    repo = tmp_path / "hub" / "models--org--vit"
+    snapshot, blobs = repo / "snapshots" / ("a" * 40), repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for index, path in enumerate(sorted(p for p in folder.iterdir() if p.is_file())):
+        (blobs / f"blob{index}").write_bytes(path.read_bytes())
+        (snapshot / path.name).symlink_to(Path("..") / ".." / "blobs" / f"blob{index}")
+    assert load_parent(snapshot).processor is not None

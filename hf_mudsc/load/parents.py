@@ -167,6 +167,7 @@ def _locate_folder(reference: str, path: Path, allow_pickle: bool) -> _Located:
             f"no model folder at {str(path)!r}; pass an existing folder written by save_pretrained, or a Hub "
             "id such as 'org/name' or 'org/name@revision'"
         )
+    refuse_links_out(reference, path)
     if not (path / "config.json").is_file():
         raise LoadError(f"{str(path)!r} has no config.json; save the model with save_pretrained")
     files = [p.name for p in path.iterdir() if p.is_file()]
@@ -175,6 +176,25 @@ def _locate_folder(reference: str, path: Path, allow_pickle: bool) -> _Located:
     check_weight_files(reference, path, weight_files)
     return _Located(reference=reference, config=config, folder=path, weight_files=weight_files,
                     use_pickle=use_pickle)
+
+
+def refuse_links_out(reference: str, folder: Path) -> None:
+    """Refuse a parent folder holding a symbolic link to anything outside it: a folder unpacked from someone else's
+    archive could link a file the merge reads and writes back into the merged model (a vocabulary, a processor
+    config) to any file of this machine, e.g. the stored Hub token. A Hub cache snapshot's links into its repo's
+    `blobs/` are that layout, and allowed."""
+    base = folder.resolve()
+    roots = [base] + ([base.parent.parent / "blobs"] if base.parent.name == "snapshots" else [])
+    for entry in sorted(folder.iterdir()):
+        if not entry.is_symlink():
+            continue
+        target = entry.resolve()
+        if not any(target == root or target.is_relative_to(root) for root in roots):
+            raise LoadError(
+                f"{reference!r}: {entry.name} is a symbolic link to {str(target)!r}, outside the folder; hf-mudsc "
+                "reads only files inside a parent folder (a link could carry any file of this machine, e.g. a "
+                "token, into the merged model): copy the file into the folder"
+            )
 
 
 def _shard_names(reference: str, folder: Path, index_name: str) -> list[str]:
