@@ -445,3 +445,30 @@ def test_links_inside_the_folder_and_a_hub_cache_snapshot_still_load(tmp_path):
         (blobs / f"blob{index}").write_bytes(path.read_bytes())
         (snapshot / path.name).symlink_to(Path("..") / ".." / "blobs" / f"blob{index}")
     assert load_parent(snapshot).processor is not None
+
+
+# ---------------------------------------------------------------- inspect: a merged folder's files are data
+
+
+@pytest.mark.parametrize(("name", "content", "needle"), [
+    ("merge_diagnostics.json", "[1, 2]", "holds a malformed hf-mudsc file (AttributeError: 'list' object"),
+    ("eval_results.json", "[1, 2]", "holds a malformed hf-mudsc file (AttributeError: 'list' object"),
+    ("eval_results.json", '{"scores": 5, "metrics": "x"}', "holds a malformed hf-mudsc file (AttributeError: 'int'"),
+    ("merge_diagnostics.json", '{"format": 1, "method": "zipit", "groups": [{"name": "g", "width": 2, '
+                               '"value": "x", "blended": "y"}]}', "Unknown format code 'f'"),  # one line already
+    ("merge_diagnostics.json", '{"format": 1, "method": "zipit", "groups": [{"bogus": 1}]}',
+     "merge_diagnostics.json': GroupDiagnostics.__init__() got an unexpected keyword argument 'bogus'"),
+])
+def test_inspect_names_a_malformed_file_in_one_line(evaluated, tmp_path, capsys, name, content, needle):
+    import shutil
+
+    merged, _, _ = evaluated
+    folder = tmp_path / "copy"
+    shutil.copytree(merged, folder)
+    (folder / name).write_text(content)
+    capsys.readouterr()
+    assert main(["inspect", str(folder), "--no-plots"]) == 1
+    line = _one_line_error(capsys)
+    assert line.startswith("hf-mudsc inspect: error: ") and needle in line, line
+    if "malformed" in needle:
+        assert f"{str(folder)!r} holds a malformed" in line and "write the folder again" in line

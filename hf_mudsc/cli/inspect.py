@@ -32,7 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     target = Path(args.target).expanduser()
     if target.is_dir():
-        return inspect_folder(target, output=args.output, overwrite=args.overwrite, plots=not args.no_plots)
+        try:
+            return inspect_folder(target, output=args.output, overwrite=args.overwrite, plots=not args.no_plots)
+        except (AttributeError, TypeError, KeyError, IndexError) as error:  # a value of the wrong shape in a file
+            raise ValueError(f"{str(target)!r} holds a malformed hf-mudsc file ({type(error).__name__}: {error}); "
+                             "write the folder again with `hf-mudsc merge --output DIR`") from None
     if target.is_file() and target.suffix in (".yaml", ".yml"):
         return inspect_recipe(target)
     raise FileNotFoundError(
