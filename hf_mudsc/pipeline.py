@@ -275,7 +275,7 @@ def merge(
     except OptionError as error:
         raise MergeInputError(str(error)) from None
     alpha, statistics_dtype = merge_options.alpha, merge_options.statistics_dtype
-    if isinstance(models, (str, os.PathLike, PreTrainedModel)) or len(models) < 2:
+    if not isinstance(models, Sequence) or isinstance(models, (str, os.PathLike, PreTrainedModel)) or len(models) < 2:
         raise MergeInputError("merge takes a list of two or more parents (Hub ids, folders or models), got "
                               f"{models if isinstance(models, (str, os.PathLike)) else type(models).__name__}")
     count = len(models)

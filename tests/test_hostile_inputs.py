@@ -472,3 +472,13 @@ def test_inspect_names_a_malformed_file_in_one_line(evaluated, tmp_path, capsys,
     assert line.startswith("hf-mudsc inspect: error: ") and needle in line, line
     if "malformed" in needle:
         assert f"{str(folder)!r} holds a malformed" in line and "write the folder again" in line
+
+
+@pytest.mark.parametrize(("models", "shown_as"), [(None, "NoneType"), (7, "int"), ({"a": "x", "b": "y"}, "dict")])
+def test_merge_names_parents_that_are_not_a_list(models, shown_as):
+    """`merge(None, ...)` raised `TypeError: object of type 'NoneType' has no len()`."""
+    import hf_mudsc
+    from hf_mudsc.errors import MergeInputError
+
+    with pytest.raises(MergeInputError, match=f"merge takes a list of two or more parents .*, got {shown_as}$"):
+        hf_mudsc.merge(models, None, method="average")
