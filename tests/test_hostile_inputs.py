@@ -482,3 +482,48 @@ def test_merge_names_parents_that_are_not_a_list(models, shown_as):
 
     with pytest.raises(MergeInputError, match=f"merge takes a list of two or more parents .*, got {shown_as}$"):
         hf_mudsc.merge(models, None, method="average")
+
+
+# ---------------------------------------------------------------- nesting and size
+
+
+@pytest.mark.parametrize("value", ["[" * 5000 + "]" * 5000, "{a: " * 3000 + "1" + "}" * 3000])
+def test_a_recipe_nested_too_deeply_is_refused_in_one_line(tmp_path, capsys, value):
+    path = tmp_path / "deep.yaml"
+    path.write_text(f"models: {value}\n")
+    assert main(["merge", "--recipe", str(path), "--output", str(tmp_path / "out")]) == 2
+    line = _one_line_error(capsys)
+    assert f"{str(path)!r} is not valid YAML: it is nested too deeply" in line, line
+
+
+def test_a_recipe_file_of_megabytes_is_refused_before_it_is_parsed(tmp_path, capsys):
+    path = tmp_path / "big.yaml"
+    path.write_text("models: [a, b]\n" + "# padding\n" * 200_000)
+    assert main(["merge", "--recipe", str(path), "--output", str(tmp_path / "out")]) == 2
+    line = _one_line_error(capsys)
+    assert f"recipe {str(path)!r} is 2,000,015 bytes; a recipe is a few hundred" in line, line
+
+
+def test_a_config_nested_too_deeply_is_refused_in_one_line(tmp_path):
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import load_parent
+
+    folder = _vit_folder(tmp_path / "vit", raw='{"model_type": "vit", "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(LoadError, match="config.json is not valid JSON: it is nested too deeply"):
+        load_parent(folder)
+
+
+@pytest.mark.parametrize(("body", "content_type"), [
+    ('{"models": ' + "[" * 100_000 + "]" * 100_000 + "}", "application/json"),
+    ("models: " + "[" * 5000 + "]" * 5000, "application/yaml"),
+])
+def test_the_service_answers_a_request_nested_too_deeply_with_400(tmp_path, body, content_type):
+    """The JSON/YAML parser's RecursionError was an internal server error (500)."""
+    from fastapi.testclient import TestClient
+
+    from hf_mudsc.serve.app import create_app
+
+    client = TestClient(create_app(tmp_path), raise_server_exceptions=False)
+    answer = client.post("/api/jobs", content=body, headers={"content-type": content_type})
+    assert answer.status_code == 400, answer.text[:300]
+    assert "is nested too deeply" in answer.json()["error"]

@@ -36,6 +36,8 @@ def check_config_json(folder: Path, reference: str) -> dict[str, Any]:
                         f"{FIX}") from None
     except ValueError as error:  # an integer longer than Python reads (4300 digits)
         raise LoadError(f"{where} is not valid JSON ({error}); {FIX}") from None
+    except RecursionError:
+        raise LoadError(f"{where} is not valid JSON: it is nested too deeply to be a config; {FIX}") from None
     if not isinstance(data, dict):
         raise LoadError(f"{where} is not a JSON object (got {_JSON_KINDS.get(type(data), 'a value')}); {FIX}")
     if not isinstance(data.get("model_type"), str) or not data["model_type"]:

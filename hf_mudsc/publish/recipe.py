@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 DESTINATION_KEYS = MergeOptions.names(destination=True)
 # Keys only the command line may set (destinations and trust), with the flag to use instead.
 COMMAND_LINE_ONLY_KEYS = MergeOptions.command_line_only()
+# The largest recipe file read: written ones are about 1 kB; a bigger file is no recipe (and YAML parsing is slow).
+MAX_RECIPE_BYTES = 1 << 20
 # Keys a recipe may carry for information only.
 INFO_KEYS = ("hf_mudsc_version",)
 
@@ -92,6 +94,10 @@ class Recipe(MergeOptions):
         path = Path(path)
         if not path.is_file():
             raise RecipeError(f"no recipe file at {str(path)!r}; pass the path of a mudsc_recipe.yaml")
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"recipe {str(path)!r} is {size:,} bytes; a recipe is a few hundred (at most "
+                              f"{MAX_RECIPE_BYTES:,}): pass the mudsc_recipe.yaml a merge wrote")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as error:
@@ -101,6 +107,8 @@ class Recipe(MergeOptions):
             data = yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: builds plain data only
         except (yaml.YAMLError, ValueError) as error:  # ValueError: an integer longer than Python reads (4300 digits)
             raise RecipeError(f"{str(path)!r} is not valid YAML: {_one_line(error)}") from None
+        except RecursionError:
+            raise RecipeError(f"{str(path)!r} is not valid YAML: it is nested too deeply to be a recipe") from None
         return cls.from_dict(data or {}, source=f"recipe {str(path)!r}")
 
     def override(self, **changes: Any) -> Recipe:

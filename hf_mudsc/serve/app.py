@@ -184,6 +184,9 @@ def _parse_body(raw: bytes, content_type: str) -> Any:
     except (ValueError, yaml.YAMLError) as problem:
         kind = "YAML" if "yaml" in content_type else "JSON"
         raise RecipeError(f"the body is not valid {kind}: {problem}") from None
+    except RecursionError:
+        raise RecipeError("the body is nested too deeply to be a recipe; send the recipe keys as a flat mapping") \
+            from None
 
 
 def _bearer(request: Request) -> str | None:
