@@ -527,3 +527,13 @@ def test_the_service_answers_a_request_nested_too_deeply_with_400(tmp_path, body
     answer = client.post("/api/jobs", content=body, headers={"content-type": content_type})
     assert answer.status_code == 400, answer.text[:300]
     assert "is nested too deeply" in answer.json()["error"]
+
+
+def test_a_processor_file_nested_too_deeply_is_skipped_like_any_unreadable_one(tmp_path):
+    """transformers' JSON reader raised RecursionError through `load_processor` (a traceback for the merge)."""
+    from hf_mudsc.load.processors import load_processor
+
+    folder = _save_vit_with_processor(tmp_path / "vit")
+    (folder / "preprocessor_config.json").write_text(
+        '{"image_processor_type": "ViTImageProcessor", "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert load_processor(folder) is None
