@@ -537,3 +537,28 @@ def test_a_processor_file_nested_too_deeply_is_skipped_like_any_unreadable_one(t
     (folder / "preprocessor_config.json").write_text(
         '{"image_processor_type": "ViTImageProcessor", "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
     assert load_processor(folder) is None
+
+
+@pytest.mark.parametrize("shard", ["../elsewhere/model.safetensors", "/etc/passwd", "sub/../../x.safetensors"])
+def test_a_shard_index_pointing_out_of_the_folder_is_refused(tmp_path, shard):
+    """`model.safetensors.index.json` names the shard files: one outside the folder would be read as the parent's
+    weights (another model of this machine, merged and maybe pushed)."""
+    import json
+
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import load_parent
+
+    folder = _save_vit_with_processor(tmp_path / "vit")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (folder / "model.safetensors").rename(elsewhere / "model.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(elsewhere / "model.safetensors"), framework="pt") as handle:
+        keys = list(handle.keys())
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
+        key: shard for key in keys}}))
+    with pytest.raises(LoadError) as caught:
+        load_parent(folder)
+    message = str(caught.value)
+    assert f"model.safetensors.index.json names the shard {shard!r}, outside the folder" in message, message

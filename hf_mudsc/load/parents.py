@@ -23,7 +23,7 @@ import torch
 import transformers
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from hf_mudsc.errors import LoadError, MergeInputError, ParentMismatchError
+from hf_mudsc.errors import LoadError, MergeInputError, ParentMismatchError, shown
 from hf_mudsc.load.checks import config_differences
 from hf_mudsc.load.config_json import FIX as CONFIG_FIX
 from hf_mudsc.load.config_json import check_config_json
@@ -201,10 +201,15 @@ def _shard_names(reference: str, folder: Path, index_name: str) -> list[str]:
     """The shard files a `*.index.json` of `folder` points to."""
     try:
         index = json.loads((folder / index_name).read_text())
-        return sorted(set(index["weight_map"].values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        names = sorted(set(index["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
         raise LoadError(f"{reference!r}: {index_name} is unreadable ({type(error).__name__}: {error}); "
                         "re-download it or re-save the model with save_pretrained") from error
+    for name in names:  # read as the parent's weights: never a file of this machine outside the folder
+        if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise LoadError(f"{reference!r}: {index_name} names the shard {shown(name)}, outside the folder; "
+                            "re-download it or re-save the model with save_pretrained")
+    return names
 
 
 def check_weight_files(reference: str, folder: Path, weight_files: Sequence[str]) -> None:
