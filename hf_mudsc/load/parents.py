@@ -774,11 +774,30 @@ def base_from_cards(located: Sequence[_Located], *, token: str | bool | None = N
     """The base every parent's model card names (`base_model` in README.md), or None when any names none or
     they differ (logged)."""
     named = [card_base_model(_card_text(p, token=token, cache_dir=cache_dir)) for p in located]
+    for index, (parent, base) in enumerate(zip(located, named)):
+        if base is not None and parent.repo_id is not None and not _hub_id_only(base):
+            logger.warning("%s: its Hub model card names base_model %r, a local path: ignored (a card from the Hub "
+                           "may not point hf-mudsc at a folder of this machine); pass base= (CLI: --base) to use it",
+                           parent.reference, base)
+            named[index] = None
     if named and all(n is not None for n in named) and len(set(named)) == 1:
         return named[0]
     logger.info("the parents' model cards do not name one common base_model: %s",
                 ", ".join(f"{p.reference}: {n or 'none'}" for p, n in zip(located, named)))
     return None
+
+
+def _hub_id_only(reference: str) -> bool:
+    """Whether `reference` can only mean a Hub repo (`org/name[@revision]`): a valid repo id that names no existing
+    local path."""
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        name, _ = parse_reference(reference)
+        validate_repo_id(name)
+    except ValueError:  # LoadError too: a malformed reference
+        return False
+    return not Path(name).expanduser().exists()
 
 
 def locate_parents(refs: Sequence[Any], *, token: str | bool | None = None, allow_pickle: bool = False,
