@@ -775,7 +775,7 @@ def base_from_cards(located: Sequence[_Located], *, token: str | bool | None = N
     they differ (logged)."""
     named = [card_base_model(_card_text(p, token=token, cache_dir=cache_dir)) for p in located]
     for index, (parent, base) in enumerate(zip(located, named)):
-        if base is not None and parent.repo_id is not None and not _hub_id_only(base):
+        if base is not None and parent.repo_id is not None and not hub_id_only(base):
             logger.warning("%s: its Hub model card names base_model %r, a local path: ignored (a card from the Hub "
                            "may not point hf-mudsc at a folder of this machine); pass base= (CLI: --base) to use it",
                            parent.reference, base)
@@ -787,7 +787,7 @@ def base_from_cards(located: Sequence[_Located], *, token: str | bool | None = N
     return None
 
 
-def _hub_id_only(reference: str) -> bool:
+def hub_id_only(reference: str) -> bool:
     """Whether `reference` can only mean a Hub repo (`org/name[@revision]`): a valid repo id that names no existing
     local path."""
     from huggingface_hub.utils import validate_repo_id
