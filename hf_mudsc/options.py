@@ -74,6 +74,8 @@ def resolve_refit(refit: str, *, matches_units: bool, has_data: bool, num_parent
     return AUTO_REFIT if applies else "none"
 
 
+# The magnitudes a non-zero merge weight may have: the merge runs in float32 (about 1e-38 to 3e38).
+WEIGHT_RANGE = (1e-30, 1e30)
 # A batch this large would need tens of GB of activations for any real model; a typo (an extra 0) is likelier.
 MAX_BATCH_SIZE = 65536
 # torch.Generator.manual_seed takes at most an unsigned 64-bit integer.
@@ -326,6 +328,10 @@ def _check_weights(name: str, value: list[float] | None, cli: str) -> None:
         raise OptionError(f"weights must hold one number per parent {cli}, got an empty list")
     if not all(math.isfinite(v) for v in value):
         raise OptionError(f"weights must be finite numbers {cli}, got {shown(value)}")
+    # float32 merges: 1e-320 rounds to 0 (then 0/0), 1e308 * 2 is inf; either way the merged weights are NaN.
+    if not all(v == 0 or WEIGHT_RANGE[0] <= abs(v) <= WEIGHT_RANGE[1] for v in value):
+        raise OptionError(f"weights must be 0 or of magnitude {WEIGHT_RANGE[0]:g} to {WEIGHT_RANGE[1]:g} {cli} "
+                          f"(only their ratios matter when normalized), got {shown(value)}")
 
 
 def _check_density(name: str, value: float | list[float] | None, cli: str) -> None:

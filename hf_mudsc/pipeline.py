@@ -573,6 +573,7 @@ def merge(
             held = (merged.config.mudsc["refit_gate"] or {}).get("held_out_examples", 0)  # the gate's held-out rows
             merged.config.mudsc["num_calibration_samples"] = report.num_samples = report.refit.examples + held
     merged = merged.to(run_device if device is not None else "cpu")
+    refuse_non_finite(merged)
     # The recipe keys (every option a recipe file may set, as given), parents and base pinned; `auto` is recorded
     # as the method it chose, so the recipe re-runs the same merge whatever a later release would choose.
     given = dataclasses.replace(merge_options, calibration=calibration_spec, method=merge_method.name,
@@ -584,6 +585,16 @@ def merge(
     merged.merge_report = report
     logger.info("merged %s with %s", ", ".join(parent_names), merge_method.name)
     return merged
+
+
+def refuse_non_finite(merged: PreTrainedModel) -> None:
+    """Never return (or write) NaN/inf merged weights: the parents were finite, so options overflowed float32."""
+    bad = [name for name, tensor in merged.named_parameters()
+           if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor).all()]
+    if bad:
+        raise MergeInputError(
+            f"the merged model has NaN or infinite values in {len(bad)} tensors (e.g. {bad[0]!r}): the options "
+            f"overflowed float32; use moderate {option_hint('weights')} / {option_hint('scaling')} values")
 
 
 def _check_parent_count(method: MergeMethod, count: int, chosen: str | None = None) -> None:

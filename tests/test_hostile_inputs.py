@@ -609,3 +609,36 @@ def test_evaluate_refuses_a_hub_recipe_naming_local_folders_as_parents(hub_emula
                           timeout=300, stdin=subprocess.DEVNULL)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert f"the merge recipe of 'user/merged' names local paths as parents ({foreign}" in proc.stderr
+
+
+# ---------------------------------------------------------------- options that overflow float32
+
+
+@pytest.mark.parametrize(("weights", "needle"), [
+    ([1e308, 1e308], "weights must be 0 or of magnitude 1e-30 to 1e+30"),
+    ([1e-320, 1e-320], "weights must be 0 or of magnitude 1e-30 to 1e+30"),
+    ([1e31, 1.0], "weights must be 0 or of magnitude 1e-30 to 1e+30"),
+])
+def test_weights_that_overflow_float32_are_refused_up_front(weights, needle):
+    """`--weights 1e308 1e308` (or 1e-320, which float32 rounds to 0) wrote a model full of NaN and said nothing."""
+    with pytest.raises(OptionError, match="weights must") as caught:
+        MergeOptions.check("weights", weights)
+    assert needle in str(caught.value) and "(CLI: --weights)" in str(caught.value)
+
+
+def test_a_merge_whose_weights_come_out_non_finite_is_refused_before_it_is_returned(monkeypatch):
+    """The last guard: whatever produced them (a scaling of 1e38 on large task vectors ...), NaN/inf merged
+    weights are never returned or written."""
+    import torch
+    from factories import make_model
+
+    import hf_mudsc
+    from hf_mudsc.errors import MergeInputError
+
+    a, b, base = make_model("vit_cls", 1), make_model("vit_cls", 2), make_model("vit_cls", 3)
+    with pytest.raises(MergeInputError) as caught:
+        hf_mudsc.merge([a, b], None, method="task_arithmetic", base=base, scaling=3e38)
+    message = str(caught.value)
+    assert "the merged model has NaN or infinite values in " in message and " tensors (e.g. '" in message, message
+    assert "scaling= (CLI: --scaling)" in message and "weights= (CLI: --weights)" in message
+    assert all(torch.isfinite(p).all() for p in a.parameters())  # inputs untouched
