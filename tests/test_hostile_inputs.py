@@ -642,3 +642,32 @@ def test_a_merge_whose_weights_come_out_non_finite_is_refused_before_it_is_retur
     assert "the merged model has NaN or infinite values in " in message and " tensors (e.g. '" in message, message
     assert "scaling= (CLI: --scaling)" in message and "weights= (CLI: --weights)" in message
     assert all(torch.isfinite(p).all() for p in a.parameters())  # inputs untouched
+
+
+# ---------------------------------------------------------------- calibration files pyarrow would crash on
+
+
+def test_a_json_calibration_file_nested_too_deeply_is_refused_before_pyarrow_reads_it(tmp_path):
+    """pyarrow's JSON reader dies of a segmentation fault on nesting ~20,000 deep: no message, exit code 139."""
+    from hf_mudsc.calibrate.datasets import load_calibration_dataset
+    from hf_mudsc.errors import CalibrationError
+
+    path = tmp_path / "deep.json"
+    path.write_text('{"text": "a [ \\" { in a string", "x": ' + "[" * 30_000 + "]" * 30_000 + "}\n")
+    with pytest.raises(CalibrationError, match=r"deep.json' nests values more than 1,000 deep"):
+        load_calibration_dataset(f"{path}:train")
+    fine = tmp_path / "fine.jsonl"
+    fine.write_text('{"text": "brackets [[[[ and \\\\\\" quotes {{{ inside a string"}\n' * 3)
+    assert [row["text"] for row in load_calibration_dataset(f"{fine}:train")][:1] == [
+        'brackets [[[[ and \\" quotes {{{ inside a string']
+
+
+def test_an_arrow_calibration_file_that_is_no_arrow_is_refused_before_pyarrow_reads_it(tmp_path):
+    """Random bytes named .arrow: pyarrow refuses them, but the process then sometimes aborts at exit (134)."""
+    from hf_mudsc.calibrate.datasets import load_calibration_dataset
+    from hf_mudsc.errors import CalibrationError
+
+    path = tmp_path / "noise.arrow"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(CalibrationError, match=r"noise.arrow' is not an Arrow file"):
+        load_calibration_dataset(f"{path}:train")

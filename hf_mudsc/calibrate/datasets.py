@@ -171,6 +171,7 @@ def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, s
                 f"calibration file {parsed.path!r} has an unknown format; use one of "
                 f"{', '.join(sorted(_FILE_BUILDERS))} or a dataset folder"
             )
+        refuse_crashing_file(path, parsed.path)
         args: tuple[Any, ...] = (builder,)
         kwargs.update(data_files=str(path), split=parsed.split or "train")
     else:
@@ -197,6 +198,42 @@ def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, s
             "(e.g. an imagefolder or a save_to_disk folder) or a Hub dataset id as 'repo[:config]:split'"
         ) from error
     return _pick_split(loaded, parsed)
+
+
+#: Deepest nesting of a JSON calibration file read: pyarrow's JSON reader crashes (SIGSEGV) at about 20,000.
+MAX_JSON_DEPTH = 1000
+_JSON_TOKENS = re.compile(rb'[\\"\[\]{}]')
+
+
+def refuse_crashing_file(path: Path, name: str) -> None:
+    """Refuse the data files that crash pyarrow's readers instead of raising (the process dies without a message):
+    JSON nested deeper than `MAX_JSON_DEPTH`, and a `.arrow` file that is no Arrow stream or file."""
+    suffix = path.suffix.lower()
+    if suffix == ".arrow":
+        with path.open("rb") as handle:
+            head = handle.read(8)
+        if not (head.startswith(b"ARROW1") or head.startswith(b"\xff\xff\xff\xff")):
+            raise CalibrationError(f"calibration file {name!r} is not an Arrow file (no Arrow stream or file header); "
+                                   "pass a file written by pyarrow / datasets, or a dataset folder")
+    if suffix not in (".json", ".jsonl"):
+        return
+    depth, in_string, escaped_at, offset = 0, False, -2, 0
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            for match in _JSON_TOKENS.finditer(chunk):
+                at, token = offset + match.start(), match.group()
+                if token == b"\\":
+                    escaped_at = -2 if escaped_at == at - 1 else at  # `\\` escapes itself
+                elif token == b'"':
+                    if escaped_at != at - 1:
+                        in_string = not in_string
+                elif not in_string:
+                    depth += 1 if token in (b"[", b"{") else -1
+                    if depth > MAX_JSON_DEPTH:
+                        raise CalibrationError(
+                            f"calibration file {name!r} nests values more than {MAX_JSON_DEPTH:,} deep (pyarrow's "
+                            "reader would crash); pass flat records, one per line")
+            offset += len(chunk)
 
 
 def _refuse_empty(dataset: Any, name: str) -> Any:
