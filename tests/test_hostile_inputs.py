@@ -671,3 +671,23 @@ def test_an_arrow_calibration_file_that_is_no_arrow_is_refused_before_pyarrow_re
     path.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(CalibrationError, match=r"noise.arrow' is not an Arrow file"):
         load_calibration_dataset(f"{path}:train")
+
+
+def test_a_decompression_bomb_image_is_named_in_one_line(tmp_path, capsys):
+    """Pillow refuses a 400-megapixel PNG (388 kB on disk) with DecompressionBombError: that was a traceback."""
+    from PIL import Image
+    from test_cli import save_parents_and_data
+
+    a, b, _ = save_parents_and_data(tmp_path / "inputs")
+    folder = tmp_path / "images" / "train" / "cls"
+    folder.mkdir(parents=True)
+    Image.new("L", (16, 16)).save(folder / "a.png")
+    Image.new("L", (20000, 20000)).save(folder / "b.png")
+    out = tmp_path / "out"
+    capsys.readouterr()
+    code = main(["merge", str(a), str(b), "--calibration", f"{tmp_path / 'images'}:train", "--method", "zipit",
+                 "--output", str(out)])
+    assert code == 1
+    line = _one_line_error(capsys)
+    assert "is too large to decode safely (Image size (400000000 pixels) exceeds limit" in line, line
+    assert "remove or shrink that image" in line and not out.exists()

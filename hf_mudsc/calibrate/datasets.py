@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -384,7 +384,7 @@ class CalibrationStream:
             chunks: Iterator[Mapping[str, Any]] = (data[s : s + batch_size] for s in range(0, len(data), batch_size))
         else:
             chunks = data.iter(batch_size=batch_size)
-        for chunk in chunks:
+        for chunk in decoded_safely(chunks, self.source):
             yield self.preprocess(chunk) if self.preprocess is not None else dict(chunk)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -394,6 +394,18 @@ class CalibrationStream:
         columns = self.dataset.column_names
         how = "preprocessed by the parents' processor" if self.preprocess is not None else "model inputs"
         return f"CalibrationStream({self.source!r}, columns={columns}, {how}, rows={self.num_rows})"
+
+
+def decoded_safely(chunks: Iterable[Any], source: str, error: type[ValueError] = CalibrationError) -> Iterator[Any]:
+    """`chunks`, with Pillow's refusal of an image too large to decode (a decompression bomb: a few hundred kB of
+    PNG, gigabytes of pixels) turned into one `error` line naming the dataset."""
+    from PIL import Image
+
+    try:
+        yield from chunks
+    except Image.DecompressionBombError as refusal:
+        raise error(f"an image of dataset {source!r} is too large to decode safely ({refusal}); remove or shrink that "
+                    "image") from None
 
 
 def column_names(dataset: Any) -> list[str]:
