@@ -691,3 +691,27 @@ def test_a_decompression_bomb_image_is_named_in_one_line(tmp_path, capsys):
     line = _one_line_error(capsys)
     assert "is too large to decode safely (Image size (400000000 pixels) exceeds limit" in line, line
     assert "remove or shrink that image" in line and not out.exists()
+
+
+# ---------------------------------------------------------------- inspect RECIPE checks what it describes
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("models: [a, b]\nmethod: mudsc\ncalibration: c\nalpha: 5\n", "alpha must lie in [0, 1] (CLI: --alpha), got 5.0"),
+    ("models: [a, b]\nmethod: weight_matching\nmatcher: nope\n", "unknown matcher 'nope'"),
+])
+def test_inspect_refuses_a_recipe_that_cannot_run(tmp_path, capsys, text, needle):
+    """It printed `would merge ...` for a recipe whose alpha or matcher the merge refuses."""
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    assert main(["inspect", str(path)]) == 1
+    assert needle in _one_line_error(capsys)
+
+
+def test_inspect_describes_a_recipe_of_the_default_method(tmp_path, capsys):
+    """`method: auto` (the default, also when the key is left out) failed with `unknown merge method 'auto'`."""
+    path = tmp_path / "r.yaml"
+    path.write_text("models: [org/a, org/b]\n")
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "would merge: org/a, org/b" in out and "method:      auto (chosen from how the parents relate)" in out
