@@ -275,14 +275,7 @@ def _hub_recipe_parents(loaded: Any) -> list[str] | None:
         raise ValueError(
             f"cannot read the merge recipe of {loaded.reference!r} ({error}); pass --parents A B or --no-parents"
         ) from None
-    from hf_mudsc.load.parents import hub_id_only
-
-    models = list(Recipe.load(path).models)
-    local = [model for model in models if not hub_id_only(model)]
-    if local:  # a recipe from the Hub may not point hf-mudsc at folders of this machine
-        raise ValueError(f"the merge recipe of {loaded.reference!r} names local paths as parents ({', '.join(local)}); "
-                         "pass --parents A B or --no-parents")
-    return models
+    return list(Recipe.load(path).models)
 
 
 def run(args: argparse.Namespace) -> int:
