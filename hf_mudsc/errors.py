@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
+# How messages show a value someone gave: nested, long or aliased values (a YAML "billion laughs" is gigabytes
+# when printed whole) are cut, so a message stays one short line whatever the input.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxlong, _SHOWN.maxother = 2, 120, 60, 120
+_SHOWN.maxtuple = _SHOWN.maxlist = _SHOWN.maxarray = _SHOWN.maxdict = _SHOWN.maxset = _SHOWN.maxfrozenset = 6
+
 
 def flag(name: str) -> str:
     """The command-line flag of an option or keyword argument: `text_column` -> `--text-column`."""
     return "--" + name.replace("_", "-")
+
+
+def shown(value: Any) -> str:
+    """`repr(value)` shortened for a message: `[1, 2, 3, 4, 5, 6, ...]`, `'aaaa...aaaa'`."""
+    return _SHOWN.repr(value)
 
 
 def option_hint(name: str) -> str:

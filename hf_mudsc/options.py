@@ -26,7 +26,7 @@ from numbers import Integral, Real
 from typing import Any
 
 # `flag`/`option_hint` live in errors.py (modules below options, e.g. methods/, name options in messages too).
-from hf_mudsc.errors import OptionError, flag, option_hint  # noqa: F401 (re-exported)
+from hf_mudsc.errors import OptionError, flag, option_hint, shown  # noqa: F401 (re-exported)
 from hf_mudsc.solve.layer_ranges import parse_layer_swap
 from hf_mudsc.solve.matcher_names import MATCHERS
 
@@ -74,6 +74,8 @@ def resolve_refit(refit: str, *, matches_units: bool, has_data: bool, num_parent
     return AUTO_REFIT if applies else "none"
 
 
+# The magnitudes a non-zero merge weight may have: the merge runs in float32 (about 1e-38 to 3e38).
+WEIGHT_RANGE = (1e-30, 1e30)
 # A batch this large would need tens of GB of activations for any real model; a typo (an extra 0) is likelier.
 MAX_BATCH_SIZE = 65536
 # torch.Generator.manual_seed takes at most an unsigned 64-bit integer.
@@ -201,12 +203,12 @@ def _method_help() -> str:
 
 def _check_method(name: str, value: str, cli: str) -> None:
     if value not in _method_names():
-        raise OptionError(f"unknown merge method {value!r}; choose one of: {', '.join(_method_names())} {cli}")
+        raise OptionError(f"unknown merge method {shown(value)}; choose one of: {', '.join(_method_names())} {cli}")
 
 
 def _check_matcher(name: str, value: str, cli: str) -> None:
     if value not in MATCHERS:
-        raise OptionError(f"unknown matcher {value!r}; choose one of: {', '.join(MATCHERS)} {cli}")
+        raise OptionError(f"unknown matcher {shown(value)}; choose one of: {', '.join(MATCHERS)} {cli}")
 
 
 def _check_alpha(name: str, value: float | str, cli: str) -> None:
@@ -251,17 +253,17 @@ def _check_seed(name: str, value: int, cli: str) -> None:
 
 def _check_device(name: str, value: str | None, cli: str) -> None:
     if value is not None and not DEVICE_PATTERN.match(value):
-        raise OptionError(f"unknown device {value!r} {cli}; use 'cpu', 'cuda' or 'cuda:N'")
+        raise OptionError(f"unknown device {shown(value)} {cli}; use 'cpu', 'cuda' or 'cuda:N'")
 
 
 def _check_statistics_dtype(name: str, value: str, cli: str) -> None:
     if value not in STATISTICS_DTYPES:
-        raise OptionError(f"statistics_dtype must be one of {', '.join(STATISTICS_DTYPES)} {cli}, got {value!r}")
+        raise OptionError(f"statistics_dtype must be one of {', '.join(STATISTICS_DTYPES)} {cli}, got {shown(value)}")
 
 
 def _check_refit(name: str, value: str, cli: str) -> None:
     if value not in REFITS:
-        raise OptionError(f"unknown refit {value!r}; choose one of: {', '.join(REFITS)} {cli}")
+        raise OptionError(f"unknown refit {shown(value)}; choose one of: {', '.join(REFITS)} {cli}")
 
 
 def _check_refit_lambda(name: str, value: float, cli: str) -> None:
@@ -278,7 +280,7 @@ def _check_layer_swap(name: str, value: str | None, cli: str) -> None:
     try:
         parse_layer_swap(value)
     except ValueError as error:
-        raise OptionError(f"layer_swap {value!r}: {error} {cli}") from None
+        raise OptionError(f"layer_swap {shown(value)}: {error} {cli}") from None
 
 
 def _each(value: float | list[float] | None) -> list[float]:
@@ -326,7 +328,11 @@ def _check_weights(name: str, value: list[float] | None, cli: str) -> None:
     if not value:
         raise OptionError(f"weights must hold one number per parent {cli}, got an empty list")
     if not all(math.isfinite(v) for v in value):
-        raise OptionError(f"weights must be finite numbers {cli}, got {value}")
+        raise OptionError(f"weights must be finite numbers {cli}, got {shown(value)}")
+    # float32 merges: 1e-320 rounds to 0 (then 0/0), 1e308 * 2 is inf; either way the merged weights are NaN.
+    if not all(v == 0 or WEIGHT_RANGE[0] <= abs(v) <= WEIGHT_RANGE[1] for v in value):
+        raise OptionError(f"weights must be 0 or of magnitude {WEIGHT_RANGE[0]:g} to {WEIGHT_RANGE[1]:g} {cli} "
+                          f"(only their ratios matter when normalized), got {shown(value)}")
 
 
 def _check_density(name: str, value: float | list[float] | None, cli: str) -> None:
@@ -365,7 +371,7 @@ def _check_size(name: str, value: float, cli: str) -> None:
 
 def _check_size_spend(name: str, value: str, cli: str) -> None:
     if value not in SIZE_SPENDS:
-        raise OptionError(f"unknown size_spend {value!r}; choose one of: {', '.join(SIZE_SPENDS)} {cli}")
+        raise OptionError(f"unknown size_spend {shown(value)}; choose one of: {', '.join(SIZE_SPENDS)} {cli}")
 
 
 def _card_size(value: Any, context: Mapping[str, Any]) -> str | None:
@@ -696,7 +702,10 @@ class MergeOptions:
         Booleans are refused for numbers (`True` is an int to Python, never a meant batch size)."""
         meta = cls.option_field(name).metadata
         kind = meta["kind"]
-        hint = f"{name} must be {{}} (CLI: {flag(name)}), got {value!r} ({type(value).__name__})"
+
+        def hint(what: str) -> str:  # not str.format: the value's text may hold braces (`method: {a: 1}`)
+            return f"{name} must be {what} (CLI: {flag(name)}), got {shown(value)} ({type(value).__name__})"
+
         if value is None and meta["nullable"]:
             return None
         if kind in ("str", "bool"):
@@ -706,25 +715,25 @@ class MergeOptions:
                 return os.fspath(value)
             expected = str if kind == "str" else bool
             if not isinstance(value, expected):
-                raise OptionError(f"`{name}` must be {expected.__name__}, got {value!r} ({type(value).__name__})")
+                raise OptionError(f"`{name}` must be {expected.__name__}, got {shown(value)} ({type(value).__name__})")
             return value
         if kind == "int":
             if not _is_int(value):
-                raise OptionError(hint.format("an int"))
+                raise OptionError(hint("an int"))
             return int(value)
         if kind == "number":
             if not _is_number(value):
-                raise OptionError(hint.format("a number"))
+                raise OptionError(hint("a number"))
             return float(value)
         if kind == "numbers":
             if not isinstance(value, (list, tuple)) or not all(_is_number(v) for v in value):
-                raise OptionError(hint.format("a list of numbers"))
+                raise OptionError(hint("a list of numbers"))
             return [float(v) for v in value]
         if kind == "number_or_numbers":
             if _is_number(value):
                 return float(value)
             if not isinstance(value, (list, tuple)) or not all(_is_number(v) for v in value):
-                raise OptionError(hint.format("a number or a list of numbers (one per parent)"))
+                raise OptionError(hint("a number or a list of numbers (one per parent)"))
             # One value given as a list (the CLI's `--density 0.5`) is that value.
             return float(value[0]) if len(value) == 1 else [float(v) for v in value]
         if kind == "model":
@@ -737,28 +746,28 @@ class MergeOptions:
                 return value
             if type(value).__name__ in ("LoadedParent",) or hasattr(value, "state_dict"):
                 return value
-            raise OptionError(hint.format("a Hub id `org/name[@revision]`, a folder or a model"))
+            raise OptionError(hint("a Hub id `org/name[@revision]`, a folder or a model"))
         if kind in ("int_or_auto", "number_or_auto"):
             if value == AUTO:
                 return AUTO
             accepts, convert, what = (_is_int, int, "an int") if kind == "int_or_auto" else (
                 _is_number, float, "a number")
             if not accepts(value):
-                raise OptionError(hint.format(f"{what} or '{AUTO}'"))
+                raise OptionError(hint(f"{what} or '{AUTO}'"))
             return convert(value)
         if kind == "device":
             # A torch.device is accepted by its text without importing torch (`torch.device("cuda", 0)` -> "cuda:0").
             if type(value).__module__ == "torch" and type(value).__name__ == "device":
                 return str(value)
             if not isinstance(value, str):
-                raise OptionError(hint.format("a string like 'cpu' or 'cuda:0'"))
+                raise OptionError(hint("a string like 'cpu' or 'cuda:0'"))
             return value
         if kind == "dtype":
             # A torch dtype is accepted by name without importing torch (`torch.float32` -> "float32").
             if type(value).__module__ == "torch" and type(value).__name__ == "dtype":
                 value = str(value).removeprefix("torch.")
         if not isinstance(value, str):
-            raise OptionError(hint.format("a string"))
+            raise OptionError(hint("a string"))
         return value
 
     @classmethod

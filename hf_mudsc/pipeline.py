@@ -275,7 +275,7 @@ def merge(
     except OptionError as error:
         raise MergeInputError(str(error)) from None
     alpha, statistics_dtype = merge_options.alpha, merge_options.statistics_dtype
-    if isinstance(models, (str, os.PathLike, PreTrainedModel)) or len(models) < 2:
+    if not isinstance(models, Sequence) or isinstance(models, (str, os.PathLike, PreTrainedModel)) or len(models) < 2:
         raise MergeInputError("merge takes a list of two or more parents (Hub ids, folders or models), got "
                               f"{models if isinstance(models, (str, os.PathLike)) else type(models).__name__}")
     count = len(models)
@@ -573,6 +573,7 @@ def merge(
             held = (merged.config.mudsc["refit_gate"] or {}).get("held_out_examples", 0)  # the gate's held-out rows
             merged.config.mudsc["num_calibration_samples"] = report.num_samples = report.refit.examples + held
     merged = merged.to(run_device if device is not None else "cpu")
+    refuse_non_finite(merged)
     # The recipe keys (every option a recipe file may set, as given), parents and base pinned; `auto` is recorded
     # as the method it chose, so the recipe re-runs the same merge whatever a later release would choose.
     given = dataclasses.replace(merge_options, calibration=calibration_spec, method=merge_method.name,
@@ -584,6 +585,16 @@ def merge(
     merged.merge_report = report
     logger.info("merged %s with %s", ", ".join(parent_names), merge_method.name)
     return merged
+
+
+def refuse_non_finite(merged: PreTrainedModel) -> None:
+    """Never return (or write) NaN/inf merged weights: the parents were finite, so options overflowed float32."""
+    bad = [name for name, tensor in merged.named_parameters()
+           if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor).all()]
+    if bad:
+        raise MergeInputError(
+            f"the merged model has NaN or infinite values in {len(bad)} tensors (e.g. {bad[0]!r}): the options "
+            f"overflowed float32; use moderate {option_hint('weights')} / {option_hint('scaling')} values")
 
 
 def _check_parent_count(method: MergeMethod, count: int, chosen: str | None = None) -> None:

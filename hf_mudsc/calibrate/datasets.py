@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -171,6 +171,7 @@ def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, s
                 f"calibration file {parsed.path!r} has an unknown format; use one of "
                 f"{', '.join(sorted(_FILE_BUILDERS))} or a dataset folder"
             )
+        refuse_crashing_file(path, parsed.path)
         args: tuple[Any, ...] = (builder,)
         kwargs.update(data_files=str(path), split=parsed.split or "train")
     else:
@@ -181,6 +182,15 @@ def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, s
         if "split" in str(error).lower():
             raise CalibrationError(f"calibration spec {str(parsed)!r}: {error}") from error
         raise CalibrationError(f"cannot load calibration dataset {str(parsed)!r}: {error}") from error
+    except RuntimeError as error:  # datasets refuses a loading script (never running it) with a RuntimeError
+        script = re.search(r"found (\S+\.py)", str(error))
+        if script is None:
+            raise
+        raise CalibrationError(
+            f"calibration dataset {str(parsed)!r} is a dataset script ({script.group(1)}), which hf_mudsc never runs "
+            "(nor does datasets any more); pass its data: data files, an imagefolder or a folder written by "
+            "Dataset.save_to_disk"
+        ) from None
     except (FileNotFoundError, ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as error:
         raise CalibrationError(
             f"calibration dataset {str(parsed)!r} not found: it is no local folder or file, and the Hub could not "
@@ -188,6 +198,42 @@ def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, s
             "(e.g. an imagefolder or a save_to_disk folder) or a Hub dataset id as 'repo[:config]:split'"
         ) from error
     return _pick_split(loaded, parsed)
+
+
+#: Deepest nesting of a JSON calibration file read: pyarrow's JSON reader crashes (SIGSEGV) at about 20,000.
+MAX_JSON_DEPTH = 1000
+_JSON_TOKENS = re.compile(rb'[\\"\[\]{}]')
+
+
+def refuse_crashing_file(path: Path, name: str) -> None:
+    """Refuse the data files that crash pyarrow's readers instead of raising (the process dies without a message):
+    JSON nested deeper than `MAX_JSON_DEPTH`, and a `.arrow` file that is no Arrow stream or file."""
+    suffix = path.suffix.lower()
+    if suffix == ".arrow":
+        with path.open("rb") as handle:
+            head = handle.read(8)
+        if not (head.startswith(b"ARROW1") or head.startswith(b"\xff\xff\xff\xff")):
+            raise CalibrationError(f"calibration file {name!r} is not an Arrow file (no Arrow stream or file header); "
+                                   "pass a file written by pyarrow / datasets, or a dataset folder")
+    if suffix not in (".json", ".jsonl"):
+        return
+    depth, in_string, escaped_at, offset = 0, False, -2, 0
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            for match in _JSON_TOKENS.finditer(chunk):
+                at, token = offset + match.start(), match.group()
+                if token == b"\\":
+                    escaped_at = -2 if escaped_at == at - 1 else at  # `\\` escapes itself
+                elif token == b'"':
+                    if escaped_at != at - 1:
+                        in_string = not in_string
+                elif not in_string:
+                    depth += 1 if token in (b"[", b"{") else -1
+                    if depth > MAX_JSON_DEPTH:
+                        raise CalibrationError(
+                            f"calibration file {name!r} nests values more than {MAX_JSON_DEPTH:,} deep (pyarrow's "
+                            "reader would crash); pass flat records, one per line")
+            offset += len(chunk)
 
 
 def _refuse_empty(dataset: Any, name: str) -> Any:
@@ -338,7 +384,7 @@ class CalibrationStream:
             chunks: Iterator[Mapping[str, Any]] = (data[s : s + batch_size] for s in range(0, len(data), batch_size))
         else:
             chunks = data.iter(batch_size=batch_size)
-        for chunk in chunks:
+        for chunk in decoded_safely(chunks, self.source):
             yield self.preprocess(chunk) if self.preprocess is not None else dict(chunk)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -348,6 +394,18 @@ class CalibrationStream:
         columns = self.dataset.column_names
         how = "preprocessed by the parents' processor" if self.preprocess is not None else "model inputs"
         return f"CalibrationStream({self.source!r}, columns={columns}, {how}, rows={self.num_rows})"
+
+
+def decoded_safely(chunks: Iterable[Any], source: str, error: type[ValueError] = CalibrationError) -> Iterator[Any]:
+    """`chunks`, with Pillow's refusal of an image too large to decode (a decompression bomb: a few hundred kB of
+    PNG, gigabytes of pixels) turned into one `error` line naming the dataset."""
+    from PIL import Image
+
+    try:
+        yield from chunks
+    except Image.DecompressionBombError as refusal:
+        raise error(f"an image of dataset {source!r} is too large to decode safely ({refusal}); remove or shrink that "
+                    "image") from None
 
 
 def column_names(dataset: Any) -> list[str]:

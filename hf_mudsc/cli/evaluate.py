@@ -207,6 +207,32 @@ def update_card(folder: Path, model: Any, result: Any) -> Path | None:
     return write_file_atomically(card_path, card.save)
 
 
+def check_replaceable(json_path: Path | None, card_path: Path | None) -> None:
+    """Refuse, before any work, to replace a file hf-mudsc did not write (or that changed since) with the results:
+    `--output-json` may name a new file or a results file (never a model's config.json or weights, nor someone's
+    notes); the card is updated only where the merge wrote it (the folder's marker lists it unchanged)."""
+    import json
+
+    from hf_mudsc.publish.folder import read_marker, written_unchanged
+
+    def results_file(path: Path) -> bool:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        ours = written_unchanged(path) or read_marker(path.parent) is None
+        return ours and isinstance(data, dict) and {"hf_mudsc_version", "scores"} <= set(data)
+
+    for path, replaceable, fix in (
+            (json_path, results_file, "pass --output-json PATH naming a new file"),
+            (card_path, written_unchanged, "pass --no-card (the results still go to --output-json PATH)")):
+        if path is None or not (path.exists() or path.is_symlink()):
+            continue
+        if path.is_symlink() or not path.is_file() or not replaceable(path):
+            raise FileExistsError(f"refusing to replace {str(path)!r} with the results: hf-mudsc did not write it "
+                                  f"(or it changed since); {fix}")
+
+
 def _is_hub_id(reference: str) -> bool:
     """`org/name[@rev]` that is not an existing path (a folder that is absent is an error, not a Hub id)."""
     from hf_mudsc.load.references import looks_like_path
@@ -273,6 +299,8 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(
             f"{args.model!r} is not a model folder; pass the folder a merge wrote or a Hub id org/name[@revision]"
         )
+    json_path = Path(args.output_json) if args.output_json else (folder / RESULTS_FILENAME if local else None)
+    check_replaceable(json_path, folder / CARD_FILENAME if local and not args.no_card else None)
     datasets_per_task = None
     if local:  # check the dataset flags against the config before loading any weights
         ranges = {task: list(bounds) for task, bounds in task_ranges(_local_config(folder)).items()} or None
@@ -317,7 +345,6 @@ def run(args: argparse.Namespace) -> int:
               if name.startswith("parent_")}
     for metric in result.metrics:
         print(f"\n{metric}:\n{result.table(metric, labels=labels)}")
-    json_path = Path(args.output_json) if args.output_json else (folder / RESULTS_FILENAME if local else None)
     if json_path is None:
         print(f"\nResults not written: {args.model} is a Hub model, not a folder; pass --output-json PATH to "
               "save them (the Hub card is left as it is)")

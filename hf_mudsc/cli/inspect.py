@@ -32,7 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     target = Path(args.target).expanduser()
     if target.is_dir():
-        return inspect_folder(target, output=args.output, overwrite=args.overwrite, plots=not args.no_plots)
+        try:
+            return inspect_folder(target, output=args.output, overwrite=args.overwrite, plots=not args.no_plots)
+        except (AttributeError, TypeError, KeyError, IndexError) as error:  # a value of the wrong shape in a file
+            raise ValueError(f"{str(target)!r} holds a malformed hf-mudsc file ({type(error).__name__}: {error}); "
+                             "write the folder again with `hf-mudsc merge --output DIR`") from None
     if target.is_file() and target.suffix in (".yaml", ".yml"):
         return inspect_recipe(target)
     raise FileNotFoundError(
@@ -193,16 +197,21 @@ def redraw_in_place(folder: Path, diagnostics: Any, evaluation: Mapping[str, Any
 
 def inspect_recipe(path: Path) -> int:
     """Print what the recipe would merge: parents, method and the options it sets (nothing is loaded)."""
+    from hf_mudsc.methods.auto import is_auto
     from hf_mudsc.methods.registry import get_method
     from hf_mudsc.publish.recipe import Recipe
 
-    recipe = Recipe.load(path)
+    recipe = Recipe.load(path).validate()  # what the merge would refuse is refused here too
     defaults = Recipe()
     lines = [f"Recipe {path}", f"  would merge: {', '.join(recipe.models) or '(no parents)'}"]
-    method = get_method(recipe.method)  # the options the method reads, as the merge records them
-    matcher, alpha = method.used_matcher(recipe.matcher), method.recorded_alpha(recipe.alpha)
-    settings = ", ".join(s for s in (f"matcher {matcher}" if matcher else "",
-                                     f"alpha {alpha:g}" if alpha is not None else "") if s)
+    if is_auto(recipe.method):
+        settings = "chosen from how the parents relate"
+    else:
+        method = get_method(recipe.method)  # the options the method reads, as the merge records them
+        matcher, alpha = method.used_matcher(recipe.matcher), method.recorded_alpha(recipe.alpha)
+        settings = ", ".join(s for s in (f"matcher {matcher}" if matcher else "",
+                                         f"alpha {alpha:g}" if isinstance(alpha, float) else
+                                         f"alpha {alpha}" if alpha is not None else "") if s)
     lines.append(f"  method:      {recipe.method}{f' ({settings})' if settings else ''}")
     if recipe.calibration:
         samples = f", {recipe.num_samples} samples" if recipe.num_samples else ", every sample"

@@ -6,8 +6,10 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from hf_mudsc._version import __version__
 
@@ -77,13 +79,35 @@ def silence_library_bars() -> None:
         sys.modules["datasets"].disable_progress_bars()
 
 
+# What argument errors must never echo: the value of a --token flag (also a mistyped or unknown one, `--tokn X`) and
+# anything shaped like a Hub token (`hf_...`, `api_org_...`), e.g. given where a number goes.
+SECRET_PATTERN = re.compile(r"(?<=--tok)(\w*[ =])(\S+)|\b(?:hf|api_org)_[A-Za-z0-9]{8,}")
+
+
+def redact(text: str) -> str:
+    """`text` with tokens replaced by `***` (see `SECRET_PATTERN`)."""
+    return SECRET_PATTERN.sub(lambda m: f"{m.group(1)}***" if m.group(1) else "***", text)
+
+
+# How torch says an allocation failed (CPU: "DefaultCPUAllocator: can't allocate memory"; CUDA: "out of memory").
+OUT_OF_MEMORY = re.compile(r"can't allocate memory|out of memory", re.IGNORECASE)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, except that its error line never echoes a token (`unrecognized arguments: --token hf_...`
+    when a command has no --token flag)."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(redact(message))
+
+
 def build_parser(available: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser; only the commands in `available` (all when None) get their flags, i.e. import their module.
 
     Every command is listed by `hf-mudsc --help` either way: a command module may import torch (evaluate does),
     and help or an argument error of another command must answer in a second, not after 5-8 s of imports.
     """
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="hf-mudsc",
         description="Merge fine-tuned Hugging Face transformers without training (MuDSC, CVPR 2024).",
     )
@@ -126,6 +150,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileExistsError, FileNotFoundError, PermissionError) as error:
         logging.getLogger("hf_mudsc").debug("command failed", exc_info=True)
         print(f"hf-mudsc {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as error:
+        if not isinstance(error, MemoryError) and not OUT_OF_MEMORY.search(str(error)):
+            raise
+        logging.getLogger("hf_mudsc").debug("command failed", exc_info=True)
+        said = " ".join(str(error).split())
+        print(f"hf-mudsc {args.command}: error: out of memory{f' ({said[:300]})' if said else ''}; `hf-mudsc "
+              "merge ... --dry-run` estimates the peak memory: use fewer parents, calibration samples or a "
+              "smaller --batch-size", file=sys.stderr)
         return 1
 
 

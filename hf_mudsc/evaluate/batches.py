@@ -118,7 +118,9 @@ def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: in
             chunks = (dataset[s:s + batch_size] for s in range(0, len(dataset), batch_size))
         else:
             chunks = dataset.iter(batch_size=batch_size)
-        for rows in chunks:
+        from hf_mudsc.calibrate.datasets import decoded_safely
+
+        for rows in decoded_safely(chunks, source.name or str(source.data)[:200], EvaluationError):
             inputs = preprocess(rows) if preprocess is not None else {c: batch_column_as_tensor(rows[c]) for c in kept}
             labels = rows[label_column]
             yield inputs, labels.tolist() if hasattr(labels, "tolist") else list(labels)

@@ -23,8 +23,10 @@ import torch
 import transformers
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from hf_mudsc.errors import LoadError, MergeInputError, ParentMismatchError
+from hf_mudsc.errors import LoadError, MergeInputError, ParentMismatchError, shown
 from hf_mudsc.load.checks import config_differences
+from hf_mudsc.load.config_json import FIX as CONFIG_FIX
+from hf_mudsc.load.config_json import check_config_json
 from hf_mudsc.load.hub_calls import hub_call
 from hf_mudsc.load.processors import load_processor, processor_from_name, tokenizer_of
 from hf_mudsc.load.references import looks_like_path, parse_reference
@@ -165,6 +167,7 @@ def _locate_folder(reference: str, path: Path, allow_pickle: bool) -> _Located:
             f"no model folder at {str(path)!r}; pass an existing folder written by save_pretrained, or a Hub "
             "id such as 'org/name' or 'org/name@revision'"
         )
+    refuse_links_out(reference, path)
     if not (path / "config.json").is_file():
         raise LoadError(f"{str(path)!r} has no config.json; save the model with save_pretrained")
     files = [p.name for p in path.iterdir() if p.is_file()]
@@ -175,14 +178,38 @@ def _locate_folder(reference: str, path: Path, allow_pickle: bool) -> _Located:
                     use_pickle=use_pickle)
 
 
+def refuse_links_out(reference: str, folder: Path) -> None:
+    """Refuse a parent folder holding a symbolic link to anything outside it: a folder unpacked from someone else's
+    archive could link a file the merge reads and writes back into the merged model (a vocabulary, a processor
+    config) to any file of this machine, e.g. the stored Hub token. A Hub cache snapshot's links into its repo's
+    `blobs/` are that layout, and allowed."""
+    base = folder.resolve()
+    roots = [base] + ([base.parent.parent / "blobs"] if base.parent.name == "snapshots" else [])
+    for entry in sorted(folder.iterdir()):
+        if not entry.is_symlink():
+            continue
+        target = entry.resolve()
+        if not any(target == root or target.is_relative_to(root) for root in roots):
+            raise LoadError(
+                f"{reference!r}: {entry.name} is a symbolic link to {str(target)!r}, outside the folder; hf-mudsc "
+                "reads only files inside a parent folder (a link could carry any file of this machine, e.g. a "
+                "token, into the merged model): copy the file into the folder"
+            )
+
+
 def _shard_names(reference: str, folder: Path, index_name: str) -> list[str]:
     """The shard files a `*.index.json` of `folder` points to."""
     try:
         index = json.loads((folder / index_name).read_text())
-        return sorted(set(index["weight_map"].values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        names = sorted(set(index["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
         raise LoadError(f"{reference!r}: {index_name} is unreadable ({type(error).__name__}: {error}); "
                         "re-download it or re-save the model with save_pretrained") from error
+    for name in names:  # read as the parent's weights: never a file of this machine outside the folder
+        if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise LoadError(f"{reference!r}: {index_name} names the shard {shown(name)}, outside the folder; "
+                            "re-download it or re-save the model with save_pretrained")
+    return names
 
 
 def check_weight_files(reference: str, folder: Path, weight_files: Sequence[str]) -> None:
@@ -218,11 +245,15 @@ def _one_line(error: BaseException) -> str:
 
 
 def _load_config(folder: Path, reference: str) -> PretrainedConfig:
+    from huggingface_hub.errors import StrictDataclassError
+
+    check_config_json(folder, reference)  # not a JSON object, absurd counts: refused before transformers reads it
     try:
         return AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    except (ValueError, OSError, KeyError) as error:
+    except (ValueError, OSError, KeyError, TypeError, AttributeError, StrictDataclassError) as error:
+        text = " ".join(str(error).split())  # one line: library messages span several
         raise LoadError(
-            f"cannot read the config of {reference!r}: {error}. Models that need custom code "
+            f"cannot read the config of {reference!r}: {text[:400]}. Models that need custom code "
             "(trust_remote_code) are not supported"
         ) from error
 
@@ -445,6 +476,8 @@ def _finish(located: _Located, *, token: str | bool | None, cache_dir: str | os.
                             reference=located.reference)
     _fetch_weights(located, token=token, cache_dir=cache_dir)
     check_weight_files(located.reference, located.folder, located.weight_files)
+    if not located.use_pickle:
+        check_config_fits_weights(located)
     if lazy and not located.use_pickle:
         parent = _finish_lazily(located)
         if parent is not None:
@@ -457,6 +490,27 @@ def _finish(located: _Located, *, token: str | bool | None, cache_dir: str | os.
     logger.info("loaded %s%s", located.reference, f" at commit {located.commit_sha}" if located.commit_sha else "")
     return LoadedParent(model=model, processor=located.processor, reference=located.reference,
                         repo_id=located.repo_id, revision=located.revision, commit_sha=located.commit_sha)
+
+
+def check_config_fits_weights(located: _Located) -> None:
+    """Refuse a config.json whose model is far larger than its safetensors checkpoint, from the headers and a model
+    on the meta device, before `from_pretrained` allocates it (a hidden_size of 10**9 over a 65 kB file asked for
+    68 GB). Smaller disagreements are left to `_load_weights`, which names the tensors that do not fit."""
+    import math
+
+    from hf_mudsc.load.lazy import LazyParameters, safetensors_files
+
+    files = safetensors_files(located.folder)
+    if not files:
+        return
+    with torch.device("meta"):
+        model = model_class_for(located.config)(located.config)
+    needed = sum(tensor.numel() for tensor in model.parameters())
+    stored = LazyParameters(files)
+    held = sum(math.prod(stored.shape(key)) for key in stored)
+    if needed > 2 * held + 2**26:  # tied tensors are saved once; 2**26 float32 values are 256 MB
+        raise LoadError(f"{located.reference!r}: config.json describes a model of {needed:,} parameters, but "
+                        f"{located.weight_files[0]} holds {held:,} values; {CONFIG_FIX}")
 
 
 def _finish_lazily(located: _Located) -> LoadedParent | None:
@@ -726,11 +780,30 @@ def base_from_cards(located: Sequence[_Located], *, token: str | bool | None = N
     """The base every parent's model card names (`base_model` in README.md), or None when any names none or
     they differ (logged)."""
     named = [card_base_model(_card_text(p, token=token, cache_dir=cache_dir)) for p in located]
+    for index, (parent, base) in enumerate(zip(located, named)):
+        if base is not None and parent.repo_id is not None and not hub_id_only(base):
+            logger.warning("%s: its Hub model card names base_model %r, a local path: ignored (a card from the Hub "
+                           "may not point hf-mudsc at a folder of this machine); pass base= (CLI: --base) to use it",
+                           parent.reference, base)
+            named[index] = None
     if named and all(n is not None for n in named) and len(set(named)) == 1:
         return named[0]
     logger.info("the parents' model cards do not name one common base_model: %s",
                 ", ".join(f"{p.reference}: {n or 'none'}" for p, n in zip(located, named)))
     return None
+
+
+def hub_id_only(reference: str) -> bool:
+    """Whether `reference` can only mean a Hub repo (`org/name[@revision]`): a valid repo id that names no existing
+    local path."""
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        name, _ = parse_reference(reference)
+        validate_repo_id(name)
+    except ValueError:  # LoadError too: a malformed reference
+        return False
+    return not Path(name).expanduser().exists()
 
 
 def locate_parents(refs: Sequence[Any], *, token: str | bool | None = None, allow_pickle: bool = False,

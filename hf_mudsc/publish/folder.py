@@ -191,6 +191,17 @@ def read_marker(folder: str | os.PathLike) -> dict[str, Any] | None:
     return marker
 
 
+def written_unchanged(path: str | os.PathLike) -> bool:
+    """Whether `path` is a regular file its folder's marker lists with the size and sha256 it has now: one hf-mudsc
+    wrote there and nobody changed since (what may be replaced in place, e.g. by `hf-mudsc evaluate`)."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return False
+    entry = ((read_marker(path.parent) or {}).get("files") or {}).get(path.name)
+    return isinstance(entry, dict) and entry.get("size") == path.stat().st_size and (
+        entry.get("sha256") == _fingerprint_of(path, settled=True)["sha256"])
+
+
 def record_files(folder: str | os.PathLike, *, complete: bool = True, staging: bool = False) -> dict[str, Any]:
     """Write the marker of `folder`: every regular file in it (symlinks are never listed) with size and sha256.
 

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from hf_mudsc._version import __version__
-from hf_mudsc.errors import OptionError, RecipeError
+from hf_mudsc.errors import OptionError, RecipeError, shown
 from hf_mudsc.options import MATCHERS as MATCHERS  # re-exported: the CLI's --matcher choices
 from hf_mudsc.options import RECIPE_FILENAME as RECIPE_FILENAME
 from hf_mudsc.options import REFITTING, MergeOptions
@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 DESTINATION_KEYS = MergeOptions.names(destination=True)
 # Keys only the command line may set (destinations and trust), with the flag to use instead.
 COMMAND_LINE_ONLY_KEYS = MergeOptions.command_line_only()
+# The largest recipe file read: written ones are about 1 kB; a bigger file is no recipe (and YAML parsing is slow).
+MAX_RECIPE_BYTES = 1 << 20
 # Keys a recipe may carry for information only.
 INFO_KEYS = ("hf_mudsc_version",)
 
@@ -72,7 +74,7 @@ class Recipe(MergeOptions):
         unknown = sorted(set(data) - set(cls.keys()) - set(INFO_KEYS))
         if unknown:
             valid = [k for k in cls.keys() if k not in cls.command_line_only()]
-            raise RecipeError(f"{source} has unknown key(s) {unknown}; valid keys are: {', '.join(valid)}")
+            raise RecipeError(f"{source} has unknown key(s) {shown(unknown)}; valid keys are: {', '.join(valid)}")
         for key, how in cls.command_line_only().items():
             if key not in data:
                 continue
@@ -92,10 +94,21 @@ class Recipe(MergeOptions):
         path = Path(path)
         if not path.is_file():
             raise RecipeError(f"no recipe file at {str(path)!r}; pass the path of a mudsc_recipe.yaml")
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"recipe {str(path)!r} is {size:,} bytes; a recipe is a few hundred (at most "
+                              f"{MAX_RECIPE_BYTES:,}): pass the mudsc_recipe.yaml a merge wrote")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as error:
-            raise RecipeError(f"{str(path)!r} is not valid YAML: {error}") from None
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise RecipeError(f"recipe {str(path)!r} is not UTF-8 text (byte {error.start}: {error.reason}); "
+                              "save it as UTF-8") from None
+        try:
+            data = yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: builds plain data only
+        except (yaml.YAMLError, ValueError) as error:  # ValueError: an integer longer than Python reads (4300 digits)
+            raise RecipeError(f"{str(path)!r} is not valid YAML: {_one_line(error)}") from None
+        except RecursionError:
+            raise RecipeError(f"{str(path)!r} is not valid YAML: it is nested too deeply to be a recipe") from None
         return cls.from_dict(data or {}, source=f"recipe {str(path)!r}")
 
     def override(self, **changes: Any) -> Recipe:
@@ -111,7 +124,7 @@ class Recipe(MergeOptions):
         """Check one value's type (YAML `0.5` is a float, `yes` a bool); paths become strings."""
         if key == "models":
             if isinstance(value, (str, os.PathLike)) or not isinstance(value, (list, tuple)):
-                raise RecipeError(f"{source}: `models` must be a list of model references, got {value!r}")
+                raise RecipeError(f"{source}: `models` must be a list of model references, got {shown(value)}")
             return [os.fspath(v) if isinstance(v, os.PathLike) else _expect_str(key, v, source) for v in value]
         try:
             return cls.check_type(key, value)
@@ -127,7 +140,7 @@ class Recipe(MergeOptions):
         if len(self.models) < 2:
             raise RecipeError(
                 f"a merge takes two or more parent models (Hub ids `org/name[@revision]` or folders), "
-                f"got {len(self.models)}: {self.models}"
+                f"got {len(self.models)}: {shown(self.models)}"
             )
         try:
             checked = self.check_all(**self.values())
@@ -159,7 +172,7 @@ class Recipe(MergeOptions):
             )
         if self.push_to_hub is not None and self.push_to_hub.count("/") != 1:
             raise RecipeError(
-                f"push_to_hub must be a repo id `org/name` (CLI: --push-to-hub), got {self.push_to_hub!r}"
+                f"push_to_hub must be a repo id `org/name` (CLI: --push-to-hub), got {shown(self.push_to_hub)}"
             )
         return self
 
@@ -192,5 +205,33 @@ class Recipe(MergeOptions):
 
 def _expect_str(key: str, value: Any, source: str) -> str:
     if not isinstance(value, str) or not value:
-        raise RecipeError(f"{source}: every entry of `{key}` must be a non-empty string, got {value!r}")
+        raise RecipeError(f"{source}: every entry of `{key}` must be a non-empty string, got {shown(value)}")
     return value
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key given twice (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        self.flatten_mapping(node)  # `<<` merge keys first: a key they bring is overridden, not repeated
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                repeated = key in seen
+                seen.add(key)
+            except TypeError:  # unhashable: SafeLoader names it below
+                break
+            if repeated:
+                raise yaml.constructor.ConstructorError(None, None, f"key {shown(key)} is given twice",
+                                                        key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _one_line(error: Exception) -> str:
+    """A YAML error as one line: what is wrong and where (`found unhashable key (line 2, column 3)`)."""
+    if isinstance(error, yaml.MarkedYAMLError):
+        mark = error.problem_mark or error.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        return ", ".join(part for part in (error.context, error.problem) if part) + where
+    return " ".join(str(error).split())

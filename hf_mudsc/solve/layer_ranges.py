@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import re
 
+from hf_mudsc.errors import shown
+
+#: The most encoder blocks a model may have here (the largest transformers have a few hundred): a range past it
+#: is refused before it is expanded into one entry per block.
+MAX_BLOCKS = 10_000
 #: `layer_swap` text: comma-separated `parent:first-last` (or `parent:block`) items, blocks counted from 0.
 LAYER_SWAP_ITEM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
@@ -20,11 +25,14 @@ def parse_layer_swap(text: str) -> dict[int, int]:
     for item in items:
         found = LAYER_SWAP_ITEM.match(item)
         if found is None:
-            raise ValueError(f"item {item.strip()!r} is not 'parent:first-last' or 'parent:block' (e.g. '1:0-5')")
+            raise ValueError(f"item {shown(item.strip())} is not 'parent:first-last' or 'parent:block' (e.g. '1:0-5')")
         parent, first = int(found.group(1)), int(found.group(2))
         last = int(found.group(3)) if found.group(3) is not None else first
         if last < first:
-            raise ValueError(f"item {item.strip()!r} has its last block before its first")
+            raise ValueError(f"item {shown(item.strip())} has its last block before its first")
+        if last >= MAX_BLOCKS:
+            raise ValueError(f"item {shown(item.strip())} reaches block {shown(last)}; models have at most "
+                             f"{MAX_BLOCKS} blocks (counted from 0)")
         for block in range(first, last + 1):
             if block in blocks:
                 raise ValueError(f"block {block} is listed twice ({blocks[block]} and {parent}); each block "

@@ -1,0 +1,700 @@
+"""Hostile inputs found by the robustness audit (s11): each test is a defect that was real, its fix the smallest.
+
+Every refusal is one line naming the problem and the fix, raised before any weights are loaded, and its size does
+not grow with the input (a value is shown shortened, never whole).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from hf_mudsc.cli.main import main
+from hf_mudsc.errors import OptionError, RecipeError
+from hf_mudsc.options import MergeOptions
+from hf_mudsc.publish.recipe import Recipe
+from hf_mudsc.solve.layer_ranges import MAX_BLOCKS, parse_layer_swap
+
+
+def _one_line_error(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1, err
+    return err[0]
+
+
+# ---------------------------------------------------------------- layer_swap: a range is counted, never expanded
+
+
+@pytest.mark.parametrize("text", ["1:0-99999999999999999999", f"1:{MAX_BLOCKS}", "0:0-1,1:5-100000000"])
+def test_a_layer_swap_range_past_any_model_is_refused_without_expanding_it(text):
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=f"models have at most {MAX_BLOCKS} blocks"):
+        parse_layer_swap(text)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_the_cli_refuses_a_huge_layer_swap_range_in_one_line(tmp_path, capsys):
+    code = main(["merge", "a", "b", "--method", "layer_swap", "--layer-swap", "1:0-99999999999999999999",
+                 "--output", str(tmp_path / "out")])
+    assert code == 2
+    line = _one_line_error(capsys)
+    assert "layer_swap '1:0-99999999999999999999'" in line and "(CLI: --layer-swap)" in line
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- values are shown shortened in messages
+
+
+# A "billion laughs" in one line: 9**9 'x' reached through aliases; printed whole it is gigabytes.
+BOMB = ("[&a [x,x,x,x,x,x,x,x,x], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a], &c [*b,*b,*b,*b,*b,*b,*b,*b,*b], "
+        "&d [*c,*c,*c,*c,*c,*c,*c,*c,*c], &e [*d,*d,*d,*d,*d,*d,*d,*d,*d], &f [*e,*e,*e,*e,*e,*e,*e,*e,*e], "
+        "&g [*f,*f,*f,*f,*f,*f,*f,*f,*f], &h [*g,*g,*g,*g,*g,*g,*g,*g,*g], &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]]")
+
+
+@pytest.mark.parametrize(("key", "needle"), [
+    ("weights", "weights must be a list of numbers (CLI: --weights)"),
+    ("calibration", "`calibration` must be str"),
+    ("alpha", "alpha must be a number or 'auto' (CLI: --alpha)"),
+    ("models", "every entry of `models` must be a non-empty string"),
+])
+def test_an_alias_bomb_in_a_recipe_is_refused_in_one_short_line(tmp_path, capsys, key, needle):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(("" if key == "models" else "models: [a, b]\n") + f"{key}: [{BOMB}]\n")
+    start = time.perf_counter()
+    assert main(["merge", "--recipe", str(path), "--output", str(tmp_path / "out")]) == 2
+    line = _one_line_error(capsys)
+    assert needle in line and len(line) < 600, line[:700]
+    assert time.perf_counter() - start < 10
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_long_unknown_key_list_and_a_long_string_are_shortened(tmp_path):
+    path = tmp_path / "keys.yaml"
+    path.write_text("models: [a, b]\n" + "".join(f"k{i}: 1\n" for i in range(20000)))
+    with pytest.raises(RecipeError, match="unknown key") as caught:
+        Recipe.load(path)
+    assert len(str(caught.value)) < 2000
+    with pytest.raises(OptionError, match="`text_column` must be str") as caught:
+        MergeOptions.check("text_column", ["x" * 10**6])
+    assert len(str(caught.value)) < 600
+
+
+@pytest.mark.parametrize(("key", "value", "needle"), [
+    ("method", {"a": 1}, "method must be a string (CLI: --method), got {'a': 1} (dict)"),
+    ("method", {"{0}": "{1}"}, "method must be a string (CLI: --method), got {'{0}': '{1}'} (dict)"),
+    ("weights", {1, 2}, "weights must be a list of numbers (CLI: --weights), got {1, 2} (set)"),
+    ("batch_size", "{oops}", "batch_size must be an int (CLI: --batch-size), got '{oops}' (str)"),
+])
+def test_a_value_with_braces_is_named_not_formatted(key, value, needle):
+    """`method: {a: 1}` crashed with KeyError: the message template was formatted a second time with the value in."""
+    with pytest.raises(OptionError) as caught:
+        MergeOptions.check(key, value)
+    assert str(caught.value) == needle
+    with pytest.raises(RecipeError) as caught:
+        Recipe.from_dict({"models": ["a", "b"], key: value})
+    assert str(caught.value) == f"recipe: {needle}"
+
+
+def test_the_cli_names_a_mapping_given_as_a_method(tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text("models: [a, b]\nmethod: {a: 1}\n")
+    assert main(["merge", "--recipe", str(path), "--output", str(tmp_path / "out")]) == 2
+    assert "method must be a string (CLI: --method), got {'a': 1} (dict)" in _one_line_error(capsys)
+
+
+# ---------------------------------------------------------------- the recipe file itself
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("models: [a, b\n", "line 2, column 1"),
+    ("models: [a, b]\n? [x, y]\n: 1\n", "found unhashable key (line 2, column 3)"),
+    ("models: [a, b]\nalpha: !!python/object/apply:os.system ['touch pwned']\n",
+     "could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system' "
+     "(line 2, column 8)"),
+    ("models: [a, b]\n---\nmodels: [c, d]\n", "expected a single document in the stream"),
+])
+def test_invalid_yaml_is_reported_in_one_line_with_its_position(tmp_path, capsys, text, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert main(["merge", "--recipe", str(path), "--output", str(tmp_path / "out")]) == 2
+    line = _one_line_error(capsys)
+    assert f"{str(path)!r} is not valid YAML" in line and needle in line, line
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("raw", [b"models: [a, b]\ntext_column: caf\xe9\n", "models: [a, b]\n".encode("utf-16"),
+                                 b"\xff\xfe\xfa\n"])
+def test_a_recipe_that_is_not_utf8_is_named(tmp_path, capsys, raw):
+    path = tmp_path / "latin.yaml"
+    path.write_bytes(raw)
+    assert main(["merge", "--recipe", str(path), "--output", str(tmp_path / "out")]) == 2
+    line = _one_line_error(capsys)
+    assert f"recipe {str(path)!r} is not UTF-8 text" in line and "save it as UTF-8" in line, line
+
+
+def test_an_integer_too_long_to_read_is_named_with_its_recipe(tmp_path, capsys):
+    path = tmp_path / "long.yaml"
+    path.write_text("models: [a, b]\nnum_samples: 1" + "0" * 5000 + "\n")
+    assert main(["merge", "--recipe", str(path), "--output", str(tmp_path / "out")]) == 2
+    line = _one_line_error(capsys)
+    assert f"{str(path)!r} is not valid YAML" in line and "4300 digits" in line, line
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    """YAML keeps the last of two equal keys silently: `alpha: 0.1` above `alpha: 0.9` would merge at 0.9."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("models: [a, b]\nalpha: 0.1\nseed: 1\nalpha: 0.9\n")
+    with pytest.raises(RecipeError, match=r"is not valid YAML: key 'alpha' is given twice \(line 4, column 1\)"):
+        Recipe.load(path)
+    path.write_text("models: [a, b]\n<<: {alpha: 0.3}\nseed: 1\n")  # a merge key is not a repeated key
+    assert Recipe.load(path).alpha == 0.3
+
+
+# ---------------------------------------------------------------- parent folders: config.json read with care
+
+
+def _vit_folder(folder, edit=None, raw: str | bytes | None = None):
+    """A tiny ViT classifier saved with save_pretrained, its config.json edited (a dict change) or replaced."""
+    import json
+
+    from factories import make_model
+
+    make_model("vit_cls", seed=0).save_pretrained(folder)
+    path = folder / "config.json"
+    if edit is not None:
+        config = json.loads(path.read_text())
+        edit(config)
+        path.write_text(json.dumps(config))
+    if raw is not None:
+        path.write_bytes(raw if isinstance(raw, bytes) else raw.encode())
+    return folder
+
+
+@pytest.mark.parametrize(("raw", "needle"), [
+    ("null", "config.json is not a JSON object (got null)"),
+    ("[1, 2]", "config.json is not a JSON object (got a list)"),
+    ('"vit"', "config.json is not a JSON object (got a string)"),
+    ("{not json", "config.json is not valid JSON (line 1, column 2"),
+    ("", "config.json is not valid JSON (line 1, column 1"),
+    (b'{"model_type": "vit", "x": "caf\xe9"}', "config.json is not UTF-8 JSON"),
+    ('{"hidden_size": 32}', "config.json names no model_type"),
+    ('{"model_type": 5}', "config.json names no model_type"),
+])
+def test_a_config_that_is_no_json_object_is_refused_in_one_line(tmp_path, raw, needle):
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import load_parent
+
+    folder = _vit_folder(tmp_path / "vit", raw=raw)
+    with pytest.raises(LoadError) as caught:
+        load_parent(folder)
+    message = str(caught.value)
+    assert "\n" not in message and needle in message and str(folder) in message, message
+    assert "restore the config.json saved with the weights" in message
+
+
+@pytest.mark.parametrize(("edit", "needle"), [
+    (lambda c: c.update(hidden_size="32"), "hidden_size"),
+    (lambda c: c.update(model_type="../../etc"), "model type `../../etc`"),
+])
+def test_a_config_transformers_cannot_read_is_refused_in_one_line(tmp_path, edit, needle):
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import load_parent
+
+    folder = _vit_folder(tmp_path / "vit", edit=edit)
+    with pytest.raises(LoadError) as caught:
+        load_parent(folder)
+    message = str(caught.value)
+    assert "\n" not in message and "cannot read the config of" in message and needle in message, message
+
+
+@pytest.mark.parametrize(("edit", "needle"), [
+    (lambda c: c.update(num_labels=10**9), "num_labels is 1000000000"),
+    (lambda c: c.update(id2label=None, num_labels=10**9), "num_labels is 1000000000"),
+    (lambda c: c.update(num_hidden_layers=10**9), "num_hidden_layers is 1000000000"),
+    (lambda c: c.update(num_attention_heads=-4), "num_attention_heads is -4"),
+])
+def test_absurd_counts_in_a_config_are_refused_before_transformers_expands_them(tmp_path, edit, needle):
+    """transformers turns num_labels into one id2label entry per label (10**9 took 23 GB) and builds one module per
+    layer: the counts are checked on the JSON first."""
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import load_parent
+
+    folder = _vit_folder(tmp_path / "vit", edit=edit)
+    start = time.perf_counter()
+    with pytest.raises(LoadError) as caught:
+        load_parent(folder)
+    assert time.perf_counter() - start < 5
+    message = str(caught.value)
+    assert "\n" not in message and needle in message and "restore the config.json saved with the weights" in message
+
+
+@pytest.mark.parametrize("renamed", [False, True])
+def test_a_config_far_larger_than_its_weights_is_refused_before_anything_is_allocated(tmp_path, monkeypatch, capsys,
+                                                                                      renamed):
+    """Both parents say hidden_size 10**9 (so they agree) over a 65 kB checkpoint: from_pretrained would allocate
+    68 GB before noticing the shapes differ. The parameter count is compared with the safetensors header first
+    (whatever the checkpoint's tensor names)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import ViTForImageClassification
+
+    def never(*args, **kwargs):
+        raise AssertionError("from_pretrained was called: the model was allocated")
+
+    monkeypatch.setattr(ViTForImageClassification, "from_pretrained", never)
+    huge = lambda c: c.update(hidden_size=10**9, intermediate_size=10**9)  # noqa: E731
+    a, b = _vit_folder(tmp_path / "a", edit=huge), _vit_folder(tmp_path / "b", edit=huge)
+    if renamed:  # a checkpoint whose names the model does not use: only the count can tell
+        for folder in (a, b):
+            tensors = load_file(folder / "model.safetensors")
+            save_file({f"legacy.{k}": v for k, v in tensors.items()}, folder / "model.safetensors")
+    out = tmp_path / "out"
+    capsys.readouterr()  # the folders' save_pretrained progress
+    assert main(["merge", str(a), str(b), "--method", "weight_matching", "--output", str(out)]) == 1
+    line = _one_line_error(capsys)
+    assert f"'{a}': config.json describes a model of " in line and ", but model.safetensors holds 16," in line
+    assert "restore the config.json saved with the weights" in line
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- tokens never echoed by the argument parser
+
+TOKEN = "hf_FAKEFAKEFAKE1234567890"
+
+
+@pytest.mark.parametrize("argv", [
+    ["evaluate", "some/model", "--dataset", "d:test", "--token", TOKEN],  # evaluate has no --token flag
+    ["evaluate", "some/model", "--dataset", "d:test", f"--token={TOKEN}"],
+    ["merge", "a", "b", "--output", "o", "--tokn", TOKEN],  # a typo of the flag
+    ["merge", "a", "b", "--output", "o", "--batch-size", TOKEN],  # a token where a number goes
+    ["evaluate", "some/model", "--dataset", "d:test", "--token", "s3cr3t-not-hf-shaped"],
+])
+def test_argument_errors_never_echo_a_token(capsys, argv):
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and TOKEN not in err and "s3cr3t-not-hf-shaped" not in err, err
+    assert "***" in err
+
+
+# ---------------------------------------------------------------- evaluate writes only over files it wrote
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """A merged folder (CLI, with the writer's marker), a plain save_pretrained folder with its owner's card, and
+    a labelled image dataset."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+    from test_cli import save_parents_and_data
+
+    root = tmp_path_factory.mktemp("evaluate_hostile")
+    a, b, calibration = save_parents_and_data(root)
+    merged = root / "merged"
+    assert main(["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(merged),
+                 "--method", "zipit", "--num-samples", "16", "--batch-size", "8", "--refit", "none"]) == 0
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L") for _ in range(6)]
+    data = datasets.Dataset.from_dict({"image": images, "label": [0, 1, 2] * 2})
+    data.cast_column("image", datasets.Image()).save_to_disk(root / "test-data")
+    foreign = root / "their-model"
+    import shutil
+
+    shutil.copytree(a, foreign)
+    (foreign / "README.md").write_text("# their own card\n")
+    return merged, foreign, root / "test-data"
+
+
+def _evaluate(model, data, *extra: str) -> int:
+    tasks = ["vit-a=", "vit-b="] if (model / "mudsc_recipe.yaml").exists() else [""]
+    datasets = [item for task in tasks for item in ("--dataset", f"{task}{data}")]
+    return main(["evaluate", str(model), "--no-parents", "--no-ensemble", *datasets, *extra])
+
+
+@pytest.mark.parametrize("target", ["user-file", "model-config", "model-weights", "a-folder"])
+def test_evaluate_never_replaces_a_file_it_did_not_write_with_its_json(evaluated, tmp_path, capsys, monkeypatch,
+                                                                        target):
+    merged, _, data = evaluated
+    path = {"user-file": tmp_path / "notes.json", "model-config": merged / "config.json",
+            "model-weights": merged / "model.safetensors", "a-folder": tmp_path}[target]
+    if target == "user-file":
+        path.write_text('{"mine": true}\n')
+    before = path.read_bytes() if path.is_file() else None
+    import hf_mudsc.load.parents as parents
+
+    monkeypatch.setattr(parents, "load_parent", lambda *a, **k: pytest.fail("loaded before refusing"))
+    capsys.readouterr()
+    assert _evaluate(merged, data, "--output-json", str(path)) == 1
+    line = _one_line_error(capsys)
+    assert f"refusing to replace {str(path)!r} with the results" in line and "--output-json" in line, line
+    assert (path.read_bytes() if path.is_file() else None) == before
+
+
+def test_evaluate_leaves_the_card_of_a_folder_it_did_not_write_alone(evaluated, capsys, monkeypatch):
+    _, foreign, data = evaluated
+    import hf_mudsc.load.parents as parents
+
+    monkeypatch.setattr(parents, "load_parent", lambda *a, **k: pytest.fail("loaded before refusing"))
+    capsys.readouterr()
+    assert _evaluate(foreign, data) == 1
+    line = _one_line_error(capsys)
+    assert f"refusing to replace {str(foreign / 'README.md')!r} with the results" in line and "--no-card" in line
+    assert (foreign / "README.md").read_text() == "# their own card\n"
+    assert not (foreign / "eval_results.json").exists()
+
+
+def test_evaluate_rewrites_its_own_results_and_card_again(evaluated, tmp_path, capsys):
+    merged, foreign, data = evaluated
+    for _ in range(2):  # the second run replaces what the first wrote: recorded in the marker, or its own JSON
+        assert _evaluate(merged, data) == 0
+        assert _evaluate(merged, data, "--output-json", str(tmp_path / "results.json")) == 0
+    assert "model-index" in (merged / "README.md").read_text() and (merged / "eval_results.json").is_file()
+    assert _evaluate(foreign, data, "--no-card", "--output-json", str(tmp_path / "theirs.json")) == 0
+    assert (foreign / "README.md").read_text() == "# their own card\n"
+
+
+# ---------------------------------------------------------------- running out of memory is one line, not a traceback
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                 "tried to allocate 8192000000 bytes. Error code 12 (Cannot allocate memory)"),
+    MemoryError(),
+])
+def test_running_out_of_memory_is_one_line_naming_the_dry_run(tmp_path, capsys, monkeypatch, error):
+    """What torch raised when a recipe listed 1000 parents (the statistics of 1000 x 32 units need 8 GB)."""
+    import hf_mudsc.cli.merge as merge_cli
+
+    def out_of_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(merge_cli, "execute", out_of_memory)
+    assert main(["merge", "a", "b", "--method", "weight_matching", "--output", str(tmp_path / "out")]) == 1
+    line = _one_line_error(capsys)
+    assert line.startswith("hf-mudsc merge: error: out of memory") and "--dry-run" in line, line
+    assert "Traceback" not in line
+
+
+# ---------------------------------------------------------------- calibration data that is code
+
+
+def test_a_calibration_folder_holding_a_dataset_script_is_refused_in_one_line(tmp_path, capsys):
+    """datasets refuses the script with a RuntimeError (it never runs it): that surfaced as a traceback."""
+    folder = tmp_path / "evilds"
+    folder.mkdir()
+    marker = tmp_path / "ran"
+    (folder / "evilds.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    out = tmp_path / "out"
+    code = main(["merge", "a", "b", "--method", "zipit", "--calibration", f"{folder}:train", "--output", str(out)])
+    assert code == 1
+    line = _one_line_error(capsys)
+    assert f"calibration dataset '{folder}:train' is a dataset script (evilds.py)" in line, line
+    assert "never runs" in line and "save_to_disk" in line
+    assert not marker.exists() and not out.exists()
+
+
+# ---------------------------------------------------------------- parent folders: links out are not followed
+
+
+def _save_vit_with_processor(folder):
+    from factories import make_model
+    from transformers import ViTImageProcessor
+
+    make_model("vit_cls", seed=0).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5]).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("name", ["preprocessor_config.json", "model.safetensors", "config.json"])
+def test_a_parent_file_linking_out_of_its_folder_is_refused(tmp_path, name):
+    """A folder unpacked from someone else's archive may link a file the merge reads (and writes back into the
+    merged model, maybe pushed) to any file of this machine, e.g. ~/.cache/huggingface/token."""
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import load_parent
+
+    folder = _save_vit_with_processor(tmp_path / "vit")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (folder / name).rename(elsewhere / name)
+    (folder / name).symlink_to(elsewhere / name)
+    with pytest.raises(LoadError) as caught:
+        load_parent(folder)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"{str(folder)!r}: {name} is a symbolic link to {str(elsewhere / name)!r}, outside the folder" in message
+    assert "copy the file into the folder" in message
+
+
+def test_links_inside_the_folder_and_a_hub_cache_snapshot_still_load(tmp_path):
+    from hf_mudsc.load.parents import load_parent
+
+    folder = _save_vit_with_processor(tmp_path / "vit")
+    (folder / "weights").mkdir()
+    (folder / "model.safetensors").rename(folder / "weights" / "model.safetensors")
+    (folder / "model.safetensors").symlink_to(Path("weights") / "model.safetensors")
+    assert load_parent(folder).processor is not None
+    # The Hub cache's layout: snapshots/<sha>/<file> -> ../../blobs/<hash>
+    repo = tmp_path / "hub" / "models--org--vit"
+    snapshot, blobs = repo / "snapshots" / ("a" * 40), repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for index, path in enumerate(sorted(p for p in folder.iterdir() if p.is_file())):
+        (blobs / f"blob{index}").write_bytes(path.read_bytes())
+        (snapshot / path.name).symlink_to(Path("..") / ".." / "blobs" / f"blob{index}")
+    assert load_parent(snapshot).processor is not None
+
+
+# ---------------------------------------------------------------- inspect: a merged folder's files are data
+
+
+@pytest.mark.parametrize(("name", "content", "needle"), [
+    ("merge_diagnostics.json", "[1, 2]", "holds a malformed hf-mudsc file (AttributeError: 'list' object"),
+    ("eval_results.json", "[1, 2]", "holds a malformed hf-mudsc file (AttributeError: 'list' object"),
+    ("eval_results.json", '{"scores": 5, "metrics": "x"}', "holds a malformed hf-mudsc file (AttributeError: 'int'"),
+    ("merge_diagnostics.json", '{"format": 1, "method": "zipit", "groups": [{"name": "g", "width": 2, '
+                               '"value": "x", "blended": "y"}]}', "Unknown format code 'f'"),  # one line already
+    ("merge_diagnostics.json", '{"format": 1, "method": "zipit", "groups": [{"bogus": 1}]}',
+     "merge_diagnostics.json': GroupDiagnostics.__init__() got an unexpected keyword argument 'bogus'"),
+])
+def test_inspect_names_a_malformed_file_in_one_line(evaluated, tmp_path, capsys, name, content, needle):
+    import shutil
+
+    merged, _, _ = evaluated
+    folder = tmp_path / "copy"
+    shutil.copytree(merged, folder)
+    (folder / name).write_text(content)
+    capsys.readouterr()
+    assert main(["inspect", str(folder), "--no-plots"]) == 1
+    line = _one_line_error(capsys)
+    assert line.startswith("hf-mudsc inspect: error: ") and needle in line, line
+    if "malformed" in needle:
+        assert f"{str(folder)!r} holds a malformed" in line and "write the folder again" in line
+
+
+@pytest.mark.parametrize(("models", "shown_as"), [(None, "NoneType"), (7, "int"), ({"a": "x", "b": "y"}, "dict")])
+def test_merge_names_parents_that_are_not_a_list(models, shown_as):
+    """`merge(None, ...)` raised `TypeError: object of type 'NoneType' has no len()`."""
+    import hf_mudsc
+    from hf_mudsc.errors import MergeInputError
+
+    with pytest.raises(MergeInputError, match=f"merge takes a list of two or more parents .*, got {shown_as}$"):
+        hf_mudsc.merge(models, None, method="average")
+
+
+# ---------------------------------------------------------------- nesting and size
+
+
+@pytest.mark.parametrize("value", ["[" * 5000 + "]" * 5000, "{a: " * 3000 + "1" + "}" * 3000])
+def test_a_recipe_nested_too_deeply_is_refused_in_one_line(tmp_path, capsys, value):
+    path = tmp_path / "deep.yaml"
+    path.write_text(f"models: {value}\n")
+    assert main(["merge", "--recipe", str(path), "--output", str(tmp_path / "out")]) == 2
+    line = _one_line_error(capsys)
+    assert f"{str(path)!r} is not valid YAML: it is nested too deeply" in line, line
+
+
+def test_a_recipe_file_of_megabytes_is_refused_before_it_is_parsed(tmp_path, capsys):
+    path = tmp_path / "big.yaml"
+    path.write_text("models: [a, b]\n" + "# padding\n" * 200_000)
+    assert main(["merge", "--recipe", str(path), "--output", str(tmp_path / "out")]) == 2
+    line = _one_line_error(capsys)
+    assert f"recipe {str(path)!r} is 2,000,015 bytes; a recipe is a few hundred" in line, line
+
+
+def test_a_config_nested_too_deeply_is_refused_in_one_line(tmp_path):
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import load_parent
+
+    folder = _vit_folder(tmp_path / "vit", raw='{"model_type": "vit", "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(LoadError, match="config.json is not valid JSON: it is nested too deeply"):
+        load_parent(folder)
+
+
+@pytest.mark.parametrize(("body", "content_type"), [
+    ('{"models": ' + "[" * 100_000 + "]" * 100_000 + "}", "application/json"),
+    ("models: " + "[" * 5000 + "]" * 5000, "application/yaml"),
+])
+def test_the_service_answers_a_request_nested_too_deeply_with_400(tmp_path, body, content_type):
+    """The JSON/YAML parser's RecursionError was an internal server error (500)."""
+    from fastapi.testclient import TestClient
+
+    from hf_mudsc.serve.app import create_app
+
+    client = TestClient(create_app(tmp_path), raise_server_exceptions=False)
+    answer = client.post("/api/jobs", content=body, headers={"content-type": content_type})
+    assert answer.status_code == 400, answer.text[:300]
+    assert "is nested too deeply" in answer.json()["error"]
+
+
+def test_a_processor_file_nested_too_deeply_is_skipped_like_any_unreadable_one(tmp_path):
+    """transformers' JSON reader raised RecursionError through `load_processor` (a traceback for the merge)."""
+    from hf_mudsc.load.processors import load_processor
+
+    folder = _save_vit_with_processor(tmp_path / "vit")
+    (folder / "preprocessor_config.json").write_text(
+        '{"image_processor_type": "ViTImageProcessor", "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert load_processor(folder) is None
+
+
+@pytest.mark.parametrize("shard", ["../elsewhere/model.safetensors", "/etc/passwd", "sub/../../x.safetensors"])
+def test_a_shard_index_pointing_out_of_the_folder_is_refused(tmp_path, shard):
+    """`model.safetensors.index.json` names the shard files: one outside the folder would be read as the parent's
+    weights (another model of this machine, merged and maybe pushed)."""
+    import json
+
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import load_parent
+
+    folder = _save_vit_with_processor(tmp_path / "vit")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (folder / "model.safetensors").rename(elsewhere / "model.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(elsewhere / "model.safetensors"), framework="pt") as handle:
+        keys = list(handle.keys())
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
+        key: shard for key in keys}}))
+    with pytest.raises(LoadError) as caught:
+        load_parent(folder)
+    message = str(caught.value)
+    assert f"model.safetensors.index.json names the shard {shard!r}, outside the folder" in message, message
+
+
+# ---------------------------------------------------------------- a Hub card may not point at this machine's folders
+
+
+def test_a_hub_parents_card_naming_a_local_folder_as_base_is_ignored(hub_emulator, tmp_path):
+    """`base_model: /home/me/private-model` in a Hub parent's card made the merge read that folder as the base
+    (task arithmetic's result then carries it, and may be pushed)."""
+    import subprocess
+    import sys
+
+    from test_cli import save_parents_and_data
+
+    a, b, _ = save_parents_and_data(tmp_path / "inputs")
+    private = tmp_path / "private-base"
+    import shutil
+
+    shutil.copytree(a, private)
+    for name, folder in (("user/a", a), ("user/b", b)):
+        (folder / "README.md").write_text(f"---\nbase_model: {private}\n---\n# card\n")
+        hub_emulator.upload_folder(name, folder, "parent")
+    env = hub_emulator.client_env(extra={"OMP_NUM_THREADS": "1"})
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "hf_mudsc", "merge", "user/a", "user/b", "--method",
+                           "task_arithmetic", "--output", str(out)], env=env, capture_output=True, text=True,
+                          timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"its Hub model card names base_model {str(private)!r}, a local path: ignored" in proc.stderr
+    assert "method 'task_arithmetic' needs the parents' common base model and none was given" in proc.stderr
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- options that overflow float32
+
+
+@pytest.mark.parametrize(("weights", "needle"), [
+    ([1e308, 1e308], "weights must be 0 or of magnitude 1e-30 to 1e+30"),
+    ([1e-320, 1e-320], "weights must be 0 or of magnitude 1e-30 to 1e+30"),
+    ([1e31, 1.0], "weights must be 0 or of magnitude 1e-30 to 1e+30"),
+])
+def test_weights_that_overflow_float32_are_refused_up_front(weights, needle):
+    """`--weights 1e308 1e308` (or 1e-320, which float32 rounds to 0) wrote a model full of NaN and said nothing."""
+    with pytest.raises(OptionError, match="weights must") as caught:
+        MergeOptions.check("weights", weights)
+    assert needle in str(caught.value) and "(CLI: --weights)" in str(caught.value)
+
+
+def test_a_merge_whose_weights_come_out_non_finite_is_refused_before_it_is_returned(monkeypatch):
+    """The last guard: whatever produced them (a scaling of 1e38 on large task vectors ...), NaN/inf merged
+    weights are never returned or written."""
+    import torch
+    from factories import make_model
+
+    import hf_mudsc
+    from hf_mudsc.errors import MergeInputError
+
+    a, b, base = make_model("vit_cls", 1), make_model("vit_cls", 2), make_model("vit_cls", 3)
+    with pytest.raises(MergeInputError) as caught:
+        hf_mudsc.merge([a, b], None, method="task_arithmetic", base=base, scaling=3e38)
+    message = str(caught.value)
+    assert "the merged model has NaN or infinite values in " in message and " tensors (e.g. '" in message, message
+    assert "scaling= (CLI: --scaling)" in message and "weights= (CLI: --weights)" in message
+    assert all(torch.isfinite(p).all() for p in a.parameters())  # inputs untouched
+
+
+# ---------------------------------------------------------------- calibration files pyarrow would crash on
+
+
+def test_a_json_calibration_file_nested_too_deeply_is_refused_before_pyarrow_reads_it(tmp_path):
+    """pyarrow's JSON reader dies of a segmentation fault on nesting ~20,000 deep: no message, exit code 139."""
+    from hf_mudsc.calibrate.datasets import load_calibration_dataset
+    from hf_mudsc.errors import CalibrationError
+
+    path = tmp_path / "deep.json"
+    path.write_text('{"text": "a [ \\" { in a string", "x": ' + "[" * 30_000 + "]" * 30_000 + "}\n")
+    with pytest.raises(CalibrationError, match=r"deep.json' nests values more than 1,000 deep"):
+        load_calibration_dataset(f"{path}:train")
+    fine = tmp_path / "fine.jsonl"
+    fine.write_text('{"text": "brackets [[[[ and \\\\\\" quotes {{{ inside a string"}\n' * 3)
+    assert [row["text"] for row in load_calibration_dataset(f"{fine}:train")][:1] == [
+        'brackets [[[[ and \\" quotes {{{ inside a string']
+
+
+def test_an_arrow_calibration_file_that_is_no_arrow_is_refused_before_pyarrow_reads_it(tmp_path):
+    """Random bytes named .arrow: pyarrow refuses them, but the process then sometimes aborts at exit (134)."""
+    from hf_mudsc.calibrate.datasets import load_calibration_dataset
+    from hf_mudsc.errors import CalibrationError
+
+    path = tmp_path / "noise.arrow"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(CalibrationError, match=r"noise.arrow' is not an Arrow file"):
+        load_calibration_dataset(f"{path}:train")
+
+
+def test_a_decompression_bomb_image_is_named_in_one_line(tmp_path, capsys):
+    """Pillow refuses a 400-megapixel PNG (388 kB on disk) with DecompressionBombError: that was a traceback."""
+    from PIL import Image
+    from test_cli import save_parents_and_data
+
+    a, b, _ = save_parents_and_data(tmp_path / "inputs")
+    folder = tmp_path / "images" / "train" / "cls"
+    folder.mkdir(parents=True)
+    Image.new("L", (16, 16)).save(folder / "a.png")
+    Image.new("L", (20000, 20000)).save(folder / "b.png")
+    out = tmp_path / "out"
+    capsys.readouterr()
+    code = main(["merge", str(a), str(b), "--calibration", f"{tmp_path / 'images'}:train", "--method", "zipit",
+                 "--output", str(out)])
+    assert code == 1
+    line = _one_line_error(capsys)
+    assert "is too large to decode safely (Image size (400000000 pixels) exceeds limit" in line, line
+    assert "remove or shrink that image" in line and not out.exists()
+
+
+# ---------------------------------------------------------------- inspect RECIPE checks what it describes
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("models: [a, b]\nmethod: mudsc\ncalibration: c\nalpha: 5\n", "alpha must lie in [0, 1] (CLI: --alpha), got 5.0"),
+    ("models: [a, b]\nmethod: weight_matching\nmatcher: nope\n", "unknown matcher 'nope'"),
+])
+def test_inspect_refuses_a_recipe_that_cannot_run(tmp_path, capsys, text, needle):
+    """It printed `would merge ...` for a recipe whose alpha or matcher the merge refuses."""
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    assert main(["inspect", str(path)]) == 1
+    assert needle in _one_line_error(capsys)
+
+
+def test_inspect_describes_a_recipe_of_the_default_method(tmp_path, capsys):
+    """`method: auto` (the default, also when the key is left out) failed with `unknown merge method 'auto'`."""
+    path = tmp_path / "r.yaml"
+    path.write_text("models: [org/a, org/b]\n")
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "would merge: org/a, org/b" in out and "method:      auto (chosen from how the parents relate)" in out
