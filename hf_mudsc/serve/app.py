@@ -252,9 +252,6 @@ def _parse_body(raw: bytes, content_type: str) -> Any:
         raise RecipeError(f"the body's {kind} is nested too deeply; a recipe is a flat mapping") from None
     except (ValueError, yaml.YAMLError) as problem:
         raise RecipeError(f"the body is not valid {kind}: {problem}") from None
-    except RecursionError:
-        raise RecipeError("the body is nested too deeply to be a recipe; send the recipe keys as a flat mapping") \
-            from None
 
 
 def _bearer(request: Request) -> str | None:
