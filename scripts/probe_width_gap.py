@@ -12,10 +12,14 @@ Two measurements on the quality benchmark's different-init pairs (`common.differ
   (ridge least squares on one-hot LABELS of each task's training images, λ 1e-3 of the mean feature energy) on the
   final CLS features of each parent and of the default merge (size 1, and size 1.5 `size_spend="heads"`), per task
   on the test images, next to the models' own heads. Oracle ≈ own head: the features, not the head, are the limit.
+* ``head``: is the concatenated head starved by the refit's sample count (one row per example)? The default merge's
+  head refitted alone, by the library's ridge accumulator (λ 1e-3, toward the refitted head) to the centred parent
+  logits, on every calibration image and — the control — on the refit's own subset.
 
     python scripts/probe_width_gap.py rules --widths 64 128 256 --splits 5
     python scripts/probe_width_gap.py refit --widths 128 256 --splits 3 --variants s128_c auto_c all_c auto_raw
     python scripts/probe_width_gap.py features --widths 128 256 --splits 5
+    python scripts/probe_width_gap.py head --widths 64 128 256 --splits 5
 
 Prints one JSON line per pair. One torch thread.
 """
@@ -166,9 +170,39 @@ def features(width: int, split: int, classes: common.Classes) -> dict[str, Any]:
     return row
 
 
+def head_on_all(width: int, split: int, classes: common.Classes) -> dict[str, Any]:
+    import copy
+
+    import hf_mudsc
+    from hf_mudsc.apply.refit import RidgeAccumulator, head_target, subset_batches
+    from hf_mudsc.evaluate.harness import evaluate_merge
+
+    model_a, model_b, splits, calibration = common.different_init_pair(common.pair_settings(), width, split, classes)
+    default = hf_mudsc.merge([model_a, model_b], calibration, batch_size=64, progress=False)
+    total = sum(len(batch["pixel_values"]) for batch in calibration)
+    subset = list(subset_batches(lambda: calibration, default.merge_report.refit.samples, seed=0, total=total)())
+    merged = {"default": default}
+    for name, batches in (("head all", calibration), ("head subset", subset)):
+        model = copy.deepcopy(default)
+        accumulator = RidgeAccumulator(model.classifier.in_features, model.classifier.out_features, True)
+        for batch in batches:
+            images = batch["pixel_values"]
+            accumulator.update(cls_features(model, images),
+                               head_target([logits(model_a, images), logits(model_b, images)]).double())
+        weight, bias, _ = accumulator.solve(model.classifier.weight, model.classifier.bias, 1e-3)
+        with torch.no_grad():
+            model.classifier.weight.copy_(weight)
+            model.classifier.bias.copy_(bias)
+        merged[name] = model
+    tasks = common.digit_tasks(splits, "test")
+    results = evaluate_merge(merged, [model_a, model_b], tasks, progress=False)
+    return {name: [round(100 * results.score(name, view), 1) for view in (*tasks, "joint")]
+            for name in [*merged, "ensemble"]} | {"refit_examples": default.merge_report.refit.samples}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["rules", "refit", "features"])
+    parser.add_argument("what", choices=["rules", "refit", "features", "head"])
     parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--splits", type=int, default=3, help="class splits 0..N-1 (the benchmark's)")
     parser.add_argument("--variants", nargs="+", default=["s128_c", "auto_c", "all_c", "auto_raw"],
@@ -181,7 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.what == "refit":
                 row = refit(width, split, classes[split], args.variants)
             else:
-                row = (rules if args.what == "rules" else features)(width, split, classes[split])
+                row = {"rules": rules, "features": features, "head": head_on_all}[args.what](
+                    width, split, classes[split])
             print(json.dumps({"width": width, "split": split, **row}), flush=True)
     return 0
 
