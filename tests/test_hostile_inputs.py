@@ -382,13 +382,20 @@ def test_running_out_of_memory_is_one_line_naming_the_dry_run(tmp_path, capsys, 
 
 
 def test_a_calibration_folder_holding_a_dataset_script_is_refused_in_one_line(tmp_path, capsys):
-    """datasets refuses the script with a RuntimeError (it never runs it): that surfaced as a traceback."""
+    """datasets refuses the script with a RuntimeError (it never runs it): that surfaced as a traceback. (The data
+    is opened once the parents' configs are checked, so the parents exist here.)"""
+    from factories import make_model
+
+    parents = []
+    for seed in (0, 1):
+        make_model("vit_cls", seed).save_pretrained(tmp_path / f"p{seed}")
+        parents.append(str(tmp_path / f"p{seed}"))
     folder = tmp_path / "evilds"
     folder.mkdir()
     marker = tmp_path / "ran"
     (folder / "evilds.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     out = tmp_path / "out"
-    code = main(["merge", "a", "b", "--method", "zipit", "--calibration", f"{folder}:train", "--output", str(out)])
+    code = main(["merge", *parents, "--method", "zipit", "--calibration", f"{folder}:train", "--output", str(out)])
     assert code == 1
     line = _one_line_error(capsys)
     assert f"calibration dataset '{folder}:train' is a dataset script (evilds.py)" in line, line
@@ -523,7 +530,8 @@ def test_the_service_answers_a_request_nested_too_deeply_with_400(tmp_path, body
 
     from hf_mudsc.serve.app import create_app
 
-    client = TestClient(create_app(tmp_path), raise_server_exceptions=False)
+    # addressed to this machine: a key-less service answers only loopback Host headers
+    client = TestClient(create_app(tmp_path), base_url="http://127.0.0.1", raise_server_exceptions=False)
     answer = client.post("/api/jobs", content=body, headers={"content-type": content_type})
     assert answer.status_code == 400, answer.text[:300]
     assert "is nested too deeply" in answer.json()["error"]
