@@ -75,3 +75,22 @@ def test_a_stalled_download_gives_up_and_names_the_file(hub):
     assert "\n" not in error
     assert error.startswith("'user/vit': the Hub did not answer within 1 s while downloading model.safetensors")
     assert "HF_HUB_DOWNLOAD_TIMEOUT" in error
+
+
+def test_a_huge_side_file_is_refused_before_it_is_downloaded(hub_emulator, tmp_path):
+    """A Hub parent's top-level .json/.txt/.model files come down with its config, before any weight is read; a
+    hostile repo's 'small' file could be gigabytes. Sizes are read from the repository listing and an oversized
+    one is refused, named, before a byte of it is fetched (the limit is lowered here; it is 256 MiB)."""
+    folder = save_vit(tmp_path / "vit", seed=0)
+    (folder / "notes.txt").write_text("x" * 5000)
+    hub_emulator.upload_folder("user/vit", folder)
+    script = ("import hf_mudsc.load.parents as parents\n"
+              "parents.SIDE_FILE_MAX_BYTES = 4096\n") + LOAD
+    result = hub_emulator.run_client(script, env={"PYTHONPATH": str(ROOT)}).result
+    assert result == {"error": "'user/vit': notes.txt is 5,000 bytes, more than the 4,096 a file read with the "
+                               "config may be (.json/.txt/.model at the top level); a model repository's side files "
+                               "are small — remove it from the repository or choose another revision"}
+    fetched = [r.path for r in hub_emulator.requests_for("resolve")]
+    assert not any(path.endswith("notes.txt") for path in fetched), fetched
+    ok = hub_emulator.run_client(LOAD, env={"PYTHONPATH": str(ROOT)}).result  # the default limit: it loads
+    assert ok == {"checksum": pytest.approx(expected_checksum(), rel=1e-12)}

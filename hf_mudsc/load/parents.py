@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 
 # Small top-level files fetched before any weights: the config, processors and tokenizers.
 SMALL_FILE_SUFFIXES = (".json", ".txt", ".model")
+# The largest such file downloaded with the config, before any weights (sizes from the repository listing): real
+# side files are kilobytes to tens of megabytes (a large tokenizer.json ~35 MB); a hostile repo's could be gigabytes.
+SIDE_FILE_MAX_BYTES = 256 * 2**20
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
@@ -281,7 +284,7 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
         logger.info("offline: using the cached snapshot %s of %s", sha, repo_id)
     else:
         info = _hub_call(
-            reference, lambda: HfApi().model_info(repo_id, revision=revision, token=token,
+            reference, lambda: HfApi().model_info(repo_id, revision=revision, token=token, files_metadata=True,
                                                   timeout=constants.HF_HUB_ETAG_TIMEOUT),
             what="fetching the repository information (file list and commit)", timeout_setting="HF_HUB_ETAG_TIMEOUT")
         sha = info.sha
@@ -291,6 +294,13 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
         small = [f for f in top_level if f.endswith(SMALL_FILE_SUFFIXES)]
         if "config.json" not in small:
             raise LoadError(f"{reference!r} has no config.json at revision {sha}; it is not a transformers model")
+        sizes = {s.rfilename: s.size for s in (info.siblings or []) if s.size is not None}
+        for name in small:
+            if sizes.get(name, 0) > SIDE_FILE_MAX_BYTES:
+                raise LoadError(f"{reference!r}: {name} is {sizes[name]:,} bytes, more than the "
+                                f"{SIDE_FILE_MAX_BYTES:,} a file read with the config may be (.json/.txt/.model at "
+                                "the top level); a model repository's side files are small — remove it from the "
+                                "repository or choose another revision")
         folder = download_files(reference, repo_id, sha, small, token=token, cache_dir=cache_dir)
     config = _load_config(folder, reference)
     return _Located(reference=reference, config=config, folder=folder, repo_id=repo_id, revision=revision,
