@@ -168,6 +168,9 @@ def test_parse_layer_swap():
     ({"method": "slerp", "slerp_t": 1.5}, "slerp_t must lie in [0, 1] (CLI: --slerp-t)"),
     ({"method": "pcb", "pcb_ratio": 0.0}, "pcb_ratio must lie in (0, 1] (CLI: --pcb-ratio)"),
     ({"method": "consensus", "consensus_k": -1}, "consensus_k must be >= 0 (CLI: --consensus-k)"),
+    ({"method": "consensus", "consensus_k": 4},
+     "consensus_k 4 asks more tasks to agree than the 3 parents have: every task-vector entry would be dropped and "
+     "the merge would be the base; give 0 to 3, consensus_k= (CLI: --consensus-k)"),
     ({"method": "localize_stitch", "density": [0.1, 0.2, 0.3]}, "give one number, not 3, density= (CLI: --density)"),
 ])
 def test_bad_method_options_fail_with_one_line_naming_the_option(family, keywords, needle):

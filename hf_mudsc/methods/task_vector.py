@@ -89,6 +89,11 @@ class TensorWiseMethod(MergeMethod):
             if wrong:
                 raise MergeInputError(f"layer_swap {text!r} names parent {wrong[0]}, but there are {num_parents} "
                                       f"parents (0 to {num_parents - 1}) {option_hint('layer_swap')}")
+        if "consensus_k" in read and self.option_value(options, "consensus_k") > num_parents:
+            k = self.option_value(options, "consensus_k")
+            raise MergeInputError(f"consensus_k {k} asks more tasks to agree than the {num_parents} parents have: "
+                                  "every task-vector entry would be dropped and the merge would be the base; give 0 "
+                                  f"to {num_parents}, {option_hint('consensus_k')}")
         if read.get("density") == "sparsity":
             density = self.option_value(options, "density")
             if isinstance(density, Sequence):
