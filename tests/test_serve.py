@@ -592,3 +592,30 @@ def test_a_store_write_that_fails_while_following_a_worker_fails_the_job_and_fre
     scheduler.running[done] = finished
     scheduler._follow(done, finished)
     assert store.get(done)["status"] == "succeeded" and done not in scheduler.running
+
+
+def test_the_job_list_pages_newest_first_with_a_before_cursor(tmp_path):
+    """GET /api/jobs answers at most `limit` jobs (default 100, at most 1000), newest first, and `next`: the id to
+    pass as `before` for the following page (null on the last); an unknown cursor is a one-line 404."""
+    from fastapi.testclient import TestClient
+
+    from hf_mudsc.serve.app import create_app
+
+    app = create_app(tmp_path)
+    ids = [app.state.store.add({"models": [f"m{i}", "x"]}, output=None, repo_id=None, dry_run=True, has_token=False)
+           for i in range(5)]
+    newest = ids[::-1]
+    client = TestClient(app, base_url="http://127.0.0.1")
+    pages, cursor = [], None
+    while True:
+        answer = client.get("/api/jobs", params={"limit": 2, **({"before": cursor} if cursor else {})}).json()
+        pages.append([job["id"] for job in answer["jobs"]])
+        cursor = answer["next"]
+        if cursor is None:
+            break
+    assert pages == [newest[0:2], newest[2:4], newest[4:5]]
+    whole = client.get("/api/jobs").json()
+    assert [job["id"] for job in whole["jobs"]] == newest and whole["next"] is None
+    missing = client.get("/api/jobs", params={"before": "nosuchjob"})
+    assert missing.status_code == 404 and missing.json() == {
+        "error": "no job 'nosuchjob' to page from (`before`); pass the `next` id of the previous page"}

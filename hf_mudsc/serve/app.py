@@ -2,7 +2,8 @@
 
     POST   /api/jobs               recipe keys (JSON, or YAML with a YAML content type) -> 201 {"id", "status"}
                                    400 {"error"} naming the key; 409 when the output/repo is claimed by an active job
-    GET    /api/jobs               {"jobs": [job, ...]} newest first
+    GET    /api/jobs               {"jobs": [job, ...], "next"} newest first, a page of `?limit=N` (default 100, at
+                                   most 1000); `next`: the id to pass as `?before=` for the following page, or null
     GET    /api/jobs/{id}          {"id", "status", "progress", "phase", "error", "result", "created", "updated"}
     DELETE /api/jobs/{id}          cancel (a running job stops at its next cancel point) -> 202
     GET    /api/jobs/{id}/log      {"id", "lines", "next"}; `?since=N` returns lines N.. (poll to follow)
@@ -62,6 +63,7 @@ YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yam
 SERVED_FILES = ("README.md", "mudsc_recipe.yaml")
 SERVED_SUFFIXES = (".png", ".svg")
 SQLITE_MAX = (1 << 63) - 1  # the largest integer SQLite binds; larger query values are clamped to it
+PAGE_DEFAULT, PAGE_MAX = 100, 1000  # GET /api/jobs: jobs per page when `limit` is not given, and at most
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -164,9 +166,17 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         return JSONResponse({"id": job_id, "status": "queued"}, status_code=201)
 
     @app.get("/api/jobs")
-    def list_jobs(limit: int | None = None) -> JSONResponse:
-        limit = min(limit, SQLITE_MAX) if limit and limit > 0 else None  # none, 0 or negative: all
-        return JSONResponse({"jobs": [public(j) for j in store.list(limit)]})
+    def list_jobs(limit: int | None = None, before: str | None = None) -> JSONResponse:
+        # A page of at most `limit` jobs (none, 0 or negative: the default), newest first; `next` is the cursor of
+        # the following page (pass it as `before`), null on the last.
+        size = min(limit, PAGE_MAX) if limit and limit > 0 else PAGE_DEFAULT
+        try:
+            jobs = store.list(size + 1, before=before)
+        except KeyError:
+            return error(404, f"no job {before!r} to page from (`before`); pass the `next` id of the previous page")
+        page = jobs[:size]
+        return JSONResponse({"jobs": [public(j) for j in page],
+                             "next": page[-1]["id"] if len(jobs) > size else None})
 
     @app.get("/api/jobs/{job_id}")
     def get_job(job_id: str) -> JSONResponse:

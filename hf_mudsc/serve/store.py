@@ -161,11 +161,17 @@ class JobStore:
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _job(row) if row is not None else None
 
-    def list(self, limit: int | None = None) -> list[dict[str, Any]]:
-        """Newest first."""
-        query = "SELECT * FROM jobs ORDER BY seq DESC" + (" LIMIT ?" if limit else "")
+    def list(self, limit: int | None = None, before: str | None = None) -> list[dict[str, Any]]:
+        """Newest first; `before`: only jobs submitted before that job (a page cursor; KeyError if unknown)."""
+        where, values = "", []
         with self._lock:
-            rows = self._db.execute(query, (limit,) if limit else ()).fetchall()
+            if before is not None:
+                row = self._db.execute("SELECT seq FROM jobs WHERE id = ?", (before,)).fetchone()
+                if row is None:
+                    raise KeyError(before)
+                where, values = " WHERE seq < ?", [row["seq"]]
+            query = f"SELECT * FROM jobs{where} ORDER BY seq DESC" + (" LIMIT ?" if limit else "")  # noqa: S608
+            rows = self._db.execute(query, (*values, *([limit] if limit else []))).fetchall()
         return [_job(r) for r in rows]
 
     def queued(self) -> list[str]:
