@@ -969,24 +969,24 @@ def run_sizes(args: argparse.Namespace) -> dict[str, Any]:
                               "machine": {"platform": platform.platform(), "threads": args.threads,
                                           "torch": torch.__version__, "hf_mudsc": hf_mudsc.__version__},
                               "records": [], "summary": {}}
-    if args.join_sizes:
-        result["records"] = joined_size_records([Path(path) for path in args.join_sizes])
+    start_all = time.perf_counter()
+    if args.join_sizes:  # no merging: the records of earlier runs, joined
+        result["records"] = joined_size_records(args.join_sizes)
         result["sizes"] = sorted({row["size"] for record in result["records"] for row in record["rows"].values()
                                   if "size" in row})
-        result["summary"] = summarise_sizes(result["records"])
-    splits = [] if args.join_sizes else random_class_splits(args.splits)
-    start_all = time.perf_counter()
-    for width in [] if args.join_sizes else args.widths:
-        for index in range(len(splits)):
-            log(f"size budget: hidden {width}, split {index} {splits[index]}")
-            start = time.perf_counter()
-            entry = run_size_pair(args, width, index, splits[index])
-            entry["seconds"] = round(time.perf_counter() - start, 1)
-            result["records"].append(entry)
-            result["summary"] = summarise_sizes(result["records"])
-            write_json(out / "size_budget.json", result)
-            rows = entry["rows"]
-            log("  joint: " + ", ".join(f"{label} {row['joint']:.3f}" for label, row in rows.items()))
+    else:
+        splits = random_class_splits(args.splits)
+        for width in args.widths:
+            for index, classes in enumerate(splits):
+                log(f"size budget: hidden {width}, split {index} {classes}")
+                start = time.perf_counter()
+                entry = run_size_pair(args, width, index, classes)
+                entry["seconds"] = round(time.perf_counter() - start, 1)
+                result["records"].append(entry)
+                result["summary"] = summarise_sizes(result["records"])
+                write_json(out / "size_budget.json", result)  # after every pair: a long run can be inspected
+                log("  joint: " + ", ".join(f"{label} {row['joint']:.3f}" for label, row in entry["rows"].items()))
+    result["summary"] = summarise_sizes(result["records"])
     result["seconds"] = round(time.perf_counter() - start_all, 1)
     write_json(out / "size_budget.json", result)
     (out / "size_budget.md").write_text(size_markdown(result), encoding="utf-8")

@@ -12,6 +12,7 @@ import dataclasses
 import pytest
 import torch
 from factories import BARE, WITH_LOGITS, make_batches, make_model, model_output, permuted_copy, relative_error
+from readme_examples import readme_example
 
 import hf_mudsc
 from hf_mudsc.apply.fidelity import ALPHA_GRID, FidelityScorer, choose_alpha, holdout_split, linear_cka
@@ -197,12 +198,7 @@ def test_auto_alpha_is_refused_with_reference_compat_and_parsed_from_the_command
 
 def test_the_readme_alpha_auto_example_runs_and_prints_the_curve(capsys):
     """The README's `alpha="auto"` example as written (it crashed when `auto` merged its tiny parents by regmean)."""
-    import re
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    [block] = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
-               if b.startswith("# readme-test: alpha-auto")]
+    block = readme_example("alpha-auto")
     exec(compile(block, "README.md (alpha auto example)", "exec"), {"__name__": "readme_alpha_auto"})
     alpha, curve = capsys.readouterr().out.strip().split(" ", 1)
     fidelity = [float(value) for value in curve.strip("[]").split(",")]

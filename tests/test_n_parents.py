@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from factories import classifier_names, make_batches, make_model, with_new_head
+from readme_examples import readme_example
 from transformers import ViTForImageClassification, ViTImageProcessor
 
 import hf_mudsc
@@ -224,11 +225,8 @@ def test_recipe_round_trip_with_base_and_weights(tmp_path):
 
 def test_the_readme_n_parents_example_runs(capsys):
     import re
-    from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    [block] = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
-               if b.startswith("# readme-test: n-parents")]
+    block = readme_example("n-parents")
     namespace: dict = {"__name__": "readme_n_parents"}
     exec(compile(block, "README.md (N parents example)", "exec"), namespace)
     printed = capsys.readouterr().out.splitlines()

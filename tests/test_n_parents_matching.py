@@ -23,6 +23,7 @@ from factories import (
     relative_error,
     with_new_head,
 )
+from readme_examples import readme_example
 
 import hf_mudsc
 from hf_mudsc.apply.weights import apply_matches, apply_matches_weighted
@@ -294,12 +295,7 @@ def test_the_dry_run_estimate_counts_every_parents_statistics_and_weights():
 
 
 def test_the_readme_example_of_n_parents_matching_runs(capsys):
-    import re
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    [block] = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
-               if b.startswith("# readme-test: matching-n-parents")]
+    block = readme_example("matching-n-parents")
     namespace: dict = {"__name__": "readme_matching_n_parents"}
     exec(compile(block, "README.md (N-parent matching example)", "exec"), namespace)
     assert capsys.readouterr().out.splitlines() == ["True", "3 [2.0, 1.0, 1.0]", "gate 13"]

@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import re
 import shlex
-from pathlib import Path
 
 import torch
+from readme_examples import readme_blocks, readme_example
 from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPProcessor
 
 from hf_mudsc.cli.main import main
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def readme_blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", README.read_text(), flags=re.S)
-
 
 def test_the_readme_clip_example_runs(tmp_path, monkeypatch):
-    [python] = [block for block in readme_blocks("python") if block.startswith("# readme-test: clip")]
+    python = readme_example("clip")
     [command] = [line for block in readme_blocks("bash") for line in block.splitlines()
                  if line.startswith("hf-mudsc merge clip-0 clip-1")]
     monkeypatch.chdir(tmp_path)

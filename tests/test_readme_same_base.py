@@ -3,25 +3,18 @@ the merges they say they give."""
 
 from __future__ import annotations
 
-import re
 import shlex
-from pathlib import Path
 
 import torch
+from readme_examples import readme_blocks, readme_example
 from safetensors.torch import load_file
 
 import hf_mudsc
 from hf_mudsc.cli.main import main
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def readme_blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", README.read_text(), flags=re.S)
-
 
 def test_the_readme_same_base_examples_run_and_give_what_they_say(tmp_path, monkeypatch):
-    [python] = [block for block in readme_blocks("python") if block.startswith("# readme-test: same-base")]
+    python = readme_example("same-base")
     commands = [line for block in readme_blocks("bash") for line in block.splitlines()
                 if line.startswith("hf-mudsc merge tuned-0 tuned-1 tuned-2")]
     assert len(commands) == 3
@@ -68,8 +61,8 @@ def test_the_readme_same_base_examples_run_and_give_what_they_say(tmp_path, monk
 def test_the_readme_default_for_two_fine_tunes_runs_and_is_regmean_then_the_refit(tmp_path, monkeypatch, capsys):
     """README "Same-base merging": the default merge of two and of three fine-tunes given data (regmean, then the
     refit) and of two weighted unequally (regmean alone), printed as it says."""
-    [setup] = [block for block in readme_blocks("python") if block.startswith("# readme-test: same-base")]
-    [python] = [block for block in readme_blocks("python") if block.startswith("# readme-test: default-same-base")]
+    setup = readme_example("same-base")
+    python = readme_example("default-same-base")
     monkeypatch.chdir(tmp_path)
     scope: dict = {"__name__": "readme_same_base"}
     exec(compile(setup, "README.md (same-base example)", "exec"), scope)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from factories import make_batches, make_model, model_output, permuted_copy, relative_error, vit_cli_case
+from readme_examples import readme_example
 from torch import nn
 
 import hf_mudsc
@@ -308,12 +309,7 @@ def test_cli_repair_without_calibration_is_a_usage_error_in_one_line(capsys):
 
 
 def test_the_readme_repair_example_runs_and_prints_what_it_says(capsys):
-    import re
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    [block] = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
-               if b.startswith("# readme-test: repair")]
+    block = readme_example("repair")
     exec(compile(block, "README.md (repair example)", "exec"), {"__name__": "readme_repair"})
     printed = capsys.readouterr().out.splitlines()
     assert printed == ["repair {'scope': 'all', 'layers': 17}", "128 13"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from factories import make_batches, make_model, model_output, permuted_copy, relative_error, with_new_head
+from readme_examples import readme_example
 from transformers import AutoModel, AutoModelForImageClassification
 
 import hf_mudsc
@@ -345,9 +345,7 @@ def test_cli_refuses_a_bad_size_in_one_line(tmp_path):
 
 
 def test_the_readme_size_budget_example_runs_and_gives_what_it_says(tmp_path, monkeypatch):
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    [python] = [block for block in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
-                if block.startswith("# readme-test: size-budget")]
+    python = readme_example("size-budget")
     monkeypatch.chdir(tmp_path)
     scope: dict = {"__name__": "readme_size_budget"}
     exec(compile(python, "README.md (size-budget example)", "exec"), scope)

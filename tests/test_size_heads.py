@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from factories import make_batches, make_model, permuted_copy, with_new_head
+from readme_examples import readme_example
 from transformers import AutoModelForImageClassification
 
 import hf_mudsc
@@ -358,11 +359,7 @@ def test_the_dry_run_plans_what_the_merge_builds(spend):
 
 
 def test_the_readme_size_spend_example_runs_and_gives_what_it_says(tmp_path, monkeypatch):
-    import re
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    [python] = [block for block in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
-                if block.startswith("# readme-test: size-spend")]
+    python = readme_example("size-spend")
     monkeypatch.chdir(tmp_path)
     scope: dict = {"__name__": "readme_size_spend"}
     exec(compile(python, "README.md (size-spend example)", "exec"), scope)

@@ -89,8 +89,8 @@ class TensorWiseMethod(MergeMethod):
             if wrong:
                 raise MergeInputError(f"layer_swap {text!r} names parent {wrong[0]}, but there are {num_parents} "
                                       f"parents (0 to {num_parents - 1}) {option_hint('layer_swap')}")
-        if "consensus_k" in read and self.option_value(options, "consensus_k") > num_parents:
-            k = self.option_value(options, "consensus_k")
+        k = self.option_value(options, "consensus_k") if "consensus_k" in read else None
+        if k is not None and k > num_parents:
             raise MergeInputError(f"consensus_k {k} asks more tasks to agree than the {num_parents} parents have: "
                                   "every task-vector entry would be dropped and the merge would be the base; give 0 "
                                   f"to {num_parents}, {option_hint('consensus_k')}")
