@@ -196,8 +196,11 @@ def score_pair(
     """Test figures of parents, ensemble and every merge; alpha-tuned rows picked on training joint accuracy
     (the training images/sentences of both tasks; the parents saw them, the merge did not)."""
     test = evaluate_merge(merged, parents, tests, progress=False)
-    sweep = {sweep_label(m, a): merged[sweep_label(m, a)] for m in ("align", "zip") for a in alphas}
-    train = evaluate_merge(sweep, None, trains, progress=False)
+    # The α-tuned row of a matcher only when its whole sweep ran (`--methods` may leave a matcher out).
+    matchers = [(m, tuned) for m, tuned in zip(("align", "zip"), TUNED)
+                if all(sweep_label(m, a) in merged for a in alphas)]
+    sweep = {sweep_label(m, a): merged[sweep_label(m, a)] for m, _ in matchers for a in alphas}
+    train = evaluate_merge(sweep, None, trains, progress=False) if sweep else None
     tasks = list(tests)
 
     def figures(name: str) -> dict[str, float | None]:
@@ -211,7 +214,7 @@ def score_pair(
     rows = {name: figures(name) for name in ("parent_a", "parent_b", "ensemble")}
     for label in merged:
         rows[label] = {**figures(label), **info[label]}
-    for matcher, tuned in zip(("align", "zip"), TUNED):
+    for matcher, tuned in matchers:
         best = max(alphas, key=lambda a: (train.score(sweep_label(matcher, a), "joint"), -abs(a - 0.5)))
         label = sweep_label(matcher, best)
         rows[tuned] = {
