@@ -619,3 +619,47 @@ def test_the_job_list_pages_newest_first_with_a_before_cursor(tmp_path):
     missing = client.get("/api/jobs", params={"before": "nosuchjob"})
     assert missing.status_code == 404 and missing.json() == {
         "error": "no job 'nosuchjob' to page from (`before`); pass the `next` id of the previous page"}
+
+
+# ---------------------------------------------------------------------------------------------- limits
+
+
+def test_a_post_while_max_queued_jobs_wait_answers_429_and_stores_nothing(tmp_path):
+    """Anyone who may POST could queue unboundedly many jobs (each a store row, later a whole merge): at
+    `--max-queued` jobs waiting for a worker, a POST answers 429 with Retry-After and nothing is stored; a
+    cancelled (no longer queued) job frees a place."""
+    from fastapi.testclient import TestClient
+
+    from hf_mudsc.serve.app import create_app
+
+    app = create_app(tmp_path, max_queued=2)  # the scheduler never starts (no lifespan): jobs stay queued
+    client = TestClient(app, base_url="http://127.0.0.1")
+    body = {"models": ["user/a", "user/b"], "method": "average", "dry_run": True}
+    first, second = (client.post("/api/jobs", json=body) for _ in range(2))
+    assert (first.status_code, second.status_code) == (201, 201), (first.text, second.text)
+    refused = client.post("/api/jobs", json=body)
+    assert refused.status_code == 429, refused.text
+    error = refused.json()["error"]
+    assert set(refused.json()) == {"error"} and "\n" not in error
+    assert "2 jobs are queued" in error and "--max-queued" in error, error
+    assert int(refused.headers["retry-after"]) > 0
+    assert len(app.state.store.list()) == 2
+    assert client.delete(f"/api/jobs/{first.json()['id']}").status_code == 202
+    assert client.post("/api/jobs", json=body).status_code == 201
+
+
+def test_max_queued_is_a_serve_flag_checked_in_one_line(tmp_path, monkeypatch):
+    import uvicorn
+
+    from hf_mudsc.cli.main import build_parser
+    from hf_mudsc.cli.serve import run
+
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))
+    parser = build_parser(available=["serve"])
+    assert run(parser.parse_args(["serve", "--state-dir", str(tmp_path / "s"), "--max-queued", "7"])) == 0
+    assert served[0].state.max_queued == 7
+    assert run(parser.parse_args(["serve", "--state-dir", str(tmp_path / "s")])) == 0
+    assert served[1].state.max_queued == 100
+    with pytest.raises(ValueError, match=r"^--max-queued must be at least 1, got 0$"):
+        run(parser.parse_args(["serve", "--state-dir", str(tmp_path / "s"), "--max-queued", "0"]))

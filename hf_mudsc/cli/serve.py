@@ -11,6 +11,7 @@ import logging
 import os
 
 from hf_mudsc.serve import is_loopback
+from hf_mudsc.serve.store import MAX_QUEUED
 
 API_KEY_ENV = "HF_MUDSC_API_KEY"
 
@@ -27,6 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=argparse.SUPPRESS, metavar="KEY",
                         help=f"a key POST and DELETE must send as `X-API-Key` (default: ${API_KEY_ENV}); "
                         "required with a non-loopback --host")
+    parser.add_argument("--max-queued", type=int, default=MAX_QUEUED, metavar="N",
+                        help="jobs that may wait for a worker at once; a POST beyond it answers 429 with Retry-After "
+                        "(each queued job is a store row and later a whole merge: without a cap, anyone who may "
+                        "POST could queue unbounded work; the default is hours of merges)")
     parser.add_argument("--output-root", default=argparse.SUPPRESS, metavar="DIR",
                         help="the folder a job's `output` names a folder in (default: STATE_DIR/outputs)")
 
@@ -43,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     check_exposure(args.host, api_key)
     if args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    if args.max_queued < 1:
+        raise ValueError(f"--max-queued must be at least 1, got {args.max_queued}")
     try:
         import uvicorn
 
@@ -50,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as missing:
         raise ValueError(f"`hf-mudsc serve` needs {missing.name}: pip install \"hf-mudsc[serve]\"") from None
     app = create_app(args.state_dir, workers=args.workers, api_key=api_key,
-                     output_root=getattr(args, "output_root", None))
+                     output_root=getattr(args, "output_root", None), max_queued=args.max_queued)
     logging.getLogger("hf_mudsc").info("serving on http://%s:%d (state in %s)", args.host, args.port, args.state_dir)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True)
     return 0

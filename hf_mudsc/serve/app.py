@@ -1,7 +1,8 @@
 """The FastAPI app of `hf-mudsc serve`: the HTTP API (JSON everywhere) and a server-rendered page.
 
     POST   /api/jobs               recipe keys (JSON, or YAML with a YAML content type) -> 201 {"id", "status"}
-                                   400 {"error"} naming the key; 409 when the output/repo is claimed by an active job
+                                   400 {"error"} naming the key; 409 when the output/repo is claimed by an active job;
+                                   429 (with Retry-After) while --max-queued jobs wait for a worker
     GET    /api/jobs               {"jobs": [job, ...], "next"} newest first, a page of `?limit=N` (default 100, at
                                    most 1000); `next`: the id to pass as `?before=` for the following page, or null
     GET    /api/jobs/{id}          {"id", "status", "progress", "phase", "error", "result", "created", "updated"}
@@ -43,7 +44,7 @@ from hf_mudsc.errors import RecipeError
 from hf_mudsc.serve import host_name, is_loopback
 from hf_mudsc.serve.jobs import accepted_keys, parse_job
 from hf_mudsc.serve.scheduler import Scheduler
-from hf_mudsc.serve.store import ACTIVE, PHASES, JobStore, TargetClaimedError
+from hf_mudsc.serve.store import ACTIVE, MAX_QUEUED, PHASES, JobStore, QueueFullError, TargetClaimedError
 from hf_mudsc.solve.diagnostics import PLOTS_FOLDER
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ SERVED_FILES = ("README.md", "mudsc_recipe.yaml")
 SERVED_SUFFIXES = (".png", ".svg")
 SQLITE_MAX = (1 << 63) - 1  # the largest integer SQLite binds; larger query values are clamped to it
 PAGE_DEFAULT, PAGE_MAX = 100, 1000  # GET /api/jobs: jobs per page when `limit` is not given, and at most
+RETRY_AFTER_S = 60  # a 429's Retry-After: a merge takes minutes, so a place in the queue frees in about that
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -79,7 +81,7 @@ def public(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None = None,
-               output_root: str | Path | None = None) -> FastAPI:
+               output_root: str | Path | None = None, max_queued: int = MAX_QUEUED) -> FastAPI:
     """The app; its scheduler starts (and recovers the store after a restart) when the server starts."""
     state_dir = Path(state_dir).expanduser().absolute()
     store = JobStore(state_dir)
@@ -98,6 +100,7 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
 
     app = FastAPI(title="hf-mudsc serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.store, app.state.scheduler, app.state.outputs = store, scheduler, outputs
+    app.state.max_queued = max_queued
 
     if api_key is None:  # then bound to loopback (cli/serve.py): answer only requests addressed to this machine
         @app.middleware("http")
@@ -159,7 +162,11 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         try:
             claims = (None, None) if job.dry_run else (job.output, job.repo_id)  # a dry run writes nothing
             job_id = store.add(job.to_dict(), output=claims[0], repo_id=claims[1], dry_run=job.dry_run,
-                               has_token=token is not None)
+                               has_token=token is not None, max_queued=max_queued)
+        except QueueFullError as problem:
+            answer = error(429, str(problem))
+            answer.headers["Retry-After"] = str(RETRY_AFTER_S)
+            return answer
         except TargetClaimedError as problem:
             return error(409, str(problem))
         scheduler.submit(job_id, token)
