@@ -82,7 +82,7 @@ def test_the_web_process_does_not_import_the_merge_engine(tmp_path):
         "from hf_mudsc.serve.app import create_app\n"
         "from hf_mudsc.serve.jobs import parse_job\n"
         f"create_app({str(tmp_path)!r})\n"
-        f"parse_job({{'models': ['a/b', 'c/d'], 'method': 'mudsc', 'calibration': 'x:train', 'output': 'o'}}, "
+        f"parse_job({{'models': ['a/b', 'c/d'], 'method': 'mudsc', 'calibration': 'org/x:train', 'output': 'o'}}, "
         f"__import__('pathlib').Path({str(tmp_path)!r}))\n"
         "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))\n"
     )
@@ -213,7 +213,8 @@ def test_cancel_a_running_job_leaves_nothing_and_a_second_job_on_its_target_gets
     _, _, calibration = inputs
     body = {"models": ["user/a", "user/b"], "method": "zipit", "calibration": str(calibration),
             "num_samples": 16, "batch_size": 4, "push_to_hub": "user/cancelled", "output": "cancelled"}
-    with Service(hub, tmp_path / "state", tmp_path / "server.log", delay=0.4) as service:
+    with Service(hub, tmp_path / "state", tmp_path / "server.log", delay=0.4,
+                 extra=("--local-root", str(calibration.parent))) as service:
         job_id = service.submit(body, token=SECRET)
         service.wait(job_id, until=lambda job: job["phase"] == "calibrate")
         for clash in ({**body, "output": "other"}, {**body, "push_to_hub": "user/other"}):
@@ -246,7 +247,8 @@ def test_cancel_a_running_job_leaves_nothing_and_a_second_job_on_its_target_gets
 
 def test_a_crashing_worker_fails_its_job_and_the_service_keeps_serving(hub, inputs, tmp_path):
     _, _, calibration = inputs
-    with Service(hub, tmp_path / "state", tmp_path / "server.log", delay=0.4) as service:
+    with Service(hub, tmp_path / "state", tmp_path / "server.log", delay=0.4,
+                 extra=("--local-root", str(calibration.parent))) as service:
         job_id = service.submit({"models": ["user/a", "user/b"], "method": "zipit", "calibration": str(calibration),
                                  "num_samples": 16, "batch_size": 4, "output": "crash"})
         service.wait(job_id, until=lambda job: job["phase"] == "calibrate")
@@ -268,7 +270,7 @@ def test_kill_the_server_mid_job_and_restart(hub, inputs, tmp_path):
     slow = {"models": ["user/a", "user/b"], "method": "zipit", "calibration": str(calibration),
             "num_samples": 16, "batch_size": 4}
     state, log = tmp_path / "state", tmp_path / "server.log"
-    service = Service(hub, state, log, delay=0.5)
+    service = Service(hub, state, log, delay=0.5, extra=("--local-root", str(calibration.parent)))
     try:
         running = service.submit({**slow, "push_to_hub": "user/killed", "output": "killed"}, token=SECRET)
         with_token = service.submit({"models": ["user/a", "user/b"], "method": "weight_matching",
@@ -663,3 +665,101 @@ def test_max_queued_is_a_serve_flag_checked_in_one_line(tmp_path, monkeypatch):
     assert served[1].state.max_queued == 100
     with pytest.raises(ValueError, match=r"^--max-queued must be at least 1, got 0$"):
         run(parser.parse_args(["serve", "--state-dir", str(tmp_path / "s"), "--max-queued", "0"]))
+
+
+# ---------------------------------------------------------------------------------------------- local paths
+
+
+@pytest.fixture()
+def server_disk(tmp_path, monkeypatch):
+    """A root the operator allows (`root`: a parent folder, a data file), a folder beside it (`outside`), a symlink in
+    the root that leads out of it; the working folder is `tmp_path`, where relative paths resolve."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    for folder in (root / "parent", outside / "secret-model"):
+        folder.mkdir(parents=True)
+    (root / "data.json").write_text('{"text": "x"}\n')
+    (root / "link").symlink_to(outside / "secret-model", target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    return root, outside
+
+
+def test_a_job_names_local_paths_only_inside_the_local_roots(server_disk, tmp_path):
+    """Anyone who may POST could make the server merge — and push to the Hub — any folder it can read. Without
+    --local-root a job names Hub references only; with it, paths inside those folders (symlinks followed)."""
+    root, outside = server_disk
+    hub_only = {"models": ["user/a", "user/b@v1"], "method": "mudsc", "calibration": "org/data@main:train",
+                "base": "user/base", "output": "m"}
+    assert parse_job(hub_only, tmp_path / "out").recipe.models == ["user/a", "user/b@v1"]
+    base = {"models": ["user/a", "user/b"], "method": "weight_matching", "output": "m"}
+    cases = [  # (body, the field, the path as given)
+        ({**base, "models": [str(root / "parent"), "user/b"]}, "models[0]", str(root / "parent")),
+        ({**base, "models": ["user/a", "root/parent"]}, "models[1]", "root/parent"),  # an existing relative path
+        ({**base, "models": ["user/a", "./root/missing"]}, "models[1]", "./root/missing"),  # a path, even if missing
+        ({**base, "base": str(root / "parent"), "method": "task_arithmetic"}, "base", str(root / "parent")),
+        ({**base, "calibration": f"{root / 'data.json'}:train", "method": "zipit"}, "calibration",
+         str(root / "data.json")),
+        ({**base, "calibration": "root", "method": "zipit"}, "calibration", "root"),
+    ]
+    for body, key, path in cases:
+        with pytest.raises(RecipeError) as caught:
+            parse_job(body, tmp_path / "out")
+        message = str(caught.value)
+        assert f"`{key}` names the local path {path!r}" in message and "--local-root" in message, message
+        assert "\n" not in message
+        assert parse_job(body, tmp_path / "out", local_roots=[root]).recipe.to_dict()[key.split("[")[0]]
+    # a bare name is a datasets builder (json, csv, imagefolder, ...) that reads the working folder
+    with pytest.raises(RecipeError, match=r"`calibration` 'imagefolder:train' is no `org/name` Hub dataset.*"
+                                          r"--local-root"):
+        parse_job({**base, "calibration": "imagefolder:train", "method": "zipit"}, tmp_path / "out")
+    assert parse_job({**base, "calibration": "imagefolder:train", "method": "zipit"}, tmp_path / "out",
+                     local_roots=[tmp_path])
+
+
+@pytest.mark.parametrize("escape", ["{root}/../outside/secret-model", "{root}/link", "{root}/link/config.json",
+                                    "root/../outside/secret-model", "root/link"])
+def test_a_path_that_leaves_the_local_root_is_refused(server_disk, tmp_path, escape):
+    root, outside = server_disk
+    path = escape.format(root=root)
+    for body, key in (({"models": [path, "user/b"], "method": "weight_matching", "output": "m"}, "models[0]"),
+                      ({"models": ["user/a", "user/b"], "method": "zipit", "calibration": f"{path}:train",
+                        "output": "m"}, "calibration")):
+        with pytest.raises(RecipeError) as caught:
+            parse_job(body, tmp_path / "out", local_roots=[root])
+        message = str(caught.value)
+        assert f"`{key}` names the local path {path!r}, outside the folders this service may read" in message
+        assert "--local-root" in message and str(outside) not in message.replace(path, ""), message
+
+
+def test_the_service_refuses_a_local_path_at_post_time_and_queues_nothing(server_disk, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from hf_mudsc.serve.app import create_app
+
+    root, _ = server_disk
+    body = {"models": [str(root / "parent"), "user/b"], "method": "weight_matching", "output": "m"}
+    closed = create_app(tmp_path / "closed")
+    client = TestClient(closed, base_url="http://127.0.0.1")
+    answer = client.post("/api/jobs", json=body)
+    assert answer.status_code == 400 and "`models[0]`" in answer.json()["error"] and "--local-root" in answer.text
+    assert closed.state.store.list() == []
+    opened = create_app(tmp_path / "open", local_roots=[root])
+    assert TestClient(opened, base_url="http://127.0.0.1").post("/api/jobs", json=body).status_code == 201
+
+
+def test_local_root_is_a_repeatable_serve_flag_naming_existing_folders(server_disk, tmp_path, monkeypatch):
+    import uvicorn
+
+    from hf_mudsc.cli.main import build_parser
+    from hf_mudsc.cli.serve import run
+
+    root, outside = server_disk
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))
+    parser = build_parser(available=["serve"])
+    state = ["serve", "--state-dir", str(tmp_path / "s")]
+    assert run(parser.parse_args([*state, "--local-root", str(root), "--local-root", "outside"])) == 0
+    assert served[0].state.local_roots == (root.resolve(), outside.resolve())
+    assert run(parser.parse_args(state)) == 0 and served[1].state.local_roots == ()
+    with pytest.raises(ValueError, match=r"^--local-root 'missing' is not a folder"):
+        run(parser.parse_args([*state, "--local-root", "missing"]))
+

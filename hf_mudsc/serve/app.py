@@ -1,8 +1,9 @@
 """The FastAPI app of `hf-mudsc serve`: the HTTP API (JSON everywhere) and a server-rendered page.
 
     POST   /api/jobs               recipe keys (JSON, or YAML with a YAML content type) -> 201 {"id", "status"}
-                                   400 {"error"} naming the key; 409 when the output/repo is claimed by an active job;
-                                   429 (with Retry-After) while --max-queued jobs wait for a worker
+                                   400 {"error"} naming the key (or a local path outside every --local-root);
+                                   409 when the output/repo is claimed by an active job; 429 (with Retry-After)
+                                   while --max-queued jobs wait for a worker
     GET    /api/jobs               {"jobs": [job, ...], "next"} newest first, a page of `?limit=N` (default 100, at
                                    most 1000); `next`: the id to pass as `?before=` for the following page, or null
     GET    /api/jobs/{id}          {"id", "status", "progress", "phase", "error", "result", "created", "updated"}
@@ -27,6 +28,7 @@ import hmac
 import html
 import json
 import logging
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -81,8 +83,11 @@ def public(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None = None,
-               output_root: str | Path | None = None, max_queued: int = MAX_QUEUED) -> FastAPI:
-    """The app; its scheduler starts (and recovers the store after a restart) when the server starts."""
+               output_root: str | Path | None = None, max_queued: int = MAX_QUEUED,
+               local_roots: Sequence[str | Path] = ()) -> FastAPI:
+    """The app; its scheduler starts (and recovers the store after a restart) when the server starts.
+
+    `local_roots`: the folders a job may name local paths in (`--local-root`); none: Hub references only."""
     state_dir = Path(state_dir).expanduser().absolute()
     store = JobStore(state_dir)
     scheduler = Scheduler(store, workers=workers)
@@ -101,6 +106,7 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
     app = FastAPI(title="hf-mudsc serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.store, app.state.scheduler, app.state.outputs = store, scheduler, outputs
     app.state.max_queued = max_queued
+    app.state.local_roots = roots = tuple(Path(root).expanduser().resolve() for root in local_roots)
 
     if api_key is None:  # then bound to loopback (cli/serve.py): answer only requests addressed to this machine
         @app.middleware("http")
@@ -156,7 +162,7 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
 
     def enqueue(raw: bytes, content_type: str, dry_run: bool, token: str | None) -> JSONResponse:
         try:
-            job = parse_job(_parse_body(raw, content_type), outputs, dry_run=dry_run)
+            job = parse_job(_parse_body(raw, content_type), outputs, dry_run=dry_run, local_roots=roots)
         except RecipeError as problem:
             return error(400, str(problem))
         try:
