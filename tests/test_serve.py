@@ -322,6 +322,8 @@ def test_an_exposed_service_needs_an_api_key_for_post_and_delete(hub, tmp_path):
         # Exposed with a key, any Host is answered (the key, not the name, guards the writes).
         assert service.request("GET", "/api/jobs", headers={"Host": "merge.example.org"})[0] == 200
     assert not files_containing(tmp_path / "state", key), "the API key was written to the state dir"
+    log = service.log.read_text()
+    assert "--api-key on the command line is visible" in log and key not in log, log[-2000:]
 
 
 def test_the_space_example_runs_hf_mudsc_serve_exposed_only_with_a_key(tmp_path):
@@ -763,3 +765,34 @@ def test_local_root_is_a_repeatable_serve_flag_naming_existing_folders(server_di
     with pytest.raises(ValueError, match=r"^--local-root 'missing' is not a folder"):
         run(parser.parse_args([*state, "--local-root", "missing"]))
 
+
+def test_an_api_key_on_the_command_line_is_warned_about_and_never_logged(tmp_path, monkeypatch, caplog):
+    """`--api-key KEY` is in the process's command line, which every user of the machine can read (`ps`): the
+    service says so once, recommending the environment variable, without writing the key."""
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from hf_mudsc.cli.main import build_parser
+    from hf_mudsc.cli.serve import API_KEY_ENV, run
+
+    key = "k3y-that-ps-shows"
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    parser = build_parser(available=["serve"])
+    state = ["serve", "--state-dir", str(tmp_path / "s")]
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        assert run(parser.parse_args([*state, "--api-key", key])) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    assert "--api-key on the command line is visible" in warnings[0] and API_KEY_ENV in warnings[0]
+    assert key not in caplog.text
+    caplog.clear()
+    monkeypatch.setenv(API_KEY_ENV, key)
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        assert run(parser.parse_args(state)) == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING] and key not in caplog.text
+    client = TestClient(served[1], base_url="http://127.0.0.1")
+    body = {"models": ["user/a", "user/b"], "method": "average", "dry_run": True}
+    assert client.post("/api/jobs", json=body).status_code == 401  # the key from the environment guards POST
+    assert client.post("/api/jobs", json=body, headers={"X-API-Key": key}).status_code == 201

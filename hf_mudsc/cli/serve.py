@@ -54,6 +54,9 @@ def check_exposure(host: str, api_key: str | None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     api_key = getattr(args, "api_key", None) or os.environ.get(API_KEY_ENV) or None
+    if getattr(args, "api_key", None):
+        logger.warning("--api-key on the command line is visible to every user of this machine (ps, "
+                       "/proc/<pid>/cmdline): set the environment variable %s instead", API_KEY_ENV)
     check_exposure(args.host, api_key)
     if args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
