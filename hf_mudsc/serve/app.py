@@ -44,7 +44,7 @@ from starlette.exceptions import HTTPException
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import RecipeError
 from hf_mudsc.serve import host_name, is_loopback
-from hf_mudsc.serve.jobs import accepted_keys, parse_job
+from hf_mudsc.serve.jobs import JobRequest, accepted_keys, check_local_paths, parse_job
 from hf_mudsc.serve.scheduler import Scheduler
 from hf_mudsc.serve.store import ACTIVE, MAX_QUEUED, PHASES, JobStore, QueueFullError, TargetClaimedError
 from hf_mudsc.solve.diagnostics import PLOTS_FOLDER
@@ -89,8 +89,11 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
 
     `local_roots`: the folders a job may name local paths in (`--local-root`); none: Hub references only."""
     state_dir = Path(state_dir).expanduser().absolute()
+    roots = tuple(Path(root).expanduser().resolve() for root in local_roots)
     store = JobStore(state_dir)
-    scheduler = Scheduler(store, workers=workers)
+    # A queued job is checked against the roots again when it starts: it may have been accepted before a restart.
+    scheduler = Scheduler(store, workers=workers,
+                          admit=lambda request: check_local_paths(JobRequest.from_stored(request).recipe, roots))
     outputs = Path(output_root).expanduser().absolute() if output_root else state_dir / "outputs"
     outputs.mkdir(parents=True, exist_ok=True)
     templates = Environment(loader=PackageLoader("hf_mudsc.serve", "templates"),
@@ -106,7 +109,7 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
     app = FastAPI(title="hf-mudsc serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.store, app.state.scheduler, app.state.outputs = store, scheduler, outputs
     app.state.max_queued = max_queued
-    app.state.local_roots = roots = tuple(Path(root).expanduser().resolve() for root in local_roots)
+    app.state.local_roots = roots
 
     if api_key is None:  # then bound to loopback (cli/serve.py): answer only requests addressed to this machine
         @app.middleware("http")
