@@ -31,13 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1,
                         help="merges run at once, each in its own process (memory: a few parents' worth each)")
     parser.add_argument("--api-key", default=argparse.SUPPRESS, metavar="KEY",
-                        help=f"a key POST and DELETE must send as `X-API-Key` (default: ${API_KEY_ENV}); "
-                        "required with a non-loopback --host")
+                        help=f"a key POST and DELETE must send as `X-API-Key` (default: ${API_KEY_ENV}, the better "
+                        "place: a command line is visible in `ps`); required with a non-loopback --host")
     parser.add_argument("--max-queued", type=int, default=MAX_QUEUED, metavar="N",
                         help="jobs that may wait for a worker at once; a POST beyond it answers 429 with Retry-After "
                         "(each queued job is a store row and later a whole merge: without a cap, anyone who may "
                         "POST could queue unbounded work; the default is hours of merges)")
-    parser.add_argument("--local-root", action="append", default=[], metavar="DIR",
+    parser.add_argument("--local-root", action="append", default=argparse.SUPPRESS, metavar="DIR",
                         help="a folder whose contents jobs may name as local paths (parents, base, calibration "
                         "data), symlinks followed; repeatable. Without it jobs name Hub references only: anyone who "
                         "may POST could otherwise merge, and push to the Hub, any folder the server can read")
@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
     if args.max_queued < 1:
         raise ValueError(f"--max-queued must be at least 1, got {args.max_queued}")
-    for root in args.local_root:
+    local_roots = getattr(args, "local_root", [])
+    for root in local_roots:
         if not Path(root).expanduser().is_dir():
             raise ValueError(f"--local-root {root!r} is not a folder: pass an existing folder jobs may read from")
     try:
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"`hf-mudsc serve` needs {missing.name}: pip install \"hf-mudsc[serve]\"") from None
     app = create_app(args.state_dir, workers=args.workers, api_key=api_key,
                      output_root=getattr(args, "output_root", None), max_queued=args.max_queued,
-                     local_roots=args.local_root)
+                     local_roots=local_roots)
     logger.info("serving on http://%s:%d (state in %s)", args.host, args.port, args.state_dir)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True)
     return 0
