@@ -70,14 +70,15 @@ def make_inputs(root: Path, hidden: int, layers: int, samples: int) -> tuple[Pat
     return folders[0], folders[1], root / "calibration"
 
 
-def start_service(state: Path, workers: int) -> tuple[subprocess.Popen, str]:
+def start_service(state: Path, workers: int, local_root: Path) -> tuple[subprocess.Popen, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     log = open(state.parent / "server.log", "w", encoding="utf-8")  # noqa: SIM115 - lives as long as the server
     process = subprocess.Popen([sys.executable, "-m", "hf_mudsc", "serve", "--port", str(port), "--state-dir",
-                                str(state), "--workers", str(workers)], env=env, stdout=log, stderr=log)
+                                str(state), "--workers", str(workers), "--local-root", str(local_root)],
+                               env=env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
@@ -114,7 +115,7 @@ def main() -> int:
 
     root = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     a, b, calibration = make_inputs(root, args.hidden, args.layers, args.samples)
-    process, url = start_service(root / "state", args.workers)
+    process, url = start_service(root / "state", args.workers, local_root=root)  # the parents are local folders
     try:
         status, answer, _ = call(url + "/api/jobs", "POST", {
             "models": [str(a), str(b)], "method": "zipit", "calibration": str(calibration), "batch_size": 16,

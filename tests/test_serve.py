@@ -82,7 +82,7 @@ def test_the_web_process_does_not_import_the_merge_engine(tmp_path):
         "from hf_mudsc.serve.app import create_app\n"
         "from hf_mudsc.serve.jobs import parse_job\n"
         f"create_app({str(tmp_path)!r})\n"
-        f"parse_job({{'models': ['a/b', 'c/d'], 'method': 'mudsc', 'calibration': 'x:train', 'output': 'o'}}, "
+        f"parse_job({{'models': ['a/b', 'c/d'], 'method': 'mudsc', 'calibration': 'org/x:train', 'output': 'o'}}, "
         f"__import__('pathlib').Path({str(tmp_path)!r}))\n"
         "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))\n"
     )
@@ -213,7 +213,8 @@ def test_cancel_a_running_job_leaves_nothing_and_a_second_job_on_its_target_gets
     _, _, calibration = inputs
     body = {"models": ["user/a", "user/b"], "method": "zipit", "calibration": str(calibration),
             "num_samples": 16, "batch_size": 4, "push_to_hub": "user/cancelled", "output": "cancelled"}
-    with Service(hub, tmp_path / "state", tmp_path / "server.log", delay=0.4) as service:
+    with Service(hub, tmp_path / "state", tmp_path / "server.log", delay=0.4,
+                 extra=("--local-root", str(calibration.parent))) as service:
         job_id = service.submit(body, token=SECRET)
         service.wait(job_id, until=lambda job: job["phase"] == "calibrate")
         for clash in ({**body, "output": "other"}, {**body, "push_to_hub": "user/other"}):
@@ -246,7 +247,8 @@ def test_cancel_a_running_job_leaves_nothing_and_a_second_job_on_its_target_gets
 
 def test_a_crashing_worker_fails_its_job_and_the_service_keeps_serving(hub, inputs, tmp_path):
     _, _, calibration = inputs
-    with Service(hub, tmp_path / "state", tmp_path / "server.log", delay=0.4) as service:
+    with Service(hub, tmp_path / "state", tmp_path / "server.log", delay=0.4,
+                 extra=("--local-root", str(calibration.parent))) as service:
         job_id = service.submit({"models": ["user/a", "user/b"], "method": "zipit", "calibration": str(calibration),
                                  "num_samples": 16, "batch_size": 4, "output": "crash"})
         service.wait(job_id, until=lambda job: job["phase"] == "calibrate")
@@ -268,7 +270,7 @@ def test_kill_the_server_mid_job_and_restart(hub, inputs, tmp_path):
     slow = {"models": ["user/a", "user/b"], "method": "zipit", "calibration": str(calibration),
             "num_samples": 16, "batch_size": 4}
     state, log = tmp_path / "state", tmp_path / "server.log"
-    service = Service(hub, state, log, delay=0.5)
+    service = Service(hub, state, log, delay=0.5, extra=("--local-root", str(calibration.parent)))
     try:
         running = service.submit({**slow, "push_to_hub": "user/killed", "output": "killed"}, token=SECRET)
         with_token = service.submit({"models": ["user/a", "user/b"], "method": "weight_matching",
@@ -320,6 +322,8 @@ def test_an_exposed_service_needs_an_api_key_for_post_and_delete(hub, tmp_path):
         # Exposed with a key, any Host is answered (the key, not the name, guards the writes).
         assert service.request("GET", "/api/jobs", headers={"Host": "merge.example.org"})[0] == 200
     assert not files_containing(tmp_path / "state", key), "the API key was written to the state dir"
+    log = service.log.read_text()
+    assert "--api-key on the command line is visible" in log and key not in log, log[-2000:]
 
 
 def test_the_space_example_runs_hf_mudsc_serve_exposed_only_with_a_key(tmp_path):
@@ -619,3 +623,205 @@ def test_the_job_list_pages_newest_first_with_a_before_cursor(tmp_path):
     missing = client.get("/api/jobs", params={"before": "nosuchjob"})
     assert missing.status_code == 404 and missing.json() == {
         "error": "no job 'nosuchjob' to page from (`before`); pass the `next` id of the previous page"}
+
+
+# ---------------------------------------------------------------------------------------------- limits
+
+
+def test_a_post_while_max_queued_jobs_wait_answers_429_and_stores_nothing(tmp_path):
+    """Anyone who may POST could queue unboundedly many jobs (each a store row, later a whole merge): at
+    `--max-queued` jobs waiting for a worker, a POST answers 429 with Retry-After and nothing is stored; a
+    cancelled (no longer queued) job frees a place."""
+    from fastapi.testclient import TestClient
+
+    from hf_mudsc.serve.app import create_app
+
+    app = create_app(tmp_path, max_queued=2)  # the scheduler never starts (no lifespan): jobs stay queued
+    client = TestClient(app, base_url="http://127.0.0.1")
+    body = {"models": ["user/a", "user/b"], "method": "average", "dry_run": True}
+    first, second = (client.post("/api/jobs", json=body) for _ in range(2))
+    assert (first.status_code, second.status_code) == (201, 201), (first.text, second.text)
+    refused = client.post("/api/jobs", json=body)
+    assert refused.status_code == 429, refused.text
+    error = refused.json()["error"]
+    assert set(refused.json()) == {"error"} and "\n" not in error
+    assert "2 jobs are queued" in error and "--max-queued" in error, error
+    assert int(refused.headers["retry-after"]) > 0
+    assert len(app.state.store.list()) == 2
+    assert client.delete(f"/api/jobs/{first.json()['id']}").status_code == 202
+    assert client.post("/api/jobs", json=body).status_code == 201
+
+
+def test_max_queued_is_a_serve_flag_checked_in_one_line(tmp_path, monkeypatch):
+    import uvicorn
+
+    from hf_mudsc.cli.main import build_parser
+    from hf_mudsc.cli.serve import run
+
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))
+    parser = build_parser(available=["serve"])
+    assert run(parser.parse_args(["serve", "--state-dir", str(tmp_path / "s"), "--max-queued", "7"])) == 0
+    assert served[0].state.max_queued == 7
+    assert run(parser.parse_args(["serve", "--state-dir", str(tmp_path / "s")])) == 0
+    assert served[1].state.max_queued == 100
+    with pytest.raises(ValueError, match=r"^--max-queued must be at least 1, got 0$"):
+        run(parser.parse_args(["serve", "--state-dir", str(tmp_path / "s"), "--max-queued", "0"]))
+
+
+# ---------------------------------------------------------------------------------------------- local paths
+
+
+@pytest.fixture()
+def server_disk(tmp_path, monkeypatch):
+    """A root the operator allows (`root`: a parent folder, a data file), a folder beside it (`outside`), a symlink in
+    the root that leads out of it; the working folder is `tmp_path`, where relative paths resolve."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    for folder in (root / "parent", outside / "secret-model"):
+        folder.mkdir(parents=True)
+    (root / "data.json").write_text('{"text": "x"}\n')
+    (root / "link").symlink_to(outside / "secret-model", target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    return root, outside
+
+
+def test_a_job_names_local_paths_only_inside_the_local_roots(server_disk, tmp_path):
+    """Anyone who may POST could make the server merge — and push to the Hub — any folder it can read. Without
+    --local-root a job names Hub references only; with it, paths inside those folders (symlinks followed)."""
+    root, outside = server_disk
+    hub_only = {"models": ["user/a", "user/b@v1"], "method": "mudsc", "calibration": "org/data@main:train",
+                "base": "user/base", "output": "m"}
+    assert parse_job(hub_only, tmp_path / "out").recipe.models == ["user/a", "user/b@v1"]
+    base = {"models": ["user/a", "user/b"], "method": "weight_matching", "output": "m"}
+    cases = [  # (body, the field, the path as given)
+        ({**base, "models": [str(root / "parent"), "user/b"]}, "models[0]", str(root / "parent")),
+        ({**base, "models": ["user/a", "root/parent"]}, "models[1]", "root/parent"),  # an existing relative path
+        ({**base, "models": ["user/a", "./root/missing"]}, "models[1]", "./root/missing"),  # a path, even if missing
+        ({**base, "base": str(root / "parent"), "method": "task_arithmetic"}, "base", str(root / "parent")),
+        ({**base, "calibration": f"{root / 'data.json'}:train", "method": "zipit"}, "calibration",
+         str(root / "data.json")),
+        ({**base, "calibration": "root", "method": "zipit"}, "calibration", "root"),
+    ]
+    for body, key, path in cases:
+        with pytest.raises(RecipeError) as caught:
+            parse_job(body, tmp_path / "out")
+        message = str(caught.value)
+        assert f"`{key}` names the local path {path!r}" in message and "--local-root" in message, message
+        assert "\n" not in message
+        assert parse_job(body, tmp_path / "out", local_roots=[root]).recipe.to_dict()[key.split("[")[0]]
+    # a bare name is a datasets builder (json, csv, imagefolder, ...) that reads the working folder
+    with pytest.raises(RecipeError, match=r"`calibration` 'imagefolder:train' is no `org/name` Hub dataset.*"
+                                          r"--local-root"):
+        parse_job({**base, "calibration": "imagefolder:train", "method": "zipit"}, tmp_path / "out")
+    assert parse_job({**base, "calibration": "imagefolder:train", "method": "zipit"}, tmp_path / "out",
+                     local_roots=[tmp_path])
+
+
+@pytest.mark.parametrize("escape", ["{root}/../outside/secret-model", "{root}/link", "{root}/link/config.json",
+                                    "root/../outside/secret-model", "root/link"])
+def test_a_path_that_leaves_the_local_root_is_refused(server_disk, tmp_path, escape):
+    root, outside = server_disk
+    path = escape.format(root=root)
+    for body, key in (({"models": [path, "user/b"], "method": "weight_matching", "output": "m"}, "models[0]"),
+                      ({"models": ["user/a", "user/b"], "method": "zipit", "calibration": f"{path}:train",
+                        "output": "m"}, "calibration")):
+        with pytest.raises(RecipeError) as caught:
+            parse_job(body, tmp_path / "out", local_roots=[root])
+        message = str(caught.value)
+        assert f"`{key}` names the local path {path!r}, outside the folders this service may read" in message
+        assert "--local-root" in message and str(outside) not in message.replace(path, ""), message
+
+
+def test_the_service_refuses_a_local_path_at_post_time_and_queues_nothing(server_disk, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from hf_mudsc.serve.app import create_app
+
+    root, _ = server_disk
+    body = {"models": [str(root / "parent"), "user/b"], "method": "weight_matching", "output": "m"}
+    closed = create_app(tmp_path / "closed")
+    client = TestClient(closed, base_url="http://127.0.0.1")
+    answer = client.post("/api/jobs", json=body)
+    assert answer.status_code == 400 and "`models[0]`" in answer.json()["error"] and "--local-root" in answer.text
+    assert closed.state.store.list() == []
+    opened = create_app(tmp_path / "open", local_roots=[root])
+    assert TestClient(opened, base_url="http://127.0.0.1").post("/api/jobs", json=body).status_code == 201
+
+
+def test_local_root_is_a_repeatable_serve_flag_naming_existing_folders(server_disk, tmp_path, monkeypatch):
+    import uvicorn
+
+    from hf_mudsc.cli.main import build_parser
+    from hf_mudsc.cli.serve import run
+
+    root, outside = server_disk
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))
+    parser = build_parser(available=["serve"])
+    state = ["serve", "--state-dir", str(tmp_path / "s")]
+    assert run(parser.parse_args([*state, "--local-root", str(root), "--local-root", "outside"])) == 0
+    assert served[0].state.local_roots == (root.resolve(), outside.resolve())
+    assert run(parser.parse_args(state)) == 0 and served[1].state.local_roots == ()
+    with pytest.raises(ValueError, match=r"^--local-root 'missing' is not a folder"):
+        run(parser.parse_args([*state, "--local-root", "missing"]))
+
+
+def test_an_api_key_on_the_command_line_is_warned_about_and_never_logged(tmp_path, monkeypatch, caplog):
+    """`--api-key KEY` is in the process's command line, which every user of the machine can read (`ps`): the
+    service says so once, recommending the environment variable, without writing the key."""
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from hf_mudsc.cli.main import build_parser
+    from hf_mudsc.cli.serve import API_KEY_ENV, run
+
+    key = "k3y-that-ps-shows"
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    parser = build_parser(available=["serve"])
+    state = ["serve", "--state-dir", str(tmp_path / "s")]
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        assert run(parser.parse_args([*state, "--api-key", key])) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    assert "--api-key on the command line is visible" in warnings[0] and API_KEY_ENV in warnings[0]
+    assert key not in caplog.text
+    caplog.clear()
+    monkeypatch.setenv(API_KEY_ENV, key)
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        assert run(parser.parse_args(state)) == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING] and key not in caplog.text
+    client = TestClient(served[1], base_url="http://127.0.0.1")
+    body = {"models": ["user/a", "user/b"], "method": "average", "dry_run": True}
+    assert client.post("/api/jobs", json=body).status_code == 401  # the key from the environment guards POST
+    assert client.post("/api/jobs", json=body, headers={"X-API-Key": key}).status_code == 201
+
+
+def test_a_queued_job_is_checked_again_when_it_starts_so_a_restart_with_fewer_roots_refuses_it(server_disk, tmp_path):
+    """Jobs queued before a restart run after it: one accepted under `--local-root DIR` must not read DIR once the
+    service runs without it. The check runs again when the job's worker would start; nothing starts."""
+    import threading
+
+    from hf_mudsc.serve.app import create_app
+
+    root, _ = server_disk
+    body = {"models": [str(root / "parent"), "user/b"], "method": "weight_matching", "output": "m"}
+    accepted = parse_job(body, tmp_path / "out", local_roots=[root])
+    store = JobStore(tmp_path / "state")
+    job_id = store.add(accepted.to_dict(), output=accepted.output, repo_id=None, dry_run=False, has_token=False)
+    store.close()
+    app = create_app(tmp_path / "state")  # restarted without --local-root
+    scheduler = app.state.scheduler
+    loop = threading.Thread(target=scheduler._loop, daemon=True)
+    loop.start()
+    scheduler.submit(job_id, None)
+    deadline = time.monotonic() + 20
+    while app.state.store.get(job_id)["status"] in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    scheduler.stop()
+    loop.join(timeout=10)
+    job = app.state.store.get(job_id)
+    assert job["status"] == "failed", job
+    assert f"`models[0]` names the local path {str(root / 'parent')!r}" in job["error"], job["error"]
+    assert "\n" not in job["error"] and not scheduler.running

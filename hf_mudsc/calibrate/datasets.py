@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hf_mudsc.calibrate.dataset_spec import DatasetSpec
 from hf_mudsc.errors import CalibrationError
 from hf_mudsc.load.processors import image_processor_of, tokenizer_of
 from hf_mudsc.options import check_option, flag, option_hint
@@ -37,71 +38,6 @@ DEFAULT_BATCH_SIZE = 32
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet",
                   ".arrow": "arrow", ".txt": "text"}
 _TEXT_LIMIT = 512  # fallback truncation when neither the tokenizer nor the config gives one
-
-
-_SPEC_FORMS = "use 'repo_or_path[:config]:split', or 'org/ds@revision[:config]:split' to pin a Hub dataset"
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """A parsed `"repo_or_path[@revision][:config]:split"` (split may carry a slice, e.g. `train[:100]`).
-
-    `revision` (a branch, tag or commit sha) pins a Hub dataset like `org/name@revision` pins a parent.
-    """
-
-    path: str
-    config: str | None = None
-    split: str | None = None
-    revision: str | None = None
-
-    @classmethod
-    def parse(cls, dataset_spec: str | os.PathLike) -> DatasetSpec:
-        text = os.fspath(dataset_spec).strip()
-        if not text:
-            raise CalibrationError(f"empty calibration spec; {_SPEC_FORMS}")
-        if os.path.exists(text):
-            return cls(path=text)
-        match = re.fullmatch(r"(?P<body>.*?)(?P<slice>\[[^\]]*\])?", text)
-        body, slice_ = match.group("body"), match.group("slice") or ""
-        parts = body.split(":")
-        if len(parts) == 1:
-            if slice_:
-                raise CalibrationError(f"calibration spec {text!r}: a slice needs a split, e.g. 'data:train[:100]'")
-            path, revision = _split_revision(parts[0], text)
-            return cls(path=path, revision=revision)
-        if len(parts) == 2:
-            path, config, split = parts[0], None, parts[1]
-        elif len(parts) == 3:
-            path, config, split = parts
-        else:
-            raise CalibrationError(f"calibration spec {text!r} has too many ':' parts; {_SPEC_FORMS}")
-        if not path or not split or (config is not None and not config):
-            raise CalibrationError(f"calibration spec {text!r} has an empty part; {_SPEC_FORMS}")
-        path, revision = _split_revision(path, text)
-        return cls(path=path, config=config, split=split + slice_, revision=revision)
-
-    def __str__(self) -> str:
-        source = f"{self.path}@{self.revision}" if self.revision else self.path
-        return ":".join(p for p in (source, self.config, self.split) if p)
-
-
-def _split_revision(path: str, text: str) -> tuple[str, str | None]:
-    """`org/ds@rev` -> (`org/ds`, `rev`); an existing local path is taken as it is (it may contain '@')."""
-    if "@" not in path or os.path.exists(os.path.expanduser(path)):
-        return path, None
-    repo, _, revision = path.partition("@")
-    if not repo:
-        raise CalibrationError(f"calibration spec {text!r} has an empty part; {_SPEC_FORMS}")
-    if not revision:
-        raise CalibrationError(f"calibration spec {text!r} has an empty revision after '@'; {_SPEC_FORMS}")
-    if "@" in revision:
-        raise CalibrationError(f"calibration spec {text!r} may carry one '@revision' only; {_SPEC_FORMS}")
-    if os.path.exists(os.path.expanduser(repo)):
-        raise CalibrationError(
-            f"calibration spec {text!r}: a revision pins a Hub dataset, but {repo!r} is local data; "
-            f"drop '@{revision}'"
-        )
-    return repo, revision
 
 
 def pin_calibration_revision(dataset_spec: str, *, token: str | bool | None = None) -> str:

@@ -1,7 +1,10 @@
-"""`hf-mudsc serve --host 127.0.0.1 --port 8000 --state-dir DIR [--workers N] [--api-key KEY]`: the merging service.
+"""`hf-mudsc serve --host 127.0.0.1 --port 8000 --state-dir DIR [--workers N] [--max-queued N] [--local-root DIR]`:
+the merging service.
 
-Safe by default: it binds 127.0.0.1; any other host needs an API key (`--api-key` or `HF_MUDSC_API_KEY`) that
-POST and DELETE must send as `X-API-Key`. Needs the `serve` extra (`pip install "hf-mudsc[serve]"`).
+Safe by default: it binds 127.0.0.1; any other host needs an API key (`HF_MUDSC_API_KEY`, or `--api-key`, which
+other users of the machine can read in `ps`: a warning says so) that POST and DELETE must send as `X-API-Key`. Jobs
+name Hub references only, unless the operator lists folders they may read with `--local-root`; at most
+`--max-queued` jobs wait for a worker. Needs the `serve` extra (`pip install "hf-mudsc[serve]"`).
 """
 
 from __future__ import annotations
@@ -9,10 +12,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from pathlib import Path
 
 from hf_mudsc.serve import is_loopback
+from hf_mudsc.serve.store import MAX_QUEUED
 
 API_KEY_ENV = "HF_MUDSC_API_KEY"
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,8 +31,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1,
                         help="merges run at once, each in its own process (memory: a few parents' worth each)")
     parser.add_argument("--api-key", default=argparse.SUPPRESS, metavar="KEY",
-                        help=f"a key POST and DELETE must send as `X-API-Key` (default: ${API_KEY_ENV}); "
-                        "required with a non-loopback --host")
+                        help=f"a key POST and DELETE must send as `X-API-Key` (default: ${API_KEY_ENV}, the better "
+                        "place: a command line is visible in `ps`); required with a non-loopback --host")
+    parser.add_argument("--max-queued", type=int, default=MAX_QUEUED, metavar="N",
+                        help="jobs that may wait for a worker at once; a POST beyond it answers 429 with Retry-After "
+                        "(each queued job is a store row and later a whole merge: without a cap, anyone who may "
+                        "POST could queue unbounded work; the default is hours of merges)")
+    parser.add_argument("--local-root", action="append", default=argparse.SUPPRESS, metavar="DIR",
+                        help="a folder whose contents jobs may name as local paths (parents, base, calibration "
+                        "data), symlinks followed; repeatable. Without it jobs name Hub references only: anyone who "
+                        "may POST could otherwise merge, and push to the Hub, any folder the server can read")
     parser.add_argument("--output-root", default=argparse.SUPPRESS, metavar="DIR",
                         help="the folder a job's `output` names a folder in (default: STATE_DIR/outputs)")
 
@@ -40,9 +54,18 @@ def check_exposure(host: str, api_key: str | None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     api_key = getattr(args, "api_key", None) or os.environ.get(API_KEY_ENV) or None
+    if getattr(args, "api_key", None):
+        logger.warning("--api-key on the command line is visible to every user of this machine (ps, "
+                       "/proc/<pid>/cmdline): set the environment variable %s instead", API_KEY_ENV)
     check_exposure(args.host, api_key)
     if args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    if args.max_queued < 1:
+        raise ValueError(f"--max-queued must be at least 1, got {args.max_queued}")
+    local_roots = getattr(args, "local_root", [])
+    for root in local_roots:
+        if not Path(root).expanduser().is_dir():
+            raise ValueError(f"--local-root {root!r} is not a folder: pass an existing folder jobs may read from")
     try:
         import uvicorn
 
@@ -50,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as missing:
         raise ValueError(f"`hf-mudsc serve` needs {missing.name}: pip install \"hf-mudsc[serve]\"") from None
     app = create_app(args.state_dir, workers=args.workers, api_key=api_key,
-                     output_root=getattr(args, "output_root", None))
-    logging.getLogger("hf_mudsc").info("serving on http://%s:%d (state in %s)", args.host, args.port, args.state_dir)
+                     output_root=getattr(args, "output_root", None), max_queued=args.max_queued,
+                     local_roots=local_roots)
+    logger.info("serving on http://%s:%d (state in %s)", args.host, args.port, args.state_dir)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True)
     return 0

@@ -227,7 +227,7 @@ def source_name(source: TaskData) -> str:
         return source.name
     data = source.data
     if isinstance(data, (str, os.PathLike)):
-        from hf_mudsc.calibrate.datasets import DatasetSpec
+        from hf_mudsc.calibrate.dataset_spec import DatasetSpec
 
         return DatasetSpec.parse(os.fspath(data)).path
     info = getattr(data, "info", None)
@@ -236,7 +236,7 @@ def source_name(source: TaskData) -> str:
 
 def spec_split(source: TaskData) -> str | None:
     if isinstance(source.data, (str, os.PathLike)):
-        from hf_mudsc.calibrate.datasets import DatasetSpec
+        from hf_mudsc.calibrate.dataset_spec import DatasetSpec
 
         return DatasetSpec.parse(os.fspath(source.data)).split
     split = getattr(source.data, "split", None)

@@ -1,13 +1,18 @@
-"""References to parents and data: `org/name@rev` parsing, display names, pinned references for recipes."""
+"""References to parents and data: `org/name@rev` parsing, display names, pinned references for recipes.
+
+Imports nothing heavy (transformers only for a type hint): the service's web process checks with it which
+references name this machine's folders (`hf_mudsc.serve.jobs`), exactly as the loader will read them.
+"""
 
 from __future__ import annotations
 
 import os
-from typing import Any
-
-from transformers import PreTrainedModel
+from typing import TYPE_CHECKING, Any
 
 from hf_mudsc.errors import LoadError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def parent_name(model: PreTrainedModel, fallback: str) -> str:

@@ -1,7 +1,9 @@
 """The FastAPI app of `hf-mudsc serve`: the HTTP API (JSON everywhere) and a server-rendered page.
 
     POST   /api/jobs               recipe keys (JSON, or YAML with a YAML content type) -> 201 {"id", "status"}
-                                   400 {"error"} naming the key; 409 when the output/repo is claimed by an active job
+                                   400 {"error"} naming the key (or a local path outside every --local-root);
+                                   409 when the output/repo is claimed by an active job; 429 (with Retry-After)
+                                   while --max-queued jobs wait for a worker
     GET    /api/jobs               {"jobs": [job, ...], "next"} newest first, a page of `?limit=N` (default 100, at
                                    most 1000); `next`: the id to pass as `?before=` for the following page, or null
     GET    /api/jobs/{id}          {"id", "status", "progress", "phase", "error", "result", "created", "updated"}
@@ -26,6 +28,7 @@ import hmac
 import html
 import json
 import logging
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -41,9 +44,9 @@ from starlette.exceptions import HTTPException
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import RecipeError
 from hf_mudsc.serve import host_name, is_loopback
-from hf_mudsc.serve.jobs import accepted_keys, parse_job
+from hf_mudsc.serve.jobs import JobRequest, accepted_keys, check_local_paths, parse_job
 from hf_mudsc.serve.scheduler import Scheduler
-from hf_mudsc.serve.store import ACTIVE, PHASES, JobStore, TargetClaimedError
+from hf_mudsc.serve.store import ACTIVE, MAX_QUEUED, PHASES, JobStore, QueueFullError, TargetClaimedError
 from hf_mudsc.solve.diagnostics import PLOTS_FOLDER
 
 logger = logging.getLogger(__name__)
@@ -64,6 +67,7 @@ SERVED_FILES = ("README.md", "mudsc_recipe.yaml")
 SERVED_SUFFIXES = (".png", ".svg")
 SQLITE_MAX = (1 << 63) - 1  # the largest integer SQLite binds; larger query values are clamped to it
 PAGE_DEFAULT, PAGE_MAX = 100, 1000  # GET /api/jobs: jobs per page when `limit` is not given, and at most
+RETRY_AFTER_S = 60  # a 429's Retry-After: a merge takes minutes, so a place in the queue frees in about that
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -79,11 +83,17 @@ def public(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None = None,
-               output_root: str | Path | None = None) -> FastAPI:
-    """The app; its scheduler starts (and recovers the store after a restart) when the server starts."""
+               output_root: str | Path | None = None, max_queued: int = MAX_QUEUED,
+               local_roots: Sequence[str | Path] = ()) -> FastAPI:
+    """The app; its scheduler starts (and recovers the store after a restart) when the server starts.
+
+    `local_roots`: the folders a job may name local paths in (`--local-root`); none: Hub references only."""
     state_dir = Path(state_dir).expanduser().absolute()
+    roots = tuple(Path(root).expanduser().resolve() for root in local_roots)
     store = JobStore(state_dir)
-    scheduler = Scheduler(store, workers=workers)
+    # A queued job is checked against the roots again when it starts: it may have been accepted before a restart.
+    scheduler = Scheduler(store, workers=workers,
+                          admit=lambda request: check_local_paths(JobRequest.from_stored(request).recipe, roots))
     outputs = Path(output_root).expanduser().absolute() if output_root else state_dir / "outputs"
     outputs.mkdir(parents=True, exist_ok=True)
     templates = Environment(loader=PackageLoader("hf_mudsc.serve", "templates"),
@@ -98,6 +108,8 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
 
     app = FastAPI(title="hf-mudsc serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.store, app.state.scheduler, app.state.outputs = store, scheduler, outputs
+    app.state.max_queued = max_queued
+    app.state.local_roots = roots
 
     if api_key is None:  # then bound to loopback (cli/serve.py): answer only requests addressed to this machine
         @app.middleware("http")
@@ -153,13 +165,17 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
 
     def enqueue(raw: bytes, content_type: str, dry_run: bool, token: str | None) -> JSONResponse:
         try:
-            job = parse_job(_parse_body(raw, content_type), outputs, dry_run=dry_run)
+            job = parse_job(_parse_body(raw, content_type), outputs, dry_run=dry_run, local_roots=roots)
         except RecipeError as problem:
             return error(400, str(problem))
         try:
             claims = (None, None) if job.dry_run else (job.output, job.repo_id)  # a dry run writes nothing
             job_id = store.add(job.to_dict(), output=claims[0], repo_id=claims[1], dry_run=job.dry_run,
-                               has_token=token is not None)
+                               has_token=token is not None, max_queued=max_queued)
+        except QueueFullError as problem:
+            answer = error(429, str(problem))
+            answer.headers["Retry-After"] = str(RETRY_AFTER_S)
+            return answer
         except TargetClaimedError as problem:
             return error(409, str(problem))
         scheduler.submit(job_id, token)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from hf_mudsc.errors import RecipeError
 from hf_mudsc.serve.store import JobStore
 
 logger = logging.getLogger(__name__)
@@ -53,11 +55,15 @@ class Scheduler:
     The lock guards `tokens` and `running` only, and is never held while a process starts (with a forkserver
     still importing torch that can take a while): submitting, cancelling and the API never wait for a worker."""
 
-    def __init__(self, store: JobStore, workers: int = 1) -> None:
+    def __init__(self, store: JobStore, workers: int = 1,
+                 admit: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """`admit(request)`: checked again when a job is about to start, raising `RecipeError` to fail it (the
+        service's local roots: a job queued before a restart with fewer `--local-root` folders must not run)."""
         if workers < 1:
             raise ValueError(f"--workers must be at least 1, got {workers}")
         self.store = store
         self.workers = workers
+        self.admit = admit
         self.tokens: dict[str, str | None] = {}
         self.running: dict[str, Running] = {}
         self._context = worker_context()
@@ -146,7 +152,13 @@ class Scheduler:
                     run = Running(None, None)
                     self.running[job_id] = run
                 try:
+                    if self.admit is not None:
+                        self.admit(job["request"])
                     self._start(job_id, job["request"], run, token)
+                except RecipeError as refused:
+                    self.store.update(job_id, status="failed", error=f"refused when it was about to start: {refused}")
+                    with self._lock:
+                        self.running.pop(job_id, None)
                 except Exception as error:  # noqa: BLE001 - a job that cannot start fails; the service stays up
                     logger.exception("job %s could not start", job_id)
                     self.store.update(job_id, status="failed", error=f"the worker could not start: {error}")

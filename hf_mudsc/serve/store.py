@@ -22,6 +22,10 @@ STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 ACTIVE = ("queued", "running")
 PHASES = ("load", "calibrate", "solve", "apply", "build", "publish")
 
+# Jobs that may wait for a worker at once (`hf-mudsc serve --max-queued`): each is a store row and later a whole
+# merge (minutes of CPU), so anyone who may POST could otherwise queue unbounded work; 100 is hours of merges.
+MAX_QUEUED = 100
+
 RESTARTED_RUNNING = ("the service stopped while this job was running (crash, kill or restart); nothing was "
                      "pushed after that point — resubmit the job")
 RESTARTED_TOKEN = ("the service restarted before this job ran, and Hub tokens are held in memory only: "
@@ -57,6 +61,10 @@ class TargetClaimedError(Exception):
     """The job's output folder or Hub repo is claimed by a queued or running job (HTTP 409)."""
 
 
+class QueueFullError(Exception):
+    """`max_queued` jobs are already waiting for a worker (HTTP 429)."""
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -82,15 +90,23 @@ class JobStore:
 
     # ------------------------------------------------------------------ writes
     def add(self, request: dict[str, Any], *, output: str | None, repo_id: str | None, dry_run: bool,
-            has_token: bool) -> str:
-        """A new queued job; refused (`TargetClaimedError`) if a queued or running job claims its destination.
+            has_token: bool, max_queued: int | None = None) -> str:
+        """A new queued job; refused (`QueueFullError`) while `max_queued` jobs are queued, and
+        (`TargetClaimedError`) if a queued or running job claims its destination.
 
-        The check and the insert are one transaction, so two concurrent submissions cannot both claim a target."""
+        The checks and the insert are one transaction, so two concurrent submissions cannot both claim a target
+        or both take the last place in the queue."""
         job_id = uuid.uuid4().hex[:12]
         stamp = now()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                if max_queued is not None:
+                    waiting = self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
+                    if waiting >= max_queued:
+                        raise QueueFullError(
+                            f"{waiting} jobs are queued, the most this service takes (its --max-queued); "
+                            "retry when some have started, or cancel one (DELETE /api/jobs/{id})")
                 # A Hub repo id is one repo whatever its case (`Me/X` is `me/x`); a folder path is case-sensitive.
                 for column, value, what, case in (("output", output, "output folder", ""),
                                                   ("repo_id", repo_id, "Hub repo", " COLLATE NOCASE")):
