@@ -706,3 +706,97 @@ def test_inspect_describes_a_recipe_of_the_default_method(tmp_path, capsys):
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert "would merge: org/a, org/b" in out and "method:      auto (chosen from how the parents relate)" in out
+
+
+# ---------------------------------------------------------------- weights stored as integers are not weights
+
+
+def _quantized_folder(folder, kind: str, dtype, seed: int = 0, extra: dict | None = None):
+    """A tiny `kind` model saved with save_pretrained, one MLP weight then stored as `dtype` (as a quantized
+    checkpoint stores its weights, the scales in side tensors) and `extra` tensors added to the file."""
+    from factories import make_model
+    from safetensors.torch import load_file, save_file
+
+    make_model(kind, seed=seed).save_pretrained(folder)
+    tensors = load_file(folder / "model.safetensors")
+    name = next(key for key in sorted(tensors) if key.endswith("intermediate.dense.weight"))
+    if dtype is not None:
+        tensors[name] = (tensors[name] * 100).clamp(-100, 100).to(dtype)
+    tensors.update(extra or {})
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder, name
+
+
+@pytest.mark.parametrize(("kind", "dtype", "shown_as"), [
+    ("vit_cls", "int8", "int8"), ("vit_cls", "uint8", "uint8"), ("vit_cls", "bool", "bool"),
+    ("vit_cls", "int32", "int32"), ("bert_cls", "int8", "int8"),
+])
+def test_a_parent_with_integer_weights_is_refused_before_any_weights_are_loaded(tmp_path, monkeypatch, kind, dtype,
+                                                                                  shown_as):
+    """An int8 weight (a quantized checkpoint: its integers mean nothing without their scales) was cast to float32
+    and merged as if it were a weight: a garbage model, no warning. The safetensors header says the dtype."""
+    import torch
+    import transformers
+
+    import hf_mudsc
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import model_class_for
+
+    good = _quantized_folder(tmp_path / "good", kind, None, seed=0)[0]
+    bad, name = _quantized_folder(tmp_path / "bad", kind, getattr(torch, dtype), seed=1)
+    cls = model_class_for(transformers.AutoConfig.from_pretrained(bad))
+    monkeypatch.setattr(cls, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded before refusing"))
+    for method in ("average", "task_arithmetic"):  # loaded whole, and read one tensor at a time (streaming)
+        with pytest.raises(LoadError) as caught:
+            hf_mudsc.merge([good, bad], None, method=method, base=good if method == "task_arithmetic" else None)
+        message = str(caught.value)
+        assert "\n" not in message, message
+        assert f"{str(bad)!r}: its weight {name!r} is stored as {shown_as}, not as floating-point numbers" in message
+        assert "dequantize it" in message and "float checkpoint" in message, message
+
+
+def test_integer_buffers_a_checkpoint_carries_still_load(tmp_path):
+    """Older BERT checkpoints store the `position_ids` buffer (int64) next to the weights: a buffer, not a weight."""
+    import torch
+
+    import hf_mudsc
+
+    extra = {"bert.embeddings.position_ids": torch.arange(24).unsqueeze(0)}
+    a = _quantized_folder(tmp_path / "a", "bert_cls", None, seed=0, extra=extra)[0]
+    b = _quantized_folder(tmp_path / "b", "bert_cls", None, seed=1, extra=extra)[0]
+    merged = hf_mudsc.merge([a, b], None, method="average")
+    assert all(torch.isfinite(p).all() for p in merged.parameters())
+    assert hf_mudsc.merge([a, b], None, method="task_arithmetic", base=a) is not None
+
+
+def test_a_model_object_with_integer_parameters_is_refused(tmp_path):
+    import torch
+    from factories import make_model
+
+    import hf_mudsc
+    from hf_mudsc.errors import LoadError
+
+    a, b = make_model("vit_cls", 0), make_model("vit_cls", 1)
+    layer = b.vit.layers[0].mlp.fc1
+    layer.weight = torch.nn.Parameter((layer.weight * 100).to(torch.int8), requires_grad=False)
+    with pytest.raises(LoadError) as caught:
+        hf_mudsc.merge([a, b], None, method="average")
+    message = str(caught.value)
+    assert "its weight 'vit.layers.0.mlp.fc1.weight' is stored as int8" in message, message
+    assert layer.weight.dtype == torch.int8  # the object is left as it is
+
+
+def test_a_pickle_parent_with_integer_weights_is_refused_too(tmp_path):
+    """Under allow_pickle the dtypes come from unpickling onto the meta device (no tensor data read)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import load_parent
+
+    folder, name = _quantized_folder(tmp_path / "bad", "vit_cls", torch.int8)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(LoadError, match=f"its weight '{name}' is stored as int8, not as floating-point numbers"):
+        load_parent(folder, allow_pickle=True)
+
