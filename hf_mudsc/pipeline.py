@@ -573,7 +573,7 @@ def merge(
             held = (merged.config.mudsc["refit_gate"] or {}).get("held_out_examples", 0)  # the gate's held-out rows
             merged.config.mudsc["num_calibration_samples"] = report.num_samples = report.refit.examples + held
     merged = merged.to(run_device if device is not None else "cpu")
-    refuse_non_finite(merged)
+    refuse_non_finite(merged, params, base_params)
     # The recipe keys (every option a recipe file may set, as given), parents and base pinned; `auto` is recorded
     # as the method it chose, so the recipe re-runs the same merge whatever a later release would choose.
     given = dataclasses.replace(merge_options, calibration=calibration_spec, method=merge_method.name,
@@ -587,14 +587,31 @@ def merge(
     return merged
 
 
-def refuse_non_finite(merged: PreTrainedModel) -> None:
-    """Never return (or write) NaN/inf merged weights: the parents were finite, so options overflowed float32."""
+def refuse_non_finite(merged: PreTrainedModel, parents: Sequence[Mapping[str, torch.Tensor]] = (),
+                      base: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Never return (or write) NaN/inf merged weights. The parents were finite (checked on loading), so either the
+    options overflowed float32 or a parent's finite weights were too large to combine: the merges add and subtract
+    the N parents' and the base's values, so a sum reaches (N + 1) times the largest of them and a task vector twice
+    that — values beyond float32's largest (3.4e38) / (2·(N + 1)) can overflow under default options. The first bad
+    tensor's largest parent value says which, and the message names that parent (one tensor per parent read)."""
     bad = [name for name, tensor in merged.named_parameters()
            if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor).all()]
-    if bad:
+    if not bad:
+        return
+    found = [(float(params[bad[0]].abs().max()), f"parent {parent_label(index)}")
+             for index, params in enumerate(parents) if bad[0] in params]
+    if base is not None and bad[0] in base:
+        found.append((float(base[bad[0]].abs().max()), "the base"))
+    largest, who = max(found, key=lambda item: item[0], default=(0.0, ""))  # the first of equals: a parent
+    limit = torch.finfo(torch.float32).max / (2 * (len(parents) + 1))
+    head = f"the merged model has NaN or infinite values in {len(bad)} tensors (e.g. {bad[0]!r})"
+    if largest > limit:
         raise MergeInputError(
-            f"the merged model has NaN or infinite values in {len(bad)} tensors (e.g. {bad[0]!r}): the options "
-            f"overflowed float32; use moderate {option_hint('weights')} / {option_hint('scaling')} values")
+            f"{head}: {bad[0]!r} of {who} holds values up to {largest:.3g}, too large for float32 sums of "
+            f"{len(parents)} parents (over {limit:.3g}); its weights are out of range — re-export that checkpoint, "
+            "or merge without it")
+    raise MergeInputError(f"{head}: the options overflowed float32; use moderate {option_hint('weights')} / "
+                          f"{option_hint('scaling')} values")
 
 
 def _check_parent_count(method: MergeMethod, count: int, chosen: str | None = None) -> None:

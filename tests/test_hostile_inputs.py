@@ -800,3 +800,85 @@ def test_a_pickle_parent_with_integer_weights_is_refused_too(tmp_path):
     with pytest.raises(LoadError, match=f"its weight '{name}' is stored as int8, not as floating-point numbers"):
         load_parent(folder, allow_pickle=True)
 
+
+# ---------------------------------------------------------------- weights float32 cannot compute with
+
+
+def _counted(batches):
+    """The batches as a one-pass stream that records how many were taken."""
+    taken = []
+
+    def stream():
+        for batch in batches:
+            taken.append(batch)
+            yield batch
+
+    return stream(), taken
+
+
+@pytest.mark.parametrize(("kind", "tensor"), [("vit_cls", "vit.embeddings.patch_embeddings.projection.weight"),
+                                              ("bert_cls", "bert.embeddings.word_embeddings.weight")])
+def test_a_parent_with_weights_near_the_float32_limit_is_refused_at_the_first_calibration_batch(monkeypatch, kind,
+                                                                                                 tensor):
+    """Finite weights of 3e38 make inf/NaN activations: that surfaced after calibration as "similarity contains NaN
+    entries", naming neither the parent nor the layer."""
+    import torch
+    from factories import make_batches, make_model
+
+    import hf_mudsc
+    import hf_mudsc.pipeline as pipeline
+    from hf_mudsc.errors import MergeInputError
+
+    a, b = make_model(kind, 0), make_model(kind, 1)
+    with torch.no_grad():
+        dict(b.named_parameters())[tensor].fill_(3e38)
+    monkeypatch.setattr(pipeline, "correlations_from", lambda *a, **k: pytest.fail("calibration went on"))
+    stream, taken = _counted(make_batches(kind, num_batches=4, batch_size=4))
+    with pytest.raises(MergeInputError) as caught:
+        hf_mudsc.merge([a, b], stream, method="zipit", refit="none", progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and len(taken) == 1, (len(taken), message)
+    assert message.startswith("parent B's activations are infinite or NaN at group "), message
+    assert "after 4 calibration examples" in message and "out of the range float32 holds" in message, message
+    assert "re-export that parent's checkpoint" in message, message
+
+
+def test_calibration_data_that_is_not_finite_is_named_not_the_parents():
+    import torch
+    from factories import make_batches, make_model
+
+    import hf_mudsc
+    from hf_mudsc.errors import CalibrationError
+
+    batches = make_batches("vit_cls", num_batches=2, batch_size=4)
+    batches[0]["pixel_values"][0, 0, 0, 0] = float("inf")
+    with pytest.raises(CalibrationError) as caught:
+        hf_mudsc.merge([make_model("vit_cls", 0), make_model("vit_cls", 1)], batches, method="zipit", refit="none",
+                       progress=False)
+    message = str(caught.value)
+    assert message.startswith("every parent's activations are infinite or NaN at group "), message
+    assert "the calibration data holds infinite or NaN values" in message, message
+    assert torch.isinf(batches[0]["pixel_values"]).any()  # the data is left as it was
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties"])
+def test_a_merge_that_overflows_on_extreme_parent_weights_names_the_parent_not_the_options(method):
+    """Methods without calibration never write inf/NaN (`refuse_non_finite`), but the refusal blamed the options
+    (`use moderate weights= / scaling=`) when default options met parent weights of 3e38."""
+    import torch
+    from factories import make_model
+
+    import hf_mudsc
+    from hf_mudsc.errors import MergeInputError
+
+    a, b, base = make_model("vit_cls", 0), make_model("vit_cls", 1), make_model("vit_cls", 2)
+    with torch.no_grad():
+        b.vit.layers[0].mlp.fc1.weight.fill_(3e38)
+        a.vit.layers[0].mlp.fc1.weight.fill_(3e38)
+        base.vit.layers[0].mlp.fc1.weight.fill_(-3e38)
+    with pytest.raises(MergeInputError) as caught:
+        hf_mudsc.merge([a, b], None, method=method, base=base, progress=False)
+    message = str(caught.value)
+    assert "the merged model has NaN or infinite values in 1 tensors (e.g. 'vit.layers.0.mlp.fc1.weight')" in message
+    assert "'vit.layers.0.mlp.fc1.weight' of parent A holds values up to 3e+38" in message, message
+    assert "re-export that checkpoint" in message and "scaling=" not in message, message
