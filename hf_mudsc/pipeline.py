@@ -43,7 +43,7 @@ from hf_mudsc.methods.registry import (
     get_method,
 )
 from hf_mudsc.options import AUTO, REFITTING, MergeOptions, option_hint
-from hf_mudsc.plan import MergePlan
+from hf_mudsc.plan import MergePlan, check_memory
 from hf_mudsc.solve.diagnostics import MergeDiagnostics, compute_diagnostics
 from hf_mudsc.solve.matchers import Match
 from hf_mudsc.solve.widen import check_spend, measured_plan
@@ -324,10 +324,13 @@ def merge(
     # A tensor-wise method reads each parent's tensor only while merging it: parents after the first and the base
     # are then read from their safetensors files one tensor at a time (docs/design.md §4.10, streaming).
     streaming = merge_method is not None and merge_method.streams and not _reads_data(merge_method, refitting)
+    # Parents given as references are read here: whole, unless streamed (then the first one only).
+    references = sum(isinstance(m, (str, os.PathLike)) for m in models)
     parents, base_parent, base_source = load_parents_and_base(
         list(models), base, token=token, allow_pickle=allow_pickle,
         base_needed_for=method if merge_method is not None and merge_method.needs_base_model else None, lazy=streaming,
-        check_config=lambda config: check_size_spend(config, merge_options))
+        check_config=lambda config: check_before_weights(config, merge_options, count, merge_method,
+                                                         loading=min(references, 1) if streaming else references))
     loaded = [p.model for p in parents]
     model_a = loaded[0]
     for index, other in enumerate(loaded[1:], start=1):
@@ -363,6 +366,7 @@ def merge(
         _check_data(merge_method, calibration, count, chosen=choice_reason)
         merge_method.check_options(merge_options, count)
         check_size(merge_method, merge_options.size, chosen=choice_reason)
+        check_memory(model_a, count, merge_method, loading=0, chosen=choice_reason)  # before calibration allocates
         refit_value = _refits(merge_options, merge_method, calibration, count)
         refitting = refit_value in REFITTING
         needs_data = _reads_data(merge_method, refitting)
@@ -657,6 +661,15 @@ def _refits(options: MergeOptions, method: MergeMethod, calibration: Any, count:
 
 def _reads_data(method: MergeMethod, refitting: bool) -> bool:
     return method.needs_calibration or method.needs_data or refitting
+
+
+def check_before_weights(config: Any, options: MergeOptions, count: int, method: MergeMethod | None, *,
+                         loading: int) -> None:
+    """What the first parent's config (or model) refuses before any weights are read: a `size_spend` the
+    architecture cannot spend, and more parents than memory holds (`hf_mudsc.plan.check_memory`; `loading`: the
+    parents that will be loaded whole, `method` None for `auto`). merge() and the CLI call it."""
+    check_size_spend(config, options)
+    check_memory(config, count, method, loading=loading)
 
 
 def check_size_spend(config: Any, options: MergeOptions) -> None:

@@ -882,3 +882,64 @@ def test_a_merge_that_overflows_on_extreme_parent_weights_names_the_parent_not_t
     assert "the merged model has NaN or infinite values in 1 tensors (e.g. 'vit.layers.0.mlp.fc1.weight')" in message
     assert "'vit.layers.0.mlp.fc1.weight' of parent A holds values up to 3e+38" in message, message
     assert "re-export that checkpoint" in message and "scaling=" not in message, message
+
+
+# ---------------------------------------------------------------- more parents than memory holds
+
+
+def _recipe_of(tmp_path, count: int, method: str | None = None) -> Path:
+    """A recipe listing one tiny ViT folder (with its processor) `count` times, and a calibration split."""
+    from test_cli import save_parents_and_data
+
+    a, _, calibration = save_parents_and_data(tmp_path / "inputs")
+    path = tmp_path / "many.yaml"
+    path.write_text("models:\n" + f"  - {a}\n" * count + f"calibration: {calibration}:train\n"
+                    + (f"method: {method}\n" if method else ""))
+    return path
+
+
+@pytest.mark.parametrize("method", ["mudsc", "weight_matching"])
+def test_a_parent_count_whose_statistics_cannot_fit_is_refused_before_any_weights_are_loaded(tmp_path, capsys,
+                                                                                               monkeypatch, method):
+    """400 parents failed after ~100 s of loading, out of memory in calibration: the statistics are 8·(N·n)² bytes
+    per group — 12.4 GB for 400 tiny ViTs, known from the config before any weights are read."""
+    import hf_mudsc.load.parents as parents
+    import hf_mudsc.plan as plan
+
+    monkeypatch.setattr(plan, "available_memory", lambda: 2 * 10**9)
+    monkeypatch.setattr(parents, "_finish", lambda *a, **k: pytest.fail("weights loaded before refusing"))
+    recipe = _recipe_of(tmp_path, 400, method)
+    capsys.readouterr()
+    start = time.perf_counter()
+    assert main(["merge", "--recipe", str(recipe), "--output", str(tmp_path / "out")]) == 1
+    line = _one_line_error(capsys)
+    assert time.perf_counter() - start < 60
+    assert f"merging 400 parents with {method} needs at least " in line, line
+    needs = "12.45 GB of activation statistics (8·(N·n)² bytes per group: " if method == "mudsc" else "2.95 GB for"
+    assert needs in line and "but 2.00 GB of memory is available" in line, line
+    assert "merge at most " in line and "parents at a time" in line and "(CLI: --method)" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_auto_refuses_the_memory_its_choice_needs_before_calibration(tmp_path, capsys, monkeypatch):
+    """`auto` chooses from the parents' weights, so its parents are loaded first; the method it chose is checked
+    before the calibration allocates its statistics."""
+    from test_cli import save_parents_and_data
+
+    import hf_mudsc.calibrate.distributed as distributed
+    import hf_mudsc.plan as plan
+
+    # 20 tiny ViTs: 1.6 MB of weights pass the check before loading; 31 MB of statistics fail it after the choice.
+    monkeypatch.setattr(plan, "available_memory", lambda: 10**7)
+    monkeypatch.setattr(distributed, "collect_statistics_distributed",
+                        lambda *a, **k: pytest.fail("calibration started"))
+    a, b, calibration = save_parents_and_data(tmp_path / "inputs")
+    path = tmp_path / "auto.yaml"
+    path.write_text("models:\n" + f"  - {a}\n  - {b}\n" * 10 + f"calibration: {calibration}:train\n")
+    capsys.readouterr()
+    assert main(["merge", "--recipe", str(path), "--output", str(tmp_path / "out")]) == 1
+    line = _one_line_error(capsys)
+    assert "method 'auto' chose 'mudsc'" in line and "merging 20 parents with mudsc needs at least " in line, line
+    assert "31.13 MB of activation statistics" in line and "but 10.00 MB of memory is available" in line, line
+    assert not (tmp_path / "out").exists()
+

@@ -172,12 +172,13 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
         opened["spec"] = pin_calibration_revision(recipe.calibration, token=token)
         opened["data"] = load_calibration_dataset(opened["spec"], token=token)
 
-    from hf_mudsc.pipeline import check_size_spend
+    from hf_mudsc.pipeline import check_before_weights
 
     parents, base, _ = load_parents_and_base(
         recipe.models, recipe.base, token=token, allow_pickle=recipe.allow_pickle,
         base_needed_for=recipe.method if chosen is not None and chosen.needs_base_model else None,
-        check_config=lambda config: check_size_spend(config, recipe),
+        check_config=lambda config: check_before_weights(config, recipe, len(recipe.models), chosen,
+                                                         loading=len(recipe.models)),
         before_weights=open_calibration if reads_data or recipe.refit in REFITTING or (
             recipe.refit == "auto" and recipe.calibration is not None) else None)
     calibration, calibration_spec = opened.get("data"), opened.get("spec", recipe.calibration)

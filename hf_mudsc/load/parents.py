@@ -179,8 +179,11 @@ def _locate_folder(reference: str, path: Path, allow_pickle: bool) -> _Located:
     weight_files, use_pickle = _weights_format(reference, files, allow_pickle)
     config = _load_config(path, reference)
     check_weight_files(reference, path, weight_files)
-    return _Located(reference=reference, config=config, folder=path, weight_files=weight_files,
-                    use_pickle=use_pickle)
+    located = _Located(reference=reference, config=config, folder=path, weight_files=weight_files,
+                       use_pickle=use_pickle)
+    if not use_pickle:  # the headers are here already: a config or weights they refuse fail before any comparison
+        check_config_fits_weights(located)
+    return located
 
 
 def refuse_links_out(reference: str, folder: Path) -> None:
@@ -494,7 +497,7 @@ def _prepare(located: _Located, *, token: str | bool | None, cache_dir: str | os
         check_weight_files(located.reference, located.folder, located.weight_files)
         if located.use_pickle:
             _check_pickle_dtypes(located)
-        else:
+        elif located.repo_id is not None:  # a local folder's headers were checked when it was located
             check_config_fits_weights(located)
     located.prepared = True
 
