@@ -323,7 +323,7 @@ def merge(
         calibration = load_calibration_dataset(calibration_spec, token=token)
     # A tensor-wise method reads each parent's tensor only while merging it: parents after the first and the base
     # are then read from their safetensors files one tensor at a time (docs/design.md §4.10, streaming).
-    streaming = merge_method is not None and merge_method.streams and not _reads_data(merge_method, refitting)
+    streaming = streams_parents(merge_method, merge_options, calibration, count)
     # Parents given as references are read here: whole, unless streamed (then the first one only).
     references = sum(isinstance(m, (str, os.PathLike)) for m in models)
     parents, base_parent, base_source = load_parents_and_base(
@@ -657,6 +657,15 @@ def _refits(options: MergeOptions, method: MergeMethod, calibration: Any, count:
     return refit_runs(method, options.refit, has_data=calibration is not None, num_parents=count,
                       reference_compat=bool(options.reference_compat),
                       rereadable=not isinstance(calibration, Iterator), weights=options.weights)
+
+
+def streams_parents(method: MergeMethod | None, options: MergeOptions, calibration: Any, count: int) -> bool:
+    """Whether the parents after the first and the base are read one tensor at a time (`load_parents_and_base(
+    lazy=True)`): for a tensor-wise method that reads no calibration data, nor refits — its memory then does not
+    grow with the number of parents. merge() and the CLI (which loads the parents itself) decide by this."""
+    if method is None or not method.streams:
+        return False
+    return not _reads_data(method, _refits(options, method, calibration, count) in REFITTING)
 
 
 def _reads_data(method: MergeMethod, refitting: bool) -> bool:

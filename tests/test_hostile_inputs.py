@@ -943,3 +943,29 @@ def test_auto_refuses_the_memory_its_choice_needs_before_calibration(tmp_path, c
     assert "31.13 MB of activation statistics" in line and "but 10.00 MB of memory is available" in line, line
     assert not (tmp_path / "out").exists()
 
+
+@pytest.mark.parametrize(("method", "streamed"), [("linear", True), ("ties", True), ("weight_matching", False)])
+def test_the_cli_reads_the_parents_of_a_tensor_wise_method_one_tensor_at_a_time(tmp_path, monkeypatch, method,
+                                                                                streamed):
+    """merge() streams the parents after the first for a tensor-wise method (memory does not grow with N), but the
+    CLI loaded every parent whole before calling it: a long recipe of large parents ran out of memory loading."""
+    from factories import make_model
+
+    import hf_mudsc
+
+    folders = []
+    for seed in range(3):
+        make_model("bert_cls", seed).save_pretrained(tmp_path / f"p{seed}")
+        folders.append(str(tmp_path / f"p{seed}"))
+    seen = {}
+
+    def capture(parents, calibration, **kwargs):
+        seen["lazy"] = [parent.parameters is not None for parent in parents]
+        seen["base_lazy"] = kwargs["base"] is not None and kwargs["base"].parameters is not None
+        raise hf_mudsc.errors.MergeInputError("stop here")
+
+    monkeypatch.setattr(hf_mudsc, "merge", capture)
+    extra = ["--base", folders[0]] if method == "ties" else []
+    assert main(["merge", *folders, "--method", method, *extra, "--output", str(tmp_path / "out")]) == 1
+    assert seen["lazy"] == [False, streamed, streamed]
+    assert seen["base_lazy"] == (method == "ties")

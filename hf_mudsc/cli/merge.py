@@ -172,13 +172,15 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
         opened["spec"] = pin_calibration_revision(recipe.calibration, token=token)
         opened["data"] = load_calibration_dataset(opened["spec"], token=token)
 
-    from hf_mudsc.pipeline import check_before_weights
+    from hf_mudsc.pipeline import check_before_weights, streams_parents
 
+    # As merge() would: a tensor-wise method's parents after the first (and the base) are read one tensor at a time.
+    lazy = streams_parents(chosen, recipe, recipe.calibration, len(recipe.models))
     parents, base, _ = load_parents_and_base(
         recipe.models, recipe.base, token=token, allow_pickle=recipe.allow_pickle,
-        base_needed_for=recipe.method if chosen is not None and chosen.needs_base_model else None,
+        base_needed_for=recipe.method if chosen is not None and chosen.needs_base_model else None, lazy=lazy,
         check_config=lambda config: check_before_weights(config, recipe, len(recipe.models), chosen,
-                                                         loading=len(recipe.models)),
+                                                         loading=1 if lazy else len(recipe.models)),
         before_weights=open_calibration if reads_data or recipe.refit in REFITTING or (
             recipe.refit == "auto" and recipe.calibration is not None) else None)
     calibration, calibration_spec = opened.get("data"), opened.get("spec", recipe.calibration)
