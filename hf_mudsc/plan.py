@@ -199,19 +199,36 @@ def statistics_bytes(widths: Iterable[int], parents: int = 2) -> float:
     return float(sum(8 * (parents * n) ** 2 for n in widths))
 
 
+# A container's memory limit and use as seen from inside it (cgroup v2, then v1): /proc/meminfo shows the host's.
+CGROUP_LIMITS = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
 def available_memory() -> int | None:
     """Bytes of memory this process can be given now: `MemAvailable` + `SwapFree` of /proc/meminfo (Linux), else
-    the machine's physical memory (`sysconf`); None when neither is known (the memory check is then skipped)."""
+    the machine's physical memory (`sysconf`), capped by the container's limit less its use (`CGROUP_LIMITS`);
+    None when nothing is known (the memory check is then skipped)."""
+    machine = None
     try:
         with open("/proc/meminfo", encoding="ascii") as meminfo:
             fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in meminfo if line.split()[1:2]}
-        return fields["MemAvailable"] + fields.get("SwapFree", 0)
+        machine = fields["MemAvailable"] + fields.get("SwapFree", 0)
     except (OSError, KeyError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+        try:
+            machine = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            pass
+    for limit_path, usage_path in CGROUP_LIMITS:
+        try:
+            with open(limit_path, encoding="ascii") as limit_file, open(usage_path, encoding="ascii") as usage_file:
+                limit, usage = limit_file.read().strip(), int(usage_file.read())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:  # "max" (v2) or ~2**63 (v1): no limit
+            room = max(int(limit) - usage, 0)
+            return room if machine is None else min(machine, room)
+        break
+    return machine
 
 
 def memory_floor(model: Any, parents: int, method: Any | None, *, loading: int) -> dict[str, float]:

@@ -969,3 +969,16 @@ def test_the_cli_reads_the_parents_of_a_tensor_wise_method_one_tensor_at_a_time(
     assert main(["merge", *folders, "--method", method, *extra, "--output", str(tmp_path / "out")]) == 1
     assert seen["lazy"] == [False, streamed, streamed]
     assert seen["base_lazy"] == (method == "ties")
+
+
+def test_the_memory_available_is_capped_by_the_containers_limit(tmp_path, monkeypatch):
+    """Inside a container /proc/meminfo shows the host's memory; the cgroup's limit is what the merge can get."""
+    import hf_mudsc.plan as plan
+
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    limit.write_text(f"{10 * 2**30}\n")
+    usage.write_text(f"{4 * 2**30}\n")
+    monkeypatch.setattr(plan, "CGROUP_LIMITS", ((str(limit), str(usage)),))
+    assert plan.available_memory() <= 6 * 2**30
+    limit.write_text("max\n")  # no limit: the machine's memory
+    assert plan.available_memory() > 0
