@@ -887,14 +887,14 @@ def test_a_merge_that_overflows_on_extreme_parent_weights_names_the_parent_not_t
 # ---------------------------------------------------------------- more parents than memory holds
 
 
-def _recipe_of(tmp_path, count: int, method: str | None = None) -> Path:
-    """A recipe listing one tiny ViT folder (with its processor) `count` times, and a calibration split."""
+def _recipe_of(tmp_path, count: int, method: str) -> Path:
+    """A recipe merging one tiny ViT folder (with its processor) listed `count` times with `method`, on a
+    calibration split."""
     from test_cli import save_parents_and_data
 
     a, _, calibration = save_parents_and_data(tmp_path / "inputs")
     path = tmp_path / "many.yaml"
-    path.write_text("models:\n" + f"  - {a}\n" * count + f"calibration: {calibration}:train\n"
-                    + (f"method: {method}\n" if method else ""))
+    path.write_text("models:\n" + f"  - {a}\n" * count + f"calibration: {calibration}:train\nmethod: {method}\n")
     return path
 
 
