@@ -326,11 +326,22 @@ def merge(
     streaming = streams_parents(merge_method, merge_options, calibration, count)
     # Parents given as references are read here: whole, unless streamed (then the first one only).
     references = sum(isinstance(m, (str, os.PathLike)) for m in models)
+    first: dict[str, Any] = {}  # the first parent's config (or model), for the calibration check below
+
+    def check_config(config: Any) -> None:
+        first["config"] = config
+        check_before_weights(config, merge_options, count, merge_method,
+                             loading=min(references, 1) if streaming else references)
+
+    def check_data(processors: list[Any]) -> None:  # a method known to read the data: its columns, before weights
+        if merge_method is not None and needs_data and "config" in first:
+            check_calibration_before_weights(calibration, processor if processor is not None else processors,
+                                             first["config"], merge_options)
+
     parents, base_parent, base_source = load_parents_and_base(
         list(models), base, token=token, allow_pickle=allow_pickle,
         base_needed_for=method if merge_method is not None and merge_method.needs_base_model else None, lazy=streaming,
-        check_config=lambda config: check_before_weights(config, merge_options, count, merge_method,
-                                                         loading=min(references, 1) if streaming else references))
+        check_config=check_config, before_weights=check_data)
     loaded = [p.model for p in parents]
     model_a = loaded[0]
     for index, other in enumerate(loaded[1:], start=1):
@@ -665,7 +676,13 @@ def streams_parents(method: MergeMethod | None, options: MergeOptions, calibrati
     grow with the number of parents. merge() and the CLI (which loads the parents itself) decide by this."""
     if method is None or not method.streams:
         return False
-    return not _reads_data(method, _refits(options, method, calibration, count) in REFITTING)
+    return not reads_calibration(method, options, calibration, count)
+
+
+def reads_calibration(method: MergeMethod, options: MergeOptions, calibration: Any, count: int) -> bool:
+    """Whether merging with `method` reads the calibration data: its statistics, the method itself, or the refit
+    `options.refit` resolves to."""
+    return _reads_data(method, _refits(options, method, calibration, count) in REFITTING)
 
 
 def _reads_data(method: MergeMethod, refitting: bool) -> bool:
@@ -679,6 +696,20 @@ def check_before_weights(config: Any, options: MergeOptions, count: int, method:
     parents that will be loaded whole, `method` None for `auto`). merge() and the CLI call it."""
     check_size_spend(config, options)
     check_memory(config, count, method, loading=loading)
+
+
+def check_calibration_before_weights(calibration: Any, processors: Any, config: Any, options: MergeOptions) -> None:
+    """Refuse calibration data whose columns the parents cannot read (a missing model input, a raw column no parent's
+    processor preprocesses) from the first parent's config (or model) and the parents' processors, before any
+    weights are read (`hf_mudsc.calibrate.datasets.check_calibration_columns`). merge() and the CLI call it for a
+    method that reads the data."""
+    from hf_mudsc.calibrate.datasets import check_calibration_columns
+    from hf_mudsc.plan import meta_model
+
+    model = config if isinstance(config, PreTrainedModel) else meta_model(config)
+    check_calibration_columns(calibration, processors, image_column=options.image_column,
+                              text_column=options.text_column, inputs=spec_for(model).inputs or None,
+                              model_config=model.config)
 
 
 def check_size_spend(config: Any, options: MergeOptions) -> None:

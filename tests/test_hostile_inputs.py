@@ -6,6 +6,7 @@ not grow with the input (a value is shown shortened, never whole).
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -982,3 +983,31 @@ def test_the_memory_available_is_capped_by_the_containers_limit(tmp_path, monkey
     assert plan.available_memory() <= 6 * 2**30
     limit.write_text("max\n")  # no limit: the machine's memory
     assert plan.available_memory() > 0
+
+
+@pytest.mark.parametrize("entry", ["cli", "python"])
+def test_raw_calibration_images_without_a_processor_are_refused_before_any_weights_are_loaded(tmp_path, capsys,
+                                                                                               monkeypatch, entry):
+    """Parents that ship no image processor cannot preprocess an `image` column: that was found only after every
+    parent was loaded (after ~100 s for the 400-parent recipe); the columns and processors are known before."""
+    from test_cli import save_parents_and_data
+
+    import hf_mudsc
+    import hf_mudsc.load.parents as parents
+    from hf_mudsc.errors import CalibrationError
+
+    a, b, calibration = save_parents_and_data(tmp_path / "inputs")
+    for folder in (a, b):
+        (folder / "preprocessor_config.json").unlink()
+    monkeypatch.setattr(parents, "_finish", lambda *a, **k: pytest.fail("weights loaded before refusing"))
+    needle = ("the calibration data lacks column(s) ['pixel_values'] that the models need; found columns ['image', "
+              "'label']. Column 'image' holds raw image, but the parents ship no image processor")
+    if entry == "cli":
+        capsys.readouterr()
+        assert main(["merge", str(a), str(b), "--calibration", f"{calibration}:train", "--method", "zipit",
+                     "--output", str(tmp_path / "out")]) == 1
+        assert needle in _one_line_error(capsys)
+    else:
+        with pytest.raises(CalibrationError, match=re.escape(needle)):
+            hf_mudsc.merge([a, b], f"{calibration}:train", method="zipit", progress=False)
+    assert not (tmp_path / "out").exists()

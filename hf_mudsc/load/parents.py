@@ -743,7 +743,7 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
                           token: str | bool | None = None, allow_pickle: bool = False,
                           cache_dir: str | os.PathLike | None = None, lazy: bool = False,
                           check_config: Callable[[PretrainedConfig | PreTrainedModel], None] | None = None,
-                          before_weights: Callable[[], None] | None = None,
+                          before_weights: Callable[[list[Any]], None] | None = None,
                           ) -> tuple[list[LoadedParent], LoadedParent | None, str | None]:
     """N parents and their common base (`base`: a reference, model or `LoadedParent`, or None), checked against
     each other before any weights are downloaded: `(parents, base or None, where the base came from or None)`.
@@ -753,9 +753,10 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
     The base is loaded like a parent (pinned, safetensors unless `allow_pickle`, float32) and must be of the
     parents' class and configuration (labels aside). `check_config(config)`: the caller's own check of the first
     parent's configuration (its model instead, for a parent given as a model), also before any weights.
-    `before_weights()`: called once every configuration has passed its checks, before any weights are read (the CLI
-    opens the calibration data there: a config refusal comes before the data is touched, a bad data spec still
-    before any weights are downloaded). Without
+    `before_weights(processors)`: called with the parents' processors (None where a parent ships none) once every
+    configuration has passed its checks, before any weights are read (the calibration data is opened and its columns
+    checked against the processors there: a config refusal comes before the data is touched, a bad data spec or a
+    column no processor can read still before any weights are downloaded). Without
     `base`, when `base_needed_for` names a method that needs one, the base is the `base_model` every parent's model
     card names (README.md front matter; Hub parents' cards at their pinned commit); if they name none or different
     ones, a one-line `MergeInputError`.
@@ -785,7 +786,7 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
         check_base_config(located_base, located[0])
     check_vocabularies(located + ([located_base] if located_base is not None else []))
     if before_weights is not None:
-        before_weights()
+        before_weights([p.loaded.processor if p.loaded is not None else p.processor for p in located])
     for parent in located + ([located_base] if located_base is not None else []):
         _prepare(parent, token=token, cache_dir=cache_dir)
     # `lazy` (a tensor-wise method): every parent but the first (the merged model is built from it) and the base
