@@ -43,7 +43,7 @@ from hf_mudsc.methods.registry import (
     get_method,
 )
 from hf_mudsc.options import AUTO, REFITTING, MergeOptions, option_hint
-from hf_mudsc.plan import MergePlan
+from hf_mudsc.plan import MergePlan, check_memory
 from hf_mudsc.solve.diagnostics import MergeDiagnostics, compute_diagnostics
 from hf_mudsc.solve.matchers import Match
 from hf_mudsc.solve.widen import check_spend, measured_plan
@@ -323,11 +323,25 @@ def merge(
         calibration = load_calibration_dataset(calibration_spec, token=token)
     # A tensor-wise method reads each parent's tensor only while merging it: parents after the first and the base
     # are then read from their safetensors files one tensor at a time (docs/design.md §4.10, streaming).
-    streaming = merge_method is not None and merge_method.streams and not _reads_data(merge_method, refitting)
+    streaming = streams_parents(merge_method, merge_options, calibration, count)
+    # Parents given as references are read here: whole, unless streamed (then the first one only).
+    references = sum(isinstance(m, (str, os.PathLike)) for m in models)
+    first: dict[str, Any] = {}  # the first parent's config (or model), for the calibration check below
+
+    def check_config(config: Any) -> None:
+        first["config"] = config
+        check_before_weights(config, merge_options, count, merge_method,
+                             loading=min(references, 1) if streaming else references)
+
+    def check_data(processors: list[Any]) -> None:  # a method known to read the data: its columns, before weights
+        if merge_method is not None and needs_data and "config" in first:
+            check_calibration_before_weights(calibration, processor if processor is not None else processors,
+                                             first["config"], merge_options)
+
     parents, base_parent, base_source = load_parents_and_base(
         list(models), base, token=token, allow_pickle=allow_pickle,
         base_needed_for=method if merge_method is not None and merge_method.needs_base_model else None, lazy=streaming,
-        check_config=lambda config: check_size_spend(config, merge_options))
+        check_config=check_config, before_weights=check_data)
     loaded = [p.model for p in parents]
     model_a = loaded[0]
     for index, other in enumerate(loaded[1:], start=1):
@@ -363,6 +377,7 @@ def merge(
         _check_data(merge_method, calibration, count, chosen=choice_reason)
         merge_method.check_options(merge_options, count)
         check_size(merge_method, merge_options.size, chosen=choice_reason)
+        check_memory(model_a, count, merge_method, loading=0, chosen=choice_reason)  # before calibration allocates
         refit_value = _refits(merge_options, merge_method, calibration, count)
         refitting = refit_value in REFITTING
         needs_data = _reads_data(merge_method, refitting)
@@ -573,7 +588,7 @@ def merge(
             held = (merged.config.mudsc["refit_gate"] or {}).get("held_out_examples", 0)  # the gate's held-out rows
             merged.config.mudsc["num_calibration_samples"] = report.num_samples = report.refit.examples + held
     merged = merged.to(run_device if device is not None else "cpu")
-    refuse_non_finite(merged)
+    refuse_non_finite(merged, params, base_params)
     # The recipe keys (every option a recipe file may set, as given), parents and base pinned; `auto` is recorded
     # as the method it chose, so the recipe re-runs the same merge whatever a later release would choose.
     given = dataclasses.replace(merge_options, calibration=calibration_spec, method=merge_method.name,
@@ -587,14 +602,31 @@ def merge(
     return merged
 
 
-def refuse_non_finite(merged: PreTrainedModel) -> None:
-    """Never return (or write) NaN/inf merged weights: the parents were finite, so options overflowed float32."""
+def refuse_non_finite(merged: PreTrainedModel, parents: Sequence[Mapping[str, torch.Tensor]] = (),
+                      base: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Never return (or write) NaN/inf merged weights. The parents were finite (checked on loading), so either the
+    options overflowed float32 or a parent's finite weights were too large to combine: the merges add and subtract
+    the N parents' and the base's values, so a sum reaches (N + 1) times the largest of them and a task vector twice
+    that — values beyond float32's largest (3.4e38) / (2·(N + 1)) can overflow under default options. The first bad
+    tensor's largest parent value says which, and the message names that parent (one tensor per parent read)."""
     bad = [name for name, tensor in merged.named_parameters()
            if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor).all()]
-    if bad:
+    if not bad:
+        return
+    found = [(float(params[bad[0]].abs().max()), f"parent {parent_label(index)}")
+             for index, params in enumerate(parents) if bad[0] in params]
+    if base is not None and bad[0] in base:
+        found.append((float(base[bad[0]].abs().max()), "the base"))
+    largest, who = max(found, key=lambda item: item[0], default=(0.0, ""))  # the first of equals: a parent
+    limit = torch.finfo(torch.float32).max / (2 * (len(parents) + 1))
+    head = f"the merged model has NaN or infinite values in {len(bad)} tensors (e.g. {bad[0]!r})"
+    if largest > limit:
         raise MergeInputError(
-            f"the merged model has NaN or infinite values in {len(bad)} tensors (e.g. {bad[0]!r}): the options "
-            f"overflowed float32; use moderate {option_hint('weights')} / {option_hint('scaling')} values")
+            f"{head}: {bad[0]!r} of {who} holds values up to {largest:.3g}, too large for float32 sums of "
+            f"{len(parents)} parents (over {limit:.3g}); its weights are out of range — re-export that checkpoint, "
+            "or merge without it")
+    raise MergeInputError(f"{head}: the options overflowed float32; use moderate {option_hint('weights')} / "
+                          f"{option_hint('scaling')} values")
 
 
 def _check_parent_count(method: MergeMethod, count: int, chosen: str | None = None) -> None:
@@ -638,8 +670,46 @@ def _refits(options: MergeOptions, method: MergeMethod, calibration: Any, count:
                       rereadable=not isinstance(calibration, Iterator), weights=options.weights)
 
 
+def streams_parents(method: MergeMethod | None, options: MergeOptions, calibration: Any, count: int) -> bool:
+    """Whether the parents after the first and the base are read one tensor at a time (`load_parents_and_base(
+    lazy=True)`): for a tensor-wise method that reads no calibration data, nor refits — its memory then does not
+    grow with the number of parents. merge() and the CLI (which loads the parents itself) decide by this."""
+    if method is None or not method.streams:
+        return False
+    return not reads_calibration(method, options, calibration, count)
+
+
+def reads_calibration(method: MergeMethod, options: MergeOptions, calibration: Any, count: int) -> bool:
+    """Whether merging with `method` reads the calibration data: its statistics, the method itself, or the refit
+    `options.refit` resolves to."""
+    return _reads_data(method, _refits(options, method, calibration, count) in REFITTING)
+
+
 def _reads_data(method: MergeMethod, refitting: bool) -> bool:
     return method.needs_calibration or method.needs_data or refitting
+
+
+def check_before_weights(config: Any, options: MergeOptions, count: int, method: MergeMethod | None, *,
+                         loading: int) -> None:
+    """What the first parent's config (or model) refuses before any weights are read: a `size_spend` the
+    architecture cannot spend, and more parents than memory holds (`hf_mudsc.plan.check_memory`; `loading`: the
+    parents that will be loaded whole, `method` None for `auto`). merge() and the CLI call it."""
+    check_size_spend(config, options)
+    check_memory(config, count, method, loading=loading)
+
+
+def check_calibration_before_weights(calibration: Any, processors: Any, config: Any, options: MergeOptions) -> None:
+    """Refuse calibration data whose columns the parents cannot read (a missing model input, a raw column no parent's
+    processor preprocesses) from the first parent's config (or model) and the parents' processors, before any
+    weights are read (`hf_mudsc.calibrate.datasets.check_calibration_columns`). merge() and the CLI call it for a
+    method that reads the data."""
+    from hf_mudsc.calibrate.datasets import check_calibration_columns
+    from hf_mudsc.plan import meta_model
+
+    model = config if isinstance(config, PreTrainedModel) else meta_model(config)
+    check_calibration_columns(calibration, processors, image_column=options.image_column,
+                              text_column=options.text_column, inputs=spec_for(model).inputs or None,
+                              model_config=model.config)
 
 
 def check_size_spend(config: Any, options: MergeOptions) -> None:

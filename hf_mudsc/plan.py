@@ -199,6 +199,105 @@ def statistics_bytes(widths: Iterable[int], parents: int = 2) -> float:
     return float(sum(8 * (parents * n) ** 2 for n in widths))
 
 
+# A container's memory limit and use as seen from inside it (cgroup v2, then v1): /proc/meminfo shows the host's.
+CGROUP_LIMITS = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can be given now: `MemAvailable` + `SwapFree` of /proc/meminfo (Linux), else
+    the machine's physical memory (`sysconf`), capped by the container's limit less its use (`CGROUP_LIMITS`);
+    None when nothing is known (the memory check is then skipped)."""
+    machine = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in meminfo if line.split()[1:2]}
+        machine = fields["MemAvailable"] + fields.get("SwapFree", 0)
+    except (OSError, KeyError, ValueError, IndexError):
+        try:
+            machine = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            pass
+    for limit_path, usage_path in CGROUP_LIMITS:
+        try:
+            with open(limit_path, encoding="ascii") as limit_file, open(usage_path, encoding="ascii") as usage_file:
+                limit, usage = limit_file.read().strip(), int(usage_file.read())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:  # "max" (v2) or ~2**63 (v1): no limit
+            room = max(int(limit) - usage, 0)
+            return room if machine is None else min(machine, room)
+        break
+    return machine
+
+
+def memory_floor(model: Any, parents: int, method: Any | None, *, loading: int) -> dict[str, float]:
+    """Bytes a merge of `parents` copies of `model` (a model, or one on the meta device) must hold at once, by
+    what holds them — a floor, not an estimate (`estimate_cost` gives the estimate):
+
+    - weights: 4 bytes × parameters × `loading`, the parents still to be loaded whole (not streamed);
+    - statistics (`method.needs_calibration`): the float64 `(N·n)²` sums of every group, allocated together
+      before the first batch and kept, finalized in place, as the correlations through the solve (§4.13);
+    - similarity (a unit-matching method): one float64 `(N·n)²` similarity of the widest group, which the matcher
+      holds on the CPU next to those correlations.
+    `method` None (`auto` before it chose): the weights only.
+    """
+    floor: dict[str, float] = {}
+    if loading:
+        floor["weights"] = 4.0 * loading * sum(p.numel() for p in model.parameters())
+    if method is not None and (method.needs_calibration or method.matches_units):
+        from hf_mudsc.architectures import spec_for
+
+        widths = [group.width for group in spec_for(model).groups]
+        if method.needs_calibration:
+            floor["statistics"] = statistics_bytes(widths, parents)
+        if method.matches_units and widths:
+            floor["similarity"] = statistics_bytes([max(widths)], parents)
+    return floor
+
+
+def check_memory(model_or_config: Any, parents: int, method: Any | None, *, loading: int,
+                 chosen: str | None = None) -> None:
+    """Refuse a number of parents whose `memory_floor` exceeds the memory available now, in one line naming what
+    needs it, before it is allocated — the statistics grow with the square of the number of parents, so a long list
+    of parents failed only after minutes of loading, out of memory in calibration. `chosen`: why `auto` chose
+    `method` (the check then runs after loading: `loading` 0)."""
+    from hf_mudsc.errors import MergeInputError
+
+    available = available_memory()
+    if available is None:
+        return
+    model = model_or_config if hasattr(model_or_config, "parameters") else meta_model(model_or_config)
+    floor = memory_floor(model, parents, method, loading=loading)
+    needed = sum(floor.values())
+    if needed <= available:
+        return
+    # The most parents that fit: the largest N with a·N² + b·N + c <= available (statistics and similarity grow
+    # with N², the weights of parents loaded whole with N; weights of a fixed count are c).
+    every = loading == parents
+    per_parent = floor.get("weights", 0.0) / parents if every else 0.0
+    room = available - (0.0 if every else floor.get("weights", 0.0))
+    squared = (floor.get("statistics", 0.0) + floor.get("similarity", 0.0)) / parents**2
+    if squared:
+        fits = int((-per_parent + (per_parent**2 + 4 * squared * max(room, 0.0)) ** 0.5) / (2 * squared))
+    else:
+        fits = int(max(room, 0.0) // per_parent) if per_parent else 0
+    parts = {"statistics": "of activation statistics (8·(N·n)² bytes per group: they grow with the square of the "
+                           "number of parents)",
+             "similarity": "for the widest group's similarity (8·(N·n)² bytes)",
+             "weights": f"of parent weights ({loading} loaded whole)"}
+    held = ", ".join(f"{_bytes(floor[key])} {text}" for key, text in parts.items() if floor.get(key))
+    name = method.name if method is not None else "auto"
+    why = f"method 'auto' chose {name!r} ({chosen}); " if chosen else ""
+    other = ("a method that does not match units (linear, ties, ...: one tensor per parent in memory)"
+             if method is not None and (method.needs_calibration or method.matches_units)
+             else "a method that reads the parents one tensor at a time (linear, task_arithmetic, ties, ...)")
+    fewer = f"merge at most {fits} parents at a time" if fits >= 2 else "merge on a machine with more memory"
+    raise MergeInputError(
+        f"{why}merging {parents} parents with {name} needs at least {_bytes(needed)} at once — {held} — but "
+        f"{_bytes(available)} of memory is available; {fewer}, or choose {other} (CLI: --method)")
+
+
 def forward_flops(linear_params: Mapping[str, int], tokens: Mapping[str, int]) -> float:
     """Multiply-add FLOPs of one example's forward pass: 2 × (matrix weights) × tokens of the tower they are in.
 

@@ -6,6 +6,7 @@ not grow with the input (a value is shown shortened, never whole).
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -706,3 +707,307 @@ def test_inspect_describes_a_recipe_of_the_default_method(tmp_path, capsys):
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert "would merge: org/a, org/b" in out and "method:      auto (chosen from how the parents relate)" in out
+
+
+# ---------------------------------------------------------------- weights stored as integers are not weights
+
+
+def _quantized_folder(folder, kind: str, dtype, seed: int = 0, extra: dict | None = None):
+    """A tiny `kind` model saved with save_pretrained, one MLP weight then stored as `dtype` (as a quantized
+    checkpoint stores its weights, the scales in side tensors) and `extra` tensors added to the file."""
+    from factories import make_model
+    from safetensors.torch import load_file, save_file
+
+    make_model(kind, seed=seed).save_pretrained(folder)
+    tensors = load_file(folder / "model.safetensors")
+    name = next(key for key in sorted(tensors) if key.endswith("intermediate.dense.weight"))
+    if dtype is not None:
+        tensors[name] = (tensors[name] * 100).clamp(-100, 100).to(dtype)
+    tensors.update(extra or {})
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder, name
+
+
+@pytest.mark.parametrize(("kind", "dtype", "shown_as"), [
+    ("vit_cls", "int8", "int8"), ("vit_cls", "uint8", "uint8"), ("vit_cls", "bool", "bool"),
+    ("vit_cls", "int32", "int32"), ("bert_cls", "int8", "int8"),
+])
+def test_a_parent_with_integer_weights_is_refused_before_any_weights_are_loaded(tmp_path, monkeypatch, kind, dtype,
+                                                                                  shown_as):
+    """An int8 weight (a quantized checkpoint: its integers mean nothing without their scales) was cast to float32
+    and merged as if it were a weight: a garbage model, no warning. The safetensors header says the dtype."""
+    import torch
+    import transformers
+
+    import hf_mudsc
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import model_class_for
+
+    good = _quantized_folder(tmp_path / "good", kind, None, seed=0)[0]
+    bad, name = _quantized_folder(tmp_path / "bad", kind, getattr(torch, dtype), seed=1)
+    cls = model_class_for(transformers.AutoConfig.from_pretrained(bad))
+    monkeypatch.setattr(cls, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded before refusing"))
+    for method in ("average", "task_arithmetic"):  # loaded whole, and read one tensor at a time (streaming)
+        with pytest.raises(LoadError) as caught:
+            hf_mudsc.merge([good, bad], None, method=method, base=good if method == "task_arithmetic" else None)
+        message = str(caught.value)
+        assert "\n" not in message, message
+        assert f"{str(bad)!r}: its weight {name!r} is stored as {shown_as}, not as floating-point numbers" in message
+        assert "dequantize it" in message and "float checkpoint" in message, message
+
+
+def test_integer_buffers_a_checkpoint_carries_still_load(tmp_path):
+    """Older BERT checkpoints store the `position_ids` buffer (int64) next to the weights: a buffer, not a weight."""
+    import torch
+
+    import hf_mudsc
+
+    extra = {"bert.embeddings.position_ids": torch.arange(24).unsqueeze(0)}
+    a = _quantized_folder(tmp_path / "a", "bert_cls", None, seed=0, extra=extra)[0]
+    b = _quantized_folder(tmp_path / "b", "bert_cls", None, seed=1, extra=extra)[0]
+    merged = hf_mudsc.merge([a, b], None, method="average")
+    assert all(torch.isfinite(p).all() for p in merged.parameters())
+    assert hf_mudsc.merge([a, b], None, method="task_arithmetic", base=a) is not None
+
+
+def test_a_model_object_with_integer_parameters_is_refused(tmp_path):
+    import torch
+    from factories import make_model
+
+    import hf_mudsc
+    from hf_mudsc.errors import LoadError
+
+    a, b = make_model("vit_cls", 0), make_model("vit_cls", 1)
+    layer = b.vit.layers[0].mlp.fc1
+    layer.weight = torch.nn.Parameter((layer.weight * 100).to(torch.int8), requires_grad=False)
+    with pytest.raises(LoadError) as caught:
+        hf_mudsc.merge([a, b], None, method="average")
+    message = str(caught.value)
+    assert "its weight 'vit.layers.0.mlp.fc1.weight' is stored as int8" in message, message
+    assert layer.weight.dtype == torch.int8  # the object is left as it is
+
+
+def test_a_pickle_parent_with_integer_weights_is_refused_too(tmp_path):
+    """Under allow_pickle the dtypes come from unpickling onto the meta device (no tensor data read)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import load_parent
+
+    folder, name = _quantized_folder(tmp_path / "bad", "vit_cls", torch.int8)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(LoadError, match=f"its weight '{name}' is stored as int8, not as floating-point numbers"):
+        load_parent(folder, allow_pickle=True)
+
+
+# ---------------------------------------------------------------- weights float32 cannot compute with
+
+
+def _counted(batches):
+    """The batches as a one-pass stream that records how many were taken."""
+    taken = []
+
+    def stream():
+        for batch in batches:
+            taken.append(batch)
+            yield batch
+
+    return stream(), taken
+
+
+@pytest.mark.parametrize(("kind", "tensor"), [("vit_cls", "vit.embeddings.patch_embeddings.projection.weight"),
+                                              ("bert_cls", "bert.embeddings.word_embeddings.weight")])
+def test_a_parent_with_weights_near_the_float32_limit_is_refused_at_the_first_calibration_batch(monkeypatch, kind,
+                                                                                                 tensor):
+    """Finite weights of 3e38 make inf/NaN activations: that surfaced after calibration as "similarity contains NaN
+    entries", naming neither the parent nor the layer."""
+    import torch
+    from factories import make_batches, make_model
+
+    import hf_mudsc
+    import hf_mudsc.pipeline as pipeline
+    from hf_mudsc.errors import MergeInputError
+
+    a, b = make_model(kind, 0), make_model(kind, 1)
+    with torch.no_grad():
+        dict(b.named_parameters())[tensor].fill_(3e38)
+    monkeypatch.setattr(pipeline, "correlations_from", lambda *a, **k: pytest.fail("calibration went on"))
+    stream, taken = _counted(make_batches(kind, num_batches=4, batch_size=4))
+    with pytest.raises(MergeInputError) as caught:
+        hf_mudsc.merge([a, b], stream, method="zipit", refit="none", progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and len(taken) == 1, (len(taken), message)
+    assert message.startswith("parent B's activations are infinite or NaN at group "), message
+    assert "after 4 calibration examples" in message and "out of the range float32 holds" in message, message
+    assert "re-export that parent's checkpoint" in message, message
+
+
+def test_calibration_data_that_is_not_finite_is_named_not_the_parents():
+    import torch
+    from factories import make_batches, make_model
+
+    import hf_mudsc
+    from hf_mudsc.errors import CalibrationError
+
+    batches = make_batches("vit_cls", num_batches=2, batch_size=4)
+    batches[0]["pixel_values"][0, 0, 0, 0] = float("inf")
+    with pytest.raises(CalibrationError) as caught:
+        hf_mudsc.merge([make_model("vit_cls", 0), make_model("vit_cls", 1)], batches, method="zipit", refit="none",
+                       progress=False)
+    message = str(caught.value)
+    assert message.startswith("every parent's activations are infinite or NaN at group "), message
+    assert "the calibration data holds infinite or NaN values" in message, message
+    assert torch.isinf(batches[0]["pixel_values"]).any()  # the data is left as it was
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties"])
+def test_a_merge_that_overflows_on_extreme_parent_weights_names_the_parent_not_the_options(method):
+    """Methods without calibration never write inf/NaN (`refuse_non_finite`), but the refusal blamed the options
+    (`use moderate weights= / scaling=`) when default options met parent weights of 3e38."""
+    import torch
+    from factories import make_model
+
+    import hf_mudsc
+    from hf_mudsc.errors import MergeInputError
+
+    a, b, base = make_model("vit_cls", 0), make_model("vit_cls", 1), make_model("vit_cls", 2)
+    with torch.no_grad():
+        b.vit.layers[0].mlp.fc1.weight.fill_(3e38)
+        a.vit.layers[0].mlp.fc1.weight.fill_(3e38)
+        base.vit.layers[0].mlp.fc1.weight.fill_(-3e38)
+    with pytest.raises(MergeInputError) as caught:
+        hf_mudsc.merge([a, b], None, method=method, base=base, progress=False)
+    message = str(caught.value)
+    assert "the merged model has NaN or infinite values in 1 tensors (e.g. 'vit.layers.0.mlp.fc1.weight')" in message
+    assert "'vit.layers.0.mlp.fc1.weight' of parent A holds values up to 3e+38" in message, message
+    assert "re-export that checkpoint" in message and "scaling=" not in message, message
+
+
+# ---------------------------------------------------------------- more parents than memory holds
+
+
+def _recipe_of(tmp_path, count: int, method: str) -> Path:
+    """A recipe merging one tiny ViT folder (with its processor) listed `count` times with `method`, on a
+    calibration split."""
+    from test_cli import save_parents_and_data
+
+    a, _, calibration = save_parents_and_data(tmp_path / "inputs")
+    path = tmp_path / "many.yaml"
+    path.write_text("models:\n" + f"  - {a}\n" * count + f"calibration: {calibration}:train\nmethod: {method}\n")
+    return path
+
+
+@pytest.mark.parametrize("method", ["mudsc", "weight_matching"])
+def test_a_parent_count_whose_statistics_cannot_fit_is_refused_before_any_weights_are_loaded(tmp_path, capsys,
+                                                                                               monkeypatch, method):
+    """400 parents failed after ~100 s of loading, out of memory in calibration: the statistics are 8·(N·n)² bytes
+    per group — 12.4 GB for 400 tiny ViTs, known from the config before any weights are read."""
+    import hf_mudsc.load.parents as parents
+    import hf_mudsc.plan as plan
+
+    monkeypatch.setattr(plan, "available_memory", lambda: 2 * 10**9)
+    monkeypatch.setattr(parents, "_finish", lambda *a, **k: pytest.fail("weights loaded before refusing"))
+    recipe = _recipe_of(tmp_path, 400, method)
+    capsys.readouterr()
+    start = time.perf_counter()
+    assert main(["merge", "--recipe", str(recipe), "--output", str(tmp_path / "out")]) == 1
+    line = _one_line_error(capsys)
+    assert time.perf_counter() - start < 60
+    assert f"merging 400 parents with {method} needs at least " in line, line
+    needs = "12.45 GB of activation statistics (8·(N·n)² bytes per group: " if method == "mudsc" else "2.95 GB for"
+    assert needs in line and "but 2.00 GB of memory is available" in line, line
+    assert "merge at most " in line and "parents at a time" in line and "(CLI: --method)" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_auto_refuses_the_memory_its_choice_needs_before_calibration(tmp_path, capsys, monkeypatch):
+    """`auto` chooses from the parents' weights, so its parents are loaded first; the method it chose is checked
+    before the calibration allocates its statistics."""
+    from test_cli import save_parents_and_data
+
+    import hf_mudsc.calibrate.distributed as distributed
+    import hf_mudsc.plan as plan
+
+    # 20 tiny ViTs: 1.6 MB of weights pass the check before loading; 31 MB of statistics fail it after the choice.
+    monkeypatch.setattr(plan, "available_memory", lambda: 10**7)
+    monkeypatch.setattr(distributed, "collect_statistics_distributed",
+                        lambda *a, **k: pytest.fail("calibration started"))
+    a, b, calibration = save_parents_and_data(tmp_path / "inputs")
+    path = tmp_path / "auto.yaml"
+    path.write_text("models:\n" + f"  - {a}\n  - {b}\n" * 10 + f"calibration: {calibration}:train\n")
+    capsys.readouterr()
+    assert main(["merge", "--recipe", str(path), "--output", str(tmp_path / "out")]) == 1
+    line = _one_line_error(capsys)
+    assert "method 'auto' chose 'mudsc'" in line and "merging 20 parents with mudsc needs at least " in line, line
+    assert "31.13 MB of activation statistics" in line and "but 10.00 MB of memory is available" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("method", "streamed"), [("linear", True), ("ties", True), ("weight_matching", False)])
+def test_the_cli_reads_the_parents_of_a_tensor_wise_method_one_tensor_at_a_time(tmp_path, monkeypatch, method,
+                                                                                streamed):
+    """merge() streams the parents after the first for a tensor-wise method (memory does not grow with N), but the
+    CLI loaded every parent whole before calling it: a long recipe of large parents ran out of memory loading."""
+    from factories import make_model
+
+    import hf_mudsc
+
+    folders = []
+    for seed in range(3):
+        make_model("bert_cls", seed).save_pretrained(tmp_path / f"p{seed}")
+        folders.append(str(tmp_path / f"p{seed}"))
+    seen = {}
+
+    def capture(parents, calibration, **kwargs):
+        seen["lazy"] = [parent.parameters is not None for parent in parents]
+        seen["base_lazy"] = kwargs["base"] is not None and kwargs["base"].parameters is not None
+        raise hf_mudsc.errors.MergeInputError("stop here")
+
+    monkeypatch.setattr(hf_mudsc, "merge", capture)
+    extra = ["--base", folders[0]] if method == "ties" else []
+    assert main(["merge", *folders, "--method", method, *extra, "--output", str(tmp_path / "out")]) == 1
+    assert seen["lazy"] == [False, streamed, streamed]
+    assert seen["base_lazy"] == (method == "ties")
+
+
+def test_the_memory_available_is_capped_by_the_containers_limit(tmp_path, monkeypatch):
+    """Inside a container /proc/meminfo shows the host's memory; the cgroup's limit is what the merge can get."""
+    import hf_mudsc.plan as plan
+
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    limit.write_text(f"{10 * 2**30}\n")
+    usage.write_text(f"{4 * 2**30}\n")
+    monkeypatch.setattr(plan, "CGROUP_LIMITS", ((str(limit), str(usage)),))
+    assert plan.available_memory() <= 6 * 2**30
+    limit.write_text("max\n")  # no limit: the machine's memory
+    assert plan.available_memory() > 0
+
+
+@pytest.mark.parametrize("entry", ["cli", "python"])
+def test_raw_calibration_images_without_a_processor_are_refused_before_any_weights_are_loaded(tmp_path, capsys,
+                                                                                               monkeypatch, entry):
+    """Parents that ship no image processor cannot preprocess an `image` column: that was found only after every
+    parent was loaded (after ~100 s for the 400-parent recipe); the columns and processors are known before."""
+    from test_cli import save_parents_and_data
+
+    import hf_mudsc
+    import hf_mudsc.load.parents as parents
+    from hf_mudsc.errors import CalibrationError
+
+    a, b, calibration = save_parents_and_data(tmp_path / "inputs")
+    for folder in (a, b):
+        (folder / "preprocessor_config.json").unlink()
+    monkeypatch.setattr(parents, "_finish", lambda *a, **k: pytest.fail("weights loaded before refusing"))
+    needle = ("the calibration data lacks column(s) ['pixel_values'] that the models need; found columns ['image', "
+              "'label']. Column 'image' holds raw image, but the parents ship no image processor")
+    if entry == "cli":
+        capsys.readouterr()
+        assert main(["merge", str(a), str(b), "--calibration", f"{calibration}:train", "--method", "zipit",
+                     "--output", str(tmp_path / "out")]) == 1
+        assert needle in _one_line_error(capsys)
+    else:
+        with pytest.raises(CalibrationError, match=re.escape(needle)):
+            hf_mudsc.merge([a, b], f"{calibration}:train", method="zipit", progress=False)
+    assert not (tmp_path / "out").exists()

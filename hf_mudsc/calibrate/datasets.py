@@ -483,6 +483,27 @@ def _subset(dataset: Any, num_samples: int | None, seed: int, shuffle: bool) -> 
     return dataset.take(num_samples), "examples"
 
 
+def check_calibration_columns(calibration: Any, processors: Any = None, *, image_column: str | None = None,
+                              text_column: str | None = None, inputs: Sequence[str] | None = None,
+                              model_config: Any = None) -> None:
+    """Refuse a calibration dataset the parents cannot read — a column the models need that is missing, a raw column
+    without a processor to preprocess it — from its column names and the parents' processors (arguments as
+    `resolve_calibration`'s), before any weights are loaded: `resolve_calibration` finds the same, but only once every
+    parent is loaded. Anything but a `datasets.Dataset`/`IterableDataset` (batches, a stream) is checked when read."""
+    import datasets
+
+    if not isinstance(calibration, (datasets.Dataset, datasets.IterableDataset)):
+        return
+    columns = column_names(calibration)
+    # `_choose_processor`'s choice, without its warning (logged once, when the data is resolved)
+    processor = (next((p for p in processors if p is not None), None) if isinstance(processors, (list, tuple))
+                 else processors)
+    if inputs is None:
+        inputs = _infer_inputs(columns, image_processor_of(processor), tokenizer_of(processor), image_column,
+                               text_column)
+    _plan(columns, tuple(inputs), processor, image_column, text_column, model_config)
+
+
 def resolve_calibration(
     calibration: Any,
     processors: Any = None,

@@ -17,7 +17,8 @@ from torch import nn
 
 from hf_mudsc.calibrate.correlation import CorrelationAccumulator
 from hf_mudsc.calibrate.layer_inputs import forward_inputs as forward_inputs  # re-exported
-from hf_mudsc.errors import CalibrationError
+from hf_mudsc.errors import CalibrationError, MergeInputError
+from hf_mudsc.load.relation import parent_label
 from hf_mudsc.progress import Progress
 from hf_mudsc.spec import HookPoint, PermutationSpec
 
@@ -216,7 +217,7 @@ class _BatchStatistics:
         self.num_models = num_models
         self.features_a: dict[tuple[int, int], list[torch.Tensor]] = {}
         self.batch: Mapping[str, Any] = {}
-        self.updated: set[int] = set()
+        self.updated: dict[int, None] = {}  # groups in the order their hooks fired: the forward's order
         self.running: int | None = None
         self.error: BaseException | None = None
 
@@ -257,13 +258,50 @@ class _BatchStatistics:
         except Exception as error:  # a statistics failure, not the model's: re-raised as is by the caller
             self.error = error
             raise
-        self.updated.add(gi)
+        self.updated[gi] = None
 
     def check(self) -> None:
         for gi, group in enumerate(self.spec.groups):
             if gi not in self.updated:
                 raise CalibrationError(f"group {group.name!r} saw no activations for this batch")
         self.features_a.clear()
+
+
+def check_finite_statistics(spec: PermutationSpec, accumulators: Sequence[CorrelationAccumulator], num_models: int,
+                            examples: int, order: Sequence[int] | None = None) -> None:
+    """Refuse activations float32 could not hold, after the batch that produced them: a parent whose weights are
+    finite but extreme (3e38) yields inf/NaN activations — or activations whose squares overflow the float32
+    products — which otherwise surface only after calibration, as NaN similarities naming nothing.
+
+    Each group's `Σx` and the diagonal of its `Σxxᵀ` are enough (O(width) per batch): an inf or NaN in any sample
+    reaches `Σx` (inf − inf is NaN too), and every off-diagonal sum is bounded by two diagonal ones
+    (Cauchy–Schwarz: |Σxᵢxⱼ| ≤ √(Σxᵢ²·Σxⱼ²)), so finite diagonals mean finite sums. The units of parent i are the
+    i-th block of each group's `[x_0; x_1; ...]`: the parents whose blocks broke are named; when all did, the
+    calibration data is the likelier cause. `order`: the groups' indices in the order the forward reaches them
+    (spec order when None), so the group named is the first one the overflow reached.
+    """
+    for index in order if order is not None else range(len(spec.groups)):
+        group, accumulator = spec.groups[index], accumulators[index]
+        if accumulator.count == 0:
+            continue
+        finite = torch.isfinite(accumulator.total) & torch.isfinite(accumulator.outer.diagonal())
+        if bool(finite.all()):
+            continue
+        width = accumulator.dim // num_models
+        broken = [i for i in range(num_models) if not bool(finite[i * width:(i + 1) * width].all())]
+        hook = group.hooks[0]
+        where = f"group {group.name!r} (the {hook.where} of {hook.module!r}) after {examples} calibration examples"
+        if len(broken) == num_models:
+            raise CalibrationError(
+                f"every parent's activations are infinite or NaN at {where}: the calibration data holds infinite or "
+                "NaN values, or values too large for float32 — check the data (or every parent's weights)")
+        labels = [parent_label(i) for i in broken]
+        whose = (f"parent {labels[0]}'s activations are" if len(labels) == 1
+                 else f"the activations of parents {', '.join(labels)} are")
+        raise MergeInputError(
+            f"{whose} infinite or NaN at {where}, while the other parents' are finite on the same data: its weights "
+            "are out of the range float32 holds (values near 3.4e38, or large enough that their products overflow); "
+            "re-export that parent's checkpoint, or merge without it")
 
 
 def _return_freed_memory() -> None:
@@ -355,6 +393,7 @@ def collect_statistics(
                 for accumulator in accumulators:
                     accumulator.examples += size
                 seen += size
+                check_finite_statistics(spec, accumulators, len(models), seen, order=list(statistics.updated))
                 bar.update(size)
     finally:
         bar.close()

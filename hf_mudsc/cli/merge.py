@@ -165,19 +165,36 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
         chosen.needs_calibration or chosen.needs_data)
     opened: dict[str, Any] = {}
 
-    def open_calibration() -> None:
+    from hf_mudsc.pipeline import (
+        check_before_weights,
+        check_calibration_before_weights,
+        reads_calibration,
+        streams_parents,
+    )
+
+    first: dict[str, Any] = {}  # the first parent's config, for the calibration check
+
+    def check_config(config: Any) -> None:
+        first["config"] = config
+        check_before_weights(config, recipe, len(recipe.models), chosen, loading=1 if lazy else len(recipe.models))
+
+    def open_calibration(processors: list[Any]) -> None:
         # A Hub dataset is pinned to its commit (recorded in the recipe) and loaded at that commit; opened (not
         # read) once the parents' configurations passed their checks and before their weights are read: a
-        # refusal from a config comes first, a spec that does not exist fails before any weights are downloaded.
+        # refusal from a config comes first, a spec that does not exist or columns the parents' processors cannot
+        # read fail before any weights are downloaded (the columns only for a method known to read them).
         opened["spec"] = pin_calibration_revision(recipe.calibration, token=token)
         opened["data"] = load_calibration_dataset(opened["spec"], token=token)
+        if chosen is not None and "config" in first and reads_calibration(chosen, recipe, recipe.calibration,
+                                                                           len(recipe.models)):
+            check_calibration_before_weights(opened["data"], processors, first["config"], recipe)
 
-    from hf_mudsc.pipeline import check_size_spend
-
+    # As merge() would: a tensor-wise method's parents after the first (and the base) are read one tensor at a time.
+    lazy = streams_parents(chosen, recipe, recipe.calibration, len(recipe.models))
     parents, base, _ = load_parents_and_base(
         recipe.models, recipe.base, token=token, allow_pickle=recipe.allow_pickle,
-        base_needed_for=recipe.method if chosen is not None and chosen.needs_base_model else None,
-        check_config=lambda config: check_size_spend(config, recipe),
+        base_needed_for=recipe.method if chosen is not None and chosen.needs_base_model else None, lazy=lazy,
+        check_config=check_config,
         before_weights=open_calibration if reads_data or recipe.refit in REFITTING or (
             recipe.refit == "auto" and recipe.calibration is not None) else None)
     calibration, calibration_spec = opened.get("data"), opened.get("spec", recipe.calibration)

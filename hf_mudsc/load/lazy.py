@@ -44,13 +44,16 @@ class LazyParameters(Mapping[str, torch.Tensor]):
             raise ValueError("LazyParameters needs at least one safetensors file")
         self._where: dict[str, Path] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, str] = {}
         for file in self._files:
             with safe_open(file, framework="pt") as handle:
                 for key in handle.keys():
                     if key in self._where:
                         raise ValueError(f"tensor {key!r} is stored twice: in {self._where[key].name} and {file.name}")
                     self._where[key] = file
-                    self._shapes[key] = tuple(handle.get_slice(key).get_shape())
+                    header = handle.get_slice(key)
+                    self._shapes[key] = tuple(header.get_shape())
+                    self._dtypes[key] = dtype_name(header.get_dtype())
         if names is not None:
             wanted = list(names)
             missing = [n for n in wanted if n not in self._where]
@@ -88,12 +91,28 @@ class LazyParameters(Mapping[str, torch.Tensor]):
         """A tensor's shape, from the file header."""
         return self._shapes[name]
 
+    def stored_dtype(self, name: str) -> str:
+        """A tensor's dtype as stored, by torch's name (`float16`, `int8`, `bool` ...), from the file header: the
+        returned tensor may have been converted to `self.dtype`."""
+        return self._dtypes[name]
+
     @property
     def files(self) -> list[Path]:
         return list(self._files)
 
     def __repr__(self) -> str:
         return f"LazyParameters({len(self)} tensors in {len(self._files)} file(s), first {self._files[0]})"
+
+
+def dtype_name(stored: str) -> str:
+    """torch's name of a safetensors header dtype: `I8` -> `int8`, `U8` -> `uint8`, `BF16` -> `bfloat16`,
+    `F8_E4M3` -> `float8_e4m3`, `BOOL` -> `bool` (messages name dtypes as PyTorch users know them)."""
+    lowered = stored.lower()
+    for short, long in (("bf", "bfloat"), ("f", "float"), ("i", "int"), ("u", "uint")):
+        rest = lowered[len(short):]
+        if lowered.startswith(short) and rest[:1].isdigit():
+            return long + rest
+    return lowered
 
 
 def safetensors_files(folder: str | os.PathLike) -> list[Path] | None:

@@ -90,6 +90,8 @@ class _Located:
     weight_files: list[str] = field(default_factory=list)
     use_pickle: bool = False
     loaded: LoadedParent | None = None
+    prepared: bool = False
+    """Its weights are fetched and their headers checked (`_prepare`): only loading is left."""
 
 
 
@@ -177,8 +179,11 @@ def _locate_folder(reference: str, path: Path, allow_pickle: bool) -> _Located:
     weight_files, use_pickle = _weights_format(reference, files, allow_pickle)
     config = _load_config(path, reference)
     check_weight_files(reference, path, weight_files)
-    return _Located(reference=reference, config=config, folder=path, weight_files=weight_files,
-                    use_pickle=use_pickle)
+    located = _Located(reference=reference, config=config, folder=path, weight_files=weight_files,
+                       use_pickle=use_pickle)
+    if not use_pickle:  # the headers are here already: a config or weights they refuse fail before any comparison
+        check_config_fits_weights(located)
+    return located
 
 
 def refuse_links_out(reference: str, folder: Path) -> None:
@@ -477,17 +482,34 @@ def _fetch_weights(located: _Located, *, token: str | bool | None, cache_dir: st
     download_files(located.reference, located.repo_id, located.commit_sha, names, token=token, cache_dir=cache_dir)
 
 
+def _prepare(located: _Located, *, token: str | bool | None, cache_dir: str | os.PathLike | None) -> None:
+    """Fetch a parent's weight files and check what their headers tell (intact files, a config that fits them,
+    floating-point weights) without loading them: the loaders run this for every parent and the base before
+    loading any, so a bad last parent is refused before the first one is read."""
+    if located.loaded is not None or located.prepared:
+        return
+    if located.model is not None:
+        check_floating_weights(located.reference, {name: str(tensor.dtype).removeprefix("torch.")
+                                                   for name, tensor in located.model.named_parameters()},
+                               located.model)
+    else:
+        _fetch_weights(located, token=token, cache_dir=cache_dir)
+        check_weight_files(located.reference, located.folder, located.weight_files)
+        if located.use_pickle:
+            _check_pickle_dtypes(located)
+        elif located.repo_id is not None:  # a local folder's headers were checked when it was located
+            check_config_fits_weights(located)
+    located.prepared = True
+
+
 def _finish(located: _Located, *, token: str | bool | None, cache_dir: str | os.PathLike | None,
             lazy: bool = False) -> LoadedParent:
     if located.loaded is not None:
         return located.loaded
+    _prepare(located, token=token, cache_dir=cache_dir)
     if located.model is not None:
         return LoadedParent(model=_as_float32(located.model), processor=located.processor,
                             reference=located.reference)
-    _fetch_weights(located, token=token, cache_dir=cache_dir)
-    check_weight_files(located.reference, located.folder, located.weight_files)
-    if not located.use_pickle:
-        check_config_fits_weights(located)
     if lazy and not located.use_pickle:
         parent = _finish_lazily(located)
         if parent is not None:
@@ -521,6 +543,56 @@ def check_config_fits_weights(located: _Located) -> None:
     if needed > 2 * held + 2**26:  # tied tensors are saved once; 2**26 float32 values are 256 MB
         raise LoadError(f"{located.reference!r}: config.json describes a model of {needed:,} parameters, but "
                         f"{located.weight_files[0]} holds {held:,} values; {CONFIG_FIX}")
+    check_floating_weights(located.reference, {key: stored.stored_dtype(key) for key in stored}, model)
+
+
+def check_floating_weights(reference: str, stored: Mapping[str, str], model: torch.nn.Module) -> None:
+    """Refuse a checkpoint whose weights are stored as integers or booleans: a quantized checkpoint's int8 values
+    are weights only together with the scales it keeps in side tensors, and `from_pretrained(dtype=float32)` would
+    cast the bare integers into the model — a garbage merge without a warning. `stored`: tensor name -> dtype name
+    (`float32`, `int8` ...) as stored; `model`: the parent's model (on the meta device: its class and config).
+
+    A torch parameter is always floating-point, so the only integer tensors a model takes from a checkpoint are its
+    buffers (BERT's `position_ids`, `token_type_ids`). Tensors are matched to buffers by their last name component:
+    transformers renames checkpoint keys as it loads them (a ViT's `encoder.layer.0.intermediate.dense.weight` is
+    the model's `layers.0.mlp.fc1.weight`), which changes the path but not what the tensor is called at its end.
+    """
+    leaf = lambda name: name.rsplit(".", 1)[-1]  # noqa: E731
+    buffers = {leaf(name) for name, _ in model.named_buffers()} - {leaf(name) for name, _ in model.named_parameters()}
+    bad = sorted(name for name, dtype in stored.items()
+                 if not dtype.startswith(("float", "bfloat")) and leaf(name) not in buffers)
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise LoadError(
+            f"{reference!r}: its weight {bad[0]!r}{more} is stored as {stored[bad[0]]}, not as floating-point numbers "
+            "— a quantized checkpoint, whose integers are weights only with their scales; dequantize it to float "
+            "(e.g. load it with its quantization library and save_pretrained the float model) or use the float "
+            "checkpoint it was quantized from"
+        )
+
+
+def _check_pickle_dtypes(located: _Located) -> None:
+    """`check_floating_weights` for a pickle checkpoint (`allow_pickle`): its tensors' dtypes read onto the meta
+    device (weights-only unpickling, no tensor data read). A file that cannot be read so is left to
+    `_load_weights`, which names the problem."""
+    import pickle
+
+    stored: dict[str, str] = {}
+    names = [name for weight_file in located.weight_files for name in (
+        _shard_names(located.reference, located.folder, weight_file) if weight_file.endswith(".index.json")
+        else [weight_file])]
+    for name in names:
+        try:
+            tensors = torch.load(located.folder / name, map_location="meta", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError):
+            return
+        if not isinstance(tensors, Mapping):
+            return
+        stored.update({key: str(tensor.dtype).removeprefix("torch.") for key, tensor in tensors.items()
+                       if isinstance(tensor, torch.Tensor)})
+    with torch.device("meta"):
+        model = model_class_for(located.config)(located.config)
+    check_floating_weights(located.reference, stored, model)
 
 
 def _finish_lazily(located: _Located) -> LoadedParent | None:
@@ -658,6 +730,8 @@ def load_parents(refs: Sequence[Any], *, token: str | bool | None = None, allow_
     located = [_locate_with_processor(r, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir) for r in refs]
     check_configs(located)
     check_vocabularies(located)
+    for parent in located:
+        _prepare(parent, token=token, cache_dir=cache_dir)
     return [_finish(p, token=token, cache_dir=cache_dir) for p in located]
 
 
@@ -669,7 +743,7 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
                           token: str | bool | None = None, allow_pickle: bool = False,
                           cache_dir: str | os.PathLike | None = None, lazy: bool = False,
                           check_config: Callable[[PretrainedConfig | PreTrainedModel], None] | None = None,
-                          before_weights: Callable[[], None] | None = None,
+                          before_weights: Callable[[list[Any]], None] | None = None,
                           ) -> tuple[list[LoadedParent], LoadedParent | None, str | None]:
     """N parents and their common base (`base`: a reference, model or `LoadedParent`, or None), checked against
     each other before any weights are downloaded: `(parents, base or None, where the base came from or None)`.
@@ -679,9 +753,10 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
     The base is loaded like a parent (pinned, safetensors unless `allow_pickle`, float32) and must be of the
     parents' class and configuration (labels aside). `check_config(config)`: the caller's own check of the first
     parent's configuration (its model instead, for a parent given as a model), also before any weights.
-    `before_weights()`: called once every configuration has passed its checks, before any weights are read (the CLI
-    opens the calibration data there: a config refusal comes before the data is touched, a bad data spec still
-    before any weights are downloaded). Without
+    `before_weights(processors)`: called with the parents' processors (None where a parent ships none) once every
+    configuration has passed its checks, before any weights are read (the calibration data is opened and its columns
+    checked against the processors there: a config refusal comes before the data is touched, a bad data spec or a
+    column no processor can read still before any weights are downloaded). Without
     `base`, when `base_needed_for` names a method that needs one, the base is the `base_model` every parent's model
     card names (README.md front matter; Hub parents' cards at their pinned commit); if they name none or different
     ones, a one-line `MergeInputError`.
@@ -711,7 +786,9 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
         check_base_config(located_base, located[0])
     check_vocabularies(located + ([located_base] if located_base is not None else []))
     if before_weights is not None:
-        before_weights()
+        before_weights([p.loaded.processor if p.loaded is not None else p.processor for p in located])
+    for parent in located + ([located_base] if located_base is not None else []):
+        _prepare(parent, token=token, cache_dir=cache_dir)
     # `lazy` (a tensor-wise method): every parent but the first (the merged model is built from it) and the base
     # with safetensors weights are read one tensor at a time, so memory does not grow with the number of parents.
     parents = [_finish(p, token=token, cache_dir=cache_dir, lazy=lazy and i > 0) for i, p in enumerate(located)]
