@@ -403,3 +403,19 @@ def test_the_cli_joint_rule_raw_scores_merged_and_ensemble_by_their_raw_logits(b
     with pytest.raises(SystemExit) as exit_info:
         main(["evaluate", str(out), *flags, "--joint-rule", "softmax"])
     assert exit_info.value.code == 2 and "invalid choice: 'softmax'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- a regression head (one output)
+
+
+def test_a_regression_head_is_refused_in_one_line_naming_it_before_any_forward_pass(monkeypatch):
+    """transformers' `num_labels=1` is a regression head: its argmax is always 0, so an accuracy of it would be
+    the share of rows labelled 0 (and a float label was reported as "outside its classes"). Refused, naming it."""
+    from hf_mudsc.evaluate import harness
+
+    models = [make_model("vit_cls", seed, num_labels=1) for seed in (1, 2)]
+    data = (torch.randn(6, 1, 16, 16), torch.randn(6).tolist())
+    monkeypatch.setattr(harness, "_predict", lambda *a, **k: pytest.fail("ran the models"))
+    with pytest.raises(EvaluationError, match=r"regression head.*one output") as error:
+        evaluate_merge(models[0], models, [data])
+    assert "\n" not in str(error.value)

@@ -203,6 +203,13 @@ def _layout_and_sources(datasets_per_task: Mapping[str, Any] | Sequence[Any], me
         raise EvaluationError(
             f"unknown task(s) {unknown}; the merged model's tasks are {list(layout.ranges)}"
         )
+    one_output = [task for task in sources if not clip and layout.ranges[task][1] - layout.ranges[task][0] == 1]
+    if one_output:
+        raise EvaluationError(
+            f"task(s) {one_output} have a regression head (one output, transformers' num_labels=1), which has no "
+            "classes to score by accuracy or f1; score its outputs (model(**inputs).logits) with a regression "
+            "metric yourself, and pass only classification tasks here"
+        )
     return layout, {task: sources[task] for task in layout.ranges if task in sources}
 
 
