@@ -224,6 +224,16 @@ def test_unsupported_architecture_names_the_supported_ones():
         hf_mudsc.merge([gpt, copy.deepcopy(gpt)], [{"input_ids": torch.ones(1, 4, dtype=torch.long)}])
 
 
+def test_a_bert_token_classifier_is_refused_naming_its_class_and_the_supported_ones():
+    from factories import BERT
+    from transformers import BertConfig, BertForTokenClassification
+    parents = [BertForTokenClassification(BertConfig(**BERT, num_labels=3)) for _ in range(2)]
+    with pytest.raises(UnsupportedArchitectureError,
+                       match=r"^BertForTokenClassification is not supported.*use BertModel or "
+                             r"BertForSequenceClassification$"):
+        hf_mudsc.merge(parents, make_batches("bert_cls", 1), progress=False)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nan_or_inf_weights_are_refused(bad):
     a, b = make_model("vit_cls", 0), make_model("vit_cls", 1)
