@@ -297,3 +297,14 @@ def test_merging_regression_parents_records_a_gate_that_measured_something(tmp_p
     hf_mudsc.save_merged(merged, tmp_path / "merged")
     card = (tmp_path / "merged" / "README.md").read_text()
     assert "relative squared error" in card and "log-probability" not in card
+
+
+def test_a_bare_encoders_gate_says_it_scored_feature_cka_not_log_probabilities(tmp_path):
+    """Without logits (a bare encoder; CLIP's towers) the gate's score is the mean linear CKA of the held-out
+    features: the card must not call it a log-probability agreement."""
+    parents = [make_model("vit", seed) for seed in (1, 2)]
+    merged = hf_mudsc.merge(parents, make_batches("vit", num_batches=2), method="mudsc", progress=False)
+    gate = merged.config.mudsc["refit_gate"]
+    assert 0 < gate["refit"] <= 1 and "CKA" in gate["measure"] and "log-probability" not in gate["score"]
+    hf_mudsc.save_merged(merged, tmp_path / "merged")
+    assert "held-out linear CKA of the features" in (tmp_path / "merged" / "README.md").read_text()

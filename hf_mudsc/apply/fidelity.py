@@ -123,7 +123,8 @@ class FidelityScorer:
         self.regression = [self.logits and (out.shape[-1] == 1 or getattr(getattr(parent, "config", None),
                                                                            "problem_type", None) == "regression")
                            for parent, out in zip(parents, self.parents)]
-        self.measure = ("log-probability agreement" if not any(self.regression) else
+        self.measure = ("linear CKA of the features" if not self.logits else
+                        "log-probability agreement" if not any(self.regression) else
                         "relative squared error (negated)" if all(self.regression) else
                         "log-probability agreement and relative squared error (negated)")
 

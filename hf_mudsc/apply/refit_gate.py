@@ -39,7 +39,8 @@ class GateDecision:
 
     def as_config(self) -> dict[str, Any]:
         return {"kept": self.kept,
-                "score": f"parents' {self.measure}, per task and whole head (held out)",
+                "score": (f"parents' {self.measure}, per task and whole head (held out)" if "CKA" not in self.measure
+                          else f"{self.measure}, mean over the parents (held out)"),
                 "measure": self.measure,
                 "none": None if self.score_none is None else round(self.score_none, 6),
                 "refit": None if self.score_refit is None else round(self.score_refit, 6),
@@ -70,7 +71,7 @@ def gated_refit(merged: nn.Module, parents: Sequence[nn.Module],
     if scorer.examples == 0:
         report = refit(merged, batches)
         logger.warning("refit gate: no held-out calibration example (fewer than 5 examples); the refit is kept")
-        return merged, report, GateDecision(True, None, None, 0, scorer.measure)
+        return merged, report, GateDecision(True, None, None, 0)
     before = copy.deepcopy(merged)
     score_none = scorer.log_likelihood(before)
     report = refit(merged, lambda: kept_rows)
