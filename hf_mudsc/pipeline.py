@@ -20,6 +20,7 @@ from hf_mudsc.apply.classifier import (
     concatenated_classifier_config,
     concatenated_head,
     distinct_task_names,
+    label_names,
     same_label_sets,
 )
 from hf_mudsc.apply.refit import RefitReport, refit_model
@@ -473,7 +474,9 @@ def merge(
     report.warnings = merge_warnings(
         relation=relation.relation, method=merge_method, group_names=report.group_names,
         group_values=report.group_values, widths={g.name: g.width for g in spec.groups},
-        rows=rows, parents=count, refitting=refit_value in ("ridge", "gate"))
+        rows=rows, parents=count, refitting=refit_value in ("ridge", "gate"),
+        shared_labels=[label_names(m.config) for m in loaded] if spec.classifier is not None and not concatenate
+        else None)
     for text in report.warnings:
         logger.warning("%s", text)
     if count == 2:  # the diagnostics describe a two-parent unit matching (None when no unit was matched)
