@@ -309,3 +309,19 @@ def test_merged_config_drops_pointers_to_remote_code(tmp_path, vit_pair, method)
     del parents[1].config.auto_map
     merged = hf_mudsc.merge(parents, batches if method == "mudsc" else None, method=method, progress=False)
     assert not hasattr(merged.config, "auto_map")
+
+
+@pytest.mark.parametrize("size", [1.0, 1.5])
+def test_a_single_head_vit_merges_and_recovers_its_permuted_copy(size):
+    """`num_attention_heads=1` is legal; its attention groups have one head, and the stream's attention groups
+    were found by `num_heads > 1`: every merge failed after the solve ("attention groups differ ...: []")."""
+    from factories import VIT, randomize
+    from transformers import ViTConfig, ViTForImageClassification
+    model = randomize(ViTForImageClassification(ViTConfig(**{**VIT, "num_attention_heads": 1}, num_labels=3)), 1)
+    copy_ = permuted_copy(model, spec_for(model), 3)
+    batches = make_batches("vit_cls", num_batches=4)
+    merged = hf_mudsc.merge([model, copy_], batches, method="mudsc", size=size, progress=False)
+    if size == 1.0:
+        assert relative_error(model_output(merged, batches[0]), model_output(model, batches[0])) < 1e-5
+    assert merged.config.num_attention_heads == 1
+    assert all(torch.isfinite(t).all() for t in merged.state_dict().values())
