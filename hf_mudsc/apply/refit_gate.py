@@ -39,8 +39,10 @@ class GateDecision:
 
     def as_config(self) -> dict[str, Any]:
         return {"kept": self.kept,
-                "score": (f"parents' {self.measure}, per task and whole head (held out)" if "CKA" not in self.measure
-                          else f"{self.measure}, mean over the parents (held out)"),
+                "score": (f"{self.measure}, mean over the parents (held out)" if "CKA" in self.measure
+                          else f"parents' {self.measure}, per task and whole head (held out)"
+                          if self.measure.startswith("log-probability") else f"parents' {self.measure}, per task "
+                          "(held out)"),
                 "measure": self.measure,
                 "none": None if self.score_none is None else round(self.score_none, 6),
                 "refit": None if self.score_refit is None else round(self.score_refit, 6),
