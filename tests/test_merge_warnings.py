@@ -178,3 +178,21 @@ def test_the_dry_run_warns_about_default_label_names_too():
     plan = hf_mudsc.merge([make_model("vit_cls", seed, num_labels=2) for seed in (1, 2)], method="weight_matching",
                           dry_run=True)
     assert [text for text in plan.warnings if "default names (LABEL_0, LABEL_1)" in text]
+
+
+def test_parents_with_different_image_processors_are_warned_about_in_config_and_card(caplog, tmp_path):
+    """The merged model ships parent A's processor, so parent B's task is served with A's preprocessing (and raw
+    calibration images were preprocessed with it). That was one log line of the calibration step, naming nothing,
+    absent from config and card."""
+    from transformers import ViTImageProcessor
+
+    folders = []
+    for name, seed, mean in (("a", 1, 0.5), ("b", 2, 0.2)):
+        _named(make_model("vit_cls", seed)).save_pretrained(tmp_path / name)
+        ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[mean], image_std=[0.5]).save_pretrained(
+            tmp_path / name)
+        folders.append(str(tmp_path / name))
+    merged, logged = _merge(folders, make_batches("vit_cls", num_batches=2), caplog)
+    found = [text for text in merged.config.mudsc["warnings"] if "processor" in text]
+    assert len(found) == 1 and "image_mean" in found[0] and "image_std" not in found[0] and "\n" not in found[0]
+    assert logged.count(found[0]) == 1 and found[0] in _card(merged, tmp_path)
