@@ -419,3 +419,25 @@ def test_a_regression_head_is_refused_in_one_line_naming_it_before_any_forward_p
     with pytest.raises(EvaluationError, match=r"regression head.*one output") as error:
         evaluate_merge(models[0], models, [data])
     assert "\n" not in str(error.value)
+
+
+def test_a_class_label_column_naming_the_tasks_classes_in_another_order_is_read_by_name():
+    """An imagefolder's ClassLabel lists its classes alphabetically; the model's id2label may order the same names
+    otherwise. The ids were read as the model's ids, so every figure was computed against the wrong classes."""
+    model = make_model("vit_cls", 1)
+    names = ["zebra", "cat", "mouse"]  # sorted: cat, mouse, zebra — no name keeps its id
+    model.config.id2label, model.config.label2id = dict(enumerate(names)), {n: i for i, n in enumerate(names)}
+    images = _images(7, 24)
+    with torch.no_grad():
+        predicted = model(pixel_values=PROCESSOR(images, return_tensors="pt")["pixel_values"]).logits.argmax(-1)
+    truth = [names[i] for i in predicted.tolist()]  # labelled with the model's own answers: accuracy 1
+
+    def accuracy(order):
+        rows = {"image": images, "label": [order.index(name) for name in truth]}
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=order)})
+        result = evaluate_merge(model, None, [datasets.Dataset.from_dict(rows, features=features)],
+                                processor=PROCESSOR, progress=False)
+        return next(iter(result.scores["merged"].values()))["accuracy"]
+
+    assert accuracy(names) == 1.0
+    assert accuracy(sorted(names)) == 1.0

@@ -121,7 +121,8 @@ def evaluate_merge(
         return task_batches(
             source, task=task, main_input=main_input, batch_size=batch_size, num_samples=num_samples,
             processor=processor, image_column=image_column, text_column=text_column,
-            model_config=reference.config, rank=rank, world=world, task_names=list(layout.ranges))
+            model_config=reference.config, rank=rank, world=world, task_names=list(layout.ranges),
+            class_names=None if clip else layout.class_names[task])
 
     collected, counts, failure = _predict([*merged_models.values(), *parent_models], scorers, layout, sources,
                                           batches_of, batch_size=batch_size, progress=progress, world=world)
