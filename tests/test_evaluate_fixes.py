@@ -441,3 +441,20 @@ def test_a_class_label_column_naming_the_tasks_classes_in_another_order_is_read_
 
     assert accuracy(names) == 1.0
     assert accuracy(sorted(names)) == 1.0
+
+
+def test_a_multi_label_head_or_multi_hot_labels_are_refused_in_one_line(monkeypatch):
+    """A multi-label head (problem_type "multi_label_classification": one sigmoid per label) has no single class to
+    take the argmax of, and multi-hot label lists ended in a TypeError traceback."""
+    from hf_mudsc.evaluate import harness
+
+    model = make_model("vit_cls", 1)
+    multi_hot = (torch.randn(6, 1, 16, 16), [[1, 0, 1]] * 6)
+    with pytest.raises(EvaluationError, match=r"label \[1, 0, 1\] is a list") as error:
+        evaluate_merge(model, None, [multi_hot], progress=False)
+    assert "\n" not in str(error.value)
+    model.config.problem_type = "multi_label_classification"
+    monkeypatch.setattr(harness, "_predict", lambda *a, **k: pytest.fail("ran the models"))
+    with pytest.raises(EvaluationError, match=r"multi-label head") as error:
+        evaluate_merge(model, None, [(torch.randn(6, 1, 16, 16), [0] * 6)], progress=False)
+    assert "\n" not in str(error.value)

@@ -109,6 +109,14 @@ def evaluate_merge(
     if datasets_per_task is None or len(datasets_per_task) == 0:
         raise EvaluationError("no evaluation data: pass datasets_per_task={task: dataset, ...}")
     merged_models, parent_models, processor = _load_models(merged, parents, processor)
+    multi_label = [name for name, model in merged_models.items()
+                   if getattr(model.config, "problem_type", None) == "multi_label_classification"]
+    if multi_label:
+        raise EvaluationError(
+            f"model {', '.join(multi_label)} has a multi-label head (problem_type 'multi_label_classification': "
+            "one sigmoid per label), which has no single class per row to score by accuracy or f1; score its sigmoid outputs "
+            "(model(**inputs).logits) with a multi-label metric yourself"
+        )
     reference = next(iter(merged_models.values()))
     clip = is_clip(reference)
     layout, sources = _layout_and_sources(datasets_per_task, merged_models, parent_models, clip, class_names)
