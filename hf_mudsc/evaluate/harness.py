@@ -114,8 +114,8 @@ def evaluate_merge(
     if multi_label:
         raise EvaluationError(
             f"model {', '.join(multi_label)} has a multi-label head (problem_type 'multi_label_classification': "
-            "one sigmoid per label), which has no single class per row to score by accuracy or f1; score its sigmoid outputs "
-            "(model(**inputs).logits) with a multi-label metric yourself"
+            "one sigmoid per label), which has no single class per row to score by accuracy or f1; score its "
+            "sigmoid outputs (model(**inputs).logits) with a multi-label metric yourself"
         )
     reference = next(iter(merged_models.values()))
     clip = is_clip(reference)
