@@ -14,10 +14,18 @@ so the dry run and the merge share them.
    are not fine-tunes of one base fuses unrelated units; a unit-matching method on fine-tunes of one base only
    reorders units that already correspond (a plain average or a task-vector method keeps the base's alignment
    and needs no data); parents that are the same model give back that model.
+4. *Default label names*: parents whose heads share a label set only because every label is transformers'
+   placeholder (`LABEL_0`, `LABEL_1`, ...: a model saved without `id2label`). Their heads are fused as one task,
+   which is wrong when they were trained on different tasks (two binary classifiers of different questions);
+   the names cannot tell, so the user is told how to keep the heads apart (not for a permuted copy or the same
+   model: one function, so one task).
+5. *Different image processors*: the merged model ships parent A's processor, so every other parent's task is
+   served with A's preprocessing (and raw calibration images are preprocessed with it).
 """
 
 from __future__ import annotations
 
+import re
 import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -92,13 +100,43 @@ def relation_warning(relation: str, method: Any, refitting: bool = False) -> str
     return None
 
 
+DEFAULT_LABEL = re.compile(r"LABEL_\d+")
+
+
+def default_labels_warning(label_sets: Sequence[Sequence[str]] | None) -> str | None:
+    """Warn when the parents' heads are fused as one label set whose names are all transformers' placeholders
+    (module docstring, 4). `label_sets`: each parent's label names when their heads share one set, else None."""
+    if not label_sets or not all(DEFAULT_LABEL.fullmatch(name) for name in label_sets[0]):
+        return None
+    shown = ", ".join(label_sets[0][:3]) + (", ..." if len(label_sets[0]) > 3 else "")
+    return (f"the parents' heads are fused as one label set because every parent's labels are transformers' "
+            f"default names ({shown}); if the parents were trained on different tasks, name each parent's "
+            "labels (config.id2label / label2id) before merging, so that the heads are kept side by side")
+
+
+def processor_warning(differences: Sequence[str]) -> str | None:
+    """Warn when the parents' image processors differ (module docstring, 5); `differences`: the differing settings
+    (`hf_mudsc.load.processors.image_processor_differences`)."""
+    if not differences:
+        return None
+    shown = ", ".join(differences[:5]) + (", ..." if len(differences) > 5 else "")
+    return (f"the parents' image processors differ ({shown}): the merged model ships parent A's, so the other "
+            "parents' tasks see images preprocessed as A's were (and so did raw calibration images); re-save the "
+            "parents with one processor, or check each task's accuracy with hf-mudsc evaluate")
+
+
 def merge_warnings(*, relation: str | None, method: Any, group_names: Sequence[str], group_values: Sequence[float],
                    rows: Mapping[str, int] | None, widths: Mapping[str, int], parents: int = 2,
-                   refitting: bool = False) -> list[str]:
-    """Every warning of a finished solve, in a fixed order (relation, calibration size, weak groups);
-    `refitting`: a ridge refit follows (`relation_warning`)."""
+                   refitting: bool = False, shared_labels: Sequence[Sequence[str]] | None = None,
+                   processor_differences: Sequence[str] = ()) -> list[str]:
+    """Every warning of a finished solve, in a fixed order (relation, default labels, calibration size, weak
+    groups); `refitting`: a ridge refit follows (`relation_warning`); `shared_labels`: each parent's label names
+    when their heads are fused as one label set (`default_labels_warning`); `processor_differences`: the settings
+    in which the parents' image processors differ (`processor_warning`)."""
     found = [
         relation_warning(relation, method, refitting) if relation else None,
+        default_labels_warning(shared_labels) if relation not in ("same model", "permuted copy") else None,
+        processor_warning(processor_differences),
         calibration_size_warning(rows, widths, parents) if rows else None,
         weak_group_warning(group_names, group_values) if method.matches_units else None,
     ]

@@ -399,7 +399,8 @@ def _card_refit(value: Any, context: Mapping[str, Any]) -> str:
         return str(value)
     if gate.get("none") is None:
         return "gate: refit kept (no held-out example to score)"
-    return (f"gate: refit {'kept' if gate['kept'] else 'dropped'} (held-out log-probability agreement "
+    measure = gate.get("measure", "log-probability agreement")
+    return (f"gate: refit {'kept' if gate['kept'] else 'dropped'} (held-out {measure} "
             f"{gate['refit']:.4f} with, {gate['none']:.4f} without; {gate['held_out_examples']} examples)")
 
 

@@ -20,6 +20,7 @@ from hf_mudsc.apply.classifier import (
     concatenated_classifier_config,
     concatenated_head,
     distinct_task_names,
+    label_names,
     same_label_sets,
 )
 from hf_mudsc.apply.refit import RefitReport, refit_model
@@ -31,6 +32,7 @@ from hf_mudsc.diagnostics import merge_warnings
 from hf_mudsc.errors import MergeInputError, OptionError
 from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_finite, check_parents
 from hf_mudsc.load.lazy import subset
+from hf_mudsc.load.processors import image_processor_differences
 from hf_mudsc.load.references import display_name, parent_name, pinned_calibration, pinned_reference
 from hf_mudsc.load.relation import base_relations, check_parents_mergeable, parent_label
 from hf_mudsc.methods.auto import choose_method, is_auto, refit_runs
@@ -488,7 +490,9 @@ def merge(
     report.warnings = merge_warnings(
         relation=relation.relation, method=merge_method, group_names=report.group_names,
         group_values=report.group_values, widths={g.name: g.width for g in spec.groups},
-        rows=rows, parents=count, refitting=refit_value in ("ridge", "gate"))
+        rows=rows, parents=count, refitting=refit_value in ("ridge", "gate"),
+        shared_labels=[label_names(m.config) for m in loaded] if spec.classifier is not None and not concatenate
+        else None, processor_differences=image_processor_differences([p.processor for p in parents]))
     for text in report.warnings:
         logger.warning("%s", text)
     if count == 2:  # the diagnostics describe a two-parent unit matching (None when no unit was matched)

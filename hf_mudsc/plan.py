@@ -438,8 +438,9 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     """The dry run of `merge(models, calibration, **options)` (options already checked by merge())."""
     import torch
 
+    from hf_mudsc.apply.classifier import label_names, same_label_sets
     from hf_mudsc.architectures import spec_for
-    from hf_mudsc.diagnostics import calibration_size_warning, relation_warning
+    from hf_mudsc.diagnostics import calibration_size_warning, default_labels_warning, relation_warning
     from hf_mudsc.load.parents import locate_parents
     from hf_mudsc.methods.auto import is_auto, planned_method
     from hf_mudsc.methods.registry import get_method
@@ -491,6 +492,11 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         if text:
             warnings.append(text)
     identical = _identical_weights(located, token=token)
+    configs = [parent.config for parent in located]
+    if not identical and spec.classifier is not None and same_label_sets(configs):  # the same model: one task
+        text = default_labels_warning([label_names(c) for c in configs])
+        if text:
+            warnings.insert(0, text)
     if identical:
         warnings.insert(0, relation_warning("same model", method))
     relation = (f"same class and configuration ({parents[0].architecture})"

@@ -71,6 +71,11 @@ class Group:
     head_tie: str | None = None
     width_key: str | None = None
 
+    @property
+    def is_attention(self) -> bool:
+        """An attention block's q/k or v group (it has a head tie), also with a single head (`num_heads == 1`)."""
+        return self.head_tie is not None
+
 
 @dataclass(frozen=True)
 class Classifier:

@@ -403,3 +403,58 @@ def test_the_cli_joint_rule_raw_scores_merged_and_ensemble_by_their_raw_logits(b
     with pytest.raises(SystemExit) as exit_info:
         main(["evaluate", str(out), *flags, "--joint-rule", "softmax"])
     assert exit_info.value.code == 2 and "invalid choice: 'softmax'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- a regression head (one output)
+
+
+def test_a_regression_head_is_refused_in_one_line_naming_it_before_any_forward_pass(monkeypatch):
+    """transformers' `num_labels=1` is a regression head: its argmax is always 0, so an accuracy of it would be
+    the share of rows labelled 0 (and a float label was reported as "outside its classes"). Refused, naming it."""
+    from hf_mudsc.evaluate import harness
+
+    models = [make_model("vit_cls", seed, num_labels=1) for seed in (1, 2)]
+    data = (torch.randn(6, 1, 16, 16), torch.randn(6).tolist())
+    monkeypatch.setattr(harness, "_predict", lambda *a, **k: pytest.fail("ran the models"))
+    with pytest.raises(EvaluationError, match=r"regression head.*one output") as error:
+        evaluate_merge(models[0], models, [data])
+    assert "\n" not in str(error.value)
+
+
+def test_a_class_label_column_naming_the_tasks_classes_in_another_order_is_read_by_name():
+    """An imagefolder's ClassLabel lists its classes alphabetically; the model's id2label may order the same names
+    otherwise. The ids were read as the model's ids, so every figure was computed against the wrong classes."""
+    model = make_model("vit_cls", 1)
+    names = ["zebra", "cat", "mouse"]  # sorted: cat, mouse, zebra — no name keeps its id
+    model.config.id2label, model.config.label2id = dict(enumerate(names)), {n: i for i, n in enumerate(names)}
+    images = _images(7, 24)
+    with torch.no_grad():
+        predicted = model(pixel_values=PROCESSOR(images, return_tensors="pt")["pixel_values"]).logits.argmax(-1)
+    truth = [names[i] for i in predicted.tolist()]  # labelled with the model's own answers: accuracy 1
+
+    def accuracy(order):
+        rows = {"image": images, "label": [order.index(name) for name in truth]}
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=order)})
+        result = evaluate_merge(model, None, [datasets.Dataset.from_dict(rows, features=features)],
+                                processor=PROCESSOR, progress=False)
+        return next(iter(result.scores["merged"].values()))["accuracy"]
+
+    assert accuracy(names) == 1.0
+    assert accuracy(sorted(names)) == 1.0
+
+
+def test_a_multi_label_head_or_multi_hot_labels_are_refused_in_one_line(monkeypatch):
+    """A multi-label head (problem_type "multi_label_classification": one sigmoid per label) has no single class to
+    take the argmax of, and multi-hot label lists ended in a TypeError traceback."""
+    from hf_mudsc.evaluate import harness
+
+    model = make_model("vit_cls", 1)
+    multi_hot = (torch.randn(6, 1, 16, 16), [[1, 0, 1]] * 6)
+    with pytest.raises(EvaluationError, match=r"label \[1, 0, 1\] is a list") as error:
+        evaluate_merge(model, None, [multi_hot], progress=False)
+    assert "\n" not in str(error.value)
+    model.config.problem_type = "multi_label_classification"
+    monkeypatch.setattr(harness, "_predict", lambda *a, **k: pytest.fail("ran the models"))
+    with pytest.raises(EvaluationError, match=r"multi-label head") as error:
+        evaluate_merge(model, None, [(torch.randn(6, 1, 16, 16), [0] * 6)], progress=False)
+    assert "\n" not in str(error.value)

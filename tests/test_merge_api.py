@@ -224,6 +224,16 @@ def test_unsupported_architecture_names_the_supported_ones():
         hf_mudsc.merge([gpt, copy.deepcopy(gpt)], [{"input_ids": torch.ones(1, 4, dtype=torch.long)}])
 
 
+def test_a_bert_token_classifier_is_refused_naming_its_class_and_the_supported_ones():
+    from factories import BERT
+    from transformers import BertConfig, BertForTokenClassification
+    parents = [BertForTokenClassification(BertConfig(**BERT, num_labels=3)) for _ in range(2)]
+    with pytest.raises(UnsupportedArchitectureError,
+                       match=r"^BertForTokenClassification is not supported.*use BertModel or "
+                             r"BertForSequenceClassification$"):
+        hf_mudsc.merge(parents, make_batches("bert_cls", 1), progress=False)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nan_or_inf_weights_are_refused(bad):
     a, b = make_model("vit_cls", 0), make_model("vit_cls", 1)
@@ -299,3 +309,19 @@ def test_merged_config_drops_pointers_to_remote_code(tmp_path, vit_pair, method)
     del parents[1].config.auto_map
     merged = hf_mudsc.merge(parents, batches if method == "mudsc" else None, method=method, progress=False)
     assert not hasattr(merged.config, "auto_map")
+
+
+@pytest.mark.parametrize("size", [1.0, 1.5])
+def test_a_single_head_vit_merges_and_recovers_its_permuted_copy(size):
+    """`num_attention_heads=1` is legal; its attention groups have one head, and the stream's attention groups
+    were found by `num_heads > 1`: every merge failed after the solve ("attention groups differ ...: []")."""
+    from factories import VIT, randomize
+    from transformers import ViTConfig, ViTForImageClassification
+    model = randomize(ViTForImageClassification(ViTConfig(**{**VIT, "num_attention_heads": 1}, num_labels=3)), 1)
+    copy_ = permuted_copy(model, spec_for(model), 3)
+    batches = make_batches("vit_cls", num_batches=4)
+    merged = hf_mudsc.merge([model, copy_], batches, method="mudsc", size=size, progress=False)
+    if size == 1.0:
+        assert relative_error(model_output(merged, batches[0]), model_output(model, batches[0])) < 1e-5
+    assert merged.config.num_attention_heads == 1
+    assert all(torch.isfinite(t).all() for t in merged.state_dict().values())

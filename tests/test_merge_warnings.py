@@ -36,6 +36,14 @@ def _merge(models, batches, caplog, **options):
     return merged, logged
 
 
+def _named(model):
+    """`model` with label names of its own: the factories' models carry transformers' placeholders (`LABEL_0`, ...),
+    which draw the default-labels warning; the tests of the other warnings name them."""
+    names = [f"class {i}" for i in range(model.config.num_labels)]
+    model.config.id2label, model.config.label2id = dict(enumerate(names)), {n: i for i, n in enumerate(names)}
+    return model
+
+
 def _card(merged, tmp_path) -> str:
     return (hf_mudsc.save_merged(merged, tmp_path / "merged") / "README.md").read_text()
 
@@ -63,7 +71,7 @@ def test_calibration_size_rule_names_the_widest_short_group():
 
 
 def test_a_layer_with_no_counterpart_is_warned_about_in_log_report_config_and_card(caplog, tmp_path):
-    a = make_model("vit_cls", 1)
+    a = _named(make_model("vit_cls", 1))
     b = permuted_copy(a, spec_for(a), 3)  # the same function in another basis: every group matches perfectly ...
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # ... except layer 1's MLP, whose first weights are replaced by random ones
@@ -98,7 +106,7 @@ def test_too_few_calibration_rows_for_the_widths_are_warned_about(caplog, tmp_pa
 
 
 def test_averaging_independent_inits_is_warned_about(caplog, tmp_path):
-    a, b = make_model("vit_cls", 1), make_model("vit_cls", 2)  # different random inits
+    a, b = _named(make_model("vit_cls", 1)), _named(make_model("vit_cls", 2))  # different random inits
     merged, logged = _merge([a, b], None, caplog, method="average")
     assert merged.config.mudsc["parent_relation"]["relation"] == "independent"
     expected = ("method 'average' fuses units by position, but the parents are independent models whose units do "
@@ -113,7 +121,7 @@ def test_a_position_method_on_independent_inits_followed_by_the_refit_is_not_cal
     keeps the refit when held-out fidelity improves; the README demo's regmean + refit row is among its best), so
     "will likely collapse" would be false; the warning says what holds: by position alone the units do not
     correspond, the refit rebuilds the layers, and a unit-matching method starts from corresponding units."""
-    a, b = make_model("vit_cls", 1), make_model("vit_cls", 2)
+    a, b = _named(make_model("vit_cls", 1)), _named(make_model("vit_cls", 2))
     merged, logged = _merge([a, b], make_batches("vit_cls", num_batches=4), caplog, method="regmean")
     assert merged.config.mudsc["parent_relation"]["relation"] == "independent"
     assert merged.merge_report.recipe["refit"] == "gate"
@@ -129,8 +137,8 @@ def test_a_position_method_on_independent_inits_followed_by_the_refit_is_not_cal
 
 
 def test_unit_matching_on_fine_tunes_of_one_base_is_warned_about_and_a_clean_merge_is_not(caplog):
-    a = make_model("vit_cls", 1)
-    b = make_model("vit_cls", 1)
+    a = _named(make_model("vit_cls", 1))
+    b = _named(make_model("vit_cls", 1))
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():  # a "fine-tune": the same init moved by 5 %
         for param in b.parameters():
@@ -142,8 +150,49 @@ def test_unit_matching_on_fine_tunes_of_one_base_is_warned_about_and_a_clean_mer
                                "can only reorder them")
     assert merged.merge_report.warnings == [expected] and logged == [expected]
     # The same data on independent inits with mudsc: nothing to warn about.
-    clean, logged = _merge([a, make_model("vit_cls", 2)], make_batches("vit_cls", num_batches=4), caplog)
+    clean, logged = _merge([a, _named(make_model("vit_cls", 2))], make_batches("vit_cls", num_batches=4), caplog)
     assert clean.merge_report.warnings == [] and clean.config.mudsc["warnings"] == []
     assert logged == []
     assert relation_warning("same model", get_method("mudsc")) == (
         "the parents are the same model: the merge gives back that model")
+
+
+def test_parents_whose_heads_share_only_transformers_default_label_names_are_warned_about(caplog, tmp_path):
+    """Two binary classifiers saved without label names both read `LABEL_0, LABEL_1`: the merge takes them for one
+    label set and fuses their heads, which is right only if they are one task. Said once, with the fix (name the
+    labels so the heads stay apart); named labels that agree are not warned about."""
+    generic = [make_model("vit_cls", seed, num_labels=2) for seed in (1, 2)]
+    batches = make_batches("vit_cls", num_batches=2)
+    merged, logged = _merge(generic, batches, caplog)
+    expected = [text for text in logged if "LABEL_0" in text]
+    assert len(expected) == 1 and "id2label" in expected[0] and "\n" not in expected[0]
+    assert expected[0] in merged.config.mudsc["warnings"] and expected[0] in _card(merged, tmp_path)
+    for model in generic:
+        model.config.id2label = {0: "cat", 1: "dog"}
+        model.config.label2id = {"cat": 0, "dog": 1}
+    _, logged = _merge(generic, batches, caplog)
+    assert not [text for text in logged if "LABEL_0" in text or "id2label" in text]
+
+
+def test_the_dry_run_warns_about_default_label_names_too():
+    plan = hf_mudsc.merge([make_model("vit_cls", seed, num_labels=2) for seed in (1, 2)], method="weight_matching",
+                          dry_run=True)
+    assert [text for text in plan.warnings if "default names (LABEL_0, LABEL_1)" in text]
+
+
+def test_parents_with_different_image_processors_are_warned_about_in_config_and_card(caplog, tmp_path):
+    """The merged model ships parent A's processor, so parent B's task is served with A's preprocessing (and raw
+    calibration images were preprocessed with it). That was one log line of the calibration step, naming nothing,
+    absent from config and card."""
+    from transformers import ViTImageProcessor
+
+    folders = []
+    for name, seed, mean in (("a", 1, 0.5), ("b", 2, 0.2)):
+        _named(make_model("vit_cls", seed)).save_pretrained(tmp_path / name)
+        ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[mean], image_std=[0.5]).save_pretrained(
+            tmp_path / name)
+        folders.append(str(tmp_path / name))
+    merged, logged = _merge(folders, make_batches("vit_cls", num_batches=2), caplog)
+    found = [text for text in merged.config.mudsc["warnings"] if "processor" in text]
+    assert len(found) == 1 and "image_mean" in found[0] and "image_std" not in found[0] and "\n" not in found[0]
+    assert logged.count(found[0]) == 1 and found[0] in _card(merged, tmp_path)

@@ -92,17 +92,19 @@ def test_log_likelihood_sees_a_per_task_shift_that_the_per_task_agreement_does_n
 
 
 def test_log_likelihood_with_three_parents_of_unequal_heads_uses_one_softmax_over_all_their_logits():
+    """The third parent has one output: a regression head (transformers' `num_labels=1`), scored by its relative
+    squared error; the whole-head softmax covers the two classification tasks' logits."""
     rows = [[1.0, -1.0], [0.5, 2.0, -0.5], [3.0]]
     parents = [FixedLogits(row) for row in rows]
     scorer = FidelityScorer(parents, _batches(), task_sizes=[2, 3, 1])
     merged_row = [0.0, 1.0, 2.0, 0.0, 1.0, -2.0]
     tasks = []
-    for row, (lo, hi) in zip(rows, [(0, 2), (2, 5), (5, 6)]):
+    for row, (lo, hi) in zip(rows[:2], [(0, 2), (2, 5)]):
         p = torch.tensor(row, dtype=torch.float64).softmax(0)
         tasks.append(float((p * torch.tensor(merged_row[lo:hi], dtype=torch.float64).log_softmax(0)).sum()))
-    ensemble = torch.tensor(sum(rows, []), dtype=torch.float64).softmax(0)
-    whole = float((ensemble * torch.tensor(merged_row, dtype=torch.float64).log_softmax(0)).sum())
-    assert tasks[2] == 0.0  # a one-label task agrees whatever its logit
+    tasks.append(-((-2.0 - 3.0) ** 2) / 3.0 ** 2)
+    ensemble = torch.tensor(rows[0] + rows[1], dtype=torch.float64).softmax(0)
+    whole = float((ensemble * torch.tensor(merged_row[:5], dtype=torch.float64).log_softmax(0)).sum())
     assert scorer.log_likelihood(FixedLogits(merged_row)) == pytest.approx((sum(tasks) / 3 + whole) / 2)
 
 
@@ -166,7 +168,8 @@ def test_gate_keeps_a_refit_that_brings_the_merged_model_closer_to_its_parents()
     assert kept.row.tolist() == [3.0, 0.0, 0.0, 3.0]
     assert decision.as_config() == {
         "kept": True, "score": "parents' log-probability agreement, per task and whole head (held out)",
-        "none": round(decision.score_none, 6), "refit": round(decision.score_refit, 6), "held_out_examples": 2}
+        "measure": "log-probability agreement", "none": round(decision.score_none, 6),
+        "refit": round(decision.score_refit, 6), "held_out_examples": 2}
 
 
 def test_gate_without_a_held_out_example_fits_on_everything_and_keeps_the_refit(caplog):
@@ -270,3 +273,38 @@ def test_a_deep_copy_is_what_the_gate_returns_when_it_drops_the_refit():
     kept, _, _ = gated_refit(merged, parents, lambda: _batches(10), CountingRefit([0.0, 3.0, 3.0, 0.0]),
                              task_sizes=[2, 2])
     assert kept is not merged and copy.deepcopy(kept).row.tolist() == [3.0, 0.0, 0.0, 3.0]
+
+
+# --------------------------------------------------------------------------- a regression head (one output)
+
+
+def test_a_one_output_regression_head_is_scored_by_its_relative_squared_error_not_a_constant():
+    """`num_labels=1` is transformers' regression head: a softmax over one logit is 1 whatever the output, so a
+    log-probability score would be 0 for every model and the gate's decision vacuous. Its outputs are compared
+    instead: minus the squared error relative to the parent's outputs' mean square."""
+    scorer = FidelityScorer([FixedLogits([2.0]), FixedLogits([4.0])], _batches(), task_sizes=None)
+    assert scorer.log_likelihood(FixedLogits([3.0])) == pytest.approx(-(1 / 4 + 1 / 16) / 2)
+    assert scorer.log_likelihood(FixedLogits([2.0])) > scorer.log_likelihood(FixedLogits([9.0]))
+    assert scorer(FixedLogits([2.5])) > scorer(FixedLogits([9.0]))  # alpha="auto"'s score sees it too
+    assert "squared error" in scorer.measure
+
+
+def test_merging_regression_parents_records_a_gate_that_measured_something(tmp_path):
+    model_a, model_b = make_model("vit_cls", seed=1, num_labels=1), make_model("vit_cls", seed=2, num_labels=1)
+    merged = hf_mudsc.merge([model_a, model_b], make_batches("vit_cls", num_batches=2), progress=False)
+    gate = merged.config.mudsc["refit_gate"]
+    assert gate["none"] != gate["refit"] and "squared error" in gate["measure"]
+    hf_mudsc.save_merged(merged, tmp_path / "merged")
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert "relative squared error" in card and "log-probability" not in card
+
+
+def test_a_bare_encoders_gate_says_it_scored_feature_cka_not_log_probabilities(tmp_path):
+    """Without logits (a bare encoder; CLIP's towers) the gate's score is the mean linear CKA of the held-out
+    features: the card must not call it a log-probability agreement."""
+    parents = [make_model("vit", seed) for seed in (1, 2)]
+    merged = hf_mudsc.merge(parents, make_batches("vit", num_batches=2), method="mudsc", progress=False)
+    gate = merged.config.mudsc["refit_gate"]
+    assert 0 < gate["refit"] <= 1 and "CKA" in gate["measure"] and "log-probability" not in gate["score"]
+    hf_mudsc.save_merged(merged, tmp_path / "merged")
+    assert "held-out linear CKA of the features" in (tmp_path / "merged" / "README.md").read_text()

@@ -155,3 +155,24 @@ def test_the_cards_joint_decision_snippet_runs_on_the_saved_model(tmp_path, pair
     expected = torch.cat([logits[:, :labels_a].softmax(-1), logits[:, labels_a:].softmax(-1)], dim=-1).argmax(-1)
     assert scope["labels"] == [model.config.id2label[int(i)] for i in expected]
     assert all(label.startswith(("task-a: ", "task-b: ")) for label in scope["labels"])
+
+
+@pytest.mark.parametrize("kind", CLASSIFIERS)
+def test_a_regression_parent_and_a_classifier_are_refused_in_one_line_before_any_weights_are_read(kind, tmp_path):
+    """A one-output head (transformers' `num_labels=1`: regression) concatenated with class logits has no
+    coherent meaning: each task's softmax over one logit is 1, so the joint decision always picked the regression
+    "label", and the merged config's problem_type came from whichever parent was first."""
+    folders = []
+    for name, seed, labels in (("classifier", 1, 3), ("regression", 2, 1)):
+        make_model(kind, seed, num_labels=labels).save_pretrained(tmp_path / name)
+        folders.append(str(tmp_path / name))
+    weights = tmp_path / "regression" / "model.safetensors"
+    header = 8 + int.from_bytes(weights.read_bytes()[:8], "little")
+    data = weights.read_bytes()
+    weights.write_bytes(data[:header] + b"\xff" * (len(data) - header))  # NaN weights: refused if ever read
+    with pytest.raises(hf_mudsc.MergeInputError, match=r"regression head.*classifier") as error:
+        hf_mudsc.merge(folders, method="weight_matching", progress=False)
+    assert "\n" not in str(error.value)
+    both_regression = [make_model(kind, seed, num_labels=1) for seed in (1, 2)]
+    merged = hf_mudsc.merge(both_regression, method="weight_matching", progress=False)
+    assert merged.config.num_labels == 1

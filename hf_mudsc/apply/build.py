@@ -78,7 +78,7 @@ def widened_config(config: PretrainedConfig, spec: PermutationSpec,
         group = spec.groups[spec.group_index(stream.group)]
         width = _width(group, params)
         if width != group.width:
-            attention = next(g for g in spec.groups if g.num_heads > 1)
+            attention = next(g for g in spec.groups if g.is_attention)
             head_dim = attention.width // attention.num_heads
             heads_width = _width(attention, params)
             setattr(config, stream.heads_key, heads_width // head_dim)

@@ -8,6 +8,9 @@ statistics), and the merged model is scored on the held-out examples against its
   classes against the parent's argmax) and the joint agreement (the merged model's joint decision against the
   ensemble's — each parent's softmax, concatenated, or averaged when the heads share one label set; a concatenated
   merged head decides by each task's softmax too, `classifier.per_task_softmax`, the evaluation's rule);
+* a regression head (one output, transformers' `num_labels=1`): its slice's outputs against the parent's,
+  `exp(-relative squared error)` (`relative_squared_error`; a softmax over one logit is 1 for any output, so an
+  argmax or log-probability agreement would score every model alike);
 * without one (a bare encoder): the mean over parents of the linear CKA between the merged model's and the
   parent's example features (final hidden states averaged over the non-padding tokens) — basis-free, so a merged
   space that is any relabelling of a parent's scores as that parent.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -87,6 +91,12 @@ def _outputs(model: nn.Module, batches: Iterable[Mapping[str, Any]], mask_key: s
     return (torch.cat(parts) if parts else torch.zeros(0, 0, dtype=torch.float64)), is_logits  # nothing held out
 
 
+def relative_squared_error(merged: torch.Tensor, parent: torch.Tensor) -> float:
+    """`‖merged − parent‖² / ‖parent‖²` over the held-out examples: 0 for the parent's own outputs, scale-free so
+    that parents whose outputs differ in size weigh alike."""
+    return float((merged - parent).square().sum() / parent.square().sum().clamp_min(1e-12))
+
+
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     """Linear CKA of two `(N, ·)` feature sets: invariant to rotations and scale of either, 1 for equal spaces."""
     x, y = x - x.mean(0), y - y.mean(0)
@@ -109,6 +119,22 @@ class FidelityScorer:
         self.parents = [out for out, _ in outputs]
         self.logits = all(is_logits for _, is_logits in outputs)
         self.examples = len(self.parents[0])
+        # transformers reads one output as a regression head (`num_labels=1` sets problem_type "regression").
+        self.regression = [self.logits and (out.shape[-1] == 1 or getattr(getattr(parent, "config", None),
+                                                                           "problem_type", None) == "regression")
+                           for parent, out in zip(parents, self.parents)]
+        self.measure = ("linear CKA of the features" if not self.logits else
+                        "log-probability agreement" if not any(self.regression) else
+                        "relative squared error (negated)" if all(self.regression) else
+                        "log-probability agreement and relative squared error (negated)")
+
+    def classification_columns(self, out: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(the merged head's columns of the classification tasks, those parents' logits): what a whole-head
+        softmax compares when regression tasks share a concatenated head."""
+        sizes = list(self.task_sizes or ())
+        slices = torch.split(out, sizes, dim=1)
+        keep = [i for i, regression in enumerate(self.regression) if not regression]
+        return torch.cat([slices[i] for i in keep], dim=1), [self.parents[i] for i in keep]
 
     def __call__(self, merged: nn.Module) -> float:
         if self.examples == 0:
@@ -116,17 +142,18 @@ class FidelityScorer:
         out, is_logits = _outputs(merged, self.held_out, self.mask_key)
         if not (is_logits and self.logits):
             return sum(linear_cka(out, parent) for parent in self.parents) / len(self.parents)
-        if self.task_sizes:
-            slices = torch.split(out, list(self.task_sizes), dim=1)
-            ensemble = torch.cat([parent.softmax(1) for parent in self.parents], dim=1)
-            decided = per_task_softmax(out, self.task_ranges)
-        else:
-            slices = [out] * len(self.parents)
-            ensemble = sum(parent.softmax(1) for parent in self.parents) / len(self.parents)
-            decided = out
-        agreements = [float((part.argmax(1) == parent.argmax(1)).double().mean())
-                      for part, parent in zip(slices, self.parents)]
-        agreements.append(float((decided.argmax(1) == ensemble.argmax(1)).double().mean()))
+        slices = torch.split(out, list(self.task_sizes), dim=1) if self.task_sizes else [out] * len(self.parents)
+        agreements = [math.exp(-relative_squared_error(part, parent)) if regression
+                      else float((part.argmax(1) == parent.argmax(1)).double().mean())
+                      for part, parent, regression in zip(slices, self.parents, self.regression)]
+        if not any(self.regression):  # the joint decision: only classification heads have one
+            if self.task_sizes:
+                ensemble = torch.cat([parent.softmax(1) for parent in self.parents], dim=1)
+                decided = per_task_softmax(out, self.task_ranges)
+            else:
+                ensemble = sum(parent.softmax(1) for parent in self.parents) / len(self.parents)
+                decided = out
+            agreements.append(float((decided.argmax(1) == ensemble.argmax(1)).double().mean()))
         return sum(agreements) / len(agreements)
 
     def log_likelihood(self, merged: nn.Module) -> float:
@@ -142,20 +169,25 @@ class FidelityScorer:
         and the whole-head term `Σ_c e(c) log q(c)`, with e one softmax over the parents' concatenated raw logits
         and q one over the merged head. Measured on 18 same-base MiniLM pairs it drops 4 refits more than the
         per-task score alone, all rightly, and decides as before on 30 toy pairs and 18 permuted MiniLM pairs
-        (docs/benchmarks/gate_joint.md). Without logits: the mean linear CKA (`__call__`)."""
+        (docs/benchmarks/gate_joint.md). Without logits: the mean linear CKA (`__call__`).
+
+        A regression task (one output) has no softmax: its term is minus its relative squared error, and the
+        whole-head term covers the classification tasks only (present when there are two or more)."""
         if self.examples == 0:
             return 0.0
         out, is_logits = _outputs(merged, self.held_out, self.mask_key)
         if not (is_logits and self.logits):
             return sum(linear_cka(out, parent) for parent in self.parents) / len(self.parents)
         slices = torch.split(out, list(self.task_sizes), dim=1) if self.task_sizes else [out] * len(self.parents)
-        terms = [float((parent.softmax(1) * part.log_softmax(1)).sum(1).mean())
-                 for part, parent in zip(slices, self.parents)]
+        terms = [-relative_squared_error(part, parent) if regression
+                 else float((parent.softmax(1) * part.log_softmax(1)).sum(1).mean())
+                 for part, parent, regression in zip(slices, self.parents, self.regression)]
         per_task = sum(terms) / len(terms)
-        if not self.task_sizes:
+        if not self.task_sizes or self.regression.count(False) < 2:
             return per_task
-        ensemble = torch.cat(self.parents, dim=1).softmax(1)
-        whole_head = float((ensemble * out.log_softmax(1)).sum(1).mean())
+        columns, parents = self.classification_columns(out)
+        ensemble = torch.cat(parents, dim=1).softmax(1)
+        whole_head = float((ensemble * columns.log_softmax(1)).sum(1).mean())
         return (per_task + whole_head) / 2
 
 

@@ -4,7 +4,8 @@ examples, to be at least as faithful to the parents as the merge without it.
 The refit (`hf_mudsc.apply.refit`) is fitted on the calibration examples that are not held out (every
 `fidelity.HOLDOUT_EVERY`-th example is held out, `fidelity.holdout_split`); the merged model before and after it is
 scored on the held-out examples by the parents' log-probability agreement (`FidelityScorer.log_likelihood`: per
-task and, for a concatenated head, over the whole head as a stock pipeline reads it). The
+task and, for a concatenated head, over the whole head as a stock pipeline reads it; a regression head's outputs by
+their relative squared error). The
 refitted model is kept when its score is >= the unrefitted one's, else the unrefitted model is returned. Both
 scores are recorded (`config.mudsc["refit_gate"]`, the card's refit row). Why a gate: the refit adds up to +44
 joint points across initializations of the toy ViTs but measured below the unrefitted merge on real MiniLM pairs
@@ -34,10 +35,15 @@ class GateDecision:
     score_none: float | None
     score_refit: float | None
     held_out_examples: int
+    measure: str = "log-probability agreement"  # `FidelityScorer.measure`: what the scores are
 
     def as_config(self) -> dict[str, Any]:
         return {"kept": self.kept,
-                "score": "parents' log-probability agreement, per task and whole head (held out)",
+                "score": (f"{self.measure}, mean over the parents (held out)" if "CKA" in self.measure
+                          else f"parents' {self.measure}, per task and whole head (held out)"
+                          if self.measure.startswith("log-probability") else f"parents' {self.measure}, per task "
+                          "(held out)"),
+                "measure": self.measure,
                 "none": None if self.score_none is None else round(self.score_none, 6),
                 "refit": None if self.score_refit is None else round(self.score_refit, 6),
                 "held_out_examples": self.held_out_examples}
@@ -72,7 +78,8 @@ def gated_refit(merged: nn.Module, parents: Sequence[nn.Module],
     score_none = scorer.log_likelihood(before)
     report = refit(merged, lambda: kept_rows)
     score_refit = scorer.log_likelihood(merged)
-    decision = GateDecision(decide(score_none, score_refit), score_none, score_refit, scorer.examples)
-    logger.info("refit gate: held-out log-probability agreement %.4f without the refit, %.4f with it: %s",
+    decision = GateDecision(decide(score_none, score_refit), score_none, score_refit, scorer.examples,
+                            scorer.measure)
+    logger.info("refit gate: held-out %s %.4f without the refit, %.4f with it: %s", scorer.measure,
                 score_none, score_refit, "refit kept" if decision.kept else "refit dropped")
     return (merged if decision.kept else before), report, decision

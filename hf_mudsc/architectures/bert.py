@@ -62,7 +62,10 @@ def bert_spec(model: nn.Module) -> PermutationSpec:
         tail.append(Group(name=f"{prefix}pooler", width=width, members=tuple(pooler),
                           hooks=(HookPoint(f"{prefix}pooler", "output"),)))
     elif has_classifier:
-        raise UnsupportedArchitectureError("a BERT classifier without a pooler is not supported")
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} is not supported (a classifier without the pooler this adapter "
+            "matches); use BertModel or BertForSequenceClassification"
+        )
     else:
         last = f"{prefix}encoder.layer.{config.num_hidden_layers - 1}.output.LayerNorm"
         hook = HookPoint(last, "output", mask=MASK)

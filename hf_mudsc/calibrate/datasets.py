@@ -447,7 +447,8 @@ def _plan(columns: Sequence[str], inputs: Sequence[str], processor: Any, image_c
 
 
 def _choose_processor(processors: Any) -> Any | None:
-    """Parent A's processor (the first one present); a differing image processor in B is logged."""
+    """Parent A's processor (the first one present); a differing image processor in another parent is one of the
+    merge's warnings (`diagnostics.processor_warning`)."""
     if processors is None:
         return None
     if not isinstance(processors, (list, tuple)):
@@ -455,11 +456,6 @@ def _choose_processor(processors: Any) -> Any | None:
     present = [p for p in processors if p is not None]
     if not present:
         return None
-    first = image_processor_of(present[0])
-    for other in present[1:]:
-        other_image = image_processor_of(other)
-        if first is not None and other_image is not None and first.to_dict() != other_image.to_dict():
-            logger.warning("the parents' image processors differ; calibration uses the first parent's")
     return present[0]
 
 

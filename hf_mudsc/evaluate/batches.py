@@ -59,9 +59,12 @@ def _select_rows(dataset: Any, source: TaskData, label_column: str, task_names: 
 
 def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: int, num_samples: int | None,
              processor: Any, image_column: str | None, text_column: str | None, model_config: Any,
-             rank: int, world: int, task_names: Sequence[str],
+             rank: int, world: int, task_names: Sequence[str], class_names: Sequence[str] | None = None,
              ) -> tuple[Iterator[tuple[dict, list]], int | None]:
-    """(model inputs, raw labels) batches of this process's shard of one task, and the row count if known."""
+    """(model inputs, raw labels) batches of this process's shard of one task, and the row count if known.
+
+    `class_names`: the task's classes in the model's order. A `ClassLabel` column naming exactly these classes in
+    another order (an imagefolder sorts them) yields the names, which are looked up, not its ids."""
     data = source.data
     if isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data, str):
         inputs, labels = data
@@ -103,6 +106,10 @@ def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: in
                                  shuffle=False, inputs=(main_input,), model_config=model_config)
     preprocess = stream.preprocess
     kept = list(column_names(stream.dataset))
+    feature = (getattr(dataset, "features", None) or {}).get(label_column)
+    by_name = (isinstance(feature, datasets.ClassLabel) and class_names is not None and source.task_column is None
+               and source.label_range is None and list(feature.names) != list(class_names)
+               and sorted(feature.names) == sorted(class_names))
     dataset = _select_rows(dataset, source, label_column, task_names)
     if num_samples is not None:
         dataset = (dataset.select(range(min(num_samples, len(dataset))), keep_in_memory=True)
@@ -123,6 +130,7 @@ def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: in
         for rows in decoded_safely(chunks, source.name or str(source.data)[:200], EvaluationError):
             inputs = preprocess(rows) if preprocess is not None else {c: batch_column_as_tensor(rows[c]) for c in kept}
             labels = rows[label_column]
-            yield inputs, labels.tolist() if hasattr(labels, "tolist") else list(labels)
+            labels = labels.tolist() if hasattr(labels, "tolist") else list(labels)
+            yield inputs, [feature.int2str(int(label)) for label in labels] if by_name else labels
 
     return dataset_batches(), count

@@ -109,6 +109,14 @@ def evaluate_merge(
     if datasets_per_task is None or len(datasets_per_task) == 0:
         raise EvaluationError("no evaluation data: pass datasets_per_task={task: dataset, ...}")
     merged_models, parent_models, processor = _load_models(merged, parents, processor)
+    multi_label = [name for name, model in merged_models.items()
+                   if getattr(model.config, "problem_type", None) == "multi_label_classification"]
+    if multi_label:
+        raise EvaluationError(
+            f"model {', '.join(multi_label)} has a multi-label head (problem_type 'multi_label_classification': "
+            "one sigmoid per label), which has no single class per row to score by accuracy or f1; score its "
+            "sigmoid outputs (model(**inputs).logits) with a multi-label metric yourself"
+        )
     reference = next(iter(merged_models.values()))
     clip = is_clip(reference)
     layout, sources = _layout_and_sources(datasets_per_task, merged_models, parent_models, clip, class_names)
@@ -121,7 +129,8 @@ def evaluate_merge(
         return task_batches(
             source, task=task, main_input=main_input, batch_size=batch_size, num_samples=num_samples,
             processor=processor, image_column=image_column, text_column=text_column,
-            model_config=reference.config, rank=rank, world=world, task_names=list(layout.ranges))
+            model_config=reference.config, rank=rank, world=world, task_names=list(layout.ranges),
+            class_names=None if clip else layout.class_names[task])
 
     collected, counts, failure = _predict([*merged_models.values(), *parent_models], scorers, layout, sources,
                                           batches_of, batch_size=batch_size, progress=progress, world=world)
@@ -202,6 +211,13 @@ def _layout_and_sources(datasets_per_task: Mapping[str, Any] | Sequence[Any], me
     if unknown:
         raise EvaluationError(
             f"unknown task(s) {unknown}; the merged model's tasks are {list(layout.ranges)}"
+        )
+    one_output = [task for task in sources if not clip and layout.ranges[task][1] - layout.ranges[task][0] == 1]
+    if one_output:
+        raise EvaluationError(
+            f"task(s) {one_output} have a regression head (one output, transformers' num_labels=1), which has no "
+            "classes to score by accuracy or f1; score its outputs (model(**inputs).logits) with a regression "
+            "metric yourself, and pass only classification tasks here"
         )
     return layout, {task: sources[task] for task in layout.ranges if task in sources}
 

@@ -209,6 +209,11 @@ def local_labels(raw: Sequence[Any], source: TaskData, task: str, names: Sequenc
                     f"task {task!r}: label {value!r} is not one of its classes {list(names)}"
                 )
             out[i] = lookup[value]
+        elif isinstance(value, (list, tuple, np.ndarray)):
+            raise EvaluationError(
+                f"task {task!r}: label {list(value)!r} is a list (multi-hot labels of a multi-label task); "
+                "evaluation scores one class per row: pass each row's class id or name"
+            )
         else:
             out[i] = int(value) - source.label_offset
     bad = out[(out < 0) | (out >= len(names))]

@@ -41,6 +41,12 @@ def config_differences(a: PretrainedConfig, b: PretrainedConfig, prefix: str = "
     return problems
 
 
+def is_regression_head(config: PretrainedConfig) -> bool:
+    """Whether a classifier class with this config is a regression head: transformers reads one output (or
+    problem_type "regression") as regression and trains it with a squared error, not a softmax."""
+    return getattr(config, "problem_type", None) == "regression" or getattr(config, "num_labels", None) == 1
+
+
 def check_parents(model_a: PreTrainedModel, model_b: PreTrainedModel, labels: tuple[str, str] = ("A", "B")) -> None:
     """Refuse parents that cannot share one permutation spec, before any heavy work. `labels` name the two parents
     in messages (with N parents the pipeline checks parent A against each other parent: B, C, ...)."""

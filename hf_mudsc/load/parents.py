@@ -24,7 +24,7 @@ import transformers
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from hf_mudsc.errors import LoadError, MergeInputError, ParentMismatchError, shown
-from hf_mudsc.load.checks import config_differences
+from hf_mudsc.load.checks import config_differences, is_regression_head
 from hf_mudsc.load.config_json import FIX as CONFIG_FIX
 from hf_mudsc.load.config_json import check_config_json
 from hf_mudsc.load.hub_calls import hub_call
@@ -452,6 +452,15 @@ def check_configs(located: Sequence[_Located]) -> None:
                 f"{first.reference!r} and {other.reference!r} have different configurations, so their tensors "
                 "do not line up: " + "; ".join(differences[:10]) + ("; ..." if len(differences) > 10 else "")
                 + ". Merge models fine-tuned from the same architecture configuration"
+            )
+        if kind_a.endswith("Classification") and is_regression_head(first.config) != is_regression_head(other.config):
+            (regression, r), (classifier, c) = sorted(((first, 0), (other, index)),
+                                                      key=lambda pair: not is_regression_head(pair[0].config))
+            raise ParentMismatchError(
+                f"{_named(regression, r)} has a regression head (one output) and {_named(classifier, c)} a "
+                "classifier: one concatenated head cannot mix scores with class logits (each task's softmax over "
+                "one output is 1); merge classifiers with "
+                "classifiers and regression heads with regression heads, or merge their encoders (e.g. ViTModel)"
             )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +95,15 @@ def image_processor_of(processor: Any) -> Any | None:
         return processor
     image_processor = getattr(processor, "image_processor", None)
     return image_processor if isinstance(image_processor, ImageProcessingMixin) else None
+
+
+def image_processor_differences(processors: Sequence[Any]) -> list[str]:
+    """The settings (`image_mean`, `size`, ...) in which another parent's image processor differs from parent A's:
+    the merged model ships parent A's, so the other parents' tasks are served with its preprocessing."""
+    present = [image_processor_of(p) for p in processors if p is not None]
+    present = [p.to_dict() for p in present if p is not None]
+    if len(present) < 2:
+        return []
+    first = present[0]
+    return sorted({key for other in present[1:] for key in set(first) | set(other)
+                   if key != "processor_class" and first.get(key) != other.get(key)})

@@ -240,7 +240,7 @@ def stream_groups(spec: PermutationSpec) -> StreamGroups | None:
         return None
     residual = spec.group_index(spec.stream.group)
     # every attention group (a pinned head_dim makes them narrower than the stream: a size_spend="residual" merge)
-    attention = tuple(i for i, g in enumerate(spec.groups) if g.num_heads > 1)
+    attention = tuple(i for i, g in enumerate(spec.groups) if g.is_attention)
     shapes = {(spec.groups[i].num_heads, spec.groups[i].width) for i in attention}
     if len(shapes) != 1:
         raise ValueError(f"the stream's attention groups differ in (heads, width): {sorted(shapes)}")
