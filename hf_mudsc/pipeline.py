@@ -738,20 +738,21 @@ def _check_per_parent_options(options: MergeOptions, count: int) -> None:
 def _check_base(base: Any, model_a: PreTrainedModel, spec: PermutationSpec) -> Mapping[str, torch.Tensor]:
     """The base's parameters (CPU; read lazily when the base was opened so), refused in one line unless every
     parent tensor has its shape in the base (a classifier of another label set aside: it is left out) and every
-    value is finite."""
+    value is finite. Tensors its checkpoint lacks (`base.absent`: a base of another head class) are left out too:
+    the parents' weighted mean fills them (`_fill_missing`), never their fresh initialisation."""
     from hf_mudsc.load.parents import parameters_of
 
     name = base.repo_id or base.reference
     base_params = parameters_of(base)
-    shapes = {k: tuple(v.shape) for k, v in base.model.named_parameters()}  # meta tensors too: no values read
+    shapes = {k: tuple(v.shape) for k, v in base.model.named_parameters() if k not in base.absent}  # meta: no values
     head = {spec.classifier.weight, spec.classifier.bias} if spec.classifier else set()
-    dropped = set()
+    dropped = set(base.absent)
     for key, tensor in model_a.named_parameters():
         found = shapes.get(key)
         if found is not None and found == tuple(tensor.shape):
             continue
-        if key in head:
-            dropped.add(key)  # a head of other labels: the parents' heads are merged without it
+        if key in head or key in base.absent:
+            dropped.add(key)  # a head of other labels, or one the base lacks: merged without the base
             continue
         shape = "missing" if found is None else f"{found}"
         raise MergeInputError(
@@ -759,7 +760,7 @@ def _check_base(base: Any, model_a: PreTrainedModel, spec: PermutationSpec) -> M
             f"{tuple(tensor.shape)} in the parents; pass the base the parents were fine-tuned from "
             f"({option_hint('base')})")
     for key, tensor in base_params.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if key not in dropped and tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise MergeInputError(f"the base {name!r} has NaN or infinite values in {key!r}; fix or re-export it")
     names = dict(model_a.named_parameters())
     if not dropped and all(key in names for key in base_params):

@@ -104,15 +104,9 @@ def test_a_base_with_a_head_of_other_labels_is_used_without_it(family, needs_bas
     assert "2 tensors the method did not merge (not in the base" in caplog.text
 
 
-def test_a_base_of_another_class_or_configuration_is_refused_before_its_weights(family, needs_base, tmp_path):
+def test_a_base_of_another_configuration_is_refused_before_its_weights(family, needs_base, tmp_path):
     base, parents = family
     folders = [save(p, tmp_path / f"p{i}") for i, p in enumerate(parents)]
-    bare = save(base.vit, tmp_path / "bare")
-    with pytest.raises(ParentMismatchError) as caught:
-        hf_mudsc.merge(folders, base=bare, method=needs_base, progress=False)
-    assert str(caught.value) == (f"the base {bare!r} is a ViTModel but the parents are ViTForImageClassification; "
-                                 "pass the base of the parents' class that they were fine-tuned from (save it with "
-                                 "that class if needed)")
     config = copy.deepcopy(base.config)
     config.intermediate_size = 2 * config.intermediate_size
     wider = save(type(base)(config), tmp_path / "wider")
@@ -229,3 +223,203 @@ def test_cli_pins_a_hub_base_in_the_recipe_and_lists_it_in_the_card(family, hub_
     front = yaml.safe_load(card.split("---\n")[1])
     assert front["base_model"] == ["user/p0", "user/p1", "user/base"] and front["base_model_relation"] == "merge"
     assert f"| base | [user/base]({hub_emulator.endpoint}/user/base) | [`{sha[:10]}`]" in card
+
+
+# --- a base of another head class of the parents' model type (the Hub's commonest same-base case) -----------------
+
+
+def backbone_family(base_cls: type, parent_cls: type, config, labels: tuple[int, int], seed: int = 0):
+    """A base of `base_cls` and two `parent_cls` fine-tunes made from its backbone: a copy of the base's body with a
+    small perturbation and a head of `labels[i]` classes (a fresh pooler where the base has none, as on the Hub)."""
+    torch.manual_seed(seed)
+    base = base_cls(config).eval()
+    parents = []
+    for index, num_labels in enumerate(labels):
+        parent_config = copy.deepcopy(config)
+        parent_config.num_labels = num_labels
+        parent_config.architectures = [parent_cls.__name__]
+        parent = parent_cls(parent_config)
+        prefix = parent.base_model_prefix
+        body = {k if k.startswith(prefix + ".") else f"{prefix}.{k}": v for k, v in base.state_dict().items()}
+        wanted = parent.state_dict()
+        parent.load_state_dict({k: v for k, v in body.items() if k in wanted}, strict=False)
+        parents.append(fine_tune(parent, 0.05, seed=10 + index))
+    return base, parents
+
+
+def bert_config():
+    from factories import BERT
+    from transformers import BertConfig
+
+    return BertConfig(**BERT)
+
+
+def vit_config():
+    from factories import VIT
+    from transformers import ViTConfig
+
+    return ViTConfig(**VIT)
+
+
+def save_plain(model: torch.nn.Module, folder, base_model: str | None = None) -> str:
+    model.save_pretrained(folder)
+    if base_model is not None:
+        (folder / "README.md").write_text(f"---\nbase_model: {base_model}\nlibrary_name: transformers\n---\n\n# x\n")
+    return str(folder)
+
+
+def ties_by_hand(base: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """TIES at density 1 with equal weights, normalised: the task vectors agreeing with the sign of their sum, averaged
+    over those that agree, added to the base."""
+    vectors = torch.stack([t - base for t in tensors])
+    sign = torch.sign(vectors.sum(0))
+    agree = (torch.sign(vectors) == sign).float()
+    return base + (vectors * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+@pytest.mark.parametrize("base_class", ["BertForMaskedLM", "BertModel"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_a_base_of_another_head_class_is_loaded_as_the_parents_class(base_class, method, tmp_path, caplog):
+    import transformers
+    from transformers import BertForSequenceClassification
+
+    base, parents = backbone_family(getattr(transformers, base_class), BertForSequenceClassification, bert_config(),
+                                    labels=(2, 3))
+    base_folder = save_plain(base, tmp_path / "base")
+    folders = [save_plain(p, tmp_path / f"p{i}") for i, p in enumerate(parents)]
+    options = {"scaling": 0.7} if method == "task_arithmetic" else {"density": 1.0}
+    runs = []
+    for seed in (0, 1):  # a freshly initialised tensor would differ between the two runs
+        torch.manual_seed(seed)
+        with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+            runs.append(params(hf_mudsc.merge(folders, base=base_folder, method=method, progress=False, **options)))
+    merged = runs[0]
+    assert set(runs[0]) == set(runs[1]) and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    in_base = {k if k.startswith("bert.") else f"bert.{k}": v for k, v in params(base).items()}
+    key = "bert.encoder.layer.1.intermediate.dense.weight"
+    tensors = [params(p)[key] for p in parents]
+    if method == "task_arithmetic":
+        expected = in_base[key] + 0.7 * sum(t - in_base[key] for t in tensors)
+    else:
+        expected = ties_by_hand(in_base[key], tensors)
+    assert torch.allclose(merged[key], expected, atol=1e-6, rtol=0)
+    # The heads of different label sets: concatenated, as without a base.
+    assert torch.equal(merged["classifier.weight"], torch.cat([params(p)["classifier.weight"] for p in parents]))
+    pooler = "bert.pooler.dense.weight"
+    if base_class == "BertForMaskedLM":  # no pooler in the base: the parents' mean, never a fresh one
+        assert torch.equal(merged[pooler], (params(parents[0])[pooler] + params(parents[1])[pooler]) / 2)
+        assert "bert.pooler.dense.bias" in caplog.text
+    else:
+        pooled = [params(p)[pooler] for p in parents]
+        base_pooler = in_base[pooler]
+        expected = (base_pooler + 0.7 * sum(t - base_pooler for t in pooled) if method == "task_arithmetic"
+                    else ties_by_hand(base_pooler, pooled))
+        assert torch.allclose(merged[pooler], expected, atol=1e-6, rtol=0)
+    assert (f"the base {base_folder!r} is a {base_class}, the parents are BertForSequenceClassification: read as "
+            "BertForSequenceClassification") in caplog.text
+
+
+def test_a_vit_model_base_serves_image_classification_parents(tmp_path, needs_base, caplog):
+    from transformers import ViTForImageClassification, ViTModel
+
+    base, parents = backbone_family(ViTModel, ViTForImageClassification, vit_config(), labels=(3, 3))
+    base_folder = save(base, tmp_path / "base")
+    folders = [save(p, tmp_path / f"p{i}", base_model=base_folder) for i, p in enumerate(parents)]
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        given = hf_mudsc.merge(folders, base=base_folder, method="task_arithmetic", progress=False)
+        from_cards = hf_mudsc.merge(folders, method="task_arithmetic", progress=False)
+        custom = hf_mudsc.merge(folders, method=needs_base, progress=False)
+    assert set(seen[0].base) == {f"vit.{k}" for k in params(base) if not k.startswith("pooler.")}
+    for merged in (given, from_cards, custom):
+        key = "vit.layers.0.attention.q_proj.weight"  # transformers 5 renames the saved encoder.layer.0...
+        in_base = params(base)[key.removeprefix("vit.")]
+        expected = in_base + sum(params(p)[key] - in_base for p in parents)
+        assert torch.allclose(params(merged)[key], expected, atol=1e-6, rtol=0)
+        for name in classifier_names(parents[0]):  # the classifier the base lacks: the parents' mean
+            assert torch.equal(params(merged)[name], (params(parents[0])[name] + params(parents[1])[name]) / 2)
+    assert from_cards.config.mudsc["base_source"] == BASE_FROM_CARDS
+    assert given.merge_report.recipe["base"] == base_folder
+    card = str(render_card(given, recipe_of(given)))
+    assert "| base | `base` (local folder) | — |" in card
+
+
+@pytest.mark.parametrize("other", ["model_type", "hidden_size"])
+def test_a_base_of_another_model_type_or_backbone_is_refused_in_one_line(other, tmp_path, needs_base):
+    from transformers import BertForMaskedLM, BertForSequenceClassification, RobertaConfig, RobertaForMaskedLM
+
+    config = bert_config()
+    _, parents = backbone_family(BertForMaskedLM, BertForSequenceClassification, config, labels=(2, 2))
+    folders = [save_plain(p, tmp_path / f"p{i}") for i, p in enumerate(parents)]
+    if other == "model_type":
+        wrong = RobertaForMaskedLM(RobertaConfig(**config.to_dict()))
+    else:
+        wider = copy.deepcopy(config)
+        wider.hidden_size = 2 * config.hidden_size
+        wrong = BertForMaskedLM(wider)
+    base_folder = save_plain(wrong, tmp_path / "wrong")
+    with pytest.raises(ParentMismatchError) as caught:
+        hf_mudsc.merge(folders, base=base_folder, method=needs_base, progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"the base {base_folder!r} ")
+    if other == "model_type":
+        assert message == (f"the base {base_folder!r} is a RobertaForMaskedLM but the parents are "
+                           "BertForSequenceClassification (model type 'roberta', not 'bert'); pass the base the "
+                           "parents were fine-tuned from")
+    else:
+        assert f"hidden_size: {2 * config.hidden_size} vs {config.hidden_size}" in message
+    assert seen == []
+
+
+def test_a_base_object_of_another_class_is_refused_in_one_line(needs_base):
+    from transformers import BertForSequenceClassification, BertModel
+
+    base, parents = backbone_family(BertModel, BertForSequenceClassification, bert_config(), labels=(2, 2))
+    with pytest.raises(ParentMismatchError) as caught:
+        hf_mudsc.merge(parents, base=base, method=needs_base, progress=False)
+    assert str(caught.value) == (
+        "the base 'BertModel' is a BertModel object but the parents are BertForSequenceClassification; pass the "
+        "base as a folder or Hub id (save_pretrained) so it is read as the parents' class")
+    assert seen == []
+
+
+def test_cli_base_of_another_head_class(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+    from safetensors.torch import load_file
+    from transformers import BertForMaskedLM, BertForSequenceClassification
+
+    base, parents = backbone_family(BertForMaskedLM, BertForSequenceClassification, bert_config(), labels=(2, 3))
+    base_folder = save_plain(base, tmp_path / "base")
+    folders = [save_plain(p, tmp_path / f"p{i}") for i, p in enumerate(parents)]
+    out = tmp_path / "merged"
+    done = subprocess.run([sys.executable, "-m", "hf_mudsc", "merge", *folders, "--base", base_folder,
+                           "--method", "task_arithmetic", "--output", str(out)],
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    recipe = yaml.safe_load((out / "mudsc_recipe.yaml").read_text())
+    assert recipe["base"] == base_folder
+    merged = load_file(out / "model.safetensors")
+    key = "bert.encoder.layer.0.output.dense.weight"
+    in_base = params(base)[key]
+    assert torch.allclose(merged[key], in_base + sum(params(p)[key] - in_base for p in parents), atol=1e-6, rtol=0)
+
+
+def test_a_base_of_another_class_whose_checkpoint_holds_no_backbone_is_refused(tmp_path, needs_base):
+    from safetensors.torch import load_file, save_file
+    from transformers import BertForSequenceClassification, BertModel
+
+    base, parents = backbone_family(BertModel, BertForSequenceClassification, bert_config(), labels=(2, 2))
+    folders = [save_plain(p, tmp_path / f"p{i}") for i, p in enumerate(parents)]
+    base_folder = save_plain(base, tmp_path / "base")
+    weights = tmp_path / "base" / "model.safetensors"
+    save_file({f"encoder_only.{k}": v for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    with pytest.raises(MergeInputError) as caught:
+        hf_mudsc.merge(folders, base=base_folder, method=needs_base, progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(
+        f"the base {base_folder!r} read as BertForSequenceClassification lacks ")
+    assert message.endswith("its checkpoint does not hold the parents' backbone; pass the base the parents were "
+                            "fine-tuned from")
+    assert seen == []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
@@ -23,16 +23,24 @@ _IGNORED_CONFIG_KEYS = {
 REMOTE_CODE_CONFIG_KEYS = ("auto_map", "custom_pipelines")
 
 
-def config_differences(a: PretrainedConfig, b: PretrainedConfig, prefix: str = "") -> list[str]:
+# Config fields only a head reads (a dropout before a classifier, whether an LM head shares the embeddings, the stride
+# of ViT's masked-image-modeling decoder): a base of another head class may differ in them from its fine-tunes.
+HEAD_CONFIG_KEYS = frozenset({"classifier_dropout", "tie_word_embeddings", "encoder_stride"})
+
+
+def config_differences(a: PretrainedConfig, b: PretrainedConfig, prefix: str = "", *,
+                       ignored: Collection[str] = ()) -> list[str]:
+    """`key: a vs b` for each field that differs, labels and bookkeeping aside (and the `ignored` fields)."""
     da, db = a.to_dict(), b.to_dict()
+    skip = _IGNORED_CONFIG_KEYS | set(ignored)
     problems = []
     for key in sorted(set(da) | set(db)):
-        if key in _IGNORED_CONFIG_KEYS:
+        if key in skip:
             continue
         va, vb = da.get(key), db.get(key)
         if isinstance(va, dict) and isinstance(vb, dict) and key.endswith("_config"):
-            sub_a = {k: v for k, v in va.items() if k not in _IGNORED_CONFIG_KEYS}
-            sub_b = {k: v for k, v in vb.items() if k not in _IGNORED_CONFIG_KEYS}
+            sub_a = {k: v for k, v in va.items() if k not in skip}
+            sub_b = {k: v for k, v in vb.items() if k not in skip}
             for sub in sorted(set(sub_a) | set(sub_b)):
                 if sub_a.get(sub) != sub_b.get(sub):
                     problems.append(f"{prefix}{key}.{sub}: {sub_a.get(sub)!r} vs {sub_b.get(sub)!r}")

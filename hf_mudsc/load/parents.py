@@ -24,7 +24,7 @@ import transformers
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from hf_mudsc.errors import LoadError, MergeInputError, ParentMismatchError, shown
-from hf_mudsc.load.checks import config_differences, is_regression_head
+from hf_mudsc.load.checks import HEAD_CONFIG_KEYS, config_differences, is_regression_head
 from hf_mudsc.load.config_json import FIX as CONFIG_FIX
 from hf_mudsc.load.config_json import check_config_json
 from hf_mudsc.load.hub_calls import hub_call
@@ -66,6 +66,10 @@ class LoadedParent:
     """Loaded lazily (`load_parents_and_base(lazy=True)`): the parameters, read one tensor at a time from the
     safetensors files (`hf_mudsc.load.lazy.LazyParameters`); `model` then lives on the meta device (class, config
     and shapes, no values). None: the parameters are `model`'s."""
+    absent: frozenset[str] = frozenset()
+    """Parameters of `model` its checkpoint does not hold (a base of another head class read as the parents' class:
+    their head, a pooler a masked-LM checkpoint lacks). Their values are fresh initialisations, never to be used: the
+    merge treats them as missing from the base."""
 
     @property
     def pinned_reference(self) -> str:
@@ -92,6 +96,9 @@ class _Located:
     loaded: LoadedParent | None = None
     prepared: bool = False
     """Its weights are fetched and their headers checked (`_prepare`): only loading is left."""
+    read_as: type[PreTrainedModel] | None = None
+    """A base of another head class than the parents' (same model type and backbone): the parents' class it is read
+    as (`check_base_config`); tensors its checkpoint lacks become `LoadedParent.absent`."""
 
 
 
@@ -519,18 +526,19 @@ def _finish(located: _Located, *, token: str | bool | None, cache_dir: str | os.
     if located.model is not None:
         return LoadedParent(model=_as_float32(located.model), processor=located.processor,
                             reference=located.reference)
-    if lazy and not located.use_pickle:
+    if lazy and not located.use_pickle and located.read_as is None:
         parent = _finish_lazily(located)
         if parent is not None:
             return parent
-    model = _load_weights(located)
+    model, absent = _load_weights(located)
     # The Hub id identifies a Hub parent (the snapshot path is a cache artefact); a folder, what was passed.
     model.config._name_or_path = located.repo_id or located.reference
     model.name_or_path = model.config._name_or_path
     model = _as_float32(model).eval()
     logger.info("loaded %s%s", located.reference, f" at commit {located.commit_sha}" if located.commit_sha else "")
     return LoadedParent(model=model, processor=located.processor, reference=located.reference,
-                        repo_id=located.repo_id, revision=located.revision, commit_sha=located.commit_sha)
+                        repo_id=located.repo_id, revision=located.revision, commit_sha=located.commit_sha,
+                        absent=frozenset(absent))
 
 
 def check_config_fits_weights(located: _Located) -> None:
@@ -631,18 +639,21 @@ def parameters_of(parent: LoadedParent) -> Mapping[str, torch.Tensor]:
     return {name: tensor.detach().cpu() for name, tensor in parent.model.named_parameters()}
 
 
-def _load_weights(located: _Located) -> PreTrainedModel:
-    """`from_pretrained` on the located folder, refusing weights that the config does not describe.
+def _load_weights(located: _Located) -> tuple[PreTrainedModel, list[str]]:
+    """`from_pretrained` on the located folder, refusing weights that the config does not describe: the model and
+    the parameters its checkpoint lacks (only ever for a base read as the parents' class, `located.read_as`).
 
     transformers fills tensors missing from the checkpoint with random values (a config that names another
-    architecture loads as a random model); here every tensor must come from the file, with the config's shape.
+    architecture loads as a random model); here every tensor must come from the file, with the config's shape —
+    except for a base of another head class, whose missing tensors (the parents' head ...) are returned, so that
+    the merge treats them as absent from the base instead of using their random values.
     Pickle is read with `weights_only=True` even under `allow_pickle`, so a pickle that runs code is refused.
     """
     import pickle
 
     from safetensors import SafetensorError
 
-    cls = model_class_for(located.config)
+    cls = located.read_as or model_class_for(located.config)
     name = located.weight_files[0]
     try:
         with _without_load_report():
@@ -663,6 +674,16 @@ def _load_weights(located: _Located) -> PreTrainedModel:
     problems = []
     missing, unused = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
     mismatched = sorted(info.get("mismatched_keys") or ())
+    if located.read_as is not None and not mismatched:
+        sizes = {name: tensor.numel() for name, tensor in model.named_parameters()}
+        lacking = sum(sizes.get(name, 0) for name in missing)
+        if 2 * lacking > sum(sizes.values()):  # a head and a pooler are a small part; a backbone under other names not
+            raise ParentMismatchError(
+                f"the base {located.reference!r} read as {cls.__name__} lacks {len(missing)} "
+                f"of its {len(sizes)} tensors (e.g. {', '.join(map(repr, missing[:3]))}): its checkpoint does not "
+                "hold the parents' backbone; pass the base the parents were fine-tuned from")
+        _log_read_as(located, missing, unused)
+        return model, missing
     if missing:
         problems.append(f"{len(missing)} tensors the {cls.__name__} of config.json needs are missing "
                         f"(e.g. {', '.join(map(repr, missing[:3]))})")
@@ -680,7 +701,17 @@ def _load_weights(located: _Located) -> PreTrainedModel:
         )
     if unused:
         logger.warning("%s: %s", located.reference, problems[-1])
-    return model
+    return model, []
+
+
+def _log_read_as(located: _Located, missing: Sequence[str], unused: Sequence[str]) -> None:
+    """One line: a base of another head class was read as the parents' class, and which tensors it did not provide
+    (merged as when the base has no head) or held beyond the parents' class (its own head: not read)."""
+    cls = located.read_as.__name__ if located.read_as is not None else "?"
+    logger.info("the base %r is a %s, the parents are %s: read as %s; %d tensors it does not hold are merged as "
+                "without a base (%s); %d tensors of its own head are not used%s", located.reference,
+                _architecture(located), cls, cls, len(missing), ", ".join(missing) or "none", len(unused),
+                f" (e.g. {', '.join(unused[:3])})" if unused else "")
 
 
 class _DropLoadReport(logging.Filter):
@@ -809,22 +840,42 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
 
 
 def check_base_config(base: _Located, parent: _Located) -> None:
-    """Refuse a base of another class or configuration than the parents' (labels aside), before any weights."""
+    """Refuse a base of another model type or backbone configuration than the parents' (labels aside), before any
+    weights. A checkpoint of another head class of the parents' model type (a `BertForMaskedLM` or `BertModel` for
+    `BertForSequenceClassification` fine-tunes: what Hub cards name as base_model) is read as the parents' class
+    (`base.read_as`); its head-only config fields may differ."""
     if base.config is None or parent.config is None:
         return
     kind_base, kind_parent = _architecture(base), _architecture(parent)
+    ignored: frozenset[str] = frozenset()
     if kind_base != kind_parent:
-        raise ParentMismatchError(
-            f"the base {base.reference!r} is a {kind_base} but the parents are {kind_parent}; pass the base of the "
-            "parents' class that they were fine-tuned from (save it with that class if needed)"
-        )
-    differences = config_differences(base.config, parent.config)
+        type_base, type_parent = base.config.model_type, parent.config.model_type
+        if type_base != type_parent:
+            raise ParentMismatchError(
+                f"the base {base.reference!r} is a {kind_base} but the parents are {kind_parent} (model type "
+                f"{type_base!r}, not {type_parent!r}); pass the base the parents were fine-tuned from"
+            )
+        if base.model is not None or base.loaded is not None:
+            raise ParentMismatchError(
+                f"the base {base.reference!r} is a {kind_base} object but the parents are {kind_parent}; pass the "
+                "base as a folder or Hub id (save_pretrained) so it is read as the parents' class"
+            )
+        ignored = HEAD_CONFIG_KEYS
+    differences = config_differences(base.config, parent.config, ignored=ignored)
     if differences:
         raise ParentMismatchError(
             f"the base {base.reference!r} has another configuration than the parents, so the parents are not "
             "fine-tunes of it: " + "; ".join(differences[:5]) + ("; ..." if len(differences) > 5 else "")
             + ". Pass the base the parents were fine-tuned from"
         )
+    if ignored:
+        base.read_as = _parent_class(parent)
+
+
+def _parent_class(parent: _Located) -> type[PreTrainedModel]:
+    """The class a parent is (or will be) loaded as."""
+    model = parent.model if parent.model is not None else (parent.loaded.model if parent.loaded else None)
+    return type(model) if model is not None else model_class_for(parent.config)
 
 
 def _card_text(located: _Located, *, token: str | bool | None, cache_dir: str | os.PathLike | None) -> str | None:
