@@ -184,8 +184,9 @@ def merge(
             (`hf_mudsc.methods.auto`): different initializations -> `mudsc`; fine-tunes of one base -> `ties` with
             `base`, else `linear`. The log, `config.mudsc["method_choice_reason"]` and the card say which and why.
         base: the parents' common base (a model, folder or `"org/name[@revision]"`), loaded and checked like a
-            parent (same class, configuration and tensor shapes). Methods that need one and are not given one
-            use the `base_model` every parent's model card names.
+            parent (same model type, configuration and tensor shapes; a folder or Hub id of another head class,
+            e.g. a `BertForMaskedLM`, is read as the parents' class and what it lacks is merged as without a base).
+            Methods that need one and are not given one use the `base_model` every parent's model card names.
         weights: one weight per parent, in parent order (mergekit's `weight`); None = 1 each.
         density: fraction of each task vector kept, in (0, 1], one number or one per parent (None: the method's).
         normalize: divide by the sum of the weights (None: the method's default, as mergekit's).

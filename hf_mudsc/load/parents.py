@@ -791,7 +791,8 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
     parameters`) where their weights are safetensors (docs/design.md §4.10, streaming).
 
     The base is loaded like a parent (pinned, safetensors unless `allow_pickle`, float32) and must be of the
-    parents' class and configuration (labels aside). `check_config(config)`: the caller's own check of the first
+    parents' class and configuration (labels aside), or of another head class of their model type with their backbone
+    (read as their class: `check_base_config`). `check_config(config)`: the caller's own check of the first
     parent's configuration (its model instead, for a parent given as a model), also before any weights.
     `before_weights(processors)`: called with the parents' processors (None where a parent ships none) once every
     configuration has passed its checks, before any weights are read (the calibration data is opened and its columns
