@@ -423,3 +423,27 @@ def test_a_base_of_another_class_whose_checkpoint_holds_no_backbone_is_refused(t
     assert message.endswith("its checkpoint does not hold the parents' backbone; pass the base the parents were "
                             "fine-tuned from")
     assert seen == []
+
+
+def test_a_hub_base_of_another_head_class_named_by_the_cards_is_read_as_the_parents_class(hub_emulator, tmp_path):
+    from transformers import ViTForImageClassification, ViTModel
+
+    base, parents = backbone_family(ViTModel, ViTForImageClassification, vit_config(), labels=(3, 3))
+    hub_emulator.upload_folder("user/vit-base", save(base, tmp_path / "base"), "the base")
+    for index, parent in enumerate(parents):
+        save(parent, tmp_path / f"p{index}", base_model="user/vit-base")
+        hub_emulator.upload_folder(f"user/p{index}", tmp_path / f"p{index}", f"fine-tune {index}")
+    key = "vit.layers.1.mlp.fc1.weight"  # transformers 5's name of the saved encoder.layer.1.intermediate.dense
+    result = hub_emulator.run_client(f'''
+        import hf_mudsc
+
+        merged = hf_mudsc.merge(["user/p0", "user/p1"], method="task_arithmetic", progress=False)
+        emit({{key: merged.config.mudsc[key] for key in ("base", "base_revision", "base_source")}})
+        emit(merged.state_dict()[{key!r}].tolist())
+    ''')
+    recorded, tensor = result.results
+    assert recorded == {"base": "user/vit-base", "base_revision": hub_emulator.head("user/vit-base"),
+                        "base_source": BASE_FROM_CARDS}
+    in_base = params(base)[key.removeprefix("vit.")]
+    expected = in_base + sum(params(p)[key] - in_base for p in parents)
+    assert torch.allclose(torch.tensor(tensor), expected, atol=1e-6, rtol=0)
