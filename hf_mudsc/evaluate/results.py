@@ -21,7 +21,9 @@ class EvaluationResult:
 
     `tasks` maps each task to its data description: `dataset`, `split`, `num_samples` and `label_range`
     (its slice of the joint label space). Scores are fractions in [0, 1]. A missing entry means the view
-    is not defined for that scorer (e.g. parent A on task B).
+    is not defined for that scorer (e.g. parent A on task B). `processors`: when the models' processors differ,
+    whose processor made each scorer's inputs (`own`, `parent_a's`, `given (processor=)`); empty when one
+    processor made every input.
     """
 
     metrics: list[str]
@@ -29,6 +31,7 @@ class EvaluationResult:
     scores: dict[str, dict[str, dict[str, float]]]
     merged: list[str] = field(default_factory=list)
     definitions: dict[str, str] = field(default_factory=dict)
+    processors: dict[str, str] = field(default_factory=dict)
 
     def score(self, scorer: str, view: str, metric: str | None = None) -> float | None:
         return self.scores.get(scorer, {}).get(view, {}).get(metric or self.metrics[0])
@@ -50,12 +53,14 @@ class EvaluationResult:
             "merged": list(self.merged),
             "scores": self.scores,
             "definitions": dict(self.definitions),
+            **({"processors": dict(self.processors)} if self.processors else {}),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EvaluationResult:
         return cls(metrics=list(data["metrics"]), tasks=dict(data["tasks"]), scores=dict(data["scores"]),
-                   merged=list(data.get("merged", [])), definitions=dict(data.get("definitions", {})))
+                   merged=list(data.get("merged", [])), definitions=dict(data.get("definitions", {})),
+                   processors=dict(data.get("processors", {})))
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the JSON atomically (temp file + rename: never a half-written file)."""
@@ -146,10 +151,19 @@ DEFINITIONS = {
 }
 
 
-def definitions(joint_rule: str | None) -> dict[str, str]:
+#: What `processors` records, when the models' processors differ.
+PROCESSORS_DEFINITION = ("each model is scored on the inputs its own processor makes of the same rows (raw image/text "
+                         "columns preprocessed once per distinct processor); `processors` names whose processor "
+                         "made each row's inputs: own, another model's (it has none of its own), or given "
+                         "(processor=)")
+
+
+def definitions(joint_rule: str | None, *, processors: bool = False) -> dict[str, str]:
     """What each figure means; `joint_rule` (None: no concatenated head, e.g. CLIP or one shared label set) is
-    recorded with the joint view's definition."""
+    recorded with the joint view's definition; `processors`: the models' processors differed."""
     out = dict(DEFINITIONS)
+    if processors:
+        out["processors"] = PROCESSORS_DEFINITION
     if joint_rule is not None:
         out[JOINT] = f"{out[JOINT]}; joint rule {joint_rule!r}: {JOINT_RULE_DEFINITIONS[joint_rule]}"
         out["joint_rule"] = joint_rule
