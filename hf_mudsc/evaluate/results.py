@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,7 @@ class EvaluationResult:
         rows = []
         later = self.parent_scorers[2:]
         raw = self.definitions.get("joint_rule") == "raw"  # the default rule keeps the plain name
+        processors = self.processor_note(merged)
         for metric in self.metrics:
             for view in [*self.tasks, JOINT]:
                 value = self.score(merged, view, metric)
@@ -103,8 +105,27 @@ class EvaluationResult:
                     parent_b=self.score(PARENT_NAMES[1], view, metric),
                     ensemble=self.score(ENSEMBLE, view, metric),
                     later_parents=tuple(self.score(name, view, metric) for name in later),
+                    processors=processors,
                 ))
         return rows
+
+    def processor_note(self, merged: str | None = None) -> str | None:
+        """`processors` as the card's columns name them (`Parent A: own; ...; Merged: parent A's`), None when one
+        processor made every input; `merged`: the merged scorer the card shows."""
+        if not self.processors:
+            return None
+        merged = merged or (self.merged[0] if self.merged else MERGED)
+
+        def column(name: str) -> str:
+            if name == merged:
+                return "Merged"
+            return f"Parent {name.removeprefix('parent_').upper()}" if name.startswith("parent_") else name.capitalize()
+
+        def source(text: str) -> str:
+            return re.sub(r"parent_([a-z])'s", lambda m: f"parent {m.group(1).upper()}'s", text)
+
+        shown = [name for name in [*self.parent_scorers, ENSEMBLE, merged] if name in self.processors]
+        return "; ".join(f"{column(name)}: {source(self.processors[name])}" for name in shown)
 
     def table(self, metric: str | None = None, *, scorers: Sequence[str] | None = None,
               labels: Mapping[str, str] | None = None) -> str:
