@@ -599,3 +599,16 @@ def test_the_cli_scores_each_parent_with_its_own_processor_unless_told_to_share(
     assert main([*base, str(tmp_path / "shared.json"), "--shared-processor"]) == 0
     wrong = _expected(merged, parents, images, labels, lambda name: PROCESSOR)
     assert _figures(tmp_path / "shared.json")["parent_b"]["tb"] == pytest.approx(wrong["parent_b"]["tb"], abs=1e-12)
+
+
+def test_parents_sharing_one_label_set_are_all_scored_on_a_single_dataset():
+    """With one shared label set each parent is scored on every task — but the parents were paired with the tasks,
+    so one dataset (one task) scored parent A alone and parent B's row was silently missing."""
+    models = [make_model("vit_cls", seed) for seed in (1, 2, 3)]
+    pixels = torch.randn(12, 1, 16, 16)
+    labels = torch.arange(12) % 3
+    result = evaluate_merge(models[0], models[1:], [(pixels, labels)], progress=False)
+    for name, model in (("parent_a", models[1]), ("parent_b", models[2])):
+        with torch.no_grad():
+            expected = float((model(pixel_values=pixels).logits.argmax(-1) == labels).double().mean())
+        assert result.score(name, "test") == pytest.approx(expected, abs=1e-12), name

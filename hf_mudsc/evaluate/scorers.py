@@ -187,7 +187,9 @@ def build_scorers(merged: Mapping[str, Any], parents: Sequence[Any], layout: Lab
                 "*ForImageClassification / *ForSequenceClassification or CLIP models"
             )
     merged_scorers = [_ClassifierScorer(n, m, layout, None, joint_rule) for n, m in merged.items()]
-    parent_scorers = [_ClassifierScorer(n, m, layout, None if layout.shared else task, joint_rule)
-                      for n, m, task in zip(parent_names(len(parents)), parents, tasks)]
+    # one shared label set: every parent scores every task (however many tasks there are); else parent i task i
+    own_tasks = [None] * len(parents) if layout.shared else tasks
+    parent_scorers = [_ClassifierScorer(n, m, layout, task, joint_rule)
+                      for n, m, task in zip(parent_names(len(parents)), parents, own_tasks)]
     extra = [_ClassifierEnsemble(parents, layout, joint_rule)] if ensemble and len(parents) >= 2 else []
     return [*parent_scorers, *extra, *merged_scorers]
