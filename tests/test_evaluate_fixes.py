@@ -601,6 +601,37 @@ def test_the_cli_scores_each_parent_with_its_own_processor_unless_told_to_share(
     assert _figures(tmp_path / "shared.json")["parent_b"]["tb"] == pytest.approx(wrong["parent_b"]["tb"], abs=1e-12)
 
 
+def test_text_parents_whose_tokenizers_differ_are_each_scored_on_their_own_tokens():
+    """Parent A's tokenizer lower-cases, B's keeps the case: B was scored on A's (lower-cased) token ids."""
+    from transformers import BertTokenizer
+
+    from hf_mudsc.load.parents import LoadedParent
+
+    words = ["cat", "dog", "bird", "fish", "red", "blue", "big", "small", "runs", "sits", "the", "on", "mat",
+             "tree", "sea", "sky", "sun", "old", "new", "hot", "fast", "slow", "moon", "green", "a"]
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+                                         *[v for w in words for v in (w, w.capitalize())]])}
+    lower, cased = BertTokenizer(vocab=vocab, do_lower_case=True), BertTokenizer(vocab=vocab, do_lower_case=False)
+    rng = np.random.default_rng(4)
+    texts = [" ".join(str(w.capitalize() if rng.random() < 0.5 else w) for w in rng.choice(words, 6))
+             for _ in range(30)]
+    model_a, model_b = make_model("bert_cls", 1, num_labels=3), make_model("bert_cls", 5, num_labels=3)
+    merged = make_model("bert_cls", 3, num_labels=3)
+
+    def predictions(model, tokenizer) -> torch.Tensor:
+        with torch.no_grad():
+            return model(**tokenizer(texts, padding=True, return_tensors="pt")).logits.argmax(-1)
+
+    truth = predictions(model_b, cased)
+    assert not torch.equal(predictions(model_b, lower), truth)  # the case tells the tokenizers apart
+    data = datasets.Dataset.from_dict({"text": texts, "label": truth.tolist()})
+    parents = [LoadedParent(model_a, lower, "a"), LoadedParent(model_b, cased, "b")]
+    result = evaluate_merge(merged, parents, [data], batch_size=30, progress=False)
+    assert result.score("parent_b", "test") == 1.0
+    assert result.score("parent_a", "test") == float((predictions(model_a, lower) == truth).double().mean())
+    assert result.processors["parent_b"] == "own" and result.processors["merged"] == "parent_a's"
+
+
 def test_parents_sharing_one_label_set_are_all_scored_on_a_single_dataset():
     """With one shared label set each parent is scored on every task — but the parents were paired with the tasks,
     so one dataset (one task) scored parent A alone and parent B's row was silently missing."""
