@@ -126,7 +126,7 @@ def evaluate_merge(
     if datasets_per_task is None or len(datasets_per_task) == 0:
         raise EvaluationError("no evaluation data: pass datasets_per_task={task: dataset, ...}")
     merged_models, parent_models, owned = _load_models(merged, parents)
-    assigned, labels = _assign_processors(merged_models, owned, processor, own_processors)
+    assigned, processor_sources = _assign_processors(merged_models, owned, processor, own_processors)
     distinct, group_of = _distinct(assigned)
     multi_label = [name for name, model in merged_models.items()
                    if getattr(model.config, "problem_type", None) == "multi_label_classification"]
@@ -177,7 +177,7 @@ def evaluate_merge(
     }
     # which processor scored which row: only when raw columns were preprocessed by processors that differ
     names = [*merged_models, *parent_names(len(parent_models))]
-    processors = _processor_record(names, labels, ensemble and len(parent_models) >= 2) \
+    processors = _processor_record(names, processor_sources, ensemble and len(parent_models) >= 2) \
         if len(distinct) > 1 and preprocessed else {}
     result = EvaluationResult(metrics=list(metrics), tasks=tasks, scores=scores, merged=list(merged_models),
                               definitions=definitions(joint_rule if not clip and not layout.shared else None,

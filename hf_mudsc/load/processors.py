@@ -1,4 +1,4 @@
-"""Processors (tokenizers, image processors) of parents: found in their folders or cached Hub snapshots."""
+"""Processors (tokenizers, image processors) of parents: found in their folders or cached Hub snapshots, compared."""
 
 from __future__ import annotations
 
