@@ -262,3 +262,25 @@ def test_evaluation_card_rows_carry_every_parent():
                               metrics=["accuracy"], merged=["merged"])
     row = result.card_rows()[0]
     assert row.parent_scores == (0.9, 0.8, 0.7) and row.ensemble == 0.6
+
+
+def test_the_card_says_whose_processor_scored_each_column_when_they_differ():
+    """When the parents' processors differ, each model is scored on its own processor's inputs; the card's table
+    says so (and says nothing when one processor made every input)."""
+    from hf_mudsc.evaluate.results import EvaluationResult
+    from hf_mudsc.publish.card import evaluation_section
+
+    scores = {name: {"t": {"accuracy": value}} for name, value in
+              (("merged", 0.5), ("parent_a", 0.9), ("parent_b", 0.8), ("ensemble", 0.6))}
+    processors = {"merged": "parent_a's", "parent_a": "own", "parent_b": "own",
+                  "ensemble": "each parent's as in its row"}
+    result = EvaluationResult(scores=scores, tasks={"t": {"dataset": "org/d", "split": "test"}},
+                              metrics=["accuracy"], merged=["merged"], processors=processors)
+    section = evaluation_section(result.card_rows())
+    note = next(line for line in section.splitlines() if "processor" in line.lower())
+    for shown in ("Parent A: own", "Parent B: own", "Ensemble: each parent's as in its row",
+                  "Merged: parent A's"):
+        assert shown in note
+    alike = EvaluationResult(scores=scores, tasks=result.tasks, metrics=["accuracy"], merged=["merged"])
+    assert "processor" not in evaluation_section(alike.card_rows()).lower()
+    assert EvaluationResult.from_dict(result.to_dict()).processors == processors  # the JSON keeps the record

@@ -458,3 +458,188 @@ def test_a_multi_label_head_or_multi_hot_labels_are_refused_in_one_line(monkeypa
     with pytest.raises(EvaluationError, match=r"multi-label head") as error:
         evaluate_merge(model, None, [(torch.randn(6, 1, 16, 16), [0] * 6)], progress=False)
     assert "\n" not in str(error.value)
+
+
+# ------------------------------------------------------------ every model scored with its own processor
+PROCESSOR_B = ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.2], image_std=[0.3])
+
+
+def _pixels(processor, images) -> torch.Tensor:
+    return processor(images, return_tensors="pt")["pixel_values"]
+
+
+def _own_processor_case():
+    """A merged head over tasks `ta` (A's 3 classes) and `tb` (B's 2); parent B's image processor normalises
+    differently from A's. Task `tb` is labelled with B's answers on B's own inputs (its figure is 1 there)."""
+    from hf_mudsc.load.parents import LoadedParent
+
+    merged = make_model("vit_cls", 3, num_labels=5)
+    merged.config.id2label = {i: f"{'ta' if i < 3 else 'tb'}: c{i}" for i in range(5)}
+    merged.config.label2id = {v: k for k, v in merged.config.id2label.items()}
+    merged.config.task_label_ranges = {"ta": [0, 3], "tb": [3, 5]}
+    model_a, model_b = make_model("vit_cls", 1, num_labels=3), make_model("vit_cls", 2, num_labels=2)
+    images = {"ta": _images(21, 24), "tb": _images(22, 24)}
+    with torch.no_grad():
+        truth_b = model_b(pixel_values=_pixels(PROCESSOR_B, images["tb"])).logits.argmax(-1).tolist()
+    labels = {"ta": np.random.default_rng(5).integers(0, 3, 24).tolist(), "tb": truth_b}
+    data = {task: datasets.Dataset.from_dict({"image": images[task], "label": labels[task]})
+            .cast_column("image", datasets.Image()) for task in ("ta", "tb")}
+    parents = [LoadedParent(model_a, PROCESSOR, "a"), LoadedParent(model_b, PROCESSOR_B, "b")]
+    return merged, parents, data, images, labels
+
+
+def _expected(merged, parents, images, labels, processor_of) -> dict[str, dict[str, float]]:
+    """Each figure from the logits of each model on the inputs of `processor_of(name)`, computed directly."""
+    models = {"merged": merged, "parent_a": parents[0].model, "parent_b": parents[1].model}
+    offset = {"ta": 0, "tb": 3}
+    with torch.no_grad():
+        logits = {task: {name: model(pixel_values=_pixels(processor_of(name), images[task])).logits.double()
+                         for name, model in models.items()} for task in images}
+    truth = {task: torch.tensor(labels[task]) for task in images}
+    joint_truth = torch.cat([truth[t] + offset[t] for t in images])
+
+    def acc(predictions, references) -> float:
+        return float((predictions == references).double().mean())
+
+    both = {name: torch.cat([logits[t][name] for t in images]) for name in models}
+    ensemble = torch.cat([both["parent_a"].softmax(-1), both["parent_b"].softmax(-1)], dim=1)
+    merged_joint = torch.cat([both["merged"][:, :3].softmax(-1), both["merged"][:, 3:].softmax(-1)], dim=1)
+    return {
+        "merged": {"ta": acc(logits["ta"]["merged"][:, :3].argmax(-1), truth["ta"]),
+                   "tb": acc(logits["tb"]["merged"][:, 3:].argmax(-1), truth["tb"]),
+                   "joint": acc(merged_joint.argmax(-1), joint_truth)},
+        "parent_a": {"ta": acc(logits["ta"]["parent_a"].argmax(-1), truth["ta"]),
+                     "joint": acc(both["parent_a"].argmax(-1), joint_truth)},
+        "parent_b": {"tb": acc(logits["tb"]["parent_b"].argmax(-1), truth["tb"]),
+                     "joint": acc(both["parent_b"].argmax(-1) + 3, joint_truth)},
+        "ensemble": {"ta": acc(logits["ta"]["parent_a"].argmax(-1), truth["ta"]),
+                     "tb": acc(logits["tb"]["parent_b"].argmax(-1), truth["tb"]),
+                     "joint": acc(ensemble.argmax(-1), joint_truth)},
+    }
+
+
+def _assert_figures(result, expected) -> None:
+    for scorer, views in expected.items():
+        for view, value in views.items():
+            assert result.score(scorer, view) == pytest.approx(value, abs=1e-12), (scorer, view)
+
+
+def test_each_parent_and_the_ensemble_are_scored_on_their_own_processors_inputs():
+    """Parent B was scored (and entered the ensemble) on inputs made by parent A's processor, which B was never
+    trained on: its published figure and the ensemble the merge is compared with were wrong."""
+    merged, parents, data, images, labels = _own_processor_case()
+    own = {"merged": PROCESSOR, "parent_a": PROCESSOR, "parent_b": PROCESSOR_B}  # merged: none of its own -> A's
+    expected = _expected(merged, parents, images, labels, own.get)
+    wrong = _expected(merged, parents, images, labels, lambda name: PROCESSOR)
+    assert expected["parent_b"]["tb"] == 1.0 and wrong["parent_b"]["tb"] < 1.0  # the case tells them apart
+    result = evaluate_merge(merged, parents, data, batch_size=7, num_samples=20, progress=False)
+    expected = _expected(merged, parents, {t: v[:20] for t, v in images.items()},
+                         {t: v[:20] for t, v in labels.items()}, own.get)
+    _assert_figures(result, expected)
+    assert result.processors == {"merged": "parent_a's", "parent_a": "own", "parent_b": "own",
+                                 "ensemble": "each parent's as in its row"}
+    saved = result.to_dict()
+    assert saved["processors"] == result.processors and "processors" in saved["definitions"]
+
+
+def test_a_given_processor_scores_the_merged_model_and_can_score_every_model():
+    """`processor=` is the merged model's (a parent keeps its own); with `own_processors=False` it scores every
+    model, as before."""
+    merged, parents, data, images, labels = _own_processor_case()
+    result = evaluate_merge(merged, parents, data, processor=PROCESSOR_B, progress=False)
+    _assert_figures(result, _expected(merged, parents, images, labels,
+                                      {"merged": PROCESSOR_B, "parent_a": PROCESSOR, "parent_b": PROCESSOR_B}.get))
+    assert result.processors["merged"] == "given (processor=)"
+    shared = evaluate_merge(merged, parents, data, processor=PROCESSOR, own_processors=False, progress=False)
+    _assert_figures(shared, _expected(merged, parents, images, labels, lambda name: PROCESSOR))
+    assert shared.processors == {}
+
+
+def test_one_processor_for_everyone_is_applied_once_and_gives_todays_figures(monkeypatch):
+    """Parents whose processors are equal (distinct objects, same settings) are preprocessed once per batch, and
+    nothing is recorded about processors (there is nothing to tell apart)."""
+    from hf_mudsc.calibrate import datasets as calibration
+    from hf_mudsc.load.parents import LoadedParent
+
+    merged, parents, data, images, labels = _own_processor_case()
+    twin = ViTImageProcessor(**{k: v for k, v in PROCESSOR.to_dict().items()
+                                if k not in ("image_processor_type", "processor_class")})
+    parents = [parents[0], LoadedParent(parents[1].model, twin, "b")]
+    calls = []
+    original = calibration.resolve_calibration
+    monkeypatch.setattr(calibration, "resolve_calibration", lambda *a, **k: calls.append(1) or original(*a, **k))
+    result = evaluate_merge(merged, parents, data, progress=False)
+    assert len(calls) == len(data)  # once per task, not once per model
+    _assert_figures(result, _expected(merged, parents, images, labels, lambda name: PROCESSOR))
+    assert result.processors == {}
+
+
+def test_the_cli_scores_each_parent_with_its_own_processor_unless_told_to_share(tmp_path, capsys):
+    """`hf-mudsc evaluate` loads every model with its processor: each is scored with its own;
+    `--shared-processor` scores all with the merged model's (the figures before this fix)."""
+    merged, parents, data, images, labels = _own_processor_case()
+    for name, model, processor in (("merged", merged, PROCESSOR), ("a", parents[0].model, PROCESSOR),
+                                   ("b", parents[1].model, PROCESSOR_B)):
+        model.save_pretrained(tmp_path / name)
+        processor.save_pretrained(tmp_path / name)
+    flags = []
+    for task in data:
+        data[task].save_to_disk(tmp_path / f"test-{task}")
+        flags += ["--dataset", f"{task}={tmp_path / f'test-{task}'}"]
+    base = ["evaluate", str(tmp_path / "merged"), *flags, "--parents", str(tmp_path / "a"), str(tmp_path / "b"),
+            "--no-card", "--output-json"]
+    assert main([*base, str(tmp_path / "own.json")]) == 0
+    expected = _expected(merged, parents, images, labels,
+                         {"merged": PROCESSOR, "parent_a": PROCESSOR, "parent_b": PROCESSOR_B}.get)
+    got = _figures(tmp_path / "own.json")
+    for scorer, views in expected.items():
+        for view, value in views.items():
+            assert got[scorer][view] == pytest.approx(value, abs=1e-12), (scorer, view)
+    assert "parent B: own" in capsys.readouterr().out.split("processors")[-1]  # the printout says which scored which
+    assert main([*base, str(tmp_path / "shared.json"), "--shared-processor"]) == 0
+    wrong = _expected(merged, parents, images, labels, lambda name: PROCESSOR)
+    assert _figures(tmp_path / "shared.json")["parent_b"]["tb"] == pytest.approx(wrong["parent_b"]["tb"], abs=1e-12)
+
+
+def test_text_parents_whose_tokenizers_differ_are_each_scored_on_their_own_tokens():
+    """Parent A's tokenizer lower-cases, B's keeps the case: B was scored on A's (lower-cased) token ids."""
+    from transformers import BertTokenizer
+
+    from hf_mudsc.load.parents import LoadedParent
+
+    words = ["cat", "dog", "bird", "fish", "red", "blue", "big", "small", "runs", "sits", "the", "on", "mat",
+             "tree", "sea", "sky", "sun", "old", "new", "hot", "fast", "slow", "moon", "green", "a"]
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+                                         *[v for w in words for v in (w, w.capitalize())]])}
+    lower, cased = BertTokenizer(vocab=vocab, do_lower_case=True), BertTokenizer(vocab=vocab, do_lower_case=False)
+    rng = np.random.default_rng(4)
+    texts = [" ".join(str(w.capitalize() if rng.random() < 0.5 else w) for w in rng.choice(words, 6))
+             for _ in range(30)]
+    model_a, model_b = make_model("bert_cls", 1, num_labels=3), make_model("bert_cls", 5, num_labels=3)
+    merged = make_model("bert_cls", 3, num_labels=3)
+
+    def predictions(model, tokenizer) -> torch.Tensor:
+        with torch.no_grad():
+            return model(**tokenizer(texts, padding=True, return_tensors="pt")).logits.argmax(-1)
+
+    truth = predictions(model_b, cased)
+    assert not torch.equal(predictions(model_b, lower), truth)  # the case tells the tokenizers apart
+    data = datasets.Dataset.from_dict({"text": texts, "label": truth.tolist()})
+    parents = [LoadedParent(model_a, lower, "a"), LoadedParent(model_b, cased, "b")]
+    result = evaluate_merge(merged, parents, [data], batch_size=30, progress=False)
+    assert result.score("parent_b", "test") == 1.0
+    assert result.score("parent_a", "test") == float((predictions(model_a, lower) == truth).double().mean())
+    assert result.processors["parent_b"] == "own" and result.processors["merged"] == "parent_a's"
+
+
+def test_parents_sharing_one_label_set_are_all_scored_on_a_single_dataset():
+    """With one shared label set each parent is scored on every task — but the parents were paired with the tasks,
+    so one dataset (one task) scored parent A alone and parent B's row was silently missing."""
+    models = [make_model("vit_cls", seed) for seed in (1, 2, 3)]
+    pixels = torch.randn(12, 1, 16, 16)
+    labels = torch.arange(12) % 3
+    result = evaluate_merge(models[0], models[1:], [(pixels, labels)], progress=False)
+    for name, model in (("parent_a", models[1]), ("parent_b", models[2])):
+        with torch.no_grad():
+            expected = float((model(pixel_values=pixels).logits.argmax(-1) == labels).double().mean())
+        assert result.score(name, "test") == pytest.approx(expected, abs=1e-12), name

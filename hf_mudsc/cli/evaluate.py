@@ -81,6 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          "DIR/mudsc_recipe.yaml)")
     parents.add_argument("--no-parents", action="store_true", help="score the merged model alone")
     parser.add_argument("--no-ensemble", action="store_true", help="do not score the parents' ensemble")
+    parser.add_argument("--shared-processor", action="store_true",
+                        help="score every model on the inputs of the merged model's processor (default: each model "
+                        "on its own processor's, so a parent whose processor differs is scored on the inputs it "
+                        "was trained on)")
     parser.add_argument("--metric", action="append", metavar="NAME",
                         help=f"metric (repeatable; shipped, offline: {', '.join(SHIPPED_METRIC_NAMES)}; any other "
                         "name, folder or Space goes through evaluate.load, which runs its script: needs "
@@ -335,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
             image_column=args.image_column, text_column=args.text_column, class_names=class_names,
             prompt_template=args.prompt_template or DEFAULT_PROMPT, joint_rule=args.joint_rule,
             progress=sys.stderr.isatty() and not getattr(args, "quiet", False),
-            trust_remote_code=args.trust_remote_code)
+            trust_remote_code=args.trust_remote_code, own_processors=not args.shared_processor)
     except EvaluationError as error:
         print(f"hf-mudsc evaluate: error: {error}", file=sys.stderr)
         return 1
@@ -345,6 +349,9 @@ def run(args: argparse.Namespace) -> int:
               if name.startswith("parent_")}
     for metric in result.metrics:
         print(f"\n{metric}:\n{result.table(metric, labels=labels)}")
+    if result.processors:
+        print("\nprocessors (the models' differ; whose made each row's inputs): "
+              + ", ".join(f"{labels.get(name, name)}: {source}" for name, source in result.processors.items()))
     if json_path is None:
         print(f"\nResults not written: {args.model} is a Hub model, not a folder; pass --output-json PATH to "
               "save them (the Hub card is left as it is)")

@@ -1,7 +1,9 @@
 """Test data in batches: one process's shard of one task, as (model inputs, raw labels).
 
 Raw `image`/`text` columns are preprocessed exactly as calibration does (`resolve_calibration`), so a model
-sees the same inputs when it is merged and when it is scored; rows are never shuffled.
+sees the same inputs when it is merged and when it is scored; rows are never shuffled. Each batch is preprocessed
+once per distinct processor (models whose processors differ are each scored on their own inputs), always from the
+same rows, so every model's predictions stay aligned row by row.
 """
 
 from __future__ import annotations
@@ -58,11 +60,13 @@ def _select_rows(dataset: Any, source: TaskData, label_column: str, task_names: 
 
 
 def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: int, num_samples: int | None,
-             processor: Any, image_column: str | None, text_column: str | None, model_config: Any,
+             processors: Sequence[Any], image_column: str | None, text_column: str | None, model_config: Any,
              rank: int, world: int, task_names: Sequence[str], class_names: Sequence[str] | None = None,
-             ) -> tuple[Iterator[tuple[dict, list]], int | None]:
-    """(model inputs, raw labels) batches of this process's shard of one task, and the row count if known.
+             ) -> tuple[Iterator[tuple[list[dict], list]], int | None, bool]:
+    """(model inputs per processor, raw labels) batches of this process's shard of one task, the row count if known,
+    and whether raw columns were preprocessed (else every processor's inputs are the same tensors).
 
+    `processors`: the distinct processors, one list of inputs each, in this order, of the same rows.
     `class_names`: the task's classes in the model's order. A `ClassLabel` column naming exactly these classes in
     another order (an imagefolder sorts them) yields the names, which are looked up, not its ids."""
     data = source.data
@@ -81,9 +85,10 @@ def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: in
         def tensor_batches() -> Iterator[tuple[dict, list]]:
             for start in range(0, len(rows), batch_size):
                 index = rows[start:start + batch_size]
-                yield ({k: torch.as_tensor(v)[index] for k, v in inputs.items()}, [labels[i] for i in index])
+                batch = {k: torch.as_tensor(v)[index] for k, v in inputs.items()}
+                yield [batch] * len(processors), [labels[i] for i in index]
 
-        return tensor_batches(), len(rows)
+        return tensor_batches(), len(rows), False
 
     dataset = _dataset_of(source)
     if not isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)):
@@ -102,10 +107,14 @@ def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: in
         )
     if source.task_column is not None and source.task_column not in columns:
         raise EvaluationError(f"task column {source.task_column!r} is not a column; found columns {columns}")
-    stream = resolve_calibration(dataset, processor, image_column=image_column, text_column=text_column,
-                                 shuffle=False, inputs=(main_input,), model_config=model_config)
-    preprocess = stream.preprocess
-    kept = list(column_names(stream.dataset))
+    streams = [resolve_calibration(dataset, processors[0], image_column=image_column, text_column=text_column,
+                                   shuffle=False, inputs=(main_input,), model_config=model_config)]
+    if streams[0].preprocess is not None:  # model-input columns need no processor: then one set of inputs serves all
+        streams += [resolve_calibration(dataset, processor, image_column=image_column, text_column=text_column,
+                                        shuffle=False, inputs=(main_input,), model_config=model_config)
+                    for processor in processors[1:]]
+    preprocesses = [stream.preprocess for stream in streams]
+    kept = list(column_names(streams[0].dataset))
     feature = (getattr(dataset, "features", None) or {}).get(label_column)
     by_name = (isinstance(feature, datasets.ClassLabel) and class_names is not None and source.task_column is None
                and source.label_range is None and list(feature.names) != list(class_names)
@@ -128,9 +137,12 @@ def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: in
         from hf_mudsc.calibrate.datasets import decoded_safely
 
         for rows in decoded_safely(chunks, source.name or str(source.data)[:200], EvaluationError):
-            inputs = preprocess(rows) if preprocess is not None else {c: batch_column_as_tensor(rows[c]) for c in kept}
+            if preprocesses[0] is None:
+                inputs = [{c: batch_column_as_tensor(rows[c]) for c in kept}] * len(processors)
+            else:
+                inputs = [preprocess(rows) for preprocess in preprocesses]
             labels = rows[label_column]
             labels = labels.tolist() if hasattr(labels, "tolist") else list(labels)
             yield inputs, [feature.int2str(int(label)) for label in labels] if by_name else labels
 
-    return dataset_batches(), count
+    return dataset_batches(), count, preprocesses[0] is not None

@@ -35,9 +35,18 @@ from tqdm.auto import tqdm
 from hf_mudsc.errors import EvaluationError
 from hf_mudsc.evaluate.batches import task_batches
 from hf_mudsc.evaluate.metrics import compute_metric, load_metric
-from hf_mudsc.evaluate.names import AVERAGE, DEFAULT_PROMPT, JOINT, JOINT_RULES, MERGED, parent_letter
+from hf_mudsc.evaluate.names import (
+    AVERAGE,
+    DEFAULT_PROMPT,
+    ENSEMBLE,
+    JOINT,
+    JOINT_RULES,
+    MERGED,
+    parent_letter,
+    parent_names,
+)
 from hf_mudsc.evaluate.results import EvaluationResult, definitions
-from hf_mudsc.evaluate.scorers import Scorer, build_scorers, is_clip
+from hf_mudsc.evaluate.scorers import ModelInputs, Scorer, build_scorers, is_clip
 from hf_mudsc.evaluate.tasks import (
     LabelLayout,
     TaskData,
@@ -69,6 +78,7 @@ def evaluate_merge(
     joint_rule: str = "per_task",
     progress: bool = True,
     trust_remote_code: bool = False,
+    own_processors: bool = True,
 ) -> EvaluationResult | None:
     """Score merged model(s), the parents and their ensemble per task, jointly and on average.
 
@@ -86,7 +96,14 @@ def evaluate_merge(
             needs `trust_remote_code=True` (logged as a warning; a Hub metric also needs the Hub).
         ensemble: also score the parents' ensemble (needs the parents).
         batch_size, num_samples: rows per forward pass; the first `num_samples` rows of each task only.
-        processor: preprocesses raw `image`/`text` columns (default: the merged folder's, else parent A's).
+        processor: preprocesses raw `image`/`text` columns for the merged model(s) and for every parent that has no
+            processor of its own (a bare model object); default: the merged folder's, else parent A's.
+        own_processors: each model loaded with a processor (a folder, Hub id or `LoadedParent`) is scored on ITS
+            processor's inputs, and the ensemble combines each parent's logits on its own inputs of the same rows —
+            parents whose processors differ (another image size, normalisation, tokenizer) are otherwise scored on
+            inputs they were never trained on. False: every model is scored with `processor` (its default as
+            above). Raw columns are preprocessed once per distinct processor; the result's `processors` says which
+            scored which row when they differ.
         class_names, prompt_template: CLIP zero-shot — class names per task (default: the label column's
             `ClassLabel` names) and the prompt template(s) with `{}` for the name.
         joint_rule: how a concatenated head decides the joint view, for the merged model(s) and the ensemble
@@ -108,7 +125,9 @@ def evaluate_merge(
         raise EvaluationError(f"num_samples must be >= 1 or None, got {num_samples}")
     if datasets_per_task is None or len(datasets_per_task) == 0:
         raise EvaluationError("no evaluation data: pass datasets_per_task={task: dataset, ...}")
-    merged_models, parent_models, processor = _load_models(merged, parents, processor)
+    merged_models, parent_models, owned = _load_models(merged, parents)
+    assigned, processor_sources = _assign_processors(merged_models, owned, processor, own_processors)
+    distinct, group_of = _distinct(assigned)
     multi_label = [name for name, model in merged_models.items()
                    if getattr(model.config, "problem_type", None) == "multi_label_classification"]
     if multi_label:
@@ -120,20 +139,22 @@ def evaluate_merge(
     reference = next(iter(merged_models.values()))
     clip = is_clip(reference)
     layout, sources = _layout_and_sources(datasets_per_task, merged_models, parent_models, clip, class_names)
-    scorers = build_scorers(merged_models, parent_models, layout, clip, ensemble, processor, prompt_template,
+    models = [*merged_models.values(), *parent_models]
+    scorers = build_scorers(merged_models, parent_models, layout, clip, ensemble, assigned, prompt_template,
                             joint_rule)
+    groups = {id(model): group for model, group in zip(models, group_of)}
     rank, world = process_info()
     main_input = "pixel_values" if clip else getattr(reference, "main_input_name", "input_ids")
 
-    def batches_of(task: str, source: TaskData) -> tuple[Iterator[tuple[dict, list]], int | None]:
+    def batches_of(task: str, source: TaskData) -> tuple[Iterator[tuple[list[dict], list]], int | None, bool]:
         return task_batches(
             source, task=task, main_input=main_input, batch_size=batch_size, num_samples=num_samples,
-            processor=processor, image_column=image_column, text_column=text_column,
+            processors=distinct, image_column=image_column, text_column=text_column,
             model_config=reference.config, rank=rank, world=world, task_names=list(layout.ranges),
             class_names=None if clip else layout.class_names[task])
 
-    collected, counts, failure = _predict([*merged_models.values(), *parent_models], scorers, layout, sources,
-                                          batches_of, batch_size=batch_size, progress=progress, world=world)
+    collected, counts, preprocessed, failure = _predict(models, groups, scorers, layout, sources, batches_of,
+                                                        batch_size=batch_size, progress=progress, world=world)
     if world > 1:
         collected, counts, failures = _gather(collected, counts, failure)
         if failure is not None:
@@ -154,22 +175,29 @@ def evaluate_merge(
                "classes": list(layout.class_names[task])}
         for task, source in sources.items()
     }
+    # which processor scored which row: only when raw columns were preprocessed by processors that differ
+    names = [*merged_models, *parent_names(len(parent_models))]
+    processors = _processor_record(names, processor_sources, ensemble and len(parent_models) >= 2) \
+        if len(distinct) > 1 and preprocessed else {}
     result = EvaluationResult(metrics=list(metrics), tasks=tasks, scores=scores, merged=list(merged_models),
-                              definitions=definitions(joint_rule if not clip and not layout.shared else None))
+                              definitions=definitions(joint_rule if not clip and not layout.shared else None,
+                                                      processors=bool(processors)),
+                              processors=processors)
     logger.info("evaluated %s on %s", ", ".join(scores), ", ".join(f"{t} ({n})" for t, n in counts.items()))
     return result
 
 
-def _load_models(merged: Any, parents: Sequence[Any] | None, processor: Any) -> tuple[dict, list, Any]:
-    """The merged model(s) by name, the parents (A, B, ...) and the processor to use (given, merged's, A's)."""
+def _load_models(merged: Any, parents: Sequence[Any] | None) -> tuple[dict, list, list]:
+    """The merged model(s) by name, the parents (A, B, ...) and each one's own processor (None: it has none),
+    merged models first."""
     merged_in = dict(merged) if isinstance(merged, Mapping) else {MERGED: merged}
     if not merged_in:
         raise EvaluationError("no merged model to evaluate")
-    merged_models, merged_processor = {}, None
+    merged_models, owned = {}, []
     for name, model in merged_in.items():
         merged_models[name], loaded_processor = _load(model, f"merged model {name!r}")
-        merged_processor = merged_processor or loaded_processor
-    parent_models, parent_processor = [], None
+        owned.append(loaded_processor)
+    parent_models = []
     if parents is not None:
         if len(parents) < 2:
             raise EvaluationError(f"pass the parents in merge order (at least two: A, B, ...) or None, got "
@@ -177,8 +205,56 @@ def _load_models(merged: Any, parents: Sequence[Any] | None, processor: Any) -> 
         for index, parent in enumerate(parents):
             model, loaded_processor = _load(parent, f"parent {parent_letter(index)}")
             parent_models.append(model)
-            parent_processor = parent_processor or loaded_processor
-    return merged_models, parent_models, processor or merged_processor or parent_processor
+            owned.append(loaded_processor)
+    return merged_models, parent_models, owned
+
+
+def _assign_processors(merged: Mapping[str, Any], owned: Sequence[Any], given: Any,
+                       own_processors: bool) -> tuple[list[Any], list[str]]:
+    """Each model's processor (merged models first, then the parents) and where it came from, for the record.
+
+    The shared one is `given`, else the first merged model's, else the first parent's (as before). A merged model
+    takes `given`, else its own; a parent its own; anything without one the shared one; with `own_processors=False`
+    every model takes the shared one."""
+    names = [*merged, *parent_names(len(owned) - len(merged))]
+    if given is not None:
+        shared, source = given, "given (processor=)"
+    else:
+        index = next((i for i, p in enumerate(owned) if p is not None), None)
+        shared, source = (None, "none") if index is None else (owned[index], f"{names[index]}'s")
+    assigned, labels = [], []
+    for index, own in enumerate(owned):
+        if not own_processors or own is None or (index < len(merged) and given is not None):
+            assigned.append(shared)
+            labels.append("own" if own is shared and own is not None else source)
+        else:
+            assigned.append(own)
+            labels.append("own")
+    return assigned, labels
+
+
+def _distinct(processors: Sequence[Any]) -> tuple[list[Any], list[int]]:
+    """The distinct processors (by their serialised settings, first seen first) and each model's index into them."""
+    from hf_mudsc.load.processors import processor_fingerprint
+
+    keys: dict[str, int] = {}
+    distinct, group_of = [], []
+    known: dict[int, int] = {}
+    for processor in processors:
+        if id(processor) not in known:
+            known[id(processor)] = keys.setdefault(processor_fingerprint(processor), len(keys))
+            if known[id(processor)] == len(distinct):
+                distinct.append(processor)
+        group_of.append(known[id(processor)])
+    return distinct, group_of
+
+
+def _processor_record(names: Sequence[str], labels: Sequence[str], ensemble: bool) -> dict[str, str]:
+    """Scorer name -> whose processor made its inputs (`own`, `parent_a's`, `given (processor=)`)."""
+    record = dict(zip(names, labels))
+    if ensemble:
+        record[ENSEMBLE] = "each parent's as in its row"
+    return record
 
 
 def _layout_and_sources(datasets_per_task: Mapping[str, Any] | Sequence[Any], merged_models: Mapping[str, Any],
@@ -222,13 +298,16 @@ def _layout_and_sources(datasets_per_task: Mapping[str, Any] | Sequence[Any], me
     return layout, {task: sources[task] for task in layout.ranges if task in sources}
 
 
-def _predict(models: Sequence[Any], scorers: Sequence[Scorer], layout: LabelLayout, sources: Mapping[str, TaskData],
-             batches_of: Callable[[str, TaskData], tuple[Iterator[tuple[dict, list]], int | None]], *,
-             batch_size: int, progress: bool, world: int) -> tuple[dict, dict[str, int], Exception | None]:
-    """Every scorer's (predictions, references) per view on this process's rows, the row count per task, and
-    the error of a distributed run (raised by the caller once every process has reported)."""
+def _predict(models: Sequence[Any], groups: Mapping[int, int], scorers: Sequence[Scorer], layout: LabelLayout,
+             sources: Mapping[str, TaskData],
+             batches_of: Callable[[str, TaskData], tuple[Iterator[tuple[list[dict], list]], int | None, bool]], *,
+             batch_size: int, progress: bool, world: int) -> tuple[dict, dict[str, int], bool, Exception | None]:
+    """Every scorer's (predictions, references) per view on this process's rows, the row count per task, whether
+    raw columns were preprocessed, and the error of a distributed run (raised by the caller once every process has
+    reported). `groups`: id(model) -> the index of its processor's inputs in each batch."""
     collected: dict[str, dict[str, tuple[list[int], list[int]]]] = {s.name: {} for s in scorers}
     counts: dict[str, int] = {}
+    preprocessed = False
     modes = [m.training for m in models]
     for model in models:
         model.eval()
@@ -237,15 +316,17 @@ def _predict(models: Sequence[Any], scorers: Sequence[Scorer], layout: LabelLayo
         with torch.no_grad():
             for task, source in sources.items():
                 lo, _ = layout.ranges[task]
-                batches, total = batches_of(task, source)
+                batches, total, raw_columns = batches_of(task, source)
+                preprocessed = preprocessed or raw_columns
                 per_task = {s.name: ([], []) for s in scorers}
                 joint = {s.name: ([], []) for s in scorers}
                 seen = 0
-                for inputs, raw in tqdm(batches, desc=f"evaluate {task}", unit="batch", disable=not progress,
+                for per_processor, raw in tqdm(batches, desc=f"evaluate {task}", unit="batch", disable=not progress,
                                         total=None if total is None else math.ceil(total / batch_size)):
                     labels = local_labels(raw, source, task, layout.class_names[task])
                     seen += len(labels)
                     cache: dict[int, torch.Tensor] = {}
+                    inputs = ModelInputs(per_processor, groups)
                     for scorer in scorers:
                         scores = scorer.scores(inputs, cache)
                         if task in scorer.tasks:
@@ -268,7 +349,7 @@ def _predict(models: Sequence[Any], scorers: Sequence[Scorer], layout: LabelLayo
     finally:
         for model, mode in zip(models, modes):
             model.train(mode)
-    return collected, counts, failure
+    return collected, counts, preprocessed, failure
 
 
 def _views(collected: Mapping[str, tuple[list[int], list[int]]], tasks: Sequence[str], metrics: Sequence[str],

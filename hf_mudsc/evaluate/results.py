@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,9 @@ class EvaluationResult:
 
     `tasks` maps each task to its data description: `dataset`, `split`, `num_samples` and `label_range`
     (its slice of the joint label space). Scores are fractions in [0, 1]. A missing entry means the view
-    is not defined for that scorer (e.g. parent A on task B).
+    is not defined for that scorer (e.g. parent A on task B). `processors`: when the models' processors differ,
+    whose processor made each scorer's inputs (`own`, `parent_a's`, `given (processor=)`); empty when one
+    processor made every input.
     """
 
     metrics: list[str]
@@ -29,6 +32,7 @@ class EvaluationResult:
     scores: dict[str, dict[str, dict[str, float]]]
     merged: list[str] = field(default_factory=list)
     definitions: dict[str, str] = field(default_factory=dict)
+    processors: dict[str, str] = field(default_factory=dict)
 
     def score(self, scorer: str, view: str, metric: str | None = None) -> float | None:
         return self.scores.get(scorer, {}).get(view, {}).get(metric or self.metrics[0])
@@ -50,12 +54,14 @@ class EvaluationResult:
             "merged": list(self.merged),
             "scores": self.scores,
             "definitions": dict(self.definitions),
+            **({"processors": dict(self.processors)} if self.processors else {}),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EvaluationResult:
         return cls(metrics=list(data["metrics"]), tasks=dict(data["tasks"]), scores=dict(data["scores"]),
-                   merged=list(data.get("merged", [])), definitions=dict(data.get("definitions", {})))
+                   merged=list(data.get("merged", [])), definitions=dict(data.get("definitions", {})),
+                   processors=dict(data.get("processors", {})))
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the JSON atomically (temp file + rename: never a half-written file)."""
@@ -81,6 +87,7 @@ class EvaluationResult:
         rows = []
         later = self.parent_scorers[2:]
         raw = self.definitions.get("joint_rule") == "raw"  # the default rule keeps the plain name
+        processors = self.processor_note(merged)
         for metric in self.metrics:
             for view in [*self.tasks, JOINT]:
                 value = self.score(merged, view, metric)
@@ -98,8 +105,27 @@ class EvaluationResult:
                     parent_b=self.score(PARENT_NAMES[1], view, metric),
                     ensemble=self.score(ENSEMBLE, view, metric),
                     later_parents=tuple(self.score(name, view, metric) for name in later),
+                    processors=processors,
                 ))
         return rows
+
+    def processor_note(self, merged: str | None = None) -> str | None:
+        """`processors` as the card's columns name them (`Parent A: own; ...; Merged: parent A's`), None when one
+        processor made every input; `merged`: the merged scorer the card shows."""
+        if not self.processors:
+            return None
+        merged = merged or (self.merged[0] if self.merged else MERGED)
+
+        def column(name: str) -> str:
+            if name == merged:
+                return "Merged"
+            return f"Parent {name.removeprefix('parent_').upper()}" if name.startswith("parent_") else name.capitalize()
+
+        def source(text: str) -> str:
+            return re.sub(r"parent_([a-z])'s", lambda m: f"parent {m.group(1).upper()}'s", text)
+
+        shown = [name for name in [*self.parent_scorers, ENSEMBLE, merged] if name in self.processors]
+        return "; ".join(f"{column(name)}: {source(self.processors[name])}" for name in shown)
 
     def table(self, metric: str | None = None, *, scorers: Sequence[str] | None = None,
               labels: Mapping[str, str] | None = None) -> str:
@@ -146,10 +172,19 @@ DEFINITIONS = {
 }
 
 
-def definitions(joint_rule: str | None) -> dict[str, str]:
+#: What `processors` records, when the models' processors differ.
+PROCESSORS_DEFINITION = ("each model is scored on the inputs its own processor makes of the same rows (raw image/text "
+                         "columns preprocessed once per distinct processor); `processors` names whose processor "
+                         "made each row's inputs: own, another model's (it has none of its own), or given "
+                         "(processor=)")
+
+
+def definitions(joint_rule: str | None, *, processors: bool = False) -> dict[str, str]:
     """What each figure means; `joint_rule` (None: no concatenated head, e.g. CLIP or one shared label set) is
-    recorded with the joint view's definition."""
+    recorded with the joint view's definition; `processors`: the models' processors differed."""
     out = dict(DEFINITIONS)
+    if processors:
+        out["processors"] = PROCESSORS_DEFINITION
     if joint_rule is not None:
         out[JOINT] = f"{out[JOINT]}; joint rule {joint_rule!r}: {JOINT_RULE_DEFINITIONS[joint_rule]}"
         out["joint_rule"] = joint_rule

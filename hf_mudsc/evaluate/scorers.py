@@ -15,6 +15,10 @@
   from the names (`prompt_template`, several templates are averaged), images are classified by cosine
   similarity times `logit_scale`. Every CLIP (merged or parent) can score every task; the ensemble
   averages the parents' softmaxes over all classes.
+
+Each model reads the batch as ITS processor made it (`ModelInputs`): the rows are the same for every model, the
+tensors may differ (another image size or normalisation, another tokenizer), so a parent is scored — and enters
+the ensemble — on the inputs it was trained on.
 """
 
 from __future__ import annotations
@@ -46,6 +50,17 @@ def _forward_kwargs(model: Any, batch: Mapping[str, Any]) -> dict[str, Any]:
     return forward_inputs(model, batch)
 
 
+class ModelInputs:
+    """One batch of rows as each model reads it: `batches[i]` made by the i-th distinct processor, `group[id(model)]`
+    the index of the model's processor."""
+
+    def __init__(self, batches: Sequence[Mapping[str, Any]], group: Mapping[int, int]) -> None:
+        self.batches, self.group = list(batches), dict(group)
+
+    def of(self, model: Any) -> Mapping[str, Any]:
+        return self.batches[self.group.get(id(model), 0)]
+
+
 class Scorer:
     """Turns a batch into joint-space scores `(N, layout.size)`; `tasks`: where it has per-task figures."""
 
@@ -53,15 +68,16 @@ class Scorer:
         self.name = name
         self.tasks = list(tasks)
 
-    def scores(self, batch: Mapping[str, Any], cache: dict[int, torch.Tensor]) -> torch.Tensor:
+    def scores(self, inputs: ModelInputs, cache: dict[int, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
 
-def _logits(model: Any, batch: Mapping[str, Any], cache: dict[int, torch.Tensor]) -> torch.Tensor:
-    """A classifier's logits for the batch, cached per model so the ensemble reuses the parents' pass."""
+def _logits(model: Any, inputs: ModelInputs, cache: dict[int, torch.Tensor]) -> torch.Tensor:
+    """A classifier's logits for the batch (as its processor made it), cached per model so the ensemble reuses the
+    parents' pass."""
     key = id(model)
     if key not in cache:
-        cache[key] = model(**_forward_kwargs(model, batch)).logits.to(torch.float32)
+        cache[key] = model(**_forward_kwargs(model, inputs.of(model))).logits.to(torch.float32)
     return cache[key]
 
 
@@ -75,8 +91,8 @@ class _ClassifierScorer(Scorer):
         super().__init__(name, list(layout.ranges) if own is None else [own])
         self.model, self.layout, self.own, self.joint_rule = model, layout, own, joint_rule
 
-    def scores(self, batch: Mapping[str, Any], cache: dict[int, torch.Tensor]) -> torch.Tensor:
-        logits = _logits(self.model, batch, cache)
+    def scores(self, inputs: ModelInputs, cache: dict[int, torch.Tensor]) -> torch.Tensor:
+        logits = _logits(self.model, inputs, cache)
         if self.layout.shared:
             return logits
         if self.own is None:
@@ -92,8 +108,8 @@ class _ClassifierEnsemble(Scorer):
         super().__init__(ENSEMBLE, list(layout.ranges))
         self.parents, self.layout, self.joint_rule = list(parents), layout, joint_rule
 
-    def scores(self, batch: Mapping[str, Any], cache: dict[int, torch.Tensor]) -> torch.Tensor:
-        logits = [_logits(p, batch, cache) for p in self.parents]
+    def scores(self, inputs: ModelInputs, cache: dict[int, torch.Tensor]) -> torch.Tensor:
+        logits = [_logits(p, inputs, cache) for p in self.parents]  # each parent on its own inputs, same rows
         if self.layout.shared:
             return torch.stack([z.softmax(-1) for z in logits]).mean(0)
         return _decided(torch.cat(logits, dim=-1), self.layout, self.joint_rule)
@@ -119,10 +135,11 @@ class _ClipScorer(Scorer):
         self.text = torch.nn.functional.normalize(embeds, dim=-1)
         self.scale = float(model.logit_scale.detach().exp()) if hasattr(model, "logit_scale") else 1.0
 
-    def scores(self, batch: Mapping[str, Any], cache: dict[int, torch.Tensor]) -> torch.Tensor:
+    def scores(self, inputs: ModelInputs, cache: dict[int, torch.Tensor]) -> torch.Tensor:
         key = id(self.model)
         if key not in cache:
-            image = _features(self.model.get_image_features(pixel_values=batch["pixel_values"])).float()
+            pixels = inputs.of(self.model)["pixel_values"]
+            image = _features(self.model.get_image_features(pixel_values=pixels)).float()
             cache[key] = self.scale * torch.nn.functional.normalize(image, dim=-1) @ self.text.T
         return cache[key]
 
@@ -132,18 +149,22 @@ class _ClipEnsemble(Scorer):
         super().__init__(ENSEMBLE, tasks)
         self.parents = list(parents)
 
-    def scores(self, batch: Mapping[str, Any], cache: dict[int, torch.Tensor]) -> torch.Tensor:
-        return torch.stack([p.scores(batch, cache).softmax(-1) for p in self.parents]).mean(0)
+    def scores(self, inputs: ModelInputs, cache: dict[int, torch.Tensor]) -> torch.Tensor:
+        return torch.stack([p.scores(inputs, cache).softmax(-1) for p in self.parents]).mean(0)
 
 
 def build_scorers(merged: Mapping[str, Any], parents: Sequence[Any], layout: LabelLayout, clip: bool, ensemble: bool,
-             processor: Any, prompt_template: str | Sequence[str], joint_rule: str = "per_task") -> list[Scorer]:
+             processors: Sequence[Any], prompt_template: str | Sequence[str], joint_rule: str = "per_task",
+             ) -> list[Scorer]:
+    """`processors`: each model's processor, merged models then parents (a CLIP embeds the class prompts with its
+    own tokenizer, else with the first model's that has one)."""
     tasks = list(layout.ranges)
     if clip:
         from hf_mudsc.load.processors import tokenizer_of
 
-        tokenizer = tokenizer_of(processor)
-        if tokenizer is None:
+        tokenizers = [tokenizer_of(p) for p in processors]
+        fallback = next((t for t in tokenizers if t is not None), None)
+        if fallback is None:
             raise EvaluationError(
                 "zero-shot CLIP evaluation needs a tokenizer for the class prompts: pass processor= (a "
                 "CLIPProcessor or tokenizer) or evaluate a folder that holds one"
@@ -151,12 +172,11 @@ def build_scorers(merged: Mapping[str, Any], parents: Sequence[Any], layout: Lab
         templates = [prompt_template] if isinstance(prompt_template, str) else list(prompt_template)
         if not templates or any("{}" not in t for t in templates):
             raise EvaluationError(f"prompt templates need a '{{}}' for the class name, got {templates}")
-        merged_scorers: list[Scorer] = [
-            _ClipScorer(n, m, layout, tokenizer, templates) for n, m in merged.items()
-        ]
-        parent_scorers = [
-            _ClipScorer(n, m, layout, tokenizer, templates) for n, m in zip(parent_names(len(parents)), parents)
-        ]
+        named = [*merged.items(), *zip(parent_names(len(parents)), parents)]
+        clip_scorers = [_ClipScorer(n, m, layout, tokenizer or fallback, templates)
+                        for (n, m), tokenizer in zip(named, tokenizers)]
+        merged_scorers: list[Scorer] = list(clip_scorers[:len(merged)])
+        parent_scorers = clip_scorers[len(merged):]
         extra = [_ClipEnsemble(parent_scorers, tasks)] if ensemble and len(parent_scorers) >= 2 else []
         return [*parent_scorers, *extra, *merged_scorers]
     for name, model in [*merged.items(), *zip(parent_names(len(parents)), parents)]:
@@ -167,7 +187,9 @@ def build_scorers(merged: Mapping[str, Any], parents: Sequence[Any], layout: Lab
                 "*ForImageClassification / *ForSequenceClassification or CLIP models"
             )
     merged_scorers = [_ClassifierScorer(n, m, layout, None, joint_rule) for n, m in merged.items()]
-    parent_scorers = [_ClassifierScorer(n, m, layout, None if layout.shared else task, joint_rule)
-                      for n, m, task in zip(parent_names(len(parents)), parents, tasks)]
+    # one shared label set: every parent scores every task (however many tasks there are); else parent i task i
+    own_tasks = [None] * len(parents) if layout.shared else tasks
+    parent_scorers = [_ClassifierScorer(n, m, layout, task, joint_rule)
+                      for n, m, task in zip(parent_names(len(parents)), parents, own_tasks)]
     extra = [_ClassifierEnsemble(parents, layout, joint_rule)] if ensemble and len(parents) >= 2 else []
     return [*parent_scorers, *extra, *merged_scorers]

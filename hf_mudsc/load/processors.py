@@ -1,7 +1,8 @@
-"""Processors (tokenizers, image processors) of parents: found in their folders or cached Hub snapshots."""
+"""Processors (tokenizers, image processors) of parents: found in their folders or cached Hub snapshots, compared."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -107,3 +108,36 @@ def image_processor_differences(processors: Sequence[Any]) -> list[str]:
     first = present[0]
     return sorted({key for other in present[1:] for key in set(first) | set(other)
                    if key != "processor_class" and first.get(key) != other.get(key)})
+
+
+#: Tokenizer settings that name where its files were read from, not how it tokenizes.
+_LOCATION_KEYS = ("name_or_path", "_commit_hash")
+
+
+def processor_fingerprint(processor: Any) -> str:
+    """A processor's serialised settings: equal fingerprints preprocess alike, so evaluation runs one of them.
+
+    The image processor's `to_dict()`; a tokenizer's class, its backend serialised (`tokenizer.json`: the
+    normaliser such as lower-casing, the vocabulary) or else its vocabulary, and its settings, without the paths it
+    was read from (two copies of one tokenizer in two folders are one processor)."""
+    if processor is None:
+        return "null"
+    parts: dict[str, Any] = {"class": type(processor).__name__}
+    image = image_processor_of(processor)
+    if image is not None:
+        parts["image"] = {k: v for k, v in image.to_dict().items() if k != "processor_class"}
+    tokenizer = tokenizer_of(processor)
+    if tokenizer is not None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        settings = {k: v for k, v in tokenizer.init_kwargs.items()
+                    if k not in _LOCATION_KEYS and not k.endswith("_file")}
+        parts["tokenizer"] = {
+            "class": type(tokenizer).__name__, "settings": settings,
+            "backend": backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()),
+            "model_max_length": tokenizer.model_max_length, "padding_side": tokenizer.padding_side,
+            "truncation_side": tokenizer.truncation_side,
+        }
+    if image is None and tokenizer is None:
+        to_dict = getattr(processor, "to_dict", None)
+        parts["settings"] = to_dict() if callable(to_dict) else repr(processor)
+    return json.dumps(parts, sort_keys=True, default=str)

@@ -101,6 +101,9 @@ class EvalRow:
     ensemble: float | None = None
     later_parents: tuple[float | None, ...] = ()
     """Scores of parents C, D, ... in merge order (an N-parent merge); as dict keys `parent_c`, `parent_d`, ..."""
+    processors: str | None = None
+    """When the models' processors differ: whose processor made each column's inputs (`Parent B: own; ...`), shown
+    once under the table."""
 
     @classmethod
     def from_any(cls, row: EvalRow | Mapping[str, Any]) -> EvalRow:
