@@ -631,7 +631,7 @@ class MergeOptions:
         "in float64 (about twice as fast on CPUs); float64 keeps every product in float64")
     out_dtype: str = option(
         "auto", kind="dtype", check=_check_out_dtype, choices=OUT_DTYPES, recorded=True,
-        card=CardRow(9, "Weights dtype", _card_out_dtype),
+        card=CardRow(8, "Weights dtype", _card_out_dtype),
         help="dtype of the merged model's weights, as returned and saved (config dtype set to match); the merge "
         "computes in float32 either way. auto = the dtype every parent is stored in (safetensors headers, or a "
         "model object's own), float32 when they differ; float16 / bfloat16 halve the size on disk")
