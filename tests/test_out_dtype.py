@@ -95,6 +95,20 @@ def test_streamed_half_parents_keep_their_dtype(tmp_path):
     assert merged.config.mudsc["out_dtype"] == "bfloat16"
 
 
+def test_pickle_half_parents_keep_their_dtype(tmp_path):
+    from safetensors.torch import load_file
+
+    parents = []
+    for seed in (1, 2):
+        folder = saved_parent(tmp_path / f"p{seed}", "vit_cls", seed, torch.float16)
+        torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+        (folder / "model.safetensors").unlink()
+        parents.append(str(folder))
+    merged = hf_mudsc.merge(parents, method="average", allow_pickle=True, progress=False)
+    assert floating_dtypes(merged) == {torch.float16}
+    assert merged.config.mudsc["out_dtype_reason"] == "auto: every parent is stored in float16"
+
+
 def test_parents_of_different_dtypes_give_float32_and_say_why(tmp_path, caplog):
     half = saved_parent(tmp_path / "half", "bert_cls", 1, torch.float16)
     full = saved_parent(tmp_path / "full", "bert_cls", 2, torch.float32)
