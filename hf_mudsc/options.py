@@ -31,6 +31,9 @@ from hf_mudsc.solve.layer_ranges import parse_layer_swap
 from hf_mudsc.solve.matcher_names import MATCHERS
 
 STATISTICS_DTYPES = ("float32", "float64")
+#: The dtypes the merged model may be returned and saved in (`out_dtype`); "auto" keeps the parents' common stored
+#: dtype (`hf_mudsc.apply.dtype.resolve_out_dtype`). The merge itself always computes in float32.
+OUT_DTYPES = ("auto", "float32", "float16", "bfloat16")
 # After-matching refits (`hf_mudsc.apply.refit`): "none" keeps the paper's merge, "ridge" refits every linear layer,
 # "gate" refits on the calibration examples not held out and keeps the refit only if it is at least as faithful to
 # the parents on the held-out ones (`hf_mudsc.apply.refit_gate`), "repair" renormalises per-unit mean/std
@@ -259,6 +262,21 @@ def _check_device(name: str, value: str | None, cli: str) -> None:
 def _check_statistics_dtype(name: str, value: str, cli: str) -> None:
     if value not in STATISTICS_DTYPES:
         raise OptionError(f"statistics_dtype must be one of {', '.join(STATISTICS_DTYPES)} {cli}, got {shown(value)}")
+
+
+def _check_out_dtype(name: str, value: str, cli: str) -> None:
+    if value not in OUT_DTYPES:
+        raise OptionError(f"unknown out_dtype {shown(value)}; choose one of: {', '.join(OUT_DTYPES)} {cli} "
+                          "(auto keeps the parents' dtype)")
+
+
+def _card_out_dtype(value: Any, context: Mapping[str, Any]) -> str | None:
+    """`float16 (auto: every parent is stored in float16)`: the merged weights' dtype and why (config
+    `out_dtype_reason`)."""
+    if value is None:
+        return None
+    reason = (context.get("mudsc") or {}).get("out_dtype_reason")
+    return f"{value} ({reason})" if reason else str(value)
 
 
 def _check_refit(name: str, value: str, cli: str) -> None:
@@ -611,6 +629,12 @@ class MergeOptions:
         "float32", kind="dtype", check=_check_statistics_dtype, choices=STATISTICS_DTYPES, recorded=True,
         help="precision of the calibration statistics: float32 multiplies each batch in float32 and sums "
         "in float64 (about twice as fast on CPUs); float64 keeps every product in float64")
+    out_dtype: str = option(
+        "auto", kind="dtype", check=_check_out_dtype, choices=OUT_DTYPES, recorded=True,
+        card=CardRow(8, "Weights dtype", _card_out_dtype),
+        help="dtype of the merged model's weights, as returned and saved (config dtype set to match); the merge "
+        "computes in float32 either way. auto = the dtype every parent is stored in (safetensors headers, or a "
+        "model object's own), float32 when they differ; float16 / bfloat16 halve the size on disk")
     size: float = option(
         1.0, kind="number", check=_check_size, metavar="S", recorded=True, per_method=True,
         card=CardRow(4, "Size budget", _card_size),
@@ -767,6 +791,8 @@ class MergeOptions:
             # A torch dtype is accepted by name without importing torch (`torch.float32` -> "float32").
             if type(value).__module__ == "torch" and type(value).__name__ == "dtype":
                 value = str(value).removeprefix("torch.")
+            if not isinstance(value, str):
+                raise OptionError(hint(f"one of {', '.join(meta['choices'])} or a torch dtype"))
         if not isinstance(value, str):
             raise OptionError(hint("a string"))
         return value

@@ -23,6 +23,7 @@ from hf_mudsc.apply.classifier import (
     label_names,
     same_label_sets,
 )
+from hf_mudsc.apply.dtype import cast_merged, resolve_out_dtype
 from hf_mudsc.apply.refit import RefitReport, refit_model
 from hf_mudsc.apply.repair import RepairReport, repair_model
 from hf_mudsc.architectures import spec_for
@@ -154,6 +155,7 @@ def merge(
     image_column: str | None = None,
     text_column: str | None = None,
     statistics_dtype: str | torch.dtype = "float32",
+    out_dtype: str | torch.dtype = "auto",
     device: str | torch.device | None = None,
     processor: Any | None = None,
     refit: str = "auto",
@@ -215,6 +217,12 @@ def merge(
             and sums the products in float64 — about twice as fast on CPUs, merged weights equal to the
             `"float64"` path to ~1e-6 on the test models (nearly tied units of a large model may pair
             differently); `"float64"` keeps every product in float64. A `torch.dtype` is accepted too.
+        out_dtype: the dtype of the merged model's weights (the merge computes in float32 either way; the model is
+            cast once at the end and its `config.dtype` set to match, so `save_pretrained` writes it and
+            `from_pretrained(dtype="auto")` restores it). `"auto"` (default): the dtype every parent is stored in
+            (safetensors headers; a model object's own parameters), float32 when they differ (logged);
+            `"float32"`, `"float16"`, `"bfloat16"` or a `torch.dtype`: that one. Recorded with its reason in
+            `config.mudsc["out_dtype"]` / `["out_dtype_reason"]`, the card and the recipe (resolved).
         device: where the calibration forward passes and statistics products run: `"cpu"`, `"cuda"`,
             `"cuda:N"` or a `torch.device`; None = CUDA when available, else the CPU. Parents are read into
             CPU memory (as `from_pretrained` does), moved to the device for calibration and moved back;
@@ -296,7 +304,7 @@ def merge(
         raise MergeInputError(str(error)) from None
     from hf_mudsc.calibrate.datasets import load_calibration_dataset, pin_calibration_revision, resolve_calibration
     from hf_mudsc.calibrate.distributed import collect_statistics_distributed, is_main_process
-    from hf_mudsc.load.parents import load_parents_and_base, parameters_of
+    from hf_mudsc.load.parents import dtype_description, load_parents_and_base, parameters_of
 
     # "auto" is resolved once the method is known (resolve_refit); `refit_value` is the resolved refit.
     refit_value = merge_options.refit
@@ -355,6 +363,11 @@ def merge(
         spec_for(other)
     parent_names = [p.repo_id or parent_name(p.model, f"model_{parent_label(i).lower()}")
                     for i, p in enumerate(parents)]
+    # The merged model's dtype: the parents' as stored (they were loaded as float32) unless one is asked for.
+    out_dtype, out_dtype_reason = resolve_out_dtype(
+        merge_options.out_dtype,
+        [p.stored_dtype or dtype_description(t.dtype for t in p.model.parameters()) for p in parents],
+        [parent_label(i) for i in range(count)])
     # A protected parent is refused here, before calibration and before anything is written or pushed.
     # The solve and apply run on the CPU (no copy for parents already there); lazily read parents stay lazy.
     params = [parameters_of(p) for p in parents]
@@ -527,7 +540,7 @@ def merge(
         statistics_dtype=statistics_dtype if merge_method.needs_calibration else None,
         refit=refit_value if refitting else "none",
         refit_lambda=merge_options.refit_lambda if refit_value in ("ridge", "gate") else None,
-        refit_samples=merge_options.refit_samples if refitting else None)
+        refit_samples=merge_options.refit_samples if refitting else None, out_dtype=out_dtype)
     config.mudsc = {
         "library": "hf_mudsc",
         "version": __version__,
@@ -546,6 +559,7 @@ def merge(
         "parent_relation": relation.as_config(),
         "warnings": list(report.warnings),
         "alpha_auto": alpha_curve,  # the α search's curve (alpha="auto"), else None
+        "out_dtype_reason": out_dtype_reason,  # why the merged weights have the dtype `out_dtype`
         # The size budget's widths and exact parameter count (docs/design.md §4.12); None for methods without one.
         "size_budget": measured_plan(spec, params, merged_params, merge_options.size).as_config()
         if merge_method.supports_size else None,
@@ -592,6 +606,10 @@ def merge(
         if accumulators is None and not report.num_samples:  # nothing else read the data: the refit's is the count
             held = (merged.config.mudsc["refit_gate"] or {}).get("held_out_examples", 0)  # the gate's held-out rows
             merged.config.mudsc["num_calibration_samples"] = report.num_samples = report.refit.examples + held
+    # The one cast: everything above (solve, apply, refit) ran in float32.
+    out_dtype, out_dtype_reason = cast_merged(merged, out_dtype, out_dtype_reason,
+                                              asked=merge_options.out_dtype != AUTO)
+    merged.config.mudsc.update(out_dtype=out_dtype, out_dtype_reason=out_dtype_reason)
     merged = merged.to(run_device if device is not None else "cpu")
     refuse_non_finite(merged, params, base_params)
     # The recipe keys (every option a recipe file may set, as given), parents and base pinned; `auto` is recorded
@@ -599,7 +617,7 @@ def merge(
     given = dataclasses.replace(merge_options, calibration=calibration_spec, method=merge_method.name,
                                 refit=refit_value if refitting else "none",
                                 base=None if base_parent is None else pinned_reference(base_parent),
-                                device=None if device is None else str(device))
+                                device=None if device is None else str(device), out_dtype=out_dtype)
     report.recipe = {"models": [pinned_reference(p) for p in parents], **given.values(recipe=True)}
     report.processor = parents[0].processor
     merged.merge_report = report

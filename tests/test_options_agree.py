@@ -28,7 +28,8 @@ NON_OPTION_KEYWORDS = {"token", "progress", "processor"}
 # config.mudsc keys that describe the result, not an option.
 RESULT_KEYS = {"library", "version", "parents", "parent_revisions", "num_calibration_samples", "refit_examples",
                "group_match_values", "solve_start", "start_objectives", "parent_relation", "method_choice_reason",
-               "base_revision", "base_source", "warnings", "alpha_auto", "size_budget", "refit_gate"}
+               "base_revision", "base_source", "warnings", "alpha_auto", "size_budget", "refit_gate",
+               "out_dtype_reason"}
 # CLI arguments that are not options: the recipe file to run and the Hub token (never recorded).
 NON_OPTION_FLAGS = {"--recipe", "--token", "--help"}
 

@@ -4,7 +4,8 @@ Loading happens in two phases so that incompatible parents are refused cheaply: 
 *located* (Hub revision resolved to a commit sha, config and tokenizer/processor files fetched, weight
 format checked), then the parents are compared (configuration, vocabulary), and only then are weights
 downloaded and loaded. Weights come from safetensors only unless the caller opts into pickle; remote
-code is never run; every model comes back float32 whatever dtype its checkpoint was saved in.
+code is never run; every model comes back float32 whatever dtype its checkpoint was saved in (the dtype it was
+stored in is kept as `LoadedParent.stored_dtype`: the merged model is returned in it, `hf_mudsc.apply.dtype`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import copy
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,11 @@ class LoadedParent:
     """Parameters of `model` its checkpoint does not hold (a base of another head class read as the parents' class:
     their head, a pooler a masked-LM checkpoint lacks). Their values are fresh initialisations, never to be used: the
     merge treats them as missing from the base."""
+    stored_dtype: str | None = None
+    """The dtype its floating-point weights are stored in, as torch names it (safetensors headers, a pickle's
+    tensors, a model object's own parameters, else its config's `dtype`): `float16`, or `float16/float32` for a
+    checkpoint that mixes dtypes; None when unknown. `model` is float32 whatever it is; `out_dtype="auto"` returns
+    the merged model in the parents' common one (`hf_mudsc.apply.dtype`)."""
 
     @property
     def pinned_reference(self) -> str:
@@ -94,6 +100,8 @@ class _Located:
     weight_files: list[str] = field(default_factory=list)
     use_pickle: bool = False
     loaded: LoadedParent | None = None
+    stored_dtype: str | None = None
+    """A pickle checkpoint's stored dtype, read when its weights are checked (`_prepare`)."""
     prepared: bool = False
     """Its weights are fetched and their headers checked (`_prepare`): only loading is left."""
     read_as: type[PreTrainedModel] | None = None
@@ -512,7 +520,7 @@ def _prepare(located: _Located, *, token: str | bool | None, cache_dir: str | os
         _fetch_weights(located, token=token, cache_dir=cache_dir)
         check_weight_files(located.reference, located.folder, located.weight_files)
         if located.use_pickle:
-            _check_pickle_dtypes(located)
+            located.stored_dtype = _check_pickle_dtypes(located)
         elif located.repo_id is not None:  # a local folder's headers were checked when it was located
             check_config_fits_weights(located)
     located.prepared = True
@@ -523,12 +531,14 @@ def _finish(located: _Located, *, token: str | bool | None, cache_dir: str | os.
     if located.loaded is not None:
         return located.loaded
     _prepare(located, token=token, cache_dir=cache_dir)
+    stored = stored_dtype(located)  # before from_pretrained(dtype=float32) sets the config's dtype to float32
     if located.model is not None:
         return LoadedParent(model=_as_float32(located.model), processor=located.processor,
-                            reference=located.reference)
+                            reference=located.reference, stored_dtype=stored)
     if lazy and not located.use_pickle and located.read_as is None:
         parent = _finish_lazily(located)
         if parent is not None:
+            parent.stored_dtype = stored
             return parent
     model, absent = _load_weights(located)
     # The Hub id identifies a Hub parent (the snapshot path is a cache artefact); a folder, what was passed.
@@ -538,7 +548,32 @@ def _finish(located: _Located, *, token: str | bool | None, cache_dir: str | os.
     logger.info("loaded %s%s", located.reference, f" at commit {located.commit_sha}" if located.commit_sha else "")
     return LoadedParent(model=model, processor=located.processor, reference=located.reference,
                         repo_id=located.repo_id, revision=located.revision, commit_sha=located.commit_sha,
-                        absent=frozenset(absent))
+                        absent=frozenset(absent), stored_dtype=stored)
+
+
+def dtype_description(dtypes: Iterable[Any]) -> str | None:
+    """How weights are stored, from their dtypes (torch dtypes or names): `float16` when every floating-point one is,
+    `float16/float32` for a mix, None when none is floating-point."""
+    names = sorted({n for n in (str(d).removeprefix("torch.") for d in dtypes) if n.startswith(("float", "bfloat"))})
+    return "/".join(names) or None
+
+
+def stored_dtype(located: _Located) -> str | None:
+    """The dtype a located parent's weights are stored in (`LoadedParent.stored_dtype`): a model object's own
+    parameters, else its safetensors headers or pickle tensors, else its config's `dtype`; None when unknown."""
+    if located.model is not None:
+        return dtype_description(t.dtype for t in located.model.parameters())
+    found = located.stored_dtype
+    if found is None and located.folder is not None and not located.use_pickle:
+        from hf_mudsc.load.lazy import LazyParameters, safetensors_files
+
+        files = safetensors_files(located.folder)
+        if files:
+            stored = LazyParameters(files)
+            found = dtype_description(stored.stored_dtype(key) for key in stored)
+    if found is None and located.config is not None and getattr(located.config, "dtype", None) is not None:
+        found = dtype_description([located.config.dtype])
+    return found
 
 
 def check_config_fits_weights(located: _Located) -> None:
@@ -588,10 +623,10 @@ def check_floating_weights(reference: str, stored: Mapping[str, str], model: tor
         )
 
 
-def _check_pickle_dtypes(located: _Located) -> None:
+def _check_pickle_dtypes(located: _Located) -> str | None:
     """`check_floating_weights` for a pickle checkpoint (`allow_pickle`): its tensors' dtypes read onto the meta
-    device (weights-only unpickling, no tensor data read). A file that cannot be read so is left to
-    `_load_weights`, which names the problem."""
+    device (weights-only unpickling, no tensor data read); returns how its weights are stored (`dtype_description`).
+    A file that cannot be read so is left to `_load_weights`, which names the problem (None)."""
     import pickle
 
     stored: dict[str, str] = {}
@@ -602,14 +637,15 @@ def _check_pickle_dtypes(located: _Located) -> None:
         try:
             tensors = torch.load(located.folder / name, map_location="meta", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError):
-            return
+            return None
         if not isinstance(tensors, Mapping):
-            return
+            return None
         stored.update({key: str(tensor.dtype).removeprefix("torch.") for key, tensor in tensors.items()
                        if isinstance(tensor, torch.Tensor)})
     with torch.device("meta"):
         model = model_class_for(located.config)(located.config)
     check_floating_weights(located.reference, stored, model)
+    return dtype_description(stored.values())
 
 
 def _finish_lazily(located: _Located) -> LoadedParent | None:
