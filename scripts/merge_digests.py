@@ -22,9 +22,11 @@ and the classifier's `task_label_ranges`. The parents are digested too, so a mis
     python scripts/merge_digests.py --out docs/benchmarks/merge_digests.json   # record the baseline
     python scripts/merge_digests.py --check docs/benchmarks/merge_digests.json # exit 1 on any mismatch
 
-Prints ONE JSON line, then a table. Bit-identity is only promised on the same machine, torch version and
-thread count (`--check` reuses the recorded `--threads`); trained parents are cached under `--cache-dir`
-(the demo's and the benchmark's default caches: ~/.cache/hf_mudsc or $HF_MUDSC_CACHE).
+Prints ONE JSON line, then a table. Bit-identity is only promised on the same machine (CPU: the baseline records
+it, and a check on another one says so), torch version and thread count (`--check` reuses the recorded `--threads`);
+to check a change on another machine, record a baseline at the old commit there first (`git worktree add`);
+trained parents are cached under `--cache-dir` (the demo's and the benchmark's default caches: ~/.cache/hf_mudsc
+or $HF_MUDSC_CACHE).
 """
 
 from __future__ import annotations
@@ -153,6 +155,19 @@ def run_benchmark_pair(scenario: str, cache_root: Path) -> dict[str, Any]:
             "parents": parents_record(model_a, model_b), "merges": merges}
 
 
+def cpu_name() -> str:
+    """The processor and the vector unit torch uses: the calibration GEMMs sum in an order that depends on them, so
+    a merge reading calibration data is bit-identical only on the same kind of CPU (measured: a baseline recorded
+    on another machine mismatched 29 such digests at an unchanged commit, every other digest matched)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} ({torch.backends.cpu.get_cpu_capability()})"
+
+
 def compute(cases: Sequence[str], cache_root: Path, threads: int) -> dict[str, Any]:
     """Every requested case; the library's own prints (training notices, CLI output) go to stderr."""
     import transformers
@@ -162,7 +177,7 @@ def compute(cases: Sequence[str], cache_root: Path, threads: int) -> dict[str, A
     result: dict[str, Any] = {
         "format": FORMAT,
         "settings": {"threads": threads, "torch": torch.__version__, "transformers": transformers.__version__,
-                     "hf_mudsc": hf_mudsc.__version__, "platform": platform.platform()},
+                     "hf_mudsc": hf_mudsc.__version__, "platform": platform.platform(), "cpu": cpu_name()},
         "cases": {},
     }
     try:
@@ -268,6 +283,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     problems: list[str] = []
     if baseline is not None:
         problems = mismatches(baseline, result)
+        if problems and baseline["settings"].get("cpu") != result["settings"]["cpu"]:
+            logger.warning("the baseline was recorded on another CPU (%s; this one: %s): merges that read calibration "
+                           "data are not bit-identical across CPUs. To check a change, record a baseline at the old "
+                           "commit on this machine (--out) and check against that",
+                           baseline["settings"].get("cpu", "not recorded"), result["settings"]["cpu"])
         for key in ("torch", "transformers"):
             if baseline["settings"].get(key) != result["settings"][key]:
                 logger.warning("the baseline was recorded with %s %s, this run uses %s: bit-identity is not "
