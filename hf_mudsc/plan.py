@@ -45,6 +45,9 @@ ASSUMED_TEXT_TOKENS = 128
 PROBE_SIZE = 1024
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+# safetensors' header names of the floating dtypes -> torch's (what `out_dtype` resolves over).
+TORCH_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
 @dataclass
@@ -113,6 +116,9 @@ class MergePlan:
     estimate: Estimate
     warnings: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
+    out_dtype: str = "float32"
+    out_dtype_reason: str = ""
+    """The merged model's dtype and why (`out_dtype` resolved from the parents' stored dtypes, as the merge does)."""
     size_budget: dict[str, Any] | None = None
     """How `size` would be spent — the widths and exact parameter count the merge records in
     `config.mudsc["size_budget"]`, counted from shapes (docs/design.md §4.12); None for methods without a budget."""
@@ -147,6 +153,7 @@ class MergePlan:
                               for key in budget["widths"])
             lines.append(f"Size budget: {budget['size']:g} x one parent: {grown or 'no width to grow'}; "
                          f"{budget['num_parameters'] / 1e6:.3f} M parameters ({budget['ratio']:.3g} x)")
+        lines.append(f"Output dtype: {self.out_dtype} ({self.out_dtype_reason})")
         calibration = self.calibration
         if calibration is None:
             lines.append("Calibration: none (the method reads no data)")
@@ -439,9 +446,11 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     import torch
 
     from hf_mudsc.apply.classifier import label_names, same_label_sets
+    from hf_mudsc.apply.dtype import resolve_out_dtype
     from hf_mudsc.architectures import spec_for
     from hf_mudsc.diagnostics import calibration_size_warning, default_labels_warning, relation_warning
-    from hf_mudsc.load.parents import locate_parents
+    from hf_mudsc.load.parents import dtype_description, locate_parents
+    from hf_mudsc.load.relation import parent_label
     from hf_mudsc.methods.auto import is_auto, planned_method
     from hf_mudsc.methods.registry import get_method
 
@@ -468,6 +477,9 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
             reference=parent.reference, repo_id=parent.repo_id, commit_sha=parent.commit_sha,
             architecture=type(model).__name__, num_parameters=sum(p.numel() for p in model.parameters()),
             weight_files=list(parent.weight_files), weight_bytes=data_bytes, dtypes=dtypes))
+    out_dtype, out_dtype_reason = resolve_out_dtype(
+        options.out_dtype, [dtype_description(TORCH_DTYPE_NAMES.get(d, d) for d in p.dtypes) for p in parents],
+        [parent_label(i) for i in range(len(parents))])
     config = located[0].config
     spec = spec_for(models_meta[0])
     tokens, assumed = tokens_per_example(config)
@@ -521,7 +533,8 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
                      matcher=method.used_matcher(options.matcher), groups=[
                          GroupPlan(g.name, g.width, g.num_heads) for g in spec.groups],
                      calibration=calibration_plan, estimate=estimate, warnings=warnings,
-                     options={k: v for k, v in keywords.items() if k != "calibration"}, size_budget=size_budget)
+                     options={k: v for k, v in keywords.items() if k != "calibration"},
+                     out_dtype=out_dtype, out_dtype_reason=out_dtype_reason, size_budget=size_budget)
     logger.info("dry run: %d groups, estimate %.1f s, peak %.2f GB", len(plan.groups), estimate.seconds,
                 estimate.peak_memory_bytes / 1e9)
     return plan

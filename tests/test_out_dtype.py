@@ -208,3 +208,20 @@ def test_the_cli_flag_and_the_recipe_key(tmp_path, capsys):
     bad.write_text(yaml.safe_dump({"models": parents, "method": "average", "out_dtype": "half"}))
     with pytest.raises(RecipeError, match=r"unknown out_dtype 'half'; choose one of: auto, float32, float16, bfloat16"):
         Recipe.load(bad).validate()
+
+
+@pytest.mark.parametrize(("dtypes", "asked", "expected"), [
+    ((torch.float16, torch.float16), "auto", "float16"),
+    ((torch.bfloat16, torch.float32), "auto", "float32"),
+    ((torch.float32, torch.float32), "bfloat16", "bfloat16"),
+])
+def test_the_dry_run_says_which_dtype_the_merged_model_would_have(tmp_path, dtypes, asked, expected):
+    """The plan reads the dtypes from the safetensors headers (no weights) and resolves `out_dtype` as the merge
+    would: a user sees before the download that two fp16 parents give an fp16 model, or why float32."""
+    parents = [saved_parent(tmp_path / f"p{seed}", "vit_cls", seed, dtype) for seed, dtype in zip((1, 2), dtypes)]
+    plan = hf_mudsc.merge([str(p) for p in parents], method="average", out_dtype=asked, dry_run=True)
+    merged = hf_mudsc.merge([str(p) for p in parents], method="average", out_dtype=asked, progress=False)
+    assert plan.out_dtype == expected == merged.config.mudsc["out_dtype"]
+    assert plan.out_dtype_reason == merged.config.mudsc["out_dtype_reason"]
+    assert f"Output dtype: {expected} ({plan.out_dtype_reason})" in str(plan)
+    assert plan.to_dict()["out_dtype"] == expected
