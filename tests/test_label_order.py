@@ -175,6 +175,23 @@ def test_the_card_says_which_head_was_reordered(tmp_path):
     assert "reordered to parent A's label order" in card
 
 
+def test_evaluation_scores_a_reordered_parent_by_label_name():
+    """The merged model has A's label order; parent B (A's function, labels listed in another order) is scored by
+    label name: its columns taken into A's order, so it is right wherever A is — in the ensemble too."""
+    from hf_mudsc import evaluate_merge
+
+    a = _named(make_model("vit_cls", seed=0), NAMES)
+    b = _reordered(a, [1, 2, 0])
+    merged = hf_mudsc.merge([a, b], method="average", refit="none", progress=False)
+    pixels = torch.cat([batch["pixel_values"] for batch in make_batches("vit_cls")])
+    with torch.no_grad():
+        truth = a(pixel_values=pixels).logits.argmax(-1)  # ids in A's (= the merged model's) order
+    assert len(set(truth.tolist())) > 1  # the check below would pass with any column order otherwise
+    result = evaluate_merge(merged, [a, b], {"animals": (pixels, truth)}, progress=False)
+    for scorer in ("merged", "parent_a", "parent_b", "ensemble"):
+        assert result.score(scorer, "animals") == 1.0, scorer
+
+
 def test_parents_read_lazily_from_folders_are_aligned_too(tmp_path):
     """A tensor-wise method reads parent B from its safetensors file one tensor at a time: its head rows are
     reordered there as well, and its folder is left as it was."""
