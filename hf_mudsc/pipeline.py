@@ -367,6 +367,7 @@ def merge(
     # A's labels in another order: from here on that parent is a copy saved in A's label order (docs/design.md §6).
     parents, head_reordered = _aligned_heads(parents, spec)
     loaded = [p.model for p in parents]
+    base_parent = _aligned_base(base_parent, model_a.config, spec)
     for other in loaded[1:]:
         spec_for(other)
     parent_names = [p.repo_id or parent_name(p.model, f"model_{parent_label(i).lower()}")
@@ -836,6 +837,19 @@ def _aligned_heads(parents: list[LoadedParent], spec: PermutationSpec) -> tuple[
                     "order (%s)", "s" if len(which) > 1 else "", ", ".join(which), "" if len(which) > 1 else "s",
                     ", ".join(label_names(config_a)))
     return aligned, reordered
+
+
+def _aligned_base(base: LoadedParent | None, config_a: Any, spec: PermutationSpec) -> LoadedParent | None:
+    """The base, as a copy in parent A's label order when its head lists A's labels in another order: task vectors
+    subtract the base's rows from the parents' rows of the same label (a head the base lacks is left out anyway)."""
+    if base is None or spec.classifier is None:
+        return base
+    head = [name for name in (spec.classifier.weight, spec.classifier.bias) if name]
+    order = head_order(config_a, base.model.config)
+    if order is None or set(head) & base.absent:
+        return base
+    logger.info("the base lists parent A's labels in another order: head reordered to parent A's label order")
+    return aligned_parent(base, config_a, head, order)
 
 
 def _fill_missing(merged: dict[str, torch.Tensor], params: Sequence[Mapping[str, torch.Tensor]],

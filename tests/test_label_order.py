@@ -207,3 +207,16 @@ def test_parents_read_lazily_from_folders_are_aligned_too(tmp_path):
     for got, want in zip(_head(merged), _head(a)):
         assert torch.allclose(got, want, atol=1e-6)
     assert {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()} == before
+
+
+def test_a_base_with_parent_as_labels_in_another_order_is_aligned_too():
+    """Task vectors are differences from the base: a base head in another label order would subtract the wrong
+    rows. Parents equal to the base (up to label order) have zero task vectors: the merge is parent A."""
+    a = _named(make_model("vit_cls", seed=0), NAMES)
+    base = _reordered(a, [2, 0, 1])
+    merged = hf_mudsc.merge([a, _reordered(a, [1, 2, 0])], base=base, method="task_arithmetic", refit="none",
+                            progress=False)
+    assert merged.config.id2label == a.config.id2label
+    for got, want in zip(_head(merged), _head(a)):
+        assert torch.allclose(got, want, atol=1e-6)
+    assert base.config.id2label == {0: "fox", 1: "cat", 2: "dog"}  # the base object is not modified
