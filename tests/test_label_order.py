@@ -220,3 +220,18 @@ def test_a_base_with_parent_as_labels_in_another_order_is_aligned_too():
     for got, want in zip(_head(merged), _head(a)):
         assert torch.allclose(got, want, atol=1e-6)
     assert base.config.id2label == {0: "fox", 1: "cat", 2: "dog"}  # the base object is not modified
+
+
+def test_head_order_only_for_the_same_named_labels_in_another_order():
+    from transformers import PretrainedConfig
+
+    from hf_mudsc.apply.classifier import head_order
+
+    def config(names):
+        return PretrainedConfig(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+
+    assert head_order(config(NAMES), config(["dog", "fox", "cat"])) == [2, 0, 1]  # B's id of cat, dog, fox
+    assert head_order(config(NAMES), config(NAMES)) is None  # the same order: nothing to do
+    assert head_order(config(NAMES), config(["dog", "fox", "owl"])) is None  # other labels
+    assert head_order(config(["cat", "cat", "dog"]), config(["dog", "cat", "cat"])) is None  # repeated names
+    assert head_order(config(["LABEL_0", "LABEL_1"]), config(["LABEL_1", "LABEL_0"])) is None  # no meaning
