@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PreTrainedModel
@@ -17,9 +17,11 @@ from transformers import PreTrainedModel
 from hf_mudsc._version import __version__
 from hf_mudsc.apply.build import build_model, widened_config
 from hf_mudsc.apply.classifier import (
+    aligned_parent,
     concatenated_classifier_config,
     concatenated_head,
     distinct_task_names,
+    head_order,
     label_names,
     same_label_sets,
 )
@@ -51,6 +53,9 @@ from hf_mudsc.solve.diagnostics import MergeDiagnostics, compute_diagnostics
 from hf_mudsc.solve.matchers import Match
 from hf_mudsc.solve.widen import check_spend, measured_plan
 from hf_mudsc.spec import PermutationSpec
+
+if TYPE_CHECKING:
+    from hf_mudsc.load.parents import LoadedParent
 
 logger = logging.getLogger(__name__)
 
@@ -359,6 +364,10 @@ def merge(
         check_parents(model_a, other, labels=(parent_label(0), parent_label(index)))
     spec = spec_for(model_a)
     check_spend(spec, merge_options.size, merge_options.size_spend)
+    # A's labels in another order: from here on that parent is a copy saved in A's label order (docs/design.md §6).
+    parents, head_reordered = _aligned_heads(parents, spec)
+    loaded = [p.model for p in parents]
+    base_parent = _aligned_base(base_parent, model_a.config, spec)
     for other in loaded[1:]:
         spec_for(other)
     parent_names = [p.repo_id or parent_name(p.model, f"model_{parent_label(i).lower()}")
@@ -549,6 +558,8 @@ def merge(
         "base_revision": None if base_parent is None else base_parent.commit_sha,
         "base_source": base_source,
         "parents": parent_names,
+        # parent i's head reordered to parent A's label order before the merge (A's labels in another order)
+        "head_reordered": head_reordered,
         "parent_revisions": [p.commit_sha for p in parents],
         "num_calibration_samples": report.num_samples,
         "refit_examples": None,  # the examples the refit read (refit_samples resolved), set once it ran
@@ -803,6 +814,42 @@ def _log_base_relations(base: Any, base_params: Mapping[str, torch.Tensor],
 
 def _without(params: Mapping[str, torch.Tensor], names: set[str]) -> Mapping[str, torch.Tensor]:
     return subset(params, lambda key: key not in names) if names else params
+
+
+def _aligned_heads(parents: list[LoadedParent], spec: PermutationSpec) -> tuple[list[LoadedParent], list[bool]]:
+    """The parents, each whose head lists parent A's labels in another order replaced by a copy reordered to A's
+    (`apply.classifier.aligned_parent`), and which were: every method, the refit, the evaluation and the card then
+    see one label set instead of a concatenated head naming every class twice."""
+    reordered = [False] * len(parents)
+    if spec.classifier is None:
+        return parents, reordered
+    head = [name for name in (spec.classifier.weight, spec.classifier.bias) if name]
+    config_a = parents[0].model.config
+    aligned = list(parents)
+    for index, parent in enumerate(parents[1:], start=1):
+        order = head_order(config_a, parent.model.config)
+        if order is not None:
+            aligned[index] = aligned_parent(parent, config_a, head, order)
+            reordered[index] = True
+    if any(reordered):
+        which = [parent_label(i) for i, moved in enumerate(reordered) if moved]
+        logger.info("parent%s %s list%s parent A's labels in another order: head reordered to parent A's label "
+                    "order (%s)", "s" if len(which) > 1 else "", ", ".join(which), "" if len(which) > 1 else "s",
+                    ", ".join(label_names(config_a)))
+    return aligned, reordered
+
+
+def _aligned_base(base: LoadedParent | None, config_a: Any, spec: PermutationSpec) -> LoadedParent | None:
+    """The base, as a copy in parent A's label order when its head lists A's labels in another order: task vectors
+    subtract the base's rows from the parents' rows of the same label (a head the base lacks is left out anyway)."""
+    if base is None or spec.classifier is None:
+        return base
+    head = [name for name in (spec.classifier.weight, spec.classifier.bias) if name]
+    order = head_order(config_a, base.model.config)
+    if order is None or set(head) & base.absent:
+        return base
+    logger.info("the base lists parent A's labels in another order: head reordered to parent A's label order")
+    return aligned_parent(base, config_a, head, order)
 
 
 def _fill_missing(merged: dict[str, torch.Tensor], params: Sequence[Mapping[str, torch.Tensor]],

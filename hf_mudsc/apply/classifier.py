@@ -1,18 +1,27 @@
 """Classifier heads of the parents -> head of the merged model (docs/design.md §6).
 
-Same label set: the classifier is merged like any layer. Different label sets: the heads are
-concatenated (parent A's classes first, then B's, C's ...), labels prefixed by task, and the task -> label
-range is stored in the config so evaluation can score each task on its slice.
+Same label set: the classifier is merged like any layer. The same labels in another `id2label` order: that
+parent's head is first reordered to parent A's label order (`aligned_parent`), then merged likewise.
+Different label sets: the heads are concatenated (parent A's classes first, then B's, C's ...), labels prefixed by
+task, and the task -> label range is stored in the config so evaluation can score each task on its slice.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PretrainedConfig
+
+from hf_mudsc.diagnostics import DEFAULT_LABEL
+from hf_mudsc.load.lazy import replaced
+
+if TYPE_CHECKING:
+    from hf_mudsc.load.parents import LoadedParent
 
 
 def label_names(config: PretrainedConfig) -> list[str]:
@@ -25,8 +34,44 @@ def same_label_set(config_a: PretrainedConfig, config_b: PretrainedConfig) -> bo
 
 
 def same_label_sets(configs: Sequence[PretrainedConfig]) -> bool:
-    """Whether every parent has parent 0's label set (then the classifier is merged like any layer)."""
-    return all(same_label_set(configs[0], other) for other in configs[1:])
+    """Whether every parent has parent 0's label set, in its order or reordered by name (`head_order`): then the
+    classifier is merged like any layer, after `aligned_parent` (else the heads are concatenated)."""
+    return all(same_label_set(configs[0], other) or head_order(configs[0], other) is not None
+               for other in configs[1:])
+
+
+def head_order(config_a: PretrainedConfig, config_b: PretrainedConfig) -> list[int] | None:
+    """B's label id for each of A's labels, in A's order, when B holds exactly A's labels in ANOTHER order; else None.
+
+    None also for repeated names and for transformers' default names (`LABEL_0`, ...): those say nothing about
+    which class a row is, so such heads are left as before (merged by position when equal, else concatenated).
+    """
+    names_a, names_b = label_names(config_a), label_names(config_b)
+    if (names_a == names_b or sorted(names_a) != sorted(names_b) or len(set(names_a)) != len(names_a)
+            or all(DEFAULT_LABEL.fullmatch(name) for name in names_a)):
+        return None
+    position = {name: index for index, name in enumerate(names_b)}
+    return [position[name] for name in names_a]
+
+
+def aligned_parent(parent: LoadedParent, config_a: PretrainedConfig, head: Sequence[str],
+                   order: Sequence[int]) -> LoadedParent:
+    """A copy of `parent` saved as if with parent A's label order: its `head` tensors' rows (weight rows, bias
+    entries) taken in `order` (`head_order`) and `id2label`/`label2id` A's. The parent itself is never modified:
+    its model is deep-copied (a lazily read parent: the meta model, with the head rows held in memory)."""
+    model = copy.deepcopy(parent.model)
+    model.config.id2label = dict(config_a.id2label)
+    model.config.label2id = dict(config_a.label2id)
+    index = torch.tensor(list(order))
+    parameters = parent.parameters
+    if parameters is None:
+        own = dict(model.named_parameters())
+        with torch.no_grad():
+            for name in head:
+                own[name].copy_(own[name].detach()[index])
+    else:
+        parameters = replaced(parameters, {name: parameters[name].detach()[index] for name in head})
+    return dataclasses.replace(parent, model=model, parameters=parameters)
 
 
 def task_name(config: PretrainedConfig, fallback: str) -> str:

@@ -72,13 +72,14 @@ class Scorer:
         raise NotImplementedError
 
 
-def _logits(model: Any, inputs: ModelInputs, cache: dict[int, torch.Tensor]) -> torch.Tensor:
+def _logits(model: Any, inputs: ModelInputs, cache: dict[int, torch.Tensor],
+            columns: Sequence[int] | None = None) -> torch.Tensor:
     """A classifier's logits for the batch (as its processor made it), cached per model so the ensemble reuses the
-    parents' pass."""
+    parents' pass; `columns`: a parent's columns in the merged model's label order (`LabelLayout.parent_columns`)."""
     key = id(model)
     if key not in cache:
         cache[key] = model(**_forward_kwargs(model, inputs.of(model))).logits.to(torch.float32)
-    return cache[key]
+    return cache[key] if columns is None else cache[key][:, list(columns)]
 
 
 def _decided(logits: torch.Tensor, layout: LabelLayout, joint_rule: str) -> torch.Tensor:
@@ -87,12 +88,14 @@ def _decided(logits: torch.Tensor, layout: LabelLayout, joint_rule: str) -> torc
 
 
 class _ClassifierScorer(Scorer):
-    def __init__(self, name: str, model: Any, layout: LabelLayout, own: str | None, joint_rule: str) -> None:
+    def __init__(self, name: str, model: Any, layout: LabelLayout, own: str | None, joint_rule: str,
+                 columns: Sequence[int] | None = None) -> None:
         super().__init__(name, list(layout.ranges) if own is None else [own])
         self.model, self.layout, self.own, self.joint_rule = model, layout, own, joint_rule
+        self.columns = columns
 
     def scores(self, inputs: ModelInputs, cache: dict[int, torch.Tensor]) -> torch.Tensor:
-        logits = _logits(self.model, inputs, cache)
+        logits = _logits(self.model, inputs, cache, self.columns)
         if self.layout.shared:
             return logits
         if self.own is None:
@@ -109,7 +112,9 @@ class _ClassifierEnsemble(Scorer):
         self.parents, self.layout, self.joint_rule = list(parents), layout, joint_rule
 
     def scores(self, inputs: ModelInputs, cache: dict[int, torch.Tensor]) -> torch.Tensor:
-        logits = [_logits(p, inputs, cache) for p in self.parents]  # each parent on its own inputs, same rows
+        columns = self.layout.parent_columns or [None] * len(self.parents)
+        # each parent on its own inputs, same rows; a reordered parent's columns in the merged label order
+        logits = [_logits(p, inputs, cache, c) for p, c in zip(self.parents, columns)]
         if self.layout.shared:
             return torch.stack([z.softmax(-1) for z in logits]).mean(0)
         return _decided(torch.cat(logits, dim=-1), self.layout, self.joint_rule)
@@ -189,7 +194,8 @@ def build_scorers(merged: Mapping[str, Any], parents: Sequence[Any], layout: Lab
     merged_scorers = [_ClassifierScorer(n, m, layout, None, joint_rule) for n, m in merged.items()]
     # one shared label set: every parent scores every task (however many tasks there are); else parent i task i
     own_tasks = [None] * len(parents) if layout.shared else tasks
-    parent_scorers = [_ClassifierScorer(n, m, layout, task, joint_rule)
-                      for n, m, task in zip(parent_names(len(parents)), parents, own_tasks)]
+    columns = layout.parent_columns or [None] * len(parents)
+    parent_scorers = [_ClassifierScorer(n, m, layout, task, joint_rule, order)
+                      for n, m, task, order in zip(parent_names(len(parents)), parents, own_tasks, columns)]
     extra = [_ClassifierEnsemble(parents, layout, joint_rule)] if ensemble and len(parents) >= 2 else []
     return [*parent_scorers, *extra, *merged_scorers]

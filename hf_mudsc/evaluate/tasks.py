@@ -91,6 +91,9 @@ class LabelLayout:
     ranges: dict[str, tuple[int, int]]
     shared: bool
     class_names: dict[str, list[str]]
+    parent_columns: tuple[list[int] | None, ...] = ()
+    """One shared label set: per parent (merge order), its logit column for each of the merged model's labels when
+    it lists them in another order (the merge reordered its head by name, docs/design.md §6), else None."""
 
     @property
     def size(self) -> int:
@@ -133,10 +136,13 @@ def classifier_layout(merged: Mapping[str, Any], parents: Sequence[Any], request
             tasks = list(requested)
         else:
             tasks = ["test"] if count == 1 else [f"task_{i}" for i in range(count)]
+        from hf_mudsc.apply.classifier import head_order
+
+        columns = tuple(head_order(reference.config, parent.config) for parent in parents)
         layout = LabelLayout({t: (0, len(names)) for t in tasks}, shared=True,
-                         class_names={t: names for t in tasks})
-        for i, parent in enumerate(parents):
-            if _label_names(parent) != names:
+                         class_names={t: names for t in tasks}, parent_columns=columns)
+        for i, (parent, order) in enumerate(zip(parents, columns)):
+            if order is None and _label_names(parent) != names:
                 raise EvaluationError(
                     f"parent {parent_letter(i)} has labels {_label_names(parent)[:6]}…, the merged model "
                     f"{names[:6]}…; the merged model has one shared label set (no config.task_label_ranges), "

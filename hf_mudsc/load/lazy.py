@@ -191,3 +191,40 @@ def rows_of(parameters: Mapping[str, torch.Tensor], name: str, start: int, stop:
     otherwise."""
     rows = getattr(parameters, "rows", None)
     return rows(name, start, stop) if callable(rows) else parameters[name][start:stop]
+
+
+class Replaced(Mapping[str, torch.Tensor]):
+    """A read-only view of a parameter mapping with some tensors replaced (held in memory): the others stay lazy."""
+
+    def __init__(self, parameters: Mapping[str, torch.Tensor], replaced: Mapping[str, torch.Tensor]) -> None:
+        self._parameters = parameters
+        self._replaced = dict(replaced)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._replaced[name] if name in self._replaced else self._parameters[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._parameters)
+
+    def __len__(self) -> int:
+        return len(self._parameters)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._parameters
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._replaced[name].shape) if name in self._replaced else shape_of(self._parameters, name)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        if name in self._replaced:
+            return self._replaced[name][start:stop]
+        return rows_of(self._parameters, name, start, stop)
+
+
+def replaced(parameters: Mapping[str, torch.Tensor],
+             tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """`parameters` with `tensors` in place of the ones of the same names: a new dict for a dict, a lazy view for
+    anything else (the input mapping is never modified)."""
+    if isinstance(parameters, dict):
+        return {**parameters, **tensors}
+    return Replaced(parameters, tensors)

@@ -328,6 +328,8 @@ def render_card(
         merge_warnings=mudsc.get("warnings", getattr(report, "warnings", None)) or [],
         task_label_ranges=task_ranges(model.config),
         num_labels=len(getattr(model.config, "id2label", None) or {}),
+        head_reordered=[chr(ord("A") + i) if i < 26 else str(i + 1)
+                        for i, moved in enumerate(mudsc.get("head_reordered") or []) if moved],
         eval_rows=rows,
         recipe_yaml=shown_recipe.to_yaml(reproducible=True).rstrip("\n"),
         local_names=[f"`{name}`" for name in local_names],
