@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from hf_mudsc.cli.demo import PAPER_LABEL, REFIT_SUFFIX, demo_methods, row_note
+import re
+from pathlib import Path
+
+from hf_mudsc.cli.demo import PAPER_LABEL, REFIT_NOTE, REFIT_SUFFIX, demo_methods, row_note
 
 
 def test_every_demo_row_has_a_one_line_explanation():
@@ -15,3 +18,12 @@ def test_every_demo_row_has_a_one_line_explanation():
     assert notes["activation_align"] == "Activation correlation only, align matcher"
     assert notes["average"] == "Plain parameter average"
     assert notes[PAPER_LABEL].startswith("the paper's merge")
+
+
+def test_the_refit_note_points_at_pages_that_exist():
+    """The demo explains why a position merge + refit can lead on its toy pair by a measured page; the pages it names
+    must be in the repository (a renamed page would leave the user a dead reference)."""
+    root = Path(__file__).resolve().parents[1]
+    pages = re.findall(r"docs/[\w/.]+\.md", REFIT_NOTE)
+    assert "docs/benchmarks/matching_after_refit.md" in pages
+    assert all((root / page).is_file() for page in pages), pages

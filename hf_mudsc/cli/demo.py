@@ -47,7 +47,10 @@ ROW_NOTES = {
 }
 REFIT_NOTE = ("+ refit: then every linear layer refitted by ridge least squares toward the parents' outputs on "
               "the calibration images\n  (no labels, no gradients; refit='auto': the default for unit-matching "
-              "methods and for regmean / regmean_plusplus / fisher, docs/design.md §4.9)")
+              "methods and for regmean / regmean_plusplus / fisher, docs/design.md §4.9).\n  On these 2-block toys "
+              "the refit rebuilds even a position merge (regmean, fisher), so they can lead here; on six-layer "
+              "MiniLM\n  fine-tunes in a permuted basis regmean + refit falls to 50 % joint where mudsc + refit keeps "
+              "76 %\n  (12 pairs, docs/benchmarks/matching_after_refit.md): the default is chosen for real models.")
 
 
 def demo_methods() -> list[tuple[str, dict[str, Any]]]:
