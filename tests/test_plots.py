@@ -281,6 +281,8 @@ def test_inspect_redraws_the_same_plots_and_prints_a_summary(merged_folder, tmp_
     assert "parents:   vit-a, vit-b" in text and "method:    mudsc (matcher zip" not in text
     assert "method:    mudsc (matcher align, alpha 0.5, refit gate)" in text  # refit="auto" ran
     assert "relation:  independent" in text and "weakest group:" in text
+    assert "weights:   float32 (auto: every parent is stored in float32)" in text
+    assert "heads:" not in text  # no head was reordered
     for group in MergeDiagnostics.load(out / DIAGNOSTICS_FILENAME).groups:
         assert re.search(rf"^\s+{re.escape(group.name)}\s+{group.value:.3f} \|", text, re.MULTILINE), group.name
     assert f"Plots written to {copy / PLOTS_FOLDER}: " + ", ".join(ALL_PLOTS) in text
@@ -412,3 +414,15 @@ def test_alpha_figure_marks_the_returned_merge_only_when_the_full_solve_changed_
     assert "each α solved from the activation start and scored on 16 held-out" in axes.get_title()
     same = alpha_figure({**curve, "returned_fidelity": 0.75, "returned_is_candidate": True}).axes[0]
     assert not [line for line in same.get_lines() if line.get_marker() == "*"]
+
+
+def test_inspect_says_which_parent_heads_were_reordered(merged_folder):
+    """A merge that aligned a parent's head to parent A's label order (`config.mudsc["head_reordered"]`) says so."""
+    from hf_mudsc.cli.inspect import summary
+
+    out, _ = merged_folder
+    mudsc = {**json.loads((out / "config.json").read_text())["mudsc"], "head_reordered": [False, True, True],
+             "out_dtype": "float16", "out_dtype_reason": "auto: every parent is stored in float16"}
+    text = summary(out, mudsc, MergeDiagnostics.load(out / DIAGNOSTICS_FILENAME), None, True)
+    assert "heads:     parents B, C reordered to parent A's label order (same labels, another id order)" in text
+    assert "weights:   float16 (auto: every parent is stored in float16)" in text

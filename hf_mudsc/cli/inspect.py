@@ -102,6 +102,13 @@ def summary(folder: Path, mudsc: Mapping[str, Any], diagnostics: Any, evaluation
     lines.append(f"  method:    {mudsc.get('method')}{f' ({detail})' if detail else ''}")
     if mudsc.get("num_calibration_samples"):
         lines.append(f"  calibration: {mudsc.get('calibration') or 'data'}, {mudsc['num_calibration_samples']} samples")
+    if mudsc.get("out_dtype"):
+        reason = mudsc.get("out_dtype_reason")
+        lines.append(f"  weights:   {mudsc['out_dtype']}{f' ({reason})' if reason else ''}")
+    reordered = [chr(ord("A") + i) for i, flag in enumerate(mudsc.get("head_reordered") or []) if flag]
+    if reordered:
+        lines.append(f"  heads:     parent{'s' if len(reordered) > 1 else ''} {', '.join(reordered)} reordered to "
+                     "parent A's label order (same labels, another id order)")
     if diagnostics.starts:
         starts = ", ".join(f"{name} {value:.4f}" for name, value in diagnostics.starts.items())
         sweeps = f"{diagnostics.sweeps} sweeps, " if diagnostics.sweeps else ""
