@@ -172,7 +172,11 @@ def test_the_card_says_which_head_was_reordered(tmp_path):
     b = _reordered(a, [1, 2, 0])
     merged = hf_mudsc.merge([a, b], method="average", refit="none", progress=False)
     card = (hf_mudsc.save_merged(merged, tmp_path / "merged") / "README.md").read_text()
-    assert "reordered to parent A's label order" in card
+    assert "parent B's head was reordered to parent A's label order" in " ".join(card.split())
+    c = _reordered(a, [2, 0, 1])
+    three = hf_mudsc.merge([a, b, c], method="linear", refit="none", progress=False)
+    card = (hf_mudsc.save_merged(three, tmp_path / "three") / "README.md").read_text()
+    assert "the heads of parents B, C were reordered to parent A's label order" in " ".join(card.split())
 
 
 def test_evaluation_scores_a_reordered_parent_by_label_name():
