@@ -17,11 +17,10 @@ from transformers import PreTrainedModel
 from hf_mudsc._version import __version__
 from hf_mudsc.apply.build import build_model, widened_config
 from hf_mudsc.apply.classifier import (
-    aligned_parent,
+    aligned_to_parent_a,
     concatenated_classifier_config,
     concatenated_head,
     distinct_task_names,
-    head_order,
     label_names,
     same_label_sets,
 )
@@ -818,19 +817,12 @@ def _without(params: Mapping[str, torch.Tensor], names: set[str]) -> Mapping[str
 
 def _aligned_heads(parents: list[LoadedParent], spec: PermutationSpec) -> tuple[list[LoadedParent], list[bool]]:
     """The parents, each whose head lists parent A's labels in another order replaced by a copy reordered to A's
-    (`apply.classifier.aligned_parent`), and which were: every method, the refit, the evaluation and the card then
+    (`apply.classifier.aligned_to_parent_a`), and which were: every method, the refit, the evaluation and the card then
     see one label set instead of a concatenated head naming every class twice."""
-    reordered = [False] * len(parents)
-    if spec.classifier is None:
-        return parents, reordered
-    head = [name for name in (spec.classifier.weight, spec.classifier.bias) if name]
     config_a = parents[0].model.config
-    aligned = list(parents)
-    for index, parent in enumerate(parents[1:], start=1):
-        order = head_order(config_a, parent.model.config)
-        if order is not None:
-            aligned[index] = aligned_parent(parent, config_a, head, order)
-            reordered[index] = True
+    copies = [None, *(aligned_to_parent_a(parent, config_a, spec) for parent in parents[1:])]
+    reordered = [moved is not None for moved in copies]
+    aligned = [parent if moved is None else moved for parent, moved in zip(parents, copies)]
     if any(reordered):
         which = [parent_label(i) for i, moved in enumerate(reordered) if moved]
         logger.info("parent%s %s list%s parent A's labels in another order: head reordered to parent A's label "
@@ -842,14 +834,13 @@ def _aligned_heads(parents: list[LoadedParent], spec: PermutationSpec) -> tuple[
 def _aligned_base(base: LoadedParent | None, config_a: Any, spec: PermutationSpec) -> LoadedParent | None:
     """The base, as a copy in parent A's label order when its head lists A's labels in another order: task vectors
     subtract the base's rows from the parents' rows of the same label (a head the base lacks is left out anyway)."""
-    if base is None or spec.classifier is None:
+    if base is None or spec.classifier is None or {spec.classifier.weight, spec.classifier.bias} & base.absent:
         return base
-    head = [name for name in (spec.classifier.weight, spec.classifier.bias) if name]
-    order = head_order(config_a, base.model.config)
-    if order is None or set(head) & base.absent:
+    aligned = aligned_to_parent_a(base, config_a, spec)
+    if aligned is None:
         return base
     logger.info("the base lists parent A's labels in another order: head reordered to parent A's label order")
-    return aligned_parent(base, config_a, head, order)
+    return aligned
 
 
 def _fill_missing(merged: dict[str, torch.Tensor], params: Sequence[Mapping[str, torch.Tensor]],

@@ -22,6 +22,7 @@ from hf_mudsc.load.lazy import replaced
 
 if TYPE_CHECKING:
     from hf_mudsc.load.parents import LoadedParent
+    from hf_mudsc.spec import PermutationSpec
 
 
 def label_names(config: PretrainedConfig) -> list[str]:
@@ -52,6 +53,17 @@ def head_order(config_a: PretrainedConfig, config_b: PretrainedConfig) -> list[i
         return None
     position = {name: index for index, name in enumerate(names_b)}
     return [position[name] for name in names_a]
+
+
+def aligned_to_parent_a(parent: LoadedParent, config_a: PretrainedConfig, spec: PermutationSpec,
+                        ) -> LoadedParent | None:
+    """`parent` (or a base) as a copy in parent A's label order when its head lists A's labels in another order
+    (`head_order`, `aligned_parent` on the spec's classifier tensors); None when it does not."""
+    order = head_order(config_a, parent.model.config) if spec.classifier is not None else None
+    if order is None:
+        return None
+    head = [name for name in (spec.classifier.weight, spec.classifier.bias) if name]
+    return aligned_parent(parent, config_a, head, order)
 
 
 def aligned_parent(parent: LoadedParent, config_a: PretrainedConfig, head: Sequence[str],

@@ -237,15 +237,17 @@ def _distinct(processors: Sequence[Any]) -> tuple[list[Any], list[int]]:
     """The distinct processors (by their serialised settings, first seen first) and each model's index into them."""
     from hf_mudsc.load.processors import processor_fingerprint
 
-    keys: dict[str, int] = {}
+    fingerprints: dict[int, str] = {}  # one fingerprint per object: most models share the same one
+    position: dict[str, int] = {}
     distinct, group_of = [], []
-    known: dict[int, int] = {}
     for processor in processors:
-        if id(processor) not in known:
-            known[id(processor)] = keys.setdefault(processor_fingerprint(processor), len(keys))
-            if known[id(processor)] == len(distinct):
-                distinct.append(processor)
-        group_of.append(known[id(processor)])
+        if id(processor) not in fingerprints:
+            fingerprints[id(processor)] = processor_fingerprint(processor)
+        key = fingerprints[id(processor)]
+        if key not in position:
+            position[key] = len(distinct)
+            distinct.append(processor)
+        group_of.append(position[key])
     return distinct, group_of
 
 
