@@ -728,8 +728,10 @@ def test_a_path_that_leaves_the_local_root_is_refused(server_disk, tmp_path, esc
         with pytest.raises(RecipeError) as caught:
             parse_job(body, tmp_path / "out", local_roots=[root])
         message = str(caught.value)
-        assert f"`{key}` names the local path {path!r}, outside the folders this service may read" in message
-        assert "--local-root" in message and str(outside) not in message.replace(path, ""), message
+        assert message.startswith(f"`{key}` names the local path {path!r}, which is outside the folders this server "
+                                  "allows (its operator lists them with --local-root)"), message
+        rest = message.replace(path, "")  # the client learns no server path but the one it sent
+        assert str(outside) not in rest and str(root) not in rest, message
 
 
 def test_the_service_refuses_a_local_path_at_post_time_and_queues_nothing(server_disk, tmp_path):

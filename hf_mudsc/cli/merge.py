@@ -13,6 +13,7 @@ where; inputs are only read.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from dataclasses import Field
 from pathlib import Path
@@ -22,6 +23,8 @@ from hf_mudsc.errors import RecipeError
 from hf_mudsc.options import REFITTING, MergeOptions, flag, int_or_auto, number_or_auto
 from hf_mudsc.publish.folder import check_output
 from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
+
+logger = logging.getLogger(__name__)
 
 
 def option_argument(option: Field) -> tuple[list[str], dict[str, Any]]:
@@ -129,11 +132,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None = None,
-            progress: bool = True) -> dict[str, Any]:
+            progress: bool = True, base_origin: str | None = None) -> dict[str, Any]:
     """Run a validated recipe: merge, save (and push) on the main process. Returns what was produced.
 
     `recipe_file`: the recipe's path, when it came from one (an input the output must not overlap).
-    `progress`: progress bars on a terminal, periodic log lines otherwise (`hf_mudsc.progress`); False: neither."""
+    `progress`: progress bars on a terminal, periodic log lines otherwise (`hf_mudsc.progress`); False: neither.
+    `base_origin`: how the recipe's `base` was found when the caller found it (the service resolves the base the
+    parents' cards name before a job starts, `load.parents.BASE_FROM_CARDS`): the config and card say so."""
     if not recipe.output and not recipe.push_to_hub:
         raise RecipeError("say where the merged model goes: --output DIR and/or --push-to-hub ORG/NAME")
     from hf_mudsc.calibrate.device import resolve_device
@@ -197,6 +202,9 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
         check_config=check_config,
         before_weights=open_calibration if reads_data or recipe.refit in REFITTING or (
             recipe.refit == "auto" and recipe.calibration is not None) else None)
+    if base is not None and base_origin is not None:
+        base.origin = base_origin
+        logger.info("base model %s: %s", recipe.base, base_origin)
     calibration, calibration_spec = opened.get("data"), opened.get("spec", recipe.calibration)
     import hf_mudsc
 

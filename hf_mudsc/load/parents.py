@@ -30,7 +30,7 @@ from hf_mudsc.load.config_json import FIX as CONFIG_FIX
 from hf_mudsc.load.config_json import check_config_json
 from hf_mudsc.load.hub_calls import hub_call
 from hf_mudsc.load.processors import load_processor, processor_from_name, tokenizer_of
-from hf_mudsc.load.references import looks_like_path, parse_reference
+from hf_mudsc.load.references import card_base_model, looks_like_path, parse_reference
 from hf_mudsc.load.relation import parent_label
 
 logger = logging.getLogger(__name__)
@@ -942,21 +942,6 @@ def _card_text(located: _Located, *, token: str | bool | None, cache_dir: str | 
     if folder is not None and (folder / "README.md").is_file():
         return (folder / "README.md").read_text(encoding="utf-8")
     return None
-
-
-def card_base_model(card_text: str | None) -> str | None:
-    """The one `base_model` a model card's front matter names (a string or a one-item list), else None."""
-    from huggingface_hub import ModelCard
-
-    if not card_text:
-        return None
-    try:
-        value = ModelCard(card_text, ignore_metadata_errors=True).data.to_dict().get("base_model")
-    except ValueError:
-        return None
-    if isinstance(value, list):
-        value = value[0] if len(value) == 1 else None
-    return value if isinstance(value, str) and value else None
 
 
 def base_from_cards(located: Sequence[_Located], *, token: str | bool | None = None,

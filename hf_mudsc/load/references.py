@@ -1,7 +1,8 @@
 """References to parents and data: `org/name@rev` parsing, display names, pinned references for recipes.
 
 Imports nothing heavy (transformers only for a type hint): the service's web process checks with it which
-references name this machine's folders (`hf_mudsc.serve.jobs`), exactly as the loader will read them.
+references name this machine's folders — and which base a local parent's model card names — exactly as the loader
+will read them (`hf_mudsc.serve.jobs`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,22 @@ def pinned_calibration(calibration_spec: str | None) -> str | None:
         if path and os.path.exists(os.path.expanduser(path)):
             return os.path.abspath(os.path.expanduser(path)) + tail
     return calibration_spec
+
+
+def card_base_model(card_text: str | None) -> str | None:
+    """The one `base_model` a model card's front matter names (a string or a one-item list), else None. Here, not
+    in the loader, so the service's web process decides which base a local parent's card names as the loader will."""
+    from huggingface_hub import ModelCard
+
+    if not card_text:
+        return None
+    try:
+        value = ModelCard(card_text, ignore_metadata_errors=True).data.to_dict().get("base_model")
+    except ValueError:
+        return None
+    if isinstance(value, list):
+        value = value[0] if len(value) == 1 else None
+    return value if isinstance(value, str) and value else None
 
 
 def parse_reference(ref: str | os.PathLike) -> tuple[str, str | None]:

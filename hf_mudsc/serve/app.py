@@ -44,7 +44,7 @@ from starlette.exceptions import HTTPException
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import RecipeError
 from hf_mudsc.serve import host_name, is_loopback
-from hf_mudsc.serve.jobs import JobRequest, accepted_keys, check_local_paths, parse_job
+from hf_mudsc.serve.jobs import JobRequest, accepted_keys, parse_job, resolve_local_paths
 from hf_mudsc.serve.scheduler import Scheduler
 from hf_mudsc.serve.store import ACTIVE, MAX_QUEUED, PHASES, JobStore, QueueFullError, TargetClaimedError
 from hf_mudsc.solve.diagnostics import PLOTS_FOLDER
@@ -91,9 +91,10 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
     state_dir = Path(state_dir).expanduser().absolute()
     roots = tuple(Path(root).expanduser().resolve() for root in local_roots)
     store = JobStore(state_dir)
-    # A queued job is checked against the roots again when it starts: it may have been accepted before a restart.
+    # A queued job is checked against the roots again when it starts (it may have been accepted before a restart),
+    # and its worker is handed the paths that check resolved, not the client's strings.
     scheduler = Scheduler(store, workers=workers,
-                          admit=lambda request: check_local_paths(JobRequest.from_stored(request).recipe, roots))
+                          admit=lambda request: resolve_local_paths(JobRequest.from_stored(request), roots).to_dict())
     outputs = Path(output_root).expanduser().absolute() if output_root else state_dir / "outputs"
     outputs.mkdir(parents=True, exist_ok=True)
     templates = Environment(loader=PackageLoader("hf_mudsc.serve", "templates"),

@@ -7,28 +7,37 @@ destination keys a recipe FILE may not set but a job must (`output`, `push_to_hu
 `output` is a folder under the service's output root (default `<state-dir>/outputs`): a client names a folder
 there, never a path elsewhere on the server. `allow_pickle` is refused: the service never unpickles weights.
 
-What a job READS from the server's disk — a parent or `base` folder, `calibration` data — must lie inside a folder
-the operator listed with `hf-mudsc serve --local-root DIR` (resolved with symlinks followed); without one, a job
-names Hub references only. Otherwise anyone who may POST could make the server merge, and push to the Hub, any
-folder it can read. Which references are local is decided exactly as the loader decides it
-(`load.references`, `calibrate.dataset_spec`), in the worker's working folder (the server's).
+What a job READS from the server's disk — a parent or `base` folder, `calibration` data, and the base a local
+parent's model card names when the job's method takes it from there — must lie inside a folder the operator listed
+with `hf-mudsc serve --local-root DIR` (resolved with symlinks followed); without one, a job names Hub references
+only. Otherwise anyone who may POST could make the server merge, and push to the Hub, any folder it can read. Which
+references are local is decided exactly as the loader decides it (`load.references`, `calibrate.dataset_spec`), in
+the worker's working folder (the server's). The check runs at POST and again when the job is about to start, and
+the worker is handed the resolved paths (`resolve_local_paths`): a link inside a root re-pointed after the check
+does not redirect a load. A refusal names the path the client sent, never the roots (the server's log has them).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from hf_mudsc.calibrate.dataset_spec import DatasetSpec
 from hf_mudsc.errors import CalibrationError, LoadError, RecipeError
-from hf_mudsc.load.references import looks_like_path, parse_reference
+from hf_mudsc.load.references import card_base_model, looks_like_path, parse_reference
+from hf_mudsc.methods.registry import AUTO, get_method
 from hf_mudsc.publish.recipe import DESTINATION_KEYS, INFO_KEYS, Recipe
+
+logger = logging.getLogger(__name__)
 
 SERVICE_KEYS = ("dry_run",)
 NAME_MAX = 255  # bytes in one folder name (Linux, macOS, Windows)
+# How a refusal tells the client a local path is not allowed: no server path but the one it sent (docs/design.md §11).
+OUTSIDE = "which is outside the folders this server allows (its operator lists them with --local-root)"
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,10 @@ class JobRequest:
 
     recipe: Recipe
     dry_run: bool
+    base_from_cards: bool = False
+    """The recipe's `base` is the folder every parent's model card names, resolved by the start check
+    (`resolve_local_paths`) so the worker loads the folder that was checked; the merged model says where it came
+    from as the loader would have."""
 
     @property
     def output(self) -> str | None:
@@ -47,13 +60,17 @@ class JobRequest:
         return self.recipe.push_to_hub
 
     def to_dict(self) -> dict[str, Any]:
-        """What the store keeps and the worker receives (JSON): every recipe field, plus `dry_run`."""
-        return {**self.recipe.to_dict(), "dry_run": self.dry_run}
+        """What the store keeps and the worker receives (JSON): every recipe field, plus `dry_run` (and
+        `base_from_cards` in what the worker receives, when set)."""
+        data = {**self.recipe.to_dict(), "dry_run": self.dry_run}
+        if self.base_from_cards:
+            data["base_from_cards"] = True
+        return data
 
     @classmethod
     def from_stored(cls, data: Mapping[str, Any]) -> JobRequest:
         values = {k: v for k, v in data.items() if k in Recipe.keys()}
-        return cls(Recipe(**values), bool(data.get("dry_run", False)))
+        return cls(Recipe(**values), bool(data.get("dry_run", False)), bool(data.get("base_from_cards", False)))
 
 
 def accepted_keys() -> list[str]:
@@ -88,7 +105,7 @@ def parse_job(body: Any, output_root: Path, *, dry_run: bool = False,
     recipe = Recipe.from_dict(body, source="job")
     recipe = recipe.override(**{k: v for k, v in destination.items() if v is not None})
     recipe = recipe.validate()
-    check_local_paths(recipe, local_roots)
+    resolve_local_paths(JobRequest(recipe, dry_run), local_roots)  # refuses; the store keeps what the client sent
     if recipe.output is not None:
         recipe.output = str(resolve_output(recipe.output, output_root))
     dry_run = dry_run or flag
@@ -114,30 +131,111 @@ def resolve_output(output: str, output_root: Path) -> Path:
     return resolved
 
 
-def check_local_paths(recipe: Recipe, local_roots: Sequence[Path]) -> None:
-    """Refuse (one line naming the key, the path as given and the flag) a path the job would read from the server's
-    disk outside every local root. The roots and the paths are resolved with symlinks followed, so `DIR/../x` and a
-    link out of DIR are outside; the resolved target is never named (it may tell where a link leads)."""
+def resolve_local_paths(job: JobRequest, local_roots: Sequence[Path]) -> JobRequest:
+    """The job as its worker runs it: every path it reads from the server's disk resolved (symlinks followed) and
+    inside a local root, and — when its method takes the base from the parents' model cards and they name a folder
+    — that folder as its `base`. Refused in one line (`RecipeError`) otherwise, before anything but the cards is read.
+
+    Resolved, because a path checked and later opened by name could be a link re-pointed in between. The refusal
+    names the key and the path as the client gave it — never the roots nor where a link leads (logged instead)."""
     roots = [Path(root).expanduser().resolve() for root in local_roots]
+    recipe = job.recipe
+    resolved: dict[str, str] = {}
     for key, given, path, builder in local_paths(recipe):
-        try:
-            resolved = path.resolve()
-        except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte: never inside
-            resolved = None
-        if resolved is not None and any(resolved == root or resolved.is_relative_to(root) for root in roots):
+        inside = inside_roots(path, roots)
+        if inside is None:
+            refuse(key, given, path, builder, roots)
+        if not builder:
+            resolved[key] = str(inside)
+    changes: dict[str, Any] = {"models": [resolved.get(f"models[{i}]", ref) for i, ref in enumerate(recipe.models)]}
+    if "base" in resolved:
+        changes["base"] = resolved["base"]
+    if "calibration" in resolved:
+        changes["calibration"] = with_data_path(recipe.calibration, resolved["calibration"])
+    from_cards = None
+    if recipe.base is None and recipe.method != AUTO and get_method(recipe.method).needs_base_model:
+        from_cards = card_base(recipe.models, changes["models"], roots)
+        if from_cards is not None:
+            changes["base"] = from_cards
+    return JobRequest(recipe.override(**changes), job.dry_run, base_from_cards=from_cards is not None)
+
+
+def inside_roots(path: Path, roots: Sequence[Path]) -> Path | None:
+    """`path` resolved (symlinks followed) when it lies inside one of `roots`, else None."""
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte: never inside
+        return None
+    return resolved if any(resolved == root or resolved.is_relative_to(root) for root in roots) else None
+
+
+def refuse(key: str, given: str, path: Path, builder: bool, roots: Sequence[Path]) -> NoReturn:
+    """One line for the client naming the key and the path it sent; the roots go to the server's log only."""
+    if roots:
+        logger.warning("refused a job: `%s` %r (%s) is outside the local roots %s", key, given, path,
+                       ", ".join(map(str, roots)))
+        where = f"{OUTSIDE}: name a path inside them or a Hub reference `org/name[@revision]`"
+    else:
+        where = ("but this service reads no local paths (it was started without --local-root): name a Hub "
+                 "reference `org/name[@revision]`, or start the service with --local-root DIR for a folder "
+                 "holding it")
+    if builder:
+        raise RecipeError(f"`{key}` {given!r} is no `org/name` Hub dataset: a bare name is a datasets builder "
+                          f"(json, csv, imagefolder, ...) that reads the service's working folder, {where}")
+    raise RecipeError(f"`{key}` names the local path {given!r}, {where}")
+
+
+def with_data_path(calibration: str, path: str) -> str:
+    """A calibration spec with its local data path replaced (`:config:split` kept); the spec as given when the new
+    path would not parse back as that path (a ':' in it)."""
+    spec = DatasetSpec.parse(calibration)
+    changed = str(DatasetSpec(path=path, config=spec.config, split=spec.split, revision=spec.revision))
+    return changed if DatasetSpec.parse(changed).path == path else calibration
+
+
+def card_base(given: Sequence[str], models: Sequence[str], roots: Sequence[Path]) -> str | None:
+    """The base the loader would take from the parents' model cards, when it is a folder of this machine: resolved,
+    after every local parent's card naming a folder was checked to name one inside the roots (refused otherwise).
+    None when the loader would take a Hub id or nothing from them (it also ignores a folder a Hub card names)."""
+    named: list[tuple[str, Path] | None] = []  # (the card's value as written, the folder it resolves to)
+    for index, (reference, model) in enumerate(zip(given, models)):
+        value = card_base_model(card_text(Path(model))) if looks_local(reference) is not None else None
+        path = looks_local(value) if value is not None else None  # a Hub parent's card: the loader ignores folders
+        if path is None:
+            named.append(None)
             continue
-        if roots:
-            where = (f"outside the folders this service may read (--local-root: {', '.join(map(str, roots))}): "
-                     "name a path inside one of them or a Hub reference `org/name[@revision]`, or add --local-root "
-                     "DIR for a folder holding it")
-        else:
-            where = ("but this service reads no local paths (it was started without --local-root): name a Hub "
-                     "reference `org/name[@revision]`, or start the service with --local-root DIR for a folder "
-                     "holding it")
-        if builder:
-            raise RecipeError(f"`{key}` {given!r} is no `org/name` Hub dataset: a bare name is a datasets builder "
-                              f"(json, csv, imagefolder, ...) that reads the service's working folder, {where}")
-        raise RecipeError(f"`{key}` names the local path {given!r}, {where}")
+        inside = inside_roots(path, roots)
+        if inside is None:
+            logger.warning("refused a job: the model card of `models[%d]` %r names base_model %r, outside the local "
+                           "roots %s", index, reference, value, ", ".join(map(str, roots)))
+            raise RecipeError(f"`models[{index}]` {reference!r}: its model card (README.md) names a local base_model, "
+                              f"{OUTSIDE}: pass `base` (a Hub reference `org/name[@revision]` or a folder inside "
+                              "them)")
+        named.append((value, inside))
+    values = {n[0] if n is not None else None for n in named}
+    if len(values) == 1 and None not in values:  # the loader takes the base only when every card names the same
+        return str(named[0][1])
+    return None
+
+
+def looks_local(reference: str) -> Path | None:
+    """The path a parent or base reference names on this machine, as the loader reads it; None for a Hub id."""
+    try:
+        name, revision = parse_reference(reference)
+    except LoadError:
+        return None
+    return Path(name).expanduser() if revision is None and looks_like_path(name) else None
+
+
+def card_text(folder: Path) -> str | None:
+    """A parent folder's model card, unless it is missing or a link out of the folder (the loader refuses those)."""
+    card = folder / "README.md"
+    try:
+        if not card.is_file() or not card.resolve().is_relative_to(folder.resolve()):
+            return None
+        return card.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def local_paths(recipe: Recipe) -> Iterator[tuple[str, str, Path, bool]]:

@@ -56,9 +56,10 @@ class Scheduler:
     still importing torch that can take a while): submitting, cancelling and the API never wait for a worker."""
 
     def __init__(self, store: JobStore, workers: int = 1,
-                 admit: Callable[[dict[str, Any]], None] | None = None) -> None:
-        """`admit(request)`: checked again when a job is about to start, raising `RecipeError` to fail it (the
-        service's local roots: a job queued before a restart with fewer `--local-root` folders must not run)."""
+                 admit: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+        """`admit(request)`: run when a job is about to start; returns the request its worker receives (local paths
+        resolved, so the worker reads what was checked), or raises `RecipeError` to fail it (the service's local
+        roots: a job queued before a restart with fewer `--local-root` folders must not run)."""
         if workers < 1:
             raise ValueError(f"--workers must be at least 1, got {workers}")
         self.store = store
@@ -152,9 +153,8 @@ class Scheduler:
                     run = Running(None, None)
                     self.running[job_id] = run
                 try:
-                    if self.admit is not None:
-                        self.admit(job["request"])
-                    self._start(job_id, job["request"], run, token)
+                    request = job["request"] if self.admit is None else self.admit(job["request"])
+                    self._start(job_id, request, run, token)
                 except RecipeError as refused:
                     self.store.update(job_id, status="failed", error=f"refused when it was about to start: {refused}")
                     with self._lock:

@@ -224,6 +224,7 @@ def run_merge(job: JobRequest, token: str | None, reporter: Reporter) -> dict[st
     from transformers import PreTrainedModel
 
     from hf_mudsc.cli.merge import execute
+    from hf_mudsc.load.parents import BASE_FROM_CARDS
 
     depth = [0]  # nesting of whole-model forwards: a ViTForImageClassification runs its ViTModel inside
     expected = _expected_batches(job)
@@ -243,7 +244,7 @@ def run_merge(job: JobRequest, token: str | None, reporter: Reporter) -> dict[st
 
     torch.nn.modules.module.register_module_forward_pre_hook(before_forward)
     torch.nn.modules.module.register_module_forward_hook(after_forward)
-    produced = execute(job.recipe, token=token)
+    produced = execute(job.recipe, token=token, base_origin=BASE_FROM_CARDS if job.base_from_cards else None)
     push = produced.get("push")
     output = produced.get("output")
     files = sorted(p.name for p in output.iterdir() if p.is_file() and not p.name.startswith(".")) if output else []

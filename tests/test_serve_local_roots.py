@@ -1,0 +1,233 @@
+"""`hf-mudsc serve --local-root DIR`: what a job reads from the server's disk stays inside the roots — including a
+base a local parent's model card names — the worker loads the paths that were checked (resolved, so a link swapped
+after the check does not redirect a load), and a refusal tells the client nothing about the server's disk but the
+path it sent (the roots go to the server's log)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from serve_service import Service
+from test_cli import save_parents_and_data
+
+from hf_mudsc.errors import RecipeError
+from hf_mudsc.serve.jobs import JobRequest, parse_job
+
+NEEDS_BASE = "task_arithmetic"  # a method that takes the parents' cards' base_model when no `base` is given
+
+
+@pytest.fixture(scope="module")
+def vits(tmp_path_factory):
+    return save_parents_and_data(tmp_path_factory.mktemp("local_roots_inputs"))
+
+
+def card(folder: Path, base_model: str) -> None:
+    (folder / "README.md").write_text(f"---\nbase_model: {base_model}\nlibrary_name: transformers\n---\n\n# x\n")
+
+
+@pytest.fixture()
+def disk(tmp_path, monkeypatch):
+    """`root` (the allowed folder) with two parent folders and a base folder; `outside` beside it with a model
+    folder; `root/link` leads out. The working folder is `tmp_path`, where relative paths resolve."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    for folder in (root / "p0", root / "p1", root / "base", outside / "secret-model"):
+        folder.mkdir(parents=True)
+    (root / "link").symlink_to(outside / "secret-model", target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    return root, outside
+
+
+def body_for(root: Path, **extra: Any) -> dict[str, Any]:
+    return {"models": [str(root / "p0"), str(root / "p1")], "method": NEEDS_BASE, "output": "m", **extra}
+
+
+@pytest.mark.parametrize("named", ["{outside}/secret-model", "../outside", "root/../outside/secret-model",
+                                   "root/link", "outside/secret-model"])
+def test_a_local_parents_card_naming_a_base_outside_the_roots_is_refused(disk, tmp_path, caplog, named):
+    root, outside = disk
+    value = named.format(outside=outside)
+    for parent in ("p0", "p1"):
+        card(root / parent, value)
+    with caplog.at_level(logging.WARNING, logger="hf_mudsc"), pytest.raises(RecipeError) as caught:
+        parse_job(body_for(root), tmp_path / "out", local_roots=[root])
+    message = str(caught.value)
+    assert message.startswith(f"`models[0]` {str(root / 'p0')!r}: its model card (README.md) names a local "
+                              "base_model, which is outside the folders this server allows (its operator lists them "
+                              "with --local-root)"), message
+    assert "\n" not in message and value not in message and str(outside) not in message, message
+    # The server's log keeps what the client is not told: the card's value and the roots.
+    assert value in caplog.text and str(root.resolve()) in caplog.text
+
+
+def test_a_card_base_inside_the_roots_a_hub_id_or_no_base_needed_is_accepted(disk, tmp_path):
+    root, _ = disk
+    for value in (str(root / "base"), "root/base", "org/base", "org/base@v1"):
+        for parent in ("p0", "p1"):
+            card(root / parent, value)
+        assert parse_job(body_for(root), tmp_path / "out", local_roots=[root]).recipe.base is None
+    for parent in ("p0", "p1"):
+        card(root / parent, "root/link")
+    # a `base` given wins over the cards, and a method that needs no base never reads them
+    assert parse_job(body_for(root, base="user/base"), tmp_path / "out", local_roots=[root])
+    assert parse_job(body_for(root, method="weight_matching"), tmp_path / "out", local_roots=[root])
+
+
+def test_the_refusal_names_no_root_and_the_server_log_keeps_them(disk, tmp_path, caplog):
+    """A 400 tells the client the path it sent is outside the allowed folders, not where those are."""
+    from fastapi.testclient import TestClient
+
+    from hf_mudsc.serve.app import create_app
+
+    root, outside = disk
+    other = tmp_path / "other-root"
+    other.mkdir()
+    app = create_app(tmp_path / "state", local_roots=[root, other])
+    client = TestClient(app, base_url="http://127.0.0.1")
+    sent = str(outside / "secret-model")
+    with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
+        answer = client.post("/api/jobs", json={"models": [sent, "user/b"], "method": "weight_matching",
+                                                "output": "m"})
+    assert answer.status_code == 400
+    message = answer.json()["error"]
+    assert message == (f"`models[0]` names the local path {sent!r}, which is outside the folders this server allows "
+                       "(its operator lists them with --local-root): name a path inside them or a Hub reference "
+                       "`org/name[@revision]`")
+    assert str(root) not in answer.text and str(other) not in answer.text
+    assert str(root.resolve()) in caplog.text and str(other.resolve()) in caplog.text and sent in caplog.text
+    assert app.state.store.list() == []
+
+
+def run_queued(app: Any, job_id: str, handed: list[dict[str, Any]], after_check: Any = None) -> dict[str, Any]:
+    """Let the app's scheduler take `job_id`, recording the request each worker would be handed (no process starts:
+    `_start` is replaced); `after_check()` runs once the job has passed the start check."""
+    scheduler = app.state.scheduler
+
+    def start(job: str, request: dict[str, Any], run: Any, token: Any) -> None:
+        handed.append(json.loads(json.dumps(request)))
+        if after_check is not None:
+            after_check()
+        app.state.store.update(job, status="succeeded")
+        with scheduler._lock:
+            scheduler.running.pop(job, None)
+
+    scheduler._start = start
+    loop = threading.Thread(target=scheduler._loop, daemon=True)
+    loop.start()
+    scheduler.submit(job_id, None)
+    deadline = time.monotonic() + 20
+    while app.state.store.get(job_id)["status"] in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    scheduler.stop()
+    loop.join(timeout=10)
+    return app.state.store.get(job_id)
+
+
+def queue(app: Any, body: dict[str, Any], roots: list[Path], tmp_path: Path) -> str:
+    accepted = parse_job(body, tmp_path / "out", local_roots=roots)
+    return app.state.store.add(accepted.to_dict(), output=accepted.output, repo_id=None, dry_run=False,
+                               has_token=False)
+
+
+def test_the_worker_is_handed_the_resolved_paths_so_a_link_swapped_after_the_check_reads_nothing_else(
+        vits, disk, tmp_path):
+    """Checked, then opened by name, a link inside a root could be re-pointed out of it in between. The start check
+    returns the resolved real paths and the worker loads those: re-pointing the link after the check changes
+    nothing the job reads."""
+    from hf_mudsc.cli.merge import execute
+    from hf_mudsc.serve.app import create_app
+
+    root, outside = disk
+    a, b, calibration = vits
+    for name, source in (("real-a", a), ("real-b", b), ("real-data", calibration)):
+        shutil.copytree(source, root / name)
+    (root / "link-a").symlink_to(root / "real-a", target_is_directory=True)
+    (root / "link-data").symlink_to(root / "real-data", target_is_directory=True)
+    body = {"models": ["root/link-a", str(root / "real-b")], "method": "zipit", "calibration": "root/link-data",
+            "num_samples": 8, "batch_size": 4, "output": "m"}
+    app = create_app(tmp_path / "state", local_roots=[root])
+    job_id = queue(app, body, [root], tmp_path)
+
+    def swap() -> None:  # both links now lead out of the root
+        for link in (root / "link-a", root / "link-data"):
+            link.unlink()
+            link.symlink_to(outside / "secret-model", target_is_directory=True)
+
+    handed: list[dict[str, Any]] = []
+    job = run_queued(app, job_id, handed, after_check=swap)
+    assert job["status"] == "succeeded", job
+    assert handed[0]["models"] == [str((root / "real-a").resolve()), str((root / "real-b").resolve())]
+    assert handed[0]["calibration"] == str((root / "real-data").resolve())
+    assert job["request"]["models"][0] == "root/link-a"  # the client's recipe, as it sent it, is what it sees
+    # The merge the worker runs from that spec reads the checked folders, not where the links lead now.
+    recipe = JobRequest.from_stored(handed[0]).recipe.override(output=str(tmp_path / "merged"))
+    produced = execute(recipe, progress=False)
+    pinned = yaml.safe_load((produced["output"] / "mudsc_recipe.yaml").read_text())
+    assert pinned["models"][0] == str((root / "real-a").resolve())
+
+
+def test_a_card_base_is_resolved_for_the_worker_and_checked_again_when_the_job_starts(vits, disk, tmp_path):
+    """The base the parents' cards name is resolved at the start check and handed to the worker as the job's base
+    (marked as found through the cards); a card re-pointed out of the roots while the job waited refuses it."""
+    from hf_mudsc.serve.app import create_app
+
+    root, outside = disk
+    (root / "base-link").symlink_to(root / "base", target_is_directory=True)
+    for parent in ("p0", "p1"):
+        card(root / parent, "root/base-link")
+    app = create_app(tmp_path / "state", local_roots=[root])
+    handed: list[dict[str, Any]] = []
+    job = run_queued(app, queue(app, body_for(root), [root], tmp_path), handed)
+    assert job["status"] == "succeeded", job
+    assert handed[0]["base"] == str((root / "base").resolve()) and handed[0]["base_from_cards"] is True
+    assert job["request"].get("base") is None and "base_from_cards" not in job["request"]
+
+    app = create_app(tmp_path / "state2", local_roots=[root])
+    waiting = queue(app, body_for(root), [root], tmp_path)
+    card(root / "p1", str(outside / "secret-model"))  # changed while the job waited
+    handed = []
+    job = run_queued(app, waiting, handed)
+    assert handed == [] and job["status"] == "failed", job
+    assert job["error"].startswith(f"refused when it was about to start: `models[1]` {str(root / 'p1')!r}: its "
+                                   "model card (README.md) names a local base_model, which is outside"), job["error"]
+
+
+def test_the_service_refuses_a_parent_whose_card_names_a_base_outside_its_roots(hub_emulator, vits, tmp_path):
+    """End to end: the service started with a root, parents inside it whose cards name a base outside it -> 400
+    before anything is queued or read; cards naming a base inside it -> the merge runs with that base, and its card
+    says the base came from the parents' cards."""
+    from hf_mudsc.load.parents import BASE_FROM_CARDS
+
+    a, b, _ = vits
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    shutil.copytree(a, root / "p0")
+    shutil.copytree(b, root / "p1")
+    shutil.copytree(a, root / "base")
+    shutil.copytree(a, outside / "base")
+    for parent in ("p0", "p1"):
+        card(root / parent, str(outside / "base"))
+    body = {"models": [str(root / "p0"), str(root / "p1")], "method": NEEDS_BASE, "output": "merged"}
+    log = tmp_path / "server.log"
+    with Service(hub_emulator, tmp_path / "state", log, extra=("--local-root", str(root))) as service:
+        status, answer = service.request("POST", "/api/jobs", body)
+        assert status == 400, answer
+        assert answer["error"].startswith(f"`models[0]` {str(root / 'p0')!r}: its model card (README.md) names a "
+                                          "local base_model, which is outside the folders this server allows")
+        assert str(outside) not in answer["error"]
+        assert service.request("GET", "/api/jobs")[1]["jobs"] == []
+
+        for parent in ("p0", "p1"):
+            card(root / parent, str(root / "base"))
+        job = service.wait(service.submit(body))
+        assert job["status"] == "succeeded", job
+        config = json.loads((Path(job["result"]["output"]) / "config.json").read_text())
+        assert config["mudsc"]["base_source"] == BASE_FROM_CARDS
+    refusals = [line for line in log.read_text().splitlines() if "outside the local roots" in line]
+    assert refusals and str(root.resolve()) in refusals[0]  # the refusal, with the roots, is in the server's log
