@@ -231,3 +231,11 @@ def test_the_service_refuses_a_parent_whose_card_names_a_base_outside_its_roots(
         assert config["mudsc"]["base_source"] == BASE_FROM_CARDS
     refusals = [line for line in log.read_text().splitlines() if "outside the local roots" in line]
     assert refusals and str(root.resolve()) in refusals[0]  # the refusal, with the roots, is in the server's log
+
+
+def test_the_readme_quotes_the_refusal_the_client_gets():
+    from hf_mudsc.serve.jobs import OUTSIDE
+
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    service = readme[readme.index("## Service"):]
+    assert f'"{OUTSIDE}"' in service and "base_model" in service
