@@ -45,6 +45,12 @@ def call(url: str, method: str = "GET", body: Any = None) -> tuple[int, Any, flo
     return status, json.loads(payload), time.perf_counter() - start
 
 
+def attention_heads(hidden: int) -> int:
+    """Heads of about 32 dimensions, as many as divide `hidden` (a count that does not divide it leaves attention
+    weights the merge cannot split into heads): 128 -> 4, 100 -> 2, 32 -> 1."""
+    return max(n for n in range(1, max(1, hidden // 32) + 1) if hidden % n == 0)
+
+
 def make_inputs(root: Path, hidden: int, layers: int, samples: int) -> tuple[Path, Path, Path]:
     """Two random ViT classifiers (different seeds) with a processor, and random 32x32 calibration images."""
     import datasets
@@ -54,7 +60,7 @@ def make_inputs(root: Path, hidden: int, layers: int, samples: int) -> tuple[Pat
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     config = ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=hidden, num_hidden_layers=layers,
-                       num_attention_heads=max(1, hidden // 32), intermediate_size=4 * hidden, num_labels=10)
+                       num_attention_heads=attention_heads(hidden), intermediate_size=4 * hidden, num_labels=10)
     processor = ViTImageProcessor(size={"height": 32, "width": 32})
     folders = []
     for seed in (1, 2):
@@ -112,6 +118,9 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=4, help="parents' layers")
     parser.add_argument("--samples", type=int, default=256, help="calibration images")
     args = parser.parse_args()
+    for name in ("jobs", "clients", "workers", "hidden", "layers", "samples"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
 
     root = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     a, b, calibration = make_inputs(root, args.hidden, args.layers, args.samples)
