@@ -752,7 +752,8 @@ def test_a_parent_with_integer_weights_is_refused_before_any_weights_are_loaded(
             hf_mudsc.merge([good, bad], None, method=method, base=good if method == "task_arithmetic" else None)
         message = str(caught.value)
         assert "\n" not in message, message
-        assert f"{str(bad)!r}: its weight {name!r} is stored as {shown_as}, not as floating-point numbers" in message
+        assert (f"{str(bad)!r}: its weight {name!r} is stored as {shown_as}, "
+                "not as float16/bfloat16/float32/float64 floating-point numbers") in message
         assert "dequantize it" in message and "float checkpoint" in message, message
 
 
@@ -787,6 +788,48 @@ def test_a_model_object_with_integer_parameters_is_refused(tmp_path):
     assert layer.weight.dtype == torch.int8  # the object is left as it is
 
 
+@pytest.mark.parametrize(("dtype", "shown_as"), [("float8_e4m3fn", "float8_e4m3"), ("float8_e5m2", "float8_e5m2")])
+def test_a_parent_with_float8_weights_is_refused_before_any_weights_are_loaded(tmp_path, monkeypatch, dtype,
+                                                                                shown_as):
+    """A scaled fp8 checkpoint keeps its scales in side tensors, like int8; its header's F8_E4M3 read as "float"
+    and the raw values were cast to float32 and merged. Only float16/bfloat16/float32/float64 weights are weights."""
+    import torch
+    import transformers
+    from safetensors import safe_open
+
+    import hf_mudsc
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import model_class_for
+
+    good = _quantized_folder(tmp_path / "good", "vit_cls", None, seed=0)[0]
+    bad, name = _quantized_folder(tmp_path / "bad", "vit_cls", getattr(torch, dtype), seed=1)
+    with safe_open(bad / "model.safetensors", "pt") as stored:  # the header says fp8, as a Hub fp8 file's does
+        assert stored.get_slice(name).get_dtype() == shown_as.upper().replace("FLOAT8", "F8")
+    cls = model_class_for(transformers.AutoConfig.from_pretrained(bad))
+    monkeypatch.setattr(cls, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded before refusing"))
+    for method in ("average", "task_arithmetic"):
+        with pytest.raises(LoadError) as caught:
+            hf_mudsc.merge([good, bad], None, method=method, base=good if method == "task_arithmetic" else None)
+        message = str(caught.value)
+        assert "\n" not in message, message
+        assert f"{str(bad)!r}: its weight {name!r} is stored as {shown_as}" in message, message
+        assert "dequantize it" in message, message
+
+
+def test_a_model_object_with_float8_parameters_is_refused(tmp_path):
+    import torch
+    from factories import make_model
+
+    import hf_mudsc
+    from hf_mudsc.errors import LoadError
+
+    a, b = make_model("vit_cls", 0), make_model("vit_cls", 1)
+    layer = b.vit.layers[0].mlp.fc1
+    layer.weight = torch.nn.Parameter(layer.weight.to(torch.float8_e4m3fn), requires_grad=False)
+    with pytest.raises(LoadError, match="its weight 'vit.layers.0.mlp.fc1.weight' is stored as float8_e4m3fn"):
+        hf_mudsc.merge([a, b], None, method="average")
+
+
 def test_a_pickle_parent_with_integer_weights_is_refused_too(tmp_path):
     """Under allow_pickle the dtypes come from unpickling onto the meta device (no tensor data read)."""
     import torch
@@ -798,7 +841,8 @@ def test_a_pickle_parent_with_integer_weights_is_refused_too(tmp_path):
     folder, name = _quantized_folder(tmp_path / "bad", "vit_cls", torch.int8)
     torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
     (folder / "model.safetensors").unlink()
-    with pytest.raises(LoadError, match=f"its weight '{name}' is stored as int8, not as floating-point numbers"):
+    with pytest.raises(LoadError, match=f"its weight '{name}' is stored as int8, "
+                                        "not as float16/bfloat16/float32/float64 floating-point numbers"):
         load_parent(folder, allow_pickle=True)
 
 

@@ -598,11 +598,17 @@ def check_config_fits_weights(located: _Located) -> None:
     check_floating_weights(located.reference, {key: stored.stored_dtype(key) for key in stored}, model)
 
 
+WEIGHT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+"""The dtypes a weight is read from as it is (torch's names, as `lazy.dtype_name` gives a safetensors header's)."""
+
+
 def check_floating_weights(reference: str, stored: Mapping[str, str], model: torch.nn.Module) -> None:
-    """Refuse a checkpoint whose weights are stored as integers or booleans: a quantized checkpoint's int8 values
-    are weights only together with the scales it keeps in side tensors, and `from_pretrained(dtype=float32)` would
-    cast the bare integers into the model — a garbage merge without a warning. `stored`: tensor name -> dtype name
-    (`float32`, `int8` ...) as stored; `model`: the parent's model (on the meta device: its class and config).
+    """Refuse a checkpoint whose weights are stored as anything but float16/bfloat16/float32/float64 (`WEIGHT_DTYPES`):
+    a quantized checkpoint's int8 or scaled float8 values are weights only together with the scales it keeps in side
+    tensors, and `from_pretrained(dtype=float32)` would cast the bare values into the model — a garbage merge without
+    a warning. An allow-list, so a dtype added later (float4, float8 variants) is refused too. `stored`: tensor
+    name -> dtype name (`float32`, `int8` ...) as stored; `model`: the parent's model (on the meta device: its class
+    and config).
 
     A torch parameter is always floating-point, so the only integer tensors a model takes from a checkpoint are its
     buffers (BERT's `position_ids`, `token_type_ids`). Tensors are matched to buffers by their last name component:
@@ -611,15 +617,14 @@ def check_floating_weights(reference: str, stored: Mapping[str, str], model: tor
     """
     leaf = lambda name: name.rsplit(".", 1)[-1]  # noqa: E731
     buffers = {leaf(name) for name, _ in model.named_buffers()} - {leaf(name) for name, _ in model.named_parameters()}
-    bad = sorted(name for name, dtype in stored.items()
-                 if not dtype.startswith(("float", "bfloat")) and leaf(name) not in buffers)
+    bad = sorted(name for name, dtype in stored.items() if dtype not in WEIGHT_DTYPES and leaf(name) not in buffers)
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise LoadError(
-            f"{reference!r}: its weight {bad[0]!r}{more} is stored as {stored[bad[0]]}, not as floating-point numbers "
-            "— a quantized checkpoint, whose integers are weights only with their scales; dequantize it to float "
-            "(e.g. load it with its quantization library and save_pretrained the float model) or use the float "
-            "checkpoint it was quantized from"
+            f"{reference!r}: its weight {bad[0]!r}{more} is stored as {stored[bad[0]]}, not as "
+            f"{'/'.join(WEIGHT_DTYPES)} floating-point numbers — a quantized checkpoint, whose values are weights only "
+            "with their scales; dequantize it to float (e.g. load it with its quantization library and "
+            "save_pretrained the float model) or use the float checkpoint it was quantized from"
         )
 
 
