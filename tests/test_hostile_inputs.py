@@ -1016,17 +1016,60 @@ def test_the_cli_reads_the_parents_of_a_tensor_wise_method_one_tensor_at_a_time(
     assert seen["base_lazy"] == (method == "ties")
 
 
-def test_the_memory_available_is_capped_by_the_containers_limit(tmp_path, monkeypatch):
-    """Inside a container /proc/meminfo shows the host's memory; the cgroup's limit is what the merge can get."""
+GIB = 2**30
+
+
+def _fake_machine(tmp_path, monkeypatch, own: str, limits: dict[str, tuple[str, int]]):
+    """A fake /proc (128 GiB free, this process in the cgroups `own` lists, /proc/self/cgroup's lines) and
+    /sys/fs/cgroup tree (`limits`: folder under the cgroup root -> (limit as the file says it, usage)), read by
+    `available_memory` in place of the machine's."""
     import hf_mudsc.plan as plan
 
-    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
-    limit.write_text(f"{10 * 2**30}\n")
-    usage.write_text(f"{4 * 2**30}\n")
-    monkeypatch.setattr(plan, "CGROUP_LIMITS", ((str(limit), str(usage)),))
-    assert plan.available_memory() <= 6 * 2**30
-    limit.write_text("max\n")  # no limit: the machine's memory
-    assert plan.available_memory() > 0
+    proc, cgroup = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text(f"MemTotal: {256 * GIB // 1024} kB\nMemAvailable: {128 * GIB // 1024} kB\n"
+                                  "SwapFree: 0 kB\n")
+    (proc / "self" / "cgroup").write_text(own)
+    for folder, (limit, usage) in limits.items():
+        path = cgroup / folder
+        path.mkdir(parents=True, exist_ok=True)
+        v1 = folder.split("/")[0] == "memory"
+        (path / ("memory.limit_in_bytes" if v1 else "memory.max")).write_text(f"{limit}\n")
+        (path / ("memory.usage_in_bytes" if v1 else "memory.current")).write_text(f"{usage}\n")
+    monkeypatch.setattr(plan, "PROC_ROOT", str(proc))
+    monkeypatch.setattr(plan, "CGROUP_ROOT", str(cgroup))
+    return plan
+
+
+NO_LIMIT_V1 = str(2**63 - 4096)  # what cgroup v1 shows for "no limit"
+
+
+@pytest.mark.parametrize(("own", "limits", "room"), [
+    # cgroup v2 at the root (a container's own namespace): memory.max less memory.current
+    ("0::/\n", {".": (str(10 * GIB), 4 * GIB)}, 6 * GIB),
+    # v2, the process in a nested cgroup: its own limit counts, the root has none
+    ("0::/user.slice/job\n", {"user.slice/job": (str(3 * GIB), GIB), "user.slice": ("max", 9 * GIB)}, 2 * GIB),
+    # v2, nested: an ancestor's limit is tighter than the process's own
+    ("0::/a/b\n", {"a/b": ("max", GIB), "a": (str(5 * GIB), 4 * GIB)}, GIB),
+    # v1 (this machine's layout): the memory controller's nested path, the root unlimited
+    ("4:memory:/process_api/5c5d\n3:cpuset:/\n0::/\n",
+     {"memory": (NO_LIMIT_V1, 50 * GIB), "memory/process_api/5c5d": (str(8 * GIB), 3 * GIB)}, 5 * GIB),
+    # v1 with controllers mounted together
+    ("7:memory,hugetlb:/job\n", {"memory/job": (str(2 * GIB), GIB)}, GIB),
+    # the listed path is not in this mount namespace (the host's path): the root's limit
+    ("0::/host/path/of/this/container\n", {".": (str(7 * GIB), 2 * GIB)}, 5 * GIB),
+    # no limit anywhere: the machine's free memory
+    ("4:memory:/process_api/x\n", {"memory": (NO_LIMIT_V1, GIB), "memory/process_api/x": (NO_LIMIT_V1, GIB)},
+     128 * GIB),
+    ("0::/a\n", {"a": ("max", GIB)}, 128 * GIB),
+])
+def test_the_memory_available_is_capped_by_the_limit_of_the_processs_own_cgroup(tmp_path, monkeypatch, own,
+                                                                                 limits, room):
+    """Inside a container /proc/meminfo shows the host's memory; the cgroup's limit is what the merge can get. Only
+    the cgroup root's limit was read: a process in a nested cgroup (cgroup v1 `memory:/process_api/<id>`, as on
+    this machine, or a v2 slice) saw no limit and a check that passed until the kernel killed the merge."""
+    plan = _fake_machine(tmp_path, monkeypatch, own, limits)
+    assert plan.available_memory() == room
 
 
 @pytest.mark.parametrize("entry", ["cli", "python"])
