@@ -21,6 +21,7 @@ from hf_mudsc.apply.classifier import (
     concatenated_classifier_config,
     concatenated_head,
     distinct_task_names,
+    head_order,
     label_names,
     same_label_sets,
 )
@@ -343,10 +344,11 @@ def merge(
     references = sum(isinstance(m, (str, os.PathLike)) for m in models)
     first: dict[str, Any] = {}  # the first parent's config (or model), for the calibration check below
 
-    def check_config(config: Any) -> None:
+    def check_config(config: Any, every: list[Any]) -> None:
         first["config"] = config
         check_before_weights(config, merge_options, count, merge_method,
-                             loading=min(references, 1) if streaming else references)
+                             loading=min(references, 1) if streaming else references,
+                             copied=head_copies(every, streaming=streaming))
 
     def check_data(processors: list[Any]) -> None:  # a method known to read the data: its columns, before weights
         if merge_method is not None and needs_data and "config" in first:
@@ -723,12 +725,36 @@ def _reads_data(method: MergeMethod, refitting: bool) -> bool:
 
 
 def check_before_weights(config: Any, options: MergeOptions, count: int, method: MergeMethod | None, *,
-                         loading: int) -> None:
+                         loading: int, copied: Sequence[str] = ()) -> None:
     """What the first parent's config (or model) refuses before any weights are read: a `size_spend` the
     architecture cannot spend, and more parents than memory holds (`hf_mudsc.plan.check_memory`; `loading`: the
-    parents that will be loaded whole, `method` None for `auto`). merge() and the CLI call it."""
+    parents that will be loaded whole, `method` None for `auto`; `copied`: `head_copies`). merge() and the CLI call
+    it."""
     check_size_spend(config, options)
-    check_memory(config, count, method, loading=loading)
+    check_memory(config, count, method, loading=loading, copied=copied)
+
+
+def head_copies(parents: Sequence[Any], *, streaming: bool) -> list[str]:
+    """The letters of the parents `_aligned_heads` will copy whole to parent A's label order (the same labels in
+    another order: `apply.classifier.head_order`), known from the configs before any weights: the memory check
+    counts each copy, held next to its parent. `parents`: parent A first, each a config (a reference still to be
+    loaded), a model or a `LoadedParent`; `streaming`: references after the first are read one tensor at a time,
+    so their copy is a meta model and the head rows."""
+    from hf_mudsc.load.parents import LoadedParent
+
+    def config_of(parent: Any) -> Any:
+        if isinstance(parent, LoadedParent):
+            return parent.model.config
+        return parent.config if isinstance(parent, PreTrainedModel) else parent
+
+    def whole(parent: Any) -> bool:
+        if isinstance(parent, LoadedParent):
+            return parent.parameters is None
+        return isinstance(parent, PreTrainedModel) or not streaming
+
+    config_a = config_of(parents[0])
+    return [parent_label(index) for index, parent in enumerate(parents)
+            if index and whole(parent) and head_order(config_a, config_of(parent)) is not None]
 
 
 def check_calibration_before_weights(calibration: Any, processors: Any, config: Any, options: MergeOptions) -> None:

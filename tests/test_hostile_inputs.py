@@ -989,6 +989,54 @@ def test_auto_refuses_the_memory_its_choice_needs_before_calibration(tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
+def _labelled(model, names):
+    model.config.id2label = dict(enumerate(names))
+    model.config.label2id = {name: i for i, name in enumerate(names)}
+    return model
+
+
+@pytest.mark.parametrize("given", ["folders", "models", "cli"])
+def test_a_parent_copied_to_parent_as_label_order_is_counted_by_the_memory_check(tmp_path, monkeypatch, capsys,
+                                                                                  given):
+    """A parent listing A's labels in another order is deep-copied with its head reordered (`head_reordered`): one
+    more parent's weights held at once, which the floor left out — a merge that fit by the check's count could run
+    out of memory there. It is known from the configs, so the check counts it before any weights are read."""
+    from factories import make_model
+
+    import hf_mudsc
+    import hf_mudsc.load.parents as parents
+    import hf_mudsc.plan as plan
+    from hf_mudsc.errors import MergeInputError
+    from hf_mudsc.methods.registry import METHODS
+
+    a = _labelled(make_model("vit_cls", 0), ["cat", "dog", "fox"])
+    b = _labelled(make_model("vit_cls", 1), ["dog", "fox", "cat"])
+    same = _labelled(make_model("vit_cls", 2), ["cat", "dog", "fox"])
+    weights = 4 * sum(p.numel() for p in a.parameters())
+    loading = 0 if given == "models" else 2
+    floor = sum(plan.memory_floor(a, 2, METHODS["weight_matching"], loading=loading).values())
+    monkeypatch.setattr(plan, "available_memory", lambda: int(floor + weights / 2))  # less than the copy
+    if given != "models":
+        for name, model in (("a", a), ("b", b), ("same", same)):
+            model.save_pretrained(tmp_path / name)
+        a, b, same = tmp_path / "a", tmp_path / "b", tmp_path / "same"
+        monkeypatch.setattr(parents, "_finish", lambda *a, **k: pytest.fail("weights loaded before refusing"))
+    if given == "cli":
+        capsys.readouterr()
+        assert main(["merge", str(a), str(b), "--method", "weight_matching", "--output", str(tmp_path / "out")]) == 1
+        message = _one_line_error(capsys)
+        assert not (tmp_path / "out").exists()
+    else:
+        with pytest.raises(MergeInputError) as caught:
+            hf_mudsc.merge([a, b], None, method="weight_matching", refit="none", progress=False)
+        message = str(caught.value)
+        assert "\n" not in message, message
+    assert f"{weights / 1e3:.2f} kB for parent B copied in parent A's label order" in message, message
+    assert f"of parent weights ({loading} loaded whole)" in message or not loading, message
+    if given == "models":  # the same labels in the same order: no copy, and the same floor fits
+        assert hf_mudsc.merge([a, same], None, method="weight_matching", refit="none", progress=False) is not None
+
+
 @pytest.mark.parametrize(("method", "streamed"), [("linear", True), ("ties", True), ("weight_matching", False)])
 def test_the_cli_reads_the_parents_of_a_tensor_wise_method_one_tensor_at_a_time(tmp_path, monkeypatch, method,
                                                                                 streamed):

@@ -168,15 +168,17 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
     from hf_mudsc.pipeline import (
         check_before_weights,
         check_calibration_before_weights,
+        head_copies,
         reads_calibration,
         streams_parents,
     )
 
     first: dict[str, Any] = {}  # the first parent's config, for the calibration check
 
-    def check_config(config: Any) -> None:
+    def check_config(config: Any, every: list[Any]) -> None:
         first["config"] = config
-        check_before_weights(config, recipe, len(recipe.models), chosen, loading=1 if lazy else len(recipe.models))
+        check_before_weights(config, recipe, len(recipe.models), chosen,
+                             loading=1 if lazy else len(recipe.models), copied=head_copies(every, streaming=lazy))
 
     def open_calibration(processors: list[Any]) -> None:
         # A Hub dataset is pinned to its commit (recorded in the recipe) and loaded at that commit; opened (not

@@ -823,7 +823,7 @@ BASE_FROM_CARDS = "named as base_model by every parent's model card"
 def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_for: str | None = None,
                           token: str | bool | None = None, allow_pickle: bool = False,
                           cache_dir: str | os.PathLike | None = None, lazy: bool = False,
-                          check_config: Callable[[PretrainedConfig | PreTrainedModel], None] | None = None,
+                          check_config: Callable[[PretrainedConfig | PreTrainedModel, list[Any]], None] | None = None,
                           before_weights: Callable[[list[Any]], None] | None = None,
                           ) -> tuple[list[LoadedParent], LoadedParent | None, str | None]:
     """N parents and their common base (`base`: a reference, model or `LoadedParent`, or None), checked against
@@ -833,8 +833,9 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
 
     The base is loaded like a parent (pinned, safetensors unless `allow_pickle`, float32) and must be of the
     parents' class and configuration (labels aside), or of another head class of their model type with their backbone
-    (read as their class: `check_base_config`). `check_config(config)`: the caller's own check of the first
-    parent's configuration (its model instead, for a parent given as a model), also before any weights.
+    (read as their class: `check_base_config`). `check_config(config, parents)`: the caller's own check of the first
+    parent's configuration (its model instead, for a parent given as a model), also before any weights; `parents`:
+    every parent's configuration, parent A's first (a parent given as a model or `LoadedParent`: that object).
     `before_weights(processors)`: called with the parents' processors (None where a parent ships none) once every
     configuration has passed its checks, before any weights are read (the calibration data is opened and its columns
     checked against the processors there: a config refusal comes before the data is touched, a bad data spec or a
@@ -848,7 +849,9 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
     located = [_locate_with_processor(r, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir) for r in refs]
     check_configs(located)
     if check_config is not None and located[0].config is not None:
-        check_config(located[0].model if located[0].model is not None else located[0].config)
+        check_config(located[0].model if located[0].model is not None else located[0].config,
+                     [p.loaded if p.loaded is not None else p.model if p.model is not None else p.config
+                      for p in located])
     source = None
     if base is None and base_needed_for is not None:
         base = base_from_cards(located, token=token, cache_dir=cache_dir)
