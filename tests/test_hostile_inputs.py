@@ -1037,6 +1037,91 @@ def test_a_parent_copied_to_parent_as_label_order_is_counted_by_the_memory_check
         assert hf_mudsc.merge([a, same], None, method="weight_matching", refit="none", progress=False) is not None
 
 
+@pytest.mark.parametrize("entry", ["cli", "python"])
+def test_auto_refuses_the_memory_its_choice_needs_before_any_parent_is_loaded_whole(tmp_path, capsys, monkeypatch,
+                                                                                    entry):
+    """`auto` loaded every parent whole (minutes for a long recipe) before its choice was checked: its choice is now
+    made on the parents read one tensor at a time, and checked before any parent is loaded whole (for checkpoints
+    whose tensors are the model's by name, as BERT's: a ViT's are renamed by transformers as it loads them, so a
+    ViT recipe is still checked after loading, by the test above)."""
+    import datasets
+    import torch
+    from factories import make_model
+
+    import hf_mudsc
+    import hf_mudsc.load.parents as parents
+    import hf_mudsc.plan as plan
+    from hf_mudsc.methods.registry import METHODS
+
+    for seed in (0, 1):
+        make_model("bert_cls", seed).save_pretrained(tmp_path / f"p{seed}")
+    generator = torch.Generator().manual_seed(0)
+    data = datasets.Dataset.from_dict({"input_ids": torch.randint(5, 60, (16, 12), generator=generator).tolist(),
+                                       "attention_mask": [[1] * 12] * 16})
+    data.save_to_disk(tmp_path / "calibration")
+    floor = plan.memory_floor(make_model("bert_cls"), 20, METHODS["mudsc"], loading=20)
+    available = int(floor["weights"] + floor["statistics"] / 2)  # the parents fit, mudsc's statistics do not
+    monkeypatch.setattr(plan, "available_memory", lambda: available)
+    monkeypatch.setattr(parents, "_load_weights", lambda *a, **k: pytest.fail("a parent was loaded whole"))
+    models = [str(tmp_path / "p0"), str(tmp_path / "p1")] * 10
+    capsys.readouterr()
+    if entry == "cli":
+        path = tmp_path / "auto.yaml"
+        path.write_text("models:\n" + "".join(f"  - {m}\n" for m in models)
+                        + f"calibration: {tmp_path / 'calibration'}\n")
+        assert main(["merge", "--recipe", str(path), "--output", str(tmp_path / "out")]) == 1
+        line = _one_line_error(capsys)
+    else:
+        with pytest.raises(hf_mudsc.errors.MergeInputError) as caught:
+            hf_mudsc.merge(models, str(tmp_path / "calibration"))
+        line = str(caught.value)
+    assert "method 'auto' chose 'mudsc'" in line and "merging 20 parents with mudsc needs at least " in line, line
+    assert f"{floor['statistics'] / 1e6:.2f} MB of activation statistics" in line, line
+    assert "of parent weights (20 loaded whole)" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("related", ["independent", "shared base"])
+def test_auto_choosing_before_loading_merges_as_choosing_after_loading(tmp_path, monkeypatch, related):
+    """The choice made on the parents read one tensor at a time (folders) is the one made on the loaded parents
+    (model objects): the same method, relation and merged weights — mudsc for different inits, linear (its parents
+    then read one tensor at a time) for fine-tunes of one base."""
+    import datasets
+    import torch
+    from factories import make_model
+
+    import hf_mudsc
+    import hf_mudsc.pipeline as pipeline
+
+    a = make_model("bert_cls", 0)
+    if related == "independent":
+        b = make_model("bert_cls", 1)
+    else:
+        b = make_model("bert_cls", 0)
+        with torch.no_grad():
+            for parameter in b.parameters():
+                parameter.add_(0.01 * parameter.abs().mean() * torch.randn_like(parameter))
+    for name, model in (("a", a), ("b", b)):
+        model.save_pretrained(tmp_path / name)
+    generator = torch.Generator().manual_seed(0)
+    data = datasets.Dataset.from_dict({"input_ids": torch.randint(5, 60, (16, 12), generator=generator).tolist(),
+                                       "attention_mask": [[1] * 12] * 16})
+    calibration = data if related == "independent" else None
+    early = []
+    choose = pipeline.auto_before_loading
+    monkeypatch.setattr(pipeline, "auto_before_loading", lambda *a, **k: early.append(1) or choose(*a, **k))
+    from_folders = hf_mudsc.merge([tmp_path / "a", tmp_path / "b"], calibration, progress=False)
+    assert early == [1]
+    from_objects = hf_mudsc.merge([a, b], calibration, progress=False)
+    assert early == [1]  # model objects: chosen after loading, as before
+    for key in ("method", "parent_relation", "method_choice_reason"):
+        assert from_folders.config.mudsc[key] == from_objects.config.mudsc[key], key
+    assert from_folders.config.mudsc["method"] == ("mudsc" if related == "independent" else "linear")
+    objects = dict(from_objects.named_parameters())
+    for name, tensor in from_folders.named_parameters():
+        assert torch.equal(tensor, objects[name]), name
+
+
 @pytest.mark.parametrize(("method", "streamed"), [("linear", True), ("ties", True), ("weight_matching", False)])
 def test_the_cli_reads_the_parents_of_a_tensor_wise_method_one_tensor_at_a_time(tmp_path, monkeypatch, method,
                                                                                 streamed):

@@ -166,6 +166,7 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
     opened: dict[str, Any] = {}
 
     from hf_mudsc.pipeline import (
+        auto_before_loading,
         check_before_weights,
         check_calibration_before_weights,
         head_copies,
@@ -193,10 +194,16 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
 
     # As merge() would: a tensor-wise method's parents after the first (and the base) are read one tensor at a time.
     lazy = streams_parents(chosen, recipe, recipe.calibration, len(recipe.models))
+    def choose_loading(views: list[Any], has_base: bool) -> bool:
+        # `auto`: chosen on the parents read one tensor at a time and checked before any is loaded whole; merge()
+        # then makes the same choice from the loaded parents
+        return auto_before_loading(views, recipe, opened.get("data", recipe.calibration), has_base=has_base,
+                                   references=len(recipe.models))[3]
+
     parents, base, _ = load_parents_and_base(
         recipe.models, recipe.base, token=token, allow_pickle=recipe.allow_pickle,
         base_needed_for=recipe.method if chosen is not None and chosen.needs_base_model else None, lazy=lazy,
-        check_config=check_config,
+        check_config=check_config, choose_loading=choose_loading if chosen is None else None,
         before_weights=open_calibration if reads_data or recipe.refit in REFITTING or (
             recipe.refit == "auto" and recipe.calibration is not None) else None)
     calibration, calibration_spec = opened.get("data"), opened.get("spec", recipe.calibration)

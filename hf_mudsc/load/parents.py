@@ -825,6 +825,7 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
                           cache_dir: str | os.PathLike | None = None, lazy: bool = False,
                           check_config: Callable[[PretrainedConfig | PreTrainedModel, list[Any]], None] | None = None,
                           before_weights: Callable[[list[Any]], None] | None = None,
+                          choose_loading: Callable[[list[LoadedParent], bool], bool] | None = None,
                           ) -> tuple[list[LoadedParent], LoadedParent | None, str | None]:
     """N parents and their common base (`base`: a reference, model or `LoadedParent`, or None), checked against
     each other before any weights are downloaded: `(parents, base or None, where the base came from or None)`.
@@ -843,6 +844,12 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
     `base`, when `base_needed_for` names a method that needs one, the base is the `base_model` every parent's model
     card names (README.md front matter; Hub parents' cards at their pinned commit); if they name none or different
     ones, a one-line `MergeInputError`.
+
+    `choose_loading(views, has_base)`: called once every parent's weights are fetched and their headers checked,
+    before any parent is loaded, with every parent opened for reading one tensor at a time (`_finish_lazily`) and
+    whether a base is given; it returns `lazy` (method `auto` chooses here, from the weights, and checks the memory
+    its choice needs before any parent is loaded whole). Not called when a parent cannot be opened so (a model
+    object, pickle weights, tensors that are not exactly its model's): the caller then chooses after loading.
     """
     if isinstance(refs, (str, os.PathLike, PreTrainedModel)):
         raise LoadError("load_parents takes a list of parents, e.g. ['org/a', 'org/b@v2']")
@@ -874,6 +881,11 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
         before_weights([p.loaded.processor if p.loaded is not None else p.processor for p in located])
     for parent in located + ([located_base] if located_base is not None else []):
         _prepare(parent, token=token, cache_dir=cache_dir)
+    if choose_loading is not None and all(p.loaded is None and p.model is None and not p.use_pickle
+                                          and p.read_as is None for p in located):
+        views = [view for view in (_finish_lazily(p) for p in located) if view is not None]
+        if len(views) == len(located):
+            lazy = choose_loading(views, located_base is not None)
     # `lazy` (a tensor-wise method): every parent but the first (the merged model is built from it) and the base
     # with safetensors weights are read one tensor at a time, so memory does not grow with the number of parents.
     parents = [_finish(p, token=token, cache_dir=cache_dir, lazy=lazy and i > 0) for i, p in enumerate(located)]
