@@ -194,6 +194,7 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
 
     # As merge() would: a tensor-wise method's parents after the first (and the base) are read one tensor at a time.
     lazy = streams_parents(chosen, recipe, recipe.calibration, len(recipe.models))
+
     def choose_loading(views: list[Any], has_base: bool) -> bool:
         # `auto`: chosen on the parents read one tensor at a time and checked before any is loaded whole; merge()
         # then makes the same choice from the loaded parents
