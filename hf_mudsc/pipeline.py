@@ -21,6 +21,7 @@ from hf_mudsc.apply.classifier import (
     concatenated_classifier_config,
     concatenated_head,
     distinct_task_names,
+    head_order,
     label_names,
     same_label_sets,
 )
@@ -36,7 +37,7 @@ from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_finite, check_pa
 from hf_mudsc.load.lazy import subset
 from hf_mudsc.load.processors import image_processor_differences
 from hf_mudsc.load.references import display_name, parent_name, pinned_calibration, pinned_reference
-from hf_mudsc.load.relation import base_relations, check_parents_mergeable, parent_label
+from hf_mudsc.load.relation import ParentRelation, base_relations, check_parents_mergeable, parent_label
 from hf_mudsc.methods.auto import choose_method, is_auto, refit_runs
 from hf_mudsc.methods.registry import (
     METHODS,
@@ -343,20 +344,29 @@ def merge(
     references = sum(isinstance(m, (str, os.PathLike)) for m in models)
     first: dict[str, Any] = {}  # the first parent's config (or model), for the calibration check below
 
-    def check_config(config: Any) -> None:
+    def check_config(config: Any, every: list[Any]) -> None:
         first["config"] = config
         check_before_weights(config, merge_options, count, merge_method,
-                             loading=min(references, 1) if streaming else references)
+                             loading=min(references, 1) if streaming else references,
+                             copied=head_copies(every, streaming=streaming))
 
     def check_data(processors: list[Any]) -> None:  # a method known to read the data: its columns, before weights
         if merge_method is not None and needs_data and "config" in first:
             check_calibration_before_weights(calibration, processor if processor is not None else processors,
                                              first["config"], merge_options)
 
+    early: dict[str, Any] = {}  # `auto`'s choice when made before loading (`auto_before_loading`)
+
+    def choose_loading(views: list[LoadedParent], has_base: bool) -> bool:
+        early["method"], early["reason"], early["relation"], lazy = auto_before_loading(
+            views, merge_options, calibration, has_base=has_base, references=references, processor=processor)
+        return lazy
+
     parents, base_parent, base_source = load_parents_and_base(
         list(models), base, token=token, allow_pickle=allow_pickle,
         base_needed_for=method if merge_method is not None and merge_method.needs_base_model else None, lazy=streaming,
-        check_config=check_config, before_weights=check_data)
+        check_config=check_config, before_weights=check_data,
+        choose_loading=choose_loading if merge_method is None else None)
     loaded = [p.model for p in parents]
     model_a = loaded[0]
     for index, other in enumerate(loaded[1:], start=1):
@@ -382,26 +392,20 @@ def merge(
     for index, (parent, parent_params) in enumerate(zip(parents, params)):
         if parent.parameters is not None:
             check_finite(parent_params, f"parent {parent_label(index)}")
-    relation = check_parents_mergeable(params, spec,
-                                       parent_names)
+    # `auto` that chose before loading judged these same (aligned) parents, read one tensor at a time
+    relation = early["relation"] if early else check_parents_mergeable(params, spec, parent_names)
     base_params = None
     if base_parent is not None:
         base_params = _check_base(base_parent, model_a, spec)
         _log_base_relations(base_parent, base_params, params, spec)
     choice_reason = None
     if merge_method is None:
-        try:
-            merge_method, choice_reason = choose_method(relation.relation, relation.weight_distance,
-                                                        has_base=base_parent is not None,
-                                                        has_data=calibration is not None)
-        except ValueError as error:
-            raise MergeInputError(str(error)) from None
-        logger.info("method auto: %s", choice_reason)
-        _check_parent_count(merge_method, count, chosen=choice_reason)
-        _check_data(merge_method, calibration, count, chosen=choice_reason)
-        merge_method.check_options(merge_options, count)
-        check_size(merge_method, merge_options.size, chosen=choice_reason)
-        check_memory(model_a, count, merge_method, loading=0, chosen=choice_reason)  # before calibration allocates
+        if early:  # chosen, and its memory checked, before any parent was loaded whole
+            merge_method, choice_reason = early["method"], early["reason"]
+        else:
+            merge_method, choice_reason = choose_auto(relation, merge_options, calibration, count,
+                                                      has_base=base_parent is not None)
+            check_memory(model_a, count, merge_method, loading=0, chosen=choice_reason)  # before calibration
         refit_value = _refits(merge_options, merge_method, calibration, count)
         refitting = refit_value in REFITTING
         needs_data = _reads_data(merge_method, refitting)
@@ -723,12 +727,81 @@ def _reads_data(method: MergeMethod, refitting: bool) -> bool:
 
 
 def check_before_weights(config: Any, options: MergeOptions, count: int, method: MergeMethod | None, *,
-                         loading: int) -> None:
+                         loading: int, copied: Sequence[str] = ()) -> None:
     """What the first parent's config (or model) refuses before any weights are read: a `size_spend` the
     architecture cannot spend, and more parents than memory holds (`hf_mudsc.plan.check_memory`; `loading`: the
-    parents that will be loaded whole, `method` None for `auto`). merge() and the CLI call it."""
+    parents that will be loaded whole, `method` None for `auto`; `copied`: `head_copies`). merge() and the CLI call
+    it."""
     check_size_spend(config, options)
-    check_memory(config, count, method, loading=loading)
+    check_memory(config, count, method, loading=loading, copied=copied)
+
+
+def head_copies(parents: Sequence[Any], *, streaming: bool) -> list[str]:
+    """The letters of the parents `_aligned_heads` will copy whole to parent A's label order (the same labels in
+    another order: `apply.classifier.head_order`), known from the configs before any weights: the memory check
+    counts each copy, held next to its parent. `parents`: parent A first, each a config (a reference still to be
+    loaded), a model or a `LoadedParent`; `streaming`: references after the first are read one tensor at a time,
+    so their copy is a meta model and the head rows."""
+    from hf_mudsc.load.parents import LoadedParent
+
+    def config_of(parent: Any) -> Any:
+        if isinstance(parent, LoadedParent):
+            return parent.model.config
+        return parent.config if isinstance(parent, PreTrainedModel) else parent
+
+    def whole(parent: Any) -> bool:
+        if isinstance(parent, LoadedParent):
+            return parent.parameters is None
+        return isinstance(parent, PreTrainedModel) or not streaming
+
+    config_a = config_of(parents[0])
+    return [parent_label(index) for index, parent in enumerate(parents)
+            if index and whole(parent) and head_order(config_a, config_of(parent)) is not None]
+
+
+def choose_auto(relation: ParentRelation, options: MergeOptions, calibration: Any, count: int, *,
+                has_base: bool) -> tuple[MergeMethod, str]:
+    """The method `auto` chooses for parents of this relation, and why, refused (one line naming the choice) when it
+    cannot merge these parents with these options and data — the checks an explicit method gets before loading."""
+    try:
+        method, reason = choose_method(relation.relation, relation.weight_distance, has_base=has_base,
+                                       has_data=calibration is not None)
+    except ValueError as error:
+        raise MergeInputError(str(error)) from None
+    logger.info("method auto: %s", reason)
+    _check_parent_count(method, count, chosen=reason)
+    _check_data(method, calibration, count, chosen=reason)
+    method.check_options(options, count)
+    check_size(method, options.size, chosen=reason)
+    return method, reason
+
+
+def auto_before_loading(views: Sequence[LoadedParent], options: MergeOptions, calibration: Any, *, has_base: bool,
+                        references: int, processor: Any = None) -> tuple[MergeMethod, str, ParentRelation, bool]:
+    """`auto`'s choice before any parent is loaded whole: `views` are the parents opened for reading one tensor at a
+    time (`load_parents_and_base(choose_loading=...)`); their relation (heads aligned to parent A's label order, as
+    after loading) chooses the method, and the memory it needs — the parents it loads whole (`references` of them
+    are loaded, not given as objects), their reordered copies, its statistics — and the calibration columns it reads
+    are checked from there, as an explicit method's are from the configs. Loading every parent whole first took
+    minutes for a long recipe before the choice was refused. Returns (method, why, relation, whether the parents
+    after the first are then read one tensor at a time)."""
+    count = len(views)
+    model_a = views[0].model
+    for index, other in enumerate(views[1:], start=1):
+        check_parents(model_a, other.model, labels=(parent_label(0), parent_label(index)))
+    spec = spec_for(model_a)
+    moved = [None, *(aligned_to_parent_a(view, model_a.config, spec) for view in views[1:])]
+    aligned = [view if twin is None else twin for view, twin in zip(views, moved)]
+    relation = check_parents_mergeable([view.parameters for view in aligned], spec,
+                                       [view.repo_id or view.reference for view in views])
+    method, reason = choose_auto(relation, options, calibration, count, has_base=has_base)
+    lazy = streams_parents(method, options, calibration, count)
+    check_memory(model_a, count, method, loading=min(references, 1) if lazy else references, chosen=reason,
+                 copied=head_copies([view.model.config for view in views], streaming=lazy))
+    if calibration is not None and reads_calibration(method, options, calibration, count):
+        check_calibration_before_weights(calibration, processor if processor is not None else
+                                         [view.processor for view in views], model_a.config, options)
+    return method, reason, relation, lazy
 
 
 def check_calibration_before_weights(calibration: Any, processors: Any, config: Any, options: MergeOptions) -> None:

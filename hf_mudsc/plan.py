@@ -17,6 +17,7 @@ import string
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from hf_mudsc.options import REFITTING, MergeOptions, option_hint, resolve_refit
@@ -206,18 +207,69 @@ def statistics_bytes(widths: Iterable[int], parents: int = 2) -> float:
     return float(sum(8 * (parents * n) ** 2 for n in widths))
 
 
-# A container's memory limit and use as seen from inside it (cgroup v2, then v1): /proc/meminfo shows the host's.
-CGROUP_LIMITS = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+# A container's memory limit and use as seen from inside it: /proc/meminfo shows the host's. The roots are module
+# constants so tests can point the reader at a fake tree.
+PROC_ROOT = "/proc"
+CGROUP_ROOT = "/sys/fs/cgroup"
+# (hierarchy as /proc/self/cgroup names it, its folder under CGROUP_ROOT, limit file, usage file): cgroup v2 (the
+# line `0::/path`), then v1's memory controller (`4:memory:/path`, possibly mounted with other controllers).
+CGROUP_MEMORY_FILES = (("", "", "memory.max", "memory.current"),
+                       ("memory", "memory", "memory.limit_in_bytes", "memory.usage_in_bytes"))
+NO_CGROUP_LIMIT = 2**60
+"""Limits at or above this mean none (v1 shows ~2**63 for "no limit", v2 says "max")."""
+
+
+def own_cgroups(proc_root: str | os.PathLike = PROC_ROOT) -> dict[str, str]:
+    """This process's cgroup path per hierarchy, from /proc/self/cgroup: `""` -> the v2 path, `"memory"` -> the v1
+    memory controller's; empty when the file cannot be read (not Linux)."""
+    try:
+        with open(os.path.join(proc_root, "self", "cgroup"), encoding="utf-8") as listing:
+            lines = listing.read().splitlines()
+    except OSError:
+        return {}
+    paths: dict[str, str] = {}
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            paths[""] = path
+        elif "memory" in controllers.split(","):
+            paths["memory"] = path
+    return paths
+
+
+def cgroup_memory_room(proc_root: str | os.PathLike = PROC_ROOT,
+                       cgroup_root: str | os.PathLike = CGROUP_ROOT) -> int | None:
+    """Bytes the cgroups this process is in still allow (limit less use), the tightest of its own cgroup and every
+    cgroup above it — a process in a nested cgroup (v1 `memory:/process_api/<id>`, a v2 slice) is limited there, not
+    at the root; None when no limit is set or none can be read. A path /proc/self/cgroup lists that is not in this
+    mount namespace (the host's path of a container's cgroup) is skipped: the root's files are the container's."""
+    own = own_cgroups(proc_root)
+    rooms = []
+    for hierarchy, mount, limit_name, usage_name in CGROUP_MEMORY_FILES:
+        parts = [part for part in PurePosixPath(own.get(hierarchy, "/")).parts[1:] if part not in ("", ".", "..")]
+        top = Path(cgroup_root, mount)
+        for depth in range(len(parts), -1, -1):  # the process's own cgroup first, the root last
+            folder = top.joinpath(*parts[:depth])
+            try:
+                limit = (folder / limit_name).read_text(encoding="ascii").strip()
+                usage = int((folder / usage_name).read_text(encoding="ascii"))
+            except (OSError, ValueError):
+                continue
+            if limit.isdigit() and int(limit) < NO_CGROUP_LIMIT:
+                rooms.append(max(int(limit) - usage, 0))
+    return min(rooms) if rooms else None
 
 
 def available_memory() -> int | None:
     """Bytes of memory this process can be given now: `MemAvailable` + `SwapFree` of /proc/meminfo (Linux), else
-    the machine's physical memory (`sysconf`), capped by the container's limit less its use (`CGROUP_LIMITS`);
-    None when nothing is known (the memory check is then skipped)."""
+    the machine's physical memory (`sysconf`), capped by what its cgroups allow (`cgroup_memory_room`); None when
+    nothing is known (the memory check is then skipped)."""
     machine = None
     try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
+        with open(os.path.join(PROC_ROOT, "meminfo"), encoding="ascii") as meminfo:
             fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in meminfo if line.split()[1:2]}
         machine = fields["MemAvailable"] + fields.get("SwapFree", 0)
     except (OSError, KeyError, ValueError, IndexError):
@@ -225,24 +277,19 @@ def available_memory() -> int | None:
             machine = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError, AttributeError):
             pass
-    for limit_path, usage_path in CGROUP_LIMITS:
-        try:
-            with open(limit_path, encoding="ascii") as limit_file, open(usage_path, encoding="ascii") as usage_file:
-                limit, usage = limit_file.read().strip(), int(usage_file.read())
-        except (OSError, ValueError):
-            continue
-        if limit.isdigit() and int(limit) < 2**60:  # "max" (v2) or ~2**63 (v1): no limit
-            room = max(int(limit) - usage, 0)
-            return room if machine is None else min(machine, room)
-        break
-    return machine
+    room = cgroup_memory_room(PROC_ROOT, CGROUP_ROOT)
+    if room is None:
+        return machine
+    return room if machine is None else min(machine, room)
 
 
-def memory_floor(model: Any, parents: int, method: Any | None, *, loading: int) -> dict[str, float]:
+def memory_floor(model: Any, parents: int, method: Any | None, *, loading: int, copies: int = 0) -> dict[str, float]:
     """Bytes a merge of `parents` copies of `model` (a model, or one on the meta device) must hold at once, by
     what holds them — a floor, not an estimate (`estimate_cost` gives the estimate):
 
     - weights: 4 bytes × parameters × `loading`, the parents still to be loaded whole (not streamed);
+    - copies: 4 bytes × parameters × `copies`, the parents held whole that are copied with their head reordered to
+      parent A's label order (`apply.classifier.aligned_to_parent_a`: the copy and the parent exist together);
     - statistics (`method.needs_calibration`): the float64 `(N·n)²` sums of every group, allocated together
       before the first batch and kept, finalized in place, as the correlations through the solve (§4.13);
     - similarity (a unit-matching method): one float64 `(N·n)²` similarity of the widest group, which the matcher
@@ -252,6 +299,11 @@ def memory_floor(model: Any, parents: int, method: Any | None, *, loading: int) 
     floor: dict[str, float] = {}
     if loading:
         floor["weights"] = 4.0 * loading * sum(p.numel() for p in model.parameters())
+    if copies:
+        from hf_mudsc.architectures import spec_for
+
+        if spec_for(model).classifier is not None:  # a model without a head is never reordered
+            floor["copies"] = 4.0 * copies * sum(p.numel() for p in model.parameters())
     if method is not None and (method.needs_calibration or method.matches_units):
         from hf_mudsc.architectures import spec_for
 
@@ -264,18 +316,19 @@ def memory_floor(model: Any, parents: int, method: Any | None, *, loading: int) 
 
 
 def check_memory(model_or_config: Any, parents: int, method: Any | None, *, loading: int,
-                 chosen: str | None = None) -> None:
+                 chosen: str | None = None, copied: Sequence[str] = ()) -> None:
     """Refuse a number of parents whose `memory_floor` exceeds the memory available now, in one line naming what
     needs it, before it is allocated — the statistics grow with the square of the number of parents, so a long list
     of parents failed only after minutes of loading, out of memory in calibration. `chosen`: why `auto` chose
-    `method` (the check then runs after loading: `loading` 0)."""
+    `method` (the check then runs after loading: `loading` 0). `copied`: the letters of the parents held whole whose
+    heads will be copied to parent A's label order (`memory_floor`'s copies)."""
     from hf_mudsc.errors import MergeInputError
 
     available = available_memory()
     if available is None:
         return
     model = model_or_config if hasattr(model_or_config, "parameters") else meta_model(model_or_config)
-    floor = memory_floor(model, parents, method, loading=loading)
+    floor = memory_floor(model, parents, method, loading=loading, copies=len(copied))
     needed = sum(floor.values())
     if needed <= available:
         return
@@ -283,7 +336,7 @@ def check_memory(model_or_config: Any, parents: int, method: Any | None, *, load
     # with N², the weights of parents loaded whole with N; weights of a fixed count are c).
     every = loading == parents
     per_parent = floor.get("weights", 0.0) / parents if every else 0.0
-    room = available - (0.0 if every else floor.get("weights", 0.0))
+    room = available - (0.0 if every else floor.get("weights", 0.0)) - floor.get("copies", 0.0)
     squared = (floor.get("statistics", 0.0) + floor.get("similarity", 0.0)) / parents**2
     if squared:
         fits = int((-per_parent + (per_parent**2 + 4 * squared * max(room, 0.0)) ** 0.5) / (2 * squared))
@@ -292,7 +345,9 @@ def check_memory(model_or_config: Any, parents: int, method: Any | None, *, load
     parts = {"statistics": "of activation statistics (8·(N·n)² bytes per group: they grow with the square of the "
                            "number of parents)",
              "similarity": "for the widest group's similarity (8·(N·n)² bytes)",
-             "weights": f"of parent weights ({loading} loaded whole)"}
+             "weights": f"of parent weights ({loading} loaded whole)",
+             "copies": f"for parent{'s' if len(copied) > 1 else ''} {', '.join(copied)} copied in parent A's label "
+                       "order (the same labels listed in another order: a reordered copy of each is held)"}
     held = ", ".join(f"{_bytes(floor[key])} {text}" for key, text in parts.items() if floor.get(key))
     name = method.name if method is not None else "auto"
     why = f"method 'auto' chose {name!r} ({chosen}); " if chosen else ""

@@ -643,3 +643,97 @@ def test_parents_sharing_one_label_set_are_all_scored_on_a_single_dataset():
         with torch.no_grad():
             expected = float((model(pixel_values=pixels).logits.argmax(-1) == labels).double().mean())
         assert result.score(name, "test") == pytest.approx(expected, abs=1e-12), name
+
+
+def _rgb_images(seed: int, count: int) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), mode="RGB") for _ in range(count)]
+
+
+def test_each_models_processor_is_configured_from_that_models_own_config():
+    """Every processor was configured from the first merged model's config: parent B, an RGB ViT with its own
+    RGB processor, was given grayscale images (the merged model's one channel) — a crash, or a figure on inputs it
+    never saw. Each model's processor now takes the channel count from its own config."""
+    from factories import VIT, randomize
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from hf_mudsc.load.parents import LoadedParent
+
+    rgb = ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    merged, model_a = make_model("vit_cls", 3), make_model("vit_cls", 1)
+    model_b = randomize(ViTForImageClassification(ViTConfig(**{**VIT, "num_channels": 3}, num_labels=3)), 7).eval()
+    images = _rgb_images(30, 20)
+    gray = [image.convert("L") for image in images]
+    with torch.no_grad():
+        truth = model_b(pixel_values=_pixels(rgb, images)).logits.argmax(-1)
+        expected = {name: float((model(pixel_values=_pixels(PROCESSOR, gray)).logits.argmax(-1) == truth)
+                                .double().mean()) for name, model in (("merged", merged), ("parent_a", model_a))}
+    data = datasets.Dataset.from_dict({"image": images, "label": truth.tolist()}).cast_column("image",
+                                                                                             datasets.Image())
+    parents = [LoadedParent(model_a, PROCESSOR, "a"), LoadedParent(model_b, rgb, "b")]
+    result = evaluate_merge(merged, parents, [data], batch_size=8, ensemble=False, progress=False)
+    assert result.score("parent_b", "test") == 1.0  # on its own RGB inputs
+    for name, value in expected.items():  # the one-channel models still on grayscale inputs
+        assert result.score(name, "test") == pytest.approx(value, abs=1e-12), name
+
+
+def test_each_models_tokens_are_cut_at_that_models_own_position_limit():
+    """The text length limit came from the first merged model's config for every model: parent B, with 64
+    positions, was scored on texts cut at the merged model's 24 tokens (one tokenizer for all of them, so
+    they were also preprocessed once, as one)."""
+    from factories import BERT, randomize
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    from hf_mudsc.load.parents import LoadedParent
+
+    words = ["cat", "dog", "bird", "fish", "red", "blue", "big", "small", "runs", "sits", "the", "on", "mat"]
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+                                                                  *words])})
+    rng = np.random.default_rng(6)
+    texts = [" ".join(rng.choice(words, int(n))) for n in rng.integers(25, 60, 24)]  # 27 to 62 tokens
+    merged, model_a = make_model("bert_cls", 3), make_model("bert_cls", 1)
+    model_b = randomize(BertForSequenceClassification(BertConfig(**{**BERT, "max_position_embeddings": 64},
+                                                                 num_labels=3)), 5).eval()
+
+    def predictions(model, limit: int) -> torch.Tensor:
+        with torch.no_grad():
+            encoded = tokenizer(texts, padding=True, truncation=True, max_length=limit, return_tensors="pt")
+            return model(**encoded).logits.argmax(-1)
+
+    truth = predictions(model_b, 64)
+    assert not torch.equal(predictions(model_b, 24), truth)  # the cut tells the limits apart
+    data = datasets.Dataset.from_dict({"text": texts, "label": truth.tolist()})
+    parents = [LoadedParent(model_a, tokenizer, "a"), LoadedParent(model_b, tokenizer, "b")]
+    result = evaluate_merge(merged, parents, [data], batch_size=12, ensemble=False, progress=False)
+    assert result.score("parent_b", "test") == 1.0
+    for name, model in (("merged", merged), ("parent_a", model_a)):
+        expected = float((predictions(model, 24) == truth).double().mean())
+        assert result.score(name, "test") == pytest.approx(expected, abs=1e-12), name
+
+
+@pytest.mark.parametrize("case", ["no image processor", "processor fails"])
+def test_a_parents_processor_that_cannot_read_the_evaluation_data_is_named_in_evaluation_words(case):
+    """A parent's own processor that could not read the raw columns failed with the merge's wording ("the calibration
+    data lacks ...", "the parents' image processor ...") and a CalibrationError: evaluate says evaluation data and
+    names the model whose processor failed."""
+    from transformers import BertTokenizer
+
+    from hf_mudsc.load.parents import LoadedParent
+
+    merged, parents, data, images, labels = _own_processor_case()
+    if case == "no image processor":
+        other = BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])})
+        needle = ("the evaluation data of task 'ta' lacks column(s) ['pixel_values'] that the models need; found "
+                  "columns ['image', 'label']. Column 'image' holds raw image, but parent B's processor "
+                  "(BertTokenizer) has no image processor (preprocessor_config.json) to preprocess it")
+    else:  # a mean of two values for one-channel images: the processor raises on the first batch
+        other = ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5, 0.5], image_std=[0.5, 0.5])
+        needle = (f"parent B's image processor ({type(other).__name__}) cannot preprocess column 'image' of the "
+                  "evaluation data of task 'ta'")
+    parents = [parents[0], LoadedParent(parents[1].model, other, "b")]
+    with pytest.raises(EvaluationError) as caught:
+        evaluate_merge(merged, parents, data, progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and "calibration" not in message, message
+    assert needle in message, message
+    assert "own_processors=False" in message and "--shared-processor" in message, message

@@ -752,7 +752,8 @@ def test_a_parent_with_integer_weights_is_refused_before_any_weights_are_loaded(
             hf_mudsc.merge([good, bad], None, method=method, base=good if method == "task_arithmetic" else None)
         message = str(caught.value)
         assert "\n" not in message, message
-        assert f"{str(bad)!r}: its weight {name!r} is stored as {shown_as}, not as floating-point numbers" in message
+        assert (f"{str(bad)!r}: its weight {name!r} is stored as {shown_as}, "
+                "not as float16/bfloat16/float32/float64 floating-point numbers") in message
         assert "dequantize it" in message and "float checkpoint" in message, message
 
 
@@ -787,6 +788,48 @@ def test_a_model_object_with_integer_parameters_is_refused(tmp_path):
     assert layer.weight.dtype == torch.int8  # the object is left as it is
 
 
+@pytest.mark.parametrize(("dtype", "shown_as"), [("float8_e4m3fn", "float8_e4m3"), ("float8_e5m2", "float8_e5m2")])
+def test_a_parent_with_float8_weights_is_refused_before_any_weights_are_loaded(tmp_path, monkeypatch, dtype,
+                                                                                shown_as):
+    """A scaled fp8 checkpoint keeps its scales in side tensors, like int8; its header's F8_E4M3 read as "float"
+    and the raw values were cast to float32 and merged. Only float16/bfloat16/float32/float64 weights are weights."""
+    import torch
+    import transformers
+    from safetensors import safe_open
+
+    import hf_mudsc
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import model_class_for
+
+    good = _quantized_folder(tmp_path / "good", "vit_cls", None, seed=0)[0]
+    bad, name = _quantized_folder(tmp_path / "bad", "vit_cls", getattr(torch, dtype), seed=1)
+    with safe_open(bad / "model.safetensors", "pt") as stored:  # the header says fp8, as a Hub fp8 file's does
+        assert stored.get_slice(name).get_dtype() == shown_as.upper().replace("FLOAT8", "F8")
+    cls = model_class_for(transformers.AutoConfig.from_pretrained(bad))
+    monkeypatch.setattr(cls, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded before refusing"))
+    for method in ("average", "task_arithmetic"):
+        with pytest.raises(LoadError) as caught:
+            hf_mudsc.merge([good, bad], None, method=method, base=good if method == "task_arithmetic" else None)
+        message = str(caught.value)
+        assert "\n" not in message, message
+        assert f"{str(bad)!r}: its weight {name!r} is stored as {shown_as}" in message, message
+        assert "dequantize it" in message, message
+
+
+def test_a_model_object_with_float8_parameters_is_refused(tmp_path):
+    import torch
+    from factories import make_model
+
+    import hf_mudsc
+    from hf_mudsc.errors import LoadError
+
+    a, b = make_model("vit_cls", 0), make_model("vit_cls", 1)
+    layer = b.vit.layers[0].mlp.fc1
+    layer.weight = torch.nn.Parameter(layer.weight.to(torch.float8_e4m3fn), requires_grad=False)
+    with pytest.raises(LoadError, match="its weight 'vit.layers.0.mlp.fc1.weight' is stored as float8_e4m3fn"):
+        hf_mudsc.merge([a, b], None, method="average")
+
+
 def test_a_pickle_parent_with_integer_weights_is_refused_too(tmp_path):
     """Under allow_pickle the dtypes come from unpickling onto the meta device (no tensor data read)."""
     import torch
@@ -798,7 +841,8 @@ def test_a_pickle_parent_with_integer_weights_is_refused_too(tmp_path):
     folder, name = _quantized_folder(tmp_path / "bad", "vit_cls", torch.int8)
     torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
     (folder / "model.safetensors").unlink()
-    with pytest.raises(LoadError, match=f"its weight '{name}' is stored as int8, not as floating-point numbers"):
+    with pytest.raises(LoadError, match=f"its weight '{name}' is stored as int8, "
+                                        "not as float16/bfloat16/float32/float64 floating-point numbers"):
         load_parent(folder, allow_pickle=True)
 
 
@@ -945,6 +989,139 @@ def test_auto_refuses_the_memory_its_choice_needs_before_calibration(tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
+def _labelled(model, names):
+    model.config.id2label = dict(enumerate(names))
+    model.config.label2id = {name: i for i, name in enumerate(names)}
+    return model
+
+
+@pytest.mark.parametrize("given", ["folders", "models", "cli"])
+def test_a_parent_copied_to_parent_as_label_order_is_counted_by_the_memory_check(tmp_path, monkeypatch, capsys,
+                                                                                  given):
+    """A parent listing A's labels in another order is deep-copied with its head reordered (`head_reordered`): one
+    more parent's weights held at once, which the floor left out — a merge that fit by the check's count could run
+    out of memory there. It is known from the configs, so the check counts it before any weights are read."""
+    from factories import make_model
+
+    import hf_mudsc
+    import hf_mudsc.load.parents as parents
+    import hf_mudsc.plan as plan
+    from hf_mudsc.errors import MergeInputError
+    from hf_mudsc.methods.registry import METHODS
+
+    a = _labelled(make_model("vit_cls", 0), ["cat", "dog", "fox"])
+    b = _labelled(make_model("vit_cls", 1), ["dog", "fox", "cat"])
+    same = _labelled(make_model("vit_cls", 2), ["cat", "dog", "fox"])
+    weights = 4 * sum(p.numel() for p in a.parameters())
+    loading = 0 if given == "models" else 2
+    floor = sum(plan.memory_floor(a, 2, METHODS["weight_matching"], loading=loading).values())
+    monkeypatch.setattr(plan, "available_memory", lambda: int(floor + weights / 2))  # less than the copy
+    if given != "models":
+        for name, model in (("a", a), ("b", b), ("same", same)):
+            model.save_pretrained(tmp_path / name)
+        a, b, same = tmp_path / "a", tmp_path / "b", tmp_path / "same"
+        monkeypatch.setattr(parents, "_finish", lambda *a, **k: pytest.fail("weights loaded before refusing"))
+    if given == "cli":
+        capsys.readouterr()
+        assert main(["merge", str(a), str(b), "--method", "weight_matching", "--output", str(tmp_path / "out")]) == 1
+        message = _one_line_error(capsys)
+        assert not (tmp_path / "out").exists()
+    else:
+        with pytest.raises(MergeInputError) as caught:
+            hf_mudsc.merge([a, b], None, method="weight_matching", refit="none", progress=False)
+        message = str(caught.value)
+        assert "\n" not in message, message
+    assert f"{weights / 1e3:.2f} kB for parent B copied in parent A's label order" in message, message
+    assert f"of parent weights ({loading} loaded whole)" in message or not loading, message
+    if given == "models":  # the same labels in the same order: no copy, and the same floor fits
+        assert hf_mudsc.merge([a, same], None, method="weight_matching", refit="none", progress=False) is not None
+
+
+@pytest.mark.parametrize("entry", ["cli", "python"])
+def test_auto_refuses_the_memory_its_choice_needs_before_any_parent_is_loaded_whole(tmp_path, capsys, monkeypatch,
+                                                                                    entry):
+    """`auto` loaded every parent whole (minutes for a long recipe) before its choice was checked: its choice is now
+    made on the parents read one tensor at a time, and checked before any parent is loaded whole (for checkpoints
+    whose tensors are the model's by name, as BERT's: a ViT's are renamed by transformers as it loads them, so a
+    ViT recipe is still checked after loading, by the test above)."""
+    import datasets
+    import torch
+    from factories import make_model
+
+    import hf_mudsc
+    import hf_mudsc.load.parents as parents
+    import hf_mudsc.plan as plan
+    from hf_mudsc.methods.registry import METHODS
+
+    for seed in (0, 1):
+        make_model("bert_cls", seed).save_pretrained(tmp_path / f"p{seed}")
+    generator = torch.Generator().manual_seed(0)
+    data = datasets.Dataset.from_dict({"input_ids": torch.randint(5, 60, (16, 12), generator=generator).tolist(),
+                                       "attention_mask": [[1] * 12] * 16})
+    data.save_to_disk(tmp_path / "calibration")
+    floor = plan.memory_floor(make_model("bert_cls"), 20, METHODS["mudsc"], loading=20)
+    available = int(floor["weights"] + floor["statistics"] / 2)  # the parents fit, mudsc's statistics do not
+    monkeypatch.setattr(plan, "available_memory", lambda: available)
+    monkeypatch.setattr(parents, "_load_weights", lambda *a, **k: pytest.fail("a parent was loaded whole"))
+    models = [str(tmp_path / "p0"), str(tmp_path / "p1")] * 10
+    capsys.readouterr()
+    if entry == "cli":
+        path = tmp_path / "auto.yaml"
+        path.write_text("models:\n" + "".join(f"  - {m}\n" for m in models)
+                        + f"calibration: {tmp_path / 'calibration'}\n")
+        assert main(["merge", "--recipe", str(path), "--output", str(tmp_path / "out")]) == 1
+        line = _one_line_error(capsys)
+    else:
+        with pytest.raises(hf_mudsc.errors.MergeInputError) as caught:
+            hf_mudsc.merge(models, str(tmp_path / "calibration"))
+        line = str(caught.value)
+    assert "method 'auto' chose 'mudsc'" in line and "merging 20 parents with mudsc needs at least " in line, line
+    assert f"{floor['statistics'] / 1e6:.2f} MB of activation statistics" in line, line
+    assert "of parent weights (20 loaded whole)" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("related", ["independent", "shared base"])
+def test_auto_choosing_before_loading_merges_as_choosing_after_loading(tmp_path, monkeypatch, related):
+    """The choice made on the parents read one tensor at a time (folders) is the one made on the loaded parents
+    (model objects): the same method, relation and merged weights — mudsc for different inits, linear (its parents
+    then read one tensor at a time) for fine-tunes of one base."""
+    import datasets
+    import torch
+    from factories import make_model
+
+    import hf_mudsc
+    import hf_mudsc.pipeline as pipeline
+
+    a = make_model("bert_cls", 0)
+    if related == "independent":
+        b = make_model("bert_cls", 1)
+    else:
+        b = make_model("bert_cls", 0)
+        with torch.no_grad():
+            for parameter in b.parameters():
+                parameter.add_(0.01 * parameter.abs().mean() * torch.randn_like(parameter))
+    for name, model in (("a", a), ("b", b)):
+        model.save_pretrained(tmp_path / name)
+    generator = torch.Generator().manual_seed(0)
+    data = datasets.Dataset.from_dict({"input_ids": torch.randint(5, 60, (16, 12), generator=generator).tolist(),
+                                       "attention_mask": [[1] * 12] * 16})
+    calibration = data if related == "independent" else None
+    early = []
+    choose = pipeline.auto_before_loading
+    monkeypatch.setattr(pipeline, "auto_before_loading", lambda *a, **k: early.append(1) or choose(*a, **k))
+    from_folders = hf_mudsc.merge([tmp_path / "a", tmp_path / "b"], calibration, progress=False)
+    assert early == [1]
+    from_objects = hf_mudsc.merge([a, b], calibration, progress=False)
+    assert early == [1]  # model objects: chosen after loading, as before
+    for key in ("method", "parent_relation", "method_choice_reason"):
+        assert from_folders.config.mudsc[key] == from_objects.config.mudsc[key], key
+    assert from_folders.config.mudsc["method"] == ("mudsc" if related == "independent" else "linear")
+    objects = dict(from_objects.named_parameters())
+    for name, tensor in from_folders.named_parameters():
+        assert torch.equal(tensor, objects[name]), name
+
+
 @pytest.mark.parametrize(("method", "streamed"), [("linear", True), ("ties", True), ("weight_matching", False)])
 def test_the_cli_reads_the_parents_of_a_tensor_wise_method_one_tensor_at_a_time(tmp_path, monkeypatch, method,
                                                                                 streamed):
@@ -972,17 +1149,60 @@ def test_the_cli_reads_the_parents_of_a_tensor_wise_method_one_tensor_at_a_time(
     assert seen["base_lazy"] == (method == "ties")
 
 
-def test_the_memory_available_is_capped_by_the_containers_limit(tmp_path, monkeypatch):
-    """Inside a container /proc/meminfo shows the host's memory; the cgroup's limit is what the merge can get."""
+GIB = 2**30
+
+
+def _fake_machine(tmp_path, monkeypatch, own: str, limits: dict[str, tuple[str, int]]):
+    """A fake /proc (128 GiB free, this process in the cgroups `own` lists, /proc/self/cgroup's lines) and
+    /sys/fs/cgroup tree (`limits`: folder under the cgroup root -> (limit as the file says it, usage)), read by
+    `available_memory` in place of the machine's."""
     import hf_mudsc.plan as plan
 
-    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
-    limit.write_text(f"{10 * 2**30}\n")
-    usage.write_text(f"{4 * 2**30}\n")
-    monkeypatch.setattr(plan, "CGROUP_LIMITS", ((str(limit), str(usage)),))
-    assert plan.available_memory() <= 6 * 2**30
-    limit.write_text("max\n")  # no limit: the machine's memory
-    assert plan.available_memory() > 0
+    proc, cgroup = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text(f"MemTotal: {256 * GIB // 1024} kB\nMemAvailable: {128 * GIB // 1024} kB\n"
+                                  "SwapFree: 0 kB\n")
+    (proc / "self" / "cgroup").write_text(own)
+    for folder, (limit, usage) in limits.items():
+        path = cgroup / folder
+        path.mkdir(parents=True, exist_ok=True)
+        v1 = folder.split("/")[0] == "memory"
+        (path / ("memory.limit_in_bytes" if v1 else "memory.max")).write_text(f"{limit}\n")
+        (path / ("memory.usage_in_bytes" if v1 else "memory.current")).write_text(f"{usage}\n")
+    monkeypatch.setattr(plan, "PROC_ROOT", str(proc))
+    monkeypatch.setattr(plan, "CGROUP_ROOT", str(cgroup))
+    return plan
+
+
+NO_LIMIT_V1 = str(2**63 - 4096)  # what cgroup v1 shows for "no limit"
+
+
+@pytest.mark.parametrize(("own", "limits", "room"), [
+    # cgroup v2 at the root (a container's own namespace): memory.max less memory.current
+    ("0::/\n", {".": (str(10 * GIB), 4 * GIB)}, 6 * GIB),
+    # v2, the process in a nested cgroup: its own limit counts, the root has none
+    ("0::/user.slice/job\n", {"user.slice/job": (str(3 * GIB), GIB), "user.slice": ("max", 9 * GIB)}, 2 * GIB),
+    # v2, nested: an ancestor's limit is tighter than the process's own
+    ("0::/a/b\n", {"a/b": ("max", GIB), "a": (str(5 * GIB), 4 * GIB)}, GIB),
+    # v1 (this machine's layout): the memory controller's nested path, the root unlimited
+    ("4:memory:/process_api/5c5d\n3:cpuset:/\n0::/\n",
+     {"memory": (NO_LIMIT_V1, 50 * GIB), "memory/process_api/5c5d": (str(8 * GIB), 3 * GIB)}, 5 * GIB),
+    # v1 with controllers mounted together
+    ("7:memory,hugetlb:/job\n", {"memory/job": (str(2 * GIB), GIB)}, GIB),
+    # the listed path is not in this mount namespace (the host's path): the root's limit
+    ("0::/host/path/of/this/container\n", {".": (str(7 * GIB), 2 * GIB)}, 5 * GIB),
+    # no limit anywhere: the machine's free memory
+    ("4:memory:/process_api/x\n", {"memory": (NO_LIMIT_V1, GIB), "memory/process_api/x": (NO_LIMIT_V1, GIB)},
+     128 * GIB),
+    ("0::/a\n", {"a": ("max", GIB)}, 128 * GIB),
+])
+def test_the_memory_available_is_capped_by_the_limit_of_the_processs_own_cgroup(tmp_path, monkeypatch, own,
+                                                                                 limits, room):
+    """Inside a container /proc/meminfo shows the host's memory; the cgroup's limit is what the merge can get. Only
+    the cgroup root's limit was read: a process in a nested cgroup (cgroup v1 `memory:/process_api/<id>`, as on
+    this machine, or a v2 slice) saw no limit and a check that passed until the kernel killed the merge."""
+    plan = _fake_machine(tmp_path, monkeypatch, own, limits)
+    assert plan.available_memory() == room
 
 
 @pytest.mark.parametrize("entry", ["cli", "python"])

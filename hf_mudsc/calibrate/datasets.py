@@ -40,6 +40,35 @@ _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv
 _TEXT_LIMIT = 512  # fallback truncation when neither the tokenizer nor the config gives one
 
 
+@dataclass(frozen=True)
+class DataRole:
+    """Whose data and processor a message names: the merge's calibration data read with the parents' processor
+    (the default), or `evaluate`'s test data read with one model's processor (`hf_mudsc.evaluate.batches`), so
+    neither tells the user about the other's data and each names its own fix."""
+
+    data: str = "calibration data"
+    """What the data is, after "the" (`evaluation data of task 'x'`)."""
+    image_processor: str = "the parents' image processor"
+    """Whose image processor it is (`parent B's image processor`)."""
+    lacking: str = "the parents ship no {kind}"
+    """Said when that processor has no image processor / tokenizer ({kind}: which, and its file)."""
+    fix: str = "save it with the parent models (or load them with their processor)"
+    """What to do then, before "or map your own preprocessing"."""
+    empty: str = "calibration split {name!r}"
+    """The data named in "... is empty" ({name}: the dataset's)."""
+    purpose: str = "calibrate with"
+    error: type[Exception] = CalibrationError
+
+
+CALIBRATION = DataRole()
+
+
+def config_preprocessing(model_config: Any) -> tuple[int | None, int | None]:
+    """What a model's config adds to its processor's preprocessing: the image channel count and the text position
+    limit. Models with equal processors but configs that differ here need inputs of their own."""
+    return _num_channels(model_config), _positions(model_config)
+
+
 def pin_calibration_revision(dataset_spec: str, *, token: str | bool | None = None) -> str:
     """`dataset_spec` with a Hub dataset's branch/tag (or no revision: the default branch) pinned to its commit sha.
 
@@ -172,13 +201,13 @@ def refuse_crashing_file(path: Path, name: str) -> None:
             offset += len(chunk)
 
 
-def _refuse_empty(dataset: Any, name: str) -> Any:
+def _refuse_empty(dataset: Any, name: str, role: DataRole = CALIBRATION) -> Any:
     """A map-style split without rows cannot calibrate anything: say so before any parent is loaded."""
     import datasets
 
     if isinstance(dataset, datasets.Dataset) and len(dataset) == 0:
-        raise CalibrationError(f"calibration split {name!r} is empty (0 rows): no samples to calibrate "
-                               "with; pass a split that holds examples")
+        raise role.error(f"{role.empty.format(name=name)} is empty (0 rows): no samples to {role.purpose}; pass a "
+                         "split that holds examples")
     return dataset
 
 
@@ -235,6 +264,7 @@ class _Preprocessor:
     tokenizer: Any | None
     num_channels: int | None
     max_length: int | None
+    role: DataRole = CALIBRATION
 
     def __call__(self, rows: Mapping[str, Sequence[Any]]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -243,9 +273,11 @@ class _Preprocessor:
             try:
                 processed = self.image_processor(images=images, return_tensors="pt")
             except (ValueError, TypeError, OSError) as error:
-                raise CalibrationError(
-                    f"the parents' image processor ({type(self.image_processor).__name__}) cannot preprocess column "
-                    f"{self.image_column!r}: {error}"
+                role = self.role
+                fix = "" if role is CALIBRATION else f"; {role.fix}"
+                raise role.error(
+                    f"{role.image_processor} ({type(self.image_processor).__name__}) cannot preprocess "
+                    f"column {self.image_column!r} of the {role.data}: {error}{fix}"
                 ) from error
             out["pixel_values"] = _as_tensor(processed["pixel_values"])
         if self.text_column is not None:
@@ -357,16 +389,22 @@ def _first_present(candidates: Sequence[str], columns: Sequence[str]) -> str | N
     return next((c for c in candidates if c in columns), None)
 
 
+def _positions(model_config: Any) -> int | None:
+    for config in (model_config, getattr(model_config, "text_config", None)):
+        positions = getattr(config, "max_position_embeddings", None)
+        if isinstance(positions, int) and positions > 0:
+            return positions
+    return None
+
+
 def _max_length(tokenizer: Any, model_config: Any) -> int:
     limits = []
     tokenizer_limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(tokenizer_limit, int) and tokenizer_limit < 1_000_000:
         limits.append(tokenizer_limit)
-    for config in (model_config, getattr(model_config, "text_config", None)):
-        positions = getattr(config, "max_position_embeddings", None)
-        if isinstance(positions, int) and positions > 0:
-            limits.append(positions)
-            break
+    positions = _positions(model_config)
+    if positions is not None:
+        limits.append(positions)
     return min(limits) if limits else _TEXT_LIMIT
 
 
@@ -399,49 +437,50 @@ def _infer_inputs(columns: Sequence[str], image_processor: Any, tokenizer: Any,
 
 
 def _require_raw(model_input: str, kind: str, column: str | None, candidates: Sequence[str], option: str,
-                 processor: Any, processor_name: str, columns: Sequence[str]) -> None:
+                 processor: Any, processor_name: str, columns: Sequence[str], role: DataRole = CALIBRATION) -> None:
     """Raw `kind` data needs a column and the parents' processor for it; say which is missing and the fix."""
-    lacking = (f"the calibration data lacks column(s) {[model_input]} that the models need; found columns "
+    lacking = (f"the {role.data} lacks column(s) {[model_input]} that the models need; found columns "
                f"{list(columns)}. ")
     if column is None:
-        raise CalibrationError(
+        raise role.error(
             lacking + f"No raw {kind} column to preprocess either (looked for {', '.join(candidates)}): name "
             f"yours with {option_hint(option)}, or provide {model_input} yourself"
         )
     if processor is None:
-        raise CalibrationError(
-            lacking + f"Column {column!r} holds raw {kind}, but the parents ship no {processor_name} to "
-            f"preprocess it: save it with the parent models (or load them with their processor), or map your "
-            f"own preprocessing to a {model_input} column"
+        raise role.error(
+            lacking + f"Column {column!r} holds raw {kind}, but {role.lacking.format(kind=processor_name)} to "
+            f"preprocess it: {role.fix}, or map your own preprocessing to a {model_input} column"
         )
 
 
 def _plan(columns: Sequence[str], inputs: Sequence[str], processor: Any, image_column: str | None,
-          text_column: str | None, model_config: Any) -> tuple[list[str], _Preprocessor | None]:
+          text_column: str | None, model_config: Any, role: DataRole = CALIBRATION,
+          ) -> tuple[list[str], _Preprocessor | None]:
     """Which columns to read and how to preprocess them (None: they already are model inputs)."""
     for name, override in (("image_column", image_column), ("text_column", text_column)):
         if override is not None and override not in columns:
-            raise CalibrationError(f"{name}={override!r} (CLI: {flag(name)}) is not a column of the calibration "
-                                   f"data; found columns {list(columns)}")
+            raise role.error(f"{name}={override!r} (CLI: {flag(name)}) is not a column of the {role.data}; found "
+                             f"columns {list(columns)}")
     if image_column is None and text_column is None and all(i in columns for i in inputs):
         return [c for c in columns if c in MODEL_INPUT_COLUMNS or c in inputs], None
     unknown = [i for i in inputs if i not in ("pixel_values", "input_ids") and i not in columns]
     if unknown:
-        raise CalibrationError(f"the models need input(s) {unknown} that no column provides; found columns "
-                               f"{list(columns)}")
+        raise role.error(f"the models need input(s) {unknown} that no column of the {role.data} provides; found "
+                         f"columns {list(columns)}")
     image_processor, tokenizer = image_processor_of(processor), tokenizer_of(processor)
     use_image = use_text = None
     if "pixel_values" in inputs:
         use_image = image_column or _first_present(IMAGE_COLUMNS, columns)
         _require_raw("pixel_values", "image", use_image, IMAGE_COLUMNS, "image_column", image_processor,
-                     "image processor (preprocessor_config.json)", columns)
+                     "image processor (preprocessor_config.json)", columns, role)
     if "input_ids" in inputs:
         use_text = text_column or _first_present(TEXT_COLUMNS, columns)
-        _require_raw("input_ids", "text", use_text, TEXT_COLUMNS, "text_column", tokenizer, "tokenizer", columns)
+        _require_raw("input_ids", "text", use_text, TEXT_COLUMNS, "text_column", tokenizer, "tokenizer", columns,
+                     role)
     preprocess = _Preprocessor(
         image_column=use_image, text_column=use_text, image_processor=image_processor if use_image else None,
         tokenizer=tokenizer if use_text else None, num_channels=_num_channels(model_config),
-        max_length=_max_length(tokenizer, model_config) if use_text else None,
+        max_length=_max_length(tokenizer, model_config) if use_text else None, role=role,
     )
     return [c for c in (use_image, use_text) if c is not None], preprocess
 
@@ -513,6 +552,7 @@ def resolve_calibration(
     inputs: Sequence[str] | None = None,
     model_config: Any = None,
     token: str | bool | None = None,
+    role: DataRole = CALIBRATION,
 ) -> Any:
     """Calibration in any accepted form -> what `merge()` consumes (a `CalibrationStream`, or the input as is).
 
@@ -526,6 +566,7 @@ def resolve_calibration(
         streaming: stream spec datasets instead of downloading and converting them first.
         inputs: model inputs the parents need (e.g. `spec.inputs`); inferred from columns/processors if None.
         model_config: a parent's config, for the image channel count and the text length limit.
+        role: whose data and processor the errors name (`DataRole`; evaluate's test data and one model).
     """
     import datasets
 
@@ -541,7 +582,7 @@ def resolve_calibration(
         calibration = _pick_split(calibration, DatasetSpec(path=source))
     if not isinstance(calibration, (datasets.Dataset, datasets.IterableDataset)):
         return calibration
-    _refuse_empty(calibration, source)
+    _refuse_empty(calibration, source, role)
     if source == "dataset":
         source = getattr(calibration.info, "dataset_name", None) or getattr(calibration.info, "builder_name", None) \
             or "dataset"
@@ -550,7 +591,7 @@ def resolve_calibration(
     if inputs is None:
         inputs = _infer_inputs(columns, image_processor_of(processor), tokenizer_of(processor),
                                image_column, text_column)
-    keep, preprocess = _plan(columns, tuple(inputs), processor, image_column, text_column, model_config)
+    keep, preprocess = _plan(columns, tuple(inputs), processor, image_column, text_column, model_config, role)
     if keep != columns:
         calibration = calibration.select_columns(keep)
     calibration, sharding = _subset(calibration, num_samples, seed, shuffle)

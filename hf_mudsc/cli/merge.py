@@ -171,17 +171,20 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
     opened: dict[str, Any] = {}
 
     from hf_mudsc.pipeline import (
+        auto_before_loading,
         check_before_weights,
         check_calibration_before_weights,
+        head_copies,
         reads_calibration,
         streams_parents,
     )
 
     first: dict[str, Any] = {}  # the first parent's config, for the calibration check
 
-    def check_config(config: Any) -> None:
+    def check_config(config: Any, every: list[Any]) -> None:
         first["config"] = config
-        check_before_weights(config, recipe, len(recipe.models), chosen, loading=1 if lazy else len(recipe.models))
+        check_before_weights(config, recipe, len(recipe.models), chosen,
+                             loading=1 if lazy else len(recipe.models), copied=head_copies(every, streaming=lazy))
 
     def open_calibration(processors: list[Any]) -> None:
         # A Hub dataset is pinned to its commit (recorded in the recipe) and loaded at that commit; opened (not
@@ -196,10 +199,17 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
 
     # As merge() would: a tensor-wise method's parents after the first (and the base) are read one tensor at a time.
     lazy = streams_parents(chosen, recipe, recipe.calibration, len(recipe.models))
+
+    def choose_loading(views: list[Any], has_base: bool) -> bool:
+        # `auto`: chosen on the parents read one tensor at a time and checked before any is loaded whole; merge()
+        # then makes the same choice from the loaded parents
+        return auto_before_loading(views, recipe, opened.get("data", recipe.calibration), has_base=has_base,
+                                   references=len(recipe.models))[3]
+
     parents, base, _ = load_parents_and_base(
         recipe.models, recipe.base, token=token, allow_pickle=recipe.allow_pickle,
         base_needed_for=recipe.method if chosen is not None and chosen.needs_base_model else None, lazy=lazy,
-        check_config=check_config,
+        check_config=check_config, choose_loading=choose_loading if chosen is None else None,
         before_weights=open_calibration if reads_data or recipe.refit in REFITTING or (
             recipe.refit == "auto" and recipe.calibration is not None) else None)
     if base is not None and base_origin is not None:

@@ -16,6 +16,7 @@ import datasets
 import numpy as np
 import torch
 
+from hf_mudsc.calibrate.datasets import DataRole
 from hf_mudsc.calibrate.statistics import batch_column_as_tensor
 from hf_mudsc.errors import EvaluationError
 from hf_mudsc.evaluate.names import LABEL_COLUMNS
@@ -59,14 +60,34 @@ def _select_rows(dataset: Any, source: TaskData, label_column: str, task_names: 
     return dataset.filter(keep)
 
 
+def evaluation_role(task: str, owners: Sequence[str], processor: Any) -> DataRole:
+    """How preprocessing errors name one task's test data and the models (`owners`: `parent B`, ...) whose
+    processor reads it — evaluation data, not the merge's calibration data, and a fix that fits evaluate."""
+    def whose(thing: str) -> str:
+        return f"{owners[0]}'s {thing}" if len(owners) == 1 else f"the {thing} of {', '.join(owners)}"
+
+    return DataRole(
+        data=f"evaluation data of task {task!r}",
+        image_processor=whose("image processor"),
+        lacking=(f"{whose('processor')} ({type(processor).__name__}) has no {{kind}}" if processor is not None
+                 else f"{' and '.join(owners)} came with no processor, so no {{kind}}"),
+        fix=(f"save a processor that reads it with {' and '.join(owners)} (or load "
+             f"{'it' if len(owners) == 1 else 'them'} with one), or score every model with one processor "
+             "(own_processors=False; CLI: --shared-processor)"),
+        empty=f"the evaluation data of task {task!r} ({{name}})", purpose="score", error=EvaluationError)
+
+
 def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: int, num_samples: int | None,
-             processors: Sequence[Any], image_column: str | None, text_column: str | None, model_config: Any,
-             rank: int, world: int, task_names: Sequence[str], class_names: Sequence[str] | None = None,
-             ) -> tuple[Iterator[tuple[list[dict], list]], int | None, bool]:
+                 processors: Sequence[Any], model_configs: Sequence[Any], owners: Sequence[Sequence[str]],
+                 image_column: str | None, text_column: str | None, rank: int, world: int,
+                 task_names: Sequence[str], class_names: Sequence[str] | None = None,
+                 ) -> tuple[Iterator[tuple[list[dict], list]], int | None, bool]:
     """(model inputs per processor, raw labels) batches of this process's shard of one task, the row count if known,
     and whether raw columns were preprocessed (else every processor's inputs are the same tensors).
 
-    `processors`: the distinct processors, one list of inputs each, in this order, of the same rows.
+    `processors`: the distinct processors, one list of inputs each, in this order, of the same rows; each is
+    configured (image channels, text length limit) by its `model_configs` entry — the config of a model it
+    scores — and its errors name its `owners` (the models it scores).
     `class_names`: the task's classes in the model's order. A `ClassLabel` column naming exactly these classes in
     another order (an imagefolder sorts them) yields the names, which are looked up, not its ids."""
     data = source.data
@@ -107,12 +128,14 @@ def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: in
         )
     if source.task_column is not None and source.task_column not in columns:
         raise EvaluationError(f"task column {source.task_column!r} is not a column; found columns {columns}")
-    streams = [resolve_calibration(dataset, processors[0], image_column=image_column, text_column=text_column,
-                                   shuffle=False, inputs=(main_input,), model_config=model_config)]
+    def stream(index: int) -> Any:
+        return resolve_calibration(dataset, processors[index], image_column=image_column, text_column=text_column,
+                                   shuffle=False, inputs=(main_input,), model_config=model_configs[index],
+                                   role=evaluation_role(task, owners[index], processors[index]))
+
+    streams = [stream(0)]
     if streams[0].preprocess is not None:  # model-input columns need no processor: then one set of inputs serves all
-        streams += [resolve_calibration(dataset, processor, image_column=image_column, text_column=text_column,
-                                        shuffle=False, inputs=(main_input,), model_config=model_config)
-                    for processor in processors[1:]]
+        streams += [stream(index) for index in range(1, len(processors))]
     preprocesses = [stream.preprocess for stream in streams]
     kept = list(column_names(streams[0].dataset))
     feature = (getattr(dataset, "features", None) or {}).get(label_column)

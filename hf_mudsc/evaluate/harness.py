@@ -127,7 +127,13 @@ def evaluate_merge(
         raise EvaluationError("no evaluation data: pass datasets_per_task={task: dataset, ...}")
     merged_models, parent_models, owned = _load_models(merged, parents)
     assigned, processor_sources = _assign_processors(merged_models, owned, processor, own_processors)
-    distinct, group_of = _distinct(assigned)
+    models = [*merged_models.values(), *parent_models]
+    # each processor configured by the config of a model it scores (channels, text length), errors naming them
+    distinct, group_of = _distinct(assigned, [model.config for model in models])
+    labels = [*(f"merged model {name!r}" for name in merged_models),
+              *(f"parent {parent_letter(index)}" for index in range(len(parent_models)))]
+    group_configs = [models[group_of.index(group)].config for group in range(len(distinct))]
+    group_owners = [[label for label, of in zip(labels, group_of) if of == group] for group in range(len(distinct))]
     multi_label = [name for name, model in merged_models.items()
                    if getattr(model.config, "problem_type", None) == "multi_label_classification"]
     if multi_label:
@@ -139,7 +145,6 @@ def evaluate_merge(
     reference = next(iter(merged_models.values()))
     clip = is_clip(reference)
     layout, sources = _layout_and_sources(datasets_per_task, merged_models, parent_models, clip, class_names)
-    models = [*merged_models.values(), *parent_models]
     scorers = build_scorers(merged_models, parent_models, layout, clip, ensemble, assigned, prompt_template,
                             joint_rule)
     groups = {id(model): group for model, group in zip(models, group_of)}
@@ -149,8 +154,8 @@ def evaluate_merge(
     def batches_of(task: str, source: TaskData) -> tuple[Iterator[tuple[list[dict], list]], int | None, bool]:
         return task_batches(
             source, task=task, main_input=main_input, batch_size=batch_size, num_samples=num_samples,
-            processors=distinct, image_column=image_column, text_column=text_column,
-            model_config=reference.config, rank=rank, world=world, task_names=list(layout.ranges),
+            processors=distinct, model_configs=group_configs, owners=group_owners, image_column=image_column,
+            text_column=text_column, rank=rank, world=world, task_names=list(layout.ranges),
             class_names=None if clip else layout.class_names[task])
 
     collected, counts, preprocessed, failure = _predict(models, groups, scorers, layout, sources, batches_of,
@@ -233,17 +238,19 @@ def _assign_processors(merged: Mapping[str, Any], owned: Sequence[Any], given: A
     return assigned, labels
 
 
-def _distinct(processors: Sequence[Any]) -> tuple[list[Any], list[int]]:
-    """The distinct processors (by their serialised settings, first seen first) and each model's index into them."""
+def _distinct(processors: Sequence[Any], configs: Sequence[Any]) -> tuple[list[Any], list[int]]:
+    """The distinct preprocessings — a processor (by its serialised settings) with what its model's config adds
+    (`config_preprocessing`: channels, text length) — first seen first, and each model's index into them."""
+    from hf_mudsc.calibrate.datasets import config_preprocessing
     from hf_mudsc.load.processors import processor_fingerprint
 
     fingerprints: dict[int, str] = {}  # one fingerprint per object: most models share the same one
-    position: dict[str, int] = {}
+    position: dict[tuple[str, tuple[int | None, int | None]], int] = {}
     distinct, group_of = [], []
-    for processor in processors:
+    for processor, config in zip(processors, configs, strict=True):
         if id(processor) not in fingerprints:
             fingerprints[id(processor)] = processor_fingerprint(processor)
-        key = fingerprints[id(processor)]
+        key = (fingerprints[id(processor)], config_preprocessing(config))
         if key not in position:
             position[key] = len(distinct)
             distinct.append(processor)

@@ -598,11 +598,17 @@ def check_config_fits_weights(located: _Located) -> None:
     check_floating_weights(located.reference, {key: stored.stored_dtype(key) for key in stored}, model)
 
 
+WEIGHT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+"""The dtypes a weight is read from as it is (torch's names, as `lazy.dtype_name` gives a safetensors header's)."""
+
+
 def check_floating_weights(reference: str, stored: Mapping[str, str], model: torch.nn.Module) -> None:
-    """Refuse a checkpoint whose weights are stored as integers or booleans: a quantized checkpoint's int8 values
-    are weights only together with the scales it keeps in side tensors, and `from_pretrained(dtype=float32)` would
-    cast the bare integers into the model — a garbage merge without a warning. `stored`: tensor name -> dtype name
-    (`float32`, `int8` ...) as stored; `model`: the parent's model (on the meta device: its class and config).
+    """Refuse a checkpoint whose weights are stored as anything but float16/bfloat16/float32/float64 (`WEIGHT_DTYPES`):
+    a quantized checkpoint's int8 or scaled float8 values are weights only together with the scales it keeps in side
+    tensors, and `from_pretrained(dtype=float32)` would cast the bare values into the model — a garbage merge without
+    a warning. An allow-list, so a dtype added later (float4, float8 variants) is refused too. `stored`: tensor
+    name -> dtype name (`float32`, `int8` ...) as stored; `model`: the parent's model (on the meta device: its class
+    and config).
 
     A torch parameter is always floating-point, so the only integer tensors a model takes from a checkpoint are its
     buffers (BERT's `position_ids`, `token_type_ids`). Tensors are matched to buffers by their last name component:
@@ -611,15 +617,14 @@ def check_floating_weights(reference: str, stored: Mapping[str, str], model: tor
     """
     leaf = lambda name: name.rsplit(".", 1)[-1]  # noqa: E731
     buffers = {leaf(name) for name, _ in model.named_buffers()} - {leaf(name) for name, _ in model.named_parameters()}
-    bad = sorted(name for name, dtype in stored.items()
-                 if not dtype.startswith(("float", "bfloat")) and leaf(name) not in buffers)
+    bad = sorted(name for name, dtype in stored.items() if dtype not in WEIGHT_DTYPES and leaf(name) not in buffers)
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise LoadError(
-            f"{reference!r}: its weight {bad[0]!r}{more} is stored as {stored[bad[0]]}, not as floating-point numbers "
-            "— a quantized checkpoint, whose integers are weights only with their scales; dequantize it to float "
-            "(e.g. load it with its quantization library and save_pretrained the float model) or use the float "
-            "checkpoint it was quantized from"
+            f"{reference!r}: its weight {bad[0]!r}{more} is stored as {stored[bad[0]]}, not as "
+            f"{'/'.join(WEIGHT_DTYPES)} floating-point numbers — a quantized checkpoint, whose values are weights only "
+            "with their scales; dequantize it to float (e.g. load it with its quantization library and "
+            "save_pretrained the float model) or use the float checkpoint it was quantized from"
         )
 
 
@@ -818,8 +823,9 @@ BASE_FROM_CARDS = "named as base_model by every parent's model card"
 def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_for: str | None = None,
                           token: str | bool | None = None, allow_pickle: bool = False,
                           cache_dir: str | os.PathLike | None = None, lazy: bool = False,
-                          check_config: Callable[[PretrainedConfig | PreTrainedModel], None] | None = None,
+                          check_config: Callable[[PretrainedConfig | PreTrainedModel, list[Any]], None] | None = None,
                           before_weights: Callable[[list[Any]], None] | None = None,
+                          choose_loading: Callable[[list[LoadedParent], bool], bool] | None = None,
                           ) -> tuple[list[LoadedParent], LoadedParent | None, str | None]:
     """N parents and their common base (`base`: a reference, model or `LoadedParent`, or None), checked against
     each other before any weights are downloaded: `(parents, base or None, where the base came from or None)`.
@@ -828,8 +834,9 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
 
     The base is loaded like a parent (pinned, safetensors unless `allow_pickle`, float32) and must be of the
     parents' class and configuration (labels aside), or of another head class of their model type with their backbone
-    (read as their class: `check_base_config`). `check_config(config)`: the caller's own check of the first
-    parent's configuration (its model instead, for a parent given as a model), also before any weights.
+    (read as their class: `check_base_config`). `check_config(config, parents)`: the caller's own check of the first
+    parent's configuration (its model instead, for a parent given as a model), also before any weights; `parents`:
+    every parent's configuration, parent A's first (a parent given as a model or `LoadedParent`: that object).
     `before_weights(processors)`: called with the parents' processors (None where a parent ships none) once every
     configuration has passed its checks, before any weights are read (the calibration data is opened and its columns
     checked against the processors there: a config refusal comes before the data is touched, a bad data spec or a
@@ -837,13 +844,21 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
     `base`, when `base_needed_for` names a method that needs one, the base is the `base_model` every parent's model
     card names (README.md front matter; Hub parents' cards at their pinned commit); if they name none or different
     ones, a one-line `MergeInputError`.
+
+    `choose_loading(views, has_base)`: called once every parent's weights are fetched and their headers checked,
+    before any parent is loaded, with every parent opened for reading one tensor at a time (`_finish_lazily`) and
+    whether a base is given; it returns `lazy` (method `auto` chooses here, from the weights, and checks the memory
+    its choice needs before any parent is loaded whole). Not called when a parent cannot be opened so (a model
+    object, pickle weights, tensors that are not exactly its model's): the caller then chooses after loading.
     """
     if isinstance(refs, (str, os.PathLike, PreTrainedModel)):
         raise LoadError("load_parents takes a list of parents, e.g. ['org/a', 'org/b@v2']")
     located = [_locate_with_processor(r, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir) for r in refs]
     check_configs(located)
     if check_config is not None and located[0].config is not None:
-        check_config(located[0].model if located[0].model is not None else located[0].config)
+        check_config(located[0].model if located[0].model is not None else located[0].config,
+                     [p.loaded if p.loaded is not None else p.model if p.model is not None else p.config
+                      for p in located])
     source = None
     if base is None and base_needed_for is not None:
         base = base_from_cards(located, token=token, cache_dir=cache_dir)
@@ -866,6 +881,11 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
         before_weights([p.loaded.processor if p.loaded is not None else p.processor for p in located])
     for parent in located + ([located_base] if located_base is not None else []):
         _prepare(parent, token=token, cache_dir=cache_dir)
+    if choose_loading is not None and all(p.loaded is None and p.model is None and not p.use_pickle
+                                          and p.read_as is None for p in located):
+        views = [view for view in (_finish_lazily(p) for p in located) if view is not None]
+        if len(views) == len(located):
+            lazy = choose_loading(views, located_base is not None)
     # `lazy` (a tensor-wise method): every parent but the first (the merged model is built from it) and the base
     # with safetensors weights are read one tensor at a time, so memory does not grow with the number of parents.
     parents = [_finish(p, token=token, cache_dir=cache_dir, lazy=lazy and i > 0) for i, p in enumerate(located)]
