@@ -816,6 +816,30 @@ def test_a_parent_with_float8_weights_is_refused_before_any_weights_are_loaded(t
         assert "dequantize it" in message, message
 
 
+@pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn"])
+def test_the_dry_run_refuses_quantized_weights_as_the_merge_does(tmp_path, dtype):
+    """A dry run reads the same safetensors headers: it must not plan (and name an fp8 `out_dtype` for) a merge the
+    merge itself refuses; an integer buffer (BERT's position_ids) is still no refusal. (A guard: locating a parent
+    checks its headers, so the plan refused these already.)"""
+    import torch
+
+    import hf_mudsc
+    from hf_mudsc.errors import LoadError
+
+    good = _quantized_folder(tmp_path / "good", "vit_cls", None, seed=0)[0]
+    bad, name = _quantized_folder(tmp_path / "bad", "vit_cls", getattr(torch, dtype), seed=1)
+    with pytest.raises(LoadError) as caught:
+        hf_mudsc.merge([good, bad], None, method="average", dry_run=True)
+    message = str(caught.value)
+    assert "\n" not in message, message
+    assert f"{str(bad)!r}: its weight {name!r} is stored as" in message, message
+    extra = {"bert.embeddings.position_ids": torch.arange(24).unsqueeze(0)}
+    a = _quantized_folder(tmp_path / "a", "bert_cls", None, seed=0, extra=extra)[0]
+    b = _quantized_folder(tmp_path / "b", "bert_cls", None, seed=1, extra=extra)[0]
+    plan = hf_mudsc.merge([a, b], None, method="average", dry_run=True)
+    assert plan.out_dtype == "float32", plan.out_dtype  # the buffers' int64 is not the weights' dtype
+
+
 def test_a_model_object_with_float8_parameters_is_refused(tmp_path):
     import torch
     from factories import make_model
