@@ -39,8 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "POST could queue unbounded work; the default is hours of merges)")
     parser.add_argument("--local-root", action="append", default=argparse.SUPPRESS, metavar="DIR",
                         help="a folder whose contents jobs may name as local paths (parents, base, calibration "
-                        "data), symlinks followed; repeatable. Without it jobs name Hub references only: anyone who "
-                        "may POST could otherwise merge, and push to the Hub, any folder the server can read")
+                        "data, and a base_model a local parent's model card names), symlinks followed; "
+                        "repeatable. Without it jobs name Hub references only: anyone who may POST could "
+                        "otherwise merge, and push to the Hub, any folder the server can read")
     parser.add_argument("--output-root", default=argparse.SUPPRESS, metavar="DIR",
                         help="the folder a job's `output` names a folder in (default: STATE_DIR/outputs)")
 
