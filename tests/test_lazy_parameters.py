@@ -128,11 +128,12 @@ def test_reading_every_tensor_keeps_memory_flat(tmp_path):
 
 def _hub_style(model, folder, *, keys: str) -> None:
     """A checkpoint folder as found on the Hub: config.json and model.safetensors, its keys the ones
-    `save_pretrained` writes (transformers 5 writes ViT's legacy names: `encoder.layer.0.intermediate.dense`), or
-    (float16, written with safetensors) the model's own parameter names (`layers.0.mlp.fc1`), or those with the
-    TensorFlow-era `LayerNorm.gamma`/`beta` of old BERT checkpoints."""
-    if keys == "save_pretrained":
-        model.save_pretrained(folder)
+    `save_pretrained` writes (transformers 5 writes ViT's legacy names: `encoder.layer.0.intermediate.dense`; in
+    one file or `sharded`), or (float16, written with safetensors) the model's own parameter names
+    (`layers.0.mlp.fc1`), or those with the TensorFlow-era `LayerNorm.gamma`/`beta` of old BERT checkpoints."""
+    if keys in ("save_pretrained", "sharded"):
+        model.save_pretrained(folder, **({"max_shard_size": "20KB"} if keys == "sharded" else {}))
+        assert (keys == "sharded") == (folder / "model.safetensors.index.json").is_file()
         return
     folder.mkdir(parents=True)
     model.config.architectures = [type(model).__name__]
@@ -146,7 +147,7 @@ def _hub_style(model, folder, *, keys: str) -> None:
 
 
 @pytest.mark.parametrize(("kind", "keys"), [
-    ("vit_cls", "save_pretrained"), ("vit_cls", "parameter names"), ("vit", "save_pretrained"),
+    ("vit_cls", "save_pretrained"), ("vit_cls", "sharded"), ("vit_cls", "parameter names"), ("vit", "save_pretrained"),
     ("bert_cls", "save_pretrained"), ("bert_cls", "gamma/beta"), ("roberta_cls", "save_pretrained"),
     ("clip", "save_pretrained"), ("clip_vision", "save_pretrained"), ("clip_text", "save_pretrained")])
 def test_the_lazy_view_maps_checkpoint_keys_to_parameters_as_from_pretrained_does(tmp_path, kind, keys):
@@ -160,7 +161,7 @@ def test_the_lazy_view_maps_checkpoint_keys_to_parameters_as_from_pretrained_doe
     _hub_style(make_model(kind, 2), tmp_path / "b", keys=keys)
     stored = LazyParameters(safetensors_files(tmp_path / "b"))
     names = [name for name, _ in model.named_parameters()]
-    if kind.startswith("vit") and keys == "save_pretrained" or keys == "gamma/beta":  # the renamed checkpoints
+    if kind.startswith("vit") and keys != "parameter names" or keys == "gamma/beta":  # the renamed checkpoints
         assert not set(names) <= set(stored), "the checkpoint holds the parameters' own names"
     parents, _, _ = load_parents_and_base([str(tmp_path / "a"), str(tmp_path / "b")], lazy=True)
     view = parents[1].parameters
