@@ -162,11 +162,10 @@ def lazy_parameters(folder: str | os.PathLike, *, names: Iterable[str] | None = 
         return None
     keys = None
     if model is not None:
-        with safe_open(files[0], framework="pt") as handle:
-            stored = list(handle.keys())
-        for file in files[1:]:
+        stored: list[str] = []
+        for file in files:
             with safe_open(file, framework="pt") as handle:
-                stored += list(handle.keys())
+                stored += handle.keys()
         keys = stored_keys(model, stored)
         if keys is None:
             return None
