@@ -1061,33 +1061,38 @@ def test_a_parent_copied_to_parent_as_label_order_is_counted_by_the_memory_check
         assert hf_mudsc.merge([a, same], None, method="weight_matching", refit="none", progress=False) is not None
 
 
+@pytest.mark.parametrize("kind", ["bert_cls", "vit_cls"])
 @pytest.mark.parametrize("entry", ["cli", "python"])
 def test_auto_refuses_the_memory_its_choice_needs_before_any_parent_is_loaded_whole(tmp_path, capsys, monkeypatch,
-                                                                                    entry):
+                                                                                    entry, kind):
     """`auto` loaded every parent whole (minutes for a long recipe) before its choice was checked: its choice is now
-    made on the parents read one tensor at a time, and checked before any parent is loaded whole (for checkpoints
-    whose tensors are the model's by name, as BERT's: a ViT's are renamed by transformers as it loads them, so a
-    ViT recipe is still checked after loading, by the test above)."""
+    made on the parents read one tensor at a time, and checked before any parent is loaded whole — for ViT too,
+    whose checkpoint keys transformers renames as it loads them (the lazy view renames them likewise)."""
     import datasets
     import torch
-    from factories import make_model
+    from factories import make_model, vit_cli_case
 
     import hf_mudsc
     import hf_mudsc.load.parents as parents
     import hf_mudsc.plan as plan
     from hf_mudsc.methods.registry import METHODS
 
-    for seed in (0, 1):
-        make_model("bert_cls", seed).save_pretrained(tmp_path / f"p{seed}")
-    generator = torch.Generator().manual_seed(0)
-    data = datasets.Dataset.from_dict({"input_ids": torch.randint(5, 60, (16, 12), generator=generator).tolist(),
-                                       "attention_mask": [[1] * 12] * 16})
-    data.save_to_disk(tmp_path / "calibration")
-    floor = plan.memory_floor(make_model("bert_cls"), 20, METHODS["mudsc"], loading=20)
+    if kind == "vit_cls":
+        folders, calibration = vit_cli_case(tmp_path)
+        assert calibration == str(tmp_path / "calibration")
+    else:
+        folders = [str(tmp_path / "p0"), str(tmp_path / "p1")]
+        for seed, folder in enumerate(folders):
+            make_model(kind, seed).save_pretrained(folder)
+        generator = torch.Generator().manual_seed(0)
+        data = datasets.Dataset.from_dict({"input_ids": torch.randint(5, 60, (16, 12), generator=generator).tolist(),
+                                           "attention_mask": [[1] * 12] * 16})
+        data.save_to_disk(tmp_path / "calibration")
+    floor = plan.memory_floor(make_model(kind), 20, METHODS["mudsc"], loading=20)
     available = int(floor["weights"] + floor["statistics"] / 2)  # the parents fit, mudsc's statistics do not
     monkeypatch.setattr(plan, "available_memory", lambda: available)
     monkeypatch.setattr(parents, "_load_weights", lambda *a, **k: pytest.fail("a parent was loaded whole"))
-    models = [str(tmp_path / "p0"), str(tmp_path / "p1")] * 10
+    models = folders * 10
     capsys.readouterr()
     if entry == "cli":
         path = tmp_path / "auto.yaml"

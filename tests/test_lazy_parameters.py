@@ -124,3 +124,73 @@ def test_reading_every_tensor_keeps_memory_flat(tmp_path):
                          cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": ROOT})
     grown = float(run.stdout.strip().splitlines()[-1])
     assert grown < 40, f"peak RSS grew by {grown:.0f} MB reading a 128 MB checkpoint"
+
+
+def _hub_style(model, folder, *, keys: str) -> None:
+    """A checkpoint folder as found on the Hub: config.json and model.safetensors, its keys the ones
+    `save_pretrained` writes (transformers 5 writes ViT's legacy names: `encoder.layer.0.intermediate.dense`; in
+    one file or `sharded`), or (float16, written with safetensors) the model's own parameter names
+    (`layers.0.mlp.fc1`), or those with the TensorFlow-era `LayerNorm.gamma`/`beta` of old BERT checkpoints."""
+    if keys in ("save_pretrained", "sharded"):
+        model.save_pretrained(folder, **({"max_shard_size": "20KB"} if keys == "sharded" else {}))
+        assert (keys == "sharded") == (folder / "model.safetensors.index.json").is_file()
+        return
+    folder.mkdir(parents=True)
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)
+    tensors = {n: t.detach().half().contiguous() for n, t in model.state_dict().items()}
+    if keys == "gamma/beta":
+        tensors = {n.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): t
+                   for n, t in tensors.items()}
+        assert any(n.endswith("LayerNorm.gamma") for n in tensors)
+    save_file(tensors, folder / "model.safetensors")
+
+
+@pytest.mark.parametrize(("kind", "keys"), [
+    ("vit_cls", "save_pretrained"), ("vit_cls", "sharded"), ("vit_cls", "parameter names"), ("vit", "save_pretrained"),
+    ("bert_cls", "save_pretrained"), ("bert_cls", "gamma/beta"), ("roberta_cls", "save_pretrained"),
+    ("clip", "save_pretrained"), ("clip_vision", "save_pretrained"), ("clip_text", "save_pretrained")])
+def test_the_lazy_view_maps_checkpoint_keys_to_parameters_as_from_pretrained_does(tmp_path, kind, keys):
+    """transformers 5 renames checkpoint keys as it loads them (a ViT's `vit.encoder.layer.0.intermediate.dense.
+    weight` is the model's `vit.layers.0.mlp.fc1.weight`): the lazy view names its tensors by the same conversion
+    mapping, so it exists for such checkpoints and holds exactly what `from_pretrained` loads."""
+    from hf_mudsc.load.parents import load_parents_and_base
+
+    model = make_model(kind, 1)
+    _hub_style(model, tmp_path / "a", keys=keys)
+    _hub_style(make_model(kind, 2), tmp_path / "b", keys=keys)
+    stored = LazyParameters(safetensors_files(tmp_path / "b"))
+    names = [name for name, _ in model.named_parameters()]
+    if kind.startswith("vit") and keys != "parameter names" or keys == "gamma/beta":  # the renamed checkpoints
+        assert not set(names) <= set(stored), "the checkpoint holds the parameters' own names"
+    parents, _, _ = load_parents_and_base([str(tmp_path / "a"), str(tmp_path / "b")], lazy=True)
+    view = parents[1].parameters
+    assert view is not None, "parent B was loaded whole, not read one tensor at a time"
+    loaded = type(model).from_pretrained(tmp_path / "b", dtype=torch.float32)
+    want = dict(loaded.named_parameters())
+    assert sorted(view) == sorted(want) == sorted(names)
+    for name, tensor in want.items():
+        got = view[name]
+        assert got.dtype == torch.float32 and torch.equal(got, tensor.detach()), name
+        assert view.shape(name) == tuple(tensor.shape), name
+
+
+def test_a_checkpoint_transformers_converts_beyond_renaming_is_left_to_whole_loading(tmp_path, caplog):
+    """A conversion that splits tensors (DINOv2's SwiGLU `mlp.weights_in` -> `gate_proj` + `up_proj`, a `Chunk`) is
+    not a rename: no lazy view (the parent is loaded whole, which converts it), and a debug line says why."""
+    import logging
+
+    from transformers import Dinov2Config, Dinov2Model
+
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8,
+                          use_swiglu_ffn=True)
+    Dinov2Model(config).save_pretrained(tmp_path)
+    assert any(".mlp.weights_in." in key for key in LazyParameters(safetensors_files(tmp_path)))
+    with torch.device("meta"):
+        model = Dinov2Model(config)
+    with caplog.at_level(logging.DEBUG, logger=lazy.__name__):
+        assert lazy_parameters(tmp_path, names=[n for n, _ in model.named_parameters()], model=model) is None
+    assert "mlp.weights_in" in caplog.text and "not only renamed" in caplog.text, caplog.text
+    # The tensors it only renames are named as the model names them.
+    keys = lazy.stored_keys(model, ["encoder.layer.0.attention.attention.query.weight"])
+    assert keys == {"encoder.layer.0.attention.q_proj.weight": "encoder.layer.0.attention.attention.query.weight"}

@@ -12,17 +12,30 @@ purpose: a long-lived `safe_open` handle memory-maps the file, and every page re
 process's resident set until the handle closes — after reading all tensors once, the whole checkpoint would be
 resident again (measured: a 256 MB file read through one handle peaks at +256 MB RSS, through a handle per
 tensor at +0).
+
+A checkpoint's keys are not always the model's parameter names: transformers 5 renames some as it loads them (a
+ViT's `vit.encoder.layer.0.intermediate.dense.weight` is the model's `vit.layers.0.mlp.fc1.weight`, and its
+`save_pretrained` writes the old names back; old BERTs store `LayerNorm.gamma`). `stored_keys` names a checkpoint's
+tensors as `from_pretrained` does, with transformers' own conversion mapping, so such a checkpoint is read lazily
+too instead of being loaded whole.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+logger = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -32,13 +45,15 @@ class LazyParameters(Mapping[str, torch.Tensor]):
     """`name -> tensor` over safetensors files, each tensor read from disk when it is looked up (never cached).
 
     `files`: the checkpoint's safetensors files. `names`: expose only these tensors (e.g. a model's parameter
-    names, leaving out buffers a checkpoint also holds); None = every tensor in the files. `dtype`: the tensors are
-    returned in this dtype (parents are merged in float32, as `from_pretrained(dtype=torch.float32)` loads them);
-    None keeps the stored dtype. Tensors are plain CPU tensors that the caller owns.
+    names, leaving out buffers a checkpoint also holds); None = every tensor in the files. `keys`: name -> the key
+    it is stored under, for names that differ from their keys (`stored_keys`); `names` and the mapping's keys are
+    then the names. `dtype`: the tensors are returned in this dtype (parents are merged in float32, as
+    `from_pretrained(dtype=torch.float32)` loads them); None keeps the stored dtype. Tensors are plain CPU tensors
+    that the caller owns.
     """
 
     def __init__(self, files: Iterable[str | os.PathLike], *, names: Iterable[str] | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 keys: Mapping[str, str] | None = None, dtype: torch.dtype | None = None) -> None:
         self._files = [Path(f) for f in files]
         if not self._files:
             raise ValueError("LazyParameters needs at least one safetensors file")
@@ -54,6 +69,14 @@ class LazyParameters(Mapping[str, torch.Tensor]):
                     header = handle.get_slice(key)
                     self._shapes[key] = tuple(header.get_shape())
                     self._dtypes[key] = dtype_name(header.get_dtype())
+        self._keys = dict(keys or {})
+        if keys is not None:  # a name's file, shape and dtype are its stored key's
+            unknown = [key for key in self._keys.values() if key not in self._where]
+            if unknown:
+                raise KeyError(f"{len(unknown)} tensor(s) not in the checkpoint, e.g. {unknown[0]!r}")
+            for facts in (self._where, self._shapes, self._dtypes):
+                facts.update({name: facts[key] for name, key in self._keys.items()})
+            self._where = {name: self._where[name] for name in self._keys}
         if names is not None:
             wanted = list(names)
             missing = [n for n in wanted if n not in self._where]
@@ -66,7 +89,7 @@ class LazyParameters(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str) -> torch.Tensor:
         file = self._where[name]  # KeyError for an unknown name, as a dict
         with safe_open(file, framework="pt") as handle:
-            tensor = handle.get_tensor(name)
+            tensor = handle.get_tensor(self._keys.get(name, name))
         return tensor if self.dtype is None or not tensor.is_floating_point() else tensor.to(self.dtype)
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
@@ -74,7 +97,7 @@ class LazyParameters(Mapping[str, torch.Tensor]):
         `get_slice`): a big tensor is merged in row chunks, so only a chunk of each parent's version is held."""
         file = self._where[name]
         with safe_open(file, framework="pt") as handle:
-            tensor = handle.get_slice(name)[start:stop]
+            tensor = handle.get_slice(self._keys.get(name, name))[start:stop]
         return tensor if self.dtype is None or not tensor.is_floating_point() else tensor.to(self.dtype)
 
     def __iter__(self) -> Iterator[str]:
@@ -128,16 +151,65 @@ def safetensors_files(folder: str | os.PathLike) -> list[Path] | None:
 
 
 def lazy_parameters(folder: str | os.PathLike, *, names: Iterable[str] | None = None,
-                    dtype: torch.dtype | None = torch.float32) -> LazyParameters | None:
+                    dtype: torch.dtype | None = torch.float32,
+                    model: PreTrainedModel | None = None) -> LazyParameters | None:
     """`LazyParameters` over a checkpoint folder, or None when it has no safetensors weights or lacks one of
-    `names` (e.g. tied weights saved once: the caller then uses the loaded model's parameters)."""
+    `names` (e.g. tied weights saved once: the caller then uses the loaded model's parameters). `model` (e.g. on
+    the meta device): the tensors are named as its `from_pretrained` names them (`stored_keys`); None when a tensor
+    is not a stored one renamed."""
     files = safetensors_files(folder)
     if files is None:
         return None
+    keys = None
+    if model is not None:
+        stored: list[str] = []
+        for file in files:
+            with safe_open(file, framework="pt") as handle:
+                stored += handle.keys()
+        keys = stored_keys(model, stored)
+        if keys is None:
+            return None
     try:
-        return LazyParameters(files, names=names, dtype=dtype)
+        return LazyParameters(files, names=names, keys=keys, dtype=dtype)
     except KeyError:
         return None
+
+
+def stored_keys(model: PreTrainedModel, keys: Iterable[str]) -> dict[str, str] | None:
+    """`model`'s name -> checkpoint key, for a checkpoint holding `keys`: each key renamed as `from_pretrained`
+    renames it (transformers' conversion mapping of the model's class and model type, its legacy renames, the
+    base-model prefix added or removed — `transformers.core_model_loading.rename_source_key`, the function
+    `from_pretrained` calls), so a checkpoint whose keys transformers renames on load is read lazily too, and
+    without a rename table of our own that would fall behind transformers'. Keys of no model tensor are left out.
+    None (the caller loads the checkpoint whole, which converts it) when the mapping does more than rename — a
+    `WeightConverter` splitting or joining tensors (none for the architectures hf_mudsc merges) — or two keys give
+    one name."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    expected = model.state_dict()
+    prefix = model.base_model_prefix
+    names: dict[str, str] = {}
+    for key in keys:
+        name, converter = rename_source_key(key, renamings, converters, prefix, expected)
+        if name not in expected and key in expected:  # as from_pretrained: a key that needed no renaming
+            name, converter = rename_source_key(key, [], [], base_model_prefix=prefix, meta_state_dict=expected)
+        if name not in expected:
+            continue
+        if converter is not None:
+            logger.debug("%s: transformers converts checkpoint tensor %r (its pattern %r: split, joined or "
+                         "reshaped, not only renamed); the checkpoint is loaded whole, which converts it",
+                         type(model).__name__, key, converter)
+            return None
+        if name in names:
+            logger.debug("%s: checkpoint tensors %r and %r both load as %r; the checkpoint is loaded whole",
+                         type(model).__name__, names[name], key, name)
+            return None
+        names[name] = key
+    return names
 
 
 class Subset(Mapping[str, torch.Tensor]):

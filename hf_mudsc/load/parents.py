@@ -656,13 +656,15 @@ def _check_pickle_dtypes(located: _Located) -> str | None:
 def _finish_lazily(located: _Located) -> LoadedParent | None:
     """A parent whose tensors are read on access (a model on the meta device + `LazyParameters`), or None when
     the checkpoint's tensors are not exactly the model's parameters with their shapes (tied weights saved once,
-    legacy names ...): then `_load_weights` loads it, and reports what does not fit."""
+    tensors transformers splits or joins on load ...): then `_load_weights` loads it, and reports what does not fit.
+    Checkpoint keys are named as `from_pretrained` names them (`lazy.stored_keys`, transformers' conversion
+    mapping): a ViT checkpoint, whose keys transformers 5 renames on load, is read lazily too."""
     from hf_mudsc.load.lazy import lazy_parameters
 
     with torch.device("meta"):
         model = model_class_for(located.config)(located.config)
     shapes = {name: tuple(tensor.shape) for name, tensor in model.named_parameters()}
-    parameters = lazy_parameters(located.folder, names=list(shapes), dtype=torch.float32)
+    parameters = lazy_parameters(located.folder, names=list(shapes), dtype=torch.float32, model=model)
     if parameters is None or any(parameters.shape(name) != shape for name, shape in shapes.items()):
         return None
     model.config._name_or_path = model.name_or_path = located.repo_id or located.reference
