@@ -194,3 +194,21 @@ def test_a_checkpoint_transformers_converts_beyond_renaming_is_left_to_whole_loa
     # The tensors it only renames are named as the model names them.
     keys = lazy.stored_keys(model, ["encoder.layer.0.attention.attention.query.weight"])
     assert keys == {"encoder.layer.0.attention.q_proj.weight": "encoder.layer.0.attention.attention.query.weight"}
+
+
+def test_a_transformers_without_the_renaming_internals_loads_renamed_checkpoints_whole(tmp_path, monkeypatch):
+    """The renaming is read from transformers' loading internals (`core_model_loading`): a release that moves them
+    must cost streaming, never the merge — no lazy view, and the parent loaded whole converts its keys itself."""
+    from hf_mudsc.load.parents import load_parents_and_base
+
+    for name, seed in (("a", 1), ("b", 2)):
+        _hub_style(make_model("vit_cls", seed), tmp_path / name, keys="save_pretrained")
+    monkeypatch.setitem(sys.modules, "transformers.core_model_loading", None)  # `import` raises ImportError
+    with torch.device("meta"):
+        model = make_model("vit_cls", 1)
+    assert lazy.stored_keys(model, ["vit.encoder.layer.0.attention.attention.query.weight"]) is None
+    parents, _, _ = load_parents_and_base([str(tmp_path / "a"), str(tmp_path / "b")], lazy=True)
+    assert parents[1].parameters is None  # loaded whole
+    want = type(model).from_pretrained(tmp_path / "b", dtype=torch.float32).state_dict()
+    got = parents[1].model.state_dict()
+    assert all(torch.equal(got[name], tensor) for name, tensor in want.items())

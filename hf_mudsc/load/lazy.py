@@ -184,8 +184,12 @@ def stored_keys(model: PreTrainedModel, keys: Iterable[str]) -> dict[str, str] |
     None (the caller loads the checkpoint whole, which converts it) when the mapping does more than rename — a
     `WeightConverter` splitting or joining tensors (none for the architectures hf_mudsc merges) — or two keys give
     one name."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    try:  # transformers' loading internals: a release that moved them loads the checkpoint whole, as before
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError as error:
+        logger.debug("transformers' key renaming is not where hf_mudsc reads it (%s); checkpoints load whole", error)
+        return None
 
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
