@@ -136,3 +136,56 @@ def test_the_readme_layout_is_the_package_tree_in_pipeline_order():
 
 def test_the_readme_links_the_design_document_where_it_explains_how_it_works():
     assert "[docs/design.md](docs/design.md)" in readme_section("How it works")
+
+
+# --- README and guides: every `hf_mudsc.x.y` name they give a user exists ------------------------------------
+
+GUIDES = (README, ROOT / "docs" / "adding_a_method.md", ROOT / "docs" / "adding_an_architecture.md")
+DOTTED_NAME = re.compile(r"(?<![\w/.])hf_mudsc(?:\.[A-Za-z_]\w*)+")
+FROM_IMPORT = re.compile(r"^[ \t]*from[ \t]+(hf_mudsc(?:\.\w+)*)[ \t]+import[ \t]+(\([^)]*\)|[\w \t,]+)", re.MULTILINE)
+
+
+def resolves(dotted: str) -> bool:
+    """Whether `hf_mudsc.a.b.c` names a module or an attribute reachable from the longest importable prefix."""
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            target = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            if not hasattr(target, name):
+                return False
+            target = getattr(target, name)
+        return True
+    return False
+
+
+def documented_names(text: str) -> set[str]:
+    """The dotted hf_mudsc names a text gives: in prose and code, and each name of a `from hf_mudsc... import`."""
+    names = set(DOTTED_NAME.findall(text))
+    for module, imported in FROM_IMPORT.findall(text):
+        names.update(f"{module}.{name.strip()}" for name in imported.strip("()").split(",") if name.strip())
+    return names
+
+
+def test_the_name_pattern_reads_imports_and_dotted_names():
+    text = ("`hf_mudsc.plan.MergePlan` and\nfrom hf_mudsc.testing.permute import permute_model, random_permutations\n"
+            "\nfrom hf_mudsc.spec import (\n    Group,\n    Role,\n)\n")
+    assert documented_names(text) == {"hf_mudsc.plan.MergePlan", "hf_mudsc.testing.permute",
+                                      "hf_mudsc.testing.permute.permute_model",
+                                      "hf_mudsc.testing.permute.random_permutations", "hf_mudsc.spec",
+                                      "hf_mudsc.spec.Group", "hf_mudsc.spec.Role"}
+    assert not resolves("hf_mudsc.no_such_module.thing") and resolves("hf_mudsc.plan.MergePlan")
+
+
+def test_every_hf_mudsc_name_the_readme_and_guides_give_exists():
+    missing = {
+        str(path.relative_to(ROOT)): sorted(name for name in documented_names(path.read_text(encoding="utf-8"))
+                                            if not resolves(name))
+        for path in GUIDES
+    }
+    missing = {path: names for path, names in missing.items() if names}
+    assert not missing, f"names the documents give that the package does not have: {missing}"
