@@ -201,6 +201,18 @@ def _method_help() -> str:
             + "; ".join(f"{m.name} = {m.pretty_name}" for m in METHODS.values()))
 
 
+def _calibration_help() -> str:
+    """Which methods read the data comes from the registry, so a new method cannot leave this help stale."""
+    from hf_mudsc.methods.registry import METHODS
+
+    reading = ", ".join(m.name for m in METHODS.values() if m.needs_calibration or m.needs_data)
+    return ("calibration data for the activation statistics: `repo_or_path[:config]:split` — a Hub dataset id (pin it "
+            "like a parent: `org/ds@revision:split`; the recipe records the commit used), an imagefolder or a data "
+            "file (streamed), or a folder written by Dataset.save_to_disk; a split may carry a slice "
+            f"(`train[:512]`). Needed by {reading}, and by --refit ridge|gate|repair and --alpha auto; the other "
+            "methods merge without it (--refit auto then resolves to none)")
+
+
 # ------------------------------------------------------------------------------------- range checks, one per option
 
 
@@ -489,10 +501,7 @@ class MergeOptions:
     calibration: str | None = option(
         None, kind="str", keyword=False, recorded=True, metavar="SPEC", show_default=False,
         card=CardRow(5, "Calibration data", _card_calibration, source="recipe"),
-        help="calibration data for the activation statistics: `repo_or_path[:config]:split` — a Hub "
-        "dataset id (pin it like a parent: `org/ds@revision:split`; the recipe records the commit used), an "
-        "imagefolder or a data file (streamed), or a folder written by Dataset.save_to_disk; a split may carry "
-        "a slice (`train[:512]`). Needed by every method except weight_matching and average.")
+        help=_calibration_help)
     method: str = option(
         "auto", kind="choice", check=_check_method, choices=_method_names, help=_method_help, recorded=True,
         card=CardRow(1, "Method", _card_method))

@@ -179,17 +179,19 @@ def merge(
 
     Args:
         models: N >= 2 parents of the same class and configuration: `PreTrainedModel`s, local folders,
-            Hub ids `"org/name"` / `"org/name@revision"`, or `hf_mudsc.load.parents.LoadedParent`s. The
-            unit-matching methods (mudsc, zipit, ...) merge exactly two; `linear` and the same-base methods any N.
+            Hub ids `"org/name"` / `"org/name@revision"`, or `hf_mudsc.load.parents.LoadedParent`s. Every
+            method takes any N but `average` and `slerp` (two); `reference_compat=True` takes two.
         calibration: data for the activation statistics — a `"repo_or_path[:config]:split"` spec (streamed
             with `datasets.load_dataset`), a `datasets.Dataset`/`IterableDataset` with model-input columns
             (`pixel_values`, `input_ids`/`attention_mask`) or raw columns (`image`/`img`, `text`/`sentence`,
             preprocessed with the parents' processor), a `hf_mudsc.calibrate.datasets.CalibrationStream`, or an iterable
-            of dict batches. Not needed by `weight_matching` and `average`.
+            of dict batches. Read by `mudsc`, `zipit`, `activation_align`, `regmean`, `regmean_plusplus`, `fisher`,
+            the refit and `alpha="auto"`; the other methods merge without it.
         method: `"auto"` (default) or a name from `hf_mudsc.METHODS` (`mudsc`, `zipit`, `activation_align`,
             `weight_matching`, `average`, `linear`, ...). `auto` chooses from the parents' relation
-            (`hf_mudsc.methods.auto`): different initializations -> `mudsc`; fine-tunes of one base -> `ties` with
-            `base`, else `linear`. The log, `config.mudsc["method_choice_reason"]` and the card say which and why.
+            (`hf_mudsc.methods.auto`): different initializations -> `mudsc`; fine-tunes of one base -> `regmean`
+            with calibration data, else `ties` with `base`, else `linear`. The log,
+            `config.mudsc["method_choice_reason"]` and the card say which and why.
         base: the parents' common base (a model, folder or `"org/name[@revision]"`), loaded and checked like a
             parent (same model type, configuration and tensor shapes; a folder or Hub id of another head class,
             e.g. a `BertForMaskedLM`, is read as the parents' class and what it lacks is merged as without a base).
@@ -959,6 +961,9 @@ def from_pretrained(model_a: Any, model_b: Any, calibration: Any = None, *, toke
     `model_a`/`model_b`: `"org/name"`, `"org/name@revision"`, a local folder or a `PreTrainedModel`.
     `calibration`: a `"repo_or_path[:config]:split"` spec, a `datasets` dataset (raw or model-input
     columns) or an iterable of input batches. `merge_options` are `hf_mudsc.merge`'s keywords.
-    Under `torchrun`/`accelerate launch` only the main process gets the model; the others get None.
+
+    Returns:
+        What `hf_mudsc.merge` returns: the merged `PreTrainedModel` (a `MergePlan` with `dry_run=True`); under
+        `torchrun`/`accelerate launch` only the main process gets it, the others get None.
     """
     return merge([model_a, model_b], calibration, token=token, allow_pickle=allow_pickle, **merge_options)

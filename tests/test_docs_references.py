@@ -189,3 +189,34 @@ def test_every_hf_mudsc_name_the_readme_and_guides_give_exists():
     }
     missing = {path: names for path, names in missing.items() if names}
     assert not missing, f"names the documents give that the package does not have: {missing}"
+
+
+def public_docstrings() -> dict[str, str]:
+    """The docstring of every function and class in `hf_mudsc.__all__` (data such as METHODS carries none)."""
+    import inspect
+
+    import hf_mudsc
+
+    objects = {name: getattr(hf_mudsc, name) for name in hf_mudsc.__all__}
+    return {name: inspect.getdoc(obj) or "" for name, obj in objects.items()
+            if inspect.isfunction(obj) or inspect.isclass(obj)}
+
+
+def test_every_public_function_says_what_it_returns():
+    import inspect
+
+    import hf_mudsc
+
+    functions = [name for name in hf_mudsc.__all__ if inspect.isfunction(getattr(hf_mudsc, name))]
+    assert {"merge", "save_merged", "from_pretrained"} <= set(functions)
+    silent = [name for name in functions if "Returns:" not in public_docstrings()[name]]
+    assert not silent, f"public functions whose docstring has no 'Returns:' section: {silent}"
+    undocumented = [name for name, doc in public_docstrings().items() if not doc.strip()]
+    assert not undocumented, f"public names without a docstring: {undocumented}"
+
+
+def test_every_hf_mudsc_name_the_public_docstrings_give_exists():
+    missing = {name: sorted(dotted for dotted in documented_names(doc) if not resolves(dotted))
+               for name, doc in public_docstrings().items()}
+    missing = {name: names for name, names in missing.items() if names}
+    assert not missing, f"docstrings of public names name what the package does not have: {missing}"

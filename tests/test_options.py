@@ -77,3 +77,19 @@ def test_valid_edge_values_pass(tmp_path):
     recipe = Recipe(models=["a", "b"], calibration="c", alpha=1.0, zip_decay=1.0, zip_budget=0.0, batch_size=65536,
                     num_samples=1, seed=2**63)
     assert recipe.validate() is recipe
+
+
+def test_the_calibration_help_names_the_methods_that_read_data(capsys):
+    """`--calibration`'s help said every method but weight_matching and average needs it; linear, ties and the other
+    tensor-wise methods read none (the README merges them without data)."""
+    from hf_mudsc.methods.registry import METHODS
+
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    start = text.index("--calibration SPEC calibration data")
+    calibration_help = text[start:text.index("--method {", start)]
+    reading = {name for name, method in METHODS.items() if method.needs_calibration or method.needs_data}
+    named = {name for name in METHODS if f" {name}," in calibration_help or f" {name};" in calibration_help
+             or f" {name}." in calibration_help or f" {name} " in calibration_help}
+    assert reading and named == reading, (sorted(named), sorted(reading))

@@ -27,6 +27,9 @@ def joint_probabilities(logits: torch.Tensor, config: Any) -> torch.Tensor:
     `config`: the merged model's config (or a mapping task -> [first id, end id), its `task_label_ranges`).
     `joint_probabilities(out.logits, model.config).argmax(-1)` is the label id the evaluation's joint accuracy
     scores; `id2label` names it (`"task: label"`). A model without task ranges gets a plain softmax.
+
+    Returns:
+        A tensor of `logits`' shape: each task's slice softmaxed on its own (each slice sums to 1).
     """
     ranges = config if isinstance(config, Mapping) else task_ranges(config)
     return per_task_softmax(logits, [tuple(bounds) for bounds in ranges.values()])

@@ -174,7 +174,14 @@ METHODS: dict[str, MergeMethod] = {}
 
 
 def register_method(method: MergeMethod) -> MergeMethod:
-    """Add a method to the registry (the API, CLI choices, card, demo and benchmarks see it from then on)."""
+    """Add a method to the registry (the API, CLI choices, card, demo and benchmarks see it from then on).
+
+    Returns:
+        `method` itself, so that it can be registered where it is defined.
+
+    Raises:
+        TypeError: `method` is not a `MergeMethod`. ValueError: its name is already registered.
+    """
     if not isinstance(method, MergeMethod):
         raise TypeError(f"register_method takes a MergeMethod, got {type(method).__name__}")
     if method.name in METHODS:
@@ -192,7 +199,11 @@ def unregister_method(name: str) -> MergeMethod:
 
 
 def get_method(name: str) -> MergeMethod:
-    """The registered method `name` (not `auto`, which `hf_mudsc.methods.auto.choose_method` resolves)."""
+    """The registered method `name` (not `auto`, which `hf_mudsc.methods.auto.choose_method` resolves).
+
+    Returns:
+        The `MergeMethod` registered under `name`; an unknown name raises ValueError listing the known ones.
+    """
     try:
         return METHODS[name]
     except KeyError:

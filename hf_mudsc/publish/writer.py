@@ -167,12 +167,16 @@ def publish(
 
 def save_merged(merged: Any, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Save a model returned by `hf_mudsc.merge` as the CLI does: weights, config, processor (when the parents
-    had one), README.md model card, `mudsc_recipe.yaml` — written to a hidden sibling and renamed into place.
+    had one), README.md model card, `mudsc_recipe.yaml`, `merge_diagnostics.json` and `plots/*.png` — written to a
+    hidden sibling and renamed into place.
 
     Args:
         merged: the merged model.
         directory: the folder to create.
         overwrite: replace an existing `directory`, only if hf-mudsc wrote every file in it.
+
+    Returns:
+        The folder written, as an absolute `Path`.
 
     Raises:
         FileExistsError: `directory` exists (without `overwrite`), or holds files hf-mudsc did not write.
@@ -196,7 +200,7 @@ def push_merged(
         token: a Hub token (default: `HF_TOKEN` or the stored login; never logged or written).
 
     Returns:
-        A `hf_mudsc.hub.PushResult` (`commit_sha`, `commit_url`, `url`).
+        A `hf_mudsc.publish.hub.PushResult` (`commit_sha`, `commit_url`, `url`).
     """
     from hf_mudsc.publish.hub import check_target
 
