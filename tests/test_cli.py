@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -424,3 +425,14 @@ def test_hub_calibration_is_pinned_in_the_recipe_and_loaded_at_that_commit(input
     card = (out / "README.md").read_text()
     assert f"org/digits@{sha}:train" in card and "- org/digits\n" in card  # recipe block; `datasets:` metadata
     assert calibration_dataset_id(f"org/digits@{sha}:train") == "org/digits"
+
+
+@pytest.mark.parametrize("command", ["merge", "push", "evaluate", "inspect", "serve", "demo"])
+def test_no_help_line_states_its_default_twice(capsys, command):
+    """`inspect --help` printed "(default: DIR/plots) (default: None)": the formatter appended the value to a help
+    that states its default in words."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    doubled = re.findall(r"\(default: [^)]*\) \(default: [^)]*\)", text)
+    assert not doubled, doubled

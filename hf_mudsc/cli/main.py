@@ -125,10 +125,19 @@ def build_parser(available: Sequence[str] | None = None) -> argparse.ArgumentPar
                 raise  # a missing dependency must not silently hide a command
             continue
         command = sub.add_parser(name, help=help_text, description=help_text,
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=DefaultsOnceFormatter)
         module.add_arguments(command)
         command.set_defaults(_run=module.run)
     return parser
+
+
+class DefaultsOnceFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default in its help, once: a help that states it in words (`(default: DIR/plots)`, where the
+    parsed value is None) is not followed by argparse's `(default: None)`."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        return text if "(default" in text else super()._get_help_string(action)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
