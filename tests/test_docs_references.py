@@ -84,7 +84,7 @@ def test_the_short_citation_pattern_tells_the_two_forms_apart():
 # --- README: the layout section is the package's tree, and the design document is linked --------------------
 
 README = ROOT / "README.md"
-PATH_IN_README = re.compile(r"\b((?:hf_mudsc|scripts|docs|tests|model_cards)/[A-Za-z0-9_./*-]*[A-Za-z0-9_*/])")
+PATH_IN_README = re.compile(r"(?<![\w/.])((?:hf_mudsc|scripts|docs|tests|model_cards)/[A-Za-z0-9_./*-]*[A-Za-z0-9_*/])")
 PIPELINE_ORDER = ("load/", "calibrate/", "solve/", "apply/", "publish/")
 
 
@@ -220,3 +220,35 @@ def test_every_hf_mudsc_name_the_public_docstrings_give_exists():
                for name, doc in public_docstrings().items()}
     missing = {name: names for name, names in missing.items() if names}
     assert not missing, f"docstrings of public names name what the package does not have: {missing}"
+
+
+COMMANDS = ("", "merge", "push", "evaluate", "inspect", "serve", "demo")
+
+
+def cli_flags() -> dict[str, set[str]]:
+    """Every long flag each `hf-mudsc` command's help lists as an option (the `--no-` form of a yes/no flag and
+    `--help` left out)."""
+    import contextlib
+    import io
+
+    from hf_mudsc.cli.main import main
+
+    flags = {}
+    for command in COMMANDS:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+            main([command, "--help"] if command else ["--help"])
+        invocations = re.findall(r"^  (-.*?)(?:  |$)", out.getvalue(), flags=re.MULTILINE)
+        found = {flag for line in invocations for flag in re.findall(r"--[a-z][a-z-]*", line)} - {"--help"}
+        flags[command] = {flag for flag in found if not (flag.startswith("--no-") and f"--{flag[5:]}" in found)}
+    return flags
+
+
+def test_every_cli_flag_is_described_in_the_readme_or_the_docs():
+    text = "\n".join(path.read_text(encoding="utf-8") for path in (README, *sorted((ROOT / "docs").glob("*.md"))))
+    flags = cli_flags()
+    assert "--refit" in flags["merge"] and "--no-normalize" not in flags["merge"] and "--verbose" in flags[""]
+    missing = {name: sorted(flag for flag in found if not re.search(rf"{re.escape(flag)}(?![\w-])", text))
+               for name, found in flags.items()}
+    missing = {name: found for name, found in missing.items() if found}
+    assert not missing, f"flags that neither README.md nor docs/*.md mention: {missing}"
