@@ -134,6 +134,20 @@ def test_the_readme_layout_is_the_package_tree_in_pipeline_order():
     assert stages == sorted(stages), f"stages out of pipeline order: {[entries[i] for i in sorted(stages)]}"
 
 
+def test_a_folder_whose_files_the_layout_lists_has_every_module_listed():
+    """The Layout listed methods/average.py as holding `linear` and left out task_vector.py, which holds it: a
+    folder either stands as one line or lists every module in it."""
+    entries = layout_entries()
+    package = ROOT / "hf_mudsc"
+    unlisted = []
+    for folder in sorted(path.parent for path in package.glob("*/__init__.py")):
+        prefix = f"hf_mudsc/{folder.name}/"
+        if any(entry.startswith(prefix) and entry != prefix for entry in entries):
+            unlisted += [f"{prefix}{path.name}" for path in sorted(folder.glob("*.py"))
+                         if path.name != "__init__.py" and f"{prefix}{path.name}" not in entries]
+    assert not unlisted, f"the Layout section lists these folders' files but not: {unlisted}"
+
+
 def test_the_readme_links_the_design_document_where_it_explains_how_it_works():
     assert "[docs/design.md](docs/design.md)" in readme_section("How it works")
 

@@ -54,7 +54,8 @@ class MethodContext:
     batches: Callable[[], Iterable[dict]] | None
     """A new pass over the calibration input batches at each call (None without calibration data)."""
     correlations: Sequence[torch.Tensor] | None
-    """One activation correlation `(2n, 2n)` per spec group; None unless the method needs calibration."""
+    """One activation correlation `(N·n, N·n)` per spec group (the N parents' units stacked in parent order); None
+    unless the method needs calibration."""
     concatenate_classifier: bool
     """The parents' label sets differ: the merged classifier is parent 0's rows, then parent 1's, ..."""
     options: MergeOptions
