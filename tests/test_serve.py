@@ -75,6 +75,14 @@ def test_a_bad_request_names_the_offending_key(tmp_path):
     assert parse_job({"models": ["user/a", "user/b"], "method": "average"}, tmp_path, dry_run=True).dry_run
 
 
+def test_an_unknown_key_answer_lists_each_valid_key_once(tmp_path):
+    """It listed `dry_run` twice: once as a recipe key, once as the service's own."""
+    with pytest.raises(RecipeError) as caught:
+        parse_job({"models": ["user/a", "user/b"], "method": "average", "output": "m", "alpah": 1}, tmp_path)
+    listed = str(caught.value).split("valid keys are: ")[1].split(", ")
+    assert "dry_run" in listed and "output" in listed and len(listed) == len(set(listed)), listed
+
+
 def test_the_web_process_does_not_import_the_merge_engine(tmp_path):
     """The app and a validated job need no torch: only worker processes import it."""
     script = (

@@ -74,7 +74,9 @@ class JobRequest:
 
 
 def accepted_keys() -> list[str]:
-    return [k for k in Recipe.keys() if k != "allow_pickle"] + list(SERVICE_KEYS)
+    """The keys a job may send, each once: the recipe's (`dry_run` is one too), without `allow_pickle`."""
+    keys = [k for k in Recipe.keys() if k != "allow_pickle"]
+    return keys + [k for k in SERVICE_KEYS if k not in keys]
 
 
 def parse_job(body: Any, output_root: Path, *, dry_run: bool = False,
