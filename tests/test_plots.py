@@ -311,6 +311,17 @@ def test_inspect_into_another_folder(merged_folder, tmp_path, capsys):
     assert not (out / "sub").exists()
 
 
+def test_inspect_refuses_a_bad_output_before_printing_the_summary(merged_folder, tmp_path, capsys):
+    """A refused --output is the whole answer (one line), not a full summary followed by an error."""
+    out, _ = merged_folder
+    target = tmp_path / "taken"
+    target.mkdir()
+    assert main(["inspect", str(out), "--output", str(target)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1, captured
+    assert "already exists; pass --overwrite" in captured.err
+
+
 def test_inspect_never_replaces_a_plot_it_did_not_write(merged_folder, tmp_path, capsys):
     out, files = merged_folder
     copy = tmp_path / "copy"

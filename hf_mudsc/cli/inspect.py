@@ -147,6 +147,11 @@ def _number(value: float | None) -> str:
 
 def inspect_folder(folder: Path, *, output: str | None = None, overwrite: bool = False, plots: bool = True) -> int:
     mudsc, diagnostics, evaluation = read_merge(folder)
+    inputs = [("merged-model folder", folder)]
+    if plots and output is not None:
+        from hf_mudsc.publish.folder import check_output
+
+        check_output(output, overwrite=overwrite, inputs=inputs)  # a refused --output is the whole answer
     has_file = (folder / DIAGNOSTICS_FILENAME).is_file()
     print(summary(folder, mudsc, diagnostics, evaluation, has_file))
     if not plots:
@@ -156,7 +161,7 @@ def inspect_folder(folder: Path, *, output: str | None = None, overwrite: bool =
         from hf_mudsc.publish.folder import staged_output
         from hf_mudsc.publish.plots import draw_plots
 
-        with staged_output(output, overwrite=overwrite, inputs=[("merged-model folder", folder)]) as staging:
+        with staged_output(output, overwrite=overwrite, inputs=inputs) as staging:
             drawn = [plot.path.name for plot in draw_plots(staging, drawable, evaluation)]
         where = Path(output).expanduser()
     else:
