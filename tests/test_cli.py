@@ -374,6 +374,14 @@ def test_top_level_help_lists_every_command_with_its_help(capsys):
         assert name in out and help_text.split()[0] in out
 
 
+def test_the_merge_command_is_described_as_taking_two_or_more_parents(capsys):
+    """Its one-line help said "Merge two models" while it merges any number (README "N parents")."""
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    description = " ".join(capsys.readouterr().out.split("\n\n")[1].split())
+    assert "two or more" in description, description
+
+
 def test_num_samples_beyond_the_data_prints_how_many_were_used(inputs, tmp_path, capsys, caplog):
     a, b, calibration = inputs  # 32 images
     out = tmp_path / "merged"

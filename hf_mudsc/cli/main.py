@@ -16,7 +16,7 @@ from hf_mudsc._version import __version__
 # Sub-command name -> module in hf_mudsc.cli exposing `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS = {
     "demo": "Train two small ViTs from different seeds on halves of sklearn's digits and merge them.",
-    "merge": "Merge two models (Hub ids, folders) into one and save or push it.",
+    "merge": "Merge two or more models (Hub ids, folders) into one and save or push it.",
     "push": "Push a merged model folder to the Hub with its card and recipe.",
     "evaluate": "Evaluate a merged model (and its parents) per task and jointly.",
     "inspect": "Summarise a merged folder (or a recipe) and redraw its diagnostic plots.",
