@@ -151,3 +151,20 @@ def test_a_stalled_hub_times_out_and_says_what_it_waited_for(hub_emulator, merge
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "the Hub did not answer within 1 s while creating the repo 'user/slow'" in proc.stderr
     assert "HF_MUDSC_HUB_TIMEOUT" in proc.stderr
+
+
+def test_a_push_in_offline_mode_is_one_line_naming_the_setting(merged, inputs, tmp_path, monkeypatch, capsys):
+    """With HF_HUB_OFFLINE=1 `push` (and `merge --push-to-hub`) ended in huggingface_hub's traceback; now one line,
+    before anything is merged or written."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    assert main(["push", str(merged), "user/offline"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hf-mudsc push: error: ") and len(err.splitlines()) == 1, err
+    assert "HF_HUB_OFFLINE" in err and "Traceback" not in err
+    a, b, calibration = inputs
+    out = tmp_path / "never"
+    assert main(["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(out),
+                 "--push-to-hub", "user/offline", *FAST]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1].startswith("hf-mudsc merge: error: ") and "HF_HUB_OFFLINE" in err, err
+    assert "Traceback" not in err and "Calibrated" not in err and not out.exists()

@@ -27,7 +27,8 @@ def http_client() -> ModuleType:
 def hub_call(call: Callable[[], T], *, what: str, seconds: float | None, setting: str, error: type[Exception],
              subject: str = "", then: str = "retry the command") -> T:
     """`call()`, with a timeout or a dropped connection turned into one line: `{subject}the Hub did not answer
-    within {seconds} s while {what}...` / `{subject}the connection to the Hub dropped while {what} (...); {then}`.
+    within {seconds} s while {what}...` / `{subject}the connection to the Hub dropped while {what} (...); {then}`;
+    a call made in offline mode (`HF_HUB_OFFLINE=1`) likewise, naming the setting.
 
     Args:
         call: the Hub request (any other exception passes through: HTTP answers are the caller's to explain).
@@ -37,9 +38,14 @@ def hub_call(call: Callable[[], T], *, what: str, seconds: float | None, setting
         subject: the message's prefix, e.g. the parent's reference: "'org/name': ".
         then: what to do after a dropped connection.
     """
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
     http = http_client()
     try:
         return call()
+    except OfflineModeIsEnabled as failure:
+        raise error(f"{subject}the Hub is not reachable while {what}: offline mode is on (HF_HUB_OFFLINE=1); "
+                    "unset HF_HUB_OFFLINE to reach the Hub") from failure
     except http.TimeoutException as failure:
         limit = f"{seconds:g} s" if seconds is not None else "its time limit"
         raise error(
