@@ -691,7 +691,7 @@ class MergeOptions:
         None, kind="str", keyword=False, recipe=False, destination=True, metavar="DIR", short="-o",
         show_default=False,
         help="folder for the merged model (safetensors weights, processor, README.md card, "
-        f"{RECIPE_FILENAME}); must not exist unless --overwrite")
+        f"{RECIPE_FILENAME}, the diagnostics: merge_diagnostics.json, plots/); must not exist unless --overwrite")
     push_to_hub: str | None = option(
         None, kind="str", keyword=False, recipe=False, destination=True, metavar="ORG/NAME", show_default=False,
         help="also push the merged model, card and recipe to this Hub repo in one commit (refused if the "
