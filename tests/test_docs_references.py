@@ -152,9 +152,9 @@ def test_the_readme_links_the_design_document_where_it_explains_how_it_works():
     assert "[docs/design.md](docs/design.md)" in readme_section("How it works")
 
 
-# --- README and guides: every `hf_mudsc.x.y` name they give a user exists ------------------------------------
+# --- README and docs: every `hf_mudsc.x.y` name they give a user exists --------------------------------------
 
-GUIDES = (README, ROOT / "docs" / "adding_a_method.md", ROOT / "docs" / "adding_an_architecture.md")
+GUIDES = (README, *sorted((ROOT / "docs").rglob("*.md")))
 DOTTED_NAME = re.compile(r"(?<![\w/.])hf_mudsc(?:\.[A-Za-z_]\w*)+")
 FROM_IMPORT = re.compile(r"^[ \t]*from[ \t]+(hf_mudsc(?:\.\w+)*)[ \t]+import[ \t]+(\([^)]*\)|[\w \t,]+)", re.MULTILINE)
 
@@ -195,7 +195,7 @@ def test_the_name_pattern_reads_imports_and_dotted_names():
     assert not resolves("hf_mudsc.no_such_module.thing") and resolves("hf_mudsc.plan.MergePlan")
 
 
-def test_every_hf_mudsc_name_the_readme_and_guides_give_exists():
+def test_every_hf_mudsc_name_the_readme_and_docs_give_exists():
     missing = {
         str(path.relative_to(ROOT)): sorted(name for name in documented_names(path.read_text(encoding="utf-8"))
                                             if not resolves(name))
