@@ -411,14 +411,17 @@ def _check_refit_samples(name: str, value: int | str | None, cli: str) -> None:
 
 
 def _card_refit(value: Any, context: Mapping[str, Any]) -> str:
-    """`ridge`, `none`, or the gate's decision with both held-out scores (config `refit_gate`)."""
-    gate = (context.get("mudsc") or {}).get("refit_gate")
+    """`ridge`, `none`, or the gate's decision with both held-out scores (config `refit_gate`); `+ LayerNorms`
+    when the refit also refitted them (config `refit_norms`)."""
+    mudsc = context.get("mudsc") or {}
+    gate = mudsc.get("refit_gate")
+    norms = " + LayerNorms" if mudsc.get("refit_norms") else ""
     if value != "gate" or not gate:
-        return str(value)
+        return f"{value}{norms}"
     if gate.get("none") is None:
-        return "gate: refit kept (no held-out example to score)"
+        return f"gate{norms}: refit kept (no held-out example to score)"
     measure = gate.get("measure", "log-probability agreement")
-    return (f"gate: refit {'kept' if gate['kept'] else 'dropped'} (held-out {measure} "
+    return (f"gate{norms}: refit {'kept' if gate['kept'] else 'dropped'} (held-out {measure} "
             f"{gate['refit']:.4f} with, {gate['none']:.4f} without; {gate['held_out_examples']} examples)")
 
 

@@ -174,3 +174,18 @@ def test_refit_norms_is_a_cli_flag_refused_without_a_ridge_refit():
     args = build_parser().parse_args(["merge", "a", "b", "-o", "o", "--refit-norms", "--refit", "none"])
     with pytest.raises(RecipeError, match="drop --refit-norms"):
         build_recipe(args)
+
+
+def test_the_card_says_the_layernorms_were_refitted_too():
+    from hf_mudsc.publish.card import render_card
+    from hf_mudsc.publish.recipe import Recipe
+
+    model_a, model_b = make_model("vit_cls", seed=1), make_model("vit_cls", seed=2)
+    batches = make_batches("vit_cls", num_batches=2)
+    cards = {norms: str(render_card(hf_mudsc.merge([model_a, model_b], batches, refit="ridge", refit_norms=norms,
+                                                   progress=False),
+                                    Recipe(models=["org/a", "org/b"], calibration="org/ds:train")))
+             for norms in (False, True)}
+    row = next(line for line in cards[True].splitlines() if line.startswith("| Refit /"))
+    assert row.split("|")[2].strip().startswith("ridge + LayerNorms /")
+    assert "LayerNorms" not in cards[False]
