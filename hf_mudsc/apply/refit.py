@@ -17,6 +17,8 @@ samples: per layer a `(d+1)²` Gram and a `(d+1)×m` cross-Gram in float64, and 
 refit batch (bounded by `refit_samples`; beyond `block_replay.RAM_BYTES` in a temporary directory).
 `refit="auto"` (the default) runs it after unit-matching methods, and after the same-base methods that read the
 calibration data (regmean, regmean_plusplus, fisher) of equally weighted parents (`hf_mudsc.options.resolve_refit`).
+With `refit_norms=True` the LayerNorms in spec groups join it, each a step of its own with a per-unit affine ridge
+fit (`NormAccumulator`); off by default (docs/benchmarks/refit_layernorm.md: within ±0.11 joint on the toys).
 """
 
 from __future__ import annotations
