@@ -423,14 +423,17 @@ def _check_refit_samples(name: str, value: int | str | None, cli: str) -> None:
 
 
 def _card_refit(value: Any, context: Mapping[str, Any]) -> str:
-    """`ridge`, `none`, or the gate's decision with both held-out scores (config `refit_gate`)."""
-    gate = (context.get("mudsc") or {}).get("refit_gate")
+    """`ridge`, `none`, or the gate's decision with both held-out scores (config `refit_gate`); `+ LayerNorms`
+    when the refit also refitted them (config `refit_norms`)."""
+    mudsc = context.get("mudsc") or {}
+    gate = mudsc.get("refit_gate")
+    norms = " + LayerNorms" if mudsc.get("refit_norms") else ""
     if value != "gate" or not gate:
-        return str(value)
+        return f"{value}{norms}"
     if gate.get("none") is None:
-        return "gate: refit kept (no held-out example to score)"
+        return f"gate{norms}: refit kept (no held-out example to score)"
     measure = gate.get("measure", "log-probability agreement")
-    return (f"gate: refit {'kept' if gate['kept'] else 'dropped'} (held-out {measure} "
+    return (f"gate{norms}: refit {'kept' if gate['kept'] else 'dropped'} (held-out {measure} "
             f"{gate['refit']:.4f} with, {gate['none']:.4f} without; {gate['held_out_examples']} examples)")
 
 
@@ -596,6 +599,11 @@ class MergeOptions:
                      lambda value, context: "—" if value is None else str(value)),
         help="refit ridge strength, relative to the mean input energy of each layer (pulls toward the matched "
         "weights)")
+    refit_norms: bool = option(
+        False, kind="bool", recorded=True,
+        help="with the ridge refit (ridge, gate, auto): also refit every LayerNorm's weight and bias, per unit, "
+        "in forward order with the linear layers, toward the parents' LayerNorm outputs "
+        "(docs/benchmarks/refit_layernorm.md)")
     # ---- same-base merging (issue 13): the common base and the task-vector parameters, as mergekit names them
     base: str | None = option(
         None, kind="model", metavar="MODEL", show_default=False, recorded=True,
@@ -849,6 +857,12 @@ class MergeOptions:
         if self.size != 1.0 and self.reference_compat:
             raise OptionError(f"size={self.size:g} widens the merged model, which reference_compat=True must keep "
                               f"equal to the reference's; drop one of {flag('size')} / {flag('reference_compat')}")
+        if self.refit_norms and (self.refit in ("none", "repair") or self.reference_compat):
+            because = (f"refit={self.refit!r} runs no ridge refit" if not self.reference_compat
+                       else "reference_compat=True runs no refit")
+            raise OptionError(f"refit_norms=True refits the LayerNorms within the ridge refit, but {because}; pass "
+                              f"{flag('refit')} ridge, gate or auto without {flag('reference_compat')}, or drop "
+                              f"{flag('refit_norms')}")
         if self.refit in REFITTING and self.reference_compat:
             raise OptionError(f"refit={self.refit!r} changes the merged weights, which reference_compat=True must "
                               f"keep equal to the reference's; drop one of {flag('refit')} / "

@@ -165,6 +165,7 @@ def merge(
     processor: Any | None = None,
     refit: str = "auto",
     refit_lambda: float = 1e-3,
+    refit_norms: bool = False,
     refit_samples: int | str | None = "auto",
     regmean_scale: float = 0.95,
     fisher_epsilon: float = 1e-6,
@@ -252,6 +253,9 @@ def merge(
             Gram matrices, a smaller gain than ridge on the toys (docs/benchmarks/repair.md); needs calibration data.
         refit_lambda: the refit's ridge strength relative to each layer's mean input energy (pulls toward the
             matched weights).
+        refit_norms: with the ridge refit (`"ridge"`, `"gate"`, `"auto"`), also refit every LayerNorm's weight and
+            bias per unit, in forward order with the linear layers, toward the parents' LayerNorm outputs mapped
+            into the merged basis (off by default: docs/benchmarks/refit_layernorm.md).
         refit_samples: calibration examples the refit reads, chosen by a shuffle seeded with `seed` (None: all;
             `"auto"`, the default: 16 token rows per unknown of the widest per-token layer, 128 to 1024 examples;
             the count used is recorded as `config.mudsc["refit_examples"]`).
@@ -554,6 +558,7 @@ def merge(
         statistics_dtype=statistics_dtype if merge_method.needs_calibration else None,
         refit=refit_value if refitting else "none",
         refit_lambda=merge_options.refit_lambda if refit_value in ("ridge", "gate") else None,
+        refit_norms=merge_options.refit_norms if refit_value in ("ridge", "gate") else None,
         refit_samples=merge_options.refit_samples if refitting else None, out_dtype=out_dtype)
     config.mudsc = {
         "library": "hf_mudsc",
@@ -604,7 +609,8 @@ def merge(
             return refit_model(
                 model, loaded, spec, report.matches, data, concatenate_classifier=concatenate,
                 lambda_rel=merge_options.refit_lambda, weights=merge_options.weights,
-                samples=merge_options.refit_samples, seed=seed, total=total, device=run_device, progress=progress)
+                samples=merge_options.refit_samples, seed=seed, total=total, device=run_device, progress=progress,
+                norms=merge_options.refit_norms)
 
         if refit_value == "gate":  # fitted on the examples not held out, kept if at least as faithful on those held out
             from hf_mudsc.apply.refit_gate import gated_refit

@@ -127,9 +127,18 @@ THREE_ROWS = ["parents", "ensemble", "ensemble (softmax)", *(label for label, _ 
 
 
 # ---------------------------------------------------------------------------------------------- merging
+NORMS = " +norms"  # the label suffix of a row run again with `refit_norms=True` (`--refit-norms`)
+
+
 def chosen_methods(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
-    """The two-parent rows `--methods` keeps (all of BASE_METHODS without it), in BASE_METHODS' order."""
-    return [m for m in BASE_METHODS if not args.methods or m[0] in args.methods]
+    """The two-parent rows `--methods` keeps (all of BASE_METHODS without it), in BASE_METHODS' order; with
+    `--refit-norms`, then each of them that runs the ridge refit again with `refit_norms=True` ("<label> +norms")."""
+    chosen = [m for m in BASE_METHODS if not args.methods or m[0] in args.methods]
+    if getattr(args, "refit_norms", False):
+        chosen += [(label + NORMS, {**options, "refit_norms": True}) for label, options in chosen
+                   if options.get("refit", "auto") in ("auto", "ridge", "gate")
+                   and not options.get("reference_compat")]
+    return chosen
 
 
 def merge_all(
@@ -678,7 +687,7 @@ def markdown(result: dict[str, Any]) -> str:
                 "| model | task A | task B | avg | joint | α |",
                 "|---|---:|---:|---:|---:|---:|",
             ]
-            for label in [r for r in ROW_ORDER if r in table]:
+            for label in [row for r in ROW_ORDER for row in (r, r + NORMS) if row in table]:
                 e = table[label]
                 lines.append(
                     f"| {ROW_NAMES.get(label, label)} | {fmt(e, 'task_a')} | {fmt(e, 'task_b')} | "
@@ -832,17 +841,20 @@ def run_size_pair(args: argparse.Namespace, width: int, split_index: int, classe
     parent_parameters = sum(p.numel() for p in model_a.parameters())
     parent_flops = forward_flops(model_a, image)
     merged, info = {}, {}
-    runs = [(size, spend, refit) for size in args.sizes for spend in (args.size_spends if size != 1 else ["mlp"])
-            for refit in SIZE_REFITS]
-    for size, spend, refit in runs:
+    refits = [(refit, False) for refit in SIZE_REFITS] + ([("auto", True)] if args.refit_norms else [])
+    runs = [(size, spend, refit, norms) for size in args.sizes
+            for spend in (args.size_spends if size != 1 else ["mlp"]) for refit, norms in refits]
+    for size, spend, refit, norms in runs:
         # `size_spend="mlp"` keeps the rows' earlier labels; other spends are named in theirs.
         label = f"size {size:g} refit {refit}" if spend == "mlp" else f"size {size:g} {spend} refit {refit}"
+        label += NORMS if norms else ""
         start = time.perf_counter()
         model = hf_mudsc.merge([model_a, model_b], calibration, method="mudsc", size=size, refit=refit,
-                               size_spend=spend, batch_size=64, progress=False)
+                               size_spend=spend, batch_size=64, progress=False,
+                               **({"refit_norms": True} if norms else {}))
         budget = model.config.mudsc["size_budget"]
         merged[label] = model
-        info[label] = {"size": size, "refit": refit, "spend": spend,
+        info[label] = {"size": size, "refit": refit, "spend": spend, "refit_norms": norms,
                        "seconds": round(time.perf_counter() - start, 2),
                        "parameters": budget["num_parameters"], "intermediate_size": model.config.intermediate_size,
                        "hidden_size": model.config.hidden_size,
@@ -1042,6 +1054,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--join-sizes", nargs="+", default=None, metavar="JSON", type=Path,
                         help="instead of merging: join the records of these size_budget.json runs (same pairs, "
                         "e.g. one per spend or width) and write size_budget.json/.md/.png to --out-dir")
+    parser.add_argument("--refit-norms", action="store_true",
+                        help="also run every refitting row (two-parent rows, and with --sizes the default refit) "
+                        "with refit_norms=True, labelled '<row> +norms', on the same pairs "
+                        "(docs/benchmarks/refit_layernorm.md)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest)")
     parser.add_argument("--cache-dir", default=PAIR_DEFAULTS["cache_dir"])
     parser.add_argument("--out-dir", default="bench_results/quality")

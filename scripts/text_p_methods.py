@@ -45,8 +45,16 @@ METHODS = {
     "regmean": {"method": "regmean"},
     "linear": {"method": "linear"},
     "mudsc zip refit none": {"method": "mudsc", "matcher": "zip", "alpha": 0.5, "refit": "none"},
+    # The LayerNorm refit (docs/benchmarks/refit_layernorm.md): with the default (gated) refit, and the ridge refit
+    # ungated with and without it (the gate may drop either).
+    "mudsc zip +norms": {"method": "mudsc", "matcher": "zip", "alpha": 0.5, "refit_norms": True},
+    "mudsc zip refit ridge": {"method": "mudsc", "matcher": "zip", "alpha": 0.5, "refit": "ridge"},
+    "mudsc zip refit ridge +norms": {"method": "mudsc", "matcher": "zip", "alpha": 0.5, "refit": "ridge",
+                                     "refit_norms": True},
 }
 REFERENCE = "mudsc zip"
+# `--methods`' default: every row but the LayerNorm-refit study's (asked for by name).
+DEFAULT_METHODS = [label for label in METHODS if "+norms" not in label and label != "mudsc zip refit ridge"]
 
 
 def run_pairs(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -115,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--pairs", nargs="*", help="only these task pairs, e.g. 0,1 2,3")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     parser.add_argument("--calibration-samples", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", help="JSON of every pair and the summary")

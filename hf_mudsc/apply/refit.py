@@ -17,6 +17,8 @@ samples: per layer a `(d+1)²` Gram and a `(d+1)×m` cross-Gram in float64, and 
 refit batch (bounded by `refit_samples`; beyond `block_replay.RAM_BYTES` in a temporary directory).
 `refit="auto"` (the default) runs it after unit-matching methods, and after the same-base methods that read the
 calibration data (regmean, regmean_plusplus, fisher) of equally weighted parents (`hf_mudsc.options.resolve_refit`).
+With `refit_norms=True` the LayerNorms in spec groups join it, each a step of its own with a per-unit affine ridge
+fit (`NormAccumulator`); off by default (docs/benchmarks/refit_layernorm.md: within ±0.11 joint on the toys).
 """
 
 from __future__ import annotations
@@ -178,6 +180,47 @@ class RidgeAccumulator:
         return solution[:d].T, (solution[d] if self.bias else None), ridge
 
 
+class NormAccumulator:
+    """Streamed per-unit sums of one LayerNorm's affine refit (`refit_norms`), in float64: flat in samples.
+
+    A LayerNorm's output is `γ ⊙ x̂ + β` with `x̂` its normalised input, so each unit j is a one-input ridge
+    regression of its target `t_j` on `x̂_j`: the sums `Σx̂_j², Σx̂_j, Σx̂_j t_j, Σt_j` and the row count are all it
+    needs. `x̂` is computed by the module's own normalisation (`F.layer_norm` without the affine, its eps), so a
+    target that is `γ⁰x̂ + β⁰` gives back `γ⁰, β⁰` (the permuted-copy fixed point)."""
+
+    def __init__(self, module: nn.LayerNorm, device: torch.device | None = None) -> None:
+        width = module.normalized_shape[0]
+        self.shape = tuple(module.normalized_shape)
+        self.eps = module.eps
+        self.bias = module.bias is not None
+        self.sums = torch.zeros(4, width, dtype=torch.float64, device=device)  # Σx̂², Σx̂, Σx̂t, Σt per unit
+        self.samples = 0
+
+    def update(self, inputs: torch.Tensor, targets: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        (target,) = [targets] if isinstance(targets, torch.Tensor) else targets
+        normalised = nn.functional.layer_norm(inputs, self.shape, None, None, self.eps).to(torch.float64)
+        target = target.to(device=normalised.device, dtype=torch.float64)
+        self.sums += torch.stack([(normalised * normalised).sum(0), normalised.sum(0),
+                                  (normalised * target).sum(0), target.sum(0)]).to(self.sums.device)
+        self.samples += len(normalised)
+
+    def solve(self, weight: torch.Tensor, bias: torch.Tensor | None, lambda_rel: float,
+              ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """Per unit, argmin Σ(γx̂ + β − t)² + λ((γ − γ⁰)² + (β − β⁰)²) with λ = lambda_rel · mean_j Σx̂_j² (the
+        linear layers' rule, `RidgeAccumulator.solve`, for a diagonal layer): (γ, β, λ)."""
+        squares, total, cross, target = self.sums
+        gamma0 = weight.detach().to(self.sums)
+        energy = float(squares.mean())
+        ridge = lambda_rel * energy if energy > 0 else lambda_rel
+        if not self.bias:
+            return (cross + ridge * gamma0) / (squares + ridge), None, ridge
+        beta0 = bias.detach().to(self.sums)
+        a, b, c = squares + ridge, total, self.samples + ridge
+        right_gamma, right_beta = cross + ridge * gamma0, target + ridge * beta0
+        determinant = a * c - b * b  # > 0: Cauchy-Schwarz gives Σx̂² · n >= (Σx̂)², and λ > 0
+        return (c * right_gamma - b * right_beta) / determinant, (a * right_beta - b * right_gamma) / determinant, ridge
+
+
 def _syrk_upper(total: torch.Tensor, x: torch.Tensor) -> None:
     """`total += xᵀx` on the upper triangle of a C-contiguous float64 CPU `total` (the lower one is left as is),
     by BLAS `dsyrk` in place: the transposed views are Fortran-ordered, so nothing is copied."""
@@ -189,11 +232,20 @@ def _syrk_upper(total: torch.Tensor, x: torch.Tensor) -> None:
         total.copy_(torch.from_numpy(result.T))
 
 
-def refit_layers(model: nn.Module, spec: PermutationSpec) -> list[str]:
-    """The linear layers the refit rewrites: weight in some spec group, or the spec's classifier (module order)."""
+def refit_layers(model: nn.Module, spec: PermutationSpec, *, norms: bool = False) -> list[str]:
+    """The layers the refit rewrites (module order): every `nn.Linear` whose weight is in some spec group, and the
+    spec's classifier; with `norms`, also every affine `nn.LayerNorm` over the last axis whose weight is in some
+    group (`refit_norms`: the per-unit affine refit, `NormAccumulator`)."""
     head = _classifier_module(spec)
     return [name for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and (spec.axes_of(f"{name}.weight") or name == head)]
+            if (isinstance(module, nn.Linear) and (spec.axes_of(f"{name}.weight") or name == head))
+            or (norms and _is_refit_norm(module) and spec.axes_of(f"{name}.weight"))]
+
+
+def _is_refit_norm(module: nn.Module) -> bool:
+    """An `nn.LayerNorm` with a per-unit affine over its input's last axis (what `NormAccumulator` fits)."""
+    return (isinstance(module, nn.LayerNorm) and module.weight is not None
+            and len(module.normalized_shape) == 1)
 
 
 def _classifier_module(spec: PermutationSpec) -> str | None:
@@ -204,10 +256,13 @@ def forward_steps(model: nn.Module, layers: Sequence[str], batch: Mapping[str, A
     """`layers` in the order their forwards run on `batch`, grouped into steps of layers fed the same tensor."""
     fired = first_inputs(model, layers, batch)
     seen = {name for name, _ in fired}
+    modules = dict(model.named_modules())
     steps: list[list[str]] = []
     previous: torch.Tensor | None = None
     for name, tensor in fired:
-        if steps and tensor is previous:
+        # A LayerNorm is a step of its own: its fit (per unit) shares nothing with a linear layer's Gram.
+        alone = _is_refit_norm(modules[name]) or (steps and _is_refit_norm(modules[steps[-1][0]]))
+        if steps and tensor is previous and not alone:
             steps[-1].append(name)
         else:
             steps.append([name])
@@ -337,8 +392,10 @@ def refit_model(
     weights: Sequence[float] | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
+    norms: bool = MergeOptions.refit_norms,
 ) -> RefitReport:
-    """Refit `merged`'s linear layers in place (docs/design.md §4.9); returns what was done.
+    """Refit `merged`'s linear layers (and with `norms` its LayerNorms' affines) in place (docs/design.md §4.9);
+    returns what was done.
 
     Args:
         merged: the merged model (parent 0's structure), modified in place.
@@ -357,6 +414,8 @@ def refit_model(
         weights: the merge's per-parent weights (`MergeOptions.weights`; None: equal): a body layer's target is
             then each merged unit's weighted cluster mean, `Σ_u w̄_p(u) Y_u / Σ_u w̄_p(u)`, and an unmatched
             layer's `Σ_i w̄_i Y_i` — the apply step's own weighting (`apply_matches_weighted`).
+        norms: also refit every LayerNorm in a spec group, in forward order with the linear layers (`refit_norms`;
+            per unit, `NormAccumulator`), toward the parents' LayerNorm outputs mapped like a body layer's.
     """
     started = time.perf_counter()
     report = RefitReport()
@@ -372,7 +431,7 @@ def refit_model(
         report.head_kept = bool(keep_head)
     maps, shares = target_maps(matches, weights, len(parents))
     modules = dict(merged.named_modules())
-    layers = [name for name in refit_layers(merged, spec) if not (report.head_kept and name == head)]
+    layers = [name for name in refit_layers(merged, spec, norms=norms) if not (report.head_kept and name == head)]
     try:
         for model in (merged, *parents):
             model.eval()
@@ -383,7 +442,8 @@ def refit_model(
             if not layers:
                 return report
             if samples == AUTO:
-                samples = _auto_samples(merged, spec, layers, batches, target)
+                samples = _auto_samples(merged, spec, [name for name in layers
+                                                       if isinstance(modules[name], nn.Linear)], batches, target)
             report.samples = samples
             batches = subset_batches(batches, samples, seed=seed, total=total)
             first = next(iter(batches()), None)
@@ -422,7 +482,7 @@ def refit_model(
                                 replay.batch(number)
                                 outputs.append(capture_layers(parent, names, batch, "output", until=replay.storing))
                             for name in names:
-                                mask = _mask(spec, name, batch)
+                                mask = _mask(spec, name, batch, norm=_is_refit_norm(modules[name]))
                                 ys = [token_rows(out[name], mask).to(torch.float64) for out in outputs]
                                 # Computed in float64, kept in float32 (the parents' own precision).
                                 cached[name].append(_target(spec, maps, name, name == head and concatenate_classifier,
@@ -443,7 +503,9 @@ def refit_model(
                                     if any(number >= len(cached[name]) for name in members):
                                         raise CalibrationError(f"refit: the calibration data gave more batches "
                                                                f"when read again; {_READ_AGAIN}")
-                                    accumulator.update(token_rows(inputs[members[0]], _mask(spec, members[0], batch)),
+                                    first_name = members[0]
+                                    mask = _mask(spec, first_name, batch, norm=_is_refit_norm(modules[first_name]))
+                                    accumulator.update(token_rows(inputs[first_name], mask),
                                                        [cached[name][number] for name in members])
                         empty = [name for accumulator, members in accumulators for name in members
                                  if accumulator.samples == 0]
@@ -470,7 +532,9 @@ def refit_model(
                 model.to(home)
             model.train(training)
     report.seconds = time.perf_counter() - started
-    logger.info("refit %d linear layers in %d steps (%.1f s)%s", len(report.layers), len(report.steps),
+    norms_done = sum(_is_refit_norm(modules[fit.name]) for fit in report.layers)
+    logger.info("refit %d linear layers%s in %d steps (%.1f s)%s", len(report.layers) - norms_done,
+                f" and {norms_done} LayerNorms" if norms_done else "", len(report.steps),
                 report.seconds, "; matched head kept (shared basis)" if report.head_kept else "")
     return report
 
@@ -504,9 +568,24 @@ def _auto_samples(merged: nn.Module, spec: PermutationSpec, layers: Sequence[str
     return chosen
 
 
-def _mask(spec: PermutationSpec, name: str, batch: Mapping[str, Any]) -> torch.Tensor | None:
-    key = padding_mask_key(spec, f"{name}.weight")
+def _mask(spec: PermutationSpec, name: str, batch: Mapping[str, Any], norm: bool = False) -> torch.Tensor | None:
+    key = padding_mask_key(spec, f"{name}.weight") or (_stream_mask_key(spec, f"{name}.weight") if norm else None)
     return batch.get(key) if key else None
+
+
+def _stream_mask_key(spec: PermutationSpec, weight: str) -> str | None:
+    """A LayerNorm's padding mask: its own groups' (`padding_mask_key`), else the mask of a group that shares a
+    tensor with its group — the blocks that read the same residual stream (a residual group is often read at an
+    unmasked [CLS] hook, e.g. BERT's pooler input, while its blocks' groups declare the mask). One tower's stream
+    shares tensors only with its own blocks, so a vision tower never takes a text tower's mask."""
+    own = {index for index, _ in spec.axes_of(weight)}
+    params = {member.param for index in own for member in spec.groups[index].members}
+    for index, group in enumerate(spec.groups):
+        if index not in own and any(member.param in params for member in group.members):
+            for hook in group.hooks:
+                if hook.mask:
+                    return hook.mask
+    return None
 
 
 def _next_chunk(steps: Sequence[Sequence[str]], position: int, modules: Mapping[str, nn.Module],
@@ -516,13 +595,18 @@ def _next_chunk(steps: Sequence[Sequence[str]], position: int, modules: Mapping[
     chunk = [steps[position]]
     if tokens == 0:
         return chunk
-    size = sum(modules[name].out_features for name in steps[position]) * tokens * _TARGET_BYTES
+    size = sum(_out_width(modules[name]) for name in steps[position]) * tokens * _TARGET_BYTES
     for step in steps[position + 1:]:
-        size += sum(modules[name].out_features for name in step) * tokens * _TARGET_BYTES
+        size += sum(_out_width(modules[name]) for name in step) * tokens * _TARGET_BYTES
         if size > TARGET_CACHE_BYTES:
             break
         chunk.append(step)
     return chunk
+
+
+def _out_width(module: nn.Module) -> int:
+    """Output units of a refit layer (a linear layer's out_features, a LayerNorm's width)."""
+    return module.out_features if isinstance(module, nn.Linear) else module.weight.numel()
 
 
 def subset_batches(batches: Callable[[], Iterable[Mapping[str, Any]]], samples: int | None, *, seed: int = 0,
@@ -617,9 +701,13 @@ def _target(spec: PermutationSpec, maps: Sequence[GroupMaps | None], name: str, 
 
 
 def _step_accumulators(spec: PermutationSpec, modules: Mapping[str, nn.Module], step: Sequence[str],
-                       device: torch.device | None) -> list[tuple[RidgeAccumulator, list[str]]]:
+                       device: torch.device | None,
+                       ) -> list[tuple[RidgeAccumulator | NormAccumulator, list[str]]]:
     """One accumulator per set of the step's layers with the same input rows (same bias flag and padding mask, in
-    step order): they share one Gram `X̃ᵀX̃` — computed once instead of once per layer, the same numbers."""
+    step order): they share one Gram `X̃ᵀX̃` — computed once instead of once per layer, the same numbers. A
+    LayerNorm (a step of its own, `forward_steps`) gets its per-unit `NormAccumulator`."""
+    if len(step) == 1 and _is_refit_norm(modules[step[0]]):
+        return [(NormAccumulator(modules[step[0]], device), list(step))]
     groups: dict[tuple[bool, str | None], list[str]] = {}
     for name in step:
         groups.setdefault((modules[name].bias is not None, padding_mask_key(spec, f"{name}.weight")), []).append(name)
@@ -627,8 +715,14 @@ def _step_accumulators(spec: PermutationSpec, modules: Mapping[str, nn.Module], 
                               device), members) for (bias, _), members in groups.items()]
 
 
-def _write(module: nn.Linear, name: str, accumulator: RidgeAccumulator, index: int, lambda_rel: float) -> LayerFit:
-    weight, bias, ridge = accumulator.solve(module.weight, module.bias, lambda_rel, index)
+def _write(module: nn.Linear | nn.LayerNorm, name: str, accumulator: RidgeAccumulator | NormAccumulator,
+           index: int, lambda_rel: float) -> LayerFit:
+    if isinstance(accumulator, NormAccumulator):
+        weight, bias, ridge = accumulator.solve(module.weight, module.bias, lambda_rel)
+        shapes = (tuple(accumulator.sums[:2].T.shape), tuple(accumulator.sums[2:].T.shape))
+    else:
+        weight, bias, ridge = accumulator.solve(module.weight, module.bias, lambda_rel, index)
+        shapes = (tuple(accumulator.gram.shape), tuple(accumulator.crosses[index].shape))
     before = torch.cat([module.weight.detach().to(torch.float64).flatten(),
                         *([module.bias.detach().to(torch.float64)] if module.bias is not None else [])])
     module.weight.copy_(weight.to(module.weight))
@@ -636,8 +730,7 @@ def _write(module: nn.Linear, name: str, accumulator: RidgeAccumulator, index: i
         module.bias.copy_(bias.to(module.bias))
     after = torch.cat([weight.flatten(), *([bias] if bias is not None else [])]).to(before)
     change = float((after - before).norm() / before.norm().clamp_min(CLAMP))
-    return LayerFit(name, tuple(accumulator.gram.shape), tuple(accumulator.crosses[index].shape),
-                    accumulator.samples, ridge, change)
+    return LayerFit(name, *shapes, accumulator.samples, ridge, change)
 
 
 def _home(model: nn.Module) -> torch.device | None:
