@@ -42,6 +42,7 @@ from hf_mudsc.calibrate.layer_inputs import (
     batch_to,
     first_inputs,
     forward_inputs,
+    norm_mask_key,
     padding_mask_key,
     token_rows,
 )
@@ -569,23 +570,8 @@ def _auto_samples(merged: nn.Module, spec: PermutationSpec, layers: Sequence[str
 
 
 def _mask(spec: PermutationSpec, name: str, batch: Mapping[str, Any], norm: bool = False) -> torch.Tensor | None:
-    key = padding_mask_key(spec, f"{name}.weight") or (_stream_mask_key(spec, f"{name}.weight") if norm else None)
+    key = (norm_mask_key if norm else padding_mask_key)(spec, f"{name}.weight")
     return batch.get(key) if key else None
-
-
-def _stream_mask_key(spec: PermutationSpec, weight: str) -> str | None:
-    """A LayerNorm's padding mask: its own groups' (`padding_mask_key`), else the mask of a group that shares a
-    tensor with its group — the blocks that read the same residual stream (a residual group is often read at an
-    unmasked [CLS] hook, e.g. BERT's pooler input, while its blocks' groups declare the mask). One tower's stream
-    shares tensors only with its own blocks, so a vision tower never takes a text tower's mask."""
-    own = {index for index, _ in spec.axes_of(weight)}
-    params = {member.param for index in own for member in spec.groups[index].members}
-    for index, group in enumerate(spec.groups):
-        if index not in own and any(member.param in params for member in group.members):
-            for hook in group.hooks:
-                if hook.mask:
-                    return hook.mask
-    return None
 
 
 def _next_chunk(steps: Sequence[Sequence[str]], position: int, modules: Mapping[str, nn.Module],

@@ -29,7 +29,7 @@ from torch import nn
 
 from hf_mudsc.apply.block_replay import BlockReplay, Storage, find_chains
 from hf_mudsc.apply.refit import capture_layers, forward_steps, subset_batches, target_maps
-from hf_mudsc.calibrate.layer_inputs import batch_to, padding_mask_key, token_rows
+from hf_mudsc.calibrate.layer_inputs import batch_to, norm_mask_key, padding_mask_key, token_rows
 from hf_mudsc.errors import CalibrationError
 from hf_mudsc.options import AUTO
 from hf_mudsc.progress import Progress
@@ -153,8 +153,10 @@ def _accumulate(model: nn.Module, spec: PermutationSpec, names: Sequence[str], b
                 moments: Mapping[str, Moments], until: Iterable[str] = ()) -> None:
     """One forward of `batch`: each named module's first output (padding dropped) added to its moments; the
     forward stops once they are all known and the modules `until` have returned."""
+    norms = {name for name in names if isinstance(model.get_submodule(name), nn.LayerNorm)}
+
     def add(name: str, output: torch.Tensor) -> None:
-        key = padding_mask_key(spec, f"{name}.weight")
+        key = (norm_mask_key if name in norms else padding_mask_key)(spec, f"{name}.weight")
         moments[name].update(token_rows(output, batch.get(key) if key else None))
 
     capture_layers(model, names, batch, "output", until=until, consume=add)

@@ -36,6 +36,25 @@ def padding_mask_key(spec: PermutationSpec, weight: str) -> str | None:
     return None
 
 
+def norm_mask_key(spec: PermutationSpec, weight: str) -> str | None:
+    """A LayerNorm's padding mask: its own groups' (`padding_mask_key`), else the mask of a group that shares a
+    tensor with its group — the blocks that read the same residual stream (a residual group is often read at an
+    unmasked [CLS] hook, e.g. BERT's pooler input, while its blocks' groups declare the mask; without this the
+    norm's statistics would count padding tokens). One tower's stream shares tensors only with its own blocks, so
+    a vision tower never takes a text tower's mask."""
+    own_key = padding_mask_key(spec, weight)
+    if own_key is not None:
+        return own_key
+    own = {index for index, _ in spec.axes_of(weight)}
+    params = {member.param for index in own for member in spec.groups[index].members}
+    for index, group in enumerate(spec.groups):
+        if index not in own and any(member.param in params for member in group.members):
+            for hook in group.hooks:
+                if hook.mask:
+                    return hook.mask
+    return None
+
+
 def token_rows(features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """`(..., d)` -> `(samples, d)`: every token / image is one row, padding positions (mask 0) dropped."""
     if mask is not None and features.dim() == 3 and tuple(mask.shape) == tuple(features.shape[:2]):
