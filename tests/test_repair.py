@@ -316,19 +316,22 @@ def test_the_readme_repair_example_runs_and_prints_what_it_says(capsys):
     assert all(f"# {line}" in block for line in printed)  # the comments say what is printed
 
 
-@pytest.mark.parametrize("options", [{"refit": "repair"}, {"refit": "ridge"}, {"refit": "ridge", "refit_norms": True}],
-                         ids=["repair", "ridge", "ridge+norms"])
-def test_what_padding_positions_hold_never_changes_a_refit(options):
+@pytest.mark.parametrize(("kind", "options"), [
+    ("bert_cls", {"refit": "repair"}), ("bert_cls", {"refit": "ridge"}),
+    ("bert_cls", {"refit": "ridge", "refit_norms": True}), ("clip", {"refit": "repair"})],
+    ids=["bert repair", "bert ridge", "bert ridge+norms", "clip repair"])
+def test_what_padding_positions_hold_never_changes_a_refit(kind, options):
     """Padding positions are not data: their hidden states depend on whatever token ids fill them. Every statistic a
     refit reads must drop them — also a LayerNorm's, whose residual group BERT reads at the unmasked pooler input
     (REPAIR took the LayerNorms' moments over padding tokens too)."""
-    model_a, model_b = make_model("bert_cls", seed=1), make_model("bert_cls", seed=2)
-    batches = make_batches("bert_cls")
+    model_a, model_b = make_model(kind, seed=1), make_model(kind, seed=2)
+    batches = make_batches(kind)
     assert all((batch["attention_mask"] == 0).any() for batch in batches)
+    config = getattr(model_a.config, "text_config", model_a.config)
     generator = torch.Generator().manual_seed(5)
     refilled = []
     for batch in batches:
-        noise = torch.randint(1, model_a.config.vocab_size, batch["input_ids"].shape, generator=generator)
+        noise = torch.randint(1, config.vocab_size - 1, batch["input_ids"].shape, generator=generator)
         refilled.append({**batch, "input_ids": torch.where(batch["attention_mask"].bool(), batch["input_ids"], noise)})
     merged = [hf_mudsc.merge([model_a, model_b], data, method="mudsc", progress=False, **options).state_dict()
               for data in (batches, refilled)]
