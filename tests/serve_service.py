@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -153,3 +154,18 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
+
+
+def drain_job(app: Any, job_id: str, timeout: float = 20) -> dict[str, Any]:
+    """Run the app's scheduler loop in a thread until `job_id` leaves queued/running (or `timeout` s), stop it and
+    return the job's stored row (tests that replace or keep the scheduler's `_start`)."""
+    scheduler = app.state.scheduler
+    loop = threading.Thread(target=scheduler._loop, daemon=True)
+    loop.start()
+    scheduler.submit(job_id, None)
+    deadline = time.monotonic() + timeout
+    while app.state.store.get(job_id)["status"] in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    scheduler.stop()
+    loop.join(timeout=10)
+    return app.state.store.get(job_id)

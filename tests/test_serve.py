@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from serve_service import Service, alive, files_containing
+from serve_service import Service, alive, drain_job, files_containing
 from test_cli import save_parents_and_data
 
 from hf_mudsc.errors import RecipeError
@@ -811,7 +811,6 @@ def test_an_api_key_on_the_command_line_is_warned_about_and_never_logged(tmp_pat
 def test_a_queued_job_is_checked_again_when_it_starts_so_a_restart_with_fewer_roots_refuses_it(server_disk, tmp_path):
     """Jobs queued before a restart run after it: one accepted under `--local-root DIR` must not read DIR once the
     service runs without it. The check runs again when the job's worker would start; nothing starts."""
-    import threading
 
     from hf_mudsc.serve.app import create_app
 
@@ -822,16 +821,7 @@ def test_a_queued_job_is_checked_again_when_it_starts_so_a_restart_with_fewer_ro
     job_id = store.add(accepted.to_dict(), output=accepted.output, repo_id=None, dry_run=False, has_token=False)
     store.close()
     app = create_app(tmp_path / "state")  # restarted without --local-root
-    scheduler = app.state.scheduler
-    loop = threading.Thread(target=scheduler._loop, daemon=True)
-    loop.start()
-    scheduler.submit(job_id, None)
-    deadline = time.monotonic() + 20
-    while app.state.store.get(job_id)["status"] in ("queued", "running") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    scheduler.stop()
-    loop.join(timeout=10)
-    job = app.state.store.get(job_id)
+    job = drain_job(app, job_id)
     assert job["status"] == "failed", job
     assert f"`models[0]` names the local path {str(root / 'parent')!r}" in job["error"], job["error"]
-    assert "\n" not in job["error"] and not scheduler.running
+    assert "\n" not in job["error"] and not app.state.scheduler.running

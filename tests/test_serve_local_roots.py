@@ -8,14 +8,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from serve_service import Service
+from serve_service import Service, drain_job
 from test_cli import save_parents_and_data
 
 from hf_mudsc.errors import RecipeError
@@ -119,15 +117,7 @@ def run_queued(app: Any, job_id: str, handed: list[dict[str, Any]], after_check:
             scheduler.running.pop(job, None)
 
     scheduler._start = start
-    loop = threading.Thread(target=scheduler._loop, daemon=True)
-    loop.start()
-    scheduler.submit(job_id, None)
-    deadline = time.monotonic() + 20
-    while app.state.store.get(job_id)["status"] in ("queued", "running") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    scheduler.stop()
-    loop.join(timeout=10)
-    return app.state.store.get(job_id)
+    return drain_job(app, job_id)
 
 
 def queue(app: Any, body: dict[str, Any], roots: list[Path], tmp_path: Path) -> str:
