@@ -637,6 +637,7 @@ ROW_ORDER = [
     *(label for label, _ in REGISTRY_METHODS),
     *TUNED,
     *(label for label, _ in INDEPENDENT_HEADS),
+    *(label for label, _ in REFIT_VARIANTS),  # --methods may choose them: every chosen row gets a table line
 ]
 ROW_NAMES = {
     "parent_a": "parent A (own task)",

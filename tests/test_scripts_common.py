@@ -218,3 +218,23 @@ def test_paired_differences_compares_rows_on_the_same_pairs(monkeypatch):
     assert zipit["ahead_by_more_than_spread"] is True  # 12.7 > 10.0
     assert "| zipit | +12.7 ± 16.2 | 2 / 0 | yes |" in paired_differences.table(
         {"different_init 64": result}, "mudsc zip")
+
+
+def test_benchmark_quality_tables_print_every_row_methods_can_choose(tmp_path):
+    """A row `--methods` accepts must reach the markdown tables: the refit variants ("mudsc zip refit repair",
+    "zipit refit none", ...) were merged and kept in the JSON but left out of every table (ROW_ORDER lacked them)."""
+    code = (
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(SCRIPTS)!r})\n"
+        "import benchmark_quality as b\n"
+        "labels = [label for label, _ in b.chosen_methods(b.parse_args([]))]\n"
+        "rows = {label: {'task_a': 0.5, 'task_b': 0.5, 'average': 0.5, 'joint': 0.25} for label in labels}\n"
+        "record = {'scenario': 'bert_permuted', 'width': None, 'split': None, 'basis_drift_after_finetuning': 0.0,\n"
+        "          'pairs': {'permuted': rows}}\n"
+        "text = b.markdown({'command': 'x', 'alphas': [0.5], 'records': [record], 'summary': {}})\n"
+        "line = lambda label: f'| {b.ROW_NAMES.get(label, label)} | permuted |'\n"
+        "print(json.dumps([label for label in labels if line(label) not in text]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
