@@ -270,7 +270,7 @@ def forward_steps(model: nn.Module, layers: Sequence[str], batch: Mapping[str, A
         previous = tensor
     missing = [name for name in layers if name not in seen]
     if missing:
-        logger.warning("refit: %d linear layer(s) never ran on the calibration data and are kept: %s",
+        logger.warning("refit: %d layer(s) (linear or LayerNorm) never ran on the calibration data and are kept: %s",
                        len(missing), ", ".join(missing))
     return steps
 
