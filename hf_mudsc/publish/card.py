@@ -256,6 +256,7 @@ def render_card(
     model_name: str | None = None,
     template: str | os.PathLike | None = None,
     plots: Iterable[Mapping[str, str]] = (),
+    processor_saved: bool = True,
 ) -> ModelCard:
     """Render the card of a merged model.
 
@@ -268,6 +269,8 @@ def render_card(
         template: another template file (default: `model_cards/merged_model.md.jinja`).
         plots: the diagnostic PNGs written next to the card, as `{"title", "caption", "link"}` with `link` relative
             to the card (`plots/match_quality.png`); they fill its "Diagnostics" section.
+        processor_saved: a processor is saved with the model; without one the usage snippet loads none (it
+            must run as written on the folder).
 
     Returns:
         A `huggingface_hub.ModelCard` (`str(card)` is the README; `card.save(path)`, `card.data`).
@@ -300,7 +303,7 @@ def render_card(
         model_class=type(model).__name__,
         pipeline_tag=data.pipeline_tag,
         auto_model=_AUTO_CLASSES[data.pipeline_tag][0],
-        auto_processor=_AUTO_CLASSES[data.pipeline_tag][1],
+        auto_processor=_AUTO_CLASSES[data.pipeline_tag][1] if processor_saved else None,
         repo_id=recipe.push_to_hub,
         parents=infos,
         parent_letters=[chr(ord("A") + i) if i < 26 else str(i + 1) for i in range(len(infos))],

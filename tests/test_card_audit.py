@@ -1,0 +1,49 @@
+"""The card `save_merged` writes for models merged in memory (no Hub ids, no processor, calibration batches given
+as tensors): every statement in it must be true for that folder, and its usage snippet must run as written."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from factories import make_batches, make_model
+from huggingface_hub import ModelCard
+
+import hf_mudsc
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: thread start-up dominates on a busy machine
+    try:
+        merged = hf_mudsc.merge([make_model("vit_cls", 1), make_model("vit_cls", 2)],
+                                make_batches("vit_cls", num_batches=2), method="mudsc", refit="none", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return hf_mudsc.save_merged(merged, tmp_path_factory.mktemp("card") / "merged")
+
+
+def test_the_usage_snippet_runs_as_written_on_the_folder(written):
+    """No processor was given, so none is saved: the snippet must not load one from the folder."""
+    card = ModelCard.load(written / "README.md")
+    snippet = re.search(r"## Usage\n\n```python\n(.*?)```", card.text, re.S).group(1)
+    namespace: dict = {}
+    exec(snippet.replace("path/to/this/model", str(written)), namespace)  # noqa: S102 - the card's own snippet
+    assert type(namespace["model"]).__name__ == "ViTForImageClassification"
+
+
+def test_calibration_given_as_batches_is_not_called_none(written):
+    text = ModelCard.load(written / "README.md").text
+    samples = re.search(r"^\| Calibration samples \| (\d+) \|$", text, re.M).group(1)
+    assert int(samples) > 0
+    cell = re.search(r"^\| Calibration data \| (.*) \|$", text, re.M).group(1)
+    assert cell != "none" and "memory" in cell
+
+
+def test_parents_merged_in_memory_are_not_called_local_folders(written):
+    text = ModelCard.load(written / "README.md").text
+    parents = re.search(r"## Parents\n\n(.*?)\n\n", text, re.S).group(1)
+    assert "local folder" not in parents
+    assert "pinned to the commits" not in text  # nothing to pin: no parent came from the Hub
