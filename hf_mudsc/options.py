@@ -487,8 +487,8 @@ def _card_base(value: Any, context: Mapping[str, Any]) -> str | None:
 
 
 def _card_calibration(value: Any, context: Mapping[str, Any]) -> str:
-    if not value:
-        return "none"
+    if not value:  # batches or a dataset object given to `merge` leave no reference in the recipe
+        return "given in memory (not in the recipe)" if context.get("num_samples") else "none"
     dataset = context.get("calibration_dataset")
     return f"[{value}]({context['hub_url']}/datasets/{dataset})" if dataset else f"`{value}`"
 
