@@ -82,6 +82,12 @@ class ParentInfo:
         )
 
     @property
+    def in_memory(self) -> bool:
+        """A model given to `merge` as an object: neither a Hub repo nor a folder (a local folder's recipe reference
+        is its absolute path), so the recipe names it by class and cannot re-load it."""
+        return not self.repo_id and not (os.path.isabs(self.reference) or Path(self.reference).exists())
+
+    @property
     def display_name(self) -> str:
         return self.repo_id or Path(self.reference.rstrip("/\\")).name or self.reference
 
