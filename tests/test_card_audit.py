@@ -47,3 +47,28 @@ def test_parents_merged_in_memory_are_not_called_local_folders(written):
     parents = re.search(r"## Parents\n\n(.*?)\n\n", text, re.S).group(1)
     assert "local folder" not in parents
     assert not re.search(r"(?<!Hub )parents are pinned", text, re.I)  # nothing to pin: no parent is on the Hub
+
+
+def test_an_evaluation_on_a_local_folder_is_not_listed_as_a_hub_dataset(tmp_path):
+    """The front matter's `datasets` holds Hub dataset ids: a local folder's name there would link (and credit)
+    whatever Hub dataset bears that name. Its scores stay in the model-index and the table, marked local."""
+    import datasets
+    import numpy as np
+    from factories import vit_cli_case
+    from PIL import Image
+
+    from hf_mudsc.cli.main import main
+
+    parents, calibration = vit_cli_case(tmp_path)
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L") for _ in range(6)]
+    datasets.Dataset.from_dict({"image": images, "label": [0, 1, 2, 0, 1, 2]}).cast_column(
+        "image", datasets.Image()).save_to_disk(tmp_path / "evalset")
+    out = tmp_path / "merged"
+    assert main(["merge", *parents, "--calibration", calibration, "--method", "linear", "--output", str(out)]) == 0
+    assert main(["evaluate", str(out), "--dataset", str(tmp_path / "evalset"), "--no-parents"]) == 0
+    card = ModelCard.load(out / "README.md")
+    assert card.data.datasets is None  # the calibration folder is local too
+    assert [r.task_name for r in card.data.eval_results] == ["test", "joint (all tasks)"]
+    assert re.search(r"^\| \w+ \| evalset \(local folder\) \| test \| accuracy \|", card.text, re.M)
+    assert str(tmp_path) not in card.content

@@ -110,6 +110,8 @@ class EvalRow:
     processors: str | None = None
     """When the models' processors differ: whose processor made each column's inputs (`Parent B: own; ...`), shown
     once under the table."""
+    local: bool = False
+    """The dataset is a local folder: marked so in the table, kept out of the front matter's `datasets` (Hub ids)."""
 
     @classmethod
     def from_any(cls, row: EvalRow | Mapping[str, Any]) -> EvalRow:
@@ -225,12 +227,13 @@ def card_data(
 def set_eval_results(data: ModelCardData, eval_results: Sequence[EvalRow], *, model_name: str) -> ModelCardData:
     """Put the results into the front matter (in place): `model-index`, `metrics`, evaluation datasets.
 
-    Replaces any earlier results; every other key (tags, base models, calibration dataset...) is kept.
+    Replaces any earlier results; every other key (tags, base models, calibration dataset...) is kept. A local
+    folder's name never goes into `datasets` (Hub dataset ids only: it would link whatever Hub dataset bears it).
     """
     rows = [EvalRow.from_any(r) for r in eval_results]
     datasets = list(getattr(data, "datasets", None) or [])
     for row in rows:
-        if _HUB_DATASET_ID.match(row.dataset) and row.dataset not in datasets:
+        if not row.local and _HUB_DATASET_ID.match(row.dataset) and row.dataset not in datasets:
             datasets.append(row.dataset)
     if datasets:
         data.datasets = datasets
