@@ -472,6 +472,12 @@ def _card_zip(value: Any, context: Mapping[str, Any]) -> str | None:
     return None if context["settings"].get("zip_decay") is None else str(value)
 
 
+def _matches_units(context: Mapping[str, Any]) -> bool:
+    """The merge matched units (head pairing and the reference switch apply); unknown methods count as matching."""
+    method = context.get("method")
+    return method is None or bool(method.matches_units)
+
+
 def _card_numbers(value: Any, context: Mapping[str, Any]) -> str | None:
     """A per-method option's cell: hidden (None) when the method does not read it; lists joined by spaces."""
     if value is None:
@@ -539,12 +545,13 @@ class MergeOptions:
         help="zip matcher: same-model fusion budget factor (ZipIt's beta)")
     independent_heads: bool = option(
         False, kind="bool", recorded=True,
-        card=CardRow(7, "Head pairing", lambda value, context: "independent per group (reference)" if value
-                     else "shared per attention block"),
+        card=CardRow(7, "Head pairing", lambda value, context: None if not _matches_units(context)
+                     else "independent per group (reference)" if value else "shared per attention block"),
         help="pair q/k heads and v heads separately, as the reference implementation does")
     reference_compat: bool = option(
         False, kind="bool", recorded=True,
-        card=CardRow(8, "Reference-compatible weights", lambda value, context: "yes" if value else "no"),
+        card=CardRow(8, "Reference-compatible weights", lambda value, context: None if not _matches_units(context)
+                     else "yes" if value else "no"),
         help="reproduce the reference implementation's merged weights (its +1e-5 normaliser and "
         "independent heads)")
     # --- same-base method parameters (methods/task_vector.py reads them; recorded only by the methods that do)

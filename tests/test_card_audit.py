@@ -72,3 +72,15 @@ def test_an_evaluation_on_a_local_folder_is_not_listed_as_a_hub_dataset(tmp_path
     assert [r.task_name for r in card.data.eval_results] == ["test", "joint (all tasks)"]
     assert re.search(r"^\| \w+ \| evalset \(local folder\) \| test \| accuracy \|", card.text, re.M)
     assert str(tmp_path) not in card.content
+
+
+def test_a_merge_without_unit_matching_states_no_head_pairing():
+    """Task-vector and averaging methods pair no heads and have no reference implementation to match: the card
+    must not say the heads were "shared per attention block" (nor list the MuDSC reference switch)."""
+    from hf_mudsc.publish.card import render_card
+    from hf_mudsc.publish.writer import recipe_of
+
+    merged = hf_mudsc.merge([make_model("vit_cls", 1), make_model("vit_cls", 2)], method="linear", progress=False)
+    text = render_card(merged, recipe_of(merged)).text
+    assert "| Matcher | — (no unit matching) |" in text
+    assert "| Head pairing |" not in text and "| Reference-compatible weights |" not in text
