@@ -410,7 +410,12 @@ def _card_size(value: Any, context: Mapping[str, Any]) -> str | None:
     budget = (context.get("mudsc") or {}).get("size_budget")
     if value is None or not budget:
         return None
-    widths = ", ".join(f"{key} {width} (+{budget['extra_units'][key]} units kept unfused)"
+    def extra(key: str) -> str:
+        count = budget["extra_units"][key]
+        noun = "head" if key.endswith("heads") else "unit"  # a heads count widens by whole heads
+        return f"+{count} {noun}{'' if count == 1 else 's'} kept unfused"
+
+    widths = ", ".join(f"{key} {width} ({extra(key)})"
                        for key, width in budget["widths"].items()) if value != 1.0 else "nothing widened"
     return (f"{value:g}× one parent: {widths}; {budget['num_parameters']:,} parameters "
             f"({budget['ratio']:.3f}× the parent's {budget['parent_parameters']:,})")

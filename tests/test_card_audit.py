@@ -84,3 +84,13 @@ def test_a_merge_without_unit_matching_states_no_head_pairing():
     text = render_card(merged, recipe_of(merged)).text
     assert "| Matcher | — (no unit matching) |" in text
     assert "| Head pairing |" not in text and "| Reference-compatible weights |" not in text
+
+
+def test_the_size_row_counts_attention_heads_as_heads():
+    from hf_mudsc.options import MergeOptions
+
+    row = next(f for f in MergeOptions.option_fields() if f.name == "size").metadata["card"]
+    budget = {"widths": {"hidden_size": 40, "num_attention_heads": 5}, "extra_units": {"hidden_size": 8,
+              "num_attention_heads": 1}, "num_parameters": 24357, "ratio": 1.495, "parent_parameters": 16291}
+    text = row.text(1.5, {"mudsc": {"size_budget": budget}})
+    assert "hidden_size 40 (+8 units kept unfused), num_attention_heads 5 (+1 head kept unfused)" in text
