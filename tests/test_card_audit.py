@@ -94,3 +94,13 @@ def test_the_size_row_counts_attention_heads_as_heads():
               "num_attention_heads": 1}, "num_parameters": 24357, "ratio": 1.495, "parent_parameters": 16291}
     text = row.text(1.5, {"mudsc": {"size_budget": budget}})
     assert "hidden_size 40 (+8 units kept unfused), num_attention_heads 5 (+1 head kept unfused)" in text
+
+
+def test_a_local_folder_given_with_a_tilde_is_a_local_folder(tmp_path, monkeypatch):
+    from hf_mudsc.publish.card import ParentInfo
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "vit-local").mkdir()
+    assert not ParentInfo.from_any("~/vit-local").in_memory
+    assert ParentInfo.from_any("ViTForImageClassification").in_memory
+    assert not ParentInfo.from_any("org/vit-a").in_memory

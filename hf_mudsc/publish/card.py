@@ -85,7 +85,8 @@ class ParentInfo:
     def in_memory(self) -> bool:
         """A model given to `merge` as an object: neither a Hub repo nor a folder (a local folder's recipe reference
         is its absolute path), so the recipe names it by class and cannot re-load it."""
-        return not self.repo_id and not (os.path.isabs(self.reference) or Path(self.reference).exists())
+        path = os.path.expanduser(self.reference)
+        return not self.repo_id and not (os.path.isabs(path) or Path(path).exists())
 
     @property
     def display_name(self) -> str:
