@@ -410,7 +410,12 @@ def _card_size(value: Any, context: Mapping[str, Any]) -> str | None:
     budget = (context.get("mudsc") or {}).get("size_budget")
     if value is None or not budget:
         return None
-    widths = ", ".join(f"{key} {width} (+{budget['extra_units'][key]} units kept unfused)"
+    def extra(key: str) -> str:
+        count = budget["extra_units"][key]
+        noun = "head" if key.endswith("heads") else "unit"  # a heads count widens by whole heads
+        return f"+{count} {noun}{'' if count == 1 else 's'} kept unfused"
+
+    widths = ", ".join(f"{key} {width} ({extra(key)})"
                        for key, width in budget["widths"].items()) if value != 1.0 else "nothing widened"
     return (f"{value:g}× one parent: {widths}; {budget['num_parameters']:,} parameters "
             f"({budget['ratio']:.3f}× the parent's {budget['parent_parameters']:,})")
@@ -472,6 +477,12 @@ def _card_zip(value: Any, context: Mapping[str, Any]) -> str | None:
     return None if context["settings"].get("zip_decay") is None else str(value)
 
 
+def _matches_units(context: Mapping[str, Any]) -> bool:
+    """The merge matched units (head pairing and the reference switch apply); unknown methods count as matching."""
+    method = context.get("method")
+    return method is None or bool(method.matches_units)
+
+
 def _card_numbers(value: Any, context: Mapping[str, Any]) -> str | None:
     """A per-method option's cell: hidden (None) when the method does not read it; lists joined by spaces."""
     if value is None:
@@ -487,8 +498,8 @@ def _card_base(value: Any, context: Mapping[str, Any]) -> str | None:
 
 
 def _card_calibration(value: Any, context: Mapping[str, Any]) -> str:
-    if not value:
-        return "none"
+    if not value:  # batches or a dataset object given to `merge` leave no reference in the recipe
+        return "given in memory (not in the recipe)" if context.get("num_samples") else "none"
     dataset = context.get("calibration_dataset")
     return f"[{value}]({context['hub_url']}/datasets/{dataset})" if dataset else f"`{value}`"
 
@@ -539,12 +550,13 @@ class MergeOptions:
         help="zip matcher: same-model fusion budget factor (ZipIt's beta)")
     independent_heads: bool = option(
         False, kind="bool", recorded=True,
-        card=CardRow(7, "Head pairing", lambda value, context: "independent per group (reference)" if value
-                     else "shared per attention block"),
+        card=CardRow(7, "Head pairing", lambda value, context: None if not _matches_units(context)
+                     else "independent per group (reference)" if value else "shared per attention block"),
         help="pair q/k heads and v heads separately, as the reference implementation does")
     reference_compat: bool = option(
         False, kind="bool", recorded=True,
-        card=CardRow(8, "Reference-compatible weights", lambda value, context: "yes" if value else "no"),
+        card=CardRow(8, "Reference-compatible weights", lambda value, context: None if not _matches_units(context)
+                     else "yes" if value else "no"),
         help="reproduce the reference implementation's merged weights (its +1e-5 normaliser and "
         "independent heads)")
     # --- same-base method parameters (methods/task_vector.py reads them; recorded only by the methods that do)

@@ -161,8 +161,9 @@ def _datasets(
     def open_spec(spec: str) -> TaskData:
         dataset = load_calibration_dataset(spec)
         info = DatasetSpec.parse(spec)
-        name = Path(info.path).name if Path(info.path).exists() else info.path
-        return TaskData(dataset, label_column=args.label_column, name=name, split=info.split)
+        local = Path(info.path).exists()
+        name = Path(info.path).name if local else info.path
+        return TaskData(dataset, label_column=args.label_column, name=name, split=info.split, local=local)
 
     if named:
         twice = sorted({task for task in named if named.count(task) > 1})
@@ -180,7 +181,8 @@ def _datasets(
     if len(parsed) == 1 and ranges and len(task_names) > 1:
         source = open_spec(parsed[0][1])
         return tasks_from_dataset(source.data, task_names, ranges, task_column=args.task_column,
-                                  label_column=args.label_column, name=source.name, split=source.split)
+                                  label_column=args.label_column, name=source.name, split=source.split,
+                                  local=source.local)
     if args.task_column:
         raise ValueError("--task-column applies to a single --dataset holding every task")
     if ranges and len(parsed) != len(task_names):

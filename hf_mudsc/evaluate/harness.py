@@ -177,7 +177,7 @@ def evaluate_merge(
     tasks = {
         task: {"dataset": source_name(source), "split": source.split or spec_split(source) or "test",
                "num_samples": counts[task], "label_range": list(layout.ranges[task]),
-               "classes": list(layout.class_names[task])}
+               "classes": list(layout.class_names[task]), **({"local": True} if source.local else {})}
         for task, source in sources.items()
     }
     # which processor scored which row: only when raw columns were preprocessed by processors that differ

@@ -106,6 +106,7 @@ class EvaluationResult:
                     ensemble=self.score(ENSEMBLE, view, metric),
                     later_parents=tuple(self.score(name, view, metric) for name in later),
                     processors=processors,
+                    local=bool(info.get("local")),
                 ))
         return rows
 
@@ -149,7 +150,8 @@ def _joint_info(tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     names = sorted({str(info.get("dataset")) for info in tasks.values() if info.get("dataset")})
     splits = sorted({str(info.get("split")) for info in tasks.values() if info.get("split")})
     return {"dataset": " + ".join(names) if names else "dataset",
-            "split": "+".join(splits) if splits else "test"}
+            "split": "+".join(splits) if splits else "test",
+            "local": any(info.get("local") for info in tasks.values())}
 
 
 #: How a concatenated head decides the joint view, per `names.JOINT_RULES` entry.

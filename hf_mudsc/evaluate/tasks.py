@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -35,6 +36,7 @@ class TaskData:
         task_column, task_value: keep only the rows whose `task_column` equals `task_value`.
         label_range: keep only rows whose integer label lies in `[lo, hi)` (before the offset).
         name, split: shown in the results and the model card.
+        local: the data is a local folder, not a Hub dataset: the card keeps it out of its `datasets` (Hub ids).
     """
 
     data: Any
@@ -45,6 +47,7 @@ class TaskData:
     label_range: tuple[int, int] | None = None
     name: str | None = None
     split: str | None = None
+    local: bool = False
 
 
 def tasks_from_dataset(
@@ -56,6 +59,7 @@ def tasks_from_dataset(
     label_column: str | None = None,
     name: str | None = None,
     split: str | None = None,
+    local: bool = False,
 ) -> dict[str, TaskData]:
     """Split ONE dataset holding several tasks into `TaskData` per task.
 
@@ -65,7 +69,7 @@ def tasks_from_dataset(
     """
     if task_column is not None:
         return {task: TaskData(data, label_column=label_column, task_column=task_column, task_value=(i, task),
-                               name=name, split=split) for i, task in enumerate(task_names)}
+                               name=name, split=split, local=local) for i, task in enumerate(task_names)}
     if not task_ranges:
         raise EvaluationError(
             "one dataset for several tasks needs either task_column= (a column naming each row's task) or a "
@@ -73,14 +77,17 @@ def tasks_from_dataset(
         )
     return {task: TaskData(data, label_column=label_column, label_offset=int(task_ranges[task][0]),
                            label_range=(int(task_ranges[task][0]), int(task_ranges[task][1])), name=name,
-                           split=split) for task in task_names}
+                           split=split, local=local) for task in task_names}
 
 
 def as_task_data(value: Any) -> TaskData:
     if isinstance(value, TaskData):
         return value
     if isinstance(value, (str, os.PathLike)):
-        return TaskData(os.fspath(value), name=os.fspath(value))
+        from hf_mudsc.calibrate.dataset_spec import DatasetSpec
+
+        return TaskData(os.fspath(value), name=os.fspath(value),
+                        local=Path(DatasetSpec.parse(os.fspath(value)).path).expanduser().exists())
     return TaskData(value)
 
 

@@ -82,6 +82,13 @@ class ParentInfo:
         )
 
     @property
+    def in_memory(self) -> bool:
+        """A model given to `merge` as an object: neither a Hub repo nor a folder (a local folder's recipe reference
+        is its absolute path), so the recipe names it by class and cannot re-load it."""
+        path = os.path.expanduser(self.reference)
+        return not self.repo_id and not (os.path.isabs(path) or Path(path).exists())
+
+    @property
     def display_name(self) -> str:
         return self.repo_id or Path(self.reference.rstrip("/\\")).name or self.reference
 
@@ -104,6 +111,8 @@ class EvalRow:
     processors: str | None = None
     """When the models' processors differ: whose processor made each column's inputs (`Parent B: own; ...`), shown
     once under the table."""
+    local: bool = False
+    """The dataset is a local folder: marked so in the table, kept out of the front matter's `datasets` (Hub ids)."""
 
     @classmethod
     def from_any(cls, row: EvalRow | Mapping[str, Any]) -> EvalRow:
@@ -219,12 +228,13 @@ def card_data(
 def set_eval_results(data: ModelCardData, eval_results: Sequence[EvalRow], *, model_name: str) -> ModelCardData:
     """Put the results into the front matter (in place): `model-index`, `metrics`, evaluation datasets.
 
-    Replaces any earlier results; every other key (tags, base models, calibration dataset...) is kept.
+    Replaces any earlier results; every other key (tags, base models, calibration dataset...) is kept. A local
+    folder's name never goes into `datasets` (Hub dataset ids only: it would link whatever Hub dataset bears it).
     """
     rows = [EvalRow.from_any(r) for r in eval_results]
     datasets = list(getattr(data, "datasets", None) or [])
     for row in rows:
-        if _HUB_DATASET_ID.match(row.dataset) and row.dataset not in datasets:
+        if not row.local and _HUB_DATASET_ID.match(row.dataset) and row.dataset not in datasets:
             datasets.append(row.dataset)
     if datasets:
         data.datasets = datasets
@@ -256,6 +266,7 @@ def render_card(
     model_name: str | None = None,
     template: str | os.PathLike | None = None,
     plots: Iterable[Mapping[str, str]] = (),
+    processor_saved: bool = True,
 ) -> ModelCard:
     """Render the card of a merged model.
 
@@ -268,6 +279,8 @@ def render_card(
         template: another template file (default: `model_cards/merged_model.md.jinja`).
         plots: the diagnostic PNGs written next to the card, as `{"title", "caption", "link"}` with `link` relative
             to the card (`plots/match_quality.png`); they fill its "Diagnostics" section.
+        processor_saved: a processor is saved with the model; without one the usage snippet loads none (it
+            must run as written on the folder).
 
     Returns:
         A `huggingface_hub.ModelCard` (`str(card)` is the README; `card.save(path)`, `card.data`).
@@ -300,7 +313,7 @@ def render_card(
         model_class=type(model).__name__,
         pipeline_tag=data.pipeline_tag,
         auto_model=_AUTO_CLASSES[data.pipeline_tag][0],
-        auto_processor=_AUTO_CLASSES[data.pipeline_tag][1],
+        auto_processor=_AUTO_CLASSES[data.pipeline_tag][1] if processor_saved else None,
         repo_id=recipe.push_to_hub,
         parents=infos,
         parent_letters=[chr(ord("A") + i) if i < 26 else str(i + 1) for i in range(len(infos))],

@@ -46,7 +46,7 @@ INFO_KEYS = ("hf_mudsc_version",)
 _HEADER = (
     "# hf-mudsc merge recipe. Reproduce the merge with:\n"
     "#   hf-mudsc merge --recipe {name} --output merged-model\n"
-    "# Parents are pinned to the commits that were used; flags on the command line override keys.\n"
+    "# Hub parents are pinned to the commits that were used; flags on the command line override keys.\n"
 )
 
 

@@ -80,7 +80,8 @@ def write_merged_folder(
                               evaluation)
     name = model_name or recipe.push_to_hub or (Path(recipe.output).name if recipe.output else None)
     render_card(merged, recipe, parents=list(parents) if parents is not None else None,
-                eval_results=eval_results, model_name=name, plots=plots).save(folder / CARD_FILENAME)
+                eval_results=eval_results, model_name=name, plots=plots,
+                processor_saved=processor is not None).save(folder / CARD_FILENAME)
     return folder
 
 

@@ -1,0 +1,106 @@
+"""The card `save_merged` writes for models merged in memory (no Hub ids, no processor, calibration batches given
+as tensors): every statement in it must be true for that folder, and its usage snippet must run as written."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from factories import make_batches, make_model
+from huggingface_hub import ModelCard
+
+import hf_mudsc
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: thread start-up dominates on a busy machine
+    try:
+        merged = hf_mudsc.merge([make_model("vit_cls", 1), make_model("vit_cls", 2)],
+                                make_batches("vit_cls", num_batches=2), method="mudsc", refit="none", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return hf_mudsc.save_merged(merged, tmp_path_factory.mktemp("card") / "merged")
+
+
+def test_the_usage_snippet_runs_as_written_on_the_folder(written):
+    """No processor was given, so none is saved: the snippet must not load one from the folder."""
+    card = ModelCard.load(written / "README.md")
+    snippet = re.search(r"## Usage\n\n```python\n(.*?)```", card.text, re.S).group(1)
+    namespace: dict = {}
+    exec(snippet.replace("path/to/this/model", str(written)), namespace)  # noqa: S102 - the card's own snippet
+    assert type(namespace["model"]).__name__ == "ViTForImageClassification"
+
+
+def test_calibration_given_as_batches_is_not_called_none(written):
+    text = ModelCard.load(written / "README.md").text
+    samples = re.search(r"^\| Calibration samples \| (\d+) \|$", text, re.M).group(1)
+    assert int(samples) > 0
+    cell = re.search(r"^\| Calibration data \| (.*) \|$", text, re.M).group(1)
+    assert cell != "none" and "memory" in cell
+
+
+def test_parents_merged_in_memory_are_not_called_local_folders(written):
+    text = ModelCard.load(written / "README.md").text
+    parents = re.search(r"## Parents\n\n(.*?)\n\n", text, re.S).group(1)
+    assert "local folder" not in parents
+    assert not re.search(r"(?<!Hub )parents are pinned", text, re.I)  # nothing to pin: no parent is on the Hub
+
+
+def test_an_evaluation_on_a_local_folder_is_not_listed_as_a_hub_dataset(tmp_path):
+    """The front matter's `datasets` holds Hub dataset ids: a local folder's name there would link (and credit)
+    whatever Hub dataset bears that name. Its scores stay in the model-index and the table, marked local."""
+    import datasets
+    import numpy as np
+    from factories import vit_cli_case
+    from PIL import Image
+
+    from hf_mudsc.cli.main import main
+
+    parents, calibration = vit_cli_case(tmp_path)
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L") for _ in range(6)]
+    datasets.Dataset.from_dict({"image": images, "label": [0, 1, 2, 0, 1, 2]}).cast_column(
+        "image", datasets.Image()).save_to_disk(tmp_path / "evalset")
+    out = tmp_path / "merged"
+    assert main(["merge", *parents, "--calibration", calibration, "--method", "linear", "--output", str(out)]) == 0
+    assert main(["evaluate", str(out), "--dataset", str(tmp_path / "evalset"), "--no-parents"]) == 0
+    card = ModelCard.load(out / "README.md")
+    assert card.data.datasets is None  # the calibration folder is local too
+    assert [r.task_name for r in card.data.eval_results] == ["test", "joint (all tasks)"]
+    assert re.search(r"^\| \w+ \| evalset \(local folder\) \| test \| accuracy \|", card.text, re.M)
+    assert str(tmp_path) not in card.content
+
+
+def test_a_merge_without_unit_matching_states_no_head_pairing():
+    """Task-vector and averaging methods pair no heads and have no reference implementation to match: the card
+    must not say the heads were "shared per attention block" (nor list the MuDSC reference switch)."""
+    from hf_mudsc.publish.card import render_card
+    from hf_mudsc.publish.writer import recipe_of
+
+    merged = hf_mudsc.merge([make_model("vit_cls", 1), make_model("vit_cls", 2)], method="linear", progress=False)
+    text = render_card(merged, recipe_of(merged)).text
+    assert "| Matcher | — (no unit matching) |" in text
+    assert "| Head pairing |" not in text and "| Reference-compatible weights |" not in text
+
+
+def test_the_size_row_counts_attention_heads_as_heads():
+    from hf_mudsc.options import MergeOptions
+
+    row = next(f for f in MergeOptions.option_fields() if f.name == "size").metadata["card"]
+    budget = {"widths": {"hidden_size": 40, "num_attention_heads": 5}, "extra_units": {"hidden_size": 8,
+              "num_attention_heads": 1}, "num_parameters": 24357, "ratio": 1.495, "parent_parameters": 16291}
+    text = row.text(1.5, {"mudsc": {"size_budget": budget}})
+    assert "hidden_size 40 (+8 units kept unfused), num_attention_heads 5 (+1 head kept unfused)" in text
+
+
+def test_a_local_folder_given_with_a_tilde_is_a_local_folder(tmp_path, monkeypatch):
+    from hf_mudsc.publish.card import ParentInfo
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "vit-local").mkdir()
+    assert not ParentInfo.from_any("~/vit-local").in_memory
+    assert ParentInfo.from_any("ViTForImageClassification").in_memory
+    assert not ParentInfo.from_any("org/vit-a").in_memory
