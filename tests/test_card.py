@@ -118,7 +118,9 @@ def test_evaluation_results_fill_the_model_index_and_the_table(merged, recipe):
     ]
     assert all(r.task_type == "image-classification" for r in results)
     assert card.data.model_name == "org/merged"
-    assert card.data.datasets == ["org/calib-images", "org/digits"]
+    # `datasets` lists what the model was built from (the Hub: "datasets used to train this model"): the calibration
+    # data, not the evaluation data, which the model-index names (and the Hub links from there).
+    assert card.data.datasets == ["org/calib-images"]
     assert "| vit-a | org/digits | test | accuracy | 0.9700 | 0.1200 | 0.9400 | **0.9100** |" in card.content
     assert "| joint | org/digits | validation | accuracy | — | — | — | **0.8000** |" in card.content
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['acc'\]"):
@@ -233,7 +235,7 @@ def test_update_card_evaluation_replaces_only_its_section_and_the_model_index():
     second = update_card_evaluation(str(first), [{**row, "merged": 0.75}])
     assert second.text.count("## Evaluation") == 1 and "**0.7500**" in second.text and "0.5000" not in second.text
     assert [r.metric_value for r in second.data.eval_results] == [0.75]
-    assert second.data.datasets == ["org/data"]
+    assert second.data.datasets is None  # evaluation data is named by the model-index only
 
 
 def test_the_evaluation_table_has_a_column_per_parent_for_n_parents():

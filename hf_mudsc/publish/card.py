@@ -226,18 +226,13 @@ def card_data(
 
 
 def set_eval_results(data: ModelCardData, eval_results: Sequence[EvalRow], *, model_name: str) -> ModelCardData:
-    """Put the results into the front matter (in place): `model-index`, `metrics`, evaluation datasets.
+    """Put the results into the front matter (in place): `model-index` and `metrics`.
 
-    Replaces any earlier results; every other key (tags, base models, calibration dataset...) is kept. A local
-    folder's name never goes into `datasets` (Hub dataset ids only: it would link whatever Hub dataset bears it).
+    Replaces any earlier results; every other key (tags, base models, the calibration dataset...) is kept. The
+    evaluation datasets are named by the model-index alone: the front matter's `datasets` lists what the model was
+    built from (the Hub documents it as the datasets used to train the model), here the calibration data.
     """
     rows = [EvalRow.from_any(r) for r in eval_results]
-    datasets = list(getattr(data, "datasets", None) or [])
-    for row in rows:
-        if not row.local and _HUB_DATASET_ID.match(row.dataset) and row.dataset not in datasets:
-            datasets.append(row.dataset)
-    if datasets:
-        data.datasets = datasets
     data.metrics = sorted({row.metric for row in rows}) or None
     data.model_name = model_name
     data.eval_results = [
