@@ -104,3 +104,33 @@ def test_a_local_folder_given_with_a_tilde_is_a_local_folder(tmp_path, monkeypat
     assert not ParentInfo.from_any("~/vit-local").in_memory
     assert ParentInfo.from_any("ViTForImageClassification").in_memory
     assert not ParentInfo.from_any("org/vit-a").in_memory
+
+
+def test_the_joint_label_snippet_runs_on_the_users_images(tmp_path):
+    """The second Usage snippet (all labels at once) used `inputs` it never made: with the processor saved it now
+    prepares them from the user's `images`, and runs as written after the first snippet."""
+    import numpy as np
+    from factories import vit_cli_case
+    from PIL import Image
+    from transformers import AutoConfig
+
+    from hf_mudsc.cli.main import main
+
+    parents, calibration = vit_cli_case(tmp_path)
+    for folder, names in zip(parents, (("zero", "one", "two"), ("three", "four", "five"))):  # two tasks
+        config = AutoConfig.from_pretrained(folder)
+        config.id2label = dict(enumerate(names))
+        config.label2id = {name: i for i, name in enumerate(names)}
+        config.save_pretrained(folder)
+    out = tmp_path / "merged"
+    assert main(["merge", *parents, "--calibration", calibration, "--method", "mudsc", "--output", str(out)]) == 0
+    text = ModelCard.load(out / "README.md").text
+    usage = text[text.index("## Usage"):text.index("## Reproduce")]
+    snippets = re.findall(r"```python\n(.*?)```", usage, re.S)
+    assert len(snippets) == 2, usage
+    rng = np.random.default_rng(0)
+    namespace: dict = {"images": [Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L")
+                                  for _ in range(3)]}
+    for snippet in snippets:
+        exec(snippet.replace("path/to/this/model", str(out)), namespace)  # noqa: S102 - the card's own snippets
+    assert len(namespace["labels"]) == 3 and all(": " in label for label in namespace["labels"])
