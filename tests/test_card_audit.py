@@ -134,3 +134,17 @@ def test_the_joint_label_snippet_runs_on_the_users_images(tmp_path):
     for snippet in snippets:
         exec(snippet.replace("path/to/this/model", str(out)), namespace)  # noqa: S102 - the card's own snippets
     assert len(namespace["labels"]) == 3 and all(": " in label for label in namespace["labels"])
+
+
+def test_a_local_dataset_spec_given_to_evaluate_from_python_is_named_as_the_cli_names_it(tmp_path):
+    """`evaluate_merge(..., ["/home/me/data/evalset:test"])` named the task's dataset by the whole spec, so the
+    results (and a card updated from them) carried an absolute local path; the CLI names it by the folder."""
+    from hf_mudsc.evaluate.tasks import as_task_data
+
+    folder = tmp_path / "private" / "evalset"
+    folder.mkdir(parents=True)
+    task = as_task_data(f"{folder}:test")
+    assert (task.name, task.split, task.local) == ("evalset", "test", True)
+    assert str(tmp_path) not in repr((task.name, task.split))
+    hub = as_task_data("org/digits:validation")  # a Hub id keeps its name
+    assert (hub.name, hub.split, hub.local) == ("org/digits", "validation", False)

@@ -86,8 +86,12 @@ def as_task_data(value: Any) -> TaskData:
     if isinstance(value, (str, os.PathLike)):
         from hf_mudsc.calibrate.dataset_spec import DatasetSpec
 
-        return TaskData(os.fspath(value), name=os.fspath(value),
-                        local=Path(DatasetSpec.parse(os.fspath(value)).path).expanduser().exists())
+        # Named as the CLI names it: a local folder by its own name (never the absolute path, which would reach
+        # the results and a card), a Hub dataset by its id; the split from the spec.
+        spec = DatasetSpec.parse(os.fspath(value))
+        local = Path(spec.path).expanduser().exists()
+        return TaskData(os.fspath(value), name=Path(spec.path).expanduser().name if local else spec.path,
+                        split=spec.split, local=local)
     return TaskData(value)
 
 
