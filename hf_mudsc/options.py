@@ -634,7 +634,8 @@ class MergeOptions:
         "DELLA; default: the method's)")
     normalize: bool | None = option(
         None, kind="bool", show_default=False, recorded=True, per_method=True,
-        card=CardRow(3, "Normalize by the weights", _card_numbers),
+        card=CardRow(3, "Normalize by the weights", lambda value, context: None if value is None
+                     else "yes" if value else "no"),
         help="divide by the sum of the weights (default: the method's, as mergekit: linear and ties do, "
         "task_arithmetic and dare_* do not)")
     scaling: float = option(

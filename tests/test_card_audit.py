@@ -148,3 +148,11 @@ def test_a_local_dataset_spec_given_to_evaluate_from_python_is_named_as_the_cli_
     assert str(tmp_path) not in repr((task.name, task.split))
     hub = as_task_data("org/digits:validation")  # a Hub id keeps its name
     assert (hub.name, hub.split, hub.local) == ("org/digits", "validation", False)
+
+
+def test_the_normalize_cell_says_yes_or_no_as_the_other_switches_do(tmp_path):
+    merged = hf_mudsc.merge([make_model("vit_cls", 0), make_model("vit_cls", 1)], None, method="linear",
+                            progress=False)
+    hf_mudsc.save_merged(merged, tmp_path / "m")
+    text = ModelCard.load(tmp_path / "m" / "README.md").text
+    assert re.search(r"^\| Normalize by the weights \| yes \|$", text, re.M), text
