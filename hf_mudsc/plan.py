@@ -297,13 +297,11 @@ def memory_floor(model: Any, parents: int, method: Any | None, *, loading: int, 
     `method` None (`auto` before it chose): the weights only.
     """
     floor: dict[str, float] = {}
+    one_parent = 4.0 * sum(p.numel() for p in model.parameters())
     if loading:
-        floor["weights"] = 4.0 * loading * sum(p.numel() for p in model.parameters())
-    if copies:
-        from hf_mudsc.architectures import spec_for
-
-        if spec_for(model).classifier is not None:  # a model without a head is never reordered
-            floor["copies"] = 4.0 * copies * sum(p.numel() for p in model.parameters())
+        floor["weights"] = loading * one_parent
+    if copies:  # only parents with a head are ever reordered (`pipeline.head_copies` counts them)
+        floor["copies"] = copies * one_parent
     if method is not None and (method.needs_calibration or method.matches_units):
         from hf_mudsc.architectures import spec_for
 
