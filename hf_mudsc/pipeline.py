@@ -636,7 +636,9 @@ def merge(
     refuse_non_finite(merged, params, base_params)
     # The recipe keys (every option a recipe file may set, as given), parents and base pinned; `auto` is recorded
     # as the method it chose, so the recipe re-runs the same merge whatever a later release would choose.
+    # `alpha="auto"` stays "auto" only where the search ran; a method that ignores α records the α it was handed.
     given = dataclasses.replace(merge_options, calibration=calibration_spec, method=merge_method.name,
+                                alpha=AUTO if auto_alpha else method_options.alpha,
                                 refit=refit_value if refitting else "none",
                                 base=None if base_parent is None else pinned_reference(base_parent),
                                 device=None if device is None else str(device), out_dtype=out_dtype)

@@ -204,3 +204,33 @@ def test_the_readme_alpha_auto_example_runs_and_prints_the_curve(capsys):
     fidelity = [float(value) for value in curve.strip("[]").split(",")]
     assert len(fidelity) == len(ALPHA_GRID) and all(0 <= value <= 1 for value in fidelity)
     assert float(alpha) == choose_alpha(dict(zip(ALPHA_GRID, fidelity)))
+
+
+@pytest.mark.parametrize("method", ["linear", "zipit"])
+def test_auto_alpha_with_a_method_that_ignores_alpha_is_recorded_as_the_alpha_it_was_handed(tmp_path, method):
+    """No α search runs for a method that does not read α (a warning says so): the recipe and the card record the
+    α the method was handed (0.5), as `auto` options are recorded as what they resolved to (method, refit,
+    out_dtype), not `auto` — and the recipe still re-runs the merge bit for bit."""
+    import yaml
+    from factories import vit_cli_case
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForImageClassification
+
+    from hf_mudsc.cli.main import main
+
+    parents, calibration = vit_cli_case(tmp_path)
+    out = tmp_path / "merged"
+    assert main(["merge", *parents, "--calibration", calibration, "--method", method, "--alpha", "auto",
+                 "--refit", "none", "--output", str(out)]) == 0
+    recipe = yaml.safe_load((out / "mudsc_recipe.yaml").read_text())
+    assert recipe["alpha"] == 0.5 and recipe["method"] == method
+    card = ModelCard.load(out / "README.md").text
+    assert "alpha: auto" not in card and "auto: held-out" not in card
+    assert "| Balance factor α (weight share) | — |" in card
+    merged = hf_mudsc.merge(parents, calibration, method=method, alpha="auto", refit="none", progress=False)
+    assert merged.merge_report.recipe["alpha"] == 0.5 and merged.config.mudsc["alpha_auto"] is None
+    again = tmp_path / "again"
+    assert main(["merge", "--recipe", str(out / "mudsc_recipe.yaml"), "--output", str(again)]) == 0
+    first = AutoModelForImageClassification.from_pretrained(out).state_dict()
+    second = AutoModelForImageClassification.from_pretrained(again).state_dict()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

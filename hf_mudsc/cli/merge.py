@@ -228,11 +228,12 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
         merged.config.mudsc["calibration"] = display_name(str(calibration_spec))
     from hf_mudsc.load.references import pinned_calibration, pinned_reference
 
-    # Parents, base and data pinned; `auto` recorded as the method, refit and out_dtype it chose (as
-    # `merge_report.recipe`).
+    # Parents, base and data pinned; `auto` recorded as the method, refit and out_dtype it chose, and `alpha: auto`
+    # as the α handed to a method that ignores it (as `merge_report.recipe`).
     pinned = recipe.override(models=[pinned_reference(p) for p in parents],
                              calibration=pinned_calibration(calibration_spec),
                              base=merged.merge_report.recipe["base"], method=merged.merge_report.method,
+                             alpha=merged.merge_report.recipe["alpha"],
                              refit=merged.merge_report.recipe["refit"],
                              out_dtype=merged.merge_report.recipe["out_dtype"])
     from hf_mudsc.publish.writer import publish
