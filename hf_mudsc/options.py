@@ -491,10 +491,12 @@ def _card_numbers(value: Any, context: Mapping[str, Any]) -> str | None:
 
 
 def _card_base(value: Any, context: Mapping[str, Any]) -> str | None:
+    """The base by the name the card's parents table gives it (`base_name`: a model object by its class, as in-memory
+    parents are named; the config's own name for it is a fallback), then how it was found."""
     if not value:
         return None
     source = context.get("base_source")
-    return f"`{value}`" + (f" ({source})" if source else "")
+    return f"`{context.get('base_name') or value}`" + (f" ({source})" if source else "")
 
 
 def _card_calibration(value: Any, context: Mapping[str, Any]) -> str:

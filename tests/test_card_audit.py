@@ -156,3 +156,35 @@ def test_the_normalize_cell_says_yes_or_no_as_the_other_switches_do(tmp_path):
     hf_mudsc.save_merged(merged, tmp_path / "m")
     text = ModelCard.load(tmp_path / "m" / "README.md").text
     assert re.search(r"^\| Normalize by the weights \| yes \|$", text, re.M), text
+
+
+def test_a_base_given_as_a_model_object_has_one_name_on_the_card():
+    """The settings table called it `base` (the config's fallback) while the parents table named it by its class, as
+    in-memory parents are named: both now show the parents table's name."""
+    from hf_mudsc.publish.card import render_card
+    from hf_mudsc.publish.writer import recipe_of
+
+    merged = hf_mudsc.merge([make_model("vit_cls", 1), make_model("vit_cls", 2)], method="task_arithmetic",
+                            base=make_model("vit_cls", 0), progress=False)
+    text = render_card(merged, recipe_of(merged)).text
+    assert "| base | `ViTForImageClassification` (merged in memory) | — |" in text
+    assert re.search(r"^\| Base model \| `ViTForImageClassification` \|$", text, re.M), text
+    assert "`base`" not in text
+
+
+def test_a_local_base_folder_is_shown_by_name_only_in_the_cards_recipe(tmp_path):
+    """Local parents and calibration data are shown by folder name in the card's copy of the recipe; the base's
+    absolute path (the recipe file keeps it, to re-run) was shown whole, publishing this machine's layout."""
+    from hf_mudsc.publish.card import render_card
+    from hf_mudsc.publish.writer import recipe_of
+
+    folders = []
+    for name, seed in (("vit-a", 1), ("vit-b", 2), ("vit-base", 0)):
+        make_model("vit_cls", seed).save_pretrained(tmp_path / "private" / name)
+        folders.append(str(tmp_path / "private" / name))
+    merged = hf_mudsc.merge(folders[:2], method="task_arithmetic", base=folders[2], progress=False)
+    assert recipe_of(merged).base == folders[2]  # the recipe file re-runs from anywhere
+    text = render_card(merged, recipe_of(merged)).text
+    assert str(tmp_path) not in text
+    assert re.search(r"^base: vit-base$", text, re.M) and "| base | `vit-base` (local folder) | — |" in text
+    assert "Local folders (`vit-a`, `vit-b`, `vit-base`) are shown by name only" in text

@@ -294,13 +294,16 @@ def render_card(
     path = Path(template) if template is not None else template_path()
     shown_models = [local_name(str(m)) for m in recipe.models]
     shown_calibration = local_name(recipe.calibration) if recipe.calibration else recipe.calibration
-    local_names = [shown for shown, given in zip([*shown_models, shown_calibration],
-                                                  [*recipe.models, recipe.calibration]) if shown != given]
-    shown_recipe = recipe.override(models=shown_models, calibration=shown_calibration) if local_names else recipe
+    shown_base = local_name(recipe.base) if isinstance(recipe.base, (str, os.PathLike)) else recipe.base
+    local_names = [shown for shown, given in zip([*shown_models, shown_base, shown_calibration],
+                                                  [*recipe.models, recipe.base, recipe.calibration]) if shown != given]
+    shown_recipe = (recipe.override(models=shown_models, base=shown_base, calibration=shown_calibration)
+                    if local_names else recipe)
     num_samples = mudsc.get("num_calibration_samples", getattr(report, "num_samples", None))
+    base = ParentInfo.from_any(recipe.base) if recipe.base else None
     settings = settings_rows(mudsc, shown_recipe, {
         "method": method, "mudsc": mudsc, "hub_url": constants.ENDPOINT.rstrip("/"),
-        "base_source": mudsc.get("base_source"),
+        "base_source": mudsc.get("base_source"), "base_name": base.display_name if base is not None else None,
         "calibration_dataset": calibration_dataset_id(recipe.calibration), "num_samples": num_samples})
     content = _environment(path.parent).get_template(path.name).render(
         card_data=data.to_yaml(),
@@ -312,7 +315,7 @@ def render_card(
         repo_id=recipe.push_to_hub,
         parents=infos,
         parent_letters=[chr(ord("A") + i) if i < 26 else str(i + 1) for i in range(len(infos))],
-        base=ParentInfo.from_any(recipe.base) if recipe.base else None,
+        base=base,
         method_choice_reason=mudsc.get("method_choice_reason"),
         hub_url=constants.ENDPOINT.rstrip("/"),
         method=method,
