@@ -69,8 +69,10 @@ def test_an_evaluation_on_a_local_folder_is_not_listed_as_a_hub_dataset(tmp_path
     assert main(["evaluate", str(out), "--dataset", str(tmp_path / "evalset"), "--no-parents"]) == 0
     card = ModelCard.load(out / "README.md")
     assert card.data.datasets is None  # the calibration folder is local too
-    assert [r.task_name for r in card.data.eval_results] == ["test", "joint (all tasks)"]
-    assert re.search(r"^\| \w+ \| evalset \(local folder\) \| test \| accuracy \|", card.text, re.M)
+    # a lone task is named as tasks are when there are several; its split keeps its column
+    assert [r.task_name for r in card.data.eval_results] == ["task_0", "joint (all tasks)"]
+    assert [r.dataset_split for r in card.data.eval_results] == ["test", "test"]
+    assert re.search(r"^\| task_0 \| evalset \(local folder\) \| test \| accuracy \|", card.text, re.M)
     assert str(tmp_path) not in card.content
 
 

@@ -341,14 +341,14 @@ def test_evaluate_keeps_every_section_the_merge_wrote(same_labels, hub_emulator,
     new_body = _body(after)
     missing = [line for line in old_lines if line not in new_body.splitlines()]
     assert missing == []
-    assert "## Evaluation" in new_body and "| test | test-xyz (local folder) | test | accuracy |" in new_body
+    assert "## Evaluation" in new_body and "| task_0 | test-xyz (local folder) | test | accuracy |" in new_body
     assert new_body.index("## Evaluation") < new_body.index("## Usage")
     card = ModelCard.load(out / "README.md")  # parses the front matter and the model-index like the Hub
     for key, value in old_data.items():
         assert card.data.to_dict()[key] == value, key
     result = json.loads((out / "eval_results.json").read_text())
     assert [(r.task_name, r.metric_value) for r in card.data.eval_results] == [
-        ("test", pytest.approx(result["scores"]["merged"]["test"]["accuracy"])),
+        ("task_0", pytest.approx(result["scores"]["merged"]["task_0"]["accuracy"])),
         ("joint (all tasks)", pytest.approx(result["scores"]["merged"]["joint"]["accuracy"])),
     ]
     check = "import sys; from huggingface_hub import ModelCard; ModelCard.load(sys.argv[1]).validate()"
@@ -627,8 +627,8 @@ def test_text_parents_whose_tokenizers_differ_are_each_scored_on_their_own_token
     data = datasets.Dataset.from_dict({"text": texts, "label": truth.tolist()})
     parents = [LoadedParent(model_a, lower, "a"), LoadedParent(model_b, cased, "b")]
     result = evaluate_merge(merged, parents, [data], batch_size=30, progress=False)
-    assert result.score("parent_b", "test") == 1.0
-    assert result.score("parent_a", "test") == float((predictions(model_a, lower) == truth).double().mean())
+    assert result.score("parent_b", "task_0") == 1.0
+    assert result.score("parent_a", "task_0") == float((predictions(model_a, lower) == truth).double().mean())
     assert result.processors["parent_b"] == "own" and result.processors["merged"] == "parent_a's"
 
 
@@ -642,7 +642,7 @@ def test_parents_sharing_one_label_set_are_all_scored_on_a_single_dataset():
     for name, model in (("parent_a", models[1]), ("parent_b", models[2])):
         with torch.no_grad():
             expected = float((model(pixel_values=pixels).logits.argmax(-1) == labels).double().mean())
-        assert result.score(name, "test") == pytest.approx(expected, abs=1e-12), name
+        assert result.score(name, "task_0") == pytest.approx(expected, abs=1e-12), name
 
 
 def _rgb_images(seed: int, count: int) -> list[Image.Image]:
@@ -672,9 +672,9 @@ def test_each_models_processor_is_configured_from_that_models_own_config():
                                                                                              datasets.Image())
     parents = [LoadedParent(model_a, PROCESSOR, "a"), LoadedParent(model_b, rgb, "b")]
     result = evaluate_merge(merged, parents, [data], batch_size=8, ensemble=False, progress=False)
-    assert result.score("parent_b", "test") == 1.0  # on its own RGB inputs
+    assert result.score("parent_b", "task_0") == 1.0  # on its own RGB inputs
     for name, value in expected.items():  # the one-channel models still on grayscale inputs
-        assert result.score(name, "test") == pytest.approx(value, abs=1e-12), name
+        assert result.score(name, "task_0") == pytest.approx(value, abs=1e-12), name
 
 
 def test_each_models_tokens_are_cut_at_that_models_own_position_limit():
@@ -705,10 +705,10 @@ def test_each_models_tokens_are_cut_at_that_models_own_position_limit():
     data = datasets.Dataset.from_dict({"text": texts, "label": truth.tolist()})
     parents = [LoadedParent(model_a, tokenizer, "a"), LoadedParent(model_b, tokenizer, "b")]
     result = evaluate_merge(merged, parents, [data], batch_size=12, ensemble=False, progress=False)
-    assert result.score("parent_b", "test") == 1.0
+    assert result.score("parent_b", "task_0") == 1.0
     for name, model in (("merged", merged), ("parent_a", model_a)):
         expected = float((predictions(model, 24) == truth).double().mean())
-        assert result.score(name, "test") == pytest.approx(expected, abs=1e-12), name
+        assert result.score(name, "task_0") == pytest.approx(expected, abs=1e-12), name
 
 
 @pytest.mark.parametrize("case", ["no image processor", "processor fails"])

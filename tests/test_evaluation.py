@@ -408,7 +408,7 @@ def test_raw_text_columns_are_tokenized_with_the_processor():
     ]  # 3 of 5 right by construction
     data = datasets.Dataset.from_dict({"text": texts, "label": labels})
     result = evaluate_merge(model, None, [data], processor=tokenizer, batch_size=2, progress=False)
-    assert result.task_names == ["test"] and result.score("merged", "test") == pytest.approx(3 / 5)
+    assert result.task_names == ["task_0"] and result.score("merged", "task_0") == pytest.approx(3 / 5)
 
 
 # ------------------------------------------------------------------------------------- evaluate command

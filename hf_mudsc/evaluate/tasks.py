@@ -146,7 +146,8 @@ def classifier_layout(merged: Mapping[str, Any], parents: Sequence[Any], request
         if requested:
             tasks = list(requested)
         else:
-            tasks = ["test"] if count == 1 else [f"task_{i}" for i in range(count)]
+            # one task or several, named alike: a lone task called `test` read as its split (shown beside it)
+            tasks = [f"task_{i}" for i in range(count)]
         from hf_mudsc.apply.classifier import head_order
 
         columns = tuple(head_order(reference.config, parent.config) for parent in parents)
