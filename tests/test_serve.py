@@ -356,7 +356,11 @@ def test_the_space_example_runs_hf_mudsc_serve_exposed_only_with_a_key(tmp_path)
 
     dockerfile = (space / "Dockerfile").read_text()
     assert 'CMD ["python", "app.py"]' in dockerfile and "EXPOSE 7860" in dockerfile
-    assert '"hf-mudsc[serve]"' in dockerfile and "torch==2.13.0" in dockerfile
+    # hf-mudsc is not on PyPI: the Space installs the wheel built from a clone into its folder (README, "Service")
+    assert "torch==2.13.0" in dockerfile and "COPY --chown=user hf_mudsc-*.whl ./" in dockerfile
+    assert 'pip install --no-cache-dir --user "$(ls hf_mudsc-*.whl)[serve]"' in dockerfile
+    readme = (space.parents[1] / "README.md").read_text()
+    assert "pip wheel --no-deps -w docs/space ." in readme
     front = (space / "README.md").read_text().split("---")[1]
     assert "sdk: docker" in front and "app_port: 7860" in front
 

@@ -4,7 +4,8 @@ the merging service.
 Safe by default: it binds 127.0.0.1; any other host needs an API key (`HF_MUDSC_API_KEY`, or `--api-key`, which
 other users of the machine can read in `ps`: a warning says so) that POST and DELETE must send as `X-API-Key`. Jobs
 name Hub references only, unless the operator lists folders they may read with `--local-root`; at most
-`--max-queued` jobs wait for a worker. Needs the `serve` extra (`pip install "hf-mudsc[serve]"`).
+`--max-queued` jobs wait for a worker. Needs the `serve` extra (`pip install -e ".[serve]"` in a clone; hf-mudsc
+is not on PyPI).
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
         from hf_mudsc.serve.app import create_app
     except ModuleNotFoundError as missing:
-        raise ValueError(f"`hf-mudsc serve` needs {missing.name}: pip install \"hf-mudsc[serve]\"") from None
+        raise ValueError(f"`hf-mudsc serve` needs {missing.name}: pip install fastapi uvicorn (the serve extra; from "
+                         "a clone of hf-mudsc: pip install -e \".[serve]\")") from None
     app = create_app(args.state_dir, workers=args.workers, api_key=api_key,
                      output_root=getattr(args, "output_root", None), max_queued=args.max_queued,
                      local_roots=local_roots)
