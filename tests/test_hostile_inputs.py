@@ -771,6 +771,34 @@ def test_integer_buffers_a_checkpoint_carries_still_load(tmp_path):
     assert hf_mudsc.merge([a, b], None, method="task_arithmetic", base=a) is not None
 
 
+@pytest.mark.parametrize("key", ["bert.encoder.layer.0.intermediate.dense.position_ids",
+                                 "bert.encoder.layer.1.attention.self.token_type_ids"])
+def test_an_integer_tensor_named_like_a_buffer_elsewhere_is_refused(tmp_path, monkeypatch, key):
+    """Integer tensors were let through when their last name component was any buffer's (`position_ids`,
+    `token_type_ids`), wherever they sat: a quantized checkpoint's integer tensor so named slipped past the check.
+    Only a stored key that loads as one of the model's buffers (as transformers names it: `lazy.stored_keys`) may be
+    an integer; the real buffer, even under its legacy name without the `bert.` prefix, still loads."""
+    import torch
+    import transformers
+
+    import hf_mudsc
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import model_class_for
+
+    good = _quantized_folder(tmp_path / "good", "bert_cls", None, seed=0,
+                             extra={"embeddings.position_ids": torch.arange(24).unsqueeze(0)})[0]
+    bad = _quantized_folder(tmp_path / "bad", "bert_cls", None, seed=1,
+                            extra={key: torch.zeros(2, 3, dtype=torch.int8)})[0]
+    assert hf_mudsc.merge([good, good], None, method="average", progress=False) is not None
+    cls = model_class_for(transformers.AutoConfig.from_pretrained(bad))
+    monkeypatch.setattr(cls, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded before refusing"))
+    with pytest.raises(LoadError) as caught:
+        hf_mudsc.merge([good, bad], None, method="average", progress=False)
+    message = str(caught.value)
+    assert "\n" not in message, message
+    assert f"{str(bad)!r}: its weight {key!r} is stored as int8, not as float16/bfloat16/float32/float64" in message
+
+
 def test_a_model_object_with_integer_parameters_is_refused(tmp_path):
     import torch
     from factories import make_model

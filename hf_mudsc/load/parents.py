@@ -611,13 +611,23 @@ def check_floating_weights(reference: str, stored: Mapping[str, str], model: tor
     and config).
 
     A torch parameter is always floating-point, so the only integer tensors a model takes from a checkpoint are its
-    buffers (BERT's `position_ids`, `token_type_ids`). Tensors are matched to buffers by their last name component:
-    transformers renames checkpoint keys as it loads them (a ViT's `encoder.layer.0.intermediate.dense.weight` is
-    the model's `layers.0.mlp.fc1.weight`), which changes the path but not what the tensor is called at its end.
+    buffers (BERT's `position_ids`, `token_type_ids`). A stored tensor is one of them only when its full key loads as
+    a buffer, the key named as `from_pretrained` names it (`lazy.stored_keys`: transformers' renames, the base-model
+    prefix): a tensor merely called like a buffer elsewhere (`...dense.position_ids`) is not let through.
     """
-    leaf = lambda name: name.rsplit(".", 1)[-1]  # noqa: E731
-    buffers = {leaf(name) for name, _ in model.named_buffers()} - {leaf(name) for name, _ in model.named_parameters()}
-    bad = sorted(name for name, dtype in stored.items() if dtype not in WEIGHT_DTYPES and leaf(name) not in buffers)
+    from hf_mudsc.load.lazy import stored_keys
+
+    odd = [key for key, dtype in stored.items() if dtype not in WEIGHT_DTYPES]
+    if not odd:
+        return
+    buffers = {name for name, _ in model.named_buffers()}
+    names = stored_keys(model, stored, buffers=True) if isinstance(model, PreTrainedModel) else None
+    if names is not None:
+        buffer_keys = {key for name, key in names.items() if name in buffers}
+    else:  # keys transformers converts beyond renaming: a buffer's own name, with or without the model's prefix
+        prefix = f"{getattr(model, 'base_model_prefix', '')}."
+        buffer_keys = buffers | {name.removeprefix(prefix) for name in buffers}
+    bad = sorted(key for key in odd if key not in buffer_keys)
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise LoadError(
