@@ -119,6 +119,12 @@ class LazyParameters(Mapping[str, torch.Tensor]):
         returned tensor may have been converted to `self.dtype`."""
         return self._dtypes[name]
 
+    def key(self, name: str) -> str:
+        """The key tensor `name` is stored under in the checkpoint (its name, unless `keys` renamed it)."""
+        if name not in self._where:
+            raise KeyError(name)
+        return self._keys.get(name, name)
+
     @property
     def files(self) -> list[Path]:
         return list(self._files)

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -535,7 +536,7 @@ def _finish(located: _Located, *, token: str | bool | None, cache_dir: str | os.
     if located.model is not None:
         return LoadedParent(model=_as_float32(located.model), processor=located.processor,
                             reference=located.reference, stored_dtype=stored)
-    if lazy and not located.use_pickle and located.read_as is None:
+    if lazy and not located.use_pickle:
         parent = _finish_lazily(located)
         if parent is not None:
             parent.stored_dtype = stored
@@ -580,8 +581,6 @@ def check_config_fits_weights(located: _Located) -> None:
     """Refuse a config.json whose model is far larger than its safetensors checkpoint, from the headers and a model
     on the meta device, before `from_pretrained` allocates it (a hidden_size of 10**9 over a 65 kB file asked for
     68 GB). Smaller disagreements are left to `_load_weights`, which names the tensors that do not fit."""
-    import math
-
     from hf_mudsc.load.lazy import LazyParameters, safetensors_files
 
     files = safetensors_files(located.folder)
@@ -668,21 +667,51 @@ def _finish_lazily(located: _Located) -> LoadedParent | None:
     the checkpoint's tensors are not exactly the model's parameters with their shapes (tied weights saved once,
     tensors transformers splits or joins on load ...): then `_load_weights` loads it, and reports what does not fit.
     Checkpoint keys are named as `from_pretrained` names them (`lazy.stored_keys`, transformers' conversion
-    mapping): a ViT checkpoint, whose keys transformers 5 renames on load, is read lazily too."""
-    from hf_mudsc.load.lazy import lazy_parameters
+    mapping): a ViT checkpoint, whose keys transformers 5 renames on load, is read lazily too. A base of another head
+    class (`located.read_as`) is opened as the parents' class, as `_load_weights` reads it: the parameters its
+    checkpoint lacks are `absent`, not read."""
+    from hf_mudsc.load.lazy import LazyParameters, lazy_parameters
 
     with torch.device("meta"):
-        model = model_class_for(located.config)(located.config)
+        model = (located.read_as or model_class_for(located.config))(located.config)
     shapes = {name: tuple(tensor.shape) for name, tensor in model.named_parameters()}
-    parameters = lazy_parameters(located.folder, names=list(shapes), dtype=torch.float32, model=model)
+    if located.read_as is None:
+        parameters = lazy_parameters(located.folder, names=list(shapes), dtype=torch.float32, model=model)
+        missing: list[str] = []
+    else:
+        stored = lazy_parameters(located.folder, dtype=torch.float32, model=model)
+        if stored is None:
+            return None
+        held = [name for name in shapes if name in stored]
+        missing = [name for name in shapes if name not in stored]
+        _refuse_missing_backbone(located, missing, {name: math.prod(shape) for name, shape in shapes.items()})
+        parameters = LazyParameters(stored.files, names=held, keys={name: stored.key(name) for name in held},
+                                    dtype=torch.float32)
+        shapes = {name: shape for name, shape in shapes.items() if name in parameters}
     if parameters is None or any(parameters.shape(name) != shape for name, shape in shapes.items()):
         return None
+    if located.read_as is not None:
+        used = {parameters.key(name) for name in parameters}
+        _log_read_as(located, missing, sorted(key for key in LazyParameters(parameters.files) if key not in used))
     model.config._name_or_path = model.name_or_path = located.repo_id or located.reference
     logger.info("opened %s%s (tensors read one at a time)", located.reference,
                 f" at commit {located.commit_sha}" if located.commit_sha else "")
     return LoadedParent(model=model.eval(), processor=located.processor, reference=located.reference,
                         repo_id=located.repo_id, revision=located.revision, commit_sha=located.commit_sha,
-                        parameters=parameters)
+                        parameters=parameters, absent=frozenset(missing))
+
+
+def _refuse_missing_backbone(located: _Located, missing: Sequence[str], sizes: Mapping[str, int]) -> None:
+    """Refuse a base read as the parents' class whose checkpoint lacks most of that class's values (`missing`:
+    the parameters it does not hold; `sizes`: every parameter's element count): a head and a pooler are a small
+    part, a backbone under other names is not."""
+    lacking = sum(sizes.get(name, 0) for name in missing)
+    if 2 * lacking > sum(sizes.values()):
+        cls = located.read_as.__name__ if located.read_as is not None else "?"
+        raise ParentMismatchError(
+            f"the base {located.reference!r} read as {cls} lacks {len(missing)} "
+            f"of its {len(sizes)} tensors (e.g. {', '.join(map(repr, missing[:3]))}): its checkpoint does not "
+            "hold the parents' backbone; pass the base the parents were fine-tuned from")
 
 
 def parameters_of(parent: LoadedParent) -> Mapping[str, torch.Tensor]:
@@ -728,13 +757,7 @@ def _load_weights(located: _Located) -> tuple[PreTrainedModel, list[str]]:
     missing, unused = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
     mismatched = sorted(info.get("mismatched_keys") or ())
     if located.read_as is not None and not mismatched:
-        sizes = {name: tensor.numel() for name, tensor in model.named_parameters()}
-        lacking = sum(sizes.get(name, 0) for name in missing)
-        if 2 * lacking > sum(sizes.values()):  # a head and a pooler are a small part; a backbone under other names not
-            raise ParentMismatchError(
-                f"the base {located.reference!r} read as {cls.__name__} lacks {len(missing)} "
-                f"of its {len(sizes)} tensors (e.g. {', '.join(map(repr, missing[:3]))}): its checkpoint does not "
-                "hold the parents' backbone; pass the base the parents were fine-tuned from")
+        _refuse_missing_backbone(located, missing, {name: tensor.numel() for name, tensor in model.named_parameters()})
         _log_read_as(located, missing, unused)
         return model, missing
     if missing:
