@@ -354,7 +354,8 @@ def merge(
         first["config"] = config
         check_before_weights(config, merge_options, count, merge_method,
                              loading=min(references, 1) if streaming else references,
-                             copied=head_copies(every, streaming=streaming))
+                             copied=head_copies(every, streaming=streaming),
+                             base=base_loaded_whole(base, merge_method, streaming=streaming))
 
     def check_data(processors: list[Any]) -> None:  # a method known to read the data: its columns, before weights
         if merge_method is not None and needs_data and "config" in first:
@@ -365,7 +366,8 @@ def merge(
 
     def choose_loading(views: list[LoadedParent], has_base: bool) -> bool:
         early["method"], early["reason"], early["relation"], lazy = auto_before_loading(
-            views, merge_options, calibration, has_base=has_base, references=references, processor=processor)
+            views, merge_options, calibration, has_base=has_base, references=references, processor=processor,
+            base=base)
         return lazy
 
     parents, base_parent, base_source = load_parents_and_base(
@@ -735,13 +737,24 @@ def _reads_data(method: MergeMethod, refitting: bool) -> bool:
 
 
 def check_before_weights(config: Any, options: MergeOptions, count: int, method: MergeMethod | None, *,
-                         loading: int, copied: Sequence[str] = ()) -> None:
+                         loading: int, copied: Sequence[str] = (), base: bool = False) -> None:
     """What the first parent's config (or model) refuses before any weights are read: a `size_spend` the
     architecture cannot spend, and more parents than memory holds (`hf_mudsc.plan.check_memory`; `loading`: the
-    parents that will be loaded whole, `method` None for `auto`; `copied`: `head_copies`). merge() and the CLI call
-    it."""
+    parents that will be loaded whole, `method` None for `auto`; `copied`: `head_copies`; `base`: a base will be
+    loaded whole, `base_loaded_whole`). merge() and the CLI call it."""
     check_size_spend(config, options)
-    check_memory(config, count, method, loading=loading, copied=copied)
+    check_memory(config, count, method, loading=loading, copied=copied, base=base)
+
+
+def base_loaded_whole(base: Any, method: MergeMethod | None, *, streaming: bool) -> bool:
+    """Whether the merge will load a base whole, which the memory floor counts as one more parent: one given as a
+    reference (`base`: a folder or Hub id; a model object is in memory already) or found from the parents' cards
+    (none given, `method` needs one), and not streamed (`streams_parents`)."""
+    if streaming:
+        return False
+    if base is None:
+        return method is not None and method.needs_base_model
+    return isinstance(base, (str, os.PathLike))
 
 
 def head_copies(parents: Sequence[Any], *, streaming: bool) -> list[str]:
@@ -785,13 +798,15 @@ def choose_auto(relation: ParentRelation, options: MergeOptions, calibration: An
 
 
 def auto_before_loading(views: Sequence[LoadedParent], options: MergeOptions, calibration: Any, *, has_base: bool,
-                        references: int, processor: Any = None) -> tuple[MergeMethod, str, ParentRelation, bool]:
+                        references: int, processor: Any = None, base: Any = None,
+                        ) -> tuple[MergeMethod, str, ParentRelation, bool]:
     """`auto`'s choice before any parent is loaded whole: `views` are the parents opened for reading one tensor at a
     time (`load_parents_and_base(choose_loading=...)`); their relation (heads aligned to parent A's label order, as
     after loading) chooses the method, and the memory it needs — the parents it loads whole (`references` of them
     are loaded, not given as objects), their reordered copies, its statistics — and the calibration columns it reads
-    are checked from there, as an explicit method's are from the configs. Loading every parent whole first took
-    minutes for a long recipe before the choice was refused. Returns (method, why, relation, whether the parents
+    are checked from there, as an explicit method's are from the configs (`base`: the base as given, a reference is
+    loaded whole unless streamed). Loading every parent whole first took minutes for a long recipe before the choice
+    was refused. Returns (method, why, relation, whether the parents
     after the first are then read one tensor at a time)."""
     count = len(views)
     model_a = views[0].model
@@ -805,7 +820,8 @@ def auto_before_loading(views: Sequence[LoadedParent], options: MergeOptions, ca
     method, reason = choose_auto(relation, options, calibration, count, has_base=has_base)
     lazy = streams_parents(method, options, calibration, count)
     check_memory(model_a, count, method, loading=min(references, 1) if lazy else references, chosen=reason,
-                 copied=head_copies([view.model.config for view in views], streaming=lazy))
+                 copied=head_copies([view.model.config for view in views], streaming=lazy),
+                 base=has_base and base_loaded_whole(base, None, streaming=lazy))
     if calibration is not None and reads_calibration(method, options, calibration, count):
         check_calibration_before_weights(calibration, processor if processor is not None else
                                          [view.processor for view in views], model_a.config, options)

@@ -1089,6 +1089,56 @@ def test_a_parent_copied_to_parent_as_label_order_is_counted_by_the_memory_check
         assert hf_mudsc.merge([a, same], None, method="weight_matching", refit="none", progress=False) is not None
 
 
+@pytest.mark.parametrize("entry", ["cli", "python"])
+def test_a_base_loaded_whole_is_counted_by_the_memory_check(tmp_path, monkeypatch, capsys, entry):
+    """The floor counted the parents loaded whole but not the base, one more model held at once: a merge that fit by
+    the check could run out of memory loading it. A base loaded whole counts one parent's weights (a floor one parent
+    larger), a streamed one (a tensor-wise method) nothing — refused or merged before any weights are read."""
+    from factories import make_model
+
+    import hf_mudsc
+    import hf_mudsc.load.parents as parents
+    import hf_mudsc.plan as plan
+    from hf_mudsc.errors import MergeInputError
+    from hf_mudsc.methods.registry import METHODS
+
+    model = make_model("bert_cls", 0)
+    weights = 4 * sum(p.numel() for p in model.parameters())
+    without = plan.memory_floor(model, 2, METHODS["pcb"], loading=2)
+    with_base = plan.memory_floor(model, 2, METHODS["pcb"], loading=2, base=True)
+    assert sum(with_base.values()) == sum(without.values()) + weights
+    assert plan.memory_floor(model, 2, METHODS["ties"], loading=1, base=False) == plan.memory_floor(
+        model, 2, METHODS["ties"], loading=1)
+    folders = []
+    for name, seed in (("a", 0), ("b", 1), ("base", 2)):
+        make_model("bert_cls", seed).save_pretrained(tmp_path / name)
+        folders.append(str(tmp_path / name))
+    a, b, base = folders
+    monkeypatch.setattr(plan, "available_memory", lambda: int(sum(without.values()) + weights / 2))
+    loaded = []
+    real = parents._load_weights
+    monkeypatch.setattr(parents, "_load_weights", lambda located: loaded.append(located.reference) or real(located))
+    for method in ("pcb", "ties"):  # pcb loads the base whole: refused; ties streams it (and parent B): merged
+        if entry == "cli":
+            capsys.readouterr()
+            code = main(["merge", a, b, "--base", base, "--method", method, "--output", str(tmp_path / method)])
+            message = _one_line_error(capsys) if code else ""
+            assert code == (1 if method == "pcb" else 0), message
+        else:
+            try:
+                hf_mudsc.merge([a, b], None, method=method, base=base, progress=False)
+                message = ""
+            except MergeInputError as error:
+                message = str(error)
+        if method == "pcb":
+            assert "\n" not in message, message
+            assert f"{weights / 1e3:.2f} kB for the base loaded whole" in message, message
+            assert "of parent weights (2 loaded whole)" in message, message
+            assert loaded == [], loaded
+        else:
+            assert message == "" and loaded == [a], (message, loaded)
+
+
 @pytest.mark.parametrize("kind", ["bert_cls", "vit_cls"])
 @pytest.mark.parametrize("entry", ["cli", "python"])
 def test_auto_refuses_the_memory_its_choice_needs_before_any_parent_is_loaded_whole(tmp_path, capsys, monkeypatch,
