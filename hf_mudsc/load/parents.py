@@ -528,7 +528,9 @@ def _prepare(located: _Located, *, token: str | bool | None, cache_dir: str | os
 
 
 def _finish(located: _Located, *, token: str | bool | None, cache_dir: str | os.PathLike | None,
-            lazy: bool = False) -> LoadedParent:
+            lazy: bool = False, view: LoadedParent | None = None) -> LoadedParent:
+    """A located parent loaded (`lazy`: opened for reading one tensor at a time where it can be; `view`: the one
+    `_finish_lazily` already opened, used as it is)."""
     if located.loaded is not None:
         return located.loaded
     _prepare(located, token=token, cache_dir=cache_dir)
@@ -537,7 +539,7 @@ def _finish(located: _Located, *, token: str | bool | None, cache_dir: str | os.
         return LoadedParent(model=_as_float32(located.model), processor=located.processor,
                             reference=located.reference, stored_dtype=stored)
     if lazy and not located.use_pickle:
-        parent = _finish_lazily(located)
+        parent = view if view is not None else _finish_lazily(located)
         if parent is not None:
             parent.stored_dtype = stored
             return parent
@@ -916,14 +918,17 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
         before_weights([p.loaded.processor if p.loaded is not None else p.processor for p in located])
     for parent in located + ([located_base] if located_base is not None else []):
         _prepare(parent, token=token, cache_dir=cache_dir)
+    views: list[LoadedParent | None] = [None] * len(located)
     if choose_loading is not None and all(p.loaded is None and p.model is None and not p.use_pickle
                                           and p.read_as is None for p in located):
-        views = [view for view in (_finish_lazily(p) for p in located) if view is not None]
-        if len(views) == len(located):
+        views = [_finish_lazily(p) for p in located]
+        if all(view is not None for view in views):
             lazy = choose_loading(views, located_base is not None)
     # `lazy` (a tensor-wise method): every parent but the first (the merged model is built from it) and the base
     # with safetensors weights are read one tensor at a time, so memory does not grow with the number of parents.
-    parents = [_finish(p, token=token, cache_dir=cache_dir, lazy=lazy and i > 0) for i, p in enumerate(located)]
+    # The views `choose_loading` was given are those parents (opened once).
+    parents = [_finish(p, token=token, cache_dir=cache_dir, lazy=lazy and i > 0, view=views[i])
+               for i, p in enumerate(located)]
     loaded_base = (_finish(located_base, token=token, cache_dir=cache_dir, lazy=lazy)
                    if located_base is not None else None)
     if loaded_base is not None and source is not None:
