@@ -204,9 +204,10 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
 
     def choose_loading(views: list[Any], has_base: bool) -> bool:
         # `auto`: chosen on the parents read one tensor at a time and checked before any is loaded whole; merge()
-        # then makes the same choice from the loaded parents
-        return auto_before_loading(views, recipe, opened.get("data", recipe.calibration), has_base=has_base,
-                                   references=len(recipe.models), base=recipe.base)[3]
+        # is handed that choice (it does not judge the loaded parents again)
+        opened["choice"] = auto_before_loading(views, recipe, opened.get("data", recipe.calibration),
+                                               has_base=has_base, references=len(recipe.models), base=recipe.base)
+        return opened["choice"].streams
 
     parents, base, _ = load_parents_and_base(
         recipe.models, recipe.base, token=token, allow_pickle=recipe.allow_pickle,
@@ -221,7 +222,7 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
     import hf_mudsc
 
     merged = hf_mudsc.merge(parents, calibration, **{**recipe.keywords(), "base": base}, token=token,
-                            progress=progress)
+                            progress=progress, auto_choice=opened.get("choice"))
     if merged is None or not main:  # a non-main process of a distributed run: rank 0 saves and publishes
         return {}
     if calibration is not None:  # merge() saw an opened dataset; the config names what the user passed
