@@ -105,6 +105,20 @@ class MergeReport:
         return [plot.path for plot in draw_plots(path, diagnostics, evaluation)]
 
 
+@dataclass(frozen=True)
+class AutoChoice:
+    """What `method="auto"` chose before the parents were loaded whole (`auto_before_loading`, on the parents opened
+    for reading one tensor at a time): the method, why (the log, `config.mudsc["method_choice_reason"]` and the card
+    say it), the parents' relation it was chosen from, and whether the parents after the first are then read one tensor
+    at a time. A caller that loads the parents itself after choosing on them (the CLI) hands it to
+    `merge(auto_choice=...)`, which then does not judge the parents' relation a second time."""
+
+    method: MergeMethod
+    reason: str
+    relation: ParentRelation
+    streams: bool
+
+
 def solve_spec(spec: PermutationSpec, concatenate_classifier: bool, *, reference_rows: bool = False
                ) -> PermutationSpec:
     """The spec the solver matches with: the parents' spec, minus the classifier's weight similarity when the
@@ -163,6 +177,7 @@ def merge(
     out_dtype: str | torch.dtype = "auto",
     device: str | torch.device | None = None,
     processor: Any | None = None,
+    auto_choice: AutoChoice | None = None,
     refit: str = "auto",
     refit_lambda: float = 1e-3,
     refit_norms: bool = False,
@@ -175,8 +190,8 @@ def merge(
 ) -> PreTrainedModel | MergePlan | None:
     """Merge two or more fine-tuned models of one architecture into one model, without training.
 
-    The options (everything but `models`, `calibration`, `progress`, `token` and `processor`) are declared with
-    their checks in `hf_mudsc.options.MergeOptions`, which also gives the CLI flags and recipe keys.
+    The options (everything but `models`, `calibration`, `progress`, `token`, `processor` and `auto_choice`) are
+    declared with their checks in `hf_mudsc.options.MergeOptions`, which also gives the CLI flags and recipe keys.
 
     Args:
         models: N >= 2 parents of the same class and configuration: `PreTrainedModel`s, local folders,
@@ -279,6 +294,9 @@ def merge(
         processor: preprocesses raw calibration columns (a tokenizer, image processor or processor) instead of
             the parents' own — which are found in their folders, or for model objects in their `name_or_path`
             folder or cached Hub snapshot.
+        auto_choice: with `method="auto"` and parents the caller loaded itself (`LoadedParent`s from
+            `load_parents_and_base(choose_loading=...)`), the `AutoChoice` `auto_before_loading` made on those parents:
+            merged with it instead of judging their relation again (what the CLI does). None: `auto` chooses here.
 
     Returns:
         A `PreTrainedModel` of the parents' class; `save_pretrained`/`push_to_hub` work as usual.
@@ -302,6 +320,9 @@ def merge(
                               f"{models if isinstance(models, (str, os.PathLike)) else type(models).__name__}")
     count = len(models)
     automatic = is_auto(method)
+    if auto_choice is not None and not automatic:
+        raise MergeInputError(f"auto_choice is the choice of method 'auto' (pipeline.auto_before_loading); pass it "
+                              f"with method='auto', not method={method!r}, or leave it out")
     merge_method = None if automatic else get_method(method)
     if merge_method is not None:
         _check_parent_count(merge_method, count)
@@ -345,7 +366,8 @@ def merge(
         calibration = load_calibration_dataset(calibration_spec, token=token)
     # A tensor-wise method reads each parent's tensor only while merging it: parents after the first and the base
     # are then read from their safetensors files one tensor at a time (docs/design.md §4.10, streaming).
-    streaming = streams_parents(merge_method, merge_options, calibration, count)
+    streaming = auto_choice.streams if auto_choice is not None else streams_parents(
+        merge_method, merge_options, calibration, count)
     # Parents given as references are read here: whole, unless streamed (then the first one only).
     references = sum(isinstance(m, (str, os.PathLike)) for m in models)
     first: dict[str, Any] = {}  # the first parent's config (or model), for the calibration check below
@@ -354,25 +376,26 @@ def merge(
         first["config"] = config
         check_before_weights(config, merge_options, count, merge_method,
                              loading=min(references, 1) if streaming else references,
-                             copied=head_copies(every, streaming=streaming))
+                             copied=head_copies(every, streaming=streaming),
+                             base=base_loaded_whole(base, merge_method, streaming=streaming))
 
     def check_data(processors: list[Any]) -> None:  # a method known to read the data: its columns, before weights
         if merge_method is not None and needs_data and "config" in first:
             check_calibration_before_weights(calibration, processor if processor is not None else processors,
                                              first["config"], merge_options)
 
-    early: dict[str, Any] = {}  # `auto`'s choice when made before loading (`auto_before_loading`)
+    early = [auto_choice] if auto_choice is not None else []  # `auto`'s choice when made before loading
 
     def choose_loading(views: list[LoadedParent], has_base: bool) -> bool:
-        early["method"], early["reason"], early["relation"], lazy = auto_before_loading(
-            views, merge_options, calibration, has_base=has_base, references=references, processor=processor)
-        return lazy
+        early.append(auto_before_loading(views, merge_options, calibration, has_base=has_base, references=references,
+                                         processor=processor, base=base))
+        return early[-1].streams
 
     parents, base_parent, base_source = load_parents_and_base(
         list(models), base, token=token, allow_pickle=allow_pickle,
         base_needed_for=method if merge_method is not None and merge_method.needs_base_model else None, lazy=streaming,
         check_config=check_config, before_weights=check_data,
-        choose_loading=choose_loading if merge_method is None else None)
+        choose_loading=choose_loading if merge_method is None and not early else None)
     loaded = [p.model for p in parents]
     model_a = loaded[0]
     for index, other in enumerate(loaded[1:], start=1):
@@ -399,7 +422,7 @@ def merge(
         if parent.parameters is not None:
             check_finite(parent_params, f"parent {parent_label(index)}")
     # `auto` that chose before loading judged these same (aligned) parents, read one tensor at a time
-    relation = early["relation"] if early else check_parents_mergeable(params, spec, parent_names)
+    relation = early[0].relation if early else check_parents_mergeable(params, spec, parent_names)
     base_params = None
     if base_parent is not None:
         base_params = _check_base(base_parent, model_a, spec)
@@ -407,7 +430,7 @@ def merge(
     choice_reason = None
     if merge_method is None:
         if early:  # chosen, and its memory checked, before any parent was loaded whole
-            merge_method, choice_reason = early["method"], early["reason"]
+            merge_method, choice_reason = early[0].method, early[0].reason
         else:
             merge_method, choice_reason = choose_auto(relation, merge_options, calibration, count,
                                                       has_base=base_parent is not None)
@@ -737,13 +760,24 @@ def _reads_data(method: MergeMethod, refitting: bool) -> bool:
 
 
 def check_before_weights(config: Any, options: MergeOptions, count: int, method: MergeMethod | None, *,
-                         loading: int, copied: Sequence[str] = ()) -> None:
+                         loading: int, copied: Sequence[str] = (), base: bool = False) -> None:
     """What the first parent's config (or model) refuses before any weights are read: a `size_spend` the
     architecture cannot spend, and more parents than memory holds (`hf_mudsc.plan.check_memory`; `loading`: the
-    parents that will be loaded whole, `method` None for `auto`; `copied`: `head_copies`). merge() and the CLI call
-    it."""
+    parents that will be loaded whole, `method` None for `auto`; `copied`: `head_copies`; `base`: a base will be
+    loaded whole, `base_loaded_whole`). merge() and the CLI call it."""
     check_size_spend(config, options)
-    check_memory(config, count, method, loading=loading, copied=copied)
+    check_memory(config, count, method, loading=loading, copied=copied, base=base)
+
+
+def base_loaded_whole(base: Any, method: MergeMethod | None, *, streaming: bool) -> bool:
+    """Whether the merge will load a base whole, which the memory floor counts as one more parent: one given as a
+    reference (`base`: a folder or Hub id; a model object is in memory already) or found from the parents' cards
+    (none given, `method` needs one), and not streamed (`streams_parents`)."""
+    if streaming:
+        return False
+    if base is None:
+        return method is not None and method.needs_base_model
+    return isinstance(base, (str, os.PathLike))
 
 
 def head_copies(parents: Sequence[Any], *, streaming: bool) -> list[str]:
@@ -787,14 +821,14 @@ def choose_auto(relation: ParentRelation, options: MergeOptions, calibration: An
 
 
 def auto_before_loading(views: Sequence[LoadedParent], options: MergeOptions, calibration: Any, *, has_base: bool,
-                        references: int, processor: Any = None) -> tuple[MergeMethod, str, ParentRelation, bool]:
+                        references: int, processor: Any = None, base: Any = None) -> AutoChoice:
     """`auto`'s choice before any parent is loaded whole: `views` are the parents opened for reading one tensor at a
     time (`load_parents_and_base(choose_loading=...)`); their relation (heads aligned to parent A's label order, as
     after loading) chooses the method, and the memory it needs — the parents it loads whole (`references` of them
     are loaded, not given as objects), their reordered copies, its statistics — and the calibration columns it reads
-    are checked from there, as an explicit method's are from the configs. Loading every parent whole first took
-    minutes for a long recipe before the choice was refused. Returns (method, why, relation, whether the parents
-    after the first are then read one tensor at a time)."""
+    are checked from there, as an explicit method's are from the configs (`base`: the base as given, a reference is
+    loaded whole unless streamed). Loading every parent whole first took minutes for a long recipe before the choice
+    was refused. The choice (`AutoChoice`) goes to `merge(auto_choice=...)` when the caller loads the parents."""
     count = len(views)
     model_a = views[0].model
     for index, other in enumerate(views[1:], start=1):
@@ -807,11 +841,12 @@ def auto_before_loading(views: Sequence[LoadedParent], options: MergeOptions, ca
     method, reason = choose_auto(relation, options, calibration, count, has_base=has_base)
     lazy = streams_parents(method, options, calibration, count)
     check_memory(model_a, count, method, loading=min(references, 1) if lazy else references, chosen=reason,
-                 copied=head_copies([view.model.config for view in views], streaming=lazy))
+                 copied=head_copies([view.model.config for view in views], streaming=lazy),
+                 base=has_base and base_loaded_whole(base, None, streaming=lazy))
     if calibration is not None and reads_calibration(method, options, calibration, count):
         check_calibration_before_weights(calibration, processor if processor is not None else
                                          [view.processor for view in views], model_a.config, options)
-    return method, reason, relation, lazy
+    return AutoChoice(method=method, reason=reason, relation=relation, streams=lazy)
 
 
 def check_calibration_before_weights(calibration: Any, processors: Any, config: Any, options: MergeOptions) -> None:

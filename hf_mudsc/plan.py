@@ -283,11 +283,13 @@ def available_memory() -> int | None:
     return room if machine is None else min(machine, room)
 
 
-def memory_floor(model: Any, parents: int, method: Any | None, *, loading: int, copies: int = 0) -> dict[str, float]:
+def memory_floor(model: Any, parents: int, method: Any | None, *, loading: int, copies: int = 0,
+                 base: bool = False) -> dict[str, float]:
     """Bytes a merge of `parents` copies of `model` (a model, or one on the meta device) must hold at once, by
     what holds them — a floor, not an estimate (`estimate_cost` gives the estimate):
 
     - weights: 4 bytes × parameters × `loading`, the parents still to be loaded whole (not streamed);
+    - base: 4 bytes × parameters when `base`, a base still to be loaded whole (a streamed one holds one tensor);
     - copies: 4 bytes × parameters × `copies`, the parents held whole that are copied with their head reordered to
       parent A's label order (`apply.classifier.aligned_to_parent_a`: the copy and the parent exist together);
     - statistics (`method.needs_calibration`): the float64 `(N·n)²` sums of every group, allocated together
@@ -300,6 +302,8 @@ def memory_floor(model: Any, parents: int, method: Any | None, *, loading: int, 
     one_parent = 4.0 * sum(p.numel() for p in model.parameters())
     if loading:
         floor["weights"] = loading * one_parent
+    if base:
+        floor["base"] = one_parent
     if copies:  # only parents with a head are ever reordered (`pipeline.head_copies` counts them)
         floor["copies"] = copies * one_parent
     if method is not None and (method.needs_calibration or method.matches_units):
@@ -314,19 +318,19 @@ def memory_floor(model: Any, parents: int, method: Any | None, *, loading: int, 
 
 
 def check_memory(model_or_config: Any, parents: int, method: Any | None, *, loading: int,
-                 chosen: str | None = None, copied: Sequence[str] = ()) -> None:
+                 chosen: str | None = None, copied: Sequence[str] = (), base: bool = False) -> None:
     """Refuse a number of parents whose `memory_floor` exceeds the memory available now, in one line naming what
     needs it, before it is allocated — the statistics grow with the square of the number of parents, so a long list
     of parents failed only after minutes of loading, out of memory in calibration. `chosen`: why `auto` chose
     `method` (the check then runs after loading: `loading` 0). `copied`: the letters of the parents held whole whose
-    heads will be copied to parent A's label order (`memory_floor`'s copies)."""
+    heads will be copied to parent A's label order (`memory_floor`'s copies). `base`: a base will be loaded whole."""
     from hf_mudsc.errors import MergeInputError
 
     available = available_memory()
     if available is None:
         return
     model = model_or_config if hasattr(model_or_config, "parameters") else meta_model(model_or_config)
-    floor = memory_floor(model, parents, method, loading=loading, copies=len(copied))
+    floor = memory_floor(model, parents, method, loading=loading, copies=len(copied), base=base)
     needed = sum(floor.values())
     if needed <= available:
         return
@@ -334,7 +338,8 @@ def check_memory(model_or_config: Any, parents: int, method: Any | None, *, load
     # with N², the weights of parents loaded whole with N; weights of a fixed count are c).
     every = loading == parents
     per_parent = floor.get("weights", 0.0) / parents if every else 0.0
-    room = available - (0.0 if every else floor.get("weights", 0.0)) - floor.get("copies", 0.0)
+    room = available - (0.0 if every else floor.get("weights", 0.0)) - floor.get("copies", 0.0) - floor.get(
+        "base", 0.0)
     squared = (floor.get("statistics", 0.0) + floor.get("similarity", 0.0)) / parents**2
     if squared:
         fits = int((-per_parent + (per_parent**2 + 4 * squared * max(room, 0.0)) ** 0.5) / (2 * squared))
@@ -344,6 +349,7 @@ def check_memory(model_or_config: Any, parents: int, method: Any | None, *, load
                            "number of parents)",
              "similarity": "for the widest group's similarity (8·(N·n)² bytes)",
              "weights": f"of parent weights ({loading} loaded whole)",
+             "base": "for the base loaded whole",
              "copies": f"for parent{'s' if len(copied) > 1 else ''} {', '.join(copied)} copied in parent A's label "
                        "order (the same labels listed in another order: a reordered copy of each is held)"}
     held = ", ".join(f"{_bytes(floor[key])} {text}" for key, text in parts.items() if floor.get(key))

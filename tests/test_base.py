@@ -319,6 +319,48 @@ def test_a_base_of_another_head_class_is_loaded_as_the_parents_class(base_class,
             "BertForSequenceClassification") in caplog.text
 
 
+@pytest.mark.parametrize("base_class", ["BertForMaskedLM", "BertModel", "ViTModel"])
+def test_a_base_of_another_head_class_is_streamed_as_the_parents_are(base_class, tmp_path, monkeypatch, caplog):
+    """A tensor-wise merge reads its parents after the first one tensor at a time, but a base of another head class
+    was always loaded whole (one more model in memory): it is now opened the same way, its missing head and pooler
+    `absent`, and the merge is bit-identical to loading it whole."""
+    import transformers
+
+    import hf_mudsc.load.parents as loading
+    import hf_mudsc.pipeline as pipeline
+
+    parent_class = "ViTForImageClassification" if base_class == "ViTModel" else "BertForSequenceClassification"
+    base, parents = backbone_family(getattr(transformers, base_class), getattr(transformers, parent_class),
+                                    vit_config() if base_class == "ViTModel" else bert_config(), labels=(3, 3))
+    base_folder = save_plain(base, tmp_path / "base")
+    folders = [save_plain(p, tmp_path / f"p{i}") for i, p in enumerate(parents)]
+    seen, whole = {}, []
+    real_load, real_weights = loading.load_parents_and_base, loading._load_weights
+
+    def capture(*args, **kwargs):
+        result = real_load(*args, **kwargs)
+        seen["base"] = result[1]
+        return result
+
+    monkeypatch.setattr(loading, "load_parents_and_base", capture)
+    monkeypatch.setattr(loading, "_load_weights", lambda located: whole.append(located.reference)
+                        or real_weights(located))
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        streamed = params(hf_mudsc.merge(folders, base=base_folder, method="ties", density=0.5, progress=False))
+    assert base_folder not in whole and seen["base"].parameters is not None  # the base was opened, not loaded
+    assert seen["base"].model.device.type == "meta"
+    head = set(classifier_names(parents[0]))
+    assert head <= seen["base"].absent and not seen["base"].absent & set(seen["base"].parameters)
+    assert f"the base {base_folder!r} is a {base_class}, the parents are {parent_class}: read as" in caplog.text
+    whole.clear()
+    monkeypatch.setattr(pipeline, "streams_parents", lambda *a, **k: False)  # every parent and the base whole
+    loaded = params(hf_mudsc.merge(folders, base=base_folder, method="ties", density=0.5, progress=False))
+    assert base_folder in whole and seen["base"].parameters is None
+    assert set(streamed) == set(loaded)
+    for name, tensor in loaded.items():
+        assert torch.equal(streamed[name], tensor), name
+
+
 def test_a_vit_model_base_serves_image_classification_parents(tmp_path, needs_base, caplog):
     from transformers import ViTForImageClassification, ViTModel
 

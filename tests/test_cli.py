@@ -444,3 +444,68 @@ def test_no_help_line_states_its_default_twice(capsys, command):
     text = " ".join(capsys.readouterr().out.split())
     doubled = re.findall(r"\(default: [^)]*\) \(default: [^)]*\)", text)
     assert not doubled, doubled
+
+
+def _folder_contents(folder: Path) -> dict[str, bytes]:
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*"))
+            if path.is_file()}
+
+
+@pytest.mark.parametrize("related", ["independent", "shared base"])
+def test_auto_judges_the_parents_relation_once_and_writes_what_it_wrote_before(tmp_path, monkeypatch, related):
+    """The CLI's `auto` chose on the parents read one tensor at a time (to check memory before loading them) and
+    merge() judged the loaded parents' relation again — a second pass over every tensor of every parent. The early
+    choice is handed to merge(): one relation computation, and the written folder (weights, config, recipe, card,
+    diagnostics) is byte for byte the one written when merge() judged again."""
+    from factories import vit_cli_case
+
+    import hf_mudsc.pipeline as pipeline
+
+    if related == "independent":  # different inits with data: mudsc (diagnostics and plots written)
+        folders, calibration = vit_cli_case(tmp_path)
+        extra = ["--calibration", calibration, "--num-samples", "16", "--batch-size", "8"]
+    else:  # fine-tunes of one base, no data: linear, the parents after the first streamed
+        folders, extra = [], []
+        for seed in (1, 2, 3):
+            parent = make_model("vit_cls", 0)
+            generator = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for parameter in parent.parameters():
+                    parameter.add_(0.01 * parameter.abs().mean() * torch.randn(parameter.shape, generator=generator))
+            parent.save_pretrained(tmp_path / f"p{seed}")
+            folders.append(str(tmp_path / f"p{seed}"))
+    judged = []
+    real = pipeline.check_parents_mergeable
+    monkeypatch.setattr(pipeline, "check_parents_mergeable", lambda *a, **k: judged.append(1) or real(*a, **k))
+    output = tmp_path / "merged"
+    assert main(["merge", *folders, *extra, "--output", str(output)]) == 0
+    assert len(judged) == 1
+    now = _folder_contents(output)
+    assert now["mudsc_recipe.yaml"] and now["README.md"]
+    if related == "independent":
+        assert "merge_diagnostics.json" in now
+    # As before: merge() not told the early choice, so it judges the loaded parents again.
+    shutil.rmtree(output)
+    judged.clear()
+    merge = hf_mudsc.merge
+    monkeypatch.setattr(hf_mudsc, "merge", lambda *a, **k: merge(*a, **{n: v for n, v in k.items()
+                                                                       if n != "auto_choice"}))
+    assert main(["merge", *folders, *extra, "--output", str(output)]) == 0
+    assert len(judged) == 2
+    before = _folder_contents(output)
+    assert sorted(now) == sorted(before)
+    for name, content in before.items():
+        assert now[name] == content, name
+
+
+def test_an_auto_choice_with_another_method_is_refused_in_one_line(tmp_path, monkeypatch):
+    """`auto_choice` is what `auto` chose: with an explicit method it would be ignored or contradict it."""
+    import hf_mudsc.load.parents as loading
+    import hf_mudsc.pipeline as pipeline
+
+    monkeypatch.setattr(loading, "load_parents_and_base", lambda *a, **k: pytest.fail("parents loaded"))
+    choice = pipeline.AutoChoice(method=METHODS["linear"], reason="why", relation=None, streams=True)
+    with pytest.raises(hf_mudsc.MergeInputError) as caught:
+        hf_mudsc.merge([make_model("vit_cls", 1), make_model("vit_cls", 2)], method="ties", auto_choice=choice)
+    assert str(caught.value) == ("auto_choice is the choice of method 'auto' (pipeline.auto_before_loading); pass it "
+                                 "with method='auto', not method='ties', or leave it out")

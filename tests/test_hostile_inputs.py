@@ -771,6 +771,34 @@ def test_integer_buffers_a_checkpoint_carries_still_load(tmp_path):
     assert hf_mudsc.merge([a, b], None, method="task_arithmetic", base=a) is not None
 
 
+@pytest.mark.parametrize("key", ["bert.encoder.layer.0.intermediate.dense.position_ids",
+                                 "bert.encoder.layer.1.attention.self.token_type_ids"])
+def test_an_integer_tensor_named_like_a_buffer_elsewhere_is_refused(tmp_path, monkeypatch, key):
+    """Integer tensors were let through when their last name component was any buffer's (`position_ids`,
+    `token_type_ids`), wherever they sat: a quantized checkpoint's integer tensor so named slipped past the check.
+    Only a stored key that loads as one of the model's buffers (as transformers names it: `lazy.stored_keys`) may be
+    an integer; the real buffer, even under its legacy name without the `bert.` prefix, still loads."""
+    import torch
+    import transformers
+
+    import hf_mudsc
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import model_class_for
+
+    good = _quantized_folder(tmp_path / "good", "bert_cls", None, seed=0,
+                             extra={"embeddings.position_ids": torch.arange(24).unsqueeze(0)})[0]
+    bad = _quantized_folder(tmp_path / "bad", "bert_cls", None, seed=1,
+                            extra={key: torch.zeros(2, 3, dtype=torch.int8)})[0]
+    assert hf_mudsc.merge([good, good], None, method="average", progress=False) is not None
+    cls = model_class_for(transformers.AutoConfig.from_pretrained(bad))
+    monkeypatch.setattr(cls, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded before refusing"))
+    with pytest.raises(LoadError) as caught:
+        hf_mudsc.merge([good, bad], None, method="average", progress=False)
+    message = str(caught.value)
+    assert "\n" not in message, message
+    assert f"{str(bad)!r}: its weight {key!r} is stored as int8, not as float16/bfloat16/float32/float64" in message
+
+
 def test_a_model_object_with_integer_parameters_is_refused(tmp_path):
     import torch
     from factories import make_model
@@ -1059,6 +1087,56 @@ def test_a_parent_copied_to_parent_as_label_order_is_counted_by_the_memory_check
     assert f"of parent weights ({loading} loaded whole)" in message or not loading, message
     if given == "models":  # the same labels in the same order: no copy, and the same floor fits
         assert hf_mudsc.merge([a, same], None, method="weight_matching", refit="none", progress=False) is not None
+
+
+@pytest.mark.parametrize("entry", ["cli", "python"])
+def test_a_base_loaded_whole_is_counted_by_the_memory_check(tmp_path, monkeypatch, capsys, entry):
+    """The floor counted the parents loaded whole but not the base, one more model held at once: a merge that fit by
+    the check could run out of memory loading it. A base loaded whole counts one parent's weights (a floor one parent
+    larger), a streamed one (a tensor-wise method) nothing — refused or merged before any weights are read."""
+    from factories import make_model
+
+    import hf_mudsc
+    import hf_mudsc.load.parents as parents
+    import hf_mudsc.plan as plan
+    from hf_mudsc.errors import MergeInputError
+    from hf_mudsc.methods.registry import METHODS
+
+    model = make_model("bert_cls", 0)
+    weights = 4 * sum(p.numel() for p in model.parameters())
+    without = plan.memory_floor(model, 2, METHODS["pcb"], loading=2)
+    with_base = plan.memory_floor(model, 2, METHODS["pcb"], loading=2, base=True)
+    assert sum(with_base.values()) == sum(without.values()) + weights
+    assert plan.memory_floor(model, 2, METHODS["ties"], loading=1, base=False) == plan.memory_floor(
+        model, 2, METHODS["ties"], loading=1)
+    folders = []
+    for name, seed in (("a", 0), ("b", 1), ("base", 2)):
+        make_model("bert_cls", seed).save_pretrained(tmp_path / name)
+        folders.append(str(tmp_path / name))
+    a, b, base = folders
+    monkeypatch.setattr(plan, "available_memory", lambda: int(sum(without.values()) + weights / 2))
+    loaded = []
+    real = parents._load_weights
+    monkeypatch.setattr(parents, "_load_weights", lambda located: loaded.append(located.reference) or real(located))
+    for method in ("pcb", "ties"):  # pcb loads the base whole: refused; ties streams it (and parent B): merged
+        if entry == "cli":
+            capsys.readouterr()
+            code = main(["merge", a, b, "--base", base, "--method", method, "--output", str(tmp_path / method)])
+            message = _one_line_error(capsys) if code else ""
+            assert code == (1 if method == "pcb" else 0), message
+        else:
+            try:
+                hf_mudsc.merge([a, b], None, method=method, base=base, progress=False)
+                message = ""
+            except MergeInputError as error:
+                message = str(error)
+        if method == "pcb":
+            assert "\n" not in message, message
+            assert f"{weights / 1e3:.2f} kB for the base loaded whole" in message, message
+            assert "of parent weights (2 loaded whole)" in message, message
+            assert loaded == [], loaded
+        else:
+            assert message == "" and loaded == [a], (message, loaded)
 
 
 @pytest.mark.parametrize("kind", ["bert_cls", "vit_cls"])

@@ -212,3 +212,26 @@ def test_a_transformers_without_the_renaming_internals_loads_renamed_checkpoints
     want = type(model).from_pretrained(tmp_path / "b", dtype=torch.float32).state_dict()
     got = parents[1].model.state_dict()
     assert all(torch.equal(got[name], tensor) for name, tensor in want.items())
+
+
+def test_auto_opens_each_parent_for_reading_one_tensor_at_a_time_once(tmp_path, monkeypatch):
+    """`auto` opens every parent lazily to choose before loading; when its choice streams, the parents after the first
+    were opened a second time to be merged (their headers read and a meta model built again): the views it chose on
+    are the ones it merges."""
+    import hf_mudsc
+
+    folders = []
+    for seed in range(3):
+        parent = make_model("bert_cls", 0)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for parameter in parent.parameters():
+                parameter.add_(0.01 * parameter.abs().mean() * torch.randn(parameter.shape, generator=generator))
+        parent.save_pretrained(tmp_path / f"p{seed}")
+        folders.append(str(tmp_path / f"p{seed}"))
+    opened = []
+    real = lazy.lazy_parameters
+    monkeypatch.setattr(lazy, "lazy_parameters", lambda folder, **k: opened.append(str(folder)) or real(folder, **k))
+    merged = hf_mudsc.merge(folders, None, progress=False)
+    assert merged.config.mudsc["method"] == "linear"  # fine-tunes of one base, no data: streamed
+    assert sorted(opened) == sorted(folders), opened

@@ -23,8 +23,9 @@ from hf_mudsc.options import CardRow, MergeOptions, flag, number_or_auto, option
 from hf_mudsc.publish.card import render_card
 from hf_mudsc.publish.recipe import COMMAND_LINE_ONLY_KEYS, DESTINATION_KEYS, Recipe
 
-# merge()'s keywords that are not merge options: how to reach the Hub, progress bars, the processor object.
-NON_OPTION_KEYWORDS = {"token", "progress", "processor"}
+# merge()'s keywords that are not merge options: how to reach the Hub, progress bars, the processor object, the choice
+# `auto` made before the caller loaded the parents.
+NON_OPTION_KEYWORDS = {"token", "progress", "processor", "auto_choice"}
 # config.mudsc keys that describe the result, not an option.
 RESULT_KEYS = {"library", "version", "parents", "parent_revisions", "num_calibration_samples", "refit_examples",
                "group_match_values", "solve_start", "start_objectives", "parent_relation", "method_choice_reason",

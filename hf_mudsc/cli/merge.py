@@ -172,6 +172,7 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
 
     from hf_mudsc.pipeline import (
         auto_before_loading,
+        base_loaded_whole,
         check_before_weights,
         check_calibration_before_weights,
         head_copies,
@@ -184,7 +185,8 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
     def check_config(config: Any, every: list[Any]) -> None:
         first["config"] = config
         check_before_weights(config, recipe, len(recipe.models), chosen,
-                             loading=1 if lazy else len(recipe.models), copied=head_copies(every, streaming=lazy))
+                             loading=1 if lazy else len(recipe.models), copied=head_copies(every, streaming=lazy),
+                             base=base_loaded_whole(recipe.base, chosen, streaming=lazy))
 
     def open_calibration(processors: list[Any]) -> None:
         # A Hub dataset is pinned to its commit (recorded in the recipe) and loaded at that commit; opened (not
@@ -202,9 +204,10 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
 
     def choose_loading(views: list[Any], has_base: bool) -> bool:
         # `auto`: chosen on the parents read one tensor at a time and checked before any is loaded whole; merge()
-        # then makes the same choice from the loaded parents
-        return auto_before_loading(views, recipe, opened.get("data", recipe.calibration), has_base=has_base,
-                                   references=len(recipe.models))[3]
+        # is handed that choice (it does not judge the loaded parents again)
+        opened["choice"] = auto_before_loading(views, recipe, opened.get("data", recipe.calibration),
+                                               has_base=has_base, references=len(recipe.models), base=recipe.base)
+        return opened["choice"].streams
 
     parents, base, _ = load_parents_and_base(
         recipe.models, recipe.base, token=token, allow_pickle=recipe.allow_pickle,
@@ -219,7 +222,7 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
     import hf_mudsc
 
     merged = hf_mudsc.merge(parents, calibration, **{**recipe.keywords(), "base": base}, token=token,
-                            progress=progress)
+                            progress=progress, auto_choice=opened.get("choice"))
     if merged is None or not main:  # a non-main process of a distributed run: rank 0 saves and publishes
         return {}
     if calibration is not None:  # merge() saw an opened dataset; the config names what the user passed

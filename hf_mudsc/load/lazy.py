@@ -119,6 +119,12 @@ class LazyParameters(Mapping[str, torch.Tensor]):
         returned tensor may have been converted to `self.dtype`."""
         return self._dtypes[name]
 
+    def key(self, name: str) -> str:
+        """The key tensor `name` is stored under in the checkpoint (its name, unless `keys` renamed it)."""
+        if name not in self._where:
+            raise KeyError(name)
+        return self._keys.get(name, name)
+
     @property
     def files(self) -> list[Path]:
         return list(self._files)
@@ -175,7 +181,7 @@ def lazy_parameters(folder: str | os.PathLike, *, names: Iterable[str] | None = 
         return None
 
 
-def stored_keys(model: PreTrainedModel, keys: Iterable[str]) -> dict[str, str] | None:
+def stored_keys(model: PreTrainedModel, keys: Iterable[str], *, buffers: bool = False) -> dict[str, str] | None:
     """`model`'s name -> checkpoint key, for a checkpoint holding `keys`: each key renamed as `from_pretrained`
     renames it (transformers' conversion mapping of the model's class and model type, its legacy renames, the
     base-model prefix added or removed — `transformers.core_model_loading.rename_source_key`, the function
@@ -183,7 +189,8 @@ def stored_keys(model: PreTrainedModel, keys: Iterable[str]) -> dict[str, str] |
     without a rename table of our own that would fall behind transformers'. Keys of no model tensor are left out.
     None (the caller loads the checkpoint whole, which converts it) when the mapping does more than rename — a
     `WeightConverter` splitting or joining tensors (none for the architectures hf_mudsc merges) — or two keys give
-    one name."""
+    one name. `buffers`: the model's buffers are named too, non-persistent ones included (older BERT checkpoints
+    store `position_ids`, which the model no longer saves): which stored tensors load as buffers, not weights."""
     try:  # transformers' loading internals: a release that moved them loads the checkpoint whole, as before
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
@@ -195,6 +202,8 @@ def stored_keys(model: PreTrainedModel, keys: Iterable[str]) -> dict[str, str] |
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     expected = model.state_dict()
+    if buffers:
+        expected.update(model.named_buffers())
     prefix = model.base_model_prefix
     names: dict[str, str] = {}
     for key in keys:

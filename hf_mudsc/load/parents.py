@@ -14,6 +14,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -527,7 +528,9 @@ def _prepare(located: _Located, *, token: str | bool | None, cache_dir: str | os
 
 
 def _finish(located: _Located, *, token: str | bool | None, cache_dir: str | os.PathLike | None,
-            lazy: bool = False) -> LoadedParent:
+            lazy: bool = False, view: LoadedParent | None = None) -> LoadedParent:
+    """A located parent loaded (`lazy`: opened for reading one tensor at a time where it can be; `view`: the one
+    `_finish_lazily` already opened, used as it is)."""
     if located.loaded is not None:
         return located.loaded
     _prepare(located, token=token, cache_dir=cache_dir)
@@ -535,8 +538,8 @@ def _finish(located: _Located, *, token: str | bool | None, cache_dir: str | os.
     if located.model is not None:
         return LoadedParent(model=_as_float32(located.model), processor=located.processor,
                             reference=located.reference, stored_dtype=stored)
-    if lazy and not located.use_pickle and located.read_as is None:
-        parent = _finish_lazily(located)
+    if lazy and not located.use_pickle:
+        parent = view if view is not None else _finish_lazily(located)
         if parent is not None:
             parent.stored_dtype = stored
             return parent
@@ -580,8 +583,6 @@ def check_config_fits_weights(located: _Located) -> None:
     """Refuse a config.json whose model is far larger than its safetensors checkpoint, from the headers and a model
     on the meta device, before `from_pretrained` allocates it (a hidden_size of 10**9 over a 65 kB file asked for
     68 GB). Smaller disagreements are left to `_load_weights`, which names the tensors that do not fit."""
-    import math
-
     from hf_mudsc.load.lazy import LazyParameters, safetensors_files
 
     files = safetensors_files(located.folder)
@@ -611,13 +612,23 @@ def check_floating_weights(reference: str, stored: Mapping[str, str], model: tor
     and config).
 
     A torch parameter is always floating-point, so the only integer tensors a model takes from a checkpoint are its
-    buffers (BERT's `position_ids`, `token_type_ids`). Tensors are matched to buffers by their last name component:
-    transformers renames checkpoint keys as it loads them (a ViT's `encoder.layer.0.intermediate.dense.weight` is
-    the model's `layers.0.mlp.fc1.weight`), which changes the path but not what the tensor is called at its end.
+    buffers (BERT's `position_ids`, `token_type_ids`). A stored tensor is one of them only when its full key loads as
+    a buffer, the key named as `from_pretrained` names it (`lazy.stored_keys`: transformers' renames, the base-model
+    prefix): a tensor merely called like a buffer elsewhere (`...dense.position_ids`) is not let through.
     """
-    leaf = lambda name: name.rsplit(".", 1)[-1]  # noqa: E731
-    buffers = {leaf(name) for name, _ in model.named_buffers()} - {leaf(name) for name, _ in model.named_parameters()}
-    bad = sorted(name for name, dtype in stored.items() if dtype not in WEIGHT_DTYPES and leaf(name) not in buffers)
+    from hf_mudsc.load.lazy import stored_keys
+
+    odd = [key for key, dtype in stored.items() if dtype not in WEIGHT_DTYPES]
+    if not odd:
+        return
+    buffers = {name for name, _ in model.named_buffers()}
+    names = stored_keys(model, stored, buffers=True) if isinstance(model, PreTrainedModel) else None
+    if names is not None:
+        buffer_keys = {key for name, key in names.items() if name in buffers}
+    else:  # keys transformers converts beyond renaming: a buffer's own name, with or without the model's prefix
+        prefix = f"{getattr(model, 'base_model_prefix', '')}."
+        buffer_keys = buffers | {name.removeprefix(prefix) for name in buffers}
+    bad = sorted(key for key in odd if key not in buffer_keys)
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise LoadError(
@@ -658,21 +669,51 @@ def _finish_lazily(located: _Located) -> LoadedParent | None:
     the checkpoint's tensors are not exactly the model's parameters with their shapes (tied weights saved once,
     tensors transformers splits or joins on load ...): then `_load_weights` loads it, and reports what does not fit.
     Checkpoint keys are named as `from_pretrained` names them (`lazy.stored_keys`, transformers' conversion
-    mapping): a ViT checkpoint, whose keys transformers 5 renames on load, is read lazily too."""
-    from hf_mudsc.load.lazy import lazy_parameters
+    mapping): a ViT checkpoint, whose keys transformers 5 renames on load, is read lazily too. A base of another head
+    class (`located.read_as`) is opened as the parents' class, as `_load_weights` reads it: the parameters its
+    checkpoint lacks are `absent`, not read."""
+    from hf_mudsc.load.lazy import LazyParameters, lazy_parameters
 
     with torch.device("meta"):
-        model = model_class_for(located.config)(located.config)
+        model = (located.read_as or model_class_for(located.config))(located.config)
     shapes = {name: tuple(tensor.shape) for name, tensor in model.named_parameters()}
-    parameters = lazy_parameters(located.folder, names=list(shapes), dtype=torch.float32, model=model)
+    if located.read_as is None:
+        parameters = lazy_parameters(located.folder, names=list(shapes), dtype=torch.float32, model=model)
+        missing: list[str] = []
+    else:
+        stored = lazy_parameters(located.folder, dtype=torch.float32, model=model)
+        if stored is None:
+            return None
+        held = [name for name in shapes if name in stored]
+        missing = [name for name in shapes if name not in stored]
+        _refuse_missing_backbone(located, missing, {name: math.prod(shape) for name, shape in shapes.items()})
+        parameters = LazyParameters(stored.files, names=held, keys={name: stored.key(name) for name in held},
+                                    dtype=torch.float32)
+        shapes = {name: shape for name, shape in shapes.items() if name in parameters}
     if parameters is None or any(parameters.shape(name) != shape for name, shape in shapes.items()):
         return None
+    if located.read_as is not None:
+        used = {parameters.key(name) for name in parameters}
+        _log_read_as(located, missing, sorted(key for key in LazyParameters(parameters.files) if key not in used))
     model.config._name_or_path = model.name_or_path = located.repo_id or located.reference
     logger.info("opened %s%s (tensors read one at a time)", located.reference,
                 f" at commit {located.commit_sha}" if located.commit_sha else "")
     return LoadedParent(model=model.eval(), processor=located.processor, reference=located.reference,
                         repo_id=located.repo_id, revision=located.revision, commit_sha=located.commit_sha,
-                        parameters=parameters)
+                        parameters=parameters, absent=frozenset(missing))
+
+
+def _refuse_missing_backbone(located: _Located, missing: Sequence[str], sizes: Mapping[str, int]) -> None:
+    """Refuse a base read as the parents' class whose checkpoint lacks most of that class's values (`missing`:
+    the parameters it does not hold; `sizes`: every parameter's element count): a head and a pooler are a small
+    part, a backbone under other names is not."""
+    lacking = sum(sizes.get(name, 0) for name in missing)
+    if 2 * lacking > sum(sizes.values()):
+        cls = located.read_as.__name__ if located.read_as is not None else "?"
+        raise ParentMismatchError(
+            f"the base {located.reference!r} read as {cls} lacks {len(missing)} "
+            f"of its {len(sizes)} tensors (e.g. {', '.join(map(repr, missing[:3]))}): its checkpoint does not "
+            "hold the parents' backbone; pass the base the parents were fine-tuned from")
 
 
 def parameters_of(parent: LoadedParent) -> Mapping[str, torch.Tensor]:
@@ -718,13 +759,7 @@ def _load_weights(located: _Located) -> tuple[PreTrainedModel, list[str]]:
     missing, unused = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
     mismatched = sorted(info.get("mismatched_keys") or ())
     if located.read_as is not None and not mismatched:
-        sizes = {name: tensor.numel() for name, tensor in model.named_parameters()}
-        lacking = sum(sizes.get(name, 0) for name in missing)
-        if 2 * lacking > sum(sizes.values()):  # a head and a pooler are a small part; a backbone under other names not
-            raise ParentMismatchError(
-                f"the base {located.reference!r} read as {cls.__name__} lacks {len(missing)} "
-                f"of its {len(sizes)} tensors (e.g. {', '.join(map(repr, missing[:3]))}): its checkpoint does not "
-                "hold the parents' backbone; pass the base the parents were fine-tuned from")
+        _refuse_missing_backbone(located, missing, {name: tensor.numel() for name, tensor in model.named_parameters()})
         _log_read_as(located, missing, unused)
         return model, missing
     if missing:
@@ -883,14 +918,17 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
         before_weights([p.loaded.processor if p.loaded is not None else p.processor for p in located])
     for parent in located + ([located_base] if located_base is not None else []):
         _prepare(parent, token=token, cache_dir=cache_dir)
+    views: list[LoadedParent | None] = [None] * len(located)
     if choose_loading is not None and all(p.loaded is None and p.model is None and not p.use_pickle
                                           and p.read_as is None for p in located):
-        views = [view for view in (_finish_lazily(p) for p in located) if view is not None]
-        if len(views) == len(located):
+        views = [_finish_lazily(p) for p in located]
+        if all(view is not None for view in views):
             lazy = choose_loading(views, located_base is not None)
     # `lazy` (a tensor-wise method): every parent but the first (the merged model is built from it) and the base
     # with safetensors weights are read one tensor at a time, so memory does not grow with the number of parents.
-    parents = [_finish(p, token=token, cache_dir=cache_dir, lazy=lazy and i > 0) for i, p in enumerate(located)]
+    # The views `choose_loading` was given are those parents (opened once).
+    parents = [_finish(p, token=token, cache_dir=cache_dir, lazy=lazy and i > 0, view=views[i])
+               for i, p in enumerate(located)]
     loaded_base = (_finish(located_base, token=token, cache_dir=cache_dir, lazy=lazy)
                    if located_base is not None else None)
     if loaded_base is not None and source is not None:
