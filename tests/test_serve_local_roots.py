@@ -229,3 +229,34 @@ def test_the_readme_quotes_the_refusal_the_client_gets():
     readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
     service = readme[readme.index("## Service"):]
     assert f'"{OUTSIDE}"' in service and "base_model" in service
+
+
+@pytest.mark.parametrize("method, refused", [(NEEDS_BASE, True), ("weight_matching", False)])
+def test_a_dry_run_and_a_real_run_agree_on_a_card_named_base_outside_the_roots(disk, tmp_path, method, refused):
+    """The base the parents' cards name is checked where the merge would load it — a method that takes its base from
+    the cards — and nowhere else; a dry run (which loads no base) is accepted or refused exactly as the real run,
+    when it is posted and again when it is about to start."""
+    from fastapi.testclient import TestClient
+
+    from hf_mudsc.serve.app import create_app
+
+    root, outside = disk
+    for parent in ("p0", "p1"):
+        card(root / parent, str(outside / "secret-model"))
+    app = create_app(tmp_path / "state", local_roots=[root])
+    client = TestClient(app, base_url="http://127.0.0.1")
+    body = body_for(root, method=method)
+    answers = {kind: client.post(url, json=sent) for kind, url, sent in (
+        ("real", "/api/jobs", body), ("dry (body)", "/api/jobs", {**body, "dry_run": True}),
+        ("dry (query)", "/api/jobs?dry_run=true", {k: v for k, v in body.items() if k != "output"}))}
+    statuses = {kind: answer.status_code for kind, answer in answers.items()}
+    assert set(statuses.values()) == {400 if refused else 201}, statuses
+    for answer in answers.values():  # no server path but the one the client sent
+        rest = answer.text.replace(str(root / "p0"), "")
+        assert str(outside) not in rest and str(root) not in rest, answer.text
+    if refused:
+        assert len({answer.json()["error"] for answer in answers.values()}) == 1, answers
+        return
+    for job in app.state.store.list():  # the start check agrees too, and hands no base to either
+        handed = app.state.scheduler.admit(job["request"])
+        assert handed.get("base") is None and "base_from_cards" not in handed, handed
