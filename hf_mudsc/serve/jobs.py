@@ -181,9 +181,11 @@ def inside_roots(path: Path, roots: Sequence[Path]) -> Path | None:
 
 
 def link_out(folder: Path, roots: Sequence[Path]) -> tuple[Path, Path] | None:
-    """The first symbolic link under `folder` (a local dataset folder, walked once, linked folders inside the roots
-    followed as datasets follows them, each real folder visited once) that leads outside every root: (its path
-    relative to `folder`, its resolved target); None when every link stays inside. No file is opened."""
+    """The first symbolic link under `folder` (a local dataset folder, walked once, each real folder visited once)
+    that leads outside every root: (its path relative to `folder`, its resolved target); None when every link stays
+    inside. No file is opened. Links to folders count and linked folders inside the roots are walked, although
+    datasets 5.2 reads files through links but does not descend into linked folders: a builder or a later version
+    may."""
     seen: set[str] = set()
     pending = [(folder, Path())]
     while pending:
@@ -201,7 +203,7 @@ def link_out(folder: Path, roots: Sequence[Path]) -> tuple[Path, Path] | None:
             if entry.is_symlink() and inside_roots(Path(entry.path), roots) is None:
                 return name, Path(os.path.realpath(entry.path))
             try:
-                if entry.is_dir():  # a link to a folder inside the roots included: its files are read too
+                if entry.is_dir():  # a link to a folder inside the roots included (see above)
                     pending.append((Path(entry.path), name))
             except OSError:
                 continue
