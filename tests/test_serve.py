@@ -720,7 +720,8 @@ def test_a_job_names_local_paths_only_inside_the_local_roots(server_disk, tmp_pa
         message = str(caught.value)
         assert f"`{key}` names the local path {path!r}" in message and "--local-root" in message, message
         assert "\n" not in message
-        assert parse_job(body, tmp_path / "out", local_roots=[root]).recipe.to_dict()[key.split("[")[0]]
+        # (`outside` a root too: the calibration folder `root` holds `link`, which leads there)
+        assert parse_job(body, tmp_path / "out", local_roots=[root, outside]).recipe.to_dict()[key.split("[")[0]]
     # a bare name is a datasets builder (json, csv, imagefolder, ...) that reads the working folder
     with pytest.raises(RecipeError, match=r"`calibration` 'imagefolder:train' is no `org/name` Hub dataset.*"
                                           r"--local-root"):

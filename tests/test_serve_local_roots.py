@@ -229,3 +229,142 @@ def test_the_readme_quotes_the_refusal_the_client_gets():
     readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
     service = readme[readme.index("## Service"):]
     assert f'"{OUTSIDE}"' in service and "base_model" in service
+
+
+@pytest.mark.parametrize("method, refused", [(NEEDS_BASE, True), ("weight_matching", False)])
+def test_a_dry_run_and_a_real_run_agree_on_a_card_named_base_outside_the_roots(disk, tmp_path, method, refused):
+    """The base the parents' cards name is checked where the merge would load it — a method that takes its base from
+    the cards — and nowhere else; a dry run (which loads no base) is accepted or refused exactly as the real run,
+    when it is posted and again when it is about to start."""
+    from fastapi.testclient import TestClient
+
+    from hf_mudsc.serve.app import create_app
+
+    root, outside = disk
+    for parent in ("p0", "p1"):
+        card(root / parent, str(outside / "secret-model"))
+    app = create_app(tmp_path / "state", local_roots=[root])
+    client = TestClient(app, base_url="http://127.0.0.1")
+    body = body_for(root, method=method)
+    answers = {kind: client.post(url, json=sent) for kind, url, sent in (
+        ("real", "/api/jobs", body), ("dry (body)", "/api/jobs", {**body, "dry_run": True}),
+        ("dry (query)", "/api/jobs?dry_run=true", {k: v for k, v in body.items() if k != "output"}))}
+    statuses = {kind: answer.status_code for kind, answer in answers.items()}
+    assert set(statuses.values()) == {400 if refused else 201}, statuses
+    for answer in answers.values():  # no server path but the one the client sent
+        rest = answer.text.replace(str(root / "p0"), "")
+        assert str(outside) not in rest and str(root) not in rest, answer.text
+    if refused:
+        assert len({answer.json()["error"] for answer in answers.values()}) == 1, answers
+        return
+    for job in app.state.store.list():  # the start check agrees too, and hands no base to either
+        handed = app.state.scheduler.admit(job["request"])
+        assert handed.get("base") is None and "base_from_cards" not in handed, handed
+
+
+# ------------------------------------------------------------------------- links inside a local dataset folder
+
+
+@pytest.fixture()
+def image_folder(disk):
+    """An imagefolder-style dataset inside the root (`root/data/train/<class>/<file>`), a folder of shared files
+    inside the root, and files and a folder outside it that a link could lead to. No file is an image: the check
+    reads no contents."""
+    root, outside = disk
+    for name in ("data/train/cat/a.png", "data/train/dog/b.png", "shared/c.png", "shared/more/d.png"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+    (outside / "secret.png").write_bytes(b"secret")
+    (outside / "birds").mkdir()
+    (outside / "birds" / "e.png").write_bytes(b"x")
+    return root, outside
+
+
+LINKS_OUT = {  # (the link inside root/data, where it leads outside, the entry the answer names)
+    "a file": ("train/cat/b.png", "secret.png", "train/cat/b.png"),
+    "a folder": ("train/birds", "birds", "train/birds"),
+    "a file in nested folders": ("train/cat/deep/deeper/c.png", "secret.png", "train/cat/deep/deeper/c.png"),
+    "a folder in nested folders": ("train/cat/deep/birds", "birds", "train/cat/deep/birds"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LINKS_OUT))
+def test_a_local_dataset_folder_with_a_link_leading_out_of_the_roots_is_refused(image_folder, tmp_path, caplog,
+                                                                                case):
+    """The roots check resolved the dataset folder's own path, yet datasets reads every file under it through their
+    links: a job naming a folder inside a root whose files or sub-folders link outside every root is refused in one
+    line when posted, naming the entry but no server root (the log has the roots and the target)."""
+    from fastapi.testclient import TestClient
+
+    from hf_mudsc.serve.app import create_app
+
+    root, outside = image_folder
+    link, target, entry = LINKS_OUT[case]
+    (root / "data" / link).parent.mkdir(parents=True, exist_ok=True)
+    (root / "data" / link).symlink_to(outside / target)
+    for given in (str(root / "data"), "root/data"):
+        body = {"models": ["user/a", "user/b"], "method": "zipit", "calibration": f"{given}:train", "output": "m"}
+        with caplog.at_level(logging.WARNING, logger="hf_mudsc"), pytest.raises(RecipeError) as caught:
+            parse_job(body, tmp_path / "out", local_roots=[root])
+        message = str(caught.value)
+        assert message.startswith(f"`calibration` names the local path {given!r}, whose {entry!r} is a symbolic "
+                                  "link to a path which is outside the folders this server allows (its operator "
+                                  "lists them with --local-root)"), message
+        rest = message.replace(given, "")
+        assert "\n" not in message and str(outside) not in rest and str(root) not in rest, message
+        assert str(outside / target) in caplog.text and str(root.resolve()) in caplog.text
+    app = create_app(tmp_path / "state", local_roots=[root])
+    answer = TestClient(app, base_url="http://127.0.0.1").post("/api/jobs", json=body)
+    assert answer.status_code == 400 and answer.json()["error"] == message
+    assert app.state.store.list() == []
+
+
+def test_links_that_stay_inside_the_roots_are_allowed_in_a_local_dataset_folder(image_folder, tmp_path):
+    """A file or folder linked from elsewhere in a root (or from another root), and a link back up the dataset folder
+    (a loop the walk visits once), are what the roots allow."""
+    root, outside = image_folder
+    other = tmp_path / "other-root"
+    (other / "owls").mkdir(parents=True)
+    (root / "data" / "train" / "cat" / "c.png").symlink_to(root / "shared" / "c.png")
+    (root / "data" / "train" / "shared").symlink_to(root / "shared", target_is_directory=True)
+    (root / "data" / "train" / "owls").symlink_to(other / "owls", target_is_directory=True)
+    (root / "data" / "train" / "cat" / "up").symlink_to(root / "data", target_is_directory=True)
+    body = {"models": ["user/a", "user/b"], "method": "zipit", "calibration": "root/data:train", "output": "m"}
+    accepted = parse_job(body, tmp_path / "out", local_roots=[root, other])
+    assert accepted.recipe.calibration == "root/data:train"
+    # A folder linked in from inside the roots is read too: a link out of it is refused.
+    (root / "shared" / "more" / "e.png").symlink_to(outside / "secret.png")
+    with pytest.raises(RecipeError, match=r"whose 'train/shared/more/e.png' is a symbolic link"):
+        parse_job(body, tmp_path / "out", local_roots=[root, other])
+
+
+def test_a_builder_over_the_working_folder_is_held_to_the_links_check(image_folder, tmp_path, monkeypatch):
+    """A bare `imagefolder` reads the service's working folder, so a link out of that folder refuses it too."""
+    root, outside = image_folder
+    monkeypatch.chdir(root / "data")
+    body = {"models": ["user/a", "user/b"], "method": "zipit", "calibration": "imagefolder:train", "output": "m"}
+    assert parse_job(body, tmp_path / "out", local_roots=[root])
+    (root / "data" / "train" / "dog" / "c.png").symlink_to(outside / "secret.png")
+    with pytest.raises(RecipeError) as caught:
+        parse_job(body, tmp_path / "out", local_roots=[root])
+    message = str(caught.value)
+    assert message.startswith("`calibration` 'imagefolder:train' is no `org/name` Hub dataset: a bare name is a "
+                              "datasets builder (json, csv, imagefolder, ...) that reads the service's working "
+                              "folder, whose 'train/dog/c.png' is a symbolic link to a path which is outside the "
+                              "folders this server allows"), message
+    assert str(root) not in message and str(outside) not in message
+
+
+def test_a_link_out_added_while_the_job_waited_refuses_it_when_it_starts(image_folder, tmp_path):
+    from hf_mudsc.serve.app import create_app
+
+    root, outside = image_folder
+    body = {"models": ["user/a", "user/b"], "method": "zipit", "calibration": "root/data:train", "output": "m"}
+    app = create_app(tmp_path / "state", local_roots=[root])
+    waiting = queue(app, body, [root], tmp_path)
+    (root / "data" / "train" / "cat" / "c.png").symlink_to(outside / "secret.png")
+    handed: list[dict[str, Any]] = []
+    job = run_queued(app, waiting, handed)
+    assert handed == [] and job["status"] == "failed", job
+    assert job["error"].startswith("refused when it was about to start: `calibration` names the local path "
+                                   "'root/data', whose 'train/cat/c.png' is a symbolic link"), job["error"]

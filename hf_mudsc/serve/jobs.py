@@ -12,15 +12,20 @@ parent's model card names when the job's method takes it from there — must lie
 with `hf-mudsc serve --local-root DIR` (resolved with symlinks followed); without one, a job names Hub references
 only. Otherwise anyone who may POST could make the server merge, and push to the Hub, any folder it can read. Which
 references are local is decided exactly as the loader decides it (`load.references`, `calibrate.dataset_spec`), in
-the worker's working folder (the server's). The check runs at POST and again when the job is about to start, and
-the worker is handed the resolved paths (`resolve_local_paths`): a link inside a root re-pointed after the check
-does not redirect a load. A refusal names the path the client sent, never the roots (the server's log has them).
+the worker's working folder (the server's). A local dataset folder (or the working folder a bare builder name
+reads) is walked once for symbolic links, which datasets reads through: one leading outside every root refuses the
+job too (`link_out`; a parent's folder is the loader's to check, `load.parents.refuse_links_out`). The check runs at
+POST and again when the job is about to start, and the worker is handed the resolved paths (`resolve_local_paths`):
+a link inside a root re-pointed after the check does not redirect a load (a link inside a dataset folder can still
+be: its files are opened by name). A refusal names the path the client sent, never the roots nor where a link leads
+(the server's log has them).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +152,10 @@ def resolve_local_paths(job: JobRequest, local_roots: Sequence[Path]) -> JobRequ
         inside = inside_roots(path, roots)
         if inside is None:
             refuse(key, given, path, builder, roots)
+        if key == "calibration" and inside.is_dir():  # datasets reads every file under it, through their links
+            leaving = link_out(inside, roots)
+            if leaving is not None:
+                refuse(key, given, path, builder, roots, link=leaving)
         if not builder:
             resolved[key] = str(inside)
     changes: dict[str, Any] = {"models": [resolved.get(f"models[{i}]", ref) for i, ref in enumerate(recipe.models)]}
@@ -171,9 +180,47 @@ def inside_roots(path: Path, roots: Sequence[Path]) -> Path | None:
     return resolved if any(resolved == root or resolved.is_relative_to(root) for root in roots) else None
 
 
-def refuse(key: str, given: str, path: Path, builder: bool, roots: Sequence[Path]) -> NoReturn:
-    """One line for the client naming the key and the path it sent; the roots go to the server's log only."""
-    if roots:
+def link_out(folder: Path, roots: Sequence[Path]) -> tuple[Path, Path] | None:
+    """The first symbolic link under `folder` (a local dataset folder, walked once, each real folder visited once)
+    that leads outside every root: (its path relative to `folder`, its resolved target); None when every link stays
+    inside. No file is opened. Links to folders count and linked folders inside the roots are walked, although
+    datasets 5.2 reads files through links but does not descend into linked folders: a builder or a later version
+    may."""
+    seen: set[str] = set()
+    pending = [(folder, Path())]
+    while pending:
+        directory, relative = pending.pop()
+        real = os.path.realpath(directory)
+        if real in seen:  # a folder linked twice, or a link back up the tree
+            continue
+        seen.add(real)
+        try:
+            entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+        except OSError:  # unreadable: datasets cannot read it either
+            continue
+        for entry in entries:
+            name = relative / entry.name
+            if entry.is_symlink() and inside_roots(Path(entry.path), roots) is None:
+                return name, Path(os.path.realpath(entry.path))
+            try:
+                if entry.is_dir():  # a link to a folder inside the roots included (see above)
+                    pending.append((Path(entry.path), name))
+            except OSError:
+                continue
+    return None
+
+
+def refuse(key: str, given: str, path: Path, builder: bool, roots: Sequence[Path], *,
+           link: tuple[Path, Path] | None = None) -> NoReturn:
+    """One line for the client naming the key and the path it sent — and, when the path is inside the roots but a
+    symbolic link in that folder leads out (`link`: its name in the folder, its target), the link's name; the roots
+    and where a link leads go to the server's log only."""
+    if link is not None:
+        logger.warning("refused a job: `%s` %r (%s) holds %s, a symbolic link to %s, outside the local roots %s",
+                       key, given, path, link[0], link[1], ", ".join(map(str, roots)))
+        where = (f"whose {link[0].as_posix()!r} is a symbolic link to a path {OUTSIDE}: put the files themselves "
+                 "there, or link only inside them")
+    elif roots:
         logger.warning("refused a job: `%s` %r (%s) is outside the local roots %s", key, given, path,
                        ", ".join(map(str, roots)))
         where = f"{OUTSIDE}: name a path inside them or a Hub reference `org/name[@revision]`"
