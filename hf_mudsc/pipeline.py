@@ -21,7 +21,6 @@ from hf_mudsc.apply.classifier import (
     concatenated_classifier_config,
     concatenated_head,
     distinct_task_names,
-    head_order,
     label_names,
     same_label_sets,
 )
@@ -38,7 +37,7 @@ from hf_mudsc.load.lazy import subset
 from hf_mudsc.load.processors import image_processor_differences
 from hf_mudsc.load.references import display_name, parent_name, pinned_calibration, pinned_reference
 from hf_mudsc.load.relation import ParentRelation, base_relations, check_parents_mergeable, parent_label
-from hf_mudsc.methods.auto import choose_method, is_auto, refit_runs
+from hf_mudsc.methods.auto import ALPHA_HANDED, alpha_searched, choose_method, is_auto, refit_runs
 from hf_mudsc.methods.registry import (
     METHODS,
     MergeMethod,
@@ -48,7 +47,7 @@ from hf_mudsc.methods.registry import (
     get_method,
 )
 from hf_mudsc.options import AUTO, REFITTING, MergeOptions, option_hint
-from hf_mudsc.plan import MergePlan, check_memory
+from hf_mudsc.plan import MergePlan, base_copied, base_loaded_whole, check_memory, head_copies
 from hf_mudsc.solve.diagnostics import MergeDiagnostics, compute_diagnostics
 from hf_mudsc.solve.matchers import Match
 from hf_mudsc.solve.widen import check_spend, measured_plan
@@ -354,7 +353,8 @@ def merge(
     if dry_run:
         from hf_mudsc.plan import plan_merge
 
-        return plan_merge(models, calibration, merge_options, token=token)
+        return plan_merge(models, calibration, merge_options, token=token,
+                          streams=lambda planned: streams_parents(planned, merge_options, calibration, count))
     # `auto` opens the calibration data it was given: the method it chooses may read it.
     needs_data = calibration is not None if merge_method is None else _reads_data(merge_method, refitting)
     given_calibration_name = _calibration_name(calibration) if calibration is not None else None
@@ -372,12 +372,13 @@ def merge(
     references = sum(isinstance(m, (str, os.PathLike)) for m in models)
     first: dict[str, Any] = {}  # the first parent's config (or model), for the calibration check below
 
-    def check_config(config: Any, every: list[Any]) -> None:
+    def check_config(config: Any, every: list[Any], found_base: Any) -> None:
         first["config"] = config
         check_before_weights(config, merge_options, count, merge_method,
                              loading=min(references, 1) if streaming else references,
                              copied=head_copies(every, streaming=streaming),
-                             base=base_loaded_whole(base, merge_method, streaming=streaming))
+                             base=base_loaded_whole(base, merge_method, streaming=streaming),
+                             base_copy=base_copied(found_base, every[0], streaming=streaming))
 
     def check_data(processors: list[Any]) -> None:  # a method known to read the data: its columns, before weights
         if merge_method is not None and needs_data and "config" in first:
@@ -386,9 +387,10 @@ def merge(
 
     early = [auto_choice] if auto_choice is not None else []  # `auto`'s choice when made before loading
 
-    def choose_loading(views: list[LoadedParent], has_base: bool) -> bool:
-        early.append(auto_before_loading(views, merge_options, calibration, has_base=has_base, references=references,
-                                         processor=processor, base=base))
+    def choose_loading(views: list[LoadedParent], found_base: Any) -> bool:
+        early.append(auto_before_loading(views, merge_options, calibration, has_base=found_base is not None,
+                                         references=references, processor=processor, base=base,
+                                         found_base=found_base))
         return early[-1].streams
 
     parents, base_parent, base_source = load_parents_and_base(
@@ -444,13 +446,12 @@ def merge(
     # Options as the method reads them: `weights` one per parent (1 each when not given).
     # `alpha="auto"` hands the method 0.5 until the search below sets each candidate.
     method_options = dataclasses.replace(merge_options, weights=list(merge_options.weights or [1.0] * count),
-                                         alpha=0.5 if merge_options.alpha == AUTO else merge_options.alpha)
+                                         alpha=ALPHA_HANDED if merge_options.alpha == AUTO else merge_options.alpha)
     used_options = merge_method.used_options(method_options)
     _warn_unread(merge_options, used_options, merge_method.name)
     calibration_name = given_calibration_name if needs_data else None
     # alpha="auto" (docs/design.md §4.4): only for a method that matches units on activations and reads α.
-    auto_alpha = (merge_options.alpha == AUTO and merge_method.needs_calibration
-                  and used_options.get("alpha") is not None)
+    auto_alpha = alpha_searched(merge_method, merge_options, count)
 
     accumulators = None
     if needs_data:
@@ -760,47 +761,14 @@ def _reads_data(method: MergeMethod, refitting: bool) -> bool:
 
 
 def check_before_weights(config: Any, options: MergeOptions, count: int, method: MergeMethod | None, *,
-                         loading: int, copied: Sequence[str] = (), base: bool = False) -> None:
+                         loading: int, copied: Sequence[str] = (), base: bool = False, base_copy: bool = False) -> None:
     """What the first parent's config (or model) refuses before any weights are read: a `size_spend` the
     architecture cannot spend, and more parents than memory holds (`hf_mudsc.plan.check_memory`; `loading`: the
     parents that will be loaded whole, `method` None for `auto`; `copied`: `head_copies`; `base`: a base will be
-    loaded whole, `base_loaded_whole`). merge() and the CLI call it."""
+    loaded whole, `base_loaded_whole`; `base_copy`: the base copied to parent A's label order, `base_copied`). merge()
+    and the CLI call it."""
     check_size_spend(config, options)
-    check_memory(config, count, method, loading=loading, copied=copied, base=base)
-
-
-def base_loaded_whole(base: Any, method: MergeMethod | None, *, streaming: bool) -> bool:
-    """Whether the merge will load a base whole, which the memory floor counts as one more parent: one given as a
-    reference (`base`: a folder or Hub id; a model object is in memory already) or found from the parents' cards
-    (none given, `method` needs one), and not streamed (`streams_parents`)."""
-    if streaming:
-        return False
-    if base is None:
-        return method is not None and method.needs_base_model
-    return isinstance(base, (str, os.PathLike))
-
-
-def head_copies(parents: Sequence[Any], *, streaming: bool) -> list[str]:
-    """The letters of the parents `_aligned_heads` will copy whole to parent A's label order (the same labels in
-    another order: `apply.classifier.head_order`), known from the configs before any weights: the memory check
-    counts each copy, held next to its parent. `parents`: parent A first, each a config (a reference still to be
-    loaded), a model or a `LoadedParent`; `streaming`: references after the first are read one tensor at a time,
-    so their copy is a meta model and the head rows."""
-    from hf_mudsc.load.parents import LoadedParent
-
-    def config_of(parent: Any) -> Any:
-        if isinstance(parent, LoadedParent):
-            return parent.model.config
-        return parent.config if isinstance(parent, PreTrainedModel) else parent
-
-    def whole(parent: Any) -> bool:
-        if isinstance(parent, LoadedParent):
-            return parent.parameters is None
-        return isinstance(parent, PreTrainedModel) or not streaming
-
-    config_a = config_of(parents[0])
-    return [parent_label(index) for index, parent in enumerate(parents)
-            if index and whole(parent) and head_order(config_a, config_of(parent)) is not None]
+    check_memory(config, count, method, loading=loading, copied=copied, base=base, base_copy=base_copy)
 
 
 def choose_auto(relation: ParentRelation, options: MergeOptions, calibration: Any, count: int, *,
@@ -821,14 +789,17 @@ def choose_auto(relation: ParentRelation, options: MergeOptions, calibration: An
 
 
 def auto_before_loading(views: Sequence[LoadedParent], options: MergeOptions, calibration: Any, *, has_base: bool,
-                        references: int, processor: Any = None, base: Any = None) -> AutoChoice:
+                        references: int, processor: Any = None, base: Any = None,
+                        found_base: Any = None) -> AutoChoice:
     """`auto`'s choice before any parent is loaded whole: `views` are the parents opened for reading one tensor at a
     time (`load_parents_and_base(choose_loading=...)`); their relation (heads aligned to parent A's label order, as
-    after loading) chooses the method, and the memory it needs — the parents it loads whole (`references` of them
-    are loaded, not given as objects), their reordered copies, its statistics — and the calibration columns it reads
-    are checked from there, as an explicit method's are from the configs (`base`: the base as given, a reference is
-    loaded whole unless streamed). Loading every parent whole first took minutes for a long recipe before the choice
-    was refused. The choice (`AutoChoice`) goes to `merge(auto_choice=...)` when the caller loads the parents."""
+    after loading) chooses the method, and the memory it needs — the parents it loads whole (`references` of them are
+    loaded, not given as objects), their reordered copies, its statistics — and the calibration columns it reads are
+    checked from there, as an explicit method's are from the configs (`base`: the base as given, a reference is loaded
+    whole unless streamed; `found_base`: the base as `load_parents_and_base` found it, its config or object, for its
+    copy in parent A's label order: `plan.base_copied`). Loading every parent whole first took minutes for a long recipe
+    before the choice was refused. The choice (`AutoChoice`) goes to `merge(auto_choice=...)` when the caller loads the
+    parents."""
     count = len(views)
     model_a = views[0].model
     for index, other in enumerate(views[1:], start=1):
@@ -842,7 +813,8 @@ def auto_before_loading(views: Sequence[LoadedParent], options: MergeOptions, ca
     lazy = streams_parents(method, options, calibration, count)
     check_memory(model_a, count, method, loading=min(references, 1) if lazy else references, chosen=reason,
                  copied=head_copies([view.model.config for view in views], streaming=lazy),
-                 base=has_base and base_loaded_whole(base, None, streaming=lazy))
+                 base=has_base and base_loaded_whole(base, None, streaming=lazy),
+                 base_copy=base_copied(found_base, views[0], streaming=lazy))
     if calibration is not None and reads_calibration(method, options, calibration, count):
         check_calibration_before_weights(calibration, processor if processor is not None else
                                          [view.processor for view in views], model_a.config, options)

@@ -15,12 +15,12 @@ import logging
 import os
 import string
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from hf_mudsc.options import REFITTING, MergeOptions, option_hint, resolve_refit
+from hf_mudsc.options import AUTO, REFITTING, MergeOptions, option_hint, resolve_refit
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +120,12 @@ class MergePlan:
     out_dtype: str = "float32"
     out_dtype_reason: str = ""
     """The merged model's dtype and why (`out_dtype` resolved from the parents' stored dtypes, as the merge does)."""
+    base: str | None = None
+    """The base the merge would use (pinned for a Hub base), given or named by the parents' cards; None without."""
+    base_source: str | None = None
+    """Where the base came from when it was not given (`load.parents.BASE_FROM_CARDS`), as the config records it."""
+    base_loaded_whole: bool = False
+    """Whether the merge would load the base whole (counted in the peak memory) rather than one tensor at a time."""
     size_budget: dict[str, Any] | None = None
     """How `size` would be spent — the widths and exact parameter count the merge records in
     `config.mudsc["size_budget"]`, counted from shapes (docs/design.md §4.12); None for methods without a budget."""
@@ -141,6 +147,9 @@ class MergePlan:
             name = "a model object" if parent.pinned == parent.architecture else parent.pinned
             lines.append(f"  {side}: {name} — {parent.architecture}, "
                          f"{parent.num_parameters / 1e6:.2f} M parameters{dtypes}{size}")
+        if self.base is not None:
+            how = "loaded whole" if self.base_loaded_whole else "read one tensor at a time"
+            lines.append(f"Base: {self.base} ({f'{self.base_source}; ' if self.base_source else ''}{how})")
         lines += [f"Relation: {self.relation}", "",
                   f"Method: {self.method}" + (f" (matcher {self.matcher})" if self.matcher else "")]
         widths = sorted({g.width for g in self.groups})
@@ -283,8 +292,75 @@ def available_memory() -> int | None:
     return room if machine is None else min(machine, room)
 
 
+def base_loaded_whole(base: Any, method: Any | None, *, streaming: bool) -> bool:
+    """Whether the merge will load a base whole, which the memory floor counts as one more parent: one given as a
+    reference (`base`: a folder or Hub id; a model object is in memory already) or found from the parents' cards
+    (none given, `method` needs one), and not streamed (`pipeline.streams_parents`)."""
+    if streaming:
+        return False
+    if base is None:
+        return method is not None and method.needs_base_model
+    return isinstance(base, (str, os.PathLike))
+
+
+def _config_of(parent: Any) -> Any:
+    """A parent's (or base's) config: `parent` is a config (a reference still to be loaded), a model or a
+    `LoadedParent`."""
+    from hf_mudsc.load.parents import LoadedParent
+
+    if isinstance(parent, LoadedParent):
+        return parent.model.config
+    return getattr(parent, "config", parent) if hasattr(parent, "parameters") else parent
+
+
+def _held_whole(parent: Any, streaming: bool) -> bool:
+    """Whether a parent (or base) in `_config_of`'s forms is held whole: a model, a `LoadedParent` read whole, or a
+    reference not streamed."""
+    from hf_mudsc.load.parents import LoadedParent
+
+    if isinstance(parent, LoadedParent):
+        return parent.parameters is None
+    return hasattr(parent, "parameters") or not streaming
+
+
+def head_copies(parents: Sequence[Any], *, streaming: bool) -> list[str]:
+    """The letters of the parents the merge will copy whole to parent A's label order (the same labels in another
+    order: `apply.classifier.head_order`), known from the configs before any weights: the memory check counts each
+    copy, held next to its parent. `parents`: parent A first, each a config (a reference still to be loaded), a
+    model or a `LoadedParent`; `streaming`: references after the first are read one tensor at a time, so their copy
+    is a meta model and the head rows."""
+    from hf_mudsc.apply.classifier import head_order
+    from hf_mudsc.load.relation import parent_label
+
+    config_a = _config_of(parents[0])
+    return [parent_label(index) for index, parent in enumerate(parents)
+            if index and _held_whole(parent, streaming) and head_order(config_a, _config_of(parent)) is not None]
+
+
+def base_copied(base: Any, parent_a: Any, *, streaming: bool) -> bool:
+    """Whether the merge will copy the base whole to parent A's label order (its head lists A's labels in another
+    order: `apply.classifier.head_order`): one more model held next to the base, which the memory check counts as it
+    counts `head_copies`. `base` and `parent_a` as `head_copies` takes them (`base` None: no base). A streamed base's
+    copy is a meta model and the head rows; a base of another head class (read as the parents' class: its config
+    names another architecture than parent A's, or its checkpoint lacks tensors) holds no head of these labels."""
+    from hf_mudsc.apply.classifier import head_order
+    from hf_mudsc.load.parents import LoadedParent
+
+    if base is None or not _held_whole(base, streaming) or (isinstance(base, LoadedParent) and base.absent):
+        return False
+    if not hasattr(base, "parameters") and not isinstance(base, LoadedParent):  # a config: the class it names
+        def named(parent: Any) -> str | None:
+            if hasattr(parent, "parameters") or isinstance(parent, LoadedParent):
+                return type(parent.model if isinstance(parent, LoadedParent) else parent).__name__
+            return (getattr(parent, "architectures", None) or [None])[0]
+
+        if named(base) != named(parent_a):
+            return False
+    return head_order(_config_of(parent_a), _config_of(base)) is not None
+
+
 def memory_floor(model: Any, parents: int, method: Any | None, *, loading: int, copies: int = 0,
-                 base: bool = False) -> dict[str, float]:
+                 base: bool = False, base_copy: bool = False) -> dict[str, float]:
     """Bytes a merge of `parents` copies of `model` (a model, or one on the meta device) must hold at once, by
     what holds them — a floor, not an estimate (`estimate_cost` gives the estimate):
 
@@ -292,6 +368,7 @@ def memory_floor(model: Any, parents: int, method: Any | None, *, loading: int, 
     - base: 4 bytes × parameters when `base`, a base still to be loaded whole (a streamed one holds one tensor);
     - copies: 4 bytes × parameters × `copies`, the parents held whole that are copied with their head reordered to
       parent A's label order (`apply.classifier.aligned_to_parent_a`: the copy and the parent exist together);
+    - base_copy: 4 bytes × parameters when `base_copy`, the base held whole copied likewise (`base_copied`);
     - statistics (`method.needs_calibration`): the float64 `(N·n)²` sums of every group, allocated together
       before the first batch and kept, finalized in place, as the correlations through the solve (§4.13);
     - similarity (a unit-matching method): one float64 `(N·n)²` similarity of the widest group, which the matcher
@@ -304,8 +381,10 @@ def memory_floor(model: Any, parents: int, method: Any | None, *, loading: int, 
         floor["weights"] = loading * one_parent
     if base:
         floor["base"] = one_parent
-    if copies:  # only parents with a head are ever reordered (`pipeline.head_copies` counts them)
+    if copies:  # only parents with a head are ever reordered (`head_copies` counts them)
         floor["copies"] = copies * one_parent
+    if base_copy:
+        floor["base_copy"] = one_parent
     if method is not None and (method.needs_calibration or method.matches_units):
         from hf_mudsc.architectures import spec_for
 
@@ -318,19 +397,21 @@ def memory_floor(model: Any, parents: int, method: Any | None, *, loading: int, 
 
 
 def check_memory(model_or_config: Any, parents: int, method: Any | None, *, loading: int,
-                 chosen: str | None = None, copied: Sequence[str] = (), base: bool = False) -> None:
+                 chosen: str | None = None, copied: Sequence[str] = (), base: bool = False,
+                 base_copy: bool = False) -> None:
     """Refuse a number of parents whose `memory_floor` exceeds the memory available now, in one line naming what
     needs it, before it is allocated — the statistics grow with the square of the number of parents, so a long list
     of parents failed only after minutes of loading, out of memory in calibration. `chosen`: why `auto` chose
     `method` (the check then runs after loading: `loading` 0). `copied`: the letters of the parents held whole whose
-    heads will be copied to parent A's label order (`memory_floor`'s copies). `base`: a base will be loaded whole."""
+    heads will be copied to parent A's label order (`memory_floor`'s copies). `base`: a base will be loaded whole;
+    `base_copy`: the base will be copied whole to parent A's label order (`base_copied`)."""
     from hf_mudsc.errors import MergeInputError
 
     available = available_memory()
     if available is None:
         return
     model = model_or_config if hasattr(model_or_config, "parameters") else meta_model(model_or_config)
-    floor = memory_floor(model, parents, method, loading=loading, copies=len(copied), base=base)
+    floor = memory_floor(model, parents, method, loading=loading, copies=len(copied), base=base, base_copy=base_copy)
     needed = sum(floor.values())
     if needed <= available:
         return
@@ -338,8 +419,8 @@ def check_memory(model_or_config: Any, parents: int, method: Any | None, *, load
     # with N², the weights of parents loaded whole with N; weights of a fixed count are c).
     every = loading == parents
     per_parent = floor.get("weights", 0.0) / parents if every else 0.0
-    room = available - (0.0 if every else floor.get("weights", 0.0)) - floor.get("copies", 0.0) - floor.get(
-        "base", 0.0)
+    room = available - (0.0 if every else floor.get("weights", 0.0)) - sum(
+        floor.get(key, 0.0) for key in ("copies", "base", "base_copy"))
     squared = (floor.get("statistics", 0.0) + floor.get("similarity", 0.0)) / parents**2
     if squared:
         fits = int((-per_parent + (per_parent**2 + 4 * squared * max(room, 0.0)) ** 0.5) / (2 * squared))
@@ -351,7 +432,9 @@ def check_memory(model_or_config: Any, parents: int, method: Any | None, *, load
              "weights": f"of parent weights ({loading} loaded whole)",
              "base": "for the base loaded whole",
              "copies": f"for parent{'s' if len(copied) > 1 else ''} {', '.join(copied)} copied in parent A's label "
-                       "order (the same labels listed in another order: a reordered copy of each is held)"}
+                       "order (the same labels listed in another order: a reordered copy of each is held)",
+             "base_copy": "for the base copied in parent A's label order (its head lists the same labels in another "
+                          "order)"}
     held = ", ".join(f"{_bytes(floor[key])} {text}" for key, text in parts.items() if floor.get(key))
     name = method.name if method is not None else "auto"
     why = f"method 'auto' chose {name!r} ({chosen}); " if chosen else ""
@@ -388,14 +471,16 @@ def solve_flops(widths: Sequence[int], columns: Sequence[int], parents: int = 2)
 def estimate_cost(*, widths: Sequence[int], columns: Sequence[int], group_tokens: Sequence[int],
                   linear_params: Mapping[str, int], tokens: Mapping[str, int], num_parameters: int,
                   rows: int | None, needs_statistics: bool, matmul_flops: float, solves: bool = True,
-                  parents: int = 2) -> Estimate:
+                  parents: int = 2, base: bool = False, copies: int = 0) -> Estimate:
     """Time and peak memory of a merge (docs/design.md, "Dry run"):
 
     calibration s = rows × (2 × forward FLOPs + Σ_g tokens_g · 2·(2n_g)²) / (efficiency × matmul FLOP/s)
     solve s       = (SOLVE_FACTOR × Σ_g (2·(2n_g)²·D_g + (2n_g)³) + APPLY_FLOPS_PER_PARAMETER × parameters)
                     / matmul FLOP/s          (no solve term for methods without unit matching)
     peak bytes    = runtime + 2.5 × 2 × 4 × parameters + 1.25 × Σ_g 8·(2n_g)²   (statistics only with data)
-    With N `parents` every 2 above is N (N forwards, `(N·n)²` statistics, N parents' weights).
+    With N `parents` every 2 above is N (N forwards, `(N·n)²` statistics, N parents' weights). A `base` loaded whole
+    counts as one more parent's weights (as `memory_floor` counts it; a streamed base holds one tensor: nothing);
+    `copies`: models copied whole to parent A's label order (`head_copies`, `base_copied`), 4 × parameters each.
     """
     stats = statistics_bytes(widths, parents) if needs_statistics else 0.0
     calibration = 0.0
@@ -405,7 +490,8 @@ def estimate_cost(*, widths: Sequence[int], columns: Sequence[int], group_tokens
         calibration = (rows or 0) * per_example / (CALIBRATION_EFFICIENCY * matmul_flops)
     solve = ((SOLVE_FACTOR * solve_flops(widths, columns, parents) if solves else 0.0)
              + APPLY_FLOPS_PER_PARAMETER * num_parameters) / matmul_flops
-    peak = RUNTIME_BYTES + WEIGHTS_FACTOR * parents * 4 * num_parameters + STATISTICS_FACTOR * stats
+    peak = (RUNTIME_BYTES + WEIGHTS_FACTOR * (parents + int(base)) * 4 * num_parameters + copies * 4 * num_parameters
+            + STATISTICS_FACTOR * stats)
     return Estimate(calibration_seconds=calibration, solve_seconds=solve, peak_memory_bytes=peak,
                     matmul_flops_per_second=matmul_flops, statistics_bytes=stats)
 
@@ -500,17 +586,20 @@ def _local_header_facts(folder: Any, files: Sequence[str]) -> tuple[int | None, 
 
 
 def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *, token: str | bool | None = None,
-               matmul_flops: float | None = None) -> MergePlan:
-    """The dry run of `merge(models, calibration, **options)` (options already checked by merge())."""
+               matmul_flops: float | None = None, streams: Callable[[Any], bool] | None = None) -> MergePlan:
+    """The dry run of `merge(models, calibration, **options)` (options already checked by merge()). `streams(method)`:
+    whether the merge would read the parents after the first and the base one tensor at a time with that method
+    (merge() hands `pipeline.streams_parents`; None: never). The base is found and refused as the merge finds and
+    refuses it (`load.parents.locate_parents`), from configs and cards only."""
     import torch
 
     from hf_mudsc.apply.classifier import label_names, same_label_sets
     from hf_mudsc.apply.dtype import resolve_out_dtype
     from hf_mudsc.architectures import spec_for
     from hf_mudsc.diagnostics import calibration_size_warning, default_labels_warning, relation_warning
-    from hf_mudsc.load.parents import dtype_description, locate_parents
+    from hf_mudsc.load.parents import dtype_description, locate_parents, unloaded
     from hf_mudsc.load.relation import parent_label
-    from hf_mudsc.methods.auto import is_auto, planned_method
+    from hf_mudsc.methods.auto import ALPHA_HANDED, alpha_searched, is_auto, planned_method
     from hf_mudsc.methods.registry import get_method
 
     automatic = is_auto(options.method)
@@ -520,7 +609,15 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         reference_compat=bool(options.reference_compat), reads_data=method.needs_data,
         weights=options.weights) in REFITTING
     calibration_plan = None
-    located = locate_parents(list(models), token=token, allow_pickle=options.allow_pickle)
+    located, located_base, base_source = locate_parents(
+        list(models), options.base, base_needed_for=None if automatic or not method.needs_base_model else method.name,
+        token=token, allow_pickle=options.allow_pickle)
+    streaming = streams is not None and streams(method)
+    base_whole = located_base is not None and base_loaded_whole(
+        options.base if options.base is not None else located_base.reference, method, streaming=streaming)
+    base_copy = located_base is not None and located_base.read_as is None and base_copied(
+        unloaded(located_base), unloaded(located[0]), streaming=streaming)
+    copies = len(head_copies([unloaded(parent) for parent in located], streaming=streaming)) + int(base_copy)
     parents, models_meta = [], []
     for parent in located:
         model = parent.model if parent.model is not None else (parent.loaded.model if parent.loaded else None)
@@ -555,7 +652,8 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     estimate = estimate_cost(
         widths=widths, columns=columns, group_tokens=group_tokens, linear_params=linear, tokens=tokens,
         num_parameters=parents[0].num_parameters, rows=rows, needs_statistics=method.needs_calibration,
-        matmul_flops=matmul_flops or matmul_rate(), solves=method.matches_units, parents=len(models))
+        matmul_flops=matmul_flops or matmul_rate(), solves=method.matches_units, parents=len(models),
+        base=base_whole, copies=copies)
     warnings = []
     if calibration_plan is not None and rows is not None and method.needs_calibration:
         text = calibration_size_warning({g.name: rows * t for g, t in zip(spec.groups, group_tokens)},
@@ -575,6 +673,9 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
                 + "; the weight-based relation check (shared base, permuted copy, independent, protected) runs "
                 "at merge time")
     keywords = options.values(recipe=True)
+    if not automatic and options.alpha == AUTO and not alpha_searched(method, options, len(models)):
+        keywords["alpha"] = ALPHA_HANDED  # as the merge's recipe records it: no search runs for this method
+    keywords["base"] = None if located_base is None else _pinned(located_base)  # pinned, found from cards too
     size_budget = None
     if method.supports_size:
         from hf_mudsc.apply.classifier import same_label_sets
@@ -593,10 +694,17 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
                          GroupPlan(g.name, g.width, g.num_heads) for g in spec.groups],
                      calibration=calibration_plan, estimate=estimate, warnings=warnings,
                      options={k: v for k, v in keywords.items() if k != "calibration"},
-                     out_dtype=out_dtype, out_dtype_reason=out_dtype_reason, size_budget=size_budget)
+                     out_dtype=out_dtype, out_dtype_reason=out_dtype_reason, size_budget=size_budget,
+                     base=None if located_base is None else _pinned(located_base), base_source=base_source,
+                     base_loaded_whole=base_whole)
     logger.info("dry run: %d groups, estimate %.1f s, peak %.2f GB", len(plan.groups), estimate.seconds,
                 estimate.peak_memory_bytes / 1e9)
     return plan
+
+
+def _pinned(located: Any) -> str:
+    """`org/name@<commit sha>` for a Hub base, its reference otherwise (as the merge's recipe pins it)."""
+    return f"{located.repo_id}@{located.commit_sha}" if located.repo_id and located.commit_sha else located.reference
 
 
 def _numel(shape: Sequence[int]) -> int:

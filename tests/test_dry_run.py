@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
 import hf_mudsc
 from hf_mudsc.architectures import spec_for
-from hf_mudsc.errors import MergeInputError
+from hf_mudsc.errors import LoadError, MergeInputError
 from hf_mudsc.plan import (
     APPLY_FLOPS_PER_PARAMETER,
     CALIBRATION_EFFICIENCY,
@@ -222,3 +223,80 @@ def test_the_dry_run_reports_how_a_size_budget_is_spent():
     # methods without a size budget plan none
     assert hf_mudsc.merge([a, b], method="average", dry_run=True).size_budget is None
     assert "Size budget" not in str(hf_mudsc.merge([a, b], data, method="mudsc", dry_run=True))
+
+
+# ------------------------------------------------------------------------------ a dry run with a base (session 14)
+
+
+def _outcome(call) -> tuple[str, Any]:
+    """("ok", result) or (the error's class, its message): what a refusal says, to compare two entries."""
+    try:
+        return "ok", call()
+    except (MergeInputError, LoadError) as error:
+        return type(error).__name__, str(error)
+
+
+@pytest.mark.parametrize("case", ["base given", "cards name it", "cards name one not cached", "no card base"])
+def test_a_dry_run_refuses_a_base_it_cannot_find_as_the_merge_does(tmp_path, case):
+    """A method that needs a base: the dry run found no base (none given, the cards naming none or one the offline
+    cache does not hold) and planned anyway, while the merge refuses in one line before any weights. Both now agree,
+    with the same message; the plan names the base it would use and where it came from."""
+    from test_base import fine_tune, save
+
+    base = make_model("vit_cls", 0)
+    base_folder = save(base, tmp_path / "base")
+    card = {"cards name it": base_folder, "cards name one not cached": "org/not-cached"}.get(case)
+    folders = [save(fine_tune(base, 0.05, seed), tmp_path / f"p{seed}", base_model=card) for seed in (1, 2)]
+    given = base_folder if case == "base given" else None
+    before = tree_digest(*map(Path, folders), Path(base_folder))
+    planned = _outcome(lambda: hf_mudsc.merge(folders, method="task_arithmetic", base=given, dry_run=True))
+    merged = _outcome(lambda: hf_mudsc.merge(folders, method="task_arithmetic", base=given, progress=False))
+    assert planned[0] == merged[0], (planned, merged)
+    if case in ("base given", "cards name it"):
+        assert planned[0] == "ok"
+        plan = planned[1]
+        assert plan.base == base_folder and merged[1].merge_report.recipe["base"] == base_folder
+        assert plan.base_source == merged[1].config.mudsc["base_source"]
+        assert plan.options["base"] == merged[1].merge_report.recipe["base"]  # what the recipe records
+        assert f"Base: {base_folder}" in str(plan)
+    else:
+        assert planned[1] == merged[1] and "\n" not in planned[1]
+        assert ("needs the parents' common base model and none was given" in planned[1] if case == "no card base"
+                else "'org/not-cached' is not in the local cache" in planned[1]), planned[1]
+    assert tree_digest(*map(Path, folders), Path(base_folder)) == before
+
+
+def test_the_estimate_counts_a_base_loaded_whole_not_a_streamed_one(tmp_path):
+    """The merge's memory floor counts a base loaded whole as one more parent (`plan.memory_floor(base=True)`); the
+    dry run's peak memory did not. A method that loads the base whole (pcb) now plans one parent's weights more than
+    one that streams it (ties, which reads the base one tensor at a time: nothing more)."""
+    from test_base import fine_tune, save
+
+    base = make_model("vit_cls", 0)
+    base_folder = save(base, tmp_path / "base")
+    folders = [save(fine_tune(base, 0.05, seed), tmp_path / f"p{seed}") for seed in (1, 2)]
+    one_parent = WEIGHTS_FACTOR * 4 * sum(p.numel() for p in base.parameters())
+    whole = hf_mudsc.merge(folders, method="pcb", base=base_folder, dry_run=True).estimate
+    streamed = hf_mudsc.merge(folders, method="ties", base=base_folder, dry_run=True).estimate
+    without = hf_mudsc.merge(folders, method="linear", dry_run=True).estimate
+    assert whole.statistics_bytes == streamed.statistics_bytes == without.statistics_bytes == 0
+    assert whole.peak_memory_bytes == pytest.approx(without.peak_memory_bytes + one_parent)
+    assert streamed.peak_memory_bytes == pytest.approx(without.peak_memory_bytes)
+    kwargs = dict(widths=[2], columns=[4], group_tokens=[1], linear_params={"w": 10}, tokens={"": 1},
+                  num_parameters=100, rows=None, needs_statistics=False, matmul_flops=1e9)
+    assert estimate_cost(**kwargs, base=True).peak_memory_bytes == pytest.approx(
+        estimate_cost(**kwargs).peak_memory_bytes + WEIGHTS_FACTOR * 4 * 100)
+
+
+@pytest.mark.parametrize("method", ["zipit", "linear", "mudsc"])
+def test_the_plan_records_alpha_as_the_merges_recipe_does(method):
+    """`alpha="auto"` with a method that does not read α: the merge's recipe records the α the method was handed
+    (0.5), not `auto` — the plan said `auto`. It now says what the recipe will; `auto` stays where the search runs."""
+    a, b = make_model("vit_cls", 1), make_model("vit_cls", 2)
+    data = make_batches("vit_cls", num_batches=2, batch_size=8)
+    plan = hf_mudsc.merge([a, b], data, method=method, alpha="auto", refit="none", dry_run=True)
+    if method == "mudsc":  # the search runs: the recipe keeps `auto` (the chosen α is recorded beside it)
+        assert plan.options["alpha"] == "auto"
+        return
+    merged = hf_mudsc.merge([a, b], data, method=method, alpha="auto", refit="none", progress=False)
+    assert plan.options["alpha"] == merged.merge_report.recipe["alpha"] == 0.5

@@ -1139,6 +1139,61 @@ def test_a_base_loaded_whole_is_counted_by_the_memory_check(tmp_path, monkeypatc
             assert message == "" and loaded == [a], (message, loaded)
 
 
+@pytest.mark.parametrize("entry", ["cli", "python"])
+def test_a_base_copied_to_parent_as_label_order_is_counted_by_the_memory_check(tmp_path, monkeypatch, capsys, entry):
+    """A base listing parent A's labels in another order is copied whole to A's order before the merge: one more model
+    held next to the base, which the floor left out (it counted the parents' copies only) — a merge that fit by the
+    check could run out of memory there. Known from the configs, it is counted before any weights are read (and in
+    the dry run's estimate); a base in A's order is not copied, nor is a streamed one (a meta model and the head)."""
+    from factories import make_model
+
+    import hf_mudsc
+    import hf_mudsc.load.parents as parents
+    import hf_mudsc.plan as plan
+    from hf_mudsc.errors import MergeInputError
+    from hf_mudsc.methods.registry import METHODS
+
+    names = ["cat", "dog", "fox"]
+    models = {"a": _labelled(make_model("vit_cls", 0), names), "b": _labelled(make_model("vit_cls", 1), names),
+              "same": _labelled(make_model("vit_cls", 2), names),
+              "other": _labelled(make_model("vit_cls", 3), ["dog", "fox", "cat"])}
+    for name, model in models.items():
+        model.save_pretrained(tmp_path / name)
+    a, b, same, other = (str(tmp_path / name) for name in models)
+    weights = 4 * sum(p.numel() for p in models["a"].parameters())
+    floor = plan.memory_floor(models["a"], 2, METHODS["pcb"], loading=2, base=True)
+    assert sum(plan.memory_floor(models["a"], 2, METHODS["pcb"], loading=2, base=True, base_copy=True).values()) == (
+        sum(floor.values()) + weights)
+    if entry == "python":  # the dry run's peak counts the copy too
+        estimates = {base: hf_mudsc.merge([a, b], method="pcb", base=base, dry_run=True).estimate.peak_memory_bytes
+                     for base in (same, other)}
+        assert estimates[other] == pytest.approx(estimates[same] + weights)
+    monkeypatch.setattr(plan, "available_memory", lambda: int(sum(floor.values()) + weights / 2))
+    loaded = []
+    real = parents._load_weights
+    monkeypatch.setattr(parents, "_load_weights", lambda located: loaded.append(located.reference) or real(located))
+    for base, method in ((other, "pcb"), (same, "pcb"), (other, "ties")):  # only pcb's whole base in another order
+        loaded.clear()
+        out = tmp_path / f"out-{method}-{Path(base).name}"
+        if entry == "cli":
+            capsys.readouterr()
+            code = main(["merge", a, b, "--base", base, "--method", method, "--output", str(out)])
+            message = _one_line_error(capsys) if code else ""
+        else:
+            try:
+                hf_mudsc.merge([a, b], None, method=method, base=base, progress=False)
+                message = ""
+            except MergeInputError as error:
+                message = str(error)
+        if (base, method) == (other, "pcb"):
+            assert "\n" not in message, message
+            assert f"{weights / 1e3:.2f} kB for the base copied in parent A's label order" in message, message
+            assert f"{weights / 1e3:.2f} kB for the base loaded whole" in message, message
+            assert loaded == [] and not out.exists(), loaded
+        else:
+            assert message == "", message
+
+
 @pytest.mark.parametrize("kind", ["bert_cls", "vit_cls"])
 @pytest.mark.parametrize("entry", ["cli", "python"])
 def test_auto_refuses_the_memory_its_choice_needs_before_any_parent_is_loaded_whole(tmp_path, capsys, monkeypatch,

@@ -172,21 +172,21 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
 
     from hf_mudsc.pipeline import (
         auto_before_loading,
-        base_loaded_whole,
         check_before_weights,
         check_calibration_before_weights,
-        head_copies,
         reads_calibration,
         streams_parents,
     )
+    from hf_mudsc.plan import base_copied, base_loaded_whole, head_copies
 
     first: dict[str, Any] = {}  # the first parent's config, for the calibration check
 
-    def check_config(config: Any, every: list[Any]) -> None:
+    def check_config(config: Any, every: list[Any], found_base: Any) -> None:
         first["config"] = config
         check_before_weights(config, recipe, len(recipe.models), chosen,
                              loading=1 if lazy else len(recipe.models), copied=head_copies(every, streaming=lazy),
-                             base=base_loaded_whole(recipe.base, chosen, streaming=lazy))
+                             base=base_loaded_whole(recipe.base, chosen, streaming=lazy),
+                             base_copy=base_copied(found_base, every[0], streaming=lazy))
 
     def open_calibration(processors: list[Any]) -> None:
         # A Hub dataset is pinned to its commit (recorded in the recipe) and loaded at that commit; opened (not
@@ -202,11 +202,12 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
     # As merge() would: a tensor-wise method's parents after the first (and the base) are read one tensor at a time.
     lazy = streams_parents(chosen, recipe, recipe.calibration, len(recipe.models))
 
-    def choose_loading(views: list[Any], has_base: bool) -> bool:
+    def choose_loading(views: list[Any], found_base: Any) -> bool:
         # `auto`: chosen on the parents read one tensor at a time and checked before any is loaded whole; merge()
         # is handed that choice (it does not judge the loaded parents again)
         opened["choice"] = auto_before_loading(views, recipe, opened.get("data", recipe.calibration),
-                                               has_base=has_base, references=len(recipe.models), base=recipe.base)
+                                               has_base=found_base is not None, references=len(recipe.models),
+                                               base=recipe.base, found_base=found_base)
         return opened["choice"].streams
 
     parents, base, _ = load_parents_and_base(

@@ -860,9 +860,10 @@ BASE_FROM_CARDS = "named as base_model by every parent's model card"
 def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_for: str | None = None,
                           token: str | bool | None = None, allow_pickle: bool = False,
                           cache_dir: str | os.PathLike | None = None, lazy: bool = False,
-                          check_config: Callable[[PretrainedConfig | PreTrainedModel, list[Any]], None] | None = None,
+                          check_config: Callable[[PretrainedConfig | PreTrainedModel, list[Any], Any], None]
+                          | None = None,
                           before_weights: Callable[[list[Any]], None] | None = None,
-                          choose_loading: Callable[[list[LoadedParent], bool], bool] | None = None,
+                          choose_loading: Callable[[list[LoadedParent], Any], bool] | None = None,
                           ) -> tuple[list[LoadedParent], LoadedParent | None, str | None]:
     """N parents and their common base (`base`: a reference, model or `LoadedParent`, or None), checked against
     each other before any weights are downloaded: `(parents, base or None, where the base came from or None)`.
@@ -871,9 +872,10 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
 
     The base is loaded like a parent (pinned, safetensors unless `allow_pickle`, float32) and must be of the
     parents' class and configuration (labels aside), or of another head class of their model type with their backbone
-    (read as their class: `check_base_config`). `check_config(config, parents)`: the caller's own check of the first
-    parent's configuration (its model instead, for a parent given as a model), also before any weights; `parents`:
-    every parent's configuration, parent A's first (a parent given as a model or `LoadedParent`: that object).
+    (read as their class: `check_base_config`). `check_config(config, parents, base)`: the caller's own check of the
+    first parent's configuration (its model instead, for a parent given as a model), also before any weights, once
+    the base is found and checked (the memory check counts it); `parents`: every parent's configuration, parent A's
+    first (a parent given as a model or `LoadedParent`: that object); `base`: the base likewise, or None (`unloaded`).
     `before_weights(processors)`: called with the parents' processors (None where a parent ships none) once every
     configuration has passed its checks, before any weights are read (the calibration data is opened and its columns
     checked against the processors there: a config refusal comes before the data is touched, a bad data spec or a
@@ -882,20 +884,52 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
     card names (README.md front matter; Hub parents' cards at their pinned commit); if they name none or different
     ones, a one-line `MergeInputError`.
 
-    `choose_loading(views, has_base)`: called once every parent's weights are fetched and their headers checked,
-    before any parent is loaded, with every parent opened for reading one tensor at a time (`_finish_lazily`) and
-    whether a base is given; it returns `lazy` (method `auto` chooses here, from the weights, and checks the memory
-    its choice needs before any parent is loaded whole). Not called when a parent cannot be opened so (a model
-    object, pickle weights, tensors that are not exactly its model's): the caller then chooses after loading.
+    `choose_loading(views, base)`: called once every parent's weights are fetched and their headers checked, before any
+    parent is loaded, with every parent opened for reading one tensor at a time (`_finish_lazily`) and the base as
+    `check_config` gets it (None without one); it returns `lazy` (method `auto` chooses here, from the weights, and
+    checks the memory its choice needs before any parent is loaded whole). Not called when a parent cannot be opened so
+    (a model object, pickle weights, tensors that are not exactly its model's): the caller then chooses after
+    loading.
     """
     if isinstance(refs, (str, os.PathLike, PreTrainedModel)):
         raise LoadError("load_parents takes a list of parents, e.g. ['org/a', 'org/b@v2']")
     located = [_locate_with_processor(r, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir) for r in refs]
     check_configs(located)
+    located_base, source = locate_base(located, base, base_needed_for=base_needed_for, token=token,
+                                       allow_pickle=allow_pickle, cache_dir=cache_dir)
     if check_config is not None and located[0].config is not None:
         check_config(located[0].model if located[0].model is not None else located[0].config,
-                     [p.loaded if p.loaded is not None else p.model if p.model is not None else p.config
-                      for p in located])
+                     [unloaded(p) for p in located], None if located_base is None else unloaded(located_base))
+    check_vocabularies(located + ([located_base] if located_base is not None else []))
+    if before_weights is not None:
+        before_weights([p.loaded.processor if p.loaded is not None else p.processor for p in located])
+    for parent in located + ([located_base] if located_base is not None else []):
+        _prepare(parent, token=token, cache_dir=cache_dir)
+    views: list[LoadedParent | None] = [None] * len(located)
+    if choose_loading is not None and all(p.loaded is None and p.model is None and not p.use_pickle
+                                          and p.read_as is None for p in located):
+        views = [_finish_lazily(p) for p in located]
+        if all(view is not None for view in views):
+            lazy = choose_loading(views, None if located_base is None else unloaded(located_base))
+    # `lazy` (a tensor-wise method): every parent but the first (the merged model is built from it) and the base
+    # with safetensors weights are read one tensor at a time, so memory does not grow with the number of parents.
+    # The views `choose_loading` was given are those parents (opened once).
+    parents = [_finish(p, token=token, cache_dir=cache_dir, lazy=lazy and i > 0, view=views[i])
+               for i, p in enumerate(located)]
+    loaded_base = (_finish(located_base, token=token, cache_dir=cache_dir, lazy=lazy)
+                   if located_base is not None else None)
+    if loaded_base is not None and source is not None:
+        loaded_base.origin = source
+    return parents, loaded_base, source or (loaded_base.origin if loaded_base is not None else None)
+
+
+def locate_base(located: Sequence[_Located], base: Any = None, *, base_needed_for: str | None = None,
+                token: str | bool | None = None, allow_pickle: bool = False,
+                cache_dir: str | os.PathLike | None = None) -> tuple[_Located | None, str | None]:
+    """The parents' base located (config and processor, no weights) and checked against parent A's configuration:
+    `(base or None, where it came from or None)`. Without `base`, when `base_needed_for` names a method that needs
+    one, the base every parent's model card names, else a one-line `MergeInputError`. The merge and its dry run
+    (`locate_parents`) both find the base here, so they refuse the same bases with the same message."""
     source = None
     if base is None and base_needed_for is not None:
         base = base_from_cards(located, token=token, cache_dir=cache_dir)
@@ -909,31 +943,18 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
             )
         source = BASE_FROM_CARDS
         logger.info("base model %s: %s", base, BASE_FROM_CARDS)
-    located_base = None
-    if base is not None:
-        located_base = _locate_with_processor(base, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir)
-        check_base_config(located_base, located[0])
-    check_vocabularies(located + ([located_base] if located_base is not None else []))
-    if before_weights is not None:
-        before_weights([p.loaded.processor if p.loaded is not None else p.processor for p in located])
-    for parent in located + ([located_base] if located_base is not None else []):
-        _prepare(parent, token=token, cache_dir=cache_dir)
-    views: list[LoadedParent | None] = [None] * len(located)
-    if choose_loading is not None and all(p.loaded is None and p.model is None and not p.use_pickle
-                                          and p.read_as is None for p in located):
-        views = [_finish_lazily(p) for p in located]
-        if all(view is not None for view in views):
-            lazy = choose_loading(views, located_base is not None)
-    # `lazy` (a tensor-wise method): every parent but the first (the merged model is built from it) and the base
-    # with safetensors weights are read one tensor at a time, so memory does not grow with the number of parents.
-    # The views `choose_loading` was given are those parents (opened once).
-    parents = [_finish(p, token=token, cache_dir=cache_dir, lazy=lazy and i > 0, view=views[i])
-               for i, p in enumerate(located)]
-    loaded_base = (_finish(located_base, token=token, cache_dir=cache_dir, lazy=lazy)
-                   if located_base is not None else None)
-    if loaded_base is not None and source is not None:
-        loaded_base.origin = source
-    return parents, loaded_base, source or (loaded_base.origin if loaded_base is not None else None)
+    if base is None:
+        return None, None
+    located_base = _locate_with_processor(base, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir)
+    check_base_config(located_base, located[0])
+    return located_base, source
+
+
+def unloaded(located: _Located) -> Any:
+    """A located parent (or base) as the checks before weights see it: the `LoadedParent` or model it was given as,
+    else its config (a reference still to be loaded)."""
+    return located.loaded if located.loaded is not None else located.model if located.model is not None else (
+        located.config)
 
 
 def check_base_config(base: _Located, parent: _Located) -> None:
@@ -1035,14 +1056,19 @@ def hub_id_only(reference: str) -> bool:
     return not Path(name).expanduser().exists()
 
 
-def locate_parents(refs: Sequence[Any], *, token: str | bool | None = None, allow_pickle: bool = False,
-                   cache_dir: str | os.PathLike | None = None) -> list[_Located]:
-    """The first phase of `load_parents` alone, for a dry run: revisions resolved, configs and processors read,
-    configurations and vocabularies compared — no weight file fetched (`located.weight_files` names them)."""
+def locate_parents(refs: Sequence[Any], base: Any = None, *, base_needed_for: str | None = None,
+                   token: str | bool | None = None, allow_pickle: bool = False,
+                   cache_dir: str | os.PathLike | None = None) -> tuple[list[_Located], _Located | None, str | None]:
+    """The first phase of `load_parents_and_base` alone, for a dry run: revisions resolved, configs and processors
+    read, configurations and vocabularies compared, the base found (`locate_base`: given, or named by the cards when
+    `base_needed_for` names a method that needs one) and checked — no weight file fetched (`located.weight_files`
+    names them). `(parents, base or None, where the base came from or None)`."""
     located = [_locate_with_processor(r, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir) for r in refs]
     check_configs(located)
-    check_vocabularies(located)
-    return located
+    located_base, source = locate_base(located, base, base_needed_for=base_needed_for, token=token,
+                                       allow_pickle=allow_pickle, cache_dir=cache_dir)
+    check_vocabularies(located + ([located_base] if located_base is not None else []))
+    return located, located_base, source
 
 
 def load_model(ref: PreTrainedModel | str | os.PathLike, *, allow_pickle: bool = False) -> PreTrainedModel:

@@ -21,6 +21,9 @@ Torch-free (reads the relation's label and distance only).
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 from hf_mudsc.methods.registry import AUTO, METHODS, MergeMethod
 
 # (relation of the parents, base given) -> methods in order of preference; the first registered one is chosen.
@@ -94,3 +97,17 @@ def refit_runs(method: MergeMethod, refit: str, *, has_data: bool, num_parents: 
     return resolve_refit(refit, matches_units=method.matches_units, has_data=has_data, num_parents=num_parents,
                          reference_compat=reference_compat, rereadable=rereadable, reads_data=method.needs_data,
                          weights=weights)
+
+
+ALPHA_HANDED = 0.5
+"""The balance factor a method is handed under `alpha="auto"`: each candidate's while the search runs, this for a
+method that runs no search (it does not read α), which the recipe then records instead of `auto`."""
+
+
+def alpha_searched(method: MergeMethod, options: Any, num_parents: int) -> bool:
+    """Whether `alpha="auto"` (`options.alpha`) runs its search with `method` (docs/design.md §4.4): a method that
+    matches units on activation statistics and reads α. The merge and its dry run record `auto` only then."""
+    if options.alpha != AUTO or not method.needs_calibration:
+        return False
+    handed = dataclasses.replace(options, weights=list(options.weights or [1.0] * num_parents), alpha=ALPHA_HANDED)
+    return method.used_options(handed).get("alpha") is not None
