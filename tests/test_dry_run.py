@@ -300,3 +300,23 @@ def test_the_plan_records_alpha_as_the_merges_recipe_does(method):
         return
     merged = hf_mudsc.merge([a, b], data, method=method, alpha="auto", refit="none", progress=False)
     assert plan.options["alpha"] == merged.merge_report.recipe["alpha"] == 0.5
+
+
+def test_the_estimate_counts_a_parent_copied_to_parent_as_label_order(tmp_path):
+    """A parent listing A's labels in another order is copied whole before the merge (the memory floor counts it:
+    `plan.head_copies`); the dry run's peak counts the copy too — unless the parent is streamed (a meta model and the
+    head rows)."""
+    names = ["cat", "dog", "fox"]
+    folders = {}
+    for name, seed, labels in (("a", 0, names), ("same", 1, names), ("other", 2, ["dog", "fox", "cat"])):
+        model = make_model("vit_cls", seed)
+        model.config.id2label, model.config.label2id = dict(enumerate(labels)), {n: i for i, n in enumerate(labels)}
+        model.save_pretrained(tmp_path / name)
+        folders[name] = str(tmp_path / name)
+    weights = 4 * sum(p.numel() for p in model.parameters())
+
+    def peak(method: str, b: str) -> float:
+        return hf_mudsc.merge([folders["a"], folders[b]], method=method, dry_run=True).estimate.peak_memory_bytes
+
+    assert peak("weight_matching", "other") == pytest.approx(peak("weight_matching", "same") + weights)
+    assert peak("linear", "other") == pytest.approx(peak("linear", "same"))  # streamed: no whole copy
