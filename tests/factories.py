@@ -61,6 +61,21 @@ def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
+def fine_tune(model: torch.nn.Module, seed: int, scale: float, *, relative: bool = False) -> torch.nn.Module:
+    """A stand-in for a fine-tune of `model` (same base, same names): a copy, in eval mode, with every parameter moved
+    by seeded Gaussian noise — `scale` itself (absolute) or `scale` times the tensor's own spread (`relative`,
+    tensors of more than one value only)."""
+    clone = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in clone.parameters():
+            if relative and param.numel() <= 1:
+                continue
+            step = scale * param.std() if relative else scale
+            param.add_(step * torch.randn(param.shape, generator=generator))
+    return clone.eval()
+
+
 def image_batch(channels: int) -> BatchPart:
     def part(generator: torch.Generator, batch_size: int) -> dict[str, torch.Tensor]:
         return {"pixel_values": torch.randn(batch_size, channels, 16, 16, generator=generator)}

@@ -6,12 +6,20 @@ the α nearest 0.5), permuted copies are still recovered exactly, and bad combin
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import pytest
 import torch
-from factories import BARE, WITH_LOGITS, make_batches, make_model, model_output, permuted_copy, relative_error
+from factories import (
+    BARE,
+    WITH_LOGITS,
+    fine_tune,
+    make_batches,
+    make_model,
+    model_output,
+    permuted_copy,
+    relative_error,
+)
 from readme_examples import readme_example
 
 import hf_mudsc
@@ -121,22 +129,13 @@ def test_auto_alpha_records_its_curve_and_keeps_the_argmax_of_independently_comp
     assert "; 16 examples)" in card
 
 
-def _fine_tune(base: torch.nn.Module, seed: int) -> torch.nn.Module:
-    model = copy.deepcopy(base)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.15 * torch.randn(param.shape, generator=generator))
-    return model
-
-
 def test_auto_alpha_scores_single_start_candidates_then_solves_the_chosen_alpha_with_every_start(monkeypatch):
     """The candidates are solved from the activation start alone (counted); the chosen α is solved again with the
     three starts, reusing that α's refined activation start; the merge returned is `merge(alpha=<chosen>)` tensor
     for tensor. On this same-init pair the weight start wins at the chosen α, so the returned merge differs from
     the candidate and its own fidelity is recorded next to the candidates' (each recomputed independently)."""
     base = make_model("vit_cls", seed=0)
-    model_a, model_b = _fine_tune(base, 1), _fine_tune(base, 2)
+    model_a, model_b = fine_tune(base, 1, 0.15), fine_tune(base, 2, 0.15)
     batches = make_batches("vit_cls", num_batches=5)
     runs: list[tuple[float, str]] = []
     real_sweeps = Solver._sweeps

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from factories import classifier_names, make_model, with_new_head
+from factories import classifier_names, fine_tune, make_model, with_new_head
 from transformers import ViTImageProcessor
 
 import hf_mudsc
@@ -48,16 +48,6 @@ def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in model.named_parameters()}
 
 
-def fine_tune(model: torch.nn.Module, scale: float, seed: int) -> torch.nn.Module:
-    clone = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in clone.parameters():
-            if param.numel() > 1:
-                param.add_(scale * param.std() * torch.randn(param.shape, generator=generator))
-    return clone.eval()
-
-
 def save(model: torch.nn.Module, folder, base_model: str | None = None) -> str:
     model.save_pretrained(folder)
     ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5]).save_pretrained(folder)
@@ -69,7 +59,7 @@ def save(model: torch.nn.Module, folder, base_model: str | None = None) -> str:
 @pytest.fixture(scope="module")
 def family():
     base = make_model("vit_cls", 0)
-    return base, [fine_tune(base, 0.05, seed) for seed in (1, 2)]
+    return base, [fine_tune(base, seed, 0.05, relative=True) for seed in (1, 2)]
 
 
 def expected_sum(base, parents) -> dict[str, torch.Tensor]:
@@ -243,7 +233,7 @@ def backbone_family(base_cls: type, parent_cls: type, config, labels: tuple[int,
         body = {k if k.startswith(prefix + ".") else f"{prefix}.{k}": v for k, v in base.state_dict().items()}
         wanted = parent.state_dict()
         parent.load_state_dict({k: v for k, v in body.items() if k in wanted}, strict=False)
-        parents.append(fine_tune(parent, 0.05, seed=10 + index))
+        parents.append(fine_tune(parent, 10 + index, 0.05, relative=True))
     return base, parents
 
 

@@ -12,7 +12,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from factories import make_model
+from factories import fine_tune, make_model
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, ViTImageProcessor
@@ -467,12 +467,7 @@ def test_auto_judges_the_parents_relation_once_and_writes_what_it_wrote_before(t
     else:  # fine-tunes of one base, no data: linear, the parents after the first streamed
         folders, extra = [], []
         for seed in (1, 2, 3):
-            parent = make_model("vit_cls", 0)
-            generator = torch.Generator().manual_seed(seed)
-            with torch.no_grad():
-                for parameter in parent.parameters():
-                    parameter.add_(0.01 * parameter.abs().mean() * torch.randn(parameter.shape, generator=generator))
-            parent.save_pretrained(tmp_path / f"p{seed}")
+            fine_tune(make_model("vit_cls", 0), seed, 0.01, relative=True).save_pretrained(tmp_path / f"p{seed}")
             folders.append(str(tmp_path / f"p{seed}"))
     judged = []
     real = pipeline.check_parents_mergeable

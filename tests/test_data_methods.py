@@ -18,7 +18,7 @@ import warnings
 
 import pytest
 import torch
-from factories import make_batches, make_model
+from factories import fine_tune, make_batches, make_model
 from torch import nn
 
 import hf_mudsc
@@ -28,16 +28,6 @@ from hf_mudsc.calibrate.layer_inputs import collect_grams, linear_layers, paddin
 from hf_mudsc.errors import MergeInputError
 from hf_mudsc.solve.regmean import RegMeanSystem, chained_units, transformer_blocks
 from hf_mudsc.solve.task_vectors import fisher_average, regmean_solve
-
-
-def fine_tune(model: nn.Module, seed: int, scale: float = 0.02) -> nn.Module:
-    """A "fine-tune" of `model`: every parameter moved by a small seeded random step (same base, same names)."""
-    copy_ = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in copy_.parameters():
-            param.add_(scale * torch.randn(param.shape, generator=generator))
-    return copy_.eval()
 
 
 def direct_grams(model: nn.Module, layers: list[str], batches: list[dict], spec) -> dict[str, torch.Tensor]:
@@ -232,7 +222,7 @@ def assert_states_close(merged: nn.Module, expected: dict[str, torch.Tensor], rt
 
 def test_regmean_through_merge_equals_the_closed_form_on_grams_collected_directly_for_three_weighted_parents():
     base = make_model("bert_cls", seed=0)
-    parents = [fine_tune(base, seed) for seed in (1, 2, 3)]
+    parents = [fine_tune(base, seed, 0.02) for seed in (1, 2, 3)]
     batches = make_batches("bert_cls", num_batches=3, batch_size=8, seed=5)
     weights = [1.0, 2.0, 0.5]
     merged = hf_mudsc.merge(parents, batches, method="regmean", weights=weights, progress=False)
@@ -344,7 +334,7 @@ def test_bad_option_values_are_refused_before_anything_is_loaded(keyword, value,
 def test_fisher_refuses_parents_without_a_classification_head_through_merge():
     base = make_model("bert", seed=0)
     with pytest.raises(MergeInputError, match="classification head"):
-        hf_mudsc.merge([base, fine_tune(base, 1)], make_batches("bert", 1, 2), method="fisher", progress=False)
+        hf_mudsc.merge([base, fine_tune(base, 1, 0.02)], make_batches("bert", 1, 2), method="fisher", progress=False)
 
 
 def test_options_reach_the_cli_recipe_and_card_only_for_the_method_that_reads_them(tmp_path):
@@ -358,7 +348,7 @@ def test_options_reach_the_cli_recipe_and_card_only_for_the_method_that_reads_th
     recipe = build_recipe(args)
     assert (recipe.method, recipe.regmean_scale, recipe.fisher_epsilon) == ("regmean", 0.5, 1e-8)
     base = make_model("vit_cls", seed=0)
-    parents = [fine_tune(base, 1), fine_tune(base, 2)]
+    parents = [fine_tune(base, 1, 0.02), fine_tune(base, 2, 0.02)]
     batches = make_batches("vit_cls", 1, 4)
     merged = hf_mudsc.merge(parents, batches, method="regmean", regmean_scale=0.5, progress=False)
     card = str(render_card(merged, Recipe(models=["a", "b"], method="regmean", regmean_scale=0.5)))
@@ -395,7 +385,7 @@ def test_cli_merges_folders_with_regmean_and_the_recipe_reproduces_the_weights(t
     base = make_model("vit_cls", seed=0)
     folders = []
     for seed in (1, 2):
-        fine_tune(base, seed).save_pretrained(tmp_path / f"ft-{seed}")
+        fine_tune(base, seed, 0.02).save_pretrained(tmp_path / f"ft-{seed}")
         processor.save_pretrained(tmp_path / f"ft-{seed}")
         folders.append(str(tmp_path / f"ft-{seed}"))
     rng = np.random.default_rng(0)
@@ -423,8 +413,8 @@ def test_parents_with_different_label_sets_get_the_concatenated_head_and_a_merge
     from factories import classifier_names, with_new_head
 
     base = make_model("bert_cls", seed=0, num_labels=4)
-    parent_a = fine_tune(base, seed=1)
-    parent_b = with_new_head(fine_tune(base, seed=2), num_labels=2, seed=3)
+    parent_a = fine_tune(base, 1, 0.02)
+    parent_b = with_new_head(fine_tune(base, 2, 0.02), num_labels=2, seed=3)
     batches = make_batches("bert_cls", num_batches=2, batch_size=6, seed=4)
     merged = hf_mudsc.merge([parent_a, parent_b], batches, method=method, progress=False)
     weight, bias = classifier_names(base)
@@ -455,7 +445,7 @@ def test_fisher_of_a_padded_batch_equals_the_fisher_of_the_same_texts_without_pa
 def test_calibration_data_without_examples_is_refused_in_one_line(method):
     base = make_model("vit_cls", seed=0)
     with pytest.raises(MergeInputError, match="gave no examples") as error:
-        hf_mudsc.merge([base, fine_tune(base, 1)], [], method=method, progress=False)
+        hf_mudsc.merge([base, fine_tune(base, 1, 0.02)], [], method=method, progress=False)
     assert "\n" not in str(error.value)
 
 

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from factories import make_model
+from factories import fine_tune, make_model
 from safetensors.torch import save_file
 
 import hf_mudsc.load.lazy as lazy
@@ -222,12 +222,7 @@ def test_auto_opens_each_parent_for_reading_one_tensor_at_a_time_once(tmp_path, 
 
     folders = []
     for seed in range(3):
-        parent = make_model("bert_cls", 0)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for parameter in parent.parameters():
-                parameter.add_(0.01 * parameter.abs().mean() * torch.randn(parameter.shape, generator=generator))
-        parent.save_pretrained(tmp_path / f"p{seed}")
+        fine_tune(make_model("bert_cls", 0), seed, 0.01, relative=True).save_pretrained(tmp_path / f"p{seed}")
         folders.append(str(tmp_path / f"p{seed}"))
     opened = []
     real = lazy.lazy_parameters

@@ -3,13 +3,12 @@ keeps the paper's activation-start solution unless another start ends higher by 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import numpy as np
 import pytest
 import torch
-from factories import make_batches, make_model
+from factories import fine_tune, make_batches, make_model
 
 import hf_mudsc
 from hf_mudsc.architectures import spec_for
@@ -24,22 +23,12 @@ from hf_mudsc.solve.loop import MULTISTART_MARGIN, SolveOptions, Solver, choose_
 STARTS = ["activation", "weight", "identity"]
 
 
-def _fine_tune(base: torch.nn.Module, seed: int, scale: float) -> torch.nn.Module:
-    """A stand-in for a fine-tune of `base`: every parameter moved by its own random delta."""
-    model = copy.deepcopy(base)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(scale * torch.randn(param.shape, generator=generator))
-    return model
-
-
 @pytest.fixture(scope="module")
 def same_init():
     """Two fine-tunes of one tiny ViT whose activation-only start misses the identity correspondence (the
     parents' weights are 0.2-scale, the deltas 0.15: far enough apart that activations alone pair other units)."""
     base = make_model("vit_cls", seed=0)
-    a, b = _fine_tune(base, 1, 0.15), _fine_tune(base, 2, 0.15)
+    a, b = fine_tune(base, 1, 0.15), fine_tune(base, 2, 0.15)
     batches = make_batches("vit_cls")
     average = hf_mudsc.merge([a, b], None, method="average", progress=False)
     return a, b, batches, average

@@ -3,13 +3,12 @@ per-parent options checked before loading, the combined relation, the `auto` cho
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import pytest
 import torch
 import yaml
-from factories import classifier_names, make_batches, make_model, with_new_head
+from factories import classifier_names, fine_tune, make_batches, make_model, with_new_head
 from readme_examples import readme_example
 from transformers import ViTForImageClassification, ViTImageProcessor
 
@@ -27,17 +26,6 @@ def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in model.named_parameters()}
 
 
-def fine_tune(model: torch.nn.Module, scale: float, seed: int) -> torch.nn.Module:
-    """A fine-tune-like copy: every tensor moved by `scale` of its own spread."""
-    clone = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in clone.parameters():
-            if param.numel() > 1:
-                param.add_(scale * param.std() * torch.randn(param.shape, generator=generator))
-    return clone.eval()
-
-
 def weighted_mean(tensors: list[torch.Tensor], weights: list[float], normalize: bool = True) -> torch.Tensor:
     """By hand, in mergekit's order: float32 accumulation of w_i * t_i, then the division by sum w_i."""
     total = torch.zeros_like(tensors[0])
@@ -49,7 +37,7 @@ def weighted_mean(tensors: list[torch.Tensor], weights: list[float], normalize: 
 @pytest.fixture(scope="module")
 def three():
     base = make_model("vit_cls", 0)
-    return base, [fine_tune(base, 0.05, seed) for seed in (1, 2, 3)]
+    return base, [fine_tune(base, seed, 0.05, relative=True) for seed in (1, 2, 3)]
 
 
 @pytest.mark.parametrize(("weights", "normalize"), [(None, None), ([1.0, 2.0, 1.0], None), ([0.5, 0.25, 1.0], False)])
