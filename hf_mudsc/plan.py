@@ -87,6 +87,10 @@ class CalibrationPlan:
     """Examples the merge would read: `num_samples` capped by the split's size (None: unknown until read)."""
     tokens_per_example: int
     tokens_assumed: bool
+    columns_checked: bool = False
+    """Whether its columns were checked against the parents' processors, as the merge checks them before weights
+    (data at hand only: in memory or local; a Hub dataset is not downloaded, batches are checked when read)."""
+    columns_unchecked_reason: str = ""
 
 
 @dataclass
@@ -172,7 +176,9 @@ class MergePlan:
             available = "" if calibration.rows_available is None else f" of {calibration.rows_available}"
             tokens = f"{calibration.tokens_per_example} tokens per example" + (
                 " (assumed)" if calibration.tokens_assumed else "")
-            lines.append(f"Calibration: {calibration.source}: {rows}{available} rows, {tokens}")
+            columns = ("columns checked" if calibration.columns_checked
+                       else f"columns not checked: {calibration.columns_unchecked_reason}")
+            lines.append(f"Calibration: {calibration.source}: {rows}{available} rows, {tokens}; {columns}")
         estimate = self.estimate
         lines += ["", f"Estimate: {_seconds(estimate.seconds)} (calibration {_seconds(estimate.calibration_seconds)}, "
                   f"solve and apply {_seconds(estimate.solve_seconds)}; download not included), peak memory "
@@ -586,11 +592,14 @@ def _local_header_facts(folder: Any, files: Sequence[str]) -> tuple[int | None, 
 
 
 def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *, token: str | bool | None = None,
-               matmul_flops: float | None = None, streams: Callable[[Any], bool] | None = None) -> MergePlan:
+               matmul_flops: float | None = None, streams: Callable[[Any], bool] | None = None,
+               check_columns: Callable[[Any, list[Any], Any], None] | None = None) -> MergePlan:
     """The dry run of `merge(models, calibration, **options)` (options already checked by merge()). `streams(method)`:
     whether the merge would read the parents after the first and the base one tensor at a time with that method
     (merge() hands `pipeline.streams_parents`; None: never). The base is found and refused as the merge finds and
-    refuses it (`load.parents.locate_parents`), from configs and cards only."""
+    refuses it (`load.parents.locate_parents`), from configs and cards only. `check_columns(data, processors,
+    model_a)`: the merge's check of the calibration columns before weights (merge() hands
+    `pipeline.check_calibration_before_weights`), run on data at hand so the dry run refuses what the merge refuses."""
     import torch
 
     from hf_mudsc.apply.classifier import label_names, same_label_sets
@@ -640,7 +649,11 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     spec = spec_for(models_meta[0])
     tokens, assumed = tokens_per_example(config)
     if needs_data:
-        calibration_plan = _calibration_plan(calibration, options, tokens, assumed, token=token)
+        processors = [parent.loaded.processor if parent.loaded is not None else parent.processor
+                      for parent in located]
+        calibration_plan = _calibration_plan(
+            calibration, options, tokens, assumed, token=token,
+            check=None if check_columns is None else lambda data: check_columns(data, processors, models_meta[0]))
     shapes = {name: tuple(p.shape) for name, p in models_meta[0].named_parameters()}
     embeddings = {f"{name}.weight" for name, module in models_meta[0].named_modules()
                   if isinstance(module, torch.nn.Embedding)}
@@ -715,10 +728,13 @@ def _numel(shape: Sequence[int]) -> int:
 
 
 def _calibration_plan(calibration: Any, options: MergeOptions, tokens: Mapping[str, int], assumed: bool, *,
-                      token: str | bool | None) -> CalibrationPlan:
-    """The rows the merge would read: the split opened (not read) for a spec, counted for objects."""
+                      token: str | bool | None, check: Callable[[Any], None] | None = None) -> CalibrationPlan:
+    """The rows the merge would read: the split opened (not read) for a spec, counted for objects. `check(data)`
+    refuses columns the parents cannot read, run on a `datasets.Dataset` or local data only — a Hub dataset would
+    have to be downloaded (the plan then says its columns were not checked)."""
     import datasets
 
+    from hf_mudsc.calibrate.dataset_spec import DatasetSpec
     from hf_mudsc.calibrate.datasets import load_calibration_dataset, pin_calibration_revision
     from hf_mudsc.load.references import pinned_calibration
 
@@ -729,7 +745,12 @@ def _calibration_plan(calibration: Any, options: MergeOptions, tokens: Mapping[s
                               "--calibration) or another method (CLI: --method)")
     source = "dataset"
     available: int | None = None
+    at_hand = isinstance(calibration, datasets.Dataset)
+    unchecked = "a dataset that is not local is not downloaded by a dry run; the merge checks them before weights"
+    if isinstance(calibration, (list, tuple)):
+        unchecked = "batches are checked as the merge reads them"
     if isinstance(calibration, (str, os.PathLike)):
+        at_hand = Path(DatasetSpec.parse(calibration).path).expanduser().exists()
         spec = pin_calibration_revision(os.fspath(calibration), token=token)
         source = str(pinned_calibration(spec))
         calibration = load_calibration_dataset(spec, token=token)
@@ -747,9 +768,13 @@ def _calibration_plan(calibration: Any, options: MergeOptions, tokens: Mapping[s
         rows = options.num_samples if available is None else min(options.num_samples, available)
     if rows is None:
         logger.info("calibration rows unknown until read; %s caps them", option_hint("num_samples"))
+    checked = at_hand and check is not None
+    if checked:
+        check(calibration)
     text_tokens = max(tokens.values()) if tokens else 1
     return CalibrationPlan(source=source, rows_available=available, rows=rows,
-                           tokens_per_example=text_tokens, tokens_assumed=assumed)
+                           tokens_per_example=text_tokens, tokens_assumed=assumed, columns_checked=checked,
+                           columns_unchecked_reason="" if checked else unchecked)
 
 
 def _batch_rows(batch: Any) -> int:
