@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from factories import make_batches, make_model
+from factories import fine_tune, make_batches, make_model
 from safetensors import safe_open
 from test_cli import save_parents_and_data, tree_digest
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
@@ -242,12 +242,12 @@ def test_a_dry_run_refuses_a_base_it_cannot_find_as_the_merge_does(tmp_path, cas
     """A method that needs a base: the dry run found no base (none given, the cards naming none or one the offline
     cache does not hold) and planned anyway, while the merge refuses in one line before any weights. Both now agree,
     with the same message; the plan names the base it would use and where it came from."""
-    from test_base import fine_tune, save
+    from test_base import save
 
     base = make_model("vit_cls", 0)
     base_folder = save(base, tmp_path / "base")
     card = {"cards name it": base_folder, "cards name one not cached": "org/not-cached"}.get(case)
-    folders = [save(fine_tune(base, 0.05, seed), tmp_path / f"p{seed}", base_model=card) for seed in (1, 2)]
+    folders = [save(fine_tune(base, seed, 0.05, relative=True), tmp_path / f"p{seed}", base_model=card) for seed in (1, 2)]
     given = base_folder if case == "base given" else None
     before = tree_digest(*map(Path, folders), Path(base_folder))
     planned = _outcome(lambda: hf_mudsc.merge(folders, method="task_arithmetic", base=given, dry_run=True))
@@ -271,11 +271,11 @@ def test_the_estimate_counts_a_base_loaded_whole_not_a_streamed_one(tmp_path):
     """The merge's memory floor counts a base loaded whole as one more parent (`plan.memory_floor(base=True)`); the
     dry run's peak memory did not. A method that loads the base whole (pcb) now plans one parent's weights more than
     one that streams it (ties, which reads the base one tensor at a time: nothing more)."""
-    from test_base import fine_tune, save
+    from test_base import save
 
     base = make_model("vit_cls", 0)
     base_folder = save(base, tmp_path / "base")
-    folders = [save(fine_tune(base, 0.05, seed), tmp_path / f"p{seed}") for seed in (1, 2)]
+    folders = [save(fine_tune(base, seed, 0.05, relative=True), tmp_path / f"p{seed}") for seed in (1, 2)]
     one_parent = WEIGHTS_FACTOR * 4 * sum(p.numel() for p in base.parameters())
     whole = hf_mudsc.merge(folders, method="pcb", base=base_folder, dry_run=True).estimate
     streamed = hf_mudsc.merge(folders, method="ties", base=base_folder, dry_run=True).estimate
