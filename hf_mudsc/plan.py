@@ -477,14 +477,16 @@ def solve_flops(widths: Sequence[int], columns: Sequence[int], parents: int = 2)
 def estimate_cost(*, widths: Sequence[int], columns: Sequence[int], group_tokens: Sequence[int],
                   linear_params: Mapping[str, int], tokens: Mapping[str, int], num_parameters: int,
                   rows: int | None, needs_statistics: bool, matmul_flops: float, solves: bool = True,
-                  parents: int = 2, base: bool = False, copies: int = 0) -> Estimate:
+                  parents: int = 2, base: bool = False, copies: int = 0, whole: int | None = None) -> Estimate:
     """Time and peak memory of a merge (docs/design.md, "Dry run"):
 
     calibration s = rows × (2 × forward FLOPs + Σ_g tokens_g · 2·(2n_g)²) / (efficiency × matmul FLOP/s)
     solve s       = (SOLVE_FACTOR × Σ_g (2·(2n_g)²·D_g + (2n_g)³) + APPLY_FLOPS_PER_PARAMETER × parameters)
                     / matmul FLOP/s          (no solve term for methods without unit matching)
     peak bytes    = runtime + 2.5 × 2 × 4 × parameters + 1.25 × Σ_g 8·(2n_g)²   (statistics only with data)
-    With N `parents` every 2 above is N (N forwards, `(N·n)²` statistics, N parents' weights). A `base` loaded whole
+    With N `parents` every 2 above is N (N forwards, `(N·n)²` statistics, N parents' weights). `whole`: the parents
+    held whole (default all N) — a tensor-wise method streams the parents after the first (`pipeline.streams_parents`,
+    the memory floor's `loading` rule), so their weights are one tensor at a time: not counted. A `base` loaded whole
     counts as one more parent's weights (as `memory_floor` counts it; a streamed base holds one tensor: nothing);
     `copies`: models copied whole to parent A's label order (`head_copies`, `base_copied`), 4 × parameters each.
     """
@@ -496,7 +498,8 @@ def estimate_cost(*, widths: Sequence[int], columns: Sequence[int], group_tokens
         calibration = (rows or 0) * per_example / (CALIBRATION_EFFICIENCY * matmul_flops)
     solve = ((SOLVE_FACTOR * solve_flops(widths, columns, parents) if solves else 0.0)
              + APPLY_FLOPS_PER_PARAMETER * num_parameters) / matmul_flops
-    peak = (RUNTIME_BYTES + WEIGHTS_FACTOR * (parents + int(base)) * 4 * num_parameters + copies * 4 * num_parameters
+    held = parents if whole is None else whole
+    peak = (RUNTIME_BYTES + WEIGHTS_FACTOR * (held + int(base)) * 4 * num_parameters + copies * 4 * num_parameters
             + STATISTICS_FACTOR * stats)
     return Estimate(calibration_seconds=calibration, solve_seconds=solve, peak_memory_bytes=peak,
                     matmul_flops_per_second=matmul_flops, statistics_bytes=stats)
@@ -627,6 +630,8 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     base_copy = located_base is not None and located_base.read_as is None and base_copied(
         unloaded(located_base), unloaded(located[0]), streaming=streaming)
     copies = len(head_copies([unloaded(parent) for parent in located], streaming=streaming)) + int(base_copy)
+    # parent A, model objects (in memory already) and parents not streamed are held whole, as `memory_floor` counts
+    whole = 1 + sum(_held_whole(unloaded(parent), streaming) for parent in located[1:])
     parents, models_meta = [], []
     for parent in located:
         model = parent.model if parent.model is not None else (parent.loaded.model if parent.loaded else None)
@@ -666,7 +671,7 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         widths=widths, columns=columns, group_tokens=group_tokens, linear_params=linear, tokens=tokens,
         num_parameters=parents[0].num_parameters, rows=rows, needs_statistics=method.needs_calibration,
         matmul_flops=matmul_flops or matmul_rate(), solves=method.matches_units, parents=len(models),
-        base=base_whole, copies=copies)
+        base=base_whole, copies=copies, whole=whole)
     warnings = []
     if calibration_plan is not None and rows is not None and method.needs_calibration:
         text = calibration_size_warning({g.name: rows * t for g, t in zip(spec.groups, group_tokens)},
