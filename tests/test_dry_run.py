@@ -247,7 +247,8 @@ def test_a_dry_run_refuses_a_base_it_cannot_find_as_the_merge_does(tmp_path, cas
     base = make_model("vit_cls", 0)
     base_folder = save(base, tmp_path / "base")
     card = {"cards name it": base_folder, "cards name one not cached": "org/not-cached"}.get(case)
-    folders = [save(fine_tune(base, seed, 0.05, relative=True), tmp_path / f"p{seed}", base_model=card) for seed in (1, 2)]
+    folders = [save(fine_tune(base, seed, 0.05, relative=True), tmp_path / f"p{seed}", base_model=card)
+               for seed in (1, 2)]
     given = base_folder if case == "base given" else None
     before = tree_digest(*map(Path, folders), Path(base_folder))
     planned = _outcome(lambda: hf_mudsc.merge(folders, method="task_arithmetic", base=given, dry_run=True))
@@ -379,3 +380,19 @@ def test_the_estimate_counts_only_the_parents_held_whole(tmp_path):
     data = make_batches("vit_cls", num_batches=1, batch_size=4)
     refitted = hf_mudsc.merge(folders, data, method="linear", refit="ridge", dry_run=True).estimate
     assert refitted.peak_memory_bytes == pytest.approx(objects.peak_memory_bytes)
+
+
+def test_a_dry_run_returns_its_plan_where_the_merge_refuses_the_memory(tmp_path, monkeypatch):
+    """The docs promise the dry run an estimate of peak memory, not the merge's memory refusal (README "Look before you
+    merge"; the refusal points to `--dry-run`'s estimate): with less memory than the floor, the merge refuses in one
+    line and the dry run still returns its plan, whose peak shows the need."""
+    import hf_mudsc.plan as plan
+
+    a, b, _ = save_parents_and_data(tmp_path)
+    available = 10**5
+    monkeypatch.setattr(plan, "available_memory", lambda: available)
+    with pytest.raises(MergeInputError, match="of memory is available") as refused:
+        hf_mudsc.merge([str(a), str(b)], method="weight_matching", progress=False)
+    assert "\n" not in str(refused.value)
+    planned = hf_mudsc.merge([str(a), str(b)], method="weight_matching", dry_run=True)
+    assert isinstance(planned, MergePlan) and planned.estimate.peak_memory_bytes > available
