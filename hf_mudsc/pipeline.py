@@ -354,7 +354,9 @@ def merge(
         from hf_mudsc.plan import plan_merge
 
         return plan_merge(models, calibration, merge_options, token=token,
-                          streams=lambda planned: streams_parents(planned, merge_options, calibration, count))
+                          streams=lambda planned: streams_parents(planned, merge_options, calibration, count),
+                          check_columns=lambda data, processors, model_a: check_calibration_before_weights(
+                              data, processor if processor is not None else processors, model_a, merge_options))
     # `auto` opens the calibration data it was given: the method it chooses may read it.
     needs_data = calibration is not None if merge_method is None else _reads_data(merge_method, refitting)
     given_calibration_name = _calibration_name(calibration) if calibration is not None else None

@@ -87,6 +87,10 @@ class CalibrationPlan:
     """Examples the merge would read: `num_samples` capped by the split's size (None: unknown until read)."""
     tokens_per_example: int
     tokens_assumed: bool
+    columns_checked: bool = False
+    """Whether its columns were checked against the parents' processors, as the merge checks them before weights
+    (data at hand only: in memory or local; a Hub dataset is not downloaded, batches are checked when read)."""
+    columns_unchecked_reason: str = ""
 
 
 @dataclass
@@ -172,7 +176,9 @@ class MergePlan:
             available = "" if calibration.rows_available is None else f" of {calibration.rows_available}"
             tokens = f"{calibration.tokens_per_example} tokens per example" + (
                 " (assumed)" if calibration.tokens_assumed else "")
-            lines.append(f"Calibration: {calibration.source}: {rows}{available} rows, {tokens}")
+            columns = ("columns checked" if calibration.columns_checked
+                       else f"columns not checked: {calibration.columns_unchecked_reason}")
+            lines.append(f"Calibration: {calibration.source}: {rows}{available} rows, {tokens}; {columns}")
         estimate = self.estimate
         lines += ["", f"Estimate: {_seconds(estimate.seconds)} (calibration {_seconds(estimate.calibration_seconds)}, "
                   f"solve and apply {_seconds(estimate.solve_seconds)}; download not included), peak memory "
@@ -471,14 +477,16 @@ def solve_flops(widths: Sequence[int], columns: Sequence[int], parents: int = 2)
 def estimate_cost(*, widths: Sequence[int], columns: Sequence[int], group_tokens: Sequence[int],
                   linear_params: Mapping[str, int], tokens: Mapping[str, int], num_parameters: int,
                   rows: int | None, needs_statistics: bool, matmul_flops: float, solves: bool = True,
-                  parents: int = 2, base: bool = False, copies: int = 0) -> Estimate:
+                  parents: int = 2, base: bool = False, copies: int = 0, whole: int | None = None) -> Estimate:
     """Time and peak memory of a merge (docs/design.md, "Dry run"):
 
     calibration s = rows × (2 × forward FLOPs + Σ_g tokens_g · 2·(2n_g)²) / (efficiency × matmul FLOP/s)
     solve s       = (SOLVE_FACTOR × Σ_g (2·(2n_g)²·D_g + (2n_g)³) + APPLY_FLOPS_PER_PARAMETER × parameters)
                     / matmul FLOP/s          (no solve term for methods without unit matching)
     peak bytes    = runtime + 2.5 × 2 × 4 × parameters + 1.25 × Σ_g 8·(2n_g)²   (statistics only with data)
-    With N `parents` every 2 above is N (N forwards, `(N·n)²` statistics, N parents' weights). A `base` loaded whole
+    With N `parents` every 2 above is N (N forwards, `(N·n)²` statistics, N parents' weights). `whole`: the parents
+    held whole (default all N) — a tensor-wise method streams the parents after the first (`pipeline.streams_parents`,
+    the memory floor's `loading` rule), so their weights are one tensor at a time: not counted. A `base` loaded whole
     counts as one more parent's weights (as `memory_floor` counts it; a streamed base holds one tensor: nothing);
     `copies`: models copied whole to parent A's label order (`head_copies`, `base_copied`), 4 × parameters each.
     """
@@ -490,7 +498,8 @@ def estimate_cost(*, widths: Sequence[int], columns: Sequence[int], group_tokens
         calibration = (rows or 0) * per_example / (CALIBRATION_EFFICIENCY * matmul_flops)
     solve = ((SOLVE_FACTOR * solve_flops(widths, columns, parents) if solves else 0.0)
              + APPLY_FLOPS_PER_PARAMETER * num_parameters) / matmul_flops
-    peak = (RUNTIME_BYTES + WEIGHTS_FACTOR * (parents + int(base)) * 4 * num_parameters + copies * 4 * num_parameters
+    held = parents if whole is None else whole
+    peak = (RUNTIME_BYTES + WEIGHTS_FACTOR * (held + int(base)) * 4 * num_parameters + copies * 4 * num_parameters
             + STATISTICS_FACTOR * stats)
     return Estimate(calibration_seconds=calibration, solve_seconds=solve, peak_memory_bytes=peak,
                     matmul_flops_per_second=matmul_flops, statistics_bytes=stats)
@@ -586,11 +595,14 @@ def _local_header_facts(folder: Any, files: Sequence[str]) -> tuple[int | None, 
 
 
 def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *, token: str | bool | None = None,
-               matmul_flops: float | None = None, streams: Callable[[Any], bool] | None = None) -> MergePlan:
+               matmul_flops: float | None = None, streams: Callable[[Any], bool] | None = None,
+               check_columns: Callable[[Any, list[Any], Any], None] | None = None) -> MergePlan:
     """The dry run of `merge(models, calibration, **options)` (options already checked by merge()). `streams(method)`:
     whether the merge would read the parents after the first and the base one tensor at a time with that method
     (merge() hands `pipeline.streams_parents`; None: never). The base is found and refused as the merge finds and
-    refuses it (`load.parents.locate_parents`), from configs and cards only."""
+    refuses it (`load.parents.locate_parents`), from configs and cards only. `check_columns(data, processors,
+    model_a)`: the merge's check of the calibration columns before weights (merge() hands
+    `pipeline.check_calibration_before_weights`), run on data at hand so the dry run refuses what the merge refuses."""
     import torch
 
     from hf_mudsc.apply.classifier import label_names, same_label_sets
@@ -618,6 +630,8 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     base_copy = located_base is not None and located_base.read_as is None and base_copied(
         unloaded(located_base), unloaded(located[0]), streaming=streaming)
     copies = len(head_copies([unloaded(parent) for parent in located], streaming=streaming)) + int(base_copy)
+    # parent A, model objects (in memory already) and parents not streamed are held whole, as `memory_floor` counts
+    whole = 1 + sum(_held_whole(unloaded(parent), streaming) for parent in located[1:])
     parents, models_meta = [], []
     for parent in located:
         model = parent.model if parent.model is not None else (parent.loaded.model if parent.loaded else None)
@@ -640,7 +654,11 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     spec = spec_for(models_meta[0])
     tokens, assumed = tokens_per_example(config)
     if needs_data:
-        calibration_plan = _calibration_plan(calibration, options, tokens, assumed, token=token)
+        processors = [parent.loaded.processor if parent.loaded is not None else parent.processor
+                      for parent in located]
+        calibration_plan = _calibration_plan(
+            calibration, options, tokens, assumed, token=token,
+            check=None if check_columns is None else lambda data: check_columns(data, processors, models_meta[0]))
     shapes = {name: tuple(p.shape) for name, p in models_meta[0].named_parameters()}
     embeddings = {f"{name}.weight" for name, module in models_meta[0].named_modules()
                   if isinstance(module, torch.nn.Embedding)}
@@ -653,7 +671,7 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         widths=widths, columns=columns, group_tokens=group_tokens, linear_params=linear, tokens=tokens,
         num_parameters=parents[0].num_parameters, rows=rows, needs_statistics=method.needs_calibration,
         matmul_flops=matmul_flops or matmul_rate(), solves=method.matches_units, parents=len(models),
-        base=base_whole, copies=copies)
+        base=base_whole, copies=copies, whole=whole)
     warnings = []
     if calibration_plan is not None and rows is not None and method.needs_calibration:
         text = calibration_size_warning({g.name: rows * t for g, t in zip(spec.groups, group_tokens)},
@@ -715,10 +733,13 @@ def _numel(shape: Sequence[int]) -> int:
 
 
 def _calibration_plan(calibration: Any, options: MergeOptions, tokens: Mapping[str, int], assumed: bool, *,
-                      token: str | bool | None) -> CalibrationPlan:
-    """The rows the merge would read: the split opened (not read) for a spec, counted for objects."""
+                      token: str | bool | None, check: Callable[[Any], None] | None = None) -> CalibrationPlan:
+    """The rows the merge would read: the split opened (not read) for a spec, counted for objects. `check(data)`
+    refuses columns the parents cannot read, run on a `datasets.Dataset` or local data only — a Hub dataset would
+    have to be downloaded (the plan then says its columns were not checked)."""
     import datasets
 
+    from hf_mudsc.calibrate.dataset_spec import DatasetSpec
     from hf_mudsc.calibrate.datasets import load_calibration_dataset, pin_calibration_revision
     from hf_mudsc.load.references import pinned_calibration
 
@@ -729,7 +750,12 @@ def _calibration_plan(calibration: Any, options: MergeOptions, tokens: Mapping[s
                               "--calibration) or another method (CLI: --method)")
     source = "dataset"
     available: int | None = None
+    at_hand = isinstance(calibration, datasets.Dataset)
+    unchecked = "a dataset that is not local is not downloaded by a dry run; the merge checks them before weights"
+    if isinstance(calibration, (list, tuple)):
+        unchecked = "batches are checked as the merge reads them"
     if isinstance(calibration, (str, os.PathLike)):
+        at_hand = Path(DatasetSpec.parse(calibration).path).expanduser().exists()
         spec = pin_calibration_revision(os.fspath(calibration), token=token)
         source = str(pinned_calibration(spec))
         calibration = load_calibration_dataset(spec, token=token)
@@ -747,9 +773,13 @@ def _calibration_plan(calibration: Any, options: MergeOptions, tokens: Mapping[s
         rows = options.num_samples if available is None else min(options.num_samples, available)
     if rows is None:
         logger.info("calibration rows unknown until read; %s caps them", option_hint("num_samples"))
+    checked = at_hand and check is not None
+    if checked:
+        check(calibration)
     text_tokens = max(tokens.values()) if tokens else 1
     return CalibrationPlan(source=source, rows_available=available, rows=rows,
-                           tokens_per_example=text_tokens, tokens_assumed=assumed)
+                           tokens_per_example=text_tokens, tokens_assumed=assumed, columns_checked=checked,
+                           columns_unchecked_reason="" if checked else unchecked)
 
 
 def _batch_rows(batch: Any) -> int:

@@ -16,14 +16,14 @@ from typing import Any
 
 import pytest
 import torch
-from factories import make_batches, make_model
+from factories import fine_tune, make_batches, make_model
 from safetensors import safe_open
 from test_cli import save_parents_and_data, tree_digest
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
 import hf_mudsc
 from hf_mudsc.architectures import spec_for
-from hf_mudsc.errors import LoadError, MergeInputError
+from hf_mudsc.errors import CalibrationError, LoadError, MergeInputError
 from hf_mudsc.plan import (
     APPLY_FLOPS_PER_PARAMETER,
     CALIBRATION_EFFICIENCY,
@@ -138,7 +138,8 @@ def test_the_plan_is_json_and_matches_the_models(wide_inputs, tmp_path):
     assert [(g["name"], g["width"], g["num_heads"]) for g in data["groups"]] == [
         (g.name, g.width, g.num_heads) for g in spec_for(model).groups]
     assert data["calibration"] == {"source": str(calibration), "rows_available": 32, "rows": 32,
-                                   "tokens_per_example": 17, "tokens_assumed": False}
+                                   "tokens_per_example": 17, "tokens_assumed": False, "columns_checked": True,
+                                   "columns_unchecked_reason": ""}
     assert data["method"] == "auto (chosen at merge time from the parents' weights; estimated as mudsc)"
     # the fixture's parents carry transformers' placeholder labels (LABEL_0, ...): that warning alone
     assert data["matcher"] == "zip" and [w[:60] for w in data["warnings"]] == [
@@ -232,7 +233,7 @@ def _outcome(call) -> tuple[str, Any]:
     """("ok", result) or (the error's class, its message): what a refusal says, to compare two entries."""
     try:
         return "ok", call()
-    except (MergeInputError, LoadError) as error:
+    except (MergeInputError, LoadError, CalibrationError) as error:
         return type(error).__name__, str(error)
 
 
@@ -241,7 +242,6 @@ def test_a_dry_run_refuses_a_base_it_cannot_find_as_the_merge_does(tmp_path, cas
     """A method that needs a base: the dry run found no base (none given, the cards naming none or one the offline
     cache does not hold) and planned anyway, while the merge refuses in one line before any weights. Both now agree,
     with the same message; the plan names the base it would use and where it came from."""
-    from factories import fine_tune
     from test_base import save
 
     base = make_model("vit_cls", 0)
@@ -272,7 +272,6 @@ def test_the_estimate_counts_a_base_loaded_whole_not_a_streamed_one(tmp_path):
     """The merge's memory floor counts a base loaded whole as one more parent (`plan.memory_floor(base=True)`); the
     dry run's peak memory did not. A method that loads the base whole (pcb) now plans one parent's weights more than
     one that streams it (ties, which reads the base one tensor at a time: nothing more)."""
-    from factories import fine_tune
     from test_base import save
 
     base = make_model("vit_cls", 0)
@@ -281,10 +280,12 @@ def test_the_estimate_counts_a_base_loaded_whole_not_a_streamed_one(tmp_path):
     one_parent = WEIGHTS_FACTOR * 4 * sum(p.numel() for p in base.parameters())
     whole = hf_mudsc.merge(folders, method="pcb", base=base_folder, dry_run=True).estimate
     streamed = hf_mudsc.merge(folders, method="ties", base=base_folder, dry_run=True).estimate
-    without = hf_mudsc.merge(folders, method="linear", dry_run=True).estimate
+    # without a base: both parents held whole (weight_matching), parent B streamed (linear, as ties streams it)
+    without = hf_mudsc.merge(folders, method="weight_matching", dry_run=True).estimate
+    streamed_without = hf_mudsc.merge(folders, method="linear", dry_run=True).estimate
     assert whole.statistics_bytes == streamed.statistics_bytes == without.statistics_bytes == 0
     assert whole.peak_memory_bytes == pytest.approx(without.peak_memory_bytes + one_parent)
-    assert streamed.peak_memory_bytes == pytest.approx(without.peak_memory_bytes)
+    assert streamed.peak_memory_bytes == pytest.approx(streamed_without.peak_memory_bytes)
     kwargs = dict(widths=[2], columns=[4], group_tokens=[1], linear_params={"w": 10}, tokens={"": 1},
                   num_parameters=100, rows=None, needs_statistics=False, matmul_flops=1e9)
     assert estimate_cost(**kwargs, base=True).peak_memory_bytes == pytest.approx(
@@ -323,3 +324,75 @@ def test_the_estimate_counts_a_parent_copied_to_parent_as_label_order(tmp_path):
 
     assert peak("weight_matching", "other") == pytest.approx(peak("weight_matching", "same") + weights)
     assert peak("linear", "other") == pytest.approx(peak("linear", "same"))  # streamed: no whole copy
+
+
+# ------------------------------------------------------------------- calibration columns, streamed parents (round 2)
+
+
+@pytest.mark.parametrize("column", ["image", "picture"])
+def test_a_dry_run_checks_local_calibration_columns_as_the_merge_does(tmp_path, column):
+    """The merge refuses calibration data whose columns the parents cannot read, in one line before any weights; the
+    dry run planned it. A local dataset's columns are now checked with the merge's message (a good one passes both),
+    and the plan says they were checked."""
+    import datasets
+
+    a, b, good = save_parents_and_data(tmp_path)
+    data = datasets.load_from_disk(str(good))
+    if column != "image":
+        data = data.rename_column("image", column)
+    folder = tmp_path / f"calibration-{column}"
+    data.save_to_disk(folder)
+    before = tree_digest(a, b, folder)
+    planned = _outcome(lambda: hf_mudsc.merge([str(a), str(b)], str(folder), method="zipit", dry_run=True))
+    merged = _outcome(lambda: hf_mudsc.merge([str(a), str(b)], str(folder), method="zipit", num_samples=8,
+                                             progress=False))
+    assert planned[0] == merged[0], (planned, merged)
+    if column == "image":
+        assert planned[0] == "ok" and planned[1].calibration.columns_checked
+        assert "columns checked" in str(planned[1])
+    else:
+        assert planned[1] == merged[1] and "\n" not in planned[1] and "picture" in planned[1], planned[1]
+    assert tree_digest(a, b, folder) == before
+
+
+def test_a_dry_run_says_when_it_left_the_columns_unchecked():
+    """Batches (like a Hub dataset, which a dry run does not download) are checked when read: the plan says so."""
+    a, b = make_model("vit_cls", 1), make_model("vit_cls", 2)
+    plan = hf_mudsc.merge([a, b], make_batches("vit_cls", num_batches=1, batch_size=2), dry_run=True)
+    assert not plan.calibration.columns_checked
+    assert "columns not checked" in str(plan)
+
+
+def test_the_estimate_counts_only_the_parents_held_whole(tmp_path):
+    """A tensor-wise method that reads no data streams the parents after the first (`pipeline.streams_parents`): the
+    merge holds parent A whole and one tensor of the others, but the estimate counted every parent's weights. It now
+    counts the streamed parents' weights out — model objects (in memory already) and a method that reads the data
+    (no streaming) still count them."""
+    models = [make_model("vit_cls", seed) for seed in (1, 2, 3)]
+    folders = []
+    for index, model in enumerate(models):
+        model.save_pretrained(tmp_path / f"p{index}")
+        folders.append(str(tmp_path / f"p{index}"))
+    weights = WEIGHTS_FACTOR * 4 * sum(p.numel() for p in models[0].parameters())
+    streamed = hf_mudsc.merge(folders, method="linear", dry_run=True).estimate
+    objects = hf_mudsc.merge(models, method="linear", dry_run=True).estimate
+    assert streamed.peak_memory_bytes == pytest.approx(objects.peak_memory_bytes - 2 * weights)
+    data = make_batches("vit_cls", num_batches=1, batch_size=4)
+    refitted = hf_mudsc.merge(folders, data, method="linear", refit="ridge", dry_run=True).estimate
+    assert refitted.peak_memory_bytes == pytest.approx(objects.peak_memory_bytes)
+
+
+def test_a_dry_run_returns_its_plan_where_the_merge_refuses_the_memory(tmp_path, monkeypatch):
+    """The docs promise the dry run an estimate of peak memory, not the merge's memory refusal (README "Look before you
+    merge"; the refusal points to `--dry-run`'s estimate): with less memory than the floor, the merge refuses in one
+    line and the dry run still returns its plan, whose peak shows the need."""
+    import hf_mudsc.plan as plan
+
+    a, b, _ = save_parents_and_data(tmp_path)
+    available = 10**5
+    monkeypatch.setattr(plan, "available_memory", lambda: available)
+    with pytest.raises(MergeInputError, match="of memory is available") as refused:
+        hf_mudsc.merge([str(a), str(b)], method="weight_matching", progress=False)
+    assert "\n" not in str(refused.value)
+    planned = hf_mudsc.merge([str(a), str(b)], method="weight_matching", dry_run=True)
+    assert isinstance(planned, MergePlan) and planned.estimate.peak_memory_bytes > available
