@@ -1089,6 +1089,23 @@ def test_a_parent_copied_to_parent_as_label_order_is_counted_by_the_memory_check
         assert hf_mudsc.merge([a, same], None, method="weight_matching", refit="none", progress=False) is not None
 
 
+def _merge_with_base(entry: str, parents: list[str], base: str, method: str, out: Path, capsys) -> str:
+    """Merge `parents` with `base` by `method` from the CLI (`entry` "cli", into `out`) or from Python: the one-line
+    refusal, or "" when it merged."""
+    import hf_mudsc
+    from hf_mudsc.errors import MergeInputError
+
+    if entry == "cli":
+        capsys.readouterr()
+        code = main(["merge", *parents, "--base", base, "--method", method, "--output", str(out)])
+        return _one_line_error(capsys) if code else ""
+    try:
+        hf_mudsc.merge(parents, None, method=method, base=base, progress=False)
+    except MergeInputError as error:
+        return str(error)
+    return ""
+
+
 @pytest.mark.parametrize("entry", ["cli", "python"])
 def test_a_base_loaded_whole_is_counted_by_the_memory_check(tmp_path, monkeypatch, capsys, entry):
     """The floor counted the parents loaded whole but not the base, one more model held at once: a merge that fit by
@@ -1096,10 +1113,8 @@ def test_a_base_loaded_whole_is_counted_by_the_memory_check(tmp_path, monkeypatc
     larger), a streamed one (a tensor-wise method) nothing — refused or merged before any weights are read."""
     from factories import make_model
 
-    import hf_mudsc
     import hf_mudsc.load.parents as parents
     import hf_mudsc.plan as plan
-    from hf_mudsc.errors import MergeInputError
     from hf_mudsc.methods.registry import METHODS
 
     model = make_model("bert_cls", 0)
@@ -1119,19 +1134,9 @@ def test_a_base_loaded_whole_is_counted_by_the_memory_check(tmp_path, monkeypatc
     real = parents._load_weights
     monkeypatch.setattr(parents, "_load_weights", lambda located: loaded.append(located.reference) or real(located))
     for method in ("pcb", "ties"):  # pcb loads the base whole: refused; ties streams it (and parent B): merged
-        if entry == "cli":
-            capsys.readouterr()
-            code = main(["merge", a, b, "--base", base, "--method", method, "--output", str(tmp_path / method)])
-            message = _one_line_error(capsys) if code else ""
-            assert code == (1 if method == "pcb" else 0), message
-        else:
-            try:
-                hf_mudsc.merge([a, b], None, method=method, base=base, progress=False)
-                message = ""
-            except MergeInputError as error:
-                message = str(error)
+        message = _merge_with_base(entry, [a, b], base, method, tmp_path / method, capsys)
         if method == "pcb":
-            assert "\n" not in message, message
+            assert message and "\n" not in message, message
             assert f"{weights / 1e3:.2f} kB for the base loaded whole" in message, message
             assert "of parent weights (2 loaded whole)" in message, message
             assert loaded == [], loaded
@@ -1150,7 +1155,6 @@ def test_a_base_copied_to_parent_as_label_order_is_counted_by_the_memory_check(t
     import hf_mudsc
     import hf_mudsc.load.parents as parents
     import hf_mudsc.plan as plan
-    from hf_mudsc.errors import MergeInputError
     from hf_mudsc.methods.registry import METHODS
 
     names = ["cat", "dog", "fox"]
@@ -1175,18 +1179,9 @@ def test_a_base_copied_to_parent_as_label_order_is_counted_by_the_memory_check(t
     for base, method in ((other, "pcb"), (same, "pcb"), (other, "ties")):  # only pcb's whole base in another order
         loaded.clear()
         out = tmp_path / f"out-{method}-{Path(base).name}"
-        if entry == "cli":
-            capsys.readouterr()
-            code = main(["merge", a, b, "--base", base, "--method", method, "--output", str(out)])
-            message = _one_line_error(capsys) if code else ""
-        else:
-            try:
-                hf_mudsc.merge([a, b], None, method=method, base=base, progress=False)
-                message = ""
-            except MergeInputError as error:
-                message = str(error)
+        message = _merge_with_base(entry, [a, b], base, method, out, capsys)
         if (base, method) == (other, "pcb"):
-            assert "\n" not in message, message
+            assert message and "\n" not in message, message
             assert f"{weights / 1e3:.2f} kB for the base copied in parent A's label order" in message, message
             assert f"{weights / 1e3:.2f} kB for the base loaded whole" in message, message
             assert loaded == [] and not out.exists(), loaded
