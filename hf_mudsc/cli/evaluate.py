@@ -150,8 +150,8 @@ def _datasets(
     args: argparse.Namespace, task_names: list[str], ranges: dict | None
 ) -> dict[str, Any] | list[Any]:
     """The --dataset flags -> evaluate_merge's datasets_per_task (opened lazily: bad specs fail fast)."""
-    from hf_mudsc.calibrate.datasets import DatasetSpec, load_calibration_dataset
-    from hf_mudsc.evaluate.tasks import TaskData, tasks_from_dataset
+    from hf_mudsc.calibrate.datasets import load_calibration_dataset
+    from hf_mudsc.evaluate.tasks import TaskData, spec_task_data, tasks_from_dataset
 
     parsed = [_split_task(v) for v in args.dataset]
     named = [task for task, _ in parsed if task]
@@ -159,11 +159,7 @@ def _datasets(
         raise ValueError("name the task of every --dataset (TASK=SPEC) or of none")
 
     def open_spec(spec: str) -> TaskData:
-        dataset = load_calibration_dataset(spec)
-        info = DatasetSpec.parse(spec)
-        local = Path(info.path).exists()
-        name = Path(info.path).name if local else info.path
-        return TaskData(dataset, label_column=args.label_column, name=name, split=info.split, local=local)
+        return spec_task_data(spec, load_calibration_dataset(spec), label_column=args.label_column)
 
     if named:
         twice = sorted({task for task in named if named.count(task) > 1})

@@ -80,18 +80,24 @@ def tasks_from_dataset(
                            split=split, local=local) for task in task_names}
 
 
+def spec_task_data(spec: str | os.PathLike, data: Any = None, **fields: Any) -> TaskData:
+    """The `TaskData` of a dataset spec (`data`: the dataset it opens, default the spec itself), named as results and
+    cards show it: a local folder by its own name (never the absolute path, which would reach the results and a
+    card), a Hub dataset by its id; the split from the spec."""
+    from hf_mudsc.calibrate.dataset_spec import DatasetSpec
+
+    parsed = DatasetSpec.parse(os.fspath(spec))
+    path = Path(parsed.path).expanduser()
+    local = path.exists()
+    return TaskData(os.fspath(spec) if data is None else data, name=path.name if local else parsed.path,
+                    split=parsed.split, local=local, **fields)
+
+
 def as_task_data(value: Any) -> TaskData:
     if isinstance(value, TaskData):
         return value
     if isinstance(value, (str, os.PathLike)):
-        from hf_mudsc.calibrate.dataset_spec import DatasetSpec
-
-        # Named as the CLI names it: a local folder by its own name (never the absolute path, which would reach
-        # the results and a card), a Hub dataset by its id; the split from the spec.
-        spec = DatasetSpec.parse(os.fspath(value))
-        local = Path(spec.path).expanduser().exists()
-        return TaskData(os.fspath(value), name=Path(spec.path).expanduser().name if local else spec.path,
-                        split=spec.split, local=local)
+        return spec_task_data(value)
     return TaskData(value)
 
 
