@@ -110,12 +110,14 @@ class AutoChoice:
     for reading one tensor at a time): the method, why (the log, `config.mudsc["method_choice_reason"]` and the card
     say it), the parents' relation it was chosen from, and whether the parents after the first are then read one tensor
     at a time. A caller that loads the parents itself after choosing on them (the CLI) hands it to
-    `merge(auto_choice=...)`, which then does not judge the parents' relation a second time."""
+    `merge(auto_choice=...)`, which then does not judge the parents' relation a second time — only for the parents it
+    was chosen on (`parents`: their `LoadedParent.pinned_reference`s, in order; merge() refuses others)."""
 
     method: MergeMethod
     reason: str
     relation: ParentRelation
     streams: bool
+    parents: tuple[str, ...]
 
 
 def solve_spec(spec: PermutationSpec, concatenate_classifier: bool, *, reference_rows: bool = False
@@ -322,6 +324,8 @@ def merge(
     if auto_choice is not None and not automatic:
         raise MergeInputError(f"auto_choice is the choice of method 'auto' (pipeline.auto_before_loading); pass it "
                               f"with method='auto', not method={method!r}, or leave it out")
+    if auto_choice is not None:
+        _check_choice_parents(auto_choice, models)
     merge_method = None if automatic else get_method(method)
     if merge_method is not None:
         _check_parent_count(merge_method, count)
@@ -820,7 +824,27 @@ def auto_before_loading(views: Sequence[LoadedParent], options: MergeOptions, ca
     if calibration is not None and reads_calibration(method, options, calibration, count):
         check_calibration_before_weights(calibration, processor if processor is not None else
                                          [view.processor for view in views], model_a.config, options)
-    return AutoChoice(method=method, reason=reason, relation=relation, streams=lazy)
+    return AutoChoice(method=method, reason=reason, relation=relation, streams=lazy,
+                      parents=tuple(view.pinned_reference for view in views))
+
+
+def _check_choice_parents(choice: AutoChoice, models: Sequence[Any]) -> None:
+    """An `AutoChoice` judged other parents (or the same ones in another order) than `models`: its method would be
+    applied to a relation nobody measured. Parents given as anything but the `LoadedParent`s it was made on are
+    refused too — a folder or model object may hold other weights by now."""
+    from hf_mudsc.load.parents import LoadedParent
+
+    loaded = all(isinstance(model, LoadedParent) for model in models)
+    given = [model.pinned_reference if isinstance(model, LoadedParent) else
+             os.fspath(model) if isinstance(model, (str, os.PathLike)) else f"a {type(model).__name__} object"
+             for model in models]
+    if loaded and tuple(given) == choice.parents:
+        return
+    why = "other parents or another order" if loaded else "not the LoadedParents it was made on"
+    raise MergeInputError(
+        f"auto_choice was made on the parents {', '.join(display_name(p) for p in choice.parents)}, not on these "
+        f"({', '.join(display_name(p) for p in given)}: {why}); pass the LoadedParents it was chosen on, or leave "
+        "it out (merge() then chooses itself)")
 
 
 def check_calibration_before_weights(calibration: Any, processors: Any, config: Any, options: MergeOptions) -> None:

@@ -499,8 +499,43 @@ def test_an_auto_choice_with_another_method_is_refused_in_one_line(tmp_path, mon
     import hf_mudsc.pipeline as pipeline
 
     monkeypatch.setattr(loading, "load_parents_and_base", lambda *a, **k: pytest.fail("parents loaded"))
-    choice = pipeline.AutoChoice(method=METHODS["linear"], reason="why", relation=None, streams=True)
+    choice = pipeline.AutoChoice(method=METHODS["linear"], reason="why", relation=None, streams=True, parents=())
     with pytest.raises(hf_mudsc.MergeInputError) as caught:
         hf_mudsc.merge([make_model("vit_cls", 1), make_model("vit_cls", 2)], method="ties", auto_choice=choice)
     assert str(caught.value) == ("auto_choice is the choice of method 'auto' (pipeline.auto_before_loading); pass it "
                                  "with method='auto', not method='ties', or leave it out")
+
+
+def test_an_auto_choice_made_on_other_parents_is_refused_in_one_line_before_loading(tmp_path, monkeypatch):
+    """`merge(auto_choice=...)` took the method `auto` chose on any parents: a choice made on parents (p1, p2) merged
+    (p1, p3) with a method judged on another pair. The choice records the parents it was made on (pinned
+    references); merge() refuses other parents before loading anything, and takes the same ones."""
+    import hf_mudsc.load.parents as loading
+    import hf_mudsc.pipeline as pipeline
+    from hf_mudsc.options import MergeOptions
+
+    folders = []
+    for seed in (1, 2, 3):
+        fine_tune(make_model("vit_cls", 0), seed, 0.01, relative=True).save_pretrained(tmp_path / f"p{seed}")
+        folders.append(str(tmp_path / f"p{seed}"))
+    made: dict = {}
+
+    def choose(views, found_base):
+        made["choice"] = pipeline.auto_before_loading(views, MergeOptions(), None, has_base=False, references=2)
+        return made["choice"].streams
+
+    chosen_on, _, _ = loading.load_parents_and_base(folders[:2], None, choose_loading=choose, lazy=False)
+    choice = made["choice"]
+    assert choice.parents == tuple(parent.pinned_reference for parent in chosen_on)
+    others, _, _ = loading.load_parents_and_base([folders[0], folders[2]], None)
+    real = pipeline.check_parents_mergeable
+    monkeypatch.setattr(pipeline, "check_parents_mergeable", lambda *a, **k: pytest.fail("parents judged"))
+    for wrong in (others, [folders[0], folders[1]], [parent.model for parent in chosen_on]):
+        with pytest.raises(hf_mudsc.MergeInputError) as caught:
+            hf_mudsc.merge(wrong, auto_choice=choice)
+        message = str(caught.value)
+        assert "\n" not in message and message.startswith("auto_choice was made on the parents ")
+        assert "p1, p2" in message and "leave it out" in message, message
+    monkeypatch.setattr(pipeline, "check_parents_mergeable", real)
+    merged = hf_mudsc.merge(chosen_on, auto_choice=choice)
+    assert merged.config.mudsc["method"] == choice.method.name
