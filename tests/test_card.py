@@ -213,7 +213,7 @@ def test_a_custom_template_can_be_used(merged, recipe, tmp_path):
 
 
 def test_local_references_are_shown_by_name(tmp_path):
-    from hf_mudsc.publish.card import local_name
+    from hf_mudsc.load.references import local_name
 
     (tmp_path / "calib").mkdir()
     assert local_name(str(tmp_path / "calib")) == "calib"

@@ -81,10 +81,11 @@ def test_merge_hub_parents_push_load_and_rerun_the_pushed_recipe(hub, inputs, tm
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "Pushed to" in proc.stdout and "Merged model written to" in proc.stdout
 
-    # One commit holding model, processor, card and recipe — the same bytes as the local output.
+    # One commit holding model, processor, card and recipe — the same bytes as the local output, but for the
+    # recipe's local calibration folder (below).
     assert [c.title for c in hub.commits("user/merged")][1:] == ["initial commit"]
     assert set(hub.list_files("user/merged")) == written(out) | {".gitattributes"}
-    for name in written(out):
+    for name in written(out) - {RECIPE_FILENAME}:
         assert hub.file_bytes("user/merged", name) == (out / name).read_bytes(), name
     assert hub.is_private("user/merged") and hub.is_lfs("user/merged", "model.safetensors")
 
@@ -97,12 +98,15 @@ def test_merge_hub_parents_push_load_and_rerun_the_pushed_recipe(hub, inputs, tm
     assert card.data.base_model == ["user/a", "user/b"] and card.data.base_model_relation == "merge"
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-classification"
     block = re.search(r"```yaml\n(.*?)```", card.content, re.S).group(1)
-    # The card shows the local calibration folder by name (no machine paths); the recipe file keeps the path.
-    assert Recipe.from_dict(yaml.safe_load(block)) == recipe.override(calibration=calibration.name)
-    assert str(calibration) not in card.content and recipe.calibration == str(calibration)
+    # The card and the pushed recipe show the local calibration folder by name (no machine paths); the local
+    # recipe file keeps the path.
+    assert Recipe.from_dict(yaml.safe_load(block)) == recipe and recipe.calibration == calibration.name
+    assert str(calibration) not in card.content
+    assert Recipe.load(out / RECIPE_FILENAME) == recipe.override(calibration=str(calibration))
     assert hub.requests_for("validate_yaml")
 
-    # Stock transformers loads it from the Hub; the same client re-runs the pushed recipe.
+    # Stock transformers loads it from the Hub; the same client re-runs the pushed recipe (given the local
+    # calibration folder's path, which the pushed file names by folder name only).
     again = tmp_path / "again"
     res = hub.run_client(
         f"""
@@ -116,7 +120,7 @@ def test_merge_hub_parents_push_load_and_rerun_the_pushed_recipe(hub, inputs, tm
             emit({{"logits": model(pixel_values=pixels).logits.tolist(), "class": type(model).__name__}})
         from hf_mudsc.cli.main import main
         emit({{"rerun": main(["merge", "--recipe", hf_hub_download("user/merged", {RECIPE_FILENAME!r}),
-                             "--output", {str(again)!r}])}})
+                             "--calibration", {str(calibration)!r}, "--output", {str(again)!r}])}})
         """,
         token=SECRET,
     )

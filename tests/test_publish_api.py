@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from factories import make_model
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
@@ -131,8 +132,13 @@ def test_push_merged_uploads_the_same_files_in_one_commit(hub_emulator, inputs, 
     assert sha == hub.head("user/api-merged") and hub.is_private("user/api-merged")
     assert [c.title for c in hub.commits("user/api-merged")][1:] == ["initial commit"]
     assert set(hub.list_files("user/api-merged")) == MERGED_FILES | ZIPIT_PLOTS | {".gitattributes"}
-    for name in ("config.json", "model.safetensors", "preprocessor_config.json", RECIPE_FILENAME):
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
         assert hub.file_bytes("user/api-merged", name) == (saved / name).read_bytes(), name
+    # The recipe names the local parents and calibration folder by folder name, as the card does; the saved one
+    # keeps their paths (tests/test_hub_pushed_recipe.py).
+    pushed = hub.file_bytes("user/api-merged", RECIPE_FILENAME).decode()
+    assert str(a.parent) not in pushed and str(a.parent) in (saved / RECIPE_FILENAME).read_text()
+    assert yaml.safe_load(pushed)["models"] == [a.name, b.name]
     card = ModelCard(hub.file_bytes("user/api-merged", "README.md").decode())
     assert card.data.base_model == ModelCard.load(saved / "README.md").data.base_model
     assert "user/api-merged" in card.content

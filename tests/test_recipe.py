@@ -261,3 +261,42 @@ def test_data_free_suggestions_take_the_number_of_parents_given():
     assert two[:3] == ["weight_matching", "ties", "linear"] and "average" in two and "slerp" in two
     assert "average" not in three and "slerp" not in three  # both merge exactly two parents
     assert all(not METHODS[name].needs_data and not METHODS[name].needs_calibration for name in two)
+
+
+def test_the_published_recipe_names_local_folders_by_name_and_keeps_every_other_byte(tmp_path):
+    """Parents, base and calibration given as folders of this machine are named by folder name in the copy pushed to
+    the Hub (names YAML would misread are quoted), Hub references are untouched, and re-running that copy is refused
+    until each local entry is given again."""
+    from hf_mudsc.publish.recipe import published_text
+
+    hub = "org/model@" + "a" * 40
+    recipe = Recipe(models=["/home/alice/runs/yes", "/home/alice/a: b/ckpt 3", hub], method="weight_matching",
+                    base="/home/alice/base", calibration="/home/alice/data/calib:train")
+    local = recipe.to_yaml()
+    published = published_text(local)
+    assert "/home/alice" not in published
+    renamed = (local.replace("- /home/alice/runs/yes\n", "- 'yes'\n").replace("- '/home/alice/a: b/ckpt 3'\n",
+                                                                              "- ckpt 3\n")
+               .replace("base: /home/alice/base\n", "base: base\n")
+               .replace("calibration: /home/alice/data/calib:train\n", "calibration: calib:train\n"))
+    assert published.endswith(renamed) and renamed != local
+    assert [line for line in published[:-len(renamed)].splitlines() if line.startswith("#   ")] == [
+        "#   models[0]: yes", "#   models[1]: ckpt 3", "#   base: base", "#   calibration: calib:train"]
+    assert Recipe.from_dict(yaml.safe_load(published)) == recipe.override(
+        models=["yes", "ckpt 3", hub], base="base", calibration="calib:train")
+    hub_only = Recipe(models=[hub, "org/other@" + "b" * 40], method="weight_matching").to_yaml()
+    assert published_text(hub_only) == hub_only
+
+    path = tmp_path / RECIPE_FILENAME
+    path.write_text(published)
+    parser = build_parser()
+    folders = [tmp_path / name for name in ("p0", "p1", "p2", "b")]
+    for folder in folders:
+        folder.mkdir()
+    args = parser.parse_args(["merge", *map(str, folders[:3]), "--recipe", str(path), "--output", "x"])
+    with pytest.raises(RecipeError, match=r"base `base`, calibration `calib:train` were local folders .*--base PATH; "
+                                          r"--calibration PATH"):
+        build_recipe(args)
+    args = parser.parse_args(["merge", *map(str, folders[:3]), "--recipe", str(path), "--base", str(folders[3]),
+                              "--calibration", f"{folders[3]}:train", "--output", "x"])
+    assert build_recipe(args).models == list(map(str, folders[:3]))

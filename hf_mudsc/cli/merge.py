@@ -22,7 +22,7 @@ from typing import Any
 from hf_mudsc.errors import RecipeError
 from hf_mudsc.options import REFITTING, MergeOptions, flag, int_or_auto, number_or_auto
 from hf_mudsc.publish.folder import check_output
-from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
+from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe, check_local_folders_given
 
 logger = logging.getLogger(__name__)
 
@@ -78,11 +78,13 @@ def add_arguments(parser: argparse.ArgumentParser, options: type[MergeOptions] =
 def build_recipe(args: argparse.Namespace, recipe_class: type[Recipe] = Recipe) -> Recipe:
     """The recipe file (if any) with the given flags applied on top."""
     path = getattr(args, "recipe", None)
-    recipe = recipe_class.load(path) if path else recipe_class()
+    loaded = recipe_class.load(path) if path else recipe_class()
     overrides = {k: v for k, v in vars(args).items() if k in recipe_class.keys() and k != "models"}
     if getattr(args, "models", None):
         overrides["models"] = list(args.models)
-    recipe = recipe.override(**overrides).validate()
+    recipe = loaded.override(**overrides).validate()
+    if path:  # a recipe pushed to the Hub names local folders by name only: their paths must be given
+        check_local_folders_given(path, loaded, recipe)
     if not recipe.output and not recipe.push_to_hub and not recipe.dry_run:
         raise RecipeError("say where the merged model goes: --output DIR and/or --push-to-hub ORG/NAME")
     return recipe

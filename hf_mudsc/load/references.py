@@ -32,6 +32,20 @@ def display_name(name: str) -> str:
     return name
 
 
+def local_name(reference: str | os.PathLike) -> str:
+    """How a parent or dataset reference is shown off this machine (the card, the recipe pushed to the Hub): local
+    folders by name, never by their absolute path.
+
+    A spec `path:split` keeps its suffix (`calibration:train`); Hub ids and specs are shown as given.
+    """
+    text = os.fspath(reference)
+    head, sep, rest = text.partition(":")
+    if sep and head and not (os.path.isabs(text) or os.path.exists(text)) and (
+            os.path.isabs(head) or os.path.exists(head)):
+        return f"{display_name(head)}:{rest}"
+    return display_name(os.path.expanduser(text)) if text.startswith("~") else display_name(text)
+
+
 def pinned_reference(parent: Any) -> str:
     """How a recipe names a parent (`LoadedParent`): `org/name@<commit sha>` from the Hub, an absolute path for
     a local folder, so the recipe re-runs the same merge from anywhere."""

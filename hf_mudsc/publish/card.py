@@ -292,13 +292,8 @@ def render_card(
         dict(zip(report.group_names, report.group_values)) if report is not None else {}
     )
     path = Path(template) if template is not None else template_path()
-    shown_models = [local_name(str(m)) for m in recipe.models]
-    shown_calibration = local_name(recipe.calibration) if recipe.calibration else recipe.calibration
-    shown_base = local_name(recipe.base) if isinstance(recipe.base, (str, os.PathLike)) else recipe.base
-    local_names = [shown for shown, given in zip([*shown_models, shown_base, shown_calibration],
-                                                  [*recipe.models, recipe.base, recipe.calibration]) if shown != given]
-    shown_recipe = (recipe.override(models=shown_models, base=shown_base, calibration=shown_calibration)
-                    if local_names else recipe)
+    shown_recipe, local = recipe.shown()  # local folders by name, as the recipe pushed to the Hub names them
+    local_names = [entry.shown for entry in local]
     num_samples = mudsc.get("num_calibration_samples", getattr(report, "num_samples", None))
     base = ParentInfo.from_any(recipe.base) if recipe.base else None
     settings = settings_rows(mudsc, shown_recipe, {
@@ -327,7 +322,7 @@ def render_card(
         independent_heads=mudsc.get("independent_heads", recipe.independent_heads),
         reference_compat=mudsc.get("reference_compat", recipe.reference_compat),
         seed=mudsc.get("seed", recipe.seed),
-        calibration=shown_calibration,
+        calibration=shown_recipe.calibration,
         calibration_dataset=calibration_dataset_id(recipe.calibration),
         num_samples=num_samples,
         settings=settings,
@@ -392,21 +387,6 @@ def _environment(folder: Path) -> jinja2.Environment:
         lstrip_blocks=True,
         autoescape=False,
     )
-
-
-def local_name(reference: str) -> str:
-    """How a card shows a parent or dataset reference: local folders by name, never by their absolute path.
-
-    A spec `path:split` keeps its suffix (`calibration:train`); Hub ids and specs are shown as given.
-    """
-    from hf_mudsc.load.references import display_name
-
-    text = os.fspath(reference)
-    head, sep, rest = text.partition(":")
-    if sep and head and not (os.path.isabs(text) or os.path.exists(text)) and (
-            os.path.isabs(head) or os.path.exists(head)):
-        return f"{display_name(head)}:{rest}"
-    return display_name(os.path.expanduser(text)) if text.startswith("~") else display_name(text)
 
 
 def evaluation_section(eval_results: Iterable[EvalRow | Mapping[str, Any]]) -> str:

@@ -1,8 +1,10 @@
 """Publisher: a merged-model folder -> a Hub repo, in one commit, with its card and recipe.
 
-One commit (`upload_folder`) makes the push atomic: the repo shows either the previous state or the
+One commit (`create_commit`) makes the push atomic: the repo shows either the previous state or the
 whole merged model, never half of it. Only the files the writer's marker lists are uploaded (never the
-marker, never a symlink's target). After a failed commit the repo's head is checked, because a commit can
+marker, never a symlink's target). The recipe goes up as `recipe.published_text` makes it: local folders named
+by folder name, as the card shows them (the local file keeps their paths, to re-run the merge here; the folder is
+only read). After a failed commit the repo's head is checked, because a commit can
 be applied although its answer was lost; a repo this run created is deleted only when nothing was
 committed, and an empty repo left by a killed push is pushed into on the rerun. Every Hub call has a
 timeout (`HF_MUDSC_HUB_TIMEOUT`) and logs what it waits for.
@@ -20,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from huggingface_hub import HfApi, get_session
+from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi, get_session
 from huggingface_hub.errors import HfHubHTTPError
 
 from hf_mudsc.errors import PushError, RepoExistsError
 from hf_mudsc.load.hub_calls import http_client, hub_call
 from hf_mudsc.publish.folder import MARKER_FILENAME, read_marker, unlisted_files
-from hf_mudsc.publish.recipe import RECIPE_FILENAME
+from hf_mudsc.publish.recipe import RECIPE_FILENAME, published_text
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +37,8 @@ CARD_FILENAME = "README.md"
 TIMEOUT_ENV = "HF_MUDSC_HUB_TIMEOUT"
 DEFAULT_TIMEOUT = 120.0
 _T = TypeVar("_T")
-
-
-
-
+# Kept in the repo when a push replaces its files: the Hub needs it (LFS rules); huggingface_hub keeps it too.
+GITATTRIBUTES = ".gitattributes"
 
 
 @dataclass(frozen=True)
@@ -211,13 +211,39 @@ def push_folder(
     """
     folder = check_folder(folder)
     files = published_files(folder)
+    contents = published_contents(folder)
     with hub_timeouts() as seconds:
-        return _push(folder, files, repo_id, private=private, overwrite=overwrite, token=token,
+        return _push(folder, files, contents, repo_id, private=private, overwrite=overwrite, token=token,
                      commit_message=commit_message, flag=flag, seconds=seconds)
 
 
-def _push(folder: Path, files: list[str], repo_id: str, *, private: bool, overwrite: bool, token: str | None,
-          commit_message: str | None, flag: str, seconds: float) -> PushResult:
+def published_contents(folder: Path) -> dict[str, bytes]:
+    """The files uploaded with other bytes than the folder's: the recipe with its local folders named by folder
+    name (`recipe.published_text`), when it has any. Read from the folder, which is never changed."""
+    path = folder / RECIPE_FILENAME
+    local = path.read_bytes()
+    try:
+        text = local.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"refusing to push {str(folder)!r}: its {RECIPE_FILENAME} is not UTF-8 text; write the "
+                         "folder again with `hf-mudsc merge --output DIR`") from None
+    published = published_text(text, name=RECIPE_FILENAME).encode("utf-8")
+    return {} if published == local else {RECIPE_FILENAME: published}
+
+
+def _commit(api: HfApi, repo_id: str, folder: Path, files: list[str], contents: dict[str, bytes], *,
+            replace: bool, message: str) -> CommitInfo:
+    """One commit adding exactly `files` (the writer's; `contents` gives some of them other bytes) and, when
+    `replace`, deleting every other file of the repo but `.gitattributes`, so the old model's leftovers go with it."""
+    adds = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=contents.get(name, folder / name))
+            for name in files]
+    stale = sorted(set(api.list_repo_files(repo_id)) - set(files) - {GITATTRIBUTES}) if replace else []
+    deletes = [CommitOperationDelete(path_in_repo=name, is_folder=False) for name in stale]
+    return api.create_commit(repo_id=repo_id, operations=[*deletes, *adds], commit_message=message)
+
+
+def _push(folder: Path, files: list[str], contents: dict[str, bytes], repo_id: str, *, private: bool,
+          overwrite: bool, token: str | None, commit_message: str | None, flag: str, seconds: float) -> PushResult:
     api = HfApi(token=token)
     state = _target_state(repo_id, overwrite=overwrite, token=token, flag=flag, seconds=seconds)
     try:
@@ -241,14 +267,9 @@ def _push(folder: Path, files: list[str], repo_id: str, *, private: bool, overwr
     try:
         commit = _step(
             f"uploading {len(files)} files to {repo_id!r} in one commit",
-            lambda: api.upload_folder(
-                repo_id=repo_id,
-                folder_path=folder,
-                commit_message=message,
-                allow_patterns=files,  # exactly the writer's files: never the marker, nothing added since
-                # On overwrite, files of the old model that the new folder lacks go away in the same commit.
-                delete_patterns="*" if state == "exists" else None,
-            ),
+            # Exactly the writer's files (never the marker, nothing added since); on overwrite, files of the old
+            # model that the new folder lacks go away in the same commit.
+            lambda: _commit(api, repo_id, folder, files, contents, replace=state == "exists", message=message),
             seconds=seconds,
         )
     except BaseException as error:

@@ -11,6 +11,11 @@ over someone's folder or repo, or run a pickle, with nothing on the command line
 that sets one of these keys is refused, naming the flag to use instead; a key stating its default (`false` /
 `null`, as hf-mudsc 0.1.0 wrote `allow_pickle: false` into every recipe) asks for nothing and is ignored. Written
 recipes never hold these keys. A token is never a recipe key.
+
+A recipe shown off this machine — the card's copy, and the file pushed to the Hub (`published_text`) — names local
+folders (parents, base, calibration data) by folder name only, never by their paths, which would publish the
+merging machine's layout; the pushed file says so in a comment at its top, and re-running it without those folders'
+paths is refused naming them (`check_local_folders_given`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import copy
 import dataclasses
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +34,7 @@ import yaml
 
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import OptionError, RecipeError, shown
+from hf_mudsc.load.references import local_name
 from hf_mudsc.options import MATCHERS as MATCHERS  # re-exported: the CLI's --matcher choices
 from hf_mudsc.options import RECIPE_FILENAME as RECIPE_FILENAME
 from hf_mudsc.options import REFITTING, MergeOptions
@@ -42,6 +49,20 @@ COMMAND_LINE_ONLY_KEYS = MergeOptions.command_line_only()
 MAX_RECIPE_BYTES = 1 << 20
 # Keys a recipe may carry for information only.
 INFO_KEYS = ("hf_mudsc_version",)
+
+# The keys whose values may name a folder of this machine, with how to give it on the command line instead.
+LOCAL_REFERENCE_KEYS = {
+    "models": "the parents before --recipe (`hf-mudsc merge PATH_A PATH_B ... --recipe FILE`)",
+    "base": "--base PATH",
+    "calibration": "--calibration PATH (keep a `:split` suffix)",
+}
+# The comment on top of a recipe pushed with local folders: which entries they were (one `#   label: name` line each).
+_PUBLISHED_HEADER = (
+    "# Published copy: the entries listed below were local folders on the machine that merged; they are named\n"
+    "# here by folder name only. To re-run, give each as a path (or a Hub id): the parents before --recipe\n"
+    "# (hf-mudsc merge PATH_A PATH_B ... --recipe FILE), --base PATH, --calibration PATH, or write them here.\n"
+)
+_PUBLISHED_ENTRY = re.compile(rf"^#   ({'|'.join(LOCAL_REFERENCE_KEYS)})(?:\[(\d+)\])?: ")
 
 _HEADER = (
     "# hf-mudsc merge recipe. Reproduce the merge with:\n"
@@ -118,6 +139,14 @@ class Recipe(MergeOptions):
             raise RecipeError(f"unknown recipe key(s) {unknown}")
         coerced = {k: self.coerce(k, v, "command line") for k, v in changes.items()}
         return dataclasses.replace(self, **coerced)
+
+    def shown(self) -> tuple[Recipe, list[LocalReference]]:
+        """The recipe as shown off this machine (the card's copy; the Hub's file is `published_text`): local folders
+        by folder name, never by their paths. Also returns those entries (none: the recipe itself)."""
+        values = {key: getattr(self, key) for key in LOCAL_REFERENCE_KEYS}
+        local = local_references(values)
+        shown = shown_values(values, local)
+        return (self.override(**{entry.key: shown[entry.key] for entry in local}) if local else self), local
 
     @classmethod
     def coerce(cls, key: str, value: Any, source: str) -> Any:
@@ -201,6 +230,119 @@ class Recipe(MergeOptions):
         path = Path(path)
         path.write_text(self.to_yaml(reproducible=True, name=path.name), encoding="utf-8")
         return path
+
+
+@dataclass(frozen=True)
+class LocalReference:
+    """One recipe entry naming a folder of this machine (`given`, its path) and how it is shown off it (`shown`)."""
+
+    key: str
+    index: int | None  # the position in a list (`models`), None for a single value
+    given: str
+    shown: str
+
+    @property
+    def label(self) -> str:
+        """How messages and the pushed file's comment name the entry: `models[0]`, `calibration`."""
+        return self.key if self.index is None else f"{self.key}[{self.index}]"
+
+
+def local_references(values: Mapping[str, Any]) -> list[LocalReference]:
+    """The entries of `values` (recipe keys) that name a local folder, in key order: the one place that decides
+    which entries are hidden off this machine, and how (`load.references.local_name`)."""
+    found = []
+    for key in LOCAL_REFERENCE_KEYS:
+        value = values.get(key)
+        items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
+        for index, given in items:
+            if isinstance(given, (str, os.PathLike)) and local_name(given) != os.fspath(given):
+                found.append(LocalReference(key, index, os.fspath(given), local_name(given)))
+    return found
+
+
+def published_text(text: str, *, name: str = RECIPE_FILENAME) -> str:
+    """A recipe file's text as pushed to the Hub: each local folder named as the card shows it (`Recipe.shown`)
+    and a comment on top listing those entries; every other byte as in `text`. Without local folders: `text`.
+
+    The local file keeps the paths (it re-runs the merge on this machine); a pushed copy, possibly public, must not
+    publish the machine's layout. Values are replaced where the YAML parser found them, so nothing else changes."""
+    refused = RecipeError(f"{name} is not a recipe as hf-mudsc writes it, so its local folders cannot be named by "
+                          "folder name for the Hub; write the folder again with `hf-mudsc merge --output DIR`")
+    try:
+        data = yaml.load(text, Loader=_RecipeLoader)
+        local = local_references(data) if isinstance(data, Mapping) else []
+        if not local:
+            return text
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        nodes = {key.value: value for key, value in root.value if isinstance(key, yaml.ScalarNode)}
+        spans = []
+        for entry in local:
+            node = nodes[entry.key] if entry.index is None else nodes[entry.key].value[entry.index]
+            spans.append((node.start_mark.index, node.end_mark.index, _yaml_scalar(entry.shown)))
+    except (yaml.YAMLError, ValueError, RecursionError, LookupError, AttributeError):
+        raise refused from None
+    for start, end, value in sorted(spans, reverse=True):
+        text = text[:start] + value + text[end:]
+    lines = "".join(f"#   {entry.label}: {' '.join(entry.shown.splitlines())}\n" for entry in local)
+    published = _PUBLISHED_HEADER + lines + text
+    if yaml.safe_load(published) != shown_values(data, local):  # a layout the writer never makes (anchors, ...)
+        raise refused
+    return published
+
+
+def shown_values(values: Mapping[str, Any], local: list[LocalReference]) -> dict[str, Any]:
+    """A copy of `values` with the `local` entries (`local_references(values)`) as shown off this machine."""
+    shown = dict(values)
+    for key in {entry.key for entry in local if entry.index is not None}:
+        shown[key] = list(values[key])  # `values`' own list is left as it is
+    for entry in local:
+        if entry.index is None:
+            shown[entry.key] = entry.shown
+        else:
+            shown[entry.key][entry.index] = entry.shown
+    return shown
+
+
+def check_local_folders_given(path: str | os.PathLike, loaded: Recipe, recipe: Recipe) -> None:
+    """Refuse to re-run a pushed recipe (`published_text`) whose local folders, named by folder name only, were not
+    given as paths: one line naming each entry and how to give it, before anything is loaded.
+
+    `loaded`: the recipe as the file holds it; `recipe`: with the command line's flags applied. An entry given
+    anew on the command line, or whose name is a folder here, is left to the loader."""
+    text = Path(path).read_text(encoding="utf-8")
+    missing: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        match = _PUBLISHED_ENTRY.match(line)
+        if match is None:
+            continue
+        key, index = match.group(1), match.group(2)
+        given, now = getattr(loaded, key), getattr(recipe, key)
+        if index is not None:
+            position = int(index)
+            given = given[position] if isinstance(given, list) and position < len(given) else None
+            now = now[position] if isinstance(now, list) and position < len(now) else None
+        if not isinstance(given, str) or now != given:
+            continue
+        if any(os.path.exists(os.path.expanduser(part)) for part in (now, now.partition(":")[0]) if part):
+            continue
+        label = LocalReference(key, None if index is None else int(index), given, now).label
+        missing[f"{label} `{now}`"] = LOCAL_REFERENCE_KEYS[key]
+    if missing:
+        one = len(missing) == 1
+        raise RecipeError(
+            f"recipe {str(path)!r}: {', '.join(missing)} {'was a local folder' if one else 'were local folders'} on "
+            "the machine that merged, named by folder name only in a published recipe; give "
+            f"{'its path (or a Hub id)' if one else 'their paths (or Hub ids)'}: "
+            f"{'; '.join(dict.fromkeys(missing.values()))} — or write them into the file"
+        )
+
+
+def _yaml_scalar(value: str) -> str:
+    """`value` as one YAML scalar (quoted when it must be), to put in place of another in a recipe's text."""
+    item = yaml.safe_dump([value], default_flow_style=False, width=float("inf"), allow_unicode=True)
+    return item.removeprefix("- ").removesuffix("\n")  # a block sequence's item: quoted as a block value would be
 
 
 def _expect_str(key: str, value: Any, source: str) -> str:

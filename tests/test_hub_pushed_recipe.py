@@ -1,0 +1,158 @@
+"""What the Hub receives as `mudsc_recipe.yaml` when a merge of local folders is pushed.
+
+The local folder's recipe names local parents, base and calibration data by their absolute paths (it re-runs the
+merge on this machine); the pushed copy names them as the card does, by folder name, with a comment at the top
+listing them, so a possibly public repo does not publish the merging machine's layout (user names, run folders).
+Everything else in the file is the local bytes; a recipe without local references is uploaded as it is. Re-running
+the pushed copy without giving those folders' paths is one line naming each entry and how to give it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from test_cli import FAST, save_parents_and_data, tree_digest
+
+from hf_mudsc.cli.main import main
+from hf_mudsc.publish.folder import read_marker
+from hf_mudsc.publish.recipe import RECIPE_FILENAME
+
+SECRET = "hf_secretPushedRecipeTokenNeverLeaks01"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return save_parents_and_data(tmp_path_factory.mktemp("alice_runs"))
+
+
+def merge_locally(*argv: str) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["merge", *argv]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def merged(inputs, tmp_path_factory):
+    a, b, calibration = inputs
+    out = tmp_path_factory.mktemp("pushed_recipe") / "merged"
+    merge_locally(str(a), str(b), "--calibration", str(calibration), "--output", str(out), *FAST)
+    return out
+
+
+def run_cli(hub, *argv: str) -> subprocess.CompletedProcess:
+    env = hub.client_env(token=SECRET, extra={"OMP_NUM_THREADS": "1"})
+    return subprocess.run([sys.executable, "-m", "hf_mudsc", *argv], env=env, capture_output=True, text=True,
+                          timeout=300, stdin=subprocess.DEVNULL)
+
+
+def check_pushed_recipe(pushed: str, local: str, inputs, machine_paths) -> None:
+    """The pushed recipe: the local file with each local folder named by its folder name, after a comment naming
+    those entries; no path of this machine."""
+    a, b, calibration = inputs
+    for path in machine_paths:
+        assert str(path) not in pushed
+    assert str(a) in local and str(calibration) in local  # the local copy keeps what re-runs it here
+    renamed = local.replace(str(a), a.name).replace(str(b), b.name).replace(str(calibration), calibration.name)
+    assert pushed.endswith(renamed)
+    added = pushed[:-len(renamed)]
+    assert added and all(line.startswith("#") for line in added.splitlines())
+    for entry in (f"models[0]: {a.name}", f"models[1]: {b.name}", f"calibration: {calibration.name}"):
+        assert entry in added
+    assert "local folders on the machine that merged" in added and "give each as a path" in added
+    data = yaml.safe_load(pushed)
+    assert data["models"] == [a.name, b.name] and data["calibration"] == calibration.name
+
+
+def test_merge_push_to_hub_names_local_folders_by_name(hub_emulator, inputs, tmp_path, tmp_path_factory):
+    hub = hub_emulator
+    a, b, calibration = inputs
+    out = tmp_path / "merged"
+    proc = run_cli(hub, "merge", str(a), str(b), "--calibration", str(calibration), "--output", str(out),
+                   "--push-to-hub", "user/local-merge", *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pushed = hub.file_bytes("user/local-merge", RECIPE_FILENAME).decode()
+    check_pushed_recipe(pushed, (out / RECIPE_FILENAME).read_text(), inputs,
+                        [tmp_path, tmp_path_factory.getbasetemp(), a.parent])
+    files = set(read_marker(out)["files"])
+    assert set(hub.list_files("user/local-merge")) == files | {".gitattributes"}
+    for name in files - {RECIPE_FILENAME}:  # every other file is the local one
+        assert hub.file_bytes("user/local-merge", name) == (out / name).read_bytes(), name
+    assert [c.title for c in hub.commits("user/local-merge")][1:] == ["initial commit"]  # one commit
+
+
+def test_push_dir_names_local_folders_by_name_and_leaves_the_folder_as_it_was(hub_emulator, inputs, merged,
+                                                                              tmp_path_factory):
+    hub = hub_emulator
+    before = tree_digest(merged)
+    proc = run_cli(hub, "push", str(merged), "user/pushed")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert tree_digest(merged) == before  # the folder was only read
+    pushed = hub.file_bytes("user/pushed", RECIPE_FILENAME).decode()
+    check_pushed_recipe(pushed, (merged / RECIPE_FILENAME).read_text(), inputs,
+                        [tmp_path_factory.getbasetemp(), inputs[0].parent])
+    # The card's copy of the recipe is the same recipe as the pushed file (one place decides how a local folder
+    # is shown).
+    card = hub.file_bytes("user/pushed", "README.md").decode()
+    block = card.split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert yaml.safe_load(block) == yaml.safe_load(pushed)
+    assert SECRET not in proc.stdout + proc.stderr
+
+
+def test_overwrite_replaces_stale_files_in_one_commit_with_the_renamed_recipe(hub_emulator, inputs, merged):
+    hub = hub_emulator
+    hub.commit_files("user/taken", {"old-weights.bin": b"\0old", "plots/old.png": b"png",
+                                    RECIPE_FILENAME: b"models: [x/y, x/z]\n"}, "old")
+    before = len(hub.commits("user/taken"))
+    proc = run_cli(hub, "push", str(merged), "user/taken", "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(hub.commits("user/taken")) == before + 1
+    assert set(hub.list_files("user/taken")) == set(read_marker(merged)["files"]) | {".gitattributes"}
+    pushed = hub.file_bytes("user/taken", RECIPE_FILENAME).decode()
+    assert str(inputs[0].parent) not in pushed and yaml.safe_load(pushed)["models"] == ["vit-a", "vit-b"]
+
+
+def test_a_recipe_without_local_folders_is_uploaded_as_it_is(hub_emulator, inputs, tmp_path):
+    hub = hub_emulator
+    a, b, _ = inputs
+    hub.upload_folder("user/a", a, "parent A")
+    hub.upload_folder("user/b", b, "parent B")
+    out = tmp_path / "hub-merge"
+    proc = run_cli(hub, "merge", "user/a", "user/b", "--method", "weight_matching", "--output", str(out),
+                   "--push-to-hub", "user/hub-merge")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    local = (out / RECIPE_FILENAME).read_bytes()
+    assert f"user/a@{hub.head('user/a')}".encode() in local
+    assert hub.file_bytes("user/hub-merge", RECIPE_FILENAME) == local
+
+
+def test_rerunning_a_pushed_recipe_asks_for_the_local_folders_paths(hub_emulator, inputs, merged, tmp_path,
+                                                                     capsys, monkeypatch):
+    hub = hub_emulator
+    a, b, calibration = inputs
+    proc = run_cli(hub, "push", str(merged), "user/rerun")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    downloaded = tmp_path / RECIPE_FILENAME
+    downloaded.write_bytes(hub.file_bytes("user/rerun", RECIPE_FILENAME))
+    monkeypatch.chdir(tmp_path)  # no folder named like the parents here
+    out = tmp_path / "again"
+    assert main(["merge", "--recipe", str(downloaded), "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("hf-mudsc merge: error: "), err
+    for entry in ("models[0] `vit-a`", "models[1] `vit-b`", "calibration `calibration`"):
+        assert entry in err
+    assert "local folder" in err and "path" in err and not out.exists()
+    # The parents' paths given, the calibration still missing: only that entry is named.
+    assert main(["merge", str(a), str(b), "--recipe", str(downloaded), "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "calibration `calibration`" in err and "models[" not in err and "--calibration" in err
+    # Every path given: the pushed recipe re-runs the merge, to the same weights.
+    merge_locally(str(a), str(b), "--recipe", str(downloaded), "--calibration", str(calibration), "--output",
+                  str(out))
+    assert (out / "model.safetensors").read_bytes() == (merged / "model.safetensors").read_bytes()
