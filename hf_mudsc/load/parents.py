@@ -207,32 +207,40 @@ def refuse_links_out(reference: str, folder: Path) -> None:
     archive could link a file the merge reads and writes back into the merged model (a vocabulary, a processor
     config) to any file of this machine, e.g. the stored Hub token. A Hub cache snapshot's links into its repo's
     `blobs/` are that layout, and allowed."""
+    for entry in sorted(folder.iterdir()):
+        _refuse_link_out(reference, folder, entry)
+
+
+def _refuse_link_out(reference: str, folder: Path, entry: Path) -> None:
+    """Refuse `entry` (a file of `folder`, maybe in a subfolder) when it resolves to a file outside the folder (or,
+    for a Hub cache snapshot, outside its repo's `blobs/`)."""
     base = folder.resolve()
     roots = [base] + ([base.parent.parent / "blobs"] if base.parent.name == "snapshots" else [])
-    for entry in sorted(folder.iterdir()):
-        if not entry.is_symlink():
-            continue
-        target = entry.resolve()
-        if not any(target == root or target.is_relative_to(root) for root in roots):
-            raise LoadError(
-                f"{reference!r}: {entry.name} is a symbolic link to {str(target)!r}, outside the folder; hf-mudsc "
-                "reads only files inside a parent folder (a link could carry any file of this machine, e.g. a "
-                "token, into the merged model): copy the file into the folder"
-            )
+    target = entry.resolve()
+    if not any(target == root or target.is_relative_to(root) for root in roots):
+        raise LoadError(
+            f"{reference!r}: {entry.relative_to(folder).as_posix()} is a symbolic link to {str(target)!r}, outside "
+            "the folder; hf-mudsc reads only files inside a parent folder (a link could carry any file of this "
+            "machine, e.g. a token, into the merged model): copy the file into the folder"
+        )
 
 
 def _shard_names(reference: str, folder: Path, index_name: str) -> list[str]:
     """The shard files a `*.index.json` of `folder` points to."""
+    fix = "re-download it or re-save the model with save_pretrained"
     try:
         index = json.loads((folder / index_name).read_text())
         names = sorted(set(index["weight_map"].values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
         raise LoadError(f"{reference!r}: {index_name} is unreadable ({type(error).__name__}: {error}); "
-                        "re-download it or re-save the model with save_pretrained") from error
+                        f"{fix}") from error
     for name in names:  # read as the parent's weights: never a file of this machine outside the folder
         if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
-            raise LoadError(f"{reference!r}: {index_name} names the shard {shown(name)}, outside the folder; "
-                            "re-download it or re-save the model with save_pretrained")
+            raise LoadError(f"{reference!r}: {index_name} names the shard {shown(name)}, outside the folder; {fix}")
+    if not names:
+        raise LoadError(f"{reference!r}: {index_name} names no shard (its weight_map is empty); {fix}")
+    if not isinstance(index.get("metadata"), dict):  # transformers reads it as a dict (a KeyError without one)
+        raise LoadError(f"{reference!r}: {index_name} has no 'metadata' object (save_pretrained writes one); {fix}")
     return names
 
 
@@ -243,23 +251,36 @@ def check_weight_files(reference: str, folder: Path, weight_files: Sequence[str]
 
     names: list[str] = []
     for name in weight_files:
-        names += _shard_names(reference, folder, name) if name.endswith(".index.json") else [name]
+        if name.endswith(".index.json"):
+            shards = _shard_names(reference, folder, name)
+            odd = next((shard for shard in shards if not shard.endswith(".safetensors")), None)
+            if name == SAFETENSORS_INDEX and odd is not None:  # a folder, `.`, config.json: opened as safetensors
+                raise LoadError(f"{reference!r}: {name} names the shard {odd!r}, not a .safetensors file of the "
+                                "folder; re-download it or re-save the model with save_pretrained")
+            names += [shard for shard in shards if shard.endswith(".safetensors")]
+        elif name.endswith(".safetensors"):
+            names.append(name)
+    stored_in: dict[str, str] = {}
     for name in names:
-        if not name.endswith(".safetensors"):
-            continue
         path = folder / name
         if not path.is_file():
             raise LoadError(f"{reference!r}: weight file {name} is missing; re-download the model or re-save it "
                             "with save_pretrained")
+        _refuse_link_out(reference, folder, path)
         try:
             with safe_open(str(path), framework="pt") as opened:
-                opened.keys()
+                keys = list(opened.keys())
         except (SafetensorError, OSError, ValueError) as error:
             raise LoadError(
                 f"{reference!r}: {name} is not a valid safetensors file ({_one_line(error)}): it is truncated or "
                 "corrupt. Download it again (for a Hub model, delete it from the cache first) or re-save it with "
                 "save_pretrained"
             ) from error
+        twice = next((key for key in keys if key in stored_in), None)
+        if twice is not None:  # which copy transformers would load is its own affair: refuse the checkpoint
+            raise LoadError(f"{reference!r}: tensor {twice!r} is stored twice, in {stored_in[twice]} and {name}; "
+                            "re-download it or re-save the model with save_pretrained")
+        stored_in.update(dict.fromkeys(keys, name))
 
 
 def _one_line(error: BaseException) -> str:
