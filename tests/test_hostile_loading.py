@@ -114,3 +114,76 @@ def test_a_shard_in_a_subfolder_of_the_folder_still_loads(tmp_path):
     loaded = load_parent(folder).model.state_dict()
     assert set(loaded) == set(expected)
     assert all((loaded[name] == expected[name]).all() for name in expected)
+
+
+# ---------------------------------------------------------------- config.json: read as transformers would act on it
+
+
+def _vit_folder(folder: Path, edit=None, raw: str | None = None) -> Path:
+    """A tiny ViT classifier saved with save_pretrained, its config.json edited (a dict change) or replaced."""
+    make_model("vit_cls", seed=0).save_pretrained(folder)
+    path = folder / "config.json"
+    if edit is not None:
+        config = json.loads(path.read_text())
+        edit(config)
+        path.write_text(json.dumps(config))
+    if raw is not None:
+        path.write_text(raw)
+    return folder
+
+
+def test_a_config_giving_a_key_twice_is_refused(tmp_path, monkeypatch):
+    """JSON readers disagree on which of two values counts: `"model_type": "vit", ..., "model_type": "bert"` built a
+    ViTModel around a BertConfig without a word."""
+    folder = _vit_folder(tmp_path / "vit")
+    text = (folder / "config.json").read_text()
+    twice = text.replace('"model_type": "vit"', '"model_type": "vit", "model_type": "bert"')
+    assert twice != text
+    (folder / "config.json").write_text(twice)
+    message = _refused(folder, monkeypatch)
+    assert "config.json gives the key 'model_type' twice" in message, message
+    assert "restore the config.json saved with the weights" in message, message
+
+
+@pytest.mark.parametrize("key", ["attn_implementation", "_attn_implementation"])
+@pytest.mark.parametrize("value", ["kernels-community/flash-attn", "flash_attention_2"])
+def test_a_config_choosing_attention_code_is_refused(tmp_path, monkeypatch, key, value):
+    """transformers reads `attn_implementation` from config.json: a Hub kernel id makes it download and run that
+    repository's code (with the `kernels` package installed; an ImportError traceback without it), flash attention an
+    ImportError traceback. hf-mudsc runs no code a model names."""
+    folder = _vit_folder(tmp_path / "vit", edit=lambda c: c.update({key: value}))
+    message = _refused(folder, monkeypatch)
+    assert f"config.json sets {key} to {value!r}" in message and "eager or sdpa" in message, message
+
+
+@pytest.mark.parametrize("value", ["eager", "sdpa", None])
+def test_a_config_choosing_transformers_own_attention_still_loads(tmp_path, value):
+    folder = _vit_folder(tmp_path / "vit", edit=lambda c: c.update(attn_implementation=value))
+    assert type(load_parent(folder).model).__name__ == "ViTForImageClassification"
+
+
+def test_a_config_declaring_a_quantization_is_refused_before_any_weights(tmp_path, monkeypatch):
+    """`quantization_config` makes `from_pretrained` quantize the model as it loads it (bitsandbytes, ...): an
+    ImportError traceback after every parent was checked, or a merge of quantized weights."""
+    folder = _vit_folder(tmp_path / "vit", edit=lambda c: c.update(
+        quantization_config={"quant_method": "bitsandbytes", "load_in_8bit": True}))
+    message = _refused(folder, monkeypatch)
+    assert "config.json declares a quantization (quantization_config, quant_method 'bitsandbytes')" in message, message
+    assert "dequantize" in message, message
+
+
+@pytest.mark.parametrize(("edit", "needle"), [
+    (lambda c: c.update(architectures=[1]), "names no transformers architecture ([1])"),
+    (lambda c: c.update(architectures=["BertModel"]),
+     "names the architecture BertModel, a class of 'bert' models, but its model_type is 'vit'"),
+    (lambda c: c.update(num_attention_heads=0), "ZeroDivisionError"),
+    (lambda c: c.update(patch_size=0), "ZeroDivisionError"),
+    (lambda c: c.update(hidden_size=0), "ZeroDivisionError"),
+])
+def test_a_config_no_model_can_be_built_from_is_refused_in_one_line(tmp_path, monkeypatch, edit, needle):
+    """A class of another model type, or sizes a model cannot have (zero heads, a patch of 0 pixels), raised
+    TypeError, AttributeError or ZeroDivisionError tracebacks from transformers' model constructors."""
+    folder = _vit_folder(tmp_path / "vit", edit=edit)
+    message = _refused(folder, monkeypatch)
+    assert needle in message, message
+    assert "config.json" in message, message

@@ -114,17 +114,41 @@ class _Located:
 
 
 
-def model_class_for(config: PretrainedConfig) -> type[PreTrainedModel]:
-    """The class named in `config.architectures` (the class the checkpoint was saved from)."""
+def model_class_for(config: PretrainedConfig, reference: str | None = None) -> type[PreTrainedModel]:
+    """The class named in `config.architectures` (the class the checkpoint was saved from); refusals name `reference`
+    (default: the config's `_name_or_path`), so that with N parents the message says which."""
+    where = f"{reference or getattr(config, '_name_or_path', '') or 'a parent'!r}: "
     for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
+        cls = getattr(transformers, name, None) if isinstance(name, str) else None
         if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
+            wanted = getattr(cls, "config_class", None)
+            if isinstance(wanted, type) and not isinstance(config, wanted):  # its constructor reads other fields
+                kind = getattr(wanted, "model_type", "?")
+                raise LoadError(
+                    f"{where}config.json names the architecture {name}, a class of {kind!r} "
+                    f"models, but its model_type is {getattr(config, 'model_type', None)!r}; {CONFIG_FIX}"
+                )
             return cls
     raise LoadError(
-        f"the config names no transformers architecture ({getattr(config, 'architectures', None)!r}); "
+        f"{where}the config names no transformers architecture ({getattr(config, 'architectures', None)!r}); "
         "models with custom code are not supported (hf_mudsc never sets trust_remote_code). Save the model "
         "with save_pretrained from a transformers class so config.json records it"
     )
+
+
+def meta_model(config: PretrainedConfig, cls: type[PreTrainedModel] | None = None, *,
+               reference: str | None = None) -> PreTrainedModel:
+    """`config`'s model (or `cls`'s) with every tensor on the meta device: shapes, no memory. A config no model can be
+    built from (zero attention heads, a patch of 0 pixels: transformers' constructors divide by them) is refused in
+    one line naming `reference` (default: the config's `_name_or_path`)."""
+    cls = cls or model_class_for(config, reference)
+    try:
+        with torch.device("meta"):
+            return cls(config)
+    except (ArithmeticError, ValueError, TypeError, AttributeError, KeyError, IndexError) as error:
+        name = reference or getattr(config, "_name_or_path", "") or cls.__name__
+        raise LoadError(f"{name!r}: config.json describes no {cls.__name__} transformers can build "
+                        f"({type(error).__name__}: {_one_line(error)}); {CONFIG_FIX}") from error
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -609,8 +633,7 @@ def check_config_fits_weights(located: _Located) -> None:
     files = safetensors_files(located.folder)
     if not files:
         return
-    with torch.device("meta"):
-        model = model_class_for(located.config)(located.config)
+    model = meta_model(located.config, reference=located.reference)
     needed = sum(tensor.numel() for tensor in model.parameters())
     stored = LazyParameters(files)
     held = sum(math.prod(stored.shape(key)) for key in stored)
@@ -679,8 +702,7 @@ def _check_pickle_dtypes(located: _Located) -> str | None:
             return None
         stored.update({key: str(tensor.dtype).removeprefix("torch.") for key, tensor in tensors.items()
                        if isinstance(tensor, torch.Tensor)})
-    with torch.device("meta"):
-        model = model_class_for(located.config)(located.config)
+    model = meta_model(located.config, reference=located.reference)
     check_floating_weights(located.reference, stored, model)
     return dtype_description(stored.values())
 
@@ -695,8 +717,7 @@ def _finish_lazily(located: _Located) -> LoadedParent | None:
     checkpoint lacks are `absent`, not read."""
     from hf_mudsc.load.lazy import LazyParameters, lazy_parameters
 
-    with torch.device("meta"):
-        model = (located.read_as or model_class_for(located.config))(located.config)
+    model = meta_model(located.config, located.read_as, reference=located.reference)
     shapes = {name: tuple(tensor.shape) for name, tensor in model.named_parameters()}
     if located.read_as is None:
         parameters = lazy_parameters(located.folder, names=list(shapes), dtype=torch.float32, model=model)
@@ -758,7 +779,7 @@ def _load_weights(located: _Located) -> tuple[PreTrainedModel, list[str]]:
 
     from safetensors import SafetensorError
 
-    cls = located.read_as or model_class_for(located.config)
+    cls = located.read_as or model_class_for(located.config, located.reference)
     name = located.weight_files[0]
     try:
         with _without_load_report():
@@ -1014,7 +1035,7 @@ def check_base_config(base: _Located, parent: _Located) -> None:
 def _parent_class(parent: _Located) -> type[PreTrainedModel]:
     """The class a parent is (or will be) loaded as."""
     model = parent.model if parent.model is not None else (parent.loaded.model if parent.loaded else None)
-    return type(model) if model is not None else model_class_for(parent.config)
+    return type(model) if model is not None else model_class_for(parent.config, parent.reference)
 
 
 def _card_text(located: _Located, *, token: str | bool | None, cache_dir: str | os.PathLike | None) -> str | None:
