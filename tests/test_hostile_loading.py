@@ -187,3 +187,116 @@ def test_a_config_no_model_can_be_built_from_is_refused_in_one_line(tmp_path, mo
     message = _refused(folder, monkeypatch)
     assert needle in message, message
     assert "config.json" in message, message
+
+
+# ---------------------------------------------------------------- calibration data: columns of the wrong kind
+
+
+def _tokenizer():
+    from test_data import tokenizer
+
+    return tokenizer()
+
+
+def _vit_processor():
+    from test_data import vit_processor
+
+    return vit_processor()
+
+
+@pytest.mark.parametrize(("values", "shown_as"), [
+    ([1, 2, 3], "int64"), ([["w1"], ["w2"], ["w3"]], "a list"), ([None, None, None], "null"),
+    ([1.5, 2.5, 3.5], "float64"),
+])
+def test_a_text_column_that_holds_no_text_is_refused_before_any_weights(values, shown_as):
+    """`str(value)` made the text `"1"`, `"['w1']"` or `"None"`: the parents were calibrated on that, without a
+    word. The column's type is in the dataset's features, known before any weights are read."""
+    import datasets
+
+    from hf_mudsc.calibrate.datasets import check_calibration_columns
+    from hf_mudsc.errors import CalibrationError
+
+    data = datasets.Dataset.from_dict({"text": values})
+    with pytest.raises(CalibrationError) as caught:
+        check_calibration_columns(data, [_tokenizer()], inputs=("input_ids",))
+    message = str(caught.value)
+    assert "\n" not in message, message
+    assert f"column 'text' of the calibration data holds {shown_as}, not text" in message, message
+    assert "text_column=" in message, message
+
+
+def test_a_text_column_with_missing_values_is_refused_at_the_batch_that_holds_one():
+    """A string column may hold None (a missing value): it was tokenized as the word "None"."""
+    import datasets
+
+    from hf_mudsc.calibrate.datasets import resolve_calibration
+    from hf_mudsc.errors import CalibrationError
+
+    data = datasets.Dataset.from_dict({"text": ["w1 w2", None, "w3"]})
+    stream = resolve_calibration(data, [_tokenizer()], inputs=("input_ids",),
+                                 model_config=make_model("bert_cls").config)
+    with pytest.raises(CalibrationError) as caught:
+        list(stream.batches(8))
+    message = str(caught.value)
+    assert "\n" not in message, message
+    assert "column 'text' of the calibration data holds a missing value (None), not text" in message, message
+
+
+@pytest.mark.parametrize(("values", "shown_as"), [([1, 2, 3], "int64"), (["a.png", "b.png", "c.png"], "string")])
+def test_an_image_column_of_numbers_or_strings_is_refused_before_any_weights(tmp_path, monkeypatch, values,
+                                                                              shown_as):
+    """An `image` column of ints or strings failed in the image processor, after every parent was loaded."""
+    import datasets
+    from test_cli import save_parents_and_data
+
+    import hf_mudsc
+    import hf_mudsc.load.parents as parents
+    from hf_mudsc.errors import CalibrationError
+
+    a, b, _ = save_parents_and_data(tmp_path / "inputs")
+    data = tmp_path / "data"
+    datasets.Dataset.from_dict({"image": values}).save_to_disk(data)
+    monkeypatch.setattr(parents, "_finish", lambda *a, **k: pytest.fail("weights loaded before refusing"))
+    with pytest.raises(CalibrationError) as caught:
+        hf_mudsc.merge([a, b], str(data), method="zipit", progress=False)
+    message = str(caught.value)
+    assert "\n" not in message, message
+    assert f"column 'image' of the calibration data holds {shown_as}, not images" in message, message
+    assert "image_column=" in message, message
+
+
+def test_an_image_that_cannot_be_decoded_is_named_in_one_line():
+    """Bytes Pillow cannot identify raised PIL.UnidentifiedImageError with a traceback."""
+    import datasets
+
+    from hf_mudsc.calibrate.datasets import resolve_calibration
+    from hf_mudsc.errors import CalibrationError
+
+    features = datasets.Features({"image": datasets.Image()})
+    data = datasets.Dataset.from_dict({"image": [{"bytes": b"not an image", "path": None}] * 2}, features=features)
+    stream = resolve_calibration(data, [_vit_processor()], inputs=("pixel_values",),
+                                 model_config=make_model("vit_cls").config)
+    with pytest.raises(CalibrationError) as caught:
+        list(stream.batches(8))
+    message = str(caught.value)
+    assert "\n" not in message, message
+    assert "an image of dataset" in message and "cannot be decoded" in message, message
+
+
+@pytest.mark.parametrize(("name", "content"), [("empty.jsonl", b""), ("empty.csv", b""), ("blank.jsonl", b"\n\n"),
+                                               ("latin1.txt", b"caf\xe9 w1\n")])
+def test_a_calibration_file_that_is_empty_or_not_utf8_is_refused_in_one_line(tmp_path, name, content):
+    """An empty .jsonl raised a bare StopIteration (an empty message), an empty .csv pandas' EmptyDataError, a
+    .txt that is not UTF-8 a UnicodeDecodeError — tracebacks from the packaged builders."""
+    from hf_mudsc.calibrate.datasets import check_calibration_columns, resolve_calibration
+    from hf_mudsc.errors import CalibrationError
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(CalibrationError) as caught:
+        data = resolve_calibration(str(path), [_tokenizer()], inputs=("input_ids",),
+                                   model_config=make_model("bert_cls").config)
+        check_calibration_columns(data.dataset, [_tokenizer()], inputs=("input_ids",))
+        list(data.batches(8))
+    message = str(caught.value)
+    assert "\n" not in message and str(path) in message, message
