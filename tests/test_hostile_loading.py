@@ -300,3 +300,13 @@ def test_a_calibration_file_that_is_empty_or_not_utf8_is_refused_in_one_line(tmp
         list(data.batches(8))
     message = str(caught.value)
     assert "\n" not in message and str(path) in message, message
+
+
+@pytest.mark.parametrize("keys", [["0", "5", "9"], ["-1", "0", "1"], ["1", "2", "3"]])
+def test_labels_not_numbered_by_classifier_row_are_refused(tmp_path, monkeypatch, keys):
+    """`id2label` names classifier row `i` by key `i`; keys `-1, 0, 1` were read in sorted order, so row 0 was named
+    by key -1 — the merged head's labels (and a reorder by label name) silently off by one row from what transformers
+    itself reads the parent as."""
+    folder = _vit_folder(tmp_path / "vit", edit=lambda c: c.update(id2label=dict(zip(keys, ["x", "y", "z"]))))
+    message = _refused(folder, monkeypatch)
+    assert f"config.json: id2label numbers its labels {[int(k) for k in keys]}, not 0 to 2" in message, message
