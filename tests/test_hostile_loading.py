@@ -310,3 +310,22 @@ def test_labels_not_numbered_by_classifier_row_are_refused(tmp_path, monkeypatch
     folder = _vit_folder(tmp_path / "vit", edit=lambda c: c.update(id2label=dict(zip(keys, ["x", "y", "z"]))))
     message = _refused(folder, monkeypatch)
     assert f"config.json: id2label numbers its labels {[int(k) for k in keys]}, not 0 to 2" in message, message
+
+
+def test_an_image_whose_file_is_missing_is_named_in_one_line(tmp_path):
+    """An Image column row naming a file that is not there raised FileNotFoundError with a traceback."""
+    import datasets
+
+    from hf_mudsc.calibrate.datasets import resolve_calibration
+    from hf_mudsc.errors import CalibrationError
+
+    missing = tmp_path / "gone.png"
+    features = datasets.Features({"image": datasets.Image()})
+    data = datasets.Dataset.from_dict({"image": [{"bytes": None, "path": str(missing)}] * 2}, features=features)
+    stream = resolve_calibration(data, [_vit_processor()], inputs=("pixel_values",),
+                                 model_config=make_model("vit_cls").config)
+    with pytest.raises(CalibrationError) as caught:
+        list(stream.batches(8))
+    message = str(caught.value)
+    assert "\n" not in message, message
+    assert f"dataset 'dataset' names a file that does not exist ({str(missing)!r})" in message, message

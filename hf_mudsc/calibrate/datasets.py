@@ -401,6 +401,9 @@ def decoded_safely(chunks: Iterable[Any], source: str, error: type[ValueError] =
                     "Pillow reads; remove that row or re-encode the image as PNG or JPEG") from None
     except UnicodeDecodeError as refusal:
         raise error(f"dataset {source!r} is not UTF-8 text ({refusal}); re-encode it as UTF-8") from None
+    except FileNotFoundError as refusal:  # an Image row naming a file by its path
+        raise error(f"dataset {source!r} names a file that does not exist ({refusal.filename!r}); remove that row or "
+                    "restore the file") from None
 
 
 def _first_line(error: BaseException) -> str:
