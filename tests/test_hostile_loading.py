@@ -329,3 +329,41 @@ def test_an_image_whose_file_is_missing_is_named_in_one_line(tmp_path):
     message = str(caught.value)
     assert "\n" not in message, message
     assert f"dataset 'dataset' names a file that does not exist ({str(missing)!r})" in message, message
+
+
+# ---------------------------------------------------------------- a token given where a reference goes
+
+TOKEN = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz01234567"
+
+
+@pytest.mark.parametrize("reference", [TOKEN, f"{TOKEN}@main", f"org/{TOKEN}"])
+def test_a_token_given_as_a_parent_is_refused_without_echoing_it(reference):
+    """`hf-mudsc merge a b $HF_TOKEN` printed the token back in its error ('hf_...' is not in the local cache)."""
+    from hf_mudsc.load.references import parse_reference
+
+    with pytest.raises(LoadError) as caught:
+        parse_reference(reference)
+    message = str(caught.value)
+    assert TOKEN not in message and TOKEN[:10] not in message, message
+    assert "looks like a Hugging Face access token" in message and "--token" in message, message
+
+
+@pytest.mark.parametrize("spec", [TOKEN, f"{TOKEN}:train", f"org/data@{TOKEN}:train"])
+def test_a_token_given_as_calibration_data_is_refused_without_echoing_it(spec, capsys):
+    from hf_mudsc.calibrate.dataset_spec import DatasetSpec
+    from hf_mudsc.errors import CalibrationError
+
+    with pytest.raises(CalibrationError) as caught:
+        DatasetSpec.parse(spec)
+    message = str(caught.value)
+    assert TOKEN not in message and TOKEN[:10] not in message, message
+    assert "looks like a Hugging Face access token" in message, message
+
+
+def test_the_cli_never_echoes_a_token_given_as_a_parent(tmp_path, capsys):
+    from hf_mudsc.cli.main import main
+
+    folder = _vit_folder(tmp_path / "vit")
+    assert main(["merge", str(folder), TOKEN, "--method", "linear", "--output", str(tmp_path / "out")]) == 1
+    captured = capsys.readouterr()
+    assert TOKEN[:10] not in captured.err + captured.out, captured.err
