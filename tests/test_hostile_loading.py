@@ -367,3 +367,21 @@ def test_the_cli_never_echoes_a_token_given_as_a_parent(tmp_path, capsys):
     assert main(["merge", str(folder), TOKEN, "--method", "linear", "--output", str(tmp_path / "out")]) == 1
     captured = capsys.readouterr()
     assert TOKEN[:10] not in captured.err + captured.out, captured.err
+
+
+# ---------------------------------------------------------------- model cards read for the base
+
+
+def test_a_parent_card_that_is_not_utf8_names_no_base(tmp_path, caplog):
+    """A method that needs a base, given none, reads each parent's README.md: one that is not UTF-8 raised a
+    UnicodeDecodeError traceback naming no file. It names no base (logged): the merge asks for one."""
+    import hf_mudsc
+    from hf_mudsc.errors import MergeInputError
+
+    a, b = _vit_folder(tmp_path / "a"), _vit_folder(tmp_path / "b")
+    (a / "README.md").write_text("---\nbase_model: org/base\n---\n# a\n")
+    (b / "README.md").write_bytes(b"---\nbase_model: org/base\n---\n# caf\xe9\n")
+    with caplog.at_level("WARNING", logger="hf_mudsc"), pytest.raises(MergeInputError) as caught:
+        hf_mudsc.merge([a, b], None, method="task_arithmetic", progress=False)
+    assert "needs the parents' common base model and none was given" in str(caught.value)
+    assert f"{str(b / 'README.md')!r} is not UTF-8" in caplog.text, caplog.text

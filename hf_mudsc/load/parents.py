@@ -1061,10 +1061,19 @@ def _card_text(located: _Located, *, token: str | bool | None, cache_dir: str | 
                 return None
 
         path = _hub_call(located.reference, download, what="downloading README.md (the model card)")
-        return Path(path).read_text(encoding="utf-8") if path else None
+        return _read_card(Path(path)) if path else None
     if folder is not None and (folder / "README.md").is_file():
-        return (folder / "README.md").read_text(encoding="utf-8")
+        return _read_card(folder / "README.md")
     return None
+
+
+def _read_card(path: Path) -> str | None:
+    """A model card's text; None (logged) for one that is not UTF-8 text: it names no base."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        logger.warning("%r is not UTF-8 text (%s); the base_model it may name is not read", str(path), error.reason)
+        return None
 
 
 def base_from_cards(located: Sequence[_Located], *, token: str | bool | None = None,
