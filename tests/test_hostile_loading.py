@@ -385,3 +385,20 @@ def test_a_parent_card_that_is_not_utf8_names_no_base(tmp_path, caplog):
         hf_mudsc.merge([a, b], None, method="task_arithmetic", progress=False)
     assert "needs the parents' common base model and none was given" in str(caught.value)
     assert f"{str(b / 'README.md')!r} is not UTF-8" in caplog.text, caplog.text
+
+
+# ---------------------------------------------------------------- processor files
+
+
+@pytest.mark.parametrize(("name", "kind"), [("tokenizer_config.json", "bert_cls"),
+                                            ("preprocessor_config.json", "vit_cls")])
+def test_a_processor_file_that_is_no_json_object_is_skipped_like_any_unreadable_one(tmp_path, name, kind):
+    """`[1]` as a processor's JSON raised transformers' AttributeError ('list' object has no attribute 'get') with a
+    traceback; an unreadable processor file is skipped (the parent then ships no processor), as other bad ones are."""
+    from test_data import tokenizer, vit_processor
+
+    folder = tmp_path / "parent"
+    make_model(kind).save_pretrained(folder)
+    (tokenizer() if kind == "bert_cls" else vit_processor()).save_pretrained(folder)
+    (folder / name).write_text("[1]")
+    assert load_parent(folder).processor is None
