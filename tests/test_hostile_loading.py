@@ -55,6 +55,20 @@ def test_a_tensor_stored_in_two_shards_is_refused_in_one_line(tmp_path, monkeypa
     assert "re-save the model with save_pretrained" in message, message
 
 
+def test_a_tensor_the_index_names_that_no_shard_holds_is_refused_before_any_weights(tmp_path, monkeypatch):
+    """A shard re-saved without one of its tensors was found only by `from_pretrained`, after every parent was
+    checked, and blamed on config.json; the index and the shard headers tell before any weights are read."""
+    folder = tmp_path / "vit"
+    index = _sharded_vit(folder)
+    first = sorted(set(index["weight_map"].values()))[0]
+    held = load_file(folder / first)
+    name = sorted(held)[0]
+    del held[name]
+    save_file(held, folder / first, metadata={"format": "pt"})
+    message = _refused(folder, monkeypatch)
+    assert f"{INDEX} puts tensor {name!r} in {first}, but no shard holds it" in message, message
+
+
 @pytest.mark.parametrize(("edit", "needle"), [
     (lambda index: index.pop("metadata"), "has no 'metadata' object"),
     (lambda index: index.update(metadata=None), "has no 'metadata' object"),

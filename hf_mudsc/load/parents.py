@@ -305,6 +305,13 @@ def check_weight_files(reference: str, folder: Path, weight_files: Sequence[str]
             raise LoadError(f"{reference!r}: tensor {twice!r} is stored twice, in {stored_in[twice]} and {name}; "
                             "re-download it or re-save the model with save_pretrained")
         stored_in.update(dict.fromkeys(keys, name))
+    if SAFETENSORS_INDEX in weight_files:  # read by _shard_names above: a JSON object with a weight_map of strings
+        weight_map = json.loads((folder / SAFETENSORS_INDEX).read_text())["weight_map"]
+        lost = next((key for key in weight_map if key not in stored_in), None)
+        if lost is not None:  # from_pretrained would find it missing only once every parent was checked
+            raise LoadError(f"{reference!r}: {SAFETENSORS_INDEX} puts tensor {shown(lost)} in {weight_map[lost]}, but "
+                            "no shard holds it (a shard is truncated or from another save); re-download the model or "
+                            "re-save it with save_pretrained")
 
 
 def _one_line(error: BaseException) -> str:
