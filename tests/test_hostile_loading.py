@@ -416,3 +416,42 @@ def test_a_processor_file_that_is_no_json_object_is_skipped_like_any_unreadable_
     (tokenizer() if kind == "bert_cls" else vit_processor()).save_pretrained(folder)
     (folder / name).write_text("[1]")
     assert load_parent(folder).processor is None
+
+
+def _saved_dataset(folder: Path) -> Path:
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["w1 w2"] * 4})}).save_to_disk(folder)
+    return folder
+
+
+def _truncate_arrow(folder: Path) -> None:
+    data = next((folder / "train").glob("*.arrow"))
+    data.write_bytes(data.read_bytes()[:50])
+
+
+@pytest.mark.parametrize("damage", [
+    lambda f: (f / "dataset_dict.json").write_text("{"),
+    lambda f: (f / "dataset_dict.json").write_text("[]"),
+    lambda f: (f / "dataset_dict.json").write_text('{"splits": "train"}'),
+    lambda f: (f / "train" / "state.json").write_text("{"),
+    lambda f: (f / "train" / "state.json").write_text("[]"),
+    lambda f: (f / "train" / "dataset_info.json").write_text("{"),
+    _truncate_arrow,
+    lambda f: next((f / "train").glob("*.arrow")).unlink(),
+])
+def test_a_damaged_save_to_disk_folder_is_refused_in_one_line(tmp_path, damage):
+    """`load_from_disk` of a damaged folder raised JSONDecodeError, TypeError, pyarrow's ArrowInvalid or
+    FileNotFoundError tracebacks."""
+    from hf_mudsc.calibrate.datasets import load_calibration_dataset
+    from hf_mudsc.errors import CalibrationError
+
+    folder = _saved_dataset(tmp_path / "data")
+    damage(folder)
+    with pytest.raises(CalibrationError) as caught:
+        load_calibration_dataset(f"{folder}:train")
+    message = str(caught.value)
+    assert "\n" not in message, message
+    assert f"calibration dataset '{folder}:train' is a Dataset.save_to_disk folder that cannot be read" in message, (
+        message)
+    assert "save it again with Dataset.save_to_disk" in message, message

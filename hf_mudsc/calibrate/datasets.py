@@ -122,7 +122,14 @@ def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, s
     path = Path(parsed.path).expanduser()
     if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
         _refuse_empty_saved_split(path, parsed)
-        return _refuse_empty(_pick_split(datasets.load_from_disk(str(path)), parsed), str(parsed))
+        try:
+            saved = datasets.load_from_disk(str(path))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:  # pyarrow's errors are ValueErrors
+            text = " ".join(str(error).split())[:300]
+            raise CalibrationError(f"calibration dataset {str(parsed)!r} is a Dataset.save_to_disk folder that cannot "
+                                   f"be read ({type(error).__name__}: {text}); it is damaged or incomplete: save it "
+                                   "again with Dataset.save_to_disk") from None
+        return _refuse_empty(_pick_split(saved, parsed), str(parsed))
     use_streaming = streaming and not (parsed.split and "[" in parsed.split)
     kwargs: dict[str, Any] = {"split": parsed.split, "streaming": use_streaming}
     if parsed.revision is not None:
