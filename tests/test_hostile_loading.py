@@ -455,3 +455,37 @@ def test_a_damaged_save_to_disk_folder_is_refused_in_one_line(tmp_path, damage):
     assert f"calibration dataset '{folder}:train' is a Dataset.save_to_disk folder that cannot be read" in message, (
         message)
     assert "save it again with Dataset.save_to_disk" in message, message
+
+
+@pytest.mark.parametrize("content", ['text,x\n"a b",1\n"c",2,3,4\n', 'text\n\n"a"\n,\n'])
+def test_a_csv_file_pandas_cannot_parse_is_refused_in_one_line(tmp_path, content):
+    """A row with more fields than the header raised pandas' ParserError with a traceback."""
+    from hf_mudsc.calibrate.datasets import resolve_calibration
+    from hf_mudsc.errors import CalibrationError
+
+    path = tmp_path / "rows.csv"
+    path.write_text(content)
+    with pytest.raises(CalibrationError) as caught:
+        stream = resolve_calibration(str(path), [_tokenizer()], inputs=("input_ids",),
+                                     model_config=make_model("bert_cls").config)
+        list(stream.batches(8))
+    message = str(caught.value)
+    assert "\n" not in message, message
+    assert f"dataset {str(path)!r} cannot be read (ParserError: " in message, message
+
+
+@pytest.mark.parametrize("files", [{}, {"notes.md": "hi"}])
+def test_a_local_folder_without_data_files_is_not_called_missing(tmp_path, files):
+    """A folder holding no data file was reported as 'not found: it is no local folder or file'."""
+    from hf_mudsc.calibrate.datasets import load_calibration_dataset
+    from hf_mudsc.errors import CalibrationError
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    with pytest.raises(CalibrationError) as caught:
+        load_calibration_dataset(str(folder))
+    message = str(caught.value)
+    assert "\n" not in message and "not found" not in message, message
+    assert f"calibration folder {str(folder)!r} holds no data files datasets can read" in message, message

@@ -170,6 +170,11 @@ def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, s
             "Dataset.save_to_disk"
         ) from None
     except (FileNotFoundError, ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as error:
+        if path.is_dir():  # datasets found no file of a format it reads in it
+            raise CalibrationError(
+                f"calibration folder {parsed.path!r} holds no data files datasets can read "
+                f"({type(error).__name__}); pass an imagefolder, data files ({', '.join(sorted(_FILE_BUILDERS))}) or a "
+                "folder written by Dataset.save_to_disk") from error
         raise CalibrationError(
             f"calibration dataset {str(parsed)!r} not found: it is no local folder or file, and the Hub could not "
             f"provide it ({type(error).__name__}: {error}); no columns found. Pass an existing path "
@@ -411,6 +416,12 @@ def decoded_safely(chunks: Iterable[Any], source: str, error: type[ValueError] =
     except FileNotFoundError as refusal:  # an Image row naming a file by its path
         raise error(f"dataset {source!r} names a file that does not exist ({refusal.filename!r}); remove that row or "
                     "restore the file") from None
+    except (ValueError, OSError) as failure:  # a reader's refusal of the data (pandas' ParserError, pyarrow's ...)
+        if isinstance(failure, error):
+            raise
+        text = " ".join(str(failure).split())[:300]
+        raise error(f"dataset {source!r} cannot be read ({type(failure).__name__}: {text}); fix or replace the data "
+                    "file") from None
 
 
 def _first_line(error: BaseException) -> str:
