@@ -489,3 +489,22 @@ def test_a_local_folder_without_data_files_is_not_called_missing(tmp_path, files
     message = str(caught.value)
     assert "\n" not in message and "not found" not in message, message
     assert f"calibration folder {str(folder)!r} holds no data files datasets can read" in message, message
+
+
+@pytest.mark.parametrize("kind", ["file", "saved"])
+def test_a_config_named_for_local_data_is_refused_not_ignored(tmp_path, kind):
+    """`data.csv:cfg:train` read data.csv whatever `cfg` said (a local file or save_to_disk folder has no configs):
+    the spec did not say what was read."""
+    from hf_mudsc.calibrate.datasets import load_calibration_dataset
+    from hf_mudsc.errors import CalibrationError
+
+    if kind == "file":
+        data = tmp_path / "data.csv"
+        data.write_text("text\nw1 w2\n")
+    else:
+        data = _saved_dataset(tmp_path / "data")
+    with pytest.raises(CalibrationError) as caught:
+        load_calibration_dataset(f"{data}:cfg:train")
+    message = str(caught.value)
+    assert "\n" not in message, message
+    assert f"names the config 'cfg', but {str(data)!r} is local data without configs; use '{data}:train'" in message

@@ -120,7 +120,12 @@ def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, s
 
     parsed = dataset_spec if isinstance(dataset_spec, DatasetSpec) else DatasetSpec.parse(dataset_spec)
     path = Path(parsed.path).expanduser()
-    if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+    saved_folder = path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
+    if parsed.config is not None and (saved_folder or path.is_file()):  # it would be ignored without a word
+        raise CalibrationError(
+            f"calibration spec {str(parsed)!r} names the config {parsed.config!r}, but {parsed.path!r} is local data "
+            f"without configs; use '{parsed.path}:{parsed.split}'")
+    if saved_folder:
         _refuse_empty_saved_split(path, parsed)
         try:
             saved = datasets.load_from_disk(str(path))
