@@ -536,12 +536,9 @@ def _tower_tokens(config: Any) -> tuple[int, bool]:
 
 def meta_model(config: Any) -> Any:
     """The config's model with every tensor on the `meta` device: shapes without memory or weights."""
-    import torch
+    from hf_mudsc.load.parents import meta_model as built
 
-    from hf_mudsc.load.parents import model_class_for
-
-    with torch.device("meta"):
-        return model_class_for(config)(config)
+    return built(config)
 
 
 def header_facts(parent: Any, *, token: str | bool | None) -> tuple[int | None, list[str]]:

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from hf_mudsc.errors import CalibrationError
+from hf_mudsc.load.references import TOKEN_FIX, looks_like_token
 
 SPEC_FORMS = "use 'repo_or_path[:config]:split', or 'org/ds@revision[:config]:split' to pin a Hub dataset"
 
@@ -34,6 +35,9 @@ class DatasetSpec:
             raise CalibrationError(f"empty calibration spec; {SPEC_FORMS}")
         if os.path.exists(text):
             return cls(path=text)
+        if looks_like_token(text):  # every message about the spec would show it
+            raise CalibrationError("the calibration spec looks like a Hugging Face access token (not shown); "
+                                   + TOKEN_FIX)
         match = re.fullmatch(r"(?P<body>.*?)(?P<slice>\[[^\]]*\])?", text)
         body, slice_ = match.group("body"), match.group("slice") or ""
         parts = body.split(":")

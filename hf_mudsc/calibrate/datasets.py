@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from hf_mudsc.calibrate.dataset_spec import DatasetSpec
-from hf_mudsc.errors import CalibrationError
+from hf_mudsc.errors import CalibrationError, shown
 from hf_mudsc.load.processors import image_processor_of, tokenizer_of
 from hf_mudsc.options import check_option, flag, option_hint
 
@@ -120,9 +120,21 @@ def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, s
 
     parsed = dataset_spec if isinstance(dataset_spec, DatasetSpec) else DatasetSpec.parse(dataset_spec)
     path = Path(parsed.path).expanduser()
-    if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+    saved_folder = path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
+    if parsed.config is not None and (saved_folder or path.is_file()):  # it would be ignored without a word
+        raise CalibrationError(
+            f"calibration spec {str(parsed)!r} names the config {parsed.config!r}, but {parsed.path!r} is local data "
+            f"without configs; use '{parsed.path}:{parsed.split}'")
+    if saved_folder:
         _refuse_empty_saved_split(path, parsed)
-        return _refuse_empty(_pick_split(datasets.load_from_disk(str(path)), parsed), str(parsed))
+        try:
+            saved = datasets.load_from_disk(str(path))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:  # pyarrow's errors are ValueErrors
+            text = " ".join(str(error).split())[:300]
+            raise CalibrationError(f"calibration dataset {str(parsed)!r} is a Dataset.save_to_disk folder that cannot "
+                                   f"be read ({type(error).__name__}: {text}); it is damaged or incomplete: save it "
+                                   "again with Dataset.save_to_disk") from None
+        return _refuse_empty(_pick_split(saved, parsed), str(parsed))
     use_streaming = streaming and not (parsed.split and "[" in parsed.split)
     kwargs: dict[str, Any] = {"split": parsed.split, "streaming": use_streaming}
     if parsed.revision is not None:
@@ -136,6 +148,9 @@ def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, s
                 f"calibration file {parsed.path!r} has an unknown format; use one of "
                 f"{', '.join(sorted(_FILE_BUILDERS))} or a dataset folder"
             )
+        if path.stat().st_size == 0:  # the packaged builders fail on it with StopIteration or pandas' EmptyDataError
+            raise CalibrationError(f"calibration file {parsed.path!r} is empty (0 bytes): no samples to calibrate "
+                                   "with; pass a file that holds examples")
         refuse_crashing_file(path, parsed.path)
         args: tuple[Any, ...] = (builder,)
         kwargs.update(data_files=str(path), split=parsed.split or "train")
@@ -147,6 +162,9 @@ def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, s
         if "split" in str(error).lower():
             raise CalibrationError(f"calibration spec {str(parsed)!r}: {error}") from error
         raise CalibrationError(f"cannot load calibration dataset {str(parsed)!r}: {error}") from error
+    except StopIteration:  # a JSON builder finding no first record
+        raise CalibrationError(f"calibration dataset {str(parsed)!r} holds no rows: no samples to calibrate with; "
+                               "pass data that holds examples") from None
     except RuntimeError as error:  # datasets refuses a loading script (never running it) with a RuntimeError
         script = re.search(r"found (\S+\.py)", str(error))
         if script is None:
@@ -157,6 +175,11 @@ def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, s
             "Dataset.save_to_disk"
         ) from None
     except (FileNotFoundError, ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as error:
+        if path.is_dir():  # datasets found no file of a format it reads in it
+            raise CalibrationError(
+                f"calibration folder {parsed.path!r} holds no data files datasets can read "
+                f"({type(error).__name__}); pass an imagefolder, data files ({', '.join(sorted(_FILE_BUILDERS))}) or a "
+                "folder written by Dataset.save_to_disk") from error
         raise CalibrationError(
             f"calibration dataset {str(parsed)!r} not found: it is no local folder or file, and the Hub could not "
             f"provide it ({type(error).__name__}: {error}); no columns found. Pass an existing path "
@@ -209,6 +232,16 @@ def _refuse_empty(dataset: Any, name: str, role: DataRole = CALIBRATION) -> Any:
         raise role.error(f"{role.empty.format(name=name)} is empty (0 rows): no samples to {role.purpose}; pass a "
                          "split that holds examples")
     return dataset
+
+
+def refuse_no_columns(dataset: Any, columns: Sequence[str], name: str, role: DataRole = CALIBRATION) -> None:
+    """A stream whose first row `column_names` could not find (a blank data file) is empty: say so, not that its
+    columns lack the models' inputs."""
+    import datasets
+
+    if not columns and not isinstance(dataset, datasets.Dataset):
+        raise role.error(f"{role.empty.format(name=name)} is empty (0 rows): no samples to {role.purpose}; pass "
+                         "data that holds examples")
 
 
 def _refuse_empty_saved_split(folder: Path, parsed: DatasetSpec) -> None:
@@ -281,7 +314,13 @@ class _Preprocessor:
                 ) from error
             out["pixel_values"] = _as_tensor(processed["pixel_values"])
         if self.text_column is not None:
-            texts = [str(t) for t in rows[self.text_column]]
+            texts = list(rows[self.text_column])
+            odd = next((t for t in texts if not isinstance(t, str)), "")
+            if not isinstance(odd, str):  # str() would tokenize None as the word "None"
+                kind = "a missing value (None)" if odd is None else f"{type(odd).__name__} {shown(odd)}"
+                raise self.role.error(f"column {self.text_column!r} of the {self.role.data} holds {kind}, not text; "
+                                      "drop or fill those rows (Dataset.filter) or name the text column with "
+                                      f"{option_hint('text_column')}")
             encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
                                      return_tensors="pt")
             out.update({k: _as_tensor(v) for k, v in encoded.items()})
@@ -374,13 +413,33 @@ def decoded_safely(chunks: Iterable[Any], source: str, error: type[ValueError] =
     except Image.DecompressionBombError as refusal:
         raise error(f"an image of dataset {source!r} is too large to decode safely ({refusal}); remove or shrink that "
                     "image") from None
+    except Image.UnidentifiedImageError as refusal:
+        raise error(f"an image of dataset {source!r} cannot be decoded ({_first_line(refusal)}): it is no image file "
+                    "Pillow reads; remove that row or re-encode the image as PNG or JPEG") from None
+    except UnicodeDecodeError as refusal:
+        raise error(f"dataset {source!r} is not UTF-8 text ({refusal}); re-encode it as UTF-8") from None
+    except FileNotFoundError as refusal:  # an Image row naming a file by its path
+        raise error(f"dataset {source!r} names a file that does not exist ({refusal.filename!r}); remove that row or "
+                    "restore the file") from None
+    except (ValueError, OSError) as failure:  # a reader's refusal of the data (pandas' ParserError, pyarrow's ...)
+        if isinstance(failure, error):
+            raise
+        text = " ".join(str(failure).split())[:300]
+        raise error(f"dataset {source!r} cannot be read ({type(failure).__name__}: {text}); fix or replace the data "
+                    "file") from None
 
 
-def column_names(dataset: Any) -> list[str]:
-    """A dataset's columns; shared with evaluation so both read streamed datasets the same way."""
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def column_names(dataset: Any, source: str = "dataset", error: type[ValueError] = CalibrationError) -> list[str]:
+    """A dataset's columns; shared with evaluation so both read streamed datasets the same way. `source`, `error`:
+    how a row that cannot be decoded is reported (`decoded_safely`)."""
     names = dataset.column_names
     if names is None:  # a streaming dataset whose features are unknown until read: peek at one row
-        first = next(iter(dataset.take(1)), None)
+        first = next(iter(decoded_safely(dataset.take(1), source, error)), None)
         names = list(first) if first is not None else []
     return list(names)
 
@@ -453,10 +512,32 @@ def _require_raw(model_input: str, kind: str, column: str | None, candidates: Se
         )
 
 
+def _refuse_column_kinds(features: Any, image_column: str | None, text_column: str | None, role: DataRole) -> None:
+    """Refuse raw columns whose declared type (`Dataset.features`, known before a row is read; None for a stream that
+    declares none) cannot be what they are read as: numbers or strings as images, anything but strings as text."""
+    import datasets
+
+    if not features:
+        return
+    text = features.get(text_column) if text_column is not None else None
+    if text is not None and not (isinstance(text, datasets.Value) and text.dtype in ("string", "large_string")):
+        kind = text.dtype if isinstance(text, datasets.Value) else (
+            "a list" if isinstance(text, (list, datasets.List, datasets.LargeList, datasets.Sequence))
+            else type(text).__name__)
+        raise role.error(f"column {text_column!r} of the {role.data} holds {kind}, not text; name the text column "
+                         f"with {option_hint('text_column')}")
+    image = features.get(image_column) if image_column is not None else None
+    if isinstance(image, datasets.Value):  # an Image feature or arrays of pixels are images
+        raise role.error(f"column {image_column!r} of the {role.data} holds {image.dtype}, not images (file paths are "
+                         "not read as images: cast the column with datasets.Image()); name the image column with "
+                         f"{option_hint('image_column')}")
+
+
 def _plan(columns: Sequence[str], inputs: Sequence[str], processor: Any, image_column: str | None,
-          text_column: str | None, model_config: Any, role: DataRole = CALIBRATION,
+          text_column: str | None, model_config: Any, role: DataRole = CALIBRATION, features: Any = None,
           ) -> tuple[list[str], _Preprocessor | None]:
-    """Which columns to read and how to preprocess them (None: they already are model inputs)."""
+    """Which columns to read and how to preprocess them (None: they already are model inputs). `features`: the
+    dataset's declared column types, to refuse a raw column of the wrong kind before any row is read."""
     for name, override in (("image_column", image_column), ("text_column", text_column)):
         if override is not None and override not in columns:
             raise role.error(f"{name}={override!r} (CLI: {flag(name)}) is not a column of the {role.data}; found "
@@ -477,6 +558,7 @@ def _plan(columns: Sequence[str], inputs: Sequence[str], processor: Any, image_c
         use_text = text_column or _first_present(TEXT_COLUMNS, columns)
         _require_raw("input_ids", "text", use_text, TEXT_COLUMNS, "text_column", tokenizer, "tokenizer", columns,
                      role)
+    _refuse_column_kinds(features, use_image, use_text, role)
     preprocess = _Preprocessor(
         image_column=use_image, text_column=use_text, image_processor=image_processor if use_image else None,
         tokenizer=tokenizer if use_text else None, num_channels=_num_channels(model_config),
@@ -530,13 +612,15 @@ def check_calibration_columns(calibration: Any, processors: Any = None, *, image
     if not isinstance(calibration, (datasets.Dataset, datasets.IterableDataset)):
         return
     columns = column_names(calibration)
+    refuse_no_columns(calibration, columns, "calibration data")
     # `_choose_processor`'s choice, without its warning (logged once, when the data is resolved)
     processor = (next((p for p in processors if p is not None), None) if isinstance(processors, (list, tuple))
                  else processors)
     if inputs is None:
         inputs = _infer_inputs(columns, image_processor_of(processor), tokenizer_of(processor), image_column,
                                text_column)
-    _plan(columns, tuple(inputs), processor, image_column, text_column, model_config)
+    _plan(columns, tuple(inputs), processor, image_column, text_column, model_config,
+          features=getattr(calibration, "features", None))
 
 
 def resolve_calibration(
@@ -586,12 +670,14 @@ def resolve_calibration(
     if source == "dataset":
         source = getattr(calibration.info, "dataset_name", None) or getattr(calibration.info, "builder_name", None) \
             or "dataset"
-    columns = column_names(calibration)
+    columns = column_names(calibration, source, role.error)
+    refuse_no_columns(calibration, columns, source, role)
     processor = _choose_processor(processors)
     if inputs is None:
         inputs = _infer_inputs(columns, image_processor_of(processor), tokenizer_of(processor),
                                image_column, text_column)
-    keep, preprocess = _plan(columns, tuple(inputs), processor, image_column, text_column, model_config, role)
+    keep, preprocess = _plan(columns, tuple(inputs), processor, image_column, text_column, model_config, role,
+                             features=getattr(calibration, "features", None))
     if keep != columns:
         calibration = calibration.select_columns(keep)
     calibration, sharding = _subset(calibration, num_samples, seed, shuffle)

@@ -1,8 +1,10 @@
 """A parent's config.json read as plain JSON before transformers sees it.
 
 transformers trusts the file: `null` crashes it with a TypeError, `num_labels: 1000000000` makes it build one
-id2label entry per label (23 GB), `num_hidden_layers: 1000000000` one module per layer. These are refused here in
-one line naming the file and the fix, before `AutoConfig` runs.
+id2label entry per label (23 GB), `num_hidden_layers: 1000000000` one module per layer; it acts on some keys
+(`attn_implementation` names attention code to run — a Hub kernel id downloads and runs that repository's code —
+and `quantization_config` quantizes the weights as they load). These are refused here in one line naming the file
+and the fix, before `AutoConfig` runs.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from hf_mudsc.solve.layer_ranges import MAX_BLOCKS
 #: The most labels a classifier config may declare (ImageNet-21k has 21,841; each becomes an id2label entry).
 MAX_LABELS = 1_000_000
 FIX = "restore the config.json saved with the weights (save_pretrained writes both)"
+#: The attention code a config may choose: transformers' own (None: its default).
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
+_ATTENTION_KEYS = ("attn_implementation", "_attn_implementation")
 _JSON_KINDS = {type(None): "null", list: "a list", str: "a string", bool: "a boolean", int: "a number",
                float: "a number"}
 
@@ -30,7 +35,10 @@ def check_config_json(folder: Path, reference: str) -> dict[str, Any]:
     except UnicodeDecodeError as error:
         raise LoadError(f"{where} is not UTF-8 JSON (byte {error.start}: {error.reason}); {FIX}") from None
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_refuse_duplicates)
+    except _DuplicateKey as duplicate:
+        raise LoadError(f"{where} gives the key {shown(duplicate.key)} twice (JSON readers disagree on which value "
+                        f"counts); {FIX}") from None
     except json.JSONDecodeError as error:
         raise LoadError(f"{where} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); "
                         f"{FIX}") from None
@@ -44,7 +52,59 @@ def check_config_json(folder: Path, reference: str) -> dict[str, Any]:
         raise LoadError(f"{where} names no model_type (the transformers model family, e.g. \"vit\"; got "
                         f"{shown(data.get('model_type'))}); {FIX}")
     _check_counts(data, where)
+    _check_code_choices(data, where)
+    _check_label_numbers(data.get("id2label"), where)
     return data
+
+
+def _check_label_numbers(id2label: Any, where: str) -> None:
+    """`id2label` names classifier row `i` by key `i`: keys other than 0 .. n-1 (`-1, 0, 1`) would be read in sorted
+    order, each label naming another row than transformers gives it. Keys that are no integers are left to
+    `AutoConfig`, which refuses them."""
+    if not isinstance(id2label, dict):
+        return
+    try:
+        numbers = sorted(int(key) for key in id2label)
+    except (TypeError, ValueError):
+        return
+    if numbers != list(range(len(numbers))):
+        raise LoadError(f"{where}: id2label numbers its labels {shown(numbers)}, not 0 to {len(numbers) - 1} (one per "
+                        f"classifier row); {FIX}")
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict, raising `_DuplicateKey` for a key given twice (json keeps the last silently)."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise _DuplicateKey(key)
+        data[key] = value
+    return data
+
+
+def _check_code_choices(data: dict[str, Any], where: str, prefix: str = "") -> None:
+    """Keys that make transformers run other code than the model's own class: an attention implementation other
+    than its built-in ones (a Hub kernel id is downloaded and run), a quantization applied while loading."""
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "quantization_config":
+            _check_code_choices(value, where, f"{prefix}{key}.")
+        elif key in _ATTENTION_KEYS and value is not None and value not in ATTENTION_IMPLEMENTATIONS:
+            raise LoadError(f"{where} sets {prefix}{key} to {shown(value)}; hf-mudsc runs models with transformers' "
+                            f"own attention (eager or sdpa), never attention code a model names: remove the key or "
+                            "set it to \"sdpa\"")
+    if not prefix and data.get("quantization_config") is not None:
+        quantization = data["quantization_config"]
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+        raise LoadError(f"{where} declares a quantization (quantization_config, quant_method {shown(method)}): "
+                        "from_pretrained would quantize the weights as it loads them. Merge float weights: dequantize "
+                        "the checkpoint (load it with its quantization library and save_pretrained the float model) "
+                        "or use the float checkpoint it was quantized from")
 
 
 def _check_counts(data: dict[str, Any], where: str, prefix: str = "") -> None:

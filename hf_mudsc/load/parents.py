@@ -114,17 +114,41 @@ class _Located:
 
 
 
-def model_class_for(config: PretrainedConfig) -> type[PreTrainedModel]:
-    """The class named in `config.architectures` (the class the checkpoint was saved from)."""
+def model_class_for(config: PretrainedConfig, reference: str | None = None) -> type[PreTrainedModel]:
+    """The class named in `config.architectures` (the class the checkpoint was saved from); refusals name `reference`
+    (default: the config's `_name_or_path`), so that with N parents the message says which."""
+    where = f"{reference or getattr(config, '_name_or_path', '') or 'a parent'!r}: "
     for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
+        cls = getattr(transformers, name, None) if isinstance(name, str) else None
         if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
+            wanted = getattr(cls, "config_class", None)
+            if isinstance(wanted, type) and not isinstance(config, wanted):  # its constructor reads other fields
+                kind = getattr(wanted, "model_type", "?")
+                raise LoadError(
+                    f"{where}config.json names the architecture {name}, a class of {kind!r} "
+                    f"models, but its model_type is {getattr(config, 'model_type', None)!r}; {CONFIG_FIX}"
+                )
             return cls
     raise LoadError(
-        f"the config names no transformers architecture ({getattr(config, 'architectures', None)!r}); "
+        f"{where}the config names no transformers architecture ({getattr(config, 'architectures', None)!r}); "
         "models with custom code are not supported (hf_mudsc never sets trust_remote_code). Save the model "
         "with save_pretrained from a transformers class so config.json records it"
     )
+
+
+def meta_model(config: PretrainedConfig, cls: type[PreTrainedModel] | None = None, *,
+               reference: str | None = None) -> PreTrainedModel:
+    """`config`'s model (or `cls`'s) with every tensor on the meta device: shapes, no memory. A config no model can be
+    built from (zero attention heads, a patch of 0 pixels: transformers' constructors divide by them) is refused in
+    one line naming `reference` (default: the config's `_name_or_path`)."""
+    cls = cls or model_class_for(config, reference)
+    try:
+        with torch.device("meta"):
+            return cls(config)
+    except (ArithmeticError, ValueError, TypeError, AttributeError, KeyError, IndexError) as error:
+        name = reference or getattr(config, "_name_or_path", "") or cls.__name__
+        raise LoadError(f"{name!r}: config.json describes no {cls.__name__} transformers can build "
+                        f"({type(error).__name__}: {_one_line(error)}); {CONFIG_FIX}") from error
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -207,32 +231,40 @@ def refuse_links_out(reference: str, folder: Path) -> None:
     archive could link a file the merge reads and writes back into the merged model (a vocabulary, a processor
     config) to any file of this machine, e.g. the stored Hub token. A Hub cache snapshot's links into its repo's
     `blobs/` are that layout, and allowed."""
+    for entry in sorted(folder.iterdir()):
+        _refuse_link_out(reference, folder, entry)
+
+
+def _refuse_link_out(reference: str, folder: Path, entry: Path) -> None:
+    """Refuse `entry` (a file of `folder`, maybe in a subfolder) when it resolves to a file outside the folder (or,
+    for a Hub cache snapshot, outside its repo's `blobs/`)."""
     base = folder.resolve()
     roots = [base] + ([base.parent.parent / "blobs"] if base.parent.name == "snapshots" else [])
-    for entry in sorted(folder.iterdir()):
-        if not entry.is_symlink():
-            continue
-        target = entry.resolve()
-        if not any(target == root or target.is_relative_to(root) for root in roots):
-            raise LoadError(
-                f"{reference!r}: {entry.name} is a symbolic link to {str(target)!r}, outside the folder; hf-mudsc "
-                "reads only files inside a parent folder (a link could carry any file of this machine, e.g. a "
-                "token, into the merged model): copy the file into the folder"
-            )
+    target = entry.resolve()
+    if not any(target == root or target.is_relative_to(root) for root in roots):
+        raise LoadError(
+            f"{reference!r}: {entry.relative_to(folder).as_posix()} is a symbolic link to {str(target)!r}, outside "
+            "the folder; hf-mudsc reads only files inside a parent folder (a link could carry any file of this "
+            "machine, e.g. a token, into the merged model): copy the file into the folder"
+        )
 
 
 def _shard_names(reference: str, folder: Path, index_name: str) -> list[str]:
     """The shard files a `*.index.json` of `folder` points to."""
+    fix = "re-download it or re-save the model with save_pretrained"
     try:
         index = json.loads((folder / index_name).read_text())
         names = sorted(set(index["weight_map"].values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
         raise LoadError(f"{reference!r}: {index_name} is unreadable ({type(error).__name__}: {error}); "
-                        "re-download it or re-save the model with save_pretrained") from error
+                        f"{fix}") from error
     for name in names:  # read as the parent's weights: never a file of this machine outside the folder
         if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
-            raise LoadError(f"{reference!r}: {index_name} names the shard {shown(name)}, outside the folder; "
-                            "re-download it or re-save the model with save_pretrained")
+            raise LoadError(f"{reference!r}: {index_name} names the shard {shown(name)}, outside the folder; {fix}")
+    if not names:
+        raise LoadError(f"{reference!r}: {index_name} names no shard (its weight_map is empty); {fix}")
+    if not isinstance(index.get("metadata"), dict):  # transformers reads it as a dict (a KeyError without one)
+        raise LoadError(f"{reference!r}: {index_name} has no 'metadata' object (save_pretrained writes one); {fix}")
     return names
 
 
@@ -243,23 +275,43 @@ def check_weight_files(reference: str, folder: Path, weight_files: Sequence[str]
 
     names: list[str] = []
     for name in weight_files:
-        names += _shard_names(reference, folder, name) if name.endswith(".index.json") else [name]
+        if name.endswith(".index.json"):
+            shards = _shard_names(reference, folder, name)
+            odd = next((shard for shard in shards if not shard.endswith(".safetensors")), None)
+            if name == SAFETENSORS_INDEX and odd is not None:  # a folder, `.`, config.json: opened as safetensors
+                raise LoadError(f"{reference!r}: {name} names the shard {odd!r}, not a .safetensors file of the "
+                                "folder; re-download it or re-save the model with save_pretrained")
+            names += [shard for shard in shards if shard.endswith(".safetensors")]
+        elif name.endswith(".safetensors"):
+            names.append(name)
+    stored_in: dict[str, str] = {}
     for name in names:
-        if not name.endswith(".safetensors"):
-            continue
         path = folder / name
         if not path.is_file():
             raise LoadError(f"{reference!r}: weight file {name} is missing; re-download the model or re-save it "
                             "with save_pretrained")
+        _refuse_link_out(reference, folder, path)
         try:
             with safe_open(str(path), framework="pt") as opened:
-                opened.keys()
+                keys = list(opened.keys())
         except (SafetensorError, OSError, ValueError) as error:
             raise LoadError(
                 f"{reference!r}: {name} is not a valid safetensors file ({_one_line(error)}): it is truncated or "
                 "corrupt. Download it again (for a Hub model, delete it from the cache first) or re-save it with "
                 "save_pretrained"
             ) from error
+        twice = next((key for key in keys if key in stored_in), None)
+        if twice is not None:  # which copy transformers would load is its own affair: refuse the checkpoint
+            raise LoadError(f"{reference!r}: tensor {twice!r} is stored twice, in {stored_in[twice]} and {name}; "
+                            "re-download it or re-save the model with save_pretrained")
+        stored_in.update(dict.fromkeys(keys, name))
+    if SAFETENSORS_INDEX in weight_files:  # read by _shard_names above: a JSON object with a weight_map of strings
+        weight_map = json.loads((folder / SAFETENSORS_INDEX).read_text())["weight_map"]
+        lost = next((key for key in weight_map if key not in stored_in), None)
+        if lost is not None:  # from_pretrained would find it missing only once every parent was checked
+            raise LoadError(f"{reference!r}: {SAFETENSORS_INDEX} puts tensor {shown(lost)} in {weight_map[lost]}, but "
+                            "no shard holds it (a shard is truncated or from another save); re-download the model or "
+                            "re-save it with save_pretrained")
 
 
 def _one_line(error: BaseException) -> str:
@@ -588,8 +640,7 @@ def check_config_fits_weights(located: _Located) -> None:
     files = safetensors_files(located.folder)
     if not files:
         return
-    with torch.device("meta"):
-        model = model_class_for(located.config)(located.config)
+    model = meta_model(located.config, reference=located.reference)
     needed = sum(tensor.numel() for tensor in model.parameters())
     stored = LazyParameters(files)
     held = sum(math.prod(stored.shape(key)) for key in stored)
@@ -658,8 +709,7 @@ def _check_pickle_dtypes(located: _Located) -> str | None:
             return None
         stored.update({key: str(tensor.dtype).removeprefix("torch.") for key, tensor in tensors.items()
                        if isinstance(tensor, torch.Tensor)})
-    with torch.device("meta"):
-        model = model_class_for(located.config)(located.config)
+    model = meta_model(located.config, reference=located.reference)
     check_floating_weights(located.reference, stored, model)
     return dtype_description(stored.values())
 
@@ -674,8 +724,7 @@ def _finish_lazily(located: _Located) -> LoadedParent | None:
     checkpoint lacks are `absent`, not read."""
     from hf_mudsc.load.lazy import LazyParameters, lazy_parameters
 
-    with torch.device("meta"):
-        model = (located.read_as or model_class_for(located.config))(located.config)
+    model = meta_model(located.config, located.read_as, reference=located.reference)
     shapes = {name: tuple(tensor.shape) for name, tensor in model.named_parameters()}
     if located.read_as is None:
         parameters = lazy_parameters(located.folder, names=list(shapes), dtype=torch.float32, model=model)
@@ -737,7 +786,7 @@ def _load_weights(located: _Located) -> tuple[PreTrainedModel, list[str]]:
 
     from safetensors import SafetensorError
 
-    cls = located.read_as or model_class_for(located.config)
+    cls = located.read_as or model_class_for(located.config, located.reference)
     name = located.weight_files[0]
     try:
         with _without_load_report():
@@ -993,7 +1042,7 @@ def check_base_config(base: _Located, parent: _Located) -> None:
 def _parent_class(parent: _Located) -> type[PreTrainedModel]:
     """The class a parent is (or will be) loaded as."""
     model = parent.model if parent.model is not None else (parent.loaded.model if parent.loaded else None)
-    return type(model) if model is not None else model_class_for(parent.config)
+    return type(model) if model is not None else model_class_for(parent.config, parent.reference)
 
 
 def _card_text(located: _Located, *, token: str | bool | None, cache_dir: str | os.PathLike | None) -> str | None:
@@ -1019,10 +1068,19 @@ def _card_text(located: _Located, *, token: str | bool | None, cache_dir: str | 
                 return None
 
         path = _hub_call(located.reference, download, what="downloading README.md (the model card)")
-        return Path(path).read_text(encoding="utf-8") if path else None
+        return _read_card(Path(path)) if path else None
     if folder is not None and (folder / "README.md").is_file():
-        return (folder / "README.md").read_text(encoding="utf-8")
+        return _read_card(folder / "README.md")
     return None
+
+
+def _read_card(path: Path) -> str | None:
+    """A model card's text; None (logged) for one that is not UTF-8 text: it names no base."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        logger.warning("%r is not UTF-8 text (%s); the base_model it may name is not read", str(path), error.reason)
+        return None
 
 
 def base_from_cards(located: Sequence[_Located], *, token: str | bool | None = None,

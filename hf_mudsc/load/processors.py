@@ -49,7 +49,7 @@ def load_processor(folder: str | os.PathLike) -> Any | None:
     for cls in candidates:
         try:
             return cls.from_pretrained(folder, trust_remote_code=False)
-        except (OSError, ValueError, KeyError, TypeError, ImportError, RecursionError) as error:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError, RecursionError) as error:
             logger.debug("%s could not load from %s: %s", cls.__name__, folder, error)
     return None
 

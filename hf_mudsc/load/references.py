@@ -8,12 +8,23 @@ will read them (`hf_mudsc.serve.jobs`).
 from __future__ import annotations
 
 import os
+import re
 from typing import TYPE_CHECKING, Any
 
 from hf_mudsc.errors import LoadError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+
+# A Hugging Face access token (`hf_` or `api_org_` and 30-odd letters and digits): never a model or dataset name.
+TOKEN_SHAPE = re.compile(r"\b(?:hf|api_org)_[A-Za-z0-9]{30,}\b")
+TOKEN_FIX = "pass a token with token= (CLI: --token, or the HF_TOKEN variable), never in its place"
+
+
+def looks_like_token(text: str) -> bool:
+    """Whether `text` holds something shaped like an access token (then no message may show `text`)."""
+    return TOKEN_SHAPE.search(text) is not None
 
 
 def parent_name(model: PreTrainedModel, fallback: str) -> str:
@@ -93,6 +104,8 @@ def parse_reference(ref: str | os.PathLike) -> tuple[str, str | None]:
         raise LoadError("empty model reference; pass 'org/name', 'org/name@revision' or a local folder")
     if _looks_like_path(text):
         return text, None
+    if looks_like_token(text):  # `merge a b $HF_TOKEN`: every message would show it
+        raise LoadError(f"a model reference looks like a Hugging Face access token (not shown); {TOKEN_FIX}")
     repo_id, sep, revision = text.partition("@")
     if sep and not revision:
         raise LoadError(f"{text!r} ends with '@' but names no revision; use 'org/name@<branch, tag or sha>'")
