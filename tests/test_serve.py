@@ -168,6 +168,19 @@ def test_store_claims_targets_and_recovers_after_a_restart(tmp_path):
     assert again.add({}, output="/o/1", repo_id="me/one", dry_run=False, has_token=False)
 
 
+def test_an_output_inside_or_around_one_an_active_job_writes_is_claimed_too(tmp_path):
+    """`nest/inner` while `nest` is written (or the reverse) was accepted: the inner job's folder made `nest` exist,
+    so the outer job failed after its whole merge ("already exists"), or the inner one wrote into its output."""
+    store = JobStore(tmp_path)
+    outer = store.add({}, output="/o/nest", repo_id=None, dry_run=False, has_token=False)
+    for clash in ("/o/nest/inner", "/o/nest/a/b", "/o"):
+        with pytest.raises(TargetClaimedError, match=f"claimed by job {outer}"):
+            store.add({}, output=clash, repo_id=None, dry_run=False, has_token=False)
+    assert store.add({}, output="/o/nest2", repo_id=None, dry_run=False, has_token=False)  # a sibling, not inside
+    store.finish_if_active(outer, "succeeded")  # the claim ends with the job (the writer checks the folder itself)
+    assert store.add({}, output="/o/nest/inner", repo_id=None, dry_run=False, has_token=False)
+
+
 # ---------------------------------------------------------------------------------------------- the service
 
 
