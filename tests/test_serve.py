@@ -21,7 +21,7 @@ from test_cli import save_parents_and_data
 
 from hf_mudsc.errors import RecipeError
 from hf_mudsc.serve.jobs import parse_job
-from hf_mudsc.serve.store import RESTARTED_RUNNING, RESTARTED_TOKEN, JobStore, TargetClaimedError
+from hf_mudsc.serve.store import RESTARTED_RUNNING, RESTARTED_TOKEN, JobStore, StoreError, TargetClaimedError
 from hf_mudsc.serve.worker import ForwardHandler, JobCancelled, Reporter
 
 SECRET = "hf_serveSecretTokenThatMustNeverLeak42"
@@ -179,6 +179,33 @@ def test_an_output_inside_or_around_one_an_active_job_writes_is_claimed_too(tmp_
     assert store.add({}, output="/o/nest2", repo_id=None, dry_run=False, has_token=False)  # a sibling, not inside
     store.finish_if_active(outer, "succeeded")  # the claim ends with the job (the writer checks the folder itself)
     assert store.add({}, output="/o/nest/inner", repo_id=None, dry_run=False, has_token=False)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_corrupted_store_stops_the_service_in_one_line_and_is_left_as_it_was(tmp_path, damage):
+    """A store file that is not SQLite (or lost its tail) made `hf-mudsc serve` die with a traceback."""
+    store = JobStore(tmp_path / "state")
+    for i in range(200):
+        store.add({"models": ["a/b", "c/d"], "note": "x" * 2000}, output=f"/o/{i}", repo_id=None, dry_run=False,
+                  has_token=False)
+    store.close()
+    path = tmp_path / "state" / "jobs.sqlite3"
+    assert not (tmp_path / "state" / "jobs.sqlite3-wal").exists()  # closed: everything is in the main file
+    if damage == "garbage":
+        path.write_bytes(b"\x00not a database\xff" * 200)
+    else:
+        with open(path, "r+b") as file:
+            file.truncate(path.stat().st_size // 2)
+    damaged = path.read_bytes()
+    with pytest.raises(StoreError) as caught:
+        JobStore(tmp_path / "state")
+    message = str(caught.value)
+    assert str(path) in message and "move it aside" in message and "\n" not in message, message
+    done = subprocess.run([sys.executable, "-m", "hf_mudsc", "serve", "--state-dir", str(tmp_path / "state"),
+                           "--port", "0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and str(path) in done.stderr, done.stderr
+    assert path.read_bytes() == damaged  # the operator decides what to do with it
 
 
 # ---------------------------------------------------------------------------------------------- the service

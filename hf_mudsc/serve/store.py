@@ -63,6 +63,10 @@ class TargetClaimedError(Exception):
     """The job's output folder or Hub repo is claimed by a queued or running job (HTTP 409)."""
 
 
+class StoreError(ValueError):
+    """The store file cannot be read (corrupted or truncated): the service does not start (one line naming it)."""
+
+
 class QueueFullError(Exception):
     """`max_queued` jobs are already waiting for a worker (HTTP 429)."""
 
@@ -82,9 +86,19 @@ class JobStore:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
+            try:  # a damaged file fails here (or in the check), not in every request later
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.executescript(_SCHEMA)
+                problems = [r[0] for r in self._db.execute("PRAGMA quick_check")]
+            except sqlite3.DatabaseError as error:
+                problems = [str(error)]
+            if problems != ["ok"]:
+                self._db.close()
+                raise StoreError(
+                    f"the job store {str(self.path)!r} cannot be read ({'; '.join(problems[:3])}): it is corrupted "
+                    "or truncated, and the service did not start; move it aside (with any -wal and -shm file next "
+                    "to it) to start with an empty store, or pass another --state-dir")
 
     def close(self) -> None:
         with self._lock:
