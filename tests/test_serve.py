@@ -479,6 +479,26 @@ def test_a_body_a_browser_may_send_cross_site_is_refused_with_415(hostile):
     assert job_count(hostile) == before
 
 
+def test_a_token_sent_in_another_form_than_bearer_is_refused_not_ignored(hostile):
+    """`Authorization: token hf_...` (or the bare token) was ignored: the job ran with the server's own Hub login,
+    where the client meant its token. Refused in one line that does not repeat the header."""
+    body = json.dumps({"models": ["user/a", "user/b"], "alpah": 1, "dry_run": True}).encode()
+    before = job_count(hostile)
+    for header in (f"token {SECRET}", SECRET, f"Basic {SECRET}", "Bearer", "Bearer   "):
+        status, _, text = raw(hostile, "POST", "/api/jobs", body, {"Content-Type": "application/json",
+                                                                   "Content-Length": str(len(body)),
+                                                                   "Authorization": header})
+        assert status == 400 and SECRET not in text, (header, status, text)
+        error = json.loads(text)["error"]
+        assert "Authorization: Bearer" in error and "\n" not in error, error
+    for header in (f"Bearer {SECRET}", f"bearer  {SECRET} "):  # the scheme is case-insensitive
+        status, _, text = raw(hostile, "POST", "/api/jobs", body, {"Content-Type": "application/json",
+                                                                   "Content-Length": str(len(body)),
+                                                                   "Authorization": header})
+        assert status == 400 and "['alpah']" in json.loads(text)["error"], (header, status, text)
+    assert job_count(hostile) == before
+
+
 def test_pages_escape_what_a_client_wrote_and_a_missing_job_page_does_not_reflect_html(hostile):
     for path in ("/", f"/jobs/{hostile.seeded}", "/partials/jobs"):
         status, page = hostile.request("GET", path)

@@ -13,7 +13,8 @@
     GET    /jobs/{id}              one job: result, links, recipe, log
     GET    /jobs/{id}/files/{name} a file of a job's output folder (card, plots, recipe)
 
-`Authorization: Bearer <hf token>` on POST is the job's Hub token: kept in memory only (scheduler.py). With an
+`Authorization: Bearer <hf token>` on POST is the job's Hub token: kept in memory only (scheduler.py); the header
+in another form answers 400. With an
 API key configured, POST and DELETE need `X-API-Key: <key>`. POST takes only a JSON or YAML content type (415
 otherwise): a form or text/plain body is what a page on another site can send without a CORS preflight.
 Every error is one line of JSON, `{"error": ...}` (bad query values 400, unknown routes 404, wrong methods 405).
@@ -160,7 +161,10 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
             raw += chunk
             if len(raw) > MAX_BODY:
                 return too_big
-        token = _bearer(request)
+        try:
+            token = _bearer(request)
+        except ValueError as problem:
+            return error(400, str(problem))
         # Store and scheduler calls take locks: run them off the event loop, so GETs are never held up.
         return await run_in_threadpool(enqueue, bytes(raw), content_type, dry_run, token)
 
@@ -282,9 +286,17 @@ def _parse_body(raw: bytes, content_type: str) -> Any:
 
 
 def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
-    return value.strip() or None if scheme.lower() == "bearer" else None
+    """The job's Hub token from `Authorization: Bearer <token>`; None without the header. A header in another form
+    (`token hf_...`, the bare token, no token) is refused (ValueError): ignored, the job would run with the
+    server's own Hub login instead of the client's. The message never repeats the header."""
+    header = request.headers.get("authorization")
+    if header is None:
+        return None
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise ValueError("the Authorization header is not `Bearer <token>`: send the Hugging Face token as "
+                         "`Authorization: Bearer hf_...`, or leave the header out to use the service's own Hub login")
+    return value.strip()
 
 
 def _output_folder(job: dict[str, Any], outputs: Path) -> Path | None:
