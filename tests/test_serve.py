@@ -530,6 +530,23 @@ def test_a_yaml_alias_bomb_and_deep_nesting_answer_400_not_a_huge_answer_or_a_50
         assert status == 400, (depth, status, text[:300])
 
 
+def test_a_body_that_is_not_valid_yaml_or_json_answers_one_line_naming_where(hostile):
+    """PyYAML's messages span several lines (the context, a copy of the source line, a caret): the answer was not
+    the one line every error is."""
+    bodies = {"application/yaml": ["models: [user/a, user/b\n", "? [a, b]\n: 1\n", "--- a\n--- b\n",
+                                   "!!python/object/apply:os.system [id]\n", "a: b\n  c: d\n", "a:\n\t- x\n",
+                                   "a: 'x\n"],
+              "application/json": ['{"models": ["user/a",\n "user/b"', '{"a": 1}\n{"b": 2}', "[1, 2,]"]}
+    for kind, texts in bodies.items():
+        for text in texts:
+            body = text.encode()
+            status, _, answer = raw(hostile, "POST", "/api/jobs", body,
+                                    {"Content-Type": kind, "Content-Length": str(len(body))})
+            assert status == 400, (text, status, answer)
+            error = json.loads(answer)["error"]
+            assert error.startswith("the body is not valid") and "line" in error and "\n" not in error, (text, error)
+
+
 def test_a_huge_body_is_refused_before_it_is_read(hostile):
     """A declared 100 MB body is answered 413 at once (the server does not wait for it); a chunked one that grows
     past the limit too."""

@@ -281,8 +281,13 @@ def _parse_body(raw: bytes, content_type: str) -> Any:
         raise
     except RecursionError:
         raise RecipeError(f"the body's {kind} is nested too deeply; a recipe is a flat mapping") from None
+    except yaml.MarkedYAMLError as problem:  # PyYAML's message spans lines (context, the source line, a caret)
+        mark = problem.problem_mark or problem.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        what = " ".join(f"{problem.context or ''} {problem.problem or ''}".split()) or type(problem).__name__
+        raise RecipeError(f"the body is not valid YAML: {what}{where}") from None
     except (ValueError, yaml.YAMLError) as problem:
-        raise RecipeError(f"the body is not valid {kind}: {problem}") from None
+        raise RecipeError(f"the body is not valid {kind}: {' '.join(str(problem).split())}") from None
 
 
 def _bearer(request: Request) -> str | None:
