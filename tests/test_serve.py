@@ -75,6 +75,35 @@ def test_a_bad_request_names_the_offending_key(tmp_path):
     assert parse_job({"models": ["user/a", "user/b"], "method": "average"}, tmp_path, dry_run=True).dry_run
 
 
+def test_what_the_library_refuses_before_loading_is_refused_at_post_not_by_a_failed_job(tmp_path):
+    """An existing output, a size the method cannot spend, options the method refuses, a reference or repo id that
+    is no Hub id: the CLI refuses them before loading, but the service queued them (201) and the job failed in its
+    worker — with a message naming the CLI's --overwrite, or a Hub id's newline in it."""
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("someone's file")
+    (tmp_path / "a-file").write_text("not a folder")
+    base = {"models": ["user/a", "user/b"], "method": "weight_matching", "output": "m"}
+    cases = [
+        ({**base, "output": "taken"}, "already exists; pass overwrite"),
+        ({**base, "output": "taken", "overwrite": True}, "not a folder written by hf-mudsc"),
+        ({**base, "output": "a-file/m"}, "which is not a folder"),
+        ({**base, "method": "average", "size": 1.5}, "cannot spend size=1.5"),
+        ({**base, "models": ["user/a", "user/b", "user/c"], "reference_compat": True}, "reference_compat"),
+        ({**base, "models": ["user/a", "user/b\x00"]}, "`models[1]`"),
+        ({**base, "models": ["user/a", "user/b\nINJECTED line"]}, "`models[1]`"),
+        ({**base, "base": "bad//base", "method": "task_arithmetic"}, "`base`"),
+        ({**base, "push_to_hub": "<x>/y"}, "`push_to_hub`"),
+        ({**base, "push_to_hub": "../x"}, "`push_to_hub`"),
+    ]
+    for body, fragment in cases:
+        with pytest.raises(RecipeError) as caught:
+            parse_job(body, tmp_path)
+        message = str(caught.value)
+        assert fragment in message and "\n" not in message and "--overwrite" not in message, (body, message)
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["notes.txt"]
+    assert parse_job({**base, "push_to_hub": "user/ok.name-1_x"}, tmp_path).repo_id == "user/ok.name-1_x"
+
+
 def test_an_unknown_key_answer_lists_each_valid_key_once(tmp_path):
     """It listed `dry_run` twice: once as a recipe key, once as the service's own."""
     with pytest.raises(RecipeError) as caught:

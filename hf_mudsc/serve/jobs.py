@@ -2,7 +2,9 @@
 
 The body holds recipe keys (`models`, `calibration`, `method`, ... — `hf_mudsc.publish.recipe.Recipe`), the
 destination keys a recipe FILE may not set but a job must (`output`, `push_to_hub`, `private`, `overwrite`), and
-`dry_run`. Every error names the offending key; the web process answers it with 400.
+`dry_run`. Every error names the offending key; the web process answers it with 400. What `hf-mudsc merge` refuses
+before loading is refused here too (an existing output, options the method refuses, names that are no Hub id), so
+a client hears it at POST rather than from a job failed in its worker.
 
 `output` is a folder under the service's output root (default `<state-dir>/outputs`): a client names a folder
 there, never a path elsewhere on the server. `allow_pickle` is refused: the service never unpickles weights.
@@ -32,9 +34,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from hf_mudsc.calibrate.dataset_spec import DatasetSpec
-from hf_mudsc.errors import CalibrationError, LoadError, RecipeError
+from hf_mudsc.cli.merge import check_merge_output
+from hf_mudsc.errors import CalibrationError, LoadError, RecipeError, shown
 from hf_mudsc.load.references import card_base_model, looks_like_path, parse_reference
-from hf_mudsc.methods.registry import AUTO, get_method
+from hf_mudsc.methods.registry import AUTO, check_size, get_method
 from hf_mudsc.publish.recipe import DESTINATION_KEYS, INFO_KEYS, Recipe
 
 logger = logging.getLogger(__name__)
@@ -112,14 +115,57 @@ def parse_job(body: Any, output_root: Path, *, dry_run: bool = False,
     recipe = Recipe.from_dict(body, source="job")
     recipe = recipe.override(**{k: v for k, v in destination.items() if v is not None})
     recipe = recipe.validate()
-    resolve_local_paths(JobRequest(recipe, dry_run), local_roots)  # refuses; the store keeps what the client sent
+    # Refuses; the store keeps what the client sent, the worker gets the paths resolved again when the job starts.
+    resolved = resolve_local_paths(JobRequest(recipe, dry_run), local_roots).recipe
+    check_hub_ids(recipe)
+    check_method(recipe)
+    dry_run = dry_run or flag
     if recipe.output is not None:
         recipe.output = str(resolve_output(recipe.output, output_root))
-    dry_run = dry_run or flag
+        if not dry_run:  # as the CLI does before loading (the worker checks again: the folder may change)
+            try:
+                check_merge_output(Path(recipe.output), resolved.override(output=recipe.output), flag="output")
+            except (FileExistsError, ValueError) as problem:
+                raise RecipeError(str(problem)) from None
     if not dry_run and not recipe.output and not recipe.push_to_hub:
         raise RecipeError("say where the merged model goes: `output` (a folder name under the service's output "
                           "root) and/or `push_to_hub` (`org/name`)")
     return JobRequest(recipe, dry_run)
+
+
+def check_hub_ids(recipe: Recipe) -> None:
+    """Every parent or base the loader would fetch from the Hub, and `push_to_hub`, is a valid Hub id: refused
+    here in one line (the loader and the push refuse them too, but only in the job's worker, and their message
+    repeats the id as given — a newline in it included)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    named = [(f"models[{i}]", reference) for i, reference in enumerate(recipe.models)]
+    if isinstance(recipe.base, str):
+        named.append(("base", recipe.base))
+    hub = [(key, given, parse_reference(given)[0]) for key, given in named if looks_local(given) is None]
+    if recipe.push_to_hub is not None:
+        hub.append(("push_to_hub", recipe.push_to_hub, recipe.push_to_hub))
+    for key, given, repo_id in hub:
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError:
+            what = ("is not a Hub repo id `org/name`" if key == "push_to_hub" else
+                    "is neither a folder of this machine nor a Hub id `org/name[@revision]`")
+            raise RecipeError(f"`{key}` {shown(given)} {what}: a Hub name has letters, digits, '-', '_' and '.' "
+                              "(not first or last, no '--' or '..'), at most 96 characters") from None
+
+
+def check_method(recipe: Recipe) -> None:
+    """What the method refuses before anything is loaded (`check_size`, its `check_options`), as `hf-mudsc merge`
+    refuses it; `auto` chooses its method in the worker, which checks then."""
+    if recipe.method == AUTO:
+        return
+    method = get_method(recipe.method)
+    try:
+        check_size(method, recipe.size)
+        method.check_options(recipe, len(recipe.models))
+    except ValueError as problem:
+        raise RecipeError(str(problem)) from None
 
 
 def resolve_output(output: str, output_root: Path) -> Path:
