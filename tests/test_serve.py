@@ -104,6 +104,16 @@ def test_what_the_library_refuses_before_loading_is_refused_at_post_not_by_a_fai
     assert parse_job({**base, "push_to_hub": "user/ok.name-1_x"}, tmp_path).repo_id == "user/ok.name-1_x"
 
 
+def test_a_destination_key_of_the_wrong_type_is_named_as_the_jobs_not_the_command_lines(tmp_path):
+    """`output: 5` answered "command line: `output` must be str": a client of the service has no command line."""
+    base = {"models": ["user/a", "user/b"], "method": "average", "output": "m"}
+    for key, value in (("output", 5), ("push_to_hub", ["me/x"]), ("private", "yes"), ("overwrite", 1)):
+        with pytest.raises(RecipeError) as caught:
+            parse_job({**base, key: value}, tmp_path)
+        message = str(caught.value)
+        assert message.startswith(f"job: `{key}` must be") and "command line" not in message, message
+
+
 def test_an_unknown_key_answer_lists_each_valid_key_once(tmp_path):
     """It listed `dry_run` twice: once as a recipe key, once as the service's own."""
     with pytest.raises(RecipeError) as caught:

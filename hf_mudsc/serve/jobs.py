@@ -111,9 +111,11 @@ def parse_job(body: Any, output_root: Path, *, dry_run: bool = False,
     flag = body.pop("dry_run", False)
     if not isinstance(flag, bool):
         raise RecipeError(f"`dry_run` must be true or false, got {flag!r}")
+    # Checked here so a wrong type is named as the job's (`override` would say "command line").
     destination = {k: body.pop(k) for k in DESTINATION_KEYS if k in body}
+    destination = {k: Recipe.coerce(k, v, "job") for k, v in destination.items() if v is not None}
     recipe = Recipe.from_dict(body, source="job")
-    recipe = recipe.override(**{k: v for k, v in destination.items() if v is not None})
+    recipe = recipe.override(**destination)
     recipe = recipe.validate()
     # Refuses; the store keeps what the client sent, the worker gets the paths resolved again when the job starts.
     resolved = resolve_local_paths(JobRequest(recipe, dry_run), local_roots).recipe
