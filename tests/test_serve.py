@@ -726,6 +726,51 @@ def test_a_store_write_that_fails_while_following_a_worker_fails_the_job_and_fre
     assert store.get(done)["status"] == "succeeded" and done not in scheduler.running
 
 
+def test_a_worker_killed_while_writing_leaves_no_staging_folder(tmp_path):
+    """A worker that dies mid-write (out of memory, kill -9, or killed 30 s after an ignored cancel) left its
+    half-written staging folder in the output root until another job wrote the same output — possibly never."""
+    from hf_mudsc.serve.scheduler import Running, Scheduler
+
+    outputs = tmp_path / "state" / "outputs"
+    target = outputs / "killed"
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import os, signal, sys\n"
+        "from hf_mudsc.publish.folder import staged_output\n"
+        f"with staged_output({str(target)!r}) as staging:\n"
+        "    (staging / 'model.safetensors').write_bytes(b'half')\n"
+        "    print('writing', flush=True); sys.stdin.readline()\n"  # killed here, inside the block
+    )], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline() == "writing\n"
+    assert partials(outputs) != []
+    writer.kill()
+
+    class Process:  # the killed worker, as the scheduler sees it
+        def join(self, timeout=None):
+            writer.wait(timeout)
+
+        def is_alive(self):
+            return writer.poll() is None
+
+        @property
+        def exitcode(self):
+            return writer.returncode
+
+    class Pipe:  # closed without a final report
+        def recv(self):
+            raise EOFError
+
+    store = JobStore(tmp_path / "state")
+    job_id = store.add({"models": ["a/b", "c/d"], "output": str(target)}, output=str(target), repo_id=None,
+                       dry_run=False, has_token=False)
+    store.update(job_id, status="running")
+    scheduler = Scheduler(store, workers=1)
+    run = Running(process=Process(), conn=Pipe())
+    scheduler.running[job_id] = run
+    scheduler._follow(job_id, run)
+    assert store.get(job_id)["status"] == "failed" and "died" in store.get(job_id)["error"]
+    assert partials(outputs) == [] and not target.exists()
+
+
 def test_the_job_list_pages_newest_first_with_a_before_cursor(tmp_path):
     """GET /api/jobs answers at most `limit` jobs (default 100, at most 1000), newest first, and `next`: the id to
     pass as `before` for the following page (null on the last); an unknown cursor is a one-line 404."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hf_mudsc.errors import RecipeError
+from hf_mudsc.publish.folder import clean_leftovers
 from hf_mudsc.serve.store import JobStore
 
 logger = logging.getLogger(__name__)
@@ -220,6 +221,7 @@ class Scheduler:
         run.finished = True
         if run.timer is not None:
             run.timer.cancel()
+        self._clean_after(job_id)
         try:
             if broken is not None:  # failed unless the worker's own report already settled it
                 self.store.finish_if_active(job_id, "failed", f"the service could not record the job's progress "
@@ -233,6 +235,18 @@ class Scheduler:
             with self._lock:
                 self.running.pop(job_id, None)
             self._wake.set()
+
+    def _clean_after(self, job_id: str) -> None:
+        """Remove what a worker that died mid-write (out of memory, a kill, a cancel it ignored) left of its output:
+        its staging folder. `clean_leftovers` removes only the writer's own staging folders whose process is gone
+        (after a clean end there are none; a later job on the same output is alive, so its folder stays)."""
+        try:
+            output = ((self.store.get(job_id) or {}).get("request") or {}).get("output")
+            if output:
+                for leftover in clean_leftovers(output):
+                    logger.warning("job %s: removed %s, the staging folder its worker left", job_id, leftover)
+        except Exception:  # noqa: BLE001 - the service stays up; the next run into that output cleans it
+            logger.exception("job %s: could not remove what its worker left", job_id)
 
     def _copy_messages(self, job_id: str, run: Running) -> tuple | None:
         """The worker's log lines, phases and final report into the store, until its pipe closes; the final
