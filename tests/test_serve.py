@@ -183,6 +183,45 @@ def test_the_worker_maps_pipeline_records_to_phases_scrubs_the_token_and_cancels
     assert pipe.sent[-1] == ("phase", "publish", 0.99)
 
 
+@pytest.mark.parametrize("calibration", [None, "org/data:train"])
+def test_a_job_with_the_default_method_auto_runs_in_its_worker(tmp_path, monkeypatch, calibration):
+    """`method: auto` (the default) without calibration crashed the worker before it reported anything
+    (get_method('auto')): the job failed as "the worker process died ... out of memory", whatever it asked."""
+    import threading
+
+    from hf_mudsc.serve import worker
+
+    class Conn:
+        def __init__(self):
+            self.sent, self.first = [], True
+
+        def recv(self):
+            if self.first:
+                self.first = False
+                return {"token": None}
+            threading.Event().wait()  # the web process never cancels
+
+        def send(self, message):
+            self.sent.append(message)
+
+        def close(self):
+            pass
+
+    ran = []
+    monkeypatch.setattr(worker, "run_merge", lambda job, token, reporter: ran.append(job) or {"output": None})
+    request = parse_job({"models": ["user/a", "user/b"], "output": "m", "calibration": calibration}, tmp_path)
+    assert request.recipe.method == "auto"
+    conn = Conn()
+    library = logging.getLogger("hf_mudsc")
+    handlers, propagate, level = list(library.handlers), library.propagate, library.level
+    try:
+        worker.main(conn, "job1", request.to_dict())
+    finally:
+        library.handlers[:], library.propagate = handlers, propagate
+        library.setLevel(level)
+    assert len(ran) == 1 and conn.sent[-1] == ("done", "succeeded", None, {"output": None}), conn.sent
+
+
 def test_store_claims_targets_and_recovers_after_a_restart(tmp_path):
     store = JobStore(tmp_path)
     running = store.add({"models": []}, output="/o/1", repo_id="me/one", dry_run=False, has_token=False)
