@@ -114,6 +114,18 @@ def test_a_destination_key_of_the_wrong_type_is_named_as_the_jobs_not_the_comman
         assert message.startswith(f"job: `{key}` must be") and "command line" not in message, message
 
 
+def test_an_output_name_with_control_characters_is_refused(tmp_path):
+    """`output: "m\\n2026-12-01 ERROR ..."` made a folder whose name split the job's log lines (a forged line) and the
+    card's `# title`; any printable name, Unicode included, is still a folder name."""
+    base = {"models": ["user/a", "user/b"], "method": "average"}
+    for name in ("m\n2026-12-01 00:00:00 ERROR forged", "m\r", "a\tb", "m\x1b[31m", "m\x7f", "m\x85"):
+        with pytest.raises(RecipeError) as caught:
+            parse_job({**base, "output": name}, tmp_path)
+        message = str(caught.value)
+        assert "`output` must not contain control characters" in message and "\n" not in message, message
+    assert parse_job({**base, "output": "fusion-é-融合 v2"}, tmp_path).output.endswith("fusion-é-融合 v2")
+
+
 def test_an_unknown_key_answer_lists_each_valid_key_once(tmp_path):
     """It listed `dry_run` twice: once as a recipe key, once as the service's own."""
     with pytest.raises(RecipeError) as caught:

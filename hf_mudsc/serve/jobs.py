@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,6 +175,9 @@ def resolve_output(output: str, output_root: Path) -> Path:
     """`output` as a folder inside `output_root` (relative names; `..` or another absolute path is refused)."""
     if "\x00" in output:
         raise RecipeError(f"`output` must not contain a NUL byte, got {output!r}")
+    if any(unicodedata.category(char) == "Cc" for char in output):  # a newline would forge log lines, the card's title
+        raise RecipeError(f"`output` must not contain control characters (newlines, tabs, escapes), "
+                          f"got {shown(output)}")
     if any(len(part.encode()) > NAME_MAX for part in Path(output).parts):
         raise RecipeError(f"`output` has a folder name longer than {NAME_MAX} bytes (the file system's limit): "
                           f"{output[:80]!r}...")
