@@ -648,6 +648,24 @@ def test_a_huge_body_is_refused_before_it_is_read(hostile):
     assert status == 413 and "larger than" in json.loads(text)["error"]
 
 
+def test_a_client_that_hangs_up_mid_body_leaves_no_traceback_in_the_server_log(hostile):
+    """A POST whose client disconnects before its declared body is sent raised ClientDisconnect out of the route:
+    "Exception in ASGI application" and a traceback in the server's log for an everyday event."""
+    import socket
+
+    before = hostile.log.stat().st_size
+    with socket.create_connection(("127.0.0.1", hostile.port), timeout=5) as sock:
+        sock.sendall(b"POST /api/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n" + b'{"models": [')
+        time.sleep(0.5)
+    assert hostile.request("GET", "/api/jobs")[0] == 200  # the service answers on
+    time.sleep(0.5)
+    with open(hostile.log, "rb") as log:
+        log.seek(before)
+        written = log.read().decode(errors="replace")
+    assert "Traceback" not in written and "Exception in ASGI application" not in written, written[-3000:]
+
+
 def test_bad_query_values_and_unknown_routes_answer_one_line_json_errors(hostile):
     job = hostile.seeded
     status, answer = hostile.request("GET", f"/api/jobs/{job}/log?since={10 ** 30}")

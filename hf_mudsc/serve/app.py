@@ -41,6 +41,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import RecipeError
@@ -157,10 +158,14 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         if int(request.headers.get("content-length") or 0) > MAX_BODY:
             return too_big  # declared too big: refused before a byte of it is read
         raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > MAX_BODY:
-                return too_big
+        try:
+            async for chunk in request.stream():
+                raw += chunk
+                if len(raw) > MAX_BODY:
+                    return too_big
+        except ClientDisconnect:  # the client hung up before its body ended: no one to answer, nothing stored
+            logger.info("POST /api/jobs: the client disconnected before sending its whole body")
+            return error(400, "the body ended early: the client disconnected")
         try:
             token = _bearer(request)
         except ValueError as problem:
