@@ -637,6 +637,23 @@ def test_a_body_that_is_not_valid_yaml_or_json_answers_one_line_naming_where(hos
             assert error.startswith("the body is not valid") and "line" in error and "\n" not in error, (text, error)
 
 
+def test_a_key_given_twice_is_refused_as_a_recipe_file_refuses_it(hostile):
+    """YAML and JSON keep the last of a repeated key silently: `output: a` ... `output: b` wrote `b`, `method` the
+    second one. A recipe file refuses a key given twice (publish/recipe.py); a job now does too."""
+    before = job_count(hostile)
+    bodies = {"application/yaml": "models: [user/a, user/b]\nmethod: average\noutput: a\ndry_run: true\noutput: b\n",
+              "application/json": '{"models": ["user/a", "user/b"], "method": "average", "output": "a", '
+                                  '"dry_run": true, "output": "b"}'}
+    for kind, text in bodies.items():
+        body = text.encode()
+        status, _, answer = raw(hostile, "POST", "/api/jobs", body, {"Content-Type": kind,
+                                                                     "Content-Length": str(len(body))})
+        assert status == 400, (kind, status, answer)
+        error = json.loads(answer)["error"]
+        assert "'output' is given twice" in error and "\n" not in error, (kind, error)
+    assert job_count(hostile) == before
+
+
 def test_a_huge_body_is_refused_before_it_is_read(hostile):
     """A declared 100 MB body is answered 413 at once (the server does not wait for it); a chunked one that grows
     past the limit too."""
