@@ -654,6 +654,25 @@ def test_a_key_given_twice_is_refused_as_a_recipe_file_refuses_it(hostile):
     assert job_count(hostile) == before
 
 
+def test_odd_calibration_and_path_values_answer_400_not_500(hostile):
+    """A calibration spec with a newline crashed its parser (AttributeError), a name longer than the file system
+    takes raised ENAMETOOLONG from a path check: both answered 500 Internal Server Error."""
+    long = "a" * 300
+    before = job_count(hostile)
+    for key, value in (("calibration", "org/da\nta:train"), ("calibration", "org/data@rev\n:train"),
+                       ("calibration", f"{long}/b:train"), ("calibration", f"org/{long}:train"),
+                       ("calibration", "<x>/y:train"), ("base", f"{long}/b"), ("models", [f"{long}/b", "user/b"]),
+                       ("models", [f"./{long}", "user/b"])):
+        method = {"calibration": "zipit", "base": "task_arithmetic"}.get(key, "average")
+        body = json.dumps({"models": ["user/a", "user/b"], "method": method, "output": "odd", key: value}).encode()
+        status, content_type, text = raw(hostile, "POST", "/api/jobs", body,
+                                         {"Content-Type": "application/json", "Content-Length": str(len(body))})
+        assert status == 400 and content_type == "application/json", (key, value[:40], status, text[:300])
+        error = json.loads(text)["error"]
+        assert f"`{key}" in error and "\n" not in error, (key, error)
+    assert job_count(hostile) == before
+
+
 def test_a_huge_body_is_refused_before_it_is_read(hostile):
     """A declared 100 MB body is answered 413 at once (the server does not wait for it); a chunked one that grows
     past the limit too."""

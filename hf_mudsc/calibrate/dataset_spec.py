@@ -34,7 +34,7 @@ class DatasetSpec:
             raise CalibrationError(f"empty calibration spec; {SPEC_FORMS}")
         if os.path.exists(text):
             return cls(path=text)
-        match = re.fullmatch(r"(?P<body>.*?)(?P<slice>\[[^\]]*\])?", text)
+        match = re.fullmatch(r"(?P<body>.*?)(?P<slice>\[[^\]]*\])?", text, flags=re.DOTALL)  # total: any text
         body, slice_ = match.group("body"), match.group("slice") or ""
         parts = body.split(":")
         if len(parts) == 1:

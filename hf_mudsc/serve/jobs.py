@@ -102,6 +102,7 @@ def parse_job(body: Any, output_root: Path, *, dry_run: bool = False,
         raise RecipeError(f"the body is not valid Unicode text: it holds a lone surrogate "
                           f"{problem.object[problem.start:problem.end]!r}") from None
     body = {k: v for k, v in body.items() if k not in INFO_KEYS}
+    refuse_control_characters(body)
     unknown = sorted(str(k) for k in set(body) - set(accepted_keys()) - {"allow_pickle"})
     if unknown:
         raise RecipeError(f"unknown key(s) {unknown}; valid keys are: {', '.join(accepted_keys())}")
@@ -148,12 +149,17 @@ def check_hub_ids(recipe: Recipe) -> None:
     hub = [(key, given, parse_reference(given)[0]) for key, given in named if looks_local(given) is None]
     if recipe.push_to_hub is not None:
         hub.append(("push_to_hub", recipe.push_to_hub, recipe.push_to_hub))
+    if recipe.calibration and not any(key == "calibration" for key, *_ in local_paths(recipe)):
+        dataset = DatasetSpec.parse(recipe.calibration).path
+        if "/" in dataset:  # a Hub dataset `org/name` (a bare name is a datasets builder, `local_paths` checks it)
+            hub.append(("calibration", recipe.calibration, dataset))
     for key, given, repo_id in hub:
         try:
             validate_repo_id(repo_id)
         except HFValidationError:
-            what = ("is not a Hub repo id `org/name`" if key == "push_to_hub" else
-                    "is neither a folder of this machine nor a Hub id `org/name[@revision]`")
+            what = {"push_to_hub": "is not a Hub repo id `org/name`",
+                    "calibration": "names neither local data nor a Hub dataset `org/name[@revision][:config]:split`"
+                    }.get(key, "is neither a folder of this machine nor a Hub id `org/name[@revision]`")
             raise RecipeError(f"`{key}` {shown(given)} {what}: a Hub name has letters, digits, '-', '_' and '.' "
                               "(not first or last, no '--' or '..'), at most 96 characters") from None
 
@@ -169,6 +175,20 @@ def check_method(recipe: Recipe) -> None:
         method.check_options(recipe, len(recipe.models))
     except ValueError as problem:
         raise RecipeError(str(problem)) from None
+
+
+def refuse_control_characters(body: Mapping[str, Any]) -> None:
+    """No value of a job holds a control character (a newline, a tab, an escape): none belongs in a reference, a
+    dataset spec or an option, and one would reach the Hub, the job's log lines and the card as it is. `output` has
+    its own checks (`resolve_output`)."""
+    for key, value in body.items():
+        if key == "output":
+            continue
+        for index, item in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(item, str) and any(unicodedata.category(char) == "Cc" for char in item):
+                where = f"{key}[{index}]" if isinstance(value, list) else key
+                raise RecipeError(f"`{where}` must not contain control characters (newlines, tabs, escapes), "
+                                  f"got {shown(item)}")
 
 
 def resolve_output(output: str, output_root: Path) -> Path:
@@ -357,7 +377,7 @@ def local_paths(recipe: Recipe) -> Iterator[tuple[str, str, Path, bool]]:
             spec = DatasetSpec.parse(recipe.calibration)
         except CalibrationError as problem:
             raise RecipeError(f"`calibration`: {problem}") from None
-        if looks_like_path(spec.path) or Path(spec.path).expanduser().exists():
+        if looks_like_path(spec.path) or os.path.exists(os.path.expanduser(spec.path)):  # False for a too long name
             yield "calibration", spec.path, Path(spec.path).expanduser(), False
         elif "/" not in spec.path:  # `json`, `imagefolder`, ...: datasets' packaged builders read the working folder
             yield "calibration", recipe.calibration, Path.cwd(), True
