@@ -673,6 +673,22 @@ def test_odd_calibration_and_path_values_answer_400_not_500(hostile):
     assert job_count(hostile) == before
 
 
+def test_a_home_folder_of_no_user_answers_400_not_500(hostile):
+    """`~nosuchuser/x` made pathlib's expanduser raise RuntimeError ("Could not determine home directory"): a 500
+    for a parent, base, calibration or output naming it."""
+    before = job_count(hostile)
+    for key, value in (("models", ["~nosuchuser0/x", "user/b"]), ("models", ["user/a", "~nosuchuser0"]),
+                       ("base", "~nosuchuser0/base"), ("calibration", "~nosuchuser0/data:train"),
+                       ("output", "~nosuchuser0/out")):
+        method = {"calibration": "zipit", "base": "task_arithmetic"}.get(key, "average")
+        body = json.dumps({"models": ["user/a", "user/b"], "method": method, "output": "home", key: value}).encode()
+        status, content_type, text = raw(hostile, "POST", "/api/jobs", body,
+                                         {"Content-Type": "application/json", "Content-Length": str(len(body))})
+        assert status == 400 and content_type == "application/json", (key, value, status, text[:300])
+        assert f"`{key}" in json.loads(text)["error"], (key, text)
+    assert job_count(hostile) == before
+
+
 def test_a_huge_body_is_refused_before_it_is_read(hostile):
     """A declared 100 MB body is answered 413 at once (the server does not wait for it); a chunked one that grows
     past the limit too."""

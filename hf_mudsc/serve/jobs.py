@@ -202,7 +202,7 @@ def resolve_output(output: str, output_root: Path) -> Path:
         raise RecipeError(f"`output` has a folder name longer than {NAME_MAX} bytes (the file system's limit): "
                           f"{output[:80]!r}...")
     root = output_root.expanduser().resolve()
-    path = Path(output).expanduser()
+    path = expanded("output", output)
     resolved = (path if path.is_absolute() else root / path).resolve()
     if resolved == root or not resolved.is_relative_to(root):
         raise RecipeError(f"`output` must name a folder inside the service's output root {str(root)!r} "
@@ -345,7 +345,7 @@ def looks_local(reference: str) -> Path | None:
         name, revision = parse_reference(reference)
     except LoadError:
         return None
-    return Path(name).expanduser() if revision is None and looks_like_path(name) else None
+    return Path(os.path.expanduser(name)) if revision is None and looks_like_path(name) else None
 
 
 def card_text(folder: Path) -> str | None:
@@ -357,6 +357,16 @@ def card_text(folder: Path) -> str | None:
         return card.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return None
+
+
+def expanded(key: str, text: str) -> Path:
+    """`text` as a path with `~` expanded; refused in one line when `~user` names no user of this machine (pathlib
+    raises RuntimeError, `os.path.expanduser` would keep it as a relative folder named `~user`)."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        raise RecipeError(f"`{key}` {shown(text)} starts with '~' but names no user of this machine: give the "
+                          "folder's full path") from None
 
 
 def local_paths(recipe: Recipe) -> Iterator[tuple[str, str, Path, bool]]:
@@ -371,13 +381,13 @@ def local_paths(recipe: Recipe) -> Iterator[tuple[str, str, Path, bool]]:
         except LoadError as problem:
             raise RecipeError(f"`{key}`: {problem}") from None
         if revision is None and looks_like_path(name):
-            yield key, reference, Path(name).expanduser(), False
+            yield key, reference, expanded(key, name), False
     if recipe.calibration:
         try:  # as `calibrate.datasets.load_calibration_dataset` reads it
             spec = DatasetSpec.parse(recipe.calibration)
         except CalibrationError as problem:
             raise RecipeError(f"`calibration`: {problem}") from None
         if looks_like_path(spec.path) or os.path.exists(os.path.expanduser(spec.path)):  # False for a too long name
-            yield "calibration", spec.path, Path(spec.path).expanduser(), False
+            yield "calibration", spec.path, expanded("calibration", spec.path), False
         elif "/" not in spec.path:  # `json`, `imagefolder`, ...: datasets' packaged builders read the working folder
             yield "calibration", recipe.calibration, Path.cwd(), True
