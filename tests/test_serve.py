@@ -689,6 +689,20 @@ def test_a_home_folder_of_no_user_answers_400_not_500(hostile):
     assert job_count(hostile) == before
 
 
+def test_a_body_that_is_not_utf8_is_refused_not_repaired(hostile):
+    """Bytes that are not UTF-8 (a Latin-1 `é`) were replaced with U+FFFD: the job ran on a name the client never
+    sent (`output: caf\ufffd`). A recipe file that is not UTF-8 is refused; so is such a body now."""
+    before = job_count(hostile)
+    body = '{"models": ["user/a", "user/b"], "method": "average", "dry_run": true, "output": "café"}'.encode("latin-1")
+    for kind in ("application/json", "application/yaml"):
+        status, _, text = raw(hostile, "POST", "/api/jobs", body, {"Content-Type": kind,
+                                                                   "Content-Length": str(len(body))})
+        assert status == 400, (kind, status, text)
+        error = json.loads(text)["error"]
+        assert "not UTF-8" in error and f"byte {body.index('é'.encode('latin-1'))}" in error, error
+    assert job_count(hostile) == before
+
+
 def test_a_huge_body_is_refused_before_it_is_read(hostile):
     """A declared 100 MB body is answered 413 at once (the server does not wait for it); a chunked one that grows
     past the limit too."""

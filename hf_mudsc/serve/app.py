@@ -299,7 +299,11 @@ def _json_mapping(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _parse_body(raw: bytes, content_type: str) -> Any:
-    text = raw.decode("utf-8", errors="replace")
+    try:  # refused, not repaired: a replaced byte would name a folder or a parent the client never sent
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as problem:
+        raise RecipeError(f"the body is not UTF-8 text (byte {problem.start}: {problem.reason}); send it as "
+                          "UTF-8") from None
     if not text.strip():
         raise RecipeError("the body is empty; send the recipe keys (at least `models`) as JSON or YAML")
     kind = "YAML" if _media_type(content_type) in YAML_TYPES else "JSON"
