@@ -906,6 +906,38 @@ def test_a_worker_killed_while_writing_leaves_no_staging_folder(tmp_path):
     assert partials(outputs) == [] and not target.exists()
 
 
+def test_a_restart_removes_the_staging_folder_a_job_killed_with_the_service_left(tmp_path):
+    """The service and its worker killed together (a container restart, the OOM killer on the group): the job is
+    marked failed at the next start, but its half-written staging folder stayed in the output root."""
+    from hf_mudsc.serve.scheduler import Scheduler
+
+    outputs = tmp_path / "state" / "outputs"
+    target = outputs / "interrupted"
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys\n"
+        "from hf_mudsc.publish.folder import staged_output\n"
+        f"with staged_output({str(target)!r}) as staging:\n"
+        "    (staging / 'model.safetensors').write_bytes(b'half')\n"
+        "    print('writing', flush=True); sys.stdin.readline()\n"
+    )], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline() == "writing\n"
+    writer.kill()
+    writer.wait()
+    store = JobStore(tmp_path / "state")
+    job_id = store.add({"models": ["a/b", "c/d"], "output": str(target)}, output=str(target), repo_id=None,
+                       dry_run=False, has_token=False)
+    store.update(job_id, status="running")
+    assert partials(outputs) != []
+    scheduler = Scheduler(store, workers=1)
+    scheduler.start()
+    try:
+        assert store.get(job_id)["status"] == "failed"
+        assert partials(outputs) == [] and not target.exists()
+    finally:
+        scheduler.stop()
+        store.close()
+
+
 def test_the_job_list_pages_newest_first_with_a_before_cursor(tmp_path):
     """GET /api/jobs answers at most `limit` jobs (default 100, at most 1000), newest first, and `next`: the id to
     pass as `before` for the following page (null on the last); an unknown cursor is a one-line 404."""

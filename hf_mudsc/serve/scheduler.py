@@ -72,12 +72,22 @@ class Scheduler:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
+        self._later: threading.Timer | None = None  # the second clean-up after a restart (`start`)
         self._thread = threading.Thread(target=self._loop, daemon=True, name="hf-mudsc-scheduler")
 
     def start(self) -> None:
         marked = self.store.recover()
         if marked:
             logger.warning("marked %d job(s) failed after a restart: %s", len(marked), ", ".join(marked))
+            # Their workers died with the old service, or are orphans that stop (and clean up) at their next cancel
+            # point or exit hard after ORPHAN_GRACE_S: what a dead one left is removed now, and once more after that.
+            for job_id in marked:
+                self._clean_after(job_id)
+            from hf_mudsc.serve.worker import ORPHAN_GRACE_S
+
+            self._later = threading.Timer(ORPHAN_GRACE_S + 5, lambda: [self._clean_after(job_id) for job_id in marked])
+            self._later.daemon = True
+            self._later.start()
         if self._context.get_start_method() == "forkserver":
             from multiprocessing import forkserver
 
@@ -86,6 +96,8 @@ class Scheduler:
 
     def stop(self) -> None:
         """Cancel running jobs (they stop at their next cancel point) and wait a little for them."""
+        if self._later is not None:
+            self._later.cancel()  # the store closes after this
         with self._lock:
             self._stopping = True
             running = list(self.running.items())
