@@ -126,6 +126,17 @@ def test_an_output_name_with_control_characters_is_refused(tmp_path):
     assert parse_job({**base, "output": "fusion-é-融合 v2"}, tmp_path).output.endswith("fusion-é-融合 v2")
 
 
+def test_a_name_with_bidirectional_overrides_is_refused(tmp_path):
+    """U+202E (right-to-left override) and its kin make a name display as another (`merged\u202eetad.pkl`
+    reads `mergedlkp.adate`) on the page, in logs and the card: refused like control characters."""
+    base = {"models": ["user/a", "user/b"], "method": "average", "output": "m"}
+    for key, value in (("output", "merged\u202eetad"), ("output", "a\u2066b\u2069"), ("text_column", "te\u202ext")):
+        with pytest.raises(RecipeError) as caught:
+            parse_job({**base, key: value}, tmp_path)
+        assert f"`{key}` must not contain control characters" in str(caught.value), str(caught.value)
+    assert parse_job({**base, "output": "מיזוג-merged"}, tmp_path).output.endswith("מיזוג-merged")  # RTL text is fine
+
+
 def test_an_unknown_key_answer_lists_each_valid_key_once(tmp_path):
     """It listed `dry_run` twice: once as a recipe key, once as the service's own."""
     with pytest.raises(RecipeError) as caught:

@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 SERVICE_KEYS = ("dry_run",)
 NAME_MAX = 255  # bytes in one folder name (Linux, macOS, Windows)
+CONTROLS = "control characters (newlines, tabs, escapes, direction overrides)"
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 # How a refusal tells the client a local path is not allowed: no server path but the one it sent (docs/design.md §11).
 OUTSIDE = "which is outside the folders this server allows (its operator lists them with --local-root)"
 
@@ -177,6 +179,12 @@ def check_method(recipe: Recipe) -> None:
         raise RecipeError(str(problem)) from None
 
 
+def has_control(text: str) -> bool:
+    """Whether `text` holds a control character (a newline, a tab, an escape) or a bidirectional override, which
+    makes a name display as another (U+202A-U+202E, U+2066-U+2069)."""
+    return any(unicodedata.category(char) == "Cc" or char in BIDI_CONTROLS for char in text)
+
+
 def refuse_control_characters(body: Mapping[str, Any]) -> None:
     """No value of a job holds a control character (a newline, a tab, an escape): none belongs in a reference, a
     dataset spec or an option, and one would reach the Hub, the job's log lines and the card as it is. `output` has
@@ -185,19 +193,17 @@ def refuse_control_characters(body: Mapping[str, Any]) -> None:
         if key == "output":
             continue
         for index, item in enumerate(value if isinstance(value, list) else [value]):
-            if isinstance(item, str) and any(unicodedata.category(char) == "Cc" for char in item):
+            if isinstance(item, str) and has_control(item):
                 where = f"{key}[{index}]" if isinstance(value, list) else key
-                raise RecipeError(f"`{where}` must not contain control characters (newlines, tabs, escapes), "
-                                  f"got {shown(item)}")
+                raise RecipeError(f"`{where}` must not contain {CONTROLS}, got {shown(item)}")
 
 
 def resolve_output(output: str, output_root: Path) -> Path:
     """`output` as a folder inside `output_root` (relative names; `..` or another absolute path is refused)."""
     if "\x00" in output:
         raise RecipeError(f"`output` must not contain a NUL byte, got {output!r}")
-    if any(unicodedata.category(char) == "Cc" for char in output):  # a newline would forge log lines, the card's title
-        raise RecipeError(f"`output` must not contain control characters (newlines, tabs, escapes), "
-                          f"got {shown(output)}")
+    if has_control(output):  # a newline would forge log lines and the card's title
+        raise RecipeError(f"`output` must not contain {CONTROLS}, got {shown(output)}")
     if any(len(part.encode()) > NAME_MAX for part in Path(output).parts):
         raise RecipeError(f"`output` has a folder name longer than {NAME_MAX} bytes (the file system's limit): "
                           f"{output[:80]!r}...")
