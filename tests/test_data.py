@@ -57,6 +57,7 @@ def texts(count: int) -> list[str]:
         ("user/data:train[:100]", ("user/data", None, "train[:100]")),
         ("user/data:cfg:test[10:20]", ("user/data", "cfg", "test[10:20]")),
         ("user/data", ("user/data", None, None)),
+        ("user/da\nta:train", ("user/da\nta", None, "train")),  # parsed, not an AttributeError (the loader refuses)
     ],
 )
 def test_spec_parsing(spec, expected):

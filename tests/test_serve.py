@@ -21,7 +21,7 @@ from test_cli import save_parents_and_data
 
 from hf_mudsc.errors import RecipeError
 from hf_mudsc.serve.jobs import parse_job
-from hf_mudsc.serve.store import RESTARTED_RUNNING, RESTARTED_TOKEN, JobStore, TargetClaimedError
+from hf_mudsc.serve.store import RESTARTED_RUNNING, RESTARTED_TOKEN, JobStore, StoreError, TargetClaimedError
 from hf_mudsc.serve.worker import ForwardHandler, JobCancelled, Reporter
 
 SECRET = "hf_serveSecretTokenThatMustNeverLeak42"
@@ -73,6 +73,68 @@ def test_a_bad_request_names_the_offending_key(tmp_path):
     job = parse_job({**base, "output": "sub/m"}, tmp_path)
     assert job.output == str((tmp_path / "sub" / "m").resolve()) and not job.dry_run
     assert parse_job({"models": ["user/a", "user/b"], "method": "average"}, tmp_path, dry_run=True).dry_run
+
+
+def test_what_the_library_refuses_before_loading_is_refused_at_post_not_by_a_failed_job(tmp_path):
+    """An existing output, a size the method cannot spend, options the method refuses, a reference or repo id that
+    is no Hub id: the CLI refuses them before loading, but the service queued them (201) and the job failed in its
+    worker — with a message naming the CLI's --overwrite, or a Hub id's newline in it."""
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("someone's file")
+    (tmp_path / "a-file").write_text("not a folder")
+    base = {"models": ["user/a", "user/b"], "method": "weight_matching", "output": "m"}
+    cases = [
+        ({**base, "output": "taken"}, "already exists; pass overwrite"),
+        ({**base, "output": "taken", "overwrite": True}, "not a folder written by hf-mudsc"),
+        ({**base, "output": "a-file/m"}, "which is not a folder"),
+        ({**base, "method": "average", "size": 1.5}, "cannot spend size=1.5"),
+        ({**base, "models": ["user/a", "user/b", "user/c"], "reference_compat": True}, "reference_compat"),
+        ({**base, "models": ["user/a", "user/b\x00"]}, "`models[1]`"),
+        ({**base, "models": ["user/a", "user/b\nINJECTED line"]}, "`models[1]`"),
+        ({**base, "base": "bad//base", "method": "task_arithmetic"}, "`base`"),
+        ({**base, "push_to_hub": "<x>/y"}, "`push_to_hub`"),
+        ({**base, "push_to_hub": "../x"}, "`push_to_hub`"),
+    ]
+    for body, fragment in cases:
+        with pytest.raises(RecipeError) as caught:
+            parse_job(body, tmp_path)
+        message = str(caught.value)
+        assert fragment in message and "\n" not in message and "--overwrite" not in message, (body, message)
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["notes.txt"]
+    assert parse_job({**base, "push_to_hub": "user/ok.name-1_x"}, tmp_path).repo_id == "user/ok.name-1_x"
+
+
+def test_a_destination_key_of_the_wrong_type_is_named_as_the_jobs_not_the_command_lines(tmp_path):
+    """`output: 5` answered "command line: `output` must be str": a client of the service has no command line."""
+    base = {"models": ["user/a", "user/b"], "method": "average", "output": "m"}
+    for key, value in (("output", 5), ("push_to_hub", ["me/x"]), ("private", "yes"), ("overwrite", 1)):
+        with pytest.raises(RecipeError) as caught:
+            parse_job({**base, key: value}, tmp_path)
+        message = str(caught.value)
+        assert message.startswith(f"job: `{key}` must be") and "command line" not in message, message
+
+
+def test_an_output_name_with_control_characters_is_refused(tmp_path):
+    """`output: "m\\n2026-12-01 ERROR ..."` made a folder whose name split the job's log lines (a forged line) and the
+    card's `# title`; any printable name, Unicode included, is still a folder name."""
+    base = {"models": ["user/a", "user/b"], "method": "average"}
+    for name in ("m\n2026-12-01 00:00:00 ERROR forged", "m\r", "a\tb", "m\x1b[31m", "m\x7f", "m\x85"):
+        with pytest.raises(RecipeError) as caught:
+            parse_job({**base, "output": name}, tmp_path)
+        message = str(caught.value)
+        assert "`output` must not contain control characters" in message and "\n" not in message, message
+    assert parse_job({**base, "output": "fusion-é-融合 v2"}, tmp_path).output.endswith("fusion-é-融合 v2")
+
+
+def test_a_name_with_bidirectional_overrides_is_refused(tmp_path):
+    """U+202E (right-to-left override) and its kin make a name display as another (`merged\u202eetad.pkl`
+    reads `mergedlkp.adate`) on the page, in logs and the card: refused like control characters."""
+    base = {"models": ["user/a", "user/b"], "method": "average", "output": "m"}
+    for key, value in (("output", "merged\u202eetad"), ("output", "a\u2066b\u2069"), ("text_column", "te\u202ext")):
+        with pytest.raises(RecipeError) as caught:
+            parse_job({**base, key: value}, tmp_path)
+        assert f"`{key}` must not contain control characters" in str(caught.value), str(caught.value)
+    assert parse_job({**base, "output": "מיזוג-merged"}, tmp_path).output.endswith("מיזוג-merged")  # RTL text is fine
 
 
 def test_an_unknown_key_answer_lists_each_valid_key_once(tmp_path):
@@ -144,6 +206,45 @@ def test_the_worker_maps_pipeline_records_to_phases_scrubs_the_token_and_cancels
     assert pipe.sent[-1] == ("phase", "publish", 0.99)
 
 
+@pytest.mark.parametrize("calibration", [None, "org/data:train"])
+def test_a_job_with_the_default_method_auto_runs_in_its_worker(tmp_path, monkeypatch, calibration):
+    """`method: auto` (the default) without calibration crashed the worker before it reported anything
+    (get_method('auto')): the job failed as "the worker process died ... out of memory", whatever it asked."""
+    import threading
+
+    from hf_mudsc.serve import worker
+
+    class Conn:
+        def __init__(self):
+            self.sent, self.first = [], True
+
+        def recv(self):
+            if self.first:
+                self.first = False
+                return {"token": None}
+            threading.Event().wait()  # the web process never cancels
+
+        def send(self, message):
+            self.sent.append(message)
+
+        def close(self):
+            pass
+
+    ran = []
+    monkeypatch.setattr(worker, "run_merge", lambda job, token, reporter: ran.append(job) or {"output": None})
+    request = parse_job({"models": ["user/a", "user/b"], "output": "m", "calibration": calibration}, tmp_path)
+    assert request.recipe.method == "auto"
+    conn = Conn()
+    library = logging.getLogger("hf_mudsc")
+    handlers, propagate, level = list(library.handlers), library.propagate, library.level
+    try:
+        worker.main(conn, "job1", request.to_dict())
+    finally:
+        library.handlers[:], library.propagate = handlers, propagate
+        library.setLevel(level)
+    assert len(ran) == 1 and conn.sent[-1] == ("done", "succeeded", None, {"output": None}), conn.sent
+
+
 def test_store_claims_targets_and_recovers_after_a_restart(tmp_path):
     store = JobStore(tmp_path)
     running = store.add({"models": []}, output="/o/1", repo_id="me/one", dry_run=False, has_token=False)
@@ -166,6 +267,46 @@ def test_store_claims_targets_and_recovers_after_a_restart(tmp_path):
     assert again.queued() == [without]
     # A finished job releases its target.
     assert again.add({}, output="/o/1", repo_id="me/one", dry_run=False, has_token=False)
+
+
+def test_an_output_inside_or_around_one_an_active_job_writes_is_claimed_too(tmp_path):
+    """`nest/inner` while `nest` is written (or the reverse) was accepted: the inner job's folder made `nest` exist,
+    so the outer job failed after its whole merge ("already exists"), or the inner one wrote into its output."""
+    store = JobStore(tmp_path)
+    outer = store.add({}, output="/o/nest", repo_id=None, dry_run=False, has_token=False)
+    for clash in ("/o/nest/inner", "/o/nest/a/b", "/o"):
+        with pytest.raises(TargetClaimedError, match=f"claimed by job {outer}"):
+            store.add({}, output=clash, repo_id=None, dry_run=False, has_token=False)
+    assert store.add({}, output="/o/nest2", repo_id=None, dry_run=False, has_token=False)  # a sibling, not inside
+    store.finish_if_active(outer, "succeeded")  # the claim ends with the job (the writer checks the folder itself)
+    assert store.add({}, output="/o/nest/inner", repo_id=None, dry_run=False, has_token=False)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_corrupted_store_stops_the_service_in_one_line_and_is_left_as_it_was(tmp_path, damage):
+    """A store file that is not SQLite (or lost its tail) made `hf-mudsc serve` die with a traceback."""
+    store = JobStore(tmp_path / "state")
+    for i in range(200):
+        store.add({"models": ["a/b", "c/d"], "note": "x" * 2000}, output=f"/o/{i}", repo_id=None, dry_run=False,
+                  has_token=False)
+    store.close()
+    path = tmp_path / "state" / "jobs.sqlite3"
+    assert not (tmp_path / "state" / "jobs.sqlite3-wal").exists()  # closed: everything is in the main file
+    if damage == "garbage":
+        path.write_bytes(b"\x00not a database\xff" * 200)
+    else:
+        with open(path, "r+b") as file:
+            file.truncate(path.stat().st_size // 2)
+    damaged = path.read_bytes()
+    with pytest.raises(StoreError) as caught:
+        JobStore(tmp_path / "state")
+    message = str(caught.value)
+    assert str(path) in message and "move it aside" in message and "\n" not in message, message
+    done = subprocess.run([sys.executable, "-m", "hf_mudsc", "serve", "--state-dir", str(tmp_path / "state"),
+                           "--port", "0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and str(path) in done.stderr, done.stderr
+    assert path.read_bytes() == damaged  # the operator decides what to do with it
 
 
 # ---------------------------------------------------------------------------------------------- the service
@@ -439,6 +580,26 @@ def test_a_body_a_browser_may_send_cross_site_is_refused_with_415(hostile):
     assert job_count(hostile) == before
 
 
+def test_a_token_sent_in_another_form_than_bearer_is_refused_not_ignored(hostile):
+    """`Authorization: token hf_...` (or the bare token) was ignored: the job ran with the server's own Hub login,
+    where the client meant its token. Refused in one line that does not repeat the header."""
+    body = json.dumps({"models": ["user/a", "user/b"], "alpah": 1, "dry_run": True}).encode()
+    before = job_count(hostile)
+    for header in (f"token {SECRET}", SECRET, f"Basic {SECRET}", "Bearer", "Bearer   "):
+        status, _, text = raw(hostile, "POST", "/api/jobs", body, {"Content-Type": "application/json",
+                                                                   "Content-Length": str(len(body)),
+                                                                   "Authorization": header})
+        assert status == 400 and SECRET not in text, (header, status, text)
+        error = json.loads(text)["error"]
+        assert "Authorization: Bearer" in error and "\n" not in error, error
+    for header in (f"Bearer {SECRET}", f"bearer  {SECRET} "):  # the scheme is case-insensitive
+        status, _, text = raw(hostile, "POST", "/api/jobs", body, {"Content-Type": "application/json",
+                                                                   "Content-Length": str(len(body)),
+                                                                   "Authorization": header})
+        assert status == 400 and "['alpah']" in json.loads(text)["error"], (header, status, text)
+    assert job_count(hostile) == before
+
+
 def test_pages_escape_what_a_client_wrote_and_a_missing_job_page_does_not_reflect_html(hostile):
     for path in ("/", f"/jobs/{hostile.seeded}", "/partials/jobs"):
         status, page = hostile.request("GET", path)
@@ -470,6 +631,89 @@ def test_a_yaml_alias_bomb_and_deep_nesting_answer_400_not_a_huge_answer_or_a_50
         assert status == 400, (depth, status, text[:300])
 
 
+def test_a_body_that_is_not_valid_yaml_or_json_answers_one_line_naming_where(hostile):
+    """PyYAML's messages span several lines (the context, a copy of the source line, a caret): the answer was not
+    the one line every error is."""
+    bodies = {"application/yaml": ["models: [user/a, user/b\n", "? [a, b]\n: 1\n", "--- a\n--- b\n",
+                                   "!!python/object/apply:os.system [id]\n", "a: b\n  c: d\n", "a:\n\t- x\n",
+                                   "a: 'x\n"],
+              "application/json": ['{"models": ["user/a",\n "user/b"', '{"a": 1}\n{"b": 2}', "[1, 2,]"]}
+    for kind, texts in bodies.items():
+        for text in texts:
+            body = text.encode()
+            status, _, answer = raw(hostile, "POST", "/api/jobs", body,
+                                    {"Content-Type": kind, "Content-Length": str(len(body))})
+            assert status == 400, (text, status, answer)
+            error = json.loads(answer)["error"]
+            assert error.startswith("the body is not valid") and "line" in error and "\n" not in error, (text, error)
+
+
+def test_a_key_given_twice_is_refused_as_a_recipe_file_refuses_it(hostile):
+    """YAML and JSON keep the last of a repeated key silently: `output: a` ... `output: b` wrote `b`, `method` the
+    second one. A recipe file refuses a key given twice (publish/recipe.py); a job now does too."""
+    before = job_count(hostile)
+    bodies = {"application/yaml": "models: [user/a, user/b]\nmethod: average\noutput: a\ndry_run: true\noutput: b\n",
+              "application/json": '{"models": ["user/a", "user/b"], "method": "average", "output": "a", '
+                                  '"dry_run": true, "output": "b"}'}
+    for kind, text in bodies.items():
+        body = text.encode()
+        status, _, answer = raw(hostile, "POST", "/api/jobs", body, {"Content-Type": kind,
+                                                                     "Content-Length": str(len(body))})
+        assert status == 400, (kind, status, answer)
+        error = json.loads(answer)["error"]
+        assert "'output' is given twice" in error and "\n" not in error, (kind, error)
+    assert job_count(hostile) == before
+
+
+def test_odd_calibration_and_path_values_answer_400_not_500(hostile):
+    """A calibration spec with a newline crashed its parser (AttributeError), a name longer than the file system
+    takes raised ENAMETOOLONG from a path check: both answered 500 Internal Server Error."""
+    long = "a" * 300
+    before = job_count(hostile)
+    for key, value in (("calibration", "org/da\nta:train"), ("calibration", "org/data@rev\n:train"),
+                       ("calibration", f"{long}/b:train"), ("calibration", f"org/{long}:train"),
+                       ("calibration", "<x>/y:train"), ("base", f"{long}/b"), ("models", [f"{long}/b", "user/b"]),
+                       ("models", [f"./{long}", "user/b"])):
+        method = {"calibration": "zipit", "base": "task_arithmetic"}.get(key, "average")
+        body = json.dumps({"models": ["user/a", "user/b"], "method": method, "output": "odd", key: value}).encode()
+        status, content_type, text = raw(hostile, "POST", "/api/jobs", body,
+                                         {"Content-Type": "application/json", "Content-Length": str(len(body))})
+        assert status == 400 and content_type == "application/json", (key, value[:40], status, text[:300])
+        error = json.loads(text)["error"]
+        assert f"`{key}" in error and "\n" not in error, (key, error)
+    assert job_count(hostile) == before
+
+
+def test_a_home_folder_of_no_user_answers_400_not_500(hostile):
+    """`~nosuchuser/x` made pathlib's expanduser raise RuntimeError ("Could not determine home directory"): a 500
+    for a parent, base, calibration or output naming it."""
+    before = job_count(hostile)
+    for key, value in (("models", ["~nosuchuser0/x", "user/b"]), ("models", ["user/a", "~nosuchuser0"]),
+                       ("base", "~nosuchuser0/base"), ("calibration", "~nosuchuser0/data:train"),
+                       ("output", "~nosuchuser0/out")):
+        method = {"calibration": "zipit", "base": "task_arithmetic"}.get(key, "average")
+        body = json.dumps({"models": ["user/a", "user/b"], "method": method, "output": "home", key: value}).encode()
+        status, content_type, text = raw(hostile, "POST", "/api/jobs", body,
+                                         {"Content-Type": "application/json", "Content-Length": str(len(body))})
+        assert status == 400 and content_type == "application/json", (key, value, status, text[:300])
+        assert f"`{key}" in json.loads(text)["error"], (key, text)
+    assert job_count(hostile) == before
+
+
+def test_a_body_that_is_not_utf8_is_refused_not_repaired(hostile):
+    """Bytes that are not UTF-8 (a Latin-1 `é`) were replaced with U+FFFD: the job ran on a name the client never
+    sent (`output: caf\ufffd`). A recipe file that is not UTF-8 is refused; so is such a body now."""
+    before = job_count(hostile)
+    body = '{"models": ["user/a", "user/b"], "method": "average", "dry_run": true, "output": "café"}'.encode("latin-1")
+    for kind in ("application/json", "application/yaml"):
+        status, _, text = raw(hostile, "POST", "/api/jobs", body, {"Content-Type": kind,
+                                                                   "Content-Length": str(len(body))})
+        assert status == 400, (kind, status, text)
+        error = json.loads(text)["error"]
+        assert "not UTF-8" in error and f"byte {body.index('é'.encode('latin-1'))}" in error, error
+    assert job_count(hostile) == before
+
+
 def test_a_huge_body_is_refused_before_it_is_read(hostile):
     """A declared 100 MB body is answered 413 at once (the server does not wait for it); a chunked one that grows
     past the limit too."""
@@ -479,6 +723,24 @@ def test_a_huge_body_is_refused_before_it_is_read(hostile):
     status, _, text = raw(hostile, "POST", "/api/jobs", chunks=[b" " * (256 << 10)] * 8,
                           headers={"Content-Type": "application/json"})
     assert status == 413 and "larger than" in json.loads(text)["error"]
+
+
+def test_a_client_that_hangs_up_mid_body_leaves_no_traceback_in_the_server_log(hostile):
+    """A POST whose client disconnects before its declared body is sent raised ClientDisconnect out of the route:
+    "Exception in ASGI application" and a traceback in the server's log for an everyday event."""
+    import socket
+
+    before = hostile.log.stat().st_size
+    with socket.create_connection(("127.0.0.1", hostile.port), timeout=5) as sock:
+        sock.sendall(b"POST /api/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n" + b'{"models": [')
+        time.sleep(0.5)
+    assert hostile.request("GET", "/api/jobs")[0] == 200  # the service answers on
+    time.sleep(0.5)
+    with open(hostile.log, "rb") as log:
+        log.seek(before)
+        written = log.read().decode(errors="replace")
+    assert "Traceback" not in written and "Exception in ASGI application" not in written, written[-3000:]
 
 
 def test_bad_query_values_and_unknown_routes_answer_one_line_json_errors(hostile):
@@ -608,6 +870,83 @@ def test_a_store_write_that_fails_while_following_a_worker_fails_the_job_and_fre
     scheduler.running[done] = finished
     scheduler._follow(done, finished)
     assert store.get(done)["status"] == "succeeded" and done not in scheduler.running
+
+
+def test_a_worker_killed_while_writing_leaves_no_staging_folder(tmp_path):
+    """A worker that dies mid-write (out of memory, kill -9, or killed 30 s after an ignored cancel) left its
+    half-written staging folder in the output root until another job wrote the same output — possibly never."""
+    from hf_mudsc.serve.scheduler import Running, Scheduler
+
+    outputs = tmp_path / "state" / "outputs"
+    target = outputs / "killed"
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import os, signal, sys\n"
+        "from hf_mudsc.publish.folder import staged_output\n"
+        f"with staged_output({str(target)!r}) as staging:\n"
+        "    (staging / 'model.safetensors').write_bytes(b'half')\n"
+        "    print('writing', flush=True); sys.stdin.readline()\n"  # killed here, inside the block
+    )], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline() == "writing\n"
+    assert partials(outputs) != []
+    writer.kill()
+
+    class Process:  # the killed worker, as the scheduler sees it
+        def join(self, timeout=None):
+            writer.wait(timeout)
+
+        def is_alive(self):
+            return writer.poll() is None
+
+        @property
+        def exitcode(self):
+            return writer.returncode
+
+    class Pipe:  # closed without a final report
+        def recv(self):
+            raise EOFError
+
+    store = JobStore(tmp_path / "state")
+    job_id = store.add({"models": ["a/b", "c/d"], "output": str(target)}, output=str(target), repo_id=None,
+                       dry_run=False, has_token=False)
+    store.update(job_id, status="running")
+    scheduler = Scheduler(store, workers=1)
+    run = Running(process=Process(), conn=Pipe())
+    scheduler.running[job_id] = run
+    scheduler._follow(job_id, run)
+    assert store.get(job_id)["status"] == "failed" and "died" in store.get(job_id)["error"]
+    assert partials(outputs) == [] and not target.exists()
+
+
+def test_a_restart_removes_the_staging_folder_a_job_killed_with_the_service_left(tmp_path):
+    """The service and its worker killed together (a container restart, the OOM killer on the group): the job is
+    marked failed at the next start, but its half-written staging folder stayed in the output root."""
+    from hf_mudsc.serve.scheduler import Scheduler
+
+    outputs = tmp_path / "state" / "outputs"
+    target = outputs / "interrupted"
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys\n"
+        "from hf_mudsc.publish.folder import staged_output\n"
+        f"with staged_output({str(target)!r}) as staging:\n"
+        "    (staging / 'model.safetensors').write_bytes(b'half')\n"
+        "    print('writing', flush=True); sys.stdin.readline()\n"
+    )], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline() == "writing\n"
+    writer.kill()
+    writer.wait()
+    store = JobStore(tmp_path / "state")
+    job_id = store.add({"models": ["a/b", "c/d"], "output": str(target)}, output=str(target), repo_id=None,
+                       dry_run=False, has_token=False)
+    store.update(job_id, status="running")
+    assert partials(outputs) != []
+    scheduler = Scheduler(store, workers=1)
+    scheduler.start()
+    try:
+        assert store.get(job_id)["status"] == "failed"
+        assert partials(outputs) == [] and not target.exists()
+    finally:
+        scheduler.stop()
+        store.close()
 
 
 def test_the_job_list_pages_newest_first_with_a_before_cursor(tmp_path):

@@ -38,7 +38,7 @@ class DatasetSpec:
         if looks_like_token(text):  # every message about the spec would show it
             raise CalibrationError("the calibration spec looks like a Hugging Face access token (not shown); "
                                    + TOKEN_FIX)
-        match = re.fullmatch(r"(?P<body>.*?)(?P<slice>\[[^\]]*\])?", text)
+        match = re.fullmatch(r"(?P<body>.*?)(?P<slice>\[[^\]]*\])?", text, flags=re.DOTALL)  # total: any text
         body, slice_ = match.group("body"), match.group("slice") or ""
         parts = body.split(":")
         if len(parts) == 1:

@@ -152,7 +152,7 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
     main = _is_main_process()
     output = Path(recipe.output).expanduser().absolute() if recipe.output else None
     if output is not None:
-        _check_output(output, recipe, recipe_file)
+        check_merge_output(output, recipe, recipe_file)
     if recipe.push_to_hub and main:
         from hf_mudsc.publish.hub import check_target
 
@@ -253,9 +253,10 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
     return produced
 
 
-def _check_output(output: Path, recipe: Recipe, recipe_file: str | None = None) -> None:
+def check_merge_output(output: Path, recipe: Recipe, recipe_file: str | None = None, *, flag: str = "--output") -> None:
     """Refuse an existing output (without --overwrite), or one equal to, inside or around any input: the
-    parent folders, the calibration data and the recipe file (paths resolved: `..` and symlinks)."""
+    parent folders, the calibration data and the recipe file (paths resolved: `..` and symlinks). `flag`: how
+    messages name the output (`--output` on the command line; the service's jobs say `output`)."""
     inputs: list[tuple[str, str | Path]] = [
         ("parent folder", reference) for reference in recipe.models if Path(reference).expanduser().exists()]
     if recipe.base and Path(recipe.base).expanduser().exists():
@@ -265,7 +266,7 @@ def _check_output(output: Path, recipe: Recipe, recipe_file: str | None = None) 
         inputs.append(("calibration data", calibration))
     if recipe_file:
         inputs.append(("recipe file", recipe_file))
-    check_output(output, overwrite=recipe.overwrite, inputs=inputs)
+    check_output(output, overwrite=recipe.overwrite, inputs=inputs, flag=flag)
 
 
 def _calibration_path(spec: str | None) -> Path | None:

@@ -13,7 +13,8 @@
     GET    /jobs/{id}              one job: result, links, recipe, log
     GET    /jobs/{id}/files/{name} a file of a job's output folder (card, plots, recipe)
 
-`Authorization: Bearer <hf token>` on POST is the job's Hub token: kept in memory only (scheduler.py). With an
+`Authorization: Bearer <hf token>` on POST is the job's Hub token: kept in memory only (scheduler.py); the header
+in another form answers 400. With an
 API key configured, POST and DELETE need `X-API-Key: <key>`. POST takes only a JSON or YAML content type (415
 otherwise): a form or text/plain body is what a page on another site can send without a CORS preflight.
 Every error is one line of JSON, `{"error": ...}` (bad query values 400, unknown routes 404, wrong methods 405).
@@ -40,9 +41,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from hf_mudsc._version import __version__
-from hf_mudsc.errors import RecipeError
+from hf_mudsc.errors import RecipeError, shown
 from hf_mudsc.serve import host_name, is_loopback
 from hf_mudsc.serve.jobs import JobRequest, accepted_keys, parse_job, resolve_local_paths
 from hf_mudsc.serve.scheduler import Scheduler
@@ -156,11 +158,18 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         if int(request.headers.get("content-length") or 0) > MAX_BODY:
             return too_big  # declared too big: refused before a byte of it is read
         raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > MAX_BODY:
-                return too_big
-        token = _bearer(request)
+        try:
+            async for chunk in request.stream():
+                raw += chunk
+                if len(raw) > MAX_BODY:
+                    return too_big
+        except ClientDisconnect:  # the client hung up before its body ended: no one to answer, nothing stored
+            logger.info("POST /api/jobs: the client disconnected before sending its whole body")
+            return error(400, "the body ended early: the client disconnected")
+        try:
+            token = _bearer(request)
+        except ValueError as problem:
+            return error(400, str(problem))
         # Store and scheduler calls take locks: run them off the event loop, so GETs are never held up.
         return await run_in_threadpool(enqueue, bytes(raw), content_type, dry_run, token)
 
@@ -258,33 +267,74 @@ def _media_type(content_type: str) -> str:
 
 class RecipeLoader(yaml.SafeLoader):
     """Safe YAML without aliases: a few hundred bytes of nested aliases expand to gigabytes ("billion laughs"),
-    and a recipe needs none."""
+    and a recipe needs none. A key given twice is refused, as in a recipe file (YAML keeps the last silently)."""
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             raise RecipeError("YAML anchors and aliases (`&name`, `*name`) are refused in a job: write the values out")
         return super().compose_node(parent, index)
 
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        self.flatten_mapping(node)  # `<<` merge keys first: a key they bring is overridden, not repeated
+        keys = [self.construct_object(key_node, deep=deep) for key_node, _ in node.value]
+        try:
+            _refuse_repeated(keys)
+        except TypeError:  # an unhashable key: SafeLoader names it
+            pass
+        return super().construct_mapping(node, deep=deep)
+
+
+def _refuse_repeated(keys: list[Any]) -> None:
+    """A RecipeError naming the first key given twice in one mapping (JSON and YAML keep the last silently)."""
+    seen: set[Any] = set()
+    for key in keys:
+        if key in seen:
+            raise RecipeError(f"the key {shown(key)} is given twice; give each key once")
+        seen.add(key)
+
+
+def _json_mapping(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    _refuse_repeated([key for key, _ in pairs])
+    return dict(pairs)
+
 
 def _parse_body(raw: bytes, content_type: str) -> Any:
-    text = raw.decode("utf-8", errors="replace")
+    try:  # refused, not repaired: a replaced byte would name a folder or a parent the client never sent
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as problem:
+        raise RecipeError(f"the body is not UTF-8 text (byte {problem.start}: {problem.reason}); send it as "
+                          "UTF-8") from None
     if not text.strip():
         raise RecipeError("the body is empty; send the recipe keys (at least `models`) as JSON or YAML")
     kind = "YAML" if _media_type(content_type) in YAML_TYPES else "JSON"
     try:
-        return yaml.load(text, Loader=RecipeLoader) if kind == "YAML" else json.loads(text)
+        return yaml.load(text, Loader=RecipeLoader) if kind == "YAML" else json.loads(
+            text, object_pairs_hook=_json_mapping)
     except RecipeError:
         raise
     except RecursionError:
         raise RecipeError(f"the body's {kind} is nested too deeply; a recipe is a flat mapping") from None
+    except yaml.MarkedYAMLError as problem:  # PyYAML's message spans lines (context, the source line, a caret)
+        mark = problem.problem_mark or problem.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        what = " ".join(f"{problem.context or ''} {problem.problem or ''}".split()) or type(problem).__name__
+        raise RecipeError(f"the body is not valid YAML: {what}{where}") from None
     except (ValueError, yaml.YAMLError) as problem:
-        raise RecipeError(f"the body is not valid {kind}: {problem}") from None
+        raise RecipeError(f"the body is not valid {kind}: {' '.join(str(problem).split())}") from None
 
 
 def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
-    return value.strip() or None if scheme.lower() == "bearer" else None
+    """The job's Hub token from `Authorization: Bearer <token>`; None without the header. A header in another form
+    (`token hf_...`, the bare token, no token) is refused (ValueError): ignored, the job would run with the
+    server's own Hub login instead of the client's. The message never repeats the header."""
+    header = request.headers.get("authorization")
+    if header is None:
+        return None
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise ValueError("the Authorization header is not `Bearer <token>`: send the Hugging Face token as "
+                         "`Authorization: Bearer hf_...`, or leave the header out to use the service's own Hub login")
+    return value.strip()
 
 
 def _output_folder(job: dict[str, Any], outputs: Path) -> Path | None:

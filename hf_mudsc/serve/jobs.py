@@ -2,7 +2,9 @@
 
 The body holds recipe keys (`models`, `calibration`, `method`, ... — `hf_mudsc.publish.recipe.Recipe`), the
 destination keys a recipe FILE may not set but a job must (`output`, `push_to_hub`, `private`, `overwrite`), and
-`dry_run`. Every error names the offending key; the web process answers it with 400.
+`dry_run`. Every error names the offending key; the web process answers it with 400. What `hf-mudsc merge` refuses
+before loading is refused here too (an existing output, options the method refuses, names that are no Hub id), so
+a client hears it at POST rather than from a job failed in its worker.
 
 `output` is a folder under the service's output root (default `<state-dir>/outputs`): a client names a folder
 there, never a path elsewhere on the server. `allow_pickle` is refused: the service never unpickles weights.
@@ -26,21 +28,25 @@ from __future__ import annotations
 import json
 import logging
 import os
+import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 from hf_mudsc.calibrate.dataset_spec import DatasetSpec
-from hf_mudsc.errors import CalibrationError, LoadError, RecipeError
+from hf_mudsc.cli.merge import check_merge_output
+from hf_mudsc.errors import CalibrationError, LoadError, RecipeError, shown
 from hf_mudsc.load.references import card_base_model, looks_like_path, parse_reference
-from hf_mudsc.methods.registry import AUTO, get_method
+from hf_mudsc.methods.registry import AUTO, check_size, get_method
 from hf_mudsc.publish.recipe import DESTINATION_KEYS, INFO_KEYS, Recipe
 
 logger = logging.getLogger(__name__)
 
 SERVICE_KEYS = ("dry_run",)
 NAME_MAX = 255  # bytes in one folder name (Linux, macOS, Windows)
+CONTROLS = "control characters (newlines, tabs, escapes, direction overrides)"
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 # How a refusal tells the client a local path is not allowed: no server path but the one it sent (docs/design.md §11).
 OUTSIDE = "which is outside the folders this server allows (its operator lists them with --local-root)"
 
@@ -98,6 +104,7 @@ def parse_job(body: Any, output_root: Path, *, dry_run: bool = False,
         raise RecipeError(f"the body is not valid Unicode text: it holds a lone surrogate "
                           f"{problem.object[problem.start:problem.end]!r}") from None
     body = {k: v for k, v in body.items() if k not in INFO_KEYS}
+    refuse_control_characters(body)
     unknown = sorted(str(k) for k in set(body) - set(accepted_keys()) - {"allow_pickle"})
     if unknown:
         raise RecipeError(f"unknown key(s) {unknown}; valid keys are: {', '.join(accepted_keys())}")
@@ -108,29 +115,100 @@ def parse_job(body: Any, output_root: Path, *, dry_run: bool = False,
     flag = body.pop("dry_run", False)
     if not isinstance(flag, bool):
         raise RecipeError(f"`dry_run` must be true or false, got {flag!r}")
+    # Checked here so a wrong type is named as the job's (`override` would say "command line").
     destination = {k: body.pop(k) for k in DESTINATION_KEYS if k in body}
+    destination = {k: Recipe.coerce(k, v, "job") for k, v in destination.items() if v is not None}
     recipe = Recipe.from_dict(body, source="job")
-    recipe = recipe.override(**{k: v for k, v in destination.items() if v is not None})
+    recipe = recipe.override(**destination)
     recipe = recipe.validate()
-    resolve_local_paths(JobRequest(recipe, dry_run), local_roots)  # refuses; the store keeps what the client sent
+    # Refuses; the store keeps what the client sent, the worker gets the paths resolved again when the job starts.
+    resolved = resolve_local_paths(JobRequest(recipe, dry_run), local_roots).recipe
+    check_hub_ids(recipe)
+    check_method(recipe)
+    dry_run = dry_run or flag
     if recipe.output is not None:
         recipe.output = str(resolve_output(recipe.output, output_root))
-    dry_run = dry_run or flag
+        if not dry_run:  # as the CLI does before loading (the worker checks again: the folder may change)
+            try:
+                check_merge_output(Path(recipe.output), resolved.override(output=recipe.output), flag="output")
+            except (FileExistsError, ValueError) as problem:
+                raise RecipeError(str(problem)) from None
     if not dry_run and not recipe.output and not recipe.push_to_hub:
         raise RecipeError("say where the merged model goes: `output` (a folder name under the service's output "
                           "root) and/or `push_to_hub` (`org/name`)")
     return JobRequest(recipe, dry_run)
 
 
+def check_hub_ids(recipe: Recipe) -> None:
+    """Every parent or base the loader would fetch from the Hub, and `push_to_hub`, is a valid Hub id: refused
+    here in one line (the loader and the push refuse them too, but only in the job's worker, and their message
+    repeats the id as given — a newline in it included)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    named = [(f"models[{i}]", reference) for i, reference in enumerate(recipe.models)]
+    if isinstance(recipe.base, str):
+        named.append(("base", recipe.base))
+    hub = [(key, given, parse_reference(given)[0]) for key, given in named if looks_local(given) is None]
+    if recipe.push_to_hub is not None:
+        hub.append(("push_to_hub", recipe.push_to_hub, recipe.push_to_hub))
+    if recipe.calibration and not any(key == "calibration" for key, *_ in local_paths(recipe)):
+        dataset = DatasetSpec.parse(recipe.calibration).path
+        if "/" in dataset:  # a Hub dataset `org/name` (a bare name is a datasets builder, `local_paths` checks it)
+            hub.append(("calibration", recipe.calibration, dataset))
+    for key, given, repo_id in hub:
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError:
+            what = {"push_to_hub": "is not a Hub repo id `org/name`",
+                    "calibration": "names neither local data nor a Hub dataset `org/name[@revision][:config]:split`"
+                    }.get(key, "is neither a folder of this machine nor a Hub id `org/name[@revision]`")
+            raise RecipeError(f"`{key}` {shown(given)} {what}: a Hub name has letters, digits, '-', '_' and '.' "
+                              "(not first or last, no '--' or '..'), at most 96 characters") from None
+
+
+def check_method(recipe: Recipe) -> None:
+    """What the method refuses before anything is loaded (`check_size`, its `check_options`), as `hf-mudsc merge`
+    refuses it; `auto` chooses its method in the worker, which checks then."""
+    if recipe.method == AUTO:
+        return
+    method = get_method(recipe.method)
+    try:
+        check_size(method, recipe.size)
+        method.check_options(recipe, len(recipe.models))
+    except ValueError as problem:
+        raise RecipeError(str(problem)) from None
+
+
+def has_control(text: str) -> bool:
+    """Whether `text` holds a control character (a newline, a tab, an escape) or a bidirectional override, which
+    makes a name display as another (U+202A-U+202E, U+2066-U+2069)."""
+    return any(unicodedata.category(char) == "Cc" or char in BIDI_CONTROLS for char in text)
+
+
+def refuse_control_characters(body: Mapping[str, Any]) -> None:
+    """No value of a job holds a control character (a newline, a tab, an escape): none belongs in a reference, a
+    dataset spec or an option, and one would reach the Hub, the job's log lines and the card as it is. `output` has
+    its own checks (`resolve_output`)."""
+    for key, value in body.items():
+        if key == "output":
+            continue
+        for index, item in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(item, str) and has_control(item):
+                where = f"{key}[{index}]" if isinstance(value, list) else key
+                raise RecipeError(f"`{where}` must not contain {CONTROLS}, got {shown(item)}")
+
+
 def resolve_output(output: str, output_root: Path) -> Path:
     """`output` as a folder inside `output_root` (relative names; `..` or another absolute path is refused)."""
     if "\x00" in output:
         raise RecipeError(f"`output` must not contain a NUL byte, got {output!r}")
+    if has_control(output):  # a newline would forge log lines and the card's title
+        raise RecipeError(f"`output` must not contain {CONTROLS}, got {shown(output)}")
     if any(len(part.encode()) > NAME_MAX for part in Path(output).parts):
         raise RecipeError(f"`output` has a folder name longer than {NAME_MAX} bytes (the file system's limit): "
                           f"{output[:80]!r}...")
     root = output_root.expanduser().resolve()
-    path = Path(output).expanduser()
+    path = expanded("output", output)
     resolved = (path if path.is_absolute() else root / path).resolve()
     if resolved == root or not resolved.is_relative_to(root):
         raise RecipeError(f"`output` must name a folder inside the service's output root {str(root)!r} "
@@ -273,7 +351,7 @@ def looks_local(reference: str) -> Path | None:
         name, revision = parse_reference(reference)
     except LoadError:
         return None
-    return Path(name).expanduser() if revision is None and looks_like_path(name) else None
+    return Path(os.path.expanduser(name)) if revision is None and looks_like_path(name) else None
 
 
 def card_text(folder: Path) -> str | None:
@@ -285,6 +363,16 @@ def card_text(folder: Path) -> str | None:
         return card.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return None
+
+
+def expanded(key: str, text: str) -> Path:
+    """`text` as a path with `~` expanded; refused in one line when `~user` names no user of this machine (pathlib
+    raises RuntimeError, `os.path.expanduser` would keep it as a relative folder named `~user`)."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        raise RecipeError(f"`{key}` {shown(text)} starts with '~' but names no user of this machine: give the "
+                          "folder's full path") from None
 
 
 def local_paths(recipe: Recipe) -> Iterator[tuple[str, str, Path, bool]]:
@@ -299,13 +387,13 @@ def local_paths(recipe: Recipe) -> Iterator[tuple[str, str, Path, bool]]:
         except LoadError as problem:
             raise RecipeError(f"`{key}`: {problem}") from None
         if revision is None and looks_like_path(name):
-            yield key, reference, Path(name).expanduser(), False
+            yield key, reference, expanded(key, name), False
     if recipe.calibration:
         try:  # as `calibrate.datasets.load_calibration_dataset` reads it
             spec = DatasetSpec.parse(recipe.calibration)
         except CalibrationError as problem:
             raise RecipeError(f"`calibration`: {problem}") from None
-        if looks_like_path(spec.path) or Path(spec.path).expanduser().exists():
-            yield "calibration", spec.path, Path(spec.path).expanduser(), False
+        if looks_like_path(spec.path) or os.path.exists(os.path.expanduser(spec.path)):  # False for a too long name
+            yield "calibration", spec.path, expanded("calibration", spec.path), False
         elif "/" not in spec.path:  # `json`, `imagefolder`, ...: datasets' packaged builders read the working folder
             yield "calibration", recipe.calibration, Path.cwd(), True

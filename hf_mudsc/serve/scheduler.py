@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hf_mudsc.errors import RecipeError
+from hf_mudsc.publish.folder import clean_leftovers
 from hf_mudsc.serve.store import JobStore
 
 logger = logging.getLogger(__name__)
@@ -71,12 +72,22 @@ class Scheduler:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
+        self._later: threading.Timer | None = None  # the second clean-up after a restart (`start`)
         self._thread = threading.Thread(target=self._loop, daemon=True, name="hf-mudsc-scheduler")
 
     def start(self) -> None:
         marked = self.store.recover()
         if marked:
             logger.warning("marked %d job(s) failed after a restart: %s", len(marked), ", ".join(marked))
+            # Their workers died with the old service, or are orphans that stop (and clean up) at their next cancel
+            # point or exit hard after ORPHAN_GRACE_S: what a dead one left is removed now, and once more after that.
+            for job_id in marked:
+                self._clean_after(job_id)
+            from hf_mudsc.serve.worker import ORPHAN_GRACE_S
+
+            self._later = threading.Timer(ORPHAN_GRACE_S + 5, lambda: [self._clean_after(job_id) for job_id in marked])
+            self._later.daemon = True
+            self._later.start()
         if self._context.get_start_method() == "forkserver":
             from multiprocessing import forkserver
 
@@ -85,6 +96,8 @@ class Scheduler:
 
     def stop(self) -> None:
         """Cancel running jobs (they stop at their next cancel point) and wait a little for them."""
+        if self._later is not None:
+            self._later.cancel()  # the store closes after this
         with self._lock:
             self._stopping = True
             running = list(self.running.items())
@@ -220,6 +233,7 @@ class Scheduler:
         run.finished = True
         if run.timer is not None:
             run.timer.cancel()
+        self._clean_after(job_id)
         try:
             if broken is not None:  # failed unless the worker's own report already settled it
                 self.store.finish_if_active(job_id, "failed", f"the service could not record the job's progress "
@@ -233,6 +247,18 @@ class Scheduler:
             with self._lock:
                 self.running.pop(job_id, None)
             self._wake.set()
+
+    def _clean_after(self, job_id: str) -> None:
+        """Remove what a worker that died mid-write (out of memory, a kill, a cancel it ignored) left of its output:
+        its staging folder. `clean_leftovers` removes only the writer's own staging folders whose process is gone
+        (after a clean end there are none; a later job on the same output is alive, so its folder stays)."""
+        try:
+            output = ((self.store.get(job_id) or {}).get("request") or {}).get("output")
+            if output:
+                for leftover in clean_leftovers(output):
+                    logger.warning("job %s: removed %s, the staging folder its worker left", job_id, leftover)
+        except Exception:  # noqa: BLE001 - the service stays up; the next run into that output cleans it
+            logger.exception("job %s: could not remove what its worker left", job_id)
 
     def _copy_messages(self, job_id: str, run: Running) -> tuple | None:
         """The worker's log lines, phases and final report into the store, until its pipe closes; the final

@@ -14,7 +14,7 @@ import threading
 import uuid
 from collections.abc import Iterable
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 STORE_FILENAME = "jobs.sqlite3"
@@ -30,6 +30,8 @@ RESTARTED_RUNNING = ("the service stopped while this job was running (crash, kil
                      "pushed after that point — resubmit the job")
 RESTARTED_TOKEN = ("the service restarted before this job ran, and Hub tokens are held in memory only: "
                    "resubmit with a token")
+
+FREE_IT = "wait for it to finish or cancel it (DELETE /api/jobs/{id}), or choose another destination"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -61,6 +63,10 @@ class TargetClaimedError(Exception):
     """The job's output folder or Hub repo is claimed by a queued or running job (HTTP 409)."""
 
 
+class StoreError(ValueError):
+    """The store file cannot be read (corrupted or truncated): the service does not start (one line naming it)."""
+
+
 class QueueFullError(Exception):
     """`max_queued` jobs are already waiting for a worker (HTTP 429)."""
 
@@ -80,9 +86,19 @@ class JobStore:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
+            try:  # a damaged file fails here (or in the check), not in every request later
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.executescript(_SCHEMA)
+                problems = [r[0] for r in self._db.execute("PRAGMA quick_check")]
+            except sqlite3.DatabaseError as error:
+                problems = [str(error)]
+            if problems != ["ok"]:
+                self._db.close()
+                raise StoreError(
+                    f"the job store {str(self.path)!r} cannot be read ({'; '.join(problems[:3])}): it is corrupted "
+                    "or truncated, and the service did not start; move it aside (with any -wal and -shm file next "
+                    "to it) to start with an empty store, or pass another --state-dir")
 
     def close(self) -> None:
         with self._lock:
@@ -107,18 +123,25 @@ class JobStore:
                         raise QueueFullError(
                             f"{waiting} jobs are queued, the most this service takes (its --max-queued); "
                             "retry when some have started, or cancel one (DELETE /api/jobs/{id})")
-                # A Hub repo id is one repo whatever its case (`Me/X` is `me/x`); a folder path is case-sensitive.
-                for column, value, what, case in (("output", output, "output folder", ""),
-                                                  ("repo_id", repo_id, "Hub repo", " COLLATE NOCASE")):
-                    if value is None:
-                        continue
-                    row = self._db.execute(
-                        f"SELECT id, status FROM jobs WHERE {column} = ?{case} AND status IN (?, ?)",  # noqa: S608
-                        (value, *ACTIVE)).fetchone()
-                    if row is not None:
-                        raise TargetClaimedError(
-                            f"the {what} {value!r} is claimed by job {row['id']} ({row['status']}); wait for it to "
-                            "finish or cancel it (DELETE /api/jobs/{id}), or choose another destination")
+                # A Hub repo id is one repo whatever its case (`Me/X` is `me/x`). An output folder is claimed with
+                # what is inside it and the folders around it: a job writing `a/b` makes `a` exist under a job
+                # writing `a` (which then fails after its merge), or writes into its output.
+                row = None
+                if output is not None:
+                    row = next((r for r in self._db.execute(
+                        "SELECT id, status, output FROM jobs WHERE output IS NOT NULL AND status IN (?, ?)", ACTIVE)
+                        if _overlap(r["output"], output)), None)
+                if row is not None:
+                    raise TargetClaimedError(
+                        f"the output folder {output!r} is claimed by job {row['id']} ({row['status']})"
+                        + ("" if row["output"] == output else f", which writes {row['output']!r}")
+                        + f"; {FREE_IT}")
+                if repo_id is not None:
+                    row = self._db.execute("SELECT id, status FROM jobs WHERE repo_id = ? COLLATE NOCASE AND "
+                                           "status IN (?, ?)", (repo_id, *ACTIVE)).fetchone()
+                if row is not None:
+                    raise TargetClaimedError(f"the Hub repo {repo_id!r} is claimed by job {row['id']} "
+                                             f"({row['status']}); {FREE_IT}")
                 self._db.execute(
                     "INSERT INTO jobs (id, status, progress, request, dry_run, has_token, output, repo_id, created, "
                     "updated) VALUES (?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?)",
@@ -200,6 +223,12 @@ class JobStore:
             rows = self._db.execute("SELECT line FROM logs WHERE job_id = ? AND n >= ? ORDER BY n",
                                     (job_id, since)).fetchall()
         return [r["line"] for r in rows]
+
+
+def _overlap(one: str, other: str) -> bool:
+    """Whether two output folders (absolute, resolved) are the same or one is inside the other."""
+    a, b = PurePath(one), PurePath(other)
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
 
 
 def _job(row: sqlite3.Row) -> dict[str, Any]:

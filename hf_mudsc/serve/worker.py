@@ -191,8 +191,13 @@ def main(conn: Any, job_id: str, request: dict[str, Any]) -> None:
 
 
 def _needs_calibration(job: JobRequest) -> bool:
+    """Whether the job reads calibration data (its progress then has a calibrate phase); `auto` (no registered
+    method: it chooses one in the merge) reads what it is given."""
+    from hf_mudsc.methods.auto import is_auto
     from hf_mudsc.methods.registry import get_method
 
+    if is_auto(job.recipe.method):
+        return bool(job.recipe.calibration)
     return bool(get_method(job.recipe.method).needs_calibration)
 
 
