@@ -125,9 +125,9 @@ class Recipe(MergeOptions):
             raise RecipeError(f"recipe {str(path)!r} is not UTF-8 text (byte {error.start}: {error.reason}); "
                               "save it as UTF-8") from None
         try:
-            data = yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: builds plain data only
+            data = yaml.load(text, Loader=RecipeLoader)  # a SafeLoader: builds plain data only
         except (yaml.YAMLError, ValueError) as error:  # ValueError: an integer longer than Python reads (4300 digits)
-            raise RecipeError(f"{str(path)!r} is not valid YAML: {_one_line(error)}") from None
+            raise RecipeError(f"{str(path)!r} is not valid YAML: {yaml_error_line(error)}") from None
         except RecursionError:
             raise RecipeError(f"{str(path)!r} is not valid YAML: it is nested too deeply to be a recipe") from None
         return cls.from_dict(data or {}, source=f"recipe {str(path)!r}")
@@ -269,7 +269,7 @@ def published_text(text: str, *, name: str = RECIPE_FILENAME) -> str:
     refused = RecipeError(f"{name} is not a recipe as hf-mudsc writes it, so its local folders cannot be named by "
                           "folder name for the Hub; write the folder again with `hf-mudsc merge --output DIR`")
     try:
-        data = yaml.load(text, Loader=_RecipeLoader)
+        data = yaml.load(text, Loader=RecipeLoader)
         local = local_references(data) if isinstance(data, Mapping) else []
         if not local:
             return text
@@ -351,26 +351,35 @@ def _expect_str(key: str, value: Any, source: str) -> str:
     return value
 
 
-class _RecipeLoader(yaml.SafeLoader):
-    """`yaml.SafeLoader` that refuses a key given twice (plain YAML keeps the last one silently)."""
+class RecipeLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key given twice (plain YAML keeps the last one silently): a recipe file's,
+    and (with aliases refused too) a service job's (`hf_mudsc.serve.app`)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         self.flatten_mapping(node)  # `<<` merge keys first: a key they bring is overridden, not repeated
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                repeated = key in seen
-                seen.add(key)
-            except TypeError:  # unhashable: SafeLoader names it below
-                break
-            if repeated:
-                raise yaml.constructor.ConstructorError(None, None, f"key {shown(key)} is given twice",
-                                                        key_node.start_mark)
+        keys = [self.construct_object(key_node, deep=deep) for key_node, _ in node.value]
+        index = repeated_key(keys)
+        if index is not None:
+            raise yaml.constructor.ConstructorError(None, None, f"key {shown(keys[index])} is given twice",
+                                                    node.value[index][0].start_mark)
         return super().construct_mapping(node, deep=deep)
 
 
-def _one_line(error: Exception) -> str:
+def repeated_key(keys: list[Any]) -> int | None:
+    """The position of the first key given a second time in one mapping (None: none; an unhashable key ends the
+    search, the loader names it) — a YAML recipe's and a JSON job's (`object_pairs_hook`) one rule."""
+    seen: set[Any] = set()
+    for index, key in enumerate(keys):
+        try:
+            if key in seen:
+                return index
+            seen.add(key)
+        except TypeError:
+            return None
+    return None
+
+
+def yaml_error_line(error: Exception) -> str:
     """A YAML error as one line: what is wrong and where (`found unhashable key (line 2, column 3)`)."""
     if isinstance(error, yaml.MarkedYAMLError):
         mark = error.problem_mark or error.context_mark

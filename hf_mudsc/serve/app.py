@@ -45,6 +45,7 @@ from starlette.requests import ClientDisconnect
 
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import RecipeError, shown
+from hf_mudsc.publish.recipe import RecipeLoader, repeated_key, yaml_error_line
 from hf_mudsc.serve import host_name, is_loopback
 from hf_mudsc.serve.jobs import JobRequest, accepted_keys, parse_job, resolve_local_paths
 from hf_mudsc.serve.scheduler import Scheduler
@@ -265,36 +266,21 @@ def _media_type(content_type: str) -> str:
     return content_type.split(";")[0].strip().lower()
 
 
-class RecipeLoader(yaml.SafeLoader):
-    """Safe YAML without aliases: a few hundred bytes of nested aliases expand to gigabytes ("billion laughs"),
-    and a recipe needs none. A key given twice is refused, as in a recipe file (YAML keeps the last silently)."""
+class JobLoader(RecipeLoader):
+    """A recipe file's YAML (a key given twice refused) without aliases: a few hundred bytes of nested aliases
+    expand to gigabytes ("billion laughs"), and a job needs none."""
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             raise RecipeError("YAML anchors and aliases (`&name`, `*name`) are refused in a job: write the values out")
         return super().compose_node(parent, index)
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        self.flatten_mapping(node)  # `<<` merge keys first: a key they bring is overridden, not repeated
-        keys = [self.construct_object(key_node, deep=deep) for key_node, _ in node.value]
-        try:
-            _refuse_repeated(keys)
-        except TypeError:  # an unhashable key: SafeLoader names it
-            pass
-        return super().construct_mapping(node, deep=deep)
-
-
-def _refuse_repeated(keys: list[Any]) -> None:
-    """A RecipeError naming the first key given twice in one mapping (JSON and YAML keep the last silently)."""
-    seen: set[Any] = set()
-    for key in keys:
-        if key in seen:
-            raise RecipeError(f"the key {shown(key)} is given twice; give each key once")
-        seen.add(key)
-
 
 def _json_mapping(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    _refuse_repeated([key for key, _ in pairs])
+    """A JSON object, refusing a key given twice as a recipe file does (JSON keeps the last silently)."""
+    index = repeated_key([key for key, _ in pairs])
+    if index is not None:
+        raise RecipeError(f"the key {shown(pairs[index][0])} is given twice; give each key once")
     return dict(pairs)
 
 
@@ -308,17 +294,14 @@ def _parse_body(raw: bytes, content_type: str) -> Any:
         raise RecipeError("the body is empty; send the recipe keys (at least `models`) as JSON or YAML")
     kind = "YAML" if _media_type(content_type) in YAML_TYPES else "JSON"
     try:
-        return yaml.load(text, Loader=RecipeLoader) if kind == "YAML" else json.loads(
+        return yaml.load(text, Loader=JobLoader) if kind == "YAML" else json.loads(
             text, object_pairs_hook=_json_mapping)
     except RecipeError:
         raise
     except RecursionError:
         raise RecipeError(f"the body's {kind} is nested too deeply; a recipe is a flat mapping") from None
     except yaml.MarkedYAMLError as problem:  # PyYAML's message spans lines (context, the source line, a caret)
-        mark = problem.problem_mark or problem.context_mark
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        what = " ".join(f"{problem.context or ''} {problem.problem or ''}".split()) or type(problem).__name__
-        raise RecipeError(f"the body is not valid YAML: {what}{where}") from None
+        raise RecipeError(f"the body is not valid YAML: {yaml_error_line(problem)}") from None
     except (ValueError, yaml.YAMLError) as problem:
         raise RecipeError(f"the body is not valid {kind}: {' '.join(str(problem).split())}") from None
 
