@@ -261,6 +261,24 @@ def ridge_solution(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias:
     return solution[:-1].T, solution[-1]
 
 
+def vit_folder(folder, edit: Callable[[dict], object] | None = None, raw: str | bytes | None = None):
+    """A tiny ViT classifier saved with save_pretrained into `folder`, its config.json edited (a change to the
+    dict) or replaced by `raw` — the hostile-config tests' parent."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    make_model("vit_cls", seed=0).save_pretrained(folder)
+    path = folder / "config.json"
+    if edit is not None:
+        config = json.loads(path.read_text())
+        edit(config)
+        path.write_text(json.dumps(config))
+    if raw is not None:
+        path.write_bytes(raw if isinstance(raw, bytes) else raw.encode())
+    return folder
+
+
 def vit_cli_case(folder) -> tuple[list[str], str]:
     """Two `vit_cls` parents (seeds 1, 2) saved with a 16x16 grey-scale processor, and 24 random images saved as a
     `datasets` folder: what the CLI's merge takes (parent folders, `--calibration`)."""

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from factories import vit_folder
 
 from hf_mudsc.cli.main import main
 from hf_mudsc.errors import OptionError, RecipeError
@@ -156,23 +157,6 @@ def test_a_key_given_twice_is_refused(tmp_path):
 # ---------------------------------------------------------------- parent folders: config.json read with care
 
 
-def _vit_folder(folder, edit=None, raw: str | bytes | None = None):
-    """A tiny ViT classifier saved with save_pretrained, its config.json edited (a dict change) or replaced."""
-    import json
-
-    from factories import make_model
-
-    make_model("vit_cls", seed=0).save_pretrained(folder)
-    path = folder / "config.json"
-    if edit is not None:
-        config = json.loads(path.read_text())
-        edit(config)
-        path.write_text(json.dumps(config))
-    if raw is not None:
-        path.write_bytes(raw if isinstance(raw, bytes) else raw.encode())
-    return folder
-
-
 @pytest.mark.parametrize(("raw", "needle"), [
     ("null", "config.json is not a JSON object (got null)"),
     ("[1, 2]", "config.json is not a JSON object (got a list)"),
@@ -187,7 +171,7 @@ def test_a_config_that_is_no_json_object_is_refused_in_one_line(tmp_path, raw, n
     from hf_mudsc.errors import LoadError
     from hf_mudsc.load.parents import load_parent
 
-    folder = _vit_folder(tmp_path / "vit", raw=raw)
+    folder = vit_folder(tmp_path / "vit", raw=raw)
     with pytest.raises(LoadError) as caught:
         load_parent(folder)
     message = str(caught.value)
@@ -203,7 +187,7 @@ def test_a_config_transformers_cannot_read_is_refused_in_one_line(tmp_path, edit
     from hf_mudsc.errors import LoadError
     from hf_mudsc.load.parents import load_parent
 
-    folder = _vit_folder(tmp_path / "vit", edit=edit)
+    folder = vit_folder(tmp_path / "vit", edit=edit)
     with pytest.raises(LoadError) as caught:
         load_parent(folder)
     message = str(caught.value)
@@ -222,7 +206,7 @@ def test_absurd_counts_in_a_config_are_refused_before_transformers_expands_them(
     from hf_mudsc.errors import LoadError
     from hf_mudsc.load.parents import load_parent
 
-    folder = _vit_folder(tmp_path / "vit", edit=edit)
+    folder = vit_folder(tmp_path / "vit", edit=edit)
     start = time.perf_counter()
     with pytest.raises(LoadError) as caught:
         load_parent(folder)
@@ -245,7 +229,7 @@ def test_a_config_far_larger_than_its_weights_is_refused_before_anything_is_allo
 
     monkeypatch.setattr(ViTForImageClassification, "from_pretrained", never)
     huge = lambda c: c.update(hidden_size=10**9, intermediate_size=10**9)  # noqa: E731
-    a, b = _vit_folder(tmp_path / "a", edit=huge), _vit_folder(tmp_path / "b", edit=huge)
+    a, b = vit_folder(tmp_path / "a", edit=huge), vit_folder(tmp_path / "b", edit=huge)
     if renamed:  # a checkpoint whose names the model does not use: only the count can tell
         for folder in (a, b):
             tensors = load_file(folder / "model.safetensors")
@@ -516,7 +500,7 @@ def test_a_config_nested_too_deeply_is_refused_in_one_line(tmp_path):
     from hf_mudsc.errors import LoadError
     from hf_mudsc.load.parents import load_parent
 
-    folder = _vit_folder(tmp_path / "vit", raw='{"model_type": "vit", "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    folder = vit_folder(tmp_path / "vit", raw='{"model_type": "vit", "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
     with pytest.raises(LoadError, match="config.json is not valid JSON: it is nested too deeply"):
         load_parent(folder)
 

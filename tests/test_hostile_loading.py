@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import transformers
-from factories import make_model
+from factories import make_model, vit_folder
 from safetensors.torch import load_file, save_file
 
 from hf_mudsc.errors import LoadError
@@ -133,23 +133,10 @@ def test_a_shard_in_a_subfolder_of_the_folder_still_loads(tmp_path):
 # ---------------------------------------------------------------- config.json: read as transformers would act on it
 
 
-def _vit_folder(folder: Path, edit=None, raw: str | None = None) -> Path:
-    """A tiny ViT classifier saved with save_pretrained, its config.json edited (a dict change) or replaced."""
-    make_model("vit_cls", seed=0).save_pretrained(folder)
-    path = folder / "config.json"
-    if edit is not None:
-        config = json.loads(path.read_text())
-        edit(config)
-        path.write_text(json.dumps(config))
-    if raw is not None:
-        path.write_text(raw)
-    return folder
-
-
 def test_a_config_giving_a_key_twice_is_refused(tmp_path, monkeypatch):
     """JSON readers disagree on which of two values counts: `"model_type": "vit", ..., "model_type": "bert"` built a
     ViTModel around a BertConfig without a word."""
-    folder = _vit_folder(tmp_path / "vit")
+    folder = vit_folder(tmp_path / "vit")
     text = (folder / "config.json").read_text()
     twice = text.replace('"model_type": "vit"', '"model_type": "vit", "model_type": "bert"')
     assert twice != text
@@ -165,21 +152,21 @@ def test_a_config_choosing_attention_code_is_refused(tmp_path, monkeypatch, key,
     """transformers reads `attn_implementation` from config.json: a Hub kernel id makes it download and run that
     repository's code (with the `kernels` package installed; an ImportError traceback without it), flash attention an
     ImportError traceback. hf-mudsc runs no code a model names."""
-    folder = _vit_folder(tmp_path / "vit", edit=lambda c: c.update({key: value}))
+    folder = vit_folder(tmp_path / "vit", edit=lambda c: c.update({key: value}))
     message = _refused(folder, monkeypatch)
     assert f"config.json sets {key} to {value!r}" in message and "eager or sdpa" in message, message
 
 
 @pytest.mark.parametrize("value", ["eager", "sdpa", None])
 def test_a_config_choosing_transformers_own_attention_still_loads(tmp_path, value):
-    folder = _vit_folder(tmp_path / "vit", edit=lambda c: c.update(attn_implementation=value))
+    folder = vit_folder(tmp_path / "vit", edit=lambda c: c.update(attn_implementation=value))
     assert type(load_parent(folder).model).__name__ == "ViTForImageClassification"
 
 
 def test_a_config_declaring_a_quantization_is_refused_before_any_weights(tmp_path, monkeypatch):
     """`quantization_config` makes `from_pretrained` quantize the model as it loads it (bitsandbytes, ...): an
     ImportError traceback after every parent was checked, or a merge of quantized weights."""
-    folder = _vit_folder(tmp_path / "vit", edit=lambda c: c.update(
+    folder = vit_folder(tmp_path / "vit", edit=lambda c: c.update(
         quantization_config={"quant_method": "bitsandbytes", "load_in_8bit": True}))
     message = _refused(folder, monkeypatch)
     assert "config.json declares a quantization (quantization_config, quant_method 'bitsandbytes')" in message, message
@@ -197,7 +184,7 @@ def test_a_config_declaring_a_quantization_is_refused_before_any_weights(tmp_pat
 def test_a_config_no_model_can_be_built_from_is_refused_in_one_line(tmp_path, monkeypatch, edit, needle):
     """A class of another model type, or sizes a model cannot have (zero heads, a patch of 0 pixels), raised
     TypeError, AttributeError or ZeroDivisionError tracebacks from transformers' model constructors."""
-    folder = _vit_folder(tmp_path / "vit", edit=edit)
+    folder = vit_folder(tmp_path / "vit", edit=edit)
     message = _refused(folder, monkeypatch)
     assert needle in message, message
     assert "config.json" in message, message
@@ -321,7 +308,7 @@ def test_labels_not_numbered_by_classifier_row_are_refused(tmp_path, monkeypatch
     """`id2label` names classifier row `i` by key `i`; keys `-1, 0, 1` were read in sorted order, so row 0 was named
     by key -1 — the merged head's labels (and a reorder by label name) silently off by one row from what transformers
     itself reads the parent as."""
-    folder = _vit_folder(tmp_path / "vit", edit=lambda c: c.update(id2label=dict(zip(keys, ["x", "y", "z"]))))
+    folder = vit_folder(tmp_path / "vit", edit=lambda c: c.update(id2label=dict(zip(keys, ["x", "y", "z"]))))
     message = _refused(folder, monkeypatch)
     assert f"config.json: id2label numbers its labels {[int(k) for k in keys]}, not 0 to 2" in message, message
 
@@ -377,7 +364,7 @@ def test_a_token_given_as_calibration_data_is_refused_without_echoing_it(spec, c
 def test_the_cli_never_echoes_a_token_given_as_a_parent(tmp_path, capsys):
     from hf_mudsc.cli.main import main
 
-    folder = _vit_folder(tmp_path / "vit")
+    folder = vit_folder(tmp_path / "vit")
     assert main(["merge", str(folder), TOKEN, "--method", "linear", "--output", str(tmp_path / "out")]) == 1
     captured = capsys.readouterr()
     assert TOKEN[:10] not in captured.err + captured.out, captured.err
@@ -392,7 +379,7 @@ def test_a_parent_card_that_is_not_utf8_names_no_base(tmp_path, caplog):
     import hf_mudsc
     from hf_mudsc.errors import MergeInputError
 
-    a, b = _vit_folder(tmp_path / "a"), _vit_folder(tmp_path / "b")
+    a, b = vit_folder(tmp_path / "a"), vit_folder(tmp_path / "b")
     (a / "README.md").write_text("---\nbase_model: org/base\n---\n# a\n")
     (b / "README.md").write_bytes(b"---\nbase_model: org/base\n---\n# caf\xe9\n")
     with caplog.at_level("WARNING", logger="hf_mudsc"), pytest.raises(MergeInputError) as caught:
