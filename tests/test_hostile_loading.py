@@ -205,6 +205,19 @@ def _vit_processor():
     return vit_processor()
 
 
+def _reading_error(data, kind: str) -> str:
+    """The one-line CalibrationError reading `data` (a dataset or a spec) as `kind`'s calibration batches raises."""
+    from hf_mudsc.calibrate.datasets import resolve_calibration
+    from hf_mudsc.errors import CalibrationError
+
+    processor, inputs = (_tokenizer(), ("input_ids",)) if kind == "bert_cls" else (_vit_processor(), ("pixel_values",))
+    with pytest.raises(CalibrationError) as caught:
+        list(resolve_calibration(data, [processor], inputs=inputs, model_config=make_model(kind).config).batches(8))
+    message = str(caught.value)
+    assert "\n" not in message, message
+    return message
+
+
 @pytest.mark.parametrize(("values", "shown_as"), [
     ([1, 2, 3], "int64"), ([["w1"], ["w2"], ["w3"]], "a list"), ([None, None, None], "null"),
     ([1.5, 2.5, 3.5], "float64"),
@@ -230,16 +243,9 @@ def test_a_text_column_with_missing_values_is_refused_at_the_batch_that_holds_on
     """A string column may hold None (a missing value): it was tokenized as the word "None"."""
     import datasets
 
-    from hf_mudsc.calibrate.datasets import resolve_calibration
-    from hf_mudsc.errors import CalibrationError
 
     data = datasets.Dataset.from_dict({"text": ["w1 w2", None, "w3"]})
-    stream = resolve_calibration(data, [_tokenizer()], inputs=("input_ids",),
-                                 model_config=make_model("bert_cls").config)
-    with pytest.raises(CalibrationError) as caught:
-        list(stream.batches(8))
-    message = str(caught.value)
-    assert "\n" not in message, message
+    message = _reading_error(data, "bert_cls")
     assert "column 'text' of the calibration data holds a missing value (None), not text" in message, message
 
 
@@ -270,17 +276,10 @@ def test_an_image_that_cannot_be_decoded_is_named_in_one_line():
     """Bytes Pillow cannot identify raised PIL.UnidentifiedImageError with a traceback."""
     import datasets
 
-    from hf_mudsc.calibrate.datasets import resolve_calibration
-    from hf_mudsc.errors import CalibrationError
 
     features = datasets.Features({"image": datasets.Image()})
     data = datasets.Dataset.from_dict({"image": [{"bytes": b"not an image", "path": None}] * 2}, features=features)
-    stream = resolve_calibration(data, [_vit_processor()], inputs=("pixel_values",),
-                                 model_config=make_model("vit_cls").config)
-    with pytest.raises(CalibrationError) as caught:
-        list(stream.batches(8))
-    message = str(caught.value)
-    assert "\n" not in message, message
+    message = _reading_error(data, "vit_cls")
     assert "an image of dataset" in message and "cannot be decoded" in message, message
 
 
@@ -317,18 +316,11 @@ def test_an_image_whose_file_is_missing_is_named_in_one_line(tmp_path):
     """An Image column row naming a file that is not there raised FileNotFoundError with a traceback."""
     import datasets
 
-    from hf_mudsc.calibrate.datasets import resolve_calibration
-    from hf_mudsc.errors import CalibrationError
 
     missing = tmp_path / "gone.png"
     features = datasets.Features({"image": datasets.Image()})
     data = datasets.Dataset.from_dict({"image": [{"bytes": None, "path": str(missing)}] * 2}, features=features)
-    stream = resolve_calibration(data, [_vit_processor()], inputs=("pixel_values",),
-                                 model_config=make_model("vit_cls").config)
-    with pytest.raises(CalibrationError) as caught:
-        list(stream.batches(8))
-    message = str(caught.value)
-    assert "\n" not in message, message
+    message = _reading_error(data, "vit_cls")
     assert f"dataset 'dataset' names a file that does not exist ({str(missing)!r})" in message, message
 
 
@@ -447,17 +439,10 @@ def test_a_damaged_save_to_disk_folder_is_refused_in_one_line(tmp_path, damage):
 @pytest.mark.parametrize("content", ['text,x\n"a b",1\n"c",2,3,4\n', 'text\n\n"a"\n,\n'])
 def test_a_csv_file_pandas_cannot_parse_is_refused_in_one_line(tmp_path, content):
     """A row with more fields than the header raised pandas' ParserError with a traceback."""
-    from hf_mudsc.calibrate.datasets import resolve_calibration
-    from hf_mudsc.errors import CalibrationError
 
     path = tmp_path / "rows.csv"
     path.write_text(content)
-    with pytest.raises(CalibrationError) as caught:
-        stream = resolve_calibration(str(path), [_tokenizer()], inputs=("input_ids",),
-                                     model_config=make_model("bert_cls").config)
-        list(stream.batches(8))
-    message = str(caught.value)
-    assert "\n" not in message, message
+    message = _reading_error(str(path), "bert_cls")
     assert f"dataset {str(path)!r} cannot be read (ParserError: " in message, message
 
 

@@ -872,6 +872,19 @@ def test_a_store_write_that_fails_while_following_a_worker_fails_the_job_and_fre
     assert store.get(done)["status"] == "succeeded" and done not in scheduler.running
 
 
+def _writing_into(target):
+    """A process inside `staged_output(target)`, its staging folder half-written, waiting to be killed there."""
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys\n"
+        "from hf_mudsc.publish.folder import staged_output\n"
+        f"with staged_output({str(target)!r}) as staging:\n"
+        "    (staging / 'model.safetensors').write_bytes(b'half')\n"
+        "    print('writing', flush=True); sys.stdin.readline()\n"  # killed here, inside the block
+    )], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline() == "writing\n"
+    return writer
+
+
 def test_a_worker_killed_while_writing_leaves_no_staging_folder(tmp_path):
     """A worker that dies mid-write (out of memory, kill -9, or killed 30 s after an ignored cancel) left its
     half-written staging folder in the output root until another job wrote the same output — possibly never."""
@@ -879,14 +892,7 @@ def test_a_worker_killed_while_writing_leaves_no_staging_folder(tmp_path):
 
     outputs = tmp_path / "state" / "outputs"
     target = outputs / "killed"
-    writer = subprocess.Popen([sys.executable, "-c", (
-        "import os, signal, sys\n"
-        "from hf_mudsc.publish.folder import staged_output\n"
-        f"with staged_output({str(target)!r}) as staging:\n"
-        "    (staging / 'model.safetensors').write_bytes(b'half')\n"
-        "    print('writing', flush=True); sys.stdin.readline()\n"  # killed here, inside the block
-    )], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert writer.stdout.readline() == "writing\n"
+    writer = _writing_into(target)
     assert partials(outputs) != []
     writer.kill()
 
@@ -924,14 +930,7 @@ def test_a_restart_removes_the_staging_folder_a_job_killed_with_the_service_left
 
     outputs = tmp_path / "state" / "outputs"
     target = outputs / "interrupted"
-    writer = subprocess.Popen([sys.executable, "-c", (
-        "import sys\n"
-        "from hf_mudsc.publish.folder import staged_output\n"
-        f"with staged_output({str(target)!r}) as staging:\n"
-        "    (staging / 'model.safetensors').write_bytes(b'half')\n"
-        "    print('writing', flush=True); sys.stdin.readline()\n"
-    )], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert writer.stdout.readline() == "writing\n"
+    writer = _writing_into(target)
     writer.kill()
     writer.wait()
     store = JobStore(tmp_path / "state")
