@@ -312,6 +312,18 @@ def test_a_corrupted_store_stops_the_service_in_one_line_and_is_left_as_it_was(t
 # ---------------------------------------------------------------------------------------------- the service
 
 
+def test_a_token_put_in_a_url_never_reaches_the_server_log(hub, tmp_path):
+    """uvicorn's access log writes every request line whole: a token a client put in the query or the path (a
+    mistake the API never asks for) was written to the server's log. Token-shaped text is redacted there."""
+    with Service(hub, tmp_path / "state", tmp_path / "server.log") as service:
+        assert service.request("GET", f"/api/jobs?token={SECRET}")[0] == 200
+        assert service.request("GET", f"/api/jobs/{SECRET}")[0] == 404
+        assert service.request("GET", f"/api/jobs?limit=5&hf={SECRET}x")[0] == 200
+    log = service.log.read_text()
+    assert "GET /api/jobs?token=" in log  # the request itself is still logged ...
+    assert SECRET not in log and SECRET[3:] not in log, log  # ... without the token
+
+
 def test_push_a_merge_poll_to_succeeded_and_load_it_by_repo_id(hub, tmp_path):
     with Service(hub, tmp_path / "state", tmp_path / "server.log") as service:
         status, answer = service.request("POST", "/api/jobs", {"models": ["user/a", "user/b"], "alpah": 1})

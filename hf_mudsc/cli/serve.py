@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
+        from hf_mudsc.serve import redact_tokens_in_server_logs
         from hf_mudsc.serve.app import create_app
     except ModuleNotFoundError as missing:
         raise ValueError(f"`hf-mudsc serve` needs {missing.name}: pip install fastapi uvicorn (the serve extra; from "
@@ -79,5 +80,6 @@ def run(args: argparse.Namespace) -> int:
                      output_root=getattr(args, "output_root", None), max_queued=args.max_queued,
                      local_roots=local_roots)
     logger.info("serving on http://%s:%d (state in %s)", args.host, args.port, args.state_dir)
+    redact_tokens_in_server_logs()
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True)
     return 0

@@ -13,6 +13,36 @@ merge engine is imported only inside worker processes.
 from __future__ import annotations
 
 import ipaddress
+import logging
+
+from hf_mudsc.load.references import TOKEN_SHAPE
+
+# The server's loggers that write what a client sent (request lines, bad requests): `TokenRedaction` guards them.
+CLIENT_TEXT_LOGGERS = ("uvicorn.access", "uvicorn.error")
+REDACTED = "hf_***"
+
+
+class TokenRedaction(logging.Filter):
+    """Replace token-shaped text in a log record by `REDACTED`. uvicorn's access log writes each request line
+    whole, so a token a client put in a URL (the API takes it only in the Authorization header, which is never
+    logged) would otherwise land in the server's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = TOKEN_SHAPE.sub(REDACTED, record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(TOKEN_SHAPE.sub(REDACTED, arg) if isinstance(arg, str) else arg
+                                for arg in record.args)
+        return True
+
+
+def redact_tokens_in_server_logs() -> None:
+    """Guard the server's loggers (`CLIENT_TEXT_LOGGERS`) with `TokenRedaction` (once; uvicorn's own logging
+    set-up keeps a logger's filters)."""
+    for name in CLIENT_TEXT_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(existing, TokenRedaction) for existing in logger.filters):
+            logger.addFilter(TokenRedaction())
 
 
 def is_loopback(host: str) -> bool:
