@@ -1,0 +1,83 @@
+"""Extreme option values (1e308, subnormals, integers too long for a float, YAML's `1e-3`): each is refused in
+one line before any work, or merged to what it means — never a traceback, never NaN weights written, never a
+result that silently ignores the option. And whatever produced them, NaN/inf weights are never written."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from factories import fine_tune, make_model
+
+import hf_mudsc
+from hf_mudsc.cli.main import main
+from hf_mudsc.errors import MergeInputError, OptionError, RecipeError
+from hf_mudsc.options import MergeOptions
+from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
+
+# (option, value, fragment of the one-line message)
+OUT_OF_RANGE = [
+    # task_arithmetic at 1e308 overflowed to inf after the whole merge; at 1e30 it wrote weights of 3e29.
+    ("scaling", 1e308, "scaling must lie in [-100, 100] (CLI: --scaling)"),
+    ("scaling", -1e308, "scaling must lie in [-100, 100] (CLI: --scaling)"),
+    ("scaling", 1e30, "scaling must lie in [-100, 100] (CLI: --scaling)"),
+    ("scaling", 2.0**1000, "scaling must lie in [-100, 100] (CLI: --scaling)"),
+    # consensus at 1e30 (or 1e308) kept no entry: the merge was the base, silently.
+    ("consensus_lambda", 1e308, "consensus_lambda must lie in [0, 100] (CLI: --consensus-lambda)"),
+    ("consensus_lambda", 1e30, "consensus_lambda must lie in [0, 100] (CLI: --consensus-lambda)"),
+    # fisher at 1e308 overflowed to NaN after the whole merge (the message blamed --weights / --scaling); a subnormal
+    # floor keeps 3 significant bits of the weighted average where no parent's data moves a parameter.
+    ("fisher_epsilon", 1e308, "fisher_epsilon must lie in [1e-30, 1e+30] (CLI: --fisher-epsilon)"),
+    ("fisher_epsilon", 1e-320, "fisher_epsilon must lie in [1e-30, 1e+30] (CLI: --fisher-epsilon)"),
+    # the ridge refit at 1e308 overflowed to NaN after the whole merge (the message blamed --weights / --scaling).
+    ("refit_lambda", 1e308, "refit_lambda must lie in (0, 1e+30] (CLI: --refit-lambda)"),
+]
+
+
+@pytest.mark.parametrize(("option", "value", "needle"), OUT_OF_RANGE)
+def test_the_api_refuses_an_extreme_factor_before_loading_anything(tmp_path, option, value, needle):
+    missing = [str(tmp_path / "no-parent-a"), str(tmp_path / "no-parent-b")]
+    with pytest.raises(MergeInputError) as caught:
+        hf_mudsc.merge(missing, str(tmp_path / "no-data"), progress=False, **{option: value})
+    assert needle in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
+
+
+@pytest.mark.parametrize(("option", "value", "needle"), OUT_OF_RANGE)
+def test_the_cli_refuses_an_extreme_factor_in_one_line(tmp_path, capsys, option, value, needle):
+    out = tmp_path / "out"
+    code = main(["merge", str(tmp_path / "no-a"), str(tmp_path / "no-b"), "--output", str(out),
+                 f"--{option.replace('_', '-')}={value!r}"])  # `=`: argparse takes `-1e308` for a flag
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.parametrize(("option", "value", "needle"), OUT_OF_RANGE)
+def test_a_recipe_refuses_an_extreme_factor(tmp_path, option, value, needle):
+    path = tmp_path / RECIPE_FILENAME
+    path.write_text(yaml.safe_dump({"models": ["org/a", "org/b"], "calibration": "org/ds:train", option: value}))
+    with pytest.raises(RecipeError) as caught:
+        Recipe.load(path).validate()
+    assert needle.split(" (CLI")[0] in str(caught.value)
+
+
+def test_the_edges_of_the_ranges_pass():
+    for option, value in (("scaling", -100.0), ("scaling", 100), ("scaling", -0.0), ("consensus_lambda", 100.0),
+                          ("consensus_lambda", 0.0), ("fisher_epsilon", 1e-30), ("fisher_epsilon", 1e30),
+                          ("refit_lambda", 1e30), ("refit_lambda", 1e-320)):
+        assert MergeOptions.check(option, value) == value
+
+
+@pytest.mark.parametrize("option", ["scaling", "alpha", "density", "weights", "zip_budget"])
+def test_an_integer_too_large_for_a_float_is_refused_in_one_line(tmp_path, option):
+    """`scaling: 1000...0` (400 digits) raised OverflowError with a traceback from float()."""
+    huge = 10**400
+    value = [huge, 1] if option == "weights" else huge
+    with pytest.raises(OptionError) as caught:
+        MergeOptions.check(option, value)
+    message = str(caught.value)
+    assert f"{option} must be " in message and "an integer of 401 digits" in message and "\n" not in message, message
+    path = tmp_path / RECIPE_FILENAME
+    path.write_text(f"models: [org/a, org/b]\ncalibration: org/ds:train\n{option}: {value}\n".replace("'", ""))
+    with pytest.raises(RecipeError, match=f"{option} must be "):
+        Recipe.load(path).validate()
