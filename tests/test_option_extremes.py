@@ -81,3 +81,16 @@ def test_an_integer_too_large_for_a_float_is_refused_in_one_line(tmp_path, optio
     path.write_text(f"models: [org/a, org/b]\ncalibration: org/ds:train\n{option}: {value}\n".replace("'", ""))
     with pytest.raises(RecipeError, match=f"{option} must be "):
         Recipe.load(path).validate()
+
+
+def test_a_recipe_reads_exponent_numbers_as_numbers(tmp_path):
+    """PyYAML reads `1e-3` (no dot) as the string '1e-3': `refit_lambda: 1e-3` was refused as "must be a number"."""
+    path = tmp_path / RECIPE_FILENAME
+    path.write_text("models: [org/a, org/b]\ncalibration: org/ds:train\nrefit_lambda: 1e-3\nfisher_epsilon: 1E-6\n"
+                    "scaling: -2e0\nmethod: '1e3'\n")
+    recipe = Recipe.load(path)
+    assert (recipe.refit_lambda, recipe.fisher_epsilon, recipe.scaling) == (1e-3, 1e-6, -2.0)
+    assert recipe.method == "1e3"  # a quoted string stays a string
+    path.write_text("models: [org/a, org/b]\ncalibration: org/ds:train\nrefit_lambda: 1e999\n")
+    with pytest.raises(RecipeError, match=r"refit_lambda must lie in \(0, 1e\+30\] \(CLI: --refit-lambda\).*got inf$"):
+        Recipe.load(path).validate()
