@@ -94,3 +94,18 @@ def test_a_recipe_reads_exponent_numbers_as_numbers(tmp_path):
     path.write_text("models: [org/a, org/b]\ncalibration: org/ds:train\nrefit_lambda: 1e999\n")
     with pytest.raises(RecipeError, match=r"refit_lambda must lie in \(0, 1e\+30\] \(CLI: --refit-lambda\).*got inf$"):
         Recipe.load(path).validate()
+
+
+def test_a_zip_budget_of_1e308_is_unlimited_like_2():
+    """`zip_budget=1e308` (documented: >= 2 means unlimited) raised OverflowError: int((n // 2) * 1e308)."""
+    from hf_mudsc.solve.matchers import match
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(12, 40, generator=generator, dtype=torch.float64)
+    similarity = torch.corrcoef(features)
+    for num_models, heads in ((2, 1), (2, 2), (3, 1)):
+        size = 12 // num_models * num_models
+        sim = similarity[:size, :size]
+        unlimited = match(sim, matcher="zip", budget=2.0, num_heads=heads, num_models=num_models)
+        huge = match(sim, matcher="zip", budget=1e308, num_heads=heads, num_models=num_models)
+        assert torch.equal(unlimited.cluster_of, huge.cluster_of), (num_models, heads)
