@@ -109,3 +109,15 @@ def test_a_zip_budget_of_1e308_is_unlimited_like_2():
         unlimited = match(sim, matcher="zip", budget=2.0, num_heads=heads, num_models=num_models)
         huge = match(sim, matcher="zip", budget=1e308, num_heads=heads, num_models=num_models)
         assert torch.equal(unlimited.cluster_of, huge.cluster_of), (num_models, heads)
+
+
+def test_a_pcb_ratio_that_keeps_no_entry_is_refused_in_one_line():
+    """`pcb_ratio=1e-320` died of an IndexError in the sort; 1e-6 on a small model returned the base, silently."""
+    base = make_model("vit_cls", 0)
+    a, b = fine_tune(base, 1, 0.05), fine_tune(base, 2, 0.05)
+    for ratio in (1e-320, 1e-6):
+        with pytest.raises(MergeInputError) as caught:
+            hf_mudsc.merge([a, b], None, method="pcb", base=base, pcb_ratio=ratio, progress=False)
+        message = str(caught.value)
+        assert f"pcb_ratio {ratio:g} keeps none of each task vector's " in message, message
+        assert "pcb_ratio= (CLI: --pcb-ratio)" in message and "\n" not in message

@@ -44,6 +44,8 @@ from functools import partial
 
 import torch
 
+from hf_mudsc.errors import option_hint
+
 StateDict = dict[str, torch.Tensor]
 FloatOrList = float | Sequence[float]
 
@@ -557,6 +559,10 @@ def pcb(base, parents, weights=None, *, pcb_ratio: float = 0.1, scaling: float =
     flat_base = torch.cat([base[k].reshape(-1).to(torch.float64) for k in names])
     tv = torch.stack([torch.cat([sd[k].reshape(-1).to(torch.float64) for k in names]) - flat_base
                       for sd in parents])  # (n, d)
+    d = tv.shape[1]
+    if int(d * (1 - pcb_ratio)) >= d - 1:  # the kept share's threshold is the largest score: nothing is kept
+        raise ValueError(f"pcb_ratio {pcb_ratio:g} keeps none of each task vector's {d:,} entries (the merge would be "
+                         f"the base); give a pcb_ratio above 1/{d:,} = {1 / d:.3g}, {option_hint('pcb_ratio')}")
     abs_c = _pcb_clamp(tv.abs(), clamp_ratio, clamp_ratio)
     clamped = torch.sign(tv) * abs_c
     self_pcb = torch.exp(n * _pcb_minmax(abs_c) ** 2)
