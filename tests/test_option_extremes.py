@@ -121,3 +121,18 @@ def test_a_pcb_ratio_that_keeps_no_entry_is_refused_in_one_line():
         message = str(caught.value)
         assert f"pcb_ratio {ratio:g} keeps none of each task vector's " in message, message
         assert "pcb_ratio= (CLI: --pcb-ratio)" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(("keywords", "needle"), [
+    ({"density": 1e-6}, "density 1e-06 ± epsilon 0.15 leaves (-0.149999, 0.150001), not inside (0, 1)"),
+    ({"density": 0.9, "epsilon": 0.3}, "density 0.9 ± epsilon 0.3 leaves (0.6, 1.2), not inside (0, 1)"),
+    ({"density": [0.5, 0.1], "epsilon": 0.2}, "density 0.1 ± epsilon 0.2 leaves (-0.1, 0.3), not inside (0, 1)"),
+])
+def test_della_keep_probabilities_outside_0_1_are_refused_before_loading(tmp_path, keywords, needle):
+    """`--method della --density 1e-6` (epsilon's default 0.15) failed after loading with "della: epsilon must keep
+    density +/- epsilon inside (0, 1)", naming neither the values nor the fix."""
+    missing = [str(tmp_path / "no-parent-a"), str(tmp_path / "no-parent-b")]
+    with pytest.raises(MergeInputError) as caught:
+        hf_mudsc.merge(missing, method="della", base=str(tmp_path / "no-base"), progress=False, **keywords)
+    message = str(caught.value)
+    assert needle in message and "epsilon= (CLI: --epsilon)" in message and "\n" not in message, message

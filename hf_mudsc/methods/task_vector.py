@@ -94,11 +94,32 @@ class TensorWiseMethod(MergeMethod):
             raise MergeInputError(f"consensus_k {k} asks more tasks to agree than the {num_parents} parents have: "
                                   "every task-vector entry would be dropped and the merge would be the base; give 0 "
                                   f"to {num_parents}, {option_hint('consensus_k')}")
+        if "epsilon" in read:
+            self._check_keep_probabilities(options, num_parents)
         if read.get("density") == "sparsity":
             density = self.option_value(options, "density")
             if isinstance(density, Sequence):
                 raise MergeInputError(f"method {self.name!r} keeps one share of entries for every parent: give "
                                       f"one number, not {len(density)}, {option_hint('density')}")
+
+    def _check_keep_probabilities(self, options: MergeOptions, num_parents: int) -> None:
+        """DELLA keeps an entry with a probability from density - epsilon to density + epsilon (mergekit's
+        `della_magprune`): both ends must lie inside (0, 1) for every parent whose density is below 1."""
+        from hf_mudsc.errors import MergeInputError, option_hint
+        from hf_mudsc.solve.task_vectors import per_parent
+
+        try:
+            densities = per_parent(self.option_value(options, "density"), num_parents, "density", 1.0)
+            epsilons = per_parent(self.option_value(options, "epsilon"), num_parents, "epsilon", 0.15)
+        except ValueError:  # a list of the wrong length: refused with the others' counts, where lists are checked
+            return
+        for density, epsilon in zip(densities, epsilons):
+            if density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
+                raise MergeInputError(
+                    f"method {self.name!r}: density {density:g} ± epsilon {epsilon:g} leaves "
+                    f"({density - epsilon:g}, {density + epsilon:g}), not inside (0, 1) — keep probabilities must be "
+                    f"probabilities; give a smaller epsilon than min(density, 1 - density), "
+                    f"{option_hint('epsilon')}, or another {option_hint('density')}")
 
     def keywords(self, options: MergeOptions) -> dict[str, Any]:
         """The function's keyword arguments for these options."""
