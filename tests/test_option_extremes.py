@@ -123,6 +123,26 @@ def test_a_pcb_ratio_that_keeps_no_entry_is_refused_in_one_line():
         assert "pcb_ratio= (CLI: --pcb-ratio)" in message and "\n" not in message
 
 
+def test_a_model_whose_weights_turned_non_finite_is_never_written(tmp_path):
+    """merge() refuses NaN/inf weights it produced; a model changed afterwards (here cast to float16 with a value
+    past its range) was written by save_merged as it stood."""
+    from hf_mudsc.publish.writer import save_merged
+
+    merged = hf_mudsc.merge([make_model("vit_cls", 1), make_model("vit_cls", 2)], None, method="average",
+                            progress=False)
+    with torch.no_grad():
+        merged.classifier.weight[0, 0] = 1e5
+        merged.vit.embeddings.cls_token.fill_(float("nan"))
+    merged.half()
+    with pytest.raises(MergeInputError) as caught:
+        save_merged(merged, tmp_path / "out")
+    message = str(caught.value)
+    assert "refusing to write the merged model: NaN or infinite values in 2 tensors (" in message, message
+    assert "'vit.embeddings.cls_token'" in message and "'classifier.weight'" in message
+    assert "float16" in message and "\n" not in message
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(("keywords", "needle"), [
     ({"density": 1e-6}, "density 1e-06 ± epsilon 0.15 leaves (-0.149999, 0.150001), not inside (0, 1)"),
     ({"density": 0.9, "epsilon": 0.3}, "density 0.9 ± epsilon 0.3 leaves (0.6, 1.2), not inside (0, 1)"),
