@@ -29,6 +29,7 @@ from typing import Any
 from hf_mudsc.errors import OptionError, flag, option_hint, shown  # noqa: F401 (re-exported)
 from hf_mudsc.solve.layer_ranges import parse_layer_swap
 from hf_mudsc.solve.matcher_names import MATCHERS
+from hf_mudsc.solve.ranges import FACTOR_LIMIT, WEIGHT_RANGE
 
 STATISTICS_DTYPES = ("float32", "float64")
 #: The dtypes the merged model may be returned and saved in (`out_dtype`); "auto" keeps the parents' common stored
@@ -77,13 +78,6 @@ def resolve_refit(refit: str, *, matches_units: bool, has_data: bool, num_parent
     return AUTO_REFIT if applies else "none"
 
 
-# The magnitudes a non-zero merge weight may have: the merge runs in float32 (about 1e-38 to 3e38).
-WEIGHT_RANGE = (1e-30, 1e30)
-# The largest magnitude of a factor on task vectors (`scaling`) or of the TALL-mask threshold (`consensus_lambda`):
-# task arithmetic picks lambda in [0, 1] (Ilharco et al. 2023; -1 negates a task), TALL masks lambda in [0.2, 0.6]
-# (Wang et al. 2024; FusionBench's default 0.6). A task vector scaled 100-fold is no merge of these parents (at 1e30
-# the weights were 3e29, at 1e308 inf), and a threshold of 100 already keeps almost nothing (the merge is the base).
-FACTOR_LIMIT = 100.0
 # A batch this large would need tens of GB of activations for any real model; a typo (an extra 0) is likelier.
 MAX_BATCH_SIZE = 65536
 # torch.Generator.manual_seed takes at most an unsigned 64-bit integer.

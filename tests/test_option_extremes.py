@@ -156,3 +156,48 @@ def test_della_keep_probabilities_outside_0_1_are_refused_before_loading(tmp_pat
         hf_mudsc.merge(missing, method="della", base=str(tmp_path / "no-base"), progress=False, **keywords)
     message = str(caught.value)
     assert needle in message and "epsilon= (CLI: --epsilon)" in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize(("method", "keywords", "needle"), [
+    ("task_arithmetic", {"weights": [1e30, 1e30]}, "weights [1e+30, 1e+30] times scaling 1 scale a task vector by "
+     "1e+30"),
+    ("task_arithmetic", {"weights": [1.0, 50.0], "scaling": 4.0}, "times scaling 4 scale a task vector by 200"),
+    ("pcb", {"weights": [-1e3, 1.0]}, "scale a task vector by -1000"),
+    ("consensus", {"weights": [1e30, 1.0]}, "scale a task vector by 1e+30"),
+    ("linear", {"weights": [1e30, 1.0], "normalize": False}, "scale a parent by 1e+30"),
+])
+def test_unnormalized_weights_that_scale_a_parent_past_100_are_refused_before_loading(tmp_path, method, keywords,
+                                                                                        needle):
+    """Where the weights are not divided by their sum they are factors like `scaling`: task_arithmetic with
+    `--weights 1e30 1e30` (allowed: "only their ratios matter when normalized") wrote weights of 3e29."""
+    missing = [str(tmp_path / "no-parent-a"), str(tmp_path / "no-parent-b")]
+    with pytest.raises(MergeInputError) as caught:
+        hf_mudsc.merge(missing, method=method, base=str(tmp_path / "no-base"), progress=False, **keywords)
+    message = str(caught.value)
+    assert needle in message and "weights= (CLI: --weights)" in message and "\n" not in message, message
+
+
+def test_normalized_weights_of_any_magnitude_still_merge():
+    base = make_model("vit_cls", 0)
+    a, b = fine_tune(base, 1, 0.05), fine_tune(base, 2, 0.05)
+    small = hf_mudsc.merge([a, b], None, method="linear", weights=[1.0, 3.0], progress=False)
+    huge = hf_mudsc.merge([a, b], None, method="linear", weights=[1e29, 3e29], progress=False)
+    for (name, x), y in zip(small.state_dict().items(), huge.state_dict().values()):
+        assert torch.allclose(x, y, atol=1e-6), name
+    scaled = hf_mudsc.merge([a, b], None, method="task_arithmetic", base=base, weights=[-1.0, 2.0], scaling=50.0,
+                            progress=False)
+    assert all(torch.isfinite(p).all() for p in scaled.parameters())
+
+
+def test_consensus_of_two_parents_with_lambda_of_1_or_more_is_refused():
+    """Two parents, k=2: both TALL masks hold only where |tau_1| > L|tau_2| and |tau_2| > L|tau_1|, impossible for
+    L >= 1 — the merge was exactly the base, silently."""
+    base = make_model("vit_cls", 0)
+    a, b = fine_tune(base, 1, 0.05), fine_tune(base, 2, 0.05)
+    with pytest.raises(MergeInputError) as caught:
+        hf_mudsc.merge([a, b], None, method="consensus", base=base, consensus_lambda=1.0, progress=False)
+    message = str(caught.value)
+    assert "consensus_lambda 1 with 2 parents and consensus_k 2 keeps no entry" in message, message
+    assert "consensus_lambda= (CLI: --consensus-lambda)" in message and "\n" not in message
+    kept = hf_mudsc.merge([a, b], None, method="consensus", base=base, consensus_lambda=0.9, progress=False)
+    assert any(not torch.equal(p, q) for p, q in zip(kept.parameters(), base.parameters()))
