@@ -201,3 +201,15 @@ def test_consensus_of_two_parents_with_lambda_of_1_or_more_is_refused():
     assert "consensus_lambda= (CLI: --consensus-lambda)" in message and "\n" not in message
     kept = hf_mudsc.merge([a, b], None, method="consensus", base=base, consensus_lambda=0.9, progress=False)
     assert any(not torch.equal(p, q) for p, q in zip(kept.parameters(), base.parameters()))
+
+
+def test_a_localize_stitch_density_that_keeps_no_entry_is_refused_in_one_line():
+    """`--method localize_stitch --density 1e-9` on a model of fewer than 1e9 entries kept none (the threshold is
+    the k-th largest, kept strictly above): the merge was the base, silently."""
+    base = make_model("vit_cls", 0)
+    a, b = fine_tune(base, 1, 0.05), fine_tune(base, 2, 0.05)
+    with pytest.raises(MergeInputError) as caught:
+        hf_mudsc.merge([a, b], None, method="localize_stitch", base=base, density=1e-9, progress=False)
+    message = str(caught.value)
+    assert "density 1e-09 keeps none of each task vector's " in message, message
+    assert "density= (CLI: --density)" in message and "\n" not in message
