@@ -391,8 +391,8 @@ def _check_regmean_scale(name: str, value: float, cli: str) -> None:
 
 
 def _check_fisher_epsilon(name: str, value: float, cli: str) -> None:
-    # Added to every Fisher entry: 0 would divide 0 by 0 where no parent's data moves a parameter, a subnormal keeps
-    # a few bits of that weighted average, 1e308 overflows the weighted sums (NaN weights). Beyond 1e30 the floor
+    # A floor on every (float32) Fisher entry: 0 — or below float32's 1.4e-45, which rounds to 0 — divides 0 by 0
+    # where no parent's data moves a parameter; 1e308 is inf in float32 (NaN weights). Beyond 1e30 the floor
     # outweighs any Fisher: the merge is the weighted average already.
     low, high = WEIGHT_RANGE
     if not low <= value <= high:  # NaN and inf fail too

@@ -25,8 +25,8 @@ OUT_OF_RANGE = [
     # consensus at 1e30 (or 1e308) kept no entry: the merge was the base, silently.
     ("consensus_lambda", 1e308, "consensus_lambda must lie in [0, 100] (CLI: --consensus-lambda)"),
     ("consensus_lambda", 1e30, "consensus_lambda must lie in [0, 100] (CLI: --consensus-lambda)"),
-    # fisher at 1e308 overflowed to NaN after the whole merge (the message blamed --weights / --scaling); a subnormal
-    # floor keeps 3 significant bits of the weighted average where no parent's data moves a parameter.
+    # fisher at 1e308 overflowed to NaN after the whole merge (the message blamed --weights / --scaling); 1e-320 is 0
+    # as the float32 floor of the Fishers: 0/0 where no parent's data moves a parameter.
     ("fisher_epsilon", 1e308, "fisher_epsilon must lie in [1e-30, 1e+30] (CLI: --fisher-epsilon)"),
     ("fisher_epsilon", 1e-320, "fisher_epsilon must lie in [1e-30, 1e+30] (CLI: --fisher-epsilon)"),
     # the ridge refit at 1e308 overflowed to NaN after the whole merge (the message blamed --weights / --scaling).
@@ -213,3 +213,30 @@ def test_a_localize_stitch_density_that_keeps_no_entry_is_refused_in_one_line():
     message = str(caught.value)
     assert "density 1e-09 keeps none of each task vector's " in message, message
     assert "density= (CLI: --density)" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("method", ["regmean", "regmean_plusplus", "fisher"])
+@pytest.mark.parametrize("weights", [[1.0, -1.0], [0.0, 0.0], [-1.0, -2.0]])
+def test_the_data_methods_refuse_negative_or_all_zero_weights_before_loading(tmp_path, method, weights):
+    """weights [1, -1, 0]: regmean died after calibration with a bare ValueError naming `linear` and a normalize=False
+    it does not read; fisher wrote NaN where the weighted Fishers cancel (then blamed "the options overflowed")."""
+    missing = [str(tmp_path / "no-parent-a"), str(tmp_path / "no-parent-b")]
+    with pytest.raises(MergeInputError) as caught:
+        hf_mudsc.merge(missing, str(tmp_path / "no-data"), method=method, weights=weights, progress=False)
+    message = str(caught.value)
+    assert f"weights= (CLI: --weights) of {method} must be >= 0 with a positive sum" in message, message
+    assert "\n" not in message
+
+
+def test_a_data_method_merges_with_a_zero_weight_as_without_that_parent():
+    from factories import make_batches
+
+    base = make_model("vit_cls", 0)
+    a, b, c = fine_tune(base, 1, 0.05), fine_tune(base, 2, 0.05), fine_tune(base, 3, 0.05)
+    batches = make_batches("vit_cls", 2, 8)
+    for method in ("regmean", "fisher"):
+        three = hf_mudsc.merge([a, b, c], batches, method=method, weights=[1.0, 2.0, 0.0], refit="none",
+                               progress=False)
+        two = hf_mudsc.merge([a, b], batches, method=method, weights=[1.0, 2.0], refit="none", progress=False)
+        for (name, x), y in zip(three.state_dict().items(), two.state_dict().values()):
+            assert torch.allclose(x, y, atol=1e-5), (method, name)
