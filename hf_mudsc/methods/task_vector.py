@@ -137,14 +137,13 @@ class TensorWiseMethod(MergeMethod):
         """DELLA keeps an entry with a probability from density - epsilon to density + epsilon (mergekit's
         `della_magprune`): both ends must lie inside (0, 1) for every parent whose density is below 1."""
         from hf_mudsc.errors import MergeInputError, option_hint
-        from hf_mudsc.solve.task_vectors import per_parent
 
-        try:
-            densities = per_parent(self.option_value(options, "density"), num_parents, "density", 1.0)
-            epsilons = per_parent(self.option_value(options, "epsilon"), num_parents, "epsilon", 0.15)
-        except ValueError:  # a list of the wrong length: refused with the others' counts, where lists are checked
-            return
-        for density, epsilon in zip(densities, epsilons):
+        def each(name: str, default: float) -> list[float]:  # one per parent (a wrong length is refused elsewhere)
+            value = self.option_value(options, name)
+            values = [default] if value is None else list(value) if isinstance(value, Sequence) else [value]
+            return values * num_parents if len(values) == 1 else values
+
+        for density, epsilon in zip(each("density", 1.0), each("epsilon", 0.15)):
             if density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
                 raise MergeInputError(
                     f"method {self.name!r}: density {density:g} ± epsilon {epsilon:g} leaves "
