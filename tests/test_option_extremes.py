@@ -240,3 +240,21 @@ def test_a_data_method_merges_with_a_zero_weight_as_without_that_parent():
         two = hf_mudsc.merge([a, b], batches, method=method, weights=[1.0, 2.0], refit="none", progress=False)
         for (name, x), y in zip(three.state_dict().items(), two.state_dict().values()):
             assert torch.allclose(x, y, atol=1e-5), (method, name)
+
+
+def test_push_merged_refuses_non_finite_weights_before_asking_the_hub(monkeypatch):
+    from hf_mudsc.publish import hub
+    from hf_mudsc.publish.writer import push_merged
+
+    merged = hf_mudsc.merge([make_model("vit_cls", 1), make_model("vit_cls", 2)], None, method="average",
+                            progress=False)
+    with torch.no_grad():
+        merged.classifier.bias.fill_(float("inf"))
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr(hub, "check_target", no_hub)
+    monkeypatch.setattr(hub, "push_folder", no_hub)
+    with pytest.raises(MergeInputError, match=r"NaN or infinite values in 1 tensor \('classifier.bias'\)"):
+        push_merged(merged, "me/merged")
