@@ -258,3 +258,19 @@ def test_push_merged_refuses_non_finite_weights_before_asking_the_hub(monkeypatc
     monkeypatch.setattr(hub, "push_folder", no_hub)
     with pytest.raises(MergeInputError, match=r"NaN or infinite values in 1 tensor \('classifier.bias'\)"):
         push_merged(merged, "me/merged")
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("models: [a, b]\nmethod: task_arithmetic\nbase: c\nweights: [1.0e+30, 1]\n", "scale a task vector by 1e+30"),
+    ("models: [a, b]\nmethod: consensus\nbase: c\nconsensus_lambda: 2\n", "consensus_lambda 2 with 2 parents"),
+    ("models: [a, b]\nmethod: della\nbase: c\ndensity: 0.05\n", "density 0.05 ± epsilon 0.15 leaves"),
+    ("models: [a, b]\nmethod: fisher\ncalibration: d\nweights: [1, -1]\n", "must be >= 0 with a positive sum"),
+    ("models: [a, b, c]\nmethod: consensus\nbase: c\nconsensus_k: 4\n", "consensus_k 4 asks more tasks"),
+])
+def test_inspect_refuses_a_recipe_whose_method_refuses_its_options(tmp_path, capsys, text, needle):
+    """`hf-mudsc inspect RECIPE` printed `would merge ...` for options the method refuses when the merge starts."""
+    path = tmp_path / RECIPE_FILENAME
+    path.write_text(text)
+    assert main(["inspect", str(path)]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and needle in err[0], err

@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from hf_mudsc._version import __version__
-from hf_mudsc.errors import OptionError, RecipeError, shown
+from hf_mudsc.errors import MergeInputError, OptionError, RecipeError, shown
 from hf_mudsc.load.references import local_name
 from hf_mudsc.options import MATCHERS as MATCHERS  # re-exported: the CLI's --matcher choices
 from hf_mudsc.options import RECIPE_FILENAME as RECIPE_FILENAME
@@ -193,6 +193,11 @@ class Recipe(MergeOptions):
         if method is not None and method.num_parents is not None and method.num_parents != len(self.models):
             raise RecipeError(f"method {self.method!r} merges exactly {method.num_parents} parents, got "
                               f"{len(self.models)}; choose another method (CLI: --method)")
+        if method is not None:  # what the method refuses when the merge starts (`inspect RECIPE` must say so too)
+            try:
+                method.check_options(self, len(self.models))
+            except (MergeInputError, OptionError) as error:  # one line naming the option
+                raise RecipeError(str(error)) from None
         if method is not None and (method.needs_calibration or method.needs_data) and not self.calibration:
             raise RecipeError(
                 f"method {self.method!r} needs calibration data: pass --calibration "
