@@ -29,6 +29,7 @@ from typing import Any
 from hf_mudsc.errors import OptionError, flag, option_hint, shown  # noqa: F401 (re-exported)
 from hf_mudsc.solve.layer_ranges import parse_layer_swap
 from hf_mudsc.solve.matcher_names import MATCHERS
+from hf_mudsc.solve.ranges import FACTOR_LIMIT, WEIGHT_RANGE
 
 STATISTICS_DTYPES = ("float32", "float64")
 #: The dtypes the merged model may be returned and saved in (`out_dtype`); "auto" keeps the parents' common stored
@@ -77,8 +78,6 @@ def resolve_refit(refit: str, *, matches_units: bool, has_data: bool, num_parent
     return AUTO_REFIT if applies else "none"
 
 
-# The magnitudes a non-zero merge weight may have: the merge runs in float32 (about 1e-38 to 3e38).
-WEIGHT_RANGE = (1e-30, 1e30)
 # A batch this large would need tens of GB of activations for any real model; a typo (an extra 0) is likelier.
 MAX_BATCH_SIZE = 65536
 # torch.Generator.manual_seed takes at most an unsigned 64-bit integer.
@@ -297,9 +296,11 @@ def _check_refit(name: str, value: str, cli: str) -> None:
 
 
 def _check_refit_lambda(name: str, value: float, cli: str) -> None:
-    # Relative ridge: lambda = refit_lambda * mean input energy; 0 would leave rank-deficient systems unsolvable.
-    if not (math.isfinite(value) and value > 0.0):
-        raise OptionError(f"refit_lambda must be a finite number > 0 {cli} (1e-3 is a good start), got {value}")
+    # Relative ridge: lambda = refit_lambda * mean input energy; 0 would leave rank-deficient systems unsolvable, 1e308
+    # overflows float32 (NaN weights). Beyond 1e30 the ridge keeps the matched weights: the refit does nothing.
+    if not 0.0 < value <= WEIGHT_RANGE[1]:  # NaN and inf fail too
+        raise OptionError(f"refit_lambda must lie in (0, {WEIGHT_RANGE[1]:g}] {cli} (1e-3 is a good start), "
+                          f"got {value}")
 
 
 # ------------------------------------------------------ same-base method parameters (issue 13, methods/task_vector)
@@ -343,8 +344,10 @@ def _check_consensus_k(name: str, value: int, cli: str) -> None:
 
 
 def _check_consensus_lambda(name: str, value: float, cli: str) -> None:
-    if not (math.isfinite(value) and value >= 0.0):
-        raise OptionError(f"consensus_lambda must be a finite number >= 0 {cli} (0.6 is FusionBench's), got {value}")
+    # |tau_t| > lambda * |tau_sum - tau_t|: at 1e30 no entry passes (the merge was the base), at 1e308 inf * 0 = NaN.
+    if not 0.0 <= value <= FACTOR_LIMIT:  # NaN and inf fail too
+        raise OptionError(f"consensus_lambda must lie in [0, {FACTOR_LIMIT:g}] {cli} (0.6 is FusionBench's; larger "
+                          f"keeps almost no entry and the merge is the base), got {value}")
 
 
 def _check_pcb_ratio(name: str, value: float, cli: str) -> None:
@@ -375,8 +378,9 @@ def _check_density(name: str, value: float | list[float] | None, cli: str) -> No
 
 
 def _check_scaling(name: str, value: float, cli: str) -> None:
-    if not math.isfinite(value):
-        raise OptionError(f"scaling must be a finite number {cli} (mergekit's lambda, 1.0 by default), got {value}")
+    if not -FACTOR_LIMIT <= value <= FACTOR_LIMIT:  # NaN and inf fail too
+        raise OptionError(f"scaling must lie in [{-FACTOR_LIMIT:g}, {FACTOR_LIMIT:g}] {cli} (mergekit's lambda: "
+                          f"task arithmetic uses 0.3 to 1, -1 negates a task), got {value}")
 
 
 # Calibration-data same-base methods (hf_mudsc/methods/data.py).
@@ -387,9 +391,12 @@ def _check_regmean_scale(name: str, value: float, cli: str) -> None:
 
 
 def _check_fisher_epsilon(name: str, value: float, cli: str) -> None:
-    # A floor on every Fisher entry: 0 would divide 0 by 0 where no parent's data moves a parameter.
-    if not (math.isfinite(value) and value > 0.0):
-        raise OptionError(f"fisher_epsilon must be a finite number > 0 {cli} (1e-6 is the paper's), got {value}")
+    # A floor on every (float32) Fisher entry: 0 — or below float32's 1.4e-45, which rounds to 0 — divides 0 by 0
+    # where no parent's data moves a parameter; 1e308 is inf in float32 (NaN weights). Beyond 1e30 the floor
+    # outweighs any Fisher: the merge is the weighted average already.
+    low, high = WEIGHT_RANGE
+    if not low <= value <= high:  # NaN and inf fail too
+        raise OptionError(f"fisher_epsilon must lie in [{low:g}, {high:g}] {cli} (1e-6 is the paper's), got {value}")
 
 
 def _check_size(name: str, value: float, cli: str) -> None:
@@ -584,7 +591,8 @@ class MergeOptions:
     consensus_lambda: float = option(
         0.6, kind="number", check=_check_consensus_lambda, metavar="L", recorded=True, per_method=True,
         card=CardRow(12, "Consensus k / λ", _card_numbers),
-        help="consensus: TALL mask of task t holds the entries where |tau_t| > L * |tau_sum - tau_t|")
+        help="consensus: TALL mask of task t holds the entries where |tau_t| > L * |tau_sum - tau_t|, L in "
+        "[0, 100]")
     pcb_ratio: float = option(
         0.1, kind="number", check=_check_pcb_ratio, metavar="R", recorded=True, per_method=True,
         card=CardRow(13, "PCB ratio", _card_numbers),
@@ -612,7 +620,7 @@ class MergeOptions:
         card=CardRow(4, "Refit / ridge λ (relative) / examples",
                      lambda value, context: "—" if value is None else str(value)),
         help="refit ridge strength, relative to the mean input energy of each layer (pulls toward the matched "
-        "weights)")
+        "weights), in (0, 1e30]")
     refit_norms: bool = option(
         False, kind="bool", recorded=True,
         help="with the ridge refit (ridge, gate, auto): also refit every LayerNorm's weight and bias, per unit, "
@@ -643,7 +651,7 @@ class MergeOptions:
     scaling: float = option(
         1.0, kind="number", check=_check_scaling, metavar="L", recorded=True, per_method=True,
         card=CardRow(3, "Scaling λ", _card_numbers),
-        help="factor on the merged task vector (mergekit's `lambda`)")
+        help="factor on the merged task vector (mergekit's `lambda`), in [-100, 100]")
     rescale: bool = option(
         True, kind="bool", recorded=True, per_method=True, card=CardRow(3, "Rescale kept entries", _card_numbers),
         help="DARE/DELLA: rescale each tensor's kept entries so its L1 norm is kept (--no-rescale to skip)")
@@ -689,7 +697,7 @@ class MergeOptions:
         1e-6, kind="number", check=_check_fisher_epsilon, metavar="E", recorded=True, per_method=True,
         card=CardRow(3, "Fisher floor ε", _card_numbers),
         help="fisher: floor on every parent's diagonal Fisher (where no parent's data moves a parameter, the "
-        "weighted average)")
+        "weighted average), in [1e-30, 1e30]")
     # ---- end of the calibration-data method options
     device: str | None = option(
         None, kind="device", check=_check_device, metavar="DEVICE", show_default=False, check_keyword=False,
@@ -763,6 +771,15 @@ class MergeOptions:
         def hint(what: str) -> str:  # not str.format: the value's text may hold braces (`method: {a: 1}`)
             return f"{name} must be {what} (CLI: {flag(name)}), got {shown(value)} ({type(value).__name__})"
 
+        def as_float(number: Any) -> float:
+            """float(number), refusing an int too long for a float (float() raises OverflowError past 1.8e308)."""
+            try:
+                return float(number)
+            except OverflowError:
+                digits = len(str(abs(int(number))))
+                raise OptionError(f"{name} must be a number of float range, at most about 1.8e308 (CLI: "
+                                  f"{flag(name)}), got an integer of {digits} digits") from None
+
         if value is None and meta["nullable"]:
             return None
         if kind in ("str", "bool"):
@@ -781,18 +798,18 @@ class MergeOptions:
         if kind == "number":
             if not _is_number(value):
                 raise OptionError(hint("a number"))
-            return float(value)
+            return as_float(value)
         if kind == "numbers":
             if not isinstance(value, (list, tuple)) or not all(_is_number(v) for v in value):
                 raise OptionError(hint("a list of numbers"))
-            return [float(v) for v in value]
+            return [as_float(v) for v in value]
         if kind == "number_or_numbers":
             if _is_number(value):
-                return float(value)
+                return as_float(value)
             if not isinstance(value, (list, tuple)) or not all(_is_number(v) for v in value):
                 raise OptionError(hint("a number or a list of numbers (one per parent)"))
             # One value given as a list (the CLI's `--density 0.5`) is that value.
-            return float(value[0]) if len(value) == 1 else [float(v) for v in value]
+            return as_float(value[0]) if len(value) == 1 else [as_float(v) for v in value]
         if kind == "model":
             # From Python a model object is accepted too (merge() loads it); files and the CLI hold a reference.
             if isinstance(value, os.PathLike):
@@ -808,7 +825,7 @@ class MergeOptions:
             if value == AUTO:
                 return AUTO
             accepts, convert, what = (_is_int, int, "an int") if kind == "int_or_auto" else (
-                _is_number, float, "a number")
+                _is_number, as_float, "a number")
             if not accepts(value):
                 raise OptionError(hint(f"{what} or '{AUTO}'"))
             return convert(value)

@@ -702,8 +702,8 @@ def test_resolve_refit_auto(matches_units, reads_data, num_parents, weights, exp
 
 @pytest.mark.parametrize(("options", "message"), [
     ({"refit": "bogus"}, "unknown refit 'bogus'; choose one of: auto, none, ridge, gate, repair (CLI: --refit)"),
-    ({"refit": "ridge", "refit_lambda": 0}, "refit_lambda must be a finite number > 0 (CLI: --refit-lambda)"),
-    ({"refit": "ridge", "refit_lambda": float("nan")}, "refit_lambda must be a finite number > 0"),
+    ({"refit": "ridge", "refit_lambda": 0}, "refit_lambda must lie in (0, 1e+30] (CLI: --refit-lambda)"),
+    ({"refit": "ridge", "refit_lambda": float("nan")}, "refit_lambda must lie in (0, 1e+30]"),
     ({"refit": "ridge", "reference_compat": True},
      "refit='ridge' changes the merged weights, which reference_compat=True must keep equal to the reference's; "
      "drop one of --refit / --reference-compat"),

@@ -46,6 +46,17 @@ def parent_weights(options: MergeOptions, count: int) -> list[float]:
     return [1.0] * count if weights is None else [float(w) for w in weights]
 
 
+def check_shares(name: str, options: MergeOptions) -> None:
+    """Refuse weights that are no shares: RegMean minimises sum_i w_i ||X_i W - X_i W_i||^2 (a negative weight asks
+    for a maximum; all zero, nothing to fit) and Fisher averages with w_i F_i (negative ones can cancel to 0/0)."""
+    from hf_mudsc.errors import option_hint
+
+    weights = options.weights
+    if weights is not None and (any(not w >= 0 for w in weights) or not sum(weights) > 0):
+        raise MergeInputError(f"{option_hint('weights')} of {name} must be >= 0 with a positive sum (each parent's "
+                              f"share; 0 leaves a parent out), got {list(weights)}")
+
+
 @dataclass(frozen=True)
 class RegMeanMethod(MergeMethod):
     """RegMean, or with `chained` RegMean++ (module docstring)."""
@@ -56,6 +67,9 @@ class RegMeanMethod(MergeMethod):
 
     def used_options(self, options: MergeOptions) -> dict[str, Any]:
         return {"weights": options.weights, "regmean_scale": options.regmean_scale}
+
+    def check_options(self, options: MergeOptions, num_parents: int) -> None:
+        check_shares(self.name, options)
 
     def merge_parameters(self, context: MethodContext) -> MethodResult:
         import torch
@@ -133,6 +147,9 @@ class FisherMethod(MergeMethod):
 
     def used_options(self, options: MergeOptions) -> dict[str, Any]:
         return {"weights": options.weights, "fisher_epsilon": options.fisher_epsilon}
+
+    def check_options(self, options: MergeOptions, num_parents: int) -> None:
+        check_shares(self.name, options)
 
     def merge_parameters(self, context: MethodContext) -> MethodResult:
         import torch

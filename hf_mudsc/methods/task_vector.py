@@ -94,11 +94,62 @@ class TensorWiseMethod(MergeMethod):
             raise MergeInputError(f"consensus_k {k} asks more tasks to agree than the {num_parents} parents have: "
                                   "every task-vector entry would be dropped and the merge would be the base; give 0 "
                                   f"to {num_parents}, {option_hint('consensus_k')}")
+        if k is not None and k >= 2 and num_parents == 2:
+            tall = self.option_value(options, "consensus_lambda")
+            if tall >= 1:  # |tau_1| > L|tau_2| and |tau_2| > L|tau_1| cannot both hold for L >= 1
+                raise MergeInputError(
+                    f"consensus_lambda {tall:g} with 2 parents and consensus_k {k} keeps no entry: both TALL masks "
+                    f"(|tau_1| > L·|tau_2| and |tau_2| > L·|tau_1|) hold only for L < 1, so the merge would be the "
+                    f"base; give a value below 1 (0.6 is FusionBench's), {option_hint('consensus_lambda')}")
+        if "weights" in read:
+            self._check_weight_factors(options)
+        if "epsilon" in read:
+            self._check_keep_probabilities(options, num_parents)
         if read.get("density") == "sparsity":
             density = self.option_value(options, "density")
             if isinstance(density, Sequence):
                 raise MergeInputError(f"method {self.name!r} keeps one share of entries for every parent: give "
                                       f"one number, not {len(density)}, {option_hint('density')}")
+
+    def _check_weight_factors(self, options: MergeOptions) -> None:
+        """Weights not divided by their sum are factors on a task vector (on a parent for `linear`), like
+        `scaling`: their products with it must stay within ±`FACTOR_LIMIT` (1e30 wrote weights of 3e29)."""
+        from hf_mudsc.errors import MergeInputError, option_hint
+        from hf_mudsc.solve.ranges import FACTOR_LIMIT
+
+        read = dict(self.arguments)
+        weights = self.option_value(options, "weights")
+        if not weights or ("normalize" in read and self.option_value(options, "normalize")):
+            return
+        scaling = self.option_value(options, "scaling") if "scaling" in read else 1.0
+        factors = [w * scaling for w in weights]
+        worst = max(factors, key=abs)
+        if abs(worst) > FACTOR_LIMIT:
+            what = "a task vector" if self.needs_base_model else "a parent"
+            times = f" times scaling {scaling:g}" if "scaling" in read else ""
+            raise MergeInputError(
+                f"method {self.name!r}: weights {weights}{times} scale {what} by {worst:g}, beyond ±{FACTOR_LIMIT:g} "
+                f"(they are not divided by their sum); give smaller {option_hint('weights')}"
+                + (f" or {option_hint('scaling')}" if "scaling" in read else "")
+                + (f", or {option_hint('normalize')} True" if "normalize" in read else ""))
+
+    def _check_keep_probabilities(self, options: MergeOptions, num_parents: int) -> None:
+        """DELLA keeps an entry with a probability from density - epsilon to density + epsilon (mergekit's
+        `della_magprune`): both ends must lie inside (0, 1) for every parent whose density is below 1."""
+        from hf_mudsc.errors import MergeInputError, option_hint
+
+        def each(name: str, default: float) -> list[float]:  # one per parent (a wrong length is refused elsewhere)
+            value = self.option_value(options, name)
+            values = [default] if value is None else list(value) if isinstance(value, Sequence) else [value]
+            return values * num_parents if len(values) == 1 else values
+
+        for density, epsilon in zip(each("density", 1.0), each("epsilon", 0.15)):
+            if density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
+                raise MergeInputError(
+                    f"method {self.name!r}: density {density:g} ± epsilon {epsilon:g} leaves "
+                    f"({density - epsilon:g}, {density + epsilon:g}), not inside (0, 1) — keep probabilities must be "
+                    f"probabilities; give a smaller epsilon than min(density, 1 - density), "
+                    f"{option_hint('epsilon')}, or another {option_hint('density')}")
 
     def keywords(self, options: MergeOptions) -> dict[str, Any]:
         """The function's keyword arguments for these options."""

@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from hf_mudsc._version import __version__
-from hf_mudsc.errors import OptionError, RecipeError, shown
+from hf_mudsc.errors import MergeInputError, OptionError, RecipeError, shown
 from hf_mudsc.load.references import local_name
 from hf_mudsc.options import MATCHERS as MATCHERS  # re-exported: the CLI's --matcher choices
 from hf_mudsc.options import RECIPE_FILENAME as RECIPE_FILENAME
@@ -193,6 +193,11 @@ class Recipe(MergeOptions):
         if method is not None and method.num_parents is not None and method.num_parents != len(self.models):
             raise RecipeError(f"method {self.method!r} merges exactly {method.num_parents} parents, got "
                               f"{len(self.models)}; choose another method (CLI: --method)")
+        if method is not None:  # what the method refuses when the merge starts (`inspect RECIPE` must say so too)
+            try:
+                method.check_options(self, len(self.models))
+            except (MergeInputError, OptionError) as error:  # one line naming the option
+                raise RecipeError(str(error)) from None
         if method is not None and (method.needs_calibration or method.needs_data) and not self.calibration:
             raise RecipeError(
                 f"method {self.method!r} needs calibration data: pass --calibration "
@@ -222,7 +227,8 @@ class Recipe(MergeOptions):
 
     def to_yaml(self, *, reproducible: bool = True, name: str = RECIPE_FILENAME) -> str:
         """The recipe as YAML; `reproducible=False` adds the command-line-only fields (for display, not loadable)."""
-        body = yaml.safe_dump(self.to_dict(reproducible=reproducible), sort_keys=False, allow_unicode=True)
+        body = yaml.dump(self.to_dict(reproducible=reproducible), Dumper=RecipeDumper, sort_keys=False,
+                         allow_unicode=True)
         return _HEADER.format(name=name) + body
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -285,7 +291,8 @@ def published_text(text: str, *, name: str = RECIPE_FILENAME) -> str:
         text = text[:start] + value + text[end:]
     lines = "".join(f"#   {entry.label}: {' '.join(entry.shown.splitlines())}\n" for entry in local)
     published = _PUBLISHED_HEADER + lines + text
-    if yaml.safe_load(published) != shown_values(data, local):  # a layout the writer never makes (anchors, ...)
+    # A layout the writer never makes (anchors, ...):
+    if yaml.load(published, Loader=RecipeLoader) != shown_values(data, local):
         raise refused
     return published
 
@@ -341,7 +348,7 @@ def check_local_folders_given(path: str | os.PathLike, loaded: Recipe, recipe: R
 
 def _yaml_scalar(value: str) -> str:
     """`value` as one YAML scalar (quoted when it must be), to put in place of another in a recipe's text."""
-    item = yaml.safe_dump([value], default_flow_style=False, width=float("inf"), allow_unicode=True)
+    item = yaml.dump([value], Dumper=RecipeDumper, default_flow_style=False, width=float("inf"), allow_unicode=True)
     return item.removeprefix("- ").removesuffix("\n")  # a block sequence's item: quoted as a block value would be
 
 
@@ -349,6 +356,18 @@ def _expect_str(key: str, value: Any, source: str) -> str:
     if not isinstance(value, str) or not value:
         raise RecipeError(f"{source}: every entry of `{key}` must be a non-empty string, got {shown(value)}")
     return value
+
+
+# A number with an exponent, as JSON and YAML 1.2 write it (`1e-3`, `2E+5`, `1.0e9`): PyYAML (YAML 1.1) reads these as
+# strings unless they have a dot and a signed exponent, so `refit_lambda: 1e-3` was refused as "must be a number".
+EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+
+
+class RecipeDumper(yaml.SafeDumper):
+    """`yaml.SafeDumper` that quotes a string `RecipeLoader` would read as a number (a folder named `1e3`)."""
+
+
+RecipeDumper.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789"))
 
 
 class RecipeLoader(yaml.SafeLoader):
@@ -363,6 +382,9 @@ class RecipeLoader(yaml.SafeLoader):
             raise yaml.constructor.ConstructorError(None, None, f"key {shown(keys[index])} is given twice",
                                                     node.value[index][0].start_mark)
         return super().construct_mapping(node, deep=deep)
+
+
+RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789"))
 
 
 def repeated_key(keys: list[Any]) -> int | None:

@@ -42,6 +42,27 @@ def recipe_of(merged: Any) -> Recipe:
     return Recipe(**{k: v for k, v in keys.items() if k in Recipe.keys()})
 
 
+def refuse_non_finite_weights(merged: Any) -> None:
+    """Never write NaN/inf weights. `hf_mudsc.merge` refuses those it produces (`pipeline.refuse_non_finite`), but a
+    model changed since (cast to float16 past its range 65504, edited) reaches the writer as it stands."""
+    import torch
+
+    bad = [name for name, tensor in merged.state_dict().items()
+           if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor).all()]
+    if not bad:
+        return
+    from hf_mudsc.errors import MergeInputError
+
+    dtype = getattr(merged, "dtype", None)
+    half = dtype in (torch.float16, torch.bfloat16)
+    cause = (f"it is {str(dtype).removeprefix('torch.')}, whose range ends at {torch.finfo(dtype).max:g}: values past "
+             "it became inf — write it in float32 (merge with out_dtype='float32', CLI: --out-dtype float32)" if half
+             else "merge() returned it finite, so it was changed since — write the model merge() returned")
+    names = ", ".join(repr(name) for name in bad[:3]) + (f", ... ({len(bad) - 3} more)" if len(bad) > 3 else "")
+    raise MergeInputError(f"refusing to write the merged model: NaN or infinite values in {len(bad)} "
+                          f"tensor{'s' if len(bad) > 1 else ''} ({names}); {cause}")
+
+
 def write_merged_folder(
     folder: str | os.PathLike,
     merged: Any,
@@ -68,6 +89,7 @@ def write_merged_folder(
     """
     from hf_mudsc.publish.card import render_card
 
+    refuse_non_finite_weights(merged)
     folder = Path(folder)
     recipe = recipe if recipe is not None else recipe_of(merged)
     if processor is None:
@@ -140,6 +162,7 @@ def publish(
 
     if output is None and not push_to_hub:
         raise ValueError("say where the merged model goes: an output folder and/or a Hub repo id")
+    refuse_non_finite_weights(merged)  # before any folder is staged (write_merged_folder checks again for its callers)
     produced: dict[str, Any] = {}
     failure: Exception | None = None
     kept: Path | None = None
@@ -206,6 +229,7 @@ def push_merged(
     from hf_mudsc.publish.hub import check_target
 
     recipe = recipe_of(merged).override(push_to_hub=repo_id)
+    refuse_non_finite_weights(merged)  # before the Hub is asked anything
     check_target(repo_id, overwrite=overwrite, token=token, flag="repo_id")  # before writing anything
     return publish(merged, push_to_hub=repo_id, overwrite=overwrite, private=private, token=token,
                    recipe=recipe, push_flag="repo_id")["push"]

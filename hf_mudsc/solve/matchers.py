@@ -219,8 +219,10 @@ def _check_zip_params(decay: float, budget: float) -> tuple[float, float]:
 
 
 def _model_budget(n: int, budget: float) -> int:
-    """Same-model fusions allowed per model; the reference adds 1e-4 before truncating."""
-    return int((n // 2) * budget + 1e-4)
+    """Same-model fusions allowed per model; the reference adds 1e-4 before truncating. Capped at n: a model's n
+    units allow at most n - 1 same-model fusions, so a larger budget never binds (and `int(inf)` of a budget factor
+    like 1e308 would raise)."""
+    return int(min((n // 2) * budget + 1e-4, n))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -480,7 +482,7 @@ ALIGN_N_PASSES = 20
 
 def _model_budget_n(n: int, num_models: int, budget: float) -> int:
     """ZipIt's N-model budget: `((N-1)·n // N) · b` same-model fusions per model; `(n // 2) · b` for two."""
-    return int(((num_models - 1) * n // num_models) * budget + 1e-4)
+    return int(min(((num_models - 1) * n // num_models) * budget + 1e-4, n))  # capped as `_model_budget`
 
 
 def _pairwise_value(c: np.ndarray, chosen: Sequence[np.ndarray]) -> float:

@@ -311,6 +311,7 @@ def localize_stitch(base: Mapping[str, torch.Tensor], parents: Sequence[Mapping[
         flat = torch.cat(magnitudes) if magnitudes else torch.zeros(0)
         del magnitudes
         k = int(sparsity * flat.numel())
+        tv.check_stitch_keeps(sparsity, flat.numel())
         index = flat.numel() - k
         thresholds.append(float(np.partition(flat.numpy(), index)[index]) if k > 0 else None)
         del flat

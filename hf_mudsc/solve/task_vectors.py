@@ -44,6 +44,8 @@ from functools import partial
 
 import torch
 
+from hf_mudsc.errors import option_hint
+
 StateDict = dict[str, torch.Tensor]
 FloatOrList = float | Sequence[float]
 
@@ -557,6 +559,10 @@ def pcb(base, parents, weights=None, *, pcb_ratio: float = 0.1, scaling: float =
     flat_base = torch.cat([base[k].reshape(-1).to(torch.float64) for k in names])
     tv = torch.stack([torch.cat([sd[k].reshape(-1).to(torch.float64) for k in names]) - flat_base
                       for sd in parents])  # (n, d)
+    d = tv.shape[1]
+    if int(d * (1 - pcb_ratio)) >= d - 1:  # the kept share's threshold is the largest score: nothing is kept
+        raise ValueError(f"pcb_ratio {pcb_ratio:g} keeps none of each task vector's {d:,} entries (the merge would be "
+                         f"the base); give a pcb_ratio above 1/{d:,} = {1 / d:.3g}, {option_hint('pcb_ratio')}")
     abs_c = _pcb_clamp(tv.abs(), clamp_ratio, clamp_ratio)
     clamped = torch.sign(tv) * abs_c
     self_pcb = torch.exp(n * _pcb_minmax(abs_c) ** 2)
@@ -617,6 +623,15 @@ def consensus(base, parents, weights=None, *, k: int = 2, tall_mask_lambda: floa
 # ------------------------------------------------------------ dataless Localize-and-Stitch
 
 
+def check_stitch_keeps(sparsity: float, entries: int) -> None:
+    """Refuse a `sparsity` that keeps no entry of a parent's `entries` task-vector entries (the merge would be the
+    base): the threshold is the k-th largest magnitude, k = int(sparsity * entries), kept strictly above it."""
+    if entries and int(sparsity * entries) <= 1:
+        raise ValueError(f"density {sparsity:g} keeps none of each task vector's {entries:,} entries (the merge would "
+                         f"be the base); give a density of at least 2/{entries:,} = {2 / entries:.3g}, "
+                         f"{option_hint('density')}")
+
+
 def localize_stitch(base, parents, weights=None, *, sparsity: float = 0.1,
                     exclude: Sequence[str] = ()) -> StateDict:
     """Dataless Localize-and-Stitch (He et al., TMLR 2025; yifei-he/Localize-and-Stitch
@@ -642,6 +657,7 @@ def localize_stitch(base, parents, weights=None, *, sparsity: float = 0.1,
         taus.append(tau)
         flat = torch.cat([v.abs().reshape(-1) for v in tau.values()]) if tau else torch.zeros(0)
         kk = int(sparsity * flat.numel())
+        check_stitch_keeps(sparsity, flat.numel())
         if kk <= 0:
             masks.append({name: torch.zeros_like(v, dtype=torch.bool) for name, v in tau.items()})
             continue
