@@ -286,3 +286,42 @@ def test_the_card_says_whose_processor_scored_each_column_when_they_differ():
     alike = EvaluationResult(scores=scores, tasks=result.tasks, metrics=["accuracy"], merged=["merged"])
     assert "processor" not in evaluation_section(alike.card_rows()).lower()
     assert EvaluationResult.from_dict(result.to_dict()).processors == processors  # the JSON keeps the record
+
+
+HOSTILE_NAMES = ["a|b", "x\n## Usage\n| y", "<script>alert(1)</script>", "[x](javascript:alert(1))", "`tick`", "\\|"]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_hostile_names_stay_inside_their_evaluation_cell_and_a_re_evaluation_replaces_every_row(name):
+    from hf_mudsc.publish.card import update_card_evaluation
+
+    text = "---\nlicense: mit\n---\n\n# my merge\n\n## Notes\n\nKept.\n"
+    row = {"task": name, "dataset": name, "split": name, "metric": "accuracy", "merged": 0.5, "parent_a": 0.25}
+    card = ModelCard(str(update_card_evaluation(text, [row])))
+    assert card.data.eval_results[0].task_name == name  # the front matter holds the name as it is (valid YAML)
+    table = [line for line in card.text.splitlines() if line.startswith("|")]
+    assert len(table) == 3 and all(line.count("|") - line.count("\\|") == 9 for line in table), table
+    assert "<script" not in card.text and "[x](javascript:" not in card.text
+    assert not re.search(r"^## Usage", card.text, flags=re.MULTILINE)
+    again = update_card_evaluation(str(card), [{"task": "clean", "dataset": "org/data", "merged": 0.9}])
+    assert "0.5000" not in again.text and "0.2500" not in again.text and "Kept." in again.text
+    assert [r.task_name for r in again.data.eval_results] == ["clean"]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_hostile_task_and_parent_names_stay_inside_their_cells_in_the_merge_card(merged, name):
+    config = merged.config  # the merged model is reused: only its task names change
+    saved = dict(config.task_label_ranges)
+    config.task_label_ranges = {name: [0, 3], "other": [3, 6]}
+    try:
+        card = ModelCard(str(render_card(merged, Recipe(models=["org/vit-a", "org/vit-b"], calibration="c"),
+                                         parents=[ParentInfo(name), ParentInfo("org/vit-b", "org/vit-b")])))
+    finally:
+        config.task_label_ranges = saved
+    markup = re.sub(r"(`+)(?!`).*?(?<!`)\1(?!`)", "", card.text)  # a code span shows its text literally
+    assert "<script" not in markup and "[x](javascript:" not in markup
+    assert not re.search(r"^## Usage\n\|", card.text, flags=re.MULTILINE)
+    tasks = card.text.split("| Task | Label ids |\n|---|---|\n")[1].split("\n\n")[0].splitlines()
+    assert len(tasks) == 2 and all(line.count("|") - line.count("\\|") == 3 for line in tasks), tasks
+    parents = card.text.split("| | Model | Revision |\n|---|---|---|\n")[1].split("\n\n")[0].splitlines()
+    assert len(parents) == 2 and all(line.count("|") - line.count("\\|") == 4 for line in parents), parents

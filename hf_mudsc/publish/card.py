@@ -19,6 +19,7 @@ task's name. Callers never have to do this themselves.
 
 from __future__ import annotations
 
+import html
 import importlib.resources
 import os
 import re
@@ -376,9 +377,32 @@ def settings_rows(mudsc: Mapping[str, Any], recipe: Recipe, context: Mapping[str
     return [(label, " / ".join(texts)) for label, texts in cells.items() if texts[0] is not None]
 
 
+_LINE_BREAKS = re.compile(r"\r\n|[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")
+# an underscore inside a word opens no emphasis (CommonMark), so `task_a` stays as it is written
+_MARKDOWN_PUNCTUATION = re.compile(r"([\\`*\[\]|~!]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9]))")
+
+
+def markdown_cell(value: Any) -> str:
+    """`value` as the text of one Markdown table cell, shown as it is: names (tasks, labels, datasets, folders) come
+    from configs and users, so a line break, `|`, HTML or link syntax in one must neither end the row or the table
+    (a re-evaluation finds its section by its headings) nor reach the page as markup."""
+    text = _LINE_BREAKS.sub(" ", str(value))
+    return html.escape(_MARKDOWN_PUNCTUATION.sub(r"\\\1", text), quote=False)
+
+
+def markdown_code_cell(value: Any) -> str:
+    """`value` as an inline code span inside a table cell: a fence longer than any backtick run in it (CommonMark),
+    line breaks as spaces and `|` escaped for the table (GFM); the rest of a code span is shown literally."""
+    text = _LINE_BREAKS.sub(" ", str(value)).replace("|", "\\|")
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def _environment(folder: Path) -> jinja2.Environment:
-    """Templates from `folder`, then the shipped ones (a custom template may include the shipped sections)."""
-    return jinja2.Environment(
+    """Templates from `folder`, then the shipped ones (a custom template may include the shipped sections); the
+    filters `cell` and `code_cell` put a name into a table cell safely (`markdown_cell`, `markdown_code_cell`)."""
+    environment = jinja2.Environment(
         loader=jinja2.ChoiceLoader([jinja2.FileSystemLoader(str(folder)),
                                     jinja2.FileSystemLoader(str(template_path().parent))]),
         undefined=jinja2.StrictUndefined,
@@ -387,6 +411,9 @@ def _environment(folder: Path) -> jinja2.Environment:
         lstrip_blocks=True,
         autoescape=False,
     )
+    environment.filters["cell"] = markdown_cell
+    environment.filters["code_cell"] = markdown_code_cell
+    return environment
 
 
 def evaluation_section(eval_results: Iterable[EvalRow | Mapping[str, Any]]) -> str:
