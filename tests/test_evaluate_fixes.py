@@ -737,3 +737,37 @@ def test_a_parents_processor_that_cannot_read_the_evaluation_data_is_named_in_ev
     assert "\n" not in message and "calibration" not in message, message
     assert needle in message, message
     assert "own_processors=False" in message and "--shared-processor" in message, message
+
+
+def _own_answers(model, inputs):
+    with torch.no_grad():
+        return model(pixel_values=inputs).logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("bad, what", [(0.6, r"label 0\.6 is not a whole class id"),
+                                       (None, r"label None is not a class id or name"),
+                                       (float("nan"), r"label nan is not a whole class id")])
+def test_a_label_that_is_no_class_id_is_refused_in_one_line_not_cut_to_one(bad, what):
+    """Float labels were cut to ints (`int(2.6)` is 2: a model scored 1.0 against labels it never matched), and a
+    missing or NaN label raised a bare TypeError/ValueError."""
+    model = make_model("vit_cls", 1)
+    inputs = torch.randn(6, 1, 16, 16)
+    answers = _own_answers(model, inputs)
+    labels = [bad, *answers[1:]]
+    with pytest.raises(EvaluationError, match=rf"task 'task_0': {what}") as error:
+        evaluate_merge(model, None, [(inputs, labels)], progress=False)
+    assert "\n" not in str(error.value)
+    whole = evaluate_merge(model, None, [(inputs, [float(a) for a in answers])], progress=False)
+    assert whole.scores["merged"]["task_0"]["accuracy"] == 1.0  # 2.0 is class 2
+
+
+def test_a_label_name_that_several_classes_share_is_refused_not_read_as_the_last_one():
+    """With id2label {0: 'x', 1: 'x', 2: 'y'}, the label 'x' was always read as class 1: a row the model put in
+    class 0 (also 'x') counted as wrong, so the figure was neither the one by id nor by name."""
+    model = make_model("vit_cls", 1)
+    model.config.id2label, model.config.label2id = {0: "x", 1: "x", 2: "y"}, {"x": 1, "y": 2}
+    inputs = torch.randn(6, 1, 16, 16)
+    names = [model.config.id2label[a] for a in _own_answers(model, inputs)]
+    with pytest.raises(EvaluationError, match=r"task 'task_0': label 'x' names classes 0 and 1 .*class ids") as error:
+        evaluate_merge(model, None, [(inputs, names)], progress=False)
+    assert "\n" not in str(error.value)
