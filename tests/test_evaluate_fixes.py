@@ -771,3 +771,20 @@ def test_a_label_name_that_several_classes_share_is_refused_not_read_as_the_last
     with pytest.raises(EvaluationError, match=r"task 'task_0': label 'x' names classes 0 and 1 .*class ids") as error:
         evaluate_merge(model, None, [(inputs, names)], progress=False)
     assert "\n" not in str(error.value)
+
+
+def test_a_metric_given_twice_or_none_is_refused_before_loading_not_written_twice(backward, tmp_path, capsys):
+    """`--metric accuracy --metric accuracy` gave every card row twice (table and model-index); `metrics=[]`
+    gave a result without figures. Both refused in one line before any model is loaded."""
+    for metrics, what in ((["accuracy", "f1", "accuracy"], r"metric 'accuracy' is given twice"),
+                          ([], r"no metric")):
+        with pytest.raises(EvaluationError, match=what) as error:
+            evaluate_merge("no/such-model", None, {"t": "x:test"}, metrics=metrics)
+        assert "\n" not in str(error.value)
+    _, out, tests = backward
+    json_path = tmp_path / "twice.json"
+    assert main(["evaluate", str(out), "--dataset", str(tests["zeta"]), "--dataset", str(tests["alpha"]),
+                 "--output-json", str(json_path), "--metric", "accuracy", "--metric", "accuracy"]) == 1
+    err = capsys.readouterr().err
+    assert "metric 'accuracy' is given twice" in err and len(err.strip().splitlines()) == 1
+    assert not json_path.exists()

@@ -243,7 +243,11 @@ def _is_hub_id(reference: str) -> bool:
 
 
 def _check_metrics(names: list[str], trust_remote_code: bool) -> None:
-    """Metrics other than the shipped ones run a script: only with --trust-remote-code (before any loading)."""
+    """Each metric once; metrics other than the shipped ones run a script: only with --trust-remote-code (before any
+    loading)."""
+    from hf_mudsc.evaluate.metrics import check_metric_names
+
+    check_metric_names(names or ["accuracy"])
     foreign = [name for name in names if name not in SHIPPED_METRIC_NAMES]
     if foreign and not trust_remote_code:
         raise ValueError(

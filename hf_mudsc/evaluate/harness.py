@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from hf_mudsc.errors import EvaluationError
 from hf_mudsc.evaluate.batches import task_batches
-from hf_mudsc.evaluate.metrics import compute_metric, load_metric
+from hf_mudsc.evaluate.metrics import check_metric_names, compute_metric, load_metric
 from hf_mudsc.evaluate.names import (
     AVERAGE,
     DEFAULT_PROMPT,
@@ -116,6 +116,8 @@ def evaluate_merge(
     """
     from hf_mudsc.calibrate.distributed import is_main_process, process_info
 
+    metrics = list(metrics)
+    check_metric_names(metrics)
     modules = {name: load_metric(name, trust_remote_code=trust_remote_code) for name in metrics}  # before any model
     if batch_size < 1:
         raise EvaluationError(f"batch_size must be >= 1, got {batch_size}")
