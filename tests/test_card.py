@@ -325,3 +325,13 @@ def test_hostile_task_and_parent_names_stay_inside_their_cells_in_the_merge_card
     assert len(tasks) == 2 and all(line.count("|") - line.count("\\|") == 3 for line in tasks), tasks
     parents = card.text.split("| | Model | Revision |\n|---|---|---|\n")[1].split("\n\n")[0].splitlines()
     assert len(parents) == 2 and all(line.count("|") - line.count("\\|") == 4 for line in parents), parents
+
+
+def test_a_re_evaluation_names_the_model_index_by_the_title_as_written_not_as_escaped(merged):
+    from hf_mudsc.publish.card import update_card_evaluation
+
+    card = render_card(merged, Recipe(models=["org/vit-a", "org/vit-b"], calibration="c"),
+                       parents=[ParentInfo("a|b <i>"), ParentInfo("org/vit-b", "org/vit-b")])
+    assert card.data.model_name is None  # no results yet: the title alone names the model
+    again = update_card_evaluation(str(card), [{"task": "t", "dataset": "org/data", "merged": 0.5}])
+    assert again.data.model_name == "merged-a|b <i>-vit-b"

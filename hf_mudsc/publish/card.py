@@ -390,6 +390,11 @@ def markdown_cell(value: Any) -> str:
     return html.escape(_MARKDOWN_PUNCTUATION.sub(r"\\\1", text), quote=False)
 
 
+def markdown_text(cell: str) -> str:
+    """The text a `markdown_cell` shows (its escapes undone): the title read back as the model's name."""
+    return html.unescape(re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", cell))
+
+
 def markdown_code_cell(value: Any) -> str:
     """`value` as an inline code span inside a table cell: a fence longer than any backtick run in it (CommonMark),
     line breaks as spaces and `|` escaped for the table (GFM); the rest of a code span is shown literally."""
@@ -439,7 +444,7 @@ def update_card_evaluation(
     card = card if isinstance(card, ModelCard) else ModelCard(card)
     rows = [EvalRow.from_any(r) for r in eval_results]
     title = re.search(r"^# (.+)$", card.text, flags=re.MULTILINE)
-    name = model_name or card.data.model_name or (title.group(1).strip() if title else "merged-model")
+    name = model_name or card.data.model_name or (markdown_text(title.group(1).strip()) if title else "merged-model")
     data = set_eval_results(card.data, rows, model_name=name)
     section = evaluation_section(rows)
     body = card.text
