@@ -788,3 +788,25 @@ def test_a_metric_given_twice_or_none_is_refused_before_loading_not_written_twic
     err = capsys.readouterr().err
     assert "metric 'accuracy' is given twice" in err and len(err.strip().splitlines()) == 1
     assert not json_path.exists()
+
+
+def test_a_class_label_column_sharing_some_class_names_at_other_ids_is_refused_not_read_by_id():
+    """A ClassLabel naming `dog, cat, eel` against a model's `cat, dog, fox`: not the same set, so its ids were read as
+    the model's ids — cat scored as dog and dog as cat, a wrong figure. Refused in one line naming a moved class; a
+    ClassLabel sharing no name (a model with LABEL_0... names) is still read by id."""
+    model = make_model("vit_cls", 1)
+    model.config.id2label = {0: "cat", 1: "dog", 2: "fox"}
+    model.config.label2id = {v: k for k, v in model.config.id2label.items()}
+    inputs = torch.randn(6, 1, 16, 16)
+    answers = _own_answers(model, inputs)
+
+    def data(names):
+        features = datasets.Features({"pixel_values": datasets.Array3D((1, 16, 16), "float32"),
+                                      "label": datasets.ClassLabel(names=names)})
+        return datasets.Dataset.from_dict({"pixel_values": inputs.numpy(), "label": answers}, features=features)
+
+    with pytest.raises(EvaluationError, match=r"task 'task_0': .*'dog' is class 0 there but 1 in the model") as error:
+        evaluate_merge(model, None, [data(["dog", "cat", "eel"])], progress=False)
+    assert "\n" not in str(error.value)
+    unrelated = evaluate_merge(model, None, [data(["a", "b", "c"])], progress=False)
+    assert unrelated.scores["merged"]["task_0"]["accuracy"] == 1.0

@@ -60,6 +60,22 @@ def _select_rows(dataset: Any, source: TaskData, label_column: str, task_names: 
     return dataset.filter(keep)
 
 
+def check_class_label_ids(data_names: Sequence[str], class_names: Sequence[str], task: str) -> None:
+    """A label column whose ClassLabel names a class of the model at another id, without naming the same classes
+    (which are read by name), would score rows against the wrong classes: refused. Names shared by none (a model
+    with `LABEL_0`-style names) leave the ids as they are."""
+    model_ids = {name: index for index, name in enumerate(class_names)}
+    moved = next(((name, index) for index, name in enumerate(data_names)
+                  if name in model_ids and model_ids[name] != index), None)
+    if moved is not None:
+        name, index = moved
+        raise EvaluationError(
+            f"task {task!r}: the label column's classes {list(data_names)[:6]} are not the model's "
+            f"{list(class_names)[:6]} and {name!r} is class {index} there but {model_ids[name]} in the model, so its "
+            "ids cannot be read as the model's; relabel the data with the model's class ids or names"
+        )
+
+
 def evaluation_role(task: str, owners: Sequence[str], processor: Any) -> DataRole:
     """How preprocessing errors name one task's test data and the models (`owners`: `parent B`, ...) whose
     processor reads it — evaluation data, not the merge's calibration data, and a fix that fits evaluate."""
@@ -142,6 +158,9 @@ def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: in
     by_name = (isinstance(feature, datasets.ClassLabel) and class_names is not None and source.task_column is None
                and source.label_range is None and list(feature.names) != list(class_names)
                and sorted(feature.names) == sorted(class_names))
+    if (isinstance(feature, datasets.ClassLabel) and class_names is not None and source.task_column is None
+            and source.label_range is None and not by_name):
+        check_class_label_ids(list(feature.names), list(class_names), task)
     dataset = _select_rows(dataset, source, label_column, task_names)
     if num_samples is not None:
         dataset = (dataset.select(range(min(num_samples, len(dataset))), keep_in_memory=True)
