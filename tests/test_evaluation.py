@@ -725,3 +725,28 @@ def test_the_raw_joint_rule_scores_merged_head_and_ensemble_by_their_raw_logits(
         "joint (all tasks)"
     with pytest.raises(EvaluationError, match="joint_rule must be one of per_task, raw, got 'softmax'"):
         evaluate_merge(merged, [parent_a, parent_b], table_tasks(), progress=False, joint_rule="softmax")
+
+
+def test_clip_class_names_given_in_another_order_than_the_class_label_are_read_by_name_and_repeats_refused():
+    """`class_names={"pets": ["dog", "cat"]}` on a ClassLabel column listing cat, dog: the ids were read in the given
+    order, so every row was scored against the other class (accuracy 0 for a perfect model). A name given twice
+    makes two identical prompts, so the second can never win: refused."""
+    tokenizer = word_tokenizer(["cat", "dog", "photo", "of", "a"])
+    model = make_model("clip", seed=0)
+    images = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    given = ["dog", "cat"]
+    prompts = tokenizer([f"a photo of {n}" for n in given], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        answers = model(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"],
+                        pixel_values=images).logits_per_image.argmax(1).tolist()
+    features = datasets.Features({"pixel_values": datasets.Array3D((3, 16, 16), "float32"),
+                                  "label": datasets.ClassLabel(names=["cat", "dog"])})
+    rows = {"pixel_values": images.numpy(), "label": [["cat", "dog"].index(given[a]) for a in answers]}
+    data = {"pets": datasets.Dataset.from_dict(rows, features=features)}
+    result = evaluate_merge(model, None, data, processor=tokenizer, class_names={"pets": given},
+                            prompt_template="a photo of {}", progress=False)
+    assert result.score("merged", "pets") == 1.0
+    with pytest.raises(EvaluationError, match=r"class names of task 'pets' name 'cat' twice") as error:
+        evaluate_merge(model, None, data, processor=tokenizer, class_names={"pets": ["cat", "cat", "dog"]},
+                       progress=False)
+    assert "\n" not in str(error.value)

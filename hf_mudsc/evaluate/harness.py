@@ -158,7 +158,7 @@ def evaluate_merge(
             source, task=task, main_input=main_input, batch_size=batch_size, num_samples=num_samples,
             processors=distinct, model_configs=group_configs, owners=group_owners, image_column=image_column,
             text_column=text_column, rank=rank, world=world, task_names=list(layout.ranges),
-            class_names=None if clip else layout.class_names[task])
+            class_names=layout.class_names[task])  # CLIP too: names given in another order than the data's
 
     collected, counts, preprocessed, failure = _predict(models, groups, scorers, layout, sources, batches_of,
                                                         batch_size=batch_size, progress=progress, world=world)

@@ -204,6 +204,11 @@ def clip_layout(tasks: Sequence[str], sources: Mapping[str, TaskData],
                 "is a ClassLabel"
             )
         names[task] = [str(n) for n in given]
+        twice = next((n for i, n in enumerate(names[task]) if n in names[task][:i]), None)
+        if twice is not None:  # two identical prompts: the later class could never be predicted
+            raise EvaluationError(
+                f"the class names of task {task!r} name {twice!r} twice; zero-shot CLIP needs one name per class"
+            )
     ranges, start = {}, 0
     for task in tasks:
         ranges[task] = (start, start + len(names[task]))
