@@ -750,3 +750,17 @@ def test_clip_class_names_given_in_another_order_than_the_class_label_are_read_b
         evaluate_merge(model, None, data, processor=tokenizer, class_names={"pets": ["cat", "cat", "dog"]},
                        progress=False)
     assert "\n" not in str(error.value)
+
+
+def test_a_joint_figure_on_some_tasks_data_is_not_called_all_tasks(table_models):
+    """Scoring one task of two still gave a card row "joint (all tasks)" (and its model-index entry), though only
+    that task's rows were scored: the row names the tasks whose data it holds."""
+    merged, parent_a, parent_b = table_models
+    alpha = {"alpha": table_tasks()["alpha"]}
+    result = evaluate_merge(merged, [parent_a, parent_b], alpha, progress=False)
+    assert [row.task for row in result.card_rows()] == ["alpha", "joint (all classes, data of alpha only)"]
+    assert "only the data of alpha was scored" in result.definitions["joint"]
+    again = EvaluationResult.from_dict(result.to_dict())
+    assert again.card_rows()[-1].task == "joint (all classes, data of alpha only)"
+    full = evaluate_merge(merged, [parent_a, parent_b], table_tasks(), progress=False)
+    assert full.card_rows()[-1].task == "joint (all tasks)"

@@ -188,7 +188,9 @@ def evaluate_merge(
         if len(distinct) > 1 and preprocessed else {}
     result = EvaluationResult(metrics=list(metrics), tasks=tasks, scores=scores, merged=list(merged_models),
                               definitions=definitions(joint_rule if not clip and not layout.shared else None,
-                                                      processors=bool(processors)),
+                                                      processors=bool(processors),
+                                                      joint_data=list(sources) if len(sources) < len(layout.ranges)
+                                                      else None),
                               processors=processors)
     logger.info("evaluated %s on %s", ", ".join(scores), ", ".join(f"{t} ({n})" for t, n in counts.items()))
     return result
