@@ -764,3 +764,17 @@ def test_a_joint_figure_on_some_tasks_data_is_not_called_all_tasks(table_models)
     assert again.card_rows()[-1].task == "joint (all classes, data of alpha only)"
     full = evaluate_merge(merged, [parent_a, parent_b], table_tasks(), progress=False)
     assert full.card_rows()[-1].task == "joint (all tasks)"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_one_dataset_with_a_joint_label_outside_every_task_is_refused_not_dropped(table_models, stream):
+    """A row of one dataset for every task whose joint label (7, -1) lies in no task's range was left out of every
+    task without a word: the figures then claimed the split while scoring part of it."""
+    merged, parent_a, parent_b = table_models
+    data = datasets.Dataset.from_dict({"pixel_values": [[float(i)] for i in range(7)],
+                                       "label": [0, 1, 1, 0, 4, 7, 3]})
+    data = data.to_iterable_dataset() if stream else data
+    with pytest.raises(EvaluationError, match=r"label 7 is no id of the merged model's joint head \(0\.\.4\)") as error:
+        evaluate_merge(merged, [parent_a, parent_b], tasks_from_dataset(data, ["alpha", "beta"], RANGES),
+                       progress=False)
+    assert "\n" not in str(error.value)

@@ -32,7 +32,7 @@ def _dataset_of(source: TaskData) -> Any:
     return data
 
 
-def _select_rows(dataset: Any, source: TaskData, label_column: str, task_names: Sequence[str]) -> Any:
+def _select_rows(dataset: Any, source: TaskData, label_column: str, task_names: Sequence[str], task: str) -> Any:
     """Rows of this task only (task column or joint label range); nothing is written next to the data."""
     def keep(row: Mapping[str, Any]) -> bool:
         if source.task_column is not None:
@@ -41,6 +41,13 @@ def _select_rows(dataset: Any, source: TaskData, label_column: str, task_names: 
             return value == name or (isinstance(value, (int, np.integer)) and int(value) == index)
         lo, hi = source.label_range
         label = row[label_column]
+        inside = isinstance(label, (int, np.integer)) and 0 <= int(label) < (source.joint_size or hi)
+        if source.joint_size is not None and not inside:  # in no task's range: never left out silently
+            raise EvaluationError(
+                f"task {task!r}: label {label!r} is no id of the merged model's joint head "
+                f"(0..{source.joint_size - 1}); one dataset for every task is labelled with joint ids — or name each "
+                "row's task with task_column= (CLI: --task-column) and label it with the task's own class id"
+            )
         return isinstance(label, (int, np.integer)) and lo <= int(label) < hi
 
     if source.task_column is None and source.label_range is None:
@@ -161,7 +168,7 @@ def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: in
     if (isinstance(feature, datasets.ClassLabel) and class_names is not None and source.task_column is None
             and source.label_range is None and not by_name):
         check_class_label_ids(list(feature.names), list(class_names), task)
-    dataset = _select_rows(dataset, source, label_column, task_names)
+    dataset = _select_rows(dataset, source, label_column, task_names, task)
     if num_samples is not None:
         dataset = (dataset.select(range(min(num_samples, len(dataset))), keep_in_memory=True)
                    if isinstance(dataset, datasets.Dataset) else dataset.take(num_samples))

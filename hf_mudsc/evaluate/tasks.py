@@ -36,6 +36,8 @@ class TaskData:
         label_offset: subtracted from integer labels first (a dataset labelled in the joint label space).
         task_column, task_value: keep only the rows whose `task_column` equals `task_value`.
         label_range: keep only rows whose integer label lies in `[lo, hi)` (before the offset).
+        joint_size: with `label_range`, the size of the joint label space: a label outside it lies in no task's
+            range, and is refused rather than left out of every task.
         name, split: shown in the results and the model card.
         local: the data is a local folder, not a Hub dataset: the card keeps it out of its `datasets` (Hub ids).
     """
@@ -46,6 +48,7 @@ class TaskData:
     task_column: str | None = None
     task_value: Any = None
     label_range: tuple[int, int] | None = None
+    joint_size: int | None = None
     name: str | None = None
     split: str | None = None
     local: bool = False
@@ -76,9 +79,10 @@ def tasks_from_dataset(
             "one dataset for several tasks needs either task_column= (a column naming each row's task) or a "
             "merged model with config.task_label_ranges (labels in the joint label space)"
         )
+    size = max(int(bounds[1]) for bounds in task_ranges.values())
     return {task: TaskData(data, label_column=label_column, label_offset=int(task_ranges[task][0]),
-                           label_range=(int(task_ranges[task][0]), int(task_ranges[task][1])), name=name,
-                           split=split, local=local) for task in task_names}
+                           label_range=(int(task_ranges[task][0]), int(task_ranges[task][1])), joint_size=size,
+                           name=name, split=split, local=local) for task in task_names}
 
 
 def spec_task_data(spec: str | os.PathLike, data: Any = None, **fields: Any) -> TaskData:
