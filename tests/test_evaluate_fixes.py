@@ -810,3 +810,11 @@ def test_a_class_label_column_sharing_some_class_names_at_other_ids_is_refused_n
     assert "\n" not in str(error.value)
     unrelated = evaluate_merge(model, None, [data(["a", "b", "c"])], progress=False)
     assert unrelated.scores["merged"]["task_0"]["accuracy"] == 1.0
+
+
+def test_class_names_given_twice_for_one_task_are_refused_not_overwritten(tmp_path, capsys):
+    """`--class-names pets=cat,dog --class-names pets=eel,cod` kept the second list without a word."""
+    assert main(["evaluate", str(tmp_path / "absent"), "--dataset", "org/x:test", "--class-names", "pets=cat,dog",
+                 "--class-names", "pets=eel,cod"]) == 1
+    err = capsys.readouterr().err
+    assert "--class-names names task 'pets' twice" in err and len(err.strip().splitlines()) == 1

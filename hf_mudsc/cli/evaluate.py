@@ -128,6 +128,8 @@ def _class_names(values: list[str] | None) -> dict[str, list[str]] | None:
         task, sep, names = value.partition("=")
         if not sep or not task or not names:
             raise ValueError(f"--class-names {value!r}: use TASK=NAME,NAME,... (e.g. pets=cat,dog)")
+        if task in out:
+            raise ValueError(f"--class-names names task {task!r} twice; give each task's class names once")
         out[task] = [n.strip() for n in names.split(",") if n.strip()]
     return out
 
