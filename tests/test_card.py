@@ -335,3 +335,15 @@ def test_a_re_evaluation_names_the_model_index_by_the_title_as_written_not_as_es
     assert card.data.model_name is None  # no results yet: the title alone names the model
     again = update_card_evaluation(str(card), [{"task": "t", "dataset": "org/data", "merged": 0.5}])
     assert again.data.model_name == "merged-a|b <i>-vit-b"
+
+
+def test_a_local_calibration_folder_with_a_hostile_name_stays_inside_its_settings_cell(merged, tmp_path):
+    """The settings table showed a local calibration folder's name as it is: a `|` or a line break in it split the
+    row or ended the table (and a line `## Usage` became a heading)."""
+    folder = tmp_path / "cal|ib\n## Usage\nx"
+    folder.mkdir()
+    card = ModelCard(str(render_card(merged, Recipe(models=["org/vit-a", "org/vit-b"], calibration=str(folder)),
+                                     parents=PARENTS)))
+    settings = card.text.split("| Setting | Value |\n|---|---|\n")[1].split("\n\n")[0].splitlines()
+    assert all(line.startswith("| ") and line.count("|") - line.count("\\|") == 3 for line in settings), settings
+    assert any("cal\\|ib ## Usage x" in line for line in settings), settings

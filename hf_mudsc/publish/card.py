@@ -374,7 +374,13 @@ def settings_rows(mudsc: Mapping[str, Any], recipe: Recipe, context: Mapping[str
     cells: dict[str, list[str | None]] = {}
     for row, name in rows:
         cells.setdefault(row.label, []).append(row.text(values[name], context))
-    return [(label, " / ".join(texts)) for label, texts in cells.items() if texts[0] is not None]
+    return [(label, table_safe(" / ".join(texts))) for label, texts in cells.items() if texts[0] is not None]
+
+
+def table_safe(cell: str) -> str:
+    """A cell that keeps its Markdown (links, code spans) but stays in its row: line breaks as spaces and every `|`
+    escaped (GFM reads `\\|` as a pipe inside code spans and links too) — a local folder's name can hold either."""
+    return re.sub(r"(?<!\\)\|", r"\\|", _LINE_BREAKS.sub(" ", cell))
 
 
 _LINE_BREAKS = re.compile(r"\r\n|[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")
