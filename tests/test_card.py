@@ -347,3 +347,21 @@ def test_a_local_calibration_folder_with_a_hostile_name_stays_inside_its_setting
     settings = card.text.split("| Setting | Value |\n|---|---|\n")[1].split("\n\n")[0].splitlines()
     assert all(line.startswith("| ") and line.count("|") - line.count("\\|") == 3 for line in settings), settings
     assert any("cal\\|ib ## Usage x" in line for line in settings), settings
+
+
+def test_the_recipe_block_stays_one_code_block_whatever_a_folder_name_holds(merged, tmp_path):
+    """The recipe sat in a ``` fence; a local folder named with a line of backticks closed it early, so the rest of
+    the recipe (here `<script>`) became the page's Markdown/HTML."""
+    folder = tmp_path / "x\n```\n<script>y"
+    folder.mkdir()
+    text = str(render_card(merged, Recipe(models=["org/vit-a", "org/vit-b"], calibration=str(folder)),
+                           parents=PARENTS))
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if re.fullmatch(r"(`{3,})yaml", line))
+    fence = re.fullmatch(r"(`{3,})yaml", lines[start]).group(1)
+    end = next(i for i in range(start + 1, len(lines))
+               if re.fullmatch(r" {0,3}`{" + str(len(fence)) + r",} *", lines[i]))
+    assert any("<script>" in line for line in lines[start:end])
+    after = re.sub(r"(`+)(?!`).*?(?<!`)\1(?!`)", "", "\n".join(lines[end:]))  # a code span shows its text literally
+    assert "<script>" not in after and "\n<script>" not in text
+    assert "calibration:" in "\n".join(lines[start:end]) and "seed:" in "\n".join(lines[start:end])

@@ -301,6 +301,7 @@ def render_card(
         "method": method, "mudsc": mudsc, "hub_url": constants.ENDPOINT.rstrip("/"),
         "base_source": mudsc.get("base_source"), "base_name": base.display_name if base is not None else None,
         "calibration_dataset": calibration_dataset_id(recipe.calibration), "num_samples": num_samples})
+    recipe_yaml = shown_recipe.to_yaml(reproducible=True).rstrip("\n")
     content = _environment(path.parent).get_template(path.name).render(
         card_data=data.to_yaml(),
         model_name=name,
@@ -338,8 +339,9 @@ def render_card(
         head_reordered=[chr(ord("A") + i) if i < 26 else str(i + 1)
                         for i, moved in enumerate(mudsc.get("head_reordered") or []) if moved],
         eval_rows=rows,
-        recipe_yaml=shown_recipe.to_yaml(reproducible=True).rstrip("\n"),
-        local_names=[f"`{name}`" for name in local_names],
+        recipe_yaml=recipe_yaml,
+        recipe_fence="`" * max(3, longest_backtick_run(recipe_yaml) + 1),  # no line of the recipe can close it
+        local_names=[markdown_code(name) for name in local_names],
         recipe_filename=RECIPE_FILENAME,
         version=mudsc.get("version", __version__),
         plots=[dict(plot) for plot in plots],
@@ -401,13 +403,23 @@ def markdown_text(cell: str) -> str:
     return html.unescape(re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", cell))
 
 
-def markdown_code_cell(value: Any) -> str:
-    """`value` as an inline code span inside a table cell: a fence longer than any backtick run in it (CommonMark),
-    line breaks as spaces and `|` escaped for the table (GFM); the rest of a code span is shown literally."""
-    text = _LINE_BREAKS.sub(" ", str(value)).replace("|", "\\|")
-    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+def markdown_code(value: Any) -> str:
+    """`value` as an inline code span: a fence longer than any backtick run in it (CommonMark), line breaks as spaces;
+    the rest of a code span is shown literally."""
+    text = _LINE_BREAKS.sub(" ", str(value))
+    fence = "`" * (longest_backtick_run(text) + 1)
     pad = " " if text.startswith("`") or text.endswith("`") else ""
     return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def markdown_code_cell(value: Any) -> str:
+    """`markdown_code` inside a table cell: `|` escaped too (GFM splits cells before it reads code spans)."""
+    return markdown_code(str(value).replace("|", "\\|"))
+
+
+def longest_backtick_run(text: str) -> int:
+    """The longest run of backticks in `text`: a code fence around it must be longer."""
+    return max((len(run) for run in re.findall(r"`+", text)), default=0)
 
 
 def _environment(folder: Path) -> jinja2.Environment:
