@@ -365,3 +365,22 @@ def test_the_recipe_block_stays_one_code_block_whatever_a_folder_name_holds(merg
     after = re.sub(r"(`+)(?!`).*?(?<!`)\1(?!`)", "", "\n".join(lines[end:]))  # a code span shows its text literally
     assert "<script>" not in after and "\n<script>" not in text
     assert "calibration:" in "\n".join(lines[start:end]) and "seed:" in "\n".join(lines[start:end])
+
+
+def test_what_a_merged_config_records_cannot_add_headings_or_markup_to_the_card(merged):
+    """`hf-mudsc evaluate` renders a card from the folder's config when it has none: the config's warnings, method
+    reason and group names went onto the page as they were, so a line break added a heading and HTML went through."""
+    hostile = "x\n## Usage\n<script>alert(1)</script> | y"
+    saved = dict(merged.config.mudsc)
+    merged.config.mudsc = {**saved, "warnings": [hostile], "method_choice_reason": hostile,
+                           "group_match_values": {hostile: 0.5}}
+    try:
+        card = ModelCard(str(render_card(merged, Recipe(models=["org/vit-a", "org/vit-b"], calibration="c"),
+                                         parents=PARENTS)))
+    finally:
+        merged.config.mudsc = saved
+    markup = re.sub(r"(`+)(?!`).*?(?<!`)\1(?!`)", "", card.text)  # a code span shows its text literally
+    assert "<script" not in markup
+    assert re.findall(r"^## Usage", card.text, flags=re.MULTILINE) == ["## Usage"]  # the card's own only
+    groups = card.text.split("| Group | Match value |\n|---|---|\n")[1].split("\n\n")[0].splitlines()
+    assert len(groups) == 1 and groups[0].count("|") - groups[0].count("\\|") == 3, groups
