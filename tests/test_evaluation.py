@@ -778,3 +778,17 @@ def test_one_dataset_with_a_joint_label_outside_every_task_is_refused_not_droppe
         evaluate_merge(merged, [parent_a, parent_b], tasks_from_dataset(data, ["alpha", "beta"], RANGES),
                        progress=False)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_one_dataset_with_a_row_of_no_task_of_the_model_is_refused_not_dropped(table_models, stream):
+    """With a task column, a row naming a task the model does not have ('gamma') was left out of every task without
+    a word, so the figures claimed the split while scoring part of it."""
+    merged, parent_a, parent_b = table_models
+    data = datasets.Dataset.from_dict({"pixel_values": [[float(i)] for i in range(5)], "local": [0, 1, 1, 0, 2],
+                                       "task": ["alpha", "alpha", "gamma", "beta", "beta"]})
+    data = data.to_iterable_dataset() if stream else data
+    tasks = tasks_from_dataset(data, ["alpha", "beta"], task_column="task", label_column="local")
+    with pytest.raises(EvaluationError, match=r"task column 'task' holds 'gamma', no task of the merged") as error:
+        evaluate_merge(merged, [parent_a, parent_b], tasks, progress=False)
+    assert "\n" not in str(error.value)

@@ -34,11 +34,18 @@ def _dataset_of(source: TaskData) -> Any:
 
 def _select_rows(dataset: Any, source: TaskData, label_column: str, task_names: Sequence[str], task: str) -> Any:
     """Rows of this task only (task column or joint label range); nothing is written next to the data."""
+    def names_task(value: Any, index: int, name: str) -> bool:
+        return value == name or (isinstance(value, (int, np.integer)) and int(value) == index)
+
     def keep(row: Mapping[str, Any]) -> bool:
         if source.task_column is not None:
-            index, name = source.task_value
             value = row[source.task_column]
-            return value == name or (isinstance(value, (int, np.integer)) and int(value) == index)
+            if not any(names_task(value, i, known) for i, known in enumerate(task_names)):  # never dropped silently
+                raise EvaluationError(
+                    f"task column {source.task_column!r} holds {value!r}, no task of the merged model (tasks: "
+                    f"{list(task_names)}, or their index); remove that task's rows from the evaluation data"
+                )
+            return names_task(value, *source.task_value)
         lo, hi = source.label_range
         label = row[label_column]
         inside = isinstance(label, (int, np.integer)) and 0 <= int(label) < (source.joint_size or hi)
