@@ -286,3 +286,101 @@ def test_the_card_says_whose_processor_scored_each_column_when_they_differ():
     alike = EvaluationResult(scores=scores, tasks=result.tasks, metrics=["accuracy"], merged=["merged"])
     assert "processor" not in evaluation_section(alike.card_rows()).lower()
     assert EvaluationResult.from_dict(result.to_dict()).processors == processors  # the JSON keeps the record
+
+
+HOSTILE_NAMES = ["a|b", "x\n## Usage\n| y", "<script>alert(1)</script>", "[x](javascript:alert(1))", "`tick`", "\\|"]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_hostile_names_stay_inside_their_evaluation_cell_and_a_re_evaluation_replaces_every_row(name):
+    from hf_mudsc.publish.card import update_card_evaluation
+
+    text = "---\nlicense: mit\n---\n\n# my merge\n\n## Notes\n\nKept.\n"
+    row = {"task": name, "dataset": name, "split": name, "metric": "accuracy", "merged": 0.5, "parent_a": 0.25}
+    card = ModelCard(str(update_card_evaluation(text, [row])))
+    assert card.data.eval_results[0].task_name == name  # the front matter holds the name as it is (valid YAML)
+    table = [line for line in card.text.splitlines() if line.startswith("|")]
+    assert len(table) == 3 and all(line.count("|") - line.count("\\|") == 9 for line in table), table
+    assert "<script" not in card.text and "[x](javascript:" not in card.text
+    assert not re.search(r"^## Usage", card.text, flags=re.MULTILINE)
+    again = update_card_evaluation(str(card), [{"task": "clean", "dataset": "org/data", "merged": 0.9}])
+    assert "0.5000" not in again.text and "0.2500" not in again.text and "Kept." in again.text
+    assert [r.task_name for r in again.data.eval_results] == ["clean"]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_hostile_task_and_parent_names_stay_inside_their_cells_in_the_merge_card(merged, name):
+    config = merged.config  # the merged model is reused: only its task names change
+    saved = dict(config.task_label_ranges)
+    config.task_label_ranges = {name: [0, 3], "other": [3, 6]}
+    try:
+        card = ModelCard(str(render_card(merged, Recipe(models=["org/vit-a", "org/vit-b"], calibration="c"),
+                                         parents=[ParentInfo(name), ParentInfo("org/vit-b", "org/vit-b")])))
+    finally:
+        config.task_label_ranges = saved
+    markup = re.sub(r"(`+)(?!`).*?(?<!`)\1(?!`)", "", card.text)  # a code span shows its text literally
+    assert "<script" not in markup and "[x](javascript:" not in markup
+    assert not re.search(r"^## Usage\n\|", card.text, flags=re.MULTILINE)
+    tasks = card.text.split("| Task | Label ids |\n|---|---|\n")[1].split("\n\n")[0].splitlines()
+    assert len(tasks) == 2 and all(line.count("|") - line.count("\\|") == 3 for line in tasks), tasks
+    parents = card.text.split("| | Model | Revision |\n|---|---|---|\n")[1].split("\n\n")[0].splitlines()
+    assert len(parents) == 2 and all(line.count("|") - line.count("\\|") == 4 for line in parents), parents
+
+
+def test_a_re_evaluation_names_the_model_index_by_the_title_as_written_not_as_escaped(merged):
+    from hf_mudsc.publish.card import update_card_evaluation
+
+    card = render_card(merged, Recipe(models=["org/vit-a", "org/vit-b"], calibration="c"),
+                       parents=[ParentInfo("a|b <i>"), ParentInfo("org/vit-b", "org/vit-b")])
+    assert card.data.model_name is None  # no results yet: the title alone names the model
+    again = update_card_evaluation(str(card), [{"task": "t", "dataset": "org/data", "merged": 0.5}])
+    assert again.data.model_name == "merged-a|b <i>-vit-b"
+
+
+def test_a_local_calibration_folder_with_a_hostile_name_stays_inside_its_settings_cell(merged, tmp_path):
+    """The settings table showed a local calibration folder's name as it is: a `|` or a line break in it split the
+    row or ended the table (and a line `## Usage` became a heading)."""
+    folder = tmp_path / "cal|ib\n## Usage\nx"
+    folder.mkdir()
+    card = ModelCard(str(render_card(merged, Recipe(models=["org/vit-a", "org/vit-b"], calibration=str(folder)),
+                                     parents=PARENTS)))
+    settings = card.text.split("| Setting | Value |\n|---|---|\n")[1].split("\n\n")[0].splitlines()
+    assert all(line.startswith("| ") and line.count("|") - line.count("\\|") == 3 for line in settings), settings
+    assert any("cal\\|ib ## Usage x" in line for line in settings), settings
+
+
+def test_the_recipe_block_stays_one_code_block_whatever_a_folder_name_holds(merged, tmp_path):
+    """The recipe sat in a ``` fence; a local folder named with a line of backticks closed it early, so the rest of
+    the recipe (here `<script>`) became the page's Markdown/HTML."""
+    folder = tmp_path / "x\n```\n<script>y"
+    folder.mkdir()
+    text = str(render_card(merged, Recipe(models=["org/vit-a", "org/vit-b"], calibration=str(folder)),
+                           parents=PARENTS))
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if re.fullmatch(r"(`{3,})yaml", line))
+    fence = re.fullmatch(r"(`{3,})yaml", lines[start]).group(1)
+    end = next(i for i in range(start + 1, len(lines))
+               if re.fullmatch(r" {0,3}`{" + str(len(fence)) + r",} *", lines[i]))
+    assert any("<script>" in line for line in lines[start:end])
+    after = re.sub(r"(`+)(?!`).*?(?<!`)\1(?!`)", "", "\n".join(lines[end:]))  # a code span shows its text literally
+    assert "<script>" not in after and "\n<script>" not in text
+    assert "calibration:" in "\n".join(lines[start:end]) and "seed:" in "\n".join(lines[start:end])
+
+
+def test_what_a_merged_config_records_cannot_add_headings_or_markup_to_the_card(merged):
+    """`hf-mudsc evaluate` renders a card from the folder's config when it has none: the config's warnings, method
+    reason and group names went onto the page as they were, so a line break added a heading and HTML went through."""
+    hostile = "x\n## Usage\n<script>alert(1)</script> | y"
+    saved = dict(merged.config.mudsc)
+    merged.config.mudsc = {**saved, "warnings": [hostile], "method_choice_reason": hostile,
+                           "group_match_values": {hostile: 0.5}}
+    try:
+        card = ModelCard(str(render_card(merged, Recipe(models=["org/vit-a", "org/vit-b"], calibration="c"),
+                                         parents=PARENTS)))
+    finally:
+        merged.config.mudsc = saved
+    markup = re.sub(r"(`+)(?!`).*?(?<!`)\1(?!`)", "", card.text)  # a code span shows its text literally
+    assert "<script" not in markup
+    assert re.findall(r"^## Usage", card.text, flags=re.MULTILINE) == ["## Usage"]  # the card's own only
+    groups = card.text.split("| Group | Match value |\n|---|---|\n")[1].split("\n\n")[0].splitlines()
+    assert len(groups) == 1 and groups[0].count("|") - groups[0].count("\\|") == 3, groups

@@ -737,3 +737,84 @@ def test_a_parents_processor_that_cannot_read_the_evaluation_data_is_named_in_ev
     assert "\n" not in message and "calibration" not in message, message
     assert needle in message, message
     assert "own_processors=False" in message and "--shared-processor" in message, message
+
+
+def _own_answers(model, inputs):
+    with torch.no_grad():
+        return model(pixel_values=inputs).logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("bad, what", [(0.6, r"label 0\.6 is not a whole class id"),
+                                       (None, r"label None is not a class id or name"),
+                                       (float("nan"), r"label nan is not a whole class id")])
+def test_a_label_that_is_no_class_id_is_refused_in_one_line_not_cut_to_one(bad, what):
+    """Float labels were cut to ints (`int(2.6)` is 2: a model scored 1.0 against labels it never matched), and a
+    missing or NaN label raised a bare TypeError/ValueError."""
+    model = make_model("vit_cls", 1)
+    inputs = torch.randn(6, 1, 16, 16)
+    answers = _own_answers(model, inputs)
+    labels = [bad, *answers[1:]]
+    with pytest.raises(EvaluationError, match=rf"task 'task_0': {what}") as error:
+        evaluate_merge(model, None, [(inputs, labels)], progress=False)
+    assert "\n" not in str(error.value)
+    whole = evaluate_merge(model, None, [(inputs, [float(a) for a in answers])], progress=False)
+    assert whole.scores["merged"]["task_0"]["accuracy"] == 1.0  # 2.0 is class 2
+
+
+def test_a_label_name_that_several_classes_share_is_refused_not_read_as_the_last_one():
+    """With id2label {0: 'x', 1: 'x', 2: 'y'}, the label 'x' was always read as class 1: a row the model put in
+    class 0 (also 'x') counted as wrong, so the figure was neither the one by id nor by name."""
+    model = make_model("vit_cls", 1)
+    model.config.id2label, model.config.label2id = {0: "x", 1: "x", 2: "y"}, {"x": 1, "y": 2}
+    inputs = torch.randn(6, 1, 16, 16)
+    names = [model.config.id2label[a] for a in _own_answers(model, inputs)]
+    with pytest.raises(EvaluationError, match=r"task 'task_0': label 'x' names classes 0 and 1 .*class ids") as error:
+        evaluate_merge(model, None, [(inputs, names)], progress=False)
+    assert "\n" not in str(error.value)
+
+
+def test_a_metric_given_twice_or_none_is_refused_before_loading_not_written_twice(backward, tmp_path, capsys):
+    """`--metric accuracy --metric accuracy` gave every card row twice (table and model-index); `metrics=[]`
+    gave a result without figures. Both refused in one line before any model is loaded."""
+    for metrics, what in ((["accuracy", "f1", "accuracy"], r"metric 'accuracy' is given twice"),
+                          ([], r"no metric")):
+        with pytest.raises(EvaluationError, match=what) as error:
+            evaluate_merge("no/such-model", None, {"t": "x:test"}, metrics=metrics)
+        assert "\n" not in str(error.value)
+    _, out, tests = backward
+    json_path = tmp_path / "twice.json"
+    assert main(["evaluate", str(out), "--dataset", str(tests["zeta"]), "--dataset", str(tests["alpha"]),
+                 "--output-json", str(json_path), "--metric", "accuracy", "--metric", "accuracy"]) == 1
+    err = capsys.readouterr().err
+    assert "metric 'accuracy' is given twice" in err and len(err.strip().splitlines()) == 1
+    assert not json_path.exists()
+
+
+def test_a_class_label_column_sharing_some_class_names_at_other_ids_is_refused_not_read_by_id():
+    """A ClassLabel naming `dog, cat, eel` against a model's `cat, dog, fox`: not the same set, so its ids were read as
+    the model's ids — cat scored as dog and dog as cat, a wrong figure. Refused in one line naming a moved class; a
+    ClassLabel sharing no name (a model with LABEL_0... names) is still read by id."""
+    model = make_model("vit_cls", 1)
+    model.config.id2label = {0: "cat", 1: "dog", 2: "fox"}
+    model.config.label2id = {v: k for k, v in model.config.id2label.items()}
+    inputs = torch.randn(6, 1, 16, 16)
+    answers = _own_answers(model, inputs)
+
+    def data(names):
+        features = datasets.Features({"pixel_values": datasets.Array3D((1, 16, 16), "float32"),
+                                      "label": datasets.ClassLabel(names=names)})
+        return datasets.Dataset.from_dict({"pixel_values": inputs.numpy(), "label": answers}, features=features)
+
+    with pytest.raises(EvaluationError, match=r"task 'task_0': .*'dog' is class 0 there but 1 in the model") as error:
+        evaluate_merge(model, None, [data(["dog", "cat", "eel"])], progress=False)
+    assert "\n" not in str(error.value)
+    unrelated = evaluate_merge(model, None, [data(["a", "b", "c"])], progress=False)
+    assert unrelated.scores["merged"]["task_0"]["accuracy"] == 1.0
+
+
+def test_class_names_given_twice_for_one_task_are_refused_not_overwritten(tmp_path, capsys):
+    """`--class-names pets=cat,dog --class-names pets=eel,cod` kept the second list without a word."""
+    assert main(["evaluate", str(tmp_path / "absent"), "--dataset", "org/x:test", "--class-names", "pets=cat,dog",
+                 "--class-names", "pets=eel,cod"]) == 1
+    err = capsys.readouterr().err
+    assert "--class-names names task 'pets' twice" in err and len(err.strip().splitlines()) == 1

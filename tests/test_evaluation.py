@@ -725,3 +725,70 @@ def test_the_raw_joint_rule_scores_merged_head_and_ensemble_by_their_raw_logits(
         "joint (all tasks)"
     with pytest.raises(EvaluationError, match="joint_rule must be one of per_task, raw, got 'softmax'"):
         evaluate_merge(merged, [parent_a, parent_b], table_tasks(), progress=False, joint_rule="softmax")
+
+
+def test_clip_class_names_given_in_another_order_than_the_class_label_are_read_by_name_and_repeats_refused():
+    """`class_names={"pets": ["dog", "cat"]}` on a ClassLabel column listing cat, dog: the ids were read in the given
+    order, so every row was scored against the other class (accuracy 0 for a perfect model). A name given twice
+    makes two identical prompts, so the second can never win: refused."""
+    tokenizer = word_tokenizer(["cat", "dog", "photo", "of", "a"])
+    model = make_model("clip", seed=0)
+    images = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    given = ["dog", "cat"]
+    prompts = tokenizer([f"a photo of {n}" for n in given], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        answers = model(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"],
+                        pixel_values=images).logits_per_image.argmax(1).tolist()
+    features = datasets.Features({"pixel_values": datasets.Array3D((3, 16, 16), "float32"),
+                                  "label": datasets.ClassLabel(names=["cat", "dog"])})
+    rows = {"pixel_values": images.numpy(), "label": [["cat", "dog"].index(given[a]) for a in answers]}
+    data = {"pets": datasets.Dataset.from_dict(rows, features=features)}
+    result = evaluate_merge(model, None, data, processor=tokenizer, class_names={"pets": given},
+                            prompt_template="a photo of {}", progress=False)
+    assert result.score("merged", "pets") == 1.0
+    with pytest.raises(EvaluationError, match=r"class names of task 'pets' name 'cat' twice") as error:
+        evaluate_merge(model, None, data, processor=tokenizer, class_names={"pets": ["cat", "cat", "dog"]},
+                       progress=False)
+    assert "\n" not in str(error.value)
+
+
+def test_a_joint_figure_on_some_tasks_data_is_not_called_all_tasks(table_models):
+    """Scoring one task of two still gave a card row "joint (all tasks)" (and its model-index entry), though only
+    that task's rows were scored: the row names the tasks whose data it holds."""
+    merged, parent_a, parent_b = table_models
+    alpha = {"alpha": table_tasks()["alpha"]}
+    result = evaluate_merge(merged, [parent_a, parent_b], alpha, progress=False)
+    assert [row.task for row in result.card_rows()] == ["alpha", "joint (all classes, data of alpha only)"]
+    assert "only the data of alpha was scored" in result.definitions["joint"]
+    again = EvaluationResult.from_dict(result.to_dict())
+    assert again.card_rows()[-1].task == "joint (all classes, data of alpha only)"
+    full = evaluate_merge(merged, [parent_a, parent_b], table_tasks(), progress=False)
+    assert full.card_rows()[-1].task == "joint (all tasks)"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_one_dataset_with_a_joint_label_outside_every_task_is_refused_not_dropped(table_models, stream):
+    """A row of one dataset for every task whose joint label (7, -1) lies in no task's range was left out of every
+    task without a word: the figures then claimed the split while scoring part of it."""
+    merged, parent_a, parent_b = table_models
+    data = datasets.Dataset.from_dict({"pixel_values": [[float(i)] for i in range(7)],
+                                       "label": [0, 1, 1, 0, 4, 7, 3]})
+    data = data.to_iterable_dataset() if stream else data
+    with pytest.raises(EvaluationError, match=r"label 7 is no id of the merged model's joint head \(0\.\.4\)") as error:
+        evaluate_merge(merged, [parent_a, parent_b], tasks_from_dataset(data, ["alpha", "beta"], RANGES),
+                       progress=False)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_one_dataset_with_a_row_of_no_task_of_the_model_is_refused_not_dropped(table_models, stream):
+    """With a task column, a row naming a task the model does not have ('gamma') was left out of every task without
+    a word, so the figures claimed the split while scoring part of it."""
+    merged, parent_a, parent_b = table_models
+    data = datasets.Dataset.from_dict({"pixel_values": [[float(i)] for i in range(5)], "local": [0, 1, 1, 0, 2],
+                                       "task": ["alpha", "alpha", "gamma", "beta", "beta"]})
+    data = data.to_iterable_dataset() if stream else data
+    tasks = tasks_from_dataset(data, ["alpha", "beta"], task_column="task", label_column="local")
+    with pytest.raises(EvaluationError, match=r"task column 'task' holds 'gamma', no task of the merged") as error:
+        evaluate_merge(merged, [parent_a, parent_b], tasks, progress=False)
+    assert "\n" not in str(error.value)

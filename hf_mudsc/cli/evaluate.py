@@ -128,6 +128,8 @@ def _class_names(values: list[str] | None) -> dict[str, list[str]] | None:
         task, sep, names = value.partition("=")
         if not sep or not task or not names:
             raise ValueError(f"--class-names {value!r}: use TASK=NAME,NAME,... (e.g. pets=cat,dog)")
+        if task in out:
+            raise ValueError(f"--class-names names task {task!r} twice; give each task's class names once")
         out[task] = [n.strip() for n in names.split(",") if n.strip()]
     return out
 
@@ -243,7 +245,11 @@ def _is_hub_id(reference: str) -> bool:
 
 
 def _check_metrics(names: list[str], trust_remote_code: bool) -> None:
-    """Metrics other than the shipped ones run a script: only with --trust-remote-code (before any loading)."""
+    """Each metric once; metrics other than the shipped ones run a script: only with --trust-remote-code (before any
+    loading)."""
+    from hf_mudsc.evaluate.metrics import check_metric_names
+
+    check_metric_names(names or ["accuracy"])
     foreign = [name for name in names if name not in SHIPPED_METRIC_NAMES]
     if foreign and not trust_remote_code:
         raise ValueError(

@@ -32,15 +32,29 @@ def _dataset_of(source: TaskData) -> Any:
     return data
 
 
-def _select_rows(dataset: Any, source: TaskData, label_column: str, task_names: Sequence[str]) -> Any:
+def _select_rows(dataset: Any, source: TaskData, label_column: str, task_names: Sequence[str], task: str) -> Any:
     """Rows of this task only (task column or joint label range); nothing is written next to the data."""
+    def names_task(value: Any, index: int, name: str) -> bool:
+        return value == name or (isinstance(value, (int, np.integer)) and int(value) == index)
+
     def keep(row: Mapping[str, Any]) -> bool:
         if source.task_column is not None:
-            index, name = source.task_value
             value = row[source.task_column]
-            return value == name or (isinstance(value, (int, np.integer)) and int(value) == index)
+            if not any(names_task(value, i, known) for i, known in enumerate(task_names)):  # never dropped silently
+                raise EvaluationError(
+                    f"task column {source.task_column!r} holds {value!r}, no task of the merged model (tasks: "
+                    f"{list(task_names)}, or their index); remove that task's rows from the evaluation data"
+                )
+            return names_task(value, *source.task_value)
         lo, hi = source.label_range
         label = row[label_column]
+        inside = isinstance(label, (int, np.integer)) and 0 <= int(label) < (source.joint_size or hi)
+        if source.joint_size is not None and not inside:  # in no task's range: never left out silently
+            raise EvaluationError(
+                f"task {task!r}: label {label!r} is no id of the merged model's joint head "
+                f"(0..{source.joint_size - 1}); one dataset for every task is labelled with joint ids — or name each "
+                "row's task with task_column= (CLI: --task-column) and label it with the task's own class id"
+            )
         return isinstance(label, (int, np.integer)) and lo <= int(label) < hi
 
     if source.task_column is None and source.label_range is None:
@@ -58,6 +72,22 @@ def _select_rows(dataset: Any, source: TaskData, label_column: str, task_names: 
             )
         return dataset.select(indices, keep_in_memory=True)
     return dataset.filter(keep)
+
+
+def check_class_label_ids(data_names: Sequence[str], class_names: Sequence[str], task: str) -> None:
+    """A label column whose ClassLabel names a class of the model at another id, without naming the same classes
+    (which are read by name), would score rows against the wrong classes: refused. Names shared by none (a model
+    with `LABEL_0`-style names) leave the ids as they are."""
+    model_ids = {name: index for index, name in enumerate(class_names)}
+    moved = next(((name, index) for index, name in enumerate(data_names)
+                  if name in model_ids and model_ids[name] != index), None)
+    if moved is not None:
+        name, index = moved
+        raise EvaluationError(
+            f"task {task!r}: the label column's classes {list(data_names)[:6]} are not the model's "
+            f"{list(class_names)[:6]} and {name!r} is class {index} there but {model_ids[name]} in the model, so its "
+            "ids cannot be read as the model's; relabel the data with the model's class ids or names"
+        )
 
 
 def evaluation_role(task: str, owners: Sequence[str], processor: Any) -> DataRole:
@@ -142,7 +172,10 @@ def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: in
     by_name = (isinstance(feature, datasets.ClassLabel) and class_names is not None and source.task_column is None
                and source.label_range is None and list(feature.names) != list(class_names)
                and sorted(feature.names) == sorted(class_names))
-    dataset = _select_rows(dataset, source, label_column, task_names)
+    if (isinstance(feature, datasets.ClassLabel) and class_names is not None and source.task_column is None
+            and source.label_range is None and not by_name):
+        check_class_label_ids(list(feature.names), list(class_names), task)
+    dataset = _select_rows(dataset, source, label_column, task_names, task)
     if num_samples is not None:
         dataset = (dataset.select(range(min(num_samples, len(dataset))), keep_in_memory=True)
                    if isinstance(dataset, datasets.Dataset) else dataset.take(num_samples))

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from hf_mudsc.errors import EvaluationError
 from hf_mudsc.evaluate.batches import task_batches
-from hf_mudsc.evaluate.metrics import compute_metric, load_metric
+from hf_mudsc.evaluate.metrics import check_metric_names, compute_metric, load_metric
 from hf_mudsc.evaluate.names import (
     AVERAGE,
     DEFAULT_PROMPT,
@@ -116,6 +116,8 @@ def evaluate_merge(
     """
     from hf_mudsc.calibrate.distributed import is_main_process, process_info
 
+    metrics = list(metrics)
+    check_metric_names(metrics)
     modules = {name: load_metric(name, trust_remote_code=trust_remote_code) for name in metrics}  # before any model
     if batch_size < 1:
         raise EvaluationError(f"batch_size must be >= 1, got {batch_size}")
@@ -156,7 +158,7 @@ def evaluate_merge(
             source, task=task, main_input=main_input, batch_size=batch_size, num_samples=num_samples,
             processors=distinct, model_configs=group_configs, owners=group_owners, image_column=image_column,
             text_column=text_column, rank=rank, world=world, task_names=list(layout.ranges),
-            class_names=None if clip else layout.class_names[task])
+            class_names=layout.class_names[task])  # CLIP too: names given in another order than the data's
 
     collected, counts, preprocessed, failure = _predict(models, groups, scorers, layout, sources, batches_of,
                                                         batch_size=batch_size, progress=progress, world=world)
@@ -186,7 +188,9 @@ def evaluate_merge(
         if len(distinct) > 1 and preprocessed else {}
     result = EvaluationResult(metrics=list(metrics), tasks=tasks, scores=scores, merged=list(merged_models),
                               definitions=definitions(joint_rule if not clip and not layout.shared else None,
-                                                      processors=bool(processors)),
+                                                      processors=bool(processors),
+                                                      joint_data=list(sources) if len(sources) < len(layout.ranges)
+                                                      else None),
                               processors=processors)
     logger.info("evaluated %s on %s", ", ".join(scores), ", ".join(f"{t} ({n})" for t, n in counts.items()))
     return result

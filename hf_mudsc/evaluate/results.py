@@ -94,7 +94,7 @@ class EvaluationResult:
                 if value is None:
                     continue
                 info = self.tasks.get(view) or _joint_info(self.tasks)
-                task = view if view != JOINT else ("joint (all tasks, raw logits)" if raw else "joint (all tasks)")
+                task = view if view != JOINT else _joint_row_name(raw, self.definitions.get("joint_data"))
                 rows.append(EvalRow(
                     task=task,
                     dataset=str(info.get("dataset") or "dataset"),
@@ -146,6 +146,12 @@ class EvaluationResult:
         return "\n".join(lines)
 
 
+def _joint_row_name(raw: bool, only: str | None) -> str:
+    """The card's joint row: `joint (all tasks)`, the rule when raw, and whose data when not every task was scored."""
+    rule = ", raw logits" if raw else ""
+    return f"joint (all classes{rule}, data of {only} only)" if only else f"joint (all tasks{rule})"
+
+
 def _joint_info(tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     names = sorted({str(info.get("dataset")) for info in tasks.values() if info.get("dataset")})
     splits = sorted({str(info.get("split")) for info in tasks.values() if info.get("split")})
@@ -181,13 +187,18 @@ PROCESSORS_DEFINITION = ("each model is scored on the inputs its own processor m
                          "(processor=)")
 
 
-def definitions(joint_rule: str | None, *, processors: bool = False) -> dict[str, str]:
+def definitions(joint_rule: str | None, *, processors: bool = False,
+                joint_data: Sequence[str] | None = None) -> dict[str, str]:
     """What each figure means; `joint_rule` (None: no concatenated head, e.g. CLIP or one shared label set) is
-    recorded with the joint view's definition; `processors`: the models' processors differed."""
+    recorded with the joint view's definition; `processors`: the models' processors differed; `joint_data`: the
+    tasks scored when they are not all the model's (the joint view then holds only their rows)."""
     out = dict(DEFINITIONS)
     if processors:
         out["processors"] = PROCESSORS_DEFINITION
     if joint_rule is not None:
         out[JOINT] = f"{out[JOINT]}; joint rule {joint_rule!r}: {JOINT_RULE_DEFINITIONS[joint_rule]}"
         out["joint_rule"] = joint_rule
+    if joint_data:
+        out["joint_data"] = ", ".join(joint_data)
+        out[JOINT] = f"{out[JOINT]}; only the data of {out['joint_data']} was scored, not every task's"
     return out

@@ -8,6 +8,7 @@ own class ids here.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ class TaskData:
         label_offset: subtracted from integer labels first (a dataset labelled in the joint label space).
         task_column, task_value: keep only the rows whose `task_column` equals `task_value`.
         label_range: keep only rows whose integer label lies in `[lo, hi)` (before the offset).
+        joint_size: with `label_range`, the size of the joint label space: a label outside it lies in no task's
+            range, and is refused rather than left out of every task.
         name, split: shown in the results and the model card.
         local: the data is a local folder, not a Hub dataset: the card keeps it out of its `datasets` (Hub ids).
     """
@@ -45,6 +48,7 @@ class TaskData:
     task_column: str | None = None
     task_value: Any = None
     label_range: tuple[int, int] | None = None
+    joint_size: int | None = None
     name: str | None = None
     split: str | None = None
     local: bool = False
@@ -75,9 +79,10 @@ def tasks_from_dataset(
             "one dataset for several tasks needs either task_column= (a column naming each row's task) or a "
             "merged model with config.task_label_ranges (labels in the joint label space)"
         )
+    size = max(int(bounds[1]) for bounds in task_ranges.values())
     return {task: TaskData(data, label_column=label_column, label_offset=int(task_ranges[task][0]),
-                           label_range=(int(task_ranges[task][0]), int(task_ranges[task][1])), name=name,
-                           split=split, local=local) for task in task_names}
+                           label_range=(int(task_ranges[task][0]), int(task_ranges[task][1])), joint_size=size,
+                           name=name, split=split, local=local) for task in task_names}
 
 
 def spec_task_data(spec: str | os.PathLike, data: Any = None, **fields: Any) -> TaskData:
@@ -203,6 +208,11 @@ def clip_layout(tasks: Sequence[str], sources: Mapping[str, TaskData],
                 "is a ClassLabel"
             )
         names[task] = [str(n) for n in given]
+        twice = next((n for i, n in enumerate(names[task]) if n in names[task][:i]), None)
+        if twice is not None:  # two identical prompts: the later class could never be predicted
+            raise EvaluationError(
+                f"the class names of task {task!r} name {twice!r} twice; zero-shot CLIP needs one name per class"
+            )
     ranges, start = {}, 0
     for task in tasks:
         ranges[task] = (start, start + len(names[task]))
@@ -223,23 +233,31 @@ def _class_label_names(source: TaskData) -> list[str] | None:
 def local_labels(raw: Sequence[Any], source: TaskData, task: str, names: Sequence[str]) -> np.ndarray:
     """Raw labels -> the task's own class ids (names looked up; joint ids shifted); range checked."""
     out = np.empty(len(raw), dtype=np.int64)
-    lookup = None
+    lookup: dict[str, list[int]] | None = None
     for i, value in enumerate(raw):
         if isinstance(value, str):
             if lookup is None:
-                lookup = {n: j for j, n in enumerate(names)}
+                lookup = {}
+                for j, n in enumerate(names):
+                    lookup.setdefault(n, []).append(j)
             if value not in lookup:
                 raise EvaluationError(
                     f"task {task!r}: label {value!r} is not one of its classes {list(names)}"
                 )
-            out[i] = lookup[value]
+            ids = lookup[value]
+            if len(ids) > 1:  # one name, several classes: no row labelled by it can be scored right
+                raise EvaluationError(
+                    f"task {task!r}: label {value!r} names classes {' and '.join(map(str, ids))} of the model "
+                    "(its id2label repeats the name); label the rows with class ids instead of names"
+                )
+            out[i] = ids[0]
         elif isinstance(value, (list, tuple, np.ndarray)):
             raise EvaluationError(
                 f"task {task!r}: label {list(value)!r} is a list (multi-hot labels of a multi-label task); "
                 "evaluation scores one class per row: pass each row's class id or name"
             )
         else:
-            out[i] = int(value) - source.label_offset
+            out[i] = _class_id(value, task) - source.label_offset
     bad = out[(out < 0) | (out >= len(names))]
     if len(bad):
         raise EvaluationError(
@@ -249,6 +267,24 @@ def local_labels(raw: Sequence[Any], source: TaskData, task: str, names: Sequenc
             "CLI: --dataset SPEC alone)"
         )
     return out
+
+
+def _class_id(value: Any, task: str) -> int:
+    """An integer label as a class id; a float only when whole (`2.0`): cutting `2.6` to 2 would score rows
+    against classes nobody labelled them with."""
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        if math.isfinite(value) and float(value).is_integer():
+            return int(value)
+        raise EvaluationError(
+            f"task {task!r}: label {float(value)!r} is not a whole class id; labels must be the task's own class "
+            "ids (0, 1, ...) or names — a float label column holds regression targets or scores, not classes"
+        )
+    raise EvaluationError(
+        f"task {task!r}: label {value!r} is not a class id or name; every row needs its class id (0, 1, ...) or "
+        "name — drop or fill the rows without one"
+    )
 
 
 def source_name(source: TaskData) -> str:

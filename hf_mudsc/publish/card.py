@@ -19,6 +19,7 @@ task's name. Callers never have to do this themselves.
 
 from __future__ import annotations
 
+import html
 import importlib.resources
 import os
 import re
@@ -300,6 +301,7 @@ def render_card(
         "method": method, "mudsc": mudsc, "hub_url": constants.ENDPOINT.rstrip("/"),
         "base_source": mudsc.get("base_source"), "base_name": base.display_name if base is not None else None,
         "calibration_dataset": calibration_dataset_id(recipe.calibration), "num_samples": num_samples})
+    recipe_yaml = shown_recipe.to_yaml(reproducible=True).rstrip("\n")
     content = _environment(path.parent).get_template(path.name).render(
         card_data=data.to_yaml(),
         model_name=name,
@@ -337,8 +339,9 @@ def render_card(
         head_reordered=[chr(ord("A") + i) if i < 26 else str(i + 1)
                         for i, moved in enumerate(mudsc.get("head_reordered") or []) if moved],
         eval_rows=rows,
-        recipe_yaml=shown_recipe.to_yaml(reproducible=True).rstrip("\n"),
-        local_names=[f"`{name}`" for name in local_names],
+        recipe_yaml=recipe_yaml,
+        recipe_fence="`" * max(3, longest_backtick_run(recipe_yaml) + 1),  # no line of the recipe can close it
+        local_names=[markdown_code(name) for name in local_names],
         recipe_filename=RECIPE_FILENAME,
         version=mudsc.get("version", __version__),
         plots=[dict(plot) for plot in plots],
@@ -373,12 +376,56 @@ def settings_rows(mudsc: Mapping[str, Any], recipe: Recipe, context: Mapping[str
     cells: dict[str, list[str | None]] = {}
     for row, name in rows:
         cells.setdefault(row.label, []).append(row.text(values[name], context))
-    return [(label, " / ".join(texts)) for label, texts in cells.items() if texts[0] is not None]
+    return [(label, table_safe(" / ".join(texts))) for label, texts in cells.items() if texts[0] is not None]
+
+
+def table_safe(cell: str) -> str:
+    """A cell that keeps its Markdown (links, code spans) but stays in its row: line breaks as spaces and every `|`
+    escaped (GFM reads `\\|` as a pipe inside code spans and links too) — a local folder's name can hold either."""
+    return re.sub(r"(?<!\\)\|", r"\\|", _LINE_BREAKS.sub(" ", cell))
+
+
+_LINE_BREAKS = re.compile(r"\r\n|[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")
+# an underscore inside a word opens no emphasis (CommonMark), so `task_a` stays as it is written
+_MARKDOWN_PUNCTUATION = re.compile(r"([\\`*\[\]|~!]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9]))")
+
+
+def markdown_cell(value: Any) -> str:
+    """`value` as the text of one Markdown table cell, shown as it is: names (tasks, labels, datasets, folders) come
+    from configs and users, so a line break, `|`, HTML or link syntax in one must neither end the row or the table
+    (a re-evaluation finds its section by its headings) nor reach the page as markup."""
+    text = _LINE_BREAKS.sub(" ", str(value))
+    return html.escape(_MARKDOWN_PUNCTUATION.sub(r"\\\1", text), quote=False)
+
+
+def markdown_text(cell: str) -> str:
+    """The text a `markdown_cell` shows (its escapes undone): the title read back as the model's name."""
+    return html.unescape(re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", cell))
+
+
+def markdown_code(value: Any) -> str:
+    """`value` as an inline code span: a fence longer than any backtick run in it (CommonMark), line breaks as spaces;
+    the rest of a code span is shown literally."""
+    text = _LINE_BREAKS.sub(" ", str(value))
+    fence = "`" * (longest_backtick_run(text) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def markdown_code_cell(value: Any) -> str:
+    """`markdown_code` inside a table cell: `|` escaped too (GFM splits cells before it reads code spans)."""
+    return markdown_code(str(value).replace("|", "\\|"))
+
+
+def longest_backtick_run(text: str) -> int:
+    """The longest run of backticks in `text`: a code fence around it must be longer."""
+    return max((len(run) for run in re.findall(r"`+", text)), default=0)
 
 
 def _environment(folder: Path) -> jinja2.Environment:
-    """Templates from `folder`, then the shipped ones (a custom template may include the shipped sections)."""
-    return jinja2.Environment(
+    """Templates from `folder`, then the shipped ones (a custom template may include the shipped sections); the
+    filters `cell` and `code_cell` put a name into a table cell safely (`markdown_cell`, `markdown_code_cell`)."""
+    environment = jinja2.Environment(
         loader=jinja2.ChoiceLoader([jinja2.FileSystemLoader(str(folder)),
                                     jinja2.FileSystemLoader(str(template_path().parent))]),
         undefined=jinja2.StrictUndefined,
@@ -387,6 +434,9 @@ def _environment(folder: Path) -> jinja2.Environment:
         lstrip_blocks=True,
         autoescape=False,
     )
+    environment.filters["cell"] = markdown_cell
+    environment.filters["code_cell"] = markdown_code_cell
+    return environment
 
 
 def evaluation_section(eval_results: Iterable[EvalRow | Mapping[str, Any]]) -> str:
@@ -412,7 +462,7 @@ def update_card_evaluation(
     card = card if isinstance(card, ModelCard) else ModelCard(card)
     rows = [EvalRow.from_any(r) for r in eval_results]
     title = re.search(r"^# (.+)$", card.text, flags=re.MULTILINE)
-    name = model_name or card.data.model_name or (title.group(1).strip() if title else "merged-model")
+    name = model_name or card.data.model_name or (markdown_text(title.group(1).strip()) if title else "merged-model")
     data = set_eval_results(card.data, rows, model_name=name)
     section = evaluation_section(rows)
     body = card.text
