@@ -270,6 +270,7 @@ def test_reference_compat_refuses_unequal_weights_of_two_parents(tmp_path):
 
 
 def test_cli_refuses_three_parents_with_reference_compat_without_a_traceback(tmp_path, capsys):
+    """Refused while the recipe is validated (exit 2, as every recipe error), before any parent is read."""
     folders = []
     for seed in range(3):
         folder = tmp_path / f"parent-{seed}"
@@ -279,7 +280,7 @@ def test_cli_refuses_three_parents_with_reference_compat_without_a_traceback(tmp
     code = main(["merge", *folders, "--method", "weight_matching", "--reference-compat",
                  "--output", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert code == 1 and "--reference-compat" in err and "got 3 parents" in err and "Traceback" not in err
+    assert code == 2 and "--reference-compat" in err and "got 3 parents" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
 
 

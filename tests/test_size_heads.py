@@ -311,7 +311,8 @@ def test_cli_refuses_a_bad_spend_in_one_line(tmp_path):
 
 def test_cli_refuses_stream_spend_conflicts_before_reading_any_parent(tmp_path):
     """Three parents, or `heads` with `independent_heads`: refused by the method's option check before the
-    calibration data and the parents are opened (neither exists: opening them would fail with another message)."""
+    calibration data and the parents are opened (neither exists: opening them would fail with another message); exit 2,
+    as every recipe error."""
     missing = [str(tmp_path / name) for name in ("a", "b", "c")]
     for parents, flags, needle in (
             (missing, ["--size-spend", "residual"], "size_spend= (CLI: --size-spend) 'residual' merges two parents"),
@@ -321,7 +322,7 @@ def test_cli_refuses_stream_spend_conflicts_before_reading_any_parent(tmp_path):
                               "1.5", *flags, "--calibration", str(tmp_path / "no-data"), "--output",
                               str(tmp_path / "out")], capture_output=True, text=True)
         lines = [line for line in run.stderr.splitlines() if line.strip()]
-        assert run.returncode == 1 and len(lines) == 1 and needle in lines[0], run.stderr
+        assert run.returncode == 2 and len(lines) == 1 and needle in lines[0], run.stderr
         assert not (tmp_path / "out").exists()
 
 
