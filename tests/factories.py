@@ -298,3 +298,18 @@ def vit_cli_case(folder) -> tuple[list[str], str]:
     datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image()).save_to_disk(
         folder / "calibration")
     return parents, str(folder / "calibration")
+
+
+def recipe_refusal(folder, option: str, value: object) -> str:
+    """The error a recipe file giving `option: value` (with two Hub parents and Hub data) gets from `validate()`."""
+    import pytest
+    import yaml
+
+    from hf_mudsc.errors import RecipeError
+    from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
+
+    path = folder / RECIPE_FILENAME
+    path.write_text(yaml.safe_dump({"models": ["org/a", "org/b"], "calibration": "org/ds:train", option: value}))
+    with pytest.raises(RecipeError) as caught:
+        Recipe.load(path).validate()
+    return str(caught.value)

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import yaml
-from factories import fine_tune, make_model
+from factories import fine_tune, make_model, recipe_refusal
 
 import hf_mudsc
 from hf_mudsc.cli.main import main
@@ -54,11 +53,7 @@ def test_the_cli_refuses_an_extreme_factor_in_one_line(tmp_path, capsys, option,
 
 @pytest.mark.parametrize(("option", "value", "needle"), OUT_OF_RANGE)
 def test_a_recipe_refuses_an_extreme_factor(tmp_path, option, value, needle):
-    path = tmp_path / RECIPE_FILENAME
-    path.write_text(yaml.safe_dump({"models": ["org/a", "org/b"], "calibration": "org/ds:train", option: value}))
-    with pytest.raises(RecipeError) as caught:
-        Recipe.load(path).validate()
-    assert needle.split(" (CLI")[0] in str(caught.value)
+    assert needle.split(" (CLI")[0] in recipe_refusal(tmp_path, option, value)
 
 
 def test_the_edges_of_the_ranges_pass():

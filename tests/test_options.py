@@ -6,12 +6,11 @@ from __future__ import annotations
 import math
 
 import pytest
-import yaml
+from factories import recipe_refusal
 
 import hf_mudsc
 from hf_mudsc.cli.main import main
-from hf_mudsc.errors import RecipeError
-from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
+from hf_mudsc.publish.recipe import Recipe
 
 # (option, bad value, fragment of the message)
 BAD_OPTIONS = [
@@ -66,11 +65,7 @@ def test_the_cli_checks_options_before_loading_anything(tmp_path, capsys, option
 
 @pytest.mark.parametrize(("option", "value", "needle"), BAD_OPTIONS + BAD_TYPES)
 def test_a_recipe_file_gets_the_same_checks(tmp_path, option, value, needle):
-    path = tmp_path / RECIPE_FILENAME
-    path.write_text(yaml.safe_dump({"models": ["org/a", "org/b"], "calibration": "org/ds:train", option: value}))
-    with pytest.raises(RecipeError) as caught:
-        Recipe.load(path).validate()
-    assert needle.split(" (CLI")[0] in str(caught.value)
+    assert needle.split(" (CLI")[0] in recipe_refusal(tmp_path, option, value)
 
 
 def test_valid_edge_values_pass(tmp_path):
