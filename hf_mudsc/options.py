@@ -27,9 +27,7 @@ from typing import Any
 
 # `flag`/`option_hint` live in errors.py (modules below options, e.g. methods/, name options in messages too).
 from hf_mudsc.errors import OptionError, flag, option_hint, shown  # noqa: F401 (re-exported)
-from hf_mudsc.solve.layer_ranges import parse_layer_swap
-from hf_mudsc.solve.matcher_names import MATCHERS
-from hf_mudsc.solve.ranges import FACTOR_LIMIT, WEIGHT_RANGE
+from hf_mudsc.option_values import FACTOR_LIMIT, MATCHERS, WEIGHT_RANGE, parse_layer_swap
 
 STATISTICS_DTYPES = ("float32", "float64")
 #: The dtypes the merged model may be returned and saved in (`out_dtype`); "auto" keeps the parents' common stored

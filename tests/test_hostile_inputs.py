@@ -15,9 +15,9 @@ from factories import vit_folder
 
 from hf_mudsc.cli.main import main
 from hf_mudsc.errors import OptionError, RecipeError
+from hf_mudsc.option_values import MAX_BLOCKS, parse_layer_swap
 from hf_mudsc.options import MergeOptions
 from hf_mudsc.publish.recipe import Recipe
-from hf_mudsc.solve.layer_ranges import MAX_BLOCKS, parse_layer_swap
 
 
 def _one_line_error(capsys) -> str:

@@ -21,12 +21,12 @@ from hf_mudsc.cli.main import main
 from hf_mudsc.errors import MergeInputError
 from hf_mudsc.methods import METHODS
 from hf_mudsc.methods.task_vector import TensorWiseMethod
+from hf_mudsc.option_values import parse_layer_swap
 from hf_mudsc.options import MergeOptions
 from hf_mudsc.publish.card import render_card
 from hf_mudsc.publish.recipe import RECIPE_FILENAME
 from hf_mudsc.publish.writer import recipe_of
 from hf_mudsc.solve import task_vectors as tv
-from hf_mudsc.solve.layer_ranges import parse_layer_swap
 
 TENSOR_WISE = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
                "della", "della_linear", "slerp", "pcb", "consensus", "localize_stitch", "layer_swap")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_mudsc.errors import LoadError, shown
-from hf_mudsc.solve.layer_ranges import MAX_BLOCKS
+from hf_mudsc.option_values import MAX_BLOCKS
 
 #: The most labels a classifier config may declare (ImageNet-21k has 21,841; each becomes an id2label entry).
 MAX_LABELS = 1_000_000

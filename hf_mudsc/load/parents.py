@@ -983,7 +983,7 @@ def locate_base(located: Sequence[_Located], base: Any = None, *, base_needed_fo
     if base is None and base_needed_for is not None:
         base = base_from_cards(located, token=token, cache_dir=cache_dir)
         if base is None:
-            from hf_mudsc.options import option_hint
+            from hf_mudsc.errors import option_hint
 
             raise MergeInputError(
                 f"method {base_needed_for!r} needs the parents' common base model and none was given; pass "

@@ -77,7 +77,7 @@ class TensorWiseMethod(MergeMethod):
     def check_options(self, options: MergeOptions, num_parents: int) -> None:
         """Refuse option values this method cannot use with `num_parents` parents (one line each)."""
         from hf_mudsc.errors import MergeInputError, option_hint
-        from hf_mudsc.solve.layer_ranges import parse_layer_swap
+        from hf_mudsc.option_values import parse_layer_swap
 
         read = dict(self.arguments)
         if "layer_swap" in read:
@@ -115,7 +115,7 @@ class TensorWiseMethod(MergeMethod):
         """Weights not divided by their sum are factors on a task vector (on a parent for `linear`), like
         `scaling`: their products with it must stay within ±`FACTOR_LIMIT` (1e30 wrote weights of 3e29)."""
         from hf_mudsc.errors import MergeInputError, option_hint
-        from hf_mudsc.solve.ranges import FACTOR_LIMIT
+        from hf_mudsc.option_values import FACTOR_LIMIT
 
         read = dict(self.arguments)
         weights = self.option_value(options, "weights")
@@ -153,7 +153,7 @@ class TensorWiseMethod(MergeMethod):
 
     def keywords(self, options: MergeOptions) -> dict[str, Any]:
         """The function's keyword arguments for these options."""
-        from hf_mudsc.solve.layer_ranges import parse_layer_swap
+        from hf_mudsc.option_values import parse_layer_swap
 
         out: dict[str, Any] = {}
         for name, keyword in self.arguments:

@@ -35,7 +35,7 @@ import yaml
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import MergeInputError, OptionError, RecipeError, shown
 from hf_mudsc.load.references import local_name
-from hf_mudsc.options import MATCHERS as MATCHERS  # re-exported: the CLI's --matcher choices
+from hf_mudsc.option_values import MATCHERS as MATCHERS  # re-exported: the CLI's --matcher choices
 from hf_mudsc.options import RECIPE_FILENAME as RECIPE_FILENAME
 from hf_mudsc.options import REFITTING, MergeOptions
 

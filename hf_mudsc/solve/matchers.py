@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from hf_mudsc.solve.matcher_names import MATCHERS
+from hf_mudsc.option_values import MATCHERS
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,6 @@
-"""The `layer_swap` option's text: which parent each encoder block comes from (torch-free: options checks it)."""
+"""The values some options take that the layers below the options also read: the matcher names, the magnitudes a
+merge weight or factor may have, the `layer_swap` text. A torch-free leaf (it imports `errors` only), so the loader,
+the solver and the methods read one definition and `hf_mudsc.options` checks against it without an import cycle."""
 
 from __future__ import annotations
 
@@ -6,6 +8,17 @@ import re
 
 from hf_mudsc.errors import shown
 
+#: Valid values of `matcher` (``match(..., matcher=...)``); ``num_heads > 1`` selects the group variant of each.
+MATCHERS: tuple[str, ...] = ("align", "zip")
+
+#: The magnitudes a non-zero merge weight may have: the merge runs in float32 (about 1e-38 to 3e38).
+WEIGHT_RANGE = (1e-30, 1e30)
+#: The largest magnitude of a factor on task vectors (`scaling`, and weights not divided by their sum) or of the
+#: TALL-mask threshold (`consensus_lambda`): task arithmetic picks lambda in [0, 1] (Ilharco et al. 2023; -1 negates a
+#: task), TALL masks lambda in [0.2, 0.6] (Wang et al. 2024; FusionBench's default 0.6). A task vector scaled 100-fold
+#: is no merge of these parents (at 1e30 the weights were 3e29, at 1e308 inf), and a threshold of 100 already keeps
+#: almost nothing (the merge is the base).
+FACTOR_LIMIT = 100.0
 #: The most encoder blocks a model may have here (the largest transformers have a few hundred): a range past it
 #: is refused before it is expanded into one entry per block.
 MAX_BLOCKS = 10_000
