@@ -3,7 +3,8 @@
     POST   /api/jobs               recipe keys (JSON, or YAML with a YAML content type) -> 201 {"id", "status"}
                                    400 {"error"} naming the key (or a local path outside every --local-root);
                                    409 when the output/repo is claimed by an active job; 429 (with Retry-After)
-                                   while --max-queued jobs wait for a worker
+                                   while --max-queued jobs wait for a worker; 413 over 1 MiB, 408 when the body
+                                   takes over BODY_TIMEOUT_S to arrive
     GET    /api/jobs               {"jobs": [job, ...], "next"} newest first, a page of `?limit=N` (default 100, at
                                    most 1000); `next`: the id to pass as `?before=` for the following page, or null
     GET    /api/jobs/{id}          {"id", "status", "progress", "phase", "error", "result", "created", "updated"}
@@ -25,6 +26,7 @@ card, the recipe and plots, never the weights (reading needs no key).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import html
 import json
@@ -49,7 +51,15 @@ from hf_mudsc.publish.recipe import RecipeLoader, repeated_key, yaml_error_line
 from hf_mudsc.serve import host_name, is_loopback
 from hf_mudsc.serve.jobs import JobRequest, accepted_keys, parse_job, resolve_local_paths
 from hf_mudsc.serve.scheduler import Scheduler
-from hf_mudsc.serve.store import ACTIVE, MAX_QUEUED, PHASES, JobStore, QueueFullError, TargetClaimedError
+from hf_mudsc.serve.store import (
+    ACTIVE,
+    MAX_JOBS,
+    MAX_QUEUED,
+    PHASES,
+    JobStore,
+    QueueFullError,
+    TargetClaimedError,
+)
 from hf_mudsc.solve.diagnostics import PLOTS_FOLDER
 
 logger = logging.getLogger(__name__)
@@ -62,6 +72,9 @@ push_to_hub: me/merged-vit
 private: true
 """
 MAX_BODY = 1 << 20  # a recipe is a few hundred bytes
+# Seconds a POST's whole body may take to arrive: uvicorn has no body timeout, so a client trickling (or stalling)
+# its body held the connection and the route open forever. 1 MiB in 30 s is 35 kB/s; a recipe takes milliseconds.
+BODY_TIMEOUT_S = 30.0
 # The body's media types: JSON, or YAML (a recipe file). Not text/plain or forms, which need no CORS preflight.
 JSON_TYPES = ("application/json",)
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
@@ -86,7 +99,7 @@ def public(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None = None,
-               output_root: str | Path | None = None, max_queued: int = MAX_QUEUED,
+               output_root: str | Path | None = None, max_queued: int = MAX_QUEUED, max_jobs: int = MAX_JOBS,
                local_roots: Sequence[str | Path] = ()) -> FastAPI:
     """The app; its scheduler starts (and recovers the store after a restart) when the server starts.
 
@@ -112,7 +125,7 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
 
     app = FastAPI(title="hf-mudsc serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.store, app.state.scheduler, app.state.outputs = store, scheduler, outputs
-    app.state.max_queued = max_queued
+    app.state.max_queued, app.state.max_jobs = max_queued, max_jobs
     app.state.local_roots = roots
 
     if api_key is None:  # then bound to loopback (cli/serve.py): answer only requests addressed to this machine
@@ -156,14 +169,22 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
             return error(415, f"send the recipe with `Content-Type: application/json` or `application/yaml`, "
                          f"got {content_type or 'none'!r}")
         too_big = error(413, f"the body is larger than {MAX_BODY} bytes; a recipe is a few hundred")
+        too_big.headers["Connection"] = "close"  # the rest of the body is never read
         if int(request.headers.get("content-length") or 0) > MAX_BODY:
             return too_big  # declared too big: refused before a byte of it is read
         raw = bytearray()
         try:
-            async for chunk in request.stream():
-                raw += chunk
-                if len(raw) > MAX_BODY:
-                    return too_big
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                async for chunk in request.stream():
+                    raw += chunk
+                    if len(raw) > MAX_BODY:
+                        return too_big
+        except TimeoutError:  # answered (408), and the connection is closed: the rest of the body is never read
+            logger.info("POST /api/jobs: the body did not arrive within %s s", BODY_TIMEOUT_S)
+            late = error(408, f"the body did not arrive within {BODY_TIMEOUT_S:g} s (it has {len(raw)} bytes so "
+                         "far); send the whole recipe at once")
+            late.headers["Connection"] = "close"
+            return late
         except ClientDisconnect:  # the client hung up before its body ended: no one to answer, nothing stored
             logger.info("POST /api/jobs: the client disconnected before sending its whole body")
             return error(400, "the body ended early: the client disconnected")
@@ -182,7 +203,7 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         try:
             claims = (None, None) if job.dry_run else (job.output, job.repo_id)  # a dry run writes nothing
             job_id = store.add(job.to_dict(), output=claims[0], repo_id=claims[1], dry_run=job.dry_run,
-                               has_token=token is not None, max_queued=max_queued)
+                               has_token=token is not None, max_queued=max_queued, max_jobs=max_jobs)
         except QueueFullError as problem:
             answer = error(429, str(problem))
             answer.headers["Retry-After"] = str(RETRY_AFTER_S)

@@ -1,0 +1,148 @@
+"""What a client of `hf-mudsc serve` must not be able to do to the server, checked in-process (the app without its
+scheduler, so jobs stay queued): fill the store with finished jobs forever, hold a connection with a body that never
+ends, learn the server's output root from a refusal, run script from the service's origin through a served file,
+or queue a job from a recipe pushed to the Hub whose local folders are named by folder name only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from hf_mudsc.serve import app as app_module
+from hf_mudsc.serve.app import create_app
+
+BODY = {"models": ["user/a", "user/b"], "method": "average", "dry_run": True}
+
+
+def client_of(app) -> TestClient:
+    return TestClient(app, base_url="http://127.0.0.1")
+
+
+# ---------------------------------------------------------------------------------------------- stored jobs
+
+
+def finish(app, count: int, *, output: Path | None = None) -> list[str]:
+    """`count` finished jobs in the app's store, oldest first."""
+    store, ids = app.state.store, []
+    for index in range(count):
+        job_id = store.add({"models": [f"user/m{index}", "user/x"]}, output=None, repo_id=None, dry_run=True,
+                           has_token=False)
+        store.append_log(job_id, [f"line of job {index}"])
+        store.update(job_id, status="succeeded" if index % 2 else "failed",
+                     result={"output": str(output)} if output else None)
+        ids.append(job_id)
+    return ids
+
+
+def test_the_store_keeps_at_most_max_jobs_finished_jobs_pruning_the_oldest_records(tmp_path):
+    """Without a cap every POST adds a record (and its log) for good: a client could fill the disk. Beyond
+    `--max-jobs` finished jobs, submitting a job removes the records and logs of those finished longest ago —
+    never a queued or running job, and never a job's output folder (the merged model stays on disk)."""
+    app = create_app(tmp_path / "state", max_jobs=3)
+    store = app.state.store
+    kept_folder = tmp_path / "state" / "outputs" / "merged"
+    kept_folder.mkdir(parents=True)
+    (kept_folder / "model.safetensors").write_bytes(b"weights")
+    queued = store.add({"models": ["user/q", "user/x"]}, output=None, repo_id=None, dry_run=True, has_token=False)
+    running = store.add({"models": ["user/r", "user/x"]}, output=None, repo_id=None, dry_run=True, has_token=False)
+    store.update(running, status="running")
+    old = finish(app, 4, output=kept_folder)
+    client = client_of(app)
+    answer = client.post("/api/jobs", json=BODY)
+    assert answer.status_code == 201, answer.text
+    left = {job["id"] for job in store.list()}
+    assert left == {queued, running, *old[1:], answer.json()["id"]}  # 3 finished kept, the oldest one gone
+    assert client.get(f"/api/jobs/{old[0]}").status_code == 404
+    assert store.log(old[0]) == [] and store.log(old[1]) == ["line of job 1"]
+    assert (kept_folder / "model.safetensors").read_bytes() == b"weights"
+    # Pruning goes by when a job finished, not when it was submitted: the queued job, finishing now, is the newest.
+    store.update(queued, status="cancelled")
+    assert client.post("/api/jobs", json=BODY).status_code == 201
+    assert queued in {job["id"] for job in store.list()} and old[1] not in {job["id"] for job in store.list()}
+
+
+def test_max_jobs_is_a_serve_flag_with_a_documented_default_checked_in_one_line(tmp_path, monkeypatch):
+    import uvicorn
+
+    from hf_mudsc.cli.main import build_parser
+    from hf_mudsc.cli.serve import run
+    from hf_mudsc.serve.store import MAX_JOBS
+
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))
+    parser = build_parser(available=["serve"])
+    assert run(parser.parse_args(["serve", "--state-dir", str(tmp_path / "s"), "--max-jobs", "7"])) == 0
+    assert served[0].state.max_jobs == 7
+    assert run(parser.parse_args(["serve", "--state-dir", str(tmp_path / "s")])) == 0
+    assert served[1].state.max_jobs == MAX_JOBS == 1000
+    with pytest.raises(ValueError, match=r"^--max-jobs must be at least 1, got 0$"):
+        run(parser.parse_args(["serve", "--state-dir", str(tmp_path / "s"), "--max-jobs", "0"]))
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert "`--max-jobs N` (default 1000)" in readme
+
+
+# ---------------------------------------------------------------------------------------------- slow bodies
+
+
+def post_with_a_body_that_stalls(app, first: bytes) -> list[dict]:
+    """POST /api/jobs straight to the ASGI app: `first` arrives, then the body never continues (a client trickling
+    nothing more). Returns the messages the app sent."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/api/jobs", "raw_path": b"/api/jobs", "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
+                         (b"content-length", b"100")],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000), "state": {}}
+    sent: list[dict] = []
+    delivered = []
+
+    async def receive() -> dict:
+        if not delivered:
+            delivered.append(first)
+            return {"type": "http.request", "body": first, "more_body": True}
+        await asyncio.sleep(3600)  # the rest of the body never comes
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def run() -> None:
+        await asyncio.wait_for(app(scope, receive, send), timeout=30)
+
+    asyncio.run(run())
+    return sent
+
+
+def test_a_body_that_stops_arriving_is_answered_408_after_the_read_timeout(tmp_path, monkeypatch):
+    """uvicorn has no timeout for a request's body: a client that sends its headers and then trickles (or stalls)
+    held the connection and the route open forever. The body must arrive within `BODY_TIMEOUT_S`."""
+    monkeypatch.setattr(app_module, "BODY_TIMEOUT_S", 0.5)
+    app = create_app(tmp_path)
+    sent = post_with_a_body_that_stalls(app, b'{"models": [')
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert start["status"] == 408, (start, body)
+    assert (b"connection", b"close") in start["headers"]  # uvicorn then closes it: the rest is never read
+    error = json.loads(body)["error"]
+    assert "0.5 s" in error and "\n" not in error, error
+    assert app.state.store.list() == []
+
+
+def test_serve_bounds_what_uvicorn_reads_before_the_app(tmp_path, monkeypatch):
+    """The server's own limits are set, not left to uvicorn's defaults of the day: an idle keep-alive connection
+    is closed, and a request's headers are capped in size."""
+    import uvicorn
+
+    from hf_mudsc.cli.main import build_parser
+    from hf_mudsc.cli.serve import HEADER_MAX_BYTES, KEEP_ALIVE_S, run
+
+    settings = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: settings.append(kwargs))
+    parser = build_parser(available=["serve"])
+    assert run(parser.parse_args(["serve", "--state-dir", str(tmp_path / "s")])) == 0
+    assert settings[0]["timeout_keep_alive"] == KEEP_ALIVE_S <= 10
+    assert settings[0]["h11_max_incomplete_event_size"] == HEADER_MAX_BYTES <= 64 << 10
