@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from hf_mudsc.errors import RecipeError
 from hf_mudsc.serve import app as app_module
 from hf_mudsc.serve.app import create_app
+from hf_mudsc.serve.jobs import parse_job
 
 BODY = {"models": ["user/a", "user/b"], "method": "average", "dry_run": True}
 
@@ -146,3 +148,88 @@ def test_serve_bounds_what_uvicorn_reads_before_the_app(tmp_path, monkeypatch):
     assert run(parser.parse_args(["serve", "--state-dir", str(tmp_path / "s")])) == 0
     assert settings[0]["timeout_keep_alive"] == KEEP_ALIVE_S <= 10
     assert settings[0]["h11_max_incomplete_event_size"] == HEADER_MAX_BYTES <= 64 << 10
+
+
+# ---------------------------------------------------------------------------------------------- server paths
+
+
+def test_refusals_name_the_clients_output_never_the_servers_output_root(tmp_path):
+    """A refused `output` was answered with the service's absolute output root (`/srv/.../outputs`), a detail of
+    the server's disk: the answer names the client's own value."""
+    root = tmp_path / "outputs-of-the-server"
+    root.mkdir()
+    (root / "taken").mkdir()
+    (root / "taken" / "notes.txt").write_text("someone's file")
+    (root / "a-file").write_text("not a folder")
+    base = {"models": ["user/a", "user/b"], "method": "weight_matching", "output": "m"}
+    cases = [
+        ({**base, "output": "../escape"}, "'../escape'"),
+        ({**base, "output": "/etc"}, "'/etc'"),
+        ({**base, "output": "taken"}, "'taken'"),
+        ({**base, "output": "taken", "overwrite": True}, "'taken'"),
+        ({**base, "output": "a-file/m"}, "'a-file/m'"),
+    ]
+    for body, named in cases:
+        with pytest.raises(RecipeError) as caught:
+            parse_job(body, root)
+        message = str(caught.value)
+        assert named in message and str(root) not in message and "outputs-of-the-server" not in message, message
+
+
+def test_a_409_names_the_claimed_output_as_the_client_named_it(tmp_path):
+    app = create_app(tmp_path / "state", output_root=tmp_path / "outputs-of-the-server")
+    client = client_of(app)
+    body = {"models": ["user/a", "user/b"], "method": "average", "output": "shared"}
+    assert client.post("/api/jobs", json=body).status_code == 201
+    for output in ("shared", "shared/inner"):
+        answer = client.post("/api/jobs", json={**body, "output": output})
+        assert answer.status_code == 409, answer.text
+        error = answer.json()["error"]
+        assert f"the output folder {output!r} is claimed" in error and "outputs-of-the-server" not in error, error
+
+
+# ---------------------------------------------------------------------------------------------- served files
+
+
+@pytest.fixture()
+def written(tmp_path):
+    """An app whose one job finished writing a folder with a card, a recipe and plots (one an SVG with a script)."""
+    app = create_app(tmp_path / "state")
+    folder = tmp_path / "state" / "outputs" / "written"
+    (folder / "plots").mkdir(parents=True)
+    (folder / "README.md").write_text("# card <script>alert(1)</script>")
+    (folder / "mudsc_recipe.yaml").write_text("models: [user/a, user/b]\n")
+    (folder / "plots" / "match.svg").write_text(
+        '<svg xmlns="http://www.w3.org/2000/svg"><script>alert(document.domain)</script></svg>')
+    (folder / "plots" / "match.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    store = app.state.store
+    job_id = store.add({"models": ["user/a", "user/b"], "output": str(folder)}, output=str(folder), repo_id=None,
+                       dry_run=False, has_token=False)
+    store.update(job_id, status="succeeded", result={"output": str(folder)})
+    return client_of(app), job_id
+
+
+def test_a_served_file_cannot_run_script_from_the_services_origin(written):
+    """An SVG opened from the job page's link is a document of the service's origin: its scripts could call the
+    API (cancel jobs, read the page). Every served file comes sandboxed (no script, nothing loaded from elsewhere)
+    and with `nosniff`, so no file is read as another type; the page still shows the plots through <img>."""
+    client, job_id = written
+    for name in ("plots/match.svg", "plots/match.png", "README.md", "mudsc_recipe.yaml"):
+        answer = client.get(f"/jobs/{job_id}/files/{name}")
+        assert answer.status_code == 200, (name, answer.text)
+        assert answer.headers["x-content-type-options"] == "nosniff", name
+        policy = [part.strip() for part in answer.headers["content-security-policy"].split(";")]
+        assert "sandbox" in policy and "default-src 'none'" in policy, (name, policy)
+        assert "script-src" not in answer.headers["content-security-policy"], policy
+    assert client.get(f"/jobs/{job_id}/files/plots/match.svg").headers["content-type"].startswith("image/svg+xml")
+    assert f'<img src="/jobs/{job_id}/files/plots/match.svg"' in client.get(f"/jobs/{job_id}").text
+
+
+def test_every_answer_says_nosniff(written):
+    client, job_id = written
+    for path in ("/api/jobs", f"/api/jobs/{job_id}", f"/api/jobs/{job_id}/log", "/", f"/jobs/{job_id}",
+                 "/partials/jobs", "/api/nothing", f"/jobs/{job_id}/files/model.safetensors"):
+        answer = client.get(path)
+        assert answer.headers.get("x-content-type-options") == "nosniff", (path, answer.status_code)
+    refused = TestClient(client.app, base_url="http://evil.example").get("/api/jobs")  # the Host guard's answer
+    assert refused.status_code == 400 and refused.headers.get("x-content-type-options") == "nosniff"

@@ -21,7 +21,8 @@ otherwise): a form or text/plain body is what a page on another site can send wi
 Every error is one line of JSON, `{"error": ...}` (bad query values 400, unknown routes 404, wrong methods 405).
 Without an API key (so bound to loopback) only requests whose Host header names this machine are answered: a
 page elsewhere whose name is re-pointed at 127.0.0.1 (DNS rebinding) gets 400. GET /jobs/{id}/files serves the
-card, the recipe and plots, never the weights (reading needs no key).
+card, the recipe and plots, never the weights (reading needs no key), sandboxed (`FILE_HEADERS`: an SVG opened from
+the page runs no script); every answer says `nosniff` (`NoSniffing`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from jinja2 import Environment, PackageLoader, select_autoescape
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
@@ -49,7 +51,7 @@ from hf_mudsc._version import __version__
 from hf_mudsc.errors import RecipeError, shown
 from hf_mudsc.publish.recipe import RecipeLoader, repeated_key, yaml_error_line
 from hf_mudsc.serve import host_name, is_loopback
-from hf_mudsc.serve.jobs import JobRequest, accepted_keys, parse_job, resolve_local_paths
+from hf_mudsc.serve.jobs import JobRequest, accepted_keys, hide_output_root, parse_job, resolve_local_paths
 from hf_mudsc.serve.scheduler import Scheduler
 from hf_mudsc.serve.store import (
     ACTIVE,
@@ -81,9 +83,34 @@ YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yam
 # What GET /jobs/{id}/files serves of an output folder: the card, the recipe, plots (what the page links to).
 SERVED_FILES = ("README.md", "mudsc_recipe.yaml")
 SERVED_SUFFIXES = (".png", ".svg")
+# How a served file may be shown. An SVG (or any file a browser renders as a document) opened from the page's link is
+# a document of the service's origin, whose scripts could call the API: sandboxed (an opaque origin, no script),
+# nothing loaded from elsewhere (a plot's raster parts are data: URIs, its styles inline), and never sniffed as
+# another type. The page shows plots through <img>, where an SVG runs no script anyway.
+FILE_HEADERS = {"Content-Security-Policy": "default-src 'none'; img-src data:; style-src 'unsafe-inline'; sandbox",
+                "X-Content-Type-Options": "nosniff"}
 SQLITE_MAX = (1 << 63) - 1  # the largest integer SQLite binds; larger query values are clamped to it
 PAGE_DEFAULT, PAGE_MAX = 100, 1000  # GET /api/jobs: jobs per page when `limit` is not given, and at most
 RETRY_AFTER_S = 60  # a 429's Retry-After: a merge takes minutes, so a place in the queue frees in about that
+
+
+class NoSniffing:
+    """ASGI middleware: every answer says `X-Content-Type-Options: nosniff`, so a browser reads it as the type it
+    declares (JSON, HTML, a file's), never sniffs it into another (a plain ASGI wrapper: nothing buffered)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def marked(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["X-Content-Type-Options"] = "nosniff"
+            await send(message)
+
+        return await self.app(scope, receive, marked)
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -137,6 +164,8 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
                              "service answers only requests to localhost or a loopback address (a guard against "
                              "DNS rebinding); to serve under another name, pass --api-key")
             return await call_next(request)
+
+    app.add_middleware(NoSniffing)  # added last, so outermost: the Host refusal above says it too
 
     @app.exception_handler(RequestValidationError)
     async def bad_parameter(request: Request, problem: RequestValidationError) -> JSONResponse:
@@ -199,7 +228,7 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         try:
             job = parse_job(_parse_body(raw, content_type), outputs, dry_run=dry_run, local_roots=roots)
         except RecipeError as problem:
-            return error(400, str(problem))
+            return error(400, hide_output_root(str(problem), outputs))
         try:
             claims = (None, None) if job.dry_run else (job.output, job.repo_id)  # a dry run writes nothing
             job_id = store.add(job.to_dict(), output=claims[0], repo_id=claims[1], dry_run=job.dry_run,
@@ -208,8 +237,8 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
             answer = error(429, str(problem))
             answer.headers["Retry-After"] = str(RETRY_AFTER_S)
             return answer
-        except TargetClaimedError as problem:
-            return error(409, str(problem))
+        except TargetClaimedError as problem:  # it names the claimed folders as the store holds them: absolute
+            return error(409, hide_output_root(str(problem), outputs))
         scheduler.submit(job_id, token)
         return JSONResponse({"id": job_id, "status": "queued"}, status_code=201)
 
@@ -278,7 +307,7 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         folder = _output_folder(job, outputs) if job else None
         if folder is None or name not in _files(folder):
             return error(404, f"job {job_id} has no output file {name!r}")
-        return FileResponse(folder / name)
+        return FileResponse(folder / name, headers=FILE_HEADERS)
 
     return app
 

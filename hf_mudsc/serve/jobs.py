@@ -7,7 +7,8 @@ before loading is refused here too (an existing output, options the method refus
 a client hears it at POST rather than from a job failed in its worker.
 
 `output` is a folder under the service's output root (default `<state-dir>/outputs`): a client names a folder
-there, never a path elsewhere on the server. `allow_pickle` is refused: the service never unpickles weights.
+there, never a path elsewhere on the server, and a refusal names it as the client did, never the root's path
+(`hide_output_root`). `allow_pickle` is refused: the service never unpickles weights.
 
 What a job READS from the server's disk — a parent or `base` folder, `calibration` data, and the base a local
 parent's model card names when the job's method takes it from there — must lie inside a folder the operator listed
@@ -132,7 +133,7 @@ def parse_job(body: Any, output_root: Path, *, dry_run: bool = False,
             try:
                 check_merge_output(Path(recipe.output), resolved.override(output=recipe.output), flag="output")
             except (FileExistsError, ValueError) as problem:
-                raise RecipeError(str(problem)) from None
+                raise RecipeError(hide_output_root(str(problem), output_root)) from None
     if not dry_run and not recipe.output and not recipe.push_to_hub:
         raise RecipeError("say where the merged model goes: `output` (a folder name under the service's output "
                           "root) and/or `push_to_hub` (`org/name`)")
@@ -211,9 +212,19 @@ def resolve_output(output: str, output_root: Path) -> Path:
     path = expanded("output", output)
     resolved = (path if path.is_absolute() else root / path).resolve()
     if resolved == root or not resolved.is_relative_to(root):
-        raise RecipeError(f"`output` must name a folder inside the service's output root {str(root)!r} "
-                          f"(e.g. `merged-model`), got {output!r}")
+        raise RecipeError(f"`output` must name a folder inside the service's output root: a relative name such as "
+                          f"`merged-model` or `runs/merged-model` (no `..`, no path elsewhere), got {output!r}")
     return resolved
+
+
+def hide_output_root(text: str, output_root: Path) -> str:
+    """`text` (a refusal) with the output root's path taken out: a folder inside it as the client names one,
+    relative to the root, and the root itself as "the service's output root". The client learns its own `output`
+    back, never where the server keeps outputs."""
+    root = output_root.expanduser()
+    for form in sorted({str(root.absolute()), str(root.resolve())}, key=len, reverse=True):
+        text = text.replace(repr(form), "the service's output root").replace(form + os.sep, "")
+    return text
 
 
 def resolve_local_paths(job: JobRequest, local_roots: Sequence[Path]) -> JobRequest:
