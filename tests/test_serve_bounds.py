@@ -11,9 +11,11 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from fastapi.testclient import TestClient
 
 from hf_mudsc.errors import RecipeError
+from hf_mudsc.publish.recipe import published_text
 from hf_mudsc.serve import app as app_module
 from hf_mudsc.serve.app import create_app
 from hf_mudsc.serve.jobs import parse_job
@@ -233,3 +235,49 @@ def test_every_answer_says_nosniff(written):
         assert answer.headers.get("x-content-type-options") == "nosniff", (path, answer.status_code)
     refused = TestClient(client.app, base_url="http://evil.example").get("/api/jobs")  # the Host guard's answer
     assert refused.status_code == 400 and refused.headers.get("x-content-type-options") == "nosniff"
+
+
+# ---------------------------------------------------------------------------------------------- pushed recipes
+
+
+def pushed_recipe(tmp_path: Path, *, calibration: bool) -> str:
+    """The `mudsc_recipe.yaml` a merge of local folders pushes to the Hub: folders named by name, listed on top."""
+    machine = tmp_path / "alice" / "runs"
+    for name in ("vit-cars", "vit-pets", "calibration-images"):
+        (machine / name).mkdir(parents=True)
+    lines = ["models:", f"- {machine / 'vit-cars'}", f"- {machine / 'vit-pets'}",
+             f"method: {'zipit' if calibration else 'weight_matching'}"]
+    if calibration:
+        lines.append(f"calibration: {machine / 'calibration-images'}")
+    text = "\n".join(lines) + "\n"
+    published = published_text(text)
+    assert published.startswith("#") and str(machine) not in published
+    return published
+
+
+@pytest.mark.parametrize("calibration", [False, True])
+def test_a_pushed_recipe_naming_local_folders_by_name_is_refused_at_post_in_one_line(tmp_path, calibration):
+    """`hf-mudsc merge --recipe` refuses such a file in one line naming each entry; the service queued it (the
+    folder names pass as Hub ids) and the job failed in its worker, or answered that `calibration-images` was a
+    datasets builder."""
+    published = pushed_recipe(tmp_path, calibration=calibration)
+    app = create_app(tmp_path / "state")
+    client = client_of(app)
+    text = published + "output: merged\n"
+    answer = client.post("/api/jobs", content=text.encode(), headers={"Content-Type": "application/yaml"})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert "\n" not in error and "local folder" in error and "published recipe" in error, error
+    assert "`models[0]` 'vit-cars'" in error and "`models[1]` 'vit-pets'" in error, error
+    assert ("`calibration` 'calibration-images'" in error) == calibration, error
+    assert "--recipe" not in error and "--base" not in error, error  # a client has no command line
+    assert app.state.store.list() == []
+    # The same recipe with those entries written in (the comment left on top) is a job.
+    data = yaml.safe_load(published)
+    edited = published.replace("- vit-cars", "- user/a").replace("- vit-pets", "- user/b")
+    if calibration:
+        edited = edited.replace(f"\ncalibration: {data['calibration']}\n", "\ncalibration: user/images:train\n")
+    assert edited.splitlines()[:4] == published.splitlines()[:4]  # the comment is left as it was
+    answer = client.post("/api/jobs", content=(edited + "output: merged\n").encode(),
+                         headers={"Content-Type": "application/yaml"})
+    assert answer.status_code == 201, answer.text

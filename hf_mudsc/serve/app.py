@@ -226,7 +226,9 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
 
     def enqueue(raw: bytes, content_type: str, dry_run: bool, token: str | None) -> JSONResponse:
         try:
-            job = parse_job(_parse_body(raw, content_type), outputs, dry_run=dry_run, local_roots=roots)
+            body = _parse_body(raw, content_type)
+            text = raw.decode("utf-8") if _media_type(content_type) in YAML_TYPES else None  # its comments too
+            job = parse_job(body, outputs, dry_run=dry_run, local_roots=roots, text=text)
         except RecipeError as problem:
             return error(400, hide_output_root(str(problem), outputs))
         try:
