@@ -190,6 +190,24 @@ def test_a_409_names_the_claimed_output_as_the_client_named_it(tmp_path):
         assert f"the output folder {output!r} is claimed" in error and "outputs-of-the-server" not in error, error
 
 
+def test_a_failed_jobs_error_names_its_output_as_the_client_did(tmp_path):
+    """A job refused in its worker (the folder appeared after POST) reported the writer's message whole, with the
+    server's absolute output root, to anyone who may GET the job."""
+    root = tmp_path / "outputs-of-the-server"
+    app = create_app(tmp_path / "state", output_root=root)
+    store = app.state.store
+    folder = str((root / "runs" / "m").resolve())
+    job_id = store.add({"models": ["user/a", "user/b"], "output": folder}, output=folder, repo_id=None,
+                       dry_run=False, has_token=False)
+    store.update(job_id, status="failed", error=f"FileExistsError: the output folder {folder!r} already exists; pass "
+                 "overwrite=True to replace it, or choose another output")
+    client = client_of(app)
+    for answer in (client.get(f"/api/jobs/{job_id}").json(), client.get("/api/jobs").json()["jobs"][0]):
+        assert "the output folder 'runs/m' already exists" in answer["error"], answer["error"]
+    page = client.get(f"/jobs/{job_id}").text
+    assert "the output folder &#39;runs/m&#39; already exists" in page and str(root) not in page.split("<pre")[0]
+
+
 # ---------------------------------------------------------------------------------------------- served files
 
 

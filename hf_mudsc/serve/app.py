@@ -117,9 +117,12 @@ def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def public(job: dict[str, Any]) -> dict[str, Any]:
-    """A job as the API answers it: the contract's fields, plus `dry_run` and the submitted `recipe`."""
+def public(job: dict[str, Any], outputs: Path) -> dict[str, Any]:
+    """A job as the API answers it: the contract's fields, plus `dry_run` and the submitted `recipe`. Its `error`
+    names the output as the client did (a worker's refusal repeats the writer's message, with the absolute path)."""
     view = {k: job[k] for k in ("id", "status", "progress", "phase", "error", "result", "created", "updated")}
+    if view["error"]:
+        view["error"] = hide_output_root(view["error"], outputs)
     view["dry_run"] = job["dry_run"]
     view["recipe"] = {k: v for k, v in job["request"].items() if k != "dry_run"}
     return view
@@ -254,13 +257,13 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         except KeyError:
             return error(404, f"no job {before!r} to page from (`before`); pass the `next` id of the previous page")
         page = jobs[:size]
-        return JSONResponse({"jobs": [public(j) for j in page],
+        return JSONResponse({"jobs": [public(j, outputs) for j in page],
                              "next": page[-1]["id"] if len(jobs) > size else None})
 
     @app.get("/api/jobs/{job_id}")
     def get_job(job_id: str) -> JSONResponse:
         job = store.get(job_id)
-        return JSONResponse(public(job)) if job else error(404, f"no job {job_id!r}; GET /api/jobs lists them")
+        return JSONResponse(public(job, outputs)) if job else error(404, f"no job {job_id!r}; GET /api/jobs lists them")
 
     @app.delete("/api/jobs/{job_id}")
     def cancel_job(job_id: str, request: Request) -> JSONResponse:
@@ -300,7 +303,7 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         job = store.get(job_id)
         if job is None:
             return HTMLResponse(f"no job {html.escape(job_id)}", status_code=404)
-        recipe = yaml.safe_dump(public(job)["recipe"], sort_keys=False)
+        recipe = yaml.safe_dump(public(job, outputs)["recipe"], sort_keys=False)
         return render("job.html.jinja", job=_page_job(job, outputs), recipe=recipe, log=store.log(job_id))
 
     @app.get("/jobs/{job_id}/files/{name:path}")
@@ -393,7 +396,7 @@ def _files(folder: Path) -> list[str]:
 
 def _page_job(job: dict[str, Any], outputs: Path) -> dict[str, Any]:
     """A job with what the page links to: the pushed repo, the card, the plots, the recipe."""
-    view = public(job)
+    view = public(job, outputs)
     result = job.get("result") or {}
     folder = _output_folder(job, outputs)
     files = _files(folder) if folder else []
