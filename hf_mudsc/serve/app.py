@@ -53,15 +53,7 @@ from hf_mudsc.publish.recipe import RecipeLoader, repeated_key, yaml_error_line
 from hf_mudsc.serve import host_name, is_loopback
 from hf_mudsc.serve.jobs import JobRequest, accepted_keys, hide_output_root, parse_job, resolve_local_paths
 from hf_mudsc.serve.scheduler import Scheduler
-from hf_mudsc.serve.store import (
-    ACTIVE,
-    MAX_JOBS,
-    MAX_QUEUED,
-    PHASES,
-    JobStore,
-    QueueFullError,
-    TargetClaimedError,
-)
+from hf_mudsc.serve.store import ACTIVE, MAX_JOBS, MAX_QUEUED, PHASES, JobStore, QueueFullError, TargetClaimedError
 from hf_mudsc.solve.diagnostics import PLOTS_FOLDER
 
 logger = logging.getLogger(__name__)
@@ -205,13 +197,19 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         if int(request.headers.get("content-length") or 0) > MAX_BODY:
             return too_big  # declared too big: refused before a byte of it is read
         raw = bytearray()
+
+        async def read() -> bool:
+            """Read the body into `raw`; False once it is larger than MAX_BODY (the rest is never read)."""
+            async for chunk in request.stream():
+                raw.extend(chunk)
+                if len(raw) > MAX_BODY:
+                    return False
+            return True
+
         try:
-            async with asyncio.timeout(BODY_TIMEOUT_S):
-                async for chunk in request.stream():
-                    raw += chunk
-                    if len(raw) > MAX_BODY:
-                        return too_big
-        except TimeoutError:  # answered (408), and the connection is closed: the rest of the body is never read
+            if not await asyncio.wait_for(read(), BODY_TIMEOUT_S):
+                return too_big
+        except asyncio.TimeoutError:  # answered (408), and the connection closed: the rest is never read
             logger.info("POST /api/jobs: the body did not arrive within %s s", BODY_TIMEOUT_S)
             late = error(408, f"the body did not arrive within {BODY_TIMEOUT_S:g} s (it has {len(raw)} bytes so "
                          "far); send the whole recipe at once")
