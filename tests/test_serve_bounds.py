@@ -150,6 +150,7 @@ def test_serve_bounds_what_uvicorn_reads_before_the_app(tmp_path, monkeypatch):
     assert run(parser.parse_args(["serve", "--state-dir", str(tmp_path / "s")])) == 0
     assert settings[0]["timeout_keep_alive"] == KEEP_ALIVE_S <= 10
     assert settings[0]["h11_max_incomplete_event_size"] == HEADER_MAX_BYTES <= 64 << 10
+    assert settings[0]["http"] == "h11"  # the cap is h11's: with httptools installed, uvicorn would pick that
 
 
 # ---------------------------------------------------------------------------------------------- server paths

@@ -21,8 +21,9 @@ from hf_mudsc.serve.store import MAX_JOBS, MAX_QUEUED
 API_KEY_ENV = "HF_MUDSC_API_KEY"
 # What uvicorn reads before the app sees a request, set here rather than left to its defaults of the day: an idle
 # keep-alive connection is closed after KEEP_ALIVE_S, and a request line plus headers larger than HEADER_MAX_BYTES
-# is refused (400). The body has its own limits (`serve.app.MAX_BODY`, `BODY_TIMEOUT_S`). uvicorn has no timeout
-# for a request's headers: exposed beyond this machine, put it behind a reverse proxy that has one.
+# is refused (400). That cap is h11's, so the server runs h11 whatever else is installed (uvicorn would pick
+# httptools). The body has its own limits (`serve.app.MAX_BODY`, `BODY_TIMEOUT_S`). uvicorn has no timeout for a
+# request's headers: exposed beyond this machine, put it behind a reverse proxy that has one.
 KEEP_ALIVE_S = 5
 HEADER_MAX_BYTES = 16 << 10
 logger = logging.getLogger(__name__)
@@ -95,5 +96,5 @@ def run(args: argparse.Namespace) -> int:
     logger.info("serving on http://%s:%d (state in %s)", args.host, args.port, args.state_dir)
     redact_tokens_in_server_logs()
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True,
-                timeout_keep_alive=KEEP_ALIVE_S, h11_max_incomplete_event_size=HEADER_MAX_BYTES)
+                http="h11", timeout_keep_alive=KEEP_ALIVE_S, h11_max_incomplete_event_size=HEADER_MAX_BYTES)
     return 0
