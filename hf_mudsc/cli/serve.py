@@ -1,5 +1,5 @@
-"""`hf-mudsc serve --host 127.0.0.1 --port 8000 --state-dir DIR [--workers N] [--max-queued N] [--local-root DIR]`:
-the merging service.
+"""`hf-mudsc serve --host 127.0.0.1 --port 8000 --state-dir DIR [--workers N] [--max-queued N] [--max-jobs N]
+[--local-root DIR]`: the merging service.
 
 Safe by default: it binds 127.0.0.1; any other host needs an API key (`HF_MUDSC_API_KEY`, or `--api-key`, which
 other users of the machine can read in `ps`: a warning says so) that POST and DELETE must send as `X-API-Key`. Jobs
@@ -16,9 +16,16 @@ import os
 from pathlib import Path
 
 from hf_mudsc.serve import is_loopback
-from hf_mudsc.serve.store import MAX_QUEUED
+from hf_mudsc.serve.store import MAX_JOBS, MAX_QUEUED
 
 API_KEY_ENV = "HF_MUDSC_API_KEY"
+# What uvicorn reads before the app sees a request, set here rather than left to its defaults of the day: an idle
+# keep-alive connection is closed after KEEP_ALIVE_S, and a request line plus headers larger than HEADER_MAX_BYTES
+# is refused (400). That cap is h11's, so the server runs h11 whatever else is installed (uvicorn would pick
+# httptools). The body has its own limits (`serve.app.MAX_BODY`, `BODY_TIMEOUT_S`). uvicorn has no timeout for a
+# request's headers: exposed beyond this machine, put it behind a reverse proxy that has one.
+KEEP_ALIVE_S = 5
+HEADER_MAX_BYTES = 16 << 10
 logger = logging.getLogger(__name__)
 
 
@@ -38,6 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="jobs that may wait for a worker at once; a POST beyond it answers 429 with Retry-After "
                         "(each queued job is a store row and later a whole merge: without a cap, anyone who may "
                         "POST could queue unbounded work; the default is hours of merges)")
+    parser.add_argument("--max-jobs", type=int, default=MAX_JOBS, metavar="N",
+                        help="finished jobs whose records (status, result, log) the store keeps; submitting a job "
+                        "beyond it removes the records of those that finished longest ago — never a queued or "
+                        "running job, never an output folder (each POST adds a record: without a cap, anyone who "
+                        "may POST could fill the disk)")
     parser.add_argument("--local-root", action="append", default=argparse.SUPPRESS, metavar="DIR",
                         help="a folder whose contents jobs may name as local paths (parents, base, calibration "
                         "data, and a base_model a local parent's model card names), symlinks followed; "
@@ -64,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
     if args.max_queued < 1:
         raise ValueError(f"--max-queued must be at least 1, got {args.max_queued}")
+    if args.max_jobs < 1:
+        raise ValueError(f"--max-jobs must be at least 1, got {args.max_jobs}")
     local_roots = getattr(args, "local_root", [])
     for root in local_roots:
         if not Path(root).expanduser().is_dir():
@@ -78,8 +92,9 @@ def run(args: argparse.Namespace) -> int:
                          "a clone of hf-mudsc: pip install -e \".[serve]\")") from None
     app = create_app(args.state_dir, workers=args.workers, api_key=api_key,
                      output_root=getattr(args, "output_root", None), max_queued=args.max_queued,
-                     local_roots=local_roots)
+                     max_jobs=args.max_jobs, local_roots=local_roots)
     logger.info("serving on http://%s:%d (state in %s)", args.host, args.port, args.state_dir)
     redact_tokens_in_server_logs()
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True,
+                http="h11", timeout_keep_alive=KEEP_ALIVE_S, h11_max_incomplete_event_size=HEADER_MAX_BYTES)
     return 0

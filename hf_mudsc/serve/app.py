@@ -3,7 +3,8 @@
     POST   /api/jobs               recipe keys (JSON, or YAML with a YAML content type) -> 201 {"id", "status"}
                                    400 {"error"} naming the key (or a local path outside every --local-root);
                                    409 when the output/repo is claimed by an active job; 429 (with Retry-After)
-                                   while --max-queued jobs wait for a worker
+                                   while --max-queued jobs wait for a worker; 413 over 1 MiB, 408 when the body
+                                   takes over BODY_TIMEOUT_S to arrive
     GET    /api/jobs               {"jobs": [job, ...], "next"} newest first, a page of `?limit=N` (default 100, at
                                    most 1000); `next`: the id to pass as `?before=` for the following page, or null
     GET    /api/jobs/{id}          {"id", "status", "progress", "phase", "error", "result", "created", "updated"}
@@ -20,11 +21,13 @@ otherwise): a form or text/plain body is what a page on another site can send wi
 Every error is one line of JSON, `{"error": ...}` (bad query values 400, unknown routes 404, wrong methods 405).
 Without an API key (so bound to loopback) only requests whose Host header names this machine are answered: a
 page elsewhere whose name is re-pointed at 127.0.0.1 (DNS rebinding) gets 400. GET /jobs/{id}/files serves the
-card, the recipe and plots, never the weights (reading needs no key).
+card, the recipe and plots, never the weights (reading needs no key), sandboxed (`FILE_HEADERS`: an SVG opened from
+the page runs no script); every answer says `nosniff` (`NoSniffing`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import html
 import json
@@ -40,6 +43,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from jinja2 import Environment, PackageLoader, select_autoescape
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
@@ -47,9 +51,9 @@ from hf_mudsc._version import __version__
 from hf_mudsc.errors import RecipeError, shown
 from hf_mudsc.publish.recipe import RecipeLoader, repeated_key, yaml_error_line
 from hf_mudsc.serve import host_name, is_loopback
-from hf_mudsc.serve.jobs import JobRequest, accepted_keys, parse_job, resolve_local_paths
+from hf_mudsc.serve.jobs import JobRequest, accepted_keys, hide_output_root, parse_job, resolve_local_paths
 from hf_mudsc.serve.scheduler import Scheduler
-from hf_mudsc.serve.store import ACTIVE, MAX_QUEUED, PHASES, JobStore, QueueFullError, TargetClaimedError
+from hf_mudsc.serve.store import ACTIVE, MAX_JOBS, MAX_QUEUED, PHASES, JobStore, QueueFullError, TargetClaimedError
 from hf_mudsc.solve.diagnostics import PLOTS_FOLDER
 
 logger = logging.getLogger(__name__)
@@ -62,31 +66,62 @@ push_to_hub: me/merged-vit
 private: true
 """
 MAX_BODY = 1 << 20  # a recipe is a few hundred bytes
+# Seconds a POST's whole body may take to arrive: uvicorn has no body timeout, so a client trickling (or stalling)
+# its body held the connection and the route open forever. 1 MiB in 30 s is 35 kB/s; a recipe takes milliseconds.
+BODY_TIMEOUT_S = 30.0
 # The body's media types: JSON, or YAML (a recipe file). Not text/plain or forms, which need no CORS preflight.
 JSON_TYPES = ("application/json",)
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
 # What GET /jobs/{id}/files serves of an output folder: the card, the recipe, plots (what the page links to).
 SERVED_FILES = ("README.md", "mudsc_recipe.yaml")
 SERVED_SUFFIXES = (".png", ".svg")
+# How a served file may be shown. An SVG (or any file a browser renders as a document) opened from the page's link is
+# a document of the service's origin, whose scripts could call the API: sandboxed (an opaque origin, no script),
+# nothing loaded from elsewhere (a plot's raster parts are data: URIs, its styles inline), and never sniffed as
+# another type. The page shows plots through <img>, where an SVG runs no script anyway.
+FILE_HEADERS = {"Content-Security-Policy": "default-src 'none'; img-src data:; style-src 'unsafe-inline'; sandbox",
+                "X-Content-Type-Options": "nosniff"}
 SQLITE_MAX = (1 << 63) - 1  # the largest integer SQLite binds; larger query values are clamped to it
 PAGE_DEFAULT, PAGE_MAX = 100, 1000  # GET /api/jobs: jobs per page when `limit` is not given, and at most
 RETRY_AFTER_S = 60  # a 429's Retry-After: a merge takes minutes, so a place in the queue frees in about that
+
+
+class NoSniffing:
+    """ASGI middleware: every answer says `X-Content-Type-Options: nosniff`, so a browser reads it as the type it
+    declares (JSON, HTML, a file's), never sniffs it into another (a plain ASGI wrapper: nothing buffered)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def marked(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["X-Content-Type-Options"] = "nosniff"
+            await send(message)
+
+        return await self.app(scope, receive, marked)
 
 
 def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def public(job: dict[str, Any]) -> dict[str, Any]:
-    """A job as the API answers it: the contract's fields, plus `dry_run` and the submitted `recipe`."""
+def public(job: dict[str, Any], outputs: Path) -> dict[str, Any]:
+    """A job as the API answers it: the contract's fields, plus `dry_run` and the submitted `recipe`. Its `error`
+    names the output as the client did (a worker's refusal repeats the writer's message, with the absolute path)."""
     view = {k: job[k] for k in ("id", "status", "progress", "phase", "error", "result", "created", "updated")}
+    if view["error"]:
+        view["error"] = hide_output_root(view["error"], outputs)
     view["dry_run"] = job["dry_run"]
     view["recipe"] = {k: v for k, v in job["request"].items() if k != "dry_run"}
     return view
 
 
 def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None = None,
-               output_root: str | Path | None = None, max_queued: int = MAX_QUEUED,
+               output_root: str | Path | None = None, max_queued: int = MAX_QUEUED, max_jobs: int = MAX_JOBS,
                local_roots: Sequence[str | Path] = ()) -> FastAPI:
     """The app; its scheduler starts (and recovers the store after a restart) when the server starts.
 
@@ -112,7 +147,7 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
 
     app = FastAPI(title="hf-mudsc serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.store, app.state.scheduler, app.state.outputs = store, scheduler, outputs
-    app.state.max_queued = max_queued
+    app.state.max_queued, app.state.max_jobs = max_queued, max_jobs
     app.state.local_roots = roots
 
     if api_key is None:  # then bound to loopback (cli/serve.py): answer only requests addressed to this machine
@@ -124,6 +159,8 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
                              "service answers only requests to localhost or a loopback address (a guard against "
                              "DNS rebinding); to serve under another name, pass --api-key")
             return await call_next(request)
+
+    app.add_middleware(NoSniffing)  # added last, so outermost: the Host refusal above says it too
 
     @app.exception_handler(RequestValidationError)
     async def bad_parameter(request: Request, problem: RequestValidationError) -> JSONResponse:
@@ -156,14 +193,28 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
             return error(415, f"send the recipe with `Content-Type: application/json` or `application/yaml`, "
                          f"got {content_type or 'none'!r}")
         too_big = error(413, f"the body is larger than {MAX_BODY} bytes; a recipe is a few hundred")
+        too_big.headers["Connection"] = "close"  # the rest of the body is never read
         if int(request.headers.get("content-length") or 0) > MAX_BODY:
             return too_big  # declared too big: refused before a byte of it is read
         raw = bytearray()
-        try:
+
+        async def read() -> bool:
+            """Read the body into `raw`; False once it is larger than MAX_BODY (the rest is never read)."""
             async for chunk in request.stream():
-                raw += chunk
+                raw.extend(chunk)
                 if len(raw) > MAX_BODY:
-                    return too_big
+                    return False
+            return True
+
+        try:
+            if not await asyncio.wait_for(read(), BODY_TIMEOUT_S):
+                return too_big
+        except asyncio.TimeoutError:  # answered (408), and the connection closed: the rest is never read
+            logger.info("POST /api/jobs: the body did not arrive within %s s", BODY_TIMEOUT_S)
+            late = error(408, f"the body did not arrive within {BODY_TIMEOUT_S:g} s (it has {len(raw)} bytes so "
+                         "far); send the whole recipe at once")
+            late.headers["Connection"] = "close"
+            return late
         except ClientDisconnect:  # the client hung up before its body ended: no one to answer, nothing stored
             logger.info("POST /api/jobs: the client disconnected before sending its whole body")
             return error(400, "the body ended early: the client disconnected")
@@ -176,19 +227,21 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
 
     def enqueue(raw: bytes, content_type: str, dry_run: bool, token: str | None) -> JSONResponse:
         try:
-            job = parse_job(_parse_body(raw, content_type), outputs, dry_run=dry_run, local_roots=roots)
+            body = _parse_body(raw, content_type)
+            text = raw.decode("utf-8") if _media_type(content_type) in YAML_TYPES else None  # its comments too
+            job = parse_job(body, outputs, dry_run=dry_run, local_roots=roots, text=text)
         except RecipeError as problem:
-            return error(400, str(problem))
+            return error(400, hide_output_root(str(problem), outputs))
         try:
             claims = (None, None) if job.dry_run else (job.output, job.repo_id)  # a dry run writes nothing
             job_id = store.add(job.to_dict(), output=claims[0], repo_id=claims[1], dry_run=job.dry_run,
-                               has_token=token is not None, max_queued=max_queued)
+                               has_token=token is not None, max_queued=max_queued, max_jobs=max_jobs)
         except QueueFullError as problem:
             answer = error(429, str(problem))
             answer.headers["Retry-After"] = str(RETRY_AFTER_S)
             return answer
-        except TargetClaimedError as problem:
-            return error(409, str(problem))
+        except TargetClaimedError as problem:  # it names the claimed folders as the store holds them: absolute
+            return error(409, hide_output_root(str(problem), outputs))
         scheduler.submit(job_id, token)
         return JSONResponse({"id": job_id, "status": "queued"}, status_code=201)
 
@@ -202,13 +255,13 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         except KeyError:
             return error(404, f"no job {before!r} to page from (`before`); pass the `next` id of the previous page")
         page = jobs[:size]
-        return JSONResponse({"jobs": [public(j) for j in page],
+        return JSONResponse({"jobs": [public(j, outputs) for j in page],
                              "next": page[-1]["id"] if len(jobs) > size else None})
 
     @app.get("/api/jobs/{job_id}")
     def get_job(job_id: str) -> JSONResponse:
         job = store.get(job_id)
-        return JSONResponse(public(job)) if job else error(404, f"no job {job_id!r}; GET /api/jobs lists them")
+        return JSONResponse(public(job, outputs)) if job else error(404, f"no job {job_id!r}; GET /api/jobs lists them")
 
     @app.delete("/api/jobs/{job_id}")
     def cancel_job(job_id: str, request: Request) -> JSONResponse:
@@ -248,7 +301,7 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         job = store.get(job_id)
         if job is None:
             return HTMLResponse(f"no job {html.escape(job_id)}", status_code=404)
-        recipe = yaml.safe_dump(public(job)["recipe"], sort_keys=False)
+        recipe = yaml.safe_dump(public(job, outputs)["recipe"], sort_keys=False)
         return render("job.html.jinja", job=_page_job(job, outputs), recipe=recipe, log=store.log(job_id))
 
     @app.get("/jobs/{job_id}/files/{name:path}")
@@ -257,7 +310,7 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         folder = _output_folder(job, outputs) if job else None
         if folder is None or name not in _files(folder):
             return error(404, f"job {job_id} has no output file {name!r}")
-        return FileResponse(folder / name)
+        return FileResponse(folder / name, headers=FILE_HEADERS)
 
     return app
 
@@ -341,7 +394,7 @@ def _files(folder: Path) -> list[str]:
 
 def _page_job(job: dict[str, Any], outputs: Path) -> dict[str, Any]:
     """A job with what the page links to: the pushed repo, the card, the plots, the recipe."""
-    view = public(job)
+    view = public(job, outputs)
     result = job.get("result") or {}
     folder = _output_folder(job, outputs)
     files = _files(folder) if folder else []

@@ -3,11 +3,13 @@
 The body holds recipe keys (`models`, `calibration`, `method`, ... — `hf_mudsc.publish.recipe.Recipe`), the
 destination keys a recipe FILE may not set but a job must (`output`, `push_to_hub`, `private`, `overwrite`), and
 `dry_run`. Every error names the offending key; the web process answers it with 400. What `hf-mudsc merge` refuses
-before loading is refused here too (an existing output, options the method refuses, names that are no Hub id), so
+before loading is refused here too (an existing output, options the method refuses, names that are no Hub id, a
+pushed recipe's local folders named by folder name only), so
 a client hears it at POST rather than from a job failed in its worker.
 
 `output` is a folder under the service's output root (default `<state-dir>/outputs`): a client names a folder
-there, never a path elsewhere on the server. `allow_pickle` is refused: the service never unpickles weights.
+there, never a path elsewhere on the server, and a refusal names it as the client did, never the root's path
+(`hide_output_root`). `allow_pickle` is refused: the service never unpickles weights.
 
 What a job READS from the server's disk — a parent or `base` folder, `calibration` data, and the base a local
 parent's model card names when the job's method takes it from there — must lie inside a folder the operator listed
@@ -28,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,7 +42,7 @@ from hf_mudsc.cli.merge import check_merge_output
 from hf_mudsc.errors import CalibrationError, LoadError, RecipeError, shown
 from hf_mudsc.load.references import card_base_model, looks_like_path, parse_reference
 from hf_mudsc.methods.registry import AUTO, check_size, get_method
-from hf_mudsc.publish.recipe import DESTINATION_KEYS, INFO_KEYS, Recipe
+from hf_mudsc.publish.recipe import DESTINATION_KEYS, INFO_KEYS, LOCAL_REFERENCE_KEYS, Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,9 @@ CONTROLS = "control characters (newlines, tabs, escapes, direction overrides)"
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 # How a refusal tells the client a local path is not allowed: no server path but the one it sent (docs/design.md §11).
 OUTSIDE = "which is outside the folders this server allows (its operator lists them with --local-root)"
+# A line of the comment on top of a recipe pushed to the Hub (`publish.recipe.published_text`) listing an entry that
+# was a local folder, now named by folder name only: `#   models[0]: vit-cars`.
+PUBLISHED_ENTRY = re.compile(rf"^#\s+({'|'.join(LOCAL_REFERENCE_KEYS)})(?:\[(\d+)\])?: (.*)$")
 
 
 @dataclass(frozen=True)
@@ -91,10 +97,12 @@ def accepted_keys() -> list[str]:
 
 
 def parse_job(body: Any, output_root: Path, *, dry_run: bool = False,
-              local_roots: Sequence[Path] = ()) -> JobRequest:
+              local_roots: Sequence[Path] = (), text: str | None = None) -> JobRequest:
     """Validate a POST /api/jobs body; raises `RecipeError` naming the key (before anything is loaded).
 
-    `local_roots`: the folders a job may read local paths from (`--local-root`); none: Hub references only."""
+    `local_roots`: the folders a job may read local paths from (`--local-root`); none: Hub references only.
+    `text`: the body as sent when it is YAML, whose comments may list entries a pushed recipe names by folder
+    name only (`refuse_published_names`)."""
     if not isinstance(body, Mapping):
         raise RecipeError(f"the body must be a mapping of recipe keys to values (JSON or YAML), "
                           f"got {type(body).__name__}")
@@ -121,6 +129,8 @@ def parse_job(body: Any, output_root: Path, *, dry_run: bool = False,
     recipe = Recipe.from_dict(body, source="job")
     recipe = recipe.override(**destination)
     recipe = recipe.validate()
+    if text is not None:
+        refuse_published_names(text, recipe)
     # Refuses; the store keeps what the client sent, the worker gets the paths resolved again when the job starts.
     resolved = resolve_local_paths(JobRequest(recipe, dry_run), local_roots).recipe
     check_hub_ids(recipe)
@@ -132,11 +142,46 @@ def parse_job(body: Any, output_root: Path, *, dry_run: bool = False,
             try:
                 check_merge_output(Path(recipe.output), resolved.override(output=recipe.output), flag="output")
             except (FileExistsError, ValueError) as problem:
-                raise RecipeError(str(problem)) from None
+                raise RecipeError(hide_output_root(str(problem), output_root)) from None
     if not dry_run and not recipe.output and not recipe.push_to_hub:
         raise RecipeError("say where the merged model goes: `output` (a folder name under the service's output "
                           "root) and/or `push_to_hub` (`org/name`)")
     return JobRequest(recipe, dry_run)
+
+
+def refuse_published_names(text: str, recipe: Recipe) -> None:
+    """Refuse a recipe pushed to the Hub whose local folders are still named by folder name only: one line naming
+    each entry, as `hf-mudsc merge --recipe` refuses it (`publish.recipe.check_local_folders_given`). The names pass
+    as Hub ids (`vit-cars`) or datasets builders, so the job would otherwise be queued and fail in its worker.
+
+    The entries are the ones the comment on top of the file lists whose value is still the name listed there; one
+    replaced by a Hub reference or a path (the comment left in place) goes through the usual checks, and so does a
+    name that is a path in the service's working folder (the local roots decide), as the CLI leaves it to the loader."""
+    missing = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        if not line.startswith("#"):
+            break
+        match = PUBLISHED_ENTRY.match(line)
+        if match is None:
+            continue
+        key, index, name = match.group(1), match.group(2), match.group(3)
+        value = getattr(recipe, key)
+        if index is not None:
+            value = value[int(index)] if isinstance(value, list) and int(index) < len(value) else None
+        if value != name or any(os.path.exists(os.path.expanduser(part)) for part in (name, name.partition(":")[0])
+                                if part):
+            continue
+        missing.append(f"`{key}{'' if index is None else f'[{index}]'}` {shown(name)}")
+    if missing:
+        one = len(missing) == 1
+        raise RecipeError(
+            f"{', '.join(missing)} {'was a local folder' if one else 'were local folders'} on the machine that "
+            "merged, named by folder name only in a published recipe: in the recipe, replace "
+            f"{'it' if one else 'each'} by a Hub reference (`org/name[@revision]`, a dataset "
+            "`org/name[:config]:split`) or a path inside the folders this server allows (its operator lists them "
+            "with --local-root)")
 
 
 def check_hub_ids(recipe: Recipe) -> None:
@@ -211,9 +256,19 @@ def resolve_output(output: str, output_root: Path) -> Path:
     path = expanded("output", output)
     resolved = (path if path.is_absolute() else root / path).resolve()
     if resolved == root or not resolved.is_relative_to(root):
-        raise RecipeError(f"`output` must name a folder inside the service's output root {str(root)!r} "
-                          f"(e.g. `merged-model`), got {output!r}")
+        raise RecipeError(f"`output` must name a folder inside the service's output root: a relative name such as "
+                          f"`merged-model` or `runs/merged-model` (no `..`, no path elsewhere), got {output!r}")
     return resolved
+
+
+def hide_output_root(text: str, output_root: Path) -> str:
+    """`text` (a refusal) with the output root's path taken out: a folder inside it as the client names one,
+    relative to the root, and the root itself as "the service's output root". The client learns its own `output`
+    back, never where the server keeps outputs."""
+    root = output_root.expanduser()
+    for form in sorted({str(root.absolute()), str(root.resolve())}, key=len, reverse=True):
+        text = text.replace(repr(form), "the service's output root").replace(form + os.sep, "")
+    return text
 
 
 def resolve_local_paths(job: JobRequest, local_roots: Sequence[Path]) -> JobRequest:

@@ -9,6 +9,7 @@ never the token itself (tokens live in the scheduler's memory only; docs/design.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import uuid
@@ -16,6 +17,8 @@ from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path, PurePath
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 STORE_FILENAME = "jobs.sqlite3"
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -25,6 +28,10 @@ PHASES = ("load", "calibrate", "solve", "apply", "build", "publish")
 # Jobs that may wait for a worker at once (`hf-mudsc serve --max-queued`): each is a store row and later a whole
 # merge (minutes of CPU), so anyone who may POST could otherwise queue unbounded work; 100 is hours of merges.
 MAX_QUEUED = 100
+# Finished jobs whose records the store keeps (`hf-mudsc serve --max-jobs`): every POST adds a record and a log, so
+# without a cap anyone who may POST fills the disk. A submission beyond it removes the records of the jobs that
+# finished longest ago (never a queued or running one, never an output folder); 1000 is months of everyday use.
+MAX_JOBS = 1000
 
 RESTARTED_RUNNING = ("the service stopped while this job was running (crash, kill or restart); nothing was "
                      "pushed after that point — resubmit the job")
@@ -106,9 +113,10 @@ class JobStore:
 
     # ------------------------------------------------------------------ writes
     def add(self, request: dict[str, Any], *, output: str | None, repo_id: str | None, dry_run: bool,
-            has_token: bool, max_queued: int | None = None) -> str:
+            has_token: bool, max_queued: int | None = None, max_jobs: int | None = None) -> str:
         """A new queued job; refused (`QueueFullError`) while `max_queued` jobs are queued, and
-        (`TargetClaimedError`) if a queued or running job claims its destination.
+        (`TargetClaimedError`) if a queued or running job claims its destination. With `max_jobs`, the records
+        (and logs) of finished jobs beyond the `max_jobs` that finished last are removed (`MAX_JOBS`).
 
         The checks and the insert are one transaction, so two concurrent submissions cannot both claim a target
         or both take the last place in the queue."""
@@ -146,11 +154,24 @@ class JobStore:
                     "INSERT INTO jobs (id, status, progress, request, dry_run, has_token, output, repo_id, created, "
                     "updated) VALUES (?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?)",
                     (job_id, json.dumps(request), int(dry_run), int(has_token), output, repo_id, stamp, stamp))
+                pruned = self._prune(max_jobs) if max_jobs is not None else 0
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+        if pruned:
+            logger.info("removed the records of %d finished job(s) beyond --max-jobs %d", pruned, max_jobs)
         return job_id
+
+    def _prune(self, max_jobs: int) -> int:
+        """Delete the finished jobs beyond the `max_jobs` that finished last, with their log lines (inside the
+        caller's transaction, under the lock). By `updated`, not submission: a long job that just finished stays."""
+        stale = [(r["id"],) for r in self._db.execute(
+            "SELECT id FROM jobs WHERE status NOT IN (?, ?) ORDER BY updated DESC, seq DESC LIMIT -1 OFFSET ?",
+            (*ACTIVE, max_jobs))]
+        self._db.executemany("DELETE FROM logs WHERE job_id = ?", stale)
+        self._db.executemany("DELETE FROM jobs WHERE id = ?", stale)
+        return len(stale)
 
     def update(self, job_id: str, **fields: Any) -> None:
         """Set some of status, progress, phase, error, result (a dict, stored as JSON)."""
