@@ -48,7 +48,8 @@ def test_task_arithmetic():
 
 def test_task_arithmetic_normalize_zero_weight_sum_guard():
     base = {"w": T([0.0])}
-    # weights 1 and -1 sum to 0 -> divisor replaced by 1: 1*2 + (-1)*1 = 1
+    # weights 1 and -1 sum to 0 -> divisor replaced by 1 (mergekit's |sum| < 1e-8 guard): 1*2 + (-1)*1 = 1; the
+    # method refuses such weights with normalize before loading (tests/test_option_extremes.py)
     out = tm.task_arithmetic(base, [{"w": T([2.0])}, {"w": T([1.0])}], [1, -1], normalize=True)
     assert close(out["w"], [1.0])
 
@@ -173,6 +174,29 @@ def test_breadcrumbs_drops_largest_and_smallest():
     base = {"w": torch.zeros(10)}
     out = tm.breadcrumbs(base, [{"w": d}], [2], density=0.7, gamma=0.1)["w"]
     assert close(out, 2 * d * T([0, 0, 1, 1, 1, 1, 1, 1, 1, 0.0]))
+
+
+def test_a_tiny_density_keeps_one_entry_for_ties_and_none_for_breadcrumbs_dare_della_as_mergekit():
+    """mergekit 0.1.5 `sparsify`: the TIES trim keeps max(1, int(density·n)) entries, Breadcrumbs int(density·n)
+    (possibly 0), DARE and DELLA each entry with probability about density. The pure functions do exactly that; the
+    methods refuse a density that keeps nothing of even the largest tensor (`check_density_keeps`)."""
+    base = {"w": torch.zeros(4)}
+    d = T([1.0, -2.0, 3.0, -0.5])
+    # ties: k = max(1, int(4e-9)) = 1 -> only 3.0 survives; one parent, divisor its weight 1
+    assert close(tm.ties(base, [{"w": d}], [1], density=1e-9)["w"], [0.0, 0.0, 3.0, 0.0])
+    # breadcrumbs: target = int(4e-9) = 0 -> nothing kept -> the base
+    assert close(tm.breadcrumbs(base, [{"w": d}], [1], density=1e-9, gamma=0.01)["w"], [0.0] * 4)
+    # DARE: each entry kept with probability 1e-9 (none here), the L1 rescale guard leaves zeros -> the base
+    assert close(tm.dare_linear(base, [{"w": d}], [1], density=1e-9, seed=0)["w"], [0.0] * 4)
+    # DELLA with epsilon 1e-10: probabilities 0.9e-9 to 1.1e-9 -> none kept -> the base
+    assert close(tm.della(base, [{"w": d}], [1], density=1e-9, epsilon=1e-10)["w"], [0.0] * 4)
+    tm.check_density_keeps("magnitude", 1e-9, 4)  # the TIES trim always keeps one
+    tm.check_density_keeps("outliers", 0.25, 4)  # int(0.25 * 4) = 1 kept
+    with pytest.raises(ValueError, match=r"^density 0.2 keeps no entry of even the largest tensor \(4 entries\)"):
+        tm.check_density_keeps("outliers", 0.2, 4)
+    with pytest.raises(ValueError, match="parent B's density 0.2 keeps on average less than one entry .* leave out "
+                                         "parent B's task vector; give a density of at least 1/4 = 0.25"):
+        tm.check_density_keeps("random", 0.2, 4, "parent B")
 
 
 def test_breadcrumbs_ties_default_unnormalized():

@@ -74,6 +74,8 @@ __all__ = [
     "l1_rescale",
     "l1_factor",
     "sparsify_mask",
+    "check_density_keeps",
+    "UNFLOORED_SPARSIFIERS",
     "combine_task_vectors",
     "work_dtype",
     "GTA_FORMS",
@@ -314,6 +316,26 @@ def _gta(
         out[name] = combine_task_vectors(b, b32, deltas, [w_all[i] for i, _ in present], consensus=consensus,
                                          normalize=normalize, scaling=scaling)
     return out
+
+
+#: The sparsifiers that may keep no entry of a tensor (mergekit 0.1.5): Model Breadcrumbs keeps int(density·entries)
+#: (no at-least-one rule, unlike the TIES trim's max(1, ...)), DARE and DELLA each entry with probability density
+#: on average.
+UNFLOORED_SPARSIFIERS = ("outliers", "random", "della_magprune")
+
+
+def check_density_keeps(sparsify: str | None, density: float, entries: int, parent: str | None = None) -> None:
+    """Refuse a `density` with which `sparsify` keeps no entry (on average less than one, for the random kinds) of
+    even the largest tensor of a task vector, `entries` its size: the merge would leave that task vector out — every
+    tensor of it dropped — silently (as mergekit 0.1.5 does). `parent` (`parent B`): the density is that parent's."""
+    if sparsify not in UNFLOORED_SPARSIFIERS or density >= 1 or not entries or density * entries >= 1:
+        return
+    kept = "no entry" if sparsify == "outliers" else "on average less than one entry"
+    whose = f"{parent}'s " if parent else ""
+    left = f"{parent}'s task vector" if parent else "every task vector: it would be the base"
+    raise ValueError(f"{whose}density {density:g} keeps {kept} of even the largest tensor ({entries:,} entries), so "
+                     f"the merge would leave out {left}; give a density of at least 1/{entries:,} = "
+                     f"{1 / entries:.3g}, {option_hint('density')}")
 
 
 def sparsify_mask(sparsify: str | None, delta: torch.Tensor, density: float, gamma: float, epsilon: float,
