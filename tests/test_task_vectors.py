@@ -374,19 +374,22 @@ def test_regmean_equal_grams_is_plain_average_and_other_tensors_averaged():
 # ------------------------------------------------------------------------------ Fisher
 
 
-def test_fisher_average_hand_values_and_zero_fisher_floor():
-    p1, p2 = {"w": T([1.0])}, {"w": T([3.0])}
-    f1, f2 = {"w": T([3.0])}, {"w": T([1.0])}
-    # no normalisation, eps 0: c = 1/2 each -> (3*1 + 1*3) / (3 + 1) = 1.5
-    assert close(tm.fisher_average([p1, p2], [f1, f2], epsilon=0.0, normalize=False)["w"], [1.5])
-    # normalised: ||F|| = 3, 1 -> 1/norm = 1/3, 1 -> [.25, .75]; c = .5*[.25,.75]
-    # num = .125*3*1 + .375*1*3 = 1.5 ; den = .125*3 + .375*1 = .75 -> 2.0
-    assert close(tm.fisher_average([p1, p2], [f1, f2], epsilon=0.0)["w"], [2.0])
-    z = {"w": T([0.0])}
-    # zero Fisher everywhere: eps is added -> plain average (2.0), never 0/0
-    assert close(tm.fisher_average([p1, p2], [z, z])["w"], [2.0])
-    # weights [1, 3] with zero Fisher: (1*1 + 3*3) / 4 = 2.5
-    assert close(tm.fisher_average([p1, p2], [z, z], weights=[1, 3], normalize=False)["w"], [2.5])
+def test_fisher_average_is_the_papers_fisher_weighted_mean_with_every_fisher_floored():
+    """Matena & Raffel 2022: theta = sum_i w_i F_i theta_i / sum_i w_i F_i per entry, each F_i floored at epsilon
+    (max, as the authors' `fisher_floor` on every model) — not FusionBench's F + epsilon, nor its coefficients
+    divided by each Fisher's L2 norm (docs/design.md §4.11). The `fisher` method computes the same."""
+    p1, p2 = {"w": T([1.0, 1.0, 1.0])}, {"w": T([3.0, 3.0, 3.0])}
+    f1 = {"w": T([3.0, 0.0, 0.0])}
+    f2 = {"w": T([1.0, 0.0, 2e-6])}
+    # entry 0: (3*1 + 1*3) / (3 + 1) = 1.5 (normalising by the Fisher norms 3 and ~1 would give 2.0)
+    # entry 1: no Fisher anywhere -> both floored at 1e-6 -> the plain average 2.0
+    # entry 2: max(0, 1e-6) = 1e-6 and 2e-6 -> (1e-6*1 + 2e-6*3) / 3e-6 = 7/3 (adding 1e-6 would give 2.5)
+    assert close(tm.fisher_average([p1, p2], [f1, f2])["w"], [1.5, 2.0, 7 / 3])
+    # weights [1, 3]: entry 0 (1*3*1 + 3*1*3) / (3 + 3) = 2 ; entry 1 (1*1 + 3*3) / 4 = 2.5 ;
+    # entry 2 (1e-6*1 + 3*2e-6*3) / (1e-6 + 6e-6) = 19/7
+    assert close(tm.fisher_average([p1, p2], [f1, f2], [1, 3])["w"], [2.0, 2.5, 19 / 7])
+    # the floor is the option: at 1e-12 entry 2 is all parent 2's Fisher -> ~3 ; entry 1 still the average
+    assert close(tm.fisher_average([p1, p2], [f1, f2], epsilon=1e-12)["w"], [1.5, 2.0, 3.0], tol=1e-5)
 
 
 # ------------------------------------------------------------------------ common rules
