@@ -778,9 +778,12 @@ def check_before_weights(config: Any, options: MergeOptions, count: int, method:
     parents that will be loaded whole, `method` None for `auto`; `copied`: `head_copies`; `base`: a base will be
     loaded whole, `base_loaded_whole`; `base_copy`: the base copied to parent A's label order, `base_copied`), and a
     head whose labels repeat a name in any of `parents` (as `load_parents_and_base`'s `check_config` gets them:
-    `check_label_names`). merge() and the CLI call it."""
+    `check_label_names`), and option values the method refuses for the model's shapes (`MergeMethod.check_shapes`).
+    merge() and the CLI call it."""
     check_label_names(config, parents)
     check_size_spend(config, options)
+    if method is not None:
+        method.check_shapes(options, lambda: parameter_shapes(config))
     check_memory(config, count, method, loading=loading, copied=copied, base=base, base_copy=base_copy)
 
 
@@ -866,6 +869,14 @@ def check_calibration_before_weights(calibration: Any, processors: Any, config: 
     check_calibration_columns(calibration, processors, image_column=options.image_column,
                               text_column=options.text_column, inputs=spec_for(model).inputs or None,
                               model_config=model.config)
+
+
+def parameter_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of the first parent's model (`config`: its config, or the model), weightless."""
+    from hf_mudsc.plan import meta_model
+
+    model = config if isinstance(config, PreTrainedModel) else meta_model(config)
+    return {name: tuple(parameter.shape) for name, parameter in model.named_parameters()}
 
 
 def check_label_names(config: Any, parents: Sequence[Any]) -> None:

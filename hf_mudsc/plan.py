@@ -658,6 +658,8 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
             calibration, options, tokens, assumed, token=token,
             check=None if check_columns is None else lambda data: check_columns(data, processors, models_meta[0]))
     shapes = {name: tuple(p.shape) for name, p in models_meta[0].named_parameters()}
+    if not automatic:  # what the merge refuses from the shapes before weights (`MergeMethod.check_shapes`)
+        method.check_shapes(options, lambda: shapes)
     embeddings = {f"{name}.weight" for name, module in models_meta[0].named_modules()
                   if isinstance(module, torch.nn.Embedding)}
     linear = {name: _numel(shape) for name, shape in shapes.items() if len(shape) >= 2 and name not in embeddings}

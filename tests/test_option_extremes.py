@@ -344,3 +344,26 @@ def test_ties_at_a_tiny_density_keeps_one_entry_per_tensor_and_parent_as_mergeki
         changed = {int(i) for i in (tensor != before[name]).reshape(-1).nonzero().flatten()}
         tops = {int((p.get_parameter(name) - before[name]).abs().reshape(-1).argmax()) for p in parents}
         assert 1 <= len(changed) <= 3 and changed <= tops, name
+
+
+def test_a_density_that_keeps_no_entry_is_refused_from_the_configs_before_any_weights_are_read(tmp_path,
+                                                                                              monkeypatch):
+    """The shapes come from parent A's config: refused before any parent's weights are read, and by the dry run."""
+    from hf_mudsc.load import parents as loading
+
+    base = make_model("vit_cls", 0)
+    base.save_pretrained(tmp_path / "base")
+    for seed in (1, 2):
+        fine_tune(base, seed, 0.05).save_pretrained(tmp_path / f"p{seed}")
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(loading, "_prepare", no_weights)
+    for dry_run in (False, True):
+        with pytest.raises(MergeInputError) as caught:
+            hf_mudsc.merge([str(tmp_path / "p1"), str(tmp_path / "p2")], method="dare_ties", density=1e-9,
+                           base=str(tmp_path / "base"), progress=False, dry_run=dry_run)
+        message = str(caught.value)
+        assert "method 'dare_ties': density 1e-09 keeps on average less than one entry of even the largest" in message
+        assert "\n" not in message

@@ -166,19 +166,29 @@ class TensorWiseMethod(MergeMethod):
                     f"probabilities; give a smaller epsilon than min(density, 1 - density), "
                     f"{option_hint('epsilon')}, or another {option_hint('density')}")
 
-    def _check_kept_entries(self, context: MethodContext, keywords: dict[str, Any]) -> None:
-        """Refuse, once the base's shapes are known and before any tensor is merged, a `density` with which the
-        method's sparsifier keeps no entry of even the largest tensor (`task_vectors.check_density_keeps`)."""
-        from hf_mudsc.errors import MergeInputError
-        from hf_mudsc.load.lazy import shape_of
-        from hf_mudsc.load.relation import parent_label
+    def check_shapes(self, options: MergeOptions, shapes: Callable[[], Mapping[str, tuple[int, ...]]]) -> None:
+        """Refuse, from parent A's shapes and before any weights are read, a `density` with which the method's
+        sparsifier keeps no entry of even the largest tensor (`task_vectors.check_density_keeps`)."""
+        if self._unfloored_sparsifier() is not None:
+            self._check_kept_entries(self.option_value(options, "density"),
+                                     max((math.prod(shape) for shape in shapes().values()), default=0))
+
+    def _unfloored_sparsifier(self) -> str | None:
+        """The method's sparsifier when it may keep no entry of a tensor (`task_vectors.UNFLOORED_SPARSIFIERS`:
+        Breadcrumbs, DARE, DELLA), else None."""
         from hf_mudsc.solve import task_vectors as tv
 
         sparsify, _ = tv.GTA_FORMS.get(getattr(self.function, "__name__", ""), (None, False))
-        if sparsify not in tv.UNFLOORED_SPARSIFIERS or context.base is None or "density" not in keywords:
-            return
-        entries = max((math.prod(shape_of(context.base, name)) for name in context.base.keys()), default=0)
-        density = keywords["density"]
+        return sparsify if sparsify in tv.UNFLOORED_SPARSIFIERS and "density" in dict(self.arguments) else None
+
+    def _check_kept_entries(self, density: Any, entries: int) -> None:
+        """`task_vectors.check_density_keeps` for the density (one, or one per parent) and the largest tensor's
+        `entries`, as a one-line `MergeInputError` naming the method (and the parent, for a per-parent density)."""
+        from hf_mudsc.errors import MergeInputError
+        from hf_mudsc.load.relation import parent_label
+        from hf_mudsc.solve import task_vectors as tv
+
+        sparsify = self._unfloored_sparsifier()
         each = density if isinstance(density, Sequence) else None
         try:
             for index, value in enumerate(each if each is not None else [density]):
@@ -239,7 +249,11 @@ class TensorWiseMethod(MergeMethod):
             raise MergeInputError(f"method {self.name!r} needs the parents' common base model: "
                                   f"{option_hint('base')}")
         keywords = self.keywords(context.options)
-        self._check_kept_entries(context, keywords)
+        if self._unfloored_sparsifier() is not None and context.base is not None:  # `auto`'s choice, a base's shapes
+            from hf_mudsc.load.lazy import shape_of
+
+            self._check_kept_entries(keywords["density"], max(
+                (math.prod(shape_of(context.base, name)) for name in context.base.keys()), default=0))
         if "blocks" in keywords:
             _check_blocks(keywords["blocks"], context.parents[0], context.options.layer_swap)
         weights = self.option_value(context.options, "weights") if "weights" in dict(self.arguments) else None
