@@ -19,6 +19,10 @@ WEIGHT_RANGE = (1e-30, 1e30)
 #: is no merge of these parents (at 1e30 the weights were 3e29, at 1e308 inf), and a threshold of 100 already keeps
 #: almost nothing (the merge is the base).
 FACTOR_LIMIT = 100.0
+#: The smallest magnitude of the weights' sum a normalising method divides by: mergekit 0.1.5 replaces a divisor
+#: below it by 1 (`generalized_task_arithmetic`: `divisor[divisor.abs() < 1e-8] = 1`), silently leaving the weights
+#: unnormalised; a merge asked to normalise refuses such weights instead (docs/design.md §4.10).
+WEIGHT_SUM_FLOOR = 1e-8
 #: The most encoder blocks a model may have here (the largest transformers have a few hundred): a range past it
 #: is refused before it is expanded into one entry per block.
 MAX_BLOCKS = 10_000

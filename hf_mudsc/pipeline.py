@@ -21,7 +21,9 @@ from hf_mudsc.apply.classifier import (
     concatenated_classifier_config,
     concatenated_head,
     distinct_task_names,
+    label_ids,
     label_names,
+    repeated_label_message,
     same_label_sets,
 )
 from hf_mudsc.apply.dtype import cast_merged, resolve_out_dtype
@@ -47,7 +49,7 @@ from hf_mudsc.methods.registry import (
     get_method,
 )
 from hf_mudsc.options import AUTO, REFITTING, MergeOptions, option_hint
-from hf_mudsc.plan import MergePlan, base_copied, base_loaded_whole, check_memory, head_copies
+from hf_mudsc.plan import MergePlan, base_copied, base_loaded_whole, check_memory, config_of, head_copies
 from hf_mudsc.solve.diagnostics import MergeDiagnostics, compute_diagnostics
 from hf_mudsc.solve.matchers import Match
 from hf_mudsc.solve.widen import check_spend, measured_plan
@@ -384,7 +386,7 @@ def merge(
                              loading=min(references, 1) if streaming else references,
                              copied=head_copies(every, streaming=streaming),
                              base=base_loaded_whole(base, merge_method, streaming=streaming),
-                             base_copy=base_copied(found_base, every[0], streaming=streaming))
+                             base_copy=base_copied(found_base, every[0], streaming=streaming), parents=every)
 
     def check_data(processors: list[Any]) -> None:  # a method known to read the data: its columns, before weights
         if merge_method is not None and needs_data and "config" in first:
@@ -578,6 +580,8 @@ def merge(
         configs = [m.config for m in loaded]
         for key, value in concatenated_classifier_config(configs, distinct_task_names(configs)).items():
             setattr(config, key, value)
+    elif spec.classifier is not None:  # parent A's labels: label2id written from its id2label, not copied
+        config.label2id = label_ids(config)
     # What the merge used, for each option declared `recorded`: the per-method options as the method reports them
     # (None where it does not read them), the others as given.
     used = dataclasses.replace(
@@ -767,13 +771,19 @@ def _reads_data(method: MergeMethod, refitting: bool) -> bool:
 
 
 def check_before_weights(config: Any, options: MergeOptions, count: int, method: MergeMethod | None, *,
-                         loading: int, copied: Sequence[str] = (), base: bool = False, base_copy: bool = False) -> None:
+                         loading: int, copied: Sequence[str] = (), base: bool = False, base_copy: bool = False,
+                         parents: Sequence[Any] = ()) -> None:
     """What the first parent's config (or model) refuses before any weights are read: a `size_spend` the
-    architecture cannot spend, and more parents than memory holds (`hf_mudsc.plan.check_memory`; `loading`: the
+    architecture cannot spend, more parents than memory holds (`hf_mudsc.plan.check_memory`; `loading`: the
     parents that will be loaded whole, `method` None for `auto`; `copied`: `head_copies`; `base`: a base will be
-    loaded whole, `base_loaded_whole`; `base_copy`: the base copied to parent A's label order, `base_copied`). merge()
-    and the CLI call it."""
+    loaded whole, `base_loaded_whole`; `base_copy`: the base copied to parent A's label order, `base_copied`), and a
+    head whose labels repeat a name in any of `parents` (as `load_parents_and_base`'s `check_config` gets them:
+    `check_label_names`), and option values the method refuses for the model's shapes (`MergeMethod.check_shapes`).
+    merge() and the CLI call it."""
+    check_label_names(config, parents)
     check_size_spend(config, options)
+    if method is not None:
+        method.check_shapes(options, lambda: parameter_shapes(config))
     check_memory(config, count, method, loading=loading, copied=copied, base=base, base_copy=base_copy)
 
 
@@ -859,6 +869,30 @@ def check_calibration_before_weights(calibration: Any, processors: Any, config: 
     check_calibration_columns(calibration, processors, image_column=options.image_column,
                               text_column=options.text_column, inputs=spec_for(model).inputs or None,
                               model_config=model.config)
+
+
+def parameter_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of the first parent's model (`config`: its config, or the model), weightless."""
+    from hf_mudsc.plan import meta_model
+
+    model = config if isinstance(config, PreTrainedModel) else meta_model(config)
+    return {name: tuple(parameter.shape) for name, parameter in model.named_parameters()}
+
+
+def check_label_names(config: Any, parents: Sequence[Any]) -> None:
+    """Refuse a parent whose `id2label` gives one name to several classes (`apply.classifier.repeated_label`), when
+    the model has a classifier (`config`: the first parent's config or model; `parents`: each a config, a model or a
+    `LoadedParent`, parent A first), before any weights are read: the merged config could not map each name to one
+    class (docs/design.md §6)."""
+    from hf_mudsc.plan import meta_model
+
+    for index, parent in enumerate(parents):
+        message = repeated_label_message(config_of(parent), f"parent {parent_label(index)}")
+        if message is not None:
+            model = config if isinstance(config, PreTrainedModel) else meta_model(config)
+            if spec_for(model).classifier is None:  # no head: the labels name nothing the merge writes
+                return
+            raise MergeInputError(message)
 
 
 def check_size_spend(config: Any, options: MergeOptions) -> None:

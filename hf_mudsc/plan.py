@@ -309,7 +309,7 @@ def base_loaded_whole(base: Any, method: Any | None, *, streaming: bool) -> bool
     return isinstance(base, (str, os.PathLike))
 
 
-def _config_of(parent: Any) -> Any:
+def config_of(parent: Any) -> Any:
     """A parent's (or base's) config: `parent` is a config (a reference still to be loaded), a model or a
     `LoadedParent`."""
     from hf_mudsc.load.parents import LoadedParent
@@ -320,7 +320,7 @@ def _config_of(parent: Any) -> Any:
 
 
 def _held_whole(parent: Any, streaming: bool) -> bool:
-    """Whether a parent (or base) in `_config_of`'s forms is held whole: a model, a `LoadedParent` read whole, or a
+    """Whether a parent (or base) in `config_of`'s forms is held whole: a model, a `LoadedParent` read whole, or a
     reference not streamed."""
     from hf_mudsc.load.parents import LoadedParent
 
@@ -338,9 +338,9 @@ def head_copies(parents: Sequence[Any], *, streaming: bool) -> list[str]:
     from hf_mudsc.apply.classifier import head_order
     from hf_mudsc.load.relation import parent_label
 
-    config_a = _config_of(parents[0])
+    config_a = config_of(parents[0])
     return [parent_label(index) for index, parent in enumerate(parents)
-            if index and _held_whole(parent, streaming) and head_order(config_a, _config_of(parent)) is not None]
+            if index and _held_whole(parent, streaming) and head_order(config_a, config_of(parent)) is not None]
 
 
 def base_copied(base: Any, parent_a: Any, *, streaming: bool) -> bool:
@@ -362,7 +362,7 @@ def base_copied(base: Any, parent_a: Any, *, streaming: bool) -> bool:
 
         if named(base) != named(parent_a):
             return False
-    return head_order(_config_of(parent_a), _config_of(base)) is not None
+    return head_order(config_of(parent_a), config_of(base)) is not None
 
 
 def memory_floor(model: Any, parents: int, method: Any | None, *, loading: int, copies: int = 0,
@@ -602,10 +602,11 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     `pipeline.check_calibration_before_weights`), run on data at hand so the dry run refuses what the merge refuses."""
     import torch
 
-    from hf_mudsc.apply.classifier import label_names, same_label_sets
+    from hf_mudsc.apply.classifier import label_names, repeated_label_message, same_label_sets
     from hf_mudsc.apply.dtype import resolve_out_dtype
     from hf_mudsc.architectures import spec_for
     from hf_mudsc.diagnostics import calibration_size_warning, default_labels_warning, relation_warning
+    from hf_mudsc.errors import MergeInputError
     from hf_mudsc.load.parents import dtype_description, locate_parents, unloaded
     from hf_mudsc.load.relation import parent_label
     from hf_mudsc.methods.auto import ALPHA_HANDED, alpha_searched, is_auto, planned_method
@@ -657,6 +658,8 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
             calibration, options, tokens, assumed, token=token,
             check=None if check_columns is None else lambda data: check_columns(data, processors, models_meta[0]))
     shapes = {name: tuple(p.shape) for name, p in models_meta[0].named_parameters()}
+    if not automatic:  # what the merge refuses from the shapes before weights (`MergeMethod.check_shapes`)
+        method.check_shapes(options, lambda: shapes)
     embeddings = {f"{name}.weight" for name, module in models_meta[0].named_modules()
                   if isinstance(module, torch.nn.Embedding)}
     linear = {name: _numel(shape) for name, shape in shapes.items() if len(shape) >= 2 and name not in embeddings}
@@ -677,6 +680,11 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
             warnings.append(text)
     identical = _identical_weights(located, token=token)
     configs = [parent.config for parent in located]
+    if spec.classifier is not None:  # the merge's refusal before weights (`pipeline.check_label_names`)
+        for index, parent_config in enumerate(configs):
+            message = repeated_label_message(parent_config, f"parent {parent_label(index)}")
+            if message is not None:
+                raise MergeInputError(message)
     if not identical and spec.classifier is not None and same_label_sets(configs):  # the same model: one task
         text = default_labels_warning([label_names(c) for c in configs])
         if text:

@@ -302,10 +302,9 @@ def test_fisher_takes_the_other_parents_value_where_one_parents_fisher_is_zero()
     torch.testing.assert_close(column, state(parent_a)["classifier.weight"][:, 5], rtol=1e-4, atol=1e-6)
     other = state(merged)["classifier.weight"][:, 4]
     assert float((other - state(parent_a)["classifier.weight"][:, 4]).abs().max()) > 1e-3  # elsewhere: a blend
-    # The whole merge is the floored Fisher-weighted average (the package's separate fisher_average agrees).
-    fishers = [{k: v.clamp_min(1e-6) for k, v in diagonal_fisher(p, lambda: batches)[0].items()}
-               for p in (parent_a, parent_b)]
-    expected = fisher_average([state(parent_a), state(parent_b)], fishers, [1.0, 3.0], epsilon=0.0, normalize=False)
+    # The whole merge is fisher_average's floored Fisher-weighted mean of the parents' Fishers (one definition).
+    fishers = [diagonal_fisher(p, lambda: batches)[0] for p in (parent_a, parent_b)]
+    expected = fisher_average([state(parent_a), state(parent_b)], fishers, [1.0, 3.0], epsilon=1e-6)
     assert_states_close(merged, expected)
     assert merged.config.mudsc["fisher_epsilon"] == 1e-6 and merged.config.mudsc["regmean_scale"] is None
 

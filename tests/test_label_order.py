@@ -239,3 +239,63 @@ def test_head_order_only_for_the_same_named_labels_in_another_order():
     assert head_order(config(NAMES), config(["dog", "fox", "owl"])) is None  # other labels
     assert head_order(config(["cat", "cat", "dog"]), config(["dog", "cat", "cat"])) is None  # repeated names
     assert head_order(config(["LABEL_0", "LABEL_1"]), config(["LABEL_1", "LABEL_0"])) is None  # no meaning
+
+
+# ------------------------------------------------------------------------------------------- repeated label names
+
+
+def _repeating(kind="vit_cls", seed=0):
+    """A parent whose `id2label` gives the name 'cat' to ids 0 and 2 (its label2id, keyed by name, holds 2 names)."""
+    return _named(make_model(kind, seed=seed), ["cat", "dog", "cat"])
+
+
+@pytest.mark.parametrize(("other_names", "who"), [(["cat", "dog", "cat"], "A"), (["owl", "emu"], "B")])
+def test_a_parent_whose_id2label_repeats_a_name_is_refused_in_one_line_before_its_weights(other_names, who, tmp_path,
+                                                                                          monkeypatch):
+    """Two ids with one name: the merged config's label2id (a dict keyed by name) came out shorter than id2label
+    (`{'b: cat': 2, ...}` for 3 classes) and no one could tell the two classes apart by name; refused before any
+    weights are read, naming the parent, the name, its ids and the fix — with the same labels too (both parents
+    repeat the name: merged by position, still no name for each class)."""
+    from hf_mudsc.load import parents as loading
+
+    a = make_model("vit_cls", seed=1, num_labels=len(other_names))
+    _named(a, other_names)
+    a.save_pretrained(tmp_path / "a")
+    _repeating().save_pretrained(tmp_path / "b")
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(loading, "_prepare", no_weights)
+    for dry_run in (False, True):
+        with pytest.raises(hf_mudsc.MergeInputError) as caught:
+            hf_mudsc.merge([str(tmp_path / "a"), str(tmp_path / "b")], method="average", refit="none",
+                           progress=False, dry_run=dry_run)
+        message = str(caught.value)
+        assert f"parent {who}'s id2label gives the name 'cat' to 2 classes (ids 0 and 2)" in message, message
+        assert "give each class its own name" in message and "\n" not in message
+
+
+def test_a_repeated_name_in_a_model_objects_labels_is_refused_too():
+    with pytest.raises(hf_mudsc.MergeInputError, match="parent A's id2label gives the name 'cat' to 2 classes"):
+        hf_mudsc.merge([_repeating(seed=0), _repeating(seed=1)], method="average", refit="none", progress=False)
+
+
+@pytest.mark.parametrize("concatenated", [False, True])
+def test_the_merged_label2id_inverts_id2label_and_round_trips(concatenated, tmp_path):
+    """The merged config's label2id is id2label inverted (one id per name, every id), after a save and a reload
+    too — also when parent A's config holds no label2id (transformers 5 leaves it None when only id2label is
+    given), which the merged config used to copy."""
+    from transformers import AutoModelForImageClassification
+
+    a = make_model("vit_cls", seed=0)
+    a.config.id2label, a.config.label2id = dict(enumerate(NAMES)), None
+    b = _named(make_model("vit_cls", seed=1, num_labels=2), ["owl", "emu"]) if concatenated else \
+        _named(make_model("vit_cls", seed=1), NAMES)
+    merged = hf_mudsc.merge([a, b], method="average", refit="none", progress=False)
+    merged.save_pretrained(tmp_path / "merged")
+    again = AutoModelForImageClassification.from_pretrained(tmp_path / "merged")
+    for config in (merged.config, again.config):
+        id2label = {int(i): name for i, name in config.id2label.items()}
+        assert len(id2label) == (5 if concatenated else 3) == config.num_labels
+        assert config.label2id == {name: i for i, name in id2label.items()}

@@ -269,3 +269,101 @@ def test_inspect_refuses_a_recipe_whose_method_refuses_its_options(tmp_path, cap
     assert main(["inspect", str(path)]) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and needle in err[0], err
+
+
+@pytest.mark.parametrize(("method", "keywords"), [
+    ("task_arithmetic", {"weights": [1.0, -1.0], "normalize": True}),
+    ("dare_linear", {"weights": [1.0, -1.0], "normalize": True}),
+    ("breadcrumbs", {"weights": [2.0, -2.0], "normalize": True}),
+    ("della_linear", {"weights": [1.0, -1.0], "normalize": True}),
+    ("task_arithmetic", {"weights": [4e-9, 5e-9], "normalize": True}),
+    ("linear", {"weights": [1.0, -1.0]}),
+])
+def test_normalized_weights_whose_sum_is_0_are_refused_before_loading(tmp_path, method, keywords):
+    """normalize divides by the weights' sum: mergekit 0.1.5 skips the division where |sum| < 1e-8, so task
+    arithmetic with weights [1, -1] and normalize=True silently gave the unnormalised base + δ_A - δ_B (and
+    [4e-9, 5e-9] gave base + 9e-9 δ, not the average); linear died after loading."""
+    missing = [str(tmp_path / "no-parent-a"), str(tmp_path / "no-parent-b")]
+    with pytest.raises(MergeInputError) as caught:
+        hf_mudsc.merge(missing, method=method, base=str(tmp_path / "no-base"), progress=False, **keywords)
+    message = str(caught.value)
+    total = sum(keywords["weights"])
+    assert f"weights {keywords['weights']} sum to {total:g}" in message, message
+    assert "normalize= (CLI: --normalize" in message and "weights= (CLI: --weights)" in message, message
+    assert "\n" not in message
+
+
+def test_normalized_weights_whose_shares_pass_100_are_refused_before_loading(tmp_path):
+    """Divided by a sum near 0 the weights are factors beyond ±100, like unnormalised ones: [1, -0.999] is
+    1000·δ_A − 999·δ_B."""
+    missing = [str(tmp_path / "no-parent-a"), str(tmp_path / "no-parent-b")]
+    with pytest.raises(MergeInputError) as caught:
+        hf_mudsc.merge(missing, method="task_arithmetic", base=str(tmp_path / "no-base"), weights=[1.0, -0.999],
+                       normalize=True, progress=False)
+    message = str(caught.value)
+    assert "divided by their sum 0.001" in message and "scale a task vector by 1000" in message, message
+    assert "\n" not in message
+
+
+@pytest.fixture(scope="module")
+def three():
+    base = make_model("vit_cls", 0)
+    return base, [fine_tune(base, seed, 0.05) for seed in (1, 2, 3)]
+
+
+@pytest.mark.parametrize(("method", "keywords"), [
+    ("breadcrumbs", {"density": 1e-9}),
+    ("breadcrumbs_ties", {"density": 1e-9}),
+    ("dare_linear", {"density": 1e-9}),
+    ("dare_ties", {"density": 1e-9}),
+    ("della", {"density": 1e-9, "epsilon": 1e-10}),
+    ("della_linear", {"density": [0.5, 1e-9, 0.5], "epsilon": 1e-10}),
+])
+def test_a_density_that_keeps_no_entry_of_any_tensor_is_refused_in_one_line(three, method, keywords):
+    """Breadcrumbs keeps int(density·entries) entries of each tensor, DARE and DELLA each entry with probability
+    density on average (mergekit 0.1.5, no at-least-one rule): at density 1e-9 no tensor kept an entry (or one of
+    a billion), and the merge was the base — or that parent left out — silently."""
+    base, parents = three
+    with pytest.raises(MergeInputError) as caught:
+        hf_mudsc.merge(parents, method=method, base=base, progress=False, **keywords)
+    message = str(caught.value)
+    who = "parent B's " if isinstance(keywords["density"], list) else ""
+    assert f"method {method!r}: {who}density 1e-09 keeps " in message, message
+    assert "of even the largest tensor" in message and "the merge would leave" in message, message
+    assert "density= (CLI: --density)" in message and "\n" not in message
+
+
+def test_ties_at_a_tiny_density_keeps_one_entry_per_tensor_and_parent_as_mergekit(three):
+    """TIES's trim keeps max(1, int(density·entries)) entries (mergekit 0.1.5 `magnitude`): at density 1e-9 each
+    parent keeps its largest task-vector entry of each tensor — so the merge differs from the base in 1 to 3 entries
+    per tensor, each a kept entry of a parent."""
+    base, parents = three
+    merged = hf_mudsc.merge(parents, method="ties", base=base, density=1e-9, progress=False)
+    before = dict(base.named_parameters())
+    for name, tensor in merged.named_parameters():
+        changed = {int(i) for i in (tensor != before[name]).reshape(-1).nonzero().flatten()}
+        tops = {int((p.get_parameter(name) - before[name]).abs().reshape(-1).argmax()) for p in parents}
+        assert 1 <= len(changed) <= 3 and changed <= tops, name
+
+
+def test_a_density_that_keeps_no_entry_is_refused_from_the_configs_before_any_weights_are_read(tmp_path,
+                                                                                              monkeypatch):
+    """The shapes come from parent A's config: refused before any parent's weights are read, and by the dry run."""
+    from hf_mudsc.load import parents as loading
+
+    base = make_model("vit_cls", 0)
+    base.save_pretrained(tmp_path / "base")
+    for seed in (1, 2):
+        fine_tune(base, seed, 0.05).save_pretrained(tmp_path / f"p{seed}")
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(loading, "_prepare", no_weights)
+    for dry_run in (False, True):
+        with pytest.raises(MergeInputError) as caught:
+            hf_mudsc.merge([str(tmp_path / "p1"), str(tmp_path / "p2")], method="dare_ties", density=1e-9,
+                           base=str(tmp_path / "base"), progress=False, dry_run=dry_run)
+        message = str(caught.value)
+        assert "method 'dare_ties': density 1e-09 keeps on average less than one entry of even the largest" in message
+        assert "\n" not in message

@@ -189,6 +189,15 @@ def test_slerp_refuses_three_parents_and_ties_refuses_a_missing_base(family):
     assert "ties" in str(error.value)
 
 
+def test_elects_signs_is_declared_exactly_for_the_functions_with_sign_election():
+    """`elects_signs` tells the weight check that `normalize` divides per entry (not by the weights' sum): it must
+    say what the function does (`GTA_FORMS`' consensus flag)."""
+    for method in METHODS.values():
+        if isinstance(method, TensorWiseMethod) and method.function is not None:
+            _, consensus = tv.GTA_FORMS.get(method.function.__name__, (None, False))
+            assert method.elects_signs == consensus, method.name
+
+
 def test_registry_entries_declare_base_parents_defaults_and_used_options():
     entries = {name: METHODS[name] for name in TENSOR_WISE}
     assert all(isinstance(m, TensorWiseMethod) for m in entries.values())

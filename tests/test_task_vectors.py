@@ -48,7 +48,8 @@ def test_task_arithmetic():
 
 def test_task_arithmetic_normalize_zero_weight_sum_guard():
     base = {"w": T([0.0])}
-    # weights 1 and -1 sum to 0 -> divisor replaced by 1: 1*2 + (-1)*1 = 1
+    # weights 1 and -1 sum to 0 -> divisor replaced by 1 (mergekit's |sum| < 1e-8 guard): 1*2 + (-1)*1 = 1; the
+    # method refuses such weights with normalize before loading (tests/test_option_extremes.py)
     out = tm.task_arithmetic(base, [{"w": T([2.0])}, {"w": T([1.0])}], [1, -1], normalize=True)
     assert close(out["w"], [1.0])
 
@@ -173,6 +174,29 @@ def test_breadcrumbs_drops_largest_and_smallest():
     base = {"w": torch.zeros(10)}
     out = tm.breadcrumbs(base, [{"w": d}], [2], density=0.7, gamma=0.1)["w"]
     assert close(out, 2 * d * T([0, 0, 1, 1, 1, 1, 1, 1, 1, 0.0]))
+
+
+def test_a_tiny_density_keeps_one_entry_for_ties_and_none_for_breadcrumbs_dare_della_as_mergekit():
+    """mergekit 0.1.5 `sparsify`: the TIES trim keeps max(1, int(density·n)) entries, Breadcrumbs int(density·n)
+    (possibly 0), DARE and DELLA each entry with probability about density. The pure functions do exactly that; the
+    methods refuse a density that keeps nothing of even the largest tensor (`check_density_keeps`)."""
+    base = {"w": torch.zeros(4)}
+    d = T([1.0, -2.0, 3.0, -0.5])
+    # ties: k = max(1, int(4e-9)) = 1 -> only 3.0 survives; one parent, divisor its weight 1
+    assert close(tm.ties(base, [{"w": d}], [1], density=1e-9)["w"], [0.0, 0.0, 3.0, 0.0])
+    # breadcrumbs: target = int(4e-9) = 0 -> nothing kept -> the base
+    assert close(tm.breadcrumbs(base, [{"w": d}], [1], density=1e-9, gamma=0.01)["w"], [0.0] * 4)
+    # DARE: each entry kept with probability 1e-9 (none here), the L1 rescale guard leaves zeros -> the base
+    assert close(tm.dare_linear(base, [{"w": d}], [1], density=1e-9, seed=0)["w"], [0.0] * 4)
+    # DELLA with epsilon 1e-10: probabilities 0.9e-9 to 1.1e-9 -> none kept -> the base
+    assert close(tm.della(base, [{"w": d}], [1], density=1e-9, epsilon=1e-10)["w"], [0.0] * 4)
+    tm.check_density_keeps("magnitude", 1e-9, 4)  # the TIES trim always keeps one
+    tm.check_density_keeps("outliers", 0.25, 4)  # int(0.25 * 4) = 1 kept
+    with pytest.raises(ValueError, match=r"^density 0.2 keeps no entry of even the largest tensor \(4 entries\)"):
+        tm.check_density_keeps("outliers", 0.2, 4)
+    with pytest.raises(ValueError, match="parent B's density 0.2 keeps on average less than one entry .* leave out "
+                                         "parent B's task vector; give a density of at least 1/4 = 0.25"):
+        tm.check_density_keeps("random", 0.2, 4, "parent B")
 
 
 def test_breadcrumbs_ties_default_unnormalized():
@@ -350,19 +374,22 @@ def test_regmean_equal_grams_is_plain_average_and_other_tensors_averaged():
 # ------------------------------------------------------------------------------ Fisher
 
 
-def test_fisher_average_hand_values_and_zero_fisher_floor():
-    p1, p2 = {"w": T([1.0])}, {"w": T([3.0])}
-    f1, f2 = {"w": T([3.0])}, {"w": T([1.0])}
-    # no normalisation, eps 0: c = 1/2 each -> (3*1 + 1*3) / (3 + 1) = 1.5
-    assert close(tm.fisher_average([p1, p2], [f1, f2], epsilon=0.0, normalize=False)["w"], [1.5])
-    # normalised: ||F|| = 3, 1 -> 1/norm = 1/3, 1 -> [.25, .75]; c = .5*[.25,.75]
-    # num = .125*3*1 + .375*1*3 = 1.5 ; den = .125*3 + .375*1 = .75 -> 2.0
-    assert close(tm.fisher_average([p1, p2], [f1, f2], epsilon=0.0)["w"], [2.0])
-    z = {"w": T([0.0])}
-    # zero Fisher everywhere: eps is added -> plain average (2.0), never 0/0
-    assert close(tm.fisher_average([p1, p2], [z, z])["w"], [2.0])
-    # weights [1, 3] with zero Fisher: (1*1 + 3*3) / 4 = 2.5
-    assert close(tm.fisher_average([p1, p2], [z, z], weights=[1, 3], normalize=False)["w"], [2.5])
+def test_fisher_average_is_the_papers_fisher_weighted_mean_with_every_fisher_floored():
+    """Matena & Raffel 2022: theta = sum_i w_i F_i theta_i / sum_i w_i F_i per entry, each F_i floored at epsilon
+    (max, as the authors' `fisher_floor` on every model) — not FusionBench's F + epsilon, nor its coefficients
+    divided by each Fisher's L2 norm (docs/design.md §4.11). The `fisher` method computes the same."""
+    p1, p2 = {"w": T([1.0, 1.0, 1.0])}, {"w": T([3.0, 3.0, 3.0])}
+    f1 = {"w": T([3.0, 0.0, 0.0])}
+    f2 = {"w": T([1.0, 0.0, 2e-6])}
+    # entry 0: (3*1 + 1*3) / (3 + 1) = 1.5 (normalising by the Fisher norms 3 and ~1 would give 2.0)
+    # entry 1: no Fisher anywhere -> both floored at 1e-6 -> the plain average 2.0
+    # entry 2: max(0, 1e-6) = 1e-6 and 2e-6 -> (1e-6*1 + 2e-6*3) / 3e-6 = 7/3 (adding 1e-6 would give 2.5)
+    assert close(tm.fisher_average([p1, p2], [f1, f2])["w"], [1.5, 2.0, 7 / 3])
+    # weights [1, 3]: entry 0 (1*3*1 + 3*1*3) / (3 + 3) = 2 ; entry 1 (1*1 + 3*3) / 4 = 2.5 ;
+    # entry 2 (1e-6*1 + 3*2e-6*3) / (1e-6 + 6e-6) = 19/7
+    assert close(tm.fisher_average([p1, p2], [f1, f2], [1, 3])["w"], [2.0, 2.5, 19 / 7])
+    # the floor is the option: at 1e-12 entry 2 is all parent 2's Fisher -> ~3 ; entry 1 still the average
+    assert close(tm.fisher_average([p1, p2], [f1, f2], epsilon=1e-12)["w"], [1.5, 2.0, 3.0], tol=1e-5)
 
 
 # ------------------------------------------------------------------------ common rules

@@ -30,6 +30,38 @@ def label_names(config: PretrainedConfig) -> list[str]:
     return [str(id2label[k]) for k in sorted(id2label, key=int)]
 
 
+def label_ids(config: PretrainedConfig) -> dict[str, int]:
+    """`id2label` inverted: the merged config's `label2id`, written from `id2label` rather than copied from parent A
+    (a config made from `id2label` alone has none; a stale one would disagree)."""
+    id2label = getattr(config, "id2label", None) or {}
+    return {str(name): int(index) for index, name in id2label.items()}
+
+
+def repeated_label(config: PretrainedConfig) -> tuple[str, list[int]] | None:
+    """The first name `id2label` gives to more than one class, with those ids; None when each name is one class's.
+
+    Such a head cannot be told apart by name: `label2id` (keyed by name) holds one id of the two, head alignment,
+    evaluation by name and a `pipeline`'s output see one class where there are two — so a merge refuses it
+    (docs/design.md §6)."""
+    ids: dict[str, list[int]] = {}
+    id2label = getattr(config, "id2label", None) or {}
+    for index in sorted(id2label, key=int):
+        ids.setdefault(str(id2label[index]), []).append(int(index))
+    return next(((name, found) for name, found in ids.items() if len(found) > 1), None)
+
+
+def repeated_label_message(config: PretrainedConfig, who: str) -> str | None:
+    """The one-line refusal of `who`'s (`parent B`) repeated label name (`repeated_label`), None without one."""
+    found = repeated_label(config)
+    if found is None:
+        return None
+    name, ids = found
+    listed = ", ".join(map(str, ids[:-1])) + f" and {ids[-1]}"
+    return (f"{who}'s id2label gives the name {name!r} to {len(ids)} classes (ids {listed}): a merged head could not "
+            "tell them apart (label2id maps a name to one id); give each class its own name in that model's "
+            "config.json (id2label and label2id, in a copy of its folder) and merge the copy")
+
+
 def same_label_set(config_a: PretrainedConfig, config_b: PretrainedConfig) -> bool:
     return label_names(config_a) == label_names(config_b)
 
@@ -102,9 +134,13 @@ def concatenated_classifier_config(configs: Sequence[PretrainedConfig], tasks: S
         for label in label_names(config):
             id2label[len(id2label)] = f"{task}: {label}"
         ranges[task] = [start, len(id2label)]
+    label2id = {label: i for i, label in id2label.items()}
+    if len(label2id) != len(id2label):  # refused before loading (`repeated_label`); never write such a config
+        raise ValueError(f"the concatenated labels repeat a name ({len(id2label)} ids, {len(label2id)} names); "
+                         "give each class of every parent its own name")
     return {
         "id2label": id2label,
-        "label2id": {label: i for i, label in id2label.items()},
+        "label2id": label2id,
         "task_label_ranges": ranges,
     }
 

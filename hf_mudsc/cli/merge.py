@@ -188,7 +188,7 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
         check_before_weights(config, recipe, len(recipe.models), chosen,
                              loading=1 if lazy else len(recipe.models), copied=head_copies(every, streaming=lazy),
                              base=base_loaded_whole(recipe.base, chosen, streaming=lazy),
-                             base_copy=base_copied(found_base, every[0], streaming=lazy))
+                             base_copy=base_copied(found_base, every[0], streaming=lazy), parents=every)
 
     def open_calibration(processors: list[Any]) -> None:
         # A Hub dataset is pinned to its commit (recorded in the recipe) and loaded at that commit; opened (not

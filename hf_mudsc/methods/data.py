@@ -15,7 +15,8 @@ number of parents with per-parent `weights`. Definitions and sources: docs/desig
   still see their parent's own weights inside the block).
 * `fisher` (Matena & Raffel, NeurIPS 2022): θ = Σ_i w_i F_i θ_i / Σ_i w_i F_i per entry, F_i the diagonal Fisher of
   parent i on the calibration data under its own predictive distribution (`hf_mudsc.calibrate.fisher`), floored at
-  `fisher_epsilon`.
+  `fisher_epsilon` (`max`, every parent; no normalisation): `hf_mudsc.solve.task_vectors.fisher_average`'s
+  definition, summed one parent at a time.
 """
 
 from __future__ import annotations
@@ -156,6 +157,7 @@ class FisherMethod(MergeMethod):
 
         from hf_mudsc.calibrate.fisher import diagonal_fisher
         from hf_mudsc.solve.regmean import device_of
+        from hf_mudsc.solve.task_vectors import fisher_share
 
         parents = list(context.parents)
         weights = parent_weights(context.options, len(parents))
@@ -176,7 +178,7 @@ class FisherMethod(MergeMethod):
             if not examples:
                 raise MergeInputError(f"{self.name}: {NO_EXAMPLES}")
             for name in names:
-                share = weights[index] * fisher[name].clamp_min(floor)
+                share = fisher_share(fisher[name], weights[index], floor)
                 numerator[name] += share * parent[name].to(torch.float64)
                 denominator[name] += share
         parameters = {name: value.clone() for name, value in parents[0].items()}

@@ -166,6 +166,12 @@ class MergeMethod:
         """Refuse option values this method cannot use with `num_parents` parents (raise `MergeInputError`, one
         line naming the option); merge() calls it before anything is loaded (after `auto` chose, for `auto`)."""
 
+    def check_shapes(self, options: MergeOptions, shapes: Callable[[], Mapping[str, tuple[int, ...]]]) -> None:
+        """Refuse option values that keep nothing of tensors of these shapes (raise `MergeInputError`, one line):
+        `shapes()` gives parent A's parameter shapes by name (built from its config, so called only by a method that
+        needs them). merge() and the CLI call it before any weights are read (`pipeline.check_before_weights`), the
+        dry run from the configs; `auto`'s choice is checked when it merges."""
+
     def merge_parameters(self, context: MethodContext) -> MethodResult:
         """Merge the parents' parameters; runs on the main process only, after calibration."""
         raise NotImplementedError(f"merge method {self.name!r} does not implement merge_parameters")

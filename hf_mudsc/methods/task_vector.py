@@ -22,6 +22,7 @@ the heads itself (`builds_concatenated_head=False`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -54,7 +55,8 @@ class TensorWiseMethod(MergeMethod):
     tensors are merged in row chunks by `hf_mudsc.solve.streamed` (the function is one of `GTA_FORMS` or elementwise
     across a tensor), so the working set does not grow with the number of parents either. `streamed_function`: a
     whole-model method's streaming form (`hf_mudsc.solve.streamed`, called with `source=`), used instead of
-    `function` when set.
+    `function` when set. `elects_signs`: the function elects a sign per entry (TIES consensus), so with `normalize`
+    it divides each entry by the sum of its agreeing parents' weights; otherwise by the sum of all the weights.
     """
 
     function: Callable[..., dict[str, Any]] | None = None
@@ -64,6 +66,7 @@ class TensorWiseMethod(MergeMethod):
     num_parents: int | None = None
     chunked: bool = False
     streamed_function: Callable[..., dict[str, Any]] | None = None
+    elects_signs: bool = False
 
     def option_value(self, options: MergeOptions, name: str) -> Any:
         """The value the method uses for option `name`: the user's, else the method's default."""
@@ -112,26 +115,38 @@ class TensorWiseMethod(MergeMethod):
                                       f"one number, not {len(density)}, {option_hint('density')}")
 
     def _check_weight_factors(self, options: MergeOptions) -> None:
-        """Weights not divided by their sum are factors on a task vector (on a parent for `linear`), like
-        `scaling`: their products with it must stay within ±`FACTOR_LIMIT` (1e30 wrote weights of 3e29)."""
+        """The weights are factors on a task vector (on a parent for `linear`), like `scaling` — divided by their
+        sum with `normalize` (per entry when the method `elects_signs`: not known before the tensors are read, so not
+        checked): the factors must stay within ±`FACTOR_LIMIT` (1e30 wrote weights of 3e29), and a sum to divide by
+        must be at least `WEIGHT_SUM_FLOOR` in magnitude — below it mergekit 0.1.5 silently skips the division
+        (`|divisor| < 1e-8 → 1`), and linear divided by 0."""
         from hf_mudsc.errors import MergeInputError, option_hint
-        from hf_mudsc.option_values import FACTOR_LIMIT
+        from hf_mudsc.option_values import FACTOR_LIMIT, WEIGHT_SUM_FLOOR
 
         read = dict(self.arguments)
         weights = self.option_value(options, "weights")
-        if not weights or ("normalize" in read and self.option_value(options, "normalize")):
+        normalized = "normalize" in read and self.option_value(options, "normalize")
+        if not weights or (normalized and self.elects_signs):
             return
+        total = sum(weights) if normalized else 1.0
+        if abs(total) < WEIGHT_SUM_FLOOR:
+            raise MergeInputError(
+                f"method {self.name!r}: weights {weights} sum to {total:g}, and normalize divides by their sum "
+                f"(mergekit skips the division below {WEIGHT_SUM_FLOOR:g}, leaving them unnormalised); give "
+                f"{option_hint('weights')} whose sum is at least {WEIGHT_SUM_FLOOR:g} in magnitude, or "
+                f"{option_hint('normalize')} False")
         scaling = self.option_value(options, "scaling") if "scaling" in read else 1.0
-        factors = [w * scaling for w in weights]
+        factors = [w * scaling / total for w in weights]
         worst = max(factors, key=abs)
         if abs(worst) > FACTOR_LIMIT:
             what = "a task vector" if self.needs_base_model else "a parent"
             times = f" times scaling {scaling:g}" if "scaling" in read else ""
+            divided = f"divided by their sum {total:g}" if normalized else "they are not divided by their sum"
             raise MergeInputError(
                 f"method {self.name!r}: weights {weights}{times} scale {what} by {worst:g}, beyond ±{FACTOR_LIMIT:g} "
-                f"(they are not divided by their sum); give smaller {option_hint('weights')}"
+                f"({divided}); give smaller {option_hint('weights')}"
                 + (f" or {option_hint('scaling')}" if "scaling" in read else "")
-                + (f", or {option_hint('normalize')} True" if "normalize" in read else ""))
+                + (f", or {option_hint('normalize')} {not normalized}" if "normalize" in read else ""))
 
     def _check_keep_probabilities(self, options: MergeOptions, num_parents: int) -> None:
         """DELLA keeps an entry with a probability from density - epsilon to density + epsilon (mergekit's
@@ -150,6 +165,37 @@ class TensorWiseMethod(MergeMethod):
                     f"({density - epsilon:g}, {density + epsilon:g}), not inside (0, 1) — keep probabilities must be "
                     f"probabilities; give a smaller epsilon than min(density, 1 - density), "
                     f"{option_hint('epsilon')}, or another {option_hint('density')}")
+
+    def check_shapes(self, options: MergeOptions, shapes: Callable[[], Mapping[str, tuple[int, ...]]]) -> None:
+        """Refuse, from parent A's shapes and before any weights are read, a `density` with which the method's
+        sparsifier keeps no entry of even the largest tensor (`task_vectors.check_density_keeps`)."""
+        if self._unfloored_sparsifier() is not None:
+            self._check_kept_entries(self.option_value(options, "density"),
+                                     max((math.prod(shape) for shape in shapes().values()), default=0))
+
+    def _unfloored_sparsifier(self) -> str | None:
+        """The method's sparsifier when it may keep no entry of a tensor (`task_vectors.UNFLOORED_SPARSIFIERS`:
+        Breadcrumbs, DARE, DELLA), else None."""
+        from hf_mudsc.solve import task_vectors as tv
+
+        sparsify, _ = tv.GTA_FORMS.get(getattr(self.function, "__name__", ""), (None, False))
+        return sparsify if sparsify in tv.UNFLOORED_SPARSIFIERS and "density" in dict(self.arguments) else None
+
+    def _check_kept_entries(self, density: Any, entries: int) -> None:
+        """`task_vectors.check_density_keeps` for the density (one, or one per parent) and the largest tensor's
+        `entries`, as a one-line `MergeInputError` naming the method (and the parent, for a per-parent density)."""
+        from hf_mudsc.errors import MergeInputError
+        from hf_mudsc.load.relation import parent_label
+        from hf_mudsc.solve import task_vectors as tv
+
+        sparsify = self._unfloored_sparsifier()
+        each = density if isinstance(density, Sequence) else None
+        try:
+            for index, value in enumerate(each if each is not None else [density]):
+                tv.check_density_keeps(sparsify, float(value), entries,
+                                       f"parent {parent_label(index)}" if each is not None else None)
+        except ValueError as error:
+            raise MergeInputError(f"method {self.name!r}: {error}") from None
 
     def keywords(self, options: MergeOptions) -> dict[str, Any]:
         """The function's keyword arguments for these options."""
@@ -203,6 +249,11 @@ class TensorWiseMethod(MergeMethod):
             raise MergeInputError(f"method {self.name!r} needs the parents' common base model: "
                                   f"{option_hint('base')}")
         keywords = self.keywords(context.options)
+        if self._unfloored_sparsifier() is not None and context.base is not None:  # `auto`'s choice, a base's shapes
+            from hf_mudsc.load.lazy import shape_of
+
+            self._check_kept_entries(keywords["density"], max(
+                (math.prod(shape_of(context.base, name)) for name in context.base.keys()), default=0))
         if "blocks" in keywords:
             _check_blocks(keywords["blocks"], context.parents[0], context.options.layer_swap)
         weights = self.option_value(context.options, "weights") if "weights" in dict(self.arguments) else None
@@ -311,6 +362,7 @@ TIES = register_method(TensorWiseMethod(
     needs_base_model=True,
     function=_function("ties"),
     chunked=True,
+    elects_signs=True,
     arguments=_SPARSE,
     defaults=(("normalize", True), ("density", 0.2)),
 ))
@@ -335,6 +387,7 @@ DARE_TIES = register_method(TensorWiseMethod(
     needs_base_model=True,
     function=_function("dare_ties"),
     chunked=True,
+    elects_signs=True,
     arguments=_RANDOM,
     defaults=(("normalize", False), ("density", 0.5)),
 ))
@@ -359,6 +412,7 @@ BREADCRUMBS_TIES = register_method(TensorWiseMethod(
     needs_base_model=True,
     function=_function("breadcrumbs_ties"),
     chunked=True,
+    elects_signs=True,
     arguments=_SPARSE + (("gamma", "gamma"),),
     defaults=(("normalize", False), ("density", 0.9), ("gamma", 0.01)),
 ))
@@ -371,6 +425,7 @@ DELLA = register_method(TensorWiseMethod(
     needs_base_model=True,
     function=_function("della"),
     chunked=True,
+    elects_signs=True,
     arguments=_RANDOM + (("epsilon", "epsilon"),),
     defaults=(("normalize", True), ("density", 0.5), ("epsilon", 0.15)),
 ))

@@ -23,8 +23,8 @@ plus its own options, and returns a new merged state dict. The definitions follo
 * PCB-Merging (Du et al. 2024, duguodong7/pcb-merging ``PCB_merge``), TALL-masks consensus
   merging (Wang et al. 2024, nik-dim/tall_masks), dataless Localize-and-Stitch (He et al.
   2024, yifei-he/Localize-and-Stitch), RegMean (Jin et al. 2023, FusionBench
-  ``method/regmean``) and Fisher merging (Matena & Raffel 2022, FusionBench
-  ``method/fisher_merging``).
+  ``method/regmean``) and Fisher merging (Matena & Raffel 2022, the paper's Fisher-weighted mean with the
+  authors' floor on every Fisher; not FusionBench's normalised form).
 
 Tensor selection (all methods): the output has the base's keys (the first parent's for
 methods without a base). A parent that lacks a tensor does not contribute to it (mergekit's
@@ -68,12 +68,15 @@ __all__ = [
     "regmean_solve",
     "regmean",
     "fisher_average",
+    "fisher_share",
     "magnitude_mask",
     "outlier_mask",
     "bernoulli_mask",
     "l1_rescale",
     "l1_factor",
     "sparsify_mask",
+    "check_density_keeps",
+    "UNFLOORED_SPARSIFIERS",
     "combine_task_vectors",
     "work_dtype",
     "GTA_FORMS",
@@ -314,6 +317,26 @@ def _gta(
         out[name] = combine_task_vectors(b, b32, deltas, [w_all[i] for i, _ in present], consensus=consensus,
                                          normalize=normalize, scaling=scaling)
     return out
+
+
+#: The sparsifiers that may keep no entry of a tensor (mergekit 0.1.5): Model Breadcrumbs keeps int(density·entries)
+#: (no at-least-one rule, unlike the TIES trim's max(1, ...)), DARE and DELLA each entry with probability density
+#: on average.
+UNFLOORED_SPARSIFIERS = ("outliers", "random", "della_magprune")
+
+
+def check_density_keeps(sparsify: str | None, density: float, entries: int, parent: str | None = None) -> None:
+    """Refuse a `density` with which `sparsify` keeps no entry (on average less than one, for the random kinds) of
+    even the largest tensor of a task vector, `entries` its size: the merge would leave that task vector out — every
+    tensor of it dropped — silently (as mergekit 0.1.5 does). `parent` (`parent B`): the density is that parent's."""
+    if sparsify not in UNFLOORED_SPARSIFIERS or density >= 1 or not entries or density * entries >= 1:
+        return
+    kept = "no entry" if sparsify == "outliers" else "on average less than one entry"
+    whose = f"{parent}'s " if parent else ""
+    left = f"{parent}'s task vector" if parent else "every task vector: it would be the base"
+    raise ValueError(f"{whose}density {density:g} keeps {kept} of even the largest tensor ({entries:,} entries), so "
+                     f"the merge would leave out {left}; give a density of at least 1/{entries:,} = "
+                     f"{1 / entries:.3g}, {option_hint('density')}")
 
 
 def sparsify_mask(sparsify: str | None, delta: torch.Tensor, density: float, gamma: float, epsilon: float,
@@ -768,30 +791,29 @@ def regmean(parents, grams: Mapping[str, Sequence[torch.Tensor]], weights=None, 
     return out
 
 
+def fisher_share(fisher: torch.Tensor, weight: float, floor: float) -> torch.Tensor:
+    """Parent i's coefficient on each entry of a Fisher merge, ``w_i * max(F_i, floor)`` in float64: the floor keeps
+    an entry no parent's data moves (F = 0 everywhere) at the weighted average instead of 0/0. Shared by
+    `fisher_average` and the `fisher` method, which sums the shares parent by parent."""
+    return float(weight) * fisher.to(torch.float64).clamp_min(float(floor))
+
+
 def fisher_average(params: Sequence[Mapping[str, torch.Tensor]], fishers: Sequence[Mapping[str, torch.Tensor]],
-                   weights: FloatOrList | None = None, epsilon: float = 1e-6, normalize: bool = True) -> StateDict:
-    """Diagonal-Fisher-weighted average (Matena & Raffel 2022; FusionBench
-    ``merging_with_fisher_weights``): theta = sum_i c_i (F_i + eps) theta_i / sum_i c_i (F_i + eps),
-    where ``eps`` (``minimal_fisher_weight``) is *added* to every Fisher entry (so a zero
-    Fisher falls back to the c-weighted average), c_i = weights_i (default 1/N) and, with
-    ``normalize`` (FusionBench default), c_i is multiplied by (1/(||F_i|| + eps)) / sum_j
-    (1/(||F_j|| + eps)), ||F_i|| being the L2 norm of parent i's whole Fisher over all tensors."""
+                   weights: FloatOrList | None = None, epsilon: float = 1e-6) -> StateDict:
+    """Fisher merging (Matena & Raffel, NeurIPS 2022): per entry, theta = sum_i w_i F~_i theta_i / sum_i w_i F~_i
+    with F~_i = max(F_i, ``epsilon``) (`fisher_share`) — the paper's Fisher-weighted mean, every Fisher floored
+    as the authors' code does with ``fisher_floor`` 1e-6 (``favor_target_model=False``; their default floors only
+    the first model). ``weights`` are the paper's lambda_i (default 1 each). Not normalised: the authors'
+    ``normalize_fishers`` and FusionBench's ``normalize_fisher_weight`` divide each model's coefficient by its
+    Fisher's L2 norm, and FusionBench adds epsilon to every entry instead of flooring (docs/design.md §4.11,
+    docs/research/same_base_facts.md §7)."""
     _check_parents(params)
     n = len(params)
     if len(fishers) != n:
         raise ValueError("fisher_average: need one Fisher dict per parent")
-    c = torch.tensor(per_parent(weights, n, "weights", 1.0 / n), dtype=torch.float64)
-    names = list(params[0].keys())
-    if normalize:
-        norms = torch.stack([
-            torch.linalg.vector_norm(torch.stack([
-                torch.linalg.vector_norm(f[k].to(torch.float64)) for k in names if k in f]))
-            for f in fishers])
-        inv = 1.0 / (norms + epsilon)
-        c = c * inv / inv.sum()
+    w_all = per_parent(weights, n, "weights", 1.0)
     out: StateDict = {}
-    for k in names:
-        ref = params[0][k]
+    for k, ref in params[0].items():
         if not ref.is_floating_point():
             out[k] = _copy_buffer(k, [p[k] for p in params])
             continue
@@ -800,8 +822,8 @@ def fisher_average(params: Sequence[Mapping[str, torch.Tensor]], fishers: Sequen
         for i in range(n):
             if params[i][k].shape != ref.shape:
                 raise ValueError(f"fisher_average: tensor {k!r} shapes differ")
-            f = fishers[i][k].to(torch.float64) + epsilon
-            num += c[i] * f * params[i][k].to(torch.float64)
-            den += c[i] * f
+            share = fisher_share(fishers[i][k], w_all[i], epsilon)
+            num += share * params[i][k].to(torch.float64)
+            den += share
         out[k] = (num / den).to(ref.dtype)
     return out
