@@ -156,3 +156,31 @@ def test_rerunning_a_pushed_recipe_asks_for_the_local_folders_paths(hub_emulator
     merge_locally(str(a), str(b), "--recipe", str(downloaded), "--calibration", str(calibration), "--output",
                   str(out))
     assert (out / "model.safetensors").read_bytes() == (merged / "model.safetensors").read_bytes()
+
+
+def test_a_pushed_recipe_whose_entries_were_written_over_keeps_no_refusal(tmp_path, monkeypatch):
+    """The pushed comment says "give each as a path ... or write them here": a user who writes Hub ids into the file
+    (the comment left on top) must not be refused — the check compares each entry with the name the comment lists,
+    not with the file's own value. An entry still holding the listed name is refused, naming only it."""
+    from hf_mudsc.errors import RecipeError
+    from hf_mudsc.publish.recipe import Recipe, check_local_folders_given, published_text
+
+    here = tmp_path / "alice" / "runs"
+    for name in ("vit-a", "vit-b", "digits"):
+        (here / name).mkdir(parents=True)
+    local = Recipe(models=[str(here / "vit-a"), str(here / "vit-b")], calibration=str(here / "digits") + ":train",
+                   method="mudsc").to_yaml()
+    pushed = published_text(local)
+    monkeypatch.chdir(tmp_path)  # no folder named like the entries here
+    edited = (pushed.replace("\n- vit-a\n", "\n- org/vit-a\n").replace("\n- vit-b\n", "\n- org/vit-b\n")
+              .replace("\ncalibration: digits:train\n", "\ncalibration: org/digits:train\n"))
+    assert edited.count("org/") == 3 and edited.startswith("#")
+    path = tmp_path / RECIPE_FILENAME
+    path.write_text(edited)
+    loaded = Recipe.load(path)
+    check_local_folders_given(path, loaded)  # every entry written over: nothing to refuse
+    path.write_text(edited.replace("\n- org/vit-b\n", "\n- vit-b\n"))
+    loaded = Recipe.load(path)
+    with pytest.raises(RecipeError, match=r"models\[1\] `vit-b`") as refused:
+        check_local_folders_given(path, loaded)
+    assert "models[0]" not in str(refused.value) and "calibration" not in str(refused.value)

@@ -84,7 +84,7 @@ def build_recipe(args: argparse.Namespace, recipe_class: type[Recipe] = Recipe) 
         overrides["models"] = list(args.models)
     recipe = loaded.override(**overrides).validate()
     if path:  # a recipe pushed to the Hub names local folders by name only: their paths must be given
-        check_local_folders_given(path, loaded, recipe)
+        check_local_folders_given(path, recipe)
     if not recipe.output and not recipe.push_to_hub and not recipe.dry_run:
         raise RecipeError("say where the merged model goes: --output DIR and/or --push-to-hub ORG/NAME")
     return recipe

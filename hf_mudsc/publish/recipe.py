@@ -62,7 +62,8 @@ _PUBLISHED_HEADER = (
     "# here by folder name only. To re-run, give each as a path (or a Hub id): the parents before --recipe\n"
     "# (hf-mudsc merge PATH_A PATH_B ... --recipe FILE), --base PATH, --calibration PATH, or write them here.\n"
 )
-_PUBLISHED_ENTRY = re.compile(rf"^#   ({'|'.join(LOCAL_REFERENCE_KEYS)})(?:\[(\d+)\])?: ")
+# One of its lines listing an entry: `#   models[0]: vit-cars`.
+_PUBLISHED_ENTRY = re.compile(rf"^#\s+({'|'.join(LOCAL_REFERENCE_KEYS)})(?:\[(\d+)\])?: (.*)$")
 
 _HEADER = (
     "# hf-mudsc merge recipe. Reproduce the merge with:\n"
@@ -310,32 +311,37 @@ def shown_values(values: Mapping[str, Any], local: list[LocalReference]) -> dict
     return shown
 
 
-def check_local_folders_given(path: str | os.PathLike, loaded: Recipe, recipe: Recipe) -> None:
-    """Refuse to re-run a pushed recipe (`published_text`) whose local folders, named by folder name only, were not
-    given as paths: one line naming each entry and how to give it, before anything is loaded.
-
-    `loaded`: the recipe as the file holds it; `recipe`: with the command line's flags applied. An entry given
-    anew on the command line, or whose name is a folder here, is left to the loader."""
-    text = Path(path).read_text(encoding="utf-8")
-    missing: dict[str, str] = {}
+def unresolved_published_entries(text: str, recipe: Recipe) -> list[LocalReference]:
+    """The entries the comment on top of a pushed recipe lists (`published_text`) whose value in `recipe` is still
+    the folder name listed there and names no folder here: what a re-run must be given. An entry written over in
+    the file or given anew (a path, a Hub id) is not one of them — the comment says "or write them here".
+    `LocalReference.given` is the name listed; `shown` the same."""
+    unresolved = []
     for line in text.splitlines():
+        if not line.strip():
+            continue
         if not line.startswith("#"):
             break
         match = _PUBLISHED_ENTRY.match(line)
         if match is None:
             continue
-        key, index = match.group(1), match.group(2)
-        given, now = getattr(loaded, key), getattr(recipe, key)
+        key, index, name = match.group(1), match.group(2), match.group(3)
+        value = getattr(recipe, key)
         if index is not None:
-            position = int(index)
-            given = given[position] if isinstance(given, list) and position < len(given) else None
-            now = now[position] if isinstance(now, list) and position < len(now) else None
-        if not isinstance(given, str) or now != given:
+            value = value[int(index)] if isinstance(value, list) and int(index) < len(value) else None
+        if value != name or any(os.path.exists(os.path.expanduser(part)) for part in (name, name.partition(":")[0])
+                                if part):
             continue
-        if any(os.path.exists(os.path.expanduser(part)) for part in (now, now.partition(":")[0]) if part):
-            continue
-        label = LocalReference(key, None if index is None else int(index), given, now).label
-        missing[f"{label} `{now}`"] = LOCAL_REFERENCE_KEYS[key]
+        unresolved.append(LocalReference(key, None if index is None else int(index), name, name))
+    return unresolved
+
+
+def check_local_folders_given(path: str | os.PathLike, recipe: Recipe) -> None:
+    """Refuse to re-run a pushed recipe (`published_text`) whose local folders, named by folder name only, were not
+    given as paths (`unresolved_published_entries`; `recipe`: with the command line's flags applied): one line
+    naming each entry and how to give it, before anything is loaded."""
+    unresolved = unresolved_published_entries(Path(path).read_text(encoding="utf-8"), recipe)
+    missing = {f"{entry.label} `{entry.given}`": LOCAL_REFERENCE_KEYS[entry.key] for entry in unresolved}
     if missing:
         one = len(missing) == 1
         raise RecipeError(

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from hf_mudsc.cli.merge import check_merge_output
 from hf_mudsc.errors import CalibrationError, LoadError, RecipeError, shown
 from hf_mudsc.load.references import card_base_model, looks_like_path, parse_reference
 from hf_mudsc.methods.registry import AUTO, check_size, get_method
-from hf_mudsc.publish.recipe import DESTINATION_KEYS, INFO_KEYS, LOCAL_REFERENCE_KEYS, Recipe
+from hf_mudsc.publish.recipe import DESTINATION_KEYS, INFO_KEYS, Recipe, unresolved_published_entries
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +51,6 @@ CONTROLS = "control characters (newlines, tabs, escapes, direction overrides)"
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 # How a refusal tells the client a local path is not allowed: no server path but the one it sent (docs/design.md §11).
 OUTSIDE = "which is outside the folders this server allows (its operator lists them with --local-root)"
-# A line of the comment on top of a recipe pushed to the Hub (`publish.recipe.published_text`) listing an entry that
-# was a local folder, now named by folder name only: `#   models[0]: vit-cars`.
-PUBLISHED_ENTRY = re.compile(rf"^#\s+({'|'.join(LOCAL_REFERENCE_KEYS)})(?:\[(\d+)\])?: (.*)$")
 
 
 @dataclass(frozen=True)
@@ -157,23 +153,7 @@ def refuse_published_names(text: str, recipe: Recipe) -> None:
     The entries are the ones the comment on top of the file lists whose value is still the name listed there; one
     replaced by a Hub reference or a path (the comment left in place) goes through the usual checks, and so does a
     name that is a path in the service's working folder (the local roots decide), as the CLI leaves it to the loader."""
-    missing = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        if not line.startswith("#"):
-            break
-        match = PUBLISHED_ENTRY.match(line)
-        if match is None:
-            continue
-        key, index, name = match.group(1), match.group(2), match.group(3)
-        value = getattr(recipe, key)
-        if index is not None:
-            value = value[int(index)] if isinstance(value, list) and int(index) < len(value) else None
-        if value != name or any(os.path.exists(os.path.expanduser(part)) for part in (name, name.partition(":")[0])
-                                if part):
-            continue
-        missing.append(f"`{key}{'' if index is None else f'[{index}]'}` {shown(name)}")
+    missing = [f"`{entry.label}` {shown(entry.given)}" for entry in unresolved_published_entries(text, recipe)]
     if missing:
         one = len(missing) == 1
         raise RecipeError(
