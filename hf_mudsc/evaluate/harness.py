@@ -370,7 +370,7 @@ def _views(collected: Mapping[str, tuple[list[int], list[int]]], tasks: Sequence
     """One scorer's metric values per view (tasks, joint, average), in that order."""
     views: dict[str, dict[str, float]] = {}
     for view, (predictions, references) in collected.items():
-        views[view] = {m: compute_metric(m, predictions, references, module=modules[m]) for m in metrics}
+        views[view] = {m: compute_metric(m, predictions, references, module=modules[m], view=view) for m in metrics}
     if all(t in views for t in tasks):
         views[AVERAGE] = {m: float(np.mean([views[t][m] for t in tasks])) for m in metrics}
     return {v: views[v] for v in [*tasks, JOINT, AVERAGE] if v in views}

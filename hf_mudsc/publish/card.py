@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import html
 import importlib.resources
+import math
+import numbers
 import os
 import re
 import string
@@ -114,6 +116,19 @@ class EvalRow:
     once under the table."""
     local: bool = False
     """The dataset is a local folder: marked so in the table, kept out of the front matter's `datasets` (Hub ids)."""
+
+    def __post_init__(self) -> None:
+        """Every score a finite number (None: not defined): NaN or inf in the `model-index` or the table would be
+        published as a figure of the model."""
+        named = [("merged", self.merged), ("parent_a", self.parent_a), ("parent_b", self.parent_b),
+                 ("ensemble", self.ensemble),
+                 *((f"parent_{string.ascii_lowercase[2 + i]}", value) for i, value in enumerate(self.later_parents))]
+        for column, value in named:
+            if value is None and column != "merged":
+                continue
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"evaluation result {self.task!r} ({self.metric}): {column} is {value!r}, not a "
+                                 "finite number; a card publishes only finite scores (None: not scored)")
 
     @classmethod
     def from_any(cls, row: EvalRow | Mapping[str, Any]) -> EvalRow:
