@@ -308,3 +308,14 @@ def test_evaluate_of_a_hub_merge_of_local_folders_asks_for_parents(hub_emulator,
     assert done.returncode == 1, done.stderr
     _check_asks_for_parents(done.stderr, ["vit-a", "vit-b"])
     assert "user/local-merge" in done.stderr and list(work.iterdir()) == []
+
+
+def test_a_parents_revision_stays_one_code_span_inside_its_cell(merged):  # noqa: F811
+    """A recipe may name a parent `org/name@REVISION` with any text after the `@` (a downloaded recipe, or one
+    written by hand): the Parents table showed it between single backticks, unescaped."""
+    revision = "v`1|x\n## Usage <script>"
+    card = ModelCard(str(render_card(merged, Recipe(models=[f"org/vit-a@{revision}", "org/vit-b"], calibration="c"))))
+    table = card.text.split("| | Model | Revision |\n|---|---|---|\n")[1].split("\n\n")[0].splitlines()
+    assert len(table) == 2 and all(len(re.findall(r"(?<!\\)\|", line)) == 4 for line in table), table
+    assert re.findall(r"^## Usage", card.text, flags=re.MULTILINE) == ["## Usage"]
+    assert "<script" not in re.sub(r"(`+)(?!`).*?(?<!`)\1(?!`)", "", "\n".join(table))  # a code span's text
