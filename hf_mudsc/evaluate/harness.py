@@ -177,7 +177,7 @@ def evaluate_merge(
         )
     scores = {scorer.name: _views(collected[scorer.name], list(sources), metrics, modules) for scorer in scorers}
     tasks = {
-        task: {"dataset": source_name(source), "split": source.split or spec_split(source) or "test",
+        task: {"dataset": source_name(source), "split": source.split or spec_split(source),
                "num_samples": counts[task], "label_range": list(layout.ranges[task]),
                "classes": list(layout.class_names[task]), **({"local": True} if source.local else {})}
         for task, source in sources.items()

@@ -38,7 +38,8 @@ class TaskData:
         label_range: keep only rows whose integer label lies in `[lo, hi)` (before the offset).
         joint_size: with `label_range`, the size of the joint label space: a label outside it lies in no task's
             range, and is refused rather than left out of every task.
-        name, split: shown in the results and the model card.
+        name, split: shown in the results and the model card (a Hub dataset's id names it there; data given in
+            memory without a name is `in-memory data`, without a split none is shown).
         local: the data is a local folder, not a Hub dataset: the card keeps it out of its `datasets` (Hub ids).
     """
 
@@ -287,7 +288,10 @@ def _class_id(value: Any, task: str) -> int:
     )
 
 
-def source_name(source: TaskData) -> str:
+def source_name(source: TaskData) -> str | None:
+    """How the results and the card name the data: `name`, else the spec's dataset; None for data given in memory
+    without a name. Its `info` names no Hub dataset (a builder such as `csv`/`parquet`, or a Hub dataset's name
+    without its owner), so nothing is guessed from it that would read as a Hub dataset id."""
     if source.name:
         return source.name
     data = source.data
@@ -295,8 +299,7 @@ def source_name(source: TaskData) -> str:
         from hf_mudsc.calibrate.dataset_spec import DatasetSpec
 
         return DatasetSpec.parse(os.fspath(data)).path
-    info = getattr(data, "info", None)
-    return str(getattr(info, "dataset_name", None) or getattr(info, "builder_name", None) or "dataset")
+    return None
 
 
 def spec_split(source: TaskData) -> str | None:
