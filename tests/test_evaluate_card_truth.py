@@ -319,3 +319,19 @@ def test_a_parents_revision_stays_one_code_span_inside_its_cell(merged):  # noqa
     assert len(table) == 2 and all(len(re.findall(r"(?<!\\)\|", line)) == 4 for line in table), table
     assert re.findall(r"^## Usage", card.text, flags=re.MULTILINE) == ["## Usage"]
     assert "<script" not in re.sub(r"(`+)(?!`).*?(?<!`)\1(?!`)", "", "\n".join(table))  # a code span's text
+
+
+def test_an_unknown_method_name_or_version_in_the_config_adds_no_heading_or_markup(merged):  # noqa: F811
+    """A card rendered from a folder's config (evaluate without a README) read `method` and `version` from it and put
+    them on the page as they were: the intro and the closing line gained a heading and HTML."""
+    saved = dict(merged.config.mudsc)
+    merged.config.mudsc = {**saved, "method": HOSTILE, "version": HOSTILE}
+    try:
+        card = ModelCard(str(render_card(merged, Recipe(models=["org/vit-a", "org/vit-b"], calibration="c"),
+                                         parents=PARENTS)))
+    finally:
+        merged.config.mudsc = saved
+    assert re.findall(r"^## Usage", card.text, flags=re.MULTILINE) == ["## Usage"]
+    assert not re.search(r"^<script", card.text, flags=re.MULTILINE)
+    prose = [line for line in card.text.splitlines() if "hf_mudsc" in line and not line.startswith(("```", "pip"))]
+    assert prose and all("<script" not in re.sub(r"(`+)(?!`).*?(?<!`)\1(?!`)", "", line) for line in prose), prose
