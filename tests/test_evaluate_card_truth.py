@@ -28,7 +28,7 @@ from hf_mudsc.errors import EvaluationError
 from hf_mudsc.evaluate.harness import evaluate_merge
 from hf_mudsc.evaluate.metrics import compute_metric
 from hf_mudsc.evaluate.results import EvaluationResult
-from hf_mudsc.evaluate.tasks import TaskData
+from hf_mudsc.evaluate.tasks import TaskData, spec_task_data
 from hf_mudsc.publish.card import render_card, update_card_evaluation
 from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe, published_text
 
@@ -103,6 +103,21 @@ def test_a_local_folder_is_named_by_its_folder_and_marked_local_in_the_model_ind
     assert str(tmp_path) not in card.content
     rows = {row[0]: row for row in _evaluation_table(card.text)}
     assert rows["alpha"][1:3] == ["alpha-set (local folder)", "—"]
+
+
+def test_a_specs_dataset_config_reaches_the_model_index(table_models):
+    """`org/glue:sst2:validation` was named `org/glue` with split `validation`: the config the rows came from was lost,
+    so the model-index claimed the figures for the dataset's default config."""
+    merged, parent_a, parent_b = table_models
+    data = table_tasks()
+    tasks = {"alpha": spec_task_data("org/glue:sst2:validation", data["alpha"]),
+             "beta": spec_task_data("org/glue:mnli:validation", data["beta"])}
+    result = evaluate_merge(merged, [parent_a, parent_b], tasks, progress=False)
+    assert result.tasks["alpha"]["config"] == "sst2"
+    index = ModelCard(str(update_card_evaluation(BLANK_CARD, result.card_rows()))).data.eval_results
+    assert [(e.task_name, e.dataset_type, e.dataset_config, e.dataset_split) for e in index] == [
+        ("alpha", "org/glue", "sst2 (alpha)", "validation"), ("beta", "org/glue", "mnli (beta)", "validation"),
+        ("joint (all tasks)", "org/glue", "joint (all tasks)", "validation")]  # one dataset, two configs: none named
 
 
 # ------------------------------------------------------------ 3: one dataset per model-index result

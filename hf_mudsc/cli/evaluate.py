@@ -220,7 +220,7 @@ def _datasets(
         source = open_spec(parsed[0][1])
         return tasks_from_dataset(source.data, task_names, ranges, task_column=args.task_column,
                                   label_column=args.label_column, name=source.name, split=source.split,
-                                  local=source.local)
+                                  local=source.local, config=source.config)
     if args.task_column:
         raise ValueError("--task-column applies to a single --dataset holding every task")
     if ranges and len(parsed) != len(task_names):

@@ -179,7 +179,8 @@ def evaluate_merge(
     tasks = {
         task: {"dataset": source_name(source), "split": source.split or spec_split(source),
                "num_samples": counts[task], "label_range": list(layout.ranges[task]),
-               "classes": list(layout.class_names[task]), **({"local": True} if source.local else {})}
+               "classes": list(layout.class_names[task]), **({"local": True} if source.local else {}),
+               **({"config": source.config} if source.config else {})}
         for task, source in sources.items()
     }
     # which processor scored which row: only when raw columns were preprocessed by processors that differ

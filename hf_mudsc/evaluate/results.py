@@ -150,24 +150,25 @@ def _joint_row_name(raw: bool, only: str | None) -> str:
 
 
 def _task_data(info: Mapping[str, Any]) -> dict[str, Any]:
-    """A task's data as an `EvalRow` names it: `dataset` (None: in memory, unnamed), `split` (None: unknown),
-    `local`."""
-    dataset, split = info.get("dataset"), info.get("split")
-    return {"dataset": None if dataset is None else str(dataset), "split": None if split is None else str(split),
-            "local": bool(info.get("local"))}
+    """A task's data as an `EvalRow` names it: `dataset` (None: in memory, unnamed), `dataset_config`, `split` (None:
+    unknown), `local`."""
+    dataset, config, split = info.get("dataset"), info.get("config"), info.get("split")
+    return {"dataset": None if dataset is None else str(dataset), "dataset_config": None if config is None else
+            str(config), "split": None if split is None else str(split), "local": bool(info.get("local"))}
 
 
 def _joint_data(tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """The joint row's data: every task's data together. One dataset (the tasks' data named alike): that dataset, its
-    split when they share one. Several: the table names them all (`a + b`), and the row stays out of the `model-index`,
-    whose results each name one dataset."""
+    config and split when they share one. Several: the table names them all (`a + b`), and the row stays out of the
+    `model-index`, whose results each name one dataset."""
     from hf_mudsc.publish.card import EvalRow
 
     each = [_task_data(info) for info in tasks.values()]
     labels = list(dict.fromkeys(EvalRow.label_of(data["dataset"], data["local"]) for data in each))
-    splits = {data["split"] for data in each}
+    splits, configs = {data["split"] for data in each}, {data["dataset_config"] for data in each}
     if len(labels) == 1:
-        return {**each[0], "split": splits.pop() if len(splits) == 1 else None}
+        return {**each[0], "split": splits.pop() if len(splits) == 1 else None,
+                "dataset_config": configs.pop() if len(configs) == 1 else None}
     return {"dataset": " + ".join(labels), "split": None, "local": False, "model_index": False}
 
 

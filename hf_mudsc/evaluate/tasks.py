@@ -40,6 +40,7 @@ class TaskData:
             range, and is refused rather than left out of every task.
         name, split: shown in the results and the model card (a Hub dataset's id names it there; data given in
             memory without a name is `in-memory data`, without a split none is shown).
+        config: the dataset's config (`sst2` of `glue`), shown with them (the card's `model-index`).
         local: the data is a local folder, not a Hub dataset: the card keeps it out of its `datasets` (Hub ids).
     """
 
@@ -53,6 +54,7 @@ class TaskData:
     name: str | None = None
     split: str | None = None
     local: bool = False
+    config: str | None = None
 
 
 def tasks_from_dataset(
@@ -65,6 +67,7 @@ def tasks_from_dataset(
     name: str | None = None,
     split: str | None = None,
     local: bool = False,
+    config: str | None = None,
 ) -> dict[str, TaskData]:
     """Split ONE dataset holding several tasks into `TaskData` per task.
 
@@ -74,7 +77,8 @@ def tasks_from_dataset(
     """
     if task_column is not None:
         return {task: TaskData(data, label_column=label_column, task_column=task_column, task_value=(i, task),
-                               name=name, split=split, local=local) for i, task in enumerate(task_names)}
+                               name=name, split=split, local=local, config=config)
+                for i, task in enumerate(task_names)}
     if not task_ranges:
         raise EvaluationError(
             "one dataset for several tasks needs either task_column= (a column naming each row's task) or a "
@@ -83,20 +87,20 @@ def tasks_from_dataset(
     size = max(int(bounds[1]) for bounds in task_ranges.values())
     return {task: TaskData(data, label_column=label_column, label_offset=int(task_ranges[task][0]),
                            label_range=(int(task_ranges[task][0]), int(task_ranges[task][1])), joint_size=size,
-                           name=name, split=split, local=local) for task in task_names}
+                           name=name, split=split, local=local, config=config) for task in task_names}
 
 
 def spec_task_data(spec: str | os.PathLike, data: Any = None, **fields: Any) -> TaskData:
     """The `TaskData` of a dataset spec (`data`: the dataset it opens, default the spec itself), named as results and
     cards show it: a local folder by its own name (never the absolute path, which would reach the results and a
-    card), a Hub dataset by its id; the split from the spec."""
+    card), a Hub dataset by its id; the config and split from the spec."""
     from hf_mudsc.calibrate.dataset_spec import DatasetSpec
 
     parsed = DatasetSpec.parse(os.fspath(spec))
     path = Path(parsed.path).expanduser()
     local = path.exists()
     return TaskData(os.fspath(spec) if data is None else data, name=path.name if local else parsed.path,
-                    split=parsed.split, local=local, **fields)
+                    split=parsed.split, local=local, config=parsed.config, **fields)
 
 
 def as_task_data(value: Any) -> TaskData:
