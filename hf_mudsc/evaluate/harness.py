@@ -91,7 +91,8 @@ def evaluate_merge(
             model's `config.task_label_ranges`; a subset is allowed) or a sequence in task order. Data: a
             `TaskData`, a `datasets.Dataset`/`IterableDataset`, a spec `"repo_or_path[:config]:split"` or a
             tuple `(inputs, labels)`; labels are the task's own class ids (or names). See `tasks_from_dataset`
-            for one dataset holding every task.
+            for one dataset holding every task. The results and the card name a spec by its dataset (a local folder
+            by its name), data given in memory by `TaskData(data, name=..., split=...)` (unnamed: `in-memory data`).
         metrics: shipped `accuracy`/`f1`; any other `evaluate.load` name, folder or Space runs its script, so it
             needs `trust_remote_code=True` (logged as a warning; a Hub metric also needs the Hub).
         ensemble: also score the parents' ensemble (needs the parents).
