@@ -71,8 +71,10 @@ def test_an_evaluation_on_a_local_folder_is_not_listed_as_a_hub_dataset(tmp_path
     assert card.data.datasets is None  # the calibration folder is local too
     # a lone task is named as tasks are when there are several; its split keeps its column
     assert [r.task_name for r in card.data.eval_results] == ["task_0", "joint (all tasks)"]
-    assert [r.dataset_split for r in card.data.eval_results] == ["test", "test"]
-    assert re.search(r"^\| task_0 \| evalset \(local folder\) \| test \| accuracy \|", card.text, re.M)
+    # the folder has no split of its own: none is invented, and the model-index names the folder as local data
+    assert [r.dataset_split for r in card.data.eval_results] == [None, None]
+    assert {r.dataset_type for r in card.data.eval_results} == {"evalset (local folder)"}
+    assert re.search(r"^\| task_0 \| evalset \(local folder\) \| — \| accuracy \|", card.text, re.M)
     assert str(tmp_path) not in card.content
 
 

@@ -341,7 +341,7 @@ def test_evaluate_keeps_every_section_the_merge_wrote(same_labels, hub_emulator,
     new_body = _body(after)
     missing = [line for line in old_lines if line not in new_body.splitlines()]
     assert missing == []
-    assert "## Evaluation" in new_body and "| task_0 | test-xyz (local folder) | test | accuracy |" in new_body
+    assert "## Evaluation" in new_body and "| task_0 | test-xyz (local folder) | — | accuracy |" in new_body
     assert new_body.index("## Evaluation") < new_body.index("## Usage")
     card = ModelCard.load(out / "README.md")  # parses the front matter and the model-index like the Hub
     for key, value in old_data.items():

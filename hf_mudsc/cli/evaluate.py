@@ -139,13 +139,53 @@ def _parents(args: argparse.Namespace, folder: Path | None) -> list[str] | None:
         return None
     if args.parents:
         return list(args.parents)
-    from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
+    from hf_mudsc.publish.recipe import RECIPE_FILENAME
 
     recipe = folder / RECIPE_FILENAME if folder is not None else None
     if recipe is None or not recipe.is_file():
         print("No --parents and no merge recipe next to the model: scoring the merged model alone.")
         return None
-    return list(Recipe.load(recipe).models)
+    return recipe_parents(recipe, args.model)
+
+
+def recipe_parents(path: Path, model: str) -> list[str]:
+    """The parents the merge recipe at `path` names, in merge order.
+
+    A recipe pushed from local parents names them by folder name only (`publish.recipe.published_text`): no load can
+    find them elsewhere, so unless a folder of that name is here, the user is asked for `--parents` in one line
+    instead of getting a load failure of a folder name."""
+    from hf_mudsc.evaluate.names import parent_letter
+    from hf_mudsc.publish.recipe import Recipe
+
+    recipe = Recipe.load(path)
+    local = [(index, name) for index, name in enumerate(recipe.models) if _named_by_folder_only(path, recipe, index)]
+    if local:
+        named = ", ".join(f"{parent_letter(index)} `{' '.join(name.split())}`" for index, name in local)
+        several = len(local) > 1
+        raise ValueError(
+            f"the merge recipe of {model!r} names parent{'s' if several else ''} {named} by folder name only "
+            f"({'local folders' if several else 'a local folder'} on the machine that merged; no such folder here): "
+            "pass --parents with every parent's path or Hub id in merge order (A B ...), or --no-parents"
+        )
+    return list(recipe.models)
+
+
+def _named_by_folder_only(path: Path, recipe: Any, index: int) -> bool:
+    """Whether parent `index` of the recipe at `path` is listed as a local folder of the machine that merged and is
+    no folder here: `check_local_folders_given` (the one reader of a pushed recipe's list) asked about it alone —
+    every other entry (other parents, base, calibration) counts as given anew."""
+    import dataclasses
+
+    from hf_mudsc.errors import RecipeError
+    from hf_mudsc.publish.recipe import check_local_folders_given
+
+    only = dataclasses.replace(recipe, base=None, calibration=None,
+                               models=[name if i == index else None for i, name in enumerate(recipe.models)])
+    try:
+        check_local_folders_given(path, recipe, only)
+    except RecipeError:
+        return True
+    return False
 
 
 def _datasets(
@@ -180,7 +220,7 @@ def _datasets(
         source = open_spec(parsed[0][1])
         return tasks_from_dataset(source.data, task_names, ranges, task_column=args.task_column,
                                   label_column=args.label_column, name=source.name, split=source.split,
-                                  local=source.local)
+                                  local=source.local, config=source.config)
     if args.task_column:
         raise ValueError("--task-column applies to a single --dataset holding every task")
     if ranges and len(parsed) != len(task_names):
@@ -273,7 +313,7 @@ def _hub_recipe_parents(loaded: Any) -> list[str] | None:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
-    from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
+    from hf_mudsc.publish.recipe import RECIPE_FILENAME
 
     try:
         path = hf_hub_download(loaded.repo_id, RECIPE_FILENAME, revision=loaded.commit_sha)
@@ -283,7 +323,7 @@ def _hub_recipe_parents(loaded: Any) -> list[str] | None:
         raise ValueError(
             f"cannot read the merge recipe of {loaded.reference!r} ({error}); pass --parents A B or --no-parents"
         ) from None
-    return list(Recipe.load(path).models)
+    return recipe_parents(Path(path), loaded.reference)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -310,9 +350,10 @@ def run(args: argparse.Namespace) -> int:
     json_path = Path(args.output_json) if args.output_json else (folder / RESULTS_FILENAME if local else None)
     check_replaceable(json_path, folder / CARD_FILENAME if local and not args.no_card else None)
     datasets_per_task = None
-    if local:  # check the dataset flags against the config before loading any weights
+    if local:  # check the dataset flags against the config, and read the recipe's parents, before loading any weights
         ranges = {task: list(bounds) for task, bounds in task_ranges(_local_config(folder)).items()} or None
         datasets_per_task = _datasets(args, list(ranges or {}), ranges)
+        parent_refs = _parents(args, folder)
     try:
         merged = load_parent(args.model)
     except LoadError as error:
@@ -320,11 +361,9 @@ def run(args: argparse.Namespace) -> int:
     if datasets_per_task is None:
         ranges = {task: list(bounds) for task, bounds in task_ranges(merged.model.config).items()} or None
         datasets_per_task = _datasets(args, list(ranges or {}), ranges)  # tasks in parent order
-    if args.no_parents:
-        parent_refs = None
-    elif args.parents or local:
-        parent_refs = _parents(args, folder if local else None)
-    else:
+    if not local and (args.no_parents or args.parents):
+        parent_refs = _parents(args, None)
+    elif not local:  # the repo's recipe, at the commit just loaded
         parent_refs = _hub_recipe_parents(merged)
         if parent_refs is None:
             print("No --parents and no merge recipe in the repository: scoring the merged model alone.")

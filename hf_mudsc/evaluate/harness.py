@@ -91,7 +91,8 @@ def evaluate_merge(
             model's `config.task_label_ranges`; a subset is allowed) or a sequence in task order. Data: a
             `TaskData`, a `datasets.Dataset`/`IterableDataset`, a spec `"repo_or_path[:config]:split"` or a
             tuple `(inputs, labels)`; labels are the task's own class ids (or names). See `tasks_from_dataset`
-            for one dataset holding every task.
+            for one dataset holding every task. The results and the card name a spec by its dataset (a local folder
+            by its name), data given in memory by `TaskData(data, name=..., split=...)` (unnamed: `in-memory data`).
         metrics: shipped `accuracy`/`f1`; any other `evaluate.load` name, folder or Space runs its script, so it
             needs `trust_remote_code=True` (logged as a warning; a Hub metric also needs the Hub).
         ensemble: also score the parents' ensemble (needs the parents).
@@ -177,9 +178,10 @@ def evaluate_merge(
         )
     scores = {scorer.name: _views(collected[scorer.name], list(sources), metrics, modules) for scorer in scorers}
     tasks = {
-        task: {"dataset": source_name(source), "split": source.split or spec_split(source) or "test",
+        task: {"dataset": source_name(source), "split": source.split or spec_split(source),
                "num_samples": counts[task], "label_range": list(layout.ranges[task]),
-               "classes": list(layout.class_names[task]), **({"local": True} if source.local else {})}
+               "classes": list(layout.class_names[task]), **({"local": True} if source.local else {}),
+               **({"config": source.config} if source.config else {})}
         for task, source in sources.items()
     }
     # which processor scored which row: only when raw columns were preprocessed by processors that differ
@@ -370,7 +372,7 @@ def _views(collected: Mapping[str, tuple[list[int], list[int]]], tasks: Sequence
     """One scorer's metric values per view (tasks, joint, average), in that order."""
     views: dict[str, dict[str, float]] = {}
     for view, (predictions, references) in collected.items():
-        views[view] = {m: compute_metric(m, predictions, references, module=modules[m]) for m in metrics}
+        views[view] = {m: compute_metric(m, predictions, references, module=modules[m], view=view) for m in metrics}
     if all(t in views for t in tasks):
         views[AVERAGE] = {m: float(np.mean([views[t][m] for t in tasks])) for m in metrics}
     return {v: views[v] for v in [*tasks, JOINT, AVERAGE] if v in views}

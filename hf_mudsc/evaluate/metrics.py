@@ -6,7 +6,10 @@ or run. Other names go through `evaluate.load`, which runs the metric's script â
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from collections.abc import Sequence
+from typing import Any
 
 import datasets
 import evaluate
@@ -109,16 +112,30 @@ def load_metric(name: str, *, trust_remote_code: bool = False) -> evaluate.Evalu
 
 
 def compute_metric(name: str, predictions: Sequence[int], references: Sequence[int], *,
-                   trust_remote_code: bool = False, module: evaluate.EvaluationModule | None = None) -> float:
-    """One number: the metric's value (the key named like the metric, else the only key).
+                   trust_remote_code: bool = False, module: evaluate.EvaluationModule | None = None,
+                   view: str | None = None) -> float:
+    """One finite number: the metric's value (the key named like the metric, else the only key).
 
     `module`: the metric already loaded (`load_metric`), so a metric script is imported once, not per view.
+    `view`: what was scored (for the error). A value that is no finite number (NaN, inf, None, a string, a list) is
+    refused: it would be published as a score in the results file and the card's `model-index`.
     """
     if module is None:
         module = load_metric(name, trust_remote_code=trust_remote_code)
     values = module.compute(predictions=list(map(int, predictions)), references=list(map(int, references)))
     if name in values:
-        return float(values[name])
+        return finite_score(name, values[name], view)
     if len(values) == 1:
-        return float(next(iter(values.values())))
+        return finite_score(name, next(iter(values.values())), view)
     raise EvaluationError(f"metric {name!r} returned several values {sorted(values)}; pass a metric with one")
+
+
+def finite_score(name: str, value: Any, view: str | None = None) -> float:
+    """`value` as a float when it is a finite real number, else a one-line `EvaluationError` naming the metric."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    where = f" on {view!r}" if view else ""
+    said = " ".join(repr(value).split())
+    said = said if len(said) <= 60 else f"{said[:57]}..."
+    raise EvaluationError(f"metric {name!r} returned {said}{where}, which is not a finite number, so it cannot be "
+                          "written as a score; fix the metric (or the data it cannot score) or drop it")

@@ -93,12 +93,10 @@ class EvaluationResult:
                 value = self.score(merged, view, metric)
                 if value is None:
                     continue
-                info = self.tasks.get(view) or _joint_info(self.tasks)
                 task = view if view != JOINT else _joint_row_name(raw, self.definitions.get("joint_data"))
                 rows.append(EvalRow(
                     task=task,
-                    dataset=str(info.get("dataset") or "dataset"),
-                    split=str(info.get("split") or "test"),
+                    **(_task_data(self.tasks[view]) if view in self.tasks else _joint_data(self.tasks)),
                     metric=metric,
                     merged=value,
                     parent_a=self.score(PARENT_NAMES[0], view, metric),
@@ -106,7 +104,6 @@ class EvaluationResult:
                     ensemble=self.score(ENSEMBLE, view, metric),
                     later_parents=tuple(self.score(name, view, metric) for name in later),
                     processors=processors,
-                    local=bool(info.get("local")),
                 ))
         return rows
 
@@ -152,12 +149,27 @@ def _joint_row_name(raw: bool, only: str | None) -> str:
     return f"joint (all classes{rule}, data of {only} only)" if only else f"joint (all tasks{rule})"
 
 
-def _joint_info(tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    names = sorted({str(info.get("dataset")) for info in tasks.values() if info.get("dataset")})
-    splits = sorted({str(info.get("split")) for info in tasks.values() if info.get("split")})
-    return {"dataset": " + ".join(names) if names else "dataset",
-            "split": "+".join(splits) if splits else "test",
-            "local": any(info.get("local") for info in tasks.values())}
+def _task_data(info: Mapping[str, Any]) -> dict[str, Any]:
+    """A task's data as an `EvalRow` names it: `dataset` (None: in memory, unnamed), `dataset_config`, `split` (None:
+    unknown), `local`."""
+    dataset, config, split = info.get("dataset"), info.get("config"), info.get("split")
+    return {"dataset": None if dataset is None else str(dataset), "dataset_config": None if config is None else
+            str(config), "split": None if split is None else str(split), "local": bool(info.get("local"))}
+
+
+def _joint_data(tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The joint row's data: every task's data together. One dataset (the tasks' data named alike): that dataset, its
+    config and split when they share one. Several: the table names them all (`a + b`), and the row stays out of the
+    `model-index`, whose results each name one dataset."""
+    from hf_mudsc.publish.card import EvalRow
+
+    each = [_task_data(info) for info in tasks.values()]
+    labels = list(dict.fromkeys(EvalRow.label_of(data["dataset"], data["local"]) for data in each))
+    splits, configs = {data["split"] for data in each}, {data["dataset_config"] for data in each}
+    if len(labels) == 1:
+        return {**each[0], "split": splits.pop() if len(splits) == 1 else None,
+                "dataset_config": configs.pop() if len(configs) == 1 else None}
+    return {"dataset": " + ".join(labels), "split": None, "local": False, "model_index": False}
 
 
 #: How a concatenated head decides the joint view, per `names.JOINT_RULES` entry.

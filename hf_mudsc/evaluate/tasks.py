@@ -38,7 +38,9 @@ class TaskData:
         label_range: keep only rows whose integer label lies in `[lo, hi)` (before the offset).
         joint_size: with `label_range`, the size of the joint label space: a label outside it lies in no task's
             range, and is refused rather than left out of every task.
-        name, split: shown in the results and the model card.
+        name, split: shown in the results and the model card (a Hub dataset's id names it there; data given in
+            memory without a name is `in-memory data`, without a split none is shown).
+        config: the dataset's config (`sst2` of `glue`), shown with them (the card's `model-index`).
         local: the data is a local folder, not a Hub dataset: the card keeps it out of its `datasets` (Hub ids).
     """
 
@@ -52,6 +54,7 @@ class TaskData:
     name: str | None = None
     split: str | None = None
     local: bool = False
+    config: str | None = None
 
 
 def tasks_from_dataset(
@@ -64,6 +67,7 @@ def tasks_from_dataset(
     name: str | None = None,
     split: str | None = None,
     local: bool = False,
+    config: str | None = None,
 ) -> dict[str, TaskData]:
     """Split ONE dataset holding several tasks into `TaskData` per task.
 
@@ -73,7 +77,8 @@ def tasks_from_dataset(
     """
     if task_column is not None:
         return {task: TaskData(data, label_column=label_column, task_column=task_column, task_value=(i, task),
-                               name=name, split=split, local=local) for i, task in enumerate(task_names)}
+                               name=name, split=split, local=local, config=config)
+                for i, task in enumerate(task_names)}
     if not task_ranges:
         raise EvaluationError(
             "one dataset for several tasks needs either task_column= (a column naming each row's task) or a "
@@ -82,20 +87,20 @@ def tasks_from_dataset(
     size = max(int(bounds[1]) for bounds in task_ranges.values())
     return {task: TaskData(data, label_column=label_column, label_offset=int(task_ranges[task][0]),
                            label_range=(int(task_ranges[task][0]), int(task_ranges[task][1])), joint_size=size,
-                           name=name, split=split, local=local) for task in task_names}
+                           name=name, split=split, local=local, config=config) for task in task_names}
 
 
 def spec_task_data(spec: str | os.PathLike, data: Any = None, **fields: Any) -> TaskData:
     """The `TaskData` of a dataset spec (`data`: the dataset it opens, default the spec itself), named as results and
     cards show it: a local folder by its own name (never the absolute path, which would reach the results and a
-    card), a Hub dataset by its id; the split from the spec."""
+    card), a Hub dataset by its id; the config and split from the spec."""
     from hf_mudsc.calibrate.dataset_spec import DatasetSpec
 
     parsed = DatasetSpec.parse(os.fspath(spec))
     path = Path(parsed.path).expanduser()
     local = path.exists()
     return TaskData(os.fspath(spec) if data is None else data, name=path.name if local else parsed.path,
-                    split=parsed.split, local=local, **fields)
+                    split=parsed.split, local=local, config=parsed.config, **fields)
 
 
 def as_task_data(value: Any) -> TaskData:
@@ -287,7 +292,10 @@ def _class_id(value: Any, task: str) -> int:
     )
 
 
-def source_name(source: TaskData) -> str:
+def source_name(source: TaskData) -> str | None:
+    """How the results and the card name the data: `name`, else the spec's dataset; None for data given in memory
+    without a name. Its `info` names no Hub dataset (a builder such as `csv`/`parquet`, or a Hub dataset's name
+    without its owner), so nothing is guessed from it that would read as a Hub dataset id."""
     if source.name:
         return source.name
     data = source.data
@@ -295,8 +303,7 @@ def source_name(source: TaskData) -> str:
         from hf_mudsc.calibrate.dataset_spec import DatasetSpec
 
         return DatasetSpec.parse(os.fspath(data)).path
-    info = getattr(data, "info", None)
-    return str(getattr(info, "dataset_name", None) or getattr(info, "builder_name", None) or "dataset")
+    return None
 
 
 def spec_split(source: TaskData) -> str | None:

@@ -14,13 +14,17 @@ task (and one for the joint task), e.g.::
 In the `model-index` each result's dataset `config` carries the row's task name (`model_index_config`):
 the Hub groups results by (task type, dataset, config, split) and keeps one task name per group, so
 without it two tasks evaluated on one dataset and split would collapse into one result under the first
-task's name. Callers never have to do this themselves.
+task's name. Callers never have to do this themselves. Its dataset is `EvalRow.dataset_label`: a Hub id, a local
+folder as `NAME (local folder)`, unnamed in-memory data as `in-memory data` — nothing that reads as a Hub id it is not;
+a row with `model_index=False` (a joint figure over several datasets) is in the table only. Scores must be finite.
 """
 
 from __future__ import annotations
 
 import html
 import importlib.resources
+import math
+import numbers
 import os
 import re
 import string
@@ -94,15 +98,21 @@ class ParentInfo:
         return self.repo_id or Path(self.reference.rstrip("/\\")).name or self.reference
 
 
+#: How the card names evaluation data given in memory without a name (`dataset=None`): no Hub dataset id.
+IN_MEMORY_DATA = "in-memory data"
+
+
 @dataclass
 class EvalRow:
     """One evaluation result (see module docstring); scores are fractions in [0, 1] for accuracy."""
 
     task: str
-    dataset: str
+    dataset: str | None
+    """A Hub dataset's id; a local folder's name (with `local=True`); None: data given in memory, unnamed."""
     merged: float
     metric: str = "accuracy"
-    split: str = "test"
+    split: str | None = "test"
+    """None: not known (the table shows `—`, the `model-index` names no split)."""
     dataset_config: str | None = None  # the dataset's own config (e.g. `sst2` of `glue`), if it has one
     parent_a: float | None = None
     parent_b: float | None = None
@@ -113,7 +123,23 @@ class EvalRow:
     """When the models' processors differ: whose processor made each column's inputs (`Parent B: own; ...`), shown
     once under the table."""
     local: bool = False
-    """The dataset is a local folder: marked so in the table, kept out of the front matter's `datasets` (Hub ids)."""
+    """The dataset is a local folder: named `NAME (local folder)` in the table and the `model-index`."""
+    model_index: bool = True
+    """False: in the table only. A figure over several datasets (the joint row of tasks evaluated on different
+    datasets) has no one dataset to name, and each `model-index` result names one."""
+
+    def __post_init__(self) -> None:
+        """Every score a finite number (None: not defined): NaN or inf in the `model-index` or the table would be
+        published as a figure of the model."""
+        named = [("merged", self.merged), ("parent_a", self.parent_a), ("parent_b", self.parent_b),
+                 ("ensemble", self.ensemble),
+                 *((f"parent_{string.ascii_lowercase[2 + i]}", value) for i, value in enumerate(self.later_parents))]
+        for column, value in named:
+            if value is None and column != "merged":
+                continue
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"evaluation result {self.task!r} ({self.metric}): {column} is {value!r}, not a "
+                                 "finite number; a card publishes only finite scores (None: not scored)")
 
     @classmethod
     def from_any(cls, row: EvalRow | Mapping[str, Any]) -> EvalRow:
@@ -133,6 +159,19 @@ class EvalRow:
                              f"and parent_c, parent_d, ... for more parents")
         scores = tuple(row.pop(key) for key in later)
         return cls(**row, later_parents=scores)
+
+    @staticmethod
+    def label_of(dataset: str | None, local: bool) -> str:
+        """How the card names data: a Hub dataset by its id, a local folder as `NAME (local folder)`, unnamed data in
+        memory as `in-memory data` — neither of the last two reads as (or links to) a Hub dataset."""
+        if dataset is None:
+            return IN_MEMORY_DATA
+        return f"{dataset} (local folder)" if local else dataset
+
+    @property
+    def dataset_label(self) -> str:
+        """The row's data as the table and the `model-index` name it (`label_of`)."""
+        return self.label_of(self.dataset, self.local)
 
     @property
     def parent_scores(self) -> tuple[float | None, ...]:
@@ -240,15 +279,15 @@ def set_eval_results(data: ModelCardData, eval_results: Sequence[EvalRow], *, mo
         EvalResult(
             task_type=data.pipeline_tag or "other",
             task_name=row.task,
-            dataset_type=row.dataset,
-            dataset_name=row.dataset,
+            dataset_type=row.dataset_label,
+            dataset_name=row.dataset_label,
             dataset_config=row.model_index_config,
             dataset_split=row.split,
             metric_type=row.metric,
             metric_name=row.metric,
             metric_value=float(row.merged),
         )
-        for row in rows
+        for row in rows if row.model_index
     ] or None
     return data
 
