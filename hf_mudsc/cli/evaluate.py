@@ -155,10 +155,11 @@ def recipe_parents(path: Path, model: str) -> list[str]:
     find them elsewhere, so unless a folder of that name is here, the user is asked for `--parents` in one line
     instead of getting a load failure of a folder name."""
     from hf_mudsc.evaluate.names import parent_letter
-    from hf_mudsc.publish.recipe import Recipe
+    from hf_mudsc.publish.recipe import Recipe, unresolved_published_entries
 
     recipe = Recipe.load(path)
-    local = [(index, name) for index, name in enumerate(recipe.models) if _named_by_folder_only(path, recipe, index)]
+    listed = unresolved_published_entries(path.read_text(encoding="utf-8"), recipe)
+    local = [(entry.index, entry.given) for entry in listed if entry.key == "models" and entry.index is not None]
     if local:
         named = ", ".join(f"{parent_letter(index)} `{' '.join(name.split())}`" for index, name in local)
         several = len(local) > 1
@@ -168,24 +169,6 @@ def recipe_parents(path: Path, model: str) -> list[str]:
             "pass --parents with every parent's path or Hub id in merge order (A B ...), or --no-parents"
         )
     return list(recipe.models)
-
-
-def _named_by_folder_only(path: Path, recipe: Any, index: int) -> bool:
-    """Whether parent `index` of the recipe at `path` is listed as a local folder of the machine that merged and is
-    no folder here: `check_local_folders_given` (the one reader of a pushed recipe's list) asked about it alone —
-    every other entry (other parents, base, calibration) counts as given anew."""
-    import dataclasses
-
-    from hf_mudsc.errors import RecipeError
-    from hf_mudsc.publish.recipe import check_local_folders_given
-
-    only = dataclasses.replace(recipe, base=None, calibration=None,
-                               models=[name if i == index else None for i, name in enumerate(recipe.models)])
-    try:
-        check_local_folders_given(path, recipe, only)
-    except RecipeError:
-        return True
-    return False
 
 
 def _datasets(
