@@ -131,7 +131,7 @@ def test_the_worker_is_handed_the_resolved_paths_so_a_link_swapped_after_the_che
     """Checked, then opened by name, a link inside a root could be re-pointed out of it in between. The start check
     returns the resolved real paths and the worker loads those: re-pointing the link after the check changes
     nothing the job reads."""
-    from hf_mudsc.cli.merge import execute
+    from hf_mudsc.runner import execute
     from hf_mudsc.serve.app import create_app
 
     root, outside = disk

@@ -7,24 +7,21 @@ loaded -> merge -> (rank 0 only) model, processor, card and
 recipe written to a hidden temporary sibling folder (`hf_mudsc.publish`, the writer the API shares) ->
 pushed in one commit (if asked) -> the temporary folder renamed into place (`hf_mudsc.output`). Any error
 or interrupt before the push deletes the temporary folder; a failed push keeps the written model and says
-where; inputs are only read.
+where; inputs are only read. This module reads the command line into a recipe; the run is `hf_mudsc.runner`'s,
+which the service's worker shares.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from dataclasses import Field
-from pathlib import Path
 from typing import Any
 
 from hf_mudsc.errors import RecipeError
-from hf_mudsc.options import REFITTING, MergeOptions, flag, int_or_auto, number_or_auto
-from hf_mudsc.publish.folder import check_output
+from hf_mudsc.options import MergeOptions, flag, int_or_auto, number_or_auto
 from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe, check_local_folders_given
-
-logger = logging.getLogger(__name__)
+from hf_mudsc.runner import execute
 
 
 def option_argument(option: Field) -> tuple[list[str], dict[str, Any]]:
@@ -128,158 +125,3 @@ def run(args: argparse.Namespace) -> int:
         push = result["push"]
         print(f"Pushed to {push.url} (commit {push.commit_sha})")
     return 0
-
-
-# ---------------------------------------------------------------------------------------------------- work
-
-
-def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None = None,
-            progress: bool = True, base_origin: str | None = None) -> dict[str, Any]:
-    """Run a validated recipe: merge, save (and push) on the main process. Returns what was produced.
-
-    `recipe_file`: the recipe's path, when it came from one (an input the output must not overlap).
-    `progress`: progress bars on a terminal, periodic log lines otherwise (`hf_mudsc.progress`); False: neither.
-    `base_origin`: how the recipe's `base` was found when the caller found it (the service resolves the base the
-    parents' cards name before a job starts, `load.parents.BASE_FROM_CARDS`): the config and card say so."""
-    if not recipe.output and not recipe.push_to_hub:
-        raise RecipeError("say where the merged model goes: --output DIR and/or --push-to-hub ORG/NAME")
-    from hf_mudsc.calibrate.device import resolve_device
-
-    try:  # CUDA asked for on a machine without it: one line naming the flag, before anything is loaded
-        resolve_device(recipe.device, cli=True)
-    except ValueError as error:
-        raise RecipeError(str(error)) from None
-    main = _is_main_process()
-    output = Path(recipe.output).expanduser().absolute() if recipe.output else None
-    if output is not None:
-        check_merge_output(output, recipe, recipe_file)
-    if recipe.push_to_hub and main:
-        from hf_mudsc.publish.hub import check_target
-
-        check_target(recipe.push_to_hub, overwrite=recipe.overwrite, token=token)
-
-    from hf_mudsc.calibrate.datasets import load_calibration_dataset, pin_calibration_revision
-    from hf_mudsc.load.parents import load_parents_and_base
-    from hf_mudsc.methods.auto import is_auto
-    from hf_mudsc.methods.registry import check_size, get_method
-
-    chosen = None if is_auto(recipe.method) else get_method(recipe.method)
-    if chosen is not None:  # a size budget the method cannot spend, or options it refuses: before any data is read
-        check_size(chosen, recipe.size)
-        chosen.check_options(recipe, len(recipe.models))
-    # `auto` opens the calibration it is given: the method it chooses may read it.
-    reads_data = recipe.calibration is not None if chosen is None else (
-        chosen.needs_calibration or chosen.needs_data)
-    opened: dict[str, Any] = {}
-
-    from hf_mudsc.pipeline import (
-        auto_before_loading,
-        check_before_weights,
-        check_calibration_before_weights,
-        reads_calibration,
-        streams_parents,
-    )
-    from hf_mudsc.plan import base_copied, base_loaded_whole, head_copies
-
-    first: dict[str, Any] = {}  # the first parent's config, for the calibration check
-
-    def check_config(config: Any, every: list[Any], found_base: Any) -> None:
-        first["config"] = config
-        check_before_weights(config, recipe, len(recipe.models), chosen,
-                             loading=1 if lazy else len(recipe.models), copied=head_copies(every, streaming=lazy),
-                             base=base_loaded_whole(recipe.base, chosen, streaming=lazy),
-                             base_copy=base_copied(found_base, every[0], streaming=lazy), parents=every)
-
-    def open_calibration(processors: list[Any]) -> None:
-        # A Hub dataset is pinned to its commit (recorded in the recipe) and loaded at that commit; opened (not
-        # read) once the parents' configurations passed their checks and before their weights are read: a
-        # refusal from a config comes first, a spec that does not exist or columns the parents' processors cannot
-        # read fail before any weights are downloaded (the columns only for a method known to read them).
-        opened["spec"] = pin_calibration_revision(recipe.calibration, token=token)
-        opened["data"] = load_calibration_dataset(opened["spec"], token=token)
-        if chosen is not None and "config" in first and reads_calibration(chosen, recipe, recipe.calibration,
-                                                                           len(recipe.models)):
-            check_calibration_before_weights(opened["data"], processors, first["config"], recipe)
-
-    # As merge() would: a tensor-wise method's parents after the first (and the base) are read one tensor at a time.
-    lazy = streams_parents(chosen, recipe, recipe.calibration, len(recipe.models))
-
-    def choose_loading(views: list[Any], found_base: Any) -> bool:
-        # `auto`: chosen on the parents read one tensor at a time and checked before any is loaded whole; merge()
-        # is handed that choice (it does not judge the loaded parents again)
-        opened["choice"] = auto_before_loading(views, recipe, opened.get("data", recipe.calibration),
-                                               has_base=found_base is not None, references=len(recipe.models),
-                                               base=recipe.base, found_base=found_base)
-        return opened["choice"].streams
-
-    parents, base, _ = load_parents_and_base(
-        recipe.models, recipe.base, token=token, allow_pickle=recipe.allow_pickle,
-        base_needed_for=recipe.method if chosen is not None and chosen.needs_base_model else None, lazy=lazy,
-        check_config=check_config, choose_loading=choose_loading if chosen is None else None,
-        before_weights=open_calibration if reads_data or recipe.refit in REFITTING or (
-            recipe.refit == "auto" and recipe.calibration is not None) else None)
-    if base is not None and base_origin is not None:
-        base.origin = base_origin
-        logger.info("base model %s: %s", recipe.base, base_origin)
-    calibration, calibration_spec = opened.get("data"), opened.get("spec", recipe.calibration)
-    import hf_mudsc
-
-    merged = hf_mudsc.merge(parents, calibration, **{**recipe.keywords(), "base": base}, token=token,
-                            progress=progress, auto_choice=opened.get("choice"))
-    if merged is None or not main:  # a non-main process of a distributed run: rank 0 saves and publishes
-        return {}
-    if calibration is not None:  # merge() saw an opened dataset; the config names what the user passed
-        from hf_mudsc.load.references import display_name
-
-        merged.config.mudsc["calibration"] = display_name(str(calibration_spec))
-    from hf_mudsc.load.references import pinned_calibration, pinned_reference
-
-    # Parents, base and data pinned; `auto` recorded as the method, refit and out_dtype it chose, and `alpha: auto`
-    # as the α handed to a method that ignores it (as `merge_report.recipe`).
-    pinned = recipe.override(models=[pinned_reference(p) for p in parents],
-                             calibration=pinned_calibration(calibration_spec),
-                             base=merged.merge_report.recipe["base"], method=merged.merge_report.method,
-                             alpha=merged.merge_report.recipe["alpha"],
-                             refit=merged.merge_report.recipe["refit"],
-                             out_dtype=merged.merge_report.recipe["out_dtype"])
-    from hf_mudsc.publish.writer import publish
-
-    # On a failed push the written model is kept (in --output, or a folder the error names).
-    produced = publish(merged, output=output, push_to_hub=recipe.push_to_hub, overwrite=recipe.overwrite,
-                       private=recipe.private, token=token, recipe=pinned, parents=parents,
-                       processor=parents[0].processor)
-    if calibration is not None:
-        produced["calibration_samples"] = merged.merge_report.num_samples
-    return produced
-
-
-def check_merge_output(output: Path, recipe: Recipe, recipe_file: str | None = None, *, flag: str = "--output") -> None:
-    """Refuse an existing output (without --overwrite), or one equal to, inside or around any input: the
-    parent folders, the calibration data and the recipe file (paths resolved: `..` and symlinks). `flag`: how
-    messages name the output (`--output` on the command line; the service's jobs say `output`)."""
-    inputs: list[tuple[str, str | Path]] = [
-        ("parent folder", reference) for reference in recipe.models if Path(reference).expanduser().exists()]
-    if recipe.base and Path(recipe.base).expanduser().exists():
-        inputs.append(("base folder", recipe.base))
-    calibration = _calibration_path(recipe.calibration)
-    if calibration is not None:
-        inputs.append(("calibration data", calibration))
-    if recipe_file:
-        inputs.append(("recipe file", recipe_file))
-    check_output(output, overwrite=recipe.overwrite, inputs=inputs, flag=flag)
-
-
-def _calibration_path(spec: str | None) -> Path | None:
-    """The local file or folder of a calibration spec (`path[:config]:split`), if it names one."""
-    if not spec:
-        return None
-    for candidate in (spec, spec.partition(":")[0]):
-        if candidate and Path(candidate).expanduser().exists():
-            return Path(candidate).expanduser()
-    return None
-
-
-def _is_main_process() -> bool:
-    from hf_mudsc.calibrate.distributed import is_main_process
-
-    return bool(is_main_process())

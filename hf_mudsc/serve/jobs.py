@@ -37,11 +37,11 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from hf_mudsc.calibrate.dataset_spec import DatasetSpec
-from hf_mudsc.cli.merge import check_merge_output
 from hf_mudsc.errors import CalibrationError, LoadError, RecipeError, shown
 from hf_mudsc.load.references import card_base_model, looks_like_path, parse_reference
 from hf_mudsc.methods.registry import AUTO, check_size, get_method
 from hf_mudsc.publish.recipe import DESTINATION_KEYS, INFO_KEYS, Recipe, unresolved_published_entries
+from hf_mudsc.runner import check_merge_output
 
 logger = logging.getLogger(__name__)
 

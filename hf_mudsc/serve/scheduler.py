@@ -25,7 +25,7 @@ CANCEL_GRACE_S = 30.0  # a running job that ignores a cancel this long (stuck ou
 
 
 # What the forkserver imports once, so a job's process starts in milliseconds instead of re-importing torch.
-PRELOAD = ["hf_mudsc.serve.worker", "torch", "transformers", "datasets", "hf_mudsc.pipeline", "hf_mudsc.cli.merge",
+PRELOAD = ["hf_mudsc.serve.worker", "torch", "transformers", "datasets", "hf_mudsc.pipeline", "hf_mudsc.runner",
            "hf_mudsc.publish.hub"]
 
 

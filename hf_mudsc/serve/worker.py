@@ -220,7 +220,7 @@ def dry_run_plan(job: JobRequest, token: str | None) -> dict[str, Any]:
 
 
 def run_merge(job: JobRequest, token: str | None, reporter: Reporter) -> dict[str, Any]:
-    """Merge, write and push exactly as `hf-mudsc merge` does (`hf_mudsc.cli.merge.execute`, the one writer)."""
+    """Merge, write and push exactly as `hf-mudsc merge` does (`hf_mudsc.runner.execute`, the one writer)."""
     reporter.enter("load")
     delay = float(os.environ.get(DELAY_ENV) or 0)
     if delay:
@@ -228,8 +228,8 @@ def run_merge(job: JobRequest, token: str | None, reporter: Reporter) -> dict[st
     import torch
     from transformers import PreTrainedModel
 
-    from hf_mudsc.cli.merge import execute
     from hf_mudsc.load.parents import BASE_FROM_CARDS
+    from hf_mudsc.runner import execute
 
     depth = [0]  # nesting of whole-model forwards: a ViTForImageClassification runs its ViTModel inside
     expected = _expected_batches(job)
