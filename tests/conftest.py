@@ -29,3 +29,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """`one_thread` for a whole module, its module-scoped fixtures' merges included (tiny tensors: on a busy 2-core
+    machine a second intra-op thread only adds contention); modules ask for it with
+    `pytestmark = pytest.mark.usefixtures("one_thread_module")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

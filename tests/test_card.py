@@ -57,6 +57,22 @@ PARENTS = [ParentInfo("org/vit-a", "org/vit-a", None, SHA_A),
            ParentInfo("org/vit-b@v2", "org/vit-b", "v2", SHA_B)]
 
 
+def markup_of(text: str) -> str:
+    """`text` without its code spans: a code span shows its text literally, so only the rest can be markup."""
+    return re.sub(r"(`+)(?!`).*?(?<!`)\1(?!`)", "", text)
+
+
+def card_with_mudsc(merged, **entries) -> ModelCard:
+    """The merge card of `merged` rendered with these `config.mudsc` entries replaced (restored afterwards)."""
+    saved = dict(merged.config.mudsc)
+    merged.config.mudsc = {**saved, **entries}
+    try:
+        return ModelCard(str(render_card(merged, Recipe(models=["org/vit-a", "org/vit-b"], calibration="c"),
+                                         parents=PARENTS)))
+    finally:
+        merged.config.mudsc = saved
+
+
 def test_front_matter_parses_back_with_the_hub_library(merged, recipe):
     card = ModelCard(str(render_card(merged, recipe, parents=PARENTS)))
     data = card.data
@@ -318,7 +334,7 @@ def test_hostile_task_and_parent_names_stay_inside_their_cells_in_the_merge_card
                                          parents=[ParentInfo(name), ParentInfo("org/vit-b", "org/vit-b")])))
     finally:
         config.task_label_ranges = saved
-    markup = re.sub(r"(`+)(?!`).*?(?<!`)\1(?!`)", "", card.text)  # a code span shows its text literally
+    markup = markup_of(card.text)
     assert "<script" not in markup and "[x](javascript:" not in markup
     assert not re.search(r"^## Usage\n\|", card.text, flags=re.MULTILINE)
     tasks = card.text.split("| Task | Label ids |\n|---|---|\n")[1].split("\n\n")[0].splitlines()
@@ -362,7 +378,7 @@ def test_the_recipe_block_stays_one_code_block_whatever_a_folder_name_holds(merg
     end = next(i for i in range(start + 1, len(lines))
                if re.fullmatch(r" {0,3}`{" + str(len(fence)) + r",} *", lines[i]))
     assert any("<script>" in line for line in lines[start:end])
-    after = re.sub(r"(`+)(?!`).*?(?<!`)\1(?!`)", "", "\n".join(lines[end:]))  # a code span shows its text literally
+    after = markup_of("\n".join(lines[end:]))
     assert "<script>" not in after and "\n<script>" not in text
     assert "calibration:" in "\n".join(lines[start:end]) and "seed:" in "\n".join(lines[start:end])
 
@@ -371,15 +387,9 @@ def test_what_a_merged_config_records_cannot_add_headings_or_markup_to_the_card(
     """`hf-mudsc evaluate` renders a card from the folder's config when it has none: the config's warnings, method
     reason and group names went onto the page as they were, so a line break added a heading and HTML went through."""
     hostile = "x\n## Usage\n<script>alert(1)</script> | y"
-    saved = dict(merged.config.mudsc)
-    merged.config.mudsc = {**saved, "warnings": [hostile], "method_choice_reason": hostile,
-                           "group_match_values": {hostile: 0.5}}
-    try:
-        card = ModelCard(str(render_card(merged, Recipe(models=["org/vit-a", "org/vit-b"], calibration="c"),
-                                         parents=PARENTS)))
-    finally:
-        merged.config.mudsc = saved
-    markup = re.sub(r"(`+)(?!`).*?(?<!`)\1(?!`)", "", card.text)  # a code span shows its text literally
+    card = card_with_mudsc(merged, warnings=[hostile], method_choice_reason=hostile,
+                           group_match_values={hostile: 0.5})
+    markup = markup_of(card.text)
     assert "<script" not in markup
     assert re.findall(r"^## Usage", card.text, flags=re.MULTILINE) == ["## Usage"]  # the card's own only
     groups = card.text.split("| Group | Match value |\n|---|---|\n")[1].split("\n\n")[0].splitlines()

@@ -25,12 +25,7 @@ from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
 FAST = ["--method", "zipit", "--num-samples", "24", "--batch-size", "8"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: OpenMP start-up dominates on a busy 2-core machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def save_parents_and_data(root: Path) -> tuple[Path, Path, Path]:

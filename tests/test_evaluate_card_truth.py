@@ -13,11 +13,10 @@ import datasets
 import evaluate
 import numpy as np
 import pytest
-import torch
 from factories import make_model
 from huggingface_hub import ModelCard
 from PIL import Image
-from test_card import PARENTS
+from test_card import card_with_mudsc, markup_of
 from test_card import merged as merged  # noqa: F401  (the card tests' merged model, a fixture)
 from test_evaluation import MERGED_LOGITS, PARENT_A_LOGITS, PARENT_B_LOGITS, RANGES, table_model, table_tasks
 from transformers import ViTImageProcessor
@@ -37,12 +36,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 BLANK_CARD = "---\nlibrary_name: transformers\n---\n\n# merged\n\n## Usage\n\nx\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")
@@ -239,15 +233,9 @@ HOSTILE = "x|y\n## Usage\n<script>alert(1)</script> ``` `z`"
 
 
 def test_start_names_and_the_parent_relation_stay_text_inside_their_cells(merged):  # noqa: F811
-    saved = dict(merged.config.mudsc)
-    merged.config.mudsc = {**saved, "start_objectives": {HOSTILE: 0.25, "weight": 0.5}, "solve_start": HOSTILE,
-                           "parent_relation": {"relation": HOSTILE, "weight_distance": 0.125}}
-    try:
-        card = ModelCard(str(render_card(merged, Recipe(models=["org/vit-a", "org/vit-b"], calibration="c"),
-                                         parents=PARENTS)))
-    finally:
-        merged.config.mudsc = saved
-    markup = re.sub(r"(`+)(?!`).*?(?<!`)\1(?!`)", "", card.text)  # a code span shows its text literally
+    card = card_with_mudsc(merged, start_objectives={HOSTILE: 0.25, "weight": 0.5}, solve_start=HOSTILE,
+                           parent_relation={"relation": HOSTILE, "weight_distance": 0.125})
+    markup = markup_of(card.text)
     assert "<script" not in markup
     assert re.findall(r"^## Usage", card.text, flags=re.MULTILINE) == ["## Usage"]  # the card's own only
     table = card.text.split("| Setting | Value |\n|---|---|\n")[1].split("\n\n")[0].splitlines()
@@ -333,20 +321,14 @@ def test_a_parents_revision_stays_one_code_span_inside_its_cell(merged):  # noqa
     table = card.text.split("| | Model | Revision |\n|---|---|---|\n")[1].split("\n\n")[0].splitlines()
     assert len(table) == 2 and all(len(re.findall(r"(?<!\\)\|", line)) == 4 for line in table), table
     assert re.findall(r"^## Usage", card.text, flags=re.MULTILINE) == ["## Usage"]
-    assert "<script" not in re.sub(r"(`+)(?!`).*?(?<!`)\1(?!`)", "", "\n".join(table))  # a code span's text
+    assert "<script" not in markup_of("\n".join(table))  # a code span's text
 
 
 def test_an_unknown_method_name_or_version_in_the_config_adds_no_heading_or_markup(merged):  # noqa: F811
     """A card rendered from a folder's config (evaluate without a README) read `method` and `version` from it and put
     them on the page as they were: the intro and the closing line gained a heading and HTML."""
-    saved = dict(merged.config.mudsc)
-    merged.config.mudsc = {**saved, "method": HOSTILE, "version": HOSTILE}
-    try:
-        card = ModelCard(str(render_card(merged, Recipe(models=["org/vit-a", "org/vit-b"], calibration="c"),
-                                         parents=PARENTS)))
-    finally:
-        merged.config.mudsc = saved
+    card = card_with_mudsc(merged, method=HOSTILE, version=HOSTILE)
     assert re.findall(r"^## Usage", card.text, flags=re.MULTILINE) == ["## Usage"]
     assert not re.search(r"^<script", card.text, flags=re.MULTILINE)
     prose = [line for line in card.text.splitlines() if "hf_mudsc" in line and not line.startswith(("```", "pip"))]
-    assert prose and all("<script" not in re.sub(r"(`+)(?!`).*?(?<!`)\1(?!`)", "", line) for line in prose), prose
+    assert prose and all("<script" not in markup_of(line) for line in prose), prose

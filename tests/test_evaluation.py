@@ -33,13 +33,7 @@ from hf_mudsc.evaluate.results import EvaluationResult
 from hf_mudsc.evaluate.tasks import tasks_from_dataset
 from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: thread start-up dominates on a busy 2-core machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 # --------------------------------------------------------------------------------------------- metrics

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from factories import make_batches, make_model
 from PIL import Image
 from test_cli import save_parents_and_data
@@ -38,12 +37,7 @@ ALL_PLOTS = ["match_quality.png", "solve_objective.png", "similarity_heatmaps.pn
 ALIGN = ["--method", "mudsc", "--matcher", "align", "--num-samples", "24", "--batch-size", "8"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

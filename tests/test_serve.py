@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import re
 import subprocess
 import sys
 import time
@@ -1014,21 +1015,26 @@ def test_a_post_while_max_queued_jobs_wait_answers_429_and_stores_nothing(tmp_pa
     assert client.post("/api/jobs", json=body).status_code == 201
 
 
-def test_max_queued_is_a_serve_flag_checked_in_one_line(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("flag", "attribute", "default"), [("--max-queued", "max_queued", 100),
+                                                         ("--max-jobs", "max_jobs", 1000)])
+def test_the_serve_bounds_are_flags_with_documented_defaults_checked_in_one_line(tmp_path, monkeypatch, flag,
+                                                                                  attribute, default):
     import uvicorn
 
     from hf_mudsc.cli.main import build_parser
     from hf_mudsc.cli.serve import run
+    from hf_mudsc.serve.store import MAX_JOBS, MAX_QUEUED
 
     served = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))
     parser = build_parser(available=["serve"])
-    assert run(parser.parse_args(["serve", "--state-dir", str(tmp_path / "s"), "--max-queued", "7"])) == 0
-    assert served[0].state.max_queued == 7
+    assert run(parser.parse_args(["serve", "--state-dir", str(tmp_path / "s"), flag, "7"])) == 0
+    assert getattr(served[0].state, attribute) == 7
     assert run(parser.parse_args(["serve", "--state-dir", str(tmp_path / "s")])) == 0
-    assert served[1].state.max_queued == 100
-    with pytest.raises(ValueError, match=r"^--max-queued must be at least 1, got 0$"):
-        run(parser.parse_args(["serve", "--state-dir", str(tmp_path / "s"), "--max-queued", "0"]))
+    assert getattr(served[1].state, attribute) == {"max_queued": MAX_QUEUED, "max_jobs": MAX_JOBS}[attribute] == default
+    with pytest.raises(ValueError, match=rf"^{flag} must be at least 1, got 0$"):
+        run(parser.parse_args(["serve", "--state-dir", str(tmp_path / "s"), flag, "0"]))
+    assert re.search(rf"`{flag} N`[\w ]* \(default {default}\)", (Path(__file__).parents[1] / "README.md").read_text())
 
 
 # ---------------------------------------------------------------------------------------------- local paths

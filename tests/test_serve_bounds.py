@@ -70,29 +70,6 @@ def test_the_store_keeps_at_most_max_jobs_finished_jobs_pruning_the_oldest_recor
     assert queued in {job["id"] for job in store.list()} and old[1] not in {job["id"] for job in store.list()}
 
 
-def test_max_jobs_is_a_serve_flag_with_a_documented_default_checked_in_one_line(tmp_path, monkeypatch):
-    import uvicorn
-
-    from hf_mudsc.cli.main import build_parser
-    from hf_mudsc.cli.serve import run
-    from hf_mudsc.serve.store import MAX_JOBS
-
-    served = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))
-    parser = build_parser(available=["serve"])
-    assert run(parser.parse_args(["serve", "--state-dir", str(tmp_path / "s"), "--max-jobs", "7"])) == 0
-    assert served[0].state.max_jobs == 7
-    assert run(parser.parse_args(["serve", "--state-dir", str(tmp_path / "s")])) == 0
-    assert served[1].state.max_jobs == MAX_JOBS == 1000
-    with pytest.raises(ValueError, match=r"^--max-jobs must be at least 1, got 0$"):
-        run(parser.parse_args(["serve", "--state-dir", str(tmp_path / "s"), "--max-jobs", "0"]))
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    assert "`--max-jobs N` (default 1000)" in readme
-
-
-# ---------------------------------------------------------------------------------------------- slow bodies
-
-
 def post_with_a_body_that_stalls(app, first: bytes) -> list[dict]:
     """POST /api/jobs straight to the ASGI app: `first` arrives, then the body never continues (a client trickling
     nothing more). Returns the messages the app sent."""

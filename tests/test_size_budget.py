@@ -24,12 +24,7 @@ KINDS = ("vit_cls", "bert_cls", "clip", "clip_text_proj")
 SIZES = (1.0, 1.1, 1.25, 1.5, 2.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: OpenMP start-up dominates on a busy 2-core machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -32,12 +32,7 @@ TENSOR_WISE = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", 
                "della", "della_linear", "slerp", "pcb", "consensus", "localize_stitch", "layer_swap")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def fine_tune(base: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
