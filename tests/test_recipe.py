@@ -300,3 +300,35 @@ def test_the_published_recipe_names_local_folders_by_name_and_keeps_every_other_
     args = parser.parse_args(["merge", *map(str, folders[:3]), "--recipe", str(path), "--base", str(folders[3]),
                               "--calibration", f"{folders[3]}:train", "--output", "x"])
     assert build_recipe(args).models == list(map(str, folders[:3]))
+
+
+# ---------------------------------------------------------------- names YAML reads as numbers (`1e5`, `123`)
+def test_name_keys_read_a_number_shaped_scalar_as_the_text_written(tmp_path):
+    """The exponent resolver made `models: [1e5, 2e3]` floats (an older recipe naming folders `1e5`): keys that hold
+    names or paths read such a plain scalar as the text written; number keys still read numbers."""
+    path = tmp_path / RECIPE_FILENAME
+    path.write_text("models: [1e5, 2e3, 123, 0x1F]\nbase: 1E-2\ncalibration: 1e5\nimage_column: 1_000\n"
+                    "method: average\nrefit_lambda: 1e-3\nseed: 12\n")
+    recipe = Recipe.load(path)
+    assert recipe.models == ["1e5", "2e3", "123", "0x1F"]
+    assert (recipe.base, recipe.calibration, recipe.image_column) == ("1E-2", "1e5", "1_000")
+    assert (recipe.refit_lambda, recipe.seed) == (1e-3, 12)
+    # Written back, they are quoted, and read back as the same text.
+    assert Recipe.load(recipe.save(tmp_path / "again.yaml")) == recipe
+
+
+@pytest.mark.parametrize(("key", "flag"), [("output", "--output DIR"), ("push_to_hub", "--push-to-hub ORG/NAME")])
+def test_a_number_shaped_destination_is_still_refused_as_a_destination(tmp_path, key, flag):
+    path = tmp_path / RECIPE_FILENAME
+    path.write_text(f"models: [org/a, org/b]\ncalibration: org/ds:train\n{key}: 1e5\n")
+    with pytest.raises(RecipeError, match=f"sets `{key}`, which a recipe may not set; pass {flag}"):
+        Recipe.load(path)
+
+
+def test_a_model_entry_yaml_reads_as_a_bool_is_refused_naming_the_key_and_quoting(tmp_path):
+    path = tmp_path / RECIPE_FILENAME
+    path.write_text("models: [yes, org/b]\nmethod: average\n")
+    with pytest.raises(RecipeError) as caught:
+        Recipe.load(path)
+    message = str(caught.value)
+    assert "`models`" in message and "quote" in message and "\n" not in message

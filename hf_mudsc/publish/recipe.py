@@ -354,7 +354,8 @@ def _yaml_scalar(value: str) -> str:
 
 def _expect_str(key: str, value: Any, source: str) -> str:
     if not isinstance(value, str) or not value:
-        raise RecipeError(f"{source}: every entry of `{key}` must be a non-empty string, got {shown(value)}")
+        raise RecipeError(f"{source}: every entry of `{key}` must be a non-empty string, got {shown(value)}; quote "
+                          "a name YAML reads as something else (`'yes'`, `'null'`)")
     return value
 
 
@@ -370,9 +371,28 @@ class RecipeDumper(yaml.SafeDumper):
 RecipeDumper.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789"))
 
 
+# The keys that hold names, paths or choices (`models`, `base`, `calibration`, `output`, ...): a plain scalar YAML
+# reads as a number there (`1e5`, `123`) is read as the text written — a folder or model may be named `1e5`.
+TEXT_KEYS = frozenset(("models", *(f.name for f in MergeOptions.option_fields()
+                                   if f.metadata["kind"] in ("str", "model", "choice", "device", "dtype"))))
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+_TEXT_TAG = "tag:yaml.org,2002:str"
+
+
 class RecipeLoader(yaml.SafeLoader):
     """`yaml.SafeLoader` that refuses a key given twice (plain YAML keeps the last one silently): a recipe file's,
-    and (with aliases refused too) a service job's (`hf_mudsc.serve.app`)."""
+    and (with aliases refused too) a service job's (`hf_mudsc.serve.app`). Under `TEXT_KEYS` a plain scalar YAML
+    would read as a number is read as the text written (`models: [1e5, 2e3]` names two folders)."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.value in TEXT_KEYS:
+                    items = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                    for item in items:
+                        if isinstance(item, yaml.ScalarNode) and item.style is None and item.tag in _NUMBER_TAGS:
+                            item.tag = _TEXT_TAG
+        return super().construct_document(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         self.flatten_mapping(node)  # `<<` merge keys first: a key they bring is overridden, not repeated
