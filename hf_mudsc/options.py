@@ -205,7 +205,8 @@ def _calibration_help() -> str:
     reading = ", ".join(m.name for m in METHODS.values() if m.needs_calibration or m.needs_data)
     return ("calibration data for the activation statistics: `repo_or_path[:config]:split` — a Hub dataset id (pin it "
             "like a parent: `org/ds@revision:split`; the recipe records the commit used), an imagefolder or a data "
-            "file (streamed), or a folder written by Dataset.save_to_disk; a split may carry a slice "
+            "file (streamed), or a folder written by Dataset.save_to_disk — local data looks like a path (`./calib`): "
+            "a bare name that is also a folder here is refused as ambiguous; a split may carry a slice "
             f"(`train[:512]`). Needed by {reading}, and by --refit ridge|gate|repair and --alpha auto; the other "
             "methods merge without it (--refit auto then resolves to none)")
 

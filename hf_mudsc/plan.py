@@ -760,7 +760,7 @@ def _calibration_plan(calibration: Any, options: MergeOptions, tokens: Mapping[s
     if isinstance(calibration, (list, tuple)):
         unchecked = "batches are checked as the merge reads them"
     if isinstance(calibration, (str, os.PathLike)):
-        at_hand = Path(DatasetSpec.parse(calibration).path).expanduser().exists()
+        at_hand = DatasetSpec.parse(calibration).local
         spec = pin_calibration_revision(os.fspath(calibration), token=token)
         source = str(pinned_calibration(spec))
         calibration = load_calibration_dataset(spec, token=token)

@@ -1376,3 +1376,63 @@ def test_raw_calibration_images_without_a_processor_are_refused_before_any_weigh
         with pytest.raises(CalibrationError, match=re.escape(needle)):
             hf_mudsc.merge([a, b], f"{calibration}:train", method="zipit", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def _link_out(folder, name, elsewhere):
+    """Move `folder/name` to `elsewhere` and leave a symbolic link to it in its place."""
+    elsewhere.mkdir(exist_ok=True)
+    target = elsewhere / name
+    (folder / name).rename(target)
+    (folder / name).symlink_to(target)
+    return target
+
+
+def test_a_parent_object_whose_folder_links_its_processor_out_is_refused(tmp_path):
+    """A model object's processor is read from its `name_or_path` folder: a link out of it was read unchecked
+    (the folder itself is refused, `test_a_parent_file_linking_out_of_its_folder_is_refused`)."""
+    from transformers import ViTForImageClassification
+
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import load_parent
+
+    folder = _save_vit_with_processor(tmp_path / "vit")
+    model = ViTForImageClassification.from_pretrained(folder)
+    assert load_parent(model).processor is not None  # read from the folder while it holds the file itself
+    target = _link_out(folder, "preprocessor_config.json", tmp_path / "elsewhere")
+    with pytest.raises(LoadError) as caught:
+        load_parent(model)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"{str(folder)!r}: preprocessor_config.json is a symbolic link to {str(target)!r}, outside the folder" \
+        in message
+
+
+def test_a_cached_hub_snapshot_linking_a_processor_file_out_of_the_cache_is_refused(tmp_path, monkeypatch):
+    """Offline, a Hub parent is read from its cache snapshot, whose files link into the repo's `blobs/`; one linking
+    anywhere else (a cache unpacked from someone's archive) was read as the processor unchecked."""
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import load_parent
+
+    folder = _save_vit_with_processor(tmp_path / "vit")
+    repo = tmp_path / "hub" / "models--org--vit"
+    sha = "a" * 40
+    snapshot, blobs = repo / "snapshots" / sha, repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    for index, path in enumerate(sorted(p for p in folder.iterdir() if p.is_file())):
+        (blobs / f"blob{index}").write_bytes(path.read_bytes())
+        (snapshot / path.name).symlink_to(Path("..") / ".." / "blobs" / f"blob{index}")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    assert load_parent("org/vit", cache_dir=tmp_path / "hub").processor is not None
+    (snapshot / "preprocessor_config.json").unlink()
+    outside = tmp_path / "outside.json"
+    outside.write_bytes((folder / "preprocessor_config.json").read_bytes())
+    (snapshot / "preprocessor_config.json").symlink_to(outside)
+    with pytest.raises(LoadError) as caught:
+        load_parent("org/vit", cache_dir=tmp_path / "hub")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"'org/vit': preprocessor_config.json is a symbolic link to {str(outside)!r}, outside the folder" \
+        in message

@@ -230,3 +230,17 @@ def test_auto_opens_each_parent_for_reading_one_tensor_at_a_time_once(tmp_path, 
     merged = hf_mudsc.merge(folders, None, progress=False)
     assert merged.config.mudsc["method"] == "linear"  # fine-tunes of one base, no data: streamed
     assert sorted(opened) == sorted(folders), opened
+
+
+def test_non_finite_tensors_reads_in_chunks_and_names_only_nan_or_inf(tmp_path):
+    """The check `hf-mudsc push DIR` runs: a float64 past float32's range is finite (no down-cast), a 0-d NaN and
+    a NaN in the last chunk of a tensor are found, integer tensors are not floating weights."""
+    late = torch.zeros(50, 7)
+    late[-1, -1] = float("nan")
+    tensors = {"big64": torch.full((3, 3), 1e300, dtype=torch.float64), "late": late,
+               "scalar": torch.tensor(float("inf")), "ints": torch.arange(4),
+               "half": torch.ones(5, dtype=torch.float16), "fine": torch.randn(8, 8)}
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, str(path))
+    assert lazy.non_finite_tensors(path, chunk_elements=10) == ["late", "scalar"]
+    assert lazy.non_finite_tensors(path) == ["late", "scalar"]

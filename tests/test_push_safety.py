@@ -168,3 +168,40 @@ def test_a_push_in_offline_mode_is_one_line_naming_the_setting(merged, inputs, t
     err = capsys.readouterr().err.strip()
     assert err.splitlines()[-1].startswith("hf-mudsc merge: error: ") and "HF_HUB_OFFLINE" in err, err
     assert "Traceback" not in err and "Calibrated" not in err and not out.exists()
+
+
+def _corrupt_weights(folder, dtype=None):
+    """Rewrite the folder's weights with a NaN as the last entry of one tensor and an inf in another."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = folder / "model.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    matrices = sorted(name for name, tensor in tensors.items() if tensor.dim() == 2)
+    nan_name, inf_name = matrices[0], matrices[-1]
+    tensors[nan_name].view(-1)[-1] = float("nan")
+    tensors[inf_name].view(-1)[0] = float("-inf")
+    if dtype is not None:
+        tensors = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in tensors.items()}
+    save_file(tensors, str(path), metadata=metadata)
+    return nan_name, inf_name
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_push_refuses_a_folder_with_nan_or_inf_weights_before_the_hub(merged, tmp_path, no_hub, capsys,
+                                                                    monkeypatch, dtype):
+    """`save` and merge --push-to-hub refuse NaN/inf weights; `push DIR` published them. The check reads each tensor
+    in chunks (here a few hundred entries), so a NaN in the last chunk of a tensor is found too."""
+    monkeypatch.setattr("hf_mudsc.load.lazy.FINITE_CHECK_ELEMENTS", 100)
+    folder = tmp_path / "folder"
+    shutil.copytree(merged, folder)
+    nan_name, inf_name = _corrupt_weights(folder, dtype)
+    before = (folder / "model.safetensors").read_bytes()
+    assert main(["push", str(folder), "user/x"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hf-mudsc push: error: refusing to push") and len(err.splitlines()) == 1, err
+    assert "NaN or infinite values in 2 tensors" in err and nan_name in err and inf_name in err
+    assert "model.safetensors" in err and "hf-mudsc merge" in err
+    assert (folder / "model.safetensors").read_bytes() == before

@@ -300,3 +300,39 @@ def test_the_published_recipe_names_local_folders_by_name_and_keeps_every_other_
     args = parser.parse_args(["merge", *map(str, folders[:3]), "--recipe", str(path), "--base", str(folders[3]),
                               "--calibration", f"{folders[3]}:train", "--output", "x"])
     assert build_recipe(args).models == list(map(str, folders[:3]))
+
+
+# ---------------------------------------------------------------- names YAML reads as numbers (`1e5`, `123`)
+def test_name_keys_read_an_exponent_scalar_as_the_text_written(tmp_path):
+    """The exponent resolver made `models: [1e5, 2e3]` floats (an older recipe naming folders `1e5`): keys that hold
+    names or paths read such a plain scalar as the text written, as YAML 1.1 did; number keys still read numbers."""
+    path = tmp_path / RECIPE_FILENAME
+    path.write_text("models: [1e5, 2e3]\nbase: 1E-2\ncalibration: 1e5\nimage_column: 3e0\n"
+                    "method: average\nrefit_lambda: 1e-3\nseed: 12\n")
+    recipe = Recipe.load(path)
+    assert recipe.models == ["1e5", "2e3"]
+    assert (recipe.base, recipe.calibration, recipe.image_column) == ("1E-2", "1e5", "3e0")
+    assert (recipe.refit_lambda, recipe.seed) == (1e-3, 12)
+    # Written back, they are quoted, and read back as the same text.
+    assert Recipe.load(recipe.save(tmp_path / "again.yaml")) == recipe
+
+
+@pytest.mark.parametrize(("key", "flag"), [("output", "--output DIR"), ("push_to_hub", "--push-to-hub ORG/NAME")])
+def test_a_number_shaped_destination_is_still_refused_as_a_destination(tmp_path, key, flag):
+    path = tmp_path / RECIPE_FILENAME
+    path.write_text(f"models: [org/a, org/b]\ncalibration: org/ds:train\n{key}: 1e5\n")
+    with pytest.raises(RecipeError, match=f"sets `{key}`, which a recipe may not set; pass {flag}"):
+        Recipe.load(path)
+
+
+@pytest.mark.parametrize("text", ["models: [yes, org/b]", "models: [123, org/b]", "models: [a, b]\nbase: 12",
+                                  "models: [a, b]\nimage_column: 3", "models: [a, b]\ncalibration: 1.5"])
+def test_another_number_or_bool_under_a_name_key_is_refused_naming_the_key_and_quoting(tmp_path, text):
+    """YAML always read these as numbers or booleans (never as text): refused, saying how to write such a name."""
+    path = tmp_path / RECIPE_FILENAME
+    path.write_text(f"{text}\nmethod: average\n")
+    key = text.rpartition("\n")[2].partition(":")[0]
+    with pytest.raises(RecipeError) as caught:
+        Recipe.load(path)
+    message = str(caught.value)
+    assert key in message and "quote" in message and "\n" not in message, message

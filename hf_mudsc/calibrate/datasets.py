@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hf_mudsc.calibrate.dataset_spec import DatasetSpec
+from hf_mudsc.calibrate.dataset_spec import FILE_BUILDERS, DatasetSpec
 from hf_mudsc.errors import CalibrationError, shown
 from hf_mudsc.load.processors import image_processor_of, tokenizer_of
 from hf_mudsc.options import check_option, flag, option_hint
@@ -35,8 +35,6 @@ MODEL_INPUT_COLUMNS = ("pixel_values", "input_ids", "attention_mask", "token_typ
                        "pixel_mask")
 SHUFFLE_BUFFER_SIZE = 1000
 DEFAULT_BATCH_SIZE = 32
-_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet",
-                  ".arrow": "arrow", ".txt": "text"}
 _TEXT_LIMIT = 512  # fallback truncation when neither the tokenizer nor the config gives one
 
 
@@ -79,7 +77,7 @@ def pin_calibration_revision(dataset_spec: str, *, token: str | bool | None = No
     from huggingface_hub import HfApi, constants, errors
 
     parsed = DatasetSpec.parse(dataset_spec)
-    if Path(parsed.path).expanduser().exists() or constants.HF_HUB_OFFLINE:
+    if parsed.local or constants.HF_HUB_OFFLINE:
         return dataset_spec
     try:
         info = HfApi().dataset_info(parsed.path, revision=parsed.revision, token=token)
@@ -120,8 +118,10 @@ def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, s
 
     parsed = dataset_spec if isinstance(dataset_spec, DatasetSpec) else DatasetSpec.parse(dataset_spec)
     path = Path(parsed.path).expanduser()
-    saved_folder = path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
-    if parsed.config is not None and (saved_folder or path.is_file()):  # it would be ignored without a word
+    local = parsed.local  # a revision names the Hub dataset, even with a folder of its name here (dataset_spec)
+    saved_folder = local and path.is_dir() and (
+        (path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
+    if parsed.config is not None and (saved_folder or (local and path.is_file())):  # it would be ignored unsaid
         raise CalibrationError(
             f"calibration spec {str(parsed)!r} names the config {parsed.config!r}, but {parsed.path!r} is local data "
             f"without configs; use '{parsed.path}:{parsed.split}'")
@@ -141,12 +141,12 @@ def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, s
         kwargs["revision"] = parsed.revision
     if token is not None:
         kwargs["token"] = token
-    if path.is_file():
-        builder = _FILE_BUILDERS.get(path.suffix.lower())
+    if local and path.is_file():
+        builder = FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise CalibrationError(
                 f"calibration file {parsed.path!r} has an unknown format; use one of "
-                f"{', '.join(sorted(_FILE_BUILDERS))} or a dataset folder"
+                f"{', '.join(sorted(FILE_BUILDERS))} or a dataset folder"
             )
         if path.stat().st_size == 0:  # the packaged builders fail on it with StopIteration or pandas' EmptyDataError
             raise CalibrationError(f"calibration file {parsed.path!r} is empty (0 bytes): no samples to calibrate "
@@ -155,7 +155,9 @@ def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, s
         args: tuple[Any, ...] = (builder,)
         kwargs.update(data_files=str(path), split=parsed.split or "train")
     else:
-        args = (parsed.path,) if parsed.config is None else (parsed.path, parsed.config)
+        # `datasets` reads a folder of the name before the Hub: `hf://datasets/` asks the Hub only.
+        name = parsed.path if local or not path.exists() else f"hf://datasets/{parsed.path}"
+        args = (name,) if parsed.config is None else (name, parsed.config)
     try:
         loaded = datasets.load_dataset(*args, **kwargs)
     except ValueError as error:
@@ -175,10 +177,10 @@ def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, s
             "Dataset.save_to_disk"
         ) from None
     except (FileNotFoundError, ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as error:
-        if path.is_dir():  # datasets found no file of a format it reads in it
+        if local and path.is_dir():  # datasets found no file of a format it reads in it
             raise CalibrationError(
                 f"calibration folder {parsed.path!r} holds no data files datasets can read "
-                f"({type(error).__name__}); pass an imagefolder, data files ({', '.join(sorted(_FILE_BUILDERS))}) or a "
+                f"({type(error).__name__}); pass an imagefolder, data files ({', '.join(sorted(FILE_BUILDERS))}) or a "
                 "folder written by Dataset.save_to_disk") from error
         raise CalibrationError(
             f"calibration dataset {str(parsed)!r} not found: it is no local folder or file, and the Hub could not "

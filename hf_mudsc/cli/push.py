@@ -1,7 +1,8 @@
 """`hf-mudsc push DIR ORG/NAME`: publish a folder written by `hf-mudsc merge --output DIR` in one commit.
 
 Only what the writer wrote is uploaded (its marker lists the files); a folder holding symlinks or other
-files is refused, naming them. A failed push says what the repo really holds and never touches DIR.
+files is refused, naming them, and so is one whose weights hold NaN or inf (read in chunks, before any Hub
+call). A failed push says what the repo really holds and never touches DIR.
 """
 
 from __future__ import annotations

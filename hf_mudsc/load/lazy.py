@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -142,6 +143,44 @@ def dtype_name(stored: str) -> str:
         if lowered.startswith(short) and rest[:1].isdigit():
             return long + rest
     return lowered
+
+
+# Entries of one tensor read at a time by `non_finite_tensors` (64 MB of float32): a big embedding is checked in row
+# chunks, never held whole.
+FINITE_CHECK_ELEMENTS = 1 << 24
+
+
+def non_finite_tensors(file: str | os.PathLike, *, chunk_elements: int | None = None) -> list[str]:
+    """The floating tensors of the safetensors `file` holding NaN or inf, in file order (none: `[]`).
+
+    Each tensor is read in row chunks of about `chunk_elements` entries (default `FINITE_CHECK_ELEMENTS`) through
+    a handle opened for that tensor only (module docstring: a long-lived handle keeps every page it read resident),
+    so checking a folder before it is published holds one chunk, never the model."""
+    chunk = chunk_elements or FINITE_CHECK_ELEMENTS
+    with safe_open(file, framework="pt") as handle:
+        names = [name for name in handle.keys() if dtype_name(handle.get_slice(name).get_dtype()).startswith(
+            ("float", "bfloat"))]
+    bad = []
+    for name in names:
+        with safe_open(file, framework="pt") as handle:
+            piece = handle.get_slice(name)
+            shape = piece.get_shape()
+            if not shape:
+                bad += [] if _finite(handle.get_tensor(name)) else [name]
+                continue
+            row = math.prod(shape[1:])
+            step = max(1, chunk // max(1, row))
+            for start in range(0, shape[0], step):
+                if not _finite(piece[start:start + step]):
+                    bad.append(name)
+                    break
+    return bad
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf in `tensor` (float8 is widened first: `isfinite` has no float8 kernel; wider dtypes are checked
+    as they are, since a float64 past float32's range is finite)."""
+    return bool(torch.isfinite(tensor if tensor.element_size() > 1 else tensor.float()).all())
 
 
 def safetensors_files(folder: str | os.PathLike) -> list[Path] | None:

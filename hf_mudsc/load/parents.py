@@ -30,6 +30,7 @@ from hf_mudsc.load.checks import HEAD_CONFIG_KEYS, config_differences, is_regres
 from hf_mudsc.load.config_json import FIX as CONFIG_FIX
 from hf_mudsc.load.config_json import check_config_json
 from hf_mudsc.load.hub_calls import hub_call
+from hf_mudsc.load.links import refuse_link_out, refuse_links_out
 from hf_mudsc.load.processors import load_processor, processor_from_name, tokenizer_of
 from hf_mudsc.load.references import card_base_model, looks_like_path, parse_reference
 from hf_mudsc.load.relation import parent_label
@@ -226,29 +227,6 @@ def _locate_folder(reference: str, path: Path, allow_pickle: bool) -> _Located:
     return located
 
 
-def refuse_links_out(reference: str, folder: Path) -> None:
-    """Refuse a parent folder holding a symbolic link to anything outside it: a folder unpacked from someone else's
-    archive could link a file the merge reads and writes back into the merged model (a vocabulary, a processor
-    config) to any file of this machine, e.g. the stored Hub token. A Hub cache snapshot's links into its repo's
-    `blobs/` are that layout, and allowed."""
-    for entry in sorted(folder.iterdir()):
-        _refuse_link_out(reference, folder, entry)
-
-
-def _refuse_link_out(reference: str, folder: Path, entry: Path) -> None:
-    """Refuse `entry` (a file of `folder`, maybe in a subfolder) when it resolves to a file outside the folder (or,
-    for a Hub cache snapshot, outside its repo's `blobs/`)."""
-    base = folder.resolve()
-    roots = [base] + ([base.parent.parent / "blobs"] if base.parent.name == "snapshots" else [])
-    target = entry.resolve()
-    if not any(target == root or target.is_relative_to(root) for root in roots):
-        raise LoadError(
-            f"{reference!r}: {entry.relative_to(folder).as_posix()} is a symbolic link to {str(target)!r}, outside "
-            "the folder; hf-mudsc reads only files inside a parent folder (a link could carry any file of this "
-            "machine, e.g. a token, into the merged model): copy the file into the folder"
-        )
-
-
 def _shard_names(reference: str, folder: Path, index_name: str) -> list[str]:
     """The shard files a `*.index.json` of `folder` points to."""
     fix = "re-download it or re-save the model with save_pretrained"
@@ -290,7 +268,7 @@ def check_weight_files(reference: str, folder: Path, weight_files: Sequence[str]
         if not path.is_file():
             raise LoadError(f"{reference!r}: weight file {name} is missing; re-download the model or re-save it "
                             "with save_pretrained")
-        _refuse_link_out(reference, folder, path)
+        refuse_link_out(reference, folder, path)
         try:
             with safe_open(str(path), framework="pt") as opened:
                 keys = list(opened.keys())
@@ -870,7 +848,7 @@ def _unsafe_global(error: BaseException) -> str:
 def _locate_with_processor(ref: Any, *, token, allow_pickle, cache_dir) -> _Located:
     located = _locate(ref, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir)
     if located.folder is not None:
-        located.processor = load_processor(located.folder)
+        located.processor = load_processor(located.folder, located.reference)
     return located
 
 

@@ -1,4 +1,7 @@
-"""Processors (tokenizers, image processors) of parents: found in their folders or cached Hub snapshots, compared."""
+"""Processors (tokenizers, image processors) of parents: found in their folders or cached Hub snapshots, compared.
+
+Their files are read under the weights' rule for symbolic links (`load.links`): none may lead out of the folder.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_mudsc.errors import LoadError
+from hf_mudsc.load.links import refuse_links_out
 from hf_mudsc.load.references import parse_reference
 
 logger = logging.getLogger(__name__)
@@ -26,15 +30,17 @@ IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "image_processor_config.jso
 PROCESSOR_FILES = ("processor_config.json",)
 
 
-def load_processor(folder: str | os.PathLike) -> Any | None:
+def load_processor(folder: str | os.PathLike, reference: str | None = None) -> Any | None:
     """The folder's processor (AutoProcessor, else image processor, else tokenizer), None if it has none.
 
     Gated on the files being present: transformers 5 happily builds an empty tokenizer from a bare
-    config.json, which would silently tokenize everything to [UNK].
+    config.json, which would silently tokenize everything to [UNK]. A folder linking a file out of itself is refused
+    first (`load.links`, the weights' rule), naming the model as `reference` (default: the folder).
     """
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     folder = Path(folder)
+    refuse_links_out(reference or str(folder), folder)
     has = {name for name in os.listdir(folder)}
     has_processor = bool(has & set(PROCESSOR_FILES))
     has_image = bool(has & set(IMAGE_PROCESSOR_FILES))
@@ -72,7 +78,7 @@ def processor_from_name(name_or_path: str, commit_sha: str | None = None) -> Any
         except (LoadError, ValueError, OSError, errors.LocalEntryNotFoundError) as error:
             logger.debug("no cached processor for %s: %s", name_or_path, error)
             return None
-    processor = load_processor(folder)
+    processor = load_processor(folder, name_or_path)
     if processor is not None:
         logger.info("using the processor saved with %s", name_or_path)
     return processor

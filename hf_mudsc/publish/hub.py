@@ -191,6 +191,7 @@ def push_folder(
     token: str | None = None,
     commit_message: str | None = None,
     flag: str = "--push-to-hub name",
+    check_weights: bool = True,
 ) -> PushResult:
     """Create `repo_id` (model repo) and upload `folder` to it in one commit.
 
@@ -202,6 +203,8 @@ def push_folder(
             An empty repo (initial commit only) is pushed into without it.
         token: a Hub token; default: `HF_TOKEN` or the stored login.
         flag: how the user named the repo (for messages): `--push-to-hub name`, `ORG/NAME`, `repo_id`.
+        check_weights: refuse NaN/inf weights first (`refuse_non_finite_files`); False only for a folder just
+            written from a model that was checked in memory (`writer.publish`).
 
     Raises:
         RepoExistsError: the repo exists and `overwrite` is False.
@@ -211,10 +214,30 @@ def push_folder(
     """
     folder = check_folder(folder)
     files = published_files(folder)
+    if check_weights:
+        refuse_non_finite_files(folder, files)
     contents = published_contents(folder)
     with hub_timeouts() as seconds:
         return _push(folder, files, contents, repo_id, private=private, overwrite=overwrite, token=token,
                      commit_message=commit_message, flag=flag, seconds=seconds)
+
+
+def refuse_non_finite_files(folder: Path, files: list[str]) -> None:
+    """Refuse to publish NaN/inf weights, as `save` and merge --push-to-hub refuse to write them (`writer.
+    refuse_non_finite_weights`): a folder pushed as it stands may have been edited or converted since. Reads each
+    safetensors file tensor by tensor, in chunks (`load.lazy.non_finite_tensors`), before any Hub call."""
+    from hf_mudsc.load.lazy import non_finite_tensors
+
+    found = {name: bad for name in files if name.endswith(".safetensors")
+             if (bad := non_finite_tensors(folder / name))}
+    if not found:
+        return
+    count = sum(len(bad) for bad in found.values())
+    where = "; ".join(f"{', '.join(repr(t) for t in bad[:3])}{f', ... ({len(bad) - 3} more)' if len(bad) > 3 else ''}"
+                      f" of {name}" for name, bad in found.items())
+    raise ValueError(f"refusing to push {str(folder)!r}: NaN or infinite values in {count} tensor"
+                     f"{'s' if count > 1 else ''} ({where}); hf-mudsc never writes such weights, so the folder was "
+                     "changed since — write it again with `hf-mudsc merge ... --output DIR`")
 
 
 def published_contents(folder: Path) -> dict[str, bytes]:

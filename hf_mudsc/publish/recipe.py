@@ -159,7 +159,9 @@ class Recipe(MergeOptions):
         try:
             return cls.check_type(key, value)
         except OptionError as error:
-            raise RecipeError(f"{source}: {error}") from None
+            quote = (f"; quote a name YAML reads as something else (`{key}: '{value}'`)"
+                     if key in TEXT_KEYS and isinstance(value, (bool, int, float)) else "")
+            raise RecipeError(f"{source}: {error}{quote}") from None
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> Recipe:
@@ -360,7 +362,8 @@ def _yaml_scalar(value: str) -> str:
 
 def _expect_str(key: str, value: Any, source: str) -> str:
     if not isinstance(value, str) or not value:
-        raise RecipeError(f"{source}: every entry of `{key}` must be a non-empty string, got {shown(value)}")
+        raise RecipeError(f"{source}: every entry of `{key}` must be a non-empty string, got {shown(value)}; quote "
+                          "a name YAML reads as something else (`'yes'`, `'null'`)")
     return value
 
 
@@ -376,9 +379,31 @@ class RecipeDumper(yaml.SafeDumper):
 RecipeDumper.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789"))
 
 
+# The keys that hold names, paths or choices (`models`, `base`, `calibration`, `output`, ...). A plain `1e5` there is
+# read as the text written: YAML 1.1 (and hf-mudsc before `EXPONENT_FLOAT`) read it so, and recipes of those versions
+# name folders and models `1e5` unquoted. Any other number there (`3`, `1.5`) is refused, naming the key and the fix
+# (quote it), as YAML always read it as a number.
+TEXT_KEYS = frozenset(("models", *(f.name for f in MergeOptions.option_fields()
+                                   if f.metadata["kind"] in ("str", "model", "choice", "device", "dtype"))))
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_TEXT_TAG = "tag:yaml.org,2002:str"
+
+
 class RecipeLoader(yaml.SafeLoader):
     """`yaml.SafeLoader` that refuses a key given twice (plain YAML keeps the last one silently): a recipe file's,
-    and (with aliases refused too) a service job's (`hf_mudsc.serve.app`)."""
+    and (with aliases refused too) a service job's (`hf_mudsc.serve.app`). Under `TEXT_KEYS` a plain `EXPONENT_FLOAT`
+    scalar is read as the text written (`models: [1e5, 2e3]` names two folders)."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.value in TEXT_KEYS:
+                    items = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                    for item in items:
+                        if (isinstance(item, yaml.ScalarNode) and item.style is None and item.tag == _FLOAT_TAG
+                                and EXPONENT_FLOAT.match(item.value)):
+                            item.tag = _TEXT_TAG
+        return super().construct_document(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         self.flatten_mapping(node)  # `<<` merge keys first: a key they bring is overridden, not repeated

@@ -173,7 +173,7 @@ def publish(
             record_files(staging, staging=True)  # the marker says what the push may upload
             try:
                 produced["push"] = push_folder(staging, push_to_hub, private=private, overwrite=overwrite,
-                                               token=token, flag=push_flag)
+                                               token=token, flag=push_flag, check_weights=False)  # checked above
             except Exception as error:  # noqa: BLE001 - any push failure: keep the model, then report
                 failure = error
                 if output is None:

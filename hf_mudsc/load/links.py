@@ -1,0 +1,34 @@
+"""The one rule for symbolic links in a folder hf_mudsc reads a model from: none may lead out of it.
+
+A folder unpacked from someone else's archive (or a tampered Hub cache) could link a file the merge reads and writes
+back into the merged model — a vocabulary, a processor config, the weights — to any file of this machine, e.g. the
+stored Hub token. The weights loader (`load.parents`) and the processor loader (`load.processors`) apply the same
+check, so no file of a parent, its processor or tokenizer is read through such a link. A Hub cache snapshot's links
+into its repo's `blobs/` are that layout, and allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hf_mudsc.errors import LoadError
+
+
+def refuse_links_out(reference: str, folder: Path) -> None:
+    """Refuse `folder` when one of its entries is a symbolic link to anything outside it (`refuse_link_out`)."""
+    for entry in sorted(folder.iterdir()):
+        refuse_link_out(reference, folder, entry)
+
+
+def refuse_link_out(reference: str, folder: Path, entry: Path) -> None:
+    """Refuse `entry` (a file of `folder`, maybe in a subfolder) when it resolves to a file outside the folder (or,
+    for a Hub cache snapshot, outside its repo's `blobs/`). `reference`: how the user named the model."""
+    base = folder.resolve()
+    roots = [base] + ([base.parent.parent / "blobs"] if base.parent.name == "snapshots" else [])
+    target = entry.resolve()
+    if not any(target == root or target.is_relative_to(root) for root in roots):
+        raise LoadError(
+            f"{reference!r}: {entry.relative_to(folder).as_posix()} is a symbolic link to {str(target)!r}, outside "
+            "the folder; hf-mudsc reads only files inside a parent folder (a link could carry any file of this "
+            "machine, e.g. a token, into the merged model): copy the file into the folder"
+        )
