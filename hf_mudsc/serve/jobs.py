@@ -18,7 +18,7 @@ only. Otherwise anyone who may POST could make the server merge, and push to the
 references are local is decided exactly as the loader decides it (`load.references`, `calibrate.dataset_spec`), in
 the worker's working folder (the server's). A local dataset folder (or the working folder a bare builder name
 reads) is walked once for symbolic links, which datasets reads through: one leading outside every root refuses the
-job too (`link_out`; a parent's folder is the loader's to check, `load.parents.refuse_links_out`). The check runs at
+job too (`link_out`; a parent's folder is the loader's to check, `load.links.refuse_links_out`). The check runs at
 POST and again when the job is about to start, and the worker is handed the resolved paths (`resolve_local_paths`):
 a link inside a root re-pointed after the check does not redirect a load (a link inside a dataset folder can still
 be: its files are opened by name). A refusal names the path the client sent, never the roots nor where a link leads
