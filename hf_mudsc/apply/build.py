@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
+from hf_mudsc.load.objects import held_as_given
 from hf_mudsc.spec import Group, PermutationSpec
 
 
@@ -17,10 +18,13 @@ def build_model(
     """A model of A's structure with `config`, holding `params` and A's buffers.
 
     A copy of A keeps constructor choices the config does not record (e.g. `add_pooling_layer=False`);
-    a concatenated head changes the classifier's shape, so that case builds from the config.
+    a concatenated head changes the classifier's shape, so that case builds from the config. Either way the result
+    is a stock model, as `from_pretrained` gives it: none of A's hooks (copied with them held aside), every
+    parameter trainable whatever A's `requires_grad` were, eval mode.
     """
     if _first_shape_change(model_a, params) is None:
-        merged = copy.deepcopy(model_a)
+        with held_as_given([model_a]):
+            merged = copy.deepcopy(model_a)
         merged.config = config
     else:
         merged = type(model_a)(config)
@@ -33,7 +37,7 @@ def build_model(
     missing, unexpected = merged.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"merged state does not fit the model: missing {missing}, unexpected {unexpected}")
-    return merged.eval()
+    return merged.requires_grad_(True).eval()
 
 
 def _mirror_absent_modules(model: PreTrainedModel, merged: PreTrainedModel) -> None:
