@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from factories import BERT, make_batches, make_model, randomize
+from factories import BERT, fine_tune, make_batches, make_model, randomize
 from transformers import BertConfig, BertForSequenceClassification
 
 import hf_mudsc
@@ -164,3 +164,33 @@ def test_a_config_that_disagrees_with_the_weights_is_refused_in_one_line(batches
         setattr(model.config, key, value)
     message = one_line_error([a, b], batches)
     assert "parent A" in message and tensor in message and "config" in message, message
+
+
+class AdapterWrapper(torch.nn.Module):
+    """What a PEFT `PeftModel` is to the merge: a module around a model, with `merge_and_unload()`."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.base_model = model
+
+    def merge_and_unload(self) -> torch.nn.Module:
+        return self.base_model
+
+
+def test_an_adapter_wrapper_is_refused_naming_merge_and_unload(batches):
+    message = one_line_error([AdapterWrapper(make_model("vit_cls", 0)), make_model("vit_cls", 1)], batches)
+    assert "AdapterWrapper" in message and "merge_and_unload()" in message, message
+
+
+def test_a_base_object_without_weights_or_with_an_adapter_is_refused_in_one_line():
+    base = make_model("vit_cls", 0)
+    parents = [fine_tune(base, seed, 0.05, relative=True) for seed in (1, 2)]
+    with torch.device("meta"):
+        empty = type(base)(base.config)
+    adapted = copy.deepcopy(base)
+    adapted.vit.layers[1].mlp.fc1.lora_B = torch.nn.Linear(4, 48, bias=False)
+    for odd, expected in ((empty, "meta device"), (adapted, "vit.layers.1.mlp.fc1.lora_B.weight")):
+        with pytest.raises(LoadError) as caught:
+            hf_mudsc.merge(parents, base=odd, method="task_arithmetic", progress=False)
+        message = str(caught.value)
+        assert "\n" not in message and message.startswith("the base") and expected in message, message
