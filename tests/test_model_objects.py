@@ -194,3 +194,26 @@ def test_a_base_object_without_weights_or_with_an_adapter_is_refused_in_one_line
             hf_mudsc.merge(parents, base=odd, method="task_arithmetic", progress=False)
         message = str(caught.value)
         assert "\n" not in message and message.startswith("the base") and expected in message, message
+
+
+def test_the_merged_model_runs_its_own_layers_when_a_parents_forward_was_replaced(batches, tmp_path):
+    """A module's `forward` replaced on parent A (a wrapper, accelerate's `add_hook_to_module`) must not come along
+    into the merged model: a wrapper closing over A's own `forward` would run A's weights inside the merged model."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+    from factories import model_output
+
+    a, b = make_model("vit_cls", 0), make_model("vit_cls", 1)
+    layer = a.vit.layers[0]
+    own_forward = layer.forward
+    layer.forward = lambda *args, **kwargs: own_forward(*args, **kwargs)
+    add_hook_to_module(a.vit.layers[1], ModelHook())
+    merged = hf_mudsc.merge([a, b], batches, method="mudsc", refit="none", progress=False)
+    assert [name for name, module in merged.named_modules()
+            if "forward" in vars(module) or hasattr(module, "_hf_hook")] == []
+    expected = model_output(merged, batches[0])
+    with torch.no_grad():
+        for parameter in a.parameters():
+            parameter.mul_(0.5)
+    assert torch.equal(model_output(merged, batches[0]), expected)
+    merged.save_pretrained(tmp_path)
+    assert torch.equal(model_output(type(merged).from_pretrained(tmp_path).eval(), batches[0]), expected)
