@@ -217,3 +217,12 @@ def test_the_merged_model_runs_its_own_layers_when_a_parents_forward_was_replace
     assert torch.equal(model_output(merged, batches[0]), expected)
     merged.save_pretrained(tmp_path)
     assert torch.equal(model_output(type(merged).from_pretrained(tmp_path).eval(), batches[0]), expected)
+
+
+def test_the_merged_model_does_not_inherit_gradient_checkpointing(batches):
+    """A training-time switch of parent A (not in its config, not saved) stays with A, as from_pretrained's
+    model would not have it either."""
+    a = make_model("vit_cls", 0)
+    a.gradient_checkpointing_enable()
+    merged = hf_mudsc.merge([a, make_model("vit_cls", 1)], batches, method="mudsc", refit="none", progress=False)
+    assert a.is_gradient_checkpointing and not merged.is_gradient_checkpointing
