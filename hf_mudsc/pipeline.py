@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -36,6 +37,7 @@ from hf_mudsc.diagnostics import merge_warnings
 from hf_mudsc.errors import MergeInputError, OptionError
 from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_finite, check_parents
 from hf_mudsc.load.lazy import subset
+from hf_mudsc.load.objects import held_as_given, model_objects
 from hf_mudsc.load.processors import image_processor_differences
 from hf_mudsc.load.references import display_name, parent_name, pinned_calibration, pinned_reference
 from hf_mudsc.load.relation import ParentRelation, base_relations, check_parents_mergeable, parent_label
@@ -144,6 +146,22 @@ def solve_spec(spec: PermutationSpec, concatenate_classifier: bool, *, reference
     return spec.without_weight_similarity([spec.classifier.weight])
 
 
+def _holding_given_objects(merge_function: Callable[..., Any]) -> Callable[..., Any]:
+    """`merge` with the parents and the base given as model objects held as the merge needs them while it runs
+    (eval mode, the caller's hooks set aside) and given back exactly as they were, also when it fails midway
+    (`hf_mudsc.load.objects.held_as_given`)."""
+
+    @functools.wraps(merge_function)
+    def held(*args: Any, **kwargs: Any) -> Any:
+        models = args[0] if args else kwargs.get("models")
+        given = list(models) if isinstance(models, Sequence) and not isinstance(models, (str, os.PathLike)) else []
+        with held_as_given(model_objects([*given, kwargs.get("base")])):
+            return merge_function(*args, **kwargs)
+
+    return held
+
+
+@_holding_given_objects
 def merge(
     models: Sequence[Any],
     calibration: Any = None,

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
+from hf_mudsc.load.objects import held_as_given
 from hf_mudsc.spec import Group, PermutationSpec
 
 
@@ -17,10 +18,15 @@ def build_model(
     """A model of A's structure with `config`, holding `params` and A's buffers.
 
     A copy of A keeps constructor choices the config does not record (e.g. `add_pooling_layer=False`);
-    a concatenated head changes the classifier's shape, so that case builds from the config.
+    a concatenated head changes the classifier's shape, so that case builds from the config. Either way the result
+    is a stock model, as `from_pretrained` gives it: none of A's hooks (copied with them held aside), replaced
+    `forward`s or gradient checkpointing (`_as_loaded`), every parameter trainable whatever A's `requires_grad` were,
+    eval mode.
     """
     if _first_shape_change(model_a, params) is None:
-        merged = copy.deepcopy(model_a)
+        with held_as_given([model_a]):
+            merged = copy.deepcopy(model_a)
+        _as_loaded(merged)
         merged.config = config
     else:
         merged = type(model_a)(config)
@@ -33,7 +39,21 @@ def build_model(
     missing, unexpected = merged.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"merged state does not fit the model: missing {missing}, unexpected {unexpected}")
-    return merged.eval()
+    return merged.requires_grad_(True).eval()
+
+
+def _as_loaded(merged: PreTrainedModel) -> None:
+    """A copy of parent A without what was done to A's object after it was built, which `from_pretrained` would not
+    give: every module runs its class's `forward` (a `forward` replaced on A's module — a wrapper, accelerate's
+    `add_hook_to_module` — is copied as an attribute, and a wrapper that closes over A's own `forward` would run A's
+    weights inside the merged model), and gradient checkpointing is off."""
+    from accelerate.hooks import remove_hook_from_module
+
+    remove_hook_from_module(merged, recurse=True)
+    for module in merged.modules():
+        vars(module).pop("forward", None)
+    if merged.is_gradient_checkpointing:
+        merged.gradient_checkpointing_disable()
 
 
 def _mirror_absent_modules(model: PreTrainedModel, merged: PreTrainedModel) -> None:

@@ -169,15 +169,75 @@ def _locate(ref: Any, *, token: str | bool | None, allow_pickle: bool,
         return _Located(reference=name_or_path or type(ref).__name__, config=ref.config, model=ref,
                         processor=processor_from_name(name_or_path, getattr(ref.config, "_commit_hash", None)))
     if not isinstance(ref, (str, os.PathLike)):
-        raise LoadError(
+        raise LoadError(_wrapped_model_message(ref) or (
             f"a parent must be a PreTrainedModel, a local folder or a Hub id ('org/name[@revision]'), "
             f"got {type(ref).__name__}"
-        )
+        ))
     text = os.fspath(ref)
     name, revision = parse_reference(text)
     if revision is None and looks_like_path(name):
         return _locate_folder(text, Path(name).expanduser(), allow_pickle)
     return _locate_hub(text, name, revision, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir)
+
+
+# Where wrappers a training script holds instead of the model keep it: torch.compile's `OptimizedModule`
+# (`_orig_mod`), `DataParallel` / `DistributedDataParallel` (`module`).
+WRAPPED_MODEL_ATTRIBUTES = ("_orig_mod", "module")
+
+
+def _wrapped_model_message(ref: Any) -> str | None:
+    """The refusal of a module wrapped around a model (a `torch.compile` wrapper, `DataParallel`, an adapter wrapper
+    such as PEFT's `PeftModel`), naming what to pass instead; None for anything else. Not unwrapped silently: the
+    caller says which weights are merged (an adapter's are not in the model inside until merged into it)."""
+    if not isinstance(ref, torch.nn.Module):
+        return None
+    kind = type(ref).__name__
+    if callable(getattr(ref, "merge_and_unload", None)):
+        return (f"a parent is a {kind}, an adapter around a model; merge the adapter into the model's weights and "
+                "pass the model that returns (`merged = wrapper.merge_and_unload()`)")
+    for attribute in WRAPPED_MODEL_ATTRIBUTES:
+        inner = getattr(ref, attribute, None)
+        if isinstance(inner, PreTrainedModel):
+            return (f"a parent is a {kind} wrapping a {type(inner).__name__}; pass the model inside "
+                    f"(`wrapper.{attribute}`), which holds the same weights")
+    return None
+
+
+def check_model_objects(located: Sequence[_Located], who: Sequence[str] | None = None, *,
+                        shapes: bool = True) -> None:
+    """Refuse, in one line each, parents given as model objects whose weights the merge cannot take as they are: a
+    model on the meta device (no values), one carrying parameters its class does not build from its config (an
+    adapter or extra module attached, e.g. LoRA's `lora_A`), one whose config gives other shapes than its weights
+    (a config edited after the model was built: the merged model, saved with it, would not load its own weights).
+    `who`: how messages name each (default: `parent A` ...). Parameters the object lacks are constructor choices
+    (`add_pooling_layer=False`) and allowed. `shapes=False` (a base: its config is not the merged model's, and
+    `pipeline` names each of its tensors that does not fit the parents) skips the last check."""
+    for index, parent in enumerate(located):
+        model = parent.model
+        if model is None:
+            continue
+        name = who[index] if who is not None else _named(parent, index)
+        meta = next((key for key, tensor in model.named_parameters() if tensor.is_meta), None)
+        if meta is not None:
+            raise LoadError(f"{name} has no weights: its parameters are on the meta device (e.g. {meta!r}); load "
+                            "them first (from_pretrained) or pass its folder or Hub id")
+        try:
+            built = {key: tuple(tensor.shape) for key, tensor in meta_model(
+                model.config, type(model), reference=parent.reference).named_parameters()}
+        except LoadError:  # a class not built from its config alone (a subclass taking more arguments): no comparison
+            continue
+        extra = [key for key, _ in model.named_parameters() if key not in built]
+        if extra:
+            raise LoadError(
+                f"{name} holds {len(extra)} parameter{'s' if len(extra) > 1 else ''} a {type(model).__name__} built "
+                f"from its config has not (e.g. {extra[0]!r}): an adapter or extra module is attached; merge it into "
+                "the model's weights (PEFT: merge_and_unload()) or remove it, then pass the model")
+        for key, tensor in model.named_parameters() if shapes else ():
+            if tuple(tensor.shape) != built[key]:
+                raise LoadError(
+                    f"{name}'s config does not describe its weights: {key!r} is {tuple(tensor.shape)} but its config "
+                    f"builds {built[key]}; give the model back the config it was built with (a config edited after "
+                    "the model was built changes no layer)")
 
 
 def _weights_format(reference: str, files: Sequence[str], allow_pickle: bool) -> tuple[list[str], bool]:
@@ -860,6 +920,7 @@ def load_parent(ref: Any, *, token: str | bool | None = None, allow_pickle: bool
     at that sha (`LoadedParent.commit_sha`). Objects are used as given (a float32 copy only if needed).
     """
     located = _locate_with_processor(ref, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir)
+    check_model_objects([located], [repr(located.reference)])
     return _finish(located, token=token, cache_dir=cache_dir)
 
 
@@ -873,6 +934,7 @@ def load_parents(refs: Sequence[Any], *, token: str | bool | None = None, allow_
     if isinstance(refs, (str, os.PathLike, PreTrainedModel)):
         raise LoadError("load_parents takes a list of parents, e.g. ['org/a', 'org/b@v2']")
     located = [_locate_with_processor(r, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir) for r in refs]
+    check_model_objects(located)
     check_configs(located)
     check_vocabularies(located)
     for parent in located:
@@ -921,6 +983,7 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
     if isinstance(refs, (str, os.PathLike, PreTrainedModel)):
         raise LoadError("load_parents takes a list of parents, e.g. ['org/a', 'org/b@v2']")
     located = [_locate_with_processor(r, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir) for r in refs]
+    check_model_objects(located)
     check_configs(located)
     located_base, source = locate_base(located, base, base_needed_for=base_needed_for, token=token,
                                        allow_pickle=allow_pickle, cache_dir=cache_dir)
@@ -973,6 +1036,7 @@ def locate_base(located: Sequence[_Located], base: Any = None, *, base_needed_fo
     if base is None:
         return None, None
     located_base = _locate_with_processor(base, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir)
+    check_model_objects([located_base], [f"the base {located_base.reference!r}"], shapes=False)
     check_base_config(located_base, located[0])
     return located_base, source
 
@@ -1100,6 +1164,7 @@ def locate_parents(refs: Sequence[Any], base: Any = None, *, base_needed_for: st
     `base_needed_for` names a method that needs one) and checked — no weight file fetched (`located.weight_files`
     names them). `(parents, base or None, where the base came from or None)`."""
     located = [_locate_with_processor(r, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir) for r in refs]
+    check_model_objects(located)
     check_configs(located)
     located_base, source = locate_base(located, base, base_needed_for=base_needed_for, token=token,
                                        allow_pickle=allow_pickle, cache_dir=cache_dir)
