@@ -263,6 +263,24 @@ def test_inputs_modes_are_restored(table_models):
     merged.eval()
 
 
+def test_a_submodules_mode_and_the_callers_hooks_are_restored_and_the_hooks_do_not_run(table_models):
+    """Evaluation scores the model as its weights define it: a hook the caller left on it (here one that turns every
+    prediction wrong) does not run, and each submodule gets its own mode back — not only the top module."""
+    merged, _, _ = table_models
+    tasks = {"alpha": table_tasks()["alpha"]}
+    clean = evaluate_merge(merged, None, tasks, progress=False).score("merged", "alpha")
+    merged.extra = nn.Dropout()
+    merged.extra.train()
+    handle = merged.register_forward_hook(lambda module, args, output: ImageClassifierOutput(logits=-output.logits))
+    try:
+        assert evaluate_merge(merged, None, tasks, progress=False).score("merged", "alpha") == clean
+        assert merged.extra.training and not merged.training
+        assert merged(torch.zeros(1, 1)).logits[0, 0] == -MERGED_LOGITS[0][0]  # the caller's hook is still there
+    finally:
+        handle.remove()
+        del merged.extra
+
+
 def _joint_dataset() -> datasets.Dataset:
     return datasets.Dataset.from_dict(
         {"pixel_values": [[float(i)] for i in range(7)], "label": [0, 1, 1, 0, 4, 2, 3]}

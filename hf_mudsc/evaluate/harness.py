@@ -57,6 +57,7 @@ from hf_mudsc.evaluate.tasks import (
     source_name,
     spec_split,
 )
+from hf_mudsc.load.objects import held_as_given
 
 logger = logging.getLogger(__name__)
 
@@ -323,12 +324,11 @@ def _predict(models: Sequence[Any], groups: Mapping[int, int], scorers: Sequence
     collected: dict[str, dict[str, tuple[list[int], list[int]]]] = {s.name: {} for s in scorers}
     counts: dict[str, int] = {}
     preprocessed = False
-    modes = [m.training for m in models]
-    for model in models:
-        model.eval()
     failure: Exception | None = None
     try:
-        with torch.no_grad():
+        # Each module in eval mode and none of the caller's hooks run: the scores are the models' as their weights
+        # define them; every module's mode and hooks come back afterwards (`load.objects.held_as_given`).
+        with torch.no_grad(), held_as_given(models):
             for task, source in sources.items():
                 lo, _ = layout.ranges[task]
                 batches, total, raw_columns = batches_of(task, source)
@@ -361,9 +361,6 @@ def _predict(models: Sequence[Any], groups: Mapping[int, int], scorers: Sequence
         if world == 1:
             raise
         failure = error  # raised by the caller on EVERY process: the others must not wait for this one forever
-    finally:
-        for model, mode in zip(models, modes):
-            model.train(mode)
     return collected, counts, preprocessed, failure
 
 
