@@ -184,3 +184,23 @@ def test_a_pushed_recipe_whose_entries_were_written_over_keeps_no_refusal(tmp_pa
     with pytest.raises(RecipeError, match=r"models\[1\] `vit-b`") as refused:
         check_local_folders_given(path, loaded)
     assert "models[0]" not in str(refused.value) and "calibration" not in str(refused.value)
+
+
+def test_inspect_says_which_entries_of_a_pushed_recipe_must_be_given(tmp_path, monkeypatch, capsys):
+    """`hf-mudsc inspect RECIPE` printed "would merge: vit-a, vit-b" and "Run it with ..." for a pushed recipe whose
+    parents were local folders named by folder name only — a run it would refuse. It names those entries and the
+    command that gives them."""
+    from hf_mudsc.publish.recipe import Recipe, published_text
+
+    here = tmp_path / "alice"
+    for name in ("vit-a", "vit-b"):
+        (here / name).mkdir(parents=True)
+    path = tmp_path / "pushed" / RECIPE_FILENAME
+    path.parent.mkdir()
+    path.write_text(published_text(Recipe(models=[str(here / "vit-a"), "org/vit-b"], method="weight_matching")
+                                   .to_yaml()))
+    monkeypatch.chdir(path.parent)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "models[0] `vit-a`" in out and "models[1]" not in out, out
+    assert f"Run it with `hf-mudsc merge PATH_A org/vit-b --recipe {path} --output DIR`" in out, out

@@ -211,7 +211,7 @@ def inspect_recipe(path: Path) -> int:
     """Print what the recipe would merge: parents, method and the options it sets (nothing is loaded)."""
     from hf_mudsc.methods.auto import is_auto
     from hf_mudsc.methods.registry import get_method
-    from hf_mudsc.publish.recipe import Recipe
+    from hf_mudsc.publish.recipe import Recipe, unresolved_published_entries
 
     recipe = Recipe.load(path).validate()  # what the merge would refuse is refused here too
     defaults = Recipe()
@@ -232,6 +232,16 @@ def inspect_recipe(path: Path) -> int:
     others = [f"{key} = {getattr(recipe, key)!r}" for key in Recipe.keys()
               if key not in shown and getattr(recipe, key) != getattr(defaults, key)]
     lines.append(f"  other options: {', '.join(others) if others else 'all at their defaults'}")
-    lines.append(f"Run it with `hf-mudsc merge --recipe {path} --output DIR`.")
+    # A recipe pushed from local folders names them by folder name only: a run needs their paths.
+    unresolved = unresolved_published_entries(path.read_text(encoding="utf-8"), recipe)
+    command = ["hf-mudsc merge", "--recipe", str(path), "--output DIR"]
+    if unresolved:
+        lines.append("  to give:     " + ", ".join(f"{entry.label} `{entry.given}`" for entry in unresolved)
+                     + " (local folders on the machine that merged, named by folder name only)")
+        missing = {entry.index for entry in unresolved if entry.key == "models"}
+        parents = [f"PATH_{chr(ord('A') + i)}" if i in missing else model for i, model in enumerate(recipe.models)]
+        command[1:1] = parents if missing else []
+        command[-1:-1] = [f"--{entry.key} PATH" for entry in unresolved if entry.key != "models"]
+    lines.append(f"Run it with `{' '.join(command)}`.")
     print("\n".join(lines))
     return 0
