@@ -71,3 +71,73 @@ def test_the_readme_dry_run_example_prints_the_plan_it_describes(tmp_path, monke
     assert printed.index("Parents:") < positions[0] and positions == sorted(positions), printed
     assert float(printed.strip().splitlines()[-1]) > 0
     assert not list(tmp_path.iterdir())  # a dry run writes nothing
+
+
+# The README's Python examples that are not run by a test of their own (no `# readme-test:` tag) use Hub ids and
+# these placeholders (and continue the first example's `import hf_mudsc`); each runs as printed with them bound, in
+# a fresh interpreter whose Hub is the emulator.
+PLACEHOLDERS = '''
+import torch
+import hf_mudsc
+from transformers import ViTConfig, ViTForImageClassification
+
+config = ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2,
+                   num_attention_heads=4, intermediate_size=64, num_labels=3)
+torch.manual_seed(0)
+PLACEHOLDERS = dict(
+    hf_mudsc=hf_mudsc,
+    model_a=ViTForImageClassification(config).eval(), model_b=ViTForImageClassification(config).eval(),
+    dataset=[{"pixel_values": torch.randn(32, 1, 16, 16)} for _ in range(4)],
+    parents=["org/bert-sst2", "org/bert-mrpc", "org/bert-qnli"], calibration="org/mixed-sentences:train[:256]",
+)
+'''
+
+
+def untagged_python_examples() -> list[str]:
+    return [block for block in readme_blocks("python") if not block.startswith("# readme-test:")]
+
+
+def test_the_readme_python_examples_with_hub_ids_run_against_the_hub(hub_emulator, tmp_path):
+    """Each example's Hub ids (parents, a pinned tag, calibration data, a push target) exist on the emulator as the
+    example expects them; nothing in the example is changed."""
+    import json
+
+    import torch
+    from factories import vit_cli_case
+    from transformers import BertConfig, BertForSequenceClassification
+
+    hub = hub_emulator
+    (vit_a, vit_b), _ = vit_cli_case(tmp_path / "vit")
+    hub.upload_folder("org/vit-cars", vit_a, "parent A")
+    hub.upload_folder("org/vit-pets", vit_b, "parent B")
+    hub._get_repo("org/vit-pets").tags["v2"] = hub.head("org/vit-pets")
+    rng = np.random.default_rng(0)
+    (tmp_path / "calibration_images").mkdir()
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L").save(
+            tmp_path / "calibration_images" / f"{i}.png")
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, num_labels=2)
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(config)
+    for seed, name in enumerate(("bert-sst2", "bert-mrpc", "bert-qnli"), start=1):
+        tuned = BertForSequenceClassification(config)
+        tuned.load_state_dict(base.state_dict())
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for parameter in tuned.parameters():
+                parameter.add_(0.005 * torch.randn_like(parameter))
+        tuned.save_pretrained(tmp_path / name)
+        hub.upload_folder(f"org/{name}", tmp_path / name, "a fine-tune")
+    rows = [{"input_ids": rng.integers(0, 64, 12).tolist(), "attention_mask": [1] * 12} for _ in range(40)]
+    hub.commit_files("org/mixed-sentences", {"train.jsonl": "\n".join(map(json.dumps, rows)).encode()}, "data",
+                     repo_type="dataset")
+
+    examples = untagged_python_examples()
+    assert len(examples) >= 4, examples
+    code = (f"{PLACEHOLDERS}\nimport json\nfor example in json.loads({json.dumps(examples)!r}):\n"
+            "    exec(compile(example, 'README.md', 'exec'), dict(PLACEHOLDERS))\n    emit('ran')\n")
+    result = hub.run_client(code, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}, timeout=600)
+    assert result.results == ["ran"] * len(examples), result.stderr[-4000:]
+    assert hub.is_private("me/merged-vit") and "mudsc_recipe.yaml" in hub.list_files("me/merged-vit")
+    assert (tmp_path / "merged-full" / "README.md").is_file() and (tmp_path / "merged-vit").is_dir()
