@@ -270,7 +270,6 @@ def test_every_cli_flag_is_described_in_the_readme_or_the_docs():
 
 # --- README and docs: every hf-mudsc command they print is one the CLI accepts --------------------------------
 
-SHELL_LANGUAGES = ("bash", "sh", "shell", "console")
 LAUNCHED = re.compile(r"(?:^|\s)-m\s+hf_mudsc(?=\s)")  # `torchrun ... -m hf_mudsc merge ...` runs the CLI too
 
 
@@ -281,17 +280,16 @@ def shell_commands(text: str) -> list[str]:
     (`...`, `[-q | -v]`)."""
     import shlex
 
+    from readme_examples import shell_lines
+
     found = []
-    for language, block in re.findall(r"```(\w*)\n(.*?)```", text, flags=re.DOTALL):
-        if language not in SHELL_LANGUAGES:
-            continue
-        for line in re.sub(r"\\\n", " ", block).splitlines():
-            for part in line.split("&&"):
-                if "hf-mudsc" not in part and not LAUNCHED.search(part):
-                    continue  # other programs' lines (a curl body may span lines: not split here)
-                words = shlex.split(LAUNCHED.sub(" hf-mudsc", part), comments=True)
-                if "hf-mudsc" in words:
-                    found.append(shlex.join(words[words.index("hf-mudsc"):]))
+    for line in shell_lines(text):
+        for part in line.split("&&"):
+            if "hf-mudsc" not in part and not LAUNCHED.search(part):
+                continue  # other programs' lines (a curl body may span lines: not split here)
+            words = shlex.split(LAUNCHED.sub(" hf-mudsc", part), comments=True)
+            if "hf-mudsc" in words:
+                found.append(shlex.join(words[words.index("hf-mudsc"):]))
     for span in re.findall(r"`(hf-mudsc [^`]+)`", text):
         span = " ".join(span.split())
         if not re.search(r"\.\.\.|…|\[|\|", span) and len(span.split()) >= 4:

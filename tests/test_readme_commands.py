@@ -141,3 +141,32 @@ def test_the_readme_python_examples_with_hub_ids_run_against_the_hub(hub_emulato
     assert result.results == ["ran"] * len(examples), result.stderr[-4000:]
     assert hub.is_private("me/merged-vit") and "mudsc_recipe.yaml" in hub.list_files("me/merged-vit")
     assert (tmp_path / "merged-full" / "README.md").is_file() and (tmp_path / "merged-vit").is_dir()
+
+
+def test_the_readme_local_folder_merges_run_and_the_recipe_rebuilds_the_same_weights(tmp_path, monkeypatch,
+                                                                                     one_thread):
+    """"Local folders, other methods and settings", "Several parents" and the size budget's command, on two tiny ViT
+    folders and a calibration folder at the README's paths; then "Reproduce a merge from its recipe": bit-identical
+    weights, and the bfloat16 merge in half the bytes."""
+    import shutil
+
+    import torch
+    from factories import vit_cli_case
+    from readme_examples import README, shell_lines
+    from safetensors.torch import load_file
+
+    monkeypatch.chdir(tmp_path)
+    vit_cli_case(tmp_path)  # vit-a, vit-b (with processors), calibration
+    shutil.copytree("calibration", "calib")
+    shutil.copytree("calibration", "calibration-images")
+    make_model("vit_cls", 3).save_pretrained("vit-c")
+    lines = [shlex.split(line, comments=True) for line in shell_lines(README.read_text(encoding="utf-8"))
+             if line.startswith("hf-mudsc merge ")]
+    merges = [words for words in lines if words[:3] == ["hf-mudsc", "merge", "./vit-a"]]
+    rebuild = ["hf-mudsc", "merge", "--recipe", "merged/mudsc_recipe.yaml", "--output", "rebuilt"]
+    assert len(merges) >= 8 and rebuild in lines, merges
+    for words in [*merges, rebuild]:
+        assert main(words[1:]) == 0, shlex.join(words)
+    merged, rebuilt = load_file("merged/model.safetensors"), load_file("rebuilt/model.safetensors")
+    assert merged.keys() == rebuilt.keys() and all(torch.equal(merged[k], rebuilt[k]) for k in merged)
+    assert {t.dtype for t in load_file("merged-bf16/model.safetensors").values()} == {torch.bfloat16}
