@@ -387,3 +387,37 @@ def test_every_keyword_the_documents_pass_to_a_public_function_exists():
     assert ("README.md", "merge", "refit") in calls
     unknown = sorted({call for call in calls if call[2] not in accepted[call[1]]})
     assert not unknown, f"keywords the documents' examples pass that the functions do not take: {unknown}"
+
+
+# --- README and docs: every script command they print names a script and flags it has ------------------------
+
+SCRIPT_COMMAND = re.compile(r"python3? (scripts/\w+\.py)((?:[ \t]+[^\s`#&|;]+)*)")
+
+
+def script_flags(script: Path) -> set[str]:
+    """The long flags a script declares (`"--name"` in its source or in the sibling scripts it imports)."""
+    sources = [script.read_text(encoding="utf-8")]
+    for module in re.findall(r"^(?:from|import) (\w+)", sources[0], flags=re.MULTILINE):
+        if (script.parent / f"{module}.py").is_file():
+            sources.append((script.parent / f"{module}.py").read_text(encoding="utf-8"))
+    return {flag for source in sources for flag in re.findall(r"[\"'](--[a-z][\w-]*)[\"']", source)}
+
+
+def test_every_script_command_the_readme_and_the_docs_give_exists_with_its_flags():
+    from readme_examples import shell_lines
+
+    wrong = []
+    count = 0
+    for path in (README, *sorted((ROOT / "docs").glob("*.md"))):
+        text = path.read_text(encoding="utf-8")
+        spans = [" ".join(span.split()) for span in re.findall(r"`(python3? scripts/[^`]+)`", text)]
+        for script, arguments in SCRIPT_COMMAND.findall("\n".join([*shell_lines(text), *spans])):
+            count += 1
+            if not (ROOT / script).is_file():
+                wrong.append(f"{path.name}: {script} does not exist")
+                continue
+            unknown = [flag for flag in re.findall(r"(?<!\S)--[a-z][\w-]*", arguments)
+                       if flag not in script_flags(ROOT / script)]
+            if unknown:
+                wrong.append(f"{path.name}: {script} has no {unknown}")
+    assert count > 15 and not wrong, (count, wrong)
