@@ -735,9 +735,10 @@ def _check_data(method: MergeMethod, calibration: Any, count: int, chosen: str |
 
 
 def _warn_unread(options: MergeOptions, used: Mapping[str, Any], method: str) -> None:
-    """Say which per-method options were set but are not read by the method (they change nothing)."""
+    """Say which per-method options were set but are not read by the method (they change nothing). A method records
+    an option it ignores as None (zipit's α) or leaves it out (linear's)."""
     unread = [field.name for field in MergeOptions.option_fields() if field.metadata["per_method"]
-              and field.name not in used and getattr(options, field.name) != field.default]
+              and used.get(field.name) is None and getattr(options, field.name) != field.default]
     if unread:
         logger.warning("method %s does not read %s: %s no effect", method,
                        ", ".join(option_hint(name) for name in unread), "it has" if len(unread) == 1 else "they have")
