@@ -555,6 +555,7 @@ def merge(
         relation=relation.relation, method=merge_method, group_names=report.group_names,
         group_values=report.group_values, widths={g.name: g.width for g in spec.groups},
         rows=rows, parents=count, refitting=refit_value in ("ridge", "gate"),
+        gated=refit_value == "gate",
         shared_labels=[label_names(m.config) for m in loaded] if spec.classifier is not None and not concatenate
         else None, processor_differences=image_processor_differences([p.processor for p in parents]))
     for text in report.warnings:
