@@ -77,18 +77,20 @@ def calibration_size_warning(rows: Mapping[str, int], widths: Mapping[str, int],
             "or a larger calibration split)")
 
 
-def relation_warning(relation: str, method: Any, refitting: bool = False) -> str | None:
+def relation_warning(relation: str, method: Any, refitting: bool = False, gated: bool = True) -> str | None:
     """Warn when the parents' relation makes the method a poor fit; `method` is a registry `MergeMethod`,
     `refitting`: a refit follows the merge (the resolved `refit` is ridge or gate), which rebuilds a merge by position
-    from the data — then a collapse is not what the user gets (docs/design.md §4.9)."""
+    from the data — then a collapse is not what the user gets (docs/design.md §4.9); `gated`: that refit is the gate's
+    (kept only if it agrees better), not a forced ridge."""
     if relation == "same model":
         return "the parents are the same model: the merge gives back that model"
     if relation in UNALIGNED_RELATIONS and not method.matches_units:
         start = (f"method {method.name!r} fuses units by position, but the parents are {relation} models whose "
                  "units do not correspond: ")
         if refitting:
+            kept = " (kept only if it agrees better with the parents on held-out samples)" if gated else ""
             return (start + "alone that merge collapses; the refit that follows rebuilds every linear layer from "
-                    "the calibration data (kept only if it agrees better with the parents on held-out samples), "
+                    f"the calibration data{kept}, "
                     f"while a unit-matching method such as 'mudsc' starts from corresponding units "
                     f"({option_hint('method')})")
         return (start + "the merge will likely collapse; use a unit-matching method such as "
@@ -127,14 +129,14 @@ def processor_warning(differences: Sequence[str]) -> str | None:
 
 def merge_warnings(*, relation: str | None, method: Any, group_names: Sequence[str], group_values: Sequence[float],
                    rows: Mapping[str, int] | None, widths: Mapping[str, int], parents: int = 2,
-                   refitting: bool = False, shared_labels: Sequence[Sequence[str]] | None = None,
+                   refitting: bool = False, gated: bool = True, shared_labels: Sequence[Sequence[str]] | None = None,
                    processor_differences: Sequence[str] = ()) -> list[str]:
     """Every warning of a finished solve, in a fixed order (relation, default labels, calibration size, weak
-    groups); `refitting`: a ridge refit follows (`relation_warning`); `shared_labels`: each parent's label names
-    when their heads are fused as one label set (`default_labels_warning`); `processor_differences`: the settings
-    in which the parents' image processors differ (`processor_warning`)."""
+    groups); `refitting`: a ridge refit follows, `gated`: the gate's (`relation_warning`); `shared_labels`: each
+    parent's label names when their heads are fused as one label set (`default_labels_warning`);
+    `processor_differences`: the settings in which the parents' image processors differ (`processor_warning`)."""
     found = [
-        relation_warning(relation, method, refitting) if relation else None,
+        relation_warning(relation, method, refitting, gated) if relation else None,
         default_labels_warning(shared_labels) if relation not in ("same model", "permuted copy") else None,
         processor_warning(processor_differences),
         calibration_size_warning(rows, widths, parents) if rows else None,

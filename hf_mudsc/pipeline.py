@@ -573,6 +573,7 @@ def merge(
         relation=relation.relation, method=merge_method, group_names=report.group_names,
         group_values=report.group_values, widths={g.name: g.width for g in spec.groups},
         rows=rows, parents=count, refitting=refit_value in ("ridge", "gate"),
+        gated=refit_value == "gate",
         shared_labels=[label_names(m.config) for m in loaded] if spec.classifier is not None and not concatenate
         else None, processor_differences=image_processor_differences([p.processor for p in parents]))
     for text in report.warnings:
@@ -753,9 +754,10 @@ def _check_data(method: MergeMethod, calibration: Any, count: int, chosen: str |
 
 
 def _warn_unread(options: MergeOptions, used: Mapping[str, Any], method: str) -> None:
-    """Say which per-method options were set but are not read by the method (they change nothing)."""
+    """Say which per-method options were set but are not read by the method (they change nothing). A method records
+    an option it ignores as None (zipit's α) or leaves it out (linear's)."""
     unread = [field.name for field in MergeOptions.option_fields() if field.metadata["per_method"]
-              and field.name not in used and getattr(options, field.name) != field.default]
+              and used.get(field.name) is None and getattr(options, field.name) != field.default]
     if unread:
         logger.warning("method %s does not read %s: %s no effect", method,
                        ", ".join(option_hint(name) for name in unread), "it has" if len(unread) == 1 else "they have")

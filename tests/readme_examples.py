@@ -18,3 +18,13 @@ def readme_example(tag: str) -> str:
     """The one Python block that starts with `# readme-test: <tag>`."""
     [block] = [block for block in readme_blocks("python") if block.startswith(f"# readme-test: {tag}\n")]
     return block
+
+
+SHELL_LANGUAGES = ("bash", "sh", "shell", "console")
+
+
+def shell_lines(text: str) -> list[str]:
+    """Every line of a document's shell blocks, in order, a line continued with a backslash joined to the next."""
+    blocks = [block for language, block in re.findall(r"```(\w*)\n(.*?)```", text, flags=re.S)
+              if language in SHELL_LANGUAGES]
+    return [line for block in blocks for line in re.sub(r"\\\n", " ", block).splitlines()]

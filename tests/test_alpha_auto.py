@@ -233,3 +233,23 @@ def test_auto_alpha_with_a_method_that_ignores_alpha_is_recorded_as_the_alpha_it
     first = AutoModelForImageClassification.from_pretrained(out).state_dict()
     second = AutoModelForImageClassification.from_pretrained(again).state_dict()
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("method", ["zipit", "activation_align", "weight_matching", "linear"])
+@pytest.mark.parametrize("alpha", ["auto", 0.7])
+def test_an_alpha_the_method_does_not_read_is_warned_about(method, alpha, caplog):
+    """README: "A method that does not read α (`zipit`, `linear`, the task-vector methods) runs no search: a warning
+    says so." The unit-matching methods that ignore α record it as None, which counted as read: no warning."""
+    parents = [make_model("vit_cls", 1), make_model("vit_cls", 2)]
+    with caplog.at_level("WARNING", logger="hf_mudsc"):
+        hf_mudsc.merge(parents, make_batches("vit_cls", num_batches=2), method=method, alpha=alpha, refit="none",
+                       progress=False)
+    assert f"method {method} does not read alpha= (CLI: --alpha): it has no effect" in caplog.text
+
+
+def test_an_alpha_mudsc_reads_is_not_warned_about(caplog):
+    parents = [make_model("vit_cls", 1), make_model("vit_cls", 2)]
+    with caplog.at_level("WARNING", logger="hf_mudsc"):
+        hf_mudsc.merge(parents, make_batches("vit_cls", num_batches=2), method="mudsc", alpha=0.7, refit="none",
+                       progress=False)
+    assert "does not read" not in caplog.text

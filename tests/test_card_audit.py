@@ -192,3 +192,33 @@ def test_a_local_base_folder_is_shown_by_name_only_in_the_cards_recipe(tmp_path)
     assert str(tmp_path) not in text
     assert re.search(r"^base: vit-base$", text, re.M) and "| base | `vit-base` (local folder) | — |" in text
     assert "Local folders (`vit-a`, `vit-b`, `vit-base`) are shown by name only" in text
+
+
+def test_the_joint_label_snippet_runs_on_the_users_texts(tmp_path):
+    """The text branch of the card's Usage snippets (a tokenizer saved with the parents): both run as written on the
+    user's `texts` after `from_pretrained` of the folder, and give one "task: label" per text."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "cat", "dog", "car", "is", "big", "red"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    tokenizer = BertTokenizer(str(tmp_path / "vocab.txt"))
+    parents = []
+    for seed, labels in enumerate((("x", "y"), ("p", "q", "r"))):
+        config = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=64, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                            label2id={label: i for i, label in enumerate(labels)})
+        torch.manual_seed(seed)
+        folder = tmp_path / f"bert-{seed}"
+        BertForSequenceClassification(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        parents.append(str(folder))
+    merged = hf_mudsc.merge(parents, method="linear", progress=False)
+    out = hf_mudsc.save_merged(merged, tmp_path / "merged")
+    text = ModelCard.load(out / "README.md").text
+    usage = text[text.index("## Usage"):text.index("## Reproduce")]
+    snippets = re.findall(r"```python\n(.*?)```", usage, re.S)
+    assert len(snippets) == 2 and "AutoTokenizer" in snippets[0], usage
+    namespace: dict = {"texts": ["the cat is big", "a red car"]}
+    for snippet in snippets:
+        exec(snippet.replace("path/to/this/model", str(out)), namespace)  # noqa: S102 - the card's own snippets
+    assert len(namespace["labels"]) == 2 and all(label.startswith("bert-") for label in namespace["labels"])

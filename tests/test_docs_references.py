@@ -266,3 +266,158 @@ def test_every_cli_flag_is_described_in_the_readme_or_the_docs():
                for name, found in flags.items()}
     missing = {name: found for name, found in missing.items() if found}
     assert not missing, f"flags that neither README.md nor docs/*.md mention: {missing}"
+
+
+# --- README and docs: every hf-mudsc command they print is one the CLI accepts --------------------------------
+
+LAUNCHED = re.compile(r"(?:^|\s)-m\s+hf_mudsc(?=\s)")  # `torchrun ... -m hf_mudsc merge ...` runs the CLI too
+
+
+def shell_commands(text: str) -> list[str]:
+    """The `hf-mudsc` command lines of a document: each command of a shell block (backslash continuations joined,
+    `&&` chains split, comments dropped, `torchrun/accelerate ... -m hf_mudsc` read as `hf-mudsc`), and each
+    inline `hf-mudsc CMD ...` of the prose that gives at least two arguments and no placeholder for more
+    (`...`, `[-q | -v]`)."""
+    import shlex
+
+    from readme_examples import shell_lines
+
+    found = []
+    for line in shell_lines(text):
+        for part in line.split("&&"):
+            if "hf-mudsc" not in part and not LAUNCHED.search(part):
+                continue  # other programs' lines (a curl body may span lines: not split here)
+            words = shlex.split(LAUNCHED.sub(" hf-mudsc", part), comments=True)
+            if "hf-mudsc" in words:
+                found.append(shlex.join(words[words.index("hf-mudsc"):]))
+    for span in re.findall(r"`(hf-mudsc [^`]+)`", text):
+        span = " ".join(span.split())
+        if not re.search(r"\.\.\.|…|\[|\|", span) and len(span.split()) >= 4:
+            found.append(span)
+    return found
+
+
+def test_the_command_reader_finds_block_lines_chains_launchers_and_inline_commands():
+    text = ("```bash\nhf-mudsc merge ./a ./b \\\n    --output m   # comment\npip install x && hf-mudsc inspect m\n"
+            "torchrun --nproc_per_node 2 -m hf_mudsc merge a b --output c\n```\n"
+            "Run `hf-mudsc push m org/x --private`, not `hf-mudsc merge ...` or `hf-mudsc merge --recipe`.\n")
+    assert shell_commands(text) == ["hf-mudsc merge ./a ./b --output m", "hf-mudsc inspect m",
+                                    "hf-mudsc merge a b --output c", "hf-mudsc push m org/x --private"]
+
+
+def refusal(command: str) -> str | None:
+    """Why the CLI would refuse `command` before doing any work (its argument parser, and for `merge` without a
+    recipe file the recipe checks: options in range, a destination given), or None when it accepts it."""
+    import contextlib
+    import io
+    import shlex
+
+    from hf_mudsc.cli.main import build_parser
+    from hf_mudsc.cli.merge import build_recipe
+    from hf_mudsc.errors import RecipeError
+
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(io.StringIO()):
+            args = build_parser().parse_args(shlex.split(command)[1:])
+    except SystemExit as exit_:
+        return None if exit_.code == 0 else errors.getvalue().strip().splitlines()[-1]
+    if args.command == "merge" and not getattr(args, "recipe", None):
+        try:
+            build_recipe(args)
+        except RecipeError as error:
+            return str(error)
+    return None
+
+
+def test_every_hf_mudsc_command_the_readme_and_the_docs_give_is_accepted():
+    """The README's `hf-mudsc merge A B C --calibration DATA --method regmean ...` gave no --output: run as printed,
+    it was refused. Every printed command must parse, and a merge must pass the recipe checks."""
+    guides = (README, *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "docs" / "space").glob("*.md")))
+    commands = {str(path.relative_to(ROOT)): shell_commands(path.read_text(encoding="utf-8")) for path in guides}
+    assert len(commands["README.md"]) > 30, commands["README.md"]
+    refused = {f"{path}: {command}": reason for path, found in commands.items() for command in found
+               if (reason := refusal(command))}
+    assert not refused, "commands the documents give that the CLI refuses:\n" + "\n".join(
+        f"{command}\n    -> {reason}" for command, reason in refused.items())
+
+
+def test_the_refusal_check_catches_unknown_flags_bad_values_and_a_missing_destination():
+    assert "--no-such-flag" in refusal("hf-mudsc merge a b --no-such-flag --output m")
+    assert "--method" in refusal("hf-mudsc merge a b --method no_such_method --output m")
+    assert "--output" in refusal("hf-mudsc merge a b --method linear")
+    assert refusal("hf-mudsc merge a b --method linear --output m") is None
+    assert refusal("hf-mudsc merge --recipe r.yaml --output m") is None  # the file is not read here
+    assert refusal("hf-mudsc merge --help") is None
+
+
+# --- README and docs: every keyword their Python examples pass to the public functions exists -----------------
+
+PUBLIC_CALLS = ("merge", "from_pretrained", "save_merged", "push_merged", "evaluate_merge")
+
+
+def public_call_keywords(source: str) -> list[tuple[str, str]]:
+    """(function, keyword) of every `hf_mudsc.<public function>(..., keyword=...)` call in a Python block."""
+    import ast
+    import textwrap
+
+    found = []
+    for node in ast.walk(ast.parse(textwrap.dedent(source))):  # a snippet may be indented as in its file
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in PUBLIC_CALLS
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "hf_mudsc"):
+            found += [(node.func.attr, keyword.arg) for keyword in node.keywords if keyword.arg]
+    return found
+
+
+def test_every_keyword_the_documents_pass_to_a_public_function_exists():
+    import dataclasses
+    import inspect
+
+    import hf_mudsc
+    from hf_mudsc.options import MergeOptions
+
+    options = {field.name for field in dataclasses.fields(MergeOptions)}
+    accepted = {name: set(inspect.signature(getattr(hf_mudsc, name)).parameters) for name in PUBLIC_CALLS}
+    for name in ("merge", "from_pretrained"):
+        accepted[name] |= options
+    calls = []
+    for path in (README, *sorted((ROOT / "docs").glob("*.md"))):
+        for block in re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.DOTALL):
+            calls += [(str(path.relative_to(ROOT)), *call) for call in public_call_keywords(block)]
+    assert ("README.md", "merge", "refit") in calls
+    unknown = sorted({call for call in calls if call[2] not in accepted[call[1]]})
+    assert not unknown, f"keywords the documents' examples pass that the functions do not take: {unknown}"
+
+
+# --- README and docs: every script command they print names a script and flags it has ------------------------
+
+SCRIPT_COMMAND = re.compile(r"python3? (scripts/\w+\.py)((?:[ \t]+[^\s`#&|;]+)*)")
+
+
+def script_flags(script: Path) -> set[str]:
+    """The long flags a script declares (`"--name"` in its source or in the sibling scripts it imports)."""
+    sources = [script.read_text(encoding="utf-8")]
+    for module in re.findall(r"^(?:from|import) (\w+)", sources[0], flags=re.MULTILINE):
+        if (script.parent / f"{module}.py").is_file():
+            sources.append((script.parent / f"{module}.py").read_text(encoding="utf-8"))
+    return {flag for source in sources for flag in re.findall(r"[\"'](--[a-z][\w-]*)[\"']", source)}
+
+
+def test_every_script_command_the_readme_and_the_docs_give_exists_with_its_flags():
+    from readme_examples import shell_lines
+
+    wrong = []
+    count = 0
+    for path in (README, *sorted((ROOT / "docs").glob("*.md"))):
+        text = path.read_text(encoding="utf-8")
+        spans = [" ".join(span.split()) for span in re.findall(r"`(python3? scripts/[^`]+)`", text)]
+        for script, arguments in SCRIPT_COMMAND.findall("\n".join([*shell_lines(text), *spans])):
+            count += 1
+            if not (ROOT / script).is_file():
+                wrong.append(f"{path.name}: {script} does not exist")
+                continue
+            unknown = [flag for flag in re.findall(r"(?<!\S)--[a-z][\w-]*", arguments)
+                       if flag not in script_flags(ROOT / script)]
+            if unknown:
+                wrong.append(f"{path.name}: {script} has no {unknown}")
+    assert count > 15 and not wrong, (count, wrong)

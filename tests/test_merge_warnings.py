@@ -134,6 +134,11 @@ def test_a_position_method_on_independent_inits_followed_by_the_refit_is_not_cal
     # without the refit the collapse stands
     alone, _ = _merge([a, b], make_batches("vit_cls", num_batches=4), caplog, method="regmean", refit="none")
     assert "the merge will likely collapse" in alone.merge_report.warnings[0]
+    # refit="ridge" is not gated: the warning must not say the refit is kept only if it agrees better
+    forced, _ = _merge([a, b], make_batches("vit_cls", num_batches=4), caplog, method="regmean", refit="ridge")
+    assert forced.merge_report.recipe["refit"] == "ridge"
+    assert "the refit that follows rebuilds every linear layer from the calibration data, while" in (
+        forced.merge_report.warnings[0]) and "kept only if" not in forced.merge_report.warnings[0]
 
 
 def test_unit_matching_on_fine_tunes_of_one_base_is_warned_about_and_a_clean_merge_is_not(caplog):
