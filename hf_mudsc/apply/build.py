@@ -52,7 +52,8 @@ def _as_loaded(merged: PreTrainedModel) -> None:
     remove_hook_from_module(merged, recurse=True)
     for module in merged.modules():
         vars(module).pop("forward", None)
-    if merged.is_gradient_checkpointing:
+    # Read from the modules (what transformers' own property reads; its name changed across 5.x releases).
+    if any(getattr(module, "gradient_checkpointing", False) is True for module in merged.modules()):
         merged.gradient_checkpointing_disable()
 
 
