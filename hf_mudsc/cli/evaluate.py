@@ -34,16 +34,17 @@ from hf_mudsc.publish.folder import write_file_atomically
 from hf_mudsc.publish.hub import CARD_FILENAME
 
 EPILOG = """\
-which dataset scores which task (task names: the keys of the model's config.task_label_ranges):
+which dataset scores which task (task names: the keys of the model's config.task_label_ranges —
+for a merge of org/vit-cars and org/vit-pets, vit-cars and vit-pets):
   --dataset TASK=SPEC (repeat)   one dataset per task; labels = the task's own class ids (0..k-1) or names
   --dataset SPEC (one per task)  the same, assigned to the tasks in order (A's task first)
   --dataset SPEC (once)          one dataset holding every task: labels = ids of the merged model's joint
                                  head, or, with --task-column COL, COL names each row's task (name or index)
                                  and labels are task-local
 examples:
-  hf-mudsc evaluate merged --dataset cars=org/cars:test --dataset pets=org/pets:test
+  hf-mudsc evaluate merged --dataset vit-cars=org/cars:test --dataset vit-pets=org/pets:test
   hf-mudsc evaluate merged --dataset ./joint_test --task-column task --label-column label
-  hf-mudsc evaluate org/merged@v1 --dataset cars=org/cars:test --dataset pets=org/pets:test --output-json r.json
+  hf-mudsc evaluate org/merged@v1 --dataset vit-cars=org/cars:test --dataset vit-pets=org/pets:test --output-json r.json
 results: printed, written to DIR/eval_results.json, and put into DIR/README.md (the Evaluation section and the
 model-index; every other part of the card is kept). For a Hub id the results are printed and written only to
 --output-json PATH; the Hub repo and its card are never changed (push a local folder to publish them).
