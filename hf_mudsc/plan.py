@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import string
 import time
@@ -99,9 +100,9 @@ class Estimate:
 
     calibration_seconds: float
     solve_seconds: float
-    peak_memory_bytes: float
+    peak_memory_bytes: int
     matmul_flops_per_second: float
-    statistics_bytes: float
+    statistics_bytes: int
 
     @property
     def seconds(self) -> float:
@@ -501,8 +502,8 @@ def estimate_cost(*, widths: Sequence[int], columns: Sequence[int], group_tokens
     held = parents if whole is None else whole
     peak = (RUNTIME_BYTES + WEIGHTS_FACTOR * (held + int(base)) * 4 * num_parameters + copies * 4 * num_parameters
             + STATISTICS_FACTOR * stats)
-    return Estimate(calibration_seconds=calibration, solve_seconds=solve, peak_memory_bytes=peak,
-                    matmul_flops_per_second=matmul_flops, statistics_bytes=stats)
+    return Estimate(calibration_seconds=calibration, solve_seconds=solve, peak_memory_bytes=math.ceil(peak),
+                    matmul_flops_per_second=matmul_flops, statistics_bytes=math.ceil(stats))
 
 
 # ------------------------------------------------------------------------------------------------ model facts

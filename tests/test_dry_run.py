@@ -148,6 +148,8 @@ def test_the_plan_is_json_and_matches_the_models(wide_inputs, tmp_path):
     estimate = data["estimate"]
     assert estimate["seconds"] == pytest.approx(estimate["calibration_seconds"] + estimate["solve_seconds"])
     assert estimate["statistics_bytes"] == sum(8 * (2 * g.width) ** 2 for g in spec_for(model).groups)
+    # byte counts are whole numbers in the JSON (382053220, not 382053220.0)
+    assert type(estimate["statistics_bytes"]) is int and type(estimate["peak_memory_bytes"]) is int
     assert str(plan).startswith("Dry run: nothing was downloaded but configs and safetensors headers")
     assert tree_digest(a, b, calibration) == before and sorted(os.listdir()) == cwd
 
