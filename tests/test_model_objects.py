@@ -225,4 +225,7 @@ def test_the_merged_model_does_not_inherit_gradient_checkpointing(batches):
     a = make_model("vit_cls", 0)
     a.gradient_checkpointing_enable()
     merged = hf_mudsc.merge([a, make_model("vit_cls", 1)], batches, method="mudsc", refit="none", progress=False)
-    assert a.is_gradient_checkpointing and not merged.is_gradient_checkpointing
+    def checkpointing(model):  # what transformers' property reads (renamed within 5.x: no deprecated name here)
+        return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
+
+    assert checkpointing(a) and not checkpointing(merged)
