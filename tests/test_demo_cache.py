@@ -95,3 +95,15 @@ def test_bad_values_are_refused_in_one_line_before_training(tmp_path, capsys, mo
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and words in err, err
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_cache_dir_that_cannot_be_written_is_refused_in_one_line_before_training(tmp_path, capsys, monkeypatch):
+    """A file where the cache should be (a read-only folder takes the same check: root ignores permissions, so the
+    suite cannot make one): refused naming --cache-dir, before any training, the file untouched."""
+    (tmp_path / "cache").write_text("mine")
+    no_training(monkeypatch)
+    argv = ["demo", "--output", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--hidden-size", "8"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--cache-dir" in err and "not a folder" in err, err
+    assert (tmp_path / "cache").read_text() == "mine"

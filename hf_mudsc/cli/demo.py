@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_mudsc.options import REFITTING
-from hf_mudsc.publish.folder import check_output, read_marker, staged_output, unlisted_files
+from hf_mudsc.publish.folder import check_location, check_output, read_marker, staged_output, unlisted_files
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +123,8 @@ def prepare_inputs(args: argparse.Namespace) -> tuple[Path, Path, Path, Any]:
     splits = toy.digit_splits(image_size=image_size, num_channels=3)
     stale = {folder for folder, needed in [*((f, "config.json") for f in folders), (calibration, "state.json")]
              if not cached(folder, needed)}
+    for folder in stale:  # a cache that cannot be written fails now, not after the training
+        check_location(folder, flag="--cache-dir")
     if any(f in stale for f in folders):
         print(f"Training two ViTs (hidden {args.hidden_size}, {args.epochs} epochs) from seeds "
               f"{tuple(args.seeds)}: A on digits 0-4, B on digits 5-9 ...", flush=True)
