@@ -107,3 +107,21 @@ def test_a_cache_dir_that_cannot_be_written_is_refused_in_one_line_before_traini
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--cache-dir" in err and "not a folder" in err, err
     assert (tmp_path / "cache").read_text() == "mine"
+
+
+@pytest.mark.parametrize("where", ["entry", "inside", "cache"])
+def test_an_output_overlapping_the_cache_is_refused_in_one_line_and_the_cache_kept(cached, capsys, monkeypatch,
+                                                                                     where):
+    """The cached parents are the demo's inputs: `--output` on one of them (which the demo wrote, so `--overwrite`
+    alone would replace it with the merged model, and later runs would merge that), inside one or around the cache
+    is refused before any work."""
+    cache, folder_a, _ = cached
+    output = {"entry": folder_a, "inside": folder_a / "merged", "cache": cache}[where]
+    before = sorted(p.relative_to(cache) for p in cache.rglob("*"))
+    monkeypatch.setattr("hf_mudsc.cli.demo.prepare_inputs", lambda args: pytest.fail("the demo ran"))
+    argv = ["demo", "--output", str(output), "--overwrite", "--cache-dir", str(cache), "--hidden-size", "8",
+            "--epochs", "1"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "overlaps" in err and "cache" in err, err
+    assert sorted(p.relative_to(cache) for p in cache.rglob("*")) == before

@@ -187,7 +187,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     output = Path(args.output).expanduser().absolute()
-    check_output(output, overwrite=args.overwrite)
+    # The cached parents and calibration set are the merge's inputs: never replaced by, nor holding, the output.
+    check_output(output, overwrite=args.overwrite, inputs=[("demo cache (--cache-dir)", args.cache_dir)])
     if args.hidden_size < 4 or args.hidden_size % 4:
         raise ValueError(f"--hidden-size must be a positive multiple of 4 (4 heads), got {args.hidden_size}")
     if args.epochs < 1 or args.num_samples < 1 or args.threads < 1:
