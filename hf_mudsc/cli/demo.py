@@ -169,8 +169,8 @@ def cached(folder: Path, needed: str) -> bool:
     try:
         check_output(folder, overwrite=True, flag="--cache-dir")  # replaceable: only the demo's files, unchanged
     except FileExistsError as error:
-        raise FileExistsError(f"the demo cache entry {str(folder)!r} is damaged and not rebuilt over files the "
-                              f"demo did not write ({error})") from None
+        raise FileExistsError(f"the demo cache entry {str(folder)!r} cannot be used, and rebuilding it would delete "
+                              f"what the demo did not write there ({error})") from None
     logger.warning("rebuilding the incomplete demo cache entry %s", folder)
     return False
 
