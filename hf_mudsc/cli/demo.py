@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_mudsc.options import REFITTING
-from hf_mudsc.publish.folder import check_output, staged_output
+from hf_mudsc.publish.folder import check_location, check_output, read_marker, staged_output, unlisted_files
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,11 @@ def prepare_inputs(args: argparse.Namespace) -> tuple[Path, Path, Path, Any]:
     folders = [root / name for name in TASK_NAMES]
     calibration = root / "calibration"
     splits = toy.digit_splits(image_size=image_size, num_channels=3)
-    if not all((f / "config.json").is_file() for f in folders):
+    stale = {folder for folder, needed in [*((f, "config.json") for f in folders), (calibration, "state.json")]
+             if not cached(folder, needed)}
+    for folder in stale:  # a cache that cannot be written fails now, not after the training
+        check_location(folder, flag="--cache-dir")
+    if any(f in stale for f in folders):
         print(f"Training two ViTs (hidden {args.hidden_size}, {args.epochs} epochs) from seeds "
               f"{tuple(args.seeds)}: A on digits 0-4, B on digits 5-9 ...", flush=True)
         pair = toy.trained_digit_pair(seeds=tuple(args.seeds), hidden_size=args.hidden_size,
@@ -129,31 +133,76 @@ def prepare_inputs(args: argparse.Namespace) -> tuple[Path, Path, Path, Any]:
                                       cache_dir=Path(args.cache_dir).expanduser())
         processor = digit_processor()
         for folder, model in zip(folders, (pair.model_a, pair.model_b)):
-            if not (folder / "config.json").is_file():
-                with staged_output(folder, keep_existing=True) as tmp:  # another run may win the race
+            if folder in stale:
+                with rebuilt(folder) as tmp:
                     toy.rgb_digit_model(model).save_pretrained(tmp)
                     processor.save_pretrained(tmp)
     else:
         print(f"Using the cached parents in {root}", flush=True)
-    if not (calibration / "state.json").is_file():
+    if calibration in stale:
         images = [task.train_pixel_values for task in splits.tasks]
         import torch
 
         dataset = toy.as_dataset(torch.cat(images))
-        with staged_output(calibration, keep_existing=True) as tmp:
+        with rebuilt(calibration) as tmp:
             dataset.save_to_disk(str(tmp))
     return folders[0], folders[1], calibration, splits
+
+
+def cached(folder: Path, needed: str) -> bool:
+    """Whether the cache entry `folder` can be used: the demo wrote it (its marker lists `needed`) and every file it
+    wrote there is present and unchanged (a file the user added does not matter).
+
+    An entry that cannot be used is rebuilt only when all it holds are files the demo wrote, unchanged (a file
+    deleted, an interrupted write); anything else (a file truncated or edited, a folder the demo did not write) is
+    refused here, before any training, since rebuilding it would delete files that are not the demo's own.
+
+    Raises:
+        FileExistsError: the entry is damaged and may not be replaced (the message names it and the fix).
+    """
+    if not os.path.lexists(folder):
+        return False
+    listed = (read_marker(folder) or {}).get("files", {})
+    if needed in listed and all((folder / name).is_file() for name in listed) and not unlisted_files(
+            folder, check_content=True)[1]:
+        return True
+    try:
+        check_output(folder, overwrite=True, flag="--cache-dir")  # replaceable: only the demo's files, unchanged
+    except FileExistsError as error:
+        raise FileExistsError(f"the demo cache entry {str(folder)!r} cannot be used, and rebuilding it would delete "
+                              f"what the demo did not write there ({error})") from None
+    logger.warning("rebuilding the incomplete demo cache entry %s", folder)
+    return False
+
+
+def rebuilt(folder: Path) -> Any:
+    """The staging folder of a cache entry: a damaged one (`cached`) is replaced; a new one is kept if another
+    run finishes it first."""
+    if os.path.lexists(folder):
+        return staged_output(folder, overwrite=True, flag="--cache-dir")
+    return staged_output(folder, keep_existing=True, flag="--cache-dir")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     output = Path(args.output).expanduser().absolute()
-    check_output(output, overwrite=args.overwrite)
+    # The cached parents and calibration set are the merge's inputs: never replaced by, nor holding, the output.
+    check_output(output, overwrite=args.overwrite, inputs=[("demo cache (--cache-dir)", args.cache_dir)])
     if args.hidden_size < 4 or args.hidden_size % 4:
         raise ValueError(f"--hidden-size must be a positive multiple of 4 (4 heads), got {args.hidden_size}")
     if args.epochs < 1 or args.num_samples < 1 or args.threads < 1:
         raise ValueError("--epochs, --num-samples and --threads must be positive")
+    cores = os.cpu_count() or 1
+    if args.threads > cores:
+        raise ValueError(f"--threads {args.threads} exceeds this machine's {cores} cores; pass at most {cores} "
+                         "(tiny models: 1 is fastest)")
+    for seed in args.seeds:
+        try:
+            torch.Generator().manual_seed(seed)  # torch's own range, not a copy of it
+        except (ValueError, RuntimeError, OverflowError):
+            raise ValueError(f"--seeds {seed} is not a seed torch accepts (a 64-bit integer); pass e.g. "
+                             "--seeds 0 1") from None
     if not 0.0 <= args.alpha <= 1.0:
         raise ValueError(f"--alpha must lie in [0, 1], got {args.alpha}")
     threads = torch.get_num_threads()

@@ -500,11 +500,17 @@ def _cache_key(params: dict[str, Any]) -> str:
 
 
 def _load_cached(path: Path) -> Any | None:
+    from safetensors import SafetensorError
     from transformers import ViTForImageClassification
 
     if not (path / _CACHE_MARKER).is_file():
         return None
-    model = ViTForImageClassification.from_pretrained(path, dtype=torch.float32)
+    try:
+        model = ViTForImageClassification.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError, SafetensorError) as error:  # a file truncated or edited since it was cached
+        reason = " ".join(str(error).split())[:200]
+        raise ValueError(f"the cached model {str(path)!r} cannot be loaded ({reason}); delete that folder to "
+                         "train it again") from None
     return model.eval()
 
 
