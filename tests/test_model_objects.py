@@ -223,7 +223,7 @@ def test_the_merged_model_does_not_inherit_gradient_checkpointing(batches):
     """A training-time switch of parent A (not in its config, not saved) stays with A, as from_pretrained's
     model would not have it either."""
     a = make_model("vit_cls", 0)
-    a.gradient_checkpointing_enable()
+    getattr(a, "activation_checkpointing_enable", a.gradient_checkpointing_enable)()  # the new name where it exists
     merged = hf_mudsc.merge([a, make_model("vit_cls", 1)], batches, method="mudsc", refit="none", progress=False)
     def checkpointing(model):  # what transformers' property reads (renamed within 5.x: no deprecated name here)
         return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())

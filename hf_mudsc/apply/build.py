@@ -54,7 +54,8 @@ def _as_loaded(merged: PreTrainedModel) -> None:
         vars(module).pop("forward", None)
     # Read from the modules (what transformers' own property reads; its name changed across 5.x releases).
     if any(getattr(module, "gradient_checkpointing", False) is True for module in merged.modules()):
-        merged.gradient_checkpointing_disable()
+        # `activation_checkpointing_disable` where this transformers has it (the old name warns it will go in v6).
+        getattr(merged, "activation_checkpointing_disable", merged.gradient_checkpointing_disable)()
 
 
 def _mirror_absent_modules(model: PreTrainedModel, merged: PreTrainedModel) -> None:
