@@ -184,13 +184,19 @@ def test_slerp_refuses_three_parents_and_ties_refuses_a_missing_base(family):
     assert "ties" in str(error.value)
 
 
-def test_elects_signs_is_declared_exactly_for_the_functions_with_sign_election():
-    """`elects_signs` tells the weight check that `normalize` divides per entry (not by the weights' sum): it must
-    say what the function does (`GTA_FORMS`' consensus flag)."""
-    for method in METHODS.values():
-        if isinstance(method, TensorWiseMethod) and method.function is not None:
-            _, consensus = tv.GTA_FORMS.get(method.function.__name__, (None, False))
-            assert method.elects_signs == consensus, method.name
+@pytest.mark.parametrize("name", ["ties", "dare_ties", "breadcrumbs_ties", "della", "task_arithmetic", "dare_linear",
+                                  "breadcrumbs", "della_linear"])
+def test_normalize_with_weights_summing_to_0_is_refused_unless_the_method_elects_signs(name):
+    """A sign-electing method divides each entry by the sum of its agreeing parents' weights (not known before the
+    tensors are read: mergekit's per-entry rule applies), the others by the sum of all the weights (refused at 0)."""
+    method = METHODS[name]
+    options = MergeOptions(method=name, weights=[1.0, -1.0], normalize=True)
+    _, elects = tv.GTA_FORMS[method.function.__name__]
+    if elects:
+        method.check_options(options, 2)
+    else:
+        with pytest.raises(MergeInputError, match=r"sum to 0"):
+            method.check_options(options, 2)
 
 
 def test_registry_entries_declare_base_parents_defaults_and_used_options():

@@ -55,8 +55,7 @@ class TensorWiseMethod(MergeMethod):
     tensors are merged in row chunks by `hf_mudsc.solve.streamed` (the function is one of `GTA_FORMS` or elementwise
     across a tensor), so the working set does not grow with the number of parents either. `streamed_function`: a
     whole-model method's streaming form (`hf_mudsc.solve.streamed`, called with `source=`), used instead of
-    `function` when set. `elects_signs`: the function elects a sign per entry (TIES consensus), so with `normalize`
-    it divides each entry by the sum of its agreeing parents' weights; otherwise by the sum of all the weights.
+    `function` when set.
     """
 
     function: Callable[..., dict[str, Any]] | None = None
@@ -66,7 +65,6 @@ class TensorWiseMethod(MergeMethod):
     num_parents: int | None = None
     chunked: bool = False
     streamed_function: Callable[..., dict[str, Any]] | None = None
-    elects_signs: bool = False
 
     def option_value(self, options: MergeOptions, name: str) -> Any:
         """The value the method uses for option `name`: the user's, else the method's default."""
@@ -172,6 +170,14 @@ class TensorWiseMethod(MergeMethod):
         if self._unfloored_sparsifier() is not None:
             self._check_kept_entries(self.option_value(options, "density"),
                                      max((math.prod(shape) for shape in shapes().values()), default=0))
+
+    @property
+    def elects_signs(self) -> bool:
+        """The function elects a sign per entry (TIES consensus, `task_vectors.GTA_FORMS`), so with `normalize` it
+        divides each entry by the sum of its agreeing parents' weights; otherwise by the sum of all the weights."""
+        from hf_mudsc.solve import task_vectors as tv
+
+        return tv.GTA_FORMS.get(getattr(self.function, "__name__", ""), (None, False))[1]
 
     def _unfloored_sparsifier(self) -> str | None:
         """The method's sparsifier when it may keep no entry of a tensor (`task_vectors.UNFLOORED_SPARSIFIERS`:
@@ -362,7 +368,6 @@ TIES = register_method(TensorWiseMethod(
     needs_base_model=True,
     function=_function("ties"),
     chunked=True,
-    elects_signs=True,
     arguments=_SPARSE,
     defaults=(("normalize", True), ("density", 0.2)),
 ))
@@ -387,7 +392,6 @@ DARE_TIES = register_method(TensorWiseMethod(
     needs_base_model=True,
     function=_function("dare_ties"),
     chunked=True,
-    elects_signs=True,
     arguments=_RANDOM,
     defaults=(("normalize", False), ("density", 0.5)),
 ))
@@ -412,7 +416,6 @@ BREADCRUMBS_TIES = register_method(TensorWiseMethod(
     needs_base_model=True,
     function=_function("breadcrumbs_ties"),
     chunked=True,
-    elects_signs=True,
     arguments=_SPARSE + (("gamma", "gamma"),),
     defaults=(("normalize", False), ("density", 0.9), ("gamma", 0.01)),
 ))
@@ -425,7 +428,6 @@ DELLA = register_method(TensorWiseMethod(
     needs_base_model=True,
     function=_function("della"),
     chunked=True,
-    elects_signs=True,
     arguments=_RANDOM + (("epsilon", "epsilon"),),
     defaults=(("normalize", True), ("density", 0.5), ("epsilon", 0.15)),
 ))

@@ -78,9 +78,9 @@ SERVED_SUFFIXES = (".png", ".svg")
 # How a served file may be shown. An SVG (or any file a browser renders as a document) opened from the page's link is
 # a document of the service's origin, whose scripts could call the API: sandboxed (an opaque origin, no script),
 # nothing loaded from elsewhere (a plot's raster parts are data: URIs, its styles inline), and never sniffed as
-# another type. The page shows plots through <img>, where an SVG runs no script anyway.
-FILE_HEADERS = {"Content-Security-Policy": "default-src 'none'; img-src data:; style-src 'unsafe-inline'; sandbox",
-                "X-Content-Type-Options": "nosniff"}
+# another type (`NoSniffing` says so on every answer). The page shows plots through <img>, where an SVG runs no
+# script anyway.
+FILE_HEADERS = {"Content-Security-Policy": "default-src 'none'; img-src data:; style-src 'unsafe-inline'; sandbox"}
 SQLITE_MAX = (1 << 63) - 1  # the largest integer SQLite binds; larger query values are clamped to it
 PAGE_DEFAULT, PAGE_MAX = 100, 1000  # GET /api/jobs: jobs per page when `limit` is not given, and at most
 RETRY_AFTER_S = 60  # a 429's Retry-After: a merge takes minutes, so a place in the queue frees in about that
