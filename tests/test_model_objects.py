@@ -166,6 +166,29 @@ def test_a_config_that_disagrees_with_the_weights_is_refused_in_one_line(batches
     assert "parent A" in message and tensor in message and "config" in message, message
 
 
+@pytest.mark.parametrize("key,value,attribute", [("num_attention_heads", 2, "num_attention_heads"),
+                                                 ("layer_norm_eps", 1e-5, "eps")])
+def test_a_config_edited_without_changing_shapes_is_refused_in_one_line(batches, key, value, attribute):
+    """Both parents' configs edited alike where no weight shape changes (heads of another size, another epsilon): the
+    parents still compute with what they were built with, so a merge read from the config would group and build heads
+    the parents never had; the merged model, rebuilt from that config, would compute something else."""
+    a, b = make_model("vit_cls", 0), make_model("vit_cls", 1)
+    for model in (a, b):
+        setattr(model.config, key, value)
+    message = one_line_error([a, b], batches)
+    assert "parent A" in message and attribute in message and "config" in message, message
+
+
+def test_a_config_edited_only_in_dropout_is_merged(batches):
+    """Dropout changes nothing a merge reads (every parent runs in eval mode): such an edit is not refused."""
+    a, b = make_model("vit_cls", 0), make_model("vit_cls", 1)
+    for model in (a, b):
+        model.config.hidden_dropout_prob = 0.3
+        model.config.attention_probs_dropout_prob = 0.2
+    merged = hf_mudsc.merge([a, b], calibration=batches, method="weight_matching", refit="none", progress=False)
+    assert merged.config.hidden_dropout_prob == 0.3
+
+
 class AdapterWrapper(torch.nn.Module):
     """What a PEFT `PeftModel` is to the merge: a module around a model, with `merge_and_unload()`."""
 

@@ -222,8 +222,8 @@ def check_model_objects(located: Sequence[_Located], who: Sequence[str] | None =
             raise LoadError(f"{name} has no weights: its parameters are on the meta device (e.g. {meta!r}); load "
                             "them first (from_pretrained) or pass its folder or Hub id")
         try:
-            built = {key: tuple(tensor.shape) for key, tensor in meta_model(
-                model.config, type(model), reference=parent.reference).named_parameters()}
+            from_config = meta_model(model.config, type(model), reference=parent.reference)
+            built = {key: tuple(tensor.shape) for key, tensor in from_config.named_parameters()}
         except LoadError:  # a class not built from its config alone (a subclass taking more arguments): no comparison
             continue
         extra = [key for key, _ in model.named_parameters() if key not in built]
@@ -232,12 +232,46 @@ def check_model_objects(located: Sequence[_Located], who: Sequence[str] | None =
                 f"{name} holds {len(extra)} parameter{'s' if len(extra) > 1 else ''} a {type(model).__name__} built "
                 f"from its config has not (e.g. {extra[0]!r}): an adapter or extra module is attached; merge it into "
                 "the model's weights (PEFT: merge_and_unload()) or remove it, then pass the model")
-        for key, tensor in model.named_parameters() if shapes else ():
+        if not shapes:
+            continue
+        for key, tensor in model.named_parameters():
             if tuple(tensor.shape) != built[key]:
                 raise LoadError(
                     f"{name}'s config does not describe its weights: {key!r} is {tuple(tensor.shape)} but its config "
                     f"builds {built[key]}; give the model back the config it was built with (a config edited after "
                     "the model was built changes no layer)")
+        differing = _built_settings_differ(model, from_config)
+        if differing is not None:
+            module, attribute, held, configured = differing
+            raise LoadError(
+                f"{name}'s config does not describe the model: {module}.{attribute} is {held!r} but its config builds "
+                f"{configured!r}; give the model back the config it was built with (a config edited after the "
+                "model was built changes no layer)")
+
+
+def _built_settings_differ(model: torch.nn.Module, built: torch.nn.Module) -> tuple[str, str, Any, Any] | None:
+    """The first module setting (a number, text or tuple the layer keeps, e.g. `num_attention_heads`, `eps`) that
+    differs between `model` and `built`, the same class built from `model`'s config, as (module, attribute, model's,
+    config's); None when they agree. Dropout is left out: a merge runs every parent in eval mode."""
+    modules = dict(built.named_modules())
+    for module_name, module in model.named_modules():
+        twin = modules.get(module_name)
+        if not module_name or twin is None or isinstance(module, torch.nn.Dropout) or type(twin) is not type(module):
+            continue
+        for attribute, held in vars(module).items():
+            if attribute.startswith("_") or "dropout" in attribute or not _is_setting(held):
+                continue
+            from_config = vars(twin).get(attribute)
+            if _is_setting(from_config) and held != from_config and held == held:  # NaN == NaN never holds
+                return module_name, attribute, held, from_config
+    return None
+
+
+def _is_setting(value: Any) -> bool:
+    """A plain value a layer keeps from its config (no flag: `training` and the like change after building)."""
+    if isinstance(value, tuple):
+        return all(_is_setting(item) for item in value)
+    return isinstance(value, (int, float, str)) and not isinstance(value, bool)
 
 
 def _weights_format(reference: str, files: Sequence[str], allow_pickle: bool) -> tuple[list[str], bool]:
