@@ -252,11 +252,12 @@ def check_model_objects(located: Sequence[_Located], who: Sequence[str] | None =
 def _built_settings_differ(model: torch.nn.Module, built: torch.nn.Module) -> tuple[str, str, Any, Any] | None:
     """The first module setting (a number, text or tuple the layer keeps, e.g. `num_attention_heads`, `eps`) that
     differs between `model` and `built`, the same class built from `model`'s config, as (module, attribute, model's,
-    config's); None when they agree. Dropout is left out: a merge runs every parent in eval mode."""
+    config's); None when they agree. Models inside are left out (their names and paths are no layer's settings), and
+    dropout: a merge runs every parent in eval mode."""
     modules = dict(built.named_modules())
     for module_name, module in model.named_modules():
         twin = modules.get(module_name)
-        if not module_name or twin is None or isinstance(module, torch.nn.Dropout) or type(twin) is not type(module):
+        if twin is None or isinstance(module, (PreTrainedModel, torch.nn.Dropout)) or type(twin) is not type(module):
             continue
         for attribute, held in vars(module).items():
             if attribute.startswith("_") or "dropout" in attribute or not _is_setting(held):
