@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from hf_mudsc.errors import RecipeError
 from hf_mudsc.publish.recipe import published_text
 from hf_mudsc.serve import app as app_module
+from hf_mudsc.serve import store as store_module
 from hf_mudsc.serve.app import create_app
 from hf_mudsc.serve.jobs import parse_job
 
@@ -233,6 +234,44 @@ def test_every_answer_says_nosniff(written):
     assert refused.status_code == 400 and refused.headers.get("x-content-type-options") == "nosniff"
 
 
+# ---------------------------------------------------------------------------------------------- job logs
+
+
+def test_a_jobs_log_is_capped_keeping_its_first_and_last_lines_and_saying_how_many_were_dropped(tmp_path,
+                                                                                                  monkeypatch):
+    """A job producing megabytes of log lines filled the store (--max-jobs caps the number of jobs, not their
+    size): each job keeps at most `LOG_CAP` lines and bytes — its first and its last lines, one line between saying
+    how many were dropped — and a client following the log with `?since=next` still gets every later line once."""
+    cap = store_module.LogCap(lines=10, bytes=1000, line_bytes=100)
+    monkeypatch.setattr(store_module, "LOG_CAP", cap)
+    app = create_app(tmp_path / "state")
+    store, client = app.state.store, client_of(app)
+    job_id = store.add({"models": ["user/a", "user/b"]}, output=None, repo_id=None, dry_run=True, has_token=False)
+    followed, since = [], 0
+    for batch in range(10):
+        store.append_log(job_id, [f"line {batch * 20 + i}" for i in range(20)])
+        page = client.get(f"/api/jobs/{job_id}/log", params={"since": since}).json()
+        followed += page["lines"]
+        since = page["next"]
+    assert since == 200  # `next` counts every line written, dropped ones included
+    kept = client.get(f"/api/jobs/{job_id}/log").json()["lines"]
+    marks = [line for line in kept if "dropped" in line]
+    assert len(marks) == 1 and "190 lines" in marks[0], kept
+    lines = [line for line in kept if line not in marks]
+    assert lines == [f"line {i}" for i in range(5)] + [f"line {i}" for i in range(195, 200)], kept
+    assert kept.index(marks[0]) == 5  # between the first part and the last
+    written = [line for line in followed if "dropped" not in line]
+    assert written[-5:] == lines[-5:] and len(written) == len(set(written))  # no line twice while following
+    assert "190 lines dropped here" in client.get(f"/jobs/{job_id}").text  # the page shows the mark too
+
+    big = store.add({"models": ["user/a", "user/c"]}, output=None, repo_id=None, dry_run=True, has_token=False)
+    store.append_log(big, ["x" * 10_000] + [f"{i:02d}" + "y" * 78 for i in range(40)])  # bytes, not lines
+    kept = store.log(big)
+    assert sum(len(line.encode()) for line in kept if "dropped" not in line) <= cap.bytes, kept
+    assert kept[0].startswith("x" * 50) and len(kept[0].encode()) <= cap.line_bytes + 40  # a huge line is cut
+    assert kept[-1].startswith("39") and any("dropped" in line for line in kept)
+
+
 # ---------------------------------------------------------------------------------------------- pushed recipes
 
 
@@ -277,3 +316,10 @@ def test_a_pushed_recipe_naming_local_folders_by_name_is_refused_at_post_in_one_
     answer = client.post("/api/jobs", content=(edited + "output: merged\n").encode(),
                          headers={"Content-Type": "application/yaml"})
     assert answer.status_code == 201, answer.text
+
+
+def test_the_readme_states_the_log_cap():
+    cap = store_module.LOG_CAP
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert (f"log keeps at most {cap.lines:,} lines and {cap.bytes >> 10} KiB (each line cut at "
+            f"{cap.line_bytes >> 10} KiB)") in " ".join(readme.split())

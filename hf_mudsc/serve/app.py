@@ -9,7 +9,9 @@
                                    most 1000); `next`: the id to pass as `?before=` for the following page, or null
     GET    /api/jobs/{id}          {"id", "status", "progress", "phase", "error", "result", "created", "updated"}
     DELETE /api/jobs/{id}          cancel (a running job stops at its next cancel point) -> 202
-    GET    /api/jobs/{id}/log      {"id", "lines", "next"}; `?since=N` returns lines N.. (poll to follow)
+    GET    /api/jobs/{id}/log      {"id", "lines", "next"}; `?since=N` returns lines N.. (poll with `next` to follow;
+                                   a long log keeps its first and last lines, one line saying how many were dropped:
+                                   store.LOG_CAP)
     GET    /                       the page: jobs, a form to submit a recipe (merge or dry run)
     GET    /jobs/{id}              one job: result, links, recipe, log
     GET    /jobs/{id}/files/{name} a file of a job's output folder (card, plots, recipe)
@@ -279,8 +281,8 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         if store.get(job_id) is None:
             return error(404, f"no job {job_id!r}; GET /api/jobs lists them")
         since = max(0, since)
-        lines = store.log(job_id, since=min(since, SQLITE_MAX))
-        return JSONResponse({"id": job_id, "lines": lines, "next": since + len(lines)})
+        lines, following = store.log_page(job_id, since=min(since, SQLITE_MAX))
+        return JSONResponse({"id": job_id, "lines": lines, "next": following if lines else since})
 
     # ------------------------------------------------------------------ page
     def render(name: str, **context: Any) -> HTMLResponse:
