@@ -128,7 +128,10 @@ def test_serve_bounds_what_uvicorn_reads_before_the_app(tmp_path, monkeypatch):
     assert run(parser.parse_args(["serve", "--state-dir", str(tmp_path / "s")])) == 0
     assert settings[0]["timeout_keep_alive"] == KEEP_ALIVE_S <= 10
     assert settings[0]["h11_max_incomplete_event_size"] == HEADER_MAX_BYTES <= 64 << 10
-    assert settings[0]["http"] == "h11"  # the cap is h11's: with httptools installed, uvicorn would pick that
+    # The cap is h11's (with httptools installed, uvicorn would pick that): the protocol is uvicorn's h11 one.
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    assert issubclass(settings[0]["http"], H11Protocol)
 
 
 # ---------------------------------------------------------------------------------------------- server paths
@@ -232,6 +235,108 @@ def test_every_answer_says_nosniff(written):
         assert answer.headers.get("x-content-type-options") == "nosniff", (path, answer.status_code)
     refused = TestClient(client.app, base_url="http://evil.example").get("/api/jobs")  # the Host guard's answer
     assert refused.status_code == 400 and refused.headers.get("x-content-type-options") == "nosniff"
+
+
+# ---------------------------------------------------------------------------------------------- nosniff everywhere
+
+
+def with_a_failing_route(tmp_path):
+    """The app with a route that raises (as a bug would): the exception escapes every handler the app declares."""
+    app = create_app(tmp_path / "state")
+
+    @app.get("/api/fails")
+    def fails() -> None:
+        raise RuntimeError("a bug, holding /srv/secret/path")
+
+    return app
+
+
+def test_an_exception_escaping_a_route_answers_one_line_of_json_saying_nosniff(tmp_path):
+    """Starlette answers an exception escaping a route from outside the app's middleware: a plain-text 500 without
+    `nosniff`. It is one line of JSON like every other error, says `nosniff`, and does not repeat the exception."""
+    client = TestClient(with_a_failing_route(tmp_path), base_url="http://127.0.0.1", raise_server_exceptions=False)
+    answer = client.get("/api/fails")
+    assert answer.status_code == 500
+    assert answer.headers.get("x-content-type-options") == "nosniff", answer.headers
+    assert answer.headers["content-type"].startswith("application/json"), answer.headers
+    error = answer.json()["error"]
+    assert "\n" not in error and "secret" not in error and "GET /api/fails" in error, error
+
+
+def test_an_app_that_fails_before_answering_still_answers_500_saying_nosniff():
+    """What uvicorn would answer itself (a plain-text 500): an inner app that raises, or returns, before it starts
+    an answer gets the service's one-line JSON 500 with `nosniff` from the outermost layer."""
+    async def raises(scope, receive, send):
+        raise RuntimeError("broken")
+
+    async def returns(scope, receive, send):
+        return None
+
+    for inner, escapes in ((raises, True), (returns, False)):
+        sent: list[dict] = []
+
+        async def send(message, sent=sent):
+            sent.append(message)
+
+        async def call(inner=inner):
+            await app_module.NoSniffing(inner)({"type": "http", "method": "GET", "path": "/x", "headers": []},
+                                               None, send)
+
+        if escapes:  # re-raised once answered, so the server still logs the traceback
+            with pytest.raises(RuntimeError):
+                asyncio.run(call())
+        else:
+            asyncio.run(call())
+        start, body = sent[0], sent[1]
+        assert start["status"] == 500 and (b"x-content-type-options", b"nosniff") in start["headers"], sent
+        assert "error" in json.loads(body["body"]), sent
+
+
+def test_every_answer_of_the_running_server_says_nosniff_its_own_400_and_a_failing_route_included(tmp_path):
+    """The server as `hf-mudsc serve` runs it (uvicorn with the CLI's settings): a route that raises, and a request
+    uvicorn refuses before the app sees it (not HTTP, headers over the cap), answer with `nosniff` too."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from hf_mudsc.cli.serve import HEADER_MAX_BYTES, server_settings
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(with_a_failing_route(tmp_path), host="127.0.0.1", port=port,
+                                           log_level="critical", **server_settings()))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        requests = {
+            "a failing route": b"GET /api/fails HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+            "a route": b"GET /api/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+            "not HTTP": b"NOT HTTP AT ALL\r\n\r\n",
+            # still arriving (h11 caps a head it has not seen the end of)
+            "headers over the cap": b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * (HEADER_MAX_BYTES + 10),
+        }
+        for what, request in requests.items():
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(request)
+                answer = b""
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            head, _, body = answer.partition(b"\r\n\r\n")
+            status = head.split(b"\r\n")[0]
+            assert b"x-content-type-options: nosniff" in head.lower(), (what, head)
+            if what != "a route":
+                assert status.split()[1] in (b"400", b"500"), (what, status)
+                assert "error" in json.loads(body), (what, body)
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 # ---------------------------------------------------------------------------------------------- job logs

@@ -5,6 +5,7 @@
     scheduler.py  the web process's side: queue, at most --workers worker processes, cancel, restart recovery
     worker.py     the worker process: runs one job (merge or dry run), forwards progress and log lines
     app.py        the FastAPI app: the HTTP API and the server-rendered page (templates/)
+    protocol.py   uvicorn's h11 protocol with the service's own answer to a request the app never sees (400)
 
 Nothing here imports torch: the web process stays light and `hf-mudsc serve --help` answers at once; the
 merge engine is imported only inside worker processes.

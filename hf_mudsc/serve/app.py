@@ -24,7 +24,8 @@ Every error is one line of JSON, `{"error": ...}` (bad query values 400, unknown
 Without an API key (so bound to loopback) only requests whose Host header names this machine are answered: a
 page elsewhere whose name is re-pointed at 127.0.0.1 (DNS rebinding) gets 400. GET /jobs/{id}/files serves the
 card, the recipe and plots, never the weights (reading needs no key), sandboxed (`FILE_HEADERS`: an SVG opened from
-the page runs no script); every answer says `nosniff` (`NoSniffing`).
+the page runs no script); every answer says `nosniff` (`NoSniffing`, around the whole app: a route that fails answers
+a one-line JSON 500 saying it too; uvicorn's own refusals before the app, `serve.protocol`).
 """
 
 from __future__ import annotations
@@ -88,9 +89,14 @@ PAGE_DEFAULT, PAGE_MAX = 100, 1000  # GET /api/jobs: jobs per page when `limit` 
 RETRY_AFTER_S = 60  # a 429's Retry-After: a merge takes minutes, so a place in the queue frees in about that
 
 
+NOSNIFF = ("X-Content-Type-Options", "nosniff")
+
+
 class NoSniffing:
-    """ASGI middleware: every answer says `X-Content-Type-Options: nosniff`, so a browser reads it as the type it
-    declares (JSON, HTML, a file's), never sniffs it into another (a plain ASGI wrapper: nothing buffered)."""
+    """The outermost ASGI layer (`ServiceApp`): every answer says `X-Content-Type-Options: nosniff`, so a browser
+    reads it as the type it declares (JSON, HTML, a file's), never sniffs it into another (nothing buffered). An app
+    that fails or returns before it starts an answer gets the service's one-line JSON 500 from here, not uvicorn's
+    plain-text one (the exception is re-raised once answered, so the server still logs its traceback)."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -98,17 +104,44 @@ class NoSniffing:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        started = False
 
         async def marked(message: Any) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
-                MutableHeaders(scope=message)["X-Content-Type-Options"] = "nosniff"
+                started = True
+                MutableHeaders(scope=message)[NOSNIFF[0]] = NOSNIFF[1]
             await send(message)
 
-        return await self.app(scope, receive, marked)
+        try:
+            await self.app(scope, receive, marked)
+        except Exception:
+            if not started:
+                await internal_error(scope)(scope, receive, marked)
+            raise
+        if not started:
+            logger.error("%s %s: the app returned without answering", scope.get("method"), scope.get("path"))
+            await internal_error(scope)(scope, receive, marked)
+
+
+class ServiceApp(FastAPI):
+    """The service's FastAPI app, with `NoSniffing` around its whole middleware stack: outside the layer that
+    answers an exception escaping a route (Starlette's `ServerErrorMiddleware`, outside any middleware an app adds),
+    so that answer says `nosniff` too."""
+
+    def build_middleware_stack(self) -> Any:
+        return NoSniffing(super().build_middleware_stack())
 
 
 def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+def internal_error(scope: Any) -> JSONResponse:
+    """The 500 for a request the service failed to answer: one line naming the request, never the exception (its
+    text may hold server paths; the server's log has the traceback)."""
+    return error(500, f"{scope.get('method')} {scope.get('path')}: the service failed to answer (an internal error, "
+                 "logged on the server); try again, or report it to the service's operator")
 
 
 def public(job: dict[str, Any], outputs: Path) -> dict[str, Any]:
@@ -147,7 +180,7 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         scheduler.stop()
         store.close()
 
-    app = FastAPI(title="hf-mudsc serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = ServiceApp(title="hf-mudsc serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.store, app.state.scheduler, app.state.outputs = store, scheduler, outputs
     app.state.max_queued, app.state.max_jobs = max_queued, max_jobs
     app.state.local_roots = roots
@@ -162,7 +195,10 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
                              "DNS rebinding); to serve under another name, pass --api-key")
             return await call_next(request)
 
-    app.add_middleware(NoSniffing)  # added last, so outermost: the Host refusal above says it too
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, problem: Exception) -> JSONResponse:
+        return internal_error(request.scope)  # Starlette re-raises `problem` after it: uvicorn logs the traceback
 
     @app.exception_handler(RequestValidationError)
     async def bad_parameter(request: Request, problem: RequestValidationError) -> JSONResponse:
