@@ -113,11 +113,11 @@ def tiny_vit_config(folder: Path) -> None:
               patch_size=4, num_channels=1, architectures=["ViTModel"]).save_pretrained(folder)
 
 
-def test_a_density_that_keeps_nothing_is_refused_at_post_when_parent_as_config_is_on_disk(tmp_path, monkeypatch):
+def test_a_density_that_keeps_nothing_is_refused_at_post_when_parent_a_is_a_local_folder(tmp_path):
     """The method's shape check (`check_shapes`: a DARE/breadcrumbs density keeping no entry of any tensor) ran
     only in the worker: POST accepted the job, which then failed. It runs at POST — the same check as the CLI's —
-    when parent A's config.json is on this machine (a local parent, or a Hub parent already in the cache); a Hub
-    parent not in the cache is left to the worker, which downloads its config."""
+    when parent A is a local folder; a Hub parent is left to the worker, even one in the server's Hub cache (its
+    shapes in a refusal would describe a private model to a client without its token)."""
     from huggingface_hub import constants
 
     from hf_mudsc.serve.app import create_app
@@ -131,15 +131,16 @@ def test_a_density_that_keeps_nothing_is_refused_at_post_when_parent_as_config_i
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
     local = {"models": [str(root / "a"), str(root / "b")], "base": str(root / "base"), "method": "dare_ties",
              "output": "m"}
-    hub = {"models": ["shapes/cached-vit", "user/b"], "method": "breadcrumbs", "output": "m"}
-    for body in (local, hub, {**hub, "method": "dare_linear"}):
+    for method in ("dare_ties", "breadcrumbs", "dare_linear"):
         with pytest.raises(RecipeError) as caught:
-            parse_job({**body, "density": 0.001}, tmp_path / "out", local_roots=[root])
+            parse_job({**local, "method": method, "density": 0.001}, tmp_path / "out", local_roots=[root])
         message = str(caught.value)
         assert "density 0.001" in message and "128 entries" in message and "\n" not in message, message
-        assert parse_job({**body, "density": 0.5}, tmp_path / "out", local_roots=[root]).recipe.density == 0.5
-    not_cached = {**hub, "models": ["user/not-cached", "user/b"], "density": 0.001}
-    assert parse_job(not_cached, tmp_path / "out").recipe.density == 0.001  # the worker checks it
+        assert parse_job({**local, "method": method, "density": 0.5}, tmp_path / "out",
+                         local_roots=[root]).recipe.density == 0.5
+    for hub_parent in ("shapes/cached-vit", "user/not-cached"):  # the worker checks these
+        hub = {"models": [hub_parent, "user/b"], "method": "breadcrumbs", "output": "m", "density": 0.001}
+        assert parse_job(hub, tmp_path / "out").recipe.density == 0.001
 
     app = create_app(tmp_path / "state", local_roots=[root])
     from fastapi.testclient import TestClient

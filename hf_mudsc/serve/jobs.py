@@ -4,7 +4,7 @@ The body holds recipe keys (`models`, `calibration`, `method`, ... — `hf_mudsc
 destination keys a recipe FILE may not set but a job must (`output`, `push_to_hub`, `private`, `overwrite`), and
 `dry_run`. Every error names the offending key; the web process answers it with 400. What `hf-mudsc merge` refuses
 before loading is refused here too (an existing output, options the method refuses, names that are no Hub id, a
-pushed recipe's local folders named by folder name only, and — when parent A's config.json is on this machine —
+pushed recipe's local folders named by folder name only, and — when parent A is a local folder —
 option values the method refuses for its shapes, `check_shapes_on_disk`), so
 a client hears it at POST rather than from a job failed in its worker.
 
@@ -213,10 +213,10 @@ class ConfigUnreadable(Exception):
 def check_shapes_on_disk(recipe: Recipe) -> None:
     """What the method refuses from parent A's shapes before any weights are read (`MergeMethod.check_shapes`, as
     `hf-mudsc merge` runs it through `pipeline.check_before_weights`, with the same `pipeline.parameter_shapes`), when
-    parent A's config.json is already on this machine: a local parent (`recipe`: the paths resolved inside the
-    roots), or a Hub parent whose config is in the Hub cache. Otherwise — or for `auto`, which chooses in the worker
-    — the worker checks it once it has the config. Only for a method with a shape rule: the shapes come from a
-    weightless model, so the web process then imports torch (once, a few seconds and a few hundred MB)."""
+    parent A is a local folder (`recipe`: the paths resolved inside the roots). Otherwise — a Hub parent, or `auto`,
+    which chooses in the worker — the worker checks it once it has the config. Only for a method with a shape rule:
+    the shapes come from a weightless model, so the web process then imports torch (once, a few seconds and a few
+    hundred MB)."""
     if recipe.method == AUTO:
         return
     method = get_method(recipe.method)
@@ -249,19 +249,13 @@ def check_shapes_on_disk(recipe: Recipe) -> None:
 
 
 def config_on_disk(reference: str) -> Path | None:
-    """The folder holding `reference`'s config.json when it is on this machine without a download: a local folder,
-    or the Hub cache's snapshot of `org/name[@revision]`; None otherwise."""
+    """The folder holding `reference`'s config.json when it is a local folder (inside the roots); None otherwise.
+    A Hub parent is left to the worker even when the server's Hub cache holds it: its shapes, in a refusal, would
+    tell a client without the repo's token about a private model someone else merged."""
     path = looks_local(reference)
-    if path is not None:
-        return path if (path / "config.json").is_file() else None
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        name, revision = parse_reference(reference)
-        found = try_to_load_from_cache(name, "config.json", revision=revision)
-    except (LoadError, ValueError, OSError):
+    if path is None:
         return None
-    return Path(found).parent if isinstance(found, str) else None
+    return path if (path / "config.json").is_file() else None
 
 
 def has_control(text: str) -> bool:
