@@ -16,18 +16,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hf_mudsc.serve import is_loopback
+from hf_mudsc.serve import HEADER_MAX_BYTES, is_loopback
 from hf_mudsc.serve.store import MAX_JOBS, MAX_QUEUED
 
 API_KEY_ENV = "HF_MUDSC_API_KEY"
 # What uvicorn reads before the app sees a request, set here rather than left to its defaults of the day: an idle
-# keep-alive connection is closed after KEEP_ALIVE_S, and a request line plus headers larger than HEADER_MAX_BYTES
-# is refused (400). That cap is h11's, so the server runs h11 whatever else is installed (uvicorn would pick
-# httptools): `serve.protocol.ServiceH11Protocol`, whose 400 says `nosniff` like every answer of the app. The body
-# has its own limits (`serve.app.MAX_BODY`, `BODY_TIMEOUT_S`). uvicorn has no timeout for a request's headers:
-# exposed beyond this machine, put it behind a reverse proxy that has one.
+# keep-alive connection is closed after KEEP_ALIVE_S, and a request line plus headers larger than
+# `serve.HEADER_MAX_BYTES` still arriving is refused (400). That cap is h11's, so the server runs h11 whatever else
+# is installed (uvicorn would pick httptools): `serve.protocol.ServiceH11Protocol`, whose 400 says `nosniff` like
+# every answer of the app (a head that arrived whole is refused by the app: `serve.app.HeaderCap`). The body has its
+# own limits (`serve.app.MAX_BODY`, `BODY_TIMEOUT_S`). uvicorn has no timeout for a request's headers: exposed beyond
+# this machine, put it behind a reverse proxy that has one.
 KEEP_ALIVE_S = 5
-HEADER_MAX_BYTES = 16 << 10
 logger = logging.getLogger(__name__)
 
 

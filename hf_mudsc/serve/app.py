@@ -53,7 +53,7 @@ from starlette.requests import ClientDisconnect
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import RecipeError, shown
 from hf_mudsc.publish.recipe import RecipeLoader, repeated_key, yaml_error_line
-from hf_mudsc.serve import host_name, is_loopback
+from hf_mudsc.serve import HEADER_MAX_BYTES, host_name, is_loopback
 from hf_mudsc.serve.jobs import JobRequest, accepted_keys, hide_output_root, parse_job, resolve_local_paths
 from hf_mudsc.serve.scheduler import Scheduler
 from hf_mudsc.serve.store import ACTIVE, MAX_JOBS, MAX_QUEUED, PHASES, JobStore, QueueFullError, TargetClaimedError
@@ -124,13 +124,34 @@ class NoSniffing:
             await internal_error(scope)(scope, receive, marked)
 
 
+class HeaderCap:
+    """ASGI layer: a request whose request line and headers are larger than `HEADER_MAX_BYTES` is refused (431,
+    connection closed) before the app reads it. h11 caps only a head still arriving (uvicorn's
+    `h11_max_incomplete_event_size`); one that arrived in a single piece reached the app whatever its size."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            line = (scope.get("method", ""), scope.get("raw_path") or b"", scope.get("query_string", b""))
+            size = sum(len(part) for part in line)
+            size += sum(len(name) + len(value) + 4 for name, value in scope.get("headers", ()))
+            if size > HEADER_MAX_BYTES:
+                answer = error(431, f"the request line and headers hold {size} bytes, more than {HEADER_MAX_BYTES}; "
+                               "send smaller headers")
+                answer.headers["Connection"] = "close"
+                return await answer(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 class ServiceApp(FastAPI):
-    """The service's FastAPI app, with `NoSniffing` around its whole middleware stack: outside the layer that
-    answers an exception escaping a route (Starlette's `ServerErrorMiddleware`, outside any middleware an app adds),
-    so that answer says `nosniff` too."""
+    """The service's FastAPI app, with `NoSniffing` and `HeaderCap` around its whole middleware stack: outside the
+    layer that answers an exception escaping a route (Starlette's `ServerErrorMiddleware`, outside any middleware an
+    app adds), so that answer says `nosniff` too."""
 
     def build_middleware_stack(self) -> Any:
-        return NoSniffing(super().build_middleware_stack())
+        return NoSniffing(HeaderCap(super().build_middleware_stack()))
 
 
 def error(status: int, message: str) -> JSONResponse:

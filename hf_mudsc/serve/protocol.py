@@ -1,5 +1,5 @@
 """The HTTP protocol `hf-mudsc serve` runs under uvicorn: its h11 protocol, whose own refusal of a request the app
-never sees (not HTTP, or a request line and headers over `cli.serve.HEADER_MAX_BYTES`) answers as the app does —
+never sees (not HTTP, or a request line and headers over `serve.HEADER_MAX_BYTES`) answers as the app does —
 one line of JSON saying `nosniff` — instead of a plain-text 400 without it (uvicorn writes that answer itself,
 outside every ASGI layer)."""
 
