@@ -93,11 +93,13 @@ def test_a_truncated_trained_model_in_the_cache_is_refused_in_one_line(cached, m
     (["--threads", "100000"], "--threads"),
     (["--epochs", "100000"], "--epochs"),  # days of training before anything is merged
     (["--hidden-size", "4000000"], "--hidden-size"),  # fails only when the first layer is allocated
+    (["--alpha", "2"], "--alpha"),
 ])
 def test_bad_values_are_refused_in_one_line_before_training(tmp_path, capsys, monkeypatch, flags, words):
+    """An invalid command line: exit 2, as argparse's own refusals and every other command's (README)."""
     no_training(monkeypatch)
     argv = ["demo", "--output", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), *flags]
-    assert main(argv) == 1
+    assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and words in err, err
     assert not (tmp_path / "cache").exists()

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hf_mudsc.errors import UsageError
 from hf_mudsc.options import REFITTING
 from hf_mudsc.publish.folder import check_location, check_output, read_marker, staged_output, unlisted_files
 from hf_mudsc.testing.cache import cache_root
@@ -196,25 +197,25 @@ def run(args: argparse.Namespace) -> int:
     # The cached parents and calibration set are the merge's inputs: never replaced by, nor holding, the output.
     check_output(output, overwrite=args.overwrite, inputs=[("demo cache (--cache-dir)", args.cache_dir)])
     if args.hidden_size < 4 or args.hidden_size % 4 or args.hidden_size > MAX_HIDDEN_SIZE:
-        raise ValueError(f"--hidden-size must be a multiple of 4 (4 heads) from 4 to {MAX_HIDDEN_SIZE} (the demo's "
+        raise UsageError(f"--hidden-size must be a multiple of 4 (4 heads) from 4 to {MAX_HIDDEN_SIZE} (the demo's "
                          f"toys; the default is 64), got {args.hidden_size}")
     if args.epochs < 1 or args.num_samples < 1 or args.threads < 1:
-        raise ValueError("--epochs, --num-samples and --threads must be positive")
+        raise UsageError("--epochs, --num-samples and --threads must be positive")
     if args.epochs > MAX_EPOCHS:
-        raise ValueError(f"--epochs {args.epochs} is more than the demo trains its toys for: pass at most "
+        raise UsageError(f"--epochs {args.epochs} is more than the demo trains its toys for: pass at most "
                          f"{MAX_EPOCHS} (the default, 30, takes seconds)")
     cores = os.cpu_count() or 1
     if args.threads > cores:
-        raise ValueError(f"--threads {args.threads} exceeds this machine's {cores} cores; pass at most {cores} "
+        raise UsageError(f"--threads {args.threads} exceeds this machine's {cores} cores; pass at most {cores} "
                          "(tiny models: 1 is fastest)")
     for seed in args.seeds:
         try:
             torch.Generator().manual_seed(seed)  # torch's own range, not a copy of it
         except (ValueError, RuntimeError, OverflowError):
-            raise ValueError(f"--seeds {seed} is not a seed torch accepts (a 64-bit integer); pass e.g. "
+            raise UsageError(f"--seeds {seed} is not a seed torch accepts (a 64-bit integer); pass e.g. "
                              "--seeds 0 1") from None
     if not 0.0 <= args.alpha <= 1.0:
-        raise ValueError(f"--alpha must lie in [0, 1], got {args.alpha}")
+        raise UsageError(f"--alpha must lie in [0, 1], got {args.alpha}")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
