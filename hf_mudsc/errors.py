@@ -47,6 +47,11 @@ class RecipeError(ValueError):
     """A recipe (file or flags) is invalid; the message names the key and the fix."""
 
 
+class UsageError(ValueError):
+    """The command line is invalid: flags that contradict each other or the model they name (an unknown task). The
+    CLI exits 2 for it, as argparse does, not 1 (the work itself failing); the message names the flag and the fix."""
+
+
 class EvaluationError(ValueError):
     """The models or data cannot be evaluated as asked; the message names the problem and the fix."""
 

@@ -30,11 +30,12 @@ except ImportError:  # running from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_mudsc.publish.folder import write_file_atomically
 from hf_mudsc.testing import toy
+from hf_mudsc.testing.cache import cache_root
 
 if TYPE_CHECKING:
     from hf_mudsc.evaluate.tasks import TaskData
 
-CACHE_ROOT = Path(os.environ.get("HF_MUDSC_CACHE", Path.home() / ".cache" / "hf_mudsc"))
+CACHE_ROOT = cache_root()
 BENCH_CACHE = CACHE_ROOT / "bench"
 # The pair settings' defaults (the quality benchmark's flags default to them; the other scripts use them as is).
 PAIR_DEFAULTS: dict[str, Any] = {

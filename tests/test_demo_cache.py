@@ -5,6 +5,10 @@ rebuilt when it holds only the demo's own files, unchanged, and refused in one l
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -87,11 +91,15 @@ def test_a_truncated_trained_model_in_the_cache_is_refused_in_one_line(cached, m
 @pytest.mark.parametrize(("flags", "words"), [
     (["--seeds", "0", str(2**70)], "--seeds"),
     (["--threads", "100000"], "--threads"),
+    (["--epochs", "100000"], "--epochs"),  # days of training before anything is merged
+    (["--hidden-size", "4000000"], "--hidden-size"),  # fails only when the first layer is allocated
+    (["--alpha", "2"], "--alpha"),
 ])
 def test_bad_values_are_refused_in_one_line_before_training(tmp_path, capsys, monkeypatch, flags, words):
+    """An invalid command line: exit 2, as argparse's own refusals and every other command's (README)."""
     no_training(monkeypatch)
     argv = ["demo", "--output", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), *flags]
-    assert main(argv) == 1
+    assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and words in err, err
     assert not (tmp_path / "cache").exists()
@@ -125,3 +133,27 @@ def test_an_output_overlapping_the_cache_is_refused_in_one_line_and_the_cache_ke
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "overlaps" in err and "cache" in err, err
     assert sorted(p.relative_to(cache) for p in cache.rglob("*")) == before
+
+
+@pytest.mark.parametrize("value", ["", None])
+def test_an_empty_hf_mudsc_cache_means_unset_for_the_demo_and_the_scripts(tmp_path, value):
+    """`HF_MUDSC_CACHE=""` put the demo's cache in `./demo` (and the benchmarks' in `./bench`) of whatever folder
+    the command ran in; empty means unset (as HF_HOME does): both use ~/.cache/hf_mudsc."""
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    code = (f"import sys; sys.path.insert(0, {str(scripts)!r})\n"
+            "import common\nfrom hf_mudsc.cli import demo\nprint(demo.DEFAULT_CACHE); print(common.CACHE_ROOT)\n")
+    env = {k: v for k, v in os.environ.items() if k != "HF_MUDSC_CACHE"}
+    env["HOME"] = str(tmp_path / "home")
+    if value is not None:
+        env["HF_MUDSC_CACHE"] = value
+    (tmp_path / "work").mkdir()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=tmp_path / "work")
+    assert done.returncode == 0, done.stderr
+    root = tmp_path / "home" / ".cache" / "hf_mudsc"
+    assert done.stdout.split() == [str(root / "demo"), str(root)]
+
+
+def test_the_readme_states_the_demos_limits():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert f"`--hidden-size` up to {demo.MAX_HIDDEN_SIZE}, `--epochs` up to {demo.MAX_EPOCHS}" in readme

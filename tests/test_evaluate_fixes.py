@@ -164,7 +164,9 @@ def test_card_and_table_list_the_tasks_in_parent_order(backward, tmp_path):
     assert evaluation.index("| zeta |") < evaluation.index("| alpha |")
 
 
-def test_ambiguous_dataset_to_task_mappings_are_refused(backward, tmp_path, capsys):
+def test_ambiguous_dataset_to_task_mappings_are_refused_as_an_invalid_command_line(backward, tmp_path, capsys):
+    """A task name the model does not have, or datasets that do not map onto its tasks, are an invalid command line:
+    exit 2 (README "Command line"), not 1 (the work failing) — the model's config is still read first."""
     _, out, tests = backward
     json_path = tmp_path / "x.json"
     cases = [
@@ -175,7 +177,7 @@ def test_ambiguous_dataset_to_task_mappings_are_refused(backward, tmp_path, caps
         (["--dataset", f"beta={tests['alpha']}"], "unknown task(s) ['beta']"),
     ]
     for flags, message in cases:
-        assert main(["evaluate", str(out), *flags, "--no-card", "--output-json", str(json_path)]) == 1
+        assert main(["evaluate", str(out), *flags, "--no-card", "--output-json", str(json_path)]) == 2, flags
         err = capsys.readouterr().err
         assert message in err, err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -551,7 +551,7 @@ def test_evaluate_cli_errors_name_the_fix(merged_folder, tmp_path, capsys):
                 str(tmp_path / "x.json"),
             ]
         )
-        == 1
+        == 2  # an unknown task name: an invalid command line
     )
     assert "unknown task(s) ['nope']" in capsys.readouterr().err
     assert (

@@ -105,6 +105,51 @@ def test_what_the_library_refuses_before_loading_is_refused_at_post_not_by_a_fai
     assert parse_job({**base, "push_to_hub": "user/ok.name-1_x"}, tmp_path).repo_id == "user/ok.name-1_x"
 
 
+def tiny_vit_config(folder: Path) -> None:
+    """A parent's config.json alone (POST reads no weights): its largest tensor has 128 entries."""
+    from transformers import ViTConfig
+
+    ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, image_size=8,
+              patch_size=4, num_channels=1, architectures=["ViTModel"]).save_pretrained(folder)
+
+
+def test_a_density_that_keeps_nothing_is_refused_at_post_when_parent_a_is_a_local_folder(tmp_path):
+    """The method's shape check (`check_shapes`: a DARE/breadcrumbs density keeping no entry of any tensor) ran
+    only in the worker: POST accepted the job, which then failed. It runs at POST — the same check as the CLI's —
+    when parent A is a local folder; a Hub parent is left to the worker, even one in the server's Hub cache (its
+    shapes in a refusal would describe a private model to a client without its token)."""
+    from huggingface_hub import constants
+
+    from hf_mudsc.serve.app import create_app
+
+    root = tmp_path / "root"
+    for name in ("a", "b", "base"):
+        tiny_vit_config(root / name)
+    snapshot = Path(constants.HF_HUB_CACHE) / "models--shapes--cached-vit" / "snapshots" / ("0" * 40)
+    tiny_vit_config(snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    local = {"models": [str(root / "a"), str(root / "b")], "base": str(root / "base"), "method": "dare_ties",
+             "output": "m"}
+    for method in ("dare_ties", "breadcrumbs", "dare_linear"):
+        with pytest.raises(RecipeError) as caught:
+            parse_job({**local, "method": method, "density": 0.001}, tmp_path / "out", local_roots=[root])
+        message = str(caught.value)
+        assert "density 0.001" in message and "128 entries" in message and "\n" not in message, message
+        assert parse_job({**local, "method": method, "density": 0.5}, tmp_path / "out",
+                         local_roots=[root]).recipe.density == 0.5
+    for hub_parent in ("shapes/cached-vit", "user/not-cached"):  # the worker checks these
+        hub = {"models": [hub_parent, "user/b"], "method": "breadcrumbs", "output": "m", "density": 0.001}
+        assert parse_job(hub, tmp_path / "out").recipe.density == 0.001
+
+    app = create_app(tmp_path / "state", local_roots=[root])
+    from fastapi.testclient import TestClient
+
+    answer = TestClient(app, base_url="http://127.0.0.1").post("/api/jobs", json={**local, "density": 0.001})
+    assert answer.status_code == 400 and "density" in answer.json()["error"], answer.text
+    assert app.state.store.list() == []
+
+
 def test_a_destination_key_of_the_wrong_type_is_named_as_the_jobs_not_the_command_lines(tmp_path):
     """`output: 5` answered "command line: `output` must be str": a client of the service has no command line."""
     base = {"models": ["user/a", "user/b"], "method": "average", "output": "m"}

@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from hf_mudsc.errors import RecipeError
 from hf_mudsc.publish.recipe import published_text
 from hf_mudsc.serve import app as app_module
+from hf_mudsc.serve import store as store_module
 from hf_mudsc.serve.app import create_app
 from hf_mudsc.serve.jobs import parse_job
 
@@ -119,7 +120,8 @@ def test_serve_bounds_what_uvicorn_reads_before_the_app(tmp_path, monkeypatch):
     import uvicorn
 
     from hf_mudsc.cli.main import build_parser
-    from hf_mudsc.cli.serve import HEADER_MAX_BYTES, KEEP_ALIVE_S, run
+    from hf_mudsc.cli.serve import KEEP_ALIVE_S, run
+    from hf_mudsc.serve import HEADER_MAX_BYTES
 
     settings = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: settings.append(kwargs))
@@ -127,7 +129,10 @@ def test_serve_bounds_what_uvicorn_reads_before_the_app(tmp_path, monkeypatch):
     assert run(parser.parse_args(["serve", "--state-dir", str(tmp_path / "s")])) == 0
     assert settings[0]["timeout_keep_alive"] == KEEP_ALIVE_S <= 10
     assert settings[0]["h11_max_incomplete_event_size"] == HEADER_MAX_BYTES <= 64 << 10
-    assert settings[0]["http"] == "h11"  # the cap is h11's: with httptools installed, uvicorn would pick that
+    # The cap is h11's (with httptools installed, uvicorn would pick that): the protocol is uvicorn's h11 one.
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    assert issubclass(settings[0]["http"], H11Protocol)
 
 
 # ---------------------------------------------------------------------------------------------- server paths
@@ -233,6 +238,161 @@ def test_every_answer_says_nosniff(written):
     assert refused.status_code == 400 and refused.headers.get("x-content-type-options") == "nosniff"
 
 
+# ---------------------------------------------------------------------------------------------- nosniff everywhere
+
+
+def with_a_failing_route(tmp_path):
+    """The app with a route that raises (as a bug would): the exception escapes every handler the app declares."""
+    app = create_app(tmp_path / "state")
+
+    @app.get("/api/fails")
+    def fails() -> None:
+        raise RuntimeError("a bug, holding /srv/secret/path")
+
+    return app
+
+
+def test_an_exception_escaping_a_route_answers_one_line_of_json_saying_nosniff(tmp_path):
+    """Starlette answers an exception escaping a route from outside the app's middleware: a plain-text 500 without
+    `nosniff`. It is one line of JSON like every other error, says `nosniff`, and does not repeat the exception."""
+    client = TestClient(with_a_failing_route(tmp_path), base_url="http://127.0.0.1", raise_server_exceptions=False)
+    answer = client.get("/api/fails")
+    assert answer.status_code == 500
+    assert answer.headers.get("x-content-type-options") == "nosniff", answer.headers
+    assert answer.headers["content-type"].startswith("application/json"), answer.headers
+    error = answer.json()["error"]
+    assert "\n" not in error and "secret" not in error and "GET /api/fails" in error, error
+
+
+def test_an_app_that_fails_before_answering_still_answers_500_saying_nosniff():
+    """What uvicorn would answer itself (a plain-text 500): an inner app that raises, or returns, before it starts
+    an answer gets the service's one-line JSON 500 with `nosniff` from the outermost layer."""
+    async def raises(scope, receive, send):
+        raise RuntimeError("broken")
+
+    async def returns(scope, receive, send):
+        return None
+
+    for inner, escapes in ((raises, True), (returns, False)):
+        sent: list[dict] = []
+
+        async def send(message, sent=sent):
+            sent.append(message)
+
+        async def call(inner=inner):
+            await app_module.NoSniffing(inner)({"type": "http", "method": "GET", "path": "/x", "headers": []},
+                                               None, send)
+
+        if escapes:  # re-raised once answered, so the server still logs the traceback
+            with pytest.raises(RuntimeError):
+                asyncio.run(call())
+        else:
+            asyncio.run(call())
+        start, body = sent[0], sent[1]
+        assert start["status"] == 500 and (b"x-content-type-options", b"nosniff") in start["headers"], sent
+        assert "error" in json.loads(body["body"]), sent
+
+
+def test_headers_over_the_cap_are_refused_even_when_they_arrive_whole(tmp_path):
+    """h11 caps only a request head it has not seen the end of: 40 KiB of headers sent in one piece reached the app
+    and were answered 200, although the docs say headers are capped at 16 KiB. The app refuses them itself (431,
+    one line of JSON, `nosniff`, the connection closed); headers under the cap are answered as before."""
+    from hf_mudsc.serve import HEADER_MAX_BYTES
+
+    client = TestClient(create_app(tmp_path / "state"), base_url="http://127.0.0.1")
+    answer = client.get("/api/jobs", headers={"X-Big": "a" * (HEADER_MAX_BYTES + 10)})
+    assert answer.status_code == 431, (answer.status_code, answer.text)
+    assert answer.headers.get("x-content-type-options") == "nosniff" and answer.headers["connection"] == "close"
+    assert "\n" not in answer.json()["error"] and str(HEADER_MAX_BYTES) in answer.json()["error"], answer.text
+    assert client.get("/api/jobs", headers={"X-Big": "a" * (HEADER_MAX_BYTES // 2)}).status_code == 200
+
+
+def test_every_answer_of_the_running_server_says_nosniff_its_own_400_and_a_failing_route_included(tmp_path):
+    """The server as `hf-mudsc serve` runs it (uvicorn with the CLI's settings): a route that raises, and a request
+    uvicorn refuses before the app sees it (not HTTP, headers over the cap), answer with `nosniff` too."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from hf_mudsc.cli.serve import server_settings
+    from hf_mudsc.serve import HEADER_MAX_BYTES
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(with_a_failing_route(tmp_path), host="127.0.0.1", port=port,
+                                           log_level="critical", **server_settings()))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        requests = {
+            "a failing route": b"GET /api/fails HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+            "a route": b"GET /api/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+            "not HTTP": b"NOT HTTP AT ALL\r\n\r\n",
+            # still arriving (h11 caps a head it has not seen the end of)
+            "headers over the cap": b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * (HEADER_MAX_BYTES + 10),
+        }
+        for what, request in requests.items():
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(request)
+                answer = b""
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            head, _, body = answer.partition(b"\r\n\r\n")
+            status = head.split(b"\r\n")[0]
+            assert b"x-content-type-options: nosniff" in head.lower(), (what, head)
+            if what != "a route":
+                assert status.split()[1] in (b"400", b"500"), (what, status)
+                assert "error" in json.loads(body), (what, body)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+# ---------------------------------------------------------------------------------------------- job logs
+
+
+def test_a_jobs_log_is_capped_keeping_its_first_and_last_lines_and_saying_how_many_were_dropped(tmp_path,
+                                                                                                  monkeypatch):
+    """A job producing megabytes of log lines filled the store (--max-jobs caps the number of jobs, not their
+    size): each job keeps at most `LOG_CAP` lines and bytes — its first and its last lines, one line between saying
+    how many were dropped — and a client following the log with `?since=next` still gets every later line once."""
+    cap = store_module.LogCap(lines=10, bytes=1000, line_bytes=100)
+    monkeypatch.setattr(store_module, "LOG_CAP", cap)
+    app = create_app(tmp_path / "state")
+    store, client = app.state.store, client_of(app)
+    job_id = store.add({"models": ["user/a", "user/b"]}, output=None, repo_id=None, dry_run=True, has_token=False)
+    followed, since = [], 0
+    for batch in range(10):
+        store.append_log(job_id, [f"line {batch * 20 + i}" for i in range(20)])
+        page = client.get(f"/api/jobs/{job_id}/log", params={"since": since}).json()
+        followed += page["lines"]
+        since = page["next"]
+    assert since == 200  # `next` counts every line written, dropped ones included
+    kept = client.get(f"/api/jobs/{job_id}/log").json()["lines"]
+    marks = [line for line in kept if "dropped" in line]
+    assert len(marks) == 1 and "190 lines" in marks[0], kept
+    lines = [line for line in kept if line not in marks]
+    assert lines == [f"line {i}" for i in range(5)] + [f"line {i}" for i in range(195, 200)], kept
+    assert kept.index(marks[0]) == 5  # between the first part and the last
+    written = [line for line in followed if "dropped" not in line]
+    assert written[-5:] == lines[-5:] and len(written) == len(set(written))  # no line twice while following
+    assert "190 lines dropped here" in client.get(f"/jobs/{job_id}").text  # the page shows the mark too
+
+    big = store.add({"models": ["user/a", "user/c"]}, output=None, repo_id=None, dry_run=True, has_token=False)
+    store.append_log(big, ["x" * 10_000] + [f"{i:02d}" + "y" * 78 for i in range(40)])  # bytes, not lines
+    kept = store.log(big)
+    assert sum(len(line.encode()) for line in kept if "dropped" not in line) <= cap.bytes, kept
+    assert kept[0].startswith("x" * 50) and len(kept[0].encode()) <= cap.line_bytes + 40  # a huge line is cut
+    assert kept[-1].startswith("39") and any("dropped" in line for line in kept)
+
+
 # ---------------------------------------------------------------------------------------------- pushed recipes
 
 
@@ -277,3 +437,10 @@ def test_a_pushed_recipe_naming_local_folders_by_name_is_refused_at_post_in_one_
     answer = client.post("/api/jobs", content=(edited + "output: merged\n").encode(),
                          headers={"Content-Type": "application/yaml"})
     assert answer.status_code == 201, answer.text
+
+
+def test_the_readme_states_the_log_cap():
+    cap = store_module.LOG_CAP
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert (f"log keeps at most {cap.lines:,} lines and {cap.bytes >> 10} KiB (each line cut at "
+            f"{cap.line_bytes >> 10} KiB)") in " ".join(readme.split())

@@ -26,12 +26,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hf_mudsc.errors import UsageError
 from hf_mudsc.options import REFITTING
 from hf_mudsc.publish.folder import check_location, check_output, read_marker, staged_output, unlisted_files
+from hf_mudsc.testing.cache import cache_root
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CACHE = Path(os.environ.get("HF_MUDSC_CACHE", Path.home() / ".cache" / "hf_mudsc")) / "demo"
+DEFAULT_CACHE = cache_root() / "demo"
+# The largest --epochs and --hidden-size the demo trains: its toys take seconds at the defaults (30, 64); beyond
+# these a run would train for hours, or fail only once the first layer is allocated (a width of millions).
+MAX_EPOCHS = 1000
+MAX_HIDDEN_SIZE = 1024
 TASK_NAMES = ("digits-0-4", "digits-5-9")
 CALIBRATION_BATCH = 64
 DATASET_NAME = "sklearn digits"
@@ -90,8 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--output", metavar="DIR", default="hf-mudsc-demo", help="folder for the MuDSC-merged model")
     add("--overwrite", action="store_true", help="replace an existing output folder")
-    add("--hidden-size", type=int, default=64, metavar="N", help="width of the two ViTs")
-    add("--epochs", type=int, default=30, metavar="N", help="training epochs per parent")
+    add("--hidden-size", type=int, default=64, metavar="N",
+        help=f"width of the two ViTs (a multiple of 4, at most {MAX_HIDDEN_SIZE})")
+    add("--epochs", type=int, default=30, metavar="N", help=f"training epochs per parent (at most {MAX_EPOCHS})")
     add("--seeds", type=int, nargs=2, default=(0, 1), metavar=("A", "B"),
         help="initialization seeds of A and B")
     add("--num-samples", type=int, default=512, metavar="N", help="calibration images (from both tasks)")
@@ -189,22 +196,26 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output).expanduser().absolute()
     # The cached parents and calibration set are the merge's inputs: never replaced by, nor holding, the output.
     check_output(output, overwrite=args.overwrite, inputs=[("demo cache (--cache-dir)", args.cache_dir)])
-    if args.hidden_size < 4 or args.hidden_size % 4:
-        raise ValueError(f"--hidden-size must be a positive multiple of 4 (4 heads), got {args.hidden_size}")
+    if args.hidden_size < 4 or args.hidden_size % 4 or args.hidden_size > MAX_HIDDEN_SIZE:
+        raise UsageError(f"--hidden-size must be a multiple of 4 (4 heads) from 4 to {MAX_HIDDEN_SIZE} (the demo's "
+                         f"toys; the default is 64), got {args.hidden_size}")
     if args.epochs < 1 or args.num_samples < 1 or args.threads < 1:
-        raise ValueError("--epochs, --num-samples and --threads must be positive")
+        raise UsageError("--epochs, --num-samples and --threads must be positive")
+    if args.epochs > MAX_EPOCHS:
+        raise UsageError(f"--epochs {args.epochs} is more than the demo trains its toys for: pass at most "
+                         f"{MAX_EPOCHS} (the default, 30, takes seconds)")
     cores = os.cpu_count() or 1
     if args.threads > cores:
-        raise ValueError(f"--threads {args.threads} exceeds this machine's {cores} cores; pass at most {cores} "
+        raise UsageError(f"--threads {args.threads} exceeds this machine's {cores} cores; pass at most {cores} "
                          "(tiny models: 1 is fastest)")
     for seed in args.seeds:
         try:
             torch.Generator().manual_seed(seed)  # torch's own range, not a copy of it
         except (ValueError, RuntimeError, OverflowError):
-            raise ValueError(f"--seeds {seed} is not a seed torch accepts (a 64-bit integer); pass e.g. "
+            raise UsageError(f"--seeds {seed} is not a seed torch accepts (a 64-bit integer); pass e.g. "
                              "--seeds 0 1") from None
     if not 0.0 <= args.alpha <= 1.0:
-        raise ValueError(f"--alpha must lie in [0, 1], got {args.alpha}")
+        raise UsageError(f"--alpha must lie in [0, 1], got {args.alpha}")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hf_mudsc.errors import UsageError
 from hf_mudsc.evaluate.names import DEFAULT_PROMPT, JOINT_RULES, RESULTS_FILENAME, SHIPPED_METRIC_NAMES
 from hf_mudsc.publish.folder import write_file_atomically
 from hf_mudsc.publish.hub import CARD_FILENAME
@@ -175,14 +176,15 @@ def recipe_parents(path: Path, model: str) -> list[str]:
 def _datasets(
     args: argparse.Namespace, task_names: list[str], ranges: dict | None
 ) -> dict[str, Any] | list[Any]:
-    """The --dataset flags -> evaluate_merge's datasets_per_task (opened lazily: bad specs fail fast)."""
+    """The --dataset flags -> evaluate_merge's datasets_per_task (opened lazily: bad specs fail fast). Flags that do
+    not map onto the model's tasks raise `UsageError` (exit 2: an invalid command line)."""
     from hf_mudsc.calibrate.datasets import load_calibration_dataset
     from hf_mudsc.evaluate.tasks import TaskData, spec_task_data, tasks_from_dataset
 
     parsed = [_split_task(v) for v in args.dataset]
     named = [task for task, _ in parsed if task]
     if named and len(named) != len(parsed):
-        raise ValueError("name the task of every --dataset (TASK=SPEC) or of none")
+        raise UsageError("name the task of every --dataset (TASK=SPEC) or of none")
 
     def open_spec(spec: str) -> TaskData:
         return spec_task_data(spec, load_calibration_dataset(spec), label_column=args.label_column)
@@ -190,12 +192,12 @@ def _datasets(
     if named:
         twice = sorted({task for task in named if named.count(task) > 1})
         if twice:
-            raise ValueError(
+            raise UsageError(
                 f"task {twice[0]!r} is named by two --dataset flags; pass one --dataset TASK=SPEC per task"
             )
         unknown = [task for task in named if ranges and task not in ranges]
         if unknown:
-            raise ValueError(
+            raise UsageError(
                 f"unknown task(s) {unknown}; the merged model's tasks are {task_names}: use them in "
                 "--dataset TASK=SPEC"
             )
@@ -206,9 +208,9 @@ def _datasets(
                                   label_column=args.label_column, name=source.name, split=source.split,
                                   local=source.local, config=source.config)
     if args.task_column:
-        raise ValueError("--task-column applies to a single --dataset holding every task")
+        raise UsageError("--task-column applies to a single --dataset holding every task")
     if ranges and len(parsed) != len(task_names):
-        raise ValueError(
+        raise UsageError(
             f"{len(parsed)} datasets for the model's {len(task_names)} tasks {task_names}: pass one per task "
             "(optionally TASK=SPEC) or one holding every task"
         )

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from hf_mudsc._version import __version__
+from hf_mudsc.errors import UsageError
 
 # Sub-command name -> module in hf_mudsc.cli exposing `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS = {
@@ -156,6 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
+    except UsageError as error:  # an invalid command line: argparse's exit code
+        logging.getLogger("hf_mudsc").debug("command refused", exc_info=True)
+        print(f"hf-mudsc {args.command}: error: {error}", file=sys.stderr)
+        return 2
     except (ValueError, FileExistsError, FileNotFoundError, PermissionError) as error:
         logging.getLogger("hf_mudsc").debug("command failed", exc_info=True)
         print(f"hf-mudsc {args.command}: error: {error}", file=sys.stderr)

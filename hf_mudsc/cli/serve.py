@@ -14,18 +14,20 @@ import argparse
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
-from hf_mudsc.serve import is_loopback
+from hf_mudsc.serve import HEADER_MAX_BYTES, is_loopback
 from hf_mudsc.serve.store import MAX_JOBS, MAX_QUEUED
 
 API_KEY_ENV = "HF_MUDSC_API_KEY"
 # What uvicorn reads before the app sees a request, set here rather than left to its defaults of the day: an idle
-# keep-alive connection is closed after KEEP_ALIVE_S, and a request line plus headers larger than HEADER_MAX_BYTES
-# is refused (400). That cap is h11's, so the server runs h11 whatever else is installed (uvicorn would pick
-# httptools). The body has its own limits (`serve.app.MAX_BODY`, `BODY_TIMEOUT_S`). uvicorn has no timeout for a
-# request's headers: exposed beyond this machine, put it behind a reverse proxy that has one.
+# keep-alive connection is closed after KEEP_ALIVE_S, and a request line plus headers larger than
+# `serve.HEADER_MAX_BYTES` still arriving is refused (400). That cap is h11's, so the server runs h11 whatever else
+# is installed (uvicorn would pick httptools): `serve.protocol.ServiceH11Protocol`, whose 400 says `nosniff` like
+# every answer of the app (a head that arrived whole is refused by the app: `serve.app.HeaderCap`). The body has its
+# own limits (`serve.app.MAX_BODY`, `BODY_TIMEOUT_S`). uvicorn has no timeout for a request's headers: exposed beyond
+# this machine, put it behind a reverse proxy that has one.
 KEEP_ALIVE_S = 5
-HEADER_MAX_BYTES = 16 << 10
 logger = logging.getLogger(__name__)
 
 
@@ -57,6 +59,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "otherwise merge, and push to the Hub, any folder the server can read")
     parser.add_argument("--output-root", default=argparse.SUPPRESS, metavar="DIR",
                         help="the folder a job's `output` names a folder in (default: STATE_DIR/outputs)")
+
+
+def server_settings() -> dict[str, Any]:
+    """uvicorn's settings for the service, beyond where it listens (`run`; a test runs the same server): the limits
+    above, and the protocol whose own 400 says `nosniff` as every answer of the app does (`serve.protocol`)."""
+    from hf_mudsc.serve.protocol import ServiceH11Protocol
+
+    return {"http": ServiceH11Protocol, "timeout_keep_alive": KEEP_ALIVE_S,
+            "h11_max_incomplete_event_size": HEADER_MAX_BYTES}
 
 
 def check_exposure(host: str, api_key: str | None) -> None:
@@ -95,6 +106,5 @@ def run(args: argparse.Namespace) -> int:
                      max_jobs=args.max_jobs, local_roots=local_roots)
     logger.info("serving on http://%s:%d (state in %s)", args.host, args.port, args.state_dir)
     redact_tokens_in_server_logs()
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True,
-                http="h11", timeout_keep_alive=KEEP_ALIVE_S, h11_max_incomplete_event_size=HEADER_MAX_BYTES)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True, **server_settings())
     return 0

@@ -166,6 +166,12 @@ class MergeMethod:
         """Refuse option values this method cannot use with `num_parents` parents (raise `MergeInputError`, one
         line naming the option); merge() calls it before anything is loaded (after `auto` chose, for `auto`)."""
 
+    @property
+    def checks_shapes(self) -> bool:
+        """Whether the method has a `check_shapes` rule (overrides it): a caller that would build the shapes for it
+        only (the service at POST: a weightless model needs torch) skips the others."""
+        return type(self).check_shapes is not MergeMethod.check_shapes
+
     def check_shapes(self, options: MergeOptions, shapes: Callable[[], Mapping[str, tuple[int, ...]]]) -> None:
         """Refuse option values that keep nothing of tensors of these shapes (raise `MergeInputError`, one line):
         `shapes()` gives parent A's parameter shapes by name (built from its config, so called only by a method that

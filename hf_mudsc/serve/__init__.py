@@ -5,9 +5,11 @@
     scheduler.py  the web process's side: queue, at most --workers worker processes, cancel, restart recovery
     worker.py     the worker process: runs one job (merge or dry run), forwards progress and log lines
     app.py        the FastAPI app: the HTTP API and the server-rendered page (templates/)
+    protocol.py   uvicorn's h11 protocol with the service's own answer to a request the app never sees (400)
 
-Nothing here imports torch: the web process stays light and `hf-mudsc serve --help` answers at once; the
-merge engine is imported only inside worker processes.
+Nothing here imports torch at start: the web process stays light and `hf-mudsc serve --help` answers at once;
+the merge engine runs only inside worker processes (the web process imports torch once, for the first job whose
+method checks shapes from a local parent's config at POST: `jobs.check_shapes_on_disk`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import logging
 
 from hf_mudsc.load.references import TOKEN_SHAPE
 
+#: A request line plus headers larger than this is refused: by h11 while the head is still arriving (uvicorn's
+#: `h11_max_incomplete_event_size`, set by `cli/serve.py`), by the app (431, `app.HeaderCap`) when it arrived whole.
+HEADER_MAX_BYTES = 16 << 10
 # The server's loggers that write what a client sent (request lines, bad requests): `TokenRedaction` guards them.
 CLIENT_TEXT_LOGGERS = ("uvicorn.access", "uvicorn.error")
 REDACTED = "hf_***"

@@ -9,7 +9,9 @@
                                    most 1000); `next`: the id to pass as `?before=` for the following page, or null
     GET    /api/jobs/{id}          {"id", "status", "progress", "phase", "error", "result", "created", "updated"}
     DELETE /api/jobs/{id}          cancel (a running job stops at its next cancel point) -> 202
-    GET    /api/jobs/{id}/log      {"id", "lines", "next"}; `?since=N` returns lines N.. (poll to follow)
+    GET    /api/jobs/{id}/log      {"id", "lines", "next"}; `?since=N` returns lines N.. (poll with `next` to follow;
+                                   a long log keeps its first and last lines, one line saying how many were dropped:
+                                   store.LOG_CAP)
     GET    /                       the page: jobs, a form to submit a recipe (merge or dry run)
     GET    /jobs/{id}              one job: result, links, recipe, log
     GET    /jobs/{id}/files/{name} a file of a job's output folder (card, plots, recipe)
@@ -22,7 +24,8 @@ Every error is one line of JSON, `{"error": ...}` (bad query values 400, unknown
 Without an API key (so bound to loopback) only requests whose Host header names this machine are answered: a
 page elsewhere whose name is re-pointed at 127.0.0.1 (DNS rebinding) gets 400. GET /jobs/{id}/files serves the
 card, the recipe and plots, never the weights (reading needs no key), sandboxed (`FILE_HEADERS`: an SVG opened from
-the page runs no script); every answer says `nosniff` (`NoSniffing`).
+the page runs no script); every answer says `nosniff` (`NoSniffing`, around the whole app: a route that fails answers
+a one-line JSON 500 saying it too; uvicorn's own refusals before the app, `serve.protocol`).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from starlette.requests import ClientDisconnect
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import RecipeError, shown
 from hf_mudsc.publish.recipe import RecipeLoader, repeated_key, yaml_error_line
-from hf_mudsc.serve import host_name, is_loopback
+from hf_mudsc.serve import HEADER_MAX_BYTES, host_name, is_loopback
 from hf_mudsc.serve.jobs import JobRequest, accepted_keys, hide_output_root, parse_job, resolve_local_paths
 from hf_mudsc.serve.scheduler import Scheduler
 from hf_mudsc.serve.store import ACTIVE, MAX_JOBS, MAX_QUEUED, PHASES, JobStore, QueueFullError, TargetClaimedError
@@ -86,9 +89,14 @@ PAGE_DEFAULT, PAGE_MAX = 100, 1000  # GET /api/jobs: jobs per page when `limit` 
 RETRY_AFTER_S = 60  # a 429's Retry-After: a merge takes minutes, so a place in the queue frees in about that
 
 
+NOSNIFF = ("X-Content-Type-Options", "nosniff")
+
+
 class NoSniffing:
-    """ASGI middleware: every answer says `X-Content-Type-Options: nosniff`, so a browser reads it as the type it
-    declares (JSON, HTML, a file's), never sniffs it into another (a plain ASGI wrapper: nothing buffered)."""
+    """The outermost ASGI layer (`ServiceApp`): every answer says `X-Content-Type-Options: nosniff`, so a browser
+    reads it as the type it declares (JSON, HTML, a file's), never sniffs it into another (nothing buffered). An app
+    that fails or returns before it starts an answer gets the service's one-line JSON 500 from here, not uvicorn's
+    plain-text one (the exception is re-raised once answered, so the server still logs its traceback)."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -96,17 +104,65 @@ class NoSniffing:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        started = False
 
         async def marked(message: Any) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
-                MutableHeaders(scope=message)["X-Content-Type-Options"] = "nosniff"
+                started = True
+                MutableHeaders(scope=message)[NOSNIFF[0]] = NOSNIFF[1]
             await send(message)
 
-        return await self.app(scope, receive, marked)
+        try:
+            await self.app(scope, receive, marked)
+        except Exception:
+            if not started:
+                await internal_error(scope)(scope, receive, marked)
+            raise
+        if not started:
+            logger.error("%s %s: the app returned without answering", scope.get("method"), scope.get("path"))
+            await internal_error(scope)(scope, receive, marked)
+
+
+class HeaderCap:
+    """ASGI layer: a request whose request line and headers are larger than `HEADER_MAX_BYTES` is refused (431,
+    connection closed) before the app reads it. h11 caps only a head still arriving (uvicorn's
+    `h11_max_incomplete_event_size`); one that arrived in a single piece reached the app whatever its size."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            line = (scope.get("method", ""), scope.get("raw_path") or b"", scope.get("query_string", b""))
+            size = sum(len(part) for part in line)
+            size += sum(len(name) + len(value) + 4 for name, value in scope.get("headers", ()))
+            if size > HEADER_MAX_BYTES:
+                answer = error(431, f"the request line and headers hold {size} bytes, more than {HEADER_MAX_BYTES}; "
+                               "send smaller headers")
+                answer.headers["Connection"] = "close"
+                return await answer(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class ServiceApp(FastAPI):
+    """The service's FastAPI app, with `NoSniffing` and `HeaderCap` around its whole middleware stack: outside the
+    layer that answers an exception escaping a route (Starlette's `ServerErrorMiddleware`, outside any middleware an
+    app adds), so that answer says `nosniff` too."""
+
+    def build_middleware_stack(self) -> Any:
+        return NoSniffing(HeaderCap(super().build_middleware_stack()))
 
 
 def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+def internal_error(scope: Any) -> JSONResponse:
+    """The 500 for a request the service failed to answer: one line naming the request, never the exception (its
+    text may hold server paths; the server's log has the traceback)."""
+    return error(500, f"{scope.get('method')} {scope.get('path')}: the service failed to answer (an internal error, "
+                 "logged on the server); try again, or report it to the service's operator")
 
 
 def public(job: dict[str, Any], outputs: Path) -> dict[str, Any]:
@@ -145,7 +201,7 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         scheduler.stop()
         store.close()
 
-    app = FastAPI(title="hf-mudsc serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = ServiceApp(title="hf-mudsc serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.store, app.state.scheduler, app.state.outputs = store, scheduler, outputs
     app.state.max_queued, app.state.max_jobs = max_queued, max_jobs
     app.state.local_roots = roots
@@ -160,7 +216,10 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
                              "DNS rebinding); to serve under another name, pass --api-key")
             return await call_next(request)
 
-    app.add_middleware(NoSniffing)  # added last, so outermost: the Host refusal above says it too
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, problem: Exception) -> JSONResponse:
+        return internal_error(request.scope)  # Starlette re-raises `problem` after it: uvicorn logs the traceback
 
     @app.exception_handler(RequestValidationError)
     async def bad_parameter(request: Request, problem: RequestValidationError) -> JSONResponse:
@@ -279,8 +338,8 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         if store.get(job_id) is None:
             return error(404, f"no job {job_id!r}; GET /api/jobs lists them")
         since = max(0, since)
-        lines = store.log(job_id, since=min(since, SQLITE_MAX))
-        return JSONResponse({"id": job_id, "lines": lines, "next": since + len(lines)})
+        lines, following = store.log_page(job_id, since=min(since, SQLITE_MAX))
+        return JSONResponse({"id": job_id, "lines": lines, "next": following if lines else since})
 
     # ------------------------------------------------------------------ page
     def render(name: str, **context: Any) -> HTMLResponse:

@@ -4,7 +4,8 @@ The body holds recipe keys (`models`, `calibration`, `method`, ... — `hf_mudsc
 destination keys a recipe FILE may not set but a job must (`output`, `push_to_hub`, `private`, `overwrite`), and
 `dry_run`. Every error names the offending key; the web process answers it with 400. What `hf-mudsc merge` refuses
 before loading is refused here too (an existing output, options the method refuses, names that are no Hub id, a
-pushed recipe's local folders named by folder name only), so
+pushed recipe's local folders named by folder name only, and — when parent A is a local folder —
+option values the method refuses for its shapes, `check_shapes_on_disk`), so
 a client hears it at POST rather than from a job failed in its worker.
 
 `output` is a folder under the service's output root (default `<state-dir>/outputs`): a client names a folder
@@ -131,6 +132,7 @@ def parse_job(body: Any, output_root: Path, *, dry_run: bool = False,
     resolved = resolve_local_paths(JobRequest(recipe, dry_run), local_roots).recipe
     check_hub_ids(recipe)
     check_method(recipe)
+    check_shapes_on_disk(resolved)
     dry_run = dry_run or flag
     if recipe.output is not None:
         recipe.output = str(resolve_output(recipe.output, output_root))
@@ -202,6 +204,58 @@ def check_method(recipe: Recipe) -> None:
         method.check_options(recipe, len(recipe.models))
     except ValueError as problem:
         raise RecipeError(str(problem)) from None
+
+
+class ConfigUnreadable(Exception):
+    """Parent A's config on disk could not be read at POST: the worker reads it again and refuses in its words."""
+
+
+def check_shapes_on_disk(recipe: Recipe) -> None:
+    """What the method refuses from parent A's shapes before any weights are read (`MergeMethod.check_shapes`, as
+    `hf-mudsc merge` runs it through `pipeline.check_before_weights`, with the same `pipeline.parameter_shapes`), when
+    parent A is a local folder (`recipe`: the paths resolved inside the roots). Otherwise — a Hub parent, or `auto`,
+    which chooses in the worker — the worker checks it once it has the config. Only for a method with a shape rule:
+    the shapes come from a weightless model, so the web process then imports torch (once, a few seconds and a few
+    hundred MB)."""
+    if recipe.method == AUTO:
+        return
+    method = get_method(recipe.method)
+    if not method.checks_shapes:
+        return
+    reference = recipe.models[0]
+    folder = config_on_disk(reference)
+    if folder is None:
+        return
+
+    def shapes() -> dict[str, tuple[int, ...]]:
+        from transformers import AutoConfig
+
+        from hf_mudsc.load.config_json import check_config_json
+        from hf_mudsc.pipeline import parameter_shapes
+
+        try:  # refused as the loader refuses a config (hostile counts, remote code) before transformers reads it
+            check_config_json(folder, reference)
+            return parameter_shapes(AutoConfig.from_pretrained(folder, trust_remote_code=False))
+        except Exception as problem:  # noqa: BLE001 - the worker reads it again and refuses it in its own words
+            raise ConfigUnreadable(str(problem)) from problem
+
+    try:
+        method.check_shapes(recipe, shapes)
+    except ConfigUnreadable as problem:
+        logger.info("POST: the shapes of %r were not checked (its config did not read: %s); the worker checks them",
+                    reference, problem)
+    except ValueError as problem:  # the method's refusal (MergeInputError): one line naming the option
+        raise RecipeError(str(problem)) from None
+
+
+def config_on_disk(reference: str) -> Path | None:
+    """The folder holding `reference`'s config.json when it is a local folder (inside the roots); None otherwise.
+    A Hub parent is left to the worker even when the server's Hub cache holds it: its shapes, in a refusal, would
+    tell a client without the repo's token about a private model someone else merged."""
+    path = looks_local(reference)
+    if path is None:
+        return None
+    return path if (path / "config.json").is_file() else None
 
 
 def has_control(text: str) -> bool:

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, NamedTuple
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,20 @@ MAX_QUEUED = 100
 # without a cap anyone who may POST fills the disk. A submission beyond it removes the records of the jobs that
 # finished longest ago (never a queued or running one, never an output folder); 1000 is months of everyday use.
 MAX_JOBS = 1000
+
+
+
+class LogCap(NamedTuple):
+    lines: int
+    bytes: int
+    line_bytes: int
+
+
+# What the store keeps of one job's log (the API's and the page's): at most `lines` lines and `bytes` bytes (UTF-8),
+# each line cut at `line_bytes`. A job writing more keeps its first half (how it started) and, rolling, its last
+# half (how it ended), with one line between saying how many were dropped: without a cap, a job logging megabytes
+# fills the store (--max-jobs bounds the number of jobs, not their size). A merge logs a few hundred short lines.
+LOG_CAP = LogCap(lines=2000, bytes=256 << 10, line_bytes=4 << 10)
 
 RESTARTED_RUNNING = ("the service stopped while this job was running (crash, kill or restart); nothing was "
                      "pushed after that point — resubmit the job")
@@ -196,11 +210,34 @@ class JobStore:
         return cursor.rowcount == 1
 
     def append_log(self, job_id: str, lines: Iterable[str]) -> None:
+        """Add lines to the job's log (each numbered, from 0), then drop its middle beyond `LOG_CAP`."""
+        cap = LOG_CAP
         with self._lock:
             row = self._db.execute("SELECT COALESCE(MAX(n), -1) FROM logs WHERE job_id = ?", (job_id,)).fetchone()
             start = row[0] + 1
             self._db.executemany("INSERT INTO logs (job_id, n, line) VALUES (?, ?, ?)",
-                                 [(job_id, start + i, line) for i, line in enumerate(lines)])
+                                 [(job_id, start + i, _cut(line, cap.line_bytes)) for i, line in enumerate(lines)])
+            self._drop_middle(job_id, cap)
+
+    def _drop_middle(self, job_id: str, cap: LogCap) -> None:
+        """Past the cap, keep the log's first lines (half the cap, never dropped) and its last (the other half)."""
+        rows = self._db.execute("SELECT n, LENGTH(CAST(line AS BLOB)) FROM logs WHERE job_id = ? ORDER BY n",
+                                (job_id,)).fetchall()
+        if len(rows) <= cap.lines and sum(size for _, size in rows) <= cap.bytes:
+            return
+        head, used = 0, 0  # the first lines, numbered from 0 with no gap, within half the cap: the same every time
+        while (head < len(rows) and rows[head][0] == head and head < cap.lines // 2
+               and used + rows[head][1] <= cap.bytes // 2):
+            used += rows[head][1]
+            head += 1
+        tail, used = len(rows), 0  # the last lines within the other half
+        while (tail > head and len(rows) - tail < cap.lines - cap.lines // 2
+               and used + rows[tail - 1][1] <= cap.bytes - cap.bytes // 2):
+            used += rows[tail - 1][1]
+            tail -= 1
+        if tail > head:
+            self._db.execute("DELETE FROM logs WHERE job_id = ? AND n >= ? AND n < ?",
+                             (job_id, rows[head][0], rows[tail][0] if tail < len(rows) else rows[-1][0] + 1))
 
     def recover(self) -> list[str]:
         """After a start: running jobs failed (the process that ran them is gone); queued jobs that came with a
@@ -240,10 +277,33 @@ class JobStore:
             return [r["id"] for r in self._db.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY seq")]
 
     def log(self, job_id: str, since: int = 0) -> list[str]:
+        return self.log_page(job_id, since)[0]
+
+    def log_page(self, job_id: str, since: int = 0) -> tuple[list[str], int]:
+        """The job's log lines numbered `since` on, and the number to ask from next (one past the last line written,
+        or `since` when none is). Where lines were dropped (`LOG_CAP`), one line says how many."""
         with self._lock:
-            rows = self._db.execute("SELECT line FROM logs WHERE job_id = ? AND n >= ? ORDER BY n",
+            rows = self._db.execute("SELECT n, line FROM logs WHERE job_id = ? AND n >= ? ORDER BY n",
                                     (job_id, since)).fetchall()
-        return [r["line"] for r in rows]
+            written, stored = self._db.execute("SELECT COALESCE(MAX(n), -1) + 1, COUNT(*) FROM logs WHERE job_id = ?",
+                                               (job_id,)).fetchone()
+        lines, expected = [], since
+        for n, line in rows:
+            if n > expected:  # the lines before it were dropped
+                lines.append(f"[... {written - stored:,} lines dropped here: a job's log keeps its first and last "
+                             f"{LOG_CAP.lines // 2:,} lines, {LOG_CAP.bytes // 2:,} bytes each ...]")
+            lines.append(line)
+            expected = n + 1
+        return lines, (rows[-1][0] + 1 if rows else since)
+
+
+def _cut(line: str, limit: int) -> str:
+    """`line` within `limit` bytes of UTF-8: longer, its start and how many bytes were cut."""
+    data = line.encode("utf-8", errors="replace")
+    if len(data) <= limit:
+        return line
+    note = f" [... {len(data):,} bytes, cut]"
+    return data[:max(0, limit - len(note.encode()))].decode("utf-8", errors="ignore") + note
 
 
 def _overlap(one: str, other: str) -> bool:
