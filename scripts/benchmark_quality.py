@@ -1018,7 +1018,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, every scenario (~9 minutes on 2 busy cores)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: tiny sizes, every scenario (~9 minutes on 2 busy cores)")
     parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
     parser.add_argument(
         "--widths", type=int, nargs="+", default=PAIR_DEFAULTS["widths"], help="different-init ViT widths"
