@@ -31,7 +31,7 @@ Outputs (in `--out-dir`, default `bench_results/quality/`): `quality.json` (ever
 mean ± std summary; rewritten after every pair, so a long run can be inspected or `--resume`d),
 `quality.md` (tables) and `quality.png` (plots). One JSON summary line is printed at the end.
 
-    python scripts/benchmark_quality.py --quick                 # smoke run, < 2 min
+    python scripts/benchmark_quality.py --quick                 # smoke run, ~9 min on 2 busy cores
     nohup python scripts/benchmark_quality.py > quality.log 2>&1 &   # full run (hours on 2 cores)
 
 Trained models are cached under `--cache-dir` (default ~/.cache/hf_mudsc/bench). Needs matplotlib
@@ -1018,7 +1018,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, < 2 minutes")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: tiny sizes, every scenario (~9 minutes on 2 busy cores)")
     parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
     parser.add_argument(
         "--widths", type=int, nargs="+", default=PAIR_DEFAULTS["widths"], help="different-init ViT widths"

@@ -220,6 +220,19 @@ def test_template_is_the_canonical_file_and_ships_in_the_wheel():
     assert not missing, f"add {sorted(missing)} to [tool.setuptools] packages in pyproject.toml"
 
 
+def test_every_package_data_pattern_names_files_that_exist_and_the_type_hints_ship():
+    """pyproject listed `templates/*.jinja` and `py.typed` for hf_mudsc, neither of which existed: a pattern that
+    matches nothing ships nothing (a template moved away would go unnoticed), and without `py.typed` (PEP 561) a
+    type checker ignores the installed package's type hints."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {package: ROOT / setuptools.get("package-dir", {}).get(package, package.replace(".", "/"))
+               for package in setuptools["package-data"]}
+    empty = [(package, pattern) for package, patterns in setuptools["package-data"].items() for pattern in patterns
+             if not list(folders[package].glob(pattern))]
+    assert not empty, f"package-data patterns that match no file: {empty}"
+    assert "py.typed" in setuptools["package-data"]["hf_mudsc"]
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="paths")
 def test_a_custom_template_can_be_used(merged, recipe, tmp_path):
     custom = tmp_path / "mine.md.jinja"

@@ -332,3 +332,34 @@ def test_an_unknown_method_name_or_version_in_the_config_adds_no_heading_or_mark
     assert not re.search(r"^<script", card.text, flags=re.MULTILINE)
     prose = [line for line in card.text.splitlines() if "hf_mudsc" in line and not line.startswith(("```", "pip"))]
     assert prose and all("<script" not in markup_of(line) for line in prose), prose
+
+
+# ------------------------------------------------ 6: the card's accuracy chart shows the card's results
+def test_evaluating_a_folder_again_redraws_its_accuracy_chart_from_the_new_results(tmp_path, capsys):
+    """The demo's folder (and one `inspect` drew into) links `plots/accuracy.png` from its card: `evaluate` replaced
+    the card's Evaluation table and eval_results.json but left the chart drawn from the earlier results, so the card
+    showed two sets of figures. The chart is redrawn, and the folder stays hf-mudsc's own (push, --overwrite)."""
+    from hf_mudsc.publish.folder import unlisted_files
+
+    processor = ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5])
+    for seed in (1, 2):
+        make_model("vit_cls", seed).save_pretrained(tmp_path / f"vit-{seed}")
+        processor.save_pretrained(tmp_path / f"vit-{seed}")
+    merged = tmp_path / "merged"
+    assert main(["merge", str(tmp_path / "vit-1"), str(tmp_path / "vit-2"), "--method", "linear",
+                 "--output", str(merged)]) == 0
+    rng = np.random.default_rng(0)
+    for name, labels in (("first", [0, 1, 2, 0, 1, 2]), ("second", [2, 2, 2, 1, 1, 0])):
+        images = [Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L") for _ in labels]
+        datasets.Dataset.from_dict({"image": images, "label": labels}).cast_column(
+            "image", datasets.Image()).save_to_disk(tmp_path / name)
+    assert main(["evaluate", str(merged), "--dataset", str(tmp_path / "first")]) == 0
+    assert main(["inspect", str(merged)]) == 0  # draws plots/accuracy.png into the folder, as the demo does
+    first_chart = (merged / "plots" / "accuracy.png").read_bytes()
+
+    assert main(["evaluate", str(merged), "--dataset", str(tmp_path / "second")]) == 0
+    assert main(["inspect", str(merged), "--output", str(tmp_path / "fresh")]) == 0  # drawn from the new results
+    fresh = (tmp_path / "fresh" / "accuracy.png").read_bytes()
+    assert fresh != first_chart
+    assert (merged / "plots" / "accuracy.png").read_bytes() == fresh
+    assert unlisted_files(merged, check_content=True) == ([], [])

@@ -643,7 +643,7 @@ def test_demo_end_to_end_writes_model_card_recipe_and_prints_the_table(tmp_path,
     # The recipe records the refit that ran (resolved, as `hf-mudsc merge` records it), and the command the demo
     # prints re-runs the exact merge: it pins the demo's one torch thread (float sums depend on the thread count).
     assert Recipe.load(out / RECIPE_FILENAME).refit == model.config.mudsc["refit"] == "gate"
-    assert f"`OMP_NUM_THREADS=1 hf-mudsc merge --recipe {out.name}/{RECIPE_FILENAME} --output merged`" in printed
+    assert f"`OMP_NUM_THREADS=1 hf-mudsc merge --recipe {out / RECIPE_FILENAME} --output merged`" in printed
     torch.set_num_threads(1)  # what OMP_NUM_THREADS=1 sets in a fresh process
     try:
         assert main(["merge", "--recipe", str(out / RECIPE_FILENAME), "--output", str(tmp_path / "rebuilt")]) == 0

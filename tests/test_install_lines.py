@@ -44,3 +44,21 @@ def test_no_install_line_fetches_hf_mudsc_from_pypi():
 def test_the_card_does_not_link_a_pypi_page_that_does_not_exist():
     for path in (ROOT / "model_cards").glob("*.jinja"):
         assert "pypi.org/project/hf-mudsc" not in path.read_text(encoding="utf-8"), path.name
+
+
+def test_the_build_configuration_uses_no_setuptools_feature_that_is_going_away():
+    """`pip install .` printed (with -v) that `project.license` as a TOML table and the License classifier are
+    deprecated, and that such builds stop being supported by 2027-02-18: the license is an SPDX expression."""
+    import warnings
+
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+    from setuptools.warnings import SetuptoolsDeprecationWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dist = apply_configuration(Distribution(), ROOT / "pyproject.toml")
+    deprecated = [str(w.message).splitlines()[0] for w in caught
+                  if issubclass(w.category, SetuptoolsDeprecationWarning)]
+    assert not deprecated, deprecated
+    assert dist.metadata.license_expression == "Apache-2.0"

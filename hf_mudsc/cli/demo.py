@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -280,12 +281,15 @@ def _run(args: argparse.Namespace, output: Path) -> int:
                             eval_results=result.card_rows(best_label), model_name=output.name, evaluation=result)
         result.save(staging / RESULTS_FILENAME)
     plots = sorted(path.name for path in (output / PLOTS_FOLDER).glob("*.png"))
+    # The commands below are pasted into the shell the demo ran in: they name the folder as it was given.
+    given = shlex.quote(str(Path(args.output).expanduser()))
+    recipe_path = shlex.quote(str(Path(args.output).expanduser() / RECIPE_FILENAME))
     print(f"\nThe {best_label} model is in {output}/ with its model card (README.md), recipe "
           f"({RECIPE_FILENAME}) and eval_results.json ({time.perf_counter() - start:.0f} s in total).\n"
           f"Its diagnostic plots are in {output / PLOTS_FOLDER}/ ({', '.join(plots)}); the card links them and "
-          f"`hf-mudsc inspect {output.name}` summarises the merge.\n"
+          f"`hf-mudsc inspect {given}` summarises the merge.\n"
           "Load it with "
           "transformers.AutoModelForImageClassification.from_pretrained; re-run the merge (bit for bit: float sums "
           f"depend on the thread count, and the demo used {args.threads}) with\n"
-          f"`OMP_NUM_THREADS={args.threads} hf-mudsc merge --recipe {output.name}/{RECIPE_FILENAME} --output merged`.")
+          f"`OMP_NUM_THREADS={args.threads} hf-mudsc merge --recipe {recipe_path} --output merged`.")
     return 0

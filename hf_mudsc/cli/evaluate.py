@@ -15,7 +15,8 @@ SPEC is `repo_or_path[:config]:split` (a Hub dataset, an imagefolder, a data fil
 DIR may also be a Hub id `org/name[@revision]` (downloaded like a parent: pinned commit, safetensors only, no
 remote code; its parents come from the recipe in the repo). Results are printed, written to
 `DIR/eval_results.json` (or `--output-json`), and put into DIR/README.md: only its Evaluation section and its
-`model-index` are replaced, the rest of the card stays as the merge wrote it (`--no-card` leaves it alone). A
+`model-index` are replaced, the rest of the card stays as the merge wrote it (`--no-card` leaves it alone); the
+accuracy chart the card links (DIR/plots/accuracy.png, when hf-mudsc drew one) is redrawn from the new results. A
 Hub id has no folder: its results are printed and written only to `--output-json PATH`.
 Metrics other than the shipped ones run their own script: they need `--trust-remote-code`.
 Under `accelerate launch`/`torchrun` every process scores a shard; the main process writes.
@@ -237,6 +238,29 @@ def update_card(folder: Path, model: Any, result: Any) -> Path | None:
     return write_file_atomically(card_path, card.save)
 
 
+def redraw_accuracy_chart(folder: Path, result: Any) -> Path | None:
+    """The card links `plots/accuracy.png` when the folder has one (the demo and `hf-mudsc inspect` draw it from
+    eval_results.json): redraw it from the results just written, so the chart and the card's Evaluation table show
+    the same figures. Only a chart hf-mudsc wrote and nobody changed is replaced (and recorded in the folder's
+    marker, so `push` and `--overwrite` still accept the folder); None when there is none to redraw."""
+    import shutil
+    import tempfile
+
+    from hf_mudsc.publish.folder import written_unchanged
+    from hf_mudsc.publish.plots import draw_plots
+    from hf_mudsc.solve.diagnostics import PLOTS_FOLDER
+
+    chart = folder / PLOTS_FOLDER / "accuracy.png"
+    if not written_unchanged(chart, owner=folder):
+        return None
+    with tempfile.TemporaryDirectory(prefix="hf-mudsc-plots-") as scratch:
+        drawn = [plot for plot in draw_plots(scratch, None, result) if plot.path.name == chart.name]
+        if not drawn:
+            return None
+        write_file_atomically(chart, lambda temporary: shutil.copyfile(drawn[0].path, temporary), owner=folder)
+    return chart
+
+
 def check_replaceable(json_path: Path | None, card_path: Path | None) -> None:
     """Refuse, before any work, to replace a file hf-mudsc did not write (or that changed since) with the results:
     `--output-json` may name a new file or a results file (never a model's config.json or weights, nor someone's
@@ -387,6 +411,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     result.save(json_path)
     print(f"\nResults written to {json_path}")
+    if local and json_path.absolute() == (folder / RESULTS_FILENAME).absolute():
+        chart = redraw_accuracy_chart(folder, result)
+        if chart is not None:
+            print(f"Accuracy chart {chart} redrawn from the results")
     if local and not args.no_card:
         card = update_card(folder, merged.model, result)
         if card is not None:

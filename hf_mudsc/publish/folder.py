@@ -191,13 +191,16 @@ def read_marker(folder: str | os.PathLike) -> dict[str, Any] | None:
     return marker
 
 
-def written_unchanged(path: str | os.PathLike) -> bool:
+def written_unchanged(path: str | os.PathLike, *, owner: str | os.PathLike | None = None) -> bool:
     """Whether `path` is a regular file its folder's marker lists with the size and sha256 it has now: one hf-mudsc
-    wrote there and nobody changed since (what may be replaced in place, e.g. by `hf-mudsc evaluate`)."""
+    wrote there and nobody changed since (what may be replaced in place, e.g. by `hf-mudsc evaluate`).
+    `owner`: the folder whose marker lists the file, when it is not `path`'s own folder (e.g. `DIR/plots/x.png`)."""
     path = Path(path)
     if path.is_symlink() or not path.is_file():
         return False
-    entry = ((read_marker(path.parent) or {}).get("files") or {}).get(path.name)
+    root = Path(owner) if owner is not None else path.parent
+    key = path.absolute().relative_to(root.absolute()).as_posix()
+    entry = ((read_marker(root) or {}).get("files") or {}).get(key)
     return isinstance(entry, dict) and entry.get("size") == path.stat().st_size and (
         entry.get("sha256") == _fingerprint_of(path, settled=True)["sha256"])
 

@@ -1,0 +1,46 @@
+"""The commands `hf-mudsc demo` prints at its end (`hf-mudsc inspect ...`, the recipe re-run) work when pasted into
+the shell it ran in, whatever `--output` was given: they named the output folder by its last part only, so with
+`--output runs/demo` or an absolute path elsewhere they pointed at a folder that does not exist."""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+import pytest
+import torch
+
+from hf_mudsc.cli.main import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def printed_commands(text: str) -> list[str]:
+    """The `hf-mudsc ...` commands the demo printed between backquotes (an env assignment before one dropped)."""
+    commands = [command for command in re.findall(r"`([^`]*hf-mudsc [^`]*)`", text)]
+    return [re.sub(r"^(\w+=\S+\s+)+", "", command) for command in commands]
+
+
+@pytest.mark.parametrize("where", ["relative", "absolute"])
+def test_the_commands_the_demo_prints_run_from_where_it_ran(tmp_path, monkeypatch, capsys, where):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    output = "runs/my demo" if where == "relative" else str(tmp_path / "elsewhere" / "my demo")
+    argv = ["demo", "--output", output, "--hidden-size", "8", "--epochs", "1", "--num-samples", "64",
+            "--cache-dir", str(tmp_path / "cache")]
+    assert main(argv) == 0
+    commands = printed_commands(capsys.readouterr().out)
+    assert [shlex.split(c)[1] for c in commands] == ["inspect", "merge"], commands
+
+    inspect, rerun = (shlex.split(c)[1:] for c in commands)
+    assert main([*inspect, "--no-plots"]) == 0
+    assert "Merged model" in capsys.readouterr().out
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the printed OMP_NUM_THREADS=1
+    try:
+        assert main(rerun) == 0
+    finally:
+        torch.set_num_threads(threads)
+    written = (work / output if where == "relative" else tmp_path / "elsewhere" / "my demo") / "model.safetensors"
+    assert (work / "merged" / "model.safetensors").read_bytes() == written.read_bytes()
