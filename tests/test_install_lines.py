@@ -62,3 +62,6 @@ def test_the_build_configuration_uses_no_setuptools_feature_that_is_going_away()
                   if issubclass(w.category, SetuptoolsDeprecationWarning)]
     assert not deprecated, deprecated
     assert dist.metadata.license_expression == "Apache-2.0"
+    # The license the metadata names ships as its text (a wheel carries it under .dist-info/licenses/).
+    assert dist.metadata.license_files == ["LICENSE"]
+    assert "Apache License" in (ROOT / "LICENSE").read_text() and "Version 2.0" in (ROOT / "LICENSE").read_text()
