@@ -205,3 +205,25 @@ def test_push_refuses_a_folder_with_nan_or_inf_weights_before_the_hub(merged, tm
     assert "NaN or infinite values in 2 tensors" in err and nan_name in err and inf_name in err
     assert "model.safetensors" in err and "hf-mudsc merge" in err
     assert (folder / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("listed", ["absolute", "../outside", "sub/../../outside"])
+def test_a_marker_listing_a_file_outside_the_folder_is_refused_before_the_hub(merged, tmp_path, no_hub, capsys,
+                                                                             listed):
+    """The marker is a file in the folder: one crafted by whoever handed the folder over (an archive, a shared
+    drive) listed `/home/user/.cache/huggingface/token` beside the model's files, and `push` uploaded that file
+    (as `home/user/.cache/huggingface/token`) to the user's repo."""
+    import json
+
+    secret = tmp_path / "outside"
+    secret.write_text(SECRET)
+    folder = tmp_path / "folder"
+    shutil.copytree(merged, folder)
+    marker = json.loads((folder / MARKER_FILENAME).read_text())
+    name = str(secret) if listed == "absolute" else listed
+    marker["files"][name] = {"size": len(SECRET), "sha256": "0" * 64}
+    (folder / MARKER_FILENAME).write_text(json.dumps(marker))
+    assert main(["push", str(folder), "user/x"]) == 1
+    err = capsys.readouterr().err
+    assert f"its {MARKER_FILENAME} lists files that are not in it ({name!r})" in err, err
+    assert len(err.strip().splitlines()) == 1 and SECRET not in err

@@ -244,6 +244,15 @@ def unlisted_files(folder: str | os.PathLike, *, check_content: bool = False) ->
     return foreign, changed
 
 
+def listed_outside(folder: str | os.PathLike) -> list[str]:
+    """Names the marker of `folder` lists that cannot be files of the folder: absolute, or with `..` (or `.`, or
+    empty) parts. hf-mudsc records only relative names of files it wrote inside; such a name means the marker was
+    crafted, and whatever reads the list (a push uploads it) would reach files elsewhere on this machine."""
+    listed = (read_marker(folder) or {}).get("files", {})
+    return sorted(name for name in listed
+                  if not name or name.startswith("/") or {"", ".", ".."} & set(name.split("/")))
+
+
 def _walk(folder: Path) -> Iterator[Path]:
     """Every entry under `folder` except the marker, sorted; symlinked folders are not entered."""
     for root, dirs, files in os.walk(folder):

@@ -27,7 +27,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from hf_mudsc.errors import PushError, RepoExistsError
 from hf_mudsc.load.hub_calls import http_client, hub_call
-from hf_mudsc.publish.folder import MARKER_FILENAME, read_marker, unlisted_files
+from hf_mudsc.publish.folder import MARKER_FILENAME, listed_outside, read_marker, unlisted_files
 from hf_mudsc.publish.recipe import RECIPE_FILENAME, published_text
 
 logger = logging.getLogger(__name__)
@@ -119,6 +119,13 @@ def check_folder(folder: str | os.PathLike) -> Path:
             "proves it holds only what hf-mudsc wrote (an older version wrote none); write it again with "
             "`hf-mudsc merge --output DIR`, or upload it yourself with `hf upload`"
         )
+    outside = listed_outside(folder)
+    if outside:
+        raise ValueError(
+            f"refusing to push {str(folder)!r}: its {MARKER_FILENAME} lists files that are not in it "
+            f"({', '.join(repr(name) for name in outside[:3])}{' ...' if len(outside) > 3 else ''}), which hf-mudsc "
+            "never writes (the marker was edited); write the folder again with `hf-mudsc merge --output DIR`"
+        )
     if foreign:
         raise ValueError(
             f"refusing to push {str(folder)!r}: it holds files hf-mudsc did not write ({', '.join(foreign[:10])}"
@@ -131,7 +138,9 @@ def published_files(folder: str | os.PathLike) -> list[str]:
     """The files a push uploads: those the writer's marker lists and that are still there (never the marker)."""
     folder = Path(folder)
     listed = (read_marker(folder) or {}).get("files", {})
-    return sorted(name for name in listed if (folder / name).is_file() and not (folder / name).is_symlink())
+    outside = set(listed_outside(folder))  # `check_folder` refuses them; never read one, whoever calls this
+    return sorted(name for name in listed
+                  if name not in outside and (folder / name).is_file() and not (folder / name).is_symlink())
 
 
 def _check_repo_id(repo_id: str) -> None:
