@@ -227,3 +227,29 @@ def test_a_marker_listing_a_file_outside_the_folder_is_refused_before_the_hub(me
     err = capsys.readouterr().err
     assert f"its {MARKER_FILENAME} lists files that are not in it ({name!r})" in err, err
     assert len(err.strip().splitlines()) == 1 and SECRET not in err
+
+
+TOKEN_SHAPED = "hf_" + "Q" * 34  # what `--push-to-hub $HF_TOKEN` (meant: `--token`) passes
+
+
+@pytest.mark.parametrize("repo", [TOKEN_SHAPED, f"user/{TOKEN_SHAPED}", f"{TOKEN_SHAPED}/merged"])
+def test_a_token_given_as_the_repo_to_push_to_is_refused_without_echoing_it(merged, inputs, tmp_path, no_hub, capsys,
+                                                                             repo):
+    """A token pasted where the repo id goes was echoed in the error, and `org/<token>` was sent to the Hub in the
+    URL of every call, then created as a (public) repo named after the token."""
+    a, b, calibration = inputs
+    argvs = [(1, ["push", str(merged), repo]),  # merge: a recipe error (exit code 2), before anything is loaded
+             (2, ["merge", str(a), str(b), "--calibration", str(calibration), "--push-to-hub", repo, *FAST]),
+             (2, ["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(tmp_path / "out"),
+                  "--push-to-hub", repo, *FAST])]
+    for code, argv in argvs:
+        assert main(argv) == code, argv
+        err = capsys.readouterr().err
+        assert "looks like a Hugging Face access token (not shown)" in err, err
+        assert TOKEN_SHAPED not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+    from hf_mudsc.publish.writer import push_merged
+
+    with pytest.raises(ValueError, match=r"looks like a Hugging Face access token \(not shown\)") as caught:
+        push_merged(object(), repo)
+    assert TOKEN_SHAPED not in str(caught.value)

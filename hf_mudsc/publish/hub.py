@@ -27,6 +27,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from hf_mudsc.errors import PushError, RepoExistsError
 from hf_mudsc.load.hub_calls import http_client, hub_call
+from hf_mudsc.load.references import TOKEN_FIX, looks_like_token
 from hf_mudsc.publish.folder import MARKER_FILENAME, listed_outside, read_marker, unlisted_files
 from hf_mudsc.publish.recipe import RECIPE_FILENAME, published_text
 
@@ -143,7 +144,12 @@ def published_files(folder: str | os.PathLike) -> list[str]:
                   if name not in outside and (folder / name).is_file() and not (folder / name).is_symlink())
 
 
-def _check_repo_id(repo_id: str) -> None:
+def check_repo_id(repo_id: str, *, flag: str = "--push-to-hub name") -> None:
+    """Refuse a repo id to push to that is no `org/name`, or that holds a token (pasted where the id goes): its
+    every Hub call would send the token in a URL, and the repo created would be named after it."""
+    if looks_like_token(repo_id):
+        raise ValueError(f"the Hub repo id ({flag}) looks like a Hugging Face access token (not shown); give the "
+                         f"repo to create as `org/name`, and {TOKEN_FIX}")
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise ValueError(f"the Hub repo id must look like `org/name`, got {repo_id!r}")
 
@@ -160,7 +166,7 @@ def _is_empty(api: HfApi, repo_id: str) -> bool:
 
 def _target_state(repo_id: str, *, overwrite: bool, token: str | None, flag: str, seconds: float) -> str:
     """"absent", "empty" (pushed into without --overwrite) or "exists" (only with `overwrite`)."""
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id, flag=flag)
     api = HfApi(token=token)
     exists = _step(f"checking whether the repo {repo_id!r} exists", lambda: api.repo_exists(repo_id),
                    seconds=seconds)

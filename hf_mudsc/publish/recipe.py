@@ -34,7 +34,7 @@ import yaml
 
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import MergeInputError, OptionError, RecipeError, shown
-from hf_mudsc.load.references import local_name
+from hf_mudsc.load.references import TOKEN_FIX, local_name, looks_like_token
 from hf_mudsc.option_values import MATCHERS as MATCHERS  # re-exported: the CLI's --matcher choices
 from hf_mudsc.options import RECIPE_FILENAME as RECIPE_FILENAME
 from hf_mudsc.options import REFITTING, MergeOptions
@@ -207,6 +207,9 @@ class Recipe(MergeOptions):
                 "(a dataset spec `repo_or_path[@revision][:config]:split` or a saved dataset folder), "
                 f"or merge without data: --method {' / '.join(data_free_methods(len(self.models))[:3]) or 'auto'}"
             )
+        if self.push_to_hub is not None and looks_like_token(self.push_to_hub):  # every Hub call would carry it
+            raise RecipeError("push_to_hub (CLI: --push-to-hub) looks like a Hugging Face access token (not shown); "
+                              f"give the repo to create as `org/name`, and {TOKEN_FIX}")
         if self.push_to_hub is not None and self.push_to_hub.count("/") != 1:
             raise RecipeError(
                 f"push_to_hub must be a repo id `org/name` (CLI: --push-to-hub), got {shown(self.push_to_hub)}"

@@ -226,8 +226,9 @@ def push_merged(
     Returns:
         A `hf_mudsc.publish.hub.PushResult` (`commit_sha`, `commit_url`, `url`).
     """
-    from hf_mudsc.publish.hub import check_target
+    from hf_mudsc.publish.hub import check_repo_id, check_target
 
+    check_repo_id(repo_id, flag="repo_id")  # a token pasted here: refused before any message could show it
     recipe = recipe_of(merged).override(push_to_hub=repo_id)
     refuse_non_finite_weights(merged)  # before the Hub is asked anything
     check_target(repo_id, overwrite=overwrite, token=token, flag="repo_id")  # before writing anything
