@@ -264,6 +264,23 @@ def test_argument_errors_never_echo_a_token(capsys, argv):
     assert "***" in err
 
 
+LONG_TOKEN = "hf_" + "Z" * 34  # the shape of a real token (`TOKEN_SHAPE`)
+
+
+@pytest.mark.parametrize("argv", [
+    ["inspect", LONG_TOKEN],  # `hf-mudsc inspect $HF_TOKEN`: the variable meant for another flag
+    ["evaluate", LONG_TOKEN, "--dataset", "d:test"],
+    ["push", f"/tmp/{LONG_TOKEN}", "user/merged"],
+    ["merge", "--recipe", f"/tmp/{LONG_TOKEN}.yaml", "--output", "/tmp/never-written"],
+])
+def test_command_errors_never_echo_a_token_given_in_place_of_a_path(capsys, argv):
+    """Argument errors were redacted, but a command's own error (`'<the token>' is not a model folder`) named it."""
+    assert main(argv) in (1, 2)
+    err = capsys.readouterr().err
+    assert "error:" in err and LONG_TOKEN not in err and "***" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
 # ---------------------------------------------------------------- evaluate writes only over files it wrote
 
 

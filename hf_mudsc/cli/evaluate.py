@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_mudsc.evaluate.names import DEFAULT_PROMPT, JOINT_RULES, RESULTS_FILENAME, SHIPPED_METRIC_NAMES
+from hf_mudsc.load.references import hide_tokens
 from hf_mudsc.publish.folder import write_file_atomically
 from hf_mudsc.publish.hub import CARD_FILENAME
 
@@ -368,7 +369,7 @@ def run(args: argparse.Namespace) -> int:
             progress=sys.stderr.isatty() and not getattr(args, "quiet", False),
             trust_remote_code=args.trust_remote_code, own_processors=not args.shared_processor)
     except EvaluationError as error:
-        print(f"hf-mudsc evaluate: error: {error}", file=sys.stderr)
+        print(f"hf-mudsc evaluate: error: {hide_tokens(str(error))}", file=sys.stderr)
         return 1
     if result is None:  # a non-main process of a distributed run
         return 0
