@@ -199,6 +199,11 @@ def test_a_config_transformers_cannot_read_is_refused_in_one_line(tmp_path, edit
     (lambda c: c.update(id2label=None, num_labels=10**9), "num_labels is 1000000000"),
     (lambda c: c.update(num_hidden_layers=10**9), "num_hidden_layers is 1000000000"),
     (lambda c: c.update(num_attention_heads=-4), "num_attention_heads is -4"),
+    # sizes (not only counts): a negative hidden_size ended in torch's "Expected cond to be True" traceback
+    (lambda c: c.update(hidden_size=-32), "hidden_size is -32"),
+    (lambda c: c.update(intermediate_size=-1), "intermediate_size is -1"),
+    (lambda c: c.update(patch_size=-4), "patch_size is -4"),
+    (lambda c: c.update(image_size=-16), "image_size is -16"),  # (-16 // 4)**2 patches: it even loaded
 ])
 def test_absurd_counts_in_a_config_are_refused_before_transformers_expands_them(tmp_path, edit, needle):
     """transformers turns num_labels into one id2label entry per label (10**9 took 23 GB) and builds one module per

@@ -21,6 +21,8 @@ MAX_LABELS = 1_000_000
 FIX = "restore the config.json saved with the weights (save_pretrained writes both)"
 #: The attention code a config may choose: transformers' own (None: its default).
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
+#: Config keys that are sizes (`hidden_size`, `projection_dim`, `max_position_embeddings`): never negative.
+SIZE_SUFFIXES = ("_size", "_dim", "_embeddings")
 _ATTENTION_KEYS = ("attn_implementation", "_attn_implementation")
 _JSON_KINDS = {type(None): "null", list: "a list", str: "a string", bool: "a boolean", int: "a number",
                float: "a number"}
@@ -28,7 +30,7 @@ _JSON_KINDS = {type(None): "null", list: "a list", str: "a string", bool: "a boo
 
 def check_config_json(folder: Path, reference: str) -> dict[str, Any]:
     """The parsed config.json of `folder`; raises `LoadError` when it is not a JSON object naming a model_type, or
-    declares a count no model has (a negative `num_*`, more than `MAX_LABELS` labels or `MAX_BLOCKS` layers)."""
+    declares a count no model has (a negative `num_*` or size, more than `MAX_LABELS` labels or `MAX_BLOCKS` layers)."""
     where = f"{reference!r}: config.json"
     try:
         text = (folder / "config.json").read_bytes().decode("utf-8")
@@ -108,7 +110,8 @@ def _check_code_choices(data: dict[str, Any], where: str, prefix: str = "") -> N
 
 
 def _check_counts(data: dict[str, Any], where: str, prefix: str = "") -> None:
-    """Counts of things transformers builds one by one (labels, layers) must be ones a model can have."""
+    """Counts of things transformers builds one by one (labels, layers) must be ones a model can have; no count or
+    size may be negative."""
     for key, value in data.items():
         if isinstance(value, dict):
             _check_counts(value, where, f"{prefix}{key}.")
@@ -117,8 +120,9 @@ def _check_counts(data: dict[str, Any], where: str, prefix: str = "") -> None:
             continue
         name = prefix + key
         limit = MAX_LABELS if key == "num_labels" else MAX_BLOCKS if key.endswith("layers") else None
-        if key.startswith("num_") and value < 0:
-            raise LoadError(f"{where}: {name} is {value}, a count cannot be negative; {FIX}")
+        if value < 0 and (key.startswith("num_") or key.endswith(SIZE_SUFFIXES)):  # torch fails on it in a traceback
+            kind = "count" if key.startswith("num_") else "size"
+            raise LoadError(f"{where}: {name} is {value}, a {kind} cannot be negative; {FIX}")
         if limit is not None and value > limit:
             raise LoadError(f"{where}: {name} is {shown(value)}, more than any model has (at most {limit:,}); "
                             f"{FIX}")
