@@ -142,7 +142,8 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
 
 def check_merge_output(output: Path, recipe: Recipe, recipe_file: str | None = None, *, flag: str = "--output") -> None:
     """Refuse an existing output (without --overwrite), or one equal to, inside or around any input: the
-    parent folders, the calibration data and the recipe file (paths resolved: `..` and symlinks). `flag`: how
+    parent folders, the calibration data, the recipe file, and the Hugging Face cache when a parent, the base or the
+    data comes from the Hub (it is read from there) — paths resolved: `..` and symlinks. `flag`: how
     messages name the output (`--output` on the command line; the service's jobs say `output`)."""
     inputs: list[tuple[str, str | Path]] = [
         ("parent folder", reference) for reference in recipe.models if Path(reference).expanduser().exists()]
@@ -151,6 +152,12 @@ def check_merge_output(output: Path, recipe: Recipe, recipe_file: str | None = N
     calibration = _calibration_path(recipe.calibration)
     if calibration is not None:
         inputs.append(("calibration data", calibration))
+    references = [*recipe.models, *([recipe.base] if recipe.base else [])]
+    if any(not Path(reference).expanduser().exists() for reference in references) or (
+            recipe.calibration and calibration is None):
+        from huggingface_hub import constants
+
+        inputs.append(("Hugging Face cache", constants.HF_HUB_CACHE))
     if recipe_file:
         inputs.append(("recipe file", recipe_file))
     check_output(output, overwrite=recipe.overwrite, inputs=inputs, flag=flag)
