@@ -216,6 +216,28 @@ class Recipe(MergeOptions):
             )
         return self
 
+    def inputs(self, recipe_file: str | os.PathLike | None = None) -> list[tuple[str, str | os.PathLike]]:
+        """What a merge of this recipe reads from disk, as `(description, path)` pairs for `folder.check_output`:
+        the local parent and base folders, the calibration file or folder, `recipe_file`, and the Hugging Face hub
+        cache when a parent, the base or the data comes from the Hub (they are read from there). An output may not
+        be equal to, inside or around any of them: inputs are never modified."""
+        inputs: list[tuple[str, str | os.PathLike]] = [
+            ("parent folder", reference) for reference in self.models if Path(reference).expanduser().exists()]
+        if self.base and Path(self.base).expanduser().exists():
+            inputs.append(("base folder", self.base))
+        calibration = _calibration_path(self.calibration)
+        if calibration is not None:
+            inputs.append(("calibration data", calibration))
+        if recipe_file:
+            inputs.append(("recipe file", recipe_file))
+        references = [*self.models, *([self.base] if self.base else [])]
+        if any(not Path(reference).expanduser().exists() for reference in references) or (
+                self.calibration and calibration is None):
+            from huggingface_hub import constants
+
+            inputs.append(("Hugging Face cache", constants.HF_HUB_CACHE))
+        return inputs
+
     # ------------------------------------------------------------------ output
     def merge_options(self) -> dict[str, Any]:
         """Keyword arguments of `hf_mudsc.merge` that a recipe file holds (`keywords()` adds `allow_pickle`, which
@@ -355,6 +377,16 @@ def check_local_folders_given(path: str | os.PathLike, recipe: Recipe) -> None:
             f"{'its path (or a Hub id)' if one else 'their paths (or Hub ids)'}: "
             f"{'; '.join(dict.fromkeys(missing.values()))} — or write them into the file"
         )
+
+
+def _calibration_path(spec: str | None) -> Path | None:
+    """The local file or folder of a calibration spec (`path[:config]:split`), if it names one."""
+    if not spec:
+        return None
+    for candidate in (spec, spec.partition(":")[0]):
+        if candidate and Path(candidate).expanduser().exists():
+            return Path(candidate).expanduser()
+    return None
 
 
 def _yaml_scalar(value: str) -> str:

@@ -166,7 +166,9 @@ def publish(
     produced: dict[str, Any] = {}
     failure: Exception | None = None
     kept: Path | None = None
-    with staged_output(output, overwrite=overwrite, flag=output_flag) as staging:
+    # The output may not overlap what the merge read (its parents, data), as `hf-mudsc merge` checks before merging.
+    inputs = (recipe if recipe is not None else recipe_of(merged)).inputs() if output is not None else ()
+    with staged_output(output, overwrite=overwrite, inputs=inputs, flag=output_flag) as staging:
         write_merged_folder(staging, merged, recipe=recipe, parents=parents, processor=processor,
                             eval_results=eval_results, model_name=model_name)
         if push_to_hub:
