@@ -166,6 +166,10 @@ def test_a_key_given_twice_is_refused(tmp_path):
     (b'{"model_type": "vit", "x": "caf\xe9"}', "config.json is not UTF-8 JSON"),
     ('{"hidden_size": 32}', "config.json names no model_type"),
     ('{"model_type": 5}', "config.json names no model_type"),
+    # JSON has no NaN or Infinity (Python reads them): two parents with `layer_norm_eps: NaN` were refused as
+    # having "different configurations ... nan vs nan"
+    ('{"model_type": "vit", "layer_norm_eps": NaN}', "config.json gives layer_norm_eps as NaN"),
+    ('{"model_type": "vit", "text_config": {"x": [1, -Infinity]}}', "config.json gives text_config.x as -Infinity"),
 ])
 def test_a_config_that_is_no_json_object_is_refused_in_one_line(tmp_path, raw, needle):
     from hf_mudsc.errors import LoadError

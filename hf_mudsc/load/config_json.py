@@ -10,6 +10,7 @@ and the fix, before `AutoConfig` runs.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,9 @@ def check_config_json(folder: Path, reference: str) -> dict[str, Any]:
         raise LoadError(f"{where} is not valid JSON: it is nested too deeply to be a config; {FIX}") from None
     if not isinstance(data, dict):
         raise LoadError(f"{where} is not a JSON object (got {_JSON_KINDS.get(type(data), 'a value')}); {FIX}")
+    non_finite = _non_finite(data)
+    if non_finite is not None:  # Python reads NaN and Infinity, JSON has neither: NaN even differs from itself
+        raise LoadError(f"{where} gives {non_finite[0]} as {non_finite[1]}, not a number JSON allows; {FIX}")
     if not isinstance(data.get("model_type"), str) or not data["model_type"]:
         raise LoadError(f"{where} names no model_type (the transformers model family, e.g. \"vit\"; got "
                         f"{shown(data.get('model_type'))}); {FIX}")
@@ -72,6 +76,21 @@ def _check_label_numbers(id2label: Any, where: str) -> None:
     if numbers != list(range(len(numbers))):
         raise LoadError(f"{where}: id2label numbers its labels {shown(numbers)}, not 0 to {len(numbers) - 1} (one per "
                         f"classifier row); {FIX}")
+
+
+def _non_finite(data: Any) -> tuple[str, str] | None:
+    """`(key path, "NaN" / "Infinity" / "-Infinity")` of the first non-finite number in `data`, None if it has none.
+    Iterative: `data` may be nested as deeply as the JSON reader allows."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return path, "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+        if isinstance(value, dict):
+            stack.extend((f"{path}.{key}" if path else str(key), item) for key, item in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((path, item) for item in reversed(value))
+    return None
 
 
 class _DuplicateKey(ValueError):
