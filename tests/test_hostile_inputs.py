@@ -531,6 +531,30 @@ def test_a_config_nested_too_deeply_is_refused_in_one_line(tmp_path):
         load_parent(folder)
 
 
+@pytest.mark.parametrize("name", ["config.json", "preprocessor_config.json", "vocab.txt"])
+def test_a_side_file_of_gigabytes_in_a_parent_folder_is_refused_before_it_is_read(tmp_path, monkeypatch, name):
+    """A Hub repo's config and processor files over `SIDE_FILE_MAX_BYTES` are refused from its file list; a folder's
+    (an unpacked archive, a cached snapshot used offline) were read whole: a 3 GB sparse config.json (no disk used)
+    took 6.7 GB of memory and 30 s before "not valid JSON"."""
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import SIDE_FILE_MAX_BYTES, load_parent
+
+    folder = vit_folder(tmp_path / "vit")
+    with (folder / name).open("ab") as handle:
+        handle.truncate(SIDE_FILE_MAX_BYTES + 1)  # sparse: no disk used
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a side file of gigabytes was read")
+
+    monkeypatch.setattr("hf_mudsc.load.parents.check_config_json", refuse)
+    monkeypatch.setattr("hf_mudsc.load.parents.load_processor", refuse)
+    with pytest.raises(LoadError) as caught:
+        load_parent(folder)
+    message = str(caught.value)
+    assert f"{name} is {SIDE_FILE_MAX_BYTES + 1:,} bytes, more than the {SIDE_FILE_MAX_BYTES:,}" in message, message
+    assert "\n" not in message and str(folder) in message
+
+
 @pytest.mark.parametrize(("body", "content_type"), [
     ('{"models": ' + "[" * 100_000 + "]" * 100_000 + "}", "application/json"),
     ("models: " + "[" * 5000 + "]" * 5000, "application/yaml"),

@@ -277,6 +277,7 @@ def _locate_folder(reference: str, path: Path, allow_pickle: bool) -> _Located:
     if not (path / "config.json").is_file():
         raise LoadError(f"{str(path)!r} has no config.json; save the model with save_pretrained")
     files = [p.name for p in path.iterdir() if p.is_file()]
+    refuse_large_side_files(reference, path, files)
     weight_files, use_pickle = _weights_format(reference, files, allow_pickle)
     config = _load_config(path, reference)
     check_weight_files(reference, path, weight_files)
@@ -285,6 +286,20 @@ def _locate_folder(reference: str, path: Path, allow_pickle: bool) -> _Located:
     if not use_pickle:  # the headers are here already: a config or weights they refuse fail before any comparison
         check_config_fits_weights(located)
     return located
+
+
+def refuse_large_side_files(reference: str, folder: Path, names: Sequence[str]) -> None:
+    """Refuse a config, processor or tokenizer file of `folder` over `SIDE_FILE_MAX_BYTES` before any is read (each is
+    read whole): the limit a Hub repository's files are held to from its file list, for a folder (an unpacked
+    archive, a cached snapshot read offline)."""
+    for name in sorted(names):
+        if not name.endswith(SMALL_FILE_SUFFIXES):
+            continue
+        size = (folder / name).stat().st_size
+        if size > SIDE_FILE_MAX_BYTES:
+            raise LoadError(f"{reference!r}: {name} is {size:,} bytes, more than the {SIDE_FILE_MAX_BYTES:,} a file "
+                            "read with the config may be (.json/.txt/.model at the top level); a model's side files "
+                            "are small — remove it from the folder, or restore the one save_pretrained wrote")
 
 
 def _shard_names(reference: str, folder: Path, index_name: str) -> list[str]:
@@ -390,6 +405,7 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
             what="looking it up in the local cache")
         folder = Path(folder)
         files = [p.name for p in folder.iterdir() if p.is_file()]
+        refuse_large_side_files(reference, folder, files)
         weight_files, use_pickle = _weights_format(reference, files, allow_pickle)
         sha = folder.name  # a snapshot folder is named by its commit sha
         logger.info("offline: using the cached snapshot %s of %s", sha, repo_id)
