@@ -468,6 +468,26 @@ def test_links_inside_the_folder_and_a_hub_cache_snapshot_still_load(tmp_path):
 # ---------------------------------------------------------------- inspect: a merged folder's files are data
 
 
+@pytest.mark.parametrize("name", ["config.json", "merge_diagnostics.json", "eval_results.json"])
+def test_inspect_refuses_a_file_of_gigabytes_before_reading_it(evaluated, tmp_path, capsys, monkeypatch, name):
+    """A merged folder is downloaded data: a 2 GB (sparse) merge_diagnostics.json took 4.2 GB of memory before
+    `inspect` said it was no JSON."""
+    import shutil
+
+    from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES
+
+    merged, _, _ = evaluated
+    folder = tmp_path / "copy"
+    shutil.copytree(merged, folder)
+    with (folder / name).open("ab") as handle:
+        handle.truncate(SIDE_FILE_MAX_BYTES + 1)  # sparse: no disk used
+    monkeypatch.setattr(Path, "read_text", lambda *a, **k: pytest.fail(f"{name} was read whole"))
+    capsys.readouterr()
+    assert main(["inspect", str(folder), "--no-plots"]) == 1
+    line = _one_line_error(capsys)
+    assert f"{str(folder)!r}: {name} is {SIDE_FILE_MAX_BYTES + 1:,} bytes, more than" in line, line
+
+
 @pytest.mark.parametrize(("name", "content", "needle"), [
     ("merge_diagnostics.json", "[1, 2]", "holds a malformed hf-mudsc file (AttributeError: 'list' object"),
     ("eval_results.json", "[1, 2]", "holds a malformed hf-mudsc file (AttributeError: 'list' object"),

@@ -17,6 +17,9 @@ from typing import Any
 from hf_mudsc.errors import LoadError, shown
 from hf_mudsc.option_values import MAX_BLOCKS
 
+#: The largest config, processor or tokenizer file read with a model (each is read whole): real ones are kilobytes to
+#: tens of megabytes (a large tokenizer.json ~35 MB); a hostile repository's or folder's could be gigabytes.
+SIDE_FILE_MAX_BYTES = 256 * 2**20
 #: The most labels a classifier config may declare (ImageNet-21k has 21,841; each becomes an id2label entry).
 MAX_LABELS = 1_000_000
 FIX = "restore the config.json saved with the weights (save_pretrained writes both)"

@@ -28,7 +28,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from hf_mudsc.errors import LoadError, MergeInputError, ParentMismatchError, shown
 from hf_mudsc.load.checks import HEAD_CONFIG_KEYS, config_differences, is_regression_head
 from hf_mudsc.load.config_json import FIX as CONFIG_FIX
-from hf_mudsc.load.config_json import check_config_json
+from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES, check_config_json
 from hf_mudsc.load.hub_calls import hub_call
 from hf_mudsc.load.links import refuse_link_out, refuse_links_out
 from hf_mudsc.load.processors import load_processor, processor_from_name, tokenizer_of
@@ -39,9 +39,6 @@ logger = logging.getLogger(__name__)
 
 # Small top-level files fetched before any weights: the config, processors and tokenizers.
 SMALL_FILE_SUFFIXES = (".json", ".txt", ".model")
-# The largest such file downloaded with the config, before any weights (sizes from the repository listing): real
-# side files are kilobytes to tens of megabytes (a large tokenizer.json ~35 MB); a hostile repo's could be gigabytes.
-SIDE_FILE_MAX_BYTES = 256 * 2**20
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
