@@ -253,3 +253,19 @@ def test_a_token_given_as_the_repo_to_push_to_is_refused_without_echoing_it(merg
     with pytest.raises(ValueError, match=r"looks like a Hugging Face access token \(not shown\)") as caught:
         push_merged(object(), repo)
     assert TOKEN_SHAPED not in str(caught.value)
+
+
+def test_a_recipe_of_gigabytes_in_a_pushed_folder_is_refused_before_it_is_read(merged, tmp_path, no_hub, capsys,
+                                                                               monkeypatch):
+    """`push` reads the recipe whole (its local folders are renamed for the Hub): a folder's 2 GB (sparse) recipe
+    was read into memory before anything was said."""
+    from hf_mudsc.publish.recipe import MAX_RECIPE_BYTES
+
+    folder = tmp_path / "folder"
+    shutil.copytree(merged, folder)
+    with (folder / RECIPE_FILENAME).open("ab") as handle:
+        handle.truncate(MAX_RECIPE_BYTES + 1)
+    monkeypatch.setattr("pathlib.Path.read_bytes", lambda *a, **k: pytest.fail("the recipe was read whole"))
+    assert main(["push", str(folder), "user/x", "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert f"{RECIPE_FILENAME} is {MAX_RECIPE_BYTES + 1:,} bytes" in err and len(err.strip().splitlines()) == 1, err

@@ -29,7 +29,7 @@ from hf_mudsc.errors import PushError, RepoExistsError
 from hf_mudsc.load.hub_calls import http_client, hub_call
 from hf_mudsc.load.references import TOKEN_FIX, looks_like_token
 from hf_mudsc.publish.folder import MARKER_FILENAME, listed_outside, read_marker, unlisted_files
-from hf_mudsc.publish.recipe import RECIPE_FILENAME, published_text
+from hf_mudsc.publish.recipe import MAX_RECIPE_BYTES, RECIPE_FILENAME, published_text
 
 logger = logging.getLogger(__name__)
 
@@ -259,6 +259,11 @@ def published_contents(folder: Path) -> dict[str, bytes]:
     """The files uploaded with other bytes than the folder's: the recipe with its local folders named by folder
     name (`recipe.published_text`), when it has any. Read from the folder, which is never changed."""
     path = folder / RECIPE_FILENAME
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:  # read whole below: refused as `Recipe.load` refuses it
+        raise ValueError(f"refusing to push {str(folder)!r}: its {RECIPE_FILENAME} is {size:,} bytes, more than a "
+                         f"recipe may be ({MAX_RECIPE_BYTES:,}); write the folder again with "
+                         "`hf-mudsc merge --output DIR`")
     local = path.read_bytes()
     try:
         text = local.decode("utf-8")
