@@ -480,3 +480,24 @@ def test_a_config_named_for_local_data_is_refused_not_ignored(tmp_path, kind):
     message = str(caught.value)
     assert "\n" not in message, message
     assert f"names the config 'cfg', but {str(data)!r} is local data without configs; use '{data}:train'" in message
+
+
+# ---------------------------------------------------------------- model cards: read for the base they name
+
+
+def test_a_model_card_of_gigabytes_is_not_read_for_its_base(tmp_path, caplog):
+    """The base a method needs is read from the parents' cards (README.md), each read whole: a card padded to
+    gigabytes (sparse) was read into memory. Over `SIDE_FILE_MAX_BYTES` a card names no base (logged)."""
+    from hf_mudsc.errors import MergeInputError
+    from hf_mudsc.load.parents import SIDE_FILE_MAX_BYTES, load_parents_and_base
+
+    parents = []
+    for name in ("a", "b"):
+        folder = vit_folder(tmp_path / name)
+        (folder / "README.md").write_text("---\nbase_model: org/base\n---\n# a card\n")
+        parents.append(str(folder))
+    with open(Path(parents[1]) / "README.md", "ab") as handle:
+        handle.truncate(SIDE_FILE_MAX_BYTES + 1)  # sparse: no disk used; its front matter still names the base
+    with pytest.raises(MergeInputError, match="needs the parents' common base model and none was given"):
+        load_parents_and_base(parents, None, base_needed_for="task_arithmetic")
+    assert f"README.md is {SIDE_FILE_MAX_BYTES + 1:,} bytes" in caplog.text, caplog.text

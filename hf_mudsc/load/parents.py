@@ -103,6 +103,9 @@ class _Located:
     """A pickle checkpoint's stored dtype, read when its weights are checked (`_prepare`)."""
     prepared: bool = False
     """Its weights are fetched and their headers checked (`_prepare`): only loading is left."""
+    card_bytes: int | None = None
+    """The size of README.md in the Hub repository's file list (None: not from the Hub, or no card): an oversized card
+    is not downloaded for the base it names (`_card_text`)."""
     read_as: type[PreTrainedModel] | None = None
     """A base of another head class than the parents' (same model type and backbone): the parents' class it is read
     as (`check_base_config`); tensors its checkpoint lacks become `LoadedParent.absent`."""
@@ -405,6 +408,7 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
         refuse_large_side_files(reference, folder, files)
         weight_files, use_pickle = _weights_format(reference, files, allow_pickle)
         sha = folder.name  # a snapshot folder is named by its commit sha
+        card_bytes = None  # a cached card is measured when it is read
         logger.info("offline: using the cached snapshot %s of %s", sha, repo_id)
     else:
         info = _hub_call(
@@ -419,6 +423,7 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
         if "config.json" not in small:
             raise LoadError(f"{reference!r} has no config.json at revision {sha}; it is not a transformers model")
         sizes = {s.rfilename: s.size for s in (info.siblings or []) if s.size is not None}
+        card_bytes = sizes.get("README.md")
         for name in small:
             if sizes.get(name, 0) > SIDE_FILE_MAX_BYTES:
                 raise LoadError(f"{reference!r}: {name} is {sizes[name]:,} bytes, more than the "
@@ -428,7 +433,7 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
         folder = download_files(reference, repo_id, sha, small, token=token, cache_dir=cache_dir)
     config = _load_config(folder, reference)
     return _Located(reference=reference, config=config, folder=folder, repo_id=repo_id, revision=revision,
-                    commit_sha=sha, weight_files=weight_files, use_pickle=use_pickle)
+                    commit_sha=sha, weight_files=weight_files, use_pickle=use_pickle, card_bytes=card_bytes)
 
 
 def download_files(reference: str, repo_id: str, commit_sha: str, filenames: Sequence[str], *,
@@ -1114,6 +1119,10 @@ def _card_text(located: _Located, *, token: str | bool | None, cache_dir: str | 
                 folder = Path(str(candidate)).expanduser()
                 break
     if located.repo_id is not None and (folder is None or not (folder / "README.md").is_file()):
+        if located.card_bytes is not None and located.card_bytes > SIDE_FILE_MAX_BYTES:
+            _card_too_large(located.reference, located.card_bytes)
+            return None
+
         def download() -> str | None:
             try:
                 return hf_hub_download(located.repo_id, "README.md", revision=located.commit_sha or located.revision,
@@ -1129,8 +1138,18 @@ def _card_text(located: _Located, *, token: str | bool | None, cache_dir: str | 
     return None
 
 
+def _card_too_large(where: str, size: int) -> None:
+    logger.warning("%s: README.md is %s bytes, more than the %s a model card is read at; the base_model it may name "
+                   "is not read", where, f"{size:,}", f"{SIDE_FILE_MAX_BYTES:,}")
+
+
 def _read_card(path: Path) -> str | None:
-    """A model card's text; None (logged) for one that is not UTF-8 text: it names no base."""
+    """A model card's text; None (logged) for one that is not UTF-8 text, or larger than `SIDE_FILE_MAX_BYTES` (it is
+    read whole): it names no base."""
+    size = path.stat().st_size
+    if size > SIDE_FILE_MAX_BYTES:
+        _card_too_large(str(path.parent), size)
+        return None
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
