@@ -272,6 +272,30 @@ def test_an_image_column_of_numbers_or_strings_is_refused_before_any_weights(tmp
     assert "image_column=" in message, message
 
 
+@pytest.mark.parametrize("size", [{"height": 100_000, "width": 100_000}, {"shortest_edge": 1_000_000}])
+def test_an_image_processor_asking_for_huge_images_is_refused_before_any_weights(tmp_path, monkeypatch, size):
+    """A parent's preprocessor_config.json is data: `size: 100000x100000` made calibration resize every image to
+    10**10 pixels (an 8 GB address-space limit ended it as "out of memory ... use fewer parents"; without one the
+    machine's memory went first), although the model (image_size 16) reads 16x16 images only."""
+    from test_cli import save_parents_and_data
+
+    import hf_mudsc
+    import hf_mudsc.load.parents as parents
+    from hf_mudsc.errors import CalibrationError
+
+    a, b, calibration = save_parents_and_data(tmp_path / "inputs")
+    config = json.loads((a / "preprocessor_config.json").read_text())
+    config["size"] = size
+    (a / "preprocessor_config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(parents, "_finish", lambda *a, **k: pytest.fail("weights loaded before refusing"))
+    with pytest.raises(CalibrationError) as caught:
+        hf_mudsc.merge([a, b], str(calibration), method="zipit", progress=False)
+    message = str(caught.value)
+    key, value = next(iter(size.items()))
+    assert "\n" not in message, message
+    assert f"image processor resizes images to {key} {value:,} pixels, but the model reads images of 16" in message
+
+
 def test_an_image_that_cannot_be_decoded_is_named_in_one_line():
     """Bytes Pillow cannot identify raised PIL.UnidentifiedImageError with a traceback."""
     import datasets
