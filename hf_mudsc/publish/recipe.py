@@ -221,17 +221,18 @@ class Recipe(MergeOptions):
         the local parent and base folders, the calibration file or folder, `recipe_file`, and the Hugging Face hub
         cache when a parent, the base or the data comes from the Hub (they are read from there). An output may not
         be equal to, inside or around any of them: inputs are never modified."""
-        inputs: list[tuple[str, str | os.PathLike]] = [
-            ("parent folder", reference) for reference in self.models if Path(reference).expanduser().exists()]
-        if self.base and Path(self.base).expanduser().exists():
+        local = [reference for reference in [*self.models, self.base]  # "" would name the current directory
+                 if reference and Path(reference).expanduser().exists()]
+        inputs: list[tuple[str, str | os.PathLike]] = [("parent folder", reference) for reference in local
+                                                       if reference in self.models]
+        if self.base in local:
             inputs.append(("base folder", self.base))
         calibration = _calibration_path(self.calibration)
         if calibration is not None:
             inputs.append(("calibration data", calibration))
         if recipe_file:
             inputs.append(("recipe file", recipe_file))
-        references = [*self.models, *([self.base] if self.base else [])]
-        if any(not Path(reference).expanduser().exists() for reference in references) or (
+        if any(reference and reference not in local for reference in [*self.models, self.base]) or (
                 self.calibration and calibration is None):
             from huggingface_hub import constants
 
