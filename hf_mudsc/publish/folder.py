@@ -45,6 +45,8 @@ OLD_MARK = ".old-"  # in the name of a replaced output while the new one is rena
 # The writer's proof of ownership: every file it wrote, with size and sha256. A user does not copy a hidden
 # file by accident, and a copied one lists files that the folder then does not match. It holds no paths.
 MARKER_FILENAME = ".hf_mudsc_output.json"
+# A marker lists ~150 bytes per file: one past this size was not written by hf-mudsc, and is never read (read whole).
+MARKER_MAX_BYTES = 64 * 2**20
 WRITER = "hf-mudsc"
 _STAGING_SUFFIX_LENGTH = len(PARTIAL_MARK) + 10  # what mkdtemp adds to `.{name}`
 # The fingerprints this process took, by file identity (device, inode: kept across the staging folder's rename),
@@ -179,7 +181,7 @@ def check_location(output: str | os.PathLike, *, flag: str = "--output") -> None
 def read_marker(folder: str | os.PathLike) -> dict[str, Any] | None:
     """The writer's marker of `folder`, or None when it has none (or an unreadable one)."""
     path = Path(folder) / MARKER_FILENAME
-    if path.is_symlink() or not path.is_file():
+    if path.is_symlink() or not path.is_file() or path.stat().st_size > MARKER_MAX_BYTES:
         return None
     try:
         marker = json.loads(path.read_text(encoding="utf-8"))
@@ -195,7 +197,7 @@ def written_unchanged(path: str | os.PathLike) -> bool:
     """Whether `path` is a regular file its folder's marker lists with the size and sha256 it has now: one hf-mudsc
     wrote there and nobody changed since (what may be replaced in place, e.g. by `hf-mudsc evaluate`)."""
     path = Path(path)
-    if path.is_symlink() or not path.is_file():
+    if path.is_symlink() or not path.is_file() or path.stat().st_size > MARKER_MAX_BYTES:
         return False
     entry = ((read_marker(path.parent) or {}).get("files") or {}).get(path.name)
     return isinstance(entry, dict) and entry.get("size") == path.stat().st_size and (
