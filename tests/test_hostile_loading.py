@@ -460,6 +460,28 @@ def test_a_damaged_save_to_disk_folder_is_refused_in_one_line(tmp_path, damage):
     assert "save it again with Dataset.save_to_disk" in message, message
 
 
+@pytest.mark.parametrize("name", ["dataset_dict.json", "train/state.json", "train/dataset_info.json"])
+def test_a_save_to_disk_folder_with_a_json_file_of_gigabytes_is_refused_before_it_is_read(tmp_path, monkeypatch,
+                                                                                         name):
+    """Its JSON files are read whole (by hf-mudsc and by `load_from_disk`): a 2 GB (sparse) state.json took 4.7 GB of
+    memory before "cannot be read (JSONDecodeError ...)"."""
+    from hf_mudsc.calibrate.datasets import load_calibration_dataset
+    from hf_mudsc.errors import CalibrationError
+    from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES
+
+    folder = _saved_dataset(tmp_path / "data")
+    with (folder / name).open("ab") as handle:
+        handle.truncate(SIDE_FILE_MAX_BYTES + 1)  # sparse: no disk used
+    monkeypatch.setattr(Path, "read_text", lambda *a, **k: pytest.fail(f"{name} was read whole"))
+    monkeypatch.setattr("datasets.load_from_disk", lambda *a, **k: pytest.fail("load_from_disk read it"))
+    with pytest.raises(CalibrationError) as caught:
+        load_calibration_dataset(f"{folder}:train")
+    message = str(caught.value)
+    assert "\n" not in message, message
+    assert f"is a Dataset.save_to_disk folder that cannot be read ({name} is {SIDE_FILE_MAX_BYTES + 1:,} bytes" in (
+        message), message
+
+
 @pytest.mark.parametrize("content", ['text,x\n"a b",1\n"c",2,3,4\n', 'text\n\n"a"\n,\n'])
 def test_a_csv_file_pandas_cannot_parse_is_refused_in_one_line(tmp_path, content):
     """A row with more fields than the header raised pandas' ParserError with a traceback."""

@@ -126,6 +126,7 @@ def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, s
             f"calibration spec {str(parsed)!r} names the config {parsed.config!r}, but {parsed.path!r} is local data "
             f"without configs; use '{parsed.path}:{parsed.split}'")
     if saved_folder:
+        _refuse_large_saved_json(path, parsed)
         _refuse_empty_saved_split(path, parsed)
         try:
             saved = datasets.load_from_disk(str(path))
@@ -244,6 +245,20 @@ def refuse_no_columns(dataset: Any, columns: Sequence[str], name: str, role: Dat
     if not columns and not isinstance(dataset, datasets.Dataset):
         raise role.error(f"{role.empty.format(name=name)} is empty (0 rows): no samples to {role.purpose}; pass "
                          "data that holds examples")
+
+
+def _refuse_large_saved_json(folder: Path, parsed: DatasetSpec) -> None:
+    """A `save_to_disk` folder's JSON files (`dataset_dict.json`, each split's `state.json`, `dataset_info.json`) are
+    read whole, here and by `load_from_disk`: one over `SIDE_FILE_MAX_BYTES` (they are kilobytes) is refused first."""
+    from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES
+
+    for path in sorted([*folder.glob("*.json"), *folder.glob("*/*.json")]):
+        size = path.stat().st_size if path.is_file() else 0
+        if size > SIDE_FILE_MAX_BYTES:
+            raise CalibrationError(
+                f"calibration dataset {str(parsed)!r} is a Dataset.save_to_disk folder that cannot be read "
+                f"({path.relative_to(folder).as_posix()} is {size:,} bytes, more than the {SIDE_FILE_MAX_BYTES:,} "
+                "such a file may be); it is damaged or incomplete: save it again with Dataset.save_to_disk")
 
 
 def _refuse_empty_saved_split(folder: Path, parsed: DatasetSpec) -> None:
