@@ -344,6 +344,28 @@ def test_evaluate_never_replaces_a_file_it_did_not_write_with_its_json(evaluated
     assert (path.read_bytes() if path.is_file() else None) == before
 
 
+def test_evaluate_does_not_read_a_json_file_of_gigabytes_to_decide_whether_to_replace_it(evaluated, tmp_path, capsys,
+                                                                                         monkeypatch):
+    """`--output-json PATH` may replace a results file, read to tell: a 2 GB (sparse) file was read whole first."""
+    from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES
+
+    merged, _, data = evaluated
+    path = tmp_path / "big.json"
+    with path.open("ab") as handle:
+        handle.truncate(SIDE_FILE_MAX_BYTES + 1)
+    read_text = Path.read_text
+
+    def guarded(self, *args, **kwargs):
+        if self == path:
+            pytest.fail("the file was read whole")
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", guarded)
+    capsys.readouterr()
+    assert _evaluate(merged, data, "--output-json", str(path)) == 1
+    assert f"refusing to replace {str(path)!r} with the results" in _one_line_error(capsys)
+
+
 def test_evaluate_leaves_the_card_of_a_folder_it_did_not_write_alone(evaluated, capsys, monkeypatch):
     _, foreign, data = evaluated
     import hf_mudsc.load.parents as parents

@@ -242,9 +242,12 @@ def check_replaceable(json_path: Path | None, card_path: Path | None) -> None:
     notes); the card is updated only where the merge wrote it (the folder's marker lists it unchanged)."""
     import json
 
+    from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES
     from hf_mudsc.publish.folder import read_marker, written_unchanged
 
     def results_file(path: Path) -> bool:
+        if path.stat().st_size > SIDE_FILE_MAX_BYTES:  # read whole below; results are kilobytes
+            return False
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
