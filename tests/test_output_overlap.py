@@ -98,3 +98,14 @@ def test_an_output_in_or_around_the_hub_cache_holding_hub_parents_is_refused(inp
         assert f"overlaps the Hugging Face cache {str(cache.resolve())!r}" in err, err
         assert len(err.strip().splitlines()) == 1, err
     assert list(snapshot.iterdir()) == [] and not (cache / "merged").exists()
+
+
+def test_an_empty_reference_names_no_input_folder(inputs, tmp_path, monkeypatch):
+    """`Path("")` is the current directory: a recipe naming a parent "" (a model object without a name) made every
+    output under the current directory "overlap a parent folder"."""
+    from hf_mudsc.publish.recipe import Recipe
+
+    a, _, _ = inputs
+    monkeypatch.chdir(tmp_path)
+    listed = Recipe(models=["", str(a)], base="").inputs()
+    assert [path for kind, path in listed if kind.endswith("folder")] == [str(a)], listed
