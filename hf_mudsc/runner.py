@@ -141,29 +141,11 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
 
 
 def check_merge_output(output: Path, recipe: Recipe, recipe_file: str | None = None, *, flag: str = "--output") -> None:
-    """Refuse an existing output (without --overwrite), or one equal to, inside or around any input: the
-    parent folders, the calibration data and the recipe file (paths resolved: `..` and symlinks). `flag`: how
-    messages name the output (`--output` on the command line; the service's jobs say `output`)."""
-    inputs: list[tuple[str, str | Path]] = [
-        ("parent folder", reference) for reference in recipe.models if Path(reference).expanduser().exists()]
-    if recipe.base and Path(recipe.base).expanduser().exists():
-        inputs.append(("base folder", recipe.base))
-    calibration = _calibration_path(recipe.calibration)
-    if calibration is not None:
-        inputs.append(("calibration data", calibration))
-    if recipe_file:
-        inputs.append(("recipe file", recipe_file))
-    check_output(output, overwrite=recipe.overwrite, inputs=inputs, flag=flag)
-
-
-def _calibration_path(spec: str | None) -> Path | None:
-    """The local file or folder of a calibration spec (`path[:config]:split`), if it names one."""
-    if not spec:
-        return None
-    for candidate in (spec, spec.partition(":")[0]):
-        if candidate and Path(candidate).expanduser().exists():
-            return Path(candidate).expanduser()
-    return None
+    """Refuse an existing output (without --overwrite), or one equal to, inside or around any input
+    (`Recipe.inputs`: parent folders, calibration data, the recipe file, the hub cache Hub inputs are read from;
+    paths resolved: `..` and symlinks). `flag`: how messages name the output (`--output` on the command line; the
+    service's jobs say `output`)."""
+    check_output(output, overwrite=recipe.overwrite, inputs=recipe.inputs(recipe_file), flag=flag)
 
 
 def _is_main_process() -> bool:

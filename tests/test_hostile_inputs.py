@@ -166,6 +166,10 @@ def test_a_key_given_twice_is_refused(tmp_path):
     (b'{"model_type": "vit", "x": "caf\xe9"}', "config.json is not UTF-8 JSON"),
     ('{"hidden_size": 32}', "config.json names no model_type"),
     ('{"model_type": 5}', "config.json names no model_type"),
+    # JSON has no NaN or Infinity (Python reads them): two parents with `layer_norm_eps: NaN` were refused as
+    # having "different configurations ... nan vs nan"
+    ('{"model_type": "vit", "layer_norm_eps": NaN}', "config.json gives layer_norm_eps as NaN"),
+    ('{"model_type": "vit", "text_config": {"x": [1, -Infinity]}}', "config.json gives text_config.x as -Infinity"),
 ])
 def test_a_config_that_is_no_json_object_is_refused_in_one_line(tmp_path, raw, needle):
     from hf_mudsc.errors import LoadError
@@ -199,6 +203,11 @@ def test_a_config_transformers_cannot_read_is_refused_in_one_line(tmp_path, edit
     (lambda c: c.update(id2label=None, num_labels=10**9), "num_labels is 1000000000"),
     (lambda c: c.update(num_hidden_layers=10**9), "num_hidden_layers is 1000000000"),
     (lambda c: c.update(num_attention_heads=-4), "num_attention_heads is -4"),
+    # sizes (not only counts): a negative hidden_size ended in torch's "Expected cond to be True" traceback
+    (lambda c: c.update(hidden_size=-32), "hidden_size is -32"),
+    (lambda c: c.update(intermediate_size=-1), "intermediate_size is -1"),
+    (lambda c: c.update(patch_size=-4), "patch_size is -4"),
+    (lambda c: c.update(image_size=-16), "image_size is -16"),  # (-16 // 4)**2 patches: it even loaded
 ])
 def test_absurd_counts_in_a_config_are_refused_before_transformers_expands_them(tmp_path, edit, needle):
     """transformers turns num_labels into one id2label entry per label (10**9 took 23 GB) and builds one module per
@@ -264,6 +273,23 @@ def test_argument_errors_never_echo_a_token(capsys, argv):
     assert "***" in err
 
 
+LONG_TOKEN = "hf_" + "Z" * 34  # the shape of a real token (`TOKEN_SHAPE`)
+
+
+@pytest.mark.parametrize("argv", [
+    ["inspect", LONG_TOKEN],  # `hf-mudsc inspect $HF_TOKEN`: the variable meant for another flag
+    ["evaluate", LONG_TOKEN, "--dataset", "d:test"],
+    ["push", f"/tmp/{LONG_TOKEN}", "user/merged"],
+    ["merge", "--recipe", f"/tmp/{LONG_TOKEN}.yaml", "--output", "/tmp/never-written"],
+])
+def test_command_errors_never_echo_a_token_given_in_place_of_a_path(capsys, argv):
+    """Argument errors were redacted, but a command's own error (`'<the token>' is not a model folder`) named it."""
+    assert main(argv) in (1, 2)
+    err = capsys.readouterr().err
+    assert "error:" in err and LONG_TOKEN not in err and "***" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
 # ---------------------------------------------------------------- evaluate writes only over files it wrote
 
 
@@ -316,6 +342,28 @@ def test_evaluate_never_replaces_a_file_it_did_not_write_with_its_json(evaluated
     line = _one_line_error(capsys)
     assert f"refusing to replace {str(path)!r} with the results" in line and "--output-json" in line, line
     assert (path.read_bytes() if path.is_file() else None) == before
+
+
+def test_evaluate_does_not_read_a_json_file_of_gigabytes_to_decide_whether_to_replace_it(evaluated, tmp_path, capsys,
+                                                                                         monkeypatch):
+    """`--output-json PATH` may replace a results file, read to tell: a 2 GB (sparse) file was read whole first."""
+    from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES
+
+    merged, _, data = evaluated
+    path = tmp_path / "big.json"
+    with path.open("ab") as handle:
+        handle.truncate(SIDE_FILE_MAX_BYTES + 1)
+    read_text = Path.read_text
+
+    def guarded(self, *args, **kwargs):
+        if self == path:
+            pytest.fail("the file was read whole")
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", guarded)
+    capsys.readouterr()
+    assert _evaluate(merged, data, "--output-json", str(path)) == 1
+    assert f"refusing to replace {str(path)!r} with the results" in _one_line_error(capsys)
 
 
 def test_evaluate_leaves_the_card_of_a_folder_it_did_not_write_alone(evaluated, capsys, monkeypatch):
@@ -442,6 +490,26 @@ def test_links_inside_the_folder_and_a_hub_cache_snapshot_still_load(tmp_path):
 # ---------------------------------------------------------------- inspect: a merged folder's files are data
 
 
+@pytest.mark.parametrize("name", ["config.json", "merge_diagnostics.json", "eval_results.json"])
+def test_inspect_refuses_a_file_of_gigabytes_before_reading_it(evaluated, tmp_path, capsys, monkeypatch, name):
+    """A merged folder is downloaded data: a 2 GB (sparse) merge_diagnostics.json took 4.2 GB of memory before
+    `inspect` said it was no JSON."""
+    import shutil
+
+    from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES
+
+    merged, _, _ = evaluated
+    folder = tmp_path / "copy"
+    shutil.copytree(merged, folder)
+    with (folder / name).open("ab") as handle:
+        handle.truncate(SIDE_FILE_MAX_BYTES + 1)  # sparse: no disk used
+    monkeypatch.setattr(Path, "read_text", lambda *a, **k: pytest.fail(f"{name} was read whole"))
+    capsys.readouterr()
+    assert main(["inspect", str(folder), "--no-plots"]) == 1
+    line = _one_line_error(capsys)
+    assert f"{str(folder)!r}: {name} is {SIDE_FILE_MAX_BYTES + 1:,} bytes, more than" in line, line
+
+
 @pytest.mark.parametrize(("name", "content", "needle"), [
     ("merge_diagnostics.json", "[1, 2]", "holds a malformed hf-mudsc file (AttributeError: 'list' object"),
     ("eval_results.json", "[1, 2]", "holds a malformed hf-mudsc file (AttributeError: 'list' object"),
@@ -503,6 +571,30 @@ def test_a_config_nested_too_deeply_is_refused_in_one_line(tmp_path):
     folder = vit_folder(tmp_path / "vit", raw='{"model_type": "vit", "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
     with pytest.raises(LoadError, match="config.json is not valid JSON: it is nested too deeply"):
         load_parent(folder)
+
+
+@pytest.mark.parametrize("name", ["config.json", "preprocessor_config.json", "vocab.txt"])
+def test_a_side_file_of_gigabytes_in_a_parent_folder_is_refused_before_it_is_read(tmp_path, monkeypatch, name):
+    """A Hub repo's config and processor files over `SIDE_FILE_MAX_BYTES` are refused from its file list; a folder's
+    (an unpacked archive, a cached snapshot used offline) were read whole: a 3 GB sparse config.json (no disk used)
+    took 6.7 GB of memory and 30 s before "not valid JSON"."""
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import SIDE_FILE_MAX_BYTES, load_parent
+
+    folder = vit_folder(tmp_path / "vit")
+    with (folder / name).open("ab") as handle:
+        handle.truncate(SIDE_FILE_MAX_BYTES + 1)  # sparse: no disk used
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a side file of gigabytes was read")
+
+    monkeypatch.setattr("hf_mudsc.load.parents.check_config_json", refuse)
+    monkeypatch.setattr("hf_mudsc.load.parents.load_processor", refuse)
+    with pytest.raises(LoadError) as caught:
+        load_parent(folder)
+    message = str(caught.value)
+    assert f"{name} is {SIDE_FILE_MAX_BYTES + 1:,} bytes, more than the {SIDE_FILE_MAX_BYTES:,}" in message, message
+    assert "\n" not in message and str(folder) in message
 
 
 @pytest.mark.parametrize(("body", "content_type"), [

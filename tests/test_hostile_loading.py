@@ -272,6 +272,30 @@ def test_an_image_column_of_numbers_or_strings_is_refused_before_any_weights(tmp
     assert "image_column=" in message, message
 
 
+@pytest.mark.parametrize("size", [{"height": 100_000, "width": 100_000}, {"shortest_edge": 1_000_000}])
+def test_an_image_processor_asking_for_huge_images_is_refused_before_any_weights(tmp_path, monkeypatch, size):
+    """A parent's preprocessor_config.json is data: `size: 100000x100000` made calibration resize every image to
+    10**10 pixels (an 8 GB address-space limit ended it as "out of memory ... use fewer parents"; without one the
+    machine's memory went first), although the model (image_size 16) reads 16x16 images only."""
+    from test_cli import save_parents_and_data
+
+    import hf_mudsc
+    import hf_mudsc.load.parents as parents
+    from hf_mudsc.errors import CalibrationError
+
+    a, b, calibration = save_parents_and_data(tmp_path / "inputs")
+    config = json.loads((a / "preprocessor_config.json").read_text())
+    config["size"] = size
+    (a / "preprocessor_config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(parents, "_finish", lambda *a, **k: pytest.fail("weights loaded before refusing"))
+    with pytest.raises(CalibrationError) as caught:
+        hf_mudsc.merge([a, b], str(calibration), method="zipit", progress=False)
+    message = str(caught.value)
+    key, value = next(iter(size.items()))
+    assert "\n" not in message, message
+    assert f"image processor resizes images to {key} {value:,} pixels, but the model reads images of 16" in message
+
+
 def test_an_image_that_cannot_be_decoded_is_named_in_one_line():
     """Bytes Pillow cannot identify raised PIL.UnidentifiedImageError with a traceback."""
     import datasets
@@ -436,6 +460,28 @@ def test_a_damaged_save_to_disk_folder_is_refused_in_one_line(tmp_path, damage):
     assert "save it again with Dataset.save_to_disk" in message, message
 
 
+@pytest.mark.parametrize("name", ["dataset_dict.json", "train/state.json", "train/dataset_info.json"])
+def test_a_save_to_disk_folder_with_a_json_file_of_gigabytes_is_refused_before_it_is_read(tmp_path, monkeypatch,
+                                                                                         name):
+    """Its JSON files are read whole (by hf-mudsc and by `load_from_disk`): a 2 GB (sparse) state.json took 4.7 GB of
+    memory before "cannot be read (JSONDecodeError ...)"."""
+    from hf_mudsc.calibrate.datasets import load_calibration_dataset
+    from hf_mudsc.errors import CalibrationError
+    from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES
+
+    folder = _saved_dataset(tmp_path / "data")
+    with (folder / name).open("ab") as handle:
+        handle.truncate(SIDE_FILE_MAX_BYTES + 1)  # sparse: no disk used
+    monkeypatch.setattr(Path, "read_text", lambda *a, **k: pytest.fail(f"{name} was read whole"))
+    monkeypatch.setattr("datasets.load_from_disk", lambda *a, **k: pytest.fail("load_from_disk read it"))
+    with pytest.raises(CalibrationError) as caught:
+        load_calibration_dataset(f"{folder}:train")
+    message = str(caught.value)
+    assert "\n" not in message, message
+    assert f"is a Dataset.save_to_disk folder that cannot be read ({name} is {SIDE_FILE_MAX_BYTES + 1:,} bytes" in (
+        message), message
+
+
 @pytest.mark.parametrize("content", ['text,x\n"a b",1\n"c",2,3,4\n', 'text\n\n"a"\n,\n'])
 def test_a_csv_file_pandas_cannot_parse_is_refused_in_one_line(tmp_path, content):
     """A row with more fields than the header raised pandas' ParserError with a traceback."""
@@ -480,3 +526,24 @@ def test_a_config_named_for_local_data_is_refused_not_ignored(tmp_path, kind):
     message = str(caught.value)
     assert "\n" not in message, message
     assert f"names the config 'cfg', but {str(data)!r} is local data without configs; use '{data}:train'" in message
+
+
+# ---------------------------------------------------------------- model cards: read for the base they name
+
+
+def test_a_model_card_of_gigabytes_is_not_read_for_its_base(tmp_path, caplog):
+    """The base a method needs is read from the parents' cards (README.md), each read whole: a card padded to
+    gigabytes (sparse) was read into memory. Over `SIDE_FILE_MAX_BYTES` a card names no base (logged)."""
+    from hf_mudsc.errors import MergeInputError
+    from hf_mudsc.load.parents import SIDE_FILE_MAX_BYTES, load_parents_and_base
+
+    parents = []
+    for name in ("a", "b"):
+        folder = vit_folder(tmp_path / name)
+        (folder / "README.md").write_text("---\nbase_model: org/base\n---\n# a card\n")
+        parents.append(str(folder))
+    with open(Path(parents[1]) / "README.md", "ab") as handle:
+        handle.truncate(SIDE_FILE_MAX_BYTES + 1)  # sparse: no disk used; its front matter still names the base
+    with pytest.raises(MergeInputError, match="needs the parents' common base model and none was given"):
+        load_parents_and_base(parents, None, base_needed_for="task_arithmetic")
+    assert f"README.md is {SIDE_FILE_MAX_BYTES + 1:,} bytes" in caplog.text, caplog.text

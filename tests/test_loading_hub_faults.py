@@ -94,3 +94,29 @@ def test_a_huge_side_file_is_refused_before_it_is_downloaded(hub_emulator, tmp_p
     assert not any(path.endswith("notes.txt") for path in fetched), fetched
     ok = hub_emulator.run_client(LOAD, env={"PYTHONPATH": str(ROOT)}).result  # the default limit: it loads
     assert ok == {"checksum": pytest.approx(expected_checksum(), rel=1e-12)}
+
+
+def test_a_huge_model_card_is_not_downloaded_for_the_base_it_names(hub_emulator, tmp_path):
+    """A method that needs a base reads it from the parents' cards: a Hub parent's README.md is downloaded for that,
+    whatever its size. Over the side-file limit (lowered here) it is not fetched, and names no base (logged)."""
+    folder = save_vit(tmp_path / "vit", seed=0)
+    card = "---\nbase_model: user/base\n---\n" + "x" * 5000
+    (folder / "README.md").write_text(card)
+    hub_emulator.upload_folder("user/vit", folder)
+    script = """
+import logging
+import hf_mudsc.load.parents as parents
+from hf_mudsc.errors import MergeInputError
+parents.SIDE_FILE_MAX_BYTES = 4096
+logging.basicConfig(level=logging.WARNING)
+try:
+    parents.load_parents_and_base(["user/vit", "user/vit"], None, base_needed_for="task_arithmetic")
+    emit({"error": None})
+except MergeInputError as error:
+    emit({"error": str(error)})
+"""
+    result = hub_emulator.run_client(script, env={"PYTHONPATH": str(ROOT)})
+    assert "needs the parents' common base model and none was given" in result.result["error"], result.result
+    assert f"README.md is {len(card):,} bytes, more than the 4,096" in result.stderr, result.stderr
+    fetched = [r.path for r in hub_emulator.requests_for("resolve")]
+    assert not any(path.endswith("README.md") for path in fetched), fetched

@@ -6,6 +6,7 @@ Every input counts: both parents, the calibration folder or file, and the recipe
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 from test_cli import FAST, leftovers, save_parents_and_data, tree_digest
@@ -77,3 +78,34 @@ def test_an_unwritable_output_location_fails_in_one_line_before_loading(inputs, 
         err = capsys.readouterr().err
         assert message in err and "--output" in err and len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+def test_an_output_in_or_around_the_hub_cache_holding_hub_parents_is_refused(inputs, tmp_path, no_loading, capsys):
+    """Hub parents are read from the Hugging Face cache: an output inside it (a parent's snapshot folder) added the
+    merged model to that parent's files, and `--output <cache> --overwrite` on a cache nothing was downloaded to
+    yet replaced the cache folder with the merged model."""
+    from huggingface_hub import constants
+
+    _, _, calibration = inputs
+    cache = Path(constants.HF_HUB_CACHE)
+    snapshot = cache / "models--hostile--parent" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for out in (snapshot / "merged", cache, cache / "merged"):
+        argv = ["merge", "hostile/parent", "hostile/other", "--calibration", str(calibration), "--output", str(out),
+                "--overwrite", *FAST]
+        assert main(argv) == 1, out
+        err = capsys.readouterr().err
+        assert f"overlaps the Hugging Face cache {str(cache.resolve())!r}" in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    assert list(snapshot.iterdir()) == [] and not (cache / "merged").exists()
+
+
+def test_an_empty_reference_names_no_input_folder(inputs, tmp_path, monkeypatch):
+    """`Path("")` is the current directory: a recipe naming a parent "" (a model object without a name) made every
+    output under the current directory "overlap a parent folder"."""
+    from hf_mudsc.publish.recipe import Recipe
+
+    a, _, _ = inputs
+    monkeypatch.chdir(tmp_path)
+    listed = Recipe(models=["", str(a)], base="").inputs()
+    assert [path for kind, path in listed if kind.endswith("folder")] == [str(a)], listed

@@ -85,6 +85,20 @@ def test_a_copied_marker_does_not_make_someone_elses_folder_replaceable(tmp_path
     assert (photos / "cat.jpg").read_bytes() == b"jpg"
 
 
+def test_a_marker_of_gigabytes_is_not_read(tmp_path, monkeypatch):
+    """The marker is read whole (for --overwrite, push, evaluate): a folder handed over with a 2 GB (sparse) marker
+    was read into memory. Past `MARKER_MAX_BYTES` a folder has no marker that counts."""
+    from hf_mudsc.publish.folder import MARKER_MAX_BYTES, read_marker
+
+    out = written_output(tmp_path)
+    with (out / MARKER_FILENAME).open("ab") as handle:
+        handle.truncate(MARKER_MAX_BYTES + 1)  # sparse: no disk used
+    monkeypatch.setattr(Path, "read_text", lambda *a, **k: pytest.fail("the marker was read whole"))
+    assert read_marker(out) is None
+    with pytest.raises(FileExistsError, match=f"no {MARKER_FILENAME} listing its files"):
+        check_output(out, overwrite=True)
+
+
 def test_a_symlink_inside_a_written_folder_is_refused(tmp_path):
     out = written_output(tmp_path)
     (out / "link").symlink_to(tmp_path)

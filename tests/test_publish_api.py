@@ -87,6 +87,27 @@ def test_save_merged_refuses_an_existing_folder_unless_overwrite_and_never_delet
     assert sorted(p.name for p in tmp_path.iterdir()) == ["api"]
 
 
+def test_save_merged_refuses_an_output_overlapping_the_merges_inputs_as_the_cli_does(merged, inputs, tmp_path):
+    """`hf-mudsc merge` refuses an --output equal to, inside or around a parent folder or the calibration data;
+    `save_merged` wrote a `merged` folder into the calibration dataset's folder, and with overwrite=True replaced a
+    parent that was itself a folder hf-mudsc wrote."""
+    from test_cli import tree_digest
+
+    a, b, calibration = inputs
+    parent = hf_mudsc.save_merged(merged, tmp_path / "earlier-merge")  # a merged folder, merged again below
+    again = hf_mudsc.merge([str(parent), str(b)], str(calibration), method="zipit", num_samples=24, batch_size=8,
+                           progress=False)
+    before = tree_digest(parent, b, calibration)
+    for out, overwrite, described in ((parent, True, f"parent folder {str(parent)!r}"),
+                                      (calibration / "merged", False, f"calibration data {str(calibration)!r}"),
+                                      (b.parent, True, f"parent folder {str(b)!r}")):
+        with pytest.raises(ValueError, match="overlaps the " + described.replace("(", r"\(")) as caught:
+            hf_mudsc.save_merged(again, out, overwrite=overwrite)
+        assert "\n" not in str(caught.value) and "directory" in str(caught.value)
+    assert tree_digest(parent, b, calibration) == before
+    assert not (calibration / "merged").exists()
+
+
 def test_parents_without_a_processor_give_a_folder_without_one(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

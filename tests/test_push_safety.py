@@ -205,3 +205,67 @@ def test_push_refuses_a_folder_with_nan_or_inf_weights_before_the_hub(merged, tm
     assert "NaN or infinite values in 2 tensors" in err and nan_name in err and inf_name in err
     assert "model.safetensors" in err and "hf-mudsc merge" in err
     assert (folder / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("listed", ["absolute", "../outside", "sub/../../outside"])
+def test_a_marker_listing_a_file_outside_the_folder_is_refused_before_the_hub(merged, tmp_path, no_hub, capsys,
+                                                                             listed):
+    """The marker is a file in the folder: one crafted by whoever handed the folder over (an archive, a shared
+    drive) listed `/home/user/.cache/huggingface/token` beside the model's files, and `push` uploaded that file
+    (as `home/user/.cache/huggingface/token`) to the user's repo."""
+    import json
+
+    secret = tmp_path / "outside"
+    secret.write_text(SECRET)
+    folder = tmp_path / "folder"
+    shutil.copytree(merged, folder)
+    marker = json.loads((folder / MARKER_FILENAME).read_text())
+    name = str(secret) if listed == "absolute" else listed
+    marker["files"][name] = {"size": len(SECRET), "sha256": "0" * 64}
+    (folder / MARKER_FILENAME).write_text(json.dumps(marker))
+    assert main(["push", str(folder), "user/x"]) == 1
+    err = capsys.readouterr().err
+    assert f"its {MARKER_FILENAME} lists files that are not in it ({name!r})" in err, err
+    assert len(err.strip().splitlines()) == 1 and SECRET not in err
+
+
+TOKEN_SHAPED = "hf_" + "Q" * 34  # what `--push-to-hub $HF_TOKEN` (meant: `--token`) passes
+
+
+@pytest.mark.parametrize("repo", [TOKEN_SHAPED, f"user/{TOKEN_SHAPED}", f"{TOKEN_SHAPED}/merged"])
+def test_a_token_given_as_the_repo_to_push_to_is_refused_without_echoing_it(merged, inputs, tmp_path, no_hub, capsys,
+                                                                             repo):
+    """A token pasted where the repo id goes was echoed in the error, and `org/<token>` was sent to the Hub in the
+    URL of every call, then created as a (public) repo named after the token."""
+    a, b, calibration = inputs
+    argvs = [(1, ["push", str(merged), repo]),  # merge: a recipe error (exit code 2), before anything is loaded
+             (2, ["merge", str(a), str(b), "--calibration", str(calibration), "--push-to-hub", repo, *FAST]),
+             (2, ["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(tmp_path / "out"),
+                  "--push-to-hub", repo, *FAST])]
+    for code, argv in argvs:
+        assert main(argv) == code, argv
+        err = capsys.readouterr().err
+        assert "looks like a Hugging Face access token (not shown)" in err, err
+        assert TOKEN_SHAPED not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+    from hf_mudsc.publish.writer import push_merged
+
+    with pytest.raises(ValueError, match=r"looks like a Hugging Face access token \(not shown\)") as caught:
+        push_merged(object(), repo)
+    assert TOKEN_SHAPED not in str(caught.value)
+
+
+def test_a_recipe_of_gigabytes_in_a_pushed_folder_is_refused_before_it_is_read(merged, tmp_path, no_hub, capsys,
+                                                                               monkeypatch):
+    """`push` reads the recipe whole (its local folders are renamed for the Hub): a folder's 2 GB (sparse) recipe
+    was read into memory before anything was said."""
+    from hf_mudsc.publish.recipe import MAX_RECIPE_BYTES
+
+    folder = tmp_path / "folder"
+    shutil.copytree(merged, folder)
+    with (folder / RECIPE_FILENAME).open("ab") as handle:
+        handle.truncate(MAX_RECIPE_BYTES + 1)
+    monkeypatch.setattr("pathlib.Path.read_bytes", lambda *a, **k: pytest.fail("the recipe was read whole"))
+    assert main(["push", str(folder), "user/x", "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert f"{RECIPE_FILENAME} is {MAX_RECIPE_BYTES + 1:,} bytes" in err and len(err.strip().splitlines()) == 1, err

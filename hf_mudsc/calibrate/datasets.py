@@ -126,6 +126,7 @@ def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, s
             f"calibration spec {str(parsed)!r} names the config {parsed.config!r}, but {parsed.path!r} is local data "
             f"without configs; use '{parsed.path}:{parsed.split}'")
     if saved_folder:
+        _refuse_large_saved_json(path, parsed)
         _refuse_empty_saved_split(path, parsed)
         try:
             saved = datasets.load_from_disk(str(path))
@@ -244,6 +245,20 @@ def refuse_no_columns(dataset: Any, columns: Sequence[str], name: str, role: Dat
     if not columns and not isinstance(dataset, datasets.Dataset):
         raise role.error(f"{role.empty.format(name=name)} is empty (0 rows): no samples to {role.purpose}; pass "
                          "data that holds examples")
+
+
+def _refuse_large_saved_json(folder: Path, parsed: DatasetSpec) -> None:
+    """A `save_to_disk` folder's JSON files (`dataset_dict.json`, each split's `state.json`, `dataset_info.json`) are
+    read whole, here and by `load_from_disk`: one over `SIDE_FILE_MAX_BYTES` (they are kilobytes) is refused first."""
+    from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES
+
+    for path in sorted([*folder.glob("*.json"), *folder.glob("*/*.json")]):
+        size = path.stat().st_size if path.is_file() else 0
+        if size > SIDE_FILE_MAX_BYTES:
+            raise CalibrationError(
+                f"calibration dataset {str(parsed)!r} is a Dataset.save_to_disk folder that cannot be read "
+                f"({path.relative_to(folder).as_posix()} is {size:,} bytes, more than the {SIDE_FILE_MAX_BYTES:,} "
+                "such a file may be); it is damaged or incomplete: save it again with Dataset.save_to_disk")
 
 
 def _refuse_empty_saved_split(folder: Path, parsed: DatasetSpec) -> None:
@@ -561,6 +576,8 @@ def _plan(columns: Sequence[str], inputs: Sequence[str], processor: Any, image_c
         _require_raw("input_ids", "text", use_text, TEXT_COLUMNS, "text_column", tokenizer, "tokenizer", columns,
                      role)
     _refuse_column_kinds(features, use_image, use_text, role)
+    if use_image:
+        refuse_oversized_resize(image_processor, model_config, role)
     preprocess = _Preprocessor(
         image_column=use_image, text_column=use_text, image_processor=image_processor if use_image else None,
         tokenizer=tokenizer if use_text else None, num_channels=_num_channels(model_config),
@@ -623,6 +640,32 @@ def check_calibration_columns(calibration: Any, processors: Any = None, *, image
                                text_column)
     _plan(columns, tuple(inputs), processor, image_column, text_column, model_config,
           features=getattr(calibration, "features", None))
+
+
+#: How much larger than the model's `image_size` an image processor may resize or crop images (a resize to 256 then a
+#: crop to 224 is usual): past it, each calibration image would take memory for pixels the model cannot read.
+MAX_RESIZE_FACTOR = 8
+_SIDE_KEYS = ("height", "width", "shortest_edge", "longest_edge")
+
+
+def refuse_oversized_resize(image_processor: Any, model_config: Any, role: DataRole = CALIBRATION) -> None:
+    """Refuse an image processor (a parent's preprocessor_config.json: data) whose `size` or `crop_size` is more than
+    `MAX_RESIZE_FACTOR` times the model's `image_size`, before any image is resized: `size: 100000x100000` asked 10**10
+    pixels of every image for a model that reads 16x16. `_plan` calls it when images are to be preprocessed."""
+    vision = getattr(model_config, "vision_config", None) or model_config
+    side = getattr(vision, "image_size", None)
+    if image_processor is None or isinstance(side, bool) or not isinstance(side, int) or side <= 0:
+        return
+    for attribute in ("size", "crop_size"):
+        value = getattr(image_processor, attribute, None)
+        for key in _SIDE_KEYS:
+            number = value.get(key) if isinstance(value, Mapping) else getattr(value, key, None)
+            if isinstance(number, int) and not isinstance(number, bool) and number > MAX_RESIZE_FACTOR * side:
+                raise role.error(
+                    f"{role.image_processor} resizes images to {key} {number:,} pixels, but the model reads images "
+                    f"of {side}x{side} (its config's image_size); each image of the {role.data} would take memory "
+                    f"for pixels it cannot read: restore the preprocessor_config.json saved with the model "
+                    f"({attribute} near {side})")
 
 
 def resolve_calibration(

@@ -32,6 +32,7 @@ from typing import Any
 
 from hf_mudsc.errors import UsageError
 from hf_mudsc.evaluate.names import DEFAULT_PROMPT, JOINT_RULES, RESULTS_FILENAME, SHIPPED_METRIC_NAMES
+from hf_mudsc.load.references import hide_tokens
 from hf_mudsc.publish.folder import write_file_atomically
 from hf_mudsc.publish.hub import CARD_FILENAME
 
@@ -267,9 +268,12 @@ def check_replaceable(json_path: Path | None, card_path: Path | None) -> None:
     notes); the card is updated only where the merge wrote it (the folder's marker lists it unchanged)."""
     import json
 
+    from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES
     from hf_mudsc.publish.folder import read_marker, written_unchanged
 
     def results_file(path: Path) -> bool:
+        if path.stat().st_size > SIDE_FILE_MAX_BYTES:  # read whole below; results are kilobytes
+            return False
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -394,7 +398,7 @@ def run(args: argparse.Namespace) -> int:
             progress=sys.stderr.isatty() and not getattr(args, "quiet", False),
             trust_remote_code=args.trust_remote_code, own_processors=not args.shared_processor)
     except EvaluationError as error:
-        print(f"hf-mudsc evaluate: error: {error}", file=sys.stderr)
+        print(f"hf-mudsc evaluate: error: {hide_tokens(str(error))}", file=sys.stderr)
         return 1
     if result is None:  # a non-main process of a distributed run
         return 0

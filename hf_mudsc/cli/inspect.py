@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_mudsc.evaluate.names import RESULTS_FILENAME
+from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES
 from hf_mudsc.solve.diagnostics import DIAGNOSTICS_FILENAME, PLOTS_FOLDER
 
 
@@ -57,6 +58,11 @@ def read_merge(folder: Path) -> tuple[dict[str, Any], Any, dict[str, Any] | None
     how = "pass a folder written by `hf-mudsc merge --output DIR` (or hf_mudsc.save_merged)"
     if not config_path.is_file():
         raise ValueError(f"{str(folder)!r} is not a merged model: it has no config.json; {how}")
+    for name in ("config.json", DIAGNOSTICS_FILENAME, RESULTS_FILENAME):  # each is read whole: a folder is data
+        size = (folder / name).stat().st_size if (folder / name).is_file() else 0
+        if size > SIDE_FILE_MAX_BYTES:
+            raise ValueError(f"{str(folder)!r}: {name} is {size:,} bytes, more than the {SIDE_FILE_MAX_BYTES:,} "
+                             f"hf-mudsc ever writes; {how}")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:

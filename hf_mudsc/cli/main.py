@@ -13,6 +13,7 @@ from typing import NoReturn
 
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import UsageError
+from hf_mudsc.load.references import hide_tokens
 
 # Sub-command name -> module in hf_mudsc.cli exposing `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS = {
@@ -159,17 +160,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except UsageError as error:  # an invalid command line: argparse's exit code
         logging.getLogger("hf_mudsc").debug("command refused", exc_info=True)
-        print(f"hf-mudsc {args.command}: error: {error}", file=sys.stderr)
+        print(f"hf-mudsc {args.command}: error: {hide_tokens(str(error))}", file=sys.stderr)
         return 2
     except (ValueError, FileExistsError, FileNotFoundError, PermissionError) as error:
         logging.getLogger("hf_mudsc").debug("command failed", exc_info=True)
-        print(f"hf-mudsc {args.command}: error: {error}", file=sys.stderr)
+        # A token the user gave in place of a path or name (`inspect $HF_TOKEN`) is not shown back.
+        print(f"hf-mudsc {args.command}: error: {hide_tokens(str(error))}", file=sys.stderr)
         return 1
     except (MemoryError, RuntimeError) as error:
         if not isinstance(error, MemoryError) and not OUT_OF_MEMORY.search(str(error)):
             raise
         logging.getLogger("hf_mudsc").debug("command failed", exc_info=True)
-        said = " ".join(str(error).split())
+        said = hide_tokens(" ".join(str(error).split()))
         print(f"hf-mudsc {args.command}: error: out of memory{f' ({said[:300]})' if said else ''}; `hf-mudsc "
               "merge ... --dry-run` estimates the peak memory: use fewer parents, calibration samples or a "
               "smaller --batch-size", file=sys.stderr)

@@ -19,6 +19,7 @@ from dataclasses import Field
 from typing import Any
 
 from hf_mudsc.errors import RecipeError
+from hf_mudsc.load.references import hide_tokens
 from hf_mudsc.options import MergeOptions, flag, int_or_auto, number_or_auto
 from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe, check_local_folders_given
 from hf_mudsc.runner import execute
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         recipe = build_recipe(args)
     except RecipeError as error:
-        print(f"hf-mudsc merge: error: {error}", file=sys.stderr)
+        print(f"hf-mudsc merge: error: {hide_tokens(str(error))}", file=sys.stderr)
         return 2
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             plan = hf_mudsc.merge(recipe.models, recipe.calibration, **recipe.keywords(),
                                   token=getattr(args, "token", None))
         except HfHubHTTPError as error:
-            print(f"hf-mudsc merge: error: {error}", file=sys.stderr)
+            print(f"hf-mudsc merge: error: {hide_tokens(str(error))}", file=sys.stderr)
             return 1
         print(plan)
         return 0
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         result = execute(recipe, token=getattr(args, "token", None), recipe_file=getattr(args, "recipe", None),
                          progress=not getattr(args, "quiet", False))
     except (PushError, HfHubHTTPError) as error:
-        print(f"hf-mudsc merge: error: {error}", file=sys.stderr)
+        print(f"hf-mudsc merge: error: {hide_tokens(str(error))}", file=sys.stderr)
         return 1
     if result.get("calibration_samples") is not None:
         used, asked = result["calibration_samples"], recipe.num_samples

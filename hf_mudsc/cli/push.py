@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hf_mudsc.load.references import hide_tokens
 from hf_mudsc.publish.recipe import RECIPE_FILENAME
 
 
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         result = push_folder(args.folder, args.repo_id, private=args.private, overwrite=args.overwrite,
                              token=getattr(args, "token", None), flag="ORG/NAME")
     except (PushError, HfHubHTTPError) as error:
-        print(f"hf-mudsc push: error: {error}", file=sys.stderr)
+        print(f"hf-mudsc push: error: {hide_tokens(str(error))}", file=sys.stderr)
         return 1
     print(f"Pushed {args.folder} to {result.url} (commit {result.commit_sha})")
     return 0

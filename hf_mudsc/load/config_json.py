@@ -10,17 +10,23 @@ and the fix, before `AutoConfig` runs.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from hf_mudsc.errors import LoadError, shown
 from hf_mudsc.option_values import MAX_BLOCKS
 
+#: The largest config, processor or tokenizer file read with a model (each is read whole): real ones are kilobytes to
+#: tens of megabytes (a large tokenizer.json ~35 MB); a hostile repository's or folder's could be gigabytes.
+SIDE_FILE_MAX_BYTES = 256 * 2**20
 #: The most labels a classifier config may declare (ImageNet-21k has 21,841; each becomes an id2label entry).
 MAX_LABELS = 1_000_000
 FIX = "restore the config.json saved with the weights (save_pretrained writes both)"
 #: The attention code a config may choose: transformers' own (None: its default).
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
+#: Config keys that are sizes (`hidden_size`, `projection_dim`, `max_position_embeddings`): never negative.
+SIZE_SUFFIXES = ("_size", "_dim", "_embeddings")
 _ATTENTION_KEYS = ("attn_implementation", "_attn_implementation")
 _JSON_KINDS = {type(None): "null", list: "a list", str: "a string", bool: "a boolean", int: "a number",
                float: "a number"}
@@ -28,7 +34,7 @@ _JSON_KINDS = {type(None): "null", list: "a list", str: "a string", bool: "a boo
 
 def check_config_json(folder: Path, reference: str) -> dict[str, Any]:
     """The parsed config.json of `folder`; raises `LoadError` when it is not a JSON object naming a model_type, or
-    declares a count no model has (a negative `num_*`, more than `MAX_LABELS` labels or `MAX_BLOCKS` layers)."""
+    declares a count no model has (a negative `num_*` or size, more than `MAX_LABELS` labels or `MAX_BLOCKS` layers)."""
     where = f"{reference!r}: config.json"
     try:
         text = (folder / "config.json").read_bytes().decode("utf-8")
@@ -48,6 +54,9 @@ def check_config_json(folder: Path, reference: str) -> dict[str, Any]:
         raise LoadError(f"{where} is not valid JSON: it is nested too deeply to be a config; {FIX}") from None
     if not isinstance(data, dict):
         raise LoadError(f"{where} is not a JSON object (got {_JSON_KINDS.get(type(data), 'a value')}); {FIX}")
+    non_finite = _non_finite(data)
+    if non_finite is not None:  # Python reads NaN and Infinity, JSON has neither: NaN even differs from itself
+        raise LoadError(f"{where} gives {non_finite[0]} as {non_finite[1]}, not a number JSON allows; {FIX}")
     if not isinstance(data.get("model_type"), str) or not data["model_type"]:
         raise LoadError(f"{where} names no model_type (the transformers model family, e.g. \"vit\"; got "
                         f"{shown(data.get('model_type'))}); {FIX}")
@@ -70,6 +79,21 @@ def _check_label_numbers(id2label: Any, where: str) -> None:
     if numbers != list(range(len(numbers))):
         raise LoadError(f"{where}: id2label numbers its labels {shown(numbers)}, not 0 to {len(numbers) - 1} (one per "
                         f"classifier row); {FIX}")
+
+
+def _non_finite(data: Any) -> tuple[str, str] | None:
+    """`(key path, "NaN" / "Infinity" / "-Infinity")` of the first non-finite number in `data`, None if it has none.
+    Iterative: `data` may be nested as deeply as the JSON reader allows."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return path, "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+        if isinstance(value, dict):
+            stack.extend((f"{path}.{key}" if path else str(key), item) for key, item in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((path, item) for item in reversed(value))
+    return None
 
 
 class _DuplicateKey(ValueError):
@@ -108,7 +132,8 @@ def _check_code_choices(data: dict[str, Any], where: str, prefix: str = "") -> N
 
 
 def _check_counts(data: dict[str, Any], where: str, prefix: str = "") -> None:
-    """Counts of things transformers builds one by one (labels, layers) must be ones a model can have."""
+    """Counts of things transformers builds one by one (labels, layers) must be ones a model can have; no count or
+    size may be negative."""
     for key, value in data.items():
         if isinstance(value, dict):
             _check_counts(value, where, f"{prefix}{key}.")
@@ -117,8 +142,9 @@ def _check_counts(data: dict[str, Any], where: str, prefix: str = "") -> None:
             continue
         name = prefix + key
         limit = MAX_LABELS if key == "num_labels" else MAX_BLOCKS if key.endswith("layers") else None
-        if key.startswith("num_") and value < 0:
-            raise LoadError(f"{where}: {name} is {value}, a count cannot be negative; {FIX}")
+        if value < 0 and (key.startswith("num_") or key.endswith(SIZE_SUFFIXES)):  # torch fails on it in a traceback
+            kind = "count" if key.startswith("num_") else "size"
+            raise LoadError(f"{where}: {name} is {value}, a {kind} cannot be negative; {FIX}")
         if limit is not None and value > limit:
             raise LoadError(f"{where}: {name} is {shown(value)}, more than any model has (at most {limit:,}); "
                             f"{FIX}")

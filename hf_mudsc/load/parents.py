@@ -28,7 +28,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from hf_mudsc.errors import LoadError, MergeInputError, ParentMismatchError, shown
 from hf_mudsc.load.checks import HEAD_CONFIG_KEYS, config_differences, is_regression_head
 from hf_mudsc.load.config_json import FIX as CONFIG_FIX
-from hf_mudsc.load.config_json import check_config_json
+from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES, check_config_json
 from hf_mudsc.load.hub_calls import hub_call
 from hf_mudsc.load.links import refuse_link_out, refuse_links_out
 from hf_mudsc.load.processors import load_processor, processor_from_name, tokenizer_of
@@ -39,9 +39,6 @@ logger = logging.getLogger(__name__)
 
 # Small top-level files fetched before any weights: the config, processors and tokenizers.
 SMALL_FILE_SUFFIXES = (".json", ".txt", ".model")
-# The largest such file downloaded with the config, before any weights (sizes from the repository listing): real
-# side files are kilobytes to tens of megabytes (a large tokenizer.json ~35 MB); a hostile repo's could be gigabytes.
-SIDE_FILE_MAX_BYTES = 256 * 2**20
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
@@ -106,6 +103,9 @@ class _Located:
     """A pickle checkpoint's stored dtype, read when its weights are checked (`_prepare`)."""
     prepared: bool = False
     """Its weights are fetched and their headers checked (`_prepare`): only loading is left."""
+    card_bytes: int | None = None
+    """The size of README.md in the Hub repository's file list (None: not from the Hub, or no card): an oversized card
+    is not downloaded for the base it names (`_card_text`)."""
     read_as: type[PreTrainedModel] | None = None
     """A base of another head class than the parents' (same model type and backbone): the parents' class it is read
     as (`check_base_config`); tensors its checkpoint lacks become `LoadedParent.absent`."""
@@ -312,6 +312,7 @@ def _locate_folder(reference: str, path: Path, allow_pickle: bool) -> _Located:
     if not (path / "config.json").is_file():
         raise LoadError(f"{str(path)!r} has no config.json; save the model with save_pretrained")
     files = [p.name for p in path.iterdir() if p.is_file()]
+    refuse_large_side_files(reference, path, files)
     weight_files, use_pickle = _weights_format(reference, files, allow_pickle)
     config = _load_config(path, reference)
     check_weight_files(reference, path, weight_files)
@@ -320,6 +321,20 @@ def _locate_folder(reference: str, path: Path, allow_pickle: bool) -> _Located:
     if not use_pickle:  # the headers are here already: a config or weights they refuse fail before any comparison
         check_config_fits_weights(located)
     return located
+
+
+def refuse_large_side_files(reference: str, folder: Path, names: Sequence[str]) -> None:
+    """Refuse a config, processor or tokenizer file of `folder` over `SIDE_FILE_MAX_BYTES` before any is read (each is
+    read whole): the limit a Hub repository's files are held to from its file list, for a folder (an unpacked
+    archive, a cached snapshot read offline)."""
+    for name in sorted(names):
+        if not name.endswith(SMALL_FILE_SUFFIXES):
+            continue
+        size = (folder / name).stat().st_size
+        if size > SIDE_FILE_MAX_BYTES:
+            raise LoadError(f"{reference!r}: {name} is {size:,} bytes, more than the {SIDE_FILE_MAX_BYTES:,} a file "
+                            "read with the config may be (.json/.txt/.model at the top level); a model's side files "
+                            "are small — remove it from the folder, or restore the one save_pretrained wrote")
 
 
 def _shard_names(reference: str, folder: Path, index_name: str) -> list[str]:
@@ -425,8 +440,10 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
             what="looking it up in the local cache")
         folder = Path(folder)
         files = [p.name for p in folder.iterdir() if p.is_file()]
+        refuse_large_side_files(reference, folder, files)
         weight_files, use_pickle = _weights_format(reference, files, allow_pickle)
         sha = folder.name  # a snapshot folder is named by its commit sha
+        card_bytes = None  # a cached card is measured when it is read
         logger.info("offline: using the cached snapshot %s of %s", sha, repo_id)
     else:
         info = _hub_call(
@@ -441,6 +458,7 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
         if "config.json" not in small:
             raise LoadError(f"{reference!r} has no config.json at revision {sha}; it is not a transformers model")
         sizes = {s.rfilename: s.size for s in (info.siblings or []) if s.size is not None}
+        card_bytes = sizes.get("README.md")
         for name in small:
             if sizes.get(name, 0) > SIDE_FILE_MAX_BYTES:
                 raise LoadError(f"{reference!r}: {name} is {sizes[name]:,} bytes, more than the "
@@ -450,7 +468,7 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
         folder = download_files(reference, repo_id, sha, small, token=token, cache_dir=cache_dir)
     config = _load_config(folder, reference)
     return _Located(reference=reference, config=config, folder=folder, repo_id=repo_id, revision=revision,
-                    commit_sha=sha, weight_files=weight_files, use_pickle=use_pickle)
+                    commit_sha=sha, weight_files=weight_files, use_pickle=use_pickle, card_bytes=card_bytes)
 
 
 def download_files(reference: str, repo_id: str, commit_sha: str, filenames: Sequence[str], *,
@@ -1136,6 +1154,10 @@ def _card_text(located: _Located, *, token: str | bool | None, cache_dir: str | 
                 folder = Path(str(candidate)).expanduser()
                 break
     if located.repo_id is not None and (folder is None or not (folder / "README.md").is_file()):
+        if located.card_bytes is not None and located.card_bytes > SIDE_FILE_MAX_BYTES:
+            _card_too_large(located.reference, located.card_bytes)
+            return None
+
         def download() -> str | None:
             try:
                 return hf_hub_download(located.repo_id, "README.md", revision=located.commit_sha or located.revision,
@@ -1151,8 +1173,18 @@ def _card_text(located: _Located, *, token: str | bool | None, cache_dir: str | 
     return None
 
 
+def _card_too_large(where: str, size: int) -> None:
+    logger.warning("%s: README.md is %s bytes, more than the %s a model card is read at; the base_model it may name "
+                   "is not read", where, f"{size:,}", f"{SIDE_FILE_MAX_BYTES:,}")
+
+
 def _read_card(path: Path) -> str | None:
-    """A model card's text; None (logged) for one that is not UTF-8 text: it names no base."""
+    """A model card's text; None (logged) for one that is not UTF-8 text, or larger than `SIDE_FILE_MAX_BYTES` (it is
+    read whole): it names no base."""
+    size = path.stat().st_size
+    if size > SIDE_FILE_MAX_BYTES:
+        _card_too_large(str(path.parent), size)
+        return None
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:

@@ -27,6 +27,12 @@ def looks_like_token(text: str) -> bool:
     return TOKEN_SHAPE.search(text) is not None
 
 
+def hide_tokens(text: str) -> str:
+    """`text` with anything shaped like an access token replaced by `***`: for an error line that names what the user
+    gave, which may be a token given in the wrong place (`hf-mudsc inspect $HF_TOKEN`)."""
+    return TOKEN_SHAPE.sub("***", text)
+
+
 def parent_name(model: PreTrainedModel, fallback: str) -> str:
     """A parent's name for the merged config: a local folder by its name only. The config travels with every
     copy of the model, and absolute paths would publish this machine's layout (user names, cache folders);

@@ -45,6 +45,8 @@ OLD_MARK = ".old-"  # in the name of a replaced output while the new one is rena
 # The writer's proof of ownership: every file it wrote, with size and sha256. A user does not copy a hidden
 # file by accident, and a copied one lists files that the folder then does not match. It holds no paths.
 MARKER_FILENAME = ".hf_mudsc_output.json"
+# A marker lists ~150 bytes per file: one past this size was not written by hf-mudsc, and is never read (read whole).
+MARKER_MAX_BYTES = 64 * 2**20
 WRITER = "hf-mudsc"
 _STAGING_SUFFIX_LENGTH = len(PARTIAL_MARK) + 10  # what mkdtemp adds to `.{name}`
 # The fingerprints this process took, by file identity (device, inode: kept across the staging folder's rename),
@@ -179,7 +181,7 @@ def check_location(output: str | os.PathLike, *, flag: str = "--output") -> None
 def read_marker(folder: str | os.PathLike) -> dict[str, Any] | None:
     """The writer's marker of `folder`, or None when it has none (or an unreadable one)."""
     path = Path(folder) / MARKER_FILENAME
-    if path.is_symlink() or not path.is_file():
+    if path.is_symlink() or not path.is_file() or path.stat().st_size > MARKER_MAX_BYTES:
         return None
     try:
         marker = json.loads(path.read_text(encoding="utf-8"))
@@ -196,7 +198,7 @@ def written_unchanged(path: str | os.PathLike, *, owner: str | os.PathLike | Non
     wrote there and nobody changed since (what may be replaced in place, e.g. by `hf-mudsc evaluate`).
     `owner`: the folder whose marker lists the file, when it is not `path`'s own folder (e.g. `DIR/plots/x.png`)."""
     path = Path(path)
-    if path.is_symlink() or not path.is_file():
+    if path.is_symlink() or not path.is_file() or path.stat().st_size > MARKER_MAX_BYTES:
         return False
     root = Path(owner) if owner is not None else path.parent
     key = path.absolute().relative_to(root.absolute()).as_posix()
@@ -245,6 +247,15 @@ def unlisted_files(folder: str | os.PathLike, *, check_content: bool = False) ->
                                 or entry.get("sha256") != _fingerprint_of(path, settled=True)["sha256"]):
             changed.append(name)
     return foreign, changed
+
+
+def listed_outside(folder: str | os.PathLike) -> list[str]:
+    """Names the marker of `folder` lists that cannot be files of the folder: absolute, or with `..` (or `.`, or
+    empty) parts. hf-mudsc records only relative names of files it wrote inside; such a name means the marker was
+    crafted, and whatever reads the list (a push uploads it) would reach files elsewhere on this machine."""
+    listed = (read_marker(folder) or {}).get("files", {})
+    return sorted(name for name in listed
+                  if not name or name.startswith("/") or {"", ".", ".."} & set(name.split("/")))
 
 
 def _walk(folder: Path) -> Iterator[Path]:

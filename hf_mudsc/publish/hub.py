@@ -27,8 +27,9 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from hf_mudsc.errors import PushError, RepoExistsError
 from hf_mudsc.load.hub_calls import http_client, hub_call
-from hf_mudsc.publish.folder import MARKER_FILENAME, read_marker, unlisted_files
-from hf_mudsc.publish.recipe import RECIPE_FILENAME, published_text
+from hf_mudsc.load.references import TOKEN_FIX, looks_like_token
+from hf_mudsc.publish.folder import MARKER_FILENAME, listed_outside, read_marker, unlisted_files
+from hf_mudsc.publish.recipe import MAX_RECIPE_BYTES, RECIPE_FILENAME, published_text
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +120,13 @@ def check_folder(folder: str | os.PathLike) -> Path:
             "proves it holds only what hf-mudsc wrote (an older version wrote none); write it again with "
             "`hf-mudsc merge --output DIR`, or upload it yourself with `hf upload`"
         )
+    outside = listed_outside(folder)
+    if outside:
+        raise ValueError(
+            f"refusing to push {str(folder)!r}: its {MARKER_FILENAME} lists files that are not in it "
+            f"({', '.join(repr(name) for name in outside[:3])}{' ...' if len(outside) > 3 else ''}), which hf-mudsc "
+            "never writes (the marker was edited); write the folder again with `hf-mudsc merge --output DIR`"
+        )
     if foreign:
         raise ValueError(
             f"refusing to push {str(folder)!r}: it holds files hf-mudsc did not write ({', '.join(foreign[:10])}"
@@ -131,10 +139,17 @@ def published_files(folder: str | os.PathLike) -> list[str]:
     """The files a push uploads: those the writer's marker lists and that are still there (never the marker)."""
     folder = Path(folder)
     listed = (read_marker(folder) or {}).get("files", {})
-    return sorted(name for name in listed if (folder / name).is_file() and not (folder / name).is_symlink())
+    outside = set(listed_outside(folder))  # `check_folder` refuses them; never read one, whoever calls this
+    return sorted(name for name in listed
+                  if name not in outside and (folder / name).is_file() and not (folder / name).is_symlink())
 
 
-def _check_repo_id(repo_id: str) -> None:
+def check_repo_id(repo_id: str, *, flag: str = "--push-to-hub name") -> None:
+    """Refuse a repo id to push to that is no `org/name`, or that holds a token (pasted where the id goes): its
+    every Hub call would send the token in a URL, and the repo created would be named after it."""
+    if looks_like_token(repo_id):
+        raise ValueError(f"the Hub repo id ({flag}) looks like a Hugging Face access token (not shown); give the "
+                         f"repo to create as `org/name`, and {TOKEN_FIX}")
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise ValueError(f"the Hub repo id must look like `org/name`, got {repo_id!r}")
 
@@ -151,7 +166,7 @@ def _is_empty(api: HfApi, repo_id: str) -> bool:
 
 def _target_state(repo_id: str, *, overwrite: bool, token: str | None, flag: str, seconds: float) -> str:
     """"absent", "empty" (pushed into without --overwrite) or "exists" (only with `overwrite`)."""
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id, flag=flag)
     api = HfApi(token=token)
     exists = _step(f"checking whether the repo {repo_id!r} exists", lambda: api.repo_exists(repo_id),
                    seconds=seconds)
@@ -244,6 +259,11 @@ def published_contents(folder: Path) -> dict[str, bytes]:
     """The files uploaded with other bytes than the folder's: the recipe with its local folders named by folder
     name (`recipe.published_text`), when it has any. Read from the folder, which is never changed."""
     path = folder / RECIPE_FILENAME
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:  # read whole below: refused as `Recipe.load` refuses it
+        raise ValueError(f"refusing to push {str(folder)!r}: its {RECIPE_FILENAME} is {size:,} bytes, more than a "
+                         f"recipe may be ({MAX_RECIPE_BYTES:,}); write the folder again with "
+                         "`hf-mudsc merge --output DIR`")
     local = path.read_bytes()
     try:
         text = local.decode("utf-8")

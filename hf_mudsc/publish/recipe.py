@@ -34,7 +34,7 @@ import yaml
 
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import MergeInputError, OptionError, RecipeError, shown
-from hf_mudsc.load.references import local_name
+from hf_mudsc.load.references import TOKEN_FIX, local_name, looks_like_token
 from hf_mudsc.option_values import MATCHERS as MATCHERS  # re-exported: the CLI's --matcher choices
 from hf_mudsc.options import RECIPE_FILENAME as RECIPE_FILENAME
 from hf_mudsc.options import REFITTING, MergeOptions
@@ -207,11 +207,37 @@ class Recipe(MergeOptions):
                 "(a dataset spec `repo_or_path[@revision][:config]:split` or a saved dataset folder), "
                 f"or merge without data: --method {' / '.join(data_free_methods(len(self.models))[:3]) or 'auto'}"
             )
+        if self.push_to_hub is not None and looks_like_token(self.push_to_hub):  # every Hub call would carry it
+            raise RecipeError("push_to_hub (CLI: --push-to-hub) looks like a Hugging Face access token (not shown); "
+                              f"give the repo to create as `org/name`, and {TOKEN_FIX}")
         if self.push_to_hub is not None and self.push_to_hub.count("/") != 1:
             raise RecipeError(
                 f"push_to_hub must be a repo id `org/name` (CLI: --push-to-hub), got {shown(self.push_to_hub)}"
             )
         return self
+
+    def inputs(self, recipe_file: str | os.PathLike | None = None) -> list[tuple[str, str | os.PathLike]]:
+        """What a merge of this recipe reads from disk, as `(description, path)` pairs for `folder.check_output`:
+        the local parent and base folders, the calibration file or folder, `recipe_file`, and the Hugging Face hub
+        cache when a parent, the base or the data comes from the Hub (they are read from there). An output may not
+        be equal to, inside or around any of them: inputs are never modified."""
+        local = [reference for reference in [*self.models, self.base]  # "" would name the current directory
+                 if reference and Path(reference).expanduser().exists()]
+        inputs: list[tuple[str, str | os.PathLike]] = [("parent folder", reference) for reference in local
+                                                       if reference in self.models]
+        if self.base in local:
+            inputs.append(("base folder", self.base))
+        calibration = _calibration_path(self.calibration)
+        if calibration is not None:
+            inputs.append(("calibration data", calibration))
+        if recipe_file:
+            inputs.append(("recipe file", recipe_file))
+        if any(reference and reference not in local for reference in [*self.models, self.base]) or (
+                self.calibration and calibration is None):
+            from huggingface_hub import constants
+
+            inputs.append(("Hugging Face cache", constants.HF_HUB_CACHE))
+        return inputs
 
     # ------------------------------------------------------------------ output
     def merge_options(self) -> dict[str, Any]:
@@ -352,6 +378,16 @@ def check_local_folders_given(path: str | os.PathLike, recipe: Recipe) -> None:
             f"{'its path (or a Hub id)' if one else 'their paths (or Hub ids)'}: "
             f"{'; '.join(dict.fromkeys(missing.values()))} — or write them into the file"
         )
+
+
+def _calibration_path(spec: str | None) -> Path | None:
+    """The local file or folder of a calibration spec (`path[:config]:split`), if it names one."""
+    if not spec:
+        return None
+    for candidate in (spec, spec.partition(":")[0]):
+        if candidate and Path(candidate).expanduser().exists():
+            return Path(candidate).expanduser()
+    return None
 
 
 def _yaml_scalar(value: str) -> str:

@@ -166,7 +166,9 @@ def publish(
     produced: dict[str, Any] = {}
     failure: Exception | None = None
     kept: Path | None = None
-    with staged_output(output, overwrite=overwrite, flag=output_flag) as staging:
+    # The output may not overlap what the merge read (its parents, data), as `hf-mudsc merge` checks before merging.
+    inputs = (recipe if recipe is not None else recipe_of(merged)).inputs() if output is not None else ()
+    with staged_output(output, overwrite=overwrite, inputs=inputs, flag=output_flag) as staging:
         write_merged_folder(staging, merged, recipe=recipe, parents=parents, processor=processor,
                             eval_results=eval_results, model_name=model_name)
         if push_to_hub:
@@ -226,8 +228,9 @@ def push_merged(
     Returns:
         A `hf_mudsc.publish.hub.PushResult` (`commit_sha`, `commit_url`, `url`).
     """
-    from hf_mudsc.publish.hub import check_target
+    from hf_mudsc.publish.hub import check_repo_id, check_target
 
+    check_repo_id(repo_id, flag="repo_id")  # a token pasted here: refused before any message could show it
     recipe = recipe_of(merged).override(push_to_hub=repo_id)
     refuse_non_finite_weights(merged)  # before the Hub is asked anything
     check_target(repo_id, overwrite=overwrite, token=token, flag="repo_id")  # before writing anything
