@@ -35,6 +35,22 @@ CALIBRATION_EFFICIENCY = 1.2
 # (5 s align, 11 s zip measured). The per-parameter term is the apply step and writing the model.
 SOLVE_FACTOR = 0.41
 APPLY_FLOPS_PER_PARAMETER = 5.3e4
+# Fitted 2026-12-01 on `scripts/bench_refit_cost.py`'s MiniLM-L6 pair (B = A perturbed and permuted, 512 and 128
+# random 64-token examples, one thread; CPU seconds, each against the same process's calibration as the yardstick
+# of the matmul rate, since the probe's R moves with the machine's load):
+# - the solve with every start (docs/design.md §4.5: the activation start, the weight-only matching, the identity)
+#   against the paper's one start (`reference_compat=True`, which SOLVE_FACTOR was fitted to): 22.7 vs 8.8 s of
+#   solve and apply, i.e. MULTI_START_SOLVES times the one start's solve term;
+# - `alpha="auto"` (§4.4) over the α 0.5 merge: its candidates' sweeps (ALPHA_SEARCH_SOLVES solve terms) and their
+#   held-out forwards, 29.3 s;
+# - the refit (§4.9: each parent's forward once, the merged model's REFIT_MERGED_FORWARDS times as each step re-runs
+#   its block from the stored inputs, every layer's float64 Gram and cross-Gram counted as float32 FLOPs x2): the
+#   gate took 59.9 s (385 examples), 53.5 s (with the α search's held-out outputs) and 16.7 s (103 examples) against
+#   64.8 / 49.9 / 16.3 s predicted at REFIT_EFFICIENCY (multi-start: 13.8 s predicted, the α search 29.2 s).
+MULTI_START_SOLVES = 8.5
+ALPHA_SEARCH_SOLVES = 12.0
+REFIT_MERGED_FORWARDS = 2.0
+REFIT_EFFICIENCY = 0.95
 # Peak RSS = runtime + WEIGHTS_FACTOR x both parents' fp32 weights + STATISTICS_FACTOR x the statistics
 # (MiniLM 1.46 GB predicted / 1.45-1.55 measured, ViT-S stand-in 2.06 / 2.02, ViT-B 7.0 / 7.7).
 RUNTIME_BYTES = 380e6
@@ -103,10 +119,16 @@ class Estimate:
     peak_memory_bytes: int
     matmul_flops_per_second: float
     statistics_bytes: int
+    alpha_search_seconds: float = 0.0
+    """`alpha="auto"`'s candidate solves and their held-out scoring (0 when no search runs)."""
+    refit_seconds: float = 0.0
+    """The refit (`refit`: ridge, the gate's ridge refit and held-out scoring, or REPAIR); 0 without one."""
+    refit_bytes: int = 0
+    """The refit's working set, counted in the peak (`refit_bytes`); 0 without a refit."""
 
     @property
     def seconds(self) -> float:
-        return self.calibration_seconds + self.solve_seconds
+        return self.calibration_seconds + self.solve_seconds + self.alpha_search_seconds + self.refit_seconds
 
 
 @dataclass
@@ -181,8 +203,14 @@ class MergePlan:
                        else f"columns not checked: {calibration.columns_unchecked_reason}")
             lines.append(f"Calibration: {calibration.source}: {rows}{available} rows, {tokens}; {columns}")
         estimate = self.estimate
-        lines += ["", f"Estimate: {_seconds(estimate.seconds)} (calibration {_seconds(estimate.calibration_seconds)}, "
-                  f"solve and apply {_seconds(estimate.solve_seconds)}; download not included), peak memory "
+        parts = [f"calibration {_seconds(estimate.calibration_seconds)}",
+                 f"solve and apply {_seconds(estimate.solve_seconds)}"]
+        if estimate.alpha_search_seconds:
+            parts.append(f"α search {_seconds(estimate.alpha_search_seconds)}")
+        if estimate.refit_seconds:
+            parts.append(f"refit {_seconds(estimate.refit_seconds)}")
+        lines += ["", f"Estimate: {_seconds(estimate.seconds)} ({', '.join(parts)}; download not included), peak "
+                  "memory "
                   f"{_bytes(estimate.peak_memory_bytes)} (statistics {_bytes(estimate.statistics_bytes)}), at "
                   f"{estimate.matmul_flops_per_second / 1e9:.0f} GFLOP/s"]
         if self.warnings:
@@ -475,16 +503,50 @@ def solve_flops(widths: Sequence[int], columns: Sequence[int], parents: int = 2)
     return float(sum(2 * (parents * n) ** 2 * d + (parents * n) ** 3 for n, d in zip(widths, columns)))
 
 
+def refit_bytes(layers: Sequence[tuple[int, int, float]], examples: int, parents: int, width: int,
+                tokens: float) -> float:
+    """The refit's memory on top of the merge's: the parents' targets it caches (at most `TARGET_CACHE_BYTES`, at
+    least one layer's), the block inputs and outputs it stores for the parents and the merged model (`BlockReplay`:
+    `examples × tokens × width` float32 each), and the widest layer's float64 Gram and cross-Gram."""
+    from hf_mudsc.apply.refit import TARGET_CACHE_BYTES
+
+    targets = [4.0 * examples * rows * outputs for _, outputs, rows in layers]
+    cached = max(min(sum(targets), TARGET_CACHE_BYTES), max(targets, default=0.0))
+    stored = 2 * (parents + 1) * 4.0 * examples * tokens * width
+    gram = max((8.0 * unknowns * (unknowns + outputs) for unknowns, outputs, _ in layers), default=0.0)
+    return cached + stored + gram
+
+
+def refit_flops(layers: Sequence[tuple[int, int, float]], forward: float, examples: int, parents: int = 2,
+                gram: bool = True) -> float:
+    """The refit's work in float32 FLOPs over `examples`: each parent's forward once and the merged model's
+    `REFIT_MERGED_FORWARDS` times, plus — for the ridge refit (`gram`), not REPAIR's per-unit moments — every layer's
+    float64 Gram (`rows·u²` FLOPs by syrk, x2 for float64) and cross-Gram (`2·rows·u·out`, x2); `layers`: (unknowns
+    u = inputs + bias, outputs, rows per example) of each refit layer."""
+    per_example = (parents + REFIT_MERGED_FORWARDS) * forward
+    if gram:
+        per_example += sum(rows * (2 * unknowns**2 + 4 * unknowns * outputs) for unknowns, outputs, rows in layers)
+    return examples * per_example
+
+
 def estimate_cost(*, widths: Sequence[int], columns: Sequence[int], group_tokens: Sequence[int],
                   linear_params: Mapping[str, int], tokens: Mapping[str, int], num_parameters: int,
                   rows: int | None, needs_statistics: bool, matmul_flops: float, solves: bool = True,
-                  parents: int = 2, base: bool = False, copies: int = 0, whole: int | None = None) -> Estimate:
+                  parents: int = 2, base: bool = False, copies: int = 0, whole: int | None = None,
+                  multi_start: bool = False, alpha_search: bool = False, refit: str = "none",
+                  refit_layers: Sequence[tuple[int, int, float]] = (), refit_examples: int = 0,
+                  refit_memory: float = 0.0) -> Estimate:
     """Time and peak memory of a merge (docs/design.md, "Dry run"):
 
     calibration s = rows × (2 × forward FLOPs + Σ_g tokens_g · 2·(2n_g)²) / (efficiency × matmul FLOP/s)
     solve s       = (SOLVE_FACTOR × Σ_g (2·(2n_g)²·D_g + (2n_g)³) + APPLY_FLOPS_PER_PARAMETER × parameters)
                     / matmul FLOP/s          (no solve term for methods without unit matching)
     peak bytes    = runtime + 2.5 × 2 × 4 × parameters + 1.25 × Σ_g 8·(2n_g)²   (statistics only with data)
+                    + the refit's working set (`refit_memory`, `refit_bytes`) + 4 × parameters with the α search
+    With `multi_start` the solve term is `MULTI_START_SOLVES` solves; `alpha_search` adds `ALPHA_SEARCH_SOLVES` solves
+    and the candidates' held-out forwards (`len(ALPHA_GRID)` merged models and the parents on every
+    `HOLDOUT_EVERY`-th row); `refit` ("ridge", "gate", "repair") adds `refit_flops` over `refit_examples` at
+    `REFIT_EFFICIENCY` of the matmul rate (the gate: + the merged model before and after on the held-out rows).
     With N `parents` every 2 above is N (N forwards, `(N·n)²` statistics, N parents' weights). `whole`: the parents
     held whole (default all N) — a tensor-wise method streams the parents after the first (`pipeline.streams_parents`,
     the memory floor's `loading` rule), so their weights are one tensor at a time: not counted. A `base` loaded whole
@@ -497,13 +559,31 @@ def estimate_cost(*, widths: Sequence[int], columns: Sequence[int], group_tokens
         per_example = parents * forward_flops(linear_params, tokens) + sum(
             t * 2 * (parents * n) ** 2 for n, t in zip(widths, group_tokens))
         calibration = (rows or 0) * per_example / (CALIBRATION_EFFICIENCY * matmul_flops)
-    solve = ((SOLVE_FACTOR * solve_flops(widths, columns, parents) if solves else 0.0)
-             + APPLY_FLOPS_PER_PARAMETER * num_parameters) / matmul_flops
+    from hf_mudsc.apply.fidelity import ALPHA_GRID, HOLDOUT_EVERY
+
+    one_solve = SOLVE_FACTOR * solve_flops(widths, columns, parents) if solves else 0.0
+    starts = MULTI_START_SOLVES if multi_start and solves else 1.0
+    solve = (starts * one_solve + APPLY_FLOPS_PER_PARAMETER * num_parameters) / matmul_flops
+    forward = forward_flops(linear_params, tokens)
+    held_out = (rows or 0) // HOLDOUT_EVERY
+    alpha_seconds = 0.0
+    if alpha_search and solves:  # the candidates' sweeps; each candidate and the parents scored on the held-out rows
+        alpha_seconds = (ALPHA_SEARCH_SOLVES * one_solve
+                         + (len(ALPHA_GRID) + parents) * held_out * forward) / matmul_flops
+    refit_seconds = 0.0
+    if refit != "none":
+        work = refit_flops(refit_layers, forward, refit_examples, parents, gram=refit != "repair")
+        if refit == "gate":  # the merged model before and after the refit scored on the held-out rows (+ the parents)
+            work += (2 + (0 if alpha_search else parents)) * held_out * forward
+        refit_seconds = work / (REFIT_EFFICIENCY * matmul_flops)
     held = parents if whole is None else whole
     peak = (RUNTIME_BYTES + WEIGHTS_FACTOR * (held + int(base)) * 4 * num_parameters + copies * 4 * num_parameters
-            + STATISTICS_FACTOR * stats)
+            + STATISTICS_FACTOR * stats + (refit_memory if refit != "none" else 0.0)
+            + (4 * num_parameters if alpha_search and solves else 0.0))  # a candidate merged model
     return Estimate(calibration_seconds=calibration, solve_seconds=solve, peak_memory_bytes=math.ceil(peak),
-                    matmul_flops_per_second=matmul_flops, statistics_bytes=math.ceil(stats))
+                    matmul_flops_per_second=matmul_flops, statistics_bytes=math.ceil(stats),
+                    alpha_search_seconds=alpha_seconds, refit_seconds=refit_seconds,
+                    refit_bytes=math.ceil(refit_memory) if refit != "none" else 0)
 
 
 # ------------------------------------------------------------------------------------------------ model facts
@@ -525,6 +605,23 @@ def tokens_per_example(config: Any) -> tuple[dict[str, int], bool]:
             assumed = assumed or tower_assumed
     tokens[""] = 1  # projections and heads see one row per example
     return tokens, assumed
+
+
+def batch_text_tokens(calibration: Any) -> int | None:
+    """Tokens per example of calibration given as tokenized batches (`input_ids` of shape (rows, tokens)): their
+    row-weighted mean length, padding included (the forwards compute it); None for anything else — a dataset's rows
+    are not tokenized by a dry run."""
+    if not isinstance(calibration, (list, tuple)) or not calibration:
+        return None
+    rows = tokens = 0
+    for batch in calibration:
+        ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+        shape = getattr(ids, "shape", None)
+        if shape is None or len(shape) != 2:
+            return None
+        rows += int(shape[0])
+        tokens += int(shape[0]) * int(shape[1])
+    return math.ceil(tokens / rows) if rows else None
 
 
 def _tower_tokens(config: Any) -> tuple[int, bool]:
@@ -615,10 +712,10 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
 
     automatic = is_auto(options.method)
     method = planned_method(calibration is not None) if automatic else get_method(options.method)
-    needs_data = method.needs_calibration or resolve_refit(
+    refit = resolve_refit(
         options.refit, matches_units=method.matches_units, has_data=calibration is not None, num_parents=len(models),
-        reference_compat=bool(options.reference_compat), reads_data=method.needs_data,
-        weights=options.weights) in REFITTING
+        reference_compat=bool(options.reference_compat), reads_data=method.needs_data, weights=options.weights)
+    needs_data = method.needs_calibration or refit in REFITTING
     calibration_plan = None
     located, located_base, base_source = locate_parents(
         list(models), options.base, base_needed_for=None if automatic or not method.needs_base_model else method.name,
@@ -652,6 +749,9 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     config = located[0].config
     spec = spec_for(models_meta[0])
     tokens, assumed = tokens_per_example(config)
+    counted = batch_text_tokens(calibration)
+    if assumed and counted is not None:  # only text is ever assumed: tokenized batches say how long theirs are
+        tokens["text_model" if "text_model" in tokens else ""], assumed = counted, False
     if needs_data:
         processors = [parent.loaded.processor if parent.loaded is not None else parent.processor
                       for parent in located]
@@ -668,11 +768,19 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     columns = [sum(_numel(shapes[m.param]) // g.width for m in g.members if m.param in shapes) for g in spec.groups]
     group_tokens = [max(_tokens_for(h.module, tokens) for h in g.hooks) if g.hooks else 1 for g in spec.groups]
     rows = calibration_plan.rows if calibration_plan is not None else None
+    refitted, refit_examples = _refit_shapes(models_meta[0], spec, options, refit, tokens, rows)
+    residual = max((getattr(sub, "hidden_size", 0) or 0 for sub in (
+        config, getattr(config, "text_config", None), getattr(config, "vision_config", None)) if sub is not None),
+        default=0)
+    refit_memory = refit_bytes(refitted, refit_examples, len(models), residual, max(tokens.values())) if refitted \
+        else 0.0
     estimate = estimate_cost(
         widths=widths, columns=columns, group_tokens=group_tokens, linear_params=linear, tokens=tokens,
         num_parameters=parents[0].num_parameters, rows=rows, needs_statistics=method.needs_calibration,
         matmul_flops=matmul_flops or matmul_rate(), solves=method.matches_units, parents=len(models),
-        base=base_whole, copies=copies, whole=whole)
+        base=base_whole, copies=copies, whole=whole, multi_start=not options.reference_compat,
+        alpha_search=not automatic and alpha_searched(method, options, len(models)), refit=refit,
+        refit_layers=refitted, refit_examples=refit_examples, refit_memory=refit_memory)
     warnings = []
     if calibration_plan is not None and rows is not None and method.needs_calibration:
         text = calibration_size_warning({g.name: rows * t for g, t in zip(spec.groups, group_tokens)},
@@ -724,6 +832,35 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     logger.info("dry run: %d groups, estimate %.1f s, peak %.2f GB", len(plan.groups), estimate.seconds,
                 estimate.peak_memory_bytes / 1e9)
     return plan
+
+
+def _refit_shapes(model: Any, spec: Any, options: MergeOptions, refit: str, tokens: Mapping[str, int],
+                  rows: int | None) -> tuple[list[tuple[int, int, float]], int]:
+    """The refit's layers as (unknowns, outputs, rows per example) and the examples it would read, as the merge
+    resolves them (`refit_samples`, "auto" from the layers' shapes; the gate fits on the rows not held out), from
+    `model`'s shapes; ([], 0) without a refit. Every layer but the classifier is counted per token."""
+    if refit not in REFITTING:
+        return [], 0
+    from hf_mudsc.apply.fidelity import HOLDOUT_EVERY
+    from hf_mudsc.apply.refit import auto_refit_samples, refit_layers
+    from hf_mudsc.apply.repair import AUTO_SAMPLES as REPAIR_AUTO_SAMPLES
+
+    modules = dict(model.named_modules())
+    head = spec.classifier.weight.removesuffix(".weight") if spec.classifier is not None else None
+    layers = []
+    for name in refit_layers(model, spec, norms=bool(options.refit_norms) and refit != "repair"):
+        module = modules[name]
+        if hasattr(module, "in_features"):
+            per_example = 1 if name == head else _tokens_for(f"{name}.weight", tokens)
+            layers.append((module.in_features + int(module.bias is not None), module.out_features, per_example))
+    if options.refit_samples != AUTO:
+        examples = options.refit_samples or rows or 0
+    elif refit == "repair":
+        examples = REPAIR_AUTO_SAMPLES
+    else:
+        examples = auto_refit_samples((unknowns, per_example) for unknowns, _, per_example in layers)
+    fitted_rows = None if rows is None else (rows - rows // HOLDOUT_EVERY if refit == "gate" else rows)
+    return layers, examples if fitted_rows is None else min(examples, fitted_rows)
 
 
 def _pinned(located: Any) -> str:
