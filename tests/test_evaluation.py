@@ -807,3 +807,15 @@ def test_one_dataset_with_a_row_of_no_task_of_the_model_is_refused_not_dropped(t
     with pytest.raises(EvaluationError, match=r"task column 'task' holds 'gamma', no task of the merged") as error:
         evaluate_merge(merged, [parent_a, parent_b], tasks, progress=False)
     assert "\n" not in str(error.value)
+
+
+def test_loading_results_of_gigabytes_is_refused_before_reading_them(tmp_path):
+    """`EvaluationResult.load` read the file whole: one padded to gigabytes (sparse) took that much memory first."""
+    from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES
+
+    path = tmp_path / "eval_results.json"
+    path.write_text("{}")
+    with open(path, "ab") as handle:
+        handle.truncate(SIDE_FILE_MAX_BYTES + 1)
+    with pytest.raises(ValueError, match="eval_results.json is .* bytes"):
+        EvaluationResult.load(path)

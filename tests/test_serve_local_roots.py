@@ -368,3 +368,16 @@ def test_a_link_out_added_while_the_job_waited_refuses_it_when_it_starts(image_f
     assert handed == [] and job["status"] == "failed", job
     assert job["error"].startswith("refused when it was about to start: `calibration` names the local path "
                                    "'root/data', whose 'train/cat/c.png' is a symbolic link"), job["error"]
+
+
+def test_a_parent_card_of_gigabytes_is_not_read_at_post(tmp_path):
+    """POST reads a local parent's model card for the base it names; a card padded to gigabytes (sparse) was read
+    whole into the web process. Over `SIDE_FILE_MAX_BYTES` it names no base, as the loader treats it."""
+    from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES
+    from hf_mudsc.serve.jobs import card_text
+
+    (tmp_path / "README.md").write_text("---\nbase_model: org/base\n---\n")
+    assert card_text(tmp_path) is not None
+    with open(tmp_path / "README.md", "ab") as handle:
+        handle.truncate(SIDE_FILE_MAX_BYTES + 1)  # sparse: no disk used
+    assert card_text(tmp_path) is None
