@@ -485,7 +485,7 @@ def merge(
             calibration, processor if processor is not None else [p.processor for p in parents],
             image_column=image_column, text_column=text_column,
             num_samples=num_samples, seed=seed, inputs=spec.inputs or None, model_config=model_a.config,
-            token=token,
+            token=token, max_tokens=spec.max_tokens,
         )
     held_out = alpha_scorer = None
     statistics_data, statistics_samples = calibration, num_samples
@@ -495,7 +495,7 @@ def merge(
 
         statistics_data, held_out = holdout_split(lambda: iter_batches(
             calibration, batch_size=batch_size, num_samples=num_samples, columns=_input_columns(model_a),
-            required=spec.inputs))
+            required=spec.inputs, max_tokens=spec.max_tokens))
         statistics_samples = None
     if merge_method.needs_calibration:
         accumulators = collect_statistics_distributed(
@@ -528,7 +528,7 @@ def merge(
 
         def batches() -> Iterator[dict]:
             return iter_batches(calibration, batch_size=batch_size, num_samples=num_samples,
-                                columns=_input_columns(model_a), required=spec.inputs)
+                                columns=_input_columns(model_a), required=spec.inputs, max_tokens=spec.max_tokens)
     reference_rows = (reference_compat and spec.classifier is not None and count == 2
                       and params[0][spec.classifier.weight].shape == params[1][spec.classifier.weight].shape)
     matching_spec = solve_spec(spec, concatenate, reference_rows=reference_rows)
@@ -647,7 +647,7 @@ def merge(
         report.refit = repair_model(
             merged, loaded, spec, report.matches,
             lambda: iter_batches(calibration, batch_size=batch_size, num_samples=num_samples,
-                                 columns=_input_columns(model_a), required=spec.inputs),
+                                 columns=_input_columns(model_a), required=spec.inputs, max_tokens=spec.max_tokens),
             weights=merge_options.weights, samples=merge_options.refit_samples, seed=seed, total=calibration_examples,
             device=run_device, progress=progress)
         merged.config.mudsc["repair"] = {"scope": report.refit.scope, "layers": len(report.refit.layers)}
@@ -656,7 +656,7 @@ def merge(
 
         def refit_batches() -> Iterator[dict]:
             return iter_batches(calibration, batch_size=batch_size, num_samples=num_samples,
-                                columns=_input_columns(model_a), required=spec.inputs)
+                                columns=_input_columns(model_a), required=spec.inputs, max_tokens=spec.max_tokens)
 
         def run_refit(model: Any, data: Callable[[], Iterable[Mapping[str, Any]]], total: int | None) -> Any:
             return refit_model(
