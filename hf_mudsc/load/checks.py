@@ -55,6 +55,13 @@ def is_regression_head(config: PretrainedConfig) -> bool:
     return getattr(config, "problem_type", None) == "regression" or getattr(config, "num_labels", None) == 1
 
 
+def is_softmax_head(config: PretrainedConfig) -> bool:
+    """Whether a classifier class with this config reads its logits through one softmax (single-label
+    classification), so that shifting a row of them changes nothing: not a regression head, nor a multi-label one
+    (a sigmoid per label)."""
+    return not is_regression_head(config) and getattr(config, "problem_type", None) != "multi_label_classification"
+
+
 def check_parents(model_a: PreTrainedModel, model_b: PreTrainedModel, labels: tuple[str, str] = ("A", "B")) -> None:
     """Refuse parents that cannot share one permutation spec, before any heavy work. `labels` name the two parents
     in messages (with N parents the pipeline checks parent A against each other parent: B, C, ...)."""
