@@ -419,3 +419,30 @@ def test_tokenized_batches_longer_than_the_positions_are_refused_in_one_line(kin
     message = str(caught.value)
     assert "\n" not in message
     assert "30 tokens" in message and f"at most {reach}" in message and f"max_length={reach}" in message
+
+
+def test_calibration_leaves_the_tokenizer_as_it_was_and_the_merged_folder_gets_parent_as(tmp_path):
+    """Tokenizing with truncation and padding switches them on in a fast tokenizer's backend, and the merge kept them
+    on: the tokenizer passed in was changed, and the merged folder's tokenizer.json (parent A's, saved after
+    calibration) truncated to the model's length and padded by default — in `tokenizers` and transformers.js, which
+    read those settings — and `hf-mudsc evaluate` took it for another processor than the parents'."""
+    import json
+
+    given = tokenizer()
+    rows = texts(12) + [" ".join(["w1"] * 40)]
+    merged = hf_mudsc.merge([make_model("bert_cls", seed=0), make_model("bert_cls", seed=1)],
+                            datasets.Dataset.from_dict({"text": rows}), processor=given, method="mudsc", batch_size=4,
+                            progress=False)
+    assert merged.config.mudsc["method"] == "mudsc"
+    assert given.backend_tokenizer.truncation is None and given.backend_tokenizer.padding is None
+    folders = []
+    for seed in (0, 1):
+        make_model("bert_cls", seed=seed).save_pretrained(tmp_path / f"bert{seed}")
+        tokenizer().save_pretrained(tmp_path / f"bert{seed}")
+        folders.append(tmp_path / f"bert{seed}")
+    merged = hf_mudsc.merge(folders, datasets.Dataset.from_dict({"text": rows}), method="mudsc", batch_size=4,
+                            progress=False)
+    hf_mudsc.save_merged(merged, tmp_path / "merged")
+    saved = json.loads((tmp_path / "merged" / "tokenizer.json").read_text())
+    parent = json.loads((folders[0] / "tokenizer.json").read_text())
+    assert (saved["truncation"], saved["padding"]) == (parent["truncation"], parent["padding"])

@@ -323,8 +323,7 @@ class _Preprocessor:
                 raise self.role.error(f"column {self.text_column!r} of the {self.role.data} holds {kind}, not text; "
                                       "drop or fill those rows (Dataset.filter) or name the text column with "
                                       f"{option_hint('text_column')}")
-            encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                                     return_tensors="pt")
+            encoded = encode_texts(self.tokenizer, texts, self.max_length)
             out.update({k: _as_tensor(v) for k, v in encoded.items()})
         return out
 
@@ -338,6 +337,27 @@ class _Preprocessor:
         if self.num_channels in (3, None) and image.mode != "RGB":
             return convert("RGB")
         return image
+
+
+def encode_texts(tokenizer: Any, texts: list[str], max_length: int | None) -> Mapping[str, Any]:
+    """`texts` padded and cut to `max_length`, the tokenizer left as it was: a fast tokenizer's backend keeps the
+    truncation and padding a call switches on, and `save_pretrained` writes them into tokenizer.json (which
+    `tokenizers` and transformers.js apply to every later input)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    before = (backend.truncation, backend.padding) if backend is not None else None
+    try:
+        return tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    finally:
+        if before is not None:
+            truncation, padding = before
+            if truncation is None:
+                backend.no_truncation()
+            else:
+                backend.enable_truncation(**truncation)
+            if padding is None:
+                backend.no_padding()
+            else:
+                backend.enable_padding(**padding)
 
 
 def _as_tensor(value: Any) -> torch.Tensor:
