@@ -475,6 +475,11 @@ def merge(
                                          alpha=ALPHA_HANDED if merge_options.alpha == AUTO else merge_options.alpha)
     used_options = merge_method.used_options(method_options)
     _warn_unread(merge_options, used_options, merge_method.name)
+    if merge_options.reference_compat and not merge_method.matches_units:
+        without = _refits(dataclasses.replace(merge_options, reference_compat=False), merge_method, calibration, count)
+        effect = f": it only turned the refit off (refit {without!r} otherwise)" if without != refit_value else ""
+        logger.warning("method %s matches no units, so %s has no reference merge to reproduce%s; pass method='mudsc' "
+                       "for the reference's merge", merge_method.name, option_hint("reference_compat"), effect)
     calibration_name = given_calibration_name if needs_data else None
     # alpha="auto" (docs/design.md §4.4): only for a method that matches units on activations and reads α.
     auto_alpha = alpha_searched(merge_method, merge_options, count)
