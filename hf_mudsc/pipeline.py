@@ -52,6 +52,7 @@ from hf_mudsc.methods.registry import (
 )
 from hf_mudsc.options import AUTO, REFITTING, MergeOptions, option_hint
 from hf_mudsc.plan import MergePlan, base_copied, base_loaded_whole, check_memory, config_of, head_copies
+from hf_mudsc.progress import library_bars
 from hf_mudsc.solve.diagnostics import MergeDiagnostics, compute_diagnostics
 from hf_mudsc.solve.matchers import Match
 from hf_mudsc.solve.widen import check_spend, measured_plan
@@ -252,7 +253,8 @@ def merge(
         independent_heads: pair q/k heads and v heads separately, as the reference implementation does.
         reference_compat: reproduce the reference implementation's merged weights (its `+1e-5` merge
             normaliser and independent head pairing).
-        progress: show progress bars for calibration and the solve.
+        progress: show progress bars for calibration and the solve (False: no bar at all, transformers' loading
+            and the Hub's download bars included).
         token: Hub token for private parents/datasets (default: the usual places; never logged).
         allow_pickle: load parents that only have pickle (`pytorch_model.bin`) weights — only if trusted.
         image_column, text_column: raw calibration columns to preprocess (default `image`/`img`,
@@ -419,11 +421,12 @@ def merge(
                                          found_base=found_base))
         return early[-1].streams
 
-    parents, base_parent, base_source = load_parents_and_base(
-        list(models), base, token=token, allow_pickle=allow_pickle,
-        base_needed_for=method if merge_method is not None and merge_method.needs_base_model else None, lazy=streaming,
-        check_config=check_config, before_weights=check_data,
-        choose_loading=choose_loading if merge_method is None and not early else None)
+    with library_bars(progress):
+        parents, base_parent, base_source = load_parents_and_base(
+            list(models), base, token=token, allow_pickle=allow_pickle,
+            base_needed_for=method if merge_method is not None and merge_method.needs_base_model else None,
+            lazy=streaming, check_config=check_config, before_weights=check_data,
+            choose_loading=choose_loading if merge_method is None and not early else None)
     loaded = [p.model for p in parents]
     model_a = loaded[0]
     for index, other in enumerate(loaded[1:], start=1):
