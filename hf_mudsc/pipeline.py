@@ -41,7 +41,14 @@ from hf_mudsc.load.objects import held_as_given, model_objects
 from hf_mudsc.load.processors import image_processor_differences
 from hf_mudsc.load.references import display_name, parent_name, pinned_calibration, pinned_reference
 from hf_mudsc.load.relation import ParentRelation, base_relations, check_parents_mergeable, parent_label
-from hf_mudsc.methods.auto import ALPHA_HANDED, alpha_searched, choose_method, is_auto, refit_runs
+from hf_mudsc.methods.auto import (
+    ALPHA_HANDED,
+    alpha_searched,
+    choose_method,
+    is_auto,
+    reference_compat_unread,
+    refit_runs,
+)
 from hf_mudsc.methods.registry import (
     METHODS,
     MergeMethod,
@@ -478,7 +485,7 @@ def merge(
                                          alpha=ALPHA_HANDED if merge_options.alpha == AUTO else merge_options.alpha)
     used_options = merge_method.used_options(method_options)
     _warn_unread(merge_options, used_options, merge_method.name)
-    if merge_options.reference_compat and not merge_method.matches_units:
+    if reference_compat_unread(merge_method, merge_options):
         without = _refits(dataclasses.replace(merge_options, reference_compat=False), merge_method, calibration, count)
         effect = f": it only turned the refit off (refit {without!r} otherwise)" if without != refit_value else ""
         logger.warning("method %s matches no units, so %s has no reference merge to reproduce%s; pass method='mudsc' "
