@@ -41,7 +41,14 @@ from hf_mudsc.load.objects import held_as_given, model_objects
 from hf_mudsc.load.processors import image_processor_differences
 from hf_mudsc.load.references import display_name, parent_name, pinned_calibration, pinned_reference
 from hf_mudsc.load.relation import ParentRelation, base_relations, check_parents_mergeable, parent_label
-from hf_mudsc.methods.auto import ALPHA_HANDED, alpha_searched, choose_method, is_auto, refit_runs
+from hf_mudsc.methods.auto import (
+    ALPHA_HANDED,
+    alpha_searched,
+    choose_method,
+    is_auto,
+    reference_compat_unread,
+    refit_runs,
+)
 from hf_mudsc.methods.registry import (
     METHODS,
     MergeMethod,
@@ -52,6 +59,7 @@ from hf_mudsc.methods.registry import (
 )
 from hf_mudsc.options import AUTO, REFITTING, MergeOptions, option_hint
 from hf_mudsc.plan import MergePlan, base_copied, base_loaded_whole, check_memory, config_of, head_copies
+from hf_mudsc.progress import library_bars
 from hf_mudsc.solve.diagnostics import MergeDiagnostics, compute_diagnostics
 from hf_mudsc.solve.matchers import Match
 from hf_mudsc.solve.widen import check_spend, measured_plan
@@ -252,7 +260,8 @@ def merge(
         independent_heads: pair q/k heads and v heads separately, as the reference implementation does.
         reference_compat: reproduce the reference implementation's merged weights (its `+1e-5` merge
             normaliser and independent head pairing).
-        progress: show progress bars for calibration and the solve.
+        progress: show progress bars for calibration and the solve (False: no bar at all, transformers' loading
+            and the Hub's download bars included).
         token: Hub token for private parents/datasets (default: the usual places; never logged).
         allow_pickle: load parents that only have pickle (`pytorch_model.bin`) weights — only if trusted.
         image_column, text_column: raw calibration columns to preprocess (default `image`/`img`,
@@ -419,11 +428,12 @@ def merge(
                                          found_base=found_base))
         return early[-1].streams
 
-    parents, base_parent, base_source = load_parents_and_base(
-        list(models), base, token=token, allow_pickle=allow_pickle,
-        base_needed_for=method if merge_method is not None and merge_method.needs_base_model else None, lazy=streaming,
-        check_config=check_config, before_weights=check_data,
-        choose_loading=choose_loading if merge_method is None and not early else None)
+    with library_bars(progress):
+        parents, base_parent, base_source = load_parents_and_base(
+            list(models), base, token=token, allow_pickle=allow_pickle,
+            base_needed_for=method if merge_method is not None and merge_method.needs_base_model else None,
+            lazy=streaming, check_config=check_config, before_weights=check_data,
+            choose_loading=choose_loading if merge_method is None and not early else None)
     loaded = [p.model for p in parents]
     model_a = loaded[0]
     for index, other in enumerate(loaded[1:], start=1):
@@ -475,6 +485,11 @@ def merge(
                                          alpha=ALPHA_HANDED if merge_options.alpha == AUTO else merge_options.alpha)
     used_options = merge_method.used_options(method_options)
     _warn_unread(merge_options, used_options, merge_method.name)
+    if reference_compat_unread(merge_method, merge_options):
+        without = _refits(dataclasses.replace(merge_options, reference_compat=False), merge_method, calibration, count)
+        effect = f": it only turned the refit off (refit {without!r} otherwise)" if without != refit_value else ""
+        logger.warning("method %s matches no units, so %s has no reference merge to reproduce%s; pass method='mudsc' "
+                       "for the reference's merge", merge_method.name, option_hint("reference_compat"), effect)
     calibration_name = given_calibration_name if needs_data else None
     # alpha="auto" (docs/design.md §4.4): only for a method that matches units on activations and reads α.
     auto_alpha = alpha_searched(merge_method, merge_options, count)
@@ -485,7 +500,7 @@ def merge(
             calibration, processor if processor is not None else [p.processor for p in parents],
             image_column=image_column, text_column=text_column,
             num_samples=num_samples, seed=seed, inputs=spec.inputs or None, model_config=model_a.config,
-            token=token,
+            token=token, max_tokens=spec.max_tokens,
         )
     held_out = alpha_scorer = None
     statistics_data, statistics_samples = calibration, num_samples
@@ -495,7 +510,7 @@ def merge(
 
         statistics_data, held_out = holdout_split(lambda: iter_batches(
             calibration, batch_size=batch_size, num_samples=num_samples, columns=_input_columns(model_a),
-            required=spec.inputs))
+            required=spec.inputs, max_tokens=spec.max_tokens))
         statistics_samples = None
     if merge_method.needs_calibration:
         accumulators = collect_statistics_distributed(
@@ -528,7 +543,7 @@ def merge(
 
         def batches() -> Iterator[dict]:
             return iter_batches(calibration, batch_size=batch_size, num_samples=num_samples,
-                                columns=_input_columns(model_a), required=spec.inputs)
+                                columns=_input_columns(model_a), required=spec.inputs, max_tokens=spec.max_tokens)
     reference_rows = (reference_compat and spec.classifier is not None and count == 2
                       and params[0][spec.classifier.weight].shape == params[1][spec.classifier.weight].shape)
     matching_spec = solve_spec(spec, concatenate, reference_rows=reference_rows)
@@ -647,7 +662,7 @@ def merge(
         report.refit = repair_model(
             merged, loaded, spec, report.matches,
             lambda: iter_batches(calibration, batch_size=batch_size, num_samples=num_samples,
-                                 columns=_input_columns(model_a), required=spec.inputs),
+                                 columns=_input_columns(model_a), required=spec.inputs, max_tokens=spec.max_tokens),
             weights=merge_options.weights, samples=merge_options.refit_samples, seed=seed, total=calibration_examples,
             device=run_device, progress=progress)
         merged.config.mudsc["repair"] = {"scope": report.refit.scope, "layers": len(report.refit.layers)}
@@ -656,7 +671,7 @@ def merge(
 
         def refit_batches() -> Iterator[dict]:
             return iter_batches(calibration, batch_size=batch_size, num_samples=num_samples,
-                                columns=_input_columns(model_a), required=spec.inputs)
+                                columns=_input_columns(model_a), required=spec.inputs, max_tokens=spec.max_tokens)
 
         def run_refit(model: Any, data: Callable[[], Iterable[Mapping[str, Any]]], total: int | None) -> Any:
             return refit_model(

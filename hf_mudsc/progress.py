@@ -9,9 +9,11 @@ total is known) or every `LOG_EVERY_SECONDS`, whichever comes first, plus a last
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from tqdm import autonotebook
@@ -19,6 +21,30 @@ from tqdm.auto import tqdm
 from tqdm.std import tqdm as plain_tqdm
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def library_bars(enabled: bool) -> Iterator[None]:
+    """With `enabled` False, transformers' and huggingface_hub's own bars (a 'Loading weights' bar per parent,
+    download bars) are off inside the block and switched back on after it if they were on: `progress=False` means
+    no bar at all, and the user's settings outlive the merge."""
+    if enabled:
+        yield
+        return
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as transformers_logging
+
+    transformers_on = transformers_logging.is_progress_bar_enabled()
+    hub_on = not hub_utils.are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()
+    hub_utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if transformers_on:
+            transformers_logging.enable_progress_bar()
+        if hub_on:
+            hub_utils.enable_progress_bars()
 
 # A log line at least every tenth of the total, and at least every 30 s (unknown totals, slow stages).
 LOG_EVERY_FRACTION = 0.1

@@ -111,6 +111,9 @@ class PermutationSpec:
     inputs: tuple[str, ...] = ()
     stream: Stream | None = None
     """How a stock config sets the residual stream's width, if a size budget may widen it (ViT only so far)."""
+    max_tokens: int | None = None
+    """The most tokens one text input may hold (the rows of its position table a sequence reaches: RoBERTa's start
+    after its padding id), for a model that reads text: raw text is cut to it, longer tokenized batches refused."""
     _axes: Mapping[str, tuple[tuple[int, Member], ...]] = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:

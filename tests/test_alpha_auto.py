@@ -247,6 +247,18 @@ def test_an_alpha_the_method_does_not_read_is_warned_about(method, alpha, caplog
     assert f"method {method} does not read alpha= (CLI: --alpha): it has no effect" in caplog.text
 
 
+
+def test_alpha_auto_without_a_held_out_example_says_so(caplog):
+    """Fewer than 5 calibration examples hold none out: every α scored 0 and 0.5 was 'chosen' on nothing, silently
+    (the refit gate warns in the same case). Now the log says the search had nothing to score and which α was used."""
+    parents = [make_model("vit_cls", 1), make_model("vit_cls", 2)]
+    with caplog.at_level("WARNING", logger="hf_mudsc"):
+        merged = hf_mudsc.merge(parents, make_batches("vit_cls", num_batches=1, batch_size=3), method="mudsc",
+                                alpha="auto", refit="none", progress=False)
+    assert merged.config.mudsc["alpha_auto"]["held_out_examples"] == 0
+    assert (f"alpha='auto': no held-out calibration example (fewer than 5 examples), so no alpha was scored; "
+            f"alpha {merged.config.mudsc['alpha']:g} used") in caplog.text
+
 def test_an_alpha_mudsc_reads_is_not_warned_about(caplog):
     parents = [make_model("vit_cls", 1), make_model("vit_cls", 2)]
     with caplog.at_level("WARNING", logger="hf_mudsc"):

@@ -386,3 +386,63 @@ def test_a_missing_revision_is_one_clear_line(monkeypatch):
     message = str(caught.value)
     assert "calibration dataset 'org/ds@nope:train': revision 'nope' does not exist" in message
     assert "\n" not in message
+
+
+def test_roberta_text_is_cut_to_the_positions_its_embeddings_reach():
+    """RoBERTa's position ids start after its padding id, so it reads `max_position_embeddings - pad_token_id - 1`
+    tokens; a tokenizer with no `model_max_length` of its own (the default of a hand-built one) used to be cut to
+    `max_position_embeddings` and the first batch failed ('index 24 is out of bounds')."""
+    model = make_model("roberta_cls", seed=0)
+    reach = model.config.max_position_embeddings - model.config.pad_token_id - 1
+    rows = [" ".join(f"w{i % 50}" for i in range(start, start + 40)) for start in range(12)]
+    stream = resolve_calibration(datasets.Dataset.from_dict({"text": rows}), [tokenizer()], inputs=("input_ids",),
+                                 model_config=model.config, max_tokens=reach)
+    assert max(b["input_ids"].shape[1] for b in stream.batches(4)) == reach
+    merged = hf_mudsc.merge([model, make_model("roberta_cls", seed=1)], datasets.Dataset.from_dict({"text": rows}),
+                            processor=tokenizer(), method="mudsc", batch_size=4, progress=False)
+    ids = tokenizer()(rows[:2], truncation=True, max_length=reach, return_tensors="pt")
+    assert torch.isfinite(merged(**ids).logits).all()
+
+
+@pytest.mark.parametrize("method", ["mudsc", "regmean", "fisher"])
+@pytest.mark.parametrize("kind", ["bert_cls", "roberta_cls"])
+def test_tokenized_batches_longer_than_the_positions_are_refused_in_one_line(kind, method):
+    """Pre-tokenized calibration longer than the parents' position table failed inside transformers: a bare
+    RuntimeError traceback for regmean/fisher (the CLI printed it whole), an opaque 'expanded size of the tensor'
+    line for mudsc. Now one line names the length, the limit and the fix, before any forward pass."""
+    models = [make_model(kind, seed=0), make_model(kind, seed=1)]
+    ids = torch.randint(5, 50, (4, 30), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    reach = {"bert_cls": 24, "roberta_cls": 22}[kind]
+    with pytest.raises(CalibrationError) as caught:
+        hf_mudsc.merge(models, batches, method=method, progress=False)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "30 tokens" in message and f"at most {reach}" in message and f"max_length={reach}" in message
+
+
+def test_calibration_leaves_the_tokenizer_as_it_was_and_the_merged_folder_gets_parent_as(tmp_path):
+    """Tokenizing with truncation and padding switches them on in a fast tokenizer's backend, and the merge kept them
+    on: the tokenizer passed in was changed, and the merged folder's tokenizer.json (parent A's, saved after
+    calibration) truncated to the model's length and padded by default — in `tokenizers` and transformers.js, which
+    read those settings — and `hf-mudsc evaluate` took it for another processor than the parents'."""
+    import json
+
+    given = tokenizer()
+    rows = texts(12) + [" ".join(["w1"] * 40)]
+    merged = hf_mudsc.merge([make_model("bert_cls", seed=0), make_model("bert_cls", seed=1)],
+                            datasets.Dataset.from_dict({"text": rows}), processor=given, method="mudsc", batch_size=4,
+                            progress=False)
+    assert merged.config.mudsc["method"] == "mudsc"
+    assert given.backend_tokenizer.truncation is None and given.backend_tokenizer.padding is None
+    folders = []
+    for seed in (0, 1):
+        make_model("bert_cls", seed=seed).save_pretrained(tmp_path / f"bert{seed}")
+        tokenizer().save_pretrained(tmp_path / f"bert{seed}")
+        folders.append(tmp_path / f"bert{seed}")
+    merged = hf_mudsc.merge(folders, datasets.Dataset.from_dict({"text": rows}), method="mudsc", batch_size=4,
+                            progress=False)
+    hf_mudsc.save_merged(merged, tmp_path / "merged")
+    saved = json.loads((tmp_path / "merged" / "tokenizer.json").read_text())
+    parent = json.loads((folders[0] / "tokenizer.json").read_text())
+    assert (saved["truncation"], saved["padding"]) == (parent["truncation"], parent["padding"])

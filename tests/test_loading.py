@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import BERT, make_model
+from factories import BERT, make_batches, make_model
 from safetensors.torch import load_file
 from transformers import BertTokenizer, CLIPImageProcessor, CLIPTokenizer, ViTImageProcessor
 
 import hf_mudsc
-from hf_mudsc.errors import LoadError
+from hf_mudsc.errors import LoadError, MergeInputError
 from hf_mudsc.load.parents import LoadedParent, load_parent, load_parents
 from hf_mudsc.load.processors import image_processor_of, tokenizer_of
 from hf_mudsc.load.references import parse_reference
@@ -179,6 +179,43 @@ def test_mismatched_configs_refused_before_weights(tmp_path, monkeypatch):
         load_parents([a, b])
 
 
+
+def _edited_copy(folder: Path, to: Path, **fields) -> Path:
+    import json
+
+    shutil.copytree(folder, to)
+    config = json.loads((to / "config.json").read_text())
+    config.update(fields)
+    (to / "config.json").write_text(json.dumps(config))
+    return to
+
+
+def test_parents_differing_only_in_dropout_merge_as_with_equal_configs(tmp_path):
+    """Dropout rates are training settings (a merge and its use run in eval mode): fine-tunes trained with other
+    rates were refused as if 'their tensors do not line up'. The merged config keeps parent A's rates."""
+    a, b = save_vit(tmp_path / "a", seed=0), save_vit(tmp_path / "b", seed=1)
+    b_drop = _edited_copy(b, tmp_path / "b-drop", hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.2)
+    batches = make_batches("vit_cls", num_batches=2)
+    merged = hf_mudsc.merge([a, b_drop], batches, method="mudsc", refit="none", progress=False)
+    plain = hf_mudsc.merge([a, b], batches, method="mudsc", refit="none", progress=False)
+    assert merged.config.hidden_dropout_prob == plain.config.hidden_dropout_prob
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(merged.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("field,value", [("layer_norm_eps", 1e-5), ("hidden_act", "gelu_new")])
+def test_parents_differing_in_what_they_compute_are_refused_without_blaming_their_tensors(tmp_path, field, value):
+    """layer_norm_eps or the activation change each parent's function, and one merged model holds one value: still
+    refused, but the message no longer says the tensors do not line up (they do) and tells how to accept it."""
+    a = save_vit(tmp_path / "a", seed=0)
+    b = _edited_copy(save_vit(tmp_path / "b", seed=1), tmp_path / "b-edit", **{field: value})
+    for parents in ([a, b], [load_parent(a).model, load_parent(b).model]):
+        with pytest.raises((LoadError, MergeInputError)) as caught:
+            hf_mudsc.merge(parents, method="weight_matching", progress=False)
+        message = str(caught.value)
+        assert "\n" not in message and field in message and "line up" not in message
+        assert "one merged model cannot hold both" in message
+
 def test_merge_records_folder_parents(tmp_path):
     a, b = save_vit(tmp_path / "a", seed=0), save_vit(tmp_path / "b", seed=1)
     merged = hf_mudsc.merge([str(a), str(b)], None, method="average", progress=False)
@@ -308,6 +345,38 @@ def test_config_describing_another_architecture_is_refused(tmp_path):
     assert "38 tensors the ViTForImageClassification of config.json needs are missing" in message
     assert "39 tensors of the checkpoint are unused" in message
 
+
+
+@pytest.mark.parametrize("kind", ["bert_nopool", "vit_nopool"])
+def test_a_bare_encoder_saved_without_its_pooler_merges_from_its_folder(tmp_path, kind):
+    """`BertModel(config, add_pooling_layer=False)` (an embedding model's encoder) saves no pooler and its config
+    cannot say so: merging two such folders was refused ('config.json does not describe the weights ... restore the
+    config.json'), a fix the user cannot make. Read as built, without a pooler, like the same models as objects."""
+    folders = []
+    for seed in (0, 1):
+        make_model(kind, seed=seed).save_pretrained(tmp_path / f"{kind}-{seed}")
+        folders.append(tmp_path / f"{kind}-{seed}")
+    loaded = load_parent(folders[0])
+    assert not any("pooler" in name for name, _ in loaded.model.named_parameters())
+    batches = make_batches(kind, num_batches=2)
+    from_folders = hf_mudsc.merge(folders, batches, method="mudsc", refit="none", progress=False)
+    from_objects = hf_mudsc.merge([make_model(kind, seed=0), make_model(kind, seed=1)], batches, method="mudsc",
+                                  refit="none", progress=False)
+    assert from_folders.state_dict().keys() == from_objects.state_dict().keys()
+    for name, tensor in from_objects.state_dict().items():
+        assert torch.equal(from_folders.state_dict()[name], tensor), name
+
+
+def test_a_classifier_checkpoint_without_the_pooler_it_reads_is_refused(tmp_path):
+    """A BertForSequenceClassification reads the pooler: a checkpoint without it would run on random values."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "bert"
+    make_model("bert_cls", seed=0).save_pretrained(folder)
+    tensors = {k: v for k, v in load_file(folder / "model.safetensors").items() if "pooler" not in k}
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LoadError, match="2 tensors the BertForSequenceClassification of config.json needs are missing"):
+        load_parent(folder)
 
 def test_config_with_other_shapes_than_the_weights_is_refused(tmp_path):
     folder = save_vit(tmp_path / "vit", seed=0)

@@ -325,3 +325,17 @@ def test_a_single_head_vit_merges_and_recovers_its_permuted_copy(size):
         assert relative_error(model_output(merged, batches[0]), model_output(model, batches[0])) < 1e-5
     assert merged.config.num_attention_heads == 1
     assert all(torch.isfinite(t).all() for t in merged.state_dict().values())
+
+
+def test_progress_false_shows_no_loading_bars(tmp_path, capfd):
+    """`progress=False` showed no bar of hf_mudsc's own, but transformers drew a 'Loading weights' bar per parent
+    read from a folder (a wall of carriage returns in a log); the library's switch is restored afterwards."""
+    import transformers
+
+    for seed in (0, 1):
+        make_model("vit_cls", seed=seed).save_pretrained(tmp_path / f"vit{seed}")
+    capfd.readouterr()
+    assert transformers.utils.logging.is_progress_bar_enabled()
+    hf_mudsc.merge([tmp_path / "vit0", tmp_path / "vit1"], method="weight_matching", progress=False)
+    assert "Loading weights" not in capfd.readouterr().err
+    assert transformers.utils.logging.is_progress_bar_enabled()

@@ -201,3 +201,18 @@ def test_parents_with_different_image_processors_are_warned_about_in_config_and_
     found = [text for text in merged.config.mudsc["warnings"] if "processor" in text]
     assert len(found) == 1 and "image_mean" in found[0] and "image_std" not in found[0] and "\n" not in found[0]
     assert logged.count(found[0]) == 1 and found[0] in _card(merged, tmp_path)
+
+
+def test_reference_compat_with_a_method_that_matches_no_units_is_warned_about(caplog):
+    """`reference_compat=True` asks for the reference's MuDSC weights; for fine-tunes of one base `auto` picks regmean,
+    which has no reference to reproduce: the option then only turned the refit off, silently (its card row hidden)."""
+    from factories import fine_tune
+
+    base = make_model("vit_cls", seed=0)
+    parents = [fine_tune(base, seed, 0.05, relative=True) for seed in (1, 2)]
+    with caplog.at_level("WARNING", logger="hf_mudsc"):
+        merged = hf_mudsc.merge(parents, make_batches("vit_cls", num_batches=2), reference_compat=True, progress=False)
+    assert merged.config.mudsc["method"] == "regmean" and merged.config.mudsc["refit"] == "none"
+    assert ("method regmean matches no units, so reference_compat= (CLI: --reference-compat) has no reference merge to "
+            "reproduce: it only turned the refit off (refit 'gate' otherwise); pass method='mudsc' for the reference's "
+            "merge") in caplog.text

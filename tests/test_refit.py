@@ -288,6 +288,30 @@ def test_refit_keeps_the_concatenated_head_of_parents_in_one_basis():
         assert relative_error(logits[:, 3:], permuted(**batches[0]).logits) < 1e-5
 
 
+
+def _regression_parent(seed: int, name: str) -> nn.Module:
+    model = make_model("bert_cls", seed=seed, num_labels=1)
+    model.config.id2label, model.config.label2id = {0: name}, {name: 0}
+    return model
+
+
+def test_refit_fits_concatenated_regression_heads_to_the_parents_scores():
+    """Two regression parents of different tasks (one output each, named): their heads are concatenated, and the
+    refit used to fit each one-output slice to its parent's CENTRED logits — identically zero — so the merged
+    model gave a constant score (relative error ~1; the gate hid it by dropping the refit). A regression output is
+    no softmax logit: its slice is fitted to the parent's raw score."""
+    parents = [_regression_parent(0, "positivity"), _regression_parent(1, "length")]
+    batches = make_batches("bert_cls", num_batches=8)
+    merged = hf_mudsc.merge(parents, batches, refit="ridge", progress=False)
+    assert merged.config.num_labels == 2 and merged.config.problem_type == "regression"
+    with torch.no_grad():
+        got = torch.cat([merged(**b).logits for b in batches])
+        for task, parent in enumerate(parents):
+            want = torch.cat([parent(**b).logits[:, 0] for b in batches])
+            error = float(((got[:, task] - want) ** 2).mean() / want.var())
+            assert error < 0.5, (task, error)
+
+
 # ------------------------------------------------------------------------------------------ known answer
 
 

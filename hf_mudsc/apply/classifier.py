@@ -18,6 +18,7 @@ import torch
 from transformers import PretrainedConfig
 
 from hf_mudsc.diagnostics import DEFAULT_LABEL
+from hf_mudsc.load.checks import is_regression_head
 from hf_mudsc.load.lazy import replaced
 
 if TYPE_CHECKING:
@@ -138,11 +139,11 @@ def concatenated_classifier_config(configs: Sequence[PretrainedConfig], tasks: S
     if len(label2id) != len(id2label):  # refused before loading (`repeated_label`); never write such a config
         raise ValueError(f"the concatenated labels repeat a name ({len(id2label)} ids, {len(label2id)} names); "
                          "give each class of every parent its own name")
-    return {
-        "id2label": id2label,
-        "label2id": label2id,
-        "task_label_ranges": ranges,
-    }
+    fields: dict[str, Any] = {"id2label": id2label, "label2id": label2id, "task_label_ranges": ranges}
+    if all(is_regression_head(config) for config in configs):
+        # transformers reads `num_labels=1` as regression, but 2+ outputs without a problem_type as classes.
+        fields["problem_type"] = "regression"
+    return fields
 
 
 def distinct_task_names(configs: Sequence[PretrainedConfig]) -> tuple[str, ...]:

@@ -256,6 +256,9 @@ def search_alpha(method: Any, context: Any, scorer: FidelityScorer, build: Calla
             del results[other]
         logger.info("alpha %.2f: held-out fidelity %.4f", alpha, scores[alpha])
     chosen = choose_alpha(scores)
+    if scorer.examples == 0:  # every candidate scored alike: the choice says nothing (the refit gate warns alike)
+        logger.warning("alpha='auto': no held-out calibration example (fewer than %d examples), so no alpha was "
+                       "scored; alpha %g used — give more calibration data or pass a number", HOLDOUT_EVERY, chosen)
     result = results.pop(chosen)
     returned_key, returned_score = digests[chosen], scores[chosen]
     if not getattr(result, "full", True):  # a cheaper candidate: the chosen α merged again in full

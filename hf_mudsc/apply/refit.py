@@ -47,6 +47,7 @@ from hf_mudsc.calibrate.layer_inputs import (
     token_rows,
 )
 from hf_mudsc.errors import CalibrationError
+from hf_mudsc.load.checks import is_softmax_head
 from hf_mudsc.options import AUTO, MergeOptions
 from hf_mudsc.progress import Progress
 from hf_mudsc.solve.maps import AxisMap, GroupMaps
@@ -431,6 +432,7 @@ def refit_model(
             keep_head = report.shared_basis is not None and report.shared_basis >= SHARED_BASIS_THRESHOLD
         report.head_kept = bool(keep_head)
     maps, shares = target_maps(matches, weights, len(parents))
+    centred = [is_softmax_head(parent.config) if hasattr(parent, "config") else True for parent in parents]
     modules = dict(merged.named_modules())
     layers = [name for name in refit_layers(merged, spec, norms=norms) if not (report.head_kept and name == head)]
     try:
@@ -487,7 +489,7 @@ def refit_model(
                                 ys = [token_rows(out[name], mask).to(torch.float64) for out in outputs]
                                 # Computed in float64, kept in float32 (the parents' own precision).
                                 cached[name].append(_target(spec, maps, name, name == head and concatenate_classifier,
-                                                            ys, shares).to(torch.float32))
+                                                            ys, shares, centred).to(torch.float32))
                             del outputs
                     report.parent_passes += 1
                     for step in chunk:
@@ -659,23 +661,28 @@ def target_maps(matches: Sequence[Match | None], weights: Sequence[float] | None
     return maps, shares
 
 
-def head_target(outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+def head_target(outputs: Sequence[torch.Tensor], centred: Sequence[bool] | None = None) -> torch.Tensor:
     """A concatenated head's target: each parent's logits centred per task, `[z_A − mean_row(z_A), ...]`.
 
     Measured against raw logits, per-task log-probabilities (the ensemble's own decision rule: least squares
     chases their large negative tails), floored log-probabilities and probabilities in docs/research/width_gap.md
-    §2: none beat the centred logits on the mean over pairs."""
-    return torch.cat([y - y.mean(dim=1, keepdim=True) for y in outputs], dim=1)
+    §2: none beat the centred logits on the mean over pairs. `centred[i]` False keeps parent i's outputs raw: only
+    a softmax ignores a shift (`is_softmax_head`), and a one-output regression slice centred is zero."""
+    keep = centred if centred is not None else [True] * len(outputs)
+    return torch.cat([y - y.mean(dim=1, keepdim=True) if centre else y
+                      for y, centre in zip(outputs, keep, strict=True)], dim=1)
 
 
 def _target(spec: PermutationSpec, maps: Sequence[GroupMaps | None], name: str, concatenated_head: bool,
-            outputs: Sequence[torch.Tensor], shares: Sequence[float] | None = None) -> torch.Tensor:
-    """The layer's target in the merged basis: per-task centred logits for a concatenated head (parent order),
+            outputs: Sequence[torch.Tensor], shares: Sequence[float] | None = None,
+            centred: Sequence[bool] | None = None) -> torch.Tensor:
+    """The layer's target in the merged basis: per-task centred logits for a concatenated head (parent order; raw
+    outputs for the parents `centred` marks False),
     else the mean over the N parents of their outputs mapped by the apply step's out-axis map (`N·merge_i`, so
     `Σ_i merge_i Y_i`: each merged unit's cluster mean; `target_maps`), or `Σ_i w̄_i Y_i` for an unmatched layer
     of a weighted merge."""
     if concatenated_head:
-        return head_target(outputs)
+        return head_target(outputs, centred)
     out_group = next((index for index, member in spec.axes_of(f"{name}.weight")
                       if member.role == "out" and member.axis % 2 == 0), None)
     found = maps[out_group] if out_group is not None else None

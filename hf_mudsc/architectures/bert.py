@@ -73,4 +73,4 @@ def bert_spec(model: nn.Module) -> PermutationSpec:
     classifier = Classifier("classifier.weight", "classifier.bias") if has_classifier else None
     averaged = ("classifier.bias",) if has_classifier else ()
     return PermutationSpec(groups=tuple(groups), averaged=averaged, classifier=classifier, family="bert",
-                           inputs=("input_ids",))
+                           inputs=("input_ids",), max_tokens=config.max_position_embeddings)

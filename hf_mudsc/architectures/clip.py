@@ -91,4 +91,6 @@ def clip_spec(model: nn.Module) -> PermutationSpec:
                             hooks=tuple(projection_hooks)))
     averaged = tuple(name for name in ("logit_scale",) if name in params)
     inputs = tuple("pixel_values" if kind == "vision" else "input_ids" for kind, _, _ in towers)
-    return PermutationSpec(groups=tuple(groups + blocks), averaged=averaged, family="clip", inputs=inputs)
+    max_tokens = next((c.max_position_embeddings for kind, _, c in towers if kind == "text"), None)
+    return PermutationSpec(groups=tuple(groups + blocks), averaged=averaged, family="clip", inputs=inputs,
+                           max_tokens=max_tokens)

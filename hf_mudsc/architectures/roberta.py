@@ -45,5 +45,8 @@ def roberta_spec(model: nn.Module) -> PermutationSpec:
         hook = HookPoint(last, "output", mask=MASK)
     residual_group = Group(name="residual", width=width, members=tuple(residual), hooks=(hook,))
     classifier = Classifier("classifier.out_proj.weight", "classifier.out_proj.bias") if has_head else None
+    # Position ids start after the padding id: a sequence reaches max_position_embeddings - pad_token_id - 1 rows.
+    offset = config.pad_token_id + 1 if config.pad_token_id is not None else 0
     return PermutationSpec(groups=(residual_group, *groups), classifier=classifier, family="roberta",
-                           averaged=("classifier.out_proj.bias",) if has_head else (), inputs=("input_ids",))
+                           averaged=("classifier.out_proj.bias",) if has_head else (), inputs=("input_ids",),
+                           max_tokens=config.max_position_embeddings - offset)

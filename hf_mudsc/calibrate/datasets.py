@@ -338,8 +338,7 @@ class _Preprocessor:
                 raise self.role.error(f"column {self.text_column!r} of the {self.role.data} holds {kind}, not text; "
                                       "drop or fill those rows (Dataset.filter) or name the text column with "
                                       f"{option_hint('text_column')}")
-            encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                                     return_tensors="pt")
+            encoded = encode_texts(self.tokenizer, texts, self.max_length)
             out.update({k: _as_tensor(v) for k, v in encoded.items()})
         return out
 
@@ -353,6 +352,27 @@ class _Preprocessor:
         if self.num_channels in (3, None) and image.mode != "RGB":
             return convert("RGB")
         return image
+
+
+def encode_texts(tokenizer: Any, texts: list[str], max_length: int | None) -> Mapping[str, Any]:
+    """`texts` padded and cut to `max_length`, the tokenizer left as it was: a fast tokenizer's backend keeps the
+    truncation and padding a call switches on, and `save_pretrained` writes them into tokenizer.json (which
+    `tokenizers` and transformers.js apply to every later input)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    before = (backend.truncation, backend.padding) if backend is not None else None
+    try:
+        return tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    finally:
+        if before is not None:
+            truncation, padding = before
+            if truncation is None:
+                backend.no_truncation()
+            else:
+                backend.enable_truncation(**truncation)
+            if padding is None:
+                backend.no_padding()
+            else:
+                backend.enable_padding(**padding)
 
 
 def _as_tensor(value: Any) -> torch.Tensor:
@@ -473,12 +493,14 @@ def _positions(model_config: Any) -> int | None:
     return None
 
 
-def _max_length(tokenizer: Any, model_config: Any) -> int:
+def _max_length(tokenizer: Any, model_config: Any, max_tokens: int | None = None) -> int:
+    """The tokenizer's limit, cut to what the model reads: `max_tokens` (its adapter's, `PermutationSpec.max_tokens`)
+    when known, else the config's `max_position_embeddings`."""
     limits = []
     tokenizer_limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(tokenizer_limit, int) and tokenizer_limit < 1_000_000:
         limits.append(tokenizer_limit)
-    positions = _positions(model_config)
+    positions = max_tokens if max_tokens is not None else _positions(model_config)
     if positions is not None:
         limits.append(positions)
     return min(limits) if limits else _TEXT_LIMIT
@@ -552,7 +574,7 @@ def _refuse_column_kinds(features: Any, image_column: str | None, text_column: s
 
 def _plan(columns: Sequence[str], inputs: Sequence[str], processor: Any, image_column: str | None,
           text_column: str | None, model_config: Any, role: DataRole = CALIBRATION, features: Any = None,
-          ) -> tuple[list[str], _Preprocessor | None]:
+          max_tokens: int | None = None) -> tuple[list[str], _Preprocessor | None]:
     """Which columns to read and how to preprocess them (None: they already are model inputs). `features`: the
     dataset's declared column types, to refuse a raw column of the wrong kind before any row is read."""
     for name, override in (("image_column", image_column), ("text_column", text_column)):
@@ -581,7 +603,7 @@ def _plan(columns: Sequence[str], inputs: Sequence[str], processor: Any, image_c
     preprocess = _Preprocessor(
         image_column=use_image, text_column=use_text, image_processor=image_processor if use_image else None,
         tokenizer=tokenizer if use_text else None, num_channels=_num_channels(model_config),
-        max_length=_max_length(tokenizer, model_config) if use_text else None, role=role,
+        max_length=_max_length(tokenizer, model_config, max_tokens) if use_text else None, role=role,
     )
     return [c for c in (use_image, use_text) if c is not None], preprocess
 
@@ -682,6 +704,7 @@ def resolve_calibration(
     model_config: Any = None,
     token: str | bool | None = None,
     role: DataRole = CALIBRATION,
+    max_tokens: int | None = None,
 ) -> Any:
     """Calibration in any accepted form -> what `merge()` consumes (a `CalibrationStream`, or the input as is).
 
@@ -696,6 +719,8 @@ def resolve_calibration(
         inputs: model inputs the parents need (e.g. `spec.inputs`); inferred from columns/processors if None.
         model_config: a parent's config, for the image channel count and the text length limit.
         role: whose data and processor the errors name (`DataRole`; evaluate's test data and one model).
+        max_tokens: the most tokens the parents read (`PermutationSpec.max_tokens`): raw text is cut to it (else to
+            the config's `max_position_embeddings`, which RoBERTa's position offset makes one too many).
     """
     import datasets
 
@@ -722,7 +747,7 @@ def resolve_calibration(
         inputs = _infer_inputs(columns, image_processor_of(processor), tokenizer_of(processor),
                                image_column, text_column)
     keep, preprocess = _plan(columns, tuple(inputs), processor, image_column, text_column, model_config, role,
-                             features=getattr(calibration, "features", None))
+                             features=getattr(calibration, "features", None), max_tokens=max_tokens)
     if keep != columns:
         calibration = calibration.select_columns(keep)
     calibration, sharding = _subset(calibration, num_samples, seed, shuffle)

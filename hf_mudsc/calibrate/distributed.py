@@ -98,6 +98,7 @@ def shard_batches(
     num_samples: int | None,
     columns: Iterable[str] | None,
     required: Iterable[str],
+    max_tokens: int | None = None,
 ) -> tuple[Iterator[dict[str, Any]], int | None]:
     """This process's calibration batches and, when known, how many samples they hold.
 
@@ -113,9 +114,9 @@ def shard_batches(
         if total is not None and num_samples is not None:
             total = min(total, num_samples)
         return iter_batches(part, batch_size=batch_size, num_samples=num_samples, columns=columns,
-                            required=required), total
+                            required=required, max_tokens=max_tokens), total
     batches = iter_batches(calibration, batch_size=batch_size, num_samples=num_samples, columns=columns,
-                           required=required)
+                           required=required, max_tokens=max_tokens)
     return (itertools.islice(batches, rank, None, world_size) if world_size > 1 else batches), None
 
 
@@ -142,7 +143,7 @@ def collect_statistics_distributed(
     rank, world_size = process_info()
     if world_size == 1:
         batches, total = shard_batches(calibration, 0, 1, batch_size=batch_size, num_samples=num_samples,
-                                       columns=columns, required=required)
+                                       columns=columns, required=required, max_tokens=spec.max_tokens)
         return collect_statistics(model_a, model_b, spec, batches, progress=progress, total=total,
                                   statistics_dtype=statistics_dtype, device=device, others=others)
 
@@ -150,7 +151,8 @@ def collect_statistics_distributed(
     accumulators = new_accumulators(spec, statistics_dtype, 2 + len(others))
     try:
         batches, total = shard_batches(calibration, rank, world_size, batch_size=batch_size,
-                                       num_samples=num_samples, columns=columns, required=required)
+                                       num_samples=num_samples, columns=columns, required=required,
+                                       max_tokens=spec.max_tokens)
         collect_statistics(model_a, model_b, spec, batches, progress=progress and rank == 0,
                            accumulators=accumulators, total=total, allow_empty=True, device=device, others=others)
     except Exception as caught:  # shared with the other processes below, then re-raised here

@@ -91,11 +91,13 @@ def iter_batches(
     num_samples: int | None = None,
     columns: Iterable[str] | None = None,
     required: Iterable[str] = (),
+    max_tokens: int | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield dict batches of tensors from a `datasets.Dataset`/`IterableDataset` or an iterable of dicts.
 
     Only `columns` are kept when given (datasets carry labels and raw fields the model must not see);
-    `required` columns are checked up front so a wrong dataset fails before any forward pass.
+    `required` columns are checked up front so a wrong dataset fails before any forward pass, and so are
+    `input_ids` longer than `max_tokens` (`PermutationSpec.max_tokens`), which would fail inside the model.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -108,6 +110,7 @@ def iter_batches(
         if index == 0:
             _check_columns(raw.keys(), required)
         batch = {k: batch_column_as_tensor(v) for k, v in raw.items() if keep is None or k in keep}
+        _check_length(batch, max_tokens)
         size = _batch_size_of(batch)
         if num_samples is not None and seen + size > num_samples:
             batch = _truncate(batch, num_samples - seen)
@@ -118,6 +121,16 @@ def iter_batches(
         seen += size
         if num_samples is not None and seen >= num_samples:
             return
+
+
+def _check_length(batch: Mapping[str, Any], max_tokens: int | None) -> None:
+    ids = batch.get("input_ids")
+    if max_tokens is not None and isinstance(ids, torch.Tensor) and ids.dim() >= 2 and ids.shape[-1] > max_tokens:
+        raise CalibrationError(
+            f"a calibration batch holds sequences of {ids.shape[-1]} tokens, but the parents read at most "
+            f"{max_tokens} (their position embeddings end there): tokenize with truncation=True, "
+            f"max_length={max_tokens}, or pass raw text, which is cut to fit"
+        )
 
 
 def _check_columns(found: Iterable[str], required: tuple[str, ...]) -> None:

@@ -28,19 +28,32 @@ REMOTE_CODE_CONFIG_KEYS = ("auto_map", "custom_pipelines")
 HEAD_CONFIG_KEYS = frozenset({"classifier_dropout", "tie_word_embeddings", "encoder_stride"})
 
 
+# What the refusal of parents whose configs differ says: the fields change shapes or what each parent computes.
+CONFIG_MISMATCH = "have different configurations, which one merged model cannot hold both of"
+CONFIG_MISMATCH_FIX = ("Merge models fine-tuned from the same architecture configuration (a difference you accept, "
+                       "e.g. layer_norm_eps: give both parents one value in a copy of a folder's config.json)")
+
+
+def training_only(key: str) -> bool:
+    """Whether a config field only acts in training (dropout rates: a merge and the merged model run in eval mode),
+    so parents may differ in it; the merged config keeps parent A's."""
+    return "dropout" in key
+
+
 def config_differences(a: PretrainedConfig, b: PretrainedConfig, prefix: str = "", *,
                        ignored: Collection[str] = ()) -> list[str]:
-    """`key: a vs b` for each field that differs, labels and bookkeeping aside (and the `ignored` fields)."""
+    """`key: a vs b` for each field that differs, labels, bookkeeping and dropout rates aside (and the `ignored`
+    fields)."""
     da, db = a.to_dict(), b.to_dict()
     skip = _IGNORED_CONFIG_KEYS | set(ignored)
     problems = []
     for key in sorted(set(da) | set(db)):
-        if key in skip:
+        if key in skip or training_only(key):
             continue
         va, vb = da.get(key), db.get(key)
         if isinstance(va, dict) and isinstance(vb, dict) and key.endswith("_config"):
-            sub_a = {k: v for k, v in va.items() if k not in skip}
-            sub_b = {k: v for k, v in vb.items() if k not in skip}
+            sub_a = {k: v for k, v in va.items() if k not in skip and not training_only(k)}
+            sub_b = {k: v for k, v in vb.items() if k not in skip and not training_only(k)}
             for sub in sorted(set(sub_a) | set(sub_b)):
                 if sub_a.get(sub) != sub_b.get(sub):
                     problems.append(f"{prefix}{key}.{sub}: {sub_a.get(sub)!r} vs {sub_b.get(sub)!r}")
@@ -53,6 +66,13 @@ def is_regression_head(config: PretrainedConfig) -> bool:
     """Whether a classifier class with this config is a regression head: transformers reads one output (or
     problem_type "regression") as regression and trains it with a squared error, not a softmax."""
     return getattr(config, "problem_type", None) == "regression" or getattr(config, "num_labels", None) == 1
+
+
+def is_softmax_head(config: PretrainedConfig) -> bool:
+    """Whether a classifier class with this config reads its logits through one softmax (single-label
+    classification), so that shifting a row of them changes nothing: not a regression head, nor a multi-label one
+    (a sigmoid per label)."""
+    return not is_regression_head(config) and getattr(config, "problem_type", None) != "multi_label_classification"
 
 
 def check_parents(model_a: PreTrainedModel, model_b: PreTrainedModel, labels: tuple[str, str] = ("A", "B")) -> None:
@@ -73,10 +93,8 @@ def check_parents(model_a: PreTrainedModel, model_b: PreTrainedModel, labels: tu
     differences = config_differences(model_a.config, model_b.config)
     if differences:
         raise MergeInputError(
-            "parents have different configurations, so their tensors do not line up: "
-            + "; ".join(differences[:10])
-            + ("; ..." if len(differences) > 10 else "")
-            + ". Merge models fine-tuned from the same architecture configuration."
+            f"parents {CONFIG_MISMATCH}: " + "; ".join(differences[:10])
+            + ("; ..." if len(differences) > 10 else "") + f". {CONFIG_MISMATCH_FIX}"
         )
     for name, model in ((label_a, model_a), (label_b, model_b)):
         check_finite(dict(model.named_parameters()), f"parent {name}")

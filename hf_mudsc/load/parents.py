@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import logging
 import math
@@ -26,7 +27,13 @@ import transformers
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from hf_mudsc.errors import LoadError, MergeInputError, ParentMismatchError, shown
-from hf_mudsc.load.checks import HEAD_CONFIG_KEYS, config_differences, is_regression_head
+from hf_mudsc.load.checks import (
+    CONFIG_MISMATCH,
+    CONFIG_MISMATCH_FIX,
+    HEAD_CONFIG_KEYS,
+    config_differences,
+    is_regression_head,
+)
 from hf_mudsc.load.config_json import FIX as CONFIG_FIX
 from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES, check_config_json
 from hf_mudsc.load.hub_calls import hub_call
@@ -608,9 +615,8 @@ def check_configs(located: Sequence[_Located]) -> None:
         differences = config_differences(first.config, other.config)
         if differences:
             raise ParentMismatchError(
-                f"{first.reference!r} and {other.reference!r} have different configurations, so their tensors "
-                "do not line up: " + "; ".join(differences[:10]) + ("; ..." if len(differences) > 10 else "")
-                + ". Merge models fine-tuned from the same architecture configuration"
+                f"{first.reference!r} and {other.reference!r} {CONFIG_MISMATCH}: " + "; ".join(differences[:10])
+                + ("; ..." if len(differences) > 10 else "") + f". {CONFIG_MISMATCH_FIX}"
             )
         if kind_a.endswith("Classification") and is_regression_head(first.config) != is_regression_head(other.config):
             (regression, r), (classifier, c) = sorted(((first, 0), (other, index)),
@@ -863,6 +869,13 @@ def parameters_of(parent: LoadedParent) -> Mapping[str, torch.Tensor]:
     return {name: tensor.detach().cpu() for name, tensor in parent.model.named_parameters()}
 
 
+def _saved_without_pooler(cls: type[PreTrainedModel], missing: Sequence[str], unused: Sequence[str],
+                          mismatched: Sequence[Any]) -> bool:
+    """Whether a checkpoint lacks exactly the pooler of a bare model class that can be built without one."""
+    return (bool(missing) and not unused and not mismatched and all(key.startswith("pooler.") for key in missing)
+            and "add_pooling_layer" in inspect.signature(cls.__init__).parameters)
+
+
 def _load_weights(located: _Located) -> tuple[PreTrainedModel, list[str]]:
     """`from_pretrained` on the located folder, refusing weights that the config does not describe: the model and
     the parameters its checkpoint lacks (only ever for a base read as the parents' class, `located.read_as`).
@@ -898,6 +911,14 @@ def _load_weights(located: _Located) -> tuple[PreTrainedModel, list[str]]:
     problems = []
     missing, unused = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
     mismatched = sorted(info.get("mismatched_keys") or ())
+    if located.read_as is None and _saved_without_pooler(cls, missing, unused, mismatched):
+        # A bare encoder built with add_pooling_layer=False (e.g. an embedding model's): its config cannot say so.
+        logger.info("%s: no pooler in %s: read as %s(add_pooling_layer=False)", located.reference, name, cls.__name__)
+        with _without_load_report():
+            model = cls.from_pretrained(
+                located.folder, config=located.config, dtype=torch.float32, add_pooling_layer=False,
+                use_safetensors=False if located.use_pickle else True, trust_remote_code=False, weights_only=True)
+        return model, []
     if located.read_as is not None and not mismatched:
         _refuse_missing_backbone(located, missing, {name: tensor.numel() for name, tensor in model.named_parameters()})
         _log_read_as(located, missing, unused)

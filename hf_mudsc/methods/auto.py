@@ -104,6 +104,13 @@ ALPHA_HANDED = 0.5
 method that runs no search (it does not read α), which the recipe then records instead of `auto`."""
 
 
+def reference_compat_unread(method: MergeMethod, options: Any) -> bool:
+    """Whether `reference_compat=True` (`options.reference_compat`) was given to a method that matches no units (e.g.
+    the regmean `auto` picks for fine-tunes of one base): there is no reference merge to reproduce, and the option
+    only keeps `refit="auto"` off."""
+    return bool(options.reference_compat) and not method.matches_units
+
+
 def alpha_searched(method: MergeMethod, options: Any, num_parents: int) -> bool:
     """Whether `alpha="auto"` (`options.alpha`) runs its search with `method` (docs/design.md §4.4): a method that
     matches units on activation statistics and reads α. The merge and its dry run record `auto` only then."""
