@@ -404,6 +404,22 @@ def test_roberta_text_is_cut_to_the_positions_its_embeddings_reach():
     assert torch.isfinite(merged(**ids).logits).all()
 
 
+def test_evaluation_text_is_cut_to_the_positions_each_model_reaches():
+    """Evaluation read long text with the calibration's preprocessing but not its position limit: a RoBERTa whose
+    tokenizer has no `model_max_length` failed at the first batch ('index out of bounds'). Each model's inputs are
+    cut to what its position table reaches, as calibration cuts them; the CLIP prompts leave the tokenizer as it
+    was (a fast tokenizer kept the truncation the prompts switched on)."""
+    from hf_mudsc.evaluate.harness import evaluate_merge
+
+    parents = [make_model("roberta_cls", seed=seed) for seed in (0, 1)]
+    rows = [" ".join(f"w{i % 50}" for i in range(start, start + 40)) for start in range(6)]
+    data = datasets.Dataset.from_dict({"text": rows, "label": [index % 3 for index in range(6)]})
+    merged = hf_mudsc.merge(parents, data.remove_columns("label"), processor=tokenizer(), method="mudsc",
+                            batch_size=3, progress=False)
+    result = evaluate_merge(merged, parents, [data], processor=tokenizer(), batch_size=3, progress=False)
+    assert 0.0 <= result.score("merged", "task_0") <= 1.0
+
+
 @pytest.mark.parametrize("method", ["mudsc", "regmean", "fisher"])
 @pytest.mark.parametrize("kind", ["bert_cls", "roberta_cls"])
 def test_tokenized_batches_longer_than_the_positions_are_refused_in_one_line(kind, method):

@@ -372,6 +372,10 @@ def test_clip_zero_shot_matches_clips_own_image_text_logits():
     pets_labels = torch.cat([pets_pred[:3], 1 - pets_pred[3:]])
     fish_labels = torch.cat([fish_pred[:3], (fish_pred[3:] + 1) % 3])
     data = {"pets": (images[:5], pets_labels), "fish": (images[5:], fish_labels)}
+    backend = tokenizer.backend_tokenizer
+    tokenizer.model_max_length = 16  # prompts cut at 16 tokens: a call with truncation switches it on
+    backend.no_padding()  # as a tokenizer comes from its folder (the prompts above switched padding on)
+    before = (backend.truncation, backend.padding)
     result = evaluate_merge(
         model_a,
         [model_a, model_b],
@@ -384,6 +388,7 @@ def test_clip_zero_shot_matches_clips_own_image_text_logits():
     )
     assert result.score("merged", "pets") == pytest.approx(3 / 5)
     assert result.score("merged", "fish") == pytest.approx(3 / 5)
+    assert (backend.truncation, backend.padding) == before  # the prompts leave the tokenizer as it was
     joint_labels = torch.cat([pets_labels, fish_labels + 2])
     expected_joint = float((own[0].argmax(1) == joint_labels).float().mean())
     assert result.score("merged", "joint") == pytest.approx(expected_joint)

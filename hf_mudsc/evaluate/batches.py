@@ -109,6 +109,7 @@ def evaluation_role(task: str, owners: Sequence[str], processor: Any) -> DataRol
 
 def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: int, num_samples: int | None,
                  processors: Sequence[Any], model_configs: Sequence[Any], owners: Sequence[Sequence[str]],
+                 max_tokens: Sequence[int | None] | None = None,
                  image_column: str | None, text_column: str | None, rank: int, world: int,
                  task_names: Sequence[str], class_names: Sequence[str] | None = None,
                  ) -> tuple[Iterator[tuple[list[dict], list]], int | None, bool]:
@@ -161,6 +162,7 @@ def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: in
     def stream(index: int) -> Any:
         return resolve_calibration(dataset, processors[index], image_column=image_column, text_column=text_column,
                                    shuffle=False, inputs=(main_input,), model_config=model_configs[index],
+                                   max_tokens=max_tokens[index] if max_tokens is not None else None,
                                    role=evaluation_role(task, owners[index], processors[index]))
 
     streams = [stream(0)]

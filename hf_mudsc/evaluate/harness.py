@@ -137,6 +137,9 @@ def evaluate_merge(
     labels = [*(f"merged model {name!r}" for name in merged_models),
               *(f"parent {parent_letter(index)}" for index in range(len(parent_models)))]
     group_configs = [models[group_of.index(group)].config for group in range(len(distinct))]
+    # each processor's text cut to the positions every model it scores reaches, as calibration cuts it
+    group_tokens = [_fewest_tokens([model for model, of in zip(models, group_of) if of == group])
+                    for group in range(len(distinct))]
     group_owners = [[label for label, of in zip(labels, group_of) if of == group] for group in range(len(distinct))]
     multi_label = [name for name, model in merged_models.items()
                    if getattr(model.config, "problem_type", None) == "multi_label_classification"]
@@ -158,7 +161,8 @@ def evaluate_merge(
     def batches_of(task: str, source: TaskData) -> tuple[Iterator[tuple[list[dict], list]], int | None, bool]:
         return task_batches(
             source, task=task, main_input=main_input, batch_size=batch_size, num_samples=num_samples,
-            processors=distinct, model_configs=group_configs, owners=group_owners, image_column=image_column,
+            processors=distinct, model_configs=group_configs, max_tokens=group_tokens, owners=group_owners,
+            image_column=image_column,
             text_column=text_column, rank=rank, world=world, task_names=list(layout.ranges),
             class_names=layout.class_names[task])  # CLIP too: names given in another order than the data's
 
@@ -411,3 +415,20 @@ def _gather(collected: dict, counts: dict, failure: Exception | None) -> tuple[d
         for task, n in part_counts.items():
             total[task] = total.get(task, 0) + n
     return merged, total, failures
+
+
+def _fewest_tokens(models: Sequence[Any]) -> int | None:
+    """The fewest tokens any of `models` reads (their adapters' `PermutationSpec.max_tokens`: RoBERTa's positions
+    start after its padding id); None when none says (an architecture without an adapter keeps its processor's)."""
+    from hf_mudsc.architectures import spec_for
+    from hf_mudsc.errors import UnsupportedArchitectureError
+
+    limits = []
+    for model in models:
+        try:
+            limit = spec_for(model).max_tokens
+        except UnsupportedArchitectureError:  # no adapter for this model: its processor's own limit applies
+            limit = None
+        if limit is not None:
+            limits.append(limit)
+    return min(limits, default=None)

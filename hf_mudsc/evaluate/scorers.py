@@ -131,7 +131,9 @@ class _ClipScorer(Scorer):
         classes = [c for names in layout.class_names.values() for c in names]
         prompts_per_class = [[t.format(c) for t in templates] for c in classes]
         flat = [p for prompts in prompts_per_class for p in prompts]
-        encoded = tokenizer(flat, padding=True, truncation=True, return_tensors="pt")
+        from hf_mudsc.calibrate.datasets import encode_texts
+
+        encoded = encode_texts(tokenizer, flat, None)  # padded and cut, the tokenizer left as it was
         inputs = {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "position_ids")}
         with torch.no_grad():
             embeds = _features(model.get_text_features(**inputs)).float()
