@@ -504,17 +504,20 @@ def solve_flops(widths: Sequence[int], columns: Sequence[int], parents: int = 2)
 
 
 def refit_bytes(layers: Sequence[tuple[int, int, float]], examples: int, parents: int, width: int,
-                tokens: float) -> float:
-    """The refit's memory on top of the merge's: the parents' targets it caches (at most `TARGET_CACHE_BYTES`, at
-    least one layer's), the block inputs and outputs it stores for the parents and the merged model (`BlockReplay`:
-    `examples × tokens × width` float32 each), and the widest layer's float64 Gram and cross-Gram."""
+                tokens: float, gram: bool = True) -> float:
+    """The refit's memory on top of the merge's: the block inputs and outputs it stores for the parents and the
+    merged model (`BlockReplay`: `examples × tokens × width` float32 each) and, for the ridge refit (`gram`; REPAIR
+    keeps two vectors per layer instead), the parents' targets it caches (at most `TARGET_CACHE_BYTES`, at least one
+    layer's) and the widest layer's float64 Gram and cross-Gram."""
     from hf_mudsc.apply.refit import TARGET_CACHE_BYTES
 
+    stored = 2 * (parents + 1) * 4.0 * examples * tokens * width
+    if not gram:
+        return stored
     targets = [4.0 * examples * rows * outputs for _, outputs, rows in layers]
     cached = max(min(sum(targets), TARGET_CACHE_BYTES), max(targets, default=0.0))
-    stored = 2 * (parents + 1) * 4.0 * examples * tokens * width
-    gram = max((8.0 * unknowns * (unknowns + outputs) for unknowns, outputs, _ in layers), default=0.0)
-    return cached + stored + gram
+    grams = max((8.0 * unknowns * (unknowns + outputs) for unknowns, outputs, _ in layers), default=0.0)
+    return cached + stored + grams
 
 
 def refit_flops(layers: Sequence[tuple[int, int, float]], forward: float, examples: int, parents: int = 2,
@@ -772,8 +775,8 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     residual = max((getattr(sub, "hidden_size", 0) or 0 for sub in (
         config, getattr(config, "text_config", None), getattr(config, "vision_config", None)) if sub is not None),
         default=0)
-    refit_memory = refit_bytes(refitted, refit_examples, len(models), residual, max(tokens.values())) if refitted \
-        else 0.0
+    refit_memory = refit_bytes(refitted, refit_examples, len(models), residual, max(tokens.values()),
+                               gram=refit != "repair") if refitted else 0.0
     estimate = estimate_cost(
         widths=widths, columns=columns, group_tokens=group_tokens, linear_params=linear, tokens=tokens,
         num_parameters=parents[0].num_parameters, rows=rows, needs_statistics=method.needs_calibration,
