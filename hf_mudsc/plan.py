@@ -505,13 +505,14 @@ def solve_flops(widths: Sequence[int], columns: Sequence[int], parents: int = 2)
 
 def refit_bytes(layers: Sequence[tuple[int, int, float]], examples: int, parents: int, width: int,
                 tokens: float, gram: bool = True) -> float:
-    """The refit's memory on top of the merge's: the block inputs and outputs it stores for the parents and the
-    merged model (`BlockReplay`: `examples × tokens × width` float32 each) and, for the ridge refit (`gram`; REPAIR
-    keeps two vectors per layer instead), the parents' targets it caches (at most `TARGET_CACHE_BYTES`, at least one
-    layer's) and the widest layer's float64 Gram and cross-Gram."""
+    """The refit's memory on top of the merge's: the block inputs and outputs it stores (`BlockReplay`: `examples ×
+    tokens × width` float32 each) for the parents and the merged model — for the merged model only with REPAIR, whose
+    parents run once for every layer — and, for the ridge refit (`gram`; REPAIR keeps two vectors per layer instead),
+    the parents' targets it caches (at most `TARGET_CACHE_BYTES`, at least one layer's) and the widest layer's float64
+    Gram and cross-Gram."""
     from hf_mudsc.apply.refit import TARGET_CACHE_BYTES
 
-    stored = 2 * (parents + 1) * 4.0 * examples * tokens * width
+    stored = 2 * ((parents + 1) if gram else 1) * 4.0 * examples * tokens * width
     if not gram:
         return stored
     targets = [4.0 * examples * rows * outputs for _, outputs, rows in layers]
