@@ -335,7 +335,12 @@ def test_progress_false_shows_no_loading_bars(tmp_path, capfd):
     for seed in (0, 1):
         make_model("vit_cls", seed=seed).save_pretrained(tmp_path / f"vit{seed}")
     capfd.readouterr()
-    assert transformers.utils.logging.is_progress_bar_enabled()
-    hf_mudsc.merge([tmp_path / "vit0", tmp_path / "vit1"], method="weight_matching", progress=False)
-    assert "Loading weights" not in capfd.readouterr().err
-    assert transformers.utils.logging.is_progress_bar_enabled()
+    was_on = transformers.utils.logging.is_progress_bar_enabled()  # an in-process CLI test may have switched it off
+    transformers.utils.logging.enable_progress_bar()
+    try:
+        hf_mudsc.merge([tmp_path / "vit0", tmp_path / "vit1"], method="weight_matching", progress=False)
+        assert "Loading weights" not in capfd.readouterr().err
+        assert transformers.utils.logging.is_progress_bar_enabled()
+    finally:
+        if not was_on:
+            transformers.utils.logging.disable_progress_bar()
