@@ -24,7 +24,7 @@ from hf_mudsc.apply.classifier import (
     distinct_task_names,
     label_ids,
     label_names,
-    repeated_label_message,
+    repeated_labels_message,
     same_label_sets,
 )
 from hf_mudsc.apply.dtype import cast_merged, resolve_out_dtype
@@ -921,12 +921,10 @@ def check_label_names(config: Any, parents: Sequence[Any]) -> None:
     class (docs/design.md §6)."""
     from hf_mudsc.plan import meta_model
 
-    for index, parent in enumerate(parents):
-        message = repeated_label_message(config_of(parent), f"parent {parent_label(index)}")
-        if message is not None:
-            model = config if isinstance(config, PreTrainedModel) else meta_model(config)
-            if spec_for(model).classifier is None:  # no head: the labels name nothing the merge writes
-                return
+    message = repeated_labels_message([config_of(parent) for parent in parents])
+    if message is not None:
+        model = config if isinstance(config, PreTrainedModel) else meta_model(config)
+        if spec_for(model).classifier is not None:  # without a head the labels name nothing the merge writes
             raise MergeInputError(message)
 
 

@@ -704,7 +704,7 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     `pipeline.check_calibration_before_weights`), run on data at hand so the dry run refuses what the merge refuses."""
     import torch
 
-    from hf_mudsc.apply.classifier import label_names, repeated_label_message, same_label_sets
+    from hf_mudsc.apply.classifier import label_names, repeated_labels_message, same_label_sets
     from hf_mudsc.apply.dtype import resolve_out_dtype
     from hf_mudsc.architectures import spec_for
     from hf_mudsc.diagnostics import calibration_size_warning, default_labels_warning, relation_warning
@@ -793,11 +793,9 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
             warnings.append(text)
     identical = _identical_weights(located, token=token)
     configs = [parent.config for parent in located]
-    if spec.classifier is not None:  # the merge's refusal before weights (`pipeline.check_label_names`)
-        for index, parent_config in enumerate(configs):
-            message = repeated_label_message(parent_config, f"parent {parent_label(index)}")
-            if message is not None:
-                raise MergeInputError(message)
+    repeated = repeated_labels_message(configs) if spec.classifier is not None else None
+    if repeated is not None:  # the merge's refusal before weights (`pipeline.check_label_names`)
+        raise MergeInputError(repeated)
     if not identical and spec.classifier is not None and same_label_sets(configs):  # the same model: one task
         text = default_labels_warning([label_names(c) for c in configs])
         if text:

@@ -63,6 +63,15 @@ def repeated_label_message(config: PretrainedConfig, who: str) -> str | None:
             "config.json (id2label and label2id, in a copy of its folder) and merge the copy")
 
 
+def repeated_labels_message(configs: Sequence[PretrainedConfig]) -> str | None:
+    """The refusal of the first parent, in merge order, whose `id2label` repeats a name (`repeated_label_message`);
+    None when no parent's does. The merge refuses it before weights, and so does its dry run."""
+    from hf_mudsc.load.relation import parent_label
+
+    messages = (repeated_label_message(config, f"parent {parent_label(index)}") for index, config in enumerate(configs))
+    return next((message for message in messages if message is not None), None)
+
+
 def same_label_set(config_a: PretrainedConfig, config_b: PretrainedConfig) -> bool:
     return label_names(config_a) == label_names(config_b)
 

@@ -10,12 +10,15 @@ and the fix, before `AutoConfig` runs.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
 from hf_mudsc.errors import LoadError, shown
 from hf_mudsc.option_values import MAX_BLOCKS
+
+logger = logging.getLogger(__name__)
 
 #: The largest config, processor or tokenizer file read with a model (each is read whole): real ones are kilobytes to
 #: tens of megabytes (a large tokenizer.json ~35 MB); a hostile repository's or folder's could be gigabytes.
@@ -148,3 +151,23 @@ def _check_counts(data: dict[str, Any], where: str, prefix: str = "") -> None:
         if limit is not None and value > limit:
             raise LoadError(f"{where}: {name} is {shown(value)}, more than any model has (at most {limit:,}); "
                             f"{FIX}")
+
+
+def card_too_large(where: str, size: int) -> None:
+    """Log that a model card over `SIDE_FILE_MAX_BYTES` is not read for the base it may name."""
+    logger.warning("%s: README.md is %s bytes, more than the %s a model card is read at; the base_model it may name "
+                   "is not read", where, f"{size:,}", f"{SIDE_FILE_MAX_BYTES:,}")
+
+
+def read_card(path: Path) -> str | None:
+    """A model card's text; None (logged) for one larger than `SIDE_FILE_MAX_BYTES` (it is read whole) or not UTF-8
+    text: such a card names no base. Light (no torch): the loader and the service's POST checks read cards alike."""
+    size = path.stat().st_size
+    if size > SIDE_FILE_MAX_BYTES:
+        card_too_large(str(path.parent), size)
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        logger.warning("%r is not UTF-8 text (%s); the base_model it may name is not read", str(path), error.reason)
+        return None

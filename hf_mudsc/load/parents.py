@@ -33,9 +33,10 @@ from hf_mudsc.load.checks import (
     HEAD_CONFIG_KEYS,
     config_differences,
     is_regression_head,
+    training_only,
 )
 from hf_mudsc.load.config_json import FIX as CONFIG_FIX
-from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES, check_config_json
+from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES, card_too_large, check_config_json, read_card
 from hf_mudsc.load.hub_calls import hub_call
 from hf_mudsc.load.links import refuse_link_out, refuse_links_out
 from hf_mudsc.load.processors import load_processor, processor_from_name, tokenizer_of
@@ -241,19 +242,17 @@ def check_model_objects(located: Sequence[_Located], who: Sequence[str] | None =
                 "the model's weights (PEFT: merge_and_unload()) or remove it, then pass the model")
         if not shapes:
             continue
+        fix = ("give the model back the config it was built with (a config edited after the model was built changes "
+               "no layer)")
         for key, tensor in model.named_parameters():
             if tuple(tensor.shape) != built[key]:
-                raise LoadError(
-                    f"{name}'s config does not describe its weights: {key!r} is {tuple(tensor.shape)} but its config "
-                    f"builds {built[key]}; give the model back the config it was built with (a config edited after "
-                    "the model was built changes no layer)")
+                raise LoadError(f"{name}'s config does not describe its weights: {key!r} is {tuple(tensor.shape)} but "
+                                f"its config builds {built[key]}; {fix}")
         differing = _built_settings_differ(model, from_config)
         if differing is not None:
             module, attribute, held, configured = differing
-            raise LoadError(
-                f"{name}'s config does not describe the model: {module}.{attribute} is {held!r} but its config builds "
-                f"{configured!r}; give the model back the config it was built with (a config edited after the "
-                "model was built changes no layer)")
+            raise LoadError(f"{name}'s config does not describe the model: {module}.{attribute} is {held!r} but its "
+                            f"config builds {configured!r}; {fix}")
 
 
 def _built_settings_differ(model: torch.nn.Module, built: torch.nn.Module) -> tuple[str, str, Any, Any] | None:
@@ -267,7 +266,7 @@ def _built_settings_differ(model: torch.nn.Module, built: torch.nn.Module) -> tu
         if twin is None or isinstance(module, (PreTrainedModel, torch.nn.Dropout)) or type(twin) is not type(module):
             continue
         for attribute, held in vars(module).items():
-            if attribute.startswith("_") or "dropout" in attribute or not _is_setting(held):
+            if attribute.startswith("_") or training_only(attribute) or not _is_setting(held):
                 continue
             from_config = vars(twin).get(attribute)
             if _is_setting(from_config) and held != from_config and held == held:  # NaN == NaN never holds
@@ -1176,7 +1175,7 @@ def _card_text(located: _Located, *, token: str | bool | None, cache_dir: str | 
                 break
     if located.repo_id is not None and (folder is None or not (folder / "README.md").is_file()):
         if located.card_bytes is not None and located.card_bytes > SIDE_FILE_MAX_BYTES:
-            _card_too_large(located.reference, located.card_bytes)
+            card_too_large(located.reference, located.card_bytes)
             return None
 
         def download() -> str | None:
@@ -1188,29 +1187,10 @@ def _card_text(located: _Located, *, token: str | bool | None, cache_dir: str | 
                 return None
 
         path = _hub_call(located.reference, download, what="downloading README.md (the model card)")
-        return _read_card(Path(path)) if path else None
+        return read_card(Path(path)) if path else None
     if folder is not None and (folder / "README.md").is_file():
-        return _read_card(folder / "README.md")
+        return read_card(folder / "README.md")
     return None
-
-
-def _card_too_large(where: str, size: int) -> None:
-    logger.warning("%s: README.md is %s bytes, more than the %s a model card is read at; the base_model it may name "
-                   "is not read", where, f"{size:,}", f"{SIDE_FILE_MAX_BYTES:,}")
-
-
-def _read_card(path: Path) -> str | None:
-    """A model card's text; None (logged) for one that is not UTF-8 text, or larger than `SIDE_FILE_MAX_BYTES` (it is
-    read whole): it names no base."""
-    size = path.stat().st_size
-    if size > SIDE_FILE_MAX_BYTES:
-        _card_too_large(str(path.parent), size)
-        return None
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        logger.warning("%r is not UTF-8 text (%s); the base_model it may name is not read", str(path), error.reason)
-        return None
 
 
 def base_from_cards(located: Sequence[_Located], *, token: str | bool | None = None,

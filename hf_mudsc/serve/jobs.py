@@ -39,7 +39,7 @@ from typing import Any, NoReturn
 
 from hf_mudsc.calibrate.dataset_spec import DatasetSpec
 from hf_mudsc.errors import CalibrationError, LoadError, RecipeError, shown
-from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES
+from hf_mudsc.load.config_json import read_card
 from hf_mudsc.load.references import card_base_model, looks_like_path, parse_reference
 from hf_mudsc.methods.registry import AUTO, check_size, get_method
 from hf_mudsc.publish.recipe import DESTINATION_KEYS, INFO_KEYS, Recipe, unresolved_published_entries
@@ -445,17 +445,14 @@ def looks_local(reference: str) -> Path | None:
 
 
 def card_text(folder: Path) -> str | None:
-    """A parent folder's model card, unless it is missing, a link out of the folder (the loader refuses those) or
-    larger than `SIDE_FILE_MAX_BYTES` (read whole; the loader's card reader names no base from it either)."""
+    """A parent folder's model card, unless it is missing or a link out of the folder (the loader refuses those); read
+    as the loader reads it (`load.config_json.read_card`: none over `SIDE_FILE_MAX_BYTES`, nor one not UTF-8)."""
     card = folder / "README.md"
     try:
         if not card.is_file() or not card.resolve().is_relative_to(folder.resolve()):
             return None
-        if card.stat().st_size > SIDE_FILE_MAX_BYTES:
-            logger.info("%s is over %s bytes: the base it may name is not read", card, f"{SIDE_FILE_MAX_BYTES:,}")
-            return None
-        return card.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
+        return read_card(card)
+    except OSError:
         return None
 
 

@@ -34,7 +34,6 @@ MAX_QUEUED = 100
 MAX_JOBS = 1000
 
 
-
 class LogCap(NamedTuple):
     lines: int
     bytes: int
