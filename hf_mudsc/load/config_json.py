@@ -153,10 +153,11 @@ def _check_counts(data: dict[str, Any], where: str, prefix: str = "") -> None:
                             f"{FIX}")
 
 
-def card_too_large(where: str, size: int) -> None:
-    """Log that a model card over `SIDE_FILE_MAX_BYTES` is not read for the base it may name."""
+def card_too_large(where: str, size: int, limit: int) -> None:
+    """Log that a model card over `limit` (`SIDE_FILE_MAX_BYTES`, as the caller holds it) is not read for the base it
+    may name."""
     logger.warning("%s: README.md is %s bytes, more than the %s a model card is read at; the base_model it may name "
-                   "is not read", where, f"{size:,}", f"{SIDE_FILE_MAX_BYTES:,}")
+                   "is not read", where, f"{size:,}", f"{limit:,}")
 
 
 def read_card(path: Path) -> str | None:
@@ -164,7 +165,7 @@ def read_card(path: Path) -> str | None:
     text: such a card names no base. Light (no torch): the loader and the service's POST checks read cards alike."""
     size = path.stat().st_size
     if size > SIDE_FILE_MAX_BYTES:
-        card_too_large(str(path.parent), size)
+        card_too_large(str(path.parent), size, SIDE_FILE_MAX_BYTES)
         return None
     try:
         return path.read_text(encoding="utf-8")

@@ -1175,7 +1175,7 @@ def _card_text(located: _Located, *, token: str | bool | None, cache_dir: str | 
                 break
     if located.repo_id is not None and (folder is None or not (folder / "README.md").is_file()):
         if located.card_bytes is not None and located.card_bytes > SIDE_FILE_MAX_BYTES:
-            card_too_large(located.reference, located.card_bytes)
+            card_too_large(located.reference, located.card_bytes, SIDE_FILE_MAX_BYTES)
             return None
 
         def download() -> str | None:
