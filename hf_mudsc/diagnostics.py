@@ -77,11 +77,13 @@ def calibration_size_warning(rows: Mapping[str, int], widths: Mapping[str, int],
             "or a larger calibration split)")
 
 
-def relation_warning(relation: str, method: Any, refitting: bool = False, gated: bool = True) -> str | None:
+def relation_warning(relation: str, method: Any, refitting: bool = False, gated: bool = True,
+                     units_correspond: bool = True) -> str | None:
     """Warn when the parents' relation makes the method a poor fit; `method` is a registry `MergeMethod`,
     `refitting`: a refit follows the merge (the resolved `refit` is ridge or gate), which rebuilds a merge by position
     from the data — then a collapse is not what the user gets (docs/design.md §4.9); `gated`: that refit is the gate's
-    (kept only if it agrees better), not a forced ridge."""
+    (kept only if it agrees better), not a forced ridge; `units_correspond`: False when the unit matching moved most
+    units of fine-tunes of one base (`hf_mudsc.methods.auto.IN_PLACE_MAJORITY`) — then matching was needed."""
     if relation == "same model":
         return "the parents are the same model: the merge gives back that model"
     if relation in UNALIGNED_RELATIONS and not method.matches_units:
@@ -95,7 +97,7 @@ def relation_warning(relation: str, method: Any, refitting: bool = False, gated:
                     f"({option_hint('method')})")
         return (start + "the merge will likely collapse; use a unit-matching method such as "
                 f"'mudsc' ({option_hint('method')})")
-    if relation in ALIGNED_RELATIONS and method.matches_units:
+    if relation in ALIGNED_RELATIONS and method.matches_units and units_correspond:
         return (f"the parents are fine-tunes of one base, whose units already correspond: {method.name!r} can only "
                 "reorder them; a same-base method (e.g. 'average') keeps the base's alignment and needs no "
                 f"calibration data ({option_hint('method')})")
@@ -130,13 +132,14 @@ def processor_warning(differences: Sequence[str]) -> str | None:
 def merge_warnings(*, relation: str | None, method: Any, group_names: Sequence[str], group_values: Sequence[float],
                    rows: Mapping[str, int] | None, widths: Mapping[str, int], parents: int = 2,
                    refitting: bool = False, gated: bool = True, shared_labels: Sequence[Sequence[str]] | None = None,
-                   processor_differences: Sequence[str] = ()) -> list[str]:
+                   processor_differences: Sequence[str] = (), units_correspond: bool = True) -> list[str]:
     """Every warning of a finished solve, in a fixed order (relation, default labels, calibration size, weak
     groups); `refitting`: a ridge refit follows, `gated`: the gate's (`relation_warning`); `shared_labels`: each
     parent's label names when their heads are fused as one label set (`default_labels_warning`);
-    `processor_differences`: the settings in which the parents' image processors differ (`processor_warning`)."""
+    `processor_differences`: the settings in which the parents' image processors differ (`processor_warning`);
+    `units_correspond`: whether a unit matching left most units in place (`relation_warning`)."""
     found = [
-        relation_warning(relation, method, refitting, gated) if relation else None,
+        relation_warning(relation, method, refitting, gated, units_correspond) if relation else None,
         default_labels_warning(shared_labels) if relation not in ("same model", "permuted copy") else None,
         processor_warning(processor_differences),
         calibration_size_warning(rows, widths, parents) if rows else None,

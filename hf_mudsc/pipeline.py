@@ -43,8 +43,11 @@ from hf_mudsc.load.references import display_name, parent_name, pinned_calibrati
 from hf_mudsc.load.relation import ParentRelation, base_relations, check_parents_mergeable, parent_label
 from hf_mudsc.methods.auto import (
     ALPHA_HANDED,
+    IN_PLACE_MAJORITY,
     alpha_searched,
     choose_method,
+    confirm_choice,
+    correspondence_checker,
     is_auto,
     reference_compat_unread,
     refit_runs,
@@ -61,7 +64,7 @@ from hf_mudsc.options import AUTO, REFITTING, MergeOptions, option_hint
 from hf_mudsc.plan import MergePlan, base_copied, base_loaded_whole, check_memory, config_of, head_copies
 from hf_mudsc.progress import library_bars
 from hf_mudsc.solve.diagnostics import MergeDiagnostics, compute_diagnostics
-from hf_mudsc.solve.matchers import Match
+from hf_mudsc.solve.matchers import Match, share_in_place
 from hf_mudsc.solve.widen import check_spend, measured_plan
 from hf_mudsc.spec import PermutationSpec
 
@@ -466,6 +469,9 @@ def merge(
         base_params = _check_base(base_parent, model_a, spec)
         _log_base_relations(base_parent, base_params, params, spec)
     choice_reason = None
+    # `auto`'s same-base choice, while the unit-matching solve that confirms it runs (methods.auto): (the same-base
+    # method, its reason); the merge runs as that solve's method until the solve decides.
+    unconfirmed: tuple[MergeMethod, str] | None = None
     if merge_method is None:
         if early:  # chosen, and its memory checked, before any parent was loaded whole
             merge_method, choice_reason = early[0].method, early[0].reason
@@ -473,6 +479,11 @@ def merge(
             merge_method, choice_reason = choose_auto(relation, merge_options, calibration, count,
                                                       has_base=base_parent is not None)
             check_memory(model_a, count, merge_method, loading=0, chosen=choice_reason)  # before calibration
+        checker = _correspondence_checker(relation, merge_method, merge_options, calibration, count)
+        if checker is not None and _fits_in_memory(model_a, count, checker, merge_method):
+            logger.info("method auto: %s's solve runs first, to confirm that the units correspond (method=%r skips "
+                        "it)", checker.name, merge_method.name)
+            unconfirmed, merge_method = (merge_method, choice_reason), checker
         refit_value = _refits(merge_options, merge_method, calibration, count)
         refitting = refit_value in REFITTING
         needs_data = _reads_data(merge_method, refitting)
@@ -484,12 +495,8 @@ def merge(
     method_options = dataclasses.replace(merge_options, weights=list(merge_options.weights or [1.0] * count),
                                          alpha=ALPHA_HANDED if merge_options.alpha == AUTO else merge_options.alpha)
     used_options = merge_method.used_options(method_options)
-    _warn_unread(merge_options, used_options, merge_method.name)
-    if reference_compat_unread(merge_method, merge_options):
-        without = _refits(dataclasses.replace(merge_options, reference_compat=False), merge_method, calibration, count)
-        effect = f": it only turned the refit off (refit {without!r} otherwise)" if without != refit_value else ""
-        logger.warning("method %s matches no units, so %s has no reference merge to reproduce%s; pass method='mudsc' "
-                       "for the reference's merge", merge_method.name, option_hint("reference_compat"), effect)
+    if unconfirmed is None:  # (else once the solve has decided the method)
+        _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value)
     calibration_name = given_calibration_name if needs_data else None
     # alpha="auto" (docs/design.md §4.4): only for a method that matches units on activations and reads α.
     auto_alpha = alpha_searched(merge_method, merge_options, count)
@@ -526,8 +533,6 @@ def merge(
                          alpha=used_options.get("alpha"))
     concatenate = spec.classifier is not None and not same_label_sets([m.config for m in loaded])
     head = [n for n in (spec.classifier.weight, spec.classifier.bias) if n] if spec.classifier else []
-    # Heads of different label sets: concatenated here unless the method builds them (the unit-matching apply step).
-    left_out = set(head) if concatenate and not merge_method.builds_concatenated_head else set()
     correlations = None
     rows = None  # calibration rows (examples x tokens) each group saw, for the size warning
     calibration_examples = None  # examples the calibration stream holds, when the statistics counted them
@@ -547,14 +552,41 @@ def merge(
     reference_rows = (reference_compat and spec.classifier is not None and count == 2
                       and params[0][spec.classifier.weight].shape == params[1][spec.classifier.weight].shape)
     matching_spec = solve_spec(spec, concatenate, reference_rows=reference_rows)
-    context = MethodContext(
-        spec=spec, solve_spec=matching_spec,
-        parents=[_without(p, left_out) for p in params],
-        base=None if base_params is None else _without(base_params, left_out),
-        models=loaded, batches=batches, correlations=correlations, concatenate_classifier=concatenate,
-        options=method_options, device=str(run_device), progress=progress,
-    )
+
+    def context_for(method: MergeMethod) -> tuple[MethodContext, set[str]]:
+        """The method's context, and the head tensors left out of it: heads of different label sets are
+        concatenated here unless the method builds them (the unit-matching apply step)."""
+        left = set(head) if concatenate and not method.builds_concatenated_head else set()
+        return MethodContext(
+            spec=spec, solve_spec=matching_spec,
+            parents=[_without(p, left) for p in params],
+            base=None if base_params is None else _without(base_params, left),
+            models=loaded, batches=batches, correlations=correlations, concatenate_classifier=concatenate,
+            options=method_options, device=str(run_device), progress=progress,
+        ), left
+
+    context, left_out = context_for(merge_method)
     alpha_curve = None
+    correspondence = None  # the solve that confirmed or overturned auto's same-base choice (config.mudsc)
+    if unconfirmed is not None:
+        result = merge_method.merge_parameters(context)  # at the α handed: alpha="auto" searches once decided
+        in_place = share_in_place(result.matches)
+        final, choice_reason = confirm_choice(*unconfirmed, merge_method, in_place, relation.weight_distance)
+        correspondence = {"method": merge_method.name, "units_in_place": round(in_place, 6),
+                          "holds": final is not merge_method}
+        logger.info("method auto: %s", choice_reason)
+        if final is not merge_method:  # the units correspond: the same-base method merges, without the statistics
+            merge_method = final
+            refit_value = _refits(merge_options, merge_method, calibration, count)
+            refitting = refit_value in REFITTING
+            used_options = merge_method.used_options(method_options)
+            auto_alpha = False
+            accumulators = correlations = rows = calibration_examples = None
+            report = MergeReport(method=merge_method.name, matcher=used_options.get("matcher"),
+                                 alpha=used_options.get("alpha"))
+            context, left_out = context_for(merge_method)
+            result = merge_method.merge_parameters(context)
+        _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value)
     if auto_alpha:
         from hf_mudsc.apply.fidelity import FidelityScorer, search_alpha
 
@@ -572,7 +604,7 @@ def merge(
                                            parameters))
         report.alpha = chosen_alpha
         used_options = {**used_options, "alpha": chosen_alpha}
-    else:
+    elif unconfirmed is None:
         result = merge_method.merge_parameters(context)
     report.matches = list(result.matches)
     report.group_names = list(result.group_names)
@@ -590,7 +622,8 @@ def merge(
         rows=rows, parents=count, refitting=refit_value in ("ridge", "gate"),
         gated=refit_value == "gate",
         shared_labels=[label_names(m.config) for m in loaded] if spec.classifier is not None and not concatenate
-        else None, processor_differences=image_processor_differences([p.processor for p in parents]))
+        else None, processor_differences=image_processor_differences([p.processor for p in parents]),
+        units_correspond=share_in_place(report.matches) >= IN_PLACE_MAJORITY)
     for text in report.warnings:
         logger.warning("%s", text)
     if count == 2:  # the diagnostics describe a two-parent unit matching (None when no unit was matched)
@@ -646,6 +679,9 @@ def merge(
         "solve_start": report.solve_start,
         "start_objectives": {name: round(float(v), 6) for name, v in report.starts.items()},
         "parent_relation": relation.as_config(),
+        # `auto`'s same-base choice confirmed on the activations: the solve's method, the share of units it left in
+        # place and whether the units correspond (methods.auto.confirm_choice); None when no check ran.
+        "correspondence_check": correspondence,
         "warnings": list(report.warnings),
         "alpha_auto": alpha_curve,  # the α search's curve (alpha="auto"), else None
         "out_dtype_reason": out_dtype_reason,  # why the merged weights have the dtype `out_dtype`
@@ -776,6 +812,49 @@ def _warn_unread(options: MergeOptions, used: Mapping[str, Any], method: str) ->
     if unread:
         logger.warning("method %s does not read %s: %s no effect", method,
                        ", ".join(option_hint(name) for name in unread), "it has" if len(unread) == 1 else "they have")
+
+
+def _warn_unused(options: MergeOptions, used: Mapping[str, Any], method: MergeMethod, calibration: Any, count: int,
+                 refit_value: str) -> None:
+    """Say which options the method leaves unread (`_warn_unread`), and that `reference_compat=True` has no reference
+    merge to reproduce with a method that matches no units."""
+    _warn_unread(options, used, method.name)
+    if reference_compat_unread(method, options):
+        without = _refits(dataclasses.replace(options, reference_compat=False), method, calibration, count)
+        effect = f": it only turned the refit off (refit {without!r} otherwise)" if without != refit_value else ""
+        logger.warning("method %s matches no units, so %s has no reference merge to reproduce%s; pass method='mudsc' "
+                       "for the reference's merge", method.name, option_hint("reference_compat"), effect)
+
+
+def _correspondence_checker(relation: ParentRelation, chosen: MergeMethod, options: MergeOptions, calibration: Any,
+                            count: int) -> MergeMethod | None:
+    """The unit-matching method whose solve confirms `auto`'s same-base choice `chosen`
+    (`methods.auto.correspondence_checker`), or None — also when that method cannot merge these parents with these
+    options (then the choice stands as made)."""
+    checker = correspondence_checker(relation.relation, chosen, has_data=calibration is not None,
+                                     reference_compat=bool(options.reference_compat))
+    if checker is None:
+        return None
+    try:
+        _check_parent_count(checker, count)
+        checker.check_options(options, count)
+        check_size(checker, options.size)
+    except MergeInputError:
+        return None
+    return checker
+
+
+def _fits_in_memory(model: PreTrainedModel, count: int, checker: MergeMethod, chosen: MergeMethod) -> bool:
+    """Whether the statistics of `checker`'s solve fit in the memory available (`plan.check_memory`, the parents
+    loaded); if not, `auto`'s choice `chosen` stands unconfirmed, and a warning says so — the same-base method
+    itself needs no statistics, so refusing the merge would refuse what worked without the check."""
+    try:
+        check_memory(model, count, checker, loading=0)
+    except MergeInputError as error:
+        logger.warning("method auto: %s is not confirmed on the calibration data (whether the units correspond, by "
+                       "%s's solve): %s", chosen.name, checker.name, error)
+        return False
+    return True
 
 
 def _refits(options: MergeOptions, method: MergeMethod, calibration: Any, count: int) -> str:

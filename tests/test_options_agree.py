@@ -28,9 +28,9 @@ from hf_mudsc.publish.recipe import COMMAND_LINE_ONLY_KEYS, DESTINATION_KEYS, Re
 NON_OPTION_KEYWORDS = {"token", "progress", "processor", "auto_choice"}
 # config.mudsc keys that describe the result, not an option.
 RESULT_KEYS = {"library", "version", "parents", "parent_revisions", "num_calibration_samples", "refit_examples",
-               "group_match_values", "solve_start", "start_objectives", "parent_relation", "method_choice_reason",
-               "base_revision", "base_source", "warnings", "alpha_auto", "size_budget", "refit_gate",
-               "out_dtype_reason", "head_reordered"}
+               "group_match_values", "solve_start", "start_objectives", "parent_relation", "correspondence_check",
+               "method_choice_reason", "base_revision", "base_source", "warnings", "alpha_auto", "size_budget",
+               "refit_gate", "out_dtype_reason", "head_reordered"}
 # CLI arguments that are not options: the recipe file to run and the Hub token (never recorded).
 NON_OPTION_FLAGS = {"--recipe", "--token", "--help"}
 

@@ -1,4 +1,4 @@
-"""The default `method="auto"`: a registered method chosen from how the parents relate (docs/design.md §2).
+"""The default `method="auto"`: a registered method chosen from how the parents relate (docs/design.md §4.8).
 
 The rule is a table (relation of the parents, base given?) -> candidate methods, the first registered one wins:
 
@@ -16,7 +16,16 @@ over the pairs) and up to 2.7 points per task; regmean + refit ties averaging's 
 and stays within 0.7 points of the parents per task. Three parents (15 sets, `--parents 3`): regmean alone 3.6
 joint points below averaging, regmean + refit 1.7 above (docs/benchmarks/same_init_three.md). The reason string
 says which and why; the log, `config.mudsc["method_choice_reason"]` and the card carry it.
-Torch-free (reads the relation's label and distance only).
+
+A small weight distance does not prove that the units still correspond: two fine-tunes of one base trained long
+at a high rate (held-out BERT / RoBERTa pairs at distance 0.45-0.60) keep weights that line up unpermuted, yet
+averaging them position by position collapses (a task at 0.30 with regmean, linear, and either with the refit)
+while unit matching keeps both tasks (mudsc + refit 1.00 / 0.99). So with calibration data the same-base choice
+is confirmed on the activations (`CORRESPONDENCE_CHECK`, docs/design.md §4.8): the unit-matching solve runs, and
+only if it leaves most units where they are (`IN_PLACE_MAJORITY`) does the same-base method merge; otherwise the
+solve's own merge is kept. Fine-tunes of a pretrained base leave 99-100 % in place (MiniLM pairs, the benchmark's
+same-init ViTs), the collapsing pairs 0-0.4 %.
+Torch-free (reads the relation's label and distance, and the share of units a solve left in place).
 """
 
 from __future__ import annotations
@@ -48,6 +57,13 @@ WHY = {
 }
 
 
+# The unit-matching method whose solve confirms a same-base choice on the activations, and the share of units
+# (over every matched group, each unit of every parent at one index fused together) it must leave in place: most
+# of them. Not fitted: any cut from 0.25 to 0.99 separates the pairs measured (docs/design.md §4.8).
+CORRESPONDENCE_CHECK = "mudsc"
+IN_PLACE_MAJORITY = 0.5
+
+
 def is_auto(method: str) -> bool:
     """Whether the `method` option asks for the automatic choice."""
     return method == AUTO
@@ -74,6 +90,31 @@ def choose_method(relation: str, weight_distance: float, *, has_base: bool, has_
             return METHODS[name], reason
     raise ValueError(f"method 'auto' would choose one of {', '.join(candidates)} for parents whose relation is "
                      f"{relation!r}, but none is registered; pass method= (CLI: --method)")
+
+
+def correspondence_checker(relation: str, chosen: MergeMethod, *, has_data: bool, reference_compat: bool
+                           ) -> MergeMethod | None:
+    """The unit-matching method whose solve must confirm `auto`'s choice `chosen` for parents of this relation, or
+    None: only a data method chosen for fine-tunes of one base (`WITH_DATA`) is confirmed — the same model needs no
+    check, a dataless choice has no activations to check on, and `reference_compat=True` keeps the paper's single
+    start, which does not find the identity even where it holds."""
+    if (not has_data or reference_compat or chosen.name not in WITH_DATA.get(relation, ())
+            or relation == "same model" or CORRESPONDENCE_CHECK not in METHODS):
+        return None
+    return METHODS[CORRESPONDENCE_CHECK]
+
+
+def confirm_choice(chosen: MergeMethod, reason: str, checker: MergeMethod, in_place: float, weight_distance: float
+                   ) -> tuple[MergeMethod, str]:
+    """`auto`'s final method and reason once `checker`'s solve left the share `in_place` of units where they are:
+    `chosen` (the same-base method) when most units stay, else `checker` itself."""
+    share = f"{checker.name}'s solve on the calibration data leaves {in_place:.1%} of units in place"
+    if in_place >= IN_PLACE_MAJORITY:  # "... (relative weight distance d): name" -> "... (...; share): name"
+        said, name = reason.rsplit("): ", 1)
+        return chosen, f"{said}; {share}): {name}"
+    return checker, (f"parents share a base by their weights (relative weight distance {weight_distance:.3g}), but "
+                     f"their units do not correspond on the calibration data: {share}, and a same-base method needs "
+                     f"at least {IN_PLACE_MAJORITY:.0%}: {checker.name}")
 
 
 def planned_method(has_data: bool) -> MergeMethod:

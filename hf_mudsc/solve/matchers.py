@@ -86,6 +86,21 @@ class Match:
             out[col].append(row)
         return [tuple(c) for c in out]
 
+    def units_in_place(self) -> int:
+        """How many unit indices i have every model's unit i fused into one merged unit: the pairs the identity
+        correspondence makes (n for the identity itself)."""
+        n = self.cluster_of.numel() // self.num_models
+        columns = self.cluster_of.reshape(self.num_models, n)
+        return int((columns == columns[0]).all(dim=0).sum())
+
+
+def share_in_place(matches: Sequence[Match | None]) -> float:
+    """The share of units the matches leave in place (`Match.units_in_place`), over every matched group's units
+    (groups left unmatched are left out; 1.0 when none is matched: nothing was moved)."""
+    found = [match for match in matches if match is not None]
+    units = sum(match.cluster_of.numel() // match.num_models for match in found)
+    return sum(match.units_in_place() for match in found) / units if units else 1.0
+
 
 # ---------------------------------------------------------------------------------------------------
 # Validation

@@ -1,0 +1,180 @@
+"""`method="auto"` confirms a same-base choice on the activations (hf_mudsc.methods.auto, docs/design.md §4.8).
+
+Parents whose weights are close ("shared base") may still have units that no longer correspond: then a position
+merge (regmean, linear) fuses unrelated units, and `auto` must hand the merge to the unit matching instead.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from factories import make_batches
+from transformers import ViTForImageClassification
+
+import hf_mudsc
+import hf_mudsc.methods.auto as auto
+from hf_mudsc.diagnostics import relation_warning
+from hf_mudsc.methods.auto import confirm_choice, correspondence_checker
+from hf_mudsc.methods.registry import get_method
+from hf_mudsc.solve.matchers import Match, share_in_place
+from hf_mudsc.testing.toy import tiny_vit_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _match(cluster_of: list[int], num_models: int = 2) -> Match:
+    clusters = torch.tensor(cluster_of)
+    sizes = torch.bincount(clusters).double()
+    return Match(cluster_of=clusters, merge_weight=1.0 / sizes[clusters], num_merged=int(sizes.numel()), value=0.0,
+                 num_models=num_models)
+
+
+def test_share_in_place_counts_the_units_every_parent_keeps_at_one_index():
+    identity = _match([0, 1, 2, 0, 1, 2])
+    swapped = _match([0, 1, 2, 0, 2, 1])  # B's units 1 and 2 swapped: unit 0 stays
+    zipped = _match([0, 0, 1, 1, 2, 2])  # A0+A1, A2+B0, B1+B2: no index keeps A and B together
+    assert identity.units_in_place() == 3 and swapped.units_in_place() == 1 and zipped.units_in_place() == 0
+    three = _match([0, 1, 0, 1, 1, 0], num_models=3)  # unit 0: A0, B0 in cluster 0 but C0 in 1
+    assert three.units_in_place() == 0
+    assert _match([0, 1, 0, 1, 0, 1], num_models=3).units_in_place() == 2
+    # pooled over the matched groups' units (3 + 3 units, 3 + 1 in place); unmatched groups left out
+    assert share_in_place([identity, None, swapped]) == pytest.approx(4 / 6)
+    assert share_in_place([None]) == 1.0 and share_in_place([]) == 1.0
+
+
+def test_only_a_same_base_data_method_is_confirmed():
+    regmean, linear = get_method("regmean"), get_method("linear")
+    mudsc = get_method("mudsc")
+    assert correspondence_checker("shared base", regmean, has_data=True, reference_compat=False) is mudsc
+    assert correspondence_checker("shared base", regmean, has_data=False, reference_compat=False) is None
+    assert correspondence_checker("shared base", regmean, has_data=True, reference_compat=True) is None
+    assert correspondence_checker("same model", regmean, has_data=True, reference_compat=False) is None
+    assert correspondence_checker("shared base", linear, has_data=True, reference_compat=False) is None
+    assert correspondence_checker("independent", mudsc, has_data=True, reference_compat=False) is None
+
+
+def test_the_choice_stands_when_most_units_stay_in_place():
+    regmean, mudsc = get_method("regmean"), get_method("mudsc")
+    reason = ("parents share a base, so the identity correspondence holds and calibration data is given (relative "
+              "weight distance 0.4): regmean")
+    method, kept = confirm_choice(regmean, reason, mudsc, 0.5, 0.4)
+    assert method is regmean and kept == (
+        "parents share a base, so the identity correspondence holds and calibration data is given (relative weight "
+        "distance 0.4; mudsc's solve on the calibration data leaves 50.0% of units in place): regmean")
+    method, moved = confirm_choice(regmean, reason, mudsc, 0.003, 0.598)
+    assert method is mudsc and moved == (
+        "parents share a base by their weights (relative weight distance 0.598), but their units do not correspond "
+        "on the calibration data: mudsc's solve on the calibration data leaves 0.3% of units in place, and a "
+        "same-base method needs at least 50%: mudsc")
+
+
+def test_the_reorder_warning_is_left_out_when_the_matching_moved_most_units():
+    mudsc = get_method("mudsc")
+    assert "can only reorder them" in relation_warning("shared base", mudsc)
+    assert relation_warning("shared base", mudsc, units_correspond=False) is None
+
+
+def _moved_mlp_pair() -> tuple[ViTForImageClassification, ViTForImageClassification]:
+    """Parent B: parent A with every MLP's units permuted (the same function) and 1% noise. The MLP units are most
+    of the units (2 x 128 of 416) while the MLP matrices are a small part of the weights' norm (the embeddings are
+    scaled up), so the weights say "shared base" although most units moved."""
+    torch.manual_seed(1)
+    model_a = ViTForImageClassification(tiny_vit_config(3, hidden_size=32, intermediate_size=128)).eval()
+    with torch.no_grad():
+        model_a.vit.embeddings.position_embeddings.normal_(0.0, 5.0)
+        model_a.vit.embeddings.patch_embeddings.projection.weight.mul_(5.0)
+    model_b = ViTForImageClassification(model_a.config).eval()
+    model_b.load_state_dict(model_a.state_dict())
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for layer in model_b.vit.layers:
+            order = torch.randperm(layer.mlp.fc1.out_features, generator=generator)
+            layer.mlp.fc1.weight.copy_(layer.mlp.fc1.weight[order])
+            layer.mlp.fc1.bias.copy_(layer.mlp.fc1.bias[order])
+            layer.mlp.fc2.weight.copy_(layer.mlp.fc2.weight[:, order])
+        for param in model_b.parameters():
+            param.add_(0.01 * param.std().nan_to_num() * torch.randn(param.shape, generator=generator))
+    return model_a, model_b
+
+
+def _fc1_error(merged: torch.nn.Module, model_a: torch.nn.Module) -> float:
+    """How far the merged first MLP's input weights are from parent A's (B is A with its units moved)."""
+    got, want = merged.vit.layers[0].mlp.fc1.weight.detach(), model_a.vit.layers[0].mlp.fc1.weight.detach()
+    return float((got - want).norm() / want.norm())
+
+
+def test_auto_hands_a_shared_base_pair_whose_units_moved_to_the_unit_matching(caplog):
+    model_a, model_b = _moved_mlp_pair()
+    batches = make_batches("vit_cls", num_batches=4)
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        merged = hf_mudsc.merge([model_a, model_b], batches, refit="none", progress=False)
+    mudsc = merged.config.mudsc
+    assert mudsc["parent_relation"]["relation"] == "shared base"
+    assert mudsc["method"] == "mudsc" and mudsc["correspondence_check"]["holds"] is False
+    assert mudsc["correspondence_check"]["units_in_place"] < auto.IN_PLACE_MAJORITY
+    assert mudsc["method_choice_reason"].startswith("parents share a base by their weights (relative weight distance ")
+    assert mudsc["method_choice_reason"].endswith("a same-base method needs at least 50%: mudsc")
+    assert merged.merge_report.recipe["method"] == "mudsc"  # the recipe re-runs the same merge
+    assert not any("can only reorder" in text for text in mudsc["warnings"])
+    asked = hf_mudsc.merge([model_a, model_b], batches, method="mudsc", refit="none", progress=False)
+    for (name, tensor), (_, expected) in zip(merged.named_parameters(), asked.named_parameters()):
+        assert torch.equal(tensor, expected), name
+    # the matching pairs each A unit with its moved copy; the position merge averages unrelated units
+    regmean = hf_mudsc.merge([model_a, model_b], batches, method="regmean", refit="none", progress=False)
+    assert _fc1_error(merged, model_a) < 0.05 < 0.5 < _fc1_error(regmean, model_a)
+
+
+def test_auto_keeps_the_same_base_method_when_the_solve_keeps_the_units_in_place(monkeypatch):
+    """The same pair with the cut lowered below its share: regmean merges, exactly as asked for by name."""
+    model_a, model_b = _moved_mlp_pair()
+    batches = make_batches("vit_cls", num_batches=4)
+    monkeypatch.setattr(auto, "IN_PLACE_MAJORITY", 0.2)
+    merged = hf_mudsc.merge([model_a, model_b], batches, progress=False)
+    mudsc = merged.config.mudsc
+    assert mudsc["method"] == "regmean" and mudsc["refit"] == "gate"
+    assert mudsc["correspondence_check"]["holds"] is True and mudsc["num_calibration_samples"] == 64
+    report = merged.merge_report  # the solve's matches and starts dropped with it
+    assert all(match is None for match in report.matches) and report.starts == {} and report.solve_start is None
+    asked = hf_mudsc.merge([model_a, model_b], batches, method="regmean", progress=False)
+    for (name, tensor), (_, expected) in zip(merged.named_parameters(), asked.named_parameters()):
+        assert torch.equal(tensor, expected), name
+
+
+def test_alpha_auto_searches_once_the_unit_matching_is_chosen():
+    model_a, model_b = _moved_mlp_pair()
+    batches = make_batches("vit_cls", num_batches=5)
+    merged = hf_mudsc.merge([model_a, model_b], batches, alpha="auto", refit="none", progress=False)
+    asked = hf_mudsc.merge([model_a, model_b], batches, method="mudsc", alpha="auto", refit="none", progress=False)
+    assert merged.config.mudsc["method"] == "mudsc" and merged.config.mudsc["alpha_auto"] is not None
+    assert merged.config.mudsc["alpha_auto"] == asked.config.mudsc["alpha_auto"]
+    for (name, tensor), (_, expected) in zip(merged.named_parameters(), asked.named_parameters()):
+        assert torch.equal(tensor, expected), name
+
+
+def test_reference_compat_keeps_the_unconfirmed_choice():
+    """The paper's single start does not find the identity even where it holds: no check runs."""
+    model_a, model_b = _moved_mlp_pair()
+    batches = make_batches("vit_cls", num_batches=4)
+    merged = hf_mudsc.merge([model_a, model_b], batches, reference_compat=True, progress=False)
+    assert merged.config.mudsc["method"] == "regmean" and merged.config.mudsc["correspondence_check"] is None
+
+
+def test_a_check_whose_statistics_do_not_fit_in_memory_leaves_the_choice_unconfirmed(monkeypatch, caplog):
+    """The same-base method needs no statistics: the merge it would have run without the check runs, and says so."""
+    import hf_mudsc.pipeline as pipeline
+    from hf_mudsc.errors import MergeInputError
+
+    def check_memory(model, parents, method, **kwargs):
+        if method is not None and method.name == "mudsc":
+            raise MergeInputError("mudsc needs 9 GB of activation statistics, 1 GB is available")
+
+    monkeypatch.setattr(pipeline, "check_memory", check_memory)
+    model_a, model_b = _moved_mlp_pair()
+    batches = make_batches("vit_cls", num_batches=4)
+    with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
+        merged = hf_mudsc.merge([model_a, model_b], batches, refit="none", progress=False)
+    assert merged.config.mudsc["method"] == "regmean" and merged.config.mudsc["correspondence_check"] is None
+    assert ("method auto: regmean is not confirmed on the calibration data (whether the units correspond, by mudsc's "
+            "solve): mudsc needs 9 GB of activation statistics, 1 GB is available") in caplog.text
