@@ -479,11 +479,15 @@ def merge(
             merge_method, choice_reason = choose_auto(relation, merge_options, calibration, count,
                                                       has_base=base_parent is not None)
             check_memory(model_a, count, merge_method, loading=0, chosen=choice_reason)  # before calibration
+        # Two parents: the solve's merge is the merge if the units moved. More: one pair is solved first (parent A
+        # and the parent farthest from it by weight distance), as every pair would multiply the check's cost.
         checker = _correspondence_checker(relation, merge_method, merge_options, calibration, count)
-        if checker is not None and _fits_in_memory(model_a, count, checker, merge_method):
+        if checker is not None and _fits_in_memory(model_a, min(count, 2), checker, merge_method):
             logger.info("method auto: %s's solve runs first, to confirm that the units correspond (method=%r skips "
                         "it)", checker.name, merge_method.name)
-            unconfirmed, merge_method = (merge_method, choice_reason), checker
+            unconfirmed = (merge_method, choice_reason)
+            if count == 2:
+                merge_method = checker
         refit_value = _refits(merge_options, merge_method, calibration, count)
         refitting = refit_value in REFITTING
         needs_data = _reads_data(merge_method, refitting)
@@ -509,6 +513,24 @@ def merge(
             num_samples=num_samples, seed=seed, inputs=spec.inputs or None, model_config=model_a.config,
             token=token, max_tokens=spec.max_tokens,
         )
+    correspondence = None  # the solve that confirmed or overturned auto's same-base choice (config.mudsc)
+    if unconfirmed is not None and count > 2:
+        pair = (0, relation.farthest)
+        in_place = _pair_in_place(checker, [loaded[i] for i in pair], [params[i] for i in pair], spec, calibration,
+                                  options=method_options, batch_size=batch_size, num_samples=num_samples,
+                                  statistics_dtype=statistics_dtype, device=run_device, progress=progress)
+        merge_method, choice_reason = confirm_choice(
+            *unconfirmed, checker, in_place, relation.weight_distance,
+            pair=f"parents {parent_label(pair[0])} and {parent_label(pair[1])}")
+        correspondence = {"method": checker.name, "parents": [parent_label(i) for i in pair],
+                          "units_in_place": round(in_place, 6), "holds": merge_method is not checker}
+        logger.info("method auto: %s", choice_reason)
+        unconfirmed = None
+        refit_value = _refits(merge_options, merge_method, calibration, count)
+        refitting = refit_value in REFITTING
+        used_options = merge_method.used_options(method_options)
+        auto_alpha = alpha_searched(merge_method, merge_options, count)
+        _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value)
     held_out = alpha_scorer = None
     statistics_data, statistics_samples = calibration, num_samples
     if auto_alpha:  # every 5th example is held out to score the candidate merges; the rest feed the statistics
@@ -567,13 +589,12 @@ def merge(
 
     context, left_out = context_for(merge_method)
     alpha_curve = None
-    correspondence = None  # the solve that confirmed or overturned auto's same-base choice (config.mudsc)
     if unconfirmed is not None:
         result = merge_method.merge_parameters(context)  # at the α handed: alpha="auto" searches once decided
         in_place = share_in_place(result.matches)
         final, choice_reason = confirm_choice(*unconfirmed, merge_method, in_place, relation.weight_distance)
-        correspondence = {"method": merge_method.name, "units_in_place": round(in_place, 6),
-                          "holds": final is not merge_method}
+        correspondence = {"method": merge_method.name, "parents": [parent_label(0), parent_label(1)],
+                          "units_in_place": round(in_place, 6), "holds": final is not merge_method}
         logger.info("method auto: %s", choice_reason)
         if final is not merge_method:  # the units correspond: the same-base method merges, without the statistics
             merge_method = final
@@ -842,6 +863,27 @@ def _correspondence_checker(relation: ParentRelation, chosen: MergeMethod, optio
     except MergeInputError:
         return None
     return checker
+
+
+def _pair_in_place(checker: MergeMethod, models: Sequence[PreTrainedModel],
+                   params: Sequence[Mapping[str, torch.Tensor]], spec: PermutationSpec, calibration: Any, *,
+                   options: MergeOptions, batch_size: int, num_samples: int | None, statistics_dtype: Any,
+                   device: Any, progress: bool) -> float:
+    """The share of units `checker`'s solve leaves in place (`solve.matchers.share_in_place`) for two of the parents
+    (`models`, `params`: heads in parent A's label order), from their own statistics on the calibration data. Every
+    process of a distributed run solves (the reduced statistics are the same everywhere), so all decide alike."""
+    from hf_mudsc.calibrate.distributed import collect_statistics_distributed
+
+    concatenate = spec.classifier is not None and not same_label_sets([m.config for m in models])
+    accumulators = collect_statistics_distributed(
+        models[0], models[1], spec, calibration, batch_size=batch_size, num_samples=num_samples,
+        columns=_input_columns(models[0]), required=spec.inputs, progress=progress,
+        statistics_dtype=statistics_dtype, device=device)
+    context = MethodContext(
+        spec=spec, solve_spec=solve_spec(spec, concatenate), parents=list(params), base=None, models=list(models),
+        batches=None, correlations=correlations_from(accumulators), concatenate_classifier=concatenate,
+        options=dataclasses.replace(options, weights=[1.0, 1.0]), device=str(device), progress=progress)
+    return share_in_place(checker.merge_parameters(context).matches)
 
 
 def _fits_in_memory(model: PreTrainedModel, count: int, checker: MergeMethod, chosen: MergeMethod) -> bool:

@@ -178,3 +178,43 @@ def test_a_check_whose_statistics_do_not_fit_in_memory_leaves_the_choice_unconfi
     assert merged.config.mudsc["method"] == "regmean" and merged.config.mudsc["correspondence_check"] is None
     assert ("method auto: regmean is not confirmed on the calibration data (whether the units correspond, by mudsc's "
             "solve): mudsc needs 9 GB of activation statistics, 1 GB is available") in caplog.text
+
+
+def _noisy_copy(model: ViTForImageClassification, seed: int) -> ViTForImageClassification:
+    """`model` with 1% noise: a fine-tune whose units stay in place."""
+    copy = ViTForImageClassification(model.config).eval()
+    copy.load_state_dict(model.state_dict())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in copy.parameters():
+            param.add_(0.01 * param.std().nan_to_num() * torch.randn(param.shape, generator=generator))
+    return copy
+
+
+def test_three_parents_are_checked_on_parent_a_and_the_parent_farthest_from_it():
+    """Three parents: one pair is solved, parent A and the farthest by weight distance (the moved copy, C here);
+    its units moved, so the three are merged by the unit matching, as asked for by name."""
+    model_a, moved = _moved_mlp_pair()
+    parents = [model_a, _noisy_copy(model_a, 3), moved]
+    batches = make_batches("vit_cls", num_batches=4)
+    merged = hf_mudsc.merge(parents, batches, refit="none", progress=False)
+    check = merged.config.mudsc["correspondence_check"]
+    assert merged.config.mudsc["method"] == "mudsc" and check["parents"] == ["A", "C"] and check["holds"] is False
+    assert "leaves" in merged.config.mudsc["method_choice_reason"] and "of units of parents A and C in place" in (
+        merged.config.mudsc["method_choice_reason"])
+    asked = hf_mudsc.merge(parents, batches, method="mudsc", refit="none", progress=False)
+    for (name, tensor), (_, expected) in zip(merged.named_parameters(), asked.named_parameters()):
+        assert torch.equal(tensor, expected), name
+
+
+def test_three_parents_whose_farthest_pair_keeps_its_units_merge_by_the_same_base_method():
+    model_a = _moved_mlp_pair()[0]
+    parents = [model_a, _noisy_copy(model_a, 3), _noisy_copy(model_a, 4)]
+    batches = make_batches("vit_cls", num_batches=4)
+    merged = hf_mudsc.merge(parents, batches, progress=False)
+    check = merged.config.mudsc["correspondence_check"]
+    assert merged.config.mudsc["method"] == "regmean" and check["holds"] is True and check["units_in_place"] >= 0.5
+    assert check["parents"][0] == "A" and check["parents"][1] in ("B", "C")
+    asked = hf_mudsc.merge(parents, batches, method="regmean", progress=False)
+    for (name, tensor), (_, expected) in zip(merged.named_parameters(), asked.named_parameters()):
+        assert torch.equal(tensor, expected), name

@@ -124,7 +124,8 @@ def test_auto_merges_fine_tunes_of_one_base_by_regmean_when_calibration_data_is_
         "parents share a base, so the identity correspondence holds and calibration data is given "
         f"(relative weight distance {distance:.3g}; mudsc's solve on the calibration data leaves 100.0% of units in "
         "place): regmean")
-    assert merged.config.mudsc["correspondence_check"] == {"method": "mudsc", "units_in_place": 1.0, "holds": True}
+    assert merged.config.mudsc["correspondence_check"] == {"method": "mudsc", "parents": ["A", "B"],
+                                                           "units_in_place": 1.0, "holds": True}
     direct = hf_mudsc.merge(parents[:2], batches, method="regmean", progress=False)
     for (name, tensor), (_, expected) in zip(merged.named_parameters(), direct.named_parameters()):
         assert torch.equal(tensor, expected), name

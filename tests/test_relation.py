@@ -223,3 +223,14 @@ def test_sorted_values_equal_a_float64_sort_whatever_the_dtype(dtype):
     assert torch.equal(result, values.double().flatten().sort().values)
     assert result.tolist()[0] == -7.0 and result.tolist()[-2:] == [3.0, 3.0]
     assert torch.equal(values, torch.tensor([[3.0, -0.0, 0.0, -2.5], [1e-3, 3.0, -7.0, 0.5]], dtype=dtype))
+
+
+def test_n_parents_relate_as_their_loosest_pair_and_name_the_farthest_parent():
+    from hf_mudsc.load.relation import ParentRelation, combined_relation
+
+    relations = [ParentRelation("shared base", 0.2, (1.0, 1.1)), ParentRelation("shared base", 0.6, (1.0, 1.2)),
+                 ParentRelation("same model", 0.0, (1.0, 1.0))]
+    combined = combined_relation(relations)
+    assert combined.relation == "shared base" and combined.weight_distance == 0.6
+    assert combined.farthest == 2 and combined.imbalance == (1.0, 1.1, 1.2, 1.0)  # parent C: index 2
+    assert combined_relation(relations[:1]).farthest == 1

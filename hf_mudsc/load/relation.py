@@ -124,12 +124,13 @@ class ParentRelation:
     `weight_distance`: ‖A − B‖ / ‖A‖ over every weight matrix (two or more axes) of equal shape, unaligned.
     `imbalance`: each parent's largest per-block head factor imbalance (see `factor_imbalance`).
     For N > 2 parents (`combined_relation`): the loosest pairwise relation with parent 0, the largest distance,
-    one imbalance per parent.
+    one imbalance per parent; `farthest`: the parent at that distance (1 for two parents).
     """
 
     relation: str
     weight_distance: float
     imbalance: tuple[float, ...]
+    farthest: int = 1
 
     def as_config(self) -> dict[str, object]:
         return {
@@ -272,8 +273,9 @@ def combined_relation(relations: Sequence[ParentRelation]) -> ParentRelation:
     if len(relations) == 1:
         return relations[0]
     label = max((r.relation for r in relations), key=RELATION_ORDER.index)
-    return ParentRelation(label, max(r.weight_distance for r in relations),
-                          (relations[0].imbalance[0], *(r.imbalance[1] for r in relations)))
+    farthest = max(range(len(relations)), key=lambda index: relations[index].weight_distance)  # the first on a tie
+    return ParentRelation(label, relations[farthest].weight_distance,
+                          (relations[0].imbalance[0], *(r.imbalance[1] for r in relations)), farthest=farthest + 1)
 
 
 def check_parents_mergeable(params: Sequence[Mapping[str, torch.Tensor]], spec: PermutationSpec,

@@ -104,11 +104,13 @@ def correspondence_checker(relation: str, chosen: MergeMethod, *, has_data: bool
     return METHODS[CORRESPONDENCE_CHECK]
 
 
-def confirm_choice(chosen: MergeMethod, reason: str, checker: MergeMethod, in_place: float, weight_distance: float
-                   ) -> tuple[MergeMethod, str]:
+def confirm_choice(chosen: MergeMethod, reason: str, checker: MergeMethod, in_place: float, weight_distance: float,
+                   pair: str = "") -> tuple[MergeMethod, str]:
     """`auto`'s final method and reason once `checker`'s solve left the share `in_place` of units where they are:
-    `chosen` (the same-base method) when most units stay, else `checker` itself."""
-    share = f"{checker.name}'s solve on the calibration data leaves {in_place:.1%} of units in place"
+    `chosen` (the same-base method) when most units stay, else `checker` itself. `pair`: the two parents solved, when
+    more were given (e.g. "parents A and C")."""
+    solved = f" of {pair}" if pair else ""
+    share = f"{checker.name}'s solve on the calibration data leaves {in_place:.1%} of units{solved} in place"
     if in_place >= IN_PLACE_MAJORITY:  # "... (relative weight distance d): name" -> "... (...; share): name"
         said, name = reason.rsplit("): ", 1)
         return chosen, f"{said}; {share}): {name}"
