@@ -1,0 +1,30 @@
+"""scripts/same_base_far.py: fine-tunes of one base trained far from it, built here (a tiny BERT, seconds on CPU).
+Their weights are close ("shared base") but their units no longer correspond: the default merge must not fuse them by
+position (regmean / linear lose a task), it must hand them to the unit matching."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_the_default_keeps_both_tasks_of_fine_tunes_whose_units_moved(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import same_base_far
+
+    summary = same_base_far.main(["--seeds", "0", "--threads", "1"])
+    assert json.loads(capsys.readouterr().out.splitlines()[-8]) == summary  # the JSON line, then the table
+    assert summary["distance"][0] < 1.0  # "shared base" by the weights
+    assert summary["units_in_place"][0] < 0.5
+    parents, default = summary["parents"], summary["default"]
+    assert min(parents.values()) > 0.95
+    assert all(default[task] >= parents[task] - 0.05 for task in parents)  # both tasks kept
+    assert default == summary["mudsc + gate"]  # what auto chose, as asked for by name
+    assert min(summary["regmean + gate"].values()) < 0.7  # the position merge loses a task
+    assert min(summary["linear + gate"].values()) < 0.7
