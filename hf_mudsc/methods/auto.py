@@ -23,7 +23,7 @@ averaging them position by position collapses (a task at 0.30 with regmean, line
 while unit matching keeps both tasks (mudsc + refit 1.00 / 0.99). So with calibration data the same-base choice
 is confirmed on the activations (`CORRESPONDENCE_CHECK`, docs/design.md §4.8): the unit-matching solve runs, and
 only if it leaves most units where they are (`IN_PLACE_MAJORITY`) does the same-base method merge; otherwise the
-solve's own merge is kept. Fine-tunes of a pretrained base leave 99-100 % in place (MiniLM pairs, the benchmark's
+solve's own merge is kept. Fine-tunes of a pretrained base leave 97-100 % in place (MiniLM pairs, the benchmark's
 same-init ViTs), the collapsing pairs 0-0.4 %.
 Torch-free (reads the relation's label and distance, and the share of units a solve left in place).
 """
@@ -59,7 +59,7 @@ WHY = {
 
 # The unit-matching method whose solve confirms a same-base choice on the activations, and the share of units
 # (over every matched group, each unit of every parent at one index fused together) it must leave in place: most
-# of them. Not fitted: any cut from 0.25 to 0.99 separates the pairs measured (docs/design.md §4.8).
+# of them. Not fitted: any cut from 0.25 to 0.97 separates the pairs measured (docs/design.md §4.8).
 CORRESPONDENCE_CHECK = "mudsc"
 IN_PLACE_MAJORITY = 0.5
 
