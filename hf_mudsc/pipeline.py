@@ -830,16 +830,18 @@ def _correspondence_checker(relation: ParentRelation, chosen: MergeMethod, optio
                             count: int) -> MergeMethod | None:
     """The unit-matching method whose solve confirms `auto`'s same-base choice `chosen`
     (`methods.auto.correspondence_checker`), or None — also when that method cannot merge these parents with these
-    options (then the choice stands as made)."""
+    options (then the choice stands as made, and a warning says so), and for a one-shot iterator a same-base method
+    that reads the data itself cannot read after the check's statistics (merge() refuses it before any is read)."""
     checker = correspondence_checker(relation.relation, chosen, has_data=calibration is not None,
                                      reference_compat=bool(options.reference_compat))
-    if checker is None:
+    if checker is None or (chosen.needs_data and isinstance(calibration, Iterator)):
         return None
     try:
         _check_parent_count(checker, count)
         checker.check_options(options, count)
         check_size(checker, options.size)
-    except MergeInputError:
+    except MergeInputError as error:
+        _warn_unconfirmed(chosen, checker, error)
         return None
     return checker
 
@@ -851,10 +853,15 @@ def _fits_in_memory(model: PreTrainedModel, count: int, checker: MergeMethod, ch
     try:
         check_memory(model, count, checker, loading=0)
     except MergeInputError as error:
-        logger.warning("method auto: %s is not confirmed on the calibration data (whether the units correspond, by "
-                       "%s's solve): %s", chosen.name, checker.name, error)
+        _warn_unconfirmed(chosen, checker, error)
         return False
     return True
+
+
+def _warn_unconfirmed(chosen: MergeMethod, checker: MergeMethod, error: Exception) -> None:
+    """Say that `auto`'s same-base choice `chosen` merges unconfirmed, because `checker`'s solve cannot run."""
+    logger.warning("method auto: %s is not confirmed on the calibration data (whether the units correspond, by %s's "
+                   "solve): %s", chosen.name, checker.name, error)
 
 
 def _refits(options: MergeOptions, method: MergeMethod, calibration: Any, count: int) -> str:

@@ -178,3 +178,33 @@ def test_a_check_whose_statistics_do_not_fit_in_memory_leaves_the_choice_unconfi
     assert merged.config.mudsc["method"] == "regmean" and merged.config.mudsc["correspondence_check"] is None
     assert ("method auto: regmean is not confirmed on the calibration data (whether the units correspond, by mudsc's "
             "solve): mudsc needs 9 GB of activation statistics, 1 GB is available") in caplog.text
+
+
+def test_a_one_shot_iterator_is_refused_before_the_check_reads_it(monkeypatch):
+    """The same-base method reads the data again after the check's statistics: a one-shot iterator is refused as
+    before, in one line and before any statistics are collected — not after the check consumed it."""
+    import hf_mudsc.calibrate.distributed as distributed
+    from hf_mudsc.errors import MergeInputError
+
+    def collect(*args, **kwargs):
+        raise AssertionError("statistics were collected before the refusal")
+
+    monkeypatch.setattr(distributed, "collect_statistics_distributed", collect)
+    model_a, model_b = _moved_mlp_pair()
+    batches = make_batches("vit_cls", num_batches=4)
+    with pytest.raises(MergeInputError, match=r"^method 'regmean' reads the calibration data more than once, so it "
+                                              r"cannot be a one-shot iterator; pass a list of batches"):
+        hf_mudsc.merge([model_a, model_b], iter(batches), progress=False)
+
+
+def test_a_check_the_unit_matching_cannot_run_is_said(caplog):
+    """Options the unit matching refuses (a zero weight regmean takes) leave the choice unconfirmed, and the log says
+    so, as when the check does not fit in memory."""
+    model_a, model_b = _moved_mlp_pair()
+    batches = make_batches("vit_cls", num_batches=4)
+    with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
+        merged = hf_mudsc.merge([model_a, model_b], batches, weights=[1.0, 0.0], refit="none", progress=False)
+    assert merged.config.mudsc["method"] == "regmean" and merged.config.mudsc["correspondence_check"] is None
+    assert ("method auto: regmean is not confirmed on the calibration data (whether the units correspond, by mudsc's "
+            "solve): weights= (CLI: --weights) of mudsc must all be > 0") in caplog.text
+
