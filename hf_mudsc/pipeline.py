@@ -585,6 +585,7 @@ def merge(
             report = MergeReport(method=merge_method.name, matcher=used_options.get("matcher"),
                                  alpha=used_options.get("alpha"))
             context, left_out = context_for(merge_method)
+            del result  # the solve's merged weights are not held while the same-base method runs
             result = merge_method.merge_parameters(context)
         _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value)
     if auto_alpha:

@@ -11,6 +11,7 @@ import logging
 import pytest
 import torch
 from factories import make_batches
+from test_refit import same_base_fine_tunes
 from transformers import ViTForImageClassification
 
 import hf_mudsc
@@ -208,3 +209,32 @@ def test_a_check_the_unit_matching_cannot_run_is_said(caplog):
     assert ("method auto: regmean is not confirmed on the calibration data (whether the units correspond, by mudsc's "
             "solve): weights= (CLI: --weights) of mudsc must all be > 0") in caplog.text
 
+
+def test_the_discarded_solve_is_freed_before_the_same_base_method_merges(monkeypatch):
+    """The check's merged weights (a whole model) are not held while regmean collects its Gram matrices: the memory
+    checked for regmean does not count them."""
+    import gc
+    import weakref
+
+    from hf_mudsc.methods.data import RegMeanMethod
+    from hf_mudsc.methods.matching import UnitMatchingMethod
+
+    solved, alive = [], []
+    solve, regmean = UnitMatchingMethod.merge_parameters, RegMeanMethod.merge_parameters
+
+    def solve_and_keep(self, context):
+        result = solve(self, context)
+        solved.append(weakref.ref(result))
+        return result
+
+    def regmean_after(self, context):
+        gc.collect()
+        alive.extend(ref() is not None for ref in solved)
+        return regmean(self, context)
+
+    monkeypatch.setattr(UnitMatchingMethod, "merge_parameters", solve_and_keep)
+    monkeypatch.setattr(RegMeanMethod, "merge_parameters", regmean_after)
+    merged = hf_mudsc.merge(same_base_fine_tunes(), make_batches("vit_cls", num_batches=2), refit="none",
+                            progress=False)
+    assert merged.config.mudsc["method"] == "regmean" and merged.config.mudsc["correspondence_check"]["holds"]
+    assert alive == [False]
