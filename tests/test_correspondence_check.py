@@ -238,3 +238,19 @@ def test_the_discarded_solve_is_freed_before_the_same_base_method_merges(monkeyp
                             progress=False)
     assert merged.config.mudsc["method"] == "regmean" and merged.config.mudsc["correspondence_check"]["holds"]
     assert alive == [False]
+
+
+def test_inspect_says_what_the_check_found(tmp_path, capsys):
+    """`hf-mudsc inspect` of a "shared base" pair merged by mudsc says why: the share of units the check's solve left
+    in place (the relation line alone reads as a contradiction)."""
+    from hf_mudsc.cli.main import main
+
+    model_a, model_b = _moved_mlp_pair()
+    merged = hf_mudsc.merge([model_a, model_b], make_batches("vit_cls", num_batches=4), refit="none", progress=False)
+    merged.save_pretrained(tmp_path / "merged")
+    share = merged.config.mudsc["correspondence_check"]["units_in_place"]
+    assert main(["inspect", str(tmp_path / "merged"), "--no-plots"]) == 0
+    text = capsys.readouterr().out
+    assert "relation:  shared base" in text and "method:    mudsc" in text
+    assert (f"  units:     {share:.1%} left in place by mudsc's solve on the calibration data: they do not "
+            "correspond, so method auto kept that solve's merge") in text
