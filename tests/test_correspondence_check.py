@@ -254,3 +254,28 @@ def test_inspect_says_what_the_check_found(tmp_path, capsys):
     assert "relation:  shared base" in text and "method:    mudsc" in text
     assert (f"  units:     {share:.1%} left in place by mudsc's solve on the calibration data: they do not "
             "correspond, so method auto kept that solve's merge") in text
+
+
+def test_three_parents_whose_units_moved_are_merged_by_the_unit_matching():
+    """N parents: the check's solve matches all three, a unit is in place only where every parent keeps it; the MLP
+    units (most of them) moved in B and C, so auto keeps mudsc's merge — the merge asked for by name."""
+    model_a, model_b = _moved_mlp_pair()
+    model_c = ViTForImageClassification(model_b.config).eval()
+    model_c.load_state_dict(model_b.state_dict())
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for layer in model_c.vit.layers:
+            order = torch.randperm(layer.mlp.fc1.out_features, generator=generator)
+            layer.mlp.fc1.weight.copy_(layer.mlp.fc1.weight[order])
+            layer.mlp.fc1.bias.copy_(layer.mlp.fc1.bias[order])
+            layer.mlp.fc2.weight.copy_(layer.mlp.fc2.weight[:, order])
+    parents, batches = [model_a, model_b, model_c], make_batches("vit_cls", num_batches=4)
+    merged = hf_mudsc.merge(parents, batches, refit="none", progress=False)
+    mudsc = merged.config.mudsc
+    assert mudsc["parent_relation"]["relation"] == "shared base" and mudsc["method"] == "mudsc"
+    assert mudsc["correspondence_check"]["holds"] is False
+    assert mudsc["correspondence_check"]["units_in_place"] == pytest.approx(
+        share_in_place(merged.merge_report.matches), abs=1e-6)
+    asked = hf_mudsc.merge(parents, batches, method="mudsc", refit="none", progress=False)
+    for (name, tensor), (_, expected) in zip(merged.named_parameters(), asked.named_parameters()):
+        assert torch.equal(tensor, expected), name
