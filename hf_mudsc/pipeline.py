@@ -60,7 +60,7 @@ from hf_mudsc.methods.registry import (
     data_free_methods,
     get_method,
 )
-from hf_mudsc.options import AUTO, REFITTING, MergeOptions, option_hint
+from hf_mudsc.options import AUTO, REFITTING, MergeOptions, flag, option_hint
 from hf_mudsc.plan import MergePlan, base_copied, base_loaded_whole, check_memory, config_of, head_copies
 from hf_mudsc.progress import library_bars
 from hf_mudsc.solve.diagnostics import MergeDiagnostics, compute_diagnostics
@@ -481,8 +481,8 @@ def merge(
             check_memory(model_a, count, merge_method, loading=0, chosen=choice_reason)  # before calibration
         checker = _correspondence_checker(relation, merge_method, merge_options, calibration, count)
         if checker is not None and _fits_in_memory(model_a, count, checker, merge_method):
-            logger.info("method auto: %s's solve runs first, to confirm that the units correspond (method=%r skips "
-                        "it)", checker.name, merge_method.name)
+            logger.info("method auto: %s's solve runs first, to confirm that the units correspond (method=%r, CLI: "
+                        "%s %s, skips it)", checker.name, merge_method.name, flag("method"), merge_method.name)
             unconfirmed, merge_method = (merge_method, choice_reason), checker
         refit_value = _refits(merge_options, merge_method, calibration, count)
         refitting = refit_value in REFITTING

@@ -118,6 +118,9 @@ def test_auto_hands_a_shared_base_pair_whose_units_moved_to_the_unit_matching(ca
     assert mudsc["method_choice_reason"].startswith("parents share a base by their weights (relative weight distance ")
     assert mudsc["method_choice_reason"].endswith("a same-base method needs at least 50%: mudsc")
     assert merged.merge_report.recipe["method"] == "mudsc"  # the recipe re-runs the same merge
+    # how to skip the check, from Python and the command line alike
+    assert ("method auto: mudsc's solve runs first, to confirm that the units correspond (method='regmean', CLI: "
+            "--method regmean, skips it)") in caplog.text
     assert not any("can only reorder" in text for text in mudsc["warnings"])
     asked = hf_mudsc.merge([model_a, model_b], batches, method="mudsc", refit="none", progress=False)
     for (name, tensor), (_, expected) in zip(merged.named_parameters(), asked.named_parameters()):
