@@ -60,7 +60,7 @@ from hf_mudsc.methods.registry import (
     data_free_methods,
     get_method,
 )
-from hf_mudsc.options import AUTO, REFITTING, MergeOptions, option_hint
+from hf_mudsc.options import AUTO, REFITTING, MergeOptions, flag, option_hint
 from hf_mudsc.plan import MergePlan, base_copied, base_loaded_whole, check_memory, config_of, head_copies
 from hf_mudsc.progress import library_bars
 from hf_mudsc.solve.diagnostics import MergeDiagnostics, compute_diagnostics
@@ -483,8 +483,8 @@ def merge(
         # and the parent farthest from it by weight distance), as every pair would multiply the check's cost.
         checker = _correspondence_checker(relation, merge_method, merge_options, calibration, count)
         if checker is not None and _fits_in_memory(model_a, min(count, 2), checker, merge_method):
-            logger.info("method auto: %s's solve runs first, to confirm that the units correspond (method=%r skips "
-                        "it)", checker.name, merge_method.name)
+            logger.info("method auto: %s's solve runs first, to confirm that the units correspond (method=%r, CLI: "
+                        "%s %s, skips it)", checker.name, merge_method.name, flag("method"), merge_method.name)
             unconfirmed = (merge_method, choice_reason)
             if count == 2:
                 merge_method = checker
@@ -606,6 +606,7 @@ def merge(
             report = MergeReport(method=merge_method.name, matcher=used_options.get("matcher"),
                                  alpha=used_options.get("alpha"))
             context, left_out = context_for(merge_method)
+            del result  # the solve's merged weights are not held while the same-base method runs
             result = merge_method.merge_parameters(context)
         _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value)
     if auto_alpha:
@@ -851,16 +852,18 @@ def _correspondence_checker(relation: ParentRelation, chosen: MergeMethod, optio
                             count: int) -> MergeMethod | None:
     """The unit-matching method whose solve confirms `auto`'s same-base choice `chosen`
     (`methods.auto.correspondence_checker`), or None — also when that method cannot merge these parents with these
-    options (then the choice stands as made)."""
+    options (then the choice stands as made, and a warning says so), and for a one-shot iterator a same-base method
+    that reads the data itself cannot read after the check's statistics (merge() refuses it before any is read)."""
     checker = correspondence_checker(relation.relation, chosen, has_data=calibration is not None,
                                      reference_compat=bool(options.reference_compat))
-    if checker is None:
+    if checker is None or (chosen.needs_data and isinstance(calibration, Iterator)):
         return None
     try:
         _check_parent_count(checker, count)
         checker.check_options(options, count)
         check_size(checker, options.size)
-    except MergeInputError:
+    except MergeInputError as error:
+        _warn_unconfirmed(chosen, checker, error)
         return None
     return checker
 
@@ -893,10 +896,15 @@ def _fits_in_memory(model: PreTrainedModel, count: int, checker: MergeMethod, ch
     try:
         check_memory(model, count, checker, loading=0)
     except MergeInputError as error:
-        logger.warning("method auto: %s is not confirmed on the calibration data (whether the units correspond, by "
-                       "%s's solve): %s", chosen.name, checker.name, error)
+        _warn_unconfirmed(chosen, checker, error)
         return False
     return True
+
+
+def _warn_unconfirmed(chosen: MergeMethod, checker: MergeMethod, error: Exception) -> None:
+    """Say that `auto`'s same-base choice `chosen` merges unconfirmed, because `checker`'s solve cannot run."""
+    logger.warning("method auto: %s is not confirmed on the calibration data (whether the units correspond, by %s's "
+                   "solve): %s", chosen.name, checker.name, error)
 
 
 def _refits(options: MergeOptions, method: MergeMethod, calibration: Any, count: int) -> str:

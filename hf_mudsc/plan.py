@@ -711,7 +711,7 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     from hf_mudsc.errors import MergeInputError
     from hf_mudsc.load.parents import dtype_description, locate_parents, unloaded
     from hf_mudsc.load.relation import parent_label
-    from hf_mudsc.methods.auto import ALPHA_HANDED, alpha_searched, is_auto, planned_method
+    from hf_mudsc.methods.auto import ALPHA_HANDED, CORRESPONDENCE_CHECK, alpha_searched, is_auto, planned_method
     from hf_mudsc.methods.registry import get_method
 
     automatic = is_auto(options.method)
@@ -821,7 +821,10 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         check_spend(spec, options.size, options.size_spend)
         size_budget = plan_budget(spec, metas, options.size, options.size_spend,
                                   concatenate_classifier=concatenate).as_config()
-    method_label = (f"auto (chosen at merge time from the parents' weights; estimated as {method.name})"
+    # with data (not under reference_compat), a same-base choice is confirmed by the unit matching's solve (§4.8)
+    confirmed = (f" and {CORRESPONDENCE_CHECK}'s solve on the calibration data"
+                 if calibration is not None and not options.reference_compat else "")
+    method_label = (f"auto (chosen at merge time from the parents' weights{confirmed}; estimated as {method.name})"
                     if automatic else method.name)
     plan = MergePlan(parents=parents, relation=relation, method=method_label,
                      matcher=method.used_matcher(options.matcher), groups=[

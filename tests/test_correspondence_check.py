@@ -11,6 +11,7 @@ import logging
 import pytest
 import torch
 from factories import make_batches
+from test_refit import same_base_fine_tunes
 from transformers import ViTForImageClassification
 
 import hf_mudsc
@@ -117,6 +118,9 @@ def test_auto_hands_a_shared_base_pair_whose_units_moved_to_the_unit_matching(ca
     assert mudsc["method_choice_reason"].startswith("parents share a base by their weights (relative weight distance ")
     assert mudsc["method_choice_reason"].endswith("a same-base method needs at least 50%: mudsc")
     assert merged.merge_report.recipe["method"] == "mudsc"  # the recipe re-runs the same merge
+    # how to skip the check, from Python and the command line alike
+    assert ("method auto: mudsc's solve runs first, to confirm that the units correspond (method='regmean', CLI: "
+            "--method regmean, skips it)") in caplog.text
     assert not any("can only reorder" in text for text in mudsc["warnings"])
     asked = hf_mudsc.merge([model_a, model_b], batches, method="mudsc", refit="none", progress=False)
     for (name, tensor), (_, expected) in zip(merged.named_parameters(), asked.named_parameters()):
@@ -216,5 +220,105 @@ def test_three_parents_whose_farthest_pair_keeps_its_units_merge_by_the_same_bas
     assert merged.config.mudsc["method"] == "regmean" and check["holds"] is True and check["units_in_place"] >= 0.5
     assert check["parents"][0] == "A" and check["parents"][1] in ("B", "C")
     asked = hf_mudsc.merge(parents, batches, method="regmean", progress=False)
+    for (name, tensor), (_, expected) in zip(merged.named_parameters(), asked.named_parameters()):
+        assert torch.equal(tensor, expected), name
+
+
+def test_a_one_shot_iterator_is_refused_before_the_check_reads_it(monkeypatch):
+    """The same-base method reads the data again after the check's statistics: a one-shot iterator is refused as
+    before, in one line and before any statistics are collected — not after the check consumed it."""
+    import hf_mudsc.calibrate.distributed as distributed
+    from hf_mudsc.errors import MergeInputError
+
+    def collect(*args, **kwargs):
+        raise AssertionError("statistics were collected before the refusal")
+
+    monkeypatch.setattr(distributed, "collect_statistics_distributed", collect)
+    model_a, model_b = _moved_mlp_pair()
+    batches = make_batches("vit_cls", num_batches=4)
+    with pytest.raises(MergeInputError, match=r"^method 'regmean' reads the calibration data more than once, so it "
+                                              r"cannot be a one-shot iterator; pass a list of batches"):
+        hf_mudsc.merge([model_a, model_b], iter(batches), progress=False)
+
+
+def test_a_check_the_unit_matching_cannot_run_is_said(caplog):
+    """Options the unit matching refuses (a zero weight regmean takes) leave the choice unconfirmed, and the log says
+    so, as when the check does not fit in memory."""
+    model_a, model_b = _moved_mlp_pair()
+    batches = make_batches("vit_cls", num_batches=4)
+    with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
+        merged = hf_mudsc.merge([model_a, model_b], batches, weights=[1.0, 0.0], refit="none", progress=False)
+    assert merged.config.mudsc["method"] == "regmean" and merged.config.mudsc["correspondence_check"] is None
+    assert ("method auto: regmean is not confirmed on the calibration data (whether the units correspond, by mudsc's "
+            "solve): weights= (CLI: --weights) of mudsc must all be > 0") in caplog.text
+
+
+def test_the_discarded_solve_is_freed_before_the_same_base_method_merges(monkeypatch):
+    """The check's merged weights (a whole model) are not held while regmean collects its Gram matrices: the memory
+    checked for regmean does not count them."""
+    import gc
+    import weakref
+
+    from hf_mudsc.methods.data import RegMeanMethod
+    from hf_mudsc.methods.matching import UnitMatchingMethod
+
+    solved, alive = [], []
+    solve, regmean = UnitMatchingMethod.merge_parameters, RegMeanMethod.merge_parameters
+
+    def solve_and_keep(self, context):
+        result = solve(self, context)
+        solved.append(weakref.ref(result))
+        return result
+
+    def regmean_after(self, context):
+        gc.collect()
+        alive.extend(ref() is not None for ref in solved)
+        return regmean(self, context)
+
+    monkeypatch.setattr(UnitMatchingMethod, "merge_parameters", solve_and_keep)
+    monkeypatch.setattr(RegMeanMethod, "merge_parameters", regmean_after)
+    merged = hf_mudsc.merge(same_base_fine_tunes(), make_batches("vit_cls", num_batches=2), refit="none",
+                            progress=False)
+    assert merged.config.mudsc["method"] == "regmean" and merged.config.mudsc["correspondence_check"]["holds"]
+    assert alive == [False]
+
+
+def test_inspect_says_what_the_check_found(tmp_path, capsys):
+    """`hf-mudsc inspect` of a "shared base" pair merged by mudsc says why: the share of units the check's solve left
+    in place (the relation line alone reads as a contradiction)."""
+    from hf_mudsc.cli.main import main
+
+    model_a, model_b = _moved_mlp_pair()
+    merged = hf_mudsc.merge([model_a, model_b], make_batches("vit_cls", num_batches=4), refit="none", progress=False)
+    merged.save_pretrained(tmp_path / "merged")
+    share = merged.config.mudsc["correspondence_check"]["units_in_place"]
+    assert main(["inspect", str(tmp_path / "merged"), "--no-plots"]) == 0
+    text = capsys.readouterr().out
+    assert "relation:  shared base" in text and "method:    mudsc" in text
+    assert (f"  units:     {share:.1%} left in place by mudsc's solve on the calibration data: they do not "
+            "correspond, so method auto kept that solve's merge") in text
+
+
+def test_three_parents_whose_units_moved_are_merged_by_the_unit_matching():
+    """N parents: the check solves parent A and the parent farthest from it; the MLP units (most of them) moved in
+    B and C, so auto merges the three by mudsc — the merge asked for by name."""
+    model_a, model_b = _moved_mlp_pair()
+    model_c = ViTForImageClassification(model_b.config).eval()
+    model_c.load_state_dict(model_b.state_dict())
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for layer in model_c.vit.layers:
+            order = torch.randperm(layer.mlp.fc1.out_features, generator=generator)
+            layer.mlp.fc1.weight.copy_(layer.mlp.fc1.weight[order])
+            layer.mlp.fc1.bias.copy_(layer.mlp.fc1.bias[order])
+            layer.mlp.fc2.weight.copy_(layer.mlp.fc2.weight[:, order])
+    parents, batches = [model_a, model_b, model_c], make_batches("vit_cls", num_batches=4)
+    merged = hf_mudsc.merge(parents, batches, refit="none", progress=False)
+    mudsc = merged.config.mudsc
+    assert mudsc["parent_relation"]["relation"] == "shared base" and mudsc["method"] == "mudsc"
+    assert mudsc["correspondence_check"]["holds"] is False
+    assert mudsc["correspondence_check"]["parents"][0] == "A"
+    assert mudsc["correspondence_check"]["units_in_place"] < auto.IN_PLACE_MAJORITY
+    asked = hf_mudsc.merge(parents, batches, method="mudsc", refit="none", progress=False)
     for (name, tensor), (_, expected) in zip(merged.named_parameters(), asked.named_parameters()):
         assert torch.equal(tensor, expected), name

@@ -95,8 +95,8 @@ def test_dry_run_against_the_hub_downloads_no_weights_and_writes_nothing(hub_emu
     assert f"  B: user/b@{pinned_b} — ViTForImageClassification" in proc.stdout
     assert "Relation: same class and configuration (ViTForImageClassification); the weight-based relation check " \
         "(shared base, permuted copy, independent, protected) runs at merge time" in proc.stdout
-    assert ("Method: auto (chosen at merge time from the parents' weights; estimated as mudsc) (matcher zip)"
-            in proc.stdout)
+    assert ("Method: auto (chosen at merge time from the parents' weights and mudsc's solve on the calibration data; "
+            "estimated as mudsc) (matcher zip)" in proc.stdout)
     spec = spec_for(model)
     assert f"Groups: {len(spec.groups)} (widths 64, 128)" in proc.stdout
     for group in spec.groups:
@@ -146,7 +146,8 @@ def test_the_plan_is_json_and_matches_the_models(wide_inputs, tmp_path):
     assert data["calibration"] == {"source": str(calibration), "rows_available": 32, "rows": 32,
                                    "tokens_per_example": 17, "tokens_assumed": False, "columns_checked": True,
                                    "columns_unchecked_reason": ""}
-    assert data["method"] == "auto (chosen at merge time from the parents' weights; estimated as mudsc)"
+    assert data["method"] == ("auto (chosen at merge time from the parents' weights and mudsc's solve on the "
+                              "calibration data; estimated as mudsc)")
     # the fixture's parents carry transformers' placeholder labels (LABEL_0, ...): that warning alone
     assert data["matcher"] == "zip" and [w[:60] for w in data["warnings"]] == [
         "the parents' heads are fused as one label set because every "]

@@ -101,6 +101,12 @@ def summary(folder: Path, mudsc: Mapping[str, Any], diagnostics: Any, evaluation
     if isinstance(relation, Mapping) and relation.get("relation"):
         lines.append(f"  relation:  {relation['relation']} (relative weight distance "
                      f"{float(relation.get('weight_distance', math.nan)):.3g})")
+    check = mudsc.get("correspondence_check")  # `auto`'s same-base choice confirmed on the activations
+    if isinstance(check, Mapping) and check.get("method"):
+        found = ("they correspond, so method auto kept the same-base method" if check.get("holds") else
+                 "they do not correspond, so method auto kept that solve's merge")
+        lines.append(f"  units:     {float(check.get('units_in_place', math.nan)):.1%} left in place by "
+                     f"{check['method']}'s solve on the calibration data: {found}")
     settings = [f"matcher {mudsc['matcher']}" if mudsc.get("matcher") else None,
                 f"alpha {mudsc['alpha']:g}" if isinstance(mudsc.get("alpha"), (int, float)) else None,
                 f"refit {mudsc['refit']}" if mudsc.get("refit") not in (None, "none") else None]
