@@ -89,15 +89,21 @@ def _moved_mlp_pair() -> tuple[ViTForImageClassification, ViTForImageClassificat
     model_b = ViTForImageClassification(model_a.config).eval()
     model_b.load_state_dict(model_a.state_dict())
     generator = torch.Generator().manual_seed(7)
+    _move_mlp_units(model_b, generator)
     with torch.no_grad():
-        for layer in model_b.vit.layers:
+        for param in model_b.parameters():
+            param.add_(0.01 * param.std().nan_to_num() * torch.randn(param.shape, generator=generator))
+    return model_a, model_b
+
+
+def _move_mlp_units(model: ViTForImageClassification, generator: torch.Generator) -> None:
+    """Permute every MLP's hidden units in place (fc1's rows and fc2's columns): the same function, units moved."""
+    with torch.no_grad():
+        for layer in model.vit.layers:
             order = torch.randperm(layer.mlp.fc1.out_features, generator=generator)
             layer.mlp.fc1.weight.copy_(layer.mlp.fc1.weight[order])
             layer.mlp.fc1.bias.copy_(layer.mlp.fc1.bias[order])
             layer.mlp.fc2.weight.copy_(layer.mlp.fc2.weight[:, order])
-        for param in model_b.parameters():
-            param.add_(0.01 * param.std().nan_to_num() * torch.randn(param.shape, generator=generator))
-    return model_a, model_b
 
 
 def _fc1_error(merged: torch.nn.Module, model_a: torch.nn.Module) -> float:
@@ -305,13 +311,7 @@ def test_three_parents_whose_units_moved_are_merged_by_the_unit_matching():
     model_a, model_b = _moved_mlp_pair()
     model_c = ViTForImageClassification(model_b.config).eval()
     model_c.load_state_dict(model_b.state_dict())
-    generator = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for layer in model_c.vit.layers:
-            order = torch.randperm(layer.mlp.fc1.out_features, generator=generator)
-            layer.mlp.fc1.weight.copy_(layer.mlp.fc1.weight[order])
-            layer.mlp.fc1.bias.copy_(layer.mlp.fc1.bias[order])
-            layer.mlp.fc2.weight.copy_(layer.mlp.fc2.weight[:, order])
+    _move_mlp_units(model_c, torch.Generator().manual_seed(11))
     parents, batches = [model_a, model_b, model_c], make_batches("vit_cls", num_batches=4)
     merged = hf_mudsc.merge(parents, batches, refit="none", progress=False)
     mudsc = merged.config.mudsc
