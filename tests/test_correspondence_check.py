@@ -10,7 +10,7 @@ import logging
 
 import pytest
 import torch
-from factories import make_batches
+from factories import ARCHITECTURES, make_batches, make_model
 from test_refit import same_base_fine_tunes
 from transformers import ViTForImageClassification
 
@@ -320,5 +320,28 @@ def test_three_parents_whose_units_moved_are_merged_by_the_unit_matching():
     assert mudsc["correspondence_check"]["parents"][0] == "A"
     assert mudsc["correspondence_check"]["units_in_place"] < auto.IN_PLACE_MAJORITY
     asked = hf_mudsc.merge(parents, batches, method="mudsc", refit="none", progress=False)
+    for (name, tensor), (_, expected) in zip(merged.named_parameters(), asked.named_parameters()):
+        assert torch.equal(tensor, expected), name
+
+
+@pytest.mark.parametrize("kind", list(ARCHITECTURES))
+def test_every_architecture_confirms_the_same_base_choice_on_fine_tunes_whose_units_stay(kind):
+    """1% noise on one model (every factory architecture: ViT, BERT, RoBERTa, CLIP and its towers, with and without
+    heads): the check runs, leaves every unit in place, and regmean merges exactly as asked for by name."""
+    tuned = []
+    for seed in (2, 3):
+        model = make_model(kind, seed=1)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param in model.parameters():
+                spread = param.std() if param.numel() > 1 else param.abs()
+                param.add_(0.01 * spread.nan_to_num() * torch.randn(param.shape, generator=generator))
+        tuned.append(model)
+    batches = make_batches(kind, num_batches=2)
+    merged = hf_mudsc.merge(tuned, batches, refit="none", progress=False)
+    assert merged.config.mudsc["method"] == "regmean"
+    assert merged.config.mudsc["correspondence_check"] == {"method": "mudsc", "parents": ["A", "B"],
+                                                           "units_in_place": 1.0, "holds": True}
+    asked = hf_mudsc.merge(tuned, batches, method="regmean", refit="none", progress=False)
     for (name, tensor), (_, expected) in zip(merged.named_parameters(), asked.named_parameters()):
         assert torch.equal(tensor, expected), name
