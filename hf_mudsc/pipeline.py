@@ -43,7 +43,6 @@ from hf_mudsc.load.references import display_name, parent_name, pinned_calibrati
 from hf_mudsc.load.relation import ParentRelation, base_relations, check_parents_mergeable, parent_label
 from hf_mudsc.methods.auto import (
     ALPHA_HANDED,
-    IN_PLACE_MAJORITY,
     alpha_searched,
     choose_method,
     confirm_choice,
@@ -51,6 +50,7 @@ from hf_mudsc.methods.auto import (
     is_auto,
     reference_compat_unread,
     refit_runs,
+    units_correspond,
 )
 from hf_mudsc.methods.registry import (
     METHODS,
@@ -645,7 +645,7 @@ def merge(
         gated=refit_value == "gate",
         shared_labels=[label_names(m.config) for m in loaded] if spec.classifier is not None and not concatenate
         else None, processor_differences=image_processor_differences([p.processor for p in parents]),
-        units_correspond=share_in_place(report.matches) >= IN_PLACE_MAJORITY)
+        units_correspond=units_correspond(share_in_place(report.matches)))
     for text in report.warnings:
         logger.warning("%s", text)
     if count == 2:  # the diagnostics describe a two-parent unit matching (None when no unit was matched)

@@ -104,6 +104,12 @@ def correspondence_checker(relation: str, chosen: MergeMethod, *, has_data: bool
     return METHODS[CORRESPONDENCE_CHECK]
 
 
+def units_correspond(in_place: float) -> bool:
+    """Whether a unit matching that left the share `in_place` of units where they are says the units correspond:
+    most of them stayed (`IN_PLACE_MAJORITY`)."""
+    return in_place >= IN_PLACE_MAJORITY
+
+
 def confirm_choice(chosen: MergeMethod, reason: str, checker: MergeMethod, in_place: float, weight_distance: float,
                    pair: str = "") -> tuple[MergeMethod, str]:
     """`auto`'s final method and reason once `checker`'s solve left the share `in_place` of units where they are:
@@ -111,7 +117,7 @@ def confirm_choice(chosen: MergeMethod, reason: str, checker: MergeMethod, in_pl
     more were given (e.g. "parents A and C")."""
     solved = f" of {pair}" if pair else ""
     share = f"{checker.name}'s solve on the calibration data leaves {in_place:.1%} of units{solved} in place"
-    if in_place >= IN_PLACE_MAJORITY:  # "... (relative weight distance d): name" -> "... (...; share): name"
+    if units_correspond(in_place):  # "... (relative weight distance d): name" -> "... (...; share): name"
         said, name = reason.rsplit("): ", 1)
         return chosen, f"{said}; {share}): {name}"
     return checker, (f"parents share a base by their weights (relative weight distance {weight_distance:.3g}), but "
