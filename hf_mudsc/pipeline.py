@@ -513,6 +513,21 @@ def merge(
             num_samples=num_samples, seed=seed, inputs=spec.inputs or None, model_config=model_a.config,
             token=token, max_tokens=spec.max_tokens,
         )
+
+    def calibration_batches() -> Iterator[dict]:
+        """A fresh pass over the (resolved) calibration data, as every step that reads it again reads it."""
+        from hf_mudsc.calibrate.statistics import iter_batches
+
+        return iter_batches(calibration, batch_size=batch_size, num_samples=num_samples,
+                            columns=_input_columns(model_a), required=spec.inputs, max_tokens=spec.max_tokens)
+
+    def settled(method: MergeMethod) -> tuple[str, bool, dict[str, Any], bool]:
+        """What follows from the method once `auto`'s check has decided it: the refit it runs, whether that reads
+        the data, the options it reads, and whether alpha="auto" searches."""
+        refit = _refits(merge_options, method, calibration, count)
+        return (refit, refit in REFITTING, method.used_options(method_options),
+                alpha_searched(method, merge_options, count))
+
     correspondence = None  # the solve that confirmed or overturned auto's same-base choice (config.mudsc)
     if unconfirmed is not None and count > 2:
         pair = (0, relation.farthest)
@@ -526,20 +541,14 @@ def merge(
                           "units_in_place": round(in_place, 6), "holds": merge_method is not checker}
         logger.info("method auto: %s", choice_reason)
         unconfirmed = None
-        refit_value = _refits(merge_options, merge_method, calibration, count)
-        refitting = refit_value in REFITTING
-        used_options = merge_method.used_options(method_options)
-        auto_alpha = alpha_searched(merge_method, merge_options, count)
+        refit_value, refitting, used_options, auto_alpha = settled(merge_method)
         _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value)
     held_out = alpha_scorer = None
     statistics_data, statistics_samples = calibration, num_samples
     if auto_alpha:  # every 5th example is held out to score the candidate merges; the rest feed the statistics
         from hf_mudsc.apply.fidelity import holdout_split
-        from hf_mudsc.calibrate.statistics import iter_batches
 
-        statistics_data, held_out = holdout_split(lambda: iter_batches(
-            calibration, batch_size=batch_size, num_samples=num_samples, columns=_input_columns(model_a),
-            required=spec.inputs, max_tokens=spec.max_tokens))
+        statistics_data, held_out = holdout_split(calibration_batches)
         statistics_samples = None
     if merge_method.needs_calibration:
         accumulators = collect_statistics_distributed(
@@ -564,13 +573,7 @@ def merge(
         report.num_samples = accumulators[0].examples or accumulators[0].count
         _log_sample_count(num_samples, report.num_samples)
         correlations = correlations_from(accumulators)
-    batches = None
-    if needs_data:
-        from hf_mudsc.calibrate.statistics import iter_batches
-
-        def batches() -> Iterator[dict]:
-            return iter_batches(calibration, batch_size=batch_size, num_samples=num_samples,
-                                columns=_input_columns(model_a), required=spec.inputs, max_tokens=spec.max_tokens)
+    batches = calibration_batches if needs_data else None
     reference_rows = (reference_compat and spec.classifier is not None and count == 2
                       and params[0][spec.classifier.weight].shape == params[1][spec.classifier.weight].shape)
     matching_spec = solve_spec(spec, concatenate, reference_rows=reference_rows)
@@ -598,10 +601,7 @@ def merge(
         logger.info("method auto: %s", choice_reason)
         if final is not merge_method:  # the units correspond: the same-base method merges, without the statistics
             merge_method = final
-            refit_value = _refits(merge_options, merge_method, calibration, count)
-            refitting = refit_value in REFITTING
-            used_options = merge_method.used_options(method_options)
-            auto_alpha = False
+            refit_value, refitting, used_options, auto_alpha = settled(merge_method)
             accumulators = correlations = rows = calibration_examples = None
             report = MergeReport(method=merge_method.name, matcher=used_options.get("matcher"),
                                  alpha=used_options.get("alpha"))
@@ -715,22 +715,12 @@ def merge(
     config._name_or_path = ""
     merged = build_model(model_a, config, merged_params)
     if refit_value == "repair":
-        from hf_mudsc.calibrate.statistics import iter_batches
-
         report.refit = repair_model(
-            merged, loaded, spec, report.matches,
-            lambda: iter_batches(calibration, batch_size=batch_size, num_samples=num_samples,
-                                 columns=_input_columns(model_a), required=spec.inputs, max_tokens=spec.max_tokens),
+            merged, loaded, spec, report.matches, calibration_batches,
             weights=merge_options.weights, samples=merge_options.refit_samples, seed=seed, total=calibration_examples,
             device=run_device, progress=progress)
         merged.config.mudsc["repair"] = {"scope": report.refit.scope, "layers": len(report.refit.layers)}
     elif refitting:
-        from hf_mudsc.calibrate.statistics import iter_batches
-
-        def refit_batches() -> Iterator[dict]:
-            return iter_batches(calibration, batch_size=batch_size, num_samples=num_samples,
-                                columns=_input_columns(model_a), required=spec.inputs, max_tokens=spec.max_tokens)
-
         def run_refit(model: Any, data: Callable[[], Iterable[Mapping[str, Any]]], total: int | None) -> Any:
             return refit_model(
                 model, loaded, spec, report.matches, data, concatenate_classifier=concatenate,
@@ -742,13 +732,13 @@ def merge(
             from hf_mudsc.apply.refit_gate import gated_refit
 
             merged, report.refit, gate = gated_refit(
-                merged, loaded, refit_batches, lambda model, data: run_refit(model, data, None),
+                merged, loaded, calibration_batches, lambda model, data: run_refit(model, data, None),
                 task_sizes=[p[spec.classifier.weight].shape[0] for p in params] if concatenate else None,
                 scorer=alpha_scorer)  # alpha="auto" held out the same examples: its parents' outputs are reused
             merged.config.mudsc["refit_gate"] = gate.as_config()
             report.refit_gate = gate
         else:
-            report.refit = run_refit(merged, refit_batches, calibration_examples)
+            report.refit = run_refit(merged, calibration_batches, calibration_examples)
     if refitting:
         merged.config.mudsc["refit_examples"] = report.refit.examples
         if accumulators is None and not report.num_samples:  # nothing else read the data: the refit's is the count
