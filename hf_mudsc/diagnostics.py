@@ -83,7 +83,7 @@ def relation_warning(relation: str, method: Any, refitting: bool = False, gated:
     `refitting`: a refit follows the merge (the resolved `refit` is ridge or gate), which rebuilds a merge by position
     from the data — then a collapse is not what the user gets (docs/design.md §4.9); `gated`: that refit is the gate's
     (kept only if it agrees better), not a forced ridge; `units_correspond`: False when the unit matching moved most
-    units of fine-tunes of one base (`hf_mudsc.methods.auto.IN_PLACE_MAJORITY`) — then matching was needed."""
+    units of fine-tunes of one base (`hf_mudsc.methods.auto.units_correspond`) — then matching was needed."""
     if relation == "same model":
         return "the parents are the same model: the merge gives back that model"
     if relation in UNALIGNED_RELATIONS and not method.matches_units:

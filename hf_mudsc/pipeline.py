@@ -44,6 +44,7 @@ from hf_mudsc.load.relation import ParentRelation, base_relations, check_parents
 from hf_mudsc.methods.auto import (
     ALPHA_HANDED,
     alpha_searched,
+    check_record,
     choose_method,
     confirm_choice,
     correspondence_checker,
@@ -537,8 +538,7 @@ def merge(
         merge_method, choice_reason = confirm_choice(
             *unconfirmed, checker, in_place, relation.weight_distance,
             pair=f"parents {parent_label(pair[0])} and {parent_label(pair[1])}")
-        correspondence = {"method": checker.name, "parents": [parent_label(i) for i in pair],
-                          "units_in_place": round(in_place, 6), "holds": merge_method is not checker}
+        correspondence = check_record(checker, [parent_label(i) for i in pair], in_place)
         logger.info("method auto: %s", choice_reason)
         unconfirmed = None
         refit_value, refitting, used_options, auto_alpha = settled(merge_method)
@@ -596,8 +596,7 @@ def merge(
         result = merge_method.merge_parameters(context)  # at the α handed: alpha="auto" searches once decided
         in_place = share_in_place(result.matches)
         final, choice_reason = confirm_choice(*unconfirmed, merge_method, in_place, relation.weight_distance)
-        correspondence = {"method": merge_method.name, "parents": [parent_label(0), parent_label(1)],
-                          "units_in_place": round(in_place, 6), "holds": final is not merge_method}
+        correspondence = check_record(merge_method, [parent_label(0), parent_label(1)], in_place)
         logger.info("method auto: %s", choice_reason)
         if final is not merge_method:  # the units correspond: the same-base method merges, without the statistics
             merge_method = final

@@ -31,6 +31,7 @@ Torch-free (reads the relation's label and distance, and the share of units a so
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 from hf_mudsc.methods.registry import AUTO, METHODS, MergeMethod
@@ -108,6 +109,13 @@ def units_correspond(in_place: float) -> bool:
     """Whether a unit matching that left the share `in_place` of units where they are says the units correspond:
     most of them stayed (`IN_PLACE_MAJORITY`)."""
     return in_place >= IN_PLACE_MAJORITY
+
+
+def check_record(checker: MergeMethod, parents: Sequence[str], in_place: float) -> dict[str, Any]:
+    """What `config.mudsc["correspondence_check"]` records of a check: the solve's method, the parents it solved
+    (letters), the share of units it left in place, and whether the units correspond (`units_correspond`)."""
+    return {"method": checker.name, "parents": list(parents), "units_in_place": round(in_place, 6),
+            "holds": units_correspond(in_place)}
 
 
 def confirm_choice(chosen: MergeMethod, reason: str, checker: MergeMethod, in_place: float, weight_distance: float,
