@@ -404,11 +404,11 @@ def test_roberta_text_is_cut_to_the_positions_its_embeddings_reach():
     assert torch.isfinite(merged(**ids).logits).all()
 
 
-def test_evaluation_text_is_cut_to_the_positions_each_model_reaches():
+def test_evaluation_text_is_cut_to_the_positions_each_model_reaches(monkeypatch):
     """Evaluation read long text with the calibration's preprocessing but not its position limit: a RoBERTa whose
     tokenizer has no `model_max_length` failed at the first batch ('index out of bounds'). Each model's inputs are
-    cut to what its position table reaches, as calibration cuts them; the CLIP prompts leave the tokenizer as it
-    was (a fast tokenizer kept the truncation the prompts switched on)."""
+    cut to what its position table reaches, as calibration cuts them (the CLIP prompts: test_evaluation.py)."""
+    from hf_mudsc.architectures import spec_for
     from hf_mudsc.evaluate.harness import evaluate_merge
 
     parents = [make_model("roberta_cls", seed=seed) for seed in (0, 1)]
@@ -416,8 +416,17 @@ def test_evaluation_text_is_cut_to_the_positions_each_model_reaches():
     data = datasets.Dataset.from_dict({"text": rows, "label": [index % 3 for index in range(6)]})
     merged = hf_mudsc.merge(parents, data.remove_columns("label"), processor=tokenizer(), method="mudsc",
                             batch_size=3, progress=False)
+    lengths: list[int] = []  # what every forward of the evaluation read (merge() sets module hooks aside)
+    forward = type(merged).forward
+
+    def recorded(self, input_ids=None, *args, **kwargs):
+        lengths.append(input_ids.shape[1])
+        return forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(type(merged), "forward", recorded)
     result = evaluate_merge(merged, parents, [data], processor=tokenizer(), batch_size=3, progress=False)
     assert 0.0 <= result.score("merged", "task_0") <= 1.0
+    assert lengths and max(lengths) == spec_for(parents[0]).max_tokens  # 40+ words, cut to the reach
 
 
 @pytest.mark.parametrize("method", ["mudsc", "regmean", "fisher"])

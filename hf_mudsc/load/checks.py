@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
@@ -28,10 +28,13 @@ REMOTE_CODE_CONFIG_KEYS = ("auto_map", "custom_pipelines")
 HEAD_CONFIG_KEYS = frozenset({"classifier_dropout", "tie_word_embeddings", "encoder_stride"})
 
 
-# What the refusal of parents whose configs differ says: the fields change shapes or what each parent computes.
-CONFIG_MISMATCH = "have different configurations, which one merged model cannot hold both of"
-CONFIG_MISMATCH_FIX = ("Merge models fine-tuned from the same architecture configuration (a difference you accept, "
-                       "e.g. layer_norm_eps: give both parents one value in a copy of a folder's config.json)")
+def config_mismatch(who: str, differences: Sequence[str]) -> str:
+    """The refusal of parents whose configs differ (`who`: how they are named) — the fields change shapes or what
+    each parent computes — listing the first ten `differences`."""
+    listed = "; ".join(differences[:10]) + ("; ..." if len(differences) > 10 else "")
+    return (f"{who} have different configurations, which one merged model cannot hold both of: {listed}. Merge models "
+            "fine-tuned from the same architecture configuration (a difference you accept, e.g. layer_norm_eps: give "
+            "both parents one value in a copy of a folder's config.json)")
 
 
 def training_only(key: str) -> bool:
@@ -92,10 +95,7 @@ def check_parents(model_a: PreTrainedModel, model_b: PreTrainedModel, labels: tu
         )
     differences = config_differences(model_a.config, model_b.config)
     if differences:
-        raise MergeInputError(
-            f"parents {CONFIG_MISMATCH}: " + "; ".join(differences[:10])
-            + ("; ..." if len(differences) > 10 else "") + f". {CONFIG_MISMATCH_FIX}"
-        )
+        raise MergeInputError(config_mismatch("parents", differences))
     for name, model in ((label_a, model_a), (label_b, model_b)):
         check_finite(dict(model.named_parameters()), f"parent {name}")
 

@@ -28,10 +28,9 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from hf_mudsc.errors import LoadError, MergeInputError, ParentMismatchError, shown
 from hf_mudsc.load.checks import (
-    CONFIG_MISMATCH,
-    CONFIG_MISMATCH_FIX,
     HEAD_CONFIG_KEYS,
     config_differences,
+    config_mismatch,
     is_regression_head,
     training_only,
 )
@@ -318,7 +317,7 @@ def _locate_folder(reference: str, path: Path, allow_pickle: bool) -> _Located:
     if not (path / "config.json").is_file():
         raise LoadError(f"{str(path)!r} has no config.json; save the model with save_pretrained")
     files = [p.name for p in path.iterdir() if p.is_file()]
-    refuse_large_side_files(reference, path, files)
+    refuse_large_side_files(reference, _folder_sizes(path, files), _FOLDER_FIX)
     weight_files, use_pickle = _weights_format(reference, files, allow_pickle)
     config = _load_config(path, reference)
     check_weight_files(reference, path, weight_files)
@@ -329,18 +328,22 @@ def _locate_folder(reference: str, path: Path, allow_pickle: bool) -> _Located:
     return located
 
 
-def refuse_large_side_files(reference: str, folder: Path, names: Sequence[str]) -> None:
-    """Refuse a config, processor or tokenizer file of `folder` over `SIDE_FILE_MAX_BYTES` before any is read (each is
-    read whole): the limit a Hub repository's files are held to from its file list, for a folder (an unpacked
-    archive, a cached snapshot read offline)."""
-    for name in sorted(names):
-        if not name.endswith(SMALL_FILE_SUFFIXES):
-            continue
-        size = (folder / name).stat().st_size
-        if size > SIDE_FILE_MAX_BYTES:
-            raise LoadError(f"{reference!r}: {name} is {size:,} bytes, more than the {SIDE_FILE_MAX_BYTES:,} a file "
-                            "read with the config may be (.json/.txt/.model at the top level); a model's side files "
-                            "are small — remove it from the folder, or restore the one save_pretrained wrote")
+def refuse_large_side_files(reference: str, sizes: Mapping[str, int], fix: str) -> None:
+    """Refuse a config, processor or tokenizer file over `SIDE_FILE_MAX_BYTES` before any is read (each is read
+    whole): `sizes` maps the top-level file names to their sizes — a folder's (an unpacked archive, a cached snapshot
+    read offline) from disk, a Hub repository's from its file list; `fix` ends the message (where to remove it)."""
+    for name in sorted(sizes):
+        if name.endswith(SMALL_FILE_SUFFIXES) and sizes[name] > SIDE_FILE_MAX_BYTES:
+            raise LoadError(f"{reference!r}: {name} is {sizes[name]:,} bytes, more than the {SIDE_FILE_MAX_BYTES:,} a "
+                            f"file read with the config may be (.json/.txt/.model at the top level); {fix}")
+
+
+def _folder_sizes(folder: Path, names: Sequence[str]) -> dict[str, int]:
+    """The sizes of the side files among `names` in `folder` (`refuse_large_side_files`)."""
+    return {name: (folder / name).stat().st_size for name in names if name.endswith(SMALL_FILE_SUFFIXES)}
+
+
+_FOLDER_FIX = "a model's side files are small — remove it from the folder, or restore the one save_pretrained wrote"
 
 
 def _shard_names(reference: str, folder: Path, index_name: str) -> list[str]:
@@ -446,7 +449,7 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
             what="looking it up in the local cache")
         folder = Path(folder)
         files = [p.name for p in folder.iterdir() if p.is_file()]
-        refuse_large_side_files(reference, folder, files)
+        refuse_large_side_files(reference, _folder_sizes(folder, files), _FOLDER_FIX)
         weight_files, use_pickle = _weights_format(reference, files, allow_pickle)
         sha = folder.name  # a snapshot folder is named by its commit sha
         card_bytes = None  # a cached card is measured when it is read
@@ -465,12 +468,9 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
             raise LoadError(f"{reference!r} has no config.json at revision {sha}; it is not a transformers model")
         sizes = {s.rfilename: s.size for s in (info.siblings or []) if s.size is not None}
         card_bytes = sizes.get("README.md")
-        for name in small:
-            if sizes.get(name, 0) > SIDE_FILE_MAX_BYTES:
-                raise LoadError(f"{reference!r}: {name} is {sizes[name]:,} bytes, more than the "
-                                f"{SIDE_FILE_MAX_BYTES:,} a file read with the config may be (.json/.txt/.model at "
-                                "the top level); a model repository's side files are small — remove it from the "
-                                "repository or choose another revision")
+        refuse_large_side_files(reference, {name: sizes.get(name, 0) for name in small},
+                                "a model repository's side files are small — remove it from the repository or "
+                                "choose another revision")
         folder = download_files(reference, repo_id, sha, small, token=token, cache_dir=cache_dir)
     config = _load_config(folder, reference)
     return _Located(reference=reference, config=config, folder=folder, repo_id=repo_id, revision=revision,
@@ -613,10 +613,7 @@ def check_configs(located: Sequence[_Located]) -> None:
             )
         differences = config_differences(first.config, other.config)
         if differences:
-            raise ParentMismatchError(
-                f"{first.reference!r} and {other.reference!r} {CONFIG_MISMATCH}: " + "; ".join(differences[:10])
-                + ("; ..." if len(differences) > 10 else "") + f". {CONFIG_MISMATCH_FIX}"
-            )
+            raise ParentMismatchError(config_mismatch(f"{first.reference!r} and {other.reference!r}", differences))
         if kind_a.endswith("Classification") and is_regression_head(first.config) != is_regression_head(other.config):
             (regression, r), (classifier, c) = sorted(((first, 0), (other, index)),
                                                       key=lambda pair: not is_regression_head(pair[0].config))
@@ -912,11 +909,10 @@ def _load_weights(located: _Located) -> tuple[PreTrainedModel, list[str]]:
     mismatched = sorted(info.get("mismatched_keys") or ())
     if located.read_as is None and _saved_without_pooler(cls, missing, unused, mismatched):
         # A bare encoder built with add_pooling_layer=False (e.g. an embedding model's): its config cannot say so.
+        # The model read holds every tensor of the file: dropping its (randomly initialised) pooler is exactly what
+        # add_pooling_layer=False builds — the file is not read a second time, nor two models held at once.
         logger.info("%s: no pooler in %s: read as %s(add_pooling_layer=False)", located.reference, name, cls.__name__)
-        with _without_load_report():
-            model = cls.from_pretrained(
-                located.folder, config=located.config, dtype=torch.float32, add_pooling_layer=False,
-                use_safetensors=False if located.use_pickle else True, trust_remote_code=False, weights_only=True)
+        model.pooler = None
         return model, []
     if located.read_as is not None and not mismatched:
         _refuse_missing_backbone(located, missing, {name: tensor.numel() for name, tensor in model.named_parameters()})
