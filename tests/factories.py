@@ -147,6 +147,12 @@ LABEL_COUNTS = tuple((row.kind, *row.labels) for row in ROWS if row.labels)
 CLASSIFIERS = tuple(kind for kind, _, _ in LABEL_COUNTS)
 
 
+def same_weights(x: torch.nn.Module, y: torch.nn.Module) -> bool:
+    """The same parameter and buffer names, each bit for bit equal."""
+    a, b = x.state_dict(), y.state_dict()
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def make_model(kind: str, seed: int = 0, num_labels: int = 3) -> torch.nn.Module:
     torch.manual_seed(seed)
     return randomize(ARCHITECTURES[kind].build(num_labels), seed)

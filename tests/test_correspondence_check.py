@@ -10,7 +10,7 @@ import logging
 
 import pytest
 import torch
-from factories import ARCHITECTURES, make_batches, make_model
+from factories import ARCHITECTURES, fine_tune, make_batches, make_model, same_weights
 from test_refit import same_base_fine_tunes
 from transformers import ViTForImageClassification
 
@@ -88,12 +88,8 @@ def _moved_mlp_pair() -> tuple[ViTForImageClassification, ViTForImageClassificat
         model_a.vit.embeddings.patch_embeddings.projection.weight.mul_(5.0)
     model_b = ViTForImageClassification(model_a.config).eval()
     model_b.load_state_dict(model_a.state_dict())
-    generator = torch.Generator().manual_seed(7)
-    _move_mlp_units(model_b, generator)
-    with torch.no_grad():
-        for param in model_b.parameters():
-            param.add_(0.01 * param.std().nan_to_num() * torch.randn(param.shape, generator=generator))
-    return model_a, model_b
+    _move_mlp_units(model_b, torch.Generator().manual_seed(7))
+    return model_a, fine_tune(model_b, 7, 0.01, relative=True)
 
 
 def _move_mlp_units(model: ViTForImageClassification, generator: torch.Generator) -> None:
@@ -129,8 +125,7 @@ def test_auto_hands_a_shared_base_pair_whose_units_moved_to_the_unit_matching(ca
             "--method regmean, skips it)") in caplog.text
     assert not any("can only reorder" in text for text in mudsc["warnings"])
     asked = hf_mudsc.merge([model_a, model_b], batches, method="mudsc", refit="none", progress=False)
-    for (name, tensor), (_, expected) in zip(merged.named_parameters(), asked.named_parameters()):
-        assert torch.equal(tensor, expected), name
+    assert same_weights(merged, asked)
     # the matching pairs each A unit with its moved copy; the position merge averages unrelated units
     regmean = hf_mudsc.merge([model_a, model_b], batches, method="regmean", refit="none", progress=False)
     assert _fc1_error(merged, model_a) < 0.05 < 0.5 < _fc1_error(regmean, model_a)
@@ -148,8 +143,7 @@ def test_auto_keeps_the_same_base_method_when_the_solve_keeps_the_units_in_place
     report = merged.merge_report  # the solve's matches and starts dropped with it
     assert all(match is None for match in report.matches) and report.starts == {} and report.solve_start is None
     asked = hf_mudsc.merge([model_a, model_b], batches, method="regmean", progress=False)
-    for (name, tensor), (_, expected) in zip(merged.named_parameters(), asked.named_parameters()):
-        assert torch.equal(tensor, expected), name
+    assert same_weights(merged, asked)
 
 
 def test_alpha_auto_searches_once_the_unit_matching_is_chosen():
@@ -159,8 +153,7 @@ def test_alpha_auto_searches_once_the_unit_matching_is_chosen():
     asked = hf_mudsc.merge([model_a, model_b], batches, method="mudsc", alpha="auto", refit="none", progress=False)
     assert merged.config.mudsc["method"] == "mudsc" and merged.config.mudsc["alpha_auto"] is not None
     assert merged.config.mudsc["alpha_auto"] == asked.config.mudsc["alpha_auto"]
-    for (name, tensor), (_, expected) in zip(merged.named_parameters(), asked.named_parameters()):
-        assert torch.equal(tensor, expected), name
+    assert same_weights(merged, asked)
 
 
 def test_reference_compat_keeps_the_unconfirmed_choice():
@@ -190,22 +183,11 @@ def test_a_check_whose_statistics_do_not_fit_in_memory_leaves_the_choice_unconfi
             "solve): mudsc needs 9 GB of activation statistics, 1 GB is available") in caplog.text
 
 
-def _noisy_copy(model: ViTForImageClassification, seed: int) -> ViTForImageClassification:
-    """`model` with 1% noise: a fine-tune whose units stay in place."""
-    copy = ViTForImageClassification(model.config).eval()
-    copy.load_state_dict(model.state_dict())
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in copy.parameters():
-            param.add_(0.01 * param.std().nan_to_num() * torch.randn(param.shape, generator=generator))
-    return copy
-
-
 def test_three_parents_are_checked_on_parent_a_and_the_parent_farthest_from_it():
     """Three parents: one pair is solved, parent A and the farthest by weight distance (the moved copy, C here);
     its units moved, so the three are merged by the unit matching, as asked for by name."""
     model_a, moved = _moved_mlp_pair()
-    parents = [model_a, _noisy_copy(model_a, 3), moved]
+    parents = [model_a, fine_tune(model_a, 3, 0.01, relative=True), moved]
     batches = make_batches("vit_cls", num_batches=4)
     merged = hf_mudsc.merge(parents, batches, refit="none", progress=False)
     check = merged.config.mudsc["correspondence_check"]
@@ -213,21 +195,19 @@ def test_three_parents_are_checked_on_parent_a_and_the_parent_farthest_from_it()
     assert "leaves" in merged.config.mudsc["method_choice_reason"] and "of units of parents A and C in place" in (
         merged.config.mudsc["method_choice_reason"])
     asked = hf_mudsc.merge(parents, batches, method="mudsc", refit="none", progress=False)
-    for (name, tensor), (_, expected) in zip(merged.named_parameters(), asked.named_parameters()):
-        assert torch.equal(tensor, expected), name
+    assert same_weights(merged, asked)
 
 
 def test_three_parents_whose_farthest_pair_keeps_its_units_merge_by_the_same_base_method():
     model_a = _moved_mlp_pair()[0]
-    parents = [model_a, _noisy_copy(model_a, 3), _noisy_copy(model_a, 4)]
+    parents = [model_a, fine_tune(model_a, 3, 0.01, relative=True), fine_tune(model_a, 4, 0.01, relative=True)]
     batches = make_batches("vit_cls", num_batches=4)
     merged = hf_mudsc.merge(parents, batches, progress=False)
     check = merged.config.mudsc["correspondence_check"]
     assert merged.config.mudsc["method"] == "regmean" and check["holds"] is True and check["units_in_place"] >= 0.5
     assert check["parents"][0] == "A" and check["parents"][1] in ("B", "C")
     asked = hf_mudsc.merge(parents, batches, method="regmean", progress=False)
-    for (name, tensor), (_, expected) in zip(merged.named_parameters(), asked.named_parameters()):
-        assert torch.equal(tensor, expected), name
+    assert same_weights(merged, asked)
 
 
 def test_a_one_shot_iterator_is_refused_before_the_check_reads_it(monkeypatch):
@@ -305,43 +285,15 @@ def test_inspect_says_what_the_check_found(tmp_path, capsys):
             "correspond, so method auto kept that solve's merge") in text
 
 
-def test_three_parents_whose_units_moved_are_merged_by_the_unit_matching():
-    """N parents: the check solves parent A and the parent farthest from it; the MLP units (most of them) moved in
-    B and C, so auto merges the three by mudsc — the merge asked for by name."""
-    model_a, model_b = _moved_mlp_pair()
-    model_c = ViTForImageClassification(model_b.config).eval()
-    model_c.load_state_dict(model_b.state_dict())
-    _move_mlp_units(model_c, torch.Generator().manual_seed(11))
-    parents, batches = [model_a, model_b, model_c], make_batches("vit_cls", num_batches=4)
-    merged = hf_mudsc.merge(parents, batches, refit="none", progress=False)
-    mudsc = merged.config.mudsc
-    assert mudsc["parent_relation"]["relation"] == "shared base" and mudsc["method"] == "mudsc"
-    assert mudsc["correspondence_check"]["holds"] is False
-    assert mudsc["correspondence_check"]["parents"][0] == "A"
-    assert mudsc["correspondence_check"]["units_in_place"] < auto.IN_PLACE_MAJORITY
-    asked = hf_mudsc.merge(parents, batches, method="mudsc", refit="none", progress=False)
-    for (name, tensor), (_, expected) in zip(merged.named_parameters(), asked.named_parameters()):
-        assert torch.equal(tensor, expected), name
-
-
 @pytest.mark.parametrize("kind", list(ARCHITECTURES))
 def test_every_architecture_confirms_the_same_base_choice_on_fine_tunes_whose_units_stay(kind):
     """1% noise on one model (every factory architecture: ViT, BERT, RoBERTa, CLIP and its towers, with and without
     heads): the check runs, leaves every unit in place, and regmean merges exactly as asked for by name."""
-    tuned = []
-    for seed in (2, 3):
-        model = make_model(kind, seed=1)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for param in model.parameters():
-                spread = param.std() if param.numel() > 1 else param.abs()
-                param.add_(0.01 * spread.nan_to_num() * torch.randn(param.shape, generator=generator))
-        tuned.append(model)
+    tuned = [fine_tune(make_model(kind, seed=1), seed, 0.01, relative=True) for seed in (2, 3)]
     batches = make_batches(kind, num_batches=2)
     merged = hf_mudsc.merge(tuned, batches, refit="none", progress=False)
     assert merged.config.mudsc["method"] == "regmean"
     assert merged.config.mudsc["correspondence_check"] == {"method": "mudsc", "parents": ["A", "B"],
                                                            "units_in_place": 1.0, "holds": True}
     asked = hf_mudsc.merge(tuned, batches, method="regmean", refit="none", progress=False)
-    for (name, tensor), (_, expected) in zip(merged.named_parameters(), asked.named_parameters()):
-        assert torch.equal(tensor, expected), name
+    assert same_weights(merged, asked)

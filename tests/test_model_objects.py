@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from factories import BERT, fine_tune, make_batches, make_model, randomize
+from factories import BERT, fine_tune, make_batches, make_model, randomize, same_weights
 from transformers import BertConfig, BertForSequenceClassification
 
 import hf_mudsc
@@ -26,11 +26,6 @@ def hooks_of(model: torch.nn.Module) -> dict[str, dict[str, tuple[int, ...]]]:
 
 def modes_of(model: torch.nn.Module) -> dict[str, bool]:
     return {name: module.training for name, module in model.named_modules()}
-
-
-def same_weights(x: torch.nn.Module, y: torch.nn.Module) -> bool:
-    a, b = x.state_dict(), y.state_dict()
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 class RaisesAt:

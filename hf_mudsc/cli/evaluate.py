@@ -244,9 +244,6 @@ def redraw_accuracy_chart(folder: Path, result: Any) -> Path | None:
     eval_results.json): redraw it from the results just written, so the chart and the card's Evaluation table show
     the same figures. Only a chart hf-mudsc wrote and nobody changed is replaced (and recorded in the folder's
     marker, so `push` and `--overwrite` still accept the folder); None when there is none to redraw."""
-    import shutil
-    import tempfile
-
     from hf_mudsc.publish.folder import written_unchanged
     from hf_mudsc.publish.plots import draw_plots
     from hf_mudsc.solve.diagnostics import PLOTS_FOLDER
@@ -254,12 +251,9 @@ def redraw_accuracy_chart(folder: Path, result: Any) -> Path | None:
     chart = folder / PLOTS_FOLDER / "accuracy.png"
     if not written_unchanged(chart, owner=folder):
         return None
-    with tempfile.TemporaryDirectory(prefix="hf-mudsc-plots-") as scratch:
-        drawn = [plot for plot in draw_plots(scratch, None, result) if plot.path.name == chart.name]
-        if not drawn:
-            return None
-        write_file_atomically(chart, lambda temporary: shutil.copyfile(drawn[0].path, temporary), owner=folder)
-    return chart
+    # without diagnostics draw_plots draws the accuracy chart only, atomically, and records it in the marker
+    drawn = draw_plots(chart.parent, None, result, owner=folder)
+    return chart if drawn else None
 
 
 def check_replaceable(json_path: Path | None, card_path: Path | None) -> None:

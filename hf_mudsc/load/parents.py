@@ -319,7 +319,7 @@ def _locate_folder(reference: str, path: Path, allow_pickle: bool) -> _Located:
     files = [p.name for p in path.iterdir() if p.is_file()]
     refuse_large_side_files(reference, _folder_sizes(path, files), _FOLDER_FIX)
     weight_files, use_pickle = _weights_format(reference, files, allow_pickle)
-    config = _load_config(path, reference)
+    config = load_config(path, reference)
     check_weight_files(reference, path, weight_files)
     located = _Located(reference=reference, config=config, folder=path, weight_files=weight_files,
                        use_pickle=use_pickle)
@@ -417,7 +417,9 @@ def _one_line(error: BaseException) -> str:
     return text.splitlines()[0].strip() if text else type(error).__name__
 
 
-def _load_config(folder: Path, reference: str) -> PretrainedConfig:
+def load_config(folder: Path, reference: str) -> PretrainedConfig:
+    """A model folder's config, refused in one line (`LoadError`) as the loader refuses it: hostile counts and remote
+    code before transformers reads it, anything transformers cannot read."""
     from huggingface_hub.errors import StrictDataclassError
 
     check_config_json(folder, reference)  # not a JSON object, absurd counts: refused before transformers reads it
@@ -472,7 +474,7 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
                                 "a model repository's side files are small — remove it from the repository or "
                                 "choose another revision")
         folder = download_files(reference, repo_id, sha, small, token=token, cache_dir=cache_dir)
-    config = _load_config(folder, reference)
+    config = load_config(folder, reference)
     return _Located(reference=reference, config=config, folder=folder, repo_id=repo_id, revision=revision,
                     commit_sha=sha, weight_files=weight_files, use_pickle=use_pickle, card_bytes=card_bytes)
 

@@ -339,6 +339,7 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
             return error(404, f"no job {job_id!r}; GET /api/jobs lists them")
         since = max(0, since)
         lines, following = store.log_page(job_id, since=min(since, SQLITE_MAX))
+        # nothing new: the `since` asked for (not the clamped one the store read from)
         return JSONResponse({"id": job_id, "lines": lines, "next": following if lines else since})
 
     # ------------------------------------------------------------------ page

@@ -229,14 +229,11 @@ def check_shapes_on_disk(recipe: Recipe) -> None:
         return
 
     def shapes() -> dict[str, tuple[int, ...]]:
-        from transformers import AutoConfig
-
-        from hf_mudsc.load.config_json import check_config_json
+        from hf_mudsc.load.parents import load_config
         from hf_mudsc.pipeline import parameter_shapes
 
         try:  # refused as the loader refuses a config (hostile counts, remote code) before transformers reads it
-            check_config_json(folder, reference)
-            return parameter_shapes(AutoConfig.from_pretrained(folder, trust_remote_code=False))
+            return parameter_shapes(load_config(folder, reference))
         except Exception as problem:  # noqa: BLE001 - the worker reads it again and refuses it in its own words
             raise ConfigUnreadable(str(problem)) from problem
 

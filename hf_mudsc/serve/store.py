@@ -220,10 +220,12 @@ class JobStore:
 
     def _drop_middle(self, job_id: str, cap: LogCap) -> None:
         """Past the cap, keep the log's first lines (half the cap, never dropped) and its last (the other half)."""
+        count, size = self._db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(CAST(line AS BLOB))), 0) FROM logs "
+                                       "WHERE job_id = ?", (job_id,)).fetchone()
+        if count <= cap.lines and size <= cap.bytes:  # (nearly always: the rows are fetched only past the cap)
+            return
         rows = self._db.execute("SELECT n, LENGTH(CAST(line AS BLOB)) FROM logs WHERE job_id = ? ORDER BY n",
                                 (job_id,)).fetchall()
-        if len(rows) <= cap.lines and sum(size for _, size in rows) <= cap.bytes:
-            return
         head, used = 0, 0  # the first lines, numbered from 0 with no gap, within half the cap: the same every time
         while (head < len(rows) and rows[head][0] == head and head < cap.lines // 2
                and used + rows[head][1] <= cap.bytes // 2):
