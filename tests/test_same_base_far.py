@@ -29,3 +29,17 @@ def test_the_default_keeps_both_tasks_of_fine_tunes_whose_units_moved(monkeypatc
     assert summary["chosen"]["default"] == ["mudsc"] and default == summary["mudsc + gate"]
     assert min(summary["regmean + gate"].values()) < 0.7  # the position merge loses a task
     assert min(summary["linear + gate"].values()) < 0.7
+
+
+def test_correspondence_shares_records_the_solve_and_the_papers_start(monkeypatch):
+    """scripts/correspondence_shares.py's measurement on fine-tunes whose units stay: the check's solve leaves every
+    unit in place; the record carries the paper's single start and every start's objective beside it."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import correspondence_shares
+    from factories import fine_tune, make_batches, make_model
+
+    parents = [fine_tune(make_model("vit_cls", seed=1), seed, 0.01, relative=True) for seed in (2, 3)]
+    record = correspondence_shares.shares(parents, make_batches("vit_cls", num_batches=2))
+    assert record["solve"]["units_in_place"] == 1.0 and 0.0 <= record["paper_start"]["units_in_place"] <= 1.0
+    assert set(record["solve"]["starts"]) == {"activation", "weight", "identity"}
+    assert list(record["paper_start"]["starts"]) == ["activation"] and record["distance"] < 1.0
