@@ -297,3 +297,50 @@ def test_every_architecture_confirms_the_same_base_choice_on_fine_tunes_whose_un
                                                            "units_in_place": 1.0, "holds": True}
     asked = hf_mudsc.merge(tuned, batches, method="regmean", refit="none", progress=False)
     assert same_weights(merged, asked)
+
+
+def _sample_counts(caplog) -> list[str]:
+    """The log lines that state how many calibration samples a pass read."""
+    return [record.getMessage() for record in caplog.records
+            if "calibrated on" in record.getMessage() or "calibration samples" in record.getMessage()]
+
+
+@pytest.mark.parametrize("case,alpha", [("same base", 0.5), ("same base", "auto"), ("moved", 0.5),
+                                        ("three", 0.5)])
+def test_each_calibration_pass_is_said_once_with_what_it_was_for(caplog, case, alpha):
+    """The check's statistics and the same-base method's own pass each say their count once, named: a user read
+    "calibrated on 64 samples" then "calibrated on 80 samples" (alpha="auto" holds every 5th example out of the
+    check's statistics) — two contradictory sizes for one merge. When the check's solve is kept, its pass is the
+    only one."""
+    batches = make_batches("vit_cls", num_batches=5)  # 80 examples
+    parents = {"same base": same_base_fine_tunes, "moved": _moved_mlp_pair,
+               "three": lambda: same_base_fine_tunes(seeds=(2, 3, 4))}[case]()
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        merged = hf_mudsc.merge(list(parents), batches, alpha=alpha, refit="none", progress=False)
+    check = merged.config.mudsc["correspondence_check"]
+    if case == "same base":
+        held = " (every 5th example held out for alpha='auto')" if alpha == "auto" else ""
+        assert _sample_counts(caplog) == [
+            f"calibrated on {64 if held else 80} samples: mudsc's statistics for the correspondence check{held}",
+            "calibrated on 80 samples: regmean's own pass"]
+    elif case == "moved":
+        assert merged.config.mudsc["method"] == "mudsc"
+        assert _sample_counts(caplog) == ["calibrated on 80 samples: mudsc's statistics for the correspondence check"]
+    else:
+        assert merged.config.mudsc["method"] == "regmean"
+        assert _sample_counts(caplog) == [
+            f"calibrated on 80 samples: mudsc's statistics for the correspondence check of parents A and "
+            f"{check['parents'][1]}", "calibrated on 80 samples: regmean's own pass"]
+
+
+@pytest.mark.parametrize("method", ["auto", "mudsc"])
+def test_data_shorter_than_num_samples_is_warned_once_with_its_size(caplog, method):
+    """num_samples beyond the data: one warning naming the data's 80 examples — not one per pass, and not the 64 the
+    statistics keep under alpha="auto" (every 5th example is held out to score the α candidates)."""
+    batches = make_batches("vit_cls", num_batches=5)  # 80 examples
+    with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
+        hf_mudsc.merge(same_base_fine_tunes(), batches, method=method, alpha="auto", num_samples=1000, refit="none",
+                       progress=False)
+    short = [record.getMessage() for record in caplog.records if "asked for 1000" in record.getMessage()]
+    assert short == ["num_samples= (CLI: --num-samples) asked for 1000 calibration samples, but the data holds only "
+                     "80; all 80 were used"]

@@ -228,7 +228,7 @@ def test_the_worker_maps_pipeline_records_to_phases_scrubs_the_token_and_cancels
     handler.emit(record("hf_mudsc.load.relation", "parents: independent"))
     reporter.batch(expected=4)
     reporter.batch(expected=4)
-    handler.emit(record("hf_mudsc.calibrate.statistics", "collected activation statistics over 16 samples"))
+    handler.emit(record("hf_mudsc.pipeline", "calibrated on 16 samples: mudsc's statistics"))
     handler.emit(record("hf_mudsc.solve.loop", "solve: 7 sweeps, best objective 0.2"))
     handler.emit(record("hf_mudsc.load.parents", f"a line that quotes {SECRET} by mistake"))
     reporter.log("a server path that is not UTF-8: /data/caf\udce9")  # os.fsdecode's surrogateescape

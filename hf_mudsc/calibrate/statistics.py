@@ -419,5 +419,6 @@ def collect_statistics(
         _return_freed_memory()
     if seen == 0 and not allow_empty:
         raise CalibrationError("the calibration data has no samples; pass a non-empty dataset or batches")
-    logger.info("collected activation statistics over %d calibration samples", seen)
+    # DEBUG: merge() says each pass's count once, with what the pass was for (a check's statistics, the method's).
+    logger.debug("collected activation statistics over %d calibration samples", seen)
     return accumulators

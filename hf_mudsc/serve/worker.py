@@ -42,7 +42,7 @@ ORPHAN_GRACE_S = 20.0
 # (logger name prefix, message prefix) -> the phase that record shows has begun, and the progress it marks.
 PHASE_MARKS = (
     ("hf_mudsc.load.relation", "", "after_load", None),
-    ("hf_mudsc.calibrate.statistics", "collected", "solve", 0.6),
+    ("hf_mudsc.pipeline", "calibrated on ", "solve", 0.6),  # a data pass read it all (statistics, regmean's own)
     ("hf_mudsc.solve.loop", "solve: ", "apply", 0.75),
     ("hf_mudsc.apply.refit", "", "build", 0.8),
     ("hf_mudsc.pipeline", "merged ", "publish", 0.9),  # the model is built; the folder is written (and pushed)
