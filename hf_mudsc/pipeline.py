@@ -49,6 +49,7 @@ from hf_mudsc.methods.auto import (
     confirm_choice,
     correspondence_checker,
     is_auto,
+    pending_reason,
     reference_compat_unread,
     refit_runs,
     units_correspond,
@@ -854,9 +855,8 @@ def _correspondence_checker(relation: ParentRelation, chosen: MergeMethod, optio
     (`methods.auto.correspondence_checker`), or None — also when that method cannot merge these parents with these
     options (then the choice stands as made, and a warning says so), and for a one-shot iterator a same-base method
     that reads the data itself cannot read after the check's statistics (merge() refuses it before any is read)."""
-    checker = correspondence_checker(relation.relation, chosen, has_data=calibration is not None,
-                                     reference_compat=bool(options.reference_compat))
-    if checker is None or (chosen.needs_data and isinstance(calibration, Iterator)):
+    checker = _planned_checker(relation, chosen, options, calibration)
+    if checker is None:
         return None
     try:
         _check_parent_count(checker, count)
@@ -864,6 +864,18 @@ def _correspondence_checker(relation: ParentRelation, chosen: MergeMethod, optio
         check_size(checker, options.size)
     except MergeInputError as error:
         _warn_unconfirmed(chosen, checker, error)
+        return None
+    return checker
+
+
+def _planned_checker(relation: ParentRelation, chosen: MergeMethod, options: MergeOptions, calibration: Any
+                     ) -> MergeMethod | None:
+    """The check `auto`'s choice `chosen` is planned to get (`methods.auto.correspondence_checker`), before whether it
+    can run with these options and memory is known (`_correspondence_checker`): what the choice's first log line
+    says it waits for."""
+    checker = correspondence_checker(relation.relation, chosen, has_data=calibration is not None,
+                                     reference_compat=bool(options.reference_compat))
+    if checker is None or (chosen.needs_data and isinstance(calibration, Iterator)):
         return None
     return checker
 
@@ -962,7 +974,10 @@ def choose_auto(relation: ParentRelation, options: MergeOptions, calibration: An
                                        has_data=calibration is not None)
     except ValueError as error:
         raise MergeInputError(str(error)) from None
-    logger.info("method auto: %s", reason)
+    checker = _planned_checker(relation, method, options, calibration)
+    # A choice the check will confirm is said as pending: the check's outcome is logged once it has run.
+    logger.info("method auto: %s", reason if checker is None else
+                pending_reason(method, checker, relation.weight_distance))
     _check_parent_count(method, count, chosen=reason)
     _check_data(method, calibration, count, chosen=reason)
     method.check_options(options, count)

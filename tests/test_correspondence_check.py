@@ -344,3 +344,34 @@ def test_data_shorter_than_num_samples_is_warned_once_with_its_size(caplog, meth
     short = [record.getMessage() for record in caplog.records if "asked for 1000" in record.getMessage()]
     assert short == ["num_samples= (CLI: --num-samples) asked for 1000 calibration samples, but the data holds only "
                      "80; all 80 were used"]
+
+
+def _auto_lines(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.getMessage().startswith("method auto: ")]
+
+
+@pytest.mark.parametrize("case", ["same base", "moved"])
+def test_the_first_auto_line_says_the_choice_waits_for_the_check(caplog, case):
+    """Before the check has run, the log does not say the identity correspondence holds: the first line says the
+    same-base method is chosen if the units correspond, the check runs, and the last line says what it found."""
+    parents = same_base_fine_tunes() if case == "same base" else _moved_mlp_pair()
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        merged = hf_mudsc.merge(list(parents), make_batches("vit_cls", num_batches=4), refit="none", progress=False)
+    distance = merged.config.mudsc["parent_relation"]["weight_distance"]
+    lines = _auto_lines(caplog)
+    assert lines == [
+        f"method auto: parents share a base by their weights (relative weight distance {distance:.3g}) and "
+        "calibration data is given: regmean if their units correspond, which mudsc's solve checks first",
+        "method auto: mudsc's solve runs first, to confirm that the units correspond (method='regmean', CLI: "
+        "--method regmean, skips it)",
+        f"method auto: {merged.config.mudsc['method_choice_reason']}"]
+    assert ("identity correspondence holds" in lines[-1]) is (case == "same base")
+
+
+def test_a_choice_no_check_confirms_is_said_once_as_final(caplog):
+    """reference_compat=True runs no check: the one line is the choice and its reason, as before."""
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        merged = hf_mudsc.merge(same_base_fine_tunes(), make_batches("vit_cls", num_batches=2), refit="none",
+                                reference_compat=True, progress=False)
+    assert merged.config.mudsc["correspondence_check"] is None
+    assert _auto_lines(caplog) == [f"method auto: {merged.config.mudsc['method_choice_reason']}"]
