@@ -580,7 +580,7 @@ def merge(
         _log_sample_count(report.num_samples, _check_pass(merge_method) if unconfirmed is not None
                           else f"{merge_method.name}'s statistics", held_out=held_out is not None)
         if held_out is None:  # else the held-out rows are counted once the search has read them
-            short_said = _warn_short(num_samples, report.num_samples)
+            short_said = short_said or _warn_short(num_samples, report.num_samples)
         correlations = correlations_from(accumulators)
     batches = calibration_batches if needs_data else None
     reference_rows = (reference_compat and spec.classifier is not None and count == 2
@@ -628,7 +628,7 @@ def merge(
                 setattr(head_config, key, value)
         alpha_scorer = FidelityScorer(loaded, held_out, mask_key="attention_mask", task_sizes=[
             p[spec.classifier.weight].shape[0] for p in params] if concatenate else None)
-        short_said = _warn_short(num_samples, report.num_samples + alpha_scorer.examples)
+        short_said = short_said or _warn_short(num_samples, report.num_samples + alpha_scorer.examples)
         chosen_alpha, result, alpha_curve = search_alpha(
             merge_method, context, alpha_scorer,
             lambda parameters: build_model(model_a, widened_config(copy.deepcopy(head_config), spec, parameters),
@@ -647,8 +647,7 @@ def merge(
     if result.calibration_examples:  # a method that read the calibration data itself (`needs_data`)
         report.num_samples = result.calibration_examples
         _log_sample_count(report.num_samples, f"{merge_method.name}'s own pass")
-        if not short_said:  # the check read the same data and said so already
-            short_said = _warn_short(num_samples, report.num_samples)
+        short_said = short_said or _warn_short(num_samples, report.num_samples)  # once: the check read the same data
     report.warnings = merge_warnings(
         relation=relation.relation, method=merge_method, group_names=report.group_names,
         group_values=report.group_values, widths={g.name: g.width for g in spec.groups},

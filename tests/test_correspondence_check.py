@@ -333,14 +333,21 @@ def test_each_calibration_pass_is_said_once_with_what_it_was_for(caplog, case, a
             f"{check['parents'][1]}", "calibrated on 80 samples: regmean's own pass"]
 
 
-@pytest.mark.parametrize("method", ["auto", "mudsc"])
-def test_data_shorter_than_num_samples_is_warned_once_with_its_size(caplog, method):
-    """num_samples beyond the data: one warning naming the data's 80 examples — not one per pass, and not the 64 the
-    statistics keep under alpha="auto" (every 5th example is held out to score the α candidates)."""
+@pytest.mark.parametrize("case", ["auto", "mudsc", "three moved"])
+def test_data_shorter_than_num_samples_is_warned_once_with_its_size(caplog, case):
+    """num_samples beyond the data: one warning naming the data's 80 examples — not one per pass (three parents whose
+    units moved: the pair check's statistics, then the unit matching's over all three), and not the 64 the statistics
+    keep under alpha="auto" (every 5th example is held out to score the α candidates)."""
     batches = make_batches("vit_cls", num_batches=5)  # 80 examples
+    if case == "three moved":
+        model_a, moved = _moved_mlp_pair()
+        parents = [model_a, fine_tune(model_a, 3, 0.01, relative=True), moved]
+    else:
+        parents = same_base_fine_tunes()
     with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
-        hf_mudsc.merge(same_base_fine_tunes(), batches, method=method, alpha="auto", num_samples=1000, refit="none",
-                       progress=False)
+        merged = hf_mudsc.merge(parents, batches, method="mudsc" if case == "mudsc" else "auto", alpha="auto",
+                                num_samples=1000, refit="none", progress=False)
+    assert merged.config.mudsc["method"] == ("regmean" if case == "auto" else "mudsc")
     short = [record.getMessage() for record in caplog.records if "asked for 1000" in record.getMessage()]
     assert short == ["num_samples= (CLI: --num-samples) asked for 1000 calibration samples, but the data holds only "
                      "80; all 80 were used"]
