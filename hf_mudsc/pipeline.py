@@ -49,6 +49,7 @@ from hf_mudsc.methods.auto import (
     confirm_choice,
     correspondence_checker,
     is_auto,
+    pending_reason,
     reference_compat_unread,
     refit_runs,
     units_correspond,
@@ -530,14 +531,18 @@ def merge(
                 alpha_searched(method, merge_options, count))
 
     correspondence = None  # the solve that confirmed or overturned auto's same-base choice (config.mudsc)
+    short_said = False  # whether the data holding fewer samples than `num_samples` asked for was said
     if unconfirmed is not None and count > 2:
         pair = (0, relation.farthest)
-        in_place = _pair_in_place(checker, [loaded[i] for i in pair], [params[i] for i in pair], spec, calibration,
-                                  options=method_options, batch_size=batch_size, num_samples=num_samples,
-                                  statistics_dtype=statistics_dtype, device=run_device, progress=progress)
-        merge_method, choice_reason = confirm_choice(
-            *unconfirmed, checker, in_place, relation.weight_distance,
-            pair=f"parents {parent_label(pair[0])} and {parent_label(pair[1])}")
+        pair_name = f"parents {parent_label(pair[0])} and {parent_label(pair[1])}"
+        in_place, examples = _pair_in_place(
+            checker, [loaded[i] for i in pair], [params[i] for i in pair], spec, calibration,
+            options=method_options, batch_size=batch_size, num_samples=num_samples,
+            statistics_dtype=statistics_dtype, device=run_device, progress=progress)
+        _log_sample_count(examples, _check_pass(checker, pair_name))
+        short_said = _warn_short(num_samples, examples)
+        merge_method, choice_reason = confirm_choice(*unconfirmed, checker, in_place, relation.weight_distance,
+                                                     pair=pair_name)
         correspondence = check_record(checker, [parent_label(i) for i in pair], in_place)
         logger.info("method auto: %s", choice_reason)
         unconfirmed = None
@@ -571,7 +576,11 @@ def merge(
         calibration_examples = accumulators[0].examples or None
         rows = {g.name: accumulator.count for g, accumulator in zip(spec.groups, accumulators)}
         report.num_samples = accumulators[0].examples or accumulators[0].count
-        _log_sample_count(num_samples, report.num_samples)
+        # The statistics of auto's check are named so: the same-base method may then read the data again.
+        _log_sample_count(report.num_samples, _check_pass(merge_method) if unconfirmed is not None
+                          else f"{merge_method.name}'s statistics", held_out=held_out is not None)
+        if held_out is None:  # else the held-out rows are counted once the search has read them
+            short_said = short_said or _warn_short(num_samples, report.num_samples)
         correlations = correlations_from(accumulators)
     batches = calibration_batches if needs_data else None
     reference_rows = (reference_compat and spec.classifier is not None and count == 2
@@ -619,6 +628,7 @@ def merge(
                 setattr(head_config, key, value)
         alpha_scorer = FidelityScorer(loaded, held_out, mask_key="attention_mask", task_sizes=[
             p[spec.classifier.weight].shape[0] for p in params] if concatenate else None)
+        short_said = short_said or _warn_short(num_samples, report.num_samples + alpha_scorer.examples)
         chosen_alpha, result, alpha_curve = search_alpha(
             merge_method, context, alpha_scorer,
             lambda parameters: build_model(model_a, widened_config(copy.deepcopy(head_config), spec, parameters),
@@ -636,7 +646,8 @@ def merge(
     report.solve_start = result.solve_start
     if result.calibration_examples:  # a method that read the calibration data itself (`needs_data`)
         report.num_samples = result.calibration_examples
-        _log_sample_count(num_samples, report.num_samples)
+        _log_sample_count(report.num_samples, f"{merge_method.name}'s own pass")
+        short_said = short_said or _warn_short(num_samples, report.num_samples)  # once: the check read the same data
     report.warnings = merge_warnings(
         relation=relation.relation, method=merge_method, group_names=report.group_names,
         group_values=report.group_values, widths={g.name: g.width for g in spec.groups},
@@ -843,9 +854,8 @@ def _correspondence_checker(relation: ParentRelation, chosen: MergeMethod, optio
     (`methods.auto.correspondence_checker`), or None — also when that method cannot merge these parents with these
     options (then the choice stands as made, and a warning says so), and for a one-shot iterator a same-base method
     that reads the data itself cannot read after the check's statistics (merge() refuses it before any is read)."""
-    checker = correspondence_checker(relation.relation, chosen, has_data=calibration is not None,
-                                     reference_compat=bool(options.reference_compat))
-    if checker is None or (chosen.needs_data and isinstance(calibration, Iterator)):
+    checker = _planned_checker(relation, chosen, options, calibration)
+    if checker is None:
         return None
     try:
         _check_parent_count(checker, count)
@@ -857,13 +867,26 @@ def _correspondence_checker(relation: ParentRelation, chosen: MergeMethod, optio
     return checker
 
 
+def _planned_checker(relation: ParentRelation, chosen: MergeMethod, options: MergeOptions, calibration: Any
+                     ) -> MergeMethod | None:
+    """The check `auto`'s choice `chosen` is planned to get (`methods.auto.correspondence_checker`), before whether it
+    can run with these options and memory is known (`_correspondence_checker`): what the choice's first log line
+    says it waits for."""
+    checker = correspondence_checker(relation.relation, chosen, has_data=calibration is not None,
+                                     reference_compat=bool(options.reference_compat))
+    if checker is None or (chosen.needs_data and isinstance(calibration, Iterator)):
+        return None
+    return checker
+
+
 def _pair_in_place(checker: MergeMethod, models: Sequence[PreTrainedModel],
                    params: Sequence[Mapping[str, torch.Tensor]], spec: PermutationSpec, calibration: Any, *,
                    options: MergeOptions, batch_size: int, num_samples: int | None, statistics_dtype: Any,
-                   device: Any, progress: bool) -> float:
+                   device: Any, progress: bool) -> tuple[float, int]:
     """The share of units `checker`'s solve leaves in place (`solve.matchers.share_in_place`) for two of the parents
     (`models`, `params`: heads in parent A's label order), from their own statistics on the calibration data. Every
-    process of a distributed run solves (the reduced statistics are the same everywhere), so all decide alike."""
+    process of a distributed run solves (the reduced statistics are the same everywhere), so all decide alike. Also
+    returns the calibration examples those statistics read."""
     from hf_mudsc.calibrate.distributed import collect_statistics_distributed
 
     concatenate = spec.classifier is not None and not same_label_sets([m.config for m in models])
@@ -871,11 +894,12 @@ def _pair_in_place(checker: MergeMethod, models: Sequence[PreTrainedModel],
         models[0], models[1], spec, calibration, batch_size=batch_size, num_samples=num_samples,
         columns=_input_columns(models[0]), required=spec.inputs, progress=progress,
         statistics_dtype=statistics_dtype, device=device)
+    examples = accumulators[0].examples or accumulators[0].count
     context = MethodContext(
         spec=spec, solve_spec=solve_spec(spec, concatenate), parents=list(params), base=None, models=list(models),
         batches=None, correlations=correlations_from(accumulators), concatenate_classifier=concatenate,
         options=dataclasses.replace(options, weights=[1.0, 1.0]), device=str(device), progress=progress)
-    return share_in_place(checker.merge_parameters(context).matches)
+    return share_in_place(checker.merge_parameters(context).matches), examples
 
 
 def _fits_in_memory(model: PreTrainedModel, count: int, checker: MergeMethod, chosen: MergeMethod) -> bool:
@@ -949,7 +973,10 @@ def choose_auto(relation: ParentRelation, options: MergeOptions, calibration: An
                                        has_data=calibration is not None)
     except ValueError as error:
         raise MergeInputError(str(error)) from None
-    logger.info("method auto: %s", reason)
+    checker = _planned_checker(relation, method, options, calibration)
+    # A choice the check will confirm is said as pending: the check's outcome is logged once it has run.
+    logger.info("method auto: %s", reason if checker is None else
+                pending_reason(method, checker, relation.weight_distance))
     _check_parent_count(method, count, chosen=reason)
     _check_data(method, calibration, count, chosen=reason)
     method.check_options(options, count)
@@ -1157,13 +1184,28 @@ def _fill_missing(merged: dict[str, torch.Tensor], params: Sequence[Mapping[str,
     merged.update(linear(None, [{k: p[k] for k in missing} for p in params], list(weights)))
 
 
-def _log_sample_count(asked: int | None, used: int) -> None:
-    """Say how many calibration samples were used; warn when fewer than `num_samples` asked for."""
-    if asked is not None and used < asked:
-        logger.warning("%s asked for %d calibration samples, but the data holds only %d; all %d were used",
-                       option_hint("num_samples"), asked, used, used)
-    else:
-        logger.info("calibrated on %d samples", used)
+def _check_pass(checker: MergeMethod, pair: str = "") -> str:
+    """How the log names the statistics pass of `auto`'s correspondence check (`pair`: the two parents solved, when
+    more were given)."""
+    return f"{checker.name}'s statistics for the correspondence check{f' of {pair}' if pair else ''}"
+
+
+def _log_sample_count(used: int, what: str, *, held_out: bool = False) -> None:
+    """Say how many calibration samples the pass `what` read, once per pass and named: a merge whose `auto` choice is
+    checked reads the data for the check's statistics and again for the same-base method, and under alpha="auto" the
+    two counts differ (`held_out`: every 5th example was kept out of these statistics to score the α candidates)."""
+    logger.info("calibrated on %d samples: %s%s", used, what,
+                " (every 5th example held out for alpha='auto')" if held_out else "")
+
+
+def _warn_short(asked: int | None, used: int) -> bool:
+    """Warn when the data held fewer samples than `num_samples` asked for (`used`: every example read, held-out ones
+    included); returns whether it warned."""
+    if asked is None or used >= asked:
+        return False
+    logger.warning("%s asked for %d calibration samples, but the data holds only %d; all %d were used",
+                   option_hint("num_samples"), asked, used, used)
+    return True
 
 
 def _calibration_name(calibration: Any) -> str | None:

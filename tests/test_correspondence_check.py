@@ -297,3 +297,88 @@ def test_every_architecture_confirms_the_same_base_choice_on_fine_tunes_whose_un
                                                            "units_in_place": 1.0, "holds": True}
     asked = hf_mudsc.merge(tuned, batches, method="regmean", refit="none", progress=False)
     assert same_weights(merged, asked)
+
+
+def _sample_counts(caplog) -> list[str]:
+    """The log lines that state how many calibration samples a pass read."""
+    return [record.getMessage() for record in caplog.records
+            if "calibrated on" in record.getMessage() or "calibration samples" in record.getMessage()]
+
+
+@pytest.mark.parametrize("case,alpha", [("same base", 0.5), ("same base", "auto"), ("moved", 0.5),
+                                        ("three", 0.5)])
+def test_each_calibration_pass_is_said_once_with_what_it_was_for(caplog, case, alpha):
+    """The check's statistics and the same-base method's own pass each say their count once, named: a user read
+    "calibrated on 64 samples" then "calibrated on 80 samples" (alpha="auto" holds every 5th example out of the
+    check's statistics) — two contradictory sizes for one merge. When the check's solve is kept, its pass is the
+    only one."""
+    batches = make_batches("vit_cls", num_batches=5)  # 80 examples
+    parents = {"same base": same_base_fine_tunes, "moved": _moved_mlp_pair,
+               "three": lambda: same_base_fine_tunes(seeds=(2, 3, 4))}[case]()
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        merged = hf_mudsc.merge(list(parents), batches, alpha=alpha, refit="none", progress=False)
+    check = merged.config.mudsc["correspondence_check"]
+    if case == "same base":
+        held = " (every 5th example held out for alpha='auto')" if alpha == "auto" else ""
+        assert _sample_counts(caplog) == [
+            f"calibrated on {64 if held else 80} samples: mudsc's statistics for the correspondence check{held}",
+            "calibrated on 80 samples: regmean's own pass"]
+    elif case == "moved":
+        assert merged.config.mudsc["method"] == "mudsc"
+        assert _sample_counts(caplog) == ["calibrated on 80 samples: mudsc's statistics for the correspondence check"]
+    else:
+        assert merged.config.mudsc["method"] == "regmean"
+        assert _sample_counts(caplog) == [
+            f"calibrated on 80 samples: mudsc's statistics for the correspondence check of parents A and "
+            f"{check['parents'][1]}", "calibrated on 80 samples: regmean's own pass"]
+
+
+@pytest.mark.parametrize("case", ["auto", "mudsc", "three moved"])
+def test_data_shorter_than_num_samples_is_warned_once_with_its_size(caplog, case):
+    """num_samples beyond the data: one warning naming the data's 80 examples — not one per pass (three parents whose
+    units moved: the pair check's statistics, then the unit matching's over all three), and not the 64 the statistics
+    keep under alpha="auto" (every 5th example is held out to score the α candidates)."""
+    batches = make_batches("vit_cls", num_batches=5)  # 80 examples
+    if case == "three moved":
+        model_a, moved = _moved_mlp_pair()
+        parents = [model_a, fine_tune(model_a, 3, 0.01, relative=True), moved]
+    else:
+        parents = same_base_fine_tunes()
+    with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
+        merged = hf_mudsc.merge(parents, batches, method="mudsc" if case == "mudsc" else "auto", alpha="auto",
+                                num_samples=1000, refit="none", progress=False)
+    assert merged.config.mudsc["method"] == ("regmean" if case == "auto" else "mudsc")
+    short = [record.getMessage() for record in caplog.records if "asked for 1000" in record.getMessage()]
+    assert short == ["num_samples= (CLI: --num-samples) asked for 1000 calibration samples, but the data holds only "
+                     "80; all 80 were used"]
+
+
+def _auto_lines(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.getMessage().startswith("method auto: ")]
+
+
+@pytest.mark.parametrize("case", ["same base", "moved"])
+def test_the_first_auto_line_says_the_choice_waits_for_the_check(caplog, case):
+    """Before the check has run, the log does not say the identity correspondence holds: the first line says the
+    same-base method is chosen if the units correspond, the check runs, and the last line says what it found."""
+    parents = same_base_fine_tunes() if case == "same base" else _moved_mlp_pair()
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        merged = hf_mudsc.merge(list(parents), make_batches("vit_cls", num_batches=4), refit="none", progress=False)
+    distance = merged.config.mudsc["parent_relation"]["weight_distance"]
+    lines = _auto_lines(caplog)
+    assert lines == [
+        f"method auto: parents share a base by their weights (relative weight distance {distance:.3g}) and "
+        "calibration data is given: regmean if their units correspond, which mudsc's solve checks first",
+        "method auto: mudsc's solve runs first, to confirm that the units correspond (method='regmean', CLI: "
+        "--method regmean, skips it)",
+        f"method auto: {merged.config.mudsc['method_choice_reason']}"]
+    assert ("identity correspondence holds" in lines[-1]) is (case == "same base")
+
+
+def test_a_choice_no_check_confirms_is_said_once_as_final(caplog):
+    """reference_compat=True runs no check: the one line is the choice and its reason, as before."""
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        merged = hf_mudsc.merge(same_base_fine_tunes(), make_batches("vit_cls", num_batches=2), refit="none",
+                                reference_compat=True, progress=False)
+    assert merged.config.mudsc["correspondence_check"] is None
+    assert _auto_lines(caplog) == [f"method auto: {merged.config.mudsc['method_choice_reason']}"]

@@ -164,6 +164,38 @@ def test_mismatched_vocabularies_refused(tmp_path):
     assert [p.model.config.vocab_size for p in parents] == [BERT["vocab_size"]] * 2
 
 
+def _vocabulary_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("cannot compare vocabularies")]
+
+
+def test_a_vocabulary_the_cli_cannot_compare_is_warned_once(tmp_path, caplog):
+    """`hf-mudsc merge` loads the parents, then merges the LoadedParents, which were compared when they were loaded
+    together: the warning that one parent ships no tokenizer was printed twice."""
+    from hf_mudsc.cli.main import main
+
+    a = save_bert(tmp_path / "a", seed=0, vocab=bert_vocab())
+    b = tmp_path / "b"
+    make_model("bert_cls", seed=1).save_pretrained(b)  # no tokenizer
+    with caplog.at_level("WARNING", logger="hf_mudsc"):
+        assert main(["merge", str(a), str(b), "--method", "linear", "--output", str(tmp_path / "out")]) == 0
+    assert _vocabulary_warnings(caplog) == [f"cannot compare vocabularies: {b} ship(s) no tokenizer; make sure all "
+                                            "parents were fine-tuned with the same tokenizer"]
+
+
+def test_parents_loaded_apart_are_compared_and_warned_about_when_merged(tmp_path, caplog):
+    """LoadedParents loaded one by one were never compared with each other: merge() compares them (and warns)."""
+    a = save_bert(tmp_path / "a", seed=0, vocab=bert_vocab())
+    b = tmp_path / "b"
+    make_model("bert_cls", seed=1).save_pretrained(b)
+    parents = [load_parent(a), load_parent(b)]
+    with caplog.at_level("WARNING", logger="hf_mudsc"):
+        hf_mudsc.merge(parents, method="linear", progress=False)
+    assert len(_vocabulary_warnings(caplog)) == 1
+    with pytest.raises(LoadError, match="different tokenizer vocabularies"):
+        hf_mudsc.merge([parents[0], load_parent(save_bert(tmp_path / "x", seed=2, vocab=bert_vocab("x")))],
+                       method="linear", progress=False)
+
+
 def test_mismatched_configs_refused_before_weights(tmp_path, monkeypatch):
     a = save_vit(tmp_path / "a", seed=0)
     b = tmp_path / "b"

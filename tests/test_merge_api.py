@@ -265,6 +265,24 @@ def test_wrongly_shaped_calibration_is_refused():
         hf_mudsc.merge([make_model("vit_cls", 0), make_model("vit_cls", 1)], batches, progress=False)
 
 
+@pytest.mark.parametrize("where", ["first", "later"])
+@pytest.mark.parametrize("kwargs", [
+    {"method": "regmean"}, {"method": "regmean_plusplus"}, {"method": "fisher"},
+    {"method": "average", "refit": "ridge"}, {"method": "average", "refit": "gate"},
+    {"method": "average", "refit": "repair"},
+], ids=["regmean", "regmean_plusplus", "fisher", "refit_ridge", "refit_gate", "refit_repair"])
+def test_a_batch_the_data_passes_cannot_run_is_refused_in_one_line(kwargs, where):
+    """The same-base methods', the refit's and REPAIR's own passes over the calibration data refuse a batch the model
+    cannot run as the statistics pass does (naming the model class and the batch's columns), not with the raw error
+    from inside the forward; also when only a later batch is broken (the loops, not only the first batch's pass)."""
+    good = make_batches("vit_cls", num_batches=1, batch_size=8)[0]
+    bad = {"pixel_values": torch.randn(8, 3, 16, 16)}  # the models take 1 channel
+    batches = [bad] if where == "first" else [good, bad]
+    with pytest.raises(CalibrationError, match=r"^a calibration batch could not be run through "
+                                               r"ViTForImageClassification \(columns \['pixel_values'\]\): "):
+        hf_mudsc.merge([make_model("vit_cls", 0), make_model("vit_cls", 1)], batches, progress=False, **kwargs)
+
+
 def test_missing_calibration_suggests_data_free_methods():
     with pytest.raises(MergeInputError, match="weight_matching"):
         hf_mudsc.merge([make_model("vit_cls", 0), make_model("vit_cls", 1)], None)

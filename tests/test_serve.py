@@ -228,7 +228,7 @@ def test_the_worker_maps_pipeline_records_to_phases_scrubs_the_token_and_cancels
     handler.emit(record("hf_mudsc.load.relation", "parents: independent"))
     reporter.batch(expected=4)
     reporter.batch(expected=4)
-    handler.emit(record("hf_mudsc.calibrate.statistics", "collected activation statistics over 16 samples"))
+    handler.emit(record("hf_mudsc.pipeline", "calibrated on 16 samples: mudsc's statistics"))
     handler.emit(record("hf_mudsc.solve.loop", "solve: 7 sweeps, best objective 0.2"))
     handler.emit(record("hf_mudsc.load.parents", f"a line that quotes {SECRET} by mistake"))
     reporter.log("a server path that is not UTF-8: /data/caf\udce9")  # os.fsdecode's surrogateescape
@@ -250,6 +250,57 @@ def test_the_worker_maps_pipeline_records_to_phases_scrubs_the_token_and_cancels
     reporter.checkpoint()  # the push has begun: it completes
     handler.emit(record("hf_mudsc.publish.hub", "pushed /x to user/m (commit abc)"))
     assert pipe.sent[-1] == ("phase", "publish", 0.99)
+
+
+def _merge_phases(parents, batches, **options) -> list[tuple[str, float]]:
+    """The ("phase", name, progress) events a job's worker sends while `hf_mudsc.merge` runs: its log records and its
+    whole-model forwards reach a Reporter as they do in `run_merge`."""
+    import hf_mudsc
+    from hf_mudsc.serve.worker import forward_progress
+
+    pipe = FakePipe()
+    reporter = Reporter(pipe, None, calibrates=True, pushes=False)
+    handler = ForwardHandler(reporter)
+    library = logging.getLogger("hf_mudsc")
+    level = library.level
+    library.addHandler(handler)
+    library.setLevel(logging.INFO)
+    try:
+        reporter.enter("load")
+        with forward_progress(reporter, expected=None):
+            hf_mudsc.merge(parents, batches, progress=False, **options)
+    finally:
+        library.removeHandler(handler)
+        library.setLevel(level)
+    return [m[1:] for m in pipe.sent if m[0] == "phase"]
+
+
+def test_the_progress_moves_during_the_same_base_methods_pass_after_the_check():
+    """method auto on fine-tunes of one base: the check's statistics (calibrate), its solve (solve), then regmean's
+    own pass over the data, which runs in the apply phase: the bar stood still there for the whole pass. Each of its
+    batches now moves it, as calibration's do, and never past the next phase's start."""
+    from factories import make_batches
+    from test_refit import same_base_fine_tunes
+
+    phases = _merge_phases(same_base_fine_tunes(), make_batches("vit_cls", num_batches=4), refit="none")
+    names = [name for name, _ in phases]
+    assert names[:2] == ["load", "calibrate"] and "solve" in names and names[-1] == "publish"
+    progress = [value for _, value in phases]
+    assert progress == sorted(progress)  # never back
+    applied = [value for name, value in phases if name == "apply"]
+    assert len(applied) >= 1 + 2 * 4  # entering apply, then regmean's pass: 4 batches of each of the 2 parents
+    assert applied == sorted(set(applied)) and applied[0] == 0.75 and applied[-1] < 0.8
+
+
+def test_the_progress_moves_during_every_refit_pass():
+    """The refit's passes stop each forward early (once the layer's inputs are read): the batches after the first
+    pass still move the bar (a forward left by an exception used to leave the hooks counting nested forwards)."""
+    from factories import make_batches, make_model
+
+    phases = _merge_phases([make_model("vit_cls", 0), make_model("vit_cls", 1)], make_batches("vit_cls", 2),
+                           method="average", refit="ridge")
+    built = [value for name, value in phases if name == "build"]
+    assert len(built) > 10 and built == sorted(set(built)) and built[0] == 0.8 and built[1] < 0.81 and built[-1] < 0.9
 
 
 @pytest.mark.parametrize("calibration", [None, "org/data:train"])

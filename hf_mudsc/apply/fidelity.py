@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from hf_mudsc.apply.classifier import per_task_softmax
-from hf_mudsc.calibrate.statistics import forward_inputs
+from hf_mudsc.calibrate.layer_inputs import run_forward
 
 #: The balance factors `alpha="auto"` tries (the research's grid; the paper's default 0.5 in the middle).
 ALPHA_GRID = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -74,7 +74,7 @@ def _outputs(model: nn.Module, batches: Iterable[Mapping[str, Any]], mask_key: s
     is_logits = False
     with torch.no_grad():
         for batch in batches:
-            out = model(**forward_inputs(model, batch))
+            out = run_forward(model, batch)
             logits = getattr(out, "logits", None)
             if logits is not None:
                 parts.append(logits.detach().to(torch.float64))

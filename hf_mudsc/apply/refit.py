@@ -41,9 +41,9 @@ from hf_mudsc.calibrate.layer_inputs import (
     StopForward,
     batch_to,
     first_inputs,
-    forward_inputs,
     norm_mask_key,
     padding_mask_key,
+    run_forward,
     token_rows,
 )
 from hf_mudsc.errors import CalibrationError
@@ -369,7 +369,7 @@ def capture_layers(model: nn.Module, names: Sequence[str], batch: Mapping[str, A
                else modules[name].register_forward_hook(hook(name)) for name in names]
     handles += [modules[name].register_forward_hook(returned(name)) for name in waiting]
     try:
-        model(**forward_inputs(model, batch))
+        run_forward(model, batch)
     except StopForward:
         pass
     finally:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hf_mudsc.calibrate.layer_inputs import batch_to, forward_inputs
+from hf_mudsc.calibrate.layer_inputs import batch_to, run_forward
 from hf_mudsc.errors import MergeInputError
 
 
@@ -87,7 +87,7 @@ def diagonal_fisher(
                     one = without_trailing_padding(
                         {k: v[index:index + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v
                          for k, v in batch.items()})
-                    log_probs = torch.log_softmax(classifier_logits(model(**forward_inputs(model, one)))[0], dim=-1)
+                    log_probs = torch.log_softmax(classifier_logits(run_forward(model, one))[0], dim=-1)
                     probs = log_probs.detach().exp().tolist()
                     for c in range(len(log_probs)):
                         grads = torch.autograd.grad(log_probs[c], tensors, retain_graph=c + 1 < len(log_probs),

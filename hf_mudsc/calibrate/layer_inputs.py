@@ -14,13 +14,36 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_mudsc.errors import CalibrationError, MergeInputError
 from hf_mudsc.spec import PermutationSpec
+
+# What a forward raises on a batch the model cannot run (a wrong shape, dtype or length): torch's and transformers'.
+FORWARD_ERRORS = (RuntimeError, ValueError, TypeError, IndexError)
 
 
 def forward_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
     """The batch entries the model's forward accepts."""
     accepted = set(inspect.signature(model.forward).parameters)
     return {k: v for k, v in batch.items() if k in accepted}
+
+
+def unrunnable_batch(model: nn.Module, batch: Mapping[str, Any], error: BaseException) -> CalibrationError:
+    """The one-line error for a calibration batch `model` cannot run: every pass over the data (statistics, regmean,
+    fisher, the refit, REPAIR, the held-out scores) names the model class and the batch's columns alike, instead of
+    the raw exception from deep inside the forward, which names neither."""
+    return CalibrationError(f"a calibration batch could not be run through {type(model).__name__} "
+                            f"(columns {sorted(batch)}): {error}")
+
+
+def run_forward(model: nn.Module, batch: Mapping[str, Any]) -> Any:
+    """`model(**forward_inputs(model, batch))`, a batch the model cannot run refused by `unrunnable_batch`. Errors
+    hf_mudsc raises on purpose (a hook's `CalibrationError` or `MergeInputError`, `StopForward`) pass through."""
+    try:
+        return model(**forward_inputs(model, batch))
+    except (CalibrationError, MergeInputError):
+        raise
+    except FORWARD_ERRORS as error:
+        raise unrunnable_batch(model, batch, error) from error
 
 
 class StopForward(Exception):
@@ -87,7 +110,7 @@ def first_inputs(model: nn.Module, layers: Sequence[str], batch: Mapping[str, An
     handles = [modules[name].register_forward_pre_hook(hook(name)) for name in layers]
     try:
         with torch.no_grad():
-            model(**forward_inputs(model, batch))
+            run_forward(model, batch)
     finally:
         for handle in handles:
             handle.remove()
@@ -163,7 +186,7 @@ def collect_grams(
                 current.update(batch)
                 examples += next((len(v) for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0), 0)
                 try:
-                    model(**forward_inputs(model, batch))
+                    run_forward(model, batch)
                 except StopForward:
                     pass
     finally:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from hf_mudsc.calibrate.correlation import CorrelationAccumulator
+from hf_mudsc.calibrate.layer_inputs import FORWARD_ERRORS, unrunnable_batch
 from hf_mudsc.calibrate.layer_inputs import forward_inputs as forward_inputs  # re-exported
 from hf_mudsc.errors import CalibrationError, MergeInputError
 from hf_mudsc.load.relation import parent_label
@@ -394,13 +395,10 @@ def collect_statistics(
                     statistics.running = side
                     try:
                         model(**forward_inputs(model, batch))
-                    except (RuntimeError, ValueError, TypeError, IndexError) as error:
-                        if error is statistics.error:
+                    except FORWARD_ERRORS as error:
+                        if error is statistics.error:  # the statistics' own failure, not the model's
                             raise
-                        raise CalibrationError(
-                            f"a calibration batch could not be run through {type(model).__name__} "
-                            f"(columns {sorted(batch)}): {error}"
-                        ) from error
+                        raise unrunnable_batch(model, batch, error) from error
                 statistics.check()
                 size = _batch_size_of(batch)
                 for accumulator in accumulators:
@@ -421,5 +419,6 @@ def collect_statistics(
         _return_freed_memory()
     if seen == 0 and not allow_empty:
         raise CalibrationError("the calibration data has no samples; pass a non-empty dataset or batches")
-    logger.info("collected activation statistics over %d calibration samples", seen)
+    # DEBUG: merge() says each pass's count once, with what the pass was for (a check's statistics, the method's).
+    logger.debug("collected activation statistics over %d calibration samples", seen)
     return accumulators

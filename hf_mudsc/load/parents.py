@@ -82,6 +82,10 @@ class LoadedParent:
     tensors, a model object's own parameters, else its config's `dtype`): `float16`, or `float16/float32` for a
     checkpoint that mixes dtypes; None when unknown. `model` is float32 whatever it is; `out_dtype="auto"` returns
     the merged model in the parents' common one (`hf_mudsc.apply.dtype`)."""
+    vocabulary_warning: str | None = None
+    """The warning said when it was loaded with other parents whose vocabularies could not be compared with its own
+    (one ships no tokenizer): merging these same LoadedParents compares them again (a mismatch is still refused) but
+    does not say it twice — the CLI loads the parents, then merges them."""
 
     @property
     def pinned_reference(self) -> str:
@@ -559,19 +563,23 @@ def _vocabulary(located: _Located) -> dict[str, int] | None:
     return dict(tokenizer.get_vocab()) if tokenizer is not None else None
 
 
-def check_vocabularies(located: Sequence[_Located]) -> None:
-    """Refuse text parents whose token ids mean different tokens (their embedding rows cannot match)."""
+def check_vocabularies(located: Sequence[_Located]) -> str | None:
+    """Refuse text parents whose token ids mean different tokens (their embedding rows cannot match). Returns the
+    warning said when some parents ship no tokenizer (not said again for LoadedParents that were loaded together and
+    warned about alike: `LoadedParent.vocabulary_warning`)."""
     if len(located) < 2 or not all(_is_text_model(p.config) for p in located):
-        return
+        return None
     vocabularies = [_vocabulary(p) for p in located]
     if all(v is None for v in vocabularies):
         logger.debug("no parent ships a tokenizer; vocabularies not compared")
-        return
+        return None
     if any(v is None for v in vocabularies):
         missing = [p.reference for p, v in zip(located, vocabularies) if v is None]
-        logger.warning("cannot compare vocabularies: %s ship(s) no tokenizer; make sure all parents were "
-                       "fine-tuned with the same tokenizer", ", ".join(missing))
-        return
+        warning = (f"cannot compare vocabularies: {', '.join(missing)} ship(s) no tokenizer; make sure all parents "
+                   "were fine-tuned with the same tokenizer")
+        if not all(p.loaded is not None and p.loaded.vocabulary_warning == warning for p in located):
+            logger.warning("%s", warning)
+        return warning
     first = vocabularies[0]
     for parent, vocab in zip(located[1:], vocabularies[1:]):
         if vocab == first:
@@ -584,6 +592,7 @@ def check_vocabularies(located: Sequence[_Located]) -> None:
             "id means different text in the two models, so their embeddings cannot be merged. Merge models "
             "fine-tuned from the same base checkpoint and tokenizer"
         )
+    return None
 
 
 def _architecture(located: _Located) -> str:
@@ -1007,10 +1016,18 @@ def load_parents(refs: Sequence[Any], *, token: str | bool | None = None, allow_
     located = [_locate_with_processor(r, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir) for r in refs]
     check_model_objects(located)
     check_configs(located)
-    check_vocabularies(located)
+    warning = check_vocabularies(located)
     for parent in located:
         _prepare(parent, token=token, cache_dir=cache_dir)
-    return [_finish(p, token=token, cache_dir=cache_dir) for p in located]
+    return _warned([_finish(p, token=token, cache_dir=cache_dir) for p in located], warning)
+
+
+def _warned(parents: list[LoadedParent], warning: str | None) -> list[LoadedParent]:
+    """The parents loaded together, each marked with the vocabulary warning said for them (`check_vocabularies`)."""
+    if warning is not None:
+        for parent in parents:
+            parent.vocabulary_warning = warning
+    return parents
 
 
 # How the log, the config and the card say where a base came from when it was not given.
@@ -1061,7 +1078,7 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
     if check_config is not None and located[0].config is not None:
         check_config(located[0].model if located[0].model is not None else located[0].config,
                      [unloaded(p) for p in located], None if located_base is None else unloaded(located_base))
-    check_vocabularies(located + ([located_base] if located_base is not None else []))
+    warning = check_vocabularies(located + ([located_base] if located_base is not None else []))
     if before_weights is not None:
         before_weights([p.loaded.processor if p.loaded is not None else p.processor for p in located])
     for parent in located + ([located_base] if located_base is not None else []):
@@ -1081,6 +1098,7 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
                    if located_base is not None else None)
     if loaded_base is not None and source is not None:
         loaded_base.origin = source
+    _warned(parents + ([loaded_base] if loaded_base is not None else []), warning)
     return parents, loaded_base, source or (loaded_base.origin if loaded_base is not None else None)
 
 

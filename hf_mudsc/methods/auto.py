@@ -105,6 +105,13 @@ def correspondence_checker(relation: str, chosen: MergeMethod, *, has_data: bool
     return METHODS[CORRESPONDENCE_CHECK]
 
 
+def pending_reason(chosen: MergeMethod, checker: MergeMethod, weight_distance: float) -> str:
+    """What `auto` says of a same-base choice `checker`'s solve has yet to confirm: the choice, conditional — not yet
+    "the identity correspondence holds", which only the check can conclude (`confirm_choice` says the outcome)."""
+    return (f"parents share a base by their weights (relative weight distance {weight_distance:.3g}) and calibration "
+            f"data is given: {chosen.name} if their units correspond, which {checker.name}'s solve checks first")
+
+
 def units_correspond(in_place: float) -> bool:
     """Whether a unit matching that left the share `in_place` of units where they are says the units correspond:
     most of them stayed (`IN_PLACE_MAJORITY`)."""

@@ -10,7 +10,8 @@ This module imports nothing heavy at import time; the merge engine is imported b
 
 Progress comes from the pipeline's own logging records (a handler on the `hf_mudsc` logger maps each stage's
 records to a phase: load / calibrate / solve / apply / build / publish) and from a global forward pre-hook of
-torch (every batch of calibration, refit and evaluation passes it). Both are the CANCEL POINTS: when a cancel has
+torch (`forward_progress`: every batch of calibration, a data method's own pass, the refit and evaluation passes
+it, and moves the bar within the calibrate, apply and build phases). Both are the CANCEL POINTS: when a cancel has
 been asked, they raise `JobCancelled` (a BaseException, so no `except Exception` of the library swallows it),
 which unwinds through the one writer's staging folder — nothing half-written is left, nothing is pushed. Once the
 push has begun (the merged folder is written and the Hub repo is being checked or created), a cancel no longer
@@ -26,12 +27,14 @@ while it runs. Never set it in production.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 from hf_mudsc.options import REFITTING
@@ -42,13 +45,16 @@ ORPHAN_GRACE_S = 20.0
 # (logger name prefix, message prefix) -> the phase that record shows has begun, and the progress it marks.
 PHASE_MARKS = (
     ("hf_mudsc.load.relation", "", "after_load", None),
-    ("hf_mudsc.calibrate.statistics", "collected", "solve", 0.6),
+    ("hf_mudsc.pipeline", "calibrated on ", "solve", 0.6),  # a data pass read it all (statistics, regmean's own)
     ("hf_mudsc.solve.loop", "solve: ", "apply", 0.75),
     ("hf_mudsc.apply.refit", "", "build", 0.8),
     ("hf_mudsc.pipeline", "merged ", "publish", 0.9),  # the model is built; the folder is written (and pushed)
     ("hf_mudsc.publish.hub", "pushed ", "published", 1.0),
 )
 PROGRESS = {"load": 0.02, "calibrate": 0.2, "solve": 0.6, "apply": 0.75, "build": 0.85, "publish": 0.9}
+# Phases whose whole-model forwards are data passes after calibration, and the progress their batches move toward
+# (the next mark's): regmean's own pass once auto's check confirmed it (apply), the refit's and REPAIR's (build).
+PASS_ENDS = {"apply": 0.8, "build": 0.9}
 
 
 class JobCancelled(BaseException):
@@ -67,20 +73,27 @@ class Reporter:
         self.pushing = False  # the push has begun (repo created, one commit): it completes, a cancel waits it out
         self.phase: str | None = None
         self.batches = 0
+        self.pass_batches = 0  # batches in the current phase after calibration (PASS_ENDS)
+        self.phase_start = 0.0  # the progress the current phase began at
         self._lock = threading.Lock()
 
     def batch(self, expected: int | None) -> None:
-        """One forward batch of a parent: in the calibrate phase, progress moves from 0.2 toward 0.6 (exactly when
-        the number of batches is known, asymptotically otherwise)."""
+        """One forward batch of a model: in the calibrate phase, progress moves from 0.2 toward 0.6 (exactly when
+        the number of batches is known, asymptotically otherwise); in a phase of later data passes (`PASS_ENDS`),
+        asymptotically from where the phase began toward the next mark — the bar does not stand still for a pass."""
         if not self.calibrates:
             return
         if self.phase == "load":
             self.enter("calibrate")
-        if self.phase != "calibrate":
-            return
-        self.batches += 1
-        share = min(1.0, self.batches / expected) if expected else 1 - 1 / (1 + self.batches / 20)
-        self.send(("phase", "calibrate", round(0.2 + 0.4 * share * 0.98, 4)))
+        if self.phase == "calibrate":
+            self.batches += 1
+            share = min(1.0, self.batches / expected) if expected else 1 - 1 / (1 + self.batches / 20)
+            self.send(("phase", "calibrate", round(0.2 + 0.4 * share * 0.98, 4)))
+        elif self.phase in PASS_ENDS:
+            self.pass_batches += 1
+            start, end = self.phase_start, PASS_ENDS[self.phase]
+            share = 1 - 1 / (1 + self.pass_batches / 20)
+            self.send(("phase", self.phase, round(start + (end - start) * share * 0.98, 4)))
 
     def scrub(self, text: str) -> str:
         """The token masked, and lone surrogates (a non-UTF-8 path through os.fsdecode) escaped: the store is UTF-8."""
@@ -103,7 +116,9 @@ class Reporter:
         if self.phase is not None and order.index(phase) <= order.index(self.phase):
             return
         self.phase = phase
-        self.send(("phase", phase, PROGRESS[phase] if progress is None else progress))
+        self.pass_batches = 0
+        self.phase_start = PROGRESS[phase] if progress is None else progress
+        self.send(("phase", phase, self.phase_start))
 
     def checkpoint(self) -> None:
         """A cancel point: raise `JobCancelled` if a cancel was asked and the push has not begun."""
@@ -219,25 +234,20 @@ def dry_run_plan(job: JobRequest, token: str | None) -> dict[str, Any]:
             "eval": None}
 
 
-def run_merge(job: JobRequest, token: str | None, reporter: Reporter) -> dict[str, Any]:
-    """Merge, write and push exactly as `hf-mudsc merge` does (`hf_mudsc.runner.execute`, the one writer)."""
-    reporter.enter("load")
-    delay = float(os.environ.get(DELAY_ENV) or 0)
-    if delay:
-        reporter.wait(delay)
+@contextlib.contextmanager
+def forward_progress(reporter: Reporter, expected: int | None, delay: float = 0.0) -> Iterator[None]:
+    """Inside the block, every whole-model forward (one batch of one parent or of the merged model: calibration, a
+    data method's own pass, the refit, evaluation) is a progress step (`Reporter.batch`) and a cancel point; `delay`:
+    the test-only sleep per batch. The global hooks are removed on leaving."""
     import torch
     from transformers import PreTrainedModel
 
-    from hf_mudsc.load.parents import BASE_FROM_CARDS
-    from hf_mudsc.runner import execute
-
     depth = [0]  # nesting of whole-model forwards: a ViTForImageClassification runs its ViTModel inside
-    expected = _expected_batches(job)
 
     def before_forward(module: torch.nn.Module, args: Any) -> None:
         if isinstance(module, PreTrainedModel):
             depth[0] += 1
-            if depth[0] == 1:  # one batch of one parent (calibration, refit or evaluation)
+            if depth[0] == 1:
                 reporter.batch(expected)
                 if delay:
                     reporter.wait(delay)
@@ -247,9 +257,28 @@ def run_merge(job: JobRequest, token: str | None, reporter: Reporter) -> dict[st
         if isinstance(module, PreTrainedModel):
             depth[0] = max(0, depth[0] - 1)
 
-    torch.nn.modules.module.register_module_forward_pre_hook(before_forward)
-    torch.nn.modules.module.register_module_forward_hook(after_forward)
-    produced = execute(job.recipe, token=token, base_origin=BASE_FROM_CARDS if job.base_from_cards else None)
+    # `always_call`: a forward a pass stops early (its hook raises once the inputs it needs are read: the refit,
+    # regmean_plusplus) still ends its nesting, or every later batch would count as nested and move nothing.
+    handles = [torch.nn.modules.module.register_module_forward_pre_hook(before_forward),
+               torch.nn.modules.module.register_module_forward_hook(after_forward, always_call=True)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def run_merge(job: JobRequest, token: str | None, reporter: Reporter) -> dict[str, Any]:
+    """Merge, write and push exactly as `hf-mudsc merge` does (`hf_mudsc.runner.execute`, the one writer)."""
+    reporter.enter("load")
+    delay = float(os.environ.get(DELAY_ENV) or 0)
+    if delay:
+        reporter.wait(delay)
+    from hf_mudsc.load.parents import BASE_FROM_CARDS
+    from hf_mudsc.runner import execute
+
+    with forward_progress(reporter, _expected_batches(job), delay):
+        produced = execute(job.recipe, token=token, base_origin=BASE_FROM_CARDS if job.base_from_cards else None)
     push = produced.get("push")
     output = produced.get("output")
     files = sorted(p.name for p in output.iterdir() if p.is_file() and not p.name.startswith(".")) if output else []
