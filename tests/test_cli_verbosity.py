@@ -121,3 +121,36 @@ def test_progress_logs_every_tenth_and_every_30_seconds_when_not_a_terminal(capl
         with Progress(desc="solve", unit="sweeps", total=10, enabled=False, clock=clock) as bar:
             bar.update(10)
         assert caplog.records == []
+
+
+def test_fisher_and_evaluation_progress_are_log_lines_when_not_a_terminal(caplog, capsys):
+    """Fisher's pass and the evaluation drew tqdm bars themselves: in a log file or a CI console (stderr not a
+    terminal, as here under pytest's capture) a wall of carriage returns, and no progress line in the log. They use
+    the stages' `Progress` like calibration: log lines, no bar."""
+    import datasets
+    from factories import make_batches, make_model
+    from test_data import tokenizer
+
+    import hf_mudsc
+    from hf_mudsc.calibrate.fisher import diagonal_fisher
+    from hf_mudsc.evaluate.harness import evaluate_merge
+
+    model = make_model("bert_cls", seed=0, num_labels=3)
+    batches = make_batches("bert_cls", num_batches=2, batch_size=5, seed=1)
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        diagonal_fisher(model, lambda: batches, ["classifier.bias"], progress=True)
+    fisher_lines = [r.getMessage() for r in caplog.records if r.name == "hf_mudsc.progress"]
+    assert fisher_lines and fisher_lines[-1].startswith("fisher: 10 examples")
+    assert "\r" not in capsys.readouterr().err
+
+    caplog.clear()
+    parents = [make_model("roberta_cls", seed=seed) for seed in (0, 1)]
+    rows = [" ".join(f"w{i % 50}" for i in range(start, start + 8)) for start in range(6)]
+    data = datasets.Dataset.from_dict({"text": rows, "label": [index % 3 for index in range(6)]})
+    merged = hf_mudsc.merge(parents, data.remove_columns("label"), processor=tokenizer(), method="average",
+                            progress=False)
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        evaluate_merge(merged, parents, [data], processor=tokenizer(), batch_size=3, progress=True)
+    evaluate_lines = [r.getMessage() for r in caplog.records if r.name == "hf_mudsc.progress"]
+    assert evaluate_lines and evaluate_lines[-1].startswith("evaluate task_0: 2/2 batches (100%)")
+    assert "\r" not in capsys.readouterr().err

@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from hf_mudsc.calibrate.layer_inputs import batch_to, run_forward
 from hf_mudsc.errors import MergeInputError
+from hf_mudsc.progress import Progress
 
 
 def classifier_logits(output: Any) -> torch.Tensor:
@@ -71,7 +71,7 @@ def diagonal_fisher(
     flags = [t.requires_grad for t in tensors]
     training = model.training
     examples = 0
-    bar = tqdm(desc="fisher", unit="example", disable=not progress, dynamic_ncols=True)
+    bar = Progress(desc="fisher", unit="examples", enabled=progress)
     try:
         model.eval()
         for t in tensors:

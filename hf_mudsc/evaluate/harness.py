@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from hf_mudsc.errors import EvaluationError
 from hf_mudsc.evaluate.batches import task_batches
@@ -58,6 +57,7 @@ from hf_mudsc.evaluate.tasks import (
     spec_split,
 )
 from hf_mudsc.load.objects import held_as_given
+from hf_mudsc.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -340,20 +340,22 @@ def _predict(models: Sequence[Any], groups: Mapping[int, int], scorers: Sequence
                 per_task = {s.name: ([], []) for s in scorers}
                 joint = {s.name: ([], []) for s in scorers}
                 seen = 0
-                for per_processor, raw in tqdm(batches, desc=f"evaluate {task}", unit="batch", disable=not progress,
-                                        total=None if total is None else math.ceil(total / batch_size)):
-                    labels = local_labels(raw, source, task, layout.class_names[task])
-                    seen += len(labels)
-                    cache: dict[int, torch.Tensor] = {}
-                    inputs = ModelInputs(per_processor, groups)
-                    for scorer in scorers:
-                        scores = scorer.scores(inputs, cache)
-                        if task in scorer.tasks:
-                            lo_t, hi_t = layout.ranges[task]
-                            per_task[scorer.name][0].extend(scores[:, lo_t:hi_t].argmax(-1).tolist())
-                            per_task[scorer.name][1].extend(labels.tolist())
-                        joint[scorer.name][0].extend(scores.argmax(-1).tolist())
-                        joint[scorer.name][1].extend((labels + (0 if layout.shared else lo)).tolist())
+                with Progress(desc=f"evaluate {task}", unit="batches", enabled=progress,
+                              total=None if total is None else math.ceil(total / batch_size)) as bar:
+                    for per_processor, raw in batches:
+                        labels = local_labels(raw, source, task, layout.class_names[task])
+                        seen += len(labels)
+                        cache: dict[int, torch.Tensor] = {}
+                        inputs = ModelInputs(per_processor, groups)
+                        for scorer in scorers:
+                            scores = scorer.scores(inputs, cache)
+                            if task in scorer.tasks:
+                                lo_t, hi_t = layout.ranges[task]
+                                per_task[scorer.name][0].extend(scores[:, lo_t:hi_t].argmax(-1).tolist())
+                                per_task[scorer.name][1].extend(labels.tolist())
+                            joint[scorer.name][0].extend(scores.argmax(-1).tolist())
+                            joint[scorer.name][1].extend((labels + (0 if layout.shared else lo)).tolist())
+                        bar.update(1)
                 counts[task] = seen
                 for scorer in scorers:
                     if task in scorer.tasks:
