@@ -58,12 +58,21 @@ from hf_mudsc.methods.registry import (
     METHODS,
     MergeMethod,
     MethodContext,
+    check_classifier,
     check_size,
     data_free_methods,
     get_method,
 )
 from hf_mudsc.options import AUTO, REFITTING, MergeOptions, flag, option_hint
-from hf_mudsc.plan import MergePlan, base_copied, base_loaded_whole, check_memory, config_of, head_copies
+from hf_mudsc.plan import (
+    MergePlan,
+    base_copied,
+    base_loaded_whole,
+    check_memory,
+    config_of,
+    head_copies,
+    meta_model,
+)
 from hf_mudsc.progress import library_bars
 from hf_mudsc.solve.diagnostics import MergeDiagnostics, compute_diagnostics
 from hf_mudsc.solve.matchers import Match, share_in_place
@@ -960,6 +969,7 @@ def check_before_weights(config: Any, options: MergeOptions, count: int, method:
     check_label_names(config, parents)
     check_size_spend(config, options)
     if method is not None:
+        check_classifier(method, config if isinstance(config, PreTrainedModel) else meta_model(config))
         method.check_shapes(options, lambda: parameter_shapes(config))
     check_memory(config, count, method, loading=loading, copied=copied, base=base, base_copy=base_copy)
 
@@ -1043,7 +1053,6 @@ def check_calibration_before_weights(calibration: Any, processors: Any, config: 
     weights are read (`hf_mudsc.calibrate.datasets.check_calibration_columns`). merge() and the CLI call it for a
     method that reads the data."""
     from hf_mudsc.calibrate.datasets import check_calibration_columns
-    from hf_mudsc.plan import meta_model
 
     model = config if isinstance(config, PreTrainedModel) else meta_model(config)
     check_calibration_columns(calibration, processors, image_column=options.image_column,
@@ -1053,8 +1062,6 @@ def check_calibration_before_weights(calibration: Any, processors: Any, config: 
 
 def parameter_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape of the first parent's model (`config`: its config, or the model), weightless."""
-    from hf_mudsc.plan import meta_model
-
     model = config if isinstance(config, PreTrainedModel) else meta_model(config)
     return {name: tuple(parameter.shape) for name, parameter in model.named_parameters()}
 
@@ -1064,8 +1071,6 @@ def check_label_names(config: Any, parents: Sequence[Any]) -> None:
     the model has a classifier (`config`: the first parent's config or model; `parents`: each a config, a model or a
     `LoadedParent`, parent A first), before any weights are read: the merged config could not map each name to one
     class (docs/design.md §6)."""
-    from hf_mudsc.plan import meta_model
-
     message = repeated_labels_message([config_of(parent) for parent in parents])
     if message is not None:
         model = config if isinstance(config, PreTrainedModel) else meta_model(config)
@@ -1077,8 +1082,6 @@ def check_size_spend(config: Any, options: MergeOptions) -> None:
     """A `size_spend` the architecture cannot spend, refused from the first parent's config (or model) before any
     weights are read (the spec of a weightless model; docs/design.md §4.12). merge() and the CLI call it."""
     if options.size != 1.0 and options.size_spend != "mlp":
-        from hf_mudsc.plan import meta_model
-
         model = config if isinstance(config, PreTrainedModel) else meta_model(config)
         check_spend(spec_for(model), options.size, options.size_spend)
 

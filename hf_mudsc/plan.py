@@ -712,7 +712,7 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     from hf_mudsc.load.parents import dtype_description, locate_parents, unloaded
     from hf_mudsc.load.relation import parent_label
     from hf_mudsc.methods.auto import ALPHA_HANDED, CORRESPONDENCE_CHECK, alpha_searched, is_auto, planned_method
-    from hf_mudsc.methods.registry import get_method
+    from hf_mudsc.methods.registry import check_classifier, get_method
 
     automatic = is_auto(options.method)
     method = planned_method(calibration is not None) if automatic else get_method(options.method)
@@ -763,7 +763,8 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
             calibration, options, tokens, assumed, token=token,
             check=None if check_columns is None else lambda data: check_columns(data, processors, models_meta[0]))
     shapes = {name: tuple(p.shape) for name, p in models_meta[0].named_parameters()}
-    if not automatic:  # what the merge refuses from the shapes before weights (`MergeMethod.check_shapes`)
+    if not automatic:  # what the merge refuses from the architecture and shapes before weights
+        check_classifier(method, models_meta[0])
         method.check_shapes(options, lambda: shapes)
     embeddings = {f"{name}.weight" for name, module in models_meta[0].named_modules()
                   if isinstance(module, torch.nn.Embedding)}

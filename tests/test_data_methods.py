@@ -330,10 +330,34 @@ def test_bad_option_values_are_refused_before_anything_is_loaded(keyword, value,
     assert fragment in str(error.value) and "\n" not in str(error.value)
 
 
-def test_fisher_refuses_parents_without_a_classification_head_through_merge():
+def test_fisher_refuses_parents_without_a_classification_head_before_any_weights(tmp_path, monkeypatch):
+    """Known from parent A's configuration (no classification head in its architecture), so refused before any
+    weights are read or a forward runs: by the dry run (which reads no weights) and by the merge before the Fisher
+    pass (it was refused only at the pass's first forward, after the parents were loaded — downloaded, for Hub
+    ones). CLIP's dual encoder has no head either."""
+    import hf_mudsc.calibrate.fisher as fisher_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("the Fisher pass ran before the refusal")
+
+    monkeypatch.setattr(fisher_module, "diagonal_fisher", never)
     base = make_model("bert", seed=0)
-    with pytest.raises(MergeInputError, match="classification head"):
-        hf_mudsc.merge([base, fine_tune(base, 1, 0.02)], make_batches("bert", 1, 2), method="fisher", progress=False)
+    parents = [base, fine_tune(base, 1, 0.02)]
+    for index, parent in enumerate(parents):
+        parent.save_pretrained(tmp_path / str(index))
+    for dry_run in (True, False):
+        with pytest.raises(MergeInputError, match="fisher needs parents with a classification head") as error:
+            hf_mudsc.merge(parents if not dry_run else [tmp_path / "0", tmp_path / "1"], make_batches("bert", 1, 2),
+                           method="fisher", dry_run=dry_run, progress=False)
+        assert "\n" not in str(error.value) and "--method" in str(error.value)
+    clip = make_model("clip", seed=0)
+    with pytest.raises(MergeInputError, match="fisher needs parents with a classification head"):
+        hf_mudsc.merge([clip, fine_tune(clip, 1, 0.02)], make_batches("clip", 1, 2), method="fisher", progress=False)
+    # a model with a head is not refused by the check (the pass runs: here it is the stub)
+    with_head = make_model("bert_cls", seed=0)
+    with pytest.raises(AssertionError, match="the Fisher pass ran"):
+        hf_mudsc.merge([with_head, fine_tune(with_head, 1, 0.02)], make_batches("bert_cls", 1, 2), method="fisher",
+                       progress=False)
 
 
 def test_options_reach_the_cli_recipe_and_card_only_for_the_method_that_reads_them(tmp_path):

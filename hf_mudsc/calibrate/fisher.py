@@ -27,14 +27,18 @@ from hf_mudsc.errors import MergeInputError
 from hf_mudsc.progress import Progress
 
 
+def no_head_message(method: str) -> str:
+    """The one-line refusal of parents without a predictive distribution for a method that reads one."""
+    return (f"{method} needs parents with a classification head (a `logits` output of shape (examples, classes), as "
+            "*ForSequenceClassification / *ForImageClassification models give); use method='regmean' or a dataless "
+            "method (CLI: --method) for these parents")
+
+
 def classifier_logits(output: Any) -> torch.Tensor:
     """The `(examples, classes)` logits of a model output; refuses outputs without a predictive distribution."""
     logits = getattr(output, "logits", None)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise MergeInputError(
-            "fisher needs parents with a classification head (a `logits` output of shape (examples, classes), as "
-            "*ForSequenceClassification / *ForImageClassification models give); use method='regmean' or a dataless "
-            "method (CLI: --method) for these parents")
+        raise MergeInputError(no_head_message("fisher"))
     return logits
 
 

@@ -129,6 +129,9 @@ class MergeMethod:
     """Reads each parent's tensor only while merging that name (tensor-wise methods): merge() then gives it
     parents after the first and the base as `LazyParameters` read from disk one tensor at a time, so memory does
     not grow with the number of parents (docs/design.md §4.10)."""
+    needs_classifier: bool = False
+    """Reads the parents' predictive distribution (a classification head's logits: Fisher), so parents whose
+    architecture has no head are refused from parent A's configuration, before any weights (`check_classifier`)."""
     builds_concatenated_head: bool = False
     """With different label sets, builds the concatenated classifier itself (the unit-matching apply step does);
     otherwise the classifier is left out of `context.parents` and the pipeline concatenates it."""
@@ -268,3 +271,16 @@ def method_runs(label_format: str = "{name} ({matcher})", *, with_base: bool = F
             label = label_format.format(name=method.name, matcher=matcher) if len(choices) > 1 else method.name
             runs.append((label, options))
     return runs
+
+
+def check_classifier(method: MergeMethod, model: Any) -> None:
+    """Refuse, before any weights are read, parents a method that reads a classification head's logits
+    (`needs_classifier`) cannot merge: `model` is parent A (or a weightless model built from its config), whose
+    architecture spec says whether it has a head."""
+    if not method.needs_classifier:
+        return
+    from hf_mudsc.architectures import spec_for
+    from hf_mudsc.calibrate.fisher import no_head_message
+
+    if spec_for(model).classifier is None:
+        raise MergeInputError(no_head_message(method.name))
