@@ -125,10 +125,14 @@ class Estimate:
     """The refit (`refit`: ridge, the gate's ridge refit and held-out scoring, or REPAIR); 0 without one."""
     refit_bytes: int = 0
     """The refit's working set, counted in the peak (`refit_bytes`); 0 without a refit."""
+    data_pass_seconds: float = 0.0
+    """The pass over the data of a method that reads it itself (regmean, regmean_plusplus, fisher:
+    `MergeMethod.data_pass_flops`); 0 for the others."""
 
     @property
     def seconds(self) -> float:
-        return self.calibration_seconds + self.solve_seconds + self.alpha_search_seconds + self.refit_seconds
+        return (self.calibration_seconds + self.solve_seconds + self.alpha_search_seconds + self.refit_seconds
+                + self.data_pass_seconds)
 
 
 @dataclass
@@ -207,6 +211,8 @@ class MergePlan:
                  f"solve and apply {_seconds(estimate.solve_seconds)}"]
         if estimate.alpha_search_seconds:
             parts.append(f"α search {_seconds(estimate.alpha_search_seconds)}")
+        if estimate.data_pass_seconds:
+            parts.append(f"{self.method}'s data pass {_seconds(estimate.data_pass_seconds)}")
         if estimate.refit_seconds:
             parts.append(f"refit {_seconds(estimate.refit_seconds)}")
         lines += ["", f"Estimate: {_seconds(estimate.seconds)} ({', '.join(parts)}; download not included), peak "
@@ -539,7 +545,7 @@ def estimate_cost(*, widths: Sequence[int], columns: Sequence[int], group_tokens
                   parents: int = 2, base: bool = False, copies: int = 0, whole: int | None = None,
                   multi_start: bool = False, alpha_search: bool = False, refit: str = "none",
                   refit_layers: Sequence[tuple[int, int, float]] = (), refit_examples: int = 0,
-                  refit_memory: float = 0.0) -> Estimate:
+                  refit_memory: float = 0.0, data_pass_flops: float = 0.0) -> Estimate:
     """Time and peak memory of a merge (docs/design.md, "Dry run"):
 
     calibration s = rows × (2 × forward FLOPs + Σ_g tokens_g · 2·(2n_g)²) / (efficiency × matmul FLOP/s)
@@ -556,6 +562,8 @@ def estimate_cost(*, widths: Sequence[int], columns: Sequence[int], group_tokens
     the memory floor's `loading` rule), so their weights are one tensor at a time: not counted. A `base` loaded whole
     counts as one more parent's weights (as `memory_floor` counts it; a streamed base holds one tensor: nothing);
     `copies`: models copied whole to parent A's label order (`head_copies`, `base_copied`), 4 × parameters each.
+    A method that reads the data itself adds `rows × data_pass_flops` (`MergeMethod.data_pass_flops`) at
+    calibration's efficiency.
     """
     stats = statistics_bytes(widths, parents) if needs_statistics else 0.0
     calibration = 0.0
@@ -584,10 +592,11 @@ def estimate_cost(*, widths: Sequence[int], columns: Sequence[int], group_tokens
     peak = (RUNTIME_BYTES + WEIGHTS_FACTOR * (held + int(base)) * 4 * num_parameters + copies * 4 * num_parameters
             + STATISTICS_FACTOR * stats + (refit_memory if refit != "none" else 0.0)
             + (4 * num_parameters if alpha_search and solves else 0.0))  # a candidate merged model
+    data_pass = (rows or 0) * data_pass_flops / (CALIBRATION_EFFICIENCY * matmul_flops)
     return Estimate(calibration_seconds=calibration, solve_seconds=solve, peak_memory_bytes=math.ceil(peak),
                     matmul_flops_per_second=matmul_flops, statistics_bytes=math.ceil(stats),
                     alpha_search_seconds=alpha_seconds, refit_seconds=refit_seconds,
-                    refit_bytes=math.ceil(refit_memory) if refit != "none" else 0)
+                    refit_bytes=math.ceil(refit_memory) if refit != "none" else 0, data_pass_seconds=data_pass)
 
 
 # ------------------------------------------------------------------------------------------------ model facts
@@ -719,7 +728,7 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     refit = resolve_refit(
         options.refit, matches_units=method.matches_units, has_data=calibration is not None, num_parents=len(models),
         reference_compat=bool(options.reference_compat), reads_data=method.needs_data, weights=options.weights)
-    needs_data = method.needs_calibration or refit in REFITTING
+    needs_data = method.needs_calibration or method.needs_data or refit in REFITTING
     calibration_plan = None
     located, located_base, base_source = locate_parents(
         list(models), options.base, base_needed_for=None if automatic or not method.needs_base_model else method.name,
@@ -785,7 +794,9 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         matmul_flops=matmul_flops or matmul_rate(), solves=method.matches_units, parents=len(models),
         base=base_whole, copies=copies, whole=whole, multi_start=not options.reference_compat,
         alpha_search=not automatic and alpha_searched(method, options, len(models)), refit=refit,
-        refit_layers=refitted, refit_examples=refit_examples, refit_memory=refit_memory)
+        refit_layers=refitted, refit_examples=refit_examples, refit_memory=refit_memory,
+        data_pass_flops=method.data_pass_flops(_pass_facts(models_meta[0], spec, shapes, embeddings, tokens),
+                                               len(models)) if method.needs_data else 0.0)
     warnings = []
     if calibration_plan is not None and rows is not None and method.needs_calibration:
         text = calibration_size_warning({g.name: rows * t for g, t in zip(spec.groups, group_tokens)},
@@ -838,6 +849,23 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     logger.info("dry run: %d groups, estimate %.1f s, peak %.2f GB", len(plan.groups), estimate.seconds,
                 estimate.peak_memory_bytes / 1e9)
     return plan
+
+
+def _pass_facts(model: Any, spec: Any, shapes: Mapping[str, tuple[int, ...]], embeddings: set[str],
+                tokens: Mapping[str, int]) -> Any:
+    """`PassFacts` of parent A (a weightless model) for a method's own data pass (`MergeMethod.data_pass_flops`)."""
+    from hf_mudsc.methods.registry import PassFacts
+    from hf_mudsc.solve.regmean import transformer_blocks
+
+    matrices = {name: shape for name, shape in shapes.items() if len(shape) == 2 and name not in embeddings}
+    linear = {name: _numel(shape) for name, shape in matrices.items()}
+    head = spec.classifier.weight if spec.classifier is not None else None
+    return PassFacts(forward=forward_flops(linear, tokens),
+                     grams=float(sum(4 * _tokens_for(name, tokens) * shape[1] ** 2
+                                     for name, shape in matrices.items())),
+                     parameters=sum(_numel(shape) for shape in shapes.values()),
+                     classes=shapes[head][0] if head in shapes else 0,
+                     blocks=len(transformer_blocks(model)))
 
 
 def _refit_shapes(model: Any, spec: Any, options: MergeOptions, refit: str, tokens: Mapping[str, int],

@@ -477,3 +477,49 @@ def test_a_dry_run_returns_its_plan_where_the_merge_refuses_the_memory(tmp_path,
     assert "\n" not in str(refused.value)
     planned = hf_mudsc.merge([str(a), str(b)], method="weight_matching", dry_run=True)
     assert isinstance(planned, MergePlan) and planned.estimate.peak_memory_bytes > available
+
+
+def test_the_data_pass_of_regmean_and_fisher_on_hand_made_sizes():
+    """The methods that read the calibration data themselves (regmean, regmean_plusplus, fisher) had no term in the
+    estimate: their whole pass was left out (for fisher, one backward per class per example, the largest cost of
+    its merge). Each method states its pass's work per example (`MergeMethod.data_pass_flops`), the estimate adds it
+    over the rows like calibration."""
+    from hf_mudsc.methods.data import FISHER_FLOPS_PER_PARAMETER
+    from hf_mudsc.methods.registry import METHODS, PassFacts
+
+    facts = PassFacts(forward=100.0, grams=40.0, parameters=1000, classes=3, blocks=4)
+    assert METHODS["regmean"].data_pass_flops(facts, parents=2) == 2 * (100 + 40)
+    # RegMean++: each parent runs from the input up to block l for every block l: (blocks + 1) / 2 forwards
+    assert METHODS["regmean_plusplus"].data_pass_flops(facts, parents=2) == 2 * (100 * 5 / 2 + 40)
+    # Fisher: a forward, then a backward (about two forwards) and a squared-gradient sum (memory-bound) per class
+    assert METHODS["fisher"].data_pass_flops(facts, parents=3) == 3 * ((1 + 2 * 3) * 100
+                                                                       + FISHER_FLOPS_PER_PARAMETER * 3 * 1000)
+    assert METHODS["mudsc"].data_pass_flops(facts, parents=2) == METHODS["average"].data_pass_flops(facts, 2) == 0
+    kwargs = dict(widths=[2, 3], columns=[4, 5], group_tokens=[5, 1], linear_params={"w": 10}, tokens={"": 5},
+                  num_parameters=100, rows=20, needs_statistics=False, matmul_flops=1e9, solves=False)
+    plain = estimate_cost(**kwargs)
+    passing = estimate_cost(**kwargs, data_pass_flops=280.0)
+    assert plain.data_pass_seconds == 0
+    assert passing.data_pass_seconds == pytest.approx(20 * 280 / (CALIBRATION_EFFICIENCY * 1e9))
+    assert passing.seconds == pytest.approx(plain.seconds + passing.data_pass_seconds)
+
+
+@pytest.mark.parametrize("method", ["regmean", "regmean_plusplus", "fisher"])
+def test_the_dry_run_counts_the_data_pass_of_a_method_that_reads_the_data(method):
+    base = make_model("bert_cls", 0)
+    parents = [base, fine_tune(base, 1, 0.02)]
+    data = make_batches("bert_cls", num_batches=4, batch_size=8)
+    plan = hf_mudsc.merge(parents, data, method=method, dry_run=True)
+    assert plan.estimate.data_pass_seconds > 0
+    assert plan.estimate.seconds == pytest.approx(plan.estimate.calibration_seconds + plan.estimate.solve_seconds
+                                                  + plan.estimate.alpha_search_seconds
+                                                  + plan.estimate.refit_seconds + plan.estimate.data_pass_seconds)
+    assert f"{method}'s data pass" in str(plan).split("Estimate:")[1]
+    assert plan.to_dict()["estimate"]["data_pass_seconds"] == plan.estimate.data_pass_seconds
+    assert hf_mudsc.merge(parents, data, method="mudsc", dry_run=True).estimate.data_pass_seconds == 0
+    # without the refit too: the method still reads the data (the plan said "none (the method reads no data)")
+    alone = hf_mudsc.merge(parents, data, method=method, refit="none", dry_run=True)
+    assert alone.calibration is not None and alone.calibration.rows == 32
+    work = lambda estimate: estimate.data_pass_seconds * estimate.matmul_flops_per_second  # noqa: E731 - the probe varies
+    assert work(alone.estimate) == pytest.approx(work(plan.estimate))
+    assert alone.estimate.refit_seconds == 0 and "reads no data" not in str(alone)

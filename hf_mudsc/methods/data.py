@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hf_mudsc.errors import MergeInputError
-from hf_mudsc.methods.registry import MergeMethod, MethodContext, MethodResult, register_method
+from hf_mudsc.methods.registry import MergeMethod, MethodContext, MethodResult, PassFacts, register_method
 
 if TYPE_CHECKING:
     from hf_mudsc.options import MergeOptions
@@ -37,6 +37,11 @@ logger = logging.getLogger(__name__)
 PAPER_REGMEAN = "https://arxiv.org/abs/2212.09849"
 PAPER_REGMEAN_PLUSPLUS = "https://arxiv.org/abs/2508.03121"
 PAPER_FISHER = "https://arxiv.org/abs/2111.09832"
+# The dry run's cost of one class's gradient of one example and its squared sum, per parameter, in matmul FLOPs: a
+# dense gradient of every parameter (the embedding tables too) and a fused multiply-add into its sum, memory-bound.
+# Measured on MiniLM with a 3-class head, one thread: ~4 ns per parameter and class (10.9 s for one parent's pass
+# over 32 examples, of which the forwards and backwards are ~2 s) at 117 GFLOP/s matmul (docs/design.md, "Dry run").
+FISHER_FLOPS_PER_PARAMETER = 500.0
 NO_EXAMPLES = ("the calibration data gave no examples (this method reads it once per parent, per block for "
                "regmean_plusplus); pass data that can be read more than once: a list of batches or a datasets.Dataset")
 
@@ -68,6 +73,12 @@ class RegMeanMethod(MergeMethod):
 
     def used_options(self, options: MergeOptions) -> dict[str, Any]:
         return {"weights": options.weights, "regmean_scale": options.regmean_scale}
+
+    def data_pass_flops(self, facts: PassFacts, parents: int) -> float:
+        """Each parent's forward and every linear layer's float64 input Gram; chained (RegMean++), each parent runs
+        from the input up to block l for every block l, `(blocks + 1) / 2` forwards (no block is replayed)."""
+        forwards = (facts.blocks + 1) / 2 if self.chained else 1.0
+        return parents * (forwards * facts.forward + facts.grams)
 
     def check_options(self, options: MergeOptions, num_parents: int) -> None:
         check_shares(self.name, options)
@@ -149,6 +160,13 @@ class FisherMethod(MergeMethod):
 
     def used_options(self, options: MergeOptions) -> dict[str, Any]:
         return {"weights": options.weights, "fisher_epsilon": options.fisher_epsilon}
+
+    def data_pass_flops(self, facts: PassFacts, parents: int) -> float:
+        """Per parent and example (run alone): a forward, then per class a backward (about two forwards) and the
+        squared gradient summed into every parameter (`hf_mudsc.calibrate.fisher.diagonal_fisher`): memory-bound
+        work, counted as `FISHER_FLOPS_PER_PARAMETER` matmul FLOPs per parameter and class."""
+        return parents * ((1 + 2 * facts.classes) * facts.forward
+                          + FISHER_FLOPS_PER_PARAMETER * facts.classes * facts.parameters)
 
     def check_options(self, options: MergeOptions, num_parents: int) -> None:
         check_shares(self.name, options)

@@ -104,6 +104,23 @@ class MethodResult:
 
 
 @dataclass(frozen=True)
+class PassFacts:
+    """What the dry run knows of one calibration example's work in a method's own data pass (`data_pass_flops`),
+    from parent A's shapes: no weights are read (docs/design.md, "Dry run")."""
+
+    forward: float
+    """FLOPs of one example's forward pass (`plan.forward_flops`)."""
+    grams: float
+    """FLOPs of one example's float64 input Grams of every linear layer (`Σ 4 · tokens · in²`: a float64 product
+    counted twice)."""
+    parameters: int
+    classes: int
+    """Outputs of the classification head (0 without one)."""
+    blocks: int
+    """Transformer blocks (`solve.regmean.transformer_blocks`)."""
+
+
+@dataclass(frozen=True)
 class MergeMethod:
     """A merge method: what it needs (the pipeline checks and provides it) and how it merges.
 
@@ -164,6 +181,12 @@ class MergeMethod:
         it used (a method default resolved): the config and card record these; every other per-method option is
         recorded as None (its card row hidden)."""
         return {}
+
+    def data_pass_flops(self, facts: PassFacts, parents: int) -> float:
+        """FLOPs per calibration example of the method's own pass over the data with `parents` parents (a method
+        that reads the batches itself, `needs_data`), for the dry run's estimate; 0 for the others (calibration's
+        statistics are counted apart)."""
+        return 0.0
 
     def check_options(self, options: MergeOptions, num_parents: int) -> None:
         """Refuse option values this method cannot use with `num_parents` parents (raise `MergeInputError`, one
