@@ -69,3 +69,23 @@ def test_refit_samples_values_and_refusals():
         MergeOptions.check("refit_samples", "many")
     with pytest.raises(OptionError, match=r"refit_samples must be >= 1, 'auto'.*--refit-samples"):
         MergeOptions.check("refit_samples", 0)
+
+
+def test_the_refit_says_how_many_examples_it_used_when_the_data_holds_fewer(caplog):
+    """The log said "refit_samples='auto': 516 examples" while the refit read the 32 the data held (the config and
+    the card said 32): the count said is a target; when the data holds fewer, a line says how many were used."""
+    import logging
+
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"pixel_values": torch.randn(8, 1, 8, 8, generator=generator)} for _ in range(5)]  # 40 images
+    parents = [wide_vit(1), wide_vit(2)]
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        merged = hf_mudsc.merge(parents, batches, matcher="align", progress=False)  # the gate holds out 8
+    assert merged.config.mudsc["refit_examples"] == 32
+    refit_lines = [r.getMessage() for r in caplog.records if r.name == "hf_mudsc.apply.refit"]
+    assert any(line.startswith("refit_samples='auto': up to 516 examples") for line in refit_lines), refit_lines
+    assert any("the data holds 32 examples" in line and "all 32 are used" in line for line in refit_lines), refit_lines
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        hf_mudsc.merge(parents, batches, matcher="align", refit_samples=16, progress=False)
+    assert not any("the data holds" in r.getMessage() for r in caplog.records)  # 16 of 32: as asked

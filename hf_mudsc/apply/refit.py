@@ -492,6 +492,9 @@ def refit_model(
                                                             ys, shares, centred).to(torch.float32))
                             del outputs
                     report.parent_passes += 1
+                    if position == 0 and samples is not None and report.examples < samples:
+                        logger.info("refit: the data holds %d examples, fewer than the %d refit_samples asks for: all "
+                                    "%d are used", report.examples, samples, report.examples)
                     for step in chunk:
                         accumulators = _step_accumulators(spec, modules, step, target)
                         with replays[0].run(finished):
@@ -566,7 +569,7 @@ def _auto_samples(merged: nn.Module, spec: PermutationSpec, layers: Sequence[str
                len(token_rows(tensor, _mask(spec, name, first))) / examples)
               for name, tensor in first_inputs(merged, layers, first)]
     chosen = auto_refit_samples(shapes)
-    logger.info("refit_samples='auto': %d examples (%d rows per unknown of the widest per-token layer, within "
+    logger.info("refit_samples='auto': up to %d examples (%d rows per unknown of the widest per-token layer, within "
                 "[%d, %d])", chosen, AUTO_ROWS_PER_UNKNOWN, AUTO_SAMPLES_FLOOR, AUTO_SAMPLES_CAP)
     return chosen
 
