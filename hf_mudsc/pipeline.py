@@ -850,11 +850,34 @@ def _warn_unused(options: MergeOptions, used: Mapping[str, Any], method: MergeMe
     """Say which options the method leaves unread (`_warn_unread`), and that `reference_compat=True` has no reference
     merge to reproduce with a method that matches no units."""
     _warn_unread(options, used, method.name)
+    _warn_inert(options, method, calibration, refit_value)
     if reference_compat_unread(method, options):
         without = _refits(dataclasses.replace(options, reference_compat=False), method, calibration, count)
         effect = f": it only turned the refit off (refit {without!r} otherwise)" if without != refit_value else ""
         logger.warning("method %s matches no units, so %s has no reference merge to reproduce%s; pass method='mudsc' "
                        "for the reference's merge", method.name, option_hint("reference_compat"), effect)
+
+
+def _warn_inert(options: MergeOptions, method: MergeMethod, calibration: Any, refit_value: str) -> None:
+    """Say which options were set (away from their defaults) for a part of the merge that does not run — a refit
+    setting with no refit (REPAIR reads `refit_samples` only), a calibration setting without data, head pairing for a
+    method that matches no units — and a base given to a method that does not read it (`needs_base_model`): they
+    change nothing, said like a per-method option the method does not read (`_warn_unread`)."""
+    defaults = {f.name: f.default for f in MergeOptions.option_fields()}
+    refit_names = (("refit_lambda", "refit_norms", "refit_samples") if refit_value == "none"
+                   else ("refit_lambda", "refit_norms") if refit_value == "repair" else ())
+    cases = [(refit_names, "no refit runs" if refit_value == "none" else "refit='repair' reads only refit_samples"),
+             (("num_samples", "image_column", "text_column", "statistics_dtype") if calibration is None else (),
+              "no calibration data is given"),
+             (("independent_heads",) if not method.matches_units else (), f"method {method.name} matches no units")]
+    for names, reason in cases:
+        set_names = [name for name in names if getattr(options, name) != defaults[name]]
+        if set_names:
+            logger.warning("%s %s no effect: %s", ", ".join(option_hint(name) for name in set_names),
+                           "has" if len(set_names) == 1 else "have", reason)
+    if options.base is not None and not method.needs_base_model:
+        logger.warning("method %s does not read the base (%s): it changes no weight of the merge; drop it, or pass a "
+                       "method that merges task vectors from it (e.g. method='ties')", method.name, option_hint("base"))
 
 
 def _correspondence_checker(relation: ParentRelation, chosen: MergeMethod, options: MergeOptions, calibration: Any,

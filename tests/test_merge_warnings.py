@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from factories import make_batches, make_model, permuted_copy
+from factories import fine_tune, make_batches, make_model, permuted_copy, same_weights
 
 import hf_mudsc
 from hf_mudsc.architectures import spec_for
@@ -216,3 +216,39 @@ def test_reference_compat_with_a_method_that_matches_no_units_is_warned_about(ca
     assert ("method regmean matches no units, so reference_compat= (CLI: --reference-compat) has no reference merge to "
             "reproduce: it only turned the refit off (refit 'gate' otherwise); pass method='mudsc' for the reference's "
             "merge") in caplog.text
+
+
+@pytest.mark.parametrize("method, keywords, data, named", [
+    ("linear", {"refit": "none", "refit_lambda": 5.0}, True, "refit_lambda= (CLI: --refit-lambda)"),
+    ("weight_matching", {"num_samples": 5}, False, "num_samples= (CLI: --num-samples)"),
+    ("weight_matching", {"image_column": "foo"}, False, "image_column= (CLI: --image-column)"),
+    ("weight_matching", {"statistics_dtype": "float64"}, False, "statistics_dtype= (CLI: --statistics-dtype)"),
+    ("linear", {"independent_heads": True}, False, "independent_heads= (CLI: --independent-heads)"),
+])
+def test_options_the_merge_does_not_read_are_said_to_have_no_effect(caplog, method, keywords, data, named):
+    """QA: options the merge never reads were accepted silently (other unread options get a warning): a refit
+    setting with no refit, calibration settings without calibration data, head pairing for a method that matches
+    no units. Each is now said in one warning, and the merge is what it is without them."""
+    parents = [make_model("vit_cls", seed=1), make_model("vit_cls", seed=2)]
+    batches = make_batches("vit_cls", num_batches=2) if data else None
+    with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
+        merged = hf_mudsc.merge(parents, batches, method=method, progress=False, **keywords)
+    said = [r.getMessage() for r in caplog.records if "no effect" in r.getMessage()]
+    assert len(said) == 1 and named in said[0], said
+    plain = hf_mudsc.merge(parents, batches, method=method, progress=False,
+                           **{k: v for k, v in keywords.items() if k == "refit"})
+    assert same_weights(merged, plain)
+
+
+def test_a_base_given_to_a_method_that_does_not_read_it_is_said_to_change_no_weight(caplog):
+    base = make_model("vit_cls", seed=0)
+    parents = [fine_tune(base, 1, 0.02), fine_tune(base, 2, 0.02)]
+    with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
+        merged = hf_mudsc.merge(parents, method="linear", base=base, progress=False)
+    said = [r.getMessage() for r in caplog.records if "does not read the base" in r.getMessage()]
+    assert len(said) == 1 and "base= (CLI: --base)" in said[0], said
+    assert same_weights(merged, hf_mudsc.merge(parents, method="linear", progress=False))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
+        hf_mudsc.merge(parents, method="ties", base=base, progress=False)
+    assert "does not read the base" not in caplog.text
