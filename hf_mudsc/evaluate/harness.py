@@ -99,8 +99,10 @@ def evaluate_merge(
         ensemble: also score the parents' ensemble (needs the parents).
         batch_size, num_samples: rows per forward pass; the first `num_samples` rows of each task only.
         processor: preprocesses raw `image`/`text` columns for the merged model(s) and for every parent that has no
-            processor of its own (a bare model object); default: the merged folder's, else parent A's.
-        own_processors: each model loaded with a processor (a folder, Hub id or `LoadedParent`) is scored on ITS
+            processor of its own (a model object whose `name_or_path` folder or cached Hub snapshot holds none, as
+            `merge` looks for it); default: the merged model's, else parent A's.
+        own_processors: each model with a processor (a folder, Hub id, `LoadedParent`, or a model object whose
+            `name_or_path` holds one) is scored on ITS
             processor's inputs, and the ensemble combines each parent's logits on its own inputs of the same rows —
             parents whose processors differ (another image size, normalisation, tokenizer) are otherwise scored on
             inputs they were never trained on. False: every model is scored with `processor` (its default as
@@ -382,11 +384,18 @@ def _views(collected: Mapping[str, tuple[list[int], list[int]]], tasks: Sequence
 
 
 def _load(model: Any, what: str) -> tuple[Any, Any]:
-    """(model, processor) from a PreTrainedModel, a LoadedParent, or a folder / Hub reference."""
+    """(model, processor) from a PreTrainedModel, a LoadedParent, or a folder / Hub reference.
+
+    A bare model object gets the processor saved in its `name_or_path` folder (or cached Hub snapshot), found as
+    `merge` finds it (`load.processors.processor_from_name`), so the same objects merge and evaluate alike; None
+    when it has none (e.g. the merged object `merge` returns: it is then scored with parent A's)."""
     from transformers import PreTrainedModel
 
     if isinstance(model, PreTrainedModel):
-        return model, None
+        from hf_mudsc.load.processors import processor_from_name
+
+        name_or_path = str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or "")
+        return model, processor_from_name(name_or_path, getattr(model.config, "_commit_hash", None))
     if hasattr(model, "model") and isinstance(model.model, PreTrainedModel):
         return model.model, getattr(model, "processor", None)
     if isinstance(model, (str, os.PathLike)):
