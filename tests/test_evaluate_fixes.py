@@ -812,7 +812,7 @@ def test_a_class_label_column_sharing_some_class_names_at_other_ids_is_refused_n
 def test_class_names_given_twice_for_one_task_are_refused_not_overwritten(tmp_path, capsys):
     """`--class-names pets=cat,dog --class-names pets=eel,cod` kept the second list without a word."""
     assert main(["evaluate", str(tmp_path / "absent"), "--dataset", "org/x:test", "--class-names", "pets=cat,dog",
-                 "--class-names", "pets=eel,cod"]) == 1
+                 "--class-names", "pets=eel,cod"]) == 2  # an invalid command line, refused before any loading
     err = capsys.readouterr().err
     assert "--class-names names task 'pets' twice" in err and len(err.strip().splitlines()) == 1
 

@@ -334,27 +334,38 @@ def _hub_recipe_parents(loaded: Any) -> list[str] | None:
     return recipe_parents(Path(path), loaded.reference)
 
 
+def check_arguments(args: argparse.Namespace) -> dict[str, list[str]] | None:
+    """The flags that need nothing loaded, checked first (as `merge` checks its options): a wrong one is an invalid
+    command line, refused with argparse's exit code 2 before torch, the models or the data are loaded. Returns the
+    parsed `--class-names`."""
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.num_samples is not None and args.num_samples < 1:
+        raise UsageError(f"--num-samples must be >= 1 (or leave it out to score every row), got {args.num_samples}")
+    if args.parents is not None and len(args.parents) < 2:
+        raise UsageError(f"--parents takes the parents in merge order, at least two (A B [C ...]), got "
+                         f"{len(args.parents)}; or pass --no-parents")
+    try:
+        class_names = _class_names(args.class_names)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if not Path(args.model).expanduser().is_dir() and not _is_hub_id(args.model):
+        raise UsageError(
+            f"{args.model!r} is not a model folder; pass the folder a merge wrote or a Hub id org/name[@revision]"
+        )
+    return class_names
+
+
 def run(args: argparse.Namespace) -> int:
+    class_names = check_arguments(args)  # before the imports below: they take seconds (torch, transformers)
     from hf_mudsc.apply.classifier import task_ranges
     from hf_mudsc.errors import EvaluationError, LoadError
     from hf_mudsc.evaluate.harness import evaluate_merge
     from hf_mudsc.load.parents import load_parent
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.num_samples is not None and args.num_samples < 1:
-        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
-    if args.parents is not None and len(args.parents) < 2:
-        raise ValueError(f"--parents takes the parents in merge order, at least two (A B [C ...]), got "
-                         f"{len(args.parents)}; or pass --no-parents")
     _check_metrics(args.metric or [], args.trust_remote_code)
-    class_names = _class_names(args.class_names)
     folder = Path(args.model).expanduser()
     local = folder.is_dir()
-    if not local and not _is_hub_id(args.model):
-        raise FileNotFoundError(
-            f"{args.model!r} is not a model folder; pass the folder a merge wrote or a Hub id org/name[@revision]"
-        )
     json_path = Path(args.output_json) if args.output_json else (folder / RESULTS_FILENAME if local else None)
     check_replaceable(json_path, folder / CARD_FILENAME if local and not args.no_card else None)
     datasets_per_task = None
