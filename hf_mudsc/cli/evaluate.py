@@ -176,17 +176,27 @@ def recipe_parents(path: Path, model: str) -> list[str]:
 
 
 def _datasets(
-    args: argparse.Namespace, task_names: list[str], ranges: dict | None
+    args: argparse.Namespace, task_names: list[str], ranges: dict | None, clip: bool = False
 ) -> dict[str, Any] | list[Any]:
     """The --dataset flags -> evaluate_merge's datasets_per_task (opened lazily: bad specs fail fast). Flags that do
-    not map onto the model's tasks raise `UsageError` (exit 2: an invalid command line)."""
+    not map onto the model's tasks raise `UsageError` (exit 2: an invalid command line); `clip`: the model is a CLIP
+    (no task names of its own, so every dataset names its task)."""
     from hf_mudsc.calibrate.datasets import load_calibration_dataset
-    from hf_mudsc.evaluate.tasks import TaskData, spec_task_data, tasks_from_dataset
+    from hf_mudsc.evaluate.tasks import (
+        TaskData,
+        one_dataset_per_task_fix,
+        spec_task_data,
+        tasks_from_dataset,
+        tasks_without_rows,
+    )
 
     parsed = [_split_task(v) for v in args.dataset]
     named = [task for task, _ in parsed if task]
     if named and len(named) != len(parsed):
         raise UsageError("name the task of every --dataset (TASK=SPEC) or of none")
+    if clip and not named:
+        raise UsageError("CLIP has no task names of its own: name the task each dataset scores, --dataset TASK=SPEC "
+                         "(its class names: the label column's ClassLabel names, or --class-names TASK=NAME,...)")
 
     def open_spec(spec: str) -> TaskData:
         return spec_task_data(spec, load_calibration_dataset(spec), label_column=args.label_column)
@@ -206,9 +216,20 @@ def _datasets(
         return {task: open_spec(spec) for task, spec in parsed}
     if len(parsed) == 1 and ranges and len(task_names) > 1:
         source = open_spec(parsed[0][1])
-        return tasks_from_dataset(source.data, task_names, ranges, task_column=args.task_column,
-                                  label_column=args.label_column, name=source.name, split=source.split,
-                                  local=source.local, config=source.config)
+        tasks = tasks_from_dataset(source.data, task_names, ranges, task_column=args.task_column,
+                                   label_column=args.label_column, name=source.name, split=source.split,
+                                   local=source.local, config=source.config)
+        missing = tasks_without_rows(tasks)  # None: a stream, unknown until read (the evaluation's error names the fix)
+        if missing:
+            how = (f"--task-column {args.task_column!r} naming each row's task" if args.task_column else
+                   "labels that are ids of the merged model's joint head ("
+                   + ", ".join(f"{task!r} {lo}..{hi - 1}" for task, (lo, hi) in ranges.items()) + ")")
+            raise UsageError(
+                f"--dataset {parsed[0][1]} holds no row of task(s) {missing}: one --dataset for the model's "
+                f"{len(task_names)} tasks must hold every task's rows, with {how}; "
+                + one_dataset_per_task_fix(task_names, cli=True)
+            )
+        return tasks
     if args.task_column:
         raise UsageError("--task-column applies to a single --dataset holding every task")
     if ranges and len(parsed) != len(task_names):
@@ -361,6 +382,7 @@ def run(args: argparse.Namespace) -> int:
     from hf_mudsc.apply.classifier import task_ranges
     from hf_mudsc.errors import EvaluationError, LoadError
     from hf_mudsc.evaluate.harness import evaluate_merge
+    from hf_mudsc.evaluate.scorers import is_clip_config
     from hf_mudsc.load.parents import load_parent
 
     _check_metrics(args.metric or [], args.trust_remote_code)
@@ -370,8 +392,9 @@ def run(args: argparse.Namespace) -> int:
     check_replaceable(json_path, folder / CARD_FILENAME if local and not args.no_card else None)
     datasets_per_task = None
     if local:  # check the dataset flags against the config, and read the recipe's parents, before loading any weights
-        ranges = {task: list(bounds) for task, bounds in task_ranges(_local_config(folder)).items()} or None
-        datasets_per_task = _datasets(args, list(ranges or {}), ranges)
+        config = _local_config(folder)
+        ranges = {task: list(bounds) for task, bounds in task_ranges(config).items()} or None
+        datasets_per_task = _datasets(args, list(ranges or {}), ranges, clip=is_clip_config(config))
         parent_refs = _parents(args, folder)
     try:
         merged = load_parent(args.model)
@@ -379,7 +402,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"cannot load the merged model {args.model!r}: {error}") from error
     if datasets_per_task is None:
         ranges = {task: list(bounds) for task, bounds in task_ranges(merged.model.config).items()} or None
-        datasets_per_task = _datasets(args, list(ranges or {}), ranges)  # tasks in parent order
+        datasets_per_task = _datasets(args, list(ranges or {}), ranges,  # tasks in parent order
+                                      clip=is_clip_config(merged.model.config))
     if not local and (args.no_parents or args.parents):
         parent_refs = _parents(args, None)
     elif not local:  # the repo's recipe, at the commit just loaded

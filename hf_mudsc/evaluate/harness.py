@@ -53,6 +53,7 @@ from hf_mudsc.evaluate.tasks import (
     classifier_layout,
     clip_layout,
     local_labels,
+    one_dataset_per_task_fix,
     source_name,
     spec_split,
 )
@@ -180,6 +181,12 @@ def evaluate_merge(
         return None
     empty = [t for t, n in counts.items() if n == 0]
     if empty:
+        if all(sources[t].label_range is not None or sources[t].task_column is not None for t in empty):
+            raise EvaluationError(  # one dataset given for every task (`tasks_from_dataset`) lacks these tasks' rows
+                f"task(s) {empty} have no evaluation rows in the one dataset given for every task (read by "
+                f"{'its task column' if sources[empty[0]].task_column else 'joint label ids'}); "
+                + one_dataset_per_task_fix(list(sources))
+            )
         raise EvaluationError(
             f"task(s) {empty} have no evaluation rows; check the dataset, split and task mapping"
         )
