@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import datasets
@@ -888,3 +889,38 @@ def test_a_clip_model_with_datasets_not_named_by_task_is_refused_before_loading(
                  "--no-parents", "--no-card", "--output-json", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "CLIP has no task names" in err and "TASK=SPEC" in err, err
+
+
+# ------------------------------------------------------------------- evaluation data named as such (QA s19)
+def test_evaluation_data_that_cannot_be_loaded_is_called_evaluation_data_naming_its_task(merged_folder, tmp_path,
+                                                                                         capsys, monkeypatch):
+    """The loader is calibration's: `--dataset vit-a=./nope` said "calibration dataset './nope' not found", and a
+    bare folder name "calibration spec 'test-vit-b' is ambiguous"."""
+    root, out, tests = merged_folder
+    monkeypatch.chdir(root)
+    assert main(["evaluate", str(out), "--dataset", f"vit-a={tests['vit-a']}", "--dataset", "vit-b=test-vit-b",
+                 "--no-card", "--output-json", str(tmp_path / "x.json")]) == 1
+    err = capsys.readouterr().err
+    assert "evaluation spec 'test-vit-b' is ambiguous" in err and "calibration" not in err, err
+    nope = tmp_path / "nope"
+    assert main(["evaluate", str(out), "--dataset", f"vit-a={nope}", "--dataset", f"vit-b={tests['vit-b']}",
+                 "--no-card", "--output-json", str(tmp_path / "x.json")]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"evaluation dataset '{nope}' (task 'vit-a') not found" in err and "calibration" not in err, err
+    with pytest.raises(EvaluationError, match=r"evaluation dataset '.*nope' \(task 'vit-b'\) not found") as error:
+        evaluate_merge(str(out), None, {"vit-a": str(tests["vit-a"]), "vit-b": str(nope)}, progress=False)
+    assert "calibration" not in str(error.value)
+
+
+def test_an_evaluation_run_logs_evaluation_data_not_calibration(merged_folder, tmp_path, caplog):
+    """Every evaluate run logged `calibration from dataset: ...` once per task."""
+    _, out, tests = merged_folder
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        assert main(["evaluate", str(out), "--dataset", f"vit-a={tests['vit-a']}", "--dataset",
+                     f"vit-b={tests['vit-b']}", "--no-card", "--output-json", str(tmp_path / "x.json")]) == 0
+    said = [record.getMessage() for record in caplog.records if record.name.startswith("hf_mudsc")]
+    assert not [line for line in said if "calibrat" in line.lower()], said
+    read = [line for line in said if " from " in line and "columns" in line]
+    assert [line.split(" from ")[0] for line in read] == ["evaluation data of task 'vit-a'",
+                                                          "evaluation data of task 'vit-b'"], said

@@ -182,6 +182,7 @@ def _datasets(
     not map onto the model's tasks raise `UsageError` (exit 2: an invalid command line); `clip`: the model is a CLIP
     (no task names of its own, so every dataset names its task)."""
     from hf_mudsc.calibrate.datasets import load_calibration_dataset
+    from hf_mudsc.evaluate.batches import evaluation_source
     from hf_mudsc.evaluate.tasks import (
         TaskData,
         one_dataset_per_task_fix,
@@ -198,8 +199,10 @@ def _datasets(
         raise UsageError("CLIP has no task names of its own: name the task each dataset scores, --dataset TASK=SPEC "
                          "(its class names: the label column's ClassLabel names, or --class-names TASK=NAME,...)")
 
-    def open_spec(spec: str) -> TaskData:
-        return spec_task_data(spec, load_calibration_dataset(spec), label_column=args.label_column)
+    def open_spec(spec: str, task: str | None) -> TaskData:
+        """The spec opened with the calibration loader, its errors naming evaluation data (of `task`)."""
+        return spec_task_data(spec, load_calibration_dataset(spec, role=evaluation_source(task)),
+                              label_column=args.label_column)
 
     if named:
         twice = sorted({task for task in named if named.count(task) > 1})
@@ -213,9 +216,9 @@ def _datasets(
                 f"unknown task(s) {unknown}; the merged model's tasks are {task_names}: use them in "
                 "--dataset TASK=SPEC"
             )
-        return {task: open_spec(spec) for task, spec in parsed}
+        return {task: open_spec(spec, task) for task, spec in parsed}
     if len(parsed) == 1 and ranges and len(task_names) > 1:
-        source = open_spec(parsed[0][1])
+        source = open_spec(parsed[0][1], None)
         tasks = tasks_from_dataset(source.data, task_names, ranges, task_column=args.task_column,
                                    label_column=args.label_column, name=source.name, split=source.split,
                                    local=source.local, config=source.config)
@@ -237,7 +240,8 @@ def _datasets(
             f"{len(parsed)} datasets for the model's {len(task_names)} tasks {task_names}: pass one per task "
             "(optionally TASK=SPEC) or one holding every task"
         )
-    return [open_spec(spec) for _, spec in parsed]
+    return [open_spec(spec, task_names[index] if index < len(task_names) else None)
+            for index, (_, spec) in enumerate(parsed)]
 
 
 def update_card(folder: Path, model: Any, result: Any) -> Path | None:
