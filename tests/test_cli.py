@@ -334,6 +334,15 @@ def test_the_merged_config_names_local_inputs_without_their_paths(merged_once, i
     (["merge", "a", "b", "--zip-budget", "nan", "--calibration", "c", "-o", "o"], 2, "--zip-budget"),
     (["merge", "only-one", "--calibration", "c", "--output", "o"], 2, "two or more parent models"),
     (["nonsense"], 2, "invalid choice"),
+    # evaluate's own arguments: refused as an invalid command line before anything is loaded (QA s19: exit 1
+    # after ~11 s of imports and loading)
+    (["evaluate", "nope-merged", "--dataset", "d", "--num-samples", "0"], 2,
+     "--num-samples must be >= 1 (or leave it out to score every row), got 0"),
+    (["evaluate", "nope-merged", "--dataset", "d", "--batch-size", "0"], 2, "--batch-size must be >= 1, got 0"),
+    (["evaluate", "nope-merged", "--dataset", "d", "--parents", "a"], 2, "at least two (A B [C ...]), got 1"),
+    (["evaluate", "nope-merged", "--dataset", "d", "--class-names", "t=a,b", "--class-names", "t=c,d"], 2,
+     "--class-names names task 't' twice"),
+    (["evaluate", "./nope-merged", "--dataset", "d"], 2, "'./nope-merged' is not a model folder"),
 ])
 def test_help_version_and_argument_errors_do_not_import_torch(argv, code, needle):
     """Answering these must not pay the 5-8 s import of torch/transformers/datasets."""

@@ -812,6 +812,23 @@ def test_a_class_label_column_sharing_some_class_names_at_other_ids_is_refused_n
 def test_class_names_given_twice_for_one_task_are_refused_not_overwritten(tmp_path, capsys):
     """`--class-names pets=cat,dog --class-names pets=eel,cod` kept the second list without a word."""
     assert main(["evaluate", str(tmp_path / "absent"), "--dataset", "org/x:test", "--class-names", "pets=cat,dog",
-                 "--class-names", "pets=eel,cod"]) == 1
+                 "--class-names", "pets=eel,cod"]) == 2  # an invalid command line, refused before any loading
     err = capsys.readouterr().err
     assert "--class-names names task 'pets' twice" in err and len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------ session 19: QA defects
+def test_parents_given_as_model_objects_are_scored_with_the_processor_saved_in_their_folder(backward):
+    """`merge` finds a model object's processor in its `name_or_path` folder; evaluate refused the same objects
+    ("came with no processor"). The merged object `merge` returns (`name_or_path` '') is scored with parent A's
+    processor, as when the parents are folders: every figure equals the one computed by hand."""
+    root, out, tests = backward
+    parents = [AutoModelForImageClassification.from_pretrained(root / name) for name in ("zeta", "alpha")]
+    merged = AutoModelForImageClassification.from_pretrained(out)
+    merged.config._name_or_path = merged.name_or_path = ""  # as `merge` returns it: no folder of its own
+    data = {task: str(path) for task, path in tests.items()}
+    result = evaluate_merge(merged, parents, data, progress=False)
+    expected = _direct_figures(root, out, tests)
+    for scorer, views in expected.items():
+        for view, value in views.items():
+            assert result.score(scorer, view) == pytest.approx(value, abs=1e-12), (scorer, view)

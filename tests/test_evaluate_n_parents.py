@@ -95,7 +95,7 @@ def test_cli_evaluate_takes_three_parents_and_refuses_one_in_one_line(tmp_path, 
 
     args = build_parser().parse_args(["evaluate", str(tmp_path), "-d", "x:test", "--parents", "a", "b", "c"])
     assert args.parents == ["a", "b", "c"]
-    assert main(["evaluate", str(tmp_path / "missing"), "-d", "x:test", "--parents", "a"]) == 1
+    assert main(["evaluate", str(tmp_path / "missing"), "-d", "x:test", "--parents", "a"]) == 2  # invalid command line
     error = capsys.readouterr().err.strip()
     assert error.endswith("--parents takes the parents in merge order, at least two (A B [C ...]), got 1; or pass "
                           "--no-parents") and "\n" not in error and "Traceback" not in error

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import datasets
@@ -577,7 +578,7 @@ def test_evaluate_cli_errors_name_the_fix(merged_folder, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert "1 datasets for the model's 2 tasks" in err or "no label column" in err
-    assert main(["evaluate", str(tmp_path / "absent"), "--dataset", str(tests["vit-a"])]) == 1
+    assert main(["evaluate", str(tmp_path / "absent"), "--dataset", str(tests["vit-a"])]) == 2  # before any loading
     assert "is not a model folder" in capsys.readouterr().err
     assert main(["evaluate", str(out), "--dataset", str(tmp_path / "no-data:test")]) == 1
     assert "not found" in capsys.readouterr().err
@@ -824,3 +825,102 @@ def test_loading_results_of_gigabytes_is_refused_before_reading_them(tmp_path):
         handle.truncate(SIDE_FILE_MAX_BYTES + 1)
     with pytest.raises(ValueError, match="eval_results.json is .* bytes"):
         EvaluationResult.load(path)
+
+
+# ------------------------------------------------------------------- one dataset for several tasks (QA s19)
+def _no_loading(monkeypatch) -> None:
+    """Any model load fails the test: the refusal must come before the weights."""
+    import hf_mudsc.load.parents
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the command line was refused")
+
+    monkeypatch.setattr(hf_mudsc.load.parents, "load_parent", refuse)
+
+
+@pytest.mark.parametrize("holding", ["joint-labels", "task-column"])
+def test_one_dataset_that_holds_one_task_of_several_is_refused_before_loading_naming_the_fix(
+        merged_folder, tmp_path, capsys, monkeypatch, holding):
+    """`--dataset ./test-vit-a` alone for a model of two tasks was read as one dataset holding every task; after
+    loading every model it failed with "task(s) ['vit-b'] have no evaluation rows" (exit 1)."""
+    root, out, tests = merged_folder
+    if holding == "joint-labels":
+        flags = ["--dataset", str(tests["vit-a"])]
+    else:
+        only_a = datasets.load_from_disk(str(root / "test-joint")).filter(lambda row: row["task"] == "vit-a")
+        only_a.save_to_disk(tmp_path / "only-a")
+        flags = ["--dataset", str(tmp_path / "only-a"), "--task-column", "task", "--label-column", "local"]
+    _no_loading(monkeypatch)
+    json_path = tmp_path / "x.json"
+    assert main(["evaluate", str(out), *flags, "--no-card", "--output-json", str(json_path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "no row of task(s) ['vit-b']" in err and "--dataset vit-a=SPEC --dataset vit-b=SPEC" in err, err
+    assert not json_path.exists()
+
+
+def test_one_dataset_holding_every_task_is_still_scored(merged_folder, tmp_path):
+    """The check above refuses only a dataset that lacks a task: one holding both (joint labels) still scores."""
+    root, out, _ = merged_folder
+    json_path = tmp_path / "joint.json"
+    assert main(["evaluate", str(out), "--dataset", str(root / "test-joint"), "--no-card",
+                 "--output-json", str(json_path)]) == 0
+    saved = EvaluationResult.load(json_path)
+    assert saved.tasks["vit-a"]["num_samples"] == 12 and saved.tasks["vit-b"]["num_samples"] == 10
+
+
+def test_a_task_missing_from_a_streamed_dataset_for_every_task_is_refused_naming_the_fix(merged_folder):
+    """A stream cannot be checked before reading it: the late error names the fix (one dataset per task)."""
+    root, out, tests = merged_folder
+    data = datasets.load_from_disk(str(tests["vit-a"])).to_iterable_dataset()
+    ranges = {"vit-a": (0, 3), "vit-b": (3, 5)}
+    with pytest.raises(EvaluationError, match=r"task\(s\) \['vit-b'\] have no evaluation rows") as error:
+        evaluate_merge(str(out), None, tasks_from_dataset(data, list(ranges), ranges), progress=False)
+    message = str(error.value)
+    assert "\n" not in message and "one dataset per task" in message and "--dataset vit-a=SPEC" in message
+
+
+def test_a_clip_model_with_datasets_not_named_by_task_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    """CLIP has no task names of its own: `--dataset X` without TASK= was refused only after loading (~11 s);
+    the config says it is CLIP."""
+    make_model("clip", seed=0).save_pretrained(tmp_path / "clip-merged")
+    _no_loading(monkeypatch)
+    assert main(["evaluate", str(tmp_path / "clip-merged"), "--dataset", str(tmp_path / "no-data"),
+                 "--no-parents", "--no-card", "--output-json", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "CLIP has no task names" in err and "TASK=SPEC" in err, err
+
+
+# ------------------------------------------------------------------- evaluation data named as such (QA s19)
+def test_evaluation_data_that_cannot_be_loaded_is_called_evaluation_data_naming_its_task(merged_folder, tmp_path,
+                                                                                         capsys, monkeypatch):
+    """The loader is calibration's: `--dataset vit-a=./nope` said "calibration dataset './nope' not found", and a
+    bare folder name "calibration spec 'test-vit-b' is ambiguous"."""
+    root, out, tests = merged_folder
+    monkeypatch.chdir(root)
+    assert main(["evaluate", str(out), "--dataset", f"vit-a={tests['vit-a']}", "--dataset", "vit-b=test-vit-b",
+                 "--no-card", "--output-json", str(tmp_path / "x.json")]) == 1
+    err = capsys.readouterr().err
+    assert "evaluation spec 'test-vit-b' is ambiguous" in err and "calibration" not in err, err
+    nope = tmp_path / "nope"
+    assert main(["evaluate", str(out), "--dataset", f"vit-a={nope}", "--dataset", f"vit-b={tests['vit-b']}",
+                 "--no-card", "--output-json", str(tmp_path / "x.json")]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"evaluation dataset '{nope}' (task 'vit-a') not found" in err and "calibration" not in err, err
+    with pytest.raises(EvaluationError, match=r"evaluation dataset '.*nope' \(task 'vit-b'\) not found") as error:
+        evaluate_merge(str(out), None, {"vit-a": str(tests["vit-a"]), "vit-b": str(nope)}, progress=False)
+    assert "calibration" not in str(error.value)
+
+
+def test_an_evaluation_run_logs_evaluation_data_not_calibration(merged_folder, tmp_path, caplog):
+    """Every evaluate run logged `calibration from dataset: ...` once per task."""
+    _, out, tests = merged_folder
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        assert main(["evaluate", str(out), "--dataset", f"vit-a={tests['vit-a']}", "--dataset",
+                     f"vit-b={tests['vit-b']}", "--no-card", "--output-json", str(tmp_path / "x.json")]) == 0
+    said = [record.getMessage() for record in caplog.records if record.name.startswith("hf_mudsc")]
+    assert not [line for line in said if "calibrat" in line.lower()], said
+    read = [line for line in said if " from " in line and "columns" in line]
+    assert [line.split(" from ")[0] for line in read] == ["evaluation data of task 'vit-a'",
+                                                          "evaluation data of task 'vit-b'"], said

@@ -41,37 +41,38 @@ class DatasetSpec:
     revision: str | None = None
 
     @classmethod
-    def parse(cls, dataset_spec: str | os.PathLike) -> DatasetSpec:
+    def parse(cls, dataset_spec: str | os.PathLike, *, kind: str = "calibration",
+              error: type[Exception] = CalibrationError) -> DatasetSpec:
+        """The spec's parts; its errors say what the data is for (`kind`: `evaluation spec './x' ...`) as `error`."""
         text = os.fspath(dataset_spec).strip()
         if not text:
-            raise CalibrationError(f"empty calibration spec; {SPEC_FORMS}")
+            raise error(f"empty {kind} spec; {SPEC_FORMS}")
         if os.path.exists(text):
-            refuse_ambiguous(text, text)
+            refuse_ambiguous(text, text, kind=kind, error=error)
             return cls(path=text)
         if looks_like_token(text):  # every message about the spec would show it
-            raise CalibrationError("the calibration spec looks like a Hugging Face access token (not shown); "
-                                   + TOKEN_FIX)
+            raise error(f"the {kind} spec looks like a Hugging Face access token (not shown); " + TOKEN_FIX)
         match = re.fullmatch(r"(?P<body>.*?)(?P<slice>\[[^\]]*\])?", text, flags=re.DOTALL)  # total: any text
         body, slice_ = match.group("body"), match.group("slice") or ""
         parts = body.split(":")
         if len(parts) == 1:
             if slice_:
-                raise CalibrationError(f"calibration spec {text!r}: a slice needs a split, e.g. 'data:train[:100]'")
-            path, revision = split_revision(parts[0], text)
+                raise error(f"{kind} spec {text!r}: a slice needs a split, e.g. 'data:train[:100]'")
+            path, revision = split_revision(parts[0], text, kind=kind, error=error)
             if revision is None:
-                refuse_ambiguous(path, text)
+                refuse_ambiguous(path, text, kind=kind, error=error)
             return cls(path=path, revision=revision)
         if len(parts) == 2:
             path, config, split = parts[0], None, parts[1]
         elif len(parts) == 3:
             path, config, split = parts
         else:
-            raise CalibrationError(f"calibration spec {text!r} has too many ':' parts; {SPEC_FORMS}")
+            raise error(f"{kind} spec {text!r} has too many ':' parts; {SPEC_FORMS}")
         if not path or not split or (config is not None and not config):
-            raise CalibrationError(f"calibration spec {text!r} has an empty part; {SPEC_FORMS}")
-        path, revision = split_revision(path, text)
+            raise error(f"{kind} spec {text!r} has an empty part; {SPEC_FORMS}")
+        path, revision = split_revision(path, text, kind=kind, error=error)
         if revision is None:
-            refuse_ambiguous(path, text)
+            refuse_ambiguous(path, text, kind=kind, error=error)
         return cls(path=path, config=config, split=split + slice_, revision=revision)
 
     def __str__(self) -> str:
@@ -93,7 +94,8 @@ def looks_like_local_path(path: str) -> bool:
             or os.path.splitext(path)[1].lower() in FILE_BUILDERS)
 
 
-def refuse_ambiguous(path: str, text: str) -> None:
+def refuse_ambiguous(path: str, text: str, *, kind: str = "calibration",
+                     error: type[Exception] = CalibrationError) -> None:
     """Refuse a bare name (`mnist`) that is also a file or folder of the working directory: `datasets` would read that
     first although the spec does not look like a path (module docstring). `datasets`' packaged builders (`json`,
     `imagefolder`, ...) are read by name before any folder, so they are not ambiguous."""
@@ -101,8 +103,8 @@ def refuse_ambiguous(path: str, text: str) -> None:
         return
     folder = "folder" if os.path.isdir(path) else "file"
     rest = text[len(path):]
-    raise CalibrationError(
-        f"calibration spec {text!r} is ambiguous: {path!r} is a Hub dataset name and also a {folder} in the working "
+    raise error(
+        f"{kind} spec {text!r} is ambiguous: {path!r} is a Hub dataset name and also a {folder} in the working "
         f"directory; write './{path}{rest}' to read the {folder}, or '{path}@main{rest}' for the Hub dataset")
 
 
@@ -115,21 +117,22 @@ def _is_builder(name: str) -> bool:
         return False
 
 
-def split_revision(path: str, text: str) -> tuple[str, str | None]:
+def split_revision(path: str, text: str, *, kind: str = "calibration",
+                   error: type[Exception] = CalibrationError) -> tuple[str, str | None]:
     """`org/ds@rev` -> (`org/ds`, `rev`); an existing local path is taken as it is (it may contain '@'). A bare
     name with a revision is the Hub dataset even when a folder of that name is here (`refuse_ambiguous`)."""
     if "@" not in path or os.path.exists(os.path.expanduser(path)):
         return path, None
     repo, _, revision = path.partition("@")
     if not repo:
-        raise CalibrationError(f"calibration spec {text!r} has an empty part; {SPEC_FORMS}")
+        raise error(f"{kind} spec {text!r} has an empty part; {SPEC_FORMS}")
     if not revision:
-        raise CalibrationError(f"calibration spec {text!r} has an empty revision after '@'; {SPEC_FORMS}")
+        raise error(f"{kind} spec {text!r} has an empty revision after '@'; {SPEC_FORMS}")
     if "@" in revision:
-        raise CalibrationError(f"calibration spec {text!r} may carry one '@revision' only; {SPEC_FORMS}")
+        raise error(f"{kind} spec {text!r} may carry one '@revision' only; {SPEC_FORMS}")
     if ("/" in repo or looks_like_local_path(repo)) and os.path.exists(os.path.expanduser(repo)):
-        raise CalibrationError(
-            f"calibration spec {text!r}: a revision pins a Hub dataset, but {repo!r} is local data; "
+        raise error(
+            f"{kind} spec {text!r}: a revision pins a Hub dataset, but {repo!r} is local data; "
             f"drop '@{revision}'"
         )
     return repo, revision

@@ -56,6 +56,19 @@ class DataRole:
     """The data named in "... is empty" ({name}: the dataset's)."""
     purpose: str = "calibrate with"
     error: type[Exception] = CalibrationError
+    kind: str = "calibration"
+    """What the data is for, naming a spec that cannot be parsed (`evaluation spec 'x' is ambiguous`)."""
+    source: str = "calibration {what} {name!r}"
+    """How loading errors name a dataset spec ({what}: dataset, spec, file, folder or split; {name}: the spec), e.g.
+    `evaluation dataset './x' (task 'pets')`: the loader is shared, the data's purpose is not."""
+    reading: str = "calibration"
+    """What the log line of the data read names (`calibration from ...: columns ...`)."""
+    processor: str = "the parents' processor"
+    """Whose processor that log line says preprocessed raw columns."""
+
+    def names(self, what: str, name: str) -> str:
+        """The data source as this role's messages name it (`source`)."""
+        return self.source.format(what=what, name=name)
 
 
 CALIBRATION = DataRole()
@@ -106,8 +119,9 @@ def pin_calibration_revision(dataset_spec: str, *, token: str | bool | None = No
 
 
 def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, streaming: bool = True,
-                             token: str | bool | None = None) -> Any:
-    """The split named by `dataset_spec`, without materialising it.
+                             token: str | bool | None = None, role: DataRole = CALIBRATION) -> Any:
+    """The split named by `dataset_spec`, without materialising it; its errors name it as `role` does (the merge's
+    calibration data by default, evaluate's test data of a task: one loader, each purpose in its own words).
 
     Folders written by `save_to_disk` are memory-mapped with `load_from_disk`; single data files use the
     matching packaged builder; everything else (Hub ids, imagefolder/audiofolder/data-file folders) goes to
@@ -116,26 +130,27 @@ def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, s
     """
     import datasets
 
-    parsed = dataset_spec if isinstance(dataset_spec, DatasetSpec) else DatasetSpec.parse(dataset_spec)
+    parsed = (dataset_spec if isinstance(dataset_spec, DatasetSpec)
+              else DatasetSpec.parse(dataset_spec, kind=role.kind, error=role.error))
     path = Path(parsed.path).expanduser()
     local = parsed.local  # a revision names the Hub dataset, even with a folder of its name here (dataset_spec)
     saved_folder = local and path.is_dir() and (
         (path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
     if parsed.config is not None and (saved_folder or (local and path.is_file())):  # it would be ignored unsaid
-        raise CalibrationError(
-            f"calibration spec {str(parsed)!r} names the config {parsed.config!r}, but {parsed.path!r} is local data "
+        raise role.error(
+            f"{role.names('spec', str(parsed))} names the config {parsed.config!r}, but {parsed.path!r} is local data "
             f"without configs; use '{parsed.path}:{parsed.split}'")
     if saved_folder:
-        _refuse_large_saved_json(path, parsed)
-        _refuse_empty_saved_split(path, parsed)
+        _refuse_large_saved_json(path, parsed, role)
+        _refuse_empty_saved_split(path, parsed, role)
         try:
             saved = datasets.load_from_disk(str(path))
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:  # pyarrow's errors are ValueErrors
             text = " ".join(str(error).split())[:300]
-            raise CalibrationError(f"calibration dataset {str(parsed)!r} is a Dataset.save_to_disk folder that cannot "
-                                   f"be read ({type(error).__name__}: {text}); it is damaged or incomplete: save it "
-                                   "again with Dataset.save_to_disk") from None
-        return _refuse_empty(_pick_split(saved, parsed), str(parsed))
+            raise role.error(f"{role.names('dataset', str(parsed))} is a Dataset.save_to_disk folder that cannot "
+                             f"be read ({type(error).__name__}: {text}); it is damaged or incomplete: save it "
+                             "again with Dataset.save_to_disk") from None
+        return _refuse_empty(_pick_split(saved, parsed, role), str(parsed), role)
     use_streaming = streaming and not (parsed.split and "[" in parsed.split)
     kwargs: dict[str, Any] = {"split": parsed.split, "streaming": use_streaming}
     if parsed.revision is not None:
@@ -145,14 +160,14 @@ def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, s
     if local and path.is_file():
         builder = FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
-            raise CalibrationError(
-                f"calibration file {parsed.path!r} has an unknown format; use one of "
+            raise role.error(
+                f"{role.names('file', parsed.path)} has an unknown format; use one of "
                 f"{', '.join(sorted(FILE_BUILDERS))} or a dataset folder"
             )
         if path.stat().st_size == 0:  # the packaged builders fail on it with StopIteration or pandas' EmptyDataError
-            raise CalibrationError(f"calibration file {parsed.path!r} is empty (0 bytes): no samples to calibrate "
-                                   "with; pass a file that holds examples")
-        refuse_crashing_file(path, parsed.path)
+            raise role.error(f"{role.names('file', parsed.path)} is empty (0 bytes): no samples to {role.purpose}; "
+                             "pass a file that holds examples")
+        refuse_crashing_file(path, parsed.path, role)
         args: tuple[Any, ...] = (builder,)
         kwargs.update(data_files=str(path), split=parsed.split or "train")
     else:
@@ -163,32 +178,32 @@ def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, s
         loaded = datasets.load_dataset(*args, **kwargs)
     except ValueError as error:
         if "split" in str(error).lower():
-            raise CalibrationError(f"calibration spec {str(parsed)!r}: {error}") from error
-        raise CalibrationError(f"cannot load calibration dataset {str(parsed)!r}: {error}") from error
+            raise role.error(f"{role.names('spec', str(parsed))}: {error}") from error
+        raise role.error(f"cannot load {role.names('dataset', str(parsed))}: {error}") from error
     except StopIteration:  # a JSON builder finding no first record
-        raise CalibrationError(f"calibration dataset {str(parsed)!r} holds no rows: no samples to calibrate with; "
-                               "pass data that holds examples") from None
+        raise role.error(f"{role.names('dataset', str(parsed))} holds no rows: no samples to {role.purpose}; "
+                         "pass data that holds examples") from None
     except RuntimeError as error:  # datasets refuses a loading script (never running it) with a RuntimeError
         script = re.search(r"found (\S+\.py)", str(error))
         if script is None:
             raise
-        raise CalibrationError(
-            f"calibration dataset {str(parsed)!r} is a dataset script ({script.group(1)}), which hf_mudsc never runs "
+        raise role.error(
+            f"{role.names('dataset', str(parsed))} is a dataset script ({script.group(1)}), which hf_mudsc never runs "
             "(nor does datasets any more); pass its data: data files, an imagefolder or a folder written by "
             "Dataset.save_to_disk"
         ) from None
     except (FileNotFoundError, ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as error:
         if local and path.is_dir():  # datasets found no file of a format it reads in it
-            raise CalibrationError(
-                f"calibration folder {parsed.path!r} holds no data files datasets can read "
+            raise role.error(
+                f"{role.names('folder', parsed.path)} holds no data files datasets can read "
                 f"({type(error).__name__}); pass an imagefolder, data files ({', '.join(sorted(FILE_BUILDERS))}) or a "
                 "folder written by Dataset.save_to_disk") from error
-        raise CalibrationError(
-            f"calibration dataset {str(parsed)!r} not found: it is no local folder or file, and the Hub could not "
+        raise role.error(
+            f"{role.names('dataset', str(parsed))} not found: it is no local folder or file, and the Hub could not "
             f"provide it ({type(error).__name__}: {error}); no columns found. Pass an existing path "
             "(e.g. an imagefolder or a save_to_disk folder) or a Hub dataset id as 'repo[:config]:split'"
         ) from error
-    return _pick_split(loaded, parsed)
+    return _pick_split(loaded, parsed, role)
 
 
 #: Deepest nesting of a JSON calibration file read: pyarrow's JSON reader crashes (SIGSEGV) at about 20,000.
@@ -196,7 +211,7 @@ MAX_JSON_DEPTH = 1000
 _JSON_TOKENS = re.compile(rb'[\\"\[\]{}]')
 
 
-def refuse_crashing_file(path: Path, name: str) -> None:
+def refuse_crashing_file(path: Path, name: str, role: DataRole = CALIBRATION) -> None:
     """Refuse the data files that crash pyarrow's readers instead of raising (the process dies without a message):
     JSON nested deeper than `MAX_JSON_DEPTH`, and a `.arrow` file that is no Arrow stream or file."""
     suffix = path.suffix.lower()
@@ -204,8 +219,8 @@ def refuse_crashing_file(path: Path, name: str) -> None:
         with path.open("rb") as handle:
             head = handle.read(8)
         if not (head.startswith(b"ARROW1") or head.startswith(b"\xff\xff\xff\xff")):
-            raise CalibrationError(f"calibration file {name!r} is not an Arrow file (no Arrow stream or file header); "
-                                   "pass a file written by pyarrow / datasets, or a dataset folder")
+            raise role.error(f"{role.names('file', name)} is not an Arrow file (no Arrow stream or file header); "
+                             "pass a file written by pyarrow / datasets, or a dataset folder")
     if suffix not in (".json", ".jsonl"):
         return
     depth, in_string, escaped_at, offset = 0, False, -2, 0
@@ -221,8 +236,8 @@ def refuse_crashing_file(path: Path, name: str) -> None:
                 elif not in_string:
                     depth += 1 if token in (b"[", b"{") else -1
                     if depth > MAX_JSON_DEPTH:
-                        raise CalibrationError(
-                            f"calibration file {name!r} nests values more than {MAX_JSON_DEPTH:,} deep (pyarrow's "
+                        raise role.error(
+                            f"{role.names('file', name)} nests values more than {MAX_JSON_DEPTH:,} deep (pyarrow's "
                             "reader would crash); pass flat records, one per line")
             offset += len(chunk)
 
@@ -247,7 +262,7 @@ def refuse_no_columns(dataset: Any, columns: Sequence[str], name: str, role: Dat
                          "data that holds examples")
 
 
-def _refuse_large_saved_json(folder: Path, parsed: DatasetSpec) -> None:
+def _refuse_large_saved_json(folder: Path, parsed: DatasetSpec, role: DataRole = CALIBRATION) -> None:
     """A `save_to_disk` folder's JSON files (`dataset_dict.json`, each split's `state.json`, `dataset_info.json`) are
     read whole, here and by `load_from_disk`: one over `SIDE_FILE_MAX_BYTES` (they are kilobytes) is refused first."""
     from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES
@@ -255,13 +270,13 @@ def _refuse_large_saved_json(folder: Path, parsed: DatasetSpec) -> None:
     for path in sorted([*folder.glob("*.json"), *folder.glob("*/*.json")]):
         size = path.stat().st_size if path.is_file() else 0
         if size > SIDE_FILE_MAX_BYTES:
-            raise CalibrationError(
-                f"calibration dataset {str(parsed)!r} is a Dataset.save_to_disk folder that cannot be read "
+            raise role.error(
+                f"{role.names('dataset', str(parsed))} is a Dataset.save_to_disk folder that cannot be read "
                 f"({path.relative_to(folder).as_posix()} is {size:,} bytes, more than the {SIDE_FILE_MAX_BYTES:,} "
                 "such a file may be); it is damaged or incomplete: save it again with Dataset.save_to_disk")
 
 
-def _refuse_empty_saved_split(folder: Path, parsed: DatasetSpec) -> None:
+def _refuse_empty_saved_split(folder: Path, parsed: DatasetSpec, role: DataRole = CALIBRATION) -> None:
     """`save_to_disk` writes no data file for an empty split, and `load_from_disk` then fails with an
     IndexError deep in `datasets`: read the split's state.json first."""
     import json
@@ -281,11 +296,11 @@ def _refuse_empty_saved_split(folder: Path, parsed: DatasetSpec) -> None:
     except (OSError, ValueError, AttributeError):
         return
     if data_files == []:
-        raise CalibrationError(f"calibration split {str(parsed)!r} is empty (0 rows): no samples to calibrate "
-                               "with; pass a split that holds examples")
+        raise role.error(f"{role.names('split', str(parsed))} is empty (0 rows): no samples to {role.purpose}; "
+                         "pass a split that holds examples")
 
 
-def _pick_split(loaded: Any, parsed: DatasetSpec) -> Any:
+def _pick_split(loaded: Any, parsed: DatasetSpec, role: DataRole = CALIBRATION) -> Any:
     import datasets
 
     if not isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
@@ -293,14 +308,14 @@ def _pick_split(loaded: Any, parsed: DatasetSpec) -> Any:
     splits = list(loaded)
     if parsed.split is not None:
         if parsed.split not in loaded:
-            raise CalibrationError(
-                f"calibration spec {str(parsed)!r}: no split {parsed.split!r}; available splits: {splits}"
+            raise role.error(
+                f"{role.names('spec', str(parsed))}: no split {parsed.split!r}; available splits: {splits}"
             )
         return loaded[parsed.split]
     if len(splits) == 1:
         return loaded[splits[0]]
-    raise CalibrationError(
-        f"calibration dataset {parsed.path!r} has several splits {splits}; name one as '{parsed.path}:<split>'"
+    raise role.error(
+        f"{role.names('dataset', parsed.path)} has several splits {splits}; name one as '{parsed.path}:<split>'"
     )
 
 
@@ -731,9 +746,9 @@ def resolve_calibration(
     source = "dataset"
     if isinstance(calibration, (str, os.PathLike, DatasetSpec)):
         source = str(calibration if isinstance(calibration, DatasetSpec) else DatasetSpec.parse(calibration))
-        calibration = load_calibration_dataset(calibration, streaming=streaming, token=token)
+        calibration = load_calibration_dataset(calibration, streaming=streaming, token=token, role=role)
     if isinstance(calibration, (datasets.DatasetDict, datasets.IterableDatasetDict)):
-        calibration = _pick_split(calibration, DatasetSpec(path=source))
+        calibration = _pick_split(calibration, DatasetSpec(path=source), role)
     if not isinstance(calibration, (datasets.Dataset, datasets.IterableDataset)):
         return calibration
     _refuse_empty(calibration, source, role)
@@ -751,6 +766,6 @@ def resolve_calibration(
     if keep != columns:
         calibration = calibration.select_columns(keep)
     calibration, sharding = _subset(calibration, num_samples, seed, shuffle)
-    logger.info("calibration from %s: columns %s%s", source, keep,
-                " preprocessed by the parents' processor" if preprocess else "")
+    logger.info("%s from %s: columns %s%s", role.reading, source, keep,
+                f" preprocessed by {role.processor}" if preprocess else "")
     return CalibrationStream(dataset=calibration, preprocess=preprocess, source=source, sharding=sharding)

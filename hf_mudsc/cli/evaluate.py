@@ -176,20 +176,33 @@ def recipe_parents(path: Path, model: str) -> list[str]:
 
 
 def _datasets(
-    args: argparse.Namespace, task_names: list[str], ranges: dict | None
+    args: argparse.Namespace, task_names: list[str], ranges: dict | None, clip: bool = False
 ) -> dict[str, Any] | list[Any]:
     """The --dataset flags -> evaluate_merge's datasets_per_task (opened lazily: bad specs fail fast). Flags that do
-    not map onto the model's tasks raise `UsageError` (exit 2: an invalid command line)."""
+    not map onto the model's tasks raise `UsageError` (exit 2: an invalid command line); `clip`: the model is a CLIP
+    (no task names of its own, so every dataset names its task)."""
     from hf_mudsc.calibrate.datasets import load_calibration_dataset
-    from hf_mudsc.evaluate.tasks import TaskData, spec_task_data, tasks_from_dataset
+    from hf_mudsc.evaluate.batches import evaluation_source
+    from hf_mudsc.evaluate.tasks import (
+        TaskData,
+        one_dataset_per_task_fix,
+        spec_task_data,
+        tasks_from_dataset,
+        tasks_without_rows,
+    )
 
     parsed = [_split_task(v) for v in args.dataset]
     named = [task for task, _ in parsed if task]
     if named and len(named) != len(parsed):
         raise UsageError("name the task of every --dataset (TASK=SPEC) or of none")
+    if clip and not named:
+        raise UsageError("CLIP has no task names of its own: name the task each dataset scores, --dataset TASK=SPEC "
+                         "(its class names: the label column's ClassLabel names, or --class-names TASK=NAME,...)")
 
-    def open_spec(spec: str) -> TaskData:
-        return spec_task_data(spec, load_calibration_dataset(spec), label_column=args.label_column)
+    def open_spec(spec: str, task: str | None) -> TaskData:
+        """The spec opened with the calibration loader, its errors naming evaluation data (of `task`)."""
+        return spec_task_data(spec, load_calibration_dataset(spec, role=evaluation_source(task)),
+                              label_column=args.label_column)
 
     if named:
         twice = sorted({task for task in named if named.count(task) > 1})
@@ -203,12 +216,23 @@ def _datasets(
                 f"unknown task(s) {unknown}; the merged model's tasks are {task_names}: use them in "
                 "--dataset TASK=SPEC"
             )
-        return {task: open_spec(spec) for task, spec in parsed}
+        return {task: open_spec(spec, task) for task, spec in parsed}
     if len(parsed) == 1 and ranges and len(task_names) > 1:
-        source = open_spec(parsed[0][1])
-        return tasks_from_dataset(source.data, task_names, ranges, task_column=args.task_column,
-                                  label_column=args.label_column, name=source.name, split=source.split,
-                                  local=source.local, config=source.config)
+        source = open_spec(parsed[0][1], None)
+        tasks = tasks_from_dataset(source.data, task_names, ranges, task_column=args.task_column,
+                                   label_column=args.label_column, name=source.name, split=source.split,
+                                   local=source.local, config=source.config)
+        missing = tasks_without_rows(tasks)  # None: a stream, unknown until read (the evaluation's error names the fix)
+        if missing:
+            how = (f"--task-column {args.task_column!r} naming each row's task" if args.task_column else
+                   "labels that are ids of the merged model's joint head ("
+                   + ", ".join(f"{task!r} {lo}..{hi - 1}" for task, (lo, hi) in ranges.items()) + ")")
+            raise UsageError(
+                f"--dataset {parsed[0][1]} holds no row of task(s) {missing}: one --dataset for the model's "
+                f"{len(task_names)} tasks must hold every task's rows, with {how}; "
+                + one_dataset_per_task_fix(task_names, cli=True)
+            )
+        return tasks
     if args.task_column:
         raise UsageError("--task-column applies to a single --dataset holding every task")
     if ranges and len(parsed) != len(task_names):
@@ -216,7 +240,8 @@ def _datasets(
             f"{len(parsed)} datasets for the model's {len(task_names)} tasks {task_names}: pass one per task "
             "(optionally TASK=SPEC) or one holding every task"
         )
-    return [open_spec(spec) for _, spec in parsed]
+    return [open_spec(spec, task_names[index] if index < len(task_names) else None)
+            for index, (_, spec) in enumerate(parsed)]
 
 
 def update_card(folder: Path, model: Any, result: Any) -> Path | None:
@@ -334,33 +359,46 @@ def _hub_recipe_parents(loaded: Any) -> list[str] | None:
     return recipe_parents(Path(path), loaded.reference)
 
 
+def check_arguments(args: argparse.Namespace) -> dict[str, list[str]] | None:
+    """The flags that need nothing loaded, checked first (as `merge` checks its options): a wrong one is an invalid
+    command line, refused with argparse's exit code 2 before torch, the models or the data are loaded. Returns the
+    parsed `--class-names`."""
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.num_samples is not None and args.num_samples < 1:
+        raise UsageError(f"--num-samples must be >= 1 (or leave it out to score every row), got {args.num_samples}")
+    if args.parents is not None and len(args.parents) < 2:
+        raise UsageError(f"--parents takes the parents in merge order, at least two (A B [C ...]), got "
+                         f"{len(args.parents)}; or pass --no-parents")
+    try:
+        class_names = _class_names(args.class_names)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if not Path(args.model).expanduser().is_dir() and not _is_hub_id(args.model):
+        raise UsageError(
+            f"{args.model!r} is not a model folder; pass the folder a merge wrote or a Hub id org/name[@revision]"
+        )
+    return class_names
+
+
 def run(args: argparse.Namespace) -> int:
+    class_names = check_arguments(args)  # before the imports below: they take seconds (torch, transformers)
     from hf_mudsc.apply.classifier import task_ranges
     from hf_mudsc.errors import EvaluationError, LoadError
     from hf_mudsc.evaluate.harness import evaluate_merge
+    from hf_mudsc.evaluate.scorers import is_clip_config
     from hf_mudsc.load.parents import load_parent
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.num_samples is not None and args.num_samples < 1:
-        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
-    if args.parents is not None and len(args.parents) < 2:
-        raise ValueError(f"--parents takes the parents in merge order, at least two (A B [C ...]), got "
-                         f"{len(args.parents)}; or pass --no-parents")
     _check_metrics(args.metric or [], args.trust_remote_code)
-    class_names = _class_names(args.class_names)
     folder = Path(args.model).expanduser()
     local = folder.is_dir()
-    if not local and not _is_hub_id(args.model):
-        raise FileNotFoundError(
-            f"{args.model!r} is not a model folder; pass the folder a merge wrote or a Hub id org/name[@revision]"
-        )
     json_path = Path(args.output_json) if args.output_json else (folder / RESULTS_FILENAME if local else None)
     check_replaceable(json_path, folder / CARD_FILENAME if local and not args.no_card else None)
     datasets_per_task = None
     if local:  # check the dataset flags against the config, and read the recipe's parents, before loading any weights
-        ranges = {task: list(bounds) for task, bounds in task_ranges(_local_config(folder)).items()} or None
-        datasets_per_task = _datasets(args, list(ranges or {}), ranges)
+        config = _local_config(folder)
+        ranges = {task: list(bounds) for task, bounds in task_ranges(config).items()} or None
+        datasets_per_task = _datasets(args, list(ranges or {}), ranges, clip=is_clip_config(config))
         parent_refs = _parents(args, folder)
     try:
         merged = load_parent(args.model)
@@ -368,7 +406,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"cannot load the merged model {args.model!r}: {error}") from error
     if datasets_per_task is None:
         ranges = {task: list(bounds) for task, bounds in task_ranges(merged.model.config).items()} or None
-        datasets_per_task = _datasets(args, list(ranges or {}), ranges)  # tasks in parent order
+        datasets_per_task = _datasets(args, list(ranges or {}), ranges,  # tasks in parent order
+                                      clip=is_clip_config(merged.model.config))
     if not local and (args.no_parents or args.parents):
         parent_refs = _parents(args, None)
     elif not local:  # the repo's recipe, at the commit just loaded

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import datasets
@@ -23,13 +24,25 @@ from hf_mudsc.evaluate.names import LABEL_COLUMNS
 from hf_mudsc.evaluate.tasks import TaskData
 
 
-def _dataset_of(source: TaskData) -> Any:
+def _dataset_of(source: TaskData, task: str) -> Any:
     data = source.data
     if isinstance(data, (str, os.PathLike)):
         from hf_mudsc.calibrate.datasets import load_calibration_dataset
 
-        return load_calibration_dataset(os.fspath(data))
+        return load_calibration_dataset(os.fspath(data), role=evaluation_source(task))
     return data
+
+
+def evaluation_source(task: str | None) -> DataRole:
+    """How loading errors and log lines name a task's test data (`task` None: data not yet given a task): the loader
+    is calibration's, but this is evaluation data, read to score (`evaluation dataset './x' (task 'pets') not
+    found`)."""
+    of = f" of task {task!r}" if task else ""
+    escaped = of.replace("{", "{{").replace("}", "}}")  # `empty` and `source` are format templates
+    return DataRole(data=f"evaluation data{of}", empty=f"the evaluation data{escaped} ({{name}})", purpose="score",
+                    error=EvaluationError, reading=f"evaluation data{of}", kind="evaluation",
+                    source="evaluation {what} {name!r}" + (f" (task {task!r})" if task else "").replace(
+                        "{", "{{").replace("}", "}}"))
 
 
 def _select_rows(dataset: Any, source: TaskData, label_column: str, task_names: Sequence[str], task: str) -> Any:
@@ -96,15 +109,15 @@ def evaluation_role(task: str, owners: Sequence[str], processor: Any) -> DataRol
     def whose(thing: str) -> str:
         return f"{owners[0]}'s {thing}" if len(owners) == 1 else f"the {thing} of {', '.join(owners)}"
 
-    return DataRole(
-        data=f"evaluation data of task {task!r}",
+    return replace(
+        evaluation_source(task),
         image_processor=whose("image processor"),
+        processor=whose("processor"),
         lacking=(f"{whose('processor')} ({type(processor).__name__}) has no {{kind}}" if processor is not None
                  else f"{' and '.join(owners)} came with no processor, so no {{kind}}"),
         fix=(f"save a processor that reads it with {' and '.join(owners)} (or load "
              f"{'it' if len(owners) == 1 else 'them'} with one), or score every model with one processor "
-             "(own_processors=False; CLI: --shared-processor)"),
-        empty=f"the evaluation data of task {task!r} ({{name}})", purpose="score", error=EvaluationError)
+             "(own_processors=False; CLI: --shared-processor)"))
 
 
 def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: int, num_samples: int | None,
@@ -142,7 +155,7 @@ def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: in
 
         return tensor_batches(), len(rows), False
 
-    dataset = _dataset_of(source)
+    dataset = _dataset_of(source, task)
     if not isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)):
         raise EvaluationError(
             f"task {task!r}: evaluation data is a {type(dataset).__name__}; pass a datasets.Dataset or "

@@ -53,6 +53,7 @@ from hf_mudsc.evaluate.tasks import (
     classifier_layout,
     clip_layout,
     local_labels,
+    one_dataset_per_task_fix,
     source_name,
     spec_split,
 )
@@ -99,8 +100,10 @@ def evaluate_merge(
         ensemble: also score the parents' ensemble (needs the parents).
         batch_size, num_samples: rows per forward pass; the first `num_samples` rows of each task only.
         processor: preprocesses raw `image`/`text` columns for the merged model(s) and for every parent that has no
-            processor of its own (a bare model object); default: the merged folder's, else parent A's.
-        own_processors: each model loaded with a processor (a folder, Hub id or `LoadedParent`) is scored on ITS
+            processor of its own (a model object whose `name_or_path` folder or cached Hub snapshot holds none, as
+            `merge` looks for it); default: the merged model's, else parent A's.
+        own_processors: each model with a processor (a folder, Hub id, `LoadedParent`, or a model object whose
+            `name_or_path` holds one) is scored on ITS
             processor's inputs, and the ensemble combines each parent's logits on its own inputs of the same rows —
             parents whose processors differ (another image size, normalisation, tokenizer) are otherwise scored on
             inputs they were never trained on. False: every model is scored with `processor` (its default as
@@ -178,6 +181,12 @@ def evaluate_merge(
         return None
     empty = [t for t, n in counts.items() if n == 0]
     if empty:
+        if all(sources[t].label_range is not None or sources[t].task_column is not None for t in empty):
+            raise EvaluationError(  # one dataset given for every task (`tasks_from_dataset`) lacks these tasks' rows
+                f"task(s) {empty} have no evaluation rows in the one dataset given for every task (read by "
+                f"{'its task column' if sources[empty[0]].task_column else 'joint label ids'}); "
+                + one_dataset_per_task_fix(list(sources))
+            )
         raise EvaluationError(
             f"task(s) {empty} have no evaluation rows; check the dataset, split and task mapping"
         )
@@ -382,11 +391,18 @@ def _views(collected: Mapping[str, tuple[list[int], list[int]]], tasks: Sequence
 
 
 def _load(model: Any, what: str) -> tuple[Any, Any]:
-    """(model, processor) from a PreTrainedModel, a LoadedParent, or a folder / Hub reference."""
+    """(model, processor) from a PreTrainedModel, a LoadedParent, or a folder / Hub reference.
+
+    A bare model object gets the processor saved in its `name_or_path` folder (or cached Hub snapshot), found as
+    `merge` finds it (`load.processors.processor_from_name`), so the same objects merge and evaluate alike; None
+    when it has none (e.g. the merged object `merge` returns: it is then scored with parent A's)."""
     from transformers import PreTrainedModel
 
     if isinstance(model, PreTrainedModel):
-        return model, None
+        from hf_mudsc.load.processors import processor_from_name
+
+        name_or_path = str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or "")
+        return model, processor_from_name(name_or_path, getattr(model.config, "_commit_hash", None))
     if hasattr(model, "model") and isinstance(model.model, PreTrainedModel):
         return model.model, getattr(model, "processor", None)
     if isinstance(model, (str, os.PathLike)):

@@ -39,6 +39,11 @@ def is_clip(model: Any) -> bool:
     return hasattr(model, "get_text_features") and hasattr(model, "get_image_features")
 
 
+def is_clip_config(config: Any) -> bool:
+    """`is_clip` from a config alone (an image and a text tower), so the CLI can check its flags before weights."""
+    return hasattr(config, "text_config") and hasattr(config, "vision_config")
+
+
 def _features(output: Any) -> torch.Tensor:
     """`get_*_features` returns a tensor in transformers 4 and an output object (`.pooler_output`) in 5."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output

@@ -90,6 +90,44 @@ def tasks_from_dataset(
                            name=name, split=split, local=local, config=config) for task in task_names}
 
 
+def tasks_without_rows(tasks: Mapping[str, TaskData]) -> list[str] | None:
+    """The tasks of which ONE dataset given for every task (`tasks_from_dataset`) holds no row, read from its task or
+    label column alone (no model, no preprocessing), so that a dataset of one task passed for several is refused
+    before any weights; None when that cannot be known without reading the data (a stream, labels that are class
+    names, a column that is not there: the checks while scoring say those)."""
+    sources = list(tasks.values())
+    data = sources[0].data if sources else None
+    if not isinstance(data, datasets.Dataset):
+        return None
+    first = sources[0]
+    if first.task_column is not None:
+        if first.task_column not in data.column_names:
+            return None
+        named = data.unique(first.task_column)
+        return [task for task, source in tasks.items()
+                if not any(value == source.task_value[1] or (isinstance(value, (int, np.integer))
+                                                            and int(value) == source.task_value[0])
+                           for value in named)]
+    if any(source.label_range is None for source in sources):
+        return None
+    column = first.label_column or next((c for c in LABEL_COLUMNS if c in data.column_names), None)
+    if column is None or column not in data.column_names:
+        return None
+    labels = data.unique(column)
+    if not all(isinstance(label, (int, np.integer)) and not isinstance(label, bool) for label in labels):
+        return None
+    return [task for task, source in tasks.items()
+            if not any(source.label_range[0] <= int(label) < source.label_range[1] for label in labels)]
+
+
+def one_dataset_per_task_fix(task_names: Sequence[str], *, cli: bool = False) -> str:
+    """How to give each task its own dataset, in the API's words (and the CLI's) or, `cli`, the CLI's alone."""
+    flags = " ".join(f"--dataset {task}=SPEC" for task in task_names)
+    if cli:
+        return f"pass one --dataset per task: {flags}"
+    return f"pass one dataset per task ({{task: data, ...}}; CLI: {flags}), or one dataset holding every task's rows"
+
+
 def spec_task_data(spec: str | os.PathLike, data: Any = None, **fields: Any) -> TaskData:
     """The `TaskData` of a dataset spec (`data`: the dataset it opens, default the spec itself), named as results and
     cards show it: a local folder by its own name (never the absolute path, which would reach the results and a
