@@ -142,8 +142,25 @@ class DefaultsOnceFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return text if "(default" in text else super()._get_help_string(action)
 
 
+# The exit status of a command stopped by Ctrl-C: 128 + SIGINT, what a shell reports for a process it killed.
+INTERRUPTED_EXIT = 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; Ctrl-C ends it in one line (exit 130), not a traceback: every writer stages its output
+    and renames it into place (`publish.folder`), so an interrupted run has left nothing half-written."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return run_command(argv)
+    except KeyboardInterrupt:
+        logging.getLogger("hf_mudsc").debug("interrupted", exc_info=True)
+        prog = " ".join(["hf-mudsc", *filter(None, [command_in(argv)])])
+        print(f"{prog}: interrupted (Ctrl-C); nothing was left half-written", file=sys.stderr)
+        return INTERRUPTED_EXIT
+
+
+def run_command(argv: list[str]) -> int:
+    """Parse `argv` and run its command, turning the errors a user can fix into one line and an exit code."""
     parser = build_parser(available=[command] if (command := command_in(argv)) else [])
     args = parser.parse_args(argv)
     if args.quiet and args.verbose:
