@@ -597,3 +597,31 @@ def test_ctrl_c_during_a_merge_exits_130_in_one_line_and_leaves_no_folder(inputs
     assert child.returncode == 130, err
     assert len(err.strip().splitlines()) == 1 and INTERRUPTED.match(err.strip()), err
     assert list(out.parent.iterdir()) == []  # no output, no staging folder
+
+
+def test_a_closed_stdout_ends_a_command_quietly_with_141(merged_once):
+    """QA s19: `hf-mudsc inspect DIR | head -1` printed a BrokenPipeError traceback. Now the command stops quietly
+    with 141, the status a shell reports for `cat file | head -1`'s cat (killed by SIGPIPE), so `set -o pipefail`
+    sees it as it sees coreutils."""
+    import subprocess
+    import sys
+
+    _, out, _ = merged_once
+    child = subprocess.Popen([sys.executable, "-m", "hf_mudsc", "inspect", str(out), "--no-plots"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child.stdout.close()  # the reader is gone before the first line (head -1 having read it)
+    err = child.stderr.read()
+    assert child.wait(timeout=300) == 141, err
+    assert err == ""
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_still_an_error(monkeypatch):
+    """Only a closed stdout is quiet: a BrokenPipeError from another pipe or socket is a real failure."""
+    import importlib
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe (a worker's pipe)")
+
+    monkeypatch.setattr(importlib.import_module("hf_mudsc.cli.inspect"), "run", broken)
+    with pytest.raises(BrokenPipeError):
+        main(["inspect", "d"])
