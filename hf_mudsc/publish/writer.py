@@ -97,7 +97,8 @@ def write_merged_folder(
     merged.save_pretrained(folder)
     if processor is not None:
         processor.save_pretrained(folder)
-    recipe.save(folder / RECIPE_FILENAME)
+    report = getattr(merged, "merge_report", None)  # data read but no spec recorded: it was given in memory
+    recipe.save(folder / RECIPE_FILENAME, calibration_in_memory=bool(getattr(report, "num_samples", 0)))
     plots = write_diagnostics(folder, getattr(getattr(merged, "merge_report", None), "diagnostics", None),
                               evaluation)
     name = model_name or recipe.push_to_hub or (Path(recipe.output).name if recipe.output else None)
