@@ -94,6 +94,9 @@ def test_an_empty_folder_the_tool_wrote_does_not_stop_overwrite(tmp_path):
     with staged_output(out, overwrite=True) as staging:
         (staging / "model.safetensors").write_bytes(b"new")
     assert sorted(p.name for p in out.iterdir()) == [MARKER_FILENAME, "model.safetensors"]
+    (out / "mine").mkdir()  # an output with no sub-folder of its own: the user's empty one is still refused
+    with pytest.raises(FileExistsError, match=r"did not write: mine/;"):
+        check_output(out, overwrite=True)
 
 
 def test_a_copied_marker_does_not_make_someone_elses_folder_replaceable(tmp_path):

@@ -227,7 +227,7 @@ def record_files(folder: str | os.PathLike, *, complete: bool = True, staging: b
             elif path.is_dir() and not path.is_symlink():
                 folders.append(path.relative_to(folder).as_posix())
     marker: dict[str, Any] = {"written_by": WRITER, "version": __version__, "complete": complete, "files": files}
-    if folders:  # the sub-folders it wrote, so that one left empty is its own (`unlisted_files`)
+    if complete:  # the sub-folders it wrote, so that one left empty is its own (`unlisted_files`)
         marker["folders"] = folders
     if staging:  # who is writing: a leftover is only removed once its writer is gone
         marker.update(pid=os.getpid(), host=socket.gethostname())
