@@ -108,6 +108,9 @@ class MergeReport:
     # recipe keys (parents pinned: `org/name@sha`, local folders absolute), and parent A's processor.
     recipe: dict[str, Any] = field(default_factory=dict)
     processor: Any = None
+    # The folders a calibration `Dataset` object was read from (its cache files), which the recipe cannot name:
+    # `save_merged` refuses an output there, as the recipe's calibration path is refused.
+    calibration_folders: list[str] = field(default_factory=list)
     # What `refit="ridge"` / "gate" did (layers, steps, shared-basis score, time) or `refit="repair"` (a
     # RepairReport: layers, scales, time); None without a refit.
     refit: RefitReport | RepairReport | None = None
@@ -380,7 +383,12 @@ def merge(
         run_device = resolve_device(device)
     except ValueError as error:
         raise MergeInputError(str(error)) from None
-    from hf_mudsc.calibrate.datasets import load_calibration_dataset, pin_calibration_revision, resolve_calibration
+    from hf_mudsc.calibrate.datasets import (
+        dataset_folders,
+        load_calibration_dataset,
+        pin_calibration_revision,
+        resolve_calibration,
+    )
     from hf_mudsc.calibrate.distributed import collect_statistics_distributed, is_main_process
     from hf_mudsc.load.parents import dtype_description, load_parents_and_base, parameters_of
 
@@ -407,6 +415,7 @@ def merge(
     # `auto` opens the calibration data it was given: the method it chooses may read it.
     needs_data = calibration is not None if merge_method is None else _reads_data(merge_method, refitting)
     given_calibration_name = _calibration_name(calibration) if calibration is not None else None
+    calibration_folders = dataset_folders(calibration)  # a Dataset object's folder: no output may go there
     calibration_spec = None
     if needs_data and isinstance(calibration, (str, os.PathLike)):
         # A Hub dataset is pinned to its commit (the recipe records it) and read at that commit; a spec that
@@ -779,6 +788,7 @@ def merge(
                                 device=None if device is None else str(device), out_dtype=out_dtype)
     report.recipe = {"models": [pinned_reference(p) for p in parents], **given.values(recipe=True)}
     report.processor = parents[0].processor
+    report.calibration_folders = calibration_folders
     merged.merge_report = report
     logger.info("merged %s with %s", ", ".join(parent_names), merge_method.name)
     return merged

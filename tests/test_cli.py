@@ -232,9 +232,14 @@ def test_calibration_failing_midway_leaves_no_output(inputs, tmp_path, monkeypat
     served: list = []
     monkeypatch.setattr("hf_mudsc.calibrate.datasets.load_calibration_dataset", _raising_calibration(2, error, served))
     out = tmp_path / "out"
-    with pytest.raises(type(error)) as caught:
-        main(["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(out), *FAST])
-    assert caught.value is error and len(served) == 2  # it failed midway, after two good batches
+    argv = ["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(out), *FAST]
+    if isinstance(error, KeyboardInterrupt):  # Ctrl-C: one line and exit 130 (test_ctrl_c_...)
+        assert main(argv) == 130
+    else:
+        with pytest.raises(type(error)) as caught:
+            main(argv)
+        assert caught.value is error
+    assert len(served) == 2  # it failed midway, after two good batches
     assert not out.exists() and leftovers(tmp_path) == []
 
 
@@ -246,8 +251,7 @@ def test_failure_while_writing_leaves_no_output(inputs, tmp_path, monkeypatch):
 
     monkeypatch.setattr("hf_mudsc.publish.card.render_card", broken_card)
     out = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):
-        main(["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(out), *FAST])
+    assert main(["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(out), *FAST]) == 130
     assert list(tmp_path.iterdir()) == []
 
 
@@ -543,3 +547,90 @@ def test_an_auto_choice_made_on_other_parents_is_refused_in_one_line_before_load
     monkeypatch.setattr(pipeline, "check_parents_mergeable", real)
     merged = hf_mudsc.merge(chosen_on, auto_choice=choice)
     assert merged.config.mudsc["method"] == choice.method.name
+
+
+INTERRUPTED = re.compile(r"^hf-mudsc (\w+): interrupted \(Ctrl-C\); nothing was left half-written$")
+
+
+@pytest.mark.parametrize("argv", [["merge", "a", "b", "--output", "o"], ["push", "d", "org/name"],
+                                  ["evaluate", "d", "--dataset", "x"], ["inspect", "d"], ["demo"], ["serve"]])
+def test_ctrl_c_in_any_command_is_one_line_and_exit_130(argv, monkeypatch, capsys):
+    """QA s19: Ctrl-C printed a 62-line traceback ending in KeyboardInterrupt (exit -2)."""
+    import importlib
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(f"hf_mudsc.cli.{argv[0]}"), "run", interrupted)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and INTERRUPTED.match(err.strip())[1] == argv[0], err
+
+
+def test_ctrl_c_during_a_merge_exits_130_in_one_line_and_leaves_no_folder(inputs, tmp_path):
+    """SIGINT to a real `hf-mudsc merge` while it writes its output (held there by a slowed writer)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    a, b, _ = inputs
+    ready, out = tmp_path / "ready", tmp_path / "work" / "merged"
+    out.parent.mkdir()
+    script = (
+        "import pathlib, sys, time\n"
+        "import hf_mudsc.publish.writer as writer\n"
+        "original = writer.write_merged_folder\n"
+        "def slow(folder, *args, **kwargs):\n"
+        "    written = original(folder, *args, **kwargs)\n"
+        f"    pathlib.Path({str(ready)!r}).write_text('written')\n"
+        "    time.sleep(300)\n"
+        "    return written\n"
+        "writer.write_merged_folder = slow\n"
+        "from hf_mudsc.cli.main import main\n"
+        f"sys.exit(main(['-q', 'merge', {str(a)!r}, {str(b)!r}, '--method', 'weight_matching', '--output', "
+        f"{str(out)!r}]))\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ready.exists(), child.communicate()[1] if child.poll() is not None else "the merge never wrote"
+        assert any(out.parent.iterdir())  # the staging folder, half-way
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 130, err
+    assert len(err.strip().splitlines()) == 1 and INTERRUPTED.match(err.strip()), err
+    assert list(out.parent.iterdir()) == []  # no output, no staging folder
+
+
+def test_a_closed_stdout_ends_a_command_quietly_with_141(merged_once):
+    """QA s19: `hf-mudsc inspect DIR | head -1` printed a BrokenPipeError traceback. Now the command stops quietly
+    with 141, the status a shell reports for `cat file | head -1`'s cat (killed by SIGPIPE), so `set -o pipefail`
+    sees it as it sees coreutils."""
+    import subprocess
+    import sys
+
+    _, out, _ = merged_once
+    child = subprocess.Popen([sys.executable, "-m", "hf_mudsc", "inspect", str(out), "--no-plots"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child.stdout.close()  # the reader is gone before the first line (head -1 having read it)
+    err = child.stderr.read()
+    assert child.wait(timeout=300) == 141, err
+    assert err == ""
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_still_an_error(monkeypatch):
+    """Only a closed stdout is quiet: a BrokenPipeError from another pipe or socket is a real failure."""
+    import importlib
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe (a worker's pipe)")
+
+    monkeypatch.setattr(importlib.import_module("hf_mudsc.cli.inspect"), "run", broken)
+    with pytest.raises(BrokenPipeError):
+        main(["inspect", "d"])

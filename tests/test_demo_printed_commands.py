@@ -44,3 +44,27 @@ def test_the_commands_the_demo_prints_run_from_where_it_ran(tmp_path, monkeypatc
         torch.set_num_threads(threads)
     written = (work / output if where == "relative" else tmp_path / "elsewhere" / "my demo") / "model.safetensors"
     assert (work / "merged" / "model.safetensors").read_bytes() == written.read_bytes()
+
+
+def test_num_samples_beyond_the_calibration_set_prints_the_count_used(tmp_path, monkeypatch, capsys, caplog):
+    """QA s19: `--num-samples 100000` printed "(100000 calibration images)" while the merge used the 1258 the set
+    holds (config and card said 1258). Now the printout, the recipe and the card say the count used, and one warning
+    names the option."""
+    import json
+    import logging
+
+    import yaml
+
+    monkeypatch.setattr("hf_mudsc.cli.demo.demo_methods", lambda: [("mudsc (zip)", {"method": "mudsc"})])
+    output = tmp_path / "d"
+    argv = ["demo", "--output", str(output), "--hidden-size", "8", "--epochs", "1", "--num-samples", "100000",
+            "--cache-dir", str(tmp_path / "cache")]
+    with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
+        assert main(argv) == 0
+    used = json.loads((output / "config.json").read_text())["mudsc"]["num_calibration_samples"]
+    assert 0 < used < 100000
+    out = capsys.readouterr().out
+    assert f"({used} calibration images" in out and "100000" not in out.split("Accuracy")[0]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "100000" in r.getMessage()]
+    assert len(warnings) == 1 and "--num-samples" in warnings[0] and str(used) in warnings[0], warnings
+    assert yaml.safe_load((output / "mudsc_recipe.yaml").read_text())["num_samples"] == used

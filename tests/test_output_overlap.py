@@ -109,3 +109,21 @@ def test_an_empty_reference_names_no_input_folder(inputs, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     listed = Recipe(models=["", str(a)], base="").inputs()
     assert [path for kind, path in listed if kind.endswith("folder")] == [str(a)], listed
+
+
+def test_save_merged_refuses_the_folder_of_a_dataset_object_it_calibrated_on(inputs, tmp_path):
+    """QA s19: with `calibration="./calib"` save_merged refused `calib/merged`, but with the same data passed as
+    `datasets.load_from_disk("calib")` it wrote the merged model into the dataset's folder."""
+    import datasets
+
+    import hf_mudsc
+
+    a, b, calibration = inputs
+    merged = hf_mudsc.merge([str(a), str(b)], datasets.load_from_disk(str(calibration)), method="zipit",
+                            num_samples=8, batch_size=8, progress=False)
+    before = sorted(p.name for p in calibration.iterdir())
+    for out in (calibration / "merged", calibration):
+        with pytest.raises(ValueError, match=f"overlaps the calibration data {str(calibration.resolve())!r}"):
+            hf_mudsc.save_merged(merged, out, overwrite=True)
+    assert sorted(p.name for p in calibration.iterdir()) == before
+    assert hf_mudsc.save_merged(merged, tmp_path / "merged").is_dir()  # elsewhere: written

@@ -70,6 +70,35 @@ def test_extra_files_in_a_written_folder_are_named_and_never_deleted(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_an_empty_folder_the_user_made_in_a_written_folder_is_refused_not_deleted(tmp_path):
+    """QA s19: `mkdir good/sub` (empty) in a written output, then `--overwrite`: the folder was silently deleted,
+    while a non-empty one was refused. An entry the tool did not write is never deleted, empty or not."""
+    out = written_output(tmp_path)
+    (out / "mine").mkdir()
+    (out / "sub" / "drafts").mkdir()
+    with pytest.raises(FileExistsError, match=r"files hf-mudsc did not write: mine/, sub/drafts/;"):
+        with staged_output(out, overwrite=True) as staging:
+            (staging / "model.safetensors").write_bytes(b"new")
+    assert (out / "mine").is_dir() and (out / "sub" / "drafts").is_dir()
+    assert (out / "model.safetensors").read_bytes() == b"weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_empty_folder_the_tool_wrote_does_not_stop_overwrite(tmp_path):
+    """The writer may leave a folder empty (`plots/` when there is nothing to draw): it is its own, so replaceable."""
+    out = tmp_path / "out"
+    with staged_output(out) as staging:
+        (staging / "model.safetensors").write_bytes(b"weights")
+        (staging / "plots" / "none").mkdir(parents=True)
+    check_output(out, overwrite=True)
+    with staged_output(out, overwrite=True) as staging:
+        (staging / "model.safetensors").write_bytes(b"new")
+    assert sorted(p.name for p in out.iterdir()) == [MARKER_FILENAME, "model.safetensors"]
+    (out / "mine").mkdir()  # an output with no sub-folder of its own: the user's empty one is still refused
+    with pytest.raises(FileExistsError, match=r"did not write: mine/;"):
+        check_output(out, overwrite=True)
+
+
 def test_a_copied_marker_does_not_make_someone_elses_folder_replaceable(tmp_path):
     out = written_output(tmp_path)
     photos = tmp_path / "photos"

@@ -336,3 +336,30 @@ def test_another_number_or_bool_under_a_name_key_is_refused_naming_the_key_and_q
         Recipe.load(path)
     message = str(caught.value)
     assert key in message and "quote" in message and "\n" not in message, message
+
+
+def test_rerunning_a_recipe_whose_calibration_was_given_in_memory_says_so(tmp_path, capsys):
+    """QA s19: after `save_merged` of a merge given a `Dataset` object, `merge --recipe` said "refit 'gate' needs
+    calibration data: pass --calibration ... or --refit none", as if the recipe had been written without data."""
+    import datasets
+    from test_cli import save_parents_and_data
+
+    import hf_mudsc
+    from hf_mudsc.cli.main import main
+
+    a, b, calibration = save_parents_and_data(tmp_path)
+    merged = hf_mudsc.merge([str(a), str(b)], datasets.load_from_disk(str(calibration)), method="zipit",
+                            num_samples=16, batch_size=8, progress=False)
+    recipe = hf_mudsc.save_merged(merged, tmp_path / "m") / RECIPE_FILENAME
+    capsys.readouterr()  # the setup's lines
+    assert main(["merge", "--recipe", str(recipe), "--output", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "given in memory" in err and "not recorded" in err, err
+    assert "pass the same data with --calibration" in err and "--refit none" not in err, err
+    # Given again with --calibration, it runs; a recipe written without data keeps its own message.
+    assert main(["merge", "--recipe", str(recipe), "--calibration", str(calibration),
+                 "--output", str(tmp_path / "x")]) == 0
+    plain = tmp_path / "plain.yaml"
+    Recipe(models=[str(a), str(b)], method="zipit").save(plain)
+    assert main(["merge", "--recipe", str(plain), "--output", str(tmp_path / "y")]) == 2
+    assert "given in memory" not in capsys.readouterr().err

@@ -118,6 +118,18 @@ def pin_calibration_revision(dataset_spec: str, *, token: str | bool | None = No
     return pinned
 
 
+def dataset_folders(data: Any) -> list[str]:
+    """The folders a `datasets.Dataset` object is read from (its Arrow `cache_files`: a `save_to_disk` folder, a
+    `load_dataset` cache); [] for in-memory data, batches or a spec string. A merge records them so that its output
+    is refused there, as it is in a calibration folder given by path: inputs are never modified."""
+    files = getattr(data, "cache_files", None)
+    if not isinstance(files, list):  # a DatasetDict gives a dict; batches, specs and in-memory data give none
+        return []
+    folders = {str(Path(entry["filename"]).parent) for entry in files
+               if isinstance(entry, Mapping) and entry.get("filename")}
+    return sorted(folders)
+
+
 def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, streaming: bool = True,
                              token: str | bool | None = None, role: DataRole = CALIBRATION) -> Any:
     """The split named by `dataset_spec`, without materialising it; its errors name it as `role` does (the merge's

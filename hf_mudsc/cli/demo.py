@@ -157,6 +157,19 @@ def prepare_inputs(args: argparse.Namespace) -> tuple[Path, Path, Path, Any]:
     return folders[0], folders[1], calibration, splits
 
 
+def samples_used(asked: int, calibration: Path) -> int:
+    """The calibration images the merges read: `asked`, or all the set holds when that is fewer — said once here
+    (each of the demo's merges would warn), and recorded so in the recipe (the same rows: the whole set)."""
+    import datasets
+
+    held = datasets.load_from_disk(str(calibration)).num_rows
+    if asked <= held:
+        return asked
+    logger.warning("--num-samples %d is more than the demo's calibration set holds (%d images): all %d are used",
+                   asked, held, held)
+    return held
+
+
 def cached(folder: Path, needed: str) -> bool:
     """Whether the cache entry `folder` can be used: the demo wrote it (its marker lists `needed`) and every file it
     wrote there is present and unchanged (a file the user added does not matter).
@@ -239,15 +252,16 @@ def _run(args: argparse.Namespace, output: Path) -> int:
 
     folder_a, folder_b, calibration, splits = prepare_inputs(args)
     parents = load_parents([str(folder_a), str(folder_b)])
+    num_samples = samples_used(args.num_samples, calibration)
     recipe = Recipe(models=[str(folder_a), str(folder_b)], calibration=str(calibration), method="mudsc",
-                    matcher="zip", alpha=float(args.alpha), num_samples=args.num_samples,
+                    matcher="zip", alpha=float(args.alpha), num_samples=num_samples,
                     batch_size=CALIBRATION_BATCH, seed=0)
     merged = {}
     # Every registered method with its defaults (the refit runs where `refit="auto"` applies: unit matching), then
     # the paper's merge (no refit) for comparison; the first run is the default merge, the model written out.
     runs = [*demo_methods(), (PAPER_LABEL, {"method": "mudsc", "matcher": "zip", "refit": "none"})]
     print(f"Merging with {', '.join(label for label, _ in runs)} "
-          f"({args.num_samples} calibration images) ...", flush=True)
+          f"({num_samples} calibration images) ...", flush=True)
     labels = []
     for label, run_options in runs:
         options = recipe.override(**run_options).merge_options()

@@ -142,8 +142,51 @@ class DefaultsOnceFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return text if "(default" in text else super()._get_help_string(action)
 
 
+# The exit status of a command stopped by Ctrl-C: 128 + SIGINT, what a shell reports for a process it killed.
+INTERRUPTED_EXIT = 130
+# The exit status of a command whose reader went away (`hf-mudsc inspect DIR | head -1`): 128 + SIGPIPE, what the
+# shell reports for coreutils' `cat` in `cat file | head -1` (killed by SIGPIPE; Python ignores that signal and
+# raises BrokenPipeError instead), so `set -o pipefail` treats both alike.
+BROKEN_PIPE_EXIT = 141
+
+
+def stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reading end was closed (poll says POLLERR): a BrokenPipeError from
+    anything else (a worker's pipe, a socket) is a real failure. Where poll cannot tell, it is taken as stdout's."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.__stdout__.fileno(), select.POLLOUT)
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; Ctrl-C ends it in one line (exit 130), not a traceback: every writer stages its output
+    and renames it into place (`publish.folder`), so an interrupted run has left nothing half-written. A reader
+    of its output that went away (`| head -1`) ends it quietly (exit 141)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = run_command(argv)
+        sys.stdout.flush()  # a closed reader is found here, not in the flush at exit (a traceback nobody catches)
+        return code
+    except BrokenPipeError:
+        if not stdout_reader_gone():
+            raise
+        # Quiet, as coreutils: stdout points at /dev/null so that the interpreter's last flush has nowhere to fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())
+        return BROKEN_PIPE_EXIT
+    except KeyboardInterrupt:
+        logging.getLogger("hf_mudsc").debug("interrupted", exc_info=True)
+        prog = " ".join(["hf-mudsc", *filter(None, [command_in(argv)])])
+        print(f"{prog}: interrupted (Ctrl-C); nothing was left half-written", file=sys.stderr)
+        return INTERRUPTED_EXIT
+
+
+def run_command(argv: list[str]) -> int:
+    """Parse `argv` and run its command, turning the errors a user can fix into one line and an exit code."""
     parser = build_parser(available=[command] if (command := command_in(argv)) else [])
     args = parser.parse_args(argv)
     if args.quiet and args.verbose:

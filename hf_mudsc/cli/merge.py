@@ -21,7 +21,13 @@ from typing import Any
 from hf_mudsc.errors import RecipeError
 from hf_mudsc.load.references import hide_tokens
 from hf_mudsc.options import MergeOptions, flag, int_or_auto, number_or_auto
-from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe, check_local_folders_given
+from hf_mudsc.publish.recipe import (
+    RECIPE_FILENAME,
+    CalibrationMissing,
+    Recipe,
+    check_local_folders_given,
+    refuse_unrecorded_data,
+)
 from hf_mudsc.runner import execute
 
 
@@ -80,7 +86,12 @@ def build_recipe(args: argparse.Namespace, recipe_class: type[Recipe] = Recipe) 
     overrides = {k: v for k, v in vars(args).items() if k in recipe_class.keys() and k != "models"}
     if getattr(args, "models", None):
         overrides["models"] = list(args.models)
-    recipe = loaded.override(**overrides).validate()
+    try:
+        recipe = loaded.override(**overrides).validate()
+    except CalibrationMissing as error:
+        if path:
+            refuse_unrecorded_data(path, error)  # its data was given in memory: say so
+        raise
     if path:  # a recipe pushed to the Hub names local folders by name only: their paths must be given
         check_local_folders_given(path, recipe)
     if not recipe.output and not recipe.push_to_hub and not recipe.dry_run:

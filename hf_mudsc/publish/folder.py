@@ -31,7 +31,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from hf_mudsc._version import __version__
@@ -218,12 +218,17 @@ def record_files(folder: str | os.PathLike, *, complete: bool = True, staging: b
     """
     folder = Path(folder)
     files = {}
+    folders = []
     if complete:
         _normalise_modes(folder)
         for path in _walk(folder):
             if path.is_file() and not path.is_symlink():
                 files[path.relative_to(folder).as_posix()] = _fingerprint_of(path, settled=False)
+            elif path.is_dir() and not path.is_symlink():
+                folders.append(path.relative_to(folder).as_posix())
     marker: dict[str, Any] = {"written_by": WRITER, "version": __version__, "complete": complete, "files": files}
+    if complete:  # the sub-folders it wrote, so that one left empty is its own (`unlisted_files`)
+        marker["folders"] = folders
     if staging:  # who is writing: a leftover is only removed once its writer is gone
         marker.update(pid=os.getpid(), host=socket.gethostname())
     _write_marker(folder, marker)
@@ -231,14 +236,21 @@ def record_files(folder: str | os.PathLike, *, complete: bool = True, staging: b
 
 
 def unlisted_files(folder: str | os.PathLike, *, check_content: bool = False) -> tuple[list[str], list[str]]:
-    """`(foreign, changed)`: entries of `folder` the marker does not list (symlinks always count), and — with
-    `check_content` — listed files whose size or sha256 differ from what was written."""
+    """`(foreign, changed)`: entries of `folder` the marker does not list (symlinks always count; a sub-folder counts
+    unless the marker lists it or a file in it, so an empty one the user made is never deleted with the rest), and —
+    with `check_content` — listed files whose size or sha256 differ from what was written."""
     folder = Path(folder)
-    listed = (read_marker(folder) or {}).get("files", {})
+    marker = read_marker(folder) or {}
+    listed = marker.get("files", {})
+    folders = marker.get("folders")
+    owned = {str(parent) for name in listed for parent in PurePosixPath(name).parents} | set(
+        folders if isinstance(folders, list) else ())
     foreign, changed = [], []
     for path in _walk(folder):
         name = path.relative_to(folder).as_posix()
         if path.is_dir() and not path.is_symlink():
+            if name not in owned and not any(path.iterdir()):  # a non-empty one: its entries are named
+                foreign.append(f"{name}/")  # said as a folder: "did not write: drafts/"
             continue
         entry = listed.get(name)
         if path.is_symlink() or not path.is_file() or not isinstance(entry, dict):

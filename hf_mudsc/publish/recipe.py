@@ -70,6 +70,19 @@ _HEADER = (
     "#   hf-mudsc merge --recipe {name} --output merged-model\n"
     "# Hub parents are pinned to the commits that were used; flags on the command line override keys.\n"
 )
+# The line a recipe file gets when the merge's calibration data was given in memory (a `datasets.Dataset` object or
+# batches to `hf_mudsc.merge`): the file names no data, and re-running it must say why (`refuse_unrecorded_data`).
+IN_MEMORY_NOTE = ("# calibration: given in memory to hf_mudsc.merge (a Dataset object or batches), so not recorded "
+                  "here; re-run with --calibration\n")
+
+
+class CalibrationMissing(RecipeError):
+    """The recipe's method or refit reads calibration data and none is given (`Recipe.validate`); `reader` names
+    which (`refit 'gate'`, `method 'zipit'`)."""
+
+    def __init__(self, message: str, reader: str) -> None:
+        super().__init__(message)
+        self.reader = reader
 
 
 @dataclass
@@ -185,8 +198,9 @@ class Recipe(MergeOptions):
         except OptionError as error:
             raise RecipeError(str(error)) from None
         if self.refit in REFITTING and not self.calibration:
-            raise RecipeError(f"refit {self.refit!r} needs calibration data: pass --calibration (a dataset spec "
-                              "`repo_or_path[@revision][:config]:split` or a saved dataset folder), or --refit none")
+            raise CalibrationMissing(f"refit {self.refit!r} needs calibration data: pass --calibration (a dataset spec "
+                                     "`repo_or_path[@revision][:config]:split` or a saved dataset folder), or --refit "
+                                     "none", reader=f"refit {self.refit!r}")
         for key in ("weights", "density"):
             value = getattr(self, key)
             if isinstance(value, list) and len(value) != len(self.models):
@@ -202,11 +216,11 @@ class Recipe(MergeOptions):
             except (MergeInputError, OptionError) as error:  # one line naming the option
                 raise RecipeError(str(error)) from None
         if method is not None and (method.needs_calibration or method.needs_data) and not self.calibration:
-            raise RecipeError(
+            raise CalibrationMissing(
                 f"method {self.method!r} needs calibration data: pass --calibration "
                 "(a dataset spec `repo_or_path[@revision][:config]:split` or a saved dataset folder), "
-                f"or merge without data: --method {' / '.join(data_free_methods(len(self.models))[:3]) or 'auto'}"
-            )
+                f"or merge without data: --method {' / '.join(data_free_methods(len(self.models))[:3]) or 'auto'}",
+                reader=f"method {self.method!r}")
         if self.push_to_hub is not None and looks_like_token(self.push_to_hub):  # every Hub call would carry it
             raise RecipeError("push_to_hub (CLI: --push-to-hub) looks like a Hugging Face access token (not shown); "
                               f"give the repo to create as `org/name`, and {TOKEN_FIX}")
@@ -254,16 +268,20 @@ class Recipe(MergeOptions):
             data = {"hf_mudsc_version": __version__, **data}
         return data
 
-    def to_yaml(self, *, reproducible: bool = True, name: str = RECIPE_FILENAME) -> str:
-        """The recipe as YAML; `reproducible=False` adds the command-line-only fields (for display, not loadable)."""
+    def to_yaml(self, *, reproducible: bool = True, name: str = RECIPE_FILENAME,
+                calibration_in_memory: bool = False) -> str:
+        """The recipe as YAML; `reproducible=False` adds the command-line-only fields (for display, not loadable);
+        `calibration_in_memory`: the merge read data given in memory, which the file says (`IN_MEMORY_NOTE`)."""
         body = yaml.dump(self.to_dict(reproducible=reproducible), Dumper=RecipeDumper, sort_keys=False,
                          allow_unicode=True)
-        return _HEADER.format(name=name) + body
+        note = IN_MEMORY_NOTE if calibration_in_memory and not self.calibration else ""
+        return _HEADER.format(name=name) + note + body
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, *, calibration_in_memory: bool = False) -> Path:
         """Write the recipe file; it never holds `COMMAND_LINE_ONLY_KEYS`, so it can be loaded and re-run."""
         path = Path(path)
-        path.write_text(self.to_yaml(reproducible=True, name=path.name), encoding="utf-8")
+        path.write_text(self.to_yaml(reproducible=True, name=path.name, calibration_in_memory=calibration_in_memory),
+                        encoding="utf-8")
         return path
 
 
@@ -378,6 +396,18 @@ def check_local_folders_given(path: str | os.PathLike, recipe: Recipe) -> None:
             f"{'its path (or a Hub id)' if one else 'their paths (or Hub ids)'}: "
             f"{'; '.join(dict.fromkeys(missing.values()))} — or write them into the file"
         )
+
+
+def refuse_unrecorded_data(path: str | os.PathLike, error: CalibrationMissing) -> None:
+    """Say why a recipe file names no calibration data when its merge was given the data in memory
+    (`IN_MEMORY_NOTE`): `error` (the generic "needs calibration data") would suggest the merge ran without any."""
+    if IN_MEMORY_NOTE not in Path(path).read_text(encoding="utf-8"):
+        return
+    raise RecipeError(
+        f"recipe {str(path)!r}: the merge's calibration data was given in memory (a Dataset object or batches to "
+        f"hf_mudsc.merge), so it is not recorded in the recipe, and {error.reader} needs it: pass the same data "
+        "with --calibration (a dataset spec `repo_or_path[@revision][:config]:split` or a saved dataset folder)"
+    ) from None
 
 
 def _calibration_path(spec: str | None) -> Path | None:

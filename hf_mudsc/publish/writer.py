@@ -97,7 +97,8 @@ def write_merged_folder(
     merged.save_pretrained(folder)
     if processor is not None:
         processor.save_pretrained(folder)
-    recipe.save(folder / RECIPE_FILENAME)
+    report = getattr(merged, "merge_report", None)  # data read but no spec recorded: it was given in memory
+    recipe.save(folder / RECIPE_FILENAME, calibration_in_memory=bool(getattr(report, "num_samples", 0)))
     plots = write_diagnostics(folder, getattr(getattr(merged, "merge_report", None), "diagnostics", None),
                               evaluation)
     name = model_name or recipe.push_to_hub or (Path(recipe.output).name if recipe.output else None)
@@ -167,7 +168,10 @@ def publish(
     failure: Exception | None = None
     kept: Path | None = None
     # The output may not overlap what the merge read (its parents, data), as `hf-mudsc merge` checks before merging.
-    inputs = (recipe if recipe is not None else recipe_of(merged)).inputs() if output is not None else ()
+    inputs = [] if output is None else [
+        *(recipe if recipe is not None else recipe_of(merged)).inputs(),
+        *(("calibration data", folder) for folder in getattr(getattr(merged, "merge_report", None),
+                                                              "calibration_folders", None) or ())]
     with staged_output(output, overwrite=overwrite, inputs=inputs, flag=output_flag) as staging:
         write_merged_folder(staging, merged, recipe=recipe, parents=parents, processor=processor,
                             eval_results=eval_results, model_name=model_name)
