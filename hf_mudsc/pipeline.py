@@ -870,16 +870,15 @@ def _warn_unused(options: MergeOptions, used: Mapping[str, Any], method: MergeMe
 
 def _warn_inert(options: MergeOptions, method: MergeMethod, calibration: Any, refit_value: str) -> None:
     """Say which options were set (away from their defaults) for a part of the merge that does not run — a refit
-    setting with no refit (REPAIR reads `refit_samples` only), a calibration setting without data, head pairing for a
-    method that matches no units — and a base given to a method that does not read it (`needs_base_model`): they
-    change nothing, said like a per-method option the method does not read (`_warn_unread`)."""
+    setting with no refit (REPAIR reads `refit_samples` only), a calibration setting without data — and a base given
+    to a method that does not read it (`needs_base_model`): they change nothing, said like a per-method option the
+    method does not read (`_warn_unread`)."""
     defaults = {f.name: f.default for f in MergeOptions.option_fields()}
     refit_names = (("refit_lambda", "refit_norms", "refit_samples") if refit_value == "none"
                    else ("refit_lambda", "refit_norms") if refit_value == "repair" else ())
     cases = [(refit_names, "no refit runs" if refit_value == "none" else "refit='repair' reads only refit_samples"),
              (("num_samples", "image_column", "text_column", "statistics_dtype") if calibration is None else (),
-              "no calibration data is given"),
-             (("independent_heads",) if not method.matches_units else (), f"method {method.name} matches no units")]
+              "no calibration data is given")]
     for names, reason in cases:
         set_names = [name for name in names if getattr(options, name) != defaults[name]]
         if set_names:

@@ -223,12 +223,11 @@ def test_reference_compat_with_a_method_that_matches_no_units_is_warned_about(ca
     ("weight_matching", {"num_samples": 5}, False, "num_samples= (CLI: --num-samples)"),
     ("weight_matching", {"image_column": "foo"}, False, "image_column= (CLI: --image-column)"),
     ("weight_matching", {"statistics_dtype": "float64"}, False, "statistics_dtype= (CLI: --statistics-dtype)"),
-    ("linear", {"independent_heads": True}, False, "independent_heads= (CLI: --independent-heads)"),
 ])
 def test_options_the_merge_does_not_read_are_said_to_have_no_effect(caplog, method, keywords, data, named):
     """QA: options the merge never reads were accepted silently (other unread options get a warning): a refit
-    setting with no refit, calibration settings without calibration data, head pairing for a method that matches
-    no units. Each is now said in one warning, and the merge is what it is without them."""
+    setting with no refit, calibration settings without calibration data. Each is now said in one warning, and the
+    merge is what it is without them."""
     parents = [make_model("vit_cls", seed=1), make_model("vit_cls", seed=2)]
     batches = make_batches("vit_cls", num_batches=2) if data else None
     with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
