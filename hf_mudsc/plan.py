@@ -795,7 +795,8 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         base=base_whole, copies=copies, whole=whole, multi_start=not options.reference_compat,
         alpha_search=not automatic and alpha_searched(method, options, len(models)), refit=refit,
         refit_layers=refitted, refit_examples=refit_examples, refit_memory=refit_memory,
-        data_pass_flops=method.data_pass_flops(_pass_facts(models_meta[0], spec, shapes, embeddings, tokens),
+        data_pass_flops=method.data_pass_flops(_pass_facts(models_meta[0], spec, shapes, linear, tokens,
+                                                           parents[0].num_parameters),
                                                len(models)) if method.needs_data else 0.0)
     warnings = []
     if calibration_plan is not None and rows is not None and method.needs_calibration:
@@ -851,20 +852,18 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     return plan
 
 
-def _pass_facts(model: Any, spec: Any, shapes: Mapping[str, tuple[int, ...]], embeddings: set[str],
-                tokens: Mapping[str, int]) -> Any:
-    """`PassFacts` of parent A (a weightless model) for a method's own data pass (`MergeMethod.data_pass_flops`)."""
+def _pass_facts(model: Any, spec: Any, shapes: Mapping[str, tuple[int, ...]], linear: Mapping[str, int],
+                tokens: Mapping[str, int], parameters: int) -> Any:
+    """`PassFacts` of parent A (a weightless model; `linear`: its matrix weights' sizes, as `forward_flops` reads them)
+    for a method's own data pass (`MergeMethod.data_pass_flops`)."""
     from hf_mudsc.methods.registry import PassFacts
     from hf_mudsc.solve.regmean import transformer_blocks
 
-    matrices = {name: shape for name, shape in shapes.items() if len(shape) == 2 and name not in embeddings}
-    linear = {name: _numel(shape) for name, shape in matrices.items()}
     head = spec.classifier.weight if spec.classifier is not None else None
     return PassFacts(forward=forward_flops(linear, tokens),
-                     grams=float(sum(4 * _tokens_for(name, tokens) * shape[1] ** 2
-                                     for name, shape in matrices.items())),
-                     parameters=sum(_numel(shape) for shape in shapes.values()),
-                     classes=shapes[head][0] if head in shapes else 0,
+                     grams=float(sum(4 * _tokens_for(name, tokens) * shapes[name][1] ** 2
+                                     for name in linear if len(shapes[name]) == 2)),
+                     parameters=parameters, classes=shapes[head][0] if head in shapes else 0,
                      blocks=len(transformer_blocks(model)))
 
 

@@ -757,8 +757,10 @@ def resolve_calibration(
         return calibration
     source = "dataset"
     if isinstance(calibration, (str, os.PathLike, DatasetSpec)):
-        source = str(calibration if isinstance(calibration, DatasetSpec) else DatasetSpec.parse(calibration))
-        calibration = load_calibration_dataset(calibration, streaming=streaming, token=token, role=role)
+        parsed = (calibration if isinstance(calibration, DatasetSpec)
+                  else DatasetSpec.parse(calibration, kind=role.kind, error=role.error))
+        source = str(parsed)
+        calibration = load_calibration_dataset(parsed, streaming=streaming, token=token, role=role)
     if isinstance(calibration, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         calibration = _pick_split(calibration, DatasetSpec(path=source), role)
     if not isinstance(calibration, (datasets.Dataset, datasets.IterableDataset)):

@@ -99,8 +99,7 @@ def write_merged_folder(
         processor.save_pretrained(folder)
     report = getattr(merged, "merge_report", None)  # data read but no spec recorded: it was given in memory
     recipe.save(folder / RECIPE_FILENAME, calibration_in_memory=bool(getattr(report, "num_samples", 0)))
-    plots = write_diagnostics(folder, getattr(getattr(merged, "merge_report", None), "diagnostics", None),
-                              evaluation)
+    plots = write_diagnostics(folder, getattr(report, "diagnostics", None), evaluation)
     name = model_name or recipe.push_to_hub or (Path(recipe.output).name if recipe.output else None)
     render_card(merged, recipe, parents=list(parents) if parents is not None else None,
                 eval_results=eval_results, model_name=name, plots=plots,
