@@ -280,7 +280,9 @@ def test_push_refuses_an_incomplete_folder_before_contacting_the_hub(merged_once
         raise AssertionError("the Hub was contacted for an invalid folder")
 
     monkeypatch.setattr("huggingface_hub.HfApi.repo_exists", no_hub)
-    assert main(["push", str(tmp_path / "missing"), "org/x"]) == 1
+    # A folder that is not there and a repo id that is no `org/name` are a wrong command line: argparse's exit code
+    # 2 (they were 1, the code of work that failed); an incomplete folder is a failure of the folder: 1.
+    assert main(["push", str(tmp_path / "missing"), "org/x"]) == 2
     assert "no merged-model folder" in capsys.readouterr().err
     partial = tmp_path / "partial"
     partial.mkdir()
@@ -288,7 +290,7 @@ def test_push_refuses_an_incomplete_folder_before_contacting_the_hub(merged_once
     assert main(["push", str(partial), "org/x"]) == 1
     err = capsys.readouterr().err
     assert "missing README.md, mudsc_recipe.yaml, *.safetensors weights" in err
-    assert main(["push", str(out), "not-a-repo-id"]) == 1
+    assert main(["push", str(out), "not-a-repo-id"]) == 2
     assert "must look like `org/name`" in capsys.readouterr().err
 
 

@@ -781,10 +781,30 @@ def test_a_metric_given_twice_or_none_is_refused_before_loading_not_written_twic
     _, out, tests = backward
     json_path = tmp_path / "twice.json"
     assert main(["evaluate", str(out), "--dataset", str(tests["zeta"]), "--dataset", str(tests["alpha"]),
-                 "--output-json", str(json_path), "--metric", "accuracy", "--metric", "accuracy"]) == 1
+                 "--output-json", str(json_path), "--metric", "accuracy", "--metric", "accuracy"]) == 2
     err = capsys.readouterr().err
     assert "metric 'accuracy' is given twice" in err and len(err.strip().splitlines()) == 1
     assert not json_path.exists()
+
+
+def test_the_cli_refuses_a_metric_flag_as_an_invalid_command_line_before_torch(tmp_path, capsys):
+    """A metric named twice, or one not shipped without --trust-remote-code, is a wrong command line: argparse's exit
+    code 2 (it was 1, the code of work that failed), checked with the other flags before torch is imported — the model
+    folder need not even exist for the metric flag to be named."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from hf_mudsc.cli.main import main; code = main(sys.argv[1:]); "
+             "print('torch imported' if 'torch' in sys.modules else 'torch not imported'); sys.exit(code)")
+    cases = ((["--metric", "f1", "--metric", "f1"], "metric 'f1' is given twice; name each metric once"),
+             (["--metric", "bleu"], "metric 'bleu' is not shipped with hf-mudsc"),
+             (["--metric", "bleu", "--trust-remote-code", "--metric", "bleu"], "metric 'bleu' is given twice"))
+    for flags, said in cases:
+        done = subprocess.run([sys.executable, "-c", probe, "evaluate", str(tmp_path / "no-such-model"),
+                               "--dataset", "x:test", *flags], capture_output=True, text=True)
+        assert done.returncode == 2, (flags, done.stderr)
+        assert said in done.stderr and len(done.stderr.strip().splitlines()) == 1, (flags, done.stderr)
+        assert done.stdout.strip() == "torch not imported", flags
 
 
 def test_a_class_label_column_sharing_some_class_names_at_other_ids_is_refused_not_read_by_id():

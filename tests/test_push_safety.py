@@ -238,7 +238,7 @@ def test_a_token_given_as_the_repo_to_push_to_is_refused_without_echoing_it(merg
     """A token pasted where the repo id goes was echoed in the error, and `org/<token>` was sent to the Hub in the
     URL of every call, then created as a (public) repo named after the token."""
     a, b, calibration = inputs
-    argvs = [(1, ["push", str(merged), repo]),  # merge: a recipe error (exit code 2), before anything is loaded
+    argvs = [(2, ["push", str(merged), repo]),  # an invalid command line (exit code 2), as merge says it
              (2, ["merge", str(a), str(b), "--calibration", str(calibration), "--push-to-hub", repo, *FAST]),
              (2, ["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(tmp_path / "out"),
                   "--push-to-hub", repo, *FAST])]

@@ -30,8 +30,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hf_mudsc.errors import UsageError
-from hf_mudsc.evaluate.names import DEFAULT_PROMPT, JOINT_RULES, RESULTS_FILENAME, SHIPPED_METRIC_NAMES
+from hf_mudsc.errors import EvaluationError, UsageError
+from hf_mudsc.evaluate.names import (
+    DEFAULT_PROMPT,
+    JOINT_RULES,
+    RESULTS_FILENAME,
+    SHIPPED_METRIC_NAMES,
+    check_metric_names,
+)
 from hf_mudsc.load.references import hide_tokens
 from hf_mudsc.publish.folder import write_file_atomically
 from hf_mudsc.publish.hub import CARD_FILENAME
@@ -318,14 +324,14 @@ def _is_hub_id(reference: str) -> bool:
 
 
 def _check_metrics(names: list[str], trust_remote_code: bool) -> None:
-    """Each metric once; metrics other than the shipped ones run a script: only with --trust-remote-code (before any
-    loading)."""
-    from hf_mudsc.evaluate.metrics import check_metric_names
-
-    check_metric_names(names or ["accuracy"])
+    """Each metric once; metrics other than the shipped ones run a script: only with --trust-remote-code."""
+    try:
+        check_metric_names(names or ["accuracy"])
+    except EvaluationError as error:
+        raise UsageError(str(error)) from None
     foreign = [name for name in names if name not in SHIPPED_METRIC_NAMES]
     if foreign and not trust_remote_code:
-        raise ValueError(
+        raise UsageError(
             f"metric {foreign[0]!r} is not shipped with hf-mudsc (shipped: {', '.join(SHIPPED_METRIC_NAMES)}); "
             "loading it runs its Python script: pass --trust-remote-code if you trust that code"
         )
@@ -374,6 +380,7 @@ def check_arguments(args: argparse.Namespace) -> dict[str, list[str]] | None:
         class_names = _class_names(args.class_names)
     except ValueError as error:
         raise UsageError(str(error)) from None
+    _check_metrics(args.metric or [], args.trust_remote_code)
     if not Path(args.model).expanduser().is_dir() and not _is_hub_id(args.model):
         raise UsageError(
             f"{args.model!r} is not a model folder; pass the folder a merge wrote or a Hub id org/name[@revision]"
@@ -384,12 +391,11 @@ def check_arguments(args: argparse.Namespace) -> dict[str, list[str]] | None:
 def run(args: argparse.Namespace) -> int:
     class_names = check_arguments(args)  # before the imports below: they take seconds (torch, transformers)
     from hf_mudsc.apply.classifier import task_ranges
-    from hf_mudsc.errors import EvaluationError, LoadError
+    from hf_mudsc.errors import LoadError
     from hf_mudsc.evaluate.harness import evaluate_merge
     from hf_mudsc.evaluate.scorers import is_clip_config
     from hf_mudsc.load.parents import load_parent
 
-    _check_metrics(args.metric or [], args.trust_remote_code)
     folder = Path(args.model).expanduser()
     local = folder.is_dir()
     json_path = Path(args.output_json) if args.output_json else (folder / RESULTS_FILENAME if local else None)

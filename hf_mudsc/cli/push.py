@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from hf_mudsc.errors import UsageError
 from hf_mudsc.load.references import hide_tokens
 from hf_mudsc.publish.recipe import RECIPE_FILENAME
 
@@ -32,8 +34,15 @@ def run(args: argparse.Namespace) -> int:
     from huggingface_hub.errors import HfHubHTTPError
 
     from hf_mudsc.errors import PushError
-    from hf_mudsc.publish.hub import push_folder
+    from hf_mudsc.publish.hub import check_repo_id, push_folder
 
+    # The two arguments themselves, before anything is read: a wrong one is an invalid command line (exit 2).
+    if not Path(args.folder).is_dir():
+        raise UsageError(f"no merged-model folder at {args.folder!r}; run `hf-mudsc merge ... --output DIR` first")
+    try:
+        check_repo_id(args.repo_id, flag="ORG/NAME")
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     try:
         result = push_folder(args.folder, args.repo_id, private=args.private, overwrite=args.overwrite,
                              token=getattr(args, "token", None), flag="ORG/NAME")

@@ -33,7 +33,7 @@ import torch
 
 from hf_mudsc.errors import EvaluationError
 from hf_mudsc.evaluate.batches import task_batches
-from hf_mudsc.evaluate.metrics import check_metric_names, compute_metric, load_metric
+from hf_mudsc.evaluate.metrics import compute_metric, load_metric
 from hf_mudsc.evaluate.names import (
     AVERAGE,
     DEFAULT_PROMPT,
@@ -41,6 +41,7 @@ from hf_mudsc.evaluate.names import (
     JOINT,
     JOINT_RULES,
     MERGED,
+    check_metric_names,
     parent_letter,
     parent_names,
 )

@@ -78,16 +78,6 @@ class F1(evaluate.Metric):
 SHIPPED_METRICS: dict[str, type[evaluate.Metric]] = {"accuracy": Accuracy, "f1": F1}
 
 
-def check_metric_names(names: Sequence[str]) -> None:
-    """At least one metric, each once: a metric named twice would put every figure twice on the card (its table and
-    `model-index`), none would give a result without figures."""
-    if not names:
-        raise EvaluationError(f"no metric to compute: pass at least one (shipped: {', '.join(SHIPPED_METRICS)})")
-    twice = next((name for index, name in enumerate(names) if name in names[:index]), None)
-    if twice is not None:
-        raise EvaluationError(f"metric {twice!r} is given twice; name each metric once")
-
-
 def load_metric(name: str, *, trust_remote_code: bool = False) -> evaluate.EvaluationModule:
     """A shipped metric by name (offline); any other name, folder or Space only with `trust_remote_code=True`.
 

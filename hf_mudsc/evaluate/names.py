@@ -6,6 +6,10 @@ seconds) just for these strings would make help slow.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from hf_mudsc.errors import EvaluationError
+
 JOINT = "joint"
 #: How a concatenated head (merged model or ensemble) decides the joint test: `per_task` — each task's softmax
 #: over its own slice, then the argmax (the default); `raw` — the argmax over the raw concatenated logits (what a
@@ -29,3 +33,14 @@ LABEL_COLUMNS = ("label", "labels")
 DEFAULT_PROMPT = "a photo of a {}."
 RESULTS_FILENAME = "eval_results.json"
 SHIPPED_METRIC_NAMES = ("accuracy", "f1")  # the keys of metrics.SHIPPED_METRICS (a test keeps them equal)
+
+
+def check_metric_names(names: Sequence[str]) -> None:
+    """At least one metric, each once: a metric named twice would put every figure twice on the card (its table and
+    `model-index`), none would give a result without figures. Here, not in `metrics`, so the CLI checks its flags
+    before the evaluation stack is imported."""
+    if not names:
+        raise EvaluationError(f"no metric to compute: pass at least one (shipped: {', '.join(SHIPPED_METRIC_NAMES)})")
+    twice = next((name for index, name in enumerate(names) if name in names[:index]), None)
+    if twice is not None:
+        raise EvaluationError(f"metric {twice!r} is given twice; name each metric once")
