@@ -68,3 +68,10 @@ def test_num_samples_beyond_the_calibration_set_prints_the_count_used(tmp_path, 
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "100000" in r.getMessage()]
     assert len(warnings) == 1 and "--num-samples" in warnings[0] and str(used) in warnings[0], warnings
     assert yaml.safe_load((output / "mudsc_recipe.yaml").read_text())["num_samples"] == used
+    # `demo --help` says how many the set holds (it did not), and that is the count a merge used.
+    from hf_mudsc.cli.demo import CALIBRATION_IMAGES
+
+    assert used == CALIBRATION_IMAGES
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert f"the set holds {CALIBRATION_IMAGES}" in " ".join(capsys.readouterr().out.split())

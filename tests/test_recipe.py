@@ -356,6 +356,12 @@ def test_rerunning_a_recipe_whose_calibration_was_given_in_memory_says_so(tmp_pa
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "given in memory" in err and "not recorded" in err, err
     assert "pass the same data with --calibration" in err and "--refit none" not in err, err
+    # `inspect RECIPE` refused it with the generic message: it shows it, saying the data is to be given.
+    assert main(["inspect", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "calibration: given in memory to hf_mudsc.merge, not recorded, 16 samples" in out, out
+    assert "to give:     the calibration data" in out, out
+    assert f"Run it with `hf-mudsc merge --recipe {recipe} --calibration DATA --output DIR`." in out, out
     # Given again with --calibration, it runs; a recipe written without data keeps its own message.
     assert main(["merge", "--recipe", str(recipe), "--calibration", str(calibration),
                  "--output", str(tmp_path / "x")]) == 0

@@ -39,6 +39,9 @@ DEFAULT_CACHE = cache_root() / "demo"
 # these a run would train for hours, or fail only once the first layer is allocated (a width of millions).
 MAX_EPOCHS = 1000
 MAX_HIDDEN_SIZE = 1024
+#: The demo's calibration set: the training images of both tasks (`toy.digit_splits`' 70 % of scikit-learn's 1797
+#: digits, per class). For `--help`, which must not load the digits; a test keeps it equal to the set.
+CALIBRATION_IMAGES = 1258
 TASK_NAMES = ("digits-0-4", "digits-5-9")
 CALIBRATION_BATCH = 64
 DATASET_NAME = "sklearn digits"
@@ -102,7 +105,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--epochs", type=int, default=30, metavar="N", help=f"training epochs per parent (at most {MAX_EPOCHS})")
     add("--seeds", type=int, nargs=2, default=(0, 1), metavar=("A", "B"),
         help="initialization seeds of A and B")
-    add("--num-samples", type=int, default=512, metavar="N", help="calibration images (from both tasks)")
+    add("--num-samples", type=int, default=512, metavar="N",
+        help=f"calibration images (from both tasks; the set holds {CALIBRATION_IMAGES}: a larger N uses them all)")
     add("--alpha", type=float, default=0.5, metavar="A", help="MuDSC balance factor (weight-space share)")
     add("--cache-dir", metavar="DIR", default=str(DEFAULT_CACHE),
         help="where trained parents and the calibration set are kept between runs")

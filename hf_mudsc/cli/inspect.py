@@ -219,13 +219,24 @@ def redraw_in_place(folder: Path, diagnostics: Any, evaluation: Mapping[str, Any
 # ---------------------------------------------------------------------------------------------- a recipe
 
 
+#: What `inspect RECIPE` shows for calibration data a merge was given in memory (the run command's placeholder).
+IN_MEMORY_STAND_IN = "DATA"
+
+
 def inspect_recipe(path: Path) -> int:
     """Print what the recipe would merge: parents, method and the options it sets (nothing is loaded)."""
     from hf_mudsc.methods.auto import is_auto
     from hf_mudsc.methods.registry import get_method
-    from hf_mudsc.publish.recipe import Recipe, unresolved_published_entries
+    from hf_mudsc.publish.recipe import IN_MEMORY_NOTE, Recipe, unresolved_published_entries
 
-    recipe = Recipe.load(path).validate()  # what the merge would refuse is refused here too
+    text = path.read_text(encoding="utf-8")
+    recipe = Recipe.load(path)
+    # A merge given its data in memory recorded none (the file says so): a run must pass it, like a local folder
+    # named by name only; every other check still runs, on a stand-in spec.
+    in_memory = IN_MEMORY_NOTE in text and not recipe.calibration
+    if in_memory:
+        recipe.calibration = IN_MEMORY_STAND_IN
+    recipe = recipe.validate()  # what the merge would refuse is refused here too
     defaults = Recipe()
     lines = [f"Recipe {path}", f"  would merge: {', '.join(recipe.models) or '(no parents)'}"]
     if is_auto(recipe.method):
@@ -239,14 +250,19 @@ def inspect_recipe(path: Path) -> int:
     lines.append(f"  method:      {recipe.method}{f' ({settings})' if settings else ''}")
     if recipe.calibration:
         samples = f", {recipe.num_samples} samples" if recipe.num_samples else ", every sample"
-        lines.append(f"  calibration: {recipe.calibration}{samples}")
+        where = "given in memory to hf_mudsc.merge, not recorded" if in_memory else recipe.calibration
+        lines.append(f"  calibration: {where}{samples}")
     shown = {"models", "method", "matcher", "alpha", "calibration", "num_samples"}
     others = [f"{key} = {getattr(recipe, key)!r}" for key in Recipe.keys()
               if key not in shown and getattr(recipe, key) != getattr(defaults, key)]
     lines.append(f"  other options: {', '.join(others) if others else 'all at their defaults'}")
     # A recipe pushed from local folders names them by folder name only: a run needs their paths.
-    unresolved = unresolved_published_entries(path.read_text(encoding="utf-8"), recipe)
+    unresolved = unresolved_published_entries(text, recipe)
     command = ["hf-mudsc merge", "--recipe", str(path), "--output DIR"]
+    if in_memory:
+        lines.append("  to give:     the calibration data (the merge was given it in memory, as a Dataset object "
+                     "or batches)")
+        command[-1:-1] = [f"--calibration {IN_MEMORY_STAND_IN}"]
     if unresolved:
         lines.append("  to give:     " + ", ".join(f"{entry.label} `{entry.given}`" for entry in unresolved)
                      + " (local folders on the machine that merged, named by folder name only)")
