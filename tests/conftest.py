@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
+
+THROWAWAY_HOME = "hf_mudsc_test_home_"
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf_mudsc_test_home_"))
+# Under pytest-xdist (the README's `-n 2`) each worker takes its own throwaway cache: the one the controller made
+# reaches the workers through the environment, and two workers filling one cache would see each other's files.
+if os.environ.get("PYTEST_XDIST_WORKER") and Path(os.environ.get("HF_HOME", "")).name.startswith(THROWAWAY_HOME):
+    del os.environ["HF_HOME"]
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix=THROWAWAY_HOME))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # The suite's models are tiny: one thread avoids OpenMP synchronisation that dominates small ops (and that

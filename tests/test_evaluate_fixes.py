@@ -280,7 +280,7 @@ def test_a_metric_script_runs_only_with_trust_remote_code(backward, marker_metri
     json_path = tmp_path / "metric.json"
     base = ["evaluate", str(out), "--dataset", str(tests["zeta"]), "--dataset", str(tests["alpha"]),
             "--no-card", "--output-json", str(json_path), "--metric", str(folder)]
-    assert main(base) == 1
+    assert main(base) == 2  # an invalid command line, refused with the other flags
     err = capsys.readouterr().err
     assert "--trust-remote-code" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not marker.exists() and not json_path.exists()
