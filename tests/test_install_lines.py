@@ -65,3 +65,20 @@ def test_the_build_configuration_uses_no_setuptools_feature_that_is_going_away()
     # The license the metadata names ships as its text (a wheel carries it under .dist-info/licenses/).
     assert dist.metadata.license_files == ["LICENSE"]
     assert "Apache License" in (ROOT / "LICENSE").read_text() and "Version 2.0" in (ROOT / "LICENSE").read_text()
+
+
+def test_ci_runs_exactly_the_readme_test_command_and_it_uses_both_cores():
+    """The README's second command is what `.ci/run` runs (the project's rule), and it runs the suite in two worker
+    processes: every test pins one torch thread, so one process left one of CI's two cores idle (22-28 min; two
+    workers: ~14), and the test extra must bring the plugin that `-n 2` needs."""
+    import tomllib
+
+    block = ROOT.joinpath("README.md").read_text(encoding="utf-8").split("```bash\n", 1)[1].split("```", 1)[0]
+    install, test = block.strip().splitlines()
+    assert "hf-mudsc demo" in install and "pytest" in test
+    ci_lines = [line for line in ROOT.joinpath(".ci", "run").read_text(encoding="utf-8").splitlines()
+                if "pytest" in line and not line.lstrip().startswith("#")]
+    assert ci_lines == [test]
+    assert " -n 2 " in test
+    extras = tomllib.loads(ROOT.joinpath("pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert any(requirement.startswith("pytest-xdist") for requirement in extras["optional-dependencies"]["test"])
