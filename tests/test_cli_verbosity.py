@@ -154,3 +154,27 @@ def test_fisher_and_evaluation_progress_are_log_lines_when_not_a_terminal(caplog
     evaluate_lines = [r.getMessage() for r in caplog.records if r.name == "hf_mudsc.progress"]
     assert evaluate_lines and evaluate_lines[-1].startswith("evaluate task_0: 2/2 batches (100%)")
     assert "\r" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["regmean", "regmean_plusplus"])
+def test_regmean_passes_report_progress(caplog, method):
+    """regmean's own data pass (one per parent; regmean_plusplus one per parent and chained unit) showed nothing in the
+    CLI — calibration, the solve, fisher, the refit and the evaluation each have a stage's progress; it now has one
+    too (log lines here, stderr not being a terminal), ending at every pass done, and none with progress=False."""
+    from factories import make_batches, make_model
+
+    import hf_mudsc
+
+    parents = [make_model("bert_cls", seed=seed, num_labels=3) for seed in (0, 1)]
+    batches = make_batches("bert_cls", num_batches=2, batch_size=4, seed=1)
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        hf_mudsc.merge(parents, batches, method=method, refit="none", progress=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "hf_mudsc.progress" and r.getMessage().startswith(
+        f"{method}: ")]
+    assert lines, [r.getMessage() for r in caplog.records]
+    done, _, total = lines[-1].split()[1].partition("/")
+    assert done == total and int(total) >= 2 and "passes (100%)" in lines[-1], lines
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        hf_mudsc.merge(parents, batches, method=method, refit="none", progress=False)
+    assert not [r for r in caplog.records if r.name == "hf_mudsc.progress"]

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from hf_mudsc.errors import MergeInputError
 from hf_mudsc.methods.registry import MergeMethod, MethodContext, MethodResult, PassFacts, register_method
+from hf_mudsc.progress import Progress
 
 if TYPE_CHECKING:
     from hf_mudsc.options import MergeOptions
@@ -115,37 +116,40 @@ class RegMeanMethod(MergeMethod):
             units = [Unit(tuple(layers))]
         device = torch.device(context.device)
         examples = 0
-        for unit in units:
-            systems = {name: RegMeanSystem(modules[name].in_features, modules[name].out_features)
-                       for name in unit.layers}
-            for index, parent in enumerate(parents):
-                if working is None:
-                    model = context.models[index]
-                else:
-                    write_parameters(working, parent, unit.own or ())
-                    model = working
-                home = device_of(model)
-                training = model.training
-                try:
-                    model.eval().to(device)
-                    grams, examples = collect_grams(model, unit.layers, context.batches, mask_keys=mask_keys,
-                                                    stop_after=unit.stop_after, device=device)
-                finally:
-                    model.to(home).train(training)
-                if not examples:
-                    raise MergeInputError(f"{self.name}: {NO_EXAMPLES}")
+        with Progress(desc=self.name, unit="passes", total=len(units) * len(parents),
+                      enabled=context.progress) as bar:
+            for unit in units:
+                systems = {name: RegMeanSystem(modules[name].in_features, modules[name].out_features)
+                           for name in unit.layers}
+                for index, parent in enumerate(parents):
+                    if working is None:
+                        model = context.models[index]
+                    else:
+                        write_parameters(working, parent, unit.own or ())
+                        model = working
+                    home = device_of(model)
+                    training = model.training
+                    try:
+                        model.eval().to(device)
+                        grams, examples = collect_grams(model, unit.layers, context.batches, mask_keys=mask_keys,
+                                                        stop_after=unit.stop_after, device=device)
+                    finally:
+                        model.to(home).train(training)
+                    bar.update()
+                    if not examples:
+                        raise MergeInputError(f"{self.name}: {NO_EXAMPLES}")
+                    for name in unit.layers:
+                        systems[name].add(weights[index], grams[name].mean(), parent[f"{name}.weight"], scale,
+                                          grams[name].rows)
                 for name in unit.layers:
-                    systems[name].add(weights[index], grams[name].mean(), parent[f"{name}.weight"], scale,
-                                      grams[name].rows)
-            for name in unit.layers:
-                key = f"{name}.weight"
-                if systems[name].rows == 0:
-                    logger.warning("%s: layer %s received no calibration inputs; its weight is the weighted "
-                                   "average", self.name, name)
-                    continue
-                merged[key] = systems[name].solve(merged[key])
-            if working is not None:
-                write_parameters(working, merged, unit.own or ())
+                    key = f"{name}.weight"
+                    if systems[name].rows == 0:
+                        logger.warning("%s: layer %s received no calibration inputs; its weight is the weighted "
+                                       "average", self.name, name)
+                        continue
+                    merged[key] = systems[name].solve(merged[key])
+                if working is not None:
+                    write_parameters(working, merged, unit.own or ())
         return MethodResult(parameters=merged, matches=[None] * len(context.spec.groups),
                             calibration_examples=examples)
 
