@@ -547,7 +547,7 @@ class MergeOptions:
         32, kind="int", check=_check_batch_size, metavar="N", help="calibration batch size")
     seed: int = option(
         0, kind="int", check=_check_seed, metavar="N", recorded=True, card=CardRow(9, "Seed"),
-        help="seed of the calibration shuffle and the solver's group order")
+        help="seed of the calibration shuffle, the solver's group order and the random masks of dare_* and della*")
     zip_decay: float = option(
         0.5, kind="number", check=_check_zip_decay, metavar="A", recorded=True, per_method=True,
         card=CardRow(4, "Zip decay / budget", _card_zip, source="config"),
