@@ -27,6 +27,7 @@ from typing import Any
 
 # `flag`/`option_hint` live in errors.py (modules below options, e.g. methods/, name options in messages too).
 from hf_mudsc.errors import OptionError, flag, option_hint, shown  # noqa: F401 (re-exported)
+from hf_mudsc.load.references import TOKEN_FIX, looks_like_token
 from hf_mudsc.option_values import FACTOR_LIMIT, MATCHERS, WEIGHT_RANGE, parse_layer_swap
 
 STATISTICS_DTYPES = ("float32", "float64")
@@ -789,6 +790,9 @@ class MergeOptions:
             expected = str if kind == "str" else bool
             if not isinstance(value, expected):
                 raise OptionError(f"`{name}` must be {expected.__name__}, got {shown(value)} ({type(value).__name__})")
+            if kind == "str" and looks_like_token(value):  # it would name a folder, a card, a log line, a job record
+                raise OptionError(f"{name} (CLI: {flag(name)} {meta['metavar']}) looks like a Hugging Face access "
+                                  f"token (not shown); {TOKEN_FIX}")
             return value
         if kind == "int":
             if not _is_int(value):

@@ -290,6 +290,49 @@ def test_command_errors_never_echo_a_token_given_in_place_of_a_path(capsys, argv
     assert len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("name", ["output", "image_column", "text_column", "layer_swap"])
+def test_a_token_given_in_any_text_option_is_refused_without_echoing_it(tmp_path, capsys, name):
+    """QA s20: a token pasted as `output` (or `image_column`, `text_column`) was accepted: it became the output
+    folder's name and the card's title, was stored in the service's job record and echoed by the calibration's
+    error. Every text option refuses a token-shaped value in one line that does not show it, before any work —
+    `merge()`, a recipe and the CLI alike (models, base, calibration and push_to_hub already did)."""
+    from factories import make_model
+
+    import hf_mudsc
+
+    flag = "--" + name.replace("_", "-")
+    argv = ["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--method", "linear", flag, LONG_TOKEN, "--dry-run"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "looks like a Hugging Face access token (not shown)" in err and LONG_TOKEN not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    recipe = Recipe(models=["a", "b"], method="linear")
+    with pytest.raises((OptionError, RecipeError)) as caught:  # `output` as the CLI and the service set it
+        recipe.override(output=LONG_TOKEN) if name == "output" else Recipe.from_dict(
+            {"models": ["a", "b"], "method": "linear", name: LONG_TOKEN}, source="job").validate()
+    assert LONG_TOKEN not in str(caught.value) and "(not shown)" in str(caught.value)
+    if name != "output":  # a merge option of merge(), checked before any weights are read
+        parents = [make_model("vit_cls", seed=seed) for seed in (0, 1)]
+        with pytest.raises(ValueError) as caught:
+            hf_mudsc.merge(parents, method="linear", **{name: LONG_TOKEN})
+        assert LONG_TOKEN not in str(caught.value) and "(not shown)" in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_merged_refuses_a_token_as_the_folder_name(tmp_path):
+    """The folder's name becomes the card's title and the recipe's `output` comment: a token pasted as the folder
+    (`save_merged(m, os.environ["HF_TOKEN"])`) would be published there. Refused before anything is written."""
+    from factories import make_model
+
+    import hf_mudsc
+
+    merged = hf_mudsc.merge([make_model("vit_cls", seed=seed) for seed in (0, 1)], method="linear", progress=False)
+    with pytest.raises(ValueError) as caught:
+        hf_mudsc.save_merged(merged, tmp_path / LONG_TOKEN)
+    assert LONG_TOKEN not in str(caught.value) and "(not shown)" in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------- evaluate writes only over files it wrote
 
 

@@ -71,7 +71,11 @@ def test_an_unwritable_output_location_fails_in_one_line_before_loading(inputs, 
     (tmp_path / "file.txt").write_text("x")
     cases = [(tmp_path / "file.txt" / "merged", "is under the file"),
              (tmp_path / ("m" * 250), "too long for this filesystem"),
-             ("/proc/hf-mudsc-test/merged", "cannot create a folder in '/proc'")]
+             ("/proc/hf-mudsc-test/merged", "cannot create a folder in '/proc'"),
+             # QA s20: a path of 2000 nested folders was accepted, merged, then failed writing with a RecursionError
+             # traceback; one longer than the system's path limit with "File name too long" after the merge.
+             (tmp_path / "/".join(["d"] * 2000), "would create 2000 nested folders"),
+             (tmp_path / "/".join(["d" * 200] * 25), "longer than this system's path limit")]
     for out, message in cases:
         assert main(["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(out),
                      *FAST]) == 1

@@ -36,6 +36,7 @@ from typing import Any
 
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import OutputLocationError
+from hf_mudsc.load.references import TOKEN_FIX, looks_like_token
 from hf_mudsc.publish.recipe import RECIPE_FILENAME
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,9 @@ MARKER_FILENAME = ".hf_mudsc_output.json"
 MARKER_MAX_BYTES = 64 * 2**20
 WRITER = "hf-mudsc"
 _STAGING_SUFFIX_LENGTH = len(PARTIAL_MARK) + 10  # what mkdtemp adds to `.{name}`
+#: The most folders a new output may need created above it: far beyond any real layout, well below the depth at
+#: which creating them recursively exhausts Python's stack (~1000).
+MAX_NEW_FOLDERS = 100
 # The fingerprints this process took, by file identity (device, inode: kept across the staging folder's rename),
 # with the stat they were taken at and whether the file had settled then (`_fingerprint_of`): a run reads each
 # file once, although a push records the marker twice and an overwritten folder is checked three times.
@@ -79,6 +83,8 @@ def check_output(
         OutputLocationError: the location cannot be written (a `ValueError`).
         ValueError: the output overlaps an input.
     """
+    if looks_like_token(os.fspath(output)):  # the folder's name is the card's title and the recipe's comment
+        raise OutputLocationError(f"{flag} looks like a Hugging Face access token (not shown); {TOKEN_FIX}")
     output = Path(output).expanduser()
     if not os.path.lexists(output):
         check_location(output, flag=flag)  # first: a name too long for the filesystem breaks `resolve`
@@ -148,6 +154,22 @@ def check_location(output: str | os.PathLike, *, flag: str = "--output") -> None
     while not os.path.lexists(existing):
         missing.insert(0, existing.name)
         existing = existing.parent
+    brief = shown if len(shown) <= 80 else f"{shown[:60]}...{shown[-17:]}"
+    if len(missing) > MAX_NEW_FOLDERS:  # creating them recurses once per level (`Path.mkdir(parents=True)`)
+        raise OutputLocationError(
+            f"{flag} {brief!r} would create {len(missing)} nested folders (hf-mudsc creates at most "
+            f"{MAX_NEW_FOLDERS}); choose a {flag} in an existing folder"
+        )
+    try:
+        path_limit = os.pathconf(existing, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        path_limit = 4096
+    length = len(os.fsencode(shown)) + _STAGING_SUFFIX_LENGTH + 1
+    if length >= path_limit:  # the staging sibling's files would fail to open after the merge
+        raise OutputLocationError(
+            f"{flag} {brief!r} is {length} bytes with hf-mudsc's temporary sibling, longer than this system's path "
+            f"limit ({path_limit} bytes); choose a shorter {flag}"
+        )
     if not existing.is_dir():
         raise OutputLocationError(
             f"{flag} {shown!r} is under the file {str(existing)!r}, which is not a folder; choose another {flag}"
