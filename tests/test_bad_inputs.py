@@ -64,3 +64,46 @@ def test_cli_reports_an_empty_split_in_one_line(tmp_path, capsys):
     lines = [line for line in err.splitlines() if line.startswith("hf-mudsc merge: error:")]
     assert len(lines) == 1 and "is empty (0 rows)" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("bad", ["shape", "missing"])
+def test_a_bad_row_mid_stream_is_refused_in_one_line_naming_the_column(bad):
+    """QA s20: one row of another shape (or without the column) in a streamed calibration set crashed with torch's
+    traceback ("stack expects each tensor to be equal size", "expected Tensor as element 3 ... got NoneType")."""
+    import torch
+
+    def rows():
+        for index in range(64):
+            if index == 35 and bad == "shape":
+                yield {"pixel_values": torch.randn(3, 5, 5)}
+            elif index == 35:
+                yield {"input_ids": torch.ones(4, dtype=torch.long)}
+            else:
+                yield {"pixel_values": torch.randn(1, 16, 16)}
+
+    stream = datasets.IterableDataset.from_generator(rows).with_format("torch")
+    with pytest.raises(CalibrationError) as caught:
+        hf_mudsc.merge([make_model("vit_cls", 0), make_model("vit_cls", 1)], stream, method="zipit", batch_size=16,
+                       progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and "'pixel_values'" in message and "rows 33-48" in message, message
+    assert ("(1, 16, 16) and (3, 5, 5)" in message) if bad == "shape" else ("has no value" in message), message
+
+
+def test_a_batch_mid_stream_without_the_models_input_names_its_columns():
+    """QA s20: a streamed batch none of whose rows holds the model's input said "calibration batch has no tensor column
+    (columns: [])": the batch has columns, just not the one the model reads."""
+    import torch
+
+    def rows():
+        for index in range(64):
+            yield {"input_ids": torch.ones(4, dtype=torch.long)} if 32 <= index < 48 else {
+                "pixel_values": torch.randn(1, 16, 16)}
+
+    stream = datasets.IterableDataset.from_generator(rows).with_format("torch")
+    with pytest.raises(CalibrationError) as caught:
+        hf_mudsc.merge([make_model("vit_cls", 0), make_model("vit_cls", 1)], stream, method="zipit", batch_size=16,
+                       progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and "rows 33-48" in message and "input_ids" in message, message
+    assert "pixel_values" in message, message

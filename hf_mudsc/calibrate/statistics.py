@@ -74,6 +74,28 @@ def batch_column_as_tensor(value: Any) -> torch.Tensor | Any:
     return value
 
 
+def _raw_length(raw: Mapping[str, Any]) -> int:
+    """Rows in a batch as read (its first sized column), for messages."""
+    return next((len(v) for v in raw.values() if hasattr(v, "__len__") and not isinstance(v, str)), 0)
+
+
+def _column(name: str, value: Any, before: int, rows: str) -> torch.Tensor | Any:
+    """`batch_column_as_tensor`, with a row that does not stack with the others (another shape, no value: a stream's
+    bad row mid-way) named in one line instead of torch's error."""
+    try:
+        return batch_column_as_tensor(value)
+    except (RuntimeError, TypeError):
+        items = list(value)
+        missing = next((index for index, item in enumerate(items) if item is None), None)
+        if missing is not None:
+            raise CalibrationError(f"calibration column {name!r}: row {before + missing + 1} (of {rows}) has no value; "
+                                   "every row needs every input column") from None
+        shapes = list(dict.fromkeys(tuple(getattr(item, "shape", ())) for item in items))
+        raise CalibrationError(f"calibration column {name!r}: {rows} hold inputs of shapes "
+                               f"{' and '.join(str(shape) for shape in shapes[:2])}, which do not stack into one "
+                               "batch; give every row the same shape (resize or pad them)") from None
+
+
 def _batch_size_of(batch: Mapping[str, Any]) -> int:
     for value in batch.values():
         if isinstance(value, torch.Tensor) and value.dim() > 0:
@@ -110,8 +132,13 @@ def iter_batches(
     for index, raw in enumerate(_raw_batches(calibration, batch_size, keep, required)):
         if index == 0:
             _check_columns(raw.keys(), required)
-        batch = {k: batch_column_as_tensor(v) for k, v in raw.items() if keep is None or k in keep}
+        rows = f"rows {seen + 1}-{seen + _raw_length(raw)}"
+        batch = {k: _column(k, v, seen, rows) for k, v in raw.items() if keep is None or k in keep}
         _check_length(batch, max_tokens)
+        if not any(isinstance(v, torch.Tensor) and v.dim() > 0 for v in batch.values()):
+            wanted = f" (the models read {sorted(keep)})" if keep else ""
+            raise CalibrationError(f"calibration {rows} hold no input column the models read{wanted}: their columns "
+                                   f"are {sorted(raw)}; every row needs the same input columns")
         size = _batch_size_of(batch)
         if num_samples is not None and seen + size > num_samples:
             batch = _truncate(batch, num_samples - seen)
