@@ -30,7 +30,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from hf_mudsc.options import option_hint
+from hf_mudsc.options import MergeOptions, option_hint
 
 WEAK_GROUP_MAD_FACTOR = 3.0
 MAD_TO_SIGMA = 1.4826
@@ -146,3 +146,41 @@ def merge_warnings(*, relation: str | None, method: Any, group_names: Sequence[s
         weak_group_warning(group_names, group_values) if method.matches_units else None,
     ]
     return [text for text in found if text]
+
+
+def unread_options_warning(options: MergeOptions, used: Mapping[str, Any], method: str) -> str | None:
+    """Per-method options set (away from their defaults) that the method does not read: they change nothing. A
+    method records an option it ignores as None (zipit's α) or leaves it out (linear's). Shared by the merge and the
+    dry run, so the plan warns what the merge would."""
+    unread = [field.name for field in MergeOptions.option_fields() if field.metadata["per_method"]
+              and used.get(field.name) is None and getattr(options, field.name) != field.default]
+    if not unread:
+        return None
+    return (f"method {method} does not read {', '.join(option_hint(name) for name in unread)}: "
+            f"{'it has' if len(unread) == 1 else 'they have'} no effect")
+
+
+def inert_options_warnings(options: MergeOptions, *, method: str, reads_base: bool, reads_data: bool,
+                           has_data: bool, refit: str) -> list[str]:
+    """Options set for a part of the merge that does not run — a refit setting with no refit (REPAIR reads
+    `refit_samples` only), a calibration setting without data, data that nothing reads — and a base given to a
+    method that does not read it: each changes nothing, said like an option the method does not read."""
+    defaults = {f.name: f.default for f in MergeOptions.option_fields()}
+    refit_names = (("refit_lambda", "refit_norms", "refit_samples") if refit == "none"
+                   else ("refit_lambda", "refit_norms") if refit == "repair" else ())
+    cases = [(refit_names, "no refit runs" if refit == "none" else "refit='repair' reads only refit_samples"),
+             (("num_samples", "image_column", "text_column", "statistics_dtype") if not has_data else (),
+              "no calibration data is given")]
+    texts = []
+    for names, reason in cases:
+        set_names = [name for name in names if getattr(options, name) != defaults[name]]
+        if set_names:
+            texts.append(f"{', '.join(option_hint(name) for name in set_names)} "
+                         f"{'has' if len(set_names) == 1 else 'have'} no effect: {reason}")
+    if has_data and not reads_data:
+        texts.append(f"the calibration data ({option_hint('calibration')}) has no effect: method {method} reads none "
+                     "and no refit runs; drop it, or pass a method that reads it (e.g. method='regmean')")
+    if options.base is not None and not reads_base:
+        texts.append(f"method {method} does not read the base ({option_hint('base')}): it changes no weight of the "
+                     "merge; drop it, or pass a method that merges task vectors from it (e.g. method='ties')")
+    return texts

@@ -33,7 +33,7 @@ from hf_mudsc.apply.repair import RepairReport, repair_model
 from hf_mudsc.architectures import spec_for
 from hf_mudsc.calibrate.correlation import correlations_from
 from hf_mudsc.calibrate.device import resolve_device
-from hf_mudsc.diagnostics import merge_warnings
+from hf_mudsc.diagnostics import inert_options_warnings, merge_warnings, unread_options_warning
 from hf_mudsc.errors import MergeInputError, OptionError
 from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_finite, check_parents
 from hf_mudsc.load.lazy import subset
@@ -845,48 +845,20 @@ def _check_data(method: MergeMethod, calibration: Any, count: int, chosen: str |
     )
 
 
-def _warn_unread(options: MergeOptions, used: Mapping[str, Any], method: str) -> None:
-    """Say which per-method options were set but are not read by the method (they change nothing). A method records
-    an option it ignores as None (zipit's α) or leaves it out (linear's)."""
-    unread = [field.name for field in MergeOptions.option_fields() if field.metadata["per_method"]
-              and used.get(field.name) is None and getattr(options, field.name) != field.default]
-    if unread:
-        logger.warning("method %s does not read %s: %s no effect", method,
-                       ", ".join(option_hint(name) for name in unread), "it has" if len(unread) == 1 else "they have")
-
-
 def _warn_unused(options: MergeOptions, used: Mapping[str, Any], method: MergeMethod, calibration: Any, count: int,
                  refit_value: str) -> None:
-    """Say which options the method leaves unread (`_warn_unread`), and that `reference_compat=True` has no reference
-    merge to reproduce with a method that matches no units."""
-    _warn_unread(options, used, method.name)
-    _warn_inert(options, method, calibration, refit_value)
+    """Say which options change nothing (`diagnostics.unread_options_warning`, `inert_options_warnings`), and that
+    `reference_compat=True` has no reference merge to reproduce with a method that matches no units."""
+    reads_data = _reads_data(method, refit_value in REFITTING)
+    for text in filter(None, [unread_options_warning(options, used, method.name), *inert_options_warnings(
+            options, method=method.name, reads_base=method.needs_base_model, reads_data=reads_data,
+            has_data=calibration is not None, refit=refit_value)]):
+        logger.warning("%s", text)
     if reference_compat_unread(method, options):
         without = _refits(dataclasses.replace(options, reference_compat=False), method, calibration, count)
         effect = f": it only turned the refit off (refit {without!r} otherwise)" if without != refit_value else ""
         logger.warning("method %s matches no units, so %s has no reference merge to reproduce%s; pass method='mudsc' "
                        "for the reference's merge", method.name, option_hint("reference_compat"), effect)
-
-
-def _warn_inert(options: MergeOptions, method: MergeMethod, calibration: Any, refit_value: str) -> None:
-    """Say which options were set (away from their defaults) for a part of the merge that does not run — a refit
-    setting with no refit (REPAIR reads `refit_samples` only), a calibration setting without data — and a base given
-    to a method that does not read it (`needs_base_model`): they change nothing, said like a per-method option the
-    method does not read (`_warn_unread`)."""
-    defaults = {f.name: f.default for f in MergeOptions.option_fields()}
-    refit_names = (("refit_lambda", "refit_norms", "refit_samples") if refit_value == "none"
-                   else ("refit_lambda", "refit_norms") if refit_value == "repair" else ())
-    cases = [(refit_names, "no refit runs" if refit_value == "none" else "refit='repair' reads only refit_samples"),
-             (("num_samples", "image_column", "text_column", "statistics_dtype") if calibration is None else (),
-              "no calibration data is given")]
-    for names, reason in cases:
-        set_names = [name for name in names if getattr(options, name) != defaults[name]]
-        if set_names:
-            logger.warning("%s %s no effect: %s", ", ".join(option_hint(name) for name in set_names),
-                           "has" if len(set_names) == 1 else "have", reason)
-    if options.base is not None and not method.needs_base_model:
-        logger.warning("method %s does not read the base (%s): it changes no weight of the merge; drop it, or pass a "
-                       "method that merges task vectors from it (e.g. method='ties')", method.name, option_hint("base"))
 
 
 def _correspondence_checker(relation: ParentRelation, chosen: MergeMethod, options: MergeOptions, calibration: Any,

@@ -716,7 +716,13 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     from hf_mudsc.apply.classifier import label_names, repeated_labels_message, same_label_sets
     from hf_mudsc.apply.dtype import resolve_out_dtype
     from hf_mudsc.architectures import spec_for
-    from hf_mudsc.diagnostics import calibration_size_warning, default_labels_warning, relation_warning
+    from hf_mudsc.diagnostics import (
+        calibration_size_warning,
+        default_labels_warning,
+        inert_options_warnings,
+        relation_warning,
+        unread_options_warning,
+    )
     from hf_mudsc.errors import MergeInputError
     from hf_mudsc.load.parents import dtype_description, locate_parents, unloaded
     from hf_mudsc.load.relation import parent_label
@@ -815,6 +821,15 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
             warnings.insert(0, text)
     if identical:
         warnings.insert(0, relation_warning("same model", method))
+    if not automatic:  # what the merge will say of options that change nothing, said before it runs
+        handed = dataclasses.replace(options, weights=list(options.weights or [1.0] * len(models)),
+                                     alpha=ALPHA_HANDED if options.alpha == AUTO else options.alpha)
+        warnings += [text for text in (unread_options_warning(options, method.used_options(handed), method.name),
+                                       *inert_options_warnings(options, method=method.name,
+                                                               reads_base=method.needs_base_model,
+                                                               reads_data=needs_data,
+                                                               has_data=calibration is not None, refit=refit))
+                     if text]
     relation = (f"same class and configuration ({parents[0].architecture})"
                 + ("; identical weight files (the same model)" if identical else "")
                 + "; the weight-based relation check (shared base, permuted copy, independent, protected) runs "

@@ -176,6 +176,25 @@ def test_dry_run_of_objects_and_batches_counts_rows_and_warns_about_a_small_cali
     assert no_data.estimate.statistics_bytes == 0 and "Calibration: none" in str(no_data)
 
 
+@pytest.mark.parametrize("method, keywords, data, said", [
+    ("zipit", {"alpha": 0.2}, True, "method zipit does not read alpha= (CLI: --alpha): it has no effect"),
+    ("linear", {"density": 0.5}, False, "method linear does not read density="),
+    ("linear", {}, True, "the calibration data (calibration= (CLI: --calibration)) has no effect"),
+    ("weight_matching", {"num_samples": 5}, False, "num_samples= (CLI: --num-samples) has no effect"),
+])
+def test_the_dry_run_warns_about_options_that_change_nothing_as_the_merge_does(caplog, method, keywords, data, said):
+    """QA s20: the merge warns that an option changes nothing (unread by the method, or for a part that does not
+    run); the dry run — the CLI's `--dry-run`, the service's `?dry_run=true` — listed no such warning."""
+    a, b = make_model("vit_cls", 1), make_model("vit_cls", 2)
+    batches = make_batches("vit_cls", num_batches=1, batch_size=2) if data else None
+    plan = hf_mudsc.merge([a, b], batches, method=method, dry_run=True, **keywords)
+    planned = [w for w in plan.warnings if "no effect" in w]
+    assert len(planned) == 1 and planned[0].startswith(said), plan.warnings
+    with caplog.at_level("WARNING", logger="hf_mudsc"):
+        hf_mudsc.merge([a, b], batches, method=method, progress=False, **keywords)
+    assert planned[0] in [r.getMessage() for r in caplog.records]
+
+
 def test_the_same_folder_twice_is_named_the_same_model(wide_inputs):
     a, _, _, _ = wide_inputs
     plan = hf_mudsc.merge([str(a), str(a)], method="average", dry_run=True)

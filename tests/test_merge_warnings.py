@@ -219,7 +219,9 @@ def test_reference_compat_with_a_method_that_matches_no_units_is_warned_about(ca
 
 
 @pytest.mark.parametrize("method, keywords, data, named", [
-    ("linear", {"refit": "none", "refit_lambda": 5.0}, True, "refit_lambda= (CLI: --refit-lambda)"),
+    ("mudsc", {"refit": "none", "refit_lambda": 5.0}, True, "refit_lambda= (CLI: --refit-lambda)"),
+    # QA s20: data given to a method that reads none (linear, no refit) was silent; the card listed it, 0 samples.
+    ("linear", {"refit": "none"}, True, "the calibration data (calibration= (CLI: --calibration)) has no effect"),
     ("weight_matching", {"num_samples": 5}, False, "num_samples= (CLI: --num-samples)"),
     ("weight_matching", {"image_column": "foo"}, False, "image_column= (CLI: --image-column)"),
     ("weight_matching", {"statistics_dtype": "float64"}, False, "statistics_dtype= (CLI: --statistics-dtype)"),
@@ -251,3 +253,19 @@ def test_a_base_given_to_a_method_that_does_not_read_it_is_said_to_change_no_wei
     with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
         hf_mudsc.merge(parents, method="ties", base=base, progress=False)
     assert "does not read the base" not in caplog.text
+
+
+def test_private_without_a_push_is_said_to_have_no_effect(tmp_path, caplog):
+    """QA s20: `--private` without `--push-to-hub` (the service's `private: true` without `push_to_hub`) was accepted
+    without a word; nothing is pushed, so nothing is made private."""
+    from hf_mudsc.publish.recipe import Recipe
+
+    with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
+        Recipe(models=["a", "b"], method="linear").override(output=str(tmp_path / "o"), private=True).validate()
+    said = [r.getMessage() for r in caplog.records if "no effect" in r.getMessage()]
+    assert said == ["private= (CLI: --private) has no effect: nothing is pushed (no push_to_hub= (CLI: "
+                    "--push-to-hub))"], said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
+        Recipe(models=["a", "b"], method="linear").override(push_to_hub="org/m", private=True).validate()
+    assert not [r for r in caplog.records if "no effect" in r.getMessage()]

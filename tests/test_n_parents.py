@@ -237,3 +237,18 @@ def test_a_third_parent_of_another_architecture_is_named_c_not_b():
     with pytest.raises(MergeInputError, match=expected):
         hf_mudsc.merge([a, b, make_model("bert_cls")], method="linear", progress=False)
 
+
+
+def test_inspect_of_a_three_parent_merge_says_why_it_has_no_diagnostics(three, tmp_path, capsys):
+    """QA s20: a merge of three parents writes no merge_diagnostics.json (they are two-parent only: design §4.13), and
+    `hf-mudsc inspect` said it was "merged before it existed" — false, and a user looks for a missing file."""
+    _, parents = three
+    merged = hf_mudsc.merge(parents, make_batches("vit_cls", num_batches=2), method="mudsc", refit="none",
+                            alpha=0.5, progress=False)
+    out = hf_mudsc.save_merged(merged, tmp_path / "m3")
+    assert not (out / "merge_diagnostics.json").exists()
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--no-plots"]) == 0
+    printed = capsys.readouterr().out
+    assert "merged before it existed" not in printed, printed
+    assert "merges of more than two parents have no merge_diagnostics.json" in printed, printed

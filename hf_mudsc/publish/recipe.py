@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from hf_mudsc._version import __version__
-from hf_mudsc.errors import MergeInputError, OptionError, RecipeError, shown
+from hf_mudsc.errors import MergeInputError, OptionError, RecipeError, option_hint, shown
 from hf_mudsc.load.references import TOKEN_FIX, local_name, looks_like_token
 from hf_mudsc.option_values import MATCHERS as MATCHERS  # re-exported: the CLI's --matcher choices
 from hf_mudsc.options import RECIPE_FILENAME as RECIPE_FILENAME
@@ -224,6 +224,9 @@ class Recipe(MergeOptions):
         if self.push_to_hub is not None and looks_like_token(self.push_to_hub):  # every Hub call would carry it
             raise RecipeError("push_to_hub (CLI: --push-to-hub) looks like a Hugging Face access token (not shown); "
                               f"give the repo to create as `org/name`, and {TOKEN_FIX}")
+        if self.private and self.push_to_hub is None:  # a destination flag for a push that does not happen
+            logger.warning("%s has no effect: nothing is pushed (no %s)", option_hint("private"),
+                           option_hint("push_to_hub"))
         if self.push_to_hub is not None and self.push_to_hub.count("/") != 1:
             raise RecipeError(
                 f"push_to_hub must be a repo id `org/name` (CLI: --push-to-hub), got {shown(self.push_to_hub)}"
