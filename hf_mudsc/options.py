@@ -510,7 +510,9 @@ def _card_calibration(value: Any, context: Mapping[str, Any]) -> str:
     if not value:  # batches or a dataset object given to `merge` leave no reference in the recipe
         return "given in memory (not in the recipe)" if context.get("num_samples") else "none"
     dataset = context.get("calibration_dataset")
-    return f"[{value}]({context['hub_url']}/datasets/{dataset})" if dataset else f"`{value}`"
+    named = f"[{value}]({context['hub_url']}/datasets/{dataset})" if dataset else f"`{value}`"
+    # Given to a merge that read none of it (a method reading no data, no refit): not what it was built from.
+    return named if context.get("num_samples") else f"{named} (given, not read: the merge reads no data)"
 
 
 # ---------------------------------------------------------------------------------------------------- options

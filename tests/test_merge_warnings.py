@@ -269,3 +269,19 @@ def test_private_without_a_push_is_said_to_have_no_effect(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
         Recipe(models=["a", "b"], method="linear").override(push_to_hub="org/m", private=True).validate()
     assert not [r for r in caplog.records if "no effect" in r.getMessage()]
+
+
+def test_the_card_says_calibration_data_the_method_did_not_read(tmp_path):
+    """QA s20: `--method linear --calibration C` (no refit) listed C as the card's calibration data, next to
+    "Calibration samples | 0", as if the merge had been calibrated on it."""
+    from test_cli import save_parents_and_data
+
+    from hf_mudsc.cli.main import main
+
+    a, b, calibration = save_parents_and_data(tmp_path)
+    out = tmp_path / "out"
+    assert main(["merge", str(a), str(b), "--method", "linear", "--calibration", str(calibration), "--output",
+                 str(out)]) == 0
+    card = (out / "README.md").read_text()
+    row = next(line for line in card.splitlines() if line.startswith("| Calibration data |"))
+    assert "not read" in row and calibration.name in row, row
