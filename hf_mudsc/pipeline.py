@@ -1233,7 +1233,9 @@ def from_pretrained(model_a: Any, model_b: Any, calibration: Any = None, *, toke
                     allow_pickle: bool = False, **merge_options: Any) -> PreTrainedModel | None:
     """Merge two Hub repos (or folders / objects) into one model: `hf_mudsc.merge` with Hub loading in front.
 
-    `model_a`/`model_b`: `"org/name"`, `"org/name@revision"`, a local folder or a `PreTrainedModel`.
+    `model_a`/`model_b`: `"org/name"`, `"org/name@revision"`, a local folder or a `PreTrainedModel`. Two parents,
+    as `transformers`' `from_pretrained` reads one name each (a third positional argument is `calibration`): for three
+    or more, `hf_mudsc.merge([a, b, c, ...], calibration, ...)`, which loads them the same way.
     `calibration`: a `"repo_or_path[:config]:split"` spec, a `datasets` dataset (raw or model-input
     columns) or an iterable of input batches. `merge_options` are `hf_mudsc.merge`'s keywords.
 
