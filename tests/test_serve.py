@@ -379,6 +379,47 @@ def test_an_output_inside_or_around_one_an_active_job_writes_is_claimed_too(tmp_
     assert store.add({}, output="/o/nest/inner", repo_id=None, dry_run=False, has_token=False)
 
 
+def test_a_job_may_not_write_over_what_an_active_job_reads_nor_read_what_one_writes(tmp_path, monkeypatch):
+    """QA: with the output root inside a --local-root, job 2 read `<root>/fresh` (job 1's output) as a parent while
+    job 3 (`output: fresh, overwrite: true`) was accepted and replaced it: only outputs were claimed, not inputs. Now
+    an output over an active job's input, and an input inside an active job's output, answer 409 naming no server
+    path."""
+    from fastapi.testclient import TestClient
+
+    from hf_mudsc.serve.app import create_app
+
+    root = tmp_path / "root"
+    (root / "other").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    app = create_app(tmp_path / "state", output_root=root, local_roots=[root])
+    client = TestClient(app, base_url="http://127.0.0.1")
+
+    def post(**body):
+        return client.post("/api/jobs", json={"method": "weight_matching", **body})
+
+    first = post(models=["user/a", "user/b"], output="fresh")
+    assert first.status_code == 201, first.text
+    reads_it = post(models=[str(root / "fresh"), "user/b"], output="second")  # job 1 is still writing `fresh`
+    assert reads_it.status_code == 409, reads_it.text
+    message = reads_it.json()["error"]
+    assert "`models[0]` reads the output folder 'fresh' of job " + first.json()["id"] in message, message
+    assert str(root) not in message and "\n" not in message
+    store = app.state.store
+    store.finish_if_active(first.json()["id"], "succeeded")
+    second = post(models=[str(root / "fresh"), "user/b"], output="second")
+    assert second.status_code == 201, second.text
+    for output in ("fresh", "fresh/inner"):  # the input itself, a folder inside it
+        answer = post(models=["user/a", "user/b"], output=output, overwrite=True)
+        assert answer.status_code == 409, (output, answer.text)
+        message = answer.json()["error"]
+        assert f"job {second.json()['id']} (queued)" in message and "inputs are never modified" in message, message
+        assert str(root) not in message and str(tmp_path) not in message, message
+    base = post(models=["user/a", "user/b"], base=str(root / "second"), method="task_arithmetic", output="t")
+    assert base.status_code == 409 and "`base` reads the output folder 'second'" in base.json()["error"], base.text
+    assert post(models=["user/a", "user/b"], output="elsewhere").status_code == 201
+    assert post(models=["user/a", "user/b"], output="dry", dry_run=True).status_code == 201
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_a_corrupted_store_stops_the_service_in_one_line_and_is_left_as_it_was(tmp_path, damage):
     """A store file that is not SQLite (or lost its tail) made `hf-mudsc serve` die with a traceback."""

@@ -294,7 +294,8 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         try:
             claims = (None, None) if job.dry_run else (job.output, job.repo_id)  # a dry run writes nothing
             job_id = store.add(job.to_dict(), output=claims[0], repo_id=claims[1], dry_run=job.dry_run,
-                               has_token=token is not None, max_queued=max_queued, max_jobs=max_jobs)
+                               has_token=token is not None, max_queued=max_queued, max_jobs=max_jobs,
+                               inputs=() if job.dry_run else job.inputs)
         except QueueFullError as problem:
             answer = error(429, str(problem))
             answer.headers["Retry-After"] = str(RETRY_AFTER_S)

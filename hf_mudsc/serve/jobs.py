@@ -61,6 +61,9 @@ class JobRequest:
 
     recipe: Recipe
     dry_run: bool
+    inputs: tuple[tuple[str, str], ...] = ()
+    """What the job reads from the server's disk, (key, path resolved): parents, base, calibration data. The store
+    claims them (`JobStore.add`): no job may write over them, nor may this job read another's output being written."""
     base_from_cards: bool = False
     """The recipe's `base` is the folder every parent's model card names, resolved by the start check
     (`resolve_local_paths`) so the worker loads the folder that was checked; the merged model says where it came
@@ -85,7 +88,8 @@ class JobRequest:
     @classmethod
     def from_stored(cls, data: Mapping[str, Any]) -> JobRequest:
         values = {k: v for k, v in data.items() if k in Recipe.keys()}
-        return cls(Recipe(**values), bool(data.get("dry_run", False)), bool(data.get("base_from_cards", False)))
+        return cls(Recipe(**values), bool(data.get("dry_run", False)),
+                   base_from_cards=bool(data.get("base_from_cards", False)))
 
 
 def accepted_keys() -> list[str]:
@@ -145,7 +149,19 @@ def parse_job(body: Any, output_root: Path, *, dry_run: bool = False,
     if not dry_run and not recipe.output and not recipe.push_to_hub:
         raise RecipeError("say where the merged model goes: `output` (a folder name under the service's output "
                           "root) and/or `push_to_hub` (`org/name`)")
-    return JobRequest(recipe, dry_run)
+    return JobRequest(recipe, dry_run, inputs=local_inputs(resolved))
+
+
+def local_inputs(recipe: Recipe) -> tuple[tuple[str, str], ...]:
+    """(key, path resolved) of every local path `recipe` reads (its paths already checked inside the roots, the
+    cards' base included as `base`): what the store claims for the job's run."""
+    found = []
+    for key, _, path, _ in local_paths(recipe):
+        try:
+            found.append((key, str(path.resolve())))
+        except (OSError, RuntimeError, ValueError):  # (refused by the roots' check already)
+            continue
+    return tuple(found)
 
 
 def refuse_published_names(text: str, recipe: Recipe) -> None:
@@ -333,7 +349,7 @@ def resolve_local_paths(job: JobRequest, local_roots: Sequence[Path]) -> JobRequ
         from_cards = card_base(recipe.models, changes["models"], roots)
         if from_cards is not None:
             changes["base"] = from_cards
-    return JobRequest(recipe.override(**changes), job.dry_run, base_from_cards=from_cards is not None)
+    return JobRequest(recipe.override(**changes), job.dry_run, job.inputs, base_from_cards=from_cards is not None)
 
 
 def inside_roots(path: Path, roots: Sequence[Path]) -> Path | None:
