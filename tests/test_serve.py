@@ -22,7 +22,14 @@ from test_cli import save_parents_and_data
 
 from hf_mudsc.errors import RecipeError
 from hf_mudsc.serve.jobs import parse_job
-from hf_mudsc.serve.store import RESTARTED_RUNNING, RESTARTED_TOKEN, JobStore, StoreError, TargetClaimedError
+from hf_mudsc.serve.store import (
+    RESTARTED_RUNNING,
+    RESTARTED_TOKEN,
+    STOPPED_RUNNING,
+    JobStore,
+    StoreError,
+    TargetClaimedError,
+)
 from hf_mudsc.serve.worker import ForwardHandler, JobCancelled, Reporter
 
 SECRET = "hf_serveSecretTokenThatMustNeverLeak42"
@@ -596,6 +603,30 @@ def test_kill_the_server_mid_job_and_restart(hub, inputs, tmp_path):
     assert not (outputs / "killed").exists() and partials(outputs) == []
     assert not hub.repo_exists("user/killed") and not hub.repo_exists("user/queued")
     assert not files_containing(tmp_path, SECRET), "the token leaked into the state dir or the server log"
+
+
+def test_stopping_the_server_mid_job_fails_the_job_it_does_not_say_cancelled_on_request(hub, inputs, tmp_path):
+    """QA: kill -TERM the server while a job runs, restart, GET the job: "cancelled on request; nothing was written or
+    pushed", though nobody asked for a cancel. Now: failed, saying the service stopped and to resubmit."""
+    import signal
+
+    _, _, calibration = inputs
+    state, log = tmp_path / "state", tmp_path / "server.log"
+    service = Service(hub, state, log, delay=0.5, extra=("--local-root", str(calibration.parent)))
+    try:
+        running = service.submit({"models": ["user/a", "user/b"], "method": "zipit", "calibration": str(calibration),
+                                  "num_samples": 16, "batch_size": 4, "output": "stopped"})
+        service.wait(running, until=lambda job: job["phase"] == "calibrate")
+        service.process.send_signal(signal.SIGTERM)
+        service.process.wait(timeout=60)
+    finally:
+        service.stop()
+    with Service(hub, state, log) as service:
+        job = service.job(running)
+    assert job["status"] == "failed", job
+    assert job["error"] == STOPPED_RUNNING, job
+    assert "resubmit" in job["error"] and "nothing was written or pushed" in job["error"]
+    assert not (state / "outputs" / "stopped").exists() and partials(state / "outputs") == []
 
 
 def test_an_exposed_service_needs_an_api_key_for_post_and_delete(hub, tmp_path):

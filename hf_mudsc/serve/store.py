@@ -48,6 +48,8 @@ LOG_CAP = LogCap(lines=2000, bytes=256 << 10, line_bytes=4 << 10)
 
 RESTARTED_RUNNING = ("the service stopped while this job was running (crash, kill or restart); nothing was "
                      "pushed after that point — resubmit the job")
+STOPPED_RUNNING = ("the service stopped (it was shut down) while this job was running; the job was stopped before its "
+                   "push, so nothing was written or pushed — resubmit the job")
 RESTARTED_TOKEN = ("the service restarted before this job ran, and Hub tokens are held in memory only: "
                    "resubmit with a token")
 
