@@ -427,6 +427,26 @@ def test_a_job_may_not_write_over_what_an_active_job_reads_nor_read_what_one_wri
     assert post(models=["user/a", "user/b"], output="dry", dry_run=True).status_code == 201
 
 
+def test_an_output_inside_a_finished_jobs_output_folder_is_refused_at_post(tmp_path):
+    """QA: after job `race2` finished, `output: race2/inner` was accepted and written inside it; then `race2` with
+    `overwrite` was refused for good. Now 400 at POST, one line naming the output as the client gave it."""
+    from hf_mudsc.publish.folder import staged_output
+
+    outputs = tmp_path / "out"
+    with staged_output(outputs / "race2") as staging:
+        (staging / "model.safetensors").write_bytes(b"weights")
+    body = {"models": ["user/a", "user/b"], "method": "weight_matching"}
+    for inner in ("race2/inner", "race2/a/b"):
+        with pytest.raises(RecipeError) as caught:
+            parse_job({**body, "output": inner}, outputs)
+        message = str(caught.value)
+        assert message.startswith(f"refusing output {inner!r}: it lies inside 'race2', a model folder hf-mudsc "
+                                  "wrote"), message
+        assert str(tmp_path) not in message and "\n" not in message
+    assert parse_job({**body, "output": "race2", "overwrite": True}, outputs).output == str(outputs / "race2")
+    assert parse_job({**body, "output": "race3/inner"}, outputs)
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_a_corrupted_store_stops_the_service_in_one_line_and_is_left_as_it_was(tmp_path, damage):
     """A store file that is not SQLite (or lost its tail) made `hf-mudsc serve` die with a traceback."""
