@@ -447,6 +447,39 @@ def test_an_output_inside_a_finished_jobs_output_folder_is_refused_at_post(tmp_p
     assert parse_job({**body, "output": "race3/inner"}, outputs)
 
 
+def test_clients_see_the_output_as_they_named_it_never_the_servers_path(tmp_path):
+    """QA: `result.output`, `recipe.output` (GET /api/jobs, the job page) and the log showed `/tmp/.../out/m1`,
+    while refusals name `output` as the client gave it. Now every answer names it relative to the output root."""
+    from fastapi.testclient import TestClient
+
+    from hf_mudsc.publish.folder import staged_output
+    from hf_mudsc.serve.app import create_app
+
+    outputs = tmp_path / "out"
+    app = create_app(tmp_path / "state", output_root=outputs)
+    client = TestClient(app, base_url="http://127.0.0.1")
+    answer = client.post("/api/jobs", json={"models": ["user/a", "user/b"], "method": "weight_matching",
+                                            "output": "runs/m1"})
+    assert answer.status_code == 201, answer.text
+    job_id = answer.json()["id"]
+    folder = outputs / "runs" / "m1"
+    with staged_output(folder) as staging:
+        (staging / "README.md").write_text("# card\n")
+    store = app.state.store
+    assert store.get(job_id)["request"]["output"] == str(folder.resolve())  # the server keeps its path
+    store.append_log(job_id, [f"INFO hf_mudsc.publish.writer: wrote {folder.resolve()}"])
+    store.update(job_id, status="succeeded", result={"output": str(folder.resolve()), "files": ["README.md"]})
+    for path in ("/api/jobs", f"/api/jobs/{job_id}", f"/api/jobs/{job_id}/log", f"/jobs/{job_id}"):
+        text = client.get(path).text
+        assert str(outputs) not in text and str(outputs.resolve()) not in text and str(tmp_path) not in text, path
+    job = client.get(f"/api/jobs/{job_id}").json()
+    assert job["result"]["output"] == "runs/m1" and job["recipe"]["output"] == "runs/m1", job
+    assert client.get(f"/api/jobs/{job_id}/log").json()["lines"] == ["INFO hf_mudsc.publish.writer: wrote runs/m1"]
+    page = client.get(f"/jobs/{job_id}").text
+    assert "runs/m1" in page and f"/jobs/{job_id}/files/README.md" in page
+    assert client.get(f"/jobs/{job_id}/files/README.md").text == "# card\n"  # still found on the server's disk
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_a_corrupted_store_stops_the_service_in_one_line_and_is_left_as_it_was(tmp_path, damage):
     """A store file that is not SQLite (or lost its tail) made `hf-mudsc serve` die with a traceback."""
@@ -505,13 +538,13 @@ def test_push_a_merge_poll_to_succeeded_and_load_it_by_repo_id(hub, tmp_path):
         assert job["progress"] == 1.0 and job["phase"] == "publish" and job["error"] is None
         result = job["result"]
         assert result["repo_id"] == "user/merged" and result["commit"] == hub.head("user/merged")
-        assert result["output"] == str((tmp_path / "state" / "outputs" / "merged").resolve())
+        assert result["output"] == "merged"  # as the client named it: the server's path is its own
         assert {"README.md", "model.safetensors", "mudsc_recipe.yaml"} <= set(result["files"])
         assert result["eval"] is None
         assert set(job) >= {"id", "status", "progress", "phase", "error", "result", "created", "updated"}
         assert hub.is_private("user/merged")
         assert hub.file_bytes("user/merged", "model.safetensors") == (
-            Path(result["output"]) / "model.safetensors").read_bytes()
+            tmp_path / "state" / "outputs" / result["output"] / "model.safetensors").read_bytes()
 
         listed = service.request("GET", "/api/jobs")[1]["jobs"]
         assert [j["id"] for j in listed] == [job_id]
@@ -522,7 +555,7 @@ def test_push_a_merge_poll_to_succeeded_and_load_it_by_repo_id(hub, tmp_path):
         page = service.request("GET", "/")[1]
         assert job_id in page and "user/merged" in page and "succeeded" in page
         card = service.request("GET", f"/jobs/{job_id}/files/README.md")[1]
-        assert card == (Path(result["output"]) / "README.md").read_text()
+        assert card == (tmp_path / "state" / "outputs" / result["output"] / "README.md").read_text()
         assert service.request("GET", f"/jobs/{job_id}/files/..%2Fjobs.sqlite3")[0] == 404
 
 
@@ -618,7 +651,7 @@ def test_kill_the_server_mid_job_and_restart(hub, inputs, tmp_path):
         assert jobs[with_token]["status"] == "failed" and "resubmit with a token" in jobs[with_token]["error"]
         later = service.wait(without)
         assert later["status"] == "succeeded", later
-        assert Path(later["result"]["output"], "model.safetensors").is_file()
+        assert Path(state, "outputs", later["result"]["output"], "model.safetensors").is_file()
     outputs = state / "outputs"
     assert not (outputs / "killed").exists() and partials(outputs) == []
     assert not hub.repo_exists("user/killed") and not hub.repo_exists("user/queued")

@@ -166,14 +166,24 @@ def internal_error(scope: Any) -> JSONResponse:
 
 
 def public(job: dict[str, Any], outputs: Path) -> dict[str, Any]:
-    """A job as the API answers it: the contract's fields, plus `dry_run` and the submitted `recipe`. Its `error`
-    names the output as the client did (a worker's refusal repeats the writer's message, with the absolute path)."""
+    """A job as the API answers it: the contract's fields, plus `dry_run` and the submitted `recipe`. Every value
+    names the output as the client did, relative to the output root (`hide_output_root`): the store and the worker's
+    result hold the folder's absolute path, and a worker's refusal repeats the writer's message with it."""
     view = {k: job[k] for k in ("id", "status", "progress", "phase", "error", "result", "created", "updated")}
-    if view["error"]:
-        view["error"] = hide_output_root(view["error"], outputs)
     view["dry_run"] = job["dry_run"]
     view["recipe"] = {k: v for k, v in job["request"].items() if k != "dry_run"}
-    return view
+    return without_output_root(view, outputs)
+
+
+def without_output_root(value: Any, outputs: Path) -> Any:
+    """`value` (a job's view, a log line, a list of them) with the output root's path taken out of every string."""
+    if isinstance(value, str):
+        return hide_output_root(value, outputs)
+    if isinstance(value, dict):
+        return {key: without_output_root(item, outputs) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_output_root(item, outputs) for item in value]
+    return value
 
 
 def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None = None,
@@ -341,7 +351,8 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         since = max(0, since)
         lines, following = store.log_page(job_id, since=min(since, SQLITE_MAX))
         # nothing new: the `since` asked for (not the clamped one the store read from)
-        return JSONResponse({"id": job_id, "lines": lines, "next": following if lines else since})
+        return JSONResponse({"id": job_id, "lines": without_output_root(lines, outputs),
+                             "next": following if lines else since})
 
     # ------------------------------------------------------------------ page
     def render(name: str, **context: Any) -> HTMLResponse:
@@ -363,7 +374,8 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         if job is None:
             return HTMLResponse(f"no job {html.escape(job_id)}", status_code=404)
         recipe = yaml.safe_dump(public(job, outputs)["recipe"], sort_keys=False)
-        return render("job.html.jinja", job=_page_job(job, outputs), recipe=recipe, log=store.log(job_id))
+        return render("job.html.jinja", job=_page_job(job, outputs), recipe=recipe,
+                      log=without_output_root(store.log(job_id), outputs))
 
     @app.get("/jobs/{job_id}/files/{name:path}")
     def job_file(job_id: str, name: str):
