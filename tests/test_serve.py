@@ -480,6 +480,30 @@ def test_clients_see_the_output_as_they_named_it_never_the_servers_path(tmp_path
     assert client.get(f"/jobs/{job_id}/files/README.md").text == "# card\n"  # still found on the server's disk
 
 
+@pytest.mark.parametrize("key", ["models[0]", "base", "calibration", "push_to_hub"])
+def test_a_token_in_a_field_is_refused_with_the_services_advice_not_the_clis(tmp_path, key):
+    """QA: a token-shaped `models[0]` (or `base`, `calibration`, `push_to_hub`) was refused with "pass a token with
+    token= (CLI: --token, or the HF_TOKEN variable)": a service client sends it as `Authorization: Bearer`."""
+    from fastapi.testclient import TestClient
+
+    from hf_mudsc.serve.app import create_app
+
+    body: dict = {"models": ["user/a", "user/b"], "method": "task_arithmetic", "output": "m"}
+    if key == "models[0]":
+        body["models"] = [SECRET, "user/b"]
+    else:
+        body[key] = SECRET
+    if key == "calibration":
+        body["method"] = "zipit"
+    app = create_app(tmp_path / "state")
+    answer = TestClient(app, base_url="http://127.0.0.1").post("/api/jobs", json=body)
+    assert answer.status_code == 400, answer.text
+    message = answer.json()["error"]
+    assert SECRET not in message and "\n" not in message, message
+    assert "Authorization: Bearer" in message and "--token" not in message and "token=" not in message, message
+    assert app.state.store.list() == []
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_a_corrupted_store_stops_the_service_in_one_line_and_is_left_as_it_was(tmp_path, damage):
     """A store file that is not SQLite (or lost its tail) made `hf-mudsc serve` die with a traceback."""

@@ -54,7 +54,14 @@ from hf_mudsc._version import __version__
 from hf_mudsc.errors import RecipeError, shown
 from hf_mudsc.publish.recipe import RecipeLoader, repeated_key, yaml_error_line
 from hf_mudsc.serve import HEADER_MAX_BYTES, host_name, is_loopback
-from hf_mudsc.serve.jobs import JobRequest, accepted_keys, hide_output_root, parse_job, resolve_local_paths
+from hf_mudsc.serve.jobs import (
+    JobRequest,
+    accepted_keys,
+    hide_output_root,
+    parse_job,
+    resolve_local_paths,
+    service_advice,
+)
 from hf_mudsc.serve.scheduler import Scheduler
 from hf_mudsc.serve.store import ACTIVE, MAX_JOBS, MAX_QUEUED, PHASES, JobStore, QueueFullError, TargetClaimedError
 from hf_mudsc.solve.diagnostics import PLOTS_FOLDER
@@ -299,8 +306,8 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
             body = _parse_body(raw, content_type)
             text = raw.decode("utf-8") if _media_type(content_type) in YAML_TYPES else None  # its comments too
             job = parse_job(body, outputs, dry_run=dry_run, local_roots=roots, text=text)
-        except RecipeError as problem:
-            return error(400, hide_output_root(str(problem), outputs))
+        except RecipeError as problem:  # the token's advice as a service client follows it (`service_advice`)
+            return error(400, hide_output_root(service_advice(str(problem)), outputs))
         try:
             claims = (None, None) if job.dry_run else (job.output, job.repo_id)  # a dry run writes nothing
             job_id = store.add(job.to_dict(), output=claims[0], repo_id=claims[1], dry_run=job.dry_run,

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from typing import Any, NoReturn
 from hf_mudsc.calibrate.dataset_spec import DatasetSpec
 from hf_mudsc.errors import CalibrationError, LoadError, RecipeError, shown
 from hf_mudsc.load.config_json import read_card
-from hf_mudsc.load.references import card_base_model, looks_like_path, parse_reference
+from hf_mudsc.load.references import TOKEN_FIX, card_base_model, looks_like_path, parse_reference
 from hf_mudsc.methods.registry import AUTO, check_size, get_method
 from hf_mudsc.publish.recipe import DESTINATION_KEYS, INFO_KEYS, Recipe, unresolved_published_entries
 from hf_mudsc.runner import check_merge_output
@@ -52,6 +53,11 @@ NAME_MAX = 255  # bytes in one folder name (Linux, macOS, Windows)
 CONTROLS = "control characters (newlines, tabs, escapes, direction overrides)"
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 # How a refusal tells the client a local path is not allowed: no server path but the one it sent (docs/design.md §11).
+# How the service tells a client that sent a token in a field where its token goes (the library's `TOKEN_FIX` is the
+# Python API's and the CLI's advice).
+SERVICE_TOKEN_FIX = ("send the token as the request's `Authorization: Bearer hf_...` header (the page's token field), "
+                     "never in a field of the job")
+CLI_SPELLING = re.compile(r" \(CLI: --[\w-]+\)")
 OUTSIDE = "which is outside the folders this server allows (its operator lists them with --local-root)"
 
 
@@ -162,6 +168,15 @@ def local_inputs(recipe: Recipe) -> tuple[tuple[str, str], ...]:
         except (OSError, RuntimeError, ValueError):  # (refused by the roots' check already)
             continue
     return tuple(found)
+
+
+def service_advice(message: str) -> str:
+    """A refusal as a service client reads it: a token-shaped value's advice says where a job's token goes (the
+    `Authorization: Bearer` header), not the library's `token=` or the CLI's `--token`; the recipe's and the loaders'
+    refusals (`Recipe.validate`, `load.references`, `calibrate.dataset_spec`) all end up here."""
+    if TOKEN_FIX not in message:
+        return message
+    return CLI_SPELLING.sub("", message.replace(TOKEN_FIX, SERVICE_TOKEN_FIX))
 
 
 def refuse_published_names(text: str, recipe: Recipe) -> None:
