@@ -341,7 +341,7 @@ def _cut(line: str, limit: int) -> str:
 
 
 def _overlap(one: str, other: str) -> bool:
-    """Whether two output folders (absolute, resolved) are the same or one is inside the other."""
+    """Whether two paths (absolute, resolved: outputs, a job's inputs) are the same or one is inside the other."""
     a, b = PurePath(one), PurePath(other)
     return a == b or a.is_relative_to(b) or b.is_relative_to(a)
 
