@@ -148,11 +148,12 @@ def check_output(
 
 
 def written_around(path: Path) -> Path | None:
-    """The nearest folder around `path` (resolved) that the writer wrote (it holds a valid marker), else None: an
-    output nested in one would be a file the marker does not list, and `overwrite` of the outer one refuses those."""
+    """The nearest folder around `path` (resolved) that the writer wrote (it holds a complete marker), else None: an
+    output nested in one would be a file the marker does not list, and `overwrite` of the outer one refuses those.
+    A staging folder (its marker incomplete) is no output yet: what is written inside it becomes part of it."""
     for folder in path.parents:
         try:
-            if read_marker(folder) is not None:
+            if (read_marker(folder) or {}).get("complete"):
                 return folder
         except OSError:  # a folder we may not look into: not one we wrote
             continue
