@@ -183,6 +183,22 @@ def test_overwrite_replaces_a_previous_output_atomically(merged_once, inputs, tm
     assert leftovers(tmp_path) == []
 
 
+def test_an_output_inside_a_folder_hf_mudsc_wrote_is_refused_before_any_work(merged_once, inputs, tmp_path,
+                                                                              monkeypatch, capsys):
+    """QA: `--output A/inner` after `--output A` was written inside A, after which `--output A --overwrite` was
+    refused for good (A held files hf-mudsc did not write). Now the nested output is refused, naming both."""
+    out = tmp_path / "A"
+    shutil.copytree(merged_once[1], out)  # a folder hf-mudsc wrote (its marker), not the shared fixture's
+    a, b, calibration = inputs
+    monkeypatch.setattr("hf_mudsc.load.parents.load_parents", lambda *args, **kwargs: pytest.fail("loaded"))
+    for inner in (out / "inner", out / "deeper" / "still"):
+        argv = ["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(inner), *FAST]
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert f"refusing --output {str(inner)!r}: it lies inside {str(out)!r}, a model folder hf-mudsc wrote" in err
+        assert not inner.exists() and not (out / "deeper").exists()
+
+
 def test_output_inside_or_around_a_parent_is_refused(inputs, capsys):
     a, b, calibration = inputs
     for out in (a / "merged", a.parent, a):

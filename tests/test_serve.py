@@ -22,7 +22,14 @@ from test_cli import save_parents_and_data
 
 from hf_mudsc.errors import RecipeError
 from hf_mudsc.serve.jobs import parse_job
-from hf_mudsc.serve.store import RESTARTED_RUNNING, RESTARTED_TOKEN, JobStore, StoreError, TargetClaimedError
+from hf_mudsc.serve.store import (
+    RESTARTED_RUNNING,
+    RESTARTED_TOKEN,
+    STOPPED_RUNNING,
+    JobStore,
+    StoreError,
+    TargetClaimedError,
+)
 from hf_mudsc.serve.worker import ForwardHandler, JobCancelled, Reporter
 
 SECRET = "hf_serveSecretTokenThatMustNeverLeak42"
@@ -379,6 +386,124 @@ def test_an_output_inside_or_around_one_an_active_job_writes_is_claimed_too(tmp_
     assert store.add({}, output="/o/nest/inner", repo_id=None, dry_run=False, has_token=False)
 
 
+def test_a_job_may_not_write_over_what_an_active_job_reads_nor_read_what_one_writes(tmp_path, monkeypatch):
+    """QA: with the output root inside a --local-root, job 2 read `<root>/fresh` (job 1's output) as a parent while
+    job 3 (`output: fresh, overwrite: true`) was accepted and replaced it: only outputs were claimed, not inputs. Now
+    an output over an active job's input, and an input inside an active job's output, answer 409 naming no server
+    path."""
+    from fastapi.testclient import TestClient
+
+    from hf_mudsc.serve.app import create_app
+
+    root = tmp_path / "root"
+    (root / "other").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    app = create_app(tmp_path / "state", output_root=root, local_roots=[root])
+    client = TestClient(app, base_url="http://127.0.0.1")
+
+    def post(**body):
+        return client.post("/api/jobs", json={"method": "weight_matching", **body})
+
+    first = post(models=["user/a", "user/b"], output="fresh")
+    assert first.status_code == 201, first.text
+    reads_it = post(models=[str(root / "fresh"), "user/b"], output="second")  # job 1 is still writing `fresh`
+    assert reads_it.status_code == 409, reads_it.text
+    message = reads_it.json()["error"]
+    assert "`models[0]` reads the output folder 'fresh' of job " + first.json()["id"] in message, message
+    assert str(root) not in message and "\n" not in message
+    store = app.state.store
+    store.finish_if_active(first.json()["id"], "succeeded")
+    second = post(models=[str(root / "fresh"), "user/b"], output="second")
+    assert second.status_code == 201, second.text
+    for output in ("fresh", "fresh/inner"):  # the input itself, a folder inside it
+        answer = post(models=["user/a", "user/b"], output=output, overwrite=True)
+        assert answer.status_code == 409, (output, answer.text)
+        message = answer.json()["error"]
+        assert f"job {second.json()['id']} (queued)" in message and "inputs are never modified" in message, message
+        assert str(root) not in message and str(tmp_path) not in message, message
+    base = post(models=["user/a", "user/b"], base=str(root / "second"), method="task_arithmetic", output="t")
+    assert base.status_code == 409 and "`base` reads the output folder 'second'" in base.json()["error"], base.text
+    assert post(models=["user/a", "user/b"], output="elsewhere").status_code == 201
+    assert post(models=["user/a", "user/b"], output="dry", dry_run=True).status_code == 201
+
+
+def test_an_output_inside_a_finished_jobs_output_folder_is_refused_at_post(tmp_path):
+    """QA: after job `race2` finished, `output: race2/inner` was accepted and written inside it; then `race2` with
+    `overwrite` was refused for good. Now 400 at POST, one line naming the output as the client gave it."""
+    from hf_mudsc.publish.folder import staged_output
+
+    outputs = tmp_path / "out"
+    with staged_output(outputs / "race2") as staging:
+        (staging / "model.safetensors").write_bytes(b"weights")
+    body = {"models": ["user/a", "user/b"], "method": "weight_matching"}
+    for inner in ("race2/inner", "race2/a/b"):
+        with pytest.raises(RecipeError) as caught:
+            parse_job({**body, "output": inner}, outputs)
+        message = str(caught.value)
+        assert message.startswith(f"refusing output {inner!r}: it lies inside 'race2', a model folder hf-mudsc "
+                                  "wrote"), message
+        assert str(tmp_path) not in message and "\n" not in message
+    assert parse_job({**body, "output": "race2", "overwrite": True}, outputs).output == str(outputs / "race2")
+    assert parse_job({**body, "output": "race3/inner"}, outputs)
+
+
+def test_clients_see_the_output_as_they_named_it_never_the_servers_path(tmp_path):
+    """QA: `result.output`, `recipe.output` (GET /api/jobs, the job page) and the log showed `/tmp/.../out/m1`,
+    while refusals name `output` as the client gave it. Now every answer names it relative to the output root."""
+    from fastapi.testclient import TestClient
+
+    from hf_mudsc.publish.folder import staged_output
+    from hf_mudsc.serve.app import create_app
+
+    outputs = tmp_path / "out"
+    app = create_app(tmp_path / "state", output_root=outputs)
+    client = TestClient(app, base_url="http://127.0.0.1")
+    answer = client.post("/api/jobs", json={"models": ["user/a", "user/b"], "method": "weight_matching",
+                                            "output": "runs/m1"})
+    assert answer.status_code == 201, answer.text
+    job_id = answer.json()["id"]
+    folder = outputs / "runs" / "m1"
+    with staged_output(folder) as staging:
+        (staging / "README.md").write_text("# card\n")
+    store = app.state.store
+    assert store.get(job_id)["request"]["output"] == str(folder.resolve())  # the server keeps its path
+    store.append_log(job_id, [f"INFO hf_mudsc.publish.writer: wrote {folder.resolve()}"])
+    store.update(job_id, status="succeeded", result={"output": str(folder.resolve()), "files": ["README.md"]})
+    for path in ("/api/jobs", f"/api/jobs/{job_id}", f"/api/jobs/{job_id}/log", f"/jobs/{job_id}"):
+        text = client.get(path).text
+        assert str(outputs) not in text and str(outputs.resolve()) not in text and str(tmp_path) not in text, path
+    job = client.get(f"/api/jobs/{job_id}").json()
+    assert job["result"]["output"] == "runs/m1" and job["recipe"]["output"] == "runs/m1", job
+    assert client.get(f"/api/jobs/{job_id}/log").json()["lines"] == ["INFO hf_mudsc.publish.writer: wrote runs/m1"]
+    page = client.get(f"/jobs/{job_id}").text
+    assert "runs/m1" in page and f"/jobs/{job_id}/files/README.md" in page
+    assert client.get(f"/jobs/{job_id}/files/README.md").text == "# card\n"  # still found on the server's disk
+
+
+@pytest.mark.parametrize("key", ["models[0]", "base", "calibration", "push_to_hub"])
+def test_a_token_in_a_field_is_refused_with_the_services_advice_not_the_clis(tmp_path, key):
+    """QA: a token-shaped `models[0]` (or `base`, `calibration`, `push_to_hub`) was refused with "pass a token with
+    token= (CLI: --token, or the HF_TOKEN variable)": a service client sends it as `Authorization: Bearer`."""
+    from fastapi.testclient import TestClient
+
+    from hf_mudsc.serve.app import create_app
+
+    body: dict = {"models": ["user/a", "user/b"], "method": "task_arithmetic", "output": "m"}
+    if key == "models[0]":
+        body["models"] = [SECRET, "user/b"]
+    else:
+        body[key] = SECRET
+    if key == "calibration":
+        body["method"] = "zipit"
+    app = create_app(tmp_path / "state")
+    answer = TestClient(app, base_url="http://127.0.0.1").post("/api/jobs", json=body)
+    assert answer.status_code == 400, answer.text
+    message = answer.json()["error"]
+    assert SECRET not in message and "\n" not in message, message
+    assert "Authorization: Bearer" in message and "--token" not in message and "token=" not in message, message
+    assert app.state.store.list() == []
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_a_corrupted_store_stops_the_service_in_one_line_and_is_left_as_it_was(tmp_path, damage):
     """A store file that is not SQLite (or lost its tail) made `hf-mudsc serve` die with a traceback."""
@@ -437,13 +562,13 @@ def test_push_a_merge_poll_to_succeeded_and_load_it_by_repo_id(hub, tmp_path):
         assert job["progress"] == 1.0 and job["phase"] == "publish" and job["error"] is None
         result = job["result"]
         assert result["repo_id"] == "user/merged" and result["commit"] == hub.head("user/merged")
-        assert result["output"] == str((tmp_path / "state" / "outputs" / "merged").resolve())
+        assert result["output"] == "merged"  # as the client named it: the server's path is its own
         assert {"README.md", "model.safetensors", "mudsc_recipe.yaml"} <= set(result["files"])
         assert result["eval"] is None
         assert set(job) >= {"id", "status", "progress", "phase", "error", "result", "created", "updated"}
         assert hub.is_private("user/merged")
         assert hub.file_bytes("user/merged", "model.safetensors") == (
-            Path(result["output"]) / "model.safetensors").read_bytes()
+            tmp_path / "state" / "outputs" / result["output"] / "model.safetensors").read_bytes()
 
         listed = service.request("GET", "/api/jobs")[1]["jobs"]
         assert [j["id"] for j in listed] == [job_id]
@@ -454,7 +579,7 @@ def test_push_a_merge_poll_to_succeeded_and_load_it_by_repo_id(hub, tmp_path):
         page = service.request("GET", "/")[1]
         assert job_id in page and "user/merged" in page and "succeeded" in page
         card = service.request("GET", f"/jobs/{job_id}/files/README.md")[1]
-        assert card == (Path(result["output"]) / "README.md").read_text()
+        assert card == (tmp_path / "state" / "outputs" / result["output"] / "README.md").read_text()
         assert service.request("GET", f"/jobs/{job_id}/files/..%2Fjobs.sqlite3")[0] == 404
 
 
@@ -550,11 +675,35 @@ def test_kill_the_server_mid_job_and_restart(hub, inputs, tmp_path):
         assert jobs[with_token]["status"] == "failed" and "resubmit with a token" in jobs[with_token]["error"]
         later = service.wait(without)
         assert later["status"] == "succeeded", later
-        assert Path(later["result"]["output"], "model.safetensors").is_file()
+        assert Path(state, "outputs", later["result"]["output"], "model.safetensors").is_file()
     outputs = state / "outputs"
     assert not (outputs / "killed").exists() and partials(outputs) == []
     assert not hub.repo_exists("user/killed") and not hub.repo_exists("user/queued")
     assert not files_containing(tmp_path, SECRET), "the token leaked into the state dir or the server log"
+
+
+def test_stopping_the_server_mid_job_fails_the_job_it_does_not_say_cancelled_on_request(hub, inputs, tmp_path):
+    """QA: kill -TERM the server while a job runs, restart, GET the job: "cancelled on request; nothing was written or
+    pushed", though nobody asked for a cancel. Now: failed, saying the service stopped and to resubmit."""
+    import signal
+
+    _, _, calibration = inputs
+    state, log = tmp_path / "state", tmp_path / "server.log"
+    service = Service(hub, state, log, delay=0.5, extra=("--local-root", str(calibration.parent)))
+    try:
+        running = service.submit({"models": ["user/a", "user/b"], "method": "zipit", "calibration": str(calibration),
+                                  "num_samples": 16, "batch_size": 4, "output": "stopped"})
+        service.wait(running, until=lambda job: job["phase"] == "calibrate")
+        service.process.send_signal(signal.SIGTERM)
+        service.process.wait(timeout=60)
+    finally:
+        service.stop()
+    with Service(hub, state, log) as service:
+        job = service.job(running)
+    assert job["status"] == "failed", job
+    assert job["error"] == STOPPED_RUNNING, job
+    assert "resubmit" in job["error"] and "nothing was written or pushed" in job["error"]
+    assert not (state / "outputs" / "stopped").exists() and partials(state / "outputs") == []
 
 
 def test_an_exposed_service_needs_an_api_key_for_post_and_delete(hub, tmp_path):

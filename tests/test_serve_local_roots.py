@@ -217,7 +217,7 @@ def test_the_service_refuses_a_parent_whose_card_names_a_base_outside_its_roots(
             card(root / parent, str(root / "base"))
         job = service.wait(service.submit(body))
         assert job["status"] == "succeeded", job
-        config = json.loads((Path(job["result"]["output"]) / "config.json").read_text())
+        config = json.loads((tmp_path / "state" / "outputs" / job["result"]["output"] / "config.json").read_text())
         assert config["mudsc"]["base_source"] == BASE_FROM_CARDS
     refusals = [line for line in log.read_text().splitlines() if "outside the local roots" in line]
     assert refusals and str(root.resolve()) in refusals[0]  # the refusal, with the roots, is in the server's log

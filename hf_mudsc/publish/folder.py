@@ -72,7 +72,8 @@ def check_output(
 ) -> None:
     """Refuse an output that would harm anything, before any heavy work.
 
-    Refused: the current directory or a folder containing it; a folder equal to, inside or around one of
+    Refused: the current directory or a folder containing it; a folder inside a model folder the writer wrote
+    (`written_around`: its later `overwrite` would be refused for good); a folder equal to, inside or around one of
     `inputs` (`(description, path)` pairs, compared after resolving `..` and symlinks); a location that
     cannot be written (under a file, a name too long, a folder without write access); an existing output
     without `overwrite`; and, even with it, any folder whose every file is not listed, unchanged, in the
@@ -103,6 +104,13 @@ def check_output(
                 f"{flag} {shown!r} overlaps the {description} {str(source)!r}; inputs are never modified, "
                 f"choose a {flag} outside it"
             )
+    written = written_around(resolved)
+    if written is not None:
+        raise FileExistsError(
+            f"refusing {flag} {shown!r}: it lies inside {str(written)!r}, a model folder hf-mudsc wrote (it holds "
+            f"{MARKER_FILENAME}); a folder in it would keep that model from ever being replaced, so choose a {flag} "
+            "outside it"
+        )
     if not os.path.lexists(output):
         return
     if not overwrite:
@@ -143,6 +151,19 @@ def check_output(
             f"refusing to overwrite {shown!r}: {'; '.join(reasons)}; move them out (or delete the folder "
             f"yourself) or choose another {flag}"
         )
+
+
+def written_around(path: Path) -> Path | None:
+    """The nearest folder around `path` (resolved) that the writer wrote (it holds a complete marker), else None: an
+    output nested in one would be a file the marker does not list, and `overwrite` of the outer one refuses those.
+    A staging folder (its marker incomplete) is no output yet: what is written inside it becomes part of it."""
+    for folder in path.parents:
+        try:
+            if (read_marker(folder) or {}).get("complete"):
+                return folder
+        except OSError:  # a folder we may not look into: not one we wrote
+            continue
+    return None
 
 
 def check_location(output: str | os.PathLike, *, flag: str = "--output") -> None:

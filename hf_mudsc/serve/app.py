@@ -54,7 +54,14 @@ from hf_mudsc._version import __version__
 from hf_mudsc.errors import RecipeError, shown
 from hf_mudsc.publish.recipe import RecipeLoader, repeated_key, yaml_error_line
 from hf_mudsc.serve import HEADER_MAX_BYTES, host_name, is_loopback
-from hf_mudsc.serve.jobs import JobRequest, accepted_keys, hide_output_root, parse_job, resolve_local_paths
+from hf_mudsc.serve.jobs import (
+    JobRequest,
+    accepted_keys,
+    hide_output_root,
+    parse_job,
+    resolve_local_paths,
+    service_advice,
+)
 from hf_mudsc.serve.scheduler import Scheduler
 from hf_mudsc.serve.store import ACTIVE, MAX_JOBS, MAX_QUEUED, PHASES, JobStore, QueueFullError, TargetClaimedError
 from hf_mudsc.solve.diagnostics import PLOTS_FOLDER
@@ -166,14 +173,24 @@ def internal_error(scope: Any) -> JSONResponse:
 
 
 def public(job: dict[str, Any], outputs: Path) -> dict[str, Any]:
-    """A job as the API answers it: the contract's fields, plus `dry_run` and the submitted `recipe`. Its `error`
-    names the output as the client did (a worker's refusal repeats the writer's message, with the absolute path)."""
+    """A job as the API answers it: the contract's fields, plus `dry_run` and the submitted `recipe`. Every value
+    names the output as the client did, relative to the output root (`hide_output_root`): the store and the worker's
+    result hold the folder's absolute path, and a worker's refusal repeats the writer's message with it."""
     view = {k: job[k] for k in ("id", "status", "progress", "phase", "error", "result", "created", "updated")}
-    if view["error"]:
-        view["error"] = hide_output_root(view["error"], outputs)
     view["dry_run"] = job["dry_run"]
     view["recipe"] = {k: v for k, v in job["request"].items() if k != "dry_run"}
-    return view
+    return without_output_root(view, outputs)
+
+
+def without_output_root(value: Any, outputs: Path) -> Any:
+    """`value` (a job's view, a log line, a list of them) with the output root's path taken out of every string."""
+    if isinstance(value, str):
+        return hide_output_root(value, outputs)
+    if isinstance(value, dict):
+        return {key: without_output_root(item, outputs) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_output_root(item, outputs) for item in value]
+    return value
 
 
 def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None = None,
@@ -289,12 +306,13 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
             body = _parse_body(raw, content_type)
             text = raw.decode("utf-8") if _media_type(content_type) in YAML_TYPES else None  # its comments too
             job = parse_job(body, outputs, dry_run=dry_run, local_roots=roots, text=text)
-        except RecipeError as problem:
-            return error(400, hide_output_root(str(problem), outputs))
+        except RecipeError as problem:  # the token's advice as a service client follows it (`service_advice`)
+            return error(400, hide_output_root(service_advice(str(problem)), outputs))
         try:
             claims = (None, None) if job.dry_run else (job.output, job.repo_id)  # a dry run writes nothing
             job_id = store.add(job.to_dict(), output=claims[0], repo_id=claims[1], dry_run=job.dry_run,
-                               has_token=token is not None, max_queued=max_queued, max_jobs=max_jobs)
+                               has_token=token is not None, max_queued=max_queued, max_jobs=max_jobs,
+                               inputs=() if job.dry_run else job.inputs)
         except QueueFullError as problem:
             answer = error(429, str(problem))
             answer.headers["Retry-After"] = str(RETRY_AFTER_S)
@@ -340,7 +358,8 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         since = max(0, since)
         lines, following = store.log_page(job_id, since=min(since, SQLITE_MAX))
         # nothing new: the `since` asked for (not the clamped one the store read from)
-        return JSONResponse({"id": job_id, "lines": lines, "next": following if lines else since})
+        return JSONResponse({"id": job_id, "lines": without_output_root(lines, outputs),
+                             "next": following if lines else since})
 
     # ------------------------------------------------------------------ page
     def render(name: str, **context: Any) -> HTMLResponse:
@@ -362,7 +381,8 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         if job is None:
             return HTMLResponse(f"no job {html.escape(job_id)}", status_code=404)
         recipe = yaml.safe_dump(public(job, outputs)["recipe"], sort_keys=False)
-        return render("job.html.jinja", job=_page_job(job, outputs), recipe=recipe, log=store.log(job_id))
+        return render("job.html.jinja", job=_page_job(job, outputs), recipe=recipe,
+                      log=without_output_root(store.log(job_id), outputs))
 
     @app.get("/jobs/{job_id}/files/{name:path}")
     def job_file(job_id: str, name: str):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from typing import Any, NoReturn
 from hf_mudsc.calibrate.dataset_spec import DatasetSpec
 from hf_mudsc.errors import CalibrationError, LoadError, RecipeError, shown
 from hf_mudsc.load.config_json import read_card
-from hf_mudsc.load.references import card_base_model, looks_like_path, parse_reference
+from hf_mudsc.load.references import TOKEN_FIX, card_base_model, looks_like_path, parse_reference
 from hf_mudsc.methods.registry import AUTO, check_size, get_method
 from hf_mudsc.publish.recipe import DESTINATION_KEYS, INFO_KEYS, Recipe, unresolved_published_entries
 from hf_mudsc.runner import check_merge_output
@@ -52,6 +53,11 @@ NAME_MAX = 255  # bytes in one folder name (Linux, macOS, Windows)
 CONTROLS = "control characters (newlines, tabs, escapes, direction overrides)"
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 # How a refusal tells the client a local path is not allowed: no server path but the one it sent (docs/design.md §11).
+# How the service tells a client that sent a token in a field where its token goes (the library's `TOKEN_FIX` is the
+# Python API's and the CLI's advice).
+SERVICE_TOKEN_FIX = ("send the token as the request's `Authorization: Bearer hf_...` header (the page's token field), "
+                     "never in a field of the job")
+CLI_SPELLING = re.compile(r" \(CLI: --[\w-]+\)")
 OUTSIDE = "which is outside the folders this server allows (its operator lists them with --local-root)"
 
 
@@ -61,6 +67,9 @@ class JobRequest:
 
     recipe: Recipe
     dry_run: bool
+    inputs: tuple[tuple[str, str], ...] = ()
+    """What the job reads from the server's disk, (key, path resolved): parents, base, calibration data. The store
+    claims them (`JobStore.add`): no job may write over them, nor may this job read another's output being written."""
     base_from_cards: bool = False
     """The recipe's `base` is the folder every parent's model card names, resolved by the start check
     (`resolve_local_paths`) so the worker loads the folder that was checked; the merged model says where it came
@@ -85,7 +94,8 @@ class JobRequest:
     @classmethod
     def from_stored(cls, data: Mapping[str, Any]) -> JobRequest:
         values = {k: v for k, v in data.items() if k in Recipe.keys()}
-        return cls(Recipe(**values), bool(data.get("dry_run", False)), bool(data.get("base_from_cards", False)))
+        return cls(Recipe(**values), bool(data.get("dry_run", False)),
+                   base_from_cards=bool(data.get("base_from_cards", False)))
 
 
 def accepted_keys() -> list[str]:
@@ -145,7 +155,28 @@ def parse_job(body: Any, output_root: Path, *, dry_run: bool = False,
     if not dry_run and not recipe.output and not recipe.push_to_hub:
         raise RecipeError("say where the merged model goes: `output` (a folder name under the service's output "
                           "root) and/or `push_to_hub` (`org/name`)")
-    return JobRequest(recipe, dry_run)
+    return JobRequest(recipe, dry_run, inputs=local_inputs(resolved))
+
+
+def local_inputs(recipe: Recipe) -> tuple[tuple[str, str], ...]:
+    """(key, path resolved) of every local path `recipe` reads (its paths already checked inside the roots, the
+    cards' base included as `base`): what the store claims for the job's run."""
+    found = []
+    for key, _, path, _ in local_paths(recipe):
+        try:
+            found.append((key, str(path.resolve())))
+        except (OSError, RuntimeError, ValueError):  # (refused by the roots' check already)
+            continue
+    return tuple(found)
+
+
+def service_advice(message: str) -> str:
+    """A refusal as a service client reads it: a token-shaped value's advice says where a job's token goes (the
+    `Authorization: Bearer` header), not the library's `token=` or the CLI's `--token`; the recipe's and the loaders'
+    refusals (`Recipe.validate`, `load.references`, `calibrate.dataset_spec`) all end up here."""
+    if TOKEN_FIX not in message:
+        return message
+    return CLI_SPELLING.sub("", message.replace(TOKEN_FIX, SERVICE_TOKEN_FIX))
 
 
 def refuse_published_names(text: str, recipe: Recipe) -> None:
@@ -333,7 +364,7 @@ def resolve_local_paths(job: JobRequest, local_roots: Sequence[Path]) -> JobRequ
         from_cards = card_base(recipe.models, changes["models"], roots)
         if from_cards is not None:
             changes["base"] = from_cards
-    return JobRequest(recipe.override(**changes), job.dry_run, base_from_cards=from_cards is not None)
+    return JobRequest(recipe.override(**changes), job.dry_run, job.inputs, base_from_cards=from_cards is not None)
 
 
 def inside_roots(path: Path, roots: Sequence[Path]) -> Path | None:

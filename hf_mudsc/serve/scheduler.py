@@ -16,7 +16,7 @@ from typing import Any
 
 from hf_mudsc.errors import RecipeError
 from hf_mudsc.publish.folder import clean_leftovers
-from hf_mudsc.serve.store import JobStore
+from hf_mudsc.serve.store import RESTARTED_RUNNING, STOPPED_RUNNING, JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class Running:
     process: Any
     conn: Any
     cancelled: bool = False
+    requested: bool = False  # a client asked for the cancel (DELETE); otherwise the service is stopping
     finished: bool = False
     timer: threading.Timer | None = field(default=None, repr=False)
 
@@ -123,6 +124,7 @@ class Scheduler:
             if run is None:
                 self.tokens.pop(job_id, None)
                 return self.store.finish_if_active(job_id, "cancelled", "cancelled before it started")
+            run.requested = True
         self._send_cancel(job_id, run)
         return True
 
@@ -199,13 +201,18 @@ class Scheduler:
             self._send_cancel(job_id, run)
 
     def _settle(self, job_id: str, run: Running, final: tuple | None) -> None:
-        """The job's final status: what the worker reported, else cancelled (if asked) or failed (it died)."""
+        """The job's final status: what the worker reported, else cancelled (if asked) or failed (it died). A job
+        the service stopped because it was shutting down (no client asked) failed: it is to be resubmitted."""
         if final is not None:
             _, status, error, result = final
+            if status == "cancelled" and not run.requested:
+                status, error = "failed", STOPPED_RUNNING
             fields: dict[str, Any] = {"status": status, "error": error, "result": result}
             if status == "succeeded":
                 fields["progress"] = 1.0
             self.store.update(job_id, **fields)
+        elif run.cancelled and not run.requested:  # killed while the service stopped
+            self.store.update(job_id, status="failed", error=RESTARTED_RUNNING)
         elif run.cancelled:
             self.store.update(job_id, status="cancelled",
                               error="cancelled; the worker was stopped (nothing was pushed)")

@@ -13,7 +13,7 @@ import logging
 import sqlite3
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path, PurePath
 from typing import Any, NamedTuple
@@ -48,6 +48,8 @@ LOG_CAP = LogCap(lines=2000, bytes=256 << 10, line_bytes=4 << 10)
 
 RESTARTED_RUNNING = ("the service stopped while this job was running (crash, kill or restart); nothing was "
                      "pushed after that point — resubmit the job")
+STOPPED_RUNNING = ("the service stopped (it was shut down) while this job was running; the job was stopped before its "
+                   "push, so nothing was written or pushed — resubmit the job")
 RESTARTED_TOKEN = ("the service restarted before this job ran, and Hub tokens are held in memory only: "
                    "resubmit with a token")
 
@@ -66,6 +68,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     has_token INTEGER NOT NULL DEFAULT 0,
     output TEXT,
     repo_id TEXT,
+    inputs TEXT,
     result TEXT,
     created TEXT NOT NULL,
     updated TEXT NOT NULL
@@ -110,6 +113,9 @@ class JobStore:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")
                 self._db.executescript(_SCHEMA)
+                columns = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
+                if "inputs" not in columns:  # a store written before jobs' inputs were claimed
+                    self._db.execute("ALTER TABLE jobs ADD COLUMN inputs TEXT")
                 problems = [r[0] for r in self._db.execute("PRAGMA quick_check")]
             except sqlite3.DatabaseError as error:
                 problems = [str(error)]
@@ -126,10 +132,14 @@ class JobStore:
 
     # ------------------------------------------------------------------ writes
     def add(self, request: dict[str, Any], *, output: str | None, repo_id: str | None, dry_run: bool,
-            has_token: bool, max_queued: int | None = None, max_jobs: int | None = None) -> str:
+            has_token: bool, max_queued: int | None = None, max_jobs: int | None = None,
+            inputs: Sequence[tuple[str, str]] = ()) -> str:
         """A new queued job; refused (`QueueFullError`) while `max_queued` jobs are queued, and
-        (`TargetClaimedError`) if a queued or running job claims its destination. With `max_jobs`, the records
-        (and logs) of finished jobs beyond the `max_jobs` that finished last are removed (`MAX_JOBS`).
+        (`TargetClaimedError`) if a queued or running job claims its destination, if its output is, holds or lies
+        inside a local input of a queued or running job, or if one of its `inputs` ((key, absolute resolved path):
+        parents, base, calibration data) is, holds or lies inside the output of one: inputs are never modified, and
+        a job must not read a model being written or replaced. With `max_jobs`, the records (and logs) of finished
+        jobs beyond the `max_jobs` that finished last are removed (`MAX_JOBS`).
 
         The checks and the insert are one transaction, so two concurrent submissions cannot both claim a target
         or both take the last place in the queue."""
@@ -157,6 +167,7 @@ class JobStore:
                         f"the output folder {output!r} is claimed by job {row['id']} ({row['status']})"
                         + ("" if row["output"] == output else f", which writes {row['output']!r}")
                         + f"; {FREE_IT}")
+                self._refuse_input_clashes(output, inputs)
                 if repo_id is not None:
                     row = self._db.execute("SELECT id, status FROM jobs WHERE repo_id = ? COLLATE NOCASE AND "
                                            "status IN (?, ?)", (repo_id, *ACTIVE)).fetchone()
@@ -164,9 +175,10 @@ class JobStore:
                     raise TargetClaimedError(f"the Hub repo {repo_id!r} is claimed by job {row['id']} "
                                              f"({row['status']}); {FREE_IT}")
                 self._db.execute(
-                    "INSERT INTO jobs (id, status, progress, request, dry_run, has_token, output, repo_id, created, "
-                    "updated) VALUES (?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?)",
-                    (job_id, json.dumps(request), int(dry_run), int(has_token), output, repo_id, stamp, stamp))
+                    "INSERT INTO jobs (id, status, progress, request, dry_run, has_token, output, repo_id, inputs, "
+                    "created, updated) VALUES (?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (job_id, json.dumps(request), int(dry_run), int(has_token), output, repo_id,
+                     json.dumps([path for _, path in inputs]) if inputs else None, stamp, stamp))
                 pruned = self._prune(max_jobs) if max_jobs is not None else 0
                 self._db.execute("COMMIT")
             except BaseException:
@@ -175,6 +187,27 @@ class JobStore:
         if pruned:
             logger.info("removed the records of %d finished job(s) beyond --max-jobs %d", pruned, max_jobs)
         return job_id
+
+    def _refuse_input_clashes(self, output: str | None, inputs: Sequence[tuple[str, str]]) -> None:
+        """Inside `add`'s transaction: `TargetClaimedError` when the new output overlaps an active job's input, or
+        one of the new inputs overlaps an active job's output. The message names the new job's key and the outputs,
+        never another job's input path (it may lie outside the output root, which the app hides)."""
+        if output is not None:
+            for row in self._db.execute("SELECT id, status, inputs FROM jobs WHERE inputs IS NOT NULL AND "
+                                        "status IN (?, ?)", ACTIVE):
+                if any(_overlap(path, output) for path in json.loads(row["inputs"])):
+                    raise TargetClaimedError(
+                        f"the output folder {output!r} is, holds or lies inside a local input (a parent, the base "
+                        f"or the calibration data) of job {row['id']} ({row['status']}), and inputs are never "
+                        f"modified while a job reads them; {FREE_IT}")
+        for key, path in inputs:
+            for row in self._db.execute("SELECT id, status, output FROM jobs WHERE output IS NOT NULL AND "
+                                        "status IN (?, ?)", ACTIVE):
+                if _overlap(path, row["output"]):
+                    raise TargetClaimedError(
+                        f"`{key}` reads the output folder {row['output']!r} of job {row['id']} ({row['status']}), "
+                        f"which would be half-written or replaced while this job reads it; wait for it to "
+                        "finish or cancel it (DELETE /api/jobs/{id}), then submit this job again")
 
     def _prune(self, max_jobs: int) -> int:
         """Delete the finished jobs beyond the `max_jobs` that finished last, with their log lines (inside the
@@ -308,7 +341,7 @@ def _cut(line: str, limit: int) -> str:
 
 
 def _overlap(one: str, other: str) -> bool:
-    """Whether two output folders (absolute, resolved) are the same or one is inside the other."""
+    """Whether two paths (absolute, resolved: outputs, a job's inputs) are the same or one is inside the other."""
     a, b = PurePath(one), PurePath(other)
     return a == b or a.is_relative_to(b) or b.is_relative_to(a)
 
