@@ -10,10 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench_refit_cost.py"
 
 
+@pytest.mark.slow  # a benchmark script end to end: `-m slow` (pyproject's addopts)
 def test_bench_refit_cost_tiny_case_prints_one_json_line_per_configuration_and_the_ratios(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -51,6 +54,7 @@ def test_bench_refit_cost_tiny_case_prints_one_json_line_per_configuration_and_t
     assert float(found[2]) == round(auto["merge_cpu_seconds"] / plain["merge_cpu_seconds"], 2)
 
 
+@pytest.mark.slow  # a benchmark script end to end: `-m slow` (pyproject's addopts)
 def test_bench_refit_cost_baseline_runs_the_default_merge_of_another_revision_from_its_own_code(tmp_path):
     """`--baseline REV` (issue 12's "today's merge time": the code before the issue, d4c1fc9) extracts REV with `git
     archive` and times its default merge from there; HEAD stands in for the old revision (a shallow clone has it)."""

@@ -93,6 +93,7 @@ def test_the_benchmark_scores_merges_of_the_public_api_and_writes_its_files(benc
     assert line["vision"]["normalised"]["linear"] == pytest.approx(round(rows["linear"]["normalised"], 4))
 
 
+@pytest.mark.slow  # a benchmark script end to end: `-m slow` (pyproject's addopts)
 def test_the_memory_benchmark_merges_in_a_process_of_its_own_and_reports_the_ratio(tmp_path, monkeypatch, capsys):
     """One real measurement (a child process merging 2 tiny parents with ties through hf_mudsc.merge); the
     report's arithmetic on canned measurements."""

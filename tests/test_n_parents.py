@@ -240,8 +240,9 @@ def test_a_third_parent_of_another_architecture_is_named_c_not_b():
 
 
 def test_inspect_of_a_three_parent_merge_says_why_it_has_no_diagnostics(three, tmp_path, capsys):
-    """QA s20: a merge of three parents writes no merge_diagnostics.json (they are two-parent only: design §4.13), and
-    `hf-mudsc inspect` said it was "merged before it existed" — false, and a user looks for a missing file."""
+    """QA s20: a merge of three parents writes no merge_diagnostics.json (they are two-parent only: docs/design.md
+    §4.13), and `hf-mudsc inspect` said it was "merged before it existed" — false, and a user looks for a missing
+    file."""
     _, parents = three
     merged = hf_mudsc.merge(parents, make_batches("vit_cls", num_batches=2), method="mudsc", refit="none",
                             alpha=0.5, progress=False)

@@ -27,6 +27,7 @@ def test_no_script_loads_another_by_path_or_edits_sys_path():
     assert offenders == {}
 
 
+@pytest.mark.slow  # a benchmark script end to end: `-m slow` (pyproject's addopts)
 def test_scripts_import_common_and_share_the_benchmark_pair_settings(tmp_path):
     """As `python scripts/x.py` runs them (scripts/ first on sys.path): every script imports, and the pairs the
     digests and the analysis build use exactly the quality benchmark's defaults."""
@@ -118,6 +119,7 @@ def _reference_finetune(model, pixels, labels, *, seed, epochs, lr, batch_size):
     return model.eval()
 
 
+@pytest.mark.slow  # a benchmark script end to end: `-m slow` (pyproject's addopts)
 def test_benchmark_quality_methods_keeps_the_named_rows_in_table_order_and_refuses_unknown_labels(tmp_path):
     """`--methods` narrows the two-parent rows (e.g. the slow MiniLM scenario) without reordering them; an unknown
     label is an argparse error naming the choices, before any model is built."""
@@ -140,6 +142,7 @@ def test_benchmark_quality_methods_keeps_the_named_rows_in_table_order_and_refus
     assert "invalid choice: 'nonsense'" in refused.stderr
 
 
+@pytest.mark.slow  # a benchmark script end to end: `-m slow` (pyproject's addopts)
 def test_join_sizes_merges_runs_on_the_same_pairs_and_refuses_runs_on_other_pairs(tmp_path):
     """`benchmark_quality.py --join-sizes` (no merging): rows of several size-budget runs on the same (width,
     split) are joined into one record; the summary and the plot read every spend; a row two runs measured
@@ -220,6 +223,7 @@ def test_paired_differences_compares_rows_on_the_same_pairs(monkeypatch):
         {"different_init 64": result}, "mudsc zip")
 
 
+@pytest.mark.slow  # a benchmark script end to end: `-m slow` (pyproject's addopts)
 def test_benchmark_quality_tables_print_every_row_methods_can_choose(tmp_path):
     """A row `--methods` accepts must reach the markdown tables: the refit variants ("mudsc zip refit repair",
     "zipit refit none", ...) were merged and kept in the JSON but left out of every table (ROW_ORDER lacked them)."""

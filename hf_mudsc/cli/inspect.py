@@ -130,7 +130,7 @@ def summary(folder: Path, mudsc: Mapping[str, Any], diagnostics: Any, evaluation
         if scored:
             lines.append("  groups (match value | mean correlation of fused A-B pairs: activation, weight, blended | "
                          "merged units fusing A with B):")
-        elif len(mudsc.get("parents") or ()) > 2:  # the diagnostics are two-parent only (design §4.13)
+        elif len(mudsc.get("parents") or ()) > 2:  # the diagnostics are two-parent only (docs/design.md §4.13)
             lines.append(f"  groups (match value; merges of more than two parents have no {DIAGNOSTICS_FILENAME}):")
         else:
             lines.append(f"  groups (match value; no {DIAGNOSTICS_FILENAME}: merged before it existed):")
