@@ -42,12 +42,12 @@ from hf_mudsc.load.processors import image_processor_differences
 from hf_mudsc.load.references import display_name, parent_name, pinned_calibration, pinned_reference
 from hf_mudsc.load.relation import ParentRelation, base_relations, check_parents_mergeable, parent_label
 from hf_mudsc.methods.auto import (
-    ALPHA_HANDED,
     alpha_searched,
     check_record,
     choose_method,
     confirm_choice,
     correspondence_checker,
+    handed_options,
     is_auto,
     pending_reason,
     reference_compat_unread,
@@ -516,8 +516,7 @@ def merge(
                               "be a one-shot iterator; pass a list of batches or a datasets.Dataset")
     # Options as the method reads them: `weights` one per parent (1 each when not given).
     # `alpha="auto"` hands the method 0.5 until the search below sets each candidate.
-    method_options = dataclasses.replace(merge_options, weights=list(merge_options.weights or [1.0] * count),
-                                         alpha=ALPHA_HANDED if merge_options.alpha == AUTO else merge_options.alpha)
+    method_options = handed_options(merge_options, count)
     used_options = merge_method.used_options(method_options)
     if unconfirmed is None:  # (else once the solve has decided the method)
         _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value)

@@ -726,7 +726,14 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     from hf_mudsc.errors import MergeInputError
     from hf_mudsc.load.parents import dtype_description, locate_parents, unloaded
     from hf_mudsc.load.relation import parent_label
-    from hf_mudsc.methods.auto import ALPHA_HANDED, CORRESPONDENCE_CHECK, alpha_searched, is_auto, planned_method
+    from hf_mudsc.methods.auto import (
+        ALPHA_HANDED,
+        CORRESPONDENCE_CHECK,
+        alpha_searched,
+        handed_options,
+        is_auto,
+        planned_method,
+    )
     from hf_mudsc.methods.registry import check_classifier, get_method
 
     automatic = is_auto(options.method)
@@ -822,8 +829,7 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     if identical:
         warnings.insert(0, relation_warning("same model", method))
     if not automatic:  # what the merge will say of options that change nothing, said before it runs
-        handed = dataclasses.replace(options, weights=list(options.weights or [1.0] * len(models)),
-                                     alpha=ALPHA_HANDED if options.alpha == AUTO else options.alpha)
+        handed = handed_options(options, len(models))
         warnings += [text for text in (unread_options_warning(options, method.used_options(handed), method.name),
                                        *inert_options_warnings(options, method=method.name,
                                                                reads_base=method.needs_base_model,

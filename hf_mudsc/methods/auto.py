@@ -168,6 +168,13 @@ ALPHA_HANDED = 0.5
 method that runs no search (it does not read α), which the recipe then records instead of `auto`."""
 
 
+def handed_options(options: Any, num_parents: int) -> Any:
+    """`options` as a method reads them: `weights` one per parent (1 each when not given), and `alpha="auto"` handed
+    as `ALPHA_HANDED` until the search sets each candidate. The merge, its dry run and the search's check share it."""
+    alpha = ALPHA_HANDED if options.alpha == AUTO else options.alpha
+    return dataclasses.replace(options, weights=list(options.weights or [1.0] * num_parents), alpha=alpha)
+
+
 def reference_compat_unread(method: MergeMethod, options: Any) -> bool:
     """Whether `reference_compat=True` (`options.reference_compat`) was given to a method that matches no units (e.g.
     the regmean `auto` picks for fine-tunes of one base): there is no reference merge to reproduce, and the option
@@ -180,5 +187,4 @@ def alpha_searched(method: MergeMethod, options: Any, num_parents: int) -> bool:
     matches units on activation statistics and reads α. The merge and its dry run record `auto` only then."""
     if options.alpha != AUTO or not method.needs_calibration:
         return False
-    handed = dataclasses.replace(options, weights=list(options.weights or [1.0] * num_parents), alpha=ALPHA_HANDED)
-    return method.used_options(handed).get("alpha") is not None
+    return method.used_options(handed_options(options, num_parents)).get("alpha") is not None
