@@ -85,6 +85,20 @@ def test_front_matter_parses_back_with_the_hub_library(merged, recipe):
     assert data.eval_results is None and "model-index" not in card.content.split("---")[1]
 
 
+def test_calibration_data_the_merge_did_not_read_is_not_listed_as_its_dataset(merged, recipe):
+    """QA s20 left it: a Hub dataset given to a merge that read none of it (`linear`, no refit) stayed in the front
+    matter's `datasets` (the Hub shows it as data the model was built from) while the body said "given, not read"."""
+    saved = dict(merged.config.mudsc)
+    merged.config.mudsc = {**saved, "num_calibration_samples": 0}
+    try:
+        card = ModelCard(str(render_card(merged, recipe, parents=PARENTS)))
+    finally:
+        merged.config.mudsc = saved
+    assert card.data.datasets is None
+    row = next(line for line in card.content.splitlines() if line.startswith("| Calibration data |"))
+    assert "org/calib-images" in row and "not read" in row, row
+
+
 def test_body_documents_parents_method_settings_match_quality_and_recipe(merged, recipe):
     content = str(render_card(merged, recipe, parents=PARENTS))
     assert "[org/vit-a](https://huggingface.co/org/vit-a)" in content

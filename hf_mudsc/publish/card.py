@@ -248,7 +248,9 @@ def card_data(
     base = ParentInfo.from_any(recipe.base) if recipe.base else None
     if base is not None and base.repo_id and base.repo_id not in base_models:
         base_models.append(base.repo_id)  # the common base too: the merge is built from it (task vectors)
-    dataset = calibration_dataset_id(recipe.calibration)
+    # Listed only if the merge read it: `datasets` names what the model was built from (a method reading no data,
+    # no refit: the data was given, not read; the body says so).
+    dataset = calibration_dataset_id(recipe.calibration) if mudsc.get("num_calibration_samples") != 0 else None
     data: dict[str, Any] = {
         "library_name": "transformers",
         "pipeline_tag": pipeline_tag,
