@@ -139,7 +139,12 @@ def test_cards_naming_different_bases_or_none_are_a_one_line_error(family, needs
     base, parents = family
     folders = [save(parents[0], tmp_path / "p0", base_model="org/base-one"),
                save(parents[1], tmp_path / "p1", base_model="org/base-two")]
-    for models in (folders, [folders[0], save(parents[1], tmp_path / "bare")]):
+    unreadable = save(parents[1], tmp_path / "unreadable")  # QA s21: a card that is not YAML was a yaml traceback
+    (tmp_path / "unreadable" / "README.md").write_text("---\nlicense: [\n---\n# x\n")
+    tagged = save(parents[1], tmp_path / "tagged")  # a Python tag is not constructed (nor run): no base named
+    (tmp_path / "tagged" / "README.md").write_text("---\nbase_model: !!python/object/apply:os.getpid []\n---\n")
+    for models in (folders, [folders[0], save(parents[1], tmp_path / "bare")], [folders[0], unreadable],
+                   [folders[0], tagged]):
         with pytest.raises(MergeInputError) as caught:
             hf_mudsc.merge(models, method=needs_base, progress=False)
         assert str(caught.value) == (

@@ -7,11 +7,14 @@ will read them (`hf_mudsc.serve.jobs`).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from typing import TYPE_CHECKING, Any
 
 from hf_mudsc.errors import LoadError
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -86,13 +89,16 @@ def pinned_calibration(calibration_spec: str | None) -> str | None:
 def card_base_model(card_text: str | None) -> str | None:
     """The one `base_model` a model card's front matter names (a string or a one-item list), else None. Here, not
     in the loader, so the service's web process decides which base a local parent's card names as the loader will."""
+    import yaml
     from huggingface_hub import ModelCard
 
     if not card_text:
         return None
     try:
         value = ModelCard(card_text, ignore_metadata_errors=True).data.to_dict().get("base_model")
-    except ValueError:
+    except (ValueError, yaml.YAMLError) as error:  # a front matter that is not YAML (or has Python tags) names none
+        logger.warning("a parent's model card has front matter that is not valid YAML (%s): read as naming no "
+                       "base_model", " ".join(str(error).split())[:200])
         return None
     if isinstance(value, list):
         value = value[0] if len(value) == 1 else None
