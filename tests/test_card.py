@@ -266,6 +266,19 @@ def test_local_references_are_shown_by_name(tmp_path):
     assert local_name("org/model@v2") == "org/model@v2"
 
 
+def test_home_relative_references_are_shown_by_name_in_the_merged_config(tmp_path, monkeypatch):
+    """QA s21: `merge '~/private/projectX/vit-a' --calibration '~/private/projectX/calib'` wrote both paths in
+    full into config.json's `mudsc` (pushed with the model); design §8: local folders by their last component."""
+    from hf_mudsc.load.references import display_name
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "private" / "calib").mkdir(parents=True)
+    assert display_name("~/private/calib") == "calib"
+    assert display_name("~/private/calib:train") == "calib:train"
+    assert display_name("~/private/gone") == "gone"
+    assert display_name("org/model@v2") == "org/model@v2"
+
+
 def test_update_card_evaluation_replaces_only_its_section_and_the_model_index():
     from hf_mudsc.publish.card import update_card_evaluation
 

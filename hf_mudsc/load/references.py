@@ -46,7 +46,9 @@ def parent_name(model: PreTrainedModel, fallback: str) -> str:
 
 def display_name(name: str) -> str:
     """How a parent or dataset reference appears in the merged config: Hub ids and specs as given, local paths
-    (absolute or existing) by their last component."""
+    (absolute, home-relative or existing) by their last component."""
+    if name.startswith("~"):  # `~/private/x`: a path (a Hub id never starts so), shown by name like any other
+        name = os.path.expanduser(name)
     if os.path.isabs(name) or os.path.exists(name):
         return os.path.basename(os.path.abspath(name))
     return name
@@ -63,7 +65,7 @@ def local_name(reference: str | os.PathLike) -> str:
     if sep and head and not (os.path.isabs(text) or os.path.exists(text)) and (
             os.path.isabs(head) or os.path.exists(head)):
         return f"{display_name(head)}:{rest}"
-    return display_name(os.path.expanduser(text)) if text.startswith("~") else display_name(text)
+    return display_name(text)
 
 
 def pinned_reference(parent: Any) -> str:
