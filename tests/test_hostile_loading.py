@@ -547,3 +547,24 @@ def test_a_model_card_of_gigabytes_is_not_read_for_its_base(tmp_path, caplog):
     with pytest.raises(MergeInputError, match="needs the parents' common base model and none was given"):
         load_parents_and_base(parents, None, base_needed_for="task_arithmetic")
     assert f"README.md is {SIDE_FILE_MAX_BYTES + 1:,} bytes" in caplog.text, caplog.text
+
+
+def test_a_folder_with_one_file_and_shards_is_read_as_transformers_reads_it(tmp_path):
+    """QA s21: a folder holding `model.safetensors` and a shard index of other weights was two checkpoints in one
+    merge: the lazy reader (relation check, auto's choice, streamed apply) took the shards, transformers the single
+    file. Every path now reads the single file, as `from_pretrained` does (and fetches only it from the Hub)."""
+    import torch
+
+    import hf_mudsc
+    from hf_mudsc.load.lazy import safetensors_files
+
+    folder = tmp_path / "both"
+    _sharded_vit(folder)  # seed 0 in shards
+    other = make_model("vit_cls", seed=1)
+    other.save_pretrained(tmp_path / "single")
+    (folder / "model.safetensors").write_bytes((tmp_path / "single" / "model.safetensors").read_bytes())
+    assert safetensors_files(folder) == [folder / "model.safetensors"]
+    merged = hf_mudsc.merge([folder, tmp_path / "single"], method="linear", progress=False)
+    expected = other.state_dict()
+    for name, tensor in merged.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name  # the average of one model with itself

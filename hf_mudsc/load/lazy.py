@@ -185,14 +185,17 @@ def _finite(tensor: torch.Tensor) -> bool:
 
 def safetensors_files(folder: str | os.PathLike) -> list[Path] | None:
     """The safetensors files of a checkpoint folder (a save_pretrained folder or a Hub snapshot), or None when it
-    has none (pickle-only checkpoints cannot be read lazily)."""
+    has none (pickle-only checkpoints cannot be read lazily). One file before a shard index, as `from_pretrained`
+    chooses: a folder holding both is read as transformers reads it, in every code path."""
     folder = Path(folder)
+    single = folder / SINGLE_FILE
+    if single.is_file():
+        return [single]
     index = folder / INDEX_FILE
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
         return [folder / shard for shard in dict.fromkeys(weight_map.values())]
-    single = folder / SINGLE_FILE
-    return [single] if single.is_file() else None
+    return None
 
 
 def lazy_parameters(folder: str | os.PathLike, *, names: Iterable[str] | None = None,

@@ -287,10 +287,10 @@ def _is_setting(value: Any) -> bool:
 def _weights_format(reference: str, files: Sequence[str], allow_pickle: bool) -> tuple[list[str], bool]:
     """The weight files to load and whether they are pickle; refuses pickle-only without the opt-in."""
     names = set(files)
+    if SAFETENSORS_SINGLE in names:  # before an index, as `from_pretrained` chooses (lazy.safetensors_files too)
+        return [SAFETENSORS_SINGLE], False
     if SAFETENSORS_INDEX in names:
         return [SAFETENSORS_INDEX], False
-    if SAFETENSORS_SINGLE in names:
-        return [SAFETENSORS_SINGLE], False
     pickles = sorted(f for f in names if f.endswith(PICKLE_SUFFIXES))
     if pickles:
         if not allow_pickle:
@@ -300,10 +300,10 @@ def _weights_format(reference: str, files: Sequence[str], allow_pickle: bool) ->
                 "safetensors (e.g. the Hub's convert space), or pass allow_pickle=True (CLI: --allow-pickle) "
                 "if you trust its source"
             )
-        if PICKLE_INDEX in names:
-            return [PICKLE_INDEX], True
         if PICKLE_SINGLE in names:
             return [PICKLE_SINGLE], True
+        if PICKLE_INDEX in names:
+            return [PICKLE_INDEX], True
     variants = sorted(f for f in names if f.endswith(".safetensors"))
     raise LoadError(
         f"{reference!r} holds no loadable weights (found {variants or sorted(names)[:10]}); expected "
