@@ -119,3 +119,67 @@ def test_parents_given_in_another_order_than_the_merge_are_refused_before_scorin
     monkeypatch.setattr(harness, "_predict", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("scored")))
     with pytest.raises(RuntimeError, match="scored"):
         evaluate_merge(merged, unnamed, data, progress=False)
+
+
+# ------------------------------------------ 2. the folder's card and eval_results.json are always one evaluation
+def _card_figures(folder) -> dict[str, float]:
+    from huggingface_hub import ModelCard
+
+    return {result.task_name: result.metric_value for result in ModelCard.load(folder / "README.md").data.eval_results
+            if result.task_name in CLASSES}
+
+
+def _json_figures(path) -> dict[str, float]:
+    from hf_mudsc.evaluate.results import EvaluationResult
+
+    return {task: EvaluationResult.load(path).score("merged", task) for task in CLASSES}
+
+
+def test_the_folders_card_and_results_file_describe_the_same_evaluation_whatever_output_json_names(
+        pets_and_cars, tmp_path):
+    """QA: evaluate DIR, then evaluate DIR --num-samples 7 --output-json other.json: the card said 7 rows' figures,
+    DIR/eval_results.json still the 30 rows' — and both were pushed. The folder's results file now always follows
+    its card (and --output-json gets a copy); --no-card leaves the folder's files alone."""
+    root, out = pets_and_cars
+    flags = ["--dataset", f"pets={root / 'pets_test'}", "--dataset", f"cars={root / 'cars_test'}", "--no-parents"]
+    assert main(["evaluate", str(out), *flags]) == 0
+    full = _json_figures(out / "eval_results.json")
+    assert _card_figures(out) == pytest.approx(full)
+    other = tmp_path / "other.json"
+    assert main(["evaluate", str(out), *flags, "--num-samples", "7", "--output-json", str(other)]) == 0
+    seven = _json_figures(other)
+    assert seven != full  # 7 rows score otherwise than 30: the check below can fail
+    assert _json_figures(out / "eval_results.json") == seven and _card_figures(out) == pytest.approx(seven)
+    from hf_mudsc.evaluate.results import EvaluationResult
+
+    assert EvaluationResult.load(out / "eval_results.json").tasks["pets"]["num_samples"] == 7
+    before = {name: (out / name).read_bytes() for name in ("README.md", "eval_results.json")}
+    assert main(["evaluate", str(out), *flags, "--no-card", "--output-json", str(tmp_path / "alone.json")]) == 0
+    assert main(["evaluate", str(out), *flags, "--no-card"]) == 0
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert _json_figures(tmp_path / "alone.json") == full
+
+
+# ------------------------------------------------- 4. a recipe from the Hub never points at a folder of this machine
+@pytest.mark.parametrize("entry", ["{abs}", "../{name}", "~/{name}", "./{name}", "{name}/../{name}"])
+def test_a_hub_recipe_naming_a_local_path_is_refused_asking_for_parents(tmp_path, monkeypatch, entry):
+    """A Hub repo whose recipe names `/tmp/x/digits-0-4` made `evaluate evil/m-abs` load and score that folder of
+    this machine as a parent. Any path is refused in one line asking for --parents; a Hub id, and a bare folder name
+    found in the current directory (the documented way to evaluate a merge pushed from local folders), still load."""
+    from hf_mudsc.cli.evaluate import recipe_parents
+    from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "work").mkdir()
+    for name in ("digits-0-4", "work/digits-0-4"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    local = entry.format(abs=tmp_path / "digits-0-4", name="digits-0-4")
+    path = tmp_path / RECIPE_FILENAME
+    path.write_text(Recipe(models=[f"org/vit-a@{'a' * 40}", local]).to_yaml())
+    with pytest.raises(ValueError, match=r"parent B `.*digits-0-4` .*from the Hub.*--parents") as error:
+        recipe_parents(path, "evil/m-abs", from_hub=True)
+    assert "\n" not in str(error.value)
+    assert recipe_parents(path, "./merged") == [f"org/vit-a@{'a' * 40}", local]  # a folder's own recipe: as before
+    path.write_text(Recipe(models=[f"org/vit-a@{'a' * 40}", "digits-0-4"]).to_yaml())
+    assert recipe_parents(path, "evil/m-abs", from_hub=True) == [f"org/vit-a@{'a' * 40}", "digits-0-4"]
