@@ -145,6 +145,7 @@ def test_the_folders_card_and_results_file_describe_the_same_evaluation_whatever
     assert main(["evaluate", str(out), *flags]) == 0
     full = _json_figures(out / "eval_results.json")
     assert _card_figures(out) == pytest.approx(full)
+    assert "| accuracy | 30 |" in (out / "README.md").read_text()
     other = tmp_path / "other.json"
     assert main(["evaluate", str(out), *flags, "--num-samples", "7", "--output-json", str(other)]) == 0
     seven = _json_figures(other)
@@ -153,11 +154,34 @@ def test_the_folders_card_and_results_file_describe_the_same_evaluation_whatever
     from hf_mudsc.evaluate.results import EvaluationResult
 
     assert EvaluationResult.load(out / "eval_results.json").tasks["pets"]["num_samples"] == 7
+    text = (out / "README.md").read_text()
+    assert "| pets | pets_test (local folder) | — | accuracy | first 7 |" in text and "first N rows" in text
     before = {name: (out / name).read_bytes() for name in ("README.md", "eval_results.json")}
     assert main(["evaluate", str(out), *flags, "--no-card", "--output-json", str(tmp_path / "alone.json")]) == 0
     assert main(["evaluate", str(out), *flags, "--no-card"]) == 0
     assert {name: (out / name).read_bytes() for name in before} == before
     assert _json_figures(tmp_path / "alone.json") == full
+
+
+# --------------------------------------------------------------- 3. a truncated evaluation says so on the card
+def test_the_card_table_says_how_many_rows_each_figure_scored_and_that_they_are_the_first():
+    """`--num-samples 10` published figures of 10 rows as the task's with nothing saying so: the table's Rows
+    column says `first 10` (and the joint row each task's), a full run the count."""
+    from hf_mudsc.publish.card import evaluation_section
+
+    model = _named(make_model("vit_cls", 3, num_labels=6),
+                   [f"{task}: {label}" for task, labels in CLASSES.items() for label in labels])
+    model.config.task_label_ranges = {"pets": [0, 3], "cars": [3, 6]}
+    data = {task: (torch.randn(12, 1, 16, 16), [i % 3 for i in range(12)]) for task in CLASSES}
+    cut = evaluate_merge(model, None, data, num_samples=5, progress=False)
+    assert cut.tasks["pets"]["num_samples"] == 5 and cut.tasks["pets"]["first_rows"] is True
+    table = evaluation_section(cut.card_rows())
+    assert "| Task | Dataset | Split | Metric | Rows |" in table and "only the first N rows" in table
+    assert "| pets | in-memory data | — | accuracy | first 5 |" in table
+    assert "| accuracy | first 5 + first 5 |" in table  # the joint row
+    whole = evaluation_section(evaluate_merge(model, None, data, progress=False).card_rows())
+    assert "| pets | in-memory data | — | accuracy | 12 |" in whole and "| accuracy | 24 |" in whole
+    assert "first" not in whole
 
 
 # ------------------------------------------------- 4. a recipe from the Hub never points at a folder of this machine
@@ -183,3 +207,27 @@ def test_a_hub_recipe_naming_a_local_path_is_refused_asking_for_parents(tmp_path
     assert recipe_parents(path, "./merged") == [f"org/vit-a@{'a' * 40}", local]  # a folder's own recipe: as before
     path.write_text(Recipe(models=[f"org/vit-a@{'a' * 40}", "digits-0-4"]).to_yaml())
     assert recipe_parents(path, "evil/m-abs", from_hub=True) == [f"org/vit-a@{'a' * 40}", "digits-0-4"]
+
+
+# ------------------------------------------------------------------------- 5. macro-F1 is called macro-F1
+def test_f1_is_published_as_macro_f1_in_the_table_and_the_model_index():
+    """`--metric f1` is macro-F1, but the card and model-index called it `f1` (micro-F1 equals accuracy for one label
+    per row: a reader could not tell). The table says `f1 (macro)`; the model-index keeps type `f1` (the Hub's metric
+    id) with name `f1 (macro)` and args `average: macro`; accuracy is unchanged."""
+    from huggingface_hub import ModelCard
+
+    from hf_mudsc.publish.card import evaluation_section, update_card_evaluation
+
+    model = make_model("vit_cls", 4)
+    result = evaluate_merge(model, None, {"pets": (torch.randn(8, 1, 16, 16), [i % 2 for i in range(8)])},
+                            metrics=["accuracy", "f1"], progress=False)
+    rows = result.card_rows()
+    assert "| pets | in-memory data | — | f1 (macro) |" in evaluation_section(rows)
+    assert "| pets | in-memory data | — | accuracy |" in evaluation_section(rows)
+    card = update_card_evaluation(ModelCard("---\nlicense: mit\n---\n# m\n"), rows, model_name="m")
+    again = ModelCard(str(card))  # as the Hub reads the front matter back
+    by_type = {(r.task_name, r.metric_type): r for r in again.data.eval_results}
+    f1 = by_type[("pets", "f1")]
+    assert f1.metric_name == "f1 (macro)" and f1.metric_args == {"average": "macro"}
+    accuracy = by_type[("pets", "accuracy")]
+    assert accuracy.metric_name == "accuracy" and accuracy.metric_args is None

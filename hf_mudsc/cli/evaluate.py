@@ -37,6 +37,7 @@ from hf_mudsc.evaluate.names import (
     DEFAULT_PROMPT,
     JOINT_RULES,
     RESULTS_FILENAME,
+    SHIPPED_METRIC_ARGS,
     SHIPPED_METRIC_NAMES,
     check_metric_names,
 )
@@ -107,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "or read and RUN (only for code you trust)")
     parser.add_argument("--batch-size", type=int, default=64, metavar="N", help="rows per forward pass")
     parser.add_argument("--num-samples", type=int, metavar="N",
-                        help="score only the first N rows of each task")
+                        help="score only the first N rows of each task (the card's table says `first N`)")
     parser.add_argument("--class-names", action="append", metavar="TASK=NAME,NAME,...",
                         help="CLIP zero-shot: the class names of a task (default: the label column's "
                         "ClassLabel names)")
@@ -491,7 +492,8 @@ def run(args: argparse.Namespace) -> int:
     labels = {name: f"parent {name.removeprefix('parent_').upper()}" for name in result.scores
               if name.startswith("parent_")}
     for metric in result.metrics:
-        print(f"\n{metric}:\n{result.table(metric, labels=labels)}")
+        averaged = SHIPPED_METRIC_ARGS.get(metric, {}).get("average")
+        print(f"\n{metric}{f' ({averaged})' if averaged else ''}:\n{result.table(metric, labels=labels)}")
     if result.processors:
         print("\nprocessors (the models' differ; whose made each row's inputs): "
               + ", ".join(f"{labels.get(name, name)}: {source}" for name, source in result.processors.items()))
