@@ -210,7 +210,10 @@ def test_evaluate_accepts_hub_ids_with_and_without_a_revision(backward, hub_emul
         work = tmp_path / ref.replace("/", "_").replace("@", "_")
         work.mkdir()
         env = hub_emulator.client_env(hf_home=tmp_path / "home", token=None, extra={"OMP_NUM_THREADS": "1"})
-        flags = ["--dataset", f"zeta={tests['zeta']}", "--dataset", f"alpha={tests['alpha']}"]
+        # the folder went up as it is, its recipe naming the parents by absolute paths: a recipe from the Hub may not
+        # point hf-mudsc at folders of this machine (QA s21), so the parents are given
+        flags = ["--dataset", f"zeta={tests['zeta']}", "--dataset", f"alpha={tests['alpha']}",
+                 "--parents", str(root / "zeta"), str(root / "alpha")]
         if "@" in ref:  # once (a CLI run of ~12 s): without --output-json nothing is written
             done = subprocess.run([sys.executable, "-m", "hf_mudsc", "evaluate", ref, *flags], env=env, cwd=work,
                                   capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
