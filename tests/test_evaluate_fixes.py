@@ -210,7 +210,10 @@ def test_evaluate_accepts_hub_ids_with_and_without_a_revision(backward, hub_emul
         work = tmp_path / ref.replace("/", "_").replace("@", "_")
         work.mkdir()
         env = hub_emulator.client_env(hf_home=tmp_path / "home", token=None, extra={"OMP_NUM_THREADS": "1"})
-        flags = ["--dataset", f"zeta={tests['zeta']}", "--dataset", f"alpha={tests['alpha']}"]
+        # the folder went up as it is, its recipe naming the parents by absolute paths: a recipe from the Hub may not
+        # point hf-mudsc at folders of this machine (QA s21), so the parents are given
+        flags = ["--dataset", f"zeta={tests['zeta']}", "--dataset", f"alpha={tests['alpha']}",
+                 "--parents", str(root / "zeta"), str(root / "alpha")]
         if "@" in ref:  # once (a CLI run of ~12 s): without --output-json nothing is written
             done = subprocess.run([sys.executable, "-m", "hf_mudsc", "evaluate", ref, *flags], env=env, cwd=work,
                                   capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
@@ -812,7 +815,8 @@ def test_the_cli_refuses_a_metric_flag_as_an_invalid_command_line_before_torch(t
 def test_a_class_label_column_sharing_some_class_names_at_other_ids_is_refused_not_read_by_id():
     """A ClassLabel naming `dog, cat, eel` against a model's `cat, dog, fox`: not the same set, so its ids were read as
     the model's ids — cat scored as dog and dog as cat, a wrong figure. Refused in one line naming a moved class; a
-    ClassLabel sharing no name (a model with LABEL_0... names) is still read by id."""
+    ClassLabel sharing no name is another task's data (QA s21: refused too); against a model with LABEL_0... names it
+    is still read by id."""
     model = make_model("vit_cls", 1)
     model.config.id2label = {0: "cat", 1: "dog", 2: "fox"}
     model.config.label2id = {v: k for k, v in model.config.id2label.items()}
@@ -827,8 +831,12 @@ def test_a_class_label_column_sharing_some_class_names_at_other_ids_is_refused_n
     with pytest.raises(EvaluationError, match=r"task 'task_0': .*'dog' is class 0 there but 1 in the model") as error:
         evaluate_merge(model, None, [data(["dog", "cat", "eel"])], progress=False)
     assert "\n" not in str(error.value)
-    unrelated = evaluate_merge(model, None, [data(["a", "b", "c"])], progress=False)
-    assert unrelated.scores["merged"]["task_0"]["accuracy"] == 1.0
+    with pytest.raises(EvaluationError, match=r"not one name in common"):
+        evaluate_merge(model, None, [data(["a", "b", "c"])], progress=False)
+    model.config.id2label = {index: f"LABEL_{index}" for index in range(3)}
+    model.config.label2id = {v: k for k, v in model.config.id2label.items()}
+    unnamed = evaluate_merge(model, None, [data(["a", "b", "c"])], progress=False)
+    assert unnamed.scores["merged"]["task_0"]["accuracy"] == 1.0
 
 
 def test_class_names_given_twice_for_one_task_are_refused_not_overwritten(tmp_path, capsys):

@@ -13,10 +13,12 @@ printed by `--help`'s error when a name is wrong):
 
 SPEC is `repo_or_path[:config]:split` (a Hub dataset, an imagefolder, a data file or a `save_to_disk` folder).
 DIR may also be a Hub id `org/name[@revision]` (downloaded like a parent: pinned commit, safetensors only, no
-remote code; its parents come from the recipe in the repo). Results are printed, written to
-`DIR/eval_results.json` (or `--output-json`), and put into DIR/README.md: only its Evaluation section and its
-`model-index` are replaced, the rest of the card stays as the merge wrote it (`--no-card` leaves it alone); the
-accuracy chart the card links (DIR/plots/accuracy.png, when hf-mudsc drew one) is redrawn from the new results. A
+remote code; its parents come from the recipe in the repo, which may name Hub ids or bare folder names found here,
+never another path of this machine). Results are printed, written to `DIR/eval_results.json` and put into
+DIR/README.md, always together (so a push never sends a card and a results file of different runs; `--output-json
+PATH` gets a copy besides): only the card's Evaluation section and its `model-index` are replaced, the rest of the
+card stays as the merge wrote it; the accuracy chart the card links (DIR/plots/accuracy.png, when hf-mudsc drew one)
+is redrawn from the new results. `--no-card` leaves the folder alone: the results go only to `--output-json PATH`. A
 Hub id has no folder: its results are printed and written only to `--output-json PATH`.
 Metrics other than the shipped ones run their own script: they need `--trust-remote-code`.
 Under `accelerate launch`/`torchrun` every process scores a shard; the main process writes.
@@ -35,6 +37,7 @@ from hf_mudsc.evaluate.names import (
     DEFAULT_PROMPT,
     JOINT_RULES,
     RESULTS_FILENAME,
+    SHIPPED_METRIC_ARGS,
     SHIPPED_METRIC_NAMES,
     check_metric_names,
 )
@@ -54,8 +57,9 @@ examples:
   hf-mudsc evaluate merged --dataset vit-cars=org/cars:test --dataset vit-pets=org/pets:test
   hf-mudsc evaluate merged --dataset ./joint_test --task-column task --label-column label
   hf-mudsc evaluate org/merged@v1 --dataset vit-cars=org/cars:test --dataset vit-pets=org/pets:test --output-json r.json
-results: printed, written to DIR/eval_results.json, and put into DIR/README.md (the Evaluation section and the
-model-index; every other part of the card is kept). For a Hub id the results are printed and written only to
+results: printed, written to DIR/eval_results.json and put into DIR/README.md together (the Evaluation section and
+the model-index; every other part of the card is kept), and to --output-json PATH besides; --no-card leaves the
+folder alone (results only to --output-json PATH). For a Hub id the results are printed and written only to
 --output-json PATH; the Hub repo and its card are never changed (push a local folder to publish them).
 """
 
@@ -104,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "or read and RUN (only for code you trust)")
     parser.add_argument("--batch-size", type=int, default=64, metavar="N", help="rows per forward pass")
     parser.add_argument("--num-samples", type=int, metavar="N",
-                        help="score only the first N rows of each task")
+                        help="score only the first N rows of each task (the card's table says `first N`)")
     parser.add_argument("--class-names", action="append", metavar="TASK=NAME,NAME,...",
                         help="CLIP zero-shot: the class names of a task (default: the label column's "
                         "ClassLabel names)")
@@ -116,10 +120,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "per_task = each task's softmax, then the argmax (default); raw = the argmax over the "
                         "raw concatenated logits, what a transformers pipeline does")
     parser.add_argument("--output-json", metavar="PATH",
-                        help=f"results file (default: DIR/{RESULTS_FILENAME}; for a Hub id the results are "
-                        "only printed unless this names a file)")
+                        help=f"also write the results here (DIR/{RESULTS_FILENAME} is always written with the "
+                        "card; for a Hub id, or with --no-card, the results are only printed unless this names a "
+                        "file)")
     parser.add_argument("--no-card", action="store_true",
-                        help="do not put the results into DIR/README.md (the model card's model-index)")
+                        help=f"leave the folder alone: neither DIR/README.md (the model card's model-index) nor "
+                        f"DIR/{RESULTS_FILENAME} is changed; the results go to --output-json PATH")
 
 
 def _split_task(value: str) -> tuple[str | None, str]:
@@ -158,12 +164,13 @@ def _parents(args: argparse.Namespace, folder: Path | None) -> list[str] | None:
     return recipe_parents(recipe, args.model)
 
 
-def recipe_parents(path: Path, model: str) -> list[str]:
+def recipe_parents(path: Path, model: str, *, from_hub: bool = False) -> list[str]:
     """The parents the merge recipe at `path` names, in merge order.
 
     A recipe pushed from local parents names them by folder name only (`publish.recipe.published_text`): no load can
     find them elsewhere, so unless a folder of that name is here, the user is asked for `--parents` in one line
-    instead of getting a load failure of a folder name."""
+    instead of getting a load failure of a folder name. `from_hub`: the recipe came from a Hub repo, which may not
+    point hf-mudsc at a folder of this machine (`check_hub_recipe_parents`)."""
     from hf_mudsc.evaluate.names import parent_letter
     from hf_mudsc.publish.recipe import Recipe, unresolved_published_entries
 
@@ -178,7 +185,30 @@ def recipe_parents(path: Path, model: str) -> list[str]:
             f"({'local folders' if several else 'a local folder'} on the machine that merged; no such folder here): "
             "pass --parents with every parent's path or Hub id in merge order (A B ...), or --no-parents"
         )
+    if from_hub:
+        check_hub_recipe_parents(list(recipe.models), model)
     return list(recipe.models)
+
+
+def check_hub_recipe_parents(parents: list[str], model: str) -> None:
+    """A recipe downloaded from the Hub names each parent by a Hub id, or by a bare folder name (a merge pushed from
+    local folders: the folder of that name in the current directory is loaded, README's documented way). Any other
+    path (`/abs`, `../x`, `~/x`, `a/b` found here) would have a repo on the Hub pick a folder of this machine to
+    load and score: refused in one line asking for `--parents`."""
+    from hf_mudsc.evaluate.names import parent_letter
+    from hf_mudsc.load.parents import hub_id_only
+
+    def safe(entry: str) -> bool:
+        return hub_id_only(entry) or (re.fullmatch(r"[\w.-]+", entry) is not None and entry not in (".", ".."))
+
+    paths = [(index, str(entry)) for index, entry in enumerate(parents) if not safe(str(entry))]
+    if paths:
+        named = ", ".join(f"{parent_letter(index)} `{' '.join(entry.split())}`" for index, entry in paths)
+        raise ValueError(
+            f"the merge recipe of {model!r} names parent{'s' if len(paths) > 1 else ''} {named} by a path of this "
+            "machine, and a recipe from the Hub may not point hf-mudsc at a local folder: pass --parents with every "
+            "parent's path or Hub id in merge order (A B ...), or --no-parents"
+        )
 
 
 def _datasets(
@@ -287,10 +317,11 @@ def redraw_accuracy_chart(folder: Path, result: Any) -> Path | None:
     return chart if drawn else None
 
 
-def check_replaceable(json_path: Path | None, card_path: Path | None) -> None:
+def check_replaceable(json_paths: list[Path], card_path: Path | None) -> None:
     """Refuse, before any work, to replace a file hf-mudsc did not write (or that changed since) with the results:
-    `--output-json` may name a new file or a results file (never a model's config.json or weights, nor someone's
-    notes); the card is updated only where the merge wrote it (the folder's marker lists it unchanged)."""
+    a results file (`--output-json`, the folder's `eval_results.json`) may be new or a results file (never a model's
+    config.json or weights, nor someone's notes); the card is updated only where the merge wrote it (the folder's
+    marker lists it unchanged)."""
     import json
 
     from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES
@@ -306,14 +337,31 @@ def check_replaceable(json_path: Path | None, card_path: Path | None) -> None:
         ours = written_unchanged(path) or read_marker(path.parent) is None
         return ours and isinstance(data, dict) and {"hf_mudsc_version", "scores"} <= set(data)
 
+    folder_json = card_path.parent / RESULTS_FILENAME if card_path is not None else None
+
+    def json_fix(path: Path) -> str:
+        if folder_json is not None and path.absolute() == folder_json.absolute():  # written with the card
+            return "pass --no-card (the folder is then left as it is; the results go to --output-json PATH)"
+        return "pass --output-json PATH naming a new file"
+
     for path, replaceable, fix in (
-            (json_path, results_file, "pass --output-json PATH naming a new file"),
+            *((json_path, results_file, json_fix(json_path)) for json_path in json_paths),
             (card_path, written_unchanged, "pass --no-card (the results still go to --output-json PATH)")):
         if path is None or not (path.exists() or path.is_symlink()):
             continue
         if path.is_symlink() or not path.is_file() or not replaceable(path):
             raise FileExistsError(f"refusing to replace {str(path)!r} with the results: hf-mudsc did not write it "
                                   f"(or it changed since); {fix}")
+
+
+def results_paths(folder: Path | None, output_json: str | None) -> list[Path]:
+    """Where the results are written: the folder's `eval_results.json` whenever its card is updated (`folder`: the
+    local folder unless --no-card), so that the card, the results file and the chart a push publishes always
+    describe the same evaluation, and `--output-json PATH` besides (once when it is that file)."""
+    paths = [folder / RESULTS_FILENAME] if folder is not None else []
+    if output_json and not any(Path(output_json).absolute() == path.absolute() for path in paths):
+        paths.append(Path(output_json))
+    return paths
 
 
 def _is_hub_id(reference: str) -> bool:
@@ -362,7 +410,7 @@ def _hub_recipe_parents(loaded: Any) -> list[str] | None:
         raise ValueError(
             f"cannot read the merge recipe of {loaded.reference!r} ({error}); pass --parents A B or --no-parents"
         ) from None
-    return recipe_parents(Path(path), loaded.reference)
+    return recipe_parents(Path(path), loaded.reference, from_hub=True)
 
 
 def check_arguments(args: argparse.Namespace) -> dict[str, list[str]] | None:
@@ -398,8 +446,8 @@ def run(args: argparse.Namespace) -> int:
 
     folder = Path(args.model).expanduser()
     local = folder.is_dir()
-    json_path = Path(args.output_json) if args.output_json else (folder / RESULTS_FILENAME if local else None)
-    check_replaceable(json_path, folder / CARD_FILENAME if local and not args.no_card else None)
+    json_paths = results_paths(folder if local and not args.no_card else None, args.output_json)
+    check_replaceable(json_paths, folder / CARD_FILENAME if local and not args.no_card else None)
     datasets_per_task = None
     if local:  # check the dataset flags against the config, and read the recipe's parents, before loading any weights
         config = _local_config(folder)
@@ -444,21 +492,24 @@ def run(args: argparse.Namespace) -> int:
     labels = {name: f"parent {name.removeprefix('parent_').upper()}" for name in result.scores
               if name.startswith("parent_")}
     for metric in result.metrics:
-        print(f"\n{metric}:\n{result.table(metric, labels=labels)}")
+        averaged = SHIPPED_METRIC_ARGS.get(metric, {}).get("average")
+        print(f"\n{metric}{f' ({averaged})' if averaged else ''}:\n{result.table(metric, labels=labels)}")
     if result.processors:
         print("\nprocessors (the models' differ; whose made each row's inputs): "
               + ", ".join(f"{labels.get(name, name)}: {source}" for name, source in result.processors.items()))
-    if json_path is None:
-        print(f"\nResults not written: {args.model} is a Hub model, not a folder; pass --output-json PATH to "
-              "save them (the Hub card is left as it is)")
+    if not json_paths:
+        why = (f"{args.model} is a Hub model, not a folder" if not local else
+               "--no-card leaves the folder (its card and eval_results.json) as it is")
+        print(f"\nResults not written: {why}; pass --output-json PATH to save them"
+              + (" (the Hub card is left as it is)" if not local else ""))
         return 0
-    result.save(json_path)
-    print(f"\nResults written to {json_path}")
-    if local and json_path.absolute() == (folder / RESULTS_FILENAME).absolute():
+    for json_path in json_paths:
+        result.save(json_path)
+        print(f"\nResults written to {json_path}")
+    if local and not args.no_card:  # the folder's results file, chart and card: always the same evaluation
         chart = redraw_accuracy_chart(folder, result)
         if chart is not None:
             print(f"Accuracy chart {chart} redrawn from the results")
-    if local and not args.no_card:
         card = update_card(folder, merged.model, result)
         if card is not None:
             print(f"Model card {card} updated with the results (model-index)")

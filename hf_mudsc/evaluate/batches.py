@@ -21,7 +21,7 @@ from hf_mudsc.calibrate.datasets import DataRole
 from hf_mudsc.calibrate.statistics import batch_column_as_tensor
 from hf_mudsc.errors import EvaluationError
 from hf_mudsc.evaluate.names import LABEL_COLUMNS
-from hf_mudsc.evaluate.tasks import TaskData
+from hf_mudsc.evaluate.tasks import TaskData, unnamed_classes
 
 
 def _dataset_of(source: TaskData, task: str) -> Any:
@@ -88,9 +88,12 @@ def _select_rows(dataset: Any, source: TaskData, label_column: str, task_names: 
 
 
 def check_class_label_ids(data_names: Sequence[str], class_names: Sequence[str], task: str) -> None:
-    """A label column whose ClassLabel names a class of the model at another id, without naming the same classes
-    (which are read by name), would score rows against the wrong classes: refused. Names shared by none (a model
-    with `LABEL_0`-style names) leave the ids as they are."""
+    """A label column whose ClassLabel names other classes than the task's (`bus, van, taxi` against `cat, dog,
+    eel`: another task's data), or names a class of the task at another id without naming the same classes (those
+    are read by name), would score rows against the wrong classes: refused in one line. Placeholder names on
+    either side (`unnamed_classes`: `LABEL_0`, ...) say nothing about the classes: the ids are read as they are."""
+    if unnamed_classes(data_names) or unnamed_classes(class_names):
+        return
     model_ids = {name: index for index, name in enumerate(class_names)}
     moved = next(((name, index) for index, name in enumerate(data_names)
                   if name in model_ids and model_ids[name] != index), None)
@@ -100,6 +103,16 @@ def check_class_label_ids(data_names: Sequence[str], class_names: Sequence[str],
             f"task {task!r}: the label column's classes {list(data_names)[:6]} are not the model's "
             f"{list(class_names)[:6]} and {name!r} is class {index} there but {model_ids[name]} in the model, so its "
             "ids cannot be read as the model's; relabel the data with the model's class ids or names"
+        )
+    foreign = [name for name in data_names if name not in model_ids]
+    if foreign:
+        why = (f"{foreign[0]!r} is no class of the task" if len(foreign) < len(data_names)
+               else "not one name in common: data of another task?")
+        raise EvaluationError(
+            f"task {task!r}: the label column's classes {list(data_names)[:6]} are not the task's classes "
+            f"{list(class_names)[:6]} ({why}); pass the task's own test data or relabel it with the task's class "
+            "names (CLIP: give --class-names in the label column's order), or cast the label column to plain "
+            "integers (Value('int64')) to have its ids read as the task's"
         )
 
 

@@ -192,9 +192,15 @@ def evaluate_merge(
             f"task(s) {empty} have no evaluation rows; check the dataset, split and task mapping"
         )
     scores = {scorer.name: _views(collected[scorer.name], list(sources), metrics, modules) for scorer in scorers}
+
+    def truncated(count: int) -> bool:
+        """`num_samples` rows were scored of a task that may have more: its figures are of the first rows only."""
+        return num_samples is not None and count >= num_samples
+
     tasks = {
         task: {"dataset": source_name(source), "split": source.split or spec_split(source),
-               "num_samples": counts[task], "label_range": list(layout.ranges[task]),
+               "num_samples": counts[task], **({"first_rows": True} if truncated(counts[task]) else {}),
+               "label_range": list(layout.ranges[task]),
                "classes": list(layout.class_names[task]), **({"local": True} if source.local else {}),
                **({"config": source.config} if source.config else {})}
         for task, source in sources.items()

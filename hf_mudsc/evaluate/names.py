@@ -33,6 +33,9 @@ LABEL_COLUMNS = ("label", "labels")
 DEFAULT_PROMPT = "a photo of a {}."
 RESULTS_FILENAME = "eval_results.json"
 SHIPPED_METRIC_NAMES = ("accuracy", "f1")  # the keys of metrics.SHIPPED_METRICS (a test keeps them equal)
+#: How a shipped metric averages, as the card's table (`f1 (macro)`) and `model-index` (`args`) say it: `f1` alone
+#: could be read as micro-F1, which for one label per row is the accuracy.
+SHIPPED_METRIC_ARGS = {"f1": {"average": "macro"}}
 
 
 def check_metric_names(names: Sequence[str]) -> None:

@@ -12,7 +12,15 @@ from typing import Any
 
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import EvaluationError
-from hf_mudsc.evaluate.names import AVERAGE, ENSEMBLE, JOINT, MERGED, PARENT_NAMES, parent_names
+from hf_mudsc.evaluate.names import (
+    AVERAGE,
+    ENSEMBLE,
+    JOINT,
+    MERGED,
+    PARENT_NAMES,
+    SHIPPED_METRIC_ARGS,
+    parent_names,
+)
 
 
 @dataclass
@@ -20,8 +28,9 @@ class EvaluationResult:
     """Scores by scorer (`merged`…, `parent_a`, `parent_b`, `parent_c` …, `ensemble`), view (task, joint,
     average), metric.
 
-    `tasks` maps each task to its data description: `dataset`, `split`, `num_samples` and `label_range`
-    (its slice of the joint label space). Scores are fractions in [0, 1]. A missing entry means the view
+    `tasks` maps each task to its data description: `dataset`, `split`, `num_samples` (the rows scored),
+    `first_rows` (true when `num_samples=` cut the data to its first rows) and `label_range` (its slice of the joint
+    label space). Scores are fractions in [0, 1]. A missing entry means the view
     is not defined for that scorer (e.g. parent A on task B). `processors`: when the models' processors differ,
     whose processor made each scorer's inputs (`own`, `parent_a's`, `given (processor=)`); empty when one
     processor made every input.
@@ -105,6 +114,7 @@ class EvaluationResult:
                     task=task,
                     **(_task_data(self.tasks[view]) if view in self.tasks else _joint_data(self.tasks)),
                     metric=metric,
+                    metric_args=SHIPPED_METRIC_ARGS.get(metric),
                     merged=value,
                     parent_a=self.score(PARENT_NAMES[0], view, metric),
                     parent_b=self.score(PARENT_NAMES[1], view, metric),
@@ -158,25 +168,34 @@ def _joint_row_name(raw: bool, only: str | None) -> str:
 
 def _task_data(info: Mapping[str, Any]) -> dict[str, Any]:
     """A task's data as an `EvalRow` names it: `dataset` (None: in memory, unnamed), `dataset_config`, `split` (None:
-    unknown), `local`."""
+    unknown), `local`, `rows` (the rows scored: `30`, `first 7`; None: not recorded)."""
+    from hf_mudsc.publish.card import EvalRow
+
     dataset, config, split = info.get("dataset"), info.get("config"), info.get("split")
+    count = info.get("num_samples")
     return {"dataset": None if dataset is None else str(dataset), "dataset_config": None if config is None else
-            str(config), "split": None if split is None else str(split), "local": bool(info.get("local"))}
+            str(config), "split": None if split is None else str(split), "local": bool(info.get("local")),
+            "rows": None if count is None else EvalRow.rows_text(int(count), bool(info.get("first_rows")))}
 
 
 def _joint_data(tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """The joint row's data: every task's data together. One dataset (the tasks' data named alike): that dataset, its
+    """The joint row's data: every task's data together (its rows: their sum, or each task's when any was cut to its
+    first rows: `first 7 + first 7`). One dataset (the tasks' data named alike): that dataset, its
     config and split when they share one. Several: the table names them all (`a + b`), and the row stays out of the
     `model-index`, whose results each name one dataset."""
     from hf_mudsc.publish.card import EvalRow
 
     each = [_task_data(info) for info in tasks.values()]
+    counts = [info.get("num_samples") for info in tasks.values()]
+    rows = None if None in counts else (" + ".join(data["rows"] for data in each)
+                                        if any(info.get("first_rows") for info in tasks.values())
+                                        else str(sum(int(count) for count in counts)))
     labels = list(dict.fromkeys(EvalRow.label_of(data["dataset"], data["local"]) for data in each))
     splits, configs = {data["split"] for data in each}, {data["dataset_config"] for data in each}
     if len(labels) == 1:
         return {**each[0], "split": splits.pop() if len(splits) == 1 else None,
-                "dataset_config": configs.pop() if len(configs) == 1 else None}
-    return {"dataset": " + ".join(labels), "split": None, "local": False, "model_index": False}
+                "dataset_config": configs.pop() if len(configs) == 1 else None, "rows": rows}
+    return {"dataset": " + ".join(labels), "split": None, "local": False, "model_index": False, "rows": rows}
 
 
 #: How a concatenated head decides the joint view, per `names.JOINT_RULES` entry.

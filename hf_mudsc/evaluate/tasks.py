@@ -180,6 +180,14 @@ def _label_names(model: Any) -> list[str]:
     return [str(id2label[k]) for k in sorted(id2label, key=int)]
 
 
+def unnamed_classes(names: Sequence[str]) -> bool:
+    """Whether `names` are placeholders that say nothing about the classes: transformers' defaults (`LABEL_0`, ...,
+    a model saved without `id2label`) or each class's own id (`0`, `1`, ...); such labels are read by id."""
+    from hf_mudsc.diagnostics import DEFAULT_LABEL
+
+    return all(DEFAULT_LABEL.fullmatch(str(name)) or str(name) == str(index) for index, name in enumerate(names))
+
+
 def _strip_task(label: str, task: str) -> str:
     prefix = f"{task}: "
     return label[len(prefix):] if label.startswith(prefix) else label
@@ -234,7 +242,26 @@ def classifier_layout(merged: Mapping[str, Any], parents: Sequence[Any], request
                     f"parent {side} has {width} labels but task {task!r} has {hi - lo} in the merged model; "
                     "pass the parents in the order they were merged (A first)"
                 )
+        _check_parent_classes(parents, class_names)
     return LabelLayout(dict(ranges), shared=False, class_names=class_names)
+
+
+def _check_parent_classes(parents: Sequence[Any], class_names: Mapping[str, Sequence[str]]) -> None:
+    """Each parent (in the order given) must have its task's classes: a parent whose labels are another task's
+    (`--parents cars pets` for a merge of pets then cars) would be scored on that task's data and fill the Parent
+    and ensemble figures with it. Refused rather than reordered: the order given is also the ensemble's and the
+    one the user believes; placeholder labels (`LABEL_0`, ...) cannot tell and are left as given."""
+    for index, (parent, (task, names)) in enumerate(zip(parents, class_names.items())):
+        labels = [_strip_task(label, task) for label in _label_names(parent)]
+        if labels == list(names) or unnamed_classes(labels) or unnamed_classes(names):
+            continue
+        other = next((t for t, n in class_names.items() if t != task and list(n) == labels), None)
+        whose = f"the classes of task {other!r}" if other else "no task's classes"
+        raise EvaluationError(
+            f"parent {parent_letter(index)} has the labels {labels[:6]} ({whose}), not those of task {task!r} "
+            f"{list(names)[:6]} it would be scored on; pass the parents in merge order, one per task: "
+            f"{', '.join(class_names)} (the merged model's tasks; CLI: --parents A B ...)"
+        )
 
 
 def clip_layout(tasks: Sequence[str], sources: Mapping[str, TaskData],

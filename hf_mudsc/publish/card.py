@@ -111,6 +111,9 @@ class EvalRow:
     """A Hub dataset's id; a local folder's name (with `local=True`); None: data given in memory, unnamed."""
     merged: float
     metric: str = "accuracy"
+    metric_args: Mapping[str, Any] | None = None
+    """How the metric was computed (`{"average": "macro"}` for hf-mudsc's f1): the table names it `f1 (macro)`, the
+    `model-index` keeps `type: f1` (the Hub's metric id) with that name and these `args`."""
     split: str | None = "test"
     """None: not known (the table shows `—`, the `model-index` names no split)."""
     dataset_config: str | None = None  # the dataset's own config (e.g. `sst2` of `glue`), if it has one
@@ -124,6 +127,9 @@ class EvalRow:
     once under the table."""
     local: bool = False
     """The dataset is a local folder: named `NAME (local folder)` in the table and the `model-index`."""
+    rows: str | None = None
+    """The rows scored (`30`; `first 7` when the data was cut to its first rows, `--num-samples`), shown in the
+    table's Rows column; None: not known (no such column when no row knows)."""
     model_index: bool = True
     """False: in the table only. A figure over several datasets (the joint row of tasks evaluated on different
     datasets) has no one dataset to name, and each `model-index` result names one."""
@@ -167,6 +173,19 @@ class EvalRow:
         if dataset is None:
             return IN_MEMORY_DATA
         return f"{dataset} (local folder)" if local else dataset
+
+    @staticmethod
+    def rows_text(count: int, first: bool) -> str:
+        """The Rows cell of `count` rows scored: `30`, or `first 7` when the data was cut to its first rows (a figure
+        of part of the data must say so wherever it is published)."""
+        return f"first {count}" if first else str(count)
+
+    @property
+    def metric_label(self) -> str:
+        """The metric as the table and the `model-index` name it: `f1 (macro)` with its args' values, else `f1`."""
+        if not self.metric_args:
+            return self.metric
+        return f"{self.metric} ({', '.join(str(value) for value in self.metric_args.values())})"
 
     @property
     def dataset_label(self) -> str:
@@ -286,7 +305,8 @@ def set_eval_results(data: ModelCardData, eval_results: Sequence[EvalRow], *, mo
             dataset_config=row.model_index_config,
             dataset_split=row.split,
             metric_type=row.metric,
-            metric_name=row.metric,
+            metric_name=row.metric_label,
+            metric_args=dict(row.metric_args) if row.metric_args else None,
             metric_value=float(row.merged),
         )
         for row in rows if row.model_index
@@ -380,6 +400,7 @@ def render_card(
         head_reordered=[chr(ord("A") + i) if i < 26 else str(i + 1)
                         for i, moved in enumerate(mudsc.get("head_reordered") or []) if moved],
         eval_rows=rows,
+        **rows_columns(rows),
         recipe_yaml=recipe_yaml,
         recipe_fence="`" * max(3, longest_backtick_run(recipe_yaml) + 1),  # no line of the recipe can close it
         local_names=[markdown_code(name) for name in local_names],
@@ -486,7 +507,14 @@ def evaluation_section(eval_results: Iterable[EvalRow | Mapping[str, Any]]) -> s
     rows = [EvalRow.from_any(r) for r in eval_results]
     count = max([2, *(len(row.parent_scores) for row in rows)])
     return _environment(template_path().parent).get_template(EVALUATION_TEMPLATE).render(
-        eval_rows=rows, parent_letters=string.ascii_uppercase[:count])
+        eval_rows=rows, parent_letters=string.ascii_uppercase[:count], **rows_columns(rows))
+
+
+def rows_columns(rows: Sequence[EvalRow]) -> dict[str, bool]:
+    """Whether the evaluation table shows a Rows column (some row knows how many rows it scored) and the note that
+    `first N` means the data was cut to its first rows (some row was)."""
+    return {"show_rows": any(row.rows for row in rows),
+            "cut_rows": any((row.rows or "").startswith("first ") for row in rows)}
 
 
 def update_card_evaluation(
