@@ -176,3 +176,18 @@ def test_a_regression_parent_and_a_classifier_are_refused_in_one_line_before_any
     both_regression = [make_model(kind, seed, num_labels=1) for seed in (1, 2)]
     merged = hf_mudsc.merge(both_regression, method="weight_matching", progress=False)
     assert merged.config.num_labels == 1
+
+
+def test_a_multi_label_parent_and_a_single_label_one_are_refused_in_one_line(tmp_path):
+    """QA s21: a multi-label head (a sigmoid per label) merged with a single-label one silently became
+    `single_label_classification` (parent A's problem_type): B's task was then read by softmax and argmax."""
+    single, multi = make_model("vit_cls", 1), make_model("vit_cls", 2)
+    multi.config.problem_type = "multi_label_classification"
+    for parents in ([single, multi], [multi, single]):
+        with pytest.raises(hf_mudsc.MergeInputError, match=r"multi-label head.*single-label") as error:
+            hf_mudsc.merge(parents, method="linear", progress=False)
+        assert "\n" not in str(error.value)
+    both = make_model("vit_cls", 3)
+    both.config.problem_type = "multi_label_classification"
+    merged = hf_mudsc.merge([multi, both], method="linear", progress=False)
+    assert merged.config.problem_type == "multi_label_classification"

@@ -71,11 +71,17 @@ def is_regression_head(config: PretrainedConfig) -> bool:
     return getattr(config, "problem_type", None) == "regression" or getattr(config, "num_labels", None) == 1
 
 
+def is_multi_label_head(config: PretrainedConfig) -> bool:
+    """Whether a classifier class with this config reads its logits by a sigmoid per label (problem_type
+    "multi_label_classification"), not one softmax."""
+    return getattr(config, "problem_type", None) == "multi_label_classification"
+
+
 def is_softmax_head(config: PretrainedConfig) -> bool:
     """Whether a classifier class with this config reads its logits through one softmax (single-label
     classification), so that shifting a row of them changes nothing: not a regression head, nor a multi-label one
     (a sigmoid per label)."""
-    return not is_regression_head(config) and getattr(config, "problem_type", None) != "multi_label_classification"
+    return not is_regression_head(config) and not is_multi_label_head(config)
 
 
 def check_parents(model_a: PreTrainedModel, model_b: PreTrainedModel, labels: tuple[str, str] = ("A", "B")) -> None:

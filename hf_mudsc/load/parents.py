@@ -31,6 +31,7 @@ from hf_mudsc.load.checks import (
     HEAD_CONFIG_KEYS,
     config_differences,
     config_mismatch,
+    is_multi_label_head,
     is_regression_head,
     training_only,
 )
@@ -633,6 +634,16 @@ def check_configs(located: Sequence[_Located]) -> None:
                 "classifier: one concatenated head cannot mix scores with class logits (each task's softmax over "
                 "one output is 1); merge classifiers with "
                 "classifiers and regression heads with regression heads, or merge their encoders (e.g. ViTModel)"
+            )
+        if kind_a.endswith("Classification") and is_multi_label_head(first.config) != is_multi_label_head(
+                other.config):
+            (multi, m), (single, s) = sorted(((first, 0), (other, index)),
+                                             key=lambda pair: not is_multi_label_head(pair[0].config))
+            raise ParentMismatchError(
+                f"{_named(multi, m)} has a multi-label head (problem_type 'multi_label_classification': a sigmoid "
+                f"per label) and {_named(single, s)} a single-label one (a softmax): the merged model has one "
+                "problem_type, and either task would be read by the other's rule; merge multi-label heads with "
+                "multi-label heads, or merge their encoders (e.g. ViTModel)"
             )
 
 
