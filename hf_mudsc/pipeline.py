@@ -76,7 +76,7 @@ from hf_mudsc.plan import (
 from hf_mudsc.progress import library_bars
 from hf_mudsc.solve.diagnostics import MergeDiagnostics, compute_diagnostics
 from hf_mudsc.solve.matchers import Match, share_in_place
-from hf_mudsc.solve.widen import check_spend, measured_plan
+from hf_mudsc.solve.widen import check_spend, measured_plan, unspent_stream_warning
 from hf_mudsc.spec import PermutationSpec
 
 if TYPE_CHECKING:
@@ -665,6 +665,10 @@ def merge(
         report.num_samples = result.calibration_examples
         _log_sample_count(report.num_samples, f"{merge_method.name}'s own pass")
         short_said = short_said or _warn_short(num_samples, report.num_samples)  # once: the check read the same data
+    merged_params = dict(result.parameters)
+    if left_out:
+        merged_params.update(concatenated_head(params, sorted(left_out)))
+    _fill_missing(merged_params, params, method_options.weights)
     report.warnings = merge_warnings(
         relation=relation.relation, method=merge_method, group_names=report.group_names,
         group_values=report.group_values, widths={g.name: g.width for g in spec.groups},
@@ -673,6 +677,9 @@ def merge(
         shared_labels=[label_names(m.config) for m in loaded] if spec.classifier is not None and not concatenate
         else None, processor_differences=image_processor_differences([p.processor for p in parents]),
         units_correspond=units_correspond(share_in_place(report.matches)))
+    size_plan = measured_plan(spec, params, merged_params, merge_options.size) if merge_method.supports_size else None
+    if size_plan is not None and (unspent := unspent_stream_warning(spec, size_plan, merge_options.size_spend)):
+        report.warnings.append(unspent)
     for text in report.warnings:
         logger.warning("%s", text)
     if count == 2:  # the diagnostics describe a two-parent unit matching (None when no unit was matched)
@@ -683,10 +690,6 @@ def merge(
             solve_start=report.solve_start)
         if report.diagnostics is not None and alpha_curve is not None:
             report.diagnostics.alpha_curve = alpha_curve
-    merged_params = dict(result.parameters)
-    if left_out:
-        merged_params.update(concatenated_head(params, sorted(left_out)))
-    _fill_missing(merged_params, params, method_options.weights)
 
     config = copy.deepcopy(model_a.config)
     for key in REMOTE_CODE_CONFIG_KEYS:
@@ -735,8 +738,7 @@ def merge(
         "alpha_auto": alpha_curve,  # the α search's curve (alpha="auto"), else None
         "out_dtype_reason": out_dtype_reason,  # why the merged weights have the dtype `out_dtype`
         # The size budget's widths and exact parameter count (docs/design.md §4.12); None for methods without one.
-        "size_budget": measured_plan(spec, params, merged_params, merge_options.size).as_config()
-        if merge_method.supports_size else None,
+        "size_budget": size_plan.as_config() if size_plan is not None else None,
     }
     widened_config(config, spec, merged_params)
     config._name_or_path = ""

@@ -847,14 +847,16 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     size_budget = None
     if method.supports_size:
         from hf_mudsc.apply.classifier import same_label_sets
-        from hf_mudsc.solve.widen import check_spend, plan_budget
+        from hf_mudsc.solve.widen import check_spend, plan_budget, unspent_stream_warning
 
         # Shapes are all the count needs: the meta parameters stand in for the weights.
         concatenate = spec.classifier is not None and not same_label_sets([parent.config for parent in located])
         metas = [dict(model.named_parameters()) for model in models_meta]
         check_spend(spec, options.size, options.size_spend)
-        size_budget = plan_budget(spec, metas, options.size, options.size_spend,
-                                  concatenate_classifier=concatenate).as_config()
+        size_plan = plan_budget(spec, metas, options.size, options.size_spend, concatenate_classifier=concatenate)
+        size_budget = size_plan.as_config()
+        if unspent := unspent_stream_warning(spec, size_plan, options.size_spend):
+            warnings.append(unspent)
     # with data (not under reference_compat), a same-base choice is confirmed by the unit matching's solve (§4.8)
     confirmed = (f" and {CORRESPONDENCE_CHECK}'s solve on the calibration data"
                  if calibration is not None and not options.reference_compat else "")

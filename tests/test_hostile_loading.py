@@ -568,3 +568,18 @@ def test_a_folder_with_one_file_and_shards_is_read_as_transformers_reads_it(tmp_
     expected = other.state_dict()
     for name, tensor in merged.state_dict().items():
         assert torch.equal(tensor, expected[name]), name  # the average of one model with itself
+
+
+def test_an_unused_checkpoint_tensor_is_named_as_the_file_stores_it(tmp_path, caplog):
+    """QA s21: an extra tensor `vit.encoder.layer.0.extra_buffer` was warned as 'vit.layers.0.extra_buffer' — the
+    name after transformers' renaming on load, which the user cannot find in the file."""
+    import logging
+
+    folder = tmp_path / "vit"
+    vit_folder(folder)
+    weights = load_file(folder / "model.safetensors")
+    weights["vit.encoder.layer.0.extra_buffer"] = weights["vit.embeddings.cls_token"].clone()
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
+        load_parent(folder)
+    assert "'vit.encoder.layer.0.extra_buffer'" in caplog.text, caplog.text

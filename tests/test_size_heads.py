@@ -475,3 +475,22 @@ def test_a_residual_widened_merge_can_be_a_parent_again(vit_pair, tmp_path):
     assert loaded.vit.layers[0].attention.q_proj.weight.shape == (heads * 8, grown.config.hidden_size)
     with torch.no_grad():
         assert torch.equal(loaded(**batches[0]).logits, grown(**batches[0]).logits)
+
+
+def test_a_stream_spend_whose_budget_buys_no_head_says_so_in_the_merge_and_its_dry_run(vit_pair, caplog):
+    """QA s21: `--size 1.3 --size-spend heads` on a model whose one head costs more than the budget spent it all on
+    MLP units in silence, and recorded `size_spend: heads` as if it had applied (log, card, dry run)."""
+    import logging
+
+    a, b, batches = vit_pair
+    size = 1.05  # one head of the toy (hidden 32 = 4 heads of 8) costs ~1/4 of the attention and the stream: > 5 %
+    plan = hf_mudsc.merge([a, b], batches, method="mudsc", size=size, size_spend="heads", dry_run=True)
+    with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
+        merged = hf_mudsc.merge([a, b], batches, method="mudsc", size=size, size_spend="heads", refit="none",
+                                progress=False)
+    assert merged.config.num_attention_heads == 4 and merged.config.intermediate_size > 48  # all went to the MLP
+    said = "size_spend='heads' (CLI: --size-spend heads) bought no attention head"
+    assert any(said in text for text in merged.config.mudsc["warnings"]), merged.config.mudsc["warnings"]
+    assert said in caplog.text and any(said in text for text in plan.warnings), plan.warnings
+    fitting = hf_mudsc.merge([a, b], batches, method="mudsc", size=1.5, size_spend="heads", dry_run=True)
+    assert not any("bought no" in text for text in fitting.warnings)

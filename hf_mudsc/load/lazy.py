@@ -267,6 +267,22 @@ def stored_keys(model: PreTrainedModel, keys: Iterable[str], *, buffers: bool = 
     return names
 
 
+def loaded_names(model: PreTrainedModel, keys: Iterable[str]) -> dict[str, str]:
+    """Each checkpoint key's name after `from_pretrained`'s renaming -> the key as stored, for every key (those of
+    no model tensor too): transformers reports unused tensors by their renamed names, which the file does not hold.
+    Empty when transformers' loading internals are not where this reads them."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:
+        return {}
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    expected = model.state_dict()
+    return {rename_source_key(key, renamings, converters, model.base_model_prefix, expected)[0]: key for key in keys}
+
+
 class Subset(Mapping[str, torch.Tensor]):
     """A read-only view of a parameter mapping restricted to some names: a lazy mapping stays lazy (a dict
     comprehension over it would read every tensor at once)."""

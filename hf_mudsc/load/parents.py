@@ -894,6 +894,24 @@ def _saved_without_pooler(cls: type[PreTrainedModel], missing: Sequence[str], un
             and "add_pooling_layer" in inspect.signature(cls.__init__).parameters)
 
 
+def stored_names(model: PreTrainedModel, located: _Located, names: Sequence[str]) -> list[str]:
+    """`names` reported by `from_pretrained` (renamed on load) as the checkpoint's safetensors headers store them,
+    so that a message names what the user can find in the file; as given when not found (or pickle)."""
+    from safetensors import safe_open
+
+    from hf_mudsc.load.lazy import loaded_names, safetensors_files
+
+    files = safetensors_files(located.folder) if located.folder is not None and not located.use_pickle else None
+    if not files:
+        return list(names)
+    keys: list[str] = []
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            keys += handle.keys()
+    back = loaded_names(model, keys)
+    return [back.get(name, name) for name in names]
+
+
 def _load_weights(located: _Located) -> tuple[PreTrainedModel, list[str]]:
     """`from_pretrained` on the located folder, refusing weights that the config does not describe: the model and
     the parameters its checkpoint lacks (only ever for a base read as the parents' class, `located.read_as`).
@@ -944,7 +962,8 @@ def _load_weights(located: _Located) -> tuple[PreTrainedModel, list[str]]:
         problems.append(f"{len(missing)} tensors the {cls.__name__} of config.json needs are missing "
                         f"(e.g. {', '.join(map(repr, missing[:3]))})")
     if unused:
-        problems.append(f"{len(unused)} tensors of the checkpoint are unused (e.g. {', '.join(map(repr, unused[:3]))})")
+        stored = stored_names(model, located, unused[:3])
+        problems.append(f"{len(unused)} tensors of the checkpoint are unused (e.g. {', '.join(map(repr, stored))})")
     if mismatched:
         key, stored, expected = mismatched[0]
         problems.append(f"{len(mismatched)} tensors have other shapes than config.json says (e.g. {key!r} is "

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hf_mudsc.errors import MergeInputError, option_hint
+from hf_mudsc.errors import MergeInputError, flag, option_hint
 from hf_mudsc.solve.matchers import Match, attention_head_scores
 from hf_mudsc.spec import PermutationSpec
 
@@ -141,6 +141,18 @@ def measured_plan(spec: PermutationSpec, parents: Sequence[Mapping[str, torch.Te
                       **({spec.stream.heads_key: stream.num_heads + heads} if heads else {}), **widths}
     return SizePlan(size=float(size), parent_parameters=max(counts), base_parameters=total - added, extra=extra,
                     widths=widths, num_parameters=total)
+
+
+def unspent_stream_warning(spec: PermutationSpec, plan: SizePlan, spend: str) -> str | None:
+    """A stream spend (`size_spend="heads"` / `"residual"`) whose budget bought not one head (stream unit): all of it
+    went to MLP units. Said (log, card, dry run), since the recorded `size_spend` would read as applied."""
+    if spend == "mlp" or plan.size == 1.0 or spec.stream is None or plan.extra.get(spec.stream.width_key):
+        return None
+    what = "attention head" if spend == "heads" else "residual-stream unit"
+    spent = ", ".join(f"{key} +{units}" for key, units in plan.extra.items() if units) or "nothing"
+    return (f"size {plan.size:g} with size_spend={spend!r} (CLI: {flag('size_spend')} {spend}) bought no {what} (one "
+            f"costs more than the budget): it went to MLP units instead ({spent}); raise size to widen the stream, or "
+            "use size_spend='mlp'")
 
 
 def best_cross_match(similarity: torch.Tensor, num_models: int = 2) -> torch.Tensor:
