@@ -236,6 +236,7 @@ def push_folder(
     flag: str = "--push-to-hub name",
     allow_changed: bool = False,
     just_written: bool = False,
+    shown_as: str | None = None,
 ) -> PushResult:
     """Create `repo_id` (model repo) and upload `folder` to it in one commit.
 
@@ -252,6 +253,8 @@ def push_folder(
             them otherwise); NaN/inf weights are refused all the same.
         just_written: a folder this process has just written from a model checked in memory (`writer.publish`):
             its files are not read again, neither to compare them with the marker nor to look for NaN/inf.
+        shown_as: the model's name in the commit title and the log when `folder` is a hidden staging folder
+            (`writer.publish`: the output folder's name, or the repo's).
 
     Raises:
         RepoExistsError: the repo exists and `overwrite` is False.
@@ -269,7 +272,7 @@ def push_folder(
     contents = published_contents(folder)
     with hub_timeouts() as seconds:
         return _push(folder, files, contents, repo_id, private=private, overwrite=overwrite, token=token,
-                     commit_message=commit_message, flag=flag, seconds=seconds)
+                     commit_message=commit_message, flag=flag, seconds=seconds, shown_as=shown_as)
 
 
 def refuse_non_finite_files(folder: Path, files: list[str]) -> None:
@@ -325,7 +328,8 @@ def _commit(api: HfApi, repo_id: str, folder: Path, files: list[str], contents: 
 
 
 def _push(folder: Path, files: list[str], contents: dict[str, bytes], repo_id: str, *, private: bool,
-          overwrite: bool, token: str | None, commit_message: str | None, flag: str, seconds: float) -> PushResult:
+          overwrite: bool, token: str | None, commit_message: str | None, flag: str, seconds: float,
+          shown_as: str | None = None) -> PushResult:
     api = HfApi(token=token)
     state = _target_state(repo_id, overwrite=overwrite, token=token, flag=flag, seconds=seconds)
     created = state == "absent"
@@ -346,7 +350,7 @@ def _push(folder: Path, files: list[str], contents: dict[str, bytes], repo_id: s
     if not created and private and not info.private:
         _step(f"making the repo {repo_id!r} private",
               lambda: api.update_repo_settings(repo_id, private=True), seconds=seconds)
-    message = commit_message or commit_title(folder.name)
+    message = commit_message or commit_title(shown_as or folder.name)
     try:
         with _quiet_no_op_commit():
             commit = _step(
@@ -364,10 +368,10 @@ def _push(folder: Path, files: list[str], contents: dict[str, bytes], repo_id: s
         raise PushError(f"uploading to {repo_id!r} failed: {error} ({left})") from error
     changed = commit.oid != head_before
     if changed:
-        logger.info("pushed %s to %s (commit %s)", folder, repo_id, commit.oid)
+        logger.info("pushed %s to %s (commit %s)", shown_as or folder, repo_id, commit.oid)
     else:
         logger.info("nothing changed: %s already holds exactly the files of %s (commit %s); no commit was made",
-                    repo_id, folder, commit.oid)
+                    repo_id, shown_as or folder, commit.oid)
     return PushResult(repo_id=repo_id, commit_sha=commit.oid, commit_url=without_userinfo(commit.commit_url),
                       url=repo_url, created=created, changed=changed)
 

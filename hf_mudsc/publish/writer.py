@@ -158,7 +158,7 @@ def publish(
         `{"output": Path}` and/or `{"push": PushResult}`.
     """
     from hf_mudsc.errors import PushError
-    from hf_mudsc.publish.hub import commit_title, push_folder
+    from hf_mudsc.publish.hub import push_folder
 
     if output is None and not push_to_hub:
         raise ValueError("say where the merged model goes: an output folder and/or a Hub repo id")
@@ -177,10 +177,10 @@ def publish(
         if push_to_hub:
             record_files(staging, staging=True)  # the marker says what the push may upload
             try:
-                # Titled by the output's name, or the repo's: never by the hidden folder it is staged in.
-                title = commit_title(Path(output).name if output is not None else push_to_hub.split("/")[-1])
+                # Named by the output's name, or the repo's: never by the hidden folder it is staged in.
+                name = Path(output).name if output is not None else push_to_hub.split("/")[-1]
                 produced["push"] = push_folder(staging, push_to_hub, private=private, overwrite=overwrite,
-                                               token=token, commit_message=title, flag=push_flag,
+                                               token=token, flag=push_flag, shown_as=name,
                                                just_written=True)  # its weights were checked in memory above
             except Exception as error:  # noqa: BLE001 - any push failure: keep the model, then report
                 failure = error
