@@ -388,6 +388,9 @@ def test_hide_tokens_masks_the_userinfo_of_any_url():
     assert hide_tokens(line) == ("Client error '401 Unauthorized' for url 'http://***@127.0.0.1:38521/api/models/"
                                  "org/x' and https://***@example.org/a, https://***@h/ and mailto:me@example.org kept")
     assert without_userinfo("http://user:pa:ss@host:8080/x") == "http://host:8080/x"
+    from hf_mudsc.serve.worker import Reporter  # a service job's log lines and error, as stored and shown
+
+    assert Reporter(None, "tok", calibrates=False, pushes=False).scrub(line) == hide_tokens(line)
     assert without_userinfo("https://huggingface.co") == "https://huggingface.co"
 
 
