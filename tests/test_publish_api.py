@@ -151,7 +151,9 @@ def test_push_merged_uploads_the_same_files_in_one_commit(hub_emulator, inputs, 
     sha, refused = res.results
     hub = hub_emulator
     assert sha == hub.head("user/api-merged") and hub.is_private("user/api-merged")
-    assert [c.title for c in hub.commits("user/api-merged")][1:] == ["initial commit"]
+    # The commit names the repo (no output folder), not the hidden scratch folder (".hf-mudsc.partial-jqxxsd5x").
+    assert [c.title for c in hub.commits("user/api-merged")] == ["Upload merged model (api-merged) with hf-mudsc",
+                                                                 "initial commit"]
     assert set(hub.list_files("user/api-merged")) == MERGED_FILES | ZIPIT_PLOTS | {".gitattributes"}
     for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
         assert hub.file_bytes("user/api-merged", name) == (saved / name).read_bytes(), name

@@ -115,6 +115,8 @@ def test_a_failed_push_keeps_the_local_output_and_says_where(hub_emulator, input
     assert proc.returncode == 1 and "the commit was applied" in proc.stderr
     assert f"the merged model is kept in {out}" in proc.stderr
     assert MERGED_FILES <= {p.name for p in out.iterdir()} and leftovers(tmp_path) == []
+    # The commit names the output folder, not the hidden folder it was staged in (".merged.partial-f5o3m4e5").
+    assert hub.commits("user/m1")[0].title == "Upload merged model (merged) with hf-mudsc"
     # Without --output: kept in a folder of its own, named in the message, ready for `hf-mudsc push`.
     scratch = tmp_path / "scratch"
     scratch.mkdir()
@@ -199,9 +201,11 @@ def test_push_refuses_a_folder_with_nan_or_inf_weights_before_the_hub(merged, tm
     shutil.copytree(merged, folder)
     nan_name, inf_name = _corrupt_weights(folder, dtype)
     before = (folder / "model.safetensors").read_bytes()
-    assert main(["push", str(folder), "user/x"]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("hf-mudsc push: error: refusing to push") and len(err.splitlines()) == 1, err
+    assert main(["push", str(folder), "user/x"]) == 1  # weights changed since the merge: refused for that first
+    assert "changed since hf-mudsc wrote them (model.safetensors)" in capsys.readouterr().err
+    assert main(["push", str(folder), "user/x", "--allow-changed"]) == 1  # published as they are: never NaN/inf
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("hf-mudsc push: error: refusing to push"), err
     assert "NaN or infinite values in 2 tensors" in err and nan_name in err and inf_name in err
     assert "model.safetensors" in err and "hf-mudsc merge" in err
     assert (folder / "model.safetensors").read_bytes() == before
@@ -266,6 +270,150 @@ def test_a_recipe_of_gigabytes_in_a_pushed_folder_is_refused_before_it_is_read(m
     with (folder / RECIPE_FILENAME).open("ab") as handle:
         handle.truncate(MAX_RECIPE_BYTES + 1)
     monkeypatch.setattr("pathlib.Path.read_bytes", lambda *a, **k: pytest.fail("the recipe was read whole"))
-    assert main(["push", str(folder), "user/x", "--overwrite"]) == 1
+    assert main(["push", str(folder), "user/x", "--overwrite", "--allow-changed"]) == 1  # changed: opted in
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("hf-mudsc push: error:") and f"{RECIPE_FILENAME} is {MAX_RECIPE_BYTES + 1:,} bytes" in err
+
+
+# ------------------------------------------------------------------ QA pass of session 21: publishing defects
+
+
+def _change_weights(folder):
+    """Rewrite the folder's weights with one tensor doubled: still a valid model, no longer the merge's."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = folder / "model.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    name = sorted(n for n, t in tensors.items() if t.dim() == 2)[0]
+    tensors[name] = tensors[name] * 2
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def test_push_refuses_files_changed_since_the_merge_before_the_hub(merged, tmp_path, no_hub, capsys, caplog):
+    """QA: another merge's weights copied over a merged folder's were published under this folder's card and recipe
+    (`push` checked which files the marker lists, not that they are still the ones written)."""
+    from hf_mudsc.publish.hub import check_unchanged, push_folder
+
+    folder = tmp_path / "folder"
+    shutil.copytree(merged, folder)
+    _change_weights(folder)
+    assert main(["push", str(folder), "user/x"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "refusing to push" in err and "changed since hf-mudsc wrote them (model.safetensors)" in err, err
+    assert "hf-mudsc merge" in err and "--allow-changed" in err, err
+    (folder / PLOTS_FOLDER / "match_quality.png").unlink()  # a listed file gone counts too: the card links it
+    with pytest.raises(ValueError, match=r"model\.safetensors, plots/match_quality\.png \(deleted\)") as caught:
+        push_folder(folder, "user/x", flag="repo_id")
+    assert "allow_changed=True" in str(caught.value) and "--allow-changed" not in str(caught.value)
+    with caplog.at_level("WARNING", logger="hf_mudsc"):
+        check_unchanged(folder, allow_changed=True)  # the user's explicit choice: said, not refused
+    assert "model.safetensors" in caplog.text and "as they are" in caplog.text
+
+
+def test_a_folder_evaluate_rewrote_still_pushes_and_evaluate_refuses_a_folder_with_changed_weights(merged, tmp_path):
+    """`evaluate` rewrites README.md and eval_results.json through `write_file_atomically`, which records them in the
+    marker: such a folder is still the writer's. Weights changed since the merge: `evaluate` would put their scores
+    into the merge's card, so it refuses before any work, as `push` does."""
+    from hf_mudsc.cli.evaluate import check_replaceable
+    from hf_mudsc.publish.folder import write_file_atomically
+    from hf_mudsc.publish.hub import check_unchanged
+
+    folder = tmp_path / "folder"
+    shutil.copytree(merged, folder)
+    card = folder / "README.md"
+    check_replaceable(folder / "eval_results.json", card)
+    write_file_atomically(card, lambda temporary: temporary.write_text(card.read_text() + "\n## Evaluation\n"))
+    write_file_atomically(folder / "eval_results.json",
+                          lambda temporary: temporary.write_text('{"hf_mudsc_version": "0", "scores": {}}'))
+    check_unchanged(folder)  # not refused: evaluate recorded what it wrote
+    check_replaceable(folder / "eval_results.json", card)  # evaluated again: still fine
+    _change_weights(folder)
+    with pytest.raises(FileExistsError, match=r"changed since hf-mudsc wrote them \(model\.safetensors\)") as caught:
+        check_replaceable(folder / "eval_results.json", card)
+    assert "--no-card" in str(caught.value) and "\n" not in str(caught.value)
+    check_replaceable(tmp_path / "elsewhere.json", None)  # --no-card --output-json elsewhere: nothing of the merge's
+
+
+@pytest.fixture()
+def local_hub(hub_emulator, monkeypatch):
+    """The emulator as this process's Hub (a push in-process: no interpreter start-up per push)."""
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", hub_emulator.endpoint)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    return hub_emulator
+
+
+def test_credentials_in_hf_endpoint_reach_no_error_line_output_log_or_card(local_hub, merged, monkeypatch, capsys,
+                                                                           caplog):
+    """QA: `HF_ENDPOINT=http://user:secret@host` showed the secret in the Hub error's URL and wrote it into every link
+    of the model card."""
+    import huggingface_hub.constants as constants
+    from transformers import AutoModelForImageClassification
+
+    from hf_mudsc.publish.card import ParentInfo, render_card
+    from hf_mudsc.publish.recipe import Recipe
+
+    secret = "Mirror-Pass-Leak-2026"
+    monkeypatch.setattr(constants, "ENDPOINT", local_hub.endpoint.replace("http://", f"http://mirror:{secret}@"))
+    assert main(["push", str(merged), "user/creds", "--token", "tok"]) == 1  # the emulator refuses Basic auth: 401
     err = capsys.readouterr().err
-    assert f"{RECIPE_FILENAME} is {MAX_RECIPE_BYTES + 1:,} bytes" in err and len(err.strip().splitlines()) == 1, err
+    assert "401" in err and f"'{local_hub.endpoint.replace('http://', 'http://***@')}/api/models/user/creds" in err, err
+    assert secret not in err and "mirror:" not in err
+    monkeypatch.setattr(local_hub, "_auth_user", lambda rec: local_hub.username)  # a mirror that takes them
+    with caplog.at_level("INFO"):  # -v: the HTTP client logs each request's URL
+        assert main(["-v", "push", str(merged), "user/creds", "--token", "tok"]) == 0
+    said = capsys.readouterr()
+    assert f"to {local_hub.endpoint}/user/creds (commit " in said.out, said.out
+    assert "HTTP Request: " in caplog.text and "http://***@127.0.0.1" in caplog.text
+    assert secret not in said.out + said.err + caplog.text and "mirror:" not in said.out + said.err + caplog.text
+    recipe = Recipe(models=[f"org/vit-a@{'a' * 40}", f"org/vit-b@{'b' * 40}"], calibration="org/calib:train")
+    card = str(render_card(AutoModelForImageClassification.from_pretrained(merged), recipe,
+                           parents=[ParentInfo("org/vit-a", "org/vit-a", None, "a" * 40),
+                                    ParentInfo("org/vit-b", "org/vit-b", None, "b" * 40)]))
+    assert f"]({local_hub.endpoint}/org/vit-a)" in card and f"({local_hub.endpoint}/datasets/org/calib)" in card
+    assert secret not in card and "mirror" not in card
+
+
+def test_hide_tokens_masks_the_userinfo_of_any_url():
+    from hf_mudsc.load.references import hide_tokens, without_userinfo
+
+    line = ("Client error '401 Unauthorized' for url 'http://mirror:hf_mirrorPasswordLeak123456789@127.0.0.1:38521"
+            "/api/models/org/x' and https://u@example.org/a, https://:p@h/ and mailto:me@example.org kept")
+    assert hide_tokens(line) == ("Client error '401 Unauthorized' for url 'http://***@127.0.0.1:38521/api/models/"
+                                 "org/x' and https://***@example.org/a, https://***@h/ and mailto:me@example.org kept")
+    assert without_userinfo("http://user:pa:ss@host:8080/x") == "http://host:8080/x"
+    from hf_mudsc.serve.worker import Reporter  # a service job's log lines and error, as stored and shown
+
+    assert Reporter(None, "tok", calibrates=False, pushes=False).scrub(line) == hide_tokens(line)
+    assert without_userinfo("https://huggingface.co") == "https://huggingface.co"
+
+
+def test_overwrite_names_the_files_it_deletes_and_an_identical_push_says_nothing_changed(local_hub, merged, caplog,
+                                                                                         capsys):
+    """QA: `push --overwrite` deleted the repo's own files without naming them; pushing the same folder again logged
+    huggingface_hub's "No files have been modified" twice and claimed to create the existing repo."""
+    hub = local_hub
+    hub.commit_files("user/foreign", {"notes.md": b"mine", "data/a.csv": b"1", "data/b.csv": b"2"})
+    argv = ["push", str(merged), "user/foreign", "--overwrite", "--token", "tok"]
+    with caplog.at_level("INFO"):
+        assert main(argv) == 0
+    deleting = [m for m in caplog.messages if m.startswith("deleting")]
+    assert deleting == ["deleting 3 files of 'user/foreign' that the folder does not hold (--overwrite): "
+                        "data/a.csv, data/b.csv, notes.md"], caplog.messages
+    assert not any("creating the repo" in m for m in caplog.messages)
+    head, commits = hub.head("user/foreign"), len(hub.commits("user/foreign"))
+    capsys.readouterr()
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == f"Nothing to push: user/foreign already holds exactly these files (commit {head})", out
+    assert "No files have been modified" not in caplog.text + err and "creating the repo" not in caplog.text
+    assert not any(m.startswith("deleting") for m in caplog.messages)
+    assert hub.head("user/foreign") == head and len(hub.commits("user/foreign")) == commits

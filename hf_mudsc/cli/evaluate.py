@@ -321,11 +321,13 @@ def check_replaceable(json_paths: list[Path], card_path: Path | None) -> None:
     """Refuse, before any work, to replace a file hf-mudsc did not write (or that changed since) with the results:
     a results file (`--output-json`, the folder's `eval_results.json`) may be new or a results file (never a model's
     config.json or weights, nor someone's notes); the card is updated only where the merge wrote it (the folder's
-    marker lists it unchanged)."""
+    marker lists it unchanged), and only while the model's other files are as the merge wrote them (weights swapped
+    in since would be scored under its card)."""
     import json
 
     from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES
-    from hf_mudsc.publish.folder import read_marker, written_unchanged
+    from hf_mudsc.publish.folder import changed_files, read_marker, written_unchanged
+    from hf_mudsc.solve.diagnostics import PLOTS_FOLDER
 
     def results_file(path: Path) -> bool:
         if path.stat().st_size > SIDE_FILE_MAX_BYTES:  # read whole below; results are kilobytes
@@ -352,6 +354,15 @@ def check_replaceable(json_paths: list[Path], card_path: Path | None) -> None:
         if path.is_symlink() or not path.is_file() or not replaceable(path):
             raise FileExistsError(f"refusing to replace {str(path)!r} with the results: hf-mudsc did not write it "
                                   f"(or it changed since); {fix}")
+    if card_path is not None and card_path.is_file():
+        changed = changed_files(card_path.parent,  # less what evaluate itself checks and rewrites
+                                ignore=(CARD_FILENAME, RESULTS_FILENAME, f"{PLOTS_FOLDER}/accuracy.png"))
+        if changed:  # the scores would be of other weights than the card and recipe describe
+            raise FileExistsError(
+                f"refusing to write the results into {str(card_path)!r}: files of the merged model changed since "
+                f"hf-mudsc wrote them ({', '.join(changed[:10])}{' ...' if len(changed) > 10 else ''}), so the card "
+                "would give their scores to the merge it describes; write the folder again with `hf-mudsc merge ... "
+                "--output DIR`, or pass --no-card (the results still go to --output-json PATH)")
 
 
 def results_paths(folder: Path | None, output_json: str | None) -> list[Path]:

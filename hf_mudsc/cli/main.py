@@ -13,7 +13,7 @@ from typing import NoReturn
 
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import UsageError
-from hf_mudsc.load.references import hide_tokens
+from hf_mudsc.load.references import HiddenCredentials, hide_tokens
 
 # Sub-command name -> module in hf_mudsc.cli exposing `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS = {
@@ -59,6 +59,10 @@ def configure_logging(verbose: int, quiet: bool) -> None:
     for name in HTTP_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else logging.INFO if verbose
                                          else logging.WARNING)
+    # Every line that reaches stderr (the root's handlers, huggingface_hub's own) without an HF_ENDPOINT's credentials.
+    for handler in logging.getLogger().handlers + logging.getLogger("huggingface_hub").handlers:
+        if not any(isinstance(each, HiddenCredentials) for each in handler.filters):
+            handler.addFilter(HiddenCredentials())
 
 
 # The libraries' own progress bars (weights loading, shard writing, dataset saving), switched off by these.

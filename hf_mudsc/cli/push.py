@@ -1,8 +1,9 @@
 """`hf-mudsc push DIR ORG/NAME`: publish a folder written by `hf-mudsc merge --output DIR` in one commit.
 
 Only what the writer wrote is uploaded (its marker lists the files); a folder holding symlinks or other
-files is refused, naming them, and so is one whose weights hold NaN or inf (read in chunks, before any Hub
-call). A failed push says what the repo really holds and never touches DIR.
+files is refused, naming them, and so is one whose files changed since they were written (their sha256: the card
+and recipe would describe other weights; `--allow-changed` publishes them as they are) or whose weights hold NaN or
+inf (read in chunks, before any Hub call). A failed push says what the repo really holds and never touches DIR.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true",
         help="allow an existing repo: its files are replaced by the folder's in one commit")
     parser.add_argument(
+        "--allow-changed", action="store_true",
+        help="publish files changed since hf-mudsc wrote them (e.g. an edited card) as they are; without it such a "
+             "folder is refused, since its card and recipe describe the merge as written")
+    parser.add_argument(
         "--token", metavar="TOKEN", default=argparse.SUPPRESS,
         help="Hub token (default: HF_TOKEN or the stored `hf auth login`); never logged or written")
 
@@ -45,9 +50,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     try:
         result = push_folder(args.folder, args.repo_id, private=args.private, overwrite=args.overwrite,
-                             token=getattr(args, "token", None), flag="ORG/NAME")
+                             token=getattr(args, "token", None), flag="ORG/NAME", allow_changed=args.allow_changed)
     except (PushError, HfHubHTTPError) as error:
         print(f"hf-mudsc push: error: {hide_tokens(str(error))}", file=sys.stderr)
         return 1
+    if not result.changed:
+        print(f"Nothing to push: {result.repo_id} already holds exactly these files (commit {result.commit_sha})")
+        return 0
     print(f"Pushed {args.folder} to {result.url} (commit {result.commit_sha})")
     return 0

@@ -30,10 +30,36 @@ def looks_like_token(text: str) -> bool:
     return TOKEN_SHAPE.search(text) is not None
 
 
+# The userinfo of a URL (`scheme://user:password@host`): credentials, e.g. of an `HF_ENDPOINT` mirror behind a proxy.
+URL_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s'\"<>]*@")
+
+
 def hide_tokens(text: str) -> str:
-    """`text` with anything shaped like an access token replaced by `***`: for an error line that names what the user
-    gave, which may be a token given in the wrong place (`hf-mudsc inspect $HF_TOKEN`)."""
-    return TOKEN_SHAPE.sub("***", text)
+    """`text` with anything shaped like an access token, and the userinfo of any URL, replaced by `***`: for an error
+    line that names what the user gave, which may be a token given in the wrong place (`hf-mudsc inspect $HF_TOKEN`),
+    or a Hub error naming its URL, whose host an `HF_ENDPOINT` with credentials precedes with them."""
+    return URL_USERINFO.sub(r"\1***@", TOKEN_SHAPE.sub("***", text))
+
+
+class HiddenCredentials(logging.Filter):
+    """A log handler's filter applying `hide_tokens` to each line: with -v the HTTP client logs every request's URL
+    (`HTTP Request: GET http://user:secret@mirror/...`), whose userinfo is the `HF_ENDPOINT`'s credentials."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is logging's to report, not ours
+            return True
+        hidden = hide_tokens(text)
+        if hidden != text:
+            record.msg, record.args = hidden, None
+        return True
+
+
+def without_userinfo(url: str) -> str:
+    """`url` without `user:password@`: how an endpoint is written where others read it (the card's links, a
+    push's result), since `HF_ENDPOINT` may carry a mirror's credentials."""
+    return URL_USERINFO.sub(r"\1", url)
 
 
 def parent_name(model: PreTrainedModel, fallback: str) -> str:

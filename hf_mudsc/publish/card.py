@@ -38,6 +38,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
 
 from hf_mudsc._version import __version__
 from hf_mudsc.apply.classifier import task_ranges
+from hf_mudsc.load.references import without_userinfo
 from hf_mudsc.methods.registry import METHODS
 from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
 from hf_mudsc.solve.diagnostics import DIAGNOSTICS_FILENAME
@@ -314,6 +315,11 @@ def set_eval_results(data: ModelCardData, eval_results: Sequence[EvalRow], *, mo
     return data
 
 
+def hub_url() -> str:
+    """The Hub the card links to (`HF_ENDPOINT`), without the credentials a mirror's URL may carry."""
+    return without_userinfo(constants.ENDPOINT).rstrip("/")
+
+
 def render_card(
     model: Any,
     recipe: Recipe,
@@ -359,7 +365,7 @@ def render_card(
     num_samples = mudsc.get("num_calibration_samples", getattr(report, "num_samples", None))
     base = ParentInfo.from_any(recipe.base) if recipe.base else None
     settings = settings_rows(mudsc, shown_recipe, {
-        "method": method, "mudsc": mudsc, "hub_url": constants.ENDPOINT.rstrip("/"),
+        "method": method, "mudsc": mudsc, "hub_url": hub_url(),
         "base_source": mudsc.get("base_source"), "base_name": base.display_name if base is not None else None,
         "calibration_dataset": calibration_dataset_id(recipe.calibration), "num_samples": num_samples})
     recipe_yaml = shown_recipe.to_yaml(reproducible=True).rstrip("\n")
@@ -375,7 +381,7 @@ def render_card(
         parent_letters=[chr(ord("A") + i) if i < 26 else str(i + 1) for i in range(len(infos))],
         base=base,
         method_choice_reason=mudsc.get("method_choice_reason"),
-        hub_url=constants.ENDPOINT.rstrip("/"),
+        hub_url=hub_url(),
         method=method,
         method_name=mudsc.get("method") or recipe.method,
         matcher=mudsc.get("matcher", recipe.matcher),

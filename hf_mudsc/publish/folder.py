@@ -304,6 +304,21 @@ def unlisted_files(folder: str | os.PathLike, *, check_content: bool = False) ->
     return foreign, changed
 
 
+def changed_files(folder: str | os.PathLike, *, ignore: Iterable[str] = ()) -> list[str]:
+    """Files the marker of `folder` lists that are no longer as written: their size or sha256 differ, or they are gone
+    (named `NAME (deleted)`), except those in `ignore`. A folder whose files changed is no longer the merge its card
+    and recipe describe: `push` and `evaluate` refuse to publish or describe it as that merge. The files hf-mudsc
+    itself rewrites later (`evaluate`'s card and results, `inspect`'s plots) are recorded as they are written
+    (`write_file_atomically`), so they never count."""
+    folder = Path(folder)
+    listed = (read_marker(folder) or {}).get("files", {})
+    skip = set(ignore) | set(listed_outside(folder))  # never read a name outside the folder
+    _, changed = unlisted_files(folder, check_content=True)
+    gone = [f"{name} (deleted)" for name in sorted(listed)
+            if name not in skip and not (folder / name).is_file() and not (folder / name).is_symlink()]
+    return sorted([name for name in changed if name not in skip] + gone)
+
+
 def listed_outside(folder: str | os.PathLike) -> list[str]:
     """Names the marker of `folder` lists that cannot be files of the folder: absolute, or with `..` (or `.`, or
     empty) parts. hf-mudsc records only relative names of files it wrote inside; such a name means the marker was

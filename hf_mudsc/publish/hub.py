@@ -27,8 +27,8 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from hf_mudsc.errors import PushError, RepoExistsError
 from hf_mudsc.load.hub_calls import http_client, hub_call
-from hf_mudsc.load.references import TOKEN_FIX, looks_like_token
-from hf_mudsc.publish.folder import MARKER_FILENAME, listed_outside, read_marker, unlisted_files
+from hf_mudsc.load.references import TOKEN_FIX, looks_like_token, without_userinfo
+from hf_mudsc.publish.folder import MARKER_FILENAME, changed_files, listed_outside, read_marker, unlisted_files
 from hf_mudsc.publish.recipe import MAX_RECIPE_BYTES, RECIPE_FILENAME, published_text
 
 logger = logging.getLogger(__name__)
@@ -44,11 +44,15 @@ GITATTRIBUTES = ".gitattributes"
 
 @dataclass(frozen=True)
 class PushResult:
+    """What a push did. `changed=False`: the repo already held exactly these files, so no commit was made
+    (`commit_sha` is its head). URLs never carry the credentials an `HF_ENDPOINT` may hold."""
+
     repo_id: str
     commit_sha: str
     commit_url: str
     url: str
     created: bool
+    changed: bool = True
 
 
 def hub_timeout() -> float:
@@ -135,6 +139,30 @@ def check_folder(folder: str | os.PathLike) -> Path:
     return folder
 
 
+def check_unchanged(folder: str | os.PathLike, *, allow_changed: bool = False, switch: str = "--allow-changed"
+                    ) -> None:
+    """Refuse a folder whose files changed since hf-mudsc wrote them (`folder.changed_files`: their sha256 differs
+    from the marker's, or they are gone): its card and recipe would be published describing other weights than those
+    uploaded. `allow_changed` (the user's explicit choice, `switch` names it in the message) publishes them as they
+    are, saying so in a warning. The files `evaluate` and `inspect` rewrite are recorded as written: they pass."""
+    changed = changed_files(folder)
+    if not changed:
+        return
+    names = ", ".join(changed[:10]) + (f" and {len(changed) - 10} more" if len(changed) > 10 else "")
+    if not allow_changed:
+        raise ValueError(
+            f"refusing to push {str(folder)!r}: files changed since hf-mudsc wrote them ({names}), so its card and "
+            "recipe would describe other files than those published; write the folder again with "
+            f"`hf-mudsc merge ... --output DIR` (or, to publish the files as they are, pass {switch})")
+    logger.warning("publishing %s with files changed since hf-mudsc wrote them, as they are (%s): its card and "
+                   "recipe describe the merge as it was written", folder, names)
+
+
+def commit_title(name: str) -> str:
+    """The title of a push's commit, naming the model by its output folder's name (or its repo's name)."""
+    return f"Upload merged model ({name}) with hf-mudsc"
+
+
 def published_files(folder: str | os.PathLike) -> list[str]:
     """The files a push uploads: those the writer's marker lists and that are still there (never the marker)."""
     folder = Path(folder)
@@ -206,7 +234,9 @@ def push_folder(
     token: str | None = None,
     commit_message: str | None = None,
     flag: str = "--push-to-hub name",
-    check_weights: bool = True,
+    allow_changed: bool = False,
+    just_written: bool = False,
+    shown_as: str | None = None,
 ) -> PushResult:
     """Create `repo_id` (model repo) and upload `folder` to it in one commit.
 
@@ -217,9 +247,14 @@ def push_folder(
         overwrite: allow an existing repo; its files are replaced by the folder's in the same commit.
             An empty repo (initial commit only) is pushed into without it.
         token: a Hub token; default: `HF_TOKEN` or the stored login.
+        commit_message: the commit's title (default: `commit_title` of the folder's name).
         flag: how the user named the repo (for messages): `--push-to-hub name`, `ORG/NAME`, `repo_id`.
-        check_weights: refuse NaN/inf weights first (`refuse_non_finite_files`); False only for a folder just
-            written from a model that was checked in memory (`writer.publish`).
+        allow_changed: publish files changed since hf-mudsc wrote them, as they are (`check_unchanged` refuses
+            them otherwise); NaN/inf weights are refused all the same.
+        just_written: a folder this process has just written from a model checked in memory (`writer.publish`):
+            its files are not read again, neither to compare them with the marker nor to look for NaN/inf.
+        shown_as: the model's name in the commit title and the log when `folder` is a hidden staging folder
+            (`writer.publish`: the output folder's name, or the repo's).
 
     Raises:
         RepoExistsError: the repo exists and `overwrite` is False.
@@ -228,13 +263,16 @@ def push_folder(
             when nothing was committed.
     """
     folder = check_folder(folder)
+    if not just_written:
+        check_unchanged(folder, allow_changed=allow_changed,
+                        switch="allow_changed=True" if flag == "repo_id" else "--allow-changed")
     files = published_files(folder)
-    if check_weights:
+    if not just_written:
         refuse_non_finite_files(folder, files)
     contents = published_contents(folder)
     with hub_timeouts() as seconds:
         return _push(folder, files, contents, repo_id, private=private, overwrite=overwrite, token=token,
-                     commit_message=commit_message, flag=flag, seconds=seconds)
+                     commit_message=commit_message, flag=flag, seconds=seconds, shown_as=shown_as)
 
 
 def refuse_non_finite_files(folder: Path, files: list[str]) -> None:
@@ -281,49 +319,85 @@ def _commit(api: HfApi, repo_id: str, folder: Path, files: list[str], contents: 
     adds = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=contents.get(name, folder / name))
             for name in files]
     stale = sorted(set(api.list_repo_files(repo_id)) - set(files) - {GITATTRIBUTES}) if replace else []
+    if stale:  # the repo's own files, gone with this commit (the old revision keeps them): say which
+        logger.warning("deleting %d file%s of %r that the folder does not hold (--overwrite): %s", len(stale),
+                       "s" if len(stale) > 1 else "", repo_id,
+                       ", ".join(stale[:10]) + (f" and {len(stale) - 10} more" if len(stale) > 10 else ""))
     deletes = [CommitOperationDelete(path_in_repo=name, is_folder=False) for name in stale]
     return api.create_commit(repo_id=repo_id, operations=[*deletes, *adds], commit_message=message)
 
 
 def _push(folder: Path, files: list[str], contents: dict[str, bytes], repo_id: str, *, private: bool,
-          overwrite: bool, token: str | None, commit_message: str | None, flag: str, seconds: float) -> PushResult:
+          overwrite: bool, token: str | None, commit_message: str | None, flag: str, seconds: float,
+          shown_as: str | None = None) -> PushResult:
     api = HfApi(token=token)
     state = _target_state(repo_id, overwrite=overwrite, token=token, flag=flag, seconds=seconds)
-    try:
-        repo_url = _step(f"creating the repo {repo_id!r}",
-                         lambda: api.create_repo(repo_id, private=private, exist_ok=state != "absent"),
-                         seconds=seconds)
-    except HfHubHTTPError as error:
-        if error.response is not None and error.response.status_code == 409:
-            raise RepoExistsError(
-                f"the Hub repo {repo_id!r} already exists (possibly private and not visible to this token); "
-                f"pass --overwrite, or choose another {flag}"
-            ) from None
-        raise PushError(f"could not create the Hub repo {repo_id!r}: {error}") from error
     created = state == "absent"
+    if created:  # an existing repo (empty, or replaced with --overwrite) is pushed into as it is
+        try:
+            _step(f"creating the repo {repo_id!r}", lambda: api.create_repo(repo_id, private=private),
+                  seconds=seconds)
+        except HfHubHTTPError as error:
+            if error.response is not None and error.response.status_code == 409:
+                raise RepoExistsError(
+                    f"the Hub repo {repo_id!r} already exists (possibly private and not visible to this token); "
+                    f"pass --overwrite, or choose another {flag}"
+                ) from None
+            raise PushError(f"could not create the Hub repo {repo_id!r}: {error}") from error
+    repo_url = f"{without_userinfo(api.endpoint).rstrip('/')}/{repo_id}"  # as create_repo's answer, never credentials
     info = _step(f"reading the repo {repo_id!r}", lambda: api.repo_info(repo_id), seconds=seconds)
     head_before = info.sha
     if not created and private and not info.private:
         _step(f"making the repo {repo_id!r} private",
               lambda: api.update_repo_settings(repo_id, private=True), seconds=seconds)
-    message = commit_message or f"Upload merged model ({folder.name}) with hf-mudsc"
+    message = commit_message or commit_title(shown_as or folder.name)
     try:
-        commit = _step(
-            f"uploading {len(files)} files to {repo_id!r} in one commit",
-            # Exactly the writer's files (never the marker, nothing added since); on overwrite, files of the old
-            # model that the new folder lacks go away in the same commit.
-            lambda: _commit(api, repo_id, folder, files, contents, replace=state == "exists", message=message),
-            seconds=seconds,
-        )
+        with _quiet_no_op_commit():
+            commit = _step(
+                f"uploading {len(files)} files to {repo_id!r} in one commit",
+                # Exactly the writer's files (never the marker, nothing added since); on overwrite, files of the old
+                # model that the new folder lacks go away in the same commit.
+                lambda: _commit(api, repo_id, folder, files, contents, replace=state == "exists", message=message),
+                seconds=seconds,
+            )
     except BaseException as error:
         logger.debug("push failed", exc_info=True)
         if not isinstance(error, Exception):
             raise
         left = _what_is_there(api, repo_id, head_before, message, created=created, seconds=seconds)
         raise PushError(f"uploading to {repo_id!r} failed: {error} ({left})") from error
-    logger.info("pushed %s to %s (commit %s)", folder, repo_id, commit.oid)
-    return PushResult(repo_id=repo_id, commit_sha=commit.oid, commit_url=commit.commit_url,
-                      url=str(repo_url), created=created)
+    changed = commit.oid != head_before
+    if changed:
+        logger.info("pushed %s to %s (commit %s)", shown_as or folder, repo_id, commit.oid)
+    else:
+        logger.info("nothing changed: %s already holds exactly the files of %s (commit %s); no commit was made",
+                    repo_id, shown_as or folder, commit.oid)
+    return PushResult(repo_id=repo_id, commit_sha=commit.oid, commit_url=without_userinfo(commit.commit_url),
+                      url=repo_url, created=created, changed=changed)
+
+
+# huggingface_hub's loggers that say, each in its own words, that a commit changing nothing was skipped.
+_NO_OP_LOGGERS = ("huggingface_hub.hf_api", "huggingface_hub._upload_pipeline")
+
+
+class _DropNoOpCommit(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No files have been modified since last commit")
+
+
+@contextmanager
+def _quiet_no_op_commit() -> Iterator[None]:
+    """Drop huggingface_hub's "No files have been modified ... Skipping" (logged twice: through its own handler and
+    the root's): the push says once itself that nothing changed, naming the commit the repo keeps."""
+    drop = _DropNoOpCommit()
+    loggers = [logging.getLogger(name) for name in _NO_OP_LOGGERS]
+    for each in loggers:
+        each.addFilter(drop)
+    try:
+        yield
+    finally:
+        for each in loggers:
+            each.removeFilter(drop)
 
 
 def _what_is_there(api: HfApi, repo_id: str, head_before: str | None, message: str, *, created: bool,

@@ -177,8 +177,11 @@ def publish(
         if push_to_hub:
             record_files(staging, staging=True)  # the marker says what the push may upload
             try:
+                # Named by the output's name, or the repo's: never by the hidden folder it is staged in.
+                name = Path(output).name if output is not None else push_to_hub.split("/")[-1]
                 produced["push"] = push_folder(staging, push_to_hub, private=private, overwrite=overwrite,
-                                               token=token, flag=push_flag, check_weights=False)  # checked above
+                                               token=token, flag=push_flag, shown_as=name,
+                                               just_written=True)  # its weights were checked in memory above
             except Exception as error:  # noqa: BLE001 - any push failure: keep the model, then report
                 failure = error
                 if output is None:

@@ -37,6 +37,7 @@ import traceback
 from collections.abc import Iterator
 from typing import Any
 
+from hf_mudsc.load.references import hide_tokens
 from hf_mudsc.options import REFITTING
 from hf_mudsc.serve.jobs import JobRequest
 
@@ -96,8 +97,9 @@ class Reporter:
             self.send(("phase", self.phase, round(start + (end - start) * share * 0.98, 4)))
 
     def scrub(self, text: str) -> str:
-        """The token masked, and lone surrogates (a non-UTF-8 path through os.fsdecode) escaped: the store is UTF-8."""
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+        """The token masked, as is any URL's userinfo (an `HF_ENDPOINT` with credentials, `hide_tokens`), and lone
+        surrogates (a non-UTF-8 path through os.fsdecode) escaped: the store is UTF-8."""
+        text = hide_tokens(text.encode("utf-8", "backslashreplace").decode("utf-8"))
         return text.replace(self.token, "***") if self.token else text
 
     def send(self, message: tuple) -> None:
