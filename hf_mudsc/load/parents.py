@@ -38,8 +38,9 @@ from hf_mudsc.load.config_json import FIX as CONFIG_FIX
 from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES, card_too_large, check_config_json, read_card
 from hf_mudsc.load.hub_calls import hub_call
 from hf_mudsc.load.links import refuse_link_out, refuse_links_out
+from hf_mudsc.load.objects import object_source
 from hf_mudsc.load.processors import load_processor, processor_from_name, tokenizer_of
-from hf_mudsc.load.references import card_base_model, looks_like_path, parse_reference
+from hf_mudsc.load.references import card_base_model, looks_like_path, object_reference, parse_reference
 from hf_mudsc.load.relation import parent_label
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,9 @@ class LoadedParent:
     tensors, a model object's own parameters, else its config's `dtype`): `float16`, or `float16/float32` for a
     checkpoint that mixes dtypes; None when unknown. `model` is float32 whatever it is; `out_dtype="auto"` returns
     the merged model in the parents' common one (`hf_mudsc.apply.dtype`)."""
+    from_object: bool = False
+    """Given to the merge as a model object: `stored_dtype` is the dtype it was loaded as, and `reference` its folder
+    or Hub repo only if that holds exactly its weights (`hf_mudsc.load.objects.object_source`)."""
     vocabulary_warning: str | None = None
     """The warning said when it was loaded with other parents whose vocabularies could not be compared with its own
     (one ships no tokenizer): merging these same LoadedParents compares them again (a mismatch is still refused) but
@@ -691,9 +695,12 @@ def _finish(located: _Located, *, token: str | bool | None, cache_dir: str | os.
         return located.loaded
     _prepare(located, token=token, cache_dir=cache_dir)
     stored = stored_dtype(located)  # before from_pretrained(dtype=float32) sets the config's dtype to float32
-    if located.model is not None:
+    if located.model is not None:  # named by its folder or Hub repo only if that holds exactly its weights
+        source = object_source(located.model, located.reference)
         return LoadedParent(model=_as_float32(located.model), processor=located.processor,
-                            reference=located.reference, stored_dtype=stored)
+                            reference=source.reference if source else object_reference(located.model),
+                            repo_id=source and source.repo_id, commit_sha=source and source.commit_sha,
+                            stored_dtype=stored, from_object=True)
     if lazy and not located.use_pickle:
         parent = view if view is not None else _finish_lazily(located)
         if parent is not None:

@@ -34,7 +34,7 @@ import yaml
 
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import MergeInputError, OptionError, RecipeError, option_hint, shown
-from hf_mudsc.load.references import TOKEN_FIX, local_name, looks_like_token
+from hf_mudsc.load.references import TOKEN_FIX, is_object_reference, local_name, looks_like_token
 from hf_mudsc.option_values import MATCHERS as MATCHERS  # re-exported: the CLI's --matcher choices
 from hf_mudsc.options import RECIPE_FILENAME as RECIPE_FILENAME
 from hf_mudsc.options import REFITTING, MergeOptions
@@ -74,6 +74,11 @@ _HEADER = (
 # batches to `hf_mudsc.merge`): the file names no data, and re-running it must say why (`refuse_unrecorded_data`).
 IN_MEMORY_NOTE = ("# calibration: given in memory to hf_mudsc.merge (a Dataset object or batches), so not recorded "
                   "here; re-run with --calibration\n")
+
+# The line a recipe file gets for each parent given as a model object that no folder or Hub repo holds
+# (`Recipe.object_entries`): a re-run is refused (`Recipe.refuse_objects`) rather than load another model.
+OBJECT_NOTE = ("# {entry}: a model object given to hf_mudsc.merge, whose weights no folder or Hub repo holds, so not "
+               "recorded here; re-run with the parents before --recipe\n")
 
 
 class CalibrationMissing(RecipeError):
@@ -197,6 +202,7 @@ class Recipe(MergeOptions):
             self.check_combination()
         except OptionError as error:
             raise RecipeError(str(error)) from None
+        self.refuse_objects()
         if self.refit in REFITTING and not self.calibration:
             raise CalibrationMissing(f"refit {self.refit!r} needs calibration data: pass --calibration (a dataset spec "
                                      "`repo_or_path[@revision][:config]:split` or a saved dataset folder), or --refit "
@@ -232,6 +238,26 @@ class Recipe(MergeOptions):
                 f"push_to_hub must be a repo id `org/name` (CLI: --push-to-hub), got {shown(self.push_to_hub)}"
             )
         return self
+
+    def object_entries(self) -> list[str]:
+        """The entries (`models[0]`, `base`) naming a parent that was given to the merge as a model object whose
+        weights no folder or Hub repo holds (`load.references.object_reference`): no run can load them."""
+        entries = [f"models[{index}]" for index, model in enumerate(self.models) if is_object_reference(model)]
+        return entries + (["base"] if is_object_reference(self.base) else [])
+
+    def refuse_objects(self) -> None:
+        """Refuse a recipe naming model objects (`object_entries`), in one line naming them and how to give them:
+        re-running it must not load another model, nor fail on a Hub lookup of `<X object>`."""
+        entries = self.object_entries()
+        if entries:
+            shown_entries = ", ".join(f"{entry} `{self.base if entry == 'base' else self.models[int(entry[7:-1])]}`"
+                                      for entry in entries)
+            raise RecipeError(
+                f"{shown_entries} {'was a model object' if len(entries) == 1 else 'were model objects'} given to "
+                "hf_mudsc.merge whose weights no folder or Hub repo holds (changed in memory, or loaded in another "
+                "dtype), so not recorded: give the parents before --recipe (`hf-mudsc merge PATH_A PATH_B ... "
+                "--recipe FILE`; --base PATH for the base), or save the objects with save_pretrained and write "
+                "their folders into the file")
 
     def inputs(self, recipe_file: str | os.PathLike | None = None) -> list[tuple[str, str | os.PathLike]]:
         """What a merge of this recipe reads from disk, as `(description, path)` pairs for `folder.check_output`:
@@ -278,6 +304,7 @@ class Recipe(MergeOptions):
         body = yaml.dump(self.to_dict(reproducible=reproducible), Dumper=RecipeDumper, sort_keys=False,
                          allow_unicode=True)
         note = IN_MEMORY_NOTE if calibration_in_memory and not self.calibration else ""
+        note += "".join(OBJECT_NOTE.format(entry=entry) for entry in self.object_entries())
         return _HEADER.format(name=name) + note + body
 
     def save(self, path: str | os.PathLike, *, calibration_in_memory: bool = False) -> Path:

@@ -1,0 +1,59 @@
+"""What a recipe (and the card written with it) says about a merge must be true (QA s21): a parent given as a model
+object is named by its folder only when it still holds that folder's weights; `inspect RECIPE` refuses what
+`merge --recipe` refuses; a recipe from a newer hf-mudsc says so."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from factories import vit_cli_case
+from transformers import ViTForImageClassification
+
+import hf_mudsc
+from hf_mudsc.errors import RecipeError
+from hf_mudsc.load.parents import load_parents_and_base
+from hf_mudsc.load.references import pinned_reference
+from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    """Two tiny ViT folders (float32, safetensors) and a calibration folder."""
+    root = tmp_path_factory.mktemp("truthful")
+    parents, calibration = vit_cli_case(root)
+    return root, parents, calibration
+
+
+def test_an_object_holding_its_folders_weights_is_recorded_as_that_folder(case):
+    _, (a, b), _ = case
+    loaded, _, _ = load_parents_and_base([ViTForImageClassification.from_pretrained(a),
+                                          ViTForImageClassification.from_pretrained(b)])
+    assert [pinned_reference(p) for p in loaded] == [a, b]
+
+
+def test_an_object_changed_in_memory_is_recorded_as_an_object_and_its_recipe_refused(case, tmp_path):
+    """QA s21: the recipe named `vit-a`'s folder for an object whose weights had been halved in memory, so
+    `merge --recipe` silently merged other weights."""
+    _, (a, b), _ = case
+    edited = ViTForImageClassification.from_pretrained(a)
+    with torch.no_grad():
+        edited.classifier.weight.mul_(0.5)
+    merged = hf_mudsc.merge([edited, b], method="linear", progress=False)
+    models = merged.merge_report.recipe["models"]
+    assert models[1] == b and a not in models[0] and "object" in models[0], models
+    recipe = hf_mudsc.save_merged(merged, tmp_path / "m") / RECIPE_FILENAME
+    with pytest.raises(RecipeError, match=r"models\[0\].*model object.*not recorded"):
+        Recipe.load(recipe).validate()
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "merged in memory" in card and "(local folder)" in card  # A an object, B its folder
+
+
+def test_an_object_loaded_in_another_dtype_is_an_object_and_the_reason_says_loaded_as(case):
+    """Loaded with dtype=float16 from float32 folders: the folders hold other bytes (a re-run from them would merge
+    the float32 values), and the card said "every parent is stored in float16"."""
+    _, (a, b), _ = case
+    half = [ViTForImageClassification.from_pretrained(p, dtype=torch.float16) for p in (a, b)]
+    merged = hf_mudsc.merge(half, method="linear", progress=False)
+    assert all("object" in m for m in merged.merge_report.recipe["models"])
+    reason = merged.config.mudsc["out_dtype_reason"]
+    assert "loaded as float16" in reason and "stored" not in reason, reason
