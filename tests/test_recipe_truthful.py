@@ -4,6 +4,8 @@ object is named by its folder only when it still holds that folder's weights; `i
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from factories import vit_cli_case
@@ -57,3 +59,51 @@ def test_an_object_loaded_in_another_dtype_is_an_object_and_the_reason_says_load
     assert all("object" in m for m in merged.merge_report.recipe["models"])
     reason = merged.config.mudsc["out_dtype_reason"]
     assert "loaded as float16" in reason and "stored" not in reason, reason
+
+
+# ------------------------------------------------------------------------------------ inspect RECIPE (QA s21)
+TOKEN = "hf_AbCdEfGhIjKlMnOpQrStUvWxYzAbCdEfGh"
+
+
+def inspect_recipe_text(tmp_path, capsys, text: str) -> tuple[int, str, str]:
+    from hf_mudsc.cli.main import main
+
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    capsys.readouterr()
+    code = main(["inspect", str(path)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("line", [f"models: [{TOKEN}, org/b]", f"models: [org/a, org/b]\nbase: org/{TOKEN}"])
+def test_inspect_refuses_a_token_in_a_recipe_as_merge_does_without_showing_it(tmp_path, capsys, line):
+    code, out, err = inspect_recipe_text(tmp_path, capsys, line + "\nmethod: linear\n")
+    assert code == 2 and TOKEN not in out + err and "Run it with" not in out, out + err
+    assert "access token" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_inspect_exits_2_on_an_invalid_recipe_as_merge_does(tmp_path, capsys):
+    code, out, err = inspect_recipe_text(tmp_path, capsys, "models: [org/a, org/b]\nmethod: no-such-method\n")
+    assert code == 2 and "method" in err, err
+
+
+def test_inspect_lists_local_inputs_a_run_would_not_find(case, tmp_path, capsys, monkeypatch):
+    """Relative parent paths resolved from another working directory, a calibration folder that is gone, a
+    pickle-only parent: `inspect` said "would merge ..." and printed a run command that failed."""
+    _, (a, b), calibration = case
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text("{}")
+    (pickled / "pytorch_model.bin").write_bytes(b"0")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = inspect_recipe_text(
+        tmp_path, capsys, f"models: [./vit-a, {b}, {pickled}]\ncalibration: {tmp_path / 'gone'}\nmethod: mudsc\n")
+    assert code == 2 and "Run it with" not in out, out + err
+    assert "./vit-a" in err and str(tmp_path / "gone") in err and "missing" in err, err
+    assert "--allow-pickle" in err and str(b) not in err, err
+    # Resolved from the folder they are relative to, and with the pickle parent left out, it runs.
+    monkeypatch.chdir(Path(a).parent)
+    code, out, err = inspect_recipe_text(tmp_path, capsys,
+                                         f"models: [./vit-a, {b}]\ncalibration: {calibration}\nmethod: mudsc\n")
+    assert code == 0 and "Run it with" in out, out + err

@@ -203,6 +203,7 @@ class Recipe(MergeOptions):
         except OptionError as error:
             raise RecipeError(str(error)) from None
         self.refuse_objects()
+        self.check_references()
         if self.refit in REFITTING and not self.calibration:
             raise CalibrationMissing(f"refit {self.refit!r} needs calibration data: pass --calibration (a dataset spec "
                                      "`repo_or_path[@revision][:config]:split` or a saved dataset folder), or --refit "
@@ -258,6 +259,52 @@ class Recipe(MergeOptions):
                 "dtype), so not recorded: give the parents before --recipe (`hf-mudsc merge PATH_A PATH_B ... "
                 "--recipe FILE`; --base PATH for the base), or save the objects with save_pretrained and write "
                 "their folders into the file")
+
+    def check_references(self) -> None:
+        """Refuse a parent or base reference the loader would refuse before reading anything (an access token in
+        place of a name, `org/name@` ...: `load.references.parse_reference`, reused), and calibration data named by
+        a token: at once, by `merge --recipe` and `inspect RECIPE` alike, without the token in any message."""
+        from hf_mudsc.errors import LoadError
+        from hf_mudsc.load.references import parse_reference
+
+        entries = [(f"models[{index}]", model) for index, model in enumerate(self.models)]
+        for label, reference in entries + ([("base", self.base)] if self.base else []):
+            try:
+                parse_reference(reference)
+            except LoadError as error:
+                raise RecipeError(f"{label}: {error}") from None
+        if self.calibration and looks_like_token(self.calibration):
+            raise RecipeError(f"calibration looks like a Hugging Face access token (not shown); {TOKEN_FIX}")
+
+    def missing_local_inputs(self, skip: frozenset[str] = frozenset()) -> list[str]:
+        """What a run of this recipe would not find on this machine, one line each: parent and base folders (a
+        relative path is resolved from the working directory) and calibration data that do not exist, and folders
+        whose weights the loader refuses (pickle only, no --allow-pickle: `load.weight_files.weights_format`,
+        reused). `skip`: entry labels (`models[0]`, `calibration`) a caller handles otherwise."""
+        from hf_mudsc.errors import LoadError
+        from hf_mudsc.load.references import looks_like_path
+        from hf_mudsc.load.weight_files import weights_format
+
+        problems = []
+        entries = [(f"models[{index}]", model) for index, model in enumerate(self.models)]
+        for label, reference in entries + ([("base", self.base)] if self.base else []):
+            if label in skip or not looks_like_path(reference):
+                continue
+            folder = Path(reference).expanduser()
+            if not folder.is_dir():
+                problems.append(f"{label} `{reference}` is missing: no folder {str(folder.absolute())!r}")
+                continue
+            try:
+                weights_format(reference, [p.name for p in folder.iterdir() if p.is_file()], self.allow_pickle)
+            except LoadError as error:
+                problems.append(f"{label}: {error}")
+        data = self.calibration
+        if data and "calibration" not in skip and _calibration_path(data) is None:
+            head = data.partition(":")[0]
+            if looks_like_path(data) or looks_like_path(head) or head.startswith((".", "/", "~")):
+                problems.append(f"calibration `{data}` is missing: no file or folder "
+                                f"{str(Path(head).expanduser().absolute())!r}")
+        return problems
 
     def inputs(self, recipe_file: str | os.PathLike | None = None) -> list[tuple[str, str | os.PathLike]]:
         """What a merge of this recipe reads from disk, as `(description, path)` pairs for `folder.check_output`:
