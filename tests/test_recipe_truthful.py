@@ -107,3 +107,26 @@ def test_inspect_lists_local_inputs_a_run_would_not_find(case, tmp_path, capsys,
     code, out, err = inspect_recipe_text(tmp_path, capsys,
                                          f"models: [./vit-a, {b}]\ncalibration: {calibration}\nmethod: mudsc\n")
     assert code == 0 and "Run it with" in out, out + err
+
+
+# ------------------------------------------------------------------------------------ the recipe's version (QA s21)
+def test_a_recipe_from_a_newer_release_says_so(tmp_path, caplog):
+    """`hf_mudsc_version: 9.9.9` was accepted silently, and a key a newer release added failed as a typo would."""
+    from hf_mudsc._version import __version__
+
+    path = tmp_path / "r.yaml"
+    path.write_text("hf_mudsc_version: 9.9.9\nmodels: [org/a, org/b]\nnew_future_option: 3\n")
+    with pytest.raises(RecipeError) as caught:
+        Recipe.load(path)
+    message = str(caught.value)
+    assert "9.9.9" in message and __version__ in message and "upgrade" in message, message
+    assert "new_future_option" in message, message
+    path.write_text("hf_mudsc_version: 9.9.9\nmodels: [org/a, org/b]\n")
+    with caplog.at_level("WARNING"):
+        Recipe.load(path)
+    assert "9.9.9" in caplog.text and "newer" in caplog.text, caplog.text
+    path.write_text(f"hf_mudsc_version: {__version__}\nmodels: [org/a, org/b]\n")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        Recipe.load(path)
+    assert "newer" not in caplog.text

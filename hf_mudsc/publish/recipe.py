@@ -111,7 +111,16 @@ class Recipe(MergeOptions):
         line may set (`COMMAND_LINE_ONLY_KEYS`) unless they state their default."""
         if not isinstance(data, Mapping):
             raise RecipeError(f"{source} must be a YAML mapping of keys to values, got {type(data).__name__}")
+        newer = newer_version(data.get("hf_mudsc_version"))
         unknown = sorted(set(data) - set(cls.keys()) - set(INFO_KEYS))
+        if unknown and newer:
+            raise RecipeError(f"{source} was written by hf-mudsc {newer}, newer than this one ({__version__}), and "
+                              f"has key(s) {shown(unknown)} this version does not know; upgrade hf-mudsc (pip install "
+                              f"-U hf-mudsc) to run it, or delete those keys to run it without them")
+        if newer:
+            logger.warning("%s was written by hf-mudsc %s, newer than this one (%s): every key is known here, but "
+                           "the merge may differ from the one it recorded; upgrade hf-mudsc to be sure", source,
+                           newer, __version__)
         if unknown:
             valid = [k for k in cls.keys() if k not in cls.command_line_only()]
             raise RecipeError(f"{source} has unknown key(s) {shown(unknown)}; valid keys are: {', '.join(valid)}")
@@ -485,6 +494,23 @@ def refuse_unrecorded_data(path: str | os.PathLike, error: CalibrationMissing) -
         f"hf_mudsc.merge), so it is not recorded in the recipe, and {error.reader} needs it: pass the same data "
         "with --calibration (a dataset spec `repo_or_path[@revision][:config]:split` or a saved dataset folder)"
     ) from None
+
+
+def newer_version(written: Any) -> str | None:
+    """`written` (a recipe's `hf_mudsc_version`) if it names a release newer than this one, else None (the same or
+    older, absent, or not a version: nothing to say). Releases compare by leading numbers (`0.2.0rc1` as 0.2.0)."""
+    def numbers(text: str) -> tuple[int, ...] | None:
+        found = re.match(r"^v?(\d+(?:\.\d+)*)", text.strip())
+        return tuple(int(part) for part in found.group(1).split(".")) if found else None
+
+    if not isinstance(written, (str, int, float)) or isinstance(written, bool):
+        return None
+    theirs, ours = numbers(str(written)), numbers(__version__)
+    if theirs is None or ours is None:
+        return None
+    width = max(len(theirs), len(ours))  # 1.2 == 1.2.0
+    theirs, ours = theirs + (0,) * (width - len(theirs)), ours + (0,) * (width - len(ours))
+    return str(written) if theirs > ours else None
 
 
 def _calibration_path(spec: str | None) -> Path | None:
