@@ -130,3 +130,29 @@ def test_a_recipe_from_a_newer_release_says_so(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         Recipe.load(path)
     assert "newer" not in caplog.text
+
+
+# ------------------------------------------------------------------------------------ a re-run's card (QA s21)
+def test_a_recipe_rerun_says_what_the_original_said_and_gives_the_same_weights(case, tmp_path):
+    """The re-run's card said `float32 (asked for with out_dtype= ...)` and lost the method's reason and the
+    correspondence check: the recipe pins what `auto` chose, which the user never asked for."""
+    import json
+
+    from hf_mudsc.cli.main import main
+
+    _, (a, b), calibration = case
+    first, again = tmp_path / "m1", tmp_path / "m2"
+    assert main(["merge", a, b, "--calibration", calibration, "--refit", "none", "--num-samples", "16",
+                 "--output", str(first)]) == 0
+    assert main(["merge", "--recipe", str(first / RECIPE_FILENAME), "--output", str(again)]) == 0
+    configs = [json.loads((folder / "config.json").read_text())["mudsc"] for folder in (first, again)]
+    assert configs[0]["method_choice_reason"] and configs[0]["out_dtype_reason"].startswith("auto:"), configs[0]
+    for key in ("method", "method_choice_reason", "correspondence_check", "out_dtype", "out_dtype_reason"):
+        assert configs[1][key] == configs[0][key], key
+    recipes = [Recipe.load(folder / RECIPE_FILENAME) for folder in (first, again)]
+    assert recipes[1] == recipes[0] and recipes[0].auto_chosen, recipes
+    assert (first / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
+    # Asked for on the re-run's command line: the reason says so.
+    assert main(["merge", "--recipe", str(first / RECIPE_FILENAME), "--out-dtype", "float16",
+                 "--output", str(tmp_path / "m3")]) == 0
+    assert "asked for" in json.loads((tmp_path / "m3" / "config.json").read_text())["mudsc"]["out_dtype_reason"]

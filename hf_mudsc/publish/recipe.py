@@ -47,8 +47,10 @@ DESTINATION_KEYS = MergeOptions.names(destination=True)
 COMMAND_LINE_ONLY_KEYS = MergeOptions.command_line_only()
 # The largest recipe file read: written ones are about 1 kB; a bigger file is no recipe (and YAML parsing is slow).
 MAX_RECIPE_BYTES = 1 << 20
+# What `auto` chose and why (`Recipe.auto_chosen`): written last in a recipe, restated by its re-run.
+AUTO_CHOSEN_KEY = "auto_chosen"
 # Keys a recipe may carry for information only.
-INFO_KEYS = ("hf_mudsc_version",)
+INFO_KEYS = ("hf_mudsc_version", AUTO_CHOSEN_KEY)
 
 # The keys whose values may name a folder of this machine, with how to give it on the command line instead.
 LOCAL_REFERENCE_KEYS = {
@@ -96,6 +98,11 @@ class Recipe(MergeOptions):
     `hf-mudsc merge` flags with `_` for `-`; `models` comes first in files."""
 
     models: list[str] = field(default_factory=list)
+    auto_chosen: dict[str, Any] | None = None
+    """What `method="auto"` / `out_dtype="auto"` chose and why, as the merge that wrote the recipe recorded it
+    (`auto_chosen_of`): `{"method": {"value", "reason", "correspondence_check"}, "out_dtype": {"value", "reason"}}`.
+    The recipe pins the chosen values (a later release must re-run the same merge); a re-run restates these reasons
+    (`restate_auto_choices`), so its card and config say what the original's said. Not a merge option."""
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -136,6 +143,7 @@ class Recipe(MergeOptions):
         values = {k: cls.coerce(k, v, source) for k, v in data.items()
                   if k not in INFO_KEYS and k not in cls.command_line_only()}
         recipe = cls(**values)
+        recipe.auto_chosen = checked_auto_chosen(data.get(AUTO_CHOSEN_KEY), source)
         return recipe
 
     @classmethod
@@ -351,6 +359,8 @@ class Recipe(MergeOptions):
             for key in self.command_line_only():
                 data.pop(key)
             data = {"hf_mudsc_version": __version__, **data}
+        if self.auto_chosen:
+            data[AUTO_CHOSEN_KEY] = copy.deepcopy(self.auto_chosen)
         return data
 
     def to_yaml(self, *, reproducible: bool = True, name: str = RECIPE_FILENAME,
@@ -494,6 +504,58 @@ def refuse_unrecorded_data(path: str | os.PathLike, error: CalibrationMissing) -
         f"hf_mudsc.merge), so it is not recorded in the recipe, and {error.reader} needs it: pass the same data "
         "with --calibration (a dataset spec `repo_or_path[@revision][:config]:split` or a saved dataset folder)"
     ) from None
+
+
+def auto_chosen_of(mudsc: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What `auto` chose in a merge, from its `config.mudsc` (`Recipe.auto_chosen`): the method when its choice has
+    a reason (`method_choice_reason`, with `correspondence_check`), the dtype when its reason is auto's. None: the
+    merge chose nothing."""
+    chosen: dict[str, Any] = {}
+    if mudsc.get("method_choice_reason"):
+        chosen["method"] = {"value": mudsc.get("method"), "reason": mudsc["method_choice_reason"],
+                            "correspondence_check": copy.deepcopy(mudsc.get("correspondence_check")),
+                            "parent_relation": copy.deepcopy(mudsc.get("parent_relation"))}
+    reason = mudsc.get("out_dtype_reason")
+    if isinstance(reason, str) and reason.startswith("auto"):
+        chosen["out_dtype"] = {"value": mudsc.get("out_dtype"), "reason": reason}
+    return chosen or None
+
+
+def restate_auto_choices(mudsc: dict[str, Any], recipe: Recipe) -> None:
+    """In a re-run's `config.mudsc` (changed in place), the reasons `recipe.auto_chosen` recorded for the values the
+    recipe pins, where the re-run ran those same values (the pinned method on parents that relate as the recorded
+    ones did, not other parents; the pinned dtype, not one given on the command line): its card then says what the
+    original's said, not "asked for" or nothing. The weights do not
+    change (they are the pinned values')."""
+    chosen = recipe.auto_chosen or {}
+    method = chosen.get("method")
+    same_parents = method and method.get("parent_relation") == mudsc.get("parent_relation")  # not other parents'
+    if (same_parents and mudsc.get("method") == method["value"] == recipe.method
+            and not mudsc.get("method_choice_reason")):
+        mudsc["method_choice_reason"] = method["reason"]
+        mudsc["correspondence_check"] = copy.deepcopy(method.get("correspondence_check"))
+    dtype = chosen.get("out_dtype")
+    if dtype and mudsc.get("out_dtype") == dtype["value"] == recipe.out_dtype:
+        mudsc["out_dtype_reason"] = dtype["reason"]
+
+
+def checked_auto_chosen(value: Any, source: str) -> dict[str, Any] | None:
+    """A recipe's `auto_chosen` (`Recipe.auto_chosen`), refused in one line unless it has the shape hf-mudsc writes:
+    its reasons reach the card of every re-run."""
+    if value is None:
+        return None
+    entries = {"method": ("value", "reason", "correspondence_check", "parent_relation"),
+               "out_dtype": ("value", "reason")}
+    valid = isinstance(value, Mapping) and set(value) <= set(entries) and all(
+        isinstance(entry, Mapping) and set(entry) <= set(entries[key]) and isinstance(entry.get("value"), str)
+        and isinstance(entry.get("reason"), str)
+        and all(isinstance(entry.get(name), (Mapping, type(None))) for name in ("correspondence_check",
+                                                                                "parent_relation"))
+        for key, entry in value.items())
+    if not valid:
+        raise RecipeError(f"{source}: `{AUTO_CHOSEN_KEY}` is not as hf-mudsc writes it (what method/out_dtype auto "
+                          "chose, and why); delete the key: the pinned `method` and `out_dtype` keys still apply")
+    return {key: dict(entry) for key, entry in value.items()}
 
 
 def newer_version(written: Any) -> str | None:
