@@ -475,7 +475,7 @@ def merge(
     out_dtype, out_dtype_reason = resolve_out_dtype(
         merge_options.out_dtype,
         [p.stored_dtype or dtype_description(t.dtype for t in p.model.parameters()) for p in parents],
-        [parent_label(i) for i in range(count)])
+        [parent_label(i) for i in range(count)], [p.from_object for p in parents])
     # A protected parent is refused here, before calibration and before anything is written or pushed.
     # The solve and apply run on the CPU (no copy for parents already there); lazily read parents stay lazy.
     params = [parameters_of(p) for p in parents]

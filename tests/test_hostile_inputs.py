@@ -816,10 +816,11 @@ def test_a_decompression_bomb_image_is_named_in_one_line(tmp_path, capsys):
     ("models: [a, b]\nmethod: weight_matching\nmatcher: nope\n", "unknown matcher 'nope'"),
 ])
 def test_inspect_refuses_a_recipe_that_cannot_run(tmp_path, capsys, text, needle):
-    """It printed `would merge ...` for a recipe whose alpha or matcher the merge refuses."""
+    """It printed `would merge ...` for a recipe whose alpha or matcher the merge refuses; exit 2, as `merge --recipe`
+    refuses it (QA s21: it was 1)."""
     path = tmp_path / "r.yaml"
     path.write_text(text)
-    assert main(["inspect", str(path)]) == 1
+    assert main(["inspect", str(path)]) == 2
     assert needle in _one_line_error(capsys)
 
 

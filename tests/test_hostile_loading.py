@@ -381,7 +381,8 @@ def test_the_cli_never_echoes_a_token_given_as_a_parent(tmp_path, capsys):
     from hf_mudsc.cli.main import main
 
     folder = vit_folder(tmp_path / "vit")
-    assert main(["merge", str(folder), TOKEN, "--method", "linear", "--output", str(tmp_path / "out")]) == 1
+    # Refused with the recipe's checks, before anything is loaded: exit 2, as `inspect RECIPE` refuses it (QA s21)
+    assert main(["merge", str(folder), TOKEN, "--method", "linear", "--output", str(tmp_path / "out")]) == 2
     captured = capsys.readouterr()
     assert TOKEN[:10] not in captured.err + captured.out, captured.err
 

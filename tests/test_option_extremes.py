@@ -263,10 +263,11 @@ def test_push_merged_refuses_non_finite_weights_before_asking_the_hub(monkeypatc
     ("models: [a, b, c]\nmethod: consensus\nbase: c\nconsensus_k: 4\n", "consensus_k 4 asks more tasks"),
 ])
 def test_inspect_refuses_a_recipe_whose_method_refuses_its_options(tmp_path, capsys, text, needle):
-    """`hf-mudsc inspect RECIPE` printed `would merge ...` for options the method refuses when the merge starts."""
+    """`hf-mudsc inspect RECIPE` printed `would merge ...` for options the method refuses when the merge starts;
+    exit 2, as `merge --recipe` refuses them (QA s21: it was 1)."""
     path = tmp_path / RECIPE_FILENAME
     path.write_text(text)
-    assert main(["inspect", str(path)]) == 1
+    assert main(["inspect", str(path)]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and needle in err[0], err
 

@@ -23,19 +23,26 @@ KEPT = ("float16", "bfloat16", "float32", "float64")
 FALLBACK = "float32"
 
 
-def resolve_out_dtype(asked: str, stored: Sequence[str | None], labels: Sequence[str]) -> tuple[str, str]:
+def resolve_out_dtype(asked: str, stored: Sequence[str | None], labels: Sequence[str],
+                      loaded: Sequence[bool] = ()) -> tuple[str, str]:
     """(dtype name, why) of the merged model: `asked` unless it is "auto"; then the dtype every parent is stored in
     (`stored`, one per parent: `LoadedParent.stored_dtype`, None when unknown = float32), float32 when they differ
-    (it holds the values of any of them). `labels` name the parents in the reason (A, B, ...)."""
+    (it holds the values of any of them). `labels` name the parents in the reason (A, B, ...). `loaded`: which
+    parents were given as model objects, whose dtype is the one they were loaded as, not their files' (the reason
+    says "loaded as": an object loaded with dtype=float16 from float32 files is not stored in float16)."""
     if asked != "auto":
         return asked, f"asked for with {option_hint('out_dtype')}"
     found = [name or FALLBACK for name in stored]
+    objects = [bool(flag) for flag in loaded] + [False] * (len(found) - len(loaded))
+    verb = "loaded as" if all(objects) else "stored in or loaded as" if any(objects) else "stored in"
     if len(set(found)) == 1 and found[0] in KEPT:
-        return found[0], f"auto: every parent is stored in {found[0]}"
-    each = ", ".join(f"{label} {name}" for label, name in zip(labels, found))
+        return found[0], f"auto: every parent is {verb} {found[0]}"
+    each = ", ".join(f"{label} {name}{' (loaded as)' if is_object and not all(objects) else ''}"
+                     for label, name, is_object in zip(labels, found, objects))
     if len(set(found)) == 1:
-        return FALLBACK, f"auto: the parents are stored in {found[0]} ({each}), kept as {FALLBACK}"
-    return FALLBACK, f"auto: the parents are stored in different dtypes ({each}), so {FALLBACK}, which holds them all"
+        return FALLBACK, f"auto: the parents are {verb} {found[0]} ({each}), kept as {FALLBACK}"
+    return FALLBACK, (f"auto: the parents are {verb} different dtypes ({each}), so {FALLBACK}, which holds them "
+                      "all")
 
 
 def cast_merged(model: PreTrainedModel, name: str, reason: str, *, asked: bool) -> tuple[str, str]:

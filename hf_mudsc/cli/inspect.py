@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -227,18 +228,31 @@ IN_MEMORY_STAND_IN = "DATA"
 
 def inspect_recipe(path: Path) -> int:
     """Print what the recipe would merge: parents, method and the options it sets (nothing is loaded)."""
+    from hf_mudsc.errors import RecipeError
+    from hf_mudsc.load.references import hide_tokens
     from hf_mudsc.methods.auto import is_auto
     from hf_mudsc.methods.registry import get_method
     from hf_mudsc.publish.recipe import IN_MEMORY_NOTE, Recipe, unresolved_published_entries
 
     text = path.read_text(encoding="utf-8")
-    recipe = Recipe.load(path)
-    # A merge given its data in memory recorded none (the file says so): a run must pass it, like a local folder
-    # named by name only; every other check still runs, on a stand-in spec.
-    in_memory = IN_MEMORY_NOTE in text and not recipe.calibration
-    if in_memory:
-        recipe.calibration = IN_MEMORY_STAND_IN
-    recipe = recipe.validate()  # what the merge would refuse is refused here too
+    try:
+        recipe = Recipe.load(path)
+        # A merge given its data in memory recorded none (the file says so): a run must pass it, like a local folder
+        # named by name only; every other check still runs, on a stand-in spec.
+        in_memory = IN_MEMORY_NOTE in text and not recipe.calibration
+        if in_memory:
+            recipe.calibration = IN_MEMORY_STAND_IN
+        recipe = recipe.validate()  # what the merge would refuse is refused here too (exit 2, as `merge --recipe`)
+        unresolved = unresolved_published_entries(text, recipe)
+        skip = frozenset(entry.label for entry in unresolved) | ({"calibration"} if in_memory else set())
+        missing = recipe.missing_local_inputs(skip)
+        if missing:
+            raise RecipeError(f"recipe {str(path)!r}: a run would fail here: {'; '.join(missing)}; give the "
+                              "entries as paths that exist from this working directory (the parents before "
+                              "--recipe, --base PATH, --calibration PATH) or fix them in the file")
+    except RecipeError as error:
+        print(f"hf-mudsc inspect: error: {hide_tokens(str(error))}", file=sys.stderr)
+        return 2
     defaults = Recipe()
     lines = [f"Recipe {path}", f"  would merge: {', '.join(recipe.models) or '(no parents)'}"]
     if is_auto(recipe.method):
@@ -258,8 +272,7 @@ def inspect_recipe(path: Path) -> int:
     others = [f"{key} = {getattr(recipe, key)!r}" for key in Recipe.keys()
               if key not in shown and getattr(recipe, key) != getattr(defaults, key)]
     lines.append(f"  other options: {', '.join(others) if others else 'all at their defaults'}")
-    # A recipe pushed from local folders names them by folder name only: a run needs their paths.
-    unresolved = unresolved_published_entries(text, recipe)
+    # A recipe pushed from local folders names them by folder name only: a run needs their paths (`unresolved`).
     command = ["hf-mudsc merge", "--recipe", str(path), "--output DIR"]
     if in_memory:
         lines.append("  to give:     the calibration data (the merge was given it in memory, as a Dataset object "

@@ -6,15 +6,27 @@ scores are the parents' function as their weights define it, whatever mode the c
 of the caller's hooks (a hook would run on the merge's batches, could change the statistics, and `copy.deepcopy`
 would carry it into the merged model). On return or failure, Ctrl-C included, each module gets its own mode and its
 own hook dictionaries back (the same objects: the caller's handles still remove their hooks).
+
+A recipe names an object parent by its `name_or_path` folder (or Hub repo) only when that checkpoint holds exactly
+the object's weights (`object_source`); otherwise as an object (`references.object_reference`), which a re-run refuses.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
+
+from hf_mudsc.load.references import looks_like_path
+
+logger = logging.getLogger(__name__)
 
 # The per-module hook registries of `torch.nn.Module` (forward, backward, state-dict ones), read from a bare
 # module so that a registry a later torch adds is held too.
@@ -53,3 +65,72 @@ def held_as_given(models: Iterable[nn.Module]) -> Iterator[None]:
             module.training = training
             for name, registry in registries.items():
                 setattr(module, name, registry)
+
+
+@dataclass(frozen=True)
+class ObjectSource:
+    """Where a model object's weights can be read again: a local folder, or a Hub repo at a commit (`repo_id`,
+    `commit_sha`), found from its `name_or_path` and checked to hold exactly the object's weights."""
+
+    reference: str
+    repo_id: str | None = None
+    commit_sha: str | None = None
+
+
+def object_source(model: nn.Module, name_or_path: str) -> ObjectSource | None:
+    """Where `model` (a parent given as an object) can be re-loaded from, or None: its `name_or_path` folder (or the
+    cached Hub snapshot at its config's `_commit_hash`) only if that checkpoint holds every one of its parameters
+    with the same bytes in the checkpoint's stored dtype. An object changed in memory, or loaded in another dtype
+    (`dtype=float16` from float32 files), holds other weights: a recipe naming the folder would re-run another merge.
+    The checkpoint is read one tensor at a time (no second model is loaded); only safetensors are read."""
+    folder, repo_id, commit_sha = _checkpoint_folder(model, name_or_path)
+    if folder is None or not holds_checkpoint_weights(model, folder):
+        if name_or_path:
+            logger.info("the %s object given as a parent does not hold the weights of %r: recorded as an object",
+                        type(model).__name__, name_or_path)
+        return None
+    return ObjectSource(reference=repo_id or name_or_path, repo_id=repo_id, commit_sha=commit_sha)
+
+
+def holds_checkpoint_weights(model: nn.Module, folder: str | os.PathLike) -> bool:
+    """Whether the safetensors checkpoint in `folder` holds every parameter of `model` (named as `from_pretrained`
+    names them) with the same shape and, converted to the stored dtype, the same bytes."""
+    from hf_mudsc.load.lazy import lazy_parameters
+
+    try:
+        stored = lazy_parameters(folder, dtype=None, model=model)
+    except (OSError, ValueError) as error:  # an unreadable or damaged file: nothing to compare with
+        logger.debug("cannot read the checkpoint in %s: %s", folder, error)
+        return False
+    if stored is None:
+        return False
+    for name, tensor in model.named_parameters():
+        if name not in stored or tuple(tensor.shape) != stored.shape(name):
+            return False
+        saved = stored[name]
+        if not torch.equal(tensor.detach().to(device="cpu", dtype=saved.dtype), saved):
+            return False
+    return True
+
+
+def _checkpoint_folder(model: nn.Module, name_or_path: str) -> tuple[Path | None, str | None, str | None]:
+    """`(folder, repo_id, commit_sha)` of the checkpoint `name_or_path` names: a local folder, or the snapshot of a
+    Hub repo at the config's `_commit_hash` if it is in the local cache (nothing is downloaded)."""
+    if not name_or_path:
+        return None, None, None
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir():
+        return folder, None, None
+    commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+    if not commit or looks_like_path(name_or_path):
+        return None, None, None
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in ("model.safetensors.index.json", "model.safetensors"):
+        try:
+            found = try_to_load_from_cache(name_or_path, name, revision=commit)
+        except ValueError:  # not a repo id
+            return None, None, None
+        if isinstance(found, str):
+            return Path(found).parent, name_or_path, commit
+    return None, None, None

@@ -39,19 +39,20 @@ from hf_mudsc.load.config_json import FIX as CONFIG_FIX
 from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES, card_too_large, check_config_json, read_card
 from hf_mudsc.load.hub_calls import hub_call
 from hf_mudsc.load.links import refuse_link_out, refuse_links_out
+from hf_mudsc.load.objects import object_source
 from hf_mudsc.load.processors import load_processor, processor_from_name, tokenizer_of
-from hf_mudsc.load.references import card_base_model, looks_like_path, parse_reference
+from hf_mudsc.load.references import card_base_model, looks_like_path, object_reference, parse_reference
 from hf_mudsc.load.relation import parent_label
+from hf_mudsc.load.weight_files import (
+    PICKLE_INDEX,
+    SAFETENSORS_INDEX,
+    weights_format,
+)
 
 logger = logging.getLogger(__name__)
 
 # Small top-level files fetched before any weights: the config, processors and tokenizers.
 SMALL_FILE_SUFFIXES = (".json", ".txt", ".model")
-SAFETENSORS_SINGLE = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-PICKLE_SINGLE = "pytorch_model.bin"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 
@@ -83,6 +84,9 @@ class LoadedParent:
     tensors, a model object's own parameters, else its config's `dtype`): `float16`, or `float16/float32` for a
     checkpoint that mixes dtypes; None when unknown. `model` is float32 whatever it is; `out_dtype="auto"` returns
     the merged model in the parents' common one (`hf_mudsc.apply.dtype`)."""
+    from_object: bool = False
+    """Given to the merge as a model object: `stored_dtype` is the dtype it was loaded as, and `reference` its folder
+    or Hub repo only if that holds exactly its weights (`hf_mudsc.load.objects.object_source`)."""
     vocabulary_warning: str | None = None
     """The warning said when it was loaded with other parents whose vocabularies could not be compared with its own
     (one ships no tokenizer): merging these same LoadedParents compares them again (a mismatch is still refused) but
@@ -285,33 +289,6 @@ def _is_setting(value: Any) -> bool:
     return isinstance(value, (int, float, str)) and not isinstance(value, bool)
 
 
-def _weights_format(reference: str, files: Sequence[str], allow_pickle: bool) -> tuple[list[str], bool]:
-    """The weight files to load and whether they are pickle; refuses pickle-only without the opt-in."""
-    names = set(files)
-    if SAFETENSORS_SINGLE in names:  # before an index, as `from_pretrained` chooses (lazy.safetensors_files too)
-        return [SAFETENSORS_SINGLE], False
-    if SAFETENSORS_INDEX in names:
-        return [SAFETENSORS_INDEX], False
-    pickles = sorted(f for f in names if f.endswith(PICKLE_SUFFIXES))
-    if pickles:
-        if not allow_pickle:
-            raise LoadError(
-                f"{reference!r} has only pickle weights ({', '.join(pickles[:3])}) and no model.safetensors. "
-                "Loading a pickle checkpoint can run arbitrary code hidden in the file. Convert it to "
-                "safetensors (e.g. the Hub's convert space), or pass allow_pickle=True (CLI: --allow-pickle) "
-                "if you trust its source"
-            )
-        if PICKLE_SINGLE in names:
-            return [PICKLE_SINGLE], True
-        if PICKLE_INDEX in names:
-            return [PICKLE_INDEX], True
-    variants = sorted(f for f in names if f.endswith(".safetensors"))
-    raise LoadError(
-        f"{reference!r} holds no loadable weights (found {variants or sorted(names)[:10]}); expected "
-        f"{SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} as written by save_pretrained"
-    )
-
-
 def _locate_folder(reference: str, path: Path, allow_pickle: bool) -> _Located:
     if not path.is_dir():
         raise LoadError(
@@ -323,7 +300,7 @@ def _locate_folder(reference: str, path: Path, allow_pickle: bool) -> _Located:
         raise LoadError(f"{str(path)!r} has no config.json; save the model with save_pretrained")
     files = [p.name for p in path.iterdir() if p.is_file()]
     refuse_large_side_files(reference, _folder_sizes(path, files), _FOLDER_FIX)
-    weight_files, use_pickle = _weights_format(reference, files, allow_pickle)
+    weight_files, use_pickle = weights_format(reference, files, allow_pickle)
     config = load_config(path, reference)
     check_weight_files(reference, path, weight_files)
     located = _Located(reference=reference, config=config, folder=path, weight_files=weight_files,
@@ -457,7 +434,7 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
         folder = Path(folder)
         files = [p.name for p in folder.iterdir() if p.is_file()]
         refuse_large_side_files(reference, _folder_sizes(folder, files), _FOLDER_FIX)
-        weight_files, use_pickle = _weights_format(reference, files, allow_pickle)
+        weight_files, use_pickle = weights_format(reference, files, allow_pickle)
         sha = folder.name  # a snapshot folder is named by its commit sha
         card_bytes = None  # a cached card is measured when it is read
         logger.info("offline: using the cached snapshot %s of %s", sha, repo_id)
@@ -469,7 +446,7 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
         sha = info.sha
         files = [s.rfilename for s in (info.siblings or [])]
         top_level = [f for f in files if "/" not in f]
-        weight_files, use_pickle = _weights_format(reference, top_level, allow_pickle)
+        weight_files, use_pickle = weights_format(reference, top_level, allow_pickle)
         small = [f for f in top_level if f.endswith(SMALL_FILE_SUFFIXES)]
         if "config.json" not in small:
             raise LoadError(f"{reference!r} has no config.json at revision {sha}; it is not a transformers model")
@@ -702,9 +679,12 @@ def _finish(located: _Located, *, token: str | bool | None, cache_dir: str | os.
         return located.loaded
     _prepare(located, token=token, cache_dir=cache_dir)
     stored = stored_dtype(located)  # before from_pretrained(dtype=float32) sets the config's dtype to float32
-    if located.model is not None:
+    if located.model is not None:  # named by its folder or Hub repo only if that holds exactly its weights
+        source = object_source(located.model, located.reference)
         return LoadedParent(model=_as_float32(located.model), processor=located.processor,
-                            reference=located.reference, stored_dtype=stored)
+                            reference=source.reference if source else object_reference(located.model),
+                            repo_id=source and source.repo_id, commit_sha=source and source.commit_sha,
+                            stored_dtype=stored, from_object=True)
     if lazy and not located.use_pickle:
         parent = view if view is not None else _finish_lazily(located)
         if parent is not None:

@@ -94,6 +94,21 @@ def local_name(reference: str | os.PathLike) -> str:
     return display_name(text)
 
 
+# How a recipe (and the card) names a parent given as a model object whose weights no folder or Hub repo holds:
+# `<ViTForImageClassification object>`, which is neither a path nor a Hub id, so a re-run cannot load another model.
+OBJECT_REFERENCE = re.compile(r"^<([A-Za-z_][A-Za-z0-9_]*) object>$")
+
+
+def object_reference(model: Any) -> str:
+    """The reference of a parent given as an object that cannot be re-loaded (`OBJECT_REFERENCE`)."""
+    return f"<{type(model).__name__} object>"
+
+
+def is_object_reference(text: Any) -> bool:
+    """Whether a recipe entry names a model object (`object_reference`), which only the merge that had it can use."""
+    return isinstance(text, str) and OBJECT_REFERENCE.match(text) is not None
+
+
 def pinned_reference(parent: Any) -> str:
     """How a recipe names a parent (`LoadedParent`): `org/name@<commit sha>` from the Hub, an absolute path for
     a local folder, so the recipe re-runs the same merge from anywhere."""

@@ -38,7 +38,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
 
 from hf_mudsc._version import __version__
 from hf_mudsc.apply.classifier import task_ranges
-from hf_mudsc.load.references import without_userinfo
+from hf_mudsc.load.references import OBJECT_REFERENCE, without_userinfo
 from hf_mudsc.methods.registry import METHODS
 from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
 from hf_mudsc.solve.diagnostics import DIAGNOSTICS_FILENAME
@@ -89,13 +89,17 @@ class ParentInfo:
 
     @property
     def in_memory(self) -> bool:
-        """A model given to `merge` as an object: neither a Hub repo nor a folder (a local folder's recipe reference
-        is its absolute path), so the recipe names it by class and cannot re-load it."""
+        """A model given to `merge` as an object that no folder or Hub repo holds (`load.references.object_reference`;
+        a local folder's recipe reference is its absolute path): the recipe names it by class and cannot re-load it."""
         path = os.path.expanduser(self.reference)
         return not self.repo_id and not (os.path.isabs(path) or Path(path).exists())
 
     @property
     def display_name(self) -> str:
+        """A Hub parent by its id, a folder by its name, a model object by its class (the recipe's `<X object>`)."""
+        found = OBJECT_REFERENCE.match(self.reference)
+        if found:
+            return found.group(1)
         return self.repo_id or Path(self.reference.rstrip("/\\")).name or self.reference
 
 

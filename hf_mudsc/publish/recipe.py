@@ -34,7 +34,7 @@ import yaml
 
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import MergeInputError, OptionError, RecipeError, option_hint, shown
-from hf_mudsc.load.references import TOKEN_FIX, local_name, looks_like_token
+from hf_mudsc.load.references import TOKEN_FIX, is_object_reference, local_name, looks_like_token
 from hf_mudsc.option_values import MATCHERS as MATCHERS  # re-exported: the CLI's --matcher choices
 from hf_mudsc.options import RECIPE_FILENAME as RECIPE_FILENAME
 from hf_mudsc.options import REFITTING, MergeOptions
@@ -47,8 +47,10 @@ DESTINATION_KEYS = MergeOptions.names(destination=True)
 COMMAND_LINE_ONLY_KEYS = MergeOptions.command_line_only()
 # The largest recipe file read: written ones are about 1 kB; a bigger file is no recipe (and YAML parsing is slow).
 MAX_RECIPE_BYTES = 1 << 20
+# What `auto` chose and why (`Recipe.auto_chosen`): written last in a recipe, restated by its re-run.
+AUTO_CHOSEN_KEY = "auto_chosen"
 # Keys a recipe may carry for information only.
-INFO_KEYS = ("hf_mudsc_version",)
+INFO_KEYS = ("hf_mudsc_version", AUTO_CHOSEN_KEY)
 
 # The keys whose values may name a folder of this machine, with how to give it on the command line instead.
 LOCAL_REFERENCE_KEYS = {
@@ -75,6 +77,11 @@ _HEADER = (
 IN_MEMORY_NOTE = ("# calibration: given in memory to hf_mudsc.merge (a Dataset object or batches), so not recorded "
                   "here; re-run with --calibration\n")
 
+# The line a recipe file gets for each parent given as a model object that no folder or Hub repo holds
+# (`Recipe.object_entries`): a re-run is refused (`Recipe.refuse_objects`) rather than load another model.
+OBJECT_NOTE = ("# {entry}: a model object given to hf_mudsc.merge, whose weights no folder or Hub repo holds, so not "
+               "recorded here; re-run with the parents before --recipe\n")
+
 
 class CalibrationMissing(RecipeError):
     """The recipe's method or refit reads calibration data and none is given (`Recipe.validate`); `reader` names
@@ -91,6 +98,11 @@ class Recipe(MergeOptions):
     `hf-mudsc merge` flags with `_` for `-`; `models` comes first in files."""
 
     models: list[str] = field(default_factory=list)
+    auto_chosen: dict[str, Any] | None = None
+    """What `method="auto"` / `out_dtype="auto"` chose and why, as the merge that wrote the recipe recorded it
+    (`auto_chosen_of`): `{"method": {"value", "reason", "correspondence_check"}, "out_dtype": {"value", "reason"}}`.
+    The recipe pins the chosen values (a later release must re-run the same merge); a re-run restates these reasons
+    (`restate_auto_choices`), so its card and config say what the original's said. Not a merge option."""
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -106,7 +118,16 @@ class Recipe(MergeOptions):
         line may set (`COMMAND_LINE_ONLY_KEYS`) unless they state their default."""
         if not isinstance(data, Mapping):
             raise RecipeError(f"{source} must be a YAML mapping of keys to values, got {type(data).__name__}")
+        newer = newer_version(data.get("hf_mudsc_version"))
         unknown = sorted(set(data) - set(cls.keys()) - set(INFO_KEYS))
+        if unknown and newer:
+            raise RecipeError(f"{source} was written by hf-mudsc {newer}, newer than this one ({__version__}), and "
+                              f"has key(s) {shown(unknown)} this version does not know; upgrade hf-mudsc (pip install "
+                              f"-U hf-mudsc) to run it, or delete those keys to run it without them")
+        if newer:
+            logger.warning("%s was written by hf-mudsc %s, newer than this one (%s): every key is known here, but "
+                           "the merge may differ from the one it recorded; upgrade hf-mudsc to be sure", source,
+                           newer, __version__)
         if unknown:
             valid = [k for k in cls.keys() if k not in cls.command_line_only()]
             raise RecipeError(f"{source} has unknown key(s) {shown(unknown)}; valid keys are: {', '.join(valid)}")
@@ -122,6 +143,7 @@ class Recipe(MergeOptions):
         values = {k: cls.coerce(k, v, source) for k, v in data.items()
                   if k not in INFO_KEYS and k not in cls.command_line_only()}
         recipe = cls(**values)
+        recipe.auto_chosen = checked_auto_chosen(data.get(AUTO_CHOSEN_KEY), source)
         return recipe
 
     @classmethod
@@ -197,6 +219,8 @@ class Recipe(MergeOptions):
             self.check_combination()
         except OptionError as error:
             raise RecipeError(str(error)) from None
+        self.refuse_objects()
+        self.check_references()
         if self.refit in REFITTING and not self.calibration:
             raise CalibrationMissing(f"refit {self.refit!r} needs calibration data: pass --calibration (a dataset spec "
                                      "`repo_or_path[@revision][:config]:split` or a saved dataset folder), or --refit "
@@ -232,6 +256,72 @@ class Recipe(MergeOptions):
                 f"push_to_hub must be a repo id `org/name` (CLI: --push-to-hub), got {shown(self.push_to_hub)}"
             )
         return self
+
+    def object_entries(self) -> list[str]:
+        """The entries (`models[0]`, `base`) naming a parent that was given to the merge as a model object whose
+        weights no folder or Hub repo holds (`load.references.object_reference`): no run can load them."""
+        entries = [f"models[{index}]" for index, model in enumerate(self.models) if is_object_reference(model)]
+        return entries + (["base"] if is_object_reference(self.base) else [])
+
+    def refuse_objects(self) -> None:
+        """Refuse a recipe naming model objects (`object_entries`), in one line naming them and how to give them:
+        re-running it must not load another model, nor fail on a Hub lookup of `<X object>`."""
+        entries = self.object_entries()
+        if entries:
+            shown_entries = ", ".join(f"{entry} `{self.base if entry == 'base' else self.models[int(entry[7:-1])]}`"
+                                      for entry in entries)
+            raise RecipeError(
+                f"{shown_entries} {'was a model object' if len(entries) == 1 else 'were model objects'} given to "
+                "hf_mudsc.merge whose weights no folder or Hub repo holds (changed in memory, or loaded in another "
+                "dtype), so not recorded: give the parents before --recipe (`hf-mudsc merge PATH_A PATH_B ... "
+                "--recipe FILE`; --base PATH for the base), or save the objects with save_pretrained and write "
+                "their folders into the file")
+
+    def check_references(self) -> None:
+        """Refuse a parent or base reference the loader would refuse before reading anything (an access token in
+        place of a name, `org/name@` ...: `load.references.parse_reference`, reused), and calibration data named by
+        a token: at once, by `merge --recipe` and `inspect RECIPE` alike, without the token in any message."""
+        from hf_mudsc.errors import LoadError
+        from hf_mudsc.load.references import parse_reference
+
+        entries = [(f"models[{index}]", model) for index, model in enumerate(self.models)]
+        for label, reference in entries + ([("base", self.base)] if self.base else []):
+            try:
+                parse_reference(reference)
+            except LoadError as error:
+                raise RecipeError(f"{label}: {error}") from None
+        if self.calibration and looks_like_token(self.calibration):
+            raise RecipeError(f"calibration looks like a Hugging Face access token (not shown); {TOKEN_FIX}")
+
+    def missing_local_inputs(self, skip: frozenset[str] = frozenset()) -> list[str]:
+        """What a run of this recipe would not find on this machine, one line each: parent and base folders (a
+        relative path is resolved from the working directory) and calibration data that do not exist, and folders
+        whose weights the loader refuses (pickle only, no --allow-pickle: `load.weight_files.weights_format`,
+        reused). `skip`: entry labels (`models[0]`, `calibration`) a caller handles otherwise."""
+        from hf_mudsc.errors import LoadError
+        from hf_mudsc.load.references import looks_like_path
+        from hf_mudsc.load.weight_files import weights_format
+
+        problems = []
+        entries = [(f"models[{index}]", model) for index, model in enumerate(self.models)]
+        for label, reference in entries + ([("base", self.base)] if self.base else []):
+            if label in skip or not looks_like_path(reference):
+                continue
+            folder = Path(reference).expanduser()
+            if not folder.is_dir():
+                problems.append(f"{label} `{reference}` is missing: no folder {str(folder.absolute())!r}")
+                continue
+            try:
+                weights_format(reference, [p.name for p in folder.iterdir() if p.is_file()], self.allow_pickle)
+            except LoadError as error:
+                problems.append(f"{label}: {error}")
+        data = self.calibration
+        if data and "calibration" not in skip and _calibration_path(data) is None:
+            head = data.partition(":")[0]
+            if looks_like_path(data) or looks_like_path(head) or head.startswith((".", "/", "~")):
+                problems.append(f"calibration `{data}` is missing: no file or folder "
+                                f"{str(Path(head).expanduser().absolute())!r}")
+        return problems
 
     def inputs(self, recipe_file: str | os.PathLike | None = None) -> list[tuple[str, str | os.PathLike]]:
         """What a merge of this recipe reads from disk, as `(description, path)` pairs for `folder.check_output`:
@@ -269,6 +359,8 @@ class Recipe(MergeOptions):
             for key in self.command_line_only():
                 data.pop(key)
             data = {"hf_mudsc_version": __version__, **data}
+        if self.auto_chosen:
+            data[AUTO_CHOSEN_KEY] = copy.deepcopy(self.auto_chosen)
         return data
 
     def to_yaml(self, *, reproducible: bool = True, name: str = RECIPE_FILENAME,
@@ -278,6 +370,7 @@ class Recipe(MergeOptions):
         body = yaml.dump(self.to_dict(reproducible=reproducible), Dumper=RecipeDumper, sort_keys=False,
                          allow_unicode=True)
         note = IN_MEMORY_NOTE if calibration_in_memory and not self.calibration else ""
+        note += "".join(OBJECT_NOTE.format(entry=entry) for entry in self.object_entries())
         return _HEADER.format(name=name) + note + body
 
     def save(self, path: str | os.PathLike, *, calibration_in_memory: bool = False) -> Path:
@@ -411,6 +504,75 @@ def refuse_unrecorded_data(path: str | os.PathLike, error: CalibrationMissing) -
         f"hf_mudsc.merge), so it is not recorded in the recipe, and {error.reader} needs it: pass the same data "
         "with --calibration (a dataset spec `repo_or_path[@revision][:config]:split` or a saved dataset folder)"
     ) from None
+
+
+def auto_chosen_of(mudsc: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What `auto` chose in a merge, from its `config.mudsc` (`Recipe.auto_chosen`): the method when its choice has
+    a reason (`method_choice_reason`, with `correspondence_check`), the dtype when its reason is auto's. None: the
+    merge chose nothing."""
+    chosen: dict[str, Any] = {}
+    if mudsc.get("method_choice_reason"):
+        chosen["method"] = {"value": mudsc.get("method"), "reason": mudsc["method_choice_reason"],
+                            "correspondence_check": copy.deepcopy(mudsc.get("correspondence_check")),
+                            "parent_relation": copy.deepcopy(mudsc.get("parent_relation"))}
+    reason = mudsc.get("out_dtype_reason")
+    if isinstance(reason, str) and reason.startswith("auto"):
+        chosen["out_dtype"] = {"value": mudsc.get("out_dtype"), "reason": reason}
+    return chosen or None
+
+
+def restate_auto_choices(mudsc: dict[str, Any], recipe: Recipe) -> None:
+    """In a re-run's `config.mudsc` (changed in place), the reasons `recipe.auto_chosen` recorded for the values the
+    recipe pins, where the re-run ran those same values (the pinned method on parents that relate as the recorded
+    ones did, not other parents; the pinned dtype, not one given on the command line): its card then says what the
+    original's said, not "asked for" or nothing. The weights do not
+    change (they are the pinned values')."""
+    chosen = recipe.auto_chosen or {}
+    method = chosen.get("method")
+    same_parents = method and method.get("parent_relation") == mudsc.get("parent_relation")  # not other parents'
+    if (same_parents and mudsc.get("method") == method["value"] == recipe.method
+            and not mudsc.get("method_choice_reason")):
+        mudsc["method_choice_reason"] = method["reason"]
+        mudsc["correspondence_check"] = copy.deepcopy(method.get("correspondence_check"))
+    dtype = chosen.get("out_dtype")
+    if dtype and mudsc.get("out_dtype") == dtype["value"] == recipe.out_dtype:
+        mudsc["out_dtype_reason"] = dtype["reason"]
+
+
+def checked_auto_chosen(value: Any, source: str) -> dict[str, Any] | None:
+    """A recipe's `auto_chosen` (`Recipe.auto_chosen`), refused in one line unless it has the shape hf-mudsc writes:
+    its reasons reach the card of every re-run."""
+    if value is None:
+        return None
+    entries = {"method": ("value", "reason", "correspondence_check", "parent_relation"),
+               "out_dtype": ("value", "reason")}
+    valid = isinstance(value, Mapping) and set(value) <= set(entries) and all(
+        isinstance(entry, Mapping) and set(entry) <= set(entries[key]) and isinstance(entry.get("value"), str)
+        and isinstance(entry.get("reason"), str)
+        and all(isinstance(entry.get(name), (Mapping, type(None))) for name in ("correspondence_check",
+                                                                                "parent_relation"))
+        for key, entry in value.items())
+    if not valid:
+        raise RecipeError(f"{source}: `{AUTO_CHOSEN_KEY}` is not as hf-mudsc writes it (what method/out_dtype auto "
+                          "chose, and why); delete the key: the pinned `method` and `out_dtype` keys still apply")
+    return {key: dict(entry) for key, entry in value.items()}
+
+
+def newer_version(written: Any) -> str | None:
+    """`written` (a recipe's `hf_mudsc_version`) if it names a release newer than this one, else None (the same or
+    older, absent, or not a version: nothing to say). Releases compare by leading numbers (`0.2.0rc1` as 0.2.0)."""
+    def numbers(text: str) -> tuple[int, ...] | None:
+        found = re.match(r"^v?(\d+(?:\.\d+)*)", text.strip())
+        return tuple(int(part) for part in found.group(1).split(".")) if found else None
+
+    if not isinstance(written, (str, int, float)) or isinstance(written, bool):
+        return None
+    theirs, ours = numbers(str(written)), numbers(__version__)
+    if theirs is None or ours is None:
+        return None
+    width = max(len(theirs), len(ours))  # 1.2 == 1.2.0
+    theirs, ours = theirs + (0,) * (width - len(theirs)), ours + (0,) * (width - len(ours))
+    return str(written) if theirs > ours else None
 
 
 def _calibration_path(spec: str | None) -> Path | None:

@@ -21,7 +21,7 @@ from typing import Any
 
 from hf_mudsc.publish.folder import record_files, staged_output
 from hf_mudsc.publish.hub import CARD_FILENAME
-from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
+from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe, auto_chosen_of
 from hf_mudsc.solve.diagnostics import DIAGNOSTICS_FILENAME, PLOTS_FOLDER, MergeDiagnostics
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,8 @@ def recipe_of(merged: Any) -> Recipe:
             "hf_mudsc.pipeline (a model loaded from a merged folder already has its files there; use "
             "save_pretrained for it)"
         )
-    return Recipe(**{k: v for k, v in keys.items() if k in Recipe.keys()})
+    return Recipe(**{k: v for k, v in keys.items() if k in Recipe.keys()},
+                  auto_chosen=auto_chosen_of(getattr(getattr(merged, "config", None), "mudsc", None) or {}))
 
 
 def refuse_non_finite_weights(merged: Any) -> None:

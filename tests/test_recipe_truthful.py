@@ -1,0 +1,158 @@
+"""What a recipe (and the card written with it) says about a merge must be true (QA s21): a parent given as a model
+object is named by its folder only when it still holds that folder's weights; `inspect RECIPE` refuses what
+`merge --recipe` refuses; a recipe from a newer hf-mudsc says so."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from factories import vit_cli_case
+from transformers import ViTForImageClassification
+
+import hf_mudsc
+from hf_mudsc.errors import RecipeError
+from hf_mudsc.load.parents import load_parents_and_base
+from hf_mudsc.load.references import pinned_reference
+from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    """Two tiny ViT folders (float32, safetensors) and a calibration folder."""
+    root = tmp_path_factory.mktemp("truthful")
+    parents, calibration = vit_cli_case(root)
+    return root, parents, calibration
+
+
+def test_an_object_holding_its_folders_weights_is_recorded_as_that_folder(case):
+    _, (a, b), _ = case
+    loaded, _, _ = load_parents_and_base([ViTForImageClassification.from_pretrained(a),
+                                          ViTForImageClassification.from_pretrained(b)])
+    assert [pinned_reference(p) for p in loaded] == [a, b]
+
+
+def test_an_object_changed_in_memory_is_recorded_as_an_object_and_its_recipe_refused(case, tmp_path):
+    """QA s21: the recipe named `vit-a`'s folder for an object whose weights had been halved in memory, so
+    `merge --recipe` silently merged other weights."""
+    _, (a, b), _ = case
+    edited = ViTForImageClassification.from_pretrained(a)
+    with torch.no_grad():
+        edited.classifier.weight.mul_(0.5)
+    merged = hf_mudsc.merge([edited, b], method="linear", progress=False)
+    models = merged.merge_report.recipe["models"]
+    assert models[1] == b and a not in models[0] and "object" in models[0], models
+    recipe = hf_mudsc.save_merged(merged, tmp_path / "m") / RECIPE_FILENAME
+    with pytest.raises(RecipeError, match=r"models\[0\].*model object.*not recorded"):
+        Recipe.load(recipe).validate()
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "merged in memory" in card and "(local folder)" in card  # A an object, B its folder
+
+
+def test_an_object_loaded_in_another_dtype_is_an_object_and_the_reason_says_loaded_as(case):
+    """Loaded with dtype=float16 from float32 folders: the folders hold other bytes (a re-run from them would merge
+    the float32 values), and the card said "every parent is stored in float16"."""
+    _, (a, b), _ = case
+    half = [ViTForImageClassification.from_pretrained(p, dtype=torch.float16) for p in (a, b)]
+    merged = hf_mudsc.merge(half, method="linear", progress=False)
+    assert all("object" in m for m in merged.merge_report.recipe["models"])
+    reason = merged.config.mudsc["out_dtype_reason"]
+    assert "loaded as float16" in reason and "stored" not in reason, reason
+
+
+# ------------------------------------------------------------------------------------ inspect RECIPE (QA s21)
+TOKEN = "hf_AbCdEfGhIjKlMnOpQrStUvWxYzAbCdEfGh"
+
+
+def inspect_recipe_text(tmp_path, capsys, text: str) -> tuple[int, str, str]:
+    from hf_mudsc.cli.main import main
+
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    capsys.readouterr()
+    code = main(["inspect", str(path)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("line", [f"models: [{TOKEN}, org/b]", f"models: [org/a, org/b]\nbase: org/{TOKEN}"])
+def test_inspect_refuses_a_token_in_a_recipe_as_merge_does_without_showing_it(tmp_path, capsys, line):
+    code, out, err = inspect_recipe_text(tmp_path, capsys, line + "\nmethod: linear\n")
+    assert code == 2 and TOKEN not in out + err and "Run it with" not in out, out + err
+    assert "access token" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_inspect_exits_2_on_an_invalid_recipe_as_merge_does(tmp_path, capsys):
+    code, out, err = inspect_recipe_text(tmp_path, capsys, "models: [org/a, org/b]\nmethod: no-such-method\n")
+    assert code == 2 and "method" in err, err
+
+
+def test_inspect_lists_local_inputs_a_run_would_not_find(case, tmp_path, capsys, monkeypatch):
+    """Relative parent paths resolved from another working directory, a calibration folder that is gone, a
+    pickle-only parent: `inspect` said "would merge ..." and printed a run command that failed."""
+    _, (a, b), calibration = case
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text("{}")
+    (pickled / "pytorch_model.bin").write_bytes(b"0")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = inspect_recipe_text(
+        tmp_path, capsys, f"models: [./vit-a, {b}, {pickled}]\ncalibration: {tmp_path / 'gone'}\nmethod: mudsc\n")
+    assert code == 2 and "Run it with" not in out, out + err
+    assert "./vit-a" in err and str(tmp_path / "gone") in err and "missing" in err, err
+    assert "--allow-pickle" in err and str(b) not in err, err
+    # Resolved from the folder they are relative to, and with the pickle parent left out, it runs.
+    monkeypatch.chdir(Path(a).parent)
+    code, out, err = inspect_recipe_text(tmp_path, capsys,
+                                         f"models: [./vit-a, {b}]\ncalibration: {calibration}\nmethod: mudsc\n")
+    assert code == 0 and "Run it with" in out, out + err
+
+
+# ------------------------------------------------------------------------------------ the recipe's version (QA s21)
+def test_a_recipe_from_a_newer_release_says_so(tmp_path, caplog):
+    """`hf_mudsc_version: 9.9.9` was accepted silently, and a key a newer release added failed as a typo would."""
+    from hf_mudsc._version import __version__
+
+    path = tmp_path / "r.yaml"
+    path.write_text("hf_mudsc_version: 9.9.9\nmodels: [org/a, org/b]\nnew_future_option: 3\n")
+    with pytest.raises(RecipeError) as caught:
+        Recipe.load(path)
+    message = str(caught.value)
+    assert "9.9.9" in message and __version__ in message and "upgrade" in message, message
+    assert "new_future_option" in message, message
+    path.write_text("hf_mudsc_version: 9.9.9\nmodels: [org/a, org/b]\n")
+    with caplog.at_level("WARNING"):
+        Recipe.load(path)
+    assert "9.9.9" in caplog.text and "newer" in caplog.text, caplog.text
+    path.write_text(f"hf_mudsc_version: {__version__}\nmodels: [org/a, org/b]\n")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        Recipe.load(path)
+    assert "newer" not in caplog.text
+
+
+# ------------------------------------------------------------------------------------ a re-run's card (QA s21)
+def test_a_recipe_rerun_says_what_the_original_said_and_gives_the_same_weights(case, tmp_path):
+    """The re-run's card said `float32 (asked for with out_dtype= ...)` and lost the method's reason and the
+    correspondence check: the recipe pins what `auto` chose, which the user never asked for."""
+    import json
+
+    from hf_mudsc.cli.main import main
+
+    _, (a, b), calibration = case
+    first, again = tmp_path / "m1", tmp_path / "m2"
+    assert main(["merge", a, b, "--calibration", calibration, "--refit", "none", "--num-samples", "16",
+                 "--output", str(first)]) == 0
+    assert main(["merge", "--recipe", str(first / RECIPE_FILENAME), "--output", str(again)]) == 0
+    configs = [json.loads((folder / "config.json").read_text())["mudsc"] for folder in (first, again)]
+    assert configs[0]["method_choice_reason"] and configs[0]["out_dtype_reason"].startswith("auto:"), configs[0]
+    for key in ("method", "method_choice_reason", "correspondence_check", "out_dtype", "out_dtype_reason"):
+        assert configs[1][key] == configs[0][key], key
+    recipes = [Recipe.load(folder / RECIPE_FILENAME) for folder in (first, again)]
+    assert recipes[1] == recipes[0] and recipes[0].auto_chosen, recipes
+    assert (first / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
+    # Asked for on the re-run's command line: the reason says so.
+    assert main(["merge", "--recipe", str(first / RECIPE_FILENAME), "--out-dtype", "float16",
+                 "--output", str(tmp_path / "m3")]) == 0
+    assert "asked for" in json.loads((tmp_path / "m3" / "config.json").read_text())["mudsc"]["out_dtype_reason"]
