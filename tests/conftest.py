@@ -47,3 +47,19 @@ def one_thread_module():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def local_hub(hub_emulator, monkeypatch):  # noqa: F811  (the fixture imported above)
+    """The emulator as this process's Hub: the CLI or the API run in-process against it (no interpreter start-up,
+    no second import of torch per run; a subprocess is kept where the environment itself is under test)."""
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", hub_emulator.endpoint)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",  # downloads: read at call time, not ENDPOINT
+                        hub_emulator.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # what transformers and datasets read at call time
+    monkeypatch.setenv("HF_ENDPOINT", hub_emulator.endpoint)
+    return hub_emulator

@@ -193,7 +193,10 @@ def test_ranges_that_do_not_tile_the_head_are_refused(backward):
 
 
 # ------------------------------------------------------------------------------------ item 3: Hub ids
-def test_evaluate_accepts_hub_ids_with_and_without_a_revision(backward, hub_emulator, tmp_path):
+def test_evaluate_accepts_hub_ids_with_and_without_a_revision(backward, local_hub, tmp_path, monkeypatch, capsys):
+    from hf_mudsc.cli.main import main
+
+    hub_emulator = local_hub  # the CLI runs in this process against the emulator
     root, out, tests = backward
     hub_emulator.upload_folder("user/merged", out, "merged model")
     sha = hub_emulator.head("user/merged")
@@ -209,24 +212,23 @@ def test_evaluate_accepts_hub_ids_with_and_without_a_revision(backward, hub_emul
     for ref in ("user/merged", f"user/merged@{sha}"):
         work = tmp_path / ref.replace("/", "_").replace("@", "_")
         work.mkdir()
-        env = hub_emulator.client_env(hf_home=tmp_path / "home", token=None, extra={"OMP_NUM_THREADS": "1"})
+        monkeypatch.chdir(work)
         # the folder went up as it is, its recipe naming the parents by absolute paths: a recipe from the Hub may not
         # point hf-mudsc at folders of this machine (QA s21), so the parents are given
         flags = ["--dataset", f"zeta={tests['zeta']}", "--dataset", f"alpha={tests['alpha']}",
                  "--parents", str(root / "zeta"), str(root / "alpha")]
-        if "@" in ref:  # once (a CLI run of ~12 s): without --output-json nothing is written
-            done = subprocess.run([sys.executable, "-m", "hf_mudsc", "evaluate", ref, *flags], env=env, cwd=work,
-                                  capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
-            assert done.returncode == 0, done.stderr
-            assert "| merged |" in done.stdout and "| parent A |" in done.stdout
-            assert "not written" in done.stdout and "--output-json" in done.stdout
+        if "@" in ref:  # once: without --output-json nothing is written
+            capsys.readouterr()
+            assert main(["evaluate", ref, *flags]) == 0, capsys.readouterr().err
+            said = capsys.readouterr().out
+            assert "| merged |" in said and "| parent A |" in said
+            assert "not written" in said and "--output-json" in said
             assert list(work.iterdir()) == []  # a Hub id has no folder: nothing is written unless asked
         json_path = work / "results.json"
-        done = subprocess.run([sys.executable, "-m", "hf_mudsc", "evaluate", ref, *flags, "--output-json",
-                               str(json_path)], env=env, cwd=work, capture_output=True, text=True, timeout=300,
-                              stdin=subprocess.DEVNULL)
-        assert done.returncode == 0, done.stderr
-        assert "| merged |" in done.stdout and "| parent A |" in done.stdout
+        capsys.readouterr()
+        assert main(["evaluate", ref, *flags, "--output-json", str(json_path)]) == 0, capsys.readouterr().err
+        said = capsys.readouterr().out
+        assert "| merged |" in said and "| parent A |" in said
         assert [p.name for p in work.iterdir()] == ["results.json"]
         scored[ref] = _figures(json_path)
     pinned = scored[f"user/merged@{sha}"]

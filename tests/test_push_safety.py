@@ -325,28 +325,17 @@ def test_a_folder_evaluate_rewrote_still_pushes_and_evaluate_refuses_a_folder_wi
     folder = tmp_path / "folder"
     shutil.copytree(merged, folder)
     card = folder / "README.md"
-    check_replaceable(folder / "eval_results.json", card)
+    check_replaceable([folder / "eval_results.json"], card)
     write_file_atomically(card, lambda temporary: temporary.write_text(card.read_text() + "\n## Evaluation\n"))
     write_file_atomically(folder / "eval_results.json",
                           lambda temporary: temporary.write_text('{"hf_mudsc_version": "0", "scores": {}}'))
     check_unchanged(folder)  # not refused: evaluate recorded what it wrote
-    check_replaceable(folder / "eval_results.json", card)  # evaluated again: still fine
+    check_replaceable([folder / "eval_results.json"], card)  # evaluated again: still fine
     _change_weights(folder)
     with pytest.raises(FileExistsError, match=r"changed since hf-mudsc wrote them \(model\.safetensors\)") as caught:
-        check_replaceable(folder / "eval_results.json", card)
+        check_replaceable([folder / "eval_results.json"], card)
     assert "--no-card" in str(caught.value) and "\n" not in str(caught.value)
-    check_replaceable(tmp_path / "elsewhere.json", None)  # --no-card --output-json elsewhere: nothing of the merge's
-
-
-@pytest.fixture()
-def local_hub(hub_emulator, monkeypatch):
-    """The emulator as this process's Hub (a push in-process: no interpreter start-up per push)."""
-    import huggingface_hub.constants as constants
-
-    monkeypatch.setattr(constants, "ENDPOINT", hub_emulator.endpoint)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    return hub_emulator
+    check_replaceable([tmp_path / "elsewhere.json"], None)  # --no-card --output-json elsewhere: nothing of the merge's
 
 
 def test_credentials_in_hf_endpoint_reach_no_error_line_output_log_or_card(local_hub, merged, monkeypatch, capsys,

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import run_cli
 from factories import make_batches, make_model, model_output, permuted_copy, relative_error, with_new_head
 from readme_examples import readme_example
 from transformers import AutoModel, AutoModelForImageClassification
@@ -322,7 +321,7 @@ def test_auto_choosing_a_shape_keeping_method_refuses_a_budget():
         hf_mudsc.merge([a, b], None, size=1.5)
 
 
-def test_cli_refuses_a_bad_size_in_one_line(tmp_path):
+def test_cli_refuses_a_bad_size_in_one_line(tmp_path, capsys):
     """A value out of range is a usage error (exit 2, as every flag's); a method that cannot spend it exits 1."""
     parents = []
     for seed in (0, 1):
@@ -330,12 +329,8 @@ def test_cli_refuses_a_bad_size_in_one_line(tmp_path):
         parents.append(str(tmp_path / f"p{seed}"))
     for flags, code, needle in ((["--size", "3"], 2, "size must lie in [1, 2] (CLI: --size)"),
                                 (["--method", "linear", "--size", "1.5"], 1, "cannot spend size=1.5 (CLI: --size)")):
-        run = subprocess.run([sys.executable, "-m", "hf_mudsc", "merge", *parents, *flags,
-                              "--output", str(tmp_path / "out")], capture_output=True, text=True)
-        assert run.returncode == code, run.stderr
-        assert "Traceback" not in run.stderr
-        lines = [line for line in run.stderr.splitlines() if line.strip()]
-        assert len(lines) == 1 and needle in lines[0], run.stderr
+        returned, lines = run_cli(["merge", *parents, *flags, "--output", str(tmp_path / "out")], capsys)
+        assert returned == code and len(lines) == 1 and needle in lines[0], lines
         assert not (tmp_path / "out").exists()
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import copy
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import run_cli
 from factories import make_batches, make_model, permuted_copy, with_new_head
 from readme_examples import readme_example
 from transformers import AutoModelForImageClassification
@@ -288,7 +287,7 @@ def test_concatenated_heads_count_with_the_widened_stream():
     assert merged.config.mudsc["size_budget"]["num_parameters"] == count(merged)
 
 
-def test_cli_refuses_a_bad_spend_in_one_line(tmp_path):
+def test_cli_refuses_a_bad_spend_in_one_line(tmp_path, capsys):
     """An unknown spend is a usage error (exit 2, as every choice flag's); a stream spend on BERT exits 1 before the
     weights are merged, nothing written."""
     parents = []
@@ -299,17 +298,14 @@ def test_cli_refuses_a_bad_spend_in_one_line(tmp_path):
             (["--size-spend", "wide"], 2, "invalid choice: 'wide'"),
             (["--method", "weight_matching", "--size", "1.5", "--size-spend", "residual"], 1,
              "size_spend= (CLI: --size-spend) 'residual' widens the residual stream, which only ViT supports")):
-        run = subprocess.run([sys.executable, "-m", "hf_mudsc", "merge", *parents, *flags,
-                              "--output", str(tmp_path / "out")], capture_output=True, text=True)
-        assert run.returncode == code, run.stderr
-        assert "Traceback" not in run.stderr
-        lines = [line for line in run.stderr.splitlines() if line.strip()]
+        returned, lines = run_cli(["merge", *parents, *flags, "--output", str(tmp_path / "out")], capsys)
+        assert returned == code, lines
         # exit 2: argparse's usage, then its one error line (as for every choice flag, e.g. --refit)
-        assert (len(lines) == 1 or code == 2) and needle in lines[-1], run.stderr
+        assert (len(lines) == 1 or code == 2) and needle in lines[-1], lines
         assert not (tmp_path / "out").exists()
 
 
-def test_cli_refuses_stream_spend_conflicts_before_reading_any_parent(tmp_path):
+def test_cli_refuses_stream_spend_conflicts_before_reading_any_parent(tmp_path, capsys):
     """Three parents, or `heads` with `independent_heads`: refused by the method's option check before the
     calibration data and the parents are opened (neither exists: opening them would fail with another message); exit 2,
     as every recipe error."""
@@ -318,15 +314,13 @@ def test_cli_refuses_stream_spend_conflicts_before_reading_any_parent(tmp_path):
             (missing, ["--size-spend", "residual"], "size_spend= (CLI: --size-spend) 'residual' merges two parents"),
             (missing[:2], ["--size-spend", "heads", "--independent-heads"],
              "size_spend= (CLI: --size-spend) 'heads' unfuses head pairs")):
-        run = subprocess.run([sys.executable, "-m", "hf_mudsc", "merge", *parents, "--method", "mudsc", "--size",
-                              "1.5", *flags, "--calibration", str(tmp_path / "no-data"), "--output",
-                              str(tmp_path / "out")], capture_output=True, text=True)
-        lines = [line for line in run.stderr.splitlines() if line.strip()]
-        assert run.returncode == 2 and len(lines) == 1 and needle in lines[0], run.stderr
+        code, lines = run_cli(["merge", *parents, "--method", "mudsc", "--size", "1.5", *flags, "--calibration",
+                               str(tmp_path / "no-data"), "--output", str(tmp_path / "out")], capsys)
+        assert code == 2 and len(lines) == 1 and needle in lines[0], lines
         assert not (tmp_path / "out").exists()
 
 
-def test_cli_refuses_a_stream_spend_for_bert_before_opening_the_calibration_data(tmp_path):
+def test_cli_refuses_a_stream_spend_for_bert_before_opening_the_calibration_data(tmp_path, capsys):
     """The "ViT only" refusal reads the first parent's config: the CLI locates the parents (configs, no weights)
     before it pins or opens the calibration data. The data does not exist: opening it would fail with another
     message, and a Hub dataset would have been resolved for nothing."""
@@ -336,11 +330,9 @@ def test_cli_refuses_a_stream_spend_for_bert_before_opening_the_calibration_data
         make_model("bert_cls", seed).save_pretrained(folder)
         parents.append(str(folder))
     for spend in ("heads", "residual"):
-        run = subprocess.run([sys.executable, "-m", "hf_mudsc", "merge", *parents, "--method", "mudsc", "--size",
-                              "1.5", "--size-spend", spend, "--calibration", str(tmp_path / "no-data"),
-                              "--output", str(tmp_path / "out")], capture_output=True, text=True)
-        lines = [line for line in run.stderr.splitlines() if line.strip()]
-        assert run.returncode == 1 and len(lines) == 1, run.stderr
+        code, lines = run_cli(["merge", *parents, "--method", "mudsc", "--size", "1.5", "--size-spend", spend,
+                               "--calibration", str(tmp_path / "no-data"), "--output", str(tmp_path / "out")], capsys)
+        assert code == 1 and len(lines) == 1, lines
         assert f"size_spend= (CLI: --size-spend) '{spend}' widens the residual stream, which only ViT" in lines[0]
         assert not (tmp_path / "out").exists()
 
