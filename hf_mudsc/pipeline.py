@@ -39,7 +39,13 @@ from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_finite, check_pa
 from hf_mudsc.load.lazy import subset
 from hf_mudsc.load.objects import held_as_given, model_objects
 from hf_mudsc.load.processors import image_processor_differences
-from hf_mudsc.load.references import display_name, parent_name, pinned_calibration, pinned_reference
+from hf_mudsc.load.references import (
+    display_name,
+    is_object_reference,
+    parent_name,
+    pinned_calibration,
+    pinned_reference,
+)
 from hf_mudsc.load.relation import ParentRelation, base_relations, check_parents_mergeable, parent_label
 from hf_mudsc.methods.auto import (
     alpha_searched,
@@ -469,7 +475,9 @@ def merge(
     base_parent = _aligned_base(base_parent, model_a.config, spec)
     for other in loaded[1:]:
         spec_for(other)
-    parent_names = [p.repo_id or parent_name(p.model, f"model_{parent_label(i).lower()}")
+    # An object whose folder no longer holds its weights is named as the recipe names it, not by that folder.
+    parent_names = [p.repo_id or (p.reference if is_object_reference(p.reference) else
+                                  parent_name(p.model, f"model_{parent_label(i).lower()}"))
                     for i, p in enumerate(parents)]
     # The merged model's dtype: the parents' as stored (they were loaded as float32) unless one is asked for.
     out_dtype, out_dtype_reason = resolve_out_dtype(

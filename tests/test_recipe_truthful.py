@@ -43,6 +43,8 @@ def test_an_object_changed_in_memory_is_recorded_as_an_object_and_its_recipe_ref
     merged = hf_mudsc.merge([edited, b], method="linear", progress=False)
     models = merged.merge_report.recipe["models"]
     assert models[1] == b and a not in models[0] and "object" in models[0], models
+    # config.json (pushed with the model) names it the same way, not by the folder it no longer equals
+    assert merged.config.mudsc["parents"] == ["<ViTForImageClassification object>", Path(b).name]
     recipe = hf_mudsc.save_merged(merged, tmp_path / "m") / RECIPE_FILENAME
     with pytest.raises(RecipeError, match=r"models\[0\].*model object.*not recorded"):
         Recipe.load(recipe).validate()
