@@ -475,9 +475,10 @@ def merge(
     base_parent = _aligned_base(base_parent, model_a.config, spec)
     for other in loaded[1:]:
         spec_for(other)
-    # An object whose folder no longer holds its weights is named as the recipe names it, not by that folder.
-    parent_names = [p.repo_id or (p.reference if is_object_reference(p.reference) else
-                                  parent_name(p.model, f"model_{parent_label(i).lower()}"))
+    # An object whose folder no longer holds its weights is named as the recipe names it, not by that folder (one
+    # that names no folder keeps its letter's name).
+    parent_names = [p.repo_id or (p.reference if is_object_reference(p.reference) and parent_name(p.model, "")
+                                  else parent_name(p.model, f"model_{parent_label(i).lower()}"))
                     for i, p in enumerate(parents)]
     # The merged model's dtype: the parents' as stored (they were loaded as float32) unless one is asked for.
     out_dtype, out_dtype_reason = resolve_out_dtype(

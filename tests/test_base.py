@@ -114,9 +114,9 @@ def test_a_base_tensor_of_another_shape_is_named(family, needs_base):
         hf_mudsc.merge(parents, base=odd, method=needs_base, progress=False)
     expected = tuple(base.vit.embeddings.position_embeddings.shape)
     assert str(caught.value) == (
-        f"the base 'ViTForImageClassification' does not fit the parents: tensor 'vit.embeddings.position_embeddings' "
-        f"is (1, 5, {base.config.hidden_size}) in the base but {expected} in the parents; pass the base the parents "
-        "were fine-tuned from (base= (CLI: --base))")
+        "the base '<ViTForImageClassification object>' does not fit the parents: tensor "
+        f"'vit.embeddings.position_embeddings' is (1, 5, {base.config.hidden_size}) in the base but {expected} in "
+        "the parents; pass the base the parents were fine-tuned from (base= (CLI: --base))")
     assert seen == []
 
 

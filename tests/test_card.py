@@ -268,7 +268,8 @@ def test_local_references_are_shown_by_name(tmp_path):
 
 def test_home_relative_references_are_shown_by_name_in_the_merged_config(tmp_path, monkeypatch):
     """QA s21: `merge '~/private/projectX/vit-a' --calibration '~/private/projectX/calib'` wrote both paths in
-    full into config.json's `mudsc` (pushed with the model); design §8: local folders by their last component."""
+    full into config.json's `mudsc` (pushed with the model); docs/design.md §8: local folders by their last
+    component."""
     from hf_mudsc.load.references import display_name
 
     monkeypatch.setenv("HOME", str(tmp_path))
