@@ -11,6 +11,7 @@ import http.client
 import json
 import logging
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -341,11 +342,15 @@ def test_a_job_with_the_default_method_auto_runs_in_its_worker(tmp_path, monkeyp
     conn = Conn()
     library = logging.getLogger("hf_mudsc")
     handlers, propagate, level = list(library.handlers), library.propagate, library.level
+    # The worker ignores SIGINT (its own process; the server cancels it): left so in this test's process, every
+    # later subprocess inherited SIG_IGN, and the Ctrl-C test's merge in the same xdist worker never stopped.
+    interrupt = signal.getsignal(signal.SIGINT)
     try:
         worker.main(conn, "job1", request.to_dict())
     finally:
         library.handlers[:], library.propagate = handlers, propagate
         library.setLevel(level)
+        signal.signal(signal.SIGINT, interrupt)
     assert len(ran) == 1 and conn.sent[-1] == ("done", "succeeded", None, {"output": None}), conn.sent
 
 
