@@ -609,7 +609,14 @@ def test_ctrl_c_during_a_merge_exits_130_in_one_line_and_leaves_no_folder(inputs
         f"sys.exit(main(['-q', 'merge', {str(a)!r}, {str(b)!r}, '--method', 'weight_matching', '--output', "
         f"{str(out)!r}]))\n"
     )
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def interruptible() -> None:
+        # A test of the suite's process may have left SIGINT ignored or blocked (inherited through exec, it would
+        # make this merge deaf to Ctrl-C): the child starts as a shell's command does.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=interruptible)
     try:
         deadline = time.monotonic() + 300
         while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
