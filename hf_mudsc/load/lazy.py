@@ -28,7 +28,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -210,17 +210,36 @@ def lazy_parameters(folder: str | os.PathLike, *, names: Iterable[str] | None = 
         return None
     keys = None
     if model is not None:
-        stored: list[str] = []
-        for file in files:
-            with safe_open(file, framework="pt") as handle:
-                stored += handle.keys()
-        keys = stored_keys(model, stored)
+        keys = stored_keys(model, checkpoint_keys(files))
         if keys is None:
             return None
     try:
         return LazyParameters(files, names=names, keys=keys, dtype=dtype)
     except KeyError:
         return None
+
+
+def checkpoint_keys(files: Iterable[str | os.PathLike]) -> list[str]:
+    """Every tensor key the safetensors `files` store, from their headers (no tensor is read)."""
+    keys: list[str] = []
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            keys += handle.keys()
+    return keys
+
+
+def _key_renaming(model: PreTrainedModel) -> tuple[Callable[..., Any], list[Any], list[Any]] | None:
+    """transformers' `rename_source_key` with `model`'s conversion mapping split into its renamings and its
+    converters, as `from_pretrained` applies them; None when a release moved these internals."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError as error:
+        logger.debug("transformers' key renaming is not where hf_mudsc reads it (%s)", error)
+        return None
+    transforms = get_model_conversion_mapping(model)
+    return (rename_source_key, [t for t in transforms if isinstance(t, WeightRenaming)],
+            [t for t in transforms if isinstance(t, WeightConverter)])
 
 
 def stored_keys(model: PreTrainedModel, keys: Iterable[str], *, buffers: bool = False) -> dict[str, str] | None:
@@ -233,16 +252,10 @@ def stored_keys(model: PreTrainedModel, keys: Iterable[str], *, buffers: bool = 
     `WeightConverter` splitting or joining tensors (none for the architectures hf_mudsc merges) — or two keys give
     one name. `buffers`: the model's buffers are named too, non-persistent ones included (older BERT checkpoints
     store `position_ids`, which the model no longer saves): which stored tensors load as buffers, not weights."""
-    try:  # transformers' loading internals: a release that moved them loads the checkpoint whole, as before
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-    except ImportError as error:
-        logger.debug("transformers' key renaming is not where hf_mudsc reads it (%s); checkpoints load whole", error)
+    renaming = _key_renaming(model)
+    if renaming is None:  # a release that moved transformers' internals: the checkpoint loads whole, as before
         return None
-
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    rename_source_key, renamings, converters = renaming
     expected = model.state_dict()
     if buffers:
         expected.update(model.named_buffers())
@@ -271,14 +284,10 @@ def loaded_names(model: PreTrainedModel, keys: Iterable[str]) -> dict[str, str]:
     """Each checkpoint key's name after `from_pretrained`'s renaming -> the key as stored, for every key (those of
     no model tensor too): transformers reports unused tensors by their renamed names, which the file does not hold.
     Empty when transformers' loading internals are not where this reads them."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-    except ImportError:
+    renaming = _key_renaming(model)
+    if renaming is None:
         return {}
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    rename_source_key, renamings, converters = renaming
     expected = model.state_dict()
     return {rename_source_key(key, renamings, converters, model.base_model_prefix, expected)[0]: key for key in keys}
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from hf_mudsc.load.references import looks_like_path
+from hf_mudsc.load.weight_files import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def _checkpoint_folder(model: nn.Module, name_or_path: str) -> tuple[Path | None
         return None, None, None
     from huggingface_hub import try_to_load_from_cache
 
-    for name in ("model.safetensors.index.json", "model.safetensors"):
+    for name in (SAFETENSORS_SINGLE, SAFETENSORS_INDEX):  # the order `weights_format` reads them in
         try:
             found = try_to_load_from_cache(name_or_path, name, revision=commit)
         except ValueError:  # not a repo id

@@ -877,18 +877,12 @@ def _saved_without_pooler(cls: type[PreTrainedModel], missing: Sequence[str], un
 def stored_names(model: PreTrainedModel, located: _Located, names: Sequence[str]) -> list[str]:
     """`names` reported by `from_pretrained` (renamed on load) as the checkpoint's safetensors headers store them,
     so that a message names what the user can find in the file; as given when not found (or pickle)."""
-    from safetensors import safe_open
-
-    from hf_mudsc.load.lazy import loaded_names, safetensors_files
+    from hf_mudsc.load.lazy import checkpoint_keys, loaded_names, safetensors_files
 
     files = safetensors_files(located.folder) if located.folder is not None and not located.use_pickle else None
     if not files:
         return list(names)
-    keys: list[str] = []
-    for file in files:
-        with safe_open(file, framework="pt") as handle:
-            keys += handle.keys()
-    back = loaded_names(model, keys)
+    back = loaded_names(model, checkpoint_keys(files))
     return [back.get(name, name) for name in names]
 
 

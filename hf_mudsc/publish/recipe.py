@@ -257,19 +257,22 @@ class Recipe(MergeOptions):
             )
         return self
 
-    def object_entries(self) -> list[str]:
-        """The entries (`models[0]`, `base`) naming a parent that was given to the merge as a model object whose
+    def reference_entries(self) -> list[tuple[str, str]]:
+        """`(label, reference)` of every model the recipe loads: `models[0]`, `models[1]`, ..., then `base`."""
+        entries = [(f"models[{index}]", model) for index, model in enumerate(self.models)]
+        return entries + ([("base", self.base)] if self.base else [])
+
+    def object_entries(self) -> list[tuple[str, str]]:
+        """The entries (`reference_entries`) naming a parent that was given to the merge as a model object whose
         weights no folder or Hub repo holds (`load.references.object_reference`): no run can load them."""
-        entries = [f"models[{index}]" for index, model in enumerate(self.models) if is_object_reference(model)]
-        return entries + (["base"] if is_object_reference(self.base) else [])
+        return [(label, reference) for label, reference in self.reference_entries() if is_object_reference(reference)]
 
     def refuse_objects(self) -> None:
         """Refuse a recipe naming model objects (`object_entries`), in one line naming them and how to give them:
         re-running it must not load another model, nor fail on a Hub lookup of `<X object>`."""
         entries = self.object_entries()
         if entries:
-            shown_entries = ", ".join(f"{entry} `{self.base if entry == 'base' else self.models[int(entry[7:-1])]}`"
-                                      for entry in entries)
+            shown_entries = ", ".join(f"{label} `{reference}`" for label, reference in entries)
             raise RecipeError(
                 f"{shown_entries} {'was a model object' if len(entries) == 1 else 'were model objects'} given to "
                 "hf_mudsc.merge whose weights no folder or Hub repo holds (changed in memory, or loaded in another "
@@ -284,8 +287,7 @@ class Recipe(MergeOptions):
         from hf_mudsc.errors import LoadError
         from hf_mudsc.load.references import parse_reference
 
-        entries = [(f"models[{index}]", model) for index, model in enumerate(self.models)]
-        for label, reference in entries + ([("base", self.base)] if self.base else []):
+        for label, reference in self.reference_entries():
             try:
                 parse_reference(reference)
             except LoadError as error:
@@ -303,8 +305,7 @@ class Recipe(MergeOptions):
         from hf_mudsc.load.weight_files import weights_format
 
         problems = []
-        entries = [(f"models[{index}]", model) for index, model in enumerate(self.models)]
-        for label, reference in entries + ([("base", self.base)] if self.base else []):
+        for label, reference in self.reference_entries():
             if label in skip or not looks_like_path(reference):
                 continue
             folder = Path(reference).expanduser()
@@ -370,7 +371,7 @@ class Recipe(MergeOptions):
         body = yaml.dump(self.to_dict(reproducible=reproducible), Dumper=RecipeDumper, sort_keys=False,
                          allow_unicode=True)
         note = IN_MEMORY_NOTE if calibration_in_memory and not self.calibration else ""
-        note += "".join(OBJECT_NOTE.format(entry=entry) for entry in self.object_entries())
+        note += "".join(OBJECT_NOTE.format(entry=label) for label, _ in self.object_entries())
         return _HEADER.format(name=name) + note + body
 
     def save(self, path: str | os.PathLike, *, calibration_in_memory: bool = False) -> Path:
@@ -525,8 +526,7 @@ def restate_auto_choices(mudsc: dict[str, Any], recipe: Recipe) -> None:
     """In a re-run's `config.mudsc` (changed in place), the reasons `recipe.auto_chosen` recorded for the values the
     recipe pins, where the re-run ran those same values (the pinned method on parents that relate as the recorded
     ones did, not other parents; the pinned dtype, not one given on the command line): its card then says what the
-    original's said, not "asked for" or nothing. The weights do not
-    change (they are the pinned values')."""
+    original's said, not "asked for" or nothing. The weights do not change (they are the pinned values')."""
     chosen = recipe.auto_chosen or {}
     method = chosen.get("method")
     same_parents = method and method.get("parent_relation") == mudsc.get("parent_relation")  # not other parents'
