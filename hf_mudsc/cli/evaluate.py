@@ -41,6 +41,7 @@ from hf_mudsc.evaluate.names import (
     SHIPPED_METRIC_NAMES,
     check_metric_names,
 )
+from hf_mudsc.load.hub_calls import hub_error_line
 from hf_mudsc.load.references import hide_tokens
 from hf_mudsc.publish.folder import write_file_atomically
 from hf_mudsc.publish.hub import CARD_FILENAME
@@ -419,7 +420,8 @@ def _hub_recipe_parents(loaded: Any) -> list[str] | None:
         return None
     except (HfHubHTTPError, OSError) as error:
         raise ValueError(
-            f"cannot read the merge recipe of {loaded.reference!r} ({error}); pass --parents A B or --no-parents"
+            f"cannot read the merge recipe of {loaded.reference!r} ({hub_error_line(error)}); pass --parents A B or "
+            "--no-parents"
         ) from None
     return recipe_parents(Path(path), loaded.reference, from_hub=True)
 

@@ -19,6 +19,7 @@ from dataclasses import Field
 from typing import Any
 
 from hf_mudsc.errors import RecipeError
+from hf_mudsc.load.hub_calls import hub_error_line
 from hf_mudsc.load.references import hide_tokens
 from hf_mudsc.options import MergeOptions, flag, int_or_auto, number_or_auto
 from hf_mudsc.publish.recipe import (
@@ -116,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
             plan = hf_mudsc.merge(recipe.models, recipe.calibration, **recipe.keywords(),
                                   token=getattr(args, "token", None))
         except HfHubHTTPError as error:
-            print(f"hf-mudsc merge: error: {hide_tokens(str(error))}", file=sys.stderr)
+            print(f"hf-mudsc merge: error: {hide_tokens(hub_error_line(error))}", file=sys.stderr)
             return 1
         print(plan)
         return 0
@@ -125,9 +126,9 @@ def run(args: argparse.Namespace) -> int:
         result = execute(recipe, token=getattr(args, "token", None), recipe_file=getattr(args, "recipe", None),
                          progress=not getattr(args, "quiet", False))
     except (PushError, HfHubHTTPError) as error:
-        print(f"hf-mudsc merge: error: {hide_tokens(str(error))}", file=sys.stderr)
+        print(f"hf-mudsc merge: error: {hide_tokens(hub_error_line(error))}", file=sys.stderr)
         return 1
-    if result.get("calibration_samples") is not None:
+    if result.get("calibration_samples"):  # none read (a method that reads no data): nothing to say
         used, asked = result["calibration_samples"], recipe.num_samples
         short = f" (--num-samples asked for {asked})" if asked is not None and used < asked else ""
         print(f"Calibrated on {used} samples{short}")

@@ -56,3 +56,29 @@ def hub_call(call: Callable[[], T], *, what: str, seconds: float | None, setting
         text = str(failure).strip()
         detail = text.splitlines()[0].strip() if text else type(failure).__name__
         raise error(f"{subject}the connection to the Hub dropped while {what} ({detail}); {then}") from failure
+
+
+# What to do about an HTTP answer, by status: the server's own words say what went wrong, not always the fix.
+_HTTP_ADVICE = {
+    401: "the token was refused: pass a valid one (CLI --token, token=, or `hf auth login`)",
+    403: "the token lacks the right: use one with write access to this repo or organisation",
+    429: "the Hub is rate-limiting this client: retry later",
+}
+
+
+def hub_error_line(error: BaseException) -> str:
+    """One line for an error a Hub request ended in: huggingface_hub's HTTP errors span four lines (status and URL,
+    a link to MDN's page on the status, the server's message); this keeps the first and the server's message and
+    adds what to do. Any other error: its text with its line breaks folded."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if not isinstance(error, HfHubHTTPError):
+        return " ".join(str(error).split()) or type(error).__name__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    first = lines[0] if lines else type(error).__name__
+    said = " ".join((getattr(error, "server_message", None) or "").split())
+    parts = [first] + ([said] if said and said not in first else [])
+    status = error.response.status_code if getattr(error, "response", None) is not None else None
+    advice = _HTTP_ADVICE.get(status) or ("the Hub failed to answer: retry later"
+                                          if status is not None and status >= 500 else None)
+    return " — ".join(parts) + (f"; {advice}" if advice else "")

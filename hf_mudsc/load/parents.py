@@ -37,7 +37,7 @@ from hf_mudsc.load.checks import (
 )
 from hf_mudsc.load.config_json import FIX as CONFIG_FIX
 from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES, card_too_large, check_config_json, read_card
-from hf_mudsc.load.hub_calls import hub_call
+from hf_mudsc.load.hub_calls import hub_call, hub_error_line
 from hf_mudsc.load.links import refuse_link_out, refuse_links_out
 from hf_mudsc.load.objects import object_source
 from hf_mudsc.load.processors import load_processor, processor_from_name, tokenizer_of
@@ -505,22 +505,10 @@ def _hub_call(reference: str, call, *, what: str = "contacting the Hub",
         raise LoadError(f"{reference!r} is not in the local cache and the Hub is unreachable or offline "
                         "(HF_HUB_OFFLINE=1); download it once online or pass a local folder") from error
     except errors.HfHubHTTPError as error:
-        raise LoadError(f"the Hub refused {reference!r} while {what}: {_one_line(error)}") from error
+        raise LoadError(f"the Hub refused {reference!r} while {what}: {hub_error_line(error)}") from error
     except (OSError, ConnectionError) as error:
         raise LoadError(f"{reference!r}: cannot reach the Hub while {what} ({_one_line(error)}); check the "
                         "connection and retry the command") from error
-
-
-# ----------------------------------------------------------------------------------------------------
-# processors and vocabularies
-# ----------------------------------------------------------------------------------------------------
-
-
-
-
-
-
-
 
 
 

@@ -26,7 +26,7 @@ from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelet
 from huggingface_hub.errors import HfHubHTTPError
 
 from hf_mudsc.errors import PushError, RepoExistsError
-from hf_mudsc.load.hub_calls import http_client, hub_call
+from hf_mudsc.load.hub_calls import http_client, hub_call, hub_error_line
 from hf_mudsc.load.references import TOKEN_FIX, looks_like_token, without_userinfo
 from hf_mudsc.publish.folder import MARKER_FILENAME, changed_files, listed_outside, read_marker, unlisted_files
 from hf_mudsc.publish.recipe import MAX_RECIPE_BYTES, RECIPE_FILENAME, published_text
@@ -343,7 +343,7 @@ def _push(folder: Path, files: list[str], contents: dict[str, bytes], repo_id: s
                     f"the Hub repo {repo_id!r} already exists (possibly private and not visible to this token); "
                     f"pass --overwrite, or choose another {flag}"
                 ) from None
-            raise PushError(f"could not create the Hub repo {repo_id!r}: {error}") from error
+            raise PushError(f"could not create the Hub repo {repo_id!r}: {hub_error_line(error)}") from error
     repo_url = f"{without_userinfo(api.endpoint).rstrip('/')}/{repo_id}"  # as create_repo's answer, never credentials
     info = _step(f"reading the repo {repo_id!r}", lambda: api.repo_info(repo_id), seconds=seconds)
     head_before = info.sha
@@ -365,7 +365,7 @@ def _push(folder: Path, files: list[str], contents: dict[str, bytes], repo_id: s
         if not isinstance(error, Exception):
             raise
         left = _what_is_there(api, repo_id, head_before, message, created=created, seconds=seconds)
-        raise PushError(f"uploading to {repo_id!r} failed: {error} ({left})") from error
+        raise PushError(f"uploading to {repo_id!r} failed: {hub_error_line(error)} ({left})") from error
     changed = commit.oid != head_before
     if changed:
         logger.info("pushed %s to %s (commit %s)", shown_as or folder, repo_id, commit.oid)

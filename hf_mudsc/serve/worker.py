@@ -37,6 +37,7 @@ import traceback
 from collections.abc import Iterator
 from typing import Any
 
+from hf_mudsc.load.hub_calls import hub_error_line
 from hf_mudsc.load.references import hide_tokens
 from hf_mudsc.options import REFITTING
 from hf_mudsc.serve.jobs import JobRequest
@@ -200,7 +201,7 @@ def main(conn: Any, job_id: str, request: dict[str, Any]) -> None:
         for line in traceback.format_exception(error):
             for part in line.rstrip().splitlines():
                 reporter.log(part)
-        reporter.send(("done", "failed", reporter.scrub(f"{type(error).__name__}: {error}"), None))
+        reporter.send(("done", "failed", reporter.scrub(f"{type(error).__name__}: {hub_error_line(error)}"), None))
     else:
         reporter.send(("done", "succeeded", None, result))
     finally:
