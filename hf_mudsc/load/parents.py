@@ -511,7 +511,6 @@ def _hub_call(reference: str, call, *, what: str = "contacting the Hub",
                         "connection and retry the command") from error
 
 
-
 def _is_text_model(config: PretrainedConfig | None) -> bool:
     if config is None:
         return False
