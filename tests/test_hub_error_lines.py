@@ -37,7 +37,7 @@ def http_error(status: int, server_message: str | None):
 def test_an_http_error_is_one_line_with_the_servers_words_and_what_to_do(status, advice):
     line = hub_error_line(http_error(status, "Something the server said."))
     assert "\n" not in line
-    assert f"'{status}'" in line and "Something the server said." in line and advice in line
+    assert f"'{status}'" in line and "Something the server said" in line and advice in line
     assert "developer.mozilla.org" not in line
 
 
@@ -103,3 +103,19 @@ def test_a_merge_that_reads_no_calibration_does_not_claim_it_calibrated(case, tm
     out = capsys.readouterr().out
     assert "Merged model written to" in out
     assert "Calibrated on 0 samples" not in out
+
+
+def test_merge_push_to_hub_of_an_unchanged_model_says_nothing_was_pushed(local_hub, case, tmp_path, capsys):
+    """The same merge pushed again (--overwrite) makes no commit: the CLI says so, as `hf-mudsc push` does."""
+    from hf_mudsc.cli.main import main
+
+    parents, calibration = case
+    argv = ["-q", "merge", *parents, "--calibration", calibration, "--method", "average", "--push-to-hub", "org/same",
+            "--token", "hf_anyTokenTheEmulatorAccepts0123"]
+    capsys.readouterr()
+    assert main([*argv, "--output", str(tmp_path / "m1")]) == 0
+    assert "Pushed to " in capsys.readouterr().out
+    assert main([*argv, "--output", str(tmp_path / "m2"), "--overwrite"]) == 0
+    out = capsys.readouterr().out
+    assert "Pushed to " not in out
+    assert "Nothing to push: org/same already holds exactly these files" in out

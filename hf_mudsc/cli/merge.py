@@ -136,5 +136,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"Merged model written to {result['output']}")
     if result.get("push"):
         push = result["push"]
-        print(f"Pushed to {push.url} (commit {push.commit_sha})")
+        if push.changed:
+            print(f"Pushed to {push.url} (commit {push.commit_sha})")
+        else:  # the same files again: no commit was made (as `hf-mudsc push` says it)
+            print(f"Nothing to push: {push.repo_id} already holds exactly these files (commit {push.commit_sha})")
     return 0

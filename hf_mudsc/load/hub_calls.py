@@ -76,7 +76,7 @@ def hub_error_line(error: BaseException) -> str:
         return " ".join(str(error).split()) or type(error).__name__
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     first = lines[0] if lines else type(error).__name__
-    said = " ".join((getattr(error, "server_message", None) or "").split())
+    said = " ".join((getattr(error, "server_message", None) or "").split()).rstrip(".")
     parts = [first] + ([said] if said and said not in first else [])
     status = error.response.status_code if getattr(error, "response", None) is not None else None
     advice = _HTTP_ADVICE.get(status) or ("the Hub failed to answer: retry later"
