@@ -291,8 +291,9 @@ def test_the_published_recipe_names_local_folders_by_name_and_keeps_every_other_
     path.write_text(published)
     parser = build_parser()
     folders = [tmp_path / name for name in ("p0", "p1", "p2", "b")]
-    for folder in folders:
+    for folder in folders:  # folders a run would load (their weights file by name: build_recipe reads none)
         folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"")
     args = parser.parse_args(["merge", *map(str, folders[:3]), "--recipe", str(path), "--output", "x"])
     with pytest.raises(RecipeError, match=r"base `base`, calibration `calib:train` were local folders .*--base PATH; "
                                           r"--calibration PATH"):

@@ -111,6 +111,25 @@ def test_inspect_lists_local_inputs_a_run_would_not_find(case, tmp_path, capsys,
     assert code == 0 and "Run it with" in out, out + err
 
 
+
+def test_merge_recipe_lists_local_inputs_it_would_not_find_before_loading_anything(case, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """`inspect RECIPE` listed them (exit 2); `merge --recipe` of the same file failed at the first parent's load with
+    exit 1, one problem at a time, after the calibration and output checks."""
+    from hf_mudsc.cli.main import main
+
+    _, (_, b), _ = case
+    path = tmp_path / "r.yaml"
+    path.write_text(f"models: [./vit-a, {b}]\ncalibration: {tmp_path / 'gone'}\nmethod: mudsc\n")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    code = main(["merge", "--recipe", str(path), "--output", str(tmp_path / "m")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "./vit-a" in err and str(tmp_path / "gone") in err and "missing" in err, err
+    assert not (tmp_path / "m").exists()
+
 # ------------------------------------------------------------------------------------ the recipe's version (QA s21)
 def test_a_recipe_from_a_newer_release_says_so(tmp_path, caplog):
     """`hf_mudsc_version: 9.9.9` was accepted silently, and a key a newer release added failed as a typo would."""

@@ -245,11 +245,7 @@ def inspect_recipe(path: Path) -> int:
         recipe = recipe.validate()  # what the merge would refuse is refused here too (exit 2, as `merge --recipe`)
         unresolved = unresolved_published_entries(text, recipe)
         skip = frozenset(entry.label for entry in unresolved) | ({"calibration"} if in_memory else set())
-        missing = recipe.missing_local_inputs(skip)
-        if missing:
-            raise RecipeError(f"recipe {str(path)!r}: a run would fail here: {'; '.join(missing)}; give the "
-                              "entries as paths that exist from this working directory (the parents before "
-                              "--recipe, --base PATH, --calibration PATH) or fix them in the file")
+        recipe.check_local_inputs(path, skip)
     except RecipeError as error:
         print(f"hf-mudsc inspect: error: {hide_tokens(str(error))}", file=sys.stderr)
         return 2

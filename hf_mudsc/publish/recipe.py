@@ -324,6 +324,15 @@ class Recipe(MergeOptions):
                                 f"{str(Path(head).expanduser().absolute())!r}")
         return problems
 
+    def check_local_inputs(self, path: str | os.PathLike, skip: frozenset[str] = frozenset()) -> None:
+        """Refuse, in one line before anything is loaded, a recipe file (`path`) whose local inputs this machine
+        does not have (`missing_local_inputs`): `inspect RECIPE` and `merge --recipe` say the same."""
+        missing = self.missing_local_inputs(skip)
+        if missing:
+            raise RecipeError(f"recipe {str(path)!r}: a run would fail here: {'; '.join(missing)}; give the "
+                              "entries as paths that exist from this working directory (the parents before "
+                              "--recipe, --base PATH, --calibration PATH) or fix them in the file")
+
     def inputs(self, recipe_file: str | os.PathLike | None = None) -> list[tuple[str, str | os.PathLike]]:
         """What a merge of this recipe reads from disk, as `(description, path)` pairs for `folder.check_output`:
         the local parent and base folders, the calibration file or folder, `recipe_file`, and the Hugging Face hub
