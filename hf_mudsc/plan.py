@@ -771,7 +771,7 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
             weight_files=list(parent.weight_files), weight_bytes=data_bytes, dtypes=dtypes))
     out_dtype, out_dtype_reason = resolve_out_dtype(
         options.out_dtype, [dtype_description(TORCH_DTYPE_NAMES.get(d, d) for d in p.dtypes) for p in parents],
-        [parent_label(i) for i in range(len(parents))])
+        [parent_label(i) for i in range(len(parents))], [parent.model is not None for parent in located])
     config = located[0].config
     spec = spec_for(models_meta[0])
     tokens, assumed = tokens_per_example(config)

@@ -61,6 +61,8 @@ def test_an_object_loaded_in_another_dtype_is_an_object_and_the_reason_says_load
     assert all("object" in m for m in merged.merge_report.recipe["models"])
     reason = merged.config.mudsc["out_dtype_reason"]
     assert "loaded as float16" in reason and "stored" not in reason, reason
+    plan = hf_mudsc.merge(half, method="linear", dry_run=True, progress=False)  # the dry run says the same
+    assert (plan.out_dtype, plan.out_dtype_reason) == ("float16", reason)
 
 
 # ------------------------------------------------------------------------------------ inspect RECIPE (QA s21)
