@@ -231,3 +231,18 @@ def test_f1_is_published_as_macro_f1_in_the_table_and_the_model_index():
     assert f1.metric_name == "f1 (macro)" and f1.metric_args == {"average": "macro"}
     accuracy = by_type[("pets", "accuracy")]
     assert accuracy.metric_name == "accuracy" and accuracy.metric_args is None
+
+
+def test_the_model_index_names_a_truncated_figures_rows_as_a_split_slice():
+    """The table said `first 7`, but the `model-index` (what the Hub's leaderboards read) named the whole `test`
+    split for a figure of its first 7 rows. A truncated row's split is `test[:7]` (the `datasets` slice that reads
+    exactly those rows); a full one stays `test`."""
+    from huggingface_hub import ModelCardData
+
+    from hf_mudsc.publish.card import EvalRow, set_eval_results
+
+    rows = [EvalRow(task="pets", dataset="org/pets", merged=0.5, split="test", rows="first 7"),
+            EvalRow(task="cars", dataset="org/cars", merged=0.6, split="validation", rows="30"),
+            EvalRow(task="dogs", dataset="org/dogs", merged=0.7, split=None, rows="first 4")]
+    data = set_eval_results(ModelCardData(pipeline_tag="image-classification"), rows, model_name="m")
+    assert [result.dataset_split for result in data.eval_results] == ["test[:7]", "validation", None]

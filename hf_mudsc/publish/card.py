@@ -57,6 +57,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # Evaluation-result keys of parents after A and B (N-parent merges): parent_c, parent_d, ...
 _LATER_PARENT = re.compile(r"parent_[c-z]")
+_FIRST_ROWS = re.compile(r"first (\d+)")  # `EvalRow.rows_text` of a cut row
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,13 @@ class EvalRow:
         return (self.parent_a, self.parent_b, *self.later_parents)
 
     @property
+    def model_index_split(self) -> str | None:
+        """The `model-index` split: a figure of the first N rows names `test[:N]`, the `datasets` slice that reads
+        exactly them (the index has no field for a row count, and a leaderboard reads the split as the whole)."""
+        first = _FIRST_ROWS.fullmatch(self.rows or "")
+        return f"{self.split}[:{first.group(1)}]" if first and self.split is not None else self.split
+
+    @property
     def model_index_config(self) -> str:
         """The `model-index` dataset config: the task name, after the dataset's own config when there is
         one (`sst2 (topic)`); a config equal to the task name is not repeated."""
@@ -308,7 +316,7 @@ def set_eval_results(data: ModelCardData, eval_results: Sequence[EvalRow], *, mo
             dataset_type=row.dataset_label,
             dataset_name=row.dataset_label,
             dataset_config=row.model_index_config,
-            dataset_split=row.split,
+            dataset_split=row.model_index_split,
             metric_type=row.metric,
             metric_name=row.metric_label,
             metric_args=dict(row.metric_args) if row.metric_args else None,
