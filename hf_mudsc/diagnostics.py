@@ -161,10 +161,11 @@ def unread_options_warning(options: MergeOptions, used: Mapping[str, Any], metho
 
 
 def inert_options_warnings(options: MergeOptions, *, method: str, reads_base: bool, reads_data: bool,
-                           has_data: bool, refit: str) -> list[str]:
+                           has_data: bool, refit: str, matches_units: bool = True) -> list[str]:
     """Options set for a part of the merge that does not run — a refit setting with no refit (REPAIR reads
     `refit_samples` only), a calibration setting without data, data that nothing reads — and a base given to a
-    method that does not read it: each changes nothing, said like an option the method does not read."""
+    method that does not read it, head pairing for a method that pairs no heads (`matches_units` False): each
+    changes nothing, said like an option the method does not read."""
     defaults = {f.name: f.default for f in MergeOptions.option_fields()}
     refit_names = (("refit_lambda", "refit_norms", "refit_samples") if refit == "none"
                    else ("refit_lambda", "refit_norms") if refit == "repair" else ())
@@ -177,6 +178,9 @@ def inert_options_warnings(options: MergeOptions, *, method: str, reads_base: bo
         if set_names:
             texts.append(f"{', '.join(option_hint(name) for name in set_names)} "
                          f"{'has' if len(set_names) == 1 else 'have'} no effect: {reason}")
+    if options.independent_heads and not matches_units:
+        texts.append(f"{option_hint('independent_heads')} has no effect: method {method} matches no units, so it "
+                     "pairs no attention heads")
     if has_data and not reads_data:
         texts.append(f"the calibration data ({option_hint('calibration')}) has no effect: method {method} reads none "
                      "and no refit runs; drop it, or pass a method that reads it (e.g. method='regmean')")

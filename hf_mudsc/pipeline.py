@@ -862,7 +862,7 @@ def _warn_unused(options: MergeOptions, used: Mapping[str, Any], method: MergeMe
     reads_data = _reads_data(method, refit_value in REFITTING)
     for text in filter(None, [unread_options_warning(options, used, method.name), *inert_options_warnings(
             options, method=method.name, reads_base=method.needs_base_model, reads_data=reads_data,
-            has_data=calibration is not None, refit=refit_value)]):
+            has_data=calibration is not None, refit=refit_value, matches_units=method.matches_units)]):
         logger.warning("%s", text)
     if reference_compat_unread(method, options):
         without = _refits(dataclasses.replace(options, reference_compat=False), method, calibration, count)

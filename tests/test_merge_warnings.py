@@ -225,6 +225,8 @@ def test_reference_compat_with_a_method_that_matches_no_units_is_warned_about(ca
     ("weight_matching", {"num_samples": 5}, False, "num_samples= (CLI: --num-samples)"),
     ("weight_matching", {"image_column": "foo"}, False, "image_column= (CLI: --image-column)"),
     ("weight_matching", {"statistics_dtype": "float64"}, False, "statistics_dtype= (CLI: --statistics-dtype)"),
+    # independent_heads pairs attention heads, which only a unit-matching method does (was silent: card row hidden)
+    ("linear", {"independent_heads": True}, False, "independent_heads= (CLI: --independent-heads) has no effect"),
 ])
 def test_options_the_merge_does_not_read_are_said_to_have_no_effect(caplog, method, keywords, data, named):
     """QA: options the merge never reads were accepted silently (other unread options get a warning): a refit
