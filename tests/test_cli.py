@@ -224,7 +224,8 @@ def test_a_missing_calibration_dataset_fails_before_weights_load(inputs, tmp_pat
     out = tmp_path / "out"
     code = main(["merge", str(a), str(b), "--calibration", str(tmp_path / "nowhere") + ":train", "--output",
                  str(out)])
-    assert code == 1 and "nowhere" in capsys.readouterr().err
+    # exit 2: a local path that is not there is an invalid command line, refused before anything is loaded
+    assert code == 2 and "nowhere" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -580,8 +580,8 @@ def test_evaluate_cli_errors_name_the_fix(merged_folder, tmp_path, capsys):
     assert "1 datasets for the model's 2 tasks" in err or "no label column" in err
     assert main(["evaluate", str(tmp_path / "absent"), "--dataset", str(tests["vit-a"])]) == 2  # before any loading
     assert "is not a model folder" in capsys.readouterr().err
-    assert main(["evaluate", str(out), "--dataset", str(tmp_path / "no-data:test")]) == 1
-    assert "not found" in capsys.readouterr().err
+    assert main(["evaluate", str(out), "--dataset", str(tmp_path / "no-data:test")]) == 2  # before any loading
+    assert f"no file or folder '{tmp_path / 'no-data'}'" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
 
 
@@ -884,6 +884,7 @@ def test_a_clip_model_with_datasets_not_named_by_task_is_refused_before_loading(
     """CLIP has no task names of its own: `--dataset X` without TASK= was refused only after loading (~11 s);
     the config says it is CLIP."""
     make_model("clip", seed=0).save_pretrained(tmp_path / "clip-merged")
+    (tmp_path / "no-data").mkdir()  # data that exists (a missing folder is refused first, also before loading)
     _no_loading(monkeypatch)
     assert main(["evaluate", str(tmp_path / "clip-merged"), "--dataset", str(tmp_path / "no-data"),
                  "--no-parents", "--no-card", "--output-json", str(tmp_path / "x.json")]) == 2
@@ -904,10 +905,10 @@ def test_evaluation_data_that_cannot_be_loaded_is_called_evaluation_data_naming_
     assert "evaluation spec 'test-vit-b' is ambiguous" in err and "calibration" not in err, err
     nope = tmp_path / "nope"
     assert main(["evaluate", str(out), "--dataset", f"vit-a={nope}", "--dataset", f"vit-b={tests['vit-b']}",
-                 "--no-card", "--output-json", str(tmp_path / "x.json")]) == 1
+                 "--no-card", "--output-json", str(tmp_path / "x.json")]) == 2  # a missing path: before loading
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
-    assert f"evaluation dataset '{nope}' (task 'vit-a') not found" in err and "calibration" not in err, err
+    assert f"--dataset vit-a={nope}: no file or folder '{nope}'" in err and "calibration" not in err, err
     with pytest.raises(EvaluationError, match=r"evaluation dataset '.*nope' \(task 'vit-b'\) not found") as error:
         evaluate_merge(str(out), None, {"vit-a": str(tests["vit-a"]), "vit-b": str(nope)}, progress=False)
     assert "calibration" not in str(error.value)

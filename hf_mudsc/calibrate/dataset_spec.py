@@ -94,6 +94,20 @@ def looks_like_local_path(path: str) -> bool:
             or os.path.splitext(path)[1].lower() in FILE_BUILDERS)
 
 
+
+def missing_local_data(dataset_spec: str | os.PathLike) -> str | None:
+    """The path of a spec that names local data by its shape (`looks_like_local_path`) where nothing is: checked
+    before anything is loaded, so that `./gone:train` is refused at once, not after torch and the parents (a
+    `datasets` Hub lookup then fails on it anyway). None: the spec names existing data, a Hub dataset or builder, or
+    is malformed (its parse refuses it later, with the reason)."""
+    try:
+        spec = DatasetSpec.parse(dataset_spec)
+    except CalibrationError:
+        return None
+    if spec.revision is not None or not looks_like_local_path(spec.path):
+        return None
+    return None if os.path.exists(os.path.expanduser(spec.path)) else spec.path
+
 def refuse_ambiguous(path: str, text: str, *, kind: str = "calibration",
                      error: type[Exception] = CalibrationError) -> None:
     """Refuse a bare name (`mnist`) that is also a file or folder of the working directory: `datasets` would read that

@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hf_mudsc.calibrate.dataset_spec import missing_local_data
 from hf_mudsc.errors import EvaluationError, UsageError
 from hf_mudsc.evaluate.names import (
     DEFAULT_PROMPT,
@@ -442,6 +443,12 @@ def check_arguments(args: argparse.Namespace) -> dict[str, list[str]] | None:
     except ValueError as error:
         raise UsageError(str(error)) from None
     _check_metrics(args.metric or [], args.trust_remote_code)
+    gone = [(task, spec, path) for task, spec in map(_split_task, args.dataset or [])
+            if (path := missing_local_data(spec)) is not None]
+    if gone:
+        raise UsageError("; ".join(f"--dataset {f'{task}=' if task else ''}{spec}: no file or folder {path!r}"
+                                   for task, spec, path in gone) + "; pass data that exists from this working "
+                         "directory, or a Hub dataset id as 'org/name[:config]:split'")
     if not Path(args.model).expanduser().is_dir() and not _is_hub_id(args.model):
         raise UsageError(
             f"{args.model!r} is not a model folder; pass the folder a merge wrote or a Hub id org/name[@revision]"

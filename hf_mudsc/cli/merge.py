@@ -95,7 +95,7 @@ def build_recipe(args: argparse.Namespace, recipe_class: type[Recipe] = Recipe) 
         raise
     if path:  # a recipe pushed to the Hub names local folders by name only: their paths must be given
         check_local_folders_given(path, recipe)
-        recipe.check_local_inputs(path)  # every missing folder at once, as `inspect RECIPE` lists them
+    recipe.check_local_inputs(path)  # every missing folder at once (as `inspect RECIPE` lists them), nothing loaded
     if not recipe.output and not recipe.push_to_hub and not recipe.dry_run:
         raise RecipeError("say where the merged model goes: --output DIR and/or --push-to-hub ORG/NAME")
     return recipe

@@ -300,6 +300,7 @@ class Recipe(MergeOptions):
         relative path is resolved from the working directory) and calibration data that do not exist, and folders
         whose weights the loader refuses (pickle only, no --allow-pickle: `load.weight_files.weights_format`,
         reused). `skip`: entry labels (`models[0]`, `calibration`) a caller handles otherwise."""
+        from hf_mudsc.calibrate.dataset_spec import missing_local_data
         from hf_mudsc.errors import LoadError
         from hf_mudsc.load.references import looks_like_path
         from hf_mudsc.load.weight_files import weights_format
@@ -317,21 +318,24 @@ class Recipe(MergeOptions):
             except LoadError as error:
                 problems.append(f"{label}: {error}")
         data = self.calibration
-        if data and "calibration" not in skip and _calibration_path(data) is None:
-            head = data.partition(":")[0]
-            if looks_like_path(data) or looks_like_path(head) or head.startswith((".", "/", "~")):
-                problems.append(f"calibration `{data}` is missing: no file or folder "
-                                f"{str(Path(head).expanduser().absolute())!r}")
+        if data and "calibration" not in skip and (gone := missing_local_data(data)) is not None:
+            problems.append(f"calibration `{data}` is missing: no file or folder "
+                            f"{str(Path(gone).expanduser().absolute())!r}")
         return problems
 
-    def check_local_inputs(self, path: str | os.PathLike, skip: frozenset[str] = frozenset()) -> None:
-        """Refuse, in one line before anything is loaded, a recipe file (`path`) whose local inputs this machine
-        does not have (`missing_local_inputs`): `inspect RECIPE` and `merge --recipe` say the same."""
+    def check_local_inputs(self, path: str | os.PathLike | None = None, skip: frozenset[str] = frozenset()) -> None:
+        """Refuse, in one line before anything is loaded, local inputs this machine does not have
+        (`missing_local_inputs`): every one at once, where loading would stop at the first after seconds of imports.
+        `path`: the recipe file they come from (`inspect RECIPE` and `merge --recipe` say the same), None for a
+        command line's own."""
         missing = self.missing_local_inputs(skip)
-        if missing:
-            raise RecipeError(f"recipe {str(path)!r}: a run would fail here: {'; '.join(missing)}; give the "
-                              "entries as paths that exist from this working directory (the parents before "
-                              "--recipe, --base PATH, --calibration PATH) or fix them in the file")
+        if not missing:
+            return
+        if path is None:
+            raise RecipeError(f"{'; '.join(missing)}; pass paths that exist from this working directory")
+        raise RecipeError(f"recipe {str(path)!r}: a run would fail here: {'; '.join(missing)}; give the "
+                          "entries as paths that exist from this working directory (the parents before "
+                          "--recipe, --base PATH, --calibration PATH) or fix them in the file")
 
     def inputs(self, recipe_file: str | os.PathLike | None = None) -> list[tuple[str, str | os.PathLike]]:
         """What a merge of this recipe reads from disk, as `(description, path)` pairs for `folder.check_output`:
