@@ -246,6 +246,18 @@ def test_a_bert_multiple_choice_model_is_refused_as_the_token_classifier_is():
                              r"BertForSequenceClassification$"):
         hf_mudsc.merge(parents, make_batches("bert_cls", 1), progress=False)
 
+
+def test_parents_of_different_classes_are_told_to_merge_models_of_parent_as_class():
+    """QA s22: BERT parents of two classes were told to merge 'e.g. all ViTForImageClassification'; the example is
+    parent A's own class, from the loader and from `check_parents` alike."""
+    bert, bare = make_model("bert_cls", 0), make_model("bert", 1)
+    expected = r"merge models of the same class \(e\.g\. all BertForSequenceClassification\)$"
+    with pytest.raises(MergeInputError, match=expected):
+        hf_mudsc.merge([bert, bare], method="linear", progress=False)
+    from hf_mudsc.load.checks import check_parents
+    with pytest.raises(MergeInputError, match=expected):
+        check_parents(bert, bare)
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nan_or_inf_weights_are_refused(bad):
     a, b = make_model("vit_cls", 0), make_model("vit_cls", 1)

@@ -65,6 +65,11 @@ def config_differences(a: PretrainedConfig, b: PretrainedConfig, prefix: str = "
     return problems
 
 
+def same_class_fix(class_a: str) -> str:
+    """How a refusal of parents of different classes ends: the fix, with parent A's class (`class_a`) as example."""
+    return f"merge models of the same class (e.g. all {class_a})"
+
+
 def is_regression_head(config: PretrainedConfig) -> bool:
     """Whether a classifier class with this config is a regression head: transformers reads one output (or
     problem_type "regression") as regression and trains it with a squared error, not a softmax."""
@@ -96,8 +101,7 @@ def check_parents(model_a: PreTrainedModel, model_b: PreTrainedModel, labels: tu
     if type(model_a) is not type(model_b):
         raise MergeInputError(
             f"parents have different architectures: {label_a} is {type(model_a).__name__}, "
-            f"{label_b} is {type(model_b).__name__}; "
-            "merge two models of the same class (e.g. two ViTForImageClassification)"
+            f"{label_b} is {type(model_b).__name__}; {same_class_fix(type(model_a).__name__)}"
         )
     differences = config_differences(model_a.config, model_b.config)
     if differences:

@@ -33,6 +33,7 @@ from hf_mudsc.load.checks import (
     config_mismatch,
     is_multi_label_head,
     is_regression_head,
+    same_class_fix,
     training_only,
 )
 from hf_mudsc.load.config_json import FIX as CONFIG_FIX
@@ -598,7 +599,7 @@ def check_configs(located: Sequence[_Located]) -> None:
         if kind_a != kind_b:
             raise ParentMismatchError(
                 f"parents have different architectures: {_named(first, 0)} is {kind_a}, {_named(other, index)} is "
-                f"{kind_b}; merge models of the same class (e.g. all ViTForImageClassification)"
+                f"{kind_b}; {same_class_fix(kind_a)}"
             )
         differences = config_differences(first.config, other.config)
         if differences:
