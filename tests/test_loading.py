@@ -287,7 +287,7 @@ def describe(parent):
 
 emit(describe(load_parent("user/vit@SHA1")))
 emit(describe(load_parent("user/vit")))
-for refs in (["user/bert-a", "user/bert-b"], ["user/pickled"]):
+for refs in (["user/bert-a", "user/bert-b"], ["user/pickled"], ["user/encoder", "user/encoder-nopool"]):
     try:
         load_parents(refs)
         emit("no error")
@@ -305,10 +305,13 @@ def test_hub_parents_at_pinned_revisions(hub_emulator, tmp_path):
     hub.upload_folder("user/bert-a", save_bert(tmp_path / "bert-a", seed=0, vocab=bert_vocab("w")))
     hub.upload_folder("user/bert-b", save_bert(tmp_path / "bert-b", seed=1, vocab=bert_vocab("x")))
     hub.upload_folder("user/pickled", make_pickle_only(tmp_path / "pickled"))
+    for repo, kind in (("user/encoder", "vit"), ("user/encoder-nopool", "vit_nopool")):
+        make_model(kind, seed=0).save_pretrained(tmp_path / repo)
+        hub.upload_folder(repo, tmp_path / repo)
     assert sha1 != sha2
 
     result = hub.run_client(HUB_CLIENT.replace("SHA1", sha1), env={"PYTHONPATH": str(ROOT)})
-    pinned, head, vocab_error, pickle_error, merged = result.results
+    pinned, head, vocab_error, pickle_error, pooler_error, merged = result.results
 
     with torch.no_grad():
         expected_v1 = float(sum(p.double().sum() for p in make_model("vit_cls", seed=0).half().float().parameters()))
@@ -322,6 +325,9 @@ def test_hub_parents_at_pinned_revisions(hub_emulator, tmp_path):
     assert head["checksum"] == pytest.approx(expected_v2, rel=1e-9)
     assert "different tokenizer vocabularies" in vocab_error
     assert "allow_pickle=True" in pickle_error
+    # A Hub parent's headers come with its weights: the parameter names are compared once they are fetched.
+    assert pooler_error.startswith("parent A ('user/encoder') has a pooler ('pooler.dense') and parent B "
+                                   "('user/encoder-nopool') has none"), pooler_error
     assert merged == {"parents": ["user/vit", "user/vit"], "revisions": [sha1, sha2]}
 
     # Refused before any weights were downloaded.
