@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from transformers import BertTokenizer, CLIPImageProcessor, CLIPTokenizer, ViTImageProcessor
 
 import hf_mudsc
-from hf_mudsc.errors import LoadError, MergeInputError
+from hf_mudsc.errors import LoadError, MergeInputError, ParentMismatchError
+from hf_mudsc.load.checks import check_parents
 from hf_mudsc.load.parents import LoadedParent, load_parent, load_parents
 from hf_mudsc.load.processors import image_processor_of, tokenizer_of
 from hf_mudsc.load.references import parse_reference
@@ -286,7 +287,7 @@ def describe(parent):
 
 emit(describe(load_parent("user/vit@SHA1")))
 emit(describe(load_parent("user/vit")))
-for refs in (["user/bert-a", "user/bert-b"], ["user/pickled"]):
+for refs in (["user/bert-a", "user/bert-b"], ["user/pickled"], ["user/encoder", "user/encoder-nopool"]):
     try:
         load_parents(refs)
         emit("no error")
@@ -304,10 +305,13 @@ def test_hub_parents_at_pinned_revisions(hub_emulator, tmp_path):
     hub.upload_folder("user/bert-a", save_bert(tmp_path / "bert-a", seed=0, vocab=bert_vocab("w")))
     hub.upload_folder("user/bert-b", save_bert(tmp_path / "bert-b", seed=1, vocab=bert_vocab("x")))
     hub.upload_folder("user/pickled", make_pickle_only(tmp_path / "pickled"))
+    for repo, kind in (("user/encoder", "vit"), ("user/encoder-nopool", "vit_nopool")):
+        make_model(kind, seed=0).save_pretrained(tmp_path / repo)
+        hub.upload_folder(repo, tmp_path / repo)
     assert sha1 != sha2
 
     result = hub.run_client(HUB_CLIENT.replace("SHA1", sha1), env={"PYTHONPATH": str(ROOT)})
-    pinned, head, vocab_error, pickle_error, merged = result.results
+    pinned, head, vocab_error, pickle_error, pooler_error, merged = result.results
 
     with torch.no_grad():
         expected_v1 = float(sum(p.double().sum() for p in make_model("vit_cls", seed=0).half().float().parameters()))
@@ -321,6 +325,9 @@ def test_hub_parents_at_pinned_revisions(hub_emulator, tmp_path):
     assert head["checksum"] == pytest.approx(expected_v2, rel=1e-9)
     assert "different tokenizer vocabularies" in vocab_error
     assert "allow_pickle=True" in pickle_error
+    # A Hub parent's headers come with its weights: the parameter names are compared once they are fetched.
+    assert pooler_error.startswith("parent A ('user/encoder') has a pooler ('pooler.dense') and parent B "
+                                   "('user/encoder-nopool') has none"), pooler_error
     assert merged == {"parents": ["user/vit", "user/vit"], "revisions": [sha1, sha2]}
 
     # Refused before any weights were downloaded.
@@ -397,6 +404,71 @@ def test_a_bare_encoder_saved_without_its_pooler_merges_from_its_folder(tmp_path
     assert from_folders.state_dict().keys() == from_objects.state_dict().keys()
     for name, tensor in from_objects.state_dict().items():
         assert torch.equal(from_folders.state_dict()[name], tensor), name
+
+
+@pytest.fixture(scope="module")
+def pooled_and_unpooled(tmp_path_factory):
+    """For each bare encoder kind, a folder saved with its pooler and one saved without (`add_pooling_layer=False`)."""
+    root = tmp_path_factory.mktemp("pooler")
+    folders = {}
+    for kind in ("vit", "bert"):
+        for variant, seed in ((kind, 0), (f"{kind}_nopool", 1)):
+            make_model(variant, seed=seed).save_pretrained(root / variant)
+            folders[variant] = root / variant
+    return folders
+
+
+@pytest.mark.parametrize("kind,cls", [("vit", "ViTModel"), ("bert", "BertModel")])
+@pytest.mark.parametrize("pooled_first", [True, False])
+def test_bare_encoders_one_with_a_pooler_and_one_without_are_refused_before_weights(
+        pooled_and_unpooled, monkeypatch, kind, cls, pooled_first):
+    """QA s22: a pooled parent A crashed the merge (KeyError: 'pooler.dense'); an unpooled A silently dropped B's
+    pooler; `linear` kept A's pooler and called it an average. Refused in one line before any weights are loaded,
+    naming which parent has the pooler and which has none, and the fix."""
+    pooled, unpooled = pooled_and_unpooled[kind], pooled_and_unpooled[f"{kind}_nopool"]
+    folders = [pooled, unpooled] if pooled_first else [unpooled, pooled]
+    with_pooler, without = ("A", "B") if pooled_first else ("B", "A")
+    _no_weights_loaded(monkeypatch)
+    with pytest.raises(ParentMismatchError) as caught:
+        load_parents(folders)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"parent {with_pooler} ({str(folders[0 if pooled_first else 1])!r}) has a pooler ('pooler.dense')" in message
+    assert f"parent {without} ({str(folders[1 if pooled_first else 0])!r}) has none" in message
+    assert f"{cls}.from_pretrained(" in message and "add_pooling_layer=False" in message
+    for dry_run in (True, False):  # the merge and its dry run refuse it alike
+        with pytest.raises(ParentMismatchError, match="has a pooler"):
+            hf_mudsc.merge(folders, method="linear", dry_run=dry_run, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["vit", "bert"])
+def test_bare_encoder_objects_one_with_a_pooler_and_one_without_are_refused(kind):
+    """The same parents given as model objects (and as loaded models checked after loading, e.g. pickle parents)."""
+    pooled, unpooled = make_model(kind, seed=0), make_model(f"{kind}_nopool", seed=1)
+    for method in ("mudsc", "weight_matching", "linear"):
+        with pytest.raises(ParentMismatchError, match=r"^parent A has a pooler \('pooler.dense'\) and parent B has "
+                                                        r"none"):
+            hf_mudsc.merge([pooled, unpooled], make_batches(kind, 1), method=method, progress=False)
+    with pytest.raises(MergeInputError, match=r"^parent B has a pooler \('pooler.dense'\) and parent A has none"):
+        check_parents(unpooled, pooled)
+
+
+def test_objects_built_with_other_parameters_are_refused_naming_the_first_differing_module():
+    """Any other difference in parameter names (here a ViT whose final LayerNorm was replaced by an identity; a
+    parameter only B holds is refused already, as an attached module) is refused in one line naming the module,
+    instead of failing or dropping the tensor in the merge."""
+    plain, trimmed = make_model("vit", seed=0), make_model("vit", seed=1)
+    trimmed.layernorm = torch.nn.Identity()
+    for parents, says in (([plain, trimmed], "parent B lacks 'layernorm.weight' (module 'layernorm'), which parent A "
+                                             "holds"),
+                          ([trimmed, plain], "parent B holds 'layernorm.weight' (module 'layernorm'), which parent A "
+                                             "has not")):
+        with pytest.raises(ParentMismatchError) as caught:
+            hf_mudsc.merge(parents, method="linear", progress=False)
+        message = str(caught.value)
+        assert "\n" not in message
+        assert message.startswith(says)
+        assert message.endswith("build both parents the same way")
 
 
 def test_a_classifier_checkpoint_without_the_pooler_it_reads_is_refused(tmp_path):

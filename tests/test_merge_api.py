@@ -234,6 +234,30 @@ def test_a_bert_token_classifier_is_refused_naming_its_class_and_the_supported_o
         hf_mudsc.merge(parents, make_batches("bert_cls", 1), progress=False)
 
 
+
+def test_a_bert_multiple_choice_model_is_refused_as_the_token_classifier_is():
+    """QA s22: BertForMultipleChoice (not a supported class: docs/design.md §5.2) merged with 3-D inputs and failed
+    with a raw reshape error on 2-D ones. Refused in one line, in the token classifier's words."""
+    from factories import BERT
+    from transformers import BertConfig, BertForMultipleChoice
+    parents = [BertForMultipleChoice(BertConfig(**BERT)) for _ in range(2)]
+    with pytest.raises(UnsupportedArchitectureError,
+                       match=r"^BertForMultipleChoice is not supported.*use BertModel or "
+                             r"BertForSequenceClassification$"):
+        hf_mudsc.merge(parents, make_batches("bert_cls", 1), progress=False)
+
+
+def test_parents_of_different_classes_are_told_to_merge_models_of_parent_as_class():
+    """QA s22: BERT parents of two classes were told to merge 'e.g. all ViTForImageClassification'; the example is
+    parent A's own class, from the loader and from `check_parents` alike."""
+    bert, bare = make_model("bert_cls", 0), make_model("bert", 1)
+    expected = r"merge models of the same class \(e\.g\. all BertForSequenceClassification\)$"
+    with pytest.raises(MergeInputError, match=expected):
+        hf_mudsc.merge([bert, bare], method="linear", progress=False)
+    from hf_mudsc.load.checks import check_parents
+    with pytest.raises(MergeInputError, match=expected):
+        check_parents(bert, bare)
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nan_or_inf_weights_are_refused(bad):
     a, b = make_model("vit_cls", 0), make_model("vit_cls", 1)

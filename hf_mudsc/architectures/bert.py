@@ -47,6 +47,13 @@ def bert_spec(model: nn.Module) -> PermutationSpec:
         raise UnsupportedArchitectureError(
             f"{type(model).__name__} is not supported; use BertModel or BertForSequenceClassification"
         )
+    from transformers import BertForMultipleChoice
+
+    if isinstance(model, BertForMultipleChoice):  # a sequence classifier's pooler and classifier, other inputs
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} is not supported (a score per choice, read from inputs of shape (batch, choices, "
+            "tokens)); use BertModel or BertForSequenceClassification"
+        )
     has_pooler = f"{prefix}pooler.dense.weight" in params
     width = config.hidden_size
     residual, blocks = encoder_groups(BERT, prefix, num_layers=config.num_hidden_layers, width=width,

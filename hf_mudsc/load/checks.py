@@ -65,6 +65,41 @@ def config_differences(a: PretrainedConfig, b: PretrainedConfig, prefix: str = "
     return problems
 
 
+def same_class_fix(class_a: str) -> str:
+    """How a refusal of parents of different classes ends: the fix, with parent A's class (`class_a`) as example."""
+    return f"merge models of the same class (e.g. all {class_a})"
+
+
+def parameter_difference(names_a: Sequence[str], names_b: Sequence[str]) -> tuple[str, bool] | None:
+    """The first parameter one parent holds and the other has not, as (name, whether parent A is the one holding it):
+    A's names in A's order first, then B's; None when both hold the same names. Parents of one class and config can
+    still differ so (constructor choices the config does not record, e.g. `add_pooling_layer=False`), and a merge
+    of the two would fail on, or silently drop, what only one holds."""
+    held_b = set(names_b)
+    for name in names_a:
+        if name not in held_b:
+            return name, True
+    held_a = set(names_a)
+    for name in names_b:
+        if name not in held_a:
+            return name, False
+    return None
+
+
+def structure_mismatch(name_a: str, name_b: str, parameter: str, a_holds: bool, class_a: str) -> str:
+    """The refusal of two parents (named `name_a`, `name_b` in messages) of class `class_a` whose parameters differ
+    (`parameter_difference`: `parameter`, held by A or by B). A pooler held by one only gets the fix for it."""
+    module = parameter.rpartition(".")[0] or parameter
+    holder, other = (name_a, name_b) if a_holds else (name_b, name_a)
+    if "pooler" in module.split("."):
+        return (f"{holder} has a pooler ({module!r}) and {other} has none: one merged model cannot hold both; load "
+                f"both the same way (e.g. {class_a}.from_pretrained(path, add_pooling_layer=False) for both, then pass "
+                "the models or save_pretrained them)")
+    return (f"{name_b} {'lacks' if a_holds else 'holds'} {parameter!r} (module {module!r}), which {name_a} "
+            f"{'holds' if a_holds else 'has not'}: the parents are {class_a}s built with other constructor arguments "
+            "and one merged model cannot hold both; build both parents the same way")
+
+
 def is_regression_head(config: PretrainedConfig) -> bool:
     """Whether a classifier class with this config is a regression head: transformers reads one output (or
     problem_type "regression") as regression and trains it with a squared error, not a softmax."""
@@ -96,12 +131,17 @@ def check_parents(model_a: PreTrainedModel, model_b: PreTrainedModel, labels: tu
     if type(model_a) is not type(model_b):
         raise MergeInputError(
             f"parents have different architectures: {label_a} is {type(model_a).__name__}, "
-            f"{label_b} is {type(model_b).__name__}; "
-            "merge two models of the same class (e.g. two ViTForImageClassification)"
+            f"{label_b} is {type(model_b).__name__}; {same_class_fix(type(model_a).__name__)}"
         )
     differences = config_differences(model_a.config, model_b.config)
     if differences:
         raise MergeInputError(config_mismatch("parents", differences))
+    names = ([name for name, _ in model_a.named_parameters()], [name for name, _ in model_b.named_parameters()])
+    difference = parameter_difference(*names)
+    # Parents whose names the loader could not read before loading (pickle checkpoints) are checked here, as loaded.
+    if difference is not None:
+        raise MergeInputError(structure_mismatch(f"parent {label_a}", f"parent {label_b}", *difference,
+                                                 type(model_a).__name__))
     for name, model in ((label_a, model_a), (label_b, model_b)):
         check_finite(dict(model.named_parameters()), f"parent {name}")
 

@@ -33,6 +33,9 @@ from hf_mudsc.load.checks import (
     config_mismatch,
     is_multi_label_head,
     is_regression_head,
+    parameter_difference,
+    same_class_fix,
+    structure_mismatch,
     training_only,
 )
 from hf_mudsc.load.config_json import FIX as CONFIG_FIX
@@ -585,7 +588,7 @@ def check_configs(located: Sequence[_Located]) -> None:
         if kind_a != kind_b:
             raise ParentMismatchError(
                 f"parents have different architectures: {_named(first, 0)} is {kind_a}, {_named(other, index)} is "
-                f"{kind_b}; merge models of the same class (e.g. all ViTForImageClassification)"
+                f"{kind_b}; {same_class_fix(kind_a)}"
             )
         differences = config_differences(first.config, other.config)
         if differences:
@@ -609,6 +612,52 @@ def check_configs(located: Sequence[_Located]) -> None:
                 "problem_type, and either task would be read by the other's rule; merge multi-label heads with "
                 "multi-label heads, or merge their encoders (e.g. ViTModel)"
             )
+
+
+def held_parameters(located: _Located) -> list[str] | None:
+    """The parameter names a located parent has once loaded, in its model's order, from what is known before its
+    weights are read: a model object's or `LoadedParent`'s own, else its safetensors headers (named as
+    `from_pretrained` names them: `lazy.stored_keys`) — a bare encoder saved without its pooler is read without one
+    (`_load_weights`). None when not known yet or left to the loader: a Hub checkpoint not downloaded, pickle
+    weights, a checkpoint lacking more than a pooler (`_load_weights` refuses it, naming the tensors)."""
+    from hf_mudsc.load.lazy import checkpoint_keys, safetensors_files, stored_keys
+
+    if located.loaded is not None:
+        return [name for name in parameters_of(located.loaded) if name not in located.loaded.absent]
+    if located.model is not None:
+        return [name for name, _ in located.model.named_parameters()]
+    if located.folder is None or located.config is None or located.use_pickle or located.read_as is not None:
+        return None
+    files = safetensors_files(located.folder)
+    if not files or not all(file.is_file() for file in files):
+        return None
+    model = meta_model(located.config, reference=located.reference)
+    keys = stored_keys(model, checkpoint_keys(files))
+    if keys is None:
+        return None
+    names = [name for name, _ in model.named_parameters()]
+    missing = [name for name in names if name not in keys]
+    if missing and not _saved_without_pooler(type(model), missing, (), ()):
+        return None
+    return [name for name in names if name in keys]
+
+
+def check_parameter_names(located: Sequence[_Located]) -> bool:
+    """Refuse parents of one class and configuration whose parameters differ (constructor choices a config does not
+    record: a bare encoder with its pooler and one built with `add_pooling_layer=False`), in one line naming the first
+    module that differs, before any weights are loaded: the merge failed on a tensor only parent A holds, or dropped
+    one only another parent holds. Returns whether every parent's names were known (`held_parameters`); the loaders
+    check again once the weights are fetched, before reading them (a Hub parent's headers come with its weights)."""
+    names = [held_parameters(parent) for parent in located]
+    first = names[0]
+    for index, (other, held) in enumerate(zip(located[1:], names[1:]), start=1):
+        if first is None or held is None:
+            continue
+        difference = parameter_difference(first, held)
+        if difference is not None:
+            raise ParentMismatchError(structure_mismatch(_named(located[0], 0), _named(other, index), *difference,
+                                                         _architecture(located[0])))
+    return all(held is not None for held in names)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1007,9 +1056,12 @@ def load_parents(refs: Sequence[Any], *, token: str | bool | None = None, allow_
     located = [_locate_with_processor(r, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir) for r in refs]
     check_model_objects(located)
     check_configs(located)
+    names_known = check_parameter_names(located)
     warning = check_vocabularies(located)
     for parent in located:
         _prepare(parent, token=token, cache_dir=cache_dir)
+    if not names_known:
+        check_parameter_names(located)
     return _warned([_finish(p, token=token, cache_dir=cache_dir) for p in located], warning)
 
 
@@ -1064,6 +1116,7 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
     located = [_locate_with_processor(r, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir) for r in refs]
     check_model_objects(located)
     check_configs(located)
+    names_known = check_parameter_names(located)
     located_base, source = locate_base(located, base, base_needed_for=base_needed_for, token=token,
                                        allow_pickle=allow_pickle, cache_dir=cache_dir)
     if check_config is not None and located[0].config is not None:
@@ -1074,6 +1127,8 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
         before_weights([p.loaded.processor if p.loaded is not None else p.processor for p in located])
     for parent in located + ([located_base] if located_base is not None else []):
         _prepare(parent, token=token, cache_dir=cache_dir)
+    if not names_known:
+        check_parameter_names(located)
     views: list[LoadedParent | None] = [None] * len(located)
     if choose_loading is not None and all(p.loaded is None and p.model is None and not p.use_pickle
                                           and p.read_as is None for p in located):
@@ -1241,6 +1296,7 @@ def locate_parents(refs: Sequence[Any], base: Any = None, *, base_needed_for: st
     located = [_locate_with_processor(r, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir) for r in refs]
     check_model_objects(located)
     check_configs(located)
+    check_parameter_names(located)
     located_base, source = locate_base(located, base, base_needed_for=base_needed_for, token=token,
                                        allow_pickle=allow_pickle, cache_dir=cache_dir)
     check_vocabularies(located + ([located_base] if located_base is not None else []))
