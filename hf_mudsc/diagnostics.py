@@ -161,16 +161,22 @@ def unread_options_warning(options: MergeOptions, used: Mapping[str, Any], metho
 
 
 def inert_options_warnings(options: MergeOptions, *, method: str, reads_base: bool, reads_data: bool,
-                           has_data: bool, refit: str) -> list[str]:
+                           has_data: bool, refit: str, inputs: Sequence[str] = ()) -> list[str]:
     """Options set for a part of the merge that does not run — a refit setting with no refit (REPAIR reads
-    `refit_samples` only), a calibration setting without data, data that nothing reads — and a base given to a
-    method that does not read it: each changes nothing, said like an option the method does not read."""
+    `refit_samples` only), a calibration setting without data, a raw column of a kind the parents do not read
+    (`inputs`: the model inputs they take, e.g. `PermutationSpec.inputs`), data that nothing reads — and a base given
+    to a method that does not read it: each changes nothing, said like an option the method does not read."""
     defaults = {f.name: f.default for f in MergeOptions.option_fields()}
     refit_names = (("refit_lambda", "refit_norms", "refit_samples") if refit == "none"
                    else ("refit_lambda", "refit_norms") if refit == "repair" else ())
     cases = [(refit_names, "no refit runs" if refit == "none" else "refit='repair' reads only refit_samples"),
              (("num_samples", "image_column", "text_column", "statistics_dtype") if not has_data else (),
               "no calibration data is given")]
+    if has_data and reads_data and inputs:  # the column of a kind no parent reads is never preprocessed
+        cases += [(("text_column",) if "input_ids" not in inputs else (),
+                   f"the parents read no text (their inputs: {', '.join(inputs)})"),
+                  (("image_column",) if "pixel_values" not in inputs else (),
+                   f"the parents read no images (their inputs: {', '.join(inputs)})")]
     texts = []
     for names, reason in cases:
         set_names = [name for name in names if getattr(options, name) != defaults[name]]

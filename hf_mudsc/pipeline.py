@@ -528,7 +528,7 @@ def merge(
     method_options = handed_options(merge_options, count)
     used_options = merge_method.used_options(method_options)
     if unconfirmed is None:  # (else once the solve has decided the method)
-        _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value)
+        _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value, spec.inputs)
     calibration_name = given_calibration_name if needs_data else None
     # alpha="auto" (docs/design.md §4.4): only for a method that matches units on activations and reads α.
     auto_alpha = alpha_searched(merge_method, merge_options, count)
@@ -573,7 +573,7 @@ def merge(
         logger.info("method auto: %s", choice_reason)
         unconfirmed = None
         refit_value, refitting, used_options, auto_alpha = settled(merge_method)
-        _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value)
+        _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value, spec.inputs)
     held_out = alpha_scorer = None
     statistics_data, statistics_samples = calibration, num_samples
     if auto_alpha:  # every 5th example is held out to score the candidate merges; the rest feed the statistics
@@ -642,7 +642,7 @@ def merge(
             context, left_out = context_for(merge_method)
             del result  # the solve's merged weights are not held while the same-base method runs
             result = merge_method.merge_parameters(context)
-        _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value)
+        _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value, spec.inputs)
     if auto_alpha:
         from hf_mudsc.apply.fidelity import FidelityScorer, search_alpha
 
@@ -856,13 +856,13 @@ def _check_data(method: MergeMethod, calibration: Any, count: int, chosen: str |
 
 
 def _warn_unused(options: MergeOptions, used: Mapping[str, Any], method: MergeMethod, calibration: Any, count: int,
-                 refit_value: str) -> None:
+                 refit_value: str, inputs: Sequence[str] = ()) -> None:
     """Say which options change nothing (`diagnostics.unread_options_warning`, `inert_options_warnings`), and that
     `reference_compat=True` has no reference merge to reproduce with a method that matches no units."""
     reads_data = _reads_data(method, refit_value in REFITTING)
     for text in filter(None, [unread_options_warning(options, used, method.name), *inert_options_warnings(
             options, method=method.name, reads_base=method.needs_base_model, reads_data=reads_data,
-            has_data=calibration is not None, refit=refit_value)]):
+            has_data=calibration is not None, refit=refit_value, inputs=inputs)]):
         logger.warning("%s", text)
     if reference_compat_unread(method, options):
         without = _refits(dataclasses.replace(options, reference_compat=False), method, calibration, count)

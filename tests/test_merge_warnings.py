@@ -285,3 +285,31 @@ def test_the_card_says_calibration_data_the_method_did_not_read(tmp_path):
     card = (out / "README.md").read_text()
     row = next(line for line in card.splitlines() if line.startswith("| Calibration data |"))
     assert "not read" in row and calibration.name in row, row
+
+
+@pytest.mark.parametrize("kind, option", [("vit_cls", "text_column"), ("bert_cls", "image_column")])
+def test_a_column_option_of_a_kind_the_parents_do_not_read_is_said_to_have_no_effect(kind, option):
+    """QA s22 (r5): `text_column=` for image parents (`image_column=` for text parents) was neither read nor refused,
+    yet recorded in the recipe and card; it is said to have no effect, as other inert options are, in the merge's
+    warnings and in its dry run (the same function)."""
+    from hf_mudsc.diagnostics import inert_options_warnings
+    from hf_mudsc.options import MergeOptions
+
+    spec = spec_for(make_model(kind, seed=1))
+    options = MergeOptions(**{option: "caption"})
+    said = inert_options_warnings(options, method="mudsc", reads_base=False, reads_data=True, has_data=True,
+                                  refit="none", inputs=spec.inputs)
+    assert len(said) == 1 and said[0].startswith(f"{option}= (CLI: --{option.replace('_', '-')}) has no effect")
+    assert ("no text" if option == "text_column" else "no images") in said[0]
+    other = "image_column" if option == "text_column" else "text_column"  # the kind the parents read: used
+    assert not inert_options_warnings(MergeOptions(**{other: "caption"}), method="mudsc", reads_base=False,
+                                      reads_data=True, has_data=True, refit="none", inputs=spec.inputs)
+
+
+def test_the_dry_run_says_a_text_column_for_image_parents_has_no_effect():
+    import datasets
+
+    parents = [make_model("vit_cls", seed) for seed in (1, 2)]
+    data = datasets.Dataset.from_dict({"pixel_values": torch.randn(4, 1, 16, 16).tolist(), "caption": ["a"] * 4})
+    plan = hf_mudsc.merge(parents, data, method="mudsc", refit="none", text_column="caption", dry_run=True)
+    assert [text for text in plan.warnings if text.startswith("text_column= (CLI: --text-column) has no effect")]
