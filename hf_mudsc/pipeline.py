@@ -38,7 +38,7 @@ from hf_mudsc.errors import MergeInputError, OptionError
 from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_finite, check_parents
 from hf_mudsc.load.lazy import subset
 from hf_mudsc.load.objects import held_as_given, model_objects
-from hf_mudsc.load.processors import image_processor_differences
+from hf_mudsc.load.processors import image_processor_differences, processor_note
 from hf_mudsc.load.references import (
     display_name,
     is_object_reference,
@@ -744,6 +744,9 @@ def merge(
         # place and whether the units correspond (methods.auto.confirm_choice); None when no check ran.
         "correspondence_check": correspondence,
         "warnings": list(report.warnings),
+        # parent A has no processor (none is saved) but the merge had one: whose, and whether it preprocessed raw data
+        "processor_note": processor_note([p.processor for p in parents], processor, preprocessed=needs_data and getattr(
+            calibration, "preprocess", None) is not None),
         "alpha_auto": alpha_curve,  # the α search's curve (alpha="auto"), else None
         "out_dtype_reason": out_dtype_reason,  # why the merged weights have the dtype `out_dtype`
         # The size budget's widths and exact parameter count (docs/design.md §4.12); None for methods without one.

@@ -116,6 +116,24 @@ def image_processor_differences(processors: Sequence[Any]) -> list[str]:
                    if key != "processor_class" and first.get(key) != other.get(key)})
 
 
+def processor_note(processors: Sequence[Any], given: Any = None, preprocessed: bool = False) -> str | None:
+    """What the card says of the processor when parent A has none (so none is saved with the merged model) but the
+    merge had one: another parent's, or `given` (merge()'s `processor=`); `preprocessed`: it preprocessed raw
+    calibration columns. None when parent A has one, or when no processor was at hand at all."""
+    if not processors or processors[0] is not None:
+        return None
+    index = next((i for i, p in enumerate(processors) if p is not None), None)
+    if given is not None:
+        used = "the processor passed to merge()"
+    elif index is not None:
+        used = f"parent {chr(ord('A') + index) if index < 26 else f'P{index}'}'s"
+    else:
+        return None
+    if preprocessed:
+        return f"parent A has none, and {used} preprocessed the raw calibration data"
+    return f"parent A has none ({used} is not saved with it either)"
+
+
 #: Tokenizer settings that name where its files were read from, not how it tokenizes.
 _LOCATION_KEYS = ("name_or_path", "_commit_hash")
 
