@@ -38,7 +38,7 @@ from hf_mudsc.errors import MergeInputError, OptionError
 from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_finite, check_parents
 from hf_mudsc.load.lazy import subset
 from hf_mudsc.load.objects import held_as_given, model_objects
-from hf_mudsc.load.processors import image_processor_differences, processor_note
+from hf_mudsc.load.processors import image_processor_differences, processor_note, tokenizer_differences
 from hf_mudsc.load.references import (
     display_name,
     is_object_reference,
@@ -685,6 +685,7 @@ def merge(
         gated=refit_value == "gate",
         shared_labels=[label_names(m.config) for m in loaded] if spec.classifier is not None and not concatenate
         else None, processor_differences=image_processor_differences([p.processor for p in parents]),
+        tokenizer_differences=tokenizer_differences([p.processor for p in parents]),
         units_correspond=units_correspond(share_in_place(report.matches)))
     size_plan = measured_plan(spec, params, merged_params, merge_options.size) if merge_method.supports_size else None
     if size_plan is not None and (unspent := unspent_stream_warning(spec, size_plan, merge_options.size_spend)):

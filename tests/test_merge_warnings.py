@@ -313,3 +313,39 @@ def test_the_dry_run_says_a_text_column_for_image_parents_has_no_effect():
     data = datasets.Dataset.from_dict({"pixel_values": torch.randn(4, 1, 16, 16).tolist(), "caption": ["a"] * 4})
     plan = hf_mudsc.merge(parents, data, method="mudsc", refit="none", text_column="caption", dry_run=True)
     assert [text for text in plan.warnings if text.startswith("text_column= (CLI: --text-column) has no effect")]
+
+
+def _tokenizer(lower: bool, extra: str = "") -> object:
+    from transformers import BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "The", "Cat", "good", "bad", extra or "mat"]
+    return BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=lower)
+
+
+def test_tokenizer_differences_name_lower_casing_vocabulary_and_max_length():
+    from hf_mudsc.load.processors import tokenizer_differences
+
+    lower = _tokenizer(True)
+    assert tokenizer_differences([lower, _tokenizer(True)]) == []
+    assert tokenizer_differences([lower, None, _tokenizer(False)]) == ["lower-casing"]
+    assert tokenizer_differences([lower, _tokenizer(True, extra="rug")]) == ["vocabulary"]
+    longer = _tokenizer(True)
+    longer.model_max_length = 16
+    assert tokenizer_differences([lower, longer]) == ["max length (model_max_length)"]
+
+
+def test_parents_with_different_tokenizers_are_warned_about_in_config_and_card(caplog, tmp_path):
+    """QA s22 (r3): parent A lower-cases, parent B does not: A's tokenizer is shipped and tokenized B's calibration
+    text, without a word (differing image processors were already warned about; tokenizers now take that path)."""
+    import datasets
+
+    folders = []
+    for name, seed, lower in (("a", 1, True), ("b", 2, False)):
+        _named(make_model("bert_cls", seed)).save_pretrained(tmp_path / name)
+        _tokenizer(lower).save_pretrained(tmp_path / name)
+        folders.append(str(tmp_path / name))
+    data = datasets.Dataset.from_dict({"text": ["The Cat sat on the mat", "good cat", "The cat was bad"] * 4})
+    merged, logged = _merge(folders, data, caplog, method="mudsc", refit="none")
+    found = [text for text in merged.config.mudsc["warnings"] if "tokenizer" in text]
+    assert len(found) == 1 and found[0].startswith("the parents' tokenizers differ (lower-casing)"), found
+    assert logged.count(found[0]) == 1 and found[0] in _card(merged, tmp_path)
