@@ -542,12 +542,19 @@ def merge(
             token=token, max_tokens=spec.max_tokens,
         )
 
+    # Every pass over the data checks each batch against the parents' config first; what it warns of is said once
+    # per merge and joins the merge's warnings (ids past the vocabulary, images of another shape are refused).
+    from hf_mudsc.calibrate.statistics import ModelInputCheck
+
+    input_check = ModelInputCheck.of(model_a.config)
+
     def calibration_batches() -> Iterator[dict]:
         """A fresh pass over the (resolved) calibration data, as every step that reads it again reads it."""
         from hf_mudsc.calibrate.statistics import iter_batches
 
         return iter_batches(calibration, batch_size=batch_size, num_samples=num_samples,
-                            columns=_input_columns(model_a), required=spec.inputs, max_tokens=spec.max_tokens)
+                            columns=_input_columns(model_a), required=spec.inputs, max_tokens=spec.max_tokens,
+                            check=input_check)
 
     def settled(method: MergeMethod) -> tuple[str, bool, dict[str, Any], bool]:
         """What follows from the method once `auto`'s check has decided it: the refit it runs, whether that reads
@@ -564,7 +571,7 @@ def merge(
         in_place, examples = _pair_in_place(
             checker, [loaded[i] for i in pair], [params[i] for i in pair], spec, calibration,
             options=method_options, batch_size=batch_size, num_samples=num_samples,
-            statistics_dtype=statistics_dtype, device=run_device, progress=progress)
+            statistics_dtype=statistics_dtype, device=run_device, progress=progress, check=input_check)
         _log_sample_count(examples, _check_pass(checker, pair_name))
         short_said = _warn_short(num_samples, examples)
         merge_method, choice_reason = confirm_choice(*unconfirmed, checker, in_place, relation.weight_distance,
@@ -585,7 +592,7 @@ def merge(
         accumulators = collect_statistics_distributed(
             loaded[0], loaded[1], spec, statistics_data, batch_size=batch_size, num_samples=statistics_samples,
             columns=_input_columns(model_a), required=spec.inputs, progress=progress,
-            statistics_dtype=statistics_dtype, device=run_device, others=loaded[2:],
+            statistics_dtype=statistics_dtype, device=run_device, others=loaded[2:], check=input_check,
         )
     if not is_main_process():
         logger.info("statistics shared with the main process, which solves and builds the merged model")
@@ -692,6 +699,7 @@ def merge(
         report.warnings.append(unspent)
     for text in report.warnings:
         logger.warning("%s", text)
+    report.warnings += [text for text in input_check.warnings if text not in report.warnings]  # logged when found
     if count == 2:  # the diagnostics describe a two-parent unit matching (None when no unit was matched)
         report.diagnostics = compute_diagnostics(
             matching_spec, params[0], params[1], report.matches, correlations, alpha=result.similarity_alpha,
@@ -909,7 +917,8 @@ def _planned_checker(relation: ParentRelation, chosen: MergeMethod, options: Mer
 def _pair_in_place(checker: MergeMethod, models: Sequence[PreTrainedModel],
                    params: Sequence[Mapping[str, torch.Tensor]], spec: PermutationSpec, calibration: Any, *,
                    options: MergeOptions, batch_size: int, num_samples: int | None, statistics_dtype: Any,
-                   device: Any, progress: bool) -> tuple[float, int]:
+                   device: Any, progress: bool, check: Callable[[Mapping[str, Any]], None] | None = None
+                   ) -> tuple[float, int]:
     """The share of units `checker`'s solve leaves in place (`solve.matchers.share_in_place`) for two of the parents
     (`models`, `params`: heads in parent A's label order), from their own statistics on the calibration data. Every
     process of a distributed run solves (the reduced statistics are the same everywhere), so all decide alike. Also
@@ -920,7 +929,7 @@ def _pair_in_place(checker: MergeMethod, models: Sequence[PreTrainedModel],
     accumulators = collect_statistics_distributed(
         models[0], models[1], spec, calibration, batch_size=batch_size, num_samples=num_samples,
         columns=_input_columns(models[0]), required=spec.inputs, progress=progress,
-        statistics_dtype=statistics_dtype, device=device)
+        statistics_dtype=statistics_dtype, device=device, check=check)
     examples = accumulators[0].examples or accumulators[0].count
     context = MethodContext(
         spec=spec, solve_spec=solve_spec(spec, concatenate), parents=list(params), base=None, models=list(models),
