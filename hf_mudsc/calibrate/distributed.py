@@ -116,9 +116,22 @@ def shard_batches(
             total = min(total, num_samples)
         return iter_batches(part, batch_size=batch_size, num_samples=num_samples, columns=columns,
                             required=required, max_tokens=max_tokens, check=check), total
+    if world_size == 1:
+        return iter_batches(calibration, batch_size=batch_size, num_samples=num_samples, columns=columns,
+                            required=required, max_tokens=max_tokens, check=check), None
     batches = iter_batches(calibration, batch_size=batch_size, num_samples=num_samples, columns=columns,
-                           required=required, max_tokens=max_tokens, check=check)
-    return (itertools.islice(batches, rank, None, world_size) if world_size > 1 else batches), None
+                           required=required, max_tokens=max_tokens)
+    mine = itertools.islice(batches, rank, None, world_size)
+    return (mine if check is None else _checked(mine, check)), None
+
+
+def _checked(batches: Iterable[dict[str, Any]], check: Callable[[Mapping[str, Any]], None]
+             ) -> Iterator[dict[str, Any]]:
+    """`batches`, each passed to `check` first: only this process's own batches (a batch another process reads is
+    that process's to refuse, so the failure is shared as one process's, as a forward's is)."""
+    for batch in batches:
+        check(batch)
+        yield batch
 
 
 def collect_statistics_distributed(
