@@ -19,8 +19,9 @@ so the dry run and the merge share them.
    which is wrong when they were trained on different tasks (two binary classifiers of different questions);
    the names cannot tell, so the user is told how to keep the heads apart (not for a permuted copy or the same
    model: one function, so one task).
-5. *Different image processors*: the merged model ships parent A's processor, so every other parent's task is
-   served with A's preprocessing (and raw calibration images are preprocessed with it).
+5. *Different image processors or tokenizers* (lower-casing, vocabulary, max length, ...): the merged model ships
+   parent A's processor, so every other parent's task is served with A's preprocessing (and raw calibration images
+   and text are preprocessed with it).
 """
 
 from __future__ import annotations
@@ -118,30 +119,44 @@ def default_labels_warning(label_sets: Sequence[Sequence[str]] | None) -> str | 
             "labels (config.id2label / label2id) before merging, so that the heads are kept side by side")
 
 
-def processor_warning(differences: Sequence[str]) -> str | None:
-    """Warn when the parents' image processors differ (module docstring, 5); `differences`: the differing settings
-    (`hf_mudsc.load.processors.image_processor_differences`)."""
+def processor_warning(differences: Sequence[str], tokenizer_differences: Sequence[str] = ()) -> str | None:
+    """Warn when the parents' image processors or tokenizers differ (module docstring, 5); `differences`: the
+    differing image processor settings (`hf_mudsc.load.processors.image_processor_differences`),
+    `tokenizer_differences`: the tokenizers' (`hf_mudsc.load.processors.tokenizer_differences`)."""
+    def shown(names: Sequence[str]) -> str:
+        return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+
+    if differences and tokenizer_differences:
+        return (f"the parents' image processors differ ({shown(differences)}) and so do their tokenizers "
+                f"({shown(tokenizer_differences)}): the merged model ships parent A's processor, so the other parents' "
+                "tasks see inputs preprocessed as A's were (and so did raw calibration data); re-save the parents "
+                "with one processor, or check each task's accuracy with hf-mudsc evaluate")
+    if tokenizer_differences:
+        return (f"the parents' tokenizers differ ({shown(tokenizer_differences)}): the merged model ships parent A's, "
+                "so the other parents' tasks see text tokenized as A's does (and so did raw calibration text); "
+                "re-save the parents with one tokenizer, or check each task's accuracy with hf-mudsc evaluate")
     if not differences:
         return None
-    shown = ", ".join(differences[:5]) + (", ..." if len(differences) > 5 else "")
-    return (f"the parents' image processors differ ({shown}): the merged model ships parent A's, so the other "
-            "parents' tasks see images preprocessed as A's were (and so did raw calibration images); re-save the "
+    return (f"the parents' image processors differ ({shown(differences)}): the merged model ships parent A's, so the "
+            "other parents' tasks see images preprocessed as A's were (and so did raw calibration images); re-save the "
             "parents with one processor, or check each task's accuracy with hf-mudsc evaluate")
 
 
 def merge_warnings(*, relation: str | None, method: Any, group_names: Sequence[str], group_values: Sequence[float],
                    rows: Mapping[str, int] | None, widths: Mapping[str, int], parents: int = 2,
                    refitting: bool = False, gated: bool = True, shared_labels: Sequence[Sequence[str]] | None = None,
-                   processor_differences: Sequence[str] = (), units_correspond: bool = True) -> list[str]:
+                   processor_differences: Sequence[str] = (), tokenizer_differences: Sequence[str] = (),
+                   units_correspond: bool = True) -> list[str]:
     """Every warning of a finished solve, in a fixed order (relation, default labels, calibration size, weak
     groups); `refitting`: a ridge refit follows, `gated`: the gate's (`relation_warning`); `shared_labels`: each
     parent's label names when their heads are fused as one label set (`default_labels_warning`);
-    `processor_differences`: the settings in which the parents' image processors differ (`processor_warning`);
+    `processor_differences`, `tokenizer_differences`: the settings in which the parents' image processors and
+    tokenizers differ (`processor_warning`);
     `units_correspond`: whether a unit matching left most units in place (`relation_warning`)."""
     found = [
         relation_warning(relation, method, refitting, gated, units_correspond) if relation else None,
         default_labels_warning(shared_labels) if relation not in ("same model", "permuted copy") else None,
-        processor_warning(processor_differences),
+        processor_warning(processor_differences, tokenizer_differences),
         calibration_size_warning(rows, widths, parents) if rows else None,
         weak_group_warning(group_names, group_values) if method.matches_units else None,
     ]
@@ -161,10 +176,12 @@ def unread_options_warning(options: MergeOptions, used: Mapping[str, Any], metho
 
 
 def inert_options_warnings(options: MergeOptions, *, method: str, reads_base: bool, reads_data: bool,
-                           has_data: bool, refit: str, matches_units: bool = True) -> list[str]:
+                           has_data: bool, refit: str, matches_units: bool = True,
+                           inputs: Sequence[str] = ()) -> list[str]:
     """Options set for a part of the merge that does not run — a refit setting with no refit (REPAIR reads
-    `refit_samples` only), a calibration setting without data, data that nothing reads — and a base given to a
-    method that does not read it, head pairing for a method that pairs no heads (`matches_units` False): each
+    `refit_samples` only), a calibration setting without data, a raw column of a kind the parents do not read
+    (`inputs`: the model inputs they take, e.g. `PermutationSpec.inputs`), data that nothing reads — and a base given
+    to a method that does not read it, head pairing for a method that pairs no heads (`matches_units` False): each
     changes nothing, said like an option the method does not read."""
     defaults = {f.name: f.default for f in MergeOptions.option_fields()}
     refit_names = (("refit_lambda", "refit_norms", "refit_samples") if refit == "none"
@@ -172,6 +189,11 @@ def inert_options_warnings(options: MergeOptions, *, method: str, reads_base: bo
     cases = [(refit_names, "no refit runs" if refit == "none" else "refit='repair' reads only refit_samples"),
              (("num_samples", "image_column", "text_column", "statistics_dtype") if not has_data else (),
               "no calibration data is given")]
+    if has_data and reads_data and inputs:  # the column of a kind no parent reads is never preprocessed
+        cases += [(("text_column",) if "input_ids" not in inputs else (),
+                   f"the parents read no text (their inputs: {', '.join(inputs)})"),
+                  (("image_column",) if "pixel_values" not in inputs else (),
+                   f"the parents read no images (their inputs: {', '.join(inputs)})")]
     texts = []
     for names, reason in cases:
         set_names = [name for name in names if getattr(options, name) != defaults[name]]

@@ -38,7 +38,7 @@ from hf_mudsc.errors import MergeInputError, OptionError
 from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_finite, check_parents
 from hf_mudsc.load.lazy import subset
 from hf_mudsc.load.objects import held_as_given, model_objects
-from hf_mudsc.load.processors import image_processor_differences
+from hf_mudsc.load.processors import image_processor_differences, processor_note, tokenizer_differences
 from hf_mudsc.load.references import (
     display_name,
     is_object_reference,
@@ -528,7 +528,7 @@ def merge(
     method_options = handed_options(merge_options, count)
     used_options = merge_method.used_options(method_options)
     if unconfirmed is None:  # (else once the solve has decided the method)
-        _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value)
+        _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value, spec.inputs)
     calibration_name = given_calibration_name if needs_data else None
     # alpha="auto" (docs/design.md §4.4): only for a method that matches units on activations and reads α.
     auto_alpha = alpha_searched(merge_method, merge_options, count)
@@ -542,12 +542,19 @@ def merge(
             token=token, max_tokens=spec.max_tokens,
         )
 
+    # Every pass over the data checks each batch against the parents' config first; what it warns of is said once
+    # per merge and joins the merge's warnings (ids past the vocabulary, images of another shape are refused).
+    from hf_mudsc.calibrate.statistics import ModelInputCheck
+
+    input_check = ModelInputCheck.of(model_a.config)
+
     def calibration_batches() -> Iterator[dict]:
         """A fresh pass over the (resolved) calibration data, as every step that reads it again reads it."""
         from hf_mudsc.calibrate.statistics import iter_batches
 
         return iter_batches(calibration, batch_size=batch_size, num_samples=num_samples,
-                            columns=_input_columns(model_a), required=spec.inputs, max_tokens=spec.max_tokens)
+                            columns=_input_columns(model_a), required=spec.inputs, max_tokens=spec.max_tokens,
+                            check=input_check)
 
     def settled(method: MergeMethod) -> tuple[str, bool, dict[str, Any], bool]:
         """What follows from the method once `auto`'s check has decided it: the refit it runs, whether that reads
@@ -564,7 +571,7 @@ def merge(
         in_place, examples = _pair_in_place(
             checker, [loaded[i] for i in pair], [params[i] for i in pair], spec, calibration,
             options=method_options, batch_size=batch_size, num_samples=num_samples,
-            statistics_dtype=statistics_dtype, device=run_device, progress=progress)
+            statistics_dtype=statistics_dtype, device=run_device, progress=progress, check=input_check)
         _log_sample_count(examples, _check_pass(checker, pair_name))
         short_said = _warn_short(num_samples, examples)
         merge_method, choice_reason = confirm_choice(*unconfirmed, checker, in_place, relation.weight_distance,
@@ -573,7 +580,7 @@ def merge(
         logger.info("method auto: %s", choice_reason)
         unconfirmed = None
         refit_value, refitting, used_options, auto_alpha = settled(merge_method)
-        _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value)
+        _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value, spec.inputs)
     held_out = alpha_scorer = None
     statistics_data, statistics_samples = calibration, num_samples
     if auto_alpha:  # every 5th example is held out to score the candidate merges; the rest feed the statistics
@@ -585,7 +592,7 @@ def merge(
         accumulators = collect_statistics_distributed(
             loaded[0], loaded[1], spec, statistics_data, batch_size=batch_size, num_samples=statistics_samples,
             columns=_input_columns(model_a), required=spec.inputs, progress=progress,
-            statistics_dtype=statistics_dtype, device=run_device, others=loaded[2:],
+            statistics_dtype=statistics_dtype, device=run_device, others=loaded[2:], check=input_check,
         )
     if not is_main_process():
         logger.info("statistics shared with the main process, which solves and builds the merged model")
@@ -642,7 +649,7 @@ def merge(
             context, left_out = context_for(merge_method)
             del result  # the solve's merged weights are not held while the same-base method runs
             result = merge_method.merge_parameters(context)
-        _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value)
+        _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value, spec.inputs)
     if auto_alpha:
         from hf_mudsc.apply.fidelity import FidelityScorer, search_alpha
 
@@ -685,12 +692,14 @@ def merge(
         gated=refit_value == "gate",
         shared_labels=[label_names(m.config) for m in loaded] if spec.classifier is not None and not concatenate
         else None, processor_differences=image_processor_differences([p.processor for p in parents]),
+        tokenizer_differences=tokenizer_differences([p.processor for p in parents]),
         units_correspond=units_correspond(share_in_place(report.matches)))
     size_plan = measured_plan(spec, params, merged_params, merge_options.size) if merge_method.supports_size else None
     if size_plan is not None and (unspent := unspent_stream_warning(spec, size_plan, merge_options.size_spend)):
         report.warnings.append(unspent)
     for text in report.warnings:
         logger.warning("%s", text)
+    report.warnings += [text for text in input_check.warnings if text not in report.warnings]  # logged when found
     if count == 2:  # the diagnostics describe a two-parent unit matching (None when no unit was matched)
         report.diagnostics = compute_diagnostics(
             matching_spec, params[0], params[1], report.matches, correlations, alpha=result.similarity_alpha,
@@ -744,6 +753,9 @@ def merge(
         # place and whether the units correspond (methods.auto.confirm_choice); None when no check ran.
         "correspondence_check": correspondence,
         "warnings": list(report.warnings),
+        # parent A has no processor (none is saved) but the merge had one: whose, and whether it preprocessed raw data
+        "processor_note": processor_note([p.processor for p in parents], processor, preprocessed=needs_data and getattr(
+            calibration, "preprocess", None) is not None),
         "alpha_auto": alpha_curve,  # the α search's curve (alpha="auto"), else None
         "out_dtype_reason": out_dtype_reason,  # why the merged weights have the dtype `out_dtype`
         # The size budget's widths and exact parameter count (docs/design.md §4.12); None for methods without one.
@@ -856,13 +868,14 @@ def _check_data(method: MergeMethod, calibration: Any, count: int, chosen: str |
 
 
 def _warn_unused(options: MergeOptions, used: Mapping[str, Any], method: MergeMethod, calibration: Any, count: int,
-                 refit_value: str) -> None:
+                 refit_value: str, inputs: Sequence[str] = ()) -> None:
     """Say which options change nothing (`diagnostics.unread_options_warning`, `inert_options_warnings`), and that
     `reference_compat=True` has no reference merge to reproduce with a method that matches no units."""
     reads_data = _reads_data(method, refit_value in REFITTING)
     for text in filter(None, [unread_options_warning(options, used, method.name), *inert_options_warnings(
             options, method=method.name, reads_base=method.needs_base_model, reads_data=reads_data,
-            has_data=calibration is not None, refit=refit_value, matches_units=method.matches_units)]):
+            has_data=calibration is not None, refit=refit_value, matches_units=method.matches_units,
+            inputs=inputs)]):
         logger.warning("%s", text)
     if reference_compat_unread(method, options):
         without = _refits(dataclasses.replace(options, reference_compat=False), method, calibration, count)
@@ -905,7 +918,8 @@ def _planned_checker(relation: ParentRelation, chosen: MergeMethod, options: Mer
 def _pair_in_place(checker: MergeMethod, models: Sequence[PreTrainedModel],
                    params: Sequence[Mapping[str, torch.Tensor]], spec: PermutationSpec, calibration: Any, *,
                    options: MergeOptions, batch_size: int, num_samples: int | None, statistics_dtype: Any,
-                   device: Any, progress: bool) -> tuple[float, int]:
+                   device: Any, progress: bool, check: Callable[[Mapping[str, Any]], None] | None = None
+                   ) -> tuple[float, int]:
     """The share of units `checker`'s solve leaves in place (`solve.matchers.share_in_place`) for two of the parents
     (`models`, `params`: heads in parent A's label order), from their own statistics on the calibration data. Every
     process of a distributed run solves (the reduced statistics are the same everywhere), so all decide alike. Also
@@ -916,7 +930,7 @@ def _pair_in_place(checker: MergeMethod, models: Sequence[PreTrainedModel],
     accumulators = collect_statistics_distributed(
         models[0], models[1], spec, calibration, batch_size=batch_size, num_samples=num_samples,
         columns=_input_columns(models[0]), required=spec.inputs, progress=progress,
-        statistics_dtype=statistics_dtype, device=device)
+        statistics_dtype=statistics_dtype, device=device, check=check)
     examples = accumulators[0].examples or accumulators[0].count
     context = MethodContext(
         spec=spec, solve_spec=solve_spec(spec, concatenate), parents=list(params), base=None, models=list(models),

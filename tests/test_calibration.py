@@ -140,3 +140,55 @@ def test_examples_survive_shard_merges_and_all_reduce_tensors():
         assert (f.combine(s).examples, restored.examples, w.examples) == (16, 16, 16)
         assert restored.count == w.count
     assert max(w.count for w in whole) > 16  # per-token groups count tokens, yet report 16 examples
+
+
+def _checked(kind: str, batches: list[dict]) -> tuple[list[dict], list[str]]:
+    """The batches `iter_batches` yields under the parents' input check (`ModelInputCheck`), and what it said."""
+    from hf_mudsc.calibrate.statistics import ModelInputCheck, iter_batches
+
+    check = ModelInputCheck.of(make_model(kind).config)
+    return list(iter_batches(batches, batch_size=16, check=check)), check.warnings
+
+
+def test_token_ids_past_the_parents_vocabulary_are_refused_before_any_forward():
+    """QA s22 (r7a): bert-base ids (101, 2023, ...) for parents with a 60-token vocabulary failed inside the
+    embedding with transformers' `index out of range in self`."""
+    with pytest.raises(CalibrationError, match=r"token id 2023, but the parents' vocabulary has 60 tokens \(config "
+                                               r"vocab_size\): tokenize .* with the parents' tokenizer"):
+        _checked("bert_cls", [{"input_ids": torch.tensor([[101, 2023, 102]] * 4)}])
+    with pytest.raises(CalibrationError, match="vocab_size"):  # CLIP: the text tower's vocabulary
+        _checked("clip", [{**make_batches("clip", 1)[0], "input_ids": torch.full((16, 12), 60)}])
+    assert _checked("bert_cls", make_batches("bert_cls", 2))[1] == []
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 16, 16), (4, 1, 32, 32)])
+def test_pixel_values_of_the_wrong_size_or_channels_are_refused_naming_the_expected_shape(shape):
+    """QA s22 (r7): wrong-size / wrong-channel pixel_values got transformers' raw message from inside the forward."""
+    with pytest.raises(CalibrationError, match=rf"shape \({', '.join(map(str, shape))}\), but the parents read "
+                                               r"\(batch, 1, 16, 16\) \(config num_channels, image_size\): "
+                                               r"preprocess the images with the parents' image processor"):
+        _checked("vit_cls", [{"pixel_values": torch.randn(*shape)}])
+
+
+def test_uint8_pixel_values_and_padded_ids_without_a_mask_are_warned_about_once():
+    """QA s22 (r6, r7b): raw 0..255 uint8 pixels were merged on without a word; pre-padded `input_ids` without an
+    `attention_mask` counted their padding as tokens though the README said padding is masked out. Each is one
+    warning per merge (no mask is inferred: a pad id may be a real token), and the batches pass unchanged."""
+    pixels = [{"pixel_values": torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)} for _ in range(3)]
+    batches, said = _checked("vit_cls", pixels)
+    assert len(said) == 1 and "uint8" in said[0] and "image processor" in said[0]
+    assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(batches, pixels))
+    padded = [{"input_ids": b["input_ids"]} for b in make_batches("bert_cls", 3)]  # padded with id 0, no mask
+    batches, said = _checked("bert_cls", padded)
+    assert len(said) == 1 and "pass attention_mask" in said[0] and "pad token id 0" in said[0]
+    assert set(batches[0]) == {"input_ids"}
+    assert _checked("bert_cls", [{"input_ids": torch.randint(1, 60, (4, 8))}])[1] == []  # no pad id: nothing said
+
+
+def test_a_merge_on_padded_ids_without_a_mask_says_so_in_its_warnings(caplog):
+    parents = [make_model("bert_cls", seed) for seed in (1, 2)]
+    padded = [{"input_ids": b["input_ids"]} for b in make_batches("bert_cls", 2)]
+    with caplog.at_level("WARNING", logger="hf_mudsc"):
+        merged = hf_mudsc.merge(parents, padded, method="mudsc", refit="ridge", progress=False)
+    said = [r.getMessage() for r in caplog.records if "attention_mask" in r.getMessage()]
+    assert len(said) == 1 and said[0] in merged.config.mudsc["warnings"]

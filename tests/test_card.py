@@ -435,3 +435,25 @@ def test_what_a_merged_config_records_cannot_add_headings_or_markup_to_the_card(
     assert re.findall(r"^## Usage", card.text, flags=re.MULTILINE) == ["## Usage"]  # the card's own only
     groups = card.text.split("| Group | Match value |\n|---|---|\n")[1].split("\n\n")[0].splitlines()
     assert len(groups) == 1 and groups[0].count("|") - groups[0].count("\\|") == 3, groups
+
+
+def test_the_card_says_whose_processor_preprocessed_the_data_when_parent_a_has_none(tmp_path):
+    """QA s22 (r12): parent A has no image processor, parent B has one, and B's preprocessed the raw calibration
+    images; the card said "the parents were merged without one"."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+    from transformers import ViTImageProcessor
+
+    for name, seed in (("a", 1), ("b", 2)):
+        make_model("vit_cls", seed).save_pretrained(tmp_path / name)
+    processor = ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.2], image_std=[0.3])
+    processor.save_pretrained(tmp_path / "b")
+    pixels = np.random.default_rng(0).integers(0, 255, (8, 16, 16), dtype=np.uint8)
+    data = datasets.Dataset.from_dict({"image": [Image.fromarray(p, mode="L") for p in pixels]})
+    merged = hf_mudsc.merge([str(tmp_path / "a"), str(tmp_path / "b")], data, method="mudsc", refit="none",
+                            progress=False)
+    card = (hf_mudsc.save_merged(merged, tmp_path / "merged") / "README.md").read_text()
+    assert "merged without one" not in card
+    assert ("No processor is saved with it: parent A has none, and parent B's preprocessed the raw calibration "
+            "data") in card

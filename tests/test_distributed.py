@@ -143,5 +143,5 @@ def test_two_process_merge_equals_single_process(two_process_results):
 
 def test_failure_on_one_process_stops_both(two_process_results):
     main, other = two_process_results
-    assert other["error"] and "could not be run" in other["error"]
+    assert other["error"] and "pixel_values have shape (4, 1, 8, 16)" in other["error"]  # refused before a forward
     assert main["error"] and "another process" in main["error"]

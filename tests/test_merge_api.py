@@ -284,8 +284,9 @@ def test_calibration_with_missing_columns_names_the_columns_found():
 
 
 def test_wrongly_shaped_calibration_is_refused():
-    batches = [{"pixel_values": torch.randn(2, 3, 16, 16)}]  # the models take 1 channel
-    with pytest.raises(CalibrationError, match="could not be run through ViTForImageClassification"):
+    batches = [{"pixel_values": torch.randn(2, 3, 16, 16)}]  # the models take 1 channel: refused before any forward
+    with pytest.raises(CalibrationError, match=r"pixel_values have shape \(2, 3, 16, 16\), but the parents read "
+                                               r"\(batch, 1, 16, 16\)"):
         hf_mudsc.merge([make_model("vit_cls", 0), make_model("vit_cls", 1)], batches, progress=False)
 
 
@@ -300,10 +301,13 @@ def test_a_batch_the_data_passes_cannot_run_is_refused_in_one_line(kwargs, where
     cannot run as the statistics pass does (naming the model class and the batch's columns), not with the raw error
     from inside the forward; also when only a later batch is broken (the loops, not only the first batch's pass)."""
     good = make_batches("vit_cls", num_batches=1, batch_size=8)[0]
-    bad = {"pixel_values": torch.randn(8, 3, 16, 16)}  # the models take 1 channel
+    # pixels of the shape the parents' config asks for (`ModelInputCheck` refuses another before any pass), with an
+    # input the forward cannot take (one flag per example: "Boolean value of Tensor ... is ambiguous")
+    bad = {**good, "interpolate_pos_encoding": torch.ones(8)}
     batches = [bad] if where == "first" else [good, bad]
     with pytest.raises(CalibrationError, match=r"^a calibration batch could not be run through "
-                                               r"ViTForImageClassification \(columns \['pixel_values'\]\): "):
+                                               r"ViTForImageClassification "
+                                               r"\(columns \['interpolate_pos_encoding', 'pixel_values'\]\): "):
         hf_mudsc.merge([make_model("vit_cls", 0), make_model("vit_cls", 1)], batches, progress=False, **kwargs)
 
 

@@ -287,3 +287,67 @@ def test_the_card_says_calibration_data_the_method_did_not_read(tmp_path):
     card = (out / "README.md").read_text()
     row = next(line for line in card.splitlines() if line.startswith("| Calibration data |"))
     assert "not read" in row and calibration.name in row, row
+
+
+@pytest.mark.parametrize("kind, option", [("vit_cls", "text_column"), ("bert_cls", "image_column")])
+def test_a_column_option_of_a_kind_the_parents_do_not_read_is_said_to_have_no_effect(kind, option):
+    """QA s22 (r5): `text_column=` for image parents (`image_column=` for text parents) was neither read nor refused,
+    yet recorded in the recipe and card; it is said to have no effect, as other inert options are, in the merge's
+    warnings and in its dry run (the same function)."""
+    from hf_mudsc.diagnostics import inert_options_warnings
+    from hf_mudsc.options import MergeOptions
+
+    spec = spec_for(make_model(kind, seed=1))
+    options = MergeOptions(**{option: "caption"})
+    said = inert_options_warnings(options, method="mudsc", reads_base=False, reads_data=True, has_data=True,
+                                  refit="none", inputs=spec.inputs)
+    assert len(said) == 1 and said[0].startswith(f"{option}= (CLI: --{option.replace('_', '-')}) has no effect")
+    assert ("no text" if option == "text_column" else "no images") in said[0]
+    other = "image_column" if option == "text_column" else "text_column"  # the kind the parents read: used
+    assert not inert_options_warnings(MergeOptions(**{other: "caption"}), method="mudsc", reads_base=False,
+                                      reads_data=True, has_data=True, refit="none", inputs=spec.inputs)
+
+
+def test_the_dry_run_says_a_text_column_for_image_parents_has_no_effect():
+    import datasets
+
+    parents = [make_model("vit_cls", seed) for seed in (1, 2)]
+    data = datasets.Dataset.from_dict({"pixel_values": torch.randn(4, 1, 16, 16).tolist(), "caption": ["a"] * 4})
+    plan = hf_mudsc.merge(parents, data, method="mudsc", refit="none", text_column="caption", dry_run=True)
+    assert [text for text in plan.warnings if text.startswith("text_column= (CLI: --text-column) has no effect")]
+
+
+def _tokenizer(lower: bool, extra: str = "") -> object:
+    from transformers import BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "The", "Cat", "good", "bad", extra or "mat"]
+    return BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=lower)
+
+
+def test_tokenizer_differences_name_lower_casing_vocabulary_and_max_length():
+    from hf_mudsc.load.processors import tokenizer_differences
+
+    lower = _tokenizer(True)
+    assert tokenizer_differences([lower, _tokenizer(True)]) == []
+    assert tokenizer_differences([lower, None, _tokenizer(False)]) == ["lower-casing"]
+    assert tokenizer_differences([lower, _tokenizer(True, extra="rug")]) == ["vocabulary"]
+    longer = _tokenizer(True)
+    longer.model_max_length = 16
+    assert tokenizer_differences([lower, longer]) == ["max length (model_max_length)"]
+
+
+def test_parents_with_different_tokenizers_are_warned_about_in_config_and_card(caplog, tmp_path):
+    """QA s22 (r3): parent A lower-cases, parent B does not: A's tokenizer is shipped and tokenized B's calibration
+    text, without a word (differing image processors were already warned about; tokenizers now take that path)."""
+    import datasets
+
+    folders = []
+    for name, seed, lower in (("a", 1, True), ("b", 2, False)):
+        _named(make_model("bert_cls", seed)).save_pretrained(tmp_path / name)
+        _tokenizer(lower).save_pretrained(tmp_path / name)
+        folders.append(str(tmp_path / name))
+    data = datasets.Dataset.from_dict({"text": ["The Cat sat on the mat", "good cat", "The cat was bad"] * 4})
+    merged, logged = _merge(folders, data, caplog, method="mudsc", refit="none")
+    found = [text for text in merged.config.mudsc["warnings"] if "tokenizer" in text]
+    assert len(found) == 1 and found[0].startswith("the parents' tokenizers differ (lower-casing)"), found
+    assert logged.count(found[0]) == 1 and found[0] in _card(merged, tmp_path)

@@ -30,7 +30,7 @@ NON_OPTION_KEYWORDS = {"token", "progress", "processor", "auto_choice"}
 RESULT_KEYS = {"library", "version", "parents", "parent_revisions", "num_calibration_samples", "refit_examples",
                "group_match_values", "solve_start", "start_objectives", "parent_relation", "correspondence_check",
                "method_choice_reason", "base_revision", "base_source", "warnings", "alpha_auto", "size_budget",
-               "refit_gate", "out_dtype_reason", "head_reordered"}
+               "refit_gate", "out_dtype_reason", "head_reordered", "processor_note"}
 # CLI arguments that are not options: the recipe file to run and the Hub token (never recorded).
 NON_OPTION_FLAGS = {"--recipe", "--token", "--help"}
 

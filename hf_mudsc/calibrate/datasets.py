@@ -608,7 +608,9 @@ def _plan(columns: Sequence[str], inputs: Sequence[str], processor: Any, image_c
         if override is not None and override not in columns:
             raise role.error(f"{name}={override!r} (CLI: {flag(name)}) is not a column of the {role.data}; found "
                              f"columns {list(columns)}")
-    if image_column is None and text_column is None and all(i in columns for i in inputs):
+    # a column option of a kind the models do not read changes nothing (`diagnostics.inert_options_warnings`)
+    if ((image_column is None or "pixel_values" not in inputs) and (text_column is None or "input_ids" not in inputs)
+            and all(i in columns for i in inputs)):
         return [c for c in columns if c in MODEL_INPUT_COLUMNS or c in inputs], None
     unknown = [i for i in inputs if i not in ("pixel_values", "input_ids") and i not in columns]
     if unknown:

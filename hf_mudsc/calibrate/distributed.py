@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -99,6 +99,7 @@ def shard_batches(
     columns: Iterable[str] | None,
     required: Iterable[str],
     max_tokens: int | None = None,
+    check: Callable[[Mapping[str, Any]], None] | None = None,
 ) -> tuple[Iterator[dict[str, Any]], int | None]:
     """This process's calibration batches and, when known, how many samples they hold.
 
@@ -114,10 +115,23 @@ def shard_batches(
         if total is not None and num_samples is not None:
             total = min(total, num_samples)
         return iter_batches(part, batch_size=batch_size, num_samples=num_samples, columns=columns,
-                            required=required, max_tokens=max_tokens), total
+                            required=required, max_tokens=max_tokens, check=check), total
+    if world_size == 1:
+        return iter_batches(calibration, batch_size=batch_size, num_samples=num_samples, columns=columns,
+                            required=required, max_tokens=max_tokens, check=check), None
     batches = iter_batches(calibration, batch_size=batch_size, num_samples=num_samples, columns=columns,
                            required=required, max_tokens=max_tokens)
-    return (itertools.islice(batches, rank, None, world_size) if world_size > 1 else batches), None
+    mine = itertools.islice(batches, rank, None, world_size)
+    return (mine if check is None else _checked(mine, check)), None
+
+
+def _checked(batches: Iterable[dict[str, Any]], check: Callable[[Mapping[str, Any]], None]
+             ) -> Iterator[dict[str, Any]]:
+    """`batches`, each passed to `check` first: only this process's own batches (a batch another process reads is
+    that process's to refuse, so the failure is shared as one process's, as a forward's is)."""
+    for batch in batches:
+        check(batch)
+        yield batch
 
 
 def collect_statistics_distributed(
@@ -134,16 +148,18 @@ def collect_statistics_distributed(
     statistics_dtype: str | torch.dtype = DEFAULT_STATISTICS_DTYPE,
     device: torch.device | None = None,
     others: Sequence[nn.Module] = (),
+    check: Callable[[Mapping[str, Any]], None] | None = None,
 ) -> list[CorrelationAccumulator]:
     """The statistics of the whole calibration stream, on every process (forwards on `device`).
 
     One process: `collect_statistics` over all batches. Several: each accumulates its shard, a failure
     anywhere is shared first (so no process waits forever in the all-reduce), then the sums are reduced.
+    `check`: called on each batch before its forwards (`statistics.ModelInputCheck`).
     """
     rank, world_size = process_info()
     if world_size == 1:
         batches, total = shard_batches(calibration, 0, 1, batch_size=batch_size, num_samples=num_samples,
-                                       columns=columns, required=required, max_tokens=spec.max_tokens)
+                                       columns=columns, required=required, max_tokens=spec.max_tokens, check=check)
         return collect_statistics(model_a, model_b, spec, batches, progress=progress, total=total,
                                   statistics_dtype=statistics_dtype, device=device, others=others)
 
@@ -152,7 +168,7 @@ def collect_statistics_distributed(
     try:
         batches, total = shard_batches(calibration, rank, world_size, batch_size=batch_size,
                                        num_samples=num_samples, columns=columns, required=required,
-                                       max_tokens=spec.max_tokens)
+                                       max_tokens=spec.max_tokens, check=check)
         collect_statistics(model_a, model_b, spec, batches, progress=progress and rank == 0,
                            accumulators=accumulators, total=total, allow_empty=True, device=device, others=others)
     except Exception as caught:  # shared with the other processes below, then re-raised here

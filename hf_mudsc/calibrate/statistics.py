@@ -1,7 +1,8 @@
 """Calibration: batches of model inputs -> forward hooks on both parents -> streaming correlation statistics.
 
 Both parents see the same batches in eval mode, float32, without gradients; every hooked position
-(token or image) is one sample, padding dropped. Statistics are plain sums, so process shards add up.
+(token or image) is one sample, padding (the batch's `attention_mask` 0) dropped. Statistics are plain sums,
+so process shards add up.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -107,6 +109,75 @@ def _truncate(batch: dict[str, Any], size: int) -> dict[str, Any]:
     return {k: (v[:size] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in batch.items()}
 
 
+_PREPROCESS = "preprocess the images with the parents' image processor (or pass raw images, which are)"
+
+
+@dataclass
+class ModelInputCheck:
+    """What the parents' config says their model inputs must be, checked on each batch before any forward: pre-made
+    `input_ids` from another vocabulary failed inside the embedding (`index out of range in self`, a device-side
+    assert on a GPU), `pixel_values` of another size with transformers' message. Unnormalised uint8 pixels and padded
+    ids without an `attention_mask` run, but not as the parents were trained / as the README says (padding masked
+    out): each is said once (`warnings`, for the merge's); no mask is inferred (a pad id may be a real token, and
+    transformers infers none either)."""
+
+    vocab_size: int | None = None
+    pad_token_id: int | None = None
+    num_channels: int | None = None
+    image_size: tuple[int, int] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, config: Any) -> ModelInputCheck:
+        """From a parent's config (CLIP: the text config's vocabulary, the vision config's image size)."""
+        text = getattr(config, "text_config", None) or config
+        vision = getattr(config, "vision_config", None) or config
+
+        def number(owner: Any, name: str) -> int | None:
+            value = getattr(owner, name, None)
+            return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+        size = getattr(vision, "image_size", None)
+        side = ((size, size) if isinstance(size, int) and not isinstance(size, bool) and size > 0
+                else tuple(size) if isinstance(size, (list, tuple)) and len(size) == 2 else None)
+        has_images = side is not None
+        return cls(vocab_size=number(text, "vocab_size"), pad_token_id=number(text, "pad_token_id"),
+                   num_channels=number(vision, "num_channels") if has_images else None, image_size=side)
+
+    def _say(self, text: str) -> None:
+        if text not in self.warnings:
+            self.warnings.append(text)
+            logger.warning("%s", text)
+
+    def __call__(self, batch: Mapping[str, Any]) -> None:
+        ids = batch.get("input_ids")
+        if isinstance(ids, torch.Tensor) and ids.numel() and not ids.is_floating_point():
+            largest = int(ids.max())
+            if self.vocab_size is not None and largest >= self.vocab_size:
+                raise CalibrationError(
+                    f"calibration input_ids hold token id {largest}, but the parents' vocabulary has "
+                    f"{self.vocab_size} tokens (config vocab_size): tokenize the text with the parents' tokenizer "
+                    "(or pass raw text, which is)")
+            if (self.pad_token_id is not None and batch.get("attention_mask") is None
+                    and bool((ids == self.pad_token_id).any())):
+                self._say(f"calibration input_ids hold the parents' pad token id {self.pad_token_id} but no "
+                          "attention_mask, so those positions count as tokens in the statistics (no mask is "
+                          "inferred: the id may be a real token); pass attention_mask with the input_ids (the "
+                          "tokenizer returns one), or raw text")
+        pixels = batch.get("pixel_values")
+        if isinstance(pixels, torch.Tensor) and self.image_size is not None:
+            expected = (self.num_channels, *self.image_size) if self.num_channels is not None else None
+            if pixels.dim() != 4 or (expected is not None and tuple(pixels.shape[1:]) != expected) or (
+                    tuple(pixels.shape[2:]) != self.image_size):
+                wanted = ", ".join(map(str, expected or ("channels", *self.image_size)))
+                raise CalibrationError(
+                    f"calibration pixel_values have shape {tuple(pixels.shape)}, but the parents read (batch, "
+                    f"{wanted}) (config num_channels, image_size): {_PREPROCESS}")
+            if pixels.dtype == torch.uint8:
+                self._say("calibration pixel_values are uint8 (unnormalised 0..255 pixels): the parents take float "
+                          f"pixel values normalised by their image processor; {_PREPROCESS}")
+
+
 def iter_batches(
     calibration: Any,
     *,
@@ -115,12 +186,14 @@ def iter_batches(
     columns: Iterable[str] | None = None,
     required: Iterable[str] = (),
     max_tokens: int | None = None,
+    check: Callable[[Mapping[str, Any]], None] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield dict batches of tensors from a `datasets.Dataset`/`IterableDataset` or an iterable of dicts.
 
     Only `columns` are kept when given (datasets carry labels and raw fields the model must not see);
     `required` columns are checked up front so a wrong dataset fails before any forward pass, and so are
-    `input_ids` longer than `max_tokens` (`PermutationSpec.max_tokens`), which would fail inside the model.
+    `input_ids` longer than `max_tokens` (`PermutationSpec.max_tokens`), which would fail inside the model, and
+    whatever `check` refuses (`ModelInputCheck`: ids past the vocabulary, images of another shape).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -135,6 +208,8 @@ def iter_batches(
         rows = f"rows {seen + 1}-{seen + _raw_length(raw)}"
         batch = {k: _column(k, v, seen, rows) for k, v in raw.items() if keep is None or k in keep}
         _check_length(batch, max_tokens)
+        if check is not None:
+            check(batch)
         if not any(isinstance(v, torch.Tensor) and v.dim() > 0 for v in batch.values()):
             wanted = f" (the models read {sorted(keep)})" if keep else ""
             raise CalibrationError(f"calibration {rows} hold no input column the models read{wanted}: their columns "

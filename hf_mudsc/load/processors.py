@@ -116,6 +116,81 @@ def image_processor_differences(processors: Sequence[Any]) -> list[str]:
                    if key != "processor_class" and first.get(key) != other.get(key)})
 
 
+#: How `tokenizer_differences` names a tokenizer's settings (the others by their own name).
+_TOKENIZER_ASPECTS = {"model_max_length": "max length (model_max_length)", "padding_side": "padding side",
+                      "truncation_side": "truncation side"}
+#: Backend (`tokenizer.json`) sections compared as a whole; the normaliser's lower-casing is named apart.
+_BACKEND_SECTIONS = {"normalizer": "normaliser", "pre_tokenizer": "pre-tokenizer",
+                     "post_processor": "post-processor (special tokens added)", "decoder": "decoder"}
+
+
+def _lowercases(normalizer: Any) -> bool:
+    """Whether a serialised `tokenizers` normaliser lower-cases (BertNormalizer's `lowercase`, `Lowercase`, nested
+    in a `Sequence`)."""
+    if not isinstance(normalizer, dict):
+        return False
+    if normalizer.get("type") == "Lowercase" or normalizer.get("lowercase") is True:
+        return True
+    return any(_lowercases(inner) for inner in normalizer.get("normalizers") or [])
+
+
+def _without_lowercase(section: Any) -> Any:
+    """A serialised backend section without its lower-casing (said apart as "lower-casing")."""
+    if isinstance(section, dict):
+        return {k: _without_lowercase(v) for k, v in section.items() if k != "lowercase"}
+    if isinstance(section, list):
+        return [_without_lowercase(v) for v in section if not (isinstance(v, dict) and v.get("type") == "Lowercase")]
+    return section
+
+
+def _tokenizer_aspects(tokenizer: Any) -> dict[str, str]:
+    """A tokenizer's settings by the name `tokenizer_differences` gives them, each serialised for comparison."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    serialised = json.loads(backend.to_str()) if backend is not None else {}
+    named_apart = (*_LOCATION_KEYS, *_TOKENIZER_ASPECTS, "do_lower_case", "added_tokens_decoder")
+    settings = {k: v for k, v in tokenizer.init_kwargs.items() if k not in named_apart and not k.endswith("_file")}
+    aspects: dict[str, Any] = {
+        "class": type(tokenizer).__name__,
+        "lower-casing": bool(tokenizer.init_kwargs.get("do_lower_case")) or _lowercases(serialised.get("normalizer")),
+        "vocabulary": sorted(tokenizer.get_vocab().items()),
+        **{name: getattr(tokenizer, key, None) for key, name in _TOKENIZER_ASPECTS.items()},
+        **{name: _without_lowercase(serialised.get(key)) for key, name in _BACKEND_SECTIONS.items()},
+        **settings,
+    }
+    return {name: json.dumps(value, sort_keys=True, default=str) for name, value in aspects.items()}
+
+
+def tokenizer_differences(processors: Sequence[Any]) -> list[str]:
+    """What differs between another parent's tokenizer and parent A's (`lower-casing`, `vocabulary`, `max length
+    (model_max_length)`, a setting's name, ...): the merged model ships parent A's, so the other parents' tasks are
+    served with its tokenization — said like differing image processors (`diagnostics.processor_warning`)."""
+    present = [tokenizer_of(p) for p in processors if p is not None]
+    present = [_tokenizer_aspects(t) for t in present if t is not None]
+    if len(present) < 2:
+        return []
+    first = present[0]
+    return sorted({name for other in present[1:] for name in set(first) | set(other)
+                   if first.get(name) != other.get(name)})
+
+
+def processor_note(processors: Sequence[Any], given: Any = None, preprocessed: bool = False) -> str | None:
+    """What the card says of the processor when parent A has none (so none is saved with the merged model) but the
+    merge had one: another parent's, or `given` (merge()'s `processor=`); `preprocessed`: it preprocessed raw
+    calibration columns. None when parent A has one, or when no processor was at hand at all."""
+    if not processors or processors[0] is not None:
+        return None
+    index = next((i for i, p in enumerate(processors) if p is not None), None)
+    if given is not None:
+        used = "the processor passed to merge()"
+    elif index is not None:
+        used = f"parent {chr(ord('A') + index) if index < 26 else f'P{index}'}'s"
+    else:
+        return None
+    if preprocessed:
+        return f"parent A has none, and {used} preprocessed the raw calibration data"
+    return f"parent A has none ({used} is not saved with it either)"
+
+
 #: Tokenizer settings that name where its files were read from, not how it tokenizes.
 _LOCATION_KEYS = ("name_or_path", "_commit_hash")
 

@@ -413,6 +413,7 @@ def render_card(
         parent_relation=relation_text(mudsc.get("parent_relation")),
         group_values=group_values,
         merge_warnings=mudsc.get("warnings", getattr(report, "warnings", None)) or [],
+        processor_note=mudsc.get("processor_note"),
         task_label_ranges=task_ranges(model.config),
         num_labels=len(getattr(model.config, "id2label", None) or {}),
         head_reordered=[chr(ord("A") + i) if i < 26 else str(i + 1)
