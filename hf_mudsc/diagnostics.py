@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from hf_mudsc.options import MergeOptions, option_hint
@@ -163,12 +163,37 @@ def merge_warnings(*, relation: str | None, method: Any, group_names: Sequence[s
     return [text for text in found if text]
 
 
-def unread_options_warning(options: MergeOptions, used: Mapping[str, Any], method: str) -> str | None:
+#: Per-method options a method may fix to its own value (zipit's and weight_matching's matcher): given another value,
+#: the method reads none of it although it records the option (its own value).
+FIXED_BY_METHOD = ("matcher",)
+
+
+def unread_options(options: MergeOptions, used: Mapping[str, Any], *, read: Collection[str] = ()) -> list[str]:
+    """The per-method options set (away from their defaults) that a method reading `used` does not read: recorded
+    as None or left out, or fixed by the method to another value (`FIXED_BY_METHOD`). `read`: options it reads
+    though it records them as None, the value given being its default's equal (`MergeMethod.read_as_default`)."""
+    unread = []
+    for field in MergeOptions.option_fields():
+        name = field.name
+        given = getattr(options, name)
+        if not field.metadata["per_method"] or given == field.default or name in read:
+            continue
+        if used.get(name) is None or (name in FIXED_BY_METHOD and used[name] != given):
+            unread.append(name)
+    return unread
+
+
+def unread_options_warning(options: MergeOptions, used: Mapping[str, Any], method: str, *,
+                           read: Collection[str] = ()) -> str | None:
     """Per-method options set (away from their defaults) that the method does not read: they change nothing. A
-    method records an option it ignores as None (zipit's α) or leaves it out (linear's). Shared by the merge and the
-    dry run, so the plan warns what the merge would."""
-    unread = [field.name for field in MergeOptions.option_fields() if field.metadata["per_method"]
-              and used.get(field.name) is None and getattr(options, field.name) != field.default]
+    method records an option it ignores as None (zipit's α) or leaves it out (linear's), or records its own value
+    of an option it fixes (zipit's matcher, `unread_options`). Shared by the merge and the dry run, so the plan warns
+    what the merge would."""
+    return unread_warning(unread_options(options, used, read=read), method)
+
+
+def unread_warning(unread: Sequence[str], method: str) -> str | None:
+    """"method M does not read X, Y: they have no effect" for the options `unread` (None: none)."""
     if not unread:
         return None
     return (f"method {method} does not read {', '.join(option_hint(name) for name in unread)}: "

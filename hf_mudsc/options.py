@@ -110,6 +110,18 @@ def int_or_auto(text: str) -> int | str:
 
 int_or_auto.__name__ = "int or 'auto'"
 
+#: The command-line spelling of None for a nullable `int_or_auto` option (`--refit-samples all`: every calibration
+#: example); Python passes None, a recipe writes `null`.
+ALL = "all"
+
+
+def int_auto_or_all(text: str) -> int | str | None:
+    """The command-line type of a nullable `int_or_auto` option: "auto", "all" (None) or an int."""
+    return None if text == ALL else int_or_auto(text)
+
+
+int_auto_or_all.__name__ = "int, 'auto' or 'all'"
+
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
@@ -431,7 +443,7 @@ def _card_size(value: Any, context: Mapping[str, Any]) -> str | None:
 def _check_refit_samples(name: str, value: int | str | None, cli: str) -> None:
     if value is not None and value != AUTO and value < 1:
         raise OptionError(f"refit_samples must be >= 1, '{AUTO}' (enough rows per unknown) or None for all "
-                          f"calibration examples {cli}, got {value}")
+                          f"calibration examples ('{ALL}' on the command line) {cli}, got {value}")
 
 
 def _card_refit(value: Any, context: Mapping[str, Any]) -> str:
@@ -547,7 +559,11 @@ class MergeOptions:
         card=CardRow(6, "Calibration samples", lambda value, context: str(context.get("num_samples") or 0)),
         help="calibration samples to use (default: the whole split)")
     batch_size: int = option(
-        32, kind="int", check=_check_batch_size, metavar="N", help="calibration batch size")
+        32, kind="int", check=_check_batch_size, metavar="N", recorded=True,
+        card=CardRow(6, "Calibration batch size", lambda value, context: str(value) if context.get("num_samples")
+                     else None),
+        help="calibration batch size: speed against memory; the merged weights may differ in their last bits "
+        "between batch sizes (the order of floating-point sums), so it is recorded")
     seed: int = option(
         0, kind="int", check=_check_seed, metavar="N", recorded=True, card=CardRow(9, "Seed"),
         help="seed of the calibration shuffle, the solver's group order and the random masks of dare_* and della*")
@@ -666,7 +682,7 @@ class MergeOptions:
         help="examples the refit reads: a subset of the calibration data chosen by a shuffle seeded with --seed "
         "(all of it when it holds fewer). The refit reads it once per layer step, so this bounds its cost. 'auto': "
         "enough that every per-token layer's least squares has 16 token rows per unknown, within [128, 1024] "
-        "examples")
+        f"examples; '{ALL}': every calibration example (a recipe: null)")
     statistics_dtype: str = option(
         "float32", kind="dtype", check=_check_statistics_dtype, choices=STATISTICS_DTYPES, recorded=True,
         help="precision of the calibration statistics: float32 multiplies each batch in float32 and sums "

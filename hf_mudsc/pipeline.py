@@ -277,7 +277,9 @@ def merge(
             calibration examples (every 5th; the statistics use the others), the curve recorded in
             `config.mudsc["alpha_auto"]` and the card (`hf_mudsc.apply.fidelity`).
         num_samples: calibration samples to use (all when None), chosen by a shuffle seeded with `seed`.
-        batch_size: calibration batch size (examples per forward pass: speed against memory).
+        batch_size: calibration batch size (examples per forward pass: speed against memory). The merged weights
+            may differ in their last bits between batch sizes (the order of floating-point sums, ~1e-6), so
+            `config.mudsc["batch_size"]` and the card record it.
         seed: seeds the calibration subset and the random group order of the solve sweeps.
         zip_decay, zip_budget: ZipIt's α (similarity decay after a fusion) and β (same-model budget).
         independent_heads: pair q/k heads and v heads separately, as the reference implementation does.
@@ -324,7 +326,8 @@ def merge(
         refit_norms: with the ridge refit (`"ridge"`, `"gate"`, `"auto"`), also refit every LayerNorm's weight and
             bias per unit, in forward order with the linear layers, toward the parents' LayerNorm outputs mapped
             into the merged basis (off by default: docs/benchmarks/refit_layernorm.md).
-        refit_samples: calibration examples the refit reads, chosen by a shuffle seeded with `seed` (None: all;
+        refit_samples: calibration examples the refit reads, chosen by a shuffle seeded with `seed` (None: all, CLI
+            `--refit-samples all`;
             `"auto"`, the default: 16 token rows per unknown of the widest per-token layer, 128 to 1024 examples;
             the count used is recorded as `config.mudsc["refit_examples"]`).
         regmean_scale: `regmean` / `regmean_plusplus`: factor on the off-diagonal entries of every input Gram
@@ -872,7 +875,9 @@ def _warn_unused(options: MergeOptions, used: Mapping[str, Any], method: MergeMe
     """Say which options change nothing (`diagnostics.unread_options_warning`, `inert_options_warnings`), and that
     `reference_compat=True` has no reference merge to reproduce with a method that matches no units."""
     reads_data = _reads_data(method, refit_value in REFITTING)
-    for text in filter(None, [unread_options_warning(options, used, method.name), *inert_options_warnings(
+    for text in filter(None, [unread_options_warning(options, used, method.name,
+                                                     read=method.read_as_default(options)),
+                              *inert_options_warnings(
             options, method=method.name, reads_base=method.needs_base_model, reads_data=reads_data,
             has_data=calibration is not None, refit=refit_value, matches_units=method.matches_units,
             inputs=inputs)]):

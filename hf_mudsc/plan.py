@@ -721,7 +721,9 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         default_labels_warning,
         inert_options_warnings,
         relation_warning,
+        unread_options,
         unread_options_warning,
+        unread_warning,
     )
     from hf_mudsc.errors import MergeInputError
     from hf_mudsc.load.parents import dtype_description, locate_parents, unloaded
@@ -733,6 +735,7 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         handed_options,
         is_auto,
         planned_method,
+        possible_methods,
     )
     from hf_mudsc.methods.registry import check_classifier, get_method
 
@@ -828,9 +831,16 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
             warnings.insert(0, text)
     if identical:
         warnings.insert(0, relation_warning("same model", method))
-    if not automatic:  # what the merge will say of options that change nothing, said before it runs
-        handed = handed_options(options, len(models))
-        warnings += [text for text in (unread_options_warning(options, method.used_options(handed), method.name),
+    handed = handed_options(options, len(models))
+    if automatic:  # options no method `auto` may choose reads: the merge will say so of the one it chooses
+        unread = [set(unread_options(options, m.used_options(handed), read=m.read_as_default(options)))
+                  for m in possible_methods(has_data=calibration is not None, has_base=options.base is not None)]
+        common = [name for name in unread_options(options, {}) if unread and all(name in u for u in unread)]
+        if text := unread_warning(common, "auto (whichever method it chooses)"):
+            warnings.append(text)
+    else:  # what the merge will say of options that change nothing, said before it runs
+        warnings += [text for text in (unread_options_warning(options, method.used_options(handed), method.name,
+                                                              read=method.read_as_default(options)),
                                        *inert_options_warnings(options, method=method.name,
                                                                reads_base=method.needs_base_model,
                                                                reads_data=needs_data,

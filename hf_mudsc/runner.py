@@ -153,6 +153,23 @@ def check_merge_output(output: Path, recipe: Recipe, recipe_file: str | None = N
     check_output(output, overwrite=recipe.overwrite, inputs=recipe.inputs(recipe_file), flag=flag)
 
 
+def check_before_dry_run(recipe: Recipe, recipe_file: str | None = None) -> list[str]:
+    """What the merge refuses at once about where its result goes, refused by its dry run in the same words (the CLI
+    exits 1 for both): an existing --output without --overwrite, one overlapping an input (`check_merge_output`).
+    A dry run answers "would this merge start?", so it must not pass what the merge refuses before loading; the
+    service's dry-run jobs are refused alike at POST (`serve.jobs.parse_job`). The --push-to-hub repo is not looked
+    up: a dry run contacts the Hub only for the parents' configs and headers. Returns the plan's note saying so."""
+    if recipe.output:
+        check_merge_output(Path(recipe.output).expanduser().absolute(), recipe, recipe_file)
+    return [push_not_checked(recipe.push_to_hub)] if recipe.push_to_hub else []
+
+
+def push_not_checked(repo_id: str) -> str:
+    """The dry run's line for a --push-to-hub repo it did not look up (`check_before_dry_run`)."""
+    return (f"the Hub repo {repo_id!r} (push_to_hub) was not checked: a dry run does not ask the Hub whether it "
+            "exists or can be reached; the merge does, before loading (it refuses an existing repo without overwrite)")
+
+
 def _is_main_process() -> bool:
     from hf_mudsc.calibrate.distributed import is_main_process
 

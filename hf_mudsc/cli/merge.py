@@ -21,7 +21,7 @@ from typing import Any
 from hf_mudsc.errors import RecipeError
 from hf_mudsc.load.hub_calls import hub_error_line
 from hf_mudsc.load.references import hide_tokens
-from hf_mudsc.options import MergeOptions, flag, int_or_auto, number_or_auto
+from hf_mudsc.options import MergeOptions, flag, int_auto_or_all, int_or_auto, number_or_auto
 from hf_mudsc.publish.recipe import (
     RECIPE_FILENAME,
     CalibrationMissing,
@@ -29,7 +29,7 @@ from hf_mudsc.publish.recipe import (
     check_local_folders_given,
     refuse_unrecorded_data,
 )
-from hf_mudsc.runner import execute
+from hf_mudsc.runner import check_before_dry_run, execute
 
 
 def option_argument(option: Field) -> tuple[list[str], dict[str, Any]]:
@@ -49,8 +49,8 @@ def option_argument(option: Field) -> tuple[list[str], dict[str, Any]]:
         kwargs["type"], kwargs["nargs"] = float, "+"
     elif meta["kind"] == "number_or_auto":
         kwargs["type"] = number_or_auto
-    elif meta["kind"] == "int_or_auto":
-        kwargs["type"] = int_or_auto
+    elif meta["kind"] == "int_or_auto":  # a nullable one takes 'all' for None (`--refit-samples all`)
+        kwargs["type"] = int_auto_or_all if meta["nullable"] else int_or_auto
     if meta["choices"] is not None:
         choices = meta["choices"]
         kwargs["choices"] = list(choices() if callable(choices) else choices)
@@ -114,12 +114,14 @@ def run(args: argparse.Namespace) -> int:
     if recipe.dry_run:  # the plan only: nothing loaded but small files, nothing written or pushed
         import hf_mudsc
 
+        notes = check_before_dry_run(recipe, getattr(args, "recipe", None))  # refused as the merge would refuse
         try:
             plan = hf_mudsc.merge(recipe.models, recipe.calibration, **recipe.keywords(),
                                   token=getattr(args, "token", None))
         except HfHubHTTPError as error:
             print(f"hf-mudsc merge: error: {hide_tokens(hub_error_line(error))}", file=sys.stderr)
             return 1
+        plan.warnings += notes
         print(plan)
         return 0
 

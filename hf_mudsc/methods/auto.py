@@ -151,6 +151,14 @@ def planned_method(has_data: bool) -> MergeMethod:
                      "method= (CLI: --method)")
 
 
+def possible_methods(*, has_data: bool, has_base: bool) -> list[MergeMethod]:
+    """Every registered method `auto` may choose, whatever the parents' relation (which a dry run does not know):
+    the dry run warns of an option only when none of them reads it, as the merge then will."""
+    names = [name for (_, base), candidates in CHOICES.items() if base == has_base for name in candidates]
+    names += [name for candidates in WITH_DATA.values() for name in candidates] if has_data else []
+    return [METHODS[name] for name in dict.fromkeys(names) if name in METHODS]
+
+
 def refit_runs(method: MergeMethod, refit: str, *, has_data: bool, num_parents: int, reference_compat: bool,
                rereadable: bool, weights: list[float] | None = None) -> str:
     """The refit that runs for `method`: "none", "ridge" or "gate" (`refit="auto"` resolved: a unit-matching method,

@@ -78,6 +78,11 @@ class UnitMatchingMethod(MergeMethod):
                 "size_spend": options.size_spend if options.size != 1.0 else None,
                 **({"weights": list(options.weights)} if _weighted(options.weights) else {})}
 
+    def read_as_default(self, options: MergeOptions) -> tuple[str, ...]:
+        """Weights it reads that change nothing (`_weighted`: two equal ones, each parent's share of every merged
+        unit as without them), recorded as None like the default."""
+        return ("weights",) if options.weights is not None and not _weighted(options.weights) else ()
+
     def check_options(self, options: MergeOptions, num_parents: int) -> None:
         """`reference_compat` reproduces the two-parent, equal-weight reference: refused with more parents or
         unequal weights; weights must be positive (each is a share of every merged unit)."""

@@ -182,6 +182,11 @@ class MergeMethod:
         recorded as None (its card row hidden)."""
         return {}
 
+    def read_as_default(self, options: MergeOptions) -> tuple[str, ...]:
+        """Per-method options it reads but records as None (`used_options`) because the value given equals its
+        default (unit matching's two equal weights): not "unread" (`diagnostics.unread_options`)."""
+        return ()
+
     def data_pass_flops(self, facts: PassFacts, parents: int) -> float:
         """FLOPs per calibration example of the method's own pass over the data with `parents` parents (a method
         that reads the batches itself, `needs_data`), for the dry run's estimate; 0 for the others (calibration's

@@ -202,7 +202,7 @@ class Recipe(MergeOptions):
     def validate(self) -> Recipe:
         """Refuse a recipe that cannot run, before anything is downloaded or computed (normalises options)."""
         from hf_mudsc.methods.auto import is_auto
-        from hf_mudsc.methods.registry import data_free_methods, get_method
+        from hf_mudsc.methods.registry import check_size, data_free_methods, get_method
 
         if len(self.models) < 2:
             raise RecipeError(
@@ -236,6 +236,7 @@ class Recipe(MergeOptions):
                               f"{len(self.models)}; choose another method (CLI: --method)")
         if method is not None:  # what the method refuses when the merge starts (`inspect RECIPE` must say so too)
             try:
+                check_size(method, self.size)  # a size budget it cannot spend: an option refusal (exit 2) like the rest
                 method.check_options(self, len(self.models))
             except (MergeInputError, OptionError) as error:  # one line naming the option
                 raise RecipeError(str(error)) from None

@@ -110,7 +110,11 @@ def parse_job(body: Any, output_root: Path, *, dry_run: bool = False,
 
     `local_roots`: the folders a job may read local paths from (`--local-root`); none: Hub references only.
     `text`: the body as sent when it is YAML, whose comments may list entries a pushed recipe names by folder
-    name only (`refuse_published_names`)."""
+    name only (`refuse_published_names`).
+
+    A dry run's `output` is checked as a merge's (an existing folder, one overlapping an input): the plan answers
+    whether the merge would start, as `hf-mudsc merge --dry-run` does (`runner.check_before_dry_run`), so a job that
+    passes its dry run is not then refused for its output."""
     if not isinstance(body, Mapping):
         raise RecipeError(f"the body must be a mapping of recipe keys to values (JSON or YAML), "
                           f"got {type(body).__name__}")
@@ -147,11 +151,12 @@ def parse_job(body: Any, output_root: Path, *, dry_run: bool = False,
     dry_run = dry_run or flag
     if recipe.output is not None:
         recipe.output = str(resolve_output(recipe.output, output_root))
-        if not dry_run:  # as the CLI does before loading (the worker checks again: the folder may change)
-            try:
-                check_merge_output(Path(recipe.output), resolved.override(output=recipe.output), flag="output")
-            except (FileExistsError, ValueError) as problem:
-                raise RecipeError(hide_output_root(str(problem), output_root)) from None
+        # As the CLI does before loading, for a dry run too (`runner.check_before_dry_run`: a dry run must not pass
+        # what the merge refuses at once); the worker checks again, the folder may change.
+        try:
+            check_merge_output(Path(recipe.output), resolved.override(output=recipe.output), flag="output")
+        except (FileExistsError, ValueError) as problem:
+            raise RecipeError(hide_output_root(str(problem), output_root)) from None
     if not dry_run and not recipe.output and not recipe.push_to_hub:
         raise RecipeError("say where the merged model goes: `output` (a folder name under the service's output "
                           "root) and/or `push_to_hub` (`org/name`)")

@@ -40,6 +40,7 @@ from typing import Any
 from hf_mudsc.load.hub_calls import hub_error_line
 from hf_mudsc.load.references import hide_tokens
 from hf_mudsc.options import REFITTING
+from hf_mudsc.runner import push_not_checked
 from hf_mudsc.serve.jobs import JobRequest
 
 DELAY_ENV = "HF_MUDSC_SERVE_TEST_DELAY"
@@ -233,6 +234,8 @@ def dry_run_plan(job: JobRequest, token: str | None) -> dict[str, Any]:
     recipe = job.recipe
     plan = hf_mudsc.merge(list(recipe.models), recipe.calibration, **{**recipe.keywords(), "dry_run": True},
                           token=token, progress=False)
+    if recipe.push_to_hub:  # the repo is looked up when the merge runs, not by its dry run
+        plan.warnings.append(push_not_checked(recipe.push_to_hub))
     return {"plan": plan.to_dict(), "plan_text": str(plan), "repo_id": None, "commit": None, "output": None,
             "eval": None}
 
