@@ -36,6 +36,9 @@ MODEL_INPUT_COLUMNS = ("pixel_values", "input_ids", "attention_mask", "token_typ
 SHUFFLE_BUFFER_SIZE = 1000
 DEFAULT_BATCH_SIZE = 32
 _TEXT_LIMIT = 512  # fallback truncation when neither the tokenizer nor the config gives one
+# What a single data file's builder (`FILE_BUILDERS`) needs besides the file, by suffix: as `datasets` reads a folder
+# of such files (a `.tsv` is the csv builder with a tab separator; with the default ',' text with commas is split).
+FILE_BUILDER_OPTIONS: dict[str, dict[str, Any]] = {".tsv": {"sep": "\t"}}
 
 
 @dataclass(frozen=True)
@@ -181,7 +184,8 @@ def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, s
                              "pass a file that holds examples")
         refuse_crashing_file(path, parsed.path, role)
         args: tuple[Any, ...] = (builder,)
-        kwargs.update(data_files=str(path), split=parsed.split or "train")
+        kwargs.update(data_files=str(path), split=parsed.split or "train", **FILE_BUILDER_OPTIONS.get(
+            path.suffix.lower(), {}))
     else:
         # `datasets` reads a folder of the name before the Hub: `hf://datasets/` asks the Hub only.
         name = parsed.path if local or not path.exists() else f"hf://datasets/{parsed.path}"
