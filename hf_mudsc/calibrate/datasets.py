@@ -161,11 +161,10 @@ def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, s
         try:
             saved = datasets.load_from_disk(str(path))
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:  # pyarrow's errors are ValueErrors
-            text = " ".join(str(error).split())[:300]
             raise role.error(f"{role.names('dataset', str(parsed))} is a Dataset.save_to_disk folder that cannot "
-                             f"be read ({type(error).__name__}: {text}); it is damaged or incomplete: save it "
+                             f"be read ({type(error).__name__}: {_brief(error)}); it is damaged or incomplete: save it "
                              "again with Dataset.save_to_disk") from None
-        return _refuse_empty(_pick_split(saved, parsed, role), str(parsed), role)
+        return _refuse_empty(_saved_split(saved, parsed, role), str(parsed), role)
     use_streaming = streaming and not (parsed.split and "[" in parsed.split)
     kwargs: dict[str, Any] = {"split": parsed.split, "streaming": use_streaming}
     if parsed.revision is not None:
@@ -194,8 +193,8 @@ def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, s
         loaded = datasets.load_dataset(*args, **kwargs)
     except ValueError as error:
         if "split" in str(error).lower():
-            raise role.error(f"{role.names('spec', str(parsed))}: {error}") from error
-        raise role.error(f"cannot load {role.names('dataset', str(parsed))}: {error}") from error
+            raise role.error(f"{role.names('spec', str(parsed))}: {_brief(error)}") from error
+        raise role.error(f"cannot load {role.names('dataset', str(parsed))}: {_brief(error)}") from error
     except StopIteration:  # a JSON builder finding no first record
         raise role.error(f"{role.names('dataset', str(parsed))} holds no rows: no samples to {role.purpose}; "
                          "pass data that holds examples") from None
@@ -216,7 +215,7 @@ def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, s
                 "folder written by Dataset.save_to_disk") from error
         raise role.error(
             f"{role.names('dataset', str(parsed))} not found: it is no local folder or file, and the Hub could not "
-            f"provide it ({type(error).__name__}: {error}); no columns found. Pass an existing path "
+            f"provide it ({type(error).__name__}: {_brief(error)}); no columns found. Pass an existing path "
             "(e.g. an imagefolder or a save_to_disk folder) or a Hub dataset id as 'repo[:config]:split'"
         ) from error
     return _pick_split(loaded, parsed, role)
@@ -303,7 +302,8 @@ def _refuse_empty_saved_split(folder: Path, parsed: DatasetSpec, role: DataRole 
             splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
         except (OSError, ValueError, AttributeError):
             return  # let datasets report an unreadable folder
-        name = parsed.split if parsed.split is not None else (splits[0] if len(splits) == 1 else None)
+        name = split_slice(parsed.split)[0] if parsed.split is not None else (splits[0] if len(splits) == 1
+                                                                                 else None)
         if name is None or name not in splits:
             return  # _pick_split names the available splits
         split_folder = folder / name
@@ -314,6 +314,49 @@ def _refuse_empty_saved_split(folder: Path, parsed: DatasetSpec, role: DataRole 
     if data_files == []:
         raise role.error(f"{role.names('split', str(parsed))} is empty (0 rows): no samples to {role.purpose}; "
                          "pass a split that holds examples")
+
+
+def split_slice(split: str) -> tuple[str, str]:
+    """`train[:8]` -> (`train`, `[:8]`); `[:8]` -> (``, `[:8]`); `train` -> (`train`, ``)."""
+    name, bracket, rest = split.partition("[")
+    return name, bracket + rest
+
+
+def _saved_split(saved: Any, parsed: DatasetSpec, role: DataRole = CALIBRATION) -> Any:
+    """The split and slice `parsed` names of what `load_from_disk` read, applied as `datasets` applies
+    `split="train[:8]"` (its `ReadInstruction`: absolute and percent slices). A saved plain Dataset has no splits: its
+    one split is named as it was saved (`Dataset.split`, kept from `load_dataset(..., split="test")`), else `train`, as
+    `datasets` names a data file's rows; any other name is refused (it was ignored, yet recorded as applied)."""
+    import datasets
+
+    name, slice_ = split_slice(parsed.split) if parsed.split is not None else ("", "")
+    if isinstance(saved, datasets.Dataset):
+        own = str(saved.split or "train")
+        if name and name != own:
+            raise role.error(
+                f"{role.names('spec', str(parsed))}: {parsed.path!r} is one Dataset written by save_to_disk, without "
+                f"splits (its rows are the split {own!r}); drop the split ('{parsed.path}'), or name {own!r} to take "
+                f"a slice of it ('{parsed.path}:{own}{slice_ or '[:100]'}')")
+        return _sliced(saved, slice_, parsed, role)
+    picked = _pick_split(saved, replace(parsed, split=name or None), role)
+    return _sliced(picked, slice_, parsed, role)
+
+
+def _sliced(dataset: Any, slice_: str, parsed: DatasetSpec, role: DataRole = CALIBRATION) -> Any:
+    """`dataset`'s rows that `slice_` (`[:8]`, `[10:20]`, `[-3:]`, `[:25%]`) names, by `datasets`' own parser; its
+    rows are not copied (a contiguous `select` needs no indices file)."""
+    import datasets
+
+    if not slice_:
+        return dataset
+    try:
+        instructions = datasets.ReadInstruction.from_spec(f"split{slice_}").to_absolute({"split": len(dataset)})
+    except (ValueError, AssertionError) as error:
+        raise role.error(f"{role.names('spec', str(parsed))}: the slice {slice_!r} cannot be read "
+                         f"({_brief(error)}); write it as datasets does, e.g. '[:100]', '[10:20]', '[-50:]' or "
+                         "'[:10%]'") from None
+    (instruction,) = instructions
+    return dataset.select(range(instruction.from_, instruction.to), keep_in_memory=True)
 
 
 def _pick_split(loaded: Any, parsed: DatasetSpec, role: DataRole = CALIBRATION) -> Any:
@@ -358,7 +401,7 @@ class _Preprocessor:
                 fix = "" if role is CALIBRATION else f"; {role.fix}"
                 raise role.error(
                     f"{role.image_processor} ({type(self.image_processor).__name__}) cannot preprocess "
-                    f"column {self.image_column!r} of the {role.data}: {error}{fix}"
+                    f"column {self.image_column!r} of the {role.data}: {_brief(error)}{fix}"
                 ) from error
             out["pixel_values"] = _as_tensor(processed["pixel_values"])
         if self.text_column is not None:
@@ -374,15 +417,53 @@ class _Preprocessor:
         return out
 
     def _image(self, image: Any) -> Any:
-        """PIL images converted to the model's channel count (grayscale data for an RGB model and back)."""
+        """PIL images converted to the model's channel count (grayscale data for an RGB model and back); 16-bit,
+        32-bit and float images are first brought to 8 bits (`eight_bit`), which `convert` would clip to white."""
         convert = getattr(image, "convert", None)
         if convert is None:
+            if isinstance(image, Mapping) and "bytes" in image:  # a stream that declared no features
+                raise self.role.error(image_structs(self.image_column, self.role))
             return np.asarray(image)
+        if image.mode.startswith("I") or image.mode == "F":
+            image = eight_bit(image, self.image_column, self.role)
+            convert = image.convert
         if self.num_channels == 1 and image.mode != "L":
             return convert("L")
         if self.num_channels in (3, None) and image.mode != "RGB":
             return convert("RGB")
         return image
+
+
+def eight_bit(image: Any, column: str | None, role: DataRole = CALIBRATION) -> Any:
+    """A grayscale image of more than 8 bits (Pillow modes `I;16*`, `I`, `F`) as an 8-bit `L` image, scaled by the
+    range of what it holds, never per image (a per-image stretch would change the contrast between images):
+
+    - `I;16` (16-bit PNG/TIFF, e.g. microscopy or medical data): 0..65535 -> 0..255, divided by 257;
+    - `I` (32-bit integers; Pillow opens many 16-bit files so): values within 0..255 are kept, within 0..65535 read as
+      16-bit data (divided by 257); anything else (negative, or beyond 16 bits) has no sound rule and is refused;
+    - `F` (32-bit float): values within 0..1 are read as a fraction of full scale (times 255, torchvision's float
+      convention), within 0..255 as 8-bit values; anything else is refused.
+
+    Pillow's `convert("RGB")`/`convert("L")` of these modes clips every value above 255, so 16-bit data became a
+    constant white image, silently."""
+    from PIL import Image
+
+    values = np.asarray(image, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode.startswith("I;16"):
+        scale = 257.0
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        scale = 1 / 255
+    elif low >= 0 and high <= 255:
+        scale = 1.0
+    elif image.mode == "I" and low >= 0 and high <= 65535:
+        scale = 257.0
+    else:
+        raise role.error(
+            f"column {column!r} of the {role.data} holds an image of mode {image.mode!r} with values "
+            f"{low:g}..{high:g}, beyond 16 bits (0..65535) or 0..1 for floats, with no sound rule to read it as 8-bit "
+            "pixels; map the images to 8 bits yourself (e.g. PIL mode 'L' or 'RGB')")
+    return Image.fromarray(np.clip(np.round(values / scale), 0, 255).astype(np.uint8), mode="L")
 
 
 def encode_texts(tokenizer: Any, texts: list[str], max_length: int | None) -> Mapping[str, Any]:
@@ -479,8 +560,8 @@ def decoded_safely(chunks: Iterable[Any], source: str, error: type[ValueError] =
     try:
         yield from chunks
     except Image.DecompressionBombError as refusal:
-        raise error(f"an image of dataset {source!r} is too large to decode safely ({refusal}); remove or shrink that "
-                    "image") from None
+        raise error(f"an image of dataset {source!r} is too large to decode safely ({_brief(refusal)}); remove or "
+                    "shrink that image") from None
     except Image.UnidentifiedImageError as refusal:
         raise error(f"an image of dataset {source!r} cannot be decoded ({_first_line(refusal)}): it is no image file "
                     "Pillow reads; remove that row or re-encode the image as PNG or JPEG") from None
@@ -492,9 +573,15 @@ def decoded_safely(chunks: Iterable[Any], source: str, error: type[ValueError] =
     except (ValueError, OSError) as failure:  # a reader's refusal of the data (pandas' ParserError, pyarrow's ...)
         if isinstance(failure, error):
             raise
-        text = " ".join(str(failure).split())[:300]
-        raise error(f"dataset {source!r} cannot be read ({type(failure).__name__}: {text}); fix or replace the data "
-                    "file") from None
+        raise error(f"dataset {source!r} cannot be read ({type(failure).__name__}: {_brief(failure)}); fix or "
+                    "replace the data file") from None
+
+
+def _brief(error: BaseException, limit: int = 300) -> str:
+    """An exception's text for one message line: whitespace collapsed and cut to `limit` characters. Readers embed
+    the value they choke on (a processor showed every byte of a column's images: a 1.7 MB message)."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 5] + " ...)"
 
 
 def _first_line(error: BaseException) -> str:
@@ -597,10 +684,20 @@ def _refuse_column_kinds(features: Any, image_column: str | None, text_column: s
         raise role.error(f"column {text_column!r} of the {role.data} holds {kind}, not text; name the text column "
                          f"with {option_hint('text_column')}")
     image = features.get(image_column) if image_column is not None else None
+    if isinstance(image, Mapping) and {"bytes", "path"} <= set(image):
+        raise role.error(image_structs(image_column, role))
     if isinstance(image, datasets.Value):  # an Image feature or arrays of pixels are images
         raise role.error(f"column {image_column!r} of the {role.data} holds {image.dtype}, not images (file paths are "
                          "not read as images: cast the column with datasets.Image()); name the image column with "
                          f"{option_hint('image_column')}")
+
+
+def image_structs(column: str | None, role: DataRole = CALIBRATION) -> str:
+    """The refusal of an image column holding `{'bytes', 'path'}` structs: how `datasets` stores an Image column, read
+    back without its feature (a parquet file written by pandas or pyarrow); `datasets.Image()` decodes them."""
+    return (f"column {column!r} of the {role.data} holds {{'bytes', 'path'}} structs (encoded image files, e.g. a "
+            f"parquet export of an image dataset), not decoded images; cast the column with datasets.Image(): "
+            f"dataset.cast_column({column!r}, datasets.Image())")
 
 
 def _plan(columns: Sequence[str], inputs: Sequence[str], processor: Any, image_column: str | None,
