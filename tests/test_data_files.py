@@ -4,6 +4,7 @@ images, image structs in parquet (an outside QA pass, session 22)."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -133,3 +134,47 @@ def test_an_image_processor_error_shows_the_value_truncated():
     with pytest.raises(CalibrationError) as caught:
         next(iter(stream))
     assert len(str(caught.value)) < 1000, str(caught.value)[:2000]
+
+
+@pytest.fixture(scope="module")
+def parents(tmp_path_factory):
+    from test_cli import save_parents_and_data
+
+    return save_parents_and_data(tmp_path_factory.mktemp("parents"))
+
+
+def test_messages_name_the_data_file_as_given(tmp_path, monkeypatch, caplog):
+    """A header-only CSV was `calibration split 'calibration data' is empty`; a file spec was logged as
+    `calibration from csv`."""
+    import logging
+
+    from hf_mudsc.calibrate.datasets import check_calibration_columns
+
+    monkeypatch.chdir(tmp_path)
+    Path("header.csv").write_text("text,label\n")
+    with pytest.raises(CalibrationError, match=r"^calibration split './header.csv' is empty"):
+        check_calibration_columns(load_calibration_dataset("./header.csv"))
+    Path("rows.csv").write_text("pixel_values\n1.0\n2.0\n")
+    with caplog.at_level(logging.INFO, logger="hf_mudsc.calibrate.datasets"):
+        stream = resolve_calibration(load_calibration_dataset("./rows.csv"))
+    assert stream.source == "./rows.csv" and "calibration from ./rows.csv: columns" in caplog.text, caplog.text
+
+
+def test_a_split_choice_echoes_the_path_as_typed(parents, tmp_path, monkeypatch):
+    import hf_mudsc
+
+    a, b, _ = parents
+    monkeypatch.chdir(tmp_path)
+    rows = datasets.Dataset.from_dict({"pixel_values": [[[[0.0] * 16] * 16] * 3] * 2})
+    datasets.DatasetDict({"train": rows, "test": rows}).save_to_disk("split_data")
+    with pytest.raises(CalibrationError) as caught:
+        hf_mudsc.merge([a, b], "./split_data", method="zipit", progress=False)
+    assert str(caught.value) == ("calibration dataset './split_data' has several splits ['train', 'test']; name one "
+                                 "as './split_data:<split>'")
+
+
+def test_a_dataset_dict_object_is_told_to_pass_one_split():
+    rows = datasets.Dataset.from_dict({"pixel_values": [[1.0]]})
+    with pytest.raises(CalibrationError) as caught:
+        resolve_calibration(datasets.DatasetDict({"train": rows, "test": rows}))
+    assert "pass one of them, e.g. dataset['train']" in str(caught.value) and "<split>" not in str(caught.value)

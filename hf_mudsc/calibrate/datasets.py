@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -143,10 +144,34 @@ def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, s
     `datasets.load_dataset(..., streaming=True)`. Slices (`train[:100]`) need `streaming=False`, which
     is chosen automatically (they are read into the local arrow cache, not into memory).
     """
-    import datasets
-
     parsed = (dataset_spec if isinstance(dataset_spec, DatasetSpec)
               else DatasetSpec.parse(dataset_spec, kind=role.kind, error=role.error))
+    loaded = _load_split(parsed, streaming, token, role)
+    try:
+        _LOADED_FROM[loaded] = str(parsed)
+    except TypeError:  # not weakly referable: messages then name it as an object
+        pass
+    return loaded
+
+
+#: The spec each dataset `load_calibration_dataset` returned was read from, so that what is later done with the
+#: object (`resolve_calibration`, `check_calibration_columns`: its log line, an empty file, a row that cannot be read)
+#: names the data as the user gave it (`./rows.csv`), not as `datasets` names its builder (`csv`) or not at all.
+_LOADED_FROM: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def loaded_from(data: Any) -> str | None:
+    """The spec `data` was read from by `load_calibration_dataset` (None: data given as an object)."""
+    try:
+        return _LOADED_FROM.get(data)
+    except TypeError:  # unhashable or not weakly referable: not loaded here
+        return None
+
+
+def _load_split(parsed: DatasetSpec, streaming: bool, token: str | bool | None, role: DataRole) -> Any:
+    """`load_calibration_dataset`'s reading of a parsed spec."""
+    import datasets
+
     path = Path(parsed.path).expanduser()
     local = parsed.local  # a revision names the Hub dataset, even with a folder of its name here (dataset_spec)
     saved_folder = local and path.is_dir() and (
@@ -780,8 +805,9 @@ def check_calibration_columns(calibration: Any, processors: Any = None, *, image
 
     if not isinstance(calibration, (datasets.Dataset, datasets.IterableDataset)):
         return
-    columns = column_names(calibration)
-    refuse_no_columns(calibration, columns, "calibration data")
+    name = loaded_from(calibration) or "calibration data"
+    columns = column_names(calibration, name)
+    refuse_no_columns(calibration, columns, name)
     # `_choose_processor`'s choice, without its warning (logged once, when the data is resolved)
     processor = (next((p for p in processors if p is not None), None) if isinstance(processors, (list, tuple))
                  else processors)
@@ -856,14 +882,18 @@ def resolve_calibration(
         raise CalibrationError("no calibration data; pass a dataset, a 'repo_or_path[:config]:split' spec or batches")
     if isinstance(calibration, CalibrationStream):
         return calibration
-    source = "dataset"
+    source = loaded_from(calibration) or "dataset"
     if isinstance(calibration, (str, os.PathLike, DatasetSpec)):
         parsed = (calibration if isinstance(calibration, DatasetSpec)
                   else DatasetSpec.parse(calibration, kind=role.kind, error=role.error))
         source = str(parsed)
         calibration = load_calibration_dataset(parsed, streaming=streaming, token=token, role=role)
-    if isinstance(calibration, (datasets.DatasetDict, datasets.IterableDatasetDict)):
-        calibration = _pick_split(calibration, DatasetSpec(path=source), role)
+    if isinstance(calibration, (datasets.DatasetDict, datasets.IterableDatasetDict)):  # an object: specs name a split
+        splits = list(calibration)
+        if len(splits) != 1:
+            raise role.error(f"the {role.data} is a DatasetDict with {len(splits)} splits {splits}; pass one of them, "
+                             f"e.g. dataset[{(splits or ['train'])[0]!r}]")
+        calibration = calibration[splits[0]]
     if not isinstance(calibration, (datasets.Dataset, datasets.IterableDataset)):
         return calibration
     _refuse_empty(calibration, source, role)
