@@ -178,3 +178,56 @@ def test_a_dataset_dict_object_is_told_to_pass_one_split():
     with pytest.raises(CalibrationError) as caught:
         resolve_calibration(datasets.DatasetDict({"train": rows, "test": rows}))
     assert "pass one of them, e.g. dataset['train']" in str(caught.value) and "<split>" not in str(caught.value)
+
+
+def pair_tokenizer():
+    from transformers import BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"the cat sat on mat a dog ran".split()]
+    return BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
+
+
+PAIRS = {"sentence1": ["the cat sat", "a dog ran"], "sentence2": ["on the mat", "the dog sat"], "label": [0, 1]}
+
+
+def test_two_text_columns_are_tokenized_as_text_pairs():
+    """MRPC-style `sentence1`/`sentence2`: `text_column="sentence1"` silently dropped segment B."""
+    from transformers import BertConfig
+
+    tok = pair_tokenizer()
+    config = BertConfig(vocab_size=13, max_position_embeddings=24)
+    expected = tok(PAIRS["sentence1"], PAIRS["sentence2"], padding=True, return_tensors="pt")
+    for text_column in ("sentence1,sentence2", " sentence1 , sentence2", None):  # None: detected
+        batch = next(iter(resolve_calibration(datasets.Dataset.from_dict(PAIRS), [tok], model_config=config,
+                                              inputs=("input_ids",), text_column=text_column)))
+        assert batch["input_ids"].tolist() == expected["input_ids"].tolist()
+        assert batch["token_type_ids"].tolist() == expected["token_type_ids"].tolist()
+        assert batch["token_type_ids"].max() == 1
+
+
+@pytest.mark.parametrize("columns,needle", [
+    ({"sentence1": ["a"], "sentence2": ["a"], "premise": ["a"], "hypothesis": ["a"]}, "several text pair layouts"),
+    ({"text": ["a"], "premise": ["a"], "hypothesis": ["a"]}, "both a text column .text. and the text pair"),
+])
+def test_an_ambiguous_text_layout_is_refused_naming_the_fix(columns, needle):
+    with pytest.raises(CalibrationError, match=needle) as caught:
+        resolve_calibration(datasets.Dataset.from_dict(columns), [pair_tokenizer()], inputs=("input_ids",))
+    assert "text_column=" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_more_than_two_text_columns_are_refused():
+    with pytest.raises(CalibrationError, match="one text column or two"):
+        resolve_calibration(datasets.Dataset.from_dict(PAIRS), [pair_tokenizer()], inputs=("input_ids",),
+                            text_column="sentence1,sentence2,label")
+
+
+def test_one_segment_of_a_text_pair_is_read_with_a_warning(caplog):
+    """`text_column="sentence1"` silently dropped `sentence2`: the user is told how to read both."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="hf_mudsc.calibrate.datasets"):
+        stream = resolve_calibration(datasets.Dataset.from_dict(PAIRS), [pair_tokenizer()], inputs=("input_ids",),
+                                     text_column="sentence1")
+    assert stream.dataset.column_names == ["sentence1"]
+    assert "reads one segment of the text pairs 'sentence1,sentence2'" in caplog.text, caplog.text
+    assert "text_column='sentence1,sentence2' (CLI: --text-column sentence1,sentence2)" in caplog.text, caplog.text

@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ("image", "img")
 TEXT_COLUMNS = ("text", "sentence")
+#: Two text columns read as the tokenizer's `text` and `text_pair` (GLUE's MRPC/RTE/STS-B, QNLI, MNLI layouts): a
+#: pair-trained BERT sees both segments (token_type_ids 0 and 1). Detected only when it is the one layout present.
+TEXT_PAIR_COLUMNS = (("sentence1", "sentence2"), ("question", "sentence"), ("premise", "hypothesis"))
 # Columns passed to the models as they are (everything else, e.g. labels, is dropped).
 MODEL_INPUT_COLUMNS = ("pixel_values", "input_ids", "attention_mask", "token_type_ids", "position_ids",
                        "pixel_mask")
@@ -409,6 +412,8 @@ class _Preprocessor:
 
     image_column: str | None
     text_column: str | None
+    text_pair_column: str | None
+    """The second segment's column of text pairs (`sentence2`), tokenized as the tokenizer's `text_pair`."""
     image_processor: Any | None
     tokenizer: Any | None
     num_channels: int | None
@@ -430,16 +435,22 @@ class _Preprocessor:
                 ) from error
             out["pixel_values"] = _as_tensor(processed["pixel_values"])
         if self.text_column is not None:
-            texts = list(rows[self.text_column])
-            odd = next((t for t in texts if not isinstance(t, str)), "")
-            if not isinstance(odd, str):  # str() would tokenize None as the word "None"
-                kind = "a missing value (None)" if odd is None else f"{type(odd).__name__} {shown(odd)}"
-                raise self.role.error(f"column {self.text_column!r} of the {self.role.data} holds {kind}, not text; "
-                                      "drop or fill those rows (Dataset.filter) or name the text column with "
-                                      f"{option_hint('text_column')}")
-            encoded = encode_texts(self.tokenizer, texts, self.max_length)
+            texts, pairs = self._texts(rows, self.text_column), None
+            if self.text_pair_column is not None:
+                pairs = self._texts(rows, self.text_pair_column)
+            encoded = encode_texts(self.tokenizer, texts, self.max_length, pairs)
             out.update({k: _as_tensor(v) for k, v in encoded.items()})
         return out
+
+    def _texts(self, rows: Mapping[str, Sequence[Any]], column: str) -> list[str]:
+        texts = list(rows[column])
+        odd = next((t for t in texts if not isinstance(t, str)), "")
+        if not isinstance(odd, str):  # str() would tokenize None as the word "None"
+            kind = "a missing value (None)" if odd is None else f"{type(odd).__name__} {shown(odd)}"
+            raise self.role.error(f"column {column!r} of the {self.role.data} holds {kind}, not text; drop or fill "
+                                  f"those rows (Dataset.filter) or name the text column with "
+                                  f"{option_hint('text_column')}")
+        return texts
 
     def _image(self, image: Any) -> Any:
         """PIL images converted to the model's channel count (grayscale data for an RGB model and back); 16-bit,
@@ -491,14 +502,16 @@ def eight_bit(image: Any, column: str | None, role: DataRole = CALIBRATION) -> A
     return Image.fromarray(np.clip(np.round(values / scale), 0, 255).astype(np.uint8), mode="L")
 
 
-def encode_texts(tokenizer: Any, texts: list[str], max_length: int | None) -> Mapping[str, Any]:
-    """`texts` padded and cut to `max_length`, the tokenizer left as it was: a fast tokenizer's backend keeps the
+def encode_texts(tokenizer: Any, texts: list[str], max_length: int | None,
+                 pairs: list[str] | None = None) -> Mapping[str, Any]:
+    """`texts` (with their second segments `pairs`, as the tokenizer's `text_pair`: token_type_ids as it makes them)
+    padded and cut to `max_length`, the tokenizer left as it was: a fast tokenizer's backend keeps the
     truncation and padding a call switches on, and `save_pretrained` writes them into tokenizer.json (which
     `tokenizers` and transformers.js apply to every later input)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     before = (backend.truncation, backend.padding) if backend is not None else None
     try:
-        return tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        return tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     finally:
         if before is not None:
             truncation, padding = before
@@ -665,14 +678,16 @@ def _infer_inputs(columns: Sequence[str], image_processor: Any, tokenizer: Any,
     inputs = []
     if image_column is not None or (image_processor is not None and _first_present(IMAGE_COLUMNS, columns)):
         inputs.append("pixel_values")
-    if text_column is not None or (tokenizer is not None and _first_present(TEXT_COLUMNS, columns)):
+    if text_column is not None or (tokenizer is not None and (
+            _first_present(TEXT_COLUMNS, columns) or any(all(c in columns for c in p) for p in TEXT_PAIR_COLUMNS))):
         inputs.append("input_ids")
     if not inputs:
         raise CalibrationError(
             f"the calibration data has no usable column; found columns {list(columns)}. Expected model inputs "
-            f"({', '.join(MODEL_INPUT_COLUMNS[:2])}) or raw columns ({', '.join(IMAGE_COLUMNS + TEXT_COLUMNS)}) "
-            f"that the parents' processor can preprocess; name yours with {option_hint('image_column')} or "
-            f"{option_hint('text_column')}"
+            f"({', '.join(MODEL_INPUT_COLUMNS[:2])}) or raw columns ({', '.join(IMAGE_COLUMNS + TEXT_COLUMNS)}, or "
+            f"text pairs {', '.join('+'.join(pair) for pair in TEXT_PAIR_COLUMNS)}) that the parents' processor can "
+            f"preprocess; name yours with {option_hint('image_column')} or {option_hint('text_column')} (two "
+            "columns separated by a comma for text pairs)"
         )
     return tuple(inputs)
 
@@ -730,7 +745,8 @@ def _plan(columns: Sequence[str], inputs: Sequence[str], processor: Any, image_c
           max_tokens: int | None = None) -> tuple[list[str], _Preprocessor | None]:
     """Which columns to read and how to preprocess them (None: they already are model inputs). `features`: the
     dataset's declared column types, to refuse a raw column of the wrong kind before any row is read."""
-    for name, override in (("image_column", image_column), ("text_column", text_column)):
+    given_text = text_columns(text_column, role)
+    for name, override in (("image_column", image_column), *(("text_column", c) for c in given_text or ())):
         if override is not None and override not in columns:
             raise role.error(f"{name}={override!r} (CLI: {flag(name)}) is not a column of the {role.data}; found "
                              f"columns {list(columns)}")
@@ -746,19 +762,62 @@ def _plan(columns: Sequence[str], inputs: Sequence[str], processor: Any, image_c
         use_image = image_column or _first_present(IMAGE_COLUMNS, columns)
         _require_raw("pixel_values", "image", use_image, IMAGE_COLUMNS, "image_column", image_processor,
                      "image processor (preprocessor_config.json)", columns, role)
+    texts: tuple[str, ...] = ()
     if "input_ids" in inputs:
-        use_text = text_column or _first_present(TEXT_COLUMNS, columns)
-        _require_raw("input_ids", "text", use_text, TEXT_COLUMNS, "text_column", tokenizer, "tokenizer", columns,
-                     role)
-    _refuse_column_kinds(features, use_image, use_text, role)
+        texts = given_text or _detect_text(columns, role)
+        use_text = texts[0] if texts else None
+        looked_for = [*TEXT_COLUMNS, *("+".join(pair) for pair in TEXT_PAIR_COLUMNS)]
+        _require_raw("input_ids", "text", use_text, looked_for, "text_column", tokenizer, "tokenizer", columns, role)
+        pair = next((p for p in TEXT_PAIR_COLUMNS if given_text and len(given_text) == 1 and given_text[0] in p
+                     and all(c in columns for c in p)), None)
+        if pair is not None:  # one segment of a pair layout: the other is not read (perhaps meant, never unsaid)
+            logger.warning("text_column=%r reads one segment of the text pairs %r of the %s, without %r; name both "
+                           "to read them as pairs: text_column=%r (CLI: %s %s)", given_text[0], ",".join(pair),
+                           role.data, next(c for c in pair if c != given_text[0]), ",".join(pair), flag("text_column"),
+                           ",".join(pair))
+        if given_text is None and len(texts) == 2:
+            logger.info("%s reads columns %r and %r as text pairs (the tokenizer's text and text_pair)", role.reading,
+                        *texts)
+    for column in texts or (None,):
+        _refuse_column_kinds(features, use_image, column, role)
     if use_image:
         refuse_oversized_resize(image_processor, model_config, role)
     preprocess = _Preprocessor(
-        image_column=use_image, text_column=use_text, image_processor=image_processor if use_image else None,
+        image_column=use_image, text_column=use_text, text_pair_column=texts[1] if len(texts) == 2 else None,
+        image_processor=image_processor if use_image else None,
         tokenizer=tokenizer if use_text else None, num_channels=_num_channels(model_config),
         max_length=_max_length(tokenizer, model_config, max_tokens) if use_text else None, role=role,
     )
-    return [c for c in (use_image, use_text) if c is not None], preprocess
+    return [c for c in (use_image, *texts) if c is not None], preprocess
+
+
+def text_columns(text_column: str | None, role: DataRole = CALIBRATION) -> tuple[str, ...] | None:
+    """`text_column` as given: one column, or two separated by a comma (`sentence1,sentence2`) read as text pairs."""
+    if text_column is None:
+        return None
+    names = tuple(name.strip() for name in text_column.split(","))
+    if len(names) > 2 or not all(names):
+        raise role.error(f"text_column={text_column!r} (CLI: {flag('text_column')}) names {len(names)} columns; name "
+                         "one text column or two separated by a comma, read as text pairs (e.g. 'sentence1,sentence2')")
+    return names
+
+
+def _detect_text(columns: Sequence[str], role: DataRole) -> tuple[str, ...]:
+    """The raw text column(s) found by name: a text pair layout (`TEXT_PAIR_COLUMNS`) when it is the only one and no
+    other text column is present, else the first of `TEXT_COLUMNS`; () for none. Two candidates are refused: reading
+    one of them silently would drop the other segment or column."""
+    pairs = [pair for pair in TEXT_PAIR_COLUMNS if all(c in columns for c in pair)]
+    singles = [c for c in TEXT_COLUMNS if c in columns and not any(c in pair for pair in pairs)]
+    fix = f"name the columns to read with {option_hint('text_column')}"
+    if len(pairs) > 1:
+        raise role.error(f"the {role.data} holds several text pair layouts {[','.join(p) for p in pairs]}; {fix} "
+                         f"(e.g. '{','.join(pairs[0])}')")
+    if pairs and singles:
+        raise role.error(f"the {role.data} holds both a text column {singles[0]!r} and the text pair "
+                         f"{','.join(pairs[0])!r}; {fix}: '{singles[0]}' or '{','.join(pairs[0])}'")
+    if pairs:
+        return pairs[0]
+    return (singles[0],) if singles else ()
 
 
 def _choose_processor(processors: Any) -> Any | None:
