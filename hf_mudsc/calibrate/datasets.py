@@ -359,7 +359,7 @@ def _saved_split(saved: Any, parsed: DatasetSpec, role: DataRole = CALIBRATION) 
 
     name, slice_ = split_slice(parsed.split) if parsed.split is not None else ("", "")
     if isinstance(saved, datasets.Dataset):
-        own = str(saved.split or "train")
+        own = split_slice(str(saved.split or "train"))[0]  # a split saved from `train[:50%]` is named `train`
         if name and name != own:
             raise role.error(
                 f"{role.names('spec', str(parsed))}: {parsed.path!r} is one Dataset written by save_to_disk, without "
@@ -619,7 +619,7 @@ def _brief(error: BaseException, limit: int = 300) -> str:
     """An exception's text for one message line: whitespace collapsed and cut to `limit` characters. Readers embed
     the value they choke on (a processor showed every byte of a column's images: a 1.7 MB message)."""
     text = " ".join(str(error).split())
-    return text if len(text) <= limit else text[: limit - 5] + " ...)"
+    return text if len(text) <= limit else text[: limit - 4] + " ..."
 
 
 def _first_line(error: BaseException) -> str:
@@ -742,9 +742,10 @@ def image_structs(column: str | None, role: DataRole = CALIBRATION) -> str:
 
 def _plan(columns: Sequence[str], inputs: Sequence[str], processor: Any, image_column: str | None,
           text_column: str | None, model_config: Any, role: DataRole = CALIBRATION, features: Any = None,
-          max_tokens: int | None = None) -> tuple[list[str], _Preprocessor | None]:
+          max_tokens: int | None = None, quiet: bool = False) -> tuple[list[str], _Preprocessor | None]:
     """Which columns to read and how to preprocess them (None: they already are model inputs). `features`: the
-    dataset's declared column types, to refuse a raw column of the wrong kind before any row is read."""
+    dataset's declared column types, to refuse a raw column of the wrong kind before any row is read; `quiet`: a
+    check before the data is read (`check_calibration_columns`), which leaves the log lines to the read."""
     given_text = text_columns(text_column, role)
     for name, override in (("image_column", image_column), *(("text_column", c) for c in given_text or ())):
         if override is not None and override not in columns:
@@ -770,12 +771,12 @@ def _plan(columns: Sequence[str], inputs: Sequence[str], processor: Any, image_c
         _require_raw("input_ids", "text", use_text, looked_for, "text_column", tokenizer, "tokenizer", columns, role)
         pair = next((p for p in TEXT_PAIR_COLUMNS if given_text and len(given_text) == 1 and given_text[0] in p
                      and all(c in columns for c in p)), None)
-        if pair is not None:  # one segment of a pair layout: the other is not read (perhaps meant, never unsaid)
+        if pair is not None and not quiet:  # one segment of a pair: never dropped unsaid
             logger.warning("text_column=%r reads one segment of the text pairs %r of the %s, without %r; name both "
                            "to read them as pairs: text_column=%r (CLI: %s %s)", given_text[0], ",".join(pair),
                            role.data, next(c for c in pair if c != given_text[0]), ",".join(pair), flag("text_column"),
                            ",".join(pair))
-        if given_text is None and len(texts) == 2:
+        if given_text is None and len(texts) == 2 and not quiet:
             logger.info("%s reads columns %r and %r as text pairs (the tokenizer's text and text_pair)", role.reading,
                         *texts)
     for column in texts or (None,):
@@ -874,7 +875,7 @@ def check_calibration_columns(calibration: Any, processors: Any = None, *, image
         inputs = _infer_inputs(columns, image_processor_of(processor), tokenizer_of(processor), image_column,
                                text_column)
     _plan(columns, tuple(inputs), processor, image_column, text_column, model_config,
-          features=getattr(calibration, "features", None))
+          features=getattr(calibration, "features", None), quiet=True)
 
 
 #: How much larger than the model's `image_size` an image processor may resize or crop images (a resize to 256 then a
