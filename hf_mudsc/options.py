@@ -726,7 +726,9 @@ class MergeOptions:
         help="image column of the calibration dataset (default: image or img)")
     text_column: str | None = option(
         None, kind="str", metavar="NAME", show_default=False,
-        help="text column of the calibration dataset (default: text or sentence)")
+        help="text column of the calibration dataset (default: text or sentence), or two separated by a comma "
+        "read as text pairs, e.g. sentence1,sentence2 (default: sentence1+sentence2, question+sentence or "
+        "premise+hypothesis when the data holds one such pair and no other text column)")
     allow_pickle: bool = option(
         False, kind="bool", recipe=False,
         help="allow parents with pickle-only weights (pytorch_model.bin can run arbitrary code when loaded; "

@@ -429,8 +429,10 @@ def merge(
     if needs_data and isinstance(calibration, (str, os.PathLike)):
         # A Hub dataset is pinned to its commit (the recipe records it) and read at that commit; a spec that
         # does not exist fails here, before any parent weights are downloaded.
-        calibration_spec = pinned_calibration(pin_calibration_revision(os.fspath(calibration), token=token))
-        calibration = load_calibration_dataset(calibration_spec, token=token)
+        # Read as given (messages echo what was typed, `./data`), recorded with a local path made absolute.
+        pinned = pin_calibration_revision(os.fspath(calibration), token=token)
+        calibration_spec = pinned_calibration(pinned)
+        calibration = load_calibration_dataset(pinned, token=token)
     # A tensor-wise method reads each parent's tensor only while merging it: parents after the first and the base
     # are then read from their safetensors files one tensor at a time (docs/design.md §4.10, streaming).
     streaming = auto_choice.streams if auto_choice is not None else streams_parents(

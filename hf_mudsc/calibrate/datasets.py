@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,12 +31,18 @@ logger = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ("image", "img")
 TEXT_COLUMNS = ("text", "sentence")
+#: Two text columns read as the tokenizer's `text` and `text_pair` (GLUE's MRPC/RTE/STS-B, QNLI, MNLI layouts): a
+#: pair-trained BERT sees both segments (token_type_ids 0 and 1). Detected only when it is the one layout present.
+TEXT_PAIR_COLUMNS = (("sentence1", "sentence2"), ("question", "sentence"), ("premise", "hypothesis"))
 # Columns passed to the models as they are (everything else, e.g. labels, is dropped).
 MODEL_INPUT_COLUMNS = ("pixel_values", "input_ids", "attention_mask", "token_type_ids", "position_ids",
                        "pixel_mask")
 SHUFFLE_BUFFER_SIZE = 1000
 DEFAULT_BATCH_SIZE = 32
 _TEXT_LIMIT = 512  # fallback truncation when neither the tokenizer nor the config gives one
+# What a single data file's builder (`FILE_BUILDERS`) needs besides the file, by suffix: as `datasets` reads a folder
+# of such files (a `.tsv` is the csv builder with a tab separator; with the default ',' text with commas is split).
+FILE_BUILDER_OPTIONS: dict[str, dict[str, Any]] = {".tsv": {"sep": "\t"}}
 
 
 @dataclass(frozen=True)
@@ -140,10 +147,34 @@ def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, s
     `datasets.load_dataset(..., streaming=True)`. Slices (`train[:100]`) need `streaming=False`, which
     is chosen automatically (they are read into the local arrow cache, not into memory).
     """
-    import datasets
-
     parsed = (dataset_spec if isinstance(dataset_spec, DatasetSpec)
               else DatasetSpec.parse(dataset_spec, kind=role.kind, error=role.error))
+    loaded = _load_split(parsed, streaming, token, role)
+    try:
+        _LOADED_FROM[loaded] = str(parsed)
+    except TypeError:  # not weakly referable: messages then name it as an object
+        pass
+    return loaded
+
+
+#: The spec each dataset `load_calibration_dataset` returned was read from, so that what is later done with the
+#: object (`resolve_calibration`, `check_calibration_columns`: its log line, an empty file, a row that cannot be read)
+#: names the data as the user gave it (`./rows.csv`), not as `datasets` names its builder (`csv`) or not at all.
+_LOADED_FROM: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def loaded_from(data: Any) -> str | None:
+    """The spec `data` was read from by `load_calibration_dataset` (None: data given as an object)."""
+    try:
+        return _LOADED_FROM.get(data)
+    except TypeError:  # unhashable or not weakly referable: not loaded here
+        return None
+
+
+def _load_split(parsed: DatasetSpec, streaming: bool, token: str | bool | None, role: DataRole) -> Any:
+    """`load_calibration_dataset`'s reading of a parsed spec."""
+    import datasets
+
     path = Path(parsed.path).expanduser()
     local = parsed.local  # a revision names the Hub dataset, even with a folder of its name here (dataset_spec)
     saved_folder = local and path.is_dir() and (
@@ -158,11 +189,10 @@ def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, s
         try:
             saved = datasets.load_from_disk(str(path))
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:  # pyarrow's errors are ValueErrors
-            text = " ".join(str(error).split())[:300]
             raise role.error(f"{role.names('dataset', str(parsed))} is a Dataset.save_to_disk folder that cannot "
-                             f"be read ({type(error).__name__}: {text}); it is damaged or incomplete: save it "
+                             f"be read ({type(error).__name__}: {_brief(error)}); it is damaged or incomplete: save it "
                              "again with Dataset.save_to_disk") from None
-        return _refuse_empty(_pick_split(saved, parsed, role), str(parsed), role)
+        return _refuse_empty(_saved_split(saved, parsed, role), str(parsed), role)
     use_streaming = streaming and not (parsed.split and "[" in parsed.split)
     kwargs: dict[str, Any] = {"split": parsed.split, "streaming": use_streaming}
     if parsed.revision is not None:
@@ -181,7 +211,8 @@ def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, s
                              "pass a file that holds examples")
         refuse_crashing_file(path, parsed.path, role)
         args: tuple[Any, ...] = (builder,)
-        kwargs.update(data_files=str(path), split=parsed.split or "train")
+        kwargs.update(data_files=str(path), split=parsed.split or "train", **FILE_BUILDER_OPTIONS.get(
+            path.suffix.lower(), {}))
     else:
         # `datasets` reads a folder of the name before the Hub: `hf://datasets/` asks the Hub only.
         name = parsed.path if local or not path.exists() else f"hf://datasets/{parsed.path}"
@@ -190,8 +221,8 @@ def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, s
         loaded = datasets.load_dataset(*args, **kwargs)
     except ValueError as error:
         if "split" in str(error).lower():
-            raise role.error(f"{role.names('spec', str(parsed))}: {error}") from error
-        raise role.error(f"cannot load {role.names('dataset', str(parsed))}: {error}") from error
+            raise role.error(f"{role.names('spec', str(parsed))}: {_brief(error)}") from error
+        raise role.error(f"cannot load {role.names('dataset', str(parsed))}: {_brief(error)}") from error
     except StopIteration:  # a JSON builder finding no first record
         raise role.error(f"{role.names('dataset', str(parsed))} holds no rows: no samples to {role.purpose}; "
                          "pass data that holds examples") from None
@@ -212,7 +243,7 @@ def load_calibration_dataset(dataset_spec: str | os.PathLike | DatasetSpec, *, s
                 "folder written by Dataset.save_to_disk") from error
         raise role.error(
             f"{role.names('dataset', str(parsed))} not found: it is no local folder or file, and the Hub could not "
-            f"provide it ({type(error).__name__}: {error}); no columns found. Pass an existing path "
+            f"provide it ({type(error).__name__}: {_brief(error)}); no columns found. Pass an existing path "
             "(e.g. an imagefolder or a save_to_disk folder) or a Hub dataset id as 'repo[:config]:split'"
         ) from error
     return _pick_split(loaded, parsed, role)
@@ -299,7 +330,8 @@ def _refuse_empty_saved_split(folder: Path, parsed: DatasetSpec, role: DataRole 
             splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
         except (OSError, ValueError, AttributeError):
             return  # let datasets report an unreadable folder
-        name = parsed.split if parsed.split is not None else (splits[0] if len(splits) == 1 else None)
+        name = split_slice(parsed.split)[0] if parsed.split is not None else (splits[0] if len(splits) == 1
+                                                                                 else None)
         if name is None or name not in splits:
             return  # _pick_split names the available splits
         split_folder = folder / name
@@ -310,6 +342,49 @@ def _refuse_empty_saved_split(folder: Path, parsed: DatasetSpec, role: DataRole 
     if data_files == []:
         raise role.error(f"{role.names('split', str(parsed))} is empty (0 rows): no samples to {role.purpose}; "
                          "pass a split that holds examples")
+
+
+def split_slice(split: str) -> tuple[str, str]:
+    """`train[:8]` -> (`train`, `[:8]`); `[:8]` -> (``, `[:8]`); `train` -> (`train`, ``)."""
+    name, bracket, rest = split.partition("[")
+    return name, bracket + rest
+
+
+def _saved_split(saved: Any, parsed: DatasetSpec, role: DataRole = CALIBRATION) -> Any:
+    """The split and slice `parsed` names of what `load_from_disk` read, applied as `datasets` applies
+    `split="train[:8]"` (its `ReadInstruction`: absolute and percent slices). A saved plain Dataset has no splits: its
+    one split is named as it was saved (`Dataset.split`, kept from `load_dataset(..., split="test")`), else `train`, as
+    `datasets` names a data file's rows; any other name is refused (it was ignored, yet recorded as applied)."""
+    import datasets
+
+    name, slice_ = split_slice(parsed.split) if parsed.split is not None else ("", "")
+    if isinstance(saved, datasets.Dataset):
+        own = split_slice(str(saved.split or "train"))[0]  # a split saved from `train[:50%]` is named `train`
+        if name and name != own:
+            raise role.error(
+                f"{role.names('spec', str(parsed))}: {parsed.path!r} is one Dataset written by save_to_disk, without "
+                f"splits (its rows are the split {own!r}); drop the split ('{parsed.path}'), or name {own!r} to take "
+                f"a slice of it ('{parsed.path}:{own}{slice_ or '[:100]'}')")
+        return _sliced(saved, slice_, parsed, role)
+    picked = _pick_split(saved, replace(parsed, split=name or None), role)
+    return _sliced(picked, slice_, parsed, role)
+
+
+def _sliced(dataset: Any, slice_: str, parsed: DatasetSpec, role: DataRole = CALIBRATION) -> Any:
+    """`dataset`'s rows that `slice_` (`[:8]`, `[10:20]`, `[-3:]`, `[:25%]`) names, by `datasets`' own parser; its
+    rows are not copied (a contiguous `select` needs no indices file)."""
+    import datasets
+
+    if not slice_:
+        return dataset
+    try:
+        instructions = datasets.ReadInstruction.from_spec(f"split{slice_}").to_absolute({"split": len(dataset)})
+    except (ValueError, AssertionError) as error:
+        raise role.error(f"{role.names('spec', str(parsed))}: the slice {slice_!r} cannot be read "
+                         f"({_brief(error)}); write it as datasets does, e.g. '[:100]', '[10:20]', '[-50:]' or "
+                         "'[:10%]'") from None
+    (instruction,) = instructions
+    return dataset.select(range(instruction.from_, instruction.to), keep_in_memory=True)
 
 
 def _pick_split(loaded: Any, parsed: DatasetSpec, role: DataRole = CALIBRATION) -> Any:
@@ -337,6 +412,8 @@ class _Preprocessor:
 
     image_column: str | None
     text_column: str | None
+    text_pair_column: str | None
+    """The second segment's column of text pairs (`sentence2`), tokenized as the tokenizer's `text_pair`."""
     image_processor: Any | None
     tokenizer: Any | None
     num_channels: int | None
@@ -354,26 +431,38 @@ class _Preprocessor:
                 fix = "" if role is CALIBRATION else f"; {role.fix}"
                 raise role.error(
                     f"{role.image_processor} ({type(self.image_processor).__name__}) cannot preprocess "
-                    f"column {self.image_column!r} of the {role.data}: {error}{fix}"
+                    f"column {self.image_column!r} of the {role.data}: {_brief(error)}{fix}"
                 ) from error
             out["pixel_values"] = _as_tensor(processed["pixel_values"])
         if self.text_column is not None:
-            texts = list(rows[self.text_column])
-            odd = next((t for t in texts if not isinstance(t, str)), "")
-            if not isinstance(odd, str):  # str() would tokenize None as the word "None"
-                kind = "a missing value (None)" if odd is None else f"{type(odd).__name__} {shown(odd)}"
-                raise self.role.error(f"column {self.text_column!r} of the {self.role.data} holds {kind}, not text; "
-                                      "drop or fill those rows (Dataset.filter) or name the text column with "
-                                      f"{option_hint('text_column')}")
-            encoded = encode_texts(self.tokenizer, texts, self.max_length)
+            texts, pairs = self._texts(rows, self.text_column), None
+            if self.text_pair_column is not None:
+                pairs = self._texts(rows, self.text_pair_column)
+            encoded = encode_texts(self.tokenizer, texts, self.max_length, pairs)
             out.update({k: _as_tensor(v) for k, v in encoded.items()})
         return out
 
+    def _texts(self, rows: Mapping[str, Sequence[Any]], column: str) -> list[str]:
+        texts = list(rows[column])
+        odd = next((t for t in texts if not isinstance(t, str)), "")
+        if not isinstance(odd, str):  # str() would tokenize None as the word "None"
+            kind = "a missing value (None)" if odd is None else f"{type(odd).__name__} {shown(odd)}"
+            raise self.role.error(f"column {column!r} of the {self.role.data} holds {kind}, not text; drop or fill "
+                                  f"those rows (Dataset.filter) or name the text column with "
+                                  f"{option_hint('text_column')}")
+        return texts
+
     def _image(self, image: Any) -> Any:
-        """PIL images converted to the model's channel count (grayscale data for an RGB model and back)."""
+        """PIL images converted to the model's channel count (grayscale data for an RGB model and back); 16-bit,
+        32-bit and float images are first brought to 8 bits (`eight_bit`), which `convert` would clip to white."""
         convert = getattr(image, "convert", None)
         if convert is None:
+            if isinstance(image, Mapping) and "bytes" in image:  # a stream that declared no features
+                raise self.role.error(image_structs(self.image_column, self.role))
             return np.asarray(image)
+        if image.mode.startswith("I") or image.mode == "F":
+            image = eight_bit(image, self.image_column, self.role)
+            convert = image.convert
         if self.num_channels == 1 and image.mode != "L":
             return convert("L")
         if self.num_channels in (3, None) and image.mode != "RGB":
@@ -381,14 +470,48 @@ class _Preprocessor:
         return image
 
 
-def encode_texts(tokenizer: Any, texts: list[str], max_length: int | None) -> Mapping[str, Any]:
-    """`texts` padded and cut to `max_length`, the tokenizer left as it was: a fast tokenizer's backend keeps the
+def eight_bit(image: Any, column: str | None, role: DataRole = CALIBRATION) -> Any:
+    """A grayscale image of more than 8 bits (Pillow modes `I;16*`, `I`, `F`) as an 8-bit `L` image, scaled by the
+    range of what it holds, never per image (a per-image stretch would change the contrast between images):
+
+    - `I;16` (16-bit PNG/TIFF, e.g. microscopy or medical data): 0..65535 -> 0..255, divided by 257;
+    - `I` (32-bit integers; Pillow opens many 16-bit files so): values within 0..255 are kept, within 0..65535 read as
+      16-bit data (divided by 257); anything else (negative, or beyond 16 bits) has no sound rule and is refused;
+    - `F` (32-bit float): values within 0..1 are read as a fraction of full scale (times 255, torchvision's float
+      convention), within 0..255 as 8-bit values; anything else is refused.
+
+    Pillow's `convert("RGB")`/`convert("L")` of these modes clips every value above 255, so 16-bit data became a
+    constant white image, silently."""
+    from PIL import Image
+
+    values = np.asarray(image, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode.startswith("I;16"):
+        scale = 257.0
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        scale = 1 / 255
+    elif low >= 0 and high <= 255:
+        scale = 1.0
+    elif image.mode == "I" and low >= 0 and high <= 65535:
+        scale = 257.0
+    else:
+        raise role.error(
+            f"column {column!r} of the {role.data} holds an image of mode {image.mode!r} with values "
+            f"{low:g}..{high:g}, beyond 16 bits (0..65535) or 0..1 for floats, with no sound rule to read it as 8-bit "
+            "pixels; map the images to 8 bits yourself (e.g. PIL mode 'L' or 'RGB')")
+    return Image.fromarray(np.clip(np.round(values / scale), 0, 255).astype(np.uint8), mode="L")
+
+
+def encode_texts(tokenizer: Any, texts: list[str], max_length: int | None,
+                 pairs: list[str] | None = None) -> Mapping[str, Any]:
+    """`texts` (with their second segments `pairs`, as the tokenizer's `text_pair`: token_type_ids as it makes them)
+    padded and cut to `max_length`, the tokenizer left as it was: a fast tokenizer's backend keeps the
     truncation and padding a call switches on, and `save_pretrained` writes them into tokenizer.json (which
     `tokenizers` and transformers.js apply to every later input)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     before = (backend.truncation, backend.padding) if backend is not None else None
     try:
-        return tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        return tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     finally:
         if before is not None:
             truncation, padding = before
@@ -475,8 +598,8 @@ def decoded_safely(chunks: Iterable[Any], source: str, error: type[ValueError] =
     try:
         yield from chunks
     except Image.DecompressionBombError as refusal:
-        raise error(f"an image of dataset {source!r} is too large to decode safely ({refusal}); remove or shrink that "
-                    "image") from None
+        raise error(f"an image of dataset {source!r} is too large to decode safely ({_brief(refusal)}); remove or "
+                    "shrink that image") from None
     except Image.UnidentifiedImageError as refusal:
         raise error(f"an image of dataset {source!r} cannot be decoded ({_first_line(refusal)}): it is no image file "
                     "Pillow reads; remove that row or re-encode the image as PNG or JPEG") from None
@@ -488,9 +611,15 @@ def decoded_safely(chunks: Iterable[Any], source: str, error: type[ValueError] =
     except (ValueError, OSError) as failure:  # a reader's refusal of the data (pandas' ParserError, pyarrow's ...)
         if isinstance(failure, error):
             raise
-        text = " ".join(str(failure).split())[:300]
-        raise error(f"dataset {source!r} cannot be read ({type(failure).__name__}: {text}); fix or replace the data "
-                    "file") from None
+        raise error(f"dataset {source!r} cannot be read ({type(failure).__name__}: {_brief(failure)}); fix or "
+                    "replace the data file") from None
+
+
+def _brief(error: BaseException, limit: int = 300) -> str:
+    """An exception's text for one message line: whitespace collapsed and cut to `limit` characters. Readers embed
+    the value they choke on (a processor showed every byte of a column's images: a 1.7 MB message)."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 4] + " ..."
 
 
 def _first_line(error: BaseException) -> str:
@@ -549,14 +678,16 @@ def _infer_inputs(columns: Sequence[str], image_processor: Any, tokenizer: Any,
     inputs = []
     if image_column is not None or (image_processor is not None and _first_present(IMAGE_COLUMNS, columns)):
         inputs.append("pixel_values")
-    if text_column is not None or (tokenizer is not None and _first_present(TEXT_COLUMNS, columns)):
+    if text_column is not None or (tokenizer is not None and (
+            _first_present(TEXT_COLUMNS, columns) or any(all(c in columns for c in p) for p in TEXT_PAIR_COLUMNS))):
         inputs.append("input_ids")
     if not inputs:
         raise CalibrationError(
             f"the calibration data has no usable column; found columns {list(columns)}. Expected model inputs "
-            f"({', '.join(MODEL_INPUT_COLUMNS[:2])}) or raw columns ({', '.join(IMAGE_COLUMNS + TEXT_COLUMNS)}) "
-            f"that the parents' processor can preprocess; name yours with {option_hint('image_column')} or "
-            f"{option_hint('text_column')}"
+            f"({', '.join(MODEL_INPUT_COLUMNS[:2])}) or raw columns ({', '.join(IMAGE_COLUMNS + TEXT_COLUMNS)}, or "
+            f"text pairs {', '.join('+'.join(pair) for pair in TEXT_PAIR_COLUMNS)}) that the parents' processor can "
+            f"preprocess; name yours with {option_hint('image_column')} or {option_hint('text_column')} (two "
+            "columns separated by a comma for text pairs)"
         )
     return tuple(inputs)
 
@@ -593,18 +724,30 @@ def _refuse_column_kinds(features: Any, image_column: str | None, text_column: s
         raise role.error(f"column {text_column!r} of the {role.data} holds {kind}, not text; name the text column "
                          f"with {option_hint('text_column')}")
     image = features.get(image_column) if image_column is not None else None
+    if isinstance(image, Mapping) and {"bytes", "path"} <= set(image):
+        raise role.error(image_structs(image_column, role))
     if isinstance(image, datasets.Value):  # an Image feature or arrays of pixels are images
         raise role.error(f"column {image_column!r} of the {role.data} holds {image.dtype}, not images (file paths are "
                          "not read as images: cast the column with datasets.Image()); name the image column with "
                          f"{option_hint('image_column')}")
 
 
+def image_structs(column: str | None, role: DataRole = CALIBRATION) -> str:
+    """The refusal of an image column holding `{'bytes', 'path'}` structs: how `datasets` stores an Image column, read
+    back without its feature (a parquet file written by pandas or pyarrow); `datasets.Image()` decodes them."""
+    return (f"column {column!r} of the {role.data} holds {{'bytes', 'path'}} structs (encoded image files, e.g. a "
+            f"parquet export of an image dataset), not decoded images; cast the column with datasets.Image(): "
+            f"dataset.cast_column({column!r}, datasets.Image())")
+
+
 def _plan(columns: Sequence[str], inputs: Sequence[str], processor: Any, image_column: str | None,
           text_column: str | None, model_config: Any, role: DataRole = CALIBRATION, features: Any = None,
-          max_tokens: int | None = None) -> tuple[list[str], _Preprocessor | None]:
+          max_tokens: int | None = None, quiet: bool = False) -> tuple[list[str], _Preprocessor | None]:
     """Which columns to read and how to preprocess them (None: they already are model inputs). `features`: the
-    dataset's declared column types, to refuse a raw column of the wrong kind before any row is read."""
-    for name, override in (("image_column", image_column), ("text_column", text_column)):
+    dataset's declared column types, to refuse a raw column of the wrong kind before any row is read; `quiet`: a
+    check before the data is read (`check_calibration_columns`), which leaves the log lines to the read."""
+    given_text = text_columns(text_column, role)
+    for name, override in (("image_column", image_column), *(("text_column", c) for c in given_text or ())):
         if override is not None and override not in columns:
             raise role.error(f"{name}={override!r} (CLI: {flag(name)}) is not a column of the {role.data}; found "
                              f"columns {list(columns)}")
@@ -622,19 +765,62 @@ def _plan(columns: Sequence[str], inputs: Sequence[str], processor: Any, image_c
         use_image = image_column or _first_present(IMAGE_COLUMNS, columns)
         _require_raw("pixel_values", "image", use_image, IMAGE_COLUMNS, "image_column", image_processor,
                      "image processor (preprocessor_config.json)", columns, role)
+    texts: tuple[str, ...] = ()
     if "input_ids" in inputs:
-        use_text = text_column or _first_present(TEXT_COLUMNS, columns)
-        _require_raw("input_ids", "text", use_text, TEXT_COLUMNS, "text_column", tokenizer, "tokenizer", columns,
-                     role)
-    _refuse_column_kinds(features, use_image, use_text, role)
+        texts = given_text or _detect_text(columns, role)
+        use_text = texts[0] if texts else None
+        looked_for = [*TEXT_COLUMNS, *("+".join(pair) for pair in TEXT_PAIR_COLUMNS)]
+        _require_raw("input_ids", "text", use_text, looked_for, "text_column", tokenizer, "tokenizer", columns, role)
+        pair = next((p for p in TEXT_PAIR_COLUMNS if given_text and len(given_text) == 1 and given_text[0] in p
+                     and all(c in columns for c in p)), None)
+        if pair is not None and not quiet:  # one segment of a pair: never dropped unsaid
+            logger.warning("text_column=%r reads one segment of the text pairs %r of the %s, without %r; name both "
+                           "to read them as pairs: text_column=%r (CLI: %s %s)", given_text[0], ",".join(pair),
+                           role.data, next(c for c in pair if c != given_text[0]), ",".join(pair), flag("text_column"),
+                           ",".join(pair))
+        if given_text is None and len(texts) == 2 and not quiet:
+            logger.info("%s reads columns %r and %r as text pairs (the tokenizer's text and text_pair)", role.reading,
+                        *texts)
+    for column in texts or (None,):
+        _refuse_column_kinds(features, use_image, column, role)
     if use_image:
         refuse_oversized_resize(image_processor, model_config, role)
     preprocess = _Preprocessor(
-        image_column=use_image, text_column=use_text, image_processor=image_processor if use_image else None,
+        image_column=use_image, text_column=use_text, text_pair_column=texts[1] if len(texts) == 2 else None,
+        image_processor=image_processor if use_image else None,
         tokenizer=tokenizer if use_text else None, num_channels=_num_channels(model_config),
         max_length=_max_length(tokenizer, model_config, max_tokens) if use_text else None, role=role,
     )
-    return [c for c in (use_image, use_text) if c is not None], preprocess
+    return [c for c in (use_image, *texts) if c is not None], preprocess
+
+
+def text_columns(text_column: str | None, role: DataRole = CALIBRATION) -> tuple[str, ...] | None:
+    """`text_column` as given: one column, or two separated by a comma (`sentence1,sentence2`) read as text pairs."""
+    if text_column is None:
+        return None
+    names = tuple(name.strip() for name in text_column.split(","))
+    if len(names) > 2 or not all(names):
+        raise role.error(f"text_column={text_column!r} (CLI: {flag('text_column')}) names {len(names)} columns; name "
+                         "one text column or two separated by a comma, read as text pairs (e.g. 'sentence1,sentence2')")
+    return names
+
+
+def _detect_text(columns: Sequence[str], role: DataRole) -> tuple[str, ...]:
+    """The raw text column(s) found by name: a text pair layout (`TEXT_PAIR_COLUMNS`) when it is the only one and no
+    other text column is present, else the first of `TEXT_COLUMNS`; () for none. Two candidates are refused: reading
+    one of them silently would drop the other segment or column."""
+    pairs = [pair for pair in TEXT_PAIR_COLUMNS if all(c in columns for c in pair)]
+    singles = [c for c in TEXT_COLUMNS if c in columns and not any(c in pair for pair in pairs)]
+    fix = f"name the columns to read with {option_hint('text_column')}"
+    if len(pairs) > 1:
+        raise role.error(f"the {role.data} holds several text pair layouts {[','.join(p) for p in pairs]}; {fix} "
+                         f"(e.g. '{','.join(pairs[0])}')")
+    if pairs and singles:
+        raise role.error(f"the {role.data} holds both a text column {singles[0]!r} and the text pair "
+                         f"{','.join(pairs[0])!r}; {fix}: '{singles[0]}' or '{','.join(pairs[0])}'")
+    if pairs:
+        return pairs[0]
+    return (singles[0],) if singles else ()
 
 
 def _choose_processor(processors: Any) -> Any | None:
@@ -681,8 +867,9 @@ def check_calibration_columns(calibration: Any, processors: Any = None, *, image
 
     if not isinstance(calibration, (datasets.Dataset, datasets.IterableDataset)):
         return
-    columns = column_names(calibration)
-    refuse_no_columns(calibration, columns, "calibration data")
+    name = loaded_from(calibration) or "calibration data"
+    columns = column_names(calibration, name)
+    refuse_no_columns(calibration, columns, name)
     # `_choose_processor`'s choice, without its warning (logged once, when the data is resolved)
     processor = (next((p for p in processors if p is not None), None) if isinstance(processors, (list, tuple))
                  else processors)
@@ -690,7 +877,7 @@ def check_calibration_columns(calibration: Any, processors: Any = None, *, image
         inputs = _infer_inputs(columns, image_processor_of(processor), tokenizer_of(processor), image_column,
                                text_column)
     _plan(columns, tuple(inputs), processor, image_column, text_column, model_config,
-          features=getattr(calibration, "features", None))
+          features=getattr(calibration, "features", None), quiet=True)
 
 
 #: How much larger than the model's `image_size` an image processor may resize or crop images (a resize to 256 then a
@@ -757,14 +944,18 @@ def resolve_calibration(
         raise CalibrationError("no calibration data; pass a dataset, a 'repo_or_path[:config]:split' spec or batches")
     if isinstance(calibration, CalibrationStream):
         return calibration
-    source = "dataset"
+    source = loaded_from(calibration) or "dataset"
     if isinstance(calibration, (str, os.PathLike, DatasetSpec)):
         parsed = (calibration if isinstance(calibration, DatasetSpec)
                   else DatasetSpec.parse(calibration, kind=role.kind, error=role.error))
         source = str(parsed)
         calibration = load_calibration_dataset(parsed, streaming=streaming, token=token, role=role)
-    if isinstance(calibration, (datasets.DatasetDict, datasets.IterableDatasetDict)):
-        calibration = _pick_split(calibration, DatasetSpec(path=source), role)
+    if isinstance(calibration, (datasets.DatasetDict, datasets.IterableDatasetDict)):  # an object: specs name a split
+        splits = list(calibration)
+        if len(splits) != 1:
+            raise role.error(f"the {role.data} is a DatasetDict with {len(splits)} splits {splits}; pass one of them, "
+                             f"e.g. dataset[{(splits or ['train'])[0]!r}]")
+        calibration = calibration[splits[0]]
     if not isinstance(calibration, (datasets.Dataset, datasets.IterableDataset)):
         return calibration
     _refuse_empty(calibration, source, role)

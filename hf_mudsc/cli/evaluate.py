@@ -90,7 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(name or index)")
     parser.add_argument("--label-column", metavar="COL", help="label column (default: label or labels)")
     parser.add_argument("--image-column", metavar="COL", help="raw image column (default: image or img)")
-    parser.add_argument("--text-column", metavar="COL", help="raw text column (default: text or sentence)")
+    parser.add_argument("--text-column", metavar="COL",
+                        help="raw text column (default: text or sentence), or two separated by a comma read as text "
+                        "pairs, e.g. sentence1,sentence2")
     parents = parser.add_mutually_exclusive_group()
     parents.add_argument("--parents", nargs="+", metavar="PARENT",
                          help="the parents in merge order, two or more: A B [C ...] (default: the models of "
