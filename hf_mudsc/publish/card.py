@@ -363,6 +363,12 @@ def render_card(
     group_values = mudsc.get("group_match_values") or (
         dict(zip(report.group_names, report.group_values)) if report is not None else {}
     )
+    # Share of each group's merged units that fuse a unit of A with one of B (what `hf-mudsc inspect` shows next to
+    # the match value): zip's value also counts fusions within one parent, so it alone does not say the parents agree.
+    diagnostics = getattr(report, "diagnostics", None)
+    cross_fractions = {g.name: g.cross_fraction for g in diagnostics.groups} if diagnostics is not None else {}
+    if not any(value is not None for value in cross_fractions.values()):
+        cross_fractions = {}
     path = Path(template) if template is not None else template_path()
     shown_recipe, local = recipe.shown()  # local folders by name, as the recipe pushed to the Hub names them
     local_names = [entry.shown for entry in local]
@@ -404,6 +410,7 @@ def render_card(
         solve_start=mudsc.get("solve_start", getattr(report, "solve_start", None)),
         parent_relation=relation_text(mudsc.get("parent_relation")),
         group_values=group_values,
+        cross_fractions=cross_fractions,
         merge_warnings=mudsc.get("warnings", getattr(report, "warnings", None)) or [],
         task_label_ranges=task_ranges(model.config),
         num_labels=len(getattr(model.config, "id2label", None) or {}),
