@@ -39,6 +39,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
 from hf_mudsc._version import __version__
 from hf_mudsc.apply.classifier import task_ranges
 from hf_mudsc.load.references import OBJECT_REFERENCE, without_userinfo
+from hf_mudsc.methods import plugin_module
 from hf_mudsc.methods.registry import METHODS
 from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
 from hf_mudsc.solve.diagnostics import DIAGNOSTICS_FILENAME
@@ -394,6 +395,7 @@ def render_card(
         hub_url=hub_url(),
         method=method,
         method_name=mudsc.get("method") or recipe.method,
+        plugin_module=plugin_module(mudsc.get("method") or recipe.method),
         matcher=mudsc.get("matcher", recipe.matcher),
         alpha=mudsc.get("alpha", recipe.alpha),
         zip_decay=mudsc.get("zip_decay"),
