@@ -286,7 +286,8 @@ def merge(
             `config.mudsc["alpha_auto"]` and the card (`hf_mudsc.apply.fidelity`).
         num_samples: calibration samples to use (all when None), chosen by a shuffle seeded with `seed`.
         batch_size: calibration batch size (examples per forward pass: speed against memory).
-        seed: seeds the calibration subset and the random group order of the solve sweeps.
+        seed: seeds the calibration subset, the random group order of the solve sweeps, the refit's subset
+            (`refit_samples`) and the random masks of the dare_* and della* methods.
         zip_decay, zip_budget: ZipIt's α (similarity decay after a fusion) and β (same-model budget).
         independent_heads: pair q/k heads and v heads separately, as the reference implementation does.
         reference_compat: reproduce the reference implementation's merged weights (its `+1e-5` merge
