@@ -40,6 +40,10 @@ WEAK_GROUP_MIN_GROUPS = 4
 # Relations (hf_mudsc.load.relation.ParentRelation.relation) whose units correspond without matching.
 ALIGNED_RELATIONS = ("shared base",)
 UNALIGNED_RELATIONS = ("independent", "permuted copy")
+#: The `logging` extra attribute (`record.mudsc_advice`, True) of a warning whose fix is another choice of method,
+#: data or options (`advice_warnings`) rather than a fault of the result: a caller that made that choice on
+#: purpose (`hf-mudsc demo`'s baselines) filters these records out; the report, config and card keep the text.
+ADVICE = "mudsc_advice"
 
 
 def weak_groups(names: Sequence[str], values: Sequence[float]) -> list[tuple[str, float, float]]:
@@ -144,17 +148,15 @@ def processor_warning(differences: Sequence[str], tokenizer_differences: Sequenc
 
 def merge_warnings(*, relation: str | None, method: Any, group_names: Sequence[str], group_values: Sequence[float],
                    rows: Mapping[str, int] | None, widths: Mapping[str, int], parents: int = 2,
-                   refitting: bool = False, gated: bool = True, shared_labels: Sequence[Sequence[str]] | None = None,
-                   processor_differences: Sequence[str] = (), tokenizer_differences: Sequence[str] = (),
-                   units_correspond: bool = True) -> list[str]:
+                   relation_text: str | None = None, shared_labels: Sequence[Sequence[str]] | None = None,
+                   processor_differences: Sequence[str] = (), tokenizer_differences: Sequence[str] = ()) -> list[str]:
     """Every warning of a finished solve, in a fixed order (relation, default labels, calibration size, weak
-    groups); `refitting`: a ridge refit follows, `gated`: the gate's (`relation_warning`); `shared_labels`: each
-    parent's label names when their heads are fused as one label set (`default_labels_warning`);
-    `processor_differences`, `tokenizer_differences`: the settings in which the parents' image processors and
-    tokenizers differ (`processor_warning`);
-    `units_correspond`: whether a unit matching left most units in place (`relation_warning`)."""
+    groups); `relation_text`: `relation_warning`'s text for this merge (computed by the caller, which also tags it as
+    advice: `advice_warnings`); `shared_labels`: each parent's label names when their heads are fused as one label
+    set (`default_labels_warning`); `processor_differences`, `tokenizer_differences`: the settings in which the
+    parents' image processors and tokenizers differ (`processor_warning`)."""
     found = [
-        relation_warning(relation, method, refitting, gated, units_correspond) if relation else None,
+        relation_text,
         default_labels_warning(shared_labels) if relation not in ("same model", "permuted copy") else None,
         processor_warning(processor_differences, tokenizer_differences),
         calibration_size_warning(rows, widths, parents) if rows else None,
@@ -181,6 +183,16 @@ def unread_options(options: MergeOptions, used: Mapping[str, Any], *, read: Coll
         if used.get(name) is None or (name in FIXED_BY_METHOD and used[name] != given):
             unread.append(name)
     return unread
+
+
+def advice_warnings(relation: str | None, relation_text: str | None, data_text: str | None = None,
+                    unread_text: str | None = None) -> set[str]:
+    """The texts among a merge's warnings whose fix is another choice of its inputs, not a fault of its result: another
+    method for the parents' relation (`relation_warning`, except for parents that are the same model: that says what
+    the result is), dropping calibration data nothing reads (`unread_data_warning`) or options the method does not
+    read (`unread_options_warning`). Logged with `ADVICE`, so a caller that made the choice on purpose can leave them
+    out of what it shows."""
+    return {text for text in (relation_text if relation != "same model" else None, data_text, unread_text) if text}
 
 
 def unread_options_warning(options: MergeOptions, used: Mapping[str, Any], method: str, *,
@@ -228,10 +240,18 @@ def inert_options_warnings(options: MergeOptions, *, method: str, reads_base: bo
     if options.independent_heads and not matches_units:
         texts.append(f"{option_hint('independent_heads')} has no effect: method {method} matches no units, so it "
                      "pairs no attention heads")
-    if has_data and not reads_data:
-        texts.append(f"the calibration data ({option_hint('calibration')}) has no effect: method {method} reads none "
-                     "and no refit runs; drop it, or pass a method that reads it (e.g. method='regmean')")
+    if data_text := unread_data_warning(method, reads_data=reads_data, has_data=has_data):
+        texts.append(data_text)
     if options.base is not None and not reads_base:
         texts.append(f"method {method} does not read the base ({option_hint('base')}): it changes no weight of the "
                      "merge; drop it, or pass a method that merges task vectors from it (e.g. method='ties')")
     return texts
+
+
+def unread_data_warning(method: str, *, reads_data: bool, has_data: bool) -> str | None:
+    """Calibration data given to a merge in which nothing reads it (`inert_options_warnings`; advice:
+    `advice_warnings`)."""
+    if not has_data or reads_data:
+        return None
+    return (f"the calibration data ({option_hint('calibration')}) has no effect: method {method} reads none and no "
+            "refit runs; drop it, or pass a method that reads it (e.g. method='regmean')")

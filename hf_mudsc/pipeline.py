@@ -33,7 +33,15 @@ from hf_mudsc.apply.repair import RepairReport, repair_model
 from hf_mudsc.architectures import spec_for
 from hf_mudsc.calibrate.correlation import correlations_from
 from hf_mudsc.calibrate.device import resolve_device
-from hf_mudsc.diagnostics import inert_options_warnings, merge_warnings, unread_options_warning
+from hf_mudsc.diagnostics import (
+    ADVICE,
+    advice_warnings,
+    inert_options_warnings,
+    merge_warnings,
+    relation_warning,
+    unread_data_warning,
+    unread_options_warning,
+)
 from hf_mudsc.errors import MergeInputError, OptionError
 from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_finite, check_parents
 from hf_mudsc.load.lazy import subset
@@ -280,7 +288,8 @@ def merge(
         batch_size: calibration batch size (examples per forward pass: speed against memory). The merged weights
             may differ in their last bits between batch sizes (the order of floating-point sums, ~1e-6), so
             `config.mudsc["batch_size"]` and the card record it.
-        seed: seeds the calibration subset and the random group order of the solve sweeps.
+        seed: seeds the calibration subset, the random group order of the solve sweeps, the refit's subset
+            (`refit_samples`) and the random masks of the dare_* and della* methods.
         zip_decay, zip_budget: ZipIt's α (similarity decay after a fusion) and β (same-model budget).
         independent_heads: pair q/k heads and v heads separately, as the reference implementation does.
         reference_compat: reproduce the reference implementation's merged weights (its `+1e-5` merge
@@ -690,20 +699,22 @@ def merge(
     if left_out:
         merged_params.update(concatenated_head(params, sorted(left_out)))
     _fill_missing(merged_params, params, method_options.weights)
+    relation_text = relation_warning(
+        relation.relation, merge_method, refitting=refit_value in ("ridge", "gate"), gated=refit_value == "gate",
+        units_correspond=units_correspond(share_in_place(report.matches))) if relation.relation else None
     report.warnings = merge_warnings(
         relation=relation.relation, method=merge_method, group_names=report.group_names,
         group_values=report.group_values, widths={g.name: g.width for g in spec.groups},
-        rows=rows, parents=count, refitting=refit_value in ("ridge", "gate"),
-        gated=refit_value == "gate",
+        rows=rows, parents=count, relation_text=relation_text,
         shared_labels=[label_names(m.config) for m in loaded] if spec.classifier is not None and not concatenate
         else None, processor_differences=image_processor_differences([p.processor for p in parents]),
-        tokenizer_differences=tokenizer_differences([p.processor for p in parents]),
-        units_correspond=units_correspond(share_in_place(report.matches)))
+        tokenizer_differences=tokenizer_differences([p.processor for p in parents]))
     size_plan = measured_plan(spec, params, merged_params, merge_options.size) if merge_method.supports_size else None
     if size_plan is not None and (unspent := unspent_stream_warning(spec, size_plan, merge_options.size_spend)):
         report.warnings.append(unspent)
+    advice = advice_warnings(relation.relation, relation_text, None)
     for text in report.warnings:
-        logger.warning("%s", text)
+        logger.warning("%s", text, extra={ADVICE: text in advice})
     report.warnings += [text for text in input_check.warnings if text not in report.warnings]  # logged when found
     if count == 2:  # the diagnostics describe a two-parent unit matching (None when no unit was matched)
         report.diagnostics = compute_diagnostics(
@@ -877,13 +888,14 @@ def _warn_unused(options: MergeOptions, used: Mapping[str, Any], method: MergeMe
     """Say which options change nothing (`diagnostics.unread_options_warning`, `inert_options_warnings`), and that
     `reference_compat=True` has no reference merge to reproduce with a method that matches no units."""
     reads_data = _reads_data(method, refit_value in REFITTING)
-    for text in filter(None, [unread_options_warning(options, used, method.name,
-                                                     read=method.read_as_default(options)),
-                              *inert_options_warnings(
+    unread = unread_options_warning(options, used, method.name, read=method.read_as_default(options))
+    advice = advice_warnings(None, None, unread_data_warning(method.name, reads_data=reads_data,
+                                                             has_data=calibration is not None), unread)
+    for text in filter(None, [unread, *inert_options_warnings(
             options, method=method.name, reads_base=method.needs_base_model, reads_data=reads_data,
             has_data=calibration is not None, refit=refit_value, matches_units=method.matches_units,
             inputs=inputs)]):
-        logger.warning("%s", text)
+        logger.warning("%s", text, extra={ADVICE: text in advice})
     if reference_compat_unread(method, options):
         without = _refits(dataclasses.replace(options, reference_compat=False), method, calibration, count)
         effect = f": it only turned the refit off (refit {without!r} otherwise)" if without != refit_value else ""

@@ -120,20 +120,15 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
 
         merged.config.mudsc["calibration"] = display_name(str(calibration_spec))
     from hf_mudsc.load.references import pinned_calibration, pinned_reference
-    from hf_mudsc.publish.recipe import auto_chosen_of, restate_auto_choices
+    from hf_mudsc.publish.recipe import pinned_choices, restate_auto_choices
 
     # A recipe pins what `auto` chose: its re-run says why, as the original did (and its recipe records it again).
     restate_auto_choices(merged.config.mudsc, recipe)
 
     # Parents, base and data pinned; `auto` recorded as the method, refit and out_dtype it chose, and `alpha: auto`
     # as the α handed to a method that ignores it (as `merge_report.recipe`).
-    pinned = recipe.override(models=[pinned_reference(p) for p in parents],
-                             calibration=pinned_calibration(calibration_spec),
-                             base=merged.merge_report.recipe["base"], method=merged.merge_report.method,
-                             alpha=merged.merge_report.recipe["alpha"],
-                             refit=merged.merge_report.recipe["refit"],
-                             out_dtype=merged.merge_report.recipe["out_dtype"])
-    pinned.auto_chosen = auto_chosen_of(merged.config.mudsc)
+    pinned = pinned_choices(recipe.override(models=[pinned_reference(p) for p in parents],
+                                            calibration=pinned_calibration(calibration_spec)), merged)
     from hf_mudsc.publish.writer import publish
 
     # On a failed push the written model is kept (in --output, or a folder the error names).

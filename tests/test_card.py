@@ -433,8 +433,9 @@ def test_what_a_merged_config_records_cannot_add_headings_or_markup_to_the_card(
     markup = markup_of(card.text)
     assert "<script" not in markup
     assert re.findall(r"^## Usage", card.text, flags=re.MULTILINE) == ["## Usage"]  # the card's own only
-    groups = card.text.split("| Group | Match value |\n|---|---|\n")[1].split("\n\n")[0].splitlines()
-    assert len(groups) == 1 and groups[0].count("|") - groups[0].count("\\|") == 3, groups
+    # (the A-B fusion share is a third column: the merge's diagnostics hold it)
+    groups = card.text.split("| Group | Match value | A–B fusions |\n|---|---|---|\n")[1].split("\n\n")[0].splitlines()
+    assert len(groups) == 1 and groups[0].count("|") - groups[0].count("\\|") == 4, groups
 
 
 def test_the_card_says_whose_processor_preprocessed_the_data_when_parent_a_has_none(tmp_path):
@@ -457,3 +458,28 @@ def test_the_card_says_whose_processor_preprocessed_the_data_when_parent_a_has_n
     assert "merged without one" not in card
     assert ("No processor is saved with it: parent A has none, and parent B's preprocessed the raw calibration "
             "data") in card
+
+
+def test_zips_match_value_is_not_called_the_parents_agreement_and_the_a_b_share_is_shown(merged, recipe, tmp_path):
+    """QA s22: the card said zip's match value was the "mean similarity of the matched units (1.0 = the parents' units
+    agree perfectly)" while it also counts fusions within one parent (a group at 0.92 fused no unit of A with B). The
+    card says what the value is for zip and shows each group's A-B fusion share, as `hf-mudsc inspect` does; so does
+    the match-quality plot's caption."""
+    from hf_mudsc.publish.plots import draw_plots
+
+    assert merged.config.mudsc["matcher"] == "zip"
+    content = str(render_card(merged, recipe, parents=PARENTS))
+    section = content.split("## Match quality per layer")[1].split("\n## ")[0]
+    assert "agree perfectly" not in section and "within one parent" in section and "A–B fusions" in section
+    groups = merged.merge_report.diagnostics.groups
+    for group in groups:
+        share = "-" if group.cross_fraction is None else f"{100 * group.cross_fraction:.0f}%"
+        value = merged.config.mudsc["group_match_values"][group.name]
+        assert f"| `{group.name}` | {value:.4f} | {share} |" in section, section
+    assert "|---|---|---|" in section
+    # align's value is the similarity of fused A-B pairs: its text stays as it was
+    aligned = str(card_with_mudsc(merged, matcher="align"))
+    assert "1.0 = the parents' units agree perfectly" in aligned
+    caption = next(p.caption for p in draw_plots(tmp_path, merged.merge_report.diagnostics)
+                   if p.name == "match_quality")
+    assert "within one parent" in caption

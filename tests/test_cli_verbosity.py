@@ -178,3 +178,25 @@ def test_regmean_passes_report_progress(caplog, method):
     with caplog.at_level(logging.INFO, logger="hf_mudsc"):
         hf_mudsc.merge(parents, batches, method=method, refit="none", progress=False)
     assert not [r for r in caplog.records if r.name == "hf_mudsc.progress"]
+
+
+@pytest.mark.parametrize(("argv", "quiet", "verbose"), [
+    (["merge", "a", "b", "-q"], True, 0),  # QA s22: "unrecognized arguments: -q" after the command
+    (["merge", "a", "b", "--verbose"], False, 1),
+    (["-q", "merge", "a", "b"], True, 0),  # before the command, as before
+    (["-v", "merge", "a", "b"], False, 1),
+    (["merge", "a", "b"], False, 0),
+])
+def test_quiet_and_verbose_are_taken_before_or_after_the_command(argv, quiet, verbose):
+    from hf_mudsc.cli.main import build_parser
+
+    args = build_parser(available=["merge"]).parse_args(argv)
+    assert (args.quiet, args.verbose) == (quiet, verbose)
+
+
+def test_quiet_before_and_verbose_after_the_command_still_contradict(capsys):
+    from hf_mudsc.cli.main import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["-q", "merge", "a", "b", "-v"])
+    assert stopped.value.code == 2 and "contradict each other" in capsys.readouterr().err

@@ -94,6 +94,10 @@ def test_a_truncated_trained_model_in_the_cache_is_refused_in_one_line(cached, m
     (["--epochs", "100000"], "--epochs"),  # days of training before anything is merged
     (["--hidden-size", "4000000"], "--hidden-size"),  # fails only when the first layer is allocated
     (["--alpha", "2"], "--alpha"),
+    # QA s22: "--epochs, --num-samples and --threads must be positive" named neither which one nor its value
+    (["--epochs", "0"], "--epochs 0"),
+    (["--num-samples", "0"], "--num-samples 0"),
+    (["--threads", "-1"], "--threads -1"),
 ])
 def test_bad_values_are_refused_in_one_line_before_training(tmp_path, capsys, monkeypatch, flags, words):
     """An invalid command line: exit 2, as argparse's own refusals and every other command's (README)."""

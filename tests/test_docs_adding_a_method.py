@@ -68,3 +68,26 @@ def test_the_registry_is_clean_again():
     """Runs after the example test in file order: nothing it registered is left behind."""
     assert "first_parent" not in METHODS and "weight_zip" not in METHODS
     assert list(METHODS) == SHIPPED
+
+
+def test_a_plugin_methods_card_and_recipe_say_how_to_re_run_it(my_methods):
+    """QA s22: a merge made with a registered plug-in method said `hf-mudsc merge --recipe mudsc_recipe.yaml`, which
+    fails (the CLI cannot import the plug-in: "unknown merge method 'first_parent'"). The card and the recipe's header
+    show the re-run from Python after importing the module that registered it (named when known); this page says so."""
+    from hf_mudsc.methods import plugin_module
+    from hf_mudsc.publish.card import render_card
+    from hf_mudsc.publish.writer import recipe_of
+
+    assert plugin_module("first_parent") == "my_methods"  # its class is the module's own
+    assert plugin_module("weight_zip") == "" and plugin_module("mudsc") is None  # a shipped class; built in
+    merged = hf_mudsc.merge([make_model("vit_cls", 0), make_model("vit_cls", 1)], method="first_parent",
+                            progress=False)
+    recipe = recipe_of(merged)
+    card = str(render_card(merged, recipe, parents=["org/vit-a", "org/vit-b"]))
+    reproduce = card.split("## Reproduce")[1]
+    assert "hf-mudsc merge --recipe mudsc_recipe.yaml" not in reproduce
+    assert "import my_methods  # registers first_parent" in reproduce and "Recipe.load(" in reproduce
+    header = recipe.to_yaml().split("hf_mudsc_version")[0]
+    assert "--recipe mudsc_recipe.yaml --output" not in header and "'first_parent' is not built into" in header
+    assert "registered by my_methods" in header
+    assert "cannot import your module" in " ".join(DOC.read_text().split())

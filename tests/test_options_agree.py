@@ -32,7 +32,8 @@ RESULT_KEYS = {"library", "version", "parents", "parent_revisions", "num_calibra
                "method_choice_reason", "base_revision", "base_source", "warnings", "alpha_auto", "size_budget",
                "refit_gate", "out_dtype_reason", "head_reordered", "processor_note"}
 # CLI arguments that are not options: the recipe file to run and the Hub token (never recorded).
-NON_OPTION_FLAGS = {"--recipe", "--token", "--help"}
+# (--quiet/--verbose: the global verbosity flags, which every command takes after it too)
+NON_OPTION_FLAGS = {"--recipe", "--token", "--help", "--quiet", "--verbose"}
 
 
 def merge_keyword_mismatch(options: type[MergeOptions]) -> set[str]:

@@ -41,7 +41,8 @@ def test_written_recipe_leaves_out_destinations_and_records_the_version(tmp_path
 def test_every_merge_flag_has_a_recipe_key():
     merge_parser = next(a for a in build_parser()._subparsers._group_actions[0].choices.items()
                         if a[0] == "merge")[1]
-    dests = {action.dest for action in merge_parser._actions} - {"help", "recipe", "token"}
+    # -q/-v: the global verbosity flags, which every command takes after it too (not merge options)
+    dests = {action.dest for action in merge_parser._actions} - {"help", "recipe", "token", "quiet", "verbose"}
     assert dests == set(Recipe.keys())
 
 
@@ -370,3 +371,18 @@ def test_rerunning_a_recipe_whose_calibration_was_given_in_memory_says_so(tmp_pa
     Recipe(models=[str(a), str(b)], method="zipit").save(plain)
     assert main(["merge", "--recipe", str(plain), "--output", str(tmp_path / "y")]) == 2
     assert "given in memory" not in capsys.readouterr().err
+
+
+def test_the_readme_names_the_keys_a_recipe_may_not_set():
+    """QA s22: the README said "Every flag is a recipe key (`num_samples`, `push_to_hub`, ...)", but a recipe that sets
+    push_to_hub (or output, overwrite, dry_run, allow_pickle, private) is refused and `token` is no key at all."""
+    from pathlib import Path
+
+    from hf_mudsc.publish.recipe import COMMAND_LINE_ONLY_KEYS
+
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8").split())
+    sentence = readme[readme.index("Every merge option's flag is a recipe key"):][:600]
+    sentence = sentence[:sentence.index("unless you ask")]
+    assert "`push_to_hub`, ...)" not in readme
+    assert all(f"`{key}`" in sentence for key in COMMAND_LINE_ONLY_KEYS), sentence
+    assert "`token` is not a recipe key" in sentence and "token" not in Recipe.keys()

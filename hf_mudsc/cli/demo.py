@@ -24,11 +24,14 @@ import logging
 import os
 import shlex
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hf_mudsc.diagnostics import ADVICE, ALIGNED_RELATIONS
 from hf_mudsc.errors import UsageError
-from hf_mudsc.options import REFITTING
+from hf_mudsc.options import AUTO, REFITTING, number_or_auto
 from hf_mudsc.publish.folder import check_location, check_output, read_marker, staged_output, unlisted_files
 from hf_mudsc.testing.cache import cache_root
 
@@ -107,7 +110,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="initialization seeds of A and B")
     add("--num-samples", type=int, default=512, metavar="N",
         help=f"calibration images (from both tasks; the set holds {CALIBRATION_IMAGES}: a larger N uses them all)")
-    add("--alpha", type=float, default=0.5, metavar="A", help="MuDSC balance factor (weight-space share)")
+    add("--alpha", type=number_or_auto, default=0.5, metavar="A",
+        help="MuDSC balance factor (weight-space share), or 'auto' to choose it on held-out calibration images")
     add("--cache-dir", metavar="DIR", default=str(DEFAULT_CACHE),
         help="where trained parents and the calibration set are kept between runs")
     add("--threads", type=int, default=1, metavar="N", help="torch threads (tiny models: 1 is fastest)")
@@ -174,6 +178,38 @@ def samples_used(asked: int, calibration: Path) -> int:
     return held
 
 
+class _OnPurpose(logging.Filter):
+    """Drops the merges' advice to choose another method, data or option (`diagnostics.ADVICE`): the demo runs every
+    baseline on the same data on purpose, and the user cannot pass it a method."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, ADVICE, False)
+
+
+@contextmanager
+def deliberate_choices() -> Iterator[None]:
+    """While the demo's merges run, the warnings that advise another choice of method, calibration data or option are
+    not shown (they are kept in each merge's report and the written card); every other warning is."""
+    from hf_mudsc import pipeline
+
+    drop = _OnPurpose()
+    pipeline.logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        pipeline.logger.removeFilter(drop)
+
+
+def relation_note(model: Any, seeds: tuple[int, int]) -> None:
+    """Say once, in the demo's terms, what the merges' dropped method advice said that is true of the table: parents
+    trained from one initialization are fine-tunes of one base, whose units already correspond."""
+    relation = (model.config.mudsc.get("parent_relation") or {}).get("relation")
+    if relation in ALIGNED_RELATIONS:
+        logger.warning("--seeds %d %d: both parents start from one initialization, so their units already correspond "
+                       "(%s): the unit-matching merges can only reorder them, and the position merges need no "
+                       "matching; pass two different seeds for the paper's setting", *seeds, relation)
+
+
 def cached(folder: Path, needed: str) -> bool:
     """Whether the cache entry `folder` can be used: the demo wrote it (its marker lists `needed`) and every file it
     wrote there is present and unchanged (a file the user added does not matter).
@@ -217,8 +253,11 @@ def run(args: argparse.Namespace) -> int:
     if args.hidden_size < 4 or args.hidden_size % 4 or args.hidden_size > MAX_HIDDEN_SIZE:
         raise UsageError(f"--hidden-size must be a multiple of 4 (4 heads) from 4 to {MAX_HIDDEN_SIZE} (the demo's "
                          f"toys; the default is 64), got {args.hidden_size}")
-    if args.epochs < 1 or args.num_samples < 1 or args.threads < 1:
-        raise UsageError("--epochs, --num-samples and --threads must be positive")
+    counts = (("--epochs", args.epochs), ("--num-samples", args.num_samples), ("--threads", args.threads))
+    not_positive = [f"{flag} {value}" for flag, value in counts if value < 1]
+    if not_positive:
+        raise UsageError(f"{', '.join(not_positive)}: must be positive (the defaults: --epochs 30, --num-samples 512, "
+                         "--threads 1)")
     if args.epochs > MAX_EPOCHS:
         raise UsageError(f"--epochs {args.epochs} is more than the demo trains its toys for: pass at most "
                          f"{MAX_EPOCHS} (the default, 30, takes seconds)")
@@ -232,8 +271,8 @@ def run(args: argparse.Namespace) -> int:
         except (ValueError, RuntimeError, OverflowError):
             raise UsageError(f"--seeds {seed} is not a seed torch accepts (a 64-bit integer); pass e.g. "
                              "--seeds 0 1") from None
-    if not 0.0 <= args.alpha <= 1.0:
-        raise UsageError(f"--alpha must lie in [0, 1], got {args.alpha}")
+    if args.alpha != AUTO and not 0.0 <= args.alpha <= 1.0:
+        raise UsageError(f"--alpha must lie in [0, 1] or be 'auto', got {args.alpha}")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -248,7 +287,7 @@ def _run(args: argparse.Namespace, output: Path) -> int:
     from hf_mudsc.evaluate.names import RESULTS_FILENAME
     from hf_mudsc.evaluate.tasks import TaskData
     from hf_mudsc.load.parents import load_parents
-    from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
+    from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe, pinned_choices
     from hf_mudsc.publish.writer import write_merged_folder
     from hf_mudsc.solve.diagnostics import PLOTS_FOLDER
 
@@ -258,7 +297,8 @@ def _run(args: argparse.Namespace, output: Path) -> int:
     parents = load_parents([str(folder_a), str(folder_b)])
     num_samples = samples_used(args.num_samples, calibration)
     recipe = Recipe(models=[str(folder_a), str(folder_b)], calibration=str(calibration), method="mudsc",
-                    matcher="zip", alpha=float(args.alpha), num_samples=num_samples,
+                    matcher="zip", alpha=args.alpha if args.alpha == AUTO else float(args.alpha),
+                    num_samples=num_samples,
                     batch_size=CALIBRATION_BATCH, seed=0)
     merged = {}
     # Every registered method with its defaults (the refit runs where `refit="auto"` applies: unit matching), then
@@ -267,14 +307,16 @@ def _run(args: argparse.Namespace, output: Path) -> int:
     print(f"Merging with {', '.join(label for label, _ in runs)} "
           f"({num_samples} calibration images) ...", flush=True)
     labels = []
-    for label, run_options in runs:
-        options = recipe.override(**run_options).merge_options()
-        model = hf_mudsc.merge(parents, str(calibration), **options, progress=False)
-        if model.config.mudsc.get("refit") in REFITTING and (model.config.mudsc.get("refit_gate") or {}).get(
-                "kept", True):  # the refit ran and was kept (the gate may drop it)
-            label += REFIT_SUFFIX
-        merged[label] = model
-        labels.append(label)
+    with deliberate_choices():
+        for label, run_options in runs:
+            options = recipe.override(**run_options).merge_options()
+            model = hf_mudsc.merge(parents, str(calibration), **options, progress=False)
+            if model.config.mudsc.get("refit") in REFITTING and (model.config.mudsc.get("refit_gate") or {}).get(
+                    "kept", True):  # the refit ran and was kept (the gate may drop it)
+                label += REFIT_SUFFIX
+            merged[label] = model
+            labels.append(label)
+    relation_note(merged[labels[0]], tuple(args.seeds))
     tests = {task_name: TaskData((task.test_pixel_values, task.test_labels), name=DATASET_NAME, split="test")
              for task_name, task in zip(TASK_NAMES, splits.tasks)}
     result = evaluate_merge(merged, [p.model for p in parents], tests, progress=False)
@@ -292,8 +334,8 @@ def _run(args: argparse.Namespace, output: Path) -> int:
 
     best_label = labels[0]
     model = merged[best_label]
-    # The recipe records what ran, as `hf-mudsc merge` writes it: the run's options, the refit resolved.
-    written = recipe.override(**runs[0][1], refit=model.merge_report.recipe["refit"])
+    # The recipe records what ran, as `hf-mudsc merge` writes it: the run's options, what `auto` resolved pinned.
+    written = pinned_choices(recipe.override(**runs[0][1]), model)
     with staged_output(output, overwrite=args.overwrite) as staging:
         write_merged_folder(staging, model, recipe=written, parents=parents, processor=parents[0].processor,
                             eval_results=result.card_rows(best_label), model_name=output.name, evaluation=result)

@@ -39,13 +39,22 @@ def command_in(argv: Sequence[str]) -> str | None:
 HTTP_LOGGERS = ("httpx2", "httpx", "httpcore", "urllib3", "huggingface_hub")
 
 
-def add_verbosity(parser: argparse.ArgumentParser) -> None:
-    """`-q/--quiet` and `-v/--verbose`, global options given before the command (`hf-mudsc -q merge ...`)."""
+def add_verbosity(parser: argparse.ArgumentParser, *, defaults: bool = True) -> None:
+    """`-q/--quiet` and `-v/--verbose`: global options, given before the command (`hf-mudsc -q merge ...`) or after it
+    (`hf-mudsc merge ... -q`). `defaults=False` (a command's copy, `verbosity_parent`): unset flags stay absent
+    (SUPPRESS), so they do not reset what was given before the command."""
+    unset: dict[str, object] = {} if defaults else {"default": argparse.SUPPRESS}
     parser.add_argument("-q", "--quiet", action="store_true",
-                        help="only warnings and errors: no progress, no INFO lines")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="debug lines of hf_mudsc and the HTTP client's per-request lines; -vv: every "
-                        "library's debug lines")
+                        help="only warnings and errors: no progress, no INFO lines", **({"default": False} | unset))
+    parser.add_argument("-v", "--verbose", action="count", help="debug lines of hf_mudsc and the HTTP client's "
+                        "per-request lines; -vv: every library's debug lines", **({"default": 0} | unset))
+
+
+def verbosity_parent() -> argparse.ArgumentParser:
+    """The parent parser every command gets (`parents=`), so that -q/-v may follow the command too."""
+    parent = argparse.ArgumentParser(add_help=False)
+    add_verbosity(parent, defaults=False)
+    return parent
 
 
 def configure_logging(verbose: int, quiet: bool) -> None:
@@ -120,6 +129,7 @@ def build_parser(available: Sequence[str] | None = None) -> argparse.ArgumentPar
     parser.add_argument("--version", action="version", version=f"hf-mudsc {__version__}")
     add_verbosity(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    verbosity = verbosity_parent()
     for name, help_text in COMMANDS.items():
         if available is not None and name not in available:
             sub.add_parser(name, help=help_text, description=help_text)  # listed, flags not loaded
@@ -130,7 +140,7 @@ def build_parser(available: Sequence[str] | None = None) -> argparse.ArgumentPar
             if error.name != f"hf_mudsc.cli.{name}":
                 raise  # a missing dependency must not silently hide a command
             continue
-        command = sub.add_parser(name, help=help_text, description=help_text,
+        command = sub.add_parser(name, help=help_text, description=help_text, parents=[verbosity],
                                  formatter_class=DefaultsOnceFormatter)
         module.add_arguments(command)
         command.set_defaults(_run=module.run)

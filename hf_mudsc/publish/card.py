@@ -39,6 +39,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
 from hf_mudsc._version import __version__
 from hf_mudsc.apply.classifier import task_ranges
 from hf_mudsc.load.references import OBJECT_REFERENCE, without_userinfo
+from hf_mudsc.methods import plugin_module
 from hf_mudsc.methods.registry import METHODS
 from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
 from hf_mudsc.solve.diagnostics import DIAGNOSTICS_FILENAME
@@ -371,6 +372,12 @@ def render_card(
     group_values = mudsc.get("group_match_values") or (
         dict(zip(report.group_names, report.group_values)) if report is not None else {}
     )
+    # Share of each group's merged units that fuse a unit of A with one of B (what `hf-mudsc inspect` shows next to
+    # the match value): zip's value also counts fusions within one parent, so it alone does not say the parents agree.
+    diagnostics = getattr(report, "diagnostics", None)
+    cross_fractions = {g.name: g.cross_fraction for g in diagnostics.groups} if diagnostics is not None else {}
+    if not any(value is not None for value in cross_fractions.values()):
+        cross_fractions = {}
     path = Path(template) if template is not None else template_path()
     shown_recipe, local = recipe.shown()  # local folders by name, as the recipe pushed to the Hub names them
     local_names = [entry.shown for entry in local]
@@ -396,6 +403,7 @@ def render_card(
         hub_url=hub_url(),
         method=method,
         method_name=mudsc.get("method") or recipe.method,
+        plugin_module=plugin_module(mudsc.get("method") or recipe.method),
         matcher=mudsc.get("matcher", recipe.matcher),
         alpha=mudsc.get("alpha", recipe.alpha),
         zip_decay=mudsc.get("zip_decay"),
@@ -412,6 +420,7 @@ def render_card(
         solve_start=mudsc.get("solve_start", getattr(report, "solve_start", None)),
         parent_relation=relation_text(mudsc.get("parent_relation")),
         group_values=group_values,
+        cross_fractions=cross_fractions,
         merge_warnings=mudsc.get("warnings", getattr(report, "warnings", None)) or [],
         processor_note=mudsc.get("processor_note"),
         task_label_ranges=task_ranges(model.config),

@@ -69,9 +69,11 @@ def draw_plots(folder: str | os.PathLike, diagnostics: MergeDiagnostics | None, 
     drawn: list[Plot] = []
     figures = []
     if diagnostics is not None and diagnostics.groups:
-        figures.append(("match_quality", "Match quality per group",
-                        "correlation of the fused unit pairs of A and B, per group along the depth",
-                        match_quality_figure(diagnostics)))
+        caption = "correlation of the fused unit pairs of A and B, per group along the depth"
+        if diagnostics.matcher == "zip":  # its value line also counts fusions within one parent (the figure's title)
+            caption += (", and zip's match value, which also counts the units it fused within one parent (a group "
+                        "marked \"no A–B pair\" fused none of A with B)")
+        figures.append(("match_quality", "Match quality per group", caption, match_quality_figure(diagnostics)))
         if diagnostics.objective_history and diagnostics.sweeps > 0:
             figures.append(("solve_objective", "Solve objective per sweep",
                             "the solve's objective after each sweep, and each start's final objective",

@@ -35,6 +35,7 @@ import yaml
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import MergeInputError, OptionError, RecipeError, option_hint, shown
 from hf_mudsc.load.references import TOKEN_FIX, is_object_reference, local_name, looks_like_token
+from hf_mudsc.methods import plugin_module
 from hf_mudsc.option_values import MATCHERS as MATCHERS  # re-exported: the CLI's --matcher choices
 from hf_mudsc.options import RECIPE_FILENAME as RECIPE_FILENAME
 from hf_mudsc.options import REFITTING, MergeOptions
@@ -71,6 +72,14 @@ _HEADER = (
     "# hf-mudsc merge recipe. Reproduce the merge with:\n"
     "#   hf-mudsc merge --recipe {name} --output merged-model\n"
     "# Hub parents are pinned to the commits that were used; flags on the command line override keys.\n"
+)
+# The header of a recipe whose method is a plug-in (`hf_mudsc.methods.plugin_module`): the CLI cannot import it.
+_PLUGIN_HEADER = (
+    "# hf-mudsc merge recipe. Its method {method!r} is not built into hf-mudsc ({module}), so `hf-mudsc merge\n"
+    "# --recipe` cannot run it: re-run it from Python after importing that module (the model card shows how):\n"
+    "#   recipe = hf_mudsc.publish.recipe.Recipe.load({name!r})\n"
+    "#   hf_mudsc.merge(recipe.models, recipe.calibration, **recipe.merge_options())\n"
+    "# Hub parents are pinned to the commits that were used.\n"
 )
 # The line a recipe file gets when the merge's calibration data was given in memory (a `datasets.Dataset` object or
 # batches to `hf_mudsc.merge`): the file names no data, and re-running it must say why (`refuse_unrecorded_data`).
@@ -386,7 +395,10 @@ class Recipe(MergeOptions):
                          allow_unicode=True)
         note = IN_MEMORY_NOTE if calibration_in_memory and not self.calibration else ""
         note += "".join(OBJECT_NOTE.format(entry=label) for label, _ in self.object_entries())
-        return _HEADER.format(name=name) + note + body
+        module = plugin_module(self.method)
+        header = _HEADER.format(name=name) if module is None else _PLUGIN_HEADER.format(
+            method=self.method, name=name, module=f"registered by {module}" if module else "a plug-in")
+        return header + note + body
 
     def save(self, path: str | os.PathLike, *, calibration_in_memory: bool = False) -> Path:
         """Write the recipe file; it never holds `COMMAND_LINE_ONLY_KEYS`, so it can be loaded and re-run."""
@@ -534,6 +546,18 @@ def auto_chosen_of(mudsc: Mapping[str, Any]) -> dict[str, Any] | None:
     if isinstance(reason, str) and reason.startswith("auto"):
         chosen["out_dtype"] = {"value": mudsc.get("out_dtype"), "reason": reason}
     return chosen or None
+
+
+def pinned_choices(recipe: Recipe, merged: Any) -> Recipe:
+    """`recipe` with what the merge `merged` resolved pinned, so that its re-run runs the same merge: `auto` recorded
+    as the method, refit and out_dtype it chose, `alpha: auto` as the α handed to a method that ignores it (as
+    `merge_report.recipe`), the base as it was read, and why `auto` chose them (`auto_chosen_of`). Shared by
+    `hf-mudsc merge` and `hf-mudsc demo`, whose recipes must pin alike."""
+    report = merged.merge_report
+    pinned = recipe.override(base=report.recipe["base"], method=report.method, alpha=report.recipe["alpha"],
+                             refit=report.recipe["refit"], out_dtype=report.recipe["out_dtype"])
+    pinned.auto_chosen = auto_chosen_of(merged.config.mudsc)
+    return pinned
 
 
 def restate_auto_choices(mudsc: dict[str, Any], recipe: Recipe) -> None:

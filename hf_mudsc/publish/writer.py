@@ -213,6 +213,9 @@ def save_merged(merged: Any, directory: str | os.PathLike, *, overwrite: bool = 
 
     Raises:
         FileExistsError: `directory` exists (without `overwrite`), or holds files hf-mudsc did not write.
+        ValueError: `directory` overlaps an input of the merge (a parent's or the base's folder, the calibration
+            data, the Hugging Face cache: inputs are never modified), or `merged` was not returned by
+            `hf_mudsc.merge` (it carries no recipe).
     """
     recipe_of(merged)  # refuse a model merge() did not return before touching the disk
     return publish(merged, output=directory, overwrite=overwrite, model_name=Path(directory).name,
