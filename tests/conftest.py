@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -63,3 +64,37 @@ def local_hub(hub_emulator, monkeypatch):  # noqa: F811  (the fixture imported a
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # what transformers and datasets read at call time
     monkeypatch.setenv("HF_ENDPOINT", hub_emulator.endpoint)
     return hub_emulator
+
+
+def _interrupt_state() -> tuple[object, frozenset[signal.Signals]]:
+    """SIGINT's handler and this thread's blocked signals: what a subprocess inherits through exec (an ignored or
+    blocked SIGINT makes it deaf to Ctrl-C)."""
+    return signal.getsignal(signal.SIGINT), frozenset(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+
+_INTERRUPT_AT_START = _interrupt_state()
+
+
+@pytest.fixture(autouse=True)
+def interrupt_unchanged():
+    """Fail a test that leaves SIGINT's handler or the signal mask changed (and put them back): the Ctrl-C test's
+    merge, in the same xdist worker, inherited SIG_IGN from an earlier test and never stopped (CI's 60 s timeout)."""
+    handler, blocked = _interrupt_state()
+    if (handler, blocked) != _INTERRUPT_AT_START:  # a module or session fixture changed it (and the tests under it)
+        signal.signal(signal.SIGINT, _INTERRUPT_AT_START[0])
+        signal.pthread_sigmask(signal.SIG_SETMASK, _INTERRUPT_AT_START[1])
+        pytest.fail(f"the process's signal state changed before this test (by a module or session fixture): SIGINT's "
+                    f"handler {handler!r}, blocked signals {sorted(blocked)}; at the session's start "
+                    f"{_INTERRUPT_AT_START[0]!r}, {sorted(_INTERRUPT_AT_START[1])}", pytrace=False)
+    yield
+    after_handler, after_blocked = _interrupt_state()
+    changes = []
+    if after_handler != handler:
+        changes.append(f"SIGINT's handler went from {handler!r} to {after_handler!r}")
+        signal.signal(signal.SIGINT, handler)
+    if after_blocked != blocked:
+        changes.append(f"the blocked signals went from {sorted(blocked)} to {sorted(after_blocked)}")
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    if changes:
+        pytest.fail("this test left the process's signal state changed (put it back in the test or its fixture): "
+                    + "; ".join(changes), pytrace=False)
