@@ -59,6 +59,7 @@ def local_hub(hub_emulator, monkeypatch):  # noqa: F811  (the fixture imported a
     monkeypatch.setattr(constants, "ENDPOINT", hub_emulator.endpoint)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_emulator.default_hf_home / "hub"))  # fresh, as a client's
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",  # downloads: read at call time, not ENDPOINT
                         hub_emulator.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # what transformers and datasets read at call time
