@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 THROWAWAY_HOME = "hf_mudsc_test_home_"
@@ -65,6 +66,40 @@ def local_hub(hub_emulator, monkeypatch):  # noqa: F811  (the fixture imported a
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # what transformers and datasets read at call time
     monkeypatch.setenv("HF_ENDPOINT", hub_emulator.endpoint)
     return hub_emulator
+
+
+@dataclass
+class CliRun:
+    """A CLI run in the test's process: its exit code, stdout, and what a process of its own would have written to
+    stderr (the error lines, then the log lines at the CLI's levels)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture()
+def hub_cli(local_hub, monkeypatch, capsys, caplog):
+    """`hf-mudsc ARGV` run in this process against the emulator (no interpreter start-up, no second torch import per
+    run), with `token` in HF_TOKEN as a client's environment has it (None: no token) and `extra` environment
+    variables for that run (TMPDIR also as tempfile's folder, which a process reads once)."""
+    from cli_runs import run_cli_output
+
+    def run(*argv: str, token: str | None = local_hub.token, extra: dict[str, str] | None = None) -> CliRun:
+        with monkeypatch.context() as patch:
+            if token is None:
+                patch.delenv("HF_TOKEN", raising=False)
+            else:
+                patch.setenv("HF_TOKEN", token)
+            for name, value in (extra or {}).items():
+                patch.setenv(name, value)
+            if extra and "TMPDIR" in extra:
+                patch.setattr(tempfile, "tempdir", extra["TMPDIR"])
+            caplog.clear()
+            code, out, err = run_cli_output(argv, capsys)
+        return CliRun(code, out, err + caplog.text)
+
+    return run
 
 
 def _interrupt_state() -> tuple[object, frozenset[signal.Signals]]:

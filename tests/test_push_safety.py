@@ -10,13 +10,11 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
-import tempfile
-from dataclasses import dataclass
 
 import pytest
 import torch
-from cli_runs import run_cli_output
 from test_cli import FAST, leftovers, save_parents_and_data
 
 from hf_mudsc.cli.main import main
@@ -80,33 +78,10 @@ def test_push_refuses_symlinks_and_files_the_writer_did_not_write(merged, tmp_pa
     assert secret.read_text() == "PRIVATE KEY"
 
 
-@dataclass
-class Done:
-    """A CLI run: its exit code, stdout, and what a process of its own would have written to stderr (the error lines
-    and the log lines)."""
-
-    returncode: int
-    stdout: str
-    stderr: str
-
-
 @pytest.fixture()
-def push_cli(local_hub, monkeypatch, capsys, caplog):
-    """`hf-mudsc ARGV` run in this process against the emulator (no interpreter start-up per run), with the token a
-    client's environment has; `extra`: environment variables for that run (TMPDIR: the folder tempfile uses)."""
-    monkeypatch.setenv("HF_TOKEN", SECRET)
-
-    def run(*argv: str, extra: dict | None = None) -> Done:
-        with monkeypatch.context() as patch:
-            for name, value in (extra or {}).items():
-                patch.setenv(name, value)
-            if extra and "TMPDIR" in extra:
-                patch.setattr(tempfile, "tempdir", extra["TMPDIR"])  # read once per process, cached
-            caplog.clear()
-            code, out, err = run_cli_output(argv, capsys)
-        return Done(code, out, err + caplog.text)
-
-    return run
+def push_cli(hub_cli):
+    """`hf-mudsc ARGV` in this process against the emulator, with this module's token (conftest's hub_cli)."""
+    return functools.partial(hub_cli, token=SECRET)
 
 
 def test_the_marker_is_not_uploaded(push_cli, hub_emulator, merged):
