@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import tempfile
@@ -71,7 +72,7 @@ def local_hub(hub_emulator, monkeypatch):  # noqa: F811  (the fixture imported a
 @dataclass
 class CliRun:
     """A CLI run in the test's process: its exit code, stdout, and what a process of its own would have written to
-    stderr (the error lines, then the log lines at the CLI's levels)."""
+    stderr (the error lines, then the log lines at the CLI's levels, in its format)."""
 
     returncode: int
     stdout: str
@@ -85,6 +86,7 @@ def hub_cli(local_hub, monkeypatch, capsys, caplog):
     variables for that run (TMPDIR also as tempfile's folder, which a process reads once)."""
     from cli_runs import run_cli_output
 
+    form = logging.Formatter("%(levelname)s %(name)s: %(message)s")  # the CLI's own (cli.main.configure_logging)
     def run(*argv: str, token: str | None = local_hub.token, extra: dict[str, str] | None = None) -> CliRun:
         with monkeypatch.context() as patch:
             if token is None:
@@ -97,7 +99,8 @@ def hub_cli(local_hub, monkeypatch, capsys, caplog):
                 patch.setattr(tempfile, "tempdir", extra["TMPDIR"])
             caplog.clear()
             code, out, err = run_cli_output(argv, capsys)
-        return CliRun(code, out, err + caplog.text)
+        logged = "".join(f"{form.format(record)}\n" for record in caplog.records)
+        return CliRun(code, out, err + logged)
 
     return run
 
