@@ -1,4 +1,5 @@
-"""Every test runs offline with a throwaway Hugging Face cache (the Hub emulator tests use subprocesses)."""
+"""Every test runs offline with a throwaway Hugging Face cache; the Hub emulator tests run the client in this process
+(`local_hub`, `hub_cli`), or in a subprocess where the process itself is under test."""
 
 from __future__ import annotations
 
@@ -87,6 +88,7 @@ def hub_cli(local_hub, monkeypatch, capsys, caplog):
     from cli_runs import run_cli_output
 
     form = logging.Formatter("%(levelname)s %(name)s: %(message)s")  # the CLI's own (cli.main.configure_logging)
+
     def run(*argv: str, token: str | None = local_hub.token, extra: dict[str, str] | None = None) -> CliRun:
         with monkeypatch.context() as patch:
             if token is None:
