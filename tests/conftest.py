@@ -1,9 +1,13 @@
-"""Every test runs offline with a throwaway Hugging Face cache (the Hub emulator tests use subprocesses)."""
+"""Every test runs offline with a throwaway Hugging Face cache; the Hub emulator tests run the client in this process
+(`local_hub`, `hub_cli`), or in a subprocess where the process itself is under test."""
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 THROWAWAY_HOME = "hf_mudsc_test_home_"
@@ -58,8 +62,80 @@ def local_hub(hub_emulator, monkeypatch):  # noqa: F811  (the fixture imported a
     monkeypatch.setattr(constants, "ENDPOINT", hub_emulator.endpoint)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_emulator.default_hf_home / "hub"))  # fresh, as a client's
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",  # downloads: read at call time, not ENDPOINT
                         hub_emulator.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # what transformers and datasets read at call time
     monkeypatch.setenv("HF_ENDPOINT", hub_emulator.endpoint)
     return hub_emulator
+
+
+@dataclass
+class CliRun:
+    """A CLI run in the test's process: its exit code, stdout, and what a process of its own would have written to
+    stderr (the error lines, then the log lines at the CLI's levels, in its format)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture()
+def hub_cli(local_hub, monkeypatch, capsys, caplog):
+    """`hf-mudsc ARGV` run in this process against the emulator (no interpreter start-up, no second torch import per
+    run), with `token` in HF_TOKEN as a client's environment has it (None: no token) and `extra` environment
+    variables for that run (TMPDIR also as tempfile's folder, which a process reads once)."""
+    from cli_runs import run_cli_output
+
+    form = logging.Formatter("%(levelname)s %(name)s: %(message)s")  # the CLI's own (cli.main.configure_logging)
+
+    def run(*argv: str, token: str | None = local_hub.token, extra: dict[str, str] | None = None) -> CliRun:
+        with monkeypatch.context() as patch:
+            if token is None:
+                patch.delenv("HF_TOKEN", raising=False)
+            else:
+                patch.setenv("HF_TOKEN", token)
+            for name, value in (extra or {}).items():
+                patch.setenv(name, value)
+            if extra and "TMPDIR" in extra:
+                patch.setattr(tempfile, "tempdir", extra["TMPDIR"])
+            caplog.clear()
+            code, out, err = run_cli_output(argv, capsys)
+        logged = "".join(f"{form.format(record)}\n" for record in caplog.records)
+        return CliRun(code, out, err + logged)
+
+    return run
+
+
+def _interrupt_state() -> tuple[object, frozenset[signal.Signals]]:
+    """SIGINT's handler and this thread's blocked signals: what a subprocess inherits through exec (an ignored or
+    blocked SIGINT makes it deaf to Ctrl-C)."""
+    return signal.getsignal(signal.SIGINT), frozenset(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+
+_INTERRUPT_AT_START = _interrupt_state()
+
+
+@pytest.fixture(autouse=True)
+def interrupt_unchanged():
+    """Fail a test that leaves SIGINT's handler or the signal mask changed (and put them back): the Ctrl-C test's
+    merge, in the same xdist worker, inherited SIG_IGN from an earlier test and never stopped (CI's 60 s timeout)."""
+    handler, blocked = _interrupt_state()
+    if (handler, blocked) != _INTERRUPT_AT_START:  # a module or session fixture changed it (and the tests under it)
+        signal.signal(signal.SIGINT, _INTERRUPT_AT_START[0])
+        signal.pthread_sigmask(signal.SIG_SETMASK, _INTERRUPT_AT_START[1])
+        pytest.fail(f"the process's signal state changed before this test (by a module or session fixture): SIGINT's "
+                    f"handler {handler!r}, blocked signals {sorted(blocked)}; at the session's start "
+                    f"{_INTERRUPT_AT_START[0]!r}, {sorted(_INTERRUPT_AT_START[1])}", pytrace=False)
+    yield
+    after_handler, after_blocked = _interrupt_state()
+    changes = []
+    if after_handler != handler:
+        changes.append(f"SIGINT's handler went from {handler!r} to {after_handler!r}")
+        signal.signal(signal.SIGINT, handler)
+    if after_blocked != blocked:
+        changes.append(f"the blocked signals went from {sorted(blocked)} to {sorted(after_blocked)}")
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    if changes:
+        pytest.fail("this test left the process's signal state changed (put it back in the test or its fixture): "
+                    + "; ".join(changes), pytrace=False)

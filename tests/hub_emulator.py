@@ -11,9 +11,11 @@ How to use it (READ THIS FIRST)
 -------------------------------
 The Hub client reads ``HF_ENDPOINT`` (and ``HF_HUB_OFFLINE``, ``HF_HOME``...) **once, at import**, and the
 pytest process has usually imported ``huggingface_hub``/``transformers`` already (with the offline test
-settings). So client code never runs in the pytest process: it runs in a **subprocess** whose
-environment points at the emulator. The server itself lives in the pytest process, so a test can inspect
-what the Hub received (repos, commits, requests) and inject faults.
+settings). So client code runs in a **subprocess** whose environment points at the emulator — or, in this
+suite, in the pytest process through conftest's ``local_hub`` fixture (it points the settings the client reads
+at call time at the emulator, with a fresh cache per test) and ``hub_cli`` (the CLI in-process): no interpreter
+start-up per run; a subprocess is kept where the process itself is under test. The server itself lives in the
+pytest process, so a test can inspect what the Hub received (repos, commits, requests) and inject faults.
 
 In a conftest (re-export the fixtures; tests/ has no __init__.py, so pytest puts tests/ on sys.path)::
 

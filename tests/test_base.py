@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from cli_runs import run_cli
 from factories import classifier_names, fine_tune, make_model, with_new_head
 from transformers import ViTImageProcessor
 
@@ -154,62 +155,40 @@ def test_cards_naming_different_bases_or_none_are_a_one_line_error(family, needs
     assert seen == []
 
 
-def test_the_base_named_by_hub_cards_is_loaded_and_pinned(family, hub_emulator, tmp_path):
+def test_the_base_named_by_hub_cards_is_loaded_and_pinned(family, needs_base, local_hub, tmp_path):
+    hub_emulator = local_hub  # the merge runs in this process against the emulator
     base, parents = family
     save(base, tmp_path / "base")
     hub_emulator.upload_folder("user/base", tmp_path / "base", "the base")
     for index, parent in enumerate(parents):
         save(parent, tmp_path / f"p{index}", base_model="user/base")
         hub_emulator.upload_folder(f"user/p{index}", tmp_path / f"p{index}", f"fine-tune {index}")
-    result = hub_emulator.run_client('''
-        import logging
-        from dataclasses import dataclass
-
-        import hf_mudsc
-        from hf_mudsc.methods import MergeMethod, MethodResult, register_method
-        from hf_mudsc.publish.card import render_card
-        from hf_mudsc.publish.writer import recipe_of
-
-        @dataclass(frozen=True)
-        class SumOfTaskVectors(MergeMethod):
-            def merge_parameters(self, context):
-                merged = {n: b + sum(p[n] - b for p in context.parents) for n, b in context.base.items()}
-                return MethodResult(parameters=merged, matches=[None] * len(context.spec.groups))
-
-        register_method(SumOfTaskVectors(name="sum_of_task_vectors", pretty_name="Sum", paper=None, description="",
-                                         needs_base_model=True, num_parents=None))
-        merged = hf_mudsc.merge(["user/p0", "user/p1"], method="sum_of_task_vectors", progress=False)
-        emit({key: merged.config.mudsc[key] for key in ("base", "base_revision", "base_source", "parents")})
-        emit(merged.merge_report.recipe["base"])
-        emit(render_card(merged, recipe_of(merged)).data.to_dict())
-        emit({k: v.tolist() for k, v in merged.state_dict().items() if k.endswith("classifier.bias")})
-    ''')
+    merged = hf_mudsc.merge(["user/p0", "user/p1"], method=needs_base, progress=False)
+    recorded = {key: merged.config.mudsc[key] for key in ("base", "base_revision", "base_source", "parents")}
+    pinned = merged.merge_report.recipe["base"]
+    card = render_card(merged, recipe_of(merged)).data.to_dict()
+    head = {k: v for k, v in merged.state_dict().items() if k.endswith("classifier.bias")}
     sha = hub_emulator.head("user/base")
-    recorded, pinned, card, head = result.results
     assert recorded == {"base": "user/base", "base_revision": sha, "base_source": BASE_FROM_CARDS,
                         "parents": ["user/p0", "user/p1"]}
     assert pinned == f"user/base@{sha}"
     assert card["base_model"] == ["user/p0", "user/p1", "user/base"] and card["base_model_relation"] == "merge"
     bias = expected_sum(base, parents)["classifier.bias"]
-    assert torch.allclose(torch.tensor(head["classifier.bias"]), bias, atol=0, rtol=0)
+    assert torch.allclose(head["classifier.bias"], bias, atol=0, rtol=0)
 
 
-def test_cli_pins_a_hub_base_in_the_recipe_and_lists_it_in_the_card(family, hub_emulator, tmp_path):
-    import subprocess
-    import sys
-
+def test_cli_pins_a_hub_base_in_the_recipe_and_lists_it_in_the_card(family, local_hub, tmp_path, capsys):
     import yaml
 
+    hub_emulator = local_hub  # the CLI runs in this process against the emulator
     base, parents = family
     hub_emulator.upload_folder("user/base", save(base, tmp_path / "base"), "the base")
     for index, parent in enumerate(parents):
         hub_emulator.upload_folder(f"user/p{index}", save(parent, tmp_path / f"p{index}"), f"fine-tune {index}")
     out = tmp_path / "merged"
-    done = subprocess.run([sys.executable, "-m", "hf_mudsc", "merge", "user/p0", "user/p1", "--base", "user/base",
-                           "--method", "linear", "--weights", "3", "1", "--output", str(out)],
-                          env=hub_emulator.client_env(extra={"OMP_NUM_THREADS": "1"}), capture_output=True, text=True,
-                          timeout=300, stdin=subprocess.DEVNULL)
-    assert done.returncode == 0, done.stderr[-3000:]
+    code, err = run_cli(["merge", "user/p0", "user/p1", "--base", "user/base", "--method", "linear", "--weights", "3",
+                         "1", "--output", str(out)], capsys)
+    assert code == 0, err[-30:]
     sha = hub_emulator.head("user/base")
     recipe = yaml.safe_load((out / "mudsc_recipe.yaml").read_text())
     assert recipe["base"] == f"user/base@{sha}" and recipe["weights"] == [3.0, 1.0]
@@ -419,10 +398,7 @@ def test_a_base_object_of_another_class_is_refused_in_one_line(needs_base):
     assert seen == []
 
 
-def test_cli_base_of_another_head_class(tmp_path):
-    import subprocess
-    import sys
-
+def test_cli_base_of_another_head_class(tmp_path, capsys):
     import yaml
     from safetensors.torch import load_file
     from transformers import BertForMaskedLM, BertForSequenceClassification
@@ -431,10 +407,9 @@ def test_cli_base_of_another_head_class(tmp_path):
     base_folder = save_plain(base, tmp_path / "base")
     folders = [save_plain(p, tmp_path / f"p{i}") for i, p in enumerate(parents)]
     out = tmp_path / "merged"
-    done = subprocess.run([sys.executable, "-m", "hf_mudsc", "merge", *folders, "--base", base_folder,
-                           "--method", "task_arithmetic", "--output", str(out)],
-                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
-    assert done.returncode == 0, done.stderr[-3000:]
+    code, err = run_cli(["merge", *folders, "--base", base_folder, "--method", "task_arithmetic", "--output", str(out)],
+                        capsys)
+    assert code == 0, err[-30:]
     recipe = yaml.safe_load((out / "mudsc_recipe.yaml").read_text())
     assert recipe["base"] == base_folder
     merged = load_file(out / "model.safetensors")
@@ -462,25 +437,21 @@ def test_a_base_of_another_class_whose_checkpoint_holds_no_backbone_is_refused(t
     assert seen == []
 
 
-def test_a_hub_base_of_another_head_class_named_by_the_cards_is_read_as_the_parents_class(hub_emulator, tmp_path):
+def test_a_hub_base_of_another_head_class_named_by_the_cards_is_read_as_the_parents_class(local_hub, tmp_path):
     from transformers import ViTForImageClassification, ViTModel
 
+    hub_emulator = local_hub  # the merge runs in this process against the emulator
     base, parents = backbone_family(ViTModel, ViTForImageClassification, vit_config(), labels=(3, 3))
     hub_emulator.upload_folder("user/vit-base", save(base, tmp_path / "base"), "the base")
     for index, parent in enumerate(parents):
         save(parent, tmp_path / f"p{index}", base_model="user/vit-base")
         hub_emulator.upload_folder(f"user/p{index}", tmp_path / f"p{index}", f"fine-tune {index}")
     key = "vit.layers.1.mlp.fc1.weight"  # transformers 5's name of the saved encoder.layer.1.intermediate.dense
-    result = hub_emulator.run_client(f'''
-        import hf_mudsc
-
-        merged = hf_mudsc.merge(["user/p0", "user/p1"], method="task_arithmetic", progress=False)
-        emit({{key: merged.config.mudsc[key] for key in ("base", "base_revision", "base_source")}})
-        emit(merged.state_dict()[{key!r}].tolist())
-    ''')
-    recorded, tensor = result.results
+    merged = hf_mudsc.merge(["user/p0", "user/p1"], method="task_arithmetic", progress=False)
+    recorded = {field: merged.config.mudsc[field] for field in ("base", "base_revision", "base_source")}
+    tensor = merged.state_dict()[key]
     assert recorded == {"base": "user/vit-base", "base_revision": hub_emulator.head("user/vit-base"),
                         "base_source": BASE_FROM_CARDS}
     in_base = params(base)[key.removeprefix("vit.")]
     expected = in_base + sum(params(p)[key] - in_base for p in parents)
-    assert torch.allclose(torch.tensor(tensor), expected, atol=1e-6, rtol=0)
+    assert torch.allclose(tensor, expected, atol=1e-6, rtol=0)

@@ -1,21 +1,21 @@
 """`merge(..., dry_run=True)` and `hf-mudsc merge --dry-run`: the plan from configs and safetensors headers only.
 
-Against the local Hub emulator (tests/hub_emulator.py; the CLI runs in a subprocess): no weight file is
-downloaded (only ranged reads of each file's first bytes), nothing is written, no repo is created. The parents are
-large enough (~0.5 MB of weights) that the header read is a strict prefix of the file.
+Against the local Hub emulator (tests/hub_emulator.py; the CLI runs in-process through conftest's local_hub): no
+weight file is downloaded (only ranged reads of each file's first bytes), nothing is written, no repo is created. The
+parents are large enough (~0.5 MB of weights) that the header read is a strict prefix of the file.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from cli_runs import run_cli_output
 from factories import fine_tune, make_batches, make_model
 from safetensors import safe_open
 from test_cli import save_parents_and_data, tree_digest
@@ -67,9 +67,10 @@ def wide_inputs(tmp_path_factory):
     return root / "wide-a", root / "wide-b", calibration, models[0]
 
 
-def test_dry_run_against_the_hub_downloads_no_weights_and_writes_nothing(hub_emulator, wide_inputs, tmp_path):
+def test_dry_run_against_the_hub_downloads_no_weights_and_writes_nothing(local_hub, wide_inputs, tmp_path, monkeypatch,
+                                                                        capsys, caplog):
     a, b, calibration, model = wide_inputs
-    hub = hub_emulator
+    hub = local_hub  # the CLI runs in this process against the emulator
     hub.upload_folder("user/a", a, "parent A")
     hub.upload_folder("user/b", b, "parent B")
     pinned_b = hub.head("user/b")
@@ -78,31 +79,32 @@ def test_dry_run_against_the_hub_downloads_no_weights_and_writes_nothing(hub_emu
     work.mkdir()
     out = work / "merged"
     before = tree_digest(a, b, calibration)
-    env = hub.client_env(extra={"OMP_NUM_THREADS": "1"})
-    argv = [sys.executable, "-m", "hf_mudsc", "merge", "user/a", f"user/b@{pinned_b}", "--calibration",
-            str(calibration), "--num-samples", "24", "--output", str(out), "--push-to-hub", "user/merged",
-            "--dry-run"]
-    proc = subprocess.run(argv, env=env, cwd=work, capture_output=True, text=True, timeout=300,
-                          stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    monkeypatch.setenv("HF_TOKEN", hub.token)  # as a client's environment has it
+    monkeypatch.chdir(work)
+    argv = ["merge", "user/a", f"user/b@{pinned_b}", "--calibration", str(calibration), "--num-samples", "24",
+            "--output", str(out), "--push-to-hub", "user/merged", "--dry-run"]
+    caplog.clear()
+    code, stdout, stderr = run_cli_output(argv, capsys)
+    assert code == 0, stderr[-4000:]
+    logged = caplog.records[:]
 
     # What the plan says: pinned parents, sizes from the headers, the relation, method, groups, rows, estimate.
     size = _tensor_bytes(a / "model.safetensors")
     params = sum(p.numel() for p in model.parameters())
     head_a = hub.head("user/a")
     assert f"  A: user/a@{head_a} — ViTForImageClassification, {params / 1e6:.2f} M parameters (F32), " \
-        f"{size / 1e3:.2f} kB of weights" in proc.stdout
-    assert f"  B: user/b@{pinned_b} — ViTForImageClassification" in proc.stdout
+        f"{size / 1e3:.2f} kB of weights" in stdout
+    assert f"  B: user/b@{pinned_b} — ViTForImageClassification" in stdout
     assert "Relation: same class and configuration (ViTForImageClassification); the weight-based relation check " \
-        "(shared base, permuted copy, independent, protected) runs at merge time" in proc.stdout
+        "(shared base, permuted copy, independent, protected) runs at merge time" in stdout
     assert ("Method: auto (chosen at merge time from the parents' weights and mudsc's solve on the calibration data; "
-            "estimated as mudsc) (matcher zip)" in proc.stdout)
+            "estimated as mudsc) (matcher zip)" in stdout)
     spec = spec_for(model)
-    assert f"Groups: {len(spec.groups)} (widths 64, 128)" in proc.stdout
+    assert f"Groups: {len(spec.groups)} (widths 64, 128)" in stdout
     for group in spec.groups:
-        assert f"  {group.name}: {group.width} units" in proc.stdout
-    assert f"Calibration: {calibration}: 24 of 32 rows, 17 tokens per example" in proc.stdout
-    assert "Estimate: " in proc.stdout and "peak memory" in proc.stdout
+        assert f"  {group.name}: {group.width} units" in stdout
+    assert f"Calibration: {calibration}: 24 of 32 rows, 17 tokens per example" in stdout
+    assert "Estimate: " in stdout and "peak memory" in stdout
 
     # No weight file downloaded: weight files were only probed (HEAD) or read by a ranged GET of a prefix.
     weight_requests = [r for r in hub.requests if r.path.endswith((".safetensors", ".bin"))]
@@ -118,15 +120,18 @@ def test_dry_run_against_the_hub_downloads_no_weights_and_writes_nothing(hub_emu
     assert not hub.repo_exists("user/merged")
     assert not [r for r in hub.requests if r.op in ("create_repo", "preupload", "commit", "lfs_batch")]
     assert tree_digest(a, b, calibration) == before
-    # The HTTP client's per-request lines stay off by default; hf_mudsc's INFO lines are shown.
-    assert "HTTP Request:" not in proc.stderr and "INFO hf_mudsc" in proc.stderr
+    # The HTTP client's per-request lines stay off by default; hf_mudsc's INFO lines are shown (the CLI's log records:
+    # their format on stderr is test_cli_verbosity's).
+    assert not [r for r in logged if "HTTP Request:" in r.getMessage()]
+    assert [r for r in logged if r.name.startswith("hf_mudsc") and r.levelno == logging.INFO]
     assert not hub.unhandled and not hub.server_errors
 
     # -v: hf_mudsc's DEBUG lines and one line per HTTP request.
-    verbose = subprocess.run([*argv[:3], "-v", *argv[3:]], env=env, cwd=work, capture_output=True, text=True,
-                             timeout=300, stdin=subprocess.DEVNULL)
-    assert verbose.returncode == 0, verbose.stderr[-4000:]
-    assert "HTTP Request: GET" in verbose.stderr and "DEBUG hf_mudsc" in verbose.stderr
+    caplog.clear()
+    code, _, stderr = run_cli_output(["-v", *argv], capsys)
+    assert code == 0, stderr[-4000:]
+    assert [r for r in caplog.records if r.getMessage().startswith("HTTP Request: GET")]
+    assert [r for r in caplog.records if r.name.startswith("hf_mudsc") and r.levelno == logging.DEBUG]
     assert not out.exists() and not hub.repo_exists("user/merged")
 
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import math
 import re
-import subprocess
-import sys
 
 import datasets
 import evaluate
@@ -297,17 +295,16 @@ def test_a_downloaded_merge_of_local_folders_asks_for_parents(tmp_path, capsys, 
     assert main(["evaluate", str(model), "--dataset", str(data), "--no-card", "--no-parents"]) == 0
 
 
-def test_evaluate_of_a_hub_merge_of_local_folders_asks_for_parents(hub_emulator, tmp_path):
+def test_evaluate_of_a_hub_merge_of_local_folders_asks_for_parents(hub_cli, local_hub, tmp_path, monkeypatch):
     elsewhere = tmp_path / "merged-on-another-machine"
     elsewhere.mkdir()
     model = _published_merge(tmp_path / "upload", [str(elsewhere / "vit-a"), str(elsewhere / "vit-b")])
-    hub_emulator.upload_folder("user/local-merge", model, "merged model")
+    local_hub.upload_folder("user/local-merge", model, "merged model")
     data = _evalset(tmp_path / "evalset")
     work = tmp_path / "work"
     work.mkdir()
-    env = hub_emulator.client_env(hf_home=tmp_path / "home", token=None, extra={"OMP_NUM_THREADS": "1"})
-    done = subprocess.run([sys.executable, "-m", "hf_mudsc", "evaluate", "user/local-merge", "--dataset", str(data)],
-                          env=env, cwd=work, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    monkeypatch.chdir(work)
+    done = hub_cli("evaluate", "user/local-merge", "--dataset", str(data), token=None)  # in this process
     assert done.returncode == 1, done.stderr
     _check_asks_for_parents(done.stderr, ["vit-a", "vit-b"])
     assert "user/local-merge" in done.stderr and list(work.iterdir()) == []

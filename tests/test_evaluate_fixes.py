@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
+import textwrap
 
 import datasets
 import numpy as np
 import pytest
 import torch
+from cli_runs import run_cli_output
 from factories import make_model
 from huggingface_hub import ModelCard
 from PIL import Image
@@ -239,15 +239,14 @@ def test_evaluate_accepts_hub_ids_with_and_without_a_revision(backward, local_hu
             assert pinned[scorer][view] == pytest.approx(value, abs=1e-12), (scorer, view)
 
 
-def test_hub_id_refuses_a_missing_revision_in_one_line(backward, hub_emulator, tmp_path):
+def test_hub_id_refuses_a_missing_revision_in_one_line(backward, local_hub, tmp_path, monkeypatch, capsys):
     _, out, tests = backward
-    hub_emulator.upload_folder("user/merged2", out, "merged model")
-    env = hub_emulator.client_env(hf_home=tmp_path / "home", token=None, extra={"OMP_NUM_THREADS": "1"})
-    done = subprocess.run([sys.executable, "-m", "hf_mudsc", "evaluate", "user/merged2@nope", "--dataset",
-                           str(tests["zeta"])], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300, stdin=subprocess.DEVNULL)
-    assert done.returncode == 1
-    assert "revision does not exist" in done.stderr and "Traceback" not in done.stderr
+    local_hub.upload_folder("user/merged2", out, "merged model")  # the CLI runs in this process against the emulator
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli_output(["evaluate", "user/merged2@nope", "--dataset", str(tests["zeta"])], capsys)
+    assert code == 1
+    assert "revision does not exist" in err and "Traceback" not in err
 
 
 # ------------------------------------------------------------------------ item 7: metric code needs opt-in
@@ -334,7 +333,7 @@ def _body(text: str) -> str:
     return text.split("---", 2)[2]
 
 
-def test_evaluate_keeps_every_section_the_merge_wrote(same_labels, hub_emulator, tmp_path):
+def test_evaluate_keeps_every_section_the_merge_wrote(same_labels, local_hub, tmp_path):
     root, out = same_labels
     before = (out / "README.md").read_text()
     assert "| Solver sweeps |" in before and "## Usage" in before and "## Evaluation" not in before
@@ -355,12 +354,8 @@ def test_evaluate_keeps_every_section_the_merge_wrote(same_labels, hub_emulator,
         ("task_0", pytest.approx(result["scores"]["merged"]["task_0"]["accuracy"])),
         ("joint (all tasks)", pytest.approx(result["scores"]["merged"]["joint"]["accuracy"])),
     ]
-    check = "import sys; from huggingface_hub import ModelCard; ModelCard.load(sys.argv[1]).validate()"
-    env = hub_emulator.client_env(hf_home=tmp_path / "home", token=None)
-    done = subprocess.run([sys.executable, "-c", check, str(out / "README.md")], env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr  # the Hub's metadata check (POST /api/validate-yaml)
-    assert hub_emulator.requests_for("validate_yaml")
+    ModelCard.load(out / "README.md").validate()  # the Hub's metadata check (POST /api/validate-yaml), raises if not
+    assert local_hub.requests_for("validate_yaml")
     # A second evaluation replaces the section and the model-index instead of adding another.
     assert main(["evaluate", str(out), "--dataset", str(root / "test-xyz"), "--num-samples", "4"]) == 0
     again = (out / "README.md").read_text()
@@ -801,17 +796,43 @@ def test_the_cli_refuses_a_metric_flag_as_an_invalid_command_line_before_torch(t
     import subprocess
     import sys
 
-    probe = ("import sys; from hf_mudsc.cli.main import main; code = main(sys.argv[1:]); "
-             "print('torch imported' if 'torch' in sys.modules else 'torch not imported'); sys.exit(code)")
+    # One fresh interpreter runs the three command lines (one start-up, not three), each with its own stderr file
+    # (fd 2 itself, so a log handler bound at the first run still writes to the current case's file); torch is looked
+    # for after each, so a case that imports it fails there or in every later one.
+    probe = textwrap.dedent("""
+        import json, os, sys
+        from hf_mudsc.cli.main import main
+        results = []
+        for index, argv in enumerate(json.loads(sys.argv[1])):
+            path = f"{sys.argv[2]}/stderr-{index}"
+            saved, file = os.dup(2), os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(file, 2)
+            try:
+                try:
+                    code = main(argv)
+                except SystemExit as exit_:
+                    code = exit_.code
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                os.close(file)
+                os.close(saved)
+            results.append([code, open(path).read(), "torch" in sys.modules])
+        print(json.dumps(results))
+    """)
     cases = ((["--metric", "f1", "--metric", "f1"], "metric 'f1' is given twice; name each metric once"),
              (["--metric", "bleu"], "metric 'bleu' is not shipped with hf-mudsc"),
              (["--metric", "bleu", "--trust-remote-code", "--metric", "bleu"], "metric 'bleu' is given twice"))
-    for flags, said in cases:
-        done = subprocess.run([sys.executable, "-c", probe, "evaluate", str(tmp_path / "no-such-model"),
-                               "--dataset", "x:test", *flags], capture_output=True, text=True)
-        assert done.returncode == 2, (flags, done.stderr)
-        assert said in done.stderr and len(done.stderr.strip().splitlines()) == 1, (flags, done.stderr)
-        assert done.stdout.strip() == "torch not imported", flags
+    argvs = [["evaluate", str(tmp_path / "no-such-model"), "--dataset", "x:test", *flags] for flags, _ in cases]
+    done = subprocess.run([sys.executable, "-c", probe, json.dumps(argvs), str(tmp_path)], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)
+    assert len(results) == len(cases)
+    for (flags, said), (code, stderr, torch_imported) in zip(cases, results):
+        assert code == 2, (flags, stderr)
+        assert said in stderr and len(stderr.strip().splitlines()) == 1, (flags, stderr)
+        assert not torch_imported, flags
 
 
 def test_a_class_label_column_sharing_some_class_names_at_other_ids_is_refused_not_read_by_id():

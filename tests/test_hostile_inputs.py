@@ -695,14 +695,12 @@ def test_a_shard_index_pointing_out_of_the_folder_is_refused(tmp_path, shard):
 # ---------------------------------------------------------------- a Hub card may not point at this machine's folders
 
 
-def test_a_hub_parents_card_naming_a_local_folder_as_base_is_ignored(hub_emulator, tmp_path):
+def test_a_hub_parents_card_naming_a_local_folder_as_base_is_ignored(hub_cli, local_hub, tmp_path):
     """`base_model: /home/me/private-model` in a Hub parent's card made the merge read that folder as the base
     (task arithmetic's result then carries it, and may be pushed)."""
-    import subprocess
-    import sys
-
     from test_cli import save_parents_and_data
 
+    hub_emulator = local_hub  # the CLI runs in this process against the emulator
     a, b, _ = save_parents_and_data(tmp_path / "inputs")
     private = tmp_path / "private-base"
     import shutil
@@ -711,11 +709,8 @@ def test_a_hub_parents_card_naming_a_local_folder_as_base_is_ignored(hub_emulato
     for name, folder in (("user/a", a), ("user/b", b)):
         (folder / "README.md").write_text(f"---\nbase_model: {private}\n---\n# card\n")
         hub_emulator.upload_folder(name, folder, "parent")
-    env = hub_emulator.client_env(extra={"OMP_NUM_THREADS": "1"})
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "hf_mudsc", "merge", "user/a", "user/b", "--method",
-                           "task_arithmetic", "--output", str(out)], env=env, capture_output=True, text=True,
-                          timeout=300, stdin=subprocess.DEVNULL)
+    proc = hub_cli("merge", "user/a", "user/b", "--method", "task_arithmetic", "--output", str(out))
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert f"its Hub model card names base_model {str(private)!r}, a local path: ignored" in proc.stderr
     assert "method 'task_arithmetic' needs the parents' common base model and none was given" in proc.stderr

@@ -9,8 +9,7 @@ the pushed copy without giving those folders' paths is one line naming each entr
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import functools
 
 import pytest
 import torch
@@ -46,10 +45,10 @@ def merged(inputs, tmp_path_factory):
     return out
 
 
-def run_cli(hub, *argv: str) -> subprocess.CompletedProcess:
-    env = hub.client_env(token=SECRET, extra={"OMP_NUM_THREADS": "1"})
-    return subprocess.run([sys.executable, "-m", "hf_mudsc", *argv], env=env, capture_output=True, text=True,
-                          timeout=300, stdin=subprocess.DEVNULL)
+@pytest.fixture()
+def push_cli(hub_cli):
+    """`hf-mudsc ARGV` in this process against the emulator, with this module's token (conftest's hub_cli)."""
+    return functools.partial(hub_cli, token=SECRET)
 
 
 def check_pushed_recipe(pushed: str, local: str, inputs, machine_paths) -> None:
@@ -70,11 +69,11 @@ def check_pushed_recipe(pushed: str, local: str, inputs, machine_paths) -> None:
     assert data["models"] == [a.name, b.name] and data["calibration"] == calibration.name
 
 
-def test_merge_push_to_hub_names_local_folders_by_name(hub_emulator, inputs, tmp_path, tmp_path_factory):
+def test_merge_push_to_hub_names_local_folders_by_name(push_cli, hub_emulator, inputs, tmp_path, tmp_path_factory):
     hub = hub_emulator
     a, b, calibration = inputs
     out = tmp_path / "merged"
-    proc = run_cli(hub, "merge", str(a), str(b), "--calibration", str(calibration), "--output", str(out),
+    proc = push_cli("merge", str(a), str(b), "--calibration", str(calibration), "--output", str(out),
                    "--push-to-hub", "user/local-merge", *FAST)
     assert proc.returncode == 0, proc.stderr[-3000:]
     pushed = hub.file_bytes("user/local-merge", RECIPE_FILENAME).decode()
@@ -87,11 +86,11 @@ def test_merge_push_to_hub_names_local_folders_by_name(hub_emulator, inputs, tmp
     assert [c.title for c in hub.commits("user/local-merge")][1:] == ["initial commit"]  # one commit
 
 
-def test_push_dir_names_local_folders_by_name_and_leaves_the_folder_as_it_was(hub_emulator, inputs, merged,
+def test_push_dir_names_local_folders_by_name_and_leaves_the_folder_as_it_was(push_cli, hub_emulator, inputs, merged,
                                                                               tmp_path_factory):
     hub = hub_emulator
     before = tree_digest(merged)
-    proc = run_cli(hub, "push", str(merged), "user/pushed")
+    proc = push_cli("push", str(merged), "user/pushed")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert tree_digest(merged) == before  # the folder was only read
     pushed = hub.file_bytes("user/pushed", RECIPE_FILENAME).decode()
@@ -105,12 +104,12 @@ def test_push_dir_names_local_folders_by_name_and_leaves_the_folder_as_it_was(hu
     assert SECRET not in proc.stdout + proc.stderr
 
 
-def test_overwrite_replaces_stale_files_in_one_commit_with_the_renamed_recipe(hub_emulator, inputs, merged):
+def test_overwrite_replaces_stale_files_in_one_commit_with_the_renamed_recipe(push_cli, hub_emulator, inputs, merged):
     hub = hub_emulator
     hub.commit_files("user/taken", {"old-weights.bin": b"\0old", "plots/old.png": b"png",
                                     RECIPE_FILENAME: b"models: [x/y, x/z]\n"}, "old")
     before = len(hub.commits("user/taken"))
-    proc = run_cli(hub, "push", str(merged), "user/taken", "--overwrite")
+    proc = push_cli("push", str(merged), "user/taken", "--overwrite")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(hub.commits("user/taken")) == before + 1
     assert set(hub.list_files("user/taken")) == set(read_marker(merged)["files"]) | {".gitattributes"}
@@ -118,13 +117,13 @@ def test_overwrite_replaces_stale_files_in_one_commit_with_the_renamed_recipe(hu
     assert str(inputs[0].parent) not in pushed and yaml.safe_load(pushed)["models"] == ["vit-a", "vit-b"]
 
 
-def test_a_recipe_without_local_folders_is_uploaded_as_it_is(hub_emulator, inputs, tmp_path):
+def test_a_recipe_without_local_folders_is_uploaded_as_it_is(push_cli, hub_emulator, inputs, tmp_path):
     hub = hub_emulator
     a, b, _ = inputs
     hub.upload_folder("user/a", a, "parent A")
     hub.upload_folder("user/b", b, "parent B")
     out = tmp_path / "hub-merge"
-    proc = run_cli(hub, "merge", "user/a", "user/b", "--method", "weight_matching", "--output", str(out),
+    proc = push_cli("merge", "user/a", "user/b", "--method", "weight_matching", "--output", str(out),
                    "--push-to-hub", "user/hub-merge")
     assert proc.returncode == 0, proc.stderr[-3000:]
     local = (out / RECIPE_FILENAME).read_bytes()
@@ -132,11 +131,11 @@ def test_a_recipe_without_local_folders_is_uploaded_as_it_is(hub_emulator, input
     assert hub.file_bytes("user/hub-merge", RECIPE_FILENAME) == local
 
 
-def test_rerunning_a_pushed_recipe_asks_for_the_local_folders_paths(hub_emulator, inputs, merged, tmp_path,
+def test_rerunning_a_pushed_recipe_asks_for_the_local_folders_paths(push_cli, hub_emulator, inputs, merged, tmp_path,
                                                                      capsys, monkeypatch):
     hub = hub_emulator
     a, b, calibration = inputs
-    proc = run_cli(hub, "push", str(merged), "user/rerun")
+    proc = push_cli("push", str(merged), "user/rerun")
     assert proc.returncode == 0, proc.stderr[-3000:]
     downloaded = tmp_path / RECIPE_FILENAME
     downloaded.write_bytes(hub.file_bytes("user/rerun", RECIPE_FILENAME))

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 from collections import Counter
 from pathlib import Path
 
@@ -88,37 +85,17 @@ def test_merge_then_overwrite_hash_each_file_once(inputs, tmp_path, hashed, one_
     assert written_files(out) == names and read_marker(out)["complete"] is True
 
 
-PUSH_AND_COUNT = textwrap.dedent("""
-    import json, sys
-    from collections import Counter
-    from pathlib import Path
-    from hf_mudsc.publish import folder
-    from hf_mudsc.cli.main import main
-    counts, real = Counter(), folder._fingerprint
-    def counting(path):
-        counts[str(Path(path).absolute())] += 1
-        return real(path)
-    folder._fingerprint = counting
-    code = main(sys.argv[2:])
-    Path(sys.argv[1]).write_text(json.dumps({"code": code, "counts": counts}))
-""")
-
-
-def test_merge_with_push_hashes_each_file_once(hub_emulator, inputs, tmp_path):
+def test_merge_with_push_hashes_each_file_once(local_hub, inputs, tmp_path, hashed, monkeypatch, one_thread):
     """`--output DIR --push-to-hub`: the marker the push reads and the final one share one hashing per file."""
     a, b, calibration = inputs
-    out, report = tmp_path / "merged", tmp_path / "report.json"
-    env = hub_emulator.client_env(extra={"OMP_NUM_THREADS": "1"})
-    proc = subprocess.run([sys.executable, "-c", PUSH_AND_COUNT, str(report), "merge", str(a), str(b),
-                           "--calibration", str(calibration), "--output", str(out), "--push-to-hub", "user/merged",
-                           *FAST], env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(report.read_text())
-    assert result["code"] == 0
+    out = tmp_path / "merged"
+    monkeypatch.setenv("HF_TOKEN", local_hub.token)  # the CLI runs in this process against the emulator
+    assert main(["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(out), "--push-to-hub",
+                 "user/merged", *FAST]) == 0
     names = written_files(out)
-    assert set(hub_emulator.list_files("user/merged")) == set(names) | {".gitattributes"}
-    assert sorted(Path(p).name for p in result["counts"]) == sorted(Path(n).name for n in names)
-    assert sorted(result["counts"].values()) == [1] * len(names)
+    assert set(local_hub.list_files("user/merged")) == set(names) | {".gitattributes"}
+    assert sorted(Path(p).name for p in hashed) == sorted(Path(n).name for n in names)
+    assert sorted(hashed.values()) == [1] * len(names)
 
 
 def written_output(root: Path) -> Path:

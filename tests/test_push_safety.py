@@ -10,9 +10,8 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -79,23 +78,23 @@ def test_push_refuses_symlinks_and_files_the_writer_did_not_write(merged, tmp_pa
     assert secret.read_text() == "PRIVATE KEY"
 
 
-def run_cli(hub, *argv: str, extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = hub.client_env(token=SECRET, extra={"OMP_NUM_THREADS": "1", **(extra or {})})
-    return subprocess.run([sys.executable, "-m", "hf_mudsc", *argv], env=env, capture_output=True, text=True,
-                          timeout=300, stdin=subprocess.DEVNULL)
+@pytest.fixture()
+def push_cli(hub_cli):
+    """`hf-mudsc ARGV` in this process against the emulator, with this module's token (conftest's hub_cli)."""
+    return functools.partial(hub_cli, token=SECRET)
 
 
-def test_the_marker_is_not_uploaded(hub_emulator, merged):
-    proc = run_cli(hub_emulator, "push", str(merged), "user/pushed")
+def test_the_marker_is_not_uploaded(push_cli, hub_emulator, merged):
+    proc = push_cli("push", str(merged), "user/pushed")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert set(hub_emulator.list_files("user/pushed")) == PUSHED | {".gitattributes"}
 
 
 @pytest.mark.parametrize("drop", [False, True], ids=["answer-500", "connection-dropped"])
-def test_a_commit_applied_whose_answer_was_lost_is_reported_as_applied(hub_emulator, merged, drop):
+def test_a_commit_applied_whose_answer_was_lost_is_reported_as_applied(push_cli, hub_emulator, merged, drop):
     hub = hub_emulator
     hub.fail_next("commit", status=500, repo_id="user/merged", apply=True, drop=drop)
-    proc = run_cli(hub, "push", str(merged), "user/merged")
+    proc = push_cli("push", str(merged), "user/merged")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     head = hub.head("user/merged")
     assert [c.title for c in hub.commits("user/merged")][1:] == ["initial commit"]  # it was applied
@@ -105,12 +104,12 @@ def test_a_commit_applied_whose_answer_was_lost_is_reported_as_applied(hub_emula
     assert not hub.pending_faults() and SECRET not in proc.stdout + proc.stderr
 
 
-def test_a_failed_push_keeps_the_local_output_and_says_where(hub_emulator, inputs, tmp_path):
+def test_a_failed_push_keeps_the_local_output_and_says_where(push_cli, hub_emulator, inputs, tmp_path):
     hub = hub_emulator
     a, b, calibration = inputs
     out = tmp_path / "merged"
     hub.fail_next("commit", status=500, repo_id="user/m1", apply=True)
-    proc = run_cli(hub, "merge", str(a), str(b), "--calibration", str(calibration), "--output", str(out),
+    proc = push_cli("merge", str(a), str(b), "--calibration", str(calibration), "--output", str(out),
                    "--push-to-hub", "user/m1", *FAST)
     assert proc.returncode == 1 and "the commit was applied" in proc.stderr
     assert f"the merged model is kept in {out}" in proc.stderr
@@ -121,7 +120,7 @@ def test_a_failed_push_keeps_the_local_output_and_says_where(hub_emulator, input
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     hub.fail_next("commit", status=500, repo_id="user/m2")
-    proc = run_cli(hub, "merge", str(a), str(b), "--calibration", str(calibration), "--push-to-hub", "user/m2",
+    proc = push_cli("merge", str(a), str(b), "--calibration", str(calibration), "--push-to-hub", "user/m2",
                    *FAST, extra={"TMPDIR": str(scratch)})
     assert proc.returncode == 1
     assert "nothing was committed; the repo 'user/m2' created by this run was deleted" in proc.stderr
@@ -132,24 +131,25 @@ def test_a_failed_push_keeps_the_local_output_and_says_where(hub_emulator, input
     assert not hub.repo_exists("user/m2") and not hub.pending_faults()
 
 
-def test_an_empty_repo_left_by_a_killed_push_is_pushed_into_and_wording_names_the_argument(hub_emulator, merged):
+def test_an_empty_repo_left_by_a_killed_push_is_pushed_into_and_wording_names_the_argument(push_cli, hub_emulator,
+                                                                                          merged):
     hub = hub_emulator
     hub.create_repo("user/empty")  # only the initial commit, as a push killed after create_repo leaves it
-    proc = run_cli(hub, "push", str(merged), "user/empty")
+    proc = push_cli("push", str(merged), "user/empty")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [c.title for c in hub.commits("user/empty")][1:] == ["initial commit"]
     assert set(hub.list_files("user/empty")) == PUSHED | {".gitattributes"}
-    proc = run_cli(hub, "push", str(merged), "user/empty")  # now it holds a model: refused
+    proc = push_cli("push", str(merged), "user/empty")  # now it holds a model: refused
     assert proc.returncode == 1
     assert "already exists; pass --overwrite to replace its files (in one commit), or choose another ORG/NAME" \
         in proc.stderr
     assert "--push-to-hub" not in proc.stderr
 
 
-def test_a_stalled_hub_times_out_and_says_what_it_waited_for(hub_emulator, merged):
+def test_a_stalled_hub_times_out_and_says_what_it_waited_for(push_cli, hub_emulator, merged):
     hub = hub_emulator
     hub.delay_next("create_repo", 8)
-    proc = run_cli(hub, "push", str(merged), "user/slow", extra={"HF_MUDSC_HUB_TIMEOUT": "1"})
+    proc = push_cli("push", str(merged), "user/slow", extra={"HF_MUDSC_HUB_TIMEOUT": "1"})
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "the Hub did not answer within 1 s while creating the repo 'user/slow'" in proc.stderr
     assert "HF_MUDSC_HUB_TIMEOUT" in proc.stderr
