@@ -213,12 +213,12 @@ def unread_warning(unread: Sequence[str], method: str) -> str | None:
 
 
 def inert_options_warnings(options: MergeOptions, *, method: str, reads_base: bool, reads_data: bool,
-                           has_data: bool, refit: str, matches_units: bool = True,
+                           has_data: bool, refit: str, pairs_heads: bool = True,
                            inputs: Sequence[str] = ()) -> list[str]:
     """Options set for a part of the merge that does not run — a refit setting with no refit (REPAIR reads
     `refit_samples` only), a calibration setting without data, a raw column of a kind the parents do not read
     (`inputs`: the model inputs they take, e.g. `PermutationSpec.inputs`), data that nothing reads — and a base given
-    to a method that does not read it, head pairing for a method that pairs no heads (`matches_units` False): each
+    to a method that does not read it, head pairing for a method that pairs no heads (`pairs_heads` False): each
     changes nothing, said like an option the method does not read."""
     defaults = {f.name: f.default for f in MergeOptions.option_fields()}
     refit_names = (("refit_lambda", "refit_norms", "refit_samples") if refit == "none"
@@ -237,7 +237,7 @@ def inert_options_warnings(options: MergeOptions, *, method: str, reads_base: bo
         if set_names:
             texts.append(f"{', '.join(option_hint(name) for name in set_names)} "
                          f"{'has' if len(set_names) == 1 else 'have'} no effect: {reason}")
-    if options.independent_heads and not matches_units:
+    if options.independent_heads and not pairs_heads:
         texts.append(f"{option_hint('independent_heads')} has no effect: method {method} matches no units, so it "
                      "pairs no attention heads")
     if data_text := unread_data_warning(method, reads_data=reads_data, has_data=has_data):

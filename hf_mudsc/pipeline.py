@@ -893,7 +893,7 @@ def _warn_unused(options: MergeOptions, used: Mapping[str, Any], method: MergeMe
                                                              has_data=calibration is not None), unread)
     for text in filter(None, [unread, *inert_options_warnings(
             options, method=method.name, reads_base=method.needs_base_model, reads_data=reads_data,
-            has_data=calibration is not None, refit=refit_value, matches_units=method.matches_units,
+            has_data=calibration is not None, refit=refit_value, pairs_heads=method.pairs_attention_heads,
             inputs=inputs)]):
         logger.warning("%s", text, extra={ADVICE: text in advice})
     if reference_compat_unread(method, options):

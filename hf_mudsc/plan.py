@@ -845,7 +845,7 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
                                                                reads_base=method.needs_base_model,
                                                                reads_data=needs_data,
                                                                has_data=calibration is not None, refit=refit,
-                                                               matches_units=method.matches_units,
+                                                               pairs_heads=method.pairs_attention_heads,
                                                                inputs=spec.inputs))
                      if text]
     relation = (f"same class and configuration ({parents[0].architecture})"

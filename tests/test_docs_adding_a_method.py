@@ -86,7 +86,7 @@ def test_a_plugin_methods_card_and_recipe_say_how_to_re_run_it(my_methods):
     card = str(render_card(merged, recipe, parents=["org/vit-a", "org/vit-b"]))
     reproduce = card.split("## Reproduce")[1]
     assert "hf-mudsc merge --recipe mudsc_recipe.yaml" not in reproduce
-    assert "import my_methods  # registers first_parent" in reproduce and "Recipe.load(" in reproduce
+    assert "import my_methods  # registers the method" in reproduce and "Recipe.load(" in reproduce
     header = recipe.to_yaml().split("hf_mudsc_version")[0]
     assert "--recipe mudsc_recipe.yaml --output" not in header and "'first_parent' is not built into" in header
     assert "registered by my_methods" in header

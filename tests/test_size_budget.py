@@ -328,7 +328,8 @@ def test_cli_refuses_a_bad_size_in_one_line(tmp_path, capsys):
         make_model("vit_cls", seed=seed).save_pretrained(tmp_path / f"p{seed}")
         parents.append(str(tmp_path / f"p{seed}"))
     for flags, code, needle in ((["--size", "3"], 2, "size must lie in [1, 2] (CLI: --size)"),
-                                (["--method", "linear", "--size", "1.5"], 1, "cannot spend size=1.5 (CLI: --size)")):
+                                # an option the method cannot use: an invalid command line too (exit 2, QA s22)
+                                (["--method", "linear", "--size", "1.5"], 2, "cannot spend size=1.5 (CLI: --size)")):
         returned, lines = run_cli(["merge", *parents, *flags, "--output", str(tmp_path / "out")], capsys)
         assert returned == code and len(lines) == 1 and needle in lines[0], lines
         assert not (tmp_path / "out").exists()

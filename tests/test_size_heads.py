@@ -322,8 +322,9 @@ def test_cli_refuses_stream_spend_conflicts_before_reading_any_parent(tmp_path, 
 
 def test_cli_refuses_a_stream_spend_for_bert_before_opening_the_calibration_data(tmp_path, capsys):
     """The "ViT only" refusal reads the first parent's config: the CLI locates the parents (configs, no weights)
-    before it pins or opens the calibration data. The data does not exist: opening it would fail with another
-    message, and a Hub dataset would have been resolved for nothing."""
+    before it pins or opens the calibration data. The data is a Hub dataset that does not exist (offline): opening
+    it would fail with another message, and it would have been resolved for nothing. (A local path that is not there
+    is refused before either, exit 2: tests/test_missing_inputs.py.)"""
     parents = []
     for seed in (0, 1):
         folder = tmp_path / f"bert-{seed}"
@@ -331,7 +332,7 @@ def test_cli_refuses_a_stream_spend_for_bert_before_opening_the_calibration_data
         parents.append(str(folder))
     for spend in ("heads", "residual"):
         code, lines = run_cli(["merge", *parents, "--method", "mudsc", "--size", "1.5", "--size-spend", spend,
-                               "--calibration", str(tmp_path / "no-data"), "--output", str(tmp_path / "out")], capsys)
+                               "--calibration", "org/never-opened:train", "--output", str(tmp_path / "out")], capsys)
         assert code == 1 and len(lines) == 1, lines
         assert f"size_spend= (CLI: --size-spend) '{spend}' widens the residual stream, which only ViT" in lines[0]
         assert not (tmp_path / "out").exists()

@@ -95,7 +95,6 @@ def build_recipe(args: argparse.Namespace, recipe_class: type[Recipe] = Recipe) 
         raise
     if path:  # a recipe pushed to the Hub names local folders by name only: their paths must be given
         check_local_folders_given(path, recipe)
-    recipe.check_local_inputs(path)  # every missing folder at once (as `inspect RECIPE` lists them), nothing loaded
     if not recipe.output and not recipe.push_to_hub and not recipe.dry_run:
         raise RecipeError("say where the merged model goes: --output DIR and/or --push-to-hub ORG/NAME")
     return recipe
@@ -104,6 +103,8 @@ def build_recipe(args: argparse.Namespace, recipe_class: type[Recipe] = Recipe) 
 def run(args: argparse.Namespace) -> int:
     try:
         recipe = build_recipe(args)
+        # Every local input that is not there, at once (as `inspect RECIPE` lists them), before anything is loaded.
+        recipe.check_local_inputs(getattr(args, "recipe", None))
     except RecipeError as error:
         print(f"hf-mudsc merge: error: {hide_tokens(str(error))}", file=sys.stderr)
         return 2

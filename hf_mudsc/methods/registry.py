@@ -182,6 +182,12 @@ class MergeMethod:
         recorded as None (its card row hidden)."""
         return {}
 
+    @property
+    def pairs_attention_heads(self) -> bool:
+        """Whether its merge pairs attention heads, so that `independent_heads` changes it: the unit-matching
+        methods (the others fuse every tensor by position)."""
+        return self.matches_units
+
     def read_as_default(self, options: MergeOptions) -> tuple[str, ...]:
         """Per-method options it reads but records as None (`used_options`) because the value given equals its
         default (unit matching's two equal weights): not "unread" (`diagnostics.unread_options`)."""
