@@ -170,6 +170,14 @@ def test_pixel_values_of_the_wrong_size_or_channels_are_refused_naming_the_expec
         _checked("vit_cls", [{"pixel_values": torch.randn(*shape)}])
 
 
+def test_pixel_values_of_another_size_pass_with_interpolate_pos_encoding_but_not_of_other_channels():
+    """A batch asking for `interpolate_pos_encoding=True` runs ViT and CLIP at another resolution (transformers
+    interpolates the position embeddings): only its channels must match the parents'."""
+    batches, said = _checked("vit_cls", [{"pixel_values": torch.randn(4, 1, 32, 32), "interpolate_pos_encoding": True}])
+    assert batches[0]["pixel_values"].shape == (4, 1, 32, 32) and said == []
+    with pytest.raises(CalibrationError, match=r"shape \(4, 3, 32, 32\)"):
+        _checked("vit_cls", [{"pixel_values": torch.randn(4, 3, 32, 32), "interpolate_pos_encoding": True}])
+
 def test_uint8_pixel_values_and_padded_ids_without_a_mask_are_warned_about_once():
     """QA s22 (r6, r7b): raw 0..255 uint8 pixels were merged on without a word; pre-padded `input_ids` without an
     `attention_mask` counted their padding as tokens though the README said padding is masked out. Each is one

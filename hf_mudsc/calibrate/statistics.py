@@ -112,6 +112,13 @@ def _truncate(batch: dict[str, Any], size: int) -> dict[str, Any]:
 _PREPROCESS = "preprocess the images with the parents' image processor (or pass raw images, which are)"
 
 
+def _flag(value: Any) -> bool:
+    """A batch's boolean model argument (`interpolate_pos_encoding`), given as a bool or a one-element tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and bool(value.item())
+    return bool(value)
+
+
 @dataclass
 class ModelInputCheck:
     """What the parents' config says their model inputs must be, checked on each batch before any forward: pre-made
@@ -167,8 +174,11 @@ class ModelInputCheck:
         pixels = batch.get("pixel_values")
         if isinstance(pixels, torch.Tensor) and self.image_size is not None:
             expected = (self.num_channels, *self.image_size) if self.num_channels is not None else None
-            if pixels.dim() != 4 or (expected is not None and tuple(pixels.shape[1:]) != expected) or (
-                    tuple(pixels.shape[2:]) != self.image_size):
+            # `interpolate_pos_encoding=True` runs the model at any resolution: then only the channels must match
+            any_size = bool(_flag(batch.get("interpolate_pos_encoding")))
+            if pixels.dim() != 4 or (expected is not None and (pixels.shape[1] != expected[0] if any_size else
+                                                               tuple(pixels.shape[1:]) != expected)) or (
+                    not any_size and tuple(pixels.shape[2:]) != self.image_size):
                 wanted = ", ".join(map(str, expected or ("channels", *self.image_size)))
                 raise CalibrationError(
                     f"calibration pixel_values have shape {tuple(pixels.shape)}, but the parents read (batch, "
