@@ -116,12 +116,9 @@ def shard_batches(
             total = min(total, num_samples)
         return iter_batches(part, batch_size=batch_size, num_samples=num_samples, columns=columns,
                             required=required, max_tokens=max_tokens, check=check), total
-    if world_size == 1:
-        return iter_batches(calibration, batch_size=batch_size, num_samples=num_samples, columns=columns,
-                            required=required, max_tokens=max_tokens, check=check), None
     batches = iter_batches(calibration, batch_size=batch_size, num_samples=num_samples, columns=columns,
                            required=required, max_tokens=max_tokens)
-    mine = itertools.islice(batches, rank, None, world_size)
+    mine = itertools.islice(batches, rank, None, world_size) if world_size > 1 else batches
     return (mine if check is None else _checked(mine, check)), None
 
 

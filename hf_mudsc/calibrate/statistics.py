@@ -175,10 +175,10 @@ class ModelInputCheck:
         if isinstance(pixels, torch.Tensor) and self.image_size is not None:
             expected = (self.num_channels, *self.image_size) if self.num_channels is not None else None
             # `interpolate_pos_encoding=True` runs the model at any resolution: then only the channels must match
-            any_size = bool(_flag(batch.get("interpolate_pos_encoding")))
-            if pixels.dim() != 4 or (expected is not None and (pixels.shape[1] != expected[0] if any_size else
-                                                               tuple(pixels.shape[1:]) != expected)) or (
-                    not any_size and tuple(pixels.shape[2:]) != self.image_size):
+            any_size = _flag(batch.get("interpolate_pos_encoding"))
+            channels_fit = pixels.dim() == 4 and self.num_channels in (None, pixels.shape[1])
+            size_fits = any_size or tuple(pixels.shape[2:]) == self.image_size
+            if not (channels_fit and size_fits):
                 wanted = ", ".join(map(str, expected or ("channels", *self.image_size)))
                 raise CalibrationError(
                     f"calibration pixel_values have shape {tuple(pixels.shape)}, but the parents read (batch, "
