@@ -22,6 +22,21 @@ def shown(value: Any) -> str:
     return _SHOWN.repr(value)
 
 
+def brief(error: BaseException, limit: int | None = 300) -> str:
+    """Another library's error text for one message line: whitespace folded, cut to `limit` characters (None: whole),
+    the error's type when it has no text. Library messages span screens and embed the value they choke on (a
+    processor showed every byte of a column's images: a 1.7 MB message)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if limit is None or len(text) <= limit else text[: limit - 4] + " ..."
+
+
+def first_line(error: BaseException, limit: int | None = 300) -> str:
+    """The first non-empty line of an error's text, cut like `brief`: for messages whose later lines are a
+    traceback, a URL or advice that does not apply here."""
+    line = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return brief(ValueError(line), limit) if line else type(error).__name__
+
+
 def option_hint(name: str) -> str:
     """How messages name an option, right from Python and the CLI alike: `text_column= (CLI: --text-column)`."""
     return f"{name}= (CLI: {flag(name)})"

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from hf_mudsc.calibrate.dataset_spec import FILE_BUILDERS, DatasetSpec
-from hf_mudsc.errors import CalibrationError, shown
+from hf_mudsc.errors import CalibrationError, brief, first_line, shown
 from hf_mudsc.load.processors import image_processor_of, tokenizer_of
 from hf_mudsc.options import check_option, flag, option_hint
 
@@ -190,7 +190,7 @@ def _load_split(parsed: DatasetSpec, streaming: bool, token: str | bool | None, 
             saved = datasets.load_from_disk(str(path))
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:  # pyarrow's errors are ValueErrors
             raise role.error(f"{role.names('dataset', str(parsed))} is a Dataset.save_to_disk folder that cannot "
-                             f"be read ({type(error).__name__}: {_brief(error)}); it is damaged or incomplete: save it "
+                             f"be read ({type(error).__name__}: {brief(error)}); it is damaged or incomplete: save it "
                              "again with Dataset.save_to_disk") from None
         return _refuse_empty(_saved_split(saved, parsed, role), str(parsed), role)
     use_streaming = streaming and not (parsed.split and "[" in parsed.split)
@@ -221,8 +221,8 @@ def _load_split(parsed: DatasetSpec, streaming: bool, token: str | bool | None, 
         loaded = datasets.load_dataset(*args, **kwargs)
     except ValueError as error:
         if "split" in str(error).lower():
-            raise role.error(f"{role.names('spec', str(parsed))}: {_brief(error)}") from error
-        raise role.error(f"cannot load {role.names('dataset', str(parsed))}: {_brief(error)}") from error
+            raise role.error(f"{role.names('spec', str(parsed))}: {brief(error)}") from error
+        raise role.error(f"cannot load {role.names('dataset', str(parsed))}: {brief(error)}") from error
     except StopIteration:  # a JSON builder finding no first record
         raise role.error(f"{role.names('dataset', str(parsed))} holds no rows: no samples to {role.purpose}; "
                          "pass data that holds examples") from None
@@ -243,7 +243,7 @@ def _load_split(parsed: DatasetSpec, streaming: bool, token: str | bool | None, 
                 "folder written by Dataset.save_to_disk") from error
         raise role.error(
             f"{role.names('dataset', str(parsed))} not found: it is no local folder or file, and the Hub could not "
-            f"provide it ({type(error).__name__}: {_brief(error)}); no columns found. Pass an existing path "
+            f"provide it ({type(error).__name__}: {brief(error)}); no columns found. Pass an existing path "
             "(e.g. an imagefolder or a save_to_disk folder) or a Hub dataset id as 'repo[:config]:split'"
         ) from error
     return _pick_split(loaded, parsed, role)
@@ -381,7 +381,7 @@ def _sliced(dataset: Any, slice_: str, parsed: DatasetSpec, role: DataRole = CAL
         instructions = datasets.ReadInstruction.from_spec(f"split{slice_}").to_absolute({"split": len(dataset)})
     except (ValueError, AssertionError) as error:
         raise role.error(f"{role.names('spec', str(parsed))}: the slice {slice_!r} cannot be read "
-                         f"({_brief(error)}); write it as datasets does, e.g. '[:100]', '[10:20]', '[-50:]' or "
+                         f"({brief(error)}); write it as datasets does, e.g. '[:100]', '[10:20]', '[-50:]' or "
                          "'[:10%]'") from None
     (instruction,) = instructions
     return dataset.select(range(instruction.from_, instruction.to), keep_in_memory=True)
@@ -431,7 +431,7 @@ class _Preprocessor:
                 fix = "" if role is CALIBRATION else f"; {role.fix}"
                 raise role.error(
                     f"{role.image_processor} ({type(self.image_processor).__name__}) cannot preprocess "
-                    f"column {self.image_column!r} of the {role.data}: {_brief(error)}{fix}"
+                    f"column {self.image_column!r} of the {role.data}: {brief(error)}{fix}"
                 ) from error
             out["pixel_values"] = _as_tensor(processed["pixel_values"])
         if self.text_column is not None:
@@ -598,10 +598,10 @@ def decoded_safely(chunks: Iterable[Any], source: str, error: type[ValueError] =
     try:
         yield from chunks
     except Image.DecompressionBombError as refusal:
-        raise error(f"an image of dataset {source!r} is too large to decode safely ({_brief(refusal)}); remove or "
+        raise error(f"an image of dataset {source!r} is too large to decode safely ({brief(refusal)}); remove or "
                     "shrink that image") from None
     except Image.UnidentifiedImageError as refusal:
-        raise error(f"an image of dataset {source!r} cannot be decoded ({_first_line(refusal)}): it is no image file "
+        raise error(f"an image of dataset {source!r} cannot be decoded ({first_line(refusal)}): it is no image file "
                     "Pillow reads; remove that row or re-encode the image as PNG or JPEG") from None
     except UnicodeDecodeError as refusal:
         raise error(f"dataset {source!r} is not UTF-8 text ({refusal}); re-encode it as UTF-8") from None
@@ -611,20 +611,8 @@ def decoded_safely(chunks: Iterable[Any], source: str, error: type[ValueError] =
     except (ValueError, OSError) as failure:  # a reader's refusal of the data (pandas' ParserError, pyarrow's ...)
         if isinstance(failure, error):
             raise
-        raise error(f"dataset {source!r} cannot be read ({type(failure).__name__}: {_brief(failure)}); fix or "
+        raise error(f"dataset {source!r} cannot be read ({type(failure).__name__}: {brief(failure)}); fix or "
                     "replace the data file") from None
-
-
-def _brief(error: BaseException, limit: int = 300) -> str:
-    """An exception's text for one message line: whitespace collapsed and cut to `limit` characters. Readers embed
-    the value they choke on (a processor showed every byte of a column's images: a 1.7 MB message)."""
-    text = " ".join(str(error).split())
-    return text if len(text) <= limit else text[: limit - 4] + " ..."
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def column_names(dataset: Any, source: str = "dataset", error: type[ValueError] = CalibrationError) -> list[str]:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from hf_mudsc._version import __version__
-from hf_mudsc.errors import UsageError
+from hf_mudsc.errors import UsageError, brief
 from hf_mudsc.load.references import HiddenCredentials, hide_tokens
 
 # Sub-command name -> module in hf_mudsc.cli exposing `add_arguments(parser)` and `run(args) -> int`.
@@ -228,7 +228,7 @@ def run_command(argv: list[str]) -> int:
         if not isinstance(error, MemoryError) and not OUT_OF_MEMORY.search(str(error)):
             raise
         logging.getLogger("hf_mudsc").debug("command failed", exc_info=True)
-        said = hide_tokens(" ".join(str(error).split()))
+        said = hide_tokens(brief(error, None))
         print(f"hf-mudsc {args.command}: error: out of memory{f' ({said[:300]})' if said else ''}; `hf-mudsc "
               "merge ... --dry-run` estimates the peak memory: use fewer parents, calibration samples or a "
               "smaller --batch-size", file=sys.stderr)

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import TypeVar
 
+from hf_mudsc.errors import brief, first_line
+
 T = TypeVar("T")
 
 
@@ -53,9 +55,8 @@ def hub_call(call: Callable[[], T], *, what: str, seconds: float | None, setting
             f"stalled or the connection is too slow: retry later, or allow more time with {setting}=<seconds>"
         ) from failure
     except http.TransportError as failure:
-        text = str(failure).strip()
-        detail = text.splitlines()[0].strip() if text else type(failure).__name__
-        raise error(f"{subject}the connection to the Hub dropped while {what} ({detail}); {then}") from failure
+        raise error(f"{subject}the connection to the Hub dropped while {what} ({first_line(failure)}); {then}"
+                    ) from failure
 
 
 # What to do about an HTTP answer, by status: the server's own words say what went wrong, not always the fix.
@@ -73,7 +74,7 @@ def hub_error_line(error: BaseException) -> str:
     from huggingface_hub.errors import HfHubHTTPError
 
     if not isinstance(error, HfHubHTTPError):
-        return " ".join(str(error).split()) or type(error).__name__
+        return brief(error, None)
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     first = lines[0] if lines else type(error).__name__
     said = " ".join((getattr(error, "server_message", None) or "").split()).rstrip(".")

@@ -26,7 +26,7 @@ import torch
 import transformers
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from hf_mudsc.errors import LoadError, MergeInputError, ParentMismatchError, shown
+from hf_mudsc.errors import LoadError, MergeInputError, ParentMismatchError, brief, first_line, shown
 from hf_mudsc.load.checks import (
     HEAD_CONFIG_KEYS,
     config_differences,
@@ -168,7 +168,7 @@ def meta_model(config: PretrainedConfig, cls: type[PreTrainedModel] | None = Non
     except (ArithmeticError, ValueError, TypeError, AttributeError, KeyError, IndexError) as error:
         name = reference or getattr(config, "_name_or_path", "") or cls.__name__
         raise LoadError(f"{name!r}: config.json describes no {cls.__name__} transformers can build "
-                        f"({type(error).__name__}: {_one_line(error)}); {CONFIG_FIX}") from error
+                        f"({type(error).__name__}: {first_line(error)}); {CONFIG_FIX}") from error
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -378,7 +378,7 @@ def check_weight_files(reference: str, folder: Path, weight_files: Sequence[str]
                 keys = list(opened.keys())
         except (SafetensorError, OSError, ValueError) as error:
             raise LoadError(
-                f"{reference!r}: {name} is not a valid safetensors file ({_one_line(error)}): it is truncated or "
+                f"{reference!r}: {name} is not a valid safetensors file ({first_line(error)}): it is truncated or "
                 "corrupt. Download it again (for a Hub model, delete it from the cache first) or re-save it with "
                 "save_pretrained"
             ) from error
@@ -396,12 +396,6 @@ def check_weight_files(reference: str, folder: Path, weight_files: Sequence[str]
                             "re-save it with save_pretrained")
 
 
-def _one_line(error: BaseException) -> str:
-    """The first line of an error message (library messages can span a screen)."""
-    text = str(error).strip()
-    return text.splitlines()[0].strip() if text else type(error).__name__
-
-
 def load_config(folder: Path, reference: str) -> PretrainedConfig:
     """A model folder's config, refused in one line (`LoadError`) as the loader refuses it: hostile counts and remote
     code before transformers reads it, anything transformers cannot read."""
@@ -411,9 +405,8 @@ def load_config(folder: Path, reference: str) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except (ValueError, OSError, KeyError, TypeError, AttributeError, StrictDataclassError) as error:
-        text = " ".join(str(error).split())  # one line: library messages span several
         raise LoadError(
-            f"cannot read the config of {reference!r}: {text[:400]}. Models that need custom code "
+            f"cannot read the config of {reference!r}: {brief(error, 400)}. Models that need custom code "
             "(trust_remote_code) are not supported"
         ) from error
 
@@ -497,7 +490,7 @@ def _hub_call(reference: str, call, *, what: str = "contacting the Hub",
                         then="retry the command (files downloaded completely stay in the cache and are not "
                              "fetched again)")
     except errors.RevisionNotFoundError as error:
-        raise LoadError(f"{reference!r}: the revision does not exist in the repository ({_one_line(error)}); "
+        raise LoadError(f"{reference!r}: the revision does not exist in the repository ({first_line(error)}); "
                         "use an existing branch, tag or commit sha") from error
     except errors.GatedRepoError as error:
         raise LoadError(f"{reference!r} is gated: accept its terms on the Hub and pass a token") from error
@@ -510,7 +503,7 @@ def _hub_call(reference: str, call, *, what: str = "contacting the Hub",
     except errors.HfHubHTTPError as error:
         raise LoadError(f"the Hub refused {reference!r} while {what}: {hub_error_line(error)}") from error
     except (OSError, ConnectionError) as error:
-        raise LoadError(f"{reference!r}: cannot reach the Hub while {what} ({_one_line(error)}); check the "
+        raise LoadError(f"{reference!r}: cannot reach the Hub while {what} ({first_line(error)}); check the "
                         "connection and retry the command") from error
 
 
@@ -952,7 +945,7 @@ def _load_weights(located: _Located) -> tuple[PreTrainedModel, list[str]]:
             "file; convert the checkpoint to safetensors from a trusted copy"
         ) from error
     except (SafetensorError, OSError, EOFError, RuntimeError) as error:
-        raise LoadError(f"{located.reference!r}: cannot read the weights in {name} ({_one_line(error)}); "
+        raise LoadError(f"{located.reference!r}: cannot read the weights in {name} ({first_line(error)}); "
                         "download them again or re-save the model with save_pretrained") from error
     problems = []
     missing, unused = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())

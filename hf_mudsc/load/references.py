@@ -12,7 +12,7 @@ import os
 import re
 from typing import TYPE_CHECKING, Any
 
-from hf_mudsc.errors import LoadError
+from hf_mudsc.errors import LoadError, brief
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def card_base_model(card_text: str | None) -> str | None:
         value = ModelCard(card_text, ignore_metadata_errors=True).data.to_dict().get("base_model")
     except (ValueError, yaml.YAMLError) as error:  # a front matter that is not YAML (or has Python tags) names none
         logger.warning("a parent's model card has front matter that is not valid YAML (%s): read as naming no "
-                       "base_model", " ".join(str(error).split())[:200])
+                       "base_model", brief(error, 200))
         return None
     if isinstance(value, list):
         value = value[0] if len(value) == 1 else None

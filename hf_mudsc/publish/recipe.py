@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from hf_mudsc._version import __version__
-from hf_mudsc.errors import MergeInputError, OptionError, RecipeError, option_hint, shown
+from hf_mudsc.errors import MergeInputError, OptionError, RecipeError, brief, option_hint, shown
 from hf_mudsc.load.references import TOKEN_FIX, is_object_reference, local_name, looks_like_token
 from hf_mudsc.methods import plugin_module
 from hf_mudsc.option_values import MATCHERS as MATCHERS  # re-exported: the CLI's --matcher choices
@@ -707,4 +707,4 @@ def yaml_error_line(error: Exception) -> str:
         mark = error.problem_mark or error.context_mark
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         return ", ".join(part for part in (error.context, error.problem) if part) + where
-    return " ".join(str(error).split())
+    return brief(error, None)

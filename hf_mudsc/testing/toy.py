@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hf_mudsc.errors import brief
+
 logger = logging.getLogger(__name__)
 
 #: Mean and std of the raw 0..16 pixel values of ``load_digits`` (all 1797 images).  Fixed constants
@@ -508,7 +510,7 @@ def _load_cached(path: Path) -> Any | None:
     try:
         model = ViTForImageClassification.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError, SafetensorError) as error:  # a file truncated or edited since it was cached
-        reason = " ".join(str(error).split())[:200]
+        reason = brief(error, 200)
         raise ValueError(f"the cached model {str(path)!r} cannot be loaded ({reason}); delete that folder to "
                          "train it again") from None
     return model.eval()
