@@ -9,6 +9,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from transformers import ViTConfig, ViTImageProcessor
 
@@ -231,3 +232,51 @@ def test_one_segment_of_a_text_pair_is_read_with_a_warning(caplog):
     assert stream.dataset.column_names == ["sentence1"]
     assert "reads one segment of the text pairs 'sentence1,sentence2'" in caplog.text, caplog.text
     assert "text_column='sentence1,sentence2' (CLI: --text-column sentence1,sentence2)" in caplog.text, caplog.text
+
+
+GRADIENT = np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16)
+
+
+def pixels_of(column: list, processor: ViTImageProcessor | None = None, numpy: bool = False) -> torch.Tensor:
+    dataset = datasets.Dataset.from_dict({"image": column})
+    dataset = dataset.with_format("numpy") if numpy else dataset
+    stream = resolve_calibration(dataset, [processor or vit_processor()], model_config=VIT)
+    return next(iter(stream))["pixel_values"][0]
+
+
+def expected_pixels(unit: np.ndarray) -> torch.Tensor:
+    """What the processor makes of the 8-bit RGB image of `unit` (values in 0..1, H x W)."""
+    image = Image.fromarray(np.round(unit * 255).astype(np.uint8)).convert("RGB")
+    return vit_processor()(images=[image], return_tensors="pt")["pixel_values"][0]
+
+
+@pytest.mark.parametrize("numpy_format", [False, True])
+@pytest.mark.parametrize("name,array", [
+    ("float 0..1, H x W x 3", np.repeat(GRADIENT[..., None], 3, axis=2)),
+    ("float 0..1, 3 x H x W", np.repeat(GRADIENT[None], 3, axis=0)),
+    ("float 0..1, H x W", GRADIENT),
+    ("float 0..255, H x W x 3", np.repeat(GRADIENT[..., None], 3, axis=2) * 255),
+    ("uint8, H x W", np.round(GRADIENT * 255).astype(np.uint8)),
+    ("uint16 full range, H x W x 3", np.repeat(np.round(GRADIENT[..., None] * 255).astype(np.uint16) * 257, 3, 2)),
+])
+def test_images_given_as_arrays_are_read_by_the_rule_images_are_read_by(name, array, numpy_format):
+    """Arrays are read like images of the same values: float pixels in 0..1 were rescaled by 1/255 again (a
+    constant image, silently), grayscale arrays were refused, 16-bit arrays refused."""
+    pixels = pixels_of([array] * 2, numpy=numpy_format)
+    assert float(pixels.std()) > 0.3, name
+    assert float((pixels - expected_pixels(GRADIENT)).abs().max()) <= 2 / 255 / 0.5 + 1e-6, name
+
+
+def test_an_array_image_outside_every_pixel_range_is_refused_in_one_line():
+    with pytest.raises(CalibrationError, match=r"column 'image'.*-3.*200") as caught:
+        pixels_of([np.linspace(-3, 200, 256, dtype=np.float32).reshape(16, 16)] * 2)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_processor_that_does_not_rescale_gets_float_arrays_as_given():
+    """`do_rescale=False`: the processor expects pixels already in its range; an array is not touched."""
+    processor = ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                                  do_rescale=False)
+    array = np.repeat(GRADIENT[..., None], 3, axis=2)
+    pixels = pixels_of([array] * 2, processor)
+    assert float((pixels - expected_pixels(GRADIENT)).abs().max()) <= 1e-5

@@ -454,13 +454,19 @@ class _Preprocessor:
 
     def _image(self, image: Any) -> Any:
         """PIL images converted to the model's channel count (grayscale data for an RGB model and back); 16-bit,
-        32-bit and float images are first brought to 8 bits (`eight_bit`), which `convert` would clip to white."""
+        32-bit and float images are first brought to 8 bits (`eight_bit`), which `convert` would clip to white;
+        arrays become the PIL images of their values (`array_image`) unless the processor does not rescale."""
         convert = getattr(image, "convert", None)
         if convert is None:
             if isinstance(image, Mapping) and "bytes" in image:  # a stream that declared no features
                 raise self.role.error(image_structs(self.image_column, self.role))
-            return np.asarray(image)
-        if image.mode.startswith("I") or image.mode == "F":
+            if not getattr(self.image_processor, "do_rescale", True):  # it expects pixels already in its range
+                return np.asarray(image)
+            image = array_image(image, self.image_column, self.role)
+            if not hasattr(image, "convert"):
+                return image
+            convert = image.convert
+        elif image.mode.startswith("I") or image.mode == "F":
             image = eight_bit(image, self.image_column, self.role)
             convert = image.convert
         if self.num_channels == 1 and image.mode != "L":
@@ -468,6 +474,41 @@ class _Preprocessor:
         if self.num_channels in (3, None) and image.mode != "RGB":
             return convert("RGB")
         return image
+
+
+def array_image(array: Any, column: str | None, role: DataRole = CALIBRATION) -> Any:
+    """An image given as an array (a column of nested lists, numpy or torch; H x W, H x W x C or C x H x W with 1, 3
+    or 4 channels) as the 8-bit PIL image of the same values, so that it is read as an image file would be: the
+    processor rescales arrays by 1/255 whatever their range, so float pixels in 0..1 became a constant image, and it
+    refuses grayscale (H x W) and 16-bit arrays. Values by `eight_bit`'s rule: floats in 0..1 are a fraction of full
+    scale, integers and floats in 0..255 are 8-bit values, `uint16` and other integers in 0..65535 16-bit ones;
+    anything else is refused. Any other shape is returned as an array (the processor says what it cannot read)."""
+    from PIL import Image
+
+    values = np.asarray(array)
+    if values.ndim == 3 and values.shape[-1] not in (1, 3, 4) and values.shape[0] in (1, 3, 4):
+        values = np.moveaxis(values, 0, -1)  # channels first (torchvision's layout)
+    if values.ndim == 3 and values.shape[-1] == 1:
+        values = values[..., 0]
+    if values.dtype.kind not in "biuf" or values.size == 0 or not (
+            values.ndim == 2 or (values.ndim == 3 and values.shape[-1] in (3, 4))):
+        return values
+    low, high = float(values.min()), float(values.max())
+    if values.dtype.kind == "b":
+        scale = 1 / 255
+    elif values.dtype == np.uint16 or (values.dtype.kind in "iu" and low >= 0 and 255 < high <= 65535):
+        scale = 257.0
+    elif values.dtype.kind == "f" and low >= 0 and high <= 1:
+        scale = 1 / 255
+    elif low >= 0 and high <= 255:
+        scale = 1.0
+    else:
+        raise role.error(
+            f"column {column!r} of the {role.data} holds an image array ({values.dtype}) with values {low:g}..{high:g},"
+            " outside 0..1 (floats), 0..255 (8 bits) and 0..65535 (16 bits), with no sound rule to read it as pixels; "
+            "map the images to 8 bits yourself (e.g. uint8 arrays or PIL images)")
+    pixels = np.clip(np.round(values.astype(np.float64) / scale), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels)  # uint8 H x W, H x W x 3, H x W x 4: modes L, RGB, RGBA
 
 
 def eight_bit(image: Any, column: str | None, role: DataRole = CALIBRATION) -> Any:
