@@ -541,8 +541,10 @@ def merge(
     # `alpha="auto"` hands the method 0.5 until the search below sets each candidate.
     method_options = handed_options(merge_options, count)
     used_options = merge_method.used_options(method_options)
+    option_warnings: list[str] = []  # options that change nothing, said for the method that finally merges
     if unconfirmed is None:  # (else once the solve has decided the method)
-        _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value, spec.inputs)
+        option_warnings = _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value,
+                                       spec.inputs)
     calibration_name = given_calibration_name if needs_data else None
     # alpha="auto" (docs/design.md §4.4): only for a method that matches units on activations and reads α.
     auto_alpha = alpha_searched(merge_method, merge_options, count)
@@ -594,7 +596,8 @@ def merge(
         logger.info("method auto: %s", choice_reason)
         unconfirmed = None
         refit_value, refitting, used_options, auto_alpha = settled(merge_method)
-        _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value, spec.inputs)
+        option_warnings = _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value,
+                                       spec.inputs)
     held_out = alpha_scorer = None
     statistics_data, statistics_samples = calibration, num_samples
     if auto_alpha:  # every 5th example is held out to score the candidate merges; the rest feed the statistics
@@ -663,7 +666,8 @@ def merge(
             context, left_out = context_for(merge_method)
             del result  # the solve's merged weights are not held while the same-base method runs
             result = merge_method.merge_parameters(context)
-        _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value, spec.inputs)
+        option_warnings = _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value,
+                                       spec.inputs)
     if auto_alpha:
         from hf_mudsc.apply.fidelity import FidelityScorer, search_alpha
 
@@ -715,7 +719,8 @@ def merge(
     advice = advice_warnings(relation.relation, relation_text, None)
     for text in report.warnings:
         logger.warning("%s", text, extra={ADVICE: text in advice})
-    report.warnings += [text for text in input_check.warnings if text not in report.warnings]  # logged when found
+    report.warnings += [text for text in option_warnings + input_check.warnings
+                        if text not in report.warnings]  # logged when found
     if count == 2:  # the diagnostics describe a two-parent unit matching (None when no unit was matched)
         report.diagnostics = compute_diagnostics(
             matching_spec, params[0], params[1], report.matches, correlations, alpha=result.similarity_alpha,
@@ -884,23 +889,27 @@ def _check_data(method: MergeMethod, calibration: Any, count: int, chosen: str |
 
 
 def _warn_unused(options: MergeOptions, used: Mapping[str, Any], method: MergeMethod, calibration: Any, count: int,
-                 refit_value: str, inputs: Sequence[str] = ()) -> None:
+                 refit_value: str, inputs: Sequence[str] = ()) -> list[str]:
     """Say which options change nothing (`diagnostics.unread_options_warning`, `inert_options_warnings`), and that
-    `reference_compat=True` has no reference merge to reproduce with a method that matches no units."""
+    `reference_compat=True` has no reference merge to reproduce with a method that matches no units; returns the
+    texts said, which the merge records with its other warnings."""
     reads_data = _reads_data(method, refit_value in REFITTING)
     unread = unread_options_warning(options, used, method.name, read=method.read_as_default(options))
     advice = advice_warnings(None, None, unread_data_warning(method.name, reads_data=reads_data,
                                                              has_data=calibration is not None), unread)
-    for text in filter(None, [unread, *inert_options_warnings(
+    said = [text for text in [unread, *inert_options_warnings(
             options, method=method.name, reads_base=method.needs_base_model, reads_data=reads_data,
             has_data=calibration is not None, refit=refit_value, pairs_heads=method.pairs_attention_heads,
-            inputs=inputs)]):
+            inputs=inputs)] if text]
+    for text in said:
         logger.warning("%s", text, extra={ADVICE: text in advice})
     if reference_compat_unread(method, options):
         without = _refits(dataclasses.replace(options, reference_compat=False), method, calibration, count)
         effect = f": it only turned the refit off (refit {without!r} otherwise)" if without != refit_value else ""
-        logger.warning("method %s matches no units, so %s has no reference merge to reproduce%s; pass method='mudsc' "
-                       "for the reference's merge", method.name, option_hint("reference_compat"), effect)
+        said.append(f"method {method.name} matches no units, so {option_hint('reference_compat')} has no reference "
+                    f"merge to reproduce{effect}; pass method='mudsc' for the reference's merge")
+        logger.warning("%s", said[-1])
+    return said
 
 
 def _correspondence_checker(relation: ParentRelation, chosen: MergeMethod, options: MergeOptions, calibration: Any,

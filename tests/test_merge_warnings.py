@@ -351,3 +351,22 @@ def test_parents_with_different_tokenizers_are_warned_about_in_config_and_card(c
     found = [text for text in merged.config.mudsc["warnings"] if "tokenizer" in text]
     assert len(found) == 1 and found[0].startswith("the parents' tokenizers differ (lower-casing)"), found
     assert logged.count(found[0]) == 1 and found[0] in _card(merged, tmp_path)
+
+
+@pytest.mark.parametrize("method,options,said", [
+    ("zipit", {"alpha": 0.3}, "method zipit does not read alpha= (CLI: --alpha)"),
+    ("linear", {"base": "parent"}, "does not read the base"),
+    ("mudsc", {"refit": "none", "refit_lambda": 0.1}, "refit_lambda= (CLI: --refit-lambda) has no effect"),
+])
+def test_an_option_that_changes_nothing_is_recorded_like_every_warning(caplog, tmp_path, method, options, said):
+    """The options a merge does not read were only logged: `config.mudsc["warnings"]`, the report and the card,
+    which list every other warning of the merge, did not hold them."""
+    base = _named(make_model("vit_cls", seed=0))
+    parents = [_named(fine_tune(base, 1, 0.02)), _named(fine_tune(base, 2, 0.02))]
+    options = {k: (base if v == "parent" else v) for k, v in options.items()}
+    merged, logged = _merge(parents, make_batches("vit_cls", 2, 4), caplog, method=method, **options)
+    found = [text for text in merged.config.mudsc["warnings"] if said in text]
+    assert len(found) == 1, merged.config.mudsc["warnings"]
+    assert found[0] in logged and logged.count(found[0]) == 1
+    assert found == [text for text in merged.merge_report.warnings if said in text]
+    assert found[0] in _card(merged, tmp_path)
