@@ -833,11 +833,22 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         warnings.insert(0, relation_warning("same model", method))
     handed = handed_options(options, len(models))
     if automatic:  # options no method `auto` may choose reads: the merge will say so of the one it chooses
+        possible = possible_methods(has_data=calibration is not None, has_base=options.base is not None)
         unread = [set(unread_options(options, m.used_options(handed), read=m.read_as_default(options)))
-                  for m in possible_methods(has_data=calibration is not None, has_base=options.base is not None)]
+                  for m in possible]
         common = [name for name in unread_options(options, {}) if unread and all(name in u for u in unread)]
         if text := unread_warning(common, "auto (whichever method it chooses)"):
             warnings.append(text)
+        inert = [inert_options_warnings(options, method=m.name, reads_base=m.needs_base_model,
+                                        reads_data=m.needs_calibration or m.needs_data or planned in REFITTING,
+                                        has_data=calibration is not None, refit=planned,
+                                        pairs_heads=m.pairs_attention_heads, inputs=spec.inputs)
+                 for m, planned in ((m, resolve_refit(options.refit, matches_units=m.matches_units,
+                                                      has_data=calibration is not None, num_parents=len(models),
+                                                      reference_compat=bool(options.reference_compat),
+                                                      reads_data=m.needs_data, weights=options.weights))
+                                    for m in possible)]
+        warnings += [text for text in inert[0] if all(text in other for other in inert[1:])] if inert else []
     else:  # what the merge will say of options that change nothing, said before it runs
         warnings += [text for text in (unread_options_warning(options, method.used_options(handed), method.name,
                                                               read=method.read_as_default(options)),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_runs import run_cli
-from factories import make_batches, make_model
+from factories import fine_tune, make_batches, make_model
 from test_cli import save_parents_and_data
 
 import hf_mudsc
@@ -209,3 +209,23 @@ def test_the_batch_size_is_recorded_in_the_config_and_the_card(pair, tmp_path):
     dataless = hf_mudsc.merge(pair, method="weight_matching", progress=False)
     card = (hf_mudsc.save_merged(dataless, tmp_path / "d") / "README.md").read_text()
     assert "Calibration batch size" not in card
+
+
+@pytest.mark.parametrize("data,options,said", [
+    (True, {"refit": "none", "refit_lambda": 0.1}, "refit_lambda= (CLI: --refit-lambda) has no effect"),
+    (False, {"num_samples": 16}, "num_samples= (CLI: --num-samples) has no effect"),
+])
+def test_the_plan_of_auto_says_an_inert_option_changes_nothing_as_the_merge_does(pair, caplog, data, options, said):
+    """The plan of `method="auto"` named only options no choice reads; a setting for a part of the merge that runs
+    for no choice (a refit setting with refit="none", a calibration setting without data) was said by the merge
+    only."""
+    batches = make_batches("vit_cls", num_batches=2) if data else None
+    if not data:  # without data, auto merges fine-tunes of one base (parents from two inits need data)
+        base = make_model("vit_cls", seed=0)
+        pair = [fine_tune(base, 1, 0.02), fine_tune(base, 2, 0.02)]
+    plan = hf_mudsc.merge(pair, batches, dry_run=True, progress=False, **options)
+    assert [w for w in plan.warnings if said in w], plan.warnings
+    merged = hf_mudsc.merge(pair, batches, progress=False, **options)
+    assert [w for w in merged.config.mudsc["warnings"] if said in w], merged.config.mudsc["warnings"]
+    plain = hf_mudsc.merge(pair, batches, dry_run=True, progress=False)
+    assert not [w for w in plain.warnings if "no effect" in w], plain.warnings
