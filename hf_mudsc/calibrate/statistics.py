@@ -109,7 +109,6 @@ def _truncate(batch: dict[str, Any], size: int) -> dict[str, Any]:
     return {k: (v[:size] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in batch.items()}
 
 
-_PREPROCESS = "preprocess the images with the parents' image processor (or pass raw images, which are)"
 
 
 def _flag(value: Any) -> bool:
@@ -133,10 +132,16 @@ class ModelInputCheck:
     num_channels: int | None = None
     image_size: tuple[int, int] | None = None
     warnings: list[str] = field(default_factory=list)
+    data: str = "calibration"
+    """What messages call the data (`evaluation`: evaluate's inputs are checked alike)."""
+    models: str = "the parents"
+    """Whose config and processor the messages name (`the model`)."""
+    error: type[Exception] = CalibrationError
 
     @classmethod
-    def of(cls, config: Any) -> ModelInputCheck:
-        """From a parent's config (CLIP: the text config's vocabulary, the vision config's image size)."""
+    def of(cls, config: Any, **naming: Any) -> ModelInputCheck:
+        """From a parent's config (CLIP: the text config's vocabulary, the vision config's image size); `naming`:
+        `data`, `models`, `error` for another use of the check than calibration."""
         text = getattr(config, "text_config", None) or config
         vision = getattr(config, "vision_config", None) or config
 
@@ -149,7 +154,15 @@ class ModelInputCheck:
                 else tuple(size) if isinstance(size, (list, tuple)) and len(size) == 2 else None)
         has_images = side is not None
         return cls(vocab_size=number(text, "vocab_size"), pad_token_id=number(text, "pad_token_id"),
-                   num_channels=number(vision, "num_channels") if has_images else None, image_size=side)
+                   num_channels=number(vision, "num_channels") if has_images else None, image_size=side, **naming)
+
+    @property
+    def _whose(self) -> str:
+        return f"{self.models}'" if self.models.endswith("s") else f"{self.models}'s"
+
+    @property
+    def _preprocess(self) -> str:
+        return f"preprocess the images with {self._whose} image processor (or pass raw images, which are)"
 
     def _say(self, text: str) -> None:
         if text not in self.warnings:
@@ -161,14 +174,14 @@ class ModelInputCheck:
         if isinstance(ids, torch.Tensor) and ids.numel() and not ids.is_floating_point():
             largest = int(ids.max())
             if self.vocab_size is not None and largest >= self.vocab_size:
-                raise CalibrationError(
-                    f"calibration input_ids hold token id {largest}, but the parents' vocabulary has "
-                    f"{self.vocab_size} tokens (config vocab_size): tokenize the text with the parents' tokenizer "
+                raise self.error(
+                    f"{self.data} input_ids hold token id {largest}, but {self._whose} vocabulary has "
+                    f"{self.vocab_size} tokens (config vocab_size): tokenize the text with {self._whose} tokenizer "
                     "(or pass raw text, which is)")
             if (self.pad_token_id is not None and batch.get("attention_mask") is None
                     and bool((ids == self.pad_token_id).any())):
-                self._say(f"calibration input_ids hold the parents' pad token id {self.pad_token_id} but no "
-                          "attention_mask, so those positions count as tokens in the statistics (no mask is "
+                self._say(f"{self.data} input_ids hold {self._whose} pad token id {self.pad_token_id} but no "
+                          "attention_mask, so those positions are read as real tokens (no mask is "
                           "inferred: the id may be a real token); pass attention_mask with the input_ids (the "
                           "tokenizer returns one), or raw text")
         pixels = batch.get("pixel_values")
@@ -180,12 +193,14 @@ class ModelInputCheck:
             size_fits = any_size or tuple(pixels.shape[2:]) == self.image_size
             if not (channels_fit and size_fits):
                 wanted = ", ".join(map(str, expected or ("channels", *self.image_size)))
-                raise CalibrationError(
-                    f"calibration pixel_values have shape {tuple(pixels.shape)}, but the parents read (batch, "
-                    f"{wanted}) (config num_channels, image_size): {_PREPROCESS}")
+                reads = "read" if self.models.endswith("s") else "reads"
+                raise self.error(
+                    f"{self.data} pixel_values have shape {tuple(pixels.shape)}, but {self.models} {reads} (batch, "
+                    f"{wanted}) (config num_channels, image_size): {self._preprocess}")
             if pixels.dtype == torch.uint8:
-                self._say("calibration pixel_values are uint8 (unnormalised 0..255 pixels): the parents take float "
-                          f"pixel values normalised by their image processor; {_PREPROCESS}")
+                take = "take" if self.models.endswith("s") else "takes"
+                self._say(f"{self.data} pixel_values are uint8 (unnormalised 0..255 pixels): {self.models} {take} "
+                          f"float pixel values normalised by {self._whose} image processor; {self._preprocess}")
 
 
 def iter_batches(

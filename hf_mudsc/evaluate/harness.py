@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hf_mudsc.calibrate.statistics import ModelInputCheck
 from hf_mudsc.errors import EvaluationError
 from hf_mudsc.evaluate.batches import task_batches
 from hf_mudsc.evaluate.metrics import compute_metric, load_metric
@@ -345,6 +346,12 @@ def _predict(models: Sequence[Any], groups: Mapping[int, int], scorers: Sequence
     counts: dict[str, int] = {}
     preprocessed = False
     failure: Exception | None = None
+    # Each processor's inputs checked against the config of the first model reading them, before any forward, as
+    # calibration data is: ids past the vocabulary failed inside the embedding ("index out of range in self").
+    checks: dict[int, ModelInputCheck] = {}
+    for model in models:
+        checks.setdefault(groups[id(model)], ModelInputCheck.of(model.config, data="evaluation", models="the model",
+                                                                error=EvaluationError))
     try:
         # Each module in eval mode and none of the caller's hooks run: the scores are the models' as their weights
         # define them; every module's mode and hooks come back afterwards (`load.objects.held_as_given`).
@@ -361,6 +368,8 @@ def _predict(models: Sequence[Any], groups: Mapping[int, int], scorers: Sequence
                     for per_processor, raw in batches:
                         labels = local_labels(raw, source, task, layout.class_names[task])
                         seen += len(labels)
+                        for index, check in checks.items():
+                            check(per_processor[index])
                         cache: dict[int, torch.Tensor] = {}
                         inputs = ModelInputs(per_processor, groups)
                         for scorer in scorers:
