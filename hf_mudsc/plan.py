@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, NamedTuple
 
 from hf_mudsc.options import AUTO, REFITTING, MergeOptions, option_hint, resolve_refit
 
@@ -652,23 +652,35 @@ def meta_model(config: Any) -> Any:
     return built(config)
 
 
-def header_facts(parent: Any, *, token: str | bool | None) -> tuple[int | None, list[str]]:
-    """(tensor data bytes, dtypes) from the safetensors headers of a located parent; (None, []) without them.
+class HeaderFacts(NamedTuple):
+    """What a located parent's safetensors headers say."""
+
+    data_bytes: int | None
+    """Bytes of tensor data; None without headers."""
+    dtypes: list[str]
+    """The stored dtypes (safetensors names: `F32`, `BF16`)."""
+    keys: list[str] | None = None
+    """Every stored tensor's key, read from the Hub's headers (a local folder's are read by the loader's checks)."""
+
+
+def header_facts(parent: Any, *, token: str | bool | None) -> HeaderFacts:
+    """What the safetensors headers of a located parent say; `HeaderFacts(None, [])` without them.
 
     Hub parents: `get_safetensors_metadata` (a HEAD and a ranged GET of each file's first bytes); local folders
     and cached snapshots: `safe_open`, which maps the file and reads its header only."""
     files = [f for f in parent.weight_files if f.endswith((".safetensors", ".safetensors.index.json"))]
     if not files:
-        return None, []
+        return HeaderFacts(None, [])
     from huggingface_hub import constants
 
     if parent.repo_id is not None and not constants.HF_HUB_OFFLINE:
         from huggingface_hub import HfApi
 
         metadata = HfApi().get_safetensors_metadata(parent.repo_id, revision=parent.commit_sha, token=token)
-        infos = [t for f in metadata.files_metadata.values() for t in f.tensors.values()]
-        return (sum(t.data_offsets[1] - t.data_offsets[0] for t in infos), sorted({t.dtype for t in infos}))
-    return _local_header_facts(parent.folder, files)
+        tensors = {key: t for f in metadata.files_metadata.values() for key, t in f.tensors.items()}
+        return HeaderFacts(sum(t.data_offsets[1] - t.data_offsets[0] for t in tensors.values()),
+                           sorted({t.dtype for t in tensors.values()}), list(tensors))
+    return HeaderFacts(*_local_header_facts(parent.folder, files))
 
 
 def _local_header_facts(folder: Any, files: Sequence[str]) -> tuple[int | None, list[str]]:
@@ -726,7 +738,7 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         unread_warning,
     )
     from hf_mudsc.errors import MergeInputError
-    from hf_mudsc.load.parents import dtype_description, locate_parents, unloaded
+    from hf_mudsc.load.parents import check_parameter_names, dtype_description, locate_parents, unloaded
     from hf_mudsc.load.relation import parent_label
     from hf_mudsc.methods.auto import (
         ALPHA_HANDED,
@@ -758,12 +770,15 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     # parent A, model objects (in memory already) and parents not streamed are held whole, as `memory_floor` counts
     whole = 1 + sum(_held_whole(unloaded(parent), streaming) for parent in located[1:])
     parents, models_meta = [], []
+    header_keys: list[list[str] | None] = []
     for parent in located:
         model = parent.model if parent.model is not None else (parent.loaded.model if parent.loaded else None)
         if model is None:
             model = meta_model(parent.config)
         models_meta.append(model)
-        data_bytes, dtypes = header_facts(parent, token=token) if parent.folder is not None else (None, [])
+        facts = header_facts(parent, token=token) if parent.folder is not None else HeaderFacts(None, [])
+        data_bytes, dtypes = facts.data_bytes, facts.dtypes
+        header_keys.append(facts.keys)
         logger.debug("%s: %s, weight files %s, %s bytes of tensor data %s", parent.reference,
                      parent.commit_sha or "local", parent.weight_files, data_bytes, dtypes)
         if model.device.type != "meta" and not dtypes:
@@ -772,6 +787,8 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
             reference=parent.reference, repo_id=parent.repo_id, commit_sha=parent.commit_sha,
             architecture=type(model).__name__, num_parameters=sum(p.numel() for p in model.parameters()),
             weight_files=list(parent.weight_files), weight_bytes=data_bytes, dtypes=dtypes))
+    if any(keys is not None for keys in header_keys):  # Hub parents' names, from the headers just read
+        check_parameter_names(located, keys=header_keys)
     out_dtype, out_dtype_reason = resolve_out_dtype(
         options.out_dtype, [dtype_description(TORCH_DTYPE_NAMES.get(d, d) for d in p.dtypes) for p in parents],
         [parent_label(i) for i in range(len(parents))], [parent.model is not None for parent in located])

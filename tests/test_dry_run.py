@@ -547,3 +547,22 @@ def test_the_dry_run_counts_the_data_pass_of_a_method_that_reads_the_data(method
     work = lambda estimate: estimate.data_pass_seconds * estimate.matmul_flops_per_second  # noqa: E731 - the probe varies
     assert work(alone.estimate) == pytest.approx(work(plan.estimate))
     assert alone.estimate.refit_seconds == 0 and "reads no data" not in str(alone)
+
+
+def test_the_dry_run_refuses_hub_encoders_one_with_a_pooler_from_their_headers(local_hub, tmp_path):
+    """Hub parents' parameter names were compared only once their weights were downloaded: the dry run of a bare
+    encoder with its pooler and one without said nothing, and the merge then refused. The headers it already reads
+    name every tensor."""
+    hub = local_hub
+    for repo, kind in (("user/encoder", "vit"), ("user/encoder-nopool", "vit_nopool")):
+        make_model(kind, seed=0).save_pretrained(tmp_path / repo)
+        hub.upload_folder(repo, tmp_path / repo)
+    with pytest.raises(MergeInputError) as caught:
+        hf_mudsc.merge(["user/encoder", "user/encoder-nopool"], method="average", dry_run=True, progress=False)
+    message = str(caught.value)
+    assert message.startswith("parent A ('user/encoder') has a pooler ('pooler.dense') and parent B "
+                              "('user/encoder-nopool') has none"), message
+    for request in (r for r in hub.requests if r.path.endswith(".safetensors") and r.method == "GET"):
+        assert request.headers.get("range", "").startswith("bytes=0-"), request.path  # headers only
+    plan = hf_mudsc.merge(["user/encoder", "user/encoder"], method="average", dry_run=True, progress=False)
+    assert [p.reference for p in plan.parents] == ["user/encoder", "user/encoder"]

@@ -607,11 +607,12 @@ def check_configs(located: Sequence[_Located]) -> None:
             )
 
 
-def held_parameters(located: _Located) -> list[str] | None:
+def held_parameters(located: _Located, keys: Sequence[str] | None = None) -> list[str] | None:
     """The parameter names a located parent has once loaded, in its model's order, from what is known before its
     weights are read: a model object's or `LoadedParent`'s own, else its safetensors headers (named as
     `from_pretrained` names them: `lazy.stored_keys`) — a bare encoder saved without its pooler is read without one
-    (`_load_weights`). None when not known yet or left to the loader: a Hub checkpoint not downloaded, pickle
+    (`_load_weights`). `keys`: the stored keys when already read elsewhere (a dry run reads a Hub checkpoint's
+    headers over HTTP). None when not known yet or left to the loader: a Hub checkpoint not downloaded, pickle
     weights, a checkpoint lacking more than a pooler (`_load_weights` refuses it, naming the tensors)."""
     from hf_mudsc.load.lazy import checkpoint_keys, safetensors_files, stored_keys
 
@@ -621,27 +622,30 @@ def held_parameters(located: _Located) -> list[str] | None:
         return [name for name, _ in located.model.named_parameters()]
     if located.folder is None or located.config is None or located.use_pickle or located.read_as is not None:
         return None
-    files = safetensors_files(located.folder)
-    if not files or not all(file.is_file() for file in files):
-        return None
-    model = meta_model(located.config, reference=located.reference)
-    keys = stored_keys(model, checkpoint_keys(files))
     if keys is None:
+        files = safetensors_files(located.folder)
+        if not files or not all(file.is_file() for file in files):
+            return None
+        keys = checkpoint_keys(files)
+    model = meta_model(located.config, reference=located.reference)
+    named = stored_keys(model, keys)
+    if named is None:
         return None
     names = [name for name, _ in model.named_parameters()]
-    missing = [name for name in names if name not in keys]
+    missing = [name for name in names if name not in named]
     if missing and not _saved_without_pooler(type(model), missing, (), ()):
         return None
-    return [name for name in names if name in keys]
+    return [name for name in names if name in named]
 
 
-def check_parameter_names(located: Sequence[_Located]) -> bool:
+def check_parameter_names(located: Sequence[_Located], keys: Sequence[Sequence[str] | None] | None = None) -> bool:
     """Refuse parents of one class and configuration whose parameters differ (constructor choices a config does not
     record: a bare encoder with its pooler and one built with `add_pooling_layer=False`), in one line naming the first
     module that differs, before any weights are loaded: the merge failed on a tensor only parent A holds, or dropped
     one only another parent holds. Returns whether every parent's names were known (`held_parameters`); the loaders
-    check again once the weights are fetched, before reading them (a Hub parent's headers come with its weights)."""
-    names = [held_parameters(parent) for parent in located]
+    check again once the weights are fetched, before reading them (a Hub parent's headers come with its weights).
+    `keys`: each parent's stored tensor keys when read elsewhere (None entries: read here)."""
+    names = [held_parameters(parent, None if keys is None else keys[index]) for index, parent in enumerate(located)]
     first = names[0]
     for index, (other, held) in enumerate(zip(located[1:], names[1:]), start=1):
         if first is None or held is None:
