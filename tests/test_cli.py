@@ -569,6 +569,7 @@ def test_an_auto_choice_made_on_other_parents_is_refused_in_one_line_before_load
 
 
 INTERRUPTED = re.compile(r"^hf-mudsc (\w+): interrupted \(Ctrl-C\); nothing was left half-written$")
+TERMINATED = re.compile(r"^hf-mudsc (\w+): interrupted \(SIGTERM\); nothing was left half-written$")
 
 
 @pytest.mark.parametrize("argv", [["merge", "a", "b", "--output", "o"], ["push", "d", "org/name"],
@@ -586,8 +587,13 @@ def test_ctrl_c_in_any_command_is_one_line_and_exit_130(argv, monkeypatch, capsy
     assert len(err.strip().splitlines()) == 1 and INTERRUPTED.match(err.strip())[1] == argv[0], err
 
 
-def test_ctrl_c_during_a_merge_exits_130_in_one_line_and_leaves_no_folder(inputs, tmp_path):
-    """SIGINT to a real `hf-mudsc merge` while it writes its output (held there by a slowed writer)."""
+@pytest.mark.parametrize("signals,code,said", [
+    (("SIGINT",), 130, INTERRUPTED),
+    (("SIGTERM",), 143, TERMINATED),  # QA s23: timeout, docker stop, Slurm: exit -15, no line, a .partial left
+    (("SIGINT", "SIGTERM"), 130, INTERRUPTED),  # torchrun's Ctrl-C: SIGINT, then SIGTERM 2 ms later
+])
+def test_ctrl_c_during_a_merge_exits_130_in_one_line_and_leaves_no_folder(inputs, tmp_path, signals, code, said):
+    """SIGINT or SIGTERM to a real `hf-mudsc merge` while it writes its output (held there by a slowed writer)."""
     import signal
     import subprocess
     import sys
@@ -614,7 +620,8 @@ def test_ctrl_c_during_a_merge_exits_130_in_one_line_and_leaves_no_folder(inputs
         # A test of the suite's process may have left SIGINT ignored or blocked (inherited through exec, it would
         # make this merge deaf to Ctrl-C): the child starts as a shell's command does.
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              preexec_fn=interruptible)
@@ -624,13 +631,16 @@ def test_ctrl_c_during_a_merge_exits_130_in_one_line_and_leaves_no_folder(inputs
             time.sleep(0.1)
         assert ready.exists(), child.communicate()[1] if child.poll() is not None else "the merge never wrote"
         assert any(out.parent.iterdir())  # the staging folder, half-way
-        child.send_signal(signal.SIGINT)
+        for index, name in enumerate(signals):
+            if index:
+                time.sleep(0.002)
+            child.send_signal(getattr(signal, name))
         _, err = child.communicate(timeout=60)
     finally:
         if child.poll() is None:
             child.kill()
-    assert child.returncode == 130, err
-    assert len(err.strip().splitlines()) == 1 and INTERRUPTED.match(err.strip()), err
+    assert child.returncode == code, err
+    assert len(err.strip().splitlines()) == 1 and said.match(err.strip()), err
     assert list(out.parent.iterdir()) == []  # no output, no staging folder
 
 

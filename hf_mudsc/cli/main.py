@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
 import re
 import sys
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Iterator, Sequence
+from typing import Any, NoReturn
 
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import UsageError, brief
@@ -177,14 +178,59 @@ def stdout_reader_gone() -> bool:
         return True
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, `docker stop`, Slurm, torchrun passing on Ctrl-C), raised where the command runs: a
+    KeyboardInterrupt, so every cleanup Ctrl-C runs (staged folders removed, parents restored) runs for it too."""
+
+
+# The exit status of a command stopped by SIGTERM: 128 + 15, what a shell reports for a process it killed.
+TERMINATED_EXIT = 143
+
+
+@contextlib.contextmanager
+def interrupts_as_exceptions(command: str | None) -> Iterator[None]:
+    """While a command runs, SIGTERM raises `Terminated` as Ctrl-C raises KeyboardInterrupt (by default SIGTERM ends
+    the process on the spot: no line, staging folders left). Once either has been raised, later SIGINTs and SIGTERMs
+    are ignored, so the cleanup runs to its end (torchrun sends SIGTERM 2 ms after passing on a Ctrl-C). Handlers
+    someone else set (an ignored SIGINT inherited by a background job, a host program's) are left alone, and so is
+    `serve`, whose server handles its own signals; the previous handlers come back afterwards."""
+    import signal
+    import threading
+
+    if command == "serve" or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopping = False
+
+    def on_signal(number: int, frame: Any) -> None:
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        raise Terminated if number == signal.SIGTERM else KeyboardInterrupt
+
+    replaced = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    own = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    for number, previous in replaced.items():
+        if previous is own[number]:
+            signal.signal(number, on_signal)
+    try:
+        yield
+    finally:
+        for number, previous in replaced.items():
+            if previous is own[number]:
+                signal.signal(number, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; Ctrl-C ends it in one line (exit 130), not a traceback: every writer stages its output
-    and renames it into place (`publish.folder`), so an interrupted run has left nothing half-written. A reader
-    of its output that went away (`| head -1`) ends it quietly (exit 141)."""
+    """Run one command; Ctrl-C ends it in one line (exit 130), and SIGTERM too (exit 143), not a traceback: every
+    writer stages its output and renames it into place (`publish.folder`), so an interrupted run has left nothing
+    half-written. A reader of its output that went away (`| head -1`) ends it quietly (exit 141)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        code = run_command(argv)
-        sys.stdout.flush()  # a closed reader is found here, not in the flush at exit (a traceback nobody catches)
+        with interrupts_as_exceptions(command_in(argv)):
+            code = run_command(argv)
+            sys.stdout.flush()  # a closed reader is found here, not in the flush at exit (a traceback nobody catches)
         return code
     except BrokenPipeError:
         if not stdout_reader_gone():
@@ -192,11 +238,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Quiet, as coreutils: stdout points at /dev/null so that the interpreter's last flush has nowhere to fail.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())
         return BROKEN_PIPE_EXIT
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         logging.getLogger("hf_mudsc").debug("interrupted", exc_info=True)
         prog = " ".join(["hf-mudsc", *filter(None, [command_in(argv)])])
-        print(f"{prog}: interrupted (Ctrl-C); nothing was left half-written", file=sys.stderr)
-        return INTERRUPTED_EXIT
+        how = "SIGTERM" if isinstance(interrupt, Terminated) else "Ctrl-C"
+        print(f"{prog}: interrupted ({how}); nothing was left half-written", file=sys.stderr)
+        return TERMINATED_EXIT if isinstance(interrupt, Terminated) else INTERRUPTED_EXIT
 
 
 def run_command(argv: list[str]) -> int:
