@@ -612,7 +612,11 @@ def merge(
             statistics_dtype=statistics_dtype, device=run_device, others=loaded[2:], check=input_check,
         )
     if not is_main_process():
-        logger.info("statistics shared with the main process, which solves and builds the merged model")
+        if accumulators is not None:
+            logger.info("statistics shared with the main process, which solves and builds the merged model")
+        else:  # the method's own data passes (regmean, fisher) are not sharded: this process had nothing to do
+            logger.info("method %s reads its calibration data on the main process alone; this process had no share "
+                        "of the work", merge_method.name)
         return None
 
     report = MergeReport(method=merge_method.name, matcher=used_options.get("matcher"),

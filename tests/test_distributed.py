@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import datasets
 import pytest
 import torch
@@ -65,6 +67,21 @@ def _two_process_run(out_dir):
     result = {"rank": rank, "world_size": world_size, "main": is_main_process()}
     result["statistics"] = {name: statistics(model_a, model_b, c, n) for name, (c, n) in scenarios().items()}
     result["merged"] = merged_state(model_a, model_b)
+    said: list[str] = []  # what regmean's run logs on this process (its own data pass is not sharded)
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: said.append(record.getMessage())
+    library = logging.getLogger("hf_mudsc")
+    level = library.level
+    library.setLevel(logging.INFO)
+    library.addHandler(handler)
+    try:
+        regmean = hf_mudsc.merge([model_a, model_b], pixel_dataset(), method="regmean", refit="none", batch_size=8,
+                                 progress=False)
+    finally:
+        library.removeHandler(handler)
+        library.setLevel(level)
+    result["regmean"] = None if regmean is None else {k: v.clone() for k, v in regmean.state_dict().items()}
+    result["regmean_log"] = said
     # A batch that only rank 1 sees is broken: both processes must raise instead of waiting forever.
     broken = make_batches("vit_cls", num_batches=2, batch_size=4)
     broken[1]["pixel_values"] = broken[1]["pixel_values"][:, :, :8]
@@ -145,3 +162,17 @@ def test_failure_on_one_process_stops_both(two_process_results):
     main, other = two_process_results
     assert other["error"] and "pixel_values have shape (4, 1, 8, 16)" in other["error"]  # refused before a forward
     assert main["error"] and "another process" in main["error"]
+
+
+def test_a_method_reading_its_own_data_says_the_other_processes_had_no_share(two_process_results):
+    """QA s23: under a launcher, regmean's and fisher's own pass runs on the main process alone, while the others
+    logged "statistics shared with the main process" without reading any data."""
+    main, other = two_process_results
+    assert other["regmean"] is None and main["regmean"] is not None
+    assert not [line for line in other["regmean_log"] if "statistics shared" in line], other["regmean_log"]
+    assert [line for line in other["regmean_log"]
+            if "method regmean reads its calibration data on the main process alone" in line], other["regmean_log"]
+    single = hf_mudsc.merge(list(parents()), pixel_dataset(), method="regmean", refit="none", batch_size=8,
+                            progress=False)
+    for key, value in single.state_dict().items():
+        assert torch.equal(main["regmean"][key], value), key
