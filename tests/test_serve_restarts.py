@@ -270,7 +270,8 @@ def test_the_writers_rename_is_a_cancel_point_an_orphan_discards_its_folder(tmp_
     assert any("moving it into place" in m[1] for m in pipe.sent if m[0] == "log")
 
 
-def test_a_cancel_in_the_load_phase_ends_the_worker_at_once(monkeypatch):
+@pytest.mark.parametrize("phase", ["load", None])  # None: a dry run, which never writes
+def test_a_cancel_in_the_load_phase_ends_the_worker_at_once(monkeypatch, phase):
     """Locating 20,000 parents has no cancel point: a DELETE waited 30 s for the kill."""
     exits: list[int] = []
 
@@ -281,7 +282,8 @@ def test_a_cancel_in_the_load_phase_ends_the_worker_at_once(monkeypatch):
     monkeypatch.setattr(os, "_exit", fake_exit)
     pipe = Pipe(incoming=["cancel"])
     reporter = Reporter(pipe, None, calibrates=False, pushes=False)
-    reporter.enter("load")
+    if phase:
+        reporter.enter(phase)
     with pytest.raises(SystemExit):
         worker.watch_pipe(pipe, reporter)
     assert exits == [4] and pipe.sent[-1] == ("done", "cancelled", "cancelled on request; nothing was written or "

@@ -46,18 +46,15 @@ def port_number(text: str) -> int:
 def check_port(host: str, port: int) -> None:
     """Bind `host:port` once and let it go, before the job store is opened: a port in use or an address this
     machine does not have is one line, not uvicorn's traceback after the store was recovered."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except (OSError, UnicodeError) as error:
-        raise ValueError(f"--host {host!r} is not an address of this machine ({error}); pass e.g. 127.0.0.1") from None
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn binds
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind(address)
-        except OSError as error:
-            raise ValueError(f"cannot listen on {host}:{port} ({error.strerror or error}): another server may be "
-                             "using that port; pass another --port (or --host)") from None
+            probe.bind((host, port))
+        except (OSError, UnicodeError) as error:
+            said = getattr(error, "strerror", None) or error
+            raise ValueError(f"cannot listen on {host}:{port} ({said}): another server may be using that port, or "
+                             "the address is not this machine's; pass another --port (or --host)") from None
 
 
 def check_output_root(output_root: Path) -> None:

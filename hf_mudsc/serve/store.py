@@ -1,9 +1,12 @@
 """The job store: one SQLite file (`jobs.sqlite3`) under `--state-dir`, through the standard library.
 
-Only the web process writes it (workers report through a pipe), so there is one writer and SQLite's own
-locking is never contended across processes. What it holds: each job's request (recipe keys, destination,
-`dry_run`), status, progress, phase, error, result and log lines, and whether a Hub token came with the job —
-never the token itself (tokens live in the scheduler's memory only; docs/design.md §11).
+Only the web process writes it (workers report through a pipe), and one server at a time runs on a state directory
+(`lock_state_dir`: a second refuses before it opens the store), so there is one writer and SQLite's own locking is
+never contended across processes. A row that cannot be read is shown failed with the reason, never a 500.
+
+What it holds: each job's request (recipe keys, destination, `dry_run`), status, progress, phase, error, result and
+log lines, and whether a Hub token came with the job — never the token itself (tokens live in the scheduler's memory
+only; docs/design.md §11).
 """
 
 from __future__ import annotations

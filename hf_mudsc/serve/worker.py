@@ -23,8 +23,8 @@ If the web process dies (the pipe closes), the worker cancels itself the same wa
 finished folder into place is the last cancel point (`Reporter.before_rename`): an orphan discards its staging
 folder there instead of leaving a model in an output its restarted service says was never written.
 
-A cancel in the load phase (parents located and read; nothing written yet but the Hub cache's own atomic downloads)
-ends the worker at once, after reporting it: locating thousands of parents has no cancel point of its own.
+A cancel in the load phase or of a dry run (parents located and read; nothing written but the Hub cache's own atomic
+downloads) ends the worker at once, after reporting it: locating thousands of parents has no cancel point of its own.
 
 A job's failure is one line in its error and its log; its traceback goes to the server's log only (at debug level
 for the errors hf-mudsc raises on purpose for a bad input, `EXPECTED`; at error level for any other): the page shows
@@ -201,13 +201,13 @@ def watch_pipe(conn: Any, reporter: Reporter) -> None:
             message = conn.recv()
         except (EOFError, OSError):
             reporter.cancel.set()
-            if reporter.phase == "load":  # nothing written yet: an orphan stops now
+            if reporter.phase in (None, "load"):  # nothing written yet: an orphan stops now
                 os._exit(3)
             time.sleep(ORPHAN_GRACE_S)
             os._exit(3)
         if message == "cancel":
             reporter.cancel.set()
-            if reporter.phase == "load":  # nothing written yet, and perhaps no cancel point for long: stop now
+            if reporter.phase in (None, "load"):  # nothing written yet (a dry run never writes): stop now
                 reporter.send(("done", "cancelled", "cancelled on request; nothing was written or pushed", None))
                 with reporter._lock:  # no other message after the final one
                     os._exit(4)
