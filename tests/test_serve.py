@@ -1278,9 +1278,9 @@ def test_the_serve_bounds_are_flags_with_documented_defaults_checked_in_one_line
     served = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))
     parser = build_parser(available=["serve"])
-    assert run(parser.parse_args(["serve", "--state-dir", str(tmp_path / "s"), flag, "7"])) == 0
+    assert run(parser.parse_args(["serve", "--port", "0", "--state-dir", str(tmp_path / "s"), flag, "7"])) == 0
     assert getattr(served[0].state, attribute) == 7
-    assert run(parser.parse_args(["serve", "--state-dir", str(tmp_path / "s")])) == 0
+    assert run(parser.parse_args(["serve", "--port", "0", "--state-dir", str(tmp_path / "s")])) == 0
     assert getattr(served[1].state, attribute) == {"max_queued": MAX_QUEUED, "max_jobs": MAX_JOBS}[attribute] == default
     with pytest.raises(ValueError, match=rf"^{flag} must be at least 1, got 0$"):
         run(parser.parse_args(["serve", "--state-dir", str(tmp_path / "s"), flag, "0"]))
@@ -1379,7 +1379,7 @@ def test_local_root_is_a_repeatable_serve_flag_naming_existing_folders(server_di
     served = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))
     parser = build_parser(available=["serve"])
-    state = ["serve", "--state-dir", str(tmp_path / "s")]
+    state = ["serve", "--port", "0", "--state-dir", str(tmp_path / "s")]
     assert run(parser.parse_args([*state, "--local-root", str(root), "--local-root", "outside"])) == 0
     assert served[0].state.local_roots == (root.resolve(), outside.resolve())
     assert run(parser.parse_args(state)) == 0 and served[1].state.local_roots == ()
@@ -1401,7 +1401,7 @@ def test_an_api_key_on_the_command_line_is_warned_about_and_never_logged(tmp_pat
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))
     monkeypatch.delenv(API_KEY_ENV, raising=False)
     parser = build_parser(available=["serve"])
-    state = ["serve", "--state-dir", str(tmp_path / "s")]
+    state = ["serve", "--port", "0", "--state-dir", str(tmp_path / "s")]
     with caplog.at_level(logging.INFO, logger="hf_mudsc"):
         assert run(parser.parse_args([*state, "--api-key", key])) == 0
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

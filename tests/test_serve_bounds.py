@@ -126,7 +126,7 @@ def test_serve_bounds_what_uvicorn_reads_before_the_app(tmp_path, monkeypatch):
     settings = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: settings.append(kwargs))
     parser = build_parser(available=["serve"])
-    assert run(parser.parse_args(["serve", "--state-dir", str(tmp_path / "s")])) == 0
+    assert run(parser.parse_args(["serve", "--port", "0", "--state-dir", str(tmp_path / "s")])) == 0
     assert settings[0]["timeout_keep_alive"] == KEEP_ALIVE_S <= 10
     assert settings[0]["h11_max_incomplete_event_size"] == HEADER_MAX_BYTES <= 64 << 10
     # The cap is h11's (with httptools installed, uvicorn would pick that): the protocol is uvicorn's h11 one.

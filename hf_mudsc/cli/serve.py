@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
 from hf_mudsc.serve import HEADER_MAX_BYTES, is_loopback
-from hf_mudsc.serve.store import MAX_JOBS, MAX_QUEUED
+from hf_mudsc.serve.store import MAX_JOBS, MAX_QUEUED, lock_state_dir
 
 API_KEY_ENV = "HF_MUDSC_API_KEY"
 # What uvicorn reads before the app sees a request, set here rather than left to its defaults of the day: an idle
@@ -31,10 +32,44 @@ KEEP_ALIVE_S = 5
 logger = logging.getLogger(__name__)
 
 
+def port_number(text: str) -> int:
+    """`--port`: a TCP port, 0 (any free one) to 65535; anything else is refused by argument parsing, in one line."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number: pass 1 to 65535, e.g. --port 8000") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number: pass 1 to 65535, e.g. --port 8000")
+    return port
+
+
+def check_port(host: str, port: int) -> None:
+    """Bind `host:port` once and let it go, before the job store is opened: a port in use or an address this
+    machine does not have is one line, not uvicorn's traceback after the store was recovered."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn binds
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except (OSError, UnicodeError) as error:
+            said = getattr(error, "strerror", None) or error
+            raise ValueError(f"cannot listen on {host}:{port} ({said}): another server may be using that port, or "
+                             "the address is not this machine's; pass another --port (or --host)") from None
+
+
+def check_output_root(output_root: Path) -> None:
+    """An output root that is a file, or a symbolic link to nothing, is one line naming it (mkdir would say
+    `[Errno 17] File exists`)."""
+    if os.path.lexists(output_root) and not output_root.is_dir():
+        kind = "a symbolic link to nothing" if output_root.is_symlink() and not output_root.exists() else "not a folder"
+        raise ValueError(f"the output root {str(output_root)!r} is {kind}: pass --output-root DIR, a folder (created "
+                         "if missing) where the jobs' output folders go")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind; anything but a loopback address needs --api-key")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument("--port", type=port_number, default=8000, help="port to listen on (1 to 65535)")
     parser.add_argument("--state-dir", default="hf-mudsc-serve", metavar="DIR",
                         help="where the job store (SQLite) and, by default, the output folders live; jobs "
                         "survive a restart with the same folder")
@@ -101,10 +136,16 @@ def run(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as missing:
         raise ValueError(f"`hf-mudsc serve` needs {missing.name}: pip install fastapi uvicorn (the serve extra; from "
                          "a clone of hf-mudsc: pip install -e \".[serve]\")") from None
-    app = create_app(args.state_dir, workers=args.workers, api_key=api_key,
-                     output_root=getattr(args, "output_root", None), max_queued=args.max_queued,
-                     max_jobs=args.max_jobs, local_roots=local_roots)
-    logger.info("serving on http://%s:%d (state in %s)", args.host, args.port, args.state_dir)
-    redact_tokens_in_server_logs()
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True, **server_settings())
+    # The state directory's lock first: a second server on it refuses before it touches the store (the live one's
+    # jobs), then the port, before the store is opened and recovered.
+    with lock_state_dir(args.state_dir):
+        output_root = getattr(args, "output_root", None)
+        check_output_root(Path(output_root).expanduser().absolute() if output_root
+                          else Path(args.state_dir).expanduser().absolute() / "outputs")
+        check_port(args.host, args.port)
+        app = create_app(args.state_dir, workers=args.workers, api_key=api_key, output_root=output_root,
+                         max_queued=args.max_queued, max_jobs=args.max_jobs, local_roots=local_roots)
+        logger.info("serving on http://%s:%d (state in %s)", args.host, args.port, args.state_dir)
+        redact_tokens_in_server_logs()
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True, **server_settings())
     return 0

@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -61,6 +62,8 @@ _KNOWN_LIMIT = 4096  # a long-running service forgets them all now and then: the
 # File times advance in ticks (a few ms; 1-2 s on some filesystems): a file changed this shortly before it was
 # hashed could change again within the same tick without its times showing it.
 _SETTLED_NS = 2 * 10**9
+# What `staged_output` calls right before renaming a complete staging folder into place (`checked_rename`).
+_RENAME_CHECK: ContextVar[Callable[[], None] | None] = ContextVar("hf_mudsc_rename_check", default=None)
 
 
 def check_output(
@@ -412,6 +415,18 @@ def clean_leftovers(output: str | os.PathLike) -> list[Path]:
 
 
 @contextmanager
+def checked_rename(check: Callable[[], None]) -> Iterator[None]:
+    """Within the block, `check()` runs right before a staged output is renamed into place: the last moment a run
+    can still stop and leave nothing behind. Whatever it raises discards the staging folder and leaves the output
+    untouched (the service's worker raises there once its server is gone or a cancel came: `serve.worker`)."""
+    token = _RENAME_CHECK.set(check)
+    try:
+        yield
+    finally:
+        _RENAME_CHECK.reset(token)
+
+
+@contextmanager
 def staged_output(
     output: str | os.PathLike | None,
     *,
@@ -455,6 +470,9 @@ def staged_output(
         yield staging
         if target is not None:
             record_files(staging)
+            check = _RENAME_CHECK.get()
+            if check is not None:
+                check()
             _move_into_place(staging, target, overwrite=overwrite, keep_existing=keep_existing)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

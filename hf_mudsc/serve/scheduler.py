@@ -10,18 +10,20 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from hf_mudsc.errors import RecipeError
 from hf_mudsc.publish.folder import clean_leftovers
-from hf_mudsc.serve.store import RESTARTED_RUNNING, STOPPED_RUNNING, JobStore
+from hf_mudsc.serve.store import RESTARTED_RUNNING, STOPPED_RUNNING, JobStore, StateLock, lock_state_dir
 
 logger = logging.getLogger(__name__)
 
 EXIT_GRACE_S = 30.0  # a worker that has reported its end gets this long to exit before it is killed
 CANCEL_GRACE_S = 30.0  # a running job that ignores a cancel this long (stuck outside a cancel point) is killed
+STOP_GRACE_S = 10.0  # on the way down, the running jobs get this long to stop at a cancel point before a kill
 
 
 # What the forkserver imports once, so a job's process starts in milliseconds instead of re-importing torch.
@@ -49,6 +51,7 @@ class Running:
     requested: bool = False  # a client asked for the cancel (DELETE); otherwise the service is stopping
     finished: bool = False
     timer: threading.Timer | None = field(default=None, repr=False)
+    follower: threading.Thread | None = field(default=None, repr=False)  # copies its pipe into the store
 
 
 class Scheduler:
@@ -74,9 +77,13 @@ class Scheduler:
         self._wake = threading.Event()
         self._stopping = False
         self._later: threading.Timer | None = None  # the second clean-up after a restart (`start`)
+        self._state_lock: StateLock | None = None
         self._thread = threading.Thread(target=self._loop, daemon=True, name="hf-mudsc-scheduler")
 
     def start(self) -> None:
+        """Recover the store after a restart and start running its queue, once this process holds the state
+        directory's lock (`store.lock_state_dir`: `StateDirBusyError` while another server runs on it)."""
+        self._state_lock = lock_state_dir(self.store.state_dir)
         marked = self.store.recover()
         if marked:
             logger.warning("marked %d job(s) failed after a restart: %s", len(marked), ", ".join(marked))
@@ -96,7 +103,9 @@ class Scheduler:
         self._thread.start()
 
     def stop(self) -> None:
-        """Cancel running jobs (they stop at their next cancel point) and wait a little for them."""
+        """Cancel running jobs (they stop at their next cancel point), wait a little for them (`STOP_GRACE_S`, then
+        kill), and record each as failed (`STOPPED_RUNNING`) before the store closes — a job still starting too:
+        none is left "running" in the store of a service that is gone."""
         if self._later is not None:
             self._later.cancel()  # the store closes after this
         with self._lock:
@@ -105,11 +114,26 @@ class Scheduler:
         self._wake.set()
         for job_id, run in running:
             self._send_cancel(job_id, run)
+        deadline = time.monotonic() + STOP_GRACE_S
+        if self._thread.is_alive():  # a job it is starting gets its process (and the cancel) first
+            self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            running = list(self.running.items())
         for _, run in running:
             if run.process is not None:
-                run.process.join(timeout=10)
+                run.process.join(timeout=max(0.0, deadline - time.monotonic()))
                 if run.process.is_alive():
                     run.process.kill()
+        for job_id, run in running:
+            if run.follower is not None:
+                run.follower.join(timeout=EXIT_GRACE_S)
+            try:
+                if self.store.finish_if_active(job_id, "failed", STOPPED_RUNNING):
+                    logger.warning("job %s: failed, the service stopped while it ran", job_id)
+            except Exception:  # noqa: BLE001 - the store refuses: logged, the restart's recovery fails it
+                logger.exception("job %s: could not record that the service stopped it", job_id)
+        if self._state_lock is not None:
+            self._state_lock.release()
 
     # ------------------------------------------------------------------ requests
     def submit(self, job_id: str, token: str | None) -> None:
@@ -151,37 +175,63 @@ class Scheduler:
 
     # ------------------------------------------------------------------ running
     def _loop(self) -> None:
+        """The scheduler thread: start queued jobs while workers are free. Nothing one job's record or start does
+        ends it (a dead thread would leave every later job queued forever): an error is logged, and the job it came
+        from failed, and the queue is looked at again a second later."""
         while True:
             self._wake.wait(timeout=1.0)
             self._wake.clear()
-            while True:
-                with self._lock:
-                    if self._stopping or len(self.running) >= self.workers:
-                        break
-                    job = next((j for j in map(self.store.get, self.store.queued()[:1]) if j), None)
-                    if job is None:
-                        break
-                    job_id = job["id"]
-                    token = self.tokens.pop(job_id, None)
-                    self.store.update(job_id, status="running", phase=None if job["dry_run"] else "load",
-                                      progress=0.0)
-                    run = Running(None, None)
-                    self.running[job_id] = run
-                try:
-                    request = job["request"] if self.admit is None else self.admit(job["request"])
-                    self._start(job_id, request, run, token)
-                except RecipeError as refused:
-                    self.store.update(job_id, status="failed", error=f"refused when it was about to start: {refused}")
-                    with self._lock:
-                        self.running.pop(job_id, None)
-                except Exception as error:  # noqa: BLE001 - a job that cannot start fails; the service stays up
-                    logger.exception("job %s could not start", job_id)
-                    self.store.update(job_id, status="failed", error=f"the worker could not start: {error}")
-                    with self._lock:
-                        self.running.pop(job_id, None)
-                del token
+            try:
+                self._start_queued()
+            except Exception:  # noqa: BLE001 - the store failed outside any one job: logged, tried again
+                logger.exception("the scheduler could not read the queue; it tries again in a second")
             if self._stopping:
                 return
+
+    def _next_queued(self) -> dict[str, Any] | None:
+        """The oldest queued job whose record can be read; one that cannot be is failed (`store.get` shows it
+        failed, `JobStore.mark_unreadable`) and skipped."""
+        for job_id in self.store.queued():
+            try:
+                job = self.store.get(job_id)
+            except Exception as error:  # noqa: BLE001 - any store error on one row: that job fails, not the queue
+                logger.exception("job %s: its record cannot be read", job_id)
+                self.store.mark_unreadable(job_id, f"{type(error).__name__}: {error}")
+                continue
+            if job is not None and job["status"] == "queued":
+                return job
+        return None
+
+    def _start_queued(self) -> None:
+        while True:
+            with self._lock:
+                if self._stopping or len(self.running) >= self.workers:
+                    return
+                job = self._next_queued()
+                if job is None:
+                    return
+                job_id = job["id"]
+                token = self.tokens.pop(job_id, None)
+                run = Running(None, None)
+                self.running[job_id] = run
+            try:
+                self.store.update(job_id, status="running", phase=None if job["dry_run"] else "load", progress=0.0)
+                request = job["request"] if self.admit is None else self.admit(job["request"])
+                self._start(job_id, request, run, token)
+            except RecipeError as refused:
+                self._fail_start(job_id, f"refused when it was about to start: {refused}")
+            except Exception as error:  # noqa: BLE001 - a job that cannot start fails; the service stays up
+                logger.exception("job %s could not start", job_id)
+                self._fail_start(job_id, f"the worker could not start: {error}")
+            del token
+
+    def _fail_start(self, job_id: str, error: str) -> None:
+        """A job that never got a worker: failed, its slot freed (even if the store refuses the write)."""
+        try:
+            self.store.update(job_id, status="failed", error=error)
+        finally:
+            with self._lock:
+                self.running.pop(job_id, None)
 
     def _start(self, job_id: str, request: dict[str, Any], run: Running, token: str | None) -> None:
         """Start the job's worker process, hand it the token through its pipe, follow it."""
@@ -196,7 +246,8 @@ class Scheduler:
         with self._lock:
             run.process, run.conn = process, parent_end
             cancelled = run.cancelled
-        threading.Thread(target=self._follow, args=(job_id, run), daemon=True, name=f"follow-{job_id}").start()
+        run.follower = threading.Thread(target=self._follow, args=(job_id, run), daemon=True, name=f"follow-{job_id}")
+        run.follower.start()
         if cancelled:
             self._send_cancel(job_id, run)
 
@@ -287,7 +338,9 @@ class Scheduler:
             if pending:
                 self.store.append_log(job_id, pending)
                 pending = []
-            if kind == "phase":
+            if kind == "traceback":  # the server's log only: a job's log is shown to clients
+                logger.log(int(message[1]), "job %s failed:\n%s", job_id, message[2])
+            elif kind == "phase":
                 self.store.update(job_id, phase=message[1], progress=float(message[2]))
             elif kind == "done":
                 final = message

@@ -1,15 +1,19 @@
 """The job store: one SQLite file (`jobs.sqlite3`) under `--state-dir`, through the standard library.
 
-Only the web process writes it (workers report through a pipe), so there is one writer and SQLite's own
-locking is never contended across processes. What it holds: each job's request (recipe keys, destination,
-`dry_run`), status, progress, phase, error, result and log lines, and whether a Hub token came with the job —
-never the token itself (tokens live in the scheduler's memory only; docs/design.md §11).
+Only the web process writes it (workers report through a pipe), and one server at a time runs on a state directory
+(`lock_state_dir`: a second refuses before it opens the store), so there is one writer and SQLite's own locking is
+never contended across processes. A row that cannot be read is shown failed with the reason, never a 500.
+
+What it holds: each job's request (recipe keys, destination, `dry_run`), status, progress, phase, error, result and
+log lines, and whether a Hub token came with the job — never the token itself (tokens live in the scheduler's memory
+only; docs/design.md §11).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import uuid
@@ -21,6 +25,8 @@ from typing import Any, NamedTuple
 logger = logging.getLogger(__name__)
 
 STORE_FILENAME = "jobs.sqlite3"
+# The lock one server holds on its state directory for its whole life (`lock_state_dir`): the file holds its pid.
+LOCK_FILENAME = "serve.lock"
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 ACTIVE = ("queued", "running")
 PHASES = ("load", "calibrate", "solve", "apply", "build", "publish")
@@ -52,6 +58,9 @@ STOPPED_RUNNING = ("the service stopped (it was shut down) while this job was ru
                    "push, so nothing was written or pushed — resubmit the job")
 RESTARTED_TOKEN = ("the service restarted before this job ran, and Hub tokens are held in memory only: "
                    "resubmit with a token")
+
+UNREADABLE_ROW = ("the service could not read this job's stored record ({problem}); it was marked failed and will not "
+                  "run — resubmit the job")
 
 FREE_IT = "wait for it to finish or cancel it (DELETE /api/jobs/{id}), or choose another destination"
 
@@ -94,6 +103,103 @@ class QueueFullError(Exception):
     """`max_queued` jobs are already waiting for a worker (HTTP 429)."""
 
 
+class StateDirBusyError(ValueError):
+    """Another live server holds the state directory's lock: a second one would rewrite its jobs (one line)."""
+
+
+class StateLock:
+    """An exclusive lock on a state directory, held by ONE server for its whole life (`lock_state_dir`).
+
+    Two servers on one `--state-dir` would both run its queue, and the second's restart recovery would fail the first's
+    running jobs (freeing their outputs for other jobs while they are still written). An OS lock (`flock`) is released
+    by the kernel when its process dies however it dies, so a crashed server never leaves a stale lock. Within one
+    process the lock is counted (the CLI takes it before the store is opened, the scheduler again before recovery)."""
+
+    _held: dict[Path, list[Any]] = {}  # resolved directory -> [file object, count], this process's locks
+    _guard = threading.Lock()
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.key = state_dir.resolve()
+        self.released = False
+
+    def release(self) -> None:
+        """Give the lock back (the last holder in this process unlocks it); a second call does nothing."""
+        if self.released:
+            return
+        self.released = True
+        with StateLock._guard:
+            entry = StateLock._held.get(self.key)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] == 0:
+                del StateLock._held[self.key]
+                entry[0].close()  # closing the file drops its flock
+
+    def __enter__(self) -> StateLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def prepare_state_dir(state_dir: str | os.PathLike) -> Path:
+    """The state directory, created if missing; one line (`StoreError`) when it cannot be: a file, a dangling
+    symlink, a folder without write access."""
+    folder = Path(state_dir).expanduser().absolute()
+    shown = str(folder)
+    if os.path.lexists(folder) and not folder.is_dir():
+        kind = "a symbolic link to nothing" if folder.is_symlink() and not folder.exists() else "not a folder"
+        raise StoreError(f"--state-dir {shown!r} is {kind}: pass a folder (it is created if missing) where the job "
+                         "store and the outputs may live")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise StoreError(f"--state-dir {shown!r} cannot be created ({error.strerror or error}): pass a folder you "
+                         "can write to") from None
+    return folder
+
+
+def lock_state_dir(state_dir: str | os.PathLike) -> StateLock:
+    """Take the state directory's lock (`StateLock`) or refuse in one line naming the directory and the server (its
+    pid) that holds it, before the store is opened: a second server must not touch a live server's jobs."""
+    folder = prepare_state_dir(state_dir)
+    lock = StateLock(folder)
+    with StateLock._guard:
+        entry = StateLock._held.get(lock.key)
+        if entry is not None:  # this process holds it already (the CLI, then the scheduler)
+            entry[1] += 1
+            return lock
+        path = folder / LOCK_FILENAME
+        try:
+            handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the server's life
+        except OSError as error:
+            raise StoreError(f"--state-dir {str(folder)!r}: cannot open its lock file {LOCK_FILENAME} "
+                             f"({error.strerror or error}); pass a folder you can write to") from None
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no OS lock; run one server per --state-dir
+            logger.warning("cannot lock %s on this system: run one server per --state-dir", folder)
+        else:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.seek(0)
+                holder = handle.read().strip()
+                handle.close()
+                raise StateDirBusyError(
+                    f"--state-dir {str(folder)!r} is in use by another running hf-mudsc serve"
+                    + (f" (pid {holder})" if holder.isdigit() else "")
+                    + "; stop that server first, or pass another --state-dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        StateLock._held[lock.key] = [handle, 1]
+    return lock
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -102,11 +208,10 @@ class JobStore:
     """Jobs and their logs in SQLite; thread-safe within the web process (one connection, one lock)."""
 
     def __init__(self, state_dir: str | Path) -> None:
-        self.state_dir = Path(state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir = prepare_state_dir(state_dir)
         self.path = self.state_dir / STORE_FILENAME
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db = _connect(self.path)
         self._db.row_factory = sqlite3.Row
         with self._lock:
             try:  # a damaged file fails here (or in the check), not in every request later
@@ -129,6 +234,13 @@ class JobStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def mark_unreadable(self, job_id: str, problem: str) -> bool:
+        """Fail a queued or running job whose record cannot be read (`UNREADABLE_ROW`): once, logged."""
+        marked = self.finish_if_active(job_id, "failed", UNREADABLE_ROW.format(problem=problem))
+        if marked:
+            logger.error("job %s: its stored record cannot be read (%s); marked failed", job_id, problem)
+        return marked
 
     # ------------------------------------------------------------------ writes
     def add(self, request: dict[str, Any], *, output: str | None, repo_id: str | None, dry_run: bool,
@@ -195,7 +307,7 @@ class JobStore:
         if output is not None:
             for row in self._db.execute("SELECT id, status, inputs FROM jobs WHERE inputs IS NOT NULL AND "
                                         "status IN (?, ?)", ACTIVE):
-                if any(_overlap(path, output) for path in json.loads(row["inputs"])):
+                if any(_overlap(path, output) for path in _paths(row["inputs"], row["id"])):
                     raise TargetClaimedError(
                         f"the output folder {output!r} is, holds or lies inside a local input (a parent, the base "
                         f"or the calibration data) of job {row['id']} ({row['status']}), and inputs are never "
@@ -288,9 +400,21 @@ class JobStore:
 
     # ------------------------------------------------------------------ reads
     def get(self, job_id: str) -> dict[str, Any] | None:
+        """The job, or None; a record that cannot be read is shown failed with the reason (and failed in the store
+        if it was queued or running), so one damaged row never breaks the API, the page or the scheduler."""
         with self._lock:
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return _job(row) if row is not None else None
+        return self._readable(row) if row is not None else None
+
+    def _readable(self, row: sqlite3.Row) -> dict[str, Any]:
+        """`_job(row)`, or for a row that cannot be read, what can be said of it: failed, with the reason."""
+        try:
+            return _job(row)
+        except (ValueError, TypeError) as error:
+            problem = f"{type(error).__name__}: {error}"
+            if str(row["status"]) in ACTIVE:
+                self.mark_unreadable(str(row["id"]), problem)
+            return _unreadable_job(row, problem)
 
     def list(self, limit: int | None = None, before: str | None = None) -> list[dict[str, Any]]:
         """Newest first; `before`: only jobs submitted before that job (a page cursor; KeyError if unknown)."""
@@ -303,7 +427,7 @@ class JobStore:
                 where, values = " WHERE seq < ?", [row["seq"]]
             query = f"SELECT * FROM jobs{where} ORDER BY seq DESC" + (" LIMIT ?" if limit else "")  # noqa: S608
             rows = self._db.execute(query, (*values, *([limit] if limit else []))).fetchall()
-        return [_job(r) for r in rows]
+        return [self._readable(r) for r in rows]
 
     def queued(self) -> list[str]:
         """Queued job ids, oldest first (the order they run in)."""
@@ -346,6 +470,50 @@ def _overlap(one: str, other: str) -> bool:
     return a == b or a.is_relative_to(b) or b.is_relative_to(a)
 
 
+def _connect(path: Path) -> sqlite3.Connection:
+    """The store's connection; a path SQLite cannot open (a folder, a dangling symlink, no access) is one line."""
+    problem = None
+    if path.is_symlink() and not path.exists():
+        problem = f"it is a symbolic link to {os.readlink(path)!r}, which does not exist"
+    elif path.exists() and not path.is_file():
+        problem = "it is not a file"
+    if problem is None:
+        try:
+            return sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as error:
+            problem = str(error)
+    raise StoreError(f"the job store {str(path)!r} cannot be opened ({problem}); the service did not start: move it "
+                     "aside to start with an empty store, or pass another --state-dir")
+
+
+def _paths(text: str, job_id: str) -> list[str]:
+    """A job's stored input paths; a damaged list claims nothing (logged): the job itself fails when it is read."""
+    try:
+        value = json.loads(text)
+        if isinstance(value, list) and all(isinstance(path, str) for path in value):
+            return value
+    except ValueError:
+        pass
+    logger.error("job %s: its stored inputs cannot be read; they are not claimed", job_id)
+    return []
+
+
+def _unreadable_job(row: sqlite3.Row, problem: str) -> dict[str, Any]:
+    """A row `_job` cannot read, as the API shows it: failed (whatever it says), the reason as its error."""
+    return {
+        "id": str(row["id"]),
+        "status": "failed" if str(row["status"]) in ACTIVE or str(row["status"]) not in STATUSES else row["status"],
+        "progress": 0.0,
+        "phase": None,
+        "error": UNREADABLE_ROW.format(problem=problem),
+        "result": None,
+        "created": str(row["created"]),
+        "updated": str(row["updated"]),
+        "dry_run": False,
+        "request": {},
+    }
+
+
 def _job(row: sqlite3.Row) -> dict[str, Any]:
     """A stored row as the API shows it (plus `request` and `dry_run`, which the page uses)."""
     result = json.loads(row["result"]) if row["result"] else None
@@ -359,5 +527,13 @@ def _job(row: sqlite3.Row) -> dict[str, Any]:
         "created": row["created"],
         "updated": row["updated"],
         "dry_run": bool(row["dry_run"]),
-        "request": json.loads(row["request"]),
+        "request": _mapping(row["request"]),
     }
+
+
+def _mapping(text: str) -> dict[str, Any]:
+    """A stored request: a JSON object (anything else is a damaged row: ValueError)."""
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"the request is {type(value).__name__}, not an object")
+    return value

@@ -7,6 +7,7 @@ This module imports nothing heavy at import time; the merge engine is imported b
     web -> worker   {"token": str | None}   first, once (the token never touches the disk)
                     "cancel"                 stop at the next safe point
     worker -> web   ("phase", name, progress)   ("log", line)   ("done", status, error, result)
+                    ("traceback", level, text)   a failure's traceback, for the server's log only (never the job's)
 
 Progress comes from the pipeline's own logging records (a handler on the `hf_mudsc` logger maps each stage's
 records to a phase: load / calibrate / solve / apply / build / publish) and from a global forward pre-hook of
@@ -18,7 +19,16 @@ push has begun (the merged folder is written and the Hub repo is being checked o
 applies: the push is one commit, and stopping it halfway would leave an empty repo behind.
 
 If the web process dies (the pipe closes), the worker cancels itself the same way, and exits hard after
-`ORPHAN_GRACE_S` if it has not stopped by then: an orphaned job must never push later.
+`ORPHAN_GRACE_S` if it has not stopped by then: an orphaned job must never push later. The writer's rename of the
+finished folder into place is the last cancel point (`Reporter.before_rename`): an orphan discards its staging
+folder there instead of leaving a model in an output its restarted service says was never written.
+
+A cancel in the load phase or of a dry run (parents located and read; nothing written but the Hub cache's own atomic
+downloads) ends the worker at once, after reporting it: locating thousands of parents has no cancel point of its own.
+
+A job's failure is one line in its error and its log; its traceback goes to the server's log only (at debug level
+for the errors hf-mudsc raises on purpose for a bad input, `EXPECTED`; at error level for any other): the page shows
+what a client may see, and a traceback holds server paths.
 
 Test-only delay: `HF_MUDSC_SERVE_TEST_DELAY=SECONDS` makes every batch (a parent's whole-model forward) sleep that long
 (in 0.05 s slices that honour a cancel), and the load phase wait once as long, so tests can cancel or kill a job
@@ -37,14 +47,18 @@ import traceback
 from collections.abc import Iterator
 from typing import Any
 
+from hf_mudsc.errors import PushError
 from hf_mudsc.load.hub_calls import hub_error_line
 from hf_mudsc.load.references import hide_tokens
 from hf_mudsc.options import REFITTING
+from hf_mudsc.publish.folder import checked_rename
 from hf_mudsc.runner import push_not_checked
 from hf_mudsc.serve.jobs import JobRequest
 
 DELAY_ENV = "HF_MUDSC_SERVE_TEST_DELAY"
 ORPHAN_GRACE_S = 20.0
+# The errors a job ends in on purpose, for a bad input or destination: the ones `hf-mudsc merge` prints as one line.
+EXPECTED = (ValueError, FileExistsError, FileNotFoundError, PermissionError, PushError)
 # (logger name prefix, message prefix) -> the phase that record shows has begun, and the progress it marks.
 PHASE_MARKS = (
     ("hf_mudsc.load.relation", "", "after_load", None),
@@ -54,6 +68,8 @@ PHASE_MARKS = (
     ("hf_mudsc.pipeline", "merged ", "publish", 0.9),  # the model is built; the folder is written (and pushed)
     ("hf_mudsc.publish.hub", "pushed ", "published", 1.0),
 )
+# How a job's log line reads (the library's records, and the worker's own lines).
+LINE_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
 PROGRESS = {"load": 0.02, "calibrate": 0.2, "solve": 0.6, "apply": 0.75, "build": 0.85, "publish": 0.9}
 # Phases whose whole-model forwards are data passes after calibration, and the progress their batches move toward
 # (the next mark's): regmean's own pass once auto's check confirmed it (apply), the refit's and REPAIR's (build).
@@ -129,6 +145,17 @@ class Reporter:
         if self.cancel.is_set() and not self.pushing:
             raise JobCancelled()
 
+    def before_rename(self) -> None:
+        """The writer's last cancel point, right before the finished folder is renamed into place
+        (`publish.folder.checked_rename`). A line to the server first: if it died moments ago, the closed pipe sets
+        the cancel here, before `watch_pipe` may have noticed; the staging folder is then discarded."""
+        self.say(logging.INFO, "the merged model is written; moving it into place")
+        self.checkpoint()
+
+    def say(self, level: int, message: str) -> None:
+        """A line of the worker's own in the job's log, formatted as the library's records are."""
+        self.log(LINE_FORMAT.format(logging.LogRecord(__name__, level, __file__, 0, message, (), None)))
+
     def wait(self, seconds: float) -> None:
         """Sleep (the test-only delay) while honouring a cancel."""
         deadline = time.monotonic() + seconds
@@ -159,7 +186,7 @@ class ForwardHandler(logging.Handler):
     def __init__(self, reporter: Reporter) -> None:
         super().__init__(level=logging.INFO)
         self.reporter = reporter
-        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.setFormatter(LINE_FORMAT)
 
     def emit(self, record: logging.LogRecord) -> None:
         self.reporter.log(self.format(record))
@@ -174,10 +201,16 @@ def watch_pipe(conn: Any, reporter: Reporter) -> None:
             message = conn.recv()
         except (EOFError, OSError):
             reporter.cancel.set()
+            if reporter.phase in (None, "load"):  # nothing written yet: an orphan stops now
+                os._exit(3)
             time.sleep(ORPHAN_GRACE_S)
             os._exit(3)
         if message == "cancel":
             reporter.cancel.set()
+            if reporter.phase in (None, "load"):  # nothing written yet (a dry run never writes): stop now
+                reporter.send(("done", "cancelled", "cancelled on request; nothing was written or pushed", None))
+                with reporter._lock:  # no other message after the final one
+                    os._exit(4)
 
 
 def main(conn: Any, job_id: str, request: dict[str, Any]) -> None:
@@ -195,18 +228,28 @@ def main(conn: Any, job_id: str, request: dict[str, Any]) -> None:
     logger.propagate = False
     logger.addHandler(ForwardHandler(reporter))
     try:
-        result = dry_run_plan(job, token) if job.dry_run else run_merge(job, token, reporter)
+        with checked_rename(reporter.before_rename):
+            result = dry_run_plan(job, token) if job.dry_run else run_merge(job, token, reporter)
     except JobCancelled:
         reporter.send(("done", "cancelled", "cancelled on request; nothing was written or pushed", None))
     except Exception as error:  # noqa: BLE001 - any failure of the job is reported, the worker exits
-        for line in traceback.format_exception(error):
-            for part in line.rstrip().splitlines():
-                reporter.log(part)
-        reporter.send(("done", "failed", reporter.scrub(f"{type(error).__name__}: {hub_error_line(error)}"), None))
+        report_failure(reporter, error)
     else:
         reporter.send(("done", "succeeded", None, result))
     finally:
         conn.close()
+
+
+def report_failure(reporter: Reporter, error: Exception) -> None:
+    """The job failed: one line (`Type: message`) as its error and in its log; the traceback to the server's log
+    (`("traceback", level, text)`), at debug level for an `EXPECTED` error, at error level for any other."""
+    line = reporter.scrub(f"{type(error).__name__}: {hub_error_line(error)}")
+    expected = isinstance(error, EXPECTED)
+    said = line if expected else f"{line} (an unexpected error: its traceback is in the service's log)"
+    reporter.say(logging.ERROR, f"the job failed: {said}")
+    trace = reporter.scrub("".join(traceback.format_exception(error)).rstrip())
+    reporter.send(("traceback", logging.DEBUG if expected else logging.ERROR, trace))
+    reporter.send(("done", "failed", line, None))
 
 
 def _needs_calibration(job: JobRequest) -> bool:
