@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -206,3 +208,24 @@ def test_leftovers_of_a_killed_run_of_this_output_are_cleaned_on_the_next_run(tm
         (staging / "model.safetensors").write_bytes(b"whole")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.partial-x", ".out.partial-userdata", "out"]
     assert (out / "model.safetensors").read_bytes() == b"whole"
+
+
+def test_a_leftover_holding_a_file_the_writer_never_writes_is_kept_and_names_are_not_patterns(tmp_path, caplog):
+    """QA s23: leftover cleanup `rmtree`d a killed run's staging folder whatever it held (a user file copied into it
+    went too), and read the output's name as a glob pattern (`o[u]t` removed `out`'s leftover)."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    assert subprocess.run([sys.executable, "-c", textwrap.dedent(KILLED_WRITER), str(out), "writing"],
+                          env=env).returncode == -9
+    [left] = [p for p in tmp_path.iterdir()]
+    mine = tmp_path / ".out.partial-mine"
+    shutil.copytree(left, mine)
+    (mine / "precious.txt").write_text("keep")
+    with staged_output(tmp_path / "o[u]t") as staging:  # another output, whose name is a glob pattern
+        (staging / "config.json").write_text("{}")
+    assert left.is_dir() and mine.is_dir()
+    with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
+        with staged_output(out) as staging:
+            (staging / "model.safetensors").write_bytes(b"whole")
+    assert not left.exists() and (mine / "precious.txt").read_text() == "keep"
+    assert [r.getMessage() for r in caplog.records if "precious.txt" in r.getMessage()], caplog.text

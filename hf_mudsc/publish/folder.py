@@ -19,10 +19,12 @@ never a stray temporary one. Renames within one directory are atomic, hence the 
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import stat
@@ -392,18 +394,48 @@ def _pid_alive(pid: Any) -> bool:
     return True
 
 
+#: The names hf-mudsc's writers (and transformers' `save_pretrained` of a model and its processor) put in a folder:
+#: a killed run's staging folder holding anything else has had someone else's files put in it, and is left alone.
+_STAGED_NAMES = re.compile(
+    r"(config|generation_config|preprocessor_config|processor_config|tokenizer|tokenizer_config|special_tokens_map"
+    r"|added_tokens|vocab|chat_template|model\.safetensors\.index|merge_diagnostics|eval_results)\.json"
+    r"|model(-\d+-of-\d+)?\.safetensors|vocab\.txt|merges\.txt|chat_template\.jinja|[\w.-]+\.model"
+    r"|README\.md|mudsc_recipe\.yaml|" + re.escape(MARKER_FILENAME) + r"(\.[0-9a-f]+\.tmp)?")
+
+
+def _foreign_entry(folder: Path) -> str | None:
+    """The first entry of a staging folder that no writer of hf-mudsc makes (plots hold only `.png` files), else
+    None."""
+    for entry in sorted(folder.iterdir()):
+        if entry.name == "plots" and entry.is_dir() and not entry.is_symlink():
+            stray = next((p for p in sorted(entry.iterdir()) if p.is_symlink() or not p.is_file()
+                          or p.suffix != ".png"), None)
+            if stray is not None:
+                return f"plots/{stray.name}"
+        elif entry.is_symlink() or not entry.is_file() or not _STAGED_NAMES.fullmatch(entry.name):
+            return entry.name
+    return None
+
+
 def clean_leftovers(output: str | os.PathLike) -> list[Path]:
     """Delete staging folders of `output` left by a killed run: only `.{name}.partial-*` folders that carry
-    the writer's marker and whose writing process (on this host) is gone. Returns what was deleted."""
+    the writer's marker, whose writing process (on this host) is gone, and that hold only what the writers write
+    (`_foreign_entry`: one holding anything else is kept, and said). Returns what was deleted."""
     target = Path(output).expanduser().absolute()
     if not target.parent.is_dir():
         return []
     removed = []
-    for candidate in target.parent.glob(f".{target.name}{PARTIAL_MARK}*"):
+    for candidate in target.parent.glob(f".{glob.escape(target.name)}{PARTIAL_MARK}*"):
         if candidate.is_symlink() or not candidate.is_dir():
             continue
         marker = read_marker(candidate)
         if marker is None or marker.get("host") != socket.gethostname() or _pid_alive(marker.get("pid")):
+            continue
+        foreign = _foreign_entry(candidate)
+        if foreign is not None:
+            logger.warning("left %s in place: it looks like an interrupted run's staging folder but holds %r, which "
+                           "hf-mudsc does not write; remove the folder yourself once nothing in it is yours",
+                           candidate, foreign)
             continue
         shutil.rmtree(candidate, ignore_errors=True)
         logger.info("removed %s, left by an interrupted run", candidate)
