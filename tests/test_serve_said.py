@@ -263,3 +263,14 @@ def test_the_page_names_the_output_folder_as_the_client_did(tmp_path):
     answer = client.post("/api/jobs", json={"models": ["user/a", "user/b"], "method": "linear", "output": "sub/x"})
     assert answer.status_code == 201, answer.text
     assert '<td class="mono">sub/x</td>' in client.get("/partials/jobs").text
+
+
+def test_a_post_refusal_names_the_jobs_keys_not_the_apis_arguments(tmp_path):
+    """QA: POST answered `pass overwrite=True to replace it` (the Python API's spelling)."""
+    app = create_app(tmp_path / "state", output_root=tmp_path / "out")
+    (tmp_path / "out" / "taken").mkdir(parents=True)
+    answer = client_of(app).post("/api/jobs", json={"models": ["user/a", "user/b"], "method": "linear",
+                                                    "output": "taken"})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"] == ("the output folder 'taken' already exists; pass `\"overwrite\": true` to "
+                                      "replace it, or choose another output"), answer.json()
