@@ -22,7 +22,8 @@ logger = logging.getLogger(__name__)
 
 def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None = None,
             progress: bool = True, base_origin: str | None = None) -> dict[str, Any]:
-    """Run a validated recipe: merge, save (and push) on the main process. Returns what was produced.
+    """Run a validated recipe: merge, save (and push) on the main process. Returns what was produced (`output`,
+    `push`, `calibration_samples`, and `mudsc`: the merged config's record of what ran, its warnings included).
 
     `recipe_file`: the recipe's path, when it came from one (an input the output must not overlap).
     `progress`: progress bars on a terminal, periodic log lines otherwise (`hf_mudsc.progress`); False: neither.
@@ -137,6 +138,7 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
                        processor=parents[0].processor)
     if calibration is not None:
         produced["calibration_samples"] = merged.merge_report.num_samples
+    produced["mudsc"] = merged.config.mudsc  # what ran (the method and α `auto` chose) and its warnings: the service's
     return produced
 
 

@@ -1,13 +1,18 @@
 """The FastAPI app of `hf-mudsc serve`: the HTTP API (JSON everywhere) and a server-rendered page.
 
-    POST   /api/jobs               recipe keys (JSON, or YAML with a YAML content type) -> 201 {"id", "status"}
-                                   400 {"error"} naming the key (or a local path outside every --local-root);
-                                   409 when the output/repo is claimed by an active job; 429 (with Retry-After)
-                                   while --max-queued jobs wait for a worker; 413 over 1 MiB, 408 when the body
-                                   takes over BODY_TIMEOUT_S to arrive
+    POST   /api/jobs               recipe keys (JSON, or YAML with a YAML content type) -> 201 {"id", "status",
+                                   "warnings"} (what the request's checks warned about: an option with no effect,
+                                   a dry run of a target an active job claims); 400 {"error"} naming the key (or a
+                                   local path outside every --local-root); 409 when the output/repo is claimed by an
+                                   active job; 429 (with Retry-After) while --max-queued jobs wait for a worker; 413
+                                   over 1 MiB, 408 when the body takes over BODY_TIMEOUT_S to arrive
     GET    /api/jobs               {"jobs": [job, ...], "next"} newest first, a page of `?limit=N` (default 100, at
-                                   most 1000); `next`: the id to pass as `?before=` for the following page, or null
-    GET    /api/jobs/{id}          {"id", "status", "progress", "phase", "error", "result", "created", "updated"}
+                                   most 1000); `next`: the id to pass as `?before=` for the following page, or null.
+                                   Each job as below, with a `summary` of its recipe in place of the recipe
+                                   (`summary`: a job may name thousands of parents)
+    GET    /api/jobs/{id}          {"id", "status", "progress", "phase", "error", "result", "created", "updated",
+                                   "dry_run", "warnings", "recipe"}; a merge's `result` says what ran (`method`,
+                                   `alpha`, ... as its card records them, `auto`'s choice included) and `warnings`
     DELETE /api/jobs/{id}          cancel (a running job stops at its next cancel point) -> 202
     GET    /api/jobs/{id}/log      {"id", "lines", "next"}; `?since=N` returns lines N.. (poll with `next` to follow;
                                    a long log keeps its first and last lines, one line saying how many were dropped:
@@ -37,7 +42,8 @@ import json
 import logging
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
-from pathlib import Path
+from dataclasses import replace
+from pathlib import Path, PurePath
 from typing import Any
 
 import yaml
@@ -58,6 +64,7 @@ from hf_mudsc.serve.jobs import (
     JobRequest,
     accepted_keys,
     hide_output_root,
+    integer_too_long,
     parse_job,
     resolve_local_paths,
     service_advice,
@@ -94,6 +101,8 @@ FILE_HEADERS = {"Content-Security-Policy": "default-src 'none'; img-src data:; s
 SQLITE_MAX = (1 << 63) - 1  # the largest integer SQLite binds; larger query values are clamped to it
 PAGE_DEFAULT, PAGE_MAX = 100, 1000  # GET /api/jobs: jobs per page when `limit` is not given, and at most
 RETRY_AFTER_S = 60  # a 429's Retry-After: a merge takes minutes, so a place in the queue frees in about that
+PARENTS_SHOWN = 3  # parents a job list (`recipe_summary`) and the page's rows name; the rest are counted
+NOT_RECIPE = ("dry_run", "warnings", "base_from_cards")  # what a stored request holds besides the recipe's keys
 
 
 NOSNIFF = ("X-Content-Type-Options", "nosniff")
@@ -172,14 +181,48 @@ def internal_error(scope: Any) -> JSONResponse:
                  "logged on the server); try again, or report it to the service's operator")
 
 
-def public(job: dict[str, Any], outputs: Path) -> dict[str, Any]:
-    """A job as the API answers it: the contract's fields, plus `dry_run` and the submitted `recipe`. Every value
-    names the output as the client did, relative to the output root (`hide_output_root`): the store and the worker's
-    result hold the folder's absolute path, and a worker's refusal repeats the writer's message with it."""
+def public(job: dict[str, Any], outputs: Path, *, full: bool = True) -> dict[str, Any]:
+    """A job as the API answers it: the contract's fields, plus `dry_run`, the request's `warnings` and the submitted
+    `recipe` — or, `full=False` (the listing, the page), its `summary` (`recipe_summary`). Every value names the
+    output as the client did, relative to the output root (`hide_output_root`): the store and the worker's result
+    hold the folder's absolute path, and a worker's refusal repeats the writer's message with it. The error and the
+    warnings are in the service's words (`service_advice`): they repeat the library's, which name CLI flags."""
     view = {k: job[k] for k in ("id", "status", "progress", "phase", "error", "result", "created", "updated")}
     view["dry_run"] = job["dry_run"]
-    view["recipe"] = {k: v for k, v in job["request"].items() if k != "dry_run"}
+    request = job["request"]
+    view["warnings"] = [service_advice(w) for w in request.get("warnings") or []]
+    recipe = {k: v for k, v in request.items() if k not in NOT_RECIPE}
+    if full:
+        view["recipe"] = recipe
+    else:
+        view["summary"] = recipe_summary(recipe)
+    if view["error"]:
+        view["error"] = service_advice(view["error"])
+    if isinstance(view["result"], dict):
+        view["result"] = advised_result(view["result"])
     return without_output_root(view, outputs)
+
+
+def recipe_summary(recipe: dict[str, Any]) -> dict[str, Any]:
+    """What a job list shows of a recipe: the method, the target, how many parents and the first `PARENTS_SHOWN`.
+    The whole recipe (a list of 20,000 parents is 680 KB) is `GET /api/jobs/{id}`'s: a listing of many such jobs
+    took seconds and most of a megabyte."""
+    models = recipe.get("models") or []
+    return {"method": recipe.get("method"), "parents": len(models), "models": models[:PARENTS_SHOWN],
+            "output": recipe.get("output"), "push_to_hub": recipe.get("push_to_hub")}
+
+
+def advised_result(result: dict[str, Any]) -> dict[str, Any]:
+    """A job's result with its warnings (a merge's, a dry run's plan's) in the service's words (`service_advice`)."""
+    result = dict(result)
+    if isinstance(result.get("warnings"), list):
+        result["warnings"] = [service_advice(str(w)) for w in result["warnings"]]
+    plan = result.get("plan")
+    if isinstance(plan, dict) and isinstance(plan.get("warnings"), list):
+        result["plan"] = {**plan, "warnings": [service_advice(str(w)) for w in plan["warnings"]]}
+    if isinstance(result.get("plan_text"), str):
+        result["plan_text"] = service_advice(result["plan_text"])
+    return result
 
 
 def without_output_root(value: Any, outputs: Path) -> Any:
@@ -308,6 +351,8 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
             job = parse_job(body, outputs, dry_run=dry_run, local_roots=roots, text=text)
         except RecipeError as problem:  # the token's advice as a service client follows it (`service_advice`)
             return error(400, hide_output_root(service_advice(str(problem)), outputs))
+        if job.dry_run and (taken := claimed_by_active_job(job)) is not None:  # said, not refused: see there
+            job = replace(job, warnings=(*job.warnings, taken))
         try:
             claims = (None, None) if job.dry_run else (job.output, job.repo_id)  # a dry run writes nothing
             job_id = store.add(job.to_dict(), output=claims[0], repo_id=claims[1], dry_run=job.dry_run,
@@ -320,7 +365,30 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         except TargetClaimedError as problem:  # it names the claimed folders as the store holds them: absolute
             return error(409, hide_output_root(str(problem), outputs))
         scheduler.submit(job_id, token)
-        return JSONResponse({"id": job_id, "status": "queued"}, status_code=201)
+        return JSONResponse({"id": job_id, "status": "queued",
+                             "warnings": [hide_output_root(w, outputs) for w in job.warnings]}, status_code=201)
+
+    def claimed_by_active_job(job: JobRequest) -> str | None:
+        """The warning a dry run gets when a queued or running merge claims its `output` (or a folder in or around
+        it) or its `push_to_hub`, as a real POST's 409 says it — or None. Said in the plan, not refused: a dry run
+        writes nothing and the plan is still worth having, but it must not pass silently what the merge would be
+        refused now. Best effort (the store's claim is the real check): the queued jobs, then the running ones."""
+        active = [*store.queued(), *tuple(scheduler.running)]
+        for other_id in dict.fromkeys(active):
+            other = store.get(other_id)
+            if other is None or other["dry_run"] or other["status"] not in ACTIVE:
+                continue
+            request = other["request"]
+            what = None
+            if job.output and request.get("output") and overlapping(job.output, request["output"]):
+                what = f"the output folder {job.output!r}"
+            elif job.repo_id and (request.get("push_to_hub") or "").lower() == job.repo_id.lower():
+                what = f"the Hub repo {job.repo_id!r}"
+            if what is not None:
+                return (f"{what} is claimed by job {other_id} ({other['status']}): this merge, submitted now, would "
+                        "be refused (409); wait for that job to finish or cancel it (DELETE /api/jobs/{id}), or "
+                        "choose another destination")
+        return None
 
     @app.get("/api/jobs")
     def list_jobs(limit: int | None = None, before: str | None = None) -> JSONResponse:
@@ -332,7 +400,7 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         except KeyError:
             return error(404, f"no job {before!r} to page from (`before`); pass the `next` id of the previous page")
         page = jobs[:size]
-        return JSONResponse({"jobs": [public(j, outputs) for j in page],
+        return JSONResponse({"jobs": [public(j, outputs, full=False) for j in page],
                              "next": page[-1]["id"] if len(jobs) > size else None})
 
     @app.get("/api/jobs/{job_id}")
@@ -368,12 +436,12 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> HTMLResponse:
-        return render("index.html.jinja", jobs=[_page_job(j, outputs) for j in store.list(200)],
+        return render("index.html.jinja", jobs=[_page_job(j, outputs, full=False) for j in store.list(200)],
                       example=EXAMPLE_RECIPE, keys=accepted_keys())
 
     @app.get("/partials/jobs", response_class=HTMLResponse)
     def jobs_rows() -> HTMLResponse:
-        return render("rows.html.jinja", jobs=[_page_job(j, outputs) for j in store.list(200)])
+        return render("rows.html.jinja", jobs=[_page_job(j, outputs, full=False) for j in store.list(200)])
 
     @app.get("/jobs/{job_id}", response_class=HTMLResponse)
     def job_page(job_id: str) -> HTMLResponse:
@@ -393,6 +461,12 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         return FileResponse(folder / name, headers=FILE_HEADERS)
 
     return app
+
+
+def overlapping(one: str, other: str) -> bool:
+    """Whether two output folders (absolute, resolved, as the store keeps them) are the same or one holds the other."""
+    a, b = PurePath(one), PurePath(other)
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
 
 
 def _media_type(content_type: str) -> str:
@@ -435,7 +509,12 @@ def _parse_body(raw: bytes, content_type: str) -> Any:
         raise RecipeError(f"the body's {kind} is nested too deeply; a recipe is a flat mapping") from None
     except yaml.MarkedYAMLError as problem:  # PyYAML's message spans lines (context, the source line, a caret)
         raise RecipeError(f"the body is not valid YAML: {yaml_error_line(problem)}") from None
-    except (ValueError, yaml.YAMLError) as problem:
+    except ValueError as problem:
+        if integer_too_long(problem):  # Python's advice (`sys.set_int_max_str_digits()`) is the server's to follow
+            raise RecipeError(f"the body's {kind} holds an integer too large (thousands of digits); no recipe "
+                              "value is one: send a number of a few digits") from None
+        raise RecipeError(f"the body is not valid {kind}: {' '.join(str(problem).split())}") from None
+    except yaml.YAMLError as problem:
         raise RecipeError(f"the body is not valid {kind}: {' '.join(str(problem).split())}") from None
 
 
@@ -472,9 +551,10 @@ def _files(folder: Path) -> list[str]:
     return sorted(n for n in names if n in SERVED_FILES or n.endswith(SERVED_SUFFIXES))
 
 
-def _page_job(job: dict[str, Any], outputs: Path) -> dict[str, Any]:
-    """A job with what the page links to: the pushed repo, the card, the plots, the recipe."""
-    view = public(job, outputs)
+def _page_job(job: dict[str, Any], outputs: Path, *, full: bool = True) -> dict[str, Any]:
+    """A job with what the page links to: the pushed repo, the card, the plots, the recipe (its `summary` in the
+    job list, `full=False`); `target` and `parents` as the page shows them."""
+    view = public(job, outputs, full=full)
     result = job.get("result") or {}
     folder = _output_folder(job, outputs)
     files = _files(folder) if folder else []
@@ -485,7 +565,16 @@ def _page_job(job: dict[str, Any], outputs: Path) -> dict[str, Any]:
         "plots": [(name, f"/jobs/{job['id']}/files/{name}") for name in files
                   if name.endswith((".png", ".svg"))],
     }
-    view["target"] = view["recipe"].get("push_to_hub") or (
-        Path(view["recipe"]["output"]).name if view["recipe"].get("output") else None)
-    view["parents"] = view["recipe"].get("models") or []
+    summary = view["summary"] if not full else recipe_summary(view["recipe"])
+    # the output as the client named it (`sub/x`, relative to the output root: `public`), not its last part
+    view["target"] = summary["push_to_hub"] or summary["output"]
+    view["parents"], view["more_parents"] = summary["models"], summary["parents"] - len(summary["models"])
+    ran = view["result"] or {}
+    # what ran: the method (and α) the merge recorded, `auto`'s choice said as one ("auto → mudsc"); a dry run's
+    # plan says what it would run in its own words (the page shows the plan)
+    method = ran.get("method")
+    view["method"] = summary["method"] if not method or method == summary["method"] else (
+        f"{summary['method']} → {method}")
+    view["alpha"] = ran.get("alpha")
+    view["all_warnings"] = list(dict.fromkeys([*view["warnings"], *(ran.get("warnings") or [])]))
     return view

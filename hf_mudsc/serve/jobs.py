@@ -28,10 +28,15 @@ be: its files are opened by name). A refusal names the path the client sent, nev
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
 import re
+import subprocess
+import sys
+import threading
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,7 +44,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from hf_mudsc.calibrate.dataset_spec import DatasetSpec
-from hf_mudsc.errors import CalibrationError, LoadError, RecipeError, shown
+from hf_mudsc.errors import CalibrationError, LoadError, RecipeError, option_hint, shown
 from hf_mudsc.load.config_json import read_card
 from hf_mudsc.load.references import TOKEN_FIX, card_base_model, looks_like_path, parse_reference
 from hf_mudsc.methods.registry import AUTO, check_size, get_method
@@ -57,7 +62,25 @@ BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u206
 # Python API's and the CLI's advice).
 SERVICE_TOKEN_FIX = ("send the token as the request's `Authorization: Bearer hf_...` header (the page's token field), "
                      "never in a field of the job")
-CLI_SPELLING = re.compile(r" \(CLI: --[\w-]+\)")
+# The CLI's and the Python API's spellings in the library's messages, rewritten as a service client spells them
+# (`service_advice`), in this order: a JSON key, `"overwrite": true`, the `Authorization: Bearer` header — never a
+# flag, a keyword argument or `hf auth login`, which a client cannot run on the server. A flag that is no job key
+# (the operator's `--local-root`) is left as it is.
+BEARER = "`Authorization: Bearer hf_...`"
+FLAG = r"(?<![\w-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)"
+SERVICE_SPELLINGS: tuple[tuple[str, str | None], ...] = (
+    (r"pass a valid one \(CLI --token, token=, or `hf auth login`\)", f"send a valid one as {BEARER}"),
+    (r"pass token= or log in with `hf auth login`", f"send a token that can read it as {BEARER}"),
+    (r"pass a token \(CLI: --token, or log in with `hf auth login`\)", f"send a token as {BEARER}"),
+    (r"\bpass a token\b(?! as)", f"send a token as {BEARER}"),
+    (r"\b(\w+)= \(CLI: --[\w-]+(?: [A-Z][\w/:\[\]@.-]*)?\)", r"`\1`"),  # `errors.option_hint`: `x= (CLI: --x)`
+    (r"\(CLI: " + FLAG + r" ([a-z][\w.:-]*)\)", None),  # an aside with a value: `(CLI: --method linear)`
+    (r" ?\(CLI:? [^()]*(?:\([^()]*\)[^()]*)*\)", ""),  # an aside naming a flag: `(CLI: --calibration SPEC)`
+    (r"\boverwrite=True\b|(?<![\w-])--overwrite\b", '`"overwrite": true`'),
+    (r"(?<![\w-])--(device|refit|method) ([a-z][\w:]*)\b|\b(device)='(cpu|cuda(?::\d+)?)'", None),  # and a value
+    (FLAG + r"(?: (?:[A-Z][A-Z0-9_/:\[\]@.-]*[A-Z]\b|name\b))?", None),  # a flag, and its metavar: `--output DIR`
+)
+INT_TOO_LONG = "int_max_str_digits"  # Python's refusal to read an integer of over 4300 digits says this
 OUTSIDE = "which is outside the folders this server allows (its operator lists them with --local-root)"
 
 
@@ -74,6 +97,9 @@ class JobRequest:
     """The recipe's `base` is the folder every parent's model card names, resolved by the start check
     (`resolve_local_paths`) so the worker loads the folder that was checked; the merged model says where it came
     from as the loader would have."""
+    warnings: tuple[str, ...] = ()
+    """What the request's checks warned about (`private` without `push_to_hub`, ...), in the service's words: the
+    POST answer, the job and its result carry them (the server's console is no client's)."""
 
     @property
     def output(self) -> str | None:
@@ -89,13 +115,16 @@ class JobRequest:
         data = {**self.recipe.to_dict(), "dry_run": self.dry_run}
         if self.base_from_cards:
             data["base_from_cards"] = True
+        if self.warnings:
+            data["warnings"] = list(self.warnings)
         return data
 
     @classmethod
     def from_stored(cls, data: Mapping[str, Any]) -> JobRequest:
         values = {k: v for k, v in data.items() if k in Recipe.keys()}
         return cls(Recipe(**values), bool(data.get("dry_run", False)),
-                   base_from_cards=bool(data.get("base_from_cards", False)))
+                   base_from_cards=bool(data.get("base_from_cards", False)),
+                   warnings=tuple(data.get("warnings") or ()))
 
 
 def accepted_keys() -> list[str]:
@@ -104,7 +133,46 @@ def accepted_keys() -> list[str]:
     return keys + [k for k in SERVICE_KEYS if k not in keys]
 
 
+class WarningRecorder(logging.Handler):
+    """Collects the warnings the library logs on one thread (the request's): a POST's checks run in a thread pool,
+    and another request's warnings are not this one's."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.messages.append(service_advice(" ".join(record.getMessage().split())))
+
+
+@contextlib.contextmanager
+def recorded_warnings() -> Iterator[list[str]]:
+    """The `hf_mudsc` warnings logged on this thread inside the block (still logged as before), de-duplicated."""
+    recorder = WarningRecorder()
+    library = logging.getLogger("hf_mudsc")
+    library.addHandler(recorder)
+    found: list[str] = []
+    try:
+        yield found
+    finally:
+        library.removeHandler(recorder)
+        found.extend(dict.fromkeys(recorder.messages))
+
+
 def parse_job(body: Any, output_root: Path, *, dry_run: bool = False,
+              local_roots: Sequence[Path] = (), text: str | None = None) -> JobRequest:
+    """Validate a POST /api/jobs body (`check_job`); the warnings its checks log are the job's `warnings`."""
+    with recorded_warnings() as warnings:
+        try:
+            job = check_job(body, output_root, dry_run=dry_run, local_roots=local_roots, text=text)
+        except RecursionError:  # a body nested just shallower than the parser's limit, deeper than the checks'
+            raise RecipeError("the body is nested too deeply; a recipe is a flat mapping") from None
+    return JobRequest(job.recipe, job.dry_run, job.inputs, warnings=tuple(warnings))
+
+
+def check_job(body: Any, output_root: Path, *, dry_run: bool = False,
               local_roots: Sequence[Path] = (), text: str | None = None) -> JobRequest:
     """Validate a POST /api/jobs body; raises `RecipeError` naming the key (before anything is loaded).
 
@@ -147,6 +215,8 @@ def parse_job(body: Any, output_root: Path, *, dry_run: bool = False,
     resolved = resolve_local_paths(JobRequest(recipe, dry_run), local_roots).recipe
     check_hub_ids(recipe)
     check_method(recipe)
+    check_device(recipe.device)
+    check_base_found(recipe, resolved)
     check_shapes_on_disk(resolved)
     dry_run = dry_run or flag
     if recipe.output is not None:
@@ -176,12 +246,34 @@ def local_inputs(recipe: Recipe) -> tuple[tuple[str, str], ...]:
 
 
 def service_advice(message: str) -> str:
-    """A refusal as a service client reads it: a token-shaped value's advice says where a job's token goes (the
-    `Authorization: Bearer` header), not the library's `token=` or the CLI's `--token`; the recipe's and the loaders'
-    refusals (`Recipe.validate`, `load.references`, `calibrate.dataset_spec`) all end up here."""
-    if TOKEN_FIX not in message:
-        return message
-    return CLI_SPELLING.sub("", message.replace(TOKEN_FIX, SERVICE_TOKEN_FIX))
+    """A refusal or warning as a service client reads it (`SERVICE_SPELLINGS`): a token's advice says where a job's
+    token goes (the `Authorization: Bearer` header), not the library's `token=`, the CLI's `--token` or `hf auth
+    login`; an option is named by its job key (`output`, `"overwrite": true`), not its flag or keyword argument.
+    The recipe's and the loaders' refusals at POST, a job's error and the warnings a job reports all go through it."""
+    keys = set(accepted_keys())
+
+    def rewrite(match: re.Match[str]) -> str:
+        groups = [g for g in match.groups() if g is not None]
+        text = match.group(0)
+        if text.startswith("(CLI: "):  # `(CLI: --method linear)` -> (`"method": "linear"`)
+            key = groups[0].replace("-", "_")
+            return f'(`"{key}": "{groups[1]}"`)' if key in keys else ""
+        if len(groups) == 2:  # `--device cpu`, `device='cpu'` -> `"device": "cpu"`
+            return f'`"{groups[0]}": "{groups[1]}"`'
+        key = groups[0].replace("-", "_")
+        if key == "token":
+            return BEARER
+        return f"`{key}`" if key in keys else text
+
+    message = message.replace(TOKEN_FIX, SERVICE_TOKEN_FIX)
+    for pattern, replacement in SERVICE_SPELLINGS:
+        message = re.sub(pattern, rewrite if replacement is None else replacement, message)
+    return message
+
+
+def integer_too_long(problem: Exception) -> bool:
+    """Whether `problem` is Python's refusal to read an integer of thousands of digits (JSON's or YAML's)."""
+    return INT_TOO_LONG in str(problem)
 
 
 def refuse_published_names(text: str, recipe: Recipe) -> None:
@@ -241,6 +333,55 @@ def check_method(recipe: Recipe) -> None:
         method.check_options(recipe, len(recipe.models))
     except ValueError as problem:
         raise RecipeError(str(problem)) from None
+
+
+def check_device(device: str | None) -> None:
+    """`device: cuda[:N]` refused at POST when this server has no such CUDA device, as `hf-mudsc merge` refuses it
+    before loading (`calibrate.device.resolve_device`); its format is the recipe's check."""
+    if device is None or not device.startswith("cuda"):
+        return
+    count = cuda_devices()
+    index = int(device.partition(":")[2] or 0)
+    if count == 0:
+        raise RecipeError(f'`device` {device!r}: CUDA is not available on this server; send `"device": "cpu"` '
+                          "(or leave `device` out: the server then uses what it has)")
+    if index >= count:
+        raise RecipeError(f"`device` {device!r}: this server has no CUDA device {index} ({count} available: "
+                          f"0-{count - 1})")
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_devices() -> int:
+    """How many CUDA devices the workers see: asked once, of a child process, so the web process never imports torch
+    (`test_the_web_process_does_not_import_the_merge_engine`); 0 when torch cannot say."""
+    script = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                              check=True)
+        return int(done.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as problem:
+        logger.warning("could not ask torch how many CUDA devices this server has (%s): jobs naming one are "
+                       "checked by their worker", problem)
+        return 1 << 30  # unknown: let the worker decide
+
+
+def check_base_found(recipe: Recipe, resolved: Recipe) -> None:
+    """A method that needs the parents' base, given none, whose parents are all local folders whose model cards do
+    not name one common `base_model`: refused at POST in the loader's words (`load.parents.locate_base`), as the merge
+    would refuse it before loading any weights. A Hub parent's card is the worker's to read."""
+    if recipe.base is not None or resolved.base is not None or recipe.method == AUTO:
+        return
+    if not get_method(recipe.method).needs_base_model:
+        return
+    if any(looks_local(reference) is None for reference in recipe.models):
+        return
+    named = [card_base_model(card_text(Path(folder))) for folder in resolved.models]
+    if named and all(name is not None for name in named) and len(set(named)) == 1:
+        return  # a Hub id every card names: the loader takes it
+    raise RecipeError(f"method {recipe.method!r} needs the parents' common base model and none was given, and the "
+                      "parents' model cards (README.md) do not name one common base_model; pass "
+                      f"{service_advice(option_hint('base'))} (a Hub id `org/name[@revision]` or a folder), or choose "
+                      'a method that needs no base (`"method": "linear"`)')
 
 
 class ConfigUnreadable(Exception):
@@ -369,7 +510,8 @@ def resolve_local_paths(job: JobRequest, local_roots: Sequence[Path]) -> JobRequ
         from_cards = card_base(recipe.models, changes["models"], roots)
         if from_cards is not None:
             changes["base"] = from_cards
-    return JobRequest(recipe.override(**changes), job.dry_run, job.inputs, base_from_cards=from_cards is not None)
+    return JobRequest(recipe.override(**changes), job.dry_run, job.inputs, base_from_cards=from_cards is not None,
+                      warnings=job.warnings)
 
 
 def inside_roots(path: Path, roots: Sequence[Path]) -> Path | None:

@@ -279,6 +279,7 @@ def dry_run_plan(job: JobRequest, token: str | None) -> dict[str, Any]:
                           token=token, progress=False)
     if recipe.push_to_hub:  # the repo is looked up when the merge runs, not by its dry run
         plan.warnings.append(push_not_checked(recipe.push_to_hub))
+    plan.warnings[:0] = [w for w in job.warnings if w not in plan.warnings]  # the request's own (`parse_job`)
     return {"plan": plan.to_dict(), "plan_text": str(plan), "repo_id": None, "commit": None, "output": None,
             "eval": None}
 
@@ -331,6 +332,7 @@ def run_merge(job: JobRequest, token: str | None, reporter: Reporter) -> dict[st
     push = produced.get("push")
     output = produced.get("output")
     files = sorted(p.name for p in output.iterdir() if p.is_file() and not p.name.startswith(".")) if output else []
+    ran = produced.get("mudsc") or {}
     return {
         "repo_id": push.repo_id if push else None,
         "commit": push.commit_sha if push else None,
@@ -339,4 +341,9 @@ def run_merge(job: JobRequest, token: str | None, reporter: Reporter) -> dict[st
         "files": files,
         "calibration_samples": produced.get("calibration_samples"),
         "eval": None,
+        # what ran, as the card records it: the method and α `auto` chose (and why), the refit, the dtype
+        **{key: ran[key] for key in ("method", "method_choice_reason", "alpha", "alpha_auto", "refit", "out_dtype",
+                                     "matcher") if key in ran},
+        # the request's own warnings, then the merge's (config.mudsc["warnings"], as its card lists them)
+        "warnings": list(dict.fromkeys([*job.warnings, *(ran.get("warnings") or [])])),
     }
