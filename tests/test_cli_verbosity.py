@@ -7,6 +7,7 @@ tests/test_dry_run.py."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -200,3 +201,15 @@ def test_quiet_before_and_verbose_after_the_command_still_contradict(capsys):
     with pytest.raises(SystemExit) as stopped:
         main(["-q", "merge", "a", "b", "-v"])
     assert stopped.value.code == 2 and "contradict each other" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["inspect", "./nope/{token}"], ["push", "./nope/{token}", "me/x"]])
+def test_verbose_tracebacks_hide_a_token_as_the_error_line_does(tmp_path, argv):
+    """QA s23: with -v the debug traceback above the error line showed the token the error line hid ('***')."""
+    token = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz0123"
+    command = [sys.executable, "-m", "hf_mudsc", "-v", *(part.format(token=token) for part in argv)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+                          cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert done.returncode != 0 and "Traceback" in done.stderr, done.stderr[-2000:]
+    assert token not in done.stderr and token not in done.stdout, done.stderr[-2000:]
+    assert "***" in done.stderr.splitlines()[-1], done.stderr[-500:]

@@ -43,7 +43,8 @@ def hide_tokens(text: str) -> str:
 
 class HiddenCredentials(logging.Filter):
     """A log handler's filter applying `hide_tokens` to each line: with -v the HTTP client logs every request's URL
-    (`HTTP Request: GET http://user:secret@mirror/...`), whose userinfo is the `HF_ENDPOINT`'s credentials."""
+    (`HTTP Request: GET http://user:secret@mirror/...`), whose userinfo is the `HF_ENDPOINT`'s credentials — and to
+    the traceback a record carries (-v logs the error a command ended in with it, whose text names what was given)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
@@ -53,6 +54,12 @@ class HiddenCredentials(logging.Filter):
         hidden = hide_tokens(text)
         if hidden != text:
             record.msg, record.args = hidden, None
+        if record.exc_info and not record.exc_text:  # formatted here, hidden; a formatter uses exc_text as it is
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = hide_tokens(record.exc_text)
+        if record.stack_info:
+            record.stack_info = hide_tokens(record.stack_info)
         return True
 
 
