@@ -274,3 +274,27 @@ def test_a_post_refusal_names_the_jobs_keys_not_the_apis_arguments(tmp_path):
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"] == ("the output folder 'taken' already exists; pass `\"overwrite\": true` to "
                                       "replace it, or choose another output"), answer.json()
+
+
+TOKEN = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz01234567"
+
+
+@pytest.mark.parametrize("body", [
+    {"models": ["{root}/a", "{root}/" + TOKEN]},
+    {"models": ["{root}/a", "{root}/b"], "base": "{root}/" + TOKEN},
+    {"models": ["{root}/a", "{root}/b"], TOKEN: 1},
+])
+def test_a_token_anywhere_in_a_job_is_refused_unshown_and_never_stored(tmp_path, body):
+    """QA s23: a token-shaped name inside a local parent path was stored and shown on the page and by the API (only
+    the calibration field was checked), and a token-shaped unknown key was echoed in the 400."""
+    root = tmp_path / "roots"
+    root.mkdir()
+    app = create_app(tmp_path / "state", local_roots=[root])
+    client = client_of(app)
+    filled = json.loads(json.dumps({**body, "method": "linear", "output": "o"}).replace("{root}", str(root)))
+    answer = client.post("/api/jobs", json=filled)
+    assert answer.status_code == 400, answer.text
+    assert TOKEN not in answer.text and "access token" in answer.json()["error"], answer.text
+    assert client.get("/api/jobs").json()["jobs"] == []
+    assert TOKEN not in client.get("/").text
+    assert not [p for p in (tmp_path / "state").rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]

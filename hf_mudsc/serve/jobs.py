@@ -46,7 +46,13 @@ from typing import Any, NoReturn
 from hf_mudsc.calibrate.dataset_spec import DatasetSpec
 from hf_mudsc.errors import CalibrationError, LoadError, RecipeError, option_hint, shown
 from hf_mudsc.load.config_json import read_card
-from hf_mudsc.load.references import TOKEN_FIX, card_base_model, looks_like_path, parse_reference
+from hf_mudsc.load.references import (
+    TOKEN_FIX,
+    card_base_model,
+    looks_like_path,
+    looks_like_token,
+    parse_reference,
+)
 from hf_mudsc.methods.registry import AUTO, check_size, get_method
 from hf_mudsc.publish.recipe import DESTINATION_KEYS, INFO_KEYS, Recipe, unresolved_published_entries
 from hf_mudsc.runner import check_merge_output
@@ -192,6 +198,7 @@ def check_job(body: Any, output_root: Path, *, dry_run: bool = False,
         raise RecipeError(f"the body is not valid Unicode text: it holds a lone surrogate "
                           f"{problem.object[problem.start:problem.end]!r}") from None
     body = {k: v for k, v in body.items() if k not in INFO_KEYS}
+    refuse_tokens(body)
     refuse_control_characters(body)
     unknown = sorted(str(k) for k in set(body) - set(accepted_keys()) - {"allow_pickle"})
     if unknown:
@@ -437,6 +444,24 @@ def has_control(text: str) -> bool:
     """Whether `text` holds a control character (a newline, a tab, an escape) or a bidirectional override, which
     makes a name display as another (U+202A-U+202E, U+2066-U+2069)."""
     return any(unicodedata.category(char) == "Cc" or char in BIDI_CONTROLS for char in text)
+
+
+def refuse_tokens(body: Mapping[str, Any]) -> None:
+    """No key or value of a job is shaped like an access token (a token pasted as a parent folder's name, a base, an
+    unknown key): a job is stored, listed, shown on the page and answered as sent, and a token goes only in the
+    `Authorization` header. Refused naming where it is, never showing it."""
+    def holds_token(value: Any) -> bool:
+        if isinstance(value, str):
+            return looks_like_token(value)
+        if isinstance(value, Mapping):
+            return any(holds_token(k) or holds_token(v) for k, v in value.items())
+        return isinstance(value, (list, tuple)) and any(holds_token(item) for item in value)
+
+    for key, value in body.items():
+        if holds_token(key) or holds_token(value):
+            where = "a key" if holds_token(key) else f"`{key}`"
+            raise RecipeError(f"{where} of the job looks like a Hugging Face access token (not shown); send a token "
+                              "only as the `Authorization: Bearer <token>` header, never in a job's fields")
 
 
 def refuse_control_characters(body: Mapping[str, Any]) -> None:
