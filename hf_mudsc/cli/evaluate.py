@@ -18,8 +18,9 @@ never another path of this machine). Results are printed, written to `DIR/eval_r
 DIR/README.md, always together (so a push never sends a card and a results file of different runs; `--output-json
 PATH` gets a copy besides): only the card's Evaluation section and its `model-index` are replaced, the rest of the
 card stays as the merge wrote it; the accuracy chart the card links (DIR/plots/accuracy.png, when hf-mudsc drew one)
-is redrawn from the new results. `--no-card` leaves the folder alone: the results go only to `--output-json PATH`. A
-Hub id has no folder: its results are printed and written only to `--output-json PATH`.
+is redrawn from the new results. `--no-card` leaves the folder alone: the results go only to `--output-json PATH`
+(neither DIR/eval_results.json nor a file in another folder hf-mudsc wrote). A folder hf-mudsc did not write (no
+marker: a `save_pretrained` fine-tune) is never written into: refused unless `--no-card`. A Hub id has no folder: its results are printed and written only to `--output-json PATH`.
 Metrics other than the shipped ones run their own script: they need `--trust-remote-code`.
 Under `accelerate launch`/`torchrun` every process scores a shard; the main process writes.
 """
@@ -330,7 +331,7 @@ def check_replaceable(json_paths: list[Path], card_path: Path | None) -> None:
     import json
 
     from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES
-    from hf_mudsc.publish.folder import changed_files, read_marker, written_unchanged
+    from hf_mudsc.publish.folder import MARKER_FILENAME, changed_files, read_marker, written_unchanged
     from hf_mudsc.solve.diagnostics import PLOTS_FOLDER
 
     def results_file(path: Path) -> bool:
@@ -358,6 +359,11 @@ def check_replaceable(json_paths: list[Path], card_path: Path | None) -> None:
         if path.is_symlink() or not path.is_file() or not replaceable(path):
             raise FileExistsError(f"refusing to replace {str(path)!r} with the results: hf-mudsc did not write it "
                                   f"(or it changed since); {fix}")
+    if card_path is not None and read_marker(card_path.parent) is None:
+        raise FileExistsError(  # a plain fine-tune (save_pretrained): its files are its owner's
+            f"refusing to write the results into {str(card_path.parent)!r}: hf-mudsc did not write that folder (no "
+            f"{MARKER_FILENAME}), and it changes only folders it wrote; pass --no-card (the results then go only to "
+            "--output-json PATH)")
     if card_path is not None and card_path.is_file():
         changed = changed_files(card_path.parent,  # less what evaluate itself checks and rewrites
                                 ignore=(CARD_FILENAME, RESULTS_FILENAME, f"{PLOTS_FOLDER}/accuracy.png"))
@@ -455,7 +461,29 @@ def check_arguments(args: argparse.Namespace) -> dict[str, list[str]] | None:
         raise UsageError(
             f"{args.model!r} is not a model folder; pass the folder a merge wrote or a Hub id org/name[@revision]"
         )
+    if args.output_json:
+        check_output_json(Path(args.output_json), Path(args.model).expanduser(), no_card=args.no_card)
     return class_names
+
+
+def check_output_json(path: Path, model: Path, *, no_card: bool) -> None:
+    """`--output-json PATH` may not write into a merged folder's results: under `--no-card` not the evaluated
+    folder's own `eval_results.json` (it would then describe another run than the card next to it, and `push` uploads
+    both), and never a file inside another folder hf-mudsc wrote (that model's card and results would disagree, and
+    its marker would not list the file). Refused as an invalid command line (`UsageError`), before anything loads."""
+    from hf_mudsc.publish.folder import written_around
+
+    target = path.expanduser().absolute()
+    evaluated = model.resolve() if model.is_dir() else None
+    if no_card and evaluated is not None and target.parent.resolve() == evaluated and target.name == RESULTS_FILENAME:
+        raise UsageError(
+            f"--output-json {str(path)!r} is the folder's own results file, which goes with its card: --no-card leaves "
+            "both as they are; pass --output-json PATH outside the folder, or leave out --no-card to update both")
+    owner = written_around(target.parent.resolve() / target.name)
+    if owner is not None and owner.resolve() != evaluated:
+        raise UsageError(
+            f"--output-json {str(path)!r} is inside {str(owner)!r}, another model folder hf-mudsc wrote (its card and "
+            "results describe that model); pass --output-json PATH outside it")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -201,6 +201,8 @@ def evaluate_merge(
     tasks = {
         task: {"dataset": source_name(source), "split": source.split or spec_split(source),
                "num_samples": counts[task], **({"first_rows": True} if truncated(counts[task]) else {}),
+               # its rows picked out of one dataset holding every task: no split string names its first rows
+               **({"picked": True} if source.label_range is not None or source.task_column is not None else {}),
                "label_range": list(layout.ranges[task]),
                "classes": list(layout.class_names[task]), **({"local": True} if source.local else {}),
                **({"config": source.config} if source.config else {})}
