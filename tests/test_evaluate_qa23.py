@@ -145,3 +145,97 @@ def test_a_folder_hf_mudsc_did_not_write_gets_no_results_file(folders, monkeypat
                                                                str(folders / "data"), "--no-parents"])
     assert code == 1 and "hf-mudsc did not write that folder" in line and "--no-card" in line, line
     assert _snapshot(folder) == before
+
+
+# ------------------------------------------------------------- 4. a local metric is named by its name
+SIDEFX = '''import datasets
+import evaluate
+
+
+class Sidefx(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(description="", citation="", features=datasets.Features(
+            {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}))
+
+    def _compute(self, predictions, references):
+        return {"sidefx": sum(p == r for p, r in zip(predictions, references)) / len(references)}
+'''
+
+
+def test_a_local_metric_is_named_by_its_folder_not_its_path(two_task_model, tmp_path):
+    """`--metric /abs/metrics/sidefx --trust-remote-code`: the absolute path was the metric's name in the card's
+    front matter (`metrics:`), the model-index (`type`, `name`) and the table. Results and card name it `sidefx`, as
+    they name a local dataset; a local metric named like a shipped one, or two named alike, are refused."""
+    from hf_mudsc.errors import EvaluationError
+    from hf_mudsc.evaluate.names import check_metric_names
+
+    folder = tmp_path / "metrics" / "sidefx"
+    folder.mkdir(parents=True)
+    (folder / "sidefx.py").write_text(SIDEFX)
+    data = {task: (torch.randn(6, 1, 16, 16), [i % 3 for i in range(6)]) for task in RANGES}
+    result = evaluate_merge(two_task_model, None, data, metrics=["accuracy", str(folder)], trust_remote_code=True,
+                            progress=False)
+    assert result.metrics == ["accuracy", "sidefx"]
+    assert result.score("merged", "pets", "sidefx") == result.score("merged", "pets", "accuracy")
+    card = str(update_card_evaluation(ModelCard("---\nlicense: mit\n---\n# m\n"), result.card_rows(), model_name="m"))
+    assert str(tmp_path) not in card and "sidefx" in card
+    assert {r.metric_type for r in ModelCard(card).data.eval_results} == {"accuracy", "sidefx"}
+    (tmp_path / "f1").mkdir()
+    with pytest.raises(EvaluationError, match="named like the shipped metric 'f1'"):
+        check_metric_names([str(tmp_path / "f1")])
+    (tmp_path / "other" / "sidefx").mkdir(parents=True)
+    with pytest.raises(EvaluationError, match="both named 'sidefx'"):
+        check_metric_names([str(folder), str(tmp_path / "other" / "sidefx")])
+
+
+# ------------------------------------------------- 5. a CLIP prompt template is checked before anything loads
+@pytest.mark.parametrize(("template", "said"), [("a {} in {}", "2 replacement field"),
+                                                ("a {} of {style}", "{style}"), ("a photo", "none"),
+                                                ("a {0}", "{0}"), ("a {} {", "not a format string")])
+def test_a_prompt_template_without_exactly_one_field_is_refused_before_loading(folders, monkeypatch, capsys,
+                                                                               template, said):
+    """`--prompt-template "a {} in {}"` ended in an IndexError traceback (`{style}`: KeyError) after every model
+    loaded, `"a photo"` was refused only then. One line, exit 2, before loading; the API raises EvaluationError before
+    it loads a model."""
+    from hf_mudsc.errors import EvaluationError
+
+    code, line = _refused_before_loading(monkeypatch, capsys, [
+        "evaluate", str(folders / "merged"), "--dataset", str(folders / "data"), "--prompt-template", template])
+    assert code == 2 and line.count("--prompt-template") == 1 and said in line, line
+    with pytest.raises(EvaluationError, match="prompt template"):
+        evaluate_merge(str(folders / "absent"), None, {"pets": "unused"}, prompt_template=["a {}", template])
+
+
+# ------------------------------------------------- 6. options that change nothing are refused
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    """A tiny CLIP saved with save_pretrained (config read before any weight) and a 2-class image dataset."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("qa23_clip")
+    make_model("clip", seed=0).save_pretrained(root / "clip")
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})
+    datasets.Dataset.from_dict({"image": [Image.new("RGB", (16, 16))] * 2, "label": [0, 1]},
+                               features=features).save_to_disk(root / "pets")
+    return root
+
+
+def test_clip_options_that_change_nothing_are_refused(clip_folder, folders, monkeypatch, capsys):
+    """`--class-names petz=...` on a CLIP scoring `pets` was dropped without a word; on a ViT classifier
+    `--class-names` and `--prompt-template` were accepted and ignored. Both refused in one line, exit 2, before any
+    weights load (the API: EvaluationError)."""
+    from hf_mudsc.errors import EvaluationError
+
+    code, line = _refused_before_loading(monkeypatch, capsys, [
+        "evaluate", str(clip_folder / "clip"), "--dataset", f"pets={clip_folder / 'pets'}", "--no-card",
+        "--class-names", "petz=lion,tiger"])
+    assert code == 2 and "--class-names names task(s) petz, which no --dataset scores" in line and "pets" in line
+    for flags, said in ((["--class-names", "vit-a=a,b,c"], "--class-names"),
+                        (["--prompt-template", "x {}"], "--prompt-template")):
+        code, line = _refused_before_loading(monkeypatch, capsys, [
+            "evaluate", str(folders / "merged"), "--dataset", str(clip_folder / "pets"), "--no-parents", *flags])
+        assert code == 2 and f"{said} make a CLIP model's zero-shot prompts and have no effect" in line, line
+    data = {task: (torch.randn(4, 1, 16, 16), [0, 1, 2, 0]) for task in RANGES}
+    with pytest.raises(EvaluationError, match="classifier head"):
+        evaluate_merge(make_model("vit_cls", 3, num_labels=6), None, data, class_names={"pets": ["a", "b", "c"]},
+                       progress=False)

@@ -20,7 +20,8 @@ PATH` gets a copy besides): only the card's Evaluation section and its `model-in
 card stays as the merge wrote it; the accuracy chart the card links (DIR/plots/accuracy.png, when hf-mudsc drew one)
 is redrawn from the new results. `--no-card` leaves the folder alone: the results go only to `--output-json PATH`
 (neither DIR/eval_results.json nor a file in another folder hf-mudsc wrote). A folder hf-mudsc did not write (no
-marker: a `save_pretrained` fine-tune) is never written into: refused unless `--no-card`. A Hub id has no folder: its results are printed and written only to `--output-json PATH`.
+marker: a `save_pretrained` fine-tune) is never written into: refused unless `--no-card`. A Hub id has no folder:
+its results are printed and written only to `--output-json PATH`.
 Metrics other than the shipped ones run their own script: they need `--trust-remote-code`.
 Under `accelerate launch`/`torchrun` every process scores a shard; the main process writes.
 """
@@ -42,6 +43,7 @@ from hf_mudsc.evaluate.names import (
     SHIPPED_METRIC_ARGS,
     SHIPPED_METRIC_NAMES,
     check_metric_names,
+    check_prompt_templates,
 )
 from hf_mudsc.load.hub_calls import hub_error_line
 from hf_mudsc.load.references import hide_tokens
@@ -451,6 +453,11 @@ def check_arguments(args: argparse.Namespace) -> dict[str, list[str]] | None:
     except ValueError as error:
         raise UsageError(str(error)) from None
     _check_metrics(args.metric or [], args.trust_remote_code)
+    if args.prompt_template:
+        try:
+            check_prompt_templates(args.prompt_template)
+        except EvaluationError as error:
+            raise UsageError(f"--prompt-template: {error}") from None
     gone = [(task, spec, path) for task, spec in map(_split_task, args.dataset or [])
             if (path := missing_local_data(spec)) is not None]
     if gone:
@@ -486,6 +493,25 @@ def check_output_json(path: Path, model: Path, *, no_card: bool) -> None:
             "results describe that model); pass --output-json PATH outside it")
 
 
+def check_clip_options(args: argparse.Namespace, class_names: dict[str, list[str]] | None, datasets_per_task: Any, *,
+                       clip: bool) -> None:
+    """`--class-names` and `--prompt-template` make a CLIP's zero-shot prompts: on a classifier they changed nothing
+    without a word, and a `--class-names` task no `--dataset TASK=` scores (a typo) was dropped. Both are an invalid
+    command line (exit 2), refused once the model's config is read, before its weights."""
+    if not clip:
+        given = [flag for flag, value in (("--class-names", args.class_names),
+                                          ("--prompt-template", args.prompt_template)) if value]
+        if given:
+            raise UsageError(f"{' and '.join(given)} make a CLIP model's zero-shot prompts and have no effect on "
+                             f"{args.model!r}, a classifier whose head names its classes: leave them out")
+        return
+    tasks = list(datasets_per_task) if isinstance(datasets_per_task, dict) else []
+    unknown = [task for task in class_names or {} if task not in tasks]
+    if unknown:
+        raise UsageError(f"--class-names names task(s) {', '.join(unknown)}, which no --dataset scores; the tasks "
+                         f"scored: {', '.join(tasks)} (--dataset TASK=SPEC)")
+
+
 def run(args: argparse.Namespace) -> int:
     class_names = check_arguments(args)  # before the imports below: they take seconds (torch, transformers)
     from hf_mudsc.apply.classifier import task_ranges
@@ -503,6 +529,7 @@ def run(args: argparse.Namespace) -> int:
         config = _local_config(folder)
         ranges = {task: list(bounds) for task, bounds in task_ranges(config).items()} or None
         datasets_per_task = _datasets(args, list(ranges or {}), ranges, clip=is_clip_config(config))
+        check_clip_options(args, class_names, datasets_per_task, clip=is_clip_config(config))
         parent_refs = _parents(args, folder)
     try:
         merged = load_parent(args.model)
@@ -512,6 +539,7 @@ def run(args: argparse.Namespace) -> int:
         ranges = {task: list(bounds) for task, bounds in task_ranges(merged.model.config).items()} or None
         datasets_per_task = _datasets(args, list(ranges or {}), ranges,  # tasks in parent order
                                       clip=is_clip_config(merged.model.config))
+        check_clip_options(args, class_names, datasets_per_task, clip=is_clip_config(merged.model.config))
     if not local and (args.no_parents or args.parents):
         parent_refs = _parents(args, None)
     elif not local:  # the repo's recipe, at the commit just loaded

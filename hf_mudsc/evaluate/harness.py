@@ -43,6 +43,8 @@ from hf_mudsc.evaluate.names import (
     JOINT_RULES,
     MERGED,
     check_metric_names,
+    check_prompt_templates,
+    metric_shown_name,
     parent_letter,
     parent_names,
 )
@@ -126,6 +128,8 @@ def evaluate_merge(
     metrics = list(metrics)
     check_metric_names(metrics)
     modules = {name: load_metric(name, trust_remote_code=trust_remote_code) for name in metrics}  # before any model
+    shown = {name: metric_shown_name(name) for name in metrics}  # a local metric by its name, never its path
+    check_prompt_templates(prompt_template)  # read by CLIP only, but a wrong one is refused before any model loads
     if batch_size < 1:
         raise EvaluationError(f"batch_size must be >= 1, got {batch_size}")
     if joint_rule not in JOINT_RULES:
@@ -192,7 +196,7 @@ def evaluate_merge(
         raise EvaluationError(
             f"task(s) {empty} have no evaluation rows; check the dataset, split and task mapping"
         )
-    scores = {scorer.name: _views(collected[scorer.name], list(sources), metrics, modules) for scorer in scorers}
+    scores = {scorer.name: _views(collected[scorer.name], list(sources), shown, modules) for scorer in scorers}
 
     def truncated(count: int) -> bool:
         """`num_samples` rows were scored of a task that may have more: its figures are of the first rows only."""
@@ -212,7 +216,8 @@ def evaluate_merge(
     names = [*merged_models, *parent_names(len(parent_models))]
     processors = _processor_record(names, processor_sources, ensemble and len(parent_models) >= 2) \
         if len(distinct) > 1 and preprocessed else {}
-    result = EvaluationResult(metrics=list(metrics), tasks=tasks, scores=scores, merged=list(merged_models),
+    result = EvaluationResult(metrics=[shown[name] for name in metrics], tasks=tasks, scores=scores,
+                              merged=list(merged_models),
                               definitions=definitions(joint_rule if not clip and not layout.shared else None,
                                                       processors=bool(processors),
                                                       joint_data=list(sources) if len(sources) < len(layout.ranges)
@@ -320,6 +325,7 @@ def _layout_and_sources(datasets_per_task: Mapping[str, Any] | Sequence[Any], me
                 "task in order, or a mapping {task: data}"
             )
         sources = {task: as_task_data(v) for task, v in zip(task_order, datasets_per_task)}
+    check_class_names_tasks(class_names, list(sources), clip)
     if clip:
         layout = clip_layout(list(sources), sources, class_names)
     unknown = [t for t in sources if t not in layout.ranges]
@@ -335,6 +341,22 @@ def _layout_and_sources(datasets_per_task: Mapping[str, Any] | Sequence[Any], me
             "metric yourself, and pass only classification tasks here"
         )
     return layout, {task: sources[task] for task in layout.ranges if task in sources}
+
+
+def check_class_names_tasks(class_names: Mapping[str, Any] | None, tasks: Sequence[str], clip: bool) -> None:
+    """`class_names` names only tasks scored, and only for a CLIP (zero-shot prompts): a task name not scored (a
+    typo: `petz`) was dropped without a word, and on a classifier, whose head names its classes, they were ignored."""
+    if not class_names:
+        return
+    if not clip:
+        raise EvaluationError(
+            "class_names (CLI: --class-names) names the classes of a CLIP model's zero-shot prompts; this model has "
+            "a classifier head, whose labels (config.id2label) name its classes: leave class_names out")
+    unknown = [task for task in class_names if task not in tasks]
+    if unknown:
+        raise EvaluationError(
+            f"class_names (CLI: --class-names) names task(s) {unknown} that no data scores; the tasks scored: "
+            f"{', '.join(tasks)} (CLI: each --dataset TASK=SPEC names one)")
 
 
 def _predict(models: Sequence[Any], groups: Mapping[int, int], scorers: Sequence[Scorer], layout: LabelLayout,
@@ -397,14 +419,16 @@ def _predict(models: Sequence[Any], groups: Mapping[int, int], scorers: Sequence
     return collected, counts, preprocessed, failure
 
 
-def _views(collected: Mapping[str, tuple[list[int], list[int]]], tasks: Sequence[str], metrics: Sequence[str],
+def _views(collected: Mapping[str, tuple[list[int], list[int]]], tasks: Sequence[str], metrics: Mapping[str, str],
            modules: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    """One scorer's metric values per view (tasks, joint, average), in that order."""
+    """One scorer's metric values per view (tasks, joint, average), in that order; `metrics`: each metric as given
+    -> as the results name it (`metric_shown_name`)."""
     views: dict[str, dict[str, float]] = {}
     for view, (predictions, references) in collected.items():
-        views[view] = {m: compute_metric(m, predictions, references, module=modules[m], view=view) for m in metrics}
+        views[view] = {shown: compute_metric(m, predictions, references, module=modules[m], view=view)
+                       for m, shown in metrics.items()}
     if all(t in views for t in tasks):
-        views[AVERAGE] = {m: float(np.mean([views[t][m] for t in tasks])) for m in metrics}
+        views[AVERAGE] = {m: float(np.mean([views[t][m] for t in tasks])) for m in metrics.values()}
     return {v: views[v] for v in [*tasks, JOINT, AVERAGE] if v in views}
 
 

@@ -31,8 +31,8 @@ class EvaluationResult:
     `tasks` maps each task to its data description: `dataset`, `split`, `num_samples` (the rows scored),
     `first_rows` (true when `num_samples=` cut the data to its first rows), `picked` (true when its rows were picked
     out of one dataset holding every task, by task column or joint label id: its first rows are then not the split's)
-    and `label_range` (its slice of the joint label space). Scores are fractions in [0, 1]. A missing entry means the view
-    is not defined for that scorer (e.g. parent A on task B). `processors`: when the models' processors differ,
+    and `label_range` (its slice of the joint label space). Scores are fractions in [0, 1]. A missing entry means the
+    view is not defined for that scorer (e.g. parent A on task B). `processors`: when the models' processors differ,
     whose processor made each scorer's inputs (`own`, `parent_a's`, `given (processor=)`); empty when one
     processor made every input.
     """
