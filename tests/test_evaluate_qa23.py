@@ -239,3 +239,75 @@ def test_clip_options_that_change_nothing_are_refused(clip_folder, folders, monk
     with pytest.raises(EvaluationError, match="classifier head"):
         evaluate_merge(make_model("vit_cls", 3, num_labels=6), None, data, class_names={"pets": ["a", "b", "c"]},
                        progress=False)
+
+
+# ------------------------------------------ 8. a merge that cannot be scored is refused from its config
+@pytest.mark.parametrize("head", ["regression", "multi_label"])
+def test_a_regression_or_multi_label_merge_is_refused_before_any_weights_load(folders, clip_folder, monkeypatch,
+                                                                              capsys, tmp_path, head):
+    """A merge of two regression parents (task ranges one wide) was refused only after the merged model and every
+    parent were loaded; the config says it. The API (a folder) and the CLI refuse it before any load."""
+    from hf_mudsc.errors import EvaluationError
+    from hf_mudsc.publish.folder import record_files
+
+    folder = tmp_path / head
+    model = make_model("vit_cls", 0, num_labels=2 if head == "regression" else 6)
+    if head == "regression":
+        model.config.task_label_ranges, model.config.problem_type = {"a": [0, 1], "b": [1, 2]}, "regression"
+    else:
+        model.config.task_label_ranges, model.config.problem_type = RANGES, "multi_label_classification"
+    model.save_pretrained(folder)
+    record_files(folder)
+    said = "regression head" if head == "regression" else "multi-label head"
+    import hf_mudsc.load.parents as parents
+
+    monkeypatch.setattr(parents, "load_parent", lambda *a, **k: pytest.fail("loaded before refusing"))
+    with pytest.raises(EvaluationError, match=said):
+        evaluate_merge(str(folder), [str(folders / "merged")] * 2, ["unused", "unused"], progress=False)
+    code, line = _refused_before_loading(monkeypatch, capsys, [
+        "evaluate", str(folder), "--dataset", str(clip_folder / "pets"), "--dataset", str(clip_folder / "pets"),
+        "--parents", str(folders / "merged"), str(folders / "other")])
+    assert code == 1 and said in line and repr(str(folder)) in line, line
+
+
+# ------------------------------------------------------------------ 9. evaluate takes --token
+def test_evaluate_takes_a_token_for_its_hub_reads_and_never_shows_it(folders, clip_folder, monkeypatch, capsys):
+    """The token refusal says "CLI: --token", but `hf-mudsc evaluate --token x` was `unrecognized arguments`.
+    evaluate reads from the Hub (a model id, its recipe's parents, datasets), so it takes --token as merge and push
+    do: handed to the loads, never printed."""
+    import hf_mudsc.load.parents as parents
+    from hf_mudsc.cli.main import main
+    from hf_mudsc.errors import LoadError
+
+    token = "hf_" + "Ab1" * 11
+    given = []
+
+    def load_parent(reference, *, token=None, **_):
+        given.append(token)
+        raise LoadError("not here")
+
+    monkeypatch.setattr(parents, "load_parent", load_parent)
+    capsys.readouterr()
+    assert main(["evaluate", str(folders / "merged"), "--dataset", str(clip_folder / "pets"), "--no-parents",
+                 "--token", token]) == 1
+    captured = capsys.readouterr()
+    assert given == [token] and "not here" in captured.err
+    assert token not in captured.err + captured.out
+
+
+def test_a_model_hf_mudsc_did_not_merge_is_not_called_merged(folders, tmp_path, capsys):
+    """`evaluate FINE_TUNE --no-card --output-json r.json`: a plain fine-tune (no marker, no recipe) was scored and
+    printed as `merged`. It is `model` in the table and the results; a folder a merge wrote stays `merged`."""
+    import json
+
+    from hf_mudsc.cli.main import main
+
+    data = tmp_path / "pixels"
+    datasets.Dataset.from_dict({"pixel_values": torch.randn(4, 1, 16, 16).tolist(),
+                                "label": [0, 1, 2, 0]}).save_to_disk(data)
+    capsys.readouterr()
+    assert main(["evaluate", str(folders / "fine-tune"), "--dataset", str(data), "--no-card", "--output-json",
+                 str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| model |" in out and "| merged |" not in out, out
+    assert json.loads((tmp_path / "r.json").read_text())["merged"] == ["model"]

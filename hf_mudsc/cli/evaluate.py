@@ -130,6 +130,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"also write the results here (DIR/{RESULTS_FILENAME} is always written with the "
                         "card; for a Hub id, or with --no-card, the results are only printed unless this names a "
                         "file)")
+    parser.add_argument(
+        "--token", metavar="TOKEN", default=argparse.SUPPRESS,
+        help="Hub token for a private or gated model, parents or datasets (default: HF_TOKEN or the stored `hf auth "
+        "login`; prefer those: a token on the command line is visible to other users of the machine); never logged "
+        "or written")
     parser.add_argument("--no-card", action="store_true",
                         help=f"leave the folder alone: neither DIR/README.md (the model card's model-index) nor "
                         f"DIR/{RESULTS_FILENAME} is changed; the results go to --output-json PATH")
@@ -244,7 +249,8 @@ def _datasets(
 
     def open_spec(spec: str, task: str | None) -> TaskData:
         """The spec opened with the calibration loader, its errors naming evaluation data (of `task`)."""
-        return spec_task_data(spec, load_calibration_dataset(spec, role=evaluation_source(task)),
+        return spec_task_data(spec, load_calibration_dataset(spec, role=evaluation_source(task),
+                                                             token=getattr(args, "token", None)),
                               label_column=args.label_column)
 
     if named:
@@ -418,7 +424,7 @@ def _local_config(folder: Path) -> Any:
         raise ValueError(f"cannot read the config of the merged model {str(folder)!r}: {error}") from None
 
 
-def _hub_recipe_parents(loaded: Any) -> list[str] | None:
+def _hub_recipe_parents(loaded: Any, token: str | None = None) -> list[str] | None:
     """The parents named by the merge recipe of a Hub model, at the commit evaluated (None if it has none)."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
@@ -426,7 +432,7 @@ def _hub_recipe_parents(loaded: Any) -> list[str] | None:
     from hf_mudsc.publish.recipe import RECIPE_FILENAME
 
     try:
-        path = hf_hub_download(loaded.repo_id, RECIPE_FILENAME, revision=loaded.commit_sha)
+        path = hf_hub_download(loaded.repo_id, RECIPE_FILENAME, revision=loaded.commit_sha, token=token)
     except (EntryNotFoundError, LocalEntryNotFoundError):
         return None
     except (HfHubHTTPError, OSError) as error:
@@ -512,16 +518,28 @@ def check_clip_options(args: argparse.Namespace, class_names: dict[str, list[str
                          f"scored: {', '.join(tasks)} (--dataset TASK=SPEC)")
 
 
+def scorer_name(folder: Path | None) -> str:
+    """What the table and the results call the model evaluated: `merged`, except for a local folder neither written
+    by hf-mudsc (its marker) nor holding a merge recipe (a plain fine-tune, scored with --no-card): `model`."""
+    from hf_mudsc.publish.folder import read_marker
+    from hf_mudsc.publish.recipe import RECIPE_FILENAME
+
+    if folder is None or read_marker(folder) is not None or (folder / RECIPE_FILENAME).is_file():
+        return "merged"
+    return "model"
+
+
 def run(args: argparse.Namespace) -> int:
     class_names = check_arguments(args)  # before the imports below: they take seconds (torch, transformers)
     from hf_mudsc.apply.classifier import task_ranges
     from hf_mudsc.errors import LoadError
-    from hf_mudsc.evaluate.harness import evaluate_merge
+    from hf_mudsc.evaluate.harness import check_scorable, evaluate_merge
     from hf_mudsc.evaluate.scorers import is_clip_config
     from hf_mudsc.load.parents import load_parent
 
     folder = Path(args.model).expanduser()
     local = folder.is_dir()
+    token = getattr(args, "token", None)  # passed to the Hub calls only: never printed, logged or written
     json_paths = results_paths(folder if local and not args.no_card else None, args.output_json)
     check_replaceable(json_paths, folder / CARD_FILENAME if local and not args.no_card else None)
     datasets_per_task = None
@@ -530,9 +548,15 @@ def run(args: argparse.Namespace) -> int:
         ranges = {task: list(bounds) for task, bounds in task_ranges(config).items()} or None
         datasets_per_task = _datasets(args, list(ranges or {}), ranges, clip=is_clip_config(config))
         check_clip_options(args, class_names, datasets_per_task, clip=is_clip_config(config))
+        try:  # a regression or multi-label merge: its config says so, before any weights
+            check_scorable(config, list(datasets_per_task) if isinstance(datasets_per_task, dict)
+                           else len(datasets_per_task), f"merged model {args.model!r}")
+        except EvaluationError as error:
+            print(f"hf-mudsc evaluate: error: {hide_tokens(str(error))}", file=sys.stderr)
+            return 1
         parent_refs = _parents(args, folder)
     try:
-        merged = load_parent(args.model)
+        merged = load_parent(args.model, token=token)
     except LoadError as error:
         raise ValueError(f"cannot load the merged model {args.model!r}: {error}") from error
     if datasets_per_task is None:
@@ -543,20 +567,21 @@ def run(args: argparse.Namespace) -> int:
     if not local and (args.no_parents or args.parents):
         parent_refs = _parents(args, None)
     elif not local:  # the repo's recipe, at the commit just loaded
-        parent_refs = _hub_recipe_parents(merged)
+        parent_refs = _hub_recipe_parents(merged, token)
         if parent_refs is None:
             print("No --parents and no merge recipe in the repository: scoring the merged model alone.")
     parents = None
     if parent_refs is not None:
         try:
-            parents = [load_parent(ref) for ref in parent_refs]
+            parents = [load_parent(ref, token=token) for ref in parent_refs]
         except LoadError as error:
             raise ValueError(
                 f"cannot load the parents {parent_refs}: {error}; pass --parents A B or --no-parents"
             ) from error
     try:
         result = evaluate_merge(
-            {"merged": merged}, parents, datasets_per_task, metrics=args.metric or ["accuracy"],
+            {scorer_name(folder if local else None): merged}, parents, datasets_per_task,
+            metrics=args.metric or ["accuracy"],
             ensemble=not args.no_ensemble, batch_size=args.batch_size, num_samples=args.num_samples,
             image_column=args.image_column, text_column=args.text_column, class_names=class_names,
             prompt_template=args.prompt_template or DEFAULT_PROMPT, joint_rule=args.joint_rule,

@@ -49,7 +49,7 @@ from hf_mudsc.evaluate.names import (
     parent_names,
 )
 from hf_mudsc.evaluate.results import EvaluationResult, definitions
-from hf_mudsc.evaluate.scorers import ModelInputs, Scorer, build_scorers, is_clip
+from hf_mudsc.evaluate.scorers import ModelInputs, Scorer, build_scorers, is_clip, is_clip_config
 from hf_mudsc.evaluate.tasks import (
     LabelLayout,
     TaskData,
@@ -138,6 +138,11 @@ def evaluate_merge(
         raise EvaluationError(f"num_samples must be >= 1 or None, got {num_samples}")
     if datasets_per_task is None or len(datasets_per_task) == 0:
         raise EvaluationError("no evaluation data: pass datasets_per_task={task: dataset, ...}")
+    scored = list(datasets_per_task) if isinstance(datasets_per_task, Mapping) else len(datasets_per_task)
+    for name, reference in (dict(merged) if isinstance(merged, Mapping) else {MERGED: merged}).items():
+        config = _config_before_loading(reference)  # a folder's config.json: refused before any weights
+        if config is not None:
+            check_scorable(config, scored, f"merged model {name!r}")
     merged_models, parent_models, owned = _load_models(merged, parents)
     assigned, processor_sources = _assign_processors(merged_models, owned, processor, own_processors)
     models = [*merged_models.values(), *parent_models]
@@ -357,6 +362,54 @@ def check_class_names_tasks(class_names: Mapping[str, Any] | None, tasks: Sequen
         raise EvaluationError(
             f"class_names (CLI: --class-names) names task(s) {unknown} that no data scores; the tasks scored: "
             f"{', '.join(tasks)} (CLI: each --dataset TASK=SPEC names one)")
+
+
+def check_scorable(config: Any, scored: Sequence[str] | int, what: str) -> None:
+    """Whether the model of `config` has one class per row to score on the tasks `scored` (their names, or how many
+    datasets are given in task order): a multi-label head or a regression head (one output: a task range one wide,
+    or one label and no task ranges) has none. Read from the config alone, so that such a merge is refused before its
+    weights and every parent's are loaded."""
+    from hf_mudsc.apply.classifier import task_ranges
+
+    if getattr(config, "problem_type", None) == "multi_label_classification":
+        raise EvaluationError(
+            f"{what} has a multi-label head (problem_type 'multi_label_classification': one sigmoid per label), which "
+            "has no single class per row to score by accuracy or f1; score its sigmoid outputs "
+            "(model(**inputs).logits) with a multi-label metric yourself")
+    if is_clip_config(config):
+        return
+    try:
+        ranges = task_ranges(config)
+    except ValueError:  # refused with the layout, by name
+        return
+    if ranges:
+        tasks = [t for t in scored if t in ranges] if not isinstance(scored, int) else list(ranges)[:scored]
+        one_output = [task for task in tasks if ranges[task][1] - ranges[task][0] == 1]
+    else:
+        labels = len(getattr(config, "id2label", None) or {}) or getattr(config, "num_labels", 2)
+        one_output = ["its one task"] if labels == 1 else []
+    if one_output:
+        raise EvaluationError(
+            f"{what}: task(s) {one_output} have a regression head (one output, transformers' num_labels=1), which has "
+            "no classes to score by accuracy or f1; score its outputs (model(**inputs).logits) with a regression "
+            "metric yourself, and pass only classification tasks here")
+
+
+def _config_before_loading(reference: Any) -> Any:
+    """The config of a model to load, without its weights: a model object's own, a local folder's config.json; None
+    when only loading tells (a Hub id, a config that does not load: the load then says why)."""
+    from transformers import AutoConfig, PreTrainedModel
+
+    if isinstance(reference, PreTrainedModel):
+        return reference.config
+    if hasattr(reference, "model") and isinstance(reference.model, PreTrainedModel):
+        return reference.model.config
+    if isinstance(reference, (str, os.PathLike)) and os.path.isdir(os.path.expanduser(os.fspath(reference))):
+        try:
+            return AutoConfig.from_pretrained(os.path.expanduser(os.fspath(reference)), trust_remote_code=False)
+        except (ValueError, OSError, KeyError):
+            return None
+    return None
 
 
 def _predict(models: Sequence[Any], groups: Mapping[int, int], scorers: Sequence[Scorer], layout: LabelLayout,
