@@ -518,13 +518,14 @@ def check_clip_options(args: argparse.Namespace, class_names: dict[str, list[str
                          f"scored: {', '.join(tasks)} (--dataset TASK=SPEC)")
 
 
-def scorer_name(folder: Path | None) -> str:
-    """What the table and the results call the model evaluated: `merged`, except for a local folder neither written
-    by hf-mudsc (its marker) nor holding a merge recipe (a plain fine-tune, scored with --no-card): `model`."""
+def scorer_name(folder: Path | None, *, with_parents: bool) -> str:
+    """What the table and the results call the model evaluated: `merged`, except for a local folder scored alone
+    that neither hf-mudsc wrote (its marker) nor holds a merge recipe (a plain fine-tune, scored with --no-card):
+    `model`. Scored next to `--parents`, it is the merge of those."""
     from hf_mudsc.publish.folder import read_marker
     from hf_mudsc.publish.recipe import RECIPE_FILENAME
 
-    if folder is None or read_marker(folder) is not None or (folder / RECIPE_FILENAME).is_file():
+    if folder is None or with_parents or read_marker(folder) is not None or (folder / RECIPE_FILENAME).is_file():
         return "merged"
     return "model"
 
@@ -580,7 +581,8 @@ def run(args: argparse.Namespace) -> int:
             ) from error
     try:
         result = evaluate_merge(
-            {scorer_name(folder if local else None): merged}, parents, datasets_per_task,
+            {scorer_name(folder if local else None, with_parents=parents is not None): merged}, parents,
+            datasets_per_task,
             metrics=args.metric or ["accuracy"],
             ensemble=not args.no_ensemble, batch_size=args.batch_size, num_samples=args.num_samples,
             image_column=args.image_column, text_column=args.text_column, class_names=class_names,
