@@ -27,6 +27,7 @@ from hf_mudsc.evaluate.metrics import compute_metric
 from hf_mudsc.evaluate.results import EvaluationResult
 from hf_mudsc.evaluate.tasks import TaskData, spec_task_data
 from hf_mudsc.publish.card import render_card, update_card_evaluation
+from hf_mudsc.publish.folder import record_files
 from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe, published_text
 
 # A Hub repo id as the Hub accepts it (`name` or `org/name`): what a model-index dataset `type` is read as.
@@ -194,6 +195,7 @@ def test_the_cli_writes_no_results_and_no_card_when_a_metric_returns_nan(tmp_pat
     make_model("vit_cls", 1).save_pretrained(model)
     ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5]).save_pretrained(model)
     (model / RECIPE_FILENAME).write_text(Recipe(models=["org/a", "org/b"]).to_yaml())  # a card would be rendered
+    record_files(model)  # a folder hf-mudsc wrote: one it did not is never written into
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L") for _ in range(4)]
     datasets.Dataset.from_dict({"image": images, "label": [0, 1, 2, 0]}).cast_column(

@@ -258,11 +258,11 @@ TOKEN = "hf_FAKEFAKEFAKE1234567890"
 
 
 @pytest.mark.parametrize("argv", [
-    ["evaluate", "some/model", "--dataset", "d:test", "--token", TOKEN],  # evaluate has no --token flag
-    ["evaluate", "some/model", "--dataset", "d:test", f"--token={TOKEN}"],
+    ["inspect", "some/model", "--token", TOKEN],  # inspect has no --token flag
+    ["inspect", "some/model", f"--token={TOKEN}"],
     ["merge", "a", "b", "--output", "o", "--tokn", TOKEN],  # a typo of the flag
     ["merge", "a", "b", "--output", "o", "--batch-size", TOKEN],  # a token where a number goes
-    ["evaluate", "some/model", "--dataset", "d:test", "--token", "s3cr3t-not-hf-shaped"],
+    ["inspect", "some/model", "--token", "s3cr3t-not-hf-shaped"],
 ])
 def test_argument_errors_never_echo_a_token(capsys, argv):
     with pytest.raises(SystemExit) as caught:

@@ -18,8 +18,10 @@ never another path of this machine). Results are printed, written to `DIR/eval_r
 DIR/README.md, always together (so a push never sends a card and a results file of different runs; `--output-json
 PATH` gets a copy besides): only the card's Evaluation section and its `model-index` are replaced, the rest of the
 card stays as the merge wrote it; the accuracy chart the card links (DIR/plots/accuracy.png, when hf-mudsc drew one)
-is redrawn from the new results. `--no-card` leaves the folder alone: the results go only to `--output-json PATH`. A
-Hub id has no folder: its results are printed and written only to `--output-json PATH`.
+is redrawn from the new results. `--no-card` leaves the folder alone: the results go only to `--output-json PATH`
+(neither DIR/eval_results.json nor a file in another folder hf-mudsc wrote). A folder hf-mudsc did not write (no
+marker: a `save_pretrained` fine-tune) is never written into: refused unless `--no-card`. A Hub id has no folder:
+its results are printed and written only to `--output-json PATH`.
 Metrics other than the shipped ones run their own script: they need `--trust-remote-code`.
 Under `accelerate launch`/`torchrun` every process scores a shard; the main process writes.
 """
@@ -41,6 +43,7 @@ from hf_mudsc.evaluate.names import (
     SHIPPED_METRIC_ARGS,
     SHIPPED_METRIC_NAMES,
     check_metric_names,
+    check_prompt_templates,
 )
 from hf_mudsc.load.hub_calls import hub_error_line
 from hf_mudsc.load.references import hide_tokens
@@ -127,6 +130,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"also write the results here (DIR/{RESULTS_FILENAME} is always written with the "
                         "card; for a Hub id, or with --no-card, the results are only printed unless this names a "
                         "file)")
+    parser.add_argument(
+        "--token", metavar="TOKEN", default=argparse.SUPPRESS,
+        help="Hub token for a private or gated model, parents or datasets (default: HF_TOKEN or the stored `hf auth "
+        "login`; prefer those: a token on the command line is visible to other users of the machine); never logged "
+        "or written")
     parser.add_argument("--no-card", action="store_true",
                         help=f"leave the folder alone: neither DIR/README.md (the model card's model-index) nor "
                         f"DIR/{RESULTS_FILENAME} is changed; the results go to --output-json PATH")
@@ -241,7 +249,8 @@ def _datasets(
 
     def open_spec(spec: str, task: str | None) -> TaskData:
         """The spec opened with the calibration loader, its errors naming evaluation data (of `task`)."""
-        return spec_task_data(spec, load_calibration_dataset(spec, role=evaluation_source(task)),
+        return spec_task_data(spec, load_calibration_dataset(spec, role=evaluation_source(task),
+                                                             token=getattr(args, "token", None)),
                               label_column=args.label_column)
 
     if named:
@@ -330,7 +339,7 @@ def check_replaceable(json_paths: list[Path], card_path: Path | None) -> None:
     import json
 
     from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES
-    from hf_mudsc.publish.folder import changed_files, read_marker, written_unchanged
+    from hf_mudsc.publish.folder import MARKER_FILENAME, changed_files, read_marker, written_unchanged
     from hf_mudsc.solve.diagnostics import PLOTS_FOLDER
 
     def results_file(path: Path) -> bool:
@@ -358,6 +367,11 @@ def check_replaceable(json_paths: list[Path], card_path: Path | None) -> None:
         if path.is_symlink() or not path.is_file() or not replaceable(path):
             raise FileExistsError(f"refusing to replace {str(path)!r} with the results: hf-mudsc did not write it "
                                   f"(or it changed since); {fix}")
+    if card_path is not None and read_marker(card_path.parent) is None:
+        raise FileExistsError(  # a plain fine-tune (save_pretrained): its files are its owner's
+            f"refusing to write the results into {str(card_path.parent)!r}: hf-mudsc did not write that folder (no "
+            f"{MARKER_FILENAME}), and it changes only folders it wrote; pass --no-card (the results then go only to "
+            "--output-json PATH)")
     if card_path is not None and card_path.is_file():
         changed = changed_files(card_path.parent,  # less what evaluate itself checks and rewrites
                                 ignore=(CARD_FILENAME, RESULTS_FILENAME, f"{PLOTS_FOLDER}/accuracy.png"))
@@ -410,7 +424,7 @@ def _local_config(folder: Path) -> Any:
         raise ValueError(f"cannot read the config of the merged model {str(folder)!r}: {error}") from None
 
 
-def _hub_recipe_parents(loaded: Any) -> list[str] | None:
+def _hub_recipe_parents(loaded: Any, token: str | None = None) -> list[str] | None:
     """The parents named by the merge recipe of a Hub model, at the commit evaluated (None if it has none)."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
@@ -418,7 +432,7 @@ def _hub_recipe_parents(loaded: Any) -> list[str] | None:
     from hf_mudsc.publish.recipe import RECIPE_FILENAME
 
     try:
-        path = hf_hub_download(loaded.repo_id, RECIPE_FILENAME, revision=loaded.commit_sha)
+        path = hf_hub_download(loaded.repo_id, RECIPE_FILENAME, revision=loaded.commit_sha, token=token)
     except (EntryNotFoundError, LocalEntryNotFoundError):
         return None
     except (HfHubHTTPError, OSError) as error:
@@ -445,6 +459,11 @@ def check_arguments(args: argparse.Namespace) -> dict[str, list[str]] | None:
     except ValueError as error:
         raise UsageError(str(error)) from None
     _check_metrics(args.metric or [], args.trust_remote_code)
+    if args.prompt_template:
+        try:
+            check_prompt_templates(args.prompt_template)
+        except EvaluationError as error:
+            raise UsageError(f"--prompt-template: {error}") from None
     gone = [(task, spec, path) for task, spec in map(_split_task, args.dataset or [])
             if (path := missing_local_data(spec)) is not None]
     if gone:
@@ -455,19 +474,73 @@ def check_arguments(args: argparse.Namespace) -> dict[str, list[str]] | None:
         raise UsageError(
             f"{args.model!r} is not a model folder; pass the folder a merge wrote or a Hub id org/name[@revision]"
         )
+    if args.output_json:
+        check_output_json(Path(args.output_json), Path(args.model).expanduser(), no_card=args.no_card)
     return class_names
+
+
+def check_output_json(path: Path, model: Path, *, no_card: bool) -> None:
+    """`--output-json PATH` may not write into a merged folder's results: under `--no-card` not the evaluated
+    folder's own `eval_results.json` (it would then describe another run than the card next to it, and `push` uploads
+    both), and never a file inside another folder hf-mudsc wrote (that model's card and results would disagree, and
+    its marker would not list the file). Refused as an invalid command line (`UsageError`), before anything loads."""
+    from hf_mudsc.publish.folder import written_around
+
+    target = path.expanduser().absolute()
+    evaluated = model.resolve() if model.is_dir() else None
+    if no_card and evaluated is not None and target.parent.resolve() == evaluated and target.name == RESULTS_FILENAME:
+        raise UsageError(
+            f"--output-json {str(path)!r} is the folder's own results file, which goes with its card: --no-card leaves "
+            "both as they are; pass --output-json PATH outside the folder, or leave out --no-card to update both")
+    owner = written_around(target.parent.resolve() / target.name)
+    if owner is not None and owner.resolve() != evaluated:
+        raise UsageError(
+            f"--output-json {str(path)!r} is inside {str(owner)!r}, another model folder hf-mudsc wrote (its card and "
+            "results describe that model); pass --output-json PATH outside it")
+
+
+def check_clip_options(args: argparse.Namespace, class_names: dict[str, list[str]] | None, datasets_per_task: Any, *,
+                       clip: bool) -> None:
+    """`--class-names` and `--prompt-template` make a CLIP's zero-shot prompts: on a classifier they changed nothing
+    without a word, and a `--class-names` task no `--dataset TASK=` scores (a typo) was dropped. Both are an invalid
+    command line (exit 2), refused once the model's config is read, before its weights."""
+    if not clip:
+        given = [flag for flag, value in (("--class-names", args.class_names),
+                                          ("--prompt-template", args.prompt_template)) if value]
+        if given:
+            raise UsageError(f"{' and '.join(given)} make a CLIP model's zero-shot prompts and have no effect on "
+                             f"{args.model!r}, a classifier whose head names its classes: leave them out")
+        return
+    tasks = list(datasets_per_task) if isinstance(datasets_per_task, dict) else []
+    unknown = [task for task in class_names or {} if task not in tasks]
+    if unknown:
+        raise UsageError(f"--class-names names task(s) {', '.join(unknown)}, which no --dataset scores; the tasks "
+                         f"scored: {', '.join(tasks)} (--dataset TASK=SPEC)")
+
+
+def scorer_name(folder: Path | None, *, with_parents: bool) -> str:
+    """What the table and the results call the model evaluated: `merged`, except for a local folder scored alone
+    that neither hf-mudsc wrote (its marker) nor holds a merge recipe (a plain fine-tune, scored with --no-card):
+    `model`. Scored next to `--parents`, it is the merge of those."""
+    from hf_mudsc.publish.folder import read_marker
+    from hf_mudsc.publish.recipe import RECIPE_FILENAME
+
+    if folder is None or with_parents or read_marker(folder) is not None or (folder / RECIPE_FILENAME).is_file():
+        return "merged"
+    return "model"
 
 
 def run(args: argparse.Namespace) -> int:
     class_names = check_arguments(args)  # before the imports below: they take seconds (torch, transformers)
     from hf_mudsc.apply.classifier import task_ranges
     from hf_mudsc.errors import LoadError
-    from hf_mudsc.evaluate.harness import evaluate_merge
+    from hf_mudsc.evaluate.harness import check_scorable, evaluate_merge
     from hf_mudsc.evaluate.scorers import is_clip_config
     from hf_mudsc.load.parents import load_parent
 
     folder = Path(args.model).expanduser()
     local = folder.is_dir()
+    token = getattr(args, "token", None)  # passed to the Hub calls only: never printed, logged or written
     json_paths = results_paths(folder if local and not args.no_card else None, args.output_json)
     check_replaceable(json_paths, folder / CARD_FILENAME if local and not args.no_card else None)
     datasets_per_task = None
@@ -475,32 +548,42 @@ def run(args: argparse.Namespace) -> int:
         config = _local_config(folder)
         ranges = {task: list(bounds) for task, bounds in task_ranges(config).items()} or None
         datasets_per_task = _datasets(args, list(ranges or {}), ranges, clip=is_clip_config(config))
+        check_clip_options(args, class_names, datasets_per_task, clip=is_clip_config(config))
+        try:  # a regression or multi-label merge: its config says so, before any weights
+            check_scorable(config, list(datasets_per_task) if isinstance(datasets_per_task, dict)
+                           else len(datasets_per_task), f"merged model {args.model!r}")
+        except EvaluationError as error:
+            print(f"hf-mudsc evaluate: error: {hide_tokens(str(error))}", file=sys.stderr)
+            return 1
         parent_refs = _parents(args, folder)
     try:
-        merged = load_parent(args.model)
+        merged = load_parent(args.model, token=token)
     except LoadError as error:
         raise ValueError(f"cannot load the merged model {args.model!r}: {error}") from error
     if datasets_per_task is None:
         ranges = {task: list(bounds) for task, bounds in task_ranges(merged.model.config).items()} or None
         datasets_per_task = _datasets(args, list(ranges or {}), ranges,  # tasks in parent order
                                       clip=is_clip_config(merged.model.config))
+        check_clip_options(args, class_names, datasets_per_task, clip=is_clip_config(merged.model.config))
     if not local and (args.no_parents or args.parents):
         parent_refs = _parents(args, None)
     elif not local:  # the repo's recipe, at the commit just loaded
-        parent_refs = _hub_recipe_parents(merged)
+        parent_refs = _hub_recipe_parents(merged, token)
         if parent_refs is None:
             print("No --parents and no merge recipe in the repository: scoring the merged model alone.")
     parents = None
     if parent_refs is not None:
         try:
-            parents = [load_parent(ref) for ref in parent_refs]
+            parents = [load_parent(ref, token=token) for ref in parent_refs]
         except LoadError as error:
             raise ValueError(
                 f"cannot load the parents {parent_refs}: {error}; pass --parents A B or --no-parents"
             ) from error
     try:
         result = evaluate_merge(
-            {"merged": merged}, parents, datasets_per_task, metrics=args.metric or ["accuracy"],
+            {scorer_name(folder if local else None, with_parents=parents is not None): merged}, parents,
+            datasets_per_task,
+            metrics=args.metric or ["accuracy"],
             ensemble=not args.no_ensemble, batch_size=args.batch_size, num_samples=args.num_samples,
             image_column=args.image_column, text_column=args.text_column, class_names=class_names,
             prompt_template=args.prompt_template or DEFAULT_PROMPT, joint_rule=args.joint_rule,

@@ -43,11 +43,13 @@ from hf_mudsc.evaluate.names import (
     JOINT_RULES,
     MERGED,
     check_metric_names,
+    check_prompt_templates,
+    metric_shown_name,
     parent_letter,
     parent_names,
 )
 from hf_mudsc.evaluate.results import EvaluationResult, definitions
-from hf_mudsc.evaluate.scorers import ModelInputs, Scorer, build_scorers, is_clip
+from hf_mudsc.evaluate.scorers import ModelInputs, Scorer, build_scorers, is_clip, is_clip_config
 from hf_mudsc.evaluate.tasks import (
     LabelLayout,
     TaskData,
@@ -126,6 +128,8 @@ def evaluate_merge(
     metrics = list(metrics)
     check_metric_names(metrics)
     modules = {name: load_metric(name, trust_remote_code=trust_remote_code) for name in metrics}  # before any model
+    shown = {name: metric_shown_name(name) for name in metrics}  # a local metric by its name, never its path
+    check_prompt_templates(prompt_template)  # read by CLIP only, but a wrong one is refused before any model loads
     if batch_size < 1:
         raise EvaluationError(f"batch_size must be >= 1, got {batch_size}")
     if joint_rule not in JOINT_RULES:
@@ -134,6 +138,11 @@ def evaluate_merge(
         raise EvaluationError(f"num_samples must be >= 1 or None, got {num_samples}")
     if datasets_per_task is None or len(datasets_per_task) == 0:
         raise EvaluationError("no evaluation data: pass datasets_per_task={task: dataset, ...}")
+    scored = list(datasets_per_task) if isinstance(datasets_per_task, Mapping) else len(datasets_per_task)
+    for name, reference in (dict(merged) if isinstance(merged, Mapping) else {MERGED: merged}).items():
+        config = _config_before_loading(reference)  # a folder's config.json: refused before any weights
+        if config is not None:
+            check_scorable(config, scored, f"merged model {name!r}")
     merged_models, parent_models, owned = _load_models(merged, parents)
     assigned, processor_sources = _assign_processors(merged_models, owned, processor, own_processors)
     models = [*merged_models.values(), *parent_models]
@@ -192,7 +201,7 @@ def evaluate_merge(
         raise EvaluationError(
             f"task(s) {empty} have no evaluation rows; check the dataset, split and task mapping"
         )
-    scores = {scorer.name: _views(collected[scorer.name], list(sources), metrics, modules) for scorer in scorers}
+    scores = {scorer.name: _views(collected[scorer.name], list(sources), shown, modules) for scorer in scorers}
 
     def truncated(count: int) -> bool:
         """`num_samples` rows were scored of a task that may have more: its figures are of the first rows only."""
@@ -201,6 +210,8 @@ def evaluate_merge(
     tasks = {
         task: {"dataset": source_name(source), "split": source.split or spec_split(source),
                "num_samples": counts[task], **({"first_rows": True} if truncated(counts[task]) else {}),
+               # its rows picked out of one dataset holding every task: no split string names its first rows
+               **({"picked": True} if source.label_range is not None or source.task_column is not None else {}),
                "label_range": list(layout.ranges[task]),
                "classes": list(layout.class_names[task]), **({"local": True} if source.local else {}),
                **({"config": source.config} if source.config else {})}
@@ -210,7 +221,8 @@ def evaluate_merge(
     names = [*merged_models, *parent_names(len(parent_models))]
     processors = _processor_record(names, processor_sources, ensemble and len(parent_models) >= 2) \
         if len(distinct) > 1 and preprocessed else {}
-    result = EvaluationResult(metrics=list(metrics), tasks=tasks, scores=scores, merged=list(merged_models),
+    result = EvaluationResult(metrics=[shown[name] for name in metrics], tasks=tasks, scores=scores,
+                              merged=list(merged_models),
                               definitions=definitions(joint_rule if not clip and not layout.shared else None,
                                                       processors=bool(processors),
                                                       joint_data=list(sources) if len(sources) < len(layout.ranges)
@@ -318,6 +330,7 @@ def _layout_and_sources(datasets_per_task: Mapping[str, Any] | Sequence[Any], me
                 "task in order, or a mapping {task: data}"
             )
         sources = {task: as_task_data(v) for task, v in zip(task_order, datasets_per_task)}
+    check_class_names_tasks(class_names, list(sources), clip)
     if clip:
         layout = clip_layout(list(sources), sources, class_names)
     unknown = [t for t in sources if t not in layout.ranges]
@@ -333,6 +346,70 @@ def _layout_and_sources(datasets_per_task: Mapping[str, Any] | Sequence[Any], me
             "metric yourself, and pass only classification tasks here"
         )
     return layout, {task: sources[task] for task in layout.ranges if task in sources}
+
+
+def check_class_names_tasks(class_names: Mapping[str, Any] | None, tasks: Sequence[str], clip: bool) -> None:
+    """`class_names` names only tasks scored, and only for a CLIP (zero-shot prompts): a task name not scored (a
+    typo: `petz`) was dropped without a word, and on a classifier, whose head names its classes, they were ignored."""
+    if not class_names:
+        return
+    if not clip:
+        raise EvaluationError(
+            "class_names (CLI: --class-names) names the classes of a CLIP model's zero-shot prompts; this model has "
+            "a classifier head, whose labels (config.id2label) name its classes: leave class_names out")
+    unknown = [task for task in class_names if task not in tasks]
+    if unknown:
+        raise EvaluationError(
+            f"class_names (CLI: --class-names) names task(s) {unknown} that no data scores; the tasks scored: "
+            f"{', '.join(tasks)} (CLI: each --dataset TASK=SPEC names one)")
+
+
+def check_scorable(config: Any, scored: Sequence[str] | int, what: str) -> None:
+    """Whether the model of `config` has one class per row to score on the tasks `scored` (their names, or how many
+    datasets are given in task order): a multi-label head or a regression head (one output: a task range one wide,
+    or one label and no task ranges) has none. Read from the config alone, so that such a merge is refused before its
+    weights and every parent's are loaded."""
+    from hf_mudsc.apply.classifier import task_ranges
+
+    if getattr(config, "problem_type", None) == "multi_label_classification":
+        raise EvaluationError(
+            f"{what} has a multi-label head (problem_type 'multi_label_classification': one sigmoid per label), which "
+            "has no single class per row to score by accuracy or f1; score its sigmoid outputs "
+            "(model(**inputs).logits) with a multi-label metric yourself")
+    if is_clip_config(config):
+        return
+    try:
+        ranges = task_ranges(config)
+    except ValueError:  # refused with the layout, by name
+        return
+    if ranges:
+        tasks = [t for t in scored if t in ranges] if not isinstance(scored, int) else list(ranges)[:scored]
+        one_output = [task for task in tasks if ranges[task][1] - ranges[task][0] == 1]
+    else:
+        labels = len(getattr(config, "id2label", None) or {}) or getattr(config, "num_labels", 2)
+        one_output = ["its one task"] if labels == 1 else []
+    if one_output:
+        raise EvaluationError(
+            f"{what}: task(s) {one_output} have a regression head (one output, transformers' num_labels=1), which has "
+            "no classes to score by accuracy or f1; score its outputs (model(**inputs).logits) with a regression "
+            "metric yourself, and pass only classification tasks here")
+
+
+def _config_before_loading(reference: Any) -> Any:
+    """The config of a model to load, without its weights: a model object's own, a local folder's config.json; None
+    when only loading tells (a Hub id, a config that does not load: the load then says why)."""
+    from transformers import AutoConfig, PreTrainedModel
+
+    if isinstance(reference, PreTrainedModel):
+        return reference.config
+    if hasattr(reference, "model") and isinstance(reference.model, PreTrainedModel):
+        return reference.model.config
+    if isinstance(reference, (str, os.PathLike)) and os.path.isdir(os.path.expanduser(os.fspath(reference))):
+        try:
+            return AutoConfig.from_pretrained(os.path.expanduser(os.fspath(reference)), trust_remote_code=False)
+        except (ValueError, OSError, KeyError):
+            return None
+    return None
 
 
 def _predict(models: Sequence[Any], groups: Mapping[int, int], scorers: Sequence[Scorer], layout: LabelLayout,
@@ -395,14 +472,16 @@ def _predict(models: Sequence[Any], groups: Mapping[int, int], scorers: Sequence
     return collected, counts, preprocessed, failure
 
 
-def _views(collected: Mapping[str, tuple[list[int], list[int]]], tasks: Sequence[str], metrics: Sequence[str],
+def _views(collected: Mapping[str, tuple[list[int], list[int]]], tasks: Sequence[str], metrics: Mapping[str, str],
            modules: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    """One scorer's metric values per view (tasks, joint, average), in that order."""
+    """One scorer's metric values per view (tasks, joint, average), in that order; `metrics`: each metric as given
+    -> as the results name it (`metric_shown_name`)."""
     views: dict[str, dict[str, float]] = {}
     for view, (predictions, references) in collected.items():
-        views[view] = {m: compute_metric(m, predictions, references, module=modules[m], view=view) for m in metrics}
+        views[view] = {shown: compute_metric(m, predictions, references, module=modules[m], view=view)
+                       for m, shown in metrics.items()}
     if all(t in views for t in tasks):
-        views[AVERAGE] = {m: float(np.mean([views[t][m] for t in tasks])) for m in metrics}
+        views[AVERAGE] = {m: float(np.mean([views[t][m] for t in tasks])) for m in metrics.values()}
     return {v: views[v] for v in [*tasks, JOINT, AVERAGE] if v in views}
 
 

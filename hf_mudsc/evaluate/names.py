@@ -6,7 +6,10 @@ seconds) just for these strings would make help slow.
 
 from __future__ import annotations
 
+import os
+import string
 from collections.abc import Sequence
+from pathlib import Path
 
 from hf_mudsc.errors import EvaluationError
 
@@ -47,3 +50,49 @@ def check_metric_names(names: Sequence[str]) -> None:
     twice = next((name for index, name in enumerate(names) if name in names[:index]), None)
     if twice is not None:
         raise EvaluationError(f"metric {twice!r} is given twice; name each metric once")
+    shown = [metric_shown_name(name) for name in names]
+    for index, name in enumerate(names):
+        if shown[index] == name:
+            continue
+        if shown[index] in SHIPPED_METRIC_NAMES:
+            raise EvaluationError(f"metric {name!r} is a local folder named like the shipped metric "
+                                  f"{shown[index]!r}, and results and cards name it by its folder's name: rename it")
+        other = next((names[i] for i in range(len(names)) if i != index and shown[i] == shown[index]), None)
+        if other is not None:
+            raise EvaluationError(f"metrics {name!r} and {other!r} are both named {shown[index]!r} in results and "
+                                  "cards (a local metric by its folder's name): rename one")
+
+
+def metric_shown_name(name: str) -> str:
+    """How results and cards name a metric: a local folder or script by its name (`/home/me/metrics/sidefx` ->
+    `sidefx`, `./sidefx.py` -> `sidefx`), as they name local data — never a path of this machine; any other name
+    (shipped, a Hub metric or Space) as given."""
+    if not os.path.exists(os.path.expanduser(name)):
+        return name
+    path = Path(os.path.expanduser(name)).absolute()
+    return path.stem if path.suffix == ".py" else path.name
+
+
+def check_prompt_templates(templates: str | Sequence[str]) -> list[str]:
+    """The CLIP prompt template(s) as a list, each holding exactly one `{}` (the class name) and no other field:
+    `"a {} in {}"` failed in `str.format` with an IndexError, `"a {} of {style}"` with a KeyError, both only after
+    every model was loaded. Here, free of heavy imports, so the CLI refuses them before anything loads."""
+    given = [templates] if isinstance(templates, str) else list(templates)
+    if not given:
+        raise EvaluationError(f"no prompt template: pass at least one with {{}} for the class name, e.g. "
+                              f"{DEFAULT_PROMPT!r}")
+    for template in given:
+        if not isinstance(template, str):
+            raise EvaluationError(f"prompt template {template!r} is not text; pass e.g. {DEFAULT_PROMPT!r}")
+        try:
+            fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                      if name is not None]
+        except ValueError as error:  # a lone `{` or `}`
+            raise EvaluationError(f"prompt template {template!r} is not a format string ({error}); write a literal "
+                                  "brace as {{ or }}") from None
+        if fields != [("", "", None)]:
+            raise EvaluationError(
+                f"prompt template {template!r} has {len(fields)} replacement field(s) "
+                f"({', '.join('{' + name + '}' for name, _, _ in fields) or 'none'}); it needs exactly one {{}} for "
+                f"the class name and no other field (a literal brace as {{{{ or }}}}), e.g. {DEFAULT_PROMPT!r}")
+    return given

@@ -29,9 +29,10 @@ class EvaluationResult:
     average), metric.
 
     `tasks` maps each task to its data description: `dataset`, `split`, `num_samples` (the rows scored),
-    `first_rows` (true when `num_samples=` cut the data to its first rows) and `label_range` (its slice of the joint
-    label space). Scores are fractions in [0, 1]. A missing entry means the view
-    is not defined for that scorer (e.g. parent A on task B). `processors`: when the models' processors differ,
+    `first_rows` (true when `num_samples=` cut the data to its first rows), `picked` (true when its rows were picked
+    out of one dataset holding every task, by task column or joint label id: its first rows are then not the split's)
+    and `label_range` (its slice of the joint label space). Scores are fractions in [0, 1]. A missing entry means the
+    view is not defined for that scorer (e.g. parent A on task B). `processors`: when the models' processors differ,
     whose processor made each scorer's inputs (`own`, `parent_a's`, `given (processor=)`); empty when one
     processor made every input.
     """
@@ -175,7 +176,8 @@ def _task_data(info: Mapping[str, Any]) -> dict[str, Any]:
     count = info.get("num_samples")
     return {"dataset": None if dataset is None else str(dataset), "dataset_config": None if config is None else
             str(config), "split": None if split is None else str(split), "local": bool(info.get("local")),
-            "rows": None if count is None else EvalRow.rows_text(int(count), bool(info.get("first_rows")))}
+            "rows": None if count is None else EvalRow.rows_text(int(count), bool(info.get("first_rows"))),
+            "picked": bool(info.get("picked"))}
 
 
 def _joint_data(tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -192,9 +194,11 @@ def _joint_data(tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
                                         else str(sum(int(count) for count in counts)))
     labels = list(dict.fromkeys(EvalRow.label_of(data["dataset"], data["local"]) for data in each))
     splits, configs = {data["split"] for data in each}, {data["dataset_config"] for data in each}
-    if len(labels) == 1:
+    cut = any(info.get("first_rows") for info in tasks.values())
+    if len(labels) == 1:  # several tasks' first rows together are no one slice of the split (`first 7 + first 7`)
         return {**each[0], "split": splits.pop() if len(splits) == 1 else None,
-                "dataset_config": configs.pop() if len(configs) == 1 else None, "rows": rows}
+                "dataset_config": configs.pop() if len(configs) == 1 else None, "rows": rows,
+                "picked": each[0]["picked"] or (cut and len(each) > 1)}
     return {"dataset": " + ".join(labels), "split": None, "local": False, "model_index": False, "rows": rows}
 
 

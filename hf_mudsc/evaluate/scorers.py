@@ -31,7 +31,7 @@ import torch
 
 from hf_mudsc.apply.classifier import per_task_softmax
 from hf_mudsc.errors import EvaluationError
-from hf_mudsc.evaluate.names import ENSEMBLE, parent_names
+from hf_mudsc.evaluate.names import ENSEMBLE, check_prompt_templates, parent_names
 from hf_mudsc.evaluate.tasks import LabelLayout
 
 
@@ -181,9 +181,7 @@ def build_scorers(merged: Mapping[str, Any], parents: Sequence[Any], layout: Lab
                 "zero-shot CLIP evaluation needs a tokenizer for the class prompts: pass processor= (a "
                 "CLIPProcessor or tokenizer) or evaluate a folder that holds one"
             )
-        templates = [prompt_template] if isinstance(prompt_template, str) else list(prompt_template)
-        if not templates or any("{}" not in t for t in templates):
-            raise EvaluationError(f"prompt templates need a '{{}}' for the class name, got {templates}")
+        templates = check_prompt_templates(prompt_template)
         named = [*merged.items(), *zip(parent_names(len(parents)), parents)]
         clip_scorers = [_ClipScorer(n, m, layout, tokenizer or fallback, templates)
                         for (n, m), tokenizer in zip(named, tokenizers)]

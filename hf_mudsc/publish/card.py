@@ -140,6 +140,11 @@ class EvalRow:
     model_index: bool = True
     """False: in the table only. A figure over several datasets (the joint row of tasks evaluated on different
     datasets) has no one dataset to name, and each `model-index` result names one."""
+    picked: bool = False
+    """The rows are picked out of the split rather than read from its start: a task's rows in one dataset holding
+    every task (its task column or joint label ids), or the joint row of several tasks' first rows. Cut to their
+    first rows, no `datasets` split string names them, so the `model-index` names no split and says which rows in
+    the dataset's name."""
 
     def __post_init__(self) -> None:
         """Every score a finite number (None: not defined): NaN or inf in the `model-index` or the table would be
@@ -205,11 +210,30 @@ class EvalRow:
         return (self.parent_a, self.parent_b, *self.later_parents)
 
     @property
+    def cut(self) -> bool:
+        """The figure is of the data's first rows only (`--num-samples`): its Rows cell says `first N`."""
+        return (self.rows or "").startswith("first ")
+
+    @property
     def model_index_split(self) -> str | None:
-        """The `model-index` split: a figure of the first N rows names `test[:N]`, the `datasets` slice that reads
-        exactly them (the index has no field for a row count, and a leaderboard reads the split as the whole)."""
+        """The `model-index` split: a figure of the first N rows names the `datasets` split string that reads exactly
+        them (`test[:N]`, `test[5:15]` cut to 5 -> `test[5:10]`); None when none can (rows picked by task, a percent
+        slice, no split known): the index has no field for a row count, and a leaderboard reads the split as the
+        whole, so no split is named rather than a false one (`model_index_dataset_name` then says which rows)."""
+        if not self.cut:
+            return self.split
         first = _FIRST_ROWS.fullmatch(self.rows or "")
-        return f"{self.split}[:{first.group(1)}]" if first and self.split is not None else self.split
+        if self.picked or first is None or self.split is None:
+            return None
+        return first_rows_split(self.split, int(first.group(1)))
+
+    @property
+    def model_index_dataset_name(self) -> str:
+        """The `model-index` dataset name (its free-text pretty name): `dataset_label`, and for a figure of part of
+        the data that no split string names, which rows (`pets (local folder), rows: first 10`)."""
+        if self.cut and self.model_index_split is None:
+            return f"{self.dataset_label}, rows: {self.rows}"
+        return self.dataset_label
 
     @property
     def model_index_config(self) -> str:
@@ -218,6 +242,30 @@ class EvalRow:
         if not self.dataset_config or self.dataset_config == self.task:
             return self.task
         return f"{self.dataset_config} ({self.task})"
+
+
+_SPLIT_NAME = re.compile(r"[\w.-]+")
+_ROW_SLICE = re.compile(r"([\w.-]+)\[(-?\d*):(-?\d*)\]")
+
+
+def first_rows_split(split: str, count: int) -> str | None:
+    """The `datasets` split string reading the first `count` rows of `split`: `test` -> `test[:5]`, `test[5:15]` ->
+    `test[5:10]`, `test[-10:]` -> `test[-10:-5]`; None when no string names exactly them without knowing the split's
+    size (a percent slice, `train+test`, a rounding option): `test[5:15][:5]` is no split `datasets` reads."""
+    if _SPLIT_NAME.fullmatch(split):
+        return f"{split}[:{count}]"
+    sliced = _ROW_SLICE.fullmatch(split)
+    if sliced is None:
+        return None
+    name, start_text, stop_text = sliced.groups()
+    start = int(start_text) if start_text else 0
+    stop = int(stop_text) if stop_text else None
+    end = start + count  # `count` rows were read from the slice: they are there, whatever the split's size
+    if stop is not None and (start < 0) == (stop < 0) and end > stop:
+        return None  # more rows than the slice holds: not its first rows
+    if start < 0 and end == 0:
+        return f"{name}[{start}:]"
+    return f"{name}[{start or ''}:{end}]" if start else f"{name}[:{end}]"
 
 
 def pipeline_tag_for(model_or_class: Any) -> str:
@@ -315,7 +363,7 @@ def set_eval_results(data: ModelCardData, eval_results: Sequence[EvalRow], *, mo
             task_type=data.pipeline_tag or "other",
             task_name=row.task,
             dataset_type=row.dataset_label,
-            dataset_name=row.dataset_label,
+            dataset_name=row.model_index_dataset_name,
             dataset_config=row.model_index_config,
             dataset_split=row.model_index_split,
             metric_type=row.metric,
