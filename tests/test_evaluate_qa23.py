@@ -311,3 +311,36 @@ def test_a_model_hf_mudsc_did_not_merge_is_not_called_merged(folders, tmp_path, 
     out = capsys.readouterr().out
     assert "| model |" in out and "| merged |" not in out, out
     assert json.loads((tmp_path / "r.json").read_text())["merged"] == ["model"]
+
+
+@pytest.mark.parametrize("into", ["dataset", "parent"])
+def test_output_json_inside_an_input_is_refused_before_loading(folders, monkeypatch, capsys, into):
+    """QA s23 (hostile inputs): `--output-json DATA/results.json` (the evaluation data's folder) or `PARENT/x.json`
+    (a folder given to --parents) was written into the input; merge and inspect refuse outputs inside inputs."""
+    merged, data, parent = folders / "merged", folders / "data", folders / "fine-tune"
+    target = (data if into == "dataset" else parent) / "results.json"
+    before = {folder: _snapshot(folder) for folder in (data, parent)}
+    code, line = _refused_before_loading(monkeypatch, capsys, [
+        "evaluate", str(merged), "--dataset", str(data), "--parents", str(parent), str(folders / "other"),
+        "--output-json", str(target)])
+    assert code == 2 and f"--output-json {str(target)!r} is inside the" in line, line
+    assert "inputs are never modified" in line, line
+    assert {folder: _snapshot(folder) for folder in (data, parent)} == before and not target.exists()
+
+
+def test_a_tilde_in_output_json_and_recipe_is_the_home_folder(folders, monkeypatch, capsys, tmp_path):
+    """QA s23: `--output-json=~/r.json` (no shell expands `~` after `=`) created a folder literally named `~` in the
+    working folder; `merge --recipe=~/x.yaml` looked for `./~/x.yaml`."""
+    import argparse
+
+    from hf_mudsc.cli.main import build_parser
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    parser = build_parser()
+    evaluate_args = parser.parse_args(["evaluate", "m", "--dataset", "d", "--output-json=~/r.json"])
+    merge_args = parser.parse_args(["merge", "--recipe=~/x.yaml"])
+    assert isinstance(evaluate_args, argparse.Namespace)
+    assert evaluate_args.output_json == str(home / "r.json") and merge_args.recipe == str(home / "x.yaml")

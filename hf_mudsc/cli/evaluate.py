@@ -29,8 +29,10 @@ Under `accelerate launch`/`torchrun` every process scores a shard; the main proc
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +128,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how a concatenated head (merged model and ensemble alike) decides the joint view: "
                         "per_task = each task's softmax, then the argmax (default); raw = the argmax over the "
                         "raw concatenated logits, what a transformers pipeline does")
-    parser.add_argument("--output-json", metavar="PATH",
+    # type: `--output-json=~/r.json` gets no shell expansion of `~` (after `=`)
+    parser.add_argument("--output-json", metavar="PATH", type=os.path.expanduser,
                         help=f"also write the results here (DIR/{RESULTS_FILENAME} is always written with the "
                         "card; for a Hub id, or with --no-card, the results are only printed unless this names a "
                         "file)")
@@ -475,18 +478,42 @@ def check_arguments(args: argparse.Namespace) -> dict[str, list[str]] | None:
             f"{args.model!r} is not a model folder; pass the folder a merge wrote or a Hub id org/name[@revision]"
         )
     if args.output_json:
-        check_output_json(Path(args.output_json), Path(args.model).expanduser(), no_card=args.no_card)
+        check_output_json(Path(args.output_json), Path(args.model).expanduser(), no_card=args.no_card,
+                          inputs=local_inputs(args))
     return class_names
 
 
-def check_output_json(path: Path, model: Path, *, no_card: bool) -> None:
-    """`--output-json PATH` may not write into a merged folder's results: under `--no-card` not the evaluated
-    folder's own `eval_results.json` (it would then describe another run than the card next to it, and `push` uploads
-    both), and never a file inside another folder hf-mudsc wrote (that model's card and results would disagree, and
-    its marker would not list the file). Refused as an invalid command line (`UsageError`), before anything loads."""
+def local_inputs(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """The local folders and files the evaluation reads besides the model: `--parents` folders and `--dataset` data
+    (a spec's path), as `(description, path)` — what an output may not lie in."""
+    from hf_mudsc.calibrate.dataset_spec import DatasetSpec, looks_like_local_path
+
+    found = [("parent folder", Path(p).expanduser()) for p in args.parents or [] if Path(p).expanduser().exists()]
+    for _, spec in map(_split_task, args.dataset or []):
+        try:
+            parsed = DatasetSpec.parse(spec)
+        except ValueError:
+            continue  # refused with its reason when the data is read
+        path = Path(parsed.path).expanduser()
+        if parsed.revision is None and looks_like_local_path(parsed.path) and path.exists():
+            found.append(("evaluation data", path))
+    return found
+
+
+def check_output_json(path: Path, model: Path, *, no_card: bool, inputs: Sequence[tuple[str, Path]] = ()) -> None:
+    """`--output-json PATH` may not write into an input (`inputs`: the parents' folders, the evaluation data — inputs
+    are never modified) nor into a merged folder's results: under `--no-card` not the evaluated folder's own
+    `eval_results.json` (it would then describe another run than the card next to it, and `push` uploads both), and
+    never a file inside another folder hf-mudsc wrote (that model's card and results would disagree, and its marker
+    would not list the file). Refused as an invalid command line (`UsageError`), before anything loads."""
     from hf_mudsc.publish.folder import written_around
 
     target = path.expanduser().absolute()
+    for description, source in inputs:
+        where = source.resolve()
+        if target.parent.resolve() / target.name == where or target.parent.resolve().is_relative_to(where):
+            raise UsageError(f"--output-json {str(path)!r} is inside the {description} {str(source)!r}; inputs are "
+                             "never modified: pass --output-json PATH outside them")
     evaluated = model.resolve() if model.is_dir() else None
     if no_card and evaluated is not None and target.parent.resolve() == evaluated and target.name == RESULTS_FILENAME:
         raise UsageError(

@@ -14,6 +14,7 @@ which the service's worker shares.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import Field
 from typing import Any
@@ -67,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser, options: type[MergeOptions] =
         help="the parents (two or more): Hub repos `org/name` or `org/name@revision` (branch, tag or commit sha), "
         "or local folders. Omit them with --recipe.")
     parser.add_argument(
-        "--recipe", metavar="YAML", default=S,
+        "--recipe", metavar="YAML", default=S, type=os.path.expanduser,  # `--recipe=~/x.yaml`: no shell expands it
         help=f"run a recipe file (e.g. a {RECIPE_FILENAME} written next to a merged model); every other flag "
         "overrides the recipe's key of the same name")
     for option in options.option_fields():
