@@ -661,6 +661,8 @@ class HeaderFacts(NamedTuple):
     """The stored dtypes (safetensors names: `F32`, `BF16`)."""
     keys: list[str] | None = None
     """Every stored tensor's key, read from the Hub's headers (a local folder's are read by the loader's checks)."""
+    shapes: dict[str, tuple[int, ...]] | None = None
+    """Every stored tensor's shape by key (local and Hub headers alike)."""
 
 
 def header_facts(parent: Any, *, token: str | bool | None) -> HeaderFacts:
@@ -679,11 +681,32 @@ def header_facts(parent: Any, *, token: str | bool | None) -> HeaderFacts:
         metadata = HfApi().get_safetensors_metadata(parent.repo_id, revision=parent.commit_sha, token=token)
         tensors = {key: t for f in metadata.files_metadata.values() for key, t in f.tensors.items()}
         return HeaderFacts(sum(t.data_offsets[1] - t.data_offsets[0] for t in tensors.values()),
-                           sorted({t.dtype for t in tensors.values()}), list(tensors))
-    return HeaderFacts(*_local_header_facts(parent.folder, files))
+                           sorted({t.dtype for t in tensors.values()}), list(tensors),
+                           {key: tuple(t.shape) for key, t in tensors.items()})
+    return _local_header_facts(parent.folder, files)
 
 
-def _local_header_facts(folder: Any, files: Sequence[str]) -> tuple[int | None, list[str]]:
+def shape_refusal(reference: str, model: Any, shapes: Mapping[str, Sequence[int]], file: str) -> str | None:
+    """The loader's refusal of a checkpoint whose config.json gives other shapes than its weights (`model`: built on
+    the meta device from that config; `shapes`: the headers' shapes by stored key), or None: the dry run reads the
+    headers, so it refuses what the merge would, in the same words."""
+    from hf_mudsc.load.checks import CONFIG_WEIGHTS_FIX
+    from hf_mudsc.load.lazy import stored_keys
+
+    named = stored_keys(model, shapes)
+    if named is None:
+        return None
+    mismatched = sorted((name, tuple(shapes[named[name]]), tuple(p.shape)) for name, p in model.named_parameters()
+                        if name in named and tuple(shapes[named[name]]) != tuple(p.shape))
+    if not mismatched:
+        return None
+    key, stored, expected = mismatched[0]
+    return (f"{reference!r}: config.json does not describe the weights in {file}: {len(mismatched)} tensors have "
+            f"other shapes than config.json says (e.g. {key!r} is {stored} in the checkpoint but {expected} per "
+            f"config.json). {CONFIG_WEIGHTS_FIX}")
+
+
+def _local_header_facts(folder: Any, files: Sequence[str]) -> HeaderFacts:
     import json
     from pathlib import Path
 
@@ -695,20 +718,18 @@ def _local_header_facts(folder: Any, files: Sequence[str]) -> tuple[int | None, 
             names += sorted(set(json.loads((Path(folder) / name).read_text())["weight_map"].values()))
         else:
             names.append(name)
-    total, dtypes = 0, set()
+    total, dtypes, shapes = 0, set(), {}
     for name in names:
         path = Path(folder) / name
         if not path.is_file():
-            return None, []
+            return HeaderFacts(None, [])
         with safe_open(str(path), framework="pt") as opened:
             for key in opened.keys():
                 piece = opened.get_slice(key)
-                count = 1
-                for size in piece.get_shape():
-                    count *= size
+                shapes[key] = tuple(piece.get_shape())
                 dtypes.add(piece.get_dtype())
-                total += count * DTYPE_BYTES.get(piece.get_dtype(), 4)
-    return total, sorted(dtypes)
+                total += math.prod(shapes[key]) * DTYPE_BYTES.get(piece.get_dtype(), 4)
+    return HeaderFacts(total, sorted(dtypes), shapes=shapes)
 
 
 # ---------------------------------------------------------------------------------------------------- the plan
@@ -737,7 +758,7 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         unread_options_warning,
         unread_warning,
     )
-    from hf_mudsc.errors import MergeInputError
+    from hf_mudsc.errors import LoadError, MergeInputError
     from hf_mudsc.load.parents import check_parameter_names, dtype_description, locate_parents, unloaded
     from hf_mudsc.load.relation import parent_label
     from hf_mudsc.methods.auto import (
@@ -779,6 +800,10 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         facts = header_facts(parent, token=token) if parent.folder is not None else HeaderFacts(None, [])
         data_bytes, dtypes = facts.data_bytes, facts.dtypes
         header_keys.append(facts.keys)
+        if facts.shapes and model.device.type == "meta" and parent.read_as is None:  # built from its config
+            refusal = shape_refusal(parent.reference, model, facts.shapes, parent.weight_files[0])
+            if refusal is not None:
+                raise LoadError(refusal)
         logger.debug("%s: %s, weight files %s, %s bytes of tensor data %s", parent.reference,
                      parent.commit_sha or "local", parent.weight_files, data_bytes, dtypes)
         if model.device.type != "meta" and not dtypes:

@@ -566,3 +566,28 @@ def test_the_dry_run_refuses_hub_encoders_one_with_a_pooler_from_their_headers(l
         assert request.headers.get("range", "").startswith("bytes=0-"), request.path  # headers only
     plan = hf_mudsc.merge(["user/encoder", "user/encoder"], method="average", dry_run=True, progress=False)
     assert [p.reference for p in plan.parents] == ["user/encoder", "user/encoder"]
+
+
+def test_the_dry_run_refuses_a_config_that_does_not_describe_the_weights_as_the_merge_does(tmp_path):
+    """QA s23: a folder whose config.json says 5 labels while its weights hold a 3-row classifier passed the dry run
+    (which reads the headers), then the merge refused it."""
+    import json as json_module
+
+    folders = []
+    for seed in (1, 2):
+        folder = tmp_path / f"p{seed}"
+        make_model("vit_cls", seed=seed).save_pretrained(folder)
+        folders.append(folder)
+    config = json_module.loads((folders[1] / "config.json").read_text())
+    config["id2label"] = {str(i): f"c{i}" for i in range(5)}
+    config["label2id"] = {f"c{i}": i for i in range(5)}
+    (folders[1] / "config.json").write_text(json_module.dumps(config))
+    batches = make_batches("vit_cls", num_batches=1)
+    with pytest.raises(LoadError) as planned:
+        hf_mudsc.merge([str(f) for f in folders], batches, method="average", dry_run=True, progress=False)
+    with pytest.raises(LoadError) as merged:
+        hf_mudsc.merge([folders[1], folders[0]], batches, method="average", progress=False)
+    said = str(planned.value)
+    assert "config.json does not describe the weights in model.safetensors" in said, said
+    assert "tensors have other shapes than config.json says (e.g. 'classifier." in said, said
+    assert said.split(": ", 1)[1] == str(merged.value).split(": ", 1)[1], (said, str(merged.value))

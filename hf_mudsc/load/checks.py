@@ -65,6 +65,12 @@ def config_differences(a: PretrainedConfig, b: PretrainedConfig, prefix: str = "
     return problems
 
 
+#: How a refusal of a checkpoint whose config.json gives other tensors or shapes than its weights ends (the loader's
+#: and the dry run's).
+CONFIG_WEIGHTS_FIX = ("The config names another architecture or other sizes than the checkpoint was saved with; "
+                      "restore the config.json saved with these weights (save_pretrained writes both)")
+
+
 def same_class_fix(class_a: str) -> str:
     """How a refusal of parents of different classes ends: the fix, with parent A's class (`class_a`) as example."""
     return f"merge models of the same class (e.g. all {class_a})"

@@ -28,6 +28,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from hf_mudsc.errors import LoadError, MergeInputError, ParentMismatchError, brief, first_line, shown
 from hf_mudsc.load.checks import (
+    CONFIG_WEIGHTS_FIX,
     HEAD_CONFIG_KEYS,
     config_differences,
     config_mismatch,
@@ -978,8 +979,7 @@ def _load_weights(located: _Located) -> tuple[PreTrainedModel, list[str]]:
     if missing or mismatched:
         raise LoadError(
             f"{located.reference!r}: config.json does not describe the weights in {name}: " + "; ".join(problems)
-            + ". The config names another architecture or other sizes than the checkpoint was saved with; "
-            "restore the config.json saved with these weights (save_pretrained writes both)"
+            + ". " + CONFIG_WEIGHTS_FIX
         )
     if unused:
         logger.warning("%s: %s", located.reference, problems[-1])
