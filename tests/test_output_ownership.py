@@ -229,3 +229,13 @@ def test_a_leftover_holding_a_file_the_writer_never_writes_is_kept_and_names_are
             (staging / "model.safetensors").write_bytes(b"whole")
     assert not left.exists() and (mine / "precious.txt").read_text() == "keep"
     assert [r.getMessage() for r in caplog.records if "precious.txt" in r.getMessage()], caplog.text
+
+
+def test_a_dot_dot_through_a_missing_folder_creates_no_folder(tmp_path):
+    """QA s23: `--output nope/../m10` wrote `m10` and left an empty `nope` behind (the staging parent was created
+    before `..` was resolved); `--output-json` alike."""
+    with staged_output(tmp_path / "nope" / ".." / "m10") as staging:
+        (staging / "config.json").write_text("{}")
+    write_file_atomically(tmp_path / "gone" / ".." / "r.json", lambda path: path.write_text("{}"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m10", "r.json"]
+    assert (tmp_path / "m10" / "config.json").read_text() == "{}"

@@ -446,6 +446,14 @@ def clean_leftovers(output: str | os.PathLike) -> list[Path]:
 # ----------------------------------------------------------------------------------------------- writing
 
 
+def without_dot_dot(path: Path) -> Path:
+    """`path` with its folder's `..` resolved as the system resolves them (symlinks included): creating the folders
+    of `nope/../out` first would leave an empty `nope` behind. A path without `..` is returned as given."""
+    if ".." not in path.parent.parts:
+        return path
+    return Path(os.path.realpath(path.parent)) / path.name
+
+
 @contextmanager
 def checked_rename(check: Callable[[], None]) -> Iterator[None]:
     """Within the block, `check()` runs right before a staged output is renamed into place: the last moment a run
@@ -485,7 +493,7 @@ def staged_output(
         FileExistsError: `output` exists (on entry or, written meanwhile by someone else, at the end) and
             neither `overwrite` nor `keep_existing` allows it; then nothing is changed.
     """
-    target = Path(output).expanduser().absolute() if output is not None else None
+    target = without_dot_dot(Path(output).expanduser().absolute()) if output is not None else None
     if target is not None and not keep_existing:
         check_output(target, overwrite=overwrite, inputs=inputs, flag=flag)
     elif target is not None and not os.path.lexists(target):
@@ -519,7 +527,7 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None]
     (it has the marker), the file is recorded in the marker, so `--overwrite` still knows it as its own.
     `owner`: the folder whose marker lists the file, when it is not `path`'s own folder (e.g. `DIR/plots/x.png`).
     """
-    path = Path(path)
+    path = without_dot_dot(Path(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
