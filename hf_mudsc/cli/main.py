@@ -193,7 +193,8 @@ def interrupts_as_exceptions(command: str | None) -> Iterator[None]:
     the process on the spot: no line, staging folders left). Once either has been raised, later SIGINTs and SIGTERMs
     are ignored, so the cleanup runs to its end (torchrun sends SIGTERM 2 ms after passing on a Ctrl-C). Handlers
     someone else set (an ignored SIGINT inherited by a background job, a host program's) are left alone, and so is
-    `serve`, whose server handles its own signals; the previous handlers come back afterwards."""
+    `serve`, whose server handles its own signals; the previous handlers come back afterwards, unless a signal
+    stopped the command (then both stay ignored while the process exits)."""
     import signal
     import threading
 
@@ -219,7 +220,9 @@ def interrupts_as_exceptions(command: str | None) -> Iterator[None]:
     finally:
         for number, previous in replaced.items():
             if previous is own[number]:
-                signal.signal(number, previous)
+                # Once a signal has stopped the command the process is ending: later ones stay ignored (torchrun's
+                # SIGTERM 2 ms after a Ctrl-C would otherwise kill it after its cleanup, before its exit status).
+                signal.signal(number, signal.SIG_IGN if stopping else previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
