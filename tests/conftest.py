@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import signal
 import tempfile
 from dataclasses import dataclass
@@ -17,7 +19,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 # reaches the workers through the environment, and two workers filling one cache would see each other's files.
 if os.environ.get("PYTEST_XDIST_WORKER") and Path(os.environ.get("HF_HOME", "")).name.startswith(THROWAWAY_HOME):
     del os.environ["HF_HOME"]
-os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix=THROWAWAY_HOME))
+if "HF_HOME" not in os.environ:
+    # Removed when this process ends (the controller's and each worker's own): a run must not leave caches behind.
+    os.environ["HF_HOME"] = tempfile.mkdtemp(prefix=THROWAWAY_HOME)
+    atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # The suite's models are tiny: one thread avoids OpenMP synchronisation that dominates small ops (and that

@@ -129,6 +129,11 @@ def test_no_card_may_not_replace_the_folders_own_results_file_nor_another_merged
     code, line = _refused_before_loading(monkeypatch, capsys, [*base, "--no-card", "--output-json",
                                                                str(merged / "eval_results.json")])
     assert code == 2 and "the folder's own results file" in line and "--no-card" in line, line
+    for inside in (merged / "scores.json", merged / "sub" / "scores.json"):  # any other file in it, too
+        code, line = _refused_before_loading(monkeypatch, capsys, [*base, "--no-card", "--output-json", str(inside)])
+        assert code == 2 and f"--output-json {str(inside)!r} is inside the evaluated folder" in line, line
+        assert "--no-card leaves the folder as it is" in line, line
+    assert not (merged / "sub").exists()
     for extra in (["--no-card"], []):
         code, line = _refused_before_loading(monkeypatch, capsys, [*base, *extra, "--output-json",
                                                                    str(other / "eval_results.json")])

@@ -137,12 +137,25 @@ def test_existing_outputs_are_refused_before_the_block_runs(tmp_path):
 
 def test_an_output_written_meanwhile_by_someone_else_is_not_replaced(tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(FileExistsError, match="already exists"):
+    with pytest.raises(FileExistsError) as refused:
         with staged_output(out) as staging:
             (staging / "mine.txt").write_text("mine")
             out.mkdir()
             (out / "theirs.txt").write_text("theirs")
     assert [p.name for p in out.iterdir()] == ["theirs.txt"] and hidden(tmp_path) == []
+    # The advice fits the folder that appeared: --overwrite would refuse a folder of someone else's files too.
+    message = str(refused.value)
+    assert message.startswith(f"the output folder {str(out)!r} appeared while this run was writing it")
+    assert "not a folder written by hf-mudsc" in message and "--overwrite" not in message
+    # A folder another hf-mudsc run finished meanwhile: --overwrite would replace it, and the message says so.
+    other = tmp_path / "other"
+    with pytest.raises(FileExistsError, match="appeared while this run was writing it; pass --overwrite"):
+        with staged_output(other) as staging:
+            (staging / "mine.txt").write_text("mine")
+            with staged_output(other) as first:
+                (first / "theirs.txt").write_text("theirs")
+    assert [p.name for p in other.iterdir() if p.name != MARKER_FILENAME] == ["theirs.txt"]
+    assert hidden(tmp_path) == []
 
 
 def test_keep_existing_lets_a_cache_entry_written_first_win(tmp_path):

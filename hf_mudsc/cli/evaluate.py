@@ -19,7 +19,7 @@ DIR/README.md, always together (so a push never sends a card and a results file 
 PATH` gets a copy besides): only the card's Evaluation section and its `model-index` are replaced, the rest of the
 card stays as the merge wrote it; the accuracy chart the card links (DIR/plots/accuracy.png, when hf-mudsc drew one)
 is redrawn from the new results. `--no-card` leaves the folder alone: the results go only to `--output-json PATH`
-(neither DIR/eval_results.json nor a file in another folder hf-mudsc wrote). A folder hf-mudsc did not write (no
+(never a file in DIR nor in another folder hf-mudsc wrote). A folder hf-mudsc did not write (no
 marker: a `save_pretrained` fine-tune) is never written into: refused unless `--no-card`. A Hub id has no folder:
 its results are printed and written only to `--output-json PATH`.
 Metrics other than the shipped ones run their own script: they need `--trust-remote-code`.
@@ -502,8 +502,8 @@ def local_inputs(args: argparse.Namespace) -> list[tuple[str, Path]]:
 
 def check_output_json(path: Path, model: Path, *, no_card: bool, inputs: Sequence[tuple[str, Path]] = ()) -> None:
     """`--output-json PATH` may not write into an input (`inputs`: the parents' folders, the evaluation data — inputs
-    are never modified) nor into a merged folder's results: under `--no-card` not the evaluated folder's own
-    `eval_results.json` (it would then describe another run than the card next to it, and `push` uploads both), and
+    are never modified) nor into a merged folder's results: under `--no-card` no file in the evaluated folder (its
+    own `eval_results.json` would describe another run than the card next to it, and `push` uploads both), and
     never a file inside another folder hf-mudsc wrote (that model's card and results would disagree, and its marker
     would not list the file). Refused as an invalid command line (`UsageError`), before anything loads."""
     from hf_mudsc.publish.folder import written_around
@@ -519,6 +519,10 @@ def check_output_json(path: Path, model: Path, *, no_card: bool, inputs: Sequenc
         raise UsageError(
             f"--output-json {str(path)!r} is the folder's own results file, which goes with its card: --no-card leaves "
             "both as they are; pass --output-json PATH outside the folder, or leave out --no-card to update both")
+    if no_card and evaluated is not None and target.parent.resolve().is_relative_to(evaluated):
+        raise UsageError(
+            f"--output-json {str(path)!r} is inside the evaluated folder {str(model)!r}, and --no-card leaves the "
+            "folder as it is; pass --output-json PATH outside the folder")
     owner = written_around(target.parent.resolve() / target.name)
     if owner is not None and owner.resolve() != evaluated:
         raise UsageError(

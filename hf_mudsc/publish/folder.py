@@ -503,6 +503,7 @@ def staged_output(
     name = target.name if target is not None else "hf-mudsc"
     if target is not None:
         clean_leftovers(target)
+    existed = target is not None and os.path.lexists(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}{PARTIAL_MARK}", dir=parent))
     try:
         record_files(staging, complete=False, staging=True)
@@ -513,7 +514,8 @@ def staged_output(
             check = _RENAME_CHECK.get()
             if check is not None:
                 check()
-            _move_into_place(staging, target, overwrite=overwrite, keep_existing=keep_existing)
+            _move_into_place(staging, target, overwrite=overwrite, keep_existing=keep_existing, flag=flag,
+                             existed=existed)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -547,7 +549,8 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None]
     return path
 
 
-def _move_into_place(staging: Path, target: Path, *, overwrite: bool, keep_existing: bool) -> None:
+def _move_into_place(staging: Path, target: Path, *, overwrite: bool, keep_existing: bool, flag: str,
+                     existed: bool) -> None:
     if not target.exists() and not target.is_symlink():
         try:
             os.rename(staging, target)
@@ -557,7 +560,10 @@ def _move_into_place(staging: Path, target: Path, *, overwrite: bool, keep_exist
                 raise
     if keep_existing:
         return
-    check_output(target, overwrite=overwrite)  # it may have appeared or changed since the first check
+    if existed:
+        check_output(target, overwrite=overwrite, flag=flag)  # it may have changed since the first check
+    else:  # absent when the run began: someone made it meanwhile
+        _check_appeared(target, overwrite=overwrite, flag=flag)
     backup = target.with_name(f".{target.name}{OLD_MARK}{uuid.uuid4().hex[:8]}")
     os.rename(target, backup)
     try:
@@ -566,6 +572,26 @@ def _move_into_place(staging: Path, target: Path, *, overwrite: bool, keep_exist
         os.rename(backup, target)
         raise
     shutil.rmtree(backup, ignore_errors=True)
+
+
+def _check_appeared(target: Path, *, overwrite: bool, flag: str) -> None:
+    """Refuse a folder someone made while the run wrote its own, with the advice that fits what is there now:
+    "pass --overwrite" only if `check_output` would then replace it (another hf-mudsc run's folder), else why not."""
+    try:
+        check_output(target, overwrite=True, flag=flag)
+    except FileExistsError as refused:
+        detail = str(refused)
+        prefix = f"refusing to overwrite {str(target)!r}: "
+        raise FileExistsError(
+            f"the output folder {str(target)!r} appeared while this run was writing it, and "
+            + (detail[len(prefix):] if detail.startswith(prefix) else detail)
+        ) from None
+    if not overwrite:
+        switch = "--overwrite" if flag.startswith("--") else "overwrite=True"
+        raise FileExistsError(
+            f"the output folder {str(target)!r} appeared while this run was writing it; pass {switch} to "
+            f"replace it, or choose another {flag}"
+        )
 
 
 def _umask() -> int:
