@@ -132,6 +132,9 @@ class MergeReport:
     refit_gate: Any = None
     # Why the merge may disappoint (hf_mudsc.diagnostics): logged, in `config.mudsc["warnings"]` and the card.
     warnings: list[str] = field(default_factory=list)
+    # What `out_dtype="auto"` gives for these parents, (dtype, reason), whatever was asked: a recipe's re-run
+    # restates the reason its original recorded only when it still holds (`recipe.restate_auto_choices`).
+    auto_out_dtype: tuple[str, str] | None = None
 
     # Per-group match quality (activation, weight, blended correlation of the fused pairs), head pairings and
     # sampled similarity blocks, for the plots and `hf-mudsc inspect`; None when no unit was matched.
@@ -495,10 +498,10 @@ def merge(
                                   else parent_name(p.model, f"model_{parent_label(i).lower()}"))
                     for i, p in enumerate(parents)]
     # The merged model's dtype: the parents' as stored (they were loaded as float32) unless one is asked for.
-    out_dtype, out_dtype_reason = resolve_out_dtype(
-        merge_options.out_dtype,
-        [p.stored_dtype or dtype_description(t.dtype for t in p.model.parameters()) for p in parents],
-        [parent_label(i) for i in range(count)], [p.from_object for p in parents])
+    stored_dtypes = [p.stored_dtype or dtype_description(t.dtype for t in p.model.parameters()) for p in parents]
+    labels_and_objects = ([parent_label(i) for i in range(count)], [p.from_object for p in parents])
+    out_dtype, out_dtype_reason = resolve_out_dtype(merge_options.out_dtype, stored_dtypes, *labels_and_objects)
+    auto_out_dtype = resolve_out_dtype(AUTO, stored_dtypes, *labels_and_objects)
     # A protected parent is refused here, before calibration and before anything is written or pushed.
     # The solve and apply run on the CPU (no copy for parents already there); lazily read parents stay lazy.
     params = [parameters_of(p) for p in parents]
@@ -823,6 +826,7 @@ def merge(
     out_dtype, out_dtype_reason = cast_merged(merged, out_dtype, out_dtype_reason,
                                               asked=merge_options.out_dtype != AUTO)
     merged.config.mudsc.update(out_dtype=out_dtype, out_dtype_reason=out_dtype_reason)
+    report.auto_out_dtype = auto_out_dtype
     merged = merged.to(run_device if device is not None else "cpu")
     refuse_non_finite(merged, params, base_params)
     # The recipe keys (every option a recipe file may set, as given), parents and base pinned; `auto` is recorded

@@ -124,7 +124,7 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
     from hf_mudsc.publish.recipe import pinned_choices, restate_auto_choices
 
     # A recipe pins what `auto` chose: its re-run says why, as the original did (and its recipe records it again).
-    restate_auto_choices(merged.config.mudsc, recipe)
+    restate_auto_choices(merged.config.mudsc, recipe, merged.merge_report.auto_out_dtype)
 
     # Parents, base and data pinned; `auto` recorded as the method, refit and out_dtype it chose, and `alpha: auto`
     # as the α handed to a method that ignores it (as `merge_report.recipe`).

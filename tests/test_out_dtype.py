@@ -225,3 +225,54 @@ def test_the_dry_run_says_which_dtype_the_merged_model_would_have(tmp_path, dtyp
     assert plan.out_dtype_reason == merged.config.mudsc["out_dtype_reason"]
     assert f"Output dtype: {expected} ({plan.out_dtype_reason})" in str(plan)
     assert plan.to_dict()["out_dtype"] == expected
+
+
+def test_a_merge_cast_after_merging_is_recorded_as_the_dtype_written(tmp_path):
+    """`merged.half()` before `save_merged`: float16 weights were written under a config.mudsc, card and recipe that
+    said float32 (auto: every parent is stored in float32) — and the recipe re-made float32 weights. The record now
+    names the dtype written and why; the recipe re-makes the written weights bit for bit; the model in memory keeps
+    its own record."""
+    parents = [saved_parent(tmp_path / f"p{seed}", "vit_cls", seed, torch.float32) for seed in (1, 2)]
+    merged = hf_mudsc.merge([str(p) for p in parents], method="average", progress=False)
+    record = dict(merged.config.mudsc)
+    merged.half()
+    out = hf_mudsc.save_merged(merged, tmp_path / "merged")
+    assert merged.config.mudsc == record  # saving changed nothing in memory
+    assert header_dtypes(out) == {"F16"}
+    mudsc = json.loads((out / "config.json").read_text())["mudsc"]
+    assert mudsc["out_dtype"] == "float16"
+    assert mudsc["out_dtype_reason"] == ("converted to float16 after the merge, which made float32 (auto: every "
+                                         "parent is stored in float32)")
+    recipe = yaml.safe_load((out / RECIPE_FILENAME).read_text())
+    assert recipe["out_dtype"] == "float16" and "out_dtype" not in (recipe.get("auto_chosen") or {})
+    assert "| Weights dtype | float16 (converted to float16 after the merge" in (out / "README.md").read_text()
+    assert main(["merge", "--recipe", str(out / RECIPE_FILENAME), "--output", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    merged.classifier.to(torch.float32)  # weights in two dtypes: no one dtype to record
+    with pytest.raises(MergeInputError, match=r"^the merged model's weights are in several dtypes \(float16, "
+                                              r"float32\) since the merge; cast it to one"):
+        hf_mudsc.save_merged(merged, tmp_path / "mixed")
+    assert not (tmp_path / "mixed").exists()
+
+
+def test_a_recipe_rerun_restates_auto_s_dtype_reason_only_where_it_still_holds(tmp_path):
+    """A float32 merge's recipe re-run on float16 parents (`out_dtype: float32` pinned) restated "auto: every parent is
+    stored in float32" in the card and config although these parents are float16 (the log said "asked for"); a
+    hand-edited reason went into the card as fact. Restated only when auto would give that value and reason now."""
+    parents = [saved_parent(tmp_path / f"p{seed}", "vit_cls", seed, torch.float32) for seed in (1, 2)]
+    first = tmp_path / "first"
+    assert main(["merge", *map(str, parents), "--method", "average", "--output", str(first)]) == 0
+    recipe_file = first / RECIPE_FILENAME
+    halves = [saved_parent(tmp_path / f"h{seed}", "vit_cls", seed, torch.float16) for seed in (1, 2)]
+
+    def reason_of(folder: Path) -> str:
+        return json.loads((folder / "config.json").read_text())["mudsc"]["out_dtype_reason"]
+
+    assert main(["merge", *map(str, halves), "--recipe", str(recipe_file), "--output", str(tmp_path / "h")]) == 0
+    assert reason_of(tmp_path / "h").startswith("asked for")
+    assert main(["merge", "--recipe", str(recipe_file), "--output", str(tmp_path / "same")]) == 0
+    assert reason_of(tmp_path / "same") == "auto: every parent is stored in float32"  # still true: restated
+    recipe_file.write_text(recipe_file.read_text().replace("auto: every parent is stored in float32",
+                                                           "auto: every parent is stored in float16 (verified)"))
+    assert main(["merge", "--recipe", str(recipe_file), "--output", str(tmp_path / "edited")]) == 0
+    assert reason_of(tmp_path / "edited").startswith("asked for")

@@ -560,11 +560,15 @@ def pinned_choices(recipe: Recipe, merged: Any) -> Recipe:
     return pinned
 
 
-def restate_auto_choices(mudsc: dict[str, Any], recipe: Recipe) -> None:
+def restate_auto_choices(mudsc: dict[str, Any], recipe: Recipe, auto_out_dtype: tuple[str, str] | None = None
+                         ) -> None:
     """In a re-run's `config.mudsc` (changed in place), the reasons `recipe.auto_chosen` recorded for the values the
     recipe pins, where the re-run ran those same values (the pinned method on parents that relate as the recorded
-    ones did, not other parents; the pinned dtype, not one given on the command line): its card then says what the
-    original's said, not "asked for" or nothing. The weights do not change (they are the pinned values')."""
+    ones did, not other parents; the pinned dtype, not one given on the command line) and the reason still holds:
+    its card then says what the original's said, not "asked for" or nothing. The dtype's reason only when
+    `out_dtype="auto"` gives that value and reason for these parents (`auto_out_dtype`, `MergeReport`'s): other
+    parents (stored in float16), or a reason edited by hand, keep "asked for". The weights do not change (they
+    are the pinned values')."""
     chosen = recipe.auto_chosen or {}
     method = chosen.get("method")
     same_parents = method and method.get("parent_relation") == mudsc.get("parent_relation")  # not other parents'
@@ -573,7 +577,8 @@ def restate_auto_choices(mudsc: dict[str, Any], recipe: Recipe) -> None:
         mudsc["method_choice_reason"] = method["reason"]
         mudsc["correspondence_check"] = copy.deepcopy(method.get("correspondence_check"))
     dtype = chosen.get("out_dtype")
-    if dtype and mudsc.get("out_dtype") == dtype["value"] == recipe.out_dtype:
+    if (dtype and mudsc.get("out_dtype") == dtype["value"] == recipe.out_dtype
+            and auto_out_dtype is not None and tuple(auto_out_dtype) == (dtype["value"], dtype["reason"])):
         mudsc["out_dtype_reason"] = dtype["reason"]
 
 

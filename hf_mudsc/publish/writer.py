@@ -15,7 +15,8 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,48 @@ def refuse_non_finite_weights(merged: Any) -> None:
                           f"tensor{'s' if len(bad) > 1 else ''} ({names}); {cause}")
 
 
+def dtype_since_merge(merged: Any) -> tuple[str, str] | None:
+    """(dtype, reason) of a merged model cast after `merge` returned it (`merged.half()` before saving), whose
+    `config.mudsc` still names the dtype the merge made; None when the weights are in that dtype. The recipe
+    then pins the dtype written: `out_dtype` is one cast at the end of the merge, so its re-run makes these weights.
+
+    Raises:
+        MergeInputError: the floating-point weights are in several dtypes (no one `out_dtype` makes them)."""
+    mudsc = getattr(getattr(merged, "config", None), "mudsc", None) or {}
+    made = mudsc.get("out_dtype")
+    names = sorted({str(t.dtype).removeprefix("torch.") for t in merged.state_dict().values()
+                    if t.is_floating_point()})
+    if len(names) > 1:
+        from hf_mudsc.errors import MergeInputError
+
+        raise MergeInputError(
+            f"the merged model's weights are in several dtypes ({', '.join(names)}) since the merge; cast it to one "
+            f"(e.g. merged.to(torch.{names[0]})) or write the model merge() returned")
+    if not names or made is None or names[0] == made:
+        return None
+    return names[0], f"converted to {names[0]} after the merge, which made {made} ({mudsc.get('out_dtype_reason')})"
+
+
+@contextmanager
+def recorded_dtype(merged: Any, recipe: Recipe) -> Iterator[Recipe]:
+    """While a merged model is written: its `config.mudsc` and the recipe name the dtype its weights are in now
+    (`dtype_since_merge`); the model's own record is restored afterwards (writing it changes nothing in memory)."""
+    converted = dtype_since_merge(merged)
+    if converted is None:
+        yield recipe
+        return
+    mudsc = merged.config.mudsc
+    kept = {key: mudsc.get(key) for key in ("out_dtype", "out_dtype_reason")}
+    written = recipe.override(out_dtype=converted[0])
+    chosen = {key: value for key, value in (recipe.auto_chosen or {}).items() if key != "out_dtype"}
+    written.auto_chosen = chosen or None  # auto chose the merge's dtype, not this one
+    mudsc.update(out_dtype=converted[0], out_dtype_reason=converted[1])
+    try:
+        yield written
+    finally:
+        mudsc.update(kept)
+
+
 def write_merged_folder(
     folder: str | os.PathLike,
     merged: Any,
@@ -95,16 +138,17 @@ def write_merged_folder(
     recipe = recipe if recipe is not None else recipe_of(merged)
     if processor is None:
         processor = getattr(getattr(merged, "merge_report", None), "processor", None)
-    merged.save_pretrained(folder)
-    if processor is not None:
-        processor.save_pretrained(folder)
-    report = getattr(merged, "merge_report", None)  # data read but no spec recorded: it was given in memory
-    recipe.save(folder / RECIPE_FILENAME, calibration_in_memory=bool(getattr(report, "num_samples", 0)))
-    plots = write_diagnostics(folder, getattr(report, "diagnostics", None), evaluation)
-    name = model_name or recipe.push_to_hub or (Path(recipe.output).name if recipe.output else None)
-    render_card(merged, recipe, parents=list(parents) if parents is not None else None,
-                eval_results=eval_results, model_name=name, plots=plots,
-                processor_saved=processor is not None).save(folder / CARD_FILENAME)
+    with recorded_dtype(merged, recipe) as recipe:
+        merged.save_pretrained(folder)
+        if processor is not None:
+            processor.save_pretrained(folder)
+        report = getattr(merged, "merge_report", None)  # data read but no spec recorded: it was given in memory
+        recipe.save(folder / RECIPE_FILENAME, calibration_in_memory=bool(getattr(report, "num_samples", 0)))
+        plots = write_diagnostics(folder, getattr(report, "diagnostics", None), evaluation)
+        name = model_name or recipe.push_to_hub or (Path(recipe.output).name if recipe.output else None)
+        render_card(merged, recipe, parents=list(parents) if parents is not None else None,
+                    eval_results=eval_results, model_name=name, plots=plots,
+                    processor_saved=processor is not None).save(folder / CARD_FILENAME)
     return folder
 
 
