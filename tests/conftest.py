@@ -58,6 +58,17 @@ def one_thread_module():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session")
+def digit_pair_cache(tmp_path_factory) -> Path:
+    """One cache of trained toy digit ViTs for the whole run, shared by the xdist workers (the toy cache writes each
+    model atomically, so two workers training the same pair at once is safe): a pair several files train with the
+    same settings is trained once. Not for tests of the training or the cache themselves (tests/test_toy.py)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    return root / "shared-digit-pairs"
+
+
 @pytest.fixture()
 def local_hub(hub_emulator, monkeypatch):  # noqa: F811  (the fixture imported above)
     """The emulator as this process's Hub: the CLI or the API run in-process against it (no interpreter start-up,

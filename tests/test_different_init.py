@@ -24,8 +24,8 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def test_mudsc_beats_weight_averaging_across_different_initializations(tmp_path, record_property):
-    pair = toy.trained_digit_pair(range(5), range(5, 10), seeds=(0, 1), hidden_size=64, cache_dir=tmp_path)
+def test_mudsc_beats_weight_averaging_across_different_initializations(digit_pair_cache, record_property):
+    pair = toy.trained_digit_pair(range(5), range(5, 10), seeds=(0, 1), hidden_size=64, cache_dir=digit_pair_cache)
     pair.model_a.config._name_or_path = "digits-0-4"
     pair.model_b.config._name_or_path = "digits-5-9"
     splits = pair.splits

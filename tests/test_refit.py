@@ -801,12 +801,12 @@ def test_recipe_with_a_bad_refit_is_refused(tmp_path):
 # ------------------------------------------------------------------------ improvement on a different-init pair
 
 
-def test_refit_lifts_a_different_init_merge_of_the_toy_digit_vits(tmp_path_factory):
+def test_refit_lifts_a_different_init_merge_of_the_toy_digit_vits(digit_pair_cache):
     from hf_mudsc.evaluate.harness import evaluate_merge
     from hf_mudsc.testing import toy
 
     pair = toy.trained_digit_pair(range(5), range(5, 10), seeds=(0, 1), hidden_size=64,
-                                  cache_dir=tmp_path_factory.mktemp("digits"))
+                                  cache_dir=digit_pair_cache)
     pair.model_a.config._name_or_path = "digits-0-4"
     pair.model_b.config._name_or_path = "digits-5-9"
     splits = pair.splits
