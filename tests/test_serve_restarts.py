@@ -327,3 +327,26 @@ def test_a_failed_job_shows_one_line_and_its_traceback_goes_to_the_server_log_on
     assert store.get(job_id)["status"] == "failed"
     store.close()
 
+
+
+def test_a_job_stopped_while_publishing_to_the_hub_does_not_say_nothing_was_pushed(tmp_path):
+    """A server killed while a job wrote or pushed its model: the orphaned worker may finish its one-commit push
+    (a push is never stopped halfway), yet the restarted server said "nothing was pushed after that point". A job
+    in its publish phase with a Hub target now says the push may have completed and to check the repo."""
+    store = JobStore(tmp_path)
+    pushing = store.add({"models": []}, output="/o/1", repo_id="me/one", dry_run=False, has_token=False)
+    store.update(pushing, status="running", phase="publish", progress=0.9)
+    writing = store.add({"models": []}, output="/o/2", repo_id=None, dry_run=False, has_token=False)
+    store.update(writing, status="running", phase="publish", progress=0.9)
+    solving = store.add({"models": []}, output="/o/3", repo_id="me/three", dry_run=False, has_token=False)
+    store.update(solving, status="running", phase="solve", progress=0.6)
+    store.close()
+    again = JobStore(tmp_path)
+    assert sorted(again.recover()) == sorted([pushing, writing, solving])
+    error = again.get(pushing)["error"]
+    assert error.startswith("the service stopped while this job was writing or pushing its model"), error
+    assert "the push to 'me/one' may have completed: check the repo before resubmitting" in error
+    assert "nothing was pushed" not in error
+    for job in (writing, solving):  # no push begun (none asked, or not yet at that phase)
+        assert "nothing was pushed after that point" in again.get(job)["error"]
+    again.close()

@@ -54,6 +54,11 @@ LOG_CAP = LogCap(lines=2000, bytes=256 << 10, line_bytes=4 << 10)
 
 RESTARTED_RUNNING = ("the service stopped while this job was running (crash, kill or restart); nothing was "
                      "pushed after that point — resubmit the job")
+# A job in its publish phase with a Hub target: its worker, orphaned, finishes a push it had begun (one commit, never
+# stopped halfway), so the restarted service cannot say nothing was pushed.
+RESTARTED_PUBLISHING = ("the service stopped while this job was writing or pushing its model (crash, kill or "
+                        "restart); the push to {repo_id!r} may have completed: check the repo before resubmitting "
+                        "the job")
 STOPPED_RUNNING = ("the service stopped (it was shut down) while this job was running; the job was stopped before its "
                    "push, so nothing was written or pushed — resubmit the job")
 RESTARTED_TOKEN = ("the service restarted before this job ran, and Hub tokens are held in memory only: "
@@ -392,6 +397,11 @@ class JobStore:
         with self._lock:
             marked = [r["id"] for r in self._db.execute(
                 "SELECT id FROM jobs WHERE status = 'running' OR (status = 'queued' AND has_token = 1)")]
+            publishing = self._db.execute("SELECT id, repo_id FROM jobs WHERE status = 'running' AND phase = "
+                                          "'publish' AND repo_id IS NOT NULL").fetchall()
+            for row in publishing:
+                self._db.execute("UPDATE jobs SET status = 'failed', error = ?, updated = ? WHERE id = ?",
+                                 (RESTARTED_PUBLISHING.format(repo_id=row["repo_id"]), stamp, row["id"]))
             self._db.execute("UPDATE jobs SET status = 'failed', error = ?, updated = ? WHERE status = 'running'",
                              (RESTARTED_RUNNING, stamp))
             self._db.execute("UPDATE jobs SET status = 'failed', error = ?, updated = ? "
