@@ -161,6 +161,22 @@ def test_token_ids_past_the_parents_vocabulary_are_refused_before_any_forward():
     assert _checked("bert_cls", make_batches("bert_cls", 2))[1] == []
 
 
+def test_an_example_whose_attention_mask_is_all_zero_is_refused_before_any_forward():
+    """QA s24: pre-made input_ids whose attention_mask was all 0 ran the whole calibration pass, then ended in "no
+    calibration samples reached this accumulator" (regmean: advice to pass data that can be read twice); an example
+    with no token to read is refused on its batch, naming the mask."""
+    ids = torch.randint(3, 50, (4, 6))
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[2] = 0
+    with pytest.raises(CalibrationError, match=r"^calibration attention_mask is all 0 for 1 of the 4 examples of a "
+                                               r"batch \(no token of theirs is read\): drop those examples, or pass "
+                                               r"the attention_mask the parents' tokenizer returns \(1 on real "
+                                               r"tokens\)$"):
+        _checked("bert_cls", [{"input_ids": ids, "attention_mask": mask}])
+    mask[2, 0] = 1  # one token read is enough
+    assert _checked("bert_cls", [{"input_ids": ids, "attention_mask": mask}])[1] == []
+
+
 @pytest.mark.parametrize("shape", [(4, 3, 16, 16), (4, 1, 32, 32)])
 def test_pixel_values_of_the_wrong_size_or_channels_are_refused_naming_the_expected_shape(shape):
     """QA s22 (r7): wrong-size / wrong-channel pixel_values got transformers' raw message from inside the forward."""

@@ -825,3 +825,20 @@ def test_refit_lifts_a_different_init_merge_of_the_toy_digit_vits(digit_pair_cac
     plain, refit = result.score("plain", "joint"), result.score("refit", "joint")
     assert refit >= plain + 0.15, f"joint with refit {refit:.3f} vs without {plain:.3f}"
     assert result.score("refit", "average") >= result.score("plain", "average") + 0.15
+
+
+def test_a_ridge_too_weak_for_rank_deficient_data_is_one_line_naming_the_layer():
+    """`refit_lambda` is valid in (0, 1e30], but 1e-300 does not regularise a Gram of one example's few rows: the
+    merge ended in torch's `LinAlgError: ... the input matrix is singular` traceback. Now one line (a ValueError the
+    CLI prints) naming the layer and the fix."""
+    from hf_mudsc.errors import CalibrationError
+
+    parents = [make_model("bert_cls", seed) for seed in (1, 2)]
+    one = [{k: v[:1] for k, v in make_batches("bert_cls", num_batches=1)[0].items()}]
+    with pytest.raises(CalibrationError, match=r"^refit: the least squares of layer '[\w.]+' is singular at "
+                                               r"refit_lambda=1e-300 \(\d+ rows for \d+ inputs\); raise "
+                                               r"refit_lambda= \(CLI: --refit-lambda\) \(default 0\.001\) or pass "
+                                               r"more varied calibration data$"):
+        hf_mudsc.merge(parents, one, method="zipit", refit="ridge", refit_lambda=1e-300, progress=False)
+    merged = hf_mudsc.merge(parents, one, method="zipit", refit="ridge", progress=False)  # the default ridge copes
+    assert all(torch.isfinite(p).all() for p in merged.parameters())

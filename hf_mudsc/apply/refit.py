@@ -24,6 +24,7 @@ fit (`NormAccumulator`); off by default (docs/benchmarks/refit_layernorm.md: wit
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -46,7 +47,7 @@ from hf_mudsc.calibrate.layer_inputs import (
     run_forward,
     token_rows,
 )
-from hf_mudsc.errors import CalibrationError
+from hf_mudsc.errors import CalibrationError, option_hint
 from hf_mudsc.load.checks import is_softmax_head
 from hf_mudsc.options import AUTO, MergeOptions
 from hf_mudsc.progress import Progress
@@ -178,8 +179,20 @@ class RidgeAccumulator:
             self._factor = (system, factor if int(info) == 0 else None, lambda_rel, ridge)
         system, factor, _, ridge = self._factor
         right = self.crosses[index] + ridge * start
-        solution = torch.cholesky_solve(right, factor) if factor is not None else torch.linalg.solve(system, right)
+        try:
+            solution = torch.cholesky_solve(right, factor) if factor is not None else torch.linalg.solve(system,
+                                                                                                         right)
+        except torch.linalg.LinAlgError:  # a ridge below float64's resolution of a rank-deficient Gram
+            raise SingularRefitError(f"{self.samples} rows for {len(self.gram)} inputs") from None
         return solution[:d].T, (solution[d] if self.bias else None), ridge
+
+
+def _default_lambda() -> float:
+    return next(f.default for f in dataclasses.fields(MergeOptions) if f.name == "refit_lambda")
+
+
+class SingularRefitError(CalibrationError):
+    """A layer's ridge system is singular: `refit_lambda` is too small to regularise the calibration data's Gram."""
 
 
 class NormAccumulator:
@@ -717,7 +730,13 @@ def _write(module: nn.Linear | nn.LayerNorm, name: str, accumulator: RidgeAccumu
         weight, bias, ridge = accumulator.solve(module.weight, module.bias, lambda_rel)
         shapes = (tuple(accumulator.sums[:2].T.shape), tuple(accumulator.sums[2:].T.shape))
     else:
-        weight, bias, ridge = accumulator.solve(module.weight, module.bias, lambda_rel, index)
+        try:
+            weight, bias, ridge = accumulator.solve(module.weight, module.bias, lambda_rel, index)
+        except SingularRefitError as error:
+            raise CalibrationError(
+                f"refit: the least squares of layer {name!r} is singular at refit_lambda={lambda_rel:g} ({error}); "
+                f"raise {option_hint('refit_lambda')} (default {_default_lambda():g}) or pass more varied calibration "
+                "data") from None
         shapes = (tuple(accumulator.gram.shape), tuple(accumulator.crosses[index].shape))
     before = torch.cat([module.weight.detach().to(torch.float64).flatten(),
                         *([module.bias.detach().to(torch.float64)] if module.bias is not None else [])])

@@ -184,6 +184,14 @@ class ModelInputCheck:
                           "attention_mask, so those positions are read as real tokens (no mask is "
                           "inferred: the id may be a real token); pass attention_mask with the input_ids (the "
                           "tokenizer returns one), or raw text")
+        mask = batch.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.numel():
+            empty = int((mask == 0).all(dim=1).sum())
+            if empty:
+                raise self.error(
+                    f"{self.data} attention_mask is all 0 for {empty} of the {len(mask)} examples of a batch (no token "
+                    f"of theirs is read): drop those examples, or pass the attention_mask {self._whose} tokenizer "
+                    "returns (1 on real tokens)")
         pixels = batch.get("pixel_values")
         if isinstance(pixels, torch.Tensor) and self.image_size is not None:
             expected = (self.num_channels, *self.image_size) if self.num_channels is not None else None
