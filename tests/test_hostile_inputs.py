@@ -1059,6 +1059,31 @@ def test_a_parent_with_weights_near_the_float32_limit_is_refused_at_the_first_ca
     assert "re-export that parent's checkpoint" in message, message
 
 
+def test_when_one_parent_overflows_on_huge_data_the_message_names_the_data_s_scale_too():
+    """QA s24: pixel values of 1e20 overflowed one parent's activations, and the message blamed that parent's weights
+    alone ("its weights are out of the range float32 holds ... re-export that parent's checkpoint"). Both causes are
+    named now, with the data's largest input value, so a user sees which is far off."""
+    import torch
+    from factories import make_batches, make_model
+
+    import hf_mudsc
+    from hf_mudsc.errors import MergeInputError
+
+    batches = make_batches("vit_cls", num_batches=2, batch_size=4)
+    for batch in batches:
+        batch["pixel_values"] *= 1e15
+    largest = float(batches[0]["pixel_values"].abs().max())
+    b = make_model("vit_cls", 1)
+    with torch.no_grad():
+        b.vit.embeddings.patch_embeddings.projection.weight.mul_(1e6)  # B amplifies the data more than A
+    with pytest.raises(MergeInputError) as caught:
+        hf_mudsc.merge([make_model("vit_cls", 0), b], batches, method="zipit", refit="none", progress=False)
+    message = str(caught.value)
+    assert message.startswith("parent B's activations are infinite or NaN at group "), message
+    assert f"or the calibration data's values (up to {largest:.3g} in pixel_values) are too large for it" in message
+    assert message.endswith("check the data's scale, re-export that parent's checkpoint, or merge without it")
+
+
 def test_calibration_data_that_is_not_finite_is_named_not_the_parents():
     import torch
     from factories import make_batches, make_model

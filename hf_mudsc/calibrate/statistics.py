@@ -417,7 +417,8 @@ class _BatchStatistics:
 
 
 def check_finite_statistics(spec: PermutationSpec, accumulators: Sequence[CorrelationAccumulator], num_models: int,
-                            examples: int, order: Sequence[int] | None = None) -> None:
+                            examples: int, order: Sequence[int] | None = None,
+                            batch: Mapping[str, Any] | None = None) -> None:
     """Refuse activations float32 could not hold, after the batch that produced them: a parent whose weights are
     finite but extreme (3e38) yields inf/NaN activations — or activations whose squares overflow the float32
     products — which otherwise surface only after calibration, as NaN similarities naming nothing.
@@ -427,7 +428,9 @@ def check_finite_statistics(spec: PermutationSpec, accumulators: Sequence[Correl
     (Cauchy–Schwarz: |Σxᵢxⱼ| ≤ √(Σxᵢ²·Σxⱼ²)), so finite diagonals mean finite sums. The units of parent i are the
     i-th block of each group's `[x_0; x_1; ...]`: the parents whose blocks broke are named; when all did, the
     calibration data is the likelier cause. `order`: the groups' indices in the order the forward reaches them
-    (spec order when None), so the group named is the first one the overflow reached.
+    (spec order when None), so the group named is the first one the overflow reached. `batch`: the batch that
+    broke them; when only some parents broke, its largest floating-point input is named too (huge data overflows
+    the parent that amplifies it most first, so the weights are not the only suspect).
     """
     for index in order if order is not None else range(len(spec.groups)):
         group, accumulator = spec.groups[index], accumulators[index]
@@ -447,10 +450,20 @@ def check_finite_statistics(spec: PermutationSpec, accumulators: Sequence[Correl
         labels = [parent_label(i) for i in broken]
         whose = (f"parent {labels[0]}'s activations are" if len(labels) == 1
                  else f"the activations of parents {', '.join(labels)} are")
+        scale = _largest_input(batch or {})
+        data = (f", or the calibration data's values (up to {scale[1]:.3g} in {scale[0]}) are too large for it; check "
+                "the data's scale," if scale is not None else ";")
         raise MergeInputError(
             f"{whose} infinite or NaN at {where}, while the other parents' are finite on the same data: its weights "
-            "are out of the range float32 holds (values near 3.4e38, or large enough that their products overflow); "
-            "re-export that parent's checkpoint, or merge without it")
+            "are out of the range float32 holds (values near 3.4e38, or large enough that their products overflow)"
+            f"{data} re-export that parent's checkpoint, or merge without it")
+
+
+def _largest_input(batch: Mapping[str, Any]) -> tuple[str, float] | None:
+    """(column, largest |value|) over a batch's floating-point tensors (pixel values, embeddings), or None."""
+    peaks = [(name, float(value.detach().abs().max())) for name, value in batch.items()
+             if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel()]
+    return max(peaks, key=lambda peak: peak[1]) if peaks else None
 
 
 def _return_freed_memory() -> None:
@@ -539,7 +552,8 @@ def collect_statistics(
                 for accumulator in accumulators:
                     accumulator.examples += size
                 seen += size
-                check_finite_statistics(spec, accumulators, len(models), seen, order=list(statistics.updated))
+                check_finite_statistics(spec, accumulators, len(models), seen, order=list(statistics.updated),
+                                        batch=batch)
                 bar.update(size)
     finally:
         bar.close()
