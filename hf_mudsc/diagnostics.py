@@ -9,7 +9,8 @@ so the dry run and the merge share them.
    groups for a median to mean anything.
 2. *Too little calibration data*: a group's correlation is a `(2n × 2n)` matrix over the stacked `[A; B]` units
    estimated from the rows its hook saw (examples × tokens, padding dropped). With fewer rows than `2n` it is
-   rank-deficient: most unit pairs are then matched on noise.
+   rank-deficient: most unit pairs are then matched on noise. *Repeated examples* (`repeated_examples_warning`):
+   examples that repeat earlier ones add nothing, yet count as rows there.
 3. *Method against relation*: a method without unit matching (`average`, task-vector methods) on parents that
    are not fine-tunes of one base fuses unrelated units; a unit-matching method on fine-tunes of one base only
    reorders units that already correspond (a plain average or a task-vector method keeps the base's alignment
@@ -82,6 +83,17 @@ def calibration_size_warning(rows: Mapping[str, int], widths: Mapping[str, int],
             "or a larger calibration split)")
 
 
+def repeated_examples_warning(examples: int, repeats: int) -> str | None:
+    """Warn when calibration examples repeat earlier ones (`ExampleDigests`): a repeat adds nothing to the statistics,
+    yet counts as rows in `calibration_size_warning`, so the data is smaller than it looks."""
+    if repeats <= 0 or examples <= 0:
+        return None
+    distinct = examples - repeats
+    return (f"the calibration data repeats examples: {distinct} distinct among the {examples} read, so the statistics "
+            f"are those of {distinct} example{'s' if distinct != 1 else ''} (a repeat adds nothing, yet counts toward "
+            f"{option_hint('num_samples')}); pass distinct examples")
+
+
 def relation_warning(relation: str, method: Any, refitting: bool = False, gated: bool = True,
                      units_correspond: bool = True) -> str | None:
     """Warn when the parents' relation makes the method a poor fit; `method` is a registry `MergeMethod`,
@@ -149,16 +161,19 @@ def processor_warning(differences: Sequence[str], tokenizer_differences: Sequenc
 def merge_warnings(*, relation: str | None, method: Any, group_names: Sequence[str], group_values: Sequence[float],
                    rows: Mapping[str, int] | None, widths: Mapping[str, int], parents: int = 2,
                    relation_text: str | None = None, shared_labels: Sequence[Sequence[str]] | None = None,
-                   processor_differences: Sequence[str] = (), tokenizer_differences: Sequence[str] = ()) -> list[str]:
+                   processor_differences: Sequence[str] = (), tokenizer_differences: Sequence[str] = (),
+                   repeats: tuple[int, int] | None = None) -> list[str]:
     """Every warning of a finished solve, in a fixed order (relation, default labels, calibration size, weak
     groups); `relation_text`: `relation_warning`'s text for this merge (computed by the caller, which also tags it as
     advice: `advice_warnings`); `shared_labels`: each parent's label names when their heads are fused as one label
     set (`default_labels_warning`); `processor_differences`, `tokenizer_differences`: the settings in which the
-    parents' image processors and tokenizers differ (`processor_warning`)."""
+    parents' image processors and tokenizers differ (`processor_warning`); `repeats`: (examples read, how many repeat
+    an earlier one) of the unit-matching statistics (`repeated_examples_warning`)."""
     found = [
         relation_text,
         default_labels_warning(shared_labels) if relation not in ("same model", "permuted copy") else None,
         processor_warning(processor_differences, tokenizer_differences),
+        repeated_examples_warning(*repeats) if repeats else None,
         calibration_size_warning(rows, widths, parents) if rows else None,
         weak_group_warning(group_names, group_values) if method.matches_units else None,
     ]

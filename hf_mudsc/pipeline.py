@@ -628,10 +628,12 @@ def merge(
     head = [n for n in (spec.classifier.weight, spec.classifier.bias) if n] if spec.classifier else []
     correlations = None
     rows = None  # calibration rows (examples x tokens) each group saw, for the size warning
+    repeats = None  # (examples, repeats of earlier ones) the statistics read, for the repeated-examples warning
     calibration_examples = None  # examples the calibration stream holds, when the statistics counted them
     if accumulators is not None:
         calibration_examples = accumulators[0].examples or None
         rows = {g.name: accumulator.count for g, accumulator in zip(spec.groups, accumulators)}
+        repeats = (accumulators[0].examples, accumulators[0].repeats)
         report.num_samples = accumulators[0].examples or accumulators[0].count
         # The statistics of auto's check are named so: the same-base method may then read the data again.
         _log_sample_count(report.num_samples, _check_pass(merge_method) if unconfirmed is not None
@@ -667,7 +669,7 @@ def merge(
         if final is not merge_method:  # the units correspond: the same-base method merges, without the statistics
             merge_method = final
             refit_value, refitting, used_options, auto_alpha = settled(merge_method)
-            accumulators = correlations = rows = calibration_examples = None
+            accumulators = correlations = rows = calibration_examples = repeats = None
             report = MergeReport(method=merge_method.name, matcher=used_options.get("matcher"),
                                  alpha=used_options.get("alpha"))
             context, left_out = context_for(merge_method)
@@ -719,7 +721,7 @@ def merge(
         rows=rows, parents=count, relation_text=relation_text,
         shared_labels=[label_names(m.config) for m in loaded] if spec.classifier is not None and not concatenate
         else None, processor_differences=image_processor_differences([p.processor for p in parents]),
-        tokenizer_differences=tokenizer_differences([p.processor for p in parents]))
+        tokenizer_differences=tokenizer_differences([p.processor for p in parents]), repeats=repeats)
     size_plan = measured_plan(spec, params, merged_params, merge_options.size) if merge_method.supports_size else None
     if size_plan is not None and (unspent := unspent_stream_warning(spec, size_plan, merge_options.size_spend)):
         report.warnings.append(unspent)

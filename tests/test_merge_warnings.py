@@ -105,6 +105,25 @@ def test_too_few_calibration_rows_for_the_widths_are_warned_about(caplog, tmp_pa
     assert not [w for w in enough.merge_report.warnings if w.startswith("calibration too small")]
 
 
+def test_calibration_data_that_repeats_examples_is_warned_about(caplog):
+    """QA s24: 64 copies of one sentence merged exactly as the one sentence did, but only the single sentence got the
+    "calibration too small" warning: rows were counted, not distinct ones. A repeat (same tokens, wherever the padding
+    ends; same pixels) is counted and said; distinct data says nothing."""
+    a, b = make_model("bert_cls", 1), make_model("bert_cls", 2)
+    [batch] = make_batches("bert_cls", num_batches=1, batch_size=4)
+    one = {key: value[:1] for key, value in batch.items()}
+    padded = {key: torch.cat([value[:1], torch.zeros_like(value[:1, :3])], dim=1) for key, value in batch.items()}
+    repeated = [{key: value.repeat(4, 1) for key, value in one.items()}, padded,
+                {key: value[1:3] for key, value in batch.items()}]  # 4 copies, one more padded longer, 2 others
+    merged, logged = _merge([a, b], repeated, caplog, method="zipit", refit="none")
+    text = ("the calibration data repeats examples: 3 distinct among the 7 read, so the statistics are those of 3 "
+            "examples (a repeat adds nothing, yet counts toward num_samples= (CLI: --num-samples)); pass distinct "
+            "examples")
+    assert text in merged.merge_report.warnings and text in merged.config.mudsc["warnings"] and text in logged
+    clean, _ = _merge([a, b], make_batches("bert_cls", num_batches=2), caplog, method="zipit", refit="none")
+    assert not [w for w in clean.merge_report.warnings if "repeats examples" in w]
+
+
 def test_averaging_independent_inits_is_warned_about(caplog, tmp_path):
     a, b = _named(make_model("vit_cls", 1)), _named(make_model("vit_cls", 2))  # different random inits
     merged, logged = _merge([a, b], None, caplog, method="average")

@@ -38,6 +38,9 @@ class CorrelationAccumulator:
         # Calibration examples behind the samples (a sample is a token for per-token groups): set by
         # `collect_statistics`, carried through merges and all-reduces, reported as the calibration size.
         self.examples = 0
+        # Of those, the examples that repeat one read before by the same process (`collect_statistics`): summed over
+        # processes, a repeat across shards goes uncounted (never a false warning).
+        self.repeats = 0
         self._lower_stale = False
 
     def update(self, samples: torch.Tensor) -> None:
@@ -107,6 +110,7 @@ class CorrelationAccumulator:
         self._symmetric().add_(outer)
         self.count += other.count
         self.examples += other.examples
+        self.repeats += other.repeats
         return self
 
     def covariance(self) -> torch.Tensor:
@@ -146,7 +150,8 @@ class CorrelationAccumulator:
         """The state as plain sums around zero, so shards can be added by an all-reduce."""
         self._check_usable()
         total, outer = self._moments_around(torch.zeros(self.dim, dtype=torch.float64))
-        return [total, outer, torch.tensor([float(self.count), float(self.examples)], dtype=torch.float64)]
+        return [total, outer, torch.tensor([float(self.count), float(self.examples), float(self.repeats)],
+                                           dtype=torch.float64)]
 
     def load_tensors(self, tensors: Sequence[torch.Tensor]) -> None:
         """Adopt summed `tensors()` (e.g. after an all-reduce); re-centres them on their mean."""
@@ -155,6 +160,7 @@ class CorrelationAccumulator:
         self._lower_stale = False
         self.count = int(round(float(tensors[2][0].item())))
         self.examples = int(round(float(tensors[2][1].item()))) if tensors[2].numel() > 1 else 0
+        self.repeats = int(round(float(tensors[2][2].item()))) if tensors[2].numel() > 2 else 0
         if self.count:
             mean = self.total / self.count
             self.total, self.outer = self._moments_around(mean)

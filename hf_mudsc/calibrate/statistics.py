@@ -8,6 +8,7 @@ so process shards add up.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -478,6 +479,36 @@ def _return_freed_memory() -> None:
         pass
 
 
+class ExampleDigests:
+    """A 16-byte digest of every calibration example read, to count the ones that repeat an earlier one: repeats add
+    nothing to the statistics, yet count as rows in the size warning. An example is its input tensors' rows; a
+    token row without its padding (the `attention_mask`'s zeros), so a repeat padded to another length is one."""
+
+    def __init__(self) -> None:
+        self.seen: set[bytes] = set()
+
+    def repeats(self, batch: Mapping[str, Any], size: int) -> int:
+        """How many of the batch's `size` examples were seen before (in this batch or earlier ones)."""
+        mask = batch.get("attention_mask")
+        mask = mask.to(torch.bool) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        columns = [(name, value) for name, value in sorted(batch.items())
+                   if isinstance(value, torch.Tensor) and value.dim() > 0 and len(value) == size]
+        found = 0
+        for row in range(size):
+            digest = hashlib.blake2b(digest_size=16)
+            for name, value in columns:
+                cells = value[row]
+                if mask is not None and tuple(value.shape[:2]) == tuple(mask.shape):
+                    cells = cells[mask[row]]
+                cells = cells.detach().cpu().contiguous()
+                digest.update(f"{name}:{cells.dtype}:{tuple(cells.shape)}".encode())
+                digest.update(cells.reshape(-1).view(torch.uint8).numpy().tobytes())
+            key = digest.digest()
+            found += key in self.seen
+            self.seen.add(key)
+        return found
+
+
 def _samples(features: torch.Tensor, point: HookPoint, batch: Mapping[str, Any]) -> torch.Tensor:
     """Flatten `(..., d)` features into `(samples, d)`, dropping masked (padding) positions."""
     mask = batch.get(point.mask) if point.mask else None
@@ -528,6 +559,7 @@ def collect_statistics(
     for model in models:
         model.eval()
     seen = 0
+    digests = ExampleDigests()
     bar = Progress(desc="calibration", unit="samples", total=total, enabled=progress, rate=True)
     try:
         with torch.no_grad():
@@ -549,8 +581,10 @@ def collect_statistics(
                         raise unrunnable_batch(model, batch, error) from error
                 statistics.check()
                 size = _batch_size_of(batch)
+                repeats = digests.repeats(batch, size)
                 for accumulator in accumulators:
                     accumulator.examples += size
+                    accumulator.repeats += repeats
                 seen += size
                 check_finite_statistics(spec, accumulators, len(models), seen, order=list(statistics.updated),
                                         batch=batch)
