@@ -231,9 +231,10 @@ class MergePlan:
             parts.append(f"{self.method}'s data pass {_seconds(estimate.data_pass_seconds)}")
         if estimate.refit_seconds:
             parts.append(f"refit {_seconds(estimate.refit_seconds)}")
+        held = (f"{self.method}'s working set {_bytes(estimate.method_bytes)}" if estimate.method_bytes
+                else f"statistics {_bytes(estimate.statistics_bytes)}")
         lines += ["", f"Estimate: {_seconds(estimate.seconds)} ({', '.join(parts)}; download not included), peak "
-                  "memory "
-                  f"{_bytes(estimate.peak_memory_bytes)} (statistics {_bytes(estimate.statistics_bytes)}), at "
+                  f"memory {_bytes(estimate.peak_memory_bytes)} ({held}), at "
                   f"{estimate.matmul_flops_per_second / 1e9:.0f} GFLOP/s"]
         if self.warnings:
             lines += ["", "Warnings:"] + [f"  - {text}" for text in self.warnings]

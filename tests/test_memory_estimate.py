@@ -63,6 +63,7 @@ def test_regmean_estimate_counts_the_systems_grams_and_average_the_merge_allocat
     held = 4 * parameters + system_bytes + 2 * one_pass  # the average, the systems, two parents' Grams
     estimate = plan.estimate
     assert estimate.method_bytes == held
+    assert "regmean's working set" in str(plan) and "statistics 0 B" not in str(plan)  # was "(statistics 0 B)"
     assert estimate.peak_memory_bytes >= PROCESS_BYTES + DATA_READER_BYTES + count * 4 * parameters + held
     # today's formula (runtime + 2.5 x the weights, no term for regmean) is below what these tensors need
     assert estimate.peak_memory_bytes > RUNTIME_BYTES + WEIGHTS_FACTOR * count * 4 * parameters + held / 2
