@@ -56,6 +56,18 @@ REFIT_EFFICIENCY = 0.95
 RUNTIME_BYTES = 380e6
 WEIGHTS_FACTOR = 2.5
 STATISTICS_FACTOR = 1.25
+# The methods that match no units are counted by what they hold, phase by phase (docs/design.md, "Dry run"), not by
+# the factors above (fitted to unit matching, whose statistics dominate; RegMean's float64 systems and Grams are
+# ~1.7x BERT-base's weights and were left out: 2.57 GB estimated, 6.14 GB measured). The process itself: RSS of
+# `hf-mudsc merge` once torch, transformers and hf_mudsc are imported and the parents' configs and processors read,
+# before any weight (0.43 GB for BERT-base and a 4-layer hidden-256 BERT alike), and with the calibration split open
+# (`datasets` imported, the Arrow file mapped) 0.09 GB more.
+PROCESS_BYTES = 430e6
+DATA_READER_BYTES = 90e6
+# The relation check (`load.relation.parent_relation`, every merge) compares each tensor of two parents in float64:
+# both sorted copies, both widened copies, and a difference with its square alive at once, 6 float64 copies of the
+# largest tensor (BERT-base's 30522 x 768 word embeddings: 1.1 GB, the peak of a linear merge).
+RELATION_COPIES = 6
 # Text calibration: tokens per example are unknown without reading rows; this many are assumed (capped by the
 # model's limit) and the plan says so.
 ASSUMED_TEXT_TOKENS = 128
@@ -128,6 +140,10 @@ class Estimate:
     data_pass_seconds: float = 0.0
     """The pass over the data of a method that reads it itself (regmean, regmean_plusplus, fisher:
     `MergeMethod.data_pass_flops`); 0 for the others."""
+    method_bytes: int = 0
+    """What a method that matches no units holds while merging, besides the parents' weights
+    (`MergeMethod.working_bytes`: the merged tensors; RegMean's systems and Grams; Fisher's sums); 0 for unit
+    matching, whose statistics are counted apart."""
 
     @property
     def seconds(self) -> float:
@@ -215,9 +231,10 @@ class MergePlan:
             parts.append(f"{self.method}'s data pass {_seconds(estimate.data_pass_seconds)}")
         if estimate.refit_seconds:
             parts.append(f"refit {_seconds(estimate.refit_seconds)}")
+        held = (f"{self.method}'s working set {_bytes(estimate.method_bytes)}" if estimate.method_bytes
+                else f"statistics {_bytes(estimate.statistics_bytes)}")
         lines += ["", f"Estimate: {_seconds(estimate.seconds)} ({', '.join(parts)}; download not included), peak "
-                  "memory "
-                  f"{_bytes(estimate.peak_memory_bytes)} (statistics {_bytes(estimate.statistics_bytes)}), at "
+                  f"memory {_bytes(estimate.peak_memory_bytes)} ({held}), at "
                   f"{estimate.matmul_flops_per_second / 1e9:.0f} GFLOP/s"]
         if self.warnings:
             lines += ["", "Warnings:"] + [f"  - {text}" for text in self.warnings]
@@ -545,7 +562,8 @@ def estimate_cost(*, widths: Sequence[int], columns: Sequence[int], group_tokens
                   parents: int = 2, base: bool = False, copies: int = 0, whole: int | None = None,
                   multi_start: bool = False, alpha_search: bool = False, refit: str = "none",
                   refit_layers: Sequence[tuple[int, int, float]] = (), refit_examples: int = 0,
-                  refit_memory: float = 0.0, data_pass_flops: float = 0.0) -> Estimate:
+                  refit_memory: float = 0.0, data_pass_flops: float = 0.0, largest_tensor: int = 0,
+                  method_bytes: float | None = None, reads_data: bool = False) -> Estimate:
     """Time and peak memory of a merge (docs/design.md, "Dry run"):
 
     calibration s = rows × (2 × forward FLOPs + Σ_g tokens_g · 2·(2n_g)²) / (efficiency × matmul FLOP/s)
@@ -564,6 +582,15 @@ def estimate_cost(*, widths: Sequence[int], columns: Sequence[int], group_tokens
     `copies`: models copied whole to parent A's label order (`head_copies`, `base_copied`), 4 × parameters each.
     A method that reads the data itself adds `rows × data_pass_flops` (`MergeMethod.data_pass_flops`) at
     calibration's efficiency.
+
+    A method without unit matching (`solves` False) is counted by what it holds instead, the largest of three phases
+    on top of the process (`PROCESS_BYTES`, + `DATA_READER_BYTES` when it `reads_data`) and the weights held (4 ×
+    parameters per parent held whole, base and copy):
+    relation check = + `RELATION_COPIES` × 8 × `largest_tensor` (+ 4 × `largest_tensor`: a streamed parent's tensor)
+    method         = + `method_bytes` (`MergeMethod.working_bytes`; default the merged tensors, 4 × parameters)
+    build          = + 8 × parameters (the merged tensors and the merged model) + the refit's working set
+    A unit-matching merge keeps the formula above unless the relation check holds more. `largest_tensor` 0: no
+    relation check counted.
     """
     stats = statistics_bytes(widths, parents) if needs_statistics else 0.0
     calibration = 0.0
@@ -589,14 +616,25 @@ def estimate_cost(*, widths: Sequence[int], columns: Sequence[int], group_tokens
             work += (2 + (0 if alpha_search else parents)) * held_out * forward
         refit_seconds = work / (REFIT_EFFICIENCY * matmul_flops)
     held = parents if whole is None else whole
-    peak = (RUNTIME_BYTES + WEIGHTS_FACTOR * (held + int(base)) * 4 * num_parameters + copies * 4 * num_parameters
-            + STATISTICS_FACTOR * stats + (refit_memory if refit != "none" else 0.0)
-            + (4 * num_parameters if alpha_search and solves else 0.0))  # a candidate merged model
+    refit_held = refit_memory if refit != "none" else 0.0
+    process = PROCESS_BYTES + (DATA_READER_BYTES if reads_data else 0.0)
+    weights = 4.0 * num_parameters * (held + int(base) + copies)
+    relation = (process + weights + 8.0 * RELATION_COPIES * largest_tensor
+                + (4.0 * largest_tensor if held < parents else 0.0)) if largest_tensor else 0.0
+    working = 0.0
+    if solves:
+        peak = max(relation, RUNTIME_BYTES + WEIGHTS_FACTOR * (held + int(base)) * 4 * num_parameters
+                   + copies * 4 * num_parameters + STATISTICS_FACTOR * stats + refit_held
+                   + (4 * num_parameters if alpha_search else 0.0))  # a candidate merged model
+    else:
+        working = 4.0 * num_parameters if method_bytes is None else float(method_bytes)
+        peak = max(relation, process + weights + working, process + weights + 8.0 * num_parameters + refit_held)
     data_pass = (rows or 0) * data_pass_flops / (CALIBRATION_EFFICIENCY * matmul_flops)
     return Estimate(calibration_seconds=calibration, solve_seconds=solve, peak_memory_bytes=math.ceil(peak),
                     matmul_flops_per_second=matmul_flops, statistics_bytes=math.ceil(stats),
                     alpha_search_seconds=alpha_seconds, refit_seconds=refit_seconds,
-                    refit_bytes=math.ceil(refit_memory) if refit != "none" else 0, data_pass_seconds=data_pass)
+                    refit_bytes=math.ceil(refit_memory) if refit != "none" else 0, data_pass_seconds=data_pass,
+                    method_bytes=math.ceil(working))
 
 
 # ------------------------------------------------------------------------------------------------ model facts
@@ -846,6 +884,7 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         default=0)
     refit_memory = refit_bytes(refitted, refit_examples, len(models), residual, max(tokens.values()),
                                gram=refit != "repair") if refitted else 0.0
+    facts = _pass_facts(models_meta[0], spec, shapes, linear, tokens, parents[0].num_parameters)
     estimate = estimate_cost(
         widths=widths, columns=columns, group_tokens=group_tokens, linear_params=linear, tokens=tokens,
         num_parameters=parents[0].num_parameters, rows=rows, needs_statistics=method.needs_calibration,
@@ -853,9 +892,10 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         base=base_whole, copies=copies, whole=whole, multi_start=not options.reference_compat,
         alpha_search=not automatic and alpha_searched(method, options, len(models)), refit=refit,
         refit_layers=refitted, refit_examples=refit_examples, refit_memory=refit_memory,
-        data_pass_flops=method.data_pass_flops(_pass_facts(models_meta[0], spec, shapes, linear, tokens,
-                                                           parents[0].num_parameters),
-                                               len(models)) if method.needs_data else 0.0)
+        data_pass_flops=method.data_pass_flops(facts, len(models)) if method.needs_data else 0.0,
+        largest_tensor=max(map(_numel, shapes.values()), default=0),
+        method_bytes=None if method.matches_units else method.working_bytes(facts, len(models)),
+        reads_data=needs_data)
     warnings = []
     if calibration_plan is not None and rows is not None and method.needs_calibration:
         text = calibration_size_warning({g.name: rows * t for g, t in zip(spec.groups, group_tokens)},
@@ -943,16 +983,22 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
 def _pass_facts(model: Any, spec: Any, shapes: Mapping[str, tuple[int, ...]], linear: Mapping[str, int],
                 tokens: Mapping[str, int], parameters: int) -> Any:
     """`PassFacts` of parent A (a weightless model; `linear`: its matrix weights' sizes, as `forward_flops` reads them)
-    for a method's own data pass (`MergeMethod.data_pass_flops`)."""
+    for a method's own data pass (`MergeMethod.data_pass_flops`) and what it holds (`MergeMethod.working_bytes`)."""
+    from torch import nn
+
     from hf_mudsc.methods.registry import PassFacts
     from hf_mudsc.solve.regmean import transformer_blocks
 
     head = spec.classifier.weight if spec.classifier is not None else None
+    blocks = transformer_blocks(model)
+    layers = tuple((module.in_features, module.out_features,
+                    next((index for index, block in enumerate(blocks) if name.startswith(block + ".")), None))
+                   for name, module in model.named_modules() if isinstance(module, nn.Linear))
     return PassFacts(forward=forward_flops(linear, tokens),
                      grams=float(sum(4 * _tokens_for(name, tokens) * shapes[name][1] ** 2
                                      for name in linear if len(shapes[name]) == 2)),
                      parameters=parameters, classes=shapes[head][0] if head in shapes else 0,
-                     blocks=len(transformer_blocks(model)))
+                     blocks=len(blocks), layers=layers)
 
 
 def _refit_shapes(model: Any, spec: Any, options: MergeOptions, refit: str, tokens: Mapping[str, int],

@@ -81,6 +81,27 @@ class RegMeanMethod(MergeMethod):
         forwards = (facts.blocks + 1) / 2 if self.chained else 1.0
         return parents * (forwards * facts.forward + facts.grams)
 
+    def working_bytes(self, facts: PassFacts, parents: int) -> float:
+        """The weighted average of every tensor (float32), each solved layer's float64 system (`in x in` and
+        `in x out`: `RegMeanSystem`) and two float64 `in x in` Gram sets — the parent just folded in is still held
+        while the next one's accumulate (`collect_grams`). RegMean holds every layer's at once (flat in the
+        number of parents); RegMean++ holds one unit's (a block, or the layers outside every block) plus the
+        previous unit's last Grams, and a working copy of parent A."""
+        systems: dict[int | None, float] = {}
+        grams: dict[int | None, float] = {}
+        for inputs, outputs, block in facts.layers:
+            key = block if self.chained else 0
+            systems[key] = systems.get(key, 0.0) + 8.0 * inputs * (inputs + outputs)
+            grams[key] = grams.get(key, 0.0) + 8.0 * inputs * inputs
+        units = list(systems)
+        if self.chained:  # the blocks in order, then the layers outside every block (`chained_units`)
+            units = [key for key in units if key is not None] + [key for key in units if key is None]
+        peak = 0.0
+        for index, unit in enumerate(units):
+            previous = grams[units[index - 1]] if index else 0.0
+            peak = max(peak, systems[unit] + max(previous, grams[unit]) + grams[unit])
+        return (8.0 if self.chained else 4.0) * facts.parameters + peak
+
     def check_options(self, options: MergeOptions, num_parents: int) -> None:
         check_shares(self.name, options)
 
@@ -171,6 +192,12 @@ class FisherMethod(MergeMethod):
         work, counted as `FISHER_FLOPS_PER_PARAMETER` matmul FLOPs per parameter and class."""
         return parents * ((1 + 2 * facts.classes) * facts.forward
                           + FISHER_FLOPS_PER_PARAMETER * facts.classes * facts.parameters)
+
+    def working_bytes(self, facts: PassFacts, parents: int) -> float:
+        """Per parameter: the float64 numerator and denominator (16 bytes), the last parent's float64 Fisher while
+        the next one's is summed (16), the batch's float32 sums (4) and two classes' gradients (8: the last one's
+        are held while the next are computed) — `diagonal_fisher`."""
+        return 44.0 * facts.parameters
 
     def check_options(self, options: MergeOptions, num_parents: int) -> None:
         check_shares(self.name, options)

@@ -118,6 +118,9 @@ class PassFacts:
     """Outputs of the classification head (0 without one)."""
     blocks: int
     """Transformer blocks (`solve.regmean.transformer_blocks`)."""
+    layers: tuple[tuple[int, int, int | None], ...] = ()
+    """Every `nn.Linear` as (in features, out features, index of the transformer block holding it or None), in the
+    model's order: the shapes of a method's per-layer working set (`working_bytes`)."""
 
 
 @dataclass(frozen=True)
@@ -198,6 +201,12 @@ class MergeMethod:
         that reads the batches itself, `needs_data`), for the dry run's estimate; 0 for the others (calibration's
         statistics are counted apart)."""
         return 0.0
+
+    def working_bytes(self, facts: PassFacts, parents: int) -> float:
+        """Bytes the method holds at its peak while merging `parents` parents, besides their weights, for the dry
+        run's peak memory (docs/design.md, "Dry run"): by default the merged tensors (float32, 4 bytes per
+        parameter); a method that holds more (float64 systems, Grams, Fisher sums) says so."""
+        return 4.0 * facts.parameters
 
     def check_options(self, options: MergeOptions, num_parents: int) -> None:
         """Refuse option values this method cannot use with `num_parents` parents (raise `MergeInputError`, one
