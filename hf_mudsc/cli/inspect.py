@@ -1,8 +1,9 @@
 """`hf-mudsc inspect DIR|RECIPE`: look at a merge without loading a model (docs/design.md §8c).
 
 For a merged folder: prints its parents, their relation, the method and each group's match quality (from
-`config.json` and `merge_diagnostics.json`), and redraws the plots into `DIR/plots` (or `--output`). For a recipe
-file: says what it would merge and with which options. Neither torch nor the weights are loaded.
+`config.json` and `merge_diagnostics.json`), and redraws the plots into `DIR/plots` (or `--output`); neither torch
+nor the weights are loaded. For a recipe file: says what it would merge and with which options, after the merge's
+own checks and dry run (configs and safetensors headers, no weights), so it refuses what `merge --recipe` refuses.
 """
 
 from __future__ import annotations
@@ -312,15 +313,36 @@ def redraw_in_place(folder: Path, diagnostics: Any, evaluation: Mapping[str, Any
 # ---------------------------------------------------------------------------------------------- a recipe
 
 
+def dry_run(recipe: Any) -> Any:
+    """The merge's dry run of `recipe` (the plan), or None after printing a Hub error as `merge` does; the dry run's
+    own refusals (a `ValueError`: a base needed and none found, a device not there, ...) reach the caller."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    import hf_mudsc
+    from hf_mudsc.load.hub_calls import hub_error_line
+    from hf_mudsc.load.references import hide_tokens
+
+    try:
+        return hf_mudsc.merge(recipe.models, recipe.calibration, **{**recipe.keywords(), "dry_run": True,
+                                                                    "progress": False})
+    except HfHubHTTPError as error:
+        print(f"hf-mudsc inspect: error: {hide_tokens(hub_error_line(error))}", file=sys.stderr)
+        return None
+
+
 #: What `inspect RECIPE` shows for calibration data a merge was given in memory (the run command's placeholder).
 IN_MEMORY_STAND_IN = "DATA"
 
 
 def inspect_recipe(path: Path) -> int:
-    """Print what the recipe would merge: parents, method and the options it sets (nothing is loaded)."""
+    """Print what the recipe would merge: parents, method and the options it sets, each marked when the method
+    does not read it. Refused as `merge --recipe` refuses it: the recipe's own checks (exit 2), then the merge's dry
+    run (configs and safetensors headers only, no weights), whose refusals and warnings are the merge's — one set
+    of rules, not a copy (QA s24: ties without a base and device cuda without CUDA were shown as runnable)."""
+    from hf_mudsc.diagnostics import unread_options
     from hf_mudsc.errors import RecipeError
     from hf_mudsc.load.references import hide_tokens
-    from hf_mudsc.methods.auto import is_auto
+    from hf_mudsc.methods.auto import handed_options, is_auto
     from hf_mudsc.methods.registry import get_method
     from hf_mudsc.publish.recipe import IN_MEMORY_NOTE, Recipe, unresolved_published_entries
 
@@ -339,13 +361,22 @@ def inspect_recipe(path: Path) -> int:
     except RecipeError as error:
         print(f"hf-mudsc inspect: error: {hide_tokens(str(error))}", file=sys.stderr)
         return 2
+    warnings: list[str] = []
+    if not unresolved and not in_memory:  # the dry run finds every parent: what it refuses, the merge refuses
+        plan = dry_run(recipe)
+        if plan is None:
+            return 1
+        warnings = list(plan.warnings)
     defaults = Recipe()
+    unread: set[str] = set()
     lines = [f"Recipe {path}", f"  would merge: {', '.join(recipe.models) or '(no parents)'}"]
     if is_auto(recipe.method):
         settings = "chosen from how the parents relate"
     else:
         method = get_method(recipe.method)  # the options the method reads, as the merge records them
         matcher, alpha = method.used_matcher(recipe.matcher), method.recorded_alpha(recipe.alpha)
+        unread = set(unread_options(recipe, method.used_options(handed_options(recipe, len(recipe.models))),
+                                    read=method.read_as_default(recipe)))
         settings = ", ".join(s for s in (f"matcher {matcher}" if matcher else "",
                                          f"alpha {alpha:g}" if isinstance(alpha, float) else
                                          f"alpha {alpha}" if alpha is not None else "") if s)
@@ -354,10 +385,11 @@ def inspect_recipe(path: Path) -> int:
         samples = f", {recipe.num_samples} samples" if recipe.num_samples else ", every sample"
         where = "given in memory to hf_mudsc.merge, not recorded" if in_memory else recipe.calibration
         lines.append(f"  calibration: {where}{samples}")
-    shown = {"models", "method", "matcher", "alpha", "calibration", "num_samples"}
-    others = [f"{key} = {getattr(recipe, key)!r}" for key in Recipe.keys()
+    shown = {"models", "method", "matcher", "alpha", "calibration", "num_samples"} - unread
+    others = [f"{key} = {getattr(recipe, key)!r}{' (no effect)' if key in unread else ''}" for key in Recipe.keys()
               if key not in shown and getattr(recipe, key) != getattr(defaults, key)]
     lines.append(f"  other options: {', '.join(others) if others else 'all at their defaults'}")
+    lines += [f"  warning:     {text}" for text in warnings]
     # A recipe pushed from local folders names them by folder name only: a run needs their paths (`unresolved`).
     command = ["hf-mudsc merge", "--recipe", str(path), "--output DIR"]
     if in_memory:
