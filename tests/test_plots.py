@@ -427,7 +427,7 @@ def test_alpha_figure_marks_the_returned_merge_only_when_the_full_solve_changed_
     stars = [line for line in axes.get_lines() if line.get_marker() == "*"]
     assert [(list(s.get_xdata()), list(s.get_ydata()), s.get_label()) for s in stars] == [
         ([0.9], [0.875], "the merge returned (solved again with every start)")]
-    assert "each α solved from the activation start and scored on 16 held-out" in axes.get_title()
+    assert "each α solved from the activation start and scored on 16 held-out" in axes.get_title().replace("\n", " ")
     same = alpha_figure({**curve, "returned_fidelity": 0.75, "returned_is_candidate": True}).axes[0]
     assert not [line for line in same.get_lines() if line.get_marker() == "*"]
 
@@ -588,3 +588,44 @@ def test_match_quality_draws_and_inspect_prints_the_chance_level(merged_folder, 
     assert "chance: blended's mean over random A-B pairs" in text
     assert re.search(rf"^\s+residual\s+.*{residual.blended:.3f} \(chance\s+{residual.baseline_blended:.3f}\)", text,
                      re.MULTILINE), text
+
+
+def test_the_alpha_figures_title_fits_in_the_picture():
+    """QA s24: alpha_fidelity.png's second title line ran past the right edge ("...calibration example")."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    curve = {"grid": [0.1, 0.5, 0.9], "fidelity": [0.25, 0.5, 0.75], "chosen": 0.9, "held_out_examples": 1024,
+             "candidate_starts": ["activation", "weight"], "returned_fidelity": 0.75, "returned_is_candidate": True}
+    figure = alpha_figure(curve)
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    figure.draw(renderer)
+    box = figure.axes[0].title.get_window_extent(renderer)
+    assert box.x0 >= 0 and box.x1 <= figure.bbox.width, (box, figure.bbox.width)
+
+
+def test_inspect_says_what_the_refit_gate_chose_and_names_the_base(merged_folder):
+    """QA s24: the summary said "refit gate" without whether the gate kept the refit, and omitted a same-base
+    merge's base (both are in config.mudsc)."""
+    from hf_mudsc.cli.inspect import summary
+
+    out, _ = merged_folder
+    mudsc = json.loads((out / "config.json").read_text())["mudsc"]
+    gate = {"kept": False, "measure": "log-probability agreement", "none": -1.25, "refit": -1.5,
+            "held_out_examples": 12}
+    text = summary(out, {**mudsc, "refit": "gate", "refit_gate": gate, "base": "org/base",
+                         "base_revision": "0123456789abcdef", "base_source": "named by the parents' model cards"},
+                   MergeDiagnostics.load(out / DIAGNOSTICS_FILENAME), None, True)
+    assert ("  refit:     the gate dropped the refit (held-out log-probability agreement -1.5000 with it, -1.2500 "
+            "without; 12 examples)") in text, text
+    assert "  base:      org/base @ 0123456789 (named by the parents' model cards)" in text, text
+    kept = summary(out, {**mudsc, "refit": "gate", "refit_gate": {**gate, "kept": True}},
+                   MergeDiagnostics.load(out / DIAGNOSTICS_FILENAME), None, True)
+    assert "the gate kept the refit" in kept and "base:" not in kept
+
+
+def test_inspect_of_a_hub_id_says_to_download_it_first(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["inspect", "org/merged-model"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err]
+    assert "huggingface-cli download org/merged-model --local-dir DIR" in err and "inspect DIR" in err, err

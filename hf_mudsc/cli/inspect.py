@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -49,10 +50,19 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(malformed(target, "config.json", f"{type(error).__name__}: {error}")) from None
     if target.is_file() and target.suffix in (".yaml", ".yml"):
         return inspect_recipe(target)
+    if not target.exists() and HUB_ID.fullmatch(args.target):  # inspect reads a folder, never the Hub
+        raise FileNotFoundError(
+            f"{args.target!r} is not a folder here; if it is a Hub repo, download it first (`huggingface-cli "
+            f"download {args.target} --local-dir DIR`), then run `hf-mudsc inspect DIR`"
+        )
     raise FileNotFoundError(
         f"{args.target!r} is neither a merged-model folder nor a recipe file (*.yaml); pass the folder "
         "`hf-mudsc merge --output DIR` wrote, or its mudsc_recipe.yaml"
     )
+
+
+#: What a Hub repo id looks like (`org/name`): named to `inspect`, it gets the download hint.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 # ---------------------------------------------------------------------------------------------- a merged folder
@@ -141,6 +151,11 @@ def summary(folder: Path, mudsc: Mapping[str, Any], diagnostics: Any, evaluation
     revisions = mudsc.get("parent_revisions") or [None] * len(parents)
     shown = [f"{name} @ {str(rev)[:10]}" if rev else str(name) for name, rev in zip(parents, revisions)]
     lines.append(f"  parents:   {', '.join(shown) or 'unknown'}")
+    if isinstance(mudsc.get("base"), str):  # a same-base merge's base (given, or named by the parents' cards)
+        revision = mudsc.get("base_revision")
+        source = mudsc.get("base_source")
+        lines.append(f"  base:      {mudsc['base']}{f' @ {str(revision)[:10]}' if revision else ''}"
+                     f"{f' ({source})' if isinstance(source, str) else ''}")
     relation = mudsc.get("parent_relation")
     if isinstance(relation, Mapping) and relation.get("relation"):
         lines.append(f"  relation:  {relation['relation']} (relative weight distance "
@@ -156,6 +171,12 @@ def summary(folder: Path, mudsc: Mapping[str, Any], diagnostics: Any, evaluation
                 f"refit {mudsc['refit']}" if mudsc.get("refit") not in (None, "none") else None]
     detail = ", ".join(s for s in settings if s)
     lines.append(f"  method:    {mudsc.get('method')}{f' ({detail})' if detail else ''}")
+    gate = mudsc.get("refit_gate")  # refit="gate": whether the held-out scores kept the refit
+    if isinstance(gate, Mapping) and isinstance(gate.get("kept"), bool):
+        scores = (f" (held-out {gate.get('measure') or 'score'} {float(gate['refit']):.4f} with it, "
+                  f"{float(gate['none']):.4f} without; {gate.get('held_out_examples', '?')} examples)"
+                  if all(isinstance(gate.get(k), (int, float)) for k in ("refit", "none")) else "")
+        lines.append(f"  refit:     the gate {'kept' if gate['kept'] else 'dropped'} the refit{scores}")
     if mudsc.get("num_calibration_samples"):
         lines.append(f"  calibration: {mudsc.get('calibration') or 'data'}, {mudsc['num_calibration_samples']} samples")
     if mudsc.get("out_dtype"):
@@ -313,21 +334,31 @@ def redraw_in_place(folder: Path, diagnostics: Any, evaluation: Mapping[str, Any
 # ---------------------------------------------------------------------------------------------- a recipe
 
 
-def dry_run(recipe: Any) -> Any:
-    """The merge's dry run of `recipe` (the plan), or None after printing a Hub error as `merge` does; the dry run's
-    own refusals (a `ValueError`: a base needed and none found, a device not there, ...) reach the caller."""
-    from huggingface_hub.errors import HfHubHTTPError
+def dry_run(recipe: Any) -> tuple[Any, list[str]] | None:
+    """The merge's dry run of `recipe`: `(plan, [])`; `(None, [why])` when the Hub cannot be reached (offline: the
+    parents' configs cannot be read here, the merge will check them); None after printing a Hub error as `merge`
+    does. The dry run's own refusals (a `ValueError`: a base needed and none found, no such device, ...) reach the
+    caller."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     import hf_mudsc
+    from hf_mudsc.errors import LoadError
     from hf_mudsc.load.hub_calls import hub_error_line
     from hf_mudsc.load.references import hide_tokens
 
     try:
         return hf_mudsc.merge(recipe.models, recipe.calibration, **{**recipe.keywords(), "dry_run": True,
-                                                                    "progress": False})
+                                                                    "progress": False}), []
     except HfHubHTTPError as error:
         print(f"hf-mudsc inspect: error: {hide_tokens(hub_error_line(error))}", file=sys.stderr)
         return None
+    except LoadError as error:
+        cause = error.__cause__
+        unreachable = isinstance(cause, LocalEntryNotFoundError) or (
+            isinstance(cause, (OSError, ConnectionError)) and not isinstance(cause, HfHubHTTPError))
+        if not unreachable:
+            raise
+        return None, [f"not checked against the parents ({error}); `merge --recipe` checks them before loading"]
 
 
 #: What `inspect RECIPE` shows for calibration data a merge was given in memory (the run command's placeholder).
@@ -363,10 +394,11 @@ def inspect_recipe(path: Path) -> int:
         return 2
     warnings: list[str] = []
     if not unresolved and not in_memory:  # the dry run finds every parent: what it refuses, the merge refuses
-        plan = dry_run(recipe)
-        if plan is None:
+        checked = dry_run(recipe)
+        if checked is None:
             return 1
-        warnings = list(plan.warnings)
+        plan, warnings = checked
+        warnings += list(plan.warnings) if plan is not None else []
     defaults = Recipe()
     unread: set[str] = set()
     lines = [f"Recipe {path}", f"  would merge: {', '.join(recipe.models) or '(no parents)'}"]

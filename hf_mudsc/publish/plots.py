@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -344,8 +345,9 @@ def alpha_figure(curve: Mapping[str, Any]) -> Figure:
         axes.set_ylabel("fidelity to the parents (1 = agrees everywhere)")
         examples = curve.get("held_out_examples", "?")
         starts = f" from the {' and '.join(curve['candidate_starts'])} start" if curve.get("candidate_starts") else ""
+        detail = f"each α solved{starts} and scored on {examples} held-out calibration examples"
         axes.set_title("Balance factor chosen without labels (alpha=\"auto\")\n"
-                       f"each α solved{starts} and scored on {examples} held-out calibration examples")
+                       + textwrap.fill(detail, 70))  # one line of it ran past the picture's right edge
         axes.grid(alpha=0.3)
         axes.legend(loc="best", framealpha=0.9)
     return figure
