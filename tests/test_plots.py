@@ -530,6 +530,9 @@ def test_inspect_keeps_the_merges_match_quality_plot_when_the_diagnostics_are_go
     (copy / PLOTS_FOLDER / "match_quality.png").unlink()
     assert main(["inspect", str(copy)]) == 0
     check_png(copy / PLOTS_FOLDER / "match_quality.png")
+    capsys.readouterr()
+    assert main(["inspect", str(copy)]) == 0  # that very drawing again: not "kept", redrawn (the same bytes)
+    assert "Kept" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("file", "change"), [

@@ -285,9 +285,9 @@ def inspect_folder(folder: Path, *, output: str | None = None, overwrite: bool =
     if drawn:
         print(f"Plots written to {where}: {', '.join(drawn)}")
     if kept:
-        print(f"Kept the merge's {', '.join(f'{PLOTS_FOLDER}/{name}' for name in kept)}: drawn from "
-              f"{DIAGNOSTICS_FILENAME}, which the folder no longer holds (a redraw would show only the match "
-              "values); pass --output DIR to draw that version elsewhere")
+        print(f"Kept {', '.join(f'{PLOTS_FOLDER}/{name}' for name in kept)} as it is: without "
+              f"{DIAGNOSTICS_FILENAME} a redraw would show only config.json's match values; pass --output DIR to "
+              "draw that version elsewhere")
     if not drawn and not kept:
         why = (f"{DIAGNOSTICS_FILENAME} lists no groups" if has_file and not diagnostics.groups
                else "the merge matched no units")
@@ -313,7 +313,8 @@ def redraw_in_place(folder: Path, diagnostics: Any, evaluation: Mapping[str, Any
         drawn = draw_plots(scratch, diagnostics, evaluation)
         present = {plot.path.name for plot in drawn
                    if (destination / plot.path.name).exists() or (destination / plot.path.name).is_symlink()}
-        kept = [plot.path.name for plot in drawn if plot.path.name in keep and plot.path.name in present]
+        kept = [plot.path.name for plot in drawn if plot.path.name in keep and plot.path.name in present
+                and (destination / plot.path.name).read_bytes() != plot.path.read_bytes()]  # not this very drawing
         drawn = [plot for plot in drawn if plot.path.name not in kept]
         names = [plot.path.name for plot in drawn]
         existing = [name for name in names if name in present]
