@@ -545,6 +545,7 @@ def test_inspect_keeps_the_merges_match_quality_plot_when_the_diagnostics_are_go
     (DIAGNOSTICS_FILENAME, lambda d: d.update(alpha_curve={"grid": [0.1], "fidelity": ["x"], "chosen": 0.1})),
     ("eval_results.json", lambda d: d.update(scores={"merged": {"joint": {"accuracy": "far"}}})),
     ("eval_results.json", lambda d: d.update(metrics="accuracy")),
+    ("config.json", lambda d: d["mudsc"].update(group_match_values={"residual": "far"})),
 ])
 def test_inspect_of_a_malformed_value_is_the_one_line_error(merged_folder, tmp_path, capsys, file, change):
     """QA s24: a value of the wrong type ended inspect with a bare Python message (`Unknown format code 'f' ...`)."""
@@ -552,6 +553,8 @@ def test_inspect_of_a_malformed_value_is_the_one_line_error(merged_folder, tmp_p
     copy = copy_folder(out, files, tmp_path / "copy")
     if file == "eval_results.json":
         evaluation_result().save(copy / file)
+    if file == "config.json":  # read only without the diagnostics file
+        (copy / DIAGNOSTICS_FILENAME).unlink()
     data = json.loads((copy / file).read_text())
     change(data)
     (copy / file).write_text(json.dumps(data))

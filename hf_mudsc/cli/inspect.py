@@ -100,7 +100,7 @@ def check_results_dict(data: Any) -> None:
 def read_merge(folder: Path) -> tuple[dict[str, Any], Any, dict[str, Any] | None]:
     """`(config.mudsc, MergeDiagnostics, evaluation dict or None)` of a merged folder; a one-line `ValueError`
     for a folder that is not a merge made by hf-mudsc."""
-    from hf_mudsc.solve.diagnostics import MergeDiagnostics
+    from hf_mudsc.solve.diagnostics import MergeDiagnostics, check_diagnostics_dict
 
     config_path = folder / "config.json"
     how = "pass a folder written by `hf-mudsc merge --output DIR` (or hf_mudsc.save_merged)"
@@ -129,6 +129,12 @@ def read_merge(folder: Path) -> tuple[dict[str, Any], Any, dict[str, Any] | None
             raise ValueError(malformed(folder, DIAGNOSTICS_FILENAME, str(error))) from None
     else:
         diagnostics = MergeDiagnostics.from_config(mudsc)
+        try:  # its match values and start objectives, checked as the file's would be
+            check_diagnostics_dict({key: value for key, value in diagnostics.to_dict().items()
+                                    if key in ("method", "groups", "starts")})
+        except ValueError as error:
+            raise ValueError(malformed(folder, "config.json",
+                                       f"mudsc.group_match_values or start_objectives: {error}")) from None
     evaluation = None
     results_path = folder / RESULTS_FILENAME
     if results_path.is_file():
