@@ -554,13 +554,17 @@ def test_inspect_refuses_a_file_of_gigabytes_before_reading_it(evaluated, tmp_pa
 
 
 @pytest.mark.parametrize(("name", "content", "needle"), [
-    ("merge_diagnostics.json", "[1, 2]", "holds a malformed hf-mudsc file (AttributeError: 'list' object"),
-    ("eval_results.json", "[1, 2]", "holds a malformed hf-mudsc file (AttributeError: 'list' object"),
-    ("eval_results.json", '{"scores": 5, "metrics": "x"}', "holds a malformed hf-mudsc file (AttributeError: 'int'"),
+    ("merge_diagnostics.json", "[1, 2]",
+     "holds a malformed hf-mudsc file (merge_diagnostics.json: it holds a JSON list, not an object)"),
+    ("eval_results.json", "[1, 2]", "holds a malformed hf-mudsc file (eval_results.json: it holds a JSON list"),
+    ("eval_results.json", '{"scores": 5, "metrics": "x"}',
+     "holds a malformed hf-mudsc file (eval_results.json: metrics is 'x', not a list of texts)"),
+    # QA s24: a value of the wrong type is named with its key (was Python's "Unknown format code 'f'").
     ("merge_diagnostics.json", '{"format": 1, "method": "zipit", "groups": [{"name": "g", "width": 2, '
-                               '"value": "x", "blended": "y"}]}', "Unknown format code 'f'"),  # one line already
-    ("merge_diagnostics.json", '{"format": 1, "method": "zipit", "groups": [{"bogus": 1}]}',
-     "merge_diagnostics.json': GroupDiagnostics.__init__() got an unexpected keyword argument 'bogus'"),
+                               '"value": "x", "blended": "y"}]}',
+     "holds a malformed hf-mudsc file (merge_diagnostics.json: groups[0].value is 'x', not a number)"),
+    ("merge_diagnostics.json", '{"format": 1, "method": "zipit", "groups": [{"name": "g", "width": 2, "bogus": 1}]}',
+     "holds a malformed hf-mudsc file (merge_diagnostics.json: groups[0] has an unknown key 'bogus')"),
 ])
 def test_inspect_names_a_malformed_file_in_one_line(evaluated, tmp_path, capsys, name, content, needle):
     import shutil

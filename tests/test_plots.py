@@ -23,10 +23,13 @@ from hf_mudsc.evaluate.results import EvaluationResult
 from hf_mudsc.publish.folder import MARKER_FILENAME, read_marker, unlisted_files
 from hf_mudsc.publish.plots import accuracy_figure, alpha_figure, draw_plots, short_name
 from hf_mudsc.solve.diagnostics import (
+    BASELINE_PAIRS,
+    BASELINE_SEED,
     DIAGNOSTICS_FILENAME,
     PLOTS_FOLDER,
     GroupDiagnostics,
     MergeDiagnostics,
+    baseline_pairs,
     heatmap_groups,
 )
 from hf_mudsc.solve.maps import GroupMaps
@@ -122,6 +125,14 @@ def test_pair_correlations_are_the_entries_of_the_similarities_the_solver_uses()
         expected = float(np.mean([similarity[a, n + b] for a, b in pairs]))
         assert entry.weight == pytest.approx(expected, abs=2e-5)
         assert entry.blended == entry.weight and entry.activation is None  # weights only: alpha is 1
+        # QA s24: the chance level next to it, the mean over random (A unit, B unit) pairs: all n² when few.
+        base_a, base_b = baseline_pairs(n)
+        chance = float(similarity[:n, n:][base_a, base_b].double().mean())
+        assert entry.baseline_weight == pytest.approx(chance, abs=2e-5) and entry.baseline_pairs == base_a.numel()
+        if n * n <= BASELINE_PAIRS:
+            assert entry.baseline_weight == pytest.approx(float(similarity[:n, n:].double().mean()), abs=2e-5)
+        assert entry.baseline_blended == entry.baseline_weight and entry.baseline_activation is None
+    assert report.diagnostics.baseline_seed == BASELINE_SEED
     assert report.diagnostics.alpha == 1.0
     heatmap = report.diagnostics.heatmaps[0]
     index = spec.group_index(heatmap.group)
@@ -364,11 +375,11 @@ def test_inspect_of_a_folder_from_before_the_diagnostics_draws_what_config_holds
     old = tmp_path / "old"
     old.mkdir()
     (old / "config.json").write_bytes(files["config.json"])
-    assert main(["inspect", str(old)]) == 0
+    assert main(["inspect", str(old), "--output", str(tmp_path / "pictures")]) == 0  # no marker: not in place
     text = capsys.readouterr().out
-    assert f"no {DIAGNOSTICS_FILENAME}: merged before it existed" in text
-    assert sorted(p.name for p in (old / PLOTS_FOLDER).iterdir()) == ["match_quality.png"]
-    check_png(old / PLOTS_FOLDER / "match_quality.png")
+    assert f"no {DIAGNOSTICS_FILENAME} in the folder" in text
+    assert sorted(p.name for p in (tmp_path / "pictures").iterdir()) == [MARKER_FILENAME, "match_quality.png"]
+    check_png(tmp_path / "pictures" / "match_quality.png")
 
 
 def test_inspect_and_help_do_not_import_torch_or_matplotlib_needlessly(merged_folder, tmp_path):
@@ -416,7 +427,7 @@ def test_alpha_figure_marks_the_returned_merge_only_when_the_full_solve_changed_
     stars = [line for line in axes.get_lines() if line.get_marker() == "*"]
     assert [(list(s.get_xdata()), list(s.get_ydata()), s.get_label()) for s in stars] == [
         ([0.9], [0.875], "the merge returned (solved again with every start)")]
-    assert "each α solved from the activation start and scored on 16 held-out" in axes.get_title()
+    assert "each α solved from the activation start and scored on 16 held-out" in axes.get_title().replace("\n", " ")
     same = alpha_figure({**curve, "returned_fidelity": 0.75, "returned_is_candidate": True}).axes[0]
     assert not [line for line in same.get_lines() if line.get_marker() == "*"]
 
@@ -431,3 +442,196 @@ def test_inspect_says_which_parent_heads_were_reordered(merged_folder):
     text = summary(out, mudsc, MergeDiagnostics.load(out / DIAGNOSTICS_FILENAME), None, True)
     assert "heads:     parents B, C reordered to parent A's label order (same labels, another id order)" in text
     assert "weights:   float16 (auto: every parent is stored in float16)" in text
+
+
+# ------------------------------------------------------------------------------------------ inspect (QA s24)
+
+
+def copy_folder(out: Path, files: dict[str, bytes], target: Path, *, marker: bool = True) -> Path:
+    """A byte copy of the merged folder (its ownership marker too, unless `marker` is False)."""
+    for name, data in files.items():
+        if name == MARKER_FILENAME and not marker:
+            continue
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        (target / name).write_bytes(data)
+    return target
+
+
+def test_inspect_output_refuses_a_folder_holding_a_model_even_with_overwrite(merged_folder, tmp_path, capsys):
+    """QA s24: `inspect A --output B --overwrite` replaced the merged model B by four PNGs (exit 0, no word)."""
+    out, files = merged_folder
+    model = copy_folder(out, files, tmp_path / "model")
+    before = {p.relative_to(model).as_posix(): p.read_bytes() for p in model.rglob("*") if p.is_file()}
+    assert main(["inspect", str(out), "--output", str(model), "--overwrite"]) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert captured.out == "" and err.splitlines() == [err]
+    assert "it holds a merged model, which inspect's --output would replace with plots; choose another --output" in err
+    assert {p.relative_to(model).as_posix(): p.read_bytes() for p in model.rglob("*") if p.is_file()} == before
+    # A folder of plots inspect wrote is still replaced.
+    assert main(["inspect", str(out), "--output", str(tmp_path / "pictures")]) == 0
+    assert main(["inspect", str(out), "--output", str(tmp_path / "pictures"), "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize(("argv", "needle"), [(["--overwrite"], "--overwrite needs --output"),
+                                              (["--output", "p", "--no-plots"], "--output with --no-plots")])
+def test_inspect_refuses_flags_it_would_ignore(merged_folder, tmp_path, capsys, monkeypatch, argv, needle):
+    out, _ = merged_folder
+    monkeypatch.chdir(tmp_path)
+    assert main(["inspect", str(out), *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and needle in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert not (tmp_path / "p").exists()
+
+
+def test_inspect_writes_nothing_into_a_folder_hf_mudsc_did_not_write(merged_folder, tmp_path, capsys):
+    """QA s24: a copy without the ownership marker (save_pretrained of a merge) got a `plots/` folder."""
+    out, files = merged_folder
+    copy = tmp_path / "mine"
+    copy.mkdir()
+    for name in ("config.json", DIAGNOSTICS_FILENAME):
+        (copy / name).write_bytes(files[name])
+    assert main(["inspect", str(copy)]) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert captured.out == "" and err.splitlines() == [err]
+    assert "hf-mudsc did not write" in err and "--output DIR" in err and "--no-plots" in err
+    assert sorted(p.name for p in copy.iterdir()) == ["config.json", DIAGNOSTICS_FILENAME]
+    assert main(["inspect", str(copy), "--no-plots"]) == 0
+    assert "weakest group:" in capsys.readouterr().out
+    (copy / DIAGNOSTICS_FILENAME).unlink()
+    assert main(["inspect", str(copy), "--no-plots"]) == 0
+    text = capsys.readouterr().out
+    assert f"no {DIAGNOSTICS_FILENAME} in the folder" in text and "merged before it existed" not in text
+
+
+def test_match_quality_without_diagnostics_says_it_draws_the_match_value(merged_folder):
+    """QA s24: drawn from config.json alone (no correlations), the axis said "mean correlation of fused A–B pairs"."""
+    from hf_mudsc.publish.plots import match_quality_figure
+
+    out, _ = merged_folder
+    mudsc = json.loads((out / "config.json").read_text())["mudsc"]
+    axes = match_quality_figure(MergeDiagnostics.from_config(mudsc)).axes[0]
+    assert "match value" in axes.get_ylabel() and "correlation of fused" not in axes.get_ylabel()
+    assert "0 = unrelated" not in axes.get_title()
+    full = match_quality_figure(MergeDiagnostics.load(out / DIAGNOSTICS_FILENAME)).axes[0]
+    assert "correlation" in full.get_ylabel()
+
+
+def test_inspect_keeps_the_merges_match_quality_plot_when_the_diagnostics_are_gone(merged_folder, tmp_path, capsys):
+    """QA s24: without merge_diagnostics.json, inspect replaced the merge's full match_quality.png by a poorer one."""
+    out, files = merged_folder
+    copy = copy_folder(out, files, tmp_path / "copy")
+    (copy / DIAGNOSTICS_FILENAME).unlink()
+    assert main(["inspect", str(copy)]) == 0
+    assert (copy / PLOTS_FOLDER / "match_quality.png").read_bytes() == files[f"{PLOTS_FOLDER}/match_quality.png"]
+    assert "kept" in capsys.readouterr().out
+    # Where none exists it is drawn (the merge's own is gone too).
+    (copy / PLOTS_FOLDER / "match_quality.png").unlink()
+    assert main(["inspect", str(copy)]) == 0
+    check_png(copy / PLOTS_FOLDER / "match_quality.png")
+    capsys.readouterr()
+    assert main(["inspect", str(copy)]) == 0  # that very drawing again: not "kept", redrawn (the same bytes)
+    assert "Kept" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("file", "change"), [
+    (DIAGNOSTICS_FILENAME, lambda d: d.update(starts={"weight": "x"})),
+    (DIAGNOSTICS_FILENAME, lambda d: d["heatmaps"][0]["values"].__setitem__(0, [0.1])),
+    (DIAGNOSTICS_FILENAME, lambda d: d["groups"][0].update(blended="far")),
+    (DIAGNOSTICS_FILENAME, lambda d: d["groups"][0].update(head_pairing="ab")),
+    (DIAGNOSTICS_FILENAME, lambda d: d.update(objective_history=["far"])),
+    (DIAGNOSTICS_FILENAME, lambda d: d.update(groups={"a": 1})),
+    (DIAGNOSTICS_FILENAME, lambda d: d.update(alpha_curve={"grid": [0.1], "fidelity": ["x"], "chosen": 0.1})),
+    ("eval_results.json", lambda d: d.update(scores={"merged": {"joint": {"accuracy": "far"}}})),
+    ("eval_results.json", lambda d: d.update(metrics="accuracy")),
+    ("config.json", lambda d: d["mudsc"].update(group_match_values={"residual": "far"})),
+])
+def test_inspect_of_a_malformed_value_is_the_one_line_error(merged_folder, tmp_path, capsys, file, change):
+    """QA s24: a value of the wrong type ended inspect with a bare Python message (`Unknown format code 'f' ...`)."""
+    out, files = merged_folder
+    copy = copy_folder(out, files, tmp_path / "copy")
+    if file == "eval_results.json":
+        evaluation_result().save(copy / file)
+    if file == "config.json":  # read only without the diagnostics file
+        (copy / DIAGNOSTICS_FILENAME).unlink()
+    data = json.loads((copy / file).read_text())
+    change(data)
+    (copy / file).write_text(json.dumps(data))
+    assert main(["inspect", str(copy)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "holds a malformed hf-mudsc file" in err and file in err, err
+
+
+def test_inspect_of_empty_groups_does_not_say_no_unit_was_matched(merged_folder, tmp_path, capsys):
+    out, files = merged_folder
+    copy = copy_folder(out, files, tmp_path / "copy")
+    data = json.loads((copy / DIAGNOSTICS_FILENAME).read_text())
+    data.update(groups=[], heatmaps=[])
+    (copy / DIAGNOSTICS_FILENAME).write_text(json.dumps(data))
+    assert main(["inspect", str(copy), "--no-plots"]) == 0
+    text = capsys.readouterr().out
+    assert "matched no units" not in text and f"{DIAGNOSTICS_FILENAME} lists no groups" in text
+
+
+def test_match_quality_draws_and_inspect_prints_the_chance_level(merged_folder, capsys):
+    """QA s24: the residual group's weight correlation is ~0.95 for any pair of units, yet the plot said "0 =
+    unrelated": each series' mean over random A–B pairs is drawn (dotted) and printed next to the fused pairs'."""
+    from hf_mudsc.cli.inspect import summary
+    from hf_mudsc.publish.plots import match_quality_figure
+
+    out, _ = merged_folder
+    diagnostics = MergeDiagnostics.load(out / DIAGNOSTICS_FILENAME)
+    assert all(g.baseline_blended is not None for g in diagnostics.groups)
+    axes = match_quality_figure(diagnostics).axes[0]
+    chance = [line for line in axes.get_lines() if line.get_linestyle() == "--" and "random" in line.get_label()]
+    assert [list(line.get_ydata()) for line in chance if line.get_label().startswith("blended")] == [
+        [g.baseline_blended for g in diagnostics.groups]]
+    assert "0 = unrelated" not in axes.get_title() and "random A–B pairs" in axes.get_title()
+    mudsc = json.loads((out / "config.json").read_text())["mudsc"]
+    text = summary(out, mudsc, diagnostics, None, True)
+    residual = diagnostics.group("residual")
+    assert "chance: blended's mean over random A-B pairs" in text
+    assert re.search(rf"^\s+residual\s+.*{residual.blended:.3f} \(chance\s+{residual.baseline_blended:.3f}\)", text,
+                     re.MULTILINE), text
+
+
+def test_the_alpha_figures_title_fits_in_the_picture():
+    """QA s24: alpha_fidelity.png's second title line ran past the right edge ("...calibration example")."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    curve = {"grid": [0.1, 0.5, 0.9], "fidelity": [0.25, 0.5, 0.75], "chosen": 0.9, "held_out_examples": 1024,
+             "candidate_starts": ["activation", "weight"], "returned_fidelity": 0.75, "returned_is_candidate": True}
+    figure = alpha_figure(curve)
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    figure.draw(renderer)
+    box = figure.axes[0].title.get_window_extent(renderer)
+    assert box.x0 >= 0 and box.x1 <= figure.bbox.width, (box, figure.bbox.width)
+
+
+def test_inspect_says_what_the_refit_gate_chose_and_names_the_base(merged_folder):
+    """QA s24: the summary said "refit gate" without whether the gate kept the refit, and omitted a same-base
+    merge's base (both are in config.mudsc)."""
+    from hf_mudsc.cli.inspect import summary
+
+    out, _ = merged_folder
+    mudsc = json.loads((out / "config.json").read_text())["mudsc"]
+    gate = {"kept": False, "measure": "log-probability agreement", "none": -1.25, "refit": -1.5,
+            "held_out_examples": 12}
+    text = summary(out, {**mudsc, "refit": "gate", "refit_gate": gate, "base": "org/base",
+                         "base_revision": "0123456789abcdef", "base_source": "named by the parents' model cards"},
+                   MergeDiagnostics.load(out / DIAGNOSTICS_FILENAME), None, True)
+    assert ("  refit:     the gate dropped the refit (held-out log-probability agreement -1.5000 with it, -1.2500 "
+            "without; 12 examples)") in text, text
+    assert "  base:      org/base @ 0123456789 (named by the parents' model cards)" in text, text
+    kept = summary(out, {**mudsc, "refit": "gate", "refit_gate": {**gate, "kept": True}},
+                   MergeDiagnostics.load(out / DIAGNOSTICS_FILENAME), None, True)
+    assert "the gate kept the refit" in kept and "base:" not in kept
+
+
+def test_inspect_of_a_hub_id_says_to_download_it_first(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["inspect", "org/merged-model"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err]
+    assert "huggingface-cli download org/merged-model --local-dir DIR" in err and "inspect DIR" in err, err

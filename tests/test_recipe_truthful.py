@@ -114,6 +114,35 @@ def test_inspect_lists_local_inputs_a_run_would_not_find(case, tmp_path, capsys,
 
 
 
+@pytest.mark.parametrize(("lines", "needle"), [
+    ("method: ties", "needs the parents' common base model and none was given"),
+    ("method: linear\ndevice: cuda", "CUDA is not available on this machine"),
+])
+def test_inspect_refuses_what_the_merges_dry_run_refuses(case, tmp_path, capsys, monkeypatch, lines, needle):
+    """QA s24: `inspect RECIPE` said "Run it with ..." (exit 0) for recipes `merge --recipe` refuses at once (ties
+    without a base, device cuda without CUDA): it runs the same dry run, so it refuses them in its words."""
+    _, (a, b), _ = case
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, out, err = inspect_recipe_text(tmp_path, capsys, f"models: [{a}, {b}]\n{lines}\n")
+    assert code == 1 and "Run it with" not in out, out + err
+    assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_inspect_marks_options_the_method_does_not_read(case, tmp_path, capsys):
+    """QA s24: options weight_matching ignores were listed as if they applied, and zipit with matcher align was shown
+    as "zipit (matcher zip)" only: each is marked "no effect", as the merge's warning says."""
+    _, (a, b), calibration = case
+    code, out, err = inspect_recipe_text(
+        tmp_path, capsys, f"models: [{a}, {b}]\nmethod: weight_matching\ndensity: 0.3\nlayer_swap: '1:1'\n")
+    assert code == 0 and "Run it with" in out, out + err
+    assert "density = 0.3 (no effect)" in out and "layer_swap = '1:1' (no effect)" in out, out
+    assert "does not read" in out  # the dry run's warning, with its reason
+    code, out, err = inspect_recipe_text(
+        tmp_path, capsys, f"models: [{a}, {b}]\ncalibration: {calibration}\nmethod: zipit\nmatcher: align\n")
+    assert code == 0 and "method:      zipit (matcher zip)" in out, out + err
+    assert "matcher = 'align' (no effect)" in out, out
+
+
 def test_merge_recipe_lists_local_inputs_it_would_not_find_before_loading_anything(case, tmp_path, capsys,
                                                                                     monkeypatch):
     """`inspect RECIPE` listed them (exit 2); `merge --recipe` of the same file failed at the first parent's load with

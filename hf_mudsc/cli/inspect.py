@@ -1,8 +1,9 @@
 """`hf-mudsc inspect DIR|RECIPE`: look at a merge without loading a model (docs/design.md §8c).
 
 For a merged folder: prints its parents, their relation, the method and each group's match quality (from
-`config.json` and `merge_diagnostics.json`), and redraws the plots into `DIR/plots` (or `--output`). For a recipe
-file: says what it would merge and with which options. Neither torch nor the weights are loaded.
+`config.json` and `merge_diagnostics.json`), and redraws the plots into `DIR/plots` (or `--output`); neither torch
+nor the weights are loaded. For a recipe file: says what it would merge and with which options, after the merge's
+own checks and dry run (configs and safetensors headers, no weights), so it refuses what `merge --recipe` refuses.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -32,28 +34,73 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hf_mudsc.errors import UsageError
+
+    if args.overwrite and args.output is None:  # it replaces an earlier --output folder, never DIR/plots
+        raise UsageError("--overwrite needs --output DIR (it replaces an earlier --output folder of plots; DIR/"
+                         f"{PLOTS_FOLDER} is redrawn without it); drop --overwrite or pass --output DIR")
+    if args.output is not None and args.no_plots:
+        raise UsageError("--output with --no-plots: --output is where the plots go, and --no-plots draws none; "
+                         "drop one of them")
     target = Path(args.target).expanduser()
     if target.is_dir():
         try:
             return inspect_folder(target, output=args.output, overwrite=args.overwrite, plots=not args.no_plots)
-        except (AttributeError, TypeError, KeyError, IndexError) as error:  # a value of the wrong shape in a file
-            raise ValueError(f"{str(target)!r} holds a malformed hf-mudsc file ({type(error).__name__}: {error}); "
-                             "write the folder again with `hf-mudsc merge --output DIR`") from None
+        except (AttributeError, TypeError, KeyError, IndexError) as error:  # config.json's `mudsc` of another shape
+            raise ValueError(malformed(target, "config.json", f"{type(error).__name__}: {error}")) from None
     if target.is_file() and target.suffix in (".yaml", ".yml"):
         return inspect_recipe(target)
+    if not target.exists() and HUB_ID.fullmatch(args.target):  # inspect reads a folder, never the Hub
+        raise FileNotFoundError(
+            f"{args.target!r} is not a folder here; if it is a Hub repo, download it first (`huggingface-cli "
+            f"download {args.target} --local-dir DIR`), then run `hf-mudsc inspect DIR`"
+        )
     raise FileNotFoundError(
         f"{args.target!r} is neither a merged-model folder nor a recipe file (*.yaml); pass the folder "
         "`hf-mudsc merge --output DIR` wrote, or its mudsc_recipe.yaml"
     )
 
 
+#: What a Hub repo id looks like (`org/name`): named to `inspect`, it gets the download hint.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
 # ---------------------------------------------------------------------------------------------- a merged folder
+
+
+def malformed(folder: Path, name: str, problem: str) -> str:
+    """The one line for a folder whose hf-mudsc file holds a value of the wrong type or shape."""
+    return (f"{str(folder)!r} holds a malformed hf-mudsc file ({name}: {problem}); write the folder again with "
+            "`hf-mudsc merge --output DIR`" + (" (or `hf-mudsc evaluate` for its results)"
+                                               if name == RESULTS_FILENAME else ""))
+
+
+def check_results_dict(data: Any) -> None:
+    """Refuse (a `ValueError` naming the key) an `eval_results.json` whose values `inspect` cannot read: the
+    summary and the accuracy chart read `metrics`, `tasks` and `scores[scorer][view][metric]` numbers."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"it holds a JSON {type(data).__name__}, not an object")
+    metrics = data.get("metrics", [])
+    if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
+        raise ValueError(f"metrics is {str(metrics)[:40]!r}, not a list of texts")
+    if not isinstance(data.get("tasks", {}), Mapping):
+        raise ValueError("tasks is not an object")
+    scores = data.get("scores", {})
+    if not isinstance(scores, Mapping):
+        raise ValueError("scores is not an object")
+    for scorer, views in scores.items():
+        if not isinstance(views, Mapping) or not all(isinstance(v, Mapping) for v in views.values()):
+            raise ValueError(f"scores.{scorer} is not an object of objects")
+        for view, values in views.items():
+            for metric, value in values.items():
+                if not (value is None or isinstance(value, (int, float)) and not isinstance(value, bool)):
+                    raise ValueError(f"scores.{scorer}.{view}.{metric} is {str(value)[:40]!r}, not a number")
 
 
 def read_merge(folder: Path) -> tuple[dict[str, Any], Any, dict[str, Any] | None]:
     """`(config.mudsc, MergeDiagnostics, evaluation dict or None)` of a merged folder; a one-line `ValueError`
     for a folder that is not a merge made by hf-mudsc."""
-    from hf_mudsc.solve.diagnostics import MergeDiagnostics
+    from hf_mudsc.solve.diagnostics import MergeDiagnostics, check_diagnostics_dict
 
     config_path = folder / "config.json"
     how = "pass a folder written by `hf-mudsc merge --output DIR` (or hf_mudsc.save_merged)"
@@ -75,11 +122,19 @@ def read_merge(folder: Path) -> tuple[dict[str, Any], Any, dict[str, Any] | None
     diagnostics_path = folder / DIAGNOSTICS_FILENAME
     if diagnostics_path.is_file():
         try:
-            diagnostics = MergeDiagnostics.load(diagnostics_path)
-        except (OSError, ValueError, KeyError, TypeError) as error:
+            diagnostics = MergeDiagnostics.load(diagnostics_path)  # every value's type checked (`from_dict`)
+        except OSError as error:
             raise ValueError(f"cannot read {str(diagnostics_path)!r}: {error}") from None
+        except ValueError as error:
+            raise ValueError(malformed(folder, DIAGNOSTICS_FILENAME, str(error))) from None
     else:
         diagnostics = MergeDiagnostics.from_config(mudsc)
+        try:  # its match values and start objectives, checked as the file's would be
+            check_diagnostics_dict({key: value for key, value in diagnostics.to_dict().items()
+                                    if key in ("method", "groups", "starts")})
+        except ValueError as error:
+            raise ValueError(malformed(folder, "config.json",
+                                       f"mudsc.group_match_values or start_objectives: {error}")) from None
     evaluation = None
     results_path = folder / RESULTS_FILENAME
     if results_path.is_file():
@@ -87,6 +142,10 @@ def read_merge(folder: Path) -> tuple[dict[str, Any], Any, dict[str, Any] | None
             evaluation = json.loads(results_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as error:
             raise ValueError(f"cannot read {str(results_path)!r} ({error}); run `hf-mudsc evaluate` again") from None
+        try:
+            check_results_dict(evaluation)
+        except ValueError as error:
+            raise ValueError(malformed(folder, RESULTS_FILENAME, str(error))) from None
     return mudsc, diagnostics, evaluation
 
 
@@ -98,6 +157,11 @@ def summary(folder: Path, mudsc: Mapping[str, Any], diagnostics: Any, evaluation
     revisions = mudsc.get("parent_revisions") or [None] * len(parents)
     shown = [f"{name} @ {str(rev)[:10]}" if rev else str(name) for name, rev in zip(parents, revisions)]
     lines.append(f"  parents:   {', '.join(shown) or 'unknown'}")
+    if isinstance(mudsc.get("base"), str):  # a same-base merge's base (given, or named by the parents' cards)
+        revision = mudsc.get("base_revision")
+        source = mudsc.get("base_source")
+        lines.append(f"  base:      {mudsc['base']}{f' @ {str(revision)[:10]}' if revision else ''}"
+                     f"{f' ({source})' if isinstance(source, str) else ''}")
     relation = mudsc.get("parent_relation")
     if isinstance(relation, Mapping) and relation.get("relation"):
         lines.append(f"  relation:  {relation['relation']} (relative weight distance "
@@ -113,6 +177,12 @@ def summary(folder: Path, mudsc: Mapping[str, Any], diagnostics: Any, evaluation
                 f"refit {mudsc['refit']}" if mudsc.get("refit") not in (None, "none") else None]
     detail = ", ".join(s for s in settings if s)
     lines.append(f"  method:    {mudsc.get('method')}{f' ({detail})' if detail else ''}")
+    gate = mudsc.get("refit_gate")  # refit="gate": whether the held-out scores kept the refit
+    if isinstance(gate, Mapping) and isinstance(gate.get("kept"), bool):
+        scores = (f" (held-out {gate.get('measure') or 'score'} {float(gate['refit']):.4f} with it, "
+                  f"{float(gate['none']):.4f} without; {gate.get('held_out_examples', '?')} examples)"
+                  if all(isinstance(gate.get(k), (int, float)) for k in ("refit", "none")) else "")
+        lines.append(f"  refit:     the gate {'kept' if gate['kept'] else 'dropped'} the refit{scores}")
     if mudsc.get("num_calibration_samples"):
         lines.append(f"  calibration: {mudsc.get('calibration') or 'data'}, {mudsc['num_calibration_samples']} samples")
     if mudsc.get("out_dtype"):
@@ -128,24 +198,30 @@ def summary(folder: Path, mudsc: Mapping[str, Any], diagnostics: Any, evaluation
         lines.append(f"  solve:     {sweeps}{diagnostics.solve_start or '?'} start kept (final objective: {starts})")
     if diagnostics.groups:
         scored = [g for g in diagnostics.groups if g.blended is not None]
+        chance = any(g.baseline_blended is not None for g in scored)
         if scored:
-            lines.append("  groups (match value | mean correlation of fused A-B pairs: activation, weight, blended | "
-                         "merged units fusing A with B):")
+            lines.append("  groups (match value | mean correlation of fused A-B pairs: activation, weight, blended"
+                         + (" (chance: blended's mean over random A-B pairs)" if chance else "")
+                         + " | merged units fusing A with B):")
         elif len(mudsc.get("parents") or ()) > 2:  # the diagnostics are two-parent only (docs/design.md §4.13)
             lines.append(f"  groups (match value; merges of more than two parents have no {DIAGNOSTICS_FILENAME}):")
         else:
-            lines.append(f"  groups (match value; no {DIAGNOSTICS_FILENAME}: merged before it existed):")
+            lines.append(f"  groups (match value; no {DIAGNOSTICS_FILENAME} in the folder):")
         width = max(len(g.name) for g in diagnostics.groups)
         for g in diagnostics.groups:
             row = f"    {g.name:<{width}}  {_number(g.value)}"
             if scored:
-                row += (f" | {_number(g.activation)} {_number(g.weight)} {_number(g.blended)} | "
+                base = (f" (chance {g.baseline_blended:6.3f})" if g.baseline_blended is not None
+                        else " " * len(" (chance  0.000)") if chance else "")
+                row += (f" | {_number(g.activation)} {_number(g.weight)} {_number(g.blended)}{base} | "
                         f"{'  -' if g.cross_fraction is None else f'{100 * g.cross_fraction:3.0f}'}%")
             lines.append(row)
         if scored:
             worst = min(scored, key=lambda g: g.blended)
             lines.append(f"  weakest group: {worst.name} (blended {worst.blended:.3f})")
-    elif not has_file:
+    elif has_file:
+        lines.append(f"  groups:    none ({DIAGNOSTICS_FILENAME} lists no groups)")
+    else:
         lines.append("  no unit matching (the method matched no units)")
     if evaluation:
         metric = (evaluation.get("metrics") or ["accuracy"])[0]
@@ -160,18 +236,45 @@ def _number(value: float | None) -> str:
     return "     -" if value is None else f"{value:6.3f}"
 
 
+#: What shows an `--output` folder holds a model (not plots): `inspect --output` never replaces one, even with
+#: `--overwrite` (QA s24: a merged model was replaced by four PNGs).
+MODEL_FILES = ("config.json", "mudsc_recipe.yaml", "*.safetensors", "*.bin", "*.safetensors.index.json",
+               "*.bin.index.json", "*.pt", "*.pth")
+#: The plots drawn from `merge_diagnostics.json` that a redraw from `config.json` alone would draw with less.
+POORER_WITHOUT_DIAGNOSTICS = ("match_quality.png",)
+
+
+def holds_model(folder: Path) -> bool:
+    """Whether `folder` holds a model's config, weights or recipe (at its top level)."""
+    return folder.is_dir() and not folder.is_symlink() and any(
+        next(folder.glob(pattern), None) is not None for pattern in MODEL_FILES)
+
+
 def inspect_folder(folder: Path, *, output: str | None = None, overwrite: bool = False, plots: bool = True) -> int:
+    """Print the summary of a merged folder and (unless `plots` is False) redraw its plots: into `DIR/plots`
+    only when hf-mudsc wrote the folder (its marker), else into `output`, which never replaces a model."""
+    from hf_mudsc.publish.folder import MARKER_FILENAME, read_marker
+
     mudsc, diagnostics, evaluation = read_merge(folder)
     inputs = [("merged-model folder", folder)]
     if plots and output is not None:
         from hf_mudsc.publish.folder import check_output
 
+        if holds_model(Path(output).expanduser()):
+            raise FileExistsError(f"refusing --output {output!r}: it holds a merged model, which inspect's --output "
+                                  "would replace with plots; choose another --output")
         check_output(output, overwrite=overwrite, inputs=inputs)  # a refused --output is the whole answer
+    elif plots and not (read_marker(folder) or {}).get("complete"):
+        raise FileExistsError(
+            f"refusing to draw plots into {str(folder)!r}: hf-mudsc did not write that folder (it has no "
+            f"{MARKER_FILENAME}), so inspect writes nothing into it; pass --output DIR for the plots, or --no-plots"
+        )
     has_file = (folder / DIAGNOSTICS_FILENAME).is_file()
     print(summary(folder, mudsc, diagnostics, evaluation, has_file))
     if not plots:
         return 0
     drawable = diagnostics if diagnostics.groups else None
+    kept: list[str] = []
     if output is not None:
         from hf_mudsc.publish.folder import staged_output
         from hf_mudsc.publish.plots import draw_plots
@@ -180,19 +283,30 @@ def inspect_folder(folder: Path, *, output: str | None = None, overwrite: bool =
             drawn = [plot.path.name for plot in draw_plots(staging, drawable, evaluation)]
         where = Path(output).expanduser()
     else:
-        drawn = redraw_in_place(folder, drawable, evaluation)
+        # Without the diagnostics file the match-quality plot is redrawn from config.json alone (the match values,
+        # no correlations): the merge's own one, drawn from the file, is kept.
+        keep = () if has_file else POORER_WITHOUT_DIAGNOSTICS
+        drawn, kept = redraw_in_place(folder, drawable, evaluation, keep=keep)
         where = folder / PLOTS_FOLDER
     if drawn:
         print(f"Plots written to {where}: {', '.join(drawn)}")
-    else:
-        print("Nothing to plot: the merge matched no units and the folder holds no evaluation results")
+    if kept:
+        print(f"Kept {', '.join(f'{PLOTS_FOLDER}/{name}' for name in kept)} as it is: without "
+              f"{DIAGNOSTICS_FILENAME} a redraw would show only config.json's match values; pass --output DIR to "
+              "draw that version elsewhere")
+    if not drawn and not kept:
+        why = (f"{DIAGNOSTICS_FILENAME} lists no groups" if has_file and not diagnostics.groups
+               else "the merge matched no units")
+        print(f"Nothing to plot: {why} and the folder holds no evaluation results")
     return 0
 
 
-def redraw_in_place(folder: Path, diagnostics: Any, evaluation: Mapping[str, Any] | None) -> list[str]:
+def redraw_in_place(folder: Path, diagnostics: Any, evaluation: Mapping[str, Any] | None, *,
+                    keep: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
     """Draw into `folder/plots`: only over PNGs hf-mudsc wrote there unchanged (its marker lists them), each file
     replaced atomically and recorded in the folder's marker, so `push` and `--overwrite` still accept the folder.
-    Anything else under that name is refused before a file is written. Returns the file names written."""
+    Anything else under that name is refused before a file is written. `keep`: file names left as they are when
+    they exist (a redraw from less data). Returns the file names written, and those kept."""
     import shutil
 
     from hf_mudsc.publish.folder import unlisted_files, write_file_atomically
@@ -203,8 +317,13 @@ def redraw_in_place(folder: Path, diagnostics: Any, evaluation: Mapping[str, Any
         raise FileExistsError(f"{str(destination)!r} exists and is not a folder; pass --output DIR for the plots")
     with tempfile.TemporaryDirectory(prefix="hf-mudsc-plots-") as scratch:
         drawn = draw_plots(scratch, diagnostics, evaluation)
+        present = {plot.path.name for plot in drawn
+                   if (destination / plot.path.name).exists() or (destination / plot.path.name).is_symlink()}
+        kept = [plot.path.name for plot in drawn if plot.path.name in keep and plot.path.name in present
+                and (destination / plot.path.name).read_bytes() != plot.path.read_bytes()]  # not this very drawing
+        drawn = [plot for plot in drawn if plot.path.name not in kept]
         names = [plot.path.name for plot in drawn]
-        existing = [name for name in names if (destination / name).exists() or (destination / name).is_symlink()]
+        existing = [name for name in names if name in present]
         if existing:
             foreign, changed = unlisted_files(folder, check_content=True)
             theirs = [name for name in existing if f"{PLOTS_FOLDER}/{name}" in set(foreign) | set(changed)]
@@ -216,10 +335,37 @@ def redraw_in_place(folder: Path, diagnostics: Any, evaluation: Mapping[str, Any
         for plot in drawn:
             write_file_atomically(destination / plot.path.name,
                                   lambda temporary, source=plot.path: shutil.copyfile(source, temporary), owner=folder)
-    return names
+    return names, kept
 
 
 # ---------------------------------------------------------------------------------------------- a recipe
+
+
+def dry_run(recipe: Any) -> tuple[Any, list[str]] | None:
+    """The merge's dry run of `recipe`: `(plan, [])`; `(None, [why])` when the Hub cannot be reached (offline: the
+    parents' configs cannot be read here, the merge will check them); None after printing a Hub error as `merge`
+    does. The dry run's own refusals (a `ValueError`: a base needed and none found, no such device, ...) reach the
+    caller."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    import hf_mudsc
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.hub_calls import hub_error_line
+    from hf_mudsc.load.references import hide_tokens
+
+    try:
+        return hf_mudsc.merge(recipe.models, recipe.calibration, **{**recipe.keywords(), "dry_run": True,
+                                                                    "progress": False}), []
+    except HfHubHTTPError as error:
+        print(f"hf-mudsc inspect: error: {hide_tokens(hub_error_line(error))}", file=sys.stderr)
+        return None
+    except LoadError as error:
+        cause = error.__cause__
+        unreachable = isinstance(cause, LocalEntryNotFoundError) or (
+            isinstance(cause, (OSError, ConnectionError)) and not isinstance(cause, HfHubHTTPError))
+        if not unreachable:
+            raise
+        return None, [f"not checked against the parents ({error}); `merge --recipe` checks them before loading"]
 
 
 #: What `inspect RECIPE` shows for calibration data a merge was given in memory (the run command's placeholder).
@@ -227,10 +373,14 @@ IN_MEMORY_STAND_IN = "DATA"
 
 
 def inspect_recipe(path: Path) -> int:
-    """Print what the recipe would merge: parents, method and the options it sets (nothing is loaded)."""
+    """Print what the recipe would merge: parents, method and the options it sets, each marked when the method
+    does not read it. Refused as `merge --recipe` refuses it: the recipe's own checks (exit 2), then the merge's dry
+    run (configs and safetensors headers only, no weights), whose refusals and warnings are the merge's — one set
+    of rules, not a copy (QA s24: ties without a base and device cuda without CUDA were shown as runnable)."""
+    from hf_mudsc.diagnostics import unread_options
     from hf_mudsc.errors import RecipeError
     from hf_mudsc.load.references import hide_tokens
-    from hf_mudsc.methods.auto import is_auto
+    from hf_mudsc.methods.auto import handed_options, is_auto
     from hf_mudsc.methods.registry import get_method
     from hf_mudsc.publish.recipe import IN_MEMORY_NOTE, Recipe, unresolved_published_entries
 
@@ -249,13 +399,23 @@ def inspect_recipe(path: Path) -> int:
     except RecipeError as error:
         print(f"hf-mudsc inspect: error: {hide_tokens(str(error))}", file=sys.stderr)
         return 2
+    warnings: list[str] = []
+    if not unresolved and not in_memory:  # the dry run finds every parent: what it refuses, the merge refuses
+        checked = dry_run(recipe)
+        if checked is None:
+            return 1
+        plan, warnings = checked
+        warnings += list(plan.warnings) if plan is not None else []
     defaults = Recipe()
+    unread: set[str] = set()
     lines = [f"Recipe {path}", f"  would merge: {', '.join(recipe.models) or '(no parents)'}"]
     if is_auto(recipe.method):
         settings = "chosen from how the parents relate"
     else:
         method = get_method(recipe.method)  # the options the method reads, as the merge records them
         matcher, alpha = method.used_matcher(recipe.matcher), method.recorded_alpha(recipe.alpha)
+        unread = set(unread_options(recipe, method.used_options(handed_options(recipe, len(recipe.models))),
+                                    read=method.read_as_default(recipe)))
         settings = ", ".join(s for s in (f"matcher {matcher}" if matcher else "",
                                          f"alpha {alpha:g}" if isinstance(alpha, float) else
                                          f"alpha {alpha}" if alpha is not None else "") if s)
@@ -264,10 +424,11 @@ def inspect_recipe(path: Path) -> int:
         samples = f", {recipe.num_samples} samples" if recipe.num_samples else ", every sample"
         where = "given in memory to hf_mudsc.merge, not recorded" if in_memory else recipe.calibration
         lines.append(f"  calibration: {where}{samples}")
-    shown = {"models", "method", "matcher", "alpha", "calibration", "num_samples"}
-    others = [f"{key} = {getattr(recipe, key)!r}" for key in Recipe.keys()
+    shown = {"models", "method", "matcher", "alpha", "calibration", "num_samples"} - unread
+    others = [f"{key} = {getattr(recipe, key)!r}{' (no effect)' if key in unread else ''}" for key in Recipe.keys()
               if key not in shown and getattr(recipe, key) != getattr(defaults, key)]
     lines.append(f"  other options: {', '.join(others) if others else 'all at their defaults'}")
+    lines += [f"  warning:     {text}" for text in warnings]
     # A recipe pushed from local folders names them by folder name only: a run needs their paths (`unresolved`).
     command = ["hf-mudsc merge", "--recipe", str(path), "--output DIR"]
     if in_memory:

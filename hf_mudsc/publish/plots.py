@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +70,13 @@ def draw_plots(folder: str | os.PathLike, diagnostics: MergeDiagnostics | None, 
     drawn: list[Plot] = []
     figures = []
     if diagnostics is not None and diagnostics.groups:
-        caption = "correlation of the fused unit pairs of A and B, per group along the depth"
+        if any(g.blended is not None for g in diagnostics.groups):
+            caption = "correlation of the fused unit pairs of A and B, per group along the depth"
+            if any(g.baseline_blended is not None for g in diagnostics.groups):
+                caption += (", against its chance level (dashed: the same mean over random A–B pairs; the residual "
+                            "stream's weight rows correlate highly for any pair)")
+        else:  # drawn from config.json alone (no merge_diagnostics.json: more than two parents, or removed)
+            caption = "the matcher's match value per group along the depth (no correlations of fused pairs recorded)"
         if diagnostics.matcher == "zip":  # its value line also counts fusions within one parent (the figure's title)
             caption += (", and zip's match value, which also counts the units it fused within one parent (a group "
                         "marked \"no A–B pair\" fused none of A with B)")
@@ -176,6 +183,10 @@ def match_quality_figure(diagnostics: MergeDiagnostics) -> Figure:
                       else "D", markersize=5, linewidth=2.2 if key == "blended" else 1.4, color=COLORS[key],
                       label=label)
             drawn = True
+            chance = [getattr(g, f"baseline_{key}") for g in groups]
+            if any(v is not None for v in chance):  # what any (A unit, B unit) pair scores: the chance level
+                axes.plot(positions, [math.nan if v is None else v for v in chance], linestyle="--",
+                          linewidth=1.1, alpha=0.8, color=COLORS[key], label=f"{key}: random A–B pairs (chance)")
         if any(g.value is not None for g in groups):  # zip's also counts fusions within one parent
             axes.plot(positions, [math.nan if g.value is None else g.value for g in groups], marker="s" if drawn
                       else "o", markersize=4, linestyle=":" if drawn else "-", color=COLORS["value"],
@@ -189,16 +200,24 @@ def match_quality_figure(diagnostics: MergeDiagnostics) -> Figure:
         axes.set_xticks(positions, [short_name(g.name) for g in groups], rotation=60 if len(groups) > 8 else 0,
                         ha="right" if len(groups) > 8 else "center")
         axes.set_xlim(-0.5, len(groups) - 0.5)
-        low = min([v for g in groups for v in (g.activation, g.weight, g.blended, g.value) if v is not None],
-                  default=0.0)
+        low = min([v for g in groups for v in (g.activation, g.weight, g.blended, g.value, g.baseline_activation,
+                                                g.baseline_weight, g.baseline_blended) if v is not None], default=0.0)
         axes.set_ylim(min(-0.05, low - 0.05), 1.05)
         axes.set_xlabel("unit group, in solve order (residual stream, then each block's q/k, v, MLP)")
-        axes.set_ylabel("mean correlation of fused A–B pairs")
         note = "\n(zip's match value also counts fusions within one parent)" if diagnostics.matcher == "zip" else ""
-        axes.set_title(f"Match quality per group — {_title_settings(diagnostics)}\n"
-                       f"1 = fused units agree perfectly, 0 = unrelated{note}")
+        if drawn:
+            axes.set_ylabel("mean correlation of fused A–B pairs")
+            chance = ("dashed: the same mean over random A–B pairs (chance level)"
+                      if any(g.baseline_blended is not None for g in groups) else "1 = fused units agree perfectly")
+            axes.set_title(f"Match quality per group — {_title_settings(diagnostics)}\n{chance}{note}")
+        else:  # only the match values of config.json: no pair correlations, no chance level
+            axes.set_ylabel("match value (the matcher's objective)")
+            axes.set_title(f"Match value per group — {_title_settings(diagnostics)}\n"
+                           "from config.json alone: no merge_diagnostics.json, so no correlations of fused pairs"
+                           f"{note}")
         axes.grid(axis="y", alpha=0.3)
-        figure.legend(loc="outside lower center", ncols=3, framealpha=0.9)
+        entries = len(axes.get_legend_handles_labels()[0])  # with the chance lines, 3 columns would not fit
+        figure.legend(loc="outside lower center", ncols=3 if entries <= 6 else 2, framealpha=0.9)
     return figure
 
 
@@ -326,8 +345,9 @@ def alpha_figure(curve: Mapping[str, Any]) -> Figure:
         axes.set_ylabel("fidelity to the parents (1 = agrees everywhere)")
         examples = curve.get("held_out_examples", "?")
         starts = f" from the {' and '.join(curve['candidate_starts'])} start" if curve.get("candidate_starts") else ""
+        detail = f"each α solved{starts} and scored on {examples} held-out calibration examples"
         axes.set_title("Balance factor chosen without labels (alpha=\"auto\")\n"
-                       f"each α solved{starts} and scored on {examples} held-out calibration examples")
+                       + textwrap.fill(detail, 70))  # one line of it ran past the picture's right edge
         axes.grid(alpha=0.3)
         axes.legend(loc="best", framealpha=0.9)
     return figure

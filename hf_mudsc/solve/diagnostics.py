@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +32,12 @@ FORMAT_VERSION = 1
 HEATMAP_UNITS = 40
 #: Heat maps kept: the first, middle and last group in solve order and the worst-matched one (when distinct).
 HEATMAP_GROUPS = 4
+#: The chance level of a group's correlations: their mean over (A unit, B unit) pairs drawn at random, fused or not
+#: — every pair when a group has at most this many, else this many drawn with `BASELINE_SEED` (`O(pairs · D)`, as
+#: the fused pairs'). Needed to read the fused pairs' mean: the residual group's weight rows share the LayerNorm
+#: gains and biases of every block, so any two of its units, of unrelated models too, correlate at ~0.9.
+BASELINE_PAIRS = 2048
+BASELINE_SEED = 0
 
 
 def _rounded(value: float | None, digits: int = 5) -> float | None:
@@ -58,6 +64,12 @@ class GroupDiagnostics:
     """The B head merged with each A head (attention groups)."""
     head_scores: list[float] | None = None
     """Mean blended correlation of the fused pairs of each A head with its partner."""
+    baseline_activation: float | None = None
+    baseline_weight: float | None = None
+    baseline_blended: float | None = None
+    """The same three means over `baseline_pairs` (A unit, B unit) pairs drawn at random (`BASELINE_PAIRS`): what
+    the fused pairs' means are to be compared with (0 only when unrelated units are uncorrelated)."""
+    baseline_pairs: int | None = None
 
 
 @dataclass
@@ -91,6 +103,8 @@ class MergeDiagnostics:
     heatmaps: list[Heatmap] = field(default_factory=list)
     alpha_curve: dict[str, Any] | None = None
     """`alpha="auto"`'s search (`config.mudsc["alpha_auto"]`: grid, held-out fidelity, chosen α), else None."""
+    baseline_seed: int | None = None
+    """The seed of the random pairs of each group's baseline (`BASELINE_SEED`), None when none was computed."""
 
     def group(self, name: str) -> GroupDiagnostics:
         for group in self.groups:
@@ -103,16 +117,19 @@ class MergeDiagnostics:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MergeDiagnostics:
+        if not isinstance(data, Mapping):
+            raise ValueError(f"it holds a JSON {type(data).__name__}, not an object")
         if data.get("format") != FORMAT_VERSION:
             raise ValueError(f"unknown merge diagnostics format {data.get('format')!r} (this version reads "
                              f"{FORMAT_VERSION}); redraw with the hf-mudsc version that merged the model")
+        check_diagnostics_dict(data)  # every value's type up front: a plot or summary never meets a wrong one
         return cls(
             method=data["method"], matcher=data.get("matcher"), alpha=data.get("alpha"),
             groups=[GroupDiagnostics(**g) for g in data.get("groups", [])],
             objective_history=list(data.get("objective_history", [])), sweeps=int(data.get("sweeps", 0)),
             starts=dict(data.get("starts", {})), solve_start=data.get("solve_start"),
             heatmaps=[Heatmap(**h) for h in data.get("heatmaps", [])],
-            alpha_curve=data.get("alpha_curve"),
+            alpha_curve=data.get("alpha_curve"), baseline_seed=data.get("baseline_seed"),
         )
 
     @classmethod
@@ -138,6 +155,95 @@ class MergeDiagnostics:
     def rounded(self) -> MergeDiagnostics:
         """As stored (5 decimals, heat maps 2): plots drawn at merge time and redrawn from the file are identical."""
         return MergeDiagnostics.from_dict(json.loads(json.dumps(self.to_dict())))
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _or_none(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or check(value)
+
+
+def _list_of(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, list) and all(check(item) for item in value)
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+# What each value of `merge_diagnostics.json` must be (`check_diagnostics_dict`): (check, what it says it expects).
+_TOP = {"format": (_integer, "an integer"), "method": (_text, "a text"), "matcher": (_or_none(_text), "a text"),
+        "alpha": (_or_none(_number), "a number"), "groups": (_list_of(lambda g: isinstance(g, Mapping)),
+                                                              "a list of objects"),
+        "objective_history": (_list_of(_number), "a list of numbers"), "sweeps": (_integer, "an integer"),
+        "starts": (lambda v: isinstance(v, Mapping) and all(_number(x) for x in v.values()),
+                   "an object of numbers"),
+        "solve_start": (_or_none(_text), "a text"), "heatmaps": (_list_of(lambda h: isinstance(h, Mapping)),
+                                                                  "a list of objects"),
+        "alpha_curve": (_or_none(lambda v: isinstance(v, Mapping)), "an object"),
+        "baseline_seed": (_or_none(_integer), "an integer")}
+_GROUP = {"name": (_text, "a text"), "width": (_integer, "an integer"), "num_heads": (_integer, "an integer"),
+          **{key: (_or_none(_number), "a number") for key in (
+              "value", "activation", "weight", "blended", "cross_fraction", "baseline_activation", "baseline_weight",
+              "baseline_blended")},
+          "baseline_pairs": (_or_none(_integer), "an integer"),
+          "head_pairing": (_or_none(_list_of(_integer)), "a list of integers"),
+          "head_scores": (_or_none(_list_of(_or_none(_number))), "a list of numbers")}
+_HEATMAP = {"group": (_text, "a text"), "rows": (_list_of(_integer), "a list of integers"),
+            "columns": (_list_of(_integer), "a list of integers"),
+            "values": (_list_of(_list_of(_number)), "a list of lists of numbers"),
+            "fused_units": (_integer, "an integer")}
+_CURVE = {"grid": (_list_of(_number), "a list of numbers"), "fidelity": (_list_of(_number), "a list of numbers"),
+          "chosen": (_number, "a number"), "held_out_examples": (_integer, "an integer"),
+          "candidate_starts": (_list_of(_text), "a list of texts"),
+          "returned_fidelity": (_or_none(_number), "a number"),
+          "returned_is_candidate": (_or_none(lambda v: isinstance(v, bool)), "true or false")}
+
+
+def _check_keys(data: Mapping[str, Any], rules: Mapping[str, tuple[Callable[[Any], bool], str]],
+                required: Sequence[str], where: str, *, closed: bool = False) -> None:
+    """`closed`: the keys are a dataclass's fields (built with `**`), so an unknown one is refused too."""
+    for key in required:
+        if key not in data:
+            raise ValueError(f"{where} has no {key!r}")
+    for key, value in data.items():
+        if key not in rules:
+            if closed:
+                raise ValueError(f"{where} has an unknown key {key!r}")
+            continue
+        check, expected = rules[key]
+        if not check(value):
+            raise ValueError(f"{where}{'.' if where else ''}{key} is {str(value)[:40]!r}, not {expected}")
+
+
+def check_diagnostics_dict(data: Mapping[str, Any]) -> None:
+    """Refuse (one `ValueError` naming the key) a diagnostics dict with a value of the wrong type or shape, so
+    the summary and the plots drawn from it never fail half-way on a file damaged or edited by hand."""
+    _check_keys(data, _TOP, ("method",), "")
+    for index, group in enumerate(data.get("groups") or []):
+        _check_keys(group, _GROUP, ("name", "width"), f"groups[{index}]", closed=True)
+        if group.get("head_pairing") is not None and group.get("head_scores") is not None and len(
+                group["head_pairing"]) != len(group["head_scores"]):
+            raise ValueError(f"groups[{index}] has {len(group['head_pairing'])} head pairs but "
+                             f"{len(group['head_scores'])} head scores")
+    for index, heatmap in enumerate(data.get("heatmaps") or []):
+        _check_keys(heatmap, _HEATMAP, ("group", "rows", "columns", "values"), f"heatmaps[{index}]",
+                    closed=True)
+        shape = (len(heatmap["rows"]), len(heatmap["columns"]))
+        if len(heatmap["values"]) != shape[0] or any(len(row) != shape[1] for row in heatmap["values"]):
+            raise ValueError(f"heatmaps[{index}].values is not {shape[0]} rows of {shape[1]} numbers")
+    curve = data.get("alpha_curve")
+    if curve is not None:
+        _check_keys(curve, _CURVE, ("grid", "fidelity", "chosen"), "alpha_curve")
+        if len(curve["grid"]) != len(curve["fidelity"]):
+            raise ValueError(f"alpha_curve has {len(curve['grid'])} values of α but {len(curve['fidelity'])} "
+                             "fidelities")
 
 
 def heatmap_groups(groups: Sequence[GroupDiagnostics], limit: int = HEATMAP_GROUPS) -> list[int]:
@@ -184,7 +290,8 @@ def compute_diagnostics(
     weight_share = 1.0 if correlations is None else (0.0 if alpha is None else float(alpha))
     report = MergeDiagnostics(
         method=method, matcher=matcher, alpha=weight_share, objective_history=[float(v) for v in objective_history],
-        sweeps=int(sweeps), starts={k: float(v) for k, v in (starts or {}).items()}, solve_start=solve_start)
+        sweeps=int(sweeps), starts={k: float(v) for k, v in (starts or {}).items()}, solve_start=solve_start,
+        baseline_seed=BASELINE_SEED)
     samples: list[tuple[list[int], list[int], torch.Tensor, int]] = []
     for index, (group, found) in enumerate(zip(spec.groups, matches)):
         n = group.width
@@ -207,15 +314,24 @@ def compute_diagnostics(
         picks = sorted({round(i * (len(fused) - 1) / max(shown - 1, 1)) for i in range(shown)})
         rows = torch.tensor([fused[i][0] for i in picks], dtype=torch.long)
         cols = torch.tensor([fused[i][1] for i in picks], dtype=torch.long)
-        pair_weight, block = _weight_correlations(spec, index, params_a, params_b, maps, (a_units, b_units),
-                                                  (rows, cols))
+        base_a, base_b = baseline_pairs(n)
+        fused_count = a_units.numel()
+        every_weight, block = _weight_correlations(
+            spec, index, params_a, params_b, maps, (torch.cat([a_units, base_a]), torch.cat([b_units, base_b])),
+            (rows, cols))
         activation = correlations[index].to(torch.float64) if correlations is not None else None
-        pair_activation = activation[a_units, n + b_units] if activation is not None else None
-        pair_blended = (pair_weight if pair_activation is None
-                        else weight_share * pair_weight + (1 - weight_share) * pair_activation)
+        every_activation = (activation[torch.cat([a_units, base_a]), n + torch.cat([b_units, base_b])]
+                            if activation is not None else None)
+        every_blended = (every_weight if every_activation is None
+                         else weight_share * every_weight + (1 - weight_share) * every_activation)
+        pair_weight, pair_blended = every_weight[:fused_count], every_blended[:fused_count]
         entry.weight = _mean(pair_weight)
-        entry.activation = _mean(pair_activation) if pair_activation is not None else None
+        entry.activation = _mean(every_activation[:fused_count]) if every_activation is not None else None
         entry.blended = _mean(pair_blended)
+        entry.baseline_weight = _mean(every_weight[fused_count:])
+        entry.baseline_activation = _mean(every_activation[fused_count:]) if every_activation is not None else None
+        entry.baseline_blended = _mean(every_blended[fused_count:])
+        entry.baseline_pairs = int(base_a.numel())
         members = torch.zeros(found.num_merged, 2, dtype=torch.bool)
         members[cluster[:n], 0] = True
         members[cluster[n:], 1] = True
@@ -280,6 +396,20 @@ def _weight_correlations(
     sampled = (block / columns - torch.outer(mean[0][sample[0]], mean[1][sample[1]])) / torch.outer(
         std[0][sample[0]], std[1][sample[1]]).clamp_min(CLAMP)
     return pair, sampled
+
+
+def baseline_pairs(n: int, limit: int = BASELINE_PAIRS, seed: int = BASELINE_SEED) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
+    """The (A unit, B unit) pairs of a group of `n` units whose mean correlation is its chance level: all `n²`
+    when at most `limit`, else `limit` drawn uniformly (with replacement) by a generator seeded with `seed`, so
+    the same group always gives the same pairs (and the global random state is untouched)."""
+    import torch
+
+    if n * n <= limit:
+        grid = torch.arange(n * n)
+    else:
+        grid = torch.randint(n * n, (limit,), generator=torch.Generator().manual_seed(seed))
+    return grid // n, grid % n
 
 
 def _fused_pairs(cluster: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
