@@ -405,10 +405,12 @@ def merge(
     except ValueError as error:
         raise MergeInputError(str(error)) from None
     from hf_mudsc.calibrate.datasets import (
+        SamePasses,
         dataset_folders,
         load_calibration_dataset,
         pin_calibration_revision,
         resolve_calibration,
+        same_passes,
     )
     from hf_mudsc.calibrate.distributed import collect_statistics_distributed, is_main_process
     from hf_mudsc.load.parents import dtype_description, load_parents_and_base, parameters_of
@@ -424,6 +426,7 @@ def merge(
                               "one-shot iterator; pass a list of batches or a datasets.Dataset")
     if merge_method is not None:
         _check_data(merge_method, calibration, count)
+        _check_alpha_data(merge_method, merge_options, calibration, count)
         refit_value = _refits(merge_options, merge_method, calibration, count)
         refitting = refit_value in REFITTING
     if dry_run:
@@ -551,6 +554,7 @@ def merge(
     calibration_name = given_calibration_name if needs_data else None
     # alpha="auto" (docs/design.md §4.4): only for a method that matches units on activations and reads α.
     auto_alpha = alpha_searched(merge_method, merge_options, count)
+    _check_alpha_data(merge_method, merge_options, calibration, count)  # `auto`'s choice, now known
 
     accumulators = None
     if needs_data:
@@ -560,6 +564,12 @@ def merge(
             num_samples=num_samples, seed=seed, inputs=spec.inputs or None, model_config=model_a.config,
             token=token, max_tokens=spec.max_tokens,
         )
+        # A loader that reshuffles each pass would pair one pass's outputs with another's inputs: refused, and
+        # before any work when the merge is known to read the data again (its own passes, a refit, alpha="auto").
+        calibration = same_passes(calibration)
+        if isinstance(calibration, SamePasses) and (merge_method.needs_data or refit_value in REFITTING
+                                                    or auto_alpha or unconfirmed is not None):
+            calibration.check_now()
 
     # Every pass over the data checks each batch against the parents' config first; what it warns of is said once
     # per merge and joins the merge's warnings (ids past the vocabulary, images of another shape are refused).
@@ -987,6 +997,15 @@ def _fits_in_memory(model: PreTrainedModel, count: int, checker: MergeMethod, ch
         _warn_unconfirmed(chosen, checker, error)
         return False
     return True
+
+
+def _check_alpha_data(method: MergeMethod, options: MergeOptions, calibration: Any, count: int) -> None:
+    """alpha="auto" holds out every 5th example and reads them again to score each candidate: a one-shot iterator
+    cannot give them (its search scored nothing and recorded zeros). Refused before any pass."""
+    if isinstance(calibration, Iterator) and alpha_searched(method, options, count):
+        raise MergeInputError("alpha='auto' scores candidate merges on held-out calibration examples it reads again, "
+                              "so the data cannot be a one-shot iterator; pass a list of batches or a "
+                              "datasets.Dataset, or a number for alpha")
 
 
 def _warn_unconfirmed(chosen: MergeMethod, checker: MergeMethod, error: Exception) -> None:

@@ -265,3 +265,22 @@ def test_an_alpha_mudsc_reads_is_not_warned_about(caplog):
         hf_mudsc.merge(parents, make_batches("vit_cls", num_batches=2), method="mudsc", alpha=0.7, refit="none",
                        progress=False)
     assert "does not read" not in caplog.text
+
+
+@pytest.mark.parametrize("method", ["mudsc", None])
+def test_alpha_auto_with_a_one_shot_iterator_is_refused_before_any_work(monkeypatch, method):
+    """QA s24: a generator with alpha="auto" logged "no held-out calibration example (fewer than 5 examples)" for 96
+    examples, threw the 19 held out away and recorded an all-zero search (card, config, plot) — the search reads the
+    held-out examples again, which a one-shot iterator cannot give. Refused in one line before any pass, for mudsc and
+    for `auto` once it has chosen a unit-matching method."""
+    import hf_mudsc.calibrate.distributed as distributed
+
+    monkeypatch.setattr(distributed, "collect_statistics", lambda *a, **k: pytest.fail("calibration ran"))
+    parents = [make_model("vit_cls", seed) for seed in (1, 2)]
+    batches = make_batches("vit_cls", num_batches=6, batch_size=16)
+    options = {"method": method} if method else {}
+    with pytest.raises(MergeInputError, match=r"^alpha='auto' scores candidate merges on held-out calibration "
+                                              r"examples it reads again, so the data cannot be a one-shot iterator; "
+                                              r"pass a list of batches or a datasets\.Dataset, or a number for "
+                                              r"alpha$"):
+        hf_mudsc.merge(parents, iter(batches), alpha="auto", refit="none", progress=False, **options)

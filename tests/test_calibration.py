@@ -216,3 +216,51 @@ def test_a_merge_on_padded_ids_without_a_mask_says_so_in_its_warnings(caplog):
         merged = hf_mudsc.merge(parents, padded, method="mudsc", refit="ridge", progress=False)
     said = [r.getMessage() for r in caplog.records if "attention_mask" in r.getMessage()]
     assert len(said) == 1 and said[0] in merged.config.mudsc["warnings"]
+
+
+def test_calibration_that_reshuffles_on_every_read_is_refused_in_one_line():
+    """QA s24: a `DataLoader(shuffle=True)` is re-iterable, so the merge read it again for the refit — in another
+    order, pairing one pass's parent outputs with another's inputs: the default merge collapsed (joint accuracy
+    0.755 -> 0.043) and the gate kept it, without a word. A pass whose first batch differs from the first pass's is
+    refused in one line; with the refit (which reads the data again) before the statistics pass; an unshuffled
+    loader merges as before."""
+    from torch.utils.data import DataLoader, Dataset
+
+    import hf_mudsc.calibrate.statistics as statistics_module
+
+    pixels = make_batches("vit_cls", num_batches=1, batch_size=32)[0]["pixel_values"]
+
+    class Images(Dataset):
+        def __len__(self) -> int:
+            return len(pixels)
+
+        def __getitem__(self, index: int) -> dict:
+            return {"pixel_values": pixels[index]}
+
+    parents = [make_model("vit_cls", seed) for seed in (1, 2)]
+    torch.manual_seed(0)
+    passes = []
+    collect = statistics_module.collect_statistics
+
+    def counted(*args, **kwargs):
+        passes.append(1)
+        return collect(*args, **kwargs)
+
+    message = (r"^the calibration data gives other examples or another order each time it is read \(its first batch "
+               r"differs between two reads: a DataLoader with shuffle=True\?\); the merge reads it more than once and "
+               r"pairs the examples by position: pass shuffle=False, a list of batches or a datasets\.Dataset$")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(statistics_module, "collect_statistics", counted)
+        with pytest.raises(CalibrationError, match=message):
+            hf_mudsc.merge(parents, DataLoader(Images(), batch_size=8, shuffle=True), method="zipit", refit="ridge",
+                           progress=False)
+        assert passes == []  # refused before the statistics pass
+        with pytest.raises(CalibrationError, match=message):  # read again by regmean's own passes
+            hf_mudsc.merge(parents, DataLoader(Images(), batch_size=8, shuffle=True), method="regmean",
+                           refit="none", progress=False)
+    once = hf_mudsc.merge(parents, DataLoader(Images(), batch_size=8, shuffle=True), method="zipit", refit="none",
+                          progress=False)  # read once: any order gives the same statistics
+    ordered = hf_mudsc.merge(parents, DataLoader(Images(), batch_size=8), method="zipit", refit="none",
+                             progress=False)
+    assert all(torch.allclose(once.state_dict()[k], v, atol=1e-5) for k, v in ordered.state_dict().items())
+    hf_mudsc.merge(parents, DataLoader(Images(), batch_size=8), method="zipit", refit="ridge", progress=False)

@@ -123,6 +123,20 @@ def test_parents_without_a_processor_give_a_folder_without_one(tmp_path):
     assert Recipe.load(out / RECIPE_FILENAME).method == "weight_matching"
 
 
+def test_a_merged_model_moved_to_the_meta_device_is_refused_in_one_line(tmp_path):
+    """QA s24: `merged.to("meta")` then save_merged ended in safetensors' `NotImplementedError: Cannot copy out of meta
+    tensor; no data!` traceback (the finite-weights check skipped meta tensors)."""
+    from hf_mudsc.errors import MergeInputError
+
+    merged = hf_mudsc.merge([make_model("vit_cls", 1), make_model("vit_cls", 2)], method="average", progress=False)
+    merged.to("meta")
+    with pytest.raises(MergeInputError, match=r"^refusing to write the merged model: \d+ tensors are on the meta "
+                                              r"device \('[\w.]+', .*\), which holds no values; write the model "
+                                              r"merge\(\) returned, before moving it to 'meta'$"):
+        hf_mudsc.save_merged(merged, tmp_path / "x")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_model_not_returned_by_merge_is_refused_before_writing(tmp_path):
     with pytest.raises(ValueError, match="carries no merge recipe"):
         hf_mudsc.save_merged(make_model("vit_cls", 1), tmp_path / "x")

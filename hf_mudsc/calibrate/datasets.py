@@ -631,6 +631,73 @@ class CalibrationStream:
         return f"CalibrationStream({self.source!r}, columns={columns}, {how}, rows={self.num_rows})"
 
 
+RESHUFFLED = ("the calibration data gives other examples or another order each time it is read (its first batch "
+              "differs between two reads: a DataLoader with shuffle=True?); the merge reads it more than once and "
+              "pairs the examples by position: pass shuffle=False, a list of batches or a datasets.Dataset")
+
+
+class SamePasses:
+    """A re-iterable of batches the merge reads more than once (a `DataLoader`, a user's iterable), checked to give
+    the same batches every time: the refit pairs one pass's parent outputs with another's inputs by position, so a
+    loader that reshuffles each epoch silently collapsed the merge. Each pass's first batch is compared with the
+    first pass's (a 16-byte digest of its tensors); a difference is one line (`RESHUFFLED`)."""
+
+    def __init__(self, data: Iterable[Any]) -> None:
+        self.data = data
+        self.first: bytes | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        for index, batch in enumerate(self.data):
+            if index == 0:
+                self._check(batch_digest(batch))
+            yield batch
+
+    def check_now(self) -> None:
+        """Read the first batch of two passes now (before any work): a reshuffling loader is refused up front."""
+        for _ in range(2):
+            for batch in self.data:
+                self._check(batch_digest(batch))
+                break
+
+    def _check(self, digest: bytes) -> None:
+        if self.first is None:
+            self.first = digest
+        elif digest != self.first:
+            raise CalibrationError(RESHUFFLED)
+
+
+def same_passes(calibration: Any) -> Any:
+    """`calibration` as `SamePasses` when it is a re-iterable whose passes are not known to repeat (not a list,
+    tuple, `CalibrationStream` or `datasets` object, nor a one-shot iterator, which is read once); else as is."""
+    import datasets
+
+    if (calibration is None or isinstance(calibration, (list, tuple, Iterator, CalibrationStream, SamePasses,
+                                                         datasets.Dataset, datasets.IterableDataset, Mapping))
+            or not isinstance(calibration, Iterable)):
+        return calibration
+    return SamePasses(calibration)
+
+
+def batch_digest(batch: Any) -> bytes:
+    """A 16-byte BLAKE2 digest of a batch's tensors and arrays (names, dtypes, shapes, bytes; other values by repr)."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.blake2b(digest_size=16)
+    items = sorted(batch.items(), key=lambda item: str(item[0])) if isinstance(batch, Mapping) else [("", batch)]
+    for name, value in items:
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().contiguous()
+            digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+            digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, np.ndarray):
+            digest.update(f"{name}:{value.dtype}:{value.shape}".encode() + np.ascontiguousarray(value).tobytes())
+        else:
+            digest.update(f"{name}:{value!r}".encode())
+    return digest.digest()
+
+
 def decoded_safely(chunks: Iterable[Any], source: str, error: type[ValueError] = CalibrationError) -> Iterator[Any]:
     """`chunks`, with Pillow's refusal of an image too large to decode (a decompression bomb: a few hundred kB of
     PNG, gigabytes of pixels) turned into one `error` line naming the dataset."""

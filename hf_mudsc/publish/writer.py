@@ -45,15 +45,23 @@ def recipe_of(merged: Any) -> Recipe:
 
 
 def refuse_non_finite_weights(merged: Any) -> None:
-    """Never write NaN/inf weights. `hf_mudsc.merge` refuses those it produces (`pipeline.refuse_non_finite`), but a
-    model changed since (cast to float16 past its range 65504, edited) reaches the writer as it stands."""
+    """Never write NaN/inf weights, nor tensors without values (the meta device). `hf_mudsc.merge` refuses those it
+    produces (`pipeline.refuse_non_finite`), but a model changed since (cast to float16 past its range 65504, edited,
+    moved to 'meta') reaches the writer as it stands."""
     import torch
 
-    bad = [name for name, tensor in merged.state_dict().items()
-           if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor).all()]
+    from hf_mudsc.errors import MergeInputError
+
+    state = merged.state_dict()
+    empty = [name for name, tensor in state.items() if tensor.is_meta]
+    if empty:
+        names = ", ".join(repr(name) for name in empty[:3]) + (", ..." if len(empty) > 3 else "")
+        raise MergeInputError(f"refusing to write the merged model: {len(empty)} tensors are on the meta device "
+                              f"({names}), which holds no values; write the model merge() returned, before moving it "
+                              "to 'meta'")
+    bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
     if not bad:
         return
-    from hf_mudsc.errors import MergeInputError
 
     dtype = getattr(merged, "dtype", None)
     half = dtype in (torch.float16, torch.bfloat16)
