@@ -404,6 +404,7 @@ def merge(
         run_device = resolve_device(device)
     except ValueError as error:
         raise MergeInputError(str(error)) from None
+    from hf_mudsc.calibrate.dataset_spec import spec_text
     from hf_mudsc.calibrate.datasets import (
         SamePasses,
         dataset_folders,
@@ -445,7 +446,7 @@ def merge(
         # A Hub dataset is pinned to its commit (the recipe records it) and read at that commit; a spec that
         # does not exist fails here, before any parent weights are downloaded.
         # Read as given (messages echo what was typed, `./data`), recorded with a local path made absolute.
-        pinned = pin_calibration_revision(os.fspath(calibration), token=token)
+        pinned = pin_calibration_revision(spec_text(calibration), token=token)
         calibration_spec = pinned_calibration(pinned)
         calibration = load_calibration_dataset(pinned, token=token)
     # A tensor-wise method reads each parent's tensor only while merging it: parents after the first and the base

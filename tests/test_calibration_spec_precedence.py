@@ -5,6 +5,8 @@ CLI and a dry run alike, before any weights are loaded; `name@revision` is the H
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import datasets
 import pytest
 from test_cli import save_parents_and_data
@@ -47,6 +49,18 @@ def test_a_bare_name_that_is_also_a_folder_here_is_refused_naming_both_spellings
     # datasets reads its packaged builders by name before any folder: not ambiguous
     (tmp_path / "imagefolder").mkdir()
     assert DatasetSpec.parse("imagefolder:train") == DatasetSpec(path="imagefolder", split="train")
+
+
+def test_a_path_object_is_local_data_never_a_hub_name(workdir, tmp_path):
+    """QA s24: `merge(..., pathlib.Path("./mnist"))` was refused as ambiguous with advice to write './mnist', which a
+    Path cannot keep (it normalises to 'mnist'). A Path is never a Hub id: it names the folder."""
+    a, b = workdir
+    assert DatasetSpec.parse(Path("./mnist")) == DatasetSpec(path="./mnist")
+    assert DatasetSpec.parse(Path("mnist")) == DatasetSpec(path="./mnist")
+    assert DatasetSpec.parse(tmp_path / "mnist") == DatasetSpec(path=str(tmp_path / "mnist"))
+    merged = hf_mudsc.merge([str(a), str(b)], Path("./mnist"), method="zipit", refit="none", num_samples=8,
+                            progress=False)
+    assert merged.config.mudsc["num_calibration_samples"] == 8
 
 
 def test_the_api_the_cli_and_a_dry_run_refuse_it_alike_before_weights(workdir, tmp_path, monkeypatch, capsys):

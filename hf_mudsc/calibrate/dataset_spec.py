@@ -47,6 +47,8 @@ class DatasetSpec:
         text = os.fspath(dataset_spec).strip()
         if not text:
             raise error(f"empty {kind} spec; {SPEC_FORMS}")
+        if not isinstance(dataset_spec, str):  # a Path names local data, never a Hub id
+            return cls(path=spec_text(dataset_spec))
         if os.path.exists(text):
             refuse_ambiguous(text, text, kind=kind, error=error)
             return cls(path=text)
@@ -93,6 +95,15 @@ def looks_like_local_path(path: str) -> bool:
             or (len(path) > 2 and path[1] == ":" and path[2] in "\\/")
             or os.path.splitext(path)[1].lower() in FILE_BUILDERS)
 
+
+
+def spec_text(value: str | os.PathLike) -> str:
+    """A spec as text: a string as given; a `Path` (always local data) spelled so that no parse takes it for a Hub
+    name (`Path("./calib")` is `calib`, which `refuse_ambiguous` would refuse): `./calib`."""
+    text = os.fspath(value)
+    if isinstance(value, str) or looks_like_local_path(text):
+        return text
+    return os.path.join(".", text)
 
 
 def missing_local_data(dataset_spec: str | os.PathLike) -> str | None:
