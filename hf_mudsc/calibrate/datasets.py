@@ -636,6 +636,10 @@ RESHUFFLED = ("the calibration data gives other examples or another order each t
               "pairs the examples by position: pass shuffle=False, a list of batches or a datasets.Dataset")
 
 
+READ_ONCE = ("the calibration data gave no batches when read a second time (an iterable that can be read once); the "
+             "merge reads it more than once: pass a list of batches or a datasets.Dataset")
+
+
 class SamePasses:
     """A re-iterable of batches the merge reads more than once (a `DataLoader`, a user's iterable), checked to give
     the same batches every time: the refit pairs one pass's parent outputs with another's inputs by position, so a
@@ -653,11 +657,15 @@ class SamePasses:
             yield batch
 
     def check_now(self) -> None:
-        """Read the first batch of two passes now (before any work): a reshuffling loader is refused up front."""
-        for _ in range(2):
+        """Read the first batch of two passes now (before any work): a reshuffling loader is refused up front, and
+        so is an iterable whose second read gives nothing (it can be read once)."""
+        for read in range(2):
             for batch in self.data:
                 self._check(batch_digest(batch))
                 break
+            else:
+                if read == 1 and self.first is not None:
+                    raise CalibrationError(READ_ONCE)
 
     def _check(self, digest: bytes) -> None:
         if self.first is None:
