@@ -45,7 +45,7 @@ from hf_mudsc.diagnostics import (
 from hf_mudsc.errors import MergeInputError, OptionError
 from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_finite, check_parents
 from hf_mudsc.load.lazy import subset
-from hf_mudsc.load.objects import held_as_given, model_objects
+from hf_mudsc.load.objects import claimed_for_merge, held_as_given, model_objects
 from hf_mudsc.load.processors import image_processor_differences, processor_note, tokenizer_differences
 from hf_mudsc.load.references import (
     display_name,
@@ -191,13 +191,20 @@ def solve_spec(spec: PermutationSpec, concatenate_classifier: bool, *, reference
 def _holding_given_objects(merge_function: Callable[..., Any]) -> Callable[..., Any]:
     """`merge` with the parents and the base given as model objects held as the merge needs them while it runs
     (eval mode, the caller's hooks set aside) and given back exactly as they were, also when it fails midway
-    (`hf_mudsc.load.objects.held_as_given`)."""
+    (`hf_mudsc.load.objects.held_as_given`); refused up front when another merge in this process holds one of them
+    (`claimed_for_merge`). Run outside `torch.inference_mode()`: under it the merged model's parameters would be
+    inference tensors, which cannot be trained (the weights are the same either way)."""
 
     @functools.wraps(merge_function)
     def held(*args: Any, **kwargs: Any) -> Any:
         models = args[0] if args else kwargs.get("models")
         given = list(models) if isinstance(models, Sequence) and not isinstance(models, (str, os.PathLike)) else []
-        with held_as_given(model_objects([*given, kwargs.get("base")])):
+        named = [(f"parent {parent_label(index)}", model) for index, item in enumerate(given)
+                 for model in model_objects([item])]
+        named += [("the base", model) for model in model_objects([kwargs.get("base")])]
+        grad = torch.is_grad_enabled()  # the caller's (off under inference mode, as under no_grad): kept inside
+        with (claimed_for_merge(named), torch.inference_mode(False), torch.set_grad_enabled(grad),
+              held_as_given([model for _, model in named])):
             return merge_function(*args, **kwargs)
 
     return held
