@@ -56,6 +56,7 @@ from hf_mudsc.load.references import (
 )
 from hf_mudsc.load.relation import ParentRelation, base_relations, check_parents_mergeable, parent_label
 from hf_mudsc.methods.auto import (
+    CHOICES,
     alpha_searched,
     check_record,
     choose_method,
@@ -545,8 +546,7 @@ def merge(
         refitting = refit_value in REFITTING
         needs_data = _reads_data(merge_method, refitting)
     if (merge_method.needs_data and isinstance(calibration, Iterator)):
-        raise MergeInputError(f"method {merge_method.name!r} reads the calibration data more than once, so it cannot "
-                              "be a one-shot iterator; pass a list of batches or a datasets.Dataset")
+        raise MergeInputError(_one_shot_refusal(merge_method, choice_reason, relation.relation))
     # Options as the method reads them: `weights` one per parent (1 each when not given).
     # `alpha="auto"` hands the method 0.5 until the search below sets each candidate.
     method_options = handed_options(merge_options, count)
@@ -903,6 +903,20 @@ def _check_data(method: MergeMethod, calibration: Any, count: int, chosen: str |
         f"pass calibration, or merge without data: method={' / '.join(map(repr, alternatives[:3])) or 'auto'} "
         "(CLI: --method)"
     )
+
+
+def _one_shot_refusal(method: MergeMethod, chosen: str | None, relation: str) -> str:
+    """Why a one-shot iterator cannot feed `method` and what to pass instead; when `auto` chose the method (`chosen`
+    is its reason), the line says so and offers the methods auto takes for these parents without data."""
+    refusal = ("reads the calibration data more than once, so it cannot be a one-shot iterator; pass re-readable "
+               "data (a list of batches or a datasets.Dataset)")
+    if not chosen:
+        return f"method {method.name!r} {refusal}"
+    dataless = [name for name in CHOICES.get((relation, True), ()) if name in METHODS
+                and not (METHODS[name].needs_calibration or METHODS[name].needs_data)]
+    offered = " / ".join(f"{name!r}" + (" (with base)" if METHODS[name].needs_base_model else "") for name in dataless)
+    return (f"method 'auto' chose {method.name!r} ({chosen}), which {refusal}"
+            + (f", or merge without data: method={offered} (CLI: --method)" if offered else ""))
 
 
 def _warn_unused(options: MergeOptions, used: Mapping[str, Any], method: MergeMethod, calibration: Any, count: int,
