@@ -131,6 +131,13 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
+def _is_bool(value: Any) -> bool:
+    """Python's bool or numpy's scalar one (`np.bool_`, named `bool` in numpy 2): numpy ints and floats are taken as
+    numbers, so a notebook's `np.bool_(True)` is a bool too. Read by its type's module, so numpy is not imported."""
+    kind = type(value)
+    return isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool"))
+
+
 # ---------------------------------------------------------------------------------------------------- declaration
 
 
@@ -807,10 +814,13 @@ class MergeOptions:
                 raise OptionError(f"`{name}` cannot be null")
             if kind == "str" and isinstance(value, os.PathLike):
                 return os.fspath(value)
-            expected = str if kind == "str" else bool
-            if not isinstance(value, expected):
-                raise OptionError(f"`{name}` must be {expected.__name__}, got {shown(value)} ({type(value).__name__})")
-            if kind == "str" and looks_like_token(value):  # it would name a folder, a card, a log line, a job record
+            if kind == "bool":
+                if not _is_bool(value):
+                    raise OptionError(f"`{name}` must be bool, got {shown(value)} ({type(value).__name__})")
+                return bool(value)
+            if not isinstance(value, str):
+                raise OptionError(f"`{name}` must be str, got {shown(value)} ({type(value).__name__})")
+            if looks_like_token(value):  # it would name a folder, a card, a log line, a job record
                 raise OptionError(f"{name} (CLI: {flag(name)} {meta['metavar']}) looks like a Hugging Face access "
                                   f"token (not shown); {TOKEN_FIX}")
             return value

@@ -45,7 +45,7 @@ from hf_mudsc.diagnostics import (
 from hf_mudsc.errors import MergeInputError, OptionError
 from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_finite, check_parents
 from hf_mudsc.load.lazy import subset
-from hf_mudsc.load.objects import held_as_given, model_objects
+from hf_mudsc.load.objects import claimed_for_merge, held_as_given, model_objects
 from hf_mudsc.load.processors import image_processor_differences, processor_note, tokenizer_differences
 from hf_mudsc.load.references import (
     display_name,
@@ -56,6 +56,7 @@ from hf_mudsc.load.references import (
 )
 from hf_mudsc.load.relation import ParentRelation, base_relations, check_parents_mergeable, parent_label
 from hf_mudsc.methods.auto import (
+    CHOICES,
     alpha_searched,
     check_record,
     choose_method,
@@ -191,13 +192,20 @@ def solve_spec(spec: PermutationSpec, concatenate_classifier: bool, *, reference
 def _holding_given_objects(merge_function: Callable[..., Any]) -> Callable[..., Any]:
     """`merge` with the parents and the base given as model objects held as the merge needs them while it runs
     (eval mode, the caller's hooks set aside) and given back exactly as they were, also when it fails midway
-    (`hf_mudsc.load.objects.held_as_given`)."""
+    (`hf_mudsc.load.objects.held_as_given`); refused up front when another merge in this process holds one of them
+    (`claimed_for_merge`). Run outside `torch.inference_mode()`: under it the merged model's parameters would be
+    inference tensors, which cannot be trained (the weights are the same either way)."""
 
     @functools.wraps(merge_function)
     def held(*args: Any, **kwargs: Any) -> Any:
         models = args[0] if args else kwargs.get("models")
         given = list(models) if isinstance(models, Sequence) and not isinstance(models, (str, os.PathLike)) else []
-        with held_as_given(model_objects([*given, kwargs.get("base")])):
+        named = [(f"parent {parent_label(index)}", model) for index, item in enumerate(given)
+                 for model in model_objects([item])]
+        named += [("the base", model) for model in model_objects([kwargs.get("base")])]
+        grad = torch.is_grad_enabled()  # the caller's (off under inference mode, as under no_grad): kept inside
+        with (claimed_for_merge(named), torch.inference_mode(False), torch.set_grad_enabled(grad),
+              held_as_given([model for _, model in named])):
             return merge_function(*args, **kwargs)
 
     return held
@@ -542,8 +550,7 @@ def merge(
         refitting = refit_value in REFITTING
         needs_data = _reads_data(merge_method, refitting)
     if (merge_method.needs_data and isinstance(calibration, Iterator)):
-        raise MergeInputError(f"method {merge_method.name!r} reads the calibration data more than once, so it cannot "
-                              "be a one-shot iterator; pass a list of batches or a datasets.Dataset")
+        raise MergeInputError(_one_shot_refusal(merge_method, choice_reason, relation.relation))
     # Options as the method reads them: `weights` one per parent (1 each when not given).
     # `alpha="auto"` hands the method 0.5 until the search below sets each candidate.
     method_options = handed_options(merge_options, count)
@@ -907,6 +914,20 @@ def _check_data(method: MergeMethod, calibration: Any, count: int, chosen: str |
         f"pass calibration, or merge without data: method={' / '.join(map(repr, alternatives[:3])) or 'auto'} "
         "(CLI: --method)"
     )
+
+
+def _one_shot_refusal(method: MergeMethod, chosen: str | None, relation: str) -> str:
+    """Why a one-shot iterator cannot feed `method` and what to pass instead; when `auto` chose the method (`chosen`
+    is its reason), the line says so and offers the methods auto takes for these parents without data."""
+    refusal = ("reads the calibration data more than once, so it cannot be a one-shot iterator; pass re-readable "
+               "data (a list of batches or a datasets.Dataset)")
+    if not chosen:
+        return f"method {method.name!r} {refusal}"
+    dataless = [name for name in CHOICES.get((relation, True), ()) if name in METHODS
+                and not (METHODS[name].needs_calibration or METHODS[name].needs_data)]
+    offered = " / ".join(f"{name!r}" + (" (with base)" if METHODS[name].needs_base_model else "") for name in dataless)
+    return (f"method 'auto' chose {method.name!r} ({chosen}), which {refusal}"
+            + (f", or merge without data: method={offered} (CLI: --method)" if offered else ""))
 
 
 def _warn_unused(options: MergeOptions, used: Mapping[str, Any], method: MergeMethod, calibration: Any, count: int,

@@ -222,9 +222,27 @@ def test_a_one_shot_iterator_is_refused_before_the_check_reads_it(monkeypatch):
     monkeypatch.setattr(distributed, "collect_statistics_distributed", collect)
     model_a, model_b = _moved_mlp_pair()
     batches = make_batches("vit_cls", num_batches=4)
-    with pytest.raises(MergeInputError, match=r"^method 'regmean' reads the calibration data more than once, so it "
-                                              r"cannot be a one-shot iterator; pass a list of batches"):
+    with pytest.raises(MergeInputError) as refused:
         hf_mudsc.merge([model_a, model_b], iter(batches), progress=False)
+    text = str(refused.value)
+    assert text.startswith("method 'auto' chose 'regmean' (parents share a base, so the identity correspondence "
+                           "holds"), text  # the choice and why: the user did not name regmean
+    assert text.endswith("), which reads the calibration data more than once, so it cannot be a one-shot iterator; "
+                         "pass re-readable data (a list of batches or a datasets.Dataset), or merge without data: "
+                         "method='ties' (with base) / 'linear' (CLI: --method)"), text
+    assert "\n" not in text
+
+
+def test_a_one_shot_iterator_for_a_named_data_method_is_refused_naming_it():
+    """A method the caller named is refused as that method, with the data it takes."""
+    from hf_mudsc.errors import MergeInputError
+
+    batches = make_batches("vit_cls", num_batches=2)
+    with pytest.raises(MergeInputError, match=r"^method 'regmean' reads the calibration data more than once, so it "
+                                              r"cannot be a one-shot iterator; pass re-readable data \(a list of "
+                                              r"batches or a datasets.Dataset\)$"):
+        hf_mudsc.merge([make_model("vit_cls", 0), make_model("vit_cls", 1)], iter(batches), method="regmean",
+                       progress=False)
 
 
 def test_a_check_the_unit_matching_cannot_run_is_said(caplog):

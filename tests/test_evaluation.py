@@ -725,6 +725,27 @@ def test_joint_probabilities_reads_the_ranges_in_label_order_and_refuses_a_misma
         hf_mudsc.joint_probabilities(logits, {"a": [0, 2], "b": [3, 5]})
 
 
+def test_joint_probabilities_reads_a_config_json_dict_and_refuses_other_mappings_in_one_line(tmp_path):
+    """A config read with json.load (what config.json holds) failed with "'float' object is not iterable": it is read
+    as the config it is; a mapping that is neither a config nor task ranges is refused naming what it takes."""
+    logits = torch.tensor([[1.0, 2.0, 0.0, 0.0, 3.0], [0.5, -1.0, 2.0, 1.0, 0.0]])
+    config = TableConfig(id2label=dict(enumerate("abcde")), task_label_ranges={"zeta": [0, 2], "beta": [2, 5]})
+    config.save_pretrained(tmp_path)
+    as_json = json.loads((tmp_path / "config.json").read_text())
+    assert torch.equal(hf_mudsc.joint_probabilities(logits, as_json), hf_mudsc.joint_probabilities(logits, config))
+    plain = TableConfig()
+    plain.save_pretrained(tmp_path / "plain")
+    plain_json = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert torch.equal(hf_mudsc.joint_probabilities(logits, plain_json), logits.softmax(-1))
+    with pytest.raises(EvaluationError) as refused:
+        hf_mudsc.joint_probabilities(logits, {"alpha": 0.5, "task_a": [0, 2]})
+    assert str(refused.value) == (
+        "joint_probabilities takes the merged model's config (model.config, or its config.json as a dict) or its "
+        "task_label_ranges (task -> [first id, end id)); got a mapping with 'alpha': 0.5")
+    with pytest.raises(ValueError, match=r"^config.task_label_ranges must map each task"):
+        hf_mudsc.joint_probabilities(logits, {**as_json, "task_label_ranges": {"a": 1.0}})
+
+
 def test_the_raw_joint_rule_scores_merged_head_and_ensemble_by_their_raw_logits(table_models):
     _, parent_a, parent_b = table_models
     labels = ["alpha: a0", "alpha: a1", "beta: b0", "beta: b1", "beta: b2"]

@@ -6,6 +6,7 @@ merged model a stock one (no parent's hook, trainable)."""
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -247,3 +248,78 @@ def test_the_merged_model_does_not_inherit_gradient_checkpointing(batches):
         return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
 
     assert checkpointing(a) and not checkpointing(merged)
+
+
+class MergingMeanwhile:
+    """Calibration batches that, before the first one is read (the outer merge holds its parents and has its hooks
+    on them), run `merge(models, ...)` in another thread to its end: two merges at once, deterministically."""
+
+    def __init__(self, batches: list[dict], models: list, **kwargs) -> None:
+        self.batches, self.models, self.kwargs = batches, models, kwargs
+        self.result: object = None
+
+    def __iter__(self):
+        if self.result is None:
+            def run() -> None:
+                try:
+                    self.result = hf_mudsc.merge(self.models, self.batches, progress=False, **self.kwargs)
+                except Exception as error:  # noqa: BLE001 - the test reads what the other merge raised
+                    self.result = error
+            thread = threading.Thread(target=run)
+            thread.start()
+            thread.join()
+        yield from self.batches
+
+
+@pytest.mark.parametrize("shared", ["parent A", "parent B", "the base"])
+def test_a_parent_another_merge_is_using_is_refused_in_one_line_naming_it(batches, shared):
+    """Two threads merging the same parent objects at once both failed inside the calibration (each ran the
+    other's hooks): the second is refused before any work, naming the object, and the first merges as alone."""
+    base = make_model("vit_cls", 0)
+    a, b = fine_tune(base, 1, 0.02, relative=True), fine_tune(base, 2, 0.02, relative=True)
+    own = {"parent A": a, "parent B": b, "the base": base}
+    others = [copy.deepcopy(a), copy.deepcopy(b)]
+    other_base = copy.deepcopy(base)
+    if shared == "the base":
+        other_base = base
+    else:
+        others[shared == "parent B"] = own[shared]
+    data = MergingMeanwhile(batches, others, method="ties", base=other_base)
+    merged = hf_mudsc.merge([a, b], data, method="regmean", base=base, refit="none", progress=False)
+    assert isinstance(data.result, MergeInputError)
+    assert str(data.result) == (f"{shared} is in use by another merge running in this process; merge one at a "
+                                "time, or pass a copy (copy.deepcopy)")
+    alone = hf_mudsc.merge([a, b], batches, method="regmean", base=base, refit="none", progress=False)
+    assert same_weights(merged, alone)
+    # Released when the merge ends: the same objects merge again (as just done) and from another thread too.
+    again = MergingMeanwhile(batches, [a, b], method="ties", base=base)
+    list(again)
+    assert isinstance(again.result, torch.nn.Module)
+
+
+def test_distinct_parent_objects_merge_in_parallel(batches):
+    """Only the same objects are refused: copies merge while another merge runs, with the weights of merging alone."""
+    a, b = make_model("vit_cls", 0), make_model("vit_cls", 1)
+    copies = [copy.deepcopy(a), copy.deepcopy(b)]
+    data = MergingMeanwhile(batches, copies, method="mudsc", refit="none")
+    merged = hf_mudsc.merge([a, b], data, method="mudsc", refit="none", progress=False)
+    assert isinstance(data.result, torch.nn.Module)
+    assert same_weights(data.result, merged)
+
+
+def test_merging_under_inference_mode_gives_a_trainable_model_with_the_no_grad_weights(batches):
+    """Under `torch.inference_mode()` the merged parameters were inference tensors (backward failed); now the
+    merge runs outside it: bit-equal to the merge under `torch.no_grad()`, every parameter trainable."""
+    with torch.inference_mode():
+        a, b = make_model("vit_cls", 0), make_model("vit_cls", 1)  # parents made there too (inference tensors)
+        merged = hf_mudsc.merge([a, b], batches, method="mudsc", refit="none", progress=False)
+        assert torch.is_inference_mode_enabled() and not torch.is_grad_enabled()  # the caller's modes restored
+    with torch.no_grad():
+        expected = hf_mudsc.merge([make_model("vit_cls", 0), make_model("vit_cls", 1)], batches, method="mudsc",
+                                  refit="none", progress=False)
+    assert same_weights(merged, expected)
+    assert not any(parameter.is_inference() for parameter in merged.parameters())
+    assert all(parameter.requires_grad for parameter in merged.parameters())
+    merged.train()
+    merged(**batches[0]).logits.logsumexp(-1).mean().backward()
+    assert all(parameter.grad is not None for parameter in merged.parameters())

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from factories import recipe_refusal
 
 import hf_mudsc
 from hf_mudsc.cli.main import main
+from hf_mudsc.errors import OptionError
+from hf_mudsc.options import MergeOptions
 from hf_mudsc.publish.recipe import Recipe
 
 # (option, bad value, fragment of the message)
@@ -88,3 +91,24 @@ def test_the_calibration_help_names_the_methods_that_read_data(capsys):
     named = {name for name in METHODS if f" {name}," in calibration_help or f" {name};" in calibration_help
              or f" {name}." in calibration_help or f" {name} " in calibration_help}
     assert reading and named == reading, (sorted(named), sorted(reading))
+
+
+BOOL_OPTIONS = [field.name for field in MergeOptions.option_fields() if field.metadata["kind"] == "bool"]
+
+
+@pytest.mark.parametrize("name", BOOL_OPTIONS)
+def test_every_bool_option_takes_a_numpy_bool_as_a_python_bool(name):
+    """`independent_heads=np.bool_(True)` was refused as "must be bool, got np.True_ (bool)" while numpy ints and
+    floats were taken: a numpy bool is a bool (recorded as Python's, so the config and recipe stay JSON)."""
+    for value in (np.bool_(True), np.bool_(False)):
+        checked = MergeOptions.check_type(name, value)
+        assert type(checked) is bool and checked is bool(value)
+    with pytest.raises(OptionError, match=rf"^`{name}` must be bool, got (np\.int64\()?1\)? \(int64\)$"):
+        MergeOptions.check_type(name, np.int64(1))  # a number is still not a bool
+    with pytest.raises(OptionError, match=rf"^`{name}` must be bool, got array"):
+        MergeOptions.check_type(name, np.array([True]))
+
+
+def test_merge_keywords_take_a_numpy_bool():
+    options = MergeOptions.from_keywords(independent_heads=np.bool_(True), reference_compat=np.False_)
+    assert options.independent_heads is True and options.reference_compat is False

@@ -13,23 +13,47 @@ The rule itself (`apply.classifier.per_task_softmax`) lives with the head layout
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import numbers
+from collections.abc import Mapping, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from hf_mudsc.apply.classifier import per_task_softmax, task_ranges
+from hf_mudsc.errors import EvaluationError, shown
 
 
 def joint_probabilities(logits: torch.Tensor, config: Any) -> torch.Tensor:
     """Per-task probabilities of a merged model's `logits`, concatenated in label order (module docstring).
 
-    `config`: the merged model's config (or a mapping task -> [first id, end id), its `task_label_ranges`).
+    `config`: the merged model's config, its `config.json` read as a dict, or a mapping task -> [first id, end id)
+    (its `task_label_ranges`).
     `joint_probabilities(out.logits, model.config).argmax(-1)` is the label id the evaluation's joint accuracy
     scores; `id2label` names it (`"task: label"`). A model without task ranges gets a plain softmax.
 
     Returns:
         A tensor of `logits`' shape: each task's slice softmaxed on its own (each slice sums to 1).
     """
-    ranges = config if isinstance(config, Mapping) else task_ranges(config)
-    return per_task_softmax(logits, [tuple(bounds) for bounds in ranges.values()])
+    if not isinstance(config, Mapping):
+        return per_task_softmax(logits, list(task_ranges(config).values()))
+    if any(key in config for key in CONFIG_KEYS):  # config.json as a dict (json.load): read as the config it is
+        view = SimpleNamespace(task_label_ranges=config.get("task_label_ranges"), id2label=config.get("id2label"))
+        return per_task_softmax(logits, list(task_ranges(view).values()))
+    for task, bounds in config.items():
+        if not _is_range(bounds):
+            raise EvaluationError(
+                "joint_probabilities takes the merged model's config (model.config, or its config.json as a dict) "
+                "or its task_label_ranges (task -> [first id, end id)); got a mapping with "
+                f"{shown(task)}: {shown(bounds)}")
+    return per_task_softmax(logits, [tuple(bounds) for bounds in config.values()])
+
+
+# Keys every config.json the merge writes holds (a task-ranges mapping has task names as keys).
+CONFIG_KEYS = ("task_label_ranges", "model_type", "id2label")
+
+
+def _is_range(bounds: Any) -> bool:
+    """`[first id, end id)` as two whole numbers (a list from JSON, or a tuple)."""
+    return (isinstance(bounds, Sequence) and not isinstance(bounds, (str, bytes)) and len(bounds) == 2
+            and all(isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in bounds))

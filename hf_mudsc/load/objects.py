@@ -16,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_mudsc.errors import MergeInputError
 from hf_mudsc.load.references import looks_like_path
 from hf_mudsc.load.weight_files import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
 
@@ -43,6 +45,36 @@ def model_objects(given: Iterable[Any]) -> list[nn.Module]:
         if isinstance(model, nn.Module):
             found.append(model)
     return found
+
+
+# The modules (by id) of the model objects a merge running in this process is using: a merge sets their mode and
+# puts its hooks on them, so a second merge of the same objects at once would read the first one's hooks.
+_CLAIM_LOCK = threading.Lock()
+_CLAIMED: set[int] = set()
+
+
+@contextlib.contextmanager
+def claimed_for_merge(named: Sequence[tuple[str, nn.Module]]) -> Iterator[None]:
+    """Every module of the `(name, model)` pairs claimed for one merge inside the block, released on leaving it.
+    A model another merge in this process holds (two threads merging the same parents) is refused in one line
+    naming it, before any work: the merges would run each other's hooks and modes. Distinct objects merge in
+    parallel; one object given twice to one merge is fine (ids are claimed per call)."""
+    ids: dict[int, str] = {}
+    for name, model in named:
+        for module in model.modules():
+            ids.setdefault(id(module), name)
+    with _CLAIM_LOCK:
+        busy = next((name for key, name in ids.items() if key in _CLAIMED), None)
+        if busy is None:
+            _CLAIMED.update(ids)
+    if busy is not None:
+        raise MergeInputError(f"{busy} is in use by another merge running in this process; merge one at a time, "
+                              "or pass a copy (copy.deepcopy)")
+    try:
+        yield
+    finally:
+        with _CLAIM_LOCK:
+            _CLAIMED.difference_update(ids)
 
 
 @contextlib.contextmanager
