@@ -24,6 +24,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow  # trains the toy pair and merges 512 images: a quality check at benchmark size
 def test_mudsc_beats_weight_averaging_across_different_initializations(digit_pair_cache, record_property):
     pair = toy.trained_digit_pair(range(5), range(5, 10), seeds=(0, 1), hidden_size=64, cache_dir=digit_pair_cache)
     pair.model_a.config._name_or_path = "digits-0-4"

@@ -803,6 +803,7 @@ def test_recipe_with_a_bad_refit_is_refused(tmp_path):
 # ------------------------------------------------------------------------ improvement on a different-init pair
 
 
+@pytest.mark.slow  # trains the toy pair and merges 512 images: a quality check at benchmark size
 def test_refit_lifts_a_different_init_merge_of_the_toy_digit_vits(digit_pair_cache):
     from hf_mudsc.evaluate.harness import evaluate_merge
     from hf_mudsc.testing import toy

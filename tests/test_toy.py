@@ -160,6 +160,7 @@ def pair_and_cache(tmp_path_factory: pytest.TempPathFactory) -> tuple[toy.DigitP
     return pair, cache, time.perf_counter() - start
 
 
+@pytest.mark.slow  # the three tests of the trained pair share its 25-epoch training
 def test_trained_pair_reaches_accuracy(pair_and_cache: tuple, record_property) -> None:
     pair, _, seconds = pair_and_cache
     acc_a = toy.accuracy(pair.model_a, pair.splits.task_a.test_pixel_values, pair.splits.task_a.test_labels)
@@ -176,6 +177,7 @@ def test_trained_pair_reaches_accuracy(pair_and_cache: tuple, record_property) -
     assert not pair.model_a.training and not pair.model_b.training
 
 
+@pytest.mark.slow
 def test_trained_pair_models_differ(pair_and_cache: tuple) -> None:
     pair, _, _ = pair_and_cache
     a, b = pair.model_a.state_dict(), pair.model_b.state_dict()
@@ -184,6 +186,7 @@ def test_trained_pair_models_differ(pair_and_cache: tuple) -> None:
     assert not any(torch.allclose(a[k], b[k]) for k in a if a[k].numel() > 8)
 
 
+@pytest.mark.slow
 def test_trained_pair_cache_round_trip(pair_and_cache: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
     pair, cache, _ = pair_and_cache
     folders = sorted(p for p in cache.iterdir() if not p.name.startswith("."))
