@@ -8,7 +8,6 @@ so process shards add up.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -493,17 +492,13 @@ class ExampleDigests:
         mask = mask.to(torch.bool) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         columns = [(name, value) for name, value in sorted(batch.items())
                    if isinstance(value, torch.Tensor) and value.dim() > 0 and len(value) == size]
+        from hf_mudsc.calibrate.datasets import batch_digest
+
         found = 0
         for row in range(size):
-            digest = hashlib.blake2b(digest_size=16)
-            for name, value in columns:
-                cells = value[row]
-                if mask is not None and tuple(value.shape[:2]) == tuple(mask.shape):
-                    cells = cells[mask[row]]
-                cells = cells.detach().cpu().contiguous()
-                digest.update(f"{name}:{cells.dtype}:{tuple(cells.shape)}".encode())
-                digest.update(cells.reshape(-1).view(torch.uint8).numpy().tobytes())
-            key = digest.digest()
+            key = batch_digest({name: value[row][mask[row]] if mask is not None and
+                                tuple(value.shape[:2]) == tuple(mask.shape) else value[row]
+                                for name, value in columns})
             found += key in self.seen
             self.seen.add(key)
         return found
