@@ -64,10 +64,11 @@ STATISTICS_FACTOR = 1.25
 # (`datasets` imported, the Arrow file mapped) 0.09 GB more.
 PROCESS_BYTES = 430e6
 DATA_READER_BYTES = 90e6
-# The relation check (`load.relation.parent_relation`, every merge) compares each tensor of two parents in float64:
-# both sorted copies, both widened copies, and a difference with its square alive at once, 6 float64 copies of the
-# largest tensor (BERT-base's 30522 x 768 word embeddings: 1.1 GB, the peak of a linear merge).
-RELATION_COPIES = 6
+# The relation check (`load.relation.squared_differences`, every merge) compares each tensor of two parents: a sorted
+# copy of each in its own dtype (4 bytes a value for float32 weights; the float64 sums are taken over small chunks).
+# Until session 25 it held six float64 copies of the largest tensor (BERT-base's word embeddings: 1.1 GB, the peak
+# of a linear merge), now 0.19 GB.
+RELATION_BYTES_PER_VALUE = 8
 # Text calibration: tokens per example are unknown without reading rows; this many are assumed (capped by the
 # model's limit) and the plan says so.
 ASSUMED_TEXT_TOKENS = 128
@@ -586,7 +587,8 @@ def estimate_cost(*, widths: Sequence[int], columns: Sequence[int], group_tokens
     A method without unit matching (`solves` False) is counted by what it holds instead, the largest of three phases
     on top of the process (`PROCESS_BYTES`, + `DATA_READER_BYTES` when it `reads_data`) and the weights held (4 ×
     parameters per parent held whole, base and copy):
-    relation check = + `RELATION_COPIES` × 8 × `largest_tensor` (+ 4 × `largest_tensor`: a streamed parent's tensor)
+    relation check = + `RELATION_BYTES_PER_VALUE` × `largest_tensor` (+ 4 × `largest_tensor`: a streamed parent's
+                     tensor)
     method         = + `method_bytes` (`MergeMethod.working_bytes`; default the merged tensors, 4 × parameters)
     build          = + 8 × parameters (the merged tensors and the merged model) + the refit's working set
     A unit-matching merge keeps the formula above unless the relation check holds more. `largest_tensor` 0: no
@@ -619,7 +621,7 @@ def estimate_cost(*, widths: Sequence[int], columns: Sequence[int], group_tokens
     refit_held = refit_memory if refit != "none" else 0.0
     process = PROCESS_BYTES + (DATA_READER_BYTES if reads_data else 0.0)
     weights = 4.0 * num_parameters * (held + int(base) + copies)
-    relation = (process + weights + 8.0 * RELATION_COPIES * largest_tensor
+    relation = (process + weights + float(RELATION_BYTES_PER_VALUE) * largest_tensor
                 + (4.0 * largest_tensor if held < parents else 0.0)) if largest_tensor else 0.0
     working = 0.0
     if solves:

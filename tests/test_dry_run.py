@@ -33,7 +33,7 @@ from hf_mudsc.plan import (
     PROCESS_BYTES,
     REFIT_EFFICIENCY,
     REFIT_MERGED_FORWARDS,
-    RELATION_COPIES,
+    RELATION_BYTES_PER_VALUE,
     RUNTIME_BYTES,
     SOLVE_FACTOR,
     STATISTICS_FACTOR,
@@ -484,17 +484,17 @@ def test_the_estimate_counts_only_the_parents_held_whole(tmp_path):
     largest = max(p.numel() for p in models[0].parameters())
     streamed = hf_mudsc.merge(folders, method="linear", dry_run=True).estimate
     objects = hf_mudsc.merge(models, method="linear", dry_run=True).estimate
-    # held memory (docs/design.md, "Dry run"): the relation check's float64 copies of the largest tensor (+ that
+    # held memory (docs/design.md, "Dry run"): the relation check's sorted copies of the largest tensor (+ that
     # tensor read from a streamed parent), or the merged tensors and model (8 bytes per parameter), on the weights held
     assert streamed.peak_memory_bytes == PROCESS_BYTES + 4 * parameters + max(
-        (8 * RELATION_COPIES + 4) * largest, 8 * parameters)
+        (RELATION_BYTES_PER_VALUE + 4) * largest, 8 * parameters)
     assert objects.peak_memory_bytes == PROCESS_BYTES + 3 * 4 * parameters + max(
-        8 * RELATION_COPIES * largest, 8 * parameters)
+        RELATION_BYTES_PER_VALUE * largest, 8 * parameters)
     data = make_batches("vit_cls", num_batches=1, batch_size=4)
     refitted = hf_mudsc.merge(folders, data, method="linear", refit="ridge", dry_run=True).estimate
     assert refitted.refit_bytes > 0  # the refit's working set comes on top of every parent held whole
     assert refitted.peak_memory_bytes == pytest.approx(PROCESS_BYTES + DATA_READER_BYTES + 3 * 4 * parameters + max(
-        8 * RELATION_COPIES * largest, 8 * parameters + refitted.refit_bytes), abs=2)
+        RELATION_BYTES_PER_VALUE * largest, 8 * parameters + refitted.refit_bytes), abs=2)
 
 
 def test_a_dry_run_returns_its_plan_where_the_merge_refuses_the_memory(tmp_path, monkeypatch):

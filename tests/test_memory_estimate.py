@@ -16,7 +16,7 @@ import hf_mudsc
 from hf_mudsc.plan import (
     DATA_READER_BYTES,
     PROCESS_BYTES,
-    RELATION_COPIES,
+    RELATION_BYTES_PER_VALUE,
     RUNTIME_BYTES,
     STATISTICS_FACTOR,
     WEIGHTS_FACTOR,
@@ -72,14 +72,15 @@ def test_regmean_estimate_counts_the_systems_grams_and_average_the_merge_allocat
 
 def test_the_peak_is_the_largest_phase_on_hand_made_sizes():
     """Held memory by phase (`estimate_cost`, non-unit-matching methods): the relation check (every parent held,
-    `RELATION_COPIES` float64 copies of the largest tensor, + that tensor read from a streamed parent), the method
+    `RELATION_BYTES_PER_VALUE` per value of the largest tensor: its sorted copies, + that tensor read from a
+    streamed parent), the method
     (its `method_bytes`, with the process and the data reader) and the build (the merged tensors and the merged model:
     8 bytes per parameter, + the refit's working set). A unit-matching merge keeps its fitted formula unless the
     relation check holds more."""
     kwargs = dict(widths=[2], columns=[4], group_tokens=[1], linear_params={"w": 10}, tokens={"": 1},
                   num_parameters=1000, rows=None, needs_statistics=False, matmul_flops=1e9)
     relation = estimate_cost(**kwargs, solves=False, parents=2, whole=1, largest_tensor=10**6, method_bytes=4000)
-    assert relation.peak_memory_bytes == PROCESS_BYTES + 4000 + (8 * RELATION_COPIES + 4) * 10**6
+    assert relation.peak_memory_bytes == PROCESS_BYTES + 4000 + (RELATION_BYTES_PER_VALUE + 4) * 10**6
     method = estimate_cost(**kwargs, solves=False, parents=3, largest_tensor=10, method_bytes=10**8, reads_data=True)
     assert method.peak_memory_bytes == PROCESS_BYTES + DATA_READER_BYTES + 3 * 4000 + 10**8
     assert method.method_bytes == 10**8
@@ -90,8 +91,10 @@ def test_the_peak_is_the_largest_phase_on_hand_made_sizes():
     fitted = estimate_cost(**big, largest_tensor=10**6)
     assert fitted.peak_memory_bytes == pytest.approx(RUNTIME_BYTES + WEIGHTS_FACTOR * 8 * 10**8)
     assert fitted.method_bytes == 0
-    checked = estimate_cost(**big, largest_tensor=5 * 10**7)
-    assert checked.peak_memory_bytes == PROCESS_BYTES + 8 * 10**8 + 8 * RELATION_COPIES * 5 * 10**7
+    # one tensor holding nearly every parameter (a small model with a large vocabulary): the check holds more
+    checked = estimate_cost(**{**kwargs, "num_parameters": 10**7}, largest_tensor=10**7)
+    assert checked.peak_memory_bytes == PROCESS_BYTES + 8 * 10**7 + RELATION_BYTES_PER_VALUE * 10**7
+    assert checked.peak_memory_bytes > RUNTIME_BYTES + WEIGHTS_FACTOR * 8 * 10**7
     with_statistics = estimate_cost(**{**big, "needs_statistics": True, "rows": 4}, largest_tensor=10**6)
     assert with_statistics.peak_memory_bytes == pytest.approx(
         RUNTIME_BYTES + WEIGHTS_FACTOR * 8 * 10**8 + STATISTICS_FACTOR * 8 * 4**2)

@@ -234,3 +234,32 @@ def test_n_parents_relate_as_their_loosest_pair_and_name_the_farthest_parent():
     assert combined.relation == "shared base" and combined.weight_distance == 0.6
     assert combined.farthest == 2 and combined.imbalance == (1.0, 1.1, 1.2, 1.0)  # parent C: index 2
     assert combined_relation(relations[:1]).farthest == 1
+
+
+def test_comparing_a_large_tensor_holds_no_float64_copy_of_it():
+    """The relation check compares every tensor of two parents. It held both sorted copies, both widened copies and
+    a difference with its square in float64 at once: 12x the tensor's float32 bytes (772 MB over a 64 MB tensor;
+    1.1 GB on BERT-base's word embeddings, the peak of a linear merge). Sorted copies are kept in the tensor's own
+    dtype and the float64 sums taken in chunks: at most 2x the tensor's bytes plus a chunk's temporaries."""
+    import subprocess
+    import sys
+
+    script = (
+        "import resource, torch\n"
+        "from hf_mudsc.load import relation\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "a, b = torch.randn(4096, 4096, generator=g), torch.randn(4096, 4096, generator=g)\n"
+        "small_a, small_b = a[:64, :64].clone(), b[:64, :64].clone()\n"
+        "reference = relation.squared_differences(small_a.double(), small_b.double())\n"
+        "assert relation.squared_differences(small_a, small_b) == reference, 'small tensors: the float64 result'\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "sums = relation.squared_differences(a, b)\n"
+        "grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024\n"
+        "exact = ((a.double() - b.double()) ** 2).sum().item(), a.double().pow(2).sum().item()\n"
+        "assert abs(sums[0] - exact[0]) <= 1e-12 * exact[0] and abs(sums[2] - exact[1]) <= 1e-12 * exact[1]\n"
+        "print(grown / a.nbytes)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    grown = float(result.stdout.split()[-1])
+    assert grown <= 2.75, f"the comparison grew the peak by {grown:.1f}x the tensor's bytes"
