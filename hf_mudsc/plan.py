@@ -431,7 +431,9 @@ def memory_floor(model: Any, parents: int, method: Any | None, *, loading: int, 
     - statistics (`method.needs_calibration`): the float64 `(N·n)²` sums of every group, allocated together
       before the first batch and kept, finalized in place, as the correlations through the solve (§4.13);
     - similarity (a unit-matching method): one float64 `(N·n)²` similarity of the widest group, which the matcher
-      holds on the CPU next to those correlations.
+      holds on the CPU next to those correlations;
+    - working (a method that matches no units): what it holds besides the weights, `MergeMethod.working_bytes` —
+      regmean's float64 systems and Grams, fisher's sums, the merged tensors (flat in the number of parents).
     `method` None (`auto` before it chose): the weights only.
     """
     floor: dict[str, float] = {}
@@ -452,6 +454,13 @@ def memory_floor(model: Any, parents: int, method: Any | None, *, loading: int, 
             floor["statistics"] = statistics_bytes(widths, parents)
         if method.matches_units and widths:
             floor["similarity"] = statistics_bytes([max(widths)], parents)
+    if method is not None and not method.matches_units:
+        from hf_mudsc.architectures import spec_for
+
+        # What `working_bytes` reads: the layers' shapes and the parameter count (no flops are counted here).
+        shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+        facts = _pass_facts(model, spec_for(model), shapes, {}, {"": 1}, int(one_parent // 4))
+        floor["working"] = float(method.working_bytes(facts, parents))
     return floor
 
 
@@ -479,7 +488,7 @@ def check_memory(model_or_config: Any, parents: int, method: Any | None, *, load
     every = loading == parents
     per_parent = floor.get("weights", 0.0) / parents if every else 0.0
     room = available - (0.0 if every else floor.get("weights", 0.0)) - sum(
-        floor.get(key, 0.0) for key in ("copies", "base", "base_copy"))
+        floor.get(key, 0.0) for key in ("copies", "base", "base_copy", "working"))
     squared = (floor.get("statistics", 0.0) + floor.get("similarity", 0.0)) / parents**2
     if squared:
         fits = int((-per_parent + (per_parent**2 + 4 * squared * max(room, 0.0)) ** 0.5) / (2 * squared))
@@ -493,7 +502,9 @@ def check_memory(model_or_config: Any, parents: int, method: Any | None, *, load
              "copies": f"for parent{'s' if len(copied) > 1 else ''} {', '.join(copied)} copied in parent A's label "
                        "order (the same labels listed in another order: a reordered copy of each is held)",
              "base_copy": "for the base copied in parent A's label order (its head lists the same labels in another "
-                          "order)"}
+                          "order)",
+             "working": f"for {method.name if method is not None else 'auto'}'s working set (what it holds besides "
+                        "the weights, whatever the number of parents)"}
     held = ", ".join(f"{_bytes(floor[key])} {text}" for key, text in parts.items() if floor.get(key))
     name = method.name if method is not None else "auto"
     why = f"method 'auto' chose {name!r} ({chosen}); " if chosen else ""

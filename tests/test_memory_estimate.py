@@ -150,3 +150,28 @@ def test_a_parents_grams_are_freed_before_the_next_parents_pass(monkeypatch, met
     after = hf_mudsc.merge(models, batches, method=method, refit="none", progress=False).state_dict()
     assert len(alive_at_start) >= 3 and set(alive_at_start) == {0}, alive_at_start
     assert all(torch.equal(before[key], after[key]) for key in before)
+
+
+@pytest.mark.parametrize("method", ["regmean", "fisher"])
+def test_the_memory_check_refuses_a_methods_working_set_that_cannot_fit(monkeypatch, method):
+    """The check that refuses a merge before its weights are read counted the parents' weights and unit matching's
+    statistics, not what regmean (float64 systems and Grams: 1.7x BERT-base's weights) or fisher (44 bytes per
+    parameter) hold: a merge whose working set could not fit passed it and failed out of memory later. The floor
+    now holds `MergeMethod.working_bytes` for a method that matches no units, and the one-line refusal names it."""
+    import hf_mudsc.plan as plan
+    from hf_mudsc.errors import MergeInputError
+    from hf_mudsc.methods.registry import METHODS
+
+    models = [make_model("bert_cls", seed) for seed in (1, 2)]
+    data = make_batches("bert_cls", num_batches=1, batch_size=4)
+    floor = plan.memory_floor(models[0], 2, METHODS[method], loading=0)
+    working = hf_mudsc.merge(models, data, method=method, refit="none", dry_run=True).estimate.method_bytes
+    assert working > 0 and floor == {"working": working}
+    monkeypatch.setattr(plan, "available_memory", lambda: int(working / 2))
+    with pytest.raises(MergeInputError) as error:
+        hf_mudsc.merge(models, data, method=method, refit="none", progress=False)
+    line = str(error.value)
+    assert "\n" not in line and f"merging 2 parents with {method} needs at least " in line, line
+    assert f"for {method}'s working set" in line and "merge on a machine with more memory" in line, line
+    monkeypatch.setattr(plan, "available_memory", lambda: int(working * 1.01))
+    hf_mudsc.merge(models, data, method=method, refit="none", progress=False)  # fits: merges
