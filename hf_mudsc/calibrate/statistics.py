@@ -7,7 +7,6 @@ so process shards add up.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from hf_mudsc.calibrate.correlation import CorrelationAccumulator
 from hf_mudsc.calibrate.layer_inputs import FORWARD_ERRORS, unrunnable_batch
 from hf_mudsc.calibrate.layer_inputs import forward_inputs as forward_inputs  # re-exported
 from hf_mudsc.errors import CalibrationError, MergeInputError
+from hf_mudsc.heap import release_free_heap
 from hf_mudsc.load.relation import parent_label
 from hf_mudsc.progress import Progress
 from hf_mudsc.spec import HookPoint, PermutationSpec
@@ -466,18 +466,6 @@ def _largest_input(batch: Mapping[str, Any]) -> tuple[str, float] | None:
     return max(peaks, key=lambda peak: peak[1]) if peaks else None
 
 
-def _return_freed_memory() -> None:
-    """Hand the heap pages freed by the per-batch buffers back to the OS (glibc keeps them otherwise).
-
-    The statistics are all that survives calibration; without this, the hundreds of MB of freed feature
-    buffers stay resident and add to the solve's own peak. A no-op where glibc's `malloc_trim` is absent.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 class ExampleDigests:
     """A 16-byte digest of every calibration example read, to count the ones that repeat an earlier one: repeats add
     nothing to the statistics, yet count as rows in the size warning. An example is its input tensors' rows; a
@@ -594,7 +582,7 @@ def collect_statistics(
         for model, home in zip(models, homes):
             if home is not None and _single_device(model) != home:
                 model.to(home)
-        _return_freed_memory()
+        release_free_heap()  # the freed per-batch feature buffers would add to the solve's peak
     if seen == 0 and not allow_empty:
         raise CalibrationError("the calibration data has no samples; pass a non-empty dataset or batches")
     # DEBUG: merge() says each pass's count once, with what the pass was for (a check's statistics, the method's).

@@ -106,7 +106,7 @@ class RegMeanMethod(MergeMethod):
         import torch
 
         from hf_mudsc.calibrate.layer_inputs import collect_grams, linear_layers, padding_mask_key
-        from hf_mudsc.solve.loop import release_free_heap
+        from hf_mudsc.heap import release_free_heap
         from hf_mudsc.solve.regmean import RegMeanSystem, Unit, chained_units, device_of, write_parameters
         from hf_mudsc.solve.task_vectors import linear
 

@@ -9,8 +9,6 @@ Architecture-free: it reads only the PermutationSpec, parameters and per-group a
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -19,6 +17,7 @@ from functools import partial
 import numpy as np
 import torch
 
+from hf_mudsc.heap import release_free_heap
 from hf_mudsc.progress import Progress
 from hf_mudsc.solve.maps import GroupMaps
 from hf_mudsc.solve.matchers import (
@@ -47,21 +46,6 @@ MULTISTART_MARGIN = 0.01
 #: Visit results kept per group (§4.5's exact shortcut): enough for the sweeps' revert-to-best states and for a
 #: later start that reaches a neighbourhood an earlier one visited; each is a few index tensors.
 VISIT_CACHE_SIZE = 4
-
-
-def release_free_heap() -> None:
-    """Hand memory the process freed back to the OS (glibc's `malloc_trim`; elsewhere nothing happens).
-
-    Between solve starts the live state is a few index tensors per group, yet the resident size grew by
-    ~170 MB per start on MiniLM (bench_merge): freed (2n, 2n) similarities stay in the C heap, fragmented, and
-    the next start's temporaries land on top. Trimming between starts keeps the solve's peak at one start's.
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return
-    trim(0)
 
 
 def _same_match(a: Match | None, b: Match | None) -> bool:
