@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel
 
 from hf_mudsc._version import __version__
-from hf_mudsc.apply.build import build_model, widened_config
+from hf_mudsc.apply.build import build_model, weights_digest, widened_config
 from hf_mudsc.apply.classifier import (
     aligned_to_parent_a,
     concatenated_classifier_config,
@@ -136,6 +136,9 @@ class MergeReport:
     # What `out_dtype="auto"` gives for these parents, (dtype, reason), whatever was asked: a recipe's re-run
     # restates the reason its original recorded only when it still holds (`recipe.restate_auto_choices`).
     auto_out_dtype: tuple[str, str] | None = None
+    # `apply.build.weights_digest` of the model merge() returned: a writer that finds other weights in the same
+    # dtype (trained or edited since) says so in what it writes (`publish.writer.recorded_dtype`).
+    weights_digest: str | None = None
 
     # Per-group match quality (activation, weight, blended correlation of the fused pairs), head pairings and
     # sampled similarity blocks, for the plots and `hf-mudsc inspect`; None when no unit was matched.
@@ -849,6 +852,7 @@ def merge(
     report.auto_out_dtype = auto_out_dtype
     merged = merged.to(run_device if device is not None else "cpu")
     refuse_non_finite(merged, params, base_params)
+    report.weights_digest = weights_digest(merged)
     # The recipe keys (every option a recipe file may set, as given), parents and base pinned; `auto` is recorded
     # as the method it chose, so the recipe re-runs the same merge whatever a later release would choose.
     # `alpha="auto"` stays "auto" only where the search ran; a method that ignores α records the α it was handed.

@@ -276,3 +276,29 @@ def test_a_recipe_rerun_restates_auto_s_dtype_reason_only_where_it_still_holds(t
                                                            "auto: every parent is stored in float16 (verified)"))
     assert main(["merge", "--recipe", str(recipe_file), "--output", str(tmp_path / "edited")]) == 0
     assert reason_of(tmp_path / "edited").startswith("asked for")
+
+
+def test_weights_changed_after_the_merge_are_written_as_such(tmp_path, caplog):
+    """Weights trained or edited after `merge()` returned them were written by `save_merged` under a card calling
+    them a training-free merge and a recipe whose re-run makes other weights, without a word. The merge records a
+    digest of the weights it returned; a writer that finds other weights (in the same dtype) logs a warning, sets
+    `config.mudsc["changed_after_merge"]` in the written config and says so in the card; the model in memory keeps
+    its own record. An unchanged merge, or one only cast (`.half()`, recorded as such), carries no such note."""
+    parents = [saved_parent(tmp_path / f"p{seed}", "vit_cls", seed, torch.float32) for seed in (1, 2)]
+    merged = hf_mudsc.merge([str(p) for p in parents], method="average", progress=False)
+    untouched = hf_mudsc.save_merged(merged, tmp_path / "untouched")
+    assert "changed_after_merge" not in json.loads((untouched / "config.json").read_text())["mudsc"]
+    assert "Changed after the merge" not in (untouched / "README.md").read_text()
+    record = dict(merged.config.mudsc)
+    with torch.no_grad():
+        merged.classifier.weight[0, 0] += 1.0  # one step of someone's fine-tuning
+    with caplog.at_level("WARNING", logger="hf_mudsc"):
+        out = hf_mudsc.save_merged(merged, tmp_path / "changed")
+    assert merged.config.mudsc == record  # writing changed nothing in memory
+    assert json.loads((out / "config.json").read_text())["mudsc"]["changed_after_merge"] is True
+    card = (out / "README.md").read_text()
+    assert "**Changed after the merge**" in card and "re-make the merge, not these weights" in card
+    assert any("changed since merge() returned" in r.getMessage() for r in caplog.records), caplog.text
+    halved = hf_mudsc.merge([str(p) for p in parents], method="average", progress=False).half()
+    cast = hf_mudsc.save_merged(halved, tmp_path / "cast")
+    assert "changed_after_merge" not in json.loads((cast / "config.json").read_text())["mudsc"]

@@ -470,6 +470,7 @@ def render_card(
         group_values=group_values,
         cross_fractions=cross_fractions,
         merge_warnings=mudsc.get("warnings", getattr(report, "warnings", None)) or [],
+        changed_after_merge=bool(mudsc.get("changed_after_merge")),
         processor_note=mudsc.get("processor_note"),
         task_label_ranges=task_ranges(model.config),
         num_labels=len(getattr(model.config, "id2label", None) or {}),

@@ -95,24 +95,49 @@ def dtype_since_merge(merged: Any) -> tuple[str, str] | None:
     return names[0], f"converted to {names[0]} after the merge, which made {made} ({mudsc.get('out_dtype_reason')})"
 
 
+def changed_since_merge(merged: Any) -> bool:
+    """Whether the weights differ from those `merge()` returned (trained or edited since), in the same dtype: a model
+    only cast since is `dtype_since_merge`'s; one with no digest recorded (not from this version's merge) is not
+    judged."""
+    made = getattr(getattr(merged, "merge_report", None), "weights_digest", None)
+    if made is None or dtype_since_merge(merged) is not None:
+        return False
+    from hf_mudsc.apply.build import weights_digest
+
+    return weights_digest(merged) != made
+
+
 @contextmanager
 def recorded_dtype(merged: Any, recipe: Recipe) -> Iterator[Recipe]:
     """While a merged model is written: its `config.mudsc` and the recipe name the dtype its weights are in now
-    (`dtype_since_merge`); the model's own record is restored afterwards (writing it changes nothing in memory)."""
+    (`dtype_since_merge`), and weights changed since the merge are marked (`changed_since_merge`: the card says the
+    recipe re-makes the merge, not these weights); the model's own record is restored afterwards (writing it
+    changes nothing in memory)."""
     converted = dtype_since_merge(merged)
-    if converted is None:
+    changed = converted is None and changed_since_merge(merged)
+    if converted is None and not changed:
         yield recipe
         return
     mudsc = merged.config.mudsc
     kept = {key: mudsc.get(key) for key in ("out_dtype", "out_dtype_reason")}
-    written = recipe.override(out_dtype=converted[0])
-    chosen = {key: value for key, value in (recipe.auto_chosen or {}).items() if key != "out_dtype"}
-    written.auto_chosen = chosen or None  # auto chose the merge's dtype, not this one
-    mudsc.update(out_dtype=converted[0], out_dtype_reason=converted[1])
+    written = recipe
+    if converted is not None:
+        written = recipe.override(out_dtype=converted[0])
+        chosen = {key: value for key, value in (recipe.auto_chosen or {}).items() if key != "out_dtype"}
+        written.auto_chosen = chosen or None  # auto chose the merge's dtype, not this one
+        mudsc.update(out_dtype=converted[0], out_dtype_reason=converted[1])
+    had_mark = "changed_after_merge" in mudsc
+    if changed:
+        logger.warning("the merged model's weights changed since merge() returned them (trained or edited): they "
+                       "are written as they are now, and the card says its recipe re-makes the merge, not these "
+                       "weights")
+        mudsc["changed_after_merge"] = True
     try:
         yield written
     finally:
         mudsc.update(kept)
+        if changed and not had_mark:
+            mudsc.pop("changed_after_merge", None)
 
 
 def write_merged_folder(
