@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel
 
 from hf_mudsc._version import __version__
-from hf_mudsc.apply.build import build_model, weights_digest, widened_config
+from hf_mudsc.apply.build import build_model, widened_config
 from hf_mudsc.apply.classifier import (
     aligned_to_parent_a,
     concatenated_classifier_config,
@@ -28,6 +28,7 @@ from hf_mudsc.apply.classifier import (
     same_label_sets,
 )
 from hf_mudsc.apply.dtype import cast_merged, resolve_out_dtype
+from hf_mudsc.apply.fidelity import parameters_digest
 from hf_mudsc.apply.refit import RefitReport, refit_model
 from hf_mudsc.apply.repair import RepairReport, repair_model
 from hf_mudsc.architectures import spec_for
@@ -136,7 +137,7 @@ class MergeReport:
     # What `out_dtype="auto"` gives for these parents, (dtype, reason), whatever was asked: a recipe's re-run
     # restates the reason its original recorded only when it still holds (`recipe.restate_auto_choices`).
     auto_out_dtype: tuple[str, str] | None = None
-    # `apply.build.weights_digest` of the model merge() returned: a writer that finds other weights in the same
+    # `apply.fidelity.parameters_digest` of the state merge() returned: a writer that finds other weights in the same
     # dtype (trained or edited since) says so in what it writes (`publish.writer.recorded_dtype`).
     weights_digest: str | None = None
 
@@ -852,7 +853,7 @@ def merge(
     report.auto_out_dtype = auto_out_dtype
     merged = merged.to(run_device if device is not None else "cpu")
     refuse_non_finite(merged, params, base_params)
-    report.weights_digest = weights_digest(merged)
+    report.weights_digest = parameters_digest(merged.state_dict())
     # The recipe keys (every option a recipe file may set, as given), parents and base pinned; `auto` is recorded
     # as the method it chose, so the recipe re-runs the same merge whatever a later release would choose.
     # `alpha="auto"` stays "auto" only where the search ran; a method that ignores α records the α it was handed.

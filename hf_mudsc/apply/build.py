@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 from collections.abc import Mapping
 
 import torch
@@ -115,15 +114,3 @@ def _width(group: Group, params: Mapping[str, torch.Tensor]) -> int:
     """The group's width in `params` (its first member's unit axis)."""
     member = group.members[0]
     return int(params[member.param].shape[member.axis])
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """A SHA-256 of the model's state (every entry's name, dtype, shape and bytes), so a writer can tell the weights
-    `merge()` returned from weights trained or edited since (0.7 s for BERT-base's 440 MB)."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
-        if flat.numel() and not flat.is_meta:
-            digest.update(flat.view(torch.uint8).numpy().data if flat.dtype != torch.bool else flat.numpy().data)
-    return digest.hexdigest()

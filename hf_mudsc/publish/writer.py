@@ -102,9 +102,9 @@ def changed_since_merge(merged: Any) -> bool:
     made = getattr(getattr(merged, "merge_report", None), "weights_digest", None)
     if made is None or dtype_since_merge(merged) is not None:
         return False
-    from hf_mudsc.apply.build import weights_digest
+    from hf_mudsc.apply.fidelity import parameters_digest
 
-    return weights_digest(merged) != made
+    return parameters_digest(merged.state_dict()) != made
 
 
 @contextmanager
