@@ -108,6 +108,29 @@ def test_log_likelihood_with_three_parents_of_unequal_heads_uses_one_softmax_ove
     assert scorer.log_likelihood(FixedLogits(merged_row)) == pytest.approx((sum(tasks) / 3 + whole) / 2)
 
 
+def test_a_multi_label_head_is_scored_per_label_by_its_sigmoids_not_by_a_softmax():
+    """A multi-label head (problem_type "multi_label_classification") predicts each label by its own sigmoid: a shift
+    of its logits flips labels while a softmax over them, which the gate and alpha="auto" scored it by, stays the
+    same. Its term is now the parents' per-label Bernoulli log-likelihood `Σ_l p log q + (1 - p) log(1 - q)` (p, q:
+    the parent's and the merged sigmoids), its agreement the share of labels decided alike (logit > 0), and it takes
+    part in no softmax decision (no joint agreement, no whole-head term)."""
+    multi = FixedLogits([2.0, -1.0])
+    multi.config = SimpleNamespace(problem_type="multi_label_classification")
+    single = FixedLogits([0.0, 1.0])
+    scorer = FidelityScorer([multi, single], _batches(), task_sizes=[2, 2])
+    same = FixedLogits([2.0, -1.0, 0.0, 1.0])
+    shifted = FixedLogits([7.0, 4.0, 0.0, 1.0])  # the multi-label slice + 5: label 1 now on
+    p, q = torch.tensor([2.0, -1.0]).double().sigmoid(), torch.tensor([7.0, 4.0]).double().sigmoid()
+    bernoulli = float((p * q.log() + (1 - p) * (1 - q).log()).sum())
+    softmax = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    own = float((softmax.softmax(0) * softmax.log_softmax(0)).sum())
+    assert scorer.log_likelihood(shifted) == pytest.approx((bernoulli + own) / 2)
+    assert scorer.log_likelihood(shifted) < scorer.log_likelihood(same) - 1.0
+    assert scorer(shifted) == pytest.approx((0.5 + 1.0) / 2)  # one of the two labels flipped; task B agrees
+    assert scorer(same) == 1.0
+    assert "Bernoulli" in scorer.measure
+
+
 def test_log_likelihood_with_one_shared_head_averages_the_parents_terms():
     parents = [FixedLogits([0.0, 0.0, 0.0]), FixedLogits([0.0, 0.0, 0.0])]
     scorer = FidelityScorer(parents, _batches(), task_sizes=None)

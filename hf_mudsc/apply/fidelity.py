@@ -8,6 +8,9 @@ statistics), and the merged model is scored on the held-out examples against its
   classes against the parent's argmax) and the joint agreement (the merged model's joint decision against the
   ensemble's — each parent's softmax, concatenated, or averaged when the heads share one label set; a concatenated
   merged head decides by each task's softmax too, `classifier.per_task_softmax`, the evaluation's rule);
+* a multi-label head (problem_type "multi_label_classification", a sigmoid per label): the share of labels
+  decided alike (logit > 0) and, for the log-likelihood, the per-label Bernoulli term; it takes part in no softmax
+  decision (a shift of its logits flips labels that a softmax over them would not see);
 * a regression head (one output, transformers' `num_labels=1`): its slice's outputs against the parent's,
   `exp(-relative squared error)` (`relative_squared_error`; a softmax over one logit is 1 for any output, so an
   argmax or log-probability agreement would score every model alike);
@@ -29,6 +32,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hf_mudsc.apply.classifier import per_task_softmax
@@ -97,6 +101,14 @@ def relative_squared_error(merged: torch.Tensor, parent: torch.Tensor) -> float:
     return float((merged - parent).square().sum() / parent.square().sum().clamp_min(1e-12))
 
 
+def bernoulli_log_likelihood(merged: torch.Tensor, parent: torch.Tensor) -> float:
+    """`Σ_l p log q + (1 − p) log(1 − q)` per example, averaged: p, q the parent's and the merged model's sigmoid of
+    each label's logit — a multi-label head's counterpart of the softmax agreement (0 at best only for certain
+    parents; the parent's own logits score minus its entropy)."""
+    p = parent.sigmoid()
+    return float((p * F.logsigmoid(merged) + (1 - p) * F.logsigmoid(-merged)).sum(1).mean())
+
+
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     """Linear CKA of two `(N, ·)` feature sets: invariant to rotations and scale of either, 1 for equal spaces."""
     x, y = x - x.mean(0), y - y.mean(0)
@@ -123,17 +135,26 @@ class FidelityScorer:
         self.regression = [self.logits and (out.shape[-1] == 1 or getattr(getattr(parent, "config", None),
                                                                            "problem_type", None) == "regression")
                            for parent, out in zip(parents, self.parents)]
-        self.measure = ("linear CKA of the features" if not self.logits else
-                        "log-probability agreement" if not any(self.regression) else
-                        "relative squared error (negated)" if all(self.regression) else
-                        "log-probability agreement and relative squared error (negated)")
+        # A multi-label head decides each label by its own sigmoid (problem_type "multi_label_classification"):
+        # scored per label, never through a softmax a shift of its logits would leave unchanged.
+        self.multi_label = [self.logits and not regression and getattr(getattr(parent, "config", None),
+                                                                       "problem_type", None)
+                            == "multi_label_classification"
+                            for parent, regression in zip(parents, self.regression)]
+        self.softmax_tasks = [not (regression or multi) for regression, multi in zip(self.regression,
+                                                                                   self.multi_label)]
+        kinds = [name for name, present in (
+            ("log-probability agreement", any(self.softmax_tasks)),
+            ("per-label Bernoulli log-likelihood", any(self.multi_label)),
+            ("relative squared error (negated)", any(self.regression))) if present]
+        self.measure = "linear CKA of the features" if not self.logits else " and ".join(kinds)
 
     def classification_columns(self, out: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(the merged head's columns of the classification tasks, those parents' logits): what a whole-head
-        softmax compares when regression tasks share a concatenated head."""
+        """(the merged head's columns of the single-label tasks, those parents' logits): what a whole-head
+        softmax compares when regression or multi-label tasks share a concatenated head."""
         sizes = list(self.task_sizes or ())
         slices = torch.split(out, sizes, dim=1)
-        keep = [i for i, regression in enumerate(self.regression) if not regression]
+        keep = [i for i, softmax in enumerate(self.softmax_tasks) if softmax]
         return torch.cat([slices[i] for i in keep], dim=1), [self.parents[i] for i in keep]
 
     def __call__(self, merged: nn.Module) -> float:
@@ -144,9 +165,11 @@ class FidelityScorer:
             return sum(linear_cka(out, parent) for parent in self.parents) / len(self.parents)
         slices = torch.split(out, list(self.task_sizes), dim=1) if self.task_sizes else [out] * len(self.parents)
         agreements = [math.exp(-relative_squared_error(part, parent)) if regression
+                      else float(((part > 0) == (parent > 0)).double().mean()) if multi
                       else float((part.argmax(1) == parent.argmax(1)).double().mean())
-                      for part, parent, regression in zip(slices, self.parents, self.regression)]
-        if not any(self.regression):  # the joint decision: only classification heads have one
+                      for part, parent, regression, multi in zip(slices, self.parents, self.regression,
+                                                                 self.multi_label)]
+        if all(self.softmax_tasks):  # the joint decision: only single-label classification heads have one
             if self.task_sizes:
                 ensemble = torch.cat([parent.softmax(1) for parent in self.parents], dim=1)
                 decided = per_task_softmax(out, self.task_ranges)
@@ -171,8 +194,9 @@ class FidelityScorer:
         per-task score alone, all rightly, and decides as before on 30 toy pairs and 18 permuted MiniLM pairs
         (docs/benchmarks/gate_joint.md). Without logits: the mean linear CKA (`__call__`).
 
-        A regression task (one output) has no softmax: its term is minus its relative squared error, and the
-        whole-head term covers the classification tasks only (present when there are two or more)."""
+        A regression task (one output) has no softmax: its term is minus its relative squared error; a multi-label
+        task's is the per-label Bernoulli log-likelihood (`bernoulli_log_likelihood`); the whole-head term covers
+        the single-label tasks only (present when there are two or more)."""
         if self.examples == 0:
             return 0.0
         out, is_logits = _outputs(merged, self.held_out, self.mask_key)
@@ -180,10 +204,11 @@ class FidelityScorer:
             return sum(linear_cka(out, parent) for parent in self.parents) / len(self.parents)
         slices = torch.split(out, list(self.task_sizes), dim=1) if self.task_sizes else [out] * len(self.parents)
         terms = [-relative_squared_error(part, parent) if regression
+                 else bernoulli_log_likelihood(part, parent) if multi
                  else float((parent.softmax(1) * part.log_softmax(1)).sum(1).mean())
-                 for part, parent, regression in zip(slices, self.parents, self.regression)]
+                 for part, parent, regression, multi in zip(slices, self.parents, self.regression, self.multi_label)]
         per_task = sum(terms) / len(terms)
-        if not self.task_sizes or self.regression.count(False) < 2:
+        if not self.task_sizes or self.softmax_tasks.count(True) < 2:
             return per_task
         columns, parents = self.classification_columns(out)
         ensemble = torch.cat(parents, dim=1).softmax(1)
