@@ -1,5 +1,6 @@
 """The card's Usage section as a Hub user runs it: its snippet loads the merged model's own class with every weight
-(and nothing random)."""
+(and nothing random), and tells how to read the head the merge made (softmax classes, regression scores or
+per-label sigmoids)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import re
 
 import pytest
 import torch
-from factories import BERT, KINDS, fine_tune, make_model, randomize
+import transformers
+from factories import BERT, KINDS, fine_tune, make_batches, make_model, randomize
 from huggingface_hub import ModelCard
-from transformers import RobertaConfig, RobertaModel, ViTConfig, ViTModel
+from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaModel, ViTConfig, ViTModel
 
 import hf_mudsc
 from hf_mudsc.publish.card import render_card, usage_model_arguments
@@ -77,3 +79,69 @@ def test_constructor_arguments_no_config_records_are_passed_by_the_snippet():
     assert usage_model_arguments(ViTModel(config, add_pooling_layer=False, use_mask_token=True)) == {
         "add_pooling_layer": False, "use_mask_token": True}
     assert usage_model_arguments(make_model("bert_cls")) == {}
+
+
+def _bert(labels: list[str], problem_type: str, seed: int) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(**BERT, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                        label2id={label: i for i, label in enumerate(labels)}, problem_type=problem_type)
+    return randomize(BertForSequenceClassification(config), seed)
+
+
+HEADS = {"multi_label": ("multi_label_classification", ["a", "b", "c"], ["x", "y"]),
+         "regression": ("regression", ["score_a"], ["score_b"])}
+
+
+@pytest.fixture(scope="module")
+def head_cards(one_thread, tmp_path_factory):
+    """Per head kind: (merged model, the folder save_merged wrote); merged by MuDSC with its default refit gate."""
+    previous = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        cards = {}
+        for kind, (problem_type, labels_a, labels_b) in HEADS.items():
+            merged = hf_mudsc.merge([_bert(labels_a, problem_type, 0), _bert(labels_b, problem_type, 1)],
+                                    make_batches("bert_cls", num_batches=2), method="mudsc", progress=False)
+            cards[kind] = merged, hf_mudsc.save_merged(merged, tmp_path_factory.mktemp(kind) / "merged")
+        return cards
+    finally:
+        transformers.logging.set_verbosity(previous)
+
+
+@pytest.mark.parametrize("kind", HEADS)
+def test_regression_and_multi_label_cards_describe_no_softmax_or_argmax_rule(head_cards, kind):
+    """An argmax over a regression slice (one output) is always 0, and sigmoid-per-label heads pick no one label:
+    neither card may tell the user to take a slice's argmax, each task's softmax or the joint rule."""
+    _, folder = head_cards[kind]
+    text = ModelCard.load(folder / "README.md").text
+    for rule in ("argmax within", "taking the argmax", ".argmax(", "softmax over its own slice", "each task's softmax",
+                 "joint_probabilities", "--joint-rule"):
+        assert rule not in text
+    assert "no softmax or argmax applies" in text
+    if kind == "regression":
+        assert re.search(r"score.*one output per task", text, re.S)
+    else:
+        assert re.search(r"sigmoid.*threshold", text, re.S)
+
+
+def test_a_regression_cards_snippet_gives_each_tasks_score(head_cards):
+    merged, folder = head_cards["regression"]
+    inputs = make_batches("bert_cls", num_batches=1, seed=5)[0]
+    first, second = usage_blocks(ModelCard.load(folder / "README.md").text)
+    namespace = run_snippet(second, folder, **run_snippet(first, folder), inputs=inputs)
+    with torch.no_grad():
+        logits = merged(**inputs).logits
+    assert sorted(namespace["scores"]) == ["task_a", "task_b"]
+    assert torch.allclose(namespace["scores"]["task_a"], logits[:, 0])
+    assert torch.allclose(namespace["scores"]["task_b"], logits[:, 1])
+
+
+def test_a_multi_label_cards_snippet_gives_each_label_past_the_threshold(head_cards):
+    merged, folder = head_cards["multi_label"]
+    inputs = make_batches("bert_cls", num_batches=1, seed=5)[0]
+    first, second = usage_blocks(ModelCard.load(folder / "README.md").text)
+    namespace = run_snippet(second, folder, **run_snippet(first, folder), inputs=inputs)
+    with torch.no_grad():
+        past = merged(**inputs).logits.sigmoid() > 0.5
+    names = merged.config.id2label
+    assert namespace["labels"] == [[names[i] for i in range(len(names)) if row[i]] for row in past]

@@ -40,6 +40,7 @@ from transformers.models.auto import modeling_auto
 
 from hf_mudsc._version import __version__
 from hf_mudsc.apply.classifier import task_ranges
+from hf_mudsc.load.checks import is_multi_label_head, is_regression_head
 from hf_mudsc.load.references import OBJECT_REFERENCE, without_userinfo
 from hf_mudsc.methods import plugin_module
 from hf_mudsc.methods.registry import METHODS
@@ -314,6 +315,15 @@ def usage_model_arguments(model: Any) -> dict[str, bool]:
     return arguments
 
 
+def head_kind(config: Any) -> str:
+    """How the classifier's outputs are read, for the card's text and snippet: `regression` (each output a score),
+    `multi_label` (a sigmoid per label) or `softmax` (one softmax over a task's classes). The parents share one kind
+    (`load.parents` refuses mixed heads), and the merged config keeps it."""
+    if is_regression_head(config):
+        return "regression"
+    return "multi_label" if is_multi_label_head(config) else "softmax"
+
+
 def calibration_dataset_id(calibration_spec: str | None) -> str | None:
     """The Hub dataset id in a calibration spec `repo[:config]:split`, or None for local data."""
     if not calibration_spec:
@@ -475,6 +485,7 @@ def render_card(
         pipeline_tag=data.pipeline_tag,
         auto_model=usage_model_class(model),  # the name custom templates know; not always an Auto class
         model_arguments=usage_model_arguments(model),
+        head_kind=head_kind(model.config),
         auto_processor=_AUTO_CLASSES[data.pipeline_tag][1] if processor_saved else None,
         repo_id=recipe.push_to_hub,
         parents=infos,
