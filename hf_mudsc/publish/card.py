@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import html
 import importlib.resources
+import inspect
 import math
 import numbers
 import os
@@ -35,9 +36,11 @@ from typing import Any
 
 import jinja2
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
+from transformers.models.auto import modeling_auto
 
 from hf_mudsc._version import __version__
 from hf_mudsc.apply.classifier import task_ranges
+from hf_mudsc.load.checks import is_multi_label_head, is_regression_head
 from hf_mudsc.load.references import OBJECT_REFERENCE, without_userinfo
 from hf_mudsc.methods import plugin_module
 from hf_mudsc.methods.registry import METHODS
@@ -53,6 +56,12 @@ _AUTO_CLASSES = {
     "text-classification": ("AutoModelForSequenceClassification", "AutoTokenizer"),
     "zero-shot-image-classification": ("AutoModel", "AutoProcessor"),
     "feature-extraction": ("AutoModel", "AutoProcessor"),
+}
+# Auto class -> transformers' table of the class it builds per `model_type` (`modeling_auto`).
+_AUTO_MAPPINGS = {
+    "AutoModelForImageClassification": "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+    "AutoModelForSequenceClassification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    "AutoModel": "MODEL_MAPPING_NAMES",
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -282,6 +291,51 @@ def pipeline_tag_for(model_or_class: Any) -> str:
     return "feature-extraction"
 
 
+def usage_model_class(model: Any) -> str:
+    """The class the card's usage snippet loads the merged model with: its pipeline tag's Auto class when that
+    builds the merged model's own class (what `save_pretrained` writes to `config.architectures`) for its
+    `model_type`, else that class itself, imported from transformers — `AutoModel` loads a
+    `CLIPVisionModelWithProjection` folder as a `CLIPVisionModel`, dropping the projection."""
+    name = type(model).__name__
+    auto = _AUTO_CLASSES[pipeline_tag_for(model)][0]
+    built = getattr(modeling_auto, _AUTO_MAPPINGS[auto], {}).get(getattr(model.config, "model_type", None))
+    return auto if name in (built if isinstance(built, (tuple, list)) else (built,)) else name
+
+
+def usage_model_arguments(model: Any) -> dict[str, bool]:
+    """Constructor arguments `from_pretrained` must be given to rebuild the merged model, which `config.json`
+    cannot record: `add_pooling_layer=False` for an encoder merged without a pooler (else transformers adds a
+    randomly initialised one), `use_mask_token=True` for a ViT holding its mask token (else it is dropped)."""
+    accepted = inspect.signature(type(model).__init__).parameters
+    arguments = {}
+    if "add_pooling_layer" in accepted and getattr(model, "pooler", True) is None:
+        arguments["add_pooling_layer"] = False
+    if "use_mask_token" in accepted and getattr(getattr(model, "embeddings", None), "mask_token", None) is not None:
+        arguments["use_mask_token"] = True
+    return arguments
+
+
+def head_kind(config: Any) -> str:
+    """How the classifier's outputs are read, for the card's text and snippet: `regression` (each output a score),
+    `multi_label` (a sigmoid per label) or `softmax` (one softmax over a task's classes). The parents share one kind
+    (`load.parents` refuses mixed heads), and the merged config keeps it."""
+    if is_regression_head(config):
+        return "regression"
+    return "multi_label" if is_multi_label_head(config) else "softmax"
+
+
+def softmax_proxies(config: Any, mudsc: Mapping[str, Any]) -> list[str]:
+    """The held-out scores of this merge that judged a multi-label head (a sigmoid per label) by softmaxes
+    (`apply.fidelity`): the refit gate's log-probability agreement, `alpha="auto"`'s argmax agreement. The card
+    names them as proxies: a softmax sees only differences between logits, not the level a sigmoid is read at."""
+    if head_kind(config) != "multi_label":
+        return []
+    gate = mudsc.get("refit_gate") or {}
+    measure = str(gate.get("measure", "log-probability agreement"))
+    return [*([f"the refit gate's score ({measure})"] if gate and "log-probability" in measure else []),
+            *(['`alpha="auto"`\'s fidelity (argmax agreement)'] if mudsc.get("alpha_auto") else [])]
+
+
 def calibration_dataset_id(calibration_spec: str | None) -> str | None:
     """The Hub dataset id in a calibration spec `repo[:config]:split`, or None for local data."""
     if not calibration_spec:
@@ -441,7 +495,10 @@ def render_card(
         model_name=name,
         model_class=type(model).__name__,
         pipeline_tag=data.pipeline_tag,
-        auto_model=_AUTO_CLASSES[data.pipeline_tag][0],
+        auto_model=usage_model_class(model),  # the name custom templates know; not always an Auto class
+        model_arguments=usage_model_arguments(model),
+        head_kind=head_kind(model.config),
+        softmax_proxies=softmax_proxies(model.config, mudsc),
         auto_processor=_AUTO_CLASSES[data.pipeline_tag][1] if processor_saved else None,
         repo_id=recipe.push_to_hub,
         parents=infos,
