@@ -14,7 +14,7 @@ from huggingface_hub import ModelCard
 from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaModel, ViTConfig, ViTModel
 
 import hf_mudsc
-from hf_mudsc.publish.card import render_card, softmax_proxies, usage_model_arguments
+from hf_mudsc.publish.card import render_card, usage_model_arguments
 from hf_mudsc.publish.recipe import Recipe
 
 # Every supported class (the factories' table) and the pooler-less RoBERTa encoder the table has no row for.
@@ -145,24 +145,3 @@ def test_a_multi_label_cards_snippet_gives_each_label_past_the_threshold(head_ca
         past = merged(**inputs).logits.sigmoid() > 0.5
     names = merged.config.id2label
     assert namespace["labels"] == [[names[i] for i in range(len(names)) if row[i]] for row in past]
-
-
-def test_a_multi_label_cards_refit_gate_is_said_to_score_a_softmax_proxy(head_cards):
-    """The refit gate (and `alpha="auto"`) judge a sigmoid head by its softmax: the card must say the score is a
-    proxy for such a head, and nothing of the kind for a regression head, scored by its squared error."""
-    multi_label = ModelCard.load(head_cards["multi_label"][1] / "README.md").text
-    assert "log-probability agreement" in multi_label
-    assert re.search(r"multi-label head.*softmax proxy", multi_label, re.S)
-    regression = ModelCard.load(head_cards["regression"][1] / "README.md").text
-    assert "relative squared error" in regression and "proxy" not in regression
-
-
-def test_the_scores_named_as_softmax_proxies_are_those_a_multi_label_merge_recorded():
-    multi_label = BertConfig(num_labels=3, problem_type="multi_label_classification")
-    gate = {"measure": "log-probability agreement", "kept": True, "none": -1.2, "refit": -1.1}
-    curve = {"grid": [0.5], "fidelity": [0.9], "held_out_examples": 6}
-    assert softmax_proxies(multi_label, {}) == []
-    assert len(softmax_proxies(multi_label, {"refit_gate": gate, "alpha_auto": curve})) == 2
-    assert "alpha" in softmax_proxies(multi_label, {"alpha_auto": curve})[0]
-    for other in (BertConfig(num_labels=3), BertConfig(num_labels=1)):  # softmax classes; a regression score
-        assert softmax_proxies(other, {"refit_gate": gate, "alpha_auto": curve}) == []

@@ -324,18 +324,6 @@ def head_kind(config: Any) -> str:
     return "multi_label" if is_multi_label_head(config) else "softmax"
 
 
-def softmax_proxies(config: Any, mudsc: Mapping[str, Any]) -> list[str]:
-    """The held-out scores of this merge that judged a multi-label head (a sigmoid per label) by softmaxes
-    (`apply.fidelity`): the refit gate's log-probability agreement, `alpha="auto"`'s argmax agreement. The card
-    names them as proxies: a softmax sees only differences between logits, not the level a sigmoid is read at."""
-    if head_kind(config) != "multi_label":
-        return []
-    gate = mudsc.get("refit_gate") or {}
-    measure = str(gate.get("measure", "log-probability agreement"))
-    return [*([f"the refit gate's score ({measure})"] if gate and "log-probability" in measure else []),
-            *(['`alpha="auto"`\'s fidelity (argmax agreement)'] if mudsc.get("alpha_auto") else [])]
-
-
 def calibration_dataset_id(calibration_spec: str | None) -> str | None:
     """The Hub dataset id in a calibration spec `repo[:config]:split`, or None for local data."""
     if not calibration_spec:
@@ -498,7 +486,6 @@ def render_card(
         auto_model=usage_model_class(model),  # the name custom templates know; not always an Auto class
         model_arguments=usage_model_arguments(model),
         head_kind=head_kind(model.config),
-        softmax_proxies=softmax_proxies(model.config, mudsc),
         auto_processor=_AUTO_CLASSES[data.pipeline_tag][1] if processor_saved else None,
         repo_id=recipe.push_to_hub,
         parents=infos,
