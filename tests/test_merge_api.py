@@ -218,6 +218,27 @@ def test_parents_of_different_config_are_refused():
         hf_mudsc.merge([make_model("vit_cls"), wide], make_batches("vit_cls", 1))
 
 
+def test_a_config_mismatch_names_the_parents_by_letter(tmp_path):
+    """QA s25: parents given as objects were named only by class ("'ViTForImageClassification' and
+    'ViTForImageClassification' have different configurations"); now by letter, with the folder when there is one."""
+    from factories import VIT
+    from transformers import ViTConfig, ViTForImageClassification
+
+    other = ViTForImageClassification(ViTConfig(**{**VIT, "layer_norm_eps": 1e-6}, num_labels=3)).eval()
+    parents = [make_model("vit_cls"), make_model("vit_cls", 1), other]
+    with pytest.raises(MergeInputError, match=r"^parent A and parent C have different configurations.*"
+                                              r"layer_norm_eps: 1e-12 vs 1e-06"):
+        hf_mudsc.merge(parents, make_batches("vit_cls", 1), progress=False)
+    for index, parent in enumerate((parents[0], other)):
+        parent.save_pretrained(tmp_path / str(index))
+    expected = rf"^parent A \('{tmp_path / '0'}'\) and parent B \('{tmp_path / '1'}'\) have different configurations"
+    with pytest.raises(MergeInputError, match=expected):
+        hf_mudsc.merge([str(tmp_path / "0"), str(tmp_path / "1")], make_batches("vit_cls", 1), progress=False)
+    from hf_mudsc.load.checks import check_parents
+    with pytest.raises(MergeInputError, match=r"^parent A and parent C have different configurations"):
+        check_parents(parents[0], other, labels=("A", "C"))
+
+
 def test_unsupported_architecture_names_the_supported_ones():
     gpt = GPT2Model(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=20, n_positions=8))
     with pytest.raises(UnsupportedArchitectureError, match="supported model types: bert, clip"):

@@ -626,7 +626,7 @@ def check_configs(located: Sequence[_Located]) -> None:
             )
         differences = config_differences(first.config, other.config)
         if differences:
-            raise ParentMismatchError(config_mismatch(f"{first.reference!r} and {other.reference!r}", differences))
+            raise ParentMismatchError(config_mismatch(f"{_named(first, 0)} and {_named(other, index)}", differences))
         if kind_a.endswith("Classification") and is_regression_head(first.config) != is_regression_head(other.config):
             (regression, r), (classifier, c) = sorted(((first, 0), (other, index)),
                                                       key=lambda pair: not is_regression_head(pair[0].config))
