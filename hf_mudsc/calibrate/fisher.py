@@ -40,9 +40,14 @@ def head_rule_message(method: str, config: Any, who: str = "parent A") -> str | 
     Fisher is that softmax's, so a regression head's (one output: log_softmax of one logit is 0) is identically zero
     and the merge would be the plain average, and a multi-label head (a sigmoid per label) is not what its model
     predicts. transformers reads a head with problem_type None and one label as regression (`is_regression_head`)."""
-    if is_regression_head(config):
+    problem = getattr(config, "problem_type", None) or "regression"
+    if is_regression_head(config) and problem == "regression":
         what = (f"a regression head (problem_type 'regression', num_labels={getattr(config, 'num_labels', None)}): "
-                "the Fisher of a softmax over one output is zero, so the merge would be the plain average")
+                "its Fisher under a softmax is not the Gaussian one regression needs (of one output it is zero, so "
+                "the merge would be the plain average)")
+    elif is_regression_head(config):  # one output read as a class: a softmax over one logit is constant
+        what = (f"a head of one output (num_labels=1, problem_type {problem!r}): the Fisher of a softmax over one "
+                "output is zero, so the merge would be the plain average")
     elif is_multi_label_head(config):
         what = ("a multi-label head (problem_type 'multi_label_classification': a sigmoid per label), which that "
                 "softmax does not describe")
