@@ -76,7 +76,12 @@ class OutputLocationError(ValueError):
 
 
 class SpecError(ValueError):
-    """A permutation spec does not describe the model it was built for (an adapter bug)."""
+    """A permutation spec does not describe the model it was built for (an adapter bug, or a layout of a supported
+    model type the adapter has no place for: `unplaced` names those parameters)."""
+
+    def __init__(self, message: str, unplaced: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.unplaced = unplaced
 
 
 class RepoExistsError(FileExistsError):

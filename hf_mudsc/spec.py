@@ -200,9 +200,9 @@ class PermutationSpec:
         for name in self.averaged:
             if name not in params:
                 problems.append(f"averaged parameter {name!r} does not exist")
-        for name in params:
-            if name not in declared:
-                problems.append(f"parameter {name!r} is in no group and not declared averaged")
+        unplaced = tuple(name for name in params if name not in declared)
+        for name in unplaced:
+            problems.append(f"parameter {name!r} is in no group and not declared averaged")
         if self.classifier is not None:
             for name in (self.classifier.weight, self.classifier.bias):
                 if name is not None and name not in params:
@@ -210,5 +210,6 @@ class PermutationSpec:
         if problems:
             raise SpecError(
                 f"the {self.family or 'model'} permutation spec does not fit the model:\n  - "
-                + "\n  - ".join(problems)
+                + "\n  - ".join(problems),
+                unplaced=unplaced,
             )

@@ -360,6 +360,35 @@ def test_fisher_refuses_parents_without_a_classification_head_before_any_weights
                        progress=False)
 
 
+@pytest.mark.parametrize(("labels", "problem_type", "named"), [
+    (1, None, "problem_type 'regression'"), (1, "regression", "problem_type 'regression'"),
+    (3, "regression", "problem_type 'regression'"),
+    (3, "multi_label_classification", "problem_type 'multi_label_classification'")])
+def test_fisher_refuses_heads_not_read_by_one_softmax_before_any_weights(tmp_path, monkeypatch, labels, problem_type,
+                                                                        named):
+    """Fisher's weights are the Fisher of one softmax over the head's classes: of a regression head's one output it
+    is identically zero (log_softmax of one logit is 0: the merge was the plain average, recorded as fisher), and a
+    multi-label head is read by a sigmoid per label. Refused in one line naming the problem_type and the methods to
+    use, from parent A's config: by the dry run (no weights read) and by merge() before the Fisher pass."""
+    import hf_mudsc.calibrate.fisher as fisher_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("the Fisher pass ran before the refusal")
+
+    monkeypatch.setattr(fisher_module, "diagonal_fisher", never)
+    base = make_model("bert_cls", seed=0, num_labels=labels)
+    base.config.problem_type = problem_type
+    parents = [base, fine_tune(base, 1, 0.02)]
+    for index, parent in enumerate(parents):
+        parent.save_pretrained(tmp_path / str(index))
+    for dry_run in (True, False):
+        with pytest.raises(MergeInputError, match=named) as error:
+            hf_mudsc.merge(parents if not dry_run else [tmp_path / "0", tmp_path / "1"],
+                           make_batches("bert_cls", 1, 2), method="fisher", dry_run=dry_run, progress=False)
+        message = str(error.value)
+        assert "\n" not in message and "regmean" in message and "linear" in message and "--method" in message
+
+
 def test_options_reach_the_cli_recipe_and_card_only_for_the_method_that_reads_them(tmp_path):
     from hf_mudsc.cli.main import build_parser
     from hf_mudsc.cli.merge import build_recipe

@@ -218,6 +218,27 @@ def test_parents_of_different_config_are_refused():
         hf_mudsc.merge([make_model("vit_cls"), wide], make_batches("vit_cls", 1))
 
 
+def test_a_config_mismatch_names_the_parents_by_letter(tmp_path):
+    """QA s25: parents given as objects were named only by class ("'ViTForImageClassification' and
+    'ViTForImageClassification' have different configurations"); now by letter, with the folder when there is one."""
+    from factories import VIT
+    from transformers import ViTConfig, ViTForImageClassification
+
+    other = ViTForImageClassification(ViTConfig(**{**VIT, "layer_norm_eps": 1e-6}, num_labels=3)).eval()
+    parents = [make_model("vit_cls"), make_model("vit_cls", 1), other]
+    with pytest.raises(MergeInputError, match=r"^parent A and parent C have different configurations.*"
+                                              r"layer_norm_eps: 1e-12 vs 1e-06"):
+        hf_mudsc.merge(parents, make_batches("vit_cls", 1), progress=False)
+    for index, parent in enumerate((parents[0], other)):
+        parent.save_pretrained(tmp_path / str(index))
+    expected = rf"^parent A \('{tmp_path / '0'}'\) and parent B \('{tmp_path / '1'}'\) have different configurations"
+    with pytest.raises(MergeInputError, match=expected):
+        hf_mudsc.merge([str(tmp_path / "0"), str(tmp_path / "1")], make_batches("vit_cls", 1), progress=False)
+    from hf_mudsc.load.checks import check_parents
+    with pytest.raises(MergeInputError, match=r"^parent A and parent C have different configurations"):
+        check_parents(parents[0], other, labels=("A", "C"))
+
+
 def test_unsupported_architecture_names_the_supported_ones():
     gpt = GPT2Model(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=20, n_positions=8))
     with pytest.raises(UnsupportedArchitectureError, match="supported model types: bert, clip"):
@@ -245,6 +266,81 @@ def test_a_bert_multiple_choice_model_is_refused_as_the_token_classifier_is():
                        match=r"^BertForMultipleChoice is not supported.*use BertModel or "
                              r"BertForSequenceClassification$"):
         hf_mudsc.merge(parents, make_batches("bert_cls", 1), progress=False)
+
+
+@pytest.mark.parametrize("positions", ["relative_key", "relative_key_query"])
+def test_a_relative_position_bert_is_refused_in_one_line_before_any_weights(tmp_path, caplog, positions):
+    """QA s25: a BERT checkpoint trained with relative positions (per-layer `distance_embedding` tensors) merged as an
+    absolute-position BERT (transformers 5 implements none): its trained distance embeddings were dropped with an
+    "unused tensors" warning and the merged config still said relative_key. Refused from the config, before any
+    weights: as objects, from folders (the dry run reads no weights) and merging the folders."""
+    from factories import BERT
+    from safetensors.torch import load_file, save_file
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(**BERT, num_labels=3, position_embedding_type=positions)
+    parents = [BertForSequenceClassification(config).eval() for _ in range(2)]
+    head_dim = BERT["hidden_size"] // BERT["num_attention_heads"]
+    for index, parent in enumerate(parents):
+        parent.save_pretrained(tmp_path / str(index))
+        file = tmp_path / str(index) / "model.safetensors"
+        tensors = load_file(file)
+        for layer in range(BERT["num_hidden_layers"]):
+            tensors[f"bert.encoder.layer.{layer}.attention.self.distance_embedding.weight"] = torch.randn(
+                2 * BERT["max_position_embeddings"] - 1, head_dim)
+        save_file(tensors, file, metadata={"format": "pt"})
+    folders = [tmp_path / "0", tmp_path / "1"]
+    expected = (rf"^BertForSequenceClassification uses position_embedding_type '{positions}', which the installed "
+                r"transformers' BERT does not implement \(its trained distance embeddings would be dropped\)")
+    for given, dry_run in ((parents, False), (folders, True), (folders, False)):
+        with pytest.raises(UnsupportedArchitectureError, match=expected) as error:
+            hf_mudsc.merge(given, make_batches("bert_cls", 1), dry_run=dry_run, progress=False)
+        assert "\n" not in str(error.value) and "absolute" in str(error.value)
+    assert "unused" not in caplog.text  # refused before the weights were read
+
+
+def test_unsupported_layouts_of_a_supported_model_type_are_refused_in_one_line_naming_what_to_use():
+    """QA s25: a layout the adapter has no place for was refused with the spec's multi-line internal SpecError (21
+    lines for a BERT decoder with cross-attention, 3 for CLIPForImageClassification) naming no fix."""
+    from factories import BERT, TEXT, VISION
+    from transformers import BertConfig, BertModel, CLIPConfig, CLIPForImageClassification
+
+    decoder = BertModel(BertConfig(**BERT, is_decoder=True, add_cross_attention=True)).eval()
+    with pytest.raises(UnsupportedArchitectureError,
+                       match=r"^BERT with cross-attention \(add_cross_attention=True\) is not supported;.*BertModel"
+                       ) as error:
+        hf_mudsc.merge([decoder, copy.deepcopy(decoder)], make_batches("bert", 1), progress=False)
+    assert "\n" not in str(error.value)
+    clip = CLIPForImageClassification(CLIPConfig(text_config=TEXT, vision_config=VISION, num_labels=3)).eval()
+    with pytest.raises(UnsupportedArchitectureError,
+                       match=r"^CLIPForImageClassification is not supported \(.*\); use CLIPModel.*CLIPVisionModel"
+                       ) as error:
+        hf_mudsc.merge([clip, copy.deepcopy(clip)], make_batches("clip_vision", 1), progress=False)
+    assert "\n" not in str(error.value)
+    # Any other parameter an adapter has no place for: one line naming the class, the tensor and where to look.
+    odd = make_model("bert", 0)
+    odd.encoder.extra = torch.nn.Linear(4, 4)
+    with pytest.raises(UnsupportedArchitectureError,
+                       match=r"^BertModel is not supported: the bert adapter has no place for its parameter "
+                             r"'encoder.extra.weight' \(and 1 more\);") as error:
+        spec_for(odd)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(("kind", "backbone"), [("vit_cls", "ViTModel"), ("bert_cls", "BertModel"),
+                                                ("roberta_cls", "RobertaModel")])
+def test_a_head_without_labels_is_refused_in_one_line_before_any_work(kind, backbone):
+    """QA s25: `num_labels=0` heads. ViTForImageClassification (its classifier an nn.Identity) was refused as "not
+    supported; use ViTModel or ViTForImageClassification" (its own class); BertForSequenceClassification (a zero-row
+    classifier) ran calibration and the solve, then crashed in the refit reshaping 0 elements."""
+    from factories import ARCHITECTURES
+
+    parents = [ARCHITECTURES[kind].build(0).eval() for _ in range(2)]
+    with pytest.raises(UnsupportedArchitectureError, match=r"head has no labels \(num_labels=0\)") as error:
+        hf_mudsc.merge(parents, make_batches(kind, 1), progress=False)
+    message = str(error.value)
+    assert "\n" not in message and f"merge the {backbone} backbone instead" in message
+    assert f"use {backbone} or" not in message
 
 
 def test_parents_of_different_classes_are_told_to_merge_models_of_parent_as_class():

@@ -72,3 +72,27 @@ def test_average_of_permuted_copy_breaks_the_function(pairs, kind):
     model, permuted, batches = pairs(kind)
     merged = hf_mudsc.merge([model, permuted], None, method="average", progress=False)
     assert relative_error(model_output(merged, batches[0]), model_output(model, batches[0])) > 0.1
+
+
+def test_a_vit_with_a_trained_mask_token_merges_it_as_objects_and_from_folders(tmp_path, caplog):
+    """QA s25: `ViTModel(use_mask_token=True)` (a constructor argument its config does not record) was refused as an
+    object "an adapter or extra module is attached ... merge_and_unload()", and from folders its trained mask_token
+    was dropped with an "unused tensors" warning. The adapter places mask_token in the residual group like the CLS
+    token: merging the model with a permuted copy gives back its function on masked patches too, either way."""
+    from factories import VIT, randomize
+    from transformers import ViTConfig, ViTModel
+
+    model = randomize(ViTModel(ViTConfig(**VIT), use_mask_token=True), 0)
+    permuted = permuted_copy(model, spec_for(model), seed=1)
+    batches = make_batches("vit", num_batches=4)
+    patches = (VIT["image_size"] // VIT["patch_size"]) ** 2
+    masked = {**batches[0], "bool_masked_pos": torch.rand(len(batches[0]["pixel_values"]), patches,
+                                                          generator=torch.Generator().manual_seed(5)) < 0.5}
+    assert relative_error(model_output(permuted, masked), model_output(model, masked)) < 1e-5
+    model.save_pretrained(tmp_path / "a")
+    permuted.save_pretrained(tmp_path / "b")
+    for given in ([model, permuted], [tmp_path / "a", tmp_path / "b"]):
+        merged = hf_mudsc.merge(given, batches, method="mudsc", matcher="zip", progress=False)
+        assert "embeddings.mask_token" in dict(merged.named_parameters())
+        assert relative_error(model_output(merged, masked), model_output(model, masked)) < 1e-5
+    assert "unused" not in caplog.text

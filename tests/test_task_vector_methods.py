@@ -145,6 +145,29 @@ def test_layer_swap_known_answer_on_hand_made_state_dicts():
     assert tv.block_index("bert.pooler.dense.weight") is None
 
 
+def test_layer_swap_refuses_a_block_one_clip_tower_lacks_naming_each_towers_blocks():
+    """QA s25: in a CLIP whose towers differ in depth (vision 2 blocks, text 4), layer_swap '1:3' moved only the text
+    tower's block 3, silently; block b moves in both towers (docs/design.md §4.10), so a block one tower lacks is
+    refused in one line naming each tower's blocks, before any weights. A block both towers have moves in both."""
+    from factories import TEXT, VISION, fine_tune, randomize
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    base = randomize(CLIPModel(CLIPConfig(text_config=dict(TEXT, num_hidden_layers=4), vision_config=VISION,
+                                          projection_dim=24)), 0)
+    parents = [fine_tune(base, 1, 0.02), fine_tune(base, 2, 0.02)]
+    for dry_run in (True, False):
+        with pytest.raises(MergeInputError, match=r"layer_swap '1:3' lists block 3, which the text_model tower has "
+                           r"\(blocks 0 to 3\) but the vision_model tower has not \(blocks 0 to 1\)") as error:
+            hf_mudsc.merge(parents, method="layer_swap", layer_swap="1:3", dry_run=dry_run, progress=False)
+        assert "\n" not in str(error.value) and "--layer-swap" in str(error.value)
+    merged = params(hf_mudsc.merge(parents, method="layer_swap", layer_swap="1:1", progress=False))
+    one = params(parents[1])
+    moved = [n for n in merged if ".layers.1." in n]
+    assert {n.split(".")[0] for n in moved} == {"text_model", "vision_model"}
+    assert all(torch.equal(merged[n], one[n]) for n in moved)
+
+
 def test_parse_layer_swap():
     assert parse_layer_swap("0:0-1,1:2-3, 2:5") == {0: 0, 1: 0, 2: 1, 3: 1, 5: 2}
     for bad, needle in (("1:3-2", "last block before its first"), ("1:0-2,2:2", "block 2 is listed twice"),

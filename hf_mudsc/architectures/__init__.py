@@ -13,7 +13,7 @@ import pkgutil
 from torch import nn
 
 from hf_mudsc.architectures.registry import SpecBuilder, builder_for, register, registered_model_types, unregister
-from hf_mudsc.errors import UnsupportedArchitectureError
+from hf_mudsc.errors import SpecError, UnsupportedArchitectureError
 from hf_mudsc.spec import PermutationSpec
 
 __all__ = ["SpecBuilder", "adapter_modules", "discover", "register", "spec_for", "supported_model_types",
@@ -64,5 +64,16 @@ def spec_for(model: nn.Module) -> PermutationSpec:
             "(docs/adding_an_architecture.md)."
         )
     spec = builder(model)
-    spec.validate(dict(model.named_parameters()), (name for name, _ in model.named_modules()))
+    try:
+        spec.validate(dict(model.named_parameters()), (name for name, _ in model.named_modules()))
+    except SpecError as error:
+        if not error.unplaced:  # the adapter's own spec is wrong: its bug, with every problem listed
+            raise
+        # A layout of a supported model type the adapter has no place for (an extra module, another head class):
+        # one line naming the class and the tensor, not the spec's internal list (21 lines for a BERT decoder).
+        more = f" (and {len(error.unplaced) - 1} more)" if len(error.unplaced) > 1 else ""
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} is not supported: the {spec.family or model_type} adapter has no place for its "
+            f"parameter {error.unplaced[0]!r}{more}; merge a class docs/design.md §5 lists for {model_type!r} models "
+            "(the backbone alone, e.g. the bare *Model, when the head is the part it cannot hold)") from None
     return spec

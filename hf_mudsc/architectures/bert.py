@@ -5,7 +5,16 @@ from __future__ import annotations
 from torch import nn
 
 from hf_mudsc.architectures.registry import register
-from hf_mudsc.architectures.templates import BlockNames, Embedding, EncoderTable, encoder_groups, in_cols, linear_out
+from hf_mudsc.architectures.templates import (
+    BlockNames,
+    Embedding,
+    EncoderTable,
+    check_encoder_config,
+    encoder_groups,
+    in_cols,
+    linear_out,
+    refuse_labelless_head,
+)
 from hf_mudsc.errors import UnsupportedArchitectureError
 from hf_mudsc.spec import Classifier, Group, HookPoint, PermutationSpec
 
@@ -42,7 +51,11 @@ def bert_spec(model: nn.Module) -> PermutationSpec:
     prefix = "bert." if "bert.embeddings.word_embeddings.weight" in params else ""
     if f"{prefix}embeddings.word_embeddings.weight" not in params:
         raise UnsupportedArchitectureError(f"{type(model).__name__} does not look like a BERT this adapter knows")
+    check_encoder_config(type(model).__name__, config, params, family="BERT",
+                         use="BertModel or BertForSequenceClassification")
     has_classifier = "classifier.weight" in params
+    if has_classifier and params["classifier.weight"].shape[0] == 0:
+        refuse_labelless_head(type(model).__name__, "BertModel")
     if prefix and not has_classifier:
         raise UnsupportedArchitectureError(
             f"{type(model).__name__} is not supported; use BertModel or BertForSequenceClassification"

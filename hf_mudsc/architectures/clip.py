@@ -53,6 +53,11 @@ def clip_spec(model: nn.Module) -> PermutationSpec:
     projection_members: list[Member] = []
     projection_hooks: list[HookPoint] = []
 
+    if "classifier.weight" in params:  # CLIPForImageClassification: a head on the mean of the vision tokens
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} is not supported (a classifier over the vision tower's mean patch token, which "
+            "the CLIP adapter does not match); use CLIPModel / CLIPVisionModel / CLIPVisionModelWithProjection / "
+            "CLIPTextModel / CLIPTextModelWithProjection")
     towers = []
     if "vision_model.embeddings.class_embedding" in params:
         towers.append(("vision", "vision_model.", getattr(config, "vision_config", config)))

@@ -6,7 +6,13 @@ from torch import nn
 
 from hf_mudsc.architectures.bert import BERT, MASK
 from hf_mudsc.architectures.registry import register
-from hf_mudsc.architectures.templates import encoder_groups, in_cols, linear_out
+from hf_mudsc.architectures.templates import (
+    check_encoder_config,
+    encoder_groups,
+    in_cols,
+    linear_out,
+    refuse_labelless_head,
+)
 from hf_mudsc.errors import UnsupportedArchitectureError
 from hf_mudsc.spec import Classifier, Group, HookPoint, PermutationSpec
 
@@ -20,6 +26,10 @@ def roberta_spec(model: nn.Module) -> PermutationSpec:
     params = dict(model.named_parameters())
     prefix = "roberta." if "roberta.embeddings.word_embeddings.weight" in params else ""
     has_head = "classifier.out_proj.weight" in params
+    check_encoder_config(type(model).__name__, config, params, family="RoBERTa",
+                         use="RobertaModel or RobertaForSequenceClassification")
+    if has_head and params["classifier.out_proj.weight"].shape[0] == 0:
+        refuse_labelless_head(type(model).__name__, "RobertaModel")
     if f"{prefix}embeddings.word_embeddings.weight" not in params or (prefix and not has_head):
         raise UnsupportedArchitectureError(
             f"{type(model).__name__} is not supported; use RobertaModel or RobertaForSequenceClassification"

@@ -12,7 +12,35 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from hf_mudsc.errors import UnsupportedArchitectureError
 from hf_mudsc.spec import Group, HookPoint, Member
+
+
+def refuse_labelless_head(class_name: str, backbone: str) -> None:
+    """Refuse a classification class built with `num_labels=0` (a zero-row classifier, or an `nn.Identity` in its
+    place): it predicts nothing, and a zero-row head broke the merge late (the refit's reshape of 0 elements).
+    `backbone`: the bare class to merge instead."""
+    raise UnsupportedArchitectureError(
+        f"{class_name}'s head has no labels (num_labels=0): merge the {backbone} backbone instead, or give the head "
+        "its labels (num_labels >= 1)")
+
+
+def check_encoder_config(model_name: str, config: object, parameters: Collection[str], *, family: str,
+                         use: str) -> None:
+    """Refuse, from the config and parameter names, BERT-style encoders whose layout the installed transformers
+    or the adapter cannot hold: relative position embeddings (transformers 5 implements only absolute ones, so a
+    checkpoint's per-layer `distance_embedding` tensors were dropped with an "unused tensors" warning and the merged
+    config still claimed them) and cross-attention blocks (no group holds them). `use`: the classes to merge."""
+    positions = getattr(config, "position_embedding_type", None)
+    if positions not in (None, "absolute"):
+        raise UnsupportedArchitectureError(
+            f"{model_name} uses position_embedding_type {positions!r}, which the installed transformers' {family} "
+            "does not implement (its trained distance embeddings would be dropped); merge models trained with "
+            "absolute position embeddings (position_embedding_type 'absolute')")
+    if any(".crossattention." in name for name in parameters):
+        raise UnsupportedArchitectureError(
+            f"{family} with cross-attention (add_cross_attention=True) is not supported; merge encoder-only models "
+            f"({use}, built without add_cross_attention)")
 
 
 def out_rows(*params: str) -> list[Member]:

@@ -12,6 +12,7 @@ from hf_mudsc.architectures.templates import (
     encoder_groups,
     in_cols,
     linear_out,
+    refuse_labelless_head,
 )
 from hf_mudsc.errors import UnsupportedArchitectureError
 from hf_mudsc.spec import Classifier, Group, HookPoint, PermutationSpec, Stream
@@ -49,6 +50,10 @@ def vit_spec(model: nn.Module) -> PermutationSpec:
         raise UnsupportedArchitectureError(f"{type(model).__name__} does not look like a ViT this adapter knows")
     has_classifier = "classifier.weight" in params
     has_pooler = f"{prefix}pooler.dense.weight" in params
+    if prefix and not has_classifier and isinstance(getattr(model, "classifier", None), nn.Identity):
+        refuse_labelless_head(type(model).__name__, "ViTModel")  # transformers' num_labels=0 head
+    if has_classifier and params["classifier.weight"].shape[0] == 0:
+        refuse_labelless_head(type(model).__name__, "ViTModel")
     if prefix and not has_classifier:
         raise UnsupportedArchitectureError(
             f"{type(model).__name__} is not supported; use ViTModel or ViTForImageClassification"

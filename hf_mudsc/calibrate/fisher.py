@@ -24,6 +24,7 @@ from torch import nn
 
 from hf_mudsc.calibrate.layer_inputs import batch_to, run_forward
 from hf_mudsc.errors import MergeInputError
+from hf_mudsc.load.checks import is_multi_label_head, is_regression_head
 from hf_mudsc.progress import Progress
 
 
@@ -32,6 +33,28 @@ def no_head_message(method: str) -> str:
     return (f"{method} needs parents with a classification head (a `logits` output of shape (examples, classes), as "
             "*ForSequenceClassification / *ForImageClassification models give); use method='regmean' or a dataless "
             "method (CLI: --method) for these parents")
+
+
+def head_rule_message(method: str, config: Any, who: str = "parent A") -> str | None:
+    """The one-line refusal of a head not read by one softmax over its classes (None for a softmax head): this
+    Fisher is that softmax's, so a regression head's (one output: log_softmax of one logit is 0) is identically zero
+    and the merge would be the plain average, and a multi-label head (a sigmoid per label) is not what its model
+    predicts. transformers reads a head with problem_type None and one label as regression (`is_regression_head`)."""
+    problem = getattr(config, "problem_type", None) or "regression"
+    if is_regression_head(config) and problem == "regression":
+        what = (f"a regression head (problem_type 'regression', num_labels={getattr(config, 'num_labels', None)}): "
+                "its Fisher under a softmax is not the Gaussian one regression needs (of one output it is zero, so "
+                "the merge would be the plain average)")
+    elif is_regression_head(config):  # one output read as a class: a softmax over one logit is constant
+        what = (f"a head of one output (num_labels=1, problem_type {problem!r}): the Fisher of a softmax over one "
+                "output is zero, so the merge would be the plain average")
+    elif is_multi_label_head(config):
+        what = ("a multi-label head (problem_type 'multi_label_classification': a sigmoid per label), which that "
+                "softmax does not describe")
+    else:
+        return None
+    return (f"{method} weights each parameter by the Fisher of one softmax over the head's classes, but {who} has "
+            f"{what}; use method='regmean', 'linear' or 'ties' (CLI: --method) for these parents")
 
 
 def classifier_logits(output: Any) -> torch.Tensor:

@@ -141,7 +141,7 @@ def check_parents(model_a: PreTrainedModel, model_b: PreTrainedModel, labels: tu
         )
     differences = config_differences(model_a.config, model_b.config)
     if differences:
-        raise MergeInputError(config_mismatch("parents", differences))
+        raise MergeInputError(config_mismatch(f"parent {label_a} and parent {label_b}", differences))
     names = ([name for name, _ in model_a.named_parameters()], [name for name, _ in model_b.named_parameters()])
     difference = parameter_difference(*names)
     # Parents whose names the loader could not read before loading (pickle checkpoints) are checked here, as loaded.

@@ -129,10 +129,32 @@ class _Located:
     read_as: type[PreTrainedModel] | None = None
     """A base of another head class than the parents' (same model type and backbone): the parents' class it is read
     as (`check_base_config`); tensors its checkpoint lacks become `LoadedParent.absent`."""
+    options: dict[str, Any] | None = None
+    """Constructor arguments its checkpoint's tensors show it was built with (`constructor_options`), once read from
+    the safetensors headers (`built_with`)."""
 
 
 
 
+
+
+def built_with(located: _Located, keys: Iterable[str] | None = None) -> dict[str, Any]:
+    """The constructor arguments a located checkpoint was built with beside its config (`constructor_options`), from
+    its safetensors keys (`keys` when read elsewhere, else the headers in its folder); none for pickle checkpoints or
+    weights not fetched yet (then not remembered: asked again once they are)."""
+    if located.options is not None:
+        return located.options
+    from hf_mudsc.load.lazy import checkpoint_keys, safetensors_files
+
+    if keys is None:
+        files = (safetensors_files(located.folder) if located.folder is not None and not located.use_pickle
+                 else None)
+        if not files or not all(file.is_file() for file in files):
+            return {}
+        keys = checkpoint_keys(files)
+    cls = located.read_as or model_class_for(located.config, located.reference)
+    located.options = constructor_options(cls, keys)
+    return located.options
 
 
 def model_class_for(config: PretrainedConfig, reference: str | None = None) -> type[PreTrainedModel]:
@@ -157,15 +179,32 @@ def model_class_for(config: PretrainedConfig, reference: str | None = None) -> t
     )
 
 
+# Constructor arguments a config does not record, shown by a tensor only they build: (argument, the parameter's name
+# or its tail after a module prefix). ViTModel(use_mask_token=True) holds a trained `embeddings.mask_token` (for
+# masked-patch inputs); the ViT adapter places it in the residual group like the CLS token.
+BUILT_BY_ARGUMENT = (("use_mask_token", "embeddings.mask_token"),)
+
+
+def constructor_options(cls: type[PreTrainedModel], names: Iterable[str]) -> dict[str, Any]:
+    """The constructor arguments (`BUILT_BY_ARGUMENT`) a model of class `cls` holding parameters (or checkpoint keys)
+    `names` was built with: a model built from its config alone lacks those tensors, so `from_pretrained` dropped them
+    with an "unused tensors" warning and a model object holding them was refused as carrying an adapter."""
+    names = list(names)
+    accepted = inspect.signature(cls.__init__).parameters
+    return {argument: True for argument, tensor in BUILT_BY_ARGUMENT
+            if argument in accepted and any(name == tensor or name.endswith(f".{tensor}") for name in names)}
+
+
 def meta_model(config: PretrainedConfig, cls: type[PreTrainedModel] | None = None, *,
-               reference: str | None = None) -> PreTrainedModel:
-    """`config`'s model (or `cls`'s) with every tensor on the meta device: shapes, no memory. A config no model can be
-    built from (zero attention heads, a patch of 0 pixels: transformers' constructors divide by them) is refused in
-    one line naming `reference` (default: the config's `_name_or_path`)."""
+               reference: str | None = None, options: Mapping[str, Any] | None = None) -> PreTrainedModel:
+    """`config`'s model (or `cls`'s) with every tensor on the meta device: shapes, no memory (`options`: constructor
+    arguments beside the config, `constructor_options`). A config no model can be built from (zero attention heads, a
+    patch of 0 pixels: transformers' constructors divide by them) is refused in one line naming `reference` (default:
+    the config's `_name_or_path`)."""
     cls = cls or model_class_for(config, reference)
     try:
         with torch.device("meta"):
-            return cls(config)
+            return cls(config, **(options or {}))
     except (ArithmeticError, ValueError, TypeError, AttributeError, KeyError, IndexError) as error:
         name = reference or getattr(config, "_name_or_path", "") or cls.__name__
         raise LoadError(f"{name!r}: config.json describes no {cls.__name__} transformers can build "
@@ -242,7 +281,8 @@ def check_model_objects(located: Sequence[_Located], who: Sequence[str] | None =
             raise LoadError(f"{name} has no weights: its parameters are on the meta device (e.g. {meta!r}); load "
                             "them first (from_pretrained) or pass its folder or Hub id")
         try:
-            from_config = meta_model(model.config, type(model), reference=parent.reference)
+            from_config = meta_model(model.config, type(model), reference=parent.reference,
+                                     options=constructor_options(type(model), (k for k, _ in model.named_parameters())))
             built = {key: tuple(tensor.shape) for key, tensor in from_config.named_parameters()}
         except LoadError:  # a class not built from its config alone (a subclass taking more arguments): no comparison
             continue
@@ -586,7 +626,7 @@ def check_configs(located: Sequence[_Located]) -> None:
             )
         differences = config_differences(first.config, other.config)
         if differences:
-            raise ParentMismatchError(config_mismatch(f"{first.reference!r} and {other.reference!r}", differences))
+            raise ParentMismatchError(config_mismatch(f"{_named(first, 0)} and {_named(other, index)}", differences))
         if kind_a.endswith("Classification") and is_regression_head(first.config) != is_regression_head(other.config):
             (regression, r), (classifier, c) = sorted(((first, 0), (other, index)),
                                                       key=lambda pair: not is_regression_head(pair[0].config))
@@ -628,7 +668,7 @@ def held_parameters(located: _Located, keys: Sequence[str] | None = None) -> lis
         if not files or not all(file.is_file() for file in files):
             return None
         keys = checkpoint_keys(files)
-    model = meta_model(located.config, reference=located.reference)
+    model = meta_model(located.config, reference=located.reference, options=built_with(located, keys))
     named = stored_keys(model, keys)
     if named is None:
         return None
@@ -853,7 +893,7 @@ def _finish_lazily(located: _Located) -> LoadedParent | None:
     checkpoint lacks are `absent`, not read."""
     from hf_mudsc.load.lazy import LazyParameters, lazy_parameters
 
-    model = meta_model(located.config, located.read_as, reference=located.reference)
+    model = meta_model(located.config, located.read_as, reference=located.reference, options=built_with(located))
     shapes = {name: tuple(tensor.shape) for name, tensor in model.named_parameters()}
     if located.read_as is None:
         parameters = lazy_parameters(located.folder, names=list(shapes), dtype=torch.float32, model=model)
@@ -941,7 +981,7 @@ def _load_weights(located: _Located) -> tuple[PreTrainedModel, list[str]]:
             model, info = cls.from_pretrained(
                 located.folder, config=located.config, dtype=torch.float32,
                 use_safetensors=False if located.use_pickle else True, trust_remote_code=False,
-                weights_only=True, output_loading_info=True, ignore_mismatched_sizes=True,
+                weights_only=True, output_loading_info=True, ignore_mismatched_sizes=True, **built_with(located),
             )
     except pickle.UnpicklingError as error:
         raise LoadError(

@@ -319,11 +319,15 @@ def method_runs(label_format: str = "{name} ({matcher})", *, with_base: bool = F
 def check_classifier(method: MergeMethod, model: Any) -> None:
     """Refuse, before any weights are read, parents a method that reads a classification head's logits
     (`needs_classifier`) cannot merge: `model` is parent A (or a weightless model built from its config), whose
-    architecture spec says whether it has a head."""
+    architecture spec says whether it has a head, and whose config whether the head is read by one softmax (a
+    regression or multi-label head is refused: `head_rule_message`)."""
     if not method.needs_classifier:
         return
     from hf_mudsc.architectures import spec_for
-    from hf_mudsc.calibrate.fisher import no_head_message
+    from hf_mudsc.calibrate.fisher import head_rule_message, no_head_message
 
     if spec_for(model).classifier is None:
         raise MergeInputError(no_head_message(method.name))
+    refusal = head_rule_message(method.name, model.config)
+    if refusal is not None:
+        raise MergeInputError(refusal)

@@ -23,7 +23,7 @@ the heads itself (`builds_concatenated_head=False`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -166,10 +166,13 @@ class TensorWiseMethod(MergeMethod):
 
     def check_shapes(self, options: MergeOptions, shapes: Callable[[], Mapping[str, tuple[int, ...]]]) -> None:
         """Refuse, from parent A's shapes and before any weights are read, a `density` with which the method's
-        sparsifier keeps no entry of even the largest tensor (`task_vectors.check_density_keeps`)."""
+        sparsifier keeps no entry of even the largest tensor (`task_vectors.check_density_keeps`), and `layer_swap`
+        blocks the model (or one of its towers) does not have."""
         if self._unfloored_sparsifier() is not None:
             self._check_kept_entries(self.option_value(options, "density"),
                                      max((math.prod(shape) for shape in shapes().values()), default=0))
+        if "layer_swap" in dict(self.arguments) and options.layer_swap is not None:
+            _check_blocks(self.keywords(options)["blocks"], shapes().keys(), options.layer_swap)
 
     @property
     def elects_signs(self) -> bool:
@@ -292,17 +295,33 @@ def _source(parameters: Mapping[str, Any] | None, name: str) -> Any:
                         lambda start, stop: rows_of(parameters, name, start, stop))
 
 
-def _check_blocks(blocks: dict[int, int], parameters: Sequence[str], text: str) -> None:
-    """Refuse `layer_swap` blocks the model does not have (they would silently change nothing)."""
+def _check_blocks(blocks: dict[int, int], parameters: Iterable[str], text: str) -> None:
+    """Refuse `layer_swap` blocks the model does not have (they would silently change nothing), and in a model of
+    several towers (CLIP), blocks one tower lacks: block b moves in every tower (docs/design.md §4.10), and a tower
+    shallower than the listed block moved nothing while the others moved (silently)."""
     from hf_mudsc.errors import MergeInputError, option_hint
-    from hf_mudsc.solve.task_vectors import block_index
+    from hf_mudsc.solve.task_vectors import block_tower
 
-    present = {block_index(name) for name in parameters} - {None}
+    towers: dict[str, set[int]] = {}
+    for name in parameters:
+        found = block_tower(name)
+        if found is not None:
+            towers.setdefault(found[0], set()).add(found[1])
+    present = set().union(*towers.values())
     missing = sorted(set(blocks) - present)
     if missing:
         have = f"blocks 0 to {max(present)}" if present else "no numbered encoder blocks"
         raise MergeInputError(f"layer_swap {text!r} lists block {missing[0]}, but the model has {have} "
                               f"{option_hint('layer_swap')}")
+    for block in sorted(blocks):
+        lacking = [tower for tower, held in towers.items() if block not in held]
+        if lacking:
+            having = next(tower for tower in towers if tower not in lacking)
+            raise MergeInputError(
+                f"layer_swap {text!r} lists block {block}, which the {having} tower has (blocks 0 to "
+                f"{max(towers[having])}) but the {lacking[0]} tower has not (blocks 0 to {max(towers[lacking[0]])}): "
+                f"block b moves in every tower; list blocks every tower has, or merge the towers apart (e.g. "
+                f"CLIPTextModel) {option_hint('layer_swap')}")
 
 
 def _function(name: str) -> Callable[..., dict[str, Any]]:

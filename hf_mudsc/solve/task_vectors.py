@@ -719,6 +719,16 @@ def block_index(name: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def block_tower(name: str) -> tuple[str, int] | None:
+    """(tower, block) of a tensor of an encoder block: the tower is the first module of the name's part before the
+    block list (`vision_model`, `text_model` in CLIP, `bert`, `model` for a bare model's top-level blocks), so a
+    two-tower model's towers are told apart; None outside every block."""
+    found = BLOCK_PATTERN.search(name)
+    if not found:
+        return None
+    return name[:found.start()].split(".")[0] or "model", int(found.group(1))
+
+
 def layer_swap(base, parents, weights=None, *, blocks: Mapping[int, int]) -> StateDict:
     """Layer swapping (Bandarkar et al. 2024, "Layer Swapping for Zero-Shot Cross-Lingual Transfer"; mergekit
     does it with ``slices`` + ``passthrough``): every tensor of encoder block ``b`` (``block_index``) is a copy of
