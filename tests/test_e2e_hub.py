@@ -3,13 +3,14 @@
 The first test's merge and push run as a real `hf-mudsc` process whose environment points at the emulator (the
 client reads HF_ENDPOINT at import; see tests/hub_emulator.py). The loading, the recipe's re-run and the other
 tests' commands run in this process against the same emulator (conftest's `local_hub`: the client's constants
-pointed at it; `cli_runs.run_cli_as_a_process`: stderr as a process writes it), sparing a new interpreter and a
-second torch import each. The emulator in this process shows what the Hub received. OMP_NUM_THREADS=1 (and one torch
-thread here): on a busy 2-core machine OpenMP start-up, not arithmetic, dominates these tiny merges.
+pointed at it; `hub_cli`: stderr as a process writes it), sparing a new interpreter and a second torch import each.
+The emulator in this process shows what the Hub received. OMP_NUM_THREADS=1 (and one torch thread here): on a busy
+2-core machine OpenMP start-up, not arithmetic, dominates these tiny merges.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import subprocess
 import sys
@@ -18,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from cli_runs import run_cli_as_a_process
 from factories import make_model
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
@@ -70,27 +70,10 @@ def run_cli(hub, *argv: str, token: str | None = SECRET) -> subprocess.Completed
 
 
 @pytest.fixture()
-def cli_here(local_hub, monkeypatch, capsys, caplog):
-    """`hf-mudsc ARGV` in this process against the emulator (`local_hub`), with `token` in HF_TOKEN as a client's
-    environment has it and `extra` environment variables for the run (TMPDIR also as tempfile's folder, which a
-    process reads once): the exit code, stdout, and stderr as a process of its own writes it."""
-    import tempfile
-
-    def run(*argv: str, token: str | None = SECRET,
-            extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        with monkeypatch.context() as patch:
-            if token is None:
-                patch.delenv("HF_TOKEN", raising=False)
-            else:
-                patch.setenv("HF_TOKEN", token)
-            for name, value in (extra or {}).items():
-                patch.setenv(name, value)
-            if extra and "TMPDIR" in extra:
-                patch.setattr(tempfile, "tempdir", extra["TMPDIR"])
-            code, out, err = run_cli_as_a_process(argv, capsys, caplog)
-        return subprocess.CompletedProcess(["hf-mudsc", *argv], code, out, err)
-
-    return run
+def cli_here(hub_cli):
+    """`hf-mudsc ARGV` in this process against the emulator with this module's token (conftest's `hub_cli`): the exit
+    code, stdout, and stderr as a process of its own writes it."""
+    return functools.partial(hub_cli, token=SECRET)
 
 
 def logits_of(model, seed: int = 0) -> torch.Tensor:
