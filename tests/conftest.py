@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 import shutil
 import signal
@@ -101,9 +100,7 @@ def hub_cli(local_hub, monkeypatch, capsys, caplog):
     """`hf-mudsc ARGV` run in this process against the emulator (no interpreter start-up, no second torch import per
     run), with `token` in HF_TOKEN as a client's environment has it (None: no token) and `extra` environment
     variables for that run (TMPDIR also as tempfile's folder, which a process reads once)."""
-    from cli_runs import run_cli_output
-
-    form = logging.Formatter("%(levelname)s %(name)s: %(message)s")  # the CLI's own (cli.main.configure_logging)
+    from cli_runs import run_cli_as_a_process
 
     def run(*argv: str, token: str | None = local_hub.token, extra: dict[str, str] | None = None) -> CliRun:
         with monkeypatch.context() as patch:
@@ -115,10 +112,7 @@ def hub_cli(local_hub, monkeypatch, capsys, caplog):
                 patch.setenv(name, value)
             if extra and "TMPDIR" in extra:
                 patch.setattr(tempfile, "tempdir", extra["TMPDIR"])
-            caplog.clear()
-            code, out, err = run_cli_output(argv, capsys)
-        logged = "".join(f"{form.format(record)}\n" for record in caplog.records)
-        return CliRun(code, out, err + logged)
+            return CliRun(*run_cli_as_a_process(argv, capsys, caplog))
 
     return run
 

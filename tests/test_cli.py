@@ -344,7 +344,7 @@ def test_the_merged_config_names_local_inputs_without_their_paths(merged_once, i
     assert str(a.parent) not in (out / "config.json").read_text()
 
 
-@pytest.mark.parametrize(("argv", "code", "needle"), [
+LIGHT_COMMANDS = [
     (["merge", "--help"], 0, "--calibration SPEC"),
     (["--help"], 0, "merge"),
     (["--version"], 0, "hf-mudsc "),
@@ -366,28 +366,46 @@ def test_the_merged_config_names_local_inputs_without_their_paths(merged_once, i
     (["evaluate", "nope-merged", "--dataset", "d", "--class-names", "t=a,b", "--class-names", "t=c,d"], 2,
      "--class-names names task 't' twice"),
     (["evaluate", "./nope-merged", "--dataset", "d"], 2, "'./nope-merged' is not a model folder"),
-])
-def test_help_version_and_argument_errors_do_not_import_torch(argv, code, needle):
-    """Answering these must not pay the 5-8 s import of torch/transformers/datasets."""
+]
+
+
+@pytest.fixture(scope="module")
+def light_answers() -> list[tuple[int, list[str], str]]:
+    """Each of `LIGHT_COMMANDS` run by `main` in one fresh interpreter, one after the other (a new interpreter each
+    cost ~1 s of start-up and CLI imports, 17 times): its exit code, the heavy modules it imported (those in
+    sys.modules after it and not before), and what it wrote. A command that imports torch is named by its own
+    entry; the ones after it could no longer be checked, and pass only once it is fixed."""
     import subprocess
     import sys
 
     script = (
         "import sys, contextlib, io\n"
         "from hf_mudsc.cli.main import main\n"
-        "out, err = io.StringIO(), io.StringIO()\n"
-        "with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
-        "    try:\n"
-        f"        code = main({argv!r})\n"
-        "    except SystemExit as stop:\n"
-        "        code = stop.code\n"
-        "heavy = sorted(m for m in ('torch', 'transformers', 'datasets', 'evaluate') if m in sys.modules)\n"
-        "print(repr((code, heavy, out.getvalue() + err.getvalue())))\n"
+        "HEAVY = ('torch', 'transformers', 'datasets', 'evaluate')\n"
+        "for argv in " + repr([argv for argv, _, _ in LIGHT_COMMANDS]) + ":\n"
+        "    before = {m for m in HEAVY if m in sys.modules}\n"
+        "    out, err = io.StringIO(), io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
+        "        try:\n"
+        "            code = main(argv)\n"
+        "        except SystemExit as stop:\n"
+        "            code = stop.code\n"
+        "    heavy = sorted(m for m in HEAVY if m in sys.modules and m not in before)\n"
+        "    print(repr((code, heavy, out.getvalue() + err.getvalue())))\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    got_code, heavy, text = eval(done.stdout.strip().splitlines()[-1])  # noqa: S307 - our own repr
-    assert (got_code, heavy) == (code, []), text
+    answers = [eval(line) for line in done.stdout.strip().splitlines()[-len(LIGHT_COMMANDS):]]  # noqa: S307 - ours
+    assert len(answers) == len(LIGHT_COMMANDS), done.stdout
+    return answers
+
+
+@pytest.mark.parametrize(("index", "argv", "code", "needle"),
+                         [(index, *command) for index, command in enumerate(LIGHT_COMMANDS)])
+def test_help_version_and_argument_errors_do_not_import_torch(light_answers, index, argv, code, needle):
+    """Answering these must not pay the 5-8 s import of torch/transformers/datasets."""
+    got_code, heavy, text = light_answers[index]
+    assert (got_code, heavy) == (code, []), (argv, text)
     assert needle in text
 
 

@@ -1,8 +1,10 @@
 """`-q/--quiet`, `-v/--verbose` and progress: tqdm bars only on a terminal, periodic log lines otherwise.
 
-The CLI runs in a subprocess, whose stderr is a pipe (not a terminal): no bar may appear there, the periodic lines
-must. The HTTP client's per-request lines (default off, on with -v) are checked against the Hub emulator in
-tests/test_dry_run.py."""
+The default run is a subprocess, whose stderr is a pipe (not a terminal): no bar may appear there (the libraries'
+bars switched off by environment before they are imported), the periodic lines must. -q and -v run in this process
+(`cli_runs.run_cli_as_a_process`: stderr as pytest captures it, not a terminal either, and the log records in the
+CLI's format), sparing a merge in a new interpreter each. The HTTP client's per-request lines (default off, on with
+-v) are checked against the Hub emulator in tests/test_dry_run.py."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_runs import run_cli_as_a_process
 from test_cli import save_parents_and_data
 
 from hf_mudsc.cli.main import configure_logging
@@ -49,18 +52,25 @@ def test_default_shows_info_and_periodic_progress_lines_but_no_bars(inputs, tmp_
     assert "INFO hf_mudsc.pipeline: merged" in err and "DEBUG" not in err
 
 
-def test_quiet_shows_no_info_and_no_progress(inputs, tmp_path):
-    proc = run_merge(inputs, tmp_path / "merged", before=("-q",))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "INFO" not in proc.stderr and "calibration:" not in proc.stderr and "\r" not in proc.stderr
-    assert "Merged model written to" in proc.stdout  # the command's own result is still printed
+def merge_here(inputs, out, capsys, caplog, *before: str) -> tuple[int, str, str]:
+    """`run_merge`'s command in this process: the exit code, stdout and stderr as a process of its own writes it."""
+    a, b, calibration = inputs
+    return run_cli_as_a_process([*before, "merge", str(a), str(b), "--calibration", str(calibration), "--output",
+                                 str(out), *FAST], capsys, caplog)
 
 
-def test_verbose_shows_debug_lines(inputs, tmp_path):
-    proc = run_merge(inputs, tmp_path / "merged", before=("-v",))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.search(r"^DEBUG hf_mudsc.solve.loop: solve: sweep 1, objective 0\.\d+$", proc.stderr, re.M)
-    assert "INFO hf_mudsc.progress: calibration: 16/16 samples" in proc.stderr
+def test_quiet_shows_no_info_and_no_progress(inputs, tmp_path, capsys, caplog):
+    code, out, err = merge_here(inputs, tmp_path / "merged", capsys, caplog, "-q")
+    assert code == 0, err[-3000:]
+    assert "INFO" not in err and "calibration:" not in err and "\r" not in err
+    assert "Merged model written to" in out  # the command's own result is still printed
+
+
+def test_verbose_shows_debug_lines(inputs, tmp_path, capsys, caplog):
+    code, _, err = merge_here(inputs, tmp_path / "merged", capsys, caplog, "-v")
+    assert code == 0, err[-3000:]
+    assert re.search(r"^DEBUG hf_mudsc.solve.loop: solve: sweep 1, objective 0\.\d+$", err, re.M)
+    assert "INFO hf_mudsc.progress: calibration: 16/16 samples" in err
 
 
 def test_quiet_and_verbose_together_are_refused(inputs, tmp_path):

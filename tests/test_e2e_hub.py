@@ -1,12 +1,16 @@
 """End to end through the local Hub emulator: Hub parents -> `hf-mudsc merge --push-to-hub` -> stock loading.
 
-The CLI and every Hub client run in subprocesses (the client reads HF_ENDPOINT at import; see
-tests/hub_emulator.py); the emulator in this process shows what the Hub received. OMP_NUM_THREADS=1:
-on a busy 2-core machine OpenMP start-up, not arithmetic, dominates these tiny merges.
+The first test's merge and push run as a real `hf-mudsc` process whose environment points at the emulator (the
+client reads HF_ENDPOINT at import; see tests/hub_emulator.py). The loading, the recipe's re-run and the other
+tests' commands run in this process against the same emulator (conftest's `local_hub`: the client's constants
+pointed at it; `hub_cli`: stderr as a process writes it), sparing a new interpreter and a second torch import each.
+The emulator in this process shows what the Hub received. OMP_NUM_THREADS=1 (and one torch thread here): on a busy
+2-core machine OpenMP start-up, not arithmetic, dominates these tiny merges.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import subprocess
 import sys
@@ -65,13 +69,20 @@ def run_cli(hub, *argv: str, token: str | None = SECRET) -> subprocess.Completed
                           text=True, timeout=300, stdin=subprocess.DEVNULL)
 
 
+@pytest.fixture()
+def cli_here(hub_cli):
+    """`hf-mudsc ARGV` in this process against the emulator with this module's token (conftest's `hub_cli`): the exit
+    code, stdout, and stderr as a process of its own writes it."""
+    return functools.partial(hub_cli, token=SECRET)
+
+
 def logits_of(model, seed: int = 0) -> torch.Tensor:
     with torch.no_grad():
         pixels = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(seed))
         return model(pixel_values=pixels).logits
 
 
-def test_merge_hub_parents_push_load_and_rerun_the_pushed_recipe(hub, inputs, tmp_path):
+def test_merge_hub_parents_push_load_and_rerun_the_pushed_recipe(hub, inputs, tmp_path, cli_here, capsys):
     a, b, calibration = inputs
     before = tree_digest(a, b, calibration)
     heads = (hub.head("user/a"), hub.head("user/b"))
@@ -107,27 +118,19 @@ def test_merge_hub_parents_push_load_and_rerun_the_pushed_recipe(hub, inputs, tm
 
     # Stock transformers loads it from the Hub; the same client re-runs the pushed recipe (given the local
     # calibration folder's path, which the pushed file names by folder name only).
+    from huggingface_hub import hf_hub_download
+
     again = tmp_path / "again"
-    res = hub.run_client(
-        f"""
-        import torch
-        from huggingface_hub import hf_hub_download
-        from transformers import AutoModelForImageClassification
-        torch.set_num_threads(1)
-        model = AutoModelForImageClassification.from_pretrained("user/merged")
-        with torch.no_grad():
-            pixels = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-            emit({{"logits": model(pixel_values=pixels).logits.tolist(), "class": type(model).__name__}})
-        from hf_mudsc.cli.main import main
-        emit({{"rerun": main(["merge", "--recipe", hf_hub_download("user/merged", {RECIPE_FILENAME!r}),
-                             "--calibration", {str(calibration)!r}, "--output", {str(again)!r}])}})
-        """,
-        token=SECRET,
-    )
-    pulled, rerun = res.results
-    assert pulled["class"] == "ViTForImageClassification" and rerun["rerun"] == 0
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_TOKEN", SECRET)
+        pulled = AutoModelForImageClassification.from_pretrained("user/merged")
+        recipe_file = hf_hub_download("user/merged", RECIPE_FILENAME)
+    loading = capsys.readouterr()
+    res = cli_here("merge", "--recipe", recipe_file, "--calibration", str(calibration), "--output", str(again))
+    assert type(pulled).__name__ == "ViTForImageClassification" and res.returncode == 0, res.stderr[-4000:]
     local = logits_of(AutoModelForImageClassification.from_pretrained(out))
-    torch.testing.assert_close(torch.tensor(pulled["logits"]), local, rtol=1e-6, atol=1e-6)  # other threads
+    torch.testing.assert_close(logits_of(pulled), local, rtol=1e-6, atol=1e-6)  # other threads
 
     first, second = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
@@ -143,7 +146,7 @@ def test_merge_hub_parents_push_load_and_rerun_the_pushed_recipe(hub, inputs, tm
 
     # Inputs untouched; the token appears in no log line, file or request body / URL.
     assert tree_digest(a, b, calibration) == before and (hub.head("user/a"), hub.head("user/b")) == heads
-    assert SECRET not in proc.stdout + proc.stderr + res.stdout + res.stderr
+    assert SECRET not in proc.stdout + proc.stderr + loading.out + loading.err + res.stdout + res.stderr
     assert "DEBUG" in proc.stderr  # -vv really logged (so the check above covers debug lines)
     for folder in (out, again):
         for path in folder.rglob("*"):
@@ -153,14 +156,14 @@ def test_merge_hub_parents_push_load_and_rerun_the_pushed_recipe(hub, inputs, tm
     assert not hub.unhandled and not hub.server_errors
 
 
-def test_a_failed_commit_leaves_no_repo_and_keeps_the_output_folder(hub, inputs, tmp_path):
+def test_a_failed_commit_leaves_no_repo_and_keeps_the_output_folder(hub, inputs, tmp_path, cli_here):
     a, b, calibration = inputs
     hub.fail_next("commit", status=500, repo_id="user/merged", message="storage is down")
     work = tmp_path / "work"
     work.mkdir()
     out = work / "merged"
-    proc = run_cli(hub, "merge", "user/a", "user/b", "--calibration", str(calibration), "--output", str(out),
-                   "--push-to-hub", "user/merged", *FAST)
+    proc = cli_here("-vv", "merge", "user/a", "user/b", "--calibration", str(calibration), "--output", str(out),
+                    "--push-to-hub", "user/merged", *FAST)
     assert proc.returncode == 1
     assert "nothing was committed; the repo 'user/merged' created by this run was deleted" in proc.stderr
     assert not hub.repo_exists("user/merged") and hub.requests_for("commit", "user/merged")
@@ -170,7 +173,7 @@ def test_a_failed_commit_leaves_no_repo_and_keeps_the_output_folder(hub, inputs,
     assert not hub.pending_faults() and not hub.server_errors
 
 
-def test_existing_repos_are_refused_and_overwrite_replaces_them_in_one_commit(hub, inputs, tmp_path):
+def test_existing_repos_are_refused_and_overwrite_replaces_them_in_one_commit(hub, inputs, tmp_path, cli_here):
     a, b, calibration = inputs
     from hf_mudsc.cli.main import main
 
@@ -187,21 +190,16 @@ def test_existing_repos_are_refused_and_overwrite_replaces_them_in_one_commit(hu
     refused_out = tmp_path / "refused"
     scratch = tmp_path / "scratch"  # the client's TMPDIR: a push without --output stages its folder here
     scratch.mkdir()
-    res = hub.run_client(
-        f"""
-        from hf_mudsc.cli.main import main
-        emit(main(["merge", "user/a", "user/b", "--calibration", {str(calibration)!r}, "--output",
-                   {str(refused_out)!r}, "--push-to-hub", "user/taken", *{FAST!r}]))
-        emit(main(["push", {str(folder)!r}, "user/pushed", "--private"]))
-        emit(main(["push", {str(folder)!r}, "user/pushed"]))
-        emit(main(["push", {str(folder)!r}, "user/taken", "--overwrite", "--private"]))
-        emit(main(["merge", "user/a", "user/b", "--calibration", {str(calibration)!r},
-                   "--push-to-hub", "user/hub-only", *{FAST!r}]))
-        """,
-        token=SECRET,
-        env={"OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)},
-    )
-    assert res.results == [1, 0, 1, 0, 0]
+    runs = [cli_here(*argv, extra={"TMPDIR": str(scratch)}) for argv in (
+        ["merge", "user/a", "user/b", "--calibration", str(calibration), "--output", str(refused_out),
+         "--push-to-hub", "user/taken", *FAST],
+        ["push", str(folder), "user/pushed", "--private"],
+        ["push", str(folder), "user/pushed"],
+        ["push", str(folder), "user/taken", "--overwrite", "--private"],
+        ["merge", "user/a", "user/b", "--calibration", str(calibration), "--push-to-hub", "user/hub-only", *FAST])]
+    res = subprocess.CompletedProcess("hf-mudsc", 0, "".join(run.stdout for run in runs),
+                                      "".join(run.stderr for run in runs))
+    assert [run.returncode for run in runs] == [1, 0, 1, 0, 0], res.stderr[-4000:]
     assert res.stderr.count("already exists; pass --overwrite") == 2
     # Refused before any work: no output, and the parents were never even looked up.
     # (the only requests for user/a come from the last, hub-only merge, after the pushes' commits)

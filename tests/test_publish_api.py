@@ -143,27 +143,18 @@ def test_a_model_not_returned_by_merge_is_refused_before_writing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_push_merged_uploads_the_same_files_in_one_commit(hub_emulator, inputs, tmp_path):
+def test_push_merged_uploads_the_same_files_in_one_commit(local_hub, merged, inputs, tmp_path, monkeypatch):
+    """In this process against the emulator (conftest's `local_hub`), with the emulator's token as a client's
+    environment has it; `merged` is the module's merge of the two local folders (zipit, 24 samples, batches of 8)."""
     a, b, calibration = inputs
+    monkeypatch.setenv("HF_TOKEN", local_hub.token)
     saved = tmp_path / "saved"
-    res = hub_emulator.run_client(
-        f"""
-        import torch, hf_mudsc
-        torch.set_num_threads(1)
-        merged = hf_mudsc.merge([{str(a)!r}, {str(b)!r}], {str(calibration)!r}, method="zipit", num_samples=24,
-                                batch_size=8, progress=False)
-        result = hf_mudsc.push_merged(merged, "user/api-merged", private=True)
-        emit(result.commit_sha)
-        hf_mudsc.save_merged(merged, {str(saved)!r})
-        try:
-            hf_mudsc.push_merged(merged, "user/api-merged")
-        except FileExistsError as error:
-            emit(str(error))
-        """,
-        env={"OMP_NUM_THREADS": "1"},
-    )
-    sha, refused = res.results
-    hub = hub_emulator
+    sha = hf_mudsc.push_merged(merged, "user/api-merged", private=True).commit_sha
+    hf_mudsc.save_merged(merged, saved)
+    with pytest.raises(FileExistsError) as caught:
+        hf_mudsc.push_merged(merged, "user/api-merged")
+    refused = str(caught.value)
+    hub = local_hub
     assert sha == hub.head("user/api-merged") and hub.is_private("user/api-merged")
     # The commit names the repo (no output folder), not the hidden scratch folder (".hf-mudsc.partial-jqxxsd5x").
     assert [c.title for c in hub.commits("user/api-merged")] == ["Upload merged model (api-merged) with hf-mudsc",

@@ -539,118 +539,146 @@ def test_a_corrupted_store_stops_the_service_in_one_line_and_is_left_as_it_was(t
 # ---------------------------------------------------------------------------------------------- the service
 
 
-def test_a_token_put_in_a_url_never_reaches_the_server_log(hub, tmp_path):
+@pytest.fixture(scope="module")
+def jobs_service(hub_emulator_session, inputs, tmp_path_factory):
+    """One service for the tests whose jobs run and end while it keeps serving (the token in a URL, a push, a
+    cancel, a crashed worker): each start costs a web process and a forkserver importing torch and transformers.
+    Jobs run one at a time (one worker), each test's jobs end before it returns, and each test names its own
+    outputs and repos; the tests that stop, kill or restart a service start their own. The calibration folder is a
+    local root, and each batch's forward pass takes 0.4 s (the cancel and the crash catch their job mid-calibration;
+    weight_matching, which the push test runs, has no forward pass to slow)."""
+    _, _, calibration = inputs
+    root = tmp_path_factory.mktemp("jobs_service")
+    with Service(hub_emulator_session, root / "state", root / "server.log", delay=0.4,
+                 extra=("--local-root", str(calibration.parent))) as service:
+        yield service
+
+
+def job_ids(service: Service) -> list[str]:
+    """The ids the service's job list shows, newest first."""
+    return [job["id"] for job in service.request("GET", "/api/jobs")[1]["jobs"]]
+
+
+def server_log_once(service: Service, needle: str, timeout: float = 10) -> str:
+    """The server's log once `needle` is in it (a line is written as the answer goes out, not after it)."""
+    deadline = time.monotonic() + timeout
+    while needle not in (log := service.log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return log
+
+
+def test_a_token_put_in_a_url_never_reaches_the_server_log(jobs_service):
     """uvicorn's access log writes every request line whole: a token a client put in the query or the path (a
     mistake the API never asks for) was written to the server's log. Token-shaped text is redacted there."""
-    with Service(hub, tmp_path / "state", tmp_path / "server.log") as service:
-        assert service.request("GET", f"/api/jobs?token={SECRET}")[0] == 200
-        assert service.request("GET", f"/api/jobs/{SECRET}")[0] == 404
-        assert service.request("GET", f"/api/jobs?limit=5&hf={SECRET}x")[0] == 200
-    log = service.log.read_text()
+    service = jobs_service
+    assert service.request("GET", f"/api/jobs?token={SECRET}")[0] == 200
+    assert service.request("GET", f"/api/jobs/{SECRET}")[0] == 404
+    assert service.request("GET", f"/api/jobs?limit=5&hf={SECRET}x")[0] == 200
+    log = server_log_once(service, "GET /api/jobs?limit=5&hf=")
     assert "GET /api/jobs?token=" in log  # the request itself is still logged ...
     assert SECRET not in log and SECRET[3:] not in log, log  # ... without the token
 
 
-def test_push_a_merge_poll_to_succeeded_and_load_it_by_repo_id(hub, tmp_path):
-    with Service(hub, tmp_path / "state", tmp_path / "server.log") as service:
-        status, answer = service.request("POST", "/api/jobs", {"models": ["user/a", "user/b"], "alpah": 1})
-        assert status == 400 and "alpah" in answer["error"]
-        status, answer = service.request("POST", "/api/jobs", {"models": ["user/a", "user/b"], "alpha": 2,
-                                                               "push_to_hub": "user/x"})
-        assert status == 400 and "alpha" in answer["error"]
-        assert service.request("GET", "/api/jobs/nope")[0] == 404
+def test_push_a_merge_poll_to_succeeded_and_load_it_by_repo_id(hub, local_hub, jobs_service, monkeypatch):
+    service = jobs_service
+    state = service.state_dir
+    earlier = job_ids(service)  # the module's earlier tests' jobs
+    status, answer = service.request("POST", "/api/jobs", {"models": ["user/a", "user/b"], "alpah": 1})
+    assert status == 400 and "alpah" in answer["error"]
+    status, answer = service.request("POST", "/api/jobs", {"models": ["user/a", "user/b"], "alpha": 2,
+                                                           "push_to_hub": "user/x"})
+    assert status == 400 and "alpha" in answer["error"]
+    assert service.request("GET", "/api/jobs/nope")[0] == 404
 
-        job_id = service.submit({"models": ["user/a", "user/b"], "method": "weight_matching",
-                                 "push_to_hub": "user/merged", "private": True, "output": "merged"}, token=SECRET)
-        job = service.wait(job_id)
-        assert job["status"] == "succeeded", job
-        assert job["progress"] == 1.0 and job["phase"] == "publish" and job["error"] is None
-        result = job["result"]
-        assert result["repo_id"] == "user/merged" and result["commit"] == hub.head("user/merged")
-        assert result["output"] == "merged"  # as the client named it: the server's path is its own
-        assert {"README.md", "model.safetensors", "mudsc_recipe.yaml"} <= set(result["files"])
-        assert result["eval"] is None
-        assert set(job) >= {"id", "status", "progress", "phase", "error", "result", "created", "updated"}
-        assert hub.is_private("user/merged")
-        assert hub.file_bytes("user/merged", "model.safetensors") == (
-            tmp_path / "state" / "outputs" / result["output"] / "model.safetensors").read_bytes()
+    job_id = service.submit({"models": ["user/a", "user/b"], "method": "weight_matching",
+                             "push_to_hub": "user/merged", "private": True, "output": "merged"}, token=SECRET)
+    job = service.wait(job_id)
+    assert job["status"] == "succeeded", job
+    assert job["progress"] == 1.0 and job["phase"] == "publish" and job["error"] is None
+    result = job["result"]
+    assert result["repo_id"] == "user/merged" and result["commit"] == hub.head("user/merged")
+    assert result["output"] == "merged"  # as the client named it: the server's path is its own
+    assert {"README.md", "model.safetensors", "mudsc_recipe.yaml"} <= set(result["files"])
+    assert result["eval"] is None
+    assert set(job) >= {"id", "status", "progress", "phase", "error", "result", "created", "updated"}
+    assert hub.is_private("user/merged")
+    assert hub.file_bytes("user/merged", "model.safetensors") == (
+        state / "outputs" / result["output"] / "model.safetensors").read_bytes()
 
-        listed = service.request("GET", "/api/jobs")[1]["jobs"]
-        assert [j["id"] for j in listed] == [job_id]
-        log = service.request("GET", f"/api/jobs/{job_id}/log")[1]
-        assert any("pushed" in line and "user/merged" in line for line in log["lines"]), log
-        tail = service.request("GET", f"/api/jobs/{job_id}/log?since={log['next'] - 1}")[1]
-        assert tail["lines"] == log["lines"][-1:] and tail["next"] == log["next"]
-        page = service.request("GET", "/")[1]
-        assert job_id in page and "user/merged" in page and "succeeded" in page
-        card = service.request("GET", f"/jobs/{job_id}/files/README.md")[1]
-        assert card == (tmp_path / "state" / "outputs" / result["output"] / "README.md").read_text()
-        assert service.request("GET", f"/jobs/{job_id}/files/..%2Fjobs.sqlite3")[0] == 404
+    assert job_ids(service) == [job_id, *earlier]  # the refused requests stored no job
+    log = service.request("GET", f"/api/jobs/{job_id}/log")[1]
+    assert any("pushed" in line and "user/merged" in line for line in log["lines"]), log
+    tail = service.request("GET", f"/api/jobs/{job_id}/log?since={log['next'] - 1}")[1]
+    assert tail["lines"] == log["lines"][-1:] and tail["next"] == log["next"]
+    page = service.request("GET", "/")[1]
+    assert job_id in page and "user/merged" in page and "succeeded" in page
+    card = service.request("GET", f"/jobs/{job_id}/files/README.md")[1]
+    assert card == (state / "outputs" / result["output"] / "README.md").read_text()
+    assert service.request("GET", f"/jobs/{job_id}/files/..%2Fjobs.sqlite3")[0] == 404
+
+    # Loaded by repo id with stock transformers, in this process against the emulator (conftest's `local_hub`), with
+    # the emulator's token as a client's environment has it.
+    from transformers import AutoModelForImageClassification
+
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    model = AutoModelForImageClassification.from_pretrained("user/merged")
+    loaded = [type(model).__name__, model.config.mudsc["method"], model.config.mudsc["parents"]]
+    assert loaded == ["ViTForImageClassification", "weight_matching", ["user/a", "user/b"]]
+    assert not files_containing(state.parent, SECRET), "the token leaked into the state dir or the server log"
 
 
-    loaded = hub.run_client("""
-        from transformers import AutoModelForImageClassification
-        model = AutoModelForImageClassification.from_pretrained("user/merged")
-        emit([type(model).__name__, model.config.mudsc["method"], model.config.mudsc["parents"]])
-    """)
-    assert loaded.result == ["ViTForImageClassification", "weight_matching", ["user/a", "user/b"]]
-    assert not files_containing(tmp_path, SECRET), "the token leaked into the state dir or the server log"
-
-
-def test_cancel_a_running_job_leaves_nothing_and_a_second_job_on_its_target_gets_409(hub, inputs, tmp_path):
+def test_cancel_a_running_job_leaves_nothing_and_a_second_job_on_its_target_gets_409(hub, inputs, jobs_service):
     _, _, calibration = inputs
     body = {"models": ["user/a", "user/b"], "method": "zipit", "calibration": str(calibration),
             "num_samples": 16, "batch_size": 4, "push_to_hub": "user/cancelled", "output": "cancelled"}
-    with Service(hub, tmp_path / "state", tmp_path / "server.log", delay=0.4,
-                 extra=("--local-root", str(calibration.parent))) as service:
-        job_id = service.submit(body, token=SECRET)
-        service.wait(job_id, until=lambda job: job["phase"] == "calibrate")
-        for clash in ({**body, "output": "other"}, {**body, "push_to_hub": "user/other"}):
-            status, answer = service.request("POST", "/api/jobs", clash, token=SECRET)
-            assert status == 409 and job_id in answer["error"] and "claimed" in answer["error"], answer
-        [worker] = service.workers()
+    service = jobs_service
+    job_id = service.submit(body, token=SECRET)
+    service.wait(job_id, until=lambda job: job["phase"] == "calibrate")
+    for clash in ({**body, "output": "other"}, {**body, "push_to_hub": "user/other"}):
+        status, answer = service.request("POST", "/api/jobs", clash, token=SECRET)
+        assert status == 409 and job_id in answer["error"] and "claimed" in answer["error"], answer
+    [worker] = service.workers()
 
-        status, answer = service.request("DELETE", f"/api/jobs/{job_id}")
-        assert status == 202 and answer["id"] == job_id
-        job = service.wait(job_id)
-        assert job["status"] == "cancelled" and "nothing was written or pushed" in job["error"], job
-        deadline = time.monotonic() + 10
-        while alive(worker) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not alive(worker), "the cancelled job's worker process is still running"
-        outputs = tmp_path / "state" / "outputs"
-        assert not (outputs / "cancelled").exists() and partials(outputs) == []
-        assert not hub.repo_exists("user/cancelled")
-        assert service.request("DELETE", f"/api/jobs/{job_id}")[0] == 409  # already finished
+    status, answer = service.request("DELETE", f"/api/jobs/{job_id}")
+    assert status == 202 and answer["id"] == job_id
+    job = service.wait(job_id)
+    assert job["status"] == "cancelled" and "nothing was written or pushed" in job["error"], job
+    deadline = time.monotonic() + 10
+    while alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(worker), "the cancelled job's worker process is still running"
+    outputs = service.state_dir / "outputs"
+    assert not (outputs / "cancelled").exists() and partials(outputs) == []
+    assert not hub.repo_exists("user/cancelled")
+    assert service.request("DELETE", f"/api/jobs/{job_id}")[0] == 409  # already finished
 
-        # A queued job is cancelled at once; the target is free again.
-        first = service.submit({**body, "output": "one", "push_to_hub": None}, token=SECRET)
-        queued = service.submit({**body, "output": "two", "push_to_hub": None})
-        assert service.request("DELETE", f"/api/jobs/{queued}")[0] == 202
-        assert service.job(queued)["status"] == "cancelled"
-        service.request("DELETE", f"/api/jobs/{first}")
-        assert service.wait(first)["status"] == "cancelled"
-    assert not files_containing(tmp_path, SECRET)
+    # A queued job is cancelled at once; the target is free again.
+    first = service.submit({**body, "output": "one", "push_to_hub": None}, token=SECRET)
+    queued = service.submit({**body, "output": "two", "push_to_hub": None})
+    assert service.request("DELETE", f"/api/jobs/{queued}")[0] == 202
+    assert service.job(queued)["status"] == "cancelled"
+    service.request("DELETE", f"/api/jobs/{first}")
+    assert service.wait(first)["status"] == "cancelled"
+    assert not files_containing(service.state_dir.parent, SECRET)
 
 
-def test_a_crashing_worker_fails_its_job_and_the_service_keeps_serving(hub, inputs, tmp_path):
+def test_a_crashing_worker_fails_its_job_and_the_service_keeps_serving(hub, inputs, jobs_service):
     _, _, calibration = inputs
-    with Service(hub, tmp_path / "state", tmp_path / "server.log", delay=0.4,
-                 extra=("--local-root", str(calibration.parent))) as service:
-        job_id = service.submit({"models": ["user/a", "user/b"], "method": "zipit", "calibration": str(calibration),
-                                 "num_samples": 16, "batch_size": 4, "output": "crash"})
-        service.wait(job_id, until=lambda job: job["phase"] == "calibrate")
-        [worker] = service.workers()
-        subprocess.run(["kill", "-9", str(worker)], check=True)
-        job = service.wait(job_id)
-        assert job["status"] == "failed" and "worker process died (exit code -9)" in job["error"], job
-        dry = service.submit({"models": ["user/a", "user/b"], "method": "average", "dry_run": True})
-        plan = service.wait(dry)
-        assert plan["status"] == "succeeded", plan
-        assert [p["reference"] for p in plan["result"]["plan"]["parents"]] == ["user/a", "user/b"]
-        assert plan["result"]["plan"]["method"] == "average"
-        assert plan["result"]["plan_text"].startswith("Dry run: nothing was downloaded but configs and safetensors")
-        assert partials(tmp_path / "state" / "outputs") == []
+    service = jobs_service
+    job_id = service.submit({"models": ["user/a", "user/b"], "method": "zipit", "calibration": str(calibration),
+                             "num_samples": 16, "batch_size": 4, "output": "crash"})
+    service.wait(job_id, until=lambda job: job["phase"] == "calibrate")
+    [worker] = service.workers()
+    subprocess.run(["kill", "-9", str(worker)], check=True)
+    job = service.wait(job_id)
+    assert job["status"] == "failed" and "worker process died (exit code -9)" in job["error"], job
+    dry = service.submit({"models": ["user/a", "user/b"], "method": "average", "dry_run": True})
+    plan = service.wait(dry)
+    assert plan["status"] == "succeeded", plan
+    assert [p["reference"] for p in plan["result"]["plan"]["parents"]] == ["user/a", "user/b"]
+    assert plan["result"]["plan"]["method"] == "average"
+    assert plan["result"]["plan_text"].startswith("Dry run: nothing was downloaded but configs and safetensors")
+    assert partials(service.state_dir / "outputs") == []
 
 
 def test_kill_the_server_mid_job_and_restart(hub, inputs, tmp_path):
