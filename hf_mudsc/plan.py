@@ -419,7 +419,7 @@ def base_copied(base: Any, parent_a: Any, *, streaming: bool) -> bool:
 
 
 def memory_floor(model: Any, parents: int, method: Any | None, *, loading: int, copies: int = 0,
-                 base: bool = False, base_copy: bool = False) -> dict[str, float]:
+                 base: bool = False, base_copy: bool = False, working: bool = True) -> dict[str, float]:
     """Bytes a merge of `parents` copies of `model` (a model, or one on the meta device) must hold at once, by
     what holds them — a floor, not an estimate (`estimate_cost` gives the estimate):
 
@@ -434,7 +434,9 @@ def memory_floor(model: Any, parents: int, method: Any | None, *, loading: int, 
       holds on the CPU next to those correlations;
     - working (a method that matches no units): what it holds besides the weights, `MergeMethod.working_bytes` —
       regmean's float64 systems and Grams, fisher's sums, the merged tensors (flat in the number of parents).
-    `method` None (`auto` before it chose): the weights only.
+    `method` None (`auto` before it chose): the weights only. `working` False: no working set (`auto`'s choice,
+    which merged before the working set was counted: its own memory check is the one a user opts into by naming the
+    method).
     """
     floor: dict[str, float] = {}
     one_parent = 4.0 * sum(p.numel() for p in model.parameters())
@@ -454,7 +456,7 @@ def memory_floor(model: Any, parents: int, method: Any | None, *, loading: int, 
             floor["statistics"] = statistics_bytes(widths, parents)
         if method.matches_units and widths:
             floor["similarity"] = statistics_bytes([max(widths)], parents)
-    if method is not None and not method.matches_units:
+    if working and method is not None and not method.matches_units:
         from hf_mudsc.architectures import spec_for
 
         # What `working_bytes` reads: the layers' shapes and the parameter count (no flops are counted here).
@@ -479,7 +481,8 @@ def check_memory(model_or_config: Any, parents: int, method: Any | None, *, load
     if available is None:
         return
     model = model_or_config if hasattr(model_or_config, "parameters") else meta_model(model_or_config)
-    floor = memory_floor(model, parents, method, loading=loading, copies=len(copied), base=base, base_copy=base_copy)
+    floor = memory_floor(model, parents, method, loading=loading, copies=len(copied), base=base, base_copy=base_copy,
+                         working=chosen is None)
     needed = sum(floor.values())
     if needed <= available:
         return
@@ -512,9 +515,12 @@ def check_memory(model_or_config: Any, parents: int, method: Any | None, *, load
              if method is not None and (method.needs_calibration or method.matches_units)
              else "a method that reads the parents one tensor at a time (linear, task_arithmetic, ties, ...)")
     fewer = f"merge at most {fits} parents at a time" if fits >= 2 else "merge on a machine with more memory"
+    tensor_at_a_time = method is not None and not (method.needs_calibration or method.matches_units
+                                                   or method.needs_data)
+    instead = "" if tensor_at_a_time else f", or choose {other} (CLI: --method)"  # it is such a method already
     raise MergeInputError(
         f"{why}merging {parents} parents with {name} needs at least {_bytes(needed)} at once — {held} — but "
-        f"{_bytes(available)} of memory is available; {fewer}, or choose {other} (CLI: --method)")
+        f"{_bytes(available)} of memory is available; {fewer}{instead}")
 
 
 def forward_flops(linear_params: Mapping[str, int], tokens: Mapping[str, int]) -> float:

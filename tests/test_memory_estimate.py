@@ -175,3 +175,23 @@ def test_the_memory_check_refuses_a_methods_working_set_that_cannot_fit(monkeypa
     assert f"for {method}'s working set" in line and "merge on a machine with more memory" in line, line
     monkeypatch.setattr(plan, "available_memory", lambda: int(working * 1.01))
     hf_mudsc.merge(models, data, method=method, refit="none", progress=False)  # fits: merges
+
+
+def test_autos_choice_is_not_refused_for_its_working_set_and_a_linear_refusal_offers_no_linear(monkeypatch):
+    """Review of the working-set check: `auto`'s regmean was refused where it had merged (the user named no method;
+    its working set is counted only when a user names the method), and a refused `linear` merge was told to choose
+    "a method that reads the parents one tensor at a time (linear, ...)" — itself."""
+    import hf_mudsc.plan as plan
+    from hf_mudsc.errors import MergeInputError
+    from hf_mudsc.methods.registry import METHODS
+
+    model = make_model("bert_cls", 1)
+    assert "working" not in plan.memory_floor(model, 2, METHODS["regmean"], loading=0, working=False)
+    monkeypatch.setattr(plan, "available_memory", lambda: 1000)
+    plan.check_memory(model, 2, METHODS["regmean"], loading=0, chosen="the parents share a base")  # not refused
+    with pytest.raises(MergeInputError, match="regmean's working set"):
+        plan.check_memory(model, 2, METHODS["regmean"], loading=0)
+    with pytest.raises(MergeInputError) as error:
+        plan.check_memory(model, 2, METHODS["linear"], loading=0)
+    assert "merge on a machine with more memory" in str(error.value)
+    assert "choose" not in str(error.value) and "(CLI: --method)" not in str(error.value)

@@ -96,3 +96,24 @@ def test_a_vit_with_a_trained_mask_token_merges_it_as_objects_and_from_folders(t
         assert "embeddings.mask_token" in dict(merged.named_parameters())
         assert relative_error(model_output(merged, masked), model_output(model, masked)) < 1e-5
     assert "unused" not in caplog.text
+
+
+@pytest.mark.parametrize("first", ["with", "without"])
+def test_vit_folders_of_which_only_one_holds_a_mask_token_merge_without_it(tmp_path, caplog, first):
+    """A ViTModel folder saved with use_mask_token=True next to one saved without merged before the mask token was
+    supported (its tensor dropped); supporting it refused the pair as "built with other constructor arguments ...
+    build both parents the same way" — advice a Hub folder's user cannot follow. Folders that disagree are built
+    without it, with a warning naming it."""
+    from factories import VIT
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(**VIT), use_mask_token=True).save_pretrained(tmp_path / "with")
+    torch.manual_seed(1)
+    ViTModel(ViTConfig(**VIT)).save_pretrained(tmp_path / "without")
+    order = [tmp_path / first, tmp_path / ("without" if first == "with" else "with")]
+    with caplog.at_level("WARNING", logger="hf_mudsc"):
+        merged = hf_mudsc.merge([str(p) for p in order], method="linear", progress=False)
+    assert getattr(merged.embeddings, "mask_token", None) is None
+    assert any("mask_token" in r.getMessage() and "use_mask_token" in r.getMessage() for r in caplog.records), \
+        caplog.text

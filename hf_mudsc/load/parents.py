@@ -195,6 +195,29 @@ def constructor_options(cls: type[PreTrainedModel], names: Iterable[str]) -> dic
             if argument in accepted and any(name == tensor or name.endswith(f".{tensor}") for name in names)}
 
 
+def agree_on_constructor_options(located: Sequence[_Located]) -> None:
+    """Folder (or Hub) parents whose checkpoints were built with different constructor arguments (one ViTModel
+    saved with `use_mask_token=True`, one without) are all built with the arguments every one of them shows: the
+    tensor only some hold is dropped, with a warning, as before those arguments were read (refusing them asked a
+    Hub folder's user to rebuild it). Parents given as objects keep their own (a mismatch is refused later)."""
+    folders = [p for p in located if p.model is None and p.loaded is None]
+    if len(folders) != len(located) or len(located) < 2:
+        return
+    options = [built_with(p) for p in located]
+    shared = {key: value for key, value in options[0].items() if all(o.get(key) == value for o in options[1:])}
+    dropped = sorted({key for o in options for key in o} - set(shared))
+    if not dropped:
+        return
+    for parent in located:
+        parent.options = dict(shared)
+    tensors = {argument: tensor for argument, tensor in BUILT_BY_ARGUMENT}
+    holders = ", ".join(parent_label(i) for i, o in enumerate(options) if any(o.get(key) for key in dropped))
+    logger.warning("%s of parent(s) %s: %s; the other parents' checkpoints hold none, so every parent is built "
+                   "without it and the merged model has none",
+                   ", ".join(repr(tensors.get(key, key)) for key in dropped), holders,
+                   ", ".join(f"{key}=True" for key in dropped))
+
+
 def meta_model(config: PretrainedConfig, cls: type[PreTrainedModel] | None = None, *,
                reference: str | None = None, options: Mapping[str, Any] | None = None) -> PreTrainedModel:
     """`config`'s model (or `cls`'s) with every tensor on the meta device: shapes, no memory (`options`: constructor
@@ -1092,6 +1115,7 @@ def load_parents(refs: Sequence[Any], *, token: str | bool | None = None, allow_
         raise LoadError("load_parents takes a list of parents, e.g. ['org/a', 'org/b@v2']")
     located = [_locate_with_processor(r, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir) for r in refs]
     check_model_objects(located)
+    agree_on_constructor_options(located)
     check_configs(located)
     names_known = check_parameter_names(located)
     warning = check_vocabularies(located)
@@ -1152,6 +1176,7 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
         raise LoadError("load_parents takes a list of parents, e.g. ['org/a', 'org/b@v2']")
     located = [_locate_with_processor(r, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir) for r in refs]
     check_model_objects(located)
+    agree_on_constructor_options(located)
     check_configs(located)
     names_known = check_parameter_names(located)
     located_base, source = locate_base(located, base, base_needed_for=base_needed_for, token=token,
@@ -1332,6 +1357,7 @@ def locate_parents(refs: Sequence[Any], base: Any = None, *, base_needed_for: st
     names them). `(parents, base or None, where the base came from or None)`."""
     located = [_locate_with_processor(r, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir) for r in refs]
     check_model_objects(located)
+    agree_on_constructor_options(located)
     check_configs(located)
     check_parameter_names(located)
     located_base, source = locate_base(located, base, base_needed_for=base_needed_for, token=token,
