@@ -191,3 +191,25 @@ def test_a_multi_label_parent_and_a_single_label_one_are_refused_in_one_line(tmp
     both.config.problem_type = "multi_label_classification"
     merged = hf_mudsc.merge([multi, both], method="linear", progress=False)
     assert merged.config.problem_type == "multi_label_classification"
+
+
+def test_one_label_multi_label_heads_stay_multi_label_and_are_not_read_as_regression():
+    """transformers reads `num_labels=1` as regression only when no problem_type says otherwise; a one-label head
+    whose config says multi_label_classification is a sigmoid (trained with BCE). Two such parents of different
+    labels were merged into a config saying "regression" (MSE when trained) and a card calling each output a score;
+    the regression rule is now transformers' own."""
+    from hf_mudsc.load.checks import is_multi_label_head, is_regression_head
+    from hf_mudsc.publish.card import head_kind
+
+    parents = []
+    for seed, label in ((1, "cat"), (2, "dog")):
+        model = make_model("vit_cls", seed, num_labels=1)
+        model.config.problem_type = "multi_label_classification"
+        model.config.id2label, model.config.label2id = {0: label}, {label: 0}
+        parents.append(model)
+    assert not is_regression_head(parents[0].config) and is_multi_label_head(parents[0].config)
+    merged = hf_mudsc.merge(parents, method="linear", progress=False)
+    assert merged.config.problem_type == "multi_label_classification" and merged.config.num_labels == 2
+    assert head_kind(merged.config) == "multi_label"
+    plain = make_model("vit_cls", 3, num_labels=1)  # no problem_type: transformers' regression
+    assert plain.config.problem_type is None and is_regression_head(plain.config)

@@ -132,9 +132,11 @@ class FidelityScorer:
         self.logits = all(is_logits for _, is_logits in outputs)
         self.examples = len(self.parents[0])
         # transformers reads one output as a regression head (`num_labels=1` sets problem_type "regression").
-        self.regression = [self.logits and (out.shape[-1] == 1 or getattr(getattr(parent, "config", None),
-                                                                           "problem_type", None) == "regression")
-                           for parent, out in zip(parents, self.parents)]
+        # One output is a regression unless the config says multi-label (a one-label sigmoid head).
+        kinds = [getattr(getattr(parent, "config", None), "problem_type", None) for parent in parents]
+        self.regression = [self.logits and (kind == "regression" or (out.shape[-1] == 1
+                                                                      and kind != "multi_label_classification"))
+                           for kind, out in zip(kinds, self.parents)]
         # A multi-label head decides each label by its own sigmoid (problem_type "multi_label_classification"):
         # scored per label, never through a softmax a shift of its logits would leave unchanged.
         self.multi_label = [self.logits and not regression and getattr(getattr(parent, "config", None),

@@ -107,9 +107,11 @@ def structure_mismatch(name_a: str, name_b: str, parameter: str, a_holds: bool, 
 
 
 def is_regression_head(config: PretrainedConfig) -> bool:
-    """Whether a classifier class with this config is a regression head: transformers reads one output (or
-    problem_type "regression") as regression and trains it with a squared error, not a softmax."""
-    return getattr(config, "problem_type", None) == "regression" or getattr(config, "num_labels", None) == 1
+    """Whether a classifier class with this config is a regression head — transformers' own rule: problem_type
+    "regression", or one output when no problem_type is set (trained with a squared error, not a softmax). A
+    one-label head whose config says multi_label_classification is a sigmoid, not a regression."""
+    problem_type = getattr(config, "problem_type", None)
+    return problem_type == "regression" or (problem_type is None and getattr(config, "num_labels", None) == 1)
 
 
 def is_multi_label_head(config: PretrainedConfig) -> bool:
