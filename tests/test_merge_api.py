@@ -317,6 +317,10 @@ def test_unsupported_layouts_of_a_supported_model_type_are_refused_in_one_line_n
                        ) as error:
         hf_mudsc.merge([clip, copy.deepcopy(clip)], make_batches("clip_vision", 1), progress=False)
     assert "\n" not in str(error.value)
+    # num_labels=0 makes its head an nn.Identity (no classifier tensor): still the class the adapter cannot merge
+    headless = CLIPForImageClassification(CLIPConfig(text_config=TEXT, vision_config=VISION, num_labels=0)).eval()
+    with pytest.raises(UnsupportedArchitectureError, match=r"^CLIPForImageClassification is not supported"):
+        hf_mudsc.merge([headless, copy.deepcopy(headless)], make_batches("clip_vision", 1), progress=False)
     # Any other parameter an adapter has no place for: one line naming the class, the tensor and where to look.
     odd = make_model("bert", 0)
     odd.encoder.extra = torch.nn.Linear(4, 4)

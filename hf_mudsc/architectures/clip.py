@@ -53,7 +53,9 @@ def clip_spec(model: nn.Module) -> PermutationSpec:
     projection_members: list[Member] = []
     projection_hooks: list[HookPoint] = []
 
-    if "classifier.weight" in params:  # CLIPForImageClassification: a head on the mean of the vision tokens
+    # CLIPForImageClassification: a head on the mean of the vision tokens (with num_labels=0 an nn.Identity, no
+    # tensor: known by its class then)
+    if "classifier.weight" in params or type(model).__name__ == "CLIPForImageClassification":
         raise UnsupportedArchitectureError(
             f"{type(model).__name__} is not supported (a classifier over the vision tower's mean patch token, which "
             "the CLIP adapter does not match); use CLIPModel / CLIPVisionModel / CLIPVisionModelWithProjection / "
