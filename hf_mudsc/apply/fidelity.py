@@ -133,16 +133,13 @@ class FidelityScorer:
         self.examples = len(self.parents[0])
         # transformers reads one output as a regression head (`num_labels=1` sets problem_type "regression").
         # One output is a regression unless the config says multi-label (a one-label sigmoid head).
-        kinds = [getattr(getattr(parent, "config", None), "problem_type", None) for parent in parents]
+        problem_types = [getattr(getattr(parent, "config", None), "problem_type", None) for parent in parents]
         self.regression = [self.logits and (kind == "regression" or (out.shape[-1] == 1
                                                                       and kind != "multi_label_classification"))
-                           for kind, out in zip(kinds, self.parents)]
+                           for kind, out in zip(problem_types, self.parents)]
         # A multi-label head decides each label by its own sigmoid (problem_type "multi_label_classification"):
         # scored per label, never through a softmax a shift of its logits would leave unchanged.
-        self.multi_label = [self.logits and not regression and getattr(getattr(parent, "config", None),
-                                                                       "problem_type", None)
-                            == "multi_label_classification"
-                            for parent, regression in zip(parents, self.regression)]
+        self.multi_label = [self.logits and kind == "multi_label_classification" for kind in problem_types]
         self.softmax_tasks = [not (regression or multi) for regression, multi in zip(self.regression,
                                                                                    self.multi_label)]
         kinds = [name for name, present in (

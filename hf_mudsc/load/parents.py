@@ -200,8 +200,7 @@ def agree_on_constructor_options(located: Sequence[_Located]) -> None:
     saved with `use_mask_token=True`, one without) are all built with the arguments every one of them shows: the
     tensor only some hold is dropped, with a warning, as before those arguments were read (refusing them asked a
     Hub folder's user to rebuild it). Parents given as objects keep their own (a mismatch is refused later)."""
-    folders = [p for p in located if p.model is None and p.loaded is None]
-    if len(folders) != len(located) or len(located) < 2:
+    if len(located) < 2 or any(p.model is not None or p.loaded is not None for p in located):
         return
     options = [built_with(p) for p in located]
     shared = {key: value for key, value in options[0].items() if all(o.get(key) == value for o in options[1:])}
@@ -210,7 +209,7 @@ def agree_on_constructor_options(located: Sequence[_Located]) -> None:
         return
     for parent in located:
         parent.options = dict(shared)
-    tensors = {argument: tensor for argument, tensor in BUILT_BY_ARGUMENT}
+    tensors = dict(BUILT_BY_ARGUMENT)
     holders = ", ".join(parent_label(i) for i, o in enumerate(options) if any(o.get(key) for key in dropped))
     logger.warning("%s of parent(s) %s: %s; the other parents' checkpoints hold none, so every parent is built "
                    "without it and the merged model has none",

@@ -96,11 +96,11 @@ def dtype_since_merge(merged: Any) -> tuple[str, str] | None:
 
 
 def changed_since_merge(merged: Any) -> bool:
-    """Whether the weights differ from those `merge()` returned (trained or edited since), in the same dtype: a model
-    only cast since is `dtype_since_merge`'s; one with no digest recorded (not from this version's merge) is not
-    judged."""
+    """Whether the weights of a model in the dtype its merge made (`recorded_dtype` asks only then: one cast since is
+    `dtype_since_merge`'s) differ from those `merge()` returned — trained or edited since; one with no digest recorded
+    (not from this version's merge) is not judged."""
     made = getattr(getattr(merged, "merge_report", None), "weights_digest", None)
-    if made is None or dtype_since_merge(merged) is not None:
+    if made is None:
         return False
     from hf_mudsc.apply.fidelity import parameters_digest
 
