@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from threadpoolctl import threadpool_limits
 from torch import nn
 
 from hf_mudsc.apply.block_replay import BlockReplay, Storage, find_chains
+from hf_mudsc.blas import mirror_upper, syrk_upper, torch_thread_count
 from hf_mudsc.calibrate.correlation import CLAMP
 from hf_mudsc.calibrate.layer_inputs import (
     StopForward,
@@ -138,8 +138,7 @@ class RidgeAccumulator:
     def gram(self) -> torch.Tensor:
         """`X̃ᵀX̃` (symmetric)."""
         if self._upper_only:
-            upper = self._gram.triu()
-            self._gram = upper + upper.triu(1).T
+            mirror_upper(self._gram)
             self._upper_only = False
         return self._gram
 
@@ -154,7 +153,7 @@ class RidgeAccumulator:
         if self.bias:
             x[:, -1] = 1.0
         if x.device.type == "cpu" and len(x):
-            _syrk_upper(self._gram, x)
+            syrk_upper(self._gram, x)
             self._upper_only = True
         else:
             self.gram.addmm_(x.T, x)
@@ -234,17 +233,6 @@ class NormAccumulator:
         right_gamma, right_beta = cross + ridge * gamma0, target + ridge * beta0
         determinant = a * c - b * b  # > 0: Cauchy-Schwarz gives Σx̂² · n >= (Σx̂)², and λ > 0
         return (c * right_gamma - b * right_beta) / determinant, (a * right_beta - b * right_gamma) / determinant, ridge
-
-
-def _syrk_upper(total: torch.Tensor, x: torch.Tensor) -> None:
-    """`total += xᵀx` on the upper triangle of a C-contiguous float64 CPU `total` (the lower one is left as is),
-    by BLAS `dsyrk` in place: the transposed views are Fortran-ordered, so nothing is copied."""
-    from scipy.linalg import blas
-
-    # In Fortran order `total` is its transpose: its lower triangle is `total`'s upper one.
-    result = blas.dsyrk(1.0, x.numpy().T, beta=1.0, c=total.numpy().T, trans=0, lower=1, overwrite_c=1)
-    if result.ctypes.data != total.data_ptr():  # not in place (never seen; BLAS wrappers may copy)
-        total.copy_(torch.from_numpy(result.T))
 
 
 def refit_layers(model: nn.Module, spec: PermutationSpec, *, norms: bool = False) -> list[str]:
@@ -453,8 +441,8 @@ def refit_model(
             model.eval()
             if target is not None:
                 model.to(target)
-        # The Gram's BLAS (scipy's, `_syrk_upper`) uses as many threads as torch does.
-        with torch.no_grad(), threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+        # The Gram's BLAS (scipy's, `syrk_upper`) uses as many threads as torch does.
+        with torch.no_grad(), torch_thread_count():
             if not layers:
                 return report
             if samples == AUTO:

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    pass
-
+from hf_mudsc.blas import mirror_upper, syrk_upper
 
 CLAMP = 1e-7
 
@@ -46,9 +43,10 @@ class CorrelationAccumulator:
     def update(self, samples: torch.Tensor) -> None:
         """Add `(num_samples, dim)` samples.
 
-        One shifted copy of the batch, one GEMM: with `dtype=float64` the product is added into the sum in
-        place; with `dtype=float32` the (shifted, so well-conditioned) batch product runs at fp32 GEMM speed
-        and only the batch's result is added into the float64 sums — error stays per batch, never across.
+        One shifted copy of the batch, one symmetric product (on the CPU BLAS `?syrk`: one triangle, half a GEMM's
+        multiply-adds): with `dtype=float64` it is added into the sum in place; with `dtype=float32` the
+        (shifted, so well-conditioned) batch product runs at fp32 speed and only the batch's result is added
+        into the float64 sums — error stays per batch, never across.
         """
         if samples.dim() != 2 or samples.shape[1] != self.dim:
             raise ValueError(f"expected samples of shape (N, {self.dim}), got {tuple(samples.shape)}")
@@ -61,29 +59,32 @@ class CorrelationAccumulator:
             # The shift is stored exactly as representable in the GEMM dtype, so the low-precision path
             # subtracts it without a float64 round trip and the moment algebra stays exact.
             self.shift = samples.to(torch.float64).mean(0).to(self.dtype).to(home, torch.float64)
-        # Only the blocks [AA AB] and BB of the symmetric Gram are multiplied (3/4 of the FLOPs of a full
-        # xᵀx); the BA block is filled in from AB when the sums are read (`_symmetric`).
-        h = self.dim // 2
-        if self.dtype == torch.float64:
-            x = samples.to(home, torch.float64) - self.shift
-            self.total += x.sum(0)
-            self.outer[:h].addmm_(x[:, :h].T, x)
-            self.outer[h:, h:].addmm_(x[:, h:].T, x[:, h:])
+        if samples.device.type == "cpu" and home.type == "cpu":
+            # The upper triangle by BLAS ?syrk (half the multiply-adds of xᵀx); the lower one is filled in from it
+            # when the sums are read (`_symmetric`).
+            x = samples.to(self.dtype) - self.shift.to(self.dtype)
+            self.total += x.sum(0, dtype=torch.float64)
+            if self.dtype == torch.float64:
+                syrk_upper(self.outer, x)
+            else:  # the batch's product in the GEMM dtype, only its result added into the float64 sums
+                product = torch.zeros(self.dim, self.dim, dtype=self.dtype)
+                syrk_upper(product, x)
+                self.outer.add_(product)  # add_ widens element by element: no float64 copy of it is made
         else:
-            # Features on an accelerator are multiplied there; only the (dim, dim) products come back.
+            # Features on an accelerator are multiplied there, only the blocks [AA AB] and BB (3/4 of the FLOPs of
+            # xᵀx); only the (dim, dim) products come back.
+            h = self.dim // 2
             x = samples.to(self.dtype) - self.shift.to(samples.device, self.dtype)
             self.total += x.sum(0, dtype=torch.float64).to(home)
-            # add_ widens the fp32 product element by element: no float64 copy of it is made.
             self.outer[:h].add_((x[:, :h].T @ x).to(home))
             self.outer[h:, h:].add_((x[:, h:].T @ x[:, h:]).to(home))
         self._lower_stale = True
         self.count += samples.shape[0]
 
     def _symmetric(self) -> torch.Tensor:
-        """`self.outer` with its lower-left block brought up to date (in place)."""
+        """`self.outer` with its lower triangle brought up to date from the upper one (in place)."""
         if getattr(self, "_lower_stale", False):
-            h = self.dim // 2
-            self.outer[h:, :h] = self.outer[:h, h:].T
+            mirror_upper(self.outer)
             self._lower_stale = False
         return self.outer
 

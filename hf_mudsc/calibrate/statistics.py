@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hf_mudsc.blas import torch_thread_count
 from hf_mudsc.calibrate.correlation import CorrelationAccumulator
 from hf_mudsc.calibrate.layer_inputs import FORWARD_ERRORS, unrunnable_batch
 from hf_mudsc.calibrate.layer_inputs import forward_inputs as forward_inputs  # re-exported
@@ -545,7 +546,8 @@ def collect_statistics(
     digests = ExampleDigests()
     bar = Progress(desc="calibration", unit="samples", total=total, enabled=progress, rate=True)
     try:
-        with torch.no_grad():
+        # The Grams' BLAS (scipy's ?syrk) uses as many threads as torch does.
+        with torch.no_grad(), torch_thread_count():
             if target is not None:
                 for model, home in zip(models, homes):
                     if home is not None and home != target:

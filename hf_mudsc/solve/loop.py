@@ -17,6 +17,7 @@ from functools import partial
 import numpy as np
 import torch
 
+from hf_mudsc.blas import torch_thread_count
 from hf_mudsc.heap import release_free_heap
 from hf_mudsc.progress import Progress
 from hf_mudsc.solve.maps import GroupMaps
@@ -489,6 +490,11 @@ class Solver:
         return outcome
 
     def solve(self, *, progress: bool = False) -> SolveResult:
+        # The weight correlations' BLAS (scipy's dsyrk, `similarity._Moments`) uses as many threads as torch does.
+        with torch_thread_count():
+            return self._solve(progress)
+
+    def _solve(self, progress: bool) -> SolveResult:
         options = self.options
         own = "activation" if options.use_activations else "weight"
         state = self._initial_state()

@@ -9,6 +9,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
+from hf_mudsc.blas import can_syrk, mirror_upper, syrk_upper
 from hf_mudsc.calibrate.correlation import CLAMP
 from hf_mudsc.solve.maps import GroupMaps
 from hf_mudsc.spec import Member, PermutationSpec
@@ -80,15 +81,15 @@ _CORRELATION_ROWS = 256
 class _Moments:
     """`Σ z zᵀ`, `Σ z` over columns and the column count of `[Z_A; Z_B]`, built chunk by chunk.
 
-    Only the blocks `[AA AB]` and `BB` are multiplied (3/4 of a full `Z Zᵀ`, in two GEMMs on contiguous
-    row blocks); the `BA` block is the transpose of `AB` and is filled in by `correlation`.
+    On the CPU only the upper triangle is summed (BLAS `dsyrk`: half the multiply-adds of `Z Zᵀ`); elsewhere the
+    blocks `[AA AB]` and `BB` (3/4 of it, two GEMMs on contiguous row blocks). `correlation` fills in the rest.
     """
 
     def __init__(self, width: int, device: torch.device | str | None = None, models: int = 2) -> None:
         self.width = width
         self.models = models
-        # The first `split` rows are multiplied against all columns, the rest only against themselves (n for two
-        # models: the blocks [AA AB] and BB; the same 3/4 of the product for N models).
+        # Off the CPU the first `split` rows are multiplied against all columns, the rest only against themselves
+        # (n for two models: the blocks [AA AB] and BB; the same 3/4 of the product for N models).
         self.split = models * width // 2
         self.gram = torch.empty(models * width, models * width, dtype=torch.float64, device=device)
         self.sums = torch.zeros(models * width, dtype=torch.float64, device=device)
@@ -98,11 +99,14 @@ class _Moments:
     def add_stacked(self, z: torch.Tensor) -> None:
         """Add the columns of a `(2n, D)` float64 block `[Z_A; Z_B]` (moved to the sums' device)."""
         z = z.to(self.gram.device)
-        n = self.split
         beta = 0.0 if self._fresh else 1.0
-        top, bottom = self.gram[:n], self.gram[n:, n:]
-        top.addmm_(z[:n], z.T, beta=beta)
-        bottom.addmm_(z[n:], z[n:].T, beta=beta)
+        if can_syrk(self.gram, z):
+            syrk_upper(self.gram, z, rows=True, beta=beta)
+        else:
+            n = self.split
+            top, bottom = self.gram[:n], self.gram[n:, n:]
+            top.addmm_(z[:n], z.T, beta=beta)
+            bottom.addmm_(z[n:], z[n:].T, beta=beta)
         self._fresh = False
         self.sums += z.sum(1)
         self.columns += z.shape[1]
@@ -134,12 +138,12 @@ class _Moments:
         Both ways compute every entry with the same operations, so the results are bitwise equal; the solve
         consumes (a visit of a MiniLM MLP group otherwise makes three 75 MB temporaries, which also fragment
         the heap between the solve's starts)."""
-        n, size = self.split, self.models * self.width
+        size = self.models * self.width
         mean = self.sums / self.columns
         cov = self.gram.div_(self.columns) if consume else self.gram / self.columns
         if consume:
             self.gram, self._fresh = torch.empty(0, dtype=torch.float64), True
-        cov[n:, :n] = cov[:n, n:].T
+        mirror_upper(cov)
         for start in range(0, size, _CORRELATION_ROWS):
             cov[start:start + _CORRELATION_ROWS] -= torch.outer(mean[start:start + _CORRELATION_ROWS], mean)
         std = cov.diagonal().clamp_min(0).sqrt()

@@ -1,0 +1,68 @@
+"""Symmetric Gram updates by BLAS `?syrk`, for every stage that sums `XᵀX` on the CPU.
+
+Calibration's activation Grams, the solve's weight correlations and the refit's ridge Grams are symmetric, and
+their products are most of a merge's arithmetic. torch has no symmetric rank-k update, so a `XᵀX` costs a full
+GEMM; scipy's BLAS `ssyrk`/`dsyrk` sums one triangle — half the multiply-adds, the same sums in the GEMM's
+precision. One wrapper for all three, and one rule for the thread count scipy's BLAS may use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+#: The dtypes `syrk_upper` hands to BLAS (others, and tensors on an accelerator, take torch's GEMM).
+SYRK_DTYPES = (torch.float32, torch.float64)
+
+
+def can_syrk(total: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether `syrk_upper(total, x)` runs BLAS `?syrk`: both on the CPU, in one float dtype, `total` C-contiguous."""
+    return (total.device.type == "cpu" and x.device.type == "cpu" and total.dtype in SYRK_DTYPES
+            and x.dtype == total.dtype and total.is_contiguous())
+
+
+def syrk_upper(total: torch.Tensor, x: torch.Tensor, *, rows: bool = False, beta: float = 1.0) -> None:
+    """`total = beta·total + xᵀx` (`rows=True`: `+ x xᵀ`) on the upper triangle of `total`, in place; the lower
+    triangle is left as it was (read it through `mirror_upper`).
+
+    `total` must satisfy `can_syrk`; `beta=0` ignores what `total` held (it may be uninitialised). Where it cannot
+    run in place (never seen: BLAS wrappers may copy), the result is copied back."""
+    from scipy.linalg import blas
+
+    routine = blas.dsyrk if total.dtype == torch.float64 else blas.ssyrk
+    # In Fortran order a C-contiguous `total` is its transpose, so its lower triangle is `total`'s upper one. For
+    # xᵀx, `x.T` read in Fortran order is a C-contiguous `x` with no copy (trans=0: a·aᵀ); for x xᵀ, `x.T` is the
+    # transposed operand (trans=1: aᵀ·a).
+    operand = x.detach().numpy().T
+    if not operand.flags.f_contiguous:
+        operand = operand.copy(order="F")
+    result = routine(1.0, operand, beta=beta, c=total.numpy().T, trans=int(rows), lower=1, overwrite_c=1)
+    if result.ctypes.data != total.data_ptr():
+        total.copy_(torch.from_numpy(result.T))
+
+
+def mirror_upper(matrix: torch.Tensor) -> torch.Tensor:
+    """Fill the strict lower triangle of a square `matrix` from its upper one, in place; returns `matrix`.
+
+    Row blocks at a time, so no second `(n, n)` matrix is made (Grams here reach hundreds of MB)."""
+    size = matrix.shape[0]
+    step = 256
+    for start in range(0, size, step):
+        stop = min(start + step, size)
+        # Rows start..stop of the lower triangle are columns start..stop of the upper one, above the diagonal block.
+        matrix[start:stop, :start] = matrix[:start, start:stop].T
+        block = matrix[start:stop, start:stop]
+        block.copy_(block.triu() + block.triu(1).T)
+    return matrix
+
+
+@contextmanager
+def torch_thread_count() -> Iterator[None]:
+    """scipy's BLAS limited to torch's thread count while inside: `torch.set_num_threads(1)` (or a process given
+    one core) holds for the Gram products too, instead of BLAS's own default of every core."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+        yield
