@@ -677,7 +677,7 @@ def merge(
             parents=[_without(p, left) for p in params],
             base=None if base_params is None else _without(base_params, left),
             models=loaded, batches=batches, correlations=correlations, concatenate_classifier=concatenate,
-            options=method_options, device=str(run_device), progress=progress,
+            options=method_options, device=str(run_device), progress=progress, relation=relation.relation,
         ), left
 
     context, left_out = context_for(merge_method)

@@ -110,8 +110,10 @@ def test_near_tie_keeps_the_activation_start_and_its_merge(different_init, singl
     a, b, batches = different_init
     merged = hf_mudsc.merge([a, b], batches, method="mudsc", matcher=matcher, progress=False)
     report = merged.merge_report
+    # Independent initialisations: A_i <-> B_i is an arbitrary pairing, so no identity start is refined.
+    assert merged.config.mudsc["parent_relation"]["relation"] == "independent"
+    assert list(report.starts) == ["activation", "weight"]
     # Another start did end higher, but by less than the margin: with no margin it would have won.
-    assert list(report.starts) == STARTS
     assert report.starts["weight"] > report.starts["activation"]
     assert choose_start(report.starts, margin=0.0) == "weight"
     assert report.solve_start == "activation"
@@ -122,6 +124,18 @@ def test_near_tie_keeps_the_activation_start_and_its_merge(different_init, singl
     expected = single.state_dict()
     for name, value in merged.state_dict().items():
         assert torch.equal(value, expected[name]), name
+
+
+def test_the_identity_start_is_refined_only_for_parents_whose_tensors_line_up():
+    from hf_mudsc.methods.matching import LINED_UP_RELATIONS
+    from hf_mudsc.methods.registry import get_method
+
+    method = get_method("mudsc")
+    assert LINED_UP_RELATIONS == ("same model", "shared base")
+    for relation in (None, "same model", "shared base"):
+        assert method.starts_for(relation) == ("weight", "identity"), relation
+    for relation in ("permuted copy", "independent"):
+        assert method.starts_for(relation) == ("weight",), relation
 
 
 # -- what the report records ----------------------------------------------------------------------------------------

@@ -23,6 +23,13 @@ from hf_mudsc.methods.registry import (
 if TYPE_CHECKING:
     from hf_mudsc.options import MergeOptions
 
+#: Parent relations (`load.relation.ParentRelation.relation`) whose tensors line up unpermuted: only for these is the
+#: identity start (A_i <-> B_i) a correspondence worth refining, as issue 12 specifies it. For a permuted copy or
+#: independent initialisations it is an arbitrary pairing — on different-init pairs the starts end within 0.004 of
+#: each other, under the margin a start must clear to be kept (docs/design.md §4.5) — and its refinement cost a
+#: sixth of the default solve. An unjudged relation (None) keeps it.
+LINED_UP_RELATIONS = ("same model", "shared base")
+
 #: The reference implementation's merge normaliser (`reference_compat=True`; docs/design.md §4.8).
 REFERENCE_NORMALIZER_EPS = 1e-5
 
@@ -41,7 +48,8 @@ class UnitMatchingMethod(MergeMethod):
     activation similarity; a fixed `alpha` is 0.0 (activations only) or 1.0 (weights only). Without
     calibration (`needs_calibration=False`) no activation start exists and the similarity is the weights'.
     `extra_starts`: starts refined besides the activation start (`hf_mudsc.solve.loop.STARTS`; docs/design.md
-    §4.5), dropped under `reference_compat`, which keeps the paper's single start.
+    §4.5), dropped under `reference_compat`, which keeps the paper's single start; the identity start only for
+    parents whose relation is in `LINED_UP_RELATIONS` (or not judged).
     """
 
     matcher: str | None = None
@@ -54,6 +62,13 @@ class UnitMatchingMethod(MergeMethod):
     @property
     def matches_units(self) -> bool:
         return True
+
+    def starts_for(self, relation: str | None) -> tuple[str, ...]:
+        """The extra starts refined for parents of this relation: the identity start only where the parents'
+        tensors line up (`LINED_UP_RELATIONS`; None: not judged, every start)."""
+        if relation is None or relation in LINED_UP_RELATIONS:
+            return self.extra_starts
+        return tuple(name for name in self.extra_starts if name != "identity")
 
     @property
     def supports_size(self) -> bool:
@@ -110,7 +125,7 @@ class UnitMatchingMethod(MergeMethod):
         from hf_mudsc.solve.loop import SolveOptions, Solver
 
         given = context.options
-        starts = () if given.reference_compat else self.extra_starts
+        starts = () if given.reference_compat else self.starts_for(context.relation)
         # A search candidate is solved from the paper's start only (docs/design.md §4.4); the merge the search
         # returns is solved again with every start.
         shortcut = context.candidate and bool(starts)

@@ -65,6 +65,10 @@ class MethodContext:
     solve_cache: Any = None
     """What successive solves of one merge may share (`hf_mudsc.solve.loop.SolveCache`, the `alpha="auto"`
     search's): the parts of a solve that do not depend on alpha. None: every solve starts from scratch."""
+    relation: str | None = None
+    """How the parents relate by their weights (`load.relation.ParentRelation.relation`; for N parents the loosest
+    relation to parent 0), None when not judged: unit matching refines the identity start only for parents whose
+    tensors line up (`methods.matching.LINED_UP_RELATIONS`)."""
     candidate: bool = False
     """A candidate merge of the `alpha="auto"` search, only to be scored: the method may merge more cheaply (unit
     matching: the paper's single start) and say so (`MethodResult.full`); the search merges the chosen one again
