@@ -87,6 +87,8 @@ from hf_mudsc.plan import (
     check_memory,
     config_of,
     head_copies,
+    memory_shortfall,
+    memory_text,
     meta_model,
 )
 from hf_mudsc.progress import library_bars
@@ -538,8 +540,9 @@ def merge(
         if early:  # chosen, and its memory checked, before any parent was loaded whole
             merge_method, choice_reason = early[0].method, early[0].reason
         else:
-            merge_method, choice_reason = choose_auto(relation, merge_options, calibration, count,
-                                                      has_base=base_parent is not None)
+            merge_method, choice_reason = choose_auto(
+                relation, merge_options, calibration, count, has_base=base_parent is not None,
+                shortfall=lambda method: memory_shortfall(model_a, count, method, loading=0))
             check_memory(model_a, count, merge_method, loading=0, chosen=choice_reason)  # before calibration
         # Two parents: the solve's merge is the merge if the units moved. More: one pair is solved first (parent A
         # and the parent farthest from it by weight distance), as every pair would multiply the check's cost.
@@ -1087,12 +1090,27 @@ def check_before_weights(config: Any, options: MergeOptions, count: int, method:
 
 
 def choose_auto(relation: ParentRelation, options: MergeOptions, calibration: Any, count: int, *,
-                has_base: bool) -> tuple[MergeMethod, str]:
+                has_base: bool, shortfall: Callable[[MergeMethod], tuple[float, float] | None] | None = None,
+                ) -> tuple[MergeMethod, str]:
     """The method `auto` chooses for parents of this relation, and why, refused (one line naming the choice) when it
-    cannot merge these parents with these options and data — the checks an explicit method gets before loading."""
+    cannot merge these parents with these options and data — the checks an explicit method gets before loading.
+
+    `shortfall(method)`: (bytes needed, bytes available) when `method` cannot fit (`plan.memory_shortfall`). A data
+    method chosen for fine-tunes of one base (regmean) that cannot fit gives way to the choice without data (linear,
+    ties), with a warning: it would run out of memory in its pass where the dataless method merges."""
     try:
         method, reason = choose_method(relation.relation, relation.weight_distance, has_base=has_base,
                                        has_data=calibration is not None)
+        short = shortfall(method) if shortfall is not None and method.needs_data else None
+        if short is not None:
+            dataless, dataless_reason = choose_method(relation.relation, relation.weight_distance, has_base=has_base)
+            said, name = dataless_reason.rsplit("): ", 1)
+            reason = (f"{said}; {method.name}'s working set needs {memory_text(short[0])} at once and "
+                      f"{memory_text(short[1])} of memory is available): {name}")
+            logger.warning("method auto: %s's working set needs %s at once but %s of memory is available, so %s "
+                           "merges these parents instead (method=%r on a machine with more memory)", method.name,
+                           memory_text(short[0]), memory_text(short[1]), dataless.name, method.name)
+            method = dataless
     except ValueError as error:
         raise MergeInputError(str(error)) from None
     checker = _planned_checker(relation, method, options, calibration)
@@ -1127,7 +1145,16 @@ def auto_before_loading(views: Sequence[LoadedParent], options: MergeOptions, ca
     aligned = [view if twin is None else twin for view, twin in zip(views, moved)]
     relation = check_parents_mergeable([view.parameters for view in aligned], spec,
                                        [view.repo_id or view.reference for view in views])
-    method, reason = choose_auto(relation, options, calibration, count, has_base=has_base)
+    def holds(method: MergeMethod) -> dict[str, Any]:
+        """What a merge by `method` loads and copies whole (it streams parents when it can)."""
+        lazy = streams_parents(method, options, calibration, count)
+        return {"loading": min(references, 1) if lazy else references,
+                "copies": len(head_copies([view.model.config for view in views], streaming=lazy)),
+                "base": has_base and base_loaded_whole(base, None, streaming=lazy),
+                "base_copy": base_copied(found_base, views[0], streaming=lazy)}
+
+    method, reason = choose_auto(relation, options, calibration, count, has_base=has_base,
+                                 shortfall=lambda chosen: memory_shortfall(model_a, count, chosen, **holds(chosen)))
     lazy = streams_parents(method, options, calibration, count)
     check_memory(model_a, count, method, loading=min(references, 1) if lazy else references, chosen=reason,
                  copied=head_copies([view.model.config for view in views], streaming=lazy),

@@ -466,6 +466,25 @@ def memory_floor(model: Any, parents: int, method: Any | None, *, loading: int, 
     return floor
 
 
+def memory_shortfall(model_or_config: Any, parents: int, method: Any, *, loading: int, copies: int = 0,
+                     base: bool = False, base_copy: bool = False) -> tuple[float, float] | None:
+    """(bytes needed, bytes available) when `method`'s whole `memory_floor` — its working set counted — exceeds the
+    memory available now; None when it fits or the available memory is unknown. `auto` asks it of a data method it
+    would choose, to choose a dataless one instead of running out of memory in the data method's pass."""
+    available = available_memory()
+    if available is None:
+        return None
+    model = model_or_config if hasattr(model_or_config, "parameters") else meta_model(model_or_config)
+    needed = sum(memory_floor(model, parents, method, loading=loading, copies=copies, base=base,
+                              base_copy=base_copy).values())
+    return (needed, available) if needed > available else None
+
+
+def memory_text(value: float) -> str:
+    """A byte count as the memory checks write it (`12.35 GB`)."""
+    return _bytes(value)
+
+
 def check_memory(model_or_config: Any, parents: int, method: Any | None, *, loading: int,
                  chosen: str | None = None, copied: Sequence[str] = (), base: bool = False,
                  base_copy: bool = False) -> None:

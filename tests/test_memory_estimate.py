@@ -195,3 +195,41 @@ def test_autos_choice_is_not_refused_for_its_working_set_and_a_linear_refusal_of
         plan.check_memory(model, 2, METHODS["linear"], loading=0)
     assert "merge on a machine with more memory" in str(error.value)
     assert "choose" not in str(error.value) and "(CLI: --method)" not in str(error.value)
+
+
+def test_auto_merges_by_its_dataless_choice_when_regmeans_working_set_cannot_fit(monkeypatch, caplog, tmp_path):
+    """`auto` chose regmean for fine-tunes of one base given calibration data whatever the memory: where regmean's
+    working set (float64 systems and Grams, 1.7x BERT-base's weights) could not fit, the merge ran out of memory in
+    its pass — while the dataless choice (linear) would have merged. Now `auto` falls back to it, says why (log,
+    `method_choice_reason`) and merges exactly as `method="linear"`; with the memory, regmean as before."""
+    import logging
+
+    from factories import fine_tune
+
+    import hf_mudsc.plan as plan
+    from hf_mudsc.methods.registry import METHODS
+
+    base = make_model("bert_cls", 0)
+    parents = [fine_tune(base, seed, 0.05, relative=True) for seed in (1, 2)]
+    data = make_batches("bert_cls", num_batches=2, batch_size=4)
+    working = plan.memory_floor(parents[0], 2, METHODS["regmean"], loading=0)["working"]
+    monkeypatch.setattr(plan, "available_memory", lambda: int(working / 2))
+    with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
+        merged = hf_mudsc.merge(parents, data, progress=False)
+    assert merged.config.mudsc["method"] == "linear"
+    reason = merged.config.mudsc["method_choice_reason"]
+    assert reason.endswith(": linear") and "regmean's working set needs" in reason, reason
+    assert "regmean's working set needs" in caplog.text and "method='regmean'" in caplog.text
+    expected = hf_mudsc.merge(parents, method="linear", progress=False).state_dict()
+    assert all(torch.equal(value, expected[name]) for name, value in merged.state_dict().items())
+    # Parents given as folders: `auto` chooses before loading them whole, by the same rule.
+    folders = []
+    for letter, parent in zip("ab", parents):
+        parent.save_pretrained(tmp_path / letter)
+        folders.append(str(tmp_path / letter))
+    from_folders = hf_mudsc.merge(folders, data, progress=False)
+    assert from_folders.config.mudsc["method"] == "linear"
+    assert "regmean's working set needs" in from_folders.config.mudsc["method_choice_reason"]
+    monkeypatch.setattr(plan, "available_memory", lambda: int(working * 50))
+    assert hf_mudsc.merge(parents, data, progress=False).config.mudsc["method"] == "regmean"
+    assert hf_mudsc.merge(folders, data, progress=False).config.mudsc["method"] == "regmean"
