@@ -31,6 +31,12 @@ def syrk_upper(total: torch.Tensor, x: torch.Tensor, *, rows: bool = False, beta
     run in place (never seen: BLAS wrappers may copy), the result is copied back."""
     from scipy.linalg import blas
 
+    if x.shape[1 if rows else 0] == 0:  # an empty sum (BLAS refuses a zero leading dimension and changes nothing)
+        if beta == 0.0:
+            total.zero_()
+        elif beta != 1.0:
+            total.mul_(beta)
+        return
     routine = blas.dsyrk if total.dtype == torch.float64 else blas.ssyrk
     # In Fortran order a C-contiguous `total` is its transpose, so its lower triangle is `total`'s upper one. For
     # xᵀx, `x.T` read in Fortran order is a C-contiguous `x` with no copy (trans=0: a·aᵀ); for x xᵀ, `x.T` is the

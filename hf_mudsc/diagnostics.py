@@ -229,7 +229,7 @@ def unread_warning(unread: Sequence[str], method: str) -> str | None:
 
 def inert_options_warnings(options: MergeOptions, *, method: str, reads_base: bool, reads_data: bool,
                            has_data: bool, refit: str, pairs_heads: bool = True,
-                           inputs: Sequence[str] = ()) -> list[str]:
+                           inputs: Sequence[str] = (), data_note: str | None = None) -> list[str]:
     """Options set for a part of the merge that does not run — a refit setting with no refit (REPAIR reads
     `refit_samples` only), a calibration setting without data, a raw column of a kind the parents do not read
     (`inputs`: the model inputs they take, e.g. `PermutationSpec.inputs`), data that nothing reads — and a base given
@@ -255,7 +255,7 @@ def inert_options_warnings(options: MergeOptions, *, method: str, reads_base: bo
     if options.independent_heads and not pairs_heads:
         texts.append(f"{option_hint('independent_heads')} has no effect: method {method} matches no units, so it "
                      "pairs no attention heads")
-    if data_text := unread_data_warning(method, reads_data=reads_data, has_data=has_data):
+    if data_text := unread_data_warning(method, reads_data=reads_data, has_data=has_data, why=data_note):
         texts.append(data_text)
     if options.base is not None and not reads_base:
         texts.append(f"method {method} does not read the base ({option_hint('base')}): it changes no weight of the "
@@ -263,10 +263,13 @@ def inert_options_warnings(options: MergeOptions, *, method: str, reads_base: bo
     return texts
 
 
-def unread_data_warning(method: str, *, reads_data: bool, has_data: bool) -> str | None:
+def unread_data_warning(method: str, *, reads_data: bool, has_data: bool, why: str | None = None) -> str | None:
     """Calibration data given to a merge in which nothing reads it (`inert_options_warnings`; advice:
-    `advice_warnings`)."""
+    `advice_warnings`). `why`: the reason it goes unread, said instead of the advice to pass a method that reads it
+    (`auto` took its dataless choice because its data method could not fit)."""
     if not has_data or reads_data:
         return None
+    if why is not None:
+        return f"the calibration data ({option_hint('calibration')}) has no effect: {why}"
     return (f"the calibration data ({option_hint('calibration')}) has no effect: method {method} reads none and no "
             "refit runs; drop it, or pass a method that reads it (e.g. method='regmean')")

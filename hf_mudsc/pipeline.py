@@ -171,6 +171,8 @@ class AutoChoice:
     relation: ParentRelation
     streams: bool
     parents: tuple[str, ...]
+    data_note: str | None = None
+    """Why the calibration data goes unread when `auto` took its dataless choice for want of memory (`choose_auto`)."""
 
 
 def solve_spec(spec: PermutationSpec, concatenate_classifier: bool, *, reference_rows: bool = False
@@ -536,11 +538,12 @@ def merge(
     # `auto`'s same-base choice, while the unit-matching solve that confirms it runs (methods.auto): (the same-base
     # method, its reason); the merge runs as that solve's method until the solve decides.
     unconfirmed: tuple[MergeMethod, str] | None = None
+    data_note = None  # why the data goes unread, when auto's data method could not fit
     if merge_method is None:
         if early:  # chosen, and its memory checked, before any parent was loaded whole
-            merge_method, choice_reason = early[0].method, early[0].reason
+            merge_method, choice_reason, data_note = early[0].method, early[0].reason, early[0].data_note
         else:
-            merge_method, choice_reason = choose_auto(
+            merge_method, choice_reason, data_note = choose_auto(
                 relation, merge_options, calibration, count, has_base=base_parent is not None,
                 shortfall=lambda method: memory_shortfall(model_a, count, method, loading=0))
             check_memory(model_a, count, merge_method, loading=0, chosen=choice_reason)  # before calibration
@@ -565,7 +568,7 @@ def merge(
     option_warnings: list[str] = []  # options that change nothing, said for the method that finally merges
     if unconfirmed is None:  # (else once the solve has decided the method)
         option_warnings = _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value,
-                                       spec.inputs)
+                                       spec.inputs, data_note=data_note)
     calibration_name = given_calibration_name if needs_data else None
     # alpha="auto" (docs/design.md §4.4): only for a method that matches units on activations and reads α.
     auto_alpha = alpha_searched(merge_method, merge_options, count)
@@ -625,7 +628,7 @@ def merge(
         unconfirmed = None
         refit_value, refitting, used_options, auto_alpha = settled(merge_method)
         option_warnings = _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value,
-                                       spec.inputs)
+                                       spec.inputs, data_note=data_note)
     held_out = alpha_scorer = None
     statistics_data, statistics_samples = calibration, num_samples
     if auto_alpha:  # every 5th example is held out to score the candidate merges; the rest feed the statistics
@@ -701,7 +704,7 @@ def merge(
             del result  # the solve's merged weights are not held while the same-base method runs
             result = merge_method.merge_parameters(context)
         option_warnings = _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value,
-                                       spec.inputs)
+                                       spec.inputs, data_note=data_note)
     if auto_alpha:
         from hf_mudsc.apply.fidelity import FidelityScorer, search_alpha
 
@@ -939,18 +942,19 @@ def _one_shot_refusal(method: MergeMethod, chosen: str | None, relation: str) ->
 
 
 def _warn_unused(options: MergeOptions, used: Mapping[str, Any], method: MergeMethod, calibration: Any, count: int,
-                 refit_value: str, inputs: Sequence[str] = ()) -> list[str]:
+                 refit_value: str, inputs: Sequence[str] = (), *, data_note: str | None = None) -> list[str]:
     """Say which options change nothing (`diagnostics.unread_options_warning`, `inert_options_warnings`), and that
     `reference_compat=True` has no reference merge to reproduce with a method that matches no units; returns the
-    texts said, which the merge records with its other warnings."""
+    texts said, which the merge records with its other warnings. `data_note`: why the data goes unread (`auto`'s
+    dataless choice for want of memory), said instead of the advice to pass a method that reads it."""
     reads_data = _reads_data(method, refit_value in REFITTING)
     unread = unread_options_warning(options, used, method.name, read=method.read_as_default(options))
     advice = advice_warnings(None, None, unread_data_warning(method.name, reads_data=reads_data,
-                                                             has_data=calibration is not None), unread)
+                                                             has_data=calibration is not None, why=data_note), unread)
     said = [text for text in [unread, *inert_options_warnings(
             options, method=method.name, reads_base=method.needs_base_model, reads_data=reads_data,
             has_data=calibration is not None, refit=refit_value, pairs_heads=method.pairs_attention_heads,
-            inputs=inputs)] if text]
+            inputs=inputs, data_note=data_note)] if text]
     for text in said:
         logger.warning("%s", text, extra={ADVICE: text in advice})
     if reference_compat_unread(method, options):
@@ -1091,13 +1095,15 @@ def check_before_weights(config: Any, options: MergeOptions, count: int, method:
 
 def choose_auto(relation: ParentRelation, options: MergeOptions, calibration: Any, count: int, *,
                 has_base: bool, shortfall: Callable[[MergeMethod], tuple[float, float] | None] | None = None,
-                ) -> tuple[MergeMethod, str]:
+                ) -> tuple[MergeMethod, str, str | None]:
     """The method `auto` chooses for parents of this relation, and why, refused (one line naming the choice) when it
     cannot merge these parents with these options and data — the checks an explicit method gets before loading.
 
     `shortfall(method)`: (bytes needed, bytes available) when `method` cannot fit (`plan.memory_shortfall`). A data
     method chosen for fine-tunes of one base (regmean) that cannot fit gives way to the choice without data (linear,
-    ties), with a warning: it would run out of memory in its pass where the dataless method merges."""
+    ties), with a warning: it would run out of memory in its pass where the dataless method merges. The third value
+    then says why the calibration data goes unread (else None)."""
+    data_note = None
     try:
         method, reason = choose_method(relation.relation, relation.weight_distance, has_base=has_base,
                                        has_data=calibration is not None)
@@ -1105,11 +1111,14 @@ def choose_auto(relation: ParentRelation, options: MergeOptions, calibration: An
         if short is not None:
             dataless, dataless_reason = choose_method(relation.relation, relation.weight_distance, has_base=has_base)
             said, name = dataless_reason.rsplit("): ", 1)
-            reason = (f"{said}; {method.name}'s working set needs {memory_text(short[0])} at once and "
-                      f"{memory_text(short[1])} of memory is available): {name}")
-            logger.warning("method auto: %s's working set needs %s at once but %s of memory is available, so %s "
-                           "merges these parents instead (method=%r on a machine with more memory)", method.name,
-                           memory_text(short[0]), memory_text(short[1]), dataless.name, method.name)
+            needs = (f"{method.name} needs {memory_text(short[0])} at once (its working set included) and "
+                     f"{memory_text(short[1])} of memory is available")
+            reason = f"{said}; {needs}): {name}"
+            logger.warning("method auto: %s, so %s merges these parents instead (method=%r on a machine with more "
+                           "memory)", needs, dataless.name, method.name)
+            data_note = (f"method auto took {dataless.name}, which reads none, because {method.name} does not fit in "
+                         f"the memory available; drop it, or merge with method={method.name!r} on a machine with "
+                         "more memory")
             method = dataless
     except ValueError as error:
         raise MergeInputError(str(error)) from None
@@ -1121,7 +1130,7 @@ def choose_auto(relation: ParentRelation, options: MergeOptions, calibration: An
     _check_data(method, calibration, count, chosen=reason)
     method.check_options(options, count)
     check_size(method, options.size, chosen=reason)
-    return method, reason
+    return method, reason, data_note
 
 
 def auto_before_loading(views: Sequence[LoadedParent], options: MergeOptions, calibration: Any, *, has_base: bool,
@@ -1153,8 +1162,9 @@ def auto_before_loading(views: Sequence[LoadedParent], options: MergeOptions, ca
                 "base": has_base and base_loaded_whole(base, None, streaming=lazy),
                 "base_copy": base_copied(found_base, views[0], streaming=lazy)}
 
-    method, reason = choose_auto(relation, options, calibration, count, has_base=has_base,
-                                 shortfall=lambda chosen: memory_shortfall(model_a, count, chosen, **holds(chosen)))
+    method, reason, data_note = choose_auto(
+        relation, options, calibration, count, has_base=has_base,
+        shortfall=lambda chosen: memory_shortfall(model_a, count, chosen, **holds(chosen)))
     lazy = streams_parents(method, options, calibration, count)
     check_memory(model_a, count, method, loading=min(references, 1) if lazy else references, chosen=reason,
                  copied=head_copies([view.model.config for view in views], streaming=lazy),
@@ -1164,7 +1174,7 @@ def auto_before_loading(views: Sequence[LoadedParent], options: MergeOptions, ca
         check_calibration_before_weights(calibration, processor if processor is not None else
                                          [view.processor for view in views], model_a.config, options)
     return AutoChoice(method=method, reason=reason, relation=relation, streams=lazy,
-                      parents=tuple(view.pinned_reference for view in views))
+                      parents=tuple(view.pinned_reference for view in views), data_note=data_note)
 
 
 def _check_choice_parents(choice: AutoChoice, models: Sequence[Any]) -> None:

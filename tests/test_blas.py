@@ -32,6 +32,21 @@ def test_syrk_upper_with_beta_zero_ignores_what_the_sum_held() -> None:
     assert torch.equal(mirror_upper(total), x.T @ x)  # integers: exact in float64
 
 
+@pytest.mark.parametrize("rows", [False, True])
+def test_syrk_upper_of_an_empty_operand_adds_nothing_and_beta_still_scales(rows) -> None:
+    """Review: BLAS refuses a zero leading dimension and left `total` as it was, so a first block of no columns with
+    beta=0 kept uninitialised memory as the Gram."""
+    empty = torch.zeros(0, 3, dtype=torch.float64) if not rows else torch.zeros(3, 0, dtype=torch.float64)
+    total = torch.full((3, 3), 7.0, dtype=torch.float64)
+    syrk_upper(total, empty, rows=rows, beta=0.0)
+    assert torch.equal(total, torch.zeros(3, 3, dtype=torch.float64))
+    total = torch.full((3, 3), 7.0, dtype=torch.float64)
+    syrk_upper(total, empty, rows=rows, beta=0.5)
+    assert torch.equal(total, torch.full((3, 3), 3.5, dtype=torch.float64))
+    syrk_upper(total, empty, rows=rows)
+    assert torch.equal(total, torch.full((3, 3), 3.5, dtype=torch.float64))
+
+
 def test_syrk_upper_reads_a_non_contiguous_operand() -> None:
     x = torch.arange(40, dtype=torch.float64).reshape(8, 5)[::2, 1:]  # strided rows and columns
     total = torch.zeros(4, 4, dtype=torch.float64)

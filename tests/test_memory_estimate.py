@@ -218,8 +218,13 @@ def test_auto_merges_by_its_dataless_choice_when_regmeans_working_set_cannot_fit
         merged = hf_mudsc.merge(parents, data, progress=False)
     assert merged.config.mudsc["method"] == "linear"
     reason = merged.config.mudsc["method_choice_reason"]
-    assert reason.endswith(": linear") and "regmean's working set needs" in reason, reason
-    assert "regmean's working set needs" in caplog.text and "method='regmean'" in caplog.text
+    assert reason.endswith(": linear") and "regmean needs " in reason, reason
+    assert "at once (its working set included) and " in reason, reason
+    assert "regmean needs " in caplog.text and "so linear merges these parents instead" in caplog.text
+    # The data goes unread, and the warning says why instead of advising the method that did not fit.
+    unread = [text for text in merged.config.mudsc["warnings"] if text.startswith("the calibration data")]
+    assert len(unread) == 1 and "because regmean does not fit in the memory available" in unread[0], unread
+    assert "pass a method that reads it" not in caplog.text
     expected = hf_mudsc.merge(parents, method="linear", progress=False).state_dict()
     assert all(torch.equal(value, expected[name]) for name, value in merged.state_dict().items())
     # Parents given as folders: `auto` chooses before loading them whole, by the same rule.
@@ -229,7 +234,8 @@ def test_auto_merges_by_its_dataless_choice_when_regmeans_working_set_cannot_fit
         folders.append(str(tmp_path / letter))
     from_folders = hf_mudsc.merge(folders, data, progress=False)
     assert from_folders.config.mudsc["method"] == "linear"
-    assert "regmean's working set needs" in from_folders.config.mudsc["method_choice_reason"]
+    assert "regmean needs " in from_folders.config.mudsc["method_choice_reason"]
+    assert any("because regmean does not fit" in text for text in from_folders.config.mudsc["warnings"])
     monkeypatch.setattr(plan, "available_memory", lambda: int(working * 50))
     assert hf_mudsc.merge(parents, data, progress=False).config.mudsc["method"] == "regmean"
     assert hf_mudsc.merge(folders, data, progress=False).config.mudsc["method"] == "regmean"

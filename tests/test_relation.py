@@ -236,6 +236,22 @@ def test_n_parents_relate_as_their_loosest_pair_and_name_the_farthest_parent():
     assert combined_relation(relations[:1]).farthest == 1
 
 
+def test_a_permuted_copy_among_fine_tunes_of_one_base_makes_the_parents_need_matching():
+    """Review s26: N parents relate as their loosest pair, and a permuted copy ranked closer than a shared base, so a
+    fine-tune B and a permuted copy C of parent A combined to "shared base": `auto` chose linear without data (C's
+    units are in another order) and the identity start was refined for C. A permuted copy's units line up with no
+    one's: it is looser than a shared base, only independent initialisations are looser still."""
+    from hf_mudsc.load.relation import RELATION_ORDER, ParentRelation, combined_relation
+
+    assert RELATION_ORDER == ("same model", "shared base", "permuted copy", "independent")
+    fine_tune = ParentRelation("shared base", 0.2, (1.0, 1.1))
+    permuted = ParentRelation("permuted copy", 1.4, (1.0, 1.0))
+    assert combined_relation([fine_tune, permuted]).relation == "permuted copy"
+    assert combined_relation([permuted, fine_tune]).relation == "permuted copy"
+    independent = ParentRelation("independent", 1.4, (1.0, 1.0))
+    assert combined_relation([permuted, independent]).relation == "independent"
+
+
 def test_comparing_a_large_tensor_holds_no_float64_copy_of_it():
     """The relation check compares every tensor of two parents. It held both sorted copies, both widened copies and
     a difference with its square in float64 at once: 12x the tensor's float32 bytes (772 MB over a 64 MB tensor;

@@ -288,8 +288,10 @@ def check_mergeable(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
     return relation
 
 
-# From the closest relation to the loosest: N parents relate as loosely as their loosest pair.
-RELATION_ORDER = ("same model", "permuted copy", "shared base", "independent")
+# From the closest relation to the loosest: N parents relate as loosely as their loosest pair. Ordered by whether
+# the units line up: a permuted copy's line up with no one's (its units must be matched, as across initialisations),
+# so it is looser than fine-tunes of one base, whose units stay where they are.
+RELATION_ORDER = ("same model", "shared base", "permuted copy", "independent")
 
 
 def parent_label(index: int) -> str:

@@ -122,6 +122,7 @@ class UnitMatchingMethod(MergeMethod):
 
     def merge_parameters(self, context: MethodContext) -> MethodResult:
         from hf_mudsc.apply.weights import apply_matches, apply_matches_weighted
+        from hf_mudsc.blas import torch_thread_count
         from hf_mudsc.solve.loop import SolveOptions, Solver
 
         given = context.options
@@ -154,9 +155,10 @@ class UnitMatchingMethod(MergeMethod):
 
             plan = plan_budget(context.spec, context.parents, given.size, given.size_spend,
                                concatenate_classifier=context.concatenate_classifier)
-            matches = widen_budget(context.solve_spec, matches, plan,
-                                   lambda index: solver.similarity_of(index, result.matches),
-                                   num_models=len(context.parents), normalizer_eps=options.normalizer_eps)
+            with torch_thread_count():  # its weight correlations' BLAS, as in the solve
+                matches = widen_budget(context.solve_spec, matches, plan,
+                                       lambda index: solver.similarity_of(index, result.matches),
+                                       num_models=len(context.parents), normalizer_eps=options.normalizer_eps)
         weights = list(given.weights) if given.weights is not None else [1.0] * len(parents)
         if len(parents) == 2 and not _weighted(weights):
             parameters = apply_matches(context.spec, parents[0], parents[1], matches,
