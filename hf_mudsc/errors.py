@@ -77,11 +77,13 @@ class OutputLocationError(ValueError):
 
 class SpecError(ValueError):
     """A permutation spec does not describe the model it was built for (an adapter bug, or a layout of a supported
-    model type the adapter has no place for: `unplaced` names those parameters)."""
+    model type the adapter has no place for: `unplaced` names those parameters; `problems` lists every problem,
+    the unplaced parameters' among them)."""
 
-    def __init__(self, message: str, unplaced: tuple[str, ...] = ()) -> None:
+    def __init__(self, message: str, unplaced: tuple[str, ...] = (), problems: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.unplaced = unplaced
+        self.problems = problems or tuple(f"parameter {name!r} is in no group" for name in unplaced)
 
 
 class RepoExistsError(FileExistsError):

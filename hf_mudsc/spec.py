@@ -211,5 +211,5 @@ class PermutationSpec:
             raise SpecError(
                 f"the {self.family or 'model'} permutation spec does not fit the model:\n  - "
                 + "\n  - ".join(problems),
-                unplaced=unplaced,
+                unplaced=unplaced, problems=tuple(problems),
             )

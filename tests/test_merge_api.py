@@ -331,6 +331,31 @@ def test_unsupported_layouts_of_a_supported_model_type_are_refused_in_one_line_n
     assert "\n" not in str(error.value)
 
 
+def test_an_adapter_bug_beside_an_unplaced_parameter_is_not_reported_as_an_unsupported_layout(monkeypatch):
+    """Review s25: `spec_for` turned every SpecError naming an unplaced parameter into "X is not supported", which hid
+    an adapter bug listed in the same error (a wrong width, a missing tensor): only a spec whose every problem is an
+    unplaced parameter is an unsupported layout; anything else is the adapter's bug, raised with every problem."""
+    from dataclasses import replace
+
+    import hf_mudsc.architectures as architectures
+    from hf_mudsc.errors import SpecError
+
+    odd = make_model("bert", 0)
+    odd.encoder.extra = torch.nn.Linear(4, 4)
+    architectures.discover()
+    builder = architectures.builder_for("bert")
+
+    def wrong_width(model):
+        spec = builder(model)
+        return replace(spec, groups=[replace(spec.groups[0], width=spec.groups[0].width + 1), *spec.groups[1:]])
+
+    monkeypatch.setattr(architectures, "builder_for", lambda model_type: wrong_width)
+    with pytest.raises(SpecError) as error:
+        spec_for(odd)
+    assert not isinstance(error.value, UnsupportedArchitectureError)
+    assert "encoder.extra.weight" in str(error.value) and "(width " in str(error.value), str(error.value)
+
+
 @pytest.mark.parametrize(("kind", "backbone"), [("vit_cls", "ViTModel"), ("bert_cls", "BertModel"),
                                                 ("roberta_cls", "RobertaModel")])
 def test_a_head_without_labels_is_refused_in_one_line_before_any_work(kind, backbone):

@@ -67,8 +67,8 @@ def spec_for(model: nn.Module) -> PermutationSpec:
     try:
         spec.validate(dict(model.named_parameters()), (name for name, _ in model.named_modules()))
     except SpecError as error:
-        if not error.unplaced:  # the adapter's own spec is wrong: its bug, with every problem listed
-            raise
+        if not error.unplaced or len(error.problems) > len(error.unplaced):
+            raise  # the adapter's own spec is wrong (too): its bug, with every problem listed
         # A layout of a supported model type the adapter has no place for (an extra module, another head class):
         # one line naming the class and the tensor, not the spec's internal list (21 lines for a BERT decoder).
         more = f" (and {len(error.unplaced) - 1} more)" if len(error.unplaced) > 1 else ""
