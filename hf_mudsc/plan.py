@@ -64,8 +64,9 @@ STATISTICS_FACTOR = 1.25
 # (`datasets` imported, the Arrow file mapped) 0.09 GB more.
 PROCESS_BYTES = 430e6
 DATA_READER_BYTES = 90e6
-# The relation check (`load.relation.squared_differences`, every merge) compares each tensor of two parents: a sorted
-# copy of each in its own dtype (4 bytes a value for float32 weights; the float64 sums are taken over small chunks).
+# The relation check (`load.relation.parent_relation`, every merge) compares each tensor of two parents; where a
+# permuted copy is still possible after its unsorted pass (`sorted_sum`) it holds a sorted copy of each in its own
+# dtype (4 bytes a value for float32 weights; the float64 sums are taken over small chunks).
 # Until session 25 it held six float64 copies of the largest tensor (BERT-base's word embeddings: 1.1 GB, the peak
 # of a linear merge), now 0.19 GB.
 RELATION_BYTES_PER_VALUE = 8

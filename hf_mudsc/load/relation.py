@@ -182,26 +182,65 @@ def squared_differences(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float,
     return identity, _chunked_sum_of_squares(sorted_a, sorted_b), norm
 
 
+def unsorted_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """`(Σ(a − b)², floor, Σa²)` in float64 for two tensors of one shape, without sorting: `floor` is a lower bound
+    of the sorted distance `Σ(sort(a) − sort(b))²` — the least `‖a − πb‖²` over permutations π, which is at least
+    `(‖a‖ − ‖b‖)²` (triangle inequality; norms ignore order) and `(Σa − Σb)²/n` (Cauchy-Schwarz on `a − πb`, whose
+    sum ignores order)."""
+    flat_a, flat_b = a.detach().reshape(-1), b.detach().reshape(-1)
+    identity = _chunked_sum_of_squares(flat_a, flat_b)
+    norm_a, norm_b = _chunked_sum_of_squares(flat_a, None), _chunked_sum_of_squares(flat_b, None)
+    total_a, total_b = float(flat_a.sum(dtype=torch.float64)), float(flat_b.sum(dtype=torch.float64))
+    floor = max((norm_a ** 0.5 - norm_b ** 0.5) ** 2, (total_a - total_b) ** 2 / max(flat_a.numel(), 1))
+    return identity, floor, norm_a
+
+
+def sorted_sum(a: torch.Tensor, b: torch.Tensor) -> float:
+    """`Σ(sort(a) − sort(b))²` in float64 (the sorted copies in the tensors' dtype, the sums in chunks)."""
+    sorted_a = sorted_in_own_dtype(a.detach().reshape(-1))
+    sorted_b = sorted_in_own_dtype(b.detach().reshape(-1))
+    return _chunked_sum_of_squares(sorted_a, sorted_b)
+
+
 class _Distance:
-    """Sums of squared differences (identity and sorted alignment) over many tensors, relative to A's norm."""
+    """Sums of squared differences (identity and sorted alignment) over many tensors, relative to A's norm. The
+    sorted sum may be left unknown (`sorted` None) with a lower bound of it (`floor`) that already decides every
+    comparison with `PERMUTED_TOLERANCE` (`rules_out_permutation`)."""
 
     def __init__(self) -> None:
         self.identity = 0.0
-        self.sorted = 0.0
+        self.sorted: float | None = 0.0
+        self.floor = 0.0
         self.norm = 0.0
 
-    def add(self, a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
-        sums = squared_differences(a, b)
-        self.add_sums(sums)
-        return sums
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Both sums of one pair of tensors, the sorted one exact (not mixed with `add_unsorted`)."""
+        identity, sorted_value, norm = squared_differences(a, b)
+        self.identity += identity
+        self.sorted = (self.sorted or 0.0) + sorted_value
+        self.floor += sorted_value
+        self.norm += norm
 
-    def add_sums(self, sums: tuple[float, float, float]) -> None:
+    def add_unsorted(self, sums: tuple[float, float, float]) -> None:
+        """`unsorted_sums` of one pair: the sorted sum is unknown until `add_sorted` has seen every pair."""
         self.identity += sums[0]
-        self.sorted += sums[1]
+        self.floor += sums[1]
         self.norm += sums[2]
+        self.sorted = None
+
+    def add_sorted(self, value: float) -> None:
+        self.sorted = (self.sorted or 0.0) + value
+
+    def rules_out_permutation(self) -> bool:
+        """Whether the floor alone puts the sorted distance above `PERMUTED_TOLERANCE` (with a factor 2 to spare for
+        float64 rounding of the floor, far below it): no sort can then make the tensors a permuted copy."""
+        return self.norm > 0 and self.floor / self.norm > 2 * PERMUTED_TOLERANCE ** 2
 
     def relative(self, aligned: str) -> float:
-        value = self.identity if aligned == "identity" else self.sorted
+        if aligned == "identity":
+            value = self.identity
+        else:  # an unknown sorted sum is only asked where the floor rules a permutation out: the floor decides alike
+            value = self.sorted if self.sorted is not None else self.floor
         return (value / self.norm) ** 0.5 if self.norm > 0 else 0.0
 
 
@@ -229,22 +268,34 @@ def parent_relation(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
     attention = _attention_params(spec)
     # `matrices`: the tensors of two or more axes, whose values an initialisation draws. Norm weights (all 1) and
     # biases (all 0) start equal in every initialisation and would pull unrelated small models under the cut.
-    whole, matrices, rest, factors, products = _Distance(), _Distance(), _Distance(), _Distance(), _Distance()
+    whole, matrices, rest = _Distance(), _Distance(), _Distance()
     identical = True
+    compared = []  # the names of the tensor pairs compared (not the tensors: a streamed parent is read one at a time)
     for name, a in params_a.items():
         b = params_b.get(name)
         if b is None or b.shape != a.shape:
             continue
+        compared.append(name)
         identical = identical and bool(torch.equal(a, b))
-        sums = whole.add(a, b)
+        sums = unsorted_sums(a, b)
+        whole.add_unsorted(sums)
         if a.dim() >= 2:
-            matrices.add_sums(sums)
+            matrices.add_unsorted(sums)
             if name not in attention:
-                rest.add_sums(sums)
-    for qk, v in attention_pairs(spec):
-        pairs_a, pairs_b = head_factors(params_a, qk, v), head_factors(params_b, qk, v)
-        factors.add(torch.cat([torch.cat(p) for p in pairs_a]), torch.cat([torch.cat(p) for p in pairs_b]))
-        products.add(torch.stack([x.T @ y for x, y in pairs_a]), torch.stack([x.T @ y for x, y in pairs_b]))
+                rest.add_unsorted(sums)
+    # The sorted sums (a sort of every tensor of both parents: most of this check's time) only where a permuted copy
+    # is still possible: the floors of independent or same-base parents already rule it out, and decide alike.
+    sort_whole = not identical and not whole.rules_out_permutation()
+    sort_rest = rest.relative("identity") >= SHARED_BASE_DISTANCE and not rest.rules_out_permutation()
+    for name in compared if sort_whole or sort_rest else ():
+        a = params_a[name]
+        in_rest = a.dim() >= 2 and name not in attention
+        if sort_whole or in_rest:
+            value = sorted_sum(a, params_b[name])
+            if sort_whole:
+                whole.add_sorted(value)
+            if sort_rest and in_rest:
+                rest.add_sorted(value)
     if identical:
         label, aligned = "same model", "identity"
     elif whole.relative("sorted") < PERMUTED_TOLERANCE:
@@ -258,6 +309,11 @@ def parent_relation(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
     # very different factors: one parent's heads were re-factored (e.g. by an orthogonal M).
     if rest.relative("identity") < SHARED_BASE_DISTANCE or rest.relative("sorted") < PERMUTED_TOLERANCE:
         aligned = "identity" if rest.relative("identity") < SHARED_BASE_DISTANCE else "sorted"
+        factors, products = _Distance(), _Distance()
+        for qk, v in attention_pairs(spec):
+            pairs_a, pairs_b = head_factors(params_a, qk, v), head_factors(params_b, qk, v)
+            factors.add(torch.cat([torch.cat(p) for p in pairs_a]), torch.cat([torch.cat(p) for p in pairs_b]))
+            products.add(torch.stack([x.T @ y for x, y in pairs_a]), torch.stack([x.T @ y for x, y in pairs_b]))
         d_rest, d_factors, d_products = (rest.relative(aligned), factors.relative(aligned),
                                          products.relative(aligned))
         if d_factors > REFACTORED_FACTOR_DISTANCE and d_factors > REFACTORED_RATIO * max(d_rest, d_products):
