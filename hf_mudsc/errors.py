@@ -83,7 +83,7 @@ class SpecError(ValueError):
     def __init__(self, message: str, unplaced: tuple[str, ...] = (), problems: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.unplaced = unplaced
-        self.problems = problems or tuple(f"parameter {name!r} is in no group" for name in unplaced)
+        self.problems = problems
 
 
 class RepoExistsError(FileExistsError):

@@ -191,7 +191,7 @@ class MergePlan:
         lines = ["Dry run: nothing was downloaded but configs and safetensors headers; nothing was written.", "",
                  "Parents:"]
         for side, parent in zip(string.ascii_uppercase, self.parents):
-            size = f", {_bytes(parent.weight_bytes)} of weights" if parent.weight_bytes is not None else ""
+            size = f", {memory_text(parent.weight_bytes)} of weights" if parent.weight_bytes is not None else ""
             dtypes = f" ({'/'.join(parent.dtypes)})" if parent.dtypes else ""
             name = "a model object" if parent.pinned == parent.architecture else parent.pinned
             lines.append(f"  {side}: {name} — {parent.architecture}, "
@@ -233,17 +233,18 @@ class MergePlan:
             parts.append(f"{self.method}'s data pass {_seconds(estimate.data_pass_seconds)}")
         if estimate.refit_seconds:
             parts.append(f"refit {_seconds(estimate.refit_seconds)}")
-        held = (f"{self.method}'s working set {_bytes(estimate.method_bytes)}" if estimate.method_bytes
-                else f"statistics {_bytes(estimate.statistics_bytes)}")
+        held = (f"{self.method}'s working set {memory_text(estimate.method_bytes)}" if estimate.method_bytes
+                else f"statistics {memory_text(estimate.statistics_bytes)}")
         lines += ["", f"Estimate: {_seconds(estimate.seconds)} ({', '.join(parts)}; download not included), peak "
-                  f"memory {_bytes(estimate.peak_memory_bytes)} ({held}), at "
+                  f"memory {memory_text(estimate.peak_memory_bytes)} ({held}), at "
                   f"{estimate.matmul_flops_per_second / 1e9:.0f} GFLOP/s"]
         if self.warnings:
             lines += ["", "Warnings:"] + [f"  - {text}" for text in self.warnings]
         return "\n".join(lines)
 
 
-def _bytes(value: float) -> str:
+def memory_text(value: float) -> str:
+    """A byte count as the memory checks write it (`12.35 GB`)."""
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if value >= size:
             return f"{value / size:.2f} {unit}"
@@ -481,11 +482,6 @@ def memory_shortfall(model_or_config: Any, parents: int, method: Any, *, loading
     return (needed, available) if needed > available else None
 
 
-def memory_text(value: float) -> str:
-    """A byte count as the memory checks write it (`12.35 GB`)."""
-    return _bytes(value)
-
-
 def check_memory(model_or_config: Any, parents: int, method: Any | None, *, loading: int,
                  chosen: str | None = None, copied: Sequence[str] = (), base: bool = False,
                  base_copy: bool = False) -> None:
@@ -528,7 +524,7 @@ def check_memory(model_or_config: Any, parents: int, method: Any | None, *, load
                           "order)",
              "working": f"for {method.name if method is not None else 'auto'}'s working set (what it holds besides "
                         "the weights, whatever the number of parents)"}
-    held = ", ".join(f"{_bytes(floor[key])} {text}" for key, text in parts.items() if floor.get(key))
+    held = ", ".join(f"{memory_text(floor[key])} {text}" for key, text in parts.items() if floor.get(key))
     name = method.name if method is not None else "auto"
     why = f"method 'auto' chose {name!r} ({chosen}); " if chosen else ""
     other = ("a method that does not match units (linear, ties, ...: one tensor per parent in memory)"
@@ -539,8 +535,8 @@ def check_memory(model_or_config: Any, parents: int, method: Any | None, *, load
                                                    or method.needs_data)
     instead = "" if tensor_at_a_time else f", or choose {other} (CLI: --method)"  # it is such a method already
     raise MergeInputError(
-        f"{why}merging {parents} parents with {name} needs at least {_bytes(needed)} at once — {held} — but "
-        f"{_bytes(available)} of memory is available; {fewer}{instead}")
+        f"{why}merging {parents} parents with {name} needs at least {memory_text(needed)} at once — {held} — but "
+        f"{memory_text(available)} of memory is available; {fewer}{instead}")
 
 
 def forward_flops(linear_params: Mapping[str, int], tokens: Mapping[str, int]) -> float:

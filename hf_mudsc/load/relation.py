@@ -289,12 +289,12 @@ def parent_relation(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
     sort_rest = rest.relative("identity") >= SHARED_BASE_DISTANCE and not rest.rules_out_permutation()
     for name in compared if sort_whole or sort_rest else ():
         a = params_a[name]
-        in_rest = a.dim() >= 2 and name not in attention
+        in_rest = sort_rest and a.dim() >= 2 and name not in attention
         if sort_whole or in_rest:
             value = sorted_sum(a, params_b[name])
             if sort_whole:
                 whole.add_sorted(value)
-            if sort_rest and in_rest:
+            if in_rest:
                 rest.add_sorted(value)
     if identical:
         label, aligned = "same model", "identity"
