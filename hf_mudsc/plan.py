@@ -18,9 +18,10 @@ import string
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, NamedTuple
 
+from hf_mudsc.memory import available_memory
 from hf_mudsc.options import AUTO, REFITTING, MergeOptions, option_hint, resolve_refit
 
 logger = logging.getLogger(__name__)
@@ -277,82 +278,6 @@ def statistics_bytes(widths: Iterable[int], parents: int = 2) -> float:
     return float(sum(8 * (parents * n) ** 2 for n in widths))
 
 
-# A container's memory limit and use as seen from inside it: /proc/meminfo shows the host's. The roots are module
-# constants so tests can point the reader at a fake tree.
-PROC_ROOT = "/proc"
-CGROUP_ROOT = "/sys/fs/cgroup"
-# (hierarchy as /proc/self/cgroup names it, its folder under CGROUP_ROOT, limit file, usage file): cgroup v2 (the
-# line `0::/path`), then v1's memory controller (`4:memory:/path`, possibly mounted with other controllers).
-CGROUP_MEMORY_FILES = (("", "", "memory.max", "memory.current"),
-                       ("memory", "memory", "memory.limit_in_bytes", "memory.usage_in_bytes"))
-NO_CGROUP_LIMIT = 2**60
-"""Limits at or above this mean none (v1 shows ~2**63 for "no limit", v2 says "max")."""
-
-
-def own_cgroups(proc_root: str | os.PathLike = PROC_ROOT) -> dict[str, str]:
-    """This process's cgroup path per hierarchy, from /proc/self/cgroup: `""` -> the v2 path, `"memory"` -> the v1
-    memory controller's; empty when the file cannot be read (not Linux)."""
-    try:
-        with open(os.path.join(proc_root, "self", "cgroup"), encoding="utf-8") as listing:
-            lines = listing.read().splitlines()
-    except OSError:
-        return {}
-    paths: dict[str, str] = {}
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        _, controllers, path = parts
-        if controllers == "":
-            paths[""] = path
-        elif "memory" in controllers.split(","):
-            paths["memory"] = path
-    return paths
-
-
-def cgroup_memory_room(proc_root: str | os.PathLike = PROC_ROOT,
-                       cgroup_root: str | os.PathLike = CGROUP_ROOT) -> int | None:
-    """Bytes the cgroups this process is in still allow (limit less use), the tightest of its own cgroup and every
-    cgroup above it — a process in a nested cgroup (v1 `memory:/process_api/<id>`, a v2 slice) is limited there, not
-    at the root; None when no limit is set or none can be read. A path /proc/self/cgroup lists that is not in this
-    mount namespace (the host's path of a container's cgroup) is skipped: the root's files are the container's."""
-    own = own_cgroups(proc_root)
-    rooms = []
-    for hierarchy, mount, limit_name, usage_name in CGROUP_MEMORY_FILES:
-        parts = [part for part in PurePosixPath(own.get(hierarchy, "/")).parts[1:] if part not in ("", ".", "..")]
-        top = Path(cgroup_root, mount)
-        for depth in range(len(parts), -1, -1):  # the process's own cgroup first, the root last
-            folder = top.joinpath(*parts[:depth])
-            try:
-                limit = (folder / limit_name).read_text(encoding="ascii").strip()
-                usage = int((folder / usage_name).read_text(encoding="ascii"))
-            except (OSError, ValueError):
-                continue
-            if limit.isdigit() and int(limit) < NO_CGROUP_LIMIT:
-                rooms.append(max(int(limit) - usage, 0))
-    return min(rooms) if rooms else None
-
-
-def available_memory() -> int | None:
-    """Bytes of memory this process can be given now: `MemAvailable` + `SwapFree` of /proc/meminfo (Linux), else
-    the machine's physical memory (`sysconf`), capped by what its cgroups allow (`cgroup_memory_room`); None when
-    nothing is known (the memory check is then skipped)."""
-    machine = None
-    try:
-        with open(os.path.join(PROC_ROOT, "meminfo"), encoding="ascii") as meminfo:
-            fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in meminfo if line.split()[1:2]}
-        machine = fields["MemAvailable"] + fields.get("SwapFree", 0)
-    except (OSError, KeyError, ValueError, IndexError):
-        try:
-            machine = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            pass
-    room = cgroup_memory_room(PROC_ROOT, CGROUP_ROOT)
-    if room is None:
-        return machine
-    return room if machine is None else min(machine, room)
-
-
 def base_loaded_whole(base: Any, method: Any | None, *, streaming: bool) -> bool:
     """Whether the merge will load a base whole, which the memory floor counts as one more parent: one given as a
     reference (`base`: a folder or Hub id; a model object is in memory already) or found from the parents' cards
@@ -590,6 +515,14 @@ def refit_flops(layers: Sequence[tuple[int, int, float]], forward: float, exampl
     return examples * per_example
 
 
+def solve_cache_bytes(widths: Sequence[int], parents: int) -> float:
+    """What the solve's weight-correlation cache holds at most (`hf_mudsc.solve.loop.WeightCorrelationCache`): its
+    budget, or two correlations of every group when they take less (what an auto-α MiniLM merge reused)."""
+    from hf_mudsc.solve.loop import weight_cache_bytes
+
+    return float(min(weight_cache_bytes(), 2 * statistics_bytes(widths, parents)))
+
+
 def estimate_cost(*, widths: Sequence[int], columns: Sequence[int], group_tokens: Sequence[int],
                   linear_params: Mapping[str, int], tokens: Mapping[str, int], num_parameters: int,
                   rows: int | None, needs_statistics: bool, matmul_flops: float, solves: bool = True,
@@ -597,7 +530,8 @@ def estimate_cost(*, widths: Sequence[int], columns: Sequence[int], group_tokens
                   multi_start: bool = False, alpha_search: bool = False, refit: str = "none",
                   refit_layers: Sequence[tuple[int, int, float]] = (), refit_examples: int = 0,
                   refit_memory: float = 0.0, data_pass_flops: float = 0.0, largest_tensor: int = 0,
-                  method_bytes: float | None = None, reads_data: bool = False) -> Estimate:
+                  method_bytes: float | None = None, reads_data: bool = False,
+                  weight_cache_bytes: float = 0.0) -> Estimate:
     """Time and peak memory of a merge (docs/design.md, "Dry run"):
 
     calibration s = rows × (2 × forward FLOPs + Σ_g tokens_g · 2·(2n_g)²) / (efficiency × matmul FLOP/s)
@@ -605,6 +539,7 @@ def estimate_cost(*, widths: Sequence[int], columns: Sequence[int], group_tokens
                     / matmul FLOP/s          (no solve term for methods without unit matching)
     peak bytes    = runtime + 2.5 × 2 × 4 × parameters + 1.25 × Σ_g 8·(2n_g)²   (statistics only with data)
                     + the refit's working set (`refit_memory`, `refit_bytes`) + 4 × parameters with the α search
+                    + the solve's weight-correlation cache (`weight_cache_bytes`, `solve.loop.WEIGHT_CACHE_BYTES`)
     With `multi_start` the solve term is `MULTI_START_SOLVES` solves; `alpha_search` adds `ALPHA_SEARCH_SOLVES` solves
     and the candidates' held-out forwards (`len(ALPHA_GRID)` merged models and the parents on every
     `HOLDOUT_EVERY`-th row); `refit` ("ridge", "gate", "repair") adds `refit_flops` over `refit_examples` at
@@ -660,7 +595,8 @@ def estimate_cost(*, widths: Sequence[int], columns: Sequence[int], group_tokens
     if solves:
         peak = max(relation, RUNTIME_BYTES + WEIGHTS_FACTOR * (held + int(base)) * 4 * num_parameters
                    + copies * 4 * num_parameters + STATISTICS_FACTOR * stats + refit_held
-                   + (4 * num_parameters if alpha_search else 0.0))  # a candidate merged model
+                   + (4 * num_parameters if alpha_search else 0.0)  # a candidate merged model
+                   + weight_cache_bytes)
     else:
         working = 4.0 * num_parameters if method_bytes is None else float(method_bytes)
         peak = max(relation, process + weights + working, process + weights + 8.0 * num_parameters + refit_held)
@@ -781,7 +717,6 @@ def shape_refusal(reference: str, model: Any, shapes: Mapping[str, Sequence[int]
 
 def _local_header_facts(folder: Any, files: Sequence[str]) -> HeaderFacts:
     import json
-    from pathlib import Path
 
     from safetensors import safe_open
 
@@ -930,7 +865,8 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         data_pass_flops=method.data_pass_flops(facts, len(models)) if method.needs_data else 0.0,
         largest_tensor=max(map(_numel, shapes.values()), default=0),
         method_bytes=None if method.matches_units else method.working_bytes(facts, len(models)),
-        reads_data=needs_data)
+        reads_data=needs_data,
+        weight_cache_bytes=solve_cache_bytes(widths, len(models)) if method.matches_units else 0.0)
     warnings = []
     if calibration_plan is not None and rows is not None and method.needs_calibration:
         text = calibration_size_warning({g.name: rows * t for g, t in zip(spec.groups, group_tokens)},
@@ -1138,7 +1074,6 @@ def _batch_rows(batch: Any) -> int:
 def _identical_weights(located: Sequence[Any], *, token: str | bool | None) -> bool:
     """Whether the parents' weight files are one and the same: the same local file, or Hub files with equal
     content hashes (ETags) — no download; different local files are not compared (that would read them)."""
-    from pathlib import Path
 
     from huggingface_hub import constants
 

@@ -275,6 +275,11 @@ def test_the_starts_the_alpha_search_and_the_refit_on_hand_made_sizes():
     with_memory = estimate_cost(**kwargs, alpha_search=True, refit="gate", refit_layers=layers, refit_examples=16,
                                 refit_memory=1234.0)
     assert with_memory.peak_memory_bytes == pytest.approx(paper.peak_memory_bytes + 1234 + 4 * 100, abs=1)
+    # The solve's weight-correlation cache on top (unit-matching merges only).
+    assert estimate_cost(**kwargs, weight_cache_bytes=5678.0).peak_memory_bytes == pytest.approx(
+        paper.peak_memory_bytes + 5678, abs=1)
+    assert estimate_cost(**kwargs, solves=False, weight_cache_bytes=5678.0).peak_memory_bytes == pytest.approx(
+        estimate_cost(**kwargs, solves=False).peak_memory_bytes, abs=1)
     # The working set: cached targets (all of them here, under the cap), stored block inputs and outputs of the
     # parents and the merged model, the widest layer's float64 Gram and cross-Gram.
     targets = 4 * 16 * (5 * 10 + 1 * 3)
@@ -411,6 +416,32 @@ def test_the_plan_records_alpha_as_the_merges_recipe_does(method):
         return
     merged = hf_mudsc.merge([a, b], data, method=method, alpha="auto", refit="none", progress=False)
     assert plan.options["alpha"] == merged.merge_report.recipe["alpha"] == 0.5
+
+
+def test_the_estimate_counts_the_solves_weight_correlation_cache(tmp_path, monkeypatch):
+    """A unit-matching merge keeps weight correlations for reuse (`solve.loop.WeightCorrelationCache`): up to its
+    budget, or two of every group when they take less; a method that matches no units keeps none."""
+    import hf_mudsc.plan as plan
+    from hf_mudsc.solve import loop
+
+    for seed in (0, 1):
+        make_model("vit_cls", seed).save_pretrained(tmp_path / str(seed))
+    widths = [group.width for group in spec_for(make_model("vit_cls", 0)).groups]
+    seen = []
+    real = plan.estimate_cost
+    monkeypatch.setattr(plan, "estimate_cost", lambda **kwargs: seen.append(kwargs["weight_cache_bytes"]) or real(
+        **kwargs))
+
+    def cache(method: str) -> float:
+        hf_mudsc.merge([str(tmp_path / "0"), str(tmp_path / "1")], method=method, dry_run=True)
+        return seen[-1]
+
+    assert cache("weight_matching") == 2 * plan.statistics_bytes(widths)  # the toy's groups take less than the budget
+    assert cache("linear") == 0.0
+    monkeypatch.setattr(loop, "WEIGHT_CACHE_BYTES", 1000)
+    assert cache("weight_matching") == 1000
+    monkeypatch.setattr(loop, "available_memory", lambda: 2000)  # a quarter of the memory available, when less
+    assert cache("weight_matching") == 500
 
 
 def test_the_estimate_counts_a_parent_copied_to_parent_as_label_order(tmp_path):

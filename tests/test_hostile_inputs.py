@@ -1461,7 +1461,7 @@ def _fake_machine(tmp_path, monkeypatch, own: str, limits: dict[str, tuple[str, 
     """A fake /proc (128 GiB free, this process in the cgroups `own` lists, /proc/self/cgroup's lines) and
     /sys/fs/cgroup tree (`limits`: folder under the cgroup root -> (limit as the file says it, usage)), read by
     `available_memory` in place of the machine's."""
-    import hf_mudsc.plan as plan
+    import hf_mudsc.memory as memory
 
     proc, cgroup = tmp_path / "proc", tmp_path / "cgroup"
     (proc / "self").mkdir(parents=True)
@@ -1474,9 +1474,9 @@ def _fake_machine(tmp_path, monkeypatch, own: str, limits: dict[str, tuple[str, 
         v1 = folder.split("/")[0] == "memory"
         (path / ("memory.limit_in_bytes" if v1 else "memory.max")).write_text(f"{limit}\n")
         (path / ("memory.usage_in_bytes" if v1 else "memory.current")).write_text(f"{usage}\n")
-    monkeypatch.setattr(plan, "PROC_ROOT", str(proc))
-    monkeypatch.setattr(plan, "CGROUP_ROOT", str(cgroup))
-    return plan
+    monkeypatch.setattr(memory, "PROC_ROOT", str(proc))
+    monkeypatch.setattr(memory, "CGROUP_ROOT", str(cgroup))
+    return memory
 
 
 NO_LIMIT_V1 = str(2**63 - 4096)  # what cgroup v1 shows for "no limit"
@@ -1506,8 +1506,8 @@ def test_the_memory_available_is_capped_by_the_limit_of_the_processs_own_cgroup(
     """Inside a container /proc/meminfo shows the host's memory; the cgroup's limit is what the merge can get. Only
     the cgroup root's limit was read: a process in a nested cgroup (cgroup v1 `memory:/process_api/<id>`, as on
     this machine, or a v2 slice) saw no limit and a check that passed until the kernel killed the merge."""
-    plan = _fake_machine(tmp_path, monkeypatch, own, limits)
-    assert plan.available_memory() == room
+    memory = _fake_machine(tmp_path, monkeypatch, own, limits)
+    assert memory.available_memory() == room
 
 
 @pytest.mark.parametrize("entry", ["cli", "python"])

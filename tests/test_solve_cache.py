@@ -17,7 +17,9 @@ from hf_mudsc.apply.fidelity import ALPHA_GRID
 from hf_mudsc.architectures import spec_for
 from hf_mudsc.calibrate.correlation import correlations_from
 from hf_mudsc.calibrate.statistics import collect_statistics
+from hf_mudsc.solve import loop
 from hf_mudsc.solve.loop import SolveCache, SolveOptions, Solver
+from hf_mudsc.solve.maps import GroupMaps
 from hf_mudsc.solve.similarity import WeightCorrelation
 
 ALPHAS = (*ALPHA_GRID, 0.0, 1.0)
@@ -154,3 +156,109 @@ def test_a_solve_of_other_inputs_empties_the_cache_first():
         _same(cached, fresh)
         assert cache.weight_start is not first_start
         first_start = cache.weight_start
+
+
+def _neighbourhood(spec, group_index: int, maps) -> tuple:
+    """What a weight correlation of `group_index` reads: the maps of the groups its members share tensors with."""
+    key = []
+    for member in spec.groups[group_index].members:
+        if member.ignore:
+            continue
+        for other, _ in spec.axes_of(member.param):
+            if other == group_index:
+                continue
+            found = maps[other]
+            key.append((other, None if found is None else tuple(
+                (tuple(m.index.tolist()), tuple(m.weight.tolist()), m.size) for m in (*found.merge2, *found.unmerge))))
+    return group_index, tuple(sorted(set(key), key=repr))
+
+
+def _count_weight_correlations(monkeypatch, spec):
+    """Patch `WeightCorrelation.__call__` to count each (group, neighbourhood) it computes."""
+    computed: dict[tuple, int] = {}
+    real_call = WeightCorrelation.__call__
+
+    def counting_call(self, group_index, maps):
+        key = _neighbourhood(spec, group_index, maps)
+        computed[key] = computed.get(key, 0) + 1
+        return real_call(self, group_index, maps)
+
+    monkeypatch.setattr(WeightCorrelation, "__call__", counting_call)
+    return computed
+
+
+def _search_order(spec, params_a, params_b, correlations, cache):
+    """The α search's solves: every candidate from the activation start alone, then the chosen α with every start."""
+    for alpha in ALPHA_GRID:
+        Solver(spec, params_a, params_b, correlations, SolveOptions(matcher="zip", alpha=alpha), cache=cache).solve()
+    cache.keep_alpha(0.5)
+    options = SolveOptions(matcher="zip", alpha=0.5, extra_starts=STARTS)
+    return Solver(spec, params_a, params_b, correlations, options, cache=cache).solve()
+
+
+@pytest.mark.parametrize("pair", ["different_init", "same_init"])
+def test_the_alpha_search_computes_each_weight_correlation_once(pair, monkeypatch):
+    """A weight correlation depends only on the matches of the groups sharing a tensor with its group; the search's
+    solves all begin from the activation start and meet the same neighbourhoods again (on MiniLM two in three weight
+    correlations of an auto-α merge were recomputations). With room for all of them, each is computed once."""
+    spec, params_a, params_b, correlations = _inputs(pair)
+    computed = _count_weight_correlations(monkeypatch, spec)
+    _search_order(spec, params_a, params_b, correlations, SolveCache())
+    assert computed and max(computed.values()) == 1
+    # Without the room to keep one, the same neighbourhoods are computed again (what the cache saves).
+    computed.clear()
+    monkeypatch.setattr(loop, "WEIGHT_CACHE_BYTES", 0)
+    _search_order(spec, params_a, params_b, correlations, SolveCache())
+    assert max(computed.values()) > 1
+
+
+def test_one_solve_with_every_start_computes_each_weight_correlation_once(monkeypatch):
+    """Without a SolveCache too: a solve's starts meet neighbourhoods an earlier start computed."""
+    spec, params_a, params_b, correlations = _inputs("same_init")
+    computed = _count_weight_correlations(monkeypatch, spec)
+    options = SolveOptions(matcher="zip", alpha=0.5, extra_starts=STARTS)
+    fresh = Solver(spec, params_a, params_b, correlations, options).solve()
+    assert computed and max(computed.values()) == 1
+    monkeypatch.setattr(loop, "WEIGHT_CACHE_BYTES", 0)
+    computed.clear()
+    _same(fresh, Solver(spec, params_a, params_b, correlations, options).solve())
+    assert max(computed.values()) > 1
+
+
+@pytest.mark.parametrize("entries", [0, 1, 3, 1000])
+@pytest.mark.parametrize("pair", ["different_init", "same_init"])
+def test_the_weight_correlation_cache_keeps_to_its_budget_and_changes_no_result(pair, entries, monkeypatch):
+    """Whatever room it has — none, one entry, a few (least recently used dropped first), all — every solve of the
+    search returns exactly what it returns without the cache, the entries held never exceed the budget, and an
+    entry is what a fresh computation gives (no caller modified it in place)."""
+    spec, params_a, params_b, correlations = _inputs(pair)
+    widest = max(group.width for group in spec.groups)
+    budget = entries * 8 * (2 * widest) ** 2
+    monkeypatch.setattr(loop, "WEIGHT_CACHE_BYTES", budget)
+    cache = SolveCache()
+    for alpha in (*ALPHA_GRID, 1.0):
+        options = SolveOptions(matcher="zip", alpha=alpha, extra_starts=STARTS)
+        cached = Solver(spec, params_a, params_b, correlations, options, cache=cache).solve()
+        monkeypatch.setattr(loop, "WEIGHT_CACHE_BYTES", 0)
+        _same(cached, Solver(spec, params_a, params_b, correlations, options).solve())
+        monkeypatch.setattr(loop, "WEIGHT_CACHE_BYTES", budget)
+        held = cache.weight_correlations
+        assert held.budget == budget and held.held_bytes <= budget
+        assert held.held_bytes == sum(8 * t.numel() for _, _, t in held.entries())
+        if entries == 0:
+            assert held.held_bytes == 0
+        fresh = WeightCorrelation(spec, params_a, params_b)
+        for index, neighbours, tensor in held.entries():
+            maps = [None] * len(spec.groups)
+            for other, found in neighbours.items():
+                maps[other] = None if found is None else GroupMaps.from_match(found)
+            assert torch.equal(tensor, fresh(index, maps))
+
+
+@pytest.mark.parametrize(("available", "expected"), [
+    (None, loop.WEIGHT_CACHE_BYTES), (10**12, loop.WEIGHT_CACHE_BYTES), (4 * 10**8, 10**8), (0, 0)])
+def test_the_weight_correlation_cache_takes_at_most_a_quarter_of_the_memory_available(monkeypatch, available,
+                                                                                      expected):
+    monkeypatch.setattr(loop, "available_memory", lambda: available)
+    assert loop.weight_cache_bytes() == expected
+    assert SolveCache().weight_correlations.budget == expected

@@ -10,6 +10,7 @@ Architecture-free: it reads only the PermutationSpec, parameters and per-group a
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -19,6 +20,7 @@ import torch
 
 from hf_mudsc.blas import torch_thread_count
 from hf_mudsc.heap import release_free_heap
+from hf_mudsc.memory import available_memory
 from hf_mudsc.progress import Progress
 from hf_mudsc.solve.maps import GroupMaps
 from hf_mudsc.solve.matchers import (
@@ -47,6 +49,18 @@ MULTISTART_MARGIN = 0.01
 #: Visit results kept per group (§4.5's exact shortcut): enough for the sweeps' revert-to-best states and for a
 #: later start that reaches a neighbourhood an earlier one visited; each is a few index tensors.
 VISIT_CACHE_SIZE = 4
+#: The most bytes of weight correlations a solve (or an α search's solves) keeps for reuse, `WeightCorrelationCache`;
+#: a quarter of the memory available when that is less. Any budget gives the same merges (a miss recomputes the
+#: same values); it trades memory for time: on an auto-α MiniLM merge two in three weight correlations were
+#: recomputations (19 of 29 CPU s), and keeping every one of them takes about this much (two per group).
+WEIGHT_CACHE_BYTES = 2**30
+
+
+def weight_cache_bytes() -> int:
+    """`WEIGHT_CACHE_BYTES`, or a quarter of the memory available now when that is less (a small machine keeps its
+    memory for the merge)."""
+    available = available_memory()
+    return WEIGHT_CACHE_BYTES if available is None else min(WEIGHT_CACHE_BYTES, available // 4)
 
 
 def _same_match(a: Match | None, b: Match | None) -> bool:
@@ -79,6 +93,42 @@ def choose_start(objectives: Mapping[str, float], *, keep: str = "activation",
     if keep not in objectives:
         return best
     return best if objectives[best] > objectives[keep] + margin else keep
+
+
+class WeightCorrelationCache:
+    """Weight correlations by group and the matches of the groups sharing a tensor with it — all a weight correlation
+    depends on (docs/design.md §4.3) — within `budget` bytes, the least recently used dropped first.
+
+    A solve's starts and an α search's solves meet the same neighbourhoods again (every solve's first sweep begins at
+    the activation start). An entry is shared with its callers, which must not modify it."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.held_bytes = 0
+        self._entries: OrderedDict[int, tuple[int, dict[int, Match | None], torch.Tensor]] = OrderedDict()
+        self._serial = 0
+
+    def get(self, index: int, neighbours: Mapping[int, Match | None]) -> torch.Tensor | None:
+        for serial, (group, key, tensor) in self._entries.items():
+            if group == index and all(_same_match(found, neighbours[other]) for other, found in key.items()):
+                self._entries.move_to_end(serial)
+                return tensor
+        return None
+
+    def put(self, index: int, neighbours: Mapping[int, Match | None], tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if size > self.budget:
+            return
+        while self.held_bytes + size > self.budget:
+            _, (_, _, dropped) = self._entries.popitem(last=False)
+            self.held_bytes -= dropped.numel() * dropped.element_size()
+        self._entries[self._serial] = (index, dict(neighbours), tensor)
+        self._serial += 1
+        self.held_bytes += size
+
+    def entries(self) -> list[tuple[int, dict[int, Match | None], torch.Tensor]]:
+        """(group, its neighbours' matches, the weight correlation), least recently used first."""
+        return [(group, dict(key), tensor) for group, key, tensor in self._entries.values()]
 
 
 @dataclass(frozen=True)
@@ -134,6 +184,7 @@ class SolveCache:
     def __init__(self) -> None:
         self.key: tuple | None = None
         self.weight_correlation: WeightCorrelation | None = None
+        self.weight_correlations = WeightCorrelationCache(weight_cache_bytes())
         self.activation_start: _State | None = None
         self.weight_start: _State | None = None
         self.start_entries: dict[str, list[torch.Tensor]] = {}
@@ -230,9 +281,12 @@ class Solver:
                 cache.weight_correlation = WeightCorrelation(spec, params_a, params_b, device=options.device,
                                                              others=others)
             self.weight_correlation = cache.weight_correlation
+            self.weight_cache = cache.weight_correlations
         else:
             self.weight_correlation = WeightCorrelation(spec, params_a, params_b, device=options.device,
                                                         others=others)
+            self.weight_cache = WeightCorrelationCache(weight_cache_bytes())
+        self._weight_neighbours = {index: self._neighbour_groups([index]) for index in range(len(spec.groups))}
         # A visit's result depends only on the matches of the groups sharing a tensor with the visited
         # group(s): while those are the same (the same objects, or equal unit assignments — another start that
         # reached the same neighbourhood), an earlier result is reused exactly. A few results per group are kept.
@@ -253,25 +307,33 @@ class Solver:
 
     # -- similarities -------------------------------------------------------------------------
     def _weight(self, index: int, state: _State) -> torch.Tensor:
-        return self.weight_correlation(index, state.maps)
+        """Group `index`'s weight correlation under the state's matches, shared with the cache: not to be modified."""
+        neighbours = {other: state.matches[other] for other in self._weight_neighbours[index]}
+        found = self.weight_cache.get(index, neighbours)
+        if found is None:
+            found = self.weight_correlation(index, state.maps)
+            self.weight_cache.put(index, neighbours, found)
+        return found
 
     def similarity(self, index: int, state: _State, *, activation_only: bool = False,
                    weight_only: bool = False) -> torch.Tensor:
         """The similarity group `index` is matched on: the dual-space blend, or one of its two parts."""
         options = self.options
         if weight_only:
-            return self._weight(index, state)
+            return self._weight(index, state).clone()
         activation = self.activations[index].to(torch.float64) if self.activations is not None else None
         if activation_only:
             return activation
         if not options.use_activations:
-            return self._weight(index, state)
+            return self._weight(index, state).clone()
         if options.alpha == 0:
             return activation
-        if activation is None or options.alpha == 1:
+        if activation is None:
+            return blend(self._weight(index, state).clone(), activation, options.alpha)
+        if options.alpha == 1:
             return blend(self._weight(index, state), activation, options.alpha)
-        # blend(), in place on the fresh weight correlation: no (2n, 2n) temporary.
-        weight = self._weight(index, state).mul_(options.alpha)
+        # blend() with the operations applied one after the other to one new matrix: no further (2n, 2n) temporary.
+        weight = torch.mul(self._weight(index, state), options.alpha)
         return weight.add_(activation, alpha=1 - options.alpha)
 
     def similarity_of(self, index: int, matches: Sequence[Match | None]) -> torch.Tensor:
