@@ -64,6 +64,31 @@ def mirror_upper(matrix: torch.Tensor) -> torch.Tensor:
     return matrix
 
 
+def pack_upper(matrix: torch.Tensor) -> torch.Tensor:
+    """The upper triangle of a square `matrix`, row by row, as one vector (BLAS's packed storage, `n(n+1)/2`
+    values): half the memory of a symmetric matrix kept for later (`unpack_upper` gives it back)."""
+    size = matrix.shape[0]
+    packed = torch.empty(size * (size + 1) // 2, dtype=matrix.dtype, device=matrix.device)
+    start = 0
+    for row in range(size):
+        stop = start + size - row
+        packed[start:stop] = matrix[row, row:]
+        start = stop
+    return packed
+
+
+def unpack_upper(packed: torch.Tensor, size: int) -> torch.Tensor:
+    """The symmetric `(size, size)` matrix whose upper triangle `pack_upper` packed: a new tensor, equal bit for bit
+    to the packed matrix when that was exactly symmetric."""
+    matrix = torch.empty(size, size, dtype=packed.dtype, device=packed.device)
+    start = 0
+    for row in range(size):
+        stop = start + size - row
+        matrix[row, row:] = packed[start:stop]
+        start = stop
+    return mirror_upper(matrix)
+
+
 @contextmanager
 def torch_thread_count() -> Iterator[None]:
     """scipy's BLAS limited to torch's thread count while inside: `torch.set_num_threads(1)` (or a process given

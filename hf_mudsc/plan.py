@@ -516,11 +516,12 @@ def refit_flops(layers: Sequence[tuple[int, int, float]], forward: float, exampl
 
 
 def solve_cache_bytes(widths: Sequence[int], parents: int) -> float:
-    """What the solve's weight-correlation cache holds at most (`hf_mudsc.solve.loop.WeightCorrelationCache`): its
-    budget, or two correlations of every group when they take less (what an auto-α MiniLM merge reused)."""
+    """What the α search's weight-correlation cache holds at most (`hf_mudsc.solve.loop.WeightCorrelationCache`): its
+    budget, or two correlations of every group when they take less (what an auto-α MiniLM merge reused), each kept as
+    its upper triangle: `8·m(m+1)/2` bytes for `m = N·n` units."""
     from hf_mudsc.solve.loop import weight_cache_bytes
 
-    return float(min(weight_cache_bytes(), 2 * statistics_bytes(widths, parents)))
+    return float(min(weight_cache_bytes(), sum(8 * (parents * n) * (parents * n + 1) for n in widths)))
 
 
 def estimate_cost(*, widths: Sequence[int], columns: Sequence[int], group_tokens: Sequence[int],
@@ -539,7 +540,7 @@ def estimate_cost(*, widths: Sequence[int], columns: Sequence[int], group_tokens
                     / matmul FLOP/s          (no solve term for methods without unit matching)
     peak bytes    = runtime + 2.5 × 2 × 4 × parameters + 1.25 × Σ_g 8·(2n_g)²   (statistics only with data)
                     + the refit's working set (`refit_memory`, `refit_bytes`) + 4 × parameters with the α search
-                    + the solve's weight-correlation cache (`weight_cache_bytes`, `solve.loop.WEIGHT_CACHE_BYTES`)
+                    + the α search's weight-correlation cache (`weight_cache_bytes`, `solve.loop.WEIGHT_CACHE_BYTES`)
     With `multi_start` the solve term is `MULTI_START_SOLVES` solves; `alpha_search` adds `ALPHA_SEARCH_SOLVES` solves
     and the candidates' held-out forwards (`len(ALPHA_GRID)` merged models and the parents on every
     `HOLDOUT_EVERY`-th row); `refit` ("ridge", "gate", "repair") adds `refit_flops` over `refit_examples` at
@@ -855,18 +856,19 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     refit_memory = refit_bytes(refitted, refit_examples, len(models), residual, max(tokens.values()),
                                gram=refit != "repair") if refitted else 0.0
     facts = _pass_facts(models_meta[0], spec, shapes, linear, tokens, parents[0].num_parameters)
+    searched = not automatic and alpha_searched(method, options, len(models))
     estimate = estimate_cost(
         widths=widths, columns=columns, group_tokens=group_tokens, linear_params=linear, tokens=tokens,
         num_parameters=parents[0].num_parameters, rows=rows, needs_statistics=method.needs_calibration,
         matmul_flops=matmul_flops or matmul_rate(), solves=method.matches_units, parents=len(models),
         base=base_whole, copies=copies, whole=whole, multi_start=not options.reference_compat,
-        alpha_search=not automatic and alpha_searched(method, options, len(models)), refit=refit,
+        alpha_search=searched, refit=refit,
         refit_layers=refitted, refit_examples=refit_examples, refit_memory=refit_memory,
         data_pass_flops=method.data_pass_flops(facts, len(models)) if method.needs_data else 0.0,
         largest_tensor=max(map(_numel, shapes.values()), default=0),
         method_bytes=None if method.matches_units else method.working_bytes(facts, len(models)),
         reads_data=needs_data,
-        weight_cache_bytes=solve_cache_bytes(widths, len(models)) if method.matches_units else 0.0)
+        weight_cache_bytes=solve_cache_bytes(widths, len(models)) if searched else 0.0)
     warnings = []
     if calibration_plan is not None and rows is not None and method.needs_calibration:
         text = calibration_size_warning({g.name: rows * t for g, t in zip(spec.groups, group_tokens)},

@@ -6,7 +6,7 @@ import pytest
 import torch
 from threadpoolctl import threadpool_info
 
-from hf_mudsc.blas import can_syrk, mirror_upper, syrk_upper, torch_thread_count
+from hf_mudsc.blas import can_syrk, mirror_upper, pack_upper, syrk_upper, torch_thread_count, unpack_upper
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -82,3 +82,18 @@ def test_torch_thread_count_limits_scipy_blas_to_torchs_threads() -> None:
         assert counts == {1}
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 7, 300])
+def test_a_packed_upper_triangle_unpacks_to_the_same_symmetric_matrix_bit_for_bit(size):
+    """What the solve's weight-correlation cache keeps (half a symmetric matrix's memory)."""
+    generator = torch.Generator().manual_seed(size)
+    x = torch.randn(size, 5, dtype=torch.float64, generator=generator)
+    matrix = x @ x.T
+    matrix = mirror_upper(matrix)  # exactly symmetric
+    packed = pack_upper(matrix)
+    assert packed.shape == (size * (size + 1) // 2,)
+    rows, cols = torch.triu_indices(size, size)
+    assert torch.equal(packed, matrix[rows, cols])  # row by row, BLAS's packed order
+    unpacked = unpack_upper(packed, size)
+    assert torch.equal(unpacked, matrix) and (size == 0 or unpacked.data_ptr() != matrix.data_ptr())

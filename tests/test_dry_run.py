@@ -418,30 +418,31 @@ def test_the_plan_records_alpha_as_the_merges_recipe_does(method):
     assert plan.options["alpha"] == merged.merge_report.recipe["alpha"] == 0.5
 
 
-def test_the_estimate_counts_the_solves_weight_correlation_cache(tmp_path, monkeypatch):
-    """A unit-matching merge keeps weight correlations for reuse (`solve.loop.WeightCorrelationCache`): up to its
-    budget, or two of every group when they take less; a method that matches no units keeps none."""
+def test_the_estimate_counts_the_alpha_searchs_weight_correlation_cache(monkeypatch):
+    """The α search's solves keep weight correlations for reuse (`solve.loop.WeightCorrelationCache`): up to its
+    budget, or two of every group (as upper triangles) when they take less; a merge without the search keeps none."""
     import hf_mudsc.plan as plan
     from hf_mudsc.solve import loop
 
-    for seed in (0, 1):
-        make_model("vit_cls", seed).save_pretrained(tmp_path / str(seed))
-    widths = [group.width for group in spec_for(make_model("vit_cls", 0)).groups]
+    a, b = make_model("vit_cls", 1), make_model("vit_cls", 2)
+    data = make_batches("vit_cls", num_batches=2, batch_size=8)
+    widths = [group.width for group in spec_for(a).groups]
     seen = []
     real = plan.estimate_cost
     monkeypatch.setattr(plan, "estimate_cost", lambda **kwargs: seen.append(kwargs["weight_cache_bytes"]) or real(
         **kwargs))
 
-    def cache(method: str) -> float:
-        hf_mudsc.merge([str(tmp_path / "0"), str(tmp_path / "1")], method=method, dry_run=True)
+    def cache(alpha: object, method: str = "mudsc") -> float:
+        hf_mudsc.merge([a, b], data, method=method, alpha=alpha, refit="none", dry_run=True)
         return seen[-1]
 
-    assert cache("weight_matching") == 2 * plan.statistics_bytes(widths)  # the toy's groups take less than the budget
-    assert cache("linear") == 0.0
+    # Two upper triangles of every group's (2n, 2n) correlation: the toy's groups take less than the budget.
+    assert cache("auto") == sum(2 * 8 * (2 * n) * (2 * n + 1) // 2 for n in widths)
+    assert cache(0.5) == cache("auto", "zipit") == 0.0  # no search: one solve alone keeps none
     monkeypatch.setattr(loop, "WEIGHT_CACHE_BYTES", 1000)
-    assert cache("weight_matching") == 1000
+    assert cache("auto") == 1000
     monkeypatch.setattr(loop, "available_memory", lambda: 2000)  # a quarter of the memory available, when less
-    assert cache("weight_matching") == 500
+    assert cache("auto") == 500
 
 
 def test_the_estimate_counts_a_parent_copied_to_parent_as_label_order(tmp_path):

@@ -18,7 +18,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from hf_mudsc.blas import torch_thread_count
+from hf_mudsc.blas import pack_upper, torch_thread_count, unpack_upper
 from hf_mudsc.heap import release_free_heap
 from hf_mudsc.memory import available_memory
 from hf_mudsc.progress import Progress
@@ -49,10 +49,11 @@ MULTISTART_MARGIN = 0.01
 #: Visit results kept per group (§4.5's exact shortcut): enough for the sweeps' revert-to-best states and for a
 #: later start that reaches a neighbourhood an earlier one visited; each is a few index tensors.
 VISIT_CACHE_SIZE = 4
-#: The most bytes of weight correlations a solve (or an α search's solves) keeps for reuse, `WeightCorrelationCache`;
+#: The most bytes of weight correlations the α search's solves keep for reuse (`SolveCache`, `WeightCorrelationCache`);
 #: a quarter of the memory available when that is less. Any budget gives the same merges (a miss recomputes the
 #: same values); it trades memory for time: on an auto-α MiniLM merge two in three weight correlations were
-#: recomputations (19 of 29 CPU s), and keeping every one of them takes about this much (two per group).
+#: recomputations (19 of 29 CPU s), and keeping every one of them takes about half this (two per group, each as
+#: its upper triangle).
 WEIGHT_CACHE_BYTES = 2**30
 
 
@@ -100,35 +101,38 @@ class WeightCorrelationCache:
     depends on (docs/design.md §4.3) — within `budget` bytes, the least recently used dropped first.
 
     A solve's starts and an α search's solves meet the same neighbourhoods again (every solve's first sweep begins at
-    the activation start). An entry is shared with its callers, which must not modify it."""
+    the activation start). A weight correlation is exactly symmetric (`_Moments.correlation` mirrors its Gram, then
+    applies the same products to (i, j) and (j, i)), so only its upper triangle is kept (`blas.pack_upper`); `get`
+    returns a new full matrix, the caller's own."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.held_bytes = 0
-        self._entries: OrderedDict[int, tuple[int, dict[int, Match | None], torch.Tensor]] = OrderedDict()
+        self._entries: OrderedDict[int, tuple[int, dict[int, Match | None], int, torch.Tensor]] = OrderedDict()
         self._serial = 0
 
     def get(self, index: int, neighbours: Mapping[int, Match | None]) -> torch.Tensor | None:
-        for serial, (group, key, tensor) in self._entries.items():
+        for serial, (group, key, size, packed) in self._entries.items():
             if group == index and all(_same_match(found, neighbours[other]) for other, found in key.items()):
                 self._entries.move_to_end(serial)
-                return tensor
+                return unpack_upper(packed, size)
         return None
 
-    def put(self, index: int, neighbours: Mapping[int, Match | None], tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if size > self.budget:
+    def put(self, index: int, neighbours: Mapping[int, Match | None], correlation: torch.Tensor) -> None:
+        size = correlation.shape[0]
+        nbytes = size * (size + 1) // 2 * correlation.element_size()
+        if nbytes > self.budget:
             return
-        while self.held_bytes + size > self.budget:
-            _, (_, _, dropped) = self._entries.popitem(last=False)
+        while self.held_bytes + nbytes > self.budget:
+            _, (_, _, _, dropped) = self._entries.popitem(last=False)
             self.held_bytes -= dropped.numel() * dropped.element_size()
-        self._entries[self._serial] = (index, dict(neighbours), tensor)
+        self._entries[self._serial] = (index, dict(neighbours), size, pack_upper(correlation))
         self._serial += 1
-        self.held_bytes += size
+        self.held_bytes += nbytes
 
     def entries(self) -> list[tuple[int, dict[int, Match | None], torch.Tensor]]:
         """(group, its neighbours' matches, the weight correlation), least recently used first."""
-        return [(group, dict(key), tensor) for group, key, tensor in self._entries.values()]
+        return [(group, dict(key), unpack_upper(packed, size)) for group, key, size, packed in self._entries.values()]
 
 
 @dataclass(frozen=True)
@@ -285,7 +289,9 @@ class Solver:
         else:
             self.weight_correlation = WeightCorrelation(spec, params_a, params_b, device=options.device,
                                                         others=others)
-            self.weight_cache = WeightCorrelationCache(weight_cache_bytes())
+            # One solve alone keeps none: its starts meet few neighbourhoods twice (on MiniLM 28 of 100 weight
+            # correlations, 5 CPU s, for ~0.7 GB kept); the α search's solves meet most of them again.
+            self.weight_cache = WeightCorrelationCache(0)
         self._weight_neighbours = {index: self._neighbour_groups([index]) for index in range(len(spec.groups))}
         # A visit's result depends only on the matches of the groups sharing a tensor with the visited
         # group(s): while those are the same (the same objects, or equal unit assignments — another start that
@@ -307,7 +313,8 @@ class Solver:
 
     # -- similarities -------------------------------------------------------------------------
     def _weight(self, index: int, state: _State) -> torch.Tensor:
-        """Group `index`'s weight correlation under the state's matches, shared with the cache: not to be modified."""
+        """Group `index`'s weight correlation under the state's matches: a new tensor (computed, or unpacked from the
+        cache), the caller's to modify."""
         neighbours = {other: state.matches[other] for other in self._weight_neighbours[index]}
         found = self.weight_cache.get(index, neighbours)
         if found is None:
@@ -320,20 +327,18 @@ class Solver:
         """The similarity group `index` is matched on: the dual-space blend, or one of its two parts."""
         options = self.options
         if weight_only:
-            return self._weight(index, state).clone()
+            return self._weight(index, state)
         activation = self.activations[index].to(torch.float64) if self.activations is not None else None
         if activation_only:
             return activation
         if not options.use_activations:
-            return self._weight(index, state).clone()
+            return self._weight(index, state)
         if options.alpha == 0:
             return activation
-        if activation is None:
-            return blend(self._weight(index, state).clone(), activation, options.alpha)
-        if options.alpha == 1:
+        if activation is None or options.alpha == 1:
             return blend(self._weight(index, state), activation, options.alpha)
-        # blend() with the operations applied one after the other to one new matrix: no further (2n, 2n) temporary.
-        weight = torch.mul(self._weight(index, state), options.alpha)
+        # blend(), in place on the new weight correlation: no (2n, 2n) temporary.
+        weight = self._weight(index, state).mul_(options.alpha)
         return weight.add_(activation, alpha=1 - options.alpha)
 
     def similarity_of(self, index: int, matches: Sequence[Match | None]) -> torch.Tensor:
