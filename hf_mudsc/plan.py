@@ -516,12 +516,10 @@ def refit_flops(layers: Sequence[tuple[int, int, float]], forward: float, exampl
 
 
 def solve_cache_bytes(widths: Sequence[int], parents: int) -> float:
-    """What the α search's weight-correlation cache holds at most (`hf_mudsc.solve.loop.WeightCorrelationCache`): its
-    budget, or two correlations of every group when they take less (what an auto-α MiniLM merge reused), each kept as
-    its upper triangle: `8·m(m+1)/2` bytes for `m = N·n` units."""
+    """What the α search's weight-correlation cache may hold: its budget (`hf_mudsc.solve.loop.weight_cache_bytes`)."""
     from hf_mudsc.solve.loop import weight_cache_bytes
 
-    return float(min(weight_cache_bytes(), sum(8 * (parents * n) * (parents * n + 1) for n in widths)))
+    return float(weight_cache_bytes(widths, parents))
 
 
 def estimate_cost(*, widths: Sequence[int], columns: Sequence[int], group_tokens: Sequence[int],

@@ -419,8 +419,9 @@ def test_the_plan_records_alpha_as_the_merges_recipe_does(method):
 
 
 def test_the_estimate_counts_the_alpha_searchs_weight_correlation_cache(monkeypatch):
-    """The α search's solves keep weight correlations for reuse (`solve.loop.WeightCorrelationCache`): up to its
-    budget, or two of every group (as upper triangles) when they take less; a merge without the search keeps none."""
+    """The α search's solves keep weight correlations for reuse (`solve.loop.WeightCorrelationCache`) within their
+    budget (`weight_cache_bytes`: at most 4 upper triangles of every group, `WEIGHT_CACHE_BYTES`, a quarter of the
+    memory available); the dry run counts that budget, the most it holds. A merge without the search keeps none."""
     import hf_mudsc.plan as plan
     from hf_mudsc.solve import loop
 
@@ -436,13 +437,26 @@ def test_the_estimate_counts_the_alpha_searchs_weight_correlation_cache(monkeypa
         hf_mudsc.merge([a, b], data, method=method, alpha=alpha, refit="none", dry_run=True)
         return seen[-1]
 
-    # Two upper triangles of every group's (2n, 2n) correlation: the toy's groups take less than the budget.
-    assert cache("auto") == sum(2 * 8 * (2 * n) * (2 * n + 1) // 2 for n in widths)
+    # The toy's groups take less than the budget.
+    assert cache("auto") == sum(4 * 8 * (2 * n) * (2 * n + 1) // 2 for n in widths)
     assert cache(0.5) == cache("auto", "zipit") == 0.0  # no search: one solve alone keeps none
     monkeypatch.setattr(loop, "WEIGHT_CACHE_BYTES", 1000)
     assert cache("auto") == 1000
     monkeypatch.setattr(loop, "available_memory", lambda: 2000)  # a quarter of the memory available, when less
     assert cache("auto") == 500
+    # What the search's cache really held on this merge stays within it.
+    monkeypatch.undo()
+    held = []
+    real_put = loop.WeightCorrelationCache.put
+
+    def put(self, *args):
+        real_put(self, *args)
+        held.append((self.held_bytes, self.budget))
+
+    monkeypatch.setattr(loop.WeightCorrelationCache, "put", put)
+    hf_mudsc.merge([a, b], data, method="mudsc", alpha="auto", refit="none", progress=False)
+    assert held and all(used <= budget == cache_budget for used, budget in held
+                        for cache_budget in [plan.solve_cache_bytes(widths, 2)])
 
 
 def test_the_estimate_counts_a_parent_copied_to_parent_as_label_order(tmp_path):

@@ -20,6 +20,7 @@ from hf_mudsc.calibrate.statistics import collect_statistics
 from hf_mudsc.solve import loop
 from hf_mudsc.solve.loop import SolveCache, SolveOptions, Solver
 from hf_mudsc.solve.maps import GroupMaps
+from hf_mudsc.solve.matchers import Match
 from hf_mudsc.solve.similarity import WeightCorrelation
 
 ALPHAS = (*ALPHA_GRID, 0.0, 1.0)
@@ -203,6 +204,7 @@ def test_the_alpha_search_computes_each_weight_correlation_once(pair, monkeypatc
     correlations of an auto-α merge were recomputations). With room for all of them, each is computed once."""
     spec, params_a, params_b, correlations = _inputs(pair)
     computed = _count_weight_correlations(monkeypatch, spec)
+    monkeypatch.setattr(loop, "WEIGHT_CACHE_PER_GROUP", 1000)  # the toy meets many neighbourhoods per group
     _search_order(spec, params_a, params_b, correlations, SolveCache())
     assert computed and max(computed.values()) == 1
     # Without the room to keep one, the same neighbourhoods are computed again (what the cache saves).
@@ -233,6 +235,9 @@ def test_the_weight_correlation_cache_keeps_to_its_budget_and_changes_no_result(
     widest = max(group.width for group in spec.groups)
     budget = entries * 8 * (2 * widest) ** 2
     monkeypatch.setattr(loop, "WEIGHT_CACHE_BYTES", budget)
+    # At most 4 upper triangles of every group's correlation (1000 full widest matrices are more).
+    by_groups = 4 * sum(8 * (2 * group.width) * (2 * group.width + 1) // 2 for group in spec.groups)
+    budget = min(budget, by_groups)
     cache = SolveCache()
     for alpha in (*ALPHA_GRID, 1.0):
         options = SolveOptions(matcher="zip", alpha=alpha, extra_starts=STARTS)
@@ -257,5 +262,35 @@ def test_the_weight_correlation_cache_keeps_to_its_budget_and_changes_no_result(
 def test_the_weight_correlation_cache_takes_at_most_a_quarter_of_the_memory_available(monkeypatch, available,
                                                                                       expected):
     monkeypatch.setattr(loop, "available_memory", lambda: available)
-    assert loop.weight_cache_bytes() == expected
-    assert SolveCache().weight_correlations.budget == expected
+    assert loop.weight_cache_bytes([10**5], 2) == expected  # groups far larger than the budget
+    # Small groups bound it by their size: 4 upper triangles of each (N·n, N·n) correlation.
+    small = 4 * 8 * (3 * 10) * (3 * 10 + 1) // 2 + 4 * 8 * (3 * 4) * (3 * 4 + 1) // 2
+    assert loop.weight_cache_bytes([10, 4], 3) == min(expected, small)
+    spec, params_a, params_b, correlations = _inputs("different_init")
+    cache = SolveCache()
+    Solver(spec, params_a, params_b, correlations, SolveOptions(alpha=0.5), cache=cache)
+    assert cache.weight_correlations.budget == loop.weight_cache_bytes([g.width for g in spec.groups], 2)
+
+
+def test_the_weight_correlation_cache_drops_the_least_recently_used_entry_first():
+    """Hand-made: three 2x2 symmetric correlations in a budget of two (3 values each as upper triangles); a lookup
+    makes an entry the most recently used."""
+    first, second = (Match(cluster_of=torch.tensor([0, 1, 1, 0]), merge_weight=torch.full((4,), 0.5,
+                                                                                          dtype=torch.float64),
+                           num_merged=2, value=0.0) for _ in range(2))
+    other = Match(cluster_of=torch.tensor([0, 1, 0, 1]), merge_weight=torch.full((4,), 0.5, dtype=torch.float64),
+                  num_merged=2, value=0.0)
+    matrices = [torch.tensor([[1.0, v], [v, 1.0]], dtype=torch.float64) for v in (0.1, 0.2, 0.3)]
+    cache = loop.WeightCorrelationCache(2 * 3 * 8)
+    cache.put(0, {1: first}, matrices[0])
+    cache.put(5, {1: other}, matrices[1])
+    # `second` is another object with `first`'s unit assignment: the same neighbourhood.
+    assert torch.equal(cache.get(0, {1: second}), matrices[0]) and cache.get(0, {1: other}) is None
+    cache.put(7, {2: None}, matrices[2])  # evicts group 5's entry, the least recently used
+    assert cache.get(5, {1: other}) is None and torch.equal(cache.get(7, {2: None}), matrices[2])
+    assert torch.equal(cache.get(0, {1: first}), matrices[0]) and cache.held_bytes == 2 * 3 * 8
+    got = cache.get(0, {1: first})
+    got.add_(1.0)  # the caller's own copy
+    assert torch.equal(cache.get(0, {1: first}), matrices[0])
+    cache.put(9, {}, torch.eye(4, dtype=torch.float64))  # 10 values: more than the whole budget, not kept
+    assert [group for group, _, _ in cache.entries()] == [7, 0]

@@ -50,18 +50,25 @@ MULTISTART_MARGIN = 0.01
 #: later start that reaches a neighbourhood an earlier one visited; each is a few index tensors.
 VISIT_CACHE_SIZE = 4
 #: The most bytes of weight correlations the α search's solves keep for reuse (`SolveCache`, `WeightCorrelationCache`);
-#: a quarter of the memory available when that is less. Any budget gives the same merges (a miss recomputes the
-#: same values); it trades memory for time: on an auto-α MiniLM merge two in three weight correlations were
-#: recomputations (19 of 29 CPU s), and keeping every one of them takes about half this (two per group, each as
-#: its upper triangle).
+#: less when a quarter of the memory available, or `WEIGHT_CACHE_PER_GROUP` correlations of every group, is less.
+#: Any budget gives the same merges (a miss recomputes the same values); it trades memory for time: on an auto-α
+#: MiniLM merge two in three weight correlations were recomputations (19 of 29 CPU s), and keeping every one of
+#: them took about half this (upper triangles only).
 WEIGHT_CACHE_BYTES = 2**30
+#: The budget's bound by the groups' sizes: this many upper triangles of every group's `(N·n, N·n)` correlation (a
+#: group meeting many neighbourhoods may take more of them while others hold fewer). The MiniLM merge above reused
+#: two per group on average; four leave room for the full solve's starts.
+WEIGHT_CACHE_PER_GROUP = 4
 
 
-def weight_cache_bytes() -> int:
-    """`WEIGHT_CACHE_BYTES`, or a quarter of the memory available now when that is less (a small machine keeps its
-    memory for the merge)."""
+def weight_cache_bytes(widths: Sequence[int], parents: int) -> int:
+    """The α search's weight-correlation budget for groups of `widths` units per parent (N = `parents`):
+    `WEIGHT_CACHE_BYTES`, a quarter of the memory available now, or `WEIGHT_CACHE_PER_GROUP` upper triangles of every
+    group, whichever is least (a small machine keeps its memory for the merge, a small model needs little)."""
+    by_groups = WEIGHT_CACHE_PER_GROUP * sum(8 * (parents * n) * (parents * n + 1) // 2 for n in widths)
     available = available_memory()
-    return WEIGHT_CACHE_BYTES if available is None else min(WEIGHT_CACHE_BYTES, available // 4)
+    quarter = WEIGHT_CACHE_BYTES if available is None else available // 4
+    return min(WEIGHT_CACHE_BYTES, quarter, by_groups)
 
 
 def _same_match(a: Match | None, b: Match | None) -> bool:
@@ -108,12 +115,15 @@ class WeightCorrelationCache:
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.held_bytes = 0
+        # serial -> (group, its neighbours' matches, size, packed upper triangle), least recently used first
         self._entries: OrderedDict[int, tuple[int, dict[int, Match | None], int, torch.Tensor]] = OrderedDict()
+        self._of_group: dict[int, list[int]] = {}  # group -> the serials of its entries
         self._serial = 0
 
     def get(self, index: int, neighbours: Mapping[int, Match | None]) -> torch.Tensor | None:
-        for serial, (group, key, size, packed) in self._entries.items():
-            if group == index and all(_same_match(found, neighbours[other]) for other, found in key.items()):
+        for serial in self._of_group.get(index, ()):
+            _, key, size, packed = self._entries[serial]
+            if all(_same_match(found, neighbours[other]) for other, found in key.items()):
                 self._entries.move_to_end(serial)
                 return unpack_upper(packed, size)
         return None
@@ -124,9 +134,11 @@ class WeightCorrelationCache:
         if nbytes > self.budget:
             return
         while self.held_bytes + nbytes > self.budget:
-            _, (_, _, _, dropped) = self._entries.popitem(last=False)
+            serial, (group, _, _, dropped) = self._entries.popitem(last=False)
+            self._of_group[group].remove(serial)
             self.held_bytes -= dropped.numel() * dropped.element_size()
         self._entries[self._serial] = (index, dict(neighbours), size, pack_upper(correlation))
+        self._of_group.setdefault(index, []).append(self._serial)
         self._serial += 1
         self.held_bytes += nbytes
 
@@ -188,7 +200,7 @@ class SolveCache:
     def __init__(self) -> None:
         self.key: tuple | None = None
         self.weight_correlation: WeightCorrelation | None = None
-        self.weight_correlations = WeightCorrelationCache(weight_cache_bytes())
+        self.weight_correlations = WeightCorrelationCache(0)  # its budget is set by `bind` (the groups' sizes)
         self.activation_start: _State | None = None
         self.weight_start: _State | None = None
         self.start_entries: dict[str, list[torch.Tensor]] = {}
@@ -201,11 +213,13 @@ class SolveCache:
         self.refined = {a: v for a, v in self.refined.items() if a == alpha}
         self.visits = {a: v for a, v in self.visits.items() if a == alpha}
 
-    def bind(self, key: tuple) -> None:
-        """Use the cache for inputs identified by `key`; other inputs than last time empty it first."""
+    def bind(self, key: tuple, weight_budget: int) -> None:
+        """Use the cache for inputs identified by `key`; other inputs than last time empty it first (and give its
+        weight correlations `weight_budget` bytes, `weight_cache_bytes`)."""
         if self.key != key:
             self.__init__()  # type: ignore[misc]
             self.key = key
+            self.weight_correlations = WeightCorrelationCache(weight_budget)
 
 
 def _storage_key(tensors: Sequence[Mapping[object, torch.Tensor]]) -> tuple:
@@ -280,7 +294,8 @@ class Solver:
             # Everything a solve reads except alpha: the same objects (parents, statistics, spec) and options.
             cache.bind((id(spec), _storage_key([params_a, params_b, *others]),
                         _storage_key([dict(enumerate(activation_correlations or ()))]),
-                        replace(options, alpha=0.0, extra_starts=())))
+                        replace(options, alpha=0.0, extra_starts=())),
+                       weight_cache_bytes([group.width for group in spec.groups], 2 + len(others)))
             if cache.weight_correlation is None:
                 cache.weight_correlation = WeightCorrelation(spec, params_a, params_b, device=options.device,
                                                              others=others)
