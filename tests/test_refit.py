@@ -163,21 +163,59 @@ def test_refit_caches_float32_targets_and_counts_the_parents_passes(monkeypatch)
         assert all(torch.equal(weights[0][name], other[name]) for name in weights[0])
 
 
-def test_refit_merged_model_runs_each_block_in_five_passes(monkeypatch):
+def _attention_runs(model: nn.Module, blocks: int) -> list[int]:
+    """How often each ViT block's attention really computes (its q projection runs; a replayed attention does not)."""
+    modules = dict(model.named_modules())
+    runs = [0] * blocks
+    for index in range(blocks):
+        _count_runs(modules[f"vit.layers.{index}.attention.q_proj"],
+                    lambda index=index: runs.__setitem__(index, runs[index] + 1))
+    return runs
+
+
+@pytest.mark.parametrize("units", [True, False])
+def test_refit_merged_model_runs_each_block_in_five_passes_and_its_attention_in_two(monkeypatch, units):
+    """The merged model's block k runs in 5 passes (its q/k/v, o, fc1 and fc2 steps, and the next step's, which
+    stores the block's output). Its attention is final once o is refitted: the fc1 pass stores its output, so the fc2
+    pass and the next one replay it (a unit, `block_replay.Unit`) — it computes in 2 passes (o, fc1) instead of 4;
+    the q/k/v pass stops before it. The same refit, bit for bit, without units."""
+    from hf_mudsc.apply import block_replay
+
+    if not units:
+        monkeypatch.setattr(block_replay, "_unit_candidates", lambda *args: [])
     batches = make_batches("vit_cls", num_batches=2)
     parents = [_deep_vit(1), _deep_vit(2)]
     runs: list[list[int]] = []
+    attention: list[list[int]] = []
     original = refit.forward_steps
 
     def watch(model, layers, batch):  # the merged model, as the refit receives it
         runs.append(_block_runs(model, 4))
+        attention.append(_attention_runs(model, 4))
         return original(model, layers, batch)
 
     monkeypatch.setattr(refit, "forward_steps", watch)
-    hf_mudsc.merge(parents, batches, matcher="align", refit="ridge", progress=False)
-    # First batch: forward_steps' forward and find_chains' two (its replay check runs only the last block), then
-    # 5 passes x 2 batches: the block's 4 steps and the next step's, which stores the block's output.
-    assert runs == [[1 + 1 + 5 * 2] * 3 + [1 + 2 + 5 * 2]]
+    merged = hf_mudsc.merge(parents, batches, matcher="align", refit="ridge", progress=False)
+    # First batch: forward_steps' forward, find_chains' recording, its chains' check (it runs only the last block)
+    # and, with units, its units' check (every block, each unit replaced by its own output); then 5 passes x 2.
+    check = int(units)
+    assert runs == [[1 + 1 + check + 5 * 2] * 3 + [1 + 2 + check + 5 * 2]]
+    passes = 2 if units else 4
+    assert attention == [[2 + passes * 2] * 3 + [3 + passes * 2]]
+    assert merged.merge_report.refit.chains == [tuple(f"vit.layers.{i}" for i in range(4))]
+
+
+def test_units_change_no_refitted_weight(monkeypatch):
+    """Replaying units gives the refit of the plain block replay bit for bit, for each architecture."""
+    from hf_mudsc.apply import block_replay
+
+    for case in REFIT_CASES[:3]:
+        with_units = _refitted(*case).state_dict()
+        with monkeypatch.context() as patch:
+            patch.setattr(block_replay, "_unit_candidates", lambda *args: [])
+            without = _refitted(*case).state_dict()
+        assert with_units.keys() == without.keys()
+        assert all(torch.equal(with_units[name], without[name]) for name in with_units), case
 
 
 def test_refit_stores_block_outputs_in_files_beyond_the_ram_budget_and_removes_them(monkeypatch, tmp_path):
@@ -204,9 +242,10 @@ def test_refit_stored_outputs_are_bounded_by_refit_samples_not_by_the_calibratio
     assert reports[0].examples == reports[1].examples == 16
     # Per model (merged + 2 parents), one block output per chain (16 images x 17 tokens x 32 float32), and the
     # next block's while it replaces it: at most 2 per model. Here the merged model's two blocks, one after the
-    # other (the parents' targets are cached per chunk: they need no stored block in a 2-block model).
+    # other (the parents' targets are cached per chunk: they need no stored block in a 2-block model), and its
+    # last block's attention output (a unit), replayed in the pass that stores that block: 3 at the peak.
     one = 16 * 17 * 32 * 4
-    assert reports[0].stored_bytes == reports[1].stored_bytes == 2 * one
+    assert reports[0].stored_bytes == reports[1].stored_bytes == 3 * one
 
 
 def test_refit_replays_nothing_when_the_replay_would_change_the_output():
@@ -238,6 +277,56 @@ def test_refit_replays_nothing_when_the_replay_would_change_the_output():
     assert find_chains(Summed(), layers, batch) == []
     (chain,) = find_chains(Chained(), [f"blocks.{i}" for i in range(3)], batch)
     assert chain.blocks == ("blocks.0", "blocks.1", "blocks.2") and chain.layers_before_end == (1, 2, 3)
+
+
+def test_units_are_a_blocks_children_that_hold_refit_layers_and_replay_exactly():
+    """Units: the children of a chain's blocks that hold refit layers, run once per forward and do not return the
+    block's own output (BERT: attention and intermediate, not output). A block that changes its child's output in
+    place would see it changed twice when the child is replayed: the units' check finds the model's output changed
+    and drops the units (the blocks are still replayed whole); a child run twice per forward is no unit."""
+    from hf_mudsc.apply.block_replay import find_chains
+
+    bert = make_model("bert_cls", 0).eval()
+    batch = make_batches("bert_cls")[0]
+    layers = [name for step in refit.forward_steps(bert, refit.refit_layers(bert, spec_for(bert)), batch)
+              for name in step]
+    (chain,) = find_chains(bert, layers, batch)
+    assert [unit.name for unit in chain.units] == [f"bert.encoder.layer.{i}.{part}" for i in range(2)
+                                                   for part in ("attention", "intermediate")]
+    assert [unit.layers_before_end for unit in chain.units] == [4, 5, 10, 11]  # q/k/v, o | fc1 (then fc2)
+
+    class Block(nn.Module):
+        def __init__(self, twice: bool = False, in_place: bool = False) -> None:
+            super().__init__()
+            self.inner = nn.Sequential(nn.Linear(4, 4))
+            self.out = nn.Linear(4, 4)
+            self.twice, self.in_place = twice, in_place
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.inner(x)
+            if self.in_place:
+                y.mul_(2.0)
+            if self.twice:
+                y = self.inner(y)
+            return self.out(y) + x
+
+    class Model(nn.Module):
+        def __init__(self, **kind: bool) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([Block(**kind) for _ in range(3)])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    torch.manual_seed(0)
+    batch = {"x": torch.randn(5, 4)}
+    names = [f"blocks.{i}.{part}" for i in range(3) for part in ("inner.0", "out")]
+    for kind, units in (({}, 3), ({"in_place": True}, 0), ({"twice": True}, 0)):
+        (chain,) = find_chains(Model(**kind), names, batch)
+        assert chain.blocks == ("blocks.0", "blocks.1", "blocks.2") and len(chain.units) == units, kind
+        assert all(unit.name == f"blocks.{unit.block}.inner" for unit in chain.units)
 
 
 # ------------------------------------------------------------------------------------------------ invariance

@@ -15,6 +15,7 @@ from factories import make_batches, make_model
 
 from hf_mudsc.apply.fidelity import ALPHA_GRID
 from hf_mudsc.architectures import spec_for
+from hf_mudsc.blas import packed_size
 from hf_mudsc.calibrate.correlation import correlations_from
 from hf_mudsc.calibrate.statistics import collect_statistics
 from hf_mudsc.solve import loop
@@ -236,7 +237,7 @@ def test_the_weight_correlation_cache_keeps_to_its_budget_and_changes_no_result(
     budget = entries * 8 * (2 * widest) ** 2
     monkeypatch.setattr(loop, "WEIGHT_CACHE_BYTES", budget)
     # At most 4 upper triangles of every group's correlation (1000 full widest matrices are more).
-    by_groups = 4 * sum(8 * (2 * group.width) * (2 * group.width + 1) // 2 for group in spec.groups)
+    by_groups = 4 * sum(8 * packed_size(2 * group.width) for group in spec.groups)
     budget = min(budget, by_groups)
     cache = SolveCache()
     for alpha in (*ALPHA_GRID, 1.0):
@@ -246,7 +247,7 @@ def test_the_weight_correlation_cache_keeps_to_its_budget_and_changes_no_result(
         held = cache.weight_correlations
         assert held.budget == budget and held.held_bytes <= budget
         # Each entry is kept as its upper triangle (half the memory), and unpacked bit for bit.
-        assert held.held_bytes == sum(8 * len(t) * (len(t) + 1) // 2 for _, _, t in held.entries())
+        assert held.held_bytes == sum(8 * packed_size(len(t)) for _, _, t in held.entries())
         if entries == 0:
             assert held.held_bytes == 0
         fresh = WeightCorrelation(spec, params_a, params_b)
@@ -264,7 +265,7 @@ def test_the_weight_correlation_cache_takes_at_most_a_quarter_of_the_memory_avai
     monkeypatch.setattr(loop, "available_memory", lambda: available)
     assert loop.weight_cache_bytes([10**5], 2) == expected  # groups far larger than the budget
     # Small groups bound it by their size: 4 upper triangles of each (N·n, N·n) correlation.
-    small = 4 * 8 * (3 * 10) * (3 * 10 + 1) // 2 + 4 * 8 * (3 * 4) * (3 * 4 + 1) // 2
+    small = 4 * 8 * 30 * 30 + 4 * 8 * 12 * 12  # one block of rows each (fewer than PACK_ROWS): the whole matrix
     assert loop.weight_cache_bytes([10, 4], 3) == min(expected, small)
     spec, params_a, params_b, correlations = _inputs("different_init")
     cache = SolveCache()
@@ -273,7 +274,7 @@ def test_the_weight_correlation_cache_takes_at_most_a_quarter_of_the_memory_avai
 
 
 def test_the_weight_correlation_cache_drops_the_least_recently_used_entry_first():
-    """Hand-made: three 2x2 symmetric correlations in a budget of two (3 values each as upper triangles); a lookup
+    """Hand-made: three 2x2 symmetric correlations in a budget of two (4 values each: one block of rows); a lookup
     makes an entry the most recently used."""
     first, second = (Match(cluster_of=torch.tensor([0, 1, 1, 0]), merge_weight=torch.full((4,), 0.5,
                                                                                           dtype=torch.float64),
@@ -281,16 +282,16 @@ def test_the_weight_correlation_cache_drops_the_least_recently_used_entry_first(
     other = Match(cluster_of=torch.tensor([0, 1, 0, 1]), merge_weight=torch.full((4,), 0.5, dtype=torch.float64),
                   num_merged=2, value=0.0)
     matrices = [torch.tensor([[1.0, v], [v, 1.0]], dtype=torch.float64) for v in (0.1, 0.2, 0.3)]
-    cache = loop.WeightCorrelationCache(2 * 3 * 8)
+    cache = loop.WeightCorrelationCache(2 * 4 * 8)
     cache.put(0, {1: first}, matrices[0])
     cache.put(5, {1: other}, matrices[1])
     # `second` is another object with `first`'s unit assignment: the same neighbourhood.
     assert torch.equal(cache.get(0, {1: second}), matrices[0]) and cache.get(0, {1: other}) is None
     cache.put(7, {2: None}, matrices[2])  # evicts group 5's entry, the least recently used
     assert cache.get(5, {1: other}) is None and torch.equal(cache.get(7, {2: None}), matrices[2])
-    assert torch.equal(cache.get(0, {1: first}), matrices[0]) and cache.held_bytes == 2 * 3 * 8
+    assert torch.equal(cache.get(0, {1: first}), matrices[0]) and cache.held_bytes == 2 * 4 * 8
     got = cache.get(0, {1: first})
     got.add_(1.0)  # the caller's own copy
     assert torch.equal(cache.get(0, {1: first}), matrices[0])
-    cache.put(9, {}, torch.eye(4, dtype=torch.float64))  # 10 values: more than the whole budget, not kept
+    cache.put(9, {}, torch.eye(3, dtype=torch.float64))  # 9 values: more than the whole budget, not kept
     assert [group for group, _, _ in cache.entries()] == [7, 0]

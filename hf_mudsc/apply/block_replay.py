@@ -9,6 +9,13 @@ to it by "return the stored output", so each pass runs only the blocks that are 
 Architecture-free: a *chain* is the outermost `nn.ModuleList` holding refit layers (a transformer's blocks). It
 is used only when one forward shows that its blocks run once each, in order, and that replaying them from stored
 outputs gives the model's own output bit for bit; otherwise its blocks simply run (slower, same result).
+
+Inside the block being refitted, *units* are replayed the same way (for the merged model, `BlockReplay(units=True)`):
+a block's child that holds refit layers and runs once per forward (a transformer block's attention, its MLP's first
+half) is final as soon as every refit layer that has run by its return is, long before the block is — so the
+block's later steps (o, fc1, fc2, and the next block's q/k/v, which runs the block to its end) take its output from
+store instead of recomputing it. Units are used only when replacing each by its own output leaves the model's output
+bit for bit the same.
 """
 
 from __future__ import annotations
@@ -36,12 +43,25 @@ _MORE_BATCHES = ("refit: the calibration data gave more batches when read again;
 
 
 @dataclass(frozen=True)
+class Unit:
+    """A child of a chain's block that holds refit layers and runs once per forward (replayed inside its block)."""
+
+    name: str
+    block: int
+    """Its block's index in the chain."""
+    layers_before_end: int
+    """How many refit layers (in first-fire order) have run when its forward returns."""
+
+
+@dataclass(frozen=True)
 class Chain:
     """Blocks run one after the other, each fed the previous one's output."""
 
     blocks: tuple[str, ...]
     layers_before_end: tuple[int, ...]
     """For each block, how many refit layers (in first-fire order) have run when its forward returns."""
+    units: tuple[Unit, ...] = ()
+    """The blocks' children that can be replayed inside their block (see the module docstring)."""
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -78,8 +98,22 @@ def _outer_list(modules: Mapping[str, nn.Module], layer: str) -> str | None:
     return None
 
 
+def _unit_candidates(modules: Mapping[str, nn.Module], blocks: Sequence[str], layers: Sequence[str]
+                     ) -> list[tuple[int, str]]:
+    """(block index, child name) of every direct child of a block that holds a refit layer without being one."""
+    wanted = set(layers)
+    found = []
+    for index, block in enumerate(blocks):
+        for child, _ in modules[block].named_children():
+            name = f"{block}.{child}"
+            if name not in wanted and any(layer.startswith(name + ".") for layer in wanted):
+                found.append((index, name))
+    return found
+
+
 def find_chains(model: nn.Module, layers: Sequence[str], batch: Mapping[str, Any]) -> list[Chain]:
-    """The chains of `model` that can be replayed, checked on `batch` (three forwards of one batch)."""
+    """The chains of `model` that can be replayed, with their units, checked on `batch` (four forwards of one
+    batch: the recording, the chains' check, which runs only the last block, and the units' check)."""
     modules = dict(model.named_modules())
     lists = sorted({found for name in layers if (found := _outer_list(modules, name)) is not None})
     candidates = [tuple(f"{name}.{child}" for child, _ in modules[name].named_children()) for name in lists]
@@ -92,6 +126,7 @@ def find_chains(model: nn.Module, layers: Sequence[str], batch: Mapping[str, Any
     ends: dict[str, int] = {}
     inputs: dict[str, torch.Tensor | None] = {}
     outputs: dict[str, Any] = {}
+    children = {blocks: _unit_candidates(modules, blocks, layers) for blocks in candidates}
 
     def on_layer(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -112,7 +147,7 @@ def find_chains(model: nn.Module, layers: Sequence[str], batch: Mapping[str, Any
 
     handles = [modules[name].register_forward_pre_hook(on_layer(name)) for name in layers]
     for blocks in candidates:
-        for name in blocks:
+        for name in [*blocks, *(child for _, child in children[blocks])]:
             handles.append(modules[name].register_forward_pre_hook(before(name), with_kwargs=True))
             handles.append(modules[name].register_forward_hook(after(name)))
     try:
@@ -129,16 +164,31 @@ def find_chains(model: nn.Module, layers: Sequence[str], batch: Mapping[str, Any
                                                                                         _first_tensor(outputs[a])))
                               for a, b in zip(blocks, blocks[1:]))
         if fed and all(_storable(outputs[name]) for name in blocks):
-            chains.append(Chain(blocks, tuple(ends[name] for name in blocks)))
+            # A child returning its block's own output is replayed with the block (its output is the block's).
+            units = tuple(Unit(name, index, ends[name]) for index, name in children[blocks]
+                          if calls.count(name) == 1 and _storable(outputs[name])
+                          and _first_tensor(outputs[name]) is not _first_tensor(outputs[blocks[index]]))
+            chains.append(Chain(blocks, tuple(ends[name] for name in blocks), units))
     if chains:  # the replay must give the model's own output: all blocks but the last return the stored output
         with torch.no_grad(), _replaced(modules, {name: (lambda c=chain: outputs[c.blocks[-2]])
                                                   for chain in chains for name in chain.blocks[:-1]}):
             replayed = model(**forward_inputs(model, batch))
-        same = [torch.equal(a, b) for a, b in zip(_tensors(reference), _tensors(replayed))]
-        if not same or not all(same) or len(_tensors(reference)) != len(_tensors(replayed)):
+        if not _same_output(reference, replayed):
             logger.info("refit: replaying blocks changes the model's output; every pass runs the whole model")
             return []
+    if any(chain.units for chain in chains):  # each unit replaced by its own output: the same model output
+        with torch.no_grad(), _replaced(modules, {unit.name: (lambda name=unit.name: outputs[name])
+                                                  for chain in chains for unit in chain.units}):
+            replayed = model(**forward_inputs(model, batch))
+        if not _same_output(reference, replayed):
+            logger.info("refit: replaying parts of blocks changes the model's output; blocks run whole")
+            chains = [Chain(chain.blocks, chain.layers_before_end) for chain in chains]
     return chains
+
+
+def _same_output(reference: Any, replayed: Any) -> bool:
+    same = [torch.equal(a, b) for a, b in zip(_tensors(reference), _tensors(replayed))]
+    return bool(same) and all(same) and len(_tensors(reference)) == len(_tensors(replayed))
 
 
 @contextlib.contextmanager
@@ -226,19 +276,23 @@ class BatchStore:
 
 class BlockReplay:
     """A model's finished blocks replayed from stored outputs: one per model of a refit (the merged model, each
-    parent). `run(finished)` wraps one pass over the batches, `batch(number)` is called before each forward."""
+    parent). `run(finished)` wraps one pass over the batches, `batch(number)` is called before each forward.
+    `units`: also replay the chains' units inside the block being refitted (the merged model: its steps run each
+    block 4 times; a parent's chunked passes run it once or twice, so it gains too little for the memory)."""
 
-    def __init__(self, model: nn.Module, chains: Sequence[Chain], storage: Storage) -> None:
+    def __init__(self, model: nn.Module, chains: Sequence[Chain], storage: Storage, *, units: bool = False) -> None:
         self.modules = dict(model.named_modules())
         self.chains = list(chains)
         self.storage = storage
+        self.units = units
         self.kept: list[tuple[int, BatchStore] | None] = [None] * len(self.chains)
+        self.unit_kept: dict[str, tuple[int, int, BatchStore]] = {}  # unit -> (chain index, block index, outputs)
         self.number = 0
         self.batches = 0
         self._memo: dict[int, tuple[int, Any]] = {}
         self.storing: tuple[str, ...] = ()
-        """The blocks whose outputs the current pass stores (a caller that stops its forwards early lets them
-        return first, else nothing is stored)."""
+        """The blocks and units whose outputs the current pass stores (a caller that stops its forwards early lets
+        them return first, else nothing is stored)."""
 
     def batch(self, number: int) -> None:
         self.number = number
@@ -250,12 +304,20 @@ class BlockReplay:
             self._memo[index] = (self.number, self.kept[index][1].get(self.number))
         return self._memo[index][1]
 
+    def _unit_output(self, name: str) -> Any:
+        return self.unit_kept[name][2].get(self.number)
+
     @contextlib.contextmanager
     def run(self, finished: int) -> Iterator[None]:
         """One pass in which every refit layer before the first `finished` ones (first-fire order) is final."""
         returns: dict[str, Callable[[], Any]] = {}
         fresh: dict[int, tuple[int, BatchStore]] = {}
+        fresh_units: dict[str, tuple[int, int, BatchStore]] = {}
         handles = []
+
+        def storer(store: BatchStore) -> Callable[..., None]:
+            return lambda module, args, output: store.put(self.number, output)
+
         for index, chain in enumerate(self.chains):
             last = max((j for j, count in enumerate(chain.layers_before_end) if count <= finished), default=-1)
             kept = self.kept[index]
@@ -266,11 +328,19 @@ class BlockReplay:
             if last > stored:
                 store = BatchStore(self.storage)
                 fresh[index] = (last, store)
-                handles.append(self.modules[chain.blocks[last]].register_forward_hook(
-                    lambda module, args, output, store=store: store.put(self.number, output)))
+                handles.append(self.modules[chain.blocks[last]].register_forward_hook(storer(store)))
+            for unit in chain.units if self.units else ():
+                if unit.block <= stored or unit.layers_before_end > finished:
+                    continue  # replayed with its block, or not final yet
+                if unit.name in self.unit_kept:
+                    returns[unit.name] = lambda name=unit.name: self._unit_output(name)
+                elif unit.block > last:  # (a block stored whole in this pass needs no unit of it stored)
+                    store = BatchStore(self.storage)
+                    fresh_units[unit.name] = (index, unit.block, store)
+                    handles.append(self.modules[unit.name].register_forward_hook(storer(store)))
         self.batches = 0
         self._memo.clear()
-        self.storing = tuple(self.chains[index].blocks[last] for index, (last, _) in fresh.items())
+        self.storing = (*(self.chains[index].blocks[last] for index, (last, _) in fresh.items()), *fresh_units)
         committed = False
         try:
             with _replaced(self.modules, returns):
@@ -288,9 +358,22 @@ class BlockReplay:
                     self.kept[index] = (last, store)
                 else:
                     store.release()
+            for name, (index, block, store) in fresh_units.items():
+                if committed and len(store.items) == self.batches:
+                    self.unit_kept[name] = (index, block, store)
+                else:
+                    store.release()
+            # A unit whose block is now stored whole is never replayed again: its outputs are freed.
+            for name, (index, block, store) in list(self.unit_kept.items()):
+                if self.kept[index] is not None and block <= self.kept[index][0]:
+                    store.release()
+                    del self.unit_kept[name]
 
     def close(self) -> None:
         for kept in self.kept:
             if kept is not None:
                 kept[1].release()
         self.kept = [None] * len(self.chains)
+        for _, _, store in self.unit_kept.values():
+            store.release()
+        self.unit_kept = {}

@@ -458,7 +458,9 @@ def refit_model(
             chains = find_chains(merged, [name for step in report.steps for name in step], first)
             del first
             storage = Storage()
-            replays = [BlockReplay(model, chains, storage) for model in (merged, *parents)]
+            # The merged model also replays the finished parts of the block it refits (its 4 steps per block).
+            replays = [BlockReplay(merged, chains, storage, units=True),
+                       *(BlockReplay(model, chains, storage) for model in parents)]
             bar = Progress(total=len(report.steps), desc="refit", unit="steps", enabled=progress)
             tokens = 0  # samples (tokens) per pass, known after the first step: sizes the target cache
             position = 0

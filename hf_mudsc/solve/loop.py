@@ -18,7 +18,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from hf_mudsc.blas import pack_upper, torch_thread_count, unpack_upper
+from hf_mudsc.blas import pack_upper, packed_size, torch_thread_count, unpack_upper
 from hf_mudsc.heap import release_free_heap
 from hf_mudsc.memory import available_memory
 from hf_mudsc.progress import Progress
@@ -65,7 +65,7 @@ def weight_cache_bytes(widths: Sequence[int], parents: int) -> int:
     """The α search's weight-correlation budget for groups of `widths` units per parent (N = `parents`):
     `WEIGHT_CACHE_BYTES`, a quarter of the memory available now, or `WEIGHT_CACHE_PER_GROUP` upper triangles of every
     group, whichever is least (a small machine keeps its memory for the merge, a small model needs little)."""
-    by_groups = WEIGHT_CACHE_PER_GROUP * sum(8 * (parents * n) * (parents * n + 1) // 2 for n in widths)
+    by_groups = WEIGHT_CACHE_PER_GROUP * sum(8 * packed_size(parents * n) for n in widths)
     available = available_memory()
     quarter = WEIGHT_CACHE_BYTES if available is None else available // 4
     return min(WEIGHT_CACHE_BYTES, quarter, by_groups)
@@ -109,8 +109,8 @@ class WeightCorrelationCache:
 
     A solve's starts and an α search's solves meet the same neighbourhoods again (every solve's first sweep begins at
     the activation start). A weight correlation is exactly symmetric (`_Moments.correlation` mirrors its Gram, then
-    applies the same products to (i, j) and (j, i)), so only its upper triangle is kept (`blas.pack_upper`); `get`
-    returns a new full matrix, the caller's own."""
+    applies the same products to (i, j) and (j, i)), so only its upper part is kept (`blas.pack_upper`: about half);
+    `get` returns a new full matrix, the caller's own."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
@@ -130,7 +130,7 @@ class WeightCorrelationCache:
 
     def put(self, index: int, neighbours: Mapping[int, Match | None], correlation: torch.Tensor) -> None:
         size = correlation.shape[0]
-        nbytes = size * (size + 1) // 2 * correlation.element_size()
+        nbytes = packed_size(size) * correlation.element_size()
         if nbytes > self.budget:
             return
         while self.held_bytes + nbytes > self.budget:
