@@ -49,6 +49,24 @@ def syrk_upper(total: torch.Tensor, x: torch.Tensor, *, rows: bool = False, beta
         total.copy_(torch.from_numpy(result.T))
 
 
+# Rows per block of `pack_upper`'s layout: each block keeps its whole diagonal block (4 % more than a triangle at
+# 3072 units) so that packing and unpacking copy rectangles and transpose cache-sized tiles (3072 units, one core:
+# unpack 63 ms against 98 ms row by row; a plain copy of the matrix takes 43 ms).
+PACK_ROWS = 128
+
+
+def add_upper(total: torch.Tensor, part: torch.Tensor) -> None:
+    """`total += part` on the upper triangle only (diagonal included), in place, widening element by element; the
+    strict lower triangle of `part` is never read (a `?syrk` result with `beta=0` leaves it uninitialised) and that
+    of `total` is left as it was (read it through `mirror_upper`). Row blocks of `PACK_ROWS`: half the work of a
+    whole `total += part`, and no zeroed `part` needed."""
+    size = total.shape[0]
+    for start in range(0, size, PACK_ROWS):
+        stop = min(start + PACK_ROWS, size)
+        total[start:stop, start:stop] += part[start:stop, start:stop].triu()
+        total[start:stop, stop:] += part[start:stop, stop:]
+
+
 def mirror_upper(matrix: torch.Tensor) -> torch.Tensor:
     """Fill the strict lower triangle of a square `matrix` from its upper one, in place; returns `matrix`.
 
@@ -64,10 +82,6 @@ def mirror_upper(matrix: torch.Tensor) -> torch.Tensor:
     return matrix
 
 
-# Rows per block of `pack_upper`'s layout: each block keeps its whole diagonal block (4 % more than a triangle at
-# 3072 units) so that packing and unpacking copy rectangles and transpose cache-sized tiles (3072 units, one core:
-# unpack 63 ms against 98 ms row by row; a plain copy of the matrix takes 43 ms).
-PACK_ROWS = 128
 
 
 def packed_size(size: int) -> int:

@@ -7,6 +7,7 @@ import torch
 from threadpoolctl import threadpool_info
 
 from hf_mudsc.blas import (
+    add_upper,
     can_syrk,
     mirror_upper,
     pack_upper,
@@ -105,3 +106,22 @@ def test_a_packed_upper_triangle_unpacks_to_the_same_symmetric_matrix_bit_for_bi
     assert packed_size(300) == 128 * 300 + 128 * 172 + 44 * 44 and packed_size(7) == 49
     unpacked = unpack_upper(packed, size)
     assert torch.equal(unpacked, matrix) and (size == 0 or unpacked.data_ptr() != matrix.data_ptr())
+
+
+@pytest.mark.parametrize("size", [1, 5, 128, 300])
+def test_add_upper_adds_the_upper_triangle_only_and_never_reads_the_lower_one(size):
+    """Calibration's float32 batch product (a `?syrk` with beta=0: its lower triangle uninitialised) is added into the
+    float64 sums on the upper triangle only: the same values there as adding the whole product with a zeroed lower
+    triangle; NaN below the diagonal of the product is never read; the sums' lower triangle is left as it was."""
+    generator = torch.Generator().manual_seed(size)
+    total = torch.randn(size, size, dtype=torch.float64, generator=generator)
+    part = torch.randn(size, size, dtype=torch.float32, generator=generator).triu()
+    want = total + part.to(torch.float64)  # the whole product, its lower triangle zero (the code before)
+    garbage = part.clone()
+    rows, cols = torch.tril_indices(size, size, offset=-1)
+    garbage[rows, cols] = float("nan")
+    got = total.clone()
+    add_upper(got, garbage)
+    upper = torch.ones(size, size, dtype=torch.bool).triu()
+    assert torch.equal(got[upper], want[upper])
+    assert torch.equal(got[~upper], total[~upper])

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from hf_mudsc.blas import mirror_upper, syrk_upper
+from hf_mudsc.blas import add_upper, mirror_upper, syrk_upper
 
 CLAMP = 1e-7
 
@@ -67,9 +67,9 @@ class CorrelationAccumulator:
             if self.dtype == torch.float64:
                 syrk_upper(self.outer, x)
             else:  # the batch's product in the GEMM dtype, only its result added into the float64 sums
-                product = torch.zeros(self.dim, self.dim, dtype=self.dtype)
-                syrk_upper(product, x)
-                self.outer.add_(product)  # add_ widens element by element: no float64 copy of it is made
+                product = torch.empty(self.dim, self.dim, dtype=self.dtype)
+                syrk_upper(product, x, beta=0.0)  # the upper triangle; the lower one is never read
+                add_upper(self.outer, product)  # widens element by element: no float64 copy of it is made
         else:
             # Features on an accelerator are multiplied there, only the blocks [AA AB] and BB (3/4 of the FLOPs of
             # xᵀx); only the (dim, dim) products come back.
