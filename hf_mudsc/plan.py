@@ -487,20 +487,20 @@ def solve_flops(widths: Sequence[int], columns: Sequence[int], parents: int = 2)
 
 def refit_bytes(layers: Sequence[tuple[int, int, float]], examples: int, parents: int, width: int,
                 tokens: float, gram: bool = True) -> float:
-    """The refit's memory on top of the merge's: the block inputs and outputs it stores (`BlockReplay`: `examples ×
-    tokens × width` float32 each, two per model) for the parents and the merged model — for the merged model only with
-    REPAIR, whose parents run once for every layer — and, for the ridge refit (`gram`; REPAIR keeps two vectors per
-    layer instead), the merged model's units (its block's attention output, `width`, and MLP hidden output, the widest
-    layer output, while the next block output is stored: `3·width + widest` per example-token), the parents' targets
-    it caches (at most `TARGET_CACHE_BYTES`, at least one layer's) and the widest layer's float64 Gram and
-    cross-Gram."""
+    """The refit's memory on top of the merge's: the block outputs it stores (`BlockReplay`: `examples × tokens ×
+    width` float32 each) — the merged model's, with its units (its block's attention output, `width`, and MLP hidden
+    output, the widest layer output, while the next block output is stored: `3·width + widest` per example-token),
+    and for the ridge refit (`gram`) two per parent (REPAIR's parents run once for every layer: none) — and, for the
+    ridge refit (REPAIR keeps two vectors per layer instead), the parents' targets it caches (at most
+    `TARGET_CACHE_BYTES`, at least one layer's) and the widest layer's float64 Gram and cross-Gram."""
     from hf_mudsc.apply.refit import TARGET_CACHE_BYTES
 
     one = 4.0 * examples * tokens
-    if not gram:
-        return 2 * one * width
     widest = max((outputs for _, outputs, _ in layers), default=0)
-    stored = 2 * parents * one * width + one * (3 * width + widest)
+    merged = one * (3 * width + widest)
+    if not gram:
+        return merged
+    stored = 2 * parents * one * width + merged
     targets = [4.0 * examples * rows * outputs for _, outputs, rows in layers]
     cached = max(min(sum(targets), TARGET_CACHE_BYTES), max(targets, default=0.0))
     grams = max((8.0 * unknowns * (unknowns + outputs) for unknowns, outputs, _ in layers), default=0.0)

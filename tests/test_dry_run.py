@@ -287,7 +287,7 @@ def test_the_starts_the_alpha_search_and_the_refit_on_hand_made_sizes():
     targets = 4 * 16 * (5 * 10 + 1 * 3)
     stored = 2 * 2 * 4 * 16 * 5 * 7 + 4 * 16 * 5 * (3 * 7 + 10)
     assert refit_bytes(layers, 16, 2, 7, 5) == targets + stored + 8 * 11 * (11 + 10)
-    assert refit_bytes(layers, 16, 2, 7, 5, gram=False) == 2 * 4 * 16 * 5 * 7  # REPAIR: the merged model's blocks
+    assert refit_bytes(layers, 16, 2, 7, 5, gram=False) == 4 * 16 * 5 * (3 * 7 + 10)  # REPAIR: the merged model's
 
 
 def test_the_dry_run_counts_what_the_default_merge_runs():

@@ -224,6 +224,44 @@ def test_repair_of_a_different_init_pair_moves_the_merged_model():
     assert repaired.config.mudsc["repair"] == {"scope": "all", "layers": len(report.layers)}
 
 
+def _counted(module: nn.Module) -> list[int]:
+    """How often `module` really computes, counted by a wrapper around its `forward`."""
+    count = [0]
+    forward = module.forward
+
+    def counting(*args, **kwargs):
+        count[0] += 1
+        return forward(*args, **kwargs)
+
+    module.forward = counting
+    return count
+
+
+@pytest.mark.parametrize("kind", ["vit_cls", "bert_cls", "clip"])
+def test_repair_replays_units_and_changes_no_weight(kind, monkeypatch):
+    """REPAIR runs the merged model once per step: it replays the finished units inside the block it repairs
+    (`block_replay.Unit`, as the refit does) — the same repaired weights, bit for bit, as with whole blocks only,
+    and a ViT block's attention computes in fewer passes."""
+    from hf_mudsc.apply import block_replay
+
+    model_a, model_b = make_model(kind, seed=1), make_model(kind, seed=2)
+    batches = make_batches(kind)
+    results, runs = [], []
+    for units in (True, False):
+        with monkeypatch.context() as patch:
+            if not units:
+                patch.setattr(block_replay, "_unit_candidates", lambda *args: [])
+            merged = hf_mudsc.merge([model_a, model_b], batches, refit="none", progress=False)
+            count = _counted(merged.get_submodule("vit.layers.0.attention.q_proj")) if kind == "vit_cls" else [0]
+            repair_model(merged, [model_a, model_b], spec_for(model_a), merged.merge_report.matches, lambda: batches)
+            results.append(merged.state_dict())
+            runs.append(count[0])
+    assert results[0].keys() == results[1].keys()
+    assert all(torch.equal(results[0][name], results[1][name]) for name in results[0])
+    if kind == "vit_cls":
+        assert runs[0] < runs[1]
+
+
 # ----------------------------------------------------------------------------------- option and CLI
 
 

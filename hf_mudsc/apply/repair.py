@@ -241,7 +241,7 @@ def repair_model(
                 for parent, moments in zip(parents, parent_moments):
                     _accumulate(parent, spec, order, batch, moments)
             storage = Storage()
-            replay = BlockReplay(merged, chains, storage)
+            replay = BlockReplay(merged, chains, storage, units=True)  # a pass per step: units pay off
             bar = Progress(total=len(report.steps), desc="repair", unit="steps", enabled=progress)
             finished = 0
             try:
