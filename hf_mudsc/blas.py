@@ -82,8 +82,6 @@ def mirror_upper(matrix: torch.Tensor) -> torch.Tensor:
     return matrix
 
 
-
-
 def packed_size(size: int) -> int:
     """Values `pack_upper` keeps of a `(size, size)` matrix: each block of `PACK_ROWS` rows from its diagonal on."""
     return sum(min(PACK_ROWS, size - start) * (size - start) for start in range(0, size, PACK_ROWS))

@@ -487,12 +487,11 @@ def solve_flops(widths: Sequence[int], columns: Sequence[int], parents: int = 2)
 
 def refit_bytes(layers: Sequence[tuple[int, int, float]], examples: int, parents: int, width: int,
                 tokens: float, gram: bool = True) -> float:
-    """The refit's memory on top of the merge's: the block outputs it stores (`BlockReplay`: `examples × tokens ×
-    width` float32 each) — the merged model's, with its units (its block's attention output, `width`, and MLP hidden
-    output, the widest layer output, while the next block output is stored: `3·width + widest` per example-token),
-    and for the ridge refit (`gram`) two per parent (REPAIR's parents run once for every layer: none) — and, for the
-    ridge refit (REPAIR keeps two vectors per layer instead), the parents' targets it caches (at most
-    `TARGET_CACHE_BYTES`, at least one layer's) and the widest layer's float64 Gram and cross-Gram."""
+    """The refit's memory on top of the merge's, in float32 values of `examples × tokens` rows stored by `BlockReplay`:
+    the merged model's two block outputs and its units' outputs (the attention's, `width`, and the MLP hidden layer's,
+    the widest layer output: `3·width + widest`). The ridge refit (`gram`) adds two block outputs per parent, the
+    parents' targets it caches (at most `TARGET_CACHE_BYTES`, at least one layer's) and the widest layer's float64
+    Gram and cross-Gram; REPAIR (its parents run once for every layer) keeps two vectors per layer instead."""
     from hf_mudsc.apply.refit import TARGET_CACHE_BYTES
 
     one = 4.0 * examples * tokens

@@ -9,14 +9,13 @@ refused before anything is loaded."""
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from factories import (
+    count_runs,
     make_batches,
     make_model,
     model_output,
@@ -83,26 +82,13 @@ def test_refit_result_is_the_one_recorded_before_blocks_were_replayed(case):
         torch.testing.assert_close(state[name], value, rtol=1e-4, atol=5e-5, msg=name)
 
 
-def _count_runs(module: nn.Module, counted: Callable[[], None]) -> None:
-    """Call `counted` whenever `module` runs: a wrapper around its `forward`, not a hook (merge() sets a parent's
-    hooks aside while it runs the parent)."""
-    forward = module.forward
-
-    @functools.wraps(forward)  # its signature: merge() reads the model's input names from it
-    def run(*args, **kwargs):
-        counted()
-        return forward(*args, **kwargs)
-
-    module.forward = run
-
-
-def _block_runs(model: nn.Module, blocks: int) -> list[int]:
-    """How often each block of a ViT really computes (its first LayerNorm runs; a replayed block does not)."""
+def _block_runs(model: nn.Module, blocks: int, part: str = "layernorm_before") -> list[int]:
+    """How often each block of a ViT really computes (its first LayerNorm runs; a replayed block does not) — or, with
+    `part="attention.q_proj"`, its attention (a replayed attention does not run its q projection)."""
     modules = dict(model.named_modules())
     runs = [0] * blocks
     for index in range(blocks):
-        _count_runs(modules[f"vit.layers.{index}.layernorm_before"],
-                    lambda index=index: runs.__setitem__(index, runs[index] + 1))
+        count_runs(modules[f"vit.layers.{index}.{part}"], lambda index=index: runs.__setitem__(index, runs[index] + 1))
     return runs
 
 
@@ -163,16 +149,6 @@ def test_refit_caches_float32_targets_and_counts_the_parents_passes(monkeypatch)
         assert all(torch.equal(weights[0][name], other[name]) for name in weights[0])
 
 
-def _attention_runs(model: nn.Module, blocks: int) -> list[int]:
-    """How often each ViT block's attention really computes (its q projection runs; a replayed attention does not)."""
-    modules = dict(model.named_modules())
-    runs = [0] * blocks
-    for index in range(blocks):
-        _count_runs(modules[f"vit.layers.{index}.attention.q_proj"],
-                    lambda index=index: runs.__setitem__(index, runs[index] + 1))
-    return runs
-
-
 @pytest.mark.parametrize("units", [True, False])
 def test_refit_merged_model_runs_each_block_in_five_passes_and_its_attention_in_two(monkeypatch, units):
     """The merged model's block k runs in 5 passes (its q/k/v, o, fc1 and fc2 steps, and the next step's, which
@@ -191,7 +167,7 @@ def test_refit_merged_model_runs_each_block_in_five_passes_and_its_attention_in_
 
     def watch(model, layers, batch):  # the merged model, as the refit receives it
         runs.append(_block_runs(model, 4))
-        attention.append(_attention_runs(model, 4))
+        attention.append(_block_runs(model, 4, "attention.q_proj"))
         return original(model, layers, batch)
 
     monkeypatch.setattr(refit, "forward_steps", watch)
@@ -581,7 +557,7 @@ def test_refit_runs_the_parents_once_per_chunk_of_steps_with_the_same_result(mon
     batches = make_batches("vit_cls", num_batches=2)
     calls = []
     for parent in (model_a, model_b):
-        _count_runs(parent, lambda: calls.append(1))
+        count_runs(parent, lambda: calls.append(1))
     weights, passes = [], []
     for budget in (0, refit.TARGET_CACHE_BYTES):  # 0: one step per chunk (the parents run for every step)
         monkeypatch.setattr(refit, "TARGET_CACHE_BYTES", budget)

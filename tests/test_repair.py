@@ -11,7 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from factories import make_batches, make_model, model_output, permuted_copy, relative_error, vit_cli_case
+from factories import (
+    count_runs,
+    make_batches,
+    make_model,
+    model_output,
+    permuted_copy,
+    relative_error,
+    vit_cli_case,
+)
 from readme_examples import readme_example
 from torch import nn
 
@@ -224,19 +232,6 @@ def test_repair_of_a_different_init_pair_moves_the_merged_model():
     assert repaired.config.mudsc["repair"] == {"scope": "all", "layers": len(report.layers)}
 
 
-def _counted(module: nn.Module) -> list[int]:
-    """How often `module` really computes, counted by a wrapper around its `forward`."""
-    count = [0]
-    forward = module.forward
-
-    def counting(*args, **kwargs):
-        count[0] += 1
-        return forward(*args, **kwargs)
-
-    module.forward = counting
-    return count
-
-
 @pytest.mark.parametrize("kind", ["vit_cls", "bert_cls", "clip"])
 def test_repair_replays_units_and_changes_no_weight(kind, monkeypatch):
     """REPAIR runs the merged model once per step: it replays the finished units inside the block it repairs
@@ -252,10 +247,12 @@ def test_repair_replays_units_and_changes_no_weight(kind, monkeypatch):
             if not units:
                 patch.setattr(block_replay, "_unit_candidates", lambda *args: [])
             merged = hf_mudsc.merge([model_a, model_b], batches, refit="none", progress=False)
-            count = _counted(merged.get_submodule("vit.layers.0.attention.q_proj")) if kind == "vit_cls" else [0]
+            count: list[int] = []
+            if kind == "vit_cls":
+                count_runs(merged.get_submodule("vit.layers.0.attention.q_proj"), lambda count=count: count.append(1))
             repair_model(merged, [model_a, model_b], spec_for(model_a), merged.merge_report.matches, lambda: batches)
             results.append(merged.state_dict())
-            runs.append(count[0])
+            runs.append(len(count))
     assert results[0].keys() == results[1].keys()
     assert all(torch.equal(results[0][name], results[1][name]) for name in results[0])
     if kind == "vit_cls":

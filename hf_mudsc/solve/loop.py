@@ -53,9 +53,9 @@ VISIT_CACHE_SIZE = 4
 #: less when a quarter of the memory available, or `WEIGHT_CACHE_PER_GROUP` correlations of every group, is less.
 #: Any budget gives the same merges (a miss recomputes the same values); it trades memory for time: on an auto-α
 #: MiniLM merge two in three weight correlations were recomputations (19 of 29 CPU s), and keeping every one of
-#: them took about half this (upper triangles only).
+#: them, packed (`blas.pack_upper`), fits in it.
 WEIGHT_CACHE_BYTES = 2**30
-#: The budget's bound by the groups' sizes: this many upper triangles of every group's `(N·n, N·n)` correlation (a
+#: The budget's bound by the groups' sizes: this many packed `(N·n, N·n)` correlations of every group (a
 #: group meeting many neighbourhoods may take more of them while others hold fewer). The MiniLM merge above reused
 #: two per group on average; four leave room for the full solve's starts.
 WEIGHT_CACHE_PER_GROUP = 4
@@ -63,8 +63,8 @@ WEIGHT_CACHE_PER_GROUP = 4
 
 def weight_cache_bytes(widths: Sequence[int], parents: int) -> int:
     """The α search's weight-correlation budget for groups of `widths` units per parent (N = `parents`):
-    `WEIGHT_CACHE_BYTES`, a quarter of the memory available now, or `WEIGHT_CACHE_PER_GROUP` upper triangles of every
-    group, whichever is least (a small machine keeps its memory for the merge, a small model needs little)."""
+    `WEIGHT_CACHE_BYTES`, a quarter of the memory available now, or `WEIGHT_CACHE_PER_GROUP` packed correlations of
+    every group, whichever is least (a small machine keeps its memory for the merge, a small model needs little)."""
     by_groups = WEIGHT_CACHE_PER_GROUP * sum(8 * packed_size(parents * n) for n in widths)
     available = available_memory()
     quarter = WEIGHT_CACHE_BYTES if available is None else available // 4
@@ -115,7 +115,7 @@ class WeightCorrelationCache:
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.held_bytes = 0
-        # serial -> (group, its neighbours' matches, size, packed upper triangle), least recently used first
+        # serial -> (group, its neighbours' matches, size, packed correlation), least recently used first
         self._entries: OrderedDict[int, tuple[int, dict[int, Match | None], int, torch.Tensor]] = OrderedDict()
         self._of_group: dict[int, list[int]] = {}  # group -> the serials of its entries
         self._serial = 0
@@ -352,7 +352,7 @@ class Solver:
             return activation
         if activation is None or options.alpha == 1:
             return blend(self._weight(index, state), activation, options.alpha)
-        # blend(), in place on the new weight correlation: no (2n, 2n) temporary.
+        # blend(), in place on the fresh weight correlation: no (2n, 2n) temporary.
         weight = self._weight(index, state).mul_(options.alpha)
         return weight.add_(activation, alpha=1 - options.alpha)
 
