@@ -511,6 +511,45 @@ def test_a_parent_file_linking_out_of_its_folder_is_refused(tmp_path, name):
     assert "copy the file into the folder" in message
 
 
+def test_a_file_linking_out_from_a_subfolder_of_a_parent_is_refused(tmp_path):
+    """transformers also reads files in a parent's subfolders (a tokenizer's `additional_chat_templates/*.jinja`) and
+    the writer saves them into the merged model: a link there to the stored Hub token was copied into the merged
+    folder (and its push); only the folder's own entries were checked."""
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import load_parent
+
+    folder = _save_vit_with_processor(tmp_path / "vit")
+    secret = tmp_path / "token"
+    secret.write_text("hf_not_a_real_token")
+    (folder / "additional_chat_templates" / "deeper").mkdir(parents=True)
+    (folder / "additional_chat_templates" / "deeper" / "leak.jinja").symlink_to(secret)
+    with pytest.raises(LoadError) as caught:
+        load_parent(folder)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert (f"{str(folder)!r}: additional_chat_templates/deeper/leak.jinja is a symbolic link to {str(secret)!r}, "
+            "outside the folder") in message
+
+
+@pytest.mark.parametrize("where", ["top", "subfolder"])
+def test_a_symbolic_link_loop_in_a_parent_folder_is_one_line(tmp_path, where):
+    """`Path.resolve` raises on a link loop: the merge ended in a `RuntimeError: Symlink loop` traceback."""
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import load_parent
+
+    folder = _save_vit_with_processor(tmp_path / "vit")
+    inner = folder if where == "top" else folder / "sub"
+    inner.mkdir(exist_ok=True)
+    (inner / "a").symlink_to(inner / "b")
+    (inner / "b").symlink_to(inner / "a")
+    with pytest.raises(LoadError) as caught:
+        load_parent(folder)
+    message = str(caught.value)
+    assert "\n" not in message
+    name = "a" if where == "top" else "sub/a"
+    assert f"{str(folder)!r}: {name} is a symbolic link that never reaches a file (a loop); remove it" in message
+
+
 def test_links_inside_the_folder_and_a_hub_cache_snapshot_still_load(tmp_path):
     from hf_mudsc.load.parents import load_parent
 

@@ -115,6 +115,29 @@ def test_a_shard_linked_out_of_the_folder_from_a_subfolder_is_refused(tmp_path, 
     assert f"sub/{first} is a symbolic link to {str(elsewhere)!r}, outside the folder" in message, message
 
 
+def test_a_pickle_shard_linked_out_of_the_folder_from_a_subfolder_is_refused(tmp_path, monkeypatch):
+    """With `allow_pickle=True` the shards an index names were not checked for links (only .safetensors names were):
+    `sub/pytorch_model-00001-of-00001.bin` linking to a file elsewhere was unpickled as the parent's weights."""
+    import torch
+
+    folder = vit_folder(tmp_path / "vit")
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    elsewhere = tmp_path / "someone_elses.bin"
+    torch.save(state, elsewhere)
+    (folder / "sub").mkdir()
+    shard = "sub/pytorch_model-00001-of-00001.bin"
+    os.symlink(elsewhere, folder / shard)
+    (folder / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 1}, "weight_map": {name: shard for name in state}}))
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("a pickle was read before refusing"))
+    with pytest.raises(LoadError) as caught:
+        load_parent(folder, allow_pickle=True)
+    message = str(caught.value)
+    assert "\n" not in message, message
+    assert f"{shard} is a symbolic link to {str(elsewhere)!r}, outside the folder" in message, message
+
+
 def test_a_shard_in_a_subfolder_of_the_folder_still_loads(tmp_path):
     """What transformers reads (a shard path relative to the folder) keeps loading when it stays inside it."""
     folder = tmp_path / "vit"

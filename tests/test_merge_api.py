@@ -482,6 +482,45 @@ def test_merged_config_drops_pointers_to_remote_code(tmp_path, vit_pair, method)
     assert not hasattr(merged.config, "auto_map")
 
 
+@pytest.mark.parametrize("kind", ["image_processor", "tokenizer"])
+def test_the_saved_processor_drops_pointers_to_remote_code(tmp_path, kind):
+    """The config's `auto_map` was dropped, the processor's kept: the merged `preprocessor_config.json` (or
+    `tokenizer_config.json`) sent `trust_remote_code` users to code in a parent's repo, or another repo's."""
+    from factories import make_model
+
+    remote = {"auto_map": {"AutoImageProcessor" if kind == "image_processor" else "AutoTokenizer":
+                           ["other-org/repo--evil.EvilProcessor", None]},
+              "custom_pipelines": {"x": {"impl": "evil.P"}}}
+    name = "preprocessor_config.json" if kind == "image_processor" else "tokenizer_config.json"
+    parents = []
+    for seed in (1, 2):
+        folder = tmp_path / f"parent{seed}"
+        if kind == "image_processor":
+            from transformers import ViTImageProcessor
+
+            make_model("vit_cls", seed).save_pretrained(folder)
+            ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
+        else:
+            from transformers import BertTokenizer
+
+            model = make_model("bert_cls", seed)
+            model.save_pretrained(folder)
+            vocab = tmp_path / "vocab.txt"
+            vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+                                       + [f"t{i}" for i in range(model.config.vocab_size - 5)]) + "\n")
+            BertTokenizer(str(vocab)).save_pretrained(folder)
+        settings = json.loads((folder / name).read_text())
+        (folder / name).write_text(json.dumps({**settings, **remote}))
+        parents.append(folder)
+    before = [(folder / name).read_bytes() for folder in parents]
+    merged = hf_mudsc.merge(parents, method="average", progress=False)
+    hf_mudsc.save_merged(merged, tmp_path / "merged")
+    saved = json.loads((tmp_path / "merged" / name).read_text())
+    assert "auto_map" not in saved and "custom_pipelines" not in saved
+    assert {k: v for k, v in saved.items() if k in settings} == {k: v for k, v in settings.items() if k in saved}
+    assert [(folder / name).read_bytes() for folder in parents] == before  # inputs are never modified
+
+
 @pytest.mark.parametrize("size", [1.0, 1.5])
 def test_a_single_head_vit_merges_and_recovers_its_permuted_copy(size):
     """`num_attention_heads=1` is legal; its attention groups have one head, and the stream's attention groups

@@ -78,6 +78,43 @@ def test_a_failure_while_writing_a_new_output_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_failure_leaves_no_folder_it_created_on_the_way_to_the_output(tmp_path):
+    """`--output new1/new2/out` made `new1/new2` for the staging folder; a failure left them behind, empty."""
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(OSError, match="disk full"):
+        with staged_output(tmp_path / "kept" / "new1" / "new2" / "out") as staging:
+            (staging / "config.json").write_text("{}")
+            raise OSError("disk full")
+    assert [p.name for p in tmp_path.rglob("*")] == ["kept"]
+    with staged_output(tmp_path / "kept" / "new1" / "out") as staging:  # a success keeps them
+        (staging / "config.json").write_text("{}")
+    assert (tmp_path / "kept" / "new1" / "out" / "config.json").is_file()
+
+
+def test_an_output_name_that_is_not_utf8_is_refused_before_the_work(tmp_path):
+    """The card and the recipe name the folder in UTF-8: a name with undecodable bytes failed after the merge."""
+    from hf_mudsc.errors import OutputLocationError
+
+    name = os.fsdecode(b"merged-\xff")
+    with pytest.raises(OutputLocationError) as caught:
+        check_output(tmp_path / name, overwrite=False)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "choose a --output of UTF-8 characters" in message, message
+
+
+def test_an_output_that_is_a_link_loop_is_refused_in_one_line(tmp_path):
+    from hf_mudsc.errors import OutputLocationError
+
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(OutputLocationError) as caught:
+        check_output(tmp_path / "a", overwrite=True)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"--output {str(tmp_path / 'a')!r} is a symbolic link that never reaches a folder (a loop)" in message
+
+
 def test_a_failure_of_the_final_rename_puts_the_old_output_back(tmp_path, monkeypatch):
     out = previous_output(tmp_path)
     before = digest(out)

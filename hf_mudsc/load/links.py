@@ -9,15 +9,21 @@ into its repo's `blobs/` are that layout, and allowed.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from hf_mudsc.errors import LoadError
 
 
 def refuse_links_out(reference: str, folder: Path) -> None:
-    """Refuse `folder` when one of its entries is a symbolic link to anything outside it (`refuse_link_out`)."""
-    for entry in sorted(folder.iterdir()):
-        refuse_link_out(reference, folder, entry)
+    """Refuse `folder` when any entry in it, at any depth, is a symbolic link to anything outside it
+    (`refuse_link_out`): transformers reads files in subfolders too (a tokenizer's `additional_chat_templates/`) and
+    the writer saves them into the merged model. Links are checked, not followed."""
+    for root, directories, files in os.walk(folder, followlinks=False):
+        for name in sorted(directories + files):
+            entry = Path(root) / name
+            if entry.is_symlink():
+                refuse_link_out(reference, folder, entry)
 
 
 def refuse_link_out(reference: str, folder: Path, entry: Path) -> None:
@@ -25,7 +31,11 @@ def refuse_link_out(reference: str, folder: Path, entry: Path) -> None:
     for a Hub cache snapshot, outside its repo's `blobs/`). `reference`: how the user named the model."""
     base = folder.resolve()
     roots = [base] + ([base.parent.parent / "blobs"] if base.parent.name == "snapshots" else [])
-    target = entry.resolve()
+    try:
+        target = entry.resolve()
+    except (RuntimeError, OSError) as error:  # a link loop (RuntimeError before Python 3.13)
+        raise LoadError(f"{reference!r}: {entry.relative_to(folder).as_posix()} is a symbolic link that never "
+                        "reaches a file (a loop); remove it") from error
     if not any(target == root or target.is_relative_to(root) for root in roots):
         raise LoadError(
             f"{reference!r}: {entry.relative_to(folder).as_posix()} is a symbolic link to {str(target)!r}, outside "

@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import glob
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -91,10 +92,19 @@ def check_output(
     """
     if looks_like_token(os.fspath(output)):  # the folder's name is the card's title and the recipe's comment
         raise OutputLocationError(f"{flag} looks like a Hugging Face access token (not shown); {TOKEN_FIX}")
+    try:  # the card and the recipe name the folder in UTF-8
+        os.fspath(output).encode("utf-8")
+    except UnicodeEncodeError:
+        raise OutputLocationError(f"{flag} {os.fspath(output)!r} holds bytes that are not UTF-8 text; choose a "
+                                  f"{flag} of UTF-8 characters") from None
     output = Path(output).expanduser()
     if not os.path.lexists(output):
         check_location(output, flag=flag)  # first: a name too long for the filesystem breaks `resolve`
-    resolved = output.resolve()
+    try:
+        resolved = output.resolve()
+    except (RuntimeError, OSError) as error:  # a link loop (RuntimeError before Python 3.13)
+        raise OutputLocationError(f"{flag} {str(output)!r} is a symbolic link that never reaches a folder (a loop); "
+                                  f"remove the link or choose another {flag}") from error
     shown = str(output)
     cwd = Path.cwd().resolve()
     if cwd == resolved or cwd.is_relative_to(resolved):
@@ -499,25 +509,43 @@ def staged_output(
     elif target is not None and not os.path.lexists(target):
         check_location(target, flag=flag)
     parent = target.parent if target is not None else Path(tempfile.gettempdir())
+    # The folders made on the way to the output, deepest first: removed again if the block fails.
+    created = list(itertools.takewhile(lambda folder: not os.path.lexists(folder), (parent, *parent.parents)))
     parent.mkdir(parents=True, exist_ok=True)
     name = target.name if target is not None else "hf-mudsc"
     if target is not None:
         clean_leftovers(target)
     existed = target is not None and os.path.lexists(target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}{PARTIAL_MARK}", dir=parent))
+    finished = False
     try:
-        record_files(staging, complete=False, staging=True)
-        staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700: the output gets the usual permissions
-        yield staging
-        if target is not None:
-            record_files(staging)
-            check = _RENAME_CHECK.get()
-            if check is not None:
-                check()
-            _move_into_place(staging, target, overwrite=overwrite, keep_existing=keep_existing, flag=flag,
-                             existed=existed)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}{PARTIAL_MARK}", dir=parent))
+        try:
+            record_files(staging, complete=False, staging=True)
+            staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700: the output gets the usual permissions
+            yield staging
+            if target is not None:
+                record_files(staging)
+                check = _RENAME_CHECK.get()
+                if check is not None:
+                    check()
+                _move_into_place(staging, target, overwrite=overwrite, keep_existing=keep_existing, flag=flag,
+                                 existed=existed)
+            finished = True
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not finished:
+            remove_empty_folders(created)
+
+
+def remove_empty_folders(folders: Iterable[Path]) -> None:
+    """Remove `folders` (deepest first) this run created, stopping at the first that is not empty: someone else
+    may have put a file there meanwhile, and it is never deleted."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None], *,

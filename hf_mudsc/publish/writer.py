@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -20,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS
 from hf_mudsc.publish.folder import record_files, staged_output
 from hf_mudsc.publish.hub import CARD_FILENAME
 from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe, auto_chosen_of
@@ -174,7 +176,9 @@ def write_merged_folder(
     with recorded_dtype(merged, recipe) as recipe:
         merged.save_pretrained(folder)
         if processor is not None:
+            model_files = set(os.listdir(folder))
             processor.save_pretrained(folder)
+            drop_remote_code_pointers(folder, sorted(set(os.listdir(folder)) - model_files))
         report = getattr(merged, "merge_report", None)  # data read but no spec recorded: it was given in memory
         recipe.save(folder / RECIPE_FILENAME, calibration_in_memory=bool(getattr(report, "num_samples", 0)))
         plots = write_diagnostics(folder, getattr(report, "diagnostics", None), evaluation)
@@ -183,6 +187,27 @@ def write_merged_folder(
                     eval_results=eval_results, model_name=name, plots=plots,
                     processor_saved=processor is not None).save(folder / CARD_FILENAME)
     return folder
+
+
+def drop_remote_code_pointers(folder: Path, names: Iterable[str]) -> None:
+    """Remove `auto_map` / `custom_pipelines` (`REMOTE_CODE_CONFIG_KEYS`) from the JSON files `names` the processor
+    wrote into `folder`, as from the config: they point at code in a parent's repo (or another repo) the merged
+    model was never built with, and a `trust_remote_code` user of the merge would run it."""
+    def without_pointers(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: without_pointers(item) for key, item in value.items() if key not in REMOTE_CODE_CONFIG_KEYS}
+        if isinstance(value, list):
+            return [without_pointers(item) for item in value]
+        return value
+
+    for name in names:
+        path = folder / name
+        if path.suffix != ".json" or path.is_symlink() or not path.is_file():
+            continue
+        settings = json.loads(path.read_text(encoding="utf-8"))
+        cleaned = without_pointers(settings)
+        if cleaned != settings:
+            path.write_text(json.dumps(cleaned, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def write_diagnostics(folder: Path, diagnostics: MergeDiagnostics | None, evaluation: Any = None
