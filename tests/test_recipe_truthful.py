@@ -184,6 +184,41 @@ def test_a_recipe_from_a_newer_release_says_so(tmp_path, caplog):
     assert "newer" not in caplog.text
 
 
+@pytest.mark.parametrize("value", [
+    "{units_in_place: !!binary aGk=}",                        # bytes: no JSON value
+    "{extra: !!set {a}}",                                      # a set
+    "{when: 2026-12-02}",                                      # a date
+    "{1: x}",                                                  # a key that is no string
+    "&a [*a]",                                                 # a list holding itself
+    "&a {k: [x, x, x, x, x, x, x, x, x, x]}",
+])
+def test_a_recipes_auto_chosen_holding_anything_but_plain_json_is_refused_on_load(tmp_path, value):
+    """`auto_chosen.method.correspondence_check` is copied into the re-run's config.json: a YAML set passed the
+    check, then the whole merge ran and writing the config failed with a traceback (`set is not JSON
+    serializable`); aliases nesting a list ten times per level grow exponentially when written."""
+    if value.startswith("&a {"):  # ten levels of ten aliases: 10^10 strings once expanded
+        lines = ["  l0: &l0 [x, x, x, x, x, x, x, x, x, x]"] + [
+            f"  l{i}: &l{i} [*l{i - 1}, *l{i - 1}, *l{i - 1}, *l{i - 1}, *l{i - 1}, *l{i - 1}, *l{i - 1}, *l{i - 1},"
+            f" *l{i - 1}, *l{i - 1}]" for i in range(1, 10)]
+        value = "\n" + "\n".join("      " + line for line in lines)
+    path = tmp_path / "r.yaml"
+    path.write_text("models: [org/a, org/b]\nmethod: mudsc\nauto_chosen:\n  method:\n    value: mudsc\n"
+                    f"    reason: r\n    correspondence_check: {value}\n")
+    with pytest.raises(RecipeError) as caught:
+        Recipe.load(path)
+    message = str(caught.value)
+    assert "\n" not in message and "auto_chosen" in message and "delete the key" in message, message
+
+
+def test_a_recipes_plain_auto_chosen_still_loads(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("models: [org/a, org/b]\nmethod: mudsc\nauto_chosen:\n  method:\n    value: mudsc\n"
+                    "    reason: r\n    correspondence_check: null\n    parent_relation: {relation: independent, "
+                    "weight_distance: 1.41, head_factor_imbalance: [1.06, 1.07], nested: {ok: true, none: null}}\n")
+    chosen = Recipe.load(path).auto_chosen
+    assert chosen["method"]["parent_relation"]["head_factor_imbalance"] == [1.06, 1.07]
+
+
 # ------------------------------------------------------------------------------------ a re-run's card (QA s21)
 def test_a_recipe_rerun_says_what_the_original_said_and_gives_the_same_weights(case, tmp_path):
     """The re-run's card said `float32 (asked for with out_dtype= ...)` and lost the method's reason and the

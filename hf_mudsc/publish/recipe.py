@@ -592,13 +592,39 @@ def checked_auto_chosen(value: Any, source: str) -> dict[str, Any] | None:
     valid = isinstance(value, Mapping) and set(value) <= set(entries) and all(
         isinstance(entry, Mapping) and set(entry) <= set(entries[key]) and isinstance(entry.get("value"), str)
         and isinstance(entry.get("reason"), str)
-        and all(isinstance(entry.get(name), (Mapping, type(None))) for name in ("correspondence_check",
-                                                                                "parent_relation"))
+        and all(isinstance(entry.get(name), (Mapping, type(None))) and is_small_json(entry.get(name))
+                for name in ("correspondence_check", "parent_relation"))
         for key, entry in value.items())
     if not valid:
         raise RecipeError(f"{source}: `{AUTO_CHOSEN_KEY}` is not as hf-mudsc writes it (what method/out_dtype auto "
                           "chose, and why); delete the key: the pinned `method` and `out_dtype` keys still apply")
     return {key: dict(entry) for key, entry in value.items()}
+
+
+# What `auto_chosen`'s records may hold once expanded: hf-mudsc writes a few dozen values; YAML aliases can make a
+# short file expand to billions when the record is copied into a re-run's config.json.
+AUTO_CHOSEN_MAX_VALUES = 10_000
+
+
+def is_small_json(value: Any, limit: int = AUTO_CHOSEN_MAX_VALUES) -> bool:
+    """Whether `value` is plain JSON data (dicts with string keys, lists, strings, numbers, booleans, None) of at
+    most `limit` values counted with aliases expanded: what `json.dumps` writes into config.json as is."""
+    remaining = limit
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        remaining -= 1
+        if remaining < 0:
+            return False
+        if isinstance(item, dict):
+            if not all(isinstance(key, str) for key in item):
+                return False
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif item is not None and not isinstance(item, (str, int, float)):  # bool is an int
+            return False
+    return True
 
 
 def newer_version(written: Any) -> str | None:
