@@ -659,15 +659,18 @@ def test_a_config_nested_too_deeply_is_refused_in_one_line(tmp_path):
         load_parent(folder)
 
 
-@pytest.mark.parametrize("name", ["config.json", "preprocessor_config.json", "vocab.txt"])
+@pytest.mark.parametrize("name", ["config.json", "preprocessor_config.json", "vocab.txt", "chat_template.jinja",
+                                  "additional_chat_templates/tool_use.jinja"])
 def test_a_side_file_of_gigabytes_in_a_parent_folder_is_refused_before_it_is_read(tmp_path, monkeypatch, name):
     """A Hub repo's config and processor files over `SIDE_FILE_MAX_BYTES` are refused from its file list; a folder's
     (an unpacked archive, a cached snapshot used offline) were read whole: a 3 GB sparse config.json (no disk used)
-    took 6.7 GB of memory and 30 s before "not valid JSON"."""
+    took 6.7 GB of memory and 30 s before "not valid JSON". A tokenizer's chat templates (`.jinja`, at the top or in
+    `additional_chat_templates/`) were not measured: a 300 MiB one was read whole."""
     from hf_mudsc.errors import LoadError
     from hf_mudsc.load.parents import SIDE_FILE_MAX_BYTES, load_parent
 
     folder = vit_folder(tmp_path / "vit")
+    (folder / name).parent.mkdir(exist_ok=True)
     with (folder / name).open("ab") as handle:
         handle.truncate(SIDE_FILE_MAX_BYTES + 1)  # sparse: no disk used
 
@@ -707,6 +710,29 @@ def test_a_processor_file_nested_too_deeply_is_skipped_like_any_unreadable_one(t
     folder = _save_vit_with_processor(tmp_path / "vit")
     (folder / "preprocessor_config.json").write_text(
         '{"image_processor_type": "ViTImageProcessor", "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert load_processor(folder) is None
+
+
+def test_a_tokenizer_config_without_a_vocabulary_is_no_tokenizer(tmp_path):
+    """A partial copy holding `tokenizer_config.json` but no vocabulary file passed the presence gate, and
+    transformers built a 5-token tokenizer from it: every word became [UNK] in calibration and in the merged
+    folder's shipped tokenizer, silently."""
+    from factories import make_model
+    from transformers import BertTokenizer
+
+    from hf_mudsc.load.processors import load_processor
+
+    folder = tmp_path / "bert"
+    model = make_model("bert_cls", 1)
+    model.save_pretrained(folder)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+                               + [f"t{i}" for i in range(model.config.vocab_size - 5)]) + "\n")
+    BertTokenizer(str(vocab)).save_pretrained(folder)
+    assert len(load_processor(folder).get_vocab()) == model.config.vocab_size
+    for name in ("tokenizer.json", "vocab.txt"):
+        (folder / name).unlink(missing_ok=True)
+    assert (folder / "tokenizer_config.json").is_file()
     assert load_processor(folder) is None
 
 

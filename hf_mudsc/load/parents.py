@@ -55,8 +55,10 @@ from hf_mudsc.load.weight_files import (
 
 logger = logging.getLogger(__name__)
 
-# Small top-level files fetched before any weights: the config, processors and tokenizers.
-SMALL_FILE_SUFFIXES = (".json", ".txt", ".model")
+# Small top-level files fetched before any weights: the config, processors and tokenizers (their chat templates).
+SMALL_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja")
+# The one subfolder a tokenizer reads files from (transformers' extra chat templates): measured like the top level.
+TEMPLATES_FOLDER = "additional_chat_templates"
 
 
 
@@ -383,11 +385,16 @@ def refuse_large_side_files(reference: str, sizes: Mapping[str, int], fix: str) 
     for name in sorted(sizes):
         if name.endswith(SMALL_FILE_SUFFIXES) and sizes[name] > SIDE_FILE_MAX_BYTES:
             raise LoadError(f"{reference!r}: {name} is {sizes[name]:,} bytes, more than the {SIDE_FILE_MAX_BYTES:,} a "
-                            f"file read with the config may be (.json/.txt/.model at the top level); {fix}")
+                            f"file read with the config may be (.json/.txt/.model/.jinja at the top level or in "
+                            f"{TEMPLATES_FOLDER}/); {fix}")
 
 
 def _folder_sizes(folder: Path, names: Sequence[str]) -> dict[str, int]:
-    """The sizes of the side files among `names` in `folder` (`refuse_large_side_files`)."""
+    """The sizes of the side files among `names` in `folder`, and of those in its `TEMPLATES_FOLDER`
+    (`refuse_large_side_files`)."""
+    templates = folder / TEMPLATES_FOLDER
+    names = list(names) + ([f"{TEMPLATES_FOLDER}/{entry.name}" for entry in templates.iterdir() if entry.is_file()]
+                           if templates.is_dir() and not templates.is_symlink() else [])
     return {name: (folder / name).stat().st_size for name in names if name.endswith(SMALL_FILE_SUFFIXES)}
 
 

@@ -22,6 +22,9 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
     "sentencepiece.bpe.model", "tokenizer.model",
 )
+# A tokenizer is read only when one of these holds its vocabulary: from `tokenizer_config.json` alone transformers
+# builds a tokenizer of its special tokens, which reads every word as [UNK].
+VOCABULARY_FILES = tuple(name for name in TOKENIZER_FILES if name != "tokenizer_config.json")
 
 
 IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "image_processor_config.json")
@@ -34,7 +37,8 @@ def load_processor(folder: str | os.PathLike, reference: str | None = None) -> A
     """The folder's processor (AutoProcessor, else image processor, else tokenizer), None if it has none.
 
     Gated on the files being present: transformers 5 happily builds an empty tokenizer from a bare
-    config.json, which would silently tokenize everything to [UNK]. A folder linking a file out of itself is refused
+    config.json (or a `tokenizer_config.json` without a vocabulary file), which would silently tokenize everything
+    to [UNK]. A folder linking a file out of itself is refused
     first (`load.links`, the weights' rule), naming the model as `reference` (default: the folder).
     """
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
@@ -44,7 +48,7 @@ def load_processor(folder: str | os.PathLike, reference: str | None = None) -> A
     has = {name for name in os.listdir(folder)}
     has_processor = bool(has & set(PROCESSOR_FILES))
     has_image = bool(has & set(IMAGE_PROCESSOR_FILES))
-    has_tokenizer = bool(has & set(TOKENIZER_FILES))
+    has_tokenizer = bool(has & set(VOCABULARY_FILES))
     candidates = []
     if has_processor or (has_image and has_tokenizer):
         candidates.append(AutoProcessor)
