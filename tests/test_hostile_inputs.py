@@ -713,6 +713,26 @@ def test_a_processor_file_nested_too_deeply_is_skipped_like_any_unreadable_one(t
     assert load_processor(folder) is None
 
 
+def test_a_parent_folder_whose_path_is_not_utf8_is_named_as_such(tmp_path):
+    """safetensors cannot open a path that is not UTF-8: the error called the intact file truncated or corrupt and
+    told the user to download it again."""
+    import os
+    import shutil
+
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import load_parent
+
+    folder = _save_vit_with_processor(tmp_path / "vit")
+    odd = tmp_path / os.fsdecode(b"vit-\xff")
+    shutil.move(folder, odd)
+    with pytest.raises(LoadError) as caught:
+        load_parent(odd)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "path holds bytes that are not UTF-8 text" in message and "rename the folder" in message, message
+    assert "corrupt" not in message
+
+
 def test_a_tokenizer_config_without_a_vocabulary_is_no_tokenizer(tmp_path):
     """A partial copy holding `tokenizer_config.json` but no vocabulary file passed the presence gate, and
     transformers built a 5-token tokenizer from it: every word became [UNK] in calibration and in the merged

@@ -92,6 +92,21 @@ def test_inspect_exits_2_on_an_invalid_recipe_as_merge_does(tmp_path, capsys):
     assert code == 2 and "method" in err, err
 
 
+def test_inspect_refuses_a_recipe_that_is_not_utf8_as_merge_does(tmp_path, capsys):
+    """`inspect` read the file whole before the recipe's own checks: a codec error (exit 1) where `merge --recipe`
+    says the file is not UTF-8 (exit 2)."""
+    from hf_mudsc.cli.main import main
+
+    path = tmp_path / "r.yaml"
+    path.write_bytes(b"models: [org/a, org/b]\nmethod: mudsc # caf\xe9\n")
+    capsys.readouterr()
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "UTF-8" in err, err
+    assert main(["merge", "--recipe", str(path), "--output", str(tmp_path / "m")]) == 2
+    assert err.split("error: ", 1)[1] == capsys.readouterr().err.split("error: ", 1)[1]
+
+
 def test_inspect_lists_local_inputs_a_run_would_not_find(case, tmp_path, capsys, monkeypatch):
     """Relative parent paths resolved from another working directory, a calibration folder that is gone, a
     pickle-only parent: `inspect` said "would merge ..." and printed a run command that failed."""

@@ -384,9 +384,9 @@ def inspect_recipe(path: Path) -> int:
     from hf_mudsc.methods.registry import get_method
     from hf_mudsc.publish.recipe import IN_MEMORY_NOTE, Recipe, unresolved_published_entries
 
-    text = path.read_text(encoding="utf-8")
     try:
-        recipe = Recipe.load(path)
+        recipe = Recipe.load(path)  # first: its size and encoding are checked before the file is read whole
+        text = path.read_text(encoding="utf-8")
         # A merge given its data in memory recorded none (the file says so): a run must pass it, like a local folder
         # named by name only; every other check still runs, on a stand-in spec.
         in_memory = IN_MEMORY_NOTE in text and not recipe.calibration

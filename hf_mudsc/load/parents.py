@@ -363,6 +363,11 @@ def _locate_folder(reference: str, path: Path, allow_pickle: bool) -> _Located:
             f"no model folder at {str(path)!r}; pass an existing folder written by save_pretrained, or a Hub "
             "id such as 'org/name' or 'org/name@revision'"
         )
+    try:  # safetensors (and the card, the recipe) take UTF-8 paths only
+        os.fspath(path.absolute()).encode("utf-8")
+    except UnicodeEncodeError:
+        raise LoadError(f"{reference!r}: the folder's path holds bytes that are not UTF-8 text, which safetensors "
+                        "cannot open; rename the folder (or the folders above it) in UTF-8 characters") from None
     refuse_links_out(reference, path)
     if not (path / "config.json").is_file():
         raise LoadError(f"{str(path)!r} has no config.json; save the model with save_pretrained")
