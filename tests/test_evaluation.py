@@ -946,3 +946,30 @@ def test_an_evaluation_run_logs_evaluation_data_not_calibration(merged_folder, t
     read = [line for line in said if " from " in line and "columns" in line]
     assert [line.split(" from ")[0] for line in read] == ["evaluation data of task 'vit-a'",
                                                           "evaluation data of task 'vit-b'"], said
+
+
+@pytest.mark.parametrize("joint_rule", ["per_task", "raw"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_logits_are_refused_not_read_as_predictions(joint_rule, bad):
+    """torch's argmax takes NaN as the largest value: a merge whose logits were all NaN scored 1.0 per task on
+    data labelled class 0, and the figure was published."""
+    table = [row[:] for row in MERGED_LOGITS]
+    table[5][1] = bad
+    merged = table_model(table, ["alpha: a0", "alpha: a1", "beta: b0", "beta: b1", "beta: b2"], RANGES)
+    with pytest.raises(EvaluationError) as caught:
+        evaluate_merge(merged, None, table_tasks(), progress=False, joint_rule=joint_rule)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "merged gives logits that are not finite (NaN or inf) on 1 of 3 rows of task 'beta'" in message, message
+
+
+def test_a_regression_head_with_several_outputs_is_refused_before_scoring():
+    """`problem_type: regression` with two outputs (two scores per row) was scored by argmax accuracy, its figures
+    written into the card's model-index; only a one-output head was refused."""
+    merged = table_model(MERGED_LOGITS, ["alpha: a0", "alpha: a1", "beta: b0", "beta: b1", "beta: b2"], RANGES)
+    merged.config.problem_type = "regression"
+    with pytest.raises(EvaluationError) as caught:
+        evaluate_merge(merged, None, table_tasks(), progress=False)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "has a regression head (problem_type 'regression':" in message, message

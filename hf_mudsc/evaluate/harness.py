@@ -49,7 +49,7 @@ from hf_mudsc.evaluate.names import (
     parent_names,
 )
 from hf_mudsc.evaluate.results import EvaluationResult, definitions
-from hf_mudsc.evaluate.scorers import ModelInputs, Scorer, build_scorers, is_clip, is_clip_config
+from hf_mudsc.evaluate.scorers import ModelInputs, NonFiniteScores, Scorer, build_scorers, is_clip, is_clip_config
 from hf_mudsc.evaluate.tasks import (
     LabelLayout,
     TaskData,
@@ -371,6 +371,11 @@ def check_scorable(config: Any, scored: Sequence[str] | int, what: str) -> None:
     weights and every parent's are loaded."""
     from hf_mudsc.apply.classifier import task_ranges
 
+    if getattr(config, "problem_type", None) == "regression" and not is_clip_config(config):
+        raise EvaluationError(
+            f"{what} has a regression head (problem_type 'regression': its outputs are numbers, not class scores), "
+            "which has no classes to score by accuracy or f1; score its outputs (model(**inputs).logits) with a "
+            "regression metric yourself")
     if getattr(config, "problem_type", None) == "multi_label_classification":
         raise EvaluationError(
             f"{what} has a multi-label head (problem_type 'multi_label_classification': one sigmoid per label), which "
@@ -450,7 +455,14 @@ def _predict(models: Sequence[Any], groups: Mapping[int, int], scorers: Sequence
                         cache: dict[int, torch.Tensor] = {}
                         inputs = ModelInputs(per_processor, groups)
                         for scorer in scorers:
-                            scores = scorer.scores(inputs, cache)
+                            try:
+                                scores = scorer.scores(inputs, cache)
+                            except NonFiniteScores as error:
+                                raise EvaluationError(
+                                    f"{scorer.name} gives logits that are not finite (NaN or inf) on {error.rows} of "
+                                    f"{error.total} rows of task {task!r}: no class can be read from them (argmax "
+                                    "would take NaN as the largest); check its weights (a float16 overflow, a broken "
+                                    "merge) and the inputs") from None
                             if task in scorer.tasks:
                                 lo_t, hi_t = layout.ranges[task]
                                 per_task[scorer.name][0].extend(scores[:, lo_t:hi_t].argmax(-1).tolist())

@@ -77,13 +77,30 @@ class Scorer:
         raise NotImplementedError
 
 
+class NonFiniteScores(EvaluationError):
+    """A model's logits hold NaN or inf on `rows` of the batch's `total` rows: torch's argmax reads NaN as the largest
+    value, so they would be scored as predictions. The caller names the model and the task."""
+
+    def __init__(self, rows: int, total: int) -> None:
+        super().__init__(f"logits that are not finite on {rows} of {total} rows")
+        self.rows, self.total = rows, total
+
+
+def finite(values: torch.Tensor) -> torch.Tensor:
+    """`values` (rows × classes), refused (`NonFiniteScores`) when a row holds NaN or inf."""
+    bad = int((~torch.isfinite(values)).any(dim=-1).sum())
+    if bad:
+        raise NonFiniteScores(bad, values.shape[0])
+    return values
+
+
 def _logits(model: Any, inputs: ModelInputs, cache: dict[int, torch.Tensor],
             columns: Sequence[int] | None = None) -> torch.Tensor:
     """A classifier's logits for the batch (as its processor made it), cached per model so the ensemble reuses the
     parents' pass; `columns`: a parent's columns in the merged model's label order (`LabelLayout.parent_columns`)."""
     key = id(model)
     if key not in cache:
-        cache[key] = model(**_forward_kwargs(model, inputs.of(model))).logits.to(torch.float32)
+        cache[key] = finite(model(**_forward_kwargs(model, inputs.of(model))).logits.to(torch.float32))
     return cache[key] if columns is None else cache[key][:, list(columns)]
 
 
@@ -152,7 +169,7 @@ class _ClipScorer(Scorer):
         if key not in cache:
             pixels = inputs.of(self.model)["pixel_values"]
             image = _features(self.model.get_image_features(pixel_values=pixels)).float()
-            cache[key] = self.scale * torch.nn.functional.normalize(image, dim=-1) @ self.text.T
+            cache[key] = finite(self.scale * torch.nn.functional.normalize(image, dim=-1) @ self.text.T)
         return cache[key]
 
 
