@@ -392,7 +392,7 @@ def results_paths(folder: Path | None, output_json: str | None) -> list[Path]:
     describe the same evaluation, and `--output-json PATH` besides (once when it is that file)."""
     paths = [folder / RESULTS_FILENAME] if folder is not None else []
     if output_json and not any(Path(output_json).absolute() == path.absolute() for path in paths):
-        paths.append(Path(output_json))
+        paths.insert(0, Path(output_json))  # first: its failure leaves the folder's results and card as they were
     return paths
 
 
@@ -506,9 +506,17 @@ def check_output_json(path: Path, model: Path, *, no_card: bool, inputs: Sequenc
     own `eval_results.json` would describe another run than the card next to it, and `push` uploads both), and
     never a file inside another folder hf-mudsc wrote (that model's card and results would disagree, and its marker
     would not list the file). Refused as an invalid command line (`UsageError`), before anything loads."""
-    from hf_mudsc.publish.folder import written_around
+    from hf_mudsc.errors import OutputLocationError
+    from hf_mudsc.publish.folder import check_location, written_around
 
     target = path.expanduser().absolute()
+    if target.is_dir():
+        raise UsageError(f"--output-json {str(path)!r} is a folder; pass the path of a JSON file to write")
+    if not os.path.lexists(target):
+        try:  # a path under a file, without write access, too long: before the evaluation, not after it
+            check_location(target, flag="--output-json")
+        except OutputLocationError as error:
+            raise UsageError(str(error)) from None
     for description, source in inputs:
         where = source.resolve()
         if target.parent.resolve() / target.name == where or target.parent.resolve().is_relative_to(where):
@@ -587,6 +595,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"hf-mudsc evaluate: error: {hide_tokens(str(error))}", file=sys.stderr)
             return 1
         parent_refs = _parents(args, folder)
+        if args.output_json and parent_refs:  # the recipe's parent folders are inputs as --parents' are
+            check_output_json(Path(args.output_json), folder, no_card=args.no_card,
+                              inputs=[("parent folder", Path(ref).expanduser()) for ref in parent_refs
+                                      if Path(ref).expanduser().exists()])
     try:
         merged = load_parent(args.model, token=token)
     except LoadError as error:

@@ -568,11 +568,13 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None]
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
-    root = Path(owner) if owner is not None else path.parent
-    marker = read_marker(root)
+    # Recorded by the nearest folder the writer made around it (`DIR/plots/r.json` too): a file it does not list
+    # would make its later `overwrite` refuse the folder as holding another's file.
+    written = path.resolve()
+    root = Path(owner).resolve() if owner is not None else written_around(written)
+    marker = read_marker(root) if root is not None else None
     if marker is not None and marker.get("complete"):
-        marker["files"][path.absolute().relative_to(root.absolute()).as_posix()] = _fingerprint_of(
-            path, settled=False)
+        marker["files"][written.relative_to(root).as_posix()] = _fingerprint_of(path, settled=False)
         _write_marker(root, marker)
     return path
 
