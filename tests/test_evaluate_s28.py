@@ -114,3 +114,116 @@ def test_an_output_json_in_a_subfolder_of_the_evaluated_folder_is_recorded_as_it
     assert main(["merge", str(case / "zoo"), str(case / "art"), "--method", "average", "--output", str(merged),
                  "--overwrite", "-q"]) == 0
     assert not (merged / "plots" / "r.json").exists()
+
+
+def _scores(case, tmp_path, flags, name="r.json"):
+    """Run evaluate with `flags` (no card, no parents), return the results JSON."""
+    out = tmp_path / name
+    assert main(["evaluate", str(case / "merged"), *flags, "--no-parents", "--no-card", "--output-json", str(out),
+                 "-q"]) == 0
+    return json.loads(out.read_text())
+
+
+def _figures(result):
+    return ({task: info["num_samples"] for task, info in result["tasks"].items()}, result["scores"])
+
+
+def test_a_task_column_that_is_a_class_label_is_read_by_its_names(case, tmp_path):
+    """`class_encode_column('task')` makes the task column `ClassLabel(['art', 'zoo'])`: its ids were read as the
+    tasks' parent-order indices, so zoo was scored on art's rows and the reverse, without a word."""
+    both = datasets.load_from_disk(str(case / "both"))
+    encoded = both.class_encode_column("task")
+    assert encoded.features["task"].names == ["art", "zoo"]
+    encoded.save_to_disk(tmp_path / "encoded")
+    plain = _scores(case, tmp_path, ["--dataset", str(case / "both"), "--task-column", "task"], "plain.json")
+    coded = _scores(case, tmp_path, ["--dataset", str(tmp_path / "encoded"), "--task-column", "task"], "coded.json")
+    assert _figures(coded) == _figures(plain)
+    assert _figures(plain)[0] == {"zoo": 12, "art": 10}
+
+
+def test_a_task_column_is_read_for_datasets_named_by_task(case, tmp_path):
+    """`--dataset zoo=./both --dataset art=./both --task-column task` scored each task on every row (the other
+    task's too): the task column was ignored for datasets given as TASK=SPEC."""
+    named = _scores(case, tmp_path, ["--dataset", f"zoo={case / 'both'}", "--dataset", f"art={case / 'both'}",
+                                     "--task-column", "task"], "named.json")
+    plain = _scores(case, tmp_path, ["--dataset", str(case / "both"), "--task-column", "task"], "plain.json")
+    assert _figures(named)[0] == {"zoo": 12, "art": 10}
+    assert _figures(named)[1]["merged"]["zoo"] == _figures(plain)[1]["merged"]["zoo"]
+    one = _scores(case, tmp_path, ["--dataset", f"art={case / 'both'}", "--task-column", "task"], "one.json")
+    assert _figures(one)[0] == {"art": 10}
+
+
+def _joint_ids(case, tmp_path, names=None):
+    """The both-task rows labelled with the merged head's joint ids (zoo 0-2, art 3-4), the label column plain or a
+    ClassLabel of `names` (ids relabelled to follow them)."""
+    both = datasets.load_from_disk(str(case / "both"))
+    joint = [label + (0 if task == "zoo" else 3) for label, task in zip(both["label"], both["task"])]
+    data = both.remove_columns(["label", "task"]).add_column("label", joint)
+    head = ["zoo: lion", "zoo: seal", "zoo: yak", "art: oil", "art: ink"]
+    if names is not None:
+        def named(joint: int) -> int:
+            full = head[joint]
+            return names.index(full) if full in names else names.index(full.split(": ")[1])
+
+        data = data.map(lambda row: {"label": named(row["label"])})
+        data = data.cast_column("label", datasets.ClassLabel(names=names))
+    folder = tmp_path / f"joint-{'plain' if names is None else len(names)}-{abs(hash(tuple(names or ()))) % 1000}"
+    data.save_to_disk(folder)
+    return folder
+
+
+@pytest.mark.parametrize("names", [["ink", "lion", "oil", "seal", "yak"],
+                                   ["art: ink", "art: oil", "zoo: lion", "zoo: seal", "zoo: yak"]])
+def test_one_dataset_of_joint_labels_that_is_a_class_label_is_read_by_its_names(case, tmp_path, names):
+    """One dataset for every task, its label column a ClassLabel naming the classes in another order (sorted, as an
+    imagefolder makes it): its ids were read as the head's joint ids, so rows went to the wrong task and class."""
+    plain = _scores(case, tmp_path, ["--dataset", str(_joint_ids(case, tmp_path))], "plain.json")
+    named = _scores(case, tmp_path, ["--dataset", str(_joint_ids(case, tmp_path, names))], "named.json")
+    assert _figures(plain)[0] == {"zoo": 12, "art": 10}
+    assert _figures(named) == _figures(plain)
+
+
+def test_one_dataset_of_joint_labels_naming_a_class_the_head_lacks_is_refused(case, tmp_path, capsys):
+    """A single task's own test set (ClassLabel naming its classes only, ids 0..k-1) given once for every task was
+    read as joint ids: its rows were scored as another task's."""
+    data = datasets.load_from_disk(str(case / "test-art")).cast_column("label", datasets.ClassLabel(names=["oil",
+                                                                                                          "gold"]))
+    data.save_to_disk(tmp_path / "art-only")
+    capsys.readouterr()
+    assert main(["evaluate", str(case / "merged"), "--dataset", str(tmp_path / "art-only"), "--no-parents",
+                 "--no-card", "--output-json", str(tmp_path / "r.json")]) == 1
+    line = _error(capsys)
+    assert "'gold'" in line and "no class of the merged model" in line, line
+
+
+def test_a_missing_label_in_a_class_label_read_by_name_names_the_task_and_the_fix(case, tmp_path, capsys):
+    """A -1 (missing) label in a ClassLabel given in another class order ended in datasets' bare `Invalid integer
+    class label -1`."""
+    data = datasets.load_from_disk(str(case / "test-art"))
+    labels = list(data["label"])
+    labels[2] = -1
+    data = data.remove_columns("label").add_column("label", labels).cast_column(
+        "label", datasets.ClassLabel(names=["ink", "oil"]))
+    data.save_to_disk(tmp_path / "art-missing")
+    capsys.readouterr()
+    assert main(["evaluate", str(case / "merged"), "--dataset", f"art={tmp_path / 'art-missing'}", "--no-parents",
+                 "--no-card", "--output-json", str(tmp_path / "r.json")]) == 1
+    line = _error(capsys)
+    assert "task 'art'" in line and "-1" in line and "drop or fill the rows without one" in line, line
+
+
+def test_two_local_folders_of_one_name_are_two_datasets_for_the_joint_row(case, tmp_path):
+    """`--dataset ./a/test --dataset ./b/test`: the joint figure went into the model-index as a result on one
+    dataset (`test (local folder)`), which holds only one task's rows."""
+    import shutil
+
+    for task, where in (("zoo", "a"), ("art", "b")):
+        shutil.copytree(case / f"test-{task}", tmp_path / where / "test")
+    merged = tmp_path / "merged"
+    shutil.copytree(case / "merged", merged)
+    assert main(["evaluate", str(merged), "--dataset", f"zoo={tmp_path / 'a' / 'test'}", "--dataset",
+                 f"art={tmp_path / 'b' / 'test'}", "--no-parents", "-q"]) == 0
+    card = (merged / "README.md").read_text()
+    front = card.split("---", 2)[1]
+    assert "joint" not in front, front
+    assert "test (local folder) + test (local folder)" in card.split("---", 2)[2]

@@ -33,6 +33,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -268,7 +269,12 @@ def _datasets(
                 f"unknown task(s) {unknown}; the merged model's tasks are {task_names}: use them in "
                 "--dataset TASK=SPEC"
             )
-        return {task: open_spec(spec, task) for task, spec in parsed}
+        opened = {task: open_spec(spec, task) for task, spec in parsed}
+        if args.task_column:  # each named dataset's rows of its own task (one dataset may hold several tasks)
+            opened = {task: replace(source, task_column=args.task_column,
+                                    task_value=(task_names.index(task) if task in task_names else -1, task))
+                      for task, source in opened.items()}
+        return opened
     if len(parsed) == 1 and ranges and len(task_names) > 1:
         source = open_spec(parsed[0][1], None)
         tasks = tasks_from_dataset(source.data, task_names, ranges, task_column=args.task_column,

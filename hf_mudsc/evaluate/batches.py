@@ -45,14 +45,19 @@ def evaluation_source(task: str | None) -> DataRole:
                         "{", "{{").replace("}", "}}"))
 
 
-def _select_rows(dataset: Any, source: TaskData, label_column: str, task_names: Sequence[str], task: str) -> Any:
-    """Rows of this task only (task column or joint label range); nothing is written next to the data."""
+def _select_rows(dataset: Any, source: TaskData, label_column: str, task_names: Sequence[str], task: str,
+                 task_labels: Sequence[str] | None = None, relabel: Sequence[int] | None = None) -> Any:
+    """Rows of this task only (task column or joint label range); nothing is written next to the data.
+    `task_labels`: the task column's ClassLabel names (its ids are read as these names, not as task indices);
+    `relabel`: the joint id of each id of a label column read by name (`joint_relabel`)."""
     def names_task(value: Any, index: int, name: str) -> bool:
         return value == name or (isinstance(value, (int, np.integer)) and int(value) == index)
 
     def keep(row: Mapping[str, Any]) -> bool:
         if source.task_column is not None:
             value = row[source.task_column]
+            if task_labels is not None and isinstance(value, (int, np.integer)):
+                value = task_labels[int(value)] if 0 <= int(value) < len(task_labels) else value
             if not any(names_task(value, i, known) for i, known in enumerate(task_names)):  # never dropped silently
                 raise EvaluationError(
                     f"task column {source.task_column!r} holds {value!r}, no task of the merged model (tasks: "
@@ -60,7 +65,7 @@ def _select_rows(dataset: Any, source: TaskData, label_column: str, task_names: 
                 )
             return names_task(value, *source.task_value)
         lo, hi = source.label_range
-        label = row[label_column]
+        label = relabeled(row[label_column], relabel)
         inside = isinstance(label, (int, np.integer)) and 0 <= int(label) < (source.joint_size or hi)
         if source.joint_size is not None and not inside:  # in no task's range: never left out silently
             raise EvaluationError(
@@ -85,6 +90,38 @@ def _select_rows(dataset: Any, source: TaskData, label_column: str, task_names: 
             )
         return dataset.select(indices, keep_in_memory=True)
     return dataset.filter(keep)
+
+
+def relabeled(label: Any, relabel: Sequence[int] | None) -> Any:
+    """`label` mapped by `relabel` (the ids of a ClassLabel read by name); an id outside it is left for the range
+    checks to refuse."""
+    if relabel is None or not isinstance(label, (int, np.integer)) or not 0 <= int(label) < len(relabel):
+        return label
+    return relabel[int(label)]
+
+
+def joint_relabel(data_names: Sequence[str], joint_classes: Sequence[tuple[str, str]]) -> list[int] | None:
+    """The merged head's joint id of each class a ClassLabel column names (`data_names`), for ONE dataset labelled
+    for every task: a name is a joint label (`task: class`) or a class that only one task has (`class`). None when
+    its ids are the joint ids already (the same names in the same order, or placeholder names, which say nothing);
+    a name the head lacks, or one that several tasks share, is refused: its rows cannot be placed."""
+    if unnamed_classes(data_names):
+        return None
+    ids: dict[str, int | None] = {}
+    for index, (task, name) in enumerate(joint_classes):
+        ids[f"{task}: {name}"] = index
+        ids[name] = None if name in ids else index  # a class of two tasks names neither
+    relabel = []
+    for name in data_names:
+        if ids.get(name) is None:
+            what = "a class of several tasks" if name in ids else "no class of the merged model"
+            joint = [f"{task}: {known}" for task, known in joint_classes]
+            raise EvaluationError(
+                f"the label column's class {name!r} is {what} (its joint labels: {joint[:6]}); one dataset for every "
+                "task is read by the joint labels its ClassLabel names: name the classes as `task: class`, or pass "
+                "each task's data as --dataset TASK=SPEC (API: {task: data})")
+        relabel.append(ids[name])
+    return None if relabel == list(range(len(relabel))) else relabel
 
 
 def check_class_label_ids(data_names: Sequence[str], class_names: Sequence[str], task: str) -> None:
@@ -116,6 +153,16 @@ def check_class_label_ids(data_names: Sequence[str], class_names: Sequence[str],
         )
 
 
+def class_label_name(feature: datasets.ClassLabel, label: Any, task: str) -> str:
+    """The class name of `label`, an id of the label column's ClassLabel `feature`; a missing label (-1, None) is
+    refused naming the task, not in `datasets`' bare words."""
+    if isinstance(label, (int, np.integer)) and 0 <= int(label) < feature.num_classes:
+        return feature.int2str(int(label))
+    raise EvaluationError(
+        f"task {task!r}: label {label!r} is no class of the label column ({feature.num_classes} classes; -1 marks a "
+        "missing label); every row needs its class — drop or fill the rows without one")
+
+
 def evaluation_role(task: str, owners: Sequence[str], processor: Any) -> DataRole:
     """How preprocessing errors name one task's test data and the models (`owners`: `parent B`, ...) whose
     processor reads it — evaluation data, not the merge's calibration data, and a fix that fits evaluate."""
@@ -138,6 +185,7 @@ def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: in
                  max_tokens: Sequence[int | None] | None = None,
                  image_column: str | None, text_column: str | None, rank: int, world: int,
                  task_names: Sequence[str], class_names: Sequence[str] | None = None,
+                 joint_classes: Sequence[tuple[str, str]] | None = None,
                  ) -> tuple[Iterator[tuple[list[dict], list]], int | None, bool]:
     """(model inputs per processor, raw labels) batches of this process's shard of one task, the row count if known,
     and whether raw columns were preprocessed (else every processor's inputs are the same tensors).
@@ -146,7 +194,9 @@ def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: in
     configured (image channels, text length limit) by its `model_configs` entry — the config of a model it
     scores — and its errors name its `owners` (the models it scores).
     `class_names`: the task's classes in the model's order. A `ClassLabel` column naming exactly these classes in
-    another order (an imagefolder sorts them) yields the names, which are looked up, not its ids."""
+    another order (an imagefolder sorts them) yields the names, which are looked up, not its ids. `joint_classes`:
+    (task, class) of each id of the merged head, which reads the ClassLabel of one dataset labelled for every task by
+    name (`joint_relabel`); a task column that is a ClassLabel is read by its names too."""
     data = source.data
     if isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data, str):
         inputs, labels = data
@@ -196,14 +246,19 @@ def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: in
         streams += [stream(index) for index in range(1, len(processors))]
     preprocesses = [stream.preprocess for stream in streams]
     kept = list(column_names(streams[0].dataset))
-    feature = (getattr(dataset, "features", None) or {}).get(label_column)
-    by_name = (isinstance(feature, datasets.ClassLabel) and class_names is not None and source.task_column is None
-               and source.label_range is None and list(feature.names) != list(class_names)
-               and sorted(feature.names) == sorted(class_names))
-    if (isinstance(feature, datasets.ClassLabel) and class_names is not None and source.task_column is None
-            and source.label_range is None and not by_name):
+    features = getattr(dataset, "features", None) or {}
+    feature = features.get(label_column)
+    task_feature = features.get(source.task_column) if source.task_column is not None else None
+    task_labels = (list(task_feature.names) if isinstance(task_feature, datasets.ClassLabel)
+                   and not unnamed_classes(task_feature.names) else None)
+    relabel = (joint_relabel(list(feature.names), joint_classes) if isinstance(feature, datasets.ClassLabel)
+               and source.label_range is not None and joint_classes is not None else None)
+    by_name = (isinstance(feature, datasets.ClassLabel) and class_names is not None and source.label_range is None
+               and list(feature.names) != list(class_names) and sorted(feature.names) == sorted(class_names))
+    if (isinstance(feature, datasets.ClassLabel) and class_names is not None and source.label_range is None
+            and not by_name):
         check_class_label_ids(list(feature.names), list(class_names), task)
-    dataset = _select_rows(dataset, source, label_column, task_names, task)
+    dataset = _select_rows(dataset, source, label_column, task_names, task, task_labels, relabel)
     if num_samples is not None:
         dataset = (dataset.select(range(min(num_samples, len(dataset))), keep_in_memory=True)
                    if isinstance(dataset, datasets.Dataset) else dataset.take(num_samples))
@@ -227,6 +282,8 @@ def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: in
                 inputs = [preprocess(rows) for preprocess in preprocesses]
             labels = rows[label_column]
             labels = labels.tolist() if hasattr(labels, "tolist") else list(labels)
-            yield inputs, [feature.int2str(int(label)) for label in labels] if by_name else labels
+            if by_name:
+                labels = [class_label_name(feature, label, task) for label in labels]
+            yield inputs, [relabeled(label, relabel) for label in labels] if relabel is not None else labels
 
     return dataset_batches(), count, preprocesses[0] is not None

@@ -58,6 +58,7 @@ from hf_mudsc.evaluate.tasks import (
     clip_layout,
     local_labels,
     one_dataset_per_task_fix,
+    source_key,
     source_name,
     spec_split,
 )
@@ -178,7 +179,11 @@ def evaluate_merge(
             processors=distinct, model_configs=group_configs, max_tokens=group_tokens, owners=group_owners,
             image_column=image_column,
             text_column=text_column, rank=rank, world=world, task_names=list(layout.ranges),
-            class_names=layout.class_names[task])  # CLIP too: names given in another order than the data's
+            class_names=layout.class_names[task],  # CLIP too: names given in another order than the data's
+            joint_classes=joint_classes)
+
+    joint_classes = [(name, label) for name, (lo, _) in sorted(layout.ranges.items(), key=lambda item: item[1][0])
+                     for label in layout.class_names[name]] if not layout.shared else None
 
     collected, counts, preprocessed, failure = _predict(models, groups, scorers, layout, sources, batches_of,
                                                         batch_size=batch_size, progress=progress, world=world)
@@ -213,7 +218,8 @@ def evaluate_merge(
                # its rows picked out of one dataset holding every task: no split string names its first rows
                **({"picked": True} if source.label_range is not None or source.task_column is not None else {}),
                "label_range": list(layout.ranges[task]),
-               "classes": list(layout.class_names[task]), **({"local": True} if source.local else {}),
+               "classes": list(layout.class_names[task]),
+               **({"local": True, "data_key": source_key(source)} if source.local else {}),
                **({"config": source.config} if source.config else {})}
         for task, source in sources.items()
     }

@@ -192,10 +192,14 @@ def _joint_data(tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     rows = None if None in counts else (" + ".join(data["rows"] for data in each)
                                         if any(info.get("first_rows") for info in tasks.values())
                                         else str(sum(int(count) for count in counts)))
-    labels = list(dict.fromkeys(EvalRow.label_of(data["dataset"], data["local"]) for data in each))
+    shown = [EvalRow.label_of(data["dataset"], data["local"]) for data in each]
+    labels = list(dict.fromkeys(shown))
     splits, configs = {data["split"] for data in each}, {data["dataset_config"] for data in each}
     cut = any(info.get("first_rows") for info in tasks.values())
-    if len(labels) == 1:  # several tasks' first rows together are no one slice of the split (`first 7 + first 7`)
+    keys = {info.get("data_key") for info in tasks.values() if info.get("data_key") is not None}
+    if len(labels) == 1 and len(keys) > 1:  # data shown alike that is not one dataset (`a/test`, `b/test`)
+        labels = shown
+    elif len(labels) == 1:  # several tasks' first rows together are no one slice of the split (`first 7 + first 7`)
         return {**each[0], "split": splits.pop() if len(splits) == 1 else None,
                 "dataset_config": configs.pop() if len(configs) == 1 else None, "rows": rows,
                 "picked": each[0]["picked"] or (cut and len(each) > 1)}

@@ -104,6 +104,10 @@ def tasks_without_rows(tasks: Mapping[str, TaskData]) -> list[str] | None:
         if first.task_column not in data.column_names:
             return None
         named = data.unique(first.task_column)
+        feature = data.features.get(first.task_column)
+        if isinstance(feature, datasets.ClassLabel) and not unnamed_classes(feature.names):  # read by its names
+            named = [feature.int2str(int(value)) if 0 <= int(value) < feature.num_classes else value
+                     for value in named]
         return [task for task, source in tasks.items()
                 if not any(value == source.task_value[1] or (isinstance(value, (int, np.integer))
                                                             and int(value) == source.task_value[0])
@@ -113,6 +117,9 @@ def tasks_without_rows(tasks: Mapping[str, TaskData]) -> list[str] | None:
     column = first.label_column or next((c for c in LABEL_COLUMNS if c in data.column_names), None)
     if column is None or column not in data.column_names:
         return None
+    feature = data.features.get(column)
+    if isinstance(feature, datasets.ClassLabel) and not unnamed_classes(feature.names):
+        return None  # its ids are read by their names, against the merged head's classes (`batches.joint_relabel`)
     labels = data.unique(column)
     if not all(isinstance(label, (int, np.integer)) and not isinstance(label, bool) for label in labels):
         return None
@@ -355,6 +362,31 @@ def _class_id(value: Any, task: str) -> int:
         f"task {task!r}: label {value!r} is not a class id or name; every row needs its class id (0, 1, ...) or "
         "name — drop or fill the rows without one"
     )
+
+
+def source_key(source: TaskData) -> str | None:
+    """For local data, a short digest of which data `source` reads (never the path itself, which would reach the
+    results file and a card): two local folders of one name (`a/test`, `b/test`) are shown alike but are two
+    datasets, and the joint row is on one dataset only when every task's data is the same (`results._joint_data`).
+    None for a Hub dataset or data named by the caller: its name says which dataset it is."""
+    if not source.local:
+        return None
+    import hashlib
+
+    from hf_mudsc.calibrate.dataset_spec import DatasetSpec
+
+    data = source.data
+    if isinstance(data, (str, os.PathLike)):
+        try:
+            parsed = DatasetSpec.parse(os.fspath(data))
+            path = Path(parsed.path).expanduser()
+            where = str(path.resolve()) if path.exists() else parsed.path
+            identity = f"{where}|{parsed.config}|{parsed.split}"
+        except ValueError:
+            identity = os.fspath(data)
+    else:
+        identity = f"{type(data).__name__}|{getattr(data, '_fingerprint', None) or id(data)}"
+    return hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:12]
 
 
 def source_name(source: TaskData) -> str | None:
