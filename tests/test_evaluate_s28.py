@@ -78,10 +78,10 @@ def test_an_output_json_that_cannot_be_written_is_refused_before_the_work_and_sp
     (tmp_path / "labels.json").write_text("{}")
     monkeypatch.setattr(parents, "load_parent", lambda *a, **k: pytest.fail("loaded before refusing"))
     capsys.readouterr()
-    for target in (tmp_path / "labels.json" / "r.json", tmp_path):
-        assert main(["evaluate", str(merged), *flags, "--num-samples", "3", "--output-json", str(target)]) == 2
-        line = _error(capsys)
-        assert str(target) in line, line
+    target = tmp_path / "labels.json" / "r.json"
+    assert main(["evaluate", str(merged), *flags, "--num-samples", "3", "--output-json", str(target)]) == 2
+    line = _error(capsys)
+    assert f"--output-json {str(target)!r} is under the file {str(tmp_path / 'labels.json')!r}" in line, line
     assert _files(merged) == before
 
 

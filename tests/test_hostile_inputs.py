@@ -1652,7 +1652,8 @@ def test_a_parent_object_whose_folder_links_its_processor_out_is_refused(tmp_pat
         in message
 
 
-def test_a_cached_hub_snapshot_linking_a_processor_file_out_of_the_cache_is_refused(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["config.json", "preprocessor_config.json"])
+def test_a_cached_hub_snapshot_linking_a_processor_file_out_of_the_cache_is_refused(tmp_path, monkeypatch, name):
     """Offline, a Hub parent is read from its cache snapshot, whose files link into the repo's `blobs/`; one linking
     anywhere else (a cache unpacked from someone's archive) was read as the processor unchecked."""
     from hf_mudsc.errors import LoadError
@@ -1671,13 +1672,12 @@ def test_a_cached_hub_snapshot_linking_a_processor_file_out_of_the_cache_is_refu
         (snapshot / path.name).symlink_to(Path("..") / ".." / "blobs" / f"blob{index}")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     assert load_parent("org/vit", cache_dir=tmp_path / "hub").processor is not None
-    (snapshot / "preprocessor_config.json").unlink()
+    (snapshot / name).unlink()
     outside = tmp_path / "outside.json"
-    outside.write_bytes((folder / "preprocessor_config.json").read_bytes())
-    (snapshot / "preprocessor_config.json").symlink_to(outside)
+    outside.write_bytes((folder / name).read_bytes())
+    (snapshot / name).symlink_to(outside)
     with pytest.raises(LoadError) as caught:
         load_parent("org/vit", cache_dir=tmp_path / "hub")
     message = str(caught.value)
     assert "\n" not in message
-    assert f"'org/vit': preprocessor_config.json is a symbolic link to {str(outside)!r}, outside the folder" \
-        in message
+    assert f"'org/vit': {name} is a symbolic link to {str(outside)!r}, outside the folder" in message

@@ -92,8 +92,9 @@ def test_a_huge_side_file_is_refused_before_it_is_downloaded(local_hub, tmp_path
     monkeypatch.setattr(parents, "SIDE_FILE_MAX_BYTES", 4096)
     result = load()
     assert result == {"error": "'user/vit': notes.txt is 5,000 bytes, more than the 4,096 a file read with the "
-                               "config may be (.json/.txt/.model at the top level); a model repository's side files "
-                               "are small — remove it from the repository or choose another revision"}
+                               "config may be (.json/.txt/.model/.jinja at the top level or in "
+                               "additional_chat_templates/); a model repository's side files are small — remove it "
+                               "from the repository or choose another revision"}
     fetched = [r.path for r in hub_emulator.requests_for("resolve")]
     assert not any(path.endswith("notes.txt") for path in fetched), fetched
     monkeypatch.setattr(parents, "SIDE_FILE_MAX_BYTES", default)

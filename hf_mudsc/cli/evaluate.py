@@ -516,8 +516,6 @@ def check_output_json(path: Path, model: Path, *, no_card: bool, inputs: Sequenc
     from hf_mudsc.publish.folder import check_location, written_around
 
     target = path.expanduser().absolute()
-    if target.is_dir():
-        raise UsageError(f"--output-json {str(path)!r} is a folder; pass the path of a JSON file to write")
     if not os.path.lexists(target):
         try:  # a path under a file, without write access, too long: before the evaluation, not after it
             check_location(target, flag="--output-json")

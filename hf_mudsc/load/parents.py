@@ -503,6 +503,7 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
             repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True),
             what="looking it up in the local cache")
         folder = Path(folder)
+        refuse_links_out(reference, folder)  # before its config is read: links may lead only into the cache's blobs
         files = [p.name for p in folder.iterdir() if p.is_file()]
         refuse_large_side_files(reference, _folder_sizes(folder, files), _FOLDER_FIX)
         weight_files, use_pickle = weights_format(reference, files, allow_pickle)
