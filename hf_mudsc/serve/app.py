@@ -70,7 +70,16 @@ from hf_mudsc.serve.jobs import (
     service_advice,
 )
 from hf_mudsc.serve.scheduler import Scheduler
-from hf_mudsc.serve.store import ACTIVE, MAX_JOBS, MAX_QUEUED, PHASES, JobStore, QueueFullError, TargetClaimedError
+from hf_mudsc.serve.store import (
+    ACTIVE,
+    MAX_JOBS,
+    MAX_QUEUED,
+    PHASES,
+    JobStore,
+    QueueFullError,
+    TargetClaimedError,
+    new_job_id,
+)
 from hf_mudsc.solve.diagnostics import PLOTS_FOLDER
 
 logger = logging.getLogger(__name__)
@@ -353,18 +362,20 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
             return error(400, hide_output_root(service_advice(str(problem)), outputs))
         if job.dry_run and (taken := claimed_by_active_job(job)) is not None:  # said, not refused: see there
             job = replace(job, warnings=(*job.warnings, taken))
+        # The token is held before the row exists (`Scheduler.holding`): a queued row may start at once.
+        job_id = new_job_id()
         try:
             claims = (None, None) if job.dry_run else (job.output, job.repo_id)  # a dry run writes nothing
-            job_id = store.add(job.to_dict(), output=claims[0], repo_id=claims[1], dry_run=job.dry_run,
-                               has_token=token is not None, max_queued=max_queued, max_jobs=max_jobs,
-                               inputs=() if job.dry_run else job.inputs)
+            with scheduler.holding(job_id, token):
+                store.add(job.to_dict(), output=claims[0], repo_id=claims[1], dry_run=job.dry_run,
+                          has_token=token is not None, max_queued=max_queued, max_jobs=max_jobs,
+                          inputs=() if job.dry_run else job.inputs, job_id=job_id)
         except QueueFullError as problem:
             answer = error(429, str(problem))
             answer.headers["Retry-After"] = str(RETRY_AFTER_S)
             return answer
         except TargetClaimedError as problem:  # it names the claimed folders as the store holds them: absolute
             return error(409, hide_output_root(str(problem), outputs))
-        scheduler.submit(job_id, token)
         return JSONResponse({"id": job_id, "status": "queued",
                              "warnings": [hide_output_root(w, outputs) for w in job.warnings]}, status_code=201)
 

@@ -11,13 +11,21 @@ import logging
 import multiprocessing
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from hf_mudsc.errors import RecipeError
 from hf_mudsc.publish.folder import clean_leftovers
-from hf_mudsc.serve.store import RESTARTED_RUNNING, STOPPED_RUNNING, JobStore, StateLock, lock_state_dir
+from hf_mudsc.serve.store import (
+    RESTARTED_RUNNING,
+    STOPPED_RUNNING,
+    TOKEN_NOT_HELD,
+    JobStore,
+    StateLock,
+    lock_state_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +145,26 @@ class Scheduler:
 
     # ------------------------------------------------------------------ requests
     def submit(self, job_id: str, token: str | None) -> None:
+        """Hold `token` for a job already stored (tests, tools); a POST uses `holding`, which holds it first."""
         with self._lock:
-            self.tokens[job_id] = token
+            if token is not None:
+                self.tokens[job_id] = token
+        self._wake.set()
+
+    @contextmanager
+    def holding(self, job_id: str, token: str | None) -> Iterator[None]:
+        """Hold the job's token while its row is inserted (inside the block), then wake the queue. Held BEFORE the
+        row exists: a queued row is startable at once, and a job started before its token arrived ran on the
+        server's own Hub login. A refused insert (the block raises) drops the token again."""
+        if token is not None:
+            with self._lock:
+                self.tokens[job_id] = token
+        try:
+            yield
+        except BaseException:
+            with self._lock:
+                self.tokens.pop(job_id, None)
+            raise
         self._wake.set()
 
     def cancel(self, job_id: str) -> bool:
@@ -197,6 +223,7 @@ class Scheduler:
             except Exception as error:  # noqa: BLE001 - any store error on one row: that job fails, not the queue
                 logger.exception("job %s: its record cannot be read", job_id)
                 self.store.mark_unreadable(job_id, f"{type(error).__name__}: {error}")
+                self.tokens.pop(job_id, None)  # (under the lock) it will never run: its token is not kept
                 continue
             if job is not None and job["status"] == "queued":
                 return job
@@ -211,6 +238,10 @@ class Scheduler:
                 if job is None:
                     return
                 job_id = job["id"]
+                if job.get("has_token") and job_id not in self.tokens:  # never on the server's own login
+                    self.store.finish_if_active(job_id, "failed", TOKEN_NOT_HELD)
+                    logger.warning("job %s: failed, its Hub token is not held", job_id)
+                    continue
                 token = self.tokens.pop(job_id, None)
                 run = Running(None, None)
                 self.running[job_id] = run
