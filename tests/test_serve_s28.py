@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
 from hf_mudsc.serve.app import create_app
@@ -89,3 +90,120 @@ def test_a_queued_job_that_came_with_a_token_never_starts_without_it(tmp_path):
     job = store.get(job_id)
     assert handed == {} and job["status"] == "failed", (handed, job)
     assert "Hub token" in job["error"] and "resubmit" in job["error"], job["error"]
+
+
+# ------------------------------------------------------------------------------------- 2. a push is never killed
+
+
+class Pipe:
+    """A worker's end of the pipe: what it sends, and what it receives (then EOF: the worker has exited)."""
+
+    def __init__(self, incoming: list | None = None) -> None:
+        self.sent: list[tuple] = []
+        self.incoming = list(incoming or [])
+
+    def send(self, message: tuple) -> None:
+        self.sent.append(message)
+
+    def recv(self) -> Any:
+        if self.incoming:
+            return self.incoming.pop(0)
+        raise EOFError
+
+
+class Process:
+    """A worker process that never exits on its own (stuck in its push); `kill` ends it."""
+
+    def __init__(self) -> None:
+        self.killed = False
+        self.exitcode: int | None = None
+
+    def is_alive(self) -> bool:
+        return not self.killed
+
+    def join(self, timeout: float | None = None) -> None:
+        return None
+
+    def kill(self) -> None:
+        self.killed, self.exitcode = True, -9
+
+
+def hub_record(message: str) -> Any:
+    import logging
+
+    return logging.LogRecord("hf_mudsc.publish.hub", logging.INFO, __file__, 1, message, (), None)
+
+
+def pushing_job(tmp_path: Any) -> tuple[Any, Any, str]:
+    from hf_mudsc.serve.scheduler import Scheduler
+    from hf_mudsc.serve.store import JobStore
+
+    store = JobStore(tmp_path / "state")
+    job_id = store.add({"models": ["user/a", "user/b"], "push_to_hub": "me/merged"}, output=None,
+                       repo_id="me/merged", dry_run=False, has_token=False)
+    store.update(job_id, status="running", phase="publish", progress=0.9)
+    return store, Scheduler(store), job_id
+
+
+def test_the_worker_tells_the_scheduler_once_when_its_push_begins():
+    from hf_mudsc.serve.worker import ForwardHandler, Reporter
+
+    pipe = Pipe()
+    reporter = Reporter(pipe, None, calibrates=False, pushes=True)
+    handler = ForwardHandler(reporter)
+    handler.emit(hub_record("checking the repo 'me/merged'"))  # before the merge is written: no push yet
+    assert ("pushing",) not in pipe.sent
+    reporter.enter("publish")
+    handler.emit(hub_record("waiting for the Hub: creating the repo 'me/merged'"))
+    handler.emit(hub_record("uploading 3 files"))
+    assert pipe.sent.count(("pushing",)) == 1
+
+
+def test_a_cancel_never_kills_a_worker_whose_push_has_begun(tmp_path):
+    """A DELETE during a long push: CANCEL_GRACE_S later the worker was killed mid-push (an empty repo left) and the
+    job said "nothing was pushed". The push completes; a worker still writing its folder is killed as before."""
+    from hf_mudsc.serve.scheduler import Running
+
+    store, scheduler, job_id = pushing_job(tmp_path)
+    run = Running(Process(), Pipe(incoming=[("pushing",)]), cancelled=True, requested=True)
+    scheduler._copy_messages(job_id, run)  # the worker said its push began
+    scheduler._kill(job_id, run)  # the cancel's grace is over
+    assert not run.process.killed
+    writing = Running(Process(), Pipe(), cancelled=True, requested=True)
+    scheduler._kill(job_id, writing)
+    assert writing.process.killed
+    store.close()
+
+
+@pytest.mark.parametrize("requested", [False, True])  # the service stopping; a client's DELETE
+def test_a_pushing_worker_that_is_killed_anyway_never_says_nothing_was_pushed(tmp_path, requested):
+    from hf_mudsc.serve.scheduler import Running
+
+    store, scheduler, job_id = pushing_job(tmp_path)
+    run = Running(Process(), Pipe(incoming=[("pushing",)]), cancelled=True, requested=requested)
+    scheduler._copy_messages(job_id, run)
+    run.process.kill()
+    scheduler._settle(job_id, run, None)
+    job = store.get(job_id)
+    assert job["status"] == "failed" and "nothing was" not in job["error"], job["error"]
+    assert "'me/merged' may have completed: check the repo" in job["error"], job["error"]
+    store.close()
+
+
+def test_stopping_the_service_while_a_job_pushes_is_bounded_and_says_the_push_may_have_completed(tmp_path,
+                                                                                              monkeypatch):
+    """SIGTERM during a push: the worker was killed after STOP_GRACE_S and the job said "nothing was pushed after
+    that point", though the commit had reached the Hub. The stop stays bounded; the record says to check the repo."""
+    from hf_mudsc.serve import scheduler as scheduler_module
+    from hf_mudsc.serve.scheduler import Running
+
+    monkeypatch.setattr(scheduler_module, "STOP_GRACE_S", 0.0)
+    store, scheduler, job_id = pushing_job(tmp_path)
+    run = Running(Process(), Pipe(incoming=[("pushing",)]))
+    scheduler._copy_messages(job_id, run)
+    scheduler.running[job_id] = run
+    scheduler.stop()
+    job = store.get(job_id)
+    assert run.process.killed and job["status"] == "failed", job
+    assert "nothing was" not in job["error"] and "may have completed: check the repo" in job["error"], job["error"]
+    store.close()

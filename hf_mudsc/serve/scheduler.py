@@ -20,6 +20,7 @@ from hf_mudsc.errors import RecipeError
 from hf_mudsc.publish.folder import clean_leftovers
 from hf_mudsc.serve.store import (
     RESTARTED_RUNNING,
+    STOPPED_PUSHING,
     STOPPED_RUNNING,
     TOKEN_NOT_HELD,
     JobStore,
@@ -58,6 +59,7 @@ class Running:
     cancelled: bool = False
     requested: bool = False  # a client asked for the cancel (DELETE); otherwise the service is stopping
     finished: bool = False
+    pushing: bool = False  # the worker said its push began: a cancel never kills it (`_kill`)
     timer: threading.Timer | None = field(default=None, repr=False)
     follower: threading.Thread | None = field(default=None, repr=False)  # copies its pipe into the store
 
@@ -113,7 +115,9 @@ class Scheduler:
     def stop(self) -> None:
         """Cancel running jobs (they stop at their next cancel point), wait a little for them (`STOP_GRACE_S`, then
         kill), and record each as failed (`STOPPED_RUNNING`) before the store closes — a job still starting too:
-        none is left "running" in the store of a service that is gone."""
+        none is left "running" in the store of a service that is gone. The wait is bounded even for a job whose
+        push has begun (a shutdown must end); that job's record says the push may have completed
+        (`STOPPED_PUSHING`), never that nothing was pushed."""
         if self._later is not None:
             self._later.cancel()  # the store closes after this
         with self._lock:
@@ -136,7 +140,8 @@ class Scheduler:
             if run.follower is not None:
                 run.follower.join(timeout=EXIT_GRACE_S)
             try:
-                if self.store.finish_if_active(job_id, "failed", STOPPED_RUNNING):
+                error = self._push_stopped(job_id, "the service was shut down") if run.pushing else STOPPED_RUNNING
+                if self.store.finish_if_active(job_id, "failed", error):
                     logger.warning("job %s: failed, the service stopped while it ran", job_id)
             except Exception:  # noqa: BLE001 - the store refuses: logged, the restart's recovery fails it
                 logger.exception("job %s: could not record that the service stopped it", job_id)
@@ -194,6 +199,11 @@ class Scheduler:
             run.timer.start()
 
     def _kill(self, job_id: str, run: Running) -> None:
+        """The cancel's grace is over: kill a worker stuck outside a cancel point — never one whose push has begun
+        (one commit: killed halfway it leaves an empty repo, and the push may land anyway)."""
+        if run.pushing:
+            logger.info("job %s: its push had begun when it was cancelled; the push completes", job_id)
+            return
         if not run.finished and run.process is not None and run.process.is_alive():
             logger.warning("job %s did not stop within %.0f s of its cancel; killing its worker", job_id,
                            CANCEL_GRACE_S)
@@ -293,6 +303,10 @@ class Scheduler:
             if status == "succeeded":
                 fields["progress"] = 1.0
             self.store.update(job_id, **fields)
+        elif run.pushing:  # killed (the service stopping) or died after its push began: it may have landed
+            how = ("the service was shut down" if run.cancelled and not run.requested
+                   else f"its process ended, exit code {run.process.exitcode}")
+            self.store.update(job_id, status="failed", error=self._push_stopped(job_id, how))
         elif run.cancelled and not run.requested:  # killed while the service stopped
             self.store.update(job_id, status="failed", error=RESTARTED_RUNNING)
         elif run.cancelled:
@@ -302,6 +316,11 @@ class Scheduler:
             self.store.update(job_id, status="failed",
                               error=f"the worker process died (exit code {run.process.exitcode}) — out of memory "
                               "or a crash in native code; the service is unaffected")
+
+    def _push_stopped(self, job_id: str, how: str) -> str:
+        """The error of a job whose worker stopped after its push began (`STOPPED_PUSHING`), naming its repo."""
+        repo_id = ((self.store.get(job_id) or {}).get("request") or {}).get("push_to_hub") or "its Hub repo"
+        return STOPPED_PUSHING.format(how=how, repo_id=repo_id)
 
     def _follow(self, job_id: str, run: Running) -> None:
         """Copy one worker's messages into the store until its pipe closes; then settle the job's status. Whatever
@@ -373,6 +392,9 @@ class Scheduler:
                 logger.log(int(message[1]), "job %s failed:\n%s", job_id, message[2])
             elif kind == "phase":
                 self.store.update(job_id, phase=message[1], progress=float(message[2]))
+            elif kind == "pushing":
+                with self._lock:
+                    run.pushing = True
             elif kind == "done":
                 final = message
                 self._settle(job_id, run, final)

@@ -59,6 +59,9 @@ RESTARTED_RUNNING = ("the service stopped while this job was running (crash, kil
 RESTARTED_PUBLISHING = ("the service stopped while this job was writing or pushing its model (crash, kill or "
                         "restart); the push to {repo_id!r} may have completed: check the repo before resubmitting "
                         "the job")
+# A worker stopped (a shutdown's bounded wait, a crash) after it said its push began (`("pushing",)`).
+STOPPED_PUSHING = ("this job's worker was stopped while it pushed the model ({how}); the push to {repo_id!r} may "
+                   "have completed: check the repo before resubmitting the job")
 STOPPED_RUNNING = ("the service stopped (it was shut down) while this job was running; the job was stopped before its "
                    "push, so nothing was written or pushed — resubmit the job")
 RESTARTED_TOKEN = ("the service restarted before this job ran, and Hub tokens are held in memory only: "

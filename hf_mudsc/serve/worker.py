@@ -7,6 +7,7 @@ This module imports nothing heavy at import time; the merge engine is imported b
     web -> worker   {"token": str | None}   first, once (the token never touches the disk)
                     "cancel"                 stop at the next safe point
     worker -> web   ("phase", name, progress)   ("log", line)   ("done", status, error, result)
+                    ("pushing",)   the push has begun: it is never stopped (no cancel point, no kill for a cancel)
                     ("traceback", level, text)   a failure's traceback, for the server's log only (never the job's)
 
 Progress comes from the pipeline's own logging records (a handler on the `hf_mudsc` logger maps each stage's
@@ -166,8 +167,9 @@ class Reporter:
 
     def on_record(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
-        if self.phase == "publish" and record.name == "hf_mudsc.publish.hub":
+        if self.phase == "publish" and record.name == "hf_mudsc.publish.hub" and not self.pushing:
             self.pushing = True  # checking or creating the repo after the merge: the push has begun
+            self.send(("pushing",))  # so the scheduler never kills this worker for a cancel (scheduler._kill)
         for prefix, start, phase, progress in PHASE_MARKS:
             if record.name.startswith(prefix) and message.startswith(start):
                 if phase == "published":
