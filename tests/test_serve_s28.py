@@ -207,3 +207,55 @@ def test_stopping_the_service_while_a_job_pushes_is_bounded_and_says_the_push_ma
     assert run.process.killed and job["status"] == "failed", job
     assert "nothing was" not in job["error"] and "may have completed: check the repo" in job["error"], job["error"]
     store.close()
+
+
+# ------------------------------------------------------------------------------------- 3. a failed push-only job
+
+
+@pytest.fixture(scope="module")
+def parents(tmp_path_factory):
+    from test_cli import save_parents_and_data
+
+    return save_parents_and_data(tmp_path_factory.mktemp("s28_parents"))
+
+
+def test_a_push_only_job_whose_push_fails_leaves_no_model_on_the_server_and_names_no_server_path(
+        parents, tmp_path, monkeypatch):
+    """The writer keeps a push-only merge whose push failed in the temp folder (`hf-mudsc-unpushed-*`, for a CLI
+    user to push by hand): on the server every such job left a whole model behind, and its error named that server
+    path and an `hf-mudsc push` command the client cannot run."""
+    import tempfile
+
+    from hf_mudsc.errors import PushError
+    from hf_mudsc.publish import hub
+    from hf_mudsc.serve.jobs import parse_job
+    from hf_mudsc.serve.worker import Reporter, run_merge
+
+    server_tmp = tmp_path / "server-tmp"
+    server_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(server_tmp))
+
+    def failing_push(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("500 Server Error: the Hub is down")
+
+    monkeypatch.setattr(hub, "check_target", lambda *args, **kwargs: False)  # the repo is absent
+    monkeypatch.setattr(hub, "push_folder", failing_push)
+    a, b, _ = parents
+    job = parse_job({"models": [str(a), str(b)], "method": "weight_matching", "push_to_hub": "me/merged"},
+                    tmp_path / "outputs", local_roots=[a.parent])
+    with pytest.raises(PushError) as caught:
+        run_merge(job, None, Reporter(Pipe(), None, calibrates=False, pushes=True))
+    message = str(caught.value)
+    assert list(server_tmp.iterdir()) == [], list(server_tmp.iterdir())
+    assert "the Hub is down" in message and "'me/merged'" in message, message
+    assert str(server_tmp) not in message and "hf-mudsc push" not in message and "unpushed" not in message, message
+    assert "resubmit" in message, message
+    # with an `output`, the model stays there: the error says so, without the CLI's command
+    job = parse_job({"models": [str(a), str(b)], "method": "weight_matching", "push_to_hub": "me/merged",
+                     "output": "kept"}, tmp_path / "outputs", local_roots=[a.parent])
+    with pytest.raises(PushError) as caught:
+        run_merge(job, None, Reporter(Pipe(), None, calibrates=False, pushes=True))
+    message = str(caught.value)
+    assert (tmp_path / "outputs" / "kept" / "config.json").is_file() and list(server_tmp.iterdir()) == []
+    assert f"kept in the output folder {str(tmp_path / 'outputs' / 'kept')!r}" in message, message
+    assert "hf-mudsc push" not in message and "the Hub is down" in message, message
