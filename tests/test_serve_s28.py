@@ -259,3 +259,31 @@ def test_a_push_only_job_whose_push_fails_leaves_no_model_on_the_server_and_name
     assert (tmp_path / "outputs" / "kept" / "config.json").is_file() and list(server_tmp.iterdir()) == []
     assert f"kept in the output folder {str(tmp_path / 'outputs' / 'kept')!r}" in message, message
     assert "hf-mudsc push" not in message and "the Hub is down" in message, message
+
+
+# ------------------------------------------------------------------------------- 4. a restart with another output root
+
+
+def test_a_job_queued_under_another_output_root_is_refused_when_it_starts_and_never_shows_that_root(tmp_path):
+    """A job queued under `--output-root A` and started after a restart under `--output-root B` wrote into A, and
+    its answers showed A's absolute path (only B is hidden). It is refused when it is about to start, as a job
+    naming a local path outside the current `--local-root`s is, and A is not shown."""
+    old_root, new_root = tmp_path / "old-private-root", tmp_path / "new-root"
+    first = create_app(tmp_path / "state", output_root=old_root)
+    body = {"models": ["user/a", "user/b"], "method": "average"}
+    answer = client_of(first).post("/api/jobs", json={**body, "output": "runs/second"})
+    assert answer.status_code == 201, answer.text
+    moved = answer.json()["id"]
+    first.state.store.close()
+    app = create_app(tmp_path / "state", output_root=new_root)
+    handed = recording_starts(app)
+    client = client_of(app)
+    staying = client.post("/api/jobs", json={**body, "output": "third"}).json()["id"]
+    app.state.scheduler._start_queued()
+    job = app.state.store.get(moved)
+    assert moved not in handed and staying in handed, handed
+    assert job["status"] == "failed" and "output root" in job["error"] and "resubmit" in job["error"], job
+    for shown in (client.get(f"/api/jobs/{moved}").text, client.get("/api/jobs").text, client.get("/").text,
+                  client.get(f"/jobs/{moved}").text):
+        assert str(old_root) not in shown and "old-private-root" not in shown, shown
+    assert not old_root.joinpath("runs").exists()

@@ -209,7 +209,27 @@ def public(job: dict[str, Any], outputs: Path, *, full: bool = True) -> dict[str
         view["error"] = service_advice(view["error"])
     if isinstance(view["result"], dict):
         view["result"] = advised_result(view["result"])
+    output = request.get("output")
+    if isinstance(output, str) and PurePath(output).is_absolute() and not inside_output_root(output, outputs):
+        # accepted under another --output-root (before a restart): that root is not shown either, only the name
+        view = without_path(view, output, PurePath(output).name)
     return without_output_root(view, outputs)
+
+
+def inside_output_root(output: str, outputs: Path) -> bool:
+    """Whether a stored (absolute, resolved) output lies inside the output root `outputs`."""
+    return any(PurePath(output).is_relative_to(root) for root in {outputs.absolute(), outputs.resolve()})
+
+
+def without_path(value: Any, path: str, shown_as: str) -> Any:
+    """`value` (a job's view) with `path` written as `shown_as` in every string."""
+    if isinstance(value, str):
+        return value.replace(repr(path), repr(shown_as)).replace(path, shown_as)
+    if isinstance(value, dict):
+        return {key: without_path(item, path, shown_as) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_path(item, path, shown_as) for item in value]
+    return value
 
 
 def recipe_summary(recipe: dict[str, Any]) -> dict[str, Any]:
@@ -254,12 +274,20 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
     state_dir = Path(state_dir).expanduser().absolute()
     roots = tuple(Path(root).expanduser().resolve() for root in local_roots)
     store = JobStore(state_dir)
-    # A queued job is checked against the roots again when it starts (it may have been accepted before a restart),
-    # and its worker is handed the paths that check resolved, not the client's strings.
-    scheduler = Scheduler(store, workers=workers,
-                          admit=lambda request: resolve_local_paths(JobRequest.from_stored(request), roots).to_dict())
     outputs = Path(output_root).expanduser().absolute() if output_root else state_dir / "outputs"
     outputs.mkdir(parents=True, exist_ok=True)
+
+    def admit(request: dict[str, Any]) -> dict[str, Any]:
+        """A queued job is checked again when it starts (it may have been accepted before a restart with other
+        roots): its output inside the current output root, its local paths inside the current local roots. Its
+        worker is handed the paths that check resolved, not the client's strings."""
+        job = JobRequest.from_stored(request)
+        if job.output and not inside_output_root(job.output, outputs):
+            raise RecipeError("its `output` was accepted under another output root (the service has restarted "
+                              "with another --output-root since), where it is not written: resubmit the job")
+        return resolve_local_paths(job, roots).to_dict()
+
+    scheduler = Scheduler(store, workers=workers, admit=admit)
     templates = Environment(loader=PackageLoader("hf_mudsc.serve", "templates"),
                             autoescape=select_autoescape(["html", "jinja"]))
 
