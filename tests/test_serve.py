@@ -1459,7 +1459,7 @@ def test_a_queued_job_is_checked_again_when_it_starts_so_a_restart_with_fewer_ro
     store = JobStore(tmp_path / "state")
     job_id = store.add(accepted.to_dict(), output=accepted.output, repo_id=None, dry_run=False, has_token=False)
     store.close()
-    app = create_app(tmp_path / "state")  # restarted without --local-root
+    app = create_app(tmp_path / "state", output_root=tmp_path / "out")  # restarted without --local-root
     job = drain_job(app, job_id)
     assert job["status"] == "failed", job
     assert f"`models[0]` names the local path {str(root / 'parent')!r}" in job["error"], job["error"]
