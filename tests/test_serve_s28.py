@@ -287,3 +287,32 @@ def test_a_job_queued_under_another_output_root_is_refused_when_it_starts_and_ne
                   client.get(f"/jobs/{moved}").text):
         assert str(old_root) not in shown and "old-private-root" not in shown, shown
     assert not old_root.joinpath("runs").exists()
+
+
+# ------------------------------------------------------------------------ 5. a long output root, shortened in a refusal
+
+
+def test_a_refusal_of_a_long_or_deep_output_never_shows_part_of_a_long_output_root(tmp_path):
+    """The writer's location checks shorten a long path to its first 60 and last 17 characters, which the service
+    no longer recognised as its output root: with a root over 60 characters, a client learned most of it."""
+    root = tmp_path / "secret-operator-layout" / "srv" / "hf-mudsc" / "production-outputs-of-this-server"
+    assert len(str(root)) > 60
+    client = client_of(create_app(tmp_path / "state", output_root=root))
+    base = {"models": ["user/a", "user/b"], "method": "weight_matching"}
+    deep, long = "a/" * 101 + "m", ("x" * 250 + "/") * 16 + "m"
+    for output, said in ((deep, "nested folders"), (long, "path limit")):
+        answer = client.post("/api/jobs", json={**base, "output": output})
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+        assert said in error and "secret-operator-layout" not in error and str(tmp_path) not in error, error
+        assert "\n" not in error and "`output`" in error, error
+
+
+def test_hide_output_root_hides_the_writers_shortened_form_of_a_long_root(tmp_path):
+    from hf_mudsc.serve.jobs import hide_output_root
+
+    root = tmp_path / ("r" * 70)
+    path = str(root / "sub" / "model")
+    shortened = f"{path[:60]}...{path[-17:]}"
+    hidden = hide_output_root(f"output {shortened!r} cannot be created", root)
+    assert str(tmp_path) not in hidden and "rrrr" not in hidden and "sub/model" in hidden, hidden
