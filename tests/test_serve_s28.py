@@ -316,3 +316,34 @@ def test_hide_output_root_hides_the_writers_shortened_form_of_a_long_root(tmp_pa
     shortened = f"{path[:60]}...{path[-17:]}"
     hidden = hide_output_root(f"output {shortened!r} cannot be created", root)
     assert str(tmp_path) not in hidden and "rrrr" not in hidden and "sub/model" in hidden, hidden
+
+
+# ------------------------------------------------------------------------------------------- 6. a large YAML body
+
+
+def test_a_yaml_body_over_the_yaml_cap_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
+    """A 1 MiB YAML body took 8-15 s of the web process's CPU to parse. YAML bodies are capped far lower than JSON
+    ones (a recipe is a few hundred bytes), refused with 413 and the way out; a JSON body that size is still read."""
+    from hf_mudsc.serve import app as app_module
+
+    parsed: list[str] = []
+    real_parse = app_module._parse_body
+    monkeypatch.setattr(app_module, "_parse_body", lambda raw, kind: parsed.append(kind) or real_parse(raw, kind))
+    client = client_of(create_app(tmp_path / "state"))
+    cap = app_module.MAX_YAML_BODY
+    assert cap <= 64 << 10
+    models = "".join(f"  - user/m{i}\n" for i in range(cap // 12))
+    yaml_body = f"method: average\ndry_run: true\nmodels:\n{models}".encode()
+    assert cap < len(yaml_body) < app_module.MAX_BODY
+    for declared in (True, False):  # a Content-Length over the cap; a body that turns out larger (chunked)
+        content = yaml_body if declared else iter([yaml_body[:cap // 2], yaml_body[cap // 2:]])
+        answer = client.post("/api/jobs", content=content, headers={"Content-Type": "application/yaml"})
+        assert answer.status_code == 413, answer.text
+        error = answer.json()["error"]
+        assert f"YAML body is larger than {cap} bytes" in error and "JSON" in error and "\n" not in error, error
+    assert parsed == []
+    json_body = {"models": [f"user/m{i}" for i in range(cap // 12)], "method": "task_arithmetic", "base": "user/b",
+                 "dry_run": True}
+    assert client.post("/api/jobs", json=json_body).status_code == 201
+    small = "models: [user/a, user/b]\nmethod: average\ndry_run: true\n"
+    assert client.post("/api/jobs", content=small, headers={"Content-Type": "application/yaml"}).status_code == 201

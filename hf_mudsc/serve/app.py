@@ -5,7 +5,8 @@
                                    a dry run of a target an active job claims); 400 {"error"} naming the key (or a
                                    local path outside every --local-root); 409 when the output/repo is claimed by an
                                    active job; 429 (with Retry-After) while --max-queued jobs wait for a worker; 413
-                                   over 1 MiB, 408 when the body takes over BODY_TIMEOUT_S to arrive
+                                   over 1 MiB (a YAML body over 64 KiB: slow to parse), 408 when the body takes over
+                                   BODY_TIMEOUT_S to arrive
     GET    /api/jobs               {"jobs": [job, ...], "next"} newest first, a page of `?limit=N` (default 100, at
                                    most 1000); `next`: the id to pass as `?before=` for the following page, or null.
                                    Each job as below, with a `summary` of its recipe in place of the recipe
@@ -92,6 +93,9 @@ push_to_hub: me/merged-vit
 private: true
 """
 MAX_BODY = 1 << 20  # a recipe is a few hundred bytes
+# A YAML body's cap: PyYAML (pure Python) spends seconds of the web process's CPU per 100 KB (8-15 s for 1 MiB),
+# against milliseconds for the same JSON. A recipe file is a few hundred bytes; a job of thousands of parents is JSON.
+MAX_YAML_BODY = 64 << 10
 # Seconds a POST's whole body may take to arrive: uvicorn has no body timeout, so a client trickling (or stalling)
 # its body held the connection and the route open forever. 1 MiB in 30 s is 35 kB/s; a recipe takes milliseconds.
 BODY_TIMEOUT_S = 30.0
@@ -348,17 +352,24 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         if _media_type(content_type) not in JSON_TYPES + YAML_TYPES:
             return error(415, f"send the recipe with `Content-Type: application/json` or `application/yaml`, "
                          f"got {content_type or 'none'!r}")
-        too_big = error(413, f"the body is larger than {MAX_BODY} bytes; a recipe is a few hundred")
+        if _media_type(content_type) in YAML_TYPES:
+            cap = MAX_YAML_BODY
+            too_big = error(413, f"the YAML body is larger than {cap} bytes (reading YAML is slow; a recipe is a "
+                            f"few hundred bytes); send a larger job as JSON (`Content-Type: application/json`, up to "
+                            f"{MAX_BODY} bytes)")
+        else:
+            cap = MAX_BODY
+            too_big = error(413, f"the body is larger than {cap} bytes; a recipe is a few hundred")
         too_big.headers["Connection"] = "close"  # the rest of the body is never read
-        if int(request.headers.get("content-length") or 0) > MAX_BODY:
+        if int(request.headers.get("content-length") or 0) > cap:
             return too_big  # declared too big: refused before a byte of it is read
         raw = bytearray()
 
         async def read() -> bool:
-            """Read the body into `raw`; False once it is larger than MAX_BODY (the rest is never read)."""
+            """Read the body into `raw`; False once it is larger than `cap` (the rest is never read)."""
             async for chunk in request.stream():
                 raw.extend(chunk)
-                if len(raw) > MAX_BODY:
+                if len(raw) > cap:
                     return False
             return True
 
