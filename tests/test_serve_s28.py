@@ -261,6 +261,18 @@ def test_a_push_only_job_whose_push_fails_leaves_no_model_on_the_server_and_name
     assert "hf-mudsc push" not in message and "the Hub is down" in message, message
 
 
+def test_a_push_error_that_kept_no_model_passes_unchanged():
+    """Only the writer's failed push keeps a model: any other refusal of the push is left as the library said it."""
+    from hf_mudsc.errors import PushError
+    from hf_mudsc.serve.jobs import parse_job
+    from hf_mudsc.serve.worker import push_failed
+
+    job = parse_job({"models": ["user/a", "user/b"], "method": "average", "push_to_hub": "me/merged"},
+                    __import__("pathlib").Path("/nonexistent-root"))
+    refusal = PushError("could not create the Hub repo 'me/merged': 403 Forbidden")
+    assert push_failed(job, refusal) is refusal
+
+
 # ------------------------------------------------------------------------------- 4. a restart with another output root
 
 

@@ -60,6 +60,7 @@ from hf_mudsc.runner import push_not_checked
 from hf_mudsc.serve.jobs import JobRequest
 
 DELAY_ENV = "HF_MUDSC_SERVE_TEST_DELAY"
+KEPT = "the merged model is kept in"  # how the writer's failed push says where it kept the model (publish/writer.py)
 ORPHAN_GRACE_S = 20.0
 # The errors a job ends in on purpose, for a bad input or destination: the ones `hf-mudsc merge` prints as one line.
 EXPECTED = (ValueError, FileExistsError, FileNotFoundError, PermissionError, PushError)
@@ -331,7 +332,9 @@ def push_failed(job: JobRequest, error: PushError) -> PushError:
     from hf_mudsc.publish.writer import UNPUSHED_PREFIX
 
     said = str(error)
-    cause = hub_error_line(error.__cause__) if error.__cause__ is not None else said.split(" — the merged model")[0]
+    if KEPT not in said:  # not the writer's failed push (nothing was kept): as the library said it
+        return error
+    cause = hub_error_line(error.__cause__) if error.__cause__ is not None else said.split(f" — {KEPT}")[0]
     repo = job.recipe.push_to_hub
     if job.recipe.output is not None:
         return PushError(f"the push to {repo!r} failed: {cause}; the merged model is kept in the output folder "
@@ -356,7 +359,10 @@ def run_merge(job: JobRequest, token: str | None, reporter: Reporter) -> dict[st
         with forward_progress(reporter, _expected_batches(job), delay):
             produced = execute(job.recipe, token=token, base_origin=BASE_FROM_CARDS if job.base_from_cards else None)
     except PushError as error:
-        raise push_failed(job, error) from error.__cause__
+        said = push_failed(job, error)
+        if said is error:
+            raise
+        raise said from error.__cause__
     push = produced.get("push")
     output = produced.get("output")
     files = sorted(p.name for p in output.iterdir() if p.is_file() and not p.name.startswith(".")) if output else []
