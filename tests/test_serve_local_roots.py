@@ -121,7 +121,7 @@ def run_queued(app: Any, job_id: str, handed: list[dict[str, Any]], after_check:
 
 
 def queue(app: Any, body: dict[str, Any], roots: list[Path], tmp_path: Path) -> str:
-    accepted = parse_job(body, tmp_path / "out", local_roots=roots)
+    accepted = parse_job(body, app.state.outputs, local_roots=roots)  # the start check holds it to the output root
     return app.state.store.add(accepted.to_dict(), output=accepted.output, repo_id=None, dry_run=False,
                                has_token=False)
 

@@ -5,7 +5,8 @@
                                    a dry run of a target an active job claims); 400 {"error"} naming the key (or a
                                    local path outside every --local-root); 409 when the output/repo is claimed by an
                                    active job; 429 (with Retry-After) while --max-queued jobs wait for a worker; 413
-                                   over 1 MiB, 408 when the body takes over BODY_TIMEOUT_S to arrive
+                                   over 1 MiB (a YAML body over 64 KiB: slow to parse), 408 when the body takes over
+                                   BODY_TIMEOUT_S to arrive
     GET    /api/jobs               {"jobs": [job, ...], "next"} newest first, a page of `?limit=N` (default 100, at
                                    most 1000); `next`: the id to pass as `?before=` for the following page, or null.
                                    Each job as below, with a `summary` of its recipe in place of the recipe
@@ -70,7 +71,16 @@ from hf_mudsc.serve.jobs import (
     service_advice,
 )
 from hf_mudsc.serve.scheduler import Scheduler
-from hf_mudsc.serve.store import ACTIVE, MAX_JOBS, MAX_QUEUED, PHASES, JobStore, QueueFullError, TargetClaimedError
+from hf_mudsc.serve.store import (
+    ACTIVE,
+    MAX_JOBS,
+    MAX_QUEUED,
+    PHASES,
+    JobStore,
+    QueueFullError,
+    TargetClaimedError,
+    new_job_id,
+)
 from hf_mudsc.solve.diagnostics import PLOTS_FOLDER
 
 logger = logging.getLogger(__name__)
@@ -83,6 +93,9 @@ push_to_hub: me/merged-vit
 private: true
 """
 MAX_BODY = 1 << 20  # a recipe is a few hundred bytes
+# A YAML body's cap: PyYAML (pure Python) spends seconds of the web process's CPU per 100 KB (8-15 s for 1 MiB),
+# against milliseconds for the same JSON. A recipe file is a few hundred bytes; a job of thousands of parents is JSON.
+MAX_YAML_BODY = 64 << 10
 # Seconds a POST's whole body may take to arrive: uvicorn has no body timeout, so a client trickling (or stalling)
 # its body held the connection and the route open forever. 1 MiB in 30 s is 35 kB/s; a recipe takes milliseconds.
 BODY_TIMEOUT_S = 30.0
@@ -200,7 +213,27 @@ def public(job: dict[str, Any], outputs: Path, *, full: bool = True) -> dict[str
         view["error"] = service_advice(view["error"])
     if isinstance(view["result"], dict):
         view["result"] = advised_result(view["result"])
+    output = request.get("output")
+    if isinstance(output, str) and PurePath(output).is_absolute() and not inside_output_root(output, outputs):
+        # accepted under another --output-root (before a restart): that root is not shown either, only the name
+        view = without_path(view, output, PurePath(output).name)
     return without_output_root(view, outputs)
+
+
+def inside_output_root(output: str, outputs: Path) -> bool:
+    """Whether a stored (absolute, resolved) output lies inside the output root `outputs`."""
+    return any(PurePath(output).is_relative_to(root) for root in {outputs.absolute(), outputs.resolve()})
+
+
+def without_path(value: Any, path: str, shown_as: str) -> Any:
+    """`value` (a job's view) with `path` written as `shown_as` in every string."""
+    if isinstance(value, str):
+        return value.replace(repr(path), repr(shown_as)).replace(path, shown_as)
+    if isinstance(value, dict):
+        return {key: without_path(item, path, shown_as) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_path(item, path, shown_as) for item in value]
+    return value
 
 
 def recipe_summary(recipe: dict[str, Any]) -> dict[str, Any]:
@@ -245,12 +278,20 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
     state_dir = Path(state_dir).expanduser().absolute()
     roots = tuple(Path(root).expanduser().resolve() for root in local_roots)
     store = JobStore(state_dir)
-    # A queued job is checked against the roots again when it starts (it may have been accepted before a restart),
-    # and its worker is handed the paths that check resolved, not the client's strings.
-    scheduler = Scheduler(store, workers=workers,
-                          admit=lambda request: resolve_local_paths(JobRequest.from_stored(request), roots).to_dict())
     outputs = Path(output_root).expanduser().absolute() if output_root else state_dir / "outputs"
     outputs.mkdir(parents=True, exist_ok=True)
+
+    def admit(request: dict[str, Any]) -> dict[str, Any]:
+        """A queued job is checked again when it starts (it may have been accepted before a restart with other
+        roots): its output inside the current output root, its local paths inside the current local roots. Its
+        worker is handed the paths that check resolved, not the client's strings."""
+        job = JobRequest.from_stored(request)
+        if job.output and not inside_output_root(job.output, outputs):
+            raise RecipeError("its `output` was accepted under another output root (the service has restarted "
+                              "with another --output-root since), where it is not written: resubmit the job")
+        return resolve_local_paths(job, roots).to_dict()
+
+    scheduler = Scheduler(store, workers=workers, admit=admit)
     templates = Environment(loader=PackageLoader("hf_mudsc.serve", "templates"),
                             autoescape=select_autoescape(["html", "jinja"]))
 
@@ -311,17 +352,24 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         if _media_type(content_type) not in JSON_TYPES + YAML_TYPES:
             return error(415, f"send the recipe with `Content-Type: application/json` or `application/yaml`, "
                          f"got {content_type or 'none'!r}")
-        too_big = error(413, f"the body is larger than {MAX_BODY} bytes; a recipe is a few hundred")
+        if _media_type(content_type) in YAML_TYPES:
+            cap = MAX_YAML_BODY
+            too_big = error(413, f"the YAML body is larger than {cap} bytes (reading YAML is slow; a recipe is a "
+                            f"few hundred bytes); send a larger job as JSON (`Content-Type: application/json`, up to "
+                            f"{MAX_BODY} bytes)")
+        else:
+            cap = MAX_BODY
+            too_big = error(413, f"the body is larger than {cap} bytes; a recipe is a few hundred")
         too_big.headers["Connection"] = "close"  # the rest of the body is never read
-        if int(request.headers.get("content-length") or 0) > MAX_BODY:
+        if int(request.headers.get("content-length") or 0) > cap:
             return too_big  # declared too big: refused before a byte of it is read
         raw = bytearray()
 
         async def read() -> bool:
-            """Read the body into `raw`; False once it is larger than MAX_BODY (the rest is never read)."""
+            """Read the body into `raw`; False once it is larger than `cap` (the rest is never read)."""
             async for chunk in request.stream():
                 raw.extend(chunk)
-                if len(raw) > MAX_BODY:
+                if len(raw) > cap:
                     return False
             return True
 
@@ -353,18 +401,20 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
             return error(400, hide_output_root(service_advice(str(problem)), outputs))
         if job.dry_run and (taken := claimed_by_active_job(job)) is not None:  # said, not refused: see there
             job = replace(job, warnings=(*job.warnings, taken))
+        # The token is held before the row exists (`Scheduler.holding`): a queued row may start at once.
+        job_id = new_job_id()
         try:
             claims = (None, None) if job.dry_run else (job.output, job.repo_id)  # a dry run writes nothing
-            job_id = store.add(job.to_dict(), output=claims[0], repo_id=claims[1], dry_run=job.dry_run,
-                               has_token=token is not None, max_queued=max_queued, max_jobs=max_jobs,
-                               inputs=() if job.dry_run else job.inputs)
+            with scheduler.holding(job_id, token):
+                store.add(job.to_dict(), output=claims[0], repo_id=claims[1], dry_run=job.dry_run,
+                          has_token=token is not None, max_queued=max_queued, max_jobs=max_jobs,
+                          inputs=() if job.dry_run else job.inputs, job_id=job_id)
         except QueueFullError as problem:
             answer = error(429, str(problem))
             answer.headers["Retry-After"] = str(RETRY_AFTER_S)
             return answer
         except TargetClaimedError as problem:  # it names the claimed folders as the store holds them: absolute
             return error(409, hide_output_root(str(problem), outputs))
-        scheduler.submit(job_id, token)
         return JSONResponse({"id": job_id, "status": "queued",
                              "warnings": [hide_output_root(w, outputs) for w in job.warnings]}, status_code=201)
 

@@ -477,6 +477,11 @@ def refuse_control_characters(body: Mapping[str, Any]) -> None:
                 raise RecipeError(f"`{where}` must not contain {CONTROLS}, got {shown(item)}")
 
 
+# How the writer's location check shortens a long path in a refusal (`publish.folder.check_location`): its first
+# SHORTENED_HEAD characters, "...", its last SHORTENED_TAIL.
+SHORTENED_HEAD, SHORTENED_TAIL = 60, 17
+
+
 def resolve_output(output: str, output_root: Path) -> Path:
     """`output` as a folder inside `output_root` (relative names; `..` or another absolute path is refused)."""
     if "\x00" in output:
@@ -492,7 +497,28 @@ def resolve_output(output: str, output_root: Path) -> Path:
     if resolved == root or not resolved.is_relative_to(root):
         raise RecipeError(f"`output` must name a folder inside the service's output root: a relative name such as "
                           f"`merged-model` or `runs/merged-model` (no `..`, no path elsewhere), got {output!r}")
+    refuse_long_output(output, resolved, root)
     return resolved
+
+
+def refuse_long_output(output: str, resolved: Path, root: Path) -> None:
+    """Refuse an `output` too deep or too long to create, in words built from the client's own string: the writer's
+    location check (`check_location`) says it with the whole path shortened to its first and last characters, which
+    for an output root over 60 characters is most of the root (`hide_output_root` hides only whole forms of it)."""
+    from hf_mudsc.publish.folder import _STAGING_SUFFIX_LENGTH, MAX_NEW_FOLDERS
+
+    depth = len(resolved.relative_to(root).parts)
+    if depth > MAX_NEW_FOLDERS:
+        raise RecipeError(f"`output` {output[:40]!r}... names {depth} nested folders (hf-mudsc creates at most "
+                          f"{MAX_NEW_FOLDERS}); choose an `output` with fewer folders")
+    try:
+        path_limit = os.pathconf(root, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        path_limit = 4096
+    if len(os.fsencode(str(resolved))) + _STAGING_SUFFIX_LENGTH + 1 >= path_limit:
+        raise RecipeError(f"`output` {output[:40]!r}... is too long: inside the service's output root, with "
+                          f"hf-mudsc's temporary sibling, it is over this system's path limit ({path_limit} bytes); "
+                          "choose a shorter `output`")
 
 
 def hide_output_root(text: str, output_root: Path) -> str:
@@ -502,7 +528,18 @@ def hide_output_root(text: str, output_root: Path) -> str:
     root = output_root.expanduser()
     for form in sorted({str(root.absolute()), str(root.resolve())}, key=len, reverse=True):
         text = text.replace(repr(form), "the service's output root").replace(form + os.sep, "")
+        if len(form) >= SHORTENED_HEAD:  # a long path the writer shortened (`check_location`) begins inside the root
+            text = re.sub(re.escape(form[:SHORTENED_HEAD]) + rf"\.\.\.(.{{{SHORTENED_TAIL}}})",
+                          lambda match, form=form: "..." + _unrooted(match.group(1), form + os.sep), text)
     return text
+
+
+def _unrooted(tail: str, rooted: str) -> str:
+    """A shortened path's last characters without the end of the root they may begin with."""
+    for cut in range(min(len(tail), len(rooted)), 0, -1):
+        if rooted.endswith(tail[:cut]):
+            return tail[cut:]
+    return tail
 
 
 def resolve_local_paths(job: JobRequest, local_roots: Sequence[Path]) -> JobRequest:

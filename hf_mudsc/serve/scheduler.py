@@ -11,13 +11,22 @@ import logging
 import multiprocessing
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from hf_mudsc.errors import RecipeError
 from hf_mudsc.publish.folder import clean_leftovers
-from hf_mudsc.serve.store import RESTARTED_RUNNING, STOPPED_RUNNING, JobStore, StateLock, lock_state_dir
+from hf_mudsc.serve.store import (
+    RESTARTED_RUNNING,
+    STOPPED_PUSHING,
+    STOPPED_RUNNING,
+    TOKEN_NOT_HELD,
+    JobStore,
+    StateLock,
+    lock_state_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +59,7 @@ class Running:
     cancelled: bool = False
     requested: bool = False  # a client asked for the cancel (DELETE); otherwise the service is stopping
     finished: bool = False
+    pushing: bool = False  # the worker said its push began: a cancel never kills it (`_kill`)
     timer: threading.Timer | None = field(default=None, repr=False)
     follower: threading.Thread | None = field(default=None, repr=False)  # copies its pipe into the store
 
@@ -105,7 +115,9 @@ class Scheduler:
     def stop(self) -> None:
         """Cancel running jobs (they stop at their next cancel point), wait a little for them (`STOP_GRACE_S`, then
         kill), and record each as failed (`STOPPED_RUNNING`) before the store closes — a job still starting too:
-        none is left "running" in the store of a service that is gone."""
+        none is left "running" in the store of a service that is gone. The wait is bounded even for a job whose
+        push has begun (a shutdown must end); that job's record says the push may have completed
+        (`STOPPED_PUSHING`), never that nothing was pushed."""
         if self._later is not None:
             self._later.cancel()  # the store closes after this
         with self._lock:
@@ -128,7 +140,8 @@ class Scheduler:
             if run.follower is not None:
                 run.follower.join(timeout=EXIT_GRACE_S)
             try:
-                if self.store.finish_if_active(job_id, "failed", STOPPED_RUNNING):
+                error = self._push_stopped(job_id, "the service was shut down") if run.pushing else STOPPED_RUNNING
+                if self.store.finish_if_active(job_id, "failed", error):
                     logger.warning("job %s: failed, the service stopped while it ran", job_id)
             except Exception:  # noqa: BLE001 - the store refuses: logged, the restart's recovery fails it
                 logger.exception("job %s: could not record that the service stopped it", job_id)
@@ -137,8 +150,26 @@ class Scheduler:
 
     # ------------------------------------------------------------------ requests
     def submit(self, job_id: str, token: str | None) -> None:
+        """Hold `token` for a job already stored (tests, tools); a POST uses `holding`, which holds it first."""
         with self._lock:
-            self.tokens[job_id] = token
+            if token is not None:
+                self.tokens[job_id] = token
+        self._wake.set()
+
+    @contextmanager
+    def holding(self, job_id: str, token: str | None) -> Iterator[None]:
+        """Hold the job's token while its row is inserted (inside the block), then wake the queue. Held BEFORE the
+        row exists: a queued row is startable at once, and a job started before its token arrived ran on the
+        server's own Hub login. A refused insert (the block raises) drops the token again."""
+        if token is not None:
+            with self._lock:
+                self.tokens[job_id] = token
+        try:
+            yield
+        except BaseException:
+            with self._lock:
+                self.tokens.pop(job_id, None)
+            raise
         self._wake.set()
 
     def cancel(self, job_id: str) -> bool:
@@ -168,6 +199,11 @@ class Scheduler:
             run.timer.start()
 
     def _kill(self, job_id: str, run: Running) -> None:
+        """The cancel's grace is over: kill a worker stuck outside a cancel point — never one whose push has begun
+        (one commit: killed halfway it leaves an empty repo, and the push may land anyway)."""
+        if run.pushing:
+            logger.info("job %s: its push had begun when it was cancelled; the push completes", job_id)
+            return
         if not run.finished and run.process is not None and run.process.is_alive():
             logger.warning("job %s did not stop within %.0f s of its cancel; killing its worker", job_id,
                            CANCEL_GRACE_S)
@@ -197,6 +233,7 @@ class Scheduler:
             except Exception as error:  # noqa: BLE001 - any store error on one row: that job fails, not the queue
                 logger.exception("job %s: its record cannot be read", job_id)
                 self.store.mark_unreadable(job_id, f"{type(error).__name__}: {error}")
+                self.tokens.pop(job_id, None)  # (under the lock) it will never run: its token is not kept
                 continue
             if job is not None and job["status"] == "queued":
                 return job
@@ -211,6 +248,10 @@ class Scheduler:
                 if job is None:
                     return
                 job_id = job["id"]
+                if job.get("has_token") and job_id not in self.tokens:  # never on the server's own login
+                    self.store.finish_if_active(job_id, "failed", TOKEN_NOT_HELD)
+                    logger.warning("job %s: failed, its Hub token is not held", job_id)
+                    continue
                 token = self.tokens.pop(job_id, None)
                 run = Running(None, None)
                 self.running[job_id] = run
@@ -262,6 +303,10 @@ class Scheduler:
             if status == "succeeded":
                 fields["progress"] = 1.0
             self.store.update(job_id, **fields)
+        elif run.pushing:  # killed (the service stopping) or died after its push began: it may have landed
+            how = ("the service was shut down" if run.cancelled and not run.requested
+                   else f"its process ended, exit code {run.process.exitcode}")
+            self.store.update(job_id, status="failed", error=self._push_stopped(job_id, how))
         elif run.cancelled and not run.requested:  # killed while the service stopped
             self.store.update(job_id, status="failed", error=RESTARTED_RUNNING)
         elif run.cancelled:
@@ -271,6 +316,11 @@ class Scheduler:
             self.store.update(job_id, status="failed",
                               error=f"the worker process died (exit code {run.process.exitcode}) — out of memory "
                               "or a crash in native code; the service is unaffected")
+
+    def _push_stopped(self, job_id: str, how: str) -> str:
+        """The error of a job whose worker stopped after its push began (`STOPPED_PUSHING`), naming its repo."""
+        repo_id = ((self.store.get(job_id) or {}).get("request") or {}).get("push_to_hub") or "its Hub repo"
+        return STOPPED_PUSHING.format(how=how, repo_id=repo_id)
 
     def _follow(self, job_id: str, run: Running) -> None:
         """Copy one worker's messages into the store until its pipe closes; then settle the job's status. Whatever
@@ -342,6 +392,9 @@ class Scheduler:
                 logger.log(int(message[1]), "job %s failed:\n%s", job_id, message[2])
             elif kind == "phase":
                 self.store.update(job_id, phase=message[1], progress=float(message[2]))
+            elif kind == "pushing":
+                with self._lock:
+                    run.pushing = True
             elif kind == "done":
                 final = message
                 self._settle(job_id, run, final)

@@ -59,10 +59,16 @@ RESTARTED_RUNNING = ("the service stopped while this job was running (crash, kil
 RESTARTED_PUBLISHING = ("the service stopped while this job was writing or pushing its model (crash, kill or "
                         "restart); the push to {repo_id!r} may have completed: check the repo before resubmitting "
                         "the job")
+# A worker stopped (a shutdown's bounded wait, a crash) after it said its push began (`("pushing",)`).
+STOPPED_PUSHING = ("this job's worker was stopped while it pushed the model ({how}); the push to {repo_id!r} may "
+                   "have completed: check the repo before resubmitting the job")
 STOPPED_RUNNING = ("the service stopped (it was shut down) while this job was running; the job was stopped before its "
                    "push, so nothing was written or pushed — resubmit the job")
 RESTARTED_TOKEN = ("the service restarted before this job ran, and Hub tokens are held in memory only: "
                    "resubmit with a token")
+# A queued job that came with a token the scheduler does not hold: never started on the server's own Hub login.
+TOKEN_NOT_HELD = ("this job came with a Hub token that the service no longer holds (tokens are kept in memory only), "
+                  "so it was not started on the service's own Hub login: resubmit the job with its token")
 
 UNREADABLE_ROW = ("the service could not read this job's stored record ({problem}); it was marked failed and will not "
                   "run — resubmit the job")
@@ -205,6 +211,11 @@ def lock_state_dir(state_dir: str | os.PathLike) -> StateLock:
     return lock
 
 
+def new_job_id() -> str:
+    """A job's id: 12 random hex digits."""
+    return uuid.uuid4().hex[:12]
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -250,8 +261,9 @@ class JobStore:
     # ------------------------------------------------------------------ writes
     def add(self, request: dict[str, Any], *, output: str | None, repo_id: str | None, dry_run: bool,
             has_token: bool, max_queued: int | None = None, max_jobs: int | None = None,
-            inputs: Sequence[tuple[str, str]] = ()) -> str:
-        """A new queued job; refused (`QueueFullError`) while `max_queued` jobs are queued, and
+            inputs: Sequence[tuple[str, str]] = (), job_id: str | None = None) -> str:
+        """A new queued job (`job_id`: the id chosen beforehand, `new_job_id`, so the scheduler can hold the job's
+        token before its row exists); refused (`QueueFullError`) while `max_queued` jobs are queued, and
         (`TargetClaimedError`) if a queued or running job claims its destination, if its output is, holds or lies
         inside a local input of a queued or running job, or if one of its `inputs` ((key, absolute resolved path):
         parents, base, calibration data) is, holds or lies inside the output of one: inputs are never modified, and
@@ -260,7 +272,7 @@ class JobStore:
 
         The checks and the insert are one transaction, so two concurrent submissions cannot both claim a target
         or both take the last place in the queue."""
-        job_id = uuid.uuid4().hex[:12]
+        job_id = job_id or new_job_id()
         stamp = now()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -520,6 +532,7 @@ def _unreadable_job(row: sqlite3.Row, problem: str) -> dict[str, Any]:
         "created": str(row["created"]),
         "updated": str(row["updated"]),
         "dry_run": False,
+        "has_token": False,
         "request": {},
     }
 
@@ -537,6 +550,7 @@ def _job(row: sqlite3.Row) -> dict[str, Any]:
         "created": row["created"],
         "updated": row["updated"],
         "dry_run": bool(row["dry_run"]),
+        "has_token": bool(row["has_token"]),
         "request": _mapping(row["request"]),
     }
 

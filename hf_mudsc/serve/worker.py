@@ -7,6 +7,7 @@ This module imports nothing heavy at import time; the merge engine is imported b
     web -> worker   {"token": str | None}   first, once (the token never touches the disk)
                     "cancel"                 stop at the next safe point
     worker -> web   ("phase", name, progress)   ("log", line)   ("done", status, error, result)
+                    ("pushing",)   the push has begun: it is never stopped (no cancel point, no kill for a cancel)
                     ("traceback", level, text)   a failure's traceback, for the server's log only (never the job's)
 
 Progress comes from the pipeline's own logging records (a handler on the `hf_mudsc` logger maps each stage's
@@ -40,11 +41,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 import traceback
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from hf_mudsc.errors import PushError
@@ -56,6 +60,7 @@ from hf_mudsc.runner import push_not_checked
 from hf_mudsc.serve.jobs import JobRequest
 
 DELAY_ENV = "HF_MUDSC_SERVE_TEST_DELAY"
+KEPT = "the merged model is kept in"  # how the writer's failed push says where it kept the model (publish/writer.py)
 ORPHAN_GRACE_S = 20.0
 # The errors a job ends in on purpose, for a bad input or destination: the ones `hf-mudsc merge` prints as one line.
 EXPECTED = (ValueError, FileExistsError, FileNotFoundError, PermissionError, PushError)
@@ -166,8 +171,9 @@ class Reporter:
 
     def on_record(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
-        if self.phase == "publish" and record.name == "hf_mudsc.publish.hub":
+        if self.phase == "publish" and record.name == "hf_mudsc.publish.hub" and not self.pushing:
             self.pushing = True  # checking or creating the repo after the merge: the push has begun
+            self.send(("pushing",))  # so the scheduler never kills this worker for a cancel (scheduler._kill)
         for prefix, start, phase, progress in PHASE_MARKS:
             if record.name.startswith(prefix) and message.startswith(start):
                 if phase == "published":
@@ -318,6 +324,28 @@ def forward_progress(reporter: Reporter, expected: int | None, delay: float = 0.
             handle.remove()
 
 
+def push_failed(job: JobRequest, error: PushError) -> PushError:
+    """A failed push as a service client reads it. The writer keeps a push-only merge in the temp folder
+    (`hf-mudsc-unpushed-*`) and names it with an `hf-mudsc push` command, for a CLI user: on the server that folder is
+    removed (no client can reach it; every such job would leave a whole model behind), and the error names neither
+    it nor the command. A merge written to an `output` stays there, named as the client named it (`public`)."""
+    from hf_mudsc.publish.writer import UNPUSHED_PREFIX
+
+    said = str(error)
+    if KEPT not in said:  # not the writer's failed push (nothing was kept): as the library said it
+        return error
+    cause = hub_error_line(error.__cause__) if error.__cause__ is not None else said.split(f" — {KEPT}")[0]
+    repo = job.recipe.push_to_hub
+    if job.recipe.output is not None:
+        return PushError(f"the push to {repo!r} failed: {cause}; the merged model is kept in the output folder "
+                         f"{str(job.recipe.output)!r}")
+    for kept in Path(tempfile.gettempdir()).glob(f"{UNPUSHED_PREFIX}*"):
+        if str(kept) in said:  # this job's own: never a folder a CLI run on the same machine kept
+            shutil.rmtree(kept, ignore_errors=True)
+    return PushError(f"the push to {repo!r} failed: {cause}; the merged model was not kept (the job names no "
+                     "`output`): resubmit the job, with an `output` to keep the model on the service if a push fails")
+
+
 def run_merge(job: JobRequest, token: str | None, reporter: Reporter) -> dict[str, Any]:
     """Merge, write and push exactly as `hf-mudsc merge` does (`hf_mudsc.runner.execute`, the one writer)."""
     reporter.enter("load")
@@ -327,8 +355,14 @@ def run_merge(job: JobRequest, token: str | None, reporter: Reporter) -> dict[st
     from hf_mudsc.load.parents import BASE_FROM_CARDS
     from hf_mudsc.runner import execute
 
-    with forward_progress(reporter, _expected_batches(job), delay):
-        produced = execute(job.recipe, token=token, base_origin=BASE_FROM_CARDS if job.base_from_cards else None)
+    try:
+        with forward_progress(reporter, _expected_batches(job), delay):
+            produced = execute(job.recipe, token=token, base_origin=BASE_FROM_CARDS if job.base_from_cards else None)
+    except PushError as error:
+        said = push_failed(job, error)
+        if said is error:
+            raise
+        raise said from error.__cause__
     push = produced.get("push")
     output = produced.get("output")
     files = sorted(p.name for p in output.iterdir() if p.is_file() and not p.name.startswith(".")) if output else []
