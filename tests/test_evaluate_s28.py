@@ -227,3 +227,48 @@ def test_two_local_folders_of_one_name_are_two_datasets_for_the_joint_row(case, 
     front = card.split("---", 2)[1]
     assert "joint" not in front, front
     assert "test (local folder) + test (local folder)" in card.split("---", 2)[2]
+
+
+def test_a_task_column_class_label_naming_no_task_is_read_by_its_ids_as_task_indices(case, tmp_path):
+    """A task ClassLabel whose names are not the model's task names (`animals`, `paintings`) keeps meaning task
+    indices, as before names were read."""
+    both = datasets.load_from_disk(str(case / "both"))
+    indices = both.map(lambda row: {"task": 0 if row["task"] == "zoo" else 1})
+    indices.cast_column("task", datasets.ClassLabel(names=["animals", "paintings"])).save_to_disk(tmp_path / "idx")
+    plain = _scores(case, tmp_path, ["--dataset", str(case / "both"), "--task-column", "task"], "plain.json")
+    coded = _scores(case, tmp_path, ["--dataset", str(tmp_path / "idx"), "--task-column", "task"], "idx.json")
+    assert _figures(coded) == _figures(plain)
+
+
+def test_a_task_column_applies_to_the_named_datasets_that_hold_it(case, tmp_path):
+    """`--dataset zoo=./both --dataset art=./test-art --task-column task`: the column picks zoo's rows of `both`;
+    `test-art`, which has no such column, is art's data as it is."""
+    mixed = _scores(case, tmp_path, ["--dataset", f"zoo={case / 'both'}", "--dataset", f"art={case / 'test-art'}",
+                                     "--task-column", "task"], "mixed.json")
+    assert _figures(mixed)[0] == {"zoo": 12, "art": 10}
+
+
+def test_a_failed_output_json_write_leaves_the_folders_results_and_card_as_they_were(case, tmp_path, monkeypatch):
+    """The folder's eval_results.json was written first: when writing --output-json then failed, it held the new run
+    while the card still showed the old one."""
+    import shutil
+
+    from hf_mudsc.evaluate.results import EvaluationResult
+
+    merged = tmp_path / "merged"
+    shutil.copytree(case / "merged", merged)
+    flags = ["--dataset", f"zoo={case / 'test-zoo'}", "--dataset", f"art={case / 'test-art'}", "--no-parents"]
+    assert main(["evaluate", str(merged), *flags, "-q"]) == 0
+    before = _files(merged)
+    target = tmp_path / "copy.json"
+    save = EvaluationResult.save
+
+    def failing(self, path):
+        if str(path) == str(target):
+            raise OSError("disk full")
+        return save(self, path)
+
+    monkeypatch.setattr(EvaluationResult, "save", failing)
+    with pytest.raises(OSError, match="disk full"):
+        main(["evaluate", str(merged), *flags, "--num-samples", "3", "--output-json", str(target), "-q"])
+    assert _files(merged) == before

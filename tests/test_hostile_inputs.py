@@ -531,6 +531,19 @@ def test_a_file_linking_out_from_a_subfolder_of_a_parent_is_refused(tmp_path):
             "outside the folder") in message
 
 
+def test_links_out_in_subfolders_no_loader_reads_do_not_refuse_a_training_folder(tmp_path):
+    """A training run's folder may hold `wandb/`, `runs/` or a `data` link pointing anywhere: transformers reads none
+    of them, and refusing the parent for them asked users to clean up folders the merge never reads."""
+    from hf_mudsc.load.parents import load_parent
+
+    folder = _save_vit_with_processor(tmp_path / "vit")
+    (folder / "wandb").mkdir()
+    (folder / "wandb" / "latest-run").symlink_to(tmp_path)
+    (folder / "checkpoint-500").mkdir()
+    (folder / "checkpoint-500" / "optimizer.pt").symlink_to(tmp_path / "elsewhere.pt")
+    assert load_parent(folder).processor is not None
+
+
 @pytest.mark.parametrize("where", ["top", "subfolder"])
 def test_a_symbolic_link_loop_in_a_parent_folder_is_one_line(tmp_path, where):
     """`Path.resolve` raises on a link loop: the merge ended in a `RuntimeError: Symlink loop` traceback."""
@@ -538,7 +551,7 @@ def test_a_symbolic_link_loop_in_a_parent_folder_is_one_line(tmp_path, where):
     from hf_mudsc.load.parents import load_parent
 
     folder = _save_vit_with_processor(tmp_path / "vit")
-    inner = folder if where == "top" else folder / "sub"
+    inner = folder if where == "top" else folder / "additional_chat_templates"
     inner.mkdir(exist_ok=True)
     (inner / "a").symlink_to(inner / "b")
     (inner / "b").symlink_to(inner / "a")
@@ -546,7 +559,7 @@ def test_a_symbolic_link_loop_in_a_parent_folder_is_one_line(tmp_path, where):
         load_parent(folder)
     message = str(caught.value)
     assert "\n" not in message
-    name = "a" if where == "top" else "sub/a"
+    name = "a" if where == "top" else "additional_chat_templates/a"
     assert f"{str(folder)!r}: {name} is a symbolic link that never reaches a file (a loop); remove it" in message
 
 
@@ -1675,6 +1688,8 @@ def test_a_cached_hub_snapshot_linking_a_processor_file_out_of_the_cache_is_refu
     (snapshot / name).unlink()
     outside = tmp_path / "outside.json"
     outside.write_bytes((folder / name).read_bytes())
+    if name == "config.json":  # read before the processor's check: it must be refused before it is parsed
+        outside.write_text('{"model_type": "not-a-model-type-xyz"}')
     (snapshot / name).symlink_to(outside)
     with pytest.raises(LoadError) as caught:
         load_parent("org/vit", cache_dir=tmp_path / "hub")

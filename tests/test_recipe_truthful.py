@@ -204,7 +204,8 @@ def test_a_recipe_from_a_newer_release_says_so(tmp_path, caplog):
     "{extra: !!set {a}}",                                      # a set
     "{when: 2026-12-02}",                                      # a date
     "{1: x}",                                                  # a key that is no string
-    "&a [*a]",                                                 # a list holding itself
+    "&a {k: *a}",                                              # a mapping holding itself
+    "{score: .nan}",                                           # NaN: no strict JSON
     "&a {k: [x, x, x, x, x, x, x, x, x, x]}",
 ])
 def test_a_recipes_auto_chosen_holding_anything_but_plain_json_is_refused_on_load(tmp_path, value):

@@ -233,7 +233,7 @@ def _datasets(
     """The --dataset flags -> evaluate_merge's datasets_per_task (opened lazily: bad specs fail fast). Flags that do
     not map onto the model's tasks raise `UsageError` (exit 2: an invalid command line); `clip`: the model is a CLIP
     (no task names of its own, so every dataset names its task)."""
-    from hf_mudsc.calibrate.datasets import load_calibration_dataset
+    from hf_mudsc.calibrate.datasets import column_names, load_calibration_dataset
     from hf_mudsc.evaluate.batches import evaluation_source
     from hf_mudsc.evaluate.tasks import (
         TaskData,
@@ -270,10 +270,14 @@ def _datasets(
                 "--dataset TASK=SPEC"
             )
         opened = {task: open_spec(spec, task) for task, spec in parsed}
-        if args.task_column:  # each named dataset's rows of its own task (one dataset may hold several tasks)
+        if args.task_column:  # a named dataset holding the column: its rows of its own task (it may hold several)
+            def holds_column(task: str, source: TaskData) -> bool:
+                return args.task_column in column_names(source.data, f"evaluation data of task {task!r}",
+                                                        EvaluationError)
+
             opened = {task: replace(source, task_column=args.task_column,
                                     task_value=(task_names.index(task) if task in task_names else -1, task))
-                      for task, source in opened.items()}
+                      if holds_column(task, source) else source for task, source in opened.items()}
         return opened
     if len(parsed) == 1 and ranges and len(task_names) > 1:
         source = open_spec(parsed[0][1], None)

@@ -250,13 +250,14 @@ def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: in
     feature = features.get(label_column)
     task_feature = features.get(source.task_column) if source.task_column is not None else None
     task_labels = (list(task_feature.names) if isinstance(task_feature, datasets.ClassLabel)
-                   and not unnamed_classes(task_feature.names) else None)
+                   and set(task_feature.names) & set(task_names) else None)  # else its ids are task indices
     relabel = (joint_relabel(list(feature.names), joint_classes) if isinstance(feature, datasets.ClassLabel)
                and source.label_range is not None and joint_classes is not None else None)
-    by_name = (isinstance(feature, datasets.ClassLabel) and class_names is not None and source.label_range is None
-               and list(feature.names) != list(class_names) and sorted(feature.names) == sorted(class_names))
-    if (isinstance(feature, datasets.ClassLabel) and class_names is not None and source.label_range is None
-            and not by_name):
+    by_name = (isinstance(feature, datasets.ClassLabel) and class_names is not None and source.task_column is None
+               and source.label_range is None and list(feature.names) != list(class_names)
+               and sorted(feature.names) == sorted(class_names))
+    if (isinstance(feature, datasets.ClassLabel) and class_names is not None and source.task_column is None
+            and source.label_range is None and not by_name):
         check_class_label_ids(list(feature.names), list(class_names), task)
     dataset = _select_rows(dataset, source, label_column, task_names, task, task_labels, relabel)
     if num_samples is not None:

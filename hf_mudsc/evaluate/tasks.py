@@ -105,7 +105,7 @@ def tasks_without_rows(tasks: Mapping[str, TaskData]) -> list[str] | None:
             return None
         named = data.unique(first.task_column)
         feature = data.features.get(first.task_column)
-        if isinstance(feature, datasets.ClassLabel) and not unnamed_classes(feature.names):  # read by its names
+        if isinstance(feature, datasets.ClassLabel) and set(feature.names) & set(tasks):  # read by its names
             named = [feature.int2str(int(value)) if 0 <= int(value) < feature.num_classes else value
                      for value in named]
         return [task for task, source in tasks.items()

@@ -14,16 +14,23 @@ from pathlib import Path
 
 from hf_mudsc.errors import LoadError
 
+# The one subfolder transformers reads files from while loading a processor (a tokenizer's extra chat templates),
+# which the writer saves into the merged model; weight shards in subfolders are checked one by one by the loader.
+TEMPLATES_FOLDER = "additional_chat_templates"
+
 
 def refuse_links_out(reference: str, folder: Path) -> None:
-    """Refuse `folder` when any entry in it, at any depth, is a symbolic link to anything outside it
-    (`refuse_link_out`): transformers reads files in subfolders too (a tokenizer's `additional_chat_templates/`) and
-    the writer saves them into the merged model. Links are checked, not followed."""
-    for root, directories, files in os.walk(folder, followlinks=False):
-        for name in sorted(directories + files):
-            entry = Path(root) / name
-            if entry.is_symlink():
-                refuse_link_out(reference, folder, entry)
+    """Refuse `folder` when one of its entries, or anything in its `TEMPLATES_FOLDER`, is a symbolic link to anything
+    outside it (`refuse_link_out`). Other subfolders are not read (a training run's `wandb/` may link anywhere).
+    Links are checked, not followed."""
+    entries = sorted(folder.iterdir())
+    templates = folder / TEMPLATES_FOLDER
+    if templates.is_dir() and not templates.is_symlink():
+        for root, directories, files in os.walk(templates, followlinks=False):
+            entries += [Path(root) / name for name in sorted(directories + files)]
+    for entry in entries:
+        if entry.is_symlink():
+            refuse_link_out(reference, folder, entry)
 
 
 def refuse_link_out(reference: str, folder: Path, entry: Path) -> None:

@@ -42,7 +42,7 @@ from hf_mudsc.load.checks import (
 from hf_mudsc.load.config_json import FIX as CONFIG_FIX
 from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES, card_too_large, check_config_json, read_card
 from hf_mudsc.load.hub_calls import hub_call, hub_error_line
-from hf_mudsc.load.links import refuse_link_out, refuse_links_out
+from hf_mudsc.load.links import TEMPLATES_FOLDER, refuse_link_out, refuse_links_out
 from hf_mudsc.load.objects import object_source
 from hf_mudsc.load.processors import load_processor, processor_from_name, tokenizer_of
 from hf_mudsc.load.references import card_base_model, looks_like_path, object_reference, parse_reference
@@ -57,8 +57,6 @@ logger = logging.getLogger(__name__)
 
 # Small top-level files fetched before any weights: the config, processors and tokenizers (their chat templates).
 SMALL_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja")
-# The one subfolder a tokenizer reads files from (transformers' extra chat templates): measured like the top level.
-TEMPLATES_FOLDER = "additional_chat_templates"
 
 
 
@@ -439,6 +437,9 @@ def check_weight_files(reference: str, folder: Path, weight_files: Sequence[str]
                 raise LoadError(f"{reference!r}: {name} names the shard {odd!r}, not a .safetensors file of the "
                                 "folder; re-download it or re-save the model with save_pretrained")
             names += [shard for shard in shards if shard.endswith(".safetensors")]
+            for shard in shards:  # pickle shards too: their headers are read only when they load
+                if (folder / shard).is_symlink():
+                    refuse_link_out(reference, folder, folder / shard)
         elif name.endswith(".safetensors"):
             names.append(name)
     stored_in: dict[str, str] = {}
@@ -528,6 +529,7 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
                                 "a model repository's side files are small — remove it from the repository or "
                                 "choose another revision")
         folder = download_files(reference, repo_id, sha, small, token=token, cache_dir=cache_dir)
+        refuse_links_out(reference, folder)  # a cached snapshot is handed back unchecked: links only into its blobs
     config = load_config(folder, reference)
     return _Located(reference=reference, config=config, folder=folder, repo_id=repo_id, revision=revision,
                     commit_sha=sha, weight_files=weight_files, use_pickle=use_pickle, card_bytes=card_bytes)

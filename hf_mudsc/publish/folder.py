@@ -511,13 +511,13 @@ def staged_output(
     parent = target.parent if target is not None else Path(tempfile.gettempdir())
     # The folders made on the way to the output, deepest first: removed again if the block fails.
     created = list(itertools.takewhile(lambda folder: not os.path.lexists(folder), (parent, *parent.parents)))
-    parent.mkdir(parents=True, exist_ok=True)
     name = target.name if target is not None else "hf-mudsc"
-    if target is not None:
-        clean_leftovers(target)
-    existed = target is not None and os.path.lexists(target)
     finished = False
     try:
+        parent.mkdir(parents=True, exist_ok=True)  # a failure half-way (quota, read-only) removes what it made
+        if target is not None:
+            clean_leftovers(target)
+        existed = target is not None and os.path.lexists(target)
         staging = Path(tempfile.mkdtemp(prefix=f".{name}{PARTIAL_MARK}", dir=parent))
         try:
             record_files(staging, complete=False, staging=True)
@@ -570,11 +570,11 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None]
         temporary.unlink(missing_ok=True)
     # Recorded by the nearest folder the writer made around it (`DIR/plots/r.json` too): a file it does not list
     # would make its later `overwrite` refuse the folder as holding another's file.
-    written = path.resolve()
-    root = Path(owner).resolve() if owner is not None else written_around(written)
+    written = path.absolute()
+    root = Path(owner).absolute() if owner is not None else written_around(written)
     marker = read_marker(root) if root is not None else None
     if marker is not None and marker.get("complete"):
-        marker["files"][written.relative_to(root).as_posix()] = _fingerprint_of(path, settled=False)
+        marker["files"][written.relative_to(root.absolute()).as_posix()] = _fingerprint_of(path, settled=False)
         _write_marker(root, marker)
     return path
 

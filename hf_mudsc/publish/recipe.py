@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -622,6 +623,8 @@ def is_small_json(value: Any, limit: int = AUTO_CHOSEN_MAX_VALUES) -> bool:
             pending.extend(item.values())
         elif isinstance(item, list):
             pending.extend(item)
+        elif isinstance(item, float) and not math.isfinite(item):  # strict JSON readers refuse NaN and inf
+            return False
         elif item is not None and not isinstance(item, (str, int, float)):  # bool is an int
             return False
     return True
