@@ -1369,9 +1369,9 @@ def _calibration_name(calibration: Any) -> str | None:
 
 
 def _input_columns(model: PreTrainedModel) -> set[str]:
-    import inspect
+    from hf_mudsc.calibrate.layer_inputs import model_input_names
 
-    return set(inspect.signature(model.forward).parameters)
+    return model_input_names(model)
 
 
 def from_pretrained(model_a: Any, model_b: Any, calibration: Any = None, *, token: str | bool | None = None,

@@ -10,6 +10,7 @@ the same call always sees the same samples, on one process or sharded over many.
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import re
@@ -42,7 +43,8 @@ DEFAULT_BATCH_SIZE = 32
 _TEXT_LIMIT = 512  # fallback truncation when neither the tokenizer nor the config gives one
 # What a single data file's builder (`FILE_BUILDERS`) needs besides the file, by suffix: as `datasets` reads a folder
 # of such files (a `.tsv` is the csv builder with a tab separator; with the default ',' text with commas is split).
-FILE_BUILDER_OPTIONS: dict[str, dict[str, Any]] = {".tsv": {"sep": "\t"}}
+# A tab-separated file has no quoting: a `"` is text (GLUE's TSVs hold `"Yes," he said`), else rows were joined.
+FILE_BUILDER_OPTIONS: dict[str, dict[str, Any]] = {".tsv": {"sep": "\t", "quoting": csv.QUOTE_NONE}}
 
 
 @dataclass(frozen=True)
@@ -219,6 +221,11 @@ def _load_split(parsed: DatasetSpec, streaming: bool, token: str | bool | None, 
         args = (name,) if parsed.config is None else (name, parsed.config)
     try:
         loaded = datasets.load_dataset(*args, **kwargs)
+    except datasets.exceptions.DatasetGenerationError as error:  # a file parsed when loaded (a slice: not streamed)
+        cause = error.__cause__
+        if not isinstance(cause, Exception):
+            raise
+        raise data_error(cause, str(parsed), role.error) from None
     except ValueError as error:
         if "split" in str(error).lower():
             raise role.error(f"{role.names('spec', str(parsed))}: {brief(error)}") from error
@@ -384,7 +391,9 @@ def _sliced(dataset: Any, slice_: str, parsed: DatasetSpec, role: DataRole = CAL
                          f"({brief(error)}); write it as datasets does, e.g. '[:100]', '[10:20]', '[-50:]' or "
                          "'[:10%]'") from None
     (instruction,) = instructions
-    return dataset.select(range(instruction.from_, instruction.to), keep_in_memory=True)
+    # A slice beyond the end comes back as [n:n], which `select` refuses: no rows (refused as an empty split).
+    return dataset.select(range(instruction.from_, max(instruction.from_, instruction.to)) if instruction.from_ <
+                          len(dataset) else [], keep_in_memory=True)
 
 
 def _pick_split(loaded: Any, parsed: DatasetSpec, role: DataRole = CALIBRATION) -> Any:
@@ -713,22 +722,31 @@ def decoded_safely(chunks: Iterable[Any], source: str, error: type[ValueError] =
 
     try:
         yield from chunks
-    except Image.DecompressionBombError as refusal:
-        raise error(f"an image of dataset {source!r} is too large to decode safely ({brief(refusal)}); remove or "
-                    "shrink that image") from None
-    except Image.UnidentifiedImageError as refusal:
-        raise error(f"an image of dataset {source!r} cannot be decoded ({first_line(refusal)}): it is no image file "
-                    "Pillow reads; remove that row or re-encode the image as PNG or JPEG") from None
-    except UnicodeDecodeError as refusal:
-        raise error(f"dataset {source!r} is not UTF-8 text ({refusal}); re-encode it as UTF-8") from None
-    except FileNotFoundError as refusal:  # an Image row naming a file by its path
-        raise error(f"dataset {source!r} names a file that does not exist ({refusal.filename!r}); remove that row or "
-                    "restore the file") from None
-    except (ValueError, OSError) as failure:  # a reader's refusal of the data (pandas' ParserError, pyarrow's ...)
+    except (ValueError, OSError, Image.DecompressionBombError) as failure:
         if isinstance(failure, error):
             raise
-        raise error(f"dataset {source!r} cannot be read ({type(failure).__name__}: {brief(failure)}); fix or "
-                    "replace the data file") from None
+        raise data_error(failure, source, error) from None
+
+
+def data_error(failure: Exception, source: str, error: type[ValueError] = CalibrationError) -> ValueError:
+    """The one-line `error` for a reader's refusal of the data of dataset `source`: an image too large to decode
+    safely (a decompression bomb), one that is no image, text that is not UTF-8, a row naming a missing file, or
+    any other refusal (pandas' ParserError, pyarrow's ...)."""
+    from PIL import Image
+
+    if isinstance(failure, Image.DecompressionBombError):
+        return error(f"an image of dataset {source!r} is too large to decode safely ({brief(failure)}); remove or "
+                     "shrink that image")
+    if isinstance(failure, Image.UnidentifiedImageError):
+        return error(f"an image of dataset {source!r} cannot be decoded ({first_line(failure)}): it is no image file "
+                     "Pillow reads; remove that row or re-encode the image as PNG or JPEG")
+    if isinstance(failure, UnicodeDecodeError):
+        return error(f"dataset {source!r} is not UTF-8 text ({failure}); re-encode it as UTF-8")
+    if isinstance(failure, FileNotFoundError):  # an Image row naming a file by its path
+        return error(f"dataset {source!r} names a file that does not exist ({failure.filename!r}); remove that row "
+                     "or restore the file")
+    return error(f"dataset {source!r} cannot be read ({type(failure).__name__}: {brief(failure)}); fix or replace the "
+                 "data file")
 
 
 def column_names(dataset: Any, source: str = "dataset", error: type[ValueError] = CalibrationError) -> list[str]:

@@ -21,9 +21,21 @@ from hf_mudsc.spec import PermutationSpec
 FORWARD_ERRORS = (RuntimeError, ValueError, TypeError, IndexError)
 
 
+# Forward arguments that are no model input: a loss's targets (a DataLoader over labelled data yields them; run
+# through a classifier they compute a loss nobody reads, and fail on labels outside its classes) and `**kwargs`.
+NOT_MODEL_INPUTS = frozenset({"labels", "label", "return_loss"})
+
+
+def model_input_names(model: nn.Module) -> set[str]:
+    """The names of the model's forward arguments that are model inputs (not `NOT_MODEL_INPUTS`, not `**kwargs`)."""
+    parameters = inspect.signature(model.forward).parameters.values()
+    return {parameter.name for parameter in parameters if parameter.name not in NOT_MODEL_INPUTS
+            and parameter.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
+
+
 def forward_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
-    """The batch entries the model's forward accepts."""
-    accepted = set(inspect.signature(model.forward).parameters)
+    """The batch entries the model's forward reads as inputs (`model_input_names`)."""
+    accepted = model_input_names(model)
     return {k: v for k, v in batch.items() if k in accepted}
 
 

@@ -186,6 +186,11 @@ class ModelInputCheck:
                           "inferred: the id may be a real token); pass attention_mask with the input_ids (the "
                           "tokenizer returns one), or raw text")
         mask = batch.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and isinstance(ids, torch.Tensor) and mask.shape != ids.shape:
+            raise self.error(  # a shorter mask was dropped as no mask: padding read as tokens, without a word
+                f"{self.data} attention_mask has shape {tuple(mask.shape)} but input_ids {tuple(ids.shape)}: one "
+                f"mask value per token is needed; pass the attention_mask {self._whose} tokenizer returns with the "
+                "input_ids (or raw text)")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.numel():
             empty = int((mask == 0).all(dim=1).sum())
             if empty:

@@ -14,6 +14,7 @@ import math
 import re
 import sys
 import tempfile
+import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -244,6 +245,28 @@ MODEL_FILES = ("config.json", "mudsc_recipe.yaml", "*.safetensors", "*.bin", "*.
 POORER_WITHOUT_DIAGNOSTICS = ("match_quality.png",)
 
 
+# Bidirectional overrides make a name display as another (U+202A-U+202E, U+2066-U+2069).
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def escaped(text: str, keep: str = "") -> str:
+    """`text` with every control character (but those in `keep`) and bidirectional override written as its escape
+    (`\\x1b`, `\\n`, `\\u202e`): printed, it shows what the file holds instead of acting on the terminal."""
+    return "".join(char if char in keep or (unicodedata.category(char) != "Cc" and char not in BIDI_CONTROLS)
+                   else char.encode("unicode_escape").decode("ascii") for char in text)
+
+
+def printable(value: Any) -> Any:
+    """`value` (a config's `mudsc` record) with every string in it `escaped`, newlines too."""
+    if isinstance(value, str):
+        return escaped(value)
+    if isinstance(value, dict):
+        return {printable(key): printable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [printable(item) for item in value]
+    return value
+
+
 def holds_model(folder: Path) -> bool:
     """Whether `folder` holds a model's config, weights or recipe (at its top level)."""
     return folder.is_dir() and not folder.is_symlink() and any(
@@ -270,7 +293,13 @@ def inspect_folder(folder: Path, *, output: str | None = None, overwrite: bool =
             f"{MARKER_FILENAME}), so inspect writes nothing into it; pass --output DIR for the plots, or --no-plots"
         )
     has_file = (folder / DIAGNOSTICS_FILENAME).is_file()
-    print(summary(folder, mudsc, diagnostics, evaluation, has_file))
+    # A downloaded folder's strings are data: a newline in a parent's name would print a line of its own, an escape
+    # sequence would drive the terminal. Escaped in the config's values, and in whatever else the summary shows.
+    try:
+        text = summary(folder, printable(mudsc), diagnostics, evaluation, has_file)
+    except ValueError as error:  # a number field holding text (`weight_distance: n/a`)
+        raise ValueError(malformed(folder, "config.json", f"{type(error).__name__}: {error}")) from None
+    print(escaped(text, keep="\n"))
     if not plots:
         return 0
     drawable = diagnostics if diagnostics.groups else None
