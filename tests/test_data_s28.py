@@ -7,6 +7,7 @@ import json
 import shutil
 
 import datasets
+import numpy as np
 import pytest
 import torch
 from factories import make_model
@@ -126,3 +127,21 @@ def test_inspect_names_the_file_when_a_number_field_holds_text(merged_folder, tm
     assert main(["inspect", str(folder), "--no-plots"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "config.json" in err and "n/a" in err, err
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint8])
+def test_an_image_column_declared_16_or_8_bit_is_read_at_that_depth_for_every_image(tmp_path, dtype):
+    """`datasets` hands uint16 array rows back as Python ints, and each image's own range decided its bit depth: a
+    dark 16-bit frame (200) was read as 8-bit and came out brighter than a bright one (20000)."""
+    from transformers import ViTConfig, ViTImageProcessor
+
+    from hf_mudsc.calibrate.datasets import resolve_calibration
+
+    values = (200, 20000) if dtype == np.uint16 else (20, 200)
+    data = datasets.Dataset.from_dict({"image": [np.full((16, 16), v, dtype) for v in values]})
+    processor = ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5])
+    config = ViTConfig(image_size=16, patch_size=8, num_channels=1)
+    batch = next(resolve_calibration(data, processor, model_config=config, shuffle=False).batches(2))
+    scale = 257 if dtype == np.uint16 else 1
+    expected = [(round(v / scale) / 255 - 0.5) / 0.5 for v in values]
+    assert batch["pixel_values"].mean(dim=(1, 2, 3)).tolist() == pytest.approx(expected, abs=1e-6)

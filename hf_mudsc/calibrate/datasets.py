@@ -428,6 +428,9 @@ class _Preprocessor:
     num_channels: int | None
     max_length: int | None
     role: DataRole = CALIBRATION
+    image_dtype: str | None = None
+    """The integer dtype the image column declares for its array values (`Value('uint16')`): every image is read at
+    that bit depth (`array_image`), not by its own range."""
 
     def __call__(self, rows: Mapping[str, Sequence[Any]]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -471,7 +474,7 @@ class _Preprocessor:
                 raise self.role.error(image_structs(self.image_column, self.role))
             if not getattr(self.image_processor, "do_rescale", True):  # it expects pixels already in its range
                 return np.asarray(image)
-            image = array_image(image, self.image_column, self.role)
+            image = array_image(image, self.image_column, self.role, dtype=self.image_dtype)
             if not hasattr(image, "convert"):
                 return image
             convert = image.convert
@@ -485,7 +488,19 @@ class _Preprocessor:
         return image
 
 
-def array_image(array: Any, column: str | None, role: DataRole = CALIBRATION) -> Any:
+def declared_integer_dtype(feature: Any) -> str | None:
+    """The integer dtype of an array column's values as its feature declares it (nested `List`/`Sequence` of
+    `Value('uint16')`, `Array2D(dtype='uint8')`), else None: `datasets` hands the rows back as Python ints, whose
+    own range would otherwise decide the bit depth image by image (a dark 16-bit frame read as 8-bit)."""
+    import datasets
+
+    while isinstance(feature, (datasets.Sequence, datasets.List, datasets.LargeList, list)):
+        feature = feature[0] if isinstance(feature, list) else feature.feature
+    dtype = getattr(feature, "dtype", None)
+    return dtype if isinstance(dtype, str) and dtype in ("uint8", "uint16", "int8", "int16") else None
+
+
+def array_image(array: Any, column: str | None, role: DataRole = CALIBRATION, *, dtype: str | None = None) -> Any:
     """An image given as an array (a column of nested lists, numpy or torch; H x W, H x W x C or C x H x W with 1, 3
     or 4 channels) as the 8-bit PIL image of the same values, so that it is read as an image file would be: the
     processor rescales arrays by 1/255 whatever their range, so float pixels in 0..1 became a constant image, and it
@@ -494,7 +509,7 @@ def array_image(array: Any, column: str | None, role: DataRole = CALIBRATION) ->
     anything else is refused. Any other shape is returned as an array (the processor says what it cannot read)."""
     from PIL import Image
 
-    values = np.asarray(array)
+    values = np.asarray(array, dtype=dtype)  # `dtype`: the column's declared one, which decides the bit depth
     if values.ndim == 3 and values.shape[-1] not in (1, 3, 4) and values.shape[0] in (1, 3, 4):
         values = np.moveaxis(values, 0, -1)  # channels first (torchvision's layout)
     if values.ndim == 3 and values.shape[-1] == 1:
@@ -505,7 +520,8 @@ def array_image(array: Any, column: str | None, role: DataRole = CALIBRATION) ->
     low, high = float(values.min()), float(values.max())
     if values.dtype.kind == "b":
         scale = 1 / 255
-    elif values.dtype == np.uint16 or (values.dtype.kind in "iu" and low >= 0 and 255 < high <= 65535):
+    elif values.dtype == np.uint16 or (values.dtype == np.int16 and low >= 0) or (
+            values.dtype.kind in "iu" and values.dtype.itemsize > 2 and low >= 0 and 255 < high <= 65535):
         scale = 257.0
     elif values.dtype.kind == "f" and low >= 0 and high <= 1:
         scale = 1 / 255
@@ -912,6 +928,7 @@ def _plan(columns: Sequence[str], inputs: Sequence[str], processor: Any, image_c
         image_processor=image_processor if use_image else None,
         tokenizer=tokenizer if use_text else None, num_channels=_num_channels(model_config),
         max_length=_max_length(tokenizer, model_config, max_tokens) if use_text else None, role=role,
+        image_dtype=declared_integer_dtype((features or {}).get(use_image)) if use_image else None,
     )
     return [c for c in (use_image, *texts) if c is not None], preprocess
 
