@@ -33,7 +33,7 @@ from hf_mudsc.option_values import FACTOR_LIMIT, MATCHERS, WEIGHT_RANGE, parse_l
 STATISTICS_DTYPES = ("float32", "float64")
 #: The dtypes the merged model may be returned and saved in (`out_dtype`); "auto" keeps the parents' common stored
 #: dtype (`hf_mudsc.apply.dtype.resolve_out_dtype`). The merge itself always computes in float32.
-OUT_DTYPES = ("auto", "float32", "float16", "bfloat16")
+OUT_DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")  # float64: what `auto` keeps of float64 parents
 # After-matching refits (`hf_mudsc.apply.refit`): "none" keeps the paper's merge, "ridge" refits every linear layer,
 # "gate" refits on the calibration examples not held out and keeps the refit only if it is at least as faithful to
 # the parents on the held-out ones (`hf_mudsc.apply.refit_gate`), "repair" renormalises per-unit mean/std

@@ -157,9 +157,17 @@ def concatenated_classifier_config(configs: Sequence[PretrainedConfig], tasks: S
 
 def distinct_task_names(configs: Sequence[PretrainedConfig]) -> tuple[str, ...]:
     """One task name per parent from its name; names shared by several parents get the parent's letter
-    (`vit_a`, `vit_b`)."""
+    (`vit_a`, `vit_b`), and a name that is still taken (a parent named `vit_b` beside two named `vit`) a number
+    too (`vit_b_2`): every task keeps its own name, so no parent's range is written over another's."""
     names = [task_name(config, f"task_{_letter(i)}") for i, config in enumerate(configs)]
-    return tuple(f"{name}_{_letter(i)}" if names.count(name) > 1 else name for i, name in enumerate(names))
+    lettered = [f"{name}_{_letter(i)}" if names.count(name) > 1 else name for i, name in enumerate(names)]
+    distinct: list[str] = []
+    for name in lettered:
+        candidate, number = name, 2
+        while candidate in distinct or (candidate != name and candidate in lettered):
+            candidate, number = f"{name}_{number}", number + 1
+        distinct.append(candidate)
+    return tuple(distinct)
 
 
 def _letter(index: int) -> str:

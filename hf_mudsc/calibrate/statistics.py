@@ -171,6 +171,13 @@ class ModelInputCheck:
             logger.warning("%s", text)
 
     def __call__(self, batch: Mapping[str, Any]) -> None:
+        for name, value in batch.items():  # every pass refuses them alike (regmean's solve, fisher, the refit too)
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+                bad = ~torch.isfinite(value.reshape(len(value), -1) if value.dim() else value.reshape(1, 1))
+                if bool(bad.any()):
+                    rows = int(bad.any(dim=-1).sum())
+                    raise self.error(f"{self.data} {name} hold NaN or inf in {rows} of the {len(bad)} examples of a "
+                                     "batch, which no model reads as input: drop or fix those examples")
         ids = batch.get("input_ids")
         if isinstance(ids, torch.Tensor) and ids.numel() and not ids.is_floating_point():
             largest = int(ids.max())

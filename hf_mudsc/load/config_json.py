@@ -65,11 +65,11 @@ def check_config_json(folder: Path, reference: str) -> dict[str, Any]:
                         f"{shown(data.get('model_type'))}); {FIX}")
     _check_counts(data, where)
     _check_code_choices(data, where)
-    _check_label_numbers(data.get("id2label"), where)
+    check_label_numbers(data.get("id2label"), where)
     return data
 
 
-def _check_label_numbers(id2label: Any, where: str) -> None:
+def check_label_numbers(id2label: Any, where: str) -> None:
     """`id2label` names classifier row `i` by key `i`: keys other than 0 .. n-1 (`-1, 0, 1`) would be read in sorted
     order, each label naming another row than transformers gives it. Keys that are no integers are left to
     `AutoConfig`, which refuses them."""

@@ -40,7 +40,13 @@ from hf_mudsc.load.checks import (
     training_only,
 )
 from hf_mudsc.load.config_json import FIX as CONFIG_FIX
-from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES, card_too_large, check_config_json, read_card
+from hf_mudsc.load.config_json import (
+    SIDE_FILE_MAX_BYTES,
+    card_too_large,
+    check_config_json,
+    check_label_numbers,
+    read_card,
+)
 from hf_mudsc.load.hub_calls import hub_call, hub_error_line
 from hf_mudsc.load.links import TEMPLATES_FOLDER, refuse_link_out, refuse_links_out
 from hf_mudsc.load.objects import object_source
@@ -247,6 +253,8 @@ def _locate(ref: Any, *, token: str | bool | None, allow_pickle: bool,
                         revision=ref.revision, commit_sha=ref.commit_sha, loaded=ref)
     if isinstance(ref, PreTrainedModel):
         name_or_path = str(getattr(ref.config, "_name_or_path", "") or getattr(ref, "name_or_path", "") or "")
+        # as a folder's config.json is: labels numbered other than 0..n-1 name other rows than transformers reads
+        check_label_numbers(getattr(ref.config, "id2label", None), f"{name_or_path or type(ref).__name__!r}")
         return _Located(reference=name_or_path or type(ref).__name__, config=ref.config, model=ref,
                         processor=processor_from_name(name_or_path, getattr(ref.config, "_commit_hash", None)))
     if not isinstance(ref, (str, os.PathLike)):
