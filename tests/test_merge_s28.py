@@ -78,3 +78,26 @@ def test_a_model_object_whose_labels_skip_a_number_is_refused_as_its_folder_is()
         hf_mudsc.merge([model, copy.deepcopy(model)], method="linear", progress=False)
     message = str(caught.value)
     assert "\n" not in message and "id2label numbers its labels [0, 1, 5], not 0 to 2" in message, message
+
+
+@pytest.mark.parametrize(("method", "option"), [("pcb", {"pcb_ratio": 1e-9}), ("localize_stitch", {"density": 1e-9})])
+def test_a_share_that_keeps_no_entry_of_the_whole_model_is_refused_before_any_weights_load(tmp_path, monkeypatch,
+                                                                                           method, option):
+    """pcb's and localize_stitch's refusal came after the parents and the base were loaded (pcb: after its
+    whole-model float64 task-vector stack was built); the per-tensor methods' came before any weights."""
+    import transformers
+    from factories import fine_tune
+
+    from hf_mudsc.errors import MergeInputError
+
+    base = make_model("vit_cls", 0)
+    folders = []
+    for name, model in (("base", base), ("a", fine_tune(base, 1, 0.05)), ("b", fine_tune(base, 2, 0.05))):
+        model.save_pretrained(tmp_path / name)
+        folders.append(str(tmp_path / name))
+    monkeypatch.setattr(transformers.ViTForImageClassification, "from_pretrained",
+                        lambda *a, **k: pytest.fail("weights loaded before refusing"))
+    with pytest.raises(MergeInputError) as caught:
+        hf_mudsc.merge(folders[1:], None, method=method, base=folders[0], progress=False, **option)
+    message = str(caught.value)
+    assert "\n" not in message and "keeps none of each task vector's" in message, message

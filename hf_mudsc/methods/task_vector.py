@@ -173,6 +173,26 @@ class TensorWiseMethod(MergeMethod):
                                      max((math.prod(shape) for shape in shapes().values()), default=0))
         if "layer_swap" in dict(self.arguments) and options.layer_swap is not None:
             _check_blocks(self.keywords(options)["blocks"], shapes().keys(), options.layer_swap)
+        if self.name in ("pcb", "localize_stitch"):  # they rank a whole model's entries: counted from its shapes
+            self._check_whole_model_keeps(options, sum(math.prod(shape) for shape in shapes().values()))
+
+    def _check_whole_model_keeps(self, options: MergeOptions, entries: int) -> None:
+        """PCB's `pcb_ratio` / Localize-and-Stitch's `density` that keeps no entry of the whole model's task vector,
+        refused before any weights are read (`entries` counts every tensor: at least the float ones the method
+        ranks, so nothing it would keep is refused)."""
+        from hf_mudsc.errors import MergeInputError
+        from hf_mudsc.solve import task_vectors as tv
+
+        keywords = self.keywords(options)
+        try:
+            if self.name == "pcb":
+                tv.check_pcb_keeps(float(keywords["pcb_ratio"]), entries)
+            else:
+                shares = keywords["sparsity"]
+                for share in shares if isinstance(shares, list) else [shares]:
+                    tv.check_stitch_keeps(float(share), entries)
+        except ValueError as error:
+            raise MergeInputError(f"{self.name}: {error}") from None
 
     @property
     def elects_signs(self) -> bool:

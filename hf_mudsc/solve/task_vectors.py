@@ -582,10 +582,7 @@ def pcb(base, parents, weights=None, *, pcb_ratio: float = 0.1, scaling: float =
     flat_base = torch.cat([base[k].reshape(-1).to(torch.float64) for k in names])
     tv = torch.stack([torch.cat([sd[k].reshape(-1).to(torch.float64) for k in names]) - flat_base
                       for sd in parents])  # (n, d)
-    d = tv.shape[1]
-    if int(d * (1 - pcb_ratio)) >= d - 1:  # the kept share's threshold is the largest score: nothing is kept
-        raise ValueError(f"pcb_ratio {pcb_ratio:g} keeps none of each task vector's {d:,} entries (the merge would be "
-                         f"the base); give a pcb_ratio above 1/{d:,} = {1 / d:.3g}, {option_hint('pcb_ratio')}")
+    check_pcb_keeps(pcb_ratio, tv.shape[1])
     abs_c = _pcb_clamp(tv.abs(), clamp_ratio, clamp_ratio)
     clamped = torch.sign(tv) * abs_c
     self_pcb = torch.exp(n * _pcb_minmax(abs_c) ** 2)
@@ -653,6 +650,15 @@ def check_stitch_keeps(sparsity: float, entries: int) -> None:
         raise ValueError(f"density {sparsity:g} keeps none of each task vector's {entries:,} entries (the merge would "
                          f"be the base); give a density of at least 2/{entries:,} = {2 / entries:.3g}, "
                          f"{option_hint('density')}")
+
+
+def check_pcb_keeps(pcb_ratio: float, entries: int) -> None:
+    """Refuse a `pcb_ratio` that keeps none of a task vector's `entries` (the merge would be the base): the kept
+    share's threshold is then the largest score."""
+    if entries and int(entries * (1 - pcb_ratio)) >= entries - 1:
+        raise ValueError(f"pcb_ratio {pcb_ratio:g} keeps none of each task vector's {entries:,} entries (the merge "
+                         f"would be the base); give a pcb_ratio above 1/{entries:,} = {1 / entries:.3g}, "
+                         f"{option_hint('pcb_ratio')}")
 
 
 def localize_stitch(base, parents, weights=None, *, sparsity: float = 0.1,
