@@ -53,7 +53,7 @@ MARKER_FILENAME = ".hf_mudsc_output.json"
 # A marker lists ~150 bytes per file: one past this size was not written by hf-mudsc, and is never read (read whole).
 MARKER_MAX_BYTES = 64 * 2**20
 WRITER = "hf-mudsc"
-_STAGING_SUFFIX_LENGTH = len(PARTIAL_MARK) + 10  # what mkdtemp adds to `.{name}`
+STAGING_SUFFIX_LENGTH = len(PARTIAL_MARK) + 10  # what mkdtemp adds to `.{name}`
 #: The most folders a new output may need created above it: far beyond any real layout, well below the depth at
 #: which creating them recursively exhausts Python's stack (~1000).
 MAX_NEW_FOLDERS = 100
@@ -200,7 +200,7 @@ def check_location(output: str | os.PathLike, *, flag: str = "--output") -> None
         path_limit = os.pathconf(existing, "PC_PATH_MAX")
     except (OSError, ValueError):
         path_limit = 4096
-    length = len(os.fsencode(shown)) + _STAGING_SUFFIX_LENGTH + 1
+    length = len(os.fsencode(shown)) + STAGING_SUFFIX_LENGTH + 1
     if length >= path_limit:  # the staging sibling's files would fail to open after the merge
         raise OutputLocationError(
             f"{flag} {brief!r} is {length} bytes with hf-mudsc's temporary sibling, longer than this system's path "
@@ -215,11 +215,11 @@ def check_location(output: str | os.PathLike, *, flag: str = "--output") -> None
     except (OSError, ValueError):
         limit = 255
     for name in missing:
-        needed = len(os.fsencode(name)) + (_STAGING_SUFFIX_LENGTH + 1 if name == output.name else 0)
+        needed = len(os.fsencode(name)) + (STAGING_SUFFIX_LENGTH + 1 if name == output.name else 0)
         if needed > limit:
             raise OutputLocationError(
                 f"{flag} {shown!r}: the name {name[:20]!r}... is too long for this filesystem ({limit} bytes "
-                f"at most, including the {_STAGING_SUFFIX_LENGTH + 1} of hf-mudsc's temporary sibling); "
+                f"at most, including the {STAGING_SUFFIX_LENGTH + 1} of hf-mudsc's temporary sibling); "
                 f"choose a shorter {flag}"
             )
     try:

@@ -505,7 +505,7 @@ def refuse_long_output(output: str, resolved: Path, root: Path) -> None:
     """Refuse an `output` too deep or too long to create, in words built from the client's own string: the writer's
     location check (`check_location`) says it with the whole path shortened to its first and last characters, which
     for an output root over 60 characters is most of the root (`hide_output_root` hides only whole forms of it)."""
-    from hf_mudsc.publish.folder import _STAGING_SUFFIX_LENGTH, MAX_NEW_FOLDERS
+    from hf_mudsc.publish.folder import MAX_NEW_FOLDERS, STAGING_SUFFIX_LENGTH
 
     depth = len(resolved.relative_to(root).parts)
     if depth > MAX_NEW_FOLDERS:
@@ -515,7 +515,7 @@ def refuse_long_output(output: str, resolved: Path, root: Path) -> None:
         path_limit = os.pathconf(root, "PC_PATH_MAX")
     except (OSError, ValueError):
         path_limit = 4096
-    if len(os.fsencode(str(resolved))) + _STAGING_SUFFIX_LENGTH + 1 >= path_limit:
+    if len(os.fsencode(str(resolved))) + STAGING_SUFFIX_LENGTH + 1 >= path_limit:
         raise RecipeError(f"`output` {output[:40]!r}... is too long: inside the service's output root, with "
                           f"hf-mudsc's temporary sibling, it is over this system's path limit ({path_limit} bytes); "
                           "choose a shorter `output`")
