@@ -9,6 +9,7 @@ import json
 import datasets
 import numpy as np
 import pytest
+import torch
 from factories import make_model
 from PIL import Image
 from transformers import ViTImageProcessor
@@ -272,3 +273,78 @@ def test_a_failed_output_json_write_leaves_the_folders_results_and_card_as_they_
     with pytest.raises(OSError, match="disk full"):
         main(["evaluate", str(merged), *flags, "--num-samples", "3", "--output-json", str(target), "-q"])
     assert _files(merged) == before
+
+
+@pytest.mark.parametrize(("kind", "length"), [("bert_cls", 30), ("roberta_cls", 23)])
+def test_evaluation_input_ids_longer_than_the_model_reads_are_one_line(kind, length):
+    """Pre-tokenized test data of 30 tokens for a model of 24 positions (RoBERTa: 22 readable) ended in torch's
+    `The expanded size of the tensor` traceback; merge refused the same data in one line."""
+    from hf_mudsc.errors import EvaluationError
+    from hf_mudsc.evaluate.harness import evaluate_merge
+
+    model = make_model(kind, 1, num_labels=2)
+    ids = torch.randint(5, 55, (8, length), generator=torch.Generator().manual_seed(0))
+    data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(),
+                                       "label": [0, 1] * 4})
+    with pytest.raises(EvaluationError) as caught:
+        evaluate_merge({"merged": model}, None, [data], progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and f"input_ids hold sequences of {length} tokens" in message, message
+    assert "truncation=True" in message
+
+
+def test_an_evaluation_batch_the_model_cannot_run_is_one_line_naming_model_and_columns():
+    """`token_type_ids` holding 2 for a model of 2 types ended in `IndexError: index out of range in self`."""
+    from hf_mudsc.errors import EvaluationError
+    from hf_mudsc.evaluate.harness import evaluate_merge
+
+    model = make_model("bert_cls", 1, num_labels=2)
+    ids = torch.randint(5, 55, (8, 10), generator=torch.Generator().manual_seed(0))
+    data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "token_type_ids": torch.full_like(ids, 2).tolist(),
+                                       "label": [0, 1] * 4})
+    with pytest.raises(EvaluationError) as caught:
+        evaluate_merge({"merged": model}, None, [data], progress=False)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "could not be run through BertForSequenceClassification (columns ['input_ids', 'token_type_ids'])" \
+        in message, message
+
+
+def _clip_case():
+    from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 57, "<|endoftext|>": 58, "a</w>": 2, "b</w>": 3, "a": 4, "ab</w>": 6, "<unk>": 1,
+             "!": 0}
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
+        tokenizer=CLIPTokenizer(vocab=vocab, merges=[("a", "b</w>")], pad_token="!"))
+    images = _images(5, 6)
+    data = datasets.Dataset.from_dict({"image": [image.convert("RGB") for image in images],
+                                       "label": [0, 1, 0, 1, 0, 1]}).cast_column("image", datasets.Image())
+    return processor, data
+
+
+def test_clip_prompts_longer_than_the_text_tower_are_cut_to_fit():
+    """A class name longer than the text tower's 24 positions, with a tokenizer that names no limit, crashed inside
+    `get_text_features` (`Sequence length must be less than max_position_embeddings`)."""
+    from hf_mudsc.evaluate.harness import evaluate_merge
+
+    processor, data = _clip_case()
+    a, b = make_model("clip", 1), make_model("clip", 2)
+    result = evaluate_merge({"merged": a}, [a, b], {"t": data}, processor=processor,
+                            class_names={"t": ["a " * 40, "b"]}, progress=False)
+    assert result.tasks["t"]["num_samples"] == 6
+
+
+def test_clip_class_names_given_as_a_string_are_refused():
+    """`class_names={"t": "ab"}` was read as the classes `a` and `b`."""
+    from hf_mudsc.errors import EvaluationError
+    from hf_mudsc.evaluate.harness import evaluate_merge
+
+    processor, data = _clip_case()
+    a = make_model("clip", 1)
+    with pytest.raises(EvaluationError) as caught:
+        evaluate_merge({"merged": a}, None, {"t": data}, processor=processor, class_names={"t": "ab"},
+                       progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and "class_names['t'] is str 'ab', not a list of class names" in message, message

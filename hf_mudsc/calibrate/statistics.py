@@ -138,6 +138,9 @@ class ModelInputCheck:
     models: str = "the parents"
     """Whose config and processor the messages name (`the model`)."""
     error: type[Exception] = CalibrationError
+    max_tokens: int | None = None
+    """The longest `input_ids` the models read (their position embeddings end there): evaluation checks it here;
+    calibration's `iter_batches` checks it itself (`_check_length`)."""
 
     @classmethod
     def of(cls, config: Any, **naming: Any) -> ModelInputCheck:
@@ -171,6 +174,13 @@ class ModelInputCheck:
             logger.warning("%s", text)
 
     def __call__(self, batch: Mapping[str, Any]) -> None:
+        longest = batch.get("input_ids")
+        if (self.max_tokens is not None and isinstance(longest, torch.Tensor) and longest.dim() >= 2
+                and longest.shape[-1] > self.max_tokens):
+            raise self.error(
+                f"{self.data} input_ids hold sequences of {longest.shape[-1]} tokens, but {self.models} read at most "
+                f"{self.max_tokens} (their position embeddings end there): tokenize with truncation=True, "
+                f"max_length={self.max_tokens}, or pass raw text, which is cut to fit")
         for name, value in batch.items():  # every pass refuses them alike (regmean's solve, fisher, the refit too)
             if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
                 bad = ~torch.isfinite(value.reshape(len(value), -1) if value.dim() else value.reshape(1, 1))

@@ -359,6 +359,11 @@ def check_class_names_tasks(class_names: Mapping[str, Any] | None, tasks: Sequen
     typo: `petz`) was dropped without a word, and on a classifier, whose head names its classes, they were ignored."""
     if not class_names:
         return
+    odd = next((task for task, names in class_names.items()
+                if isinstance(names, (str, bytes)) or not isinstance(names, Sequence)), None)
+    if odd is not None:  # a string is a sequence of characters: `"ab"` was read as the classes a and b
+        raise EvaluationError(f"class_names[{odd!r}] is {type(class_names[odd]).__name__} {class_names[odd]!r}, not a "
+                              "list of class names; pass {task: [name, name, ...]}")
     if not clip:
         raise EvaluationError(
             "class_names (CLI: --class-names) names the classes of a CLIP model's zero-shot prompts; this model has "
@@ -438,8 +443,10 @@ def _predict(models: Sequence[Any], groups: Mapping[int, int], scorers: Sequence
     # calibration data is: ids past the vocabulary failed inside the embedding ("index out of range in self").
     checks: dict[int, ModelInputCheck] = {}
     for model in models:
+        group = [other for other in models if groups[id(other)] == groups[id(model)]]
         checks.setdefault(groups[id(model)], ModelInputCheck.of(model.config, data="evaluation", models="the model",
-                                                                error=EvaluationError))
+                                                                error=EvaluationError,
+                                                                max_tokens=_fewest_tokens(group)))
     try:
         # Each module in eval mode and none of the caller's hooks run: the scores are the models' as their weights
         # define them; every module's mode and hooks come back afterwards (`load.objects.held_as_given`).

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 
 from hf_mudsc.apply.classifier import per_task_softmax
-from hf_mudsc.errors import EvaluationError
+from hf_mudsc.calibrate.layer_inputs import FORWARD_ERRORS
+from hf_mudsc.errors import EvaluationError, first_line
 from hf_mudsc.evaluate.names import ENSEMBLE, check_prompt_templates, parent_names
 from hf_mudsc.evaluate.tasks import LabelLayout
 
@@ -100,7 +101,13 @@ def _logits(model: Any, inputs: ModelInputs, cache: dict[int, torch.Tensor],
     parents' pass; `columns`: a parent's columns in the merged model's label order (`LabelLayout.parent_columns`)."""
     key = id(model)
     if key not in cache:
-        cache[key] = finite(model(**_forward_kwargs(model, inputs.of(model))).logits.to(torch.float32))
+        batch = inputs.of(model)
+        try:
+            logits = model(**_forward_kwargs(model, batch)).logits
+        except FORWARD_ERRORS as error:  # a wrong shape, length or id: one line naming the model and the columns
+            raise EvaluationError(f"an evaluation batch could not be run through {type(model).__name__} (columns "
+                                  f"{sorted(batch)}): {first_line(error)}") from None
+        cache[key] = finite(logits.to(torch.float32))
     return cache[key] if columns is None else cache[key][:, list(columns)]
 
 
@@ -155,7 +162,9 @@ class _ClipScorer(Scorer):
         flat = [p for prompts in prompts_per_class for p in prompts]
         from hf_mudsc.calibrate.datasets import encode_texts
 
-        encoded = encode_texts(tokenizer, flat, None)  # padded and cut, the tokenizer left as it was
+        # padded and cut to the text tower's positions (a tokenizer may name no limit), the tokenizer left as it was
+        positions = getattr(getattr(model.config, "text_config", model.config), "max_position_embeddings", None)
+        encoded = encode_texts(tokenizer, flat, positions if isinstance(positions, int) else None)
         inputs = {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "position_ids")}
         with torch.no_grad():
             embeds = _features(model.get_text_features(**inputs)).float()
