@@ -357,9 +357,12 @@ class _Fault:
     drop: bool = False  # close the connection without any answer (instead of answering `status`)
     delay: float = 0.0  # seconds to wait before answering (a stalled server)
     passthrough: bool = False  # after the delay, answer normally (a slow, not a failing, server)
+    path: str | None = None  # only requests whose path ends with it (one file of a repo: `/README.md`)
 
-    def matches(self, op: str | None, method: str, repo_id: str | None) -> bool:
+    def matches(self, op: str | None, method: str, repo_id: str | None, path: str = "") -> bool:
         if self.times <= 0:
+            return False
+        if self.path is not None and not path.endswith(self.path):
             return False
         if self.op != "*" and self.op != op:
             return False
@@ -791,15 +794,17 @@ class HubEmulator:
         apply: bool = False,
         drop: bool = False,
         delay: float = 0.0,
+        path: str | None = None,
     ) -> _Fault:
         """Answer the next ``times`` requests of ``op`` with ``status`` (without executing them).
 
         ``apply=True``: execute the request, then answer ``status`` anyway (a commit that was applied but whose
         answer was lost). ``drop=True``: close the connection without answering (after executing it when
-        ``apply``). ``delay``: wait that many seconds first (a stalled server).
+        ``apply``). ``delay``: wait that many seconds first (a stalled server). ``path``: only requests whose path
+        ends with it (`/README.md`: one file's downloads).
         """
         op = "repo_info" if op == "model_info" else op
-        fault = _Fault(op, status, times, message, error_code, repo_id, method, apply, drop, delay)
+        fault = _Fault(op, status, times, message, error_code, repo_id, method, apply, drop, delay, path=path)
         with self._lock:
             self._faults.append(fault)
         return fault
@@ -1122,7 +1127,7 @@ class HubEmulator:
             rec.op = op
             rec.repo_id = repo_key[1] if repo_key else None
             with self._lock:
-                fault = next((f for f in self._faults if f.matches(op, method, rec.repo_id)), None)
+                fault = next((f for f in self._faults if f.matches(op, method, rec.repo_id, split.path)), None)
                 if fault is not None:
                     fault.times -= 1
             if fault is not None and fault.delay:

@@ -119,3 +119,50 @@ def test_a_huge_model_card_is_not_downloaded_for_the_base_it_names(local_hub, tm
     assert f"README.md is {len(card):,} bytes, more than the 4,096" in caplog.text, caplog.text
     fetched = [r.path for r in hub_emulator.requests_for("resolve")]
     assert not any(path.endswith("README.md") for path in fetched), fetched
+
+
+@pytest.mark.parametrize("status", [403, 500])
+def test_a_hub_refusing_a_parents_file_is_named_not_called_offline(hub, status):
+    """Online, huggingface_hub raises `LocalEntryNotFoundError` from the Hub's own 403/500: it was reported as
+    "not in the local cache and the Hub is unreachable or offline (HF_HUB_OFFLINE=1)" — the status, the server's
+    words and the fix lost."""
+    hub.fail_next("resolve", status=status, times=50, repo_id="user/vit", message=f"emulated {status} from the Hub")
+    result = load()
+    assert "error" in result, result
+    assert "offline" not in result["error"], result
+    assert "the Hub refused 'user/vit' while" in result["error"] and str(status) in result["error"], result
+    assert f"emulated {status} from the Hub" in result["error"], result
+
+
+def test_a_refused_lfs_upload_names_the_hubs_answer():
+    """An LFS upload refused with 403 (a storage quota) was `Error while uploading 'x' to the Hub.`: huggingface_hub
+    wraps the HTTP answer in a RuntimeError, and the line kept only the wrapper."""
+    from huggingface_hub.errors import HfHubHTTPError
+    from test_hub_error_lines import http_error
+
+    from hf_mudsc.load.hub_calls import hub_error_line
+
+    try:
+        try:
+            raise http_error(403, "storage quota exceeded for org")
+        except HfHubHTTPError as answer:
+            raise RuntimeError("Error while uploading 'plots/a.png' to the Hub.") from answer
+    except RuntimeError as wrapped:
+        line = hub_error_line(wrapped)
+    assert line.startswith("Error while uploading 'plots/a.png' to the Hub: Client error '403'"), line
+    assert "storage quota exceeded for org" in line and "the token lacks the right" in line, line
+
+
+def test_a_hub_error_on_a_parents_card_is_named_not_read_as_no_card(local_hub, tmp_path):
+    """A 500 on a Hub parent's README.md was read as "this parent has no card": the base its card names dropped out,
+    and the merge said no base was given (with method auto, the choice of method changed silently)."""
+    folder = save_vit(tmp_path / "vit", seed=0)
+    (folder / "README.md").write_text("---\nbase_model: user/base\n---\n# a fine-tune\n")
+    local_hub.upload_folder("user/vit", folder)
+    local_hub.fail_next("resolve", status=500, times=50, repo_id="user/vit", path="/README.md",
+                        message="emulated 500 on the card")
+    with pytest.raises(LoadError) as caught:
+        parents.load_parents_and_base(["user/vit", "user/vit"], None, base_needed_for="task_arithmetic")
+    message = str(caught.value)
+    assert "\n" not in message and "README.md" in message and "500" in message, message
+    assert "emulated 500 on the card" in message, message

@@ -74,7 +74,11 @@ def hub_error_line(error: BaseException) -> str:
     from huggingface_hub.errors import HfHubHTTPError
 
     if not isinstance(error, HfHubHTTPError):
-        return brief(error, None)
+        cause = http_cause(error)
+        if cause is None or first_line(cause) in str(error):  # no answer below it, or its text already says it
+            return brief(error, None)
+        # a wrapper (an LFS upload's `RuntimeError: Error while uploading ...`) keeps the answer as its cause
+        return f"{first_line(error).rstrip('.')}: {hub_error_line(cause)}"
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     first = lines[0] if lines else type(error).__name__
     said = " ".join((getattr(error, "server_message", None) or "").split()).rstrip(".")
@@ -83,3 +87,19 @@ def hub_error_line(error: BaseException) -> str:
     advice = _HTTP_ADVICE.get(status) or ("the Hub failed to answer: retry later"
                                           if status is not None and status >= 500 else None)
     return " — ".join(parts) + (f"; {advice}" if advice else "")
+
+
+def http_cause(error: BaseException) -> BaseException | None:
+    """The Hub's HTTP answer an error was raised from (`raise ... from answer`: its `__cause__` chain), None if none:
+    wrappers drop the status and the server's message from their own text. An implicit `__context__` (an error
+    raised while handling another) is not followed: the later error says what happened."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    seen: set[int] = set()
+    link = error.__cause__
+    while link is not None and id(link) not in seen:
+        if isinstance(link, HfHubHTTPError):
+            return link
+        seen.add(id(link))
+        link = link.__cause__
+    return None

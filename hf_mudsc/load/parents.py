@@ -47,7 +47,7 @@ from hf_mudsc.load.config_json import (
     check_label_numbers,
     read_card,
 )
-from hf_mudsc.load.hub_calls import hub_call, hub_error_line
+from hf_mudsc.load.hub_calls import http_cause, hub_call, hub_error_line
 from hf_mudsc.load.links import TEMPLATES_FOLDER, refuse_link_out, refuse_links_out
 from hf_mudsc.load.objects import object_source
 from hf_mudsc.load.processors import load_processor, processor_from_name, tokenizer_of
@@ -584,6 +584,9 @@ def _hub_call(reference: str, call, *, what: str = "contacting the Hub",
         raise LoadError(f"no model repository {reference!r} on the Hub (or it is private: pass token= or "
                         "log in with `hf auth login`)") from error
     except errors.LocalEntryNotFoundError as error:
+        answer = http_cause(error)  # online, huggingface_hub raises this from the Hub's own refusal (403, 500)
+        if answer is not None and not constants.HF_HUB_OFFLINE:
+            raise LoadError(f"the Hub refused {reference!r} while {what}: {hub_error_line(answer)}") from error
         raise LoadError(f"{reference!r} is not in the local cache and the Hub is unreachable or offline "
                         "(HF_HUB_OFFLINE=1); download it once online or pass a local folder") from error
     except errors.HfHubHTTPError as error:
@@ -1329,7 +1332,11 @@ def _card_text(located: _Located, *, token: str | bool | None, cache_dir: str | 
                 return hf_hub_download(located.repo_id, "README.md", revision=located.commit_sha or located.revision,
                                        cache_dir=cache_dir, token=token, etag_timeout=constants.HF_HUB_ETAG_TIMEOUT,
                                        local_files_only=constants.HF_HUB_OFFLINE)
-            except (EntryNotFoundError, LocalEntryNotFoundError):  # no card (or none cached offline)
+            except LocalEntryNotFoundError as error:  # none cached offline; online, the Hub's refusal is said
+                if constants.HF_HUB_OFFLINE or http_cause(error) is None:
+                    return None
+                raise
+            except EntryNotFoundError:  # no card (a parent class of the one above: after it)
                 return None
 
         path = _hub_call(located.reference, download, what="downloading README.md (the model card)")
