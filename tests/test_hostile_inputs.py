@@ -1696,3 +1696,21 @@ def test_a_cached_hub_snapshot_linking_a_processor_file_out_of_the_cache_is_refu
     message = str(caught.value)
     assert "\n" not in message
     assert f"'org/vit': {name} is a symbolic link to {str(outside)!r}, outside the folder" in message
+
+
+def test_a_parent_folder_that_also_reads_as_a_hub_id_is_merged_with_a_warning(tmp_path, monkeypatch, caplog):
+    """`merge org/vit-a org/vit-b` with a folder `./org/vit-b` here merged the folder without a word (zero Hub
+    requests): the user may have meant the Hub repository. The folder still wins (local layouts like `models/vit`
+    are common), and the log says how to say either."""
+    from hf_mudsc.load.parents import load_parent
+
+    _save_vit_with_processor(tmp_path / "org" / "vit-b")
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("WARNING"):
+        assert load_parent("org/vit-b").processor is not None
+    assert "'org/vit-b' is a folder here and also reads as a Hub id" in caplog.text, caplog.text
+    assert "'./org/vit-b'" in caplog.text and "'org/vit-b@main'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load_parent("./org/vit-b")
+    assert "reads as a Hub id" not in caplog.text

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,8 +266,15 @@ def _locate(ref: Any, *, token: str | bool | None, allow_pickle: bool,
     text = os.fspath(ref)
     name, revision = parse_reference(text)
     if revision is None and looks_like_path(name):
+        if HUB_ID_SHAPE.fullmatch(text) and os.path.exists(text):  # `org/vit-b` here: a folder, though a Hub id too
+            logger.warning("%r is a folder here and also reads as a Hub id: the folder is merged; write './%s' to say "
+                           "so, or '%s@main' for the Hub repository", text, text, text)
         return _locate_folder(text, Path(name).expanduser(), allow_pickle)
     return _locate_hub(text, name, revision, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir)
+
+
+# `org/name`: what a Hub repository id looks like (and a relative folder two levels deep may too).
+HUB_ID_SHAPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 # Where wrappers a training script holds instead of the model keep it: torch.compile's `OptimizedModule`
