@@ -406,3 +406,30 @@ def test_overwrite_names_the_files_it_deletes_and_an_identical_push_says_nothing
     assert "No files have been modified" not in caplog.text + err and "creating the repo" not in caplog.text
     assert not any(m.startswith("deleting") for m in caplog.messages)
     assert hub.head("user/foreign") == head and len(hub.commits("user/foreign")) == commits
+
+
+def test_overwrite_never_commits_over_a_commit_that_landed_during_the_push(push_cli, hub_emulator, merged):
+    """`push --overwrite` committed without `parent_commit`: a colleague's commit landing while the push uploaded
+    was kept beside the replaced model (or overwritten unseen), and the push reported success. Now the commit
+    applies only on top of the head the push read: refused, and the error says someone else pushed meanwhile."""
+    import threading
+    import time
+
+    hub = hub_emulator
+    hub.commit_files("user/race", {"old.txt": b"the old model"}, "old model")
+    hub.delay_next("preupload", 2.0, repo_id="user/race")  # a big upload: the commit comes seconds later
+
+    def colleague() -> None:
+        deadline = time.monotonic() + 60
+        while not hub.requests_for("preupload", "user/race") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        hub.commit_files("user/race", {"colleague.txt": b"pushed meanwhile"}, "colleague's commit")
+
+    other = threading.Thread(target=colleague)
+    other.start()
+    proc = push_cli("push", str(merged), "user/race", "--overwrite")
+    other.join()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "someone else pushed meanwhile" in proc.stderr, proc.stderr[-2000:]
+    assert [c.title for c in hub.commits("user/race")][0] == "colleague's commit"  # nothing of the push on top
+    assert set(hub.list_files("user/race")) == {"old.txt", "colleague.txt", ".gitattributes"}

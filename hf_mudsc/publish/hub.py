@@ -313,18 +313,22 @@ def published_contents(folder: Path) -> dict[str, bytes]:
 
 
 def _commit(api: HfApi, repo_id: str, folder: Path, files: list[str], contents: dict[str, bytes], *,
-            replace: bool, message: str) -> CommitInfo:
+            replace: bool, message: str, parent: str | None = None) -> CommitInfo:
     """One commit adding exactly `files` (the writer's; `contents` gives some of them other bytes) and, when
-    `replace`, deleting every other file of the repo but `.gitattributes`, so the old model's leftovers go with it."""
+    `replace`, deleting every other file of the repo but `.gitattributes`, so the old model's leftovers go with it.
+    `parent`: the head this push read: the commit applies only on top of it (the Hub refuses it, 412, when someone
+    else committed meanwhile — else their files would stay beside the replaced model, or be overwritten unseen)."""
     adds = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=contents.get(name, folder / name))
             for name in files]
-    stale = sorted(set(api.list_repo_files(repo_id)) - set(files) - {GITATTRIBUTES}) if replace else []
+    stale = (sorted(set(api.list_repo_files(repo_id, revision=parent)) - set(files) - {GITATTRIBUTES}) if replace
+             else [])
     if stale:  # the repo's own files, gone with this commit (the old revision keeps them): say which
         logger.warning("deleting %d file%s of %r that the folder does not hold (--overwrite): %s", len(stale),
                        "s" if len(stale) > 1 else "", repo_id,
                        ", ".join(stale[:10]) + (f" and {len(stale) - 10} more" if len(stale) > 10 else ""))
     deletes = [CommitOperationDelete(path_in_repo=name, is_folder=False) for name in stale]
-    return api.create_commit(repo_id=repo_id, operations=[*deletes, *adds], commit_message=message)
+    return api.create_commit(repo_id=repo_id, operations=[*deletes, *adds], commit_message=message,
+                             parent_commit=parent)
 
 
 def _push(folder: Path, files: list[str], contents: dict[str, bytes], repo_id: str, *, private: bool,
@@ -357,7 +361,8 @@ def _push(folder: Path, files: list[str], contents: dict[str, bytes], repo_id: s
                 f"uploading {len(files)} files to {repo_id!r} in one commit",
                 # Exactly the writer's files (never the marker, nothing added since); on overwrite, files of the old
                 # model that the new folder lacks go away in the same commit.
-                lambda: _commit(api, repo_id, folder, files, contents, replace=state == "exists", message=message),
+                lambda: _commit(api, repo_id, folder, files, contents, replace=state == "exists", message=message,
+                                parent=head_before),
                 seconds=seconds,
             )
     except BaseException as error:
