@@ -348,3 +348,20 @@ def test_clip_class_names_given_as_a_string_are_refused():
                        progress=False)
     message = str(caught.value)
     assert "\n" not in message and "class_names['t'] is str 'ab', not a list of class names" in message, message
+
+
+def test_clip_results_record_the_prompt_templates_that_made_them():
+    """Two templates gave two sets of figures whose results files differed in the scores alone: neither named the
+    template, so a published CLIP figure could not be reproduced or told from the other."""
+    from hf_mudsc.evaluate.harness import evaluate_merge
+
+    processor, data = _clip_case()
+    a, b = make_model("clip", 1), make_model("clip", 2)
+    recorded = []
+    for templates in (["a photo of a {}."], ["{}", "a {}"]):
+        result = evaluate_merge({"merged": a}, [a, b], {"t": data}, processor=processor,
+                                class_names={"t": ["a", "b"]}, prompt_template=templates, progress=False)
+        recorded.append(result.to_dict()["definitions"])
+    assert recorded[0]["prompt_templates"] == "a photo of a {}."
+    assert recorded[1]["prompt_templates"] == "{} | a {}"
+    assert "'{}', 'a {}'" in recorded[1]["clip"]

@@ -232,7 +232,10 @@ def evaluate_merge(
                               definitions=definitions(joint_rule if not clip and not layout.shared else None,
                                                       processors=bool(processors),
                                                       joint_data=list(sources) if len(sources) < len(layout.ranges)
-                                                      else None),
+                                                      else None,
+                                                      prompt_templates=([prompt_template] if isinstance(
+                                                          prompt_template, str) else list(prompt_template))
+                                                      if clip else None),
                               processors=processors)
     logger.info("evaluated %s on %s", ", ".join(scores), ", ".join(f"{t} ({n})" for t, n in counts.items()))
     return result

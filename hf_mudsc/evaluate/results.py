@@ -234,11 +234,16 @@ PROCESSORS_DEFINITION = ("each model is scored on the inputs its own processor m
 
 
 def definitions(joint_rule: str | None, *, processors: bool = False,
-                joint_data: Sequence[str] | None = None) -> dict[str, str]:
+                joint_data: Sequence[str] | None = None,
+                prompt_templates: Sequence[str] | None = None) -> dict[str, str]:
     """What each figure means; `joint_rule` (None: no concatenated head, e.g. CLIP or one shared label set) is
     recorded with the joint view's definition; `processors`: the models' processors differed; `joint_data`: the
-    tasks scored when they are not all the model's (the joint view then holds only their rows)."""
+    tasks scored when they are not all the model's (the joint view then holds only their rows); `prompt_templates`:
+    a CLIP's zero-shot prompts (its figures depend on them: two templates give two sets of figures)."""
     out = dict(DEFINITIONS)
+    if prompt_templates:
+        out["prompt_templates"] = " | ".join(prompt_templates)
+        out["clip"] = f"{out['clip']}; prompts averaged over the templates {list(prompt_templates)!r}"
     if processors:
         out["processors"] = PROCESSORS_DEFINITION
     if joint_rule is not None:
