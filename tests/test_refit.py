@@ -224,16 +224,25 @@ def test_refit_stored_outputs_are_bounded_by_refit_samples_not_by_the_calibratio
     assert reports[0].stored_bytes == reports[1].stored_bytes == 3 * one
 
 
+class Chained(nn.Module):
+    """Toy blocks run one after the other, each fed the previous one's output: a chain `find_chains` replays."""
+
+    def __init__(self, blocks: list[nn.Module]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
 def test_refit_replays_nothing_when_the_replay_would_change_the_output():
     """A model whose head reads every block's output (not only the last one): replaying would change its output,
     so no chain is used and the result is the plain pass-by-pass refit."""
     from hf_mudsc.apply.block_replay import find_chains
 
-    class Summed(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.blocks = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
-
+    class Summed(Chained):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             total = torch.zeros_like(x)
             for block in self.blocks:
@@ -241,17 +250,11 @@ def test_refit_replays_nothing_when_the_replay_would_change_the_output():
                 total = total + x
             return total
 
-    class Chained(Summed):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            for block in self.blocks:
-                x = block(x)
-            return x
-
     torch.manual_seed(0)
     batch = {"x": torch.randn(5, 4)}
     layers = [f"blocks.{i}" for i in range(3)]
-    assert find_chains(Summed(), layers, batch) == []
-    (chain,) = find_chains(Chained(), [f"blocks.{i}" for i in range(3)], batch)
+    assert find_chains(Summed([nn.Linear(4, 4) for _ in range(3)]), layers, batch) == []
+    (chain,) = find_chains(Chained([nn.Linear(4, 4) for _ in range(3)]), layers, batch)
     assert chain.blocks == ("blocks.0", "blocks.1", "blocks.2") and chain.layers_before_end == (1, 2, 3)
 
 
@@ -286,21 +289,11 @@ def test_units_are_a_blocks_children_that_hold_refit_layers_and_replay_exactly()
                 y = self.inner(y)
             return self.out(y) + x
 
-    class Model(nn.Module):
-        def __init__(self, **kind: bool) -> None:
-            super().__init__()
-            self.blocks = nn.ModuleList([Block(**kind) for _ in range(3)])
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            for block in self.blocks:
-                x = block(x)
-            return x
-
     torch.manual_seed(0)
     batch = {"x": torch.randn(5, 4)}
     names = [f"blocks.{i}.{part}" for i in range(3) for part in ("inner.0", "out")]
     for kind, units in (({}, 3), ({"in_place": True}, 0), ({"twice": True}, 0)):
-        (chain,) = find_chains(Model(**kind), names, batch)
+        (chain,) = find_chains(Chained([Block(**kind) for _ in range(3)]), names, batch)
         assert chain.blocks == ("blocks.0", "blocks.1", "blocks.2") and len(chain.units) == units, kind
         assert all(unit.name == f"blocks.{unit.block}.inner" for unit in chain.units)
 
