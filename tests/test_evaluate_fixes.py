@@ -231,6 +231,10 @@ def test_evaluate_accepts_hub_ids_with_and_without_a_revision(backward, local_hu
         assert "| merged |" in said and "| parent A |" in said
         assert [p.name for p in work.iterdir()] == ["results.json"]
         scored[ref] = _figures(json_path)
+        # the results say which commit was scored (the Hub id alone moves on); local parents are not named by path
+        commit = sha if "@" in ref else hub_emulator.head("user/merged")
+        assert json.loads(json_path.read_text())["models"] == {"merged": f"user/merged@{commit}"}
+        assert f"merged: user/merged@{commit}" in said
     pinned = scored[f"user/merged@{sha}"]
     assert scored["user/merged"]["merged"] != pinned["merged"]  # the head's weights are not the pinned ones
     expected = _direct_figures(root, out, tests)

@@ -34,7 +34,9 @@ class EvaluationResult:
     and `label_range` (its slice of the joint label space). Scores are fractions in [0, 1]. A missing entry means the
     view is not defined for that scorer (e.g. parent A on task B). `processors`: when the models' processors differ,
     whose processor made each scorer's inputs (`own`, `parent_a's`, `given (processor=)`); empty when one
-    processor made every input.
+    processor made every input. `models`: the scorers loaded from the Hub, as `org/name@commit` (an id alone moves on
+    with the repository, so the commit says which weights made the figures); local folders are not named (their
+    paths are this machine's).
     """
 
     metrics: list[str]
@@ -43,6 +45,7 @@ class EvaluationResult:
     merged: list[str] = field(default_factory=list)
     definitions: dict[str, str] = field(default_factory=dict)
     processors: dict[str, str] = field(default_factory=dict)
+    models: dict[str, str] = field(default_factory=dict)
 
     def score(self, scorer: str, view: str, metric: str | None = None) -> float | None:
         return self.scores.get(scorer, {}).get(view, {}).get(metric or self.metrics[0])
@@ -65,13 +68,14 @@ class EvaluationResult:
             "scores": self.scores,
             "definitions": dict(self.definitions),
             **({"processors": dict(self.processors)} if self.processors else {}),
+            **({"models": dict(self.models)} if self.models else {}),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EvaluationResult:
         return cls(metrics=list(data["metrics"]), tasks=dict(data["tasks"]), scores=dict(data["scores"]),
                    merged=list(data.get("merged", [])), definitions=dict(data.get("definitions", {})),
-                   processors=dict(data.get("processors", {})))
+                   processors=dict(data.get("processors", {})), models=dict(data.get("models", {})))
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the JSON atomically (temp file + rename: never a half-written file)."""
