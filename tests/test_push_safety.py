@@ -433,3 +433,18 @@ def test_overwrite_never_commits_over_a_commit_that_landed_during_the_push(push_
     assert "someone else pushed meanwhile" in proc.stderr, proc.stderr[-2000:]
     assert [c.title for c in hub.commits("user/race")][0] == "colleague's commit"  # nothing of the push on top
     assert set(hub.list_files("user/race")) == {"old.txt", "colleague.txt", ".gitattributes"}
+
+
+def test_a_failed_check_after_a_failed_commit_is_one_line_of_the_hub_s_words(push_cli, hub_emulator, merged):
+    """The push fails, then asking the Hub what the repo holds fails too: the message says both in one line, the
+    second as the Hub's error line (not the client's multi-line exception text)."""
+    hub = hub_emulator
+    hub.fail_next("commit", status=500, repo_id="user/checked", message="storage is down")
+    hub.fail_next("commits", status=403, repo_id="user/checked", message="history is down")  # 4xx: no retries
+    proc = push_cli("push", str(merged), "user/checked")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "could not check what the repo holds" in line]
+    assert len(lines) == 1 and "history is down" in lines[0] and "look at its commit history" in lines[0], proc.stderr
+    assert "storage is down" in lines[0] and "it was created by this run" in lines[0]
+    assert "For more information" not in lines[0], lines[0]  # the client's exception text, not the Hub's line
+    assert SECRET not in proc.stdout + proc.stderr

@@ -413,7 +413,8 @@ def _what_is_there(api: HfApi, repo_id: str, head_before: str | None, message: s
         commits = _step(f"checking the head of {repo_id!r} after the failure",
                         lambda: api.list_repo_commits(repo_id), seconds=seconds)
     except Exception as error:  # noqa: BLE001 - report what is known, keep the original error
-        return (f"could not check what the repo holds ({error}); look at its commit history before retrying"
+        return (f"could not check what the repo holds ({hub_error_line(error)}); look at its commit history before "
+                "retrying"
                 + ("; it was created by this run" if created else ""))
     head = commits[0] if commits else None
     if head is not None and head.commit_id != head_before:
