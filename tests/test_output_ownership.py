@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -239,3 +240,33 @@ def test_a_dot_dot_through_a_missing_folder_creates_no_folder(tmp_path):
     write_file_atomically(tmp_path / "gone" / ".." / "r.json", lambda path: path.write_text("{}"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m10", "r.json"]
     assert (tmp_path / "m10" / "config.json").read_text() == "{}"
+
+
+KILLED_PUSH_ONLY_WRITER = """
+import os, signal
+from hf_mudsc.publish.folder import record_files, staged_output
+with staged_output(None) as staging:  # a push without --output stages in the temp folder
+    (staging / "model.safetensors").write_bytes(b"half")
+    record_files(staging, staging=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_leftovers_of_a_killed_push_only_run_are_cleaned_on_the_next_push_only_run(tmp_path, monkeypatch):
+    """A push-only merge (CLI `--push-to-hub` without `--output`, every such service job) killed mid-write left its
+    whole staged model in the temp folder for good: no later run ever looked there. The next push-only run removes
+    it (the writer's own, its process gone), never a look-alike it did not write."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "TMPDIR": str(scratch)}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(KILLED_PUSH_ONLY_WRITER)], env=env)
+    assert proc.returncode == -9
+    [left] = list(scratch.iterdir())
+    assert left.name.startswith(".hf-mudsc.partial-")
+    (scratch / ".hf-mudsc.partial-userdata").mkdir()
+    (scratch / ".hf-mudsc.partial-userdata" / "keep.txt").write_text("keep")
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    with staged_output(None) as staging:
+        (staging / "model.safetensors").write_bytes(b"whole")
+        assert not left.exists()  # cleaned before this run staged its own
+    assert [p.name for p in scratch.iterdir()] == [".hf-mudsc.partial-userdata"]

@@ -10,10 +10,12 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import os
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -1163,15 +1165,15 @@ def test_a_store_write_that_fails_while_following_a_worker_fails_the_job_and_fre
     assert store.get(done)["status"] == "succeeded" and done not in scheduler.running
 
 
-def _writing_into(target):
+def _writing_into(target, env=None):
     """A process inside `staged_output(target)`, its staging folder half-written, waiting to be killed there."""
     writer = subprocess.Popen([sys.executable, "-c", (
         "import sys\n"
         "from hf_mudsc.publish.folder import staged_output\n"
-        f"with staged_output({str(target)!r}) as staging:\n"
+        f"with staged_output({str(target) if target is None else repr(str(target))}) as staging:\n"
         "    (staging / 'model.safetensors').write_bytes(b'half')\n"
         "    print('writing', flush=True); sys.stdin.readline()\n"  # killed here, inside the block
-    )], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    )], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     assert writer.stdout.readline() == "writing\n"
     return writer
 
@@ -1212,6 +1214,46 @@ def test_a_worker_killed_while_writing_leaves_no_staging_folder(tmp_path):
     scheduler._follow(job_id, run)
     assert store.get(job_id)["status"] == "failed" and "died" in store.get(job_id)["error"]
     assert partials(outputs) == [] and not target.exists()
+
+
+def test_a_push_only_worker_killed_while_writing_leaves_no_staging_folder(tmp_path, monkeypatch):
+    """A push-only job (no `output`) stages its model in the temp folder: a worker killed there left a whole model
+    behind for good (the cleanup looked only at a job's output)."""
+    from hf_mudsc.serve.scheduler import Running, Scheduler
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    writer = _writing_into(None, env={**os.environ, "TMPDIR": str(scratch)})
+    assert partials(scratch) != []
+    writer.kill()
+    writer.wait()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+
+    class Process:  # the killed worker, as the scheduler sees it
+        def join(self, timeout=None):
+            writer.wait(timeout)
+
+        def is_alive(self):
+            return writer.poll() is None
+
+        @property
+        def exitcode(self):
+            return writer.returncode
+
+    class Pipe:  # closed without a final report
+        def recv(self):
+            raise EOFError
+
+    store = JobStore(tmp_path / "state")
+    job_id = store.add({"models": ["a/b", "c/d"], "push_to_hub": "user/m"}, output=None, repo_id="user/m",
+                       dry_run=False, has_token=False)
+    store.update(job_id, status="running")
+    scheduler = Scheduler(store, workers=1)
+    run = Running(process=Process(), conn=Pipe())
+    scheduler.running[job_id] = run
+    scheduler._follow(job_id, run)
+    assert store.get(job_id)["status"] == "failed"
+    assert list(scratch.iterdir()) == []
 
 
 def test_a_restart_removes_the_staging_folder_a_job_killed_with_the_service_left(tmp_path):

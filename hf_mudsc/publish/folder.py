@@ -427,6 +427,12 @@ def _foreign_entry(folder: Path) -> str | None:
     return None
 
 
+def push_only_target() -> Path:
+    """What `staged_output(None)` (a push without an output folder) stages as: `.hf-mudsc.partial-*` folders in the
+    temp folder, whose leftovers `clean_leftovers(push_only_target())` removes."""
+    return Path(tempfile.gettempdir()) / "hf-mudsc"
+
+
 def clean_leftovers(output: str | os.PathLike) -> list[Path]:
     """Delete staging folders of `output` left by a killed run: only `.{name}.partial-*` folders that carry
     the writer's marker, whose writing process (on this host) is gone, and that hold only what the writers write
@@ -508,15 +514,15 @@ def staged_output(
         check_output(target, overwrite=overwrite, inputs=inputs, flag=flag)
     elif target is not None and not os.path.lexists(target):
         check_location(target, flag=flag)
-    parent = target.parent if target is not None else Path(tempfile.gettempdir())
+    parent = target.parent if target is not None else push_only_target().parent
     # The folders made on the way to the output, deepest first: removed again if the block fails.
     created = list(itertools.takewhile(lambda folder: not os.path.lexists(folder), (parent, *parent.parents)))
-    name = target.name if target is not None else "hf-mudsc"
+    name = target.name if target is not None else push_only_target().name
     finished = False
     try:
         parent.mkdir(parents=True, exist_ok=True)  # a failure half-way (quota, read-only) removes what it made
-        if target is not None:
-            clean_leftovers(target)
+        # a killed run's staging folder of this output (push-only runs: of the temp folder's "hf-mudsc")
+        clean_leftovers(target if target is not None else parent / name)
         existed = target is not None and os.path.lexists(target)
         staging = Path(tempfile.mkdtemp(prefix=f".{name}{PARTIAL_MARK}", dir=parent))
         try:

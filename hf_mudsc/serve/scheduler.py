@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hf_mudsc.errors import RecipeError
-from hf_mudsc.publish.folder import clean_leftovers
+from hf_mudsc.publish.folder import clean_leftovers, push_only_target
 from hf_mudsc.serve.store import (
     RESTARTED_RUNNING,
     STOPPED_PUSHING,
@@ -362,9 +362,8 @@ class Scheduler:
         (after a clean end there are none; a later job on the same output is alive, so its folder stays)."""
         try:
             output = ((self.store.get(job_id) or {}).get("request") or {}).get("output")
-            if output:
-                for leftover in clean_leftovers(output):
-                    logger.warning("job %s: removed %s, the staging folder its worker left", job_id, leftover)
+            for leftover in clean_leftovers(output or push_only_target()):  # a push-only job: the temp folder's
+                logger.warning("job %s: removed %s, the staging folder its worker left", job_id, leftover)
         except Exception:  # noqa: BLE001 - the service stays up; the next run into that output cleans it
             logger.exception("job %s: could not remove what its worker left", job_id)
 
