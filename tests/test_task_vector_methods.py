@@ -371,3 +371,20 @@ def test_a_lazily_read_parent_with_nan_weights_is_refused_in_one_line(family, tm
     folders = [save(fine_tune(base, 6), tmp_path / "ok"), save(broken, tmp_path / "broken")]
     with pytest.raises(MergeInputError, match=r"parent B has NaN or infinite values in 'bert\.encoder\.layer\.1\."):
         hf_mudsc.merge(folders, base=save(base, tmp_path / "base"), method="ties", progress=False)
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_merges_a_clip_whose_logit_scale_is_a_0_d_tensor(method):
+    """Bug hunt s29: DELLA's per-row ranking read a 0-d tensor (CLIP's `logit_scale`) as a 1-D one and crashed with an
+    IndexError traceback after every other tensor had been merged. A 0-d tensor is a one-entry row."""
+    from factories import TEXT, VISION, fine_tune, randomize
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    base = randomize(CLIPModel(CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=24)), 0)
+    parents = [fine_tune(base, 1, 0.02), fine_tune(base, 2, 0.02)]
+    merged = params(hf_mudsc.merge(parents, base=base, method=method, progress=False))
+    scale = merged["logit_scale"]
+    assert scale.dim() == 0 and torch.isfinite(scale)
+    mask = tv.della_mask(torch.tensor(0.5), 0.5, 0.1, torch.Generator().manual_seed(0))
+    assert mask.shape == () and mask.item() in (0.0, 1.0)

@@ -250,7 +250,7 @@ def bernoulli_mask(delta: torch.Tensor, density: float, generator: torch.Generat
 
 def della_mask(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> torch.Tensor:
     """DELLA MagPrune (mergekit ``sparsify.della_magprune``): per row (dim 1 of the tensor,
-    1-D tensors as one row), keep probability rises linearly with magnitude rank from
+    1-D and 0-d tensors as one row), keep probability rises linearly with magnitude rank from
     ``density - epsilon`` (smallest) to ``density + epsilon`` (largest)."""
     if density >= 1:
         return torch.ones_like(delta)
@@ -258,7 +258,7 @@ def della_mask(delta: torch.Tensor, density: float, epsilon: float, generator: t
         return torch.zeros_like(delta)
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ValueError("della: epsilon must keep density +/- epsilon inside (0, 1)")
-    x = delta if delta.dim() >= 2 else delta.unsqueeze(0)
+    x = delta if delta.dim() >= 2 else delta.reshape(1, -1)  # 1-D and 0-d (CLIP's logit_scale): one row
     order = torch.sort(x.abs(), dim=1, stable=True).indices
     ranks = order.argsort(dim=1).to(torch.float32) + 1
     lo = ranks.min(dim=1, keepdim=True).values
