@@ -36,6 +36,7 @@ from hf_mudsc.calibrate.correlation import correlations_from
 from hf_mudsc.calibrate.device import resolve_device
 from hf_mudsc.diagnostics import (
     ADVICE,
+    DEFAULT_LABEL,
     advice_warnings,
     inert_options_warnings,
     merge_warnings,
@@ -1268,6 +1269,11 @@ def _check_base(base: Any, model_a: PreTrainedModel, spec: PermutationSpec) -> M
             f"the base {name!r} does not fit the parents: tensor {key!r} is {shape} in the base but "
             f"{tuple(tensor.shape)} in the parents; pass the base the parents were fine-tuned from "
             f"({option_hint('base')})")
+    if head - dropped and not _same_head_labels(model_a.config, base.model.config):
+        logger.info("the base %s's classifier names other labels (%s) than the parents (%s): left out, the parents' "
+                    "weighted mean is the merged head", name, ", ".join(label_names(base.model.config)),
+                    ", ".join(label_names(model_a.config)))
+        dropped |= head
     for key, tensor in base_params.items():
         if key not in dropped and tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise MergeInputError(f"the base {name!r} has NaN or infinite values in {key!r}; fix or re-export it")
@@ -1275,6 +1281,15 @@ def _check_base(base: Any, model_a: PreTrainedModel, spec: PermutationSpec) -> M
     if not dropped and all(key in names for key in base_params):
         return base_params
     return subset(base_params, lambda key: key in names and key not in dropped)
+
+
+def _same_head_labels(config_a: Any, config_base: Any) -> bool:
+    """Whether a base's head of the parents' shape is a head for the parents' labels: the same names in A's order
+    (`_aligned_base` reorders one listing them in another), or default names (`LABEL_0`, ...) on either side, which
+    say nothing about a row's class (used by position, as parents of default names are)."""
+    names_a, names_base = label_names(config_a), label_names(config_base)
+    return names_a == names_base or any(all(DEFAULT_LABEL.fullmatch(n) for n in names)
+                                        for names in (names_a, names_base))
 
 
 def _log_base_relations(base: Any, base_params: Mapping[str, torch.Tensor],

@@ -455,3 +455,32 @@ def test_a_hub_base_of_another_head_class_named_by_the_cards_is_read_as_the_pare
     in_base = params(base)[key.removeprefix("vit.")]
     expected = in_base + sum(params(p)[key] - in_base for p in parents)
     assert torch.allclose(tensor, expected, atol=1e-6, rtol=0)
+
+
+def test_a_base_head_of_other_labels_of_the_same_size_is_left_out(tmp_path, caplog):
+    """Bug hunt s29: a base classifier naming other labels (negative/positive) than the parents' (cat/dog) was left
+    out only when its shape differed; of the same size it became the origin of the heads' task vectors (θ_A + θ_B −
+    an unrelated head). Left out as documented: the parents' weighted mean, and said. A base head of default names
+    (LABEL_0 ...) says nothing about its classes and is still used."""
+    from transformers import BertForSequenceClassification
+
+    base, parents = backbone_family(BertForSequenceClassification, BertForSequenceClassification, bert_config(),
+                                    labels=(2, 2))
+    for model, names in ((base, ["negative", "positive"]), *((p, ["cat", "dog"]) for p in parents)):
+        model.config.id2label = dict(enumerate(names))
+        model.config.label2id = {name: i for i, name in enumerate(names)}
+    with torch.no_grad():
+        base.classifier.weight.mul_(5.0)  # an unrelated head, far from the parents'
+    parent_params = [params(p) for p in parents]
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        merged = params(hf_mudsc.merge(parents, base=base, method="task_arithmetic", progress=False))
+    for key in ("classifier.weight", "classifier.bias"):
+        assert torch.allclose(merged[key], (parent_params[0][key] + parent_params[1][key]) / 2, atol=1e-7), key
+    assert "names other labels (negative, positive) than the parents (cat, dog)" in caplog.text
+    for model in (base, *parents):  # default names on every side: the base head is used as before
+        model.config.id2label = {0: "LABEL_0", 1: "LABEL_1"}
+        model.config.label2id = {"LABEL_0": 0, "LABEL_1": 1}
+    merged = params(hf_mudsc.merge(parents, base=base, method="task_arithmetic", progress=False))
+    head = params(base)["classifier.weight"]
+    assert torch.allclose(merged["classifier.weight"], head + sum(p["classifier.weight"] - head
+                                                                  for p in parent_params), atol=1e-6)
