@@ -484,3 +484,35 @@ def test_a_base_head_of_other_labels_of_the_same_size_is_left_out(tmp_path, capl
     head = params(base)["classifier.weight"]
     assert torch.allclose(merged["classifier.weight"], head + sum(p["classifier.weight"] - head
                                                                   for p in parent_params), atol=1e-6)
+
+
+def test_weights_summing_to_0_with_a_base_lacking_tensors_are_refused_before_the_merge(tmp_path, monkeypatch):
+    """Bug hunt s29: task_arithmetic accepts weights summing to 0 ([1, -1]: θ_base + δ_A − δ_B); the tensors a base of
+    another head class lacks (a BertModel's classifier) are the parents' weighted mean, which divided by that sum:
+    a traceback after the whole merge naming `linear` and `normalize`, options the user never gave. Refused in one
+    line before any tensor is merged."""
+    import transformers
+    from transformers import BertForSequenceClassification
+
+    from hf_mudsc.solve import task_vectors
+
+    base, parents = backbone_family(transformers.BertModel, BertForSequenceClassification, bert_config(),
+                                    labels=(2, 2))
+    base_folder = save_plain(base, tmp_path / "base")
+    folders = [save_plain(p, tmp_path / f"p{i}") for i, p in enumerate(parents)]
+
+    def no_merge(*args, **kwargs):
+        raise AssertionError("tensors were merged before the weights were refused")
+
+    monkeypatch.setattr(task_vectors, "combine_task_vectors", no_merge)
+    with pytest.raises(MergeInputError) as error:
+        hf_mudsc.merge(folders, base=base_folder, method="task_arithmetic", weights=[1.0, -1.0], progress=False)
+    said = str(error.value)
+    assert "\n" not in said and "linear" not in said and "normalize" not in said
+    assert "classifier.weight" in said and "sum to 0" in said and "weights=" in said
+    monkeypatch.undo()
+    merged = params(hf_mudsc.merge(folders, base=base_folder, method="task_arithmetic", weights=[1.0, -0.5],
+                                   progress=False))  # a non-zero sum: the weighted mean fills the head
+    pp = [params(p) for p in parents]
+    assert torch.allclose(merged["classifier.weight"], (pp[0]["classifier.weight"] - 0.5 * pp[1]["classifier.weight"])
+                          / 0.5, atol=1e-6)
