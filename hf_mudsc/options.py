@@ -28,6 +28,7 @@ from typing import Any
 # `flag`/`option_hint` live in errors.py (modules below options, e.g. methods/, name options in messages too).
 from hf_mudsc.errors import OptionError, flag, option_hint, shown  # noqa: F401 (re-exported)
 from hf_mudsc.load.references import TOKEN_FIX, looks_like_token
+from hf_mudsc.markdown import markdown_cell, markdown_code
 from hf_mudsc.option_values import FACTOR_LIMIT, MATCHERS, WEIGHT_RANGE, parse_layer_swap
 
 STATISTICS_DTYPES = ("float32", "float64")
@@ -522,14 +523,15 @@ def _card_base(value: Any, context: Mapping[str, Any]) -> str | None:
     if not value:
         return None
     source = context.get("base_source")
-    return f"`{context.get('base_name') or value}`" + (f" ({source})" if source else "")
+    return markdown_code(context.get("base_name") or value) + (f" ({source})" if source else "")
 
 
 def _card_calibration(value: Any, context: Mapping[str, Any]) -> str:
     if not value:  # batches or a dataset object given to `merge` leave no reference in the recipe
         return "given in memory (not in the recipe)" if context.get("num_samples") else "none"
     dataset = context.get("calibration_dataset")
-    named = f"[{value}]({context['hub_url']}/datasets/{dataset})" if dataset else f"`{value}`"
+    named = (f"[{markdown_cell(value)}]({context['hub_url']}/datasets/{dataset})" if dataset
+             else markdown_code(value))
     # Given to a merge that read none of it (a method reading no data, no refit): not what it was built from.
     return named if context.get("num_samples") else f"{named} (given, not read: the merge reads no data)"
 

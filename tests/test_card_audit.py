@@ -222,3 +222,26 @@ def test_the_joint_label_snippet_runs_on_the_users_texts(tmp_path):
     for snippet in snippets:
         exec(snippet.replace("path/to/this/model", str(out)), namespace)  # noqa: S102 - the card's own snippets
     assert len(namespace["labels"]) == 2 and all(label.startswith("bert-") for label in namespace["labels"])
+
+
+def test_a_backtick_in_a_local_calibration_or_base_folder_name_puts_no_markup_on_the_card(tmp_path):
+    """Bug hunt s29: the settings table's Calibration data and Base model cells wrapped a folder's name in a hand-made
+    code span (`name`): a backtick in the name closed it and the rest (`<img ... onerror=...>`) reached the page as
+    HTML. Both are one code span fenced longer than any backtick run in the name (`markdown_code`)."""
+    from factories import vit_cli_case
+
+    from hf_mudsc.publish.card import render_card
+    from hf_mudsc.publish.writer import recipe_of
+
+    hostile = "x`<img src=x onerror=alert(1)>`y"
+    parents, calibration = vit_cli_case(tmp_path)
+    calibration_folder = tmp_path / f"cal{hostile}"
+    (tmp_path / "calibration").rename(calibration_folder)
+    base_folder = tmp_path / f"base{hostile}"
+    make_model("vit_cls", 0).save_pretrained(base_folder)
+    merged = hf_mudsc.merge(parents, str(calibration_folder), method="regmean", base=str(base_folder),
+                            progress=False)
+    text = render_card(merged, recipe_of(merged)).text
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["Calibration data"] == f"| Calibration data | ``cal{hostile}`` |", rows["Calibration data"]
+    assert rows["Base model"].startswith(f"| Base model | ``base{hostile}``"), rows["Base model"]

@@ -21,7 +21,6 @@ a row with `model_index=False` (a joint figure over several datasets) is in the 
 
 from __future__ import annotations
 
-import html
 import importlib.resources
 import inspect
 import math
@@ -42,6 +41,14 @@ from hf_mudsc._version import __version__
 from hf_mudsc.apply.classifier import task_ranges
 from hf_mudsc.load.checks import is_multi_label_head, is_regression_head
 from hf_mudsc.load.references import OBJECT_REFERENCE, without_userinfo
+from hf_mudsc.markdown import (
+    LINE_BREAKS,
+    longest_backtick_run,
+    markdown_cell,
+    markdown_code,
+    markdown_code_cell,
+    markdown_text,
+)
 from hf_mudsc.methods import plugin_module
 from hf_mudsc.methods.registry import METHODS
 from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
@@ -565,44 +572,7 @@ def settings_rows(mudsc: Mapping[str, Any], recipe: Recipe, context: Mapping[str
 def table_safe(cell: str) -> str:
     """A cell that keeps its Markdown (links, code spans) but stays in its row: line breaks as spaces and every `|`
     escaped (GFM reads `\\|` as a pipe inside code spans and links too) — a local folder's name can hold either."""
-    return re.sub(r"(?<!\\)\|", r"\\|", _LINE_BREAKS.sub(" ", cell))
-
-
-_LINE_BREAKS = re.compile(r"\r\n|[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")
-# an underscore inside a word opens no emphasis (CommonMark), so `task_a` stays as it is written
-_MARKDOWN_PUNCTUATION = re.compile(r"([\\`*\[\]|~!]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9]))")
-
-
-def markdown_cell(value: Any) -> str:
-    """`value` as the text of one Markdown table cell, shown as it is: names (tasks, labels, datasets, folders) come
-    from configs and users, so a line break, `|`, HTML or link syntax in one must neither end the row or the table
-    (a re-evaluation finds its section by its headings) nor reach the page as markup."""
-    text = _LINE_BREAKS.sub(" ", str(value))
-    return html.escape(_MARKDOWN_PUNCTUATION.sub(r"\\\1", text), quote=False)
-
-
-def markdown_text(cell: str) -> str:
-    """The text a `markdown_cell` shows (its escapes undone): the title read back as the model's name."""
-    return html.unescape(re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", cell))
-
-
-def markdown_code(value: Any) -> str:
-    """`value` as an inline code span: a fence longer than any backtick run in it (CommonMark), line breaks as spaces;
-    the rest of a code span is shown literally."""
-    text = _LINE_BREAKS.sub(" ", str(value))
-    fence = "`" * (longest_backtick_run(text) + 1)
-    pad = " " if text.startswith("`") or text.endswith("`") else ""
-    return f"{fence}{pad}{text}{pad}{fence}"
-
-
-def markdown_code_cell(value: Any) -> str:
-    """`markdown_code` inside a table cell: `|` escaped too (GFM splits cells before it reads code spans)."""
-    return markdown_code(str(value).replace("|", "\\|"))
-
-
-def longest_backtick_run(text: str) -> int:
-    """The longest run of backticks in `text`: a code fence around it must be longer."""
-    return max((len(run) for run in re.findall(r"`+", text)), default=0)
+    return re.sub(r"(?<!\\)\|", r"\\|", LINE_BREAKS.sub(" ", cell))
 
 
 def _environment(folder: Path) -> jinja2.Environment:
