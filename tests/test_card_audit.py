@@ -245,3 +245,18 @@ def test_a_backtick_in_a_local_calibration_or_base_folder_name_puts_no_markup_on
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert rows["Calibration data"] == f"| Calibration data | ``cal{hostile}`` |", rows["Calibration data"]
     assert rows["Base model"].startswith(f"| Base model | ``base{hostile}``"), rows["Base model"]
+
+
+def test_local_parents_are_not_said_to_be_pinned_to_commits(tmp_path):
+    """Bug hunt s29: the Reproduce section said "the parents are pinned to the commits that were used" for parents
+    that were local folders (no commit): it says they are named by path in the stored recipe instead."""
+    from hf_mudsc.publish.card import render_card
+    from hf_mudsc.publish.writer import recipe_of
+
+    for name, seed in (("vit-a", 1), ("vit-b", 2)):
+        make_model("vit_cls", seed).save_pretrained(tmp_path / name)
+    merged = hf_mudsc.merge([str(tmp_path / "vit-a"), str(tmp_path / "vit-b")], method="linear", progress=False)
+    text = " ".join(render_card(merged, recipe_of(merged)).text.split())
+    assert "the parents are pinned" not in text
+    assert ("the parents are local folders, named by path in the stored recipe (by name in the card's copy below): "
+            "it re-runs on this machine") in text
