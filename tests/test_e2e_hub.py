@@ -108,6 +108,7 @@ def test_merge_hub_parents_push_load_and_rerun_the_pushed_recipe(hub, inputs, tm
     card = ModelCard(hub.file_bytes("user/merged", "README.md").decode())
     assert card.data.base_model == ["user/a", "user/b"] and card.data.base_model_relation == "merge"
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-classification"
+    assert "the parents are pinned to the commits that were used" in " ".join(card.content.split())  # Hub parents
     block = re.search(r"```yaml\n(.*?)```", card.content, re.S).group(1)
     # The card and the pushed recipe show the local calibration folder by name (no machine paths); the local
     # recipe file keeps the path.
