@@ -256,14 +256,14 @@ def test_a_custom_template_can_be_used(merged, recipe, tmp_path):
 
 
 def test_local_references_are_shown_by_name(tmp_path):
-    from hf_mudsc.load.references import local_name
+    from hf_mudsc.load.references import display_name
 
     (tmp_path / "calib").mkdir()
-    assert local_name(str(tmp_path / "calib")) == "calib"
-    assert local_name(f"{tmp_path / 'calib'}:train") == "calib:train"
-    assert local_name("/no/such/folder/parent-a") == "parent-a"
-    assert local_name("org/dataset:config:train") == "org/dataset:config:train"
-    assert local_name("org/model@v2") == "org/model@v2"
+    assert display_name(str(tmp_path / "calib")) == "calib"
+    assert display_name(f"{tmp_path / 'calib'}:train") == "calib:train"
+    assert display_name("/no/such/folder/parent-a") == "parent-a"
+    assert display_name("org/dataset:config:train") == "org/dataset:config:train"
+    assert display_name("org/model@v2") == "org/model@v2"
 
 
 def test_home_relative_references_are_shown_by_name_in_the_merged_config(tmp_path, monkeypatch):
@@ -278,6 +278,22 @@ def test_home_relative_references_are_shown_by_name_in_the_merged_config(tmp_pat
     assert display_name("~/private/calib:train") == "calib:train"
     assert display_name("~/private/gone") == "gone"
     assert display_name("org/model@v2") == "org/model@v2"
+
+
+def test_a_relative_local_calibration_spec_with_a_split_is_recorded_by_name(tmp_path, monkeypatch):
+    """Bug hunt s29: `--calibration ../private/alice/calib:train` was written into config.json's `mudsc` (pushed
+    with the model) as typed: the relative path with its `:split` was neither absolute nor an existing path, so it
+    kept the machine's layout (and read like a Hub dataset id). By the folder's name, as the card shows it."""
+    from hf_mudsc.load.references import display_name
+
+    data = tmp_path / "private" / "alice" / "calib"
+    data.mkdir(parents=True)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    assert display_name("../private/alice/calib:train") == "calib:train"
+    assert display_name("../private/alice/calib") == "calib"
+    assert display_name("org/dataset:config:train") == "org/dataset:config:train"
+    assert display_name(f"{data}:train") == "calib:train"
 
 
 def test_update_card_evaluation_replaces_only_its_section_and_the_model_index():

@@ -77,28 +77,17 @@ def parent_name(model: PreTrainedModel, fallback: str) -> str:
     return display_name(name) or fallback
 
 
-def display_name(name: str) -> str:
-    """How a parent or dataset reference appears in the merged config: Hub ids and specs as given, local paths
-    (absolute, home-relative or existing) by their last component."""
-    if name.startswith("~"):  # `~/private/x`: a path (a Hub id never starts so), shown by name like any other
-        name = os.path.expanduser(name)
-    if os.path.isabs(name) or os.path.exists(name):
-        return os.path.basename(os.path.abspath(name))
-    return name
-
-
-def local_name(reference: str | os.PathLike) -> str:
-    """How a parent or dataset reference is shown off this machine (the card, the recipe pushed to the Hub): local
-    folders by name, never by their absolute path.
-
-    A spec `path:split` keeps its suffix (`calibration:train`); Hub ids and specs are shown as given.
-    """
-    text = os.fspath(reference)
+def display_name(name: str | os.PathLike) -> str:
+    """How a parent or dataset reference appears off this machine (the merged config, the card, the recipe pushed to
+    the Hub): Hub ids and specs as given, local paths (absolute, home-relative or existing) by their last component,
+    never by their path. A spec `path:split` keeps its suffix (`calibration:train`)."""
+    text = os.path.expanduser(os.fspath(name)) if os.fspath(name).startswith("~") else os.fspath(name)
+    if os.path.isabs(text) or os.path.exists(text):  # `~/private/x` too: a Hub id never starts so
+        return os.path.basename(os.path.abspath(text))
     head, sep, rest = text.partition(":")
-    if sep and head and not (os.path.isabs(text) or os.path.exists(text)) and (
-            os.path.isabs(head) or os.path.exists(head)):
-        return f"{display_name(head)}:{rest}"
-    return display_name(text)
+    if sep and head and (os.path.isabs(head) or os.path.exists(head)):
+        return f"{os.path.basename(os.path.abspath(head))}:{rest}"
+    return text
 
 
 # How a recipe (and the card) names a parent given as a model object whose weights no folder or Hub repo holds:

@@ -35,7 +35,7 @@ import yaml
 
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import MergeInputError, OptionError, RecipeError, brief, option_hint, shown
-from hf_mudsc.load.references import TOKEN_FIX, is_object_reference, local_name, looks_like_token
+from hf_mudsc.load.references import TOKEN_FIX, display_name, is_object_reference, looks_like_token
 from hf_mudsc.methods import plugin_module
 from hf_mudsc.option_values import MATCHERS as MATCHERS  # re-exported: the CLI's --matcher choices
 from hf_mudsc.options import RECIPE_FILENAME as RECIPE_FILENAME
@@ -426,14 +426,14 @@ class LocalReference:
 
 def local_references(values: Mapping[str, Any]) -> list[LocalReference]:
     """The entries of `values` (recipe keys) that name a local folder, in key order: the one place that decides
-    which entries are hidden off this machine, and how (`load.references.local_name`)."""
+    which entries are hidden off this machine, and how (`load.references.display_name`)."""
     found = []
     for key in LOCAL_REFERENCE_KEYS:
         value = values.get(key)
         items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
         for index, given in items:
-            if isinstance(given, (str, os.PathLike)) and local_name(given) != os.fspath(given):
-                found.append(LocalReference(key, index, os.fspath(given), local_name(given)))
+            if isinstance(given, (str, os.PathLike)) and display_name(given) != os.fspath(given):
+                found.append(LocalReference(key, index, os.fspath(given), display_name(given)))
     return found
 
 
