@@ -33,6 +33,28 @@ def test_an_object_holding_its_folders_weights_is_recorded_as_that_folder(case):
     assert [pinned_reference(p) for p in loaded] == [a, b]
 
 
+def test_an_object_loaded_from_the_hub_unchanged_is_recorded_as_its_repo_pinned(case, local_hub, monkeypatch):
+    """Bug hunt s29: transformers (>= 5.18) no longer sets `config._commit_hash`, so an object loaded with
+    `from_pretrained("user/a")` and merged unchanged was recorded as `<ViTForImageClassification object>` (the card
+    said "merged in memory", `base_model` lost it, `merge --recipe` refused it). Its cached snapshot holding exactly
+    its weights names it, pinned to that snapshot's commit; a later commit of the repo, not the one loaded, does not."""
+    _, (a, b), _ = case
+    local_hub.upload_folder("user/a", a, "A")
+    local_hub.upload_folder("user/b", b, "B")
+    first = local_hub.head("user/a")
+    loaded_a = ViTForImageClassification.from_pretrained("user/a")
+    loaded_b = ViTForImageClassification.from_pretrained("user/b")
+    # the repo moves on and its new snapshot is cached too: the object still holds the first commit's weights
+    changed = ViTForImageClassification.from_pretrained(a)
+    with torch.no_grad():
+        changed.classifier.weight.mul_(0.5)
+    changed.save_pretrained(Path(a).parent / "a-later")
+    local_hub.upload_folder("user/a", Path(a).parent / "a-later", "later")
+    ViTForImageClassification.from_pretrained("user/a")
+    loaded, _, _ = load_parents_and_base([loaded_a, loaded_b])
+    assert [pinned_reference(p) for p in loaded] == [f"user/a@{first}", f"user/b@{local_hub.head('user/b')}"]
+
+
 def test_an_object_changed_in_memory_is_recorded_as_an_object_and_its_recipe_refused(case, tmp_path):
     """QA s21: the recipe named `vit-a`'s folder for an object whose weights had been halved in memory, so
     `merge --recipe` silently merged other weights."""

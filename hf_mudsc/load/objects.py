@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from hf_mudsc.errors import MergeInputError
-from hf_mudsc.load.references import looks_like_path
+from hf_mudsc.load.references import COMMIT_SHA, looks_like_path
 from hf_mudsc.load.weight_files import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
 
 logger = logging.getLogger(__name__)
@@ -111,18 +111,18 @@ class ObjectSource:
 
 
 def object_source(model: nn.Module, name_or_path: str) -> ObjectSource | None:
-    """Where `model` (a parent given as an object) can be re-loaded from, or None: its `name_or_path` folder (or the
-    cached Hub snapshot at its config's `_commit_hash`) only if that checkpoint holds every one of its parameters
-    with the same bytes in the checkpoint's stored dtype. An object changed in memory, or loaded in another dtype
-    (`dtype=float16` from float32 files), holds other weights: a recipe naming the folder would re-run another merge.
-    The checkpoint is read one tensor at a time (no second model is loaded); only safetensors are read."""
-    folder, repo_id, commit_sha = _checkpoint_folder(model, name_or_path)
-    if folder is None or not holds_checkpoint_weights(model, folder):
-        if name_or_path:
-            logger.info("the %s object given as a parent does not hold the weights of %r: recorded as an object",
-                        type(model).__name__, name_or_path)
-        return None
-    return ObjectSource(reference=repo_id or name_or_path, repo_id=repo_id, commit_sha=commit_sha)
+    """Where `model` (a parent given as an object) can be re-loaded from, or None: its `name_or_path` folder (or a
+    cached snapshot of that Hub repo) only if that checkpoint holds every one of its parameters with the same bytes in
+    the checkpoint's stored dtype. An object changed in memory, or loaded in another dtype (`dtype=float16` from
+    float32 files), holds other weights: a recipe naming the folder would re-run another merge. The checkpoint is
+    read one tensor at a time (no second model is loaded); only safetensors are read; nothing is downloaded."""
+    for folder, repo_id, commit_sha in _checkpoint_folders(model, name_or_path):
+        if holds_checkpoint_weights(model, folder):
+            return ObjectSource(reference=repo_id or name_or_path, repo_id=repo_id, commit_sha=commit_sha)
+    if name_or_path:
+        logger.info("the %s object given as a parent does not hold the weights of %r: recorded as an object",
+                    type(model).__name__, name_or_path)
+    return None
 
 
 def holds_checkpoint_weights(model: nn.Module, folder: str | os.PathLike) -> bool:
@@ -146,24 +146,49 @@ def holds_checkpoint_weights(model: nn.Module, folder: str | os.PathLike) -> boo
     return True
 
 
-def _checkpoint_folder(model: nn.Module, name_or_path: str) -> tuple[Path | None, str | None, str | None]:
-    """`(folder, repo_id, commit_sha)` of the checkpoint `name_or_path` names: a local folder, or the snapshot of a
-    Hub repo at the config's `_commit_hash` if it is in the local cache (nothing is downloaded)."""
+def _checkpoint_folders(model: nn.Module, name_or_path: str) -> Iterator[tuple[Path, str | None, str | None]]:
+    """`(folder, repo_id, commit_sha)` of each checkpoint `name_or_path` may name, most likely first: a local folder;
+    or the cached snapshots of a Hub repo — at the config's `_commit_hash` when transformers set one (before 5.18),
+    else every cached commit, those a branch or tag points at first (`from_pretrained` records no commit now)."""
     if not name_or_path:
-        return None, None, None
+        return
     folder = Path(name_or_path).expanduser()
     if folder.is_dir():
-        return folder, None, None
-    commit = getattr(getattr(model, "config", None), "_commit_hash", None)
-    if not commit or looks_like_path(name_or_path):
-        return None, None, None
+        yield folder, None, None
+        return
+    if looks_like_path(name_or_path):
+        return
     from huggingface_hub import try_to_load_from_cache
 
-    for name in (SAFETENSORS_SINGLE, SAFETENSORS_INDEX):  # the order `weights_format` reads them in
-        try:
-            found = try_to_load_from_cache(name_or_path, name, revision=commit)
-        except ValueError:  # not a repo id
-            return None, None, None
-        if isinstance(found, str):
-            return Path(found).parent, name_or_path, commit
-    return None, None, None
+    given = getattr(getattr(model, "config", None), "_commit_hash", None)
+    for commit in [given] if given else _cached_commits(name_or_path):
+        for name in (SAFETENSORS_SINGLE, SAFETENSORS_INDEX):  # the order `weights_format` reads them in
+            try:
+                found = try_to_load_from_cache(name_or_path, name, revision=commit)
+            except ValueError:  # not a repo id
+                return
+            if isinstance(found, str):
+                yield Path(found).parent, name_or_path, commit
+                break
+
+
+def _cached_commits(repo_id: str) -> list[str]:
+    """The commits of `repo_id` whose snapshots the local Hub cache holds: those its refs (branches, tags) point at
+    first, then the others, newest first."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    try:
+        repo = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    except ValueError:  # not a repo id
+        return []
+    snapshots = repo / "snapshots"
+    if not snapshots.is_dir():
+        return []
+    cached = sorted((p for p in snapshots.iterdir() if p.is_dir() and COMMIT_SHA.fullmatch(p.name)),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    refs = repo / "refs"
+    pointed = [] if not refs.is_dir() else [
+        ref.read_text(encoding="ascii", errors="replace").strip() for ref in sorted(refs.rglob("*")) if ref.is_file()]
+    names = [p.name for p in cached]
+    return list(dict.fromkeys([sha for sha in pointed if sha in names] + names))

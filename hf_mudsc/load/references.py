@@ -77,6 +77,10 @@ def parent_name(model: PreTrainedModel, fallback: str) -> str:
     return display_name(name) or fallback
 
 
+#: A full Git commit id, as the Hub names commits (and its cache names snapshot folders).
+COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+
+
 def display_name(name: str | os.PathLike) -> str:
     """How a parent or dataset reference appears off this machine (the merged config, the card, the recipe pushed to
     the Hub): Hub ids and specs as given, local paths (absolute, home-relative or existing) by their last component,

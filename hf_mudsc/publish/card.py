@@ -40,7 +40,7 @@ from transformers.models.auto import modeling_auto
 from hf_mudsc._version import __version__
 from hf_mudsc.apply.classifier import task_ranges
 from hf_mudsc.load.checks import is_multi_label_head, is_regression_head
-from hf_mudsc.load.references import OBJECT_REFERENCE, without_userinfo
+from hf_mudsc.load.references import COMMIT_SHA, OBJECT_REFERENCE, without_userinfo
 from hf_mudsc.markdown import (
     LINE_BREAKS,
     longest_backtick_run,
@@ -95,7 +95,7 @@ class ParentInfo:
             reference = os.fspath(parent)
             name, _, revision = reference.partition("@")
             if not Path(reference).exists() and _HUB_ID.match(name):
-                sha = revision if re.fullmatch(r"[0-9a-f]{40}", revision or "") else None
+                sha = revision if COMMIT_SHA.fullmatch(revision or "") else None
                 return cls(reference, name, revision or None, sha)
             return cls(reference)
         return cls(
