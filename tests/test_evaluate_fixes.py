@@ -890,3 +890,43 @@ def test_parents_given_as_model_objects_are_scored_with_the_processor_saved_in_t
     for scorer, views in expected.items():
         for view, value in views.items():
             assert result.score(scorer, view) == pytest.approx(value, abs=1e-12), (scorer, view)
+
+
+def test_a_pinned_hub_dataset_revision_is_recorded_with_the_figures(backward, local_hub, tmp_path):
+    """Bug hunt s29: `--dataset t=org/data@REV:test` scored that revision, but the results file, the card's table and
+    its model-index named only `org/data`: the published figure was attributed to whatever the dataset's head holds.
+    The revision is recorded (results `revision`, model-index `dataset.revision`, the table's dataset cell)."""
+    import subprocess
+    import sys
+
+    root, out, tests = backward
+    pinned = {}
+    for task in ("zeta", "alpha"):
+        data = datasets.load_from_disk(str(tests[task]))
+        data.to_parquet(tmp_path / f"{task}.parquet")
+        pinned[task] = local_hub.commit_files(f"user/ev-{task}", {"test.parquet": (tmp_path / f"{task}.parquet")
+                                                                  .read_bytes()}, "v1", repo_type="dataset")
+        data.select(range(5)).to_parquet(tmp_path / f"{task}-later.parquet")  # the head moves on: 5 rows
+        local_hub.commit_files(f"user/ev-{task}", {"test.parquet": (tmp_path / f"{task}-later.parquet")
+                                                   .read_bytes()}, "v2", repo_type="dataset")
+    folder = tmp_path / "merged"
+    import shutil
+
+    shutil.copytree(out, folder)
+    # a process of its own: `datasets` reads the Hub's settings when it is imported
+    run = subprocess.run([sys.executable, "-m", "hf_mudsc", "evaluate", str(folder), "--dataset",
+                          f"zeta=user/ev-zeta@{pinned['zeta']}:test", "--dataset",
+                          f"alpha=user/ev-alpha@{pinned['alpha']}:test", "--parents", str(root / "zeta"),
+                          str(root / "alpha")], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env=local_hub.client_env(token=None, extra={"OMP_NUM_THREADS": "1"}))
+    assert run.returncode == 0, run.stderr
+    results = json.loads((folder / "eval_results.json").read_text())
+    assert {task: (info["revision"], info["num_samples"]) for task, info in results["tasks"].items()} == {
+        "zeta": (pinned["zeta"], 14), "alpha": (pinned["alpha"], 13)}
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(folder / "README.md")
+    revisions = {result["dataset"]["name"]: result["dataset"].get("revision")
+                 for result in card.data.to_dict()["model-index"][0]["results"]}
+    assert revisions == {"user/ev-zeta": pinned["zeta"], "user/ev-alpha": pinned["alpha"]}, revisions
+    assert f"| zeta | user/ev-zeta@{pinned['zeta']} | test |" in card.text

@@ -60,6 +60,7 @@ from hf_mudsc.evaluate.tasks import (
     one_dataset_per_task_fix,
     source_key,
     source_name,
+    spec_revision,
     spec_split,
 )
 from hf_mudsc.load.objects import held_as_given
@@ -220,7 +221,8 @@ def evaluate_merge(
                "label_range": list(layout.ranges[task]),
                "classes": list(layout.class_names[task]),
                **({"local": True, "data_key": source_key(source)} if source.local else {}),
-               **({"config": source.config} if source.config else {})}
+               **({"config": source.config} if source.config else {}),
+               **({"revision": spec_revision(source)} if spec_revision(source) else {})}
         for task, source in sources.items()
     }
     # which processor scored which row: only when raw columns were preprocessed by processors that differ

@@ -29,7 +29,8 @@ class EvaluationResult:
     average), metric.
 
     `tasks` maps each task to its data description: `dataset`, `split`, `num_samples` (the rows scored),
-    `first_rows` (true when `num_samples=` cut the data to its first rows), `picked` (true when its rows were picked
+    `first_rows` (true when `num_samples=` cut the data to its first rows), `revision` (the Hub revision a spec
+    `org/data@REV:split` pinned; absent without one), `picked` (true when its rows were picked
     out of one dataset holding every task, by task column or joint label id: its first rows are then not the split's)
     and `label_range` (its slice of the joint label space). Scores are fractions in [0, 1]. A missing entry means the
     view is not defined for that scorer (e.g. parent A on task B). `processors`: when the models' processors differ,
@@ -177,9 +178,10 @@ def _task_data(info: Mapping[str, Any]) -> dict[str, Any]:
     from hf_mudsc.publish.card import EvalRow
 
     dataset, config, split = info.get("dataset"), info.get("config"), info.get("split")
-    count = info.get("num_samples")
+    count, revision = info.get("num_samples"), info.get("revision")
     return {"dataset": None if dataset is None else str(dataset), "dataset_config": None if config is None else
             str(config), "split": None if split is None else str(split), "local": bool(info.get("local")),
+            "dataset_revision": None if revision is None else str(revision),
             "rows": None if count is None else EvalRow.rows_text(int(count), bool(info.get("first_rows"))),
             "picked": bool(info.get("picked"))}
 
@@ -196,7 +198,9 @@ def _joint_data(tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     rows = None if None in counts else (" + ".join(data["rows"] for data in each)
                                         if any(info.get("first_rows") for info in tasks.values())
                                         else str(sum(int(count) for count in counts)))
-    shown = [EvalRow.label_of(data["dataset"], data["local"]) for data in each]
+    shown = [EvalRow.label_of(data["dataset"], data["local"]) + (f"@{data['dataset_revision']}"
+                                                                  if data["dataset_revision"] else "")
+             for data in each]
     labels = list(dict.fromkeys(shown))
     splits, configs = {data["split"] for data in each}, {data["dataset_config"] for data in each}
     cut = any(info.get("first_rows") for info in tasks.values())

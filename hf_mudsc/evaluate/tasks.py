@@ -41,6 +41,7 @@ class TaskData:
         name, split: shown in the results and the model card (a Hub dataset's id names it there; data given in
             memory without a name is `in-memory data`, without a split none is shown).
         config: the dataset's config (`sst2` of `glue`), shown with them (the card's `model-index`).
+        revision: the Hub revision the data was read at, when the spec pinned one (`org/data@REV:test`).
         local: the data is a local folder, not a Hub dataset: the card keeps it out of its `datasets` (Hub ids).
     """
 
@@ -55,6 +56,7 @@ class TaskData:
     split: str | None = None
     local: bool = False
     config: str | None = None
+    revision: str | None = None
 
 
 def tasks_from_dataset(
@@ -145,7 +147,7 @@ def spec_task_data(spec: str | os.PathLike, data: Any = None, **fields: Any) -> 
     path = Path(parsed.path).expanduser()
     local = path.exists()
     return TaskData(os.fspath(spec) if data is None else data, name=path.name if local else parsed.path,
-                    split=parsed.split, local=local, config=parsed.config, **fields)
+                    split=parsed.split, local=local, config=parsed.config, revision=parsed.revision, **fields)
 
 
 def as_task_data(value: Any) -> TaskData:
@@ -400,6 +402,18 @@ def source_name(source: TaskData) -> str | None:
         from hf_mudsc.calibrate.dataset_spec import DatasetSpec
 
         return DatasetSpec.parse(os.fspath(data)).path
+    return None
+
+
+def spec_revision(source: TaskData) -> str | None:
+    """The revision a Hub dataset spec pins (`org/data@REV:test`), None without one: the figures are of that
+    revision, and the results and the card say so."""
+    if source.revision is not None:
+        return source.revision
+    if isinstance(source.data, (str, os.PathLike)):
+        from hf_mudsc.calibrate.dataset_spec import DatasetSpec
+
+        return DatasetSpec.parse(os.fspath(source.data)).revision
     return None
 
 

@@ -140,6 +140,9 @@ class EvalRow:
     split: str | None = "test"
     """None: not known (the table shows `—`, the `model-index` names no split)."""
     dataset_config: str | None = None  # the dataset's own config (e.g. `sst2` of `glue`), if it has one
+    dataset_revision: str | None = None
+    """The Hub revision the figures are of, when the evaluation pinned one (`org/data@REV:test`): the `model-index`'s
+    `dataset.revision`, and `@REV` after the dataset in the table."""
     parent_a: float | None = None
     parent_b: float | None = None
     ensemble: float | None = None
@@ -219,6 +222,11 @@ class EvalRow:
     def dataset_label(self) -> str:
         """The row's data as the table and the `model-index` name it (`label_of`)."""
         return self.label_of(self.dataset, self.local)
+
+    @property
+    def dataset_shown(self) -> str:
+        """The table's dataset cell: `dataset_label`, `@REV` after it when a revision was pinned."""
+        return self.dataset_label + (f"@{self.dataset_revision}" if self.dataset_revision else "")
 
     @property
     def parent_scores(self) -> tuple[float | None, ...]:
@@ -415,6 +423,7 @@ def set_eval_results(data: ModelCardData, eval_results: Sequence[EvalRow], *, mo
             dataset_name=row.model_index_dataset_name,
             dataset_config=row.model_index_config,
             dataset_split=row.model_index_split,
+            dataset_revision=row.dataset_revision,
             metric_type=row.metric,
             metric_name=row.metric_label,
             metric_args=dict(row.metric_args) if row.metric_args else None,
