@@ -204,6 +204,17 @@ def test_cli_refuses_weights_that_do_not_match_the_parents(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(("method", "flag"), [("breadcrumbs", "--gamma"), ("della", "--epsilon")])
+def test_cli_refuses_a_per_parent_list_of_the_wrong_length_for_every_such_option(tmp_path, capsys, method, flag):
+    """Bug hunt s29: --weights/--density lists of the wrong length were refused up front (exit 2), --gamma/--epsilon
+    only after parent A was loaded whole (exit 1). Every per-parent option alike, before anything is opened."""
+    code = main(["merge", "a", "b", "--base", "c", "--method", method, flag, "0.1", "0.1", "0.1",
+                 "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{flag.removeprefix('--')} gives 3 values for 2 parents (CLI: {flag})" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
 def test_recipe_round_trip_with_base_and_weights(tmp_path):
     recipe = Recipe(models=["org/a@" + "1" * 40, "org/b", "./c"], base="org/base@" + "2" * 40, weights=[1.0, 2.0, 0.5],
                     density=[0.5, 0.6, 0.7], normalize=False, scaling=0.8, rescale=False, method="linear")

@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from hf_mudsc._version import __version__
-from hf_mudsc.errors import MergeInputError, OptionError, RecipeError, brief, option_hint, shown
+from hf_mudsc.errors import MergeInputError, OptionError, RecipeError, brief, flag, option_hint, shown
 from hf_mudsc.load.references import TOKEN_FIX, display_name, is_object_reference, looks_like_token
 from hf_mudsc.methods import plugin_module
 from hf_mudsc.option_values import MATCHERS as MATCHERS  # re-exported: the CLI's --matcher choices
@@ -235,11 +235,11 @@ class Recipe(MergeOptions):
             raise CalibrationMissing(f"refit {self.refit!r} needs calibration data: pass --calibration (a dataset spec "
                                      "`repo_or_path[@revision][:config]:split` or a saved dataset folder), or --refit "
                                      "none", reader=f"refit {self.refit!r}")
-        for key in ("weights", "density"):
+        for key in MergeOptions.names(kind="numbers") + MergeOptions.names(kind="number_or_numbers"):  # per parent
             value = getattr(self, key)
             if isinstance(value, list) and len(value) != len(self.models):
-                raise RecipeError(f"{key} gives {len(value)} values for {len(self.models)} parents (CLI: --{key}); "
-                                  "give one per parent, in parent order")
+                raise RecipeError(f"{key} gives {len(value)} values for {len(self.models)} parents "
+                                  f"(CLI: {flag(key)}); give one per parent, in parent order")
         method = None if is_auto(self.method) else get_method(self.method)
         if method is not None and method.num_parents is not None and method.num_parents != len(self.models):
             raise RecipeError(f"method {self.method!r} merges exactly {method.num_parents} parents, got "
