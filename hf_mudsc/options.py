@@ -924,6 +924,9 @@ class MergeOptions:
         if self.size != 1.0 and self.reference_compat:
             raise OptionError(f"size={self.size:g} widens the merged model, which reference_compat=True must keep "
                               f"equal to the reference's; drop one of {flag('size')} / {flag('reference_compat')}")
+        if self.size_spend == "heads" and self.size != 1.0 and self.independent_heads:  # any method, auto too
+            raise OptionError(f"{option_hint('size_spend')} 'heads' unfuses head pairs shared by q/k and v, which "
+                              f"{option_hint('independent_heads')} pairs apart; drop one of them")
         if self.refit_norms and (self.refit in ("none", "repair") or self.reference_compat):
             because = (f"refit={self.refit!r} runs no ridge refit" if not self.reference_compat
                        else "reference_compat=True runs no refit")

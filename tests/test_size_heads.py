@@ -313,7 +313,10 @@ def test_cli_refuses_stream_spend_conflicts_before_reading_any_parent(tmp_path, 
     for parents, flags, needle in (
             (missing, ["--size-spend", "residual"], "size_spend= (CLI: --size-spend) 'residual' merges two parents"),
             (missing[:2], ["--size-spend", "heads", "--independent-heads"],
-             "size_spend= (CLI: --size-spend) 'heads' unfuses head pairs")):
+             "size_spend= (CLI: --size-spend) 'heads' unfuses head pairs"),
+            # bug hunt s29: under method auto this was refused only after the parents' weights were read
+            (missing[:2], ["--size-spend", "heads", "--independent-heads", "--method", "auto"],
+             "'heads' unfuses head pairs")):
         code, lines = run_cli(["merge", *parents, "--method", "mudsc", "--size", "1.5", *flags, "--calibration",
                                str(tmp_path / "no-data"), "--output", str(tmp_path / "out")], capsys)
         assert code == 2 and len(lines) == 1 and needle in lines[0], lines
@@ -385,6 +388,9 @@ def test_every_unit_matching_method_and_refit_spend_the_stream(vit_pair, spend):
 def test_heads_with_independent_heads_is_refused_before_loading():
     with pytest.raises(MergeInputError, match=r"independent_heads= \(CLI: --independent-heads\) pairs apart"):
         hf_mudsc.merge(["no/such-a", "no/such-b"], method="mudsc", size=1.5, size_spend="heads",
+                       independent_heads=True, progress=False)
+    with pytest.raises(MergeInputError, match=r"independent_heads= \(CLI: --independent-heads\) pairs apart"):
+        hf_mudsc.merge(["no/such-a", "no/such-b"], size=1.5, size_spend="heads",  # method auto
                        independent_heads=True, progress=False)
 
 

@@ -109,9 +109,6 @@ class UnitMatchingMethod(MergeMethod):
         if options.size_spend != "mlp" and options.size != 1.0 and num_parents != 2:
             raise MergeInputError(f"{option_hint('size_spend')} {options.size_spend!r} merges two parents, got "
                                   f"{num_parents}; use size_spend='mlp' (CLI: --size-spend mlp)")
-        if options.size_spend == "heads" and options.size != 1.0 and options.independent_heads:
-            raise MergeInputError(f"{option_hint('size_spend')} 'heads' unfuses head pairs shared by q/k and v, which "
-                                  f"{option_hint('independent_heads')} pairs apart; drop one of them")
         weights = options.weights
         if weights is not None and any(not w > 0 for w in weights):
             raise MergeInputError(f"{option_hint('weights')} of {self.name} must all be > 0 (each parent's share of "
