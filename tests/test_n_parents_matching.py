@@ -347,3 +347,25 @@ def test_three_permuted_copies_with_a_size_budget_come_back_with_a_wider_mlp(tri
     assert merged.num_parameters() <= 1.5 * model.num_parameters()
     for batch in batches[:2]:
         assert relative_error(model_output(merged, batch), model_output(model, batch)) < 1e-5
+
+
+@pytest.mark.parametrize(("num_models", "num_heads", "budget"), [(3, 1, 0.0), (3, 2, 0.0), (4, 2, 0.0)])
+def test_zip_of_n_models_with_a_small_budget_fuses_every_unit_instead_of_crashing(num_models, num_heads, budget,
+                                                                                  caplog):
+    """Bug hunt s29: with N > 2 models a zip_budget below 1 could exhaust every model's same-model budget while
+    clusters were left to fuse (a fused cluster carries its lowest member's model): zip raised a bare RuntimeError
+    after the whole calibration. The rest is fused without the budgets (min-linkage of the similarity), and said."""
+    import logging
+
+    n = 32
+    fused_any = False
+    for seed in range(4):
+        x = torch.randn(num_models * n, 3 * num_models * n, generator=torch.Generator().manual_seed(seed))
+        with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
+            caplog.clear()
+            found = match(torch.corrcoef(x), matcher="zip", num_heads=num_heads, budget=budget,
+                          num_models=num_models)
+        clusters = found.clusters()
+        assert len(clusters) == n and sorted(u for c in clusters for u in c) == list(range(num_models * n))
+        fused_any |= "fused without the same-model budgets" in caplog.text
+    assert fused_any  # these random similarities do exhaust the budgets

@@ -375,6 +375,7 @@ def _zip_core(
     model_masked: list[bool],
     head_budget: list[int] | None = None,
     unit_models: np.ndarray | None = None,
+    original: np.ndarray | None = None,
 ) -> tuple[list[list[int]], list[float]]:
     """ZipIt's greedy on ``s`` (modified in place, diagonal already -inf) down to ``target`` clusters.
 
@@ -391,6 +392,10 @@ def _zip_core(
     ``unit_models`` (N > 2 models; docs/design.md §4.13): each local unit's model; the decay is then
     applied only to a fused cluster that is complete (one unit per model or more) or holds two units of one model,
     so a cluster still missing some models' units is not penalised for taking one. None: always (two models).
+    ``original`` (N > 2 models): the unmodified similarity of the local units. There a cluster's label (its lowest
+    member's model) can leave every remaining pair masked by exhausted budgets before ``target`` is reached (two
+    models never can: a cross-model pair is always left); the rest is then fused without the budgets, on the
+    min-linkage of ``original`` (`_without_budgets`), and said.
     Returns the surviving clusters (lists of local indices, by lowest index) and the picked values.
     """
     size = s.shape[0]
@@ -402,9 +407,18 @@ def _zip_core(
         if model_masked[label]:
             _mask_label(s, labels, alive, label, rowmax, rowarg)
     picks: list[float] = []
-    for _ in range(size - target):
+    relaxed = False
+    for step in range(size - target):
         lo = int(np.argmax(rowmax))
         hi = int(rowarg[lo])
+        if (hi <= lo or not alive[hi]) and original is not None and not relaxed:
+            logger.warning("zip: the same-model budgets (zip_budget) left no pair of clusters to fuse with %d fusions "
+                           "to go; the rest were fused without the same-model budgets (a larger zip_budget avoids "
+                           "it)", size - target - step)
+            _without_budgets(s, original, members, alive, rowmax, rowarg)
+            relaxed = True
+            lo = int(np.argmax(rowmax))
+            hi = int(rowarg[lo])
         if hi <= lo or not alive[hi]:  # only possible if no finite pair is left, which validation excludes
             raise RuntimeError("zip found no admissible pair to fuse")
         picks.append(float(rowmax[lo]))
@@ -440,9 +454,23 @@ def _zip_core(
             if head_budget is not None:
                 head_budget[label] -= 1
                 exhausted = exhausted or head_budget[label] <= 0
-            if exhausted:
+            if exhausted and not relaxed:
                 _mask_label(s, labels, alive, label, rowmax, rowarg)
     return [members[i] for i in np.flatnonzero(alive)], picks
+
+
+def _without_budgets(s: np.ndarray, original: np.ndarray, members: list[list[int]], alive: np.ndarray,
+                     rowmax: np.ndarray, rowarg: np.ndarray) -> None:
+    """Rewrite ``s`` for the alive clusters as the min-linkage of ``original`` (a pair's similarity: the least of
+    its members' pairwise similarities, what the greedy's `min` update keeps, without decay), budgets ignored."""
+    live = np.flatnonzero(alive)
+    order = np.concatenate([np.asarray(members[i]) for i in live])
+    starts = np.cumsum([0] + [len(members[i]) for i in live[:-1]])
+    for row, i in enumerate(live):
+        least = original[np.asarray(members[i])][:, order].min(axis=0)  # to every unit, least over i's members
+        s[i, live] = np.minimum.reduceat(least, starts)
+        s[i, live[row]] = _NEG_INF
+    _refresh_rows(s, rowmax, rowarg, live)
 
 
 def _complete(cluster: Sequence[int], unit_models: np.ndarray, num_models: int) -> bool:
@@ -608,7 +636,8 @@ def _match_n(c: np.ndarray, n: int, num_models: int, matcher: str, num_heads: in
         np.fill_diagonal(s, _NEG_INF)
         labels = np.repeat(np.arange(num_models), g)
         head_budget = [(num_models - 1) * g // num_models] * num_models if num_heads > 1 else None
-        local, picks = _zip_core(s, labels, g, decay, model_budget, model_masked, head_budget, unit_models=labels)
+        local, picks = _zip_core(s, labels, g, decay, model_budget, model_masked, head_budget, unit_models=labels,
+                                 original=c[np.ix_(idx, idx)])
         clusters.extend([int(idx[i]) for i in members] for members in local)
         values.extend(picks)
     return clusters, float(np.mean(values)), pairing
