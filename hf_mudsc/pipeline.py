@@ -48,7 +48,12 @@ from hf_mudsc.errors import MergeInputError, OptionError, shown
 from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_finite, check_parents
 from hf_mudsc.load.lazy import subset
 from hf_mudsc.load.objects import claimed_for_merge, held_as_given, model_objects
-from hf_mudsc.load.processors import image_processor_differences, processor_note, tokenizer_differences
+from hf_mudsc.load.processors import (
+    image_processor_differences,
+    processor_fingerprint,
+    processor_note,
+    tokenizer_differences,
+)
 from hf_mudsc.load.references import (
     display_name,
     is_object_reference,
@@ -128,6 +133,9 @@ class MergeReport:
     # recipe keys (parents pinned: `org/name@sha`, local folders absolute), and parent A's processor.
     recipe: dict[str, Any] = field(default_factory=dict)
     processor: Any = None
+    # A processor passed to merge() (`processor=`) that is not parent A's preprocessed the calibration data read: the
+    # recipe (a re-run preprocesses with parent A's) says so (`recipe.PROCESSOR_NOTE`).
+    processor_given: bool = False
     # The folders a calibration `Dataset` object was read from (its cache files), which the recipe cannot name:
     # `save_merged` refuses an output there, as the recipe's calibration path is refused.
     calibration_folders: list[str] = field(default_factory=list)
@@ -872,6 +880,9 @@ def merge(
                                 device=None if device is None else str(device), out_dtype=out_dtype)
     report.recipe = {"models": [pinned_reference(p) for p in parents], **given.values(recipe=True)}
     report.processor = parents[0].processor
+    report.processor_given = bool(
+        processor is not None and report.num_samples and getattr(calibration, "preprocess", None) is not None
+        and processor_fingerprint(processor) != processor_fingerprint(parents[0].processor))
     report.calibration_folders = calibration_folders
     merged.merge_report = report
     logger.info("merged %s with %s", ", ".join(parent_names), merge_method.name)

@@ -281,3 +281,30 @@ def test_a_recipe_rerun_says_what_the_original_said_and_gives_the_same_weights(c
     assert main(["merge", "--recipe", str(first / RECIPE_FILENAME), "--out-dtype", "float16",
                  "--output", str(tmp_path / "m3")]) == 0
     assert "asked for" in json.loads((tmp_path / "m3" / "config.json").read_text())["mudsc"]["out_dtype_reason"]
+
+
+def test_a_processor_given_to_merge_that_preprocessed_the_data_is_named_in_the_recipe(case, tmp_path, caplog):
+    """Bug hunt s29: `merge(..., processor=P)` preprocessed the raw calibration images with P instead of parent A's
+    processor (other weights), but the recipe said nothing, and `merge --recipe` silently built other weights. The
+    recipe says so in a comment line and its re-run warns; a processor equal to parent A's changes nothing and adds
+    no line."""
+    import logging
+
+    from transformers import ViTImageProcessor
+
+    from hf_mudsc.cli.main import main
+
+    _, (a, b), calibration = case
+    other = ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.1], image_std=[0.2])
+    merged = hf_mudsc.merge([a, b], calibration, method="zipit", refit="none", num_samples=16, processor=other,
+                            progress=False)
+    folder = hf_mudsc.save_merged(merged, tmp_path / "given")
+    text = (folder / RECIPE_FILENAME).read_text()
+    assert "# processor: the calibration data was preprocessed by a processor given to hf_mudsc.merge" in text
+    with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
+        assert main(["merge", "--recipe", str(folder / RECIPE_FILENAME), "--output", str(tmp_path / "again")]) == 0
+    assert "preprocessed by a processor given to hf_mudsc.merge" in caplog.text
+    own = ViTImageProcessor.from_pretrained(a)
+    same = hf_mudsc.merge([a, b], calibration, method="zipit", refit="none", num_samples=16, processor=own,
+                          progress=False)
+    assert "# processor:" not in (hf_mudsc.save_merged(same, tmp_path / "own") / RECIPE_FILENAME).read_text()

@@ -29,6 +29,7 @@ from hf_mudsc.publish.recipe import (
     Recipe,
     check_local_folders_given,
     refuse_unrecorded_data,
+    warn_given_processor,
 )
 from hf_mudsc.runner import check_before_dry_run, execute
 
@@ -96,6 +97,7 @@ def build_recipe(args: argparse.Namespace, recipe_class: type[Recipe] = Recipe) 
         raise
     if path:  # a recipe pushed to the Hub names local folders by name only: their paths must be given
         check_local_folders_given(path, recipe)
+        warn_given_processor(path)
     if not recipe.output and not recipe.push_to_hub and not recipe.dry_run:
         raise RecipeError("say where the merged model goes: --output DIR and/or --push-to-hub ORG/NAME")
     return recipe

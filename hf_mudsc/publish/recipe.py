@@ -87,6 +87,12 @@ _PLUGIN_HEADER = (
 IN_MEMORY_NOTE = ("# calibration: given in memory to hf_mudsc.merge (a Dataset object or batches), so not recorded "
                   "here; re-run with --calibration\n")
 
+# The line a recipe file gets when a processor passed to `hf_mudsc.merge` (`processor=`), not parent A's,
+# preprocessed the calibration data: a re-run preprocesses with parent A's, and says so (`warn_given_processor`).
+PROCESSOR_NOTE = ("# processor: the calibration data was preprocessed by a processor given to hf_mudsc.merge "
+                  "(processor=), not parent A's, so not recorded here; a re-run of this file preprocesses with parent "
+                  "A's and may build other weights: re-run from Python with the same processor=\n")
+
 # The line a recipe file gets for each parent given as a model object that no folder or Hub repo holds
 # (`Recipe.object_entries`): a re-run is refused (`Recipe.refuse_objects`) rather than load another model.
 OBJECT_NOTE = ("# {entry}: a model object given to hf_mudsc.merge, whose weights no folder or Hub repo holds, so not "
@@ -389,23 +395,26 @@ class Recipe(MergeOptions):
         return data
 
     def to_yaml(self, *, reproducible: bool = True, name: str = RECIPE_FILENAME,
-                calibration_in_memory: bool = False) -> str:
+                calibration_in_memory: bool = False, processor_given: bool = False) -> str:
         """The recipe as YAML; `reproducible=False` adds the command-line-only fields (for display, not loadable);
-        `calibration_in_memory`: the merge read data given in memory, which the file says (`IN_MEMORY_NOTE`)."""
+        `calibration_in_memory`: the merge read data given in memory, which the file says (`IN_MEMORY_NOTE`);
+        `processor_given`: a processor passed to merge() preprocessed it (`PROCESSOR_NOTE`)."""
         body = yaml.dump(self.to_dict(reproducible=reproducible), Dumper=RecipeDumper, sort_keys=False,
                          allow_unicode=True)
         note = IN_MEMORY_NOTE if calibration_in_memory and not self.calibration else ""
+        note += PROCESSOR_NOTE if processor_given else ""
         note += "".join(OBJECT_NOTE.format(entry=label) for label, _ in self.object_entries())
         module = plugin_module(self.method)
         header = _HEADER.format(name=name) if module is None else _PLUGIN_HEADER.format(
             method=self.method, name=name, module=f"registered by {module}" if module else "a plug-in")
         return header + note + body
 
-    def save(self, path: str | os.PathLike, *, calibration_in_memory: bool = False) -> Path:
+    def save(self, path: str | os.PathLike, *, calibration_in_memory: bool = False,
+             processor_given: bool = False) -> Path:
         """Write the recipe file; it never holds `COMMAND_LINE_ONLY_KEYS`, so it can be loaded and re-run."""
         path = Path(path)
-        path.write_text(self.to_yaml(reproducible=True, name=path.name, calibration_in_memory=calibration_in_memory),
-                        encoding="utf-8")
+        path.write_text(self.to_yaml(reproducible=True, name=path.name, calibration_in_memory=calibration_in_memory,
+                                     processor_given=processor_given), encoding="utf-8")
         return path
 
 
@@ -532,6 +541,15 @@ def refuse_unrecorded_data(path: str | os.PathLike, error: CalibrationMissing) -
         f"hf_mudsc.merge), so it is not recorded in the recipe, and {error.reader} needs it: pass the same data "
         "with --calibration (a dataset spec `repo_or_path[@revision][:config]:split` or a saved dataset folder)"
     ) from None
+
+
+def warn_given_processor(path: str | os.PathLike) -> None:
+    """Say, when a recipe file's merge preprocessed its data with a processor passed to merge() (`PROCESSOR_NOTE`),
+    that this run preprocesses with parent A's: the weights may differ from the original merge's."""
+    if PROCESSOR_NOTE in Path(path).read_text(encoding="utf-8"):
+        logger.warning("recipe %s: its merge's calibration data was preprocessed by a processor given to "
+                       "hf_mudsc.merge (processor=), not parent A's; this run preprocesses with parent A's, so its "
+                       "weights may differ: re-run from Python with the same processor= to reproduce it", path)
 
 
 def auto_chosen_of(mudsc: Mapping[str, Any]) -> dict[str, Any] | None:

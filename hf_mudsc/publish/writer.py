@@ -180,7 +180,8 @@ def write_merged_folder(
             processor.save_pretrained(folder)
             drop_remote_code_pointers(folder, sorted(set(os.listdir(folder)) - model_files))
         report = getattr(merged, "merge_report", None)  # data read but no spec recorded: it was given in memory
-        recipe.save(folder / RECIPE_FILENAME, calibration_in_memory=bool(getattr(report, "num_samples", 0)))
+        recipe.save(folder / RECIPE_FILENAME, calibration_in_memory=bool(getattr(report, "num_samples", 0)),
+                    processor_given=bool(getattr(report, "processor_given", False)))
         plots = write_diagnostics(folder, getattr(report, "diagnostics", None), evaluation)
         name = model_name or recipe.push_to_hub or (Path(recipe.output).name if recipe.output else None)
         render_card(merged, recipe, parents=list(parents) if parents is not None else None,
