@@ -923,6 +923,9 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     if not automatic and options.alpha == AUTO and not alpha_searched(method, options, len(models)):
         keywords["alpha"] = ALPHA_HANDED  # as the merge's recipe records it: no search runs for this method
     keywords["base"] = None if located_base is None else _pinned(located_base)  # pinned, found from cards too
+    keywords["out_dtype"] = out_dtype  # resolved as the merge resolves it, from the parents' stored dtypes
+    if not automatic:  # the refit the method runs, as its recipe records it (auto's method is chosen at merge time)
+        keywords["refit"] = refit if refit in REFITTING else "none"
     size_budget = None
     if method.supports_size:
         from hf_mudsc.apply.classifier import same_label_sets

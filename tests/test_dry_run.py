@@ -420,6 +420,22 @@ def test_the_plan_records_alpha_as_the_merges_recipe_does(method):
     assert plan.options["alpha"] == merged.merge_report.recipe["alpha"] == 0.5
 
 
+@pytest.mark.parametrize(("method", "given"), [("mudsc", {}), ("zipit", {"refit": "none"}), ("linear", {}),
+                                               ("mudsc", {"out_dtype": "bfloat16", "refit": "ridge"})])
+def test_the_plan_records_refit_and_out_dtype_as_the_merges_recipe_does(method, given):
+    """Bug hunt s29: for an explicit method the plan's `options` kept `refit: auto` and `out_dtype: auto`, while the
+    merge's recipe records what they resolve to (`gate`, `float32`): "the plan's options are what the recipe would
+    record" (docs/design.md, Dry run). Every recorded key is compared."""
+    a, b = make_model("vit_cls", 1), make_model("vit_cls", 2)
+    data = make_batches("vit_cls", num_batches=2, batch_size=8)
+    plan = hf_mudsc.merge([a, b], data, method=method, dry_run=True, **given)
+    merged = hf_mudsc.merge([a, b], data, method=method, progress=False, **given)
+    recorded = merged.merge_report.recipe
+    differ = {key: (value, recorded.get(key)) for key, value in plan.options.items()
+              if key != "calibration" and value != recorded.get(key)}
+    assert differ == {}, differ
+
+
 def test_the_estimate_counts_the_alpha_searchs_weight_correlation_cache(monkeypatch):
     """The α search's solves keep weight correlations for reuse (`solve.loop.WeightCorrelationCache`) within their
     budget (`weight_cache_bytes`: at most 4 upper triangles of every group, `WEIGHT_CACHE_BYTES`, a quarter of the
