@@ -269,6 +269,19 @@ def test_the_accuracy_chart_names_every_parent_of_an_n_parent_merge():
     assert len(set(hatches)) == 3  # the three grey parents told apart
 
 
+def test_a_dollar_sign_in_a_task_name_is_drawn_as_written(tmp_path):
+    """Card bug hunt s29: task names reached matplotlib as mathtext, so `$x$` was drawn as math and `$\\foo$` raised
+    (the chart was then left out of the merged folder). Names are drawn as written."""
+    tasks = {name: {"dataset": "org/d", "split": "test"} for name in ("$\\foo$", "$5 off$")}
+    scores = {"merged": {name: {"accuracy": 0.5} for name in tasks}, "parent_a": {"$\\foo$": {"accuracy": 0.9}},
+              "parent_b": {"$5 off$": {"accuracy": 0.8}}}
+    result = EvaluationResult(metrics=["accuracy"], tasks=tasks, scores=scores, merged=["merged"])
+    [plot] = draw_plots(tmp_path, None, result)
+    check_png(plot.path)
+    axes = accuracy_figure(result.to_dict()).axes[0]
+    assert [t.get_text() for t in axes.get_xticklabels()][:2] == ["$\\foo$", "$5 off$"]
+
+
 # ------------------------------------------------------------------------------------------ hf-mudsc inspect
 
 

@@ -32,7 +32,9 @@ logger = logging.getLogger(__name__)
 
 DPI = 100
 STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 10,
-         "xtick.labelsize": 9, "ytick.labelsize": 10, "figure.titlesize": 13, "axes.grid": False}
+         "xtick.labelsize": 9, "ytick.labelsize": 10, "figure.titlesize": 13, "axes.grid": False,
+         # names (tasks, groups, labels) come from configs and users: a `$` in one is text, never mathtext
+         "text.parse_math": False}
 # Parents' bars are grey; A, B, C, ... told apart by hatching.
 PARENT_HATCHES = (None, "//", "\\\\", "xx", "..")
 # Merged models' bars: matplotlib's default cycle without its grey (the parents' colour).
