@@ -810,6 +810,9 @@ def merge(
         # parent i's head reordered to parent A's label order before the merge (A's labels in another order)
         "head_reordered": head_reordered,
         "parent_revisions": [p.commit_sha for p in parents],
+        # the licences the parents' (and the base's) model cards declare: the card declares one only if all share it
+        "parent_licenses": [p.license for p in parents],
+        "base_license": None if base_parent is None else base_parent.license,
         "num_calibration_samples": report.num_samples,
         "refit_examples": None,  # the examples the refit read (refit_samples resolved), set once it ran
         "refit_gate": None,  # refit="gate": both held-out scores and whether the refit was kept (apply.refit_gate)
@@ -880,6 +883,7 @@ def merge(
                                 device=None if device is None else str(device), out_dtype=out_dtype)
     report.recipe = {"models": [pinned_reference(p) for p in parents], **given.values(recipe=True)}
     report.processor = parents[0].processor
+    _warn_licenses(parents, base_parent)
     report.processor_given = bool(
         processor is not None and report.num_samples and getattr(calibration, "preprocess", None) is not None
         and processor_fingerprint(processor) != processor_fingerprint(parents[0].processor))
@@ -1302,6 +1306,17 @@ def _check_base(base: Any, model_a: PreTrainedModel, spec: PermutationSpec,
     if not dropped and all(key in names for key in base_params):
         return base_params
     return subset(base_params, lambda key: key in names and key not in dropped)
+
+
+def _warn_licenses(parents: Sequence[LoadedParent], base: LoadedParent | None) -> None:
+    """Say when the parents' model cards declare different licences (or some declare one and others none): the merged
+    weights derive from every parent, and its card then declares no licence (`card.common_license`)."""
+    declared = [(parent_label(i), p.license) for i, p in enumerate(parents)]
+    declared += [("base", base.license)] if base is not None else []
+    if len({license for _, license in declared}) > 1:
+        logger.warning("the parents' model cards declare different licences (%s): the merged weights derive from "
+                       "each, so its card declares none; check their terms and set the licence yourself before "
+                       "publishing", ", ".join(f"{who}: {license or 'none declared'}" for who, license in declared))
 
 
 def _same_head_labels(config_a: Any, config_base: Any) -> bool:

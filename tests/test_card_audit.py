@@ -260,3 +260,40 @@ def test_local_parents_are_not_said_to_be_pinned_to_commits(tmp_path):
     assert "the parents are pinned" not in text
     assert ("the parents are local folders, named by path in the stored recipe (by name in the card's copy below): "
             "it re-runs on this machine") in text
+
+
+def test_the_parents_licences_are_read_and_the_card_declares_one_only_when_all_share_it(tmp_path, caplog):
+    """Card bug hunt s29: no licence was read anywhere: parents under apache-2.0 and cc-by-nc-4.0 gave a pushed card
+    with no licence and no word of either. The parents' cards are read: one shared licence is declared; different
+    ones are listed, none declared, and the merge warns."""
+    import logging
+
+    from huggingface_hub import ModelCard
+
+    from hf_mudsc.publish.card import render_card
+    from hf_mudsc.publish.writer import recipe_of
+
+    def parent(name: str, seed: int, license: str | None) -> str:
+        make_model("vit_cls", seed).save_pretrained(tmp_path / name)
+        if license is not None:
+            (tmp_path / name / "README.md").write_text(f"---\nlicense: {license}\n---\n\n# {name}\n")
+        return str(tmp_path / name)
+
+    same = [parent("a", 1, "apache-2.0"), parent("b", 2, "apache-2.0")]
+    merged = hf_mudsc.merge(same, method="linear", progress=False)
+    card = render_card(merged, recipe_of(merged))
+    assert card.data.license == "apache-2.0" and "**Licences**" not in card.text
+    assert merged.config.mudsc["parent_licenses"] == ["apache-2.0", "apache-2.0"]
+    differ = [same[0], parent("c", 3, "cc-by-nc-4.0"), parent("d", 4, None)]
+    with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
+        merged = hf_mudsc.merge(differ, method="linear", progress=False)
+    assert "declare different licences (A: apache-2.0, B: cc-by-nc-4.0, C: none declared)" in caplog.text
+    card = ModelCard(str(render_card(merged, recipe_of(merged))))
+    assert card.data.license is None
+    assert ("**Licences**: the parents' model cards declare A: `apache-2.0`, B: `cc-by-nc-4.0`, C: none declared. "
+            "The merged weights derive from each of them, so this card declares no licence") in " ".join(
+        card.text.split())
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
+        merged = hf_mudsc.merge([parent("e", 5, None), parent("f", 6, None)], method="linear", progress=False)
+    assert "licence" not in caplog.text and "**Licences**" not in render_card(merged, recipe_of(merged)).text

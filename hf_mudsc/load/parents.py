@@ -52,7 +52,13 @@ from hf_mudsc.load.hub_calls import http_cause, hub_call, hub_error_line
 from hf_mudsc.load.links import TEMPLATES_FOLDER, refuse_link_out, refuse_links_out
 from hf_mudsc.load.objects import object_source
 from hf_mudsc.load.processors import load_processor, processor_from_name, tokenizer_of
-from hf_mudsc.load.references import card_base_model, looks_like_path, object_reference, parse_reference
+from hf_mudsc.load.references import (
+    card_base_model,
+    card_license,
+    looks_like_path,
+    object_reference,
+    parse_reference,
+)
 from hf_mudsc.load.relation import parent_label
 from hf_mudsc.load.weight_files import (
     PICKLE_INDEX,
@@ -95,6 +101,8 @@ class LoadedParent:
     tensors, a model object's own parameters, else its config's `dtype`): `float16`, or `float16/float32` for a
     checkpoint that mixes dtypes; None when unknown. `model` is float32 whatever it is; `out_dtype="auto"` returns
     the merged model in the parents' common one (`hf_mudsc.apply.dtype`)."""
+    license: str | None = None
+    """The licence its model card declares (`references.card_license`), None: no card, or none declared."""
     from_object: bool = False
     """Given to the merge as a model object: `stored_dtype` is the dtype it was loaded as, and `reference` its folder
     or Hub repo only if that holds exactly its weights (`hf_mudsc.load.objects.object_source`)."""
@@ -1239,6 +1247,9 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
                    if located_base is not None else None)
     if loaded_base is not None and source is not None:
         loaded_base.origin = source
+    for loaded, where in zip(parents + ([loaded_base] if loaded_base is not None else []),
+                             located + ([located_base] if located_base is not None else [])):
+        loaded.license = _declared_license(where, token=token, cache_dir=cache_dir)
     _warned(parents + ([loaded_base] if loaded_base is not None else []), warning)
     return parents, loaded_base, source or (loaded_base.origin if loaded_base is not None else None)
 
@@ -1352,6 +1363,17 @@ def _card_text(located: _Located, *, token: str | bool | None, cache_dir: str | 
     if folder is not None and (folder / "README.md").is_file():
         return read_card(folder / "README.md")
     return None
+
+
+def _declared_license(located: _Located, *, token: str | bool | None,
+                      cache_dir: str | os.PathLike | None) -> str | None:
+    """The licence a parent's model card declares; None when it has none, or its card cannot be read now (a Hub error:
+    the merge does not depend on it, the card then names no licence for it)."""
+    try:
+        return card_license(_card_text(located, token=token, cache_dir=cache_dir))
+    except (LoadError, OSError) as error:
+        logger.info("%s: its model card could not be read for its licence (%s)", located.reference, brief(error, 200))
+        return None
 
 
 def base_from_cards(located: Sequence[_Located], *, token: str | bool | None = None,

@@ -148,6 +148,26 @@ def card_base_model(card_text: str | None) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def card_license(card_text: str | None) -> str | None:
+    """The licence a model card's front matter declares (`license`; `other` with its `license_name` as
+    `other (NAME)`), None when it declares none or is no valid YAML. Read so that a merge of parents under different
+    licences is said, and a card declares a licence only where every parent shares it."""
+    import yaml
+    from huggingface_hub import ModelCard
+
+    if not card_text:
+        return None
+    try:
+        data = ModelCard(card_text, ignore_metadata_errors=True).data.to_dict()
+    except (ValueError, yaml.YAMLError):
+        return None
+    value, name = data.get("license"), data.get("license_name")
+    if not isinstance(value, str) or not value.strip():
+        return None
+    value = " ".join(value.split())[:100]
+    return f"{value} ({' '.join(name.split())[:100]})" if value == "other" and isinstance(name, str) and name else value
+
+
 def parse_reference(ref: str | os.PathLike) -> tuple[str, str | None]:
     """`"org/name@rev"` -> `("org/name", "rev")`; `"org/name"` -> `("org/name", None)`.
 

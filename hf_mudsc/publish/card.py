@@ -394,6 +394,9 @@ def card_data(
         "pipeline_tag": pipeline_tag,
         "tags": tags,
     }
+    license = common_license(mudsc)
+    if license is not None:
+        data["license"] = license
     if base_models:
         data["base_model"] = base_models
         data["base_model_relation"] = "merge"
@@ -432,6 +435,28 @@ def set_eval_results(data: ModelCardData, eval_results: Sequence[EvalRow], *, mo
         for row in rows if row.model_index
     ] or None
     return data
+
+
+def common_license(mudsc: Mapping[str, Any]) -> str | None:
+    """The licence the card declares: the one every parent's (and the base's) model card declares, else none — the
+    merged weights derive from each of them, and a licence hf-mudsc picked could grant more than one of them does.
+    `other (NAME)` declares none either (the card's `license: other` needs its own name and link)."""
+    declared = [*(mudsc.get("parent_licenses") or [None]), *([mudsc.get("base_license")] if mudsc.get("base") else [])]
+    if len(set(declared)) != 1 or declared[0] is None or declared[0].startswith("other"):
+        return None
+    return declared[0]
+
+
+def license_note(mudsc: Mapping[str, Any], letters: Sequence[str]) -> str | None:
+    """The card's line on the parents' licences when any declares one and they are not all the same (the card then
+    declares none); None otherwise."""
+    declared = [*zip(letters, mudsc.get("parent_licenses") or []),
+                *([("base", mudsc.get("base_license"))] if mudsc.get("base") else [])]
+    if not any(license for _, license in declared) or common_license(mudsc) is not None:
+        return None
+    listed = ", ".join(f"{who}: {markdown_code(license) if license else 'none declared'}" for who, license in declared)
+    return (f"**Licences**: the parents' model cards declare {listed}. The merged weights derive from each of them, "
+            "so this card declares no licence: check every parent's terms before using or publishing the merge.")
 
 
 def hub_url() -> str:
@@ -506,6 +531,7 @@ def render_card(
         repo_id=recipe.push_to_hub,
         parents=infos,
         parent_letters=[chr(ord("A") + i) if i < 26 else str(i + 1) for i in range(len(infos))],
+        license_note=license_note(mudsc, [chr(ord("A") + i) if i < 26 else str(i + 1) for i in range(len(infos))]),
         base=base,
         method_choice_reason=mudsc.get("method_choice_reason"),
         hub_url=hub_url(),
