@@ -89,3 +89,36 @@ def test_the_refit_says_how_many_examples_it_used_when_the_data_holds_fewer(capl
     with caplog.at_level(logging.INFO, logger="hf_mudsc"):
         hf_mudsc.merge(parents, batches, matcher="align", refit_samples=16, progress=False)
     assert not any("the data holds" in r.getMessage() for r in caplog.records)  # 16 of 32: as asked
+
+
+def test_auto_counts_rows_per_example_over_examples_not_the_first_batch():
+    """Invariance bug hunt s29: `refit_samples="auto"` counted the rows per example on the first calibration batch:
+    the same sentences batched by 1 (the first one short) or all at once asked for other example counts (392 vs
+    128) and gave another merged model. Counted over the first examples, whatever their batching."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from tests.factories import BERT
+
+    def bert(seed: int) -> BertForSequenceClassification:
+        torch.manual_seed(seed)
+        return randomize(BertForSequenceClassification(BertConfig(**BERT)), seed).eval()
+
+    generator = torch.Generator().manual_seed(0)
+    lengths = [2] + [int(torch.randint(10, 13, (1,), generator=generator)) for _ in range(199)]
+
+    def batches(size: int) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for start in range(0, len(lengths), size):
+            chunk = lengths[start:start + size]
+            ids = torch.zeros(len(chunk), 16, dtype=torch.long)
+            mask = torch.zeros(len(chunk), 16, dtype=torch.long)
+            for row, length in enumerate(chunk):
+                ids[row, :length] = torch.randint(1, 50, (length,), generator=torch.Generator().manual_seed(start + row))
+                mask[row, :length] = 1
+            out.append({"input_ids": ids, "attention_mask": mask})
+        return out
+
+    parents = [bert(1), bert(2)]
+    counts = {size: hf_mudsc.merge(parents, batches(size), method="mudsc", refit="ridge", progress=False)
+              .config.mudsc["refit_examples"] for size in (200, 1, 7)}
+    assert len(set(counts.values())) == 1, counts

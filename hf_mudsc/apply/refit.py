@@ -75,6 +75,8 @@ _TARGET_BYTES = 4
 AUTO_ROWS_PER_UNKNOWN = 16
 AUTO_SAMPLES_FLOOR = 128
 AUTO_SAMPLES_CAP = 1024
+#: The examples `refit_samples="auto"` counts each layer's rows per example on (across batches, cut at this count).
+AUTO_COUNT_EXAMPLES = 64
 _READ_AGAIN = ("the calibration data gave no samples when read again (the refit reads it once per layer step); "
                "pass data that can be read more than once: a list of batches or a datasets.Dataset")
 
@@ -561,17 +563,29 @@ def auto_refit_samples(layers: Iterable[tuple[int, float]]) -> int:
 
 def _auto_samples(merged: nn.Module, spec: PermutationSpec, layers: Sequence[str],
                   batches: Callable[[], Iterable[Mapping[str, Any]]], device: torch.device | None) -> int:
-    """`auto_refit_samples` of the refit layers, their rows per example counted on the first calibration batch
-    (padding dropped as in the fit)."""
-    first = next(iter(batches()), None)
-    if first is None:
-        raise CalibrationError(f"refit: {_READ_AGAIN}")
-    first = batch_to(first, device)
+    """`auto_refit_samples` of the refit layers, their rows per example counted on the first `AUTO_COUNT_EXAMPLES`
+    calibration examples (padding dropped as in the fit), read across as many batches as they span and cut at that
+    count: the same examples give the same count however they are batched (the first batch alone did not)."""
     modules = dict(merged.named_modules())
-    examples = _batch_rows(first)
-    shapes = [(modules[name].in_features + int(modules[name].bias is not None),
-               len(token_rows(tensor, _mask(spec, name, first))) / examples)
-              for name, tensor in first_inputs(merged, layers, first)]
+    examples, rows = 0, {}
+    for batch in batches():
+        if examples >= AUTO_COUNT_EXAMPLES:
+            break
+        size = _batch_rows(batch)
+        if size == 0:
+            continue
+        take = min(size, AUTO_COUNT_EXAMPLES - examples)
+        if take < size:
+            batch = {k: v[:take] if isinstance(v, torch.Tensor) and v.dim() > 0 and len(v) == size else v
+                     for k, v in batch.items()}
+        batch = batch_to(batch, device)
+        for name, tensor in first_inputs(merged, layers, batch):  # the layers that run, in forward order
+            rows[name] = rows.get(name, 0) + len(token_rows(tensor, _mask(spec, name, batch)))
+        examples += take
+    if examples == 0:
+        raise CalibrationError(f"refit: {_READ_AGAIN}")
+    shapes = [(modules[name].in_features + int(modules[name].bias is not None), count / examples)
+              for name, count in rows.items()]
     chosen = auto_refit_samples(shapes)
     logger.info("refit_samples='auto': up to %d examples (%d rows per unknown of the widest per-token layer, within "
                 "[%d, %d])", chosen, AUTO_ROWS_PER_UNKNOWN, AUTO_SAMPLES_FLOOR, AUTO_SAMPLES_CAP)
