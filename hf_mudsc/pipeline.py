@@ -669,7 +669,9 @@ def merge(
     repeats = None  # (examples, repeats of earlier ones) the statistics read, for the repeated-examples warning
     calibration_examples = None  # examples the calibration stream holds, when the statistics counted them
     if accumulators is not None:
-        calibration_examples = accumulators[0].examples or None
+        # The stream's size for the refit's seeded subset — not when the statistics read it without the α search's
+        # held-out examples (then `subset_batches` counts the whole stream itself).
+        calibration_examples = (accumulators[0].examples or None) if held_out is None else None
         rows = {g.name: accumulator.count for g, accumulator in zip(spec.groups, accumulators)}
         repeats = (accumulators[0].examples, accumulators[0].repeats)
         report.num_samples = accumulators[0].examples or accumulators[0].count

@@ -122,3 +122,14 @@ def test_auto_counts_rows_per_example_over_examples_not_the_first_batch():
     counts = {size: hf_mudsc.merge(parents, batches(size), method="mudsc", refit="ridge", progress=False)
               .config.mudsc["refit_examples"] for size in (200, 1, 7)}
     assert len(set(counts.values())) == 1, counts
+
+
+def test_with_alpha_auto_the_refit_reads_the_examples_asked_for_out_of_the_whole_stream():
+    """Invariance bug hunt s29: under alpha="auto" the statistics count only the examples not held out (4 in 5), and
+    that count was handed to the refit as the stream's size: its seeded subset could never pick the last fifth, and
+    `refit_samples=180` of 200 read all 200. The refit draws from the whole stream."""
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"pixel_values": torch.randn(20, 1, 8, 8, generator=generator)} for _ in range(10)]  # 200 images
+    parents = [wide_vit(1), wide_vit(2)]
+    merged = hf_mudsc.merge(parents, batches, alpha="auto", refit="ridge", refit_samples=180, progress=False)
+    assert merged.config.mudsc["refit_examples"] == merged.merge_report.refit.examples == 180
