@@ -145,3 +145,20 @@ def test_an_image_column_declared_16_or_8_bit_is_read_at_that_depth_for_every_im
     scale = 257 if dtype == np.uint16 else 1
     expected = [(round(v / scale) / 255 - 0.5) / 0.5 for v in values]
     assert batch["pixel_values"].mean(dim=(1, 2, 3)).tolist() == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("as_tensors", [False, True])
+def test_unpadded_token_lists_are_named_as_rows_that_do_not_stack(as_tensors):
+    """Invariance bug hunt s29: a dict batch of unpadded Python lists (a tokenizer called without padding) was refused
+    as holding "no input column the models read" — although input_ids is one — while the same rows as tensors were
+    named right. Both: the rows' shapes, which do not stack, and the fix (pad them)."""
+    rows = [[2, 7, 9, 3], [2, 5, 3]]
+    batch = {"input_ids": rows, "attention_mask": [[1] * len(row) for row in rows]}
+    if as_tensors:
+        batch = {key: [torch.tensor(row) for row in value] for key, value in batch.items()}
+    with pytest.raises(CalibrationError) as error:
+        hf_mudsc.merge([make_model("bert_cls", 1), make_model("bert_cls", 2)], [batch], method="zipit", refit="none",
+                       progress=False)
+    said = str(error.value)
+    assert "(4,) and (3,), which do not stack into one batch" in said and "pad them" in said, said
+    assert "no input column" not in said and "\n" not in said

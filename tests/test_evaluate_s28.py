@@ -365,3 +365,16 @@ def test_clip_results_record_the_prompt_templates_that_made_them():
     assert recorded[0]["prompt_templates"] == "a photo of a {}."
     assert recorded[1]["prompt_templates"] == "{} | a {}"
     assert "'{}', 'a {}'" in recorded[1]["clip"]
+
+
+def test_unpadded_token_ids_in_evaluation_data_are_one_line_naming_the_fix():
+    """Invariance bug hunt s29 (the calibration side's twin): evaluation rows of unpadded token ids (no processor)
+    ended in `AttributeError: 'list' object has no attribute 'size'` from the model's forward."""
+    import hf_mudsc
+    from hf_mudsc.errors import EvaluationError
+
+    data = datasets.Dataset.from_dict({"input_ids": [[2, 7, 9, 3], [2, 5, 3]], "label": [0, 1]})
+    with pytest.raises(EvaluationError) as error:
+        hf_mudsc.evaluate_merge({"merged": make_model("bert_cls", 1)}, None, [data], progress=False)
+    said = str(error.value)
+    assert "do not stack into one batch; pad them" in said and "\n" not in said, said

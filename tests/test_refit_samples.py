@@ -113,7 +113,8 @@ def test_auto_counts_rows_per_example_over_examples_not_the_first_batch():
             ids = torch.zeros(len(chunk), 16, dtype=torch.long)
             mask = torch.zeros(len(chunk), 16, dtype=torch.long)
             for row, length in enumerate(chunk):
-                ids[row, :length] = torch.randint(1, 50, (length,), generator=torch.Generator().manual_seed(start + row))
+                rows = torch.Generator().manual_seed(start + row)
+                ids[row, :length] = torch.randint(1, 50, (length,), generator=rows)
                 mask[row, :length] = 1
             out.append({"input_ids": ids, "attention_mask": mask})
         return out

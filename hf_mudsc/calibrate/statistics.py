@@ -73,8 +73,27 @@ def batch_column_as_tensor(value: Any) -> torch.Tensor | Any:
         try:
             return torch.as_tensor(value)
         except (TypeError, ValueError):
+            if all(_numbers(item) for item in value):  # rows of numbers of unequal lengths (text not padded)
+                raise TypeError("rows of unequal lengths") from None
             return value
     return value
+
+
+def _numbers(item: Any) -> bool:
+    """Whether `item` is a row of plain numbers (a list or tuple of ints/floats, nested alike)."""
+    if isinstance(item, (list, tuple)):
+        return bool(item) and all(isinstance(x, (int, float, np.number)) and not isinstance(x, bool) or _numbers(x)
+                                  for x in item)
+    return False
+
+
+def _row_shape(item: Any) -> tuple[int, ...]:
+    """A row's shape for messages: a tensor's or array's, a list's length (nested lists: their first's too)."""
+    if hasattr(item, "shape"):
+        return tuple(item.shape)
+    if isinstance(item, (list, tuple)):
+        return (len(item), *(_row_shape(item[0]) if item and isinstance(item[0], (list, tuple)) else ()))
+    return ()
 
 
 def _raw_length(raw: Mapping[str, Any]) -> int:
@@ -93,7 +112,7 @@ def _column(name: str, value: Any, before: int, rows: str) -> torch.Tensor | Any
         if missing is not None:
             raise CalibrationError(f"calibration column {name!r}: row {before + missing + 1} (of {rows}) has no value; "
                                    "every row needs every input column") from None
-        shapes = list(dict.fromkeys(tuple(getattr(item, "shape", ())) for item in items))
+        shapes = list(dict.fromkeys(_row_shape(item) for item in items))
         raise CalibrationError(f"calibration column {name!r}: {rows} hold inputs of shapes "
                                f"{' and '.join(str(shape) for shape in shapes[:2])}, which do not stack into one "
                                "batch; give every row the same shape (resize or pad them)") from None

@@ -278,7 +278,13 @@ def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: in
 
         for rows in decoded_safely(chunks, source.name or str(source.data)[:200], EvaluationError):
             if preprocesses[0] is None:
-                inputs = [{c: batch_column_as_tensor(rows[c]) for c in kept}] * len(processors)
+                try:
+                    inputs = [{c: batch_column_as_tensor(rows[c]) for c in kept}] * len(processors)
+                except (TypeError, RuntimeError):  # rows of unequal lengths (token ids not padded) or shapes
+                    raise EvaluationError(
+                        f"evaluation data{f' {source.name!r}' if source.name else ''}: the rows of its model-input "
+                        f"columns {sorted(kept)} have unequal shapes and do not stack into one batch; pad them "
+                        "(tokenizer(..., padding='max_length')) or give raw text/image columns") from None
             else:
                 inputs = [preprocess(rows) for preprocess in preprocesses]
             labels = rows[label_column]
