@@ -569,8 +569,8 @@ class MergeOptions:
         help="calibration samples to use (default: the whole split)")
     batch_size: int = option(
         32, kind="int", check=_check_batch_size, metavar="N", recorded=True,
-        card=CardRow(6, "Calibration batch size", lambda value, context: str(value) if context.get("num_samples")
-                     else None),
+        card=CardRow(6, "Calibration batch size", lambda value, context: None if not context.get("num_samples")
+                     else str(value) if value is not None else "as given (batches passed to merge)"),
         help="calibration batch size: speed against memory; the merged weights may differ in their last bits "
         "between batch sizes (the order of floating-point sums), so it is recorded")
     seed: int = option(

@@ -313,10 +313,13 @@ def merge(
             without labels from the grid 0.1, 0.3, ..., 0.9 by the merges' fidelity to the parents on held-out
             calibration examples (every 5th; the statistics use the others), the curve recorded in
             `config.mudsc["alpha_auto"]` and the card (`hf_mudsc.apply.fidelity`).
-        num_samples: calibration samples to use (all when None), chosen by a shuffle seeded with `seed`.
+        num_samples: calibration samples to use (all when None): from a dataset, chosen by a shuffle seeded with
+            `seed` (a buffer shuffle when it streams); from batches given as they are, their first `num_samples`
+            rows (the order the caller gave them in).
         batch_size: calibration batch size (examples per forward pass: speed against memory). The merged weights
             may differ in their last bits between batch sizes (the order of floating-point sums, ~1e-6), so
-            `config.mudsc["batch_size"]` and the card record it.
+            `config.mudsc["batch_size"]` and the card record it. Batches given as they are (a list or iterable of
+            dict batches) run as given: then it is not used, and recorded as None ("as given").
         seed: seeds the calibration subset, the random group order of the solve sweeps, the refit's subset
             (`refit_samples`) and the random masks of the dare_* and della* methods.
         zip_decay, zip_budget: ZipIt's α (similarity decay after a fusion) and β (same-model budget).
@@ -432,6 +435,7 @@ def merge(
         raise MergeInputError(str(error)) from None
     from hf_mudsc.calibrate.dataset_spec import spec_text
     from hf_mudsc.calibrate.datasets import (
+        CalibrationStream,
         SamePasses,
         dataset_folders,
         load_calibration_dataset,
@@ -816,6 +820,9 @@ def merge(
         "parent_licenses": [p.license for p in parents],
         "base_license": None if base_parent is None else base_parent.license,
         "num_calibration_samples": report.num_samples,
+        # batches given as they are run one forward each, as given: no batch size of ours was used
+        **({"batch_size": None} if calibration is not None and not isinstance(calibration, CalibrationStream)
+           else {}),
         "refit_examples": None,  # the examples the refit read (refit_samples resolved), set once it ran
         "refit_gate": None,  # refit="gate": both held-out scores and whether the refit was kept (apply.refit_gate)
         "group_match_values": {n: round(float(v), 6) for n, v in zip(report.group_names, report.group_values)},

@@ -297,3 +297,24 @@ def test_the_parents_licences_are_read_and_the_card_declares_one_only_when_all_s
     with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
         merged = hf_mudsc.merge([parent("e", 5, None), parent("f", 6, None)], method="linear", progress=False)
     assert "licence" not in caplog.text and "**Licences**" not in render_card(merged, recipe_of(merged)).text
+
+
+def test_batches_given_as_they_are_do_not_record_a_batch_size_that_was_not_used(tmp_path):
+    """Invariance bug hunt s29: calibration given as batches runs one forward per batch as given, yet the config and
+    the card recorded `batch_size` (its default 32) as the batch size used. They record "as given"; a dataset's
+    batches are still recorded by their size."""
+    import datasets
+
+    from hf_mudsc.publish.card import render_card
+    from hf_mudsc.publish.writer import recipe_of
+
+    parents = [make_model("vit_cls", 1), make_model("vit_cls", 2)]
+    batches = make_batches("vit_cls", num_batches=2, batch_size=8)
+    merged = hf_mudsc.merge(parents, batches, method="zipit", refit="none", batch_size=16, progress=False)
+    assert merged.config.mudsc["batch_size"] is None
+    assert re.search(r"^\| Calibration batch size \| as given \(batches passed to merge\) \|$",
+                     render_card(merged, recipe_of(merged)).text, re.M)
+    rows = datasets.Dataset.from_dict({"pixel_values": torch.cat([b["pixel_values"] for b in batches]).numpy()})
+    merged = hf_mudsc.merge(parents, rows, method="zipit", refit="none", batch_size=4, progress=False)
+    assert merged.config.mudsc["batch_size"] == 4
+    assert re.search(r"^\| Calibration batch size \| 4 \|$", render_card(merged, recipe_of(merged)).text, re.M)
