@@ -1178,18 +1178,12 @@ def _writing_into(target, env=None):
     return writer
 
 
-def test_a_worker_killed_while_writing_leaves_no_staging_folder(tmp_path):
-    """A worker that dies mid-write (out of memory, kill -9, or killed 30 s after an ignored cancel) left its
-    half-written staging folder in the output root until another job wrote the same output — possibly never."""
+def _followed_after_a_kill(tmp_path, writer: subprocess.Popen, request: dict) -> tuple[JobStore, str]:
+    """A running job of `request` whose worker `writer` was killed before it reported, followed by the scheduler to
+    its end: the store and the job's id."""
     from hf_mudsc.serve.scheduler import Running, Scheduler
 
-    outputs = tmp_path / "state" / "outputs"
-    target = outputs / "killed"
-    writer = _writing_into(target)
-    assert partials(outputs) != []
-    writer.kill()
-
-    class Process:  # the killed worker, as the scheduler sees it
+    class Process:
         def join(self, timeout=None):
             writer.wait(timeout)
 
@@ -1205,13 +1199,27 @@ def test_a_worker_killed_while_writing_leaves_no_staging_folder(tmp_path):
             raise EOFError
 
     store = JobStore(tmp_path / "state")
-    job_id = store.add({"models": ["a/b", "c/d"], "output": str(target)}, output=str(target), repo_id=None,
-                       dry_run=False, has_token=False)
+    job_id = store.add(request, output=request.get("output"), repo_id=request.get("push_to_hub"), dry_run=False,
+                       has_token=False)
     store.update(job_id, status="running")
     scheduler = Scheduler(store, workers=1)
     run = Running(process=Process(), conn=Pipe())
     scheduler.running[job_id] = run
     scheduler._follow(job_id, run)
+    return store, job_id
+
+
+def test_a_worker_killed_while_writing_leaves_no_staging_folder(tmp_path):
+    """A worker that dies mid-write (out of memory, kill -9, or killed 30 s after an ignored cancel) left its
+    half-written staging folder in the output root until another job wrote the same output — possibly never."""
+
+    outputs = tmp_path / "state" / "outputs"
+    target = outputs / "killed"
+    writer = _writing_into(target)
+    assert partials(outputs) != []
+    writer.kill()
+
+    store, job_id = _followed_after_a_kill(tmp_path, writer, {"models": ["a/b", "c/d"], "output": str(target)})
     assert store.get(job_id)["status"] == "failed" and "died" in store.get(job_id)["error"]
     assert partials(outputs) == [] and not target.exists()
 
@@ -1219,7 +1227,6 @@ def test_a_worker_killed_while_writing_leaves_no_staging_folder(tmp_path):
 def test_a_push_only_worker_killed_while_writing_leaves_no_staging_folder(tmp_path, monkeypatch):
     """A push-only job (no `output`) stages its model in the temp folder: a worker killed there left a whole model
     behind for good (the cleanup looked only at a job's output)."""
-    from hf_mudsc.serve.scheduler import Running, Scheduler
 
     scratch = tmp_path / "scratch"
     scratch.mkdir()
@@ -1229,29 +1236,7 @@ def test_a_push_only_worker_killed_while_writing_leaves_no_staging_folder(tmp_pa
     writer.wait()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
 
-    class Process:  # the killed worker, as the scheduler sees it
-        def join(self, timeout=None):
-            writer.wait(timeout)
-
-        def is_alive(self):
-            return writer.poll() is None
-
-        @property
-        def exitcode(self):
-            return writer.returncode
-
-    class Pipe:  # closed without a final report
-        def recv(self):
-            raise EOFError
-
-    store = JobStore(tmp_path / "state")
-    job_id = store.add({"models": ["a/b", "c/d"], "push_to_hub": "user/m"}, output=None, repo_id="user/m",
-                       dry_run=False, has_token=False)
-    store.update(job_id, status="running")
-    scheduler = Scheduler(store, workers=1)
-    run = Running(process=Process(), conn=Pipe())
-    scheduler.running[job_id] = run
-    scheduler._follow(job_id, run)
+    store, job_id = _followed_after_a_kill(tmp_path, writer, {"models": ["a/b", "c/d"], "push_to_hub": "user/m"})
     assert store.get(job_id)["status"] == "failed"
     assert list(scratch.iterdir()) == []
 
