@@ -35,7 +35,10 @@ def process_info() -> tuple[int, int]:
     """`(rank, world_size)` of this process; `(0, 1)` outside a distributed launch.
 
     Under `torchrun`/`accelerate launch` (WORLD_SIZE > 1) without a process group yet, accelerate's
-    `PartialState` creates one (gloo on CPU, nccl on GPUs) so that callers need no setup code.
+    `PartialState` creates one (gloo on CPU, nccl on GPUs) so that callers need no setup code. The answer is then
+    read from the group itself: on a machine without CUDA, `PartialState()` (no `cpu=True`, no ACCELERATE_USE_CPU)
+    initialises the group yet reports process 0 of 1, which made a process's first call say "single process" on
+    every rank (its first merge unsharded and returned on every rank).
     """
     dist = _process_group()
     if dist is not None:
@@ -43,7 +46,10 @@ def process_info() -> tuple[int, int]:
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         from accelerate import PartialState
 
-        state = PartialState()
+        state = PartialState(cpu=not torch.cuda.is_available())
+        dist = _process_group()
+        if dist is not None:
+            return dist.get_rank(), dist.get_world_size()
         return state.process_index, state.num_processes
     return 0, 1
 
