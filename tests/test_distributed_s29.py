@@ -132,5 +132,13 @@ def test_the_first_merge_in_a_process_is_sharded_and_returns_on_rank_0_alone(tor
     assert main["rows_read"] == [ROWS // 2] and other["rows_read"] == [ROWS // 2]
 
 
+
+def test_a_cut_stream_is_scored_on_the_same_rows_as_in_one_process(torchrun_results):
+    """D2: 2 shards and num_samples=10 were split by shards after take(10): each process scored the first 5 rows of
+    its own shard, so half the scored rows came from the second half (labelled against the model)."""
+    main, other = (result["stream_evaluation"] for result in torchrun_results)
+    assert other is None
+    assert main == {"accuracy": 1.0}
+
 if __name__ == "__main__":
     _worker(sys.argv[1])
