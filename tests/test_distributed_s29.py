@@ -140,5 +140,31 @@ def test_a_cut_stream_is_scored_on_the_same_rows_as_in_one_process(torchrun_resu
     assert other is None
     assert main == {"accuracy": 1.0}
 
+
+def test_fewer_calibration_rows_than_processes_merge(torchrun_results):
+    """D5: with num_samples=1 the second process has no row: it read none (datasets raised IndexError)."""
+    main, other = (result["one_row_merge"] for result in torchrun_results)
+    assert main == {"returned_model": True, "rows_read": [1]}
+    assert other == {"returned_model": False, "rows_read": [0]}
+
+
+def test_fewer_evaluation_rows_than_processes_are_scored(torchrun_results):
+    main, other = (result["one_row_evaluation"] for result in torchrun_results)
+    assert other is None
+    assert main == {"accuracy": 1.0}  # row 0 is labelled with the model's prediction
+
+
+@pytest.mark.parametrize(("rows", "streaming"), [(0, False), (1, False), (2, False), (5, False), (1, True),
+                                                (2, True), (5, True)])  # datasets cannot stream 0 rows
+def test_process_shares_add_up_to_the_rows_even_when_some_are_empty(rows, streaming):
+    from hf_mudsc.calibrate.datasets import process_share
+
+    data = datasets.Dataset.from_dict({"x": list(range(rows))})
+    if streaming:
+        data = data.to_iterable_dataset(num_shards=max(rows, 1))
+    shares = [[row["x"] for row in process_share(data, rank, 3)] for rank in range(3)]
+    assert sorted(x for share in shares for x in share) == list(range(rows))
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
 if __name__ == "__main__":
     _worker(sys.argv[1])

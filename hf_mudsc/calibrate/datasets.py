@@ -970,11 +970,15 @@ def process_share(dataset: Any, rank: int, world_size: int) -> Any:
     shards: splitting by shards re-applies a cut (`take`, ours for num_samples or the user's own) per shard, so
     each process would read the first rows of its shards instead of its share of the stream's first rows, and
     whether a stream was cut cannot be told from the object. Every process walks the same seeded order.
+    A map-style dataset gives contiguous parts; with fewer rows than processes the last ranks get an empty part
+    (datasets raises IndexError for them; a process may read no row, the statistics are sums).
     """
     import datasets
     from datasets.distributed import split_dataset_by_node
 
     if isinstance(dataset, datasets.Dataset):
+        if rank >= len(dataset):  # contiguous parts of len // world_size rows, one more for the first len % world
+            return dataset.select([], keep_in_memory=True)
         return split_dataset_by_node(dataset, rank=rank, world_size=world_size)
     return split_dataset_by_node(dataset, rank=rank, world_size=world_size, strategy="examples")
 
