@@ -61,7 +61,7 @@ def _worker(out_dir: str) -> None:
 
     def counting(model_a: Any, model_b: Any, spec: Any, batches: Any, **kwargs: Any) -> Any:
         batches = list(batches)
-        rows_read.append(sum(int(b["pixel_values"].shape[0]) for b in batches))
+        rows_read.append(sum(int(next(iter(b.values())).shape[0]) for b in batches))
         return collect(model_a, model_b, spec, iter(batches), **kwargs)
 
     distributed.collect_statistics = counting
@@ -103,6 +103,22 @@ def _worker(out_dir: str) -> None:
         return None if outcome is None else outcome.scores["merged"]["t"]
 
     attempt("one_row_evaluation", one_row_evaluation)
+
+    def warning_of_another_share() -> Any:
+        # Plain batches are strided: only batch 1, process 1's, holds pad ids (and no attention_mask).
+        text_parents = [make_model("bert_cls", seed=0), make_model("bert_cls", seed=1)]
+        pad = text_parents[0].config.pad_token_id
+        generator = torch.Generator().manual_seed(0)
+        batches = []
+        for index in range(4):
+            ids = torch.randint(pad + 1, text_parents[0].config.vocab_size, (8, 12), generator=generator)
+            if index == 1:
+                ids[:, 9:] = pad
+            batches.append({"input_ids": ids})
+        merged = hf_mudsc.merge(text_parents, batches, method="activation_align", batch_size=8, progress=False)
+        return None if merged is None else merged.config.mudsc.get("warnings")
+
+    attempt("warning_of_another_share", warning_of_another_share)
     Path(out_dir, f"rank{result['env_rank']}.json").write_text(json.dumps(result))
 
 
@@ -153,6 +169,14 @@ def test_fewer_evaluation_rows_than_processes_are_scored(torchrun_results):
     assert other is None
     assert main == {"accuracy": 1.0}  # row 0 is labelled with the model's prediction
 
+
+def test_a_data_warning_of_another_process_share_is_recorded(torchrun_results):
+    """D4: the pad-ids-without-attention_mask warning found only in process 1's batches was missing from the
+    merged model's record (config.mudsc, hence the card), which the 1-process merge of the same data holds."""
+    main, other = (result["warning_of_another_share"] for result in torchrun_results)
+    assert other is None
+    assert isinstance(main, list), main
+    assert [text for text in main if "pad token id" in text], main
 
 @pytest.mark.parametrize(("rows", "streaming"), [(0, False), (1, False), (2, False), (5, False), (1, True),
                                                 (2, True), (5, True)])  # datasets cannot stream 0 rows

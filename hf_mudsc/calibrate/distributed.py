@@ -137,6 +137,24 @@ def _checked(batches: Iterable[dict[str, Any]], check: Callable[[Mapping[str, An
         yield batch
 
 
+def _share_outcome(failed: bool, check: Any) -> bool:
+    """Whether any process failed; the data warnings every process's `check` found are added to this one's.
+
+    A warning (`ModelInputCheck.warnings`: pad ids without a mask, ...) is found in the batches a process reads, and
+    the merge's record and card are the main process's: a warning found only in another process's share was lost.
+    """
+    dist = _process_group()
+    own = list(getattr(check, "warnings", None) or [])
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (failed, own))
+    warnings = getattr(check, "warnings", None)
+    if isinstance(warnings, list):
+        for text in (text for _, said in parts for text in said):  # rank order, each once
+            if text not in warnings:
+                warnings.append(text)
+    return any(part_failed for part_failed, _ in parts)
+
+
 def collect_statistics_distributed(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -176,10 +194,10 @@ def collect_statistics_distributed(
                            accumulators=accumulators, total=total, allow_empty=True, device=device, others=others)
     except Exception as caught:  # shared with the other processes below, then re-raised here
         error = caught
-    failed = all_reduce_sum(torch.tensor([1.0 if error is not None else 0.0], dtype=torch.float64))
+    failed = _share_outcome(error is not None, check)
     if error is not None:
         raise error
-    if failed.item() > 0:
+    if failed:
         raise CalibrationError("calibration failed on another process; see that process's error")
     local = accumulators[0].count if accumulators else 0
     all_reduce_accumulators(accumulators)
