@@ -24,6 +24,7 @@ from hf_mudsc.calibrate.distributed import (
 from hf_mudsc.errors import CalibrationError
 
 ROWS = 44  # with batch size 8: shards of 22 rows -> batches 8, 8, 6 per process vs 8 x 5 + 4 in one process
+USER_CUT = 30  # rows of the "stream_cut_by_user" scenario: the user's own take(), no num_samples
 
 
 def parents():
@@ -42,8 +43,17 @@ def scenarios():
         "dataset": (dataset, None),
         "dataset_subset": (dataset, 30),
         "streaming_subset": (dataset.to_iterable_dataset(num_shards=3), 30),
+        # Cut by the user, 2 shards (the world size divides it): split by shards, each process read the first rows
+        # of its own shard instead of its share of the stream's first 30 rows (distributed bug hunt D3).
+        "stream_cut_by_user": (dataset.to_iterable_dataset(num_shards=2).take(USER_CUT), None),
         "batches": (make_batches("vit_cls", num_batches=5, batch_size=8, seed=2), 36),
     }
+
+
+def expected_rows(name: str) -> int:
+    """Samples a scenario's statistics hold: num_samples, the user's cut, or the whole dataset."""
+    calibration, num_samples = scenarios()[name]
+    return num_samples or (USER_CUT if name == "stream_cut_by_user" else ROWS)
 
 
 def statistics(model_a, model_b, calibration, num_samples):
@@ -118,7 +128,7 @@ def test_plain_batches_are_strided_after_the_global_cut():
     assert torch.equal(parts[1][0]["pixel_values"], batches[1]["pixel_values"])
 
 
-@pytest.mark.parametrize("name", ["dataset_subset", "streaming_subset"])
+@pytest.mark.parametrize("name", ["dataset_subset", "streaming_subset", "stream_cut_by_user"])
 def test_dataset_shards_add_up_to_the_single_process_sample_set(name):
     calibration, num_samples = scenarios()[name]
     stream = resolve_calibration(calibration, None, num_samples=num_samples, inputs=("pixel_values",))
@@ -128,7 +138,7 @@ def test_dataset_shards_add_up_to_the_single_process_sample_set(name):
 
     whole = rows(stream)
     shards = [rows(stream.shard(rank, 2)) for rank in range(2)]
-    assert len(whole) == num_samples
+    assert len(whole) == expected_rows(name)
     assert shards[0] | shards[1] == whole and not shards[0] & shards[1]
     assert abs(len(shards[0]) - len(shards[1])) <= 1
 
@@ -144,7 +154,7 @@ def test_two_processes_share_the_global_statistics(two_process_results):
             # Same samples, other batch compositions: float32 activations agree to rounding.
             assert torch.allclose(mine, theirs, rtol=1e-5, atol=1e-5 * theirs.abs().max().item()), name
             assert mine[-3:].tolist() == theirs[-3:].tolist(), name  # sample, example and repeat counts
-        assert main[0][-2].item() == (num_samples or ROWS), name  # residual stream: one sample per image
+        assert main[0][-2].item() == expected_rows(name), name  # residual stream: one sample per image
 
 
 def test_two_process_merge_equals_single_process(two_process_results):

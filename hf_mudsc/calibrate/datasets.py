@@ -607,7 +607,6 @@ class CalibrationStream:
     dataset: Any
     preprocess: Callable[[Mapping[str, Sequence[Any]]], dict[str, torch.Tensor]] | None = None
     source: str = "dataset"
-    sharding: str = "auto"
 
     @property
     def num_rows(self) -> int | None:
@@ -619,21 +618,10 @@ class CalibrationStream:
         return None
 
     def shard(self, rank: int, world_size: int) -> CalibrationStream:
-        """This process's part (`datasets.distributed.split_dataset_by_node`); all parts add up to the stream.
-
-        A cut streaming dataset is split example by example, so every process walks the same seeded
-        order and the parts together are exactly the single-process sample set.
-        """
-        import datasets
-        from datasets.distributed import split_dataset_by_node
-
+        """This process's part (`process_share`); all parts add up to the single-process stream."""
         if world_size == 1:
             return self
-        if isinstance(self.dataset, datasets.Dataset):
-            part = split_dataset_by_node(self.dataset, rank=rank, world_size=world_size)
-        else:
-            part = split_dataset_by_node(self.dataset, rank=rank, world_size=world_size, strategy=self.sharding)
-        return replace(self, dataset=part)
+        return replace(self, dataset=process_share(self.dataset, rank, world_size))
 
     def batches(self, batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[dict[str, Any]]:
         import datasets
@@ -975,13 +963,33 @@ def _choose_processor(processors: Any) -> Any | None:
     return present[0]
 
 
-def _subset(dataset: Any, num_samples: int | None, seed: int, shuffle: bool) -> tuple[Any, str]:
+def process_share(dataset: Any, rank: int, world_size: int) -> Any:
+    """Process `rank`'s part of `dataset`; the parts of all processes are together exactly its rows.
+
+    A streaming dataset is split example by example (`split_dataset_by_node(strategy="examples")`), never by
+    shards: splitting by shards re-applies a cut (`take`, ours for num_samples or the user's own) per shard, so
+    each process would read the first rows of its shards instead of its share of the stream's first rows, and
+    whether a stream was cut cannot be told from the object. Every process walks the same seeded order.
+    A map-style dataset gives contiguous parts; with fewer rows than processes the last ranks get an empty part
+    (datasets raises IndexError for them; a process may read no row, the statistics are sums).
+    """
+    import datasets
+    from datasets.distributed import split_dataset_by_node
+
+    if isinstance(dataset, datasets.Dataset):
+        if rank >= len(dataset):  # contiguous parts of len // world_size rows, one more for the first len % world
+            return dataset.select([], keep_in_memory=True)
+        return split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+    return split_dataset_by_node(dataset, rank=rank, world_size=world_size, strategy="examples")
+
+
+def _subset(dataset: Any, num_samples: int | None, seed: int, shuffle: bool) -> Any:
     """Seeded shuffle + first `num_samples` rows (statistics are sums: order only matters for a subset)."""
     import datasets
 
     num_samples = check_option("num_samples", num_samples)
     if num_samples is None:
-        return dataset, "auto"
+        return dataset
     if isinstance(dataset, datasets.Dataset):
         size = len(dataset)
         if shuffle:
@@ -989,10 +997,10 @@ def _subset(dataset: Any, num_samples: int | None, seed: int, shuffle: bool) -> 
         else:
             indices = np.arange(min(num_samples, size))
         # keep_in_memory: never write an indices cache file next to the caller's dataset.
-        return dataset.select(indices, keep_in_memory=True), "auto"
+        return dataset.select(indices, keep_in_memory=True)
     if shuffle:
         dataset = dataset.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER_SIZE)
-    return dataset.take(num_samples), "examples"
+    return dataset.take(num_samples)
 
 
 def check_calibration_columns(calibration: Any, processors: Any = None, *, image_column: str | None = None,
@@ -1111,7 +1119,7 @@ def resolve_calibration(
                              features=getattr(calibration, "features", None), max_tokens=max_tokens)
     if keep != columns:
         calibration = calibration.select_columns(keep)
-    calibration, sharding = _subset(calibration, num_samples, seed, shuffle)
+    calibration = _subset(calibration, num_samples, seed, shuffle)
     logger.info("%s from %s: columns %s%s", role.reading, source, keep,
                 f" preprocessed by {role.processor}" if preprocess else "")
-    return CalibrationStream(dataset=calibration, preprocess=preprocess, source=source, sharding=sharding)
+    return CalibrationStream(dataset=calibration, preprocess=preprocess, source=source)

@@ -35,7 +35,10 @@ def process_info() -> tuple[int, int]:
     """`(rank, world_size)` of this process; `(0, 1)` outside a distributed launch.
 
     Under `torchrun`/`accelerate launch` (WORLD_SIZE > 1) without a process group yet, accelerate's
-    `PartialState` creates one (gloo on CPU, nccl on GPUs) so that callers need no setup code.
+    `PartialState` creates one (gloo on CPU, nccl on GPUs) so that callers need no setup code. The answer is then
+    read from the group itself: on a machine without CUDA, `PartialState()` (no `cpu=True`, no ACCELERATE_USE_CPU)
+    initialises the group yet reports process 0 of 1, which made a process's first call say "single process" on
+    every rank (its first merge unsharded and returned on every rank).
     """
     dist = _process_group()
     if dist is not None:
@@ -43,7 +46,10 @@ def process_info() -> tuple[int, int]:
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         from accelerate import PartialState
 
-        state = PartialState()
+        state = PartialState(cpu=not torch.cuda.is_available())
+        dist = _process_group()
+        if dist is not None:
+            return dist.get_rank(), dist.get_world_size()
         return state.process_index, state.num_processes
     return 0, 1
 
@@ -131,6 +137,24 @@ def _checked(batches: Iterable[dict[str, Any]], check: Callable[[Mapping[str, An
         yield batch
 
 
+def _share_outcome(failed: bool, check: Any) -> bool:
+    """Whether any process failed; the data warnings every process's `check` found are added to this one's.
+
+    A warning (`ModelInputCheck.warnings`: pad ids without a mask, ...) is found in the batches a process reads, and
+    the merge's record and card are the main process's: a warning found only in another process's share was lost.
+    """
+    dist = _process_group()
+    own = list(getattr(check, "warnings", None) or [])
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (failed, own))
+    warnings = getattr(check, "warnings", None)
+    if isinstance(warnings, list):
+        for text in (text for _, said in parts for text in said):  # rank order, each once
+            if text not in warnings:
+                warnings.append(text)
+    return any(part_failed for part_failed, _ in parts)
+
+
 def collect_statistics_distributed(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -170,10 +194,10 @@ def collect_statistics_distributed(
                            accumulators=accumulators, total=total, allow_empty=True, device=device, others=others)
     except Exception as caught:  # shared with the other processes below, then re-raised here
         error = caught
-    failed = all_reduce_sum(torch.tensor([1.0 if error is not None else 0.0], dtype=torch.float64))
+    failed = _share_outcome(error is not None, check)
     if error is not None:
         raise error
-    if failed.item() > 0:
+    if failed:
         raise CalibrationError("calibration failed on another process; see that process's error")
     local = accumulators[0].count if accumulators else 0
     all_reduce_accumulators(accumulators)

@@ -263,10 +263,10 @@ def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: in
     if num_samples is not None:
         dataset = (dataset.select(range(min(num_samples, len(dataset))), keep_in_memory=True)
                    if isinstance(dataset, datasets.Dataset) else dataset.take(num_samples))
-    if world > 1:
-        from datasets.distributed import split_dataset_by_node
+    if world > 1:  # by examples for a stream: split by shards, the num_samples cut above applied per shard
+        from hf_mudsc.calibrate.datasets import process_share
 
-        dataset = split_dataset_by_node(dataset, rank=rank, world_size=world)
+        dataset = process_share(dataset, rank, world)
     count = len(dataset) if isinstance(dataset, datasets.Dataset) else None
 
     def dataset_batches() -> Iterator[tuple[dict, list]]:

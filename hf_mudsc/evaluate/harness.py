@@ -16,8 +16,8 @@ the views then read those scores:
   that have a figure for every task.
 
 Under `accelerate launch`/`torchrun` each process scores its shard of every task
-(`datasets.distributed.split_dataset_by_node`, or a stride for tensors); predictions are gathered on the
-main process, which alone computes the metrics and gets the result (others get None).
+(`calibrate.datasets.process_share`: a stream example by example, or a stride for tensors); predictions are
+gathered on the main process, which alone computes the metrics and gets the result (others get None).
 """
 
 from __future__ import annotations
