@@ -55,6 +55,7 @@ from hf_mudsc.load.processors import (
     tokenizer_differences,
 )
 from hf_mudsc.load.references import (
+    LICENSE_NOT_READ,
     display_name,
     is_object_reference,
     parent_name,
@@ -1322,10 +1323,13 @@ def _warn_licenses(parents: Sequence[LoadedParent], base: LoadedParent | None) -
     weights derive from every parent, and its card then declares no licence (`card.common_license`)."""
     declared = [(parent_label(i), p.license) for i, p in enumerate(parents)]
     declared += [("base", base.license)] if base is not None else []
-    if len({license for _, license in declared}) > 1:
-        logger.warning("the parents' model cards declare different licences (%s): the merged weights derive from "
-                       "each, so its card declares none; check their terms and set the licence yourself before "
-                       "publishing", ", ".join(f"{who}: {license or 'none declared'}" for who, license in declared))
+    known = {license for _, license in declared if license != LICENSE_NOT_READ}
+    if len({license for _, license in declared}) > 1 and known - {None}:
+        said = {None: "none declared", LICENSE_NOT_READ: "its card not read"}
+        logger.warning("the parents' model cards declare different licences, or not all could be read (%s): the "
+                       "merged weights derive from each, so its card declares none; check their terms and set the "
+                       "licence yourself before publishing",
+                       ", ".join(f"{who}: {said.get(license, license)}" for who, license in declared))
 
 
 def _same_head_labels(config_a: Any, config_base: Any) -> bool:

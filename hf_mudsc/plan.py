@@ -16,7 +16,7 @@ import math
 import os
 import string
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -784,9 +784,10 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
 
     automatic = is_auto(options.method)
     method = planned_method(calibration is not None) if automatic else get_method(options.method)
-    refit = resolve_refit(
+    refit = resolve_refit(  # as the merge resolves it: a one-shot iterator cannot be read again for a refit
         options.refit, matches_units=method.matches_units, has_data=calibration is not None, num_parents=len(models),
-        reference_compat=bool(options.reference_compat), reads_data=method.needs_data, weights=options.weights)
+        reference_compat=bool(options.reference_compat), reads_data=method.needs_data, weights=options.weights,
+        rereadable=not isinstance(calibration, Iterator))
     needs_data = method.needs_calibration or method.needs_data or refit in REFITTING
     calibration_plan = None
     located, located_base, base_source = locate_parents(

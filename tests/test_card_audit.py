@@ -270,7 +270,8 @@ def test_the_parents_licences_are_read_and_the_card_declares_one_only_when_all_s
 
     from huggingface_hub import ModelCard
 
-    from hf_mudsc.publish.card import render_card
+    from hf_mudsc.load.references import LICENSE_NOT_READ
+    from hf_mudsc.publish.card import common_license, license_note, render_card
     from hf_mudsc.publish.writer import recipe_of
 
     def parent(name: str, seed: int, license: str | None) -> str:
@@ -282,12 +283,17 @@ def test_the_parents_licences_are_read_and_the_card_declares_one_only_when_all_s
     same = [parent("a", 1, "apache-2.0"), parent("b", 2, "apache-2.0")]
     merged = hf_mudsc.merge(same, method="linear", progress=False)
     card = render_card(merged, recipe_of(merged))
-    assert card.data.license == "apache-2.0" and "**Licences**" not in card.text
+    # local cards are not checked by the Hub (a value it refuses would fail the push): listed, not declared
+    assert card.data.license is None and "A: `apache-2.0`, B: `apache-2.0`" in " ".join(card.text.split())
     assert merged.config.mudsc["parent_licenses"] == ["apache-2.0", "apache-2.0"]
+    hub = {"parent_licenses": ["apache-2.0", "apache-2.0"], "parent_revisions": ["1" * 40, "2" * 40]}
+    assert common_license(hub) == "apache-2.0" and license_note(hub, "AB") is None  # Hub parents sharing one
+    assert common_license({**hub, "base": "org/base", "base_license": "mit", "base_revision": "3" * 40}) is None
+    assert common_license({**hub, "parent_licenses": ["apache-2.0", LICENSE_NOT_READ]}) is None
     differ = [same[0], parent("c", 3, "cc-by-nc-4.0"), parent("d", 4, None)]
     with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
         merged = hf_mudsc.merge(differ, method="linear", progress=False)
-    assert "declare different licences (A: apache-2.0, B: cc-by-nc-4.0, C: none declared)" in caplog.text
+    assert "not all could be read (A: apache-2.0, B: cc-by-nc-4.0, C: none declared)" in caplog.text
     card = ModelCard(str(render_card(merged, recipe_of(merged))))
     assert card.data.license is None
     assert ("**Licences**: the parents' model cards declare A: `apache-2.0`, B: `cc-by-nc-4.0`, C: none declared. "
@@ -297,6 +303,12 @@ def test_the_parents_licences_are_read_and_the_card_declares_one_only_when_all_s
     with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
         merged = hf_mudsc.merge([parent("e", 5, None), parent("f", 6, None)], method="linear", progress=False)
     assert "licence" not in caplog.text and "**Licences**" not in render_card(merged, recipe_of(merged)).text
+    assert merged.config.mudsc["parent_licenses"] == [None, None]  # no card: none declared
+    # review s29: a card whose front matter has a number as a key crashed every merge (TypeError): not read instead
+    (tmp_path / "f" / "README.md").write_text("---\n2024: first release\nlicense: mit\n---\n\n# f\n")
+    merged = hf_mudsc.merge([same[0], str(tmp_path / "f")], method="linear", progress=False)
+    assert merged.config.mudsc["parent_licenses"] == ["apache-2.0", LICENSE_NOT_READ]
+    assert "B: its card not read" in " ".join(render_card(merged, recipe_of(merged)).text.split())
 
 
 def test_batches_given_as_they_are_do_not_record_a_batch_size_that_was_not_used(tmp_path):

@@ -27,7 +27,8 @@ from hf_mudsc.publish.recipe import COMMAND_LINE_ONLY_KEYS, DESTINATION_KEYS, Re
 # `auto` made before the caller loaded the parents.
 NON_OPTION_KEYWORDS = {"token", "progress", "processor", "auto_choice"}
 # config.mudsc keys that describe the result, not an option.
-RESULT_KEYS = {"library", "version", "parents", "parent_revisions", "num_calibration_samples", "refit_examples",
+RESULT_KEYS = {"library", "version", "parents", "parent_revisions", "parent_licenses", "base_license",
+               "num_calibration_samples", "refit_examples",
                "group_match_values", "solve_start", "start_objectives", "parent_relation", "correspondence_check",
                "method_choice_reason", "base_revision", "base_source", "warnings", "alpha_auto", "size_budget",
                "refit_gate", "out_dtype_reason", "head_reordered", "processor_note"}

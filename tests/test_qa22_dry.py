@@ -201,8 +201,11 @@ def test_refit_samples_all_on_the_command_line_is_none(folders, capsys):
 def test_the_batch_size_is_recorded_in_the_config_and_the_card(pair, tmp_path):
     """QA s22: the batch size changes the merged weights in their last bits (float summation order) yet neither
     config.mudsc nor the card said which was used."""
-    merged = hf_mudsc.merge(pair, make_batches("vit_cls", num_batches=2), method="mudsc", batch_size=8,
-                            refit="none", progress=False)
+    import datasets
+
+    batches = make_batches("vit_cls", num_batches=2)  # a dataset: the batch size cuts it (batches run as given)
+    rows = datasets.Dataset.from_dict({"pixel_values": torch.cat([b["pixel_values"] for b in batches]).numpy()})
+    merged = hf_mudsc.merge(pair, rows, method="mudsc", batch_size=8, refit="none", progress=False)
     assert merged.config.mudsc["batch_size"] == 8
     card = (hf_mudsc.save_merged(merged, tmp_path / "m") / "README.md").read_text()
     assert [line for line in card.splitlines() if line.startswith("| Calibration batch size | 8 |")], card

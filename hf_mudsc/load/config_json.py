@@ -156,8 +156,8 @@ def _check_counts(data: dict[str, Any], where: str, prefix: str = "") -> None:
 def card_too_large(where: str, size: int, limit: int) -> None:
     """Log that a model card over `limit` (`SIDE_FILE_MAX_BYTES`, as the caller holds it) is not read for the base it
     may name."""
-    logger.warning("%s: README.md is %s bytes, more than the %s a model card is read at; the base_model it may name "
-                   "is not read", where, f"{size:,}", f"{limit:,}")
+    logger.warning("%s: README.md is %s bytes, more than the %s a model card is read at; the base_model and licence "
+                   "it may name are not read", where, f"{size:,}", f"{limit:,}")
 
 
 def read_card(path: Path) -> str | None:
@@ -170,5 +170,6 @@ def read_card(path: Path) -> str | None:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
-        logger.warning("%r is not UTF-8 text (%s); the base_model it may name is not read", str(path), error.reason)
+        logger.warning("%r is not UTF-8 text (%s); the base_model and licence it may name are not read", str(path),
+                       error.reason)
         return None

@@ -53,6 +53,7 @@ from hf_mudsc.load.links import TEMPLATES_FOLDER, refuse_link_out, refuse_links_
 from hf_mudsc.load.objects import object_source
 from hf_mudsc.load.processors import load_processor, processor_from_name, tokenizer_of
 from hf_mudsc.load.references import (
+    LICENSE_NOT_READ,
     card_base_model,
     card_license,
     looks_like_path,
@@ -102,7 +103,8 @@ class LoadedParent:
     checkpoint that mixes dtypes; None when unknown. `model` is float32 whatever it is; `out_dtype="auto"` returns
     the merged model in the parents' common one (`hf_mudsc.apply.dtype`)."""
     license: str | None = None
-    """The licence its model card declares (`references.card_license`), None: no card, or none declared."""
+    """The licence its model card declares (`references.card_license`), None: no card, or none declared;
+    `references.LICENSE_NOT_READ`: a card that was not read."""
     from_object: bool = False
     """Given to the merge as a model object: `stored_dtype` is the dtype it was loaded as, and `reference` its folder
     or Hub repo only if that holds exactly its weights (`hf_mudsc.load.objects.object_source`)."""
@@ -1367,13 +1369,24 @@ def _card_text(located: _Located, *, token: str | bool | None, cache_dir: str | 
 
 def _declared_license(located: _Located, *, token: str | bool | None,
                       cache_dir: str | os.PathLike | None) -> str | None:
-    """The licence a parent's model card declares; None when it has none, or its card cannot be read now (a Hub error:
-    the merge does not depend on it, the card then names no licence for it)."""
+    """The licence a parent's model card declares; None when it has no card (a local folder without README.md, a model
+    built in memory) or declares none; `LICENSE_NOT_READ` when a card may exist but was not read (a Hub card not cached
+    offline, a Hub error, a card that is no text or too large): the merge never depends on it."""
     try:
-        return card_license(_card_text(located, token=token, cache_dir=cache_dir))
-    except (LoadError, OSError) as error:
+        text = _card_text(located, token=token, cache_dir=cache_dir)
+    except Exception as error:  # noqa: BLE001 - a licence read must never fail a merge
         logger.info("%s: its model card could not be read for its licence (%s)", located.reference, brief(error, 200))
-        return None
+        return LICENSE_NOT_READ
+    if text is not None:
+        return card_license(text)
+    if located.repo_id is not None:  # a Hub card not cached offline, or none on the Hub: not known which
+        return LICENSE_NOT_READ
+    folder = located.folder
+    if folder is None and located.reference and Path(located.reference).expanduser().is_dir():
+        folder = Path(located.reference).expanduser()
+    if folder is not None and not (folder / "README.md").exists():
+        return None  # no card
+    return LICENSE_NOT_READ if folder is not None else None
 
 
 def base_from_cards(located: Sequence[_Located], *, token: str | bool | None = None,

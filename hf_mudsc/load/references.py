@@ -139,8 +139,8 @@ def card_base_model(card_text: str | None) -> str | None:
         return None
     try:
         value = ModelCard(card_text, ignore_metadata_errors=True).data.to_dict().get("base_model")
-    except (ValueError, yaml.YAMLError) as error:  # a front matter that is not YAML (or has Python tags) names none
-        logger.warning("a parent's model card has front matter that is not valid YAML (%s): read as naming no "
+    except (ValueError, TypeError, AttributeError, yaml.YAMLError) as error:  # not YAML, Python tags, a number as a
+        logger.warning("a parent's model card has front matter that is not valid YAML (%s): read as naming no "  # key
                        "base_model", brief(error, 200))
         return None
     if isinstance(value, list):
@@ -148,10 +148,16 @@ def card_base_model(card_text: str | None) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+#: A parent's licence when its model card could not be read (not cached offline, a Hub error, not UTF-8, too large,
+#: front matter that is no YAML mapping): unknown, which is neither "none declared" nor any licence.
+LICENSE_NOT_READ = "(card not read)"
+
+
 def card_license(card_text: str | None) -> str | None:
     """The licence a model card's front matter declares (`license`; `other` with its `license_name` as
-    `other (NAME)`), None when it declares none or is no valid YAML. Read so that a merge of parents under different
-    licences is said, and a card declares a licence only where every parent shares it."""
+    `other (NAME)`), None when it declares none, `LICENSE_NOT_READ` when its front matter cannot be read. Read so
+    that a merge of parents under different licences is said, and a card declares a licence only where every parent
+    shares it."""
     import yaml
     from huggingface_hub import ModelCard
 
@@ -159,8 +165,8 @@ def card_license(card_text: str | None) -> str | None:
         return None
     try:
         data = ModelCard(card_text, ignore_metadata_errors=True).data.to_dict()
-    except (ValueError, yaml.YAMLError):
-        return None
+    except (ValueError, TypeError, AttributeError, yaml.YAMLError):  # e.g. `2024: first release` (a number as a key)
+        return LICENSE_NOT_READ
     value, name = data.get("license"), data.get("license_name")
     if not isinstance(value, str) or not value.strip():
         return None

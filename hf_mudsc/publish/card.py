@@ -40,7 +40,7 @@ from transformers.models.auto import modeling_auto
 from hf_mudsc._version import __version__
 from hf_mudsc.apply.classifier import task_ranges
 from hf_mudsc.load.checks import is_multi_label_head, is_regression_head
-from hf_mudsc.load.references import COMMIT_SHA, OBJECT_REFERENCE, without_userinfo
+from hf_mudsc.load.references import COMMIT_SHA, LICENSE_NOT_READ, OBJECT_REFERENCE, without_userinfo
 from hf_mudsc.markdown import (
     LINE_BREAKS,
     longest_backtick_run,
@@ -438,23 +438,32 @@ def set_eval_results(data: ModelCardData, eval_results: Sequence[EvalRow], *, mo
 
 
 def common_license(mudsc: Mapping[str, Any]) -> str | None:
-    """The licence the card declares: the one every parent's (and the base's) model card declares, else none — the
-    merged weights derive from each of them, and a licence hf-mudsc picked could grant more than one of them does.
-    `other (NAME)` declares none either (the card's `license: other` needs its own name and link)."""
-    declared = [*(mudsc.get("parent_licenses") or [None]), *([mudsc.get("base_license")] if mudsc.get("base") else [])]
-    if len(set(declared)) != 1 or declared[0] is None or declared[0].startswith("other"):
+    """The licence the card declares: the one every parent's (and the base's) model card declares, all of them Hub
+    repos (the Hub checked those values; a local card's `license` may be one the Hub refuses, which would fail the
+    push), else none — the merged weights derive from each parent, and a licence hf-mudsc picked could grant more
+    than one of them does. `other (NAME)` and a card not read declare none either."""
+    with_base = bool(mudsc.get("base"))
+    declared = [*(mudsc.get("parent_licenses") or [None]), *([mudsc.get("base_license")] if with_base else [])]
+    pinned = [*(mudsc.get("parent_revisions") or [None]), *([mudsc.get("base_revision")] if with_base else [])]
+    if (len(set(declared)) != 1 or declared[0] is None or declared[0] == LICENSE_NOT_READ
+            or declared[0].startswith("other") or not all(pinned)):
         return None
     return declared[0]
 
 
 def license_note(mudsc: Mapping[str, Any], letters: Sequence[str]) -> str | None:
-    """The card's line on the parents' licences when any declares one and they are not all the same (the card then
-    declares none); None otherwise."""
+    """The card's line on the parents' licences when any declares one and the card declares none (they differ, a
+    card was not read, or a parent is no Hub repo); None otherwise."""
     declared = [*zip(letters, mudsc.get("parent_licenses") or []),
                 *([("base", mudsc.get("base_license"))] if mudsc.get("base") else [])]
-    if not any(license for _, license in declared) or common_license(mudsc) is not None:
+    if not any(license not in (None, LICENSE_NOT_READ) for _, license in declared) or common_license(mudsc):
         return None
-    listed = ", ".join(f"{who}: {markdown_code(license) if license else 'none declared'}" for who, license in declared)
+
+    def said(license: str | None) -> str:
+        return "its card not read" if license == LICENSE_NOT_READ else markdown_code(license) if license \
+            else "none declared"
+
+    listed = ", ".join(f"{who}: {said(license)}" for who, license in declared)
     return (f"**Licences**: the parents' model cards declare {listed}. The merged weights derive from each of them, "
             "so this card declares no licence: check every parent's terms before using or publishing the merge.")
 
