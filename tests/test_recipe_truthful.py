@@ -4,6 +4,8 @@ object is named by its folder only when it still holds that folder's weights; `i
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -41,7 +43,7 @@ def test_an_object_loaded_from_the_hub_unchanged_is_recorded_as_its_repo_pinned(
     _, (a, b), _ = case
     local_hub.upload_folder("user/a", a, "A")
     local_hub.upload_folder("user/b", b, "B")
-    first = local_hub.head("user/a")
+    first, second_b = local_hub.head("user/a"), local_hub.head("user/b")
     loaded_a = ViTForImageClassification.from_pretrained("user/a")
     loaded_b = ViTForImageClassification.from_pretrained("user/b")
     # the repo moves on and its new snapshot is cached too: the object still holds the first commit's weights
@@ -53,6 +55,18 @@ def test_an_object_loaded_from_the_hub_unchanged_is_recorded_as_its_repo_pinned(
     ViTForImageClassification.from_pretrained("user/a")
     loaded, _, _ = load_parents_and_base([loaded_a, loaded_b])
     assert [pinned_reference(p) for p in loaded] == [f"user/a@{first}", f"user/b@{local_hub.head('user/b')}"]
+    # review s29: a later commit changing only config.json (labels named) holds the same weights, but is another
+    # model: the object is pinned to the commit whose config is its own, not to the newer one refs point at
+    renamed = Path(b).parent / "b-renamed"
+    shutil.copytree(b, renamed)
+    config = json.loads((renamed / "config.json").read_text())
+    config["id2label"] = {str(i): f"class {i}" for i in range(len(config["id2label"]))}
+    config["label2id"] = {name: int(i) for i, name in config["id2label"].items()}
+    (renamed / "config.json").write_text(json.dumps(config))
+    local_hub.upload_folder("user/b", renamed, "name the labels")
+    ViTForImageClassification.from_pretrained("user/b")  # cache the new head commit too
+    loaded, _, _ = load_parents_and_base([loaded_a, loaded_b])
+    assert pinned_reference(loaded[1]).endswith(f"@{second_b}")
 
 
 def test_an_object_changed_in_memory_is_recorded_as_an_object_and_its_recipe_refused(case, tmp_path):

@@ -117,12 +117,38 @@ def object_source(model: nn.Module, name_or_path: str) -> ObjectSource | None:
     float32 files), holds other weights: a recipe naming the folder would re-run another merge. The checkpoint is
     read one tensor at a time (no second model is loaded); only safetensors are read; nothing is downloaded."""
     for folder, repo_id, commit_sha in _checkpoint_folders(model, name_or_path):
-        if holds_checkpoint_weights(model, folder):
+        # a Hub snapshot must also hold its config: a later commit may change only config.json (labels named),
+        # and a recipe pinned to it would re-run another model
+        if (repo_id is None or holds_config(model, folder)) and holds_checkpoint_weights(model, folder):
             return ObjectSource(reference=repo_id or name_or_path, repo_id=repo_id, commit_sha=commit_sha)
     if name_or_path:
         logger.info("the %s object given as a parent does not hold the weights of %r: recorded as an object",
                     type(model).__name__, name_or_path)
     return None
+
+
+#: Config keys that say where or how a config was read or saved, not what the model is.
+_CONFIG_RECORD_KEYS = ("_name_or_path", "_commit_hash", "transformers_version", "dtype", "torch_dtype",
+                       "_attn_implementation_autoset", "_attn_implementation")
+
+
+def holds_config(model: nn.Module, folder: str | os.PathLike) -> bool:
+    """Whether the `config.json` in `folder` is `model`'s config (its `to_dict()`, keys recording where or how it was
+    read or saved aside)."""
+    import json
+
+    config = getattr(model, "config", None)
+    if config is None:
+        return False
+    try:
+        stored = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+        stored.pop("model_type", None)
+        full = json.loads(type(config)(**stored).to_json_string(use_diff=False))  # defaults filled in, as `mine`
+        mine = json.loads(config.to_json_string(use_diff=False))
+    except Exception as error:  # noqa: BLE001 - a config that cannot be compared is not known to be this one
+        logger.debug("cannot compare the config in %s: %s", folder, error)
+        return False
+    return all(full.get(key) == mine.get(key) for key in set(full) | set(mine) if key not in _CONFIG_RECORD_KEYS)
 
 
 def holds_checkpoint_weights(model: nn.Module, folder: str | os.PathLike) -> bool:

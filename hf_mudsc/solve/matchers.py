@@ -376,6 +376,7 @@ def _zip_core(
     head_budget: list[int] | None = None,
     unit_models: np.ndarray | None = None,
     original: np.ndarray | None = None,
+    relaxed_fusions: list[int] | None = None,
 ) -> tuple[list[list[int]], list[float]]:
     """ZipIt's greedy on ``s`` (modified in place, diagonal already -inf) down to ``target`` clusters.
 
@@ -395,7 +396,8 @@ def _zip_core(
     ``original`` (N > 2 models): the unmodified similarity of the local units. There a cluster's label (its lowest
     member's model) can leave every remaining pair masked by exhausted budgets before ``target`` is reached (two
     models never can: a cross-model pair is always left); the rest is then fused without the budgets, on the
-    min-linkage of ``original`` (`_without_budgets`), and said.
+    min-linkage of ``original`` (`_without_budgets`); the fusions left then are appended to ``relaxed_fusions``
+    (the caller says it once per group).
     Returns the surviving clusters (lists of local indices, by lowest index) and the picked values.
     """
     size = s.shape[0]
@@ -412,9 +414,8 @@ def _zip_core(
         lo = int(np.argmax(rowmax))
         hi = int(rowarg[lo])
         if (hi <= lo or not alive[hi]) and original is not None and not relaxed:
-            logger.warning("zip: the same-model budgets (zip_budget) left no pair of clusters to fuse with %d fusions "
-                           "to go; the rest were fused without the same-model budgets (a larger zip_budget avoids "
-                           "it)", size - target - step)
+            if relaxed_fusions is not None:
+                relaxed_fusions.append(size - target - step)
             _without_budgets(s, original, members, alive, rowmax, rowarg)
             relaxed = True
             lo = int(np.argmax(rowmax))
@@ -625,6 +626,7 @@ def _match_n(c: np.ndarray, n: int, num_models: int, matcher: str, num_heads: in
     values: list[float] = []
     model_budget = [_model_budget_n(n, num_models, budget)] * num_models
     model_masked = [False] * num_models
+    relaxed: list[int] = []
     for units in heads:
         if matcher == "align":
             chosen, value = _align_n(c, units)
@@ -637,9 +639,13 @@ def _match_n(c: np.ndarray, n: int, num_models: int, matcher: str, num_heads: in
         labels = np.repeat(np.arange(num_models), g)
         head_budget = [(num_models - 1) * g // num_models] * num_models if num_heads > 1 else None
         local, picks = _zip_core(s, labels, g, decay, model_budget, model_masked, head_budget, unit_models=labels,
-                                 original=c[np.ix_(idx, idx)])
+                                 original=c[np.ix_(idx, idx)], relaxed_fusions=relaxed)
         clusters.extend([int(idx[i]) for i in members] for members in local)
         values.extend(picks)
+    if relaxed:
+        logger.warning("zip: the same-model budgets (zip_budget=%g) left no pair of clusters to fuse in %d of %d "
+                       "head(s) of a group (%d fusions to go); those were fused without the budgets (a larger "
+                       "zip_budget avoids it)", budget, len(relaxed), len(heads), sum(relaxed))
     return clusters, float(np.mean(values)), pairing
 
 
