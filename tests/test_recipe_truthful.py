@@ -297,7 +297,8 @@ def test_a_recipe_rerun_says_what_the_original_said_and_gives_the_same_weights(c
     assert "asked for" in json.loads((tmp_path / "m3" / "config.json").read_text())["mudsc"]["out_dtype_reason"]
 
 
-def test_a_processor_given_to_merge_that_preprocessed_the_data_is_named_in_the_recipe(case, tmp_path, caplog):
+def test_a_processor_given_to_merge_that_preprocessed_the_data_is_named_in_the_recipe(case, tmp_path, caplog,
+                                                                                        capsys):
     """Bug hunt s29: `merge(..., processor=P)` preprocessed the raw calibration images with P instead of parent A's
     processor (other weights), but the recipe said nothing, and `merge --recipe` silently built other weights. The
     recipe says so in a comment line and its re-run warns; a processor equal to parent A's changes nothing and adds
@@ -318,6 +319,10 @@ def test_a_processor_given_to_merge_that_preprocessed_the_data_is_named_in_the_r
     with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
         assert main(["merge", "--recipe", str(folder / RECIPE_FILENAME), "--output", str(tmp_path / "again")]) == 0
     assert "preprocessed by a processor given to hf_mudsc.merge" in caplog.text
+    caplog.clear()
+    assert main(["inspect", str(folder / RECIPE_FILENAME)]) == 0  # inspect says it too (review s29)
+    assert "warning:     its merge preprocessed the calibration data with a processor given to hf_mudsc.merge" in \
+        capsys.readouterr().out
     own = ViTImageProcessor.from_pretrained(a)
     same = hf_mudsc.merge([a, b], calibration, method="zipit", refit="none", num_samples=16, processor=own,
                           progress=False)
