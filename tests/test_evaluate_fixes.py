@@ -236,6 +236,10 @@ def test_evaluate_accepts_hub_ids_with_and_without_a_revision(backward, local_hu
         assert json.loads(json_path.read_text())["models"] == {"merged": f"user/merged@{commit}"}
         assert f"merged: user/merged@{commit}" in said
     pinned = scored[f"user/merged@{sha}"]
+    # the Python API records the commit of a model it loads from the Hub as the CLI does (review s29)
+    result = evaluate_merge(f"user/merged@{sha}", None, {"zeta": str(tests["zeta"]), "alpha": str(tests["alpha"])},
+                            progress=False)
+    assert result.models == {"merged": f"user/merged@{sha}"}
     assert scored["user/merged"]["merged"] != pinned["merged"]  # the head's weights are not the pinned ones
     expected = _direct_figures(root, out, tests)
     for scorer, views in expected.items():

@@ -565,15 +565,6 @@ def check_clip_options(args: argparse.Namespace, class_names: dict[str, list[str
                          f"scored: {', '.join(tasks)} (--dataset TASK=SPEC)")
 
 
-def hub_commits(merged_name: str, merged: Any, parents: Sequence[Any]) -> dict[str, str]:
-    """The scorers loaded from the Hub, as `org/name@commit` (`EvaluationResult.models`), in table order."""
-    from hf_mudsc.evaluate.names import parent_names
-
-    loaded = [(merged_name, merged), *zip(parent_names(len(parents)), parents, strict=True)]
-    return {name: f"{model.repo_id}@{model.commit_sha}" for name, model in loaded
-            if model.repo_id is not None and model.commit_sha is not None}
-
-
 def scorer_name(folder: Path | None, *, with_parents: bool) -> str:
     """What the table and the results call the model evaluated: `merged`, except for a local folder scored alone
     that neither hf-mudsc wrote (its marker) nor holds a merge recipe (a plain fine-tune, scored with --no-card):
@@ -640,9 +631,8 @@ def run(args: argparse.Namespace) -> int:
                 f"cannot load the parents {parent_refs}: {error}; pass --parents A B or --no-parents"
             ) from error
     try:
-        merged_name = scorer_name(folder if local else None, with_parents=parents is not None)
         result = evaluate_merge(
-            {merged_name: merged}, parents,
+            {scorer_name(folder if local else None, with_parents=parents is not None): merged}, parents,
             datasets_per_task,
             metrics=args.metric or ["accuracy"],
             ensemble=not args.no_ensemble, batch_size=args.batch_size, num_samples=args.num_samples,
@@ -655,7 +645,6 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if result is None:  # a non-main process of a distributed run
         return 0
-    result.models = hub_commits(merged_name, merged, parents or [])
     labels = {name: f"parent {name.removeprefix('parent_').upper()}" for name in result.scores
               if name.startswith("parent_")}
     for metric in result.metrics:

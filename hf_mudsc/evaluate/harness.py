@@ -145,7 +145,7 @@ def evaluate_merge(
         config = _config_before_loading(reference)  # a folder's config.json: refused before any weights
         if config is not None:
             check_scorable(config, scored, f"merged model {name!r}")
-    merged_models, parent_models, owned = _load_models(merged, parents)
+    merged_models, parent_models, owned, hub_sources = _load_models(merged, parents)
     assigned, processor_sources = _assign_processors(merged_models, owned, processor, own_processors)
     models = [*merged_models.values(), *parent_models]
     # each processor configured by the config of a model it scores (channels, text length), errors naming them
@@ -238,20 +238,20 @@ def evaluate_merge(
                                                       prompt_templates=([prompt_template] if isinstance(
                                                           prompt_template, str) else list(prompt_template))
                                                       if clip else None),
-                              processors=processors)
+                              processors=processors, models=hub_sources)
     logger.info("evaluated %s on %s", ", ".join(scores), ", ".join(f"{t} ({n})" for t, n in counts.items()))
     return result
 
 
-def _load_models(merged: Any, parents: Sequence[Any] | None) -> tuple[dict, list, list]:
-    """The merged model(s) by name, the parents (A, B, ...) and each one's own processor (None: it has none),
-    merged models first."""
+def _load_models(merged: Any, parents: Sequence[Any] | None) -> tuple[dict, list, list, dict[str, str]]:
+    """The merged model(s) by name, the parents (A, B, ...), each one's own processor (None: it has none), merged
+    models first, and the scorers loaded from the Hub as `org/name@commit`."""
     merged_in = dict(merged) if isinstance(merged, Mapping) else {MERGED: merged}
     if not merged_in:
         raise EvaluationError("no merged model to evaluate")
-    merged_models, owned = {}, []
+    merged_models, owned, sources = {}, [], {}
     for name, model in merged_in.items():
-        merged_models[name], loaded_processor = _load(model, f"merged model {name!r}")
+        merged_models[name], loaded_processor, sources[name] = _load(model, f"merged model {name!r}")
         owned.append(loaded_processor)
     parent_models = []
     if parents is not None:
@@ -259,10 +259,11 @@ def _load_models(merged: Any, parents: Sequence[Any] | None) -> tuple[dict, list
             raise EvaluationError(f"pass the parents in merge order (at least two: A, B, ...) or None, got "
                                   f"{len(parents)}")
         for index, parent in enumerate(parents):
-            model, loaded_processor = _load(parent, f"parent {parent_letter(index)}")
+            model, loaded_processor, sources[parent_names(len(parents))[index]] = _load(
+                parent, f"parent {parent_letter(index)}")
             parent_models.append(model)
             owned.append(loaded_processor)
-    return merged_models, parent_models, owned
+    return merged_models, parent_models, owned, {name: source for name, source in sources.items() if source}
 
 
 def _assign_processors(merged: Mapping[str, Any], owned: Sequence[Any], given: Any,
@@ -515,8 +516,15 @@ def _views(collected: Mapping[str, tuple[list[int], list[int]]], tasks: Sequence
     return {v: views[v] for v in [*tasks, JOINT, AVERAGE] if v in views}
 
 
-def _load(model: Any, what: str) -> tuple[Any, Any]:
-    """(model, processor) from a PreTrainedModel, a LoadedParent, or a folder / Hub reference.
+def _hub_source(loaded: Any) -> str | None:
+    """`org/name@commit` of a model loaded from the Hub (a `LoadedParent`), else None (`EvaluationResult.models`)."""
+    repo_id, commit = getattr(loaded, "repo_id", None), getattr(loaded, "commit_sha", None)
+    return f"{repo_id}@{commit}" if repo_id and commit else None
+
+
+def _load(model: Any, what: str) -> tuple[Any, Any, str | None]:
+    """(model, processor, `org/name@commit` when it came from the Hub) from a PreTrainedModel, a LoadedParent, or a
+    folder / Hub reference.
 
     A bare model object gets the processor saved in its `name_or_path` folder (or cached Hub snapshot), found as
     `merge` finds it (`load.processors.processor_from_name`), so the same objects merge and evaluate alike; None
@@ -527,14 +535,14 @@ def _load(model: Any, what: str) -> tuple[Any, Any]:
         from hf_mudsc.load.processors import processor_from_name
 
         name_or_path = str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or "")
-        return model, processor_from_name(name_or_path, getattr(model.config, "_commit_hash", None))
+        return model, processor_from_name(name_or_path, getattr(model.config, "_commit_hash", None)), None
     if hasattr(model, "model") and isinstance(model.model, PreTrainedModel):
-        return model.model, getattr(model, "processor", None)
+        return model.model, getattr(model, "processor", None), _hub_source(model)
     if isinstance(model, (str, os.PathLike)):
         from hf_mudsc.load.parents import load_parent
 
         loaded = load_parent(os.fspath(model))
-        return loaded.model, loaded.processor
+        return loaded.model, loaded.processor, _hub_source(loaded)
     raise EvaluationError(f"{what} is a {type(model).__name__}; pass a PreTrainedModel, a folder or a Hub id")
 
 
