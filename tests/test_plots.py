@@ -313,6 +313,10 @@ def test_inspect_redraws_the_same_plots_and_prints_a_summary(merged_folder, tmp_
     check_png(copy / PLOTS_FOLDER / "accuracy.png")
     assert "joint accuracy (eval_results.json): parent_a 0.450" in capsys.readouterr().out
     assert unlisted_files(copy, check_content=True) == ([], [])
+    # README hunt s29: the same folder spelled with `..` failed with pathlib's relative_to error after the first plot
+    (tmp_path / "sub").mkdir()
+    assert main(["inspect", str(tmp_path / "sub" / ".." / "copy")]) == 0, capsys.readouterr().err
+    assert unlisted_files(copy, check_content=True) == ([], [])
 
 
 def test_inspect_into_another_folder(merged_folder, tmp_path, capsys):

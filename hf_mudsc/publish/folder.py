@@ -577,7 +577,7 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None]
     # Recorded by the nearest folder the writer made around it (`DIR/plots/r.json` too): a file it does not list
     # would make its later `overwrite` refuse the folder as holding another's file.
     written = path.absolute()
-    root = Path(owner).absolute() if owner is not None else written_around(written)
+    root = without_dot_dot(Path(owner)).absolute() if owner is not None else written_around(written)
     marker = read_marker(root) if root is not None else None
     if marker is not None and marker.get("complete"):
         marker["files"][written.relative_to(root.absolute()).as_posix()] = _fingerprint_of(path, settled=False)
