@@ -45,3 +45,18 @@ def test_evaluate_names_a_missing_local_dataset_before_loading(tmp_path, monkeyp
     assert code == 2, err
     assert len(err) == 1, err
     assert "'./gone'" in err[0] and "pets" in err[0] and "org/cars" not in err[0], err
+
+
+def test_a_pickle_only_parent_is_not_told_to_pass_a_path_that_exists(tmp_path, monkeypatch, capsys):
+    """README hunt s29: the one-line refusal of a pickle-only parent folder (it exists) ended with "pass paths that
+    exist from this working directory"; that fix follows only an entry that is missing."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+        (tmp_path / name / "pytorch_model.bin").write_bytes(b"\0")
+    code, lines = run_cli(["merge", "./a", "./b", "--output", "out"], capsys)
+    assert code == 2 and len(lines) == 1 and "--allow-pickle" in lines[0], lines
+    assert "paths that exist" not in lines[0]
+    code, lines = run_cli(["merge", "./a", "./gone", "--output", "out"], capsys)
+    assert code == 2 and "--allow-pickle" in lines[0] and "pass paths that exist" in lines[0], lines

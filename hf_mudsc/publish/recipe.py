@@ -87,6 +87,9 @@ _PLUGIN_HEADER = (
 IN_MEMORY_NOTE = ("# calibration: given in memory to hf_mudsc.merge (a Dataset object or batches), so not recorded "
                   "here; re-run with --calibration\n")
 
+# How `Recipe.missing_local_inputs` says an entry is not on this machine (the fix "pass paths that exist" follows).
+MISSING_MARK = " is missing: "
+
 # The line a recipe file gets when a processor passed to `hf_mudsc.merge` (`processor=`), not parent A's,
 # preprocessed the calibration data: a re-run preprocesses with parent A's, and says so (`warn_given_processor`).
 PROCESSOR_NOTE = ("# processor: the calibration data was preprocessed by a processor given to hf_mudsc.merge "
@@ -328,7 +331,7 @@ class Recipe(MergeOptions):
                 continue
             folder = Path(reference).expanduser()
             if not folder.is_dir():
-                problems.append(f"{label} `{reference}` is missing: no folder {str(folder.absolute())!r}")
+                problems.append(f"{label} `{reference}`{MISSING_MARK}no folder {str(folder.absolute())!r}")
                 continue
             try:
                 weights_format(reference, [p.name for p in folder.iterdir() if p.is_file()], self.allow_pickle)
@@ -336,7 +339,7 @@ class Recipe(MergeOptions):
                 problems.append(f"{label}: {error}")
         data = self.calibration
         if data and "calibration" not in skip and (gone := missing_local_data(data)) is not None:
-            problems.append(f"calibration `{data}` is missing: no file or folder "
+            problems.append(f"calibration `{data}`{MISSING_MARK}no file or folder "
                             f"{str(Path(gone).expanduser().absolute())!r}")
         return problems
 
@@ -348,11 +351,14 @@ class Recipe(MergeOptions):
         missing = self.missing_local_inputs(skip)
         if not missing:
             return
+        absent = any(MISSING_MARK in problem for problem in missing)  # else only refused weights, which say their fix
         if path is None:
-            raise RecipeError(f"{'; '.join(missing)}; pass paths that exist from this working directory")
-        raise RecipeError(f"recipe {str(path)!r}: a run would fail here: {'; '.join(missing)}; give the "
-                          "entries as paths that exist from this working directory (the parents before "
-                          "--recipe, --base PATH, --calibration PATH) or fix them in the file")
+            raise RecipeError("; ".join(missing) + ("; pass paths that exist from this working directory"
+                                                    if absent else ""))
+        raise RecipeError(f"recipe {str(path)!r}: a run would fail here: {'; '.join(missing)}"
+                          + ("; give the entries as paths that exist from this working directory (the parents "
+                             "before --recipe, --base PATH, --calibration PATH) or fix them in the file"
+                             if absent else ""))
 
     def inputs(self, recipe_file: str | os.PathLike | None = None) -> list[tuple[str, str | os.PathLike]]:
         """What a merge of this recipe reads from disk, as `(description, path)` pairs for `folder.check_output`:
