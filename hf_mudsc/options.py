@@ -579,11 +579,11 @@ class MergeOptions:
     zip_decay: float = option(
         0.5, kind="number", check=_check_zip_decay, metavar="A", recorded=True, per_method=True,
         card=CardRow(4, "Zip decay / budget", _card_zip, source="config"),
-        help="zip matcher: similarity decay after a fusion (ZipIt's alpha)")
+        help="zip matcher: similarity decay after a fusion (ZipIt's alpha), in (0, 1]")
     zip_budget: float = option(
         1.0, kind="number", check=_check_zip_budget, metavar="B", recorded=True, per_method=True,
         card=CardRow(4, "Zip decay / budget", _card_zip, source="config"),
-        help="zip matcher: same-model fusion budget factor (ZipIt's beta)")
+        help="zip matcher: same-model fusion budget factor (ZipIt's beta), >= 0")
     independent_heads: bool = option(
         False, kind="bool", recorded=True,
         card=CardRow(7, "Head pairing", lambda value, context: None if not _matches_units(context)
@@ -599,13 +599,14 @@ class MergeOptions:
     gamma: float | list[float] | None = option(
         None, kind="number_or_numbers", check=_check_gamma, metavar="G", recorded=True, per_method=True,
         show_default=False, card=CardRow(10, "Breadcrumbs γ (largest entries dropped)", _card_numbers),
-        help="breadcrumbs, breadcrumbs_ties: share of each task vector's LARGEST entries dropped, one number or one "
-        "per parent (mergekit gamma; default 0.01)")
+        help="breadcrumbs, breadcrumbs_ties: share of each task vector's LARGEST entries dropped, in [0, 1), one "
+        "number or one per parent (mergekit gamma; default 0.01)")
     epsilon: float | list[float] | None = option(
         None, kind="number_or_numbers", check=_check_epsilon, metavar="E", recorded=True, per_method=True,
         show_default=False, card=CardRow(10, "DELLA ε (keep-probability spread)", _card_numbers),
         help="della, della_linear: keep probabilities run from density - epsilon (smallest entries of a row) to "
-        "density + epsilon (largest), one number or one per parent (mergekit epsilon; default 0.15)")
+        "density + epsilon (largest), epsilon in (0, 0.5), one number or one per parent (mergekit epsilon; default "
+        "0.15)")
     slerp_t: float = option(
         0.5, kind="number", check=_check_slerp_t, metavar="T", recorded=True, per_method=True,
         card=CardRow(11, "SLERP t", _card_numbers),
@@ -623,7 +624,7 @@ class MergeOptions:
     pcb_ratio: float = option(
         0.1, kind="number", check=_check_pcb_ratio, metavar="R", recorded=True, per_method=True,
         card=CardRow(13, "PCB ratio", _card_numbers),
-        help="pcb: share of each task vector's entries kept after the balancing scores (PCB_merge's ratio)")
+        help="pcb: share of each task vector's entries kept after the balancing scores (PCB_merge's ratio), in (0, 1]")
     layer_swap: str | None = option(
         None, kind="str", check=_check_layer_swap, metavar="P:A-B,...", recorded=True, per_method=True,
         show_default=False,

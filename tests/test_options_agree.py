@@ -193,3 +193,18 @@ def test_merge_docstring_documents_every_keyword():
                 if parameter.kind is inspect.Parameter.KEYWORD_ONLY}
     assert keywords - documented == set()
     assert documented - {"models", "calibration"} <= keywords
+
+
+@pytest.mark.parametrize(("flag_name", "stated"), [("--zip-decay", "in (0, 1]"), ("--zip-budget", ">= 0"),
+                                                   ("--gamma", "in [0, 1)"), ("--epsilon", "in (0, 0.5)"),
+                                                   ("--pcb-ratio", "in (0, 1]")])
+def test_merge_help_states_the_range_its_check_refuses_outside(flag_name, stated, capsys):
+    """README hunt s29: "`hf-mudsc merge --help` gives each one's meaning, range and default", but five range-checked
+    flags stated no range."""
+    from hf_mudsc.cli.main import main
+
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    entry = text[text.rindex(flag_name + " "):][:400]  # its entry in the options list, after the usage line
+    assert stated in entry, entry
