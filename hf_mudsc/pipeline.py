@@ -25,6 +25,7 @@ from hf_mudsc.apply.classifier import (
     label_ids,
     label_names,
     repeated_labels_message,
+    same_head_labels,
     same_label_sets,
 )
 from hf_mudsc.apply.dtype import cast_merged, resolve_out_dtype
@@ -36,7 +37,6 @@ from hf_mudsc.calibrate.correlation import correlations_from
 from hf_mudsc.calibrate.device import resolve_device
 from hf_mudsc.diagnostics import (
     ADVICE,
-    DEFAULT_LABEL,
     advice_warnings,
     inert_options_warnings,
     merge_warnings,
@@ -1297,7 +1297,7 @@ def _check_base(base: Any, model_a: PreTrainedModel, spec: PermutationSpec,
             f"the base {name!r} does not fit the parents: tensor {key!r} is {shape} in the base but "
             f"{tuple(tensor.shape)} in the parents; pass the base the parents were fine-tuned from "
             f"({option_hint('base')})")
-    if head - dropped and not _same_head_labels(model_a.config, base.model.config):
+    if head - dropped and not same_head_labels(model_a.config, base.model.config):
         logger.info("the base %s's classifier names other labels (%s) than the parents (%s): left out, the parents' "
                     "weighted mean is the merged head", name, ", ".join(label_names(base.model.config)),
                     ", ".join(label_names(model_a.config)))
@@ -1330,15 +1330,6 @@ def _warn_licenses(parents: Sequence[LoadedParent], base: LoadedParent | None) -
                        "merged weights derive from each, so its card declares none; check their terms and set the "
                        "licence yourself before publishing",
                        ", ".join(f"{who}: {said.get(license, license)}" for who, license in declared))
-
-
-def _same_head_labels(config_a: Any, config_base: Any) -> bool:
-    """Whether a base's head of the parents' shape is a head for the parents' labels: the same names in A's order
-    (`_aligned_base` reorders one listing them in another), or default names (`LABEL_0`, ...) on either side, which
-    say nothing about a row's class (used by position, as parents of default names are)."""
-    names_a, names_base = label_names(config_a), label_names(config_base)
-    return names_a == names_base or any(all(DEFAULT_LABEL.fullmatch(n) for n in names)
-                                        for names in (names_a, names_base))
 
 
 def _log_base_relations(base: Any, base_params: Mapping[str, torch.Tensor],

@@ -83,6 +83,15 @@ def same_label_sets(configs: Sequence[PretrainedConfig]) -> bool:
                for other in configs[1:])
 
 
+def same_head_labels(config_a: PretrainedConfig, config_base: PretrainedConfig) -> bool:
+    """Whether a base's head of the parents' shape is a head for parent A's labels: the same names in A's order (the
+    merge reorders one listing them in another first), or default names (`LABEL_0`, ...) on either side, which say
+    nothing about a row's class (used by position, as parents of default names are)."""
+    names_a, names_base = label_names(config_a), label_names(config_base)
+    return names_a == names_base or any(all(DEFAULT_LABEL.fullmatch(n) for n in names)
+                                        for names in (names_a, names_base))
+
+
 def head_order(config_a: PretrainedConfig, config_b: PretrainedConfig) -> list[int] | None:
     """B's label id for each of A's labels, in A's order, when B holds exactly A's labels in ANOTHER order; else None.
 

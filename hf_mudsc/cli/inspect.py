@@ -411,7 +411,7 @@ def inspect_recipe(path: Path) -> int:
     from hf_mudsc.load.references import hide_tokens
     from hf_mudsc.methods.auto import handed_options, is_auto
     from hf_mudsc.methods.registry import get_method
-    from hf_mudsc.publish.recipe import IN_MEMORY_NOTE, PROCESSOR_NOTE, Recipe, unresolved_published_entries
+    from hf_mudsc.publish.recipe import IN_MEMORY_NOTE, Recipe, given_processor_warning, unresolved_published_entries
 
     try:
         recipe = Recipe.load(path)  # first: its size and encoding are checked before the file is read whole
@@ -457,10 +457,8 @@ def inspect_recipe(path: Path) -> int:
     others = [f"{key} = {getattr(recipe, key)!r}{' (no effect)' if key in unread else ''}" for key in Recipe.keys()
               if key not in shown and getattr(recipe, key) != getattr(defaults, key)]
     lines.append(f"  other options: {', '.join(others) if others else 'all at their defaults'}")
-    if PROCESSOR_NOTE in text:  # the merge's data was preprocessed by a processor that the file cannot name
-        warnings.append("its merge preprocessed the calibration data with a processor given to hf_mudsc.merge "
-                        "(processor=), not parent A's; a run of this file preprocesses with parent A's, so its "
-                        "weights may differ: re-run from Python with the same processor= to reproduce it")
+    if (said := given_processor_warning(text)) is not None:  # a processor the file cannot name made its data
+        warnings.append(said)
     lines += [f"  warning:     {text}" for text in warnings]
     # A recipe pushed from local folders names them by folder name only: a run needs their paths (`unresolved`).
     command = ["hf-mudsc merge", "--recipe", str(path), "--output DIR"]

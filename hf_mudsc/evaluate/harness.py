@@ -222,7 +222,7 @@ def evaluate_merge(
                "classes": list(layout.class_names[task]),
                **({"local": True, "data_key": source_key(source)} if source.local else {}),
                **({"config": source.config} if source.config else {}),
-               **({"revision": spec_revision(source)} if spec_revision(source) else {})}
+               **({"revision": revision} if (revision := spec_revision(source)) else {})}
         for task, source in sources.items()
     }
     # which processor scored which row: only when raw columns were preprocessed by processors that differ

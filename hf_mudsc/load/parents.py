@@ -1381,12 +1381,10 @@ def _declared_license(located: _Located, *, token: str | bool | None,
         return card_license(text)
     if located.repo_id is not None:  # a Hub card not cached offline, or none on the Hub: not known which
         return LICENSE_NOT_READ
-    folder = located.folder
-    if folder is None and located.reference and Path(located.reference).expanduser().is_dir():
-        folder = Path(located.reference).expanduser()
-    if folder is not None and not (folder / "README.md").exists():
-        return None  # no card
-    return LICENSE_NOT_READ if folder is not None else None
+    folder = located.folder or (Path(located.reference).expanduser() if located.reference else None)
+    if folder is None or not folder.is_dir():
+        return None  # a model built in memory: no card
+    return LICENSE_NOT_READ if (folder / "README.md").is_file() else None  # a card too large or no text; else none
 
 
 def base_from_cards(located: Sequence[_Located], *, token: str | bool | None = None,

@@ -129,20 +129,25 @@ def pinned_calibration(calibration_spec: str | None) -> str | None:
     return calibration_spec
 
 
-def card_base_model(card_text: str | None) -> str | None:
-    """The one `base_model` a model card's front matter names (a string or a one-item list), else None. Here, not
-    in the loader, so the service's web process decides which base a local parent's card names as the loader will."""
+def card_front_matter(card_text: str) -> dict[str, Any] | None:
+    """A model card's front matter as a mapping; None (logged) when it cannot be read: no YAML, Python tags, a key
+    that is no text (`2024: first release`). Parsed one way for every field read from a parent's card."""
     import yaml
     from huggingface_hub import ModelCard
 
-    if not card_text:
-        return None
     try:
-        value = ModelCard(card_text, ignore_metadata_errors=True).data.to_dict().get("base_model")
-    except (ValueError, TypeError, AttributeError, yaml.YAMLError) as error:  # not YAML, Python tags, a number as a
-        logger.warning("a parent's model card has front matter that is not valid YAML (%s): read as naming no "  # key
-                       "base_model", brief(error, 200))
+        return ModelCard(card_text, ignore_metadata_errors=True).data.to_dict()
+    except (ValueError, TypeError, AttributeError, yaml.YAMLError) as error:
+        logger.warning("a parent's model card has front matter that is not valid YAML (%s): its base_model and licence "
+                       "are not read", brief(error, 200))
         return None
+
+
+def card_base_model(card_text: str | None) -> str | None:
+    """The one `base_model` a model card's front matter names (a string or a one-item list), else None. Here, not
+    in the loader, so the service's web process decides which base a local parent's card names as the loader will."""
+    data = card_front_matter(card_text) if card_text else None
+    value = data.get("base_model") if data is not None else None
     if isinstance(value, list):
         value = value[0] if len(value) == 1 else None
     return value if isinstance(value, str) and value else None
@@ -158,14 +163,10 @@ def card_license(card_text: str | None) -> str | None:
     `other (NAME)`), None when it declares none, `LICENSE_NOT_READ` when its front matter cannot be read. Read so
     that a merge of parents under different licences is said, and a card declares a licence only where every parent
     shares it."""
-    import yaml
-    from huggingface_hub import ModelCard
-
     if not card_text:
         return None
-    try:
-        data = ModelCard(card_text, ignore_metadata_errors=True).data.to_dict()
-    except (ValueError, TypeError, AttributeError, yaml.YAMLError):  # e.g. `2024: first release` (a number as a key)
+    data = card_front_matter(card_text)
+    if data is None:
         return LICENSE_NOT_READ
     value, name = data.get("license"), data.get("license_name")
     if not isinstance(value, str) or not value.strip():

@@ -519,6 +519,7 @@ def render_card(
     if not any(value is not None for value in cross_fractions.values()):
         cross_fractions = {}
     path = Path(template) if template is not None else template_path()
+    letters = [chr(ord("A") + i) if i < 26 else str(i + 1) for i in range(len(infos))]
     shown_recipe, local = recipe.shown()  # local folders by name, as the recipe pushed to the Hub names them
     local_names = [entry.shown for entry in local]
     num_samples = mudsc.get("num_calibration_samples", getattr(report, "num_samples", None))
@@ -539,8 +540,8 @@ def render_card(
         auto_processor=_AUTO_CLASSES[data.pipeline_tag][1] if processor_saved else None,
         repo_id=recipe.push_to_hub,
         parents=infos,
-        parent_letters=[chr(ord("A") + i) if i < 26 else str(i + 1) for i in range(len(infos))],
-        license_note=license_note(mudsc, [chr(ord("A") + i) if i < 26 else str(i + 1) for i in range(len(infos))]),
+        parent_letters=letters,
+        license_note=license_note(mudsc, letters),
         base=base,
         method_choice_reason=mudsc.get("method_choice_reason"),
         hub_url=hub_url(),

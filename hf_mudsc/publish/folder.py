@@ -514,15 +514,14 @@ def staged_output(
         check_output(target, overwrite=overwrite, inputs=inputs, flag=flag)
     elif target is not None and not os.path.lexists(target):
         check_location(target, flag=flag)
-    parent = target.parent if target is not None else push_only_target().parent
+    staged_as = target if target is not None else push_only_target()
+    parent, name = staged_as.parent, staged_as.name
     # The folders made on the way to the output, deepest first: removed again if the block fails.
     created = list(itertools.takewhile(lambda folder: not os.path.lexists(folder), (parent, *parent.parents)))
-    name = target.name if target is not None else push_only_target().name
     finished = False
     try:
         parent.mkdir(parents=True, exist_ok=True)  # a failure half-way (quota, read-only) removes what it made
-        # a killed run's staging folder of this output (push-only runs: of the temp folder's "hf-mudsc")
-        clean_leftovers(target if target is not None else parent / name)
+        clean_leftovers(staged_as)  # a killed run's staging folder of this output (push-only: the temp folder's)
         existed = target is not None and os.path.lexists(target)
         staging = Path(tempfile.mkdtemp(prefix=f".{name}{PARTIAL_MARK}", dir=parent))
         try:

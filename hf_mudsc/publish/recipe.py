@@ -549,13 +549,21 @@ def refuse_unrecorded_data(path: str | os.PathLike, error: CalibrationMissing) -
     ) from None
 
 
+def given_processor_warning(text: str) -> str | None:
+    """What a run of a recipe file (`text`) must say when its merge preprocessed the data with a processor passed to
+    merge() (`PROCESSOR_NOTE`): this run preprocesses with parent A's, so the weights may differ. None otherwise."""
+    if PROCESSOR_NOTE not in text:
+        return None
+    return ("its merge's calibration data was preprocessed by a processor given to hf_mudsc.merge (processor=), not "
+            "parent A's; a run of this file preprocesses with parent A's, so its weights may differ: re-run from "
+            "Python with the same processor= to reproduce it")
+
+
 def warn_given_processor(path: str | os.PathLike) -> None:
-    """Say, when a recipe file's merge preprocessed its data with a processor passed to merge() (`PROCESSOR_NOTE`),
-    that this run preprocesses with parent A's: the weights may differ from the original merge's."""
-    if PROCESSOR_NOTE in Path(path).read_text(encoding="utf-8"):
-        logger.warning("recipe %s: its merge's calibration data was preprocessed by a processor given to "
-                       "hf_mudsc.merge (processor=), not parent A's; this run preprocesses with parent A's, so its "
-                       "weights may differ: re-run from Python with the same processor= to reproduce it", path)
+    """Log `given_processor_warning` of the recipe file at `path`, if it has one (`merge --recipe`)."""
+    said = given_processor_warning(Path(path).read_text(encoding="utf-8"))
+    if said is not None:
+        logger.warning("recipe %s: %s", path, said)
 
 
 def auto_chosen_of(mudsc: Mapping[str, Any]) -> dict[str, Any] | None:

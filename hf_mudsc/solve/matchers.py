@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -375,7 +375,7 @@ def _zip_core(
     model_masked: list[bool],
     head_budget: list[int] | None = None,
     unit_models: np.ndarray | None = None,
-    original: np.ndarray | None = None,
+    original: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
     relaxed_fusions: list[int] | None = None,
 ) -> tuple[list[list[int]], list[float]]:
     """ZipIt's greedy on ``s`` (modified in place, diagonal already -inf) down to ``target`` clusters.
@@ -393,11 +393,11 @@ def _zip_core(
     ``unit_models`` (N > 2 models; docs/design.md §4.13): each local unit's model; the decay is then
     applied only to a fused cluster that is complete (one unit per model or more) or holds two units of one model,
     so a cluster still missing some models' units is not penalised for taking one. None: always (two models).
-    ``original`` (N > 2 models): the unmodified similarity of the local units. There a cluster's label (its lowest
-    member's model) can leave every remaining pair masked by exhausted budgets before ``target`` is reached (two
-    models never can: a cross-model pair is always left); the rest is then fused without the budgets, on the
-    min-linkage of ``original`` (`_without_budgets`); the fusions left then are appended to ``relaxed_fusions``
-    (the caller says it once per group).
+    ``original`` (N > 2 models): the unmodified similarity of local units `(rows, columns)`, read only if needed.
+    There a cluster's label (its lowest member's model) can leave every remaining pair masked by exhausted budgets
+    before ``target`` is reached (two models never can: a cross-model pair is always left); the rest is then fused
+    without the budgets, on the min-linkage of ``original`` (`_without_budgets`); the fusions left then are appended
+    to ``relaxed_fusions`` (the caller says it once per group).
     Returns the surviving clusters (lists of local indices, by lowest index) and the picked values.
     """
     size = s.shape[0]
@@ -460,15 +460,15 @@ def _zip_core(
     return [members[i] for i in np.flatnonzero(alive)], picks
 
 
-def _without_budgets(s: np.ndarray, original: np.ndarray, members: list[list[int]], alive: np.ndarray,
-                     rowmax: np.ndarray, rowarg: np.ndarray) -> None:
+def _without_budgets(s: np.ndarray, original: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                     members: list[list[int]], alive: np.ndarray, rowmax: np.ndarray, rowarg: np.ndarray) -> None:
     """Rewrite ``s`` for the alive clusters as the min-linkage of ``original`` (a pair's similarity: the least of
     its members' pairwise similarities, what the greedy's `min` update keeps, without decay), budgets ignored."""
     live = np.flatnonzero(alive)
     order = np.concatenate([np.asarray(members[i]) for i in live])
     starts = np.cumsum([0] + [len(members[i]) for i in live[:-1]])
     for row, i in enumerate(live):
-        least = original[np.asarray(members[i])][:, order].min(axis=0)  # to every unit, least over i's members
+        least = original(np.asarray(members[i]), order).min(axis=0)  # to every unit, least over i's members
         s[i, live] = np.minimum.reduceat(least, starts)
         s[i, live[row]] = _NEG_INF
     _refresh_rows(s, rowmax, rowarg, live)
@@ -639,7 +639,8 @@ def _match_n(c: np.ndarray, n: int, num_models: int, matcher: str, num_heads: in
         labels = np.repeat(np.arange(num_models), g)
         head_budget = [(num_models - 1) * g // num_models] * num_models if num_heads > 1 else None
         local, picks = _zip_core(s, labels, g, decay, model_budget, model_masked, head_budget, unit_models=labels,
-                                 original=c[np.ix_(idx, idx)], relaxed_fusions=relaxed)
+                                 original=lambda rows, cols, idx=idx: c[np.ix_(idx[rows], idx[cols])],
+                                 relaxed_fusions=relaxed)
         clusters.extend([int(idx[i]) for i in members] for members in local)
         values.extend(picks)
     if relaxed:
