@@ -896,6 +896,33 @@ def test_parents_given_as_model_objects_are_scored_with_the_processor_saved_in_t
             assert result.score(scorer, view) == pytest.approx(value, abs=1e-12), (scorer, view)
 
 
+def test_a_parent_object_from_an_older_hub_commit_is_scored_with_that_commits_processor(backward, local_hub):
+    """s30 (left alone in s29): with no `config._commit_hash` (transformers >= 5.18) a parent object loaded from the
+    Hub was scored with the processor of the repo's default revision, though its weights are an older commit's: the
+    figures were another preprocessing's. The cached snapshot holding its weights gives the processor, and the
+    results name that commit (`models`), as for a parent given by its Hub id."""
+    root, out, tests = backward
+    local_hub.upload_folder("user/ev-obj", root / "zeta", "zeta")
+    first = local_hub.head("user/ev-obj")
+    parent = AutoModelForImageClassification.from_pretrained("user/ev-obj")
+    ViTImageProcessor.from_pretrained("user/ev-obj")
+    later = root / "zeta-later"
+    changed = AutoModelForImageClassification.from_pretrained(root / "zeta")
+    with torch.no_grad():
+        changed.classifier.weight.mul_(-1.0)
+    changed.save_pretrained(later)
+    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[1.0], image_std=[0.05]).save_pretrained(later)
+    local_hub.upload_folder("user/ev-obj", later, "later weights and processor")
+    AutoModelForImageClassification.from_pretrained("user/ev-obj")
+    ViTImageProcessor.from_pretrained("user/ev-obj")  # the newer snapshot and its processor are cached too
+    result = evaluate_merge(str(out), [parent, str(root / "alpha")],
+                            {task: str(path) for task, path in tests.items()}, progress=False)
+    expected = _direct_figures(root, out, tests)
+    assert {view: result.score("parent_a", view) for view in expected["parent_a"]} == pytest.approx(
+        expected["parent_a"], abs=1e-12)
+    assert result.models.get("parent_a") == f"user/ev-obj@{first}", result.models
+
+
 def test_a_pinned_hub_dataset_revision_is_recorded_with_the_figures(backward, local_hub, tmp_path):
     """Bug hunt s29: `--dataset t=org/data@REV:test` scored that revision, but the results file, the card's table and
     its model-index named only `org/data`: the published figure was attributed to whatever the dataset's head holds.

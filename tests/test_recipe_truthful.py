@@ -69,6 +69,31 @@ def test_an_object_loaded_from_the_hub_unchanged_is_recorded_as_its_repo_pinned(
     assert pinned_reference(loaded[1]).endswith(f"@{second_b}")
 
 
+def test_an_object_loaded_from_an_older_hub_commit_keeps_that_commits_processor(case, local_hub):
+    """Left alone in s29, fixed s30: with no `config._commit_hash` (transformers >= 5.18) the processor of a Hub
+    model object was read from the repo's default revision even when the object's weights were found in an older
+    cached snapshot (the one the recipe pins): a later commit's preprocessing calibrated and was recorded."""
+    from transformers import ViTImageProcessor
+
+    _, (a, b), _ = case
+    local_hub.upload_folder("user/old-a", a, "A")
+    first = local_hub.head("user/old-a")
+    loaded_a = ViTForImageClassification.from_pretrained("user/old-a")
+    ViTImageProcessor.from_pretrained("user/old-a")  # cached, as a user loading both has it
+    later = Path(a).parent / "a-later-processor"
+    changed = ViTForImageClassification.from_pretrained(a)
+    with torch.no_grad():
+        changed.classifier.weight.mul_(0.5)
+    changed.save_pretrained(later)
+    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.25], image_std=[0.75]).save_pretrained(later)
+    local_hub.upload_folder("user/old-a", later, "later weights and processor")
+    ViTForImageClassification.from_pretrained("user/old-a")
+    ViTImageProcessor.from_pretrained("user/old-a")  # the newer snapshot, with its processor, is cached too
+    loaded, _, _ = load_parents_and_base([loaded_a, b])
+    assert pinned_reference(loaded[0]) == f"user/old-a@{first}"
+    assert list(loaded[0].processor.image_mean) == [0.5], loaded[0].processor.image_mean
+
+
 def test_an_object_changed_in_memory_is_recorded_as_an_object_and_its_recipe_refused(case, tmp_path):
     """QA s21: the recipe named `vit-a`'s folder for an object whose weights had been halved in memory, so
     `merge --recipe` silently merged other weights."""

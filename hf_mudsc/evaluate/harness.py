@@ -26,6 +26,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,7 +64,7 @@ from hf_mudsc.evaluate.tasks import (
     spec_revision,
     spec_split,
 )
-from hf_mudsc.load.objects import held_as_given
+from hf_mudsc.load.objects import held_as_given, object_source
 from hf_mudsc.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -527,15 +528,25 @@ def _load(model: Any, what: str) -> tuple[Any, Any, str | None]:
     folder / Hub reference.
 
     A bare model object gets the processor saved in its `name_or_path` folder (or cached Hub snapshot), found as
-    `merge` finds it (`load.processors.processor_from_name`), so the same objects merge and evaluate alike; None
-    when it has none (e.g. the merged object `merge` returns: it is then scored with parent A's)."""
+    `merge` finds it (`load.processors.processor_from_name`; a Hub object: the snapshot holding its weights, whose
+    commit is returned), so the same objects merge and evaluate alike; None when it has none (e.g. the merged object
+    `merge` returns: it is then scored with parent A's)."""
     from transformers import PreTrainedModel
 
     if isinstance(model, PreTrainedModel):
         from hf_mudsc.load.processors import processor_from_name
 
         name_or_path = str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or "")
-        return model, processor_from_name(name_or_path, getattr(model.config, "_commit_hash", None)), None
+        commit = getattr(model.config, "_commit_hash", None)
+        source = None
+        if not commit and name_or_path and not Path(name_or_path).expanduser().is_dir():
+            # transformers >= 5.18 records no commit: the cached snapshot holding exactly its weights names it, so
+            # it is scored with that commit's processor, not the default revision's
+            source = object_source(model, name_or_path)
+        if source is not None and source.repo_id and source.commit_sha:
+            return (model, processor_from_name(source.repo_id, source.commit_sha),
+                    f"{source.repo_id}@{source.commit_sha}")
+        return model, processor_from_name(name_or_path, commit), None
     if hasattr(model, "model") and isinstance(model.model, PreTrainedModel):
         return model.model, getattr(model, "processor", None), _hub_source(model)
     if isinstance(model, (str, os.PathLike)):

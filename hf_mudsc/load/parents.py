@@ -821,7 +821,13 @@ def _finish(located: _Located, *, token: str | bool | None, cache_dir: str | os.
     stored = stored_dtype(located)  # before from_pretrained(dtype=float32) sets the config's dtype to float32
     if located.model is not None:  # named by its folder or Hub repo only if that holds exactly its weights
         source = object_source(located.model, located.reference)
-        return LoadedParent(model=_as_float32(located.model), processor=located.processor,
+        processor = located.processor
+        if source and source.commit_sha and not getattr(located.model.config, "_commit_hash", None):
+            # located before its snapshot was known: the processor came from the repo's default revision, and the
+            # snapshot holding its weights (the commit recorded) may be an older one with other preprocessing: that
+            # snapshot's processor, or none (not another commit's)
+            processor = processor_from_name(source.repo_id or source.reference, source.commit_sha)
+        return LoadedParent(model=_as_float32(located.model), processor=processor,
                             reference=source.reference if source else object_reference(located.model),
                             repo_id=source and source.repo_id, commit_sha=source and source.commit_sha,
                             stored_dtype=stored, from_object=True)
