@@ -124,6 +124,15 @@ def int_auto_or_all(text: str) -> int | str | None:
 int_auto_or_all.__name__ = "int, 'auto' or 'all'"
 
 
+def int_or_all(text: str) -> int | None:
+    """The command-line type of a nullable `int` option: "all" (None) or an int (`--num-samples all` resets a
+    recipe's number to the whole split)."""
+    return None if text == ALL else int(text)
+
+
+int_or_all.__name__ = "int or 'all'"
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
 
@@ -274,7 +283,8 @@ def _check_batch_size(name: str, value: int, cli: str) -> None:
 
 def _check_num_samples(name: str, value: int | None, cli: str) -> None:
     if value is not None and value < 1:
-        raise OptionError(f"num_samples must be >= 1, or None for the whole split {cli}, got {value}")
+        raise OptionError(f"num_samples must be >= 1, or None for the whole split ('all' on the command line) {cli}, "
+                          f"got {value}")
 
 
 def _check_seed(name: str, value: int, cli: str) -> None:
@@ -566,7 +576,7 @@ class MergeOptions:
         None, kind="int", check=_check_num_samples, metavar="N", show_default=False,
         # The card shows the number of samples actually used (`config.mudsc["num_calibration_samples"]`).
         card=CardRow(6, "Calibration samples", lambda value, context: str(context.get("num_samples") or 0)),
-        help="calibration samples to use (default: the whole split)")
+        help="calibration samples to use, or 'all' (default: the whole split)")
     batch_size: int = option(
         32, kind="int", check=_check_batch_size, metavar="N", recorded=True,
         card=CardRow(6, "Calibration batch size", lambda value, context: None if not context.get("num_samples")

@@ -274,7 +274,8 @@ def test_column_messages_name_the_cli_flags_too():
     with pytest.raises(CalibrationError) as caught:
         resolve_calibration(dataset, [vit_processor()], inputs=("pixel_values",))
     assert "name yours with image_column= (CLI: --image-column), or provide pixel_values" in str(caught.value)
-    with pytest.raises(ValueError, match=r"num_samples must be >= 1, or None for the whole split \(CLI: "):
+    with pytest.raises(ValueError, match=r"num_samples must be >= 1, or None for the whole split "
+                                         r"\(.all. on the command line\) \(CLI: "):
         resolve_calibration(datasets.Dataset.from_dict({"input_ids": [[1, 2]]}), None, num_samples=0)
 
 

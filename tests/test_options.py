@@ -27,7 +27,8 @@ BAD_OPTIONS = [
     ("alpha", -0.1, "alpha must lie in [0, 1] (CLI: --alpha), got -0.1"),
     ("batch_size", 0, "batch_size must be >= 1 (CLI: --batch-size), got 0"),
     ("batch_size", 100_000, "batch_size 100000 is absurdly large (CLI: --batch-size); the limit is 65536"),
-    ("num_samples", 0, "num_samples must be >= 1, or None for the whole split (CLI: --num-samples), got 0"),
+    ("num_samples", 0, "num_samples must be >= 1, or None for the whole split ('all' on the command line) "
+                    "(CLI: --num-samples), got 0"),
     ("seed", -1, "seed must be >= 0 (CLI: --seed; torch generators take non-negative seeds), got -1"),
 ]
 # Wrong types: only the API and a recipe file can pass them (argparse converts flags).

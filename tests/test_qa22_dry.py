@@ -195,6 +195,25 @@ def test_refit_samples_all_on_the_command_line_is_none(folders, capsys):
     assert recipe.refit_samples is None and "refit_samples: null" in recipe.to_yaml()
 
 
+def test_num_samples_all_on_the_command_line_resets_a_recipes_number(folders, tmp_path, capsys):
+    """s30 (left alone in s29): a recipe recording `num_samples: 8` could not be re-run on the whole split from the
+    command line (`--num-samples` took only an int; the error for 0 said None); `all` is None, as for
+    `--refit-samples`."""
+    from hf_mudsc.cli.main import build_parser
+    from hf_mudsc.cli.merge import build_recipe
+
+    a, b, calibration = folders
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(f"models: [{a}, {b}]\ncalibration: {calibration}\nnum_samples: 8\n")
+    parser = build_parser(available=["merge"])
+    recipe = build_recipe(parser.parse_args(["merge", "--recipe", str(recipe_file), "--num-samples", "all",
+                                             "--output", str(tmp_path / "o")]))
+    assert recipe.num_samples is None and "num_samples: null" in recipe.to_yaml()
+    code, lines = run_cli(["merge", str(a), str(b), "--calibration", str(calibration), "--dry-run",
+                           "--num-samples", "0"], capsys)
+    assert code == 2 and "('all' on the command line)" in lines[-1], lines
+
+
 # ------------------------------------------------------------------------------------------------ 7. batch size
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from hf_mudsc.errors import RecipeError
 from hf_mudsc.load.hub_calls import hub_error_line
 from hf_mudsc.load.references import hide_tokens
-from hf_mudsc.options import MergeOptions, flag, int_auto_or_all, int_or_auto, number_or_auto
+from hf_mudsc.options import MergeOptions, flag, int_auto_or_all, int_or_all, int_or_auto, number_or_auto
 from hf_mudsc.publish.recipe import (
     RECIPE_FILENAME,
     CalibrationMissing,
@@ -45,8 +45,10 @@ def option_argument(option: Field) -> tuple[list[str], dict[str, Any]]:
     kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
     if meta["kind"] == "bool":
         kwargs["action"] = argparse.BooleanOptionalAction
-    elif meta["kind"] in ("int", "number"):
-        kwargs["type"] = int if meta["kind"] == "int" else float
+    elif meta["kind"] == "int":  # a nullable one takes 'all' for None (`--num-samples all`)
+        kwargs["type"] = int_or_all if meta["nullable"] else int
+    elif meta["kind"] == "number":
+        kwargs["type"] = float
     elif meta["kind"] in ("numbers", "number_or_numbers"):  # `--weights 1 2 1`, `--density 0.5` or one per parent
         kwargs["type"], kwargs["nargs"] = float, "+"
     elif meta["kind"] == "number_or_auto":
