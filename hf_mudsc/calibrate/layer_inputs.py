@@ -17,8 +17,9 @@ from torch import nn
 from hf_mudsc.errors import CalibrationError, MergeInputError
 from hf_mudsc.spec import PermutationSpec
 
-# What a forward raises on a batch the model cannot run (a wrong shape, dtype or length): torch's and transformers'.
-FORWARD_ERRORS = (RuntimeError, ValueError, TypeError, IndexError)
+# What a forward raises on a batch the model cannot run (a wrong shape, dtype or length): torch's and transformers'
+# (an AttributeError: a ViT or CLIP whose config says return_dict=False fails reading its own inner outputs).
+FORWARD_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, AttributeError)
 
 
 # Forward arguments that are no model input: a loss's targets (a DataLoader over labelled data yields them; run
@@ -34,15 +35,25 @@ def model_input_names(model: nn.Module) -> set[str]:
 
 
 def forward_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
-    """The batch entries the model's forward reads as inputs (`model_input_names`)."""
+    """The batch entries the model's forward reads as inputs (`model_input_names`), and `return_dict=True` where
+    the forward takes it: a config saved with `return_dict=False` (for torch.jit / ONNX export) makes it return a
+    tuple, and every pass reads its outputs by name."""
     accepted = model_input_names(model)
-    return {k: v for k, v in batch.items() if k in accepted}
+    inputs = {k: v for k, v in batch.items() if k in accepted}
+    parameters = inspect.signature(model.forward).parameters.values()
+    if any(p.name == "return_dict" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        inputs["return_dict"] = True
+    return inputs
 
 
 def unrunnable_batch(model: nn.Module, batch: Mapping[str, Any], error: BaseException) -> CalibrationError:
     """The one-line error for a calibration batch `model` cannot run: every pass over the data (statistics, regmean,
     fisher, the refit, REPAIR, the held-out scores) names the model class and the batch's columns alike, instead of
     the raw exception from deep inside the forward, which names neither."""
+    if isinstance(error, AttributeError) and getattr(getattr(model, "config", None), "return_dict", True) is False:
+        return CalibrationError(f"{type(model).__name__} cannot run with its config's return_dict=False ({error}); "
+                                "set model.config.return_dict = True, or remove \"return_dict\": false from its "
+                                "config.json")
     return CalibrationError(f"a calibration batch could not be run through {type(model).__name__} "
                             f"(columns {sorted(batch)}): {error}")
 

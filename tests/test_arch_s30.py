@@ -1,0 +1,40 @@
+"""Architecture corners found by the s30 hunt: configs a user meets on the Hub that transformers runs, which the
+merge must merge right or refuse in one line before heavy work."""
+
+from __future__ import annotations
+
+import pytest
+from factories import make_batches, make_model, model_output, permuted_copy, relative_error
+
+import hf_mudsc
+from hf_mudsc.architectures import spec_for
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
+
+@pytest.mark.parametrize("kind", ["bert_cls", "roberta_cls", "bert"])
+def test_a_parent_whose_config_says_return_dict_false_merges(kind, tmp_path):
+    """A config saved with `return_dict=False` (set for torch.jit / ONNX export) makes the forward return a tuple:
+    the merge read `.logits` of it and died with a bare StopIteration after calibration and the solve. Every pass
+    asks for the output object; the merged model keeps the user's setting."""
+    model = make_model(kind, 0)
+    model.config.return_dict = False
+    copy = permuted_copy(model, spec_for(model), seed=1)
+    batches = make_batches(kind)
+    merged = hf_mudsc.merge([model, copy], batches, progress=False)
+    assert merged.config.return_dict is False
+    merged.config.return_dict = model.config.return_dict = True
+    assert relative_error(model_output(merged, batches[0]), model_output(model, batches[0])) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["vit_cls", "clip"])
+def test_a_model_transformers_cannot_run_with_return_dict_false_is_refused_in_one_line(kind):
+    """ViT and CLIP with `return_dict=False` fail inside transformers' own forward (an inner output read by name):
+    the merge raised that bare AttributeError; now one line naming the setting and the fix."""
+    model = make_model(kind, 0)
+    model.config.return_dict = False
+    copy = permuted_copy(model, spec_for(model), seed=1)
+    with pytest.raises(hf_mudsc.errors.CalibrationError) as caught:
+        hf_mudsc.merge([model, copy], make_batches(kind), progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and "return_dict=False" in message and "config.return_dict = True" in message
