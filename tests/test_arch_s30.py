@@ -38,3 +38,21 @@ def test_a_model_transformers_cannot_run_with_return_dict_false_is_refused_in_on
         hf_mudsc.merge([model, copy], make_batches(kind), progress=False)
     message = str(caught.value)
     assert "\n" not in message and "return_dict=False" in message and "config.return_dict = True" in message
+
+
+@pytest.mark.parametrize(("kind", "key", "value", "module"), [
+    ("bert_cls", "hidden_act", "relu", "intermediate_act_fn"),
+    ("vit_cls", "hidden_act", "relu", "activation_fn"),
+    ("bert_cls", "hidden_act", "gelu_python", "intermediate_act_fn"),  # the same class, another function inside
+])
+def test_an_object_whose_activation_config_was_edited_after_building_is_refused(kind, key, value, module):
+    """A parent object whose `config.hidden_act` was edited after it was built keeps its old activation layers: it
+    was merged, and the saved config made `from_pretrained` compute another function than both parents (README:
+    an object whose config gives other layer settings than its layers keep is refused in one line)."""
+    model = make_model(kind, 0)
+    setattr(model.config, key, value)
+    copy = permuted_copy(model, spec_for(model), seed=1)
+    with pytest.raises(hf_mudsc.errors.LoadError) as caught:
+        hf_mudsc.merge([model, copy], make_batches(kind), progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and module in message and "config does not describe the model" in message, message

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import re
+import types
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -363,15 +364,41 @@ def _built_settings_differ(model: torch.nn.Module, built: torch.nn.Module) -> tu
     modules = dict(built.named_modules())
     for module_name, module in model.named_modules():
         twin = modules.get(module_name)
-        if twin is None or isinstance(module, (PreTrainedModel, torch.nn.Dropout)) or type(twin) is not type(module):
+        if twin is None or any(isinstance(m, (PreTrainedModel, torch.nn.Dropout)) for m in (module, twin)):
             continue
+        if type(twin) is not type(module):
+            if next(module.parameters(recurse=False), None) is not None \
+                    or next(twin.parameters(recurse=False), None) is not None:
+                continue  # a layer with weights swapped for another: the parameter names differ (refused by name)
+            # a layer without weights built from an edited setting, e.g. the activation of an edited `hidden_act`
+            parent_name, _, attribute = module_name.rpartition(".")
+            return parent_name or type(model).__name__, attribute, type(module).__name__, type(twin).__name__
         for attribute, held in vars(module).items():
-            if attribute.startswith("_") or training_only(attribute) or not _is_setting(held):
+            if attribute.startswith("_") or training_only(attribute):
                 continue
             from_config = vars(twin).get(attribute)
+            if _is_function(held) and _is_function(from_config):  # GELUActivation's `act`: gelu or gelu_python
+                if _function_of(held) is not _function_of(from_config):
+                    return module_name, attribute, _function_name(held), _function_name(from_config)
+                continue
+            if not _is_setting(held):
+                continue
             if _is_setting(from_config) and held != from_config and held == held:  # NaN == NaN never holds
                 return module_name, attribute, held, from_config
     return None
+
+
+def _is_function(value: Any) -> bool:
+    return isinstance(value, (types.FunctionType, types.BuiltinFunctionType, types.MethodType))
+
+
+def _function_of(value: Any) -> Any:
+    """The function itself: a bound method of each built layer is a new object (`self._gelu_python`)."""
+    return getattr(value, "__func__", value)
+
+
+def _function_name(value: Any) -> str:
+    return getattr(_function_of(value), "__qualname__", repr(value))
 
 
 def _is_setting(value: Any) -> bool:
