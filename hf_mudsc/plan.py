@@ -697,24 +697,39 @@ def header_facts(parent: Any, *, token: str | bool | None) -> HeaderFacts:
     return _local_header_facts(parent.folder, files)
 
 
-def shape_refusal(reference: str, model: Any, shapes: Mapping[str, Sequence[int]], file: str) -> str | None:
-    """The loader's refusal of a checkpoint whose config.json gives other shapes than its weights (`model`: built on
-    the meta device from that config; `shapes`: the headers' shapes by stored key), or None: the dry run reads the
-    headers, so it refuses what the merge would, in the same words."""
+def weights_refusal(reference: str, model: Any, shapes: Mapping[str, Sequence[int]], file: str) -> str | None:
+    """The loader's refusal of a checkpoint whose config.json does not describe its weights — tensors the config
+    needs that the headers lack, or other shapes (`model`: built on the meta device from that config; `shapes`: the
+    headers' shapes by stored key) — or None: the dry run reads the headers, so it refuses what the merge would, in
+    the same words (`load.parents`' `_load_weights`)."""
+    import re
+
     from hf_mudsc.load.checks import CONFIG_WEIGHTS_FIX
     from hf_mudsc.load.lazy import stored_keys
+    from hf_mudsc.load.parents import saved_without_pooler
 
     named = stored_keys(model, shapes)
     if named is None:
         return None
+    ignored = [re.compile(pattern) for pattern in getattr(model, "_keys_to_ignore_on_load_missing", None) or ()]
+    missing = sorted(name for name, _ in model.named_parameters()
+                     if name not in named and not any(pattern.search(name) for pattern in ignored))
     mismatched = sorted((name, tuple(shapes[named[name]]), tuple(p.shape)) for name, p in model.named_parameters()
                         if name in named and tuple(shapes[named[name]]) != tuple(p.shape))
-    if not mismatched:
+    if missing and saved_without_pooler(type(model), missing, (), mismatched):
+        missing = []  # a bare encoder saved with add_pooling_layer=False: read without its pooler
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensors the {type(model).__name__} of config.json needs are missing "
+                        f"(e.g. {', '.join(map(repr, missing[:3]))})")
+    if mismatched:
+        key, stored, expected = mismatched[0]
+        problems.append(f"{len(mismatched)} tensors have other shapes than config.json says (e.g. {key!r} is "
+                        f"{stored} in the checkpoint but {expected} per config.json)")
+    if not problems:
         return None
-    key, stored, expected = mismatched[0]
-    return (f"{reference!r}: config.json does not describe the weights in {file}: {len(mismatched)} tensors have "
-            f"other shapes than config.json says (e.g. {key!r} is {stored} in the checkpoint but {expected} per "
-            f"config.json). {CONFIG_WEIGHTS_FIX}")
+    return f"{reference!r}: config.json does not describe the weights in {file}: {'; '.join(problems)}. " \
+           f"{CONFIG_WEIGHTS_FIX}"
 
 
 def _local_header_facts(folder: Any, files: Sequence[str]) -> HeaderFacts:
@@ -812,7 +827,7 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         data_bytes, dtypes = facts.data_bytes, facts.dtypes
         header_keys.append(facts.keys)
         if facts.shapes and model.device.type == "meta" and parent.read_as is None:  # built from its config
-            refusal = shape_refusal(parent.reference, model, facts.shapes, parent.weight_files[0])
+            refusal = weights_refusal(parent.reference, model, facts.shapes, parent.weight_files[0])
             if refusal is not None:
                 raise LoadError(refusal)
         logger.debug("%s: %s, weight files %s, %s bytes of tensor data %s", parent.reference,

@@ -56,3 +56,31 @@ def test_an_object_whose_activation_config_was_edited_after_building_is_refused(
         hf_mudsc.merge([model, copy], make_batches(kind), progress=False)
     message = str(caught.value)
     assert "\n" not in message and module in message and "config does not describe the model" in message, message
+
+
+def test_the_dry_run_refuses_checkpoints_lacking_tensors_their_config_needs_as_the_merge_does(tmp_path):
+    """The dry run read the headers' shapes but not which tensors are missing: a BertForSequenceClassification
+    checkpoint without the pooler it reads passed the dry run, then the merge refused it. Both refuse it in the
+    loader's words; a bare BertModel without its pooler (add_pooling_layer=False) still passes both."""
+    from safetensors.torch import load_file, save_file
+
+    for kind, refused in (("bert_cls", True), ("bert", False)):
+        folders = []
+        for name, seed in (("a", 0), ("b", 1)):
+            folder = tmp_path / f"{kind}-{name}"
+            make_model(kind, seed).save_pretrained(folder)
+            tensors = {k: v for k, v in load_file(folder / "model.safetensors").items() if "pooler" not in k}
+            save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+            folders.append(str(folder))
+        messages = []
+        for dry_run in (True, False):
+            try:
+                hf_mudsc.merge(folders, method="linear", dry_run=dry_run, progress=False)
+                messages.append(None)
+            except hf_mudsc.errors.LoadError as error:
+                messages.append(str(error))
+        if refused:
+            assert messages[0] is not None and messages[0] == messages[1], messages
+            assert "2 tensors the BertForSequenceClassification of config.json needs are missing" in messages[0]
+        else:
+            assert messages == [None, None], messages

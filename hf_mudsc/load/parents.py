@@ -767,7 +767,7 @@ def held_parameters(located: _Located, keys: Sequence[str] | None = None) -> lis
         return None
     names = [name for name, _ in model.named_parameters()]
     missing = [name for name in names if name not in named]
-    if missing and not _saved_without_pooler(type(model), missing, (), ()):
+    if missing and not saved_without_pooler(type(model), missing, (), ()):
         return None
     return [name for name in names if name in named]
 
@@ -1040,7 +1040,7 @@ def parameters_of(parent: LoadedParent) -> Mapping[str, torch.Tensor]:
     return {name: tensor.detach().cpu() for name, tensor in parent.model.named_parameters()}
 
 
-def _saved_without_pooler(cls: type[PreTrainedModel], missing: Sequence[str], unused: Sequence[str],
+def saved_without_pooler(cls: type[PreTrainedModel], missing: Sequence[str], unused: Sequence[str],
                           mismatched: Sequence[Any]) -> bool:
     """Whether a checkpoint lacks exactly the pooler of a bare model class that can be built without one."""
     return (bool(missing) and not unused and not mismatched and all(key.startswith("pooler.") for key in missing)
@@ -1094,7 +1094,7 @@ def _load_weights(located: _Located) -> tuple[PreTrainedModel, list[str]]:
     problems = []
     missing, unused = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
     mismatched = sorted(info.get("mismatched_keys") or ())
-    if located.read_as is None and _saved_without_pooler(cls, missing, unused, mismatched):
+    if located.read_as is None and saved_without_pooler(cls, missing, unused, mismatched):
         # A bare encoder built with add_pooling_layer=False (e.g. an embedding model's): its config cannot say so.
         # The model read holds every tensor of the file: dropping its (randomly initialised) pooler is exactly what
         # add_pooling_layer=False builds — the file is not read a second time, nor two models held at once.
