@@ -84,3 +84,24 @@ def test_the_dry_run_refuses_checkpoints_lacking_tensors_their_config_needs_as_t
             assert "2 tensors the BertForSequenceClassification of config.json needs are missing" in messages[0]
         else:
             assert messages == [None, None], messages
+
+
+def test_an_object_lacking_layers_its_config_builds_is_refused_in_one_line():
+    """Layers cut from an object (`model.bert.encoder.layer = layer[:2]`, a pruning step) while its config still says
+    3: the merge ended in a 21-line SpecError naming the adapter's spec. One line naming a missing tensor and the
+    fix, as for the same checkpoint saved to a folder; a bare model without its pooler still merges."""
+    import copy
+
+    from factories import BERT
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch_model = BertForSequenceClassification(BertConfig(**{**BERT, "num_hidden_layers": 3}, num_labels=3))
+    torch_model.bert.encoder.layer = torch_model.bert.encoder.layer[:2]
+    for dry_run in (True, False):
+        with pytest.raises(hf_mudsc.errors.LoadError) as caught:
+            hf_mudsc.merge([torch_model, copy.deepcopy(torch_model)], method="linear", dry_run=dry_run, progress=False)
+        message = str(caught.value)
+        assert "\n" not in message and "bert.encoder.layer.2." in message and "num_hidden_layers" in message, message
+    bare = make_model("bert_nopool", 0)
+    merged = hf_mudsc.merge([bare, make_model("bert_nopool", 1)], method="linear", progress=False)
+    assert merged.pooler is None

@@ -317,9 +317,9 @@ def check_model_objects(located: Sequence[_Located], who: Sequence[str] | None =
     model on the meta device (no values), one carrying parameters its class does not build from its config (an
     adapter or extra module attached, e.g. LoRA's `lora_A`), one whose config gives other shapes than its weights
     (a config edited after the model was built: the merged model, saved with it, would not load its own weights).
-    `who`: how messages name each (default: `parent A` ...). Parameters the object lacks are constructor choices
-    (`add_pooling_layer=False`) and allowed. `shapes=False` (a base: its config is not the merged model's, and
-    `pipeline` names each of its tensors that does not fit the parents) skips the last check."""
+    `who`: how messages name each (default: `parent A` ...). Parameters the object lacks are checked by
+    `check_objects_complete`, after the parents' names are compared. `shapes=False` (a base: its config is not the
+    merged model's, and `pipeline` names each of its tensors that does not fit the parents) skips the last check."""
     for index, parent in enumerate(located):
         model = parent.model
         if model is None:
@@ -354,6 +354,30 @@ def check_model_objects(located: Sequence[_Located], who: Sequence[str] | None =
             module, attribute, held, configured = differing
             raise LoadError(f"{name}'s config does not describe the model: {module}.{attribute} is {held!r} but its "
                             f"config builds {configured!r}; {fix}")
+
+
+def check_objects_complete(located: Sequence[_Located]) -> None:
+    """Refuse, in one line, a parent object lacking parameters its config builds (layers removed after building while
+    `num_hidden_layers` still counts them): the merge would end in an error naming the adapter's spec. Only a bare
+    encoder's pooler may be left out (`add_pooling_layer=False`, a constructor choice). Run after the parents' names
+    are compared, which names a module one parent lacks and the other holds."""
+    for index, parent in enumerate(located):
+        model = parent.model
+        if model is None:
+            continue
+        try:
+            from_config = meta_model(model.config, type(model), reference=parent.reference,
+                                     options=constructor_options(type(model), (k for k, _ in model.named_parameters())))
+        except LoadError:  # a class not built from its config alone: no comparison
+            continue
+        held = {key for key, _ in model.named_parameters()}
+        lacking = sorted(key for key, _ in from_config.named_parameters() if key not in held)
+        if lacking and not saved_without_pooler(type(model), lacking, (), ()):
+            raise LoadError(
+                f"{_named(parent, index)}'s config does not describe the model: it lacks {len(lacking)} parameter"
+                f"{'s' if len(lacking) > 1 else ''} its config builds (e.g. {lacking[0]!r}), as when layers were "
+                "removed after building; give it a config that describes it (e.g. num_hidden_layers = the layers it "
+                "holds) or pass the folder it was saved to")
 
 
 def _built_settings_differ(model: torch.nn.Module, built: torch.nn.Module) -> tuple[str, str, Any, Any] | None:
@@ -1194,6 +1218,7 @@ def load_parents(refs: Sequence[Any], *, token: str | bool | None = None, allow_
     agree_on_constructor_options(located)
     check_configs(located)
     names_known = check_parameter_names(located)
+    check_objects_complete(located)
     warning = check_vocabularies(located)
     for parent in located:
         _prepare(parent, token=token, cache_dir=cache_dir)
@@ -1255,6 +1280,7 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
     agree_on_constructor_options(located)
     check_configs(located)
     names_known = check_parameter_names(located)
+    check_objects_complete(located)
     located_base, source = locate_base(located, base, base_needed_for=base_needed_for, token=token,
                                        allow_pickle=allow_pickle, cache_dir=cache_dir)
     if check_config is not None and located[0].config is not None:
@@ -1463,6 +1489,7 @@ def locate_parents(refs: Sequence[Any], base: Any = None, *, base_needed_for: st
     agree_on_constructor_options(located)
     check_configs(located)
     check_parameter_names(located)
+    check_objects_complete(located)
     located_base, source = locate_base(located, base, base_needed_for=base_needed_for, token=token,
                                        allow_pickle=allow_pickle, cache_dir=cache_dir)
     check_vocabularies(located + ([located_base] if located_base is not None else []))
