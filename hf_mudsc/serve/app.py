@@ -396,7 +396,8 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         try:
             body = _parse_body(raw, content_type)
             text = raw.decode("utf-8") if _media_type(content_type) in YAML_TYPES else None  # its comments too
-            job = parse_job(body, outputs, dry_run=dry_run, local_roots=roots, text=text)
+            job = parse_job(body, outputs, dry_run=dry_run, local_roots=roots, text=text,
+                            being_written=store.active_outputs())
         except RecipeError as problem:  # the token's advice as a service client follows it (`service_advice`)
             return error(400, hide_output_root(service_advice(str(problem)), outputs))
         if job.dry_run and (taken := claimed_by_active_job(job)) is not None:  # said, not refused: see there

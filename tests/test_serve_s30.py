@@ -1,0 +1,181 @@
+"""`hf-mudsc serve`: the defects of the session-30 service hunt — what a recipe file's own notes and keys say, local
+inputs checked at POST, the licence conflict, a replaced output folder, a short token and an output root that cannot
+be created — each checked in-process (the app without its scheduler thread) where it can be.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from hf_mudsc import __version__
+from hf_mudsc.errors import RecipeError
+from hf_mudsc.publish.recipe import Recipe
+from hf_mudsc.serve.app import create_app
+from hf_mudsc.serve.jobs import JobRequest, parse_job
+
+YAML = {"Content-Type": "application/yaml"}
+
+
+def client_of(app: Any) -> TestClient:
+    return TestClient(app, base_url="http://127.0.0.1")
+
+
+def post_yaml(client: TestClient, text: str, path: str = "/api/jobs") -> Any:
+    return client.post(path, content=text.encode(), headers=YAML)
+
+
+# ------------------------------------------------------------------------- 1. a recipe's `# processor:` note
+
+
+def test_a_recipe_files_processor_note_is_a_warning_of_the_job_and_its_dry_run(tmp_path):
+    """`merge --recipe` warns that the re-run preprocesses with parent A's processor; the service said nothing."""
+    text = Recipe(models=["user/a", "user/b"], method="average").to_yaml(processor_given=True)
+    client = client_of(create_app(tmp_path / "state"))
+    answer = post_yaml(client, text + "output: served\n")
+    assert answer.status_code == 201, answer.text
+    said = [w for w in answer.json()["warnings"] if "processor" in w]
+    assert len(said) == 1 and "parent A's" in said[0], answer.json()
+    job = client.get(f"/api/jobs/{answer.json()['id']}").json()
+    assert said[0] in job["warnings"], job
+    stored = JobRequest.from_stored(client.app.state.store.get(job["id"])["request"])
+    assert said[0] in stored.warnings  # what the worker's result and a dry run's plan carry (`job.warnings`)
+    dry = post_yaml(client, text, "/api/jobs?dry_run=true")
+    assert dry.status_code == 201 and any("processor" in w for w in dry.json()["warnings"]), dry.text
+
+
+# ----------------------------------------------------------------------------- 2. `auto_chosen` of a re-run
+
+
+AUTO_CHOSEN = {"method": {"value": "mudsc", "reason": "parents come from different initializations: mudsc",
+                          "correspondence_check": None, "parent_relation": {"relation": "independent"}}}
+
+
+def test_a_recipes_auto_chosen_reaches_the_worker(tmp_path):
+    """The re-run of a recipe from a `method: auto` merge restates why auto chose (CLI); the service dropped it."""
+    text = Recipe(models=["user/a", "user/b"], method="mudsc", calibration="user/data:train").to_yaml()
+    text += "auto_chosen: " + json.dumps(AUTO_CHOSEN) + "\noutput: served\n"
+    client = client_of(create_app(tmp_path / "state"))
+    answer = post_yaml(client, text)
+    assert answer.status_code == 201, answer.text
+    stored = client.app.state.store.get(answer.json()["id"])["request"]
+    assert JobRequest.from_stored(stored).recipe.auto_chosen == AUTO_CHOSEN
+
+
+@pytest.mark.parametrize("chosen, said", [
+    ({"method": {"value": "mudsc"}}, "auto_chosen"),  # not as hf-mudsc writes it
+    ({"method": {"value": "mudsc", "reason": "hf_" + "a" * 34}}, "access token"),
+    ({"method": {"value": "mudsc", "reason": "chosen\n2026-01-01 ERROR forged"}}, "control characters"),
+])
+def test_a_bad_auto_chosen_is_refused_naming_it(tmp_path, chosen, said):
+    body = {"models": ["user/a", "user/b"], "method": "average", "output": "o", "auto_chosen": chosen}
+    answer = client_of(create_app(tmp_path / "state")).post("/api/jobs", json=body)
+    assert answer.status_code == 400 and said in answer.json()["error"], answer.text
+    assert "hf_" + "a" * 34 not in answer.text
+
+
+# ------------------------------------------------------------------------------- 3. `hf_mudsc_version`
+
+
+def test_a_recipe_from_a_newer_release_warns_naming_both_versions(tmp_path):
+    body = {"hf_mudsc_version": "99.0.0", "models": ["user/a", "user/b"], "method": "average", "output": "o"}
+    job = parse_job(body, tmp_path / "out")
+    said = [w for w in job.warnings if "99.0.0" in w]
+    assert len(said) == 1 and __version__ in said[0] and "operator" in said[0], job.warnings
+    assert "pip install" not in said[0]
+
+
+def test_an_unknown_key_of_a_newer_recipe_is_refused_naming_the_versions(tmp_path):
+    body = {"hf_mudsc_version": "99.0.0", "models": ["user/a", "user/b"], "method": "average", "output": "o",
+            "future_option": 3}
+    with pytest.raises(RecipeError) as refused:
+        parse_job(body, tmp_path / "out")
+    said = str(refused.value)
+    assert "future_option" in said and "99.0.0" in said and __version__ in said and "operator" in said, said
+    assert "pip install" not in said
+    with pytest.raises(RecipeError, match="unknown key"):  # an older (or no) version: the usual refusal
+        parse_job({**body, "hf_mudsc_version": "0.0.1"}, tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- 4. data given in memory
+
+
+def test_a_recipe_whose_data_was_given_in_memory_says_so_in_the_services_words(tmp_path):
+    text = Recipe(models=["user/a", "user/b"], method="zipit").to_yaml(calibration_in_memory=True) + "output: o\n"
+    answer = post_yaml(client_of(create_app(tmp_path / "state")), text)
+    said = answer.json()["error"]
+    assert answer.status_code == 400 and "in memory" in said and "`calibration`" in said, said
+    assert "--calibration" not in said and "\n" not in said
+
+
+# ------------------------------------------------------------------ 5 and 6. local inputs the server lacks
+
+
+def parent_folder(folder: Path, weights: str = "model.safetensors") -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / weights).write_bytes(b"")
+    return folder
+
+
+def test_missing_local_inputs_are_refused_at_post_all_at_once(tmp_path):
+    """The CLI refuses every missing input before loading; the service queued the job, which failed in its worker
+    naming the first."""
+    roots = tmp_path / "roots"
+    a = parent_folder(roots / "a")
+    body = {"models": [str(a), str(roots / "no-such-b")], "calibration": str(roots / "no-such-data"),
+            "method": "zipit", "output": "o"}
+    app = create_app(tmp_path / "state", local_roots=[roots])
+    answer = client_of(app).post("/api/jobs", json=body)
+    said = answer.json()["error"]
+    assert answer.status_code == 400, answer.text
+    assert "`models[1]`" in said and repr(str(roots / "no-such-b")) in said, said
+    assert "`calibration`" in said and repr(str(roots / "no-such-data")) in said, said
+    assert str(Path.cwd()) not in said and "`models[0]`" not in said and "\n" not in said
+    assert app.state.store.list() == []
+
+
+def test_missing_input_refusal_names_the_clients_relative_path_not_the_servers_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    parent_folder(tmp_path / "a")
+    with pytest.raises(RecipeError) as refused:
+        parse_job({"models": ["./a", "./gone"], "method": "average", "output": "o"}, tmp_path / "out",
+                  local_roots=[tmp_path])
+    said = str(refused.value)
+    assert "`models[1]`" in said and "'./gone'" in said and str(tmp_path) not in said, said
+
+
+def test_a_pickle_only_parent_is_refused_at_post_in_the_services_words(tmp_path):
+    roots = tmp_path / "roots"
+    a, b = parent_folder(roots / "a"), parent_folder(roots / "b", "pytorch_model.bin")
+    answer = client_of(create_app(tmp_path / "state", local_roots=[roots])).post(
+        "/api/jobs", json={"models": [str(a), str(b)], "method": "average", "output": "o"})
+    said = answer.json()["error"]
+    assert answer.status_code == 400 and "`models[1]`" in said and "pickle" in said, said
+    assert "safetensors only" in said and "allow_pickle=True" not in said and "--allow-pickle" not in said, said
+
+
+def test_a_jobs_pickle_error_gives_advice_the_service_can_follow():
+    """A job's error (a Hub parent's pickle weights, found by its worker) advised `allow_pickle=True`: refused."""
+    from hf_mudsc.load.weight_files import weights_format
+    from hf_mudsc.serve.jobs import service_advice
+
+    with pytest.raises(Exception) as refused:
+        weights_format("org/b", ["pytorch_model.bin"], False)
+    said = service_advice(str(refused.value))
+    assert "allow_pickle" not in said and "safetensors only" in said and "convert" in said.lower(), said
+
+
+# -------------------------------------------------------------------------- 8. a recipe naming a model object
+
+
+def test_a_recipe_naming_a_model_object_is_refused_in_the_services_words(tmp_path):
+    text = Recipe(models=["<ViTForImageClassification object>", "user/b"], method="linear").to_yaml()
+    answer = post_yaml(client_of(create_app(tmp_path / "state")), text + "output: o\n")
+    said = answer.json()["error"]
+    assert answer.status_code == 400 and "`models[0]`" in said and "Hub reference" in said, said
+    assert "--recipe" not in said and "hf-mudsc merge" not in said and "--base" not in said, said
