@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from hf_mudsc import __version__
 from hf_mudsc.errors import RecipeError
 from hf_mudsc.publish.recipe import Recipe
+from hf_mudsc.serve import worker
 from hf_mudsc.serve.app import create_app
 from hf_mudsc.serve.jobs import JobRequest, parse_job
 
@@ -170,6 +171,37 @@ def test_a_jobs_pickle_error_gives_advice_the_service_can_follow():
     assert "allow_pickle" not in said and "safetensors only" in said and "convert" in said.lower(), said
 
 
+# --------------------------------------------------------------------------------- 7. the licence conflict
+
+
+class Pipe:
+    def __init__(self) -> None:
+        self.sent: list[tuple] = []
+
+    def send(self, message: tuple) -> None:
+        self.sent.append(message)
+
+
+def run_merge_producing(monkeypatch: pytest.MonkeyPatch, produced: dict[str, Any], job: JobRequest
+                        ) -> dict[str, Any]:
+    import hf_mudsc.runner
+
+    monkeypatch.setattr(hf_mudsc.runner, "execute", lambda recipe, **kwargs: produced)
+    reporter = worker.Reporter(Pipe(), None, calibrates=False, pushes=False)
+    return worker.run_merge(job, None, reporter)
+
+
+def test_a_licence_conflict_is_among_the_results_warnings_with_the_parents_licences(monkeypatch):
+    mudsc = {"method": "linear", "warnings": [], "parent_licenses": ["mit", "apache-2.0"]}
+    job = JobRequest(Recipe(models=["user/a", "user/b"], method="linear", push_to_hub="me/x"), False)
+    result = run_merge_producing(monkeypatch, {"mudsc": mudsc}, job)
+    said = [w for w in result["warnings"] if "licen" in w]
+    assert len(said) == 1 and "mit" in said[0] and "apache-2.0" in said[0], result["warnings"]
+    assert result["parent_licenses"] == ["mit", "apache-2.0"]
+    same = run_merge_producing(monkeypatch, {"mudsc": {**mudsc, "parent_licenses": ["mit", "mit"]}}, job)
+    assert not any("licen" in w for w in same["warnings"]) and same["parent_licenses"] == ["mit", "mit"]
+
+
 # -------------------------------------------------------------------------- 8. a recipe naming a model object
 
 
@@ -179,3 +211,17 @@ def test_a_recipe_naming_a_model_object_is_refused_in_the_services_words(tmp_pat
     said = answer.json()["error"]
     assert answer.status_code == 400 and "`models[0]`" in said and "Hub reference" in said, said
     assert "--recipe" not in said and "hf-mudsc merge" not in said and "--base" not in said, said
+
+
+# ---------------------------------------------------------------------------------------- 10. a short token
+
+
+def test_a_short_token_masks_only_itself_in_the_jobs_log_and_error():
+    reporter = worker.Reporter(Pipe(), "e", calibrates=False, pushes=False)
+    line = "LoadError: no model folder at '/tmp/hunt_serve/no-such-b'; pass an existing folder"
+    assert reporter.scrub(line) == line
+    assert reporter.scrub("the token was e, here") == "the token was ***, here"
+    secret = "hf_s30ClientTokenThatMustNeverShow"
+    reporter = worker.Reporter(Pipe(), secret, calibrates=False, pushes=False)
+    for text in (f"Bearer {secret}", f"token={secret}&x", f"https://u:{secret}@host/x", f"'{secret}'"):
+        assert secret not in reporter.scrub(text), text
