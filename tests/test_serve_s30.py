@@ -5,6 +5,7 @@ be created — each checked in-process (the app without its scheduler thread) wh
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from hf_mudsc import __version__
 from hf_mudsc.errors import RecipeError
+from hf_mudsc.publish.folder import MARKER_FILENAME, weights_fingerprint
 from hf_mudsc.publish.recipe import Recipe
 from hf_mudsc.serve import worker
 from hf_mudsc.serve.app import create_app
@@ -211,6 +213,59 @@ def test_a_recipe_naming_a_model_object_is_refused_in_the_services_words(tmp_pat
     said = answer.json()["error"]
     assert answer.status_code == 400 and "`models[0]`" in said and "Hub reference" in said, said
     assert "--recipe" not in said and "hf-mudsc merge" not in said and "--base" not in said, said
+
+
+# ---------------------------------------------------------------------------- 9. an output folder replaced
+
+
+def written_folder(folder: Path, card: str) -> str:
+    """A folder as the writer leaves it: a card, weights, and the marker listing them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "README.md").write_text(card)
+    (folder / "model.safetensors").write_text(card)  # other weights for another card
+    files = {name: {"size": len(card), "sha256": hashlib.sha256(card.encode()).hexdigest()}
+             for name in ("README.md", "model.safetensors")}
+    (folder / MARKER_FILENAME).write_text(json.dumps({"written_by": "hf-mudsc", "complete": True, "files": files}))
+    return weights_fingerprint(folder)
+
+
+def test_the_worker_records_which_model_it_wrote(monkeypatch, tmp_path):
+    folder = tmp_path / "out"
+    fingerprint = written_folder(folder, "# zipit\n")
+    job = JobRequest(Recipe(models=["user/a", "user/b"], method="linear", output=str(folder)), False)
+    result = run_merge_producing(monkeypatch, {"mudsc": {"method": "linear"}, "output": folder}, job)
+    assert result["output_fingerprint"] == fingerprint is not None
+    assert written_folder(tmp_path / "other", "# linear\n") != fingerprint
+
+
+def test_an_older_jobs_page_serves_nothing_from_a_folder_a_later_job_replaced(tmp_path):
+    app = create_app(tmp_path / "state")
+    store, client = app.state.store, client_of(app)
+    folder = tmp_path / "state" / "outputs" / "same"
+    ids = []
+    for card in ("# zipit\n", "# linear\n"):
+        digest = written_folder(folder, card)
+        job_id = store.add({"models": ["user/a", "user/b"], "method": "average", "output": str(folder)},
+                           output=str(folder), repo_id=None, dry_run=False, has_token=False)
+        store.update(job_id, status="succeeded", result={"output": str(folder), "files": ["README.md"],
+                                                         "output_fingerprint": digest, "warnings": []})
+        ids.append(job_id)
+    old, new = ids
+    assert client.get(f"/jobs/{new}/files/README.md").text == "# linear\n"
+    answer = client.get(f"/jobs/{old}/files/README.md")
+    assert answer.status_code == 404 and "replaced by a later job" in answer.json()["error"], answer.text
+    page = client.get(f"/jobs/{old}").text
+    assert "replaced by a later job" in page and f"/jobs/{old}/files/README.md" not in page
+
+
+def test_a_job_stored_before_the_marker_was_recorded_still_serves_its_files(tmp_path):
+    app = create_app(tmp_path / "state")
+    folder = tmp_path / "state" / "outputs" / "kept"
+    written_folder(folder, "# card\n")
+    job_id = app.state.store.add({"models": ["user/a", "user/b"], "method": "average", "output": str(folder)},
+                                 output=str(folder), repo_id=None, dry_run=False, has_token=False)
+    app.state.store.update(job_id, status="succeeded", result={"output": str(folder), "warnings": []})
+    assert client_of(app).get(f"/jobs/{job_id}/files/README.md").text == "# card\n"
 
 
 # ---------------------------------------------------------------------------------------- 10. a short token

@@ -56,7 +56,7 @@ from hf_mudsc.errors import PushError
 from hf_mudsc.load.hub_calls import hub_error_line
 from hf_mudsc.load.references import hide_tokens, looks_like_token
 from hf_mudsc.options import REFITTING
-from hf_mudsc.publish.folder import checked_rename
+from hf_mudsc.publish.folder import checked_rename, weights_fingerprint
 from hf_mudsc.runner import push_not_checked
 from hf_mudsc.serve.jobs import JobRequest
 
@@ -401,4 +401,7 @@ def run_merge(job: JobRequest, token: str | None, reporter: Reporter) -> dict[st
         "warnings": list(dict.fromkeys([*job.warnings, *(ran.get("warnings") or []),
                                         *([conflict] if conflict else [])])),
         **({"parent_licenses": licences, "base_license": ran.get("base_license")} if licences else {}),
+        # which model the job wrote (`weights_fingerprint`): the page serves the folder's card and plots only while
+        # it still holds that model, not a later job's that replaced the folder (`app.output_folder`)
+        "output_fingerprint": weights_fingerprint(output) if output else None,
     }
