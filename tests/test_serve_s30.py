@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from hf_mudsc import __version__
+from hf_mudsc.cli.serve import check_output_root
 from hf_mudsc.errors import RecipeError
 from hf_mudsc.publish.folder import MARKER_FILENAME, weights_fingerprint
 from hf_mudsc.publish.recipe import Recipe
@@ -280,3 +283,26 @@ def test_a_short_token_masks_only_itself_in_the_jobs_log_and_error():
     reporter = worker.Reporter(Pipe(), secret, calibrates=False, pushes=False)
     for text in (f"Bearer {secret}", f"token={secret}&x", f"https://u:{secret}@host/x", f"'{secret}'"):
         assert secret not in reporter.scrub(text), text
+
+
+# ------------------------------------------------------------------------------- 11. an uncreatable output root
+
+
+def test_an_output_root_that_cannot_be_created_is_one_line_naming_the_option(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError) as refused:
+        check_output_root(tmp_path / "a-file" / "outputs")
+    said = str(refused.value)
+    assert "--output-root" in said and "cannot be created" in said and "\n" not in said, said
+    check_output_root(tmp_path / "new" / "outputs")
+    assert (tmp_path / "new" / "outputs").is_dir()
+
+
+def test_serve_with_an_uncreatable_output_root_prints_one_line(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    done = subprocess.run([sys.executable, "-m", "hf_mudsc", "serve", "--port", "0", "--state-dir",
+                           str(tmp_path / "state"), "--output-root", str(tmp_path / "a-file" / "outputs")],
+                          capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode != 0 and "Traceback" not in done.stderr and len(lines) == 1, done.stderr
+    assert "--output-root" in lines[0] and "cannot be created" in lines[0], lines
