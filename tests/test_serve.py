@@ -400,6 +400,7 @@ def test_a_job_may_not_write_over_what_an_active_job_reads_nor_read_what_one_wri
     path."""
     from fastapi.testclient import TestClient
 
+    from hf_mudsc.publish.folder import MARKER_FILENAME
     from hf_mudsc.serve.app import create_app
 
     root = tmp_path / "root"
@@ -420,13 +421,19 @@ def test_a_job_may_not_write_over_what_an_active_job_reads_nor_read_what_one_wri
     assert str(root) not in message and "\n" not in message
     store = app.state.store
     store.finish_if_active(first.json()["id"], "succeeded")
+    (root / "fresh").mkdir()  # what job 1 wrote (a missing local input is refused at POST)
+    marker = {"written_by": "hf-mudsc", "complete": True, "files": {}}
+    (root / "fresh" / MARKER_FILENAME).write_text(json.dumps(marker))
     second = post(models=[str(root / "fresh"), "user/b"], output="second")
     assert second.status_code == 201, second.text
-    for output in ("fresh", "fresh/inner"):  # the input itself, a folder inside it
+    # (`fresh/inner` is refused at POST now: it lies inside a folder hf-mudsc wrote; `other` is a plain folder)
+    third = post(models=[str(root / "other"), "user/b"], output="third")
+    assert third.status_code == 201, third.text
+    for output, reader in (("fresh", second), ("other/inner", third)):  # the input itself, a folder inside one
         answer = post(models=["user/a", "user/b"], output=output, overwrite=True)
         assert answer.status_code == 409, (output, answer.text)
         message = answer.json()["error"]
-        assert f"job {second.json()['id']} (queued)" in message and "inputs are never modified" in message, message
+        assert f"job {reader.json()['id']} (queued)" in message and "inputs are never modified" in message, message
         assert str(root) not in message and str(tmp_path) not in message, message
     base = post(models=["user/a", "user/b"], base=str(root / "second"), method="task_arithmetic", output="t")
     assert base.status_code == 409 and "`base` reads the output folder 'second'" in base.json()["error"], base.text
@@ -1381,6 +1388,10 @@ def test_a_job_names_local_paths_only_inside_the_local_roots(server_disk, tmp_pa
         message = str(caught.value)
         assert f"`{key}` names the local path {path!r}" in message and "--local-root" in message, message
         assert "\n" not in message
+        if path == "./root/missing":  # inside the roots but not there: refused as missing at POST (s30)
+            with pytest.raises(RecipeError, match=r"`models\[1\]` './root/missing' is no folder on this server"):
+                parse_job(body, tmp_path / "out", local_roots=[root, outside])
+            continue
         # (`outside` a root too: the calibration folder `root` holds `link`, which leads there)
         assert parse_job(body, tmp_path / "out", local_roots=[root, outside]).recipe.to_dict()[key.split("[")[0]]
     # a bare name is a datasets builder (json, csv, imagefolder, ...) that reads the working folder

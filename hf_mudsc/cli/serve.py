@@ -58,12 +58,18 @@ def check_port(host: str, port: int) -> None:
 
 
 def check_output_root(output_root: Path) -> None:
-    """An output root that is a file, or a symbolic link to nothing, is one line naming it (mkdir would say
-    `[Errno 17] File exists`)."""
+    """The output root, created if missing; one that is a file, a symbolic link to nothing, or cannot be created (a
+    file on its way, no permission) is one line naming it and the fix, as `--state-dir`'s (mkdir would say `[Errno 17]
+    File exists`, or raise NotADirectoryError with a traceback)."""
     if os.path.lexists(output_root) and not output_root.is_dir():
         kind = "a symbolic link to nothing" if output_root.is_symlink() and not output_root.exists() else "not a folder"
         raise ValueError(f"the output root {str(output_root)!r} is {kind}: pass --output-root DIR, a folder (created "
                          "if missing) where the jobs' output folders go")
+    try:
+        output_root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--output-root {str(output_root)!r} cannot be created ({error.strerror or error}): pass a "
+                         "folder you can write to, where the jobs' output folders go") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

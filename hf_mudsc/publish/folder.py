@@ -251,6 +251,17 @@ def read_marker(folder: str | os.PathLike) -> dict[str, Any] | None:
     return marker
 
 
+def weights_fingerprint(folder: str | os.PathLike) -> str | None:
+    """One sha256 over what `folder`'s marker records of its weights files (`*.safetensors`: name, size, sha256):
+    which model the writer put there, unchanged by a later `hf-mudsc evaluate` (it adds files, rewrites the card and
+    the marker, never the weights) but not by a later merge replacing the folder. None: no marker (or no weights)."""
+    files = (read_marker(folder) or {}).get("files") or {}
+    weights = {name: entry for name, entry in files.items() if str(name).endswith(".safetensors")}
+    if not weights:
+        return None
+    return hashlib.sha256(json.dumps(weights, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def written_unchanged(path: str | os.PathLike, *, owner: str | os.PathLike | None = None) -> bool:
     """Whether `path` is a regular file its folder's marker lists with the size and sha256 it has now: one hf-mudsc
     wrote there and nobody changed since (what may be replaced in place, e.g. by `hf-mudsc evaluate`).

@@ -59,6 +59,7 @@ from starlette.requests import ClientDisconnect
 
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import RecipeError, shown
+from hf_mudsc.publish.folder import weights_fingerprint
 from hf_mudsc.publish.recipe import RecipeLoader, repeated_key, yaml_error_line
 from hf_mudsc.serve import HEADER_MAX_BYTES, host_name, is_loopback
 from hf_mudsc.serve.jobs import (
@@ -396,7 +397,8 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         try:
             body = _parse_body(raw, content_type)
             text = raw.decode("utf-8") if _media_type(content_type) in YAML_TYPES else None  # its comments too
-            job = parse_job(body, outputs, dry_run=dry_run, local_roots=roots, text=text)
+            job = parse_job(body, outputs, dry_run=dry_run, local_roots=roots, text=text,
+                            being_written=store.active_outputs())
         except RecipeError as problem:  # the token's advice as a service client follows it (`service_advice`)
             return error(400, hide_output_root(service_advice(str(problem)), outputs))
         if job.dry_run and (taken := claimed_by_active_job(job)) is not None:  # said, not refused: see there
@@ -506,6 +508,9 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
     def job_file(job_id: str, name: str):
         job = store.get(job_id)
         folder = _output_folder(job, outputs) if job else None
+        if job and folder is None and _replaced(job, outputs):
+            return error(404, f"job {job_id}'s output folder was replaced by a later job (`\"overwrite\": true`): "
+                              "its files are that job's now, not this one's")
         if folder is None or name not in _files(folder):
             return error(404, f"job {job_id} has no output file {name!r}")
         return FileResponse(folder / name, headers=FILE_HEADERS)
@@ -583,14 +588,23 @@ def _bearer(request: Request) -> str | None:
 
 
 def _output_folder(job: dict[str, Any], outputs: Path) -> Path | None:
-    """The job's output folder, if it finished writing one inside the output root."""
+    """The job's output folder, if it finished writing one inside the output root that still holds what it wrote
+    (not `replaced_by_later_job`)."""
     output = (job.get("result") or {}).get("output")
     if not output:
         return None
     folder = Path(output)
     if not folder.is_dir() or not folder.resolve().is_relative_to(outputs.resolve()):
         return None
-    return folder
+    return None if replaced_by_later_job(job, folder) else folder
+
+
+def replaced_by_later_job(job: dict[str, Any], folder: Path) -> bool:
+    """Whether the job's output `folder` now holds another model than the one the job wrote (a later job's
+    `"overwrite": true`): its card and plots are that job's, never to be served under this one. A job recorded
+    before its result said what it wrote (`output_fingerprint`) is taken as still holding it."""
+    written = (job.get("result") or {}).get("output_fingerprint")
+    return bool(written) and weights_fingerprint(folder) != written
 
 
 def _files(folder: Path) -> list[str]:
@@ -627,4 +641,14 @@ def _page_job(job: dict[str, Any], outputs: Path, *, full: bool = True) -> dict[
         f"{summary['method']} → {method}")
     view["alpha"] = ran.get("alpha")
     view["all_warnings"] = list(dict.fromkeys([*view["warnings"], *(ran.get("warnings") or [])]))
+    view["replaced"] = _replaced(job, outputs)
     return view
+
+
+def _replaced(job: dict[str, Any], outputs: Path) -> bool:
+    """Whether the job's output folder (inside the output root) was replaced by a later job's
+    (`replaced_by_later_job`)."""
+    output = (job.get("result") or {}).get("output")
+    folder = Path(output) if output else None
+    return (folder is not None and folder.is_dir() and folder.resolve().is_relative_to(outputs.resolve())
+            and replaced_by_later_job(job, folder))

@@ -4,8 +4,9 @@ The body holds recipe keys (`models`, `calibration`, `method`, ... — `hf_mudsc
 destination keys a recipe FILE may not set but a job must (`output`, `push_to_hub`, `private`, `overwrite`), and
 `dry_run`. Every error names the offending key; the web process answers it with 400. What `hf-mudsc merge` refuses
 before loading is refused here too (an existing output, options the method refuses, names that are no Hub id, a
-pushed recipe's local folders named by folder name only, and — when parent A is a local folder —
-option values the method refuses for its shapes, `check_shapes_on_disk`), so
+pushed recipe's local folders named by folder name only, local inputs that are not there or hold only pickle weights
+(`refuse_missing_inputs`), and — when parent A is a local folder — option values the method refuses for its shapes,
+`check_shapes_on_disk`), so
 a client hears it at POST rather than from a job failed in its worker.
 
 `output` is a folder under the service's output root (default `<state-dir>/outputs`): a client names a folder
@@ -43,7 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from hf_mudsc.calibrate.dataset_spec import DatasetSpec
+from hf_mudsc._version import __version__
+from hf_mudsc.calibrate.dataset_spec import DatasetSpec, missing_local_data
 from hf_mudsc.errors import CalibrationError, LoadError, RecipeError, option_hint, shown
 from hf_mudsc.load.config_json import read_card
 from hf_mudsc.load.references import (
@@ -54,7 +56,17 @@ from hf_mudsc.load.references import (
     parse_reference,
 )
 from hf_mudsc.methods.registry import AUTO, check_size, get_method
-from hf_mudsc.publish.recipe import DESTINATION_KEYS, INFO_KEYS, Recipe, unresolved_published_entries
+from hf_mudsc.publish.recipe import (
+    AUTO_CHOSEN_KEY,
+    DESTINATION_KEYS,
+    IN_MEMORY_NOTE,
+    INFO_KEYS,
+    CalibrationMissing,
+    Recipe,
+    given_processor_warning,
+    newer_version,
+    unresolved_published_entries,
+)
 from hf_mudsc.runner import check_merge_output
 
 logger = logging.getLogger(__name__)
@@ -78,6 +90,9 @@ SERVICE_SPELLINGS: tuple[tuple[str, str | None], ...] = (
     (r"pass a valid one \(CLI --token, token=, or `hf auth login`\)", f"send a valid one as {BEARER}"),
     (r"pass token= or log in with `hf auth login`", f"send a token that can read it as {BEARER}"),
     (r"pass a token \(CLI: --token, or log in with `hf auth login`\)", f"send a token as {BEARER}"),
+    # `load.weight_files.weights_format`: the service refuses `allow_pickle`, so converting is the one fix
+    (r"Convert it to safetensors( \([^()]*\))?, or pass allow_pickle=True(?: \(CLI: --allow-pickle\))? if you "
+     r"trust its source", r"This service loads safetensors only: convert it to safetensors\1"),
     (r"\bpass a token\b(?! as)", f"send a token as {BEARER}"),
     (r"\b(\w+)= \(CLI: --[\w-]+(?: [A-Z][\w/:\[\]@.-]*)?\)", r"`\1`"),  # `errors.option_hint`: `x= (CLI: --x)`
     (r"\(CLI: " + FLAG + r" ([a-z][\w.:-]*)\)", None),  # an aside with a value: `(CLI: --method linear)`
@@ -128,7 +143,9 @@ class JobRequest:
     @classmethod
     def from_stored(cls, data: Mapping[str, Any]) -> JobRequest:
         values = {k: v for k, v in data.items() if k in Recipe.keys()}
-        return cls(Recipe(**values), bool(data.get("dry_run", False)),
+        recipe = Recipe(**values)
+        recipe.auto_chosen = data.get(AUTO_CHOSEN_KEY)  # checked at POST (`Recipe.from_dict`): the re-run restates it
+        return cls(recipe, bool(data.get("dry_run", False)),
                    base_from_cards=bool(data.get("base_from_cards", False)),
                    warnings=tuple(data.get("warnings") or ()))
 
@@ -167,24 +184,26 @@ def recorded_warnings() -> Iterator[list[str]]:
         found.extend(dict.fromkeys(recorder.messages))
 
 
-def parse_job(body: Any, output_root: Path, *, dry_run: bool = False,
-              local_roots: Sequence[Path] = (), text: str | None = None) -> JobRequest:
+def parse_job(body: Any, output_root: Path, *, dry_run: bool = False, local_roots: Sequence[Path] = (),
+              text: str | None = None, being_written: Sequence[str] = ()) -> JobRequest:
     """Validate a POST /api/jobs body (`check_job`); the warnings its checks log are the job's `warnings`."""
     with recorded_warnings() as warnings:
         try:
-            job = check_job(body, output_root, dry_run=dry_run, local_roots=local_roots, text=text)
+            job = check_job(body, output_root, dry_run=dry_run, local_roots=local_roots, text=text,
+                            being_written=being_written)
         except RecursionError:  # a body nested just shallower than the parser's limit, deeper than the checks'
             raise RecipeError("the body is nested too deeply; a recipe is a flat mapping") from None
     return JobRequest(job.recipe, job.dry_run, job.inputs, warnings=tuple(warnings))
 
 
-def check_job(body: Any, output_root: Path, *, dry_run: bool = False,
-              local_roots: Sequence[Path] = (), text: str | None = None) -> JobRequest:
+def check_job(body: Any, output_root: Path, *, dry_run: bool = False, local_roots: Sequence[Path] = (),
+              text: str | None = None, being_written: Sequence[str] = ()) -> JobRequest:
     """Validate a POST /api/jobs body; raises `RecipeError` naming the key (before anything is loaded).
 
     `local_roots`: the folders a job may read local paths from (`--local-root`); none: Hub references only.
     `text`: the body as sent when it is YAML, whose comments may list entries a pushed recipe names by folder
-    name only (`refuse_published_names`).
+    name only (`refuse_published_names`). `being_written`: the outputs active jobs write (absolute, resolved), where
+    an input is not missing but claimed (the store answers 409: `refuse_missing_inputs`).
 
     A dry run's `output` is checked as a merge's (an existing folder, one overlapping an input): the plan answers
     whether the merge would start, as `hf-mudsc merge --dry-run` does (`runner.check_before_dry_run`), so a job that
@@ -197,12 +216,21 @@ def check_job(body: Any, output_root: Path, *, dry_run: bool = False,
     except UnicodeEncodeError as problem:
         raise RecipeError(f"the body is not valid Unicode text: it holds a lone surrogate "
                           f"{problem.object[problem.start:problem.end]!r}") from None
-    body = {k: v for k, v in body.items() if k not in INFO_KEYS}
-    refuse_tokens(body)
+    body = dict(body)
+    refuse_tokens(body)  # `auto_chosen` and `hf_mudsc_version` included: a re-run's card restates the reasons
     refuse_control_characters(body)
-    unknown = sorted(str(k) for k in set(body) - set(accepted_keys()) - {"allow_pickle"})
+    newer = newer_version(body.pop("hf_mudsc_version", None))
+    unknown = sorted(str(k) for k in set(body) - set(accepted_keys()) - {"allow_pickle", *INFO_KEYS})
+    if unknown and newer:
+        raise RecipeError(f"the recipe was written by hf-mudsc {newer}, newer than this service's ({__version__}), "
+                          f"and has key(s) {unknown} this version does not know: ask the service's operator to "
+                          "upgrade hf-mudsc to run it, or delete those keys to run it without them")
     if unknown:
         raise RecipeError(f"unknown key(s) {unknown}; valid keys are: {', '.join(accepted_keys())}")
+    if newer:  # a warning of the request (`parse_job` records it)
+        logger.warning("the recipe was written by hf-mudsc %s, newer than this service's (%s): every key is known "
+                       "here, but the merge may differ from the one it recorded; ask the service's operator to "
+                       "upgrade hf-mudsc to be sure", newer, __version__)
     if body.get("allow_pickle") not in (None, False):
         raise RecipeError("`allow_pickle` is refused: the service never loads pickle weights; "
                           "convert the parents to safetensors")
@@ -213,13 +241,21 @@ def check_job(body: Any, output_root: Path, *, dry_run: bool = False,
     # Checked here so a wrong type is named as the job's (`override` would say "command line").
     destination = {k: body.pop(k) for k in DESTINATION_KEYS if k in body}
     destination = {k: Recipe.coerce(k, v, "job") for k, v in destination.items() if v is not None}
-    recipe = Recipe.from_dict(body, source="job")
+    recipe = Recipe.from_dict(body, source="job")  # `auto_chosen` checked as a recipe file's
     recipe = recipe.override(**destination)
-    recipe = recipe.validate()
+    refuse_objects(recipe)
+    try:
+        recipe = recipe.validate()
+    except CalibrationMissing as missing:
+        refuse_unrecorded_data(text, missing)
+        raise
     if text is not None:
         refuse_published_names(text, recipe)
+        if (said := given_processor_warning(text)) is not None:  # a warning of the request, as `merge --recipe`'s
+            logger.warning("the recipe: %s", said)
     # Refuses; the store keeps what the client sent, the worker gets the paths resolved again when the job starts.
     resolved = resolve_local_paths(JobRequest(recipe, dry_run), local_roots).recipe
+    refuse_missing_inputs(recipe, being_written)
     check_hub_ids(recipe)
     check_method(recipe)
     check_device(recipe.device)
@@ -238,6 +274,70 @@ def check_job(body: Any, output_root: Path, *, dry_run: bool = False,
         raise RecipeError("say where the merged model goes: `output` (a folder name under the service's output "
                           "root) and/or `push_to_hub` (`org/name`)")
     return JobRequest(recipe, dry_run, inputs=local_inputs(resolved))
+
+
+def refuse_objects(recipe: Recipe) -> None:
+    """A recipe naming a model object (`Recipe.object_entries`: its merge was given one whose weights nothing holds),
+    refused in one line naming each entry and what a client writes in its place (the recipe's own refusal advises
+    the CLI's command line)."""
+    entries = recipe.object_entries()
+    if entries:
+        one = len(entries) == 1
+        raise RecipeError(
+            f"{', '.join(f'`{label}` {shown(reference)}' for label, reference in entries)} "
+            f"{'was a model object' if one else 'were model objects'} given to hf_mudsc.merge whose weights no folder "
+            "or Hub repo holds, so the recipe does not record them: in the recipe, replace "
+            f"{'it' if one else 'each'} by a Hub reference `org/name[@revision]` (or a path inside the folders this "
+            "server allows: its operator lists them with --local-root)")
+
+
+def refuse_unrecorded_data(text: str | None, missing: CalibrationMissing) -> None:
+    """A recipe file whose merge was given its calibration data in memory (`IN_MEMORY_NOTE`) says so: the generic
+    "needs calibration data" (`missing`, raised otherwise) would suggest the merge ran without any."""
+    if text is None or IN_MEMORY_NOTE not in text:
+        return
+    raise RecipeError(
+        "the recipe's merge was given its calibration data in memory (a Dataset object or batches to "
+        f"hf_mudsc.merge), so the recipe does not record it, and {missing.reader} needs it: send the same data as "
+        "`calibration` (a Hub dataset `org/name[@revision][:config]:split`, or a saved dataset folder)") from None
+
+
+def refuse_missing_inputs(recipe: Recipe, being_written: Sequence[str] = ()) -> None:
+    """Local inputs this server does not have — a parent or base folder or calibration data that is not there, a
+    parent holding only pickle weights (other refusals of a folder's files stay the loader's) — refused at POST,
+    every one at once, as `hf-mudsc merge` refuses them before loading (`Recipe.missing_local_inputs`); the job would
+    fail in its worker at the first. Run after the roots' check (`resolve_local_paths`): whether a path outside them
+    exists is none of a client's business. Each names the path as the client sent it, never the server's working
+    folder. An input inside an output an active job writes (`being_written`) is that job's to write: the store
+    refuses the claim (409, naming the job), which says more than "not there"."""
+    from hf_mudsc.load.weight_files import PICKLE_SUFFIXES, weights_format
+
+    problems: list[str] = []
+    absent = False
+    for key, given, path, builder in local_paths(recipe):
+        if builder or any(path.resolve().is_relative_to(output) for output in being_written):
+            continue
+        if key == "calibration":
+            if missing_local_data(recipe.calibration) is not None or not path.exists():
+                problems.append(f"`calibration` {shown(given)} is no file or folder on this server")
+                absent = True
+            continue
+        if not path.is_dir():
+            problems.append(f"`{key}` {shown(given)} is no folder on this server")
+            absent = True
+            continue
+        try:
+            names = [p.name for p in path.iterdir() if p.is_file()]
+            weights_format(given, names, False)
+        except LoadError as problem:  # the pickle-only folder; any other refusal of its files is the worker's
+            if any(name.endswith(PICKLE_SUFFIXES) for name in names):
+                problems.append(f"`{key}`: {service_advice(str(problem))}")
+        except OSError:  # unreadable: the loader says why
+            continue
+    if problems:
+        raise RecipeError("; ".join(problems) + ("; name folders that exist inside the folders this server allows "
+                                                 "(its operator lists them with --local-root), or Hub references "
+                                                 "`org/name[@revision]`" if absent else ""))
 
 
 def local_inputs(recipe: Recipe) -> tuple[tuple[str, str], ...]:
@@ -472,9 +572,25 @@ def refuse_control_characters(body: Mapping[str, Any]) -> None:
         if key == "output":
             continue
         for index, item in enumerate(value if isinstance(value, list) else [value]):
-            if isinstance(item, str) and has_control(item):
-                where = f"{key}[{index}]" if isinstance(value, list) else key
-                raise RecipeError(f"`{where}` must not contain {CONTROLS}, got {shown(item)}")
+            for text in strings_in(item):  # a mapping's too (`auto_chosen`: its reasons reach the card)
+                if has_control(text):
+                    where = f"{key}[{index}]" if isinstance(value, list) else key
+                    raise RecipeError(f"`{where}` must not contain {CONTROLS}, got {shown(text)}")
+
+
+def strings_in(value: Any) -> Iterator[str]:
+    """Every string in `value`: itself, or the keys and values of its mappings and lists, however deep (a stack, not
+    recursion: a body nested deeply must not exhaust Python's)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, Mapping):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
 
 
 # How the writer's location check shortens a long path in a refusal (`publish.folder.check_location`): its first

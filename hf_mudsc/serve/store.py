@@ -456,6 +456,13 @@ class JobStore:
         with self._lock:
             return [r["id"] for r in self._db.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY seq")]
 
+    def active_outputs(self) -> list[str]:
+        """The output folders (absolute, resolved) queued or running jobs write: an input inside one may not be there
+        yet, and its job is refused for the claim (409), not as missing (`jobs.refuse_missing_inputs`)."""
+        with self._lock:
+            return [r["output"] for r in self._db.execute("SELECT output FROM jobs WHERE output IS NOT NULL AND "
+                                                          "status IN (?, ?)", ACTIVE)]
+
     def log(self, job_id: str, since: int = 0) -> list[str]:
         return self.log_page(job_id, since)[0]
 

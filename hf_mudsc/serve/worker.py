@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -53,15 +54,18 @@ from typing import Any
 
 from hf_mudsc.errors import PushError
 from hf_mudsc.load.hub_calls import hub_error_line
-from hf_mudsc.load.references import hide_tokens
+from hf_mudsc.load.references import hide_tokens, looks_like_token
 from hf_mudsc.options import REFITTING
-from hf_mudsc.publish.folder import checked_rename
+from hf_mudsc.publish.folder import checked_rename, weights_fingerprint
 from hf_mudsc.runner import push_not_checked
 from hf_mudsc.serve.jobs import JobRequest
 
 DELAY_ENV = "HF_MUDSC_SERVE_TEST_DELAY"
 KEPT = "the merged model is kept in"  # how the writer's failed push says where it kept the model (publish/writer.py)
 ORPHAN_GRACE_S = 20.0
+# A token at least this long is masked wherever it occurs in a job's log and error (`mask_token`): Hub tokens are
+# 37 characters; a shorter value would also mask the words that contain it.
+TOKEN_MIN_LENGTH = 16
 # The errors a job ends in on purpose, for a bad input or destination: the ones `hf-mudsc merge` prints as one line.
 EXPECTED = (ValueError, FileExistsError, FileNotFoundError, PermissionError, PushError)
 # (logger name prefix, message prefix) -> the phase that record shows has begun, and the progress it marks.
@@ -79,6 +83,15 @@ PROGRESS = {"load": 0.02, "calibrate": 0.2, "solve": 0.6, "apply": 0.75, "build"
 # Phases whose whole-model forwards are data passes after calibration, and the progress their batches move toward
 # (the next mark's): regmean's own pass once auto's check confirmed it (apply), the refit's and REPAIR's (build).
 PASS_ENDS = {"apply": 0.8, "build": 0.9}
+
+
+def mask_token(text: str, token: str) -> str:
+    """`text` with `token` replaced by `***`: every occurrence when it is shaped like an access token or at least
+    `TOKEN_MIN_LENGTH` characters (no word of a message holds one by chance), else only where no letter, digit or
+    `_` adjoins it (the letters `e` in "folder" are not the token `e`)."""
+    if looks_like_token(token) or len(token) >= TOKEN_MIN_LENGTH:
+        return text.replace(token, "***")
+    return re.sub(rf"(?<![A-Za-z0-9_]){re.escape(token)}(?![A-Za-z0-9_])", "***", text)
 
 
 class JobCancelled(BaseException):
@@ -121,9 +134,11 @@ class Reporter:
 
     def scrub(self, text: str) -> str:
         """The token masked, as is any URL's userinfo (an `HF_ENDPOINT` with credentials, `hide_tokens`), and lone
-        surrogates (a non-UTF-8 path through os.fsdecode) escaped: the store is UTF-8."""
+        surrogates (a non-UTF-8 path through os.fsdecode) escaped: the store is UTF-8. A token shaped like one is
+        masked wherever it occurs; a short value (a placeholder such as `e` or `test`, which the Hub refuses only
+        when it is used) only where it stands alone (`mask_token`), or every word holding its letters would be."""
         text = hide_tokens(text.encode("utf-8", "backslashreplace").decode("utf-8"))
-        return text.replace(self.token, "***") if self.token else text
+        return mask_token(text, self.token) if self.token else text
 
     def send(self, message: tuple) -> None:
         with self._lock:
@@ -353,6 +368,7 @@ def run_merge(job: JobRequest, token: str | None, reporter: Reporter) -> dict[st
     if delay:
         reporter.wait(delay)
     from hf_mudsc.load.parents import BASE_FROM_CARDS
+    from hf_mudsc.pipeline import license_conflict
     from hf_mudsc.runner import execute
 
     try:
@@ -367,6 +383,9 @@ def run_merge(job: JobRequest, token: str | None, reporter: Reporter) -> dict[st
     output = produced.get("output")
     files = sorted(p.name for p in output.iterdir() if p.is_file() and not p.name.startswith(".")) if output else []
     ran = produced.get("mudsc") or {}
+    # logged by the merge only (its card declares no licence): a client reads it among the job's warnings
+    licences = ran.get("parent_licenses")
+    conflict = license_conflict(licences, ran.get("base_license"), ran.get("base") is not None) if licences else None
     return {
         "repo_id": push.repo_id if push else None,
         "commit": push.commit_sha if push else None,
@@ -379,5 +398,10 @@ def run_merge(job: JobRequest, token: str | None, reporter: Reporter) -> dict[st
         **{key: ran[key] for key in ("method", "method_choice_reason", "alpha", "alpha_auto", "refit", "out_dtype",
                                      "matcher") if key in ran},
         # the request's own warnings, then the merge's (config.mudsc["warnings"], as its card lists them)
-        "warnings": list(dict.fromkeys([*job.warnings, *(ran.get("warnings") or [])])),
+        "warnings": list(dict.fromkeys([*job.warnings, *(ran.get("warnings") or []),
+                                        *([conflict] if conflict else [])])),
+        **({"parent_licenses": licences, "base_license": ran.get("base_license")} if licences else {}),
+        # which model the job wrote (`weights_fingerprint`): the page serves the folder's card and plots only while
+        # it still holds that model, not a later job's that replaced the folder (`app.output_folder`)
+        "output_fingerprint": weights_fingerprint(output) if output else None,
     }
