@@ -55,9 +55,9 @@ from hf_mudsc.load.processors import (
     tokenizer_differences,
 )
 from hf_mudsc.load.references import (
-    LICENSE_NOT_READ,
     display_name,
     is_object_reference,
+    license_conflict,
     parent_name,
     pinned_calibration,
     pinned_reference,
@@ -1323,23 +1323,6 @@ def _warn_licenses(parents: Sequence[LoadedParent], base: LoadedParent | None) -
     said = license_conflict([p.license for p in parents], None if base is None else base.license, base is not None)
     if said is not None:
         logger.warning("%s", said)
-
-
-def license_conflict(parents: Sequence[str | None], base: str | None = None, with_base: bool = False) -> str | None:
-    """What to say when the parents' (and the base's, `with_base`) model cards declare different licences, or some
-    declare one and others none: the merged weights derive from every parent, and its card then declares no licence
-    (`card.common_license`). None when they agree. A function of the licences alone, so a service can say it from
-    a merge's `config.mudsc` (`parent_licenses`, `base_license`)."""
-    declared = [(parent_label(i), license) for i, license in enumerate(parents)]
-    declared += [("base", base)] if with_base else []
-    known = {license for _, license in declared if license != LICENSE_NOT_READ}
-    if len({license for _, license in declared}) > 1 and known - {None}:
-        said = {None: "none declared", LICENSE_NOT_READ: "its card not read"}
-        return ("the parents' model cards declare different licences, or not all could be read "
-                f"({', '.join(f'{who}: {said.get(license, license)}' for who, license in declared)}): the merged "
-                "weights derive from each, so its card declares none; check their terms and set the licence yourself "
-                "before publishing")
-    return None
 
 
 def _log_base_relations(base: Any, base_params: Mapping[str, torch.Tensor],

@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from hf_mudsc.errors import LoadError, brief
+from hf_mudsc.load.relation import parent_label
 
 logger = logging.getLogger(__name__)
 
@@ -211,3 +213,20 @@ def _looks_like_path(text: str) -> bool:
 def looks_like_path(text: str) -> bool:
     """True for references that can only be a local path (an existing one, `./x`, `/x`, `~/x`, `a/b/c`)."""
     return _looks_like_path(text)
+
+
+def license_conflict(parents: Sequence[str | None], base: str | None = None, with_base: bool = False) -> str | None:
+    """What to say when the parents' (and the base's, `with_base`) model cards declare different licences, or some
+    declare one and others none: the merged weights derive from every parent, and its card then declares no licence
+    (`card.common_license`). None when they agree. A function of the licences alone, so a service can say it from
+    a merge's `config.mudsc` (`parent_licenses`, `base_license`)."""
+    declared = [(parent_label(i), license) for i, license in enumerate(parents)]
+    declared += [("base", base)] if with_base else []
+    known = {license for _, license in declared if license != LICENSE_NOT_READ}
+    if len({license for _, license in declared}) > 1 and known - {None}:
+        said = {None: "none declared", LICENSE_NOT_READ: "its card not read"}
+        return ("the parents' model cards declare different licences, or not all could be read "
+                f"({', '.join(f'{who}: {said.get(license, license)}' for who, license in declared)}): the merged "
+                "weights derive from each, so its card declares none; check their terms and set the licence yourself "
+                "before publishing")
+    return None

@@ -368,7 +368,7 @@ def run_merge(job: JobRequest, token: str | None, reporter: Reporter) -> dict[st
     if delay:
         reporter.wait(delay)
     from hf_mudsc.load.parents import BASE_FROM_CARDS
-    from hf_mudsc.pipeline import license_conflict
+    from hf_mudsc.load.references import license_conflict
     from hf_mudsc.runner import execute
 
     try:
