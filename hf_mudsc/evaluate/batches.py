@@ -153,6 +153,22 @@ def check_class_label_ids(data_names: Sequence[str], class_names: Sequence[str],
         )
 
 
+def check_task_column_classes(data_names: Sequence[str], class_names: Sequence[str],
+                              joint_classes: Sequence[tuple[str, str]], task_column: str) -> None:
+    """Rows picked by a task column are labelled with their task's own ids; a ClassLabel naming the classes of several
+    tasks gives them ids in ITS list, which are no task's ids (and a name of two tasks would name neither): refused in
+    one line, with the ways to label such rows."""
+    if unnamed_classes(data_names) or all(name in class_names for name in data_names):
+        return
+    known = {name for _, name in joint_classes}
+    if all(name in known for name in data_names) and len(set(data_names)) > len(class_names):
+        raise EvaluationError(
+            f"the label column's ClassLabel names the classes of several tasks {list(data_names)[:6]}, but rows picked "
+            f"by task column {task_column!r} are labelled with their task's own class ids; label each row with its "
+            "task's class id or name (a plain int or string column), or pass each task's data as --dataset "
+            "TASK=SPEC (API: {task: data})")
+
+
 def class_label_name(feature: datasets.ClassLabel, label: Any, task: str) -> str:
     """The class name of `label`, an id of the label column's ClassLabel `feature`; a missing label (-1, None) is
     refused naming the task, not in `datasets`' bare words."""
@@ -253,11 +269,12 @@ def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: in
                    and set(task_feature.names) & set(task_names) else None)  # else its ids are task indices
     relabel = (joint_relabel(list(feature.names), joint_classes) if isinstance(feature, datasets.ClassLabel)
                and source.label_range is not None and joint_classes is not None else None)
-    by_name = (isinstance(feature, datasets.ClassLabel) and class_names is not None and source.task_column is None
-               and source.label_range is None and list(feature.names) != list(class_names)
-               and sorted(feature.names) == sorted(class_names))
-    if (isinstance(feature, datasets.ClassLabel) and class_names is not None and source.task_column is None
-            and source.label_range is None and not by_name):
+    # the task's own ids (one dataset per task, or rows picked by a task column): a ClassLabel is read by its names
+    own_ids = isinstance(feature, datasets.ClassLabel) and class_names is not None and source.label_range is None
+    by_name = (own_ids and list(feature.names) != list(class_names) and sorted(feature.names) == sorted(class_names))
+    if own_ids and not by_name:
+        if source.task_column is not None and joint_classes is not None:
+            check_task_column_classes(list(feature.names), list(class_names), joint_classes, source.task_column)
         check_class_label_ids(list(feature.names), list(class_names), task)
     dataset = _select_rows(dataset, source, label_column, task_names, task, task_labels, relabel)
     if num_samples is not None:

@@ -34,7 +34,7 @@ import torch
 
 from hf_mudsc.calibrate.statistics import ModelInputCheck
 from hf_mudsc.errors import EvaluationError
-from hf_mudsc.evaluate.batches import task_batches
+from hf_mudsc.evaluate.batches import evaluation_source, task_batches
 from hf_mudsc.evaluate.metrics import compute_metric, load_metric
 from hf_mudsc.evaluate.names import (
     AVERAGE,
@@ -345,6 +345,9 @@ def _layout_and_sources(datasets_per_task: Mapping[str, Any] | Sequence[Any], me
         sources = {task: as_task_data(v) for task, v in zip(task_order, datasets_per_task)}
     check_class_names_tasks(class_names, list(sources), clip)
     if clip:
+        # a spec is opened here, as the CLI opens it: a CLIP's class names are its label column's ClassLabel names
+        sources = {task: source if task in (class_names or {}) else opened_spec(source, task)
+                   for task, source in sources.items()}
         layout = clip_layout(list(sources), sources, class_names)
     unknown = [t for t in sources if t not in layout.ranges]
     if unknown:
@@ -359,6 +362,18 @@ def _layout_and_sources(datasets_per_task: Mapping[str, Any] | Sequence[Any], me
             "metric yourself, and pass only classification tasks here"
         )
     return layout, {task: sources[task] for task in layout.ranges if task in sources}
+
+
+def opened_spec(source: TaskData, task: str) -> TaskData:
+    """`source` with its dataset spec opened (named, split and keyed as the spec: only the data changes), so what is
+    read from its features before scoring (a CLIP's class names) is there; other data as given."""
+    if not isinstance(source.data, (str, os.PathLike)):
+        return source
+    from dataclasses import replace
+
+    from hf_mudsc.calibrate.datasets import load_calibration_dataset
+
+    return replace(source, data=load_calibration_dataset(os.fspath(source.data), role=evaluation_source(task)))
 
 
 def check_class_names_tasks(class_names: Mapping[str, Any] | None, tasks: Sequence[str], clip: bool) -> None:

@@ -213,6 +213,14 @@ def classifier_layout(merged: Mapping[str, Any], parents: Sequence[Any], request
                 f"merged models {reference_name!r} and {name!r} have different label layouts "
                 "(config.task_label_ranges); evaluate them separately"
             )
+        labels = _label_names(model)
+        if labels != names and not unnamed_classes(labels) and not unnamed_classes(names):
+            # every model is read against the first one's classes, by position: another order scores wrong rows
+            raise EvaluationError(
+                f"merged models {reference_name!r} and {name!r} list their labels differently ({names[:6]} and "
+                f"{labels[:6]}: config.id2label), so {name!r} cannot be read against {reference_name!r}'s classes; "
+                "evaluate them separately"
+            )
     if ranges is None:
         if requested:
             tasks = list(requested)
