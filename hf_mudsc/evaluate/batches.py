@@ -54,6 +54,7 @@ def _select_rows(dataset: Any, source: TaskData, label_column: str, task_names: 
         return value == name or (isinstance(value, (int, np.integer)) and int(value) == index)
 
     def keep(row: Mapping[str, Any]) -> bool:
+        row = {column: scalar(value) for column, value in row.items()}  # a torch/numpy-formatted row's 0-d values
         if source.task_column is not None:
             value = row[source.task_column]
             if task_labels is not None and isinstance(value, (int, np.integer)):
@@ -90,6 +91,14 @@ def _select_rows(dataset: Any, source: TaskData, label_column: str, task_names: 
             )
         return dataset.select(indices, keep_in_memory=True)
     return dataset.filter(keep)
+
+
+def scalar(value: Any) -> Any:
+    """A 0-d tensor or array (a row of data in `with_format("torch")` or numpy) as the Python number it holds, so it
+    is read as the id it is; anything else as it is."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        return value.item()
+    return value
 
 
 def relabeled(label: Any, relabel: Sequence[int] | None) -> Any:
