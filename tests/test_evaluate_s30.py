@@ -133,7 +133,7 @@ def test_torch_formatted_data_for_every_task_is_read_like_plain_data(by):
     assert torch_format.scores["merged"] == plain.scores["merged"]
 
 
-@pytest.mark.parametrize("name", ["parent_a", "ensemble", "joint"])
+@pytest.mark.parametrize("name", ["parent_a", "ensemble", "parent_c"])
 def test_merged_model_named_like_another_scorer_is_refused(name):
     parents = [bert(["cat", "dog"], [5, 0]), bert(["cat", "dog"], [5, 0], seed=1)]
     with pytest.raises(EvaluationError, match=f"'{name}'") as error:

@@ -141,6 +141,7 @@ def evaluate_merge(
         raise EvaluationError(f"num_samples must be >= 1 or None, got {num_samples}")
     if datasets_per_task is None or len(datasets_per_task) == 0:
         raise EvaluationError("no evaluation data: pass datasets_per_task={task: dataset, ...}")
+    check_merged_names(merged)
     scored = list(datasets_per_task) if isinstance(datasets_per_task, Mapping) else len(datasets_per_task)
     for name, reference in (dict(merged) if isinstance(merged, Mapping) else {MERGED: merged}).items():
         config = _config_before_loading(reference)  # a folder's config.json: refused before any weights
@@ -374,6 +375,24 @@ def opened_spec(source: TaskData, task: str) -> TaskData:
     from hf_mudsc.calibrate.datasets import load_calibration_dataset
 
     return replace(source, data=load_calibration_dataset(os.fspath(source.data), role=evaluation_source(task)))
+
+
+def check_merged_names(merged: Any) -> None:
+    """The names of several merged models ({name: model}) key the results beside the parents' and the ensemble's: a
+    merged model named `parent_a` or `ensemble` (or two named alike once written) would share that entry, and one
+    model's figures would be published as the other's. Refused before any model loads."""
+    if not isinstance(merged, Mapping):
+        return
+    seen: set[str] = set()
+    for name in merged:
+        shown = str(name)
+        if shown == ENSEMBLE or shown.startswith("parent_"):
+            raise EvaluationError(
+                f"a merged model may not be named {shown!r}: the results name the parents' and the ensemble's figures "
+                "so (parent_a, parent_b, ..., ensemble); rename it in {name: model}")
+        if shown in seen:
+            raise EvaluationError(f"two merged models are named {shown!r}; rename one in {{name: model}}")
+        seen.add(shown)
 
 
 def check_class_names_tasks(class_names: Mapping[str, Any] | None, tasks: Sequence[str], clip: bool) -> None:
