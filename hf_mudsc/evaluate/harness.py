@@ -147,6 +147,7 @@ def evaluate_merge(
         config = _config_before_loading(reference)  # a folder's config.json: refused before any weights
         if config is not None:
             check_scorable(config, scored, f"merged model {name!r}")
+            check_tasks_of(config, datasets_per_task, parents)
     merged_models, parent_models, owned, hub_sources = _load_models(merged, parents)
     assigned, processor_sources = _assign_processors(merged_models, owned, processor, own_processors)
     models = [*merged_models.values(), *parent_models]
@@ -414,6 +415,33 @@ def check_class_names_tasks(class_names: Mapping[str, Any] | None, tasks: Sequen
         raise EvaluationError(
             f"class_names (CLI: --class-names) names task(s) {unknown} that no data scores; the tasks scored: "
             f"{', '.join(tasks)} (CLI: each --dataset TASK=SPEC names one)")
+
+
+def check_tasks_of(config: Any, datasets_per_task: Mapping[str, Any] | Sequence[Any],
+                   parents: Sequence[Any] | None) -> None:
+    """The task names, the dataset count and the parent count against the tasks a merged model's config names
+    (`config.task_label_ranges`), so that a typo or one model too many is refused before any weights load; the same
+    checks follow the loading for a model whose config is only known then (a Hub id)."""
+    from hf_mudsc.apply.classifier import task_ranges
+
+    if is_clip_config(config):
+        return
+    try:
+        ranges = task_ranges(config)
+    except ValueError:  # refused with the layout, by name
+        return
+    if not ranges:
+        return
+    if isinstance(datasets_per_task, Mapping):
+        unknown = [str(task) for task in datasets_per_task if str(task) not in ranges]
+        if unknown:
+            raise EvaluationError(f"unknown task(s) {unknown}; the merged model's tasks are {list(ranges)}")
+    elif len(datasets_per_task) != len(ranges):
+        raise EvaluationError(
+            f"{len(datasets_per_task)} datasets for {len(ranges)} tasks {list(ranges)}; pass one per task in order, "
+            "or a mapping {task: data}")
+    if parents is not None and len(parents) >= 2 and len(parents) != len(ranges):
+        raise EvaluationError(f"{len(parents)} parents for {len(ranges)} tasks {list(ranges)}; pass one per task")
 
 
 def check_scorable(config: Any, scored: Sequence[str] | int, what: str) -> None:
