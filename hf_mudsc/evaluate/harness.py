@@ -356,6 +356,13 @@ def _layout_and_sources(datasets_per_task: Mapping[str, Any] | Sequence[Any], me
         raise EvaluationError(
             f"unknown task(s) {unknown}; the merged model's tasks are {list(layout.ranges)}"
         )
+    for task, source in sources.items():  # ranges given with one dataset for every task (tasks_from_dataset)
+        lo, hi = layout.ranges[task]
+        if source.label_range is not None and (tuple(source.label_range) != (lo, hi) or source.label_offset != lo):
+            raise EvaluationError(
+                f"task {task!r}: its rows are picked by the label range {list(source.label_range)} given "
+                f"(tasks_from_dataset's task_ranges), but the merged model's is {[lo, hi]}; pass the merged model's "
+                "config.task_label_ranges as task_ranges")
     one_output = [task for task in sources if not clip and layout.ranges[task][1] - layout.ranges[task][0] == 1]
     if one_output:
         raise EvaluationError(
