@@ -40,7 +40,9 @@ from typing import Any
 from hf_mudsc.calibrate.dataset_spec import missing_local_data
 from hf_mudsc.errors import EvaluationError, UsageError
 from hf_mudsc.evaluate.names import (
+    AVERAGE,
     DEFAULT_PROMPT,
+    JOINT,
     JOINT_RULES,
     RESULTS_FILENAME,
     SHIPPED_METRIC_ARGS,
@@ -263,6 +265,10 @@ def _datasets(
             raise UsageError(
                 f"task {twice[0]!r} is named by two --dataset flags; pass one --dataset TASK=SPEC per task"
             )
+        reserved = next((task for task in named if task in (JOINT, AVERAGE)), None)
+        if reserved is not None:  # the results' views: a task of that name would share their entry
+            raise UsageError(f"a task may not be named {reserved!r} (a reserved view name of the results); name it "
+                             "otherwise in --dataset TASK=SPEC")
         unknown = [task for task in named if ranges and task not in ranges]
         if unknown:
             raise UsageError(

@@ -351,6 +351,11 @@ def _layout_and_sources(datasets_per_task: Mapping[str, Any] | Sequence[Any], me
         sources = {task: source if task in (class_names or {}) else opened_spec(source, task)
                    for task, source in sources.items()}
         layout = clip_layout(list(sources), sources, class_names)
+    reserved = next((task for task in layout.ranges if task in (JOINT, AVERAGE)), None)
+    if reserved is not None:  # one shared label set or a CLIP names its tasks after the data: its keys
+        raise EvaluationError(
+            f"a task may not be named {reserved!r} (a reserved view name of the results); name it otherwise in "
+            "{task: data} (CLI: --dataset TASK=SPEC)")
     unknown = [t for t in sources if t not in layout.ranges]
     if unknown:
         raise EvaluationError(
