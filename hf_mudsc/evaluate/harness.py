@@ -240,7 +240,13 @@ def evaluate_merge(
                                                       else None,
                                                       prompt_templates=([prompt_template] if isinstance(
                                                           prompt_template, str) else list(prompt_template))
-                                                      if clip else None),
+                                                      if clip else None,
+                                                      shared_classes=sorted({
+                                                          name for (task, names) in layout.class_names.items()
+                                                          for name in names if any(
+                                                              name in others for other, others in
+                                                              layout.class_names.items() if other != task)})
+                                                      if layout.joint_alias else None),
                               processors=processors, models=hub_sources)
     logger.info("evaluated %s on %s", ", ".join(scores), ", ".join(f"{t} ({n})" for t, n in counts.items()))
     return result
@@ -561,8 +567,13 @@ def _predict(models: Sequence[Any], groups: Mapping[int, int], scorers: Sequence
                                 lo_t, hi_t = layout.ranges[task]
                                 per_task[scorer.name][0].extend(scores[:, lo_t:hi_t].argmax(-1).tolist())
                                 per_task[scorer.name][1].extend(labels.tolist())
-                            joint[scorer.name][0].extend(scores.argmax(-1).tolist())
-                            joint[scorer.name][1].extend((labels + (0 if layout.shared else lo)).tolist())
+                            predicted = scores.argmax(-1).tolist()
+                            reference = (labels + (0 if layout.shared else lo)).tolist()
+                            if layout.joint_alias:  # a CLIP class name of several tasks: one prompt, either right
+                                predicted = [layout.joint_alias[i] for i in predicted]
+                                reference = [layout.joint_alias[i] for i in reference]
+                            joint[scorer.name][0].extend(predicted)
+                            joint[scorer.name][1].extend(reference)
                         bar.update(1)
                 counts[task] = seen
                 for scorer in scorers:

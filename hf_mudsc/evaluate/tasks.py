@@ -168,6 +168,9 @@ class LabelLayout:
     parent_columns: tuple[list[int] | None, ...] = ()
     """One shared label set: per parent (merge order), its logit column for each of the merged model's labels when
     it lists them in another order (the merge reordered its head by name, docs/design.md §6), else None."""
+    joint_alias: tuple[int, ...] = ()
+    """A CLIP whose tasks share a class name: each joint id's first id of the same name (their prompts are identical,
+    so the later one is never picked); the joint view reads both through it. Empty when no name repeats."""
 
     @property
     def size(self) -> int:
@@ -304,7 +307,10 @@ def clip_layout(tasks: Sequence[str], sources: Mapping[str, TaskData],
     for task in tasks:
         ranges[task] = (start, start + len(names[task]))
         start += len(names[task])
-    return LabelLayout(ranges, shared=False, class_names=names)
+    joint = [name for task in tasks for name in names[task]]
+    alias = tuple(joint.index(name) for name in joint)
+    return LabelLayout(ranges, shared=False, class_names=names,
+                       joint_alias=alias if alias != tuple(range(len(joint))) else ())
 
 
 def _class_label_names(source: TaskData) -> list[str] | None:
