@@ -260,8 +260,8 @@ def definitions(joint_rule: str | None, *, processors: bool = False,
         out[JOINT] = f"{out[JOINT]}; joint rule {joint_rule!r}: {JOINT_RULE_DEFINITIONS[joint_rule]}"
         out["joint_rule"] = joint_rule
     if shared_classes:  # identical prompts score alike: the joint view cannot tell whose class it picked
-        out[JOINT] = (f"{out[JOINT]}; a class named alike in several tasks ({', '.join(shared_classes)}) has one prompt "
-                      "for all of them, so predicting it in either task counts as right")
+        out[JOINT] = (f"{out[JOINT]}; a class named alike in several tasks ({', '.join(shared_classes)}) has one "
+                      "prompt for all of them, so predicting it in either task counts as right")
     if joint_data:
         out["joint_data"] = ", ".join(joint_data)
         out[JOINT] = f"{out[JOINT]}; only the data of {out['joint_data']} was scored, not every task's"
