@@ -241,12 +241,7 @@ def evaluate_merge(
                                                       prompt_templates=([prompt_template] if isinstance(
                                                           prompt_template, str) else list(prompt_template))
                                                       if clip else None,
-                                                      shared_classes=sorted({
-                                                          name for (task, names) in layout.class_names.items()
-                                                          for name in names if any(
-                                                              name in others for other, others in
-                                                              layout.class_names.items() if other != task)})
-                                                      if layout.joint_alias else None),
+                                                      shared_classes=layout.repeated_classes),
                               processors=processors, models=hub_sources)
     logger.info("evaluated %s on %s", ", ".join(scores), ", ".join(f"{t} ({n})" for t, n in counts.items()))
     return result
@@ -385,8 +380,8 @@ def _layout_and_sources(datasets_per_task: Mapping[str, Any] | Sequence[Any], me
 
 
 def opened_spec(source: TaskData, task: str) -> TaskData:
-    """`source` with its dataset spec opened (named, split and keyed as the spec: only the data changes), so what is
-    read from its features before scoring (a CLIP's class names) is there; other data as given."""
+    """`source` with its dataset spec opened (still named and split as the spec), so what is read from its features
+    before scoring (a CLIP's class names) is there; other data as given."""
     if not isinstance(source.data, (str, os.PathLike)):
         return source
     from dataclasses import replace

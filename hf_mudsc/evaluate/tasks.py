@@ -176,6 +176,12 @@ class LabelLayout:
     def size(self) -> int:
         return max(hi for _, hi in self.ranges.values())
 
+    @property
+    def repeated_classes(self) -> list[str]:
+        """The class names that several tasks have (`joint_alias`), for the results' definitions; none without."""
+        joint = [name for task in self.ranges for name in self.class_names[task]]
+        return sorted({joint[index] for index, first in enumerate(self.joint_alias) if first != index})
+
 
 def _task_ranges_of(model: Any) -> dict[str, tuple[int, int]] | None:
     """The task ranges in parent order (a loaded config lists them sorted by name), None without tasks."""
