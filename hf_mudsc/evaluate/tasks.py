@@ -227,8 +227,8 @@ def classifier_layout(merged: Mapping[str, Any], parents: Sequence[Any], request
             # every model is read against the first one's classes, by position: another order scores wrong rows
             raise EvaluationError(
                 f"merged models {reference_name!r} and {name!r} list their labels differently ({names[:6]} and "
-                f"{labels[:6]}: config.id2label), so {name!r} cannot be read against {reference_name!r}'s classes; "
-                "evaluate them separately"
+                f"{labels[:6]}: config.id2label), so {name!r} cannot be read against the classes of "
+                f"{reference_name!r}; evaluate them separately"
             )
     if ranges is None:
         if requested:
