@@ -40,7 +40,9 @@ from typing import Any
 from hf_mudsc.calibrate.dataset_spec import missing_local_data
 from hf_mudsc.errors import EvaluationError, UsageError
 from hf_mudsc.evaluate.names import (
+    AVERAGE,
     DEFAULT_PROMPT,
+    JOINT,
     JOINT_RULES,
     RESULTS_FILENAME,
     SHIPPED_METRIC_ARGS,
@@ -263,6 +265,10 @@ def _datasets(
             raise UsageError(
                 f"task {twice[0]!r} is named by two --dataset flags; pass one --dataset TASK=SPEC per task"
             )
+        reserved = next((task for task in named if task in (JOINT, AVERAGE)), None)
+        if reserved is not None:  # the results' views: a task of that name would share their entry
+            raise UsageError(f"a task may not be named {reserved!r} (a reserved view name of the results); name it "
+                             "otherwise in --dataset TASK=SPEC")
         unknown = [task for task in named if ranges and task not in ranges]
         if unknown:
             raise UsageError(
@@ -306,10 +312,11 @@ def _datasets(
             for index, (_, spec) in enumerate(parsed)]
 
 
-def update_card(folder: Path, model: Any, result: Any) -> Path | None:
+def update_card(folder: Path, model: Any, result: Any, *, chart: Any = None) -> Path | None:
     """Put the results into DIR/README.md (atomically): only its Evaluation section and `model-index` change,
-    every other part the merge wrote is kept. Without a card, one is rendered from the recipe; None if
-    the folder has neither."""
+    every other part the merge wrote is kept — but the Diagnostics line of a `chart` just redrawn (a `Plot`), whose
+    title and caption name the metric drawn (f1 after `--metric f1`, not accuracy). Without a card, one is rendered
+    from the recipe; None if the folder has neither."""
     from huggingface_hub import ModelCard
 
     from hf_mudsc.publish.card import render_card, update_card_evaluation
@@ -318,6 +325,9 @@ def update_card(folder: Path, model: Any, result: Any) -> Path | None:
     card_path = folder / CARD_FILENAME
     if card_path.is_file():
         card = update_card_evaluation(ModelCard.load(card_path), result.card_rows())
+        if chart is not None:
+            card = ModelCard(retitled_plot(str(card), chart.path.relative_to(folder).as_posix(), chart.title,
+                                           chart.caption))
     elif (folder / RECIPE_FILENAME).is_file():
         card = render_card(model, Recipe.load(folder / RECIPE_FILENAME), eval_results=result.card_rows(),
                            model_name=folder.resolve().name)
@@ -326,11 +336,25 @@ def update_card(folder: Path, model: Any, result: Any) -> Path | None:
     return write_file_atomically(card_path, card.save)
 
 
-def redraw_accuracy_chart(folder: Path, result: Any) -> Path | None:
+def retitled_plot(card: str, link: str, title: str, caption: str) -> str:
+    """The card's text with the Diagnostics lines of the plot at `link` (`**Title** — caption.` and its image's alt
+    text) saying `title` and `caption`; a card without that plot is returned as it is."""
+    lines = card.split("\n")
+    for index, line in enumerate(lines):
+        if re.fullmatch(r"!\[[^\]]*\]\(" + re.escape(link) + r"\)\s*", line):
+            lines[index] = f"![{title}]({link})"
+            above = next((i for i in range(index - 1, -1, -1) if lines[i].strip()), None)
+            if above is not None and re.fullmatch(r"\*\*[^*]+\*\* — .*", lines[above]):
+                lines[above] = f"**{title}** — {caption}."
+    return "\n".join(lines)
+
+
+def redraw_accuracy_chart(folder: Path, result: Any) -> Any:
     """The card links `plots/accuracy.png` when the folder has one (the demo and `hf-mudsc inspect` draw it from
     eval_results.json): redraw it from the results just written, so the chart and the card's Evaluation table show
     the same figures. Only a chart hf-mudsc wrote and nobody changed is replaced (and recorded in the folder's
-    marker, so `push` and `--overwrite` still accept the folder); None when there is none to redraw."""
+    marker, so `push` and `--overwrite` still accept the folder). Its `Plot` (title and caption named by the metric
+    drawn, for the card's Diagnostics line); None when there is none to redraw."""
     from hf_mudsc.publish.folder import written_unchanged
     from hf_mudsc.publish.plots import draw_plots
     from hf_mudsc.solve.diagnostics import PLOTS_FOLDER
@@ -340,7 +364,7 @@ def redraw_accuracy_chart(folder: Path, result: Any) -> Path | None:
         return None
     # without diagnostics draw_plots draws the accuracy chart only, atomically, and records it in the marker
     drawn = draw_plots(chart.parent, None, result, owner=folder)
-    return chart if drawn else None
+    return drawn[0] if drawn else None
 
 
 def check_replaceable(json_paths: list[Path], card_path: Path | None) -> None:
@@ -668,8 +692,8 @@ def run(args: argparse.Namespace) -> int:
     if local and not args.no_card:  # the folder's results file, chart and card: always the same evaluation
         chart = redraw_accuracy_chart(folder, result)
         if chart is not None:
-            print(f"Accuracy chart {chart} redrawn from the results")
-        card = update_card(folder, merged.model, result)
+            print(f"{chart.title} chart {chart.path} redrawn from the results")
+        card = update_card(folder, merged.model, result, chart=chart)
         if card is not None:
             print(f"Model card {card} updated with the results (model-index)")
     return 0

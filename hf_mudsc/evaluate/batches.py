@@ -54,6 +54,7 @@ def _select_rows(dataset: Any, source: TaskData, label_column: str, task_names: 
         return value == name or (isinstance(value, (int, np.integer)) and int(value) == index)
 
     def keep(row: Mapping[str, Any]) -> bool:
+        row = {column: scalar(value) for column, value in row.items()}  # a torch/numpy-formatted row's 0-d values
         if source.task_column is not None:
             value = row[source.task_column]
             if task_labels is not None and isinstance(value, (int, np.integer)):
@@ -90,6 +91,14 @@ def _select_rows(dataset: Any, source: TaskData, label_column: str, task_names: 
             )
         return dataset.select(indices, keep_in_memory=True)
     return dataset.filter(keep)
+
+
+def scalar(value: Any) -> Any:
+    """A 0-d tensor or array (a row of data in `with_format("torch")` or numpy) as the Python number it holds, so it
+    is read as the id it is; anything else as it is."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        return value.item()
+    return value
 
 
 def relabeled(label: Any, relabel: Sequence[int] | None) -> Any:
@@ -151,6 +160,22 @@ def check_class_label_ids(data_names: Sequence[str], class_names: Sequence[str],
             "names (CLIP: give --class-names in the label column's order), or cast the label column to plain "
             "integers (Value('int64')) to have its ids read as the task's"
         )
+
+
+def check_task_column_classes(data_names: Sequence[str], class_names: Sequence[str],
+                              joint_classes: Sequence[tuple[str, str]], task_column: str) -> None:
+    """Rows picked by a task column are labelled with their task's own ids; a ClassLabel naming the classes of several
+    tasks gives them ids in ITS list, which are no task's ids (and a name of two tasks would name neither): refused in
+    one line, with the ways to label such rows."""
+    if unnamed_classes(data_names) or all(name in class_names for name in data_names):
+        return
+    known = {name for _, name in joint_classes}
+    if all(name in known for name in data_names) and len(set(data_names)) > len(class_names):
+        raise EvaluationError(
+            f"the label column's ClassLabel names the classes of several tasks {list(data_names)[:6]}, but rows picked "
+            f"by task column {task_column!r} are labelled with their task's own class ids; label each row with its "
+            "task's class id or name (a plain int or string column), or pass each task's data as --dataset "
+            "TASK=SPEC (API: {task: data})")
 
 
 def class_label_name(feature: datasets.ClassLabel, label: Any, task: str) -> str:
@@ -253,11 +278,12 @@ def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: in
                    and set(task_feature.names) & set(task_names) else None)  # else its ids are task indices
     relabel = (joint_relabel(list(feature.names), joint_classes) if isinstance(feature, datasets.ClassLabel)
                and source.label_range is not None and joint_classes is not None else None)
-    by_name = (isinstance(feature, datasets.ClassLabel) and class_names is not None and source.task_column is None
-               and source.label_range is None and list(feature.names) != list(class_names)
-               and sorted(feature.names) == sorted(class_names))
-    if (isinstance(feature, datasets.ClassLabel) and class_names is not None and source.task_column is None
-            and source.label_range is None and not by_name):
+    # the task's own ids (one dataset per task, or rows picked by a task column): a ClassLabel is read by its names
+    own_ids = isinstance(feature, datasets.ClassLabel) and class_names is not None and source.label_range is None
+    by_name = (own_ids and list(feature.names) != list(class_names) and sorted(feature.names) == sorted(class_names))
+    if own_ids and not by_name:
+        if source.task_column is not None and joint_classes is not None:
+            check_task_column_classes(list(feature.names), list(class_names), joint_classes, source.task_column)
         check_class_label_ids(list(feature.names), list(class_names), task)
     dataset = _select_rows(dataset, source, label_column, task_names, task, task_labels, relabel)
     if num_samples is not None:

@@ -34,7 +34,7 @@ import torch
 
 from hf_mudsc.calibrate.statistics import ModelInputCheck
 from hf_mudsc.errors import EvaluationError
-from hf_mudsc.evaluate.batches import task_batches
+from hf_mudsc.evaluate.batches import evaluation_source, task_batches
 from hf_mudsc.evaluate.metrics import compute_metric, load_metric
 from hf_mudsc.evaluate.names import (
     AVERAGE,
@@ -141,11 +141,13 @@ def evaluate_merge(
         raise EvaluationError(f"num_samples must be >= 1 or None, got {num_samples}")
     if datasets_per_task is None or len(datasets_per_task) == 0:
         raise EvaluationError("no evaluation data: pass datasets_per_task={task: dataset, ...}")
+    check_merged_names(merged)
     scored = list(datasets_per_task) if isinstance(datasets_per_task, Mapping) else len(datasets_per_task)
     for name, reference in (dict(merged) if isinstance(merged, Mapping) else {MERGED: merged}).items():
         config = _config_before_loading(reference)  # a folder's config.json: refused before any weights
         if config is not None:
             check_scorable(config, scored, f"merged model {name!r}")
+            check_tasks_of(config, datasets_per_task, parents)
     merged_models, parent_models, owned, hub_sources = _load_models(merged, parents)
     assigned, processor_sources = _assign_processors(merged_models, owned, processor, own_processors)
     models = [*merged_models.values(), *parent_models]
@@ -238,7 +240,8 @@ def evaluate_merge(
                                                       else None,
                                                       prompt_templates=([prompt_template] if isinstance(
                                                           prompt_template, str) else list(prompt_template))
-                                                      if clip else None),
+                                                      if clip else None,
+                                                      shared_classes=layout.repeated_classes),
                               processors=processors, models=hub_sources)
     logger.info("evaluated %s on %s", ", ".join(scores), ", ".join(f"{t} ({n})" for t, n in counts.items()))
     return result
@@ -345,12 +348,27 @@ def _layout_and_sources(datasets_per_task: Mapping[str, Any] | Sequence[Any], me
         sources = {task: as_task_data(v) for task, v in zip(task_order, datasets_per_task)}
     check_class_names_tasks(class_names, list(sources), clip)
     if clip:
+        # a spec is opened here, as the CLI opens it: a CLIP's class names are its label column's ClassLabel names
+        sources = {task: source if task in (class_names or {}) else opened_spec(source, task)
+                   for task, source in sources.items()}
         layout = clip_layout(list(sources), sources, class_names)
+    reserved = next((task for task in layout.ranges if task in (JOINT, AVERAGE)), None)
+    if reserved is not None:  # one shared label set or a CLIP names its tasks after the data: its keys
+        raise EvaluationError(
+            f"a task may not be named {reserved!r} (a reserved view name of the results); name it otherwise in "
+            "{task: data} (CLI: --dataset TASK=SPEC)")
     unknown = [t for t in sources if t not in layout.ranges]
     if unknown:
         raise EvaluationError(
             f"unknown task(s) {unknown}; the merged model's tasks are {list(layout.ranges)}"
         )
+    for task, source in sources.items():  # ranges given with one dataset for every task (tasks_from_dataset)
+        lo, hi = layout.ranges[task]
+        if source.label_range is not None and (tuple(source.label_range) != (lo, hi) or source.label_offset != lo):
+            raise EvaluationError(
+                f"task {task!r}: its rows are picked by the label range {list(source.label_range)} given "
+                f"(tasks_from_dataset's task_ranges), but the merged model's is {[lo, hi]}; pass the merged model's "
+                "config.task_label_ranges as task_ranges")
     one_output = [task for task in sources if not clip and layout.ranges[task][1] - layout.ranges[task][0] == 1]
     if one_output:
         raise EvaluationError(
@@ -359,6 +377,36 @@ def _layout_and_sources(datasets_per_task: Mapping[str, Any] | Sequence[Any], me
             "metric yourself, and pass only classification tasks here"
         )
     return layout, {task: sources[task] for task in layout.ranges if task in sources}
+
+
+def opened_spec(source: TaskData, task: str) -> TaskData:
+    """`source` with its dataset spec opened (still named and split as the spec), so what is read from its features
+    before scoring (a CLIP's class names) is there; other data as given."""
+    if not isinstance(source.data, (str, os.PathLike)):
+        return source
+    from dataclasses import replace
+
+    from hf_mudsc.calibrate.datasets import load_calibration_dataset
+
+    return replace(source, data=load_calibration_dataset(os.fspath(source.data), role=evaluation_source(task)))
+
+
+def check_merged_names(merged: Any) -> None:
+    """The names of several merged models ({name: model}) key the results beside the parents' and the ensemble's: a
+    merged model named `parent_a` or `ensemble` (or two named alike once written) would share that entry, and one
+    model's figures would be published as the other's. Refused before any model loads."""
+    if not isinstance(merged, Mapping):
+        return
+    seen: set[str] = set()
+    for name in merged:
+        shown = str(name)
+        if shown == ENSEMBLE or shown.startswith("parent_"):
+            raise EvaluationError(
+                f"a merged model may not be named {shown!r}: the results name the parents' and the ensemble's figures "
+                "so (parent_a, parent_b, ..., ensemble); rename it in {name: model}")
+        if shown in seen:
+            raise EvaluationError(f"two merged models are named {shown!r}; rename one in {{name: model}}")
+        seen.add(shown)
 
 
 def check_class_names_tasks(class_names: Mapping[str, Any] | None, tasks: Sequence[str], clip: bool) -> None:
@@ -380,6 +428,33 @@ def check_class_names_tasks(class_names: Mapping[str, Any] | None, tasks: Sequen
         raise EvaluationError(
             f"class_names (CLI: --class-names) names task(s) {unknown} that no data scores; the tasks scored: "
             f"{', '.join(tasks)} (CLI: each --dataset TASK=SPEC names one)")
+
+
+def check_tasks_of(config: Any, datasets_per_task: Mapping[str, Any] | Sequence[Any],
+                   parents: Sequence[Any] | None) -> None:
+    """The task names, the dataset count and the parent count against the tasks a merged model's config names
+    (`config.task_label_ranges`), so that a typo or one model too many is refused before any weights load; the same
+    checks follow the loading for a model whose config is only known then (a Hub id)."""
+    from hf_mudsc.apply.classifier import task_ranges
+
+    if is_clip_config(config):
+        return
+    try:
+        ranges = task_ranges(config)
+    except ValueError:  # refused with the layout, by name
+        return
+    if not ranges:
+        return
+    if isinstance(datasets_per_task, Mapping):
+        unknown = [str(task) for task in datasets_per_task if str(task) not in ranges]
+        if unknown:
+            raise EvaluationError(f"unknown task(s) {unknown}; the merged model's tasks are {list(ranges)}")
+    elif len(datasets_per_task) != len(ranges):
+        raise EvaluationError(
+            f"{len(datasets_per_task)} datasets for {len(ranges)} tasks {list(ranges)}; pass one per task in order, "
+            "or a mapping {task: data}")
+    if parents is not None and len(parents) >= 2 and len(parents) != len(ranges):
+        raise EvaluationError(f"{len(parents)} parents for {len(ranges)} tasks {list(ranges)}; pass one per task")
 
 
 def check_scorable(config: Any, scored: Sequence[str] | int, what: str) -> None:
@@ -487,8 +562,13 @@ def _predict(models: Sequence[Any], groups: Mapping[int, int], scorers: Sequence
                                 lo_t, hi_t = layout.ranges[task]
                                 per_task[scorer.name][0].extend(scores[:, lo_t:hi_t].argmax(-1).tolist())
                                 per_task[scorer.name][1].extend(labels.tolist())
-                            joint[scorer.name][0].extend(scores.argmax(-1).tolist())
-                            joint[scorer.name][1].extend((labels + (0 if layout.shared else lo)).tolist())
+                            predicted = scores.argmax(-1).tolist()
+                            reference = (labels + (0 if layout.shared else lo)).tolist()
+                            if layout.joint_alias:  # a CLIP class name of several tasks: one prompt, either right
+                                predicted = [layout.joint_alias[i] for i in predicted]
+                                reference = [layout.joint_alias[i] for i in reference]
+                            joint[scorer.name][0].extend(predicted)
+                            joint[scorer.name][1].extend(reference)
                         bar.update(1)
                 counts[task] = seen
                 for scorer in scorers:

@@ -243,11 +243,13 @@ PROCESSORS_DEFINITION = ("each model is scored on the inputs its own processor m
 
 def definitions(joint_rule: str | None, *, processors: bool = False,
                 joint_data: Sequence[str] | None = None,
-                prompt_templates: Sequence[str] | None = None) -> dict[str, str]:
+                prompt_templates: Sequence[str] | None = None,
+                shared_classes: Sequence[str] | None = None) -> dict[str, str]:
     """What each figure means; `joint_rule` (None: no concatenated head, e.g. CLIP or one shared label set) is
     recorded with the joint view's definition; `processors`: the models' processors differed; `joint_data`: the
     tasks scored when they are not all the model's (the joint view then holds only their rows); `prompt_templates`:
-    a CLIP's zero-shot prompts (its figures depend on them: two templates give two sets of figures)."""
+    a CLIP's zero-shot prompts (its figures depend on them: two templates give two sets of figures);
+    `shared_classes`: a CLIP's class names of several tasks, whose prompts are one and the same."""
     out = dict(DEFINITIONS)
     if prompt_templates:
         out["prompt_templates"] = " | ".join(prompt_templates)
@@ -257,6 +259,9 @@ def definitions(joint_rule: str | None, *, processors: bool = False,
     if joint_rule is not None:
         out[JOINT] = f"{out[JOINT]}; joint rule {joint_rule!r}: {JOINT_RULE_DEFINITIONS[joint_rule]}"
         out["joint_rule"] = joint_rule
+    if shared_classes:  # identical prompts score alike: the joint view cannot tell whose class it picked
+        out[JOINT] = (f"{out[JOINT]}; a class named alike in several tasks ({', '.join(shared_classes)}) has one "
+                      "prompt for all of them, so predicting it in either task counts as right")
     if joint_data:
         out["joint_data"] = ", ".join(joint_data)
         out[JOINT] = f"{out[JOINT]}; only the data of {out['joint_data']} was scored, not every task's"

@@ -168,10 +168,19 @@ class LabelLayout:
     parent_columns: tuple[list[int] | None, ...] = ()
     """One shared label set: per parent (merge order), its logit column for each of the merged model's labels when
     it lists them in another order (the merge reordered its head by name, docs/design.md §6), else None."""
+    joint_alias: tuple[int, ...] = ()
+    """A CLIP whose tasks share a class name: each joint id's first id of the same name (their prompts are identical,
+    so the later one is never picked); the joint view reads both through it. Empty when no name repeats."""
 
     @property
     def size(self) -> int:
         return max(hi for _, hi in self.ranges.values())
+
+    @property
+    def repeated_classes(self) -> list[str]:
+        """The class names that several tasks have (`joint_alias`), for the results' definitions; none without."""
+        joint = [name for task in self.ranges for name in self.class_names[task]]
+        return sorted({joint[index] for index, first in enumerate(self.joint_alias) if first != index})
 
 
 def _task_ranges_of(model: Any) -> dict[str, tuple[int, int]] | None:
@@ -212,6 +221,14 @@ def classifier_layout(merged: Mapping[str, Any], parents: Sequence[Any], request
             raise EvaluationError(
                 f"merged models {reference_name!r} and {name!r} have different label layouts "
                 "(config.task_label_ranges); evaluate them separately"
+            )
+        labels = _label_names(model)
+        if labels != names and not unnamed_classes(labels) and not unnamed_classes(names):
+            # every model is read against the first one's classes, by position: another order scores wrong rows
+            raise EvaluationError(
+                f"merged models {reference_name!r} and {name!r} list their labels differently ({names[:6]} and "
+                f"{labels[:6]}: config.id2label), so {name!r} cannot be read against the classes of "
+                f"{reference_name!r}; evaluate them separately"
             )
     if ranges is None:
         if requested:
@@ -296,7 +313,10 @@ def clip_layout(tasks: Sequence[str], sources: Mapping[str, TaskData],
     for task in tasks:
         ranges[task] = (start, start + len(names[task]))
         start += len(names[task])
-    return LabelLayout(ranges, shared=False, class_names=names)
+    joint = [name for task in tasks for name in names[task]]
+    alias = tuple(joint.index(name) for name in joint)
+    return LabelLayout(ranges, shared=False, class_names=names,
+                       joint_alias=alias if alias != tuple(range(len(joint))) else ())
 
 
 def _class_label_names(source: TaskData) -> list[str] | None:

@@ -101,8 +101,8 @@ def draw_plots(folder: str | os.PathLike, diagnostics: MergeDiagnostics | None, 
                         alpha_figure(diagnostics.alpha_curve)))
     scores = _evaluation_dict(evaluation)
     if scores is not None and scores.get("scores"):
-        figures.append(("accuracy", "Accuracy", "per task and joint accuracy of the merge, its parents and their "
-                        "ensemble", accuracy_figure(scores)))
+        title, caption = evaluation_chart_text(scores)
+        figures.append(("accuracy", title, caption, accuracy_figure(scores)))
     for name, title, caption, figure in figures:
         path = folder / f"{name}.png"
         write_file_atomically(path, lambda temporary, figure=figure: _save(figure, temporary), owner=owner)
@@ -363,9 +363,28 @@ def scorer_label(scorer: str, parents: Sequence[str] = ("parent_a", "parent_b"))
     return f"parent {scorer.removeprefix('parent_').upper()}" if scorer.startswith("parent_") else scorer
 
 
+def chart_metric(evaluation: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """The metric the evaluation chart draws (accuracy when scored, else the first) and how the card's table names
+    it (`f1 (macro)`), so the chart, its title and the card's caption all name the figures drawn."""
+    from hf_mudsc.evaluate.names import SHIPPED_METRIC_ARGS
+
+    metric = "accuracy" if "accuracy" in evaluation.get("metrics", []) else (evaluation.get("metrics") or [None])[0]
+    args = SHIPPED_METRIC_ARGS.get(metric) if metric is not None else None
+    return metric, (f"{metric} ({', '.join(str(v) for v in args.values())})" if args else metric)
+
+
+def evaluation_chart_text(evaluation: Mapping[str, Any]) -> tuple[str, str]:
+    """The evaluation chart's title and caption in the card, named by the metric drawn (not always accuracy:
+    `evaluate --metric f1` redraws it with macro-F1)."""
+    _, label = chart_metric(evaluation)
+    label = label or "accuracy"
+    return (label[:1].upper() + label[1:],
+            f"per task and joint {label} of the merge, its parents and their ensemble")
+
+
 def accuracy_figure(evaluation: Mapping[str, Any]) -> Figure:
     """Grouped bars: per task, joint and average, one bar per scorer (parents, ensemble, merged models)."""
-    metric = "accuracy" if "accuracy" in evaluation.get("metrics", []) else (evaluation.get("metrics") or [None])[0]
+    metric, label = chart_metric(evaluation)
     scores: Mapping[str, Mapping[str, Mapping[str, float]]] = evaluation["scores"]
     views = [*evaluation.get("tasks", {}), "joint", "average"]
     views = [v for v in views if any(metric in scores[s].get(v, {}) for s in scores)]
@@ -394,9 +413,9 @@ def accuracy_figure(evaluation: Mapping[str, Any]) -> Figure:
                 axes.bar_label(bars, fmt="%.0f", fontsize=8, padding=1)
         axes.set_xticks(range(len(views)), views)
         axes.set_ylim(0, 105)
-        axes.set_ylabel(f"{metric} (%)")
+        axes.set_ylabel(f"{label} (%)")
         axes.set_xlabel("evaluation (per task: argmax within the task's classes; joint: over all classes)")
-        axes.set_title(f"{str(metric).capitalize()} of the merge, its parents and their ensemble")
+        axes.set_title(f"{evaluation_chart_text(evaluation)[0]} of the merge, its parents and their ensemble")
         axes.grid(axis="y", alpha=0.3)
         axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), framealpha=0.9)
     return figure
