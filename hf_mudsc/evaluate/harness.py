@@ -430,19 +430,25 @@ def check_class_names_tasks(class_names: Mapping[str, Any] | None, tasks: Sequen
             f"{', '.join(tasks)} (CLI: each --dataset TASK=SPEC names one)")
 
 
+def _config_task_ranges(config: Any) -> dict[str, tuple[int, int]] | None:
+    """The task ranges a classifier's config names (empty: one task); None for a CLIP, or ranges that do not tile
+    its head (refused with the layout, by name)."""
+    from hf_mudsc.apply.classifier import task_ranges
+
+    if is_clip_config(config):
+        return None
+    try:
+        return task_ranges(config)
+    except ValueError:
+        return None
+
+
 def check_tasks_of(config: Any, datasets_per_task: Mapping[str, Any] | Sequence[Any],
                    parents: Sequence[Any] | None) -> None:
     """The task names, the dataset count and the parent count against the tasks a merged model's config names
     (`config.task_label_ranges`), so that a typo or one model too many is refused before any weights load; the same
     checks follow the loading for a model whose config is only known then (a Hub id)."""
-    from hf_mudsc.apply.classifier import task_ranges
-
-    if is_clip_config(config):
-        return
-    try:
-        ranges = task_ranges(config)
-    except ValueError:  # refused with the layout, by name
-        return
+    ranges = _config_task_ranges(config)
     if not ranges:
         return
     if isinstance(datasets_per_task, Mapping):
@@ -462,8 +468,6 @@ def check_scorable(config: Any, scored: Sequence[str] | int, what: str) -> None:
     datasets are given in task order): a multi-label head or a regression head (one output: a task range one wide,
     or one label and no task ranges) has none. Read from the config alone, so that such a merge is refused before its
     weights and every parent's are loaded."""
-    from hf_mudsc.apply.classifier import task_ranges
-
     if getattr(config, "problem_type", None) == "regression" and not is_clip_config(config):
         raise EvaluationError(
             f"{what} has a regression head (problem_type 'regression': its outputs are numbers, not class scores), "
@@ -476,9 +480,8 @@ def check_scorable(config: Any, scored: Sequence[str] | int, what: str) -> None:
             "(model(**inputs).logits) with a multi-label metric yourself")
     if is_clip_config(config):
         return
-    try:
-        ranges = task_ranges(config)
-    except ValueError:  # refused with the layout, by name
+    ranges = _config_task_ranges(config)
+    if ranges is None:
         return
     if ranges:
         tasks = [t for t in scored if t in ranges] if not isinstance(scored, int) else list(ranges)[:scored]

@@ -64,6 +64,9 @@ class EvaluationResult:
         return {
             "hf_mudsc_version": __version__,
             "metrics": list(self.metrics),
+            # how a shipped metric was computed (`f1`: macro), so a chart or card drawn from this file alone says so
+            **({"metric_args": args} if (args := {m: dict(SHIPPED_METRIC_ARGS[m]) for m in self.metrics
+                                                 if m in SHIPPED_METRIC_ARGS}) else {}),
             "tasks": self.tasks,
             "merged": list(self.merged),
             "scores": self.scores,

@@ -365,11 +365,10 @@ def scorer_label(scorer: str, parents: Sequence[str] = ("parent_a", "parent_b"))
 
 def chart_metric(evaluation: Mapping[str, Any]) -> tuple[str | None, str | None]:
     """The metric the evaluation chart draws (accuracy when scored, else the first) and how the card's table names
-    it (`f1 (macro)`), so the chart, its title and the card's caption all name the figures drawn."""
-    from hf_mudsc.evaluate.names import SHIPPED_METRIC_ARGS
-
+    it (`f1 (macro)`, from the record's `metric_args`), so the chart, its title and the card's caption all name the
+    figures drawn."""
     metric = "accuracy" if "accuracy" in evaluation.get("metrics", []) else (evaluation.get("metrics") or [None])[0]
-    args = SHIPPED_METRIC_ARGS.get(metric) if metric is not None else None
+    args = (evaluation.get("metric_args") or {}).get(metric) if metric is not None else None
     return metric, (f"{metric} ({', '.join(str(v) for v in args.values())})" if args else metric)
 
 
