@@ -203,15 +203,21 @@ def test_cli_refuses_a_task_named_like_a_view(tmp_path, capsys):
     assert not (tmp_path / "r.json").exists()
 
 
-F1_RESULTS = {"metrics": ["f1"], "tasks": {"a": {}, "b": {}},
+F1_RESULTS = {"metrics": ["f1"], "metric_args": {"f1": {"average": "macro"}}, "tasks": {"a": {}, "b": {}},
               "scores": {"merged": {"a": {"f1": 0.5}, "b": {"f1": 0.7}, "joint": {"f1": 0.6}}}}
 
 
 def test_chart_of_f1_results_is_titled_by_its_metric(tmp_path):
+    from hf_mudsc.evaluate.results import EvaluationResult
     from hf_mudsc.publish.plots import draw_plots
 
     (plot,) = draw_plots(tmp_path / "plots", None, F1_RESULTS)
     assert plot.title == "F1 (macro)" and "accuracy" not in plot.caption and "f1 (macro)" in plot.caption
+    # the record says how its metrics were computed, so a chart drawn from the file alone can say it
+    record = EvaluationResult(metrics=["accuracy", "f1"], tasks={}, scores={}, merged=["merged"]).to_dict()
+    assert record["metric_args"] == {"f1": {"average": "macro"}}
+    older = {key: value for key, value in F1_RESULTS.items() if key != "metric_args"}  # written before it was kept
+    assert draw_plots(tmp_path / "older", None, older)[0].title == "F1"
 
 
 def test_evaluate_redrawing_the_chart_retitles_it_in_the_card(tmp_path):
