@@ -102,6 +102,9 @@ def relation_warning(relation: str, method: Any, refitting: bool = False, gated:
     (kept only if it agrees better), not a forced ridge; `units_correspond`: False when the unit matching moved most
     units of fine-tunes of one base (`hf_mudsc.methods.auto.units_correspond`) — then matching was needed."""
     if relation == "same model":
+        if method.needs_base_model:  # its task vectors are trimmed, dropped or scaled: not the model again
+            return (f"the parents are the same model: {method.name!r} rebuilds it from the base and its task vector "
+                    "as that method changes it, not the model itself; 'linear' gives back that model")
         return "the parents are the same model: the merge gives back that model"
     if relation in UNALIGNED_RELATIONS and not method.matches_units:
         start = (f"method {method.name!r} fuses units by position, but the parents are {relation} models whose "

@@ -46,7 +46,7 @@ CHOICES: dict[tuple[str, bool], tuple[str, ...]] = {
     ("shared base", False): ("linear",),
     ("shared base", True): ("ties", "linear"),
     ("same model", False): ("linear",),
-    ("same model", True): ("ties", "linear"),
+    ("same model", True): ("linear",),  # a trimmed or scaled task vector would not give the model back
 }
 # With calibration data, parents whose units already correspond are merged by a data method first.
 WITH_DATA: dict[str, tuple[str, ...]] = {"shared base": ("regmean",), "same model": ("regmean",)}

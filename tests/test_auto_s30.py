@@ -1,0 +1,40 @@
+"""`method="auto"` corners found by the s30 hunt: what it picks must give what its reason and warnings say."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from factories import make_model
+
+import hf_mudsc
+from hf_mudsc.diagnostics import relation_warning
+from hf_mudsc.methods.registry import get_method
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
+
+def _tuned(seed: int = 1) -> tuple[torch.nn.Module, torch.nn.Module]:
+    base = make_model("vit_cls", 0)
+    tuned = copy.deepcopy(base)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in tuned.parameters():
+            tensor += 0.01 * torch.randn(tensor.shape, generator=generator)
+    return base, tuned
+
+
+def test_one_model_given_twice_with_a_base_comes_back_under_auto(caplog):
+    """Two copies of one model and `base=`: auto picked `ties` (density 0.2 trims 80 % of the task vector: logits
+    37 % off) while warning "the merge gives back that model". Auto picks `linear` there, which does; a task-vector
+    method asked for by name is not said to give it back."""
+    base, tuned = _tuned()
+    merged = hf_mudsc.merge([tuned, copy.deepcopy(tuned)], base=base, progress=False)
+    assert merged.config.mudsc["method"] == "linear", merged.config.mudsc["method_choice_reason"]
+    for name, tensor in tuned.state_dict().items():
+        assert torch.equal(merged.state_dict()[name], tensor), name
+    said = relation_warning("same model", get_method("ties"))
+    assert said is not None and "the merge gives back that model" not in said and "'ties' rebuilds" in said, said
+    assert relation_warning("same model", get_method("linear")) == (
+        "the parents are the same model: the merge gives back that model")
