@@ -37,6 +37,7 @@ from hf_mudsc.calibrate.correlation import correlations_from
 from hf_mudsc.calibrate.device import resolve_device
 from hf_mudsc.diagnostics import (
     ADVICE,
+    UNALIGNED_RELATIONS,
     advice_warnings,
     inert_options_warnings,
     merge_warnings,
@@ -941,17 +942,31 @@ def _check_parent_count(method: MergeMethod, count: int, chosen: str | None = No
         f"{', '.join(m.name for m in METHODS.values() if m.num_parents is None) or 'none registered'} (CLI: --method)")
 
 
-def _check_data(method: MergeMethod, calibration: Any, count: int, chosen: str | None = None) -> None:
-    """Refuse a method that reads calibration data when there is none (before loading, unless `auto` chose it)."""
+def _check_data(method: MergeMethod, calibration: Any, count: int, chosen: str | None = None,
+                relation: str | None = None) -> None:
+    """Refuse a method that reads calibration data when there is none (before loading, unless `auto` chose it:
+    then the dataless methods offered are those that fit the parents' `relation`, `dataless_for`)."""
     if calibration is not None or not (method.needs_calibration or method.needs_data):
         return
     why = f"method 'auto' chose {method.name!r} ({chosen}), which" if chosen else f"method {method.name!r}"
-    alternatives = data_free_methods(count)
+    offered = (_dataless_for(relation) if chosen and relation is not None
+               else " / ".join(map(repr, data_free_methods(count)[:3])))
     raise MergeInputError(
         f"{why} needs calibration data (a 'dataset:split' spec, a datasets.Dataset or an iterable of input batches); "
-        f"pass calibration, or merge without data: method={' / '.join(map(repr, alternatives[:3])) or 'auto'} "
-        "(CLI: --method)"
+        f"pass calibration" + (f", or merge without data: method={offered} (CLI: --method)" if offered else "")
     )
+
+
+def _dataless_for(relation: str) -> str:
+    """The methods that merge parents of this relation without data, as offered in a refusal: the weight-only unit
+    matching for parents whose units do not line up (a merge by position collapses them), else `auto`'s own
+    dataless choices (`CHOICES`; a base-reading one marked)."""
+    if relation in UNALIGNED_RELATIONS:
+        names = [name for name in ("weight_matching",) if name in METHODS]
+    else:
+        names = [name for name in CHOICES.get((relation, True), ()) if name in METHODS
+                 and not (METHODS[name].needs_calibration or METHODS[name].needs_data)]
+    return " / ".join(f"{name!r}" + (" (with base)" if METHODS[name].needs_base_model else "") for name in names)
 
 
 def _one_shot_refusal(method: MergeMethod, chosen: str | None, relation: str) -> str:
@@ -961,9 +976,7 @@ def _one_shot_refusal(method: MergeMethod, chosen: str | None, relation: str) ->
                "data (a list of batches or a datasets.Dataset)")
     if not chosen:
         return f"method {method.name!r} {refusal}"
-    dataless = [name for name in CHOICES.get((relation, True), ()) if name in METHODS
-                and not (METHODS[name].needs_calibration or METHODS[name].needs_data)]
-    offered = " / ".join(f"{name!r}" + (" (with base)" if METHODS[name].needs_base_model else "") for name in dataless)
+    offered = _dataless_for(relation)
     return (f"method 'auto' chose {method.name!r} ({chosen}), which {refusal}"
             + (f", or merge without data: method={offered} (CLI: --method)" if offered else ""))
 
@@ -1154,7 +1167,7 @@ def choose_auto(relation: ParentRelation, options: MergeOptions, calibration: An
     logger.info("method auto: %s", reason if checker is None else
                 pending_reason(method, checker, relation.weight_distance))
     _check_parent_count(method, count, chosen=reason)
-    _check_data(method, calibration, count, chosen=reason)
+    _check_data(method, calibration, count, chosen=reason, relation=relation.relation)
     method.check_options(options, count)
     check_size(method, options.size, chosen=reason)
     return method, reason, data_note

@@ -38,3 +38,13 @@ def test_one_model_given_twice_with_a_base_comes_back_under_auto(caplog):
     assert said is not None and "the merge gives back that model" not in said and "'ties' rebuilds" in said, said
     assert relation_warning("same model", get_method("linear")) == (
         "the parents are the same model: the merge gives back that model")
+
+
+def test_auto_without_data_for_different_inits_offers_only_a_method_that_fits_them():
+    """auto chose mudsc for parents from different initializations and, without data, offered 'weight_matching' /
+    'ties' / 'linear': ties needs a base and linear collapses such parents (the merge's own warning says so)."""
+    with pytest.raises(hf_mudsc.errors.MergeInputError) as caught:
+        hf_mudsc.merge([make_model("vit_cls", 1), make_model("vit_cls", 2)], progress=False)
+    message = str(caught.value)
+    assert "method 'auto' chose 'mudsc'" in message and "method='weight_matching' (CLI: --method)" in message, message
+    assert "'ties'" not in message and "'linear'" not in message, message
