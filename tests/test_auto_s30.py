@@ -48,3 +48,21 @@ def test_auto_without_data_for_different_inits_offers_only_a_method_that_fits_th
     message = str(caught.value)
     assert "method 'auto' chose 'mudsc'" in message and "method='weight_matching' (CLI: --method)" in message, message
     assert "'ties'" not in message and "'linear'" not in message, message
+
+
+def test_a_base_named_by_the_cards_that_cannot_load_says_where_it_came_from(tmp_path, monkeypatch):
+    """The base the parents' model cards name (`base_model:`), not in the cache offline: the error named only the Hub
+    id, which the user never typed (with -q the INFO line saying where it came from is hidden), and no fix."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base, tuned = _tuned()
+    folders = []
+    for name in ("ft1", "ft2"):
+        tuned.save_pretrained(tmp_path / name)
+        (tmp_path / name / "README.md").write_text("---\nbase_model: nobody/not-cached-base\n---\n# fine-tune\n")
+        folders.append(str(tmp_path / name))
+    with pytest.raises(hf_mudsc.errors.LoadError) as caught:
+        hf_mudsc.merge(folders, method="ties", progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(
+        "the base model the parents' model cards name ('nobody/not-cached-base'): "), message
+    assert message.endswith("; pass base= (CLI: --base) to merge from another base"), message

@@ -1337,9 +1337,18 @@ def locate_base(located: Sequence[_Located], base: Any = None, *, base_needed_fo
         logger.info("base model %s: %s", base, BASE_FROM_CARDS)
     if base is None:
         return None, None
-    located_base = _locate_with_processor(base, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir)
-    check_model_objects([located_base], [f"the base {located_base.reference!r}"], shapes=False)
-    check_base_config(located_base, located[0])
+    try:
+        located_base = _locate_with_processor(base, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir)
+        check_model_objects([located_base], [f"the base {located_base.reference!r}"], shapes=False)
+        check_base_config(located_base, located[0])
+    except (LoadError, ParentMismatchError) as error:
+        if source != BASE_FROM_CARDS:
+            raise
+        # a name the user never typed (the INFO line saying where it came from is hidden under -q): say so
+        from hf_mudsc.errors import option_hint
+
+        raise type(error)(f"the base model the parents' model cards name ({base!r}): {error}; pass "
+                          f"{option_hint('base')} to merge from another base") from error
     return located_base, source
 
 
