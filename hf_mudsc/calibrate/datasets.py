@@ -128,11 +128,13 @@ def pin_calibration_revision(dataset_spec: str, *, token: str | bool | None = No
 
 
 def dataset_folders(data: Any) -> list[str]:
-    """The folders a `datasets.Dataset` object is read from (its Arrow `cache_files`: a `save_to_disk` folder, a
+    """The folders a `datasets.Dataset` (or `DatasetDict`) object is read from (its Arrow `cache_files`: a `save_to_disk` folder, a
     `load_dataset` cache); [] for in-memory data, batches or a spec string. A merge records them so that its output
     is refused there, as it is in a calibration folder given by path: inputs are never modified."""
     files = getattr(data, "cache_files", None)
-    if not isinstance(files, list):  # a DatasetDict gives a dict; batches, specs and in-memory data give none
+    if isinstance(files, Mapping):  # a DatasetDict: each split's files (a merge may not go into any split's folder)
+        files = [entry for split in files.values() if isinstance(split, list) for entry in split]
+    if not isinstance(files, list):  # batches, specs and in-memory data give none
         return []
     folders = {str(Path(entry["filename"]).parent) for entry in files
                if isinstance(entry, Mapping) and entry.get("filename")}
@@ -1003,15 +1005,32 @@ def _subset(dataset: Any, num_samples: int | None, seed: int, shuffle: bool) -> 
     return dataset.take(num_samples)
 
 
+def single_split(calibration: Any, role: DataRole = CALIBRATION) -> Any:
+    """A `DatasetDict`/`IterableDatasetDict` object's one split (several are refused: which to read is the user's
+    choice; a spec names its split), anything else as is. Shared by the check before weights and the read, so both
+    see the same rows."""
+    import datasets
+
+    if not isinstance(calibration, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        return calibration
+    splits = list(calibration)
+    if len(splits) != 1:
+        raise role.error(f"the {role.data} is a DatasetDict with {len(splits)} splits {splits}; pass one of them, "
+                         f"e.g. dataset[{(splits or ['train'])[0]!r}]")
+    return calibration[splits[0]]
+
+
 def check_calibration_columns(calibration: Any, processors: Any = None, *, image_column: str | None = None,
                               text_column: str | None = None, inputs: Sequence[str] | None = None,
                               model_config: Any = None) -> None:
     """Refuse a calibration dataset the parents cannot read — a column the models need that is missing, a raw column
     without a processor to preprocess it — from its column names and the parents' processors (arguments as
     `resolve_calibration`'s), before any weights are loaded: `resolve_calibration` finds the same, but only once every
-    parent is loaded. Anything but a `datasets.Dataset`/`IterableDataset` (batches, a stream) is checked when read."""
+    parent is loaded. A `DatasetDict` is checked as its one split; anything but a `datasets` object (batches, a stream) is
+    checked when read."""
     import datasets
 
+    calibration = single_split(calibration)
     if not isinstance(calibration, (datasets.Dataset, datasets.IterableDataset)):
         return
     name = loaded_from(calibration) or "calibration data"
@@ -1097,12 +1116,7 @@ def resolve_calibration(
                   else DatasetSpec.parse(calibration, kind=role.kind, error=role.error))
         source = str(parsed)
         calibration = load_calibration_dataset(parsed, streaming=streaming, token=token, role=role)
-    if isinstance(calibration, (datasets.DatasetDict, datasets.IterableDatasetDict)):  # an object: specs name a split
-        splits = list(calibration)
-        if len(splits) != 1:
-            raise role.error(f"the {role.data} is a DatasetDict with {len(splits)} splits {splits}; pass one of them, "
-                             f"e.g. dataset[{(splits or ['train'])[0]!r}]")
-        calibration = calibration[splits[0]]
+    calibration = single_split(calibration, role)
     if not isinstance(calibration, (datasets.Dataset, datasets.IterableDataset)):
         return calibration
     _refuse_empty(calibration, source, role)
