@@ -128,9 +128,10 @@ def pin_calibration_revision(dataset_spec: str, *, token: str | bool | None = No
 
 
 def dataset_folders(data: Any) -> list[str]:
-    """The folders a `datasets.Dataset` (or `DatasetDict`) object is read from (its Arrow `cache_files`: a `save_to_disk` folder, a
-    `load_dataset` cache); [] for in-memory data, batches or a spec string. A merge records them so that its output
-    is refused there, as it is in a calibration folder given by path: inputs are never modified."""
+    """The folders a `datasets.Dataset` (or `DatasetDict`) object is read from (its Arrow `cache_files`: a
+    `save_to_disk` folder, a `load_dataset` cache); [] for in-memory data, batches or a spec string. A merge records
+    them so that its output is refused there, as it is in a calibration folder given by path: inputs are never
+    modified."""
     files = getattr(data, "cache_files", None)
     if isinstance(files, Mapping):  # a DatasetDict: each split's files (a merge may not go into any split's folder)
         files = [entry for split in files.values() if isinstance(split, list) for entry in split]
@@ -1020,19 +1021,30 @@ def single_split(calibration: Any, role: DataRole = CALIBRATION) -> Any:
     return calibration[splits[0]]
 
 
+def refuse_transform(dataset: Any, role: DataRole = CALIBRATION) -> None:
+    """Refuse a `Dataset` with an on-the-fly transform (`with_transform`/`set_transform`): its `column_names` are the
+    stored columns, not what the transform returns, so the columns planned from them are not the rows read (a
+    KeyError inside the user's transform, after the parents were loaded)."""
+    if (getattr(dataset, "format", None) or {}).get("type") == "custom":
+        raise role.error(f"the {role.data} has a transform (with_transform/set_transform), whose output columns are "
+                         "unknown until read; pass the dataset without it (dataset.with_format(None)), or apply it "
+                         "with Dataset.map")
+
+
 def check_calibration_columns(calibration: Any, processors: Any = None, *, image_column: str | None = None,
                               text_column: str | None = None, inputs: Sequence[str] | None = None,
                               model_config: Any = None) -> None:
     """Refuse a calibration dataset the parents cannot read — a column the models need that is missing, a raw column
     without a processor to preprocess it — from its column names and the parents' processors (arguments as
     `resolve_calibration`'s), before any weights are loaded: `resolve_calibration` finds the same, but only once every
-    parent is loaded. A `DatasetDict` is checked as its one split; anything but a `datasets` object (batches, a stream) is
-    checked when read."""
+    parent is loaded. A `DatasetDict` is checked as its one split; anything but a `datasets` object (batches, a stream)
+    is checked when read."""
     import datasets
 
     calibration = single_split(calibration)
     if not isinstance(calibration, (datasets.Dataset, datasets.IterableDataset)):
         return
+    refuse_transform(calibration)
     name = loaded_from(calibration) or "calibration data"
     columns = column_names(calibration, name)
     refuse_no_columns(calibration, columns, name)
@@ -1119,6 +1131,7 @@ def resolve_calibration(
     calibration = single_split(calibration, role)
     if not isinstance(calibration, (datasets.Dataset, datasets.IterableDataset)):
         return calibration
+    refuse_transform(calibration, role)
     _refuse_empty(calibration, source, role)
     if source == "dataset":
         source = getattr(calibration.info, "dataset_name", None) or getattr(calibration.info, "builder_name", None) \
