@@ -470,7 +470,12 @@ class _Preprocessor:
     def _image(self, image: Any) -> Any:
         """PIL images converted to the model's channel count (grayscale data for an RGB model and back); 16-bit,
         32-bit and float images are first brought to 8 bits (`eight_bit`), which `convert` would clip to white;
-        arrays become the PIL images of their values (`array_image`) unless the processor does not rescale."""
+        arrays become the PIL images of their values (`array_image`) unless the processor does not rescale. A missing
+        image or a mode Pillow cannot convert is one line naming the column and the fix, as a text row's is."""
+        if image is None:  # the processor would fail on it with "Unsupported number of image dimensions: 0"
+            raise self.role.error(f"column {self.image_column!r} of the {self.role.data} holds a missing value (None), "
+                                  "not an image; drop those rows (Dataset.filter) or name the image column with "
+                                  f"{option_hint('image_column')}")
         convert = getattr(image, "convert", None)
         if convert is None:
             if isinstance(image, Mapping) and "bytes" in image:  # a stream that declared no features
@@ -484,11 +489,16 @@ class _Preprocessor:
         elif image.mode.startswith("I") or image.mode == "F":
             image = eight_bit(image, self.image_column, self.role)
             convert = image.convert
-        if self.num_channels == 1 and image.mode != "L":
-            return convert("L")
-        if self.num_channels in (3, None) and image.mode != "RGB":
-            return convert("RGB")
-        return image
+        mode = "L" if self.num_channels == 1 else "RGB" if self.num_channels in (3, None) else None
+        if mode is None or image.mode == mode:
+            return image
+        try:
+            return convert(mode)
+        except ValueError as error:  # a mode Pillow has no conversion for (LAB, HSV, CMYK to L, ...)
+            raise self.role.error(
+                f"column {self.image_column!r} of the {self.role.data} holds an image of mode {image.mode!r}, which "
+                f"Pillow cannot convert to {mode!r} ({brief(error)}); convert those images yourself (Dataset.map) or "
+                "drop those rows (Dataset.filter)") from None
 
 
 def declared_integer_dtype(feature: Any) -> str | None:
