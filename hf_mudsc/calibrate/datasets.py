@@ -83,6 +83,15 @@ class DataRole:
 CALIBRATION = DataRole()
 
 
+def given_processor_role(processor: Any) -> DataRole:
+    """The calibration role when merge() was passed `processor=`: a column it cannot preprocess is its lack (named
+    by its class), not the parents', whose processors are not read then, and the fix is another processor or none."""
+    whose = f"the processor passed to merge() (processor=, a {type(processor).__name__})"
+    return replace(CALIBRATION, image_processor=f"{whose}'s image processor", lacking=f"{whose} has no {{kind}}",
+                   fix="pass a processor that has it, or leave processor= out to use the parents'",
+                   processor="the processor passed to merge()")
+
+
 def config_preprocessing(model_config: Any) -> tuple[int | None, int | None]:
     """What a model's config adds to its processor's preprocessing: the image channel count and the text position
     limit. Models with equal processors but configs that differ here need inputs of their own."""
@@ -1043,7 +1052,7 @@ def refuse_transform(dataset: Any, role: DataRole = CALIBRATION) -> None:
 
 def check_calibration_columns(calibration: Any, processors: Any = None, *, image_column: str | None = None,
                               text_column: str | None = None, inputs: Sequence[str] | None = None,
-                              model_config: Any = None) -> None:
+                              model_config: Any = None, role: DataRole = CALIBRATION) -> None:
     """Refuse a calibration dataset the parents cannot read — a column the models need that is missing, a raw column
     without a processor to preprocess it — from its column names and the parents' processors (arguments as
     `resolve_calibration`'s), before any weights are loaded: `resolve_calibration` finds the same, but only once every
@@ -1051,10 +1060,10 @@ def check_calibration_columns(calibration: Any, processors: Any = None, *, image
     is checked when read."""
     import datasets
 
-    calibration = single_split(calibration)
+    calibration = single_split(calibration, role)
     if not isinstance(calibration, (datasets.Dataset, datasets.IterableDataset)):
         return
-    refuse_transform(calibration)
+    refuse_transform(calibration, role)
     name = loaded_from(calibration) or "calibration data"
     columns = column_names(calibration, name)
     refuse_no_columns(calibration, columns, name)
@@ -1064,7 +1073,7 @@ def check_calibration_columns(calibration: Any, processors: Any = None, *, image
     if inputs is None:
         inputs = _infer_inputs(columns, image_processor_of(processor), tokenizer_of(processor), image_column,
                                text_column)
-    _plan(columns, tuple(inputs), processor, image_column, text_column, model_config,
+    _plan(columns, tuple(inputs), processor, image_column, text_column, model_config, role,
           features=getattr(calibration, "features", None), quiet=True)
 
 
