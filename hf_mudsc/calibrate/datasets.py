@@ -75,6 +75,11 @@ class DataRole:
     processor: str = "the parents' processor"
     """Whose processor that log line says preprocessed raw columns."""
 
+    @property
+    def tokenizer(self) -> str:
+        """Whose tokenizer it is, as `image_processor` says whose image processor (`the parents' tokenizer`)."""
+        return self.image_processor.replace("image processor", "tokenizer")
+
     def names(self, what: str, name: str) -> str:
         """The data source as this role's messages name it (`source`)."""
         return self.source.format(what=what, name=name)
@@ -933,6 +938,9 @@ def _plan(columns: Sequence[str], inputs: Sequence[str], processor: Any, image_c
         _refuse_column_kinds(features, use_image, column, role)
     if use_image:
         refuse_oversized_resize(image_processor, model_config, role)
+        refuse_other_image_size(image_processor, model_config, role)
+    if use_text:
+        refuse_larger_vocabulary(tokenizer, model_config, role)
     preprocess = _Preprocessor(
         image_column=use_image, text_column=use_text, text_pair_column=texts[1] if len(texts) == 2 else None,
         image_processor=image_processor if use_image else None,
@@ -1101,6 +1109,62 @@ def refuse_oversized_resize(image_processor: Any, model_config: Any, role: DataR
                     f"of {side}x{side} (its config's image_size); each image of the {role.data} would take memory "
                     f"for pixels it cannot read: restore the preprocessor_config.json saved with the model "
                     f"({attribute} near {side})")
+
+
+def _side_pair(value: Any) -> tuple[int, int] | None:
+    """A processor's `size`/`crop_size` as (height, width) when it names both (not `shortest_edge`: that output
+    depends on each image's aspect)."""
+    def number(key: str) -> Any:
+        return value.get(key) if isinstance(value, Mapping) else getattr(value, key, None)
+
+    height, width = number("height"), number("width")
+    if all(isinstance(n, int) and not isinstance(n, bool) for n in (height, width)):
+        return height, width
+    return None
+
+
+def refuse_other_image_size(image_processor: Any, model_config: Any, role: DataRole = CALIBRATION) -> None:
+    """Refuse an image processor whose output size (its `crop_size` when it center-crops, else its `size`) is not the
+    model's `image_size`, before any weight is read: every batch it makes would be refused once the parents are
+    loaded (`statistics.ModelInputCheck`), with advice to preprocess with that very processor."""
+    vision = getattr(model_config, "vision_config", None) or model_config
+    size = getattr(vision, "image_size", None)
+    side = ((size, size) if isinstance(size, int) and not isinstance(size, bool) and size > 0
+            else tuple(size) if isinstance(size, (list, tuple)) and len(size) == 2 else None)
+    if image_processor is None or side is None:
+        return
+    if getattr(image_processor, "do_center_crop", False):
+        attribute = "crop_size"
+    elif getattr(image_processor, "do_resize", True):
+        attribute = "size"
+    else:
+        return
+    made = _side_pair(getattr(image_processor, attribute, None))
+    if made is not None and made != side:
+        raise role.error(
+            f"{role.image_processor} ({type(image_processor).__name__}) makes images of {made[0]}x{made[1]} pixels "
+            f"({attribute} in its preprocessor_config.json), but the model reads {side[0]}x{side[1]} (its config's "
+            f"image_size {size}); set the processor's {attribute} to {side[0]}x{side[1]} (or pass the "
+            "preprocessor_config.json saved with the model)")
+
+
+def refuse_larger_vocabulary(tokenizer: Any, model_config: Any, role: DataRole = CALIBRATION) -> None:
+    """Refuse a tokenizer that knows more tokens than the model's config `vocab_size`, before any weight is read: its
+    ids from vocab_size on have no embedding, and the batches it makes would be refused once the parents are loaded
+    (`statistics.ModelInputCheck`), with advice to tokenize with that very tokenizer."""
+    text = getattr(model_config, "text_config", None) or model_config
+    vocab_size = getattr(text, "vocab_size", None)
+    if tokenizer is None or not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size <= 0:
+        return
+    try:
+        known = len(tokenizer)
+    except TypeError:
+        return
+    if known > vocab_size:
+        raise role.error(
+            f"{role.tokenizer} ({type(tokenizer).__name__}) knows {known} tokens, but the model's config has "
+            f"vocab_size {vocab_size}: ids from {vocab_size} on have no embedding; pass the tokenizer saved with the "
+            "model (its tokenizer files)")
 
 
 def resolve_calibration(
