@@ -611,8 +611,8 @@ def merge(
     # per merge and joins the merge's warnings (ids past the vocabulary, images of another shape are refused).
     from hf_mudsc.calibrate.statistics import ModelInputCheck
 
-    input_check = ModelInputCheck.of(model_a.config, preprocessed=isinstance(calibration, CalibrationStream)
-                                     and calibration.preprocess is not None)
+    input_check = ModelInputCheck.of(
+        model_a.config, preprocessed=calibration.made_inputs if isinstance(calibration, CalibrationStream) else ())
 
     def calibration_batches() -> Iterator[dict]:
         """A fresh pass over the (resolved) calibration data, as every step that reads it again reads it."""

@@ -38,6 +38,7 @@ TEXT_PAIR_COLUMNS = (("sentence1", "sentence2"), ("question", "sentence"), ("pre
 # Columns passed to the models as they are (everything else, e.g. labels, is dropped).
 MODEL_INPUT_COLUMNS = ("pixel_values", "input_ids", "attention_mask", "token_type_ids", "position_ids",
                        "pixel_mask")
+_IMAGE_INPUTS = ("pixel_values", "pixel_mask")  # the image processor's outputs; the other model inputs are text's
 SHUFFLE_BUFFER_SIZE = 1000
 DEFAULT_BATCH_SIZE = 32
 _TEXT_LIMIT = 512  # fallback truncation when neither the tokenizer nor the config gives one
@@ -448,9 +449,18 @@ class _Preprocessor:
     image_dtype: str | None = None
     """The integer dtype the image column declares for its array values (`Value('uint16')`): every image is read at
     that bit depth (`array_image`), not by its own range."""
+    given: tuple[str, ...] = ()
+    """Model-input columns of the other kind, passed as they are (raw images with tokenized `input_ids`)."""
 
     def __call__(self, rows: Mapping[str, Sequence[Any]]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
+        for column in self.given:  # as `with_format("torch")` reads them: floats as float32, integers as int64
+            value = _as_tensor(rows[column])
+            if value.is_floating_point():
+                value = value.float()
+            elif value.dtype != torch.bool:
+                value = value.long()
+            out[column] = value
         if self.image_column is not None:
             images = [self._image(x) for x in rows[self.image_column]]
             try:
@@ -643,6 +653,13 @@ class CalibrationStream:
         if isinstance(self.dataset, datasets.Dataset):
             return len(self.dataset)
         return None
+
+    @property
+    def made_inputs(self) -> tuple[str, ...]:
+        """The model inputs `preprocess` makes from raw columns (`pixel_values`, `input_ids`); given ones are not."""
+        made = (("pixel_values", getattr(self.preprocess, "image_column", None)),
+                ("input_ids", getattr(self.preprocess, "text_column", None)))
+        return tuple(name for name, column in made if column is not None)
 
     def shard(self, rank: int, world_size: int) -> CalibrationStream:
         """This process's part (`process_share`); all parts add up to the single-process stream."""
@@ -914,12 +931,14 @@ def _plan(columns: Sequence[str], inputs: Sequence[str], processor: Any, image_c
                          f"columns {list(columns)}")
     image_processor, tokenizer = image_processor_of(processor), tokenizer_of(processor)
     use_image = use_text = None
-    if "pixel_values" in inputs:
+    # One kind given as model inputs and the other raw (CLIP: raw images with tokenized input_ids): only the raw kind
+    # is preprocessed, the given columns pass as they are.
+    if "pixel_values" in inputs and (image_column is not None or "pixel_values" not in columns):
         use_image = image_column or _first_present(IMAGE_COLUMNS, columns)
         _require_raw("pixel_values", "image", use_image, IMAGE_COLUMNS, "image_column", image_processor,
                      "image processor (preprocessor_config.json)", columns, role)
     texts: tuple[str, ...] = ()
-    if "input_ids" in inputs:
+    if "input_ids" in inputs and (given_text is not None or "input_ids" not in columns):
         texts = given_text or _detect_text(columns, role)
         use_text = texts[0] if texts else None
         looked_for = [*TEXT_COLUMNS, *("+".join(pair) for pair in TEXT_PAIR_COLUMNS)]
@@ -947,8 +966,10 @@ def _plan(columns: Sequence[str], inputs: Sequence[str], processor: Any, image_c
         tokenizer=tokenizer if use_text else None, num_channels=_num_channels(model_config),
         max_length=_max_length(tokenizer, model_config, max_tokens) if use_text else None, role=role,
         image_dtype=declared_integer_dtype((features or {}).get(use_image)) if use_image else None,
+        given=tuple(c for c in columns if (c in MODEL_INPUT_COLUMNS or c in inputs)
+                    and not (use_image and c in _IMAGE_INPUTS) and not (use_text and c not in _IMAGE_INPUTS)),
     )
-    return [c for c in (use_image, *texts) if c is not None], preprocess
+    return [c for c in (use_image, *texts, *preprocess.given) if c is not None], preprocess
 
 
 def text_columns(text_column: str | None, role: DataRole = CALIBRATION) -> tuple[str, ...] | None:

@@ -160,9 +160,9 @@ class ModelInputCheck:
     max_tokens: int | None = None
     """The longest `input_ids` the models read (their position embeddings end there): evaluation checks it here;
     calibration's `iter_batches` checks it itself (`_check_length`)."""
-    preprocessed: bool = False
-    """The batches are made from raw columns by the processor: advising to pass raw data would advise what was done;
-    the processor and the config disagree."""
+    preprocessed: tuple[str, ...] = ()
+    """The inputs the processor made from raw columns (`pixel_values`, `input_ids`): advising to pass raw data would
+    advise what was done; the processor and the config disagree."""
 
     @classmethod
     def of(cls, config: Any, **naming: Any) -> ModelInputCheck:
@@ -188,7 +188,7 @@ class ModelInputCheck:
 
     @property
     def _preprocess(self) -> str:
-        if self.preprocessed:
+        if "pixel_values" in self.preprocessed:
             return ("they were made from the raw images by the image processor, whose output disagrees with the "
                     "config: set its size (crop_size when it center-crops) in preprocessor_config.json to the config's "
                     "image_size")
@@ -196,7 +196,7 @@ class ModelInputCheck:
 
     @property
     def _tokenize(self) -> str:
-        if self.preprocessed:
+        if "input_ids" in self.preprocessed:
             return ("they were made from the raw text by the tokenizer, which knows more tokens than the config: pass "
                     "the tokenizer saved with the model")
         return f"tokenize the text with {self._whose} tokenizer (or pass raw text, which is)"
