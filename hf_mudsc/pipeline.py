@@ -437,9 +437,11 @@ def merge(
         raise MergeInputError(str(error)) from None
     from hf_mudsc.calibrate.dataset_spec import spec_text
     from hf_mudsc.calibrate.datasets import (
+        CALIBRATION,
         CalibrationStream,
         SamePasses,
         dataset_folders,
+        given_processor_role,
         load_calibration_dataset,
         pin_calibration_revision,
         resolve_calibration,
@@ -468,7 +470,7 @@ def merge(
         return plan_merge(models, calibration, merge_options, token=token,
                           streams=lambda planned: streams_parents(planned, merge_options, calibration, count),
                           check_columns=lambda data, processors, model_a: check_calibration_before_weights(
-                              data, processor if processor is not None else processors, model_a, merge_options))
+                              data, processors, model_a, merge_options, given=processor))
     # `auto` opens the calibration data it was given: the method it chooses may read it.
     needs_data = calibration is not None if merge_method is None else _reads_data(merge_method, refitting)
     given_calibration_name = _calibration_name(calibration) if calibration is not None else None
@@ -499,8 +501,8 @@ def merge(
 
     def check_data(processors: list[Any]) -> None:  # a method known to read the data: its columns, before weights
         if merge_method is not None and needs_data and "config" in first:
-            check_calibration_before_weights(calibration, processor if processor is not None else processors,
-                                             first["config"], merge_options)
+            check_calibration_before_weights(calibration, processors, first["config"], merge_options,
+                                             given=processor)
 
     early = [auto_choice] if auto_choice is not None else []  # `auto`'s choice when made before loading
 
@@ -597,6 +599,7 @@ def merge(
             image_column=image_column, text_column=text_column,
             num_samples=num_samples, seed=seed, inputs=spec.inputs or None, model_config=model_a.config,
             token=token, max_tokens=spec.max_tokens,
+            role=given_processor_role(processor) if processor is not None else CALIBRATION,
         )
         # A loader that reshuffles each pass would pair one pass's outputs with another's inputs: refused, and
         # before any work when the merge is known to read the data again (its own passes, a refit, alpha="auto").
@@ -609,7 +612,8 @@ def merge(
     # per merge and joins the merge's warnings (ids past the vocabulary, images of another shape are refused).
     from hf_mudsc.calibrate.statistics import ModelInputCheck
 
-    input_check = ModelInputCheck.of(model_a.config)
+    input_check = ModelInputCheck.of(
+        model_a.config, preprocessed=calibration.made_inputs if isinstance(calibration, CalibrationStream) else ())
 
     def calibration_batches() -> Iterator[dict]:
         """A fresh pass over the (resolved) calibration data, as every step that reads it again reads it."""
@@ -1211,8 +1215,8 @@ def auto_before_loading(views: Sequence[LoadedParent], options: MergeOptions, ca
                  base=has_base and base_loaded_whole(base, None, streaming=lazy),
                  base_copy=base_copied(found_base, views[0], streaming=lazy))
     if calibration is not None and reads_calibration(method, options, calibration, count):
-        check_calibration_before_weights(calibration, processor if processor is not None else
-                                         [view.processor for view in views], model_a.config, options)
+        check_calibration_before_weights(calibration, [view.processor for view in views], model_a.config, options,
+                                         given=processor)
     return AutoChoice(method=method, reason=reason, relation=relation, streams=lazy,
                       parents=tuple(view.pinned_reference for view in views), data_note=data_note)
 
@@ -1236,17 +1240,20 @@ def _check_choice_parents(choice: AutoChoice, models: Sequence[Any]) -> None:
         "it out (merge() then chooses itself)")
 
 
-def check_calibration_before_weights(calibration: Any, processors: Any, config: Any, options: MergeOptions) -> None:
+def check_calibration_before_weights(calibration: Any, processors: Any, config: Any, options: MergeOptions,
+                                     given: Any = None) -> None:
     """Refuse calibration data whose columns the parents cannot read (a missing model input, a raw column no parent's
     processor preprocesses) from the first parent's config (or model) and the parents' processors, before any
     weights are read (`hf_mudsc.calibrate.datasets.check_calibration_columns`). merge() and the CLI call it for a
-    method that reads the data."""
-    from hf_mudsc.calibrate.datasets import check_calibration_columns
+    method that reads the data. `given`: the processor passed to merge(), read instead of the parents' (and named
+    when it cannot read the data)."""
+    from hf_mudsc.calibrate.datasets import CALIBRATION, check_calibration_columns, given_processor_role
 
     model = config if isinstance(config, PreTrainedModel) else meta_model(config)
-    check_calibration_columns(calibration, processors, image_column=options.image_column,
-                              text_column=options.text_column, inputs=spec_for(model).inputs or None,
-                              model_config=model.config)
+    check_calibration_columns(calibration, given if given is not None else processors,
+                              image_column=options.image_column, text_column=options.text_column,
+                              inputs=spec_for(model).inputs or None, model_config=model.config,
+                              role=given_processor_role(given) if given is not None else CALIBRATION)
 
 
 def parameter_shapes(config: Any) -> dict[str, tuple[int, ...]]:

@@ -1038,7 +1038,7 @@ def _numel(shape: Sequence[int]) -> int:
 def _calibration_plan(calibration: Any, options: MergeOptions, tokens: Mapping[str, int], assumed: bool, *,
                       token: str | bool | None, check: Callable[[Any], None] | None = None) -> CalibrationPlan:
     """The rows the merge would read: the split opened (not read) for a spec, counted for objects. `check(data)`
-    refuses columns the parents cannot read, run on a `datasets.Dataset` or local data only — a Hub dataset would
+    refuses columns the parents cannot read, run on a `datasets` object or local data only — a Hub spec would
     have to be downloaded (the plan then says its columns were not checked)."""
     import datasets
 
@@ -1053,7 +1053,8 @@ def _calibration_plan(calibration: Any, options: MergeOptions, tokens: Mapping[s
                               "--calibration) or another method (CLI: --method)")
     source = "dataset"
     available: int | None = None
-    at_hand = isinstance(calibration, datasets.Dataset)
+    in_memory = (datasets.Dataset, datasets.IterableDataset, datasets.DatasetDict, datasets.IterableDatasetDict)
+    at_hand = isinstance(calibration, in_memory)  # an object given: its columns are known without a download
     unchecked = "a dataset that is not local is not downloaded by a dry run; the merge checks them before weights"
     if isinstance(calibration, (list, tuple)):
         unchecked = "batches are checked as the merge reads them"
@@ -1062,6 +1063,8 @@ def _calibration_plan(calibration: Any, options: MergeOptions, tokens: Mapping[s
         spec = pin_calibration_revision(os.fspath(calibration), token=token)
         source = str(pinned_calibration(spec))
         calibration = load_calibration_dataset(spec, token=token)
+    if isinstance(calibration, (datasets.DatasetDict, datasets.IterableDatasetDict)) and len(calibration) == 1:
+        calibration = next(iter(calibration.values()))  # its one split is read (several: refused by `check`)
     if isinstance(calibration, datasets.Dataset):
         available = len(calibration)
     elif isinstance(calibration, datasets.IterableDataset):

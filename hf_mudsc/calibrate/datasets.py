@@ -38,6 +38,7 @@ TEXT_PAIR_COLUMNS = (("sentence1", "sentence2"), ("question", "sentence"), ("pre
 # Columns passed to the models as they are (everything else, e.g. labels, is dropped).
 MODEL_INPUT_COLUMNS = ("pixel_values", "input_ids", "attention_mask", "token_type_ids", "position_ids",
                        "pixel_mask")
+_IMAGE_INPUTS = ("pixel_values", "pixel_mask")  # the image processor's outputs; the other model inputs are text's
 SHUFFLE_BUFFER_SIZE = 1000
 DEFAULT_BATCH_SIZE = 32
 _TEXT_LIMIT = 512  # fallback truncation when neither the tokenizer nor the config gives one
@@ -75,12 +76,26 @@ class DataRole:
     processor: str = "the parents' processor"
     """Whose processor that log line says preprocessed raw columns."""
 
+    @property
+    def tokenizer(self) -> str:
+        """Whose tokenizer it is, as `image_processor` says whose image processor (`the parents' tokenizer`)."""
+        return self.image_processor.replace("image processor", "tokenizer")
+
     def names(self, what: str, name: str) -> str:
         """The data source as this role's messages name it (`source`)."""
         return self.source.format(what=what, name=name)
 
 
 CALIBRATION = DataRole()
+
+
+def given_processor_role(processor: Any) -> DataRole:
+    """The calibration role when merge() was passed `processor=`: a column it cannot preprocess is its lack (named
+    by its class), not the parents', whose processors are not read then, and the fix is another processor or none."""
+    whose = f"the processor passed to merge() (processor=, a {type(processor).__name__})"
+    return replace(CALIBRATION, image_processor=f"{whose}'s image processor", lacking=f"{whose} has no {{kind}}",
+                   fix="pass a processor that has it, or leave processor= out to use the parents'",
+                   processor="the processor passed to merge()")
 
 
 def config_preprocessing(model_config: Any) -> tuple[int | None, int | None]:
@@ -128,11 +143,14 @@ def pin_calibration_revision(dataset_spec: str, *, token: str | bool | None = No
 
 
 def dataset_folders(data: Any) -> list[str]:
-    """The folders a `datasets.Dataset` object is read from (its Arrow `cache_files`: a `save_to_disk` folder, a
-    `load_dataset` cache); [] for in-memory data, batches or a spec string. A merge records them so that its output
-    is refused there, as it is in a calibration folder given by path: inputs are never modified."""
+    """The folders a `datasets.Dataset` (or `DatasetDict`) object is read from (its Arrow `cache_files`: a
+    `save_to_disk` folder, a `load_dataset` cache); [] for in-memory data, batches or a spec string. A merge records
+    them so that its output is refused there, as it is in a calibration folder given by path: inputs are never
+    modified."""
     files = getattr(data, "cache_files", None)
-    if not isinstance(files, list):  # a DatasetDict gives a dict; batches, specs and in-memory data give none
+    if isinstance(files, Mapping):  # a DatasetDict: each split's files (a merge may not go into any split's folder)
+        files = [entry for split in files.values() if isinstance(split, list) for entry in split]
+    if not isinstance(files, list):  # batches, specs and in-memory data give none
         return []
     folders = {str(Path(entry["filename"]).parent) for entry in files
                if isinstance(entry, Mapping) and entry.get("filename")}
@@ -431,9 +449,18 @@ class _Preprocessor:
     image_dtype: str | None = None
     """The integer dtype the image column declares for its array values (`Value('uint16')`): every image is read at
     that bit depth (`array_image`), not by its own range."""
+    given: tuple[str, ...] = ()
+    """Model-input columns of the other kind, passed as they are (raw images with tokenized `input_ids`)."""
 
     def __call__(self, rows: Mapping[str, Sequence[Any]]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
+        for column in self.given:  # as `with_format("torch")` reads them: floats as float32, integers as int64
+            value = _as_tensor(rows[column])
+            if value.is_floating_point():
+                value = value.float()
+            elif value.dtype != torch.bool:
+                value = value.long()
+            out[column] = value
         if self.image_column is not None:
             images = [self._image(x) for x in rows[self.image_column]]
             try:
@@ -467,7 +494,12 @@ class _Preprocessor:
     def _image(self, image: Any) -> Any:
         """PIL images converted to the model's channel count (grayscale data for an RGB model and back); 16-bit,
         32-bit and float images are first brought to 8 bits (`eight_bit`), which `convert` would clip to white;
-        arrays become the PIL images of their values (`array_image`) unless the processor does not rescale."""
+        arrays become the PIL images of their values (`array_image`) unless the processor does not rescale. A missing
+        image or a mode Pillow cannot convert is one line naming the column and the fix, as a text row's is."""
+        if image is None:  # the processor would fail on it with "Unsupported number of image dimensions: 0"
+            raise self.role.error(f"column {self.image_column!r} of the {self.role.data} holds a missing value (None), "
+                                  "not an image; drop those rows (Dataset.filter) or name the image column with "
+                                  f"{option_hint('image_column')}")
         convert = getattr(image, "convert", None)
         if convert is None:
             if isinstance(image, Mapping) and "bytes" in image:  # a stream that declared no features
@@ -481,11 +513,16 @@ class _Preprocessor:
         elif image.mode.startswith("I") or image.mode == "F":
             image = eight_bit(image, self.image_column, self.role)
             convert = image.convert
-        if self.num_channels == 1 and image.mode != "L":
-            return convert("L")
-        if self.num_channels in (3, None) and image.mode != "RGB":
-            return convert("RGB")
-        return image
+        mode = "L" if self.num_channels == 1 else "RGB" if self.num_channels in (3, None) else None
+        if mode is None or image.mode == mode:
+            return image
+        try:
+            return convert(mode)
+        except ValueError as error:  # a mode Pillow has no conversion for (LAB, HSV, CMYK to L, ...)
+            raise self.role.error(
+                f"column {self.image_column!r} of the {self.role.data} holds an image of mode {image.mode!r}, which "
+                f"Pillow cannot convert to {mode!r} ({brief(error)}); convert those images yourself (Dataset.map) or "
+                "drop those rows (Dataset.filter)") from None
 
 
 def declared_integer_dtype(feature: Any) -> str | None:
@@ -616,6 +653,13 @@ class CalibrationStream:
         if isinstance(self.dataset, datasets.Dataset):
             return len(self.dataset)
         return None
+
+    @property
+    def made_inputs(self) -> tuple[str, ...]:
+        """The model inputs `preprocess` makes from raw columns (`pixel_values`, `input_ids`); given ones are not."""
+        made = (("pixel_values", getattr(self.preprocess, "image_column", None)),
+                ("input_ids", getattr(self.preprocess, "text_column", None)))
+        return tuple(name for name, column in made if column is not None)
 
     def shard(self, rank: int, world_size: int) -> CalibrationStream:
         """This process's part (`process_share`); all parts add up to the single-process stream."""
@@ -887,12 +931,14 @@ def _plan(columns: Sequence[str], inputs: Sequence[str], processor: Any, image_c
                          f"columns {list(columns)}")
     image_processor, tokenizer = image_processor_of(processor), tokenizer_of(processor)
     use_image = use_text = None
-    if "pixel_values" in inputs:
+    # One kind given as model inputs and the other raw (CLIP: raw images with tokenized input_ids): only the raw kind
+    # is preprocessed, the given columns pass as they are.
+    if "pixel_values" in inputs and (image_column is not None or "pixel_values" not in columns):
         use_image = image_column or _first_present(IMAGE_COLUMNS, columns)
         _require_raw("pixel_values", "image", use_image, IMAGE_COLUMNS, "image_column", image_processor,
                      "image processor (preprocessor_config.json)", columns, role)
     texts: tuple[str, ...] = ()
-    if "input_ids" in inputs:
+    if "input_ids" in inputs and (given_text is not None or "input_ids" not in columns):
         texts = given_text or _detect_text(columns, role)
         use_text = texts[0] if texts else None
         looked_for = [*TEXT_COLUMNS, *("+".join(pair) for pair in TEXT_PAIR_COLUMNS)]
@@ -911,14 +957,19 @@ def _plan(columns: Sequence[str], inputs: Sequence[str], processor: Any, image_c
         _refuse_column_kinds(features, use_image, column, role)
     if use_image:
         refuse_oversized_resize(image_processor, model_config, role)
+        refuse_other_image_size(image_processor, model_config, role)
+    if use_text:
+        refuse_larger_vocabulary(tokenizer, model_config, role)
     preprocess = _Preprocessor(
         image_column=use_image, text_column=use_text, text_pair_column=texts[1] if len(texts) == 2 else None,
         image_processor=image_processor if use_image else None,
         tokenizer=tokenizer if use_text else None, num_channels=_num_channels(model_config),
         max_length=_max_length(tokenizer, model_config, max_tokens) if use_text else None, role=role,
         image_dtype=declared_integer_dtype((features or {}).get(use_image)) if use_image else None,
+        given=tuple(c for c in columns if (c in MODEL_INPUT_COLUMNS or c in inputs)
+                    and not (use_image and c in _IMAGE_INPUTS) and not (use_text and c not in _IMAGE_INPUTS)),
     )
-    return [c for c in (use_image, *texts) if c is not None], preprocess
+    return [c for c in (use_image, *texts, *preprocess.given) if c is not None], preprocess
 
 
 def text_columns(text_column: str | None, role: DataRole = CALIBRATION) -> tuple[str, ...] | None:
@@ -1003,17 +1054,45 @@ def _subset(dataset: Any, num_samples: int | None, seed: int, shuffle: bool) -> 
     return dataset.take(num_samples)
 
 
+def single_split(calibration: Any, role: DataRole = CALIBRATION) -> Any:
+    """A `DatasetDict`/`IterableDatasetDict` object's one split (several are refused: which to read is the user's
+    choice; a spec names its split), anything else as is. Shared by the check before weights and the read, so both
+    see the same rows."""
+    import datasets
+
+    if not isinstance(calibration, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        return calibration
+    splits = list(calibration)
+    if len(splits) != 1:
+        raise role.error(f"the {role.data} is a DatasetDict with {len(splits)} splits {splits}; pass one of them, "
+                         f"e.g. dataset[{(splits or ['train'])[0]!r}]")
+    return calibration[splits[0]]
+
+
+def refuse_transform(dataset: Any, role: DataRole = CALIBRATION) -> None:
+    """Refuse a `Dataset` with an on-the-fly transform (`with_transform`/`set_transform`): its `column_names` are the
+    stored columns, not what the transform returns, so the columns planned from them are not the rows read (a
+    KeyError inside the user's transform, after the parents were loaded)."""
+    if (getattr(dataset, "format", None) or {}).get("type") == "custom":
+        raise role.error(f"the {role.data} has a transform (with_transform/set_transform), whose output columns are "
+                         "unknown until read; pass the dataset without it (dataset.with_format(None)), or apply it "
+                         "with Dataset.map")
+
+
 def check_calibration_columns(calibration: Any, processors: Any = None, *, image_column: str | None = None,
                               text_column: str | None = None, inputs: Sequence[str] | None = None,
-                              model_config: Any = None) -> None:
+                              model_config: Any = None, role: DataRole = CALIBRATION) -> None:
     """Refuse a calibration dataset the parents cannot read — a column the models need that is missing, a raw column
     without a processor to preprocess it — from its column names and the parents' processors (arguments as
     `resolve_calibration`'s), before any weights are loaded: `resolve_calibration` finds the same, but only once every
-    parent is loaded. Anything but a `datasets.Dataset`/`IterableDataset` (batches, a stream) is checked when read."""
+    parent is loaded. A `DatasetDict` is checked as its one split; anything but a `datasets` object (batches, a stream)
+    is checked when read."""
     import datasets
 
+    calibration = single_split(calibration, role)
     if not isinstance(calibration, (datasets.Dataset, datasets.IterableDataset)):
         return
+    refuse_transform(calibration, role)
     name = loaded_from(calibration) or "calibration data"
     columns = column_names(calibration, name)
     refuse_no_columns(calibration, columns, name)
@@ -1023,7 +1102,7 @@ def check_calibration_columns(calibration: Any, processors: Any = None, *, image
     if inputs is None:
         inputs = _infer_inputs(columns, image_processor_of(processor), tokenizer_of(processor), image_column,
                                text_column)
-    _plan(columns, tuple(inputs), processor, image_column, text_column, model_config,
+    _plan(columns, tuple(inputs), processor, image_column, text_column, model_config, role,
           features=getattr(calibration, "features", None), quiet=True)
 
 
@@ -1051,6 +1130,62 @@ def refuse_oversized_resize(image_processor: Any, model_config: Any, role: DataR
                     f"of {side}x{side} (its config's image_size); each image of the {role.data} would take memory "
                     f"for pixels it cannot read: restore the preprocessor_config.json saved with the model "
                     f"({attribute} near {side})")
+
+
+def _side_pair(value: Any) -> tuple[int, int] | None:
+    """A processor's `size`/`crop_size` as (height, width) when it names both (not `shortest_edge`: that output
+    depends on each image's aspect)."""
+    def number(key: str) -> Any:
+        return value.get(key) if isinstance(value, Mapping) else getattr(value, key, None)
+
+    height, width = number("height"), number("width")
+    if all(isinstance(n, int) and not isinstance(n, bool) for n in (height, width)):
+        return height, width
+    return None
+
+
+def refuse_other_image_size(image_processor: Any, model_config: Any, role: DataRole = CALIBRATION) -> None:
+    """Refuse an image processor whose output size (its `crop_size` when it center-crops, else its `size`) is not the
+    model's `image_size`, before any weight is read: every batch it makes would be refused once the parents are
+    loaded (`statistics.ModelInputCheck`), with advice to preprocess with that very processor."""
+    vision = getattr(model_config, "vision_config", None) or model_config
+    size = getattr(vision, "image_size", None)
+    side = ((size, size) if isinstance(size, int) and not isinstance(size, bool) and size > 0
+            else tuple(size) if isinstance(size, (list, tuple)) and len(size) == 2 else None)
+    if image_processor is None or side is None:
+        return
+    if getattr(image_processor, "do_center_crop", False):
+        attribute = "crop_size"
+    elif getattr(image_processor, "do_resize", True):
+        attribute = "size"
+    else:
+        return
+    made = _side_pair(getattr(image_processor, attribute, None))
+    if made is not None and made != side:
+        raise role.error(
+            f"{role.image_processor} ({type(image_processor).__name__}) makes images of {made[0]}x{made[1]} pixels "
+            f"({attribute} in its preprocessor_config.json), but the model reads {side[0]}x{side[1]} (its config's "
+            f"image_size {size}); set the processor's {attribute} to {side[0]}x{side[1]} (or pass the "
+            "preprocessor_config.json saved with the model)")
+
+
+def refuse_larger_vocabulary(tokenizer: Any, model_config: Any, role: DataRole = CALIBRATION) -> None:
+    """Refuse a tokenizer that knows more tokens than the model's config `vocab_size`, before any weight is read: its
+    ids from vocab_size on have no embedding, and the batches it makes would be refused once the parents are loaded
+    (`statistics.ModelInputCheck`), with advice to tokenize with that very tokenizer."""
+    text = getattr(model_config, "text_config", None) or model_config
+    vocab_size = getattr(text, "vocab_size", None)
+    if tokenizer is None or not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size <= 0:
+        return
+    try:
+        known = len(tokenizer)
+    except TypeError:
+        return
+    if known > vocab_size:
+        raise role.error(
+            f"{role.tokenizer} ({type(tokenizer).__name__}) knows {known} tokens, but the model's config has "
+            f"vocab_size {vocab_size}: ids from {vocab_size} on have no embedding; pass the tokenizer saved with the "
+            "model (its tokenizer files)")
 
 
 def resolve_calibration(
@@ -1097,14 +1232,10 @@ def resolve_calibration(
                   else DatasetSpec.parse(calibration, kind=role.kind, error=role.error))
         source = str(parsed)
         calibration = load_calibration_dataset(parsed, streaming=streaming, token=token, role=role)
-    if isinstance(calibration, (datasets.DatasetDict, datasets.IterableDatasetDict)):  # an object: specs name a split
-        splits = list(calibration)
-        if len(splits) != 1:
-            raise role.error(f"the {role.data} is a DatasetDict with {len(splits)} splits {splits}; pass one of them, "
-                             f"e.g. dataset[{(splits or ['train'])[0]!r}]")
-        calibration = calibration[splits[0]]
+    calibration = single_split(calibration, role)
     if not isinstance(calibration, (datasets.Dataset, datasets.IterableDataset)):
         return calibration
+    refuse_transform(calibration, role)
     _refuse_empty(calibration, source, role)
     if source == "dataset":
         source = getattr(calibration.info, "dataset_name", None) or getattr(calibration.info, "builder_name", None) \

@@ -160,6 +160,9 @@ class ModelInputCheck:
     max_tokens: int | None = None
     """The longest `input_ids` the models read (their position embeddings end there): evaluation checks it here;
     calibration's `iter_batches` checks it itself (`_check_length`)."""
+    preprocessed: tuple[str, ...] = ()
+    """The inputs the processor made from raw columns (`pixel_values`, `input_ids`): advising to pass raw data would
+    advise what was done; the processor and the config disagree."""
 
     @classmethod
     def of(cls, config: Any, **naming: Any) -> ModelInputCheck:
@@ -185,7 +188,18 @@ class ModelInputCheck:
 
     @property
     def _preprocess(self) -> str:
+        if "pixel_values" in self.preprocessed:
+            return ("they were made from the raw images by the image processor, whose output disagrees with the "
+                    "config: set its size (crop_size when it center-crops) in preprocessor_config.json to the config's "
+                    "image_size")
         return f"preprocess the images with {self._whose} image processor (or pass raw images, which are)"
+
+    @property
+    def _tokenize(self) -> str:
+        if "input_ids" in self.preprocessed:
+            return ("they were made from the raw text by the tokenizer, which knows more tokens than the config: pass "
+                    "the tokenizer saved with the model")
+        return f"tokenize the text with {self._whose} tokenizer (or pass raw text, which is)"
 
     def _say(self, text: str) -> None:
         if text not in self.warnings:
@@ -213,8 +227,7 @@ class ModelInputCheck:
             if self.vocab_size is not None and largest >= self.vocab_size:
                 raise self.error(
                     f"{self.data} input_ids hold token id {largest}, but {self._whose} vocabulary has "
-                    f"{self.vocab_size} tokens (config vocab_size): tokenize the text with {self._whose} tokenizer "
-                    "(or pass raw text, which is)")
+                    f"{self.vocab_size} tokens (config vocab_size): {self._tokenize}")
             if (self.pad_token_id is not None and batch.get("attention_mask") is None
                     and bool((ids == self.pad_token_id).any())):
                 self._say(f"{self.data} input_ids hold {self._whose} pad token id {self.pad_token_id} but no "

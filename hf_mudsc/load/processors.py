@@ -34,7 +34,8 @@ PROCESSOR_FILES = ("processor_config.json",)
 
 
 def load_processor(folder: str | os.PathLike, reference: str | None = None) -> Any | None:
-    """The folder's processor (AutoProcessor, else image processor, else tokenizer), None if it has none.
+    """The folder's processor (AutoProcessor when it holds the image processor the folder has, else the image
+    processor, else the tokenizer), None if it has none.
 
     Gated on the files being present: transformers 5 happily builds an empty tokenizer from a bare
     config.json (or a `tokenizer_config.json` without a vocabulary file), which would silently tokenize everything
@@ -58,9 +59,19 @@ def load_processor(folder: str | os.PathLike, reference: str | None = None) -> A
         candidates.append(AutoTokenizer)
     for cls in candidates:
         try:
-            return cls.from_pretrained(folder, trust_remote_code=False)
+            found = cls.from_pretrained(folder, trust_remote_code=False)
         except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError, RecursionError) as error:
             logger.debug("%s could not load from %s: %s", cls.__name__, folder, error)
+            continue
+        # AutoProcessor falls back to the tokenizer for a model type without a processor class (a CLIP vision tower
+        # saved with the CLIP tokenizer files): the folder's image processor would be lost, and with it the merged
+        # folder's; the folder's own image processor then comes before its tokenizer.
+        if cls is AutoProcessor and has_image and image_processor_of(found) is None:
+            logger.debug("AutoProcessor gave no image processor for %s, which has one; reading it alone", folder)
+            continue
+        if cls is AutoProcessor and has_tokenizer and not has_image and tokenizer_of(found) is None:
+            continue
+        return found
     return None
 
 
