@@ -66,3 +66,25 @@ def test_a_base_named_by_the_cards_that_cannot_load_says_where_it_came_from(tmp_
     assert "\n" not in message and message.startswith(
         "the base model the parents' model cards name ('nobody/not-cached-base'): "), message
     assert message.endswith("; pass base= (CLI: --base) to merge from another base"), message
+
+
+def test_the_parents_relation_does_not_depend_on_their_order():
+    """The weight distance was ‖A − B‖ / ‖A‖: a far fine-tune with larger weights and a near one related as 'shared
+    base' one way round and 'independent' the other, so auto merged them with linear or refused them by their order.
+    The distance is relative to both parents' norms (their geometric mean): one figure and one relation either way."""
+    base = make_model("vit_cls", 0)
+
+    def tuned(seed: int, scale: float) -> torch.nn.Module:
+        model = copy.deepcopy(base)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for tensor in model.parameters():
+                if tensor.numel() > 1:
+                    tensor += scale * tensor.std() * torch.randn(tensor.shape, generator=generator)
+        return model
+
+    far, near = tuned(1, 1.05), tuned(2, 0.3)
+    relations = [hf_mudsc.merge(pair, method="linear", progress=False).config.mudsc["parent_relation"]
+                 for pair in ([far, near], [near, far])]
+    assert relations[0]["relation"] == relations[1]["relation"], relations
+    assert relations[0]["weight_distance"] == pytest.approx(relations[1]["weight_distance"], rel=1e-12), relations

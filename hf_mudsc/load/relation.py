@@ -39,7 +39,7 @@ CHUNK_VALUES = 2**18
 # inits, trained toy ViTs, the real MiniLM), Gaussian MergeLock >= 3.
 IMBALANCE_LIMIT = 2.0
 # Relative distance of the weight matrices (identity alignment) below which the parents are fine-tunes of one base.
-# Independent initialisations draw uncorrelated matrices of equal spread: ‖A−B‖/‖A‖ ≈ √2 (measured 1.38–1.44 on
+# Independent initialisations draw uncorrelated matrices of equal spread: ‖A−B‖/√(‖A‖‖B‖) ≈ √2 (measured 1.38–1.44 on
 # trained different-seed ViTs of hidden 64–256, fresh ones too); one model is 0. The cut is where the matrices are
 # as correlated as not (cosine 0.5 at equal norms): fine-tunes of one base measured 0.30–0.40 (the benchmark's
 # same-init ViTs, fine-tuned hard), real fine-tunes far less.
@@ -124,7 +124,8 @@ class ParentRelation:
     `relation`: `same model` (every tensor equal), `permuted copy` (every tensor's values the same multiset),
     `shared base` (fine-tunes of one base: identity-aligned relative distance below `SHARED_BASE_DISTANCE`) or
     `independent`.
-    `weight_distance`: ‖A − B‖ / ‖A‖ over every weight matrix (two or more axes) of equal shape, unaligned.
+    `weight_distance`: ‖A − B‖ / √(‖A‖·‖B‖) over every weight matrix (two or more axes) of equal shape,
+    unaligned (symmetric: the same whichever parent is A).
     `imbalance`: each parent's largest per-block head factor imbalance (see `factor_imbalance`).
     For N > 2 parents (`combined_relation`): the loosest pairwise relation with parent 0, the largest distance,
     one imbalance per parent; `farthest`: the parent at that distance (1 for two parents).
@@ -170,20 +171,20 @@ def _chunked_sum_of_squares(a: torch.Tensor, b: torch.Tensor | None) -> float:
     return total
 
 
-def squared_differences(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
-    """`(Σ(a − b)², Σ(sort(a) − sort(b))², Σa²)` in float64 for two tensors of one shape. The sorted copies stay in
-    the tensors' dtype and the float64 sums are taken in chunks, so the comparison holds about twice the tensor's
+def squared_differences(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float, float]:
+    """`(Σ(a − b)², Σ(sort(a) − sort(b))², Σa², Σb²)` in float64 for two tensors of one shape. The sorted copies stay
+    in the tensors' dtype and the float64 sums are taken in chunks, so the comparison holds about twice the tensor's
     bytes (six float64 copies of BERT-base's word embeddings, 1.1 GB, were the peak of a linear merge)."""
     flat_a, flat_b = a.detach().reshape(-1), b.detach().reshape(-1)
     identity = _chunked_sum_of_squares(flat_a, flat_b)
-    norm = _chunked_sum_of_squares(flat_a, None)
+    norm_a, norm_b = _chunked_sum_of_squares(flat_a, None), _chunked_sum_of_squares(flat_b, None)
     sorted_a = sorted_in_own_dtype(flat_a)
     sorted_b = sorted_in_own_dtype(flat_b)
-    return identity, _chunked_sum_of_squares(sorted_a, sorted_b), norm
+    return identity, _chunked_sum_of_squares(sorted_a, sorted_b), norm_a, norm_b
 
 
-def unsorted_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
-    """`(Σ(a − b)², floor, Σa²)` in float64 for two tensors of one shape, without sorting: `floor` is a lower bound
+def unsorted_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float, float]:
+    """`(Σ(a − b)², floor, Σa², Σb²)` in float64 for two tensors of one shape, without sorting: `floor` is a lower bound
     of the sorted distance `Σ(sort(a) − sort(b))²` — the least `‖a − πb‖²` over permutations π, which is at least
     `(‖a‖ − ‖b‖)²` (triangle inequality; norms ignore order) and `(Σa − Σb)²/n` (Cauchy-Schwarz on `a − πb`, whose
     sum ignores order)."""
@@ -192,7 +193,7 @@ def unsorted_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float
     norm_a, norm_b = _chunked_sum_of_squares(flat_a, None), _chunked_sum_of_squares(flat_b, None)
     total_a, total_b = float(flat_a.sum(dtype=torch.float64)), float(flat_b.sum(dtype=torch.float64))
     floor = max((norm_a ** 0.5 - norm_b ** 0.5) ** 2, (total_a - total_b) ** 2 / max(flat_a.numel(), 1))
-    return identity, floor, norm_a
+    return identity, floor, norm_a, norm_b
 
 
 def sorted_sum(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -203,29 +204,38 @@ def sorted_sum(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 class _Distance:
-    """Sums of squared differences (identity and sorted alignment) over many tensors, relative to A's norm. The
-    sorted sum may be left unknown (`sorted` None) with a lower bound of it (`floor`) that already decides every
-    comparison with `PERMUTED_TOLERANCE` (`rules_out_permutation`)."""
+    """Sums of squared differences (identity and sorted alignment) over many tensors, relative to the geometric mean
+    of both parents' squared norms (`norm`): the same figure whichever parent is given first (relative to A's norm
+    alone, a pair of fine-tunes with unequal weight norms fell on either side of a cut by its order). The sorted sum
+    may be left unknown (`sorted` None) with a lower bound of it (`floor`) that already decides every comparison with
+    `PERMUTED_TOLERANCE` (`rules_out_permutation`)."""
 
     def __init__(self) -> None:
         self.identity = 0.0
         self.sorted: float | None = 0.0
         self.floor = 0.0
-        self.norm = 0.0
+        self.norm_a = 0.0
+        self.norm_b = 0.0
+
+    @property
+    def norm(self) -> float:
+        return (self.norm_a * self.norm_b) ** 0.5
 
     def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Both sums of one pair of tensors, the sorted one exact (not mixed with `add_unsorted`)."""
-        identity, sorted_value, norm = squared_differences(a, b)
+        identity, sorted_value, norm_a, norm_b = squared_differences(a, b)
         self.identity += identity
         self.sorted = (self.sorted or 0.0) + sorted_value
         self.floor += sorted_value
-        self.norm += norm
+        self.norm_a += norm_a
+        self.norm_b += norm_b
 
-    def add_unsorted(self, sums: tuple[float, float, float]) -> None:
+    def add_unsorted(self, sums: tuple[float, float, float, float]) -> None:
         """`unsorted_sums` of one pair: the sorted sum is unknown until `add_sorted` has seen every pair."""
         self.identity += sums[0]
         self.floor += sums[1]
-        self.norm += sums[2]
+        self.norm_a += sums[2]
+        self.norm_b += sums[3]
         self.sorted = None
 
     def add_sorted(self, value: float) -> None:
