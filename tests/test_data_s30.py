@@ -85,15 +85,31 @@ def test_a_center_crop_to_image_size_is_what_the_model_reads():
     assert "crop_size" in one_line(caught) and "18" in str(caught.value)
 
 
-def test_a_tokenizer_knowing_more_tokens_than_vocab_size_is_refused_before_reading():
+def test_a_tokenizer_knowing_more_tokens_than_vocab_size_is_said_before_reading_and_refused_only_if_used(caplog):
+    """Review s30: refusing such a tokenizer up front also refused text that never produces the extra ids (tokens
+    added without resizing the embeddings), which merged before; it is said before reading, with the real fix, and a
+    batch holding an id past vocab_size is refused with that fix (not "pass the tokenizer saved with the model")."""
+    import logging
+
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(70)]
     tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
-    data = datasets.Dataset.from_dict({"text": ["w1 w2", "w69"]})
+    config = BertConfig(vocab_size=60)
+    with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
+        stream = resolve_calibration(datasets.Dataset.from_dict({"text": ["w1 w2", "w3"]}), [tokenizer],
+                                     model_config=config, inputs=("input_ids",))
+    said = [r.getMessage() for r in caplog.records if "vocab_size 60" in r.getMessage()]
+    assert len(said) == 1 and "75 tokens" in said[0] and "resize_token_embeddings" in said[0], said
+    assert next(iter(stream.batches(2)))["input_ids"].max() < 60  # text without the extra ids reads as before
+    from hf_mudsc.calibrate.statistics import ModelInputCheck
+
+    check = ModelInputCheck.of(config)
+    check.preprocessed = ("input_ids",)
+    batch = next(iter(resolve_calibration(datasets.Dataset.from_dict({"text": ["w69"]}), [tokenizer],
+                                          model_config=config, inputs=("input_ids",)).batches(1)))
     with pytest.raises(CalibrationError) as caught:
-        check_calibration_columns(data, [tokenizer], inputs=("input_ids",), model_config=BertConfig(vocab_size=60))
+        check(batch)
     message = one_line(caught)
-    assert "75" in message and "vocab_size" in message and "60" in message and "which is)" not in message, message
-    check_calibration_columns(data, [tokenizer], inputs=("input_ids",), model_config=BertConfig(vocab_size=80))
+    assert "resize_token_embeddings" in message and "which is)" not in message, message
 
 
 def test_the_processor_disagreeing_with_the_config_is_refused_by_the_dry_run(tmp_path):
@@ -225,3 +241,58 @@ def test_batches_made_by_the_processor_are_not_refused_with_advice_to_use_that_p
         with pytest.raises(CalibrationError) as caught:
             check({"input_ids": torch.tensor([[1, 70]]), "attention_mask": torch.ones(1, 2, dtype=torch.long)})
         assert ("which is)" in str(caught.value)) is ("input_ids" not in preprocessed), str(caught.value)
+
+
+# review s30 of the fixes above
+def test_a_vit_reads_only_its_image_column_beside_tokens_made_for_another_model():
+    """Review s30: the mixed-columns fix passed every model-input column of the other kind, even to a model that
+    reads none: a ViT's data holding unpadded caption ids (tokenized for another model) crashed with numpy's error;
+    before it the ViT read its images only."""
+    captions = [[49406] + [320] * (1 + i % 3) + [49407] for i in range(8)]
+    data = datasets.Dataset.from_dict({"image": images(8), "input_ids": captions})
+    stream = resolve_calibration(data, [vit_processor()], model_config=ViTConfig(**VIT), inputs=("pixel_values",))
+    batch = next(iter(stream.batches(8)))
+    assert set(batch) == {"pixel_values"} and tuple(batch["pixel_values"].shape) == (8, 1, 16, 16)
+
+
+def test_unpadded_token_ids_beside_raw_images_are_one_line_naming_the_fix(tmp_path):
+    """Review s30: raw images with unpadded input_ids (CLIP) ended in numpy's bare ValueError at the first batch."""
+    vocab = {w: i for i, w in enumerate(["<|startoftext|>", "<|endoftext|>", "a</w>", "b</w>", "!"])}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizerFast(vocab_file=str(tmp_path / "vocab.json"), merges_file=str(tmp_path / "merges.txt"))
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
+                                                                 crop_size={"height": 16, "width": 16}),
+                              tokenizer=tokenizer)
+    from transformers import CLIPConfig
+
+    config = CLIPConfig(text_config={"vocab_size": 5, "max_position_embeddings": 16},
+                        vision_config={"image_size": 16, "patch_size": 4})
+    encoded = tokenizer(["a b", "a", "b b a", "a a"])  # not padded
+    data = datasets.Dataset.from_dict({"image": images(4, (20, 20, 3)), "input_ids": encoded["input_ids"]})
+    stream = resolve_calibration(data, [processor], model_config=config, inputs=("pixel_values", "input_ids"))
+    with pytest.raises(CalibrationError) as caught:
+        next(iter(stream.batches(4)))
+    message = one_line(caught)
+    assert "'input_ids'" in message and "padding=True" in message, message
+
+
+def test_a_text_tower_folder_with_a_preprocessor_config_keeps_its_tokenizer(tmp_path):
+    """Review s30: the fix keeping a vision tower's image processor made a text tower's folder (tokenizer files and a
+    preprocessor_config.json saved beside them) load the image processor only: raw text was refused ("the parents
+    ship no tokenizer"). What the model reads (its config) decides."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    vocab = {w: i for i, w in enumerate(["<|startoftext|>", "<|endoftext|>", "a</w>", "b</w>", "!"])}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    folder = tmp_path / "text"
+    CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=5, hidden_size=32, num_hidden_layers=1,
+                                               num_attention_heads=4, intermediate_size=48,
+                                               projection_dim=16)).save_pretrained(folder)
+    CLIPTokenizerFast(vocab_file=str(tmp_path / "vocab.json"),
+                      merges_file=str(tmp_path / "merges.txt")).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(folder)
+    from hf_mudsc.load.processors import tokenizer_of
+
+    assert tokenizer_of(load_processor(folder)) is not None

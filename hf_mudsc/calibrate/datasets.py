@@ -455,7 +455,13 @@ class _Preprocessor:
     def __call__(self, rows: Mapping[str, Sequence[Any]]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for column in self.given:  # as `with_format("torch")` reads them: floats as float32, integers as int64
-            value = _as_tensor(rows[column])
+            try:
+                value = _as_tensor(rows[column])
+            except (ValueError, TypeError, RuntimeError):  # rows of unequal lengths (token ids not padded)
+                raise self.role.error(
+                    f"column {column!r} of the {self.role.data} holds rows of unequal lengths, which do not stack "
+                    "into one batch; pad them (e.g. tokenizer(..., padding=True)) or pass the raw column to be "
+                    "preprocessed") from None
             if value.is_floating_point():
                 value = value.float()
             elif value.dtype != torch.bool:
@@ -958,18 +964,29 @@ def _plan(columns: Sequence[str], inputs: Sequence[str], processor: Any, image_c
     if use_image:
         refuse_oversized_resize(image_processor, model_config, role)
         refuse_other_image_size(image_processor, model_config, role)
-    if use_text:
-        refuse_larger_vocabulary(tokenizer, model_config, role)
+    if use_text and not quiet and (said := larger_vocabulary_warning(tokenizer, model_config, role)):
+        logger.warning("%s", said)
     preprocess = _Preprocessor(
         image_column=use_image, text_column=use_text, text_pair_column=texts[1] if len(texts) == 2 else None,
         image_processor=image_processor if use_image else None,
         tokenizer=tokenizer if use_text else None, num_channels=_num_channels(model_config),
         max_length=_max_length(tokenizer, model_config, max_tokens) if use_text else None, role=role,
         image_dtype=declared_integer_dtype((features or {}).get(use_image)) if use_image else None,
-        given=tuple(c for c in columns if (c in MODEL_INPUT_COLUMNS or c in inputs)
-                    and not (use_image and c in _IMAGE_INPUTS) and not (use_text and c not in _IMAGE_INPUTS)),
+        given=_given_inputs(columns, inputs, preprocess_images=bool(use_image), preprocess_text=bool(use_text)),
     )
     return [c for c in (use_image, *texts, *preprocess.given) if c is not None], preprocess
+
+
+def _given_inputs(columns: Sequence[str], inputs: Sequence[str], *, preprocess_images: bool,
+                  preprocess_text: bool) -> tuple[str, ...]:
+    """The columns that pass as they are beside a preprocessed kind: the model inputs of the other kind, and only when
+    the models read that kind (a ViT's data may hold `input_ids` tokenized for another model: never read)."""
+    kinds = []
+    if "pixel_values" in inputs and not preprocess_images:
+        kinds.append(_IMAGE_INPUTS)
+    if "input_ids" in inputs and not preprocess_text:
+        kinds.append(tuple(c for c in MODEL_INPUT_COLUMNS if c not in _IMAGE_INPUTS))
+    return tuple(c for c in columns if any(c in kind for kind in kinds))
 
 
 def text_columns(text_column: str | None, role: DataRole = CALIBRATION) -> tuple[str, ...] | None:
@@ -1169,23 +1186,30 @@ def refuse_other_image_size(image_processor: Any, model_config: Any, role: DataR
             "preprocessor_config.json saved with the model)")
 
 
-def refuse_larger_vocabulary(tokenizer: Any, model_config: Any, role: DataRole = CALIBRATION) -> None:
-    """Refuse a tokenizer that knows more tokens than the model's config `vocab_size`, before any weight is read: its
-    ids from vocab_size on have no embedding, and the batches it makes would be refused once the parents are loaded
-    (`statistics.ModelInputCheck`), with advice to tokenize with that very tokenizer."""
+#: The fix for a tokenizer knowing more tokens than its model's embeddings (said before reading and at a batch).
+VOCABULARY_FIX = ("resize the model's token embeddings to its tokenizer "
+                  "(model.resize_token_embeddings(len(tokenizer)), then save it) or use the tokenizer it was trained "
+                  "with")
+
+
+def larger_vocabulary_warning(tokenizer: Any, model_config: Any, role: DataRole = CALIBRATION) -> str | None:
+    """What to say, before any row is read, about a tokenizer that knows more tokens than the model's config
+    `vocab_size` (tokens added without resizing the embeddings): its ids from vocab_size on have no embedding, so a
+    batch holding one is refused once read (`statistics.ModelInputCheck`); text that never produces them merges as
+    before, so this is a warning, not a refusal. None when they agree."""
     text = getattr(model_config, "text_config", None) or model_config
     vocab_size = getattr(text, "vocab_size", None)
     if tokenizer is None or not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size <= 0:
-        return
+        return None
     try:
         known = len(tokenizer)
     except TypeError:
-        return
-    if known > vocab_size:
-        raise role.error(
-            f"{role.tokenizer} ({type(tokenizer).__name__}) knows {known} tokens, but the model's config has "
-            f"vocab_size {vocab_size}: ids from {vocab_size} on have no embedding; pass the tokenizer saved with the "
-            "model (its tokenizer files)")
+        return None
+    if known <= vocab_size:
+        return None
+    return (f"{role.tokenizer} ({type(tokenizer).__name__}) knows {known} tokens, but the model's config has "
+            f"vocab_size {vocab_size}: {role.data} producing ids from {vocab_size} on will be refused; "
+            f"{VOCABULARY_FIX}")
 
 
 def resolve_calibration(

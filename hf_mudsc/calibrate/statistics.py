@@ -197,8 +197,10 @@ class ModelInputCheck:
     @property
     def _tokenize(self) -> str:
         if "input_ids" in self.preprocessed:
-            return ("they were made from the raw text by the tokenizer, which knows more tokens than the config: pass "
-                    "the tokenizer saved with the model")
+            from hf_mudsc.calibrate.datasets import VOCABULARY_FIX
+
+            return ("they were made from the raw text by the tokenizer, which knows more tokens than the config: "
+                    + VOCABULARY_FIX)
         return f"tokenize the text with {self._whose} tokenizer (or pass raw text, which is)"
 
     def _say(self, text: str) -> None:

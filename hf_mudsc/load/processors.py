@@ -50,10 +50,11 @@ def load_processor(folder: str | os.PathLike, reference: str | None = None) -> A
     has_processor = bool(has & set(PROCESSOR_FILES))
     has_image = bool(has & set(IMAGE_PROCESSOR_FILES))
     has_tokenizer = bool(has & set(VOCABULARY_FILES))
+    reads_images, reads_text = _inputs_read(folder)
     candidates = []
     if has_processor or (has_image and has_tokenizer):
         candidates.append(AutoProcessor)
-    if has_image:
+    if has_image and (reads_images or not (has_tokenizer and reads_text)):
         candidates.append(AutoImageProcessor)
     if has_tokenizer:
         candidates.append(AutoTokenizer)
@@ -63,16 +64,30 @@ def load_processor(folder: str | os.PathLike, reference: str | None = None) -> A
         except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError, RecursionError) as error:
             logger.debug("%s could not load from %s: %s", cls.__name__, folder, error)
             continue
-        # AutoProcessor falls back to the tokenizer for a model type without a processor class (a CLIP vision tower
-        # saved with the CLIP tokenizer files): the folder's image processor would be lost, and with it the merged
-        # folder's; the folder's own image processor then comes before its tokenizer.
-        if cls is AutoProcessor and has_image and image_processor_of(found) is None:
-            logger.debug("AutoProcessor gave no image processor for %s, which has one; reading it alone", folder)
-            continue
-        if cls is AutoProcessor and has_tokenizer and not has_image and tokenizer_of(found) is None:
+        # AutoProcessor falls back to one kind for a model type without a processor class (a CLIP vision tower saved
+        # with the CLIP tokenizer files gets the tokenizer; a text tower with a preprocessor_config.json the image
+        # processor): the kind the model reads (its config) would be lost, and with it the merged folder's.
+        if cls is AutoProcessor and ((has_image and reads_images and image_processor_of(found) is None)
+                                     or (has_tokenizer and reads_text and tokenizer_of(found) is None)):
+            logger.debug("AutoProcessor gave %s for %s, whose model reads another kind; reading it alone",
+                         type(found).__name__, folder)
             continue
         return found
     return None
+
+
+def _inputs_read(folder: Path) -> tuple[bool, bool]:
+    """(images, text): what the folder's model reads, by its config.json (an image size or vision config; a vocabulary
+    or text config); both when the config cannot be read."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True, True
+    if not isinstance(config, dict):
+        return True, True
+    images = "image_size" in config or "vision_config" in config
+    text = "vocab_size" in config or "text_config" in config
+    return (images, text) if images or text else (True, True)
 
 
 def processor_from_name(name_or_path: str, commit_sha: str | None = None) -> Any | None:
