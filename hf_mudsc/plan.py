@@ -687,14 +687,46 @@ def header_facts(parent: Any, *, token: str | bool | None) -> HeaderFacts:
     from huggingface_hub import constants
 
     if parent.repo_id is not None and not constants.HF_HUB_OFFLINE:
-        from huggingface_hub import HfApi
+        metadata = _hub_metadata(parent, token=token)
+        from hf_mudsc.load.parents import refuse_stored_twice
 
-        metadata = HfApi().get_safetensors_metadata(parent.repo_id, revision=parent.commit_sha, token=token)
+        stored_in: dict[str, str] = {}  # a tensor stored twice is refused as the merge refuses it, before downloads
+        for name in sorted(metadata.files_metadata):
+            refuse_stored_twice(parent.reference, stored_in, metadata.files_metadata[name].tensors, name)
         tensors = {key: t for f in metadata.files_metadata.values() for key, t in f.tensors.items()}
         return HeaderFacts(sum(t.data_offsets[1] - t.data_offsets[0] for t in tensors.values()),
                            sorted({t.dtype for t in tensors.values()}), list(tensors),
                            {key: tuple(t.shape) for key, t in tensors.items()})
     return _local_header_facts(parent.folder, files)
+
+
+def _hub_metadata(parent: Any, *, token: str | bool | None) -> Any:
+    """`get_safetensors_metadata`, its failures refused in the loader's lines: a shard the index lists but the repo
+    lacks, a corrupt header, the Hub's other answers (the dry run says whether the merge would run)."""
+    import re
+
+    from huggingface_hub import HfApi, errors
+
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import corrupt_file_line, hub_request
+
+    what = "reading the safetensors headers"
+    try:
+        return hub_request(parent.reference, lambda: HfApi().get_safetensors_metadata(
+            parent.repo_id, revision=parent.commit_sha, token=token), what=what)
+    except LoadError as error:
+        cause = error.__cause__
+        response = getattr(cause, "response", None)
+        if isinstance(cause, errors.EntryNotFoundError) and response is not None:
+            name = str(response.url).rsplit("/", 1)[-1]
+            raise LoadError(f"{parent.reference!r}: weight file {name} is missing; re-download the model or re-save "
+                            "it with save_pretrained") from cause
+        raise
+    except errors.SafetensorsParsingError as error:
+        found = re.search(r"header for '([^']+)'", str(error))
+        reason = str(error).split("): ", 1)[-1].split(". ")[0]
+        raise LoadError(corrupt_file_line(parent.reference, found.group(1) if found else "a weight file",
+                                          reason)) from error
 
 
 def weights_refusal(reference: str, model: Any, shapes: Mapping[str, Sequence[int]], file: str) -> str | None:

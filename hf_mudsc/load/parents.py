@@ -169,7 +169,11 @@ def built_with(located: _Located, keys: Iterable[str] | None = None) -> dict[str
                  else None)
         if not files or not all(file.is_file() for file in files):
             return {}
-        keys = checkpoint_keys(files)
+        try:
+            keys = checkpoint_keys(files)
+        except Exception:  # a corrupt file (safetensors' own error class): refused in the loader's line
+            check_weight_files(located.reference, located.folder, located.weight_files)
+            raise
     cls = located.read_as or model_class_for(located.config, located.reference)
     located.options = constructor_options(cls, keys)
     return located.options
@@ -530,16 +534,8 @@ def check_weight_files(reference: str, folder: Path, weight_files: Sequence[str]
             with safe_open(str(path), framework="pt") as opened:
                 keys = list(opened.keys())
         except (SafetensorError, OSError, ValueError) as error:
-            raise LoadError(
-                f"{reference!r}: {name} is not a valid safetensors file ({first_line(error)}): it is truncated or "
-                "corrupt. Download it again (for a Hub model, delete it from the cache first) or re-save it with "
-                "save_pretrained"
-            ) from error
-        twice = next((key for key in keys if key in stored_in), None)
-        if twice is not None:  # which copy transformers would load is its own affair: refuse the checkpoint
-            raise LoadError(f"{reference!r}: tensor {twice!r} is stored twice, in {stored_in[twice]} and {name}; "
-                            "re-download it or re-save the model with save_pretrained")
-        stored_in.update(dict.fromkeys(keys, name))
+            raise LoadError(corrupt_file_line(reference, name, first_line(error))) from error
+        refuse_stored_twice(reference, stored_in, keys, name)
     if SAFETENSORS_INDEX in weight_files:  # read by _shard_names above: a JSON object with a weight_map of strings
         weight_map = json.loads((folder / SAFETENSORS_INDEX).read_text())["weight_map"]
         lost = next((key for key in weight_map if key not in stored_in), None)
@@ -547,6 +543,23 @@ def check_weight_files(reference: str, folder: Path, weight_files: Sequence[str]
             raise LoadError(f"{reference!r}: {SAFETENSORS_INDEX} puts tensor {shown(lost)} in {weight_map[lost]}, but "
                             "no shard holds it (a shard is truncated or from another save); re-download the model or "
                             "re-save it with save_pretrained")
+
+
+def corrupt_file_line(reference: str, name: str, reason: str) -> str:
+    """The refusal of a safetensors file whose header cannot be read (public: the dry run reads Hub headers)."""
+    return (f"{reference!r}: {name} is not a valid safetensors file ({reason}): it is truncated or corrupt. Download "
+            "it again (for a Hub model, delete it from the cache first) or re-save it with save_pretrained")
+
+
+def refuse_stored_twice(reference: str, stored_in: dict[str, str], keys: Iterable[str], name: str) -> None:
+    """Refuse a tensor of file `name` already stored in another (`stored_in`: key -> file, updated with `keys`):
+    which copy transformers would load is its own affair. Public: the dry run checks Hub headers alike."""
+    keys = list(keys)
+    twice = next((key for key in keys if key in stored_in), None)
+    if twice is not None:
+        raise LoadError(f"{reference!r}: tensor {twice!r} is stored twice, in {stored_in[twice]} and {name}; "
+                        "re-download it or re-save the model with save_pretrained")
+    stored_in.update(dict.fromkeys(keys, name))
 
 
 def load_config(folder: Path, reference: str) -> PretrainedConfig:
@@ -577,7 +590,7 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
             "'org/name@revision' or a path to a folder written by save_pretrained"
         ) from error
     if constants.HF_HUB_OFFLINE:
-        folder = _hub_call(reference, lambda: snapshot_download(
+        folder = hub_request(reference, lambda: snapshot_download(
             repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True),
             what="looking it up in the local cache")
         folder = Path(folder)
@@ -589,7 +602,7 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
         card_bytes = None  # a cached card is measured when it is read
         logger.info("offline: using the cached snapshot %s of %s", sha, repo_id)
     else:
-        info = _hub_call(
+        info = hub_request(
             reference, lambda: HfApi().model_info(repo_id, revision=revision, token=token, files_metadata=True,
                                                   timeout=constants.HF_HUB_ETAG_TIMEOUT),
             what="fetching the repository information (file list and commit)", timeout_setting="HF_HUB_ETAG_TIMEOUT")
@@ -624,7 +637,7 @@ def download_files(reference: str, repo_id: str, commit_sha: str, filenames: Seq
 
     folder = None
     for filename in filenames:
-        path = _hub_call(reference, lambda name=filename: hf_hub_download(
+        path = hub_request(reference, lambda name=filename: hf_hub_download(
             repo_id, name, revision=commit_sha, cache_dir=cache_dir, token=token,
             etag_timeout=constants.HF_HUB_ETAG_TIMEOUT), what=f"downloading {filename}")
         folder = Path(path).parent
@@ -633,9 +646,10 @@ def download_files(reference: str, repo_id: str, commit_sha: str, filenames: Seq
     return folder
 
 
-def _hub_call(reference: str, call, *, what: str = "contacting the Hub",
+def hub_request(reference: str, call, *, what: str = "contacting the Hub",
               timeout_setting: str = "HF_HUB_DOWNLOAD_TIMEOUT"):
-    """Run a Hub client call, turning its errors into a one-line LoadError that says what was being waited
+    """Run a Hub client call, turning its errors into a one-line LoadError (public: the dry run's header reads use
+    it, so that they fail in the loader's words) that says what was being waited
     for (`what`) and what to do (timeouts and dropped connections: `hub_calls.hub_call`)."""
     from huggingface_hub import constants, errors
 
@@ -1419,7 +1433,7 @@ def _card_text(located: _Located, *, token: str | bool | None, cache_dir: str | 
             except EntryNotFoundError:  # no card (a parent class of the one above: after it)
                 return None
 
-        path = _hub_call(located.reference, download, what="downloading README.md (the model card)")
+        path = hub_request(located.reference, download, what="downloading README.md (the model card)")
         return read_card(Path(path)) if path else None
     if folder is not None and (folder / "README.md").is_file():
         return read_card(folder / "README.md")

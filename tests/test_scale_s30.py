@@ -1,0 +1,92 @@
+"""The big-model path's defects the s30 scale hunt found: a Hub parent's corrupt, missing or doubled shard must be
+refused by the dry run and by every merge in one line, as the loader refuses it (never a traceback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from cli_runs import run_cli
+from test_loading import make_model
+
+import hf_mudsc
+from hf_mudsc.errors import LoadError
+
+
+def sharded_vit(folder, seed):
+    make_model("vit_cls", seed=seed).save_pretrained(folder, max_shard_size="20KB")
+    return folder
+
+
+def shards(folder):
+    return sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+
+
+def one_line_refusal(code, lines):
+    assert code == 1, lines
+    assert not [line for line in lines if "Traceback" in line], lines
+    errors = [line for line in lines if line.startswith("hf-mudsc merge: error:")]
+    assert len(errors) == 1, lines
+    return errors[0]
+
+
+@pytest.fixture
+def p1(local_hub, tmp_path):
+    make_model("vit_cls", seed=1).save_pretrained(tmp_path / "p1")
+    local_hub.upload_folder("user/p1", tmp_path / "p1")
+    return local_hub
+
+
+def test_a_corrupt_hub_shard_is_refused_in_one_line_by_the_dry_run_and_by_every_merge(p1, tmp_path, capsys):
+    folder = sharded_vit(tmp_path / "bad", seed=2)
+    corrupt = shards(folder)[1]
+    (folder / corrupt).write_bytes(b"garbage" * 3)
+    p1.upload_folder("user/bad", folder)
+    argv = ["merge", "user/p1", "user/bad", "--method", "linear"]
+    line = one_line_refusal(*run_cli([*argv, "--dry-run"], capsys))  # headers read from the Hub
+    assert "'user/bad'" in line and corrupt in line and "corrupt" in line, line
+    for _ in range(2):  # the first merge downloads the shard; the second reads the cached snapshot's headers
+        with pytest.raises(LoadError, match=f"'user/bad': {corrupt} is not a valid safetensors file"):
+            hf_mudsc.merge(["user/p1", "user/bad"], method="linear", progress=False)
+    line = one_line_refusal(*run_cli([*argv, "--dry-run"], capsys))
+    assert corrupt in line and "corrupt" in line, line
+    line = one_line_refusal(*run_cli([*argv, "--output", str(tmp_path / "out")], capsys))
+    assert corrupt in line, line
+
+
+def test_a_hub_shard_the_index_lists_but_the_repo_lacks_is_refused_in_one_line_by_the_dry_run(p1, tmp_path, capsys):
+    folder = sharded_vit(tmp_path / "broken", seed=2)
+    missing = shards(folder)[-1]
+    (folder / missing).unlink()
+    p1.upload_folder("user/broken", folder)
+    with pytest.raises(LoadError) as merged:
+        hf_mudsc.merge(["user/p1", "user/broken"], method="linear", progress=False)
+    with pytest.raises(LoadError) as planned:
+        hf_mudsc.merge(["user/p1", "user/broken"], method="linear", progress=False, dry_run=True)
+    for error in (merged.value, planned.value):
+        assert "\n" not in str(error) and "user/broken" in str(error) and missing in str(error), str(error)
+    line = one_line_refusal(*run_cli(["merge", "user/p1", "user/broken", "--method", "linear", "--dry-run"], capsys))
+    assert "user/broken" in line and missing in line, line
+
+
+def test_a_tensor_stored_twice_in_hub_shards_is_refused_by_the_dry_run_as_the_merge_refuses_it(p1, tmp_path):
+    folder = sharded_vit(tmp_path / "dup", seed=2)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    key = "classifier.bias"
+    holder = index["weight_map"][key]
+    other = next(name for name in shards(folder) if name != holder)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / other)
+    tensors[key] = load_file(folder / holder)[key]
+    save_file(tensors, folder / other, metadata={"format": "pt"})
+    p1.upload_folder("user/dup", folder)
+    first, second = sorted((holder, other))
+    wording = f"'user/dup': tensor '{key}' is stored twice, in {first} and {second}"
+    with pytest.raises(LoadError, match=wording):
+        hf_mudsc.merge(["user/p1", "user/dup"], method="linear", progress=False, dry_run=True)
+    with pytest.raises(LoadError, match=wording):
+        hf_mudsc.merge(["user/p1", "user/dup"], method="linear", progress=False)
+    shutil.rmtree(tmp_path / "dup")
