@@ -891,6 +891,13 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     if not automatic:  # what the merge refuses from the architecture and shapes before weights
         check_classifier(method, models_meta[0])
         method.check_shapes(options, lambda: shapes)
+    # the merge's refusal for want of memory, before weights (`pipeline.check_before_weights`), with its arguments:
+    # a dry run's job is to say whether the merge would run
+    references = sum(isinstance(m, (str, os.PathLike)) for m in models)
+    check_memory(models_meta[0], len(models), None if automatic else method,
+                 loading=min(references, 1) if streaming else references,
+                 copied=head_copies([unloaded(parent) for parent in located], streaming=streaming),
+                 base=base_whole, base_copy=base_copy)
     embeddings = {f"{name}.weight" for name, module in models_meta[0].named_modules()
                   if isinstance(module, torch.nn.Embedding)}
     linear = {name: _numel(shape) for name, shape in shapes.items() if len(shape) >= 2 and name not in embeddings}

@@ -90,3 +90,24 @@ def test_a_tensor_stored_twice_in_hub_shards_is_refused_by_the_dry_run_as_the_me
     with pytest.raises(LoadError, match=wording):
         hf_mudsc.merge(["user/p1", "user/dup"], method="linear", progress=False)
     shutil.rmtree(tmp_path / "dup")
+
+
+def test_the_dry_run_refuses_a_merge_the_memory_available_refuses_in_the_merges_words(tmp_path, monkeypatch):
+    from factories import make_batches
+
+    import hf_mudsc.plan as plan
+    from hf_mudsc.errors import MergeInputError
+
+    parents = []
+    for seed in (1, 2, 3):
+        make_model("vit_cls", seed=seed).save_pretrained(tmp_path / f"p{seed}")
+        parents.append(str(tmp_path / f"p{seed}"))
+    batches = make_batches("vit_cls", num_batches=1)
+    monkeypatch.setattr(plan, "available_memory", lambda: 1_000_000)
+    with pytest.raises(MergeInputError, match="but 1.00 MB of memory is available") as merged:
+        hf_mudsc.merge(parents, batches, method="mudsc", progress=False)
+    with pytest.raises(MergeInputError) as planned:
+        hf_mudsc.merge(parents, batches, method="mudsc", progress=False, dry_run=True)
+    assert str(planned.value) == str(merged.value)
+    monkeypatch.setattr(plan, "available_memory", lambda: None)  # unknown: planned as before
+    assert hf_mudsc.merge(parents, batches, method="mudsc", progress=False, dry_run=True) is not None
