@@ -674,6 +674,8 @@ class HeaderFacts(NamedTuple):
     """Every stored tensor's key, read from the Hub's headers (a local folder's are read by the loader's checks)."""
     shapes: dict[str, tuple[int, ...]] | None = None
     """Every stored tensor's shape by key (local and Hub headers alike)."""
+    key_dtypes: dict[str, str] | None = None
+    """Every stored tensor's dtype by key: `out_dtype` counts only those that load as weights (`weight_dtypes`)."""
 
 
 def header_facts(parent: Any, *, token: str | bool | None) -> HeaderFacts:
@@ -696,7 +698,8 @@ def header_facts(parent: Any, *, token: str | bool | None) -> HeaderFacts:
         tensors = {key: t for f in metadata.files_metadata.values() for key, t in f.tensors.items()}
         return HeaderFacts(sum(t.data_offsets[1] - t.data_offsets[0] for t in tensors.values()),
                            sorted({t.dtype for t in tensors.values()}), list(tensors),
-                           {key: tuple(t.shape) for key, t in tensors.items()})
+                           {key: tuple(t.shape) for key, t in tensors.items()},
+                           {key: t.dtype for key, t in tensors.items()})
     return _local_header_facts(parent.folder, files)
 
 
@@ -775,7 +778,7 @@ def _local_header_facts(folder: Any, files: Sequence[str]) -> HeaderFacts:
             names += sorted(set(json.loads((Path(folder) / name).read_text())["weight_map"].values()))
         else:
             names.append(name)
-    total, dtypes, shapes = 0, set(), {}
+    total, dtypes, shapes, key_dtypes = 0, set(), {}, {}
     for name in names:
         path = Path(folder) / name
         if not path.is_file():
@@ -785,8 +788,9 @@ def _local_header_facts(folder: Any, files: Sequence[str]) -> HeaderFacts:
                 piece = opened.get_slice(key)
                 shapes[key] = tuple(piece.get_shape())
                 dtypes.add(piece.get_dtype())
+                key_dtypes[key] = piece.get_dtype()
                 total += math.prod(shapes[key]) * DTYPE_BYTES.get(piece.get_dtype(), 4)
-    return HeaderFacts(total, sorted(dtypes), shapes=shapes)
+    return HeaderFacts(total, sorted(dtypes), shapes=shapes, key_dtypes=key_dtypes)
 
 
 # ---------------------------------------------------------------------------------------------------- the plan
@@ -857,6 +861,10 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         models_meta.append(model)
         facts = header_facts(parent, token=token) if parent.folder is not None else HeaderFacts(None, [])
         data_bytes, dtypes = facts.data_bytes, facts.dtypes
+        if facts.key_dtypes and model.device.type == "meta":  # as the merge: only the tensors that load as weights
+            from hf_mudsc.load.parents import weight_dtypes
+
+            dtypes = sorted(set(weight_dtypes(model, facts.key_dtypes)))
         header_keys.append(facts.keys)
         if facts.shapes and model.device.type == "meta" and parent.read_as is None:  # built from its config
             refusal = weights_refusal(parent.reference, model, facts.shapes, parent.weight_files[0])

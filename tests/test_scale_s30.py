@@ -111,3 +111,22 @@ def test_the_dry_run_refuses_a_merge_the_memory_available_refuses_in_the_merges_
     assert str(planned.value) == str(merged.value)
     monkeypatch.setattr(plan, "available_memory", lambda: None)  # unknown: planned as before
     assert hf_mudsc.merge(parents, batches, method="mudsc", progress=False, dry_run=True) is not None
+
+
+def test_out_dtype_auto_reads_only_the_stored_tensors_that_are_model_weights(tmp_path):
+    """An unused float32 tensor in float16 checkpoints (from_pretrained drops it) must not make the merge float32."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    parents = []
+    for seed in (1, 2):
+        folder = tmp_path / f"p{seed}"
+        make_model("bert_cls", seed=seed).to(torch.float16).save_pretrained(folder)
+        tensors = load_file(folder / "model.safetensors")
+        tensors["unused.scale"] = torch.ones(4)
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        parents.append(str(folder))
+    plan = hf_mudsc.merge(parents, method="linear", progress=False, dry_run=True)
+    assert plan.out_dtype == "float16", plan.out_dtype_reason
+    merged = hf_mudsc.merge(parents, method="linear", progress=False)
+    assert merged.dtype == torch.float16, merged.config.mudsc["out_dtype_reason"]

@@ -931,10 +931,25 @@ def stored_dtype(located: _Located) -> str | None:
         files = safetensors_files(located.folder)
         if files:
             stored = LazyParameters(files)
-            found = dtype_description(stored.stored_dtype(key) for key in stored)
+            model = meta_model(located.config, located.read_as, reference=located.reference,
+                               options=built_with(located))
+            found = dtype_description(weight_dtypes(model, {key: stored.stored_dtype(key) for key in stored}))
     if found is None and located.config is not None and getattr(located.config, "dtype", None) is not None:
         found = dtype_description([located.config.dtype])
     return found
+
+
+def weight_dtypes(model: Any, stored: Mapping[str, Any]) -> list[Any]:
+    """The stored dtypes (`stored`: checkpoint key -> dtype) of the tensors that load as `model`'s parameters, named
+    as `from_pretrained` names them (`lazy.stored_keys`): a tensor no parameter takes is dropped on load, so it stores
+    no weight and must not decide `out_dtype` (docs/design.md §4.7). Every dtype when the keys cannot be named.
+    Public: the dry run reads the headers' dtypes alike."""
+    from hf_mudsc.load.lazy import stored_keys
+
+    names = stored_keys(model, stored) if isinstance(model, PreTrainedModel) else None
+    if not names:
+        return list(stored.values())
+    return [stored[key] for key in names.values()]
 
 
 def check_config_fits_weights(located: _Located) -> None:
