@@ -130,3 +130,17 @@ def test_out_dtype_auto_reads_only_the_stored_tensors_that_are_model_weights(tmp
     assert plan.out_dtype == "float16", plan.out_dtype_reason
     merged = hf_mudsc.merge(parents, method="linear", progress=False)
     assert merged.dtype == torch.float16, merged.config.mudsc["out_dtype_reason"]
+
+
+def test_an_offline_rerun_of_a_merge_that_ran_online_finds_the_parents_in_the_cache(p1, tmp_path, monkeypatch):
+    import torch
+    from huggingface_hub import constants
+
+    make_model("vit_cls", seed=2).save_pretrained(tmp_path / "p2")
+    p1.upload_folder("user/p2", tmp_path / "p2")
+    online = hf_mudsc.merge(["user/p1", "user/p2"], method="linear", progress=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline = hf_mudsc.merge(["user/p1", "user/p2"], method="linear", progress=False)
+    for name, tensor in online.state_dict().items():
+        assert torch.equal(tensor, offline.state_dict()[name]), name

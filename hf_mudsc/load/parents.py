@@ -620,9 +620,31 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
                                 "choose another revision")
         folder = download_files(reference, repo_id, sha, small, token=token, cache_dir=cache_dir)
         refuse_links_out(reference, folder)  # a cached snapshot is handed back unchecked: links only into its blobs
+        remember_revision(folder, revision, sha)
     config = load_config(folder, reference)
     return _Located(reference=reference, config=config, folder=folder, repo_id=repo_id, revision=revision,
                     commit_sha=sha, weight_files=weight_files, use_pickle=use_pickle, card_bytes=card_bytes)
+
+
+def remember_revision(snapshot: Path, revision: str | None, sha: str) -> None:
+    """Record in the cache which commit `revision` (None: `main`, what huggingface_hub reads offline) resolved to:
+    the files are downloaded by commit sha, so huggingface_hub writes no `refs/<revision>` and an offline re-run of
+    the same reference would not find them. huggingface_hub's own helper for this is private
+    (`file_download._cache_commit_hash_for_specific_revision`), so the file is written here as the documented cache
+    layout has it: `<repo folder>/refs/<revision>` holding the sha. A cache we cannot write to is left as it is."""
+    revision = revision or "main"
+    if revision == sha or snapshot.parent.name != "snapshots":  # a sha needs no ref; not a cache's snapshot
+        return
+    ref = snapshot.parent.parent / "refs" / revision  # <repo folder>/snapshots/<sha> -> <repo folder>/refs/...
+    try:
+        if ref.is_file() and ref.read_text() == sha:
+            return
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        partial = ref.with_name(f"{ref.name}.{os.getpid()}.tmp")
+        partial.write_text(sha)
+        partial.replace(ref)  # atomic: a concurrent reader sees the old sha or the new one
+    except OSError as error:
+        logger.debug("could not record %s -> %s in the cache: %s", revision, sha, error)
 
 
 def download_files(reference: str, repo_id: str, commit_sha: str, filenames: Sequence[str], *,
