@@ -900,12 +900,17 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         check_classifier(method, models_meta[0])
         method.check_shapes(options, lambda: shapes)
     # the merge's refusal for want of memory, before weights (`pipeline.check_before_weights`), with its arguments:
-    # a dry run's job is to say whether the merge would run
+    # a dry run's job is to say whether the merge would run. A warning, not a refusal: the plan (its peak memory
+    # estimate, which the refusal points to) is what the user reads to decide what to change
     references = sum(isinstance(m, (str, os.PathLike)) for m in models)
-    check_memory(models_meta[0], len(models), None if automatic else method,
-                 loading=min(references, 1) if streaming else references,
-                 copied=head_copies([unloaded(parent) for parent in located], streaming=streaming),
-                 base=base_whole, base_copy=base_copy)
+    memory_refusal = None
+    try:
+        check_memory(models_meta[0], len(models), None if automatic else method,
+                     loading=min(references, 1) if streaming else references,
+                     copied=head_copies([unloaded(parent) for parent in located], streaming=streaming),
+                     base=base_whole, base_copy=base_copy)
+    except MergeInputError as refusal:
+        memory_refusal = f"the merge would refuse at once: {refusal}"
     embeddings = {f"{name}.weight" for name, module in models_meta[0].named_modules()
                   if isinstance(module, torch.nn.Embedding)}
     linear = {name: _numel(shape) for name, shape in shapes.items() if len(shape) >= 2 and name not in embeddings}
@@ -933,7 +938,7 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         method_bytes=None if method.matches_units else method.working_bytes(facts, len(models)),
         reads_data=needs_data,
         weight_cache_bytes=solve_cache_bytes(widths, len(models)) if searched else 0.0)
-    warnings = []
+    warnings = [memory_refusal] if memory_refusal is not None else []
     if calibration_plan is not None and rows is not None and method.needs_calibration:
         text = calibration_size_warning({g.name: rows * t for g, t in zip(spec.groups, group_tokens)},
                                         dict(zip((g.name for g in spec.groups), widths)), len(models))

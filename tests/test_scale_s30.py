@@ -92,7 +92,7 @@ def test_a_tensor_stored_twice_in_hub_shards_is_refused_by_the_dry_run_as_the_me
     shutil.rmtree(tmp_path / "dup")
 
 
-def test_the_dry_run_refuses_a_merge_the_memory_available_refuses_in_the_merges_words(tmp_path, monkeypatch):
+def test_the_dry_run_warns_in_the_merges_words_of_a_merge_the_memory_available_refuses(tmp_path, monkeypatch):
     from factories import make_batches
 
     import hf_mudsc.plan as plan
@@ -106,11 +106,12 @@ def test_the_dry_run_refuses_a_merge_the_memory_available_refuses_in_the_merges_
     monkeypatch.setattr(plan, "available_memory", lambda: 1_000_000)
     with pytest.raises(MergeInputError, match="but 1.00 MB of memory is available") as merged:
         hf_mudsc.merge(parents, batches, method="mudsc", progress=False)
-    with pytest.raises(MergeInputError) as planned:
-        hf_mudsc.merge(parents, batches, method="mudsc", progress=False, dry_run=True)
-    assert str(planned.value) == str(merged.value)
-    monkeypatch.setattr(plan, "available_memory", lambda: None)  # unknown: planned as before
-    assert hf_mudsc.merge(parents, batches, method="mudsc", progress=False, dry_run=True) is not None
+    planned = hf_mudsc.merge(parents, batches, method="mudsc", progress=False, dry_run=True)
+    assert f"the merge would refuse at once: {merged.value}" in planned.warnings  # the plan, with the merge's line
+    assert f"the merge would refuse at once: {merged.value}" in str(planned)
+    monkeypatch.setattr(plan, "available_memory", lambda: None)  # unknown: no such warning
+    planned = hf_mudsc.merge(parents, batches, method="mudsc", progress=False, dry_run=True)
+    assert not [w for w in planned.warnings if "would refuse" in w]
 
 
 def test_out_dtype_auto_reads_only_the_stored_tensors_that_are_model_weights(tmp_path):
