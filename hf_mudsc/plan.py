@@ -674,6 +674,8 @@ class HeaderFacts(NamedTuple):
     """Every stored tensor's key, read from the Hub's headers (a local folder's are read by the loader's checks)."""
     shapes: dict[str, tuple[int, ...]] | None = None
     """Every stored tensor's shape by key (local and Hub headers alike)."""
+    key_dtypes: dict[str, str] | None = None
+    """Every stored tensor's dtype by key: `out_dtype` counts only those that load as weights (`weight_dtypes`)."""
 
 
 def header_facts(parent: Any, *, token: str | bool | None) -> HeaderFacts:
@@ -687,14 +689,47 @@ def header_facts(parent: Any, *, token: str | bool | None) -> HeaderFacts:
     from huggingface_hub import constants
 
     if parent.repo_id is not None and not constants.HF_HUB_OFFLINE:
-        from huggingface_hub import HfApi
+        metadata = _hub_metadata(parent, token=token)
+        from hf_mudsc.load.parents import refuse_stored_twice
 
-        metadata = HfApi().get_safetensors_metadata(parent.repo_id, revision=parent.commit_sha, token=token)
+        stored_in: dict[str, str] = {}  # a tensor stored twice is refused as the merge refuses it, before downloads
+        for name in sorted(metadata.files_metadata):
+            refuse_stored_twice(parent.reference, stored_in, metadata.files_metadata[name].tensors, name)
         tensors = {key: t for f in metadata.files_metadata.values() for key, t in f.tensors.items()}
         return HeaderFacts(sum(t.data_offsets[1] - t.data_offsets[0] for t in tensors.values()),
                            sorted({t.dtype for t in tensors.values()}), list(tensors),
-                           {key: tuple(t.shape) for key, t in tensors.items()})
+                           {key: tuple(t.shape) for key, t in tensors.items()},
+                           {key: t.dtype for key, t in tensors.items()})
     return _local_header_facts(parent.folder, files)
+
+
+def _hub_metadata(parent: Any, *, token: str | bool | None) -> Any:
+    """`get_safetensors_metadata`, its failures refused in the loader's lines: a shard the index lists but the repo
+    lacks, a corrupt header, the Hub's other answers (the dry run says whether the merge would run)."""
+    import re
+
+    from huggingface_hub import HfApi, errors
+
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import corrupt_file_line, hub_request
+
+    what = "reading the safetensors headers"
+    try:
+        return hub_request(parent.reference, lambda: HfApi().get_safetensors_metadata(
+            parent.repo_id, revision=parent.commit_sha, token=token), what=what)
+    except LoadError as error:
+        cause = error.__cause__
+        response = getattr(cause, "response", None)
+        if isinstance(cause, errors.EntryNotFoundError) and response is not None:
+            name = str(response.url).rsplit("/", 1)[-1]
+            raise LoadError(f"{parent.reference!r}: weight file {name} is missing; re-download the model or re-save "
+                            "it with save_pretrained") from cause
+        raise
+    except errors.SafetensorsParsingError as error:
+        found = re.search(r"header for '([^']+)'", str(error))
+        reason = str(error).split("): ", 1)[-1].split(". ")[0]
+        raise LoadError(corrupt_file_line(parent.reference, found.group(1) if found else "a weight file",
+                                          reason)) from error
 
 
 def weights_refusal(reference: str, model: Any, shapes: Mapping[str, Sequence[int]], file: str) -> str | None:
@@ -743,7 +778,7 @@ def _local_header_facts(folder: Any, files: Sequence[str]) -> HeaderFacts:
             names += sorted(set(json.loads((Path(folder) / name).read_text())["weight_map"].values()))
         else:
             names.append(name)
-    total, dtypes, shapes = 0, set(), {}
+    total, dtypes, shapes, key_dtypes = 0, set(), {}, {}
     for name in names:
         path = Path(folder) / name
         if not path.is_file():
@@ -753,8 +788,9 @@ def _local_header_facts(folder: Any, files: Sequence[str]) -> HeaderFacts:
                 piece = opened.get_slice(key)
                 shapes[key] = tuple(piece.get_shape())
                 dtypes.add(piece.get_dtype())
+                key_dtypes[key] = piece.get_dtype()
                 total += math.prod(shapes[key]) * DTYPE_BYTES.get(piece.get_dtype(), 4)
-    return HeaderFacts(total, sorted(dtypes), shapes=shapes)
+    return HeaderFacts(total, sorted(dtypes), shapes=shapes, key_dtypes=key_dtypes)
 
 
 # ---------------------------------------------------------------------------------------------------- the plan
@@ -825,6 +861,10 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         models_meta.append(model)
         facts = header_facts(parent, token=token) if parent.folder is not None else HeaderFacts(None, [])
         data_bytes, dtypes = facts.data_bytes, facts.dtypes
+        if facts.key_dtypes and model.device.type == "meta":  # as the merge: only the tensors that load as weights
+            from hf_mudsc.load.parents import weight_dtypes
+
+            dtypes = sorted(set(weight_dtypes(model, facts.key_dtypes)))
         header_keys.append(facts.keys)
         if facts.shapes and model.device.type == "meta" and parent.read_as is None:  # built from its config
             refusal = weights_refusal(parent.reference, model, facts.shapes, parent.weight_files[0])
@@ -859,6 +899,18 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     if not automatic:  # what the merge refuses from the architecture and shapes before weights
         check_classifier(method, models_meta[0])
         method.check_shapes(options, lambda: shapes)
+    # the merge's refusal for want of memory, before weights (`pipeline.check_before_weights`), with its arguments:
+    # a dry run's job is to say whether the merge would run. A warning, not a refusal: the plan (its peak memory
+    # estimate, which the refusal points to) is what the user reads to decide what to change
+    references = sum(isinstance(m, (str, os.PathLike)) for m in models)
+    memory_refusal = None
+    try:
+        check_memory(models_meta[0], len(models), None if automatic else method,
+                     loading=min(references, 1) if streaming else references,
+                     copied=head_copies([unloaded(parent) for parent in located], streaming=streaming),
+                     base=base_whole, base_copy=base_copy)
+    except MergeInputError as refusal:
+        memory_refusal = f"the merge would refuse at once: {refusal}"
     embeddings = {f"{name}.weight" for name, module in models_meta[0].named_modules()
                   if isinstance(module, torch.nn.Embedding)}
     linear = {name: _numel(shape) for name, shape in shapes.items() if len(shape) >= 2 and name not in embeddings}
@@ -886,7 +938,7 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         method_bytes=None if method.matches_units else method.working_bytes(facts, len(models)),
         reads_data=needs_data,
         weight_cache_bytes=solve_cache_bytes(widths, len(models)) if searched else 0.0)
-    warnings = []
+    warnings = [memory_refusal] if memory_refusal is not None else []
     if calibration_plan is not None and rows is not None and method.needs_calibration:
         text = calibration_size_warning({g.name: rows * t for g, t in zip(spec.groups, group_tokens)},
                                         dict(zip((g.name for g in spec.groups), widths)), len(models))

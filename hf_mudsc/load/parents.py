@@ -169,7 +169,11 @@ def built_with(located: _Located, keys: Iterable[str] | None = None) -> dict[str
                  else None)
         if not files or not all(file.is_file() for file in files):
             return {}
-        keys = checkpoint_keys(files)
+        try:
+            keys = checkpoint_keys(files)
+        except Exception:  # a corrupt file (safetensors' own error class): refused in the loader's line
+            check_weight_files(located.reference, located.folder, located.weight_files)
+            raise
     cls = located.read_as or model_class_for(located.config, located.reference)
     located.options = constructor_options(cls, keys)
     return located.options
@@ -530,16 +534,8 @@ def check_weight_files(reference: str, folder: Path, weight_files: Sequence[str]
             with safe_open(str(path), framework="pt") as opened:
                 keys = list(opened.keys())
         except (SafetensorError, OSError, ValueError) as error:
-            raise LoadError(
-                f"{reference!r}: {name} is not a valid safetensors file ({first_line(error)}): it is truncated or "
-                "corrupt. Download it again (for a Hub model, delete it from the cache first) or re-save it with "
-                "save_pretrained"
-            ) from error
-        twice = next((key for key in keys if key in stored_in), None)
-        if twice is not None:  # which copy transformers would load is its own affair: refuse the checkpoint
-            raise LoadError(f"{reference!r}: tensor {twice!r} is stored twice, in {stored_in[twice]} and {name}; "
-                            "re-download it or re-save the model with save_pretrained")
-        stored_in.update(dict.fromkeys(keys, name))
+            raise LoadError(corrupt_file_line(reference, name, first_line(error))) from error
+        refuse_stored_twice(reference, stored_in, keys, name)
     if SAFETENSORS_INDEX in weight_files:  # read by _shard_names above: a JSON object with a weight_map of strings
         weight_map = json.loads((folder / SAFETENSORS_INDEX).read_text())["weight_map"]
         lost = next((key for key in weight_map if key not in stored_in), None)
@@ -547,6 +543,23 @@ def check_weight_files(reference: str, folder: Path, weight_files: Sequence[str]
             raise LoadError(f"{reference!r}: {SAFETENSORS_INDEX} puts tensor {shown(lost)} in {weight_map[lost]}, but "
                             "no shard holds it (a shard is truncated or from another save); re-download the model or "
                             "re-save it with save_pretrained")
+
+
+def corrupt_file_line(reference: str, name: str, reason: str) -> str:
+    """The refusal of a safetensors file whose header cannot be read (public: the dry run reads Hub headers)."""
+    return (f"{reference!r}: {name} is not a valid safetensors file ({reason}): it is truncated or corrupt. Download "
+            "it again (for a Hub model, delete it from the cache first) or re-save it with save_pretrained")
+
+
+def refuse_stored_twice(reference: str, stored_in: dict[str, str], keys: Iterable[str], name: str) -> None:
+    """Refuse a tensor of file `name` already stored in another (`stored_in`: key -> file, updated with `keys`):
+    which copy transformers would load is its own affair. Public: the dry run checks Hub headers alike."""
+    keys = list(keys)
+    twice = next((key for key in keys if key in stored_in), None)
+    if twice is not None:
+        raise LoadError(f"{reference!r}: tensor {twice!r} is stored twice, in {stored_in[twice]} and {name}; "
+                        "re-download it or re-save the model with save_pretrained")
+    stored_in.update(dict.fromkeys(keys, name))
 
 
 def load_config(folder: Path, reference: str) -> PretrainedConfig:
@@ -577,7 +590,7 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
             "'org/name@revision' or a path to a folder written by save_pretrained"
         ) from error
     if constants.HF_HUB_OFFLINE:
-        folder = _hub_call(reference, lambda: snapshot_download(
+        folder = hub_request(reference, lambda: snapshot_download(
             repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True),
             what="looking it up in the local cache")
         folder = Path(folder)
@@ -589,7 +602,7 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
         card_bytes = None  # a cached card is measured when it is read
         logger.info("offline: using the cached snapshot %s of %s", sha, repo_id)
     else:
-        info = _hub_call(
+        info = hub_request(
             reference, lambda: HfApi().model_info(repo_id, revision=revision, token=token, files_metadata=True,
                                                   timeout=constants.HF_HUB_ETAG_TIMEOUT),
             what="fetching the repository information (file list and commit)", timeout_setting="HF_HUB_ETAG_TIMEOUT")
@@ -607,9 +620,31 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
                                 "choose another revision")
         folder = download_files(reference, repo_id, sha, small, token=token, cache_dir=cache_dir)
         refuse_links_out(reference, folder)  # a cached snapshot is handed back unchecked: links only into its blobs
+        remember_revision(folder, revision, sha)
     config = load_config(folder, reference)
     return _Located(reference=reference, config=config, folder=folder, repo_id=repo_id, revision=revision,
                     commit_sha=sha, weight_files=weight_files, use_pickle=use_pickle, card_bytes=card_bytes)
+
+
+def remember_revision(snapshot: Path, revision: str | None, sha: str) -> None:
+    """Record in the cache which commit `revision` (None: `main`, what huggingface_hub reads offline) resolved to:
+    the files are downloaded by commit sha, so huggingface_hub writes no `refs/<revision>` and an offline re-run of
+    the same reference would not find them. huggingface_hub's own helper for this is private
+    (`file_download._cache_commit_hash_for_specific_revision`), so the file is written here as the documented cache
+    layout has it: `<repo folder>/refs/<revision>` holding the sha. A cache we cannot write to is left as it is."""
+    revision = revision or "main"
+    if revision == sha or snapshot.parent.name != "snapshots":  # a sha needs no ref; not a cache's snapshot
+        return
+    ref = snapshot.parent.parent / "refs" / revision  # <repo folder>/snapshots/<sha> -> <repo folder>/refs/...
+    try:
+        if ref.is_file() and ref.read_text() == sha:
+            return
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        partial = ref.with_name(f"{ref.name}.{os.getpid()}.tmp")
+        partial.write_text(sha)
+        partial.replace(ref)  # atomic: a concurrent reader sees the old sha or the new one
+    except OSError as error:
+        logger.debug("could not record %s -> %s in the cache: %s", revision, sha, error)
 
 
 def download_files(reference: str, repo_id: str, commit_sha: str, filenames: Sequence[str], *,
@@ -624,7 +659,7 @@ def download_files(reference: str, repo_id: str, commit_sha: str, filenames: Seq
 
     folder = None
     for filename in filenames:
-        path = _hub_call(reference, lambda name=filename: hf_hub_download(
+        path = hub_request(reference, lambda name=filename: hf_hub_download(
             repo_id, name, revision=commit_sha, cache_dir=cache_dir, token=token,
             etag_timeout=constants.HF_HUB_ETAG_TIMEOUT), what=f"downloading {filename}")
         folder = Path(path).parent
@@ -633,9 +668,10 @@ def download_files(reference: str, repo_id: str, commit_sha: str, filenames: Seq
     return folder
 
 
-def _hub_call(reference: str, call, *, what: str = "contacting the Hub",
+def hub_request(reference: str, call, *, what: str = "contacting the Hub",
               timeout_setting: str = "HF_HUB_DOWNLOAD_TIMEOUT"):
-    """Run a Hub client call, turning its errors into a one-line LoadError that says what was being waited
+    """Run a Hub client call, turning its errors into a one-line LoadError (public: the dry run's header reads use
+    it, so that they fail in the loader's words) that says what was being waited
     for (`what`) and what to do (timeouts and dropped connections: `hub_calls.hub_call`)."""
     from huggingface_hub import constants, errors
 
@@ -917,10 +953,25 @@ def stored_dtype(located: _Located) -> str | None:
         files = safetensors_files(located.folder)
         if files:
             stored = LazyParameters(files)
-            found = dtype_description(stored.stored_dtype(key) for key in stored)
+            model = meta_model(located.config, located.read_as, reference=located.reference,
+                               options=built_with(located))
+            found = dtype_description(weight_dtypes(model, {key: stored.stored_dtype(key) for key in stored}))
     if found is None and located.config is not None and getattr(located.config, "dtype", None) is not None:
         found = dtype_description([located.config.dtype])
     return found
+
+
+def weight_dtypes(model: Any, stored: Mapping[str, Any]) -> list[Any]:
+    """The stored dtypes (`stored`: checkpoint key -> dtype) of the tensors that load as `model`'s parameters, named
+    as `from_pretrained` names them (`lazy.stored_keys`): a tensor no parameter takes is dropped on load, so it stores
+    no weight and must not decide `out_dtype` (docs/design.md §4.7). Every dtype when the keys cannot be named.
+    Public: the dry run reads the headers' dtypes alike."""
+    from hf_mudsc.load.lazy import stored_keys
+
+    names = stored_keys(model, stored) if isinstance(model, PreTrainedModel) else None
+    if not names:
+        return list(stored.values())
+    return [stored[key] for key in names.values()]
 
 
 def check_config_fits_weights(located: _Located) -> None:
@@ -1428,7 +1479,7 @@ def _card_text(located: _Located, *, token: str | bool | None, cache_dir: str | 
             except EntryNotFoundError:  # no card (a parent class of the one above: after it)
                 return None
 
-        path = _hub_call(located.reference, download, what="downloading README.md (the model card)")
+        path = hub_request(located.reference, download, what="downloading README.md (the model card)")
         return read_card(Path(path)) if path else None
     if folder is not None and (folder / "README.md").is_file():
         return read_card(folder / "README.md")
