@@ -238,3 +238,21 @@ def test_evaluate_redrawing_the_chart_retitles_it_in_the_card(tmp_path):
     card = (tmp_path / "README.md").read_text(encoding="utf-8")
     assert "**Accuracy**" not in card and "![Accuracy]" not in card
     assert f"**F1 (macro)** — {chart.caption}." in card and "![F1 (macro)](plots/accuracy.png)" in card
+
+
+def test_a_parent_named_like_an_evaluation_view_gets_a_task_name_evaluate_accepts():
+    """Review s30: a parent saved in a folder named `joint` gave the merged model a task `joint`, which evaluate then
+    refuses as a view's name, with no way around it (the tasks must be the config's). The merge names such a task by
+    the parent's letter too (`joint_a`), as it does a name two parents share."""
+    from transformers import ViTConfig
+
+    from hf_mudsc.apply.classifier import RESERVED_TASK_NAMES, distinct_task_names
+    from hf_mudsc.evaluate.names import AVERAGE, JOINT
+
+    assert set(RESERVED_TASK_NAMES) == {JOINT, AVERAGE}
+    configs = []
+    for name in ("joint", "pets", "average"):
+        config = ViTConfig()
+        config._name_or_path = f"/somewhere/{name}"
+        configs.append(config)
+    assert distinct_task_names(configs) == ("joint_a", "pets", "average_c")

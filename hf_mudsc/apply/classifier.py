@@ -164,12 +164,18 @@ def concatenated_classifier_config(configs: Sequence[PretrainedConfig], tasks: S
     return fields
 
 
+#: Names of the evaluation's views beside the tasks (`evaluate.names.JOINT`, `AVERAGE`): no task may take one.
+RESERVED_TASK_NAMES = ("joint", "average")
+
+
 def distinct_task_names(configs: Sequence[PretrainedConfig]) -> tuple[str, ...]:
-    """One task name per parent from its name; names shared by several parents get the parent's letter
-    (`vit_a`, `vit_b`), and a name that is still taken (a parent named `vit_b` beside two named `vit`) a number
-    too (`vit_b_2`): every task keeps its own name, so no parent's range is written over another's."""
+    """One task name per parent from its name; names shared by several parents, or taken by an evaluation view
+    (`RESERVED_TASK_NAMES`: a parent saved in `./joint`), get the parent's letter (`vit_a`, `vit_b`, `joint_a`), and
+    a name that is still taken (a parent named `vit_b` beside two named `vit`) a number too (`vit_b_2`): every task
+    keeps its own name, so no parent's range is written over another's, and evaluate accepts every one."""
     names = [task_name(config, f"task_{_letter(i)}") for i, config in enumerate(configs)]
-    lettered = [f"{name}_{_letter(i)}" if names.count(name) > 1 else name for i, name in enumerate(names)]
+    lettered = [f"{name}_{_letter(i)}" if names.count(name) > 1 or name in RESERVED_TASK_NAMES else name
+                for i, name in enumerate(names)]
     distinct: list[str] = []
     for name in lettered:
         candidate, number = name, 2
