@@ -739,7 +739,7 @@ def weights_refusal(reference: str, model: Any, shapes: Mapping[str, Sequence[in
     the same words (`load.parents`' `_load_weights`)."""
     import re
 
-    from hf_mudsc.load.checks import CONFIG_WEIGHTS_FIX
+    from hf_mudsc.load.checks import config_weights_refusal
     from hf_mudsc.load.lazy import stored_keys
     from hf_mudsc.load.parents import saved_without_pooler
 
@@ -753,18 +753,9 @@ def weights_refusal(reference: str, model: Any, shapes: Mapping[str, Sequence[in
                         if name in named and tuple(shapes[named[name]]) != tuple(p.shape))
     if missing and saved_without_pooler(type(model), missing, (), mismatched):
         missing = []  # a bare encoder saved with add_pooling_layer=False: read without its pooler
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} tensors the {type(model).__name__} of config.json needs are missing "
-                        f"(e.g. {', '.join(map(repr, missing[:3]))})")
-    if mismatched:
-        key, stored, expected = mismatched[0]
-        problems.append(f"{len(mismatched)} tensors have other shapes than config.json says (e.g. {key!r} is "
-                        f"{stored} in the checkpoint but {expected} per config.json)")
-    if not problems:
+    if not missing and not mismatched:
         return None
-    return f"{reference!r}: config.json does not describe the weights in {file}: {'; '.join(problems)}. " \
-           f"{CONFIG_WEIGHTS_FIX}"
+    return config_weights_refusal(reference, file, type(model).__name__, missing, mismatched)
 
 
 def _local_header_facts(folder: Any, files: Sequence[str]) -> HeaderFacts:

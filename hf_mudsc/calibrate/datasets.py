@@ -1149,6 +1149,13 @@ def refuse_oversized_resize(image_processor: Any, model_config: Any, role: DataR
                     f"({attribute} near {side})")
 
 
+def image_side(size: Any) -> tuple[int, int] | None:
+    """A config's `image_size` as (height, width): an int for a square, a pair as given; None when it names none."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size, size
+    return tuple(size) if isinstance(size, (list, tuple)) and len(size) == 2 else None
+
+
 def _side_pair(value: Any) -> tuple[int, int] | None:
     """A processor's `size`/`crop_size` as (height, width) when it names both (not `shortest_edge`: that output
     depends on each image's aspect)."""
@@ -1167,8 +1174,7 @@ def refuse_other_image_size(image_processor: Any, model_config: Any, role: DataR
     loaded (`statistics.ModelInputCheck`), with advice to preprocess with that very processor."""
     vision = getattr(model_config, "vision_config", None) or model_config
     size = getattr(vision, "image_size", None)
-    side = ((size, size) if isinstance(size, int) and not isinstance(size, bool) and size > 0
-            else tuple(size) if isinstance(size, (list, tuple)) and len(size) == 2 else None)
+    side = image_side(size)
     if image_processor is None or side is None:
         return
     if getattr(image_processor, "do_center_crop", False):

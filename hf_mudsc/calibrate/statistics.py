@@ -175,9 +175,9 @@ class ModelInputCheck:
             value = getattr(owner, name, None)
             return value if isinstance(value, int) and not isinstance(value, bool) else None
 
-        size = getattr(vision, "image_size", None)
-        side = ((size, size) if isinstance(size, int) and not isinstance(size, bool) and size > 0
-                else tuple(size) if isinstance(size, (list, tuple)) and len(size) == 2 else None)
+        from hf_mudsc.calibrate.datasets import image_side
+
+        side = image_side(getattr(vision, "image_size", None))
         has_images = side is not None
         return cls(vocab_size=number(text, "vocab_size"), pad_token_id=number(text, "pad_token_id"),
                    num_channels=number(vision, "num_channels") if has_images else None, image_size=side, **naming)

@@ -71,6 +71,27 @@ CONFIG_WEIGHTS_FIX = ("The config names another architecture or other sizes than
                       "restore the config.json saved with these weights (save_pretrained writes both)")
 
 
+def config_weights_refusal(reference: str, file: str, class_name: str, missing: Sequence[str],
+                           mismatched: Sequence[tuple[str, Sequence[int], Sequence[int]]],
+                           unused: Sequence[str] = (), unused_count: int = 0) -> str:
+    """The one line refusing a checkpoint its config.json does not describe: tensors the config's class needs that
+    are missing, tensors of other shapes (`(name, stored, expected)`), and — named beside them — unused ones (`unused`:
+    a few stored names, `unused_count`: how many). The loader and the dry run (which reads only the headers) say it
+    in the same words."""
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensors the {class_name} of config.json needs are missing "
+                        f"(e.g. {', '.join(map(repr, missing[:3]))})")
+    if unused:
+        problems.append(f"{unused_count} tensors of the checkpoint are unused (e.g. {', '.join(map(repr, unused))})")
+    if mismatched:
+        key, stored, expected = mismatched[0]
+        problems.append(f"{len(mismatched)} tensors have other shapes than config.json says (e.g. {key!r} is "
+                        f"{tuple(stored)} in the checkpoint but {tuple(expected)} per config.json)")
+    return (f"{reference!r}: config.json does not describe the weights in {file}: " + "; ".join(problems) + ". "
+            + CONFIG_WEIGHTS_FIX)
+
+
 def same_class_fix(class_a: str) -> str:
     """How a refusal of parents of different classes ends: the fix, with parent A's class (`class_a`) as example."""
     return f"merge models of the same class (e.g. all {class_a})"

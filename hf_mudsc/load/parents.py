@@ -30,10 +30,10 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from hf_mudsc.errors import LoadError, MergeInputError, ParentMismatchError, brief, first_line, shown
 from hf_mudsc.load.checks import (
-    CONFIG_WEIGHTS_FIX,
     HEAD_CONFIG_KEYS,
     config_differences,
     config_mismatch,
+    config_weights_refusal,
     is_multi_label_head,
     is_regression_head,
     parameter_difference,
@@ -1166,7 +1166,6 @@ def _load_weights(located: _Located) -> tuple[PreTrainedModel, list[str]]:
     except (SafetensorError, OSError, EOFError, RuntimeError) as error:
         raise LoadError(f"{located.reference!r}: cannot read the weights in {name} ({first_line(error)}); "
                         "download them again or re-save the model with save_pretrained") from error
-    problems = []
     missing, unused = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
     mismatched = sorted(info.get("mismatched_keys") or ())
     if located.read_as is None and saved_without_pooler(cls, missing, unused, mismatched):
@@ -1180,23 +1179,13 @@ def _load_weights(located: _Located) -> tuple[PreTrainedModel, list[str]]:
         _refuse_missing_backbone(located, missing, {name: tensor.numel() for name, tensor in model.named_parameters()})
         _log_read_as(located, missing, unused)
         return model, missing
-    if missing:
-        problems.append(f"{len(missing)} tensors the {cls.__name__} of config.json needs are missing "
-                        f"(e.g. {', '.join(map(repr, missing[:3]))})")
-    if unused:
-        stored = stored_names(model, located, unused[:3])
-        problems.append(f"{len(unused)} tensors of the checkpoint are unused (e.g. {', '.join(map(repr, stored))})")
-    if mismatched:
-        key, stored, expected = mismatched[0]
-        problems.append(f"{len(mismatched)} tensors have other shapes than config.json says (e.g. {key!r} is "
-                        f"{tuple(stored)} in the checkpoint but {tuple(expected)} per config.json)")
+    stored = stored_names(model, located, unused[:3]) if unused else []
     if missing or mismatched:
-        raise LoadError(
-            f"{located.reference!r}: config.json does not describe the weights in {name}: " + "; ".join(problems)
-            + ". " + CONFIG_WEIGHTS_FIX
-        )
+        raise LoadError(config_weights_refusal(located.reference, name, cls.__name__, missing, mismatched, stored,
+                                               len(unused)))
     if unused:
-        logger.warning("%s: %s", located.reference, problems[-1])
+        logger.warning("%s: %d tensors of the checkpoint are unused (e.g. %s)", located.reference, len(unused),
+                       ", ".join(map(repr, stored)))
     return model, []
 
 

@@ -34,8 +34,8 @@ PROCESSOR_FILES = ("processor_config.json",)
 
 
 def load_processor(folder: str | os.PathLike, reference: str | None = None) -> Any | None:
-    """The folder's processor (AutoProcessor when it holds the image processor the folder has, else the image
-    processor, else the tokenizer), None if it has none.
+    """The folder's processor (AutoProcessor when it holds each kind the folder has and its model reads, else the
+    image processor, else the tokenizer), None if it has none.
 
     Gated on the files being present: transformers 5 happily builds an empty tokenizer from a bare
     config.json (or a `tokenizer_config.json` without a vocabulary file), which would silently tokenize everything
