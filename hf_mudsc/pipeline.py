@@ -549,15 +549,18 @@ def merge(
     # `auto` that chose before loading judged these same (aligned) parents, read one tensor at a time
     relation = early[0].relation if early else check_parents_mergeable(params, spec, parent_names)
     base_params = None
+    base_links: list[ParentRelation] = []  # how each parent relates to the base
     if base_parent is not None:
         base_params = _check_base(base_parent, model_a, spec, merge_options.weights)
-        _log_base_relations(base_parent, base_params, params, spec)
+        base_links = base_relations(base_params, params, spec)
+    strangers = _not_fine_tunes(base_links)
     choice_reason = None
     # `auto`'s same-base choice, while the unit-matching solve that confirms it runs (methods.auto): (the same-base
     # method, its reason); the merge runs as that solve's method until the solve decides.
     unconfirmed: tuple[MergeMethod, str] | None = None
     data_note = None  # why the data goes unread, when auto's data method could not fit
-    if merge_method is None:
+    chosen_by_auto = merge_method is None
+    if chosen_by_auto:
         if early:  # chosen, and its memory checked, before any parent was loaded whole
             merge_method, choice_reason, data_note = early[0].method, early[0].reason, early[0].data_note
         else:
@@ -565,6 +568,17 @@ def merge(
                 relation, merge_options, calibration, count, has_base=base_parent is not None,
                 shortfall=lambda method: memory_shortfall(model_a, count, method, loading=0))
             check_memory(model_a, count, merge_method, loading=0, chosen=choice_reason)  # before calibration
+        if strangers and merge_method.needs_base_model:
+            # task vectors from a base the parents are not fine-tunes of are as large as the weights: auto merges as
+            # without a base (a method that needs none reads and loads less than the one it replaces)
+            merge_method, choice_reason, data_note = choose_auto(
+                relation, merge_options, calibration, count, has_base=False)
+            said, name = choice_reason.rsplit("): ", 1)
+            choice_reason = (f"{said}; the base given is not the parents' base by its weights ({strangers}), so it "
+                             f"is not used): {name}")
+    if base_parent is not None:
+        _log_base_relations(base_parent, base_links, unused=not merge_method.needs_base_model)
+    if chosen_by_auto:
         # Two parents: the solve's merge is the merge if the units moved. More: one pair is solved first (parent A
         # and the parent farthest from it by weight distance), as every pair would multiply the check's cost.
         checker = _correspondence_checker(relation, merge_method, merge_options, calibration, count)
@@ -1345,16 +1359,28 @@ def _warn_licenses(parents: Sequence[LoadedParent], base: LoadedParent | None) -
         logger.warning("%s", said)
 
 
-def _log_base_relations(base: Any, base_params: Mapping[str, torch.Tensor],
-                        params: Sequence[Mapping[str, torch.Tensor]], spec: PermutationSpec) -> None:
-    """Say how each parent relates to the base; warn about parents that do not look like fine-tunes of it."""
-    relations = base_relations(base_params, params, spec)
+# How a parent relates to a base it is no fine-tune of (`hf_mudsc.load.relation`): its task vector from that base is
+# as large as its weights.
+NOT_FINE_TUNES = ("independent", "protected", "permuted copy")
+
+
+def _not_fine_tunes(relations: Sequence[ParentRelation]) -> str:
+    """The parents that are no fine-tunes of the base, as a reason says them ("parent A independent of it, relative
+    distance 1.41"), or "" when every parent is one (`relations`: each parent's relation to the base)."""
+    return ", ".join(f"parent {parent_label(index)} {relation.relation} of it, relative distance "
+                     f"{relation.weight_distance:.3g}" for index, relation in enumerate(relations)
+                     if relation.relation in NOT_FINE_TUNES)
+
+
+def _log_base_relations(base: Any, relations: Sequence[ParentRelation], *, unused: bool) -> None:
+    """Say how each parent relates to the base; warn about parents that do not look like fine-tunes of it, and what
+    that means for the merge (`unused`: the merge's method reads no base)."""
     name = base.repo_id or base.reference
+    consequence = "the merge does not read it" if unused else "task vectors from this base will be large"
     for index, relation in enumerate(relations):
-        if relation.relation in ("independent", "protected"):
+        if relation.relation in NOT_FINE_TUNES:
             logger.warning("parent %s is not a fine-tune of the base %s by its weights (%s, relative distance %.3g); "
-                           "task vectors from this base will be large", parent_label(index), name,
-                           relation.relation, relation.weight_distance)
+                           "%s", parent_label(index), name, relation.relation, relation.weight_distance, consequence)
     logger.info("base %s: parents relate to it as %s", name, ", ".join(
         f"{r.relation} ({r.weight_distance:.3g})" for r in relations))
 

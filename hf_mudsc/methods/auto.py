@@ -7,7 +7,8 @@ The rule is a table (relation of the parents, base given?) -> candidate methods,
   `regmean` when calibration data is given (first in FusionBench's comparison and in ours,
   `scripts/bench_same_base.py`: vision 97.8 vs linear 96.1 and ties 94.3, text 103.6 vs 96.8 and 98.6, normalised
   accuracy); without data `ties` when the base is given (mergekit's and FusionBench's usual dataless choice for N
-  parents), else `linear`.
+  parents), else `linear` — and `linear` too when a parent is no fine-tune of the base given (the pipeline measures
+  each parent's relation to it: `hf_mudsc.pipeline`, its task vector would be as large as its weights).
 
 With calibration data and equally weighted parents (any number), `refit="auto"` then refits after regmean
 (`hf_mudsc.options.resolve_refit`, docs/design.md §4.9): on the same-init digit ViT pairs (issue 12, 9 pairs at
