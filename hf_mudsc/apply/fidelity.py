@@ -16,7 +16,8 @@ statistics), and the merged model is scored on the held-out examples against its
   argmax or log-probability agreement would score every model alike);
 * without one (a bare encoder): the mean over parents of the linear CKA between the merged model's and the
   parent's example features (final hidden states averaged over the non-padding tokens) — basis-free, so a merged
-  space that is any relabelling of a parent's scores as that parent.
+  space that is any relabelling of a parent's scores as that parent; a dual encoder (CLIP) is scored on each
+  tower's embeddings (image and text), the mean over the towers, so neither can break unseen.
 
 The highest score wins; ties go to the α nearest 0.5. Measured on the toy digit ViTs (different inits, hidden 64,
 5 pairs; docs/research/quality_probe.md §4): this unlabelled fidelity picked the α that labelled training accuracy
@@ -43,6 +44,8 @@ ALPHA_GRID = (0.1, 0.3, 0.5, 0.7, 0.9)
 #: Every this-many-th calibration example is held out for scoring (20%); the rest feed the statistics.
 HOLDOUT_EVERY = 5
 _FEATURES = ("last_hidden_state", "image_embeds", "text_embeds", "pooler_output")
+# A dual encoder's outputs (CLIP): one embedding per tower, each scored (a score of one tower cannot see the other).
+_TOWERS = ("image_embeds", "text_embeds")
 
 
 class RowSplit:
@@ -71,28 +74,45 @@ def holdout_split(batches: Callable[[], Iterable[Mapping[str, Any]]], every: int
 
 
 def _outputs(model: nn.Module, batches: Iterable[Mapping[str, Any]], mask_key: str | None
-             ) -> tuple[torch.Tensor, bool]:
-    """(logits `(N, classes)`, True) when the model has them, else (example features `(N, d)`, False): the final
-    hidden states averaged over the non-padding tokens."""
+             ) -> tuple[torch.Tensor, bool, tuple[int, ...]]:
+    """(logits `(N, classes)`, True, (classes,)) when the model has them, else (example features `(N, d)`, False,
+    each tower's width): the final hidden states averaged over the non-padding tokens, or a dual encoder's image and
+    text embeddings side by side (`_TOWERS`)."""
     parts = []
     is_logits = False
+    widths: tuple[int, ...] = ()
     with torch.no_grad():
         for batch in batches:
             out = run_forward(model, batch)
             logits = getattr(out, "logits", None)
             if logits is not None:
                 parts.append(logits.detach().to(torch.float64))
-                is_logits = True
+                is_logits, widths = True, (logits.shape[-1],)
                 continue
-            features = next(getattr(out, name) for name in _FEATURES if getattr(out, name, None) is not None)
-            features = features.detach().to(torch.float64)
-            if features.dim() == 3:
-                mask = batch.get(mask_key) if mask_key else None
-                weights = (mask.to(features) if mask is not None and tuple(mask.shape) == tuple(features.shape[:2])
-                           else torch.ones(features.shape[:2], dtype=features.dtype))[..., None]
-                features = (features * weights).sum(1) / weights.sum(1).clamp_min(1)
-            parts.append(features)
-    return (torch.cat(parts) if parts else torch.zeros(0, 0, dtype=torch.float64)), is_logits  # nothing held out
+            towers = [getattr(out, name) for name in _TOWERS if getattr(out, name, None) is not None]
+            if len(towers) < len(_TOWERS):
+                towers = [next(getattr(out, name) for name in _FEATURES if getattr(out, name, None) is not None)]
+            pooled = []
+            for features in towers:
+                features = features.detach().to(torch.float64)
+                if features.dim() == 3:
+                    mask = batch.get(mask_key) if mask_key else None
+                    weights = (mask.to(features) if mask is not None
+                               and tuple(mask.shape) == tuple(features.shape[:2])
+                               else torch.ones(features.shape[:2], dtype=features.dtype))[..., None]
+                    features = (features * weights).sum(1) / weights.sum(1).clamp_min(1)
+                pooled.append(features)
+            widths = tuple(features.shape[-1] for features in pooled)
+            parts.append(torch.cat(pooled, dim=1))
+    # nothing held out: no rows
+    return (torch.cat(parts) if parts else torch.zeros(0, 0, dtype=torch.float64)), is_logits, widths
+
+
+def towers_cka(merged: torch.Tensor, merged_widths: Sequence[int], parent: torch.Tensor,
+               parent_widths: Sequence[int]) -> float:
+    """The mean over towers of `linear_cka` (`_outputs`' features side by side, each tower's width given)."""
+    pairs = list(zip(torch.split(merged, list(merged_widths), dim=1), torch.split(parent, list(parent_widths), dim=1)))
+    return sum(linear_cka(x, y) for x, y in pairs) / len(pairs)
 
 
 def relative_squared_error(merged: torch.Tensor, parent: torch.Tensor) -> float:
@@ -128,8 +148,9 @@ class FidelityScorer:
         ends = [int(end) for end in itertools.accumulate(task_sizes or ())]
         self.task_ranges = list(zip([0, *ends[:-1]], ends))  # the concatenated head's slices, parent order
         outputs = [_outputs(parent, held_out, mask_key) for parent in parents]
-        self.parents = [out for out, _ in outputs]
-        self.logits = all(is_logits for _, is_logits in outputs)
+        self.parents = [out for out, _, _ in outputs]
+        self.widths = [widths for _, _, widths in outputs]
+        self.logits = all(is_logits for _, is_logits, _ in outputs)
         self.examples = len(self.parents[0])
         # transformers reads one output as a regression head (`num_labels=1` sets problem_type "regression").
         # One output is a regression unless the config says multi-label (a one-label sigmoid head).
@@ -146,7 +167,14 @@ class FidelityScorer:
             ("log-probability agreement", any(self.softmax_tasks)),
             ("per-label Bernoulli log-likelihood", any(self.multi_label)),
             ("relative squared error (negated)", any(self.regression))) if present]
-        self.measure = "linear CKA of the features" if not self.logits else " and ".join(kinds)
+        features = ("linear CKA of the image and text embeddings (mean over the towers)"
+                    if len(self.widths[0]) == len(_TOWERS) else "linear CKA of the features")
+        self.measure = features if not self.logits else " and ".join(kinds)
+
+    def features_score(self, out: torch.Tensor, widths: Sequence[int]) -> float:
+        """The score of a merged model without logits: the mean over parents (and towers) of the linear CKA."""
+        return sum(towers_cka(out, widths, parent, parent_widths)
+                   for parent, parent_widths in zip(self.parents, self.widths)) / len(self.parents)
 
     def classification_columns(self, out: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(the merged head's columns of the single-label tasks, those parents' logits): what a whole-head
@@ -159,9 +187,9 @@ class FidelityScorer:
     def __call__(self, merged: nn.Module) -> float:
         if self.examples == 0:
             return 0.0
-        out, is_logits = _outputs(merged, self.held_out, self.mask_key)
+        out, is_logits, widths = _outputs(merged, self.held_out, self.mask_key)
         if not (is_logits and self.logits):
-            return sum(linear_cka(out, parent) for parent in self.parents) / len(self.parents)
+            return self.features_score(out, widths)
         slices = torch.split(out, list(self.task_sizes), dim=1) if self.task_sizes else [out] * len(self.parents)
         agreements = [math.exp(-relative_squared_error(part, parent)) if regression
                       else float(((part > 0) == (parent > 0)).double().mean()) if multi
@@ -198,9 +226,9 @@ class FidelityScorer:
         the single-label tasks only (present when there are two or more)."""
         if self.examples == 0:
             return 0.0
-        out, is_logits = _outputs(merged, self.held_out, self.mask_key)
+        out, is_logits, widths = _outputs(merged, self.held_out, self.mask_key)
         if not (is_logits and self.logits):
-            return sum(linear_cka(out, parent) for parent in self.parents) / len(self.parents)
+            return self.features_score(out, widths)
         slices = torch.split(out, list(self.task_sizes), dim=1) if self.task_sizes else [out] * len(self.parents)
         terms = [-relative_squared_error(part, parent) if regression
                  else bernoulli_log_likelihood(part, parent) if multi
