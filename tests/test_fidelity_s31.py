@@ -31,3 +31,4 @@ def test_a_clip_merge_with_a_broken_text_tower_scores_below_an_intact_one():
     alone = FidelityScorer([a], held_out, task_sizes=None, mask_key="attention_mask")
     assert alone(intact) == pytest.approx(1.0)
     assert "image and text" in scorer.measure, scorer.measure
+
