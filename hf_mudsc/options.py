@@ -480,13 +480,17 @@ def _card_refit(value: Any, context: Mapping[str, Any]) -> str:
 
 
 def _card_refit_samples(value: Any, context: Mapping[str, Any]) -> str:
-    """`auto: 483 examples` (the resolved count, config `refit_examples`), `512 examples`, `—` without a refit."""
-    if value is None:
-        return "—"
+    """The examples the refit read (config `refit_examples`), with what was asked when that differs: `auto: 483
+    examples`, `all: 60 examples`, `100 asked: 60 examples` (the data held fewer), `512 examples`; `—` without a
+    refit."""
     examples = (context.get("mudsc") or {}).get("refit_examples")
+    if examples is None:
+        return "—"
     if value == AUTO:
-        return f"auto: {examples} examples" if examples is not None else "auto"
-    return f"{value} examples"
+        return f"auto: {examples} examples"
+    if value is None:
+        return f"all: {examples} examples"
+    return f"{examples} examples" if value == examples else f"{value} asked: {examples} examples"
 
 
 # --------------------------------------------------------------------------------------------- card cells
@@ -503,6 +507,8 @@ def _card_alpha(value: Any, context: Mapping[str, Any]) -> str:
     curve = (context.get("mudsc") or {}).get("alpha_auto")
     if not curve:
         return str(value)
+    if curve.get("returned_fidelity") is None:  # no held-out example: nothing was scored
+        return f"{value} (auto: not scored, no held-out example; {value} used)"
     points = ", ".join(f"{alpha}: {score:.3f}" for alpha, score in zip(curve["grid"], curve["fidelity"]))
     # The candidates were solved from the paper's start; the merge returned, with every start, may differ.
     returned = ("" if curve.get("returned_is_candidate", True)

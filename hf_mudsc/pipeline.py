@@ -29,7 +29,7 @@ from hf_mudsc.apply.classifier import (
     same_label_sets,
 )
 from hf_mudsc.apply.dtype import cast_merged, resolve_out_dtype
-from hf_mudsc.apply.fidelity import parameters_digest
+from hf_mudsc.apply.fidelity import parameters_digest, unscored_alpha_warning
 from hf_mudsc.apply.refit import RefitReport, refit_model
 from hf_mudsc.apply.repair import RepairReport, repair_model
 from hf_mudsc.architectures import spec_for
@@ -786,6 +786,8 @@ def merge(
         shared_labels=[label_names(m.config) for m in loaded] if spec.classifier is not None and not concatenate
         else None, processor_differences=image_processor_differences([p.processor for p in parents]),
         tokenizer_differences=tokenizer_differences([p.processor for p in parents]), repeats=repeats)
+    if alpha_curve is not None and not alpha_curve["held_out_examples"]:
+        report.warnings.append(unscored_alpha_warning(alpha_curve["chosen"]))
     size_plan = measured_plan(spec, params, merged_params, merge_options.size) if merge_method.supports_size else None
     if size_plan is not None and (unspent := unspent_stream_warning(spec, size_plan, merge_options.size_spend)):
         report.warnings.append(unspent)

@@ -243,10 +243,25 @@ class FidelityScorer:
         return (per_task + whole_head) / 2
 
 
+#: Digits of a fidelity as recorded (`config.mudsc["alpha_auto"]`) and compared: equal fractions of agreements summed
+#: in another order differ in the last bit, which must not decide against the tie rule the curve shows.
+FIDELITY_DIGITS = 6
+
+
 def choose_alpha(scores: Mapping[float, float]) -> float:
-    """The α with the highest fidelity; among equal scores the one nearest 0.5 (then the smaller)."""
-    best = max(scores.values())
-    return min((alpha for alpha, score in scores.items() if score == best), key=lambda a: (round(abs(a - 0.5), 9), a))
+    """The α with the highest fidelity as recorded (`FIDELITY_DIGITS`); among equal ones the α nearest 0.5 (then the
+    smaller)."""
+    recorded = {alpha: round(score, FIDELITY_DIGITS) for alpha, score in scores.items()}
+    best = max(recorded.values())
+    return min((alpha for alpha, score in recorded.items() if score == best),
+               key=lambda a: (round(abs(a - 0.5), 9), a))
+
+
+def unscored_alpha_warning(chosen: float) -> str:
+    """What a merge says when alpha="auto" had no held-out example to score any α by (fewer than `HOLDOUT_EVERY`
+    calibration examples): the α used is a default, not a measurement."""
+    return (f"alpha='auto': no held-out calibration example (fewer than {HOLDOUT_EVERY} examples), so no alpha was "
+            f"scored; alpha {chosen:g} used — give more calibration data or pass a number")
 
 
 def parameters_digest(parameters: Mapping[str, torch.Tensor]) -> str:
@@ -307,10 +322,7 @@ def search_alpha(method: Any, context: Any, scorer: FidelityScorer, build: Calla
         for other in [a for a in results if a != best]:
             del results[other]
         logger.info("alpha %.2f: held-out fidelity %.4f", alpha, scores[alpha])
-    chosen = choose_alpha(scores)
-    if scorer.examples == 0:  # every candidate scored alike: the choice says nothing (the refit gate warns alike)
-        logger.warning("alpha='auto': no held-out calibration example (fewer than %d examples), so no alpha was "
-                       "scored; alpha %g used — give more calibration data or pass a number", HOLDOUT_EVERY, chosen)
+    chosen = choose_alpha(scores)  # without a held-out example every score is 0: 0.5 (the merge warns)
     result = results.pop(chosen)
     returned_key, returned_score = digests[chosen], scores[chosen]
     if not getattr(result, "full", True):  # a cheaper candidate: the chosen α merged again in full
@@ -320,8 +332,10 @@ def search_alpha(method: Any, context: Any, scorer: FidelityScorer, build: Calla
         returned_key, returned_score = score(result)
         logger.info("alpha %.2f merged with every start: held-out fidelity %.4f (%s the candidate)", chosen,
                     returned_score, "the same merge as" if returned_key == digests[chosen] else "differs from")
-    curve = {"grid": [float(a) for a in grid], "fidelity": [round(scores[a], 6) for a in grid], "chosen": chosen,
+    scored = scorer.examples > 0  # else nothing was measured: no figure recorded (the refit gate records None alike)
+    curve = {"grid": [float(a) for a in grid],
+             "fidelity": [round(scores[a], FIDELITY_DIGITS) if scored else None for a in grid], "chosen": chosen,
              "held_out_examples": scorer.examples, "candidate_starts": candidate_starts,
-             "returned_fidelity": round(returned_score, 6),
+             "returned_fidelity": round(returned_score, FIDELITY_DIGITS) if scored else None,
              "returned_is_candidate": returned_key == digests[chosen]}
     return chosen, result, curve

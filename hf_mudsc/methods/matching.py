@@ -182,8 +182,9 @@ MUDSC = register_method(UnitMatchingMethod(
     pretty_name="MuDSC (merging under dual-space constraints)",
     paper=PAPER_MUDSC,
     description="Units matched on alpha * weight correlation + (1 - alpha) * activation correlation, "
-    "refined by seeded coordinate sweeps from the activation matching (the paper's start), the weight matching "
-    "and the identity; the activation start's solution is kept unless another ends clearly higher.",
+    "refined by seeded coordinate sweeps from several starts, the activation matching (the paper's) first (the "
+    "starts run and their final objectives: Solver sweeps); the activation start's solution is kept unless another "
+    "ends clearly higher.",
     # weight_matching needs no extra start: its own start is the weight start, and on same-base parents it
     # already ends at the identity (docs/research/quality_probe.md §1). zipit/activation_align do not iterate.
     needs_calibration=True, iterate=True, extra_starts=("weight", "identity"),

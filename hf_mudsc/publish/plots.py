@@ -95,10 +95,11 @@ def draw_plots(folder: str | os.PathLike, diagnostics: MergeDiagnostics | None, 
             figures.append(("attention_heads", "Attention head pairing",
                             "the head of B merged with each head of A, per block",
                             head_pairing_figure(diagnostics)))
-    if diagnostics is not None and diagnostics.alpha_curve:
+    curve = diagnostics.alpha_curve if diagnostics is not None else None
+    if curve and curve.get("returned_fidelity") is not None:  # (None: no held-out example, nothing scored)
         figures.append(("alpha_fidelity", "Balance factor α chosen without labels",
                         "held-out fidelity of the merge to its parents for each α of the search (alpha=\"auto\")",
-                        alpha_figure(diagnostics.alpha_curve)))
+                        alpha_figure(curve)))
     scores = _evaluation_dict(evaluation)
     if scores is not None and scores.get("scores"):
         title, caption = evaluation_chart_text(scores)

@@ -201,7 +201,8 @@ _HEATMAP = {"group": (_text, "a text"), "rows": (_list_of(_integer), "a list of 
             "columns": (_list_of(_integer), "a list of integers"),
             "values": (_list_of(_list_of(_number)), "a list of lists of numbers"),
             "fused_units": (_integer, "an integer")}
-_CURVE = {"grid": (_list_of(_number), "a list of numbers"), "fidelity": (_list_of(_number), "a list of numbers"),
+_CURVE = {"grid": (_list_of(_number), "a list of numbers"),
+          "fidelity": (_list_of(_or_none(_number)), "a list of numbers (null: not scored)"),
           "chosen": (_number, "a number"), "held_out_examples": (_integer, "an integer"),
           "candidate_starts": (_list_of(_text), "a list of texts"),
           "returned_fidelity": (_or_none(_number), "a number"),
