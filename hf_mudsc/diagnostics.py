@@ -8,7 +8,8 @@ so the dry run and the merge share them.
    hundredths between groups, and a MAD of nearly equal values would flag a 0.01 dip. Needs `WEAK_GROUP_MIN_GROUPS`
    groups for a median to mean anything.
 2. *Too little calibration data*: a group's correlation is a `(2n × 2n)` matrix over the stacked `[A; B]` units
-   estimated from the rows its hook saw (examples × tokens, padding dropped). With fewer rows than `2n` it is
+   estimated from the rows its hook saw (examples × tokens, padding dropped; one per example where the group is
+   read at the first token, e.g. BERT's pooler input). With fewer rows than `2n` it is
    rank-deficient: most unit pairs are then matched on noise. *Repeated examples* (`repeated_examples_warning`):
    examples that repeat earlier ones add nothing, yet count as rows there.
 3. *Method against relation*: a method without unit matching (`average`, task-vector methods) on parents that
@@ -70,7 +71,7 @@ def weak_group_warning(names: Sequence[str], values: Sequence[float]) -> str | N
 
 
 def calibration_size_warning(rows: Mapping[str, int], widths: Mapping[str, int], parents: int = 2) -> str | None:
-    """Warn when a group saw fewer calibration rows (examples × tokens) than the `N·n` units it correlates
+    """Warn when a group saw fewer calibration rows (one per token its hook reads) than the `N·n` units it correlates
     (N = `parents`); names the widest such group. `rows`/`widths`: per group name."""
     short = [(name, rows[name], width) for name, width in widths.items()
              if name in rows and rows[name] < parents * width]
@@ -78,9 +79,9 @@ def calibration_size_warning(rows: Mapping[str, int], widths: Mapping[str, int],
         return None
     name, seen, width = max(short, key=lambda item: (item[2], -item[1]))
     return (f"calibration too small for the widths: group {name!r} ({width} units per parent) saw {seen} rows "
-            f"(examples × tokens), fewer than the {parents * width} units it correlates, so its correlations are "
-            f"rank-deficient ({len(short)} group(s) affected); give more samples ({option_hint('num_samples')} "
-            "or a larger calibration split)")
+            "(one per token read; one per example for a group read at the first token only), fewer than the "
+            f"{parents * width} units it correlates, so its correlations are rank-deficient ({len(short)} group(s) "
+            f"affected); give more samples ({option_hint('num_samples')} or a larger calibration split)")
 
 
 def repeated_examples_warning(examples: int, repeats: int) -> str | None:

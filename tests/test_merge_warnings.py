@@ -66,7 +66,8 @@ def test_calibration_size_rule_names_the_widest_short_group():
     assert calibration_size_warning({"residual": 64, "mlp": 96, "pooler": 64}, widths) is None  # rows = 2n: enough
     text = calibration_size_warning({"residual": 40, "mlp": 95, "pooler": 8}, widths)
     assert text.startswith("calibration too small for the widths: group 'mlp' (48 units per parent) saw 95 rows "
-                           "(examples × tokens), fewer than the 96 units it correlates")
+                           "(one per token read; one per example for a group read at the first token only), fewer "
+                           "than the 96 units it correlates")
     assert "(3 group(s) affected)" in text and "num_samples= (CLI: --num-samples)" in text
 
 
@@ -95,7 +96,8 @@ def test_too_few_calibration_rows_for_the_widths_are_warned_about(caplog, tmp_pa
     # per image, saw 2 rows for 2 x 32 units: also short, but narrower)
     merged, logged = _merge([a, b], make_batches("vit_cls", num_batches=1, batch_size=2), caplog, method="zipit")
     text = ("calibration too small for the widths: group 'vit.layers.0.mlp' (48 units per parent) saw 34 rows "
-            "(examples × tokens), fewer than the 96 units it correlates")
+            "(one per token read; one per example for a group read at the first token only), fewer than the 96 "
+            "units it correlates")
     assert [w for w in merged.merge_report.warnings if w.startswith(text)]
     assert [w for w in logged if w.startswith(text)] and [w for w in merged.config.mudsc["warnings"]
                                                          if w.startswith(text)]
