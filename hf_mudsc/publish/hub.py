@@ -27,7 +27,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from hf_mudsc.errors import PushError, RepoExistsError
 from hf_mudsc.load.hub_calls import http_client, hub_call, hub_error_line
-from hf_mudsc.load.references import TOKEN_FIX, looks_like_token, without_userinfo
+from hf_mudsc.load.references import repo_id_refusal, without_userinfo
 from hf_mudsc.publish.folder import MARKER_FILENAME, changed_files, listed_outside, read_marker, unlisted_files
 from hf_mudsc.publish.recipe import MAX_RECIPE_BYTES, RECIPE_FILENAME, published_text
 
@@ -173,13 +173,12 @@ def published_files(folder: str | os.PathLike) -> list[str]:
 
 
 def check_repo_id(repo_id: str, *, flag: str = "--push-to-hub name") -> None:
-    """Refuse a repo id to push to that is no `org/name`, or that holds a token (pasted where the id goes): its
-    every Hub call would send the token in a URL, and the repo created would be named after it."""
-    if looks_like_token(repo_id):
-        raise ValueError(f"the Hub repo id ({flag}) looks like a Hugging Face access token (not shown); give the "
-                         f"repo to create as `org/name`, and {TOKEN_FIX}")
-    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise ValueError(f"the Hub repo id must look like `org/name`, got {repo_id!r}")
+    """Refuse a repo id to push to that is no `org/name`, one the Hub would refuse (`repo_id_refusal`), or that holds
+    a token (pasted where the id goes): its every Hub call would send the token in a URL, and the repo created would
+    be named after it."""
+    refusal = repo_id_refusal(repo_id, flag)
+    if refusal is not None:
+        raise ValueError(refusal)
 
 
 def _is_empty(api: HfApi, repo_id: str) -> bool:

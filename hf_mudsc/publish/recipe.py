@@ -35,7 +35,13 @@ import yaml
 
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import MergeInputError, OptionError, RecipeError, brief, flag, option_hint, shown
-from hf_mudsc.load.references import TOKEN_FIX, display_name, is_object_reference, looks_like_token
+from hf_mudsc.load.references import (
+    TOKEN_FIX,
+    display_name,
+    is_object_reference,
+    looks_like_token,
+    repo_id_refusal,
+)
 from hf_mudsc.methods import plugin_module
 from hf_mudsc.option_values import MATCHERS as MATCHERS  # re-exported: the CLI's --matcher choices
 from hf_mudsc.options import RECIPE_FILENAME as RECIPE_FILENAME
@@ -265,16 +271,13 @@ class Recipe(MergeOptions):
                 "(a dataset spec `repo_or_path[@revision][:config]:split` or a saved dataset folder), "
                 f"or merge without data: --method {' / '.join(data_free_methods(len(self.models))[:3]) or 'auto'}",
                 reader=f"method {self.method!r}")
-        if self.push_to_hub is not None and looks_like_token(self.push_to_hub):  # every Hub call would carry it
-            raise RecipeError("push_to_hub (CLI: --push-to-hub) looks like a Hugging Face access token (not shown); "
-                              f"give the repo to create as `org/name`, and {TOKEN_FIX}")
+        refusal = (None if self.push_to_hub is None
+                   else repo_id_refusal(self.push_to_hub, "push_to_hub, CLI: --push-to-hub"))
+        if refusal is not None:  # a token pasted there: every Hub call would carry it; a bad name: refused at once
+            raise RecipeError(refusal)
         if self.private and self.push_to_hub is None:  # a destination flag for a push that does not happen
             logger.warning("%s has no effect: nothing is pushed (no %s)", option_hint("private"),
                            option_hint("push_to_hub"))
-        if self.push_to_hub is not None and self.push_to_hub.count("/") != 1:
-            raise RecipeError(
-                f"push_to_hub must be a repo id `org/name` (CLI: --push-to-hub), got {shown(self.push_to_hub)}"
-            )
         return self
 
     def reference_entries(self) -> list[tuple[str, str]]:
