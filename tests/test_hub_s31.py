@@ -39,3 +39,15 @@ def test_push_and_the_dry_run_exit_2_on_such_an_id(tmp_path, capsys, monkeypatch
     hf_mudsc.save_merged(merged, tmp_path / "out")
     code, err = run_cli(["push", str(tmp_path / "out"), "user/x--y"], capsys)
     assert code == 2 and "ORG/NAME" in err[-1] and "--" in err[-1], err
+
+
+def test_a_hub_parent_without_a_card_is_said_to_declare_no_licence(local_hub, tmp_path):
+    """Online, the Hub answers that `user/a` holds no README.md: the card said "A: its card not read", as for a card
+    that could not be read (offline, a Hub error); it is known to have none."""
+    for name, seed in (("a", 1), ("b", 2)):
+        make_model("vit_cls", seed).save_pretrained(tmp_path / name)
+        local_hub.upload_folder(f"user/{name}", tmp_path / name, f"parent {name}")
+    local_hub.commit_files("user/b", {"README.md": b"---\nlicense: apache-2.0\n---\n# b\n"}, "card")
+    assert "README.md" not in local_hub.list_files("user/a")
+    merged = hf_mudsc.merge(["user/a", "user/b"], method="linear", progress=False)
+    assert merged.config.mudsc["parent_licenses"] == [None, "apache-2.0"], merged.config.mudsc["parent_licenses"]

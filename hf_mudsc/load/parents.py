@@ -1438,8 +1438,14 @@ def _parent_class(parent: _Located) -> type[PreTrainedModel]:
     return type(model) if model is not None else model_class_for(parent.config, parent.reference)
 
 
+# What `_card_text` gives for a Hub repo known to hold no README.md: an empty card, which declares nothing (no licence,
+# no base), unlike a card that could not be read.
+NO_CARD = ""
+
+
 def _card_text(located: _Located, *, token: str | bool | None, cache_dir: str | os.PathLike | None) -> str | None:
-    """A parent's model card (README.md) text: from its folder, or from the Hub at its pinned commit; None if none."""
+    """A parent's model card (README.md) text: from its folder, or from the Hub at its pinned commit; `NO_CARD` when
+    the Hub says the repo holds none; None if none is at hand (a folder without one, or not cached offline)."""
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
@@ -1466,10 +1472,10 @@ def _card_text(located: _Located, *, token: str | bool | None, cache_dir: str | 
                     return None
                 raise
             except EntryNotFoundError:  # no card (a parent class of the one above: after it)
-                return None
+                return NO_CARD
 
         path = hub_request(located.reference, download, what="downloading README.md (the model card)")
-        return read_card(Path(path)) if path else None
+        return NO_CARD if path == NO_CARD else read_card(Path(path)) if path else None
     if folder is not None and (folder / "README.md").is_file():
         return read_card(folder / "README.md")
     return None
@@ -1477,9 +1483,9 @@ def _card_text(located: _Located, *, token: str | bool | None, cache_dir: str | 
 
 def _declared_license(located: _Located, *, token: str | bool | None,
                       cache_dir: str | os.PathLike | None) -> str | None:
-    """The licence a parent's model card declares; None when it has no card (a local folder without README.md, a model
-    built in memory) or declares none; `LICENSE_NOT_READ` when a card may exist but was not read (a Hub card not cached
-    offline, a Hub error, a card that is no text or too large): the merge never depends on it."""
+    """The licence a parent's model card declares; None when it has no card (a folder or Hub repo without README.md, a
+    model built in memory) or declares none; `LICENSE_NOT_READ` when a card may exist but was not read (a Hub card not
+    cached offline, a Hub error, a card that is no text or too large): the merge never depends on it."""
     try:
         text = _card_text(located, token=token, cache_dir=cache_dir)
     except Exception as error:  # noqa: BLE001 - a licence read must never fail a merge
