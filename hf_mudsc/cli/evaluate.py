@@ -451,14 +451,16 @@ def _check_metrics(names: list[str], trust_remote_code: bool) -> None:
         )
 
 
-def _local_config(folder: Path) -> Any:
-    """The merged folder's config alone (no weights), so dataset flags are checked before loading."""
-    from transformers import AutoConfig
+def _local_config(folder: Path, reference: str) -> Any:
+    """The merged folder's config alone (no weights), so dataset flags are checked before loading; read as the loader
+    reads it (`folder_config`: a link out of the folder, a count no model has refused before transformers sees it)."""
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import folder_config
 
     try:
-        return AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    except (ValueError, OSError, KeyError) as error:
-        raise ValueError(f"cannot read the config of the merged model {str(folder)!r}: {error}") from None
+        return folder_config(folder, reference)
+    except LoadError as error:
+        raise ValueError(f"cannot load the merged model {reference!r}: {error}") from error
 
 
 def _hub_recipe_parents(loaded: Any, token: str | None = None) -> list[str] | None:
@@ -616,7 +618,7 @@ def run(args: argparse.Namespace) -> int:
     check_replaceable(json_paths, folder / CARD_FILENAME if local and not args.no_card else None)
     datasets_per_task = None
     if local:  # check the dataset flags against the config, and read the recipe's parents, before loading any weights
-        config = _local_config(folder)
+        config = _local_config(folder, args.model)
         ranges = {task: list(bounds) for task, bounds in task_ranges(config).items()} or None
         datasets_per_task = _datasets(args, list(ranges or {}), ranges, clip=is_clip_config(config))
         check_clip_options(args, class_names, datasets_per_task, clip=is_clip_config(config))
