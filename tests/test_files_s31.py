@@ -1,5 +1,5 @@
 """Files after the session-31 files hunt: `evaluate` reads a merged folder's config.json only as the loader does
-(its link and count checks first)."""
+(its link and count checks first), and puts a folder's results, chart and card in place as one change."""
 
 from __future__ import annotations
 
@@ -132,3 +132,91 @@ def test_evaluate_refuses_a_folder_without_config_json_naming_it(case, tmp_path,
     assert main(["evaluate", str(merged), "--dataset", str(case / "test"), "--no-card", "--no-parents"]) == 1
     assert "has no config.json" in _error(capsys)
 
+
+# ------------------------------------------------- 2: evaluate replaces the folder's results, chart and card together
+def _evaluated(case: Path, tmp_path: Path) -> Path:
+    """The merged folder evaluated once on every row (results, card) with the accuracy chart drawn from the results,
+    as `inspect` draws it (recorded in the folder's marker)."""
+    from hf_mudsc.publish.plots import draw_plots
+
+    merged = _copy(case, tmp_path)
+    assert main(["evaluate", str(merged), "--dataset", str(case / "test"), "--no-parents", "-q"]) == 0
+    draw_plots(merged / "plots", None, json.loads((merged / "eval_results.json").read_text()), owner=merged)
+    return merged
+
+
+def _state(folder: Path) -> dict[str, bytes]:
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*"))
+            if path.is_file()}
+
+
+def _one_run(folder: Path) -> bool:
+    """Whether the card and eval_results.json describe the same evaluation (the rows scored: 5 or all 12)."""
+    results = json.loads((folder / "eval_results.json").read_text())
+    (task,) = results["tasks"].values()
+    return ("first 5" in (folder / "README.md").read_text()) == (task["num_samples"] == 5)
+
+
+def test_a_card_that_fails_to_be_written_leaves_the_results_chart_card_and_marker_of_the_last_run(
+        case, tmp_path, monkeypatch, capsys):
+    """Written one after the other, a failure at the card (disk full) left the new results file beside the old card,
+    both recorded in the marker, and `push` published the pair."""
+    import errno
+    import os
+
+    merged = _evaluated(case, tmp_path)
+    before = _state(merged)
+    real_replace, real_rename = os.replace, os.rename
+    failed = []
+
+    def full(source, target, *, real):
+        if Path(target).name == "README.md" and Path(source).name.startswith(".README.md.") and not failed:
+            failed.append(target)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(source, target)
+
+    monkeypatch.setattr(os, "replace", lambda s, t: full(s, t, real=real_replace))
+    monkeypatch.setattr(os, "rename", lambda s, t: full(s, t, real=real_rename))
+    try:
+        code = main(["evaluate", str(merged), "--dataset", str(case / "test"), "--no-parents", "--num-samples", "5"])
+    except OSError:
+        code = None
+    monkeypatch.undo()
+    assert code != 0
+    assert failed, "the card was never written"
+    assert _state(merged) == before  # results, chart, card and marker as the first run left them; no temporary file
+    assert _one_run(merged)
+
+
+def test_ctrl_c_while_the_results_are_put_in_place_takes_effect_once_all_are(case, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C between the results file and the card left them of different runs; it now waits for the few renames
+    that put them in place (results, chart, card, marker), and then stops the command."""
+    import os
+    import signal
+
+    from hf_mudsc.publish.folder import unlisted_files
+
+    merged = _evaluated(case, tmp_path)
+    real_replace, real_rename = os.replace, os.rename
+    sent = []
+
+    def interrupted(source, target, *, real):
+        result = real(source, target)
+        if Path(target).name == "eval_results.json" and not sent:
+            sent.append(target)
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C right after the results file is in place
+        return result
+
+    monkeypatch.setattr(os, "replace", lambda s, t: interrupted(s, t, real=real_replace))
+    monkeypatch.setattr(os, "rename", lambda s, t: interrupted(s, t, real=real_rename))
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = main(["evaluate", str(merged), "--dataset", str(case / "test"), "--no-parents", "--num-samples", "5"])
+    finally:
+        monkeypatch.undo()
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    assert sent and code == 130
+    assert "interrupted (Ctrl-C)" in capsys.readouterr().err
+    assert _one_run(merged) and "first 5" in (merged / "README.md").read_text()  # all of the new run
+    assert unlisted_files(merged, check_content=True) == ([], [])  # the marker lists each as it is now

@@ -313,10 +313,17 @@ def _datasets(
 
 
 def update_card(folder: Path, model: Any, result: Any, *, chart: Any = None) -> Path | None:
-    """Put the results into DIR/README.md (atomically): only its Evaluation section and `model-index` change,
-    every other part the merge wrote is kept — but the Diagnostics line of a `chart` just redrawn (a `Plot`), whose
-    title and caption name the metric drawn (f1 after `--metric f1`, not accuracy). Without a card, one is rendered
-    from the recipe; None if the folder has neither."""
+    """Put the results into DIR/README.md (atomically), as `card_with_results` makes it; None if the folder has
+    neither a card nor a recipe."""
+    card = card_with_results(folder, model, result, chart=chart)
+    return write_file_atomically(folder / CARD_FILENAME, card.save) if card is not None else None
+
+
+def card_with_results(folder: Path, model: Any, result: Any, *, chart: Any = None) -> Any:
+    """The folder's card with the results (a `ModelCard`, not written): only its Evaluation section and `model-index`
+    change, every other part the merge wrote is kept — but the Diagnostics line of a `chart` redrawn (a `Plot`),
+    whose title and caption name the metric drawn (f1 after `--metric f1`, not accuracy). Without a card, one is
+    rendered from the recipe; None if the folder has neither."""
     from huggingface_hub import ModelCard
 
     from hf_mudsc.publish.card import render_card, update_card_evaluation
@@ -328,12 +335,11 @@ def update_card(folder: Path, model: Any, result: Any, *, chart: Any = None) -> 
         if chart is not None:
             card = ModelCard(retitled_plot(str(card), chart.path.relative_to(folder).as_posix(), chart.title,
                                            chart.caption))
-    elif (folder / RECIPE_FILENAME).is_file():
-        card = render_card(model, Recipe.load(folder / RECIPE_FILENAME), eval_results=result.card_rows(),
+        return card
+    if (folder / RECIPE_FILENAME).is_file():
+        return render_card(model, Recipe.load(folder / RECIPE_FILENAME), eval_results=result.card_rows(),
                            model_name=folder.resolve().name)
-    else:
-        return None
-    return write_file_atomically(card_path, card.save)
+    return None
 
 
 def retitled_plot(card: str, link: str, title: str, caption: str) -> str:
@@ -349,22 +355,42 @@ def retitled_plot(card: str, link: str, title: str, caption: str) -> str:
     return "\n".join(lines)
 
 
-def redraw_accuracy_chart(folder: Path, result: Any) -> Any:
+def accuracy_chart_to_redraw(folder: Path, result: Any) -> tuple[Any, Any] | None:
     """The card links `plots/accuracy.png` when the folder has one (the demo and `hf-mudsc inspect` draw it from
-    eval_results.json): redraw it from the results just written, so the chart and the card's Evaluation table show
-    the same figures. Only a chart hf-mudsc wrote and nobody changed is replaced (and recorded in the folder's
-    marker, so `push` and `--overwrite` still accept the folder). Its `Plot` (title and caption named by the metric
-    drawn, for the card's Diagnostics line); None when there is none to redraw."""
+    eval_results.json): it is redrawn from the new results, so the chart and the card's Evaluation table show the same
+    figures. Only a chart hf-mudsc wrote and nobody changed is replaced. `(Plot, write)`: its `Plot` (title and
+    caption named by the metric drawn, for the card's Diagnostics line) and what writes its PNG to a given path; None
+    when there is none to redraw."""
     from hf_mudsc.publish.folder import written_unchanged
-    from hf_mudsc.publish.plots import draw_plots
+    from hf_mudsc.publish.plots import Plot, accuracy_chart, save_figure
     from hf_mudsc.solve.diagnostics import PLOTS_FOLDER
 
-    chart = folder / PLOTS_FOLDER / "accuracy.png"
-    if not written_unchanged(chart, owner=folder):
+    path = folder / PLOTS_FOLDER / "accuracy.png"
+    chart = accuracy_chart(result) if written_unchanged(path, owner=folder) else None
+    if chart is None:
         return None
-    # without diagnostics draw_plots draws the accuracy chart only, atomically, and records it in the marker
-    drawn = draw_plots(chart.parent, None, result, owner=folder)
-    return drawn[0] if drawn else None
+    title, caption, figure = chart
+    return Plot(name="accuracy", title=title, caption=caption, path=path), lambda to: save_figure(figure, to)
+
+
+def write_results(folder: Path, model: Any, result: Any, json_paths: Sequence[Path]) -> tuple[Any, Path | None]:
+    """The results files, the accuracy chart redrawn from them and the card quoting them, all made first and then put
+    in place as one change (`replace_files_together`): a failure or a Ctrl-C on the way never leaves the card of one
+    run beside the results of another, which `push` would publish together. `(Plot or None, the card's path or
+    None)`: what was redrawn and rewritten besides the results."""
+    from hf_mudsc.publish.folder import replace_files_together
+
+    text = result.json_text()
+    writes: list[tuple[Path, Any]] = [(path, lambda to: to.write_text(text, encoding="utf-8")) for path in json_paths]
+    redrawn = accuracy_chart_to_redraw(folder, result)
+    chart = redrawn[0] if redrawn is not None else None
+    if redrawn is not None:
+        writes.append((chart.path, redrawn[1]))
+    card = card_with_results(folder, model, result, chart=chart)
+    if card is not None:
+        writes.append((folder / CARD_FILENAME, card.save))
+    replace_files_together(writes, owner=folder)
+    return chart, folder / CARD_FILENAME if card is not None else None
 
 
 def check_replaceable(json_paths: list[Path], card_path: Path | None) -> None:
@@ -688,14 +714,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nResults not written: {why}; pass --output-json PATH to save them"
               + (" (the Hub card is left as it is)" if not local else ""))
         return 0
+    if not local or args.no_card:
+        for json_path in json_paths:
+            result.save(json_path)
+            print(f"\nResults written to {json_path}")
+        return 0
+    # the folder's results file, chart and card: one change, always the same evaluation
+    chart, card = write_results(folder, merged.model, result, json_paths)
     for json_path in json_paths:
-        result.save(json_path)
         print(f"\nResults written to {json_path}")
-    if local and not args.no_card:  # the folder's results file, chart and card: always the same evaluation
-        chart = redraw_accuracy_chart(folder, result)
-        if chart is not None:
-            print(f"{chart.title} chart {chart.path} redrawn from the results")
-        card = update_card(folder, merged.model, result, chart=chart)
-        if card is not None:
-            print(f"Model card {card} updated with the results (model-index)")
+    if chart is not None:
+        print(f"{chart.title} chart {chart.path} redrawn from the results")
+    if card is not None:
+        print(f"Model card {card} updated with the results (model-index)")
     return 0

@@ -81,11 +81,15 @@ class EvaluationResult:
                    merged=list(data.get("merged", [])), definitions=dict(data.get("definitions", {})),
                    processors=dict(data.get("processors", {})), models=dict(data.get("models", {})))
 
+    def json_text(self) -> str:
+        """The text of a results file (`eval_results.json`)."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write the JSON atomically (temp file + rename: never a half-written file)."""
         from hf_mudsc.publish.folder import write_file_atomically
 
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        text = self.json_text()
         return write_file_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
     @classmethod

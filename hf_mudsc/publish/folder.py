@@ -18,6 +18,7 @@ never a stray temporary one. Renames within one directory are atomic, hence the 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import hashlib
@@ -593,6 +594,105 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None]
         marker["files"][written.relative_to(root.absolute()).as_posix()] = _fingerprint_of(path, settled=False)
         _write_marker(root, marker)
     return path
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM arriving within the block take effect once it ends, through the handler they would have met
+    (the CLI's raises KeyboardInterrupt): for a few renames that must all happen or none, since an interrupt between
+    two of them would leave files of two runs side by side. Outside the main thread (signals are handled there only),
+    or under a handler set outside Python, the block just runs; an ignored signal stays ignored."""
+    import signal
+    import threading
+
+    numbers = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.getsignal(number) for number in numbers}
+    if threading.current_thread() is not threading.main_thread() or None in previous.values():
+        yield
+        return
+    arrived: list[tuple[int, Any]] = []
+    deferred = [number for number, handler in previous.items() if handler is not signal.SIG_IGN]
+    for number in deferred:
+        signal.signal(number, lambda number, frame: arrived.append((number, frame)))
+    try:
+        yield
+    finally:
+        for number in deferred:
+            signal.signal(number, previous[number])
+        if arrived:
+            number, frame = arrived[0]
+            handler = previous[number]
+            if callable(handler):
+                handler(number, frame)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(number)
+
+
+def replace_files_together(writes: Iterable[tuple[str | os.PathLike, Callable[[Path], None]]], *,
+                           owner: str | os.PathLike) -> list[Path]:
+    """Replace several files as one change, for files that describe one another (an evaluation's results file, the
+    chart drawn from it and the card quoting it): a failure or an interrupt never leaves one run's file beside
+    another's, which `push` would publish together as the marker lists both.
+
+    Each `(path, write)` is first written by `write(temporary)` to a temporary sibling (a failure there changes
+    nothing), and `owner`'s marker, when it has a complete one, is prepared listing them. Then, with Ctrl-C and SIGTERM
+    deferred (`interrupts_deferred`), every file is renamed into place and the marker last; a failure on the way puts
+    the previous files (and so the previous marker) back. Returns the paths written."""
+    root = without_dot_dot(Path(owner)).absolute()
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, write in writes:
+            path = without_dot_dot(Path(path)).absolute()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+            os.close(fd)
+            staged.append((path, Path(name)))
+            write(Path(name))
+            Path(name).chmod(0o666 & ~_umask())
+        marker = read_marker(root)
+        if marker is not None and marker.get("complete"):
+            for path, temporary in staged:
+                if path.is_relative_to(root):
+                    marker["files"][path.relative_to(root).as_posix()] = _fingerprint_of(temporary, settled=False)
+            temporary = root / f"{MARKER_FILENAME}.{uuid.uuid4().hex[:8]}.tmp"
+            staged.append((root / MARKER_FILENAME, temporary))
+            temporary.write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        with interrupts_deferred():
+            _rename_all(staged)
+    finally:
+        for _, temporary in staged:
+            temporary.unlink(missing_ok=True)
+    return [path for path, _ in staged if path.name != MARKER_FILENAME or path.parent != root]
+
+
+def _rename_all(staged: list[tuple[Path, Path]]) -> None:
+    """Rename each temporary file onto its path, the previous file kept aside until all are in place: on any
+    failure the files already renamed are put back as they were (one that did not exist is removed again)."""
+    done: list[tuple[Path, Path | None, bool]] = []
+    try:
+        for path, temporary in staged:
+            backup = None
+            if os.path.lexists(path):
+                backup = path.with_name(f".{path.name}{OLD_MARK}{uuid.uuid4().hex[:8]}")
+                os.rename(path, backup)
+            done.append((path, backup, False))
+            os.rename(temporary, path)
+            done[-1] = (path, backup, True)
+    except BaseException:
+        for path, backup, placed in reversed(done):
+            try:
+                if backup is not None:
+                    os.replace(backup, path)
+                elif placed:
+                    os.unlink(path)
+            except OSError as error:
+                logger.error("could not put %s back as it was (%s)%s", path, error,
+                             f"; its previous version is {backup}" if backup is not None else "")
+        raise
+    for _, backup, _ in done:
+        if backup is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(backup)
 
 
 def _move_into_place(staging: Path, target: Path, *, overwrite: bool, keep_existing: bool, flag: str,
