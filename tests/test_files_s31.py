@@ -1,5 +1,6 @@
 """Files after the session-31 files hunt: `evaluate` reads a merged folder's config.json only as the loader does
-(its link and count checks first), and puts a folder's results, chart and card in place as one change."""
+(its link and count checks first) and puts a folder's results, chart and card in place as one change; the old copy an
+interrupted `--overwrite` leaves is said and removed by the next run."""
 
 from __future__ import annotations
 
@@ -220,3 +221,98 @@ def test_ctrl_c_while_the_results_are_put_in_place_takes_effect_once_all_are(cas
     assert "interrupted (Ctrl-C)" in capsys.readouterr().err
     assert _one_run(merged) and "first 5" in (merged / "README.md").read_text()  # all of the new run
     assert unlisted_files(merged, check_content=True) == ([], [])  # the marker lists each as it is now
+
+
+# ------------------------------------------------- 3: the old copy an interrupted --overwrite leaves is removed
+def _write(staging: Path, tag: str) -> None:
+    (staging / "model.safetensors").write_bytes(tag.encode() * 1000)
+    (staging / "config.json").write_text(json.dumps({"tag": tag}))
+    (staging / "plots").mkdir()
+    (staging / "plots" / "accuracy.png").write_bytes(b"png " + tag.encode())
+
+
+def _old_copies(base: Path) -> list[str]:
+    return sorted(path.name for path in base.iterdir() if path.name != "merged")
+
+
+def _unlink_failing_while_an_old_copy_exists(monkeypatch, base: Path, error: BaseException, *, after: int = 1):
+    """os.unlink raising `error` once `after` files of the replaced output (`.merged.old-*`) are deleted."""
+    import os
+
+    real = os.unlink
+    calls = []
+
+    def unlink(path, *args, **kwargs):
+        if any(".old-" in name for name in os.listdir(base)):
+            calls.append(path)
+            if len(calls) > after:
+                raise error
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    return calls
+
+
+def test_an_overwrite_interrupted_while_deleting_the_old_output_leaves_a_copy_the_next_run_removes(
+        tmp_path, monkeypatch, caplog):
+    """Ctrl-C while `--overwrite` deleted the replaced folder (a multi-GB model takes a while) left a hidden half of it
+    (`.merged.old-*`) for good: no later run removed it and nothing said where it was."""
+    from hf_mudsc.publish.folder import staged_output
+
+    out = tmp_path / "merged"
+    with staged_output(out) as staging:
+        _write(staging, "old")
+    calls = _unlink_failing_while_an_old_copy_exists(monkeypatch, tmp_path, KeyboardInterrupt())
+    with caplog.at_level("WARNING", logger="hf_mudsc"), pytest.raises(KeyboardInterrupt):
+        with staged_output(out, overwrite=True) as staging:
+            _write(staging, "new")
+    monkeypatch.undo()
+    assert len(calls) == 2 and json.loads((out / "config.json").read_text()) == {"tag": "new"}
+    (left,) = _old_copies(tmp_path)
+    assert any(left in record.getMessage() and "the next run" in record.getMessage() for record in caplog.records)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="hf_mudsc"):
+        with staged_output(out, overwrite=True) as staging:
+            _write(staging, "third")
+    assert _old_copies(tmp_path) == []
+    assert any(left in record.getMessage() and "removed" in record.getMessage() for record in caplog.records)
+
+
+def test_a_failed_delete_of_the_replaced_output_is_said_with_where_its_copy_is(tmp_path, monkeypatch, caplog):
+    from hf_mudsc.publish.folder import staged_output
+
+    out = tmp_path / "merged"
+    with staged_output(out) as staging:
+        _write(staging, "old")
+    _unlink_failing_while_an_old_copy_exists(monkeypatch, tmp_path, PermissionError(13, "Permission denied"))
+    with caplog.at_level("WARNING", logger="hf_mudsc"):
+        with staged_output(out, overwrite=True) as staging:
+            _write(staging, "new")
+    monkeypatch.undo()
+    (left,) = _old_copies(tmp_path)
+    assert any(str(tmp_path / left) in record.getMessage() and record.levelname == "WARNING"
+               for record in caplog.records), [record.getMessage() for record in caplog.records]
+
+
+@pytest.mark.parametrize("case_", ["a file not its own", "a file changed", "no marker", "no output"])
+def test_an_old_copy_the_writer_cannot_prove_its_own_is_kept(tmp_path, case_, caplog):
+    """Only a `.NAME.old-*` folder whose marker lists its every file unchanged, beside an output that exists, is
+    deleted: anything else may hold someone's files (or be the only copy)."""
+    from hf_mudsc.publish.folder import MARKER_FILENAME, clean_leftovers, staged_output
+
+    out = tmp_path / "merged"
+    with staged_output(out) as staging:
+        _write(staging, "old")
+    old = tmp_path / ".merged.old-0123abcd"
+    shutil.copytree(out, old)
+    if case_ == "a file not its own":
+        (old / "notes.txt").write_text("mine")
+    elif case_ == "a file changed":
+        (old / "config.json").write_text("edited")
+    elif case_ == "no marker":
+        (old / MARKER_FILENAME).unlink()
+    else:
+        shutil.rmtree(out)
+    with caplog.at_level("INFO", logger="hf_mudsc"):
+        assert clean_leftovers(out) == []
+    assert old.is_dir() and (case_ == "no marker" or (old / MARKER_FILENAME).is_file())

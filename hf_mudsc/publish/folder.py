@@ -448,11 +448,12 @@ def push_only_target() -> Path:
 def clean_leftovers(output: str | os.PathLike) -> list[Path]:
     """Delete staging folders of `output` left by a killed run: only `.{name}.partial-*` folders that carry
     the writer's marker, whose writing process (on this host) is gone, and that hold only what the writers write
-    (`_foreign_entry`: one holding anything else is kept, and said). Returns what was deleted."""
+    (`_foreign_entry`: one holding anything else is kept, and said); and the old copies an interrupted `overwrite`
+    left (`old_copies_left`). Returns what was deleted."""
     target = Path(output).expanduser().absolute()
     if not target.parent.is_dir():
         return []
-    removed = []
+    removed = old_copies_left(target)
     for candidate in target.parent.glob(f".{glob.escape(target.name)}{PARTIAL_MARK}*"):
         if candidate.is_symlink() or not candidate.is_dir():
             continue
@@ -467,6 +468,36 @@ def clean_leftovers(output: str | os.PathLike) -> list[Path]:
             continue
         shutil.rmtree(candidate, ignore_errors=True)
         logger.info("removed %s, left by an interrupted run", candidate)
+        removed.append(candidate)
+    return removed
+
+
+def old_copies_left(target: Path) -> list[Path]:
+    """Delete what is left of replaced outputs of `target`: `.{name}.old-*` folders an `overwrite` interrupted (or
+    failed) while deleting them, once `target` exists (the new output is in place: else one may be the only copy) and
+    only when the folder's complete marker lists its every file unchanged (deleted marker last, so a half-deleted copy
+    still proves it); any other such folder is kept, and said. Returns what was deleted."""
+    removed: list[Path] = []
+    if not target.is_dir():
+        return removed
+    for candidate in sorted(target.parent.glob(f".{glob.escape(target.name)}{OLD_MARK}*")):
+        if candidate.is_symlink() or not candidate.is_dir():
+            continue
+        try:
+            marker = read_marker(candidate)
+            foreign, changed = unlisted_files(candidate, check_content=True) if marker else ([], [])
+            if not marker or not marker.get("complete") or foreign or changed or listed_outside(candidate):
+                logger.warning("left %s in place: it looks like an old copy of %s that an interrupted --overwrite "
+                               "left, but %s; remove the folder yourself once nothing in it is yours", candidate,
+                               target, f"it holds files hf-mudsc did not write (or that changed since): "
+                               f"{_names(foreign + changed)}" if foreign or changed else
+                               f"it has no complete {MARKER_FILENAME} proving hf-mudsc wrote it")
+                continue
+            _remove_marker_last(candidate)
+        except OSError as error:  # another run deleting it too, a file that may not be deleted
+            logger.warning("could not remove %s, an old copy of %s (%s); delete it yourself", candidate, target, error)
+            continue
+        logger.info("removed %s, an old copy of %s left by an interrupted --overwrite", candidate, target)
         removed.append(candidate)
     return removed
 
@@ -717,7 +748,28 @@ def _move_into_place(staging: Path, target: Path, *, overwrite: bool, keep_exist
     except BaseException:
         os.rename(backup, target)
         raise
-    shutil.rmtree(backup, ignore_errors=True)
+    try:
+        _remove_marker_last(backup)
+    except BaseException as error:  # Ctrl-C during a multi-GB delete, a file that may not be deleted: said, not lost
+        logger.warning("the replaced %s was not wholly deleted (%s): the rest of the old copy is %s; the next run "
+                       "writing %s removes it, or delete it yourself", target.name,
+                       "interrupted" if isinstance(error, KeyboardInterrupt) else error, backup, target)
+        if not isinstance(error, OSError):
+            raise
+
+
+def _remove_marker_last(folder: Path) -> None:
+    """Delete a folder the writer wrote, its marker last: interrupted or failed half-way, what is left still carries
+    the marker proving it the writer's, so `clean_leftovers` can remove it later."""
+    for entry in sorted(folder.iterdir()):
+        if entry.name == MARKER_FILENAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    (folder / MARKER_FILENAME).unlink(missing_ok=True)
+    folder.rmdir()
 
 
 def _check_appeared(target: Path, *, overwrite: bool, flag: str) -> None:
