@@ -1,6 +1,7 @@
 """Files after the session-31 files hunt: `evaluate` reads a merged folder's config.json only as the loader does
 (its link and count checks first) and puts a folder's results, chart and card in place as one change; the old copy an
-interrupted `--overwrite` leaves is said and removed by the next run."""
+interrupted `--overwrite` leaves is said and removed by the next run; a JSON file nested too deeply is malformed
+(inspect, evaluate) or no marker, never a RecursionError traceback."""
 
 from __future__ import annotations
 
@@ -316,3 +317,53 @@ def test_an_old_copy_the_writer_cannot_prove_its_own_is_kept(tmp_path, case_, ca
     with caplog.at_level("INFO", logger="hf_mudsc"):
         assert clean_leftovers(out) == []
     assert old.is_dir() and (case_ == "no marker" or (old / MARKER_FILENAME).is_file())
+
+
+# ------------------------------------------------- 4: a JSON file nested too deeply is malformed, not a traceback
+DEEP = "[" * 100000 + "]" * 100000  # 200 kB: well under every size limit, far past Python's JSON nesting
+
+
+def _merge_folder(tmp_path: Path, **files: str) -> Path:
+    folder = tmp_path / "merged"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "vit", "mudsc": {}}')
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+@pytest.mark.parametrize(("name", "text"), [
+    ("config.json", '{"model_type": "vit", "mudsc": ' + DEEP + "}"),
+    ("merge_diagnostics.json", '{"groups": ' + DEEP + "}"),
+    ("eval_results.json", '{"scores": ' + DEEP + "}"),
+], ids=["config.json", "merge_diagnostics.json", "eval_results.json"])
+def test_inspect_refuses_a_deeply_nested_file_in_one_line(tmp_path, capsys, name, text):
+    folder = _merge_folder(tmp_path)
+    (folder / name).write_text(text)
+    assert main(["inspect", str(folder), "--no-plots"]) == 1
+    line = _error(capsys)
+    assert name in line and "nested too deeply" in line, line
+
+
+def test_evaluate_refuses_to_replace_a_deeply_nested_output_json_in_one_line(case, tmp_path, capsys):
+    merged = _copy(case, tmp_path)
+    old = tmp_path / "old.json"
+    old.write_text('{"scores": ' + DEEP + "}")
+    assert main(["evaluate", str(merged), "--dataset", str(case / "test"), "--no-card", "--no-parents",
+                 "--output-json", str(old)]) == 1
+    line = _error(capsys)
+    assert "refusing to replace" in line and "old.json" in line, line
+
+
+def test_a_deeply_nested_marker_above_the_output_is_no_marker(tmp_path):
+    """Every merge reads the marker of each folder above `--output` (`written_around`): one nested too deeply crashed
+    them all; it is read as what it is, not the writer's marker."""
+    from hf_mudsc.publish.folder import MARKER_FILENAME, check_output, read_marker
+
+    old = tmp_path / "old-output"
+    old.mkdir()
+    (old / MARKER_FILENAME).write_text('{"files": ' + DEEP + "}")
+    assert read_marker(old) is None
+    check_output(old / "new", overwrite=False)  # not inside a folder hf-mudsc wrote
+    with pytest.raises(FileExistsError, match="not a folder written by hf-mudsc"):
+        check_output(old, overwrite=True)

@@ -399,9 +399,7 @@ def check_replaceable(json_paths: list[Path], card_path: Path | None) -> None:
     config.json or weights, nor someone's notes); the card is updated only where the merge wrote it (the folder's
     marker lists it unchanged), and only while the model's other files are as the merge wrote them (weights swapped
     in since would be scored under its card)."""
-    import json
-
-    from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES
+    from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES, parse_json
     from hf_mudsc.publish.folder import MARKER_FILENAME, changed_files, read_marker, written_unchanged
     from hf_mudsc.solve.diagnostics import PLOTS_FOLDER
 
@@ -409,8 +407,8 @@ def check_replaceable(json_paths: list[Path], card_path: Path | None) -> None:
         if path.stat().st_size > SIDE_FILE_MAX_BYTES:  # read whole below; results are kilobytes
             return False
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            data = parse_json(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # not JSON, or nested too deeply: not a results file
             return False
         ours = written_unchanged(path) or read_marker(path.parent) is None
         return ours and isinstance(data, dict) and {"hf_mudsc_version", "scores"} <= set(data)

@@ -95,13 +95,13 @@ class EvaluationResult:
     @classmethod
     def load(cls, path: str | os.PathLike) -> EvaluationResult:
         """Read a results file written by `save` (refused, before reading, over `SIDE_FILE_MAX_BYTES`)."""
-        from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES
+        from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES, parse_json
 
         size = Path(path).stat().st_size
         if size > SIDE_FILE_MAX_BYTES:
             raise EvaluationError(f"{os.fspath(path)} is {size:,} bytes, more than the {SIDE_FILE_MAX_BYTES:,} a "
                                   "results file may be (hf-mudsc writes a few kB): it is not one of its results")
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        return cls.from_dict(parse_json(Path(path).read_text(encoding="utf-8")))
 
     def card_rows(self, merged: str | None = None) -> list[Any]:
         """`hf_mudsc.publish.card.EvalRow`s for `render_card(..., eval_results=...)`: per task and metric, plus joint.

@@ -41,6 +41,7 @@ from typing import Any
 
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import OutputLocationError
+from hf_mudsc.load.config_json import parse_json
 from hf_mudsc.load.references import TOKEN_FIX, looks_like_token
 from hf_mudsc.publish.recipe import RECIPE_FILENAME
 
@@ -243,8 +244,8 @@ def read_marker(folder: str | os.PathLike) -> dict[str, Any] | None:
     if path.is_symlink() or not path.is_file() or path.stat().st_size > MARKER_MAX_BYTES:
         return None
     try:
-        marker = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        marker = parse_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # not JSON, or nested too deeply: not the writer's marker
         return None
     if not isinstance(marker, dict) or marker.get("written_by") != WRITER or not isinstance(
             marker.get("files"), dict):
