@@ -190,6 +190,30 @@ def test_a_card_that_fails_to_be_written_leaves_the_results_chart_card_and_marke
     assert _one_run(merged)
 
 
+def test_a_first_evaluation_whose_card_fails_leaves_no_results_file(case, tmp_path, monkeypatch):
+    """The first `evaluate` of a folder creates eval_results.json: a failure at the card removes it again (the folder
+    is as the merge wrote it), rather than leaving results the card does not show."""
+    import errno
+    import os
+
+    merged = _copy(case, tmp_path)
+    before = _state(merged)
+    real_replace, real_rename = os.replace, os.rename
+
+    def full(source, target, *, real):  # the card's new text only (not a restore of the previous one)
+        if Path(target).name == "README.md" and Path(source).name.startswith(".README.md.") and (
+                ".old-" not in Path(source).name):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(source, target)
+
+    monkeypatch.setattr(os, "replace", lambda s, t: full(s, t, real=real_replace))
+    monkeypatch.setattr(os, "rename", lambda s, t: full(s, t, real=real_rename))
+    with pytest.raises(OSError, match="No space left"):
+        main(["evaluate", str(merged), "--dataset", str(case / "test"), "--no-parents", "-q"])
+    monkeypatch.undo()
+    assert _state(merged) == before and not (merged / "eval_results.json").exists()
+
+
 def test_ctrl_c_while_the_results_are_put_in_place_takes_effect_once_all_are(case, tmp_path, monkeypatch, capsys):
     """A Ctrl-C between the results file and the card left them of different runs; it now waits for the few renames
     that put them in place (results, chart, card, marker), and then stops the command."""

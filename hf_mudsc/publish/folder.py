@@ -395,9 +395,13 @@ def _fingerprint_of(path: Path, *, settled: bool) -> dict[str, Any]:
     return fingerprint
 
 
+def _marker_text(marker: dict[str, Any]) -> str:
+    return json.dumps(marker, indent=1, sort_keys=True) + "\n"
+
+
 def _write_marker(folder: Path, marker: dict[str, Any]) -> None:
     temporary = folder / f"{MARKER_FILENAME}.{uuid.uuid4().hex[:8]}.tmp"
-    temporary.write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    temporary.write_text(_marker_text(marker), encoding="utf-8")
     os.replace(temporary, folder / MARKER_FILENAME)
 
 
@@ -688,7 +692,7 @@ def replace_files_together(writes: Iterable[tuple[str | os.PathLike, Callable[[P
                     marker["files"][path.relative_to(root).as_posix()] = _fingerprint_of(temporary, settled=False)
             temporary = root / f"{MARKER_FILENAME}.{uuid.uuid4().hex[:8]}.tmp"
             staged.append((root / MARKER_FILENAME, temporary))
-            temporary.write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+            temporary.write_text(_marker_text(marker), encoding="utf-8")
         with interrupts_deferred():
             _rename_all(staged)
     finally:
