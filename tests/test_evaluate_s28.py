@@ -253,8 +253,7 @@ def test_a_failed_output_json_write_leaves_the_folders_results_and_card_as_they_
     """The folder's eval_results.json was written first: when writing --output-json then failed, it held the new run
     while the card still showed the old one."""
     import shutil
-
-    from hf_mudsc.evaluate.results import EvaluationResult
+    from pathlib import Path
 
     merged = tmp_path / "merged"
     shutil.copytree(case / "merged", merged)
@@ -262,14 +261,14 @@ def test_a_failed_output_json_write_leaves_the_folders_results_and_card_as_they_
     assert main(["evaluate", str(merged), *flags, "-q"]) == 0
     before = _files(merged)
     target = tmp_path / "copy.json"
-    save = EvaluationResult.save
+    write_text = Path.write_text
 
-    def failing(self, path):
-        if str(path) == str(target):
+    def failing(self, *args, **kwargs):  # the copy's text, written to its temporary sibling first
+        if self.parent == target.parent and self.name.startswith(f".{target.name}."):
             raise OSError("disk full")
-        return save(self, path)
+        return write_text(self, *args, **kwargs)
 
-    monkeypatch.setattr(EvaluationResult, "save", failing)
+    monkeypatch.setattr(Path, "write_text", failing)
     with pytest.raises(OSError, match="disk full"):
         main(["evaluate", str(merged), *flags, "--num-samples", "3", "--output-json", str(target), "-q"])
     assert _files(merged) == before

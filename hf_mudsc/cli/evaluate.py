@@ -313,10 +313,17 @@ def _datasets(
 
 
 def update_card(folder: Path, model: Any, result: Any, *, chart: Any = None) -> Path | None:
-    """Put the results into DIR/README.md (atomically): only its Evaluation section and `model-index` change,
-    every other part the merge wrote is kept — but the Diagnostics line of a `chart` just redrawn (a `Plot`), whose
-    title and caption name the metric drawn (f1 after `--metric f1`, not accuracy). Without a card, one is rendered
-    from the recipe; None if the folder has neither."""
+    """Put the results into DIR/README.md (atomically), as `card_with_results` makes it; None if the folder has
+    neither a card nor a recipe."""
+    card = card_with_results(folder, model, result, chart=chart)
+    return write_file_atomically(folder / CARD_FILENAME, card.save) if card is not None else None
+
+
+def card_with_results(folder: Path, model: Any, result: Any, *, chart: Any = None) -> Any:
+    """The folder's card with the results (a `ModelCard`, not written): only its Evaluation section and `model-index`
+    change, every other part the merge wrote is kept — but the Diagnostics line of a `chart` redrawn (a `Plot`),
+    whose title and caption name the metric drawn (f1 after `--metric f1`, not accuracy). Without a card, one is
+    rendered from the recipe; None if the folder has neither."""
     from huggingface_hub import ModelCard
 
     from hf_mudsc.publish.card import render_card, update_card_evaluation
@@ -328,12 +335,11 @@ def update_card(folder: Path, model: Any, result: Any, *, chart: Any = None) -> 
         if chart is not None:
             card = ModelCard(retitled_plot(str(card), chart.path.relative_to(folder).as_posix(), chart.title,
                                            chart.caption))
-    elif (folder / RECIPE_FILENAME).is_file():
-        card = render_card(model, Recipe.load(folder / RECIPE_FILENAME), eval_results=result.card_rows(),
+        return card
+    if (folder / RECIPE_FILENAME).is_file():
+        return render_card(model, Recipe.load(folder / RECIPE_FILENAME), eval_results=result.card_rows(),
                            model_name=folder.resolve().name)
-    else:
-        return None
-    return write_file_atomically(card_path, card.save)
+    return None
 
 
 def retitled_plot(card: str, link: str, title: str, caption: str) -> str:
@@ -349,22 +355,42 @@ def retitled_plot(card: str, link: str, title: str, caption: str) -> str:
     return "\n".join(lines)
 
 
-def redraw_accuracy_chart(folder: Path, result: Any) -> Any:
+def accuracy_chart_to_redraw(folder: Path, result: Any) -> tuple[Any, Any] | None:
     """The card links `plots/accuracy.png` when the folder has one (the demo and `hf-mudsc inspect` draw it from
-    eval_results.json): redraw it from the results just written, so the chart and the card's Evaluation table show
-    the same figures. Only a chart hf-mudsc wrote and nobody changed is replaced (and recorded in the folder's
-    marker, so `push` and `--overwrite` still accept the folder). Its `Plot` (title and caption named by the metric
-    drawn, for the card's Diagnostics line); None when there is none to redraw."""
+    eval_results.json): it is redrawn from the new results, so the chart and the card's Evaluation table show the same
+    figures. Only a chart hf-mudsc wrote and nobody changed is replaced. `(Plot, write)`: its `Plot` (title and
+    caption named by the metric drawn, for the card's Diagnostics line) and what writes its PNG to a given path; None
+    when there is none to redraw."""
     from hf_mudsc.publish.folder import written_unchanged
-    from hf_mudsc.publish.plots import draw_plots
+    from hf_mudsc.publish.plots import Plot, accuracy_chart, save_figure
     from hf_mudsc.solve.diagnostics import PLOTS_FOLDER
 
-    chart = folder / PLOTS_FOLDER / "accuracy.png"
-    if not written_unchanged(chart, owner=folder):
+    path = folder / PLOTS_FOLDER / "accuracy.png"
+    chart = accuracy_chart(result) if written_unchanged(path, owner=folder) else None
+    if chart is None:
         return None
-    # without diagnostics draw_plots draws the accuracy chart only, atomically, and records it in the marker
-    drawn = draw_plots(chart.parent, None, result, owner=folder)
-    return drawn[0] if drawn else None
+    title, caption, figure = chart
+    return Plot(name="accuracy", title=title, caption=caption, path=path), lambda to: save_figure(figure, to)
+
+
+def write_results(folder: Path, model: Any, result: Any, json_paths: Sequence[Path]) -> tuple[Any, Path | None]:
+    """The results files, the accuracy chart redrawn from them and the card quoting them, all made first and then put
+    in place as one change (`replace_files_together`): a failure or a Ctrl-C on the way never leaves the card of one
+    run beside the results of another, which `push` would publish together. `(Plot or None, the card's path or
+    None)`: what was redrawn and rewritten besides the results."""
+    from hf_mudsc.publish.folder import replace_files_together
+
+    text = result.json_text()
+    writes: list[tuple[Path, Any]] = [(path, lambda to: to.write_text(text, encoding="utf-8")) for path in json_paths]
+    redrawn = accuracy_chart_to_redraw(folder, result)
+    chart = redrawn[0] if redrawn is not None else None
+    if redrawn is not None:
+        writes.append((chart.path, redrawn[1]))
+    card = card_with_results(folder, model, result, chart=chart)
+    if card is not None:
+        writes.append((folder / CARD_FILENAME, card.save))
+    replace_files_together(writes, owner=folder)
+    return chart, folder / CARD_FILENAME if card is not None else None
 
 
 def check_replaceable(json_paths: list[Path], card_path: Path | None) -> None:
@@ -373,9 +399,7 @@ def check_replaceable(json_paths: list[Path], card_path: Path | None) -> None:
     config.json or weights, nor someone's notes); the card is updated only where the merge wrote it (the folder's
     marker lists it unchanged), and only while the model's other files are as the merge wrote them (weights swapped
     in since would be scored under its card)."""
-    import json
-
-    from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES
+    from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES, parse_json
     from hf_mudsc.publish.folder import MARKER_FILENAME, changed_files, read_marker, written_unchanged
     from hf_mudsc.solve.diagnostics import PLOTS_FOLDER
 
@@ -383,8 +407,8 @@ def check_replaceable(json_paths: list[Path], card_path: Path | None) -> None:
         if path.stat().st_size > SIDE_FILE_MAX_BYTES:  # read whole below; results are kilobytes
             return False
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            data = parse_json(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # not JSON, or nested too deeply: not a results file
             return False
         ours = written_unchanged(path) or read_marker(path.parent) is None
         return ours and isinstance(data, dict) and {"hf_mudsc_version", "scores"} <= set(data)
@@ -451,14 +475,16 @@ def _check_metrics(names: list[str], trust_remote_code: bool) -> None:
         )
 
 
-def _local_config(folder: Path) -> Any:
-    """The merged folder's config alone (no weights), so dataset flags are checked before loading."""
-    from transformers import AutoConfig
+def _local_config(folder: Path, reference: str) -> Any:
+    """The merged folder's config alone (no weights), so dataset flags are checked before loading; read as the loader
+    reads it (`folder_config`: a link out of the folder, a count no model has refused before transformers sees it)."""
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import folder_config
 
     try:
-        return AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    except (ValueError, OSError, KeyError) as error:
-        raise ValueError(f"cannot read the config of the merged model {str(folder)!r}: {error}") from None
+        return folder_config(folder, reference)
+    except LoadError as error:
+        raise ValueError(f"cannot load the merged model {reference!r}: {error}") from error
 
 
 def _hub_recipe_parents(loaded: Any, token: str | None = None) -> list[str] | None:
@@ -616,7 +642,7 @@ def run(args: argparse.Namespace) -> int:
     check_replaceable(json_paths, folder / CARD_FILENAME if local and not args.no_card else None)
     datasets_per_task = None
     if local:  # check the dataset flags against the config, and read the recipe's parents, before loading any weights
-        config = _local_config(folder)
+        config = _local_config(folder, args.model)
         ranges = {task: list(bounds) for task, bounds in task_ranges(config).items()} or None
         datasets_per_task = _datasets(args, list(ranges or {}), ranges, clip=is_clip_config(config))
         check_clip_options(args, class_names, datasets_per_task, clip=is_clip_config(config))
@@ -686,14 +712,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nResults not written: {why}; pass --output-json PATH to save them"
               + (" (the Hub card is left as it is)" if not local else ""))
         return 0
+    if not local or args.no_card:
+        for json_path in json_paths:
+            result.save(json_path)
+            print(f"\nResults written to {json_path}")
+        return 0
+    # the folder's results file, chart and card: one change, always the same evaluation
+    chart, card = write_results(folder, merged.model, result, json_paths)
     for json_path in json_paths:
-        result.save(json_path)
         print(f"\nResults written to {json_path}")
-    if local and not args.no_card:  # the folder's results file, chart and card: always the same evaluation
-        chart = redraw_accuracy_chart(folder, result)
-        if chart is not None:
-            print(f"{chart.title} chart {chart.path} redrawn from the results")
-        card = update_card(folder, merged.model, result, chart=chart)
-        if card is not None:
-            print(f"Model card {card} updated with the results (model-index)")
+    if chart is not None:
+        print(f"{chart.title} chart {chart.path} redrawn from the results")
+    if card is not None:
+        print(f"Model card {card} updated with the results (model-index)")
     return 0

@@ -9,7 +9,6 @@ own checks and dry run (configs and safetensors headers, no weights), so it refu
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_mudsc.evaluate.names import RESULTS_FILENAME
-from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES
+from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES, parse_json
 from hf_mudsc.solve.diagnostics import DIAGNOSTICS_FILENAME, PLOTS_FOLDER
 
 
@@ -113,7 +112,7 @@ def read_merge(folder: Path) -> tuple[dict[str, Any], Any, dict[str, Any] | None
             raise ValueError(f"{str(folder)!r}: {name} is {size:,} bytes, more than the {SIDE_FILE_MAX_BYTES:,} "
                              f"hf-mudsc ever writes; {how}")
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = parse_json(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot read {str(config_path)!r} ({error}); {how}") from None
     mudsc = config.get("mudsc") if isinstance(config, dict) else None
@@ -140,7 +139,7 @@ def read_merge(folder: Path) -> tuple[dict[str, Any], Any, dict[str, Any] | None
     results_path = folder / RESULTS_FILENAME
     if results_path.is_file():
         try:
-            evaluation = json.loads(results_path.read_text(encoding="utf-8"))
+            evaluation = parse_json(results_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as error:
             raise ValueError(f"cannot read {str(results_path)!r} ({error}); run `hf-mudsc evaluate` again") from None
         try:

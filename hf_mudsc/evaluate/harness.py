@@ -497,19 +497,19 @@ def check_scorable(config: Any, scored: Sequence[str] | int, what: str) -> None:
 
 
 def _config_before_loading(reference: Any) -> Any:
-    """The config of a model to load, without its weights: a model object's own, a local folder's config.json; None
-    when only loading tells (a Hub id, a config that does not load: the load then says why)."""
-    from transformers import AutoConfig, PreTrainedModel
+    """The config of a model to load, without its weights: a model object's own, a local folder's config.json read as
+    the loader reads it (`folder_config`: its refusal, a `LoadError`, is the one loading would give, before
+    transformers is handed a link out of the folder or a billion labels); None for a Hub id (only loading tells)."""
+    from transformers import PreTrainedModel
 
     if isinstance(reference, PreTrainedModel):
         return reference.config
     if hasattr(reference, "model") and isinstance(reference.model, PreTrainedModel):
         return reference.model.config
     if isinstance(reference, (str, os.PathLike)) and os.path.isdir(os.path.expanduser(os.fspath(reference))):
-        try:
-            return AutoConfig.from_pretrained(os.path.expanduser(os.fspath(reference)), trust_remote_code=False)
-        except (ValueError, OSError, KeyError):
-            return None
+        from hf_mudsc.load.parents import folder_config
+
+        return folder_config(Path(os.path.expanduser(os.fspath(reference))), os.fspath(reference))
     return None
 
 

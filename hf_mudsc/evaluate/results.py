@@ -81,23 +81,27 @@ class EvaluationResult:
                    merged=list(data.get("merged", [])), definitions=dict(data.get("definitions", {})),
                    processors=dict(data.get("processors", {})), models=dict(data.get("models", {})))
 
+    def json_text(self) -> str:
+        """The text of a results file (`eval_results.json`)."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write the JSON atomically (temp file + rename: never a half-written file)."""
         from hf_mudsc.publish.folder import write_file_atomically
 
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        text = self.json_text()
         return write_file_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EvaluationResult:
         """Read a results file written by `save` (refused, before reading, over `SIDE_FILE_MAX_BYTES`)."""
-        from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES
+        from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES, parse_json
 
         size = Path(path).stat().st_size
         if size > SIDE_FILE_MAX_BYTES:
             raise EvaluationError(f"{os.fspath(path)} is {size:,} bytes, more than the {SIDE_FILE_MAX_BYTES:,} a "
                                   "results file may be (hf-mudsc writes a few kB): it is not one of its results")
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        return cls.from_dict(parse_json(Path(path).read_text(encoding="utf-8")))
 
     def card_rows(self, merged: str | None = None) -> list[Any]:
         """`hf_mudsc.publish.card.EvalRow`s for `render_card(..., eval_results=...)`: per task and metric, plus joint.

@@ -448,8 +448,7 @@ def _locate_folder(reference: str, path: Path, allow_pickle: bool) -> _Located:
         raise LoadError(f"{reference!r}: the folder's path holds bytes that are not UTF-8 text, which safetensors "
                         "cannot open; rename the folder (or the folders above it) in UTF-8 characters") from None
     refuse_links_out(reference, path)
-    if not (path / "config.json").is_file():
-        raise LoadError(f"{str(path)!r} has no config.json; save the model with save_pretrained")
+    _require_config_json(path)
     files = [p.name for p in path.iterdir() if p.is_file()]
     refuse_large_side_files(reference, _folder_sizes(path, files), _FOLDER_FIX)
     weight_files, use_pickle = weights_format(reference, files, allow_pickle)
@@ -560,6 +559,22 @@ def refuse_stored_twice(reference: str, stored_in: dict[str, str], keys: Iterabl
         raise LoadError(f"{reference!r}: tensor {twice!r} is stored twice, in {stored_in[twice]} and {name}; "
                         "re-download it or re-save the model with save_pretrained")
     stored_in.update(dict.fromkeys(keys, name))
+
+
+def _require_config_json(folder: Path) -> None:
+    if not (folder / "config.json").is_file():
+        raise LoadError(f"{str(folder)!r} has no config.json; save the model with save_pretrained")
+
+
+def folder_config(folder: Path, reference: str) -> PretrainedConfig:
+    """A local model folder's config alone, read only after the checks the loader makes first (no link out of the
+    folder, a config.json of a config's size, the counts and code choices `load_config` refuses): what reads a
+    folder's config ahead of its weights (`evaluate` checking its flags) refuses what loading it would, in the same
+    words, instead of handing transformers a file the load never reads (a billion labels: tens of GB)."""
+    refuse_links_out(reference, folder)
+    _require_config_json(folder)
+    refuse_large_side_files(reference, {"config.json": (folder / "config.json").stat().st_size}, _FOLDER_FIX)
+    return load_config(folder, reference)
 
 
 def load_config(folder: Path, reference: str) -> PretrainedConfig:

@@ -18,6 +18,7 @@ never a stray temporary one. Renames within one directory are atomic, hence the 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import hashlib
@@ -40,6 +41,7 @@ from typing import Any
 
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import OutputLocationError
+from hf_mudsc.load.config_json import parse_json
 from hf_mudsc.load.references import TOKEN_FIX, looks_like_token
 from hf_mudsc.publish.recipe import RECIPE_FILENAME
 
@@ -242,8 +244,8 @@ def read_marker(folder: str | os.PathLike) -> dict[str, Any] | None:
     if path.is_symlink() or not path.is_file() or path.stat().st_size > MARKER_MAX_BYTES:
         return None
     try:
-        marker = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        marker = parse_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # not JSON, or nested too deeply: not the writer's marker
         return None
     if not isinstance(marker, dict) or marker.get("written_by") != WRITER or not isinstance(
             marker.get("files"), dict):
@@ -393,9 +395,13 @@ def _fingerprint_of(path: Path, *, settled: bool) -> dict[str, Any]:
     return fingerprint
 
 
+def _marker_text(marker: dict[str, Any]) -> str:
+    return json.dumps(marker, indent=1, sort_keys=True) + "\n"
+
+
 def _write_marker(folder: Path, marker: dict[str, Any]) -> None:
     temporary = folder / f"{MARKER_FILENAME}.{uuid.uuid4().hex[:8]}.tmp"
-    temporary.write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    temporary.write_text(_marker_text(marker), encoding="utf-8")
     os.replace(temporary, folder / MARKER_FILENAME)
 
 
@@ -447,11 +453,12 @@ def push_only_target() -> Path:
 def clean_leftovers(output: str | os.PathLike) -> list[Path]:
     """Delete staging folders of `output` left by a killed run: only `.{name}.partial-*` folders that carry
     the writer's marker, whose writing process (on this host) is gone, and that hold only what the writers write
-    (`_foreign_entry`: one holding anything else is kept, and said). Returns what was deleted."""
+    (`_foreign_entry`: one holding anything else is kept, and said); and the old copies an interrupted `overwrite`
+    left (`old_copies_left`). Returns what was deleted."""
     target = Path(output).expanduser().absolute()
     if not target.parent.is_dir():
         return []
-    removed = []
+    removed = old_copies_left(target)
     for candidate in target.parent.glob(f".{glob.escape(target.name)}{PARTIAL_MARK}*"):
         if candidate.is_symlink() or not candidate.is_dir():
             continue
@@ -466,6 +473,36 @@ def clean_leftovers(output: str | os.PathLike) -> list[Path]:
             continue
         shutil.rmtree(candidate, ignore_errors=True)
         logger.info("removed %s, left by an interrupted run", candidate)
+        removed.append(candidate)
+    return removed
+
+
+def old_copies_left(target: Path) -> list[Path]:
+    """Delete what is left of replaced outputs of `target`: `.{name}.old-*` folders an `overwrite` interrupted (or
+    failed) while deleting them, once `target` exists (the new output is in place: else one may be the only copy) and
+    only when the folder's complete marker lists its every file unchanged (deleted marker last, so a half-deleted copy
+    still proves it); any other such folder is kept, and said. Returns what was deleted."""
+    removed: list[Path] = []
+    if not target.is_dir():
+        return removed
+    for candidate in sorted(target.parent.glob(f".{glob.escape(target.name)}{OLD_MARK}*")):
+        if candidate.is_symlink() or not candidate.is_dir():
+            continue
+        try:
+            marker = read_marker(candidate)
+            foreign, changed = unlisted_files(candidate, check_content=True) if marker else ([], [])
+            if not marker or not marker.get("complete") or foreign or changed or listed_outside(candidate):
+                logger.warning("left %s in place: it looks like an old copy of %s that an interrupted --overwrite "
+                               "left, but %s; remove the folder yourself once nothing in it is yours", candidate,
+                               target, f"it holds files hf-mudsc did not write (or that changed since): "
+                               f"{_names(foreign + changed)}" if foreign or changed else
+                               f"it has no complete {MARKER_FILENAME} proving hf-mudsc wrote it")
+                continue
+            _remove_marker_last(candidate)
+        except OSError as error:  # another run deleting it too, a file that may not be deleted
+            logger.warning("could not remove %s, an old copy of %s (%s); delete it yourself", candidate, target, error)
+            continue
+        logger.info("removed %s, an old copy of %s left by an interrupted --overwrite", candidate, target)
         removed.append(candidate)
     return removed
 
@@ -595,6 +632,105 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None]
     return path
 
 
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM arriving within the block take effect once it ends, through the handler they would have met
+    (the CLI's raises KeyboardInterrupt): for a few renames that must all happen or none, since an interrupt between
+    two of them would leave files of two runs side by side. Outside the main thread (signals are handled there only),
+    or under a handler set outside Python, the block just runs; an ignored signal stays ignored."""
+    import signal
+    import threading
+
+    numbers = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.getsignal(number) for number in numbers}
+    if threading.current_thread() is not threading.main_thread() or None in previous.values():
+        yield
+        return
+    arrived: list[tuple[int, Any]] = []
+    deferred = [number for number, handler in previous.items() if handler is not signal.SIG_IGN]
+    for number in deferred:
+        signal.signal(number, lambda number, frame: arrived.append((number, frame)))
+    try:
+        yield
+    finally:
+        for number in deferred:
+            signal.signal(number, previous[number])
+        if arrived:
+            number, frame = arrived[0]
+            handler = previous[number]
+            if callable(handler):
+                handler(number, frame)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(number)
+
+
+def replace_files_together(writes: Iterable[tuple[str | os.PathLike, Callable[[Path], None]]], *,
+                           owner: str | os.PathLike) -> list[Path]:
+    """Replace several files as one change, for files that describe one another (an evaluation's results file, the
+    chart drawn from it and the card quoting it): a failure or an interrupt never leaves one run's file beside
+    another's, which `push` would publish together as the marker lists both.
+
+    Each `(path, write)` is first written by `write(temporary)` to a temporary sibling (a failure there changes
+    nothing), and `owner`'s marker, when it has a complete one, is prepared listing them. Then, with Ctrl-C and SIGTERM
+    deferred (`interrupts_deferred`), every file is renamed into place and the marker last; a failure on the way puts
+    the previous files (and so the previous marker) back. Returns the paths written."""
+    root = without_dot_dot(Path(owner)).absolute()
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, write in writes:
+            path = without_dot_dot(Path(path)).absolute()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+            os.close(fd)
+            staged.append((path, Path(name)))
+            write(Path(name))
+            Path(name).chmod(0o666 & ~_umask())
+        marker = read_marker(root)
+        if marker is not None and marker.get("complete"):
+            for path, temporary in staged:
+                if path.is_relative_to(root):
+                    marker["files"][path.relative_to(root).as_posix()] = _fingerprint_of(temporary, settled=False)
+            temporary = root / f"{MARKER_FILENAME}.{uuid.uuid4().hex[:8]}.tmp"
+            staged.append((root / MARKER_FILENAME, temporary))
+            temporary.write_text(_marker_text(marker), encoding="utf-8")
+        with interrupts_deferred():
+            _rename_all(staged)
+    finally:
+        for _, temporary in staged:
+            temporary.unlink(missing_ok=True)
+    return [path for path, _ in staged if path.name != MARKER_FILENAME or path.parent != root]
+
+
+def _rename_all(staged: list[tuple[Path, Path]]) -> None:
+    """Rename each temporary file onto its path, the previous file kept aside until all are in place: on any
+    failure the files already renamed are put back as they were (one that did not exist is removed again)."""
+    done: list[tuple[Path, Path | None, bool]] = []
+    try:
+        for path, temporary in staged:
+            backup = None
+            if os.path.lexists(path):
+                backup = path.with_name(f".{path.name}{OLD_MARK}{uuid.uuid4().hex[:8]}")
+                os.rename(path, backup)
+            done.append((path, backup, False))
+            os.rename(temporary, path)
+            done[-1] = (path, backup, True)
+    except BaseException:
+        for path, backup, placed in reversed(done):
+            try:
+                if backup is not None:
+                    os.replace(backup, path)
+                elif placed:
+                    os.unlink(path)
+            except OSError as error:
+                logger.error("could not put %s back as it was (%s)%s", path, error,
+                             f"; its previous version is {backup}" if backup is not None else "")
+        raise
+    for _, backup, _ in done:
+        if backup is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(backup)
+
+
 def _move_into_place(staging: Path, target: Path, *, overwrite: bool, keep_existing: bool, flag: str,
                      existed: bool) -> None:
     if not target.exists() and not target.is_symlink():
@@ -617,7 +753,28 @@ def _move_into_place(staging: Path, target: Path, *, overwrite: bool, keep_exist
     except BaseException:
         os.rename(backup, target)
         raise
-    shutil.rmtree(backup, ignore_errors=True)
+    try:
+        _remove_marker_last(backup)
+    except BaseException as error:  # Ctrl-C during a multi-GB delete, a file that may not be deleted: said, not lost
+        logger.warning("the replaced %s was not wholly deleted (%s): the rest of the old copy is %s; the next run "
+                       "writing %s removes it, or delete it yourself", target.name,
+                       "interrupted" if isinstance(error, KeyboardInterrupt) else error, backup, target)
+        if not isinstance(error, OSError):
+            raise
+
+
+def _remove_marker_last(folder: Path) -> None:
+    """Delete a folder the writer wrote, its marker last: interrupted or failed half-way, what is left still carries
+    the marker proving it the writer's, so `clean_leftovers` can remove it later."""
+    for entry in sorted(folder.iterdir()):
+        if entry.name == MARKER_FILENAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    (folder / MARKER_FILENAME).unlink(missing_ok=True)
+    folder.rmdir()
 
 
 def _check_appeared(target: Path, *, overwrite: bool, flag: str) -> None:

@@ -100,19 +100,29 @@ def draw_plots(folder: str | os.PathLike, diagnostics: MergeDiagnostics | None, 
         figures.append(("alpha_fidelity", "Balance factor α chosen without labels",
                         "held-out fidelity of the merge to its parents for each α of the search (alpha=\"auto\")",
                         alpha_figure(curve)))
-    scores = _evaluation_dict(evaluation)
-    if scores is not None and scores.get("scores"):
-        title, caption = evaluation_chart_text(scores)
-        figures.append(("accuracy", title, caption, accuracy_figure(scores)))
+    chart = accuracy_chart(evaluation)
+    if chart is not None:
+        figures.append(("accuracy", *chart))
     for name, title, caption, figure in figures:
         path = folder / f"{name}.png"
-        write_file_atomically(path, lambda temporary, figure=figure: _save(figure, temporary), owner=owner)
+        write_file_atomically(path, lambda temporary, figure=figure: save_figure(figure, temporary), owner=owner)
         drawn.append(Plot(name=name, title=title, caption=caption, path=path))
     logger.debug("wrote %d plots to %s", len(drawn), folder)
     return drawn
 
 
-def _save(figure: Figure, path: Path) -> None:
+def accuracy_chart(evaluation: Any) -> tuple[str, str, Figure] | None:
+    """`(title, caption, figure)` of the accuracy chart of `evaluation` (an `EvaluationResult` or its dict), not yet
+    written (`hf-mudsc evaluate` puts it in place together with the results and the card); None without scores."""
+    scores = _evaluation_dict(evaluation)
+    if scores is None or not scores.get("scores"):
+        return None
+    title, caption = evaluation_chart_text(scores)
+    return title, caption, accuracy_figure(scores)
+
+
+def save_figure(figure: Figure, path: Path) -> None:
+    """Write `figure` as a PNG without time or version metadata: the same data gives the same bytes."""
     FigureCanvasAgg(figure)
     figure.savefig(path, format="png", dpi=DPI, metadata={"Software": None})
 

@@ -152,7 +152,9 @@ class MergeDiagnostics:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> MergeDiagnostics:
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        from hf_mudsc.load.config_json import parse_json
+
+        return cls.from_dict(parse_json(Path(path).read_text(encoding="utf-8")))  # too deeply nested: a ValueError
 
     def rounded(self) -> MergeDiagnostics:
         """As stored (5 decimals, heat maps 2): plots drawn at merge time and redrawn from the file are identical."""
