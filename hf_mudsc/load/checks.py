@@ -92,6 +92,17 @@ def config_weights_refusal(reference: str, file: str, class_name: str, missing: 
             + CONFIG_WEIGHTS_FIX)
 
 
+def stock_class(cls: type[PreTrainedModel]) -> type[PreTrainedModel]:
+    """The transformers class `cls` is or derives from (the first class of its MRO defined in transformers): a
+    merged model is built as that class, as `from_pretrained` gives it back — a user's subclass (its own `forward`)
+    would run otherwise in memory than its saved copy, whose `architectures` would name a class transformers does
+    not know."""
+    for candidate in cls.__mro__:
+        if candidate.__module__.startswith("transformers.") and issubclass(candidate, PreTrainedModel):
+            return candidate
+    return cls
+
+
 def same_class_fix(class_a: str) -> str:
     """How a refusal of parents of different classes ends: the fix, with parent A's class (`class_a`) as example."""
     return f"merge models of the same class (e.g. all {class_a})"
