@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from factories import make_batches, make_model
-from transformers import AutoModelForImageClassification, ViTForImageClassification
+from transformers import AutoModelForImageClassification, PretrainedConfig, ViTForImageClassification
 
 import hf_mudsc
 from hf_mudsc.errors import LoadError, MergeInputError, UnsupportedArchitectureError
@@ -74,4 +74,28 @@ def test_a_subclass_parent_with_its_own_parameter_is_refused_in_one_line(batches
     a, b = (as_subclass(make_model("vit_cls", seed), ViTWithTemperature) for seed in (0, 1))
     message = one_line_error([a, b], batches)
     assert "'temperature'" in message and "ViTWithTemperature" in message, message
+
+
+def configs_of(config) -> list:
+    """A config and its sub-configs (CLIP's text_config, vision_config), the objects a stock model's modules hold."""
+    return [config] + [value for value in vars(config).values() if isinstance(value, PretrainedConfig)]
+
+
+@pytest.mark.parametrize("kind", ["vit_cls", "bert_cls", "clip"])
+def test_the_merged_models_modules_read_its_own_config(kind):
+    """Submodules kept a copy of parent A's config (`merged.config = config` rebound the top only): setting
+    `merged.config.output_hidden_states = True` was ignored in memory and honoured once saved and reloaded."""
+    batch = make_batches(kind, num_batches=1, batch_size=4)[0]
+    merged = hf_mudsc.merge([make_model(kind, 0), make_model(kind, 1)], method="linear", progress=False)
+    held = {id(config) for config in configs_of(merged.config)}
+    stale = [name for name, module in merged.named_modules()
+             if isinstance(getattr(module, "config", None), PretrainedConfig) and id(module.config) not in held]
+    assert stale == []
+    for config in configs_of(merged.config):
+        config.output_hidden_states = True
+    with torch.no_grad():
+        out = merged(**batch)
+    hidden = [value for key, value in out.items() if "hidden_states" in key and value is not None]
+    hidden += [value.hidden_states for key, value in out.items() if key.endswith("model_output")]
+    assert hidden and all(value is not None for value in hidden), list(out.keys())
 

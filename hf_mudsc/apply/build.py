@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
@@ -29,7 +30,9 @@ def build_model(
     stock = stock_class(type(model_a))
     if stock is type(model_a) and _first_shape_change(model_a, params) is None:
         with held_as_given([model_a]):
-            merged = copy.deepcopy(model_a)
+            # every module holding A's config (or a sub-config: CLIP's text_config) holds `config`'s in the copy:
+            # one config object, as in a built model, so that a setting made on `merged.config` acts
+            merged = copy.deepcopy(model_a, memo=_shared_configs(model_a.config, config))
         _as_loaded(merged)
         merged.config = config
     else:
@@ -44,6 +47,18 @@ def build_model(
     if missing or unexpected:
         raise RuntimeError(f"merged state does not fit the model: missing {missing}, unexpected {unexpected}")
     return merged.requires_grad_(True).eval()
+
+
+def _shared_configs(given: PretrainedConfig, config: PretrainedConfig) -> dict[int, Any]:
+    """A `copy.deepcopy` memo mapping `given` and each of its sub-configs (`text_config`, `vision_config`) to
+    `config`'s: the copied modules then hold `config` itself, not a copy of `given` that `merged.config = config`
+    would leave behind in them (a stock model's modules share its config)."""
+    memo: dict[int, Any] = {id(given): config}
+    for key, value in vars(given).items():
+        replacement = getattr(config, key, None)
+        if isinstance(value, PretrainedConfig) and isinstance(replacement, PretrainedConfig):
+            memo.update(_shared_configs(value, replacement))
+    return memo
 
 
 def _as_loaded(merged: PreTrainedModel) -> None:
