@@ -99,3 +99,15 @@ def test_the_merged_models_modules_read_its_own_config(kind):
     hidden += [value.hidden_states for key, value in out.items() if key.endswith("model_output")]
     assert hidden and all(value is not None for value in hidden), list(out.keys())
 
+
+@pytest.mark.parametrize("holder", [0, 1], ids=["on A", "on B"])
+def test_an_extra_buffer_on_a_parent_is_refused_in_one_line(batches, holder):
+    """A buffer the class does not build (class weights a training loop keeps on the model) was copied from parent A
+    into the merged model and written to model.safetensors (`from_pretrained` then reports it UNEXPECTED); on parent B
+    it was dropped. Refused up front as an extra parameter is."""
+    parents = [make_model("vit_cls", 0), make_model("vit_cls", 1)]
+    parents[holder].vit.register_buffer("class_weights", torch.tensor([1.0, 2.0, 3.0]))
+    message = one_line_error(parents, batches)
+    assert "'vit.class_weights'" in message and f"parent {'AB'[holder]}" in message, message
+    assert "buffer" in message, message
+
