@@ -5,11 +5,12 @@ in one line before any work."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
-from factories import make_batches, make_model
+from factories import make_batches, make_model, same_weights
 from transformers import AutoModelForImageClassification, PretrainedConfig, ViTForImageClassification
 
 import hf_mudsc
@@ -110,4 +111,18 @@ def test_an_extra_buffer_on_a_parent_is_refused_in_one_line(batches, holder):
     message = one_line_error(parents, batches)
     assert "'vit.class_weights'" in message and f"parent {'AB'[holder]}" in message, message
     assert "buffer" in message, message
+
+
+def test_a_parent_compiled_in_place_merges_as_uncompiled_and_stays_compiled(batches):
+    """`model.compile()` (torch's in-place compile: still the model's class) passed every check, then the default
+    refit died with a bare KeyError after calibration and the solve. The merge runs the parents uncompiled: the same
+    weights as merging them uncompiled; the parent is compiled again afterwards, the merged model is not."""
+    a, b = make_model("vit_cls", 0), make_model("vit_cls", 1)
+    expected = hf_mudsc.merge([copy.deepcopy(a), copy.deepcopy(b)], batches, method="mudsc", progress=False)
+    a.compile(backend="eager")
+    compiled = a._compiled_call_impl
+    merged = hf_mudsc.merge([a, b], batches, method="mudsc", progress=False)
+    assert same_weights(merged, expected)
+    assert a._compiled_call_impl is compiled
+    assert all(module._compiled_call_impl is None for module in merged.modules())
 
