@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from factories import make_batches, make_model, same_weights
+from factories import fine_tune, make_batches, make_model, same_weights
 from transformers import AutoModelForImageClassification, PretrainedConfig, ViTForImageClassification
 
 import hf_mudsc
@@ -125,4 +125,34 @@ def test_a_parent_compiled_in_place_merges_as_uncompiled_and_stays_compiled(batc
     assert same_weights(merged, expected)
     assert a._compiled_call_impl is compiled
     assert all(module._compiled_call_impl is None for module in merged.modules())
+
+
+def inference_tensor_parents(base=None):
+    with torch.inference_mode():  # e.g. models a service loaded under inference mode
+        return (make_model("vit_cls", 0), make_model("vit_cls", 1)) if base is None else (
+            fine_tune(base, seed=1, scale=0.05), fine_tune(base, seed=2, scale=0.05))
+
+
+def test_parents_of_inference_tensors_merge_in_a_plain_call(batches):
+    """Parents whose parameters are inference tensors merged under `torch.no_grad()` but a plain call (gradients on,
+    the default) died at once with 'abs(): functions with out=... don't support automatic differentiation' from
+    the finite-weights check. The plain call gives the merge of the no_grad call, a trainable model."""
+    a, b = inference_tensor_parents()
+    with torch.no_grad():
+        expected = hf_mudsc.merge([a, b], batches, method="mudsc", progress=False)
+    merged = hf_mudsc.merge([a, b], batches, method="mudsc", progress=False)
+    assert same_weights(merged, expected)
+    assert all(parameter.requires_grad and not parameter.is_inference() for parameter in merged.parameters())
+
+
+def test_fisher_refuses_parents_of_inference_tensors_in_one_line(batches):
+    """Fisher takes the parents' gradients, which inference tensors cannot give: named with the fix, before any work
+    (in a plain call and under no_grad alike)."""
+    a, b = inference_tensor_parents(make_model("vit_cls", 0))
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            with pytest.raises(MergeInputError) as caught:
+                hf_mudsc.merge([a, b], batches, method="fisher", progress=False)
+        message = str(caught.value)
+        assert "\n" not in message and "parent A" in message and "torch.inference_mode" in message, message
 
