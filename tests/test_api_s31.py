@@ -14,6 +14,7 @@ from factories import fine_tune, make_batches, make_model, same_weights
 from transformers import AutoModelForImageClassification, PretrainedConfig, ViTForImageClassification
 
 import hf_mudsc
+from hf_mudsc.apply.classifier import distinct_task_names
 from hf_mudsc.errors import LoadError, MergeInputError, UnsupportedArchitectureError
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -155,4 +156,24 @@ def test_fisher_refuses_parents_of_inference_tensors_in_one_line(batches):
                 hf_mudsc.merge([a, b], batches, method="fisher", progress=False)
         message = str(caught.value)
         assert "\n" not in message and "parent A" in message and "torch.inference_mode" in message, message
+
+
+def named_labels(model, labels, name_or_path):
+    model.config.id2label = dict(enumerate(labels))
+    model.config.label2id = {label: i for i, label in enumerate(labels)}
+    model.config._name_or_path = name_or_path
+    return model
+
+
+def test_task_names_keep_every_prefixed_label_distinct(batches):
+    """A folder 'run' with a label 'x: cat' and a folder 'run: x' with a label 'cat' gave the merged label
+    'run: x: cat' twice: a bare ValueError after calibration and the solve. The second task is numbered instead."""
+    a = named_labels(make_model("vit_cls", 0), ["x: cat", "dog", "fox"], "/data/run")
+    b = named_labels(make_model("vit_cls", 1), ["cat", "bus", "van"], "/data/run: x")
+    tasks = distinct_task_names([a.config, b.config])
+    assert tasks == ("run", "run: x_2")
+    merged = hf_mudsc.merge([a, b], batches, method="mudsc", progress=False)
+    labels = list(merged.config.id2label.values())
+    assert labels == ["run: x: cat", "run: dog", "run: fox", "run: x_2: cat", "run: x_2: bus", "run: x_2: van"]
+    assert merged.config.task_label_ranges == {"run": [0, 3], "run: x_2": [3, 6]}
 
