@@ -177,3 +177,15 @@ def test_task_names_keep_every_prefixed_label_distinct(batches):
     assert labels == ["run: x: cat", "run: dog", "run: fox", "run: x_2: cat", "run: x_2: bus", "run: x_2: van"]
     assert merged.config.task_label_ranges == {"run": [0, 3], "run: x_2": [3, 6]}
 
+
+@pytest.mark.parametrize("tied", [(0,), (0, 1)], ids=["A tied", "both tied"])
+def test_a_parameter_tied_after_building_is_named_in_one_line(batches, tied):
+    """Two layers tied to one Parameter by the user were refused as built with other constructor arguments (A tied),
+    or as a config that does not describe the model (both tied): a diagnosis naming a fix that does not apply."""
+    parents = [make_model("vit_cls", 0), make_model("vit_cls", 1)]
+    for index in tied:
+        parents[index].vit.layers[1].mlp.fc1.weight = parents[index].vit.layers[0].mlp.fc1.weight
+    message = one_line_error(parents, batches)
+    assert "parent A" in message and "tied" in message and "clone" in message, message
+    assert "'vit.layers.1.mlp.fc1.weight'" in message and "'vit.layers.0.mlp.fc1.weight'" in message, message
+
