@@ -46,7 +46,7 @@ from hf_mudsc.diagnostics import (
     unread_options_warning,
 )
 from hf_mudsc.errors import MergeInputError, OptionError, shown
-from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_finite, check_parents
+from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_finite, check_gradients_possible, check_parents
 from hf_mudsc.load.lazy import subset
 from hf_mudsc.load.objects import claimed_for_merge, held_as_given, model_objects
 from hf_mudsc.load.processors import (
@@ -522,6 +522,8 @@ def merge(
     model_a = loaded[0]
     for index, other in enumerate(loaded[1:], start=1):
         check_parents(model_a, other, labels=(parent_label(0), parent_label(index)))
+    if merge_method is not None and merge_method.needs_gradients:
+        check_gradients_possible([(f"parent {parent_label(i)}", m) for i, m in enumerate(loaded)], merge_method.name)
     spec = spec_for(model_a)
     check_spend(spec, merge_options.size, merge_options.size_spend)
     # A's labels in another order: from here on that parent is a copy saved in A's label order (docs/design.md §6).

@@ -1,14 +1,17 @@
-"""The merged `PreTrainedModel`: parent A's class and config with the merged parameters."""
+"""The merged `PreTrainedModel`: parent A's stock transformers class and config with the merged parameters."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
+from hf_mudsc.load.checks import stock_class
 from hf_mudsc.load.objects import held_as_given
+from hf_mudsc.load.parents import constructor_options
 from hf_mudsc.spec import Group, PermutationSpec
 
 
@@ -18,18 +21,22 @@ def build_model(
     """A model of A's structure with `config`, holding `params` and A's buffers.
 
     A copy of A keeps constructor choices the config does not record (e.g. `add_pooling_layer=False`);
-    a concatenated head changes the classifier's shape, so that case builds from the config. Either way the result
-    is a stock model, as `from_pretrained` gives it: none of A's hooks (copied with them held aside), replaced
-    `forward`s or gradient checkpointing (`_as_loaded`), every parameter trainable whatever A's `requires_grad` were,
-    eval mode.
+    a concatenated head changes the classifier's shape, and A of a user's subclass of a transformers class would
+    keep the subclass (its `forward`, a class name `from_pretrained` does not know), so those cases build the stock
+    class (`stock_class`) from the config. Either way the result is a stock model, as `from_pretrained` gives it: none
+    of A's hooks (copied with them held aside), replaced `forward`s or gradient checkpointing (`_as_loaded`), every
+    parameter trainable whatever A's `requires_grad` were, eval mode.
     """
-    if _first_shape_change(model_a, params) is None:
+    stock = stock_class(type(model_a))
+    if stock is type(model_a) and _first_shape_change(model_a, params) is None:
         with held_as_given([model_a]):
-            merged = copy.deepcopy(model_a)
+            # every module holding A's config (or a sub-config: CLIP's text_config) holds `config`'s in the copy:
+            # one config object, as in a built model, so that a setting made on `merged.config` acts
+            merged = copy.deepcopy(model_a, memo=_shared_configs(model_a.config, config))
         _as_loaded(merged)
         merged.config = config
     else:
-        merged = type(model_a)(config)
+        merged = stock(config, **constructor_options(stock, params))
         _mirror_absent_modules(model_a, merged)
     state = dict(params)
     expected = merged.state_dict().keys()
@@ -40,6 +47,18 @@ def build_model(
     if missing or unexpected:
         raise RuntimeError(f"merged state does not fit the model: missing {missing}, unexpected {unexpected}")
     return merged.requires_grad_(True).eval()
+
+
+def _shared_configs(given: PretrainedConfig, config: PretrainedConfig) -> dict[int, Any]:
+    """A `copy.deepcopy` memo mapping `given` and each of its sub-configs (`text_config`, `vision_config`) to
+    `config`'s: the copied modules then hold `config` itself, not a copy of `given` that `merged.config = config`
+    would leave behind in them (a stock model's modules share its config)."""
+    memo: dict[int, Any] = {id(given): config}
+    for key, value in vars(given).items():
+        replacement = getattr(config, key, None)
+        if isinstance(value, PretrainedConfig) and isinstance(replacement, PretrainedConfig):
+            memo.update(_shared_configs(value, replacement))
+    return memo
 
 
 def _as_loaded(merged: PreTrainedModel) -> None:

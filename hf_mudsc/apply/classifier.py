@@ -154,7 +154,9 @@ def concatenated_classifier_config(configs: Sequence[PretrainedConfig], tasks: S
             id2label[len(id2label)] = f"{task}: {label}"
         ranges[task] = [start, len(id2label)]
     label2id = {label: i for i, label in id2label.items()}
-    if len(label2id) != len(id2label):  # refused before loading (`repeated_label`); never write such a config
+    # a parent's repeated label is refused before loading (`repeated_label`), and `distinct_task_names` numbers a task
+    # whose prefixed labels would repeat another's; never write such a config
+    if len(label2id) != len(id2label):
         raise ValueError(f"the concatenated labels repeat a name ({len(id2label)} ids, {len(label2id)} names); "
                          "give each class of every parent its own name")
     fields: dict[str, Any] = {"id2label": id2label, "label2id": label2id, "task_label_ranges": ranges}
@@ -172,16 +174,22 @@ def distinct_task_names(configs: Sequence[PretrainedConfig]) -> tuple[str, ...]:
     """One task name per parent from its name; names shared by several parents, or taken by an evaluation view
     (`RESERVED_TASK_NAMES`: a parent saved in `./joint`), get the parent's letter (`vit_a`, `vit_b`, `joint_a`), and
     a name that is still taken (a parent named `vit_b` beside two named `vit`) a number too (`vit_b_2`): every task
-    keeps its own name, so no parent's range is written over another's, and evaluate accepts every one."""
+    keeps its own name, so no parent's range is written over another's, and evaluate accepts every one. A name
+    whose merged labels (`task: label`) would repeat an earlier task's is numbered too (a parent `run` with a label
+    `x: cat` and a parent `run: x` with a label `cat`: `run: x_2`), so every merged label is distinct."""
     names = [task_name(config, f"task_{_letter(i)}") for i, config in enumerate(configs)]
     lettered = [f"{name}_{_letter(i)}" if names.count(name) > 1 or name in RESERVED_TASK_NAMES else name
                 for i, name in enumerate(names)]
     distinct: list[str] = []
-    for name in lettered:
+    merged_labels: set[str] = set()
+    for name, config in zip(lettered, configs):
+        labels = label_names(config)
         candidate, number = name, 2
-        while candidate in distinct or (candidate != name and candidate in lettered):
+        while candidate in distinct or (candidate != name and candidate in lettered) \
+                or any(f"{candidate}: {label}" in merged_labels for label in labels):
             candidate, number = f"{name}_{number}", number + 1
         distinct.append(candidate)
+        merged_labels.update(f"{candidate}: {label}" for label in labels)
     return tuple(distinct)
 
 

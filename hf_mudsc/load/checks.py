@@ -92,6 +92,17 @@ def config_weights_refusal(reference: str, file: str, class_name: str, missing: 
             + CONFIG_WEIGHTS_FIX)
 
 
+def stock_class(cls: type[PreTrainedModel]) -> type[PreTrainedModel]:
+    """The transformers class `cls` is or derives from (the first class of its MRO defined in transformers): a
+    merged model is built as that class, as `from_pretrained` gives it back — a user's subclass (its own `forward`)
+    would run otherwise in memory than its saved copy, whose `architectures` would name a class transformers does
+    not know."""
+    for candidate in cls.__mro__:
+        if candidate.__module__.startswith("transformers.") and issubclass(candidate, PreTrainedModel):
+            return candidate
+    return cls
+
+
 def same_class_fix(class_a: str) -> str:
     """How a refusal of parents of different classes ends: the fix, with parent A's class (`class_a`) as example."""
     return f"merge models of the same class (e.g. all {class_a})"
@@ -177,10 +188,28 @@ def check_parents(model_a: PreTrainedModel, model_b: PreTrainedModel, labels: tu
 
 def check_finite(parameters: Mapping[str, torch.Tensor], who: str) -> None:
     """Refuse NaN or infinite weights (one tensor at a time: lazily read parameters stay lazy). Parameters on the
-    meta device (a lazily read parent's model) carry no values: their `LazyParameters` are checked instead."""
+    meta device (a lazily read parent's model) carry no values: their `LazyParameters` are checked instead. Read
+    without gradients: parameters made under `torch.inference_mode()` cannot enter a graph."""
     for param_name, param in parameters.items():
-        if param.is_floating_point() and not param.is_meta and not torch.isfinite(param).all():
+        if not param.is_floating_point() or param.is_meta:
+            continue
+        with torch.no_grad():
+            finite = bool(torch.isfinite(param).all())
+        if not finite:
             raise MergeInputError(
                 f"{who} has NaN or infinite values in {param_name!r}; the checkpoint is corrupt or "
                 "diverged in training — fix or re-export it before merging"
             )
+
+
+def check_gradients_possible(named: Sequence[tuple[str, torch.nn.Module]], method: str) -> None:
+    """Refuse, in one line before any work, parents (`(name, model)` pairs) whose parameters are inference tensors
+    (made under `torch.inference_mode()`) for a `method` that takes gradients of them: autograd cannot record them,
+    and the failure would come late, from inside the gradient pass."""
+    for name, model in named:
+        if any(parameter.is_inference() for parameter in model.parameters()):
+            raise MergeInputError(
+                f"{name} holds inference tensors (its parameters were made under torch.inference_mode()), which "
+                f"{method} cannot take the gradients of; load it outside torch.inference_mode(), or pass a copy made "
+                "there (copy = type(model)(model.config); copy.load_state_dict(model.state_dict())), or merge with "
+                "another method")

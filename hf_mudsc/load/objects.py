@@ -4,8 +4,9 @@ A merge runs the caller's own objects (calibration, the refit, the α search and
 parent A into the merged model. While it does, every module is in eval mode (dropout off: the statistics and the
 scores are the parents' function as their weights define it, whatever mode the caller left them in) and holds none
 of the caller's hooks (a hook would run on the merge's batches, could change the statistics, and `copy.deepcopy`
-would carry it into the merged model). On return or failure, Ctrl-C included, each module gets its own mode and its
-own hook dictionaries back (the same objects: the caller's handles still remove their hooks).
+would carry it into the merged model), and runs uncompiled (a `model.compile()` call set aside). On return or
+failure, Ctrl-C included, each module gets its own mode, its own hook dictionaries (the same objects: the caller's
+handles still remove their hooks) and its compiled call back.
 
 A recipe names an object parent by its `name_or_path` folder (or Hub repo) only when that checkpoint holds exactly
 the object's weights (`object_source`); otherwise as an object (`references.object_reference`), which a re-run refuses.
@@ -34,6 +35,10 @@ logger = logging.getLogger(__name__)
 # The per-module hook registries of `torch.nn.Module` (forward, backward, state-dict ones), read from a bare
 # module so that a registry a later torch adds is held too.
 HOOK_REGISTRIES = tuple(name for name, value in vars(nn.Module()).items() if "hook" in name and isinstance(value, dict))
+
+
+# Where `nn.Module.compile()` keeps a module's compiled call (an instance attribute; the class's is None).
+COMPILED_CALL = "_compiled_call_impl"
 
 
 def model_objects(given: Iterable[Any]) -> list[nn.Module]:
@@ -79,25 +84,32 @@ def claimed_for_merge(named: Sequence[tuple[str, nn.Module]]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def held_as_given(models: Iterable[nn.Module]) -> Iterator[None]:
-    """Every module of `models` in eval mode and without hooks inside the block; each module's mode and hook
-    registries restored on leaving it (module docstring). Nested uses and shared modules are fine."""
-    saved: dict[int, tuple[nn.Module, bool, dict[str, dict]]] = {}
+    """Every module of `models` in eval mode, without hooks and uncompiled inside the block; each module's mode, hook
+    registries and compiled call restored on leaving it (module docstring). A module compiled in place
+    (`model.compile()`) runs its compiled call instead of its own: the layers the merge reads and replaces (the
+    refit's) would not be the ones that run. Nested uses and shared modules are fine."""
+    saved: dict[int, tuple[nn.Module, bool, dict[str, Any]]] = {}
     for model in models:
         for module in model.modules():
             if id(module) not in saved:
-                saved[id(module)] = (module, module.training,
-                                     {name: getattr(module, name) for name in HOOK_REGISTRIES})
+                held = {name: getattr(module, name) for name in HOOK_REGISTRIES}
+                if COMPILED_CALL in vars(module):
+                    held[COMPILED_CALL] = vars(module)[COMPILED_CALL]
+                saved[id(module)] = (module, module.training, held)
     try:
-        for module, _, registries in saved.values():
+        for module, _, held in saved.values():
             module.training = False
-            for name, registry in registries.items():
-                setattr(module, name, type(registry)())
+            for name, value in held.items():
+                if name == COMPILED_CALL:
+                    del module.__dict__[COMPILED_CALL]  # the class's own (None): the module's `forward` runs
+                else:
+                    setattr(module, name, type(value)())
         yield
     finally:
-        for module, training, registries in saved.values():
+        for module, training, held in saved.values():
             module.training = training
-            for name, registry in registries.items():
-                setattr(module, name, registry)
+            for name, value in held.items():
+                setattr(module, name, value)
 
 
 @dataclass(frozen=True)

@@ -345,6 +345,21 @@ def check_model_objects(located: Sequence[_Located], who: Sequence[str] | None =
                 f"{name} holds {len(extra)} parameter{'s' if len(extra) > 1 else ''} a {type(model).__name__} built "
                 f"from its config has not (e.g. {extra[0]!r}): an adapter or extra module is attached; merge it into "
                 "the model's weights (PEFT: merge_and_unload()) or remove it, then pass the model")
+        tied = min(tied_parameters(model) - tied_parameters(from_config), default=None)
+        if tied is not None:  # its names lack one of the pair: refused later as built otherwise, which it is not
+            raise LoadError(f"{name}'s {tied[0]!r} is the same tensor as {tied[1]!r} (tied after building); untie it "
+                            "(give it its own copy: module.weight = torch.nn.Parameter(module.weight.detach().clone()))"
+                            " and pass the model")
+        # A buffer saved with the weights (`register_buffer`, persistent) that the class does not build: parent A's
+        # would be copied into the merged model and its model.safetensors (`from_pretrained`: UNEXPECTED), another
+        # parent's dropped.
+        built_buffers = {key for key, _ in from_config.named_buffers()}
+        extra = [key for key in saved_buffers(model) if key not in built_buffers]
+        if extra:
+            raise LoadError(
+                f"{name} holds {len(extra)} buffer{'s' if len(extra) > 1 else ''} a {type(model).__name__} built "
+                f"from its config has not (e.g. {extra[0]!r}): an extra module or buffer is attached "
+                "(register_buffer); remove it, then pass the model")
         if not shapes:
             continue
         fix = ("give the model back the config it was built with (a config edited after the model was built changes "
@@ -358,6 +373,25 @@ def check_model_objects(located: Sequence[_Located], who: Sequence[str] | None =
             module, attribute, held, configured = differing
             raise LoadError(f"{name}'s config does not describe the model: {module}.{attribute} is {held!r} but its "
                             f"config builds {configured!r}; {fix}")
+
+
+def tied_parameters(model: torch.nn.Module) -> set[tuple[str, str]]:
+    """`(name, first name)` for each parameter name of `model` that holds the same Parameter as an earlier name (a
+    tie: `named_parameters()` lists it once, under the first name)."""
+    first: dict[int, str] = {}
+    tied = set()
+    for key, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in first:
+            tied.add((key, first[id(parameter)]))
+        else:
+            first[id(parameter)] = key
+    return tied
+
+
+def saved_buffers(model: torch.nn.Module) -> list[str]:
+    """The names of `model`'s buffers `save_pretrained` writes (persistent ones: in its state dict), in its order."""
+    parameters = {key for key, _ in model.named_parameters(remove_duplicate=False)}
+    return [key for key in model.state_dict(keep_vars=True) if key not in parameters]
 
 
 def check_objects_complete(located: Sequence[_Located]) -> None:

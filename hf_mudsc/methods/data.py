@@ -182,6 +182,7 @@ class FisherMethod(MergeMethod):
     num_parents: int | None = None
     needs_data: bool = True
     needs_classifier: bool = True
+    needs_gradients: bool = True
 
     def used_options(self, options: MergeOptions) -> dict[str, Any]:
         return {"weights": options.weights, "fisher_epsilon": options.fisher_epsilon}

@@ -156,6 +156,9 @@ class MergeMethod:
     needs_classifier: bool = False
     """Reads the parents' predictive distribution (a classification head's logits: Fisher), so parents whose
     architecture has no head are refused from parent A's configuration, before any weights (`check_classifier`)."""
+    needs_gradients: bool = False
+    """Takes the gradients of the parents' outputs with respect to their parameters (Fisher), so parents whose
+    parameters are inference tensors (made under `torch.inference_mode()`) are refused before any work."""
     builds_concatenated_head: bool = False
     """With different label sets, builds the concatenated classifier itself (the unit-matching apply step does);
     otherwise the classifier is left out of `context.parents` and the pipeline concatenates it."""
