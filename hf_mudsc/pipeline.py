@@ -374,7 +374,7 @@ def merge(
             `"auto"`, the default: 16 token rows per unknown of the widest per-token layer, 128 to 1024 examples;
             the count used is recorded as `config.mudsc["refit_examples"]`).
         regmean_scale: `regmean` / `regmean_plusplus`: factor on the off-diagonal entries of every input Gram
-            matrix, in [0, 1] (docs/design.md §4.10).
+            matrix, in [0, 1] (docs/design.md §4.11).
         fisher_epsilon: `fisher`: floor on every parent's diagonal Fisher, > 0.
         size: the size budget of the unit-matching methods, in [1, 2]: the merged model may hold up to `size` times
             one parent's parameters (heads included, counted exactly). The extra keeps the MLP units whose best
@@ -398,7 +398,8 @@ def merge(
             merged with it instead of judging their relation again (what the CLI does). None: `auto` chooses here.
 
     Returns:
-        A `PreTrainedModel` of the parents' class; `save_pretrained`/`push_to_hub` work as usual.
+        A `PreTrainedModel` of the parents' transformers class (a user's subclass of one gives that class, as
+        `from_pretrained` reloads it); `save_pretrained`/`push_to_hub` work as usual.
         When the parents' label sets differ, the classifier is A's classes then B's (then C's ...) and
         `config.task_label_ranges` maps each task to its slice. Under `torchrun`/`accelerate launch`
         every process computes its share of the calibration statistics; only the main process

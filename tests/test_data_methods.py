@@ -1,4 +1,4 @@
-"""The calibration-data same-base methods (issue 13): `regmean`, `regmean_plusplus`, `fisher` (docs/design.md §4.10).
+"""The calibration-data same-base methods (issue 13): `regmean`, `regmean_plusplus`, `fisher` (docs/design.md §4.11).
 
 Proven here, on the tiny ViT/BERT models of tests/factories.py: the streamed Grams drop padding (a padded batch
 gives the Grams of the same texts without padding) and keep nothing per batch; the RegMean solve equals a direct

@@ -421,3 +421,33 @@ def test_every_script_command_the_readme_and_the_docs_give_exists_with_its_flags
             if unknown:
                 wrong.append(f"{path.name}: {script} has no {unknown}")
     assert count > 15 and not wrong, (count, wrong)
+
+
+# Topics whose section a citation right after them must be: a citation within a phrase naming one of them sends the
+# reader to a section that mentions it (a renumbering once left RegMean cited as §4.10, the tensor-wise methods).
+TOPICS = ("regmean", "fisher", "size budget")
+
+
+def section_texts() -> dict[str, str]:
+    text = DESIGN.read_text(encoding="utf-8")
+    marks = [(match.start(), match.group(2)) for match in HEADING.finditer(text)]
+    return {number: text[start:(marks[i + 1][0] if i + 1 < len(marks) else len(text))].lower()
+            for i, (start, number) in enumerate(marks)}
+
+
+def test_a_citation_after_a_topic_sends_to_a_section_about_it():
+    bodies = section_texts()
+    wrong = []
+    for path in [*sorted(p for folder in SOURCES for p in (ROOT / folder).rglob("*.py")), README, DESIGN]:
+        text = path.read_text(encoding="utf-8")
+        pattern = SELF_CITATION if path == DESIGN else CITATION
+        for match in pattern.finditer(text):
+            if match.group(2) or (path == DESIGN and re.search(r"\.md`?\s*$", text[max(0, match.start() - 12):
+                                                                                   match.start()])):
+                continue  # a range (its topic may be in any of its sections), or another document's section
+            before = text[max(0, match.start() - 120):match.start()].lower().replace("\n", " ")
+            before = before.rsplit(".  ", 1)[-1].rsplit("\n\n", 1)[-1]
+            for topic in TOPICS:
+                if topic in before and topic not in bodies.get(match.group(1), topic):
+                    wrong.append(f"{path.relative_to(ROOT)}: '{topic}' cited as §{match.group(1)}")
+    assert not wrong, "\n".join(wrong)

@@ -1,7 +1,7 @@
 """Streamed Gram matrices of the inputs of a model's `nn.Linear` layers (padding dropped): RegMean's statistics.
 
 Shared by the refit (docs/design.md §4.9) and the calibration-data same-base methods (`regmean`,
-`regmean_plusplus`, docs/design.md §4.10): a forward pre-hook on each layer folds the batch's token rows into a
+`regmean_plusplus`, docs/design.md §4.11): a forward pre-hook on each layer folds the batch's token rows into a
 float64 `Σ xᵀx` at once, so memory is one `(in, in)` matrix per layer whatever the number of samples.
 """
 

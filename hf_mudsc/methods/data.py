@@ -2,7 +2,7 @@
 
 They run the parents on the calibration batches (`context.batches`, a fresh pass per call) instead of using the
 unit-matching correlation statistics, keep the identity correspondence (fine-tunes of one base), and merge any
-number of parents with per-parent `weights`. Definitions and sources: docs/design.md §4.10.
+number of parents with per-parent `weights`. Definitions and sources: docs/design.md §4.11.
 
 * `regmean` (Jin et al., ICLR 2023): each `nn.Linear` weight is the closed form `(Σ_i w_i G_i')⁻¹ Σ_i w_i G_i' W_i`
   (in torch's transposed layout), G_i the mean Gram of parent i's OWN inputs to that layer over every non-padding

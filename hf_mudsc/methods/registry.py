@@ -171,7 +171,7 @@ class MergeMethod:
     @property
     def supports_size(self) -> bool:
         """Whether it can spend a size budget (`size` > 1: a merged model wider than one parent, docs/design.md
-        §4.11); the others keep one parent's shape and refuse `size` != 1."""
+        §4.12); the others keep one parent's shape and refuse `size` != 1."""
         return False
 
     def matcher_choices(self) -> tuple[str | None, ...]:

@@ -1,4 +1,4 @@
-"""RegMean's closed form accumulated parent by parent, and RegMean++'s solve order (docs/design.md §4.10).
+"""RegMean's closed form accumulated parent by parent, and RegMean++'s solve order (docs/design.md §4.11).
 
 Used by the `regmean` / `regmean_plusplus` merge methods (`hf_mudsc/methods/data.py`), which stay torch-free at
 import so `hf-mudsc merge --help` lists them without loading torch.
