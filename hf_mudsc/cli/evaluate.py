@@ -356,11 +356,12 @@ def retitled_plot(card: str, link: str, title: str, caption: str) -> str:
 
 
 def accuracy_chart_to_redraw(folder: Path, result: Any) -> tuple[Any, Any] | None:
-    """The card links `plots/accuracy.png` when the folder has one (the demo and `hf-mudsc inspect` draw it from
-    eval_results.json): it is redrawn from the new results, so the chart and the card's Evaluation table show the same
-    figures. Only a chart hf-mudsc wrote and nobody changed is replaced. `(Plot, write)`: its `Plot` (title and
-    caption named by the metric drawn, for the card's Diagnostics line) and what writes its PNG to a given path; None
-    when there is none to redraw."""
+    """`plots/accuracy.png`, when the folder has one (the demo draws it and its card links it; `hf-mudsc inspect`
+    draws it from eval_results.json, unlinked): it is redrawn from the new results, so the chart and the card's
+    Evaluation table show the same figures; no chart is drawn where there was none, and no link added. Only a chart
+    hf-mudsc wrote and nobody changed is replaced. `(Plot, write)`: its `Plot` (title and caption named by the metric
+    drawn, for the card's Diagnostics line) and what writes its PNG to a given path; None when there is none to
+    redraw."""
     from hf_mudsc.publish.folder import written_unchanged
     from hf_mudsc.publish.plots import Plot, accuracy_chart, save_figure
     from hf_mudsc.solve.diagnostics import PLOTS_FOLDER
