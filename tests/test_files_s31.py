@@ -236,6 +236,8 @@ def test_ctrl_c_while_the_results_are_put_in_place_takes_effect_once_all_are(cas
     monkeypatch.setattr(os, "replace", lambda s, t: interrupted(s, t, real=real_replace))
     monkeypatch.setattr(os, "rename", lambda s, t: interrupted(s, t, real=real_rename))
     handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    # as in a terminal: Python's own Ctrl-C handler (a pytest-xdist worker ignores SIGINT, its controller handles it)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code = main(["evaluate", str(merged), "--dataset", str(case / "test"), "--no-parents", "--num-samples", "5"])
     finally:

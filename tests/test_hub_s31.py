@@ -21,7 +21,7 @@ def test_a_repo_id_the_hub_refuses_is_refused_in_our_words_before_any_hub_call(r
     with pytest.raises(ValueError, match=r"ORG/NAME.*(alphanumeric|--|\.\.|96)") as caught:
         check_repo_id(repo_id, flag="ORG/NAME")
     assert str(caught.value).count("\n") == 0
-    with pytest.raises(RecipeError, match=r"push_to_hub, CLI: --push-to-hub"):
+    with pytest.raises(RecipeError, match=r"push_to_hub= \(CLI: --push-to-hub\)"):
         Recipe(models=["a", "b"], method="linear", push_to_hub=repo_id).validate()
 
 

@@ -102,7 +102,7 @@ def test_bad_recipe_values_are_named(data, needle):
         ({"zip_decay": 0.0}, "zip_decay must lie in (0, 1]"),
         ({"zip_budget": -1.0}, "zip_budget must be a finite number >= 0"),
         ({"calibration": None, "method": "mudsc"}, "needs calibration data: pass --calibration"),
-        ({"push_to_hub": "just-a-name"}, "the Hub repo id (push_to_hub, CLI: --push-to-hub) must look like `org/name`"),
+        ({"push_to_hub": "just-a-name"}, "push_to_hub= (CLI: --push-to-hub) must look like `org/name`"),
         ({"statistics_dtype": "float16"},
          "statistics_dtype must be one of float32, float64 (CLI: --statistics-dtype), got 'float16'"),
     ],

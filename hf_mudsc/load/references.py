@@ -32,22 +32,23 @@ def looks_like_token(text: str) -> bool:
 
 
 def repo_id_refusal(repo_id: str, where: str) -> str | None:
-    """Why `repo_id` cannot be a Hub repo to push to, in one line naming `where` it was given (the flag or argument),
-    or None: a token pasted in its place (never shown), no `org/name`, or a name the Hub refuses (huggingface_hub's
-    `validate_repo_id`: characters, `--`/`..`, 96 characters, `.git`) — known before any Hub call."""
+    """Why `repo_id` cannot be a Hub repo to push to, in one line starting with `where` it was given (the flag,
+    argument or `option_hint`), or None: a token pasted in its place (never shown), no `org/name`, or a name the Hub
+    refuses (huggingface_hub's `validate_repo_id`: characters, `--`/`..`, 96 characters, `.git`) — known before any
+    Hub call."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
     if looks_like_token(repo_id):
-        return (f"the Hub repo id ({where}) looks like a Hugging Face access token (not shown); give the repo to "
-                f"create as `org/name`, and {TOKEN_FIX}")
+        return (f"{where} looks like a Hugging Face access token (not shown); give the Hub repo to create as "
+                f"`org/name`, and {TOKEN_FIX}")
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        return f"the Hub repo id ({where}) must look like `org/name`, got {repo_id!r}"
+        return f"{where} must look like `org/name` (a Hub repo id), got {repo_id!r}"
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
         rule = str(error).replace(f": {repo_id!r}", "").rstrip(".")
-        return f"the Hub repo id ({where}) {repo_id!r} is not one the Hub accepts ({rule}); choose another name"
+        return f"{where} {repo_id!r} is not a repo id the Hub accepts ({rule}); choose another name"
     return None
 
 

@@ -272,7 +272,7 @@ class Recipe(MergeOptions):
                 f"or merge without data: --method {' / '.join(data_free_methods(len(self.models))[:3]) or 'auto'}",
                 reader=f"method {self.method!r}")
         refusal = (None if self.push_to_hub is None
-                   else repo_id_refusal(self.push_to_hub, "push_to_hub, CLI: --push-to-hub"))
+                   else repo_id_refusal(self.push_to_hub, option_hint("push_to_hub")))
         if refusal is not None:  # a token pasted there: every Hub call would carry it; a bad name: refused at once
             raise RecipeError(refusal)
         if self.private and self.push_to_hub is None:  # a destination flag for a push that does not happen
