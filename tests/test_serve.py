@@ -24,7 +24,7 @@ from serve_service import Service, alive, drain_job, files_containing
 from test_cli import save_parents_and_data
 
 from hf_mudsc.errors import RecipeError
-from hf_mudsc.serve.jobs import parse_job
+from hf_mudsc.serve.jobs import parse_job, service_advice
 from hf_mudsc.serve.store import (
     RESTARTED_RUNNING,
     RESTARTED_TOKEN,
@@ -109,8 +109,9 @@ def test_what_the_library_refuses_before_loading_is_refused_at_post_not_by_a_fai
     for body, fragment in cases:
         with pytest.raises(RecipeError) as caught:
             parse_job(body, tmp_path)
-        message = str(caught.value)
-        assert fragment in message and "\n" not in message and "--overwrite" not in message, (body, message)
+        message = str(caught.value)  # as the client reads it (`service_advice`: a key, not a CLI flag)
+        said = service_advice(message)
+        assert fragment in message + said and "\n" not in message and "--overwrite" not in message, (body, message)
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["notes.txt"]
     assert parse_job({**base, "push_to_hub": "user/ok.name-1_x"}, tmp_path).repo_id == "user/ok.name-1_x"
 
