@@ -233,7 +233,8 @@ def unread_warning(unread: Sequence[str], method: str) -> str | None:
 
 def inert_options_warnings(options: MergeOptions, *, method: str, reads_base: bool, reads_data: bool,
                            has_data: bool, refit: str, pairs_heads: bool = True,
-                           inputs: Sequence[str] = (), data_note: str | None = None) -> list[str]:
+                           inputs: Sequence[str] = (), data_note: str | None = None,
+                           strangers: str = "") -> list[str]:
     """Options set for a part of the merge that does not run — a refit setting with no refit (REPAIR reads
     `refit_samples` only), a calibration setting without data, a raw column of a kind the parents do not read
     (`inputs`: the model inputs they take, e.g. `PermutationSpec.inputs`), data that nothing reads — and a base given
@@ -262,8 +263,10 @@ def inert_options_warnings(options: MergeOptions, *, method: str, reads_base: bo
     if data_text := unread_data_warning(method, reads_data=reads_data, has_data=has_data, why=data_note):
         texts.append(data_text)
     if options.base is not None and not reads_base:
+        advice = (f"drop it: the parents are not fine-tunes of it by their weights ({strangers})" if strangers
+                  else "drop it, or pass a method that merges task vectors from it (e.g. method='ties')")
         texts.append(f"method {method} does not read the base ({option_hint('base')}): it changes no weight of the "
-                     "merge; drop it, or pass a method that merges task vectors from it (e.g. method='ties')")
+                     f"merge; {advice}")
     return texts
 
 

@@ -185,6 +185,9 @@ class AutoChoice:
     parents: tuple[str, ...]
     data_note: str | None = None
     """Why the calibration data goes unread when `auto` took its dataless choice for want of memory (`choose_auto`)."""
+    strangers: str = ""
+    """The parents that are no fine-tunes of the base given (`not_fine_tunes`), as the reason says them: "" when every
+    parent is one, or no base was given."""
 
 
 def solve_spec(spec: PermutationSpec, concatenate_classifier: bool, *, reference_rows: bool = False
@@ -507,10 +510,10 @@ def merge(
 
     early = [auto_choice] if auto_choice is not None else []  # `auto`'s choice when made before loading
 
-    def choose_loading(views: list[LoadedParent], found_base: Any) -> bool:
+    def choose_loading(views: list[LoadedParent], found_base: Any, base_view: LoadedParent | None) -> bool:
         early.append(auto_before_loading(views, merge_options, calibration, has_base=found_base is not None,
                                          references=references, processor=processor, base=base,
-                                         found_base=found_base))
+                                         found_base=found_base, base_view=base_view))
         return early[-1].streams
 
     with library_bars(progress):
@@ -556,7 +559,7 @@ def merge(
     if base_parent is not None:
         base_params = _check_base(base_parent, model_a, spec, merge_options.weights)
         base_links = base_relations(base_params, params, spec)
-    strangers = _not_fine_tunes(base_links)
+    strangers = not_fine_tunes(base_links)
     choice_reason = None
     # `auto`'s same-base choice, while the unit-matching solve that confirms it runs (methods.auto): (the same-base
     # method, its reason); the merge runs as that solve's method until the solve decides.
@@ -569,16 +572,8 @@ def merge(
         else:
             merge_method, choice_reason, data_note = choose_auto(
                 relation, merge_options, calibration, count, has_base=base_parent is not None,
-                shortfall=lambda method: memory_shortfall(model_a, count, method, loading=0))
+                shortfall=lambda method: memory_shortfall(model_a, count, method, loading=0), strangers=strangers)
             check_memory(model_a, count, merge_method, loading=0, chosen=choice_reason)  # before calibration
-        if strangers and merge_method.needs_base_model:
-            # task vectors from a base the parents are not fine-tunes of are as large as the weights: auto merges as
-            # without a base (a method that needs none reads and loads less than the one it replaces)
-            merge_method, choice_reason, data_note = choose_auto(
-                relation, merge_options, calibration, count, has_base=False)
-            said, name = choice_reason.rsplit("): ", 1)
-            choice_reason = (f"{said}; the base given is not the parents' base by its weights ({strangers}), so it "
-                             f"is not used): {name}")
     if base_parent is not None:
         _log_base_relations(base_parent, base_links, unused=not merge_method.needs_base_model)
     if chosen_by_auto:
@@ -603,7 +598,7 @@ def merge(
     option_warnings: list[str] = []  # options that change nothing, said for the method that finally merges
     if unconfirmed is None:  # (else once the solve has decided the method)
         option_warnings = _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value,
-                                       spec.inputs, data_note=data_note)
+                                       spec.inputs, data_note=data_note, strangers=strangers)
     calibration_name = given_calibration_name if needs_data else None
     # alpha="auto" (docs/design.md §4.4): only for a method that matches units on activations and reads α.
     auto_alpha = alpha_searched(merge_method, merge_options, count)
@@ -665,7 +660,7 @@ def merge(
         unconfirmed = None
         refit_value, refitting, used_options, auto_alpha = settled(merge_method)
         option_warnings = _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value,
-                                       spec.inputs, data_note=data_note)
+                                       spec.inputs, data_note=data_note, strangers=strangers)
     held_out = alpha_scorer = None
     statistics_data, statistics_samples = calibration, num_samples
     if auto_alpha:  # every 5th example is held out to score the candidate merges; the rest feed the statistics
@@ -743,7 +738,7 @@ def merge(
             del result  # the solve's merged weights are not held while the same-base method runs
             result = merge_method.merge_parameters(context)
         option_warnings = _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value,
-                                       spec.inputs, data_note=data_note)
+                                       spec.inputs, data_note=data_note, strangers=strangers)
     if auto_alpha:
         from hf_mudsc.apply.fidelity import FidelityScorer, search_alpha
 
@@ -1005,7 +1000,8 @@ def _one_shot_refusal(method: MergeMethod, chosen: str | None, relation: str) ->
 
 
 def _warn_unused(options: MergeOptions, used: Mapping[str, Any], method: MergeMethod, calibration: Any, count: int,
-                 refit_value: str, inputs: Sequence[str] = (), *, data_note: str | None = None) -> list[str]:
+                 refit_value: str, inputs: Sequence[str] = (), *, data_note: str | None = None,
+                 strangers: str = "") -> list[str]:
     """Say which options change nothing (`diagnostics.unread_options_warning`, `inert_options_warnings`), and that
     `reference_compat=True` has no reference merge to reproduce with a method that matches no units; returns the
     texts said, which the merge records with its other warnings. `data_note`: why the data goes unread (`auto`'s
@@ -1017,7 +1013,7 @@ def _warn_unused(options: MergeOptions, used: Mapping[str, Any], method: MergeMe
     said = [text for text in [unread, *inert_options_warnings(
             options, method=method.name, reads_base=method.needs_base_model, reads_data=reads_data,
             has_data=calibration is not None, refit=refit_value, pairs_heads=method.pairs_attention_heads,
-            inputs=inputs, data_note=data_note)] if text]
+            inputs=inputs, data_note=data_note, strangers=strangers)] if text]
     for text in said:
         logger.warning("%s", text, extra={ADVICE: text in advice})
     if reference_compat_unread(method, options):
@@ -1158,15 +1154,20 @@ def check_before_weights(config: Any, options: MergeOptions, count: int, method:
 
 def choose_auto(relation: ParentRelation, options: MergeOptions, calibration: Any, count: int, *,
                 has_base: bool, shortfall: Callable[[MergeMethod], tuple[float, float] | None] | None = None,
-                ) -> tuple[MergeMethod, str, str | None]:
+                strangers: str = "") -> tuple[MergeMethod, str, str | None]:
     """The method `auto` chooses for parents of this relation, and why, refused (one line naming the choice) when it
     cannot merge these parents with these options and data — the checks an explicit method gets before loading.
 
     `shortfall(method)`: (bytes needed, bytes available) when `method` cannot fit (`plan.memory_shortfall`). A data
     method chosen for fine-tunes of one base (regmean) that cannot fit gives way to the choice without data (linear,
     ties), with a warning: it would run out of memory in its pass where the dataless method merges. The third value
-    then says why the calibration data goes unread (else None)."""
+    then says why the calibration data goes unread (else None).
+
+    `strangers`: the parents that are no fine-tunes of the base given (`not_fine_tunes`): their task vectors from it
+    would be as large as their weights, so `auto` chooses as without a base, and its reason says so."""
     data_note = None
+    unused_base = has_base and bool(strangers)
+    has_base = has_base and not strangers
     try:
         method, reason = choose_method(relation.relation, relation.weight_distance, has_base=has_base,
                                        has_data=calibration is not None)
@@ -1183,6 +1184,10 @@ def choose_auto(relation: ParentRelation, options: MergeOptions, calibration: An
                          f"the memory available; drop it, or merge with method={method.name!r} on a machine with "
                          "more memory")
             method = dataless
+        if unused_base:
+            said, name = reason.rsplit("): ", 1)
+            reason = (f"{said}; the base given is not the parents' base by its weights ({strangers}), so it is not "
+                      f"used): {name}")
     except ValueError as error:
         raise MergeInputError(str(error)) from None
     checker = _planned_checker(relation, method, options, calibration)
@@ -1198,7 +1203,7 @@ def choose_auto(relation: ParentRelation, options: MergeOptions, calibration: An
 
 def auto_before_loading(views: Sequence[LoadedParent], options: MergeOptions, calibration: Any, *, has_base: bool,
                         references: int, processor: Any = None, base: Any = None,
-                        found_base: Any = None) -> AutoChoice:
+                        found_base: Any = None, base_view: LoadedParent | None = None) -> AutoChoice:
     """`auto`'s choice before any parent is loaded whole: `views` are the parents opened for reading one tensor at a
     time (`load_parents_and_base(choose_loading=...)`); their relation (heads aligned to parent A's label order, as
     after loading) chooses the method, and the memory it needs — the parents it loads whole (`references` of them are
@@ -1207,7 +1212,8 @@ def auto_before_loading(views: Sequence[LoadedParent], options: MergeOptions, ca
     whole unless streamed; `found_base`: the base as `load_parents_and_base` found it, its config or object, for its
     copy in parent A's label order: `plan.base_copied`). Loading every parent whole first took minutes for a long recipe
     before the choice was refused. The choice (`AutoChoice`) goes to `merge(auto_choice=...)` when the caller loads the
-    parents."""
+    parents. `base_view`: the base opened alike (or None: a base given as a model is read from `found_base`), whose
+    relation to each parent decides whether a method reading task vectors from it may be chosen (`not_fine_tunes`)."""
     count = len(views)
     model_a = views[0].model
     for index, other in enumerate(views[1:], start=1):
@@ -1217,6 +1223,19 @@ def auto_before_loading(views: Sequence[LoadedParent], options: MergeOptions, ca
     aligned = [view if twin is None else twin for view, twin in zip(views, moved)]
     relation = check_parents_mergeable([view.parameters for view in aligned], spec,
                                        [view.repo_id or view.reference for view in views])
+    strangers = ""
+    if has_base:
+        base_params = None
+        from hf_mudsc.load.parents import LoadedParent, parameters_of
+
+        if base_view is not None or isinstance(found_base, LoadedParent):
+            given = base_view if base_view is not None else found_base
+            base_params = parameters_of(aligned_to_parent_a(given, model_a.config, spec) or given)
+        elif isinstance(found_base, PreTrainedModel) and found_base.device.type != "meta":
+            base_params = {name: tensor.detach() for name, tensor in found_base.named_parameters()}
+        if base_params is not None:
+            strangers = not_fine_tunes(base_relations(base_params, [view.parameters for view in aligned], spec))
+
     def holds(method: MergeMethod) -> dict[str, Any]:
         """What a merge by `method` loads and copies whole (it streams parents when it can)."""
         lazy = streams_parents(method, options, calibration, count)
@@ -1227,7 +1246,7 @@ def auto_before_loading(views: Sequence[LoadedParent], options: MergeOptions, ca
 
     method, reason, data_note = choose_auto(
         relation, options, calibration, count, has_base=has_base,
-        shortfall=lambda chosen: memory_shortfall(model_a, count, chosen, **holds(chosen)))
+        shortfall=lambda chosen: memory_shortfall(model_a, count, chosen, **holds(chosen)), strangers=strangers)
     lazy = streams_parents(method, options, calibration, count)
     check_memory(model_a, count, method, loading=min(references, 1) if lazy else references, chosen=reason,
                  copied=head_copies([view.model.config for view in views], streaming=lazy),
@@ -1237,7 +1256,7 @@ def auto_before_loading(views: Sequence[LoadedParent], options: MergeOptions, ca
         check_calibration_before_weights(calibration, [view.processor for view in views], model_a.config, options,
                                          given=processor)
     return AutoChoice(method=method, reason=reason, relation=relation, streams=lazy,
-                      parents=tuple(view.pinned_reference for view in views), data_note=data_note)
+                      parents=tuple(view.pinned_reference for view in views), data_note=data_note, strangers=strangers)
 
 
 def _check_choice_parents(choice: AutoChoice, models: Sequence[Any]) -> None:
@@ -1369,7 +1388,7 @@ def _warn_licenses(parents: Sequence[LoadedParent], base: LoadedParent | None) -
 NOT_FINE_TUNES = ("independent", "protected", "permuted copy")
 
 
-def _not_fine_tunes(relations: Sequence[ParentRelation]) -> str:
+def not_fine_tunes(relations: Sequence[ParentRelation]) -> str:
     """The parents that are no fine-tunes of the base, as a reason says them ("parent A independent of it, relative
     distance 1.41"), or "" when every parent is one (`relations`: each parent's relation to the base)."""
     return ", ".join(f"parent {parent_label(index)} {relation.relation} of it, relative distance "

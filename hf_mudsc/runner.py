@@ -92,12 +92,12 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
     # As merge() would: a tensor-wise method's parents after the first (and the base) are read one tensor at a time.
     lazy = streams_parents(chosen, recipe, recipe.calibration, len(recipe.models))
 
-    def choose_loading(views: list[Any], found_base: Any) -> bool:
+    def choose_loading(views: list[Any], found_base: Any, base_view: Any) -> bool:
         # `auto`: chosen on the parents read one tensor at a time and checked before any is loaded whole; merge()
         # is handed that choice (it does not judge the loaded parents again)
         opened["choice"] = auto_before_loading(views, recipe, opened.get("data", recipe.calibration),
                                                has_base=found_base is not None, references=len(recipe.models),
-                                               base=recipe.base, found_base=found_base)
+                                               base=recipe.base, found_base=found_base, base_view=base_view)
         return opened["choice"].streams
 
     parents, base, _ = load_parents_and_base(

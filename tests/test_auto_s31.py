@@ -57,3 +57,38 @@ def test_auto_still_reads_task_vectors_from_the_parents_own_base():
     true_base = make_model("vit_cls", 0)
     merged = hf_mudsc.merge(_fine_tunes(true_base), base=true_base, progress=False)
     assert merged.config.mudsc["method"] == "ties", merged.config.mudsc["method_choice_reason"]
+
+
+@pytest.mark.parametrize("given_as", ["objects", "folders"])
+def test_a_data_method_that_does_not_fit_is_not_brought_back_by_an_unused_base(given_as, tmp_path, monkeypatch):
+    """With data, regmean that does not fit gives way to the dataless choice (ties, with a base); the base then found
+    foreign re-chose without the memory check: regmean again, which crashed on the parents already opened for
+    streaming. The base is judged before the choice now: linear, the dataless choice without a base."""
+    import hf_mudsc.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "memory_shortfall", lambda model, count, method, **kwargs: (
+        (8e9, 1e9) if method is not None and method.needs_data else None))
+    from factories import make_batches
+
+    true_base, unrelated = make_model("vit_cls", 0), make_model("vit_cls", 7)
+    parents: list = _fine_tunes(true_base)
+    base: object = unrelated
+    if given_as == "folders":
+        for index, parent in enumerate(parents):
+            parent.save_pretrained(tmp_path / f"p{index}")
+        unrelated.save_pretrained(tmp_path / "base")
+        parents, base = [str(tmp_path / "p0"), str(tmp_path / "p1")], str(tmp_path / "base")
+    merged = hf_mudsc.merge(parents, make_batches("vit_cls", 2, 8), base=base, progress=False)
+    record = merged.config.mudsc
+    assert record["method"] == "linear", record["method_choice_reason"]
+    assert "does not fit" in " ".join(record["warnings"]) or "memory" in record["method_choice_reason"]
+    assert "not the parents' base" in record["method_choice_reason"]
+
+
+def test_the_unused_base_warning_does_not_advise_what_auto_refused():
+    """auto left a foreign base unused, and the same merge's warning advised "pass a method that merges task vectors
+    from it (e.g. method='ties')" — what auto had just refused."""
+    true_base, unrelated = make_model("vit_cls", 0), make_model("vit_cls", 7)
+    merged = hf_mudsc.merge(_fine_tunes(true_base), base=unrelated, progress=False)
+    said = [text for text in merged.config.mudsc["warnings"] if "does not read the base" in text]
+    assert said and "method='ties'" not in said[0] and "not fine-tunes of it" in said[0], said

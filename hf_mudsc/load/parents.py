@@ -1334,7 +1334,8 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
                           check_config: Callable[[PretrainedConfig | PreTrainedModel, list[Any], Any], None]
                           | None = None,
                           before_weights: Callable[[list[Any]], None] | None = None,
-                          choose_loading: Callable[[list[LoadedParent], Any], bool] | None = None,
+                          choose_loading: Callable[[list[LoadedParent], Any, LoadedParent | None], bool]
+                          | None = None,
                           ) -> tuple[list[LoadedParent], LoadedParent | None, str | None]:
     """N parents and their common base (`base`: a reference, model or `LoadedParent`, or None), checked against
     each other before any weights are downloaded: `(parents, base or None, where the base came from or None)`.
@@ -1355,9 +1356,10 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
     card names (README.md front matter; Hub parents' cards at their pinned commit); if they name none or different
     ones, a one-line `MergeInputError`.
 
-    `choose_loading(views, base)`: called once every parent's weights are fetched and their headers checked, before any
-    parent is loaded, with every parent opened for reading one tensor at a time (`_finish_lazily`) and the base as
-    `check_config` gets it (None without one); it returns `lazy` (method `auto` chooses here, from the weights, and
+    `choose_loading(views, base, base_view)`: called once every parent's weights are fetched and their headers checked,
+    before any parent is loaded, with every parent opened for reading one tensor at a time (`_finish_lazily`), the base
+    as `check_config` gets it (None without one) and the base opened alike when it can be (else None); it returns
+    `lazy` (method `auto` chooses here, from the weights, and
     checks the memory its choice needs before any parent is loaded whole). Not called when a parent cannot be opened so
     (a model object, pickle weights, tensors that are not exactly its model's): the caller then chooses after
     loading.
@@ -1387,7 +1389,9 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
                                           and p.read_as is None for p in located):
         views = [_finish_lazily(p) for p in located]
         if all(view is not None for view in views):
-            lazy = choose_loading(views, None if located_base is None else unloaded(located_base))
+            base_view = (_finish_lazily(located_base) if located_base is not None and located_base.loaded is None
+                         and located_base.model is None and not located_base.use_pickle else None)
+            lazy = choose_loading(views, None if located_base is None else unloaded(located_base), base_view)
     # `lazy` (a tensor-wise method): every parent but the first (the merged model is built from it) and the base
     # with safetensors weights are read one tensor at a time, so memory does not grow with the number of parents.
     # The views `choose_loading` was given are those parents (opened once).
