@@ -189,3 +189,38 @@ def test_a_parameter_tied_after_building_is_named_in_one_line(batches, tied):
     assert "parent A" in message and "tied" in message and "clone" in message, message
     assert "'vit.layers.1.mlp.fc1.weight'" in message and "'vit.layers.0.mlp.fc1.weight'" in message, message
 
+
+
+def test_a_users_class_built_on_a_pretrainedmodel_base_still_merges():
+    """stock_class took the first transformers class of the MRO: for a class deriving from ViTPreTrainedModel (an
+    abstract base, no modules) the merge built that and died after the whole merge ("unexpected ... cls_token"). It
+    merged before; an abstract base is no stock class, so the user's class is built, as then."""
+    from torch import nn
+    from transformers import ViTModel, ViTPreTrainedModel
+    from transformers.modeling_outputs import ImageClassifierOutput
+
+    from hf_mudsc.load.checks import stock_class
+
+    class MyClassifier(ViTPreTrainedModel):
+        def __init__(self, config):
+            super().__init__(config)
+            self.vit = ViTModel(config, add_pooling_layer=False)
+            self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+            self.post_init()
+
+        def forward(self, pixel_values=None, **kwargs):
+            return ImageClassifierOutput(logits=self.classifier(self.vit(pixel_values=pixel_values)
+                                                                .last_hidden_state[:, 0]))
+
+    def mine(seed):
+        stock = make_model("vit_cls", seed)
+        model = MyClassifier(stock.config)
+        model.load_state_dict(stock.state_dict())
+        return model.eval()
+
+    assert stock_class(MyClassifier) is MyClassifier
+    a, b = mine(0), mine(1)
+    merged = hf_mudsc.merge([a, b], method="linear", progress=False)
+    assert type(merged) is MyClassifier
+    for name, tensor in merged.state_dict().items():
+        assert torch.allclose(tensor, (a.state_dict()[name] + b.state_dict()[name]) / 2), name

@@ -321,7 +321,8 @@ def test_a_failed_delete_of_the_replaced_output_is_said_with_where_its_copy_is(t
                for record in caplog.records), [record.getMessage() for record in caplog.records]
 
 
-@pytest.mark.parametrize("case_", ["a file not its own", "a file changed", "no marker", "no output"])
+@pytest.mark.parametrize("case_", ["a file not its own", "a file changed", "no marker", "no output",
+                                   "a name the writer does not give"])
 def test_an_old_copy_the_writer_cannot_prove_its_own_is_kept(tmp_path, case_, caplog):
     """Only a `.NAME.old-*` folder whose marker lists its every file unchanged, beside an output that exists, is
     deleted: anything else may hold someone's files (or be the only copy)."""
@@ -330,7 +331,10 @@ def test_an_old_copy_the_writer_cannot_prove_its_own_is_kept(tmp_path, case_, ca
     out = tmp_path / "merged"
     with staged_output(out) as staging:
         _write(staging, "old")
-    old = tmp_path / ".merged.old-0123abcd"
+    # a user's own copy (`cp -a merged .merged.old-before-retrain`) is complete and unchanged: only the name the
+    # writer gives its backups (8 hex digits) tells them apart (review of s31)
+    old = tmp_path / (".merged.old-before-retrain" if case_ == "a name the writer does not give"
+                      else ".merged.old-0123abcd")
     shutil.copytree(out, old)
     if case_ == "a file not its own":
         (old / "notes.txt").write_text("mine")
@@ -338,7 +342,7 @@ def test_an_old_copy_the_writer_cannot_prove_its_own_is_kept(tmp_path, case_, ca
         (old / "config.json").write_text("edited")
     elif case_ == "no marker":
         (old / MARKER_FILENAME).unlink()
-    else:
+    elif case_ == "no output":
         shutil.rmtree(out)
     with caplog.at_level("INFO", logger="hf_mudsc"):
         assert clean_leftovers(out) == []

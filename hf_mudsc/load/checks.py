@@ -93,13 +93,17 @@ def config_weights_refusal(reference: str, file: str, class_name: str, missing: 
 
 
 def stock_class(cls: type[PreTrainedModel]) -> type[PreTrainedModel]:
-    """The transformers class `cls` is or derives from (the first class of its MRO defined in transformers): a
-    merged model is built as that class, as `from_pretrained` gives it back — a user's subclass (its own `forward`)
-    would run otherwise in memory than its saved copy, whose `architectures` would name a class transformers does
-    not know."""
+    """The transformers model class `cls` is or derives from (the first class of its MRO defined in transformers
+    that is a model, not an abstract base such as `ViTPreTrainedModel`): a merged model is built as that class, as
+    `from_pretrained` gives it back — a user's subclass (its own `forward`) would run otherwise in memory than its
+    saved copy, whose `architectures` would name a class transformers does not know. A class built directly on an
+    abstract base (its own modules and head) is its own stock class: nothing in transformers holds its modules."""
     for candidate in cls.__mro__:
-        if candidate.__module__.startswith("transformers.") and issubclass(candidate, PreTrainedModel):
-            return candidate
+        if not (candidate.__module__.startswith("transformers.") and issubclass(candidate, PreTrainedModel)):
+            continue
+        if candidate is PreTrainedModel or candidate.__name__.endswith("PreTrainedModel"):
+            return cls  # only abstract bases above: the user's class holds the modules
+        return candidate
     return cls
 
 

@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 PARTIAL_MARK = ".partial-"  # in the staging folder's name: `.{name}.partial-XXXX`
 OLD_MARK = ".old-"  # in the name of a replaced output while the new one is renamed in
+OLD_SUFFIX_DIGITS = 8  # hex digits after OLD_MARK: only such a name can be the writer's own backup
 # The writer's proof of ownership: every file it wrote, with size and sha256. A user does not copy a hidden
 # file by accident, and a copied one lists files that the folder then does not match. It holds no paths.
 MARKER_FILENAME = ".hf_mudsc_output.json"
@@ -478,16 +479,18 @@ def clean_leftovers(output: str | os.PathLike) -> list[Path]:
 
 
 def old_copies_left(target: Path) -> list[Path]:
-    """Delete what is left of replaced outputs of `target`: `.{name}.old-*` folders an `overwrite` interrupted (or
-    failed) while deleting them, once `target` exists (the new output is in place: else one may be the only copy) and
-    only when the folder's complete marker lists its every file unchanged (deleted marker last, so a half-deleted copy
-    still proves it); any other such folder is kept, and said. Returns what was deleted."""
+    """Delete what is left of replaced outputs of `target`: `.{name}.old-XXXXXXXX` folders (the writer's names: 8 hex
+    digits) an `overwrite` interrupted (or failed) while deleting them, once `target` exists (the new output is in
+    place: else one may be the only copy) and only when the folder's complete marker lists its every file unchanged
+    (deleted marker last, so a half-deleted copy still proves it); any other such folder is kept, and said. Returns
+    what was deleted."""
     removed: list[Path] = []
     if not target.is_dir():
         return removed
+    own_name = re.compile(re.escape(f".{target.name}{OLD_MARK}") + f"[0-9a-f]{{{OLD_SUFFIX_DIGITS}}}")
     for candidate in sorted(target.parent.glob(f".{glob.escape(target.name)}{OLD_MARK}*")):
-        if candidate.is_symlink() or not candidate.is_dir():
-            continue
+        if candidate.is_symlink() or not candidate.is_dir() or not own_name.fullmatch(candidate.name):
+            continue  # a name the writer never gives its backups (a user's `cp -a out .out.old-before-retrain`)
         try:
             marker = read_marker(candidate)
             foreign, changed = unlisted_files(candidate, check_content=True) if marker else ([], [])
@@ -709,7 +712,7 @@ def _rename_all(staged: list[tuple[Path, Path]]) -> None:
         for path, temporary in staged:
             backup = None
             if os.path.lexists(path):
-                backup = path.with_name(f".{path.name}{OLD_MARK}{uuid.uuid4().hex[:8]}")
+                backup = path.with_name(f".{path.name}{OLD_MARK}{uuid.uuid4().hex[:OLD_SUFFIX_DIGITS]}")
                 os.rename(path, backup)
             done.append((path, backup, False))
             os.rename(temporary, path)
@@ -746,7 +749,7 @@ def _move_into_place(staging: Path, target: Path, *, overwrite: bool, keep_exist
         check_output(target, overwrite=overwrite, flag=flag)  # it may have changed since the first check
     else:  # absent when the run began: someone made it meanwhile
         _check_appeared(target, overwrite=overwrite, flag=flag)
-    backup = target.with_name(f".{target.name}{OLD_MARK}{uuid.uuid4().hex[:8]}")
+    backup = target.with_name(f".{target.name}{OLD_MARK}{uuid.uuid4().hex[:OLD_SUFFIX_DIGITS]}")
     os.rename(target, backup)
     try:
         os.rename(staging, target)
