@@ -68,3 +68,21 @@ def test_alpha_ties_go_to_the_alpha_nearest_a_half_as_recorded():
     scores = {0.1: 0.0, 0.3: 0.1388888888888889, 0.5: 0.13888888888888887, 0.7: 0.0, 0.9: 0.0}
     assert choose_alpha(scores) == 0.5
     assert choose_alpha({0.3: 0.5, 0.5: 0.4, 0.7: 0.5}) == 0.3  # a real tie: the nearer, then the smaller
+
+
+@pytest.mark.parametrize(("returned", "said"), [(None, "scored nothing"), (0.61, "(chosen by alpha: auto)")])
+def test_the_job_page_says_whether_alpha_auto_chose(returned, said):
+    """The service's job page said "(chosen by alpha: auto)" when nothing was scored and 0.5 was simply used."""
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    from hf_mudsc.serve.store import PHASES
+
+    template = Environment(loader=PackageLoader("hf_mudsc.serve", "templates"),
+                           autoescape=select_autoescape()).get_template("job.html.jinja")
+    job = {"id": "j1", "status": "done", "phase": None, "progress": 1.0, "created": "", "updated": "",
+           "method": "mudsc",
+           "parents": ["user/a", "user/b"], "more_parents": 0, "alpha": 0.5, "dry_run": False, "error": None,
+           "links": [], "recipe": {}, "replaced": False, "all_warnings": [],
+           "result": {"alpha_auto": {"held_out_examples": 0 if returned is None else 9, "returned_fidelity": returned}}}
+    page = " ".join(template.render(job=job, recipe="", log=[], version="0", needs_key=False, phases=PHASES).split())
+    assert said in page, page
