@@ -653,14 +653,22 @@ def merge(
             statistics_dtype=statistics_dtype, device=run_device, progress=progress, check=input_check)
         _log_sample_count(examples, _check_pass(checker, pair_name))
         short_said = _warn_short(num_samples, examples)
-        merge_method, choice_reason = confirm_choice(*unconfirmed, checker, in_place, relation.weight_distance,
-                                                     pair=pair_name)
+        same_base, pending = unconfirmed
+        merge_method, choice_reason = confirm_choice(same_base, pending, checker, in_place,
+                                                     relation.weight_distance, pair=pair_name)
         correspondence = check_record(checker, [parent_label(i) for i in pair], in_place)
         logger.info("method auto: %s", choice_reason)
         unconfirmed = None
+        if merge_method is checker:
+            # The pair's solve is a cheap proxy: the solve over every parent, which merges, decides again by the
+            # same rule, as two parents' solve does (a pair near a tie between its starts can judge otherwise).
+            said, name = pending.rsplit("): ", 1)
+            unconfirmed = (same_base, f"{said}; {checker.name}'s solve of {pair_name} leaves {in_place:.1%} of "
+                                      f"their units in place, so it solves every parent): {name}")
         refit_value, refitting, used_options, auto_alpha = settled(merge_method)
-        option_warnings = _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value,
-                                       spec.inputs, data_note=data_note, strangers=strangers)
+        if unconfirmed is None:  # (else once the solve over every parent has decided the method)
+            option_warnings = _warn_unused(merge_options, used_options, merge_method, calibration, count,
+                                           refit_value, spec.inputs, data_note=data_note, strangers=strangers)
     held_out = alpha_scorer = None
     statistics_data, statistics_samples = calibration, num_samples
     if auto_alpha:  # every 5th example is held out to score the candidate merges; the rest feed the statistics
@@ -725,8 +733,9 @@ def merge(
     if unconfirmed is not None:
         result = merge_method.merge_parameters(context)  # at the α handed: alpha="auto" searches once decided
         in_place = share_in_place(result.matches)
-        final, choice_reason = confirm_choice(*unconfirmed, merge_method, in_place, relation.weight_distance)
-        correspondence = check_record(merge_method, [parent_label(0), parent_label(1)], in_place)
+        final, choice_reason = confirm_choice(*unconfirmed, merge_method, in_place, relation.weight_distance,
+                                              pair=f"all {count} parents" if count > 2 else "")
+        correspondence = check_record(merge_method, [parent_label(i) for i in range(count)], in_place)
         logger.info("method auto: %s", choice_reason)
         if final is not merge_method:  # the units correspond: the same-base method merges, without the statistics
             merge_method = final

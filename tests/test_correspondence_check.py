@@ -183,17 +183,19 @@ def test_a_check_whose_statistics_do_not_fit_in_memory_leaves_the_choice_unconfi
             "solve): mudsc needs 9 GB of activation statistics, 1 GB is available") in caplog.text
 
 
-def test_three_parents_are_checked_on_parent_a_and_the_parent_farthest_from_it():
+def test_three_parents_are_checked_on_parent_a_and_the_parent_farthest_from_it(caplog):
     """Three parents: one pair is solved, parent A and the farthest by weight distance (the moved copy, C here);
-    its units moved, so the three are merged by the unit matching, as asked for by name."""
+    its units moved, so the three are solved; that solve, which merges, keeps the verdict (its units moved too), so
+    the three are merged by the unit matching, as asked for by name."""
     model_a, moved = _moved_mlp_pair()
     parents = [model_a, fine_tune(model_a, 3, 0.01, relative=True), moved]
     batches = make_batches("vit_cls", num_batches=4)
-    merged = hf_mudsc.merge(parents, batches, refit="none", progress=False)
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        merged = hf_mudsc.merge(parents, batches, refit="none", progress=False)
     check = merged.config.mudsc["correspondence_check"]
-    assert merged.config.mudsc["method"] == "mudsc" and check["parents"] == ["A", "C"] and check["holds"] is False
-    assert "leaves" in merged.config.mudsc["method_choice_reason"] and "of units of parents A and C in place" in (
-        merged.config.mudsc["method_choice_reason"])
+    assert merged.config.mudsc["method"] == "mudsc" and check["parents"] == ["A", "B", "C"] and check["holds"] is False
+    assert "of units of parents A and C in place" in caplog.text  # the pair's verdict, said when it came
+    assert "of units of all 3 parents in place" in merged.config.mudsc["method_choice_reason"]
     asked = hf_mudsc.merge(parents, batches, method="mudsc", refit="none", progress=False)
     assert same_weights(merged, asked)
 
@@ -400,3 +402,23 @@ def test_a_choice_no_check_confirms_is_said_once_as_final(caplog):
                                 reference_compat=True, progress=False)
     assert merged.config.mudsc["correspondence_check"] is None
     assert _auto_lines(caplog) == [f"method auto: {merged.config.mudsc['method_choice_reason']}"]
+
+
+def test_three_parents_whose_pair_check_fails_are_judged_again_by_the_solve_over_all(monkeypatch):
+    """The pair's solve is a proxy: a pair near a tie between its starts judged "do not correspond" (1.8 % in place)
+    while the three-parent mudsc solve that then merged left every unit in place — the recorded reason contradicted
+    the merge. The solve over every parent decides by the same rule as two parents' solve."""
+    import hf_mudsc.pipeline as pipeline
+
+    real = pipeline._pair_in_place
+    monkeypatch.setattr(pipeline, "_pair_in_place", lambda *args, **kwargs: (0.0, real(*args, **kwargs)[1]))
+    model_a = _moved_mlp_pair()[0]
+    parents = [model_a, fine_tune(model_a, 3, 0.01, relative=True), fine_tune(model_a, 4, 0.01, relative=True)]
+    batches = make_batches("vit_cls", num_batches=4)
+    merged = hf_mudsc.merge(parents, batches, progress=False)
+    record = merged.config.mudsc
+    check = record["correspondence_check"]
+    assert record["method"] == "regmean", record["method_choice_reason"]
+    assert check["parents"] == ["A", "B", "C"] and check["holds"] is True and check["units_in_place"] >= 0.5
+    assert "leaves 0.0% of their units in place, so it solves every parent" in record["method_choice_reason"]
+    assert same_weights(merged, hf_mudsc.merge(parents, batches, method="regmean", progress=False))
