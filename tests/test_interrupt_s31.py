@@ -1,13 +1,20 @@
 """Interruptions after the session-31 interrupt hunt: a Ctrl-C closes the refit/repair progress bar (the exit line
-gets a line of its own)."""
+gets a line of its own); a staging folder's removal, interrupted, leaves what remains with its marker."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from hf_mudsc.apply import refit, repair
+from hf_mudsc.publish.folder import MARKER_FILENAME, PARTIAL_MARK, clean_leftovers, record_files, staged_output
 from hf_mudsc.solve.matchers import Match
 from hf_mudsc.spec import Group, HookPoint, Member, PermutationSpec
 
@@ -76,3 +83,74 @@ def test_ctrl_c_inside_the_refit_or_repair_loop_closes_its_progress_bar(stage, m
         else:
             repair.repair_model(merged, parents, SPEC, matches, batches, scope="all", progress=True)
     assert len(bars) == 1 and bars[0].closed
+
+
+# --------------------------------------- 2: a staging folder's removal, interrupted, leaves it with its marker
+_NAMES = ["README.md", "config.json", "model.safetensors", "mudsc_recipe.yaml", "merge_diagnostics.json",
+          "preprocessor_config.json", "eval_results.json", "tokenizer.json", "vocab.txt"]
+
+
+def _staging_left_by_a_killed_run(out: Path) -> Path:
+    """`.out.partial-*` as a run killed while writing leaves it: the files, and the marker naming a gone process."""
+    staging = out.parent / f".{out.name}{PARTIAL_MARK}kill9"
+    staging.mkdir()
+    for name in _NAMES:
+        (staging / name).write_text(name)
+    (staging / "plots").mkdir()
+    (staging / "plots" / "accuracy.png").write_bytes(b"png")
+    record_files(staging, complete=False, staging=True)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    marker = json.loads((staging / MARKER_FILENAME).read_text())
+    (staging / MARKER_FILENAME).write_text(json.dumps({**marker, "pid": gone.pid}))
+    return staging
+
+
+def _interrupt_before_the_last_files_go(monkeypatch, folder: Path) -> list[str]:
+    """Ctrl-C while `folder` (a `.partial-` one) is deleted, once all but its last two files are gone."""
+    real_unlink = os.unlink
+    files = sum(path.is_file() for path in folder.rglob("*"))
+    unlinked: list[str] = []
+
+    def interrupted(path, *args, **kwargs):
+        if len(unlinked) == files - 2:
+            unlinked.append("interrupted")
+            raise KeyboardInterrupt
+        real_unlink(path, *args, **kwargs)
+        unlinked.append(str(path))
+
+    monkeypatch.setattr(os, "unlink", interrupted)
+    return unlinked
+
+
+def _partials(out: Path) -> list[Path]:
+    return [p for p in out.parent.iterdir() if PARTIAL_MARK in p.name]
+
+
+def test_ctrl_c_while_a_killed_runs_leftover_is_removed_leaves_it_removable(tmp_path, monkeypatch):
+    """clean_leftovers deleted a leftover with a plain rmtree, its marker among the first files: a Ctrl-C then left a
+    model-sized folder without the marker that no later run removes. The marker now goes last."""
+    out = tmp_path / "out"
+    unlinked = _interrupt_before_the_last_files_go(monkeypatch, _staging_left_by_a_killed_run(out))
+    with pytest.raises(KeyboardInterrupt):
+        clean_leftovers(out)
+    monkeypatch.undo()
+    assert unlinked[-1] == "interrupted"
+    assert all((p / MARKER_FILENAME).exists() for p in _partials(out))  # what is left still proves it the writer's
+    clean_leftovers(out)  # the next run
+    assert _partials(out) == []
+
+
+def test_ctrl_c_during_a_failed_runs_own_cleanup_leaves_its_staging_folder_marked(tmp_path, monkeypatch):
+    """A run's staging folder, deleted after a failure (or a first Ctrl-C) and interrupted again, keeps its marker
+    (a later run removes it once this process is gone)."""
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        with staged_output(out) as staging:
+            for name in _NAMES:
+                (staging / name).write_text(name)
+            _interrupt_before_the_last_files_go(monkeypatch, staging)
+            raise RuntimeError("the run failed")
+    monkeypatch.undo()
+    left = _partials(out)
+    assert left and all((p / MARKER_FILENAME).exists() for p in left)

@@ -471,7 +471,10 @@ def clean_leftovers(output: str | os.PathLike) -> list[Path]:
                            "hf-mudsc does not write; remove the folder yourself once nothing in it is yours",
                            candidate, foreign)
             continue
-        shutil.rmtree(candidate, ignore_errors=True)
+        if not _remove_marker_last(candidate, ignore_errors=True):
+            logger.warning("could not wholly remove %s, left by an interrupted run; the next run writing %s tries "
+                           "again, or delete it yourself", candidate, target)
+            continue
         logger.info("removed %s, left by an interrupted run", candidate)
         removed.append(candidate)
     return removed
@@ -584,8 +587,9 @@ def staged_output(
                 _move_into_place(staging, target, overwrite=overwrite, keep_existing=keep_existing, flag=flag,
                                  existed=existed)
             finished = True
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        finally:  # marker last: interrupted again meanwhile, what is left is still known as a leftover
+            if staging.is_dir():
+                _remove_marker_last(staging, ignore_errors=True)
     finally:
         if not finished:
             remove_empty_folders(created)
@@ -763,18 +767,25 @@ def _move_into_place(staging: Path, target: Path, *, overwrite: bool, keep_exist
             raise
 
 
-def _remove_marker_last(folder: Path) -> None:
+def _remove_marker_last(folder: Path, *, ignore_errors: bool = False) -> bool:
     """Delete a folder the writer wrote, its marker last: interrupted or failed half-way, what is left still carries
-    the marker proving it the writer's, so `clean_leftovers` can remove it later."""
-    for entry in sorted(folder.iterdir()):
-        if entry.name == MARKER_FILENAME:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
-    (folder / MARKER_FILENAME).unlink(missing_ok=True)
-    folder.rmdir()
+    the marker proving it the writer's, so `clean_leftovers` can remove it later. With `ignore_errors`, an entry that
+    cannot be deleted keeps the marker (and the folder) and False is returned; else the error is raised."""
+    try:
+        for entry in sorted(folder.iterdir()):
+            if entry.name == MARKER_FILENAME:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        (folder / MARKER_FILENAME).unlink(missing_ok=True)
+        folder.rmdir()
+    except OSError:
+        if not ignore_errors:
+            raise
+        return False
+    return True
 
 
 def _check_appeared(target: Path, *, overwrite: bool, flag: str) -> None:
