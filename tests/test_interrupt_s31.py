@@ -1,8 +1,10 @@
 """Interruptions after the session-31 interrupt hunt: a Ctrl-C closes the refit/repair progress bar (the exit line
-gets a line of its own); a staging folder's removal, interrupted, leaves what remains with its marker."""
+gets a line of its own); a staging folder's removal, interrupted, leaves what remains with its marker; a failed
+marker rewrite leaves no temporary file."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -14,7 +16,16 @@ import torch
 from torch import nn
 
 from hf_mudsc.apply import refit, repair
-from hf_mudsc.publish.folder import MARKER_FILENAME, PARTIAL_MARK, clean_leftovers, record_files, staged_output
+from hf_mudsc.publish.folder import (
+    MARKER_FILENAME,
+    PARTIAL_MARK,
+    check_output,
+    clean_leftovers,
+    record_files,
+    staged_output,
+    unlisted_files,
+    write_file_atomically,
+)
 from hf_mudsc.solve.matchers import Match
 from hf_mudsc.spec import Group, HookPoint, Member, PermutationSpec
 
@@ -154,3 +165,33 @@ def test_ctrl_c_during_a_failed_runs_own_cleanup_leaves_its_staging_folder_marke
     monkeypatch.undo()
     left = _partials(out)
     assert left and all((p / MARKER_FILENAME).exists() for p in left)
+
+
+# ------------------------------------------- 3: a failed marker rewrite leaves no temporary file, the folder as it was
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()])
+def test_a_failed_marker_rewrite_leaves_the_folder_as_it_was_and_replaceable(failure, tmp_path, monkeypatch):
+    """A full disk or a Ctrl-C while the marker was rewritten (inspect DIR redrawing a plot) left a half-written
+    `.hf_mudsc_output.json.*.tmp` in DIR and a plot the marker no longer matched: `merge --overwrite` then refused the
+    folder for good. Now the file is replaced only once its marker entry is written, and no temporary is left."""
+    out = tmp_path / "out"
+    with staged_output(out) as staging:
+        (staging / "plots").mkdir()
+        (staging / "plots" / "accuracy.png").write_bytes(b"old png")
+    real_write_text = Path.write_text
+
+    def full(self, data, *args, **kwargs):
+        if self.name.startswith(f"{MARKER_FILENAME}.") and self.name.endswith(".tmp"):
+            with open(self, "w") as handle:
+                handle.write(data[: len(data) // 2])  # what a full disk lets through
+            raise failure
+        return real_write_text(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(type(failure)):
+        write_file_atomically(out / "plots" / "accuracy.png", lambda temporary: temporary.write_bytes(b"new png"),
+                              owner=out)
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.rglob("*")) == [MARKER_FILENAME, "accuracy.png", "plots"]
+    assert (out / "plots" / "accuracy.png").read_bytes() == b"old png"
+    assert unlisted_files(out, check_content=True) == ([], [])
+    check_output(out, overwrite=True)  # the next `merge --overwrite` accepts it

@@ -400,9 +400,23 @@ def _marker_text(marker: dict[str, Any]) -> str:
 
 
 def _write_marker(folder: Path, marker: dict[str, Any]) -> None:
+    temporary = _marker_temporary(folder, marker)
+    try:
+        os.replace(temporary, folder / MARKER_FILENAME)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _marker_temporary(folder: Path, marker: dict[str, Any]) -> Path:
+    """`marker` written to a temporary file in `folder`, to be renamed onto the marker. A failure (a full disk, a
+    Ctrl-C) removes it: a half-written file left there is one `overwrite` refuses as not the writer's."""
     temporary = folder / f"{MARKER_FILENAME}.{uuid.uuid4().hex[:8]}.tmp"
-    temporary.write_text(_marker_text(marker), encoding="utf-8")
-    os.replace(temporary, folder / MARKER_FILENAME)
+    try:
+        temporary.write_text(_marker_text(marker), encoding="utf-8")
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return temporary
 
 
 def _names(names: list[str], limit: int = 10) -> str:
@@ -619,20 +633,27 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None]
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     temporary = Path(name)
+    marker_temporary = None
     try:
         write(temporary)
         temporary.chmod(0o666 & ~_umask())
-        os.replace(temporary, path)
+        # Recorded by the nearest folder the writer made around it (`DIR/plots/r.json` too): a file it does not list
+        # would make its later `overwrite` refuse the folder as holding another's file. The new marker is written
+        # before the file is replaced, so a full disk changes neither.
+        written = path.absolute()
+        root = without_dot_dot(Path(owner)).absolute() if owner is not None else written_around(written)
+        marker = read_marker(root) if root is not None else None
+        if marker is not None and marker.get("complete"):
+            marker["files"][written.relative_to(root).as_posix()] = _fingerprint_of(temporary, settled=False)
+            marker_temporary = _marker_temporary(root, marker)
+        with interrupts_deferred():  # the file and its marker entry, or neither
+            os.replace(temporary, path)
+            if marker_temporary is not None:
+                os.replace(marker_temporary, root / MARKER_FILENAME)
     finally:
         temporary.unlink(missing_ok=True)
-    # Recorded by the nearest folder the writer made around it (`DIR/plots/r.json` too): a file it does not list
-    # would make its later `overwrite` refuse the folder as holding another's file.
-    written = path.absolute()
-    root = without_dot_dot(Path(owner)).absolute() if owner is not None else written_around(written)
-    marker = read_marker(root) if root is not None else None
-    if marker is not None and marker.get("complete"):
-        marker["files"][written.relative_to(root.absolute()).as_posix()] = _fingerprint_of(path, settled=False)
-        _write_marker(root, marker)
+        if marker_temporary is not None:
+            marker_temporary.unlink(missing_ok=True)
     return path
 
 
@@ -694,9 +715,7 @@ def replace_files_together(writes: Iterable[tuple[str | os.PathLike, Callable[[P
             for path, temporary in staged:
                 if path.is_relative_to(root):
                     marker["files"][path.relative_to(root).as_posix()] = _fingerprint_of(temporary, settled=False)
-            temporary = root / f"{MARKER_FILENAME}.{uuid.uuid4().hex[:8]}.tmp"
-            staged.append((root / MARKER_FILENAME, temporary))
-            temporary.write_text(_marker_text(marker), encoding="utf-8")
+            staged.append((root / MARKER_FILENAME, _marker_temporary(root, marker)))
         with interrupts_deferred():
             _rename_all(staged)
     finally:
