@@ -195,3 +195,83 @@ def test_a_failed_marker_rewrite_leaves_the_folder_as_it_was_and_replaceable(fai
     assert (out / "plots" / "accuracy.png").read_bytes() == b"old png"
     assert unlisted_files(out, check_content=True) == ([], [])
     check_output(out, overwrite=True)  # the next `merge --overwrite` accepts it
+
+
+# --------------------------------------------------------------------- 4: a full disk is one line, not a traceback
+@pytest.fixture(scope="module")
+def parents(tmp_path_factory):
+    """Two 3-class ViT parents (average merges need no data), a merged folder of them and a 12-row test set."""
+    import datasets
+    import numpy as np
+    from factories import make_model
+    from PIL import Image
+    from transformers import ViTImageProcessor
+
+    from hf_mudsc.cli.main import main
+
+    root = tmp_path_factory.mktemp("interrupt_s31")
+    processor = ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5])
+    for seed, name in enumerate(("vit-a", "vit-b"), start=1):
+        make_model("vit_cls", seed).save_pretrained(root / name)
+        processor.save_pretrained(root / name)
+    assert main(["merge", str(root / "vit-a"), str(root / "vit-b"), "--method", "average", "--output",
+                 str(root / "merged"), "-q"]) == 0
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L") for _ in range(12)]
+    datasets.Dataset.from_dict({"image": images, "label": rng.integers(0, 3, 12).tolist()}).cast_column(
+        "image", datasets.Image()).save_to_disk(root / "test")
+    return root
+
+
+def _safetensors_full(*args, **kwargs):
+    from safetensors import SafetensorError
+
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def _recipe_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize(("where", "failure"), [
+    ("transformers.modeling_utils.safe_save_file", _safetensors_full),  # the weights: safetensors' own error
+    ("hf_mudsc.publish.recipe.Recipe.save", _recipe_full),  # a plain OSError
+])
+def test_merge_onto_a_full_disk_ends_in_one_line(where, failure, parents, tmp_path, monkeypatch, capsys):
+    """A full disk ended merge in a ~30-line traceback (only ValueError and a few OSError kinds were one line)."""
+    from hf_mudsc.cli.main import main
+
+    module, _, name = where.rpartition(".")
+    if module.endswith(".Recipe"):
+        from hf_mudsc.publish.recipe import Recipe as target
+    else:
+        import transformers.modeling_utils as target
+    monkeypatch.setattr(target, name, failure)
+    out = tmp_path / "out"
+    code = main(["merge", str(parents / "vit-a"), str(parents / "vit-b"), "--method", "average", "--output",
+                 str(out), "-q"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith("hf-mudsc merge: error: no space left on device") and "--output" in err[0]
+    assert "nothing was left half-written" in err[0]
+    assert list(tmp_path.iterdir()) == []  # and it is true
+
+
+def test_evaluate_on_a_full_disk_ends_in_one_line(parents, monkeypatch, capsys):
+    """evaluate writes through the same writers: a full disk (here a quota) is one line too, and DIR is as it was."""
+    from hf_mudsc.cli.main import main
+
+    before = {p.name: p.read_bytes() for p in (parents / "merged").rglob("*") if p.is_file()}
+    real_rename = os.rename
+
+    def full(source, target, *args, **kwargs):
+        if Path(target).name == MARKER_FILENAME:
+            raise OSError(errno.EDQUOT, "Disk quota exceeded", str(target))
+        return real_rename(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", full)
+    code = main(["evaluate", str(parents / "merged"), "--dataset", str(parents / "test"), "--no-parents", "-q"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith("hf-mudsc evaluate: error: disk quota exceeded") and MARKER_FILENAME in err[0]
+    assert before == {p.name: p.read_bytes() for p in (parents / "merged").rglob("*") if p.is_file()}
