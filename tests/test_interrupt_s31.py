@@ -275,3 +275,33 @@ def test_evaluate_on_a_full_disk_ends_in_one_line(parents, monkeypatch, capsys):
     assert code == 1 and len(err) == 1, err
     assert err[0].startswith("hf-mudsc evaluate: error: disk quota exceeded") and MARKER_FILENAME in err[0]
     assert before == {p.name: p.read_bytes() for p in (parents / "merged").rglob("*") if p.is_file()}
+
+
+# ------------------------------------------- 5: two --overwrite runs finishing together: the loser says so in one line
+def test_an_overwrite_losing_the_race_to_another_run_is_refused_and_says_where_the_old_copy_is(tmp_path, monkeypatch,
+                                                                                                  caplog):
+    """Run A renamed the old DIR aside, run B renamed its own DIR in, A's rename then failed (directory not empty)
+    and so did putting the old DIR back: an OSError traceback. Now the one-line "appeared meanwhile" refusal, B's DIR
+    kept, and the old copy's place said (the next run removes it)."""
+    out, other = tmp_path / "out", tmp_path / "other"
+    for folder, tag in ((out, "old"), (other, "run B")):
+        with staged_output(folder) as staging:
+            (staging / "config.json").write_text(json.dumps({"tag": tag}))
+    real_rename = os.rename
+
+    def race(source, target, *args, **kwargs):
+        real_rename(source, target, *args, **kwargs)
+        if ".old-" in Path(target).name and other.exists():
+            real_rename(other, out)  # run B finishes right now
+
+    monkeypatch.setattr(os, "rename", race)
+    with caplog.at_level("WARNING", logger="hf_mudsc"), pytest.raises(FileExistsError, match="appeared while"):
+        with staged_output(out, overwrite=True) as staging:
+            (staging / "config.json").write_text(json.dumps({"tag": "run A"}))
+    monkeypatch.undo()
+    assert json.loads((out / "config.json").read_text()) == {"tag": "run B"}
+    old = [p for p in tmp_path.iterdir() if ".old-" in p.name]
+    assert len(old) == 1 and str(old[0]) in caplog.text
+    assert _partials(out) == []
+    clean_leftovers(out)  # the next run writing DIR
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -773,8 +773,14 @@ def _move_into_place(staging: Path, target: Path, *, overwrite: bool, keep_exist
     os.rename(target, backup)
     try:
         os.rename(staging, target)
-    except BaseException:
-        os.rename(backup, target)
+    except BaseException as error:
+        try:
+            os.rename(backup, target)
+        except OSError as put_back:  # another run's folder took its place: the old copy is said, not lost
+            logger.warning("could not put the replaced %s back (%s): the old copy is %s; the next run writing %s "
+                           "removes it, or move it back yourself", target.name, put_back.strerror, backup, target)
+        if isinstance(error, OSError) and error.errno in (errno.ENOTEMPTY, errno.EEXIST) and target.exists():
+            _check_appeared(target, overwrite=False, flag=flag, replacing=overwrite)  # another run finished first
         raise
     try:
         _remove_marker_last(backup)
@@ -807,9 +813,10 @@ def _remove_marker_last(folder: Path, *, ignore_errors: bool = False) -> bool:
     return True
 
 
-def _check_appeared(target: Path, *, overwrite: bool, flag: str) -> None:
+def _check_appeared(target: Path, *, overwrite: bool, flag: str, replacing: bool = False) -> None:
     """Refuse a folder someone made while the run wrote its own, with the advice that fits what is there now:
-    "pass --overwrite" only if `check_output` would then replace it (another hf-mudsc run's folder), else why not."""
+    "pass --overwrite" only if `check_output` would then replace it (another hf-mudsc run's folder), else why not.
+    `replacing`: the run had --overwrite and lost the race to another run's rename: "run again" is the advice."""
     try:
         check_output(target, overwrite=True, flag=flag)
     except FileExistsError as refused:
@@ -819,6 +826,11 @@ def _check_appeared(target: Path, *, overwrite: bool, flag: str) -> None:
             f"the output folder {str(target)!r} appeared while this run was writing it, and "
             + (detail[len(prefix):] if detail.startswith(prefix) else detail)
         ) from None
+    if replacing:
+        raise FileExistsError(
+            f"the output folder {str(target)!r} appeared while this run was writing it (another run put its own in "
+            f"place first, and it is kept); run again to replace it, or choose another {flag}"
+        )
     if not overwrite:
         switch = "--overwrite" if flag.startswith("--") else "overwrite=True"
         raise FileExistsError(
