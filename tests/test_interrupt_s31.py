@@ -305,3 +305,47 @@ def test_an_overwrite_losing_the_race_to_another_run_is_refused_and_says_where_t
     assert _partials(out) == []
     clean_leftovers(out)  # the next run writing DIR
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# --------------------------------------------- 6: Ctrl-C during merge --push-to-hub: the exit line says what is where
+@pytest.mark.parametrize("moment", ["upload", "commit"])
+def test_ctrl_c_during_a_merges_push_says_what_the_hub_and_the_disk_hold(moment, parents, hub_cli, hub_emulator,
+                                                                         tmp_path, monkeypatch):
+    """Ctrl-C during `merge --push-to-hub`'s push said "nothing was left half-written" while the Hub repo held the
+    model (the local output thrown away, a re-run refused) or an empty repo the run created. Now the commit is made
+    or not, never cut (Ctrl-C waits for it), an interrupted upload deletes the repo the run created as a failed push
+    does, the model is kept in --output either way, and the line says so."""
+    import signal
+
+    import huggingface_hub
+
+    hub = hub_emulator
+    repo = f"{hub.username}/merged-{moment}"
+    out = tmp_path / "out"
+    real = {name: getattr(huggingface_hub.HfApi, name) for name in ("preupload_lfs_files", "create_commit")}
+
+    def interrupted(name):
+        def call(self, *args, **kwargs):
+            if name == ("preupload_lfs_files" if moment == "upload" else "create_commit"):
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C now
+            return real[name](self, *args, **kwargs)
+        return call
+
+    for name in real:
+        monkeypatch.setattr(huggingface_hub.HfApi, name, interrupted(name))
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a pytest-xdist worker ignores SIGINT
+    try:
+        run = hub_cli("merge", str(parents / "vit-a"), str(parents / "vit-b"), "--method", "average", "-q",
+                      "--output", str(out), "--push-to-hub", repo)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    line = [text for text in run.stderr.splitlines() if "interrupted (Ctrl-C)" in text]
+    assert run.returncode == 130 and len(line) == 1, run.stderr[-3000:]
+    assert "nothing was left half-written" not in line[0]
+    assert (out / "model.safetensors").exists() and str(out) in line[0]  # the model kept, as a failed push keeps it
+    if moment == "upload":
+        assert not hub.repo_exists(repo) and "was deleted" in line[0]  # the repo this run created
+        assert f"hf-mudsc push {out} {repo}" in line[0]
+    else:
+        assert "model.safetensors" in hub.list_files(repo) and "holds the merged model" in line[0]

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 from hf_mudsc._version import __version__
-from hf_mudsc.errors import UsageError, brief
+from hf_mudsc.errors import PushInterrupted, UsageError, brief
 from hf_mudsc.load.references import HiddenCredentials, hide_tokens
 
 # Sub-command name -> module in hf_mudsc.cli exposing `add_arguments(parser)` and `run(args) -> int`.
@@ -279,9 +279,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as interrupt:
         logging.getLogger("hf_mudsc").debug("interrupted", exc_info=True)
         prog = " ".join(["hf-mudsc", *filter(None, [command_in(argv)])])
-        how = "SIGTERM" if isinstance(interrupt, Terminated) else "Ctrl-C"
-        print(f"{prog}: interrupted ({how}); nothing was left half-written", file=sys.stderr)
-        return TERMINATED_EXIT if isinstance(interrupt, Terminated) else INTERRUPTED_EXIT
+        # A push says what the Hub holds (`PushInterrupted`, the signal's exception its cause); nothing else writes
+        # outside its staged output.
+        pushing = isinstance(interrupt, PushInterrupted)
+        terminated = isinstance(interrupt.__cause__ if pushing else interrupt, Terminated)
+        said = hide_tokens(str(interrupt)) if pushing else "nothing was left half-written"
+        print(f"{prog}: interrupted ({'SIGTERM' if terminated else 'Ctrl-C'}); {said}", file=sys.stderr)
+        return TERMINATED_EXIT if terminated else INTERRUPTED_EXIT
 
 
 def run_command(argv: list[str]) -> int:
