@@ -200,7 +200,7 @@ def test_a_failed_marker_rewrite_leaves_the_folder_as_it_was_and_replaceable(fai
 # --------------------------------------------------------------------- 4: a full disk is one line, not a traceback
 @pytest.fixture(scope="module")
 def parents(tmp_path_factory):
-    """Two 3-class ViT parents (average merges need no data), a merged folder of them and a 12-row test set."""
+    """Two 3-class ViT parents (average merges need no data), two merged folders of them and a 12-row test set."""
     import datasets
     import numpy as np
     from factories import make_model
@@ -216,6 +216,8 @@ def parents(tmp_path_factory):
         processor.save_pretrained(root / name)
     assert main(["merge", str(root / "vit-a"), str(root / "vit-b"), "--method", "average", "--output",
                  str(root / "merged"), "-q"]) == 0
+    assert main(["merge", str(root / "vit-a"), str(root / "vit-b"), "--method", "linear", "--weights", "0.3", "0.7",
+                 "--output", str(root / "merged-other"), "-q"]) == 0  # another merge into the same --output
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L") for _ in range(12)]
     datasets.Dataset.from_dict({"image": images, "label": rng.integers(0, 3, 12).tolist()}).cast_column(
@@ -349,3 +351,37 @@ def test_ctrl_c_during_a_merges_push_says_what_the_hub_and_the_disk_hold(moment,
         assert f"hf-mudsc push {out} {repo}" in line[0]
     else:
         assert "model.safetensors" in hub.list_files(repo) and "holds the merged model" in line[0]
+
+
+# ------------------------------------------- 7: evaluate never writes one model's scores into the folder of another
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_evaluate_refuses_to_write_into_a_folder_replaced_while_it_evaluated(parents, tmp_path, monkeypatch, capsys):
+    """`merge --overwrite` replacing DIR during `evaluate DIR`: the old model's scores went into the new model's card
+    and results file (and its marker), which `push` then published. Now the folder's weights are checked again
+    before writing: a replaced folder is refused in one line and left as the merge wrote it."""
+    import shutil
+
+    import hf_mudsc.evaluate.harness as harness
+    from hf_mudsc.cli.main import main
+
+    folder, other = tmp_path / "merged", tmp_path / "other"
+    shutil.copytree(parents / "merged", folder)
+    shutil.copytree(parents / "merged-other", other)
+    original = harness.evaluate_merge
+
+    def evaluated_then_replaced(*args, **kwargs):
+        result = original(*args, **kwargs)
+        os.rename(folder, tmp_path / "aside")  # meanwhile: merge --output DIR --overwrite
+        os.rename(other, folder)
+        return result
+
+    monkeypatch.setattr(harness, "evaluate_merge", evaluated_then_replaced)
+    after = _contents(parents / "merged-other")
+    code = main(["evaluate", str(folder), "--dataset", str(parents / "test"), "--no-parents", "-q"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 1 and len(err) == 1, err
+    assert "was replaced while it was evaluated" in err[0] and "run evaluate again" in err[0]
+    assert _contents(folder) == after  # nothing written

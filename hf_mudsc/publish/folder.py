@@ -264,6 +264,14 @@ def weights_fingerprint(folder: str | os.PathLike) -> str | None:
     return hashlib.sha256(json.dumps(weights, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def check_not_replaced(folder: Path, fingerprint: str | None, doing: str, fix: str) -> None:
+    """Refuse to write into `folder` about a model it no longer holds: its weights' `fingerprint` (read when the model
+    was loaded) changed, i.e. another run (`merge --overwrite`) replaced the folder meanwhile."""
+    if weights_fingerprint(folder) != fingerprint:
+        raise FileExistsError(f"{str(folder)!r} was replaced while it was {doing} (another run wrote it meanwhile): "
+                              f"nothing was written into it; {fix}")
+
+
 def written_unchanged(path: str | os.PathLike, *, owner: str | os.PathLike | None = None) -> bool:
     """Whether `path` is a regular file its folder's marker lists with the size and sha256 it has now: one hf-mudsc
     wrote there and nobody changed since (what may be replaced in place, e.g. by `hf-mudsc evaluate`).
