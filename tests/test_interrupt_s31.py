@@ -385,3 +385,37 @@ def test_evaluate_refuses_to_write_into_a_folder_replaced_while_it_evaluated(par
     assert code == 1 and len(err) == 1, err
     assert "was replaced while it was evaluated" in err[0] and "run evaluate again" in err[0]
     assert _contents(folder) == after  # nothing written
+
+
+# ---------------------------------------------- 8: inspect never redraws one merge's plots into the folder of another
+def test_inspect_refuses_to_redraw_into_a_folder_replaced_while_it_drew(parents, tmp_path, monkeypatch, capsys):
+    """`inspect DIR` read DIR, drew, and wrote the PNGs into DIR, which a `merge --overwrite` had replaced meanwhile:
+    the new merge's card showed the old one's plots, recorded in its marker. Now refused in one line, nothing
+    written."""
+    import shutil
+
+    import hf_mudsc.publish.plots as plots
+    from hf_mudsc.cli.main import main
+
+    folder, other = tmp_path / "merged", tmp_path / "other"
+    shutil.copytree(parents / "merged", folder)
+    shutil.copytree(parents / "merged-other", other)
+    assert main(["evaluate", str(folder), "--dataset", str(parents / "test"), "--no-parents", "-q"]) == 0
+    assert main(["evaluate", str(other), "--dataset", str(parents / "test"), "--no-parents", "-q",
+                 "--num-samples", "5"]) == 0  # each holds its own accuracy chart
+    original = plots.draw_plots
+
+    def drawn_then_replaced(*args, **kwargs):
+        drawn = original(*args, **kwargs)
+        if other.exists():
+            os.rename(folder, tmp_path / "aside")  # meanwhile: merge --output DIR --overwrite
+            os.rename(other, folder)
+        return drawn
+
+    monkeypatch.setattr(plots, "draw_plots", drawn_then_replaced)
+    after = _contents(other)
+    code = main(["inspect", str(folder), "-q"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert _contents(folder) == after  # nothing written
+    assert code == 1 and len(err) == 1, err
+    assert "was replaced while it was inspected" in err[0] and "run inspect again" in err[0]
