@@ -94,6 +94,16 @@ class PushError(RuntimeError):
     """The upload failed; the message says what the repo really holds afterwards."""
 
 
+class PushInterrupted(KeyboardInterrupt):  # noqa: N818 - a KeyboardInterrupt, named as the CLI's line says it
+    """Ctrl-C (or SIGTERM, its `__cause__`) stopped a push: unlike other interrupts it may have changed the Hub, so
+    the message says what the repo (and the local output) hold; the CLI prints it after "interrupted". `pushed`: the
+    commit was made before the interrupt took effect."""
+
+    def __init__(self, message: str, *, pushed: bool = False) -> None:
+        super().__init__(message)
+        self.pushed = pushed
+
+
 class OptionError(ValueError):
     """A merge option has a wrong type or value; the message names the option, its flag and the valid values."""
 

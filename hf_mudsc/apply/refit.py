@@ -531,13 +531,13 @@ def refit_model(
                         finished += len(step)
                         bar.update(1)
                     position += len(chunk)
-            finally:
+            finally:  # the bar too: a Ctrl-C's exit line then gets a line of its own
+                bar.close()
                 for replay in replays:
                     replay.close()
                 storage.close()
                 report.chains = [chain.blocks for chain in chains]
                 report.stored_bytes, report.stored_files = storage.ram_peak, storage.files
-            bar.close()
     finally:
         for model, home, training in zip((merged, *parents), homes, was_training):
             if target is not None and home is not None:

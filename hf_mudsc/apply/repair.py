@@ -261,10 +261,10 @@ def repair_model(
                         report.layers.append(renormalise(modules[name], name, moments[name], mean_t, std_t))
                     finished += len(step)
                     bar.update(1)
-            finally:
+            finally:  # the bar too: a Ctrl-C's exit line then gets a line of its own
+                bar.close()
                 replay.close()
                 storage.close()
-            bar.close()
     finally:
         for model, home, training in zip(models, homes, was_training):
             if target is not None and home is not None:

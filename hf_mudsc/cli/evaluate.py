@@ -52,7 +52,7 @@ from hf_mudsc.evaluate.names import (
 )
 from hf_mudsc.load.hub_calls import hub_error_line
 from hf_mudsc.load.references import hide_tokens
-from hf_mudsc.publish.folder import write_file_atomically
+from hf_mudsc.publish.folder import check_not_replaced, weights_fingerprint, write_file_atomically
 from hf_mudsc.publish.hub import CARD_FILENAME
 
 EPILOG = """\
@@ -658,6 +658,8 @@ def run(args: argparse.Namespace) -> int:
             check_output_json(Path(args.output_json), folder, no_card=args.no_card,
                               inputs=[("parent folder", Path(ref).expanduser()) for ref in parent_refs
                                       if Path(ref).expanduser().exists()])
+    # Which model the folder holds as it loads: one replaced meanwhile (`merge --overwrite`) must not get these scores.
+    loaded_from = weights_fingerprint(folder) if local and not args.no_card else None
     try:
         merged = load_parent(args.model, token=token)
     except LoadError as error:
@@ -718,7 +720,8 @@ def run(args: argparse.Namespace) -> int:
             result.save(json_path)
             print(f"\nResults written to {json_path}")
         return 0
-    # the folder's results file, chart and card: one change, always the same evaluation
+    # the folder's results file, chart and card: one change, always the same evaluation, of the model it holds
+    check_not_replaced(folder, loaded_from, "evaluated", "run evaluate again")
     chart, card = write_results(folder, merged.model, result, json_paths)
     for json_path in json_paths:
         print(f"\nResults written to {json_path}")

@@ -275,8 +275,10 @@ def holds_model(folder: Path) -> bool:
 def inspect_folder(folder: Path, *, output: str | None = None, overwrite: bool = False, plots: bool = True) -> int:
     """Print the summary of a merged folder and (unless `plots` is False) redraw its plots: into `DIR/plots`
     only when hf-mudsc wrote the folder (its marker), else into `output`, which never replaces a model."""
-    from hf_mudsc.publish.folder import MARKER_FILENAME, read_marker
+    from hf_mudsc.publish.folder import MARKER_FILENAME, read_marker, weights_fingerprint
 
+    # Which merge is read, for a redraw into the folder: one replaced meanwhile gets none of its plots.
+    read_from = weights_fingerprint(folder) if plots and output is None else None
     mudsc, diagnostics, evaluation = read_merge(folder)
     inputs = [("merged-model folder", folder)]
     if plots and output is not None:
@@ -314,7 +316,7 @@ def inspect_folder(folder: Path, *, output: str | None = None, overwrite: bool =
         # Without the diagnostics file the match-quality plot is redrawn from config.json alone (the match values,
         # no correlations): the merge's own one, drawn from the file, is kept.
         keep = () if has_file else POORER_WITHOUT_DIAGNOSTICS
-        drawn, kept = redraw_in_place(folder, drawable, evaluation, keep=keep)
+        drawn, kept = redraw_in_place(folder, drawable, evaluation, keep=keep, read_from=read_from)
         where = folder / PLOTS_FOLDER
     if drawn:
         print(f"Plots written to {where}: {', '.join(drawn)}")
@@ -329,16 +331,24 @@ def inspect_folder(folder: Path, *, output: str | None = None, overwrite: bool =
     return 0
 
 
+_NOW = object()
+
+
 def redraw_in_place(folder: Path, diagnostics: Any, evaluation: Mapping[str, Any] | None, *,
-                    keep: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+                    keep: tuple[str, ...] = (), read_from: str | None | object = _NOW) -> tuple[list[str], list[str]]:
     """Draw into `folder/plots`: only over PNGs hf-mudsc wrote there unchanged (its marker lists them), each file
     replaced atomically and recorded in the folder's marker, so `push` and `--overwrite` still accept the folder.
     Anything else under that name is refused before a file is written. `keep`: file names left as they are when
-    they exist (a redraw from less data). Returns the file names written, and those kept."""
+    they exist (a redraw from less data). `read_from`: the folder's `weights_fingerprint` when `diagnostics` and
+    `evaluation` were read (default: now): a folder replaced since (`merge --overwrite`) is refused, nothing written.
+    Returns the file names written, and those kept."""
     import shutil
 
-    from hf_mudsc.publish.folder import unlisted_files, write_file_atomically
+    from hf_mudsc.publish.folder import check_not_replaced, unlisted_files, weights_fingerprint, write_file_atomically
     from hf_mudsc.publish.plots import draw_plots
+
+    if read_from is _NOW:
+        read_from = weights_fingerprint(folder)
 
     destination = folder / PLOTS_FOLDER
     if destination.exists() and (destination.is_symlink() or not destination.is_dir()):
@@ -351,6 +361,8 @@ def redraw_in_place(folder: Path, diagnostics: Any, evaluation: Mapping[str, Any
                 and (destination / plot.path.name).read_bytes() != plot.path.read_bytes()]  # not this very drawing
         drawn = [plot for plot in drawn if plot.path.name not in kept]
         names = [plot.path.name for plot in drawn]
+        if names:
+            check_not_replaced(folder, read_from, "inspected", "run inspect again")
         existing = [name for name in names if name in present]
         if existing:
             foreign, changed = unlisted_files(folder, check_content=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import logging
 import os
@@ -13,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 from hf_mudsc._version import __version__
-from hf_mudsc.errors import UsageError, brief
+from hf_mudsc.errors import PushInterrupted, UsageError, brief
 from hf_mudsc.load.references import HiddenCredentials, hide_tokens
 
 # Sub-command name -> module in hf_mudsc.cli exposing `add_arguments(parser)` and `run(args) -> int`.
@@ -107,6 +108,40 @@ def redact(text: str) -> str:
 
 # How torch says an allocation failed (CPU: "DefaultCPUAllocator: can't allocate memory"; CUDA: "out of memory").
 OUT_OF_MEMORY = re.compile(r"can't allocate memory|out of memory", re.IGNORECASE)
+
+
+# Disk failures the user fixes outside the tool, said in one line: a plain OSError, or safetensors' SafetensorError
+# ("... No space left on device (os error 28)", no OSError) while the weights are written.
+DISK_FAILURES = {errno.ENOSPC: "no space left on device", getattr(errno, "EDQUOT", -1): "disk quota exceeded",
+                 errno.EROFS: "read-only file system", errno.EIO: "input/output error"}
+OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")
+# The commands whose every write is staged and renamed into place (`publish.folder`): a failure leaves nothing
+# half-written; and the flag that writes elsewhere.
+STAGED_WRITES = {"merge": "--output", "inspect": "--output", "evaluate": None}
+
+
+def disk_failure(error: BaseException, command: str | None) -> str | None:
+    """The one line for a full disk (or quota, read-only or failing disk) `error`, else None (not a disk failure)."""
+    if isinstance(error, OSError):
+        number, where = error.errno, error.filename
+    elif type(error).__name__ == "SafetensorError" and (code := OS_ERROR_CODE.search(str(error))):
+        number, where = int(code.group(1)), "the weights"
+    else:
+        return None
+    what = DISK_FAILURES.get(number)
+    if what is None:
+        return None
+    flag = STAGED_WRITES.get(command or "")
+    if number == errno.EIO:  # reading too: no "while writing"
+        line, fix = f"{what}{f' on {where}' if where else ''}", "check that disk (or network file system) and run again"
+    else:
+        line = f"{what} while writing{f' {where}' if where else ''}"
+        if number == errno.EROFS:
+            fix = f"choose a writable {flag}" if flag else "use a folder on a writable disk"
+        else:
+            fix = f"free space{' on its disk' if where else ''}{f', or choose another {flag}' if flag else ''}"
+    claim = "; nothing was left half-written" if command in STAGED_WRITES else ""
+    return f"hf-mudsc {command}: error: {line}{claim}; {fix}"
 
 
 class Parser(argparse.ArgumentParser):
@@ -244,9 +279,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as interrupt:
         logging.getLogger("hf_mudsc").debug("interrupted", exc_info=True)
         prog = " ".join(["hf-mudsc", *filter(None, [command_in(argv)])])
-        how = "SIGTERM" if isinstance(interrupt, Terminated) else "Ctrl-C"
-        print(f"{prog}: interrupted ({how}); nothing was left half-written", file=sys.stderr)
-        return TERMINATED_EXIT if isinstance(interrupt, Terminated) else INTERRUPTED_EXIT
+        # A push says what the Hub holds (`PushInterrupted`, the signal's exception its cause); nothing else writes
+        # outside its staged output.
+        pushing = isinstance(interrupt, PushInterrupted)
+        terminated = isinstance(interrupt.__cause__ if pushing else interrupt, Terminated)
+        said = hide_tokens(str(interrupt)) if pushing else "nothing was left half-written"
+        print(f"{prog}: interrupted ({'SIGTERM' if terminated else 'Ctrl-C'}); {said}", file=sys.stderr)
+        return TERMINATED_EXIT if terminated else INTERRUPTED_EXIT
 
 
 def run_command(argv: list[str]) -> int:
@@ -282,6 +321,13 @@ def run_command(argv: list[str]) -> int:
         print(f"hf-mudsc {args.command}: error: out of memory{f' ({said[:300]})' if said else ''}; `hf-mudsc "
               "merge ... --dry-run` estimates the peak memory: use fewer parents, calibration samples or a "
               "smaller --batch-size", file=sys.stderr)
+        return 1
+    except Exception as error:
+        line = disk_failure(error, args.command)
+        if line is None:
+            raise
+        logging.getLogger("hf_mudsc").debug("command failed", exc_info=True)
+        print(hide_tokens(line), file=sys.stderr)
         return 1
 
 

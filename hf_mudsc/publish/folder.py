@@ -265,6 +265,14 @@ def weights_fingerprint(folder: str | os.PathLike) -> str | None:
     return hashlib.sha256(json.dumps(weights, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def check_not_replaced(folder: Path, fingerprint: str | None, doing: str, fix: str) -> None:
+    """Refuse to write into `folder` about a model it no longer holds: its weights' `fingerprint` (read when the model
+    was loaded) changed, i.e. another run (`merge --overwrite`) replaced the folder meanwhile."""
+    if weights_fingerprint(folder) != fingerprint:
+        raise FileExistsError(f"{str(folder)!r} was replaced while it was {doing} (another run wrote it meanwhile): "
+                              f"nothing was written into it; {fix}")
+
+
 def written_unchanged(path: str | os.PathLike, *, owner: str | os.PathLike | None = None) -> bool:
     """Whether `path` is a regular file its folder's marker lists with the size and sha256 it has now: one hf-mudsc
     wrote there and nobody changed since (what may be replaced in place, e.g. by `hf-mudsc evaluate`).
@@ -401,9 +409,23 @@ def _marker_text(marker: dict[str, Any]) -> str:
 
 
 def _write_marker(folder: Path, marker: dict[str, Any]) -> None:
+    temporary = _marker_temporary(folder, marker)
+    try:
+        os.replace(temporary, folder / MARKER_FILENAME)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _marker_temporary(folder: Path, marker: dict[str, Any]) -> Path:
+    """`marker` written to a temporary file in `folder`, to be renamed onto the marker. A failure (a full disk, a
+    Ctrl-C) removes it: a half-written file left there is one `overwrite` refuses as not the writer's."""
     temporary = folder / f"{MARKER_FILENAME}.{uuid.uuid4().hex[:8]}.tmp"
-    temporary.write_text(_marker_text(marker), encoding="utf-8")
-    os.replace(temporary, folder / MARKER_FILENAME)
+    try:
+        temporary.write_text(_marker_text(marker), encoding="utf-8")
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return temporary
 
 
 def _names(names: list[str], limit: int = 10) -> str:
@@ -472,7 +494,10 @@ def clean_leftovers(output: str | os.PathLike) -> list[Path]:
                            "hf-mudsc does not write; remove the folder yourself once nothing in it is yours",
                            candidate, foreign)
             continue
-        shutil.rmtree(candidate, ignore_errors=True)
+        if not _remove_marker_last(candidate, ignore_errors=True):
+            logger.warning("could not wholly remove %s, left by an interrupted run; the next run writing %s tries "
+                           "again, or delete it yourself", candidate, target)
+            continue
         logger.info("removed %s, left by an interrupted run", candidate)
         removed.append(candidate)
     return removed
@@ -587,8 +612,9 @@ def staged_output(
                 _move_into_place(staging, target, overwrite=overwrite, keep_existing=keep_existing, flag=flag,
                                  existed=existed)
             finished = True
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        finally:  # marker last: interrupted again meanwhile, what is left is still known as a leftover
+            if staging.is_dir():
+                _remove_marker_last(staging, ignore_errors=True)
     finally:
         if not finished:
             remove_empty_folders(created)
@@ -618,20 +644,27 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None]
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     temporary = Path(name)
+    marker_temporary = None
     try:
         write(temporary)
         temporary.chmod(0o666 & ~_umask())
-        os.replace(temporary, path)
+        # Recorded by the nearest folder the writer made around it (`DIR/plots/r.json` too): a file it does not list
+        # would make its later `overwrite` refuse the folder as holding another's file. The new marker is written
+        # before the file is replaced, so a full disk changes neither.
+        written = path.absolute()
+        root = without_dot_dot(Path(owner)).absolute() if owner is not None else written_around(written)
+        marker = read_marker(root) if root is not None else None
+        if marker is not None and marker.get("complete"):
+            marker["files"][written.relative_to(root).as_posix()] = _fingerprint_of(temporary, settled=False)
+            marker_temporary = _marker_temporary(root, marker)
+        with interrupts_deferred():  # the file and its marker entry, or neither
+            os.replace(temporary, path)
+            if marker_temporary is not None:
+                os.replace(marker_temporary, root / MARKER_FILENAME)
     finally:
         temporary.unlink(missing_ok=True)
-    # Recorded by the nearest folder the writer made around it (`DIR/plots/r.json` too): a file it does not list
-    # would make its later `overwrite` refuse the folder as holding another's file.
-    written = path.absolute()
-    root = without_dot_dot(Path(owner)).absolute() if owner is not None else written_around(written)
-    marker = read_marker(root) if root is not None else None
-    if marker is not None and marker.get("complete"):
-        marker["files"][written.relative_to(root.absolute()).as_posix()] = _fingerprint_of(path, settled=False)
-        _write_marker(root, marker)
+        if marker_temporary is not None:
+            marker_temporary.unlink(missing_ok=True)
     return path
 
 
@@ -693,9 +726,7 @@ def replace_files_together(writes: Iterable[tuple[str | os.PathLike, Callable[[P
             for path, temporary in staged:
                 if path.is_relative_to(root):
                     marker["files"][path.relative_to(root).as_posix()] = _fingerprint_of(temporary, settled=False)
-            temporary = root / f"{MARKER_FILENAME}.{uuid.uuid4().hex[:8]}.tmp"
-            staged.append((root / MARKER_FILENAME, temporary))
-            temporary.write_text(_marker_text(marker), encoding="utf-8")
+            staged.append((root / MARKER_FILENAME, _marker_temporary(root, marker)))
         with interrupts_deferred():
             _rename_all(staged)
     finally:
@@ -753,8 +784,14 @@ def _move_into_place(staging: Path, target: Path, *, overwrite: bool, keep_exist
     os.rename(target, backup)
     try:
         os.rename(staging, target)
-    except BaseException:
-        os.rename(backup, target)
+    except BaseException as error:
+        try:
+            os.rename(backup, target)
+        except OSError as put_back:  # another run's folder took its place: the old copy is said, not lost
+            logger.warning("could not put the replaced %s back (%s): the old copy is %s; the next run writing %s "
+                           "removes it, or move it back yourself", target.name, put_back.strerror, backup, target)
+        if isinstance(error, OSError) and error.errno in (errno.ENOTEMPTY, errno.EEXIST) and target.exists():
+            _check_appeared(target, overwrite=False, flag=flag, replacing=overwrite)  # another run finished first
         raise
     try:
         _remove_marker_last(backup)
@@ -766,23 +803,31 @@ def _move_into_place(staging: Path, target: Path, *, overwrite: bool, keep_exist
             raise
 
 
-def _remove_marker_last(folder: Path) -> None:
+def _remove_marker_last(folder: Path, *, ignore_errors: bool = False) -> bool:
     """Delete a folder the writer wrote, its marker last: interrupted or failed half-way, what is left still carries
-    the marker proving it the writer's, so `clean_leftovers` can remove it later."""
-    for entry in sorted(folder.iterdir()):
-        if entry.name == MARKER_FILENAME:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
-    (folder / MARKER_FILENAME).unlink(missing_ok=True)
-    folder.rmdir()
+    the marker proving it the writer's, so `clean_leftovers` can remove it later. With `ignore_errors`, an entry that
+    cannot be deleted keeps the marker (and the folder) and False is returned; else the error is raised."""
+    try:
+        for entry in sorted(folder.iterdir()):
+            if entry.name == MARKER_FILENAME:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        (folder / MARKER_FILENAME).unlink(missing_ok=True)
+        folder.rmdir()
+    except OSError:
+        if not ignore_errors:
+            raise
+        return False
+    return True
 
 
-def _check_appeared(target: Path, *, overwrite: bool, flag: str) -> None:
+def _check_appeared(target: Path, *, overwrite: bool, flag: str, replacing: bool = False) -> None:
     """Refuse a folder someone made while the run wrote its own, with the advice that fits what is there now:
-    "pass --overwrite" only if `check_output` would then replace it (another hf-mudsc run's folder), else why not."""
+    "pass --overwrite" only if `check_output` would then replace it (another hf-mudsc run's folder), else why not.
+    `replacing`: the run had --overwrite and lost the race to another run's rename: "run again" is the advice."""
     try:
         check_output(target, overwrite=True, flag=flag)
     except FileExistsError as refused:
@@ -792,6 +837,11 @@ def _check_appeared(target: Path, *, overwrite: bool, flag: str) -> None:
             f"the output folder {str(target)!r} appeared while this run was writing it, and "
             + (detail[len(prefix):] if detail.startswith(prefix) else detail)
         ) from None
+    if replacing:
+        raise FileExistsError(
+            f"the output folder {str(target)!r} appeared while this run was writing it (another run put its own in "
+            f"place first, and it is kept); run again to replace it, or choose another {flag}"
+        )
     if not overwrite:
         switch = "--overwrite" if flag.startswith("--") else "overwrite=True"
         raise FileExistsError(

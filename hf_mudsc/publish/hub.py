@@ -25,10 +25,17 @@ from typing import TypeVar
 from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi, get_session
 from huggingface_hub.errors import HfHubHTTPError
 
-from hf_mudsc.errors import PushError, RepoExistsError
+from hf_mudsc.errors import PushError, PushInterrupted, RepoExistsError
 from hf_mudsc.load.hub_calls import http_client, hub_call, hub_error_line
 from hf_mudsc.load.references import repo_id_refusal, without_userinfo
-from hf_mudsc.publish.folder import MARKER_FILENAME, changed_files, listed_outside, read_marker, unlisted_files
+from hf_mudsc.publish.folder import (
+    MARKER_FILENAME,
+    changed_files,
+    interrupts_deferred,
+    listed_outside,
+    read_marker,
+    unlisted_files,
+)
 from hf_mudsc.publish.recipe import MAX_RECIPE_BYTES, RECIPE_FILENAME, published_text
 
 logger = logging.getLogger(__name__)
@@ -312,13 +319,19 @@ def published_contents(folder: Path) -> dict[str, bytes]:
 
 
 def _commit(api: HfApi, repo_id: str, folder: Path, files: list[str], contents: dict[str, bytes], *,
-            replace: bool, message: str, parent: str | None = None) -> CommitInfo:
+            replace: bool, message: str, parent: str | None = None, made: list[CommitInfo] | None = None
+            ) -> CommitInfo:
     """One commit adding exactly `files` (the writer's; `contents` gives some of them other bytes) and, when
     `replace`, deleting every other file of the repo but `.gitattributes`, so the old model's leftovers go with it.
     `parent`: the head this push read: the commit applies only on top of it (the Hub refuses it, 412, when someone
-    else committed meanwhile — else their files would stay beside the replaced model, or be overwritten unseen)."""
+    else committed meanwhile — else their files would stay beside the replaced model, or be overwritten unseen).
+
+    The large files are uploaded first (Ctrl-C stops that at once), then the commit is made with Ctrl-C and SIGTERM
+    deferred: made or not, never cut with its outcome unknown; it is appended to `made` before a deferred interrupt
+    is raised."""
     adds = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=contents.get(name, folder / name))
             for name in files]
+    api.preupload_lfs_files(repo_id, additions=adds, free_memory=False)
     stale = (sorted(set(api.list_repo_files(repo_id, revision=parent)) - set(files) - {GITATTRIBUTES}) if replace
              else [])
     if stale:  # the repo's own files, gone with this commit (the old revision keeps them): say which
@@ -326,8 +339,12 @@ def _commit(api: HfApi, repo_id: str, folder: Path, files: list[str], contents: 
                        "s" if len(stale) > 1 else "", repo_id,
                        ", ".join(stale[:10]) + (f" and {len(stale) - 10} more" if len(stale) > 10 else ""))
     deletes = [CommitOperationDelete(path_in_repo=name, is_folder=False) for name in stale]
-    return api.create_commit(repo_id=repo_id, operations=[*deletes, *adds], commit_message=message,
-                             parent_commit=parent)
+    with interrupts_deferred():
+        commit = api.create_commit(repo_id=repo_id, operations=[*deletes, *adds], commit_message=message,
+                                   parent_commit=parent)
+        if made is not None:
+            made.append(commit)
+    return commit
 
 
 def _push(folder: Path, files: list[str], contents: dict[str, bytes], repo_id: str, *, private: bool,
@@ -336,40 +353,52 @@ def _push(folder: Path, files: list[str], contents: dict[str, bytes], repo_id: s
     api = HfApi(token=token)
     state = _target_state(repo_id, overwrite=overwrite, token=token, flag=flag, seconds=seconds)
     created = state == "absent"
-    if created:  # an existing repo (empty, or replaced with --overwrite) is pushed into as it is
-        try:
-            _step(f"creating the repo {repo_id!r}", lambda: api.create_repo(repo_id, private=private),
-                  seconds=seconds)
-        except HfHubHTTPError as error:
-            if error.response is not None and error.response.status_code == 409:
-                raise RepoExistsError(
-                    f"the Hub repo {repo_id!r} already exists (possibly private and not visible to this token); "
-                    f"pass --overwrite, or choose another {flag}"
-                ) from None
-            raise PushError(f"could not create the Hub repo {repo_id!r}: {hub_error_line(error)}") from error
-    repo_url = f"{without_userinfo(api.endpoint).rstrip('/')}/{repo_id}"  # as create_repo's answer, never credentials
-    info = _step(f"reading the repo {repo_id!r}", lambda: api.repo_info(repo_id), seconds=seconds)
-    head_before = info.sha
-    if not created and private and not info.private:
-        _step(f"making the repo {repo_id!r} private",
-              lambda: api.update_repo_settings(repo_id, private=True), seconds=seconds)
     message = commit_message or commit_title(shown_as or folder.name)
+    head_before: str | None = None
+    made: list[CommitInfo] = []
     try:
-        with _quiet_no_op_commit():
-            commit = _step(
-                f"uploading {len(files)} files to {repo_id!r} in one commit",
-                # Exactly the writer's files (never the marker, nothing added since); on overwrite, files of the old
-                # model that the new folder lacks go away in the same commit.
-                lambda: _commit(api, repo_id, folder, files, contents, replace=state == "exists", message=message,
-                                parent=head_before),
-                seconds=seconds,
-            )
-    except BaseException as error:
-        logger.debug("push failed", exc_info=True)
-        if not isinstance(error, Exception):
-            raise
+        # Creating the repo and reading its head with Ctrl-C deferred: an interrupt then knows what this run made.
+        with interrupts_deferred():
+            if created:  # an existing repo (empty, or replaced with --overwrite) is pushed into as it is
+                try:
+                    _step(f"creating the repo {repo_id!r}", lambda: api.create_repo(repo_id, private=private),
+                          seconds=seconds)
+                except HfHubHTTPError as error:
+                    if error.response is not None and error.response.status_code == 409:
+                        raise RepoExistsError(
+                            f"the Hub repo {repo_id!r} already exists (possibly private and not visible to this "
+                            f"token); pass --overwrite, or choose another {flag}"
+                        ) from None
+                    raise PushError(f"could not create the Hub repo {repo_id!r}: {hub_error_line(error)}") from error
+            info = _step(f"reading the repo {repo_id!r}", lambda: api.repo_info(repo_id), seconds=seconds)
+            head_before = info.sha
+        if not created and private and not info.private:
+            _step(f"making the repo {repo_id!r} private",
+                  lambda: api.update_repo_settings(repo_id, private=True), seconds=seconds)
+        try:
+            with _quiet_no_op_commit():
+                commit = _step(
+                    f"uploading {len(files)} files to {repo_id!r} in one commit",
+                    # Exactly the writer's files (never the marker, nothing added since); on overwrite, files of the
+                    # old model that the new folder lacks go away in the same commit.
+                    lambda: _commit(api, repo_id, folder, files, contents, replace=state == "exists",
+                                    message=message, parent=head_before, made=made),
+                    seconds=seconds,
+                )
+        except Exception as error:
+            logger.debug("push failed", exc_info=True)
+            left = _what_is_there(api, repo_id, head_before, message, created=created, seconds=seconds)
+            raise PushError(f"uploading to {repo_id!r} failed: {hub_error_line(error)} ({left})") from error
+    except KeyboardInterrupt as interrupt:
+        logger.debug("push interrupted", exc_info=True)
+        if made:  # the commit was made, then the Ctrl-C it deferred came
+            raise PushInterrupted(f"the push was done first: {repo_id} holds the merged model (commit "
+                                  f"{made[0].oid})", pushed=True) from interrupt
+        if head_before is None:  # stopped before the repo was created (creating it defers a Ctrl-C)
+            raise PushInterrupted(f"nothing was pushed to {repo_id}") from interrupt
         left = _what_is_there(api, repo_id, head_before, message, created=created, seconds=seconds)
-        raise PushError(f"uploading to {repo_id!r} failed: {hub_error_line(error)} ({left})") from error
+        raise PushInterrupted(f"{repo_id}: {left}") from interrupt
+    repo_url = f"{without_userinfo(api.endpoint).rstrip('/')}/{repo_id}"  # as create_repo's answer, never credentials
     changed = commit.oid != head_before
     if changed:
         logger.info("pushed %s to %s (commit %s)", shown_as or folder, repo_id, commit.oid)

@@ -261,7 +261,7 @@ def publish(
     Returns:
         `{"output": Path}` and/or `{"push": PushResult}`.
     """
-    from hf_mudsc.errors import PushError
+    from hf_mudsc.errors import PushError, PushInterrupted
     from hf_mudsc.publish.hub import push_folder
 
     if output is None and not push_to_hub:
@@ -269,6 +269,7 @@ def publish(
     refuse_non_finite_weights(merged)  # before any folder is staged (write_merged_folder checks again for its callers)
     produced: dict[str, Any] = {}
     failure: Exception | None = None
+    interrupted: PushInterrupted | None = None
     kept: Path | None = None
     # The output may not overlap what the merge read (its parents, data), as `hf-mudsc merge` checks before merging.
     inputs = [] if output is None else [
@@ -286,13 +287,20 @@ def publish(
                 produced["push"] = push_folder(staging, push_to_hub, private=private, overwrite=overwrite,
                                                token=token, flag=push_flag, shown_as=name,
                                                just_written=True)  # its weights were checked in memory above
-            except Exception as error:  # noqa: BLE001 - any push failure: keep the model, then report
-                failure = error
-                if output is None:
+            except (Exception, PushInterrupted) as error:  # any push failure, or Ctrl-C: keep the model, then say
+                failure, interrupted = (None, error) if isinstance(error, PushInterrupted) else (error, None)
+                pushed = interrupted is not None and interrupted.pushed
+                if output is None and not pushed:
                     kept = staging.with_name(f"{UNPUSHED_PREFIX}{uuid.uuid4().hex[:8]}")
                     os.rename(staging, kept)
     if output is not None:
         produced["output"] = Path(output).expanduser().absolute()
+    if interrupted is not None:  # the output is in place (or the model kept): now the Ctrl-C takes effect
+        where = kept or produced.get("output")
+        said = f"{interrupted}; the merged model is in {where}" if where else str(interrupted)
+        if not interrupted.pushed:
+            said += f"; push it with `hf-mudsc push {where} {push_to_hub}`"
+        raise PushInterrupted(said, pushed=interrupted.pushed) from interrupted.__cause__
     if failure is not None:
         where = kept or produced["output"]
         logger.debug("push failed", exc_info=failure)
