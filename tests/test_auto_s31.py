@@ -27,20 +27,25 @@ def _fine_tunes(base: torch.nn.Module) -> list[torch.nn.Module]:
     return tunes
 
 
+def _with_a_foreign_base(given_as: str, tmp_path) -> tuple[list, object]:
+    """Two fine-tunes of one model and an unrelated model as their base: objects, or folders (`given_as`)."""
+    true_base, unrelated = make_model("vit_cls", 0), make_model("vit_cls", 7)
+    parents: list = _fine_tunes(true_base)
+    if given_as == "objects":
+        return parents, unrelated
+    for index, parent in enumerate(parents):
+        parent.save_pretrained(tmp_path / f"p{index}")
+    unrelated.save_pretrained(tmp_path / "base")
+    return [str(tmp_path / "p0"), str(tmp_path / "p1")], str(tmp_path / "base")
+
+
 @pytest.mark.parametrize("given_as", ["objects", "folders"])
 def test_auto_does_not_read_task_vectors_from_a_base_the_parents_are_not_fine_tunes_of(given_as, tmp_path, caplog):
     """Two fine-tunes of one model and `base=` an unrelated model: auto picked `ties` from that base (the warning
     said every parent is independent of it) — logits 0.85 off the parents' mean where linear is 0.15. Auto now
     leaves that base unused and merges as without one (linear), saying why; both loading paths (objects: chosen
     after loading; folders: chosen before loading whole)."""
-    true_base, unrelated = make_model("vit_cls", 0), make_model("vit_cls", 7)
-    parents: list = _fine_tunes(true_base)
-    base: object = unrelated
-    if given_as == "folders":
-        for index, parent in enumerate(parents):
-            parent.save_pretrained(tmp_path / f"p{index}")
-        unrelated.save_pretrained(tmp_path / "base")
-        parents, base = [str(tmp_path / "p0"), str(tmp_path / "p1")], str(tmp_path / "base")
+    parents, base = _with_a_foreign_base(given_as, tmp_path)
     with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
         merged = hf_mudsc.merge(parents, base=base, progress=False)
     record = merged.config.mudsc
@@ -70,14 +75,7 @@ def test_a_data_method_that_does_not_fit_is_not_brought_back_by_an_unused_base(g
         (8e9, 1e9) if method is not None and method.needs_data else None))
     from factories import make_batches
 
-    true_base, unrelated = make_model("vit_cls", 0), make_model("vit_cls", 7)
-    parents: list = _fine_tunes(true_base)
-    base: object = unrelated
-    if given_as == "folders":
-        for index, parent in enumerate(parents):
-            parent.save_pretrained(tmp_path / f"p{index}")
-        unrelated.save_pretrained(tmp_path / "base")
-        parents, base = [str(tmp_path / "p0"), str(tmp_path / "p1")], str(tmp_path / "base")
+    parents, base = _with_a_foreign_base(given_as, tmp_path)
     merged = hf_mudsc.merge(parents, make_batches("vit_cls", 2, 8), base=base, progress=False)
     record = merged.config.mudsc
     assert record["method"] == "linear", record["method_choice_reason"]
