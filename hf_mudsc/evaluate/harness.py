@@ -35,6 +35,7 @@ import torch
 from hf_mudsc.calibrate.statistics import ModelInputCheck
 from hf_mudsc.errors import EvaluationError
 from hf_mudsc.evaluate.batches import evaluation_source, task_batches
+from hf_mudsc.evaluate.decision import uneven_tasks_warning
 from hf_mudsc.evaluate.metrics import compute_metric, load_metric
 from hf_mudsc.evaluate.names import (
     AVERAGE,
@@ -171,6 +172,8 @@ def evaluate_merge(
     reference = next(iter(merged_models.values()))
     clip = is_clip(reference)
     layout, sources = _layout_and_sources(datasets_per_task, merged_models, parent_models, clip, class_names)
+    if not clip and not layout.shared and (uneven := uneven_tasks_warning(layout.ranges, joint_rule)):
+        logger.warning("%s", uneven)
     scorers = build_scorers(merged_models, parent_models, layout, clip, ensemble, assigned, prompt_template,
                             joint_rule)
     groups = {id(model): group for model, group in zip(models, group_of)}
