@@ -565,7 +565,7 @@ def test_an_auto_choice_made_on_other_parents_is_refused_in_one_line_before_load
         folders.append(str(tmp_path / f"p{seed}"))
     made: dict = {}
 
-    def choose(views, found_base):
+    def choose(views, found_base, base_view):
         made["choice"] = pipeline.auto_before_loading(views, MergeOptions(), None, has_base=False, references=2)
         return made["choice"].streams
 
