@@ -185,9 +185,9 @@ class AutoChoice:
     parents: tuple[str, ...]
     data_note: str | None = None
     """Why the calibration data goes unread when `auto` took its dataless choice for want of memory (`choose_auto`)."""
-    strangers: str = ""
-    """The parents that are no fine-tunes of the base given (`not_fine_tunes`), as the reason says them: "" when every
-    parent is one, or no base was given."""
+    base_links: tuple[ParentRelation, ...] = ()
+    """How each parent relates to the base given, measured for the choice (`base_relations`; empty without a base, or
+    when the base could not be read before loading): the merge reuses it rather than reading every tensor again."""
 
 
 def solve_spec(spec: PermutationSpec, concatenate_classifier: bool, *, reference_rows: bool = False
@@ -558,7 +558,9 @@ def merge(
     base_links: list[ParentRelation] = []  # how each parent relates to the base
     if base_parent is not None:
         base_params = _check_base(base_parent, model_a, spec, merge_options.weights)
-        base_links = base_relations(base_params, params, spec)
+        # the relations `auto` chose by, when it chose before loading: every tensor of the base and parents read once
+        base_links = (list(early[0].base_links) if early and early[0].base_links
+                      else base_relations(base_params, params, spec))
     strangers = not_fine_tunes(base_links)
     choice_reason = None
     # `auto`'s same-base choice, while the unit-matching solve that confirms it runs (methods.auto): (the same-base
@@ -1232,7 +1234,7 @@ def auto_before_loading(views: Sequence[LoadedParent], options: MergeOptions, ca
     aligned = [view if twin is None else twin for view, twin in zip(views, moved)]
     relation = check_parents_mergeable([view.parameters for view in aligned], spec,
                                        [view.repo_id or view.reference for view in views])
-    strangers = ""
+    base_links: list[ParentRelation] = []
     if has_base:
         base_params = None
         from hf_mudsc.load.parents import LoadedParent, parameters_of
@@ -1243,7 +1245,7 @@ def auto_before_loading(views: Sequence[LoadedParent], options: MergeOptions, ca
         elif isinstance(found_base, PreTrainedModel) and found_base.device.type != "meta":
             base_params = {name: tensor.detach() for name, tensor in found_base.named_parameters()}
         if base_params is not None:
-            strangers = not_fine_tunes(base_relations(base_params, [view.parameters for view in aligned], spec))
+            base_links = base_relations(base_params, [view.parameters for view in aligned], spec)
 
     def holds(method: MergeMethod) -> dict[str, Any]:
         """What a merge by `method` loads and copies whole (it streams parents when it can)."""
@@ -1255,7 +1257,8 @@ def auto_before_loading(views: Sequence[LoadedParent], options: MergeOptions, ca
 
     method, reason, data_note = choose_auto(
         relation, options, calibration, count, has_base=has_base,
-        shortfall=lambda chosen: memory_shortfall(model_a, count, chosen, **holds(chosen)), strangers=strangers)
+        shortfall=lambda chosen: memory_shortfall(model_a, count, chosen, **holds(chosen)),
+        strangers=not_fine_tunes(base_links))
     lazy = streams_parents(method, options, calibration, count)
     check_memory(model_a, count, method, loading=min(references, 1) if lazy else references, chosen=reason,
                  copied=head_copies([view.model.config for view in views], streaming=lazy),
@@ -1265,7 +1268,8 @@ def auto_before_loading(views: Sequence[LoadedParent], options: MergeOptions, ca
         check_calibration_before_weights(calibration, [view.processor for view in views], model_a.config, options,
                                          given=processor)
     return AutoChoice(method=method, reason=reason, relation=relation, streams=lazy,
-                      parents=tuple(view.pinned_reference for view in views), data_note=data_note, strangers=strangers)
+                      parents=tuple(view.pinned_reference for view in views), data_note=data_note,
+                      base_links=tuple(base_links))
 
 
 def _check_choice_parents(choice: AutoChoice, models: Sequence[Any]) -> None:

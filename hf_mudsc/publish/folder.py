@@ -416,6 +416,19 @@ def _write_marker(folder: Path, marker: dict[str, Any]) -> None:
         temporary.unlink(missing_ok=True)
 
 
+def _marker_listing(root: Path, written: Iterable[tuple[Path, Path]]) -> Path | None:
+    """`root`'s marker, when it has a complete one, listing each `(path, temporary)` under `root` with the temporary's
+    content, written to a temporary file to rename onto it once those files are in place (`_marker_temporary`);
+    None when `root` has no complete marker (nothing to record)."""
+    marker = read_marker(root)
+    if marker is None or not marker.get("complete"):
+        return None
+    for path, temporary in written:
+        if path.is_relative_to(root):
+            marker["files"][path.relative_to(root).as_posix()] = _fingerprint_of(temporary, settled=False)
+    return _marker_temporary(root, marker)
+
+
 def _marker_temporary(folder: Path, marker: dict[str, Any]) -> Path:
     """`marker` written to a temporary file in `folder`, to be renamed onto the marker. A failure (a full disk, a
     Ctrl-C) removes it: a half-written file left there is one `overwrite` refuses as not the writer's."""
@@ -653,10 +666,7 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None]
         # before the file is replaced, so a full disk changes neither.
         written = path.absolute()
         root = without_dot_dot(Path(owner)).absolute() if owner is not None else written_around(written)
-        marker = read_marker(root) if root is not None else None
-        if marker is not None and marker.get("complete"):
-            marker["files"][written.relative_to(root).as_posix()] = _fingerprint_of(temporary, settled=False)
-            marker_temporary = _marker_temporary(root, marker)
+        marker_temporary = _marker_listing(root, [(written, temporary)]) if root is not None else None
         with interrupts_deferred():  # the file and its marker entry, or neither
             os.replace(temporary, path)
             if marker_temporary is not None:
@@ -721,12 +731,9 @@ def replace_files_together(writes: Iterable[tuple[str | os.PathLike, Callable[[P
             staged.append((path, Path(name)))
             write(Path(name))
             Path(name).chmod(0o666 & ~_umask())
-        marker = read_marker(root)
-        if marker is not None and marker.get("complete"):
-            for path, temporary in staged:
-                if path.is_relative_to(root):
-                    marker["files"][path.relative_to(root).as_posix()] = _fingerprint_of(temporary, settled=False)
-            staged.append((root / MARKER_FILENAME, _marker_temporary(root, marker)))
+        marker_temporary = _marker_listing(root, staged)
+        if marker_temporary is not None:
+            staged.append((root / MARKER_FILENAME, marker_temporary))
         with interrupts_deferred():
             _rename_all(staged)
     finally:
