@@ -892,12 +892,46 @@ def merge(
         if refit_value == "gate":  # fitted on the examples not held out, kept if at least as faithful on those held out
             from hf_mudsc.apply.refit_gate import gated_refit
 
+            averaging = get_method("linear")
+
+            def plain_average() -> PreTrainedModel | None:
+                """The parents' plain average (method "linear": the same weights, heads concatenated alike) as this
+                merge's model, or None when it cannot stand in for it (other shapes: a size budget widened it)."""
+                average_context, average_left = context_for(averaging)
+                average_params = dict(averaging.merge_parameters(average_context).parameters)
+                if average_left:
+                    average_params.update(concatenated_head(params, sorted(average_left)))
+                _fill_missing(average_params, params, method_options.weights)
+                if {k: v.shape for k, v in average_params.items()} != {k: v.shape for k, v in merged_params.items()}:
+                    return None
+                return build_model(model_a, copy.deepcopy(config), average_params)
+
+            # `auto` on fine-tunes of one base: the merge it returns is held against plain averaging, task by task.
+            check_average = (chosen_by_auto and relation.relation == "shared base" and concatenate
+                             and merge_method is not averaging)
             merged, report.refit, gate = gated_refit(
                 merged, loaded, calibration_batches, lambda model, data: run_refit(model, data, None),
                 task_sizes=[p[spec.classifier.weight].shape[0] for p in params] if concatenate else None,
-                scorer=alpha_scorer)  # alpha="auto" held out the same examples: its parents' outputs are reused
+                scorer=alpha_scorer,  # alpha="auto" held out the same examples: its parents' outputs are reused
+                average=plain_average if check_average else None)
             merged.config.mudsc["refit_gate"] = gate.as_config()
             report.refit_gate = gate
+            if gate.average is not None:  # the merge held against averaging: the method auto chose, refit or not
+                merged.config.mudsc["refit_gate"]["average"]["merge"] = (f"{merge_method.name}"
+                                                                         f"{' + refit' if gate.kept else ''}")
+            if gate.average is not None and gate.average.kept:
+                lowered = ", ".join(parent_label(i) for i in gate.average.lowered)
+                choice_reason = (f"{choice_reason}; then plain averaging ({averaging.name}): {merge_method.name}"
+                                 f"{' + refit' if gate.kept else ''}'s merge scored below it on the held-out "
+                                 f"examples of parent(s) {lowered}")
+                logger.info("method auto: %s", choice_reason)
+                recorded = dataclasses.replace(
+                    used, **{**dict.fromkeys(MergeOptions.names(per_method=True)),
+                             **averaging.used_options(method_options)},
+                    method=averaging.name, refit="none", refit_lambda=None, refit_norms=None, refit_samples=None)
+                merged.config.mudsc.update(recorded.values(recorded=True), method_choice_reason=choice_reason)
+                merge_method, refitting, auto_alpha = averaging, False, False
+                report.method, report.matcher, report.alpha, report.refit = averaging.name, None, None, None
         else:
             report.refit = run_refit(merged, calibration_batches, calibration_examples)
     if refitting:

@@ -231,16 +231,21 @@ def pretrained_all_digits(args: argparse.Namespace, width: int) -> Any:
 
 
 def finetuned_copy(
-    pretrained: Any, task: toy.DigitTask, seed: int, args: argparse.Namespace, width: int, tag: str
+    pretrained: Any, task: toy.DigitTask, seed: int, args: argparse.Namespace, width: int, tag: str, *,
+    epochs: int | None = None, lr: float = 5e-4
 ) -> Any:
+    """`pretrained` fine-tuned on `task` (a fresh head), `args.ft_epochs` epochs at 5e-4 unless `epochs` / `lr` say
+    otherwise (a parent fine-tuned farther than the others: scripts/average_check.py)."""
     from transformers import ViTForImageClassification
 
+    epochs = args.ft_epochs if epochs is None else epochs
+    farther = {} if lr == 5e-4 else {"lr": lr}  # the default's cache key as before
     path = (
         Path(args.cache_dir)
         / "same_init"
         / (
             f"ft-h{width}-{''.join(map(str, task.classes))}-"
-            f"{cache_key(w=width, e=args.epochs, ft=args.ft_epochs, s=seed)}"
+            f"{cache_key(w=width, e=args.epochs, ft=epochs, s=seed, **farther)}"
         )
     )
     if (path / "config.json").is_file():
@@ -258,6 +263,6 @@ def finetuned_copy(
         model.classifier.bias.zero_()
     with torch.random.fork_rng(devices=[]):
         finetune(model, {"pixel_values": task.train_pixel_values}, task.train_labels, seed=seed,
-                 epochs=args.ft_epochs, lr=5e-4, batch_size=64)
+                 epochs=epochs, lr=lr, batch_size=64)
     save_model_atomically(model, path)
     return model

@@ -74,7 +74,11 @@ CLUSTER_FRACTION = 0.2
 #: The raw-joint gate candidates (docs/benchmarks/gate_joint.md): the score is the raw-joint term alone, or the mean
 #: of today's per-task score and it.
 JOINT_GATES = ("gate_raw_joint", "gate_tasks_raw_mean")
-RULES = ("today", "gate_agreement", "gate_loglik", "gate_loglik_tasks", *JOINT_GATES, "shared_basis", "enough_data",
+#: The per-task guard (docs/benchmarks/gate_task_guard.md): the library's gate (`gate_tasks_raw_mean`) and no task's
+#: own log-probability agreement lower with the refit than without it.
+GUARD_GATES = ("gate_task_guard",)
+RULES = ("today", "gate_agreement", "gate_loglik", "gate_loglik_tasks", *JOINT_GATES, *GUARD_GATES, "shared_basis",
+         "enough_data",
          *(f"gate_cluster_{f}" for f in CLUSTER_FEATURES))
 
 
@@ -97,6 +101,13 @@ def loglik_score(merged: torch.Tensor, parents: Sequence[torch.Tensor], *, whole
         ensemble = torch.cat([p.softmax(1) for p in parents], dim=1) / len(parents)
         terms.append(float((ensemble * merged.log_softmax(1)).sum(1).mean()))
     return sum(terms) / len(terms)
+
+
+def task_terms(merged: torch.Tensor, parents: Sequence[torch.Tensor]) -> list[float]:
+    """Each task's own term of `loglik_score` (`Σ_c p_parent(c) log q_slice(c)`, averaged over the examples)."""
+    sizes = [p.shape[1] for p in parents]
+    return [float((p.softmax(1) * q.log_softmax(1)).sum(1).mean())
+            for p, q in zip(parents, torch.split(merged, sizes, dim=1))]
 
 
 def raw_joint_score(merged: torch.Tensor, parents: Sequence[torch.Tensor]) -> float:
@@ -221,9 +232,15 @@ def refits(parents: Sequence[Any], calibration: list[dict[str, Any]], *, shifted
         held_logits = logits_of(model, held)
         gate[f"loglik_{name}"] = loglik_score(held_logits, parent_logits)
         gate[f"loglik_tasks_{name}"] = loglik_score(held_logits, parent_logits, whole_head=False)
+        gate[f"task_terms_{name}"] = task_terms(held_logits, parent_logits) if concatenate else None
         if concatenate:  # one shared label set has no joint term: the candidates equal today's score
             gate[f"raw_joint_{name}"] = raw_joint_score(held_logits, parent_logits)
             gate[f"raw_mass_{name}"] = raw_mass_score(held_logits, parent_logits)
+    if concatenate:  # plain averaging's held-out terms: what a default that never loses to averaging compares with
+        linear_logits = logits_of(hf_mudsc.merge(list(parents), calibration, method="linear", progress=False), held)
+        gate["task_terms_linear"] = task_terms(linear_logits, parent_logits)
+        gate["loglik_tasks_linear"] = loglik_score(linear_logits, parent_logits, whole_head=False)
+        gate["raw_joint_linear"] = raw_joint_score(linear_logits, parent_logits)
     seconds["gate"] = time.perf_counter() - start
     models = {"none": merged, "ridge": ridge, "ridge80": ridge80}
     # The shifted splits: whole k-means clusters held out; the refit on the rest against none on those clusters,
@@ -312,6 +329,10 @@ def decisions(run: dict[str, Any]) -> dict[str, str]:
             "gate_tasks_raw_mean": "ridge80" if gate["loglik_tasks_ridge80"] + gate["raw_joint_ridge80"]
             >= gate["loglik_tasks_none"] + gate["raw_joint_none"] else "none"}
            if "raw_joint_ridge80" in gate else {}),  # records before gate_joint.md have no raw-joint term
+        **({"gate_task_guard": "ridge80" if gate["loglik_tasks_ridge80"] + gate["raw_joint_ridge80"]
+            >= gate["loglik_tasks_none"] + gate["raw_joint_none"]
+            and all(r >= n for r, n in zip(gate["task_terms_ridge80"], gate["task_terms_none"])) else "none"}
+           if gate.get("task_terms_ridge80") else {}),  # records before gate_task_guard.md have no per-task terms
         **{f"gate_cluster_{kind}": f"ridge_cluster_{kind}"
            if gate[f"cluster_{kind}_refit"] >= gate[f"cluster_{kind}_none"] else "none"
            for kind in CLUSTER_FEATURES if f"cluster_{kind}_refit" in gate},
@@ -329,7 +350,8 @@ def record(run: dict[str, Any], figures: dict[str, dict[str, float]], key: str) 
     none / ridge on `key`)."""
     chosen = decisions(run)
     best = max(figures["none"][key], figures["ridge"][key])
-    return {"figures": figures, "gate": {k: round(v, 6) if isinstance(v, float) else v
+    return {"figures": figures, "gate": {k: round(v, 6) if isinstance(v, float)
+                                         else [round(x, 6) for x in v] if isinstance(v, list) else v
                                          for k, v in run["gate"].items()},
             "shared_basis": run["shared_basis"], "method": run["method"], "seconds": run["seconds"],
             "refit_examples": run["refit_examples"], "refit_samples": run["refit_samples"],

@@ -20,7 +20,7 @@ from torch import nn
 
 import hf_mudsc
 from hf_mudsc.apply import refit_gate
-from hf_mudsc.apply.fidelity import FidelityScorer
+from hf_mudsc.apply.fidelity import Agreement, FidelityScorer
 from hf_mudsc.apply.refit_gate import GateDecision, decide, gated_refit
 from hf_mudsc.cli.main import build_parser
 from hf_mudsc.cli.merge import build_recipe
@@ -138,7 +138,13 @@ def test_log_likelihood_with_one_shared_head_averages_the_parents_terms():
 
 
 def test_decide_keeps_the_refit_when_it_scores_at_least_as_well():
-    assert decide(-1.0, -0.5) and decide(-1.0, -1.0) and not decide(-0.5, -0.50001)
+    assert decide(Agreement(-1.0), Agreement(-0.5)) and decide(Agreement(-1.0), Agreement(-1.0))
+    assert not decide(Agreement(-0.5), Agreement(-0.50001))
+
+
+def test_decide_drops_a_refit_that_lowers_any_tasks_own_term_and_keeps_ties():
+    assert decide(Agreement(-1.0, (-0.5, -0.5)), Agreement(-0.9, (-0.5, -0.4)))
+    assert not decide(Agreement(-1.0, (-0.5, -0.5)), Agreement(-0.5, (-0.1, -0.5000001)))
 
 
 # ----------------------------------------------------------------------------------------- the gate's choice
@@ -182,6 +188,115 @@ def test_gate_drops_a_refit_that_keeps_each_tasks_softmax_but_shifts_one_head_ag
     assert torch.equal(kept.row, before)
 
 
+def test_gate_drops_a_refit_that_buys_one_task_with_another_even_when_the_pooled_score_rises():
+    """The gate's score pools the tasks; a refit that brings one task much closer to its parent while taking another
+    away (three same-init parents, one fine-tuned far: a task lost 33 points to plain averaging with the refit the
+    pooled score kept, the s31 quality hunt) is dropped: no task's own term may fall (docs/design.md §4.9)."""
+    parents = [FixedLogits([2.0, 0.0]), FixedLogits([0.0, 2.0]), FixedLogits([4.0, 0.0])]
+    merged = FixedLogits([1.0, 0.0, 0.0, 1.0, 0.0, 0.0])  # every task right, under-confident
+    before = merged.row.detach().clone()
+    refit = CountingRefit([1.0, 0.0, 0.0, 0.8, 4.0, 0.0])  # task C its parent's exactly, task B a little less sure
+    kept, _, decision = gated_refit(merged, parents, lambda: _batches(10), refit, task_sizes=[2, 2, 2])
+    assert decision.score_refit > decision.score_none  # the pooled score prefers the refit ...
+    assert decision.tasks_refit[1] < decision.tasks_none[1]  # ... which lowers task B's own agreement
+    assert decision.tasks_refit[2] > decision.tasks_none[2] and decision.tasks_refit[0] == decision.tasks_none[0]
+    assert decision.kept is False and decision.lowered_tasks == (1,)
+    assert torch.equal(kept.row, before)  # the unrefitted model, bit for bit
+    config = decision.as_config()
+    assert config["kept"] is False and config["lowered_tasks"] == [1]
+    assert config["tasks_none"] == [round(t, 6) for t in decision.tasks_none]
+    assert config["tasks_refit"] == [round(t, 6) for t in decision.tasks_refit]
+
+
+def test_gate_keeps_a_refit_that_raises_every_task_and_records_each_tasks_terms():
+    parents = [FixedLogits([2.0, 0.0]), FixedLogits([0.0, 2.0]), FixedLogits([4.0, 0.0])]
+    merged = FixedLogits([1.0, 0.0, 0.0, 1.0, 0.0, 0.0])
+    refit = CountingRefit([2.0, 0.0, 0.0, 2.0, 4.0, 0.0])  # every task its parent's exactly
+    kept, _, decision = gated_refit(merged, parents, lambda: _batches(10), refit, task_sizes=[2, 2, 2])
+    assert decision.kept is True and kept is merged and decision.lowered_tasks == ()
+    assert all(r > n for r, n in zip(decision.tasks_refit, decision.tasks_none))
+
+
+class Built:
+    """A stand-in for the pipeline's plain-average builder: returns `model` (or None) and counts its calls."""
+
+    def __init__(self, model: nn.Module | None) -> None:
+        self.model, self.calls = model, 0
+
+    def __call__(self) -> nn.Module | None:
+        self.calls += 1
+        return self.model
+
+
+THREE = [FixedLogits([2.0, 0.0]), FixedLogits([0.0, 2.0]), FixedLogits([4.0, 0.0])]
+
+
+def test_plain_averaging_is_returned_when_the_kept_merge_is_below_it_on_any_task():
+    """method="auto" on fine-tunes of one base: the refit raises every task over the data method's merge (kept), yet
+    leaves parent B's task below plain averaging's on the held-out examples: the average is the merge returned."""
+    merged = FixedLogits([1.0, 0.0, 0.0, 0.2, 0.0, 0.0])  # the data method's merge: task B nearly undecided
+    refit = CountingRefit([1.5, 0.0, 0.0, 0.5, 4.0, 0.0])  # every task closer to its parent
+    average = Built(FixedLogits([1.0, 0.0, 0.0, 1.0, 1.0, 0.0]))  # task B surer than the refit's, A and C less
+    kept, _, decision = gated_refit(merged, THREE, lambda: _batches(10), refit, task_sizes=[2, 2, 2],
+                                    average=average)
+    assert decision.kept is True and decision.lowered_tasks == ()  # the refit itself passed the gate
+    assert average.calls == 1 and kept is average.model
+    assert decision.average.kept is True and decision.average.lowered == (1,)
+    assert decision.average.tasks[1] > decision.tasks_refit[1]
+    assert decision.as_config()["average"] == {"kept": True, "score": round(decision.average.score, 6),
+                                               "tasks": [round(t, 6) for t in decision.average.tasks],
+                                               "lowered_tasks": [1]}
+
+
+def test_the_kept_merge_stays_when_it_is_at_or_above_plain_averaging_on_every_task():
+    merged = FixedLogits([1.0, 0.0, 0.0, 0.2, 0.0, 0.0])
+    refit = CountingRefit([2.0, 0.0, 0.0, 2.0, 4.0, 0.0])  # every task its parent's exactly
+    average = Built(FixedLogits([1.0, 0.0, 0.0, 1.0, 1.0, 0.0]))
+    kept, _, decision = gated_refit(merged, THREE, lambda: _batches(10), refit, task_sizes=[2, 2, 2],
+                                    average=average)
+    assert kept is merged and decision.average.kept is False and decision.average.lowered == ()
+    assert decision.as_config()["average"]["kept"] is False
+
+
+def test_no_average_check_without_tasks_or_without_an_average_that_can_stand_in():
+    refit = CountingRefit([2.0, 0.0, 0.0, 2.0, 4.0, 0.0])
+    unbuildable = Built(None)  # e.g. a size budget widened the merge: the average has other shapes
+    kept, _, decision = gated_refit(FixedLogits([1.0, 0.0, 0.0, 0.2, 0.0, 0.0]), THREE, lambda: _batches(10),
+                                    refit, task_sizes=[2, 2, 2], average=unbuildable)
+    assert unbuildable.calls == 1 and decision.average is None and "average" not in decision.as_config()
+    shared = Built(FixedLogits([2.0, 0.0]))
+    _, _, decision = gated_refit(FixedLogits([-1.0, 0.0]), THREE[:2], lambda: _batches(10), CountingRefit([0.5, 0.0]),
+                                 task_sizes=None, average=shared)
+    assert shared.calls == 0 and decision.average is None  # one shared head: no tasks to hold against it
+
+
+def test_the_per_task_guard_needs_tasks_one_shared_head_is_decided_by_its_pooled_score():
+    """Parents sharing one label set have one output the merge must compromise on: no per-task terms, no guard."""
+    parents = [FixedLogits([2.0, 0.0]), FixedLogits([0.0, 2.0])]
+    merged = FixedLogits([-1.0, 0.0])
+    refit = CountingRefit([0.5, 0.0])  # closer to A, a little farther from B
+    kept, _, decision = gated_refit(merged, parents, lambda: _batches(10), refit, task_sizes=None)
+    assert decision.tasks_none is None and decision.tasks_refit is None and decision.lowered_tasks == ()
+    assert decision.score_refit > decision.score_none and decision.kept is True
+    assert "tasks_none" not in decision.as_config()
+
+
+def test_a_card_and_inspect_say_which_parents_task_a_dropped_refit_would_have_lowered(tmp_path):
+    """A refit dropped although its pooled score is the higher one: the card's refit row and `inspect` say why."""
+    from hf_mudsc.cli.inspect import summary
+
+    model_a, model_b = make_model("vit_cls", seed=1), make_model("vit_cls", seed=2)
+    merged = hf_mudsc.merge([model_a, model_b], make_batches("vit_cls", num_batches=2), refit="none", progress=False)
+    gate = GateDecision(False, -1.2, -1.0, 40, tasks_none=(-0.5, -0.6, -0.9), tasks_refit=(-0.5, -0.7, -0.3))
+    merged.config.mudsc.update(refit="gate", refit_gate=gate.as_config())
+    card = " ".join(str(render_card(merged, Recipe(models=["a", "b"], calibration="c", refit="gate"))).split())
+    assert ("| Refit / ridge λ (relative) / examples | gate: refit dropped (held-out log-probability agreement -1.0000 "
+            "with, -1.2000 without; 40 examples; it lowered parent B's task: -0.7000 with, -0.6000 without) /") in card
+    text = summary(tmp_path, merged.config.mudsc, merged.merge_report.diagnostics, None, False)
+    assert ("refit:     the gate dropped the refit (held-out log-probability agreement -1.0000 with it, -1.2000 "
+            "without; 40 examples; it lowered parent B's task: -0.7000 with, -0.6000 without)") in text
+
+
 def test_gate_keeps_a_refit_that_brings_the_merged_model_closer_to_its_parents():
     parents = [FixedLogits([3.0, 0.0]), FixedLogits([0.0, 3.0])]
     merged = FixedLogits([0.0, 0.0, 0.0, 0.0])
@@ -192,7 +307,9 @@ def test_gate_keeps_a_refit_that_brings_the_merged_model_closer_to_its_parents()
     assert decision.as_config() == {
         "kept": True, "score": "parents' log-probability agreement, per task and whole head (held out)",
         "measure": "log-probability agreement", "none": round(decision.score_none, 6),
-        "refit": round(decision.score_refit, 6), "held_out_examples": 2}
+        "refit": round(decision.score_refit, 6), "held_out_examples": 2,
+        "tasks_none": [round(-math.log(2), 6)] * 2, "tasks_refit": [round(t, 6) for t in decision.tasks_refit],
+        "lowered_tasks": []}
 
 
 def test_gate_without_a_held_out_example_fits_on_everything_and_keeps_the_refit(caplog):

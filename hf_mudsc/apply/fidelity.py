@@ -30,6 +30,7 @@ import hashlib
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -137,6 +138,16 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(cross / norm) if norm > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class Agreement:
+    """A merged model's agreement with its parents on the held-out examples (`FidelityScorer.agreement`): `score`,
+    what `alpha="auto"` and the refit gate compare, and, for a concatenated head, each task's own term (parent order),
+    so the gate can see a change that buys one task with another (docs/design.md §4.9)."""
+
+    score: float
+    tasks: tuple[float, ...] | None = None
+
+
 class FidelityScorer:
     """Scores merged models against the parents on held-out calibration examples (module docstring)."""
 
@@ -207,7 +218,12 @@ class FidelityScorer:
         return sum(agreements) / len(agreements)
 
     def log_likelihood(self, merged: nn.Module) -> float:
-        """The parents' log-probability agreement of `merged` on the held-out examples (higher is better, <= 0).
+        """The parents' log-probability agreement of `merged` on the held-out examples (`agreement`'s score)."""
+        return self.agreement(merged).score
+
+    def agreement(self, merged: nn.Module) -> Agreement:
+        """The parents' log-probability agreement of `merged` on the held-out examples (higher is better, <= 0),
+        with each task's own term when the head is the parents' heads concatenated.
         Per task: the mean over parents of `Σ_c p_i(c) log q_i(c)` (p_i: parent i's softmax, q_i: the merged
         softmax over parent i's slice of a concatenated head, or over the shared head) — the whole score for a
         shared head, half of it for a concatenated one (below). Continuous where argmax agreement ties
@@ -225,22 +241,24 @@ class FidelityScorer:
         task's is the per-label Bernoulli log-likelihood (`bernoulli_log_likelihood`); the whole-head term covers
         the single-label tasks only (present when there are two or more)."""
         if self.examples == 0:
-            return 0.0
+            return Agreement(0.0)
         out, is_logits, widths = _outputs(merged, self.held_out, self.mask_key)
         if not (is_logits and self.logits):
-            return self.features_score(out, widths)
+            return Agreement(self.features_score(out, widths))
         slices = torch.split(out, list(self.task_sizes), dim=1) if self.task_sizes else [out] * len(self.parents)
         terms = [-relative_squared_error(part, parent) if regression
                  else bernoulli_log_likelihood(part, parent) if multi
                  else float((parent.softmax(1) * part.log_softmax(1)).sum(1).mean())
                  for part, parent, regression, multi in zip(slices, self.parents, self.regression, self.multi_label)]
         per_task = sum(terms) / len(terms)
-        if not self.task_sizes or self.softmax_tasks.count(True) < 2:
-            return per_task
+        if not self.task_sizes:  # one shared head: the parents' terms score one output, not tasks of their own
+            return Agreement(per_task)
+        if self.softmax_tasks.count(True) < 2:
+            return Agreement(per_task, tuple(terms))
         columns, parents = self.classification_columns(out)
         ensemble = torch.cat(parents, dim=1).softmax(1)
         whole_head = float((ensemble * columns.log_softmax(1)).sum(1).mean())
-        return (per_task + whole_head) / 2
+        return Agreement((per_task + whole_head) / 2, tuple(terms))
 
 
 #: Digits of a fidelity as recorded (`config.mudsc["alpha_auto"]`) and compared: equal fractions of agreements summed

@@ -20,6 +20,7 @@ from typing import Any
 
 from hf_mudsc.evaluate.names import RESULTS_FILENAME
 from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES, parse_json
+from hf_mudsc.options import gate_lowered_tasks_text
 from hf_mudsc.solve.diagnostics import DIAGNOSTICS_FILENAME, PLOTS_FOLDER
 
 
@@ -180,7 +181,8 @@ def summary(folder: Path, mudsc: Mapping[str, Any], diagnostics: Any, evaluation
     gate = mudsc.get("refit_gate")  # refit="gate": whether the held-out scores kept the refit
     if isinstance(gate, Mapping) and isinstance(gate.get("kept"), bool):
         scores = (f" (held-out {gate.get('measure') or 'score'} {float(gate['refit']):.4f} with it, "
-                  f"{float(gate['none']):.4f} without; {gate.get('held_out_examples', '?')} examples)"
+                  f"{float(gate['none']):.4f} without; {gate.get('held_out_examples', '?')} examples"
+                  f"{gate_lowered_tasks_text(gate)})"
                   if all(isinstance(gate.get(k), (int, float)) for k in ("refit", "none")) else "")
         lines.append(f"  refit:     the gate {'kept' if gate['kept'] else 'dropped'} the refit{scores}")
     if mudsc.get("num_calibration_samples"):
