@@ -1,7 +1,7 @@
 """Tensor-level same-base merges: task arithmetic, TIES, DARE, breadcrumbs, SLERP, PCB, consensus, RegMean, Fisher.
 
-The building blocks of same-base merging (not yet registered as merge methods: the base model, N parents and the
-streaming loader come with them). Facts and citations: docs/research/same_base_facts.md.
+The pure functions behind the registered methods (methods/task_vector.py, methods/data.py), which add the base
+model, the N parents and the streaming loader. Facts and citations: docs/research/same_base_facts.md.
 
 Pure functions over state dicts (``name -> torch.Tensor``); nothing here knows about
 architectures, files or models. Every method takes
