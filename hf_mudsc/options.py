@@ -635,8 +635,8 @@ class MergeOptions:
     consensus_lambda: float = option(
         0.6, kind="number", check=_check_consensus_lambda, metavar="L", recorded=True, per_method=True,
         card=CardRow(12, "Consensus k / λ", _card_numbers),
-        help="consensus: TALL mask of task t holds the entries where |tau_t| > L * |tau_sum - tau_t|, L in "
-        "[0, 100]")
+        help="consensus: TALL mask of task t holds the entries where |tau_t| > L * |tau_sum - tau_t| (tau_sum: the "
+        "unweighted sum of the task vectors; --weights scale only the kept entries), L in [0, 100]")
     pcb_ratio: float = option(
         0.1, kind="number", check=_check_pcb_ratio, metavar="R", recorded=True, per_method=True,
         card=CardRow(13, "PCB ratio", _card_numbers),

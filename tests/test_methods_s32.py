@@ -10,6 +10,9 @@ import inspect
 from pathlib import Path
 
 import torch
+from factories import fine_tune, make_model
+
+import hf_mudsc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,3 +36,34 @@ def test_the_docs_do_not_call_the_registered_same_base_functions_not_yet_methods
     doc = inspect.getdoc(task_vectors)
     assert "not yet" not in layout and "registered methods" in layout, layout
     assert "not yet" not in doc and "registered methods" in doc, doc
+
+
+# ------------------------------------------------------------------ consensus: TALL masks from the plain sum
+
+
+def test_consensus_masks_read_the_plain_sum_of_the_task_vectors_and_the_weights_only_scale():
+    """TALL mask of task t: |tau_t| > lambda |sum_s tau_s - tau_t| (Wang et al. 2024; tall_masks and FusionBench's
+    `generate_task_masks` sum the task vectors unweighted). The masks were built from the weighted sum, so weights
+    [2, 2] kept other entries than [1, 1]."""
+    from hf_mudsc.solve import task_vectors as tm
+
+    base = {"w": torch.zeros(2)}
+    p1, p2 = {"w": torch.tensor([1.0, 1.0])}, {"w": torch.tensor([0.5, -1.0])}
+    # plain sum [1.5, 0]: entry 0 task 1's mask holds (1 > 0.6 * 0.5), entry 1 both hold (1 > 0.6 * 1)
+    plain = tm.consensus(base, [p1, p2], [1.0, 1.0], k=1, tall_mask_lambda=0.6)["w"]
+    doubled = tm.consensus(base, [p1, p2], [2.0, 2.0], k=1, tall_mask_lambda=0.6)["w"]
+    assert torch.allclose(plain, torch.tensor([1.5, 0.0]))
+    assert torch.allclose(doubled, 2 * plain), doubled  # the weighted sum [3, 0]: entry 0 lost its mask
+    uneven = tm.consensus(base, [p1, p2], [1.0, 3.0], k=1, tall_mask_lambda=0.6)["w"]
+    assert torch.allclose(uneven, torch.tensor([2.5, -2.0])), uneven  # masks as plain, kept Σ w τ
+
+
+def test_uniform_consensus_weights_keep_the_same_entries_as_a_merge():
+    base = make_model("vit_cls", 0)
+    parents = [fine_tune(base, s, 0.01) for s in (1, 2, 3)]
+    b = state(base)
+    ones = state(hf_mudsc.merge(parents, base=base, method="consensus", weights=[1.0] * 3, progress=False))
+    twos = state(hf_mudsc.merge(parents, base=base, method="consensus", weights=[2.0] * 3, progress=False))
+    for name in b:
+        if b[name].is_floating_point():
+            assert torch.allclose(twos[name] - b[name], 2 * (ones[name] - b[name]), atol=1e-6), name
