@@ -9,10 +9,12 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
+import pytest
 import torch
 from factories import fine_tune, make_model
 
 import hf_mudsc
+from hf_mudsc.errors import MergeInputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,3 +69,36 @@ def test_uniform_consensus_weights_keep_the_same_entries_as_a_merge():
     for name in b:
         if b[name].is_floating_point():
             assert torch.allclose(twos[name] - b[name], 2 * (ones[name] - b[name]), atol=1e-6), name
+
+
+# ------------------------------------------------------------------ consensus: k == N with lambda >= 1
+
+
+@pytest.mark.parametrize("count", [3, 4])
+def test_consensus_with_k_equal_to_the_parent_count_and_lambda_1_is_refused_for_any_count(count):
+    """Every TALL mask |tau_t| > L |Σ tau - tau_t| holding at once needs (N - 2)(Σ tau)^2 < 0 for L >= 1: k == N
+    keeps no entry (the merge was exactly the base, silently, for N >= 3); refused as it was for N == 2, by the merge
+    and its dry run, whatever the weights."""
+    base = make_model("vit_cls", 0)
+    parents = [fine_tune(base, s, 0.01) for s in range(1, count + 1)]
+    needle = f"consensus_lambda 1 with {count} parents and consensus_k {count} keeps no entry"
+    for keywords in ({}, {"weights": [1.0, 2.0] + [1.0] * (count - 2)}, {"dry_run": True}):
+        with pytest.raises(MergeInputError) as caught:
+            hf_mudsc.merge(parents, base=base, method="consensus", consensus_k=count, consensus_lambda=1.0,
+                           progress=False, **keywords)
+        message = str(caught.value)
+        assert needle in message and "consensus_lambda= (CLI: --consensus-lambda)" in message, message
+        assert "\n" not in message
+    merged = hf_mudsc.merge(parents, base=base, method="consensus", consensus_k=count - 1, consensus_lambda=1.0,
+                            progress=False)  # k < N can keep entries
+    assert any(not torch.equal(m, b) for m, b in zip(state(merged).values(), state(base).values()))
+
+
+def test_a_consensus_recipe_that_keeps_no_entry_is_refused_as_inspect_checks_it():
+    from hf_mudsc.errors import RecipeError
+    from hf_mudsc.publish.recipe import Recipe
+
+    recipe = {"models": ["org/a", "org/b", "org/c"], "method": "consensus", "base": "org/z", "consensus_k": 3,
+              "consensus_lambda": 1.5}
+    with pytest.raises(RecipeError, match="consensus_lambda 1.5 with 3 parents and consensus_k 3 keeps no entry"):
+        Recipe.from_dict(recipe).validate()

@@ -95,13 +95,18 @@ class TensorWiseMethod(MergeMethod):
             raise MergeInputError(f"consensus_k {k} asks more tasks to agree than the {num_parents} parents have: "
                                   "every task-vector entry would be dropped and the merge would be the base; give 0 "
                                   f"to {num_parents}, {option_hint('consensus_k')}")
-        if k is not None and k >= 2 and num_parents == 2:
+        if k is not None and num_parents >= 2 and k == num_parents:
             tall = self.option_value(options, "consensus_lambda")
-            if tall >= 1:  # |tau_1| > L|tau_2| and |tau_2| > L|tau_1| cannot both hold for L >= 1
+            # every mask |tau_t| > L|S - tau_t| (S = sum of the task vectors, unweighted) squared gives
+            # 2 S tau_t > S^2 for L >= 1; summed over t, 0 > (N - 2) S^2: never, for any N and any weights
+            if tall >= 1:
+                masks = ("both TALL masks (|tau_1| > L·|tau_2| and |tau_2| > L·|tau_1|)" if num_parents == 2
+                         else f"all {num_parents} TALL masks (|tau_t| > L·|tau_sum - tau_t| for every t)")
                 raise MergeInputError(
-                    f"consensus_lambda {tall:g} with 2 parents and consensus_k {k} keeps no entry: both TALL masks "
-                    f"(|tau_1| > L·|tau_2| and |tau_2| > L·|tau_1|) hold only for L < 1, so the merge would be the "
-                    f"base; give a value below 1 (0.6 is FusionBench's), {option_hint('consensus_lambda')}")
+                    f"consensus_lambda {tall:g} with {num_parents} parents and consensus_k {k} keeps no entry: "
+                    f"{masks} hold together only for L < 1, so the merge would be the base; give a value below 1 "
+                    f"(0.6 is FusionBench's), {option_hint('consensus_lambda')}"
+                    + (f", or {option_hint('consensus_k')} below {num_parents}" if num_parents > 2 else ""))
         if "weights" in read:
             self._check_weight_factors(options)
         if "epsilon" in read:
