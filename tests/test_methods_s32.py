@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import fine_tune, make_model
+from factories import BERT, fine_tune, make_model, randomize
 
 import hf_mudsc
-from hf_mudsc.errors import MergeInputError
+from hf_mudsc.errors import MergeInputError, ParentMismatchError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,3 +102,44 @@ def test_a_consensus_recipe_that_keeps_no_entry_is_refused_as_inspect_checks_it(
               "consensus_lambda": 1.5}
     with pytest.raises(RecipeError, match="consensus_lambda 1.5 with 3 parents and consensus_k 3 keeps no entry"):
         Recipe.from_dict(recipe).validate()
+
+
+# ------------------------------------------------------------------ a base whose vocabulary the fine-tunes grew
+
+
+def test_a_base_the_parents_resized_the_vocabulary_of_is_refused_naming_the_resize_and_a_fix_that_works():
+    """Fine-tunes that added tokens (resize_token_embeddings 60 -> 64) merged with their very base: the refusal said
+    the parents are no fine-tunes of it and to pass the base they were fine-tuned from — the one given."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    base = randomize(BertForSequenceClassification(BertConfig(**BERT, num_labels=3)), 0)
+    parents = []
+    for seed in (1, 2):
+        parent = fine_tune(base, seed, 0.01)
+        parent.resize_token_embeddings(64, mean_resizing=False)
+        parents.append(parent)
+    with pytest.raises(ParentMismatchError) as caught:
+        hf_mudsc.merge(parents, base=base, method="ties", progress=False)
+    message = str(caught.value)
+    assert "not fine-tunes" not in message and "Pass the base the parents were fine-tuned from" not in message
+    assert "resized" in message and "60 -> 64" in message and "resize_token_embeddings(64)" in message, message
+    assert "\n" not in message
+    base.resize_token_embeddings(64)  # the fix the message names
+    merged = hf_mudsc.merge(parents, base=base, method="ties", progress=False)
+    assert merged.config.vocab_size == 64
+
+
+@pytest.mark.parametrize(("changes", "said"), [
+    ({"vocab_size": 70}, "vocab_size: 70 vs 60"),  # the parents have fewer tokens: no resize made them
+    ({"vocab_size": 50, "intermediate_size": 40}, "intermediate_size: 40 vs 48"),  # more than the vocabulary
+])
+def test_a_base_differing_otherwise_is_still_refused_as_no_base_of_the_parents(changes, said):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    base = randomize(BertForSequenceClassification(BertConfig(**{**BERT, **changes}, num_labels=3)), 0)
+    parents = [make_model("bert_cls", s) for s in (1, 2)]
+    with pytest.raises(ParentMismatchError) as caught:
+        hf_mudsc.merge(parents, base=base, method="ties", progress=False)
+    message = str(caught.value)
+    assert "not fine-tunes of it" in message and said in message and "resize" not in message, message
