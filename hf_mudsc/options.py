@@ -616,7 +616,8 @@ class MergeOptions:
         None, kind="number_or_numbers", check=_check_gamma, metavar="G", recorded=True, per_method=True,
         show_default=False, card=CardRow(10, "Breadcrumbs γ (largest entries dropped)", _card_numbers),
         help="breadcrumbs, breadcrumbs_ties: share of each task vector's LARGEST entries dropped, in [0, 1), one "
-        "number or one per parent (mergekit gamma; default 0.01)")
+        "number or one per parent (mergekit gamma; default 0.01); with density + gamma > 1 the density kept comes "
+        "first and only the largest 1 - density are dropped (none at density 1), with a warning")
     epsilon: float | list[float] | None = option(
         None, kind="number_or_numbers", check=_check_epsilon, metavar="E", recorded=True, per_method=True,
         show_default=False, card=CardRow(10, "DELLA ε (keep-probability spread)", _card_numbers),

@@ -1013,7 +1013,8 @@ def _one_shot_refusal(method: MergeMethod, chosen: str | None, relation: str) ->
 def _warn_unused(options: MergeOptions, used: Mapping[str, Any], method: MergeMethod, calibration: Any, count: int,
                  refit_value: str, inputs: Sequence[str] = (), *, data_note: str | None = None,
                  strangers: str = "") -> list[str]:
-    """Say which options change nothing (`diagnostics.unread_options_warning`, `inert_options_warnings`), and that
+    """Say which options change nothing (`diagnostics.unread_options_warning`, `inert_options_warnings`) or do less
+    than they say (`MergeMethod.option_warnings`), and that
     `reference_compat=True` has no reference merge to reproduce with a method that matches no units; returns the
     texts said, which the merge records with its other warnings. `data_note`: why the data goes unread (`auto`'s
     dataless choice for want of memory), said instead of the advice to pass a method that reads it."""
@@ -1025,6 +1026,7 @@ def _warn_unused(options: MergeOptions, used: Mapping[str, Any], method: MergeMe
             options, method=method.name, reads_base=method.needs_base_model, reads_data=reads_data,
             has_data=calibration is not None, refit=refit_value, pairs_heads=method.pairs_attention_heads,
             inputs=inputs, data_note=data_note, strangers=strangers)] if text]
+    said += method.option_warnings(options, count)
     for text in said:
         logger.warning("%s", text, extra={ADVICE: text in advice})
     if reference_compat_unread(method, options):

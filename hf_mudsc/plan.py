@@ -972,7 +972,8 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
                                                                reads_data=needs_data,
                                                                has_data=calibration is not None, refit=refit,
                                                                pairs_heads=method.pairs_attention_heads,
-                                                               inputs=spec.inputs))
+                                                               inputs=spec.inputs),
+                                       *method.option_warnings(options, len(models)))
                      if text]
     relation = (f"same class and configuration ({parents[0].architecture})"
                 + ("; identical weight files (the same model)" if identical else "")

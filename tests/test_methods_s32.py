@@ -7,6 +7,7 @@ fine-tunes is refused as no base of theirs; a base lacking the head filled it wi
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,37 @@ def test_a_base_differing_otherwise_is_still_refused_as_no_base_of_the_parents(c
         hf_mudsc.merge(parents, base=base, method="ties", progress=False)
     message = str(caught.value)
     assert "not fine-tunes of it" in message and said in message and "resize" not in message, message
+
+
+# ------------------------------------------------------------------ breadcrumbs: density + gamma > 1
+
+
+@pytest.mark.parametrize(("method", "density", "gamma", "said"), [
+    ("breadcrumbs", 0.98, 0.05, "only the largest 2% of each task vector's entries are dropped, not gamma's 5%"),
+    ("breadcrumbs_ties", 1.0, 0.05, "none of each task vector's largest entries are dropped, not gamma's 5%"),
+])
+def test_breadcrumbs_says_when_density_and_gamma_exceed_1_and_fewer_largest_entries_are_dropped(
+        caplog, method, density, gamma, said):
+    """mergekit's rule keeps `density` of the entries and drops fewer largest ones when the two do not fit: gamma
+    0.05 with density 0.98 dropped 2 %, with density 1 none (plain task arithmetic) — silently, gamma recorded as
+    given."""
+    base = make_model("vit_cls", 0)
+    parents = [fine_tune(base, s, 0.01) for s in (1, 2)]
+    plan = hf_mudsc.merge(parents, base=base, method=method, density=density, gamma=gamma, dry_run=True)
+    with caplog.at_level("WARNING", logger="hf_mudsc"):
+        merged = hf_mudsc.merge(parents, base=base, method=method, density=density, gamma=gamma, progress=False)
+    found = [w for w in merged.config.mudsc["warnings"] if "gamma" in w]
+    assert len(found) == 1 and said in found[0] and "density + gamma <= 1" in found[0], found
+    assert found[0] in [r.getMessage() for r in caplog.records] and found[0] in plan.warnings
+    quiet = hf_mudsc.merge(parents, base=base, method=method, density=0.9, gamma=0.05, progress=False)
+    assert not [w for w in quiet.config.mudsc.get("warnings", []) if "gamma" in w]
+
+
+def test_the_help_and_docs_say_what_gamma_drops_when_density_and_gamma_exceed_1():
+    from hf_mudsc.methods import METHODS
+    from hf_mudsc.options import MergeOptions
+
+    help_text = next(f for f in MergeOptions.option_fields() if f.name == "gamma").metadata["help"]
+    design = (ROOT / "docs" / "design.md").read_text()
+    for text in (help_text, METHODS["breadcrumbs"].description, design):
+        assert re.search(r"density \+ gamma > 1", text), text[:300]

@@ -117,6 +117,35 @@ class TensorWiseMethod(MergeMethod):
                 raise MergeInputError(f"method {self.name!r} keeps one share of entries for every parent: give "
                                       f"one number, not {len(density)}, {option_hint('density')}")
 
+    def option_warnings(self, options: MergeOptions, num_parents: int) -> list[str]:
+        """Breadcrumbs keeps `density` of the entries first (mergekit's `magnitude_outliers`): when density + gamma
+        > 1 the two do not fit, and only the largest 1 - density are dropped (none at density 1), not gamma's share
+        — which `--gamma`'s help promises — while the config records gamma as given."""
+        from hf_mudsc.errors import option_hint
+        from hf_mudsc.load.relation import parent_label
+
+        if "gamma" not in dict(self.arguments):
+            return []
+
+        def each(name: str) -> list[float]:
+            value = self.option_value(options, name)
+            return list(value) if isinstance(value, Sequence) else [value] * num_parents
+
+        per_parent = isinstance(options.density, Sequence) or isinstance(options.gamma, Sequence)
+        crowded: dict[tuple[float, float], list[str]] = {}
+        for index, (density, gamma) in enumerate(zip(each("density"), each("gamma"))):
+            if gamma > 0 and density + gamma > 1 + 1e-9:
+                crowded.setdefault((density, gamma), []).append(parent_label(index))
+        texts = []
+        for (density, gamma), parents in crowded.items():
+            dropped = ("none of each task vector's largest entries are dropped" if density >= 1
+                       else f"only the largest {100 * (1 - density):.3g}% of each task vector's entries are dropped")
+            whose = f" (parent{'s' if len(parents) > 1 else ''} {', '.join(parents)})" if per_parent else ""
+            texts.append(f"method {self.name}: density {density:g} + gamma {gamma:g} > 1{whose}, so {dropped}, not "
+                         f"gamma's {100 * gamma:.3g}% — the density kept comes first (mergekit); give density + "
+                         f"gamma <= 1 ({option_hint('density')}, {option_hint('gamma')}) to drop gamma's share")
+        return texts
+
     def _check_weight_factors(self, options: MergeOptions) -> None:
         """The weights are factors on a task vector (on a parent for `linear`), like `scaling` — divided by their
         sum with `normalize` (per entry when the method `elects_signs`: not known before the tensors are read, so not
@@ -444,7 +473,8 @@ BREADCRUMBS = register_method(TensorWiseMethod(
     pretty_name="Model Breadcrumbs",
     paper=PAPER_BREADCRUMBS,
     description="Task vectors without their largest gamma and smallest entries (density kept), summed "
-    "(mergekit breadcrumbs; density 0.9, gamma 0.01).",
+    "(mergekit breadcrumbs; density 0.9, gamma 0.01; with density + gamma > 1 only the largest 1 - density are "
+    "dropped, and a warning says so).",
     needs_base_model=True,
     function=_function("breadcrumbs"),
     chunked=True,
@@ -456,7 +486,8 @@ BREADCRUMBS_TIES = register_method(TensorWiseMethod(
     pretty_name="Model Breadcrumbs + TIES sign election",
     paper=PAPER_BREADCRUMBS,
     description="Breadcrumbs masks, then TIES's sign election (mergekit breadcrumbs_ties, which does not "
-    "normalise by default; density 0.9, gamma 0.01).",
+    "normalise by default; density 0.9, gamma 0.01; with density + gamma > 1 only the largest 1 - density are "
+    "dropped, and a warning says so).",
     needs_base_model=True,
     function=_function("breadcrumbs_ties"),
     chunked=True,
