@@ -629,7 +629,8 @@ class MergeOptions:
         None, kind="number_or_numbers", check=_check_gamma, metavar="G", recorded=True, per_method=True,
         show_default=False, card=CardRow(10, "Breadcrumbs γ (largest entries dropped)", _card_numbers),
         help="breadcrumbs, breadcrumbs_ties: share of each task vector's LARGEST entries dropped, in [0, 1), one "
-        "number or one per parent (mergekit gamma; default 0.01)")
+        "number or one per parent (mergekit gamma; default 0.01); with density + gamma > 1 the density kept comes "
+        "first and only the largest 1 - density are dropped (none at density 1), with a warning")
     epsilon: float | list[float] | None = option(
         None, kind="number_or_numbers", check=_check_epsilon, metavar="E", recorded=True, per_method=True,
         show_default=False, card=CardRow(10, "DELLA ε (keep-probability spread)", _card_numbers),
@@ -648,8 +649,8 @@ class MergeOptions:
     consensus_lambda: float = option(
         0.6, kind="number", check=_check_consensus_lambda, metavar="L", recorded=True, per_method=True,
         card=CardRow(12, "Consensus k / λ", _card_numbers),
-        help="consensus: TALL mask of task t holds the entries where |tau_t| > L * |tau_sum - tau_t|, L in "
-        "[0, 100]")
+        help="consensus: TALL mask of task t holds the entries where |tau_t| > L * |tau_sum - tau_t| (tau_sum: the "
+        "unweighted sum of the task vectors; --weights scale only the kept entries), L in [0, 100]")
     pcb_ratio: float = option(
         0.1, kind="number", check=_check_pcb_ratio, metavar="R", recorded=True, per_method=True,
         card=CardRow(13, "PCB ratio", _card_numbers),

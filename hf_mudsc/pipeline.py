@@ -45,7 +45,7 @@ from hf_mudsc.diagnostics import (
     unread_data_warning,
     unread_options_warning,
 )
-from hf_mudsc.errors import MergeInputError, OptionError, shown
+from hf_mudsc.errors import MergeInputError, OptionError
 from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_finite, check_gradients_possible, check_parents
 from hf_mudsc.load.lazy import subset
 from hf_mudsc.load.objects import claimed_for_merge, held_as_given, model_objects
@@ -87,12 +87,12 @@ from hf_mudsc.methods.registry import (
     data_free_methods,
     get_method,
 )
-from hf_mudsc.option_values import WEIGHT_SUM_FLOOR
 from hf_mudsc.options import AUTO, REFITTING, MergeOptions, flag, option_hint
 from hf_mudsc.plan import (
     MergePlan,
     base_copied,
     base_loaded_whole,
+    check_filled_weights,
     check_memory,
     config_of,
     head_copies,
@@ -1047,7 +1047,8 @@ def _one_shot_refusal(method: MergeMethod, chosen: str | None, relation: str) ->
 def _warn_unused(options: MergeOptions, used: Mapping[str, Any], method: MergeMethod, calibration: Any, count: int,
                  refit_value: str, inputs: Sequence[str] = (), *, data_note: str | None = None,
                  strangers: str = "") -> list[str]:
-    """Say which options change nothing (`diagnostics.unread_options_warning`, `inert_options_warnings`), and that
+    """Say which options change nothing (`diagnostics.unread_options_warning`, `inert_options_warnings`) or do less
+    than they say (`MergeMethod.option_warnings`), and that
     `reference_compat=True` has no reference merge to reproduce with a method that matches no units; returns the
     texts said, which the merge records with its other warnings. `data_note`: why the data goes unread (`auto`'s
     dataless choice for want of memory), said instead of the advice to pass a method that reads it."""
@@ -1059,6 +1060,7 @@ def _warn_unused(options: MergeOptions, used: Mapping[str, Any], method: MergeMe
             options, method=method.name, reads_base=method.needs_base_model, reads_data=reads_data,
             has_data=calibration is not None, refit=refit_value, pairs_heads=method.pairs_attention_heads,
             inputs=inputs, data_note=data_note, strangers=strangers)] if text]
+    said += method.option_warnings(options, count)
     for text in said:
         logger.warning("%s", text, extra={ADVICE: text in advice})
     if reference_compat_unread(method, options):
@@ -1382,7 +1384,8 @@ def _check_base(base: Any, model_a: PreTrainedModel, spec: PermutationSpec,
     parent tensor has its shape in the base (a classifier of another label set aside: it is left out) and every
     value is finite. Tensors its checkpoint lacks (`base.absent`: a base of another head class) are left out too:
     the parents' weighted mean fills them (`_fill_missing`), never their fresh initialisation — so `weights` summing
-    to 0 (which task arithmetic accepts) are refused here, before any tensor is merged."""
+    to 0 or scaling a parent beyond ±100 there (which task arithmetic accepts) are refused here, before any tensor is
+    merged (`plan.check_filled_weights`; the dry run refuses alike)."""
     from hf_mudsc.load.parents import parameters_of
 
     name = base.repo_id or base.reference
@@ -1407,13 +1410,7 @@ def _check_base(base: Any, model_a: PreTrainedModel, spec: PermutationSpec,
                     "weighted mean is the merged head", name, ", ".join(label_names(base.model.config)),
                     ", ".join(label_names(model_a.config)))
         dropped |= head
-    filled = [key for key, _ in model_a.named_parameters() if key in dropped]
-    if filled and weights is not None and abs(sum(weights)) < WEIGHT_SUM_FLOOR:
-        raise MergeInputError(
-            f"the base {name!r} lacks {len(filled)} tensor(s) the parents have ({', '.join(filled[:3])}"
-            f"{' ...' if len(filled) > 3 else ''}), which are filled with the parents' weighted mean, but the weights "
-            f"{shown(list(weights))} sum to 0; give {option_hint('weights')} with a non-zero sum, or a base that "
-            "holds those tensors (one of the parents' head class)")
+    check_filled_weights(name, [key for key, _ in model_a.named_parameters() if key in dropped], weights)
     for key, tensor in base_params.items():
         if key not in dropped and tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise MergeInputError(f"the base {name!r} has NaN or infinite values in {key!r}; fix or re-export it")

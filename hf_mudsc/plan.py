@@ -678,6 +678,61 @@ class HeaderFacts(NamedTuple):
     """Every stored tensor's dtype by key: `out_dtype` counts only those that load as weights (`weight_dtypes`)."""
 
 
+def check_filled_weights(base: str, filled: Sequence[str], weights: Sequence[float] | None) -> None:
+    """Refuse `weights` with which the parents' weighted mean — what fills the tensors `filled` a base lacks
+    (`pipeline._check_base`; a base of another head class) — is no mean of these parents: divided by a sum of 0, or
+    scaling a parent by more than ±`FACTOR_LIMIT`, the limit `linear` keeps (task arithmetic's [1, -0.995] filled
+    the head with 200·h_A − 199·h_B). The merge and its dry run refuse alike, in one line naming the tensors."""
+    from hf_mudsc.errors import MergeInputError, shown
+    from hf_mudsc.option_values import FACTOR_LIMIT, WEIGHT_SUM_FLOOR
+
+    if not filled or not weights:
+        return
+    lacks = (f"the base {base!r} lacks {len(filled)} tensor(s) the parents have ({', '.join(filled[:3])}"
+             f"{' ...' if len(filled) > 3 else ''}), which are filled with the parents' weighted mean, but the weights "
+             f"{shown(list(weights))}")
+    fix = "or a base that holds those tensors (one of the parents' head class)"
+    total = sum(weights)
+    if abs(total) < WEIGHT_SUM_FLOOR:
+        raise MergeInputError(f"{lacks} sum to 0; give {option_hint('weights')} with a non-zero sum, {fix}")
+    worst = max((weight / total for weight in weights), key=abs)
+    if abs(worst) > FACTOR_LIMIT:
+        raise MergeInputError(f"{lacks} scale a parent by {worst:g} there, beyond ±{FACTOR_LIMIT:g} (divided by their "
+                              f"sum {total:g}); give {option_hint('weights')} whose sum is farther from 0, {fix}")
+
+
+def filled_tensors(base: Any, model_a: Any, spec: Any, *, token: str | bool | None) -> list[str]:
+    """The parameters of parent A the merge fills with the parents' weighted mean because the located `base` lacks
+    them, from its config and safetensors headers (no weights): those its checkpoint does not hold when read as
+    the parents' class (`base.read_as`), and a head of another shape or other labels — as `pipeline._check_base`
+    finds them once the base is loaded. Tensors of other shapes outside the head are the merge's refusal, not
+    counted here."""
+    from hf_mudsc.apply.classifier import same_head_labels
+    from hf_mudsc.load.lazy import stored_keys
+    from hf_mudsc.load.parents import meta_model as built
+
+    absent: set[str] = set()
+    if base.loaded is not None:
+        model, absent = base.loaded.model, set(base.loaded.absent)
+    elif base.model is not None:
+        model = base.model
+    else:
+        model = built(base.config, base.read_as, reference=base.reference)
+        if base.read_as is not None and base.folder is not None:
+            facts = header_facts(base, token=token)
+            keys = facts.keys if facts.keys is not None else list(facts.shapes or {})
+            named = stored_keys(model, keys) if keys else None
+            if named is not None:
+                absent = {name for name, _ in model.named_parameters() if name not in named}
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters() if name not in absent}
+    head = {spec.classifier.weight, spec.classifier.bias} if spec.classifier else set()
+    dropped = {name for name, p in model_a.named_parameters()
+               if shapes.get(name) != tuple(p.shape) and (name in head or name in absent)}
+    if head - dropped and not same_head_labels(model_a.config, model.config):
+        dropped |= head
+    return [name for name, _ in model_a.named_parameters() if name in dropped]
+
+
 def header_facts(parent: Any, *, token: str | bool | None) -> HeaderFacts:
     """What the safetensors headers of a located parent say; `HeaderFacts(None, [])` without them.
 
@@ -876,6 +931,9 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         [parent_label(i) for i in range(len(parents))], [parent.model is not None for parent in located])
     config = located[0].config
     spec = spec_for(models_meta[0])
+    if located_base is not None:  # the merge's refusal of weights that fill what the base lacks (`_check_base`)
+        check_filled_weights(located_base.reference, filled_tensors(located_base, models_meta[0], spec, token=token),
+                             options.weights)
     tokens, assumed = tokens_per_example(config)
     counted = batch_text_tokens(calibration)
     if assumed and counted is not None:  # only text is ever assumed: tokenized batches say how long theirs are
@@ -972,7 +1030,8 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
                                                                reads_data=needs_data,
                                                                has_data=calibration is not None, refit=refit,
                                                                pairs_heads=method.pairs_attention_heads,
-                                                               inputs=spec.inputs))
+                                                               inputs=spec.inputs),
+                                       *method.option_warnings(options, len(models)))
                      if text]
     relation = (f"same class and configuration ({parents[0].architecture})"
                 + ("; identical weight files (the same model)" if identical else "")

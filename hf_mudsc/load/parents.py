@@ -1475,6 +1475,8 @@ def check_base_config(base: _Located, parent: _Located) -> None:
             )
         ignored = HEAD_CONFIG_KEYS
     differences = config_differences(base.config, parent.config, ignored=ignored)
+    if differences and (resized := resized_vocabulary(base, parent, ignored)) is not None:
+        raise ParentMismatchError(resized)
     if differences:
         raise ParentMismatchError(
             f"the base {base.reference!r} has another configuration than the parents, so the parents are not "
@@ -1483,6 +1485,37 @@ def check_base_config(base: _Located, parent: _Located) -> None:
         )
     if ignored:
         base.read_as = _parent_class(parent)
+
+
+def vocabulary_sizes(config: PretrainedConfig) -> dict[str, Any]:
+    """A config's `vocab_size` fields by where they are: "vocab_size", or "text_config.vocab_size" in a sub-config."""
+    values = config.to_dict()
+    sizes = {"vocab_size": values["vocab_size"]} if "vocab_size" in values else {}
+    sizes.update({f"{key}.vocab_size": sub["vocab_size"] for key, sub in values.items()
+                  if isinstance(sub, dict) and key.endswith("_config") and "vocab_size" in sub})
+    return sizes
+
+
+def resized_vocabulary(base: _Located, parent: _Located, ignored: Iterable[str] = ()) -> str | None:
+    """The refusal of a base whose config differs from the parents' only in a smaller `vocab_size`: the parents'
+    vocabulary was resized from it (tokens added with `resize_token_embeddings`), so they are its fine-tunes — the
+    generic "not fine-tunes of it, pass the base they were fine-tuned from" would send the user looking for a base
+    they already gave. None when anything else differs, or a parent vocabulary is smaller (no resize makes that)."""
+    if config_differences(base.config, parent.config, ignored={*ignored, "vocab_size"}):
+        return None
+    ours, theirs = vocabulary_sizes(base.config), vocabulary_sizes(parent.config)
+    grown = {key: (ours[key], theirs[key]) for key in ours.keys() & theirs.keys() if ours[key] != theirs[key]}
+    if not grown or any(not isinstance(a, int) or not isinstance(b, int) or b < a for a, b in grown.values()):
+        return None
+    key, (old, new) = sorted(grown.items())[0]
+    where = "" if key == "vocab_size" else f"{key.removesuffix('_config.vocab_size')} model's "
+    from hf_mudsc.errors import option_hint
+
+    return (f"the base {base.reference!r} has {old} tokens but the parents {new} ({key} {old} -> {new}): the parents' "
+            f"vocabulary was resized from the base's (tokens added with resize_token_embeddings), so their embeddings "
+            f"have another shape than the base's; resize the base's {where}token embeddings to {new} "
+            f"(resize_token_embeddings({new})), save it (save_pretrained) and pass that as {option_hint('base')}, "
+            "or merge with a method that reads no base (e.g. method='linear')")
 
 
 def _parent_class(parent: _Located) -> type[PreTrainedModel]:

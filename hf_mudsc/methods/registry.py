@@ -219,6 +219,12 @@ class MergeMethod:
         """Refuse option values this method cannot use with `num_parents` parents (raise `MergeInputError`, one
         line naming the option); merge() calls it before anything is loaded (after `auto` chose, for `auto`)."""
 
+    def option_warnings(self, options: MergeOptions, num_parents: int) -> list[str]:
+        """What the method does other than its options say, though it can run with them (breadcrumbs' gamma when
+        density + gamma > 1): said as warnings, recorded with the merge's other option warnings and listed by the
+        dry run. None by default."""
+        return []
+
     @property
     def checks_shapes(self) -> bool:
         """Whether the method has a `check_shapes` rule (overrides it): a caller that would build the shapes for it

@@ -95,13 +95,18 @@ class TensorWiseMethod(MergeMethod):
             raise MergeInputError(f"consensus_k {k} asks more tasks to agree than the {num_parents} parents have: "
                                   "every task-vector entry would be dropped and the merge would be the base; give 0 "
                                   f"to {num_parents}, {option_hint('consensus_k')}")
-        if k is not None and k >= 2 and num_parents == 2:
+        if k is not None and num_parents >= 2 and k == num_parents:
             tall = self.option_value(options, "consensus_lambda")
-            if tall >= 1:  # |tau_1| > L|tau_2| and |tau_2| > L|tau_1| cannot both hold for L >= 1
+            # every mask |tau_t| > L|S - tau_t| (S = sum of the task vectors, unweighted) squared gives
+            # 2 S tau_t > S^2 for L >= 1; summed over t, 0 > (N - 2) S^2: never, for any N and any weights
+            if tall >= 1:
+                masks = ("both TALL masks (|tau_1| > L·|tau_2| and |tau_2| > L·|tau_1|)" if num_parents == 2
+                         else f"all {num_parents} TALL masks (|tau_t| > L·|tau_sum - tau_t| for every t)")
                 raise MergeInputError(
-                    f"consensus_lambda {tall:g} with 2 parents and consensus_k {k} keeps no entry: both TALL masks "
-                    f"(|tau_1| > L·|tau_2| and |tau_2| > L·|tau_1|) hold only for L < 1, so the merge would be the "
-                    f"base; give a value below 1 (0.6 is FusionBench's), {option_hint('consensus_lambda')}")
+                    f"consensus_lambda {tall:g} with {num_parents} parents and consensus_k {k} keeps no entry: "
+                    f"{masks} hold together only for L < 1, so the merge would be the base; give a value below 1 "
+                    f"(0.6 is FusionBench's), {option_hint('consensus_lambda')}"
+                    + (f", or {option_hint('consensus_k')} below {num_parents}" if num_parents > 2 else ""))
         if "weights" in read:
             self._check_weight_factors(options)
         if "epsilon" in read:
@@ -111,6 +116,35 @@ class TensorWiseMethod(MergeMethod):
             if isinstance(density, Sequence):
                 raise MergeInputError(f"method {self.name!r} keeps one share of entries for every parent: give "
                                       f"one number, not {len(density)}, {option_hint('density')}")
+
+    def option_warnings(self, options: MergeOptions, num_parents: int) -> list[str]:
+        """Breadcrumbs keeps `density` of the entries first (mergekit's `magnitude_outliers`): when density + gamma
+        > 1 the two do not fit, and only the largest 1 - density are dropped (none at density 1), not gamma's share
+        — which `--gamma`'s help promises — while the config records gamma as given."""
+        from hf_mudsc.errors import option_hint
+        from hf_mudsc.load.relation import parent_label
+
+        if "gamma" not in dict(self.arguments):
+            return []
+
+        def each(name: str) -> list[float]:
+            value = self.option_value(options, name)
+            return list(value) if isinstance(value, Sequence) else [value] * num_parents
+
+        per_parent = isinstance(options.density, Sequence) or isinstance(options.gamma, Sequence)
+        crowded: dict[tuple[float, float], list[str]] = {}
+        for index, (density, gamma) in enumerate(zip(each("density"), each("gamma"))):
+            if gamma > 0 and density + gamma > 1 + 1e-9:
+                crowded.setdefault((density, gamma), []).append(parent_label(index))
+        texts = []
+        for (density, gamma), parents in crowded.items():
+            dropped = ("none of each task vector's largest entries are dropped" if density >= 1
+                       else f"only the largest {100 * (1 - density):.3g}% of each task vector's entries are dropped")
+            whose = f" (parent{'s' if len(parents) > 1 else ''} {', '.join(parents)})" if per_parent else ""
+            texts.append(f"method {self.name}: density {density:g} + gamma {gamma:g} > 1{whose}, so {dropped}, not "
+                         f"gamma's {100 * gamma:.3g}% — the density kept comes first (mergekit); give density + "
+                         f"gamma <= 1 ({option_hint('density')}, {option_hint('gamma')}) to drop gamma's share")
+        return texts
 
     def _check_weight_factors(self, options: MergeOptions) -> None:
         """The weights are factors on a task vector (on a parent for `linear`), like `scaling` — divided by their
@@ -439,7 +473,8 @@ BREADCRUMBS = register_method(TensorWiseMethod(
     pretty_name="Model Breadcrumbs",
     paper=PAPER_BREADCRUMBS,
     description="Task vectors without their largest gamma and smallest entries (density kept), summed "
-    "(mergekit breadcrumbs; density 0.9, gamma 0.01).",
+    "(mergekit breadcrumbs; density 0.9, gamma 0.01; with density + gamma > 1 only the largest 1 - density are "
+    "dropped, and a warning says so).",
     needs_base_model=True,
     function=_function("breadcrumbs"),
     chunked=True,
@@ -451,7 +486,8 @@ BREADCRUMBS_TIES = register_method(TensorWiseMethod(
     pretty_name="Model Breadcrumbs + TIES sign election",
     paper=PAPER_BREADCRUMBS,
     description="Breadcrumbs masks, then TIES's sign election (mergekit breadcrumbs_ties, which does not "
-    "normalise by default; density 0.9, gamma 0.01).",
+    "normalise by default; density 0.9, gamma 0.01; with density + gamma > 1 only the largest 1 - density are "
+    "dropped, and a warning says so).",
     needs_base_model=True,
     function=_function("breadcrumbs_ties"),
     chunked=True,

@@ -1,7 +1,7 @@
 """Tensor-level same-base merges: task arithmetic, TIES, DARE, breadcrumbs, SLERP, PCB, consensus, RegMean, Fisher.
 
-The building blocks of same-base merging (not yet registered as merge methods: the base model, N parents and the
-streaming loader come with them). Facts and citations: docs/research/same_base_facts.md.
+The pure functions behind the registered methods (methods/task_vector.py, methods/data.py), which add the base
+model, the N parents and the streaming loader. Facts and citations: docs/research/same_base_facts.md.
 
 Pure functions over state dicts (``name -> torch.Tensor``); nothing here knows about
 architectures, files or models. Every method takes
@@ -610,12 +610,14 @@ def pcb(base, parents, weights=None, *, pcb_ratio: float = 0.1, scaling: float =
 def consensus(base, parents, weights=None, *, k: int = 2, tall_mask_lambda: float = 0.6,
               scaling: float = 1.0) -> StateDict:
     """Consensus merging with TALL masks (Wang et al., ICML 2024; nik-dim/tall_masks), the
-    task-arithmetic variant. tau_MTL = sum_t w_t tau_t; TALL mask of task t:
-    |tau_t| > lambda * |tau_MTL - tau_t|; an entry is kept if at least ``k`` tasks' masks
-    hold it; merged = base + scaling * (consensus mask * tau_MTL). The original picks lambda
-    per task on validation data from {0.2,...,0.6}; dataless default 0.6 (FusionBench's
-    ``tall_mask_lambda``). k=2 drops "selfish" and "catastrophic" weights; k=0 is task
-    arithmetic; k > N gives the base."""
+    task-arithmetic variant. TALL mask of task t: |tau_t| > lambda * |tau_sum - tau_t|, with
+    tau_sum = sum_t tau_t unweighted (tall_masks' and FusionBench's ``generate_task_masks``): which
+    entries a task owns does not depend on how much it is weighted, so uniform weights keep the same
+    entries whatever their scale. An entry is kept if at least ``k`` tasks' masks hold it; merged =
+    base + scaling * (consensus mask * sum_t w_t tau_t) — the weights only scale what is kept. The
+    original picks lambda per task on validation data from {0.2,...,0.6}; dataless default 0.6
+    (FusionBench's ``tall_mask_lambda``). k=2 drops "selfish" and "catastrophic" weights; k=0 is task
+    arithmetic; k > N gives the base, as does k = N with lambda >= 1."""
     if base is None:
         raise ValueError("consensus needs the common base model (base=...)")
     _check_parents(parents)
@@ -631,11 +633,12 @@ def consensus(base, parents, weights=None, *, k: int = 2, tall_mask_lambda: floa
         wd = work_dtype(b)
         b32 = b.to(wd)
         taus = [(i, t.to(wd) - b32) for i, t in present]
-        mtl = sum(w_all[i] * tau for i, tau in taus)
+        total = sum(tau for _, tau in taus)
         count = torch.zeros(b.shape, dtype=wd)
         for _, tau in taus:
-            count += (tau.abs() > tall_mask_lambda * (mtl - tau).abs()).to(wd)
+            count += (tau.abs() > tall_mask_lambda * (total - tau).abs()).to(wd)
         keep = (count >= k).to(wd)
+        mtl = sum(w_all[i] * tau for i, tau in taus)
         out[name] = (b32 + scaling * keep * mtl).to(b.dtype)
     return out
 
