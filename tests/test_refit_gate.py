@@ -287,7 +287,8 @@ def test_a_card_and_inspect_say_which_parents_task_a_dropped_refit_would_have_lo
 
     model_a, model_b = make_model("vit_cls", seed=1), make_model("vit_cls", seed=2)
     merged = hf_mudsc.merge([model_a, model_b], make_batches("vit_cls", num_batches=2), refit="none", progress=False)
-    gate = GateDecision(False, -1.2, -1.0, 40, tasks_none=(-0.5, -0.6, -0.9), tasks_refit=(-0.5, -0.7, -0.3))
+    gate = GateDecision(False, -1.2, -1.0, 40, tasks_none=(-0.5, -0.6, -0.9), tasks_refit=(-0.5, -0.7, -0.3),
+                        lowered_tasks=(1,))
     merged.config.mudsc.update(refit="gate", refit_gate=gate.as_config())
     card = " ".join(str(render_card(merged, Recipe(models=["a", "b"], calibration="c", refit="gate"))).split())
     assert ("| Refit / ridge λ (relative) / examples | gate: refit dropped (held-out log-probability agreement -1.0000 "

@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from hf_mudsc.apply.fidelity import Agreement, FidelityScorer, holdout_split
+from hf_mudsc.apply.fidelity import Agreement, FidelityScorer, holdout_split, tasks_below
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +62,8 @@ class GateDecision:
     measure: str = "log-probability agreement"  # `FidelityScorer.measure`: what the scores are
     tasks_none: tuple[float, ...] | None = None
     tasks_refit: tuple[float, ...] | None = None
+    lowered_tasks: tuple[int, ...] = ()  # the tasks (parent indices) the refit lowered (`fidelity.tasks_below`)
     average: AverageCheck | None = None  # the check against plain averaging, when one ran
-
-    @property
-    def lowered_tasks(self) -> tuple[int, ...]:
-        """The tasks (parent indices) whose own term the refit lowered."""
-        return tasks_below(Agreement(0.0, self.tasks_refit), Agreement(0.0, self.tasks_none))
 
     def as_config(self) -> dict[str, Any]:
         config = {"kept": self.kept,
@@ -92,13 +88,6 @@ def decide(none: Agreement, refit: Agreement) -> bool:
     """Keep the refit when it is at least as faithful as the merge without it (ties keep it: the refit is what
     `refit="ridge"` measured best across initializations) and lowers no task's own term (`Agreement.tasks`)."""
     return refit.score >= none.score and not tasks_below(refit, none)
-
-
-def tasks_below(chosen: Agreement, reference: Agreement) -> tuple[int, ...]:
-    """The tasks (parent indices) whose own term `chosen` has below `reference`'s; none without per-task terms."""
-    if chosen.tasks is None or reference.tasks is None:
-        return ()
-    return tuple(i for i, (mine, theirs) in enumerate(zip(chosen.tasks, reference.tasks)) if mine < theirs)
 
 
 def gated_refit(merged: nn.Module, parents: Sequence[nn.Module],
@@ -132,7 +121,7 @@ def gated_refit(merged: nn.Module, parents: Sequence[nn.Module],
     report = refit(merged, lambda: kept_rows)
     refitted = scorer.agreement(merged)
     decision = GateDecision(decide(none, refitted), none.score, refitted.score, scorer.examples, scorer.measure,
-                            none.tasks, refitted.tasks)
+                            none.tasks, refitted.tasks, tasks_below(refitted, none))
     logger.info("refit gate: held-out %s %.4f without the refit, %.4f with it%s: %s", scorer.measure,
                 none.score, refitted.score,
                 f" (it lowered task(s) {list(decision.lowered_tasks)} of the concatenated head)"
