@@ -36,3 +36,88 @@ def test_argument_errors_never_echo_a_token_value_wherever_it_stands(capsys, arg
                                   ["--api-key", "merge", "serve"], ["-v", "--tok", "push", "merge"]])
 def test_the_command_is_never_taken_from_a_token_value(argv):
     assert command_in(argv) == argv[-1]
+
+
+# ---------------------------------------------------------------- an unsupported architecture refused from config.json
+
+
+def detr_folder(folder, backbone: str = "resnet50", timm: bool = True):
+    """A DETR fine-tune's folder, its config as facebook/detr-resnet-50 ships it (a timm backbone, pretrained): an
+    architecture no adapter merges, whose constructor imports timm and downloads the backbone's weights."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "detr", "architectures": ["DetrForObjectDetection"], "use_timm_backbone": timm,
+        "backbone": backbone, "use_pretrained_backbone": True, "num_labels": 2, "d_model": 8, "encoder_layers": 1,
+        "decoder_layers": 1, "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 8,
+        "decoder_ffn_dim": 8, "num_queries": 2}))
+    save_file({"x": torch.zeros(2)}, str(folder / "model.safetensors"))
+    return folder
+
+
+def built_nothing(monkeypatch):
+    """Fail the test when a model class is built or a config is read by transformers: the refusal comes first."""
+    import transformers
+
+    from hf_mudsc.load import parents
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model or config was built before the architecture was refused")
+
+    monkeypatch.setattr(parents, "meta_model", refuse)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_an_unsupported_architecture_is_refused_before_its_model_is_built(tmp_path, monkeypatch, dry_run):
+    """Two DETR folders gave a 61-line traceback ending in `pip install timm` (the model was built on the meta device
+    to compare it with its weights before the support check), instead of the one line naming the supported types."""
+    import hf_mudsc
+    from hf_mudsc.errors import UnsupportedArchitectureError
+
+    a, b = detr_folder(tmp_path / "a"), detr_folder(tmp_path / "b")
+    built_nothing(monkeypatch)
+    with pytest.raises(UnsupportedArchitectureError) as refused:
+        hf_mudsc.merge([str(a), str(b)], method="linear", dry_run=dry_run, progress=False)
+    line = str(refused.value)
+    assert line.startswith("hf_mudsc cannot merge DetrForObjectDetection (model_type='detr'); supported model types: ")
+    assert "vit" in line and "\n" not in line
+
+
+def test_the_cli_refuses_an_unsupported_architecture_in_one_line(tmp_path, capsys):
+    a, b = detr_folder(tmp_path / "a"), detr_folder(tmp_path / "b")
+    assert main(["merge", str(a), str(b), "--method", "linear", "--output", str(tmp_path / "out")]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "cannot merge DetrForObjectDetection" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unsupported_architecture_makes_no_hub_request_for_the_repository_its_config_names(local_hub, tmp_path):
+    """A config naming `backbone: other/backbone` made Hub requests for that repository (AutoConfig fetched its config)
+    before the refusal, local parents or Hub ones alike."""
+    import hf_mudsc
+    from hf_mudsc.errors import UnsupportedArchitectureError
+
+    for name in "ab":
+        detr_folder(tmp_path / name, backbone="other/backbone", timm=False)
+        local_hub.create_repo(f"org/detr-{name}")
+        local_hub.upload_folder(f"org/detr-{name}", tmp_path / name)
+    for parents in ([str(tmp_path / "a"), str(tmp_path / "b")], ["org/detr-a", "org/detr-b"]):
+        with pytest.raises(UnsupportedArchitectureError, match="cannot merge DetrForObjectDetection"):
+            hf_mudsc.merge(parents, method="linear", progress=False)
+    assert not [request.path for request in local_hub.requests if "other/backbone" in request.path]
+
+
+def test_evaluate_still_loads_a_model_no_adapter_merges(tmp_path):
+    """The refusal is the merge's: evaluate scores models of any architecture (its harness reads no adapter)."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    from hf_mudsc.load.parents import load_parent
+
+    ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1],
+                                              num_labels=2)).save_pretrained(tmp_path / "resnet")
+    assert type(load_parent(str(tmp_path / "resnet")).model).__name__ == "ResNetForImageClassification"
