@@ -121,3 +121,105 @@ def test_evaluate_still_loads_a_model_no_adapter_merges(tmp_path):
     ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1],
                                               num_labels=2)).save_pretrained(tmp_path / "resnet")
     assert type(load_parent(str(tmp_path / "resnet")).model).__name__ == "ResNetForImageClassification"
+
+
+# ---------------------------------------------------------------- a token read from a file, its line break with it
+
+PASTED = "org-secret-token-0123456789"  # not hf_-shaped: hide_tokens alone would not hide it
+
+
+@pytest.fixture()
+def hub_parents(local_hub, tmp_path):
+    from factories import make_model
+
+    for name, seed in (("a", 1), ("b", 2)):
+        make_model("vit_cls", seed).save_pretrained(tmp_path / name)
+        local_hub.create_repo(f"user/{name}")
+        local_hub.upload_folder(f"user/{name}", tmp_path / name)
+    return local_hub
+
+
+def sent_tokens(hub) -> set[str]:
+    return {request.headers["authorization"] for request in hub.requests if "authorization" in request.headers}
+
+
+@pytest.mark.parametrize("end", ["\n", "\r\n", " "])
+def test_a_token_read_from_a_file_is_used_without_its_line_break(hub_parents, end):
+    """`token=open("token.txt").read()` failed as "the connection to the Hub dropped ... (Illegal header value
+    b'Bearer <the token>\\n'); retry the command": the token in the message, advice that cannot help."""
+    import hf_mudsc
+
+    hf_mudsc.merge(["user/a", "user/b"], method="linear", progress=False, token=PASTED + end)
+    assert sent_tokens(hub_parents) == {f"Bearer {PASTED}"}
+
+
+@pytest.mark.parametrize("token", [f"{PASTED[:8]}\n{PASTED[8:]}", f"{PASTED[:8]} {PASTED[8:]}", "\n", f"{PASTED}\x00"])
+def test_a_token_with_a_break_inside_is_refused_in_one_line_that_never_shows_it(hub_parents, token):
+    import hf_mudsc
+
+    with pytest.raises(ValueError) as refused:
+        hf_mudsc.merge(["user/a", "user/b"], method="linear", progress=False, token=token)
+    line = str(refused.value)
+    assert "\n" not in line and "token=" in line and "--token" in line, line
+    assert PASTED[:8] not in line and PASTED[8:] not in line
+    assert not hub_parents.requests  # refused before any Hub call
+
+
+def test_the_cli_takes_a_token_from_a_crlf_file_and_refuses_one_broken_inside(hub_parents, hub_cli, tmp_path):
+    done = hub_cli("merge", "user/a", "user/b", "--method", "linear", "--output", str(tmp_path / "out"),
+                   "--token", PASTED + "\r", token=None)
+    assert done.returncode == 0, done.stderr
+    assert sent_tokens(hub_parents) == {f"Bearer {PASTED}"}
+    for command in (["merge", "user/a", "user/b", "--output", str(tmp_path / "o2")], ["push", str(tmp_path / "out"),
+                    "user/m"], ["evaluate", "user/a", "--dataset", "d:test"]):
+        done = hub_cli(*command, "--token", PASTED[:8] + "\r\n" + PASTED[8:], token=None)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and "--token" in lines[0], done.stderr
+        assert PASTED[:8] not in done.stderr and PASTED[8:] not in done.stderr, done.stderr
+
+
+def test_push_merged_takes_a_token_with_its_line_break(hub_parents, tmp_path):
+    import hf_mudsc
+
+    merged = hf_mudsc.merge([str(tmp_path / "a"), str(tmp_path / "b")], method="linear", progress=False)
+    hf_mudsc.push_merged(merged, "user/merged", token=hub_parents.token + "\n")
+    assert hub_parents.file_bytes("user/merged", "config.json")
+    assert sent_tokens(hub_parents) == {f"Bearer {hub_parents.token}"}
+
+
+def test_the_service_refuses_a_bearer_token_with_a_break_inside(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from hf_mudsc.serve.app import create_app
+
+    client = TestClient(create_app(tmp_path / "state"), base_url="http://127.0.0.1")
+    answer = client.post("/api/jobs", json={"models": ["user/a", "user/b"], "method": "average", "dry_run": True},
+                         headers={"Authorization": f"Bearer {PASTED[:8]}\t{PASTED[8:]}"})
+    assert answer.status_code == 400 and PASTED[:8] not in answer.text and PASTED[8:] not in answer.text, answer.text
+    assert "Authorization" in answer.json()["error"], answer.text
+
+
+def test_a_bearer_header_in_an_error_never_shows_its_token():
+    from hf_mudsc.load.references import hide_tokens
+
+    assert hide_tokens(f"Illegal header value b'Bearer {PASTED}\\n'") == "Illegal header value b'Bearer ***"
+
+
+def test_a_dropped_connection_while_pinning_the_calibration_data_is_one_line(monkeypatch):
+    """An httpx error while resolving a Hub dataset's revision was an 83-line traceback."""
+    import huggingface_hub.constants as constants
+    from huggingface_hub import HfApi
+
+    from hf_mudsc.calibrate.datasets import pin_calibration_revision
+    from hf_mudsc.errors import CalibrationError
+    from hf_mudsc.load.hub_calls import http_client
+
+    def drop(*args, **kwargs):
+        raise http_client().ConnectError("[Errno 104] Connection reset by peer")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(HfApi, "dataset_info", drop)
+    with pytest.raises(CalibrationError) as refused:
+        pin_calibration_revision("user/ds:train")
+    line = str(refused.value)
+    assert "\n" not in line and "'user/ds:train'" in line and "Connection reset by peer" in line, line

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import PushInterrupted, UsageError, brief
-from hf_mudsc.load.references import HiddenCredentials, hide_tokens
+from hf_mudsc.load.references import HiddenCredentials, clean_token, hide_tokens
 
 # Sub-command name -> module in hf_mudsc.cli exposing `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS = {
@@ -333,6 +333,12 @@ def run_command(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.quiet and args.verbose:
         parser.error("-q/--quiet and -v/--verbose contradict each other; pass one of them")
+    if isinstance(getattr(args, "token", None), str):  # merge, evaluate, push: read from a file, a line break with it
+        try:
+            args.token = clean_token(args.token, "--token")
+        except ValueError as error:
+            print(f"hf-mudsc {args.command}: error: {error}", file=sys.stderr)
+            return 2
     configure_logging(args.verbose, args.quiet)
     from hf_mudsc.progress import interactive
 
