@@ -223,3 +223,60 @@ def test_a_dropped_connection_while_pinning_the_calibration_data_is_one_line(mon
         pin_calibration_revision("user/ds:train")
     line = str(refused.value)
     assert "\n" not in line and "'user/ds:train'" in line and "Connection reset by peer" in line, line
+
+
+# ---------------------------------------------------------------- evaluate: pickle-only parents
+
+
+@pytest.fixture(scope="module")
+def pickle_parents(tmp_path_factory):
+    """A merge of two tiny ViTs, the same parents saved as pickle only (pytorch_model.bin), and a test split."""
+    import datasets
+    import torch
+    from factories import make_model
+
+    import hf_mudsc
+
+    work = tmp_path_factory.mktemp("pickle")
+    for name, seed in (("a", 1), ("b", 2)):
+        model = make_model("vit_cls", seed)
+        model.save_pretrained(work / name)
+        (work / f"{name}_pickle").mkdir()
+        model.config.save_pretrained(work / f"{name}_pickle")
+        torch.save(model.state_dict(), work / f"{name}_pickle" / "pytorch_model.bin")
+    hf_mudsc.save_merged(hf_mudsc.merge([str(work / "a"), str(work / "b")], method="linear", progress=False),
+                         work / "merged")
+    generator = torch.Generator().manual_seed(0)
+    datasets.Dataset.from_dict({"pixel_values": torch.randn(8, 1, 16, 16, generator=generator).tolist(),
+                                "label": [0, 1, 2, 0, 1, 2, 0, 1]}).save_to_disk(str(work / "data"))
+    return work
+
+
+def test_evaluate_takes_the_allow_pickle_its_refusal_advises(pickle_parents, capsys):
+    """`hf-mudsc evaluate` with pickle-only parents advised `--allow-pickle`, a flag evaluate refused."""
+    work = pickle_parents
+    command = ["evaluate", str(work / "merged"), "--parents", str(work / "a_pickle"), str(work / "b_pickle"),
+               "--dataset", f"{work / 'data'}:train", "--no-card"]
+    assert main(command) == 1
+    err = capsys.readouterr().err
+    assert "pytorch_model.bin" in err and "--allow-pickle" in err, err
+    assert main([*command, "--allow-pickle"]) == 0, capsys.readouterr().err
+    assert "| parent B |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    assert "--allow-pickle" in capsys.readouterr().out
+
+
+def test_evaluate_merge_takes_allow_pickle(pickle_parents):
+    import datasets
+
+    import hf_mudsc
+
+    work = pickle_parents
+    data = datasets.load_from_disk(str(work / "data"))
+    parents = [str(work / "a_pickle"), str(work / "b_pickle")]
+    with pytest.raises(ValueError, match="allow_pickle=True"):
+        hf_mudsc.evaluate_merge(str(work / "merged"), parents, [data], progress=False)
+    result = hf_mudsc.evaluate_merge(str(work / "merged"), parents, [data], progress=False, allow_pickle=True)
+    assert result.parent_scorers == ["parent_a", "parent_b"]
+
