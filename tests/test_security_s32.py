@@ -280,3 +280,36 @@ def test_evaluate_merge_takes_allow_pickle(pickle_parents):
     result = hf_mudsc.evaluate_merge(str(work / "merged"), parents, [data], progress=False, allow_pickle=True)
     assert result.parent_scorers == ["parent_a", "parent_b"]
 
+
+# ---------------------------------------------------------------- attention code named in the dict form
+
+
+@pytest.mark.parametrize(("edit", "named"), [
+    (lambda c: c.update(attn_implementation={"": "kernels-community/flash-attn"}), "attn_implementation['']"),
+    (lambda c: c.update(attn_implementation={"": "sdpa", "vision_config": "kernels-community/x"}),
+     "attn_implementation['vision_config']"),
+    (lambda c: c.update(_attn_implementation={"": {"deeper": "kernels-community/x"}}), "_attn_implementation['']"),
+    (lambda c: c.update(vision_config={"attn_implementation": {"": "kernels-community/x"}}),
+     "vision_config.attn_implementation['']"),  # a sub-config's (CLIP's towers)
+    (lambda c: c.update(attn_implementation=["kernels-community/x"]), "attn_implementation"),
+])
+def test_a_hub_kernel_named_in_the_dict_form_of_attn_implementation_is_refused(tmp_path, capsys, edit, named):
+    """`"attn_implementation": {"": "kernels-community/x"}` (transformers' per-sub-config form) passed the check and
+    reached transformers' Hub-kernel loader (with `kernels` installed it downloads and imports that repository)."""
+    from factories import vit_folder
+
+    a, b = (vit_folder(tmp_path / name, edit=edit) for name in "ab")
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert main(["merge", str(a), str(b), "--method", "linear", "--output", str(tmp_path / "out")]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and f"config.json sets {named} to " in err[0] and "remove the key" in err[0], err
+
+
+def test_transformers_own_attention_in_the_dict_form_is_accepted(tmp_path):
+    from factories import vit_folder
+
+    from hf_mudsc.load.config_json import check_config_json
+
+    folder = vit_folder(tmp_path / "a", edit=lambda c: c.update(attn_implementation={"": "sdpa", "x": "eager",
+                                                                                     "y": None}))
+    assert check_config_json(folder, "a")["attn_implementation"] == {"": "sdpa", "x": "eager", "y": None}
