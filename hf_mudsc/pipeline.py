@@ -56,6 +56,7 @@ from hf_mudsc.load.processors import (
     tokenizer_differences,
 )
 from hf_mudsc.load.references import (
+    clean_token,
     display_name,
     is_object_reference,
     license_conflict,
@@ -415,6 +416,7 @@ def merge(
     try:
         merge_options = MergeOptions.from_keywords(**keywords)
         merge_options.check_combination()
+        token = clean_token(token)
     except OptionError as error:
         raise MergeInputError(str(error)) from None
     alpha, statistics_dtype = merge_options.alpha, merge_options.statistics_dtype

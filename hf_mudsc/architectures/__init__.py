@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
+from collections.abc import Mapping
+from typing import Any
 
 from torch import nn
 
 from hf_mudsc.architectures.registry import SpecBuilder, builder_for, register, registered_model_types, unregister
-from hf_mudsc.errors import SpecError, UnsupportedArchitectureError
+from hf_mudsc.errors import SpecError, UnsupportedArchitectureError, shown
 from hf_mudsc.spec import PermutationSpec
 
-__all__ = ["SpecBuilder", "adapter_modules", "discover", "register", "spec_for", "supported_model_types",
-           "unregister", "UnsupportedArchitectureError"]
+__all__ = ["SpecBuilder", "adapter_modules", "check_config_supported", "discover", "register", "spec_for",
+           "supported_model_types", "unregister", "UnsupportedArchitectureError"]
 
 # Modules of this package that hold shared code, not adapters.
 SHARED_MODULES = frozenset({"registry", "templates"})
@@ -51,6 +54,32 @@ def supported_model_types() -> tuple[str, ...]:
     return registered_model_types()
 
 
+def unsupported(name: str, model_type: object) -> UnsupportedArchitectureError:
+    """The refusal of a model of class `name` and `model_type` that no adapter merges."""
+    return UnsupportedArchitectureError(
+        f"hf_mudsc cannot merge {name} (model_type={shown(model_type)}); supported model types: "
+        f"{', '.join(supported_model_types())}. Adding one is a new file in hf_mudsc/architectures/ "
+        "(docs/adding_an_architecture.md)."
+    )
+
+
+# A class name as config.json's `architectures` gives it (the file is untrusted: anything else is not shown).
+CLASS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
+
+
+def check_config_supported(config: Mapping[str, Any]) -> None:
+    """Refuse a parent whose config.json (the parsed file, `config`) names a model_type no adapter merges, in
+    `spec_for`'s words, before transformers reads the config or builds its model: both act on what the file names
+    (DETR's config fetches the backbone repository it names, its constructor imports timm and downloads weights)."""
+    discover()
+    model_type = config.get("model_type")
+    if isinstance(model_type, str) and builder_for(model_type) is not None:
+        return
+    classes = config.get("architectures")
+    first = classes[0] if isinstance(classes, list) and classes else None
+    raise unsupported(first if isinstance(first, str) and CLASS_NAME.fullmatch(first) else "this model", model_type)
+
+
 def spec_for(model: nn.Module) -> PermutationSpec:
     """Build and validate the permutation spec of a loaded model."""
     discover()
@@ -58,11 +87,7 @@ def spec_for(model: nn.Module) -> PermutationSpec:
     model_type = getattr(config, "model_type", None)
     builder = builder_for(model_type or "")
     if builder is None:
-        raise UnsupportedArchitectureError(
-            f"hf_mudsc cannot merge {type(model).__name__} (model_type={model_type!r}); supported model types: "
-            f"{', '.join(supported_model_types())}. Adding one is a new file in hf_mudsc/architectures/ "
-            "(docs/adding_an_architecture.md)."
-        )
+        raise unsupported(type(model).__name__, model_type)
     spec = builder(model)
     try:
         spec.validate(dict(model.named_parameters()), (name for name, _ in model.named_modules()))

@@ -25,6 +25,7 @@ import torch
 
 from hf_mudsc.calibrate.dataset_spec import FILE_BUILDERS, DatasetSpec
 from hf_mudsc.errors import CalibrationError, brief, first_line, shown
+from hf_mudsc.load.hub_calls import hub_call
 from hf_mudsc.load.processors import image_processor_of, tokenizer_of
 from hf_mudsc.options import check_option, flag, option_hint
 
@@ -116,8 +117,14 @@ def pin_calibration_revision(dataset_spec: str, *, token: str | bool | None = No
     parsed = DatasetSpec.parse(dataset_spec)
     if parsed.local or constants.HF_HUB_OFFLINE:
         return dataset_spec
-    try:
-        info = HfApi().dataset_info(parsed.path, revision=parsed.revision, token=token)
+    try:  # a timeout or a dropped connection: one line (`hub_call`), not the HTTP client's traceback
+        info = hub_call(lambda: HfApi().dataset_info(parsed.path, revision=parsed.revision, token=token,
+                                                     timeout=constants.HF_HUB_ETAG_TIMEOUT),
+                        what="resolving its revision", seconds=constants.HF_HUB_ETAG_TIMEOUT,
+                        setting="HF_HUB_ETAG_TIMEOUT", error=CalibrationError,
+                        subject=f"calibration dataset {dataset_spec!r}: ")
+    except CalibrationError:
+        raise
     except errors.RevisionNotFoundError:
         raise CalibrationError(
             f"calibration dataset {dataset_spec!r}: revision {parsed.revision!r} does not exist in the dataset "

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_mudsc.calibrate.dataset_spec import missing_local_data
+from hf_mudsc.cli.merge import option_argument
 from hf_mudsc.errors import EvaluationError, UsageError
 from hf_mudsc.evaluate.names import (
     AVERAGE,
@@ -52,6 +53,7 @@ from hf_mudsc.evaluate.names import (
 )
 from hf_mudsc.load.hub_calls import hub_error_line
 from hf_mudsc.load.references import hide_tokens
+from hf_mudsc.options import MergeOptions
 from hf_mudsc.publish.folder import check_not_replaced, weights_fingerprint, write_file_atomically
 from hf_mudsc.publish.hub import CARD_FILENAME
 
@@ -136,6 +138,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"also write the results here (DIR/{RESULTS_FILENAME} is always written with the "
                         "card; for a Hub id, or with --no-card, the results are only printed unless this names a "
                         "file)")
+    # merge's flag, as merge declares it: the refusal of pickle-only weights (`weights_format`) names it
+    flags, keywords = option_argument(MergeOptions.option_field("allow_pickle"))
+    parser.add_argument(*flags, **keywords)
     parser.add_argument(
         "--token", metavar="TOKEN", default=argparse.SUPPRESS,
         help="Hub token for a private or gated model, parents or datasets (default: HF_TOKEN or the stored `hf auth "
@@ -639,6 +644,7 @@ def run(args: argparse.Namespace) -> int:
     folder = Path(args.model).expanduser()
     local = folder.is_dir()
     token = getattr(args, "token", None)  # passed to the Hub calls only: never printed, logged or written
+    allow_pickle = getattr(args, "allow_pickle", False)  # pickle-only weights (still read weights_only)
     json_paths = results_paths(folder if local and not args.no_card else None, args.output_json)
     check_replaceable(json_paths, folder / CARD_FILENAME if local and not args.no_card else None)
     datasets_per_task = None
@@ -661,7 +667,7 @@ def run(args: argparse.Namespace) -> int:
     # Which model the folder holds as it loads: one replaced meanwhile (`merge --overwrite`) must not get these scores.
     loaded_from = weights_fingerprint(folder) if local and not args.no_card else None
     try:
-        merged = load_parent(args.model, token=token)
+        merged = load_parent(args.model, token=token, allow_pickle=allow_pickle)
     except LoadError as error:
         raise ValueError(f"cannot load the merged model {args.model!r}: {error}") from error
     if datasets_per_task is None:
@@ -678,7 +684,7 @@ def run(args: argparse.Namespace) -> int:
     parents = None
     if parent_refs is not None:
         try:
-            parents = [load_parent(ref, token=token) for ref in parent_refs]
+            parents = [load_parent(ref, token=token, allow_pickle=allow_pickle) for ref in parent_refs]
         except LoadError as error:
             raise ValueError(
                 f"cannot load the parents {parent_refs}: {error}; pass --parents A B or --no-parents"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import importlib
 import logging
 import os
@@ -15,7 +16,7 @@ from typing import Any, NoReturn
 
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import PushInterrupted, UsageError, brief
-from hf_mudsc.load.references import HiddenCredentials, hide_tokens
+from hf_mudsc.load.references import HiddenCredentials, clean_token, hide_tokens
 
 # Sub-command name -> module in hf_mudsc.cli exposing `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS = {
@@ -32,9 +33,36 @@ def _module(name: str):
     return importlib.import_module(f"hf_mudsc.cli.{name}")
 
 
+# A flag whose value is a secret: `--token`, `--api-key`, an abbreviation argparse accepts (`--tok`, `--api`) or a
+# mistyped one (`--tokn`, `--api_key`).
+SECRET_FLAG = re.compile(r"--(?:to(?:k[\w-]*)?|ap(?:i[\w-]*)?)")
+
+
+def secret_values(argv: Sequence[str]) -> list[str]:
+    """The values given to a secret flag (`SECRET_FLAG`) anywhere in `argv`, as `--token X` or `--token=X`."""
+    values = []
+    for at, arg in enumerate(argv):
+        name, equals, value = arg.partition("=")
+        if SECRET_FLAG.fullmatch(name):
+            if equals:
+                values.append(value)
+            elif at + 1 < len(argv):
+                values.append(argv[at + 1])
+    return [value for value in values if value]
+
+
 def command_in(argv: Sequence[str]) -> str | None:
-    """The sub-command named in `argv`: the first argument that is not a top-level option (those take no value)."""
-    return next((arg for arg in argv if not arg.startswith("-")), None)
+    """The sub-command named in `argv`: the first argument that is not a top-level option (those take no value) nor
+    the value of a secret flag given before the command (`hf-mudsc --token X merge ...`, refused by the parser)."""
+    after_secret_flag = False
+    for arg in argv:
+        if after_secret_flag:
+            after_secret_flag = False
+        elif SECRET_FLAG.fullmatch(arg):
+            after_secret_flag = True
+        elif not arg.startswith("-"):
+            return arg
+    return None
 
 
 # The HTTP client's loggers: one INFO line per request (`HTTP Request: GET ...`), shown only with -v.
@@ -101,8 +129,11 @@ def silence_library_bars() -> None:
 SECRET_PATTERN = re.compile(r"(?<=--tok)(\w*[ =])(\S+)|\b(?:hf|api_org)_[A-Za-z0-9]{8,}")
 
 
-def redact(text: str) -> str:
-    """`text` with tokens replaced by `***` (see `SECRET_PATTERN`)."""
+def redact(text: str, secrets: Sequence[str] = ()) -> str:
+    """`text` with tokens replaced by `***` (see `SECRET_PATTERN`), and every one of `secrets` (the values of the
+    command line's secret flags, `secret_values`) wherever it stands (`invalid choice: '***'`)."""
+    for secret in sorted(set(secrets), key=len, reverse=True):
+        text = re.sub(rf"(?<![\w-]){re.escape(secret)}(?![\w-])", "***", text)
     return SECRET_PATTERN.sub(lambda m: f"{m.group(1)}***" if m.group(1) else "***", text)
 
 
@@ -146,25 +177,33 @@ def disk_failure(error: BaseException, command: str | None) -> str | None:
 
 class Parser(argparse.ArgumentParser):
     """argparse's parser, except that its error line never echoes a token (`unrecognized arguments: --token hf_...`
-    when a command has no --token flag)."""
+    when a command has no --token flag, `invalid choice: '<token>'` when --token came before the command): `secrets`
+    are the command line's secret values (`secret_values`), shown as `***`."""
+
+    def __init__(self, *args: Any, secrets: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.secrets = list(secrets)
 
     def error(self, message: str) -> NoReturn:
-        super().error(redact(message))
+        super().error(redact(message, self.secrets))
 
 
-def build_parser(available: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    """The parser; only the commands in `available` (all when None) get their flags, i.e. import their module.
+def build_parser(available: Sequence[str] | None = None, secrets: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser; only the commands in `available` (all when None) get their flags, i.e. import their module. Its
+    errors show each of `secrets` as `***`.
 
     Every command is listed by `hf-mudsc --help` either way: a command module may import torch (evaluate does),
     and help or an argument error of another command must answer in a second, not after 5-8 s of imports.
     """
     parser = Parser(
+        secrets=secrets,
         prog="hf-mudsc",
         description="Merge fine-tuned Hugging Face transformers without training (MuDSC, CVPR 2024).",
     )
     parser.add_argument("--version", action="version", version=f"hf-mudsc {__version__}")
     add_verbosity(parser)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                parser_class=functools.partial(Parser, secrets=secrets))
     verbosity = verbosity_parent()
     for name, help_text in COMMANDS.items():
         if available is not None and name not in available:
@@ -290,10 +329,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_command(argv: list[str]) -> int:
     """Parse `argv` and run its command, turning the errors a user can fix into one line and an exit code."""
-    parser = build_parser(available=[command] if (command := command_in(argv)) else [])
+    parser = build_parser(available=[command] if (command := command_in(argv)) else [], secrets=secret_values(argv))
     args = parser.parse_args(argv)
     if args.quiet and args.verbose:
         parser.error("-q/--quiet and -v/--verbose contradict each other; pass one of them")
+    if isinstance(getattr(args, "token", None), str):  # merge, evaluate, push: read from a file, a line break with it
+        try:
+            args.token = clean_token(args.token, "--token")
+        except ValueError as error:
+            print(f"hf-mudsc {args.command}: error: {error}", file=sys.stderr)
+            return 2
     configure_logging(args.verbose, args.quiet)
     from hf_mudsc.progress import interactive
 

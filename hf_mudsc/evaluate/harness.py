@@ -89,6 +89,7 @@ def evaluate_merge(
     progress: bool = True,
     trust_remote_code: bool = False,
     own_processors: bool = True,
+    allow_pickle: bool = False,
 ) -> EvaluationResult | None:
     """Score merged model(s), the parents and their ensemble per task, jointly and on average.
 
@@ -123,6 +124,8 @@ def evaluate_merge(
             alike: `"per_task"` (each task's softmax, then the argmax; `hf_mudsc.joint_probabilities`) or `"raw"`
             (the argmax over the raw concatenated logits, what a `transformers` pipeline does). Neither wins
             everywhere (docs/benchmarks/joint_rules.md); the result records the rule.
+        allow_pickle: load models given as a folder or Hub id that have pickle-only weights (pytorch_model.bin:
+            a pickle can run arbitrary code when loaded; only for sources you trust), as `merge(allow_pickle=True)`.
 
     Returns:
         An `EvaluationResult` on the main process (None on the others under a distributed launch).
@@ -149,7 +152,7 @@ def evaluate_merge(
         if config is not None:
             check_scorable(config, scored, f"merged model {name!r}")
             check_tasks_of(config, datasets_per_task, parents)
-    merged_models, parent_models, owned, hub_sources = _load_models(merged, parents)
+    merged_models, parent_models, owned, hub_sources = _load_models(merged, parents, allow_pickle)
     assigned, processor_sources = _assign_processors(merged_models, owned, processor, own_processors)
     models = [*merged_models.values(), *parent_models]
     # each processor configured by the config of a model it scores (channels, text length), errors naming them
@@ -250,15 +253,16 @@ def evaluate_merge(
     return result
 
 
-def _load_models(merged: Any, parents: Sequence[Any] | None) -> tuple[dict, list, list, dict[str, str]]:
+def _load_models(merged: Any, parents: Sequence[Any] | None,
+                 allow_pickle: bool = False) -> tuple[dict, list, list, dict[str, str]]:
     """The merged model(s) by name, the parents (A, B, ...), each one's own processor (None: it has none), merged
-    models first, and the scorers loaded from the Hub as `org/name@commit`."""
+    models first, and the scorers loaded from the Hub as `org/name@commit` (`allow_pickle`: `evaluate_merge`'s)."""
     merged_in = dict(merged) if isinstance(merged, Mapping) else {MERGED: merged}
     if not merged_in:
         raise EvaluationError("no merged model to evaluate")
     merged_models, owned, sources = {}, [], {}
     for name, model in merged_in.items():
-        merged_models[name], loaded_processor, sources[name] = _load(model, f"merged model {name!r}")
+        merged_models[name], loaded_processor, sources[name] = _load(model, f"merged model {name!r}", allow_pickle)
         owned.append(loaded_processor)
     parent_models = []
     if parents is not None:
@@ -267,7 +271,7 @@ def _load_models(merged: Any, parents: Sequence[Any] | None) -> tuple[dict, list
                                   f"{len(parents)}")
         for index, parent in enumerate(parents):
             model, loaded_processor, sources[parent_names(len(parents))[index]] = _load(
-                parent, f"parent {parent_letter(index)}")
+                parent, f"parent {parent_letter(index)}", allow_pickle)
             parent_models.append(model)
             owned.append(loaded_processor)
     return merged_models, parent_models, owned, {name: source for name, source in sources.items() if source}
@@ -609,7 +613,7 @@ def _hub_source(loaded: Any) -> str | None:
     return f"{repo_id}@{commit}" if repo_id and commit else None
 
 
-def _load(model: Any, what: str) -> tuple[Any, Any, str | None]:
+def _load(model: Any, what: str, allow_pickle: bool = False) -> tuple[Any, Any, str | None]:
     """(model, processor, `org/name@commit` when it came from the Hub) from a PreTrainedModel, a LoadedParent, or a
     folder / Hub reference.
 
@@ -638,7 +642,7 @@ def _load(model: Any, what: str) -> tuple[Any, Any, str | None]:
     if isinstance(model, (str, os.PathLike)):
         from hf_mudsc.load.parents import load_parent
 
-        loaded = load_parent(os.fspath(model))
+        loaded = load_parent(os.fspath(model), allow_pickle=allow_pickle)
         return loaded.model, loaded.processor, _hub_source(loaded)
     raise EvaluationError(f"{what} is a {type(model).__name__}; pass a PreTrainedModel, a folder or a Hub id")
 

@@ -129,12 +129,18 @@ def _check_code_choices(data: dict[str, Any], where: str, prefix: str = "") -> N
     """Keys that make transformers run other code than the model's own class: an attention implementation other
     than its built-in ones (a Hub kernel id is downloaded and run), a quantization applied while loading."""
     for key, value in data.items():
-        if isinstance(value, dict) and key != "quantization_config":
+        if key in _ATTENTION_KEYS:
+            # transformers also takes one per sub-config, `{"": "sdpa", "vision_config": "<kernel repo>"}`: each is
+            # checked (a dict is no sub-config here); any other value (a list, a number) is refused as a kernel id is
+            choices = ({f"{prefix}{key}[{name!r}]": each for name, each in value.items()} if isinstance(value, dict)
+                       else {f"{prefix}{key}": value})
+            for name, each in choices.items():
+                if each is not None and (not isinstance(each, str) or each not in ATTENTION_IMPLEMENTATIONS):
+                    raise LoadError(f"{where} sets {name} to {shown(each)}; hf-mudsc runs models with transformers' "
+                                    f"own attention (eager or sdpa), never attention code a model names: remove the "
+                                    "key or set it to \"sdpa\"")
+        elif isinstance(value, dict) and key != "quantization_config":
             _check_code_choices(value, where, f"{prefix}{key}.")
-        elif key in _ATTENTION_KEYS and value is not None and value not in ATTENTION_IMPLEMENTATIONS:
-            raise LoadError(f"{where} sets {prefix}{key} to {shown(value)}; hf-mudsc runs models with transformers' "
-                            f"own attention (eager or sdpa), never attention code a model names: remove the key or "
-                            "set it to \"sdpa\"")
     if not prefix and data.get("quantization_config") is not None:
         quantization = data["quantization_config"]
         method = quantization.get("quant_method") if isinstance(quantization, dict) else None

@@ -13,6 +13,7 @@ from types import ModuleType
 from typing import TypeVar
 
 from hf_mudsc.errors import brief, first_line
+from hf_mudsc.load.references import hide_tokens
 
 T = TypeVar("T")
 
@@ -55,8 +56,8 @@ def hub_call(call: Callable[[], T], *, what: str, seconds: float | None, setting
             f"stalled or the connection is too slow: retry later, or allow more time with {setting}=<seconds>"
         ) from failure
     except http.TransportError as failure:
-        raise error(f"{subject}the connection to the Hub dropped while {what} ({first_line(failure)}); {then}"
-                    ) from failure
+        said = hide_tokens(first_line(failure))  # httpx repeats a header it refuses: `b'Bearer <token>'`
+        raise error(f"{subject}the connection to the Hub dropped while {what} ({said}); {then}") from failure
 
 
 # What to do about an HTTP answer, by status: the server's own words say what went wrong, not always the fix.

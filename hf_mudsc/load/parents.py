@@ -263,7 +263,7 @@ def meta_model(config: PretrainedConfig, cls: type[PreTrainedModel] | None = Non
 
 
 def _locate(ref: Any, *, token: str | bool | None, allow_pickle: bool,
-            cache_dir: str | os.PathLike | None) -> _Located:
+            cache_dir: str | os.PathLike | None, for_merge: bool = False) -> _Located:
     if isinstance(ref, LoadedParent):
         return _Located(reference=ref.reference, config=ref.model.config, repo_id=ref.repo_id,
                         revision=ref.revision, commit_sha=ref.commit_sha, loaded=ref)
@@ -284,8 +284,9 @@ def _locate(ref: Any, *, token: str | bool | None, allow_pickle: bool,
         if HUB_ID_SHAPE.fullmatch(text) and os.path.exists(text):  # `org/vit-b` here: a folder, though a Hub id too
             logger.warning("%r is a folder here and also reads as a Hub id: the folder is merged; write './%s' to say "
                            "so, or '%s@main' for the Hub repository", text, text, text)
-        return _locate_folder(text, Path(name).expanduser(), allow_pickle)
-    return _locate_hub(text, name, revision, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir)
+        return _locate_folder(text, Path(name).expanduser(), allow_pickle, for_merge)
+    return _locate_hub(text, name, revision, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir,
+                       for_merge=for_merge)
 
 
 # `org/name`: what a Hub repository id looks like (and a relative folder two levels deep may too).
@@ -470,7 +471,7 @@ def _is_setting(value: Any) -> bool:
     return isinstance(value, (int, float, str)) and not isinstance(value, bool)
 
 
-def _locate_folder(reference: str, path: Path, allow_pickle: bool) -> _Located:
+def _locate_folder(reference: str, path: Path, allow_pickle: bool, for_merge: bool = False) -> _Located:
     if not path.is_dir():
         raise LoadError(
             f"no model folder at {str(path)!r}; pass an existing folder written by save_pretrained, or a Hub "
@@ -486,7 +487,7 @@ def _locate_folder(reference: str, path: Path, allow_pickle: bool) -> _Located:
     files = [p.name for p in path.iterdir() if p.is_file()]
     refuse_large_side_files(reference, _folder_sizes(path, files), _FOLDER_FIX)
     weight_files, use_pickle = weights_format(reference, files, allow_pickle)
-    config = load_config(path, reference)
+    config = load_config(path, reference, for_merge=for_merge)
     check_weight_files(reference, path, weight_files)
     located = _Located(reference=reference, config=config, folder=path, weight_files=weight_files,
                        use_pickle=use_pickle)
@@ -611,12 +612,17 @@ def folder_config(folder: Path, reference: str) -> PretrainedConfig:
     return load_config(folder, reference)
 
 
-def load_config(folder: Path, reference: str) -> PretrainedConfig:
+def load_config(folder: Path, reference: str, *, for_merge: bool = False) -> PretrainedConfig:
     """A model folder's config, refused in one line (`LoadError`) as the loader refuses it: hostile counts and remote
-    code before transformers reads it, anything transformers cannot read."""
+    code before transformers reads it, anything transformers cannot read. `for_merge`: a model_type no adapter merges
+    is refused first (`UnsupportedArchitectureError`), before transformers acts on the file (evaluate reads any)."""
     from huggingface_hub.errors import StrictDataclassError
 
-    check_config_json(folder, reference)  # not a JSON object, absurd counts: refused before transformers reads it
+    data = check_config_json(folder, reference)  # not a JSON object, absurd counts: refused before transformers reads
+    if for_merge:
+        from hf_mudsc.architectures import check_config_supported
+
+        check_config_supported(data)
     try:
         return AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except (ValueError, OSError, KeyError, TypeError, AttributeError, StrictDataclassError) as error:
@@ -627,7 +633,7 @@ def load_config(folder: Path, reference: str) -> PretrainedConfig:
 
 
 def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: str | bool | None,
-                allow_pickle: bool, cache_dir: str | os.PathLike | None) -> _Located:
+                allow_pickle: bool, cache_dir: str | os.PathLike | None, for_merge: bool = False) -> _Located:
     from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.utils import validate_repo_id
 
@@ -670,7 +676,7 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
         folder = download_files(reference, repo_id, sha, small, token=token, cache_dir=cache_dir)
         refuse_links_out(reference, folder)  # a cached snapshot is handed back unchecked: links only into its blobs
         remember_revision(folder, revision, sha)
-    config = load_config(folder, reference)
+    config = load_config(folder, reference, for_merge=for_merge)
     return _Located(reference=reference, config=config, folder=folder, repo_id=repo_id, revision=revision,
                     commit_sha=sha, weight_files=weight_files, use_pickle=use_pickle, card_bytes=card_bytes)
 
@@ -1274,8 +1280,9 @@ def _unsafe_global(error: BaseException) -> str:
     return found.group(1) if found else "code"
 
 
-def _locate_with_processor(ref: Any, *, token, allow_pickle, cache_dir) -> _Located:
-    located = _locate(ref, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir)
+def _locate_with_processor(ref: Any, *, token, allow_pickle, cache_dir, for_merge: bool = False) -> _Located:
+    """`ref` located with its processor; `for_merge`: refused first when no adapter merges its model_type."""
+    located = _locate(ref, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir, for_merge=for_merge)
     if located.folder is not None:
         located.processor = load_processor(located.folder, located.reference)
     return located
@@ -1302,7 +1309,8 @@ def load_parents(refs: Sequence[Any], *, token: str | bool | None = None, allow_
     """
     if isinstance(refs, (str, os.PathLike, PreTrainedModel)):
         raise LoadError("load_parents takes a list of parents, e.g. ['org/a', 'org/b@v2']")
-    located = [_locate_with_processor(r, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir) for r in refs]
+    located = [_locate_with_processor(r, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir, for_merge=True)
+               for r in refs]
     check_model_objects(located)
     agree_on_constructor_options(located)
     check_configs(located)
@@ -1366,7 +1374,8 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
     """
     if isinstance(refs, (str, os.PathLike, PreTrainedModel)):
         raise LoadError("load_parents takes a list of parents, e.g. ['org/a', 'org/b@v2']")
-    located = [_locate_with_processor(r, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir) for r in refs]
+    located = [_locate_with_processor(r, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir, for_merge=True)
+               for r in refs]
     check_model_objects(located)
     agree_on_constructor_options(located)
     check_configs(located)
@@ -1431,7 +1440,8 @@ def locate_base(located: Sequence[_Located], base: Any = None, *, base_needed_fo
     if base is None:
         return None, None
     try:
-        located_base = _locate_with_processor(base, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir)
+        located_base = _locate_with_processor(base, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir,
+                                              for_merge=True)
         check_model_objects([located_base], [f"the base {located_base.reference!r}"], shapes=False)
         check_base_config(located_base, located[0])
     except (LoadError, ParentMismatchError) as error:
@@ -1625,7 +1635,8 @@ def locate_parents(refs: Sequence[Any], base: Any = None, *, base_needed_for: st
     read, configurations and vocabularies compared, the base found (`locate_base`: given, or named by the cards when
     `base_needed_for` names a method that needs one) and checked — no weight file fetched (`located.weight_files`
     names them). `(parents, base or None, where the base came from or None)`."""
-    located = [_locate_with_processor(r, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir) for r in refs]
+    located = [_locate_with_processor(r, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir, for_merge=True)
+               for r in refs]
     check_model_objects(located)
     agree_on_constructor_options(located)
     check_configs(located)

@@ -26,6 +26,30 @@ TOKEN_SHAPE = re.compile(r"\b(?:hf|api_org)_[A-Za-z0-9]{30,}\b")
 TOKEN_FIX = "pass a token with token= (CLI: --token, or the HF_TOKEN variable), never in its place"
 
 
+# Where a token is given, in the user's words (the library's keyword and the CLI's flag).
+TOKEN_GIVEN = "token= (CLI: --token)"
+# A character a token holds: printable ASCII but the space (an HTTP header carries nothing else).
+TOKEN_CHARACTERS = re.compile(r"[!-~]+")
+
+
+def clean_token(token: str | bool | None, where: str = TOKEN_GIVEN) -> str | bool | None:
+    """`token` as it is sent: surrounding whitespace removed (a token read from a file, `open("token.txt").read()` or
+    a CRLF file, ends in a line break, as huggingface_hub strips HF_TOKEN and the stored login); a token with a
+    space, line break or control character inside (a paste of two lines) is refused in one line naming `where` it
+    was given, never showing it (`OptionError`): the HTTP client would refuse the header in words naming the token.
+    Every entry point taking a token (merge, push_merged, the CLI, the service) sends it through here."""
+    if not isinstance(token, str) or not token:
+        return token
+    stripped = token.strip()
+    if not TOKEN_CHARACTERS.fullmatch(stripped):
+        from hf_mudsc.errors import OptionError
+
+        said = "holds only whitespace" if not stripped else "holds a space, line break or other character no token has"
+        raise OptionError(f"the token given as {where} {said} (not shown); pass the token alone (a token read from a "
+                          "file: its first line, stripped)")
+    return stripped
+
+
 def looks_like_token(text: str) -> bool:
     """Whether `text` holds something shaped like an access token (then no message may show `text`)."""
     return TOKEN_SHAPE.search(text) is not None
@@ -56,11 +80,17 @@ def repo_id_refusal(repo_id: str, where: str) -> str | None:
 URL_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s'\"<>]*@")
 
 
+# The credentials of an `Authorization: Bearer <token>` header an HTTP client's error repeats (`Illegal header value
+# b'Bearer <token>\\n'`), whatever the token's shape.
+BEARER = re.compile(r"\b(Bearer\s+)\S+", re.IGNORECASE)
+
+
 def hide_tokens(text: str) -> str:
-    """`text` with anything shaped like an access token, and the userinfo of any URL, replaced by `***`: for an error
-    line that names what the user gave, which may be a token given in the wrong place (`hf-mudsc inspect $HF_TOKEN`),
-    or a Hub error naming its URL, whose host an `HF_ENDPOINT` with credentials precedes with them."""
-    return URL_USERINFO.sub(r"\1***@", TOKEN_SHAPE.sub("***", text))
+    """`text` with anything shaped like an access token, what follows `Bearer` and the userinfo of any URL replaced by
+    `***`: for an error line that names what the user gave, which may be a token given in the wrong place (`hf-mudsc
+    inspect $HF_TOKEN`), a header the HTTP client refused, or a Hub error naming its URL, whose host an `HF_ENDPOINT`
+    with credentials precedes with them."""
+    return URL_USERINFO.sub(r"\1***@", BEARER.sub(r"\1***", TOKEN_SHAPE.sub("***", text)))
 
 
 class HiddenCredentials(logging.Filter):

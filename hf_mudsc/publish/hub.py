@@ -27,7 +27,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from hf_mudsc.errors import PushError, PushInterrupted, RepoExistsError
 from hf_mudsc.load.hub_calls import http_client, hub_call, hub_error_line
-from hf_mudsc.load.references import repo_id_refusal, without_userinfo
+from hf_mudsc.load.references import clean_token, repo_id_refusal, without_userinfo
 from hf_mudsc.publish.folder import (
     MARKER_FILENAME,
     changed_files,
@@ -268,6 +268,7 @@ def push_folder(
             a commit may be applied although its answer was lost). A repo created by this call is deleted
             when nothing was committed.
     """
+    token = clean_token(token)  # a token read from a file, its line break with it
     folder = check_folder(folder)
     if not just_written:
         check_unchanged(folder, allow_changed=allow_changed,

@@ -349,8 +349,10 @@ def push_merged(
     Returns:
         A `hf_mudsc.publish.hub.PushResult` (`commit_sha`, `commit_url`, `url`).
     """
+    from hf_mudsc.load.references import clean_token
     from hf_mudsc.publish.hub import check_repo_id, check_target
 
+    token = clean_token(token)  # a token read from a file, its line break with it
     check_repo_id(repo_id, flag="repo_id")  # a token pasted here: refused before any message could show it
     recipe = recipe_of(merged).override(push_to_hub=repo_id)
     refuse_non_finite_weights(merged)  # before the Hub is asked anything

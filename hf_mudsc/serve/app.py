@@ -59,6 +59,7 @@ from starlette.requests import ClientDisconnect
 
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import RecipeError, shown
+from hf_mudsc.load.references import clean_token
 from hf_mudsc.publish.folder import weights_fingerprint
 from hf_mudsc.publish.recipe import RecipeLoader, repeated_key, yaml_error_line
 from hf_mudsc.serve import HEADER_MAX_BYTES, host_name, is_loopback
@@ -584,7 +585,7 @@ def _bearer(request: Request) -> str | None:
     if scheme.lower() != "bearer" or not value.strip():
         raise ValueError("the Authorization header is not `Bearer <token>`: send the Hugging Face token as "
                          "`Authorization: Bearer hf_...`, or leave the header out to use the service's own Hub login")
-    return value.strip()
+    return clean_token(value, "`Authorization: Bearer`")  # a space or tab inside: refused, never shown
 
 
 def _output_folder(job: dict[str, Any], outputs: Path) -> Path | None:

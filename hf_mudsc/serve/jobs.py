@@ -517,7 +517,7 @@ def check_shapes_on_disk(recipe: Recipe) -> None:
         from hf_mudsc.pipeline import parameter_shapes
 
         try:  # refused as the loader refuses a config (hostile counts, remote code) before transformers reads it
-            return parameter_shapes(load_config(folder, reference))
+            return parameter_shapes(load_config(folder, reference, for_merge=True))
         except Exception as problem:  # noqa: BLE001 - the worker reads it again and refuses it in its own words
             raise ConfigUnreadable(str(problem)) from problem
 
