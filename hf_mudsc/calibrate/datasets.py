@@ -966,6 +966,8 @@ def _plan(columns: Sequence[str], inputs: Sequence[str], processor: Any, image_c
         refuse_other_image_size(image_processor, model_config, role)
     if use_text and not quiet and (said := larger_vocabulary_warning(tokenizer, model_config, role)):
         logger.warning("%s", said)
+    if len(texts) == 2:
+        refuse_pairs_for_one_segment(texts, tokenizer, model_config, role)
     preprocess = _Preprocessor(
         image_column=use_image, text_column=use_text, text_pair_column=texts[1] if len(texts) == 2 else None,
         image_processor=image_processor if use_image else None,
@@ -1196,6 +1198,25 @@ def refuse_other_image_size(image_processor: Any, model_config: Any, role: DataR
 VOCABULARY_FIX = ("resize the model's token embeddings to its tokenizer "
                   "(model.resize_token_embeddings(len(tokenizer)), then save it) or use the tokenizer it was trained "
                   "with")
+
+
+def refuse_pairs_for_one_segment(texts: Sequence[str], tokenizer: Any, model_config: Any,
+                                 role: DataRole = CALIBRATION) -> None:
+    """Refuse text pairs, before any row is read (or any weights loaded), for a model whose config embeds fewer than
+    two segment types (`type_vocab_size` 1: trained on single texts) when the tokenizer marks the second segment with
+    `token_type_ids` 1: every batch would fail inside the embedding (`index out of range in self`) after the weights
+    load. A tokenizer making no token_type_ids (RoBERTa's) reads pairs as one sequence, which such models read."""
+    text = getattr(model_config, "text_config", None) or model_config
+    segments = getattr(text, "type_vocab_size", None)
+    if (not isinstance(segments, int) or isinstance(segments, bool) or segments >= 2 or tokenizer is None
+            or "token_type_ids" not in (getattr(tokenizer, "model_input_names", None) or ())):
+        return
+    first, second = texts
+    raise role.error(
+        f"the {role.data} is read as text pairs ({first!r} and {second!r}), whose second segment "
+        f"{role.tokenizer} marks with token_type_ids 1, but the model's config has type_vocab_size {segments} (trained "
+        f"on single texts: segment 0 only); read one column with text_column={first!r} (CLI: "
+        f"{flag('text_column')} {first}), or use models trained on text pairs")
 
 
 def larger_vocabulary_warning(tokenizer: Any, model_config: Any, role: DataRole = CALIBRATION) -> str | None:

@@ -1,0 +1,115 @@
+"""Text inputs after the session-32 text hunt: segment ids (token_type_ids) past the config's type_vocab_size refused
+naming both numbers (and text pairs for a one-segment model before any weights), `joint_probabilities` refusing
+heads with no softmax rule, and CLIP class prompts cut by the text tower's positions said (refused when the cut leaves
+two classes the same prompt)."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+import hf_mudsc
+from hf_mudsc.calibrate.datasets import check_calibration_columns
+from hf_mudsc.calibrate.statistics import ModelInputCheck
+from hf_mudsc.errors import CalibrationError, EvaluationError
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(40)]
+BERT = dict(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+            intermediate_size=48, max_position_embeddings=32, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0)
+
+
+def tokenizer() -> BertTokenizerFast:
+    return BertTokenizerFast(vocab={w: i for i, w in enumerate(WORDS)})
+
+
+def sentences(count: int, seed: int) -> list[str]:
+    generator = torch.Generator().manual_seed(seed)
+    return [" ".join(f"w{int(i)}" for i in torch.randint(0, 40, (5,), generator=generator)) for _ in range(count)]
+
+
+def pairs(count: int = 16, **extra) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"sentence1": sentences(count, 0), "sentence2": sentences(count, 1), **extra})
+
+
+def bert_folders(root, type_vocab_size: int) -> list[str]:
+    folders = []
+    for seed, labels in ((0, ["x", "y", "z"]), (1, ["p", "q", "r"])):
+        torch.manual_seed(seed)
+        folder = root / f"bert{seed}"
+        config = BertConfig(**BERT, type_vocab_size=type_vocab_size, num_labels=3, id2label=dict(enumerate(labels)))
+        BertForSequenceClassification(config).save_pretrained(folder)
+        tokenizer().save_pretrained(folder)
+        folders.append(str(folder))
+    return folders
+
+
+def one_line(caught: pytest.ExceptionInfo, kind: type[Exception]) -> str:
+    message = str(caught.value)
+    assert isinstance(caught.value, kind) and "\n" not in message, message
+    return message
+
+
+# 1: token_type_ids past type_vocab_size
+def test_text_pairs_for_a_model_with_one_segment_type_are_refused_before_reading():
+    config = BertConfig(**BERT, type_vocab_size=1)
+    for text_column in (None, "sentence1,sentence2"):
+        with pytest.raises(CalibrationError) as caught:
+            check_calibration_columns(pairs(), [tokenizer()], text_column=text_column, inputs=("input_ids",),
+                                      model_config=config)
+        message = one_line(caught, CalibrationError)
+        assert "type_vocab_size 1" in message and "token_type_ids" in message and "text_column" in message, message
+    # one column of the pair, or a model trained on pairs, reads as before
+    check_calibration_columns(pairs(), [tokenizer()], text_column="sentence1", inputs=("input_ids",),
+                              model_config=config)
+    check_calibration_columns(pairs(), [tokenizer()], inputs=("input_ids",),
+                              model_config=BertConfig(**BERT, type_vocab_size=2))
+
+
+def test_merge_and_its_dry_run_refuse_text_pairs_for_one_segment_parents_before_weights(tmp_path, monkeypatch):
+    folders = bert_folders(tmp_path, type_vocab_size=1)
+    for dry_run in (True, False):
+        with pytest.raises(CalibrationError) as caught:
+            hf_mudsc.merge(folders, pairs(), method="mudsc", refit="none", progress=False, batch_size=8,
+                           dry_run=dry_run)
+        message = one_line(caught, CalibrationError)
+        assert "type_vocab_size 1" in message and "index out of range" not in message, message
+
+
+def test_a_batch_with_token_type_ids_past_type_vocab_size_is_refused_naming_both_numbers():
+    check = ModelInputCheck.of(BertConfig(**BERT, type_vocab_size=2))
+    ids = torch.tensor([[2, 7, 8, 3]])
+    check({"input_ids": ids, "token_type_ids": torch.tensor([[0, 0, 1, 1]])})  # within the segments: read
+    with pytest.raises(CalibrationError) as caught:
+        check({"input_ids": ids, "token_type_ids": torch.tensor([[0, 0, 2, 2]])})
+    message = one_line(caught, CalibrationError)
+    assert "token_type_ids" in message and "segment id 2" in message and "type_vocab_size 2" in message, message
+    evaluation = ModelInputCheck.of(BertConfig(**BERT, type_vocab_size=1), data="evaluation", models="the model",
+                                    error=EvaluationError)
+    with pytest.raises(EvaluationError) as caught:
+        evaluation({"input_ids": ids, "token_type_ids": torch.tensor([[0, 0, 1, 1]])})
+    assert "type_vocab_size 1" in one_line(caught, EvaluationError)
+    ModelInputCheck.of(BertConfig(**BERT))({"input_ids": ids, "token_type_ids": torch.tensor([[0, 1, 1, 1]])})
+
+
+def test_merge_of_pre_tokenized_data_with_segment_ids_past_type_vocab_size_names_them(tmp_path):
+    folders = bert_folders(tmp_path, type_vocab_size=2)
+    encoded = dict(tokenizer()(sentences(16, 2), padding=True))
+    encoded["token_type_ids"] = [[2] * len(row) for row in encoded["token_type_ids"]]
+    with pytest.raises(CalibrationError) as caught:
+        hf_mudsc.merge(folders, datasets.Dataset.from_dict(encoded), method="mudsc", refit="none", progress=False,
+                       batch_size=8)
+    message = one_line(caught, CalibrationError)
+    assert "token_type_ids" in message and "type_vocab_size 2" in message and "index out of range" not in message
+
+
+def test_evaluate_refuses_text_pairs_for_a_one_segment_model(tmp_path):
+    folder = bert_folders(tmp_path, type_vocab_size=1)[0]
+    with pytest.raises(EvaluationError) as caught:
+        hf_mudsc.evaluate_merge(folder, None, [pairs(label=[0, 1] * 8)], progress=False)
+    message = one_line(caught, EvaluationError)
+    assert "type_vocab_size 1" in message and "index out of range" not in message, message
