@@ -113,3 +113,39 @@ def test_evaluate_refuses_text_pairs_for_a_one_segment_model(tmp_path):
         hf_mudsc.evaluate_merge(folder, None, [pairs(label=[0, 1] * 8)], progress=False)
     message = one_line(caught, EvaluationError)
     assert "type_vocab_size 1" in message and "index out of range" not in message, message
+
+
+# 2: joint_probabilities for heads with no softmax rule
+def merged_head_config(**head) -> BertConfig:
+    config = BertConfig(**BERT, **head)
+    config.task_label_ranges = {"a": [0, config.num_labels // 2], "b": [config.num_labels // 2, config.num_labels]}
+    return config
+
+
+def test_joint_probabilities_refuses_a_multi_label_head_naming_its_sigmoid():
+    config = merged_head_config(problem_type="multi_label_classification", num_labels=6)
+    logits = torch.randn(3, 6)
+    for given in (config, config.to_dict()):
+        with pytest.raises(EvaluationError) as caught:
+            hf_mudsc.joint_probabilities(logits, given)
+        message = one_line(caught, EvaluationError)
+        assert "multi-label" in message and "logits.sigmoid()" in message, message
+
+
+def test_joint_probabilities_refuses_regression_heads():
+    logits = torch.randn(3, 2)
+    for config in (merged_head_config(problem_type="regression", num_labels=2),
+                   BertConfig(**BERT, num_labels=1)):  # one output, no problem_type: transformers' regression
+        for given in (config, config.to_dict()):
+            with pytest.raises(EvaluationError) as caught:
+                hf_mudsc.joint_probabilities(logits[:, :config.num_labels], given)
+            message = one_line(caught, EvaluationError)
+            assert "regression" in message and "scores" in message, message
+
+
+def test_joint_probabilities_of_a_softmax_head_or_bare_ranges_is_each_tasks_softmax():
+    logits = torch.randn(3, 6)
+    expected = torch.cat([logits[:, :3].softmax(-1), logits[:, 3:].softmax(-1)], dim=-1)
+    config = merged_head_config(num_labels=6)
+    for given in (config, config.to_dict(), {"a": [0, 3], "b": [3, 6]}):
+        assert torch.allclose(hf_mudsc.joint_probabilities(logits, given), expected)
