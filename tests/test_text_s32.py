@@ -5,9 +5,13 @@ two classes the same prompt)."""
 
 from __future__ import annotations
 
+import logging
+
 import datasets
 import pytest
 import torch
+from factories import make_model
+from test_evaluation import word_tokenizer
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
 import hf_mudsc
@@ -149,3 +153,37 @@ def test_joint_probabilities_of_a_softmax_head_or_bare_ranges_is_each_tasks_soft
     config = merged_head_config(num_labels=6)
     for given in (config, config.to_dict(), {"a": [0, 3], "b": [3, 6]}):
         assert torch.allclose(hf_mudsc.joint_probabilities(logits, given), expected)
+
+
+# 3: CLIP class prompts cut by the text tower's positions (24 in the factories' tiny CLIP)
+def pets() -> datasets.Dataset:
+    images = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    features = datasets.Features({"pixel_values": datasets.Array3D((3, 16, 16), "float32"),
+                                  "label": datasets.ClassLabel(names=["cat", "dog", "car"])})
+    return datasets.Dataset.from_dict({"pixel_values": images.numpy(), "label": [0, 1, 2] * 2}, features=features)
+
+
+def test_a_template_whose_cut_leaves_classes_the_same_prompt_is_refused_before_scoring():
+    template = "a " * 24 + "{}"  # 24 words, the name, <bos> and <eos>: 27 tokens, the name cut off
+    with pytest.raises(EvaluationError) as caught:
+        hf_mudsc.evaluate_merge(make_model("clip", seed=0), None, {"pets": pets()}, prompt_template=template,
+                                processor=word_tokenizer(["cat", "dog", "car", "a"]), progress=False)
+    message = one_line(caught, EvaluationError)
+    assert repr(template) in message and "27 tokens" in message and "24 positions" in message, message
+    assert "'cat'" in message and "'dog'" in message and "prompt_template" in message, message
+
+
+def test_a_template_cut_without_losing_the_class_names_is_warned_about_once(caplog):
+    template = "{} " + "a " * 24
+    models = {"first": make_model("clip", seed=0), "second": make_model("clip", seed=1)}
+    with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
+        result = hf_mudsc.evaluate_merge(models, None, {"pets": pets()}, prompt_template=template,
+                                         processor=word_tokenizer(["cat", "dog", "car", "a"]), progress=False)
+    said = [r.getMessage() for r in caplog.records if "positions" in r.getMessage()]
+    assert len(said) == 1 and repr(template) in said[0] and "27 tokens" in said[0] and "24" in said[0], said
+    assert set(result.scores) == {"first", "second"}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
+        hf_mudsc.evaluate_merge(models["first"], None, {"pets": pets()}, prompt_template="a photo of a {}",
+                                processor=word_tokenizer(["cat", "dog", "car", "a", "photo", "of"]), progress=False)
+    assert not [r for r in caplog.records if "positions" in r.getMessage()]

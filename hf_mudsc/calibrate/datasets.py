@@ -10,6 +10,7 @@ the same call always sees the same samples, on one process or sharded over many.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
@@ -617,10 +618,25 @@ def encode_texts(tokenizer: Any, texts: list[str], max_length: int | None,
     padded and cut to `max_length`, the tokenizer left as it was: a fast tokenizer's backend keeps the
     truncation and padding a call switches on, and `save_pretrained` writes them into tokenizer.json (which
     `tokenizers` and transformers.js apply to every later input)."""
+    with _backend_kept(tokenizer):
+        return tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+
+
+def token_ids_uncut(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Each of `texts` tokenized whole (no cut, no padding), to tell what a cut to a model's positions dropped; the
+    tokenizer left as it was (`encode_texts`), and without its own "longer than the maximum" warning (the caller says
+    what the cut means)."""
+    with _backend_kept(tokenizer):
+        return [list(ids) for ids in tokenizer(texts, padding=False, truncation=False, verbose=False)["input_ids"]]
+
+
+@contextlib.contextmanager
+def _backend_kept(tokenizer: Any) -> Iterator[None]:
+    """Restore a fast tokenizer's backend truncation and padding after a call that switches them."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     before = (backend.truncation, backend.padding) if backend is not None else None
     try:
-        return tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        yield
     finally:
         if before is not None:
             truncation, padding = before
