@@ -293,19 +293,21 @@ def test_evaluation_input_ids_longer_than_the_model_reads_are_one_line(kind, len
 
 
 def test_an_evaluation_batch_the_model_cannot_run_is_one_line_naming_model_and_columns():
-    """`token_type_ids` holding 2 for a model of 2 types ended in `IndexError: index out of range in self`."""
+    """An input the model cannot embed ended in `IndexError: index out of range in self`. (Session 32: the case was
+    `token_type_ids` 2 for a model of 2 types, now refused naming type_vocab_size, tests/test_text_s32.py; position
+    ids past the positions stand for any other such input.)"""
     from hf_mudsc.errors import EvaluationError
     from hf_mudsc.evaluate.harness import evaluate_merge
 
     model = make_model("bert_cls", 1, num_labels=2)
     ids = torch.randint(5, 55, (8, 10), generator=torch.Generator().manual_seed(0))
-    data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "token_type_ids": torch.full_like(ids, 2).tolist(),
+    data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "position_ids": torch.full_like(ids, 99).tolist(),
                                        "label": [0, 1] * 4})
     with pytest.raises(EvaluationError) as caught:
         evaluate_merge({"merged": model}, None, [data], progress=False)
     message = str(caught.value)
     assert "\n" not in message
-    assert "could not be run through BertForSequenceClassification (columns ['input_ids', 'token_type_ids'])" \
+    assert "could not be run through BertForSequenceClassification (columns ['input_ids', 'position_ids'])" \
         in message, message
 
 

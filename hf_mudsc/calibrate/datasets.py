@@ -10,6 +10,7 @@ the same call always sees the same samples, on one process or sharded over many.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
@@ -624,10 +625,25 @@ def encode_texts(tokenizer: Any, texts: list[str], max_length: int | None,
     padded and cut to `max_length`, the tokenizer left as it was: a fast tokenizer's backend keeps the
     truncation and padding a call switches on, and `save_pretrained` writes them into tokenizer.json (which
     `tokenizers` and transformers.js apply to every later input)."""
+    with _backend_kept(tokenizer):
+        return tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+
+
+def token_ids_uncut(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Each of `texts` tokenized whole (no cut, no padding), to tell what a cut to a model's positions dropped; the
+    tokenizer left as it was (`encode_texts`), and without its own "longer than the maximum" warning (the caller says
+    what the cut means)."""
+    with _backend_kept(tokenizer):
+        return [list(ids) for ids in tokenizer(texts, padding=False, truncation=False, verbose=False)["input_ids"]]
+
+
+@contextlib.contextmanager
+def _backend_kept(tokenizer: Any) -> Iterator[None]:
+    """Restore a fast tokenizer's backend truncation and padding after a call that switches them."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     before = (backend.truncation, backend.padding) if backend is not None else None
     try:
-        return tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        yield
     finally:
         if before is not None:
             truncation, padding = before
@@ -973,6 +989,8 @@ def _plan(columns: Sequence[str], inputs: Sequence[str], processor: Any, image_c
         refuse_other_image_size(image_processor, model_config, role)
     if use_text and not quiet and (said := larger_vocabulary_warning(tokenizer, model_config, role)):
         logger.warning("%s", said)
+    if len(texts) == 2:
+        refuse_pairs_for_one_segment(texts, tokenizer, model_config, role)
     preprocess = _Preprocessor(
         image_column=use_image, text_column=use_text, text_pair_column=texts[1] if len(texts) == 2 else None,
         image_processor=image_processor if use_image else None,
@@ -1203,6 +1221,25 @@ def refuse_other_image_size(image_processor: Any, model_config: Any, role: DataR
 VOCABULARY_FIX = ("resize the model's token embeddings to its tokenizer "
                   "(model.resize_token_embeddings(len(tokenizer)), then save it) or use the tokenizer it was trained "
                   "with")
+
+
+def refuse_pairs_for_one_segment(texts: Sequence[str], tokenizer: Any, model_config: Any,
+                                 role: DataRole = CALIBRATION) -> None:
+    """Refuse text pairs, before any row is read (or any weights loaded), for a model whose config embeds fewer than
+    two segment types (`type_vocab_size` 1: trained on single texts) when the tokenizer marks the second segment with
+    `token_type_ids` 1: every batch would fail inside the embedding (`index out of range in self`) after the weights
+    load. A tokenizer making no token_type_ids (RoBERTa's) reads pairs as one sequence, which such models read."""
+    text = getattr(model_config, "text_config", None) or model_config
+    segments = getattr(text, "type_vocab_size", None)
+    if (not isinstance(segments, int) or isinstance(segments, bool) or segments >= 2 or tokenizer is None
+            or "token_type_ids" not in (getattr(tokenizer, "model_input_names", None) or ())):
+        return
+    first, second = texts
+    raise role.error(
+        f"the {role.data} is read as text pairs ({first!r} and {second!r}), whose second segment "
+        f"{role.tokenizer} marks with token_type_ids 1, but the model's config has type_vocab_size {segments} (trained "
+        f"on single texts: segment 0 only); read one column with text_column={first!r} (CLI: "
+        f"{flag('text_column')} {first}), or use models trained on text pairs")
 
 
 def larger_vocabulary_warning(tokenizer: Any, model_config: Any, role: DataRole = CALIBRATION) -> str | None:

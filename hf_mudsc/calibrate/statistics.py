@@ -20,7 +20,7 @@ from hf_mudsc.blas import torch_thread_count
 from hf_mudsc.calibrate.correlation import CorrelationAccumulator
 from hf_mudsc.calibrate.layer_inputs import FORWARD_ERRORS, unrunnable_batch
 from hf_mudsc.calibrate.layer_inputs import forward_inputs as forward_inputs  # re-exported
-from hf_mudsc.errors import CalibrationError, MergeInputError
+from hf_mudsc.errors import CalibrationError, MergeInputError, option_hint
 from hf_mudsc.heap import release_free_heap
 from hf_mudsc.load.relation import parent_label
 from hf_mudsc.progress import Progress
@@ -148,6 +148,8 @@ class ModelInputCheck:
     transformers infers none either)."""
 
     vocab_size: int | None = None
+    type_vocab_size: int | None = None
+    """Segment ids (`token_type_ids`) the models embed (BERT: 2, RoBERTa: 1); past them the embedding fails alike."""
     pad_token_id: int | None = None
     num_channels: int | None = None
     image_size: tuple[int, int] | None = None
@@ -179,7 +181,8 @@ class ModelInputCheck:
 
         side = image_side(getattr(vision, "image_size", None))
         has_images = side is not None
-        return cls(vocab_size=number(text, "vocab_size"), pad_token_id=number(text, "pad_token_id"),
+        return cls(vocab_size=number(text, "vocab_size"), type_vocab_size=number(text, "type_vocab_size"),
+                   pad_token_id=number(text, "pad_token_id"),
                    num_channels=number(vision, "num_channels") if has_images else None, image_size=side, **naming)
 
     @property
@@ -202,6 +205,13 @@ class ModelInputCheck:
             return ("they were made from the raw text by the tokenizer, which knows more tokens than the config: "
                     + VOCABULARY_FIX)
         return f"tokenize the text with {self._whose} tokenizer (or pass raw text, which is)"
+
+    @property
+    def _segments(self) -> str:
+        if "input_ids" in self.preprocessed:  # text pairs tokenized for a model trained on single texts
+            return f"read one text column ({option_hint('text_column')}), or use models trained on text pairs"
+        return (f"pass the token_type_ids {self._whose} tokenizer makes (0 for single texts), or leave the column out "
+                "(read as 0)")
 
     def _say(self, text: str) -> None:
         if text not in self.warnings:
@@ -236,6 +246,13 @@ class ModelInputCheck:
                           "attention_mask, so those positions are read as real tokens (no mask is "
                           "inferred: the id may be a real token); pass attention_mask with the input_ids (the "
                           "tokenizer returns one), or raw text")
+        segments = batch.get("token_type_ids")
+        if (self.type_vocab_size is not None and isinstance(segments, torch.Tensor) and segments.numel()
+                and not segments.is_floating_point() and int(segments.max()) >= self.type_vocab_size):
+            raise self.error(
+                f"{self.data} token_type_ids hold segment id {int(segments.max())}, but {self._whose} config has "
+                f"type_vocab_size {self.type_vocab_size} (segment ids 0 to {self.type_vocab_size - 1}): "
+                f"{self._segments}")
         mask = batch.get("attention_mask")
         if isinstance(mask, torch.Tensor) and isinstance(ids, torch.Tensor) and mask.shape != ids.shape:
             raise self.error(  # a shorter mask was dropped as no mask: padding read as tokens, without a word

@@ -22,6 +22,7 @@ import torch
 
 from hf_mudsc.apply.classifier import per_task_softmax, task_ranges
 from hf_mudsc.errors import EvaluationError, shown
+from hf_mudsc.load.checks import is_multi_label_head, is_regression_head
 
 #: Label-set sizes this many times apart make the per-task rule lean to the smaller task (measured: 2 + 8 classes).
 UNEVEN_TASKS = 3
@@ -48,15 +49,23 @@ def joint_probabilities(logits: torch.Tensor, config: Any) -> torch.Tensor:
     `config`: the merged model's config, its `config.json` read as a dict, or a mapping task -> [first id, end id)
     (its `task_label_ranges`).
     `joint_probabilities(out.logits, model.config).argmax(-1)` is the label id the evaluation's joint accuracy
-    scores; `id2label` names it (`"task: label"`). A model without task ranges gets a plain softmax.
+    scores; `id2label` names it (`"task: label"`). A model without task ranges gets a plain softmax. A config of a
+    multi-label head (a sigmoid per label) or a regression head (a score per output) is refused: neither has a
+    softmax or argmax rule, and a softmax of their outputs is no probability of theirs (a regression task's slice
+    would be 1.0 on every row). A bare ranges mapping says nothing of the head: it is softmaxed as given.
 
     Returns:
         A tensor of `logits`' shape: each task's slice softmaxed on its own (each slice sums to 1).
     """
     if not isinstance(config, Mapping):
+        refuse_non_softmax_head(config)
         return per_task_softmax(logits, list(task_ranges(config).values()))
     if any(key in config for key in CONFIG_KEYS):  # config.json as a dict (json.load): read as the config it is
-        view = SimpleNamespace(task_label_ranges=config.get("task_label_ranges"), id2label=config.get("id2label"))
+        id2label = config.get("id2label")
+        view = SimpleNamespace(task_label_ranges=config.get("task_label_ranges"), id2label=id2label,
+                               problem_type=config.get("problem_type"),
+                               num_labels=len(id2label) if isinstance(id2label, Mapping) else config.get("num_labels"))
+        refuse_non_softmax_head(view)
         return per_task_softmax(logits, list(task_ranges(view).values()))
     for task, bounds in config.items():
         if not _is_range(bounds):
@@ -65,6 +74,21 @@ def joint_probabilities(logits: torch.Tensor, config: Any) -> torch.Tensor:
                 "or its task_label_ranges (task -> [first id, end id)); got a mapping with "
                 f"{shown(task)}: {shown(bounds)}")
     return per_task_softmax(logits, [tuple(bounds) for bounds in config.values()])
+
+
+def refuse_non_softmax_head(config: Any) -> None:
+    """Refuse a head whose outputs are read without a softmax (`load.checks`' rules, as `evaluate` refuses them):
+    `joint_probabilities` would return numbers that are not the model's."""
+    if is_multi_label_head(config):
+        raise EvaluationError(
+            "joint_probabilities has no rule for a multi-label head (problem_type 'multi_label_classification': a "
+            "sigmoid per label, no softmax over a task's labels); read each label on its own: logits.sigmoid() "
+            "against a threshold (0.5, as the model card's snippet does)")
+    if is_regression_head(config):
+        raise EvaluationError(
+            "joint_probabilities has no rule for a regression head (problem_type 'regression', or one output without "
+            "a problem_type: each output is a task's score, not a class logit); read the outputs "
+            "(model(**inputs).logits) as the scores they are")
 
 
 # Keys every config.json the merge writes holds (a task-ranges mapping has task names as keys).

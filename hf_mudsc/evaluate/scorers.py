@@ -23,6 +23,7 @@ the ensemble — on the inputs it was trained on.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -34,6 +35,8 @@ from hf_mudsc.calibrate.layer_inputs import FORWARD_ERRORS
 from hf_mudsc.errors import EvaluationError, first_line
 from hf_mudsc.evaluate.names import ENSEMBLE, check_prompt_templates, parent_names
 from hf_mudsc.evaluate.tasks import LabelLayout
+
+logger = logging.getLogger(__name__)
 
 
 def is_clip(model: Any) -> bool:
@@ -164,7 +167,9 @@ class _ClipScorer(Scorer):
 
         # padded and cut to the text tower's positions (a tokenizer may name no limit), the tokenizer left as it was
         positions = getattr(getattr(model.config, "text_config", model.config), "max_position_embeddings", None)
-        encoded = encode_texts(tokenizer, flat, positions if isinstance(positions, int) else None)
+        limit = positions if isinstance(positions, int) and not isinstance(positions, bool) else None
+        encoded = encode_texts(tokenizer, flat, limit)
+        self.cut_warnings = cut_prompts_warnings(tokenizer, encoded, flat, layout.class_names, templates, limit)
         inputs = {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "position_ids")}
         with torch.no_grad():
             embeds = _features(model.get_text_features(**inputs)).float()
@@ -180,6 +185,53 @@ class _ClipScorer(Scorer):
             image = _features(self.model.get_image_features(pixel_values=pixels)).float()
             cache[key] = finite(self.scale * torch.nn.functional.normalize(image, dim=-1) @ self.text.T)
         return cache[key]
+
+
+def cut_prompts_warnings(tokenizer: Any, encoded: Mapping[str, Any], prompts: Sequence[str],
+                         class_names: Mapping[str, Sequence[str]], templates: Sequence[str],
+                         limit: int | None) -> list[str]:
+    """What to say of class prompts cut to the text tower's `limit` positions (`encoded`: them as cut; `prompts`:
+    each class's prompt for each template, class-major, classes in `class_names`' order). A cut that leaves two
+    classes of one task the same ids is refused: they get one text embedding, so the figures would be a constant
+    classifier's, reported as the model's; any other cut drops the prompts' end and is said (one line per template).
+    """
+    mask = encoded.get("attention_mask")
+    cut_ids = [row[m.bool()].tolist() if mask is not None else row.tolist()
+               for row, m in zip(encoded["input_ids"], mask if mask is not None else encoded["input_ids"])]
+    if limit is None or all(len(ids) < limit for ids in cut_ids):
+        return []
+    from hf_mudsc.calibrate.datasets import token_ids_uncut
+
+    whole = token_ids_uncut(tokenizer, list(prompts))
+    counts = [len(ids) for ids in whole]
+    if all(n <= limit for n in counts):
+        return []
+    fix = ("use a shorter prompt_template (CLI: --prompt-template) or shorter class names (class_names=, CLI: "
+           "--class-names)")
+    per_template = len(templates)
+    start = 0
+    for task, names in class_names.items():
+        for t, template in enumerate(templates):
+            seen: dict[tuple[int, ...], int] = {}
+            for c in range(len(names)):
+                index = (start + c) * per_template + t
+                other = seen.setdefault(tuple(cut_ids[index]), index)
+                if other != index and whole[other] != whole[index]:
+                    raise EvaluationError(
+                        f"the prompt template {template!r} runs to {max(counts[other], counts[index])} tokens with "
+                        f"the class names of task {task!r}, past the text tower's {limit} positions "
+                        f"(max_position_embeddings): cut to fit, the prompts of classes "
+                        f"{names[(other // per_template) - start]!r} and {names[c]!r} are the same, so they would "
+                        f"score alike; {fix}")
+        start += len(names)
+    said = []
+    for t, template in enumerate(templates):
+        cut = [counts[i] for i in range(t, len(prompts), per_template) if counts[i] > limit]
+        if cut:
+            said.append(f"the prompt template {template!r} runs to {max(cut)} tokens for {len(cut)} of the "
+                        f"{len(prompts) // per_template} class prompts, past the text tower's {limit} positions "
+                        f"(max_position_embeddings): they are cut to fit, which drops their end; {fix}")
+    return said
 
 
 class _ClipEnsemble(Scorer):
@@ -211,6 +263,8 @@ def build_scorers(merged: Mapping[str, Any], parents: Sequence[Any], layout: Lab
         named = [*merged.items(), *zip(parent_names(len(parents)), parents)]
         clip_scorers = [_ClipScorer(n, m, layout, tokenizer or fallback, templates)
                         for (n, m), tokenizer in zip(named, tokenizers)]
+        for said in dict.fromkeys(w for scorer in clip_scorers for w in scorer.cut_warnings):  # once for all models
+            logger.warning("%s", said)
         merged_scorers: list[Scorer] = list(clip_scorers[:len(merged)])
         parent_scorers = clip_scorers[len(merged):]
         extra = [_ClipEnsemble(parent_scorers, tasks)] if ensemble and len(parent_scorers) >= 2 else []
