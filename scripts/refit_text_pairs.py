@@ -61,7 +61,7 @@ from common import BENCH_CACHE, log, set_threads
 from scipy.cluster.vq import kmeans2
 
 import hf_mudsc
-from hf_mudsc.apply.fidelity import FidelityScorer, holdout_split
+from hf_mudsc.apply.fidelity import FidelityScorer, holdout_split, tasks_below
 from hf_mudsc.apply.refit import refit_model
 from hf_mudsc.architectures import spec_for
 from hf_mudsc.calibrate.layer_inputs import forward_inputs
@@ -236,6 +236,8 @@ def refits(parents: Sequence[Any], calibration: list[dict[str, Any]], *, shifted
         if concatenate:  # one shared label set has no joint term: the candidates equal today's score
             gate[f"raw_joint_{name}"] = raw_joint_score(held_logits, parent_logits)
             gate[f"raw_mass_{name}"] = raw_mass_score(held_logits, parent_logits)
+    if concatenate:  # the library's per-task guard: the tasks the refit lowers significantly (fidelity.tasks_below)
+        gate["lowered_tasks"] = list(tasks_below(scorer.agreement(ridge80), scorer.agreement(merged)))
     if concatenate:  # plain averaging's held-out terms: what a default that never loses to averaging compares with
         linear_logits = logits_of(hf_mudsc.merge(list(parents), calibration, method="linear", progress=False), held)
         gate["task_terms_linear"] = task_terms(linear_logits, parent_logits)
@@ -331,7 +333,9 @@ def decisions(run: dict[str, Any]) -> dict[str, str]:
            if "raw_joint_ridge80" in gate else {}),  # records before gate_joint.md have no raw-joint term
         **({"gate_task_guard": "ridge80" if gate["loglik_tasks_ridge80"] + gate["raw_joint_ridge80"]
             >= gate["loglik_tasks_none"] + gate["raw_joint_none"]
-            and all(r >= n for r, n in zip(gate["task_terms_ridge80"], gate["task_terms_none"])) else "none"}
+            and not (gate["lowered_tasks"] if "lowered_tasks" in gate
+                     else [n for r, n in zip(gate["task_terms_ridge80"], gate["task_terms_none"]) if r < n])
+            else "none"}
            if gate.get("task_terms_ridge80") else {}),  # records before gate_task_guard.md have no per-task terms
         **{f"gate_cluster_{kind}": f"ridge_cluster_{kind}"
            if gate[f"cluster_{kind}_refit"] >= gate[f"cluster_{kind}_none"] else "none"
