@@ -28,7 +28,7 @@ def same(x: torch.nn.Module, y: torch.nn.Module) -> bool:
     return all(torch.equal(a, b) for a, b in zip(x.state_dict().values(), y.state_dict().values()))
 
 
-def test_when_the_check_keeps_averaging_the_merge_is_the_linear_merge_and_says_so(monkeypatch):
+def test_when_the_check_keeps_averaging_the_merge_is_the_linear_merge_and_says_so(monkeypatch, tmp_path):
     monkeypatch.setattr(refit_gate.AverageCheck, "kept", property(lambda self: True))
     parents, batches = fine_tunes(), make_batches("vit_cls", num_batches=2)
     merged = hf_mudsc.merge(parents, batches, progress=False)
@@ -49,6 +49,12 @@ def test_when_the_check_keeps_averaging_the_merge_is_the_linear_merge_and_says_s
     assert same(again, merged)  # the recipe re-runs the same merge
     card = " ".join(str(render_card(merged, Recipe(models=["a", "b"], calibration="c"))).split())
     assert "plain averaging (linear)" in card
+    from hf_mudsc.cli.inspect import read_merge, summary
+
+    hf_mudsc.save_merged(merged, tmp_path / "merged")
+    saved, diagnostics, _ = read_merge(tmp_path / "merged")
+    text = summary(tmp_path / "merged", saved, diagnostics, None, False)
+    assert "then plain averaging was returned: the merge scored parent(s) " in text  # not "the gate kept the refit"
 
 
 def test_the_default_records_the_check_and_keeps_its_merge_when_no_task_is_below_the_average():

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from hf_mudsc.evaluate.names import RESULTS_FILENAME
+from hf_mudsc.evaluate.names import RESULTS_FILENAME, parent_letter
 from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES, parse_json
 from hf_mudsc.options import gate_lowered_tasks_text
 from hf_mudsc.solve.diagnostics import DIAGNOSTICS_FILENAME, PLOTS_FOLDER
@@ -184,7 +184,11 @@ def summary(folder: Path, mudsc: Mapping[str, Any], diagnostics: Any, evaluation
                   f"{float(gate['none']):.4f} without; {gate.get('held_out_examples', '?')} examples"
                   f"{gate_lowered_tasks_text(gate)})"
                   if all(isinstance(gate.get(k), (int, float)) for k in ("refit", "none")) else "")
-        lines.append(f"  refit:     the gate {'kept' if gate['kept'] else 'dropped'} the refit{scores}")
+        average = gate.get("average")  # method auto held the merge against plain averaging (apply.refit_gate)
+        swapped = (f"; then plain averaging was returned: the merge scored parent(s) "
+                   f"{', '.join(parent_letter(i) for i in average.get('lowered_tasks') or [] if isinstance(i, int))} "
+                   f"below it" if isinstance(average, Mapping) and average.get("kept") is True else "")
+        lines.append(f"  refit:     the gate {'kept' if gate['kept'] else 'dropped'} the refit{scores}{swapped}")
     if mudsc.get("num_calibration_samples"):
         lines.append(f"  calibration: {mudsc.get('calibration') or 'data'}, {mudsc['num_calibration_samples']} samples")
     if mudsc.get("out_dtype"):
