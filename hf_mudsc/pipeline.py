@@ -933,7 +933,7 @@ def merge(
                     method=averaging.name, refit="none", refit_lambda=None, refit_norms=None, refit_samples=None)
                 merged.config.mudsc.update(recorded.values(recorded=True), method_choice_reason=choice_reason)
                 merge_method, refitting, auto_alpha = averaging, False, False
-                report.method, report.matcher, report.alpha, report.refit = averaging.name, None, None, None
+                report = dataclasses.replace(report, method=averaging.name, matcher=None, alpha=None, refit=None)
         else:
             report.refit = run_refit(merged, calibration_batches, calibration_examples)
     if refitting:
