@@ -1,0 +1,55 @@
+"""Refusals that came late, silently or with wrong advice (session 32, the late-error hunt): each is now one line
+before any weights are read, naming the flag and the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cli_runs import run_cli
+from factories import fine_tune, make_model
+
+import hf_mudsc
+from hf_mudsc.errors import MergeInputError
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
+
+# --- 1: weights of all 0 / scaling 0 give back the base (or, for linear, a model of zeros) -----------------------
+
+@pytest.mark.parametrize(("method", "keywords", "needles"), [
+    ("task_arithmetic", {"weights": [0, 0]}, ("weights [0, 0] are all 0", "would be the base")),
+    ("ties", {"weights": [0, 0]}, ("weights [0, 0] are all 0", "would be the base")),
+    ("dare_linear", {"weights": [0.0, 0.0]}, ("weights [0, 0] are all 0", "would be the base")),
+    ("consensus", {"weights": [0, 0]}, ("weights [0, 0] are all 0", "would be the base")),
+    ("linear", {"weights": [0, 0], "normalize": False}, ("weights [0, 0] are all 0", "would be all zeros")),
+    ("task_arithmetic", {"weights": [1, 1], "scaling": 0.0}, ("scaling 0", "would be the base")),
+    ("ties", {"scaling": -0.0}, ("scaling 0", "would be the base")),
+    ("pcb", {"scaling": 0}, ("scaling 0", "would be the base")),
+])
+def test_weights_or_scaling_of_0_are_refused_before_loading(tmp_path, method, keywords, needles):
+    """mergekit returns the base for them silently (linear without normalize: zeros); these options are checked
+    before the parents are located (the missing folders are never looked at)."""
+    missing = [str(tmp_path / "no-parent-a"), str(tmp_path / "no-parent-b")]
+    with pytest.raises(MergeInputError) as caught:
+        hf_mudsc.merge(missing, method=method, base=None if method == "linear" else str(tmp_path / "no-base"),
+                       progress=False, **keywords)
+    message = str(caught.value)
+    assert all(needle in message for needle in needles) and "\n" not in message, message
+    assert ("CLI: --scaling" if "scaling" in keywords else "CLI: --weights") in message, message
+
+
+@pytest.mark.parametrize("extra", [[], ["--dry-run"]])
+def test_the_cli_refuses_weights_of_0_with_exit_2(tmp_path, capsys, extra):
+    out = tmp_path / "out"
+    code, err = run_cli(["merge", str(tmp_path / "no-a"), str(tmp_path / "no-b"), "--method", "ties", "--base",
+                         str(tmp_path / "no-base"), "--weights", "0", "0", "--output", str(out), *extra], capsys)
+    assert code == 2 and len(err) == 1 and "are all 0" in err[0] and "--weights" in err[0], err
+    assert not out.exists()
+
+
+def test_one_weight_of_0_still_leaves_that_parent_out():
+    base = make_model("vit_cls", 5)
+    a, b = fine_tune(base, 11, 0.01), fine_tune(base, 12, 0.01)
+    merged = hf_mudsc.merge([a, b], method="task_arithmetic", base=base, weights=[0, 1], progress=False)
+    state, expected = merged.state_dict(), b.state_dict()
+    assert all(torch.allclose(state[name], expected[name], atol=1e-6) for name in expected)
