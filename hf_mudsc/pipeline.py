@@ -503,8 +503,10 @@ def merge(
                              base=base_loaded_whole(base, merge_method, streaming=streaming),
                              base_copy=base_copied(found_base, every[0], streaming=streaming), parents=every)
 
-    def check_data(processors: list[Any]) -> None:  # a method known to read the data: its columns, before weights
-        if merge_method is not None and needs_data and "config" in first:
+    def check_data(processors: list[Any]) -> None:
+        # a method known to read the data, or `auto` given data (every method it may choose that reads data reads
+        # the same columns): the columns, before weights
+        if needs_data and "config" in first:
             check_calibration_before_weights(calibration, processors, first["config"], merge_options,
                                              given=processor)
 

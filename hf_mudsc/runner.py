@@ -82,11 +82,12 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
         # A Hub dataset is pinned to its commit (recorded in the recipe) and loaded at that commit; opened (not
         # read) once the parents' configurations passed their checks and before their weights are read: a
         # refusal from a config comes first, a spec that does not exist or columns the parents' processors cannot
-        # read fail before any weights are downloaded (the columns only for a method known to read them).
+        # read fail before any weights are downloaded (the columns for a method known to read them, and for `auto`
+        # given data: every method it may choose that reads data reads the same columns).
         opened["spec"] = pin_calibration_revision(recipe.calibration, token=token)
         opened["data"] = load_calibration_dataset(opened["spec"], token=token)
-        if chosen is not None and "config" in first and reads_calibration(chosen, recipe, recipe.calibration,
-                                                                           len(recipe.models)):
+        if "config" in first and (chosen is None or reads_calibration(chosen, recipe, recipe.calibration,
+                                                                      len(recipe.models))):
             check_calibration_before_weights(opened["data"], processors, first["config"], recipe)
 
     # As merge() would: a tensor-wise method's parents after the first (and the base) are read one tensor at a time.

@@ -3,13 +3,15 @@ before any weights are read, naming the flag and the fix."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from cli_runs import run_cli
 from factories import fine_tune, make_model
 
 import hf_mudsc
-from hf_mudsc.errors import MergeInputError
+from hf_mudsc.errors import CalibrationError, MergeInputError
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -53,3 +55,48 @@ def test_one_weight_of_0_still_leaves_that_parent_out():
     merged = hf_mudsc.merge([a, b], method="task_arithmetic", base=base, weights=[0, 1], progress=False)
     state, expected = merged.state_dict(), b.state_dict()
     assert all(torch.allclose(state[name], expected[name], atol=1e-6) for name in expected)
+
+
+# --- 2: method auto with calibration data: its columns are checked before any weights are read ------------------
+
+@pytest.fixture(scope="module")
+def vit_case(tmp_path_factory):
+    from factories import vit_cli_case
+
+    folder = tmp_path_factory.mktemp("vit-case")
+    parents, calibration = vit_cli_case(folder)
+    (folder / "rows.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
+    return parents, calibration, folder
+
+
+def _no_weights_read(monkeypatch) -> None:
+    """`auto` judges the parents from every tensor (`auto_before_loading`): a refusal due before weights never gets
+    there."""
+    import hf_mudsc.pipeline as pipeline
+
+    def weights_read(*args, **kwargs):
+        raise AssertionError("every tensor of the parents was read before the calibration columns were checked")
+
+    monkeypatch.setattr(pipeline, "auto_before_loading", weights_read)
+
+
+@pytest.mark.parametrize("bad", ["image_column", "jsonl"])
+def test_auto_checks_the_calibration_columns_before_weights(vit_case, tmp_path, capsys, monkeypatch, bad):
+    parents, calibration, folder = vit_case
+    _no_weights_read(monkeypatch)
+    argv = ["--image-column", "nosuch"] if bad == "image_column" else []
+    data = calibration if bad == "image_column" else f"{folder}/rows.jsonl:train"
+    code, err = run_cli(["merge", *parents, "--calibration", data, *argv, "--output", str(tmp_path / "out")], capsys)
+    needle = "image_column='nosuch'" if bad == "image_column" else "lacks column(s) ['pixel_values']"
+    assert code == 1 and needle in err[-1], err
+    with pytest.raises(CalibrationError, match=re.escape(needle)):
+        hf_mudsc.merge(parents, data, progress=False, **({"image_column": "nosuch"} if argv else {}))
+
+
+@pytest.mark.parametrize("extra", [[], ["--dry-run"], ["--method", "mudsc"]])
+def test_three_text_columns_are_an_option_error(vit_case, tmp_path, capsys, monkeypatch, extra):
+    parents, calibration, _ = vit_case
+    _no_weights_read(monkeypatch)
+    code, err = run_cli(["merge", *parents, "--calibration", calibration, "--text-column", "a,b,c", *extra,
+                         "--output", str(tmp_path / "out")], capsys)
+    assert code == 2 and len(err) == 1 and "text_column='a,b,c' (CLI: --text-column) names 3 columns" in err[0], err
