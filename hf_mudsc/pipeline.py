@@ -67,6 +67,7 @@ from hf_mudsc.load.relation import ParentRelation, base_relations, check_parents
 from hf_mudsc.methods.auto import (
     CHOICES,
     alpha_searched,
+    check_choices,
     check_record,
     choose_method,
     confirm_choice,
@@ -435,6 +436,8 @@ def merge(
     if merge_method is not None:
         merge_method.check_options(merge_options, count)
         check_size(merge_method, merge_options.size)
+    else:  # `auto`: refused at once when every method it may choose refuses these options
+        check_choices(merge_options, count, has_data=calibration is not None, has_base=base is not None)
     try:
         run_device = resolve_device(device)
     except ValueError as error:

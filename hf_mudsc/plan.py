@@ -817,6 +817,7 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         ALPHA_HANDED,
         CORRESPONDENCE_CHECK,
         alpha_searched,
+        check_choices,
         handed_options,
         is_auto,
         planned_method,
@@ -964,6 +965,9 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
                                                       reads_data=m.needs_data, weights=options.weights))
                                     for m in possible)]
         warnings += [text for text in inert[0] if all(text in other for other in inert[1:])] if inert else []
+        # choices that would refuse these options (merge() refused them at once when every choice does)
+        warnings += check_choices(options, len(models), has_data=calibration is not None,
+                                  has_base=options.base is not None)
     else:  # what the merge will say of options that change nothing, said before it runs
         warnings += [text for text in (unread_options_warning(options, method.used_options(handed), method.name,
                                                               read=method.read_as_default(options)),

@@ -48,13 +48,16 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
 
     from hf_mudsc.calibrate.datasets import load_calibration_dataset, pin_calibration_revision
     from hf_mudsc.load.parents import load_parents_and_base
-    from hf_mudsc.methods.auto import is_auto
+    from hf_mudsc.methods.auto import check_choices, is_auto
     from hf_mudsc.methods.registry import check_size, get_method
 
     chosen = None if is_auto(recipe.method) else get_method(recipe.method)
     if chosen is not None:  # a size budget the method cannot spend, or options it refuses: before any data is read
         check_size(chosen, recipe.size)
         chosen.check_options(recipe, len(recipe.models))
+    else:  # `auto`: options every method it may choose refuses (`Recipe.validate` refuses them first)
+        check_choices(recipe, len(recipe.models), has_data=recipe.calibration is not None,
+                      has_base=recipe.base is not None)
     # `auto` opens the calibration it is given: the method it chooses may read it.
     reads_data = recipe.calibration is not None if chosen is None else (
         chosen.needs_calibration or chosen.needs_data)

@@ -75,7 +75,7 @@ def _no_weights_read(monkeypatch) -> None:
     import hf_mudsc.pipeline as pipeline
 
     def weights_read(*args, **kwargs):
-        raise AssertionError("every tensor of the parents was read before the calibration columns were checked")
+        raise AssertionError("every tensor of the parents was read before a refusal due before any weights")
 
     monkeypatch.setattr(pipeline, "auto_before_loading", weights_read)
 
@@ -100,3 +100,41 @@ def test_three_text_columns_are_an_option_error(vit_case, tmp_path, capsys, monk
     code, err = run_cli(["merge", *parents, "--calibration", calibration, "--text-column", "a,b,c", *extra,
                          "--output", str(tmp_path / "out")], capsys)
     assert code == 2 and len(err) == 1 and "text_column='a,b,c' (CLI: --text-column) names 3 columns" in err[0], err
+
+
+# --- 3: method auto refuses, before loading, options every method it may choose refuses ------------------------
+
+@pytest.mark.parametrize("weights", [["0", "0"], ["-1", "1"]])
+@pytest.mark.parametrize("extra", [[], ["--dry-run"]])
+def test_auto_refuses_weights_no_method_it_may_choose_takes(vit_case, tmp_path, capsys, monkeypatch, weights, extra):
+    """With data auto chooses mudsc (weights > 0), regmean (>= 0, positive sum) or, short of memory, linear (a sum
+    to divide by): none takes these, whatever the parents' relation."""
+    parents, calibration, _ = vit_case
+    _no_weights_read(monkeypatch)
+    code, err = run_cli(["merge", *parents, "--calibration", calibration, "--weights", *weights, *extra,
+                         "--output", str(tmp_path / "out")], capsys)
+    assert code == 2 and len(err) == 1 and "method 'auto'" in err[0], err
+    assert all(name in err[0] for name in ("mudsc", "regmean", "linear", "--weights")), err
+
+
+def test_the_api_refuses_auto_with_options_every_choice_refuses(vit_case, monkeypatch):
+    parents, calibration, _ = vit_case
+    _no_weights_read(monkeypatch)
+    for dry_run in (False, True):
+        with pytest.raises(MergeInputError, match="method 'auto'") as caught:
+            hf_mudsc.merge(parents, calibration, weights=[0, 0], progress=False, dry_run=dry_run)
+        assert "\n" not in str(caught.value)
+    # no data: auto may choose mudsc (which needs data) or linear, which cannot spend a size budget
+    with pytest.raises(MergeInputError, match="method 'auto'") as caught:
+        hf_mudsc.merge(parents, size=1.5, progress=False)
+    assert "calibration" in str(caught.value) and "size=1.5" in str(caught.value), str(caught.value)
+
+
+def test_the_dry_run_says_which_choice_of_auto_would_refuse(vit_case, tmp_path, capsys):
+    """--size 1.5 with data: mudsc spends it (different initializations), regmean or linear (fine-tunes of one base)
+    would refuse it; which one auto takes is known from the weights only."""
+    parents, calibration, _ = vit_case
+    plan = hf_mudsc.merge(parents, calibration, size=1.5, dry_run=True)
+    said = [text for text in plan.warnings if "regmean" in text and "size=1.5" in text]
+    assert said and "method auto" in said[0], plan.warnings
+    assert not any("chooses mudsc" in text for text in plan.warnings), plan.warnings
