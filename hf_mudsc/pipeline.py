@@ -63,7 +63,13 @@ from hf_mudsc.load.references import (
     pinned_calibration,
     pinned_reference,
 )
-from hf_mudsc.load.relation import ParentRelation, base_relations, check_parents_mergeable, parent_label
+from hf_mudsc.load.relation import (
+    ParentRelation,
+    base_is_a_parent,
+    base_relations,
+    check_parents_mergeable,
+    parent_label,
+)
 from hf_mudsc.methods.auto import (
     CHOICES,
     alpha_searched,
@@ -582,6 +588,7 @@ def merge(
                 shortfall=lambda method: memory_shortfall(model_a, count, method, loading=0), strangers=strangers)
             check_memory(model_a, count, merge_method, loading=0, chosen=choice_reason)  # before calibration
     if base_parent is not None:
+        check_base_not_a_parent(base_parent.repo_id or base_parent.reference, base_links, merge_method)
         _log_base_relations(base_parent, base_links, unused=not merge_method.needs_base_model)
     if chosen_by_auto:
         # Two parents: the solve's merge is the merge if the units moved. More: one pair is solved first (parent A
@@ -1264,6 +1271,10 @@ def auto_before_loading(views: Sequence[LoadedParent], options: MergeOptions, ca
         relation, options, calibration, count, has_base=has_base,
         shortfall=lambda chosen: memory_shortfall(model_a, count, chosen, **holds(chosen)),
         strangers=not_fine_tunes(base_links))
+    if base_links:  # before any parent is loaded whole
+        given = base_view if base_view is not None else found_base
+        check_base_not_a_parent(getattr(given, "repo_id", None) or getattr(given, "reference", None)
+                                or "given as base=", base_links, method)
     lazy = streams_parents(method, options, calibration, count)
     check_memory(model_a, count, method, loading=min(references, 1) if lazy else references, chosen=reason,
                  copied=head_copies([view.model.config for view in views], streaming=lazy),
@@ -1412,6 +1423,16 @@ def not_fine_tunes(relations: Sequence[ParentRelation]) -> str:
     return ", ".join(f"parent {parent_label(index)} {relation.relation} of it, relative distance "
                      f"{relation.weight_distance:.3g}" for index, relation in enumerate(relations)
                      if relation.relation in NOT_FINE_TUNES)
+
+
+def check_base_not_a_parent(name: str, relations: Sequence[ParentRelation], method: MergeMethod) -> None:
+    """Refuse a base that is one of the parents by its weights (`relations`: each parent's to the base, "same model"
+    for identical tensors) when `method` reads the base: that parent's task vector is 0 and it would add nothing —
+    ties merged the other's trimmed task vector onto it, logged at INFO only. The dry run refuses it from the weight
+    files (`plan`)."""
+    same = [parent_label(index) for index, relation in enumerate(relations) if relation.relation == "same model"]
+    if same and method.needs_base_model:
+        raise MergeInputError(base_is_a_parent(name, same, method.name, "by its weights (the same model)"))
 
 
 def _log_base_relations(base: Any, relations: Sequence[ParentRelation], *, unused: bool) -> None:

@@ -937,6 +937,8 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         if text:
             warnings.append(text)
     identical = _identical_weights(located, token=token)
+    if located_base is not None:  # the merge's refusal of a base that is a parent (`pipeline.check_base_not_a_parent`)
+        warnings += _base_is_a_parent(located_base, located, method, automatic, calibration is not None, token=token)
     configs = [parent.config for parent in located]
     repeated = repeated_labels_message(configs) if spec.classifier is not None else None
     if repeated is not None:  # the merge's refusal before weights (`pipeline.check_label_names`)
@@ -1141,6 +1143,31 @@ def _batch_rows(batch: Any) -> int:
         if shape is not None and len(shape) > 0:
             return int(shape[0])
     return 0
+
+
+def _base_is_a_parent(located_base: Any, located: Sequence[Any], method: Any, automatic: bool, has_data: bool, *,
+                      token: str | bool | None) -> list[str]:
+    """A base whose weight files are a parent's (`_identical_weights`) is refused for a method that reads the base,
+    as the merge refuses it from the weights; for `auto`, a warning: it reads the base only if it chooses a
+    same-base method (e.g. ties, for fine-tunes of one base without data)."""
+    from hf_mudsc.errors import MergeInputError
+    from hf_mudsc.load.relation import base_is_a_parent, parent_label
+    from hf_mudsc.methods.auto import possible_methods
+
+    same = [parent_label(index) for index, parent in enumerate(located)
+            if _identical_weights([located_base, parent], token=token)]
+    if not same:
+        return []
+    name = located_base.repo_id or located_base.reference
+    if not automatic:
+        if method.needs_base_model:
+            raise MergeInputError(base_is_a_parent(name, same, method.name, "(the same weight files)"))
+        return []
+    reading = [m.name for m in possible_methods(has_data=has_data, has_base=True) if m.needs_base_model]
+    if not reading:
+        return []
+    return [f"if method auto chooses {' or '.join(reading)} (for fine-tunes of one base), the merge is refused: "
+            + base_is_a_parent(name, same, reading[0], "(the same weight files)")]
 
 
 def _identical_weights(located: Sequence[Any], *, token: str | bool | None) -> bool:

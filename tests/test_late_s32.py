@@ -138,3 +138,35 @@ def test_the_dry_run_says_which_choice_of_auto_would_refuse(vit_case, tmp_path, 
     said = [text for text in plan.warnings if "regmean" in text and "size=1.5" in text]
     assert said and "method auto" in said[0], plan.warnings
     assert not any("chooses mudsc" in text for text in plan.warnings), plan.warnings
+
+
+# --- 4: a base that is one of the parents ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fine_tunes(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fine-tunes")
+    base = make_model("vit_cls", 5)
+    tunes = [fine_tune(base, seed, 0.01) for seed in (11, 12)]
+    for index, tuned in enumerate(tunes):
+        tuned.save_pretrained(folder / f"ft{index}")
+    return tunes, [str(folder / "ft0"), str(folder / "ft1")]
+
+
+@pytest.mark.parametrize("extra", [[], ["--dry-run"]])
+def test_a_base_that_is_a_parent_is_refused(fine_tunes, tmp_path, capsys, extra):
+    """Parent A's task vector from itself is 0: ties merged B's trimmed task vector onto A, with an INFO line only."""
+    _, folders = fine_tunes
+    out = tmp_path / "out"
+    code, err = run_cli(["merge", *folders, "--base", folders[0], "--method", "ties", "--output", str(out), *extra],
+                        capsys)
+    assert code == 1 and "error:" in err[-1] and "parent A" in err[-1] and "--base" in err[-1], err
+    assert "--method linear" in err[-1] and not out.exists(), err
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "auto"])
+def test_the_api_refuses_a_parent_as_the_base(fine_tunes, method):
+    (a, b), _ = fine_tunes
+    with pytest.raises(MergeInputError) as caught:
+        hf_mudsc.merge([a, b], base=b, method=method, progress=False)
+    message = str(caught.value)
+    assert "parent B" in message and "the same model" in message and "\n" not in message, message
