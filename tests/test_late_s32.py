@@ -170,3 +170,18 @@ def test_the_api_refuses_a_parent_as_the_base(fine_tunes, method):
         hf_mudsc.merge([a, b], base=b, method=method, progress=False)
     message = str(caught.value)
     assert "parent B" in message and "the same model" in message and "\n" not in message, message
+
+
+# --- 5: a slice missing its ']' -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("spec", "slice_"), [("./calib:train[:100", "[:100"), ("org/ds:train[10:20", "[10:20"),
+                                              ("org/ds:cfg:train[:5%", "[:5%")])
+def test_a_slice_without_its_closing_bracket_is_named(spec, slice_):
+    """It was read as config 'train[' and split '100', and the advice (`./calib:100`) was refused again."""
+    from hf_mudsc.calibrate.dataset_spec import DatasetSpec
+
+    with pytest.raises(CalibrationError) as caught:
+        DatasetSpec.parse(spec)
+    assert str(caught.value).endswith(f"the slice {slice_!r} lacks its closing ']'; write {spec + ']'!r}"), caught.value
+    fixed = DatasetSpec.parse(spec + "]")
+    assert fixed.split.endswith(slice_ + "]") and fixed.config in (None, "cfg"), fixed
