@@ -185,3 +185,42 @@ def test_a_slice_without_its_closing_bracket_is_named(spec, slice_):
     assert str(caught.value).endswith(f"the slice {slice_!r} lacks its closing ']'; write {spec + ']'!r}"), caught.value
     fixed = DatasetSpec.parse(spec + "]")
     assert fixed.split.endswith(slice_ + "]") and fixed.config in (None, "cfg"), fixed
+
+
+# --- 7: an existing --output that --overwrite would refuse -----------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["file", "folder", "link"])
+def test_an_output_overwrite_would_refuse_gets_the_reason_at_once(tmp_path, kind):
+    """It was told "pass --overwrite to replace it", and with --overwrite refused ("delete it yourself")."""
+    from hf_mudsc.publish.folder import check_output
+
+    target = tmp_path / "taken"
+    if kind == "file":
+        target.write_text("hi")
+    elif kind == "folder":
+        target.mkdir()
+        (target / "notes.txt").write_text("mine")
+    else:
+        (tmp_path / "elsewhere").mkdir()
+        target.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    said = []
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError) as caught:
+            check_output(target, overwrite=overwrite)
+        said.append(str(caught.value))
+    first, second = said
+    assert "pass --overwrite" not in first and "--overwrite would not replace it" in first, first
+    assert first.split(": ", 1)[1] == second.split(": ", 1)[1] or first.endswith(second.split(": ", 1)[1]), said
+    assert "output folder" not in first or kind == "folder", first
+    fix = "pass the link's target" if kind == "link" else "delete it yourself"
+    assert fix in first and fix in second, said
+    assert kind != "file" or target.read_text() == "hi"
+
+
+def test_an_output_overwrite_would_replace_is_still_advised_so(tmp_path):
+    from hf_mudsc.publish.folder import check_output
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileExistsError, match="already exists; pass --overwrite to replace it"):
+        check_output(tmp_path / "empty", overwrite=False)
+    check_output(tmp_path / "empty", overwrite=True)
