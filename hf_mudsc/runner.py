@@ -159,7 +159,14 @@ def check_before_dry_run(recipe: Recipe, recipe_file: str | None = None) -> list
     exits 1 for both): an existing --output without --overwrite, one overlapping an input (`check_merge_output`).
     A dry run answers "would this merge start?", so it must not pass what the merge refuses before loading; the
     service's dry-run jobs are refused alike at POST (`serve.jobs.parse_job`). The --push-to-hub repo is not looked
-    up: a dry run contacts the Hub only for the parents' configs and headers. Returns the plan's note saying so."""
+    up: a dry run contacts the Hub only for the parents' configs and headers. Returns the plan's note saying so.
+    A --device the machine lacks is refused first, in the run's words (merge() would name its `device=` keyword)."""
+    from hf_mudsc.calibrate.device import resolve_device
+
+    try:
+        resolve_device(recipe.device, cli=True)
+    except ValueError as error:
+        raise RecipeError(str(error)) from None
     if recipe.output:
         check_merge_output(Path(recipe.output).expanduser().absolute(), recipe, recipe_file)
     return [push_not_checked(recipe.push_to_hub)] if recipe.push_to_hub else []

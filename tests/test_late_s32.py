@@ -224,3 +224,18 @@ def test_an_output_overwrite_would_replace_is_still_advised_so(tmp_path):
     with pytest.raises(FileExistsError, match="already exists; pass --overwrite to replace it"):
         check_output(tmp_path / "empty", overwrite=False)
     check_output(tmp_path / "empty", overwrite=True)
+
+
+# --- 6: the dry run's device refusal in the CLI's words --------------------------------------------------------
+
+def test_the_dry_run_refuses_a_missing_cuda_in_the_cli_words(vit_case, tmp_path, capsys, monkeypatch):
+    """The run said "--device cuda ... use --device cpu", its dry run "device 'cuda' ... pass device='cpu'"."""
+    parents, _, _ = vit_case
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    lines = []
+    for extra in ([], ["--dry-run"]):
+        code, err = run_cli(["merge", *parents, "--method", "linear", "--device", "cuda", "--output",
+                             str(tmp_path / "out"), *extra], capsys)
+        assert code == 1 and len(err) == 1, err
+        lines.append(err[0])
+    assert lines[0] == lines[1] and "--device cuda" in lines[1] and "device=" not in lines[1], lines
