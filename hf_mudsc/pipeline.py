@@ -1315,12 +1315,14 @@ def check_calibration_before_weights(calibration: Any, processors: Any, config: 
     method that reads the data. `given`: the processor passed to merge(), read instead of the parents' (and named
     when it cannot read the data)."""
     from hf_mudsc.calibrate.datasets import CALIBRATION, check_calibration_columns, given_processor_role
+    from hf_mudsc.calibrate.statistics import check_first_batch
 
     model = config if isinstance(config, PreTrainedModel) else meta_model(config)
     check_calibration_columns(calibration, given if given is not None else processors,
                               image_column=options.image_column, text_column=options.text_column,
                               inputs=spec_for(model).inputs or None, model_config=model.config,
                               role=given_processor_role(given) if given is not None else CALIBRATION)
+    check_first_batch(calibration, model.config, spec_for(model).inputs)
 
 
 def parameter_shapes(config: Any) -> dict[str, tuple[int, ...]]:

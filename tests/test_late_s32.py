@@ -239,3 +239,23 @@ def test_the_dry_run_refuses_a_missing_cuda_in_the_cli_words(vit_case, tmp_path,
         assert code == 1 and len(err) == 1, err
         lines.append(err[0])
     assert lines[0] == lines[1] and "--device cuda" in lines[1] and "device=" not in lines[1], lines
+
+
+# --- 8: a list of batches is checked before the parents' weights ------------------------------------------------
+
+@pytest.mark.parametrize(("batch", "needle"), [
+    ({"input_ids": torch.zeros(4, 5, dtype=torch.long)}, "lacks column(s) ['pixel_values']"),
+    ({"pixel_values": torch.zeros(4, 1, 32, 32)}, "pixel_values have shape (4, 1, 32, 32)"),
+])
+@pytest.mark.parametrize("method", ["zipit", "auto"])
+def test_a_list_of_batches_is_checked_before_the_weights(vit_case, caplog, monkeypatch, batch, needle, method):
+    """Its first batch is at hand before any weights; it was checked only once both parents were loaded whole."""
+    import logging
+
+    parents, _, _ = vit_case
+    _no_weights_read(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"), pytest.raises(CalibrationError) as caught:
+        hf_mudsc.merge(parents, [batch], method=method, progress=False)
+    assert needle in str(caught.value), caught.value
+    loaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith(("loaded", "parents:"))]
+    assert not loaded, loaded
