@@ -301,6 +301,15 @@ def _check_device(name: str, value: str | None, cli: str) -> None:
         raise OptionError(f"unknown device {shown(value)} {cli}; use 'cpu', 'cuda' or 'cuda:N'")
 
 
+def _check_text_column(name: str, value: str | None, cli: str) -> None:
+    """One text column or a pair (`calibrate.datasets.text_columns`): a wrong count is known from the value alone, so
+    refused with the other options, before any parent or data is opened."""
+    names = [] if value is None else [part.strip() for part in value.split(",")]
+    if len(names) > 2 or not all(names):
+        raise OptionError(f"text_column={value!r} {cli} names {len(names)} columns; name one text column or two "
+                          "separated by a comma, read as text pairs (e.g. 'sentence1,sentence2')")
+
+
 def _check_statistics_dtype(name: str, value: str, cli: str) -> None:
     if value not in STATISTICS_DTYPES:
         raise OptionError(f"statistics_dtype must be one of {', '.join(STATISTICS_DTYPES)} {cli}, got {shown(value)}")
@@ -765,7 +774,7 @@ class MergeOptions:
         None, kind="str", metavar="NAME", show_default=False,
         help="image column of the calibration dataset (default: image or img)")
     text_column: str | None = option(
-        None, kind="str", metavar="NAME", show_default=False,
+        None, kind="str", check=_check_text_column, metavar="NAME", show_default=False,
         help="text column of the calibration dataset (default: text or sentence), or two separated by a comma "
         "read as text pairs, e.g. sentence1,sentence2 (default: sentence1+sentence2, question+sentence or "
         "premise+hypothesis when the data holds one such pair and no other text column)")

@@ -64,10 +64,17 @@ from hf_mudsc.load.references import (
     pinned_calibration,
     pinned_reference,
 )
-from hf_mudsc.load.relation import ParentRelation, base_relations, check_parents_mergeable, parent_label
+from hf_mudsc.load.relation import (
+    ParentRelation,
+    base_is_a_parent,
+    base_relations,
+    check_parents_mergeable,
+    parent_label,
+)
 from hf_mudsc.methods.auto import (
     CHOICES,
     alpha_searched,
+    check_choices,
     check_record,
     choose_method,
     confirm_choice,
@@ -437,6 +444,8 @@ def merge(
     if merge_method is not None:
         merge_method.check_options(merge_options, count)
         check_size(merge_method, merge_options.size)
+    else:  # `auto`: refused at once when every method it may choose refuses these options
+        check_choices(merge_options, count, has_data=calibration is not None, has_base=base is not None)
     try:
         run_device = resolve_device(device)
     except ValueError as error:
@@ -505,8 +514,10 @@ def merge(
                              base=base_loaded_whole(base, merge_method, streaming=streaming),
                              base_copy=base_copied(found_base, every[0], streaming=streaming), parents=every)
 
-    def check_data(processors: list[Any]) -> None:  # a method known to read the data: its columns, before weights
-        if merge_method is not None and needs_data and "config" in first:
+    def check_data(processors: list[Any]) -> None:
+        # a method known to read the data, or `auto` given data (every method it may choose that reads data reads
+        # the same columns): the columns, before weights
+        if needs_data and "config" in first:
             check_calibration_before_weights(calibration, processors, first["config"], merge_options,
                                              given=processor)
 
@@ -579,6 +590,7 @@ def merge(
                 shortfall=lambda method: memory_shortfall(model_a, count, method, loading=0), strangers=strangers)
             check_memory(model_a, count, merge_method, loading=0, chosen=choice_reason)  # before calibration
     if base_parent is not None:
+        check_base_not_a_parent(base_parent.repo_id or base_parent.reference, base_links, merge_method)
         _log_base_relations(base_parent, base_links, unused=not merge_method.needs_base_model)
     if chosen_by_auto:
         # Two parents: the solve's merge is the merge if the units moved. More: one pair is solved first (parent A
@@ -1297,6 +1309,10 @@ def auto_before_loading(views: Sequence[LoadedParent], options: MergeOptions, ca
         relation, options, calibration, count, has_base=has_base,
         shortfall=lambda chosen: memory_shortfall(model_a, count, chosen, **holds(chosen)),
         strangers=not_fine_tunes(base_links))
+    if base_links:  # before any parent is loaded whole
+        given = base_view if base_view is not None else found_base
+        check_base_not_a_parent(getattr(given, "repo_id", None) or getattr(given, "reference", None)
+                                or "given as base=", base_links, method)
     lazy = streams_parents(method, options, calibration, count)
     check_memory(model_a, count, method, loading=min(references, 1) if lazy else references, chosen=reason,
                  copied=head_copies([view.model.config for view in views], streaming=lazy),
@@ -1337,12 +1353,14 @@ def check_calibration_before_weights(calibration: Any, processors: Any, config: 
     method that reads the data. `given`: the processor passed to merge(), read instead of the parents' (and named
     when it cannot read the data)."""
     from hf_mudsc.calibrate.datasets import CALIBRATION, check_calibration_columns, given_processor_role
+    from hf_mudsc.calibrate.statistics import check_first_batch
 
     model = config if isinstance(config, PreTrainedModel) else meta_model(config)
     check_calibration_columns(calibration, given if given is not None else processors,
                               image_column=options.image_column, text_column=options.text_column,
                               inputs=spec_for(model).inputs or None, model_config=model.config,
                               role=given_processor_role(given) if given is not None else CALIBRATION)
+    check_first_batch(calibration, model.config, spec_for(model).inputs)
 
 
 def parameter_shapes(config: Any) -> dict[str, tuple[int, ...]]:
@@ -1440,6 +1458,16 @@ def not_fine_tunes(relations: Sequence[ParentRelation]) -> str:
     return ", ".join(f"parent {parent_label(index)} {relation.relation} of it, relative distance "
                      f"{relation.weight_distance:.3g}" for index, relation in enumerate(relations)
                      if relation.relation in NOT_FINE_TUNES)
+
+
+def check_base_not_a_parent(name: str, relations: Sequence[ParentRelation], method: MergeMethod) -> None:
+    """Refuse a base that is one of the parents by its weights (`relations`: each parent's to the base, "same model"
+    for identical tensors) when `method` reads the base: that parent's task vector is 0 and it would add nothing —
+    ties merged the other's trimmed task vector onto it, logged at INFO only. The dry run refuses it from the weight
+    files (`plan`)."""
+    same = [parent_label(index) for index, relation in enumerate(relations) if relation.relation == "same model"]
+    if same and method.needs_base_model:
+        raise MergeInputError(base_is_a_parent(name, same, method.name, "by its weights (the same model)"))
 
 
 def _log_base_relations(base: Any, relations: Sequence[ParentRelation], *, unused: bool) -> None:

@@ -872,6 +872,7 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         ALPHA_HANDED,
         CORRESPONDENCE_CHECK,
         alpha_searched,
+        check_choices,
         handed_options,
         is_auto,
         planned_method,
@@ -994,6 +995,8 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         if text:
             warnings.append(text)
     identical = _identical_weights(located, token=token)
+    if located_base is not None:  # the merge's refusal of a base that is a parent (`pipeline.check_base_not_a_parent`)
+        warnings += _base_is_a_parent(located_base, located, method, automatic, calibration is not None, token=token)
     configs = [parent.config for parent in located]
     repeated = repeated_labels_message(configs) if spec.classifier is not None else None
     if repeated is not None:  # the merge's refusal before weights (`pipeline.check_label_names`)
@@ -1022,6 +1025,9 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
                                                       reads_data=m.needs_data, weights=options.weights))
                                     for m in possible)]
         warnings += [text for text in inert[0] if all(text in other for other in inert[1:])] if inert else []
+        # choices that would refuse these options (merge() refused them at once when every choice does)
+        warnings += check_choices(options, len(models), has_data=calibration is not None,
+                                  has_base=options.base is not None)
     else:  # what the merge will say of options that change nothing, said before it runs
         warnings += [text for text in (unread_options_warning(options, method.used_options(handed), method.name,
                                                               read=method.read_as_default(options)),
@@ -1196,6 +1202,31 @@ def _batch_rows(batch: Any) -> int:
         if shape is not None and len(shape) > 0:
             return int(shape[0])
     return 0
+
+
+def _base_is_a_parent(located_base: Any, located: Sequence[Any], method: Any, automatic: bool, has_data: bool, *,
+                      token: str | bool | None) -> list[str]:
+    """A base whose weight files are a parent's (`_identical_weights`) is refused for a method that reads the base,
+    as the merge refuses it from the weights; for `auto`, a warning: it reads the base only if it chooses a
+    same-base method (e.g. ties, for fine-tunes of one base without data)."""
+    from hf_mudsc.errors import MergeInputError
+    from hf_mudsc.load.relation import base_is_a_parent, parent_label
+    from hf_mudsc.methods.auto import possible_methods
+
+    same = [parent_label(index) for index, parent in enumerate(located)
+            if _identical_weights([located_base, parent], token=token)]
+    if not same:
+        return []
+    name = located_base.repo_id or located_base.reference
+    if not automatic:
+        if method.needs_base_model:
+            raise MergeInputError(base_is_a_parent(name, same, method.name, "(the same weight files)"))
+        return []
+    reading = [m.name for m in possible_methods(has_data=has_data, has_base=True) if m.needs_base_model]
+    if not reading:
+        return []
+    return [f"if method auto chooses {' or '.join(reading)} (for fine-tunes of one base), the merge is refused: "
+            + base_is_a_parent(name, same, reading[0], "(the same weight files)")]
 
 
 def _identical_weights(located: Sequence[Any], *, token: str | bool | None) -> bool:

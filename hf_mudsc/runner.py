@@ -48,13 +48,16 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
 
     from hf_mudsc.calibrate.datasets import load_calibration_dataset, pin_calibration_revision
     from hf_mudsc.load.parents import load_parents_and_base
-    from hf_mudsc.methods.auto import is_auto
+    from hf_mudsc.methods.auto import check_choices, is_auto
     from hf_mudsc.methods.registry import check_size, get_method
 
     chosen = None if is_auto(recipe.method) else get_method(recipe.method)
     if chosen is not None:  # a size budget the method cannot spend, or options it refuses: before any data is read
         check_size(chosen, recipe.size)
         chosen.check_options(recipe, len(recipe.models))
+    else:  # `auto`: options every method it may choose refuses (`Recipe.validate` refuses them first)
+        check_choices(recipe, len(recipe.models), has_data=recipe.calibration is not None,
+                      has_base=recipe.base is not None)
     # `auto` opens the calibration it is given: the method it chooses may read it.
     reads_data = recipe.calibration is not None if chosen is None else (
         chosen.needs_calibration or chosen.needs_data)
@@ -82,11 +85,12 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
         # A Hub dataset is pinned to its commit (recorded in the recipe) and loaded at that commit; opened (not
         # read) once the parents' configurations passed their checks and before their weights are read: a
         # refusal from a config comes first, a spec that does not exist or columns the parents' processors cannot
-        # read fail before any weights are downloaded (the columns only for a method known to read them).
+        # read fail before any weights are downloaded (the columns for a method known to read them, and for `auto`
+        # given data: every method it may choose that reads data reads the same columns).
         opened["spec"] = pin_calibration_revision(recipe.calibration, token=token)
         opened["data"] = load_calibration_dataset(opened["spec"], token=token)
-        if chosen is not None and "config" in first and reads_calibration(chosen, recipe, recipe.calibration,
-                                                                           len(recipe.models)):
+        if "config" in first and (chosen is None or reads_calibration(chosen, recipe, recipe.calibration,
+                                                                      len(recipe.models))):
             check_calibration_before_weights(opened["data"], processors, first["config"], recipe)
 
     # As merge() would: a tensor-wise method's parents after the first (and the base) are read one tensor at a time.
@@ -155,7 +159,14 @@ def check_before_dry_run(recipe: Recipe, recipe_file: str | None = None) -> list
     exits 1 for both): an existing --output without --overwrite, one overlapping an input (`check_merge_output`).
     A dry run answers "would this merge start?", so it must not pass what the merge refuses before loading; the
     service's dry-run jobs are refused alike at POST (`serve.jobs.parse_job`). The --push-to-hub repo is not looked
-    up: a dry run contacts the Hub only for the parents' configs and headers. Returns the plan's note saying so."""
+    up: a dry run contacts the Hub only for the parents' configs and headers. Returns the plan's note saying so.
+    A --device the machine lacks is refused first, in the run's words (merge() would name its `device=` keyword)."""
+    from hf_mudsc.calibrate.device import resolve_device
+
+    try:
+        resolve_device(recipe.device, cli=True)
+    except ValueError as error:
+        raise RecipeError(str(error)) from None
     if recipe.output:
         check_merge_output(Path(recipe.output).expanduser().absolute(), recipe, recipe_file)
     return [push_not_checked(recipe.push_to_hub)] if recipe.push_to_hub else []

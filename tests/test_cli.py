@@ -160,8 +160,9 @@ def test_existing_output_is_refused_before_any_work(inputs, tmp_path, monkeypatc
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     argv = ["merge", str(a), str(b), "--calibration", str(calibration), "--output", str(out), *FAST]
-    assert main(argv) == 1
-    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main(argv) == 1  # --overwrite would refuse it too: the reason at once, not advice refused in turn
+    err = capsys.readouterr().err
+    assert "--overwrite would not replace it" in err and "not a folder written by hf-mudsc" in err, err
     assert main([*argv, "--overwrite"]) == 1  # not a folder hf-mudsc wrote: never deleted
     assert "not a folder written by hf-mudsc" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"

@@ -989,7 +989,8 @@ def test_integer_buffers_a_checkpoint_carries_still_load(tmp_path):
     b = _quantized_folder(tmp_path / "b", "bert_cls", None, seed=1, extra=extra)[0]
     merged = hf_mudsc.merge([a, b], None, method="average")
     assert all(torch.isfinite(p).all() for p in merged.parameters())
-    assert hf_mudsc.merge([a, b], None, method="task_arithmetic", base=a) is not None
+    base = _quantized_folder(tmp_path / "base", "bert_cls", None, seed=2, extra=extra)[0]  # a parent is refused
+    assert hf_mudsc.merge([a, b], None, method="task_arithmetic", base=base) is not None
 
 
 @pytest.mark.parametrize("key", ["bert.encoder.layer.0.intermediate.dense.position_ids",

@@ -93,9 +93,12 @@ def test_what_the_library_refuses_before_loading_is_refused_at_post_not_by_a_fai
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("someone's file")
     (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "empty").mkdir()
     base = {"models": ["user/a", "user/b"], "method": "weight_matching", "output": "m"}
     cases = [
-        ({**base, "output": "taken"}, "already exists; pass overwrite"),
+        # overwrite would refuse it too (not written by hf-mudsc): the reason at once, not advice refused in turn
+        ({**base, "output": "taken"}, "would not replace it: it is not a folder written by hf-mudsc"),
+        ({**base, "output": "empty"}, "already exists; pass overwrite"),
         ({**base, "output": "taken", "overwrite": True}, "not a folder written by hf-mudsc"),
         ({**base, "output": "a-file/m"}, "which is not a folder"),
         ({**base, "method": "average", "size": 1.5}, "cannot spend size=1.5"),

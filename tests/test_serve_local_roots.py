@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
+from factories import make_model
 from serve_service import Service, drain_job
 from test_cli import save_parents_and_data
 
@@ -199,7 +200,7 @@ def test_the_service_refuses_a_parent_whose_card_names_a_base_outside_its_roots(
     root, outside = tmp_path / "root", tmp_path / "outside"
     shutil.copytree(a, root / "p0")
     shutil.copytree(b, root / "p1")
-    shutil.copytree(a, root / "base")
+    make_model("vit_cls", 3).save_pretrained(root / "base")  # not parent A's weights: a parent as base is refused
     shutil.copytree(a, outside / "base")
     for parent in ("p0", "p1"):
         card(root / parent, str(outside / "base"))

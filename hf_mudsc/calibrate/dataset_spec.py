@@ -54,6 +54,10 @@ class DatasetSpec:
             return cls(path=text)
         if looks_like_token(text):  # every message about the spec would show it
             raise error(f"the {kind} spec looks like a Hugging Face access token (not shown); " + TOKEN_FIX)
+        opened = text.find("[")
+        if opened >= 0 and "]" not in text[opened:]:  # else read as config 'train[' and split '100'
+            raise error(f"{kind} spec {text!r}: the slice {text[opened:]!r} lacks its closing ']'; write "
+                        f"{text + ']'!r}")
         match = re.fullmatch(r"(?P<body>.*?)(?P<slice>\[[^\]]*\])?", text, flags=re.DOTALL)  # total: any text
         body, slice_ = match.group("body"), match.group("slice") or ""
         parts = body.split(":")

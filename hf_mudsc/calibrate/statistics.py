@@ -165,6 +165,8 @@ class ModelInputCheck:
     preprocessed: tuple[str, ...] = ()
     """The inputs the processor made from raw columns (`pixel_values`, `input_ids`): advising to pass raw data would
     advise what was done; the processor and the config disagree."""
+    quiet: bool = False
+    """Warnings kept in `warnings`, not logged (a check ahead of the merge's pass, which says them)."""
 
     @classmethod
     def of(cls, config: Any, **naming: Any) -> ModelInputCheck:
@@ -216,7 +218,8 @@ class ModelInputCheck:
     def _say(self, text: str) -> None:
         if text not in self.warnings:
             self.warnings.append(text)
-            logger.warning("%s", text)
+            if not self.quiet:
+                logger.warning("%s", text)
 
     def __call__(self, batch: Mapping[str, Any]) -> None:
         longest = batch.get("input_ids")
@@ -341,6 +344,19 @@ def _check_length(batch: Mapping[str, Any], max_tokens: int | None) -> None:
             f"{max_tokens} (their position embeddings end there): tokenize with truncation=True, "
             f"max_length={max_tokens}, or pass raw text, which is cut to fit"
         )
+
+
+def check_first_batch(calibration: Any, config: Any, required: Iterable[str]) -> None:
+    """A list of input batches — read again on every pass, so its first batch is at hand before any weights — refused
+    as `iter_batches` would refuse it once the parents are loaded: a missing model input (`required`), and what
+    `ModelInputCheck` refuses from the parents' `config` (images of another size, ids past the vocabulary). A one-shot
+    iterator is checked as it is read; the dry run leaves batches to the merge."""
+    if not isinstance(calibration, (list, tuple)) or not calibration or not isinstance(calibration[0], Mapping):
+        return
+    first = calibration[0]
+    _check_columns(first.keys(), tuple(required))
+    check = ModelInputCheck.of(config, quiet=True)  # its warnings: said by the merge's pass
+    check({name: value for name, value in first.items() if isinstance(value, torch.Tensor)})
 
 
 def _check_columns(found: Iterable[str], required: tuple[str, ...]) -> None:

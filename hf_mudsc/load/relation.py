@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hf_mudsc.errors import UnmergeableModelError
+from hf_mudsc.errors import UnmergeableModelError, option_hint
 from hf_mudsc.spec import Group, PermutationSpec
 
 logger = logging.getLogger(__name__)
@@ -406,3 +406,11 @@ def base_relations(base: Mapping[str, torch.Tensor], params: Sequence[Mapping[st
     """How each parent relates to the base (a fine-tune of it is `shared base`); the base is no parent, so it is
     not refused here as a protected one."""
     return [parent_relation(base, parent, spec)[0] for parent in params]
+
+
+def base_is_a_parent(name: str, parents: Sequence[str], method: str, how: str) -> str:
+    """The one line refusing a base that is parent(s) `parents` (letters) themselves (`how`: how that was found)."""
+    which = f"parent {parents[0]}" if len(parents) == 1 else f"parents {', '.join(parents)}"
+    return (f"the base {name} is {which} itself {how}: {method} reads task vectors from the base, and {which}'s is "
+            f"0, so it would add nothing to the merge; pass the model the parents were fine-tuned from as "
+            f"{option_hint('base')}, or a method that reads no base (e.g. method='linear', CLI: --method linear)")

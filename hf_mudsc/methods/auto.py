@@ -160,6 +160,51 @@ def possible_methods(*, has_data: bool, has_base: bool) -> list[MergeMethod]:
     return [METHODS[name] for name in dict.fromkeys(names) if name in METHODS]
 
 
+def choice_refusals(options: Any, num_parents: int, *, has_data: bool, has_base: bool) -> dict[str, str]:
+    """What each method `auto` may choose here (`possible_methods`) would refuse before loading, as an explicit
+    method's options are refused (its parent count, calibration data it needs, `check_size`, `check_options`):
+    method name -> the one-line refusal. The relation that picks among them is known from the weights only."""
+    from hf_mudsc.methods.registry import check_size
+
+    refused: dict[str, str] = {}
+    for method in possible_methods(has_data=has_data, has_base=has_base):
+        try:
+            if method.num_parents is not None and method.num_parents != num_parents:
+                raise ValueError(f"method {method.name!r} merges exactly {method.num_parents} parents, got "
+                                 f"{num_parents}")
+            if (method.needs_calibration or method.needs_data) and not has_data:
+                raise ValueError(f"method {method.name!r} needs calibration data (CLI: --calibration)")
+            check_size(method, options.size)
+            method.check_options(options, num_parents)
+        except ValueError as error:
+            refused[method.name] = str(error)
+    return refused
+
+
+def check_choices(options: Any, num_parents: int, *, has_data: bool, has_base: bool) -> list[str]:
+    """Refuse `auto` before anything is loaded when every method it may choose refuses these options (else the
+    merge read every tensor of the parents to choose, then refused): one line with each method's reason. When only
+    some refuse, the dry run's warnings (returned): which choice would be refused, and why. A data method refused
+    for want of data is not warned of (without data auto never takes one that merges)."""
+    from hf_mudsc.errors import MergeInputError
+
+    possible = [method.name for method in possible_methods(has_data=has_data, has_base=has_base)]
+    refused = choice_refusals(options, num_parents, has_data=has_data, has_base=has_base)
+    if possible and len(refused) == len(possible):
+        reasons = "; ".join(f"{name}: {_without_name(name, text)}" for name, text in refused.items())
+        raise MergeInputError(f"method 'auto' chooses among {', '.join(possible)} from the parents' weights, and "
+                              f"each refuses these options — {reasons}; change them, or pass method= (CLI: --method)")
+    return [f"method auto chooses {name} only for some parents (it decides from their weights at merge time); if it "
+            f"chooses {name}, the merge is refused: {_without_name(name, text)}"
+            for name, text in refused.items() if has_data or not (METHODS[name].needs_calibration
+                                                                   or METHODS[name].needs_data)]
+
+
+def _without_name(name: str, text: str) -> str:
+    """A method's refusal without its leading "method 'name': " (the caller names the method)."""
+    return text.removeprefix(f"method {name!r}: ")
+
+
 def refit_runs(method: MergeMethod, refit: str, *, has_data: bool, num_parents: int, reference_compat: bool,
                rereadable: bool, weights: list[float] | None = None) -> str:
     """The refit that runs for `method`: "none", "ridge" or "gate" (`refit="auto"` resolved: a unit-matching method,

@@ -158,6 +158,7 @@ class TensorWiseMethod(MergeMethod):
         read = dict(self.arguments)
         weights = self.option_value(options, "weights")
         normalized = "normalize" in read and self.option_value(options, "normalize")
+        self._check_not_all_zero(options, weights, normalized)
         if not weights or (normalized and self.elects_signs):
             return
         total = sum(weights) if normalized else 1.0
@@ -179,6 +180,26 @@ class TensorWiseMethod(MergeMethod):
                 f"({divided}); give smaller {option_hint('weights')}"
                 + (f" or {option_hint('scaling')}" if "scaling" in read else "")
                 + (f", or {option_hint('normalize')} {not normalized}" if "normalize" in read else ""))
+
+    def _check_not_all_zero(self, options: MergeOptions, weights: Sequence[float] | None, normalized: bool) -> None:
+        """Every weight 0, or `scaling` 0, multiplies every task vector by 0: mergekit silently returns the base
+        (`linear` without normalize, a model of zeros; with it, the zero sum is refused by the caller). One weight
+        of 0 stays allowed: it leaves that parent out."""
+        from hf_mudsc.errors import MergeInputError, option_hint
+
+        result = "the merge would be the base" if self.needs_base_model else "the merge would be all zeros"
+        # with normalize (not per entry), weights all 0 sum to 0: the caller refuses that sum as one it cannot divide by
+        if weights and all(w == 0 for w in weights) and not (normalized and not self.elects_signs):
+            left_out = ("every parent's task vector is left out" if self.needs_base_model
+                        else "every parent is multiplied by 0")
+            shown = ", ".join(f"{w:g}" for w in weights)
+            raise MergeInputError(
+                f"method {self.name!r}: weights [{shown}] are all 0: {left_out} and {result}; give at least "
+                f"one nonzero {option_hint('weights')} (a 0 leaves just that parent out)")
+        if "scaling" in dict(self.arguments) and self.option_value(options, "scaling") == 0:
+            raise MergeInputError(
+                f"method {self.name!r}: scaling 0 multiplies the merged task vector by 0, so {result}; give a "
+                f"nonzero {option_hint('scaling')} (1 adds it whole)")
 
     def _check_keep_probabilities(self, options: MergeOptions, num_parents: int) -> None:
         """DELLA keeps an entry with a probability from density - epsilon to density + epsilon (mergekit's

@@ -131,44 +131,48 @@ def check_output(
         )
     if not os.path.lexists(output):
         return
+    refusal = overwrite_refusal(output, flag, check_content=overwrite)
+    switch = "--overwrite" if flag.startswith("--") else "overwrite=True"  # CLI flag or API argument
+    if refusal is not None:  # said at once: the advice to pass overwrite would only be refused in turn
+        reason, fix = refusal
+        if overwrite:
+            raise FileExistsError(f"refusing to overwrite {shown!r}: {reason}; {fix}")
+        what = ("a symbolic link" if output.is_symlink() else "a folder" if output.is_dir() else "a file")
+        raise FileExistsError(f"{flag} {shown!r} already exists ({what}), and {switch} would not replace it: "
+                              f"{reason}; {fix}")
     if not overwrite:
-        switch = "--overwrite" if flag.startswith("--") else "overwrite=True"  # CLI flag or API argument
         raise FileExistsError(
             f"the output folder {shown!r} already exists; pass {switch} to replace it, "
             f"or choose another {flag}"
         )
+
+
+def overwrite_refusal(output: Path, flag: str = "--output", *, check_content: bool = True) -> tuple[str, str] | None:
+    """Why `overwrite` would refuse to replace the existing `output`, and the fix — (reason, fix) — or None when it
+    would replace it (an empty folder, or one hf-mudsc wrote whose files are as it wrote them). Asked before
+    overwrite is suggested, so that the first refusal already gives the reason and fix that apply; without
+    `check_content` the files hf-mudsc listed are not hashed (a model's weights: seconds to read, only to advise)."""
     if output.is_symlink():
-        raise FileExistsError(
-            f"refusing to overwrite {shown!r}: it is a symbolic link, and the output is replaced by a "
-            f"rename that would not write through it; pass the link's target as {flag}"
-        )
+        return ("it is a symbolic link, and the output is replaced by a rename that would not write through it",
+                f"pass the link's target as {flag}")
     if not output.is_dir():
-        raise FileExistsError(
-            f"refusing to overwrite {shown!r}: it is not a folder written by hf-mudsc; delete it yourself "
-            f"or choose another {flag}"
-        )
+        return "it is not a folder written by hf-mudsc", f"delete it yourself or choose another {flag}"
     if not any(output.iterdir()):
-        return  # an empty folder: nothing to lose
+        return None  # an empty folder: nothing to lose
     if read_marker(output) is None:
         earlier = (output / RECIPE_FILENAME).is_file()
-        raise FileExistsError(
-            f"refusing to overwrite {shown!r}: it is not a folder written by hf-mudsc (no {MARKER_FILENAME} "
-            "listing its files"
-            + ("; it holds a recipe, but a recipe may be downloaded anywhere and an earlier hf-mudsc wrote "
-               "no list" if earlier else "")
-            + f"); delete it yourself or choose another {flag}"
-        )
-    foreign, changed = unlisted_files(output, check_content=True)
+        return (f"it is not a folder written by hf-mudsc (no {MARKER_FILENAME} listing its files"
+                + ("; it holds a recipe, but a recipe may be downloaded anywhere and an earlier hf-mudsc wrote "
+                   "no list" if earlier else "") + ")", f"delete it yourself or choose another {flag}")
+    foreign, changed = unlisted_files(output, check_content=check_content)
     if foreign or changed:
         reasons = []
         if foreign:
             reasons.append(f"it holds files hf-mudsc did not write: {_names(foreign)}")
         if changed:
             reasons.append(f"files changed since hf-mudsc wrote them: {_names(changed)}")
-        raise FileExistsError(
-            f"refusing to overwrite {shown!r}: {'; '.join(reasons)}; move them out (or delete the folder "
-            f"yourself) or choose another {flag}"
-        )
+        return "; ".join(reasons), f"move them out (or delete the folder yourself) or choose another {flag}"
+    return None
 
 
 def written_around(path: Path) -> Path | None:

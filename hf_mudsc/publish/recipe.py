@@ -265,6 +265,13 @@ class Recipe(MergeOptions):
                 method.check_options(self, len(self.models))
             except (MergeInputError, OptionError) as error:  # one line naming the option
                 raise RecipeError(str(error)) from None
+        if method is None:  # `auto`: options every method it may choose refuses, refused as an explicit method's
+            from hf_mudsc.methods.auto import check_choices
+
+            try:
+                check_choices(self, len(self.models), has_data=bool(self.calibration), has_base=self.base is not None)
+            except MergeInputError as error:
+                raise RecipeError(str(error)) from None
         if method is not None and (method.needs_calibration or method.needs_data) and not self.calibration:
             raise CalibrationMissing(
                 f"method {self.method!r} needs calibration data: pass --calibration "
