@@ -570,7 +570,8 @@ def merge(
     base_params = None
     base_links: list[ParentRelation] = []  # how each parent relates to the base
     if base_parent is not None:
-        base_params = _check_base(base_parent, model_a, spec, merge_options.weights)
+        base_params = _check_base(base_parent, model_a, spec, merge_options.weights, concatenated_head=bool(
+            spec.classifier is not None and not same_label_sets([p.model.config for p in parents])))
         # the relations `auto` chose by, when it chose before loading: every tensor of the base and parents read once
         base_links = (list(early[0].base_links) if early and early[0].base_links
                       else base_relations(base_params, params, spec))
@@ -1399,13 +1400,15 @@ def _check_per_parent_options(options: MergeOptions, count: int) -> None:
 
 
 def _check_base(base: Any, model_a: PreTrainedModel, spec: PermutationSpec,
-                weights: Sequence[float] | None = None) -> Mapping[str, torch.Tensor]:
+                weights: Sequence[float] | None = None, *, concatenated_head: bool = False
+                ) -> Mapping[str, torch.Tensor]:
     """The base's parameters (CPU; read lazily when the base was opened so), refused in one line unless every
     parent tensor has its shape in the base (a classifier of another label set aside: it is left out) and every
     value is finite. Tensors its checkpoint lacks (`base.absent`: a base of another head class) are left out too:
     the parents' weighted mean fills them (`_fill_missing`), never their fresh initialisation — so `weights` summing
     to 0 or scaling a parent beyond ±100 there (which task arithmetic accepts) are refused here, before any tensor is
-    merged (`plan.check_filled_weights`; the dry run refuses alike)."""
+    merged (`plan.check_filled_weights`; the dry run refuses alike) — not the head when the parents' heads are
+    concatenated (`concatenated_head`: each parent's own rows, no mean)."""
     from hf_mudsc.load.parents import parameters_of
 
     name = base.repo_id or base.reference
@@ -1430,7 +1433,8 @@ def _check_base(base: Any, model_a: PreTrainedModel, spec: PermutationSpec,
                     "weighted mean is the merged head", name, ", ".join(label_names(base.model.config)),
                     ", ".join(label_names(model_a.config)))
         dropped |= head
-    check_filled_weights(name, [key for key, _ in model_a.named_parameters() if key in dropped], weights)
+    check_filled_weights(name, [key for key, _ in model_a.named_parameters()
+                                if key in dropped and not (concatenated_head and key in head)], weights)
     for key, tensor in base_params.items():
         if key not in dropped and tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise MergeInputError(f"the base {name!r} has NaN or infinite values in {key!r}; fix or re-export it")

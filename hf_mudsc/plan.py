@@ -933,8 +933,12 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     config = located[0].config
     spec = spec_for(models_meta[0])
     if located_base is not None:  # the merge's refusal of weights that fill what the base lacks (`_check_base`)
-        check_filled_weights(located_base.reference, filled_tensors(located_base, models_meta[0], spec, token=token),
-                             options.weights)
+        from hf_mudsc.apply.classifier import same_label_sets
+
+        filled = filled_tensors(located_base, models_meta[0], spec, token=token)
+        if spec.classifier is not None and not same_label_sets([m.config for m in models_meta]):
+            filled = [n for n in filled if n not in (spec.classifier.weight, spec.classifier.bias)]  # concatenated
+        check_filled_weights(located_base.reference, filled, options.weights)
     tokens, assumed = tokens_per_example(config)
     counted = batch_text_tokens(calibration)
     if assumed and counted is not None:  # only text is ever assumed: tokenized batches say how long theirs are

@@ -177,11 +177,11 @@ def significantly_lower(values: torch.Tensor, reference: torch.Tensor) -> bool:
     one-sided paired t-test (scipy) at `SIGNIFICANCE`; differences without spread are lower iff their mean is."""
     from scipy.stats import ttest_rel
 
-    differences = (values - reference).double()
+    values, reference = values.detach().cpu().double(), reference.detach().cpu().double()
+    differences = values - reference
     if len(differences) < 2 or float(differences.std()) == 0.0:
         return float(differences.mean()) < 0 if len(differences) else False
-    return bool(ttest_rel(values.double().numpy(), reference.double().numpy(), alternative="less").pvalue
-                < SIGNIFICANCE)
+    return bool(ttest_rel(values.numpy(), reference.numpy(), alternative="less").pvalue < SIGNIFICANCE)
 
 
 def example_terms(merged: torch.Tensor, parent: torch.Tensor, *, regression: bool, multi_label: bool) -> torch.Tensor:

@@ -28,7 +28,15 @@ import torch
 import transformers
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from hf_mudsc.errors import LoadError, MergeInputError, ParentMismatchError, brief, first_line, shown
+from hf_mudsc.errors import (
+    LoadError,
+    MergeInputError,
+    ParentMismatchError,
+    UnsupportedArchitectureError,
+    brief,
+    first_line,
+    shown,
+)
 from hf_mudsc.load.checks import (
     HEAD_CONFIG_KEYS,
     config_differences,
@@ -1440,8 +1448,16 @@ def locate_base(located: Sequence[_Located], base: Any = None, *, base_needed_fo
     if base is None:
         return None, None
     try:
-        located_base = _locate_with_processor(base, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir,
-                                              for_merge=True)
+        try:
+            located_base = _locate_with_processor(base, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir,
+                                                  for_merge=True)
+        except UnsupportedArchitectureError as error:  # supported parents: the base is not of their type
+            parent_type = getattr(located[0].config, "model_type", None)
+            shown_base = base if isinstance(base, (str, os.PathLike)) else type(base).__name__
+            raise ParentMismatchError(
+                f"the base {str(shown_base)!r} is not of the parents' model type ({parent_type}): "
+                f"{str(error).split(';')[0]}, so the parents are not fine-tunes of it; pass the base the parents were "
+                "fine-tuned from") from None
         check_model_objects([located_base], [f"the base {located_base.reference!r}"], shapes=False)
         check_base_config(located_base, located[0])
     except (LoadError, ParentMismatchError) as error:
@@ -1521,11 +1537,14 @@ def resized_vocabulary(base: _Located, parent: _Located, ignored: Iterable[str] 
     where = "" if key == "vocab_size" else f"{key.removesuffix('_config.vocab_size')} model's "
     from hf_mudsc.errors import option_hint
 
+    # transformers resizes a top-level vocabulary only: a dual encoder's text tower (CLIPModel) has no
+    # resize_token_embeddings, so there the one fix that works is a method without a base.
+    resize = ("" if where else f"resize the base's token embeddings to {new} (resize_token_embeddings({new})), save it "
+              f"(save_pretrained) and pass that as {option_hint('base')}, or ")
     return (f"the base {base.reference!r} has {old} tokens but the parents {new} ({key} {old} -> {new}): the parents' "
-            f"vocabulary was resized from the base's (tokens added with resize_token_embeddings), so their embeddings "
-            f"have another shape than the base's; resize the base's {where}token embeddings to {new} "
-            f"(resize_token_embeddings({new})), save it (save_pretrained) and pass that as {option_hint('base')}, "
-            "or merge with a method that reads no base (e.g. method='linear')")
+            f"vocabulary was resized from the base's (tokens added to the {where}embeddings), so their embeddings "
+            f"have another shape than the base's; {resize}merge with a method that reads no base (e.g. "
+            "method='linear')")
 
 
 def _parent_class(parent: _Located) -> type[PreTrainedModel]:
