@@ -27,7 +27,6 @@ from typing import Any
 
 # `flag`/`option_hint` live in errors.py (modules below options, e.g. methods/, name options in messages too).
 from hf_mudsc.errors import OptionError, flag, option_hint, shown  # noqa: F401 (re-exported)
-from hf_mudsc.evaluate.names import parent_letter
 from hf_mudsc.load.references import TOKEN_FIX, looks_like_token
 from hf_mudsc.markdown import markdown_cell, markdown_code
 from hf_mudsc.option_values import FACTOR_LIMIT, MATCHERS, WEIGHT_RANGE, parse_layer_swap
@@ -494,9 +493,11 @@ def gate_lowered_tasks_text(gate: Mapping[str, Any]) -> str:
     """`; it lowered parent B's task: -0.7000 with, -0.6000 without` for each task whose own held-out term the
     refit lowered (config `refit_gate["lowered_tasks"]`): why a refit with the higher pooled score was dropped (card
     and `inspect`); empty when none was."""
+    from hf_mudsc.load.relation import parent_label  # how messages name parents: A, B, ...
+
     lowered = [i for i in gate.get("lowered_tasks") or () if isinstance(i, int)]
     tasks_none, tasks_refit = gate.get("tasks_none") or [], gate.get("tasks_refit") or []
-    parts = [f"parent {parent_letter(i)}'s task: {tasks_refit[i]:.4f} with, {tasks_none[i]:.4f} without"
+    parts = [f"parent {parent_label(i)}'s task: {tasks_refit[i]:.4f} with, {tasks_none[i]:.4f} without"
              for i in lowered if i < min(len(tasks_none), len(tasks_refit))]
     return f"; it lowered {'; '.join(parts)}" if parts else ""
 
