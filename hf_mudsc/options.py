@@ -493,12 +493,11 @@ def gate_lowered_tasks_text(gate: Mapping[str, Any]) -> str:
     """`; it lowered parent B's task: -0.7000 with, -0.6000 without` for each task whose own held-out term the
     refit lowered (config `refit_gate["lowered_tasks"]`): why a refit with the higher pooled score was dropped (card
     and `inspect`); empty when none was."""
-    from hf_mudsc.load.relation import parent_label  # how messages name parents: A, B, ...
-
     lowered = [i for i in gate.get("lowered_tasks") or () if isinstance(i, int)]
     tasks_none, tasks_refit = gate.get("tasks_none") or [], gate.get("tasks_refit") or []
-    parts = [f"parent {parent_label(i)}'s task: {tasks_refit[i]:.4f} with, {tasks_none[i]:.4f} without"
-             for i in lowered if i < min(len(tasks_none), len(tasks_refit))]
+    letters = [chr(ord("A") + i) if i < 26 else str(i + 1) for i in lowered]  # as messages name parents (no torch)
+    parts = [f"parent {letter}'s task: {tasks_refit[i]:.4f} with, {tasks_none[i]:.4f} without"
+             for i, letter in zip(lowered, letters) if i < min(len(tasks_none), len(tasks_refit))]
     return f"; it lowered {'; '.join(parts)}" if parts else ""
 
 

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from factories import classifier_names, make_batches, make_model, permuted_copy
+from factories import classifier_names, fine_tune, make_batches, make_model, permuted_copy
 
 import hf_mudsc
 from hf_mudsc.architectures import spec_for
@@ -215,14 +215,17 @@ def test_parents_read_lazily_from_folders_are_aligned_too(tmp_path):
 
 def test_a_base_with_parent_as_labels_in_another_order_is_aligned_too():
     """Task vectors are differences from the base: a base head in another label order would subtract the wrong
-    rows. Parents equal to the base (up to label order) have zero task vectors: the merge is parent A."""
+    rows. The merge from a base in another label order equals the merge from the same base in parent A's order.
+    (The parents are fine-tunes of it: a parent equal to the base is refused since session 32.)"""
     a = _named(make_model("vit_cls", seed=0), NAMES)
+    parents = [fine_tune(a, 1, 0.05, relative=True), _reordered(fine_tune(a, 2, 0.05, relative=True), [1, 2, 0])]
     base = _reordered(a, [2, 0, 1])
-    merged = hf_mudsc.merge([a, _reordered(a, [1, 2, 0])], base=base, method="task_arithmetic", refit="none",
-                            progress=False)
+    merged = hf_mudsc.merge(parents, base=base, method="task_arithmetic", refit="none", progress=False)
+    in_order = hf_mudsc.merge(parents, base=a, method="task_arithmetic", refit="none", progress=False)
     assert merged.config.id2label == a.config.id2label
-    for got, want in zip(_head(merged), _head(a)):
+    for got, want in zip(_head(merged), _head(in_order)):
         assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(_head(merged)[0], _head(a)[0], atol=1e-3)  # the task vectors did move the head
     assert base.config.id2label == {0: "fox", 1: "cat", 2: "dog"}  # the base object is not modified
 
 
