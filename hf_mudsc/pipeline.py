@@ -546,6 +546,8 @@ def merge(
     # A's labels in another order: from here on that parent is a copy saved in A's label order (docs/design.md §6).
     parents, head_reordered = _aligned_heads(parents, spec)
     loaded = [p.model for p in parents]
+    # parents of different label sets: the merged head is their heads side by side (docs/design.md §6)
+    concatenate = spec.classifier is not None and not same_label_sets([m.config for m in loaded])
     base_parent = _aligned_base(base_parent, model_a.config, spec)
     for other in loaded[1:]:
         spec_for(other)
@@ -570,8 +572,7 @@ def merge(
     base_params = None
     base_links: list[ParentRelation] = []  # how each parent relates to the base
     if base_parent is not None:
-        base_params = _check_base(base_parent, model_a, spec, merge_options.weights, concatenated_head=bool(
-            spec.classifier is not None and not same_label_sets([p.model.config for p in parents])))
+        base_params = _check_base(base_parent, model_a, spec, merge_options.weights, concatenated_head=concatenate)
         # the relations `auto` chose by, when it chose before loading: every tensor of the base and parents read once
         base_links = (list(early[0].base_links) if early and early[0].base_links
                       else base_relations(base_params, params, spec))
@@ -709,7 +710,6 @@ def merge(
 
     report = MergeReport(method=merge_method.name, matcher=used_options.get("matcher"),
                          alpha=used_options.get("alpha"))
-    concatenate = spec.classifier is not None and not same_label_sets([m.config for m in loaded])
     head = [n for n in (spec.classifier.weight, spec.classifier.bias) if n] if spec.classifier else []
     correlations = None
     rows = None  # calibration rows (examples x tokens) each group saw, for the size warning
@@ -744,6 +744,15 @@ def merge(
             models=loaded, batches=batches, correlations=correlations, concatenate_classifier=concatenate,
             options=method_options, device=str(run_device), progress=progress, relation=relation.relation,
         ), left
+
+    def whole_parameters(computed: Mapping[str, torch.Tensor], left: set[str]) -> dict[str, torch.Tensor]:
+        """A method's merged tensors made a whole model's: the heads it left out concatenated, the tensors a base
+        lacked filled with the parents' weighted mean."""
+        whole = dict(computed)
+        if left:
+            whole.update(concatenated_head(params, sorted(left)))
+        _fill_missing(whole, params, method_options.weights)
+        return whole
 
     context, left_out = context_for(merge_method)
     alpha_curve = None
@@ -796,10 +805,7 @@ def merge(
         report.num_samples = result.calibration_examples
         _log_sample_count(report.num_samples, f"{merge_method.name}'s own pass")
         short_said = short_said or _warn_short(num_samples, report.num_samples)  # once: the check read the same data
-    merged_params = dict(result.parameters)
-    if left_out:
-        merged_params.update(concatenated_head(params, sorted(left_out)))
-    _fill_missing(merged_params, params, method_options.weights)
+    merged_params = whole_parameters(result.parameters, left_out)
     relation_text = relation_warning(
         relation.relation, merge_method, refitting=refit_value in ("ridge", "gate"), gated=refit_value == "gate",
         units_correspond=units_correspond(share_in_place(report.matches))) if relation.relation else None
@@ -913,10 +919,8 @@ def merge(
                 """The parents' plain average (method "linear": the same weights, heads concatenated alike) as this
                 merge's model, or None when it cannot stand in for it (other shapes: a size budget widened it)."""
                 average_context, average_left = context_for(averaging)
-                average_params = dict(averaging.merge_parameters(average_context).parameters)
-                if average_left:
-                    average_params.update(concatenated_head(params, sorted(average_left)))
-                _fill_missing(average_params, params, method_options.weights)
+                average_params = whole_parameters(averaging.merge_parameters(average_context).parameters,
+                                                  average_left)
                 if {k: v.shape for k, v in average_params.items()} != {k: v.shape for k, v in merged_params.items()}:
                     return None
                 return build_model(model_a, copy.deepcopy(config), average_params)
@@ -931,14 +935,13 @@ def merge(
                 average=plain_average if check_average else None)
             merged.config.mudsc["refit_gate"] = gate.as_config()
             report.refit_gate = gate
-            if gate.average is not None:  # the merge held against averaging: the method auto chose, refit or not
-                merged.config.mudsc["refit_gate"]["average"]["merge"] = (f"{merge_method.name}"
-                                                                         f"{' + refit' if gate.kept else ''}")
+            held = f"{merge_method.name}{' + refit' if gate.kept else ''}"  # the merge held against averaging
+            if gate.average is not None:
+                merged.config.mudsc["refit_gate"]["average"]["merge"] = held
             if gate.average is not None and gate.average.kept:
                 lowered = ", ".join(parent_label(i) for i in gate.average.lowered)
-                choice_reason = (f"{choice_reason}; then plain averaging ({averaging.name}): {merge_method.name}"
-                                 f"{' + refit' if gate.kept else ''}'s merge scored below it on the held-out "
-                                 f"examples of parent(s) {lowered}")
+                choice_reason = (f"{choice_reason}; then plain averaging ({averaging.name}): {held}'s merge scored "
+                                 f"below it on the held-out examples of parent(s) {lowered}")
                 logger.info("method auto: %s", choice_reason)
                 recorded = dataclasses.replace(
                     used, **{**dict.fromkeys(MergeOptions.names(per_method=True)),

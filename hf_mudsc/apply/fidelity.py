@@ -122,14 +122,6 @@ def relative_squared_error(merged: torch.Tensor, parent: torch.Tensor) -> float:
     return float((merged - parent).square().sum() / parent.square().sum().clamp_min(1e-12))
 
 
-def bernoulli_log_likelihood(merged: torch.Tensor, parent: torch.Tensor) -> float:
-    """`Σ_l p log q + (1 − p) log(1 − q)` per example, averaged: p, q the parent's and the merged model's sigmoid of
-    each label's logit — a multi-label head's counterpart of the softmax agreement (0 at best only for certain
-    parents; the parent's own logits score minus its entropy)."""
-    p = parent.sigmoid()
-    return float((p * F.logsigmoid(merged) + (1 - p) * F.logsigmoid(-merged)).sum(1).mean())
-
-
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     """Linear CKA of two `(N, ·)` feature sets: invariant to rotations and scale of either, 1 for equal spaces."""
     x, y = x - x.mean(0), y - y.mean(0)
@@ -286,7 +278,7 @@ class FidelityScorer:
         (docs/benchmarks/gate_joint.md). Without logits: the mean linear CKA (`__call__`).
 
         A regression task (one output) has no softmax: its term is minus its relative squared error; a multi-label
-        task's is the per-label Bernoulli log-likelihood (`bernoulli_log_likelihood`); the whole-head term covers
+        task's is the per-label Bernoulli log-likelihood (`example_terms`); the whole-head term covers
         the single-label tasks only (present when there are two or more)."""
         if self.examples == 0:
             return Agreement(0.0)
