@@ -17,6 +17,12 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def parent_label(index: int) -> str:
+    """How messages, tables, cards and scorer names name parent `index` (0-based): A, B, ..., Z, then its number as
+    people count (index 26 -> "27"). One function, light (no torch), so that every place names a parent alike."""
+    return chr(ord("A") + index) if 0 <= index < 26 else str(index + 1)
+
+
 def shown(value: Any) -> str:
     """`repr(value)` shortened for a message: `[1, 2, 3, 4, 5, 6, ...]`, `'aaaa...aaaa'`."""
     return _SHOWN.repr(value)

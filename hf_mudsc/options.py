@@ -26,7 +26,7 @@ from numbers import Integral, Real
 from typing import Any
 
 # `flag`/`option_hint` live in errors.py (modules below options, e.g. methods/, name options in messages too).
-from hf_mudsc.errors import OptionError, flag, option_hint, shown  # noqa: F401 (re-exported)
+from hf_mudsc.errors import OptionError, flag, option_hint, parent_label, shown  # noqa: F401 (re-exported)
 from hf_mudsc.load.references import TOKEN_FIX, looks_like_token
 from hf_mudsc.markdown import markdown_cell, markdown_code
 from hf_mudsc.option_values import FACTOR_LIMIT, MATCHERS, WEIGHT_RANGE, parse_layer_swap
@@ -495,9 +495,8 @@ def gate_lowered_tasks_text(gate: Mapping[str, Any]) -> str:
     and `inspect`); empty when none was."""
     lowered = [i for i in gate.get("lowered_tasks") or () if isinstance(i, int)]
     tasks_none, tasks_refit = gate.get("tasks_none") or [], gate.get("tasks_refit") or []
-    letters = [chr(ord("A") + i) if i < 26 else str(i + 1) for i in lowered]  # as messages name parents (no torch)
-    parts = [f"parent {letter}'s task: {tasks_refit[i]:.4f} with, {tasks_none[i]:.4f} without"
-             for i, letter in zip(lowered, letters) if i < min(len(tasks_none), len(tasks_refit))]
+    parts = [f"parent {parent_label(i)}'s task: {tasks_refit[i]:.4f} with, {tasks_none[i]:.4f} without"
+             for i in lowered if i < min(len(tasks_none), len(tasks_refit))]
     return f"; it lowered {'; '.join(parts)}" if parts else ""
 
 

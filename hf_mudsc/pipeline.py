@@ -45,7 +45,7 @@ from hf_mudsc.diagnostics import (
     unread_data_warning,
     unread_options_warning,
 )
-from hf_mudsc.errors import MergeInputError, OptionError
+from hf_mudsc.errors import MergeInputError, OptionError, parent_label
 from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_finite, check_gradients_possible, check_parents
 from hf_mudsc.load.lazy import subset
 from hf_mudsc.load.objects import claimed_for_merge, held_as_given, model_objects
@@ -69,7 +69,6 @@ from hf_mudsc.load.relation import (
     base_is_a_parent,
     base_relations,
     check_parents_mergeable,
-    parent_label,
 )
 from hf_mudsc.methods.auto import (
     CHOICES,

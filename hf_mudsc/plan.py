@@ -14,13 +14,13 @@ import dataclasses
 import logging
 import math
 import os
-import string
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from hf_mudsc.errors import parent_label
 from hf_mudsc.memory import available_memory
 from hf_mudsc.options import AUTO, REFITTING, MergeOptions, option_hint, resolve_refit
 
@@ -191,11 +191,11 @@ class MergePlan:
     def __str__(self) -> str:
         lines = ["Dry run: nothing was downloaded but configs and safetensors headers; nothing was written.", "",
                  "Parents:"]
-        for side, parent in zip(string.ascii_uppercase, self.parents):
+        for index, parent in enumerate(self.parents):
             size = f", {memory_text(parent.weight_bytes)} of weights" if parent.weight_bytes is not None else ""
             dtypes = f" ({'/'.join(parent.dtypes)})" if parent.dtypes else ""
             name = "a model object" if parent.pinned == parent.architecture else parent.pinned
-            lines.append(f"  {side}: {name} — {parent.architecture}, "
+            lines.append(f"  {parent_label(index)}: {name} — {parent.architecture}, "
                          f"{parent.num_parameters / 1e6:.2f} M parameters{dtypes}{size}")
         if self.base is not None:
             how = "loaded whole" if self.base_loaded_whole else "read one tensor at a time"
@@ -316,7 +316,6 @@ def head_copies(parents: Sequence[Any], *, streaming: bool) -> list[str]:
     model or a `LoadedParent`; `streaming`: references after the first are read one tensor at a time, so their copy
     is a meta model and the head rows."""
     from hf_mudsc.apply.classifier import head_order
-    from hf_mudsc.load.relation import parent_label
 
     config_a = config_of(parents[0])
     return [parent_label(index) for index, parent in enumerate(parents)
@@ -867,7 +866,6 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     )
     from hf_mudsc.errors import LoadError, MergeInputError
     from hf_mudsc.load.parents import check_parameter_names, dtype_description, locate_parents, unloaded
-    from hf_mudsc.load.relation import parent_label
     from hf_mudsc.methods.auto import (
         ALPHA_HANDED,
         CORRESPONDENCE_CHECK,
@@ -1214,7 +1212,7 @@ def _base_is_a_parent(located_base: Any, located: Sequence[Any], method: Any, au
     as the merge refuses it from the weights; for `auto`, a warning: it reads the base only if it chooses a
     same-base method (e.g. ties, for fine-tunes of one base without data)."""
     from hf_mudsc.errors import MergeInputError
-    from hf_mudsc.load.relation import base_is_a_parent, parent_label
+    from hf_mudsc.load.relation import base_is_a_parent
     from hf_mudsc.methods.auto import possible_methods
 
     same = [parent_label(index) for index, parent in enumerate(located)

@@ -18,6 +18,7 @@ import torch
 from transformers import PretrainedConfig
 
 from hf_mudsc.diagnostics import DEFAULT_LABEL
+from hf_mudsc.errors import parent_label
 from hf_mudsc.load.checks import is_regression_head
 from hf_mudsc.load.lazy import replaced
 
@@ -66,8 +67,6 @@ def repeated_label_message(config: PretrainedConfig, who: str) -> str | None:
 def repeated_labels_message(configs: Sequence[PretrainedConfig]) -> str | None:
     """The refusal of the first parent, in merge order, whose `id2label` repeats a name (`repeated_label_message`);
     None when no parent's does. The merge refuses it before weights, and so does its dry run."""
-    from hf_mudsc.load.relation import parent_label
-
     messages = (repeated_label_message(config, f"parent {parent_label(index)}") for index, config in enumerate(configs))
     return next((message for message in messages if message is not None), None)
 
@@ -177,8 +176,8 @@ def distinct_task_names(configs: Sequence[PretrainedConfig]) -> tuple[str, ...]:
     keeps its own name, so no parent's range is written over another's, and evaluate accepts every one. A name
     whose merged labels (`task: label`) would repeat an earlier task's is numbered too (a parent `run` with a label
     `x: cat` and a parent `run: x` with a label `cat`: `run: x_2`), so every merged label is distinct."""
-    names = [task_name(config, f"task_{_letter(i)}") for i, config in enumerate(configs)]
-    lettered = [f"{name}_{_letter(i)}" if names.count(name) > 1 or name in RESERVED_TASK_NAMES else name
+    names = [task_name(config, f"task_{parent_label(i).lower()}") for i, config in enumerate(configs)]
+    lettered = [f"{name}_{parent_label(i).lower()}" if names.count(name) > 1 or name in RESERVED_TASK_NAMES else name
                 for i, name in enumerate(names)]
     distinct: list[str] = []
     merged_labels: set[str] = set()
@@ -191,10 +190,6 @@ def distinct_task_names(configs: Sequence[PretrainedConfig]) -> tuple[str, ...]:
         distinct.append(candidate)
         merged_labels.update(f"{candidate}: {label}" for label in labels)
     return tuple(distinct)
-
-
-def _letter(index: int) -> str:
-    return chr(ord("a") + index) if index < 26 else str(index + 1)
 
 
 def concatenated_head(params: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str]) -> dict[str, torch.Tensor]:

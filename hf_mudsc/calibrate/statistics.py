@@ -20,9 +20,8 @@ from hf_mudsc.blas import torch_thread_count
 from hf_mudsc.calibrate.correlation import CorrelationAccumulator
 from hf_mudsc.calibrate.layer_inputs import FORWARD_ERRORS, unrunnable_batch
 from hf_mudsc.calibrate.layer_inputs import forward_inputs as forward_inputs  # re-exported
-from hf_mudsc.errors import CalibrationError, MergeInputError, option_hint
+from hf_mudsc.errors import CalibrationError, MergeInputError, option_hint, parent_label
 from hf_mudsc.heap import release_free_heap
-from hf_mudsc.load.relation import parent_label
 from hf_mudsc.progress import Progress
 from hf_mudsc.spec import HookPoint, PermutationSpec
 

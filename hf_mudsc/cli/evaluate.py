@@ -39,7 +39,7 @@ from typing import Any
 
 from hf_mudsc.calibrate.dataset_spec import missing_local_data
 from hf_mudsc.cli.merge import option_argument
-from hf_mudsc.errors import EvaluationError, UsageError
+from hf_mudsc.errors import EvaluationError, UsageError, parent_label
 from hf_mudsc.evaluate.names import (
     AVERAGE,
     DEFAULT_PROMPT,
@@ -194,14 +194,13 @@ def recipe_parents(path: Path, model: str, *, from_hub: bool = False) -> list[st
     find them elsewhere, so unless a folder of that name is here, the user is asked for `--parents` in one line
     instead of getting a load failure of a folder name. `from_hub`: the recipe came from a Hub repo, which may not
     point hf-mudsc at a folder of this machine (`check_hub_recipe_parents`)."""
-    from hf_mudsc.evaluate.names import parent_letter
     from hf_mudsc.publish.recipe import Recipe, unresolved_published_entries
 
     recipe = Recipe.load(path)
     listed = unresolved_published_entries(path.read_text(encoding="utf-8"), recipe)
     local = [(entry.index, entry.given) for entry in listed if entry.key == "models" and entry.index is not None]
     if local:
-        named = ", ".join(f"{parent_letter(index)} `{' '.join(name.split())}`" for index, name in local)
+        named = ", ".join(f"{parent_label(index)} `{' '.join(name.split())}`" for index, name in local)
         several = len(local) > 1
         raise ValueError(
             f"the merge recipe of {model!r} names parent{'s' if several else ''} {named} by folder name only "
@@ -218,7 +217,6 @@ def check_hub_recipe_parents(parents: list[str], model: str) -> None:
     local folders: the folder of that name in the current directory is loaded, README's documented way). Any other
     path (`/abs`, `../x`, `~/x`, `a/b` found here) would have a repo on the Hub pick a folder of this machine to
     load and score: refused in one line asking for `--parents`."""
-    from hf_mudsc.evaluate.names import parent_letter
     from hf_mudsc.load.parents import hub_id_only
 
     def safe(entry: str) -> bool:
@@ -226,7 +224,7 @@ def check_hub_recipe_parents(parents: list[str], model: str) -> None:
 
     paths = [(index, str(entry)) for index, entry in enumerate(parents) if not safe(str(entry))]
     if paths:
-        named = ", ".join(f"{parent_letter(index)} `{' '.join(entry.split())}`" for index, entry in paths)
+        named = ", ".join(f"{parent_label(index)} `{' '.join(entry.split())}`" for index, entry in paths)
         raise ValueError(
             f"the merge recipe of {model!r} names parent{'s' if len(paths) > 1 else ''} {named} by a path of this "
             "machine, and a recipe from the Hub may not point hf-mudsc at a local folder: pass --parents with every "

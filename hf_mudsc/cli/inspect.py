@@ -18,7 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from hf_mudsc.evaluate.names import RESULTS_FILENAME, parent_letter
+from hf_mudsc.errors import parent_label
+from hf_mudsc.evaluate.names import RESULTS_FILENAME
 from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES, parse_json
 from hf_mudsc.options import gate_lowered_tasks_text
 from hf_mudsc.solve.diagnostics import DIAGNOSTICS_FILENAME, PLOTS_FOLDER
@@ -186,7 +187,7 @@ def summary(folder: Path, mudsc: Mapping[str, Any], diagnostics: Any, evaluation
                   if all(isinstance(gate.get(k), (int, float)) for k in ("refit", "none")) else "")
         average = gate.get("average")  # method auto held the merge against plain averaging (apply.refit_gate)
         swapped = (f"; then plain averaging was returned: the merge scored parent(s) "
-                   f"{', '.join(parent_letter(i) for i in average.get('lowered_tasks') or [] if isinstance(i, int))} "
+                   f"{', '.join(parent_label(i) for i in average.get('lowered_tasks') or [] if isinstance(i, int))} "
                    f"below it" if isinstance(average, Mapping) and average.get("kept") is True else "")
         lines.append(f"  refit:     the gate {'kept' if gate['kept'] else 'dropped'} the refit{scores}{swapped}")
     if mudsc.get("num_calibration_samples"):
@@ -194,7 +195,7 @@ def summary(folder: Path, mudsc: Mapping[str, Any], diagnostics: Any, evaluation
     if mudsc.get("out_dtype"):
         reason = mudsc.get("out_dtype_reason")
         lines.append(f"  weights:   {mudsc['out_dtype']}{f' ({reason})' if reason else ''}")
-    reordered = [chr(ord("A") + i) for i, flag in enumerate(mudsc.get("head_reordered") or []) if flag]
+    reordered = [parent_label(i) for i, flag in enumerate(mudsc.get("head_reordered") or []) if flag]
     if reordered:
         lines.append(f"  heads:     parent{'s' if len(reordered) > 1 else ''} {', '.join(reordered)} reordered to "
                      "parent A's label order (same labels, another id order)")
@@ -487,7 +488,7 @@ def inspect_recipe(path: Path) -> int:
         lines.append("  to give:     " + ", ".join(f"{entry.label} `{entry.given}`" for entry in unresolved)
                      + " (local folders on the machine that merged, named by folder name only)")
         missing = {entry.index for entry in unresolved if entry.key == "models"}
-        parents = [f"PATH_{chr(ord('A') + i)}" if i in missing else model for i, model in enumerate(recipe.models)]
+        parents = [f"PATH_{parent_label(i)}" if i in missing else model for i, model in enumerate(recipe.models)]
         command[1:1] = parents if missing else []
         command[-1:-1] = [f"--{entry.key} PATH" for entry in unresolved if entry.key != "models"]
     lines.append(f"Run it with `{' '.join(command)}`.")

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from hf_mudsc.calibrate.statistics import ModelInputCheck
-from hf_mudsc.errors import EvaluationError
+from hf_mudsc.errors import EvaluationError, parent_label
 from hf_mudsc.evaluate.batches import evaluation_source, task_batches
 from hf_mudsc.evaluate.decision import uneven_tasks_warning
 from hf_mudsc.evaluate.metrics import compute_metric, load_metric
@@ -47,7 +47,6 @@ from hf_mudsc.evaluate.names import (
     check_metric_names,
     check_prompt_templates,
     metric_shown_name,
-    parent_letter,
     parent_names,
 )
 from hf_mudsc.evaluate.results import EvaluationResult, definitions
@@ -158,7 +157,7 @@ def evaluate_merge(
     # each processor configured by the config of a model it scores (channels, text length), errors naming them
     distinct, group_of = _distinct(assigned, [model.config for model in models])
     labels = [*(f"merged model {name!r}" for name in merged_models),
-              *(f"parent {parent_letter(index)}" for index in range(len(parent_models)))]
+              *(f"parent {parent_label(index)}" for index in range(len(parent_models)))]
     group_configs = [models[group_of.index(group)].config for group in range(len(distinct))]
     # each processor's text cut to the positions every model it scores reaches, as calibration cuts it
     group_tokens = [_fewest_tokens([model for model, of in zip(models, group_of) if of == group])
@@ -271,7 +270,7 @@ def _load_models(merged: Any, parents: Sequence[Any] | None,
                                   f"{len(parents)}")
         for index, parent in enumerate(parents):
             model, loaded_processor, sources[parent_names(len(parents))[index]] = _load(
-                parent, f"parent {parent_letter(index)}", allow_pickle)
+                parent, f"parent {parent_label(index)}", allow_pickle)
             parent_models.append(model)
             owned.append(loaded_processor)
     return merged_models, parent_models, owned, {name: source for name, source in sources.items() if source}

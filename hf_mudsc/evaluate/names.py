@@ -11,7 +11,7 @@ import string
 from collections.abc import Sequence
 from pathlib import Path
 
-from hf_mudsc.errors import EvaluationError
+from hf_mudsc.errors import EvaluationError, parent_label
 
 JOINT = "joint"
 #: How a concatenated head (merged model or ensemble) decides the joint test: `per_task` — each task's softmax
@@ -22,14 +22,12 @@ AVERAGE = "average"
 PARENT_NAMES = ("parent_a", "parent_b")
 
 
-def parent_letter(index: int) -> str:
-    """How messages and tables name parent `index` (0 -> "A", 1 -> "B", ...; past "Z": "P26", ...)."""
-    return chr(ord("A") + index) if index < 26 else f"P{index}"
-
-
 def parent_names(count: int) -> list[str]:
-    """The scorer names of `count` parents in merge order: `parent_a`, `parent_b`, `parent_c`, ..."""
-    return [f"parent_{parent_letter(i).lower()}" for i in range(count)]
+    """The scorer names of `count` parents in merge order: `parent_a`, `parent_b`, `parent_c`, ... (`parent_27` past
+    `parent_z`, as `errors.parent_label` names parents everywhere)."""
+    return [f"parent_{parent_label(i).lower()}" for i in range(count)]
+
+
 ENSEMBLE = "ensemble"
 MERGED = "merged"
 LABEL_COLUMNS = ("label", "labels")

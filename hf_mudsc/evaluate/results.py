@@ -54,7 +54,7 @@ class EvaluationResult:
     @property
     def parent_scorers(self) -> list[str]:
         """The parents' scorer names present, in merge order (`parent_a`, `parent_b`, `parent_c`, ...)."""
-        return [name for name in parent_names(26) if name in self.scores]
+        return [name for name in parent_names(len(self.scores)) if name in self.scores]
 
     @property
     def task_names(self) -> list[str]:

@@ -18,8 +18,8 @@ from typing import Any
 import datasets
 import numpy as np
 
-from hf_mudsc.errors import EvaluationError
-from hf_mudsc.evaluate.names import AVERAGE, JOINT, LABEL_COLUMNS, parent_letter
+from hf_mudsc.errors import EvaluationError, parent_label
+from hf_mudsc.evaluate.names import AVERAGE, JOINT, LABEL_COLUMNS
 
 
 @dataclass
@@ -244,7 +244,7 @@ def classifier_layout(merged: Mapping[str, Any], parents: Sequence[Any], request
         for i, (parent, order) in enumerate(zip(parents, columns)):
             if order is None and _label_names(parent) != names:
                 raise EvaluationError(
-                    f"parent {parent_letter(i)} has labels {_label_names(parent)[:6]}…, the merged model "
+                    f"parent {parent_label(i)} has labels {_label_names(parent)[:6]}…, the merged model "
                     f"{names[:6]}…; the merged model has one shared label set (no config.task_label_ranges), "
                     "so the parents must too"
                 )
@@ -261,7 +261,7 @@ def classifier_layout(merged: Mapping[str, Any], parents: Sequence[Any], request
                 f"{len(parents)} parents for {len(ranges)} tasks {list(ranges)}; pass one per task"
             )
         for index, ((task, (lo, hi)), parent) in enumerate(zip(ranges.items(), parents)):
-            side = parent_letter(index)
+            side = parent_label(index)
             width = len(_label_names(parent))
             if width != hi - lo:
                 raise EvaluationError(
@@ -284,7 +284,7 @@ def _check_parent_classes(parents: Sequence[Any], class_names: Mapping[str, Sequ
         other = next((t for t, n in class_names.items() if t != task and list(n) == labels), None)
         whose = f"the classes of task {other!r}" if other else "no task's classes"
         raise EvaluationError(
-            f"parent {parent_letter(index)} has the labels {labels[:6]} ({whose}), not those of task {task!r} "
+            f"parent {parent_label(index)} has the labels {labels[:6]} ({whose}), not those of task {task!r} "
             f"{list(names)[:6]} it would be scored on; pass the parents in merge order, one per task: "
             f"{', '.join(class_names)} (the merged model's tasks; CLI: --parents A B ...)"
         )

@@ -35,6 +35,7 @@ from hf_mudsc.errors import (
     UnsupportedArchitectureError,
     brief,
     first_line,
+    parent_label,
     shown,
 )
 from hf_mudsc.load.checks import (
@@ -69,7 +70,6 @@ from hf_mudsc.load.references import (
     object_reference,
     parse_reference,
 )
-from hf_mudsc.load.relation import parent_label
 from hf_mudsc.load.weight_files import (
     PICKLE_INDEX,
     SAFETENSORS_INDEX,

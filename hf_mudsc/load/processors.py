@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hf_mudsc.errors import LoadError
+from hf_mudsc.errors import LoadError, parent_label
 from hf_mudsc.load.links import refuse_links_out
 from hf_mudsc.load.references import parse_reference
 
@@ -213,7 +213,7 @@ def processor_note(processors: Sequence[Any], given: Any = None, preprocessed: b
     if given is not None:
         used = "the processor passed to merge()"
     elif index is not None:
-        used = f"parent {chr(ord('A') + index) if index < 26 else f'P{index}'}'s"
+        used = f"parent {parent_label(index)}'s"
     else:
         return None
     if preprocessed:

@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from hf_mudsc.errors import LoadError, brief
+from hf_mudsc.errors import LoadError, brief, parent_label
 
 logger = logging.getLogger(__name__)
 
@@ -270,8 +270,6 @@ def license_conflict(parents: Sequence[str | None], base: str | None = None, wit
     declare one and others none: the merged weights derive from every parent, and its card then declares no licence
     (`card.common_license`). None when they agree. A function of the licences alone, so a service can say it from
     a merge's `config.mudsc` (`parent_licenses`, `base_license`)."""
-    from hf_mudsc.load.relation import parent_label  # imports torch: references stays light for the CLI's help
-
     declared = [(parent_label(i), license) for i, license in enumerate(parents)]
     declared += [("base", base)] if with_base else []
     known = {license for _, license in declared if license != LICENSE_NOT_READ}

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hf_mudsc.errors import UnmergeableModelError, option_hint
+from hf_mudsc.errors import UnmergeableModelError, option_hint, parent_label
 from hf_mudsc.spec import Group, PermutationSpec
 
 logger = logging.getLogger(__name__)
@@ -358,11 +358,6 @@ def check_mergeable(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
 # the units line up: a permuted copy's line up with no one's (its units must be matched, as across initialisations),
 # so it is looser than fine-tunes of one base, whose units stay where they are.
 RELATION_ORDER = ("same model", "shared base", "permuted copy", "independent")
-
-
-def parent_label(index: int) -> str:
-    """How messages name parent `index`: A, B, C, ... (then numbers past Z)."""
-    return chr(ord("A") + index) if index < 26 else str(index + 1)
 
 
 def combined_relation(relations: Sequence[ParentRelation]) -> ParentRelation:

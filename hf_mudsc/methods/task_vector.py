@@ -121,8 +121,7 @@ class TensorWiseMethod(MergeMethod):
         """Breadcrumbs keeps `density` of the entries first (mergekit's `magnitude_outliers`): when density + gamma
         > 1 the two do not fit, and only the largest 1 - density are dropped (none at density 1), not gamma's share
         — which `--gamma`'s help promises — while the config records gamma as given."""
-        from hf_mudsc.errors import option_hint
-        from hf_mudsc.load.relation import parent_label
+        from hf_mudsc.errors import option_hint, parent_label
 
         if "gamma" not in dict(self.arguments):
             return []
@@ -268,8 +267,7 @@ class TensorWiseMethod(MergeMethod):
     def _check_kept_entries(self, density: Any, entries: int) -> None:
         """`task_vectors.check_density_keeps` for the density (one, or one per parent) and the largest tensor's
         `entries`, as a one-line `MergeInputError` naming the method (and the parent, for a per-parent density)."""
-        from hf_mudsc.errors import MergeInputError
-        from hf_mudsc.load.relation import parent_label
+        from hf_mudsc.errors import MergeInputError, parent_label
         from hf_mudsc.solve import task_vectors as tv
 
         sparsify = self._unfloored_sparsifier()

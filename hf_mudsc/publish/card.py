@@ -27,7 +27,6 @@ import math
 import numbers
 import os
 import re
-import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -39,6 +38,7 @@ from transformers.models.auto import modeling_auto
 
 from hf_mudsc._version import __version__
 from hf_mudsc.apply.classifier import task_ranges
+from hf_mudsc.errors import parent_label
 from hf_mudsc.load.checks import is_multi_label_head, is_regression_head
 from hf_mudsc.load.references import COMMIT_SHA, LICENSE_NOT_READ, OBJECT_REFERENCE, without_userinfo
 from hf_mudsc.markdown import (
@@ -72,8 +72,8 @@ _AUTO_MAPPINGS = {
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-# Evaluation-result keys of parents after A and B (N-parent merges): parent_c, parent_d, ...
-_LATER_PARENT = re.compile(r"parent_[c-z]")
+# Evaluation-result keys of parents after A and B (N-parent merges): parent_c, ..., parent_z, parent_27, ...
+_LATER_PARENT = re.compile(r"parent_(?:[c-z]|[1-9][0-9]+)")
 _FIRST_ROWS = re.compile(r"first (\d+)")  # `EvalRow.rows_text` of a cut row
 
 
@@ -170,7 +170,7 @@ class EvalRow:
         published as a figure of the model."""
         named = [("merged", self.merged), ("parent_a", self.parent_a), ("parent_b", self.parent_b),
                  ("ensemble", self.ensemble),
-                 *((f"parent_{string.ascii_lowercase[2 + i]}", value) for i, value in enumerate(self.later_parents))]
+                 *((f"parent_{parent_label(2 + i).lower()}", value) for i, value in enumerate(self.later_parents))]
         for column, value in named:
             if value is None and column != "merged":
                 continue
@@ -183,10 +183,12 @@ class EvalRow:
         if isinstance(row, EvalRow):
             return row
         row = dict(row)
-        later = sorted(key for key in row if _LATER_PARENT.fullmatch(key))
-        expected = [f"parent_{letter}" for letter in string.ascii_lowercase[2:2 + len(later)]]
-        if later != expected:
-            missing = next(key for key in expected if key not in later)
+        given = {key for key in row if _LATER_PARENT.fullmatch(key)}
+        expected = [f"parent_{parent_label(i).lower()}" for i in range(2, 2 + len(given))]
+        later = [key for key in expected if key in given]
+        if len(later) != len(given):
+            missing = next(key for key in expected if key not in given)
+            later = sorted(given, key=lambda key: (len(key), key))
             raise ValueError(f"evaluation result has {', '.join(later)} but no {missing}: parents are lettered "
                              f"in merge order without gaps")
         known = {f.name for f in fields(cls)} - {"later_parents"}
@@ -519,7 +521,7 @@ def render_card(
     if not any(value is not None for value in cross_fractions.values()):
         cross_fractions = {}
     path = Path(template) if template is not None else template_path()
-    letters = [chr(ord("A") + i) if i < 26 else str(i + 1) for i in range(len(infos))]
+    letters = [parent_label(i) for i in range(len(infos))]
     shown_recipe, local = recipe.shown()  # local folders by name, as the recipe pushed to the Hub names them
     local_names = [entry.shown for entry in local]
     num_samples = mudsc.get("num_calibration_samples", getattr(report, "num_samples", None))
@@ -570,8 +572,7 @@ def render_card(
         processor_note=mudsc.get("processor_note"),
         task_label_ranges=task_ranges(model.config),
         num_labels=len(getattr(model.config, "id2label", None) or {}),
-        head_reordered=[chr(ord("A") + i) if i < 26 else str(i + 1)
-                        for i, moved in enumerate(mudsc.get("head_reordered") or []) if moved],
+        head_reordered=[parent_label(i) for i, moved in enumerate(mudsc.get("head_reordered") or []) if moved],
         eval_rows=rows,
         **rows_columns(rows),
         recipe_yaml=recipe_yaml,
@@ -643,7 +644,7 @@ def evaluation_section(eval_results: Iterable[EvalRow | Mapping[str, Any]]) -> s
     rows = [EvalRow.from_any(r) for r in eval_results]
     count = max([2, *(len(row.parent_scores) for row in rows)])
     return _environment(template_path().parent).get_template(EVALUATION_TEMPLATE).render(
-        eval_rows=rows, parent_letters=string.ascii_uppercase[:count], **rows_columns(rows))
+        eval_rows=rows, parent_letters=[parent_label(i) for i in range(count)], **rows_columns(rows))
 
 
 def rows_columns(rows: Sequence[EvalRow]) -> dict[str, bool]:

@@ -1,0 +1,42 @@
+"""Defects noticed in earlier sessions and left alone (session 33, the s33 left hunt): each reproduced here first."""
+
+from __future__ import annotations
+
+INDICES = (0, 25, 26, 30)
+LABELS = ("A", "Z", "27", "31")  # parent 26 is the 27th parent: numbered as people count, past the letters
+
+
+def test_every_site_names_a_parent_past_z_alike():
+    """`evaluate.names.parent_letter` said 'P26' for index 26 where `load.relation.parent_label`, the card and the
+    gate's text said '27', and the card's evaluation table (`string.ascii_uppercase[:count]`) dropped the 27th
+    parent's column: one function names parents everywhere, A..Z unchanged."""
+    from transformers import PretrainedConfig
+
+    from hf_mudsc.apply.classifier import distinct_task_names
+    from hf_mudsc.errors import parent_label
+    from hf_mudsc.evaluate.names import parent_names
+    from hf_mudsc.load.processors import processor_note
+    from hf_mudsc.options import gate_lowered_tasks_text
+    from hf_mudsc.publish.card import EvalRow, evaluation_section
+
+    assert [parent_label(i) for i in INDICES] == list(LABELS)
+    scorers = parent_names(31)
+    assert [scorers[i] for i in INDICES] == [f"parent_{label.lower()}" for label in LABELS]
+    text = gate_lowered_tasks_text({"lowered_tasks": list(INDICES), "tasks_none": [0.5] * 31,
+                                    "tasks_refit": [0.25] * 31})
+    assert [f"parent {label}'s task" in text for label in LABELS] == [True] * 4, text
+    for index, label in zip(INDICES[1:], LABELS[1:]):  # parent A's own processor needs no note
+        note = processor_note([None] * index + [object()])
+        assert note is not None and f"parent {label}'s" in note, note
+    configs = []
+    for _ in range(31):
+        config = PretrainedConfig()
+        config._name_or_path = "vit"
+        configs.append(config)
+    names = distinct_task_names(configs)
+    assert [names[i] for i in INDICES] == [f"vit_{label.lower()}" for label in LABELS]
+    row = EvalRow(task="t", dataset="d", merged=0.5, parent_a=0.1, parent_b=0.2, later_parents=(0.3,) * 29)
+    header = evaluation_section([row]).split("| Task |", 1)[1].split("\n", 1)[0]
+    assert [f" Parent {label} |" in header for label in LABELS] == [True] * 4, header
+    assert header.count(" Parent ") == 31, header
+
