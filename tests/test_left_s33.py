@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 INDICES = (0, 25, 26, 30)
 LABELS = ("A", "Z", "27", "31")  # parent 26 is the 27th parent: numbered as people count, past the letters
 
@@ -40,3 +42,40 @@ def test_every_site_names_a_parent_past_z_alike():
     assert [f" Parent {label} |" in header for label in LABELS] == [True] * 4, header
     assert header.count(" Parent ") == 31, header
 
+
+# ---------------------------------------------------------------- a --token given before the command
+
+SECRET = "s3cr3t-Enterprise-Token-9f8e7d"  # not hf_-shaped: only its place on the command line says it is a token
+
+
+@pytest.mark.parametrize("argv, command", [
+    (["--token", SECRET, "merge", "a/x", "b/y"], "merge"),
+    ([f"--token={SECRET}", "merge", "a/x", "b/y"], "merge"),
+    (["--tok", SECRET, "evaluate", "out", "--dataset", "d:test"], "evaluate"),  # an abbreviation argparse accepts
+    ([f"--tok={SECRET}", "merge", "a/x", "b/y"], "merge"),
+    (["-v", "--token", SECRET, "push", "out", "me/x"], "push"),
+    (["--token", SECRET], "merge"),  # no command at all: the example names merge
+])
+def test_a_token_before_the_command_says_where_it_goes(capsys, argv, command):
+    """`hf-mudsc --token SECRET merge ...` said argparse's "invalid choice: '***'" (the token masked, the command
+    seemingly refused) without saying what to do: one line saying `--token` goes after the command, the token
+    never shown."""
+    from hf_mudsc.cli.main import main
+
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert SECRET not in err and err.count("\n") == 1 and err.startswith("hf-mudsc: error: "), err
+    assert "invalid choice" not in err and "--token goes after the command" in err, err
+    assert f"`hf-mudsc {command} ... --token ***`" in err, err
+
+
+def test_an_api_key_before_serve_says_where_it_goes(capsys):
+    from hf_mudsc.cli.main import main
+
+    with pytest.raises(SystemExit) as caught:
+        main(["--api-key", SECRET, "serve"])
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and SECRET not in err and err.count("\n") == 1, err
+    assert "--api-key goes after the command" in err and "`hf-mudsc serve ... --api-key ***`" in err, err

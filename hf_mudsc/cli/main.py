@@ -65,6 +65,28 @@ def command_in(argv: Sequence[str]) -> str | None:
     return None
 
 
+# The commands that take each secret flag: the first is the example a misplaced flag's error gives.
+SECRET_FLAG_COMMANDS = {"--token": ("merge", "evaluate", "push"), "--api-key": ("serve",)}
+
+
+def secret_flag_before_command(argv: Sequence[str]) -> str | None:
+    """The one-line error for a secret flag given before the command (`hf-mudsc --token X merge ...`), else None.
+    argparse read the flag's value as the command and said "invalid choice: '***'", which tells nobody what to do:
+    a command's flags go after it. The flag is named in full (`--tok`, `--tokn` -> `--token`), its value never."""
+    command = command_in(argv)
+    for arg in argv:
+        if arg == command:
+            return None
+        if SECRET_FLAG.fullmatch(arg.partition("=")[0]):
+            flag = "--api-key" if arg.startswith("--ap") else "--token"
+            takers = SECRET_FLAG_COMMANDS[flag]
+            example = command if command in takers else takers[0]
+            named = f"{', '.join(takers[:-1])} and {takers[-1]}" if len(takers) > 1 else takers[0]
+            return (f"{flag} goes after the command, not before it: `hf-mudsc {example} ... {flag} ***` (an option of "
+                    f"{named}; the value given is not shown)")
+    return None
+
+
 # The HTTP client's loggers: one INFO line per request (`HTTP Request: GET ...`), shown only with -v.
 HTTP_LOGGERS = ("httpx2", "httpx", "httpcore", "urllib3", "huggingface_hub")
 
@@ -330,6 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_command(argv: list[str]) -> int:
     """Parse `argv` and run its command, turning the errors a user can fix into one line and an exit code."""
     parser = build_parser(available=[command] if (command := command_in(argv)) else [], secrets=secret_values(argv))
+    if (misplaced := secret_flag_before_command(argv)) is not None:
+        parser.exit(2, f"{parser.prog}: error: {misplaced}\n")
     args = parser.parse_args(argv)
     if args.quiet and args.verbose:
         parser.error("-q/--quiet and -v/--verbose contradict each other; pass one of them")
