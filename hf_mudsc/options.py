@@ -184,6 +184,7 @@ def option(
     recorded: bool = False,
     per_method: bool = False,
     card: CardRow | None = None,
+    command_help: Mapping[str, str] | None = None,
 ) -> Any:
     """A `MergeOptions` field: the option's default plus everything the derived places need (its metadata).
 
@@ -203,13 +204,16 @@ def option(
         per_method: read by some methods only: recorded (and shown in the card) with the value the method's
             `used_options` reports, None (row hidden) for a method that does not read it.
         card: its row in the model card's settings table.
+        command_help: the `--help` text of another command that takes the flag too (`evaluate`'s --allow-pickle),
+            by command, in that command's terms; `help` is merge's.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown option kind {kind!r}; one of {KINDS}")
     metadata = {"help": help, "kind": kind, "nullable": nullable or default is None, "check": check,
                 "choices": choices, "metavar": metavar, "short": short, "show_default": show_default,
                 "keyword": keyword, "check_keyword": check_keyword, "recipe": recipe, "destination": destination,
-                "recorded": recorded, "per_method": per_method, "card": card}
+                "recorded": recorded, "per_method": per_method, "card": card,
+                "command_help": dict(command_help or {})}
     return field(default=default, metadata=metadata)
 
 
@@ -780,7 +784,9 @@ class MergeOptions:
     allow_pickle: bool = option(
         False, kind="bool", recipe=False,
         help="allow parents with pickle-only weights (pytorch_model.bin can run arbitrary code when loaded; "
-        "only for sources you trust)")
+        "only for sources you trust)",
+        command_help={"evaluate": "load the models scored (DIR and the parents) from pickle-only weights "
+                      "(pytorch_model.bin can run arbitrary code when loaded; only for sources you trust)"})
     dry_run: bool = option(
         False, kind="bool", recipe=False,
         help="plan the merge without doing it: resolve the parents' revisions, read their configs and safetensors "

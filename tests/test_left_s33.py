@@ -79,3 +79,30 @@ def test_an_api_key_before_serve_says_where_it_goes(capsys):
     err = capsys.readouterr().err
     assert caught.value.code == 2 and SECRET not in err and err.count("\n") == 1, err
     assert "--api-key goes after the command" in err and "`hf-mudsc serve ... --api-key ***`" in err, err
+
+
+# ---------------------------------------------------------------- --allow-pickle's help in evaluate's terms
+
+
+def flag_help(capsys, command: str, flag: str) -> str:
+    """The `--help` text of one flag of `command`, whitespace folded."""
+    from hf_mudsc.cli.main import main
+
+    with pytest.raises(SystemExit) as caught:
+        main([command, "--help"])
+    assert caught.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith(flag))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("  -")), len(lines))
+    return " ".join(" ".join(lines[start:end]).split())
+
+
+def test_evaluate_allow_pickle_help_speaks_of_what_evaluate_loads(capsys):
+    """`hf-mudsc evaluate --help` showed merge's text for --allow-pickle ("allow parents with pickle-only weights"),
+    though evaluate loads the merged model DIR too and merges nothing; each command now says it in its own terms,
+    from the one declaration of the option."""
+    evaluate = flag_help(capsys, "evaluate", "--allow-pickle")
+    merge = flag_help(capsys, "merge", "--allow-pickle")
+    assert "allow parents with pickle-only weights" in merge, merge
+    assert "allow parents" not in evaluate and "merg" not in evaluate.replace("merged model", ""), evaluate
+    assert "DIR" in evaluate and "pickle-only weights" in evaluate and "arbitrary code" in evaluate, evaluate

@@ -138,8 +138,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"also write the results here (DIR/{RESULTS_FILENAME} is always written with the "
                         "card; for a Hub id, or with --no-card, the results are only printed unless this names a "
                         "file)")
-    # merge's flag, as merge declares it: the refusal of pickle-only weights (`weights_format`) names it
-    flags, keywords = option_argument(MergeOptions.option_field("allow_pickle"))
+    # merge's flag, as merge declares it (with evaluate's help): the refusal of pickle-only weights names it
+    flags, keywords = option_argument(MergeOptions.option_field("allow_pickle"), "evaluate")
     parser.add_argument(*flags, **keywords)
     parser.add_argument(
         "--token", metavar="TOKEN", default=argparse.SUPPRESS,

@@ -34,12 +34,14 @@ from hf_mudsc.publish.recipe import (
 from hf_mudsc.runner import check_before_dry_run, execute
 
 
-def option_argument(option: Field) -> tuple[list[str], dict[str, Any]]:
-    """The `add_argument` flags and keywords of one declared option (`hf_mudsc.options.MergeOptions`).
+def option_argument(option: Field, command: str = "merge") -> tuple[list[str], dict[str, Any]]:
+    """The `add_argument` flags and keywords of one declared option (`hf_mudsc.options.MergeOptions`) for `command`:
+    another command that takes the flag shows its own help text (`command_help`), the option still declared once.
 
     Unset flags stay absent (`default=SUPPRESS`), so a recipe's keys are only overridden by given flags."""
     meta = option.metadata
     help_text = meta["help"]() if callable(meta["help"]) else meta["help"]
+    help_text = meta["command_help"].get(command, help_text)
     if meta["show_default"]:
         help_text += f" (default: {option.default})"
     kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
