@@ -886,6 +886,11 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         rereadable=not isinstance(calibration, Iterator))
     needs_data = method.needs_calibration or method.needs_data or refit in REFITTING
     calibration_plan = None
+    if method.needs_gradients:  # the merge's refusal (`pipeline`), before anything is read: only objects can hold them
+        from hf_mudsc.load.checks import check_gradients_possible
+
+        check_gradients_possible([(f"parent {parent_label(index)}", model) for index, model in enumerate(models)
+                                  if isinstance(model, torch.nn.Module)], method.name)
     located, located_base, base_source = locate_parents(
         list(models), options.base, base_needed_for=None if automatic or not method.needs_base_model else method.name,
         token=token, allow_pickle=options.allow_pickle)

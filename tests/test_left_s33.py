@@ -106,3 +106,37 @@ def test_evaluate_allow_pickle_help_speaks_of_what_evaluate_loads(capsys):
     assert "allow parents with pickle-only weights" in merge, merge
     assert "allow parents" not in evaluate and "merg" not in evaluate.replace("merged model", ""), evaluate
     assert "DIR" in evaluate and "pickle-only weights" in evaluate and "arbitrary code" in evaluate, evaluate
+
+
+# ---------------------------------------------------------------- fisher's dry run and inference tensors
+
+
+def test_fisher_dry_run_refuses_parents_of_inference_tensors_as_the_merge_does(monkeypatch):
+    """The merge refuses `method="fisher"` for parents whose parameters are inference tensors (its gradients cannot
+    use them), but its dry run planned the merge as if it would run: it refuses alike, with the merge's message,
+    before reading anything heavy (no config's model is built, no header read)."""
+    import torch
+    from factories import fine_tune, make_batches, make_model
+
+    import hf_mudsc
+    from hf_mudsc.errors import MergeInputError
+    from hf_mudsc.load import parents
+
+    base = make_model("vit_cls", 0)
+    with torch.inference_mode():  # e.g. models a service loaded under inference mode
+        a, b = fine_tune(base, seed=1, scale=0.05), fine_tune(base, seed=2, scale=0.05)
+    batches = make_batches("vit_cls", num_batches=2, batch_size=4)
+    with pytest.raises(MergeInputError) as merging:
+        hf_mudsc.merge([a, b], batches, method="fisher", progress=False)
+
+    def heavy(*args, **kwargs):
+        raise AssertionError("the dry run located (read configs, cards, headers of) the parents before refusing them")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(parents, "locate_parents", heavy)
+        with pytest.raises(MergeInputError) as planning:
+            hf_mudsc.merge([a, b], batches, method="fisher", dry_run=True)
+    assert str(planning.value) == str(merging.value), (planning.value, merging.value)
+    assert "parent A" in str(planning.value) and "torch.inference_mode" in str(planning.value)
+    plain = hf_mudsc.merge([base, fine_tune(base, seed=3, scale=0.05)], batches, method="fisher", dry_run=True)
+    assert plain.method == "fisher"  # parents of ordinary tensors are planned as before
