@@ -524,6 +524,24 @@ def solve_cache_bytes(widths: Sequence[int], parents: int) -> float:
     return float(weight_cache_bytes(widths, parents))
 
 
+def average_check_possible(options: MergeOptions, num_parents: int, *, concatenated: bool, has_data: bool,
+                           rereadable: bool) -> bool:
+    """Whether `method="auto"` may hold its merge against plain averaging (`pipeline`: parents of one base, a
+    concatenated head, a refit gate; the check builds the average, one more model): a dry run does not know the
+    relation, so it counts the check whenever a same-base choice (`methods.auto.WITH_DATA`, or the correspondence
+    check's own method when the units turn out not to correspond) would run the gate."""
+    from hf_mudsc.methods.auto import CORRESPONDENCE_CHECK, WITH_DATA, refit_runs
+    from hf_mudsc.methods.registry import METHODS
+
+    if not concatenated or not has_data or "linear" not in METHODS:
+        return False
+    candidates = [METHODS[name] for name in (*WITH_DATA["shared base"], CORRESPONDENCE_CHECK) if name in METHODS]
+    return any(refit_runs(method, options.refit, has_data=True, num_parents=num_parents,
+                          reference_compat=bool(options.reference_compat), rereadable=rereadable,
+                          weights=options.weights) == "gate"
+               for method in candidates if method.name != "linear")
+
+
 def estimate_cost(*, widths: Sequence[int], columns: Sequence[int], group_tokens: Sequence[int],
                   linear_params: Mapping[str, int], tokens: Mapping[str, int], num_parameters: int,
                   rows: int | None, needs_statistics: bool, matmul_flops: float, solves: bool = True,
@@ -532,7 +550,7 @@ def estimate_cost(*, widths: Sequence[int], columns: Sequence[int], group_tokens
                   refit_layers: Sequence[tuple[int, int, float]] = (), refit_examples: int = 0,
                   refit_memory: float = 0.0, data_pass_flops: float = 0.0, largest_tensor: int = 0,
                   method_bytes: float | None = None, reads_data: bool = False,
-                  weight_cache_bytes: float = 0.0) -> Estimate:
+                  weight_cache_bytes: float = 0.0, average_check: bool = False) -> Estimate:
     """Time and peak memory of a merge (docs/design.md, "Dry run"):
 
     calibration s = rows × (2 × forward FLOPs + Σ_g tokens_g · 2·(2n_g)²) / (efficiency × matmul FLOP/s)
@@ -551,7 +569,9 @@ def estimate_cost(*, widths: Sequence[int], columns: Sequence[int], group_tokens
     counts as one more parent's weights (as `memory_floor` counts it; a streamed base holds one tensor: nothing);
     `copies`: models copied whole to parent A's label order (`head_copies`, `base_copied`), 4 × parameters each.
     A method that reads the data itself adds `rows × data_pass_flops` (`MergeMethod.data_pass_flops`) at
-    calibration's efficiency.
+    calibration's efficiency. `average_check`: the merge may hold its result against plain averaging at the end
+    (`method="auto"`, a refit gate and a concatenated head: `pipeline`'s `plain_average`, `apply.refit_gate`), which
+    builds one more model: + 4 × parameters.
 
     A method without unit matching (`solves` False) is counted by what it holds instead, the largest of three phases
     on top of the process (`PROCESS_BYTES`, + `DATA_READER_BYTES` when it `reads_data`) and the weights held (4 ×
@@ -593,14 +613,16 @@ def estimate_cost(*, widths: Sequence[int], columns: Sequence[int], group_tokens
     relation = (process + weights + float(RELATION_BYTES_PER_VALUE) * largest_tensor
                 + (4.0 * largest_tensor if held < parents else 0.0)) if largest_tensor else 0.0
     working = 0.0
+    averaged = 4.0 * num_parameters if average_check else 0.0  # plain averaging built to hold the merge against
     if solves:
         peak = max(relation, RUNTIME_BYTES + WEIGHTS_FACTOR * (held + int(base)) * 4 * num_parameters
                    + copies * 4 * num_parameters + STATISTICS_FACTOR * stats + refit_held
                    + (4 * num_parameters if alpha_search else 0.0)  # a candidate merged model
-                   + weight_cache_bytes)
+                   + weight_cache_bytes + averaged)
     else:
         working = 4.0 * num_parameters if method_bytes is None else float(method_bytes)
-        peak = max(relation, process + weights + working, process + weights + 8.0 * num_parameters + refit_held)
+        peak = max(relation, process + weights + working,
+                   process + weights + 8.0 * num_parameters + refit_held + averaged)
     data_pass = (rows or 0) * data_pass_flops / (CALIBRATION_EFFICIENCY * matmul_flops)
     return Estimate(calibration_seconds=calibration, solve_seconds=solve, peak_memory_bytes=math.ceil(peak),
                     matmul_flops_per_second=matmul_flops, statistics_bytes=math.ceil(stats),
@@ -983,6 +1005,7 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
                                gram=refit != "repair") if refitted else 0.0
     facts = _pass_facts(models_meta[0], spec, shapes, linear, tokens, parents[0].num_parameters)
     searched = not automatic and alpha_searched(method, options, len(models))
+    identical = _identical_weights(located, token=token)  # the same model: no averaging check (no shared base)
     estimate = estimate_cost(
         widths=widths, columns=columns, group_tokens=group_tokens, linear_params=linear, tokens=tokens,
         num_parameters=parents[0].num_parameters, rows=rows, needs_statistics=method.needs_calibration,
@@ -994,14 +1017,17 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         largest_tensor=max(map(_numel, shapes.values()), default=0),
         method_bytes=None if method.matches_units else method.working_bytes(facts, len(models)),
         reads_data=needs_data,
-        weight_cache_bytes=solve_cache_bytes(widths, len(models)) if searched else 0.0)
+        weight_cache_bytes=solve_cache_bytes(widths, len(models)) if searched else 0.0,
+        average_check=automatic and not identical and average_check_possible(
+            options, len(models), concatenated=spec.classifier is not None and not same_label_sets(
+                [parent.config for parent in located]),
+            has_data=calibration is not None, rereadable=not isinstance(calibration, Iterator)))
     warnings = [memory_refusal] if memory_refusal is not None else []
     if calibration_plan is not None and rows is not None and method.needs_calibration:
         text = calibration_size_warning({g.name: rows * t for g, t in zip(spec.groups, group_tokens)},
                                         dict(zip((g.name for g in spec.groups), widths)), len(models))
         if text:
             warnings.append(text)
-    identical = _identical_weights(located, token=token)
     if located_base is not None:  # the merge's refusal of a base that is a parent (`pipeline.check_base_not_a_parent`)
         warnings += _base_is_a_parent(located_base, located, method, automatic, calibration is not None, token=token)
     configs = [parent.config for parent in located]

@@ -140,3 +140,52 @@ def test_fisher_dry_run_refuses_parents_of_inference_tensors_as_the_merge_does(m
     assert "parent A" in str(planning.value) and "torch.inference_mode" in str(planning.value)
     plain = hf_mudsc.merge([base, fine_tune(base, seed=3, scale=0.05)], batches, method="fisher", dry_run=True)
     assert plain.method == "fisher"  # parents of ordinary tensors are planned as before
+
+
+# ---------------------------------------------------------------- the averaging check in the dry run's memory
+
+
+def named_labels(model, labels):
+    import copy
+
+    model = copy.deepcopy(model)
+    model.config.id2label = dict(enumerate(labels))
+    model.config.label2id = {label: index for index, label in enumerate(labels)}
+    return model
+
+
+def test_dry_run_counts_the_average_the_averaging_check_builds():
+    """`method="auto"` on fine-tunes of one base with different label sets (a concatenated head) holds its merge
+    against plain averaging at the end, building one more model (`pipeline`'s `plain_average`); the dry run's peak
+    memory did not count it. It now does — one model's bytes more than the same merge of a shared head, which runs
+    no such check — and only where the merge may run the check (`auto`, a refit gate, a concatenated head). The toy
+    is wide enough (3.2 M parameters) for the merge's working set, not the process's fixed bytes, to be the peak."""
+    import torch
+    from factories import fine_tune, make_batches, make_model
+    from transformers import ViTForImageClassification
+
+    import hf_mudsc
+    from hf_mudsc.testing.toy import tiny_vit_config
+
+    torch.manual_seed(0)
+    base = ViTForImageClassification(tiny_vit_config(3, hidden_size=256, num_layers=4))
+    a = named_labels(fine_tune(base, seed=1, scale=0.01), ["cat", "dog", "fox"])
+    b = fine_tune(base, seed=2, scale=0.01)
+    same, other = named_labels(b, ["cat", "dog", "fox"]), named_labels(b, ["one", "two", "six"])
+    batches = make_batches("vit_cls", num_batches=2, batch_size=4)
+    parameters = sum(p.numel() for p in a.parameters())
+
+    def peak(parents, **options):
+        return hf_mudsc.merge(parents, batches, dry_run=True, **options).estimate.peak_memory_bytes
+
+    assert peak([a, other]) - peak([a, same]) == 4 * parameters
+    # no check runs: a method given, or no refit gate (`refit="none"`)
+    assert peak([a, other], method="regmean") == peak([a, same], method="regmean")
+    assert peak([a, other], refit="none") == peak([a, same], refit="none")
+    # such parents' merge (small ones here) does hold its result against plain averaging
+    small = make_model("vit_cls", 0)
+    a = named_labels(fine_tune(small, seed=1, scale=0.01), ["cat", "dog", "fox"])
+    other = named_labels(fine_tune(small, seed=2, scale=0.01), ["one", "two", "six"])
+    merged = hf_mudsc.merge([a, other], make_batches("vit_cls", num_batches=3, batch_size=8), progress=False)
+    assert merged.config.mudsc["parent_relation"]["relation"] == "shared base"
+    assert merged.config.mudsc["refit_gate"]["average"] is not None
