@@ -258,11 +258,12 @@ def test_refit_replays_nothing_when_the_replay_would_change_the_output():
     assert chain.blocks == ("blocks.0", "blocks.1", "blocks.2") and chain.layers_before_end == (1, 2, 3)
 
 
-def test_units_are_a_blocks_children_that_hold_refit_layers_and_replay_exactly():
-    """Units: the children of a chain's blocks that hold refit layers, run once per forward and do not return the
-    block's own output (BERT: attention and intermediate, not output). A block that changes its child's output in
-    place would see it changed twice when the child is replayed: the units' check finds the model's output changed
-    and drops the units (the blocks are still replayed whole); a child run twice per forward is no unit."""
+def test_units_are_the_modules_in_a_block_that_hold_refit_layers_and_replay_exactly():
+    """Units: the modules inside a chain's blocks, at any depth, that hold refit layers, run once per forward and do
+    not return the block's own output (BERT: attention, the self-attention and its output inside it, intermediate;
+    not output). A block that changes its child's output in place would see it changed twice when the child is
+    replayed: the units' check finds the model's output changed and drops the units (the blocks are still replayed
+    whole); a child run twice per forward is no unit."""
     from hf_mudsc.apply.block_replay import find_chains
 
     bert = make_model("bert_cls", 0).eval()
@@ -270,9 +271,11 @@ def test_units_are_a_blocks_children_that_hold_refit_layers_and_replay_exactly()
     layers = [name for step in refit.forward_steps(bert, refit.refit_layers(bert, spec_for(bert)), batch)
               for name in step]
     (chain,) = find_chains(bert, layers, batch)
-    assert [unit.name for unit in chain.units] == [f"bert.encoder.layer.{i}.{part}" for i in range(2)
-                                                   for part in ("attention", "intermediate")]
-    assert [unit.layers_before_end for unit in chain.units] == [4, 5, 10, 11]  # q/k/v, o | fc1 (then fc2)
+    assert [unit.name for unit in chain.units] == [
+        f"bert.encoder.layer.{i}.{part}" for i in range(2)
+        for part in ("attention", "attention.self", "attention.output", "intermediate")]
+    # q/k/v, o | q/k/v | q/k/v, o | fc1 (then fc2), per block
+    assert [unit.layers_before_end for unit in chain.units] == [4, 3, 4, 5, 10, 9, 10, 11]
 
     class Block(nn.Module):
         def __init__(self, twice: bool = False, in_place: bool = False) -> None:
@@ -296,6 +299,89 @@ def test_units_are_a_blocks_children_that_hold_refit_layers_and_replay_exactly()
         (chain,) = find_chains(Chained([Block(**kind) for _ in range(3)]), names, batch)
         assert chain.blocks == ("blocks.0", "blocks.1", "blocks.2") and len(chain.units) == units, kind
         assert all(unit.name == f"blocks.{unit.block}.inner" for unit in chain.units)
+
+
+def test_a_unit_inside_a_unit_is_dropped_alone_when_its_replay_changes_the_output():
+    """Units are checked one nesting depth at a time: an outer module that changes its inner module's output in
+    place (it would be changed twice if the inner one were replayed) keeps the outer unit and loses the inner one."""
+    from hf_mudsc.apply.block_replay import find_chains
+
+    class Outer(nn.Module):
+        def __init__(self, in_place: bool) -> None:
+            super().__init__()
+            self.inner = nn.Sequential(nn.Linear(4, 4))
+            self.o = nn.Linear(4, 4)
+            self.in_place = in_place
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.inner(x)
+            if self.in_place:
+                y.mul_(2.0)
+            return self.o(y)
+
+    class Block(nn.Module):
+        def __init__(self, in_place: bool) -> None:
+            super().__init__()
+            self.outer = Outer(in_place)
+            self.out = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.outer(x)) + x
+
+    torch.manual_seed(0)
+    batch = {"x": torch.randn(5, 4)}
+    names = [f"blocks.{i}.{part}" for i in range(3) for part in ("outer.inner.0", "outer.o", "out")]
+    for in_place, parts in ((False, ["outer", "outer.inner"]), (True, ["outer"])):
+        (chain,) = find_chains(Chained([Block(in_place) for _ in range(3)]), names, batch)
+        assert [unit.name for unit in chain.units] == [f"blocks.{i}.{part}" for i in range(3) for part in parts]
+
+
+def test_refit_runs_bert_self_attention_once_per_block_in_every_model(monkeypatch):
+    """With units inside units replayed, the merged BERT's self-attention (its query projection) computes in one
+    refit pass per block (the o step's; the fc1 pass, which stores the attention, replays it), and a parent's once
+    per block however many chunks of steps the block spans (here one step per chunk) — against four passes each
+    with no units; the same refitted weights, bit for bit."""
+    from hf_mudsc.apply import block_replay
+
+    monkeypatch.setattr(refit, "TARGET_CACHE_BYTES", 0)  # one parents' pass per step
+    batches = make_batches("bert_cls", num_batches=2)
+    states, counts = [], []
+    for units in (True, False):
+        with monkeypatch.context() as patch:
+            if not units:
+                patch.setattr(block_replay, "_unit_candidates", lambda *args: [])
+            parents = [make_model("bert_cls", seed=1), make_model("bert_cls", seed=2)]
+            runs: dict[str, list[int]] = {"merged": [0, 0], "parent": [0, 0]}
+            original = refit.refit_model
+
+            def watch(merged, parents_, *args, runs=runs, original=original, **kwargs):  # the refit's passes only
+                for key, model in (("merged", merged), ("parent", parents_[1])):
+                    modules = dict(model.named_modules())
+                    for index in range(2):
+                        count_runs(modules[f"bert.encoder.layer.{index}.attention.self.query"],
+                                   lambda key=key, index=index: runs[key].__setitem__(index, runs[key][index] + 1))
+                return original(merged, parents_, *args, **kwargs)
+
+            patch.setattr(refit, "refit_model", watch)
+            patch.setattr("hf_mudsc.pipeline.refit_model", watch, raising=False)
+            merged = hf_mudsc.merge(parents, batches, matcher="align", refit="ridge", progress=False)
+        states.append(merged.state_dict())
+        counts.append(runs)
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][name], states[1][name]) for name in states[0])
+    with_units, without = counts
+    # Before the passes: refit_samples="auto"'s count (both batches), forward_steps' forward and find_chains'
+    # recording of the first batch (its chains' check runs the last block only; its units' checks replace the
+    # attention, then the self-attention: the query does not run).
+    before = [2 + 1 + 1, 2 + 1 + 1 + 1]
+    # The merged model: the o pass, then the fc1 pass replays the self-attention; without units the o, fc1 and fc2
+    # passes and the one that stores the block (the next step's) each run it.
+    assert with_units["merged"] == [count + 1 * 2 for count in before]
+    assert without["merged"] == [count + 4 * 2 for count in before]
+    # A parent (all final): its q/k/v pass stores the self-attention, the o pass replays it and stores the attention;
+    # without units the q/k/v, o, fc1 and fc2 passes (the last stores the block) each run it.
+    assert with_units["parent"] == [1 * 2] * 2
+    assert without["parent"] == [4 * 2] * 2
 
 
 # ------------------------------------------------------------------------------------------------ invariance

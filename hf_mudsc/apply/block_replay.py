@@ -10,11 +10,13 @@ Architecture-free: a *chain* is the outermost `nn.ModuleList` holding refit laye
 is used only when one forward shows that its blocks run once each, in order, and that replaying them from stored
 outputs gives the model's own output bit for bit; otherwise its blocks simply run (slower, same result).
 
-Inside the block being refitted, *units* are replayed the same way (for the merged model, `BlockReplay(units=True)`):
-a block's child that holds refit layers and runs once per forward (a transformer block's attention, its MLP's first
-half) is final as soon as every refit layer that has run by its return is, long before the block is — so the
-block's later steps (o, fc1, fc2, and the next block's q/k/v, which runs the block to its end) take its output from
-store instead of recomputing it. Units are used only when replacing each by its own output leaves the model's output
+Inside the block being refitted, *units* are replayed the same way (`BlockReplay(units=True)`): a module inside a
+block that holds refit layers and runs once per forward (a transformer block's attention, the self-attention inside
+it, its MLP's first half) is final as soon as every refit layer that has run by its return is, long before the block
+is — so the block's later steps (o, fc1, fc2, and the next block's q/k/v, which runs the block to its end) take its
+output from store instead of recomputing it: the merged model's self-attention (q/k/v and the attention product)
+computes once per block instead of twice, a parent's attention once instead of once per chunk of steps it spans.
+Units are used only when replacing them by their own outputs, one nesting depth at a time, leaves the model's output
 bit for bit the same.
 """
 
@@ -44,13 +46,18 @@ _MORE_BATCHES = ("refit: the calibration data gave more batches when read again;
 
 @dataclass(frozen=True)
 class Unit:
-    """A child of a chain's block that holds refit layers and runs once per forward (replayed inside its block)."""
+    """A module inside a chain's block that holds refit layers and runs once per forward (replayed inside its
+    block)."""
 
     name: str
     block: int
     """Its block's index in the chain."""
     layers_before_end: int
     """How many refit layers (in first-fire order) have run when its forward returns."""
+
+    def inside(self, other: Unit) -> bool:
+        """Whether this unit is a submodule of `other`."""
+        return self.name.startswith(other.name + ".")
 
 
 @dataclass(frozen=True)
@@ -100,15 +107,21 @@ def _outer_list(modules: Mapping[str, nn.Module], layer: str) -> str | None:
 
 def _unit_candidates(modules: Mapping[str, nn.Module], blocks: Sequence[str], layers: Sequence[str]
                      ) -> list[tuple[int, str]]:
-    """(block index, child name) of every direct child of a block that holds a refit layer without being one."""
+    """(block index, module name) of every module inside a block, at any depth, that holds a refit layer without
+    being one — outer modules before the ones inside them (`named_modules` order)."""
     wanted = set(layers)
     found = []
     for index, block in enumerate(blocks):
-        for child, _ in modules[block].named_children():
-            name = f"{block}.{child}"
-            if name not in wanted and any(layer.startswith(name + ".") for layer in wanted):
+        for inner, _ in modules[block].named_modules():
+            name = f"{block}.{inner}"
+            if inner and name not in wanted and any(layer.startswith(name + ".") for layer in wanted):
                 found.append((index, name))
     return found
+
+
+def _depth(unit: Unit, units: Sequence[Unit]) -> int:
+    """How many of `units` hold `unit` (0: an outermost one)."""
+    return sum(unit.inside(other) for other in units)
 
 
 def find_chains(model: nn.Module, layers: Sequence[str], batch: Mapping[str, Any]) -> list[Chain]:
@@ -176,13 +189,19 @@ def find_chains(model: nn.Module, layers: Sequence[str], batch: Mapping[str, Any
         if not _same_output(reference, replayed):
             logger.info("refit: replaying blocks changes the model's output; every pass runs the whole model")
             return []
-    if any(chain.units for chain in chains):  # each unit replaced by its own output: the same model output
-        with torch.no_grad(), _replaced(modules, {unit.name: (lambda name=unit.name: outputs[name])
-                                                  for chain in chains for unit in chain.units}):
+    # The units of one nesting depth replaced by their own outputs (the units inside them do not run then; the next
+    # depth's check covers those): the same model output, or that depth and the ones inside it run whole.
+    depths = {unit.name: _depth(unit, chain.units) for chain in chains for unit in chain.units}
+    for depth in range(max(depths.values(), default=-1) + 1):
+        with torch.no_grad(), _replaced(modules, {name: (lambda name=name: outputs[name])
+                                                  for name, found in depths.items() if found == depth}):
             replayed = model(**forward_inputs(model, batch))
         if not _same_output(reference, replayed):
-            logger.info("refit: replaying parts of blocks changes the model's output; blocks run whole")
-            chains = [Chain(chain.blocks, chain.layers_before_end) for chain in chains]
+            logger.info("refit: replaying parts of blocks changes the model's output; %s",
+                        "blocks run whole" if depth == 0 else "their inner parts run whole")
+            chains = [Chain(chain.blocks, chain.layers_before_end,
+                            tuple(unit for unit in chain.units if depths[unit.name] < depth)) for chain in chains]
+            break
     return chains
 
 
@@ -277,8 +296,8 @@ class BatchStore:
 class BlockReplay:
     """A model's finished blocks replayed from stored outputs: one per model of a refit (the merged model, each
     parent). `run(finished)` wraps one pass over the batches, `batch(number)` is called before each forward.
-    `units`: also replay the chains' units inside the block being refitted (the merged model: its steps run each
-    block 4 times; a parent's chunked passes run it once or twice, so it gains too little for the memory)."""
+    `units`: also replay the chains' units inside the block being refitted (the merged model's steps run each block
+    5 times, a parent's chunks of steps once or twice; a unit's outputs are held only until its block's are)."""
 
     def __init__(self, model: nn.Module, chains: Sequence[Chain], storage: Storage, *, units: bool = False) -> None:
         self.modules = dict(model.named_modules())
@@ -329,15 +348,19 @@ class BlockReplay:
                 store = BatchStore(self.storage)
                 fresh[index] = (last, store)
                 handles.append(self.modules[chain.blocks[last]].register_forward_hook(storer(store)))
+            final: list[Unit] = []  # this pass's final units, outer ones first
             for unit in chain.units if self.units else ():
                 if unit.block <= stored or unit.layers_before_end > finished:
                     continue  # replayed with its block, or not final yet
-                if unit.name in self.unit_kept:
+                if unit.name in self.unit_kept:  # (inside a unit stored now, it spares that unit's work)
                     returns[unit.name] = lambda name=unit.name: self._unit_output(name)
-                elif unit.block > last:  # (a block stored whole in this pass needs no unit of it stored)
+                elif unit.block > last and not any(unit.inside(outer) for outer in final):
+                    # (a block stored whole in this pass needs no unit of it stored, a unit whose outer unit is
+                    # stored or replayed needs none inside it)
                     store = BatchStore(self.storage)
                     fresh_units[unit.name] = (index, unit.block, store)
                     handles.append(self.modules[unit.name].register_forward_hook(storer(store)))
+                final.append(unit)
         self.batches = 0
         self._memo.clear()
         self.storing = (*(self.chains[index].blocks[last] for index, (last, _) in fresh.items()), *fresh_units)
@@ -363,9 +386,11 @@ class BlockReplay:
                     self.unit_kept[name] = (index, block, store)
                 else:
                     store.release()
-            # A unit whose block is now stored whole is never replayed again: its outputs are freed.
+            # A unit whose block is now stored whole, or whose outer unit is stored, is never replayed again: its
+            # outputs are freed.
             for name, (index, block, store) in list(self.unit_kept.items()):
-                if self.kept[index] is not None and block <= self.kept[index][0]:
+                if (self.kept[index] is not None and block <= self.kept[index][0]) or any(
+                        name.startswith(outer + ".") for outer in self.unit_kept):
                     store.release()
                     del self.unit_kept[name]
 

@@ -462,7 +462,7 @@ def refit_model(
             storage = Storage()
             # The merged model also replays the finished parts of the block it refits (its 4 steps per block).
             replays = [BlockReplay(merged, chains, storage, units=True),
-                       *(BlockReplay(model, chains, storage) for model in parents)]
+                       *(BlockReplay(model, chains, storage, units=True) for model in parents)]
             bar = Progress(total=len(report.steps), desc="refit", unit="steps", enabled=progress)
             tokens = 0  # samples (tokens) per pass, known after the first step: sizes the target cache
             position = 0
