@@ -680,8 +680,11 @@ def merge(
             # The pair's solve is a cheap proxy: the solve over every parent, which merges, decides again by the
             # same rule, as two parents' solve does (a pair near a tie between its starts can judge otherwise).
             said, name = pending.rsplit("): ", 1)
-            unconfirmed = (same_base, f"{said}; {checker.name}'s solve of {pair_name} leaves {in_place:.1%} of "
-                                      f"their units in place, so it solves every parent): {name}")
+            overturned = (f"{said}; {checker.name}'s solve of {pair_name} leaves {in_place:.1%} of their units in "
+                          "place, so it solves every parent")
+            unconfirmed = (same_base, f"{overturned}): {name}")
+            # Only the pair's memory was checked (`_fits_in_memory`); every parent's statistics grow with N².
+            check_memory(model_a, count, checker, loading=0, chosen=f"{overturned})")
         refit_value, refitting, used_options, auto_alpha = settled(merge_method)
         if unconfirmed is None:  # (else once the solve over every parent has decided the method)
             option_warnings = _warn_unused(merge_options, used_options, merge_method, calibration, count,
