@@ -949,9 +949,27 @@ def merge(
                     used, **{**dict.fromkeys(MergeOptions.names(per_method=True)),
                              **averaging.used_options(method_options)},
                     method=averaging.name, refit="none", refit_lambda=None, refit_norms=None, refit_samples=None)
-                merged.config.mudsc.update(recorded.values(recorded=True), method_choice_reason=choice_reason)
+                # The returned merge is recorded as method="linear" records it: no solve, matches, starts, size
+                # budget or α curve of the merge it replaced (the card and inspect read them as this model's); the
+                # path that chose it stays (reason, correspondence check, gate).
+                warnings = merge_warnings(
+                    relation=relation.relation, method=averaging, group_names=[], group_values=[], rows=None,
+                    widths={g.name: g.width for g in spec.groups}, parents=count,
+                    relation_text=relation_warning(relation.relation, averaging),
+                    shared_labels=None,
+                    processor_differences=image_processor_differences([p.processor for p in parents]),
+                    tokenizer_differences=tokenizer_differences([p.processor for p in parents]),
+                    repeats=repeats)  # the data that chose it repeats examples: still said
+                warnings += [text for text in option_warnings + input_check.warnings if text not in warnings]
+                merged.config.mudsc.update(
+                    recorded.values(recorded=True), method_choice_reason=choice_reason, statistics_dtype=None,
+                    group_match_values={}, start_objectives={}, solve_start=None, alpha_auto=None, size_budget=None,
+                    warnings=list(warnings))
                 merge_method, refitting, auto_alpha = averaging, False, False
-                report = dataclasses.replace(report, method=averaging.name, matcher=None, alpha=None, refit=None)
+                report = dataclasses.replace(
+                    report, method=averaging.name, matcher=None, alpha=None, refit=None, matches=[], group_names=[],
+                    group_values=[], objective_history=[], sweeps=0, starts={}, solve_start=None, diagnostics=None,
+                    warnings=list(warnings))
         else:
             report.refit = run_refit(merged, calibration_batches, calibration_examples)
     if refitting:

@@ -60,3 +60,40 @@ def test_auto_checks_the_memory_of_every_parents_solve_when_the_pair_check_overt
     assert message.startswith("method 'auto' chose 'mudsc' (") and "merging 3 parents with mudsc" in message, message
     assert "merge at most 2 parents at a time" in message, message
     assert passes == [0], passes  # the pair's statistics were read; every parent's were not
+
+
+def test_averaging_returned_after_auto_kept_the_solve_describes_the_average_not_the_solve(monkeypatch, tmp_path):
+    """`auto` on fine-tunes of one base whose units do not correspond merges by mudsc's solve (alpha="auto" searched
+    it); when the averaging check then returns plain averaging, the record kept the solve's: its match values, starts,
+    size budget, α curve and statistics dtype in config.mudsc, its matches and diagnostics in the report — so the
+    card showed "Match quality per layer" and solver sweeps for a linear merge, its warnings the solve's
+    rank-deficient correlations, and `inspect` said "method auto kept that solve's merge" above "method: linear".
+    The returned merge is now recorded as `method="linear"` records it (the path that chose it stays: the reason,
+    the correspondence check, the gate)."""
+    import hf_mudsc.methods.auto as auto
+    from hf_mudsc.apply import refit_gate
+    from hf_mudsc.cli.inspect import read_merge, summary
+    from hf_mudsc.publish.card import render_card
+    from hf_mudsc.publish.recipe import Recipe
+
+    parents, batches = fine_tunes_of_one_base(2), make_batches("vit_cls", num_batches=4, batch_size=8)
+    linear = hf_mudsc.merge(parents, batches, method="linear", progress=False)
+    monkeypatch.setattr(auto, "IN_PLACE_MAJORITY", 1.5)  # the solve "moves" units: auto keeps mudsc's merge
+    monkeypatch.setattr(refit_gate.AverageCheck, "kept", property(lambda self: True))
+    merged = hf_mudsc.merge(parents, batches, alpha="auto", progress=False)
+    mudsc = merged.config.mudsc
+    assert mudsc["method"] == "linear" and mudsc["correspondence_check"]["holds"] is False
+    assert mudsc["refit_gate"]["average"]["merge"].startswith("mudsc")
+    for key in ("group_match_values", "start_objectives", "solve_start", "size_budget", "alpha_auto",
+                "statistics_dtype", "alpha", "matcher"):
+        assert mudsc[key] == linear.config.mudsc[key], (key, mudsc[key])
+    assert not any("rank-deficient" in text for text in mudsc["warnings"]), mudsc["warnings"]
+    report = merged.merge_report
+    assert report.diagnostics is None and not report.matches and not report.group_values and not report.sweeps
+    card = " ".join(str(render_card(merged, Recipe(models=["a", "b"], calibration="c"))).split())
+    assert "Match quality per layer" not in card and "Solver sweeps" not in card, card
+    hf_mudsc.save_merged(merged, tmp_path / "merged")
+    saved, diagnostics, _ = read_merge(tmp_path / "merged")
+    text = summary(tmp_path / "merged", saved, diagnostics, None, False)
+    assert "  method:    linear" in text and "solve:" not in text, text
+    assert "so method auto kept that solve's merge, then plain averaging replaced it" in text, text
