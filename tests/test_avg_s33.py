@@ -97,3 +97,44 @@ def test_averaging_returned_after_auto_kept_the_solve_describes_the_average_not_
     text = summary(tmp_path / "merged", saved, diagnostics, None, False)
     assert "  method:    linear" in text and "solve:" not in text, text
     assert "so method auto kept that solve's merge, then plain averaging replaced it" in text, text
+
+
+def test_inspect_of_a_recipes_rerun_says_plain_averaging_replaced_autos_choice(monkeypatch, tmp_path):
+    """Re-running the recipe of a merge where the averaging check returned plain averaging runs `method: linear`
+    and restates auto's reason and correspondence check (`restate_auto_choices`), but no gate runs there: `inspect`
+    of the re-run said "they correspond, so method auto kept the same-base method" above "method: linear", nothing
+    of the average. A correspondence check only ever leads to the same-base data method or the solve's own, never to
+    linear, so a recorded `linear` beside it is the average that replaced it, and inspect says so."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+    from transformers import ViTImageProcessor
+
+    from hf_mudsc.apply import refit_gate
+    from hf_mudsc.cli.inspect import read_merge, summary
+    from hf_mudsc.cli.main import main
+
+    processor = ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5])
+    folders = []
+    for index, parent in enumerate(fine_tunes_of_one_base(2)):
+        parent.save_pretrained(tmp_path / f"p{index}")
+        processor.save_pretrained(tmp_path / f"p{index}")
+        folders.append(str(tmp_path / f"p{index}"))
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L") for _ in range(30)]
+    datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image()).save_to_disk(
+        tmp_path / "calibration")
+    monkeypatch.setattr(refit_gate.AverageCheck, "kept", property(lambda self: True))
+    assert main(["merge", *folders, "--calibration", str(tmp_path / "calibration"), "--output",
+                 str(tmp_path / "merged"), "-q"]) == 0
+    assert main(["merge", "--recipe", str(tmp_path / "merged" / "mudsc_recipe.yaml"), "--output",
+                 str(tmp_path / "again"), "-q"]) == 0
+    texts = {}
+    for name in ("merged", "again"):
+        saved, diagnostics, _ = read_merge(tmp_path / name)
+        assert saved["method"] == "linear"
+        texts[name] = summary(tmp_path / name, saved, diagnostics, None, False)
+    assert saved["refit_gate"] is None  # the re-run ran no gate: its record cannot say it
+    for text in texts.values():
+        assert ("they correspond, so method auto kept the same-base method, then plain averaging replaced it"
+                in text), text
