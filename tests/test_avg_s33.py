@@ -138,3 +138,40 @@ def test_inspect_of_a_recipes_rerun_says_plain_averaging_replaced_autos_choice(m
     for text in texts.values():
         assert ("they correspond, so method auto kept the same-base method, then plain averaging replaced it"
                 in text), text
+
+
+def test_the_average_held_against_autos_merge_is_plain_averaging_whatever_normalize_says(monkeypatch):
+    """`normalize=False` — which the merge says regmean (auto's choice) does not read, "it has no effect" — reached
+    the averaging check's linear merge: the "plain average" held against regmean was the parents' weighted SUM (every
+    tensor doubled for two parents), a baseline no merge scores below, and when returned it was that sum, recorded
+    as plain averaging. The check's average divides by the weights' sum (normalize=True), is recorded so, and the
+    recipe re-runs it."""
+    from hf_mudsc.apply import refit_gate
+
+    parents, batches = fine_tunes_of_one_base(2), make_batches("vit_cls", num_batches=4, batch_size=8)
+    linear = hf_mudsc.merge(parents, batches, method="linear", progress=False)
+    scored = []
+    real = refit_gate.AverageCheck.__init__
+
+    def record(self, score, tasks, lowered):
+        scored.append(score)
+        real(self, score, tasks, lowered)
+
+    monkeypatch.setattr(refit_gate.AverageCheck, "__init__", record)
+    default = hf_mudsc.merge(parents, batches, progress=False)
+    unnormalized = hf_mudsc.merge(parents, batches, normalize=False, progress=False)
+    assert scored[0] == scored[1]  # the same average scored: normalize= changes nothing of auto's merge
+    assert default.config.mudsc["refit_gate"]["average"] == unnormalized.config.mudsc["refit_gate"]["average"]
+    monkeypatch.setattr(refit_gate.AverageCheck, "kept", property(lambda self: True))
+    merged = hf_mudsc.merge(parents, batches, normalize=False, progress=False)
+    assert merged.config.mudsc["method"] == "linear" and merged.config.mudsc["normalize"] is True
+    assert all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), linear.state_dict().values()))
+    recipe = merged.merge_report.recipe
+    again = hf_mudsc.merge(parents, batches, method=recipe["method"], refit=recipe["refit"],
+                           normalize=recipe["normalize"], progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), again.state_dict().values()))
+    from hf_mudsc.publish.recipe import Recipe, pinned_choices
+
+    # the CLI writes the recipe it was given with auto's choices pinned: normalize among them
+    written = pinned_choices(Recipe(models=["a", "b"], calibration="c", normalize=False), merged)
+    assert (written.method, written.refit, written.normalize) == ("linear", "none", True)
