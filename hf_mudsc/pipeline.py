@@ -680,8 +680,11 @@ def merge(
             # The pair's solve is a cheap proxy: the solve over every parent, which merges, decides again by the
             # same rule, as two parents' solve does (a pair near a tie between its starts can judge otherwise).
             said, name = pending.rsplit("): ", 1)
-            unconfirmed = (same_base, f"{said}; {checker.name}'s solve of {pair_name} leaves {in_place:.1%} of "
-                                      f"their units in place, so it solves every parent): {name}")
+            overturned = (f"{said}; {checker.name}'s solve of {pair_name} leaves {in_place:.1%} of their units in "
+                          "place, so it solves every parent")
+            unconfirmed = (same_base, f"{overturned}): {name}")
+            # Only the pair's memory was checked (`_fits_in_memory`); every parent's statistics grow with N².
+            check_memory(model_a, count, checker, loading=0, chosen=f"{overturned})")
         refit_value, refitting, used_options, auto_alpha = settled(merge_method)
         if unconfirmed is None:  # (else once the solve over every parent has decided the method)
             option_warnings = _warn_unused(merge_options, used_options, merge_method, calibration, count,
@@ -732,16 +735,18 @@ def merge(
                       and params[0][spec.classifier.weight].shape == params[1][spec.classifier.weight].shape)
     matching_spec = solve_spec(spec, concatenate, reference_rows=reference_rows)
 
-    def context_for(method: MergeMethod) -> tuple[MethodContext, set[str]]:
-        """The method's context, and the head tensors left out of it: heads of different label sets are
-        concatenated here unless the method builds them (the unit-matching apply step)."""
+    def context_for(method: MergeMethod, options: MergeOptions | None = None) -> tuple[MethodContext, set[str]]:
+        """The method's context (`options`: the method's options, default `method_options`), and the head tensors
+        left out of it: heads of different label sets are concatenated here unless the method builds them (the
+        unit-matching apply step)."""
         left = set(head) if concatenate and not method.builds_concatenated_head else set()
         return MethodContext(
             spec=spec, solve_spec=matching_spec,
             parents=[_without(p, left) for p in params],
             base=None if base_params is None else _without(base_params, left),
             models=loaded, batches=batches, correlations=correlations, concatenate_classifier=concatenate,
-            options=method_options, device=str(run_device), progress=progress, relation=relation.relation,
+            options=method_options if options is None else options, device=str(run_device), progress=progress,
+            relation=relation.relation,
         ), left
 
     def whole_parameters(computed: Mapping[str, torch.Tensor], left: set[str]) -> dict[str, torch.Tensor]:
@@ -895,6 +900,7 @@ def merge(
     widened_config(config, spec, merged_params)
     config._name_or_path = ""
     merged = build_model(model_a, config, merged_params)
+    recipe_normalize = merge_options.normalize  # as given, unless the averaging check returned its average
     if refit_value == "repair":
         report.refit = repair_model(
             merged, loaded, spec, report.matches, calibration_batches,
@@ -913,11 +919,14 @@ def merge(
             from hf_mudsc.apply.refit_gate import gated_refit
 
             averaging = get_method("linear")
+            # Plain averaging divides by the weights' sum whatever `normalize=` says: auto's method reads none of it
+            # (the merge says so), and linear unnormalised is the parents' sum, no baseline.
+            average_options = dataclasses.replace(method_options, normalize=True)
 
             def plain_average() -> PreTrainedModel | None:
                 """The parents' plain average (method "linear": the same weights, heads concatenated alike) as this
                 merge's model, or None when it cannot stand in for it (other shapes: a size budget widened it)."""
-                average_context, average_left = context_for(averaging)
+                average_context, average_left = context_for(averaging, average_options)
                 average_params = whole_parameters(averaging.merge_parameters(average_context).parameters,
                                                   average_left)
                 if {k: v.shape for k, v in average_params.items()} != {k: v.shape for k, v in merged_params.items()}:
@@ -944,11 +953,31 @@ def merge(
                 logger.info("method auto: %s", choice_reason)
                 recorded = dataclasses.replace(
                     used, **{**dict.fromkeys(MergeOptions.names(per_method=True)),
-                             **averaging.used_options(method_options)},
+                             **averaging.used_options(average_options)},
                     method=averaging.name, refit="none", refit_lambda=None, refit_norms=None, refit_samples=None)
-                merged.config.mudsc.update(recorded.values(recorded=True), method_choice_reason=choice_reason)
+                # The returned merge is recorded as method="linear" records it: no solve, matches, starts, size
+                # budget or α curve of the merge it replaced (the card and inspect read them as this model's); the
+                # path that chose it stays (reason, correspondence check, gate).
+                warnings = merge_warnings(
+                    relation=relation.relation, method=averaging, group_names=[], group_values=[], rows=None,
+                    widths={g.name: g.width for g in spec.groups}, parents=count,
+                    relation_text=relation_warning(relation.relation, averaging),
+                    shared_labels=None,
+                    processor_differences=image_processor_differences([p.processor for p in parents]),
+                    tokenizer_differences=tokenizer_differences([p.processor for p in parents]),
+                    repeats=repeats)  # the data that chose it repeats examples: still said
+                warnings += [text for text in option_warnings + input_check.warnings if text not in warnings]
+                merged.config.mudsc.update(
+                    recorded.values(recorded=True), method_choice_reason=choice_reason, statistics_dtype=None,
+                    group_match_values={}, start_objectives={}, solve_start=None, alpha_auto=None, size_budget=None,
+                    warnings=list(warnings))
                 merge_method, refitting, auto_alpha = averaging, False, False
-                report = dataclasses.replace(report, method=averaging.name, matcher=None, alpha=None, refit=None)
+                if merge_options.normalize is False:  # the recipe re-runs the average as it ran (normalized)
+                    recipe_normalize = average_options.normalize
+                report = dataclasses.replace(
+                    report, method=averaging.name, matcher=None, alpha=None, refit=None, matches=[], group_names=[],
+                    group_values=[], objective_history=[], sweeps=0, starts={}, solve_start=None, diagnostics=None,
+                    warnings=list(warnings))
         else:
             report.refit = run_refit(merged, calibration_batches, calibration_examples)
     if refitting:
@@ -971,7 +1000,8 @@ def merge(
                                 alpha=AUTO if auto_alpha else method_options.alpha,
                                 refit=refit_value if refitting else "none",
                                 base=None if base_parent is None else pinned_reference(base_parent),
-                                device=None if device is None else str(device), out_dtype=out_dtype)
+                                device=None if device is None else str(device), out_dtype=out_dtype,
+                                normalize=recipe_normalize)
     report.recipe = {"models": [pinned_reference(p) for p in parents], **given.values(recipe=True)}
     report.processor = parents[0].processor
     _warn_licenses(parents, base_parent)

@@ -172,6 +172,14 @@ def summary(folder: Path, mudsc: Mapping[str, Any], diagnostics: Any, evaluation
     if isinstance(check, Mapping) and check.get("method"):
         found = ("they correspond, so method auto kept the same-base method" if check.get("holds") else
                  "they do not correspond, so method auto kept that solve's merge")
+        # The merge kept may then have been replaced by plain averaging: the gate's record says so, and a recipe's
+        # re-run (no gate, the reason restated) records `linear`, which no correspondence check leads to.
+        gate = mudsc.get("refit_gate")
+        average = gate.get("average") if isinstance(gate, Mapping) else None
+        if isinstance(average, Mapping) and average.get("kept") is True:
+            found += ", then plain averaging replaced it (refit, below)"
+        elif mudsc.get("method") == "linear":
+            found += ", then plain averaging replaced it"
         lines.append(f"  units:     {float(check.get('units_in_place', math.nan)):.1%} left in place by "
                      f"{check['method']}'s solve on the calibration data: {found}")
     settings = [f"matcher {mudsc['matcher']}" if mudsc.get("matcher") else None,

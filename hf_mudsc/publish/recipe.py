@@ -594,11 +594,13 @@ def auto_chosen_of(mudsc: Mapping[str, Any]) -> dict[str, Any] | None:
 def pinned_choices(recipe: Recipe, merged: Any) -> Recipe:
     """`recipe` with what the merge `merged` resolved pinned, so that its re-run runs the same merge: `auto` recorded
     as the method, refit and out_dtype it chose, `alpha: auto` as the α handed to a method that ignores it (as
-    `merge_report.recipe`), the base as it was read, and why `auto` chose them (`auto_chosen_of`). Shared by
-    `hf-mudsc merge` and `hf-mudsc demo`, whose recipes must pin alike."""
+    `merge_report.recipe`), `normalize` as the merge ran it (plain averaging returned by `auto`'s averaging check
+    divides by the weights' sum whatever was given), the base as it was read, and why `auto` chose them
+    (`auto_chosen_of`). Shared by `hf-mudsc merge` and `hf-mudsc demo`, whose recipes must pin alike."""
     report = merged.merge_report
     pinned = recipe.override(base=report.recipe["base"], method=report.method, alpha=report.recipe["alpha"],
-                             refit=report.recipe["refit"], out_dtype=report.recipe["out_dtype"])
+                             refit=report.recipe["refit"], out_dtype=report.recipe["out_dtype"],
+                             normalize=report.recipe["normalize"])
     pinned.auto_chosen = auto_chosen_of(merged.config.mudsc)
     return pinned
 
