@@ -8,6 +8,10 @@ import re
 
 from hf_mudsc.errors import shown
 
+#: The method `method="auto"`'s averaging check holds its merge against and may return (plain averaging of the
+#: parents, docs/design.md §4.9): the pipeline builds it, the dry run counts it, `inspect` names it.
+AVERAGE_CHECK_METHOD = "linear"
+
 #: Valid values of `matcher` (``match(..., matcher=...)``); ``num_heads > 1`` selects the group variant of each.
 MATCHERS: tuple[str, ...] = ("align", "zip")
 

@@ -94,6 +94,7 @@ from hf_mudsc.methods.registry import (
     data_free_methods,
     get_method,
 )
+from hf_mudsc.option_values import AVERAGE_CHECK_METHOD
 from hf_mudsc.options import AUTO, REFITTING, MergeOptions, flag, option_hint
 from hf_mudsc.plan import (
     MergePlan,
@@ -918,7 +919,7 @@ def merge(
         if refit_value == "gate":  # fitted on the examples not held out, kept if at least as faithful on those held out
             from hf_mudsc.apply.refit_gate import gated_refit
 
-            averaging = get_method("linear")
+            averaging = get_method(AVERAGE_CHECK_METHOD)
             # Plain averaging divides by the weights' sum whatever `normalize=` says: auto's method reads none of it
             # (the merge says so), and linear unnormalised is the parents' sum, no baseline.
             average_options = dataclasses.replace(method_options, normalize=True)

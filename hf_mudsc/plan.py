@@ -533,14 +533,15 @@ def average_check_possible(options: MergeOptions, num_parents: int, *, concatena
     check's own method when the units turn out not to correspond) would run the gate."""
     from hf_mudsc.methods.auto import CORRESPONDENCE_CHECK, WITH_DATA, refit_runs
     from hf_mudsc.methods.registry import METHODS
+    from hf_mudsc.option_values import AVERAGE_CHECK_METHOD
 
-    if not concatenated or not has_data or "linear" not in METHODS:
+    if not concatenated or not has_data or AVERAGE_CHECK_METHOD not in METHODS:
         return False
     candidates = [METHODS[name] for name in (*WITH_DATA["shared base"], CORRESPONDENCE_CHECK) if name in METHODS]
     return any(refit_runs(method, options.refit, has_data=True, num_parents=num_parents,
                           reference_compat=bool(options.reference_compat), rereadable=rereadable,
                           weights=options.weights) == "gate"
-               for method in candidates if method.name != "linear")
+               for method in candidates if method.name != AVERAGE_CHECK_METHOD)
 
 
 def estimate_cost(*, widths: Sequence[int], columns: Sequence[int], group_tokens: Sequence[int],

@@ -21,6 +21,7 @@ from typing import Any
 from hf_mudsc.errors import parent_label
 from hf_mudsc.evaluate.names import RESULTS_FILENAME
 from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES, parse_json
+from hf_mudsc.option_values import AVERAGE_CHECK_METHOD
 from hf_mudsc.options import gate_lowered_tasks_text
 from hf_mudsc.solve.diagnostics import DIAGNOSTICS_FILENAME, PLOTS_FOLDER
 
@@ -178,7 +179,7 @@ def summary(folder: Path, mudsc: Mapping[str, Any], diagnostics: Any, evaluation
         average = gate.get("average") if isinstance(gate, Mapping) else None
         if isinstance(average, Mapping) and average.get("kept") is True:
             found += ", then plain averaging replaced it (refit, below)"
-        elif mudsc.get("method") == "linear":
+        elif mudsc.get("method") == AVERAGE_CHECK_METHOD:
             found += ", then plain averaging replaced it"
         lines.append(f"  units:     {float(check.get('units_in_place', math.nan)):.1%} left in place by "
                      f"{check['method']}'s solve on the calibration data: {found}")
