@@ -1,0 +1,22 @@
+"""Regressions the review of session 33's commits found (each test failed before its fix)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_mudsc.calibrate.correlation import column_sums
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(70, 33), (2048, 768), (512, 3072), (1, 5)])
+def test_column_sums_are_torchs_float64_sums_for_float32_and_float64_rows(dtype, shape):
+    """numpy's row-after-row sums equal torch's for float32 rows only; float64 rows (statistics_dtype="float64")
+    keep torch's own, more accurate order."""
+    x = (torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3 + 1).to(dtype)
+    expected = x.sum(0, dtype=torch.float64)
+    got = column_sums(x)
+    assert got.dtype == torch.float64
+    assert torch.equal(got, expected)
+    if dtype == torch.float32:  # a non-contiguous view sums alike (numpy reads it in place)
+        assert torch.equal(column_sums(x.T.contiguous().T), expected)
