@@ -20,3 +20,18 @@ def test_column_sums_are_torchs_float64_sums_for_float32_and_float64_rows(dtype,
     assert torch.equal(got, expected)
     if dtype == torch.float32:  # a non-contiguous view sums alike (numpy reads it in place)
         assert torch.equal(column_sums(x.T.contiguous().T), expected)
+
+
+def test_the_evaluation_chart_draws_parents_in_merge_order_past_z():
+    """The chart sorted its parent scorers by name: `parent_27` came before `parent_a`. Merge order now."""
+    from hf_mudsc.evaluate.names import parent_names
+    from hf_mudsc.publish.plots import accuracy_figure
+
+    names = parent_names(28)
+    scores = {name: {"task_a": {"accuracy": 0.5}, "joint": {"accuracy": 0.5}} for name in reversed(names)}
+    scores["ensemble"] = {"task_a": {"accuracy": 0.9}, "joint": {"accuracy": 0.8}}
+    figure = accuracy_figure({"scores": scores, "tasks": {"task_a": {}}, "metric": "accuracy"})
+    legend = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    from hf_mudsc.errors import parent_label
+
+    assert legend[:28] == [f"parent {parent_label(index)}" for index in range(28)]  # A, B, ..., Z, 27, 28

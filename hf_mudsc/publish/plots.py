@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
+from hf_mudsc.evaluate.names import parent_names
 from hf_mudsc.publish.folder import write_file_atomically
 from hf_mudsc.solve.diagnostics import GroupDiagnostics, MergeDiagnostics
 
@@ -398,7 +399,7 @@ def accuracy_figure(evaluation: Mapping[str, Any]) -> Figure:
     scores: Mapping[str, Mapping[str, Mapping[str, float]]] = evaluation["scores"]
     views = [*evaluation.get("tasks", {}), "joint", "average"]
     views = [v for v in views if any(metric in scores[s].get(v, {}) for s in scores)]
-    parents = sorted(s for s in scores if s.startswith("parent_"))
+    parents = [name for name in parent_names(len(scores)) if name in scores]  # merge order (A..Z, then 27, ...)
     fixed = parents + [s for s in ("ensemble",) if s in scores]
     order = fixed + [s for s in scores if s not in fixed]
     width = 0.8 / max(len(order), 1)
