@@ -912,8 +912,11 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     calibration_plan = None
     if method.needs_gradients:  # the merge's refusal (`pipeline`), before anything is read: only objects can hold them
         from hf_mudsc.load.checks import check_gradients_possible
+        from hf_mudsc.load.parents import LoadedParent
 
-        check_gradients_possible([(f"parent {parent_label(index)}", model) for index, model in enumerate(models)
+        held = [(index, model.model if isinstance(model, LoadedParent) and model.parameters is None else model)
+                for index, model in enumerate(models)]
+        check_gradients_possible([(f"parent {parent_label(index)}", model) for index, model in held
                                   if isinstance(model, torch.nn.Module)], method.name)
     located, located_base, base_source = locate_parents(
         list(models), options.base, base_needed_for=None if automatic or not method.needs_base_model else method.name,

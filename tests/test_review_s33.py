@@ -35,3 +35,28 @@ def test_the_evaluation_chart_draws_parents_in_merge_order_past_z():
     from hf_mudsc.errors import parent_label
 
     assert legend[:28] == [f"parent {parent_label(index)}" for index in range(28)]  # A, B, ..., Z, 27, 28
+
+
+def test_the_dry_run_refuses_fisher_for_loaded_parents_holding_inference_tensors():
+    """A `LoadedParent` (the pipeline's own parent form) wrapping a model made under torch.inference_mode: the merge
+    refuses fisher for it, and so does its dry run now (it checked bare model objects only)."""
+    from factories import fine_tune, make_batches, make_model
+
+    import hf_mudsc
+    from hf_mudsc.errors import MergeInputError
+    from hf_mudsc.load.parents import LoadedParent
+
+    base = make_model("vit_cls", 0)
+    with torch.inference_mode():
+        tuned = [fine_tune(base, seed=seed, scale=0.05) for seed in (1, 2)]
+    for model in tuned:  # as from_pretrained records it
+        model.config.architectures = [type(model).__name__]
+    parents = [LoadedParent(model=model, processor=None, reference=f"object-{index}", from_object=True)
+               for index, model in enumerate(tuned)]
+    batches = make_batches("vit_cls", num_batches=2, batch_size=4)
+    messages = []
+    for dry_run in (False, True):
+        with pytest.raises(MergeInputError, match="inference") as refused:
+            hf_mudsc.merge(parents, batches, method="fisher", progress=False, dry_run=dry_run)
+        messages.append(str(refused.value))
+    assert messages[0] == messages[1]
