@@ -488,10 +488,10 @@ def refit_bytes(layers: Sequence[tuple[int, int, float]], examples: int, parents
                 tokens: float, gram: bool = True) -> float:
     """The refit's memory on top of the merge's, in float32 values of `examples × tokens` rows stored by `BlockReplay`:
     the merged model's two block outputs and its units' outputs (the attention's, `width`, and the MLP hidden layer's,
-    the widest layer output: `3·width + widest`). The ridge refit (`gram`) adds per parent two block outputs and
-    its attention's (a unit it replays between the chunks of steps that split a block), the parents' targets it
-    caches (at most `TARGET_CACHE_BYTES`, at least one layer's) and the widest layer's float64 Gram and cross-Gram;
-    REPAIR (its parents run once for every layer) keeps two vectors per layer instead."""
+    the widest layer output: `3·width + widest`). The ridge refit (`gram`) adds as much per parent (a parent replays
+    the same units between the chunks of steps that split a block), the parents' targets it caches (at most
+    `TARGET_CACHE_BYTES`, at least one layer's) and the widest layer's float64 Gram and cross-Gram; REPAIR (its
+    parents run once for every layer) keeps two vectors per layer instead."""
     from hf_mudsc.apply.refit import TARGET_CACHE_BYTES
 
     one = 4.0 * examples * tokens
@@ -499,7 +499,7 @@ def refit_bytes(layers: Sequence[tuple[int, int, float]], examples: int, parents
     merged = one * (3 * width + widest)
     if not gram:
         return merged
-    stored = 3 * parents * one * width + merged
+    stored = (parents + 1) * merged
     targets = [4.0 * examples * rows * outputs for _, outputs, rows in layers]
     cached = max(min(sum(targets), TARGET_CACHE_BYTES), max(targets, default=0.0))
     grams = max((8.0 * unknowns * (unknowns + outputs) for unknowns, outputs, _ in layers), default=0.0)

@@ -282,10 +282,10 @@ def test_the_starts_the_alpha_search_and_the_refit_on_hand_made_sizes():
     assert estimate_cost(**kwargs, solves=False, weight_cache_bytes=5678.0).peak_memory_bytes == pytest.approx(
         estimate_cost(**kwargs, solves=False).peak_memory_bytes, abs=1)
     # The working set: cached targets (all of them here, under the cap), stored block inputs and outputs of the
-    # parents (two each, and their attention unit's output) and the merged model (two, with its units: the
-    # attention's and the widest layer's outputs, 10), the widest layer's float64 Gram and cross-Gram.
+    # parents and the merged model (two each, with their units: the attention's and the widest layer's outputs, 10),
+    # the widest layer's float64 Gram and cross-Gram.
     targets = 4 * 16 * (5 * 10 + 1 * 3)
-    stored = 2 * 3 * 4 * 16 * 5 * 7 + 4 * 16 * 5 * (3 * 7 + 10)
+    stored = 3 * 4 * 16 * 5 * (3 * 7 + 10)
     assert refit_bytes(layers, 16, 2, 7, 5) == targets + stored + 8 * 11 * (11 + 10)
     assert refit_bytes(layers, 16, 2, 7, 5, gram=False) == 4 * 16 * 5 * (3 * 7 + 10)  # REPAIR: the merged model's
 

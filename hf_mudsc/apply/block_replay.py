@@ -23,6 +23,7 @@ bit for bit the same.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -54,6 +55,9 @@ class Unit:
     """Its block's index in the chain."""
     layers_before_end: int
     """How many refit layers (in first-fire order) have run when its forward returns."""
+    slim: bool = False
+    """Store only the first item of its tuple output (the rest None): the attention probabilities an eager attention
+    returns beside its output are (heads × tokens) per token, and nothing the model returns reads them."""
 
     def inside(self, other: Unit) -> bool:
         """Whether this unit is a submodule of `other`."""
@@ -89,6 +93,12 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, (tuple, list)):
         return [t for item in value for t in _tensors(item)]
     return []
+
+
+def _slimmed(value: Any) -> Any:
+    """A tuple output with every item but the first replaced by None (a `Unit.slim` unit's stored output)."""
+    return tuple(item if index == 0 else None for index, item in enumerate(value)) if isinstance(value, tuple) \
+        else value
 
 
 def _storable(value: Any) -> bool:
@@ -190,19 +200,31 @@ def find_chains(model: nn.Module, layers: Sequence[str], batch: Mapping[str, Any
             logger.info("refit: replaying blocks changes the model's output; every pass runs the whole model")
             return []
     # The units of one nesting depth replaced by their own outputs (the units inside them do not run then; the next
-    # depth's check covers those): the same model output, or that depth and the ones inside it run whole.
+    # depth's check covers those) — first slimmed (`Unit.slim`), else whole: the same model output, or that depth and
+    # the ones inside it run whole.
     depths = {unit.name: _depth(unit, chain.units) for chain in chains for unit in chain.units}
+    slim: set[str] = set()
     for depth in range(max(depths.values(), default=-1) + 1):
-        with torch.no_grad(), _replaced(modules, {name: (lambda name=name: outputs[name])
-                                                  for name, found in depths.items() if found == depth}):
-            replayed = model(**forward_inputs(model, batch))
-        if not _same_output(reference, replayed):
+        names = [name for name, found in depths.items() if found == depth]
+        extras = [name for name in names if isinstance(outputs[name], tuple)
+                  and any(item is not None for item in outputs[name][1:])]
+        tries = [True, False] if extras else [False]
+        for slimmed in tries:
+            with torch.no_grad(), _replaced(modules, {
+                    name: (lambda name=name, cut=slimmed and name in extras: _slimmed(outputs[name]) if cut
+                           else outputs[name]) for name in names}):
+                replayed = model(**forward_inputs(model, batch))
+            if _same_output(reference, replayed):
+                slim.update(extras if slimmed else ())
+                break
+        else:
             logger.info("refit: replaying parts of blocks changes the model's output; %s",
                         "blocks run whole" if depth == 0 else "their inner parts run whole")
             chains = [Chain(chain.blocks, chain.layers_before_end,
                             tuple(unit for unit in chain.units if depths[unit.name] < depth)) for chain in chains]
             break
-    return chains
+    return [dataclasses.replace(chain, units=tuple(dataclasses.replace(unit, slim=unit.name in slim)
+                                                   for unit in chain.units)) for chain in chains]
 
 
 def _same_output(reference: Any, replayed: Any) -> bool:
@@ -334,8 +356,8 @@ class BlockReplay:
         fresh_units: dict[str, tuple[int, int, BatchStore]] = {}
         handles = []
 
-        def storer(store: BatchStore) -> Callable[..., None]:
-            return lambda module, args, output: store.put(self.number, output)
+        def storer(store: BatchStore, slim: bool = False) -> Callable[..., None]:
+            return lambda module, args, output: store.put(self.number, _slimmed(output) if slim else output)
 
         for index, chain in enumerate(self.chains):
             last = max((j for j, count in enumerate(chain.layers_before_end) if count <= finished), default=-1)
@@ -359,7 +381,7 @@ class BlockReplay:
                     # stored or replayed needs none inside it)
                     store = BatchStore(self.storage)
                     fresh_units[unit.name] = (index, unit.block, store)
-                    handles.append(self.modules[unit.name].register_forward_hook(storer(store)))
+                    handles.append(self.modules[unit.name].register_forward_hook(storer(store, unit.slim)))
                 final.append(unit)
         self.batches = 0
         self._memo.clear()
