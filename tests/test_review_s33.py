@@ -27,8 +27,9 @@ def test_the_evaluation_chart_draws_parents_in_merge_order_past_z():
     from hf_mudsc.evaluate.names import parent_names
     from hf_mudsc.publish.plots import accuracy_figure
 
-    names = parent_names(28)
-    scores = {name: {"task_a": {"accuracy": 0.5}, "joint": {"accuracy": 0.5}} for name in reversed(names)}
+    names = parent_names(28)  # in merge order, after the merged model, as the evaluation writes them
+    scores = {"merged": {"task_a": {"accuracy": 0.7}, "joint": {"accuracy": 0.6}}}
+    scores.update({name: {"task_a": {"accuracy": 0.5}, "joint": {"accuracy": 0.5}} for name in names})
     scores["ensemble"] = {"task_a": {"accuracy": 0.9}, "joint": {"accuracy": 0.8}}
     figure = accuracy_figure({"scores": scores, "tasks": {"task_a": {}}, "metric": "accuracy"})
     legend = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
