@@ -135,8 +135,9 @@ def _depth(unit: Unit, units: Sequence[Unit]) -> int:
 
 
 def find_chains(model: nn.Module, layers: Sequence[str], batch: Mapping[str, Any]) -> list[Chain]:
-    """The chains of `model` that can be replayed, with their units, checked on `batch` (four forwards of one
-    batch: the recording, the chains' check, which runs only the last block, and the units' check)."""
+    """The chains of `model` that can be replayed, with their units, checked on `batch` (forwards of one batch: the
+    recording, the chains' check, which runs only the last block, and one units' check per nesting depth — two where
+    a slimmed output (`Unit.slim`) changes the model's)."""
     modules = dict(model.named_modules())
     lists = sorted({found for name in layers if (found := _outer_list(modules, name)) is not None})
     candidates = [tuple(f"{name}.{child}" for child, _ in modules[name].named_children()) for name in lists]
