@@ -814,13 +814,18 @@ def merge(
     relation_text = relation_warning(
         relation.relation, merge_method, refitting=refit_value in ("ridge", "gate"), gated=refit_value == "gate",
         units_correspond=units_correspond(share_in_place(report.matches))) if relation.relation else None
-    report.warnings = merge_warnings(
-        relation=relation.relation, method=merge_method, group_names=report.group_names,
-        group_values=report.group_values, widths={g.name: g.width for g in spec.groups},
-        rows=rows, parents=count, relation_text=relation_text,
+    def warnings_for(method: MergeMethod, **found: Any) -> list[str]:
+        """`merge_warnings` for this merge's parents and data, by `method` with what its merge `found`."""
+        return merge_warnings(
+            relation=relation.relation, method=method, widths={g.name: g.width for g in spec.groups}, parents=count,
+            processor_differences=image_processor_differences([p.processor for p in parents]),
+            tokenizer_differences=tokenizer_differences([p.processor for p in parents]), repeats=repeats, **found)
+
+    report.warnings = warnings_for(
+        merge_method, group_names=report.group_names, group_values=report.group_values, rows=rows,
+        relation_text=relation_text,
         shared_labels=[label_names(m.config) for m in loaded] if spec.classifier is not None and not concatenate
-        else None, processor_differences=image_processor_differences([p.processor for p in parents]),
-        tokenizer_differences=tokenizer_differences([p.processor for p in parents]), repeats=repeats)
+        else None)
     if alpha_curve is not None and not alpha_curve["held_out_examples"]:
         report.warnings.append(unscored_alpha_warning(alpha_curve["chosen"]))
     size_plan = measured_plan(spec, params, merged_params, merge_options.size) if merge_method.supports_size else None
@@ -959,14 +964,9 @@ def merge(
                 # The returned merge is recorded as method="linear" records it: no solve, matches, starts, size
                 # budget or α curve of the merge it replaced (the card and inspect read them as this model's); the
                 # path that chose it stays (reason, correspondence check, gate).
-                warnings = merge_warnings(
-                    relation=relation.relation, method=averaging, group_names=[], group_values=[], rows=None,
-                    widths={g.name: g.width for g in spec.groups}, parents=count,
-                    relation_text=relation_warning(relation.relation, averaging),
-                    shared_labels=None,
-                    processor_differences=image_processor_differences([p.processor for p in parents]),
-                    tokenizer_differences=tokenizer_differences([p.processor for p in parents]),
-                    repeats=repeats)  # the data that chose it repeats examples: still said
+                warnings = warnings_for(  # (the data that chose it repeats examples: still said)
+                    averaging, group_names=[], group_values=[], rows=None, shared_labels=None,
+                    relation_text=relation_warning(relation.relation, averaging))
                 warnings += [text for text in option_warnings + input_check.warnings if text not in warnings]
                 merged.config.mudsc.update(
                     recorded.values(recorded=True), method_choice_reason=choice_reason, statistics_dtype=None,

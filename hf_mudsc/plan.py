@@ -962,12 +962,12 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         [parent_label(i) for i in range(len(parents))], [parent.model is not None for parent in located])
     config = located[0].config
     spec = spec_for(models_meta[0])
+    # parents of different label sets: the merged head is their heads side by side (as `pipeline.merge` decides)
+    concatenated = spec.classifier is not None and not same_label_sets([m.config for m in models_meta])
     if located_base is not None:  # the merge's refusal of weights that fill what the base lacks (`_check_base`)
-        from hf_mudsc.apply.classifier import same_label_sets
-
         filled = filled_tensors(located_base, models_meta[0], spec, token=token)
-        if spec.classifier is not None and not same_label_sets([m.config for m in models_meta]):
-            filled = [n for n in filled if n not in (spec.classifier.weight, spec.classifier.bias)]  # concatenated
+        if concatenated:  # each parent's own head rows, no mean
+            filled = [n for n in filled if n not in (spec.classifier.weight, spec.classifier.bias)]
         check_filled_weights(located_base.reference, filled, options.weights)
     tokens, assumed = tokens_per_example(config)
     counted = batch_text_tokens(calibration)
@@ -1024,9 +1024,8 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         reads_data=needs_data,
         weight_cache_bytes=solve_cache_bytes(widths, len(models)) if searched else 0.0,
         average_check=automatic and not identical and average_check_possible(
-            options, len(models), concatenated=spec.classifier is not None and not same_label_sets(
-                [parent.config for parent in located]),
-            has_data=calibration is not None, rereadable=not isinstance(calibration, Iterator)))
+            options, len(models), concatenated=concatenated, has_data=calibration is not None,
+            rereadable=not isinstance(calibration, Iterator)))
     warnings = [memory_refusal] if memory_refusal is not None else []
     if calibration_plan is not None and rows is not None and method.needs_calibration:
         text = calibration_size_warning({g.name: rows * t for g, t in zip(spec.groups, group_tokens)},
@@ -1090,14 +1089,12 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         keywords["refit"] = refit if refit in REFITTING else "none"
     size_budget = None
     if method.supports_size:
-        from hf_mudsc.apply.classifier import same_label_sets
         from hf_mudsc.solve.widen import check_spend, plan_budget, unspent_stream_warning
 
         # Shapes are all the count needs: the meta parameters stand in for the weights.
-        concatenate = spec.classifier is not None and not same_label_sets([parent.config for parent in located])
         metas = [dict(model.named_parameters()) for model in models_meta]
         check_spend(spec, options.size, options.size_spend)
-        size_plan = plan_budget(spec, metas, options.size, options.size_spend, concatenate_classifier=concatenate)
+        size_plan = plan_budget(spec, metas, options.size, options.size_spend, concatenate_classifier=concatenated)
         size_budget = size_plan.as_config()
         if unspent := unspent_stream_warning(spec, size_plan, options.size_spend):
             warnings.append(unspent)
