@@ -967,7 +967,9 @@ def merge(
                 warnings = warnings_for(  # (the data that chose it repeats examples: still said)
                     averaging, group_names=[], group_values=[], rows=None, shared_labels=None,
                     relation_text=relation_warning(relation.relation, averaging))
-                warnings += [text for text in option_warnings + input_check.warnings if text not in warnings]
+                average_option_warnings = _returned_average_warnings(
+                    option_warnings, merge_options, used_options, merge_method, averaging, average_options, count)
+                warnings += [text for text in average_option_warnings + input_check.warnings if text not in warnings]
                 merged.config.mudsc.update(
                     recorded.values(recorded=True), method_choice_reason=choice_reason, statistics_dtype=None,
                     group_match_values={}, start_objectives={}, solve_start=None, alpha_auto=None, size_budget=None,
@@ -1118,6 +1120,23 @@ def _warn_unused(options: MergeOptions, used: Mapping[str, Any], method: MergeMe
                     f"merge to reproduce{effect}; pass method='mudsc' for the reference's merge")
         logger.warning("%s", said[-1])
     return said
+
+
+def _returned_average_warnings(said: Sequence[str], options: MergeOptions, used: Mapping[str, Any],
+                               replaced: MergeMethod, averaging: MergeMethod, average_options: MergeOptions,
+                               count: int) -> list[str]:
+    """The option warnings `said` for the method `auto`'s averaging check replaced, restated for the plain average
+    it returned: "method M does not read X" and M's own option notes name a method that is not the model's, so they
+    give way to the average's (logged: new to the user); the rest (inert refit or data settings) stay."""
+    replaced_texts = {unread_options_warning(options, used, replaced.name, read=replaced.read_as_default(options)),
+                      *replaced.option_warnings(options, count)}
+    average_texts = [text for text in [
+        unread_options_warning(options, averaging.used_options(average_options), averaging.name,
+                               read=averaging.read_as_default(average_options)),
+        *averaging.option_warnings(average_options, count)] if text]
+    for text in average_texts:
+        logger.warning("%s", text)
+    return average_texts + [text for text in said if text not in replaced_texts and text not in average_texts]
 
 
 def _correspondence_checker(relation: ParentRelation, chosen: MergeMethod, options: MergeOptions, calibration: Any,
