@@ -65,6 +65,17 @@ def cgroup_memory_room(proc_root: str | os.PathLike = PROC_ROOT,
     return min(rooms) if rooms else None
 
 
+def local_processes() -> int:
+    """Processes a launcher started on this machine (`LOCAL_WORLD_SIZE`, which torchrun and `accelerate launch`
+    set); 1 outside a launch or when the value is not a positive count. They share the memory `available_memory`
+    reports: each one loads the parents and holds the summed statistics (`plan.check_memory` counts them)."""
+    try:
+        count = int(os.environ.get("LOCAL_WORLD_SIZE", "") or 1)
+    except ValueError:
+        return 1
+    return count if count > 0 else 1
+
+
 def available_memory() -> int | None:
     """Bytes of memory this process can be given now: `MemAvailable` + `SwapFree` of /proc/meminfo (Linux), else
     the machine's physical memory (`sysconf`), capped by what its cgroups allow (`cgroup_memory_room`); None when

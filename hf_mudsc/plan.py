@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from hf_mudsc.errors import parent_label
-from hf_mudsc.memory import available_memory
+from hf_mudsc.memory import available_memory, local_processes
 from hf_mudsc.options import AUTO, REFITTING, MergeOptions, option_hint, resolve_refit
 
 logger = logging.getLogger(__name__)
@@ -401,9 +401,21 @@ def memory_shortfall(model_or_config: Any, parents: int, method: Any, *, loading
     if available is None:
         return None
     model = model_or_config if hasattr(model_or_config, "parameters") else meta_model(model_or_config)
-    needed = sum(memory_floor(model, parents, method, loading=loading, copies=copies, base=base,
-                              base_copy=base_copy).values())
+    needed = machine_floor(memory_floor(model, parents, method, loading=loading, copies=copies, base=base,
+                                        base_copy=base_copy), local_processes())
     return (needed, available) if needed > available else None
+
+
+#: `memory_floor` parts only the process that solves holds (process 0 under a launcher, `calibrate.distributed`):
+#: every other process loads the parents and holds the summed statistics, nothing of the solve or the method's pass.
+SOLVER_ONLY_PARTS = ("similarity", "working")
+
+
+def machine_floor(floor: Mapping[str, float], processes: int) -> float:
+    """Bytes `processes` processes of one merge on this machine hold at once: one `floor`, and the other processes'
+    share of it (every part but `SOLVER_ONLY_PARTS`) — they all draw on the memory `available_memory` reports."""
+    shared = sum(value for key, value in floor.items() if key not in SOLVER_ONLY_PARTS)
+    return sum(floor.values()) + (processes - 1) * shared
 
 
 def check_memory(model_or_config: Any, parents: int, method: Any | None, *, loading: int,
@@ -423,16 +435,18 @@ def check_memory(model_or_config: Any, parents: int, method: Any | None, *, load
     model = model_or_config if hasattr(model_or_config, "parameters") else meta_model(model_or_config)
     floor = memory_floor(model, parents, method, loading=loading, copies=len(copied), base=base, base_copy=base_copy,
                          working=chosen is None)
-    needed = sum(floor.values())
+    processes = local_processes()
+    needed = machine_floor(floor, processes)
     if needed <= available:
         return
     # The most parents that fit: the largest N with a·N² + b·N + c <= available (statistics and similarity grow
-    # with N², the weights of parents loaded whole with N; weights of a fixed count are c).
+    # with N², the weights of parents loaded whole with N; weights of a fixed count are c), every process on this
+    # machine holding its share (`machine_floor`).
     every = loading == parents
-    per_parent = floor.get("weights", 0.0) / parents if every else 0.0
-    room = available - (0.0 if every else floor.get("weights", 0.0)) - sum(
-        floor.get(key, 0.0) for key in ("copies", "base", "base_copy", "working"))
-    squared = (floor.get("statistics", 0.0) + floor.get("similarity", 0.0)) / parents**2
+    per_parent = processes * floor.get("weights", 0.0) / parents if every else 0.0
+    room = available - processes * ((0.0 if every else floor.get("weights", 0.0)) + sum(
+        floor.get(key, 0.0) for key in ("copies", "base", "base_copy"))) - floor.get("working", 0.0)
+    squared = (processes * floor.get("statistics", 0.0) + floor.get("similarity", 0.0)) / parents**2
     if squared:
         fits = int((-per_parent + (per_parent**2 + 4 * squared * max(room, 0.0)) ** 0.5) / (2 * squared))
     else:
@@ -458,9 +472,14 @@ def check_memory(model_or_config: Any, parents: int, method: Any | None, *, load
     tensor_at_a_time = method is not None and not (method.needs_calibration or method.matches_units
                                                    or method.needs_data)
     instead = "" if tensor_at_a_time else f", or choose {other} (CLI: --method)"  # it is such a method already
+    others = ""
+    if processes > 1:
+        others = (f", and {memory_text(needed - sum(floor.values()))} more for the {processes - 1} other processes "
+                  "on this machine (each loads the parents and holds the statistics; process 0 alone solves)")
+        fewer = f"launch fewer processes per machine (--nproc_per_node), {fewer}"
     raise MergeInputError(
-        f"{why}merging {parents} parents with {name} needs at least {memory_text(needed)} at once — {held} — but "
-        f"{memory_text(available)} of memory is available; {fewer}{instead}")
+        f"{why}merging {parents} parents with {name} needs at least {memory_text(needed)} at once — {held}{others} "
+        f"— but {memory_text(available)} of memory is available; {fewer}{instead}")
 
 
 def forward_flops(linear_params: Mapping[str, int], tokens: Mapping[str, int]) -> float:

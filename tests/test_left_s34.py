@@ -35,3 +35,41 @@ def test_warnings_of_a_returned_average_name_plain_averaging_not_the_method_it_r
     assert not any(f"method {replaced} " in text for text in warnings), warnings
     assert merged.merge_report.warnings == warnings
     assert any(f"method {returned} does not read alpha=" in record.getMessage() for record in caplog.records)
+
+
+def test_the_memory_check_counts_every_process_a_launcher_starts_on_this_machine(monkeypatch):
+    """`torchrun --nproc_per_node 4 -m hf_mudsc merge ...`: each process loads the parents and holds the summed
+    statistics (process 0 alone solves), but each process's memory check held one process's floor against the
+    machine's whole free memory: four processes passed a check that fit one and ran out of memory in calibration.
+    Now the check counts the other processes on this machine (`LOCAL_WORLD_SIZE`, set by torchrun and accelerate)
+    and its one-line refusal names them and the fix."""
+    from factories import make_model
+
+    import hf_mudsc.plan as plan
+    from hf_mudsc.errors import MergeInputError
+    from hf_mudsc.memory import local_processes
+    from hf_mudsc.methods.registry import METHODS
+
+    model, mudsc = make_model("bert_cls", 1), METHODS["mudsc"]
+    floor = plan.memory_floor(model, 2, mudsc, loading=2)
+    one = sum(floor.values())
+    shared = floor["weights"] + floor["statistics"]  # what a process that does not solve holds too
+    monkeypatch.setattr(plan, "available_memory", lambda: int(one * 1.01))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert local_processes() == 1
+    plan.check_memory(model, 2, mudsc, loading=2)  # one process: fits
+    for value in ("", "x", "0", "-3"):  # not a launcher's count: one process
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", value)
+        assert local_processes() == 1
+        plan.check_memory(model, 2, mudsc, loading=2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert local_processes() == 4
+    with pytest.raises(MergeInputError) as error:
+        plan.check_memory(model, 2, mudsc, loading=2)
+    line = str(error.value)
+    assert "\n" not in line and "the 3 other processes on this machine" in line, line
+    assert "launch fewer processes per machine (--nproc_per_node)" in line, line
+    assert plan.memory_shortfall(model, 2, mudsc, loading=2) == (one + 3 * shared, int(one * 1.01))
+    monkeypatch.setattr(plan, "available_memory", lambda: int((one + 3 * shared) * 1.01))
+    plan.check_memory(model, 2, mudsc, loading=2)  # room for all four: fits
+    assert plan.memory_shortfall(model, 2, mudsc, loading=2) is None
