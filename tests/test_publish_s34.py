@@ -1,0 +1,192 @@
+"""Session 34, publish/evaluate file safety: a SIGKILL while `evaluate` replaces the card, a push while another run
+replaces the folder, leftovers the next run must recognise as its own (and nothing else)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from hf_mudsc.publish.folder import (
+    MARKER_FILENAME,
+    changed_files,
+    check_output,
+    interrupted_replacement,
+    replace_files_together,
+    staged_output,
+    unlisted_files,
+    written_unchanged,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A child that replaces the card and results as `evaluate` does (`replace_files_together`) and SIGKILLs itself right
+# after its N-th rename/replace (`op N`) or half-way through writing the new card (`write`).
+_KILLED_CHILD = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from hf_mudsc.publish.folder import replace_files_together
+
+    folder, at = Path(sys.argv[1]), sys.argv[2]
+    done = [0]
+    if at.startswith("op"):
+        for name in ("rename", "replace"):
+            def hooked(source, target, *args, _real=getattr(os, name), **kwargs):
+                _real(source, target, *args, **kwargs)
+                done[0] += 1
+                if done[0] == int(at[2:]):
+                    os.kill(os.getpid(), signal.SIGKILL)
+            setattr(os, name, hooked)
+
+    def card(to):
+        to.write_text("# new card\\n")
+        if at == "write":
+            os.kill(os.getpid(), signal.SIGKILL)
+        to.write_text("# new card\\n" + "scores\\n" * 100)
+
+    replace_files_together([(folder / "eval_results.json", lambda to: to.write_text('{"run": "new"}')),
+                            (folder / "README.md", card)], owner=folder)
+""")
+
+OLD_CARD = "# old card\n"
+NEW_CARD = "# new card\n" + "scores\n" * 100
+
+
+def _evaluated_folder(path: Path) -> Path:
+    with staged_output(path) as staging:
+        (staging / "config.json").write_text("{}")
+        (staging / "README.md").write_text(OLD_CARD)
+        (staging / "eval_results.json").write_text('{"run": "old"}')
+    return path
+
+
+def _killed(folder: Path, at: str) -> int:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run([sys.executable, "-c", _KILLED_CHILD, str(folder), at], env=env, timeout=120).returncode
+
+
+@pytest.mark.parametrize("at", ["write", "op1", "op2", "op3", "op4"])
+def test_sigkill_while_evaluate_replaces_the_card_leaves_a_card_and_nothing_the_next_run_cannot_clean(tmp_path, at):
+    """`kill -9` of `hf-mudsc evaluate` while it replaces README.md (a monkeypatched child kills itself after its N-th
+    rename) left `.README.md.old-*` — or no README.md at all — and a folder `--overwrite` then refused."""
+    folder = _evaluated_folder(tmp_path / "merged")
+    code = _killed(folder, at)
+    assert code == -9, f"the child was not killed at {at} (exit {code}): the test no longer reaches that point"
+    names = sorted(p.name for p in folder.iterdir())
+    assert not [n for n in names if ".old-" in n], names
+    assert (folder / "README.md").read_text() in (OLD_CARD, NEW_CARD)  # the old card or the whole new one
+    # Whatever the kill left is the writer's own: the card still counts as written (evaluate may rewrite it), and
+    # --overwrite of the folder is accepted (it deletes no file hf-mudsc did not write).
+    # Killed among the renames, the marker says which files may be of either run (`push` refuses the folder then).
+    stopped = ["README.md", "eval_results.json"] if at in ("op1", "op2", "op3") else []
+    assert interrupted_replacement(folder) == stopped
+    assert written_unchanged(folder / "README.md")
+    assert unlisted_files(folder, check_content=True) == ([], [])
+    check_output(folder, overwrite=True)
+    # The next run puts its files in place and removes the killed run's temporary files: nothing else is left.
+    replace_files_together([(folder / "eval_results.json", lambda to: to.write_text('{"run": "next"}')),
+                            (folder / "README.md", lambda to: to.write_text("# next card\n"))], owner=folder)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["config.json", "README.md", "eval_results.json",
+                                                               MARKER_FILENAME])
+    assert changed_files(folder) == [] and interrupted_replacement(folder) == []
+    assert json.loads((folder / "eval_results.json").read_text()) == {"run": "next"}
+
+
+# ------------------------------------------------------------------- push while another run replaces the folder
+@pytest.fixture(scope="module")
+def two_merges(tmp_path_factory):
+    """Two merged folders of the same toy ViT parents (average, and linear 0.3/0.7): what a `merge --overwrite` of the
+    same --output would put in place of the other."""
+    from factories import make_model
+    from transformers import ViTImageProcessor
+
+    from hf_mudsc.cli.main import main
+
+    root = tmp_path_factory.mktemp("publish_s34")
+    processor = ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5])
+    for seed, name in enumerate(("vit-a", "vit-b"), start=1):
+        make_model("vit_cls", seed).save_pretrained(root / name)
+        processor.save_pretrained(root / name)
+    assert main(["merge", str(root / "vit-a"), str(root / "vit-b"), "--method", "average", "--output",
+                 str(root / "merged"), "-q"]) == 0
+    assert main(["merge", str(root / "vit-a"), str(root / "vit-b"), "--method", "linear", "--weights", "0.3", "0.7",
+                 "--output", str(root / "merged-other"), "-q"]) == 0
+    return root
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != MARKER_FILENAME}
+
+
+def _replace(folder: Path, other: Path, aside: Path) -> None:
+    """What `merge --output DIR --overwrite` does to DIR: the new folder renamed in, the old one deleted."""
+    import shutil
+
+    os.rename(folder, aside)
+    os.rename(other, folder)
+    shutil.rmtree(aside)
+
+
+def test_a_push_while_a_merge_replaces_the_folder_uploads_the_one_merge_it_checked(two_merges, tmp_path, local_hub,
+                                                                                   monkeypatch):
+    """`hf-mudsc push DIR` while `merge --output DIR --overwrite` renamed its folder in (here: during the upload)
+    read each file by name when uploading it: the commit mixed the two merges' files, the card of one with the
+    other's weights (or failed with a file gone)."""
+    import shutil
+
+    from huggingface_hub import HfApi
+
+    from hf_mudsc.publish.hub import push_folder
+    from hf_mudsc.publish.recipe import RECIPE_FILENAME, published_text
+
+    folder, other = tmp_path / "merged", tmp_path / "other"
+    shutil.copytree(two_merges / "merged", folder)
+    shutil.copytree(two_merges / "merged-other", other)
+    expected = _files(folder)
+    expected[RECIPE_FILENAME] = published_text(expected[RECIPE_FILENAME].decode(), name=RECIPE_FILENAME).encode()
+    real = HfApi.preupload_lfs_files
+
+    def replaced_then_uploaded(self, *args, **kwargs):
+        if other.exists():
+            _replace(folder, other, tmp_path / "aside")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(HfApi, "preupload_lfs_files", replaced_then_uploaded)
+    monkeypatch.setenv("HF_TOKEN", local_hub.token)
+    push_folder(folder, "user/merged", flag="ORG/NAME")
+    pushed = {name: local_hub.file_bytes("user/merged", name) for name in local_hub.list_files("user/merged")
+              if name != ".gitattributes"}
+    assert pushed == expected  # every file of the merge it checked, none of the other
+
+
+def test_a_push_whose_folder_is_replaced_while_it_is_checked_is_refused_in_one_line(two_merges, tmp_path, local_hub,
+                                                                                   monkeypatch, capsys):
+    """The folder replaced while the push checked it (here: while it read the weights for NaN): the checks read
+    one merge, the upload would have read the other. Now refused in one line before any Hub call."""
+    import shutil
+
+    import hf_mudsc.publish.hub as hub
+    from hf_mudsc.cli.main import main
+
+    folder, other = tmp_path / "merged", tmp_path / "other"
+    shutil.copytree(two_merges / "merged", folder)
+    shutil.copytree(two_merges / "merged-other", other)
+    real = hub.refuse_non_finite_files
+
+    def checked_then_replaced(*args, **kwargs):
+        real(*args, **kwargs)
+        _replace(folder, other, tmp_path / "aside")
+
+    monkeypatch.setattr(hub, "refuse_non_finite_files", checked_then_replaced)
+    monkeypatch.setenv("HF_TOKEN", local_hub.token)
+    code = main(["push", str(folder), "user/merged"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 1 and len(err) == 1, err
+    assert "changed while the push read it" in err[0] and "nothing was pushed" in err[0]
+    assert not local_hub.repo_exists("user/merged")
