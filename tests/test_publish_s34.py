@@ -190,3 +190,40 @@ def test_a_push_whose_folder_is_replaced_while_it_is_checked_is_refused_in_one_l
     assert code == 1 and len(err) == 1, err
     assert "changed while the push read it" in err[0] and "nothing was pushed" in err[0]
     assert not local_hub.repo_exists("user/merged")
+
+
+# ----------------------------------------------- a run killed after its folder was complete, before it was in place
+_KILLED_BEFORE_RENAME = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    import hf_mudsc.publish.folder as folder
+
+    out, real, calls = Path(sys.argv[1]), folder.check_output, []
+
+    def check_output(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:  # the old folder checked again before the swap (hashing it: seconds for a big model)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+
+    folder.check_output = check_output
+    with folder.staged_output(out, overwrite=True) as staging:
+        (staging / "config.json").write_text('{"run": 2}')
+""")
+
+
+def test_a_staging_folder_of_a_run_killed_just_before_its_rename_is_removed_by_the_next_run(tmp_path):
+    """`kill -9` of `merge --output DIR --overwrite` after its folder was complete (its marker no longer named the
+    process) while it checked the old DIR again: the `.DIR.partial-*` folder, a whole model, was never removed."""
+    out = tmp_path / "out"
+    with staged_output(out) as staging:
+        (staging / "config.json").write_text('{"run": 1}')
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    code = subprocess.run([sys.executable, "-c", _KILLED_BEFORE_RENAME, str(out)], env=env, timeout=120).returncode
+    assert code == -9
+    assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name]  # what the kill left
+    with staged_output(out, overwrite=True) as staging:  # the next run of that output
+        (staging / "config.json").write_text('{"run": 3}')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert json.loads((out / "config.json").read_text()) == {"run": 3}
+    assert "pid" not in json.loads((out / MARKER_FILENAME).read_text())  # the output names no process

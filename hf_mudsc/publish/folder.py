@@ -449,7 +449,8 @@ def _write_marker(folder: Path, marker: dict[str, Any]) -> None:
     try:
         os.replace(temporary, folder / MARKER_FILENAME)
     finally:
-        temporary.unlink(missing_ok=True)
+        if os.path.lexists(temporary):  # only when the rename failed
+            temporary.unlink()
 
 
 def _marker_listings(root: Path, written: Iterable[tuple[Path, Path]], *, finished: Iterable[str] | None = None
@@ -668,12 +669,16 @@ def staged_output(
             staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700: the output gets the usual permissions
             yield staging
             if target is not None:
-                record_files(staging)
+                # Complete, and still naming this process until it is in place: killed meanwhile (the old folder's
+                # check before the swap hashes a whole model), it is a leftover the next run removes.
+                marker = record_files(staging, staging=True)
                 check = _RENAME_CHECK.get()
                 if check is not None:
                     check()
                 _move_into_place(staging, target, overwrite=overwrite, keep_existing=keep_existing, flag=flag,
                                  existed=existed)
+                if not os.path.lexists(staging):  # renamed into place (not dropped for another run's output)
+                    _write_marker(target, {key: value for key, value in marker.items() if key not in ("pid", "host")})
             finished = True
         finally:  # marker last: interrupted again meanwhile, what is left is still known as a leftover
             if staging.is_dir():

@@ -281,7 +281,6 @@ def push_folder(
         if not just_written:
             check_unchanged(folder, allow_changed=allow_changed,
                             switch="allow_changed=True" if flag == "repo_id" else "--allow-changed")
-        if not just_written:
             refuse_non_finite_files(folder, files)
         contents = published_contents(folder)
         check_still_pinned(folder, files, handles)  # what was checked is what the open files hold
