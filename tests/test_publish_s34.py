@@ -227,3 +227,31 @@ def test_a_staging_folder_of_a_run_killed_just_before_its_rename_is_removed_by_t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert json.loads((out / "config.json").read_text()) == {"run": 3}
     assert "pid" not in json.loads((out / MARKER_FILENAME).read_text())  # the output names no process
+
+
+def test_the_pinned_files_still_go_through_the_xet_upload(two_merges, tmp_path, local_hub, monkeypatch):
+    """Handing huggingface_hub the open files as file objects would make it leave the Xet upload (paths and bytes
+    only) for the slower LFS one, with a warning on every push: they go as paths that reach the open files."""
+    import shutil
+
+    import huggingface_hub._commit_api as commit_api
+
+    from hf_mudsc.errors import PushError
+    from hf_mudsc.publish.hub import push_folder
+
+    folder = tmp_path / "merged"
+    shutil.copytree(two_merges / "merged", folder)
+    handed: dict[str, bytes | None] = {}
+
+    def xet(additions, **kwargs):  # what Xet would read: a path's bytes (None: not a path)
+        handed.update({op.path_in_repo: Path(op.path_or_fileobj).read_bytes()
+                       if isinstance(op.path_or_fileobj, str) else None for op in additions})
+        raise RuntimeError("no Xet server here")
+
+    monkeypatch.setattr(commit_api, "is_xet_available", lambda: True)
+    monkeypatch.setattr(commit_api, "_upload_xet_files", xet)
+    monkeypatch.setenv("HF_TOKEN", local_hub.token)
+    with pytest.raises(PushError, match="no Xet server here"):
+        push_folder(folder, "user/merged", flag="ORG/NAME")
+    assert handed["model.safetensors"] == (folder / "model.safetensors").read_bytes()
+    assert None not in handed.values(), handed

@@ -389,6 +389,12 @@ def _commit(api: HfApi, repo_id: str, folder: Path, files: list[str], contents: 
         handle = (handles or {}).get(name)
         if handle is None:
             return folder / name
+        # The open file by a path (Linux): huggingface_hub's Xet upload takes paths and bytes only (a file object
+        # falls back to the slower LFS upload, with a warning); the path reaches the same file whatever its name
+        # leads to now.
+        pinned = Path(f"/proc/self/fd/{handle.fileno()}")
+        if pinned.is_file():
+            return pinned
         handle.seek(0)  # read whole (huggingface_hub reads from where it stands)
         return handle
 
