@@ -49,7 +49,8 @@ _KILLED_CHILD = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
         to.write_text("# new card\\n" + "scores\\n" * 100)
 
-    replace_files_together([(folder / "eval_results.json", lambda to: to.write_text('{"run": "new"}')),
+    results = '{"hf_mudsc_version": "0", "scores": {}, "run": "new"}'  # shaped as a results file
+    replace_files_together([(folder / "eval_results.json", lambda to: to.write_text(results)),
                             (folder / "README.md", card)], owner=folder)
 """)
 
@@ -255,3 +256,28 @@ def test_the_pinned_files_still_go_through_the_xet_upload(two_merges, tmp_path, 
         push_folder(folder, "user/merged", flag="ORG/NAME")
     assert handed["model.safetensors"] == (folder / "model.safetensors").read_bytes()
     assert None not in handed.values(), handed
+
+
+def test_a_folder_whose_card_replacement_was_killed_is_refused_by_push_until_the_writer_runs_again(
+        two_merges, tmp_path, local_hub, monkeypatch, capsys):
+    """`kill -9` of `evaluate` between its results file and its card left a results file its marker did not list:
+    `evaluate` then refused for good to replace it ("hf-mudsc did not write it"), `push` too. Now each file counts as
+    written, evaluate runs again, and push refuses in one line until it has (the pair may be of two runs)."""
+    import shutil
+
+    from hf_mudsc.cli.evaluate import check_replaceable
+    from hf_mudsc.cli.main import main
+
+    folder = tmp_path / "merged"
+    shutil.copytree(two_merges / "merged", folder)
+    assert _killed(folder, "op2") == -9  # the results file is the new one, the card the old one
+    check_replaceable([folder / "eval_results.json"], folder / "README.md")  # evaluate may run again
+    monkeypatch.setenv("HF_TOKEN", local_hub.token)
+    assert main(["push", str(folder), "user/merged"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "a run was stopped while it replaced README.md, eval_results.json" in err[0], err
+    assert not local_hub.repo_exists("user/merged")
+    replace_files_together([(folder / "eval_results.json", lambda to: to.write_text('{"run": "next"}')),
+                            (folder / "README.md", lambda to: to.write_text((two_merges / "merged" / "README.md")
+                                                                            .read_text()))], owner=folder)
+    assert main(["push", str(folder), "user/merged"]) == 0
