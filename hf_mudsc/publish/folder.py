@@ -675,9 +675,10 @@ def staged_output(
                 check = _RENAME_CHECK.get()
                 if check is not None:
                     check()
+                staged_id = _identity(staging)
                 _move_into_place(staging, target, overwrite=overwrite, keep_existing=keep_existing, flag=flag,
                                  existed=existed)
-                if not os.path.lexists(staging):  # renamed into place (not dropped for another run's output)
+                if not os.path.lexists(staging) and _identity(target) == staged_id:  # in place, not dropped
                     _write_marker(target, {key: value for key, value in marker.items() if key not in ("pid", "host")})
             finished = True
         finally:  # marker last: interrupted again meanwhile, what is left is still known as a leftover
@@ -686,6 +687,15 @@ def staged_output(
     finally:
         if not finished:
             remove_empty_folders(created)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of `path` (not followed if a link), None if absent: the same folder under another name."""
+    try:
+        found = os.lstat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def remove_empty_folders(folders: Iterable[Path]) -> None:
