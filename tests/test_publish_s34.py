@@ -73,8 +73,9 @@ def _killed(folder: Path, at: str) -> int:
 
 @pytest.mark.parametrize("at", ["write", "op1", "op2", "op3", "op4"])
 def test_sigkill_while_evaluate_replaces_the_card_leaves_a_card_and_nothing_the_next_run_cannot_clean(tmp_path, at):
-    """`kill -9` of `hf-mudsc evaluate` while it replaces README.md (a monkeypatched child kills itself after its N-th
-    rename) left `.README.md.old-*` — or no README.md at all — and a folder `--overwrite` then refused."""
+    """Repro: a child running replace_files_together(results, card) SIGKILLs itself after its N-th rename/mid-write.
+
+    It left `.README.md.old-*` — or no README.md, or no marker — and temporaries `--overwrite` refused as foreign."""
     folder = _evaluated_folder(tmp_path / "merged")
     code = _killed(folder, at)
     assert code == -9, f"the child was not killed at {at} (exit {code}): the test no longer reaches that point"
@@ -136,9 +137,9 @@ def _replace(folder: Path, other: Path, aside: Path) -> None:
 
 def test_a_push_while_a_merge_replaces_the_folder_uploads_the_one_merge_it_checked(two_merges, tmp_path, local_hub,
                                                                                    monkeypatch):
-    """`hf-mudsc push DIR` while `merge --output DIR --overwrite` renamed its folder in (here: during the upload)
-    read each file by name when uploading it: the commit mixed the two merges' files, the card of one with the
-    other's weights (or failed with a file gone)."""
+    """Repro: push_folder(DIR) with DIR swapped for another merge's folder inside HfApi.preupload_lfs_files.
+
+    The push read each file by name when uploading it: the commit held the other merge's weights and card."""
     import shutil
 
     from huggingface_hub import HfApi
@@ -168,8 +169,9 @@ def test_a_push_while_a_merge_replaces_the_folder_uploads_the_one_merge_it_check
 
 def test_a_push_whose_folder_is_replaced_while_it_is_checked_is_refused_in_one_line(two_merges, tmp_path, local_hub,
                                                                                    monkeypatch, capsys):
-    """The folder replaced while the push checked it (here: while it read the weights for NaN): the checks read
-    one merge, the upload would have read the other. Now refused in one line before any Hub call."""
+    """Repro: `hf-mudsc push DIR` with DIR swapped for another merge's folder right after its NaN check.
+
+    The checks read one merge, the upload the other (exit 0). Now refused in one line before any Hub call."""
     import shutil
 
     import hf_mudsc.publish.hub as hub
@@ -214,8 +216,9 @@ _KILLED_BEFORE_RENAME = textwrap.dedent("""
 
 
 def test_a_staging_folder_of_a_run_killed_just_before_its_rename_is_removed_by_the_next_run(tmp_path):
-    """`kill -9` of `merge --output DIR --overwrite` after its folder was complete (its marker no longer named the
-    process) while it checked the old DIR again: the `.DIR.partial-*` folder, a whole model, was never removed."""
+    """Repro: staged_output(DIR, overwrite=True) SIGKILLed in its second check_output (the old DIR hashed again).
+
+    Its complete marker no longer named the process: the `.DIR.partial-*` folder, a whole model, stayed for good."""
     out = tmp_path / "out"
     with staged_output(out) as staging:
         (staging / "config.json").write_text('{"run": 1}')
@@ -231,8 +234,9 @@ def test_a_staging_folder_of_a_run_killed_just_before_its_rename_is_removed_by_t
 
 
 def test_the_pinned_files_still_go_through_the_xet_upload(two_merges, tmp_path, local_hub, monkeypatch):
-    """Handing huggingface_hub the open files as file objects would make it leave the Xet upload (paths and bytes
-    only) for the slower LFS one, with a warning on every push: they go as paths that reach the open files."""
+    """Repro: push_folder with huggingface_hub's Xet upload made available (monkeypatched) records what it is handed.
+
+    A guard: open files handed as file objects would make huggingface_hub leave Xet for LFS (a warning each push)."""
     import shutil
 
     import huggingface_hub._commit_api as commit_api
@@ -260,9 +264,10 @@ def test_the_pinned_files_still_go_through_the_xet_upload(two_merges, tmp_path, 
 
 def test_a_folder_whose_card_replacement_was_killed_is_refused_by_push_until_the_writer_runs_again(
         two_merges, tmp_path, local_hub, monkeypatch, capsys):
-    """`kill -9` of `evaluate` between its results file and its card left a results file its marker did not list:
-    `evaluate` then refused for good to replace it ("hf-mudsc did not write it"), `push` too. Now each file counts as
-    written, evaluate runs again, and push refuses in one line until it has (the pair may be of two runs)."""
+    """Repro: the replace_files_together child SIGKILLed after its 2nd rename, then evaluate's check and `push DIR`.
+
+    The results file was not in the marker: evaluate refused it for good ("hf-mudsc did not write it"). Now it runs
+    again, and push refuses in one line until it has (the pair may be of two runs)."""
     import shutil
 
     from hf_mudsc.cli.evaluate import check_replaceable
