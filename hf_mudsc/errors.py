@@ -23,6 +23,13 @@ def parent_label(index: int) -> str:
     return chr(ord("A") + index) if 0 <= index < 26 else str(index + 1)
 
 
+def parent_names(count: int) -> list[str]:
+    """The evaluation's scorer names of `count` parents in merge order: `parent_a`, `parent_b`, ... (`parent_27` past
+    `parent_z`, as `parent_label` names parents). Here, below both, so that the evaluation (which names its scorers)
+    and publish (whose cards and charts read them back) spell them alike without publish importing evaluate."""
+    return [f"parent_{parent_label(index).lower()}" for index in range(count)]
+
+
 def shown(value: Any) -> str:
     """`repr(value)` shortened for a message: `[1, 2, 3, 4, 5, 6, ...]`, `'aaaa...aaaa'`."""
     return _SHOWN.repr(value)

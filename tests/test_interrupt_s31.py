@@ -5,6 +5,7 @@ marker rewrite leaves no temporary file."""
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import subprocess
@@ -264,14 +265,15 @@ def test_evaluate_on_a_full_disk_ends_in_one_line(parents, monkeypatch, capsys):
     from hf_mudsc.cli.main import main
 
     before = {p.name: p.read_bytes() for p in (parents / "merged").rglob("*") if p.is_file()}
-    real_rename = os.rename
+    real_rename, real_replace = os.rename, os.replace
 
-    def full(source, target, *args, **kwargs):
+    def full(source, target, *args, real=real_rename, **kwargs):
         if Path(target).name == MARKER_FILENAME:
             raise OSError(errno.EDQUOT, "Disk quota exceeded", str(target))
-        return real_rename(source, target, *args, **kwargs)
+        return real(source, target, *args, **kwargs)
 
     monkeypatch.setattr(os, "rename", full)
+    monkeypatch.setattr(os, "replace", functools.partial(full, real=real_replace))  # the marker is os.replace'd
     code = main(["evaluate", str(parents / "merged"), "--dataset", str(parents / "test"), "--no-parents", "-q"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 1 and len(err) == 1, err

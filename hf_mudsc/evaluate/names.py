@@ -11,7 +11,7 @@ import string
 from collections.abc import Sequence
 from pathlib import Path
 
-from hf_mudsc.errors import EvaluationError, parent_label
+from hf_mudsc.errors import EvaluationError, parent_names
 
 JOINT = "joint"
 #: How a concatenated head (merged model or ensemble) decides the joint test: `per_task` — each task's softmax
@@ -19,13 +19,9 @@ JOINT = "joint"
 #: `transformers` pipeline does with a merged model). Both models are always scored by the same rule.
 JOINT_RULES = ("per_task", "raw")
 AVERAGE = "average"
-PARENT_NAMES = ("parent_a", "parent_b")
-
-
-def parent_names(count: int) -> list[str]:
-    """The scorer names of `count` parents in merge order: `parent_a`, `parent_b`, `parent_c`, ... (`parent_27` past
-    `parent_z`, as `errors.parent_label` names parents everywhere)."""
-    return [f"parent_{parent_label(i).lower()}" for i in range(count)]
+#: The scorer names of parents A and B; `parent_names(count)` (from `errors`, where publish reads them too) names
+#: `count` parents in merge order.
+PARENT_NAMES = tuple(parent_names(2))
 
 
 ENSEMBLE = "ensemble"

@@ -38,7 +38,7 @@ from transformers.models.auto import modeling_auto
 
 from hf_mudsc._version import __version__
 from hf_mudsc.apply.classifier import task_ranges
-from hf_mudsc.errors import parent_label
+from hf_mudsc.errors import parent_label, parent_names
 from hf_mudsc.load.checks import is_multi_label_head, is_regression_head
 from hf_mudsc.load.references import COMMIT_SHA, LICENSE_NOT_READ, OBJECT_REFERENCE, without_userinfo
 from hf_mudsc.markdown import (
@@ -170,7 +170,7 @@ class EvalRow:
         published as a figure of the model."""
         named = [("merged", self.merged), ("parent_a", self.parent_a), ("parent_b", self.parent_b),
                  ("ensemble", self.ensemble),
-                 *((f"parent_{parent_label(2 + i).lower()}", value) for i, value in enumerate(self.later_parents))]
+                 *zip(parent_names(2 + len(self.later_parents))[2:], self.later_parents)]
         for column, value in named:
             if value is None and column != "merged":
                 continue
@@ -184,7 +184,7 @@ class EvalRow:
             return row
         row = dict(row)
         given = {key for key in row if _LATER_PARENT.fullmatch(key)}
-        expected = [f"parent_{parent_label(i).lower()}" for i in range(2, 2 + len(given))]
+        expected = parent_names(2 + len(given))[2:]
         later = [key for key in expected if key in given]
         if len(later) != len(given):
             missing = next(key for key in expected if key not in given)

@@ -18,7 +18,6 @@ never a stray temporary one. Renames within one directory are atomic, hence the 
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import glob
 import hashlib
@@ -50,6 +49,16 @@ logger = logging.getLogger(__name__)
 PARTIAL_MARK = ".partial-"  # in the staging folder's name: `.{name}.partial-XXXX`
 OLD_MARK = ".old-"  # in the name of a replaced output while the new one is renamed in
 OLD_SUFFIX_DIGITS = 8  # hex digits after OLD_MARK: only such a name can be the writer's own backup
+# A file being written beside the one it replaces: `.{name}.hf-mudsc-{host}-{pid}-{random}.tmp` (the marker's:
+# `.hf_mudsc_output.json.hf-mudsc-...`). The writer's host (8 hex digits of its name's sha256) and process are in
+# the name, so the next run knows one a killed writer left (`clean_temporaries`) from one another run is writing now,
+# and from any file the writer did not make.
+TEMPORARY_MARK = ".hf-mudsc-"
+_TEMPORARY_NAME = re.compile(r"\..+" + re.escape(TEMPORARY_MARK)
+                             + r"(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a-f]{8}\.tmp")
+# In a marker while files it lists are being replaced (`_put_in_place`): each one's new entry. A file then matches
+# either entry; a run stopped half-way (SIGKILL, power loss) leaves this key, and `push` refuses such a folder.
+REPLACING = "replacing"
 # The writer's proof of ownership: every file it wrote, with size and sha256. A user does not copy a hidden
 # file by accident, and a copied one lists files that the folder then does not match. It holds no paths.
 MARKER_FILENAME = ".hf_mudsc_output.json"
@@ -286,9 +295,31 @@ def written_unchanged(path: str | os.PathLike, *, owner: str | os.PathLike | Non
         return False
     root = Path(owner) if owner is not None else path.parent
     key = path.absolute().relative_to(root.absolute()).as_posix()
-    entry = ((read_marker(root) or {}).get("files") or {}).get(key)
-    return isinstance(entry, dict) and entry.get("size") == path.stat().st_size and (
-        entry.get("sha256") == _fingerprint_of(path, settled=True)["sha256"])
+    return _as_written(read_marker(root) or {}, key, path)
+
+
+def _entries(marker: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """What `marker` says file `name` may be: its entry and, while a replacement of it is under way (or was stopped
+    half-way), its new one (`REPLACING`)."""
+    replacing = marker.get(REPLACING)
+    found = [(marker.get("files") or {}).get(name), replacing.get(name) if isinstance(replacing, dict) else None]
+    return [entry for entry in found if isinstance(entry, dict)]
+
+
+def _as_written(marker: dict[str, Any], name: str, path: Path) -> bool:
+    """Whether `path` (file `name` of the marker's folder) has the size and sha256 of an entry of it (`_entries`)."""
+    entries = [entry for entry in _entries(marker, name) if entry.get("size") == path.stat().st_size]
+    if not entries:
+        return False
+    sha256 = _fingerprint_of(path, settled=True)["sha256"]
+    return any(entry.get("sha256") == sha256 for entry in entries)
+
+
+def interrupted_replacement(folder: str | os.PathLike) -> list[str]:
+    """The files of `folder` a run was replacing when it stopped without finishing (killed: its marker still says
+    `REPLACING`): each is the old or the new one, so the folder may hold files of two runs side by side."""
+    replacing = (read_marker(folder) or {}).get(REPLACING)
+    return sorted(replacing) if isinstance(replacing, dict) else []
 
 
 def record_files(folder: str | os.PathLike, *, complete: bool = True, staging: bool = False) -> dict[str, Any]:
@@ -325,7 +356,7 @@ def unlisted_files(folder: str | os.PathLike, *, check_content: bool = False) ->
     with `check_content` — listed files whose size or sha256 differ from what was written."""
     folder = Path(folder)
     marker = read_marker(folder) or {}
-    listed = marker.get("files", {})
+    listed = {**(marker.get(REPLACING) if isinstance(marker.get(REPLACING), dict) else {}), **marker.get("files", {})}
     folders = marker.get("folders")
     owned = {str(parent) for name in listed for parent in PurePosixPath(name).parents} | set(
         folders if isinstance(folders, list) else ())
@@ -337,10 +368,11 @@ def unlisted_files(folder: str | os.PathLike, *, check_content: bool = False) ->
                 foreign.append(f"{name}/")  # said as a folder: "did not write: drafts/"
             continue
         entry = listed.get(name)
+        if entry is None and is_left_temporary(path):  # the writer's own, of a run that was killed
+            continue
         if path.is_symlink() or not path.is_file() or not isinstance(entry, dict):
             foreign.append(name)
-        elif check_content and (entry.get("size") != path.stat().st_size
-                                or entry.get("sha256") != _fingerprint_of(path, settled=True)["sha256"]):
+        elif check_content and not _as_written(marker, name, path):
             changed.append(name)
     return foreign, changed
 
@@ -417,26 +449,40 @@ def _write_marker(folder: Path, marker: dict[str, Any]) -> None:
     try:
         os.replace(temporary, folder / MARKER_FILENAME)
     finally:
-        temporary.unlink(missing_ok=True)
+        if os.path.lexists(temporary):  # only when the rename failed
+            temporary.unlink()
 
 
-def _marker_listing(root: Path, written: Iterable[tuple[Path, Path]]) -> Path | None:
-    """`root`'s marker, when it has a complete one, listing each `(path, temporary)` under `root` with the temporary's
-    content, written to a temporary file to rename onto it once those files are in place (`_marker_temporary`);
-    None when `root` has no complete marker (nothing to record)."""
+def _marker_listings(root: Path, written: Iterable[tuple[Path, Path]], *, finished: Iterable[str] | None = None
+                     ) -> tuple[Path, Path] | None:
+    """`root`'s marker, when it has a complete one, as two temporary files (`_marker_temporary`) to rename onto it:
+    before the files `(path, temporary)` are put in place, one listing their new entries under `REPLACING` besides
+    their current ones; after, one listing each under `root` with the temporary's content. None when `root` has no
+    complete marker (nothing to record). The final marker ends the `REPLACING` entries of `finished` (None: all)."""
     marker = read_marker(root)
     if marker is None or not marker.get("complete"):
         return None
-    for path, temporary in written:
-        if path.is_relative_to(root):
-            marker["files"][path.relative_to(root).as_posix()] = _fingerprint_of(temporary, settled=False)
-    return _marker_temporary(root, marker)
+    new = {path.relative_to(root).as_posix(): _fingerprint_of(temporary, settled=False)
+           for path, temporary in written if path.is_relative_to(root)}
+    replacing = marker.pop(REPLACING, None)
+    replacing = replacing if isinstance(replacing, dict) else {}
+    final = {**marker, "files": {**marker["files"], **new}}
+    left = {} if finished is None else {name: entry for name, entry in replacing.items()
+                                        if name not in set(finished) and name not in new}
+    if left:
+        final[REPLACING] = left
+    journal = _marker_temporary(root, {**marker, REPLACING: {**replacing, **new}})
+    try:
+        return journal, _marker_temporary(root, final)
+    except BaseException:
+        journal.unlink(missing_ok=True)
+        raise
 
 
 def _marker_temporary(folder: Path, marker: dict[str, Any]) -> Path:
     """`marker` written to a temporary file in `folder`, to be renamed onto the marker. A failure (a full disk, a
     Ctrl-C) removes it: a half-written file left there is one `overwrite` refuses as not the writer's."""
-    temporary = folder / f"{MARKER_FILENAME}.{uuid.uuid4().hex[:8]}.tmp"
+    temporary = temporary_beside(folder / MARKER_FILENAME)
     try:
         temporary.write_text(_marker_text(marker), encoding="utf-8")
     except BaseException:
@@ -476,10 +522,11 @@ def _foreign_entry(folder: Path) -> str | None:
     for entry in sorted(folder.iterdir()):
         if entry.name == "plots" and entry.is_dir() and not entry.is_symlink():
             stray = next((p for p in sorted(entry.iterdir()) if p.is_symlink() or not p.is_file()
-                          or p.suffix != ".png"), None)
+                          or (p.suffix != ".png" and not _TEMPORARY_NAME.fullmatch(p.name))), None)
             if stray is not None:
                 return f"plots/{stray.name}"
-        elif entry.is_symlink() or not entry.is_file() or not _STAGED_NAMES.fullmatch(entry.name):
+        elif entry.is_symlink() or not entry.is_file() or not (_STAGED_NAMES.fullmatch(entry.name)
+                                                               or _TEMPORARY_NAME.fullmatch(entry.name)):
             return entry.name
     return None
 
@@ -622,12 +669,17 @@ def staged_output(
             staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700: the output gets the usual permissions
             yield staging
             if target is not None:
-                record_files(staging)
+                # Complete, and still naming this process until it is in place: killed meanwhile (the old folder's
+                # check before the swap hashes a whole model), it is a leftover the next run removes.
+                marker = record_files(staging, staging=True)
                 check = _RENAME_CHECK.get()
                 if check is not None:
                     check()
+                staged_id = _identity(staging)
                 _move_into_place(staging, target, overwrite=overwrite, keep_existing=keep_existing, flag=flag,
                                  existed=existed)
+                if not os.path.lexists(staging) and _identity(target) == staged_id:  # in place, not dropped
+                    _write_marker(target, {key: value for key, value in marker.items() if key not in ("pid", "host")})
             finished = True
         finally:  # marker last: interrupted again meanwhile, what is left is still known as a leftover
             if staging.is_dir():
@@ -635,6 +687,15 @@ def staged_output(
     finally:
         if not finished:
             remove_empty_folders(created)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of `path` (not followed if a link), None if absent: the same folder under another name."""
+    try:
+        found = os.lstat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def remove_empty_folders(folders: Iterable[Path]) -> None:
@@ -651,34 +712,16 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None]
                           owner: str | os.PathLike | None = None) -> Path:
     """`write(temporary_path)`, then rename it onto `path`: readers see the old file or the whole new one.
 
-    The temporary file sits next to `path` (renames are atomic within a folder) and gets the mode a plain
-    `open()` would give; on any failure it is removed and `path` is untouched. In a folder the writer made
-    (it has the marker), the file is recorded in the marker, so `--overwrite` still knows it as its own.
+    The temporary file sits next to `path` (renames are atomic within a folder, and no copy of the old file is ever
+    made: a SIGKILL leaves the old file or the new one, and at most a temporary file the next run removes) and gets
+    the mode a plain `open()` would give; on any failure it is removed and `path` is untouched. In a folder the writer
+    made (it has the marker), the file is recorded in the marker, so `--overwrite` still knows it as its own.
     `owner`: the folder whose marker lists the file, when it is not `path`'s own folder (e.g. `DIR/plots/x.png`).
     """
     path = without_dot_dot(Path(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    temporary = Path(name)
-    marker_temporary = None
-    try:
-        write(temporary)
-        temporary.chmod(0o666 & ~_umask())
-        # Recorded by the nearest folder the writer made around it (`DIR/plots/r.json` too): a file it does not list
-        # would make its later `overwrite` refuse the folder as holding another's file. The new marker is written
-        # before the file is replaced, so a full disk changes neither.
-        written = path.absolute()
-        root = without_dot_dot(Path(owner)).absolute() if owner is not None else written_around(written)
-        marker_temporary = _marker_listing(root, [(written, temporary)]) if root is not None else None
-        with interrupts_deferred():  # the file and its marker entry, or neither
-            os.replace(temporary, path)
-            if marker_temporary is not None:
-                os.replace(marker_temporary, root / MARKER_FILENAME)
-    finally:
-        temporary.unlink(missing_ok=True)
-        if marker_temporary is not None:
-            marker_temporary.unlink(missing_ok=True)
+    written = path.absolute()
+    root = without_dot_dot(Path(owner)).absolute() if owner is not None else written_around(written)
+    _put_in_place([(path, write)], root=root, finished=())
     return path
 
 
@@ -721,59 +764,136 @@ def replace_files_together(writes: Iterable[tuple[str | os.PathLike, Callable[[P
     another's, which `push` would publish together as the marker lists both.
 
     Each `(path, write)` is first written by `write(temporary)` to a temporary sibling (a failure there changes
-    nothing), and `owner`'s marker, when it has a complete one, is prepared listing them. Then, with Ctrl-C and SIGTERM
-    deferred (`interrupts_deferred`), every file is renamed into place and the marker last; a failure on the way puts
-    the previous files (and so the previous marker) back. Returns the paths written."""
+    nothing), then put in place by `_put_in_place`: a failure on the way puts the previous files (and marker) back,
+    Ctrl-C and SIGTERM wait for the renames, and a SIGKILL among them leaves each file old or new, the marker saying
+    which may be either (`REPLACING`: `push` refuses the folder until the next run of the writer replaces them all).
+    Returns the paths written."""
     root = without_dot_dot(Path(owner)).absolute()
+    return _put_in_place([(without_dot_dot(Path(path)).absolute(), write) for path, write in writes], root=root)
+
+
+def _put_in_place(writes: list[tuple[Path, Callable[[Path], None]]], *, root: Path | None,
+                  finished: Iterable[str] | None = None) -> list[Path]:
+    """Write each file to a temporary sibling (`temporary_beside`), then rename them all onto their paths with
+    Ctrl-C and SIGTERM deferred. `root`'s marker, when it has a complete one, is first replaced by one naming the new
+    files as being put in place (`REPLACING`), and last by one listing them (`_marker_listings`, `finished` as
+    there). Never is a file renamed aside: a SIGKILL leaves every path with its old or its new file (and the
+    killed run's temporary files, which the next run's `clean_temporaries` removes). On a failure the files already
+    replaced get their previous content back (held in memory: these are cards, results and charts)."""
     staged: list[tuple[Path, Path]] = []
+    listings: tuple[Path, Path] | None = None
     try:
+        for folder in dict.fromkeys([*(path.parent for path, _ in writes), *([root] if root is not None else [])]):
+            if folder.is_dir():
+                clean_temporaries(folder)
         for path, write in writes:
-            path = without_dot_dot(Path(path)).absolute()
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-            os.close(fd)
-            staged.append((path, Path(name)))
-            write(Path(name))
-            Path(name).chmod(0o666 & ~_umask())
-        marker_temporary = _marker_listing(root, staged)
-        if marker_temporary is not None:
-            staged.append((root / MARKER_FILENAME, marker_temporary))
-        with interrupts_deferred():
-            _rename_all(staged)
+            temporary = temporary_beside(path)
+            staged.append((path, temporary))
+            write(temporary)
+            temporary.chmod(0o666 & ~_umask())
+        # The marker names the new files before any is in place: a full disk fails here and changes nothing.
+        listings = _marker_listings(root, staged, finished=finished) if root is not None else None
+        renames = list(staged)
+        if listings is not None and root is not None:
+            renames = [(root / MARKER_FILENAME, listings[0]), *staged, (root / MARKER_FILENAME, listings[1])]
+        with interrupts_deferred():  # the files and their marker entries, or none
+            _rename_all(renames)
     finally:
-        for _, temporary in staged:
+        for temporary in [*(temporary for _, temporary in staged), *(listings or ())]:
             temporary.unlink(missing_ok=True)
-    return [path for path, _ in staged if path.name != MARKER_FILENAME or path.parent != root]
+    return [path for path, _ in staged]
+
+
+def temporary_beside(path: Path) -> Path:
+    """A new, empty file next to `path` for its next content, named as only the writer names files
+    (`TEMPORARY_MARK`, with this host and process: `clean_temporaries` removes it once that process is gone)."""
+    while True:
+        temporary = path.with_name(f"{'' if path.name.startswith('.') else '.'}{path.name}{TEMPORARY_MARK}"
+                                   f"{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            continue
+        return temporary
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+
+
+def is_left_temporary(path: Path) -> bool:
+    """Whether `path` is a temporary file a writer of hf-mudsc left (`temporary_beside`'s name, a regular file) whose
+    process, on this host, is gone: a killed run's, which nothing will ever rename into place."""
+    found = _TEMPORARY_NAME.fullmatch(path.name)
+    return (found is not None and found["host"] == _host_tag() and not _pid_alive(int(found["pid"]))
+            and path.is_file() and not path.is_symlink())
+
+
+def clean_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files killed writers left in `folder` (`is_left_temporary`): only the writer's exact
+    names, of a process of this host that is gone. Returns what was deleted."""
+    removed = []
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        if is_left_temporary(entry):
+            try:
+                entry.unlink()
+            except OSError as error:
+                logger.warning("could not remove %s, left by an interrupted run (%s); delete it yourself", entry, error)
+                continue
+            logger.info("removed %s, left by an interrupted run", entry)
+            removed.append(entry)
+    return removed
 
 
 def _rename_all(staged: list[tuple[Path, Path]]) -> None:
-    """Rename each temporary file onto its path, the previous file kept aside until all are in place: on any
-    failure the files already renamed are put back as they were (one that did not exist is removed again)."""
-    done: list[tuple[Path, Path | None, bool]] = []
+    """Rename each temporary file onto its path (`os.replace`: atomic, nothing renamed aside). On any failure the
+    paths already replaced get their previous content back, read before each was replaced (one that did not exist
+    is removed again)."""
+    done: list[tuple[Path, tuple[str, Any] | None]] = []
     try:
         for path, temporary in staged:
-            backup = None
-            if os.path.lexists(path):
-                backup = path.with_name(f".{path.name}{OLD_MARK}{uuid.uuid4().hex[:OLD_SUFFIX_DIGITS]}")
-                os.rename(path, backup)
-            done.append((path, backup, False))
-            os.rename(temporary, path)
-            done[-1] = (path, backup, True)
+            if not any(path == placed for placed, _ in done):
+                done.append((path, _previous(path)))
+            os.replace(temporary, path)
     except BaseException:
-        for path, backup, placed in reversed(done):
+        for path, previous in reversed(done):
             try:
-                if backup is not None:
-                    os.replace(backup, path)
-                elif placed:
-                    os.unlink(path)
+                _restore(path, previous)
             except OSError as error:
-                logger.error("could not put %s back as it was (%s)%s", path, error,
-                             f"; its previous version is {backup}" if backup is not None else "")
+                logger.error("could not put %s back as it was (%s)", path, error)
         raise
-    for _, backup, _ in done:
-        if backup is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(backup)
+
+
+def _previous(path: Path) -> tuple[str, Any] | None:
+    """What `path` holds now, to put back (`_restore`): None (nothing), a link's target, or a file's bytes and mode."""
+    if not os.path.lexists(path):
+        return None
+    if path.is_symlink():
+        return "link", os.readlink(path)
+    return "file", (path.read_bytes(), stat.S_IMODE(path.stat().st_mode))
+
+
+def _restore(path: Path, previous: tuple[str, Any] | None) -> None:
+    if previous is None:
+        path.unlink(missing_ok=True)
+        return
+    temporary = temporary_beside(path)
+    try:
+        if previous[0] == "link":
+            temporary.unlink()
+            os.symlink(previous[1], temporary)
+        else:
+            temporary.write_bytes(previous[1][0])
+            temporary.chmod(previous[1][1])
+        os.replace(temporary, path)
+    finally:
+        if os.path.lexists(temporary):
+            temporary.unlink()
 
 
 def _move_into_place(staging: Path, target: Path, *, overwrite: bool, keep_existing: bool, flag: str,

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi, get_session
 from huggingface_hub.errors import HfHubHTTPError
@@ -31,6 +31,7 @@ from hf_mudsc.load.references import clean_token, repo_id_refusal, without_useri
 from hf_mudsc.publish.folder import (
     MARKER_FILENAME,
     changed_files,
+    interrupted_replacement,
     interrupts_deferred,
     listed_outside,
     read_marker,
@@ -131,6 +132,12 @@ def check_folder(folder: str | os.PathLike) -> Path:
             "proves it holds only what hf-mudsc wrote (an older version wrote none); write it again with "
             "`hf-mudsc merge --output DIR`, or upload it yourself with `hf upload`"
         )
+    stopped = interrupted_replacement(folder)
+    if stopped:
+        raise ValueError(
+            f"refusing to push {str(folder)!r}: a run was stopped while it replaced {', '.join(stopped[:5])}"
+            f"{' ...' if len(stopped) > 5 else ''} (each is the old or the new one, so they may be of two runs); run "
+            "that command again (e.g. `hf-mudsc evaluate DIR ...`), then push")
     outside = listed_outside(folder)
     if outside:
         raise ValueError(
@@ -269,17 +276,62 @@ def push_folder(
             when nothing was committed.
     """
     token = clean_token(token)  # a token read from a file, its line break with it
-    folder = check_folder(folder)
-    if not just_written:
-        check_unchanged(folder, allow_changed=allow_changed,
-                        switch="allow_changed=True" if flag == "repo_id" else "--allow-changed")
-    files = published_files(folder)
-    if not just_written:
-        refuse_non_finite_files(folder, files)
-    contents = published_contents(folder)
-    with hub_timeouts() as seconds:
-        return _push(folder, files, contents, repo_id, private=private, overwrite=overwrite, token=token,
-                     commit_message=commit_message, flag=flag, seconds=seconds, shown_as=shown_as)
+    with pinned_files(folder) as (files, handles):
+        folder = check_folder(folder)
+        if not just_written:
+            check_unchanged(folder, allow_changed=allow_changed,
+                            switch="allow_changed=True" if flag == "repo_id" else "--allow-changed")
+            refuse_non_finite_files(folder, files)
+        contents = published_contents(folder)
+        check_still_pinned(folder, files, handles)  # what was checked is what the open files hold
+        with hub_timeouts() as seconds:
+            return _push(folder, files, contents, repo_id, private=private, overwrite=overwrite, token=token,
+                         commit_message=commit_message, flag=flag, seconds=seconds, shown_as=shown_as,
+                         handles=handles)
+
+
+@contextmanager
+def pinned_files(folder: str | os.PathLike) -> Iterator[tuple[list[str], dict[str, BinaryIO]]]:
+    """The files a push uploads (`published_files`), each opened once, before anything is checked: the push uploads
+    what these handles hold, so a `merge --overwrite` replacing the folder meanwhile (it renames a new folder in and
+    deletes the old one) or an `evaluate` replacing its card cannot mix another run's files into the commit, nor make
+    one vanish half-way. `check_still_pinned` then proves the checks read these same files."""
+    folder = Path(folder)
+    handles: dict[str, BinaryIO] = {}
+    try:
+        files = published_files(folder) if folder.is_dir() else []
+        for name in files:
+            try:
+                handles[name] = open(folder / name, "rb")  # noqa: SIM115 - closed below, after the upload
+            except OSError:  # gone (or replaced by a folder) since the marker was read: checked again below
+                continue
+        yield files, handles
+    finally:
+        for handle in handles.values():
+            handle.close()
+
+
+def check_still_pinned(folder: Path, files: list[str], handles: dict[str, BinaryIO]) -> None:
+    """Refuse, before any Hub call, a folder whose files are no longer the ones `pinned_files` opened (another run
+    replaced the folder or some of its files while the push checked them): the checks may have read other files than
+    the handles hold, and the marker may list others."""
+    def same(name: str) -> bool:
+        handle = handles.get(name)
+        if handle is None:
+            return False
+        try:
+            now = os.stat(folder / name, follow_symlinks=False)
+        except OSError:
+            return False
+        pinned = os.fstat(handle.fileno())
+        return (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) == (
+            pinned.st_dev, pinned.st_ino, pinned.st_size, pinned.st_mtime_ns)
+
+    if published_files(folder) != files or not all(same(name) for name in files):
+        raise ValueError(
+            f"refusing to push {str(folder)!r}: it changed while the push read it (another run, such as `hf-mudsc "
+            "merge --overwrite` or `hf-mudsc evaluate`, wrote it meanwhile); nothing was pushed — push again once "
+            "that run has finished")
 
 
 def refuse_non_finite_files(folder: Path, files: list[str]) -> None:
@@ -320,8 +372,8 @@ def published_contents(folder: Path) -> dict[str, bytes]:
 
 
 def _commit(api: HfApi, repo_id: str, folder: Path, files: list[str], contents: dict[str, bytes], *,
-            replace: bool, message: str, parent: str | None = None, made: list[CommitInfo] | None = None
-            ) -> CommitInfo:
+            replace: bool, message: str, parent: str | None = None, made: list[CommitInfo] | None = None,
+            handles: dict[str, BinaryIO] | None = None) -> CommitInfo:
     """One commit adding exactly `files` (the writer's; `contents` gives some of them other bytes) and, when
     `replace`, deleting every other file of the repo but `.gitattributes`, so the old model's leftovers go with it.
     `parent`: the head this push read: the commit applies only on top of it (the Hub refuses it, 412, when someone
@@ -329,9 +381,24 @@ def _commit(api: HfApi, repo_id: str, folder: Path, files: list[str], contents: 
 
     The large files are uploaded first (Ctrl-C stops that at once), then the commit is made with Ctrl-C and SIGTERM
     deferred: made or not, never cut with its outcome unknown; it is appended to `made` before a deferred interrupt
-    is raised."""
-    adds = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=contents.get(name, folder / name))
-            for name in files]
+    is raised. `handles`: the files as `pinned_files` opened them, uploaded from these (never opened again by name:
+    the folder may have been replaced since)."""
+    def source(name: str) -> bytes | BinaryIO | Path:
+        if name in contents:
+            return contents[name]
+        handle = (handles or {}).get(name)
+        if handle is None:
+            return folder / name
+        # The open file by a path (Linux): huggingface_hub's Xet upload takes paths and bytes only (a file object
+        # falls back to the slower LFS upload, with a warning); the path reaches the same file whatever its name
+        # leads to now.
+        pinned = Path(f"/proc/self/fd/{handle.fileno()}")
+        if pinned.is_file():
+            return pinned
+        handle.seek(0)  # read whole (huggingface_hub reads from where it stands)
+        return handle
+
+    adds = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=source(name)) for name in files]
     api.preupload_lfs_files(repo_id, additions=adds, free_memory=False)
     stale = (sorted(set(api.list_repo_files(repo_id, revision=parent)) - set(files) - {GITATTRIBUTES}) if replace
              else [])
@@ -350,7 +417,7 @@ def _commit(api: HfApi, repo_id: str, folder: Path, files: list[str], contents: 
 
 def _push(folder: Path, files: list[str], contents: dict[str, bytes], repo_id: str, *, private: bool,
           overwrite: bool, token: str | None, commit_message: str | None, flag: str, seconds: float,
-          shown_as: str | None = None) -> PushResult:
+          shown_as: str | None = None, handles: dict[str, BinaryIO] | None = None) -> PushResult:
     api = HfApi(token=token)
     state = _target_state(repo_id, overwrite=overwrite, token=token, flag=flag, seconds=seconds)
     created = state == "absent"
@@ -383,7 +450,7 @@ def _push(folder: Path, files: list[str], contents: dict[str, bytes], repo_id: s
                     # Exactly the writer's files (never the marker, nothing added since); on overwrite, files of the
                     # old model that the new folder lacks go away in the same commit.
                     lambda: _commit(api, repo_id, folder, files, contents, replace=state == "exists",
-                                    message=message, parent=head_before, made=made),
+                                    message=message, parent=head_before, made=made, handles=handles),
                     seconds=seconds,
                 )
         except Exception as error:

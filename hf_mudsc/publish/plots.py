@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
-from hf_mudsc.errors import parent_label
+from hf_mudsc.errors import parent_names
 from hf_mudsc.publish.folder import write_file_atomically
 from hf_mudsc.solve.diagnostics import GroupDiagnostics, MergeDiagnostics
 
@@ -367,7 +367,7 @@ def alpha_figure(curve: Mapping[str, Any]) -> Figure:
     return figure
 
 
-def scorer_label(scorer: str, parents: Sequence[str] = ("parent_a", "parent_b")) -> str:
+def scorer_label(scorer: str, parents: Sequence[str] = tuple(parent_names(2))) -> str:
     """How a legend names a scorer: `parent_c` -> "parent C", the ensemble by its parents' letters ("ensemble
     (A+B+C)"); merged models by their own names."""
     if scorer == "ensemble":
@@ -401,7 +401,7 @@ def accuracy_figure(evaluation: Mapping[str, Any]) -> Figure:
     views = [v for v in views if any(metric in scores[s].get(v, {}) for s in scores)]
     # Merge order (A..Z, then 27, ...; the evaluation's scorer names): sorting the names put parent_27 before
     # parent_a.
-    parents = [name for index in range(len(scores)) if (name := f"parent_{parent_label(index).lower()}") in scores]
+    parents = [name for name in parent_names(len(scores)) if name in scores]
     fixed = parents + [s for s in ("ensemble",) if s in scores]
     order = fixed + [s for s in scores if s not in fixed]
     width = 0.8 / max(len(order), 1)
