@@ -426,8 +426,10 @@ def _streamed(name: str) -> Callable[..., dict[str, Any]]:
 
 # What every generalized-task-arithmetic method reads (mergekit 0.1.5 `GeneralizedTaskArithmeticMerge`).
 _GTA = (("weights", "weights"), ("normalize", "normalize"), ("scaling", "scaling"))
-_SPARSE = _GTA + (("density", "density"),)
-_RANDOM = _SPARSE + (("rescale", "rescale"), ("seed", "seed"))
+# Every sparsifying one also reads `rescale` (mergekit's `default_rescale`: False for the magnitude trims, True for
+# DARE and DELLA; see the entries' defaults).
+_SPARSE = _GTA + (("density", "density"), ("rescale", "rescale"))
+_RANDOM = _SPARSE + (("seed", "seed"),)
 
 LINEAR = register_method(TensorWiseMethod(
     name="linear",
@@ -461,7 +463,7 @@ TIES = register_method(TensorWiseMethod(
     function=_function("ties"),
     chunked=True,
     arguments=_SPARSE,
-    defaults=(("normalize", True), ("density", 0.2)),
+    defaults=(("normalize", True), ("density", 0.2), ("rescale", False)),
 ))
 DARE_LINEAR = register_method(TensorWiseMethod(
     name="dare_linear",
@@ -473,7 +475,7 @@ DARE_LINEAR = register_method(TensorWiseMethod(
     function=_function("dare_linear"),
     chunked=True,
     arguments=_RANDOM,
-    defaults=(("normalize", False), ("density", 0.5)),
+    defaults=(("normalize", False), ("density", 0.5), ("rescale", True)),
 ))
 DARE_TIES = register_method(TensorWiseMethod(
     name="dare_ties",
@@ -485,7 +487,7 @@ DARE_TIES = register_method(TensorWiseMethod(
     function=_function("dare_ties"),
     chunked=True,
     arguments=_RANDOM,
-    defaults=(("normalize", False), ("density", 0.5)),
+    defaults=(("normalize", False), ("density", 0.5), ("rescale", True)),
 ))
 BREADCRUMBS = register_method(TensorWiseMethod(
     name="breadcrumbs",
@@ -498,7 +500,7 @@ BREADCRUMBS = register_method(TensorWiseMethod(
     function=_function("breadcrumbs"),
     chunked=True,
     arguments=_SPARSE + (("gamma", "gamma"),),
-    defaults=(("normalize", False), ("density", 0.9), ("gamma", 0.01)),
+    defaults=(("normalize", False), ("density", 0.9), ("gamma", 0.01), ("rescale", False)),
 ))
 BREADCRUMBS_TIES = register_method(TensorWiseMethod(
     name="breadcrumbs_ties",
@@ -511,7 +513,7 @@ BREADCRUMBS_TIES = register_method(TensorWiseMethod(
     function=_function("breadcrumbs_ties"),
     chunked=True,
     arguments=_SPARSE + (("gamma", "gamma"),),
-    defaults=(("normalize", False), ("density", 0.9), ("gamma", 0.01)),
+    defaults=(("normalize", False), ("density", 0.9), ("gamma", 0.01), ("rescale", False)),
 ))
 DELLA = register_method(TensorWiseMethod(
     name="della",
@@ -523,7 +525,7 @@ DELLA = register_method(TensorWiseMethod(
     function=_function("della"),
     chunked=True,
     arguments=_RANDOM + (("epsilon", "epsilon"),),
-    defaults=(("normalize", True), ("density", 0.5), ("epsilon", 0.15)),
+    defaults=(("normalize", True), ("density", 0.5), ("epsilon", 0.15), ("rescale", True)),
 ))
 DELLA_LINEAR = register_method(TensorWiseMethod(
     name="della_linear",
@@ -535,7 +537,7 @@ DELLA_LINEAR = register_method(TensorWiseMethod(
     function=_function("della_linear"),
     chunked=True,
     arguments=_RANDOM + (("epsilon", "epsilon"),),
-    defaults=(("normalize", False), ("density", 0.5), ("epsilon", 0.15)),
+    defaults=(("normalize", False), ("density", 0.5), ("epsilon", 0.15), ("rescale", True)),
 ))
 SLERP = register_method(TensorWiseMethod(
     name="slerp",

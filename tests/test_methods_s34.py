@@ -1,0 +1,73 @@
+"""Same-base methods against mergekit's definitions (session 34): known answers on hand-made task vectors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from factories import make_model
+
+import hf_mudsc
+from hf_mudsc.methods import METHODS
+from hf_mudsc.options import MergeOptions
+
+BIAS = "classifier.bias"
+
+
+def family_with_bias_deltas(deltas: list[list[float]]) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
+    """A tiny BERT base and one parent per row of `deltas`: each parent is the base with only its 4-entry classifier
+    bias moved by its row, so every other task vector is 0 and the merge's bias is the whole answer."""
+    base = make_model("bert_cls", seed=0, num_labels=4)
+    parents = []
+    for row in deltas:
+        parent = copy.deepcopy(base)
+        with torch.no_grad():
+            parent.classifier.bias += torch.tensor(row)
+        parents.append(parent)
+    return base, parents
+
+
+A = [0.4, -0.2, 0.1, 0.3]
+B = [-0.2, 0.1, -0.6, 0.5]
+
+
+def merged_bias_delta(method: str, **options) -> list[float]:
+    base, parents = family_with_bias_deltas([A, B])
+    merged = hf_mudsc.merge(parents, base=base, method=method, density=0.5, refit="none", progress=False, **options)
+    return (dict(merged.named_parameters())[BIAS] - dict(base.named_parameters())[BIAS]).tolist()
+
+
+# mergekit's normalize defaults: ties divides the agreeing entries by their weights' sum (2 here), breadcrumbs_ties sums
+@pytest.mark.parametrize(("method", "divisor"), [("ties", 2), ("breadcrumbs_ties", 1)])
+def test_ties_with_rescale_rescales_each_trimmed_task_vector_to_its_l1_norm_as_mergekit(method, divisor):
+    """hf_mudsc.merge([A, B], base=base, method='ties', density=0.5, rescale=True): mergekit's ties reads `rescale`
+    (default False): each trimmed task vector times ||delta||_1 / ||trimmed||_1, then sign election and mean."""
+    # density 0.5 of 4 entries keeps 2 (ties: the 2 largest; breadcrumbs_ties with gamma 0.01 drops int(0.04) = 0 of
+    # the largest, then the 2 smallest: the same 2 entries). A keeps 0.4, 0.3 (L1 1.0 -> 0.7), B -0.6, 0.5 (1.4 -> 1.1).
+    a = [0.4 * 1.0 / 0.7, 0.0, 0.0, 0.3 * 1.0 / 0.7]
+    b = [0.0, 0.0, -0.6 * 1.4 / 1.1, 0.5 * 1.4 / 1.1]
+    # elected signs: +, + (sum 0), -, +; only one parent agrees on entries 0 and 2 (ties divides by its weight, 1)
+    expected = [a[0], 0.0, b[2], (a[3] + b[3]) / divisor]
+    assert merged_bias_delta(method, rescale=True) == pytest.approx(expected, abs=1e-6)
+    # mergekit's default for ties and breadcrumbs_ties: no rescale
+    assert merged_bias_delta(method) == pytest.approx([0.4, 0.0, -0.6, (0.3 + 0.5) / divisor], abs=1e-6)
+
+
+def test_breadcrumbs_with_rescale_rescales_the_kept_entries_as_mergekit():
+    """hf_mudsc.merge([A, B], base=base, method='breadcrumbs', density=0.5, rescale=True): mergekit's breadcrumbs
+    reads `rescale` (default False) and L1-rescales each sparsified task vector before summing them."""
+    a = [0.4 * 1.0 / 0.7, 0.0, 0.0, 0.3 * 1.0 / 0.7]
+    b = [0.0, 0.0, -0.6 * 1.4 / 1.1, 0.5 * 1.4 / 1.1]
+    assert merged_bias_delta("breadcrumbs", rescale=True) == pytest.approx([x + y for x, y in zip(a, b)], abs=1e-6)
+    assert merged_bias_delta("breadcrumbs") == pytest.approx([0.4, 0.0, -0.6, 0.3 + 0.5], abs=1e-6)
+
+
+def test_every_generalized_task_arithmetic_method_reads_rescale_with_mergekits_default():
+    """METHODS[m].used_options(MergeOptions())['rescale']: mergekit's default_rescale per method (sparsifying ones)."""
+    options = MergeOptions()
+    rescale = {name: METHODS[name].used_options(options).get("rescale")
+               for name in ("ties", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della",
+                            "della_linear")}
+    assert rescale == {"ties": False, "breadcrumbs": False, "breadcrumbs_ties": False, "dare_linear": True,
+                       "dare_ties": True, "della": True, "della_linear": True}
