@@ -727,11 +727,10 @@ class MergeOptions:
         1.0, kind="number", check=_check_scaling, metavar="L", recorded=True, per_method=True,
         card=CardRow(3, "Scaling λ", _card_numbers),
         help="factor on the merged task vector (mergekit's `lambda`), in [-100, 100]")
-    rescale: bool | None = option(
-        None, kind="bool", show_default=False, recorded=True, per_method=True,
-        card=CardRow(3, "Rescale kept entries", _card_numbers),
-        help="rescale each sparsified task vector's kept entries so its L1 norm is kept (mergekit's `rescale`; "
-        "default: the method's, as mergekit: dare_* and della* do, ties and breadcrumbs* do not)")
+    rescale: bool = option(
+        True, kind="bool", recorded=True, per_method=True, card=CardRow(3, "Rescale kept entries", _card_numbers),
+        help="DARE/DELLA: rescale each tensor's kept entries so its L1 norm is kept (--no-rescale to skip); ties and "
+        "breadcrumbs* never rescale (mergekit's default for them; recipes record this option for every method)")
     # ---- end of the same-base options
 
 

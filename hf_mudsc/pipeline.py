@@ -253,7 +253,7 @@ def merge(
     density: float | Sequence[float] | None = None,
     normalize: bool | None = None,
     scaling: float = 1.0,
-    rescale: bool | None = None,
+    rescale: bool = True,
     gamma: float | Sequence[float] | None = None,
     epsilon: float | Sequence[float] | None = None,
     slerp_t: float | Sequence[float] = 0.5,
@@ -318,8 +318,7 @@ def merge(
         density: fraction of each task vector kept, in (0, 1], one number or one per parent (None: the method's).
         normalize: divide by the sum of the weights (None: the method's default, as mergekit's).
         scaling: factor on the merged task vector (mergekit's `lambda`).
-        rescale: rescale each sparsified task vector's kept entries to keep its L1 norm (None: the method's
-            default, as mergekit's: on for DARE/DELLA, off for ties/breadcrumbs).
+        rescale: DARE/DELLA rescale the kept entries to keep each tensor's L1 norm.
         gamma, epsilon, slerp_t, consensus_k, consensus_lambda, pcb_ratio, layer_swap: parameters of one method
             each (breadcrumbs, della, slerp, consensus, pcb, layer_swap; docs/design.md §4.10), read only by it.
         matcher: `zip` or `align` for `mudsc` (the other methods fix their own).

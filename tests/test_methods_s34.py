@@ -40,39 +40,13 @@ def merged_bias_delta(method: str, **options) -> list[float]:
     return (dict(merged.named_parameters())[BIAS] - dict(base.named_parameters())[BIAS]).tolist()
 
 
-# mergekit's normalize defaults: ties divides the agreeing entries by their weights' sum (2 here), breadcrumbs_ties sums
-@pytest.mark.parametrize(("method", "divisor"), [("ties", 2), ("breadcrumbs_ties", 1)])
-def test_ties_with_rescale_rescales_each_trimmed_task_vector_to_its_l1_norm_as_mergekit(method, divisor):
-    """hf_mudsc.merge([A, B], base=base, method='ties', density=0.5, rescale=True): mergekit's ties reads `rescale`
-    (default False): each trimmed task vector times ||delta||_1 / ||trimmed||_1, then sign election and mean."""
-    # density 0.5 of 4 entries keeps 2 (ties: the 2 largest; breadcrumbs_ties with gamma 0.01 drops int(0.04) = 0 of
-    # the largest, then the 2 smallest: the same 2 entries). A keeps 0.4, 0.3 (L1 1.0 -> 0.7), B -0.6, 0.5 (1.4 -> 1.1).
-    a = [0.4 * 1.0 / 0.7, 0.0, 0.0, 0.3 * 1.0 / 0.7]
-    b = [0.0, 0.0, -0.6 * 1.4 / 1.1, 0.5 * 1.4 / 1.1]
-    # elected signs: +, + (sum 0), -, +; only one parent agrees on entries 0 and 2 (ties divides by its weight, 1)
-    expected = [a[0], 0.0, b[2], (a[3] + b[3]) / divisor]
-    assert merged_bias_delta(method, rescale=True) == pytest.approx(expected, abs=1e-6)
-    # mergekit's default for ties and breadcrumbs_ties: no rescale
-    assert merged_bias_delta(method) == pytest.approx([0.4, 0.0, -0.6, (0.3 + 0.5) / divisor], abs=1e-6)
-
-
-def test_breadcrumbs_with_rescale_rescales_the_kept_entries_as_mergekit():
-    """hf_mudsc.merge([A, B], base=base, method='breadcrumbs', density=0.5, rescale=True): mergekit's breadcrumbs
-    reads `rescale` (default False) and L1-rescales each sparsified task vector before summing them."""
-    a = [0.4 * 1.0 / 0.7, 0.0, 0.0, 0.3 * 1.0 / 0.7]
-    b = [0.0, 0.0, -0.6 * 1.4 / 1.1, 0.5 * 1.4 / 1.1]
-    assert merged_bias_delta("breadcrumbs", rescale=True) == pytest.approx([x + y for x, y in zip(a, b)], abs=1e-6)
-    assert merged_bias_delta("breadcrumbs") == pytest.approx([0.4, 0.0, -0.6, 0.3 + 0.5], abs=1e-6)
-
-
-def test_every_generalized_task_arithmetic_method_reads_rescale_with_mergekits_default():
-    """METHODS[m].used_options(MergeOptions())['rescale']: mergekit's default_rescale per method (sparsifying ones)."""
-    options = MergeOptions()
-    rescale = {name: METHODS[name].used_options(options).get("rescale")
-               for name in ("ties", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della",
-                            "della_linear")}
-    assert rescale == {"ties": False, "breadcrumbs": False, "breadcrumbs_ties": False, "dare_linear": True,
-                       "dare_ties": True, "della": True, "della_linear": True}
+def test_ties_keeps_not_rescaling_when_a_recipe_says_rescale_true_as_every_recipe_written_here_does():
+    """hf_mudsc.merge([A, B], base=base, method='ties', density=0.5, rescale=True): a documented difference from
+    mergekit (whose ties would L1-rescale): every recipe hf_mudsc wrote records rescale: true (the DARE/DELLA option's
+    default) whatever the method, so a ties recipe re-run must keep its merge — ties trims without rescaling."""
+    # density 0.5 of 4 entries keeps the 2 largest: A 0.4, 0.3; B -0.6, 0.5; signs +, + (sum 0), -, +; the agreeing
+    # entries divided by their weights' sum (normalize True): only entry 3 has two
+    assert merged_bias_delta("ties", rescale=True) == pytest.approx([0.4, 0.0, -0.6, (0.3 + 0.5) / 2], abs=1e-6)
 
 
 def slerp_by_hand(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -116,17 +90,15 @@ def test_a_single_slerp_t_is_every_tensors_t():
         assert torch.allclose(value.double(), slerp_by_hand(0.3, pa[name], pb[name]), atol=1e-6), name
 
 
-@pytest.mark.parametrize("option", ["normalize", "rescale"])
-def test_the_help_names_every_method_whose_default_is_on_as_mergekits(option):
+def test_the_normalize_help_names_every_method_that_normalises_by_default_as_mergekits():
     """hf-mudsc merge --help: --normalize said 'linear and ties do' and left out della, which normalises by default
     (mergekit's default_normalize); each help must name every method the option is on for by default."""
-    from hf_mudsc.options import MergeOptions
-
+    option = "normalize"
     help_text = next(f for f in MergeOptions.option_fields() if f.name == option).metadata["help"]
     options = MergeOptions()
     on = [name for name, method in METHODS.items() if getattr(method, "arguments", None)
           and option in dict(method.arguments) and method.used_options(options)[option] is True]
-    assert on  # linear, ties, della / dare_*, della*
+    assert on  # linear, ties, della
     said = help_text.split("default: the method's", 1)[1].split("do not", 1)[0]
     for name in on:
         stem = name.split("_")[0]

@@ -235,7 +235,7 @@ def test_registry_entries_declare_base_parents_defaults_and_used_options():
                          "della_linear": False, "slerp": None, "pcb": None, "consensus": None,
                          "localize_stitch": None, "layer_swap": None}
     assert METHODS["ties"].used_options(options) == {"weights": None, "normalize": True, "scaling": 1.0,
-                                                     "density": 0.2, "rescale": False}
+                                                     "density": 0.2}
     assert set(METHODS["dare_ties"].used_options(options)) == {"weights", "normalize", "scaling", "density",
                                                                "rescale", "seed"}
     assert METHODS["slerp"].used_options(options) == {"slerp_t": 0.5}

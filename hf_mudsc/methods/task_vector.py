@@ -430,10 +430,8 @@ def _streamed(name: str) -> Callable[..., dict[str, Any]]:
 
 # What every generalized-task-arithmetic method reads (mergekit 0.1.5 `GeneralizedTaskArithmeticMerge`).
 _GTA = (("weights", "weights"), ("normalize", "normalize"), ("scaling", "scaling"))
-# Every sparsifying one also reads `rescale` (mergekit's `default_rescale`: False for the magnitude trims, True for
-# DARE and DELLA; see the entries' defaults).
-_SPARSE = _GTA + (("density", "density"), ("rescale", "rescale"))
-_RANDOM = _SPARSE + (("seed", "seed"),)
+_SPARSE = _GTA + (("density", "density"),)
+_RANDOM = _SPARSE + (("rescale", "rescale"), ("seed", "seed"))
 
 LINEAR = register_method(TensorWiseMethod(
     name="linear",
@@ -467,7 +465,7 @@ TIES = register_method(TensorWiseMethod(
     function=_function("ties"),
     chunked=True,
     arguments=_SPARSE,
-    defaults=(("normalize", True), ("density", 0.2), ("rescale", False)),
+    defaults=(("normalize", True), ("density", 0.2)),
 ))
 DARE_LINEAR = register_method(TensorWiseMethod(
     name="dare_linear",
@@ -479,7 +477,7 @@ DARE_LINEAR = register_method(TensorWiseMethod(
     function=_function("dare_linear"),
     chunked=True,
     arguments=_RANDOM,
-    defaults=(("normalize", False), ("density", 0.5), ("rescale", True)),
+    defaults=(("normalize", False), ("density", 0.5)),
 ))
 DARE_TIES = register_method(TensorWiseMethod(
     name="dare_ties",
@@ -491,7 +489,7 @@ DARE_TIES = register_method(TensorWiseMethod(
     function=_function("dare_ties"),
     chunked=True,
     arguments=_RANDOM,
-    defaults=(("normalize", False), ("density", 0.5), ("rescale", True)),
+    defaults=(("normalize", False), ("density", 0.5)),
 ))
 BREADCRUMBS = register_method(TensorWiseMethod(
     name="breadcrumbs",
@@ -504,7 +502,7 @@ BREADCRUMBS = register_method(TensorWiseMethod(
     function=_function("breadcrumbs"),
     chunked=True,
     arguments=_SPARSE + (("gamma", "gamma"),),
-    defaults=(("normalize", False), ("density", 0.9), ("gamma", 0.01), ("rescale", False)),
+    defaults=(("normalize", False), ("density", 0.9), ("gamma", 0.01)),
 ))
 BREADCRUMBS_TIES = register_method(TensorWiseMethod(
     name="breadcrumbs_ties",
@@ -517,7 +515,7 @@ BREADCRUMBS_TIES = register_method(TensorWiseMethod(
     function=_function("breadcrumbs_ties"),
     chunked=True,
     arguments=_SPARSE + (("gamma", "gamma"),),
-    defaults=(("normalize", False), ("density", 0.9), ("gamma", 0.01), ("rescale", False)),
+    defaults=(("normalize", False), ("density", 0.9), ("gamma", 0.01)),
 ))
 DELLA = register_method(TensorWiseMethod(
     name="della",
@@ -529,7 +527,7 @@ DELLA = register_method(TensorWiseMethod(
     function=_function("della"),
     chunked=True,
     arguments=_RANDOM + (("epsilon", "epsilon"),),
-    defaults=(("normalize", True), ("density", 0.5), ("epsilon", 0.15), ("rescale", True)),
+    defaults=(("normalize", True), ("density", 0.5), ("epsilon", 0.15)),
 ))
 DELLA_LINEAR = register_method(TensorWiseMethod(
     name="della_linear",
@@ -541,7 +539,7 @@ DELLA_LINEAR = register_method(TensorWiseMethod(
     function=_function("della_linear"),
     chunked=True,
     arguments=_RANDOM + (("epsilon", "epsilon"),),
-    defaults=(("normalize", False), ("density", 0.5), ("epsilon", 0.15), ("rescale", True)),
+    defaults=(("normalize", False), ("density", 0.5), ("epsilon", 0.15)),
 ))
 SLERP = register_method(TensorWiseMethod(
     name="slerp",
