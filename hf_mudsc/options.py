@@ -88,10 +88,11 @@ DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?)$")
 RECIPE_FILENAME = "mudsc_recipe.yaml"
 # Kinds of option values: how a value is type-checked (and converted to an argparse `type`).
 # `numbers`: a list of floats (CLI: `--weights 1 2 1`); `number_or_numbers`: one float or a list (one per parent);
+# `gradient`: one float or a list of any length (mergekit's layer gradient over the blocks: `--slerp-t 0 1`);
 # `model`: a reference to a model (a Hub id `org/name[@rev]` or folder string; from Python also a model object);
 # `number_or_auto`: a number or "auto" (the merge chooses it: `alpha="auto"`); `int_or_auto` likewise for a count.
 KINDS = ("int", "int_or_auto", "number", "number_or_auto", "str", "bool", "choice", "dtype", "device",
-         "numbers", "number_or_numbers", "model")
+         "numbers", "number_or_numbers", "gradient", "model")
 #: The value of a `number_or_auto` option that asks the merge to choose the number (`alpha="auto"`).
 AUTO = "auto"
 
@@ -375,9 +376,10 @@ def _check_gamma(name: str, value: float | list[float] | None, cli: str) -> None
             raise OptionError(f"gamma must lie in [0, 1) {cli} (the share of largest entries dropped), got {v}")
 
 
-def _check_slerp_t(name: str, value: float, cli: str) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise OptionError(f"slerp_t must lie in [0, 1] {cli} (0 = parent 0, 1 = parent 1), got {value}")
+def _check_slerp_t(name: str, value: float | list[float], cli: str) -> None:
+    for v in _each(value):
+        if not 0.0 <= v <= 1.0:
+            raise OptionError(f"slerp_t must lie in [0, 1] {cli} (0 = parent 0, 1 = parent 1), got {v}")
 
 
 def _check_consensus_k(name: str, value: int, cli: str) -> None:
@@ -649,10 +651,12 @@ class MergeOptions:
         help="della, della_linear: keep probabilities run from density - epsilon (smallest entries of a row) to "
         "density + epsilon (largest), epsilon in (0, 0.5), one number or one per parent (mergekit epsilon; default "
         "0.15)")
-    slerp_t: float = option(
-        0.5, kind="number", check=_check_slerp_t, metavar="T", recorded=True, per_method=True,
+    slerp_t: float | list[float] = option(
+        0.5, kind="gradient", check=_check_slerp_t, metavar="T", recorded=True, per_method=True,
         card=CardRow(11, "SLERP t", _card_numbers),
-        help="slerp: where between parent 0 (t=0) and parent 1 (t=1) each tensor is interpolated (mergekit t)")
+        help="slerp: where between parent 0 (t=0) and parent 1 (t=1) each tensor is interpolated (mergekit t); "
+        "several numbers are mergekit's layer gradient: encoder block b of L takes them interpolated at b/(L-1), "
+        "embeddings, final norms and head the first (e.g. --slerp-t 0 0.5 1)")
     consensus_k: int = option(
         2, kind="int", check=_check_consensus_k, metavar="K", recorded=True, per_method=True,
         card=CardRow(12, "Consensus k / λ", _card_numbers),
@@ -716,15 +720,17 @@ class MergeOptions:
         None, kind="bool", show_default=False, recorded=True, per_method=True,
         card=CardRow(3, "Normalize by the weights", lambda value, context: None if value is None
                      else "yes" if value else "no"),
-        help="divide by the sum of the weights (default: the method's, as mergekit: linear and ties do, "
-        "task_arithmetic and dare_* do not)")
+        help="divide by the sum of the weights — with sign election (ties, dare_ties, breadcrumbs_ties, della) each "
+        "entry by the weights' sum of the parents whose sign agrees (default: the method's, as mergekit: linear, ties "
+        "and della do; task_arithmetic, dare_*, breadcrumbs* and della_linear do not)")
     scaling: float = option(
         1.0, kind="number", check=_check_scaling, metavar="L", recorded=True, per_method=True,
         card=CardRow(3, "Scaling λ", _card_numbers),
         help="factor on the merged task vector (mergekit's `lambda`), in [-100, 100]")
     rescale: bool = option(
         True, kind="bool", recorded=True, per_method=True, card=CardRow(3, "Rescale kept entries", _card_numbers),
-        help="DARE/DELLA: rescale each tensor's kept entries so its L1 norm is kept (--no-rescale to skip)")
+        help="DARE/DELLA: rescale each tensor's kept entries so its L1 norm is kept (--no-rescale to skip); ties and "
+        "breadcrumbs* never rescale (mergekit's default for them; recipes record this option for every method)")
     # ---- end of the same-base options
 
 
@@ -883,6 +889,12 @@ class MergeOptions:
             if not isinstance(value, (list, tuple)) or not all(_is_number(v) for v in value):
                 raise OptionError(hint("a list of numbers"))
             return [as_float(v) for v in value]
+        if kind == "gradient":
+            if _is_number(value):
+                return as_float(value)
+            if not isinstance(value, (list, tuple)) or not value or not all(_is_number(v) for v in value):
+                raise OptionError(hint("a number or a list of numbers (mergekit's layer gradient)"))
+            return as_float(value[0]) if len(value) == 1 else [as_float(v) for v in value]
         if kind == "number_or_numbers":
             if _is_number(value):
                 return as_float(value)

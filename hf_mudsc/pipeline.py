@@ -256,7 +256,7 @@ def merge(
     rescale: bool = True,
     gamma: float | Sequence[float] | None = None,
     epsilon: float | Sequence[float] | None = None,
-    slerp_t: float = 0.5,
+    slerp_t: float | Sequence[float] = 0.5,
     consensus_k: int = 2,
     consensus_lambda: float = 0.6,
     pcb_ratio: float = 0.1,

@@ -51,7 +51,7 @@ def option_argument(option: Field, command: str = "merge") -> tuple[list[str], d
         kwargs["type"] = int_or_all if meta["nullable"] else int
     elif meta["kind"] == "number":
         kwargs["type"] = float
-    elif meta["kind"] in ("numbers", "number_or_numbers"):  # `--weights 1 2 1`, `--density 0.5` or one per parent
+    elif meta["kind"] in ("numbers", "number_or_numbers", "gradient"):  # `--weights 1 2 1`, `--density 0.5` ...
         kwargs["type"], kwargs["nargs"] = float, "+"
     elif meta["kind"] == "number_or_auto":
         kwargs["type"] = number_or_auto

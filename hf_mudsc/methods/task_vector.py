@@ -338,6 +338,10 @@ class TensorWiseMethod(MergeMethod):
                 (math.prod(shape_of(context.base, name)) for name in context.base.keys()), default=0))
         if "blocks" in keywords:
             _check_blocks(keywords["blocks"], context.parents[0], context.options.layer_swap)
+        if isinstance(keywords.get("t"), list):  # a layer gradient needs the whole model's blocks, not one tensor's
+            from hf_mudsc.solve.task_vectors import layer_gradient
+
+            keywords["t"] = layer_gradient(keywords["t"], list(context.parents[0].keys()))
         weights = self.option_value(context.options, "weights") if "weights" in dict(self.arguments) else None
         try:
             if self.streamed_function is not None:

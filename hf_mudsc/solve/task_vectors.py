@@ -39,7 +39,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 
 import torch
@@ -65,6 +65,7 @@ __all__ = [
     "localize_stitch",
     "layer_swap",
     "block_index",
+    "layer_gradient",
     "regmean_solve",
     "regmean",
     "fisher_average",
@@ -512,16 +513,45 @@ def _slerp_tensor(t: float, v0: torch.Tensor, v1: torch.Tensor,
     return (ca * a + cb * b).reshape(v0.shape).to(v0.dtype)
 
 
-def slerp(base, parents, weights=None, *, t: float | Mapping[str, float] | Callable[[str], float] = 0.5,
+def layer_gradient(values: Sequence[float], names: Iterable[str]) -> Callable[[str], float]:
+    """mergekit's layer gradient (``config.evaluate_setting`` at the planner's ``t``) as each tensor's value: a tensor
+    of encoder block ``b`` of a tower of ``L`` blocks (``block_tower``, among ``names``: the whole model's) sits at
+    ``x = b / (L - 1)`` (1 for a single block), every other tensor (embeddings, final norms, head: mergekit's pre and
+    post weights) at 0; the value is ``values`` interpolated piecewise-linearly at ``x`` over their positions."""
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("a layer gradient needs at least one value")
+    depth: dict[str, int] = {}
+    for name in names:
+        found = block_tower(name)
+        if found is not None:
+            depth[found[0]] = max(depth.get(found[0], 0), found[1] + 1)
+
+    def value(name: str) -> float:
+        found = block_tower(name)
+        x = 0.0 if found is None else (found[1] / (depth[found[0]] - 1) if depth[found[0]] > 1 else 1.0)
+        scaled = x * (len(values) - 1)
+        i0 = int(scaled)
+        i1 = min(len(values) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * values[i0] + frac * values[i1]
+
+    return value
+
+
+def slerp(base, parents, weights=None, *,
+          t: float | Sequence[float] | Mapping[str, float] | Callable[[str], float] = 0.5,
           dot_threshold: float = 0.9995, eps: float = 1e-8) -> StateDict:
     """SLERP between two parents (mergekit ``slerp``): ``parents[0]`` is the t=0 end (mergekit's
     ``base_model``), ``parents[1]`` the t=1 end; each tensor is one flattened vector; when
     |cos| > ``dot_threshold`` it falls back to lerp. ``t`` may be per tensor (mapping or
-    callable; mergekit's layer gradients resolve to such a per-tensor value). ``base`` and
+    callable), or a list: mergekit's layer gradient over ``parents[0]``'s blocks (``layer_gradient``). ``base`` and
     ``weights`` are unused."""
     if len(parents) != 2:
         raise ValueError(f"slerp merges exactly two parents, got {len(parents)}")
     p0, p1 = parents
+    if isinstance(t, Sequence):
+        t = layer_gradient(t, p0.keys())
     out: StateDict = {}
     for name, v0 in p0.items():
         if name not in p1:
