@@ -62,7 +62,7 @@ from hf_mudsc.errors import RecipeError, shown
 from hf_mudsc.load.references import clean_token
 from hf_mudsc.publish.folder import weights_fingerprint
 from hf_mudsc.publish.recipe import RecipeLoader, repeated_key, yaml_error_line
-from hf_mudsc.serve import HEADER_MAX_BYTES, host_name, is_loopback
+from hf_mudsc.serve import HEADER_MAX_BYTES, clean_api_key, host_name, is_loopback
 from hf_mudsc.serve.jobs import (
     JobRequest,
     accepted_keys,
@@ -276,7 +276,9 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
                local_roots: Sequence[str | Path] = ()) -> FastAPI:
     """The app; its scheduler starts (and recovers the store after a restart) when the server starts.
 
-    `local_roots`: the folders a job may name local paths in (`--local-root`); none: Hub references only."""
+    `local_roots`: the folders a job may name local paths in (`--local-root`); none: Hub references only.
+    `api_key`: as `clean_api_key` makes it (an empty one is no key; one no client can send: ValueError)."""
+    api_key = clean_api_key(api_key)
     state_dir = Path(state_dir).expanduser().absolute()
     roots = tuple(Path(root).expanduser().resolve() for root in local_roots)
     store = JobStore(state_dir)
