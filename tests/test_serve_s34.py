@@ -130,3 +130,28 @@ def test_an_api_key_no_client_can_send_is_refused_in_one_line_at_start(tmp_path,
     with pytest.raises(ValueError, match="API key") as refused:
         create_app(tmp_path / "lib", api_key=key)
     assert key not in str(refused.value)
+
+
+def test_checking_the_api_key_takes_the_same_steps_whatever_the_length_of_the_key_sent(tmp_path, monkeypatch):
+    """POST with X-API-Key: x, then with a 4 KB key: hmac.compare_digest saw inputs of the key's length (its timing)."""
+    import hmac
+
+    from fastapi.testclient import TestClient
+
+    from hf_mudsc.serve.app import create_app
+
+    compared: list[tuple[int, int]] = []
+    real = hmac.compare_digest
+
+    def recording(a, b):
+        compared.append((len(a), len(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", recording)
+    client = TestClient(create_app(tmp_path / "state", api_key="the-right-key-0123456789"),
+                        base_url="http://127.0.0.1")
+    for sent in ("x", "y" * 4096, "the-right-key-0123456789"):
+        client.post("/api/jobs", json=BODY, headers={"X-API-Key": sent})
+    assert len(compared) == 3
+    # compare_digest returns at once on inputs of different lengths: the answer's time told the key's length
+    assert len(set(compared)) == 1 and compared[0][0] == compared[0][1], compared

@@ -37,6 +37,7 @@ a one-line JSON 500 saying it too; uvicorn's own refusals before the app, `serve
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import html
 import json
@@ -339,11 +340,15 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         answer.headers.update(problem.headers or {})
         return answer
 
+    # The key is compared as SHA-256 digests: `hmac.compare_digest` returns at once on inputs of different lengths,
+    # so comparing the keys themselves told a client the key's length by the answer's time.
+    key_digest = hashlib.sha256(api_key.encode()).digest() if api_key is not None else b""
+
     def refused(request: Request) -> JSONResponse | None:
         if api_key is None:
             return None
-        given = request.headers.get("x-api-key", "")
-        if not hmac.compare_digest(given.encode(), api_key.encode()):
+        given = request.headers.get("x-api-key", "").encode("latin-1")  # the bytes sent (Starlette reads Latin-1)
+        if not hmac.compare_digest(hashlib.sha256(given).digest(), key_digest):
             return error(401, "this service needs its API key for POST and DELETE: send the header `X-API-Key`")
         return None
 
