@@ -155,3 +155,29 @@ def test_checking_the_api_key_takes_the_same_steps_whatever_the_length_of_the_ke
     assert len(compared) == 3
     # compare_digest returns at once on inputs of different lengths: the answer's time told the key's length
     assert len(set(compared)) == 1 and compared[0][0] == compared[0][1], compared
+
+
+# ---------------------------------------------------------------------------------------------- cancel
+
+
+def test_cancelling_a_finished_job_pruned_meanwhile_answers_409_not_500(tmp_path, monkeypatch):
+    """DELETE /api/jobs/{finished id} while a POST prunes that record (--max-jobs): one-line 409, not a 500."""
+    from fastapi.testclient import TestClient
+
+    from hf_mudsc.serve.app import create_app
+
+    app = create_app(tmp_path / "state")
+    store = app.state.store
+    job_id = store.add({"models": ["user/a", "user/b"]}, output=None, repo_id=None, dry_run=True, has_token=False)
+    store.update(job_id, status="succeeded")
+    reads = []
+    real_get = store.get
+
+    def pruned_after_first_read(wanted):  # a POST pruned the finished record right after the route read it
+        reads.append(wanted)
+        return real_get(wanted) if len(reads) == 1 else None
+
+    monkeypatch.setattr(store, "get", pruned_after_first_read)
+    answer = TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False).delete(f"/api/jobs/{job_id}")
+    assert answer.status_code == 409, answer.text
+    assert "nothing to cancel" in answer.json()["error"] and "succeeded" in answer.json()["error"]

@@ -476,8 +476,16 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         if job is None:
             return error(404, f"no job {job_id!r}; GET /api/jobs lists them")
         if job["status"] not in ACTIVE or not scheduler.cancel(job_id):
-            return error(409, f"job {job_id} has already finished ({store.get(job_id)['status']}); nothing to cancel")
-        return JSONResponse({"id": job_id, "status": store.get(job_id)["status"]}, status_code=202)
+            # read again (it finished meanwhile); a finished record a POST pruned since (--max-jobs) is as it was read
+            return error(409, f"job {job_id} has already finished ({status_now(job)}); nothing to cancel")
+        return JSONResponse({"id": job_id, "status": status_now(job)}, status_code=202)
+
+    def status_now(job: dict[str, Any]) -> str:
+        """The job's status as the store holds it now; its record pruned since: as it was read, if final then."""
+        current = store.get(job["id"])
+        if current is not None:
+            return current["status"]
+        return job["status"] if job["status"] not in ACTIVE else "finished"
 
     @app.get("/api/jobs/{job_id}/log")
     def job_log(job_id: str, since: int = 0) -> JSONResponse:
