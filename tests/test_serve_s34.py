@@ -181,3 +181,18 @@ def test_cancelling_a_finished_job_pruned_meanwhile_answers_409_not_500(tmp_path
     answer = TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False).delete(f"/api/jobs/{job_id}")
     assert answer.status_code == 409, answer.text
     assert "nothing to cancel" in answer.json()["error"] and "succeeded" in answer.json()["error"]
+
+
+# ---------------------------------------------------------------------------------------------- inspect
+
+
+def test_inspect_of_a_recipe_refuses_output_instead_of_ignoring_it(tmp_path, capsys):
+    """hf-mudsc inspect mudsc_recipe.yaml --output plots: exit 0 with no plot and no word; now one line, exit 2."""
+    recipe = tmp_path / "mudsc_recipe.yaml"
+    recipe.write_text("models: [org/a, org/b]\nmethod: average\n", encoding="utf-8")
+    code = main(["inspect", str(recipe), "--output", str(tmp_path / "plots")])
+    captured = capsys.readouterr()
+    assert code == 2, captured.out + captured.err
+    assert len(captured.err.strip().splitlines()) == 1 and "--output" in captured.err
+    assert not (tmp_path / "plots").exists()
+    assert main(["inspect", str(recipe)]) == 0  # the recipe itself is still summarised
