@@ -196,3 +196,41 @@ def test_inspect_of_a_recipe_refuses_output_instead_of_ignoring_it(tmp_path, cap
     assert len(captured.err.strip().splitlines()) == 1 and "--output" in captured.err
     assert not (tmp_path / "plots").exists()
     assert main(["inspect", str(recipe)]) == 0  # the recipe itself is still summarised
+
+
+# ---------------------------------------------------------------------------------------------- the page's body
+
+
+def test_json_indented_with_tabs_sent_as_yaml_is_read_as_json(tmp_path):
+    """The page sends its textarea ("YAML or JSON") as YAML: a JSON recipe indented with tabs was a 400 (YAML's tab)."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from hf_mudsc.serve.app import create_app
+
+    client = TestClient(create_app(tmp_path / "state"), base_url="http://127.0.0.1")
+    body = json.dumps(BODY, indent="\t")
+    answer = client.post("/api/jobs", content=body.encode(), headers={"Content-Type": "application/yaml"})
+    assert answer.status_code == 201, answer.text
+    job = client.get(f"/api/jobs/{answer.json()['id']}").json()
+    assert job["recipe"]["models"] == BODY["models"] and job["dry_run"] is True
+    # a key given twice is refused as in any JSON or YAML body, and YAML's own flow mapping still reads as YAML
+    twice = body.replace('"method": "average"', '"method": "average",\n\t"method": "linear"')
+    refused = client.post("/api/jobs", content=twice.encode(), headers={"Content-Type": "application/yaml"})
+    assert refused.status_code == 400 and "twice" in refused.json()["error"]
+    flow = b"{models: [user/a, user/b], method: average, dry_run: true}"
+    assert client.post("/api/jobs", content=flow, headers={"Content-Type": "application/yaml"}).status_code == 201
+
+
+@pytest.mark.parametrize("body", ['{"models": ["user/a", "user/b"], "seed": 1' + "0" * 5000 + "}",
+                                  "{" * 100000 + "}" * 100000])
+def test_a_json_body_sent_as_yaml_that_json_cannot_read_answers_400(tmp_path, body):
+    """POST a {-body as YAML with a 5000-digit integer or nested 100000 deep: one-line 400, not a 500."""
+    from fastapi.testclient import TestClient
+
+    from hf_mudsc.serve.app import MAX_YAML_BODY, create_app
+
+    client = TestClient(create_app(tmp_path / "state"), base_url="http://127.0.0.1", raise_server_exceptions=False)
+    answer = client.post("/api/jobs", content=body.encode()[:MAX_YAML_BODY], headers={"Content-Type": "text/yaml"})
+    assert answer.status_code == 400, answer.text

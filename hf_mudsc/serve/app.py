@@ -37,6 +37,7 @@ a one-line JSON 500 saying it too; uvicorn's own refusals before the app, `serve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import html
@@ -572,6 +573,9 @@ def _parse_body(raw: bytes, content_type: str) -> Any:
         raise RecipeError("the body is empty; send the recipe keys (at least `models`) as JSON or YAML")
     kind = "YAML" if _media_type(content_type) in YAML_TYPES else "JSON"
     try:
+        if kind == "YAML" and text.lstrip().startswith("{"):  # the page sends its "YAML or JSON" textarea as YAML
+            with contextlib.suppress(json.JSONDecodeError):  # JSON indented with tabs is no YAML (a tab starts no
+                return json.loads(text, object_pairs_hook=_json_mapping)  # token); a YAML flow mapping: below
         return yaml.load(text, Loader=JobLoader) if kind == "YAML" else json.loads(
             text, object_pairs_hook=_json_mapping)
     except RecipeError:
