@@ -52,7 +52,7 @@ from hf_mudsc.evaluate.names import (
     check_prompt_templates,
 )
 from hf_mudsc.load.hub_calls import hub_error_line
-from hf_mudsc.load.references import hide_tokens
+from hf_mudsc.load.references import hide_tokens, looks_like_path, parse_reference
 from hf_mudsc.options import MergeOptions
 from hf_mudsc.publish.folder import check_not_replaced, weights_fingerprint, write_file_atomically
 from hf_mudsc.publish.hub import CARD_FILENAME
@@ -210,6 +210,36 @@ def recipe_parents(path: Path, model: str, *, from_hub: bool = False) -> list[st
     if from_hub:
         check_hub_recipe_parents(list(recipe.models), model)
     return list(recipe.models)
+
+
+def missing_parents(references: Sequence[str], allow_pickle: bool) -> list[tuple[bool, str]]:
+    """The parents that name a folder of this machine the loader would not find (`(True, phrase)`), or would refuse
+    (`(False, phrase)`: pickle-only weights without --allow-pickle), each said as "parent A `./gone`: no
+    folder ...": before the merged model loads — a merged model of gigabytes is read (or downloaded) in minutes, and the
+    loader stops at the first."""
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.weight_files import weights_format
+
+    problems = []
+    for index, reference in enumerate(references):
+        try:
+            name, revision = parse_reference(reference)
+        except LoadError:  # not a reference at all: the loader says why
+            continue
+        if revision is not None or not looks_like_path(name):  # a Hub id, as the loader reads it
+            continue
+        folder = Path(name).expanduser()
+        shown_as = f"parent {parent_label(index)} `{' '.join(reference.split())}`"
+        if not folder.is_dir():
+            problems.append((True, f"{shown_as}: no folder {str(folder.absolute())!r}"))
+            continue
+        try:
+            weights_format(reference, [p.name for p in folder.iterdir() if p.is_file()], allow_pickle)
+        except LoadError as error:
+            problems.append((False, f"{shown_as}: {error}"))
+        except OSError:  # unreadable: the loader says why
+            continue
+    return problems
 
 
 def check_hub_recipe_parents(parents: list[str], model: str) -> None:
@@ -541,6 +571,10 @@ def check_arguments(args: argparse.Namespace) -> dict[str, list[str]] | None:
         raise UsageError(
             f"{args.model!r} is not a model folder; pass the folder a merge wrote or a Hub id org/name[@revision]"
         )
+    absent = [said for gone, said in missing_parents(args.parents or [], allow_pickle=True) if gone]
+    if absent:  # an invalid command line, as a --dataset that is not there
+        raise UsageError(f"--parents: {'; '.join(absent)}; pass parent folders that exist from this working "
+                         "directory or Hub ids org/name[@revision], or --no-parents")
     if args.output_json:
         check_output_json(Path(args.output_json), Path(args.model).expanduser(), no_card=args.no_card,
                           inputs=local_inputs(args))
@@ -658,6 +692,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"hf-mudsc evaluate: error: {hide_tokens(str(error))}", file=sys.stderr)
             return 1
         parent_refs = _parents(args, folder)
+        refused = [said for _, said in missing_parents(parent_refs or [], allow_pickle)]
+        if refused:  # --parents' absent folders were refused with the command line; what is left: their weights
+            raise ValueError(
+                f"cannot load the parents {parent_refs}: {'; '.join(refused)}; pass --parents A B or --no-parents"
+                if args.parents else f"the merge recipe of {args.model!r} names parents this machine cannot load: "
+                f"{'; '.join(refused)}; pass --parents with every parent's path or Hub id in merge order (A B ...), "
+                "or --no-parents")
         if args.output_json and parent_refs:  # the recipe's parent folders are inputs as --parents' are
             check_output_json(Path(args.output_json), folder, no_card=args.no_card,
                               inputs=[("parent folder", Path(ref).expanduser()) for ref in parent_refs

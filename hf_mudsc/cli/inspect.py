@@ -52,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
         except (AttributeError, TypeError, KeyError, IndexError) as error:  # config.json's `mudsc` of another shape
             raise ValueError(malformed(target, "config.json", f"{type(error).__name__}: {error}")) from None
     if target.is_file() and target.suffix in (".yaml", ".yml"):
+        if args.output is not None:  # a recipe has no plots: ignored, the run ended 0 with none and no word
+            raise UsageError(f"--output is where the plots of a merged-model folder go, and the recipe "
+                             f"{args.target!r} has none; drop --output, or inspect the folder the merge wrote")
         return inspect_recipe(target)
     if not target.exists() and HUB_ID.fullmatch(args.target):  # inspect reads a folder, never the Hub
         raise FileNotFoundError(

@@ -17,7 +17,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from hf_mudsc.serve import HEADER_MAX_BYTES, is_loopback
+from hf_mudsc.serve import HEADER_MAX_BYTES, clean_api_key, is_loopback
 from hf_mudsc.serve.store import MAX_JOBS, MAX_QUEUED, lock_state_dir
 
 API_KEY_ENV = "HF_MUDSC_API_KEY"
@@ -119,7 +119,7 @@ def check_exposure(host: str, api_key: str | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    api_key = getattr(args, "api_key", None) or os.environ.get(API_KEY_ENV) or None
+    api_key = clean_api_key(getattr(args, "api_key", None) or os.environ.get(API_KEY_ENV))
     if getattr(args, "api_key", None):
         logger.warning("--api-key on the command line is visible to every user of this machine (ps, "
                        "/proc/<pid>/cmdline): set the environment variable %s instead", API_KEY_ENV)

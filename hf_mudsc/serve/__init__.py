@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 
 from hf_mudsc.load.references import TOKEN_SHAPE
 
@@ -25,6 +26,28 @@ HEADER_MAX_BYTES = 16 << 10
 # The server's loggers that write what a client sent (request lines, bad requests): `TokenRedaction` guards them.
 CLIENT_TEXT_LOGGERS = ("uvicorn.access", "uvicorn.error")
 REDACTED = "hf_***"
+
+
+# What an API key may hold: printable ASCII. A header value never begins or ends with whitespace (h11 strips it), a
+# line break or control character cannot be sent at all, and a non-ASCII key is sent as UTF-8 by curl but as
+# Latin-1 by a browser (the page's fetch), and read back as Latin-1 by the server: no client could match it.
+API_KEY_CHARACTERS = re.compile(r"[ -~]+")
+
+
+def clean_api_key(key: str | None) -> str | None:
+    """The service's API key as clients can send it in `X-API-Key`: surrounding whitespace removed (a secret read
+    from a file keeps its line break), None for an empty one (no key: the service stays on loopback, its Host guard
+    on). A key no client can send is refused in one line that never shows it (ValueError): otherwise every POST and
+    DELETE is refused (401) with the right key, or an empty key lets every request in."""
+    if key is None or not key.strip():
+        return None
+    stripped = key.strip()
+    if not API_KEY_CHARACTERS.fullmatch(stripped):
+        raise ValueError("the API key holds a line break, a control character or a character outside ASCII (not "
+                         "shown), which no client can send as it is in the `X-API-Key` header: choose a key of "
+                         "printable ASCII characters, e.g. `python -c \"import secrets; "
+                         "print(secrets.token_urlsafe(32))\"`")
+    return stripped
 
 
 class TokenRedaction(logging.Filter):

@@ -37,6 +37,8 @@ a one-line JSON 500 saying it too; uvicorn's own refusals before the app, `serve
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import hmac
 import html
 import json
@@ -62,7 +64,7 @@ from hf_mudsc.errors import RecipeError, shown
 from hf_mudsc.load.references import clean_token
 from hf_mudsc.publish.folder import weights_fingerprint
 from hf_mudsc.publish.recipe import RecipeLoader, repeated_key, yaml_error_line
-from hf_mudsc.serve import HEADER_MAX_BYTES, host_name, is_loopback
+from hf_mudsc.serve import HEADER_MAX_BYTES, clean_api_key, host_name, is_loopback
 from hf_mudsc.serve.jobs import (
     JobRequest,
     accepted_keys,
@@ -276,7 +278,9 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
                local_roots: Sequence[str | Path] = ()) -> FastAPI:
     """The app; its scheduler starts (and recovers the store after a restart) when the server starts.
 
-    `local_roots`: the folders a job may name local paths in (`--local-root`); none: Hub references only."""
+    `local_roots`: the folders a job may name local paths in (`--local-root`); none: Hub references only.
+    `api_key`: as `clean_api_key` makes it (an empty one is no key; one no client can send: ValueError)."""
+    api_key = clean_api_key(api_key)
     state_dir = Path(state_dir).expanduser().absolute()
     roots = tuple(Path(root).expanduser().resolve() for root in local_roots)
     store = JobStore(state_dir)
@@ -337,11 +341,15 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         answer.headers.update(problem.headers or {})
         return answer
 
+    # The key is compared as SHA-256 digests: `hmac.compare_digest` returns at once on inputs of different lengths,
+    # so comparing the keys themselves told a client the key's length by the answer's time.
+    key_digest = hashlib.sha256(api_key.encode()).digest() if api_key is not None else b""
+
     def refused(request: Request) -> JSONResponse | None:
         if api_key is None:
             return None
-        given = request.headers.get("x-api-key", "")
-        if not hmac.compare_digest(given.encode(), api_key.encode()):
+        given = request.headers.get("x-api-key", "").encode("latin-1")  # the bytes sent (Starlette reads Latin-1)
+        if not hmac.compare_digest(hashlib.sha256(given).digest(), key_digest):
             return error(401, "this service needs its API key for POST and DELETE: send the header `X-API-Key`")
         return None
 
@@ -469,8 +477,16 @@ def create_app(state_dir: str | Path, *, workers: int = 1, api_key: str | None =
         if job is None:
             return error(404, f"no job {job_id!r}; GET /api/jobs lists them")
         if job["status"] not in ACTIVE or not scheduler.cancel(job_id):
-            return error(409, f"job {job_id} has already finished ({store.get(job_id)['status']}); nothing to cancel")
-        return JSONResponse({"id": job_id, "status": store.get(job_id)["status"]}, status_code=202)
+            # read again (it finished meanwhile); a finished record a POST pruned since (--max-jobs) is as it was read
+            return error(409, f"job {job_id} has already finished ({status_now(job)}); nothing to cancel")
+        return JSONResponse({"id": job_id, "status": status_now(job)}, status_code=202)
+
+    def status_now(job: dict[str, Any]) -> str:
+        """The job's status as the store holds it now; its record pruned since: as it was read, if final then."""
+        current = store.get(job["id"])
+        if current is not None:
+            return current["status"]
+        return job["status"] if job["status"] not in ACTIVE else "finished"
 
     @app.get("/api/jobs/{job_id}/log")
     def job_log(job_id: str, since: int = 0) -> JSONResponse:
@@ -557,6 +573,9 @@ def _parse_body(raw: bytes, content_type: str) -> Any:
         raise RecipeError("the body is empty; send the recipe keys (at least `models`) as JSON or YAML")
     kind = "YAML" if _media_type(content_type) in YAML_TYPES else "JSON"
     try:
+        if kind == "YAML" and text.lstrip().startswith("{"):  # the page sends its "YAML or JSON" textarea as YAML
+            with contextlib.suppress(json.JSONDecodeError):  # JSON indented with tabs is no YAML (a tab starts no
+                return json.loads(text, object_pairs_hook=_json_mapping)  # token); a YAML flow mapping: below
         return yaml.load(text, Loader=JobLoader) if kind == "YAML" else json.loads(
             text, object_pairs_hook=_json_mapping)
     except RecipeError:
