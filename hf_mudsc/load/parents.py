@@ -147,6 +147,8 @@ class _Located:
     loaded: LoadedParent | None = None
     stored_dtype: str | None = None
     """A pickle checkpoint's stored dtype, read when its weights are checked (`_prepare`)."""
+    headers_read: bool = False
+    """Its Hub shards' headers were checked over HTTP before their download (`check_hub_shard_headers`)."""
     prepared: bool = False
     """Its weights are fetched and their headers checked (`_prepare`): only loading is left."""
     card_bytes: int | None = None
@@ -578,13 +580,20 @@ def check_weight_files(reference: str, folder: Path, weight_files: Sequence[str]
         except (SafetensorError, OSError, ValueError) as error:
             raise LoadError(corrupt_file_line(reference, name, first_line(error))) from error
         refuse_stored_twice(reference, stored_in, keys, name)
-    if SAFETENSORS_INDEX in weight_files:  # read by _shard_names above: a JSON object with a weight_map of strings
-        weight_map = json.loads((folder / SAFETENSORS_INDEX).read_text())["weight_map"]
-        lost = next((key for key in weight_map if key not in stored_in), None)
-        if lost is not None:  # from_pretrained would find it missing only once every parent was checked
-            raise LoadError(f"{reference!r}: {SAFETENSORS_INDEX} puts tensor {shown(lost)} in {weight_map[lost]}, but "
-                            "no shard holds it (a shard is truncated or from another save); re-download the model or "
-                            "re-save it with save_pretrained")
+    if SAFETENSORS_INDEX in weight_files:
+        refuse_lost_tensor(reference, folder, stored_in)
+
+
+def refuse_lost_tensor(reference: str, folder: Path, stored_in: Mapping[str, str]) -> None:
+    """Refuse a shard index placing a tensor that no shard holds (`stored_in`: key -> the shard whose header holds
+    it), which from_pretrained would find missing only once every parent was checked. The index was read by
+    `_shard_names` before: a JSON object with a weight_map of strings."""
+    weight_map = json.loads((folder / SAFETENSORS_INDEX).read_text())["weight_map"]
+    lost = next((key for key in weight_map if key not in stored_in), None)
+    if lost is not None:
+        raise LoadError(f"{reference!r}: {SAFETENSORS_INDEX} puts tensor {shown(lost)} in {weight_map[lost]}, but "
+                        "no shard holds it (a shard is truncated or from another save); re-download the model or "
+                        "re-save it with save_pretrained")
 
 
 def corrupt_file_line(reference: str, name: str, reason: str) -> str:
@@ -664,6 +673,7 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
         sha = folder.name  # a snapshot folder is named by its commit sha
         card_bytes = None  # a cached card is measured when it is read
         logger.info("offline: using the cached snapshot %s of %s", sha, repo_id)
+        config = load_config(folder, reference, for_merge=for_merge)
     else:
         info = hub_request(
             reference, lambda: HfApi().model_info(repo_id, revision=revision, token=token, files_metadata=True,
@@ -681,10 +691,16 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
         refuse_large_side_files(reference, {name: sizes.get(name, 0) for name in small},
                                 "a model repository's side files are small — remove it from the repository or "
                                 "choose another revision")
-        folder = download_files(reference, repo_id, sha, small, token=token, cache_dir=cache_dir)
+        # config.json alone first: a config refused (not JSON, absurd counts, a model_type no adapter merges) is
+        # refused before the tokenizer and processor files, which may be tens of MB, are fetched
+        folder = download_files(reference, repo_id, sha, ["config.json"], token=token, cache_dir=cache_dir)
         refuse_links_out(reference, folder)  # a cached snapshot is handed back unchecked: links only into its blobs
+        config = load_config(folder, reference, for_merge=for_merge)
+        rest = [name for name in small if name != "config.json"]
+        if rest:
+            download_files(reference, repo_id, sha, rest, token=token, cache_dir=cache_dir)
+            refuse_links_out(reference, folder)
         remember_revision(folder, revision, sha)
-    config = load_config(folder, reference, for_merge=for_merge)
     return _Located(reference=reference, config=config, folder=folder, repo_id=repo_id, revision=revision,
                     commit_sha=sha, weight_files=weight_files, use_pickle=use_pickle, card_bytes=card_bytes)
 
@@ -941,6 +957,51 @@ def _fetch_weights(located: _Located, *, token: str | bool | None, cache_dir: st
     download_files(located.reference, located.repo_id, located.commit_sha, names, token=token, cache_dir=cache_dir)
 
 
+def check_hub_shard_headers(located: _Located, *, token: str | bool | None) -> None:
+    """Refuse a sharded Hub checkpoint from its shards' headers, read over HTTP (a ranged GET of each file's first
+    bytes), before any shard is downloaded: a tensor stored in two shards, a tensor the index places in a shard that
+    lacks it, a corrupt header, a config its weights do not fit — what `_prepare` finds once the shards are local,
+    which for a checkpoint of many GB was only after downloading them (and every parent before it). A single
+    model.safetensors cannot store a tensor twice: its header is read once it is downloaded, as before. Shards
+    already in the snapshot are read there, by `_prepare`, with no request."""
+    from huggingface_hub import HfApi, constants, errors
+
+    from hf_mudsc.load.lazy import dtype_name
+
+    if (located.repo_id is None or constants.HF_HUB_OFFLINE or located.use_pickle or located.prepared
+            or located.headers_read or located.loaded is not None or located.model is not None
+            or located.folder is None or SAFETENSORS_INDEX not in located.weight_files):
+        return
+    names = _shard_names(located.reference, located.folder, SAFETENSORS_INDEX)
+    if all((located.folder / name).is_file() for name in names):
+        return
+    reference = located.reference
+    stored_in: dict[str, str] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str] = {}
+    for name in names:
+        if not name.endswith(".safetensors"):  # refused in the loader's words by check_weight_files
+            return
+        try:
+            header = hub_request(reference, lambda name=name: HfApi().parse_safetensors_file_metadata(
+                located.repo_id, name, revision=located.commit_sha, token=token,
+                timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT), what=f"reading the header of {name}")
+        except LoadError as error:
+            if isinstance(error.__cause__, errors.EntryNotFoundError):
+                raise LoadError(f"{reference!r}: weight file {name} is missing; re-download the model or re-save it "
+                                "with save_pretrained") from error.__cause__
+            raise
+        except errors.SafetensorsParsingError as error:
+            reason = str(error).split("): ", 1)[-1].split(". ")[0]
+            raise LoadError(corrupt_file_line(reference, name, reason)) from error
+        refuse_stored_twice(reference, stored_in, header.tensors, name)
+        for key, tensor in header.tensors.items():
+            shapes[key], dtypes[key] = tuple(tensor.shape), dtype_name(tensor.dtype)
+    refuse_lost_tensor(reference, located.folder, stored_in)
+    check_config_fits_weights(located, (shapes, dtypes))
+    located.headers_read = True
+
+
 def _prepare(located: _Located, *, token: str | bool | None, cache_dir: str | os.PathLike | None) -> None:
     """Fetch a parent's weight files and check what their headers tell (intact files, a config that fits them,
     floating-point weights) without loading them: the loaders run this for every parent and the base before
@@ -952,6 +1013,7 @@ def _prepare(located: _Located, *, token: str | bool | None, cache_dir: str | os
                                                    for name, tensor in located.model.named_parameters()},
                                located.model)
     else:
+        check_hub_shard_headers(located, token=token)  # load_parent: no pass over every parent's headers before
         _fetch_weights(located, token=token, cache_dir=cache_dir)
         check_weight_files(located.reference, located.folder, located.weight_files)
         if located.use_pickle:
@@ -1037,23 +1099,29 @@ def weight_dtypes(model: Any, stored: Mapping[str, Any]) -> list[Any]:
     return [stored[key] for key in names.values()]
 
 
-def check_config_fits_weights(located: _Located) -> None:
+def check_config_fits_weights(located: _Located,
+                              headers: tuple[Mapping[str, tuple[int, ...]], Mapping[str, str]] | None = None) -> None:
     """Refuse a config.json whose model is far larger than its safetensors checkpoint, from the headers and a model
     on the meta device, before `from_pretrained` allocates it (a hidden_size of 10**9 over a 65 kB file asked for
-    68 GB). Smaller disagreements are left to `_load_weights`, which names the tensors that do not fit."""
+    68 GB). Smaller disagreements are left to `_load_weights`, which names the tensors that do not fit. `headers`:
+    `(shapes, dtypes by torch's name)` by key when read elsewhere (a Hub checkpoint's, before its download), else
+    read from the files in the folder."""
     from hf_mudsc.load.lazy import LazyParameters, safetensors_files
 
-    files = safetensors_files(located.folder)
-    if not files:
-        return
+    if headers is None:
+        files = safetensors_files(located.folder)
+        if not files:
+            return
+        stored = LazyParameters(files)
+        headers = ({key: stored.shape(key) for key in stored}, {key: stored.stored_dtype(key) for key in stored})
+    shapes, dtypes = headers
     model = meta_model(located.config, reference=located.reference)
     needed = sum(tensor.numel() for tensor in model.parameters())
-    stored = LazyParameters(files)
-    held = sum(math.prod(stored.shape(key)) for key in stored)
+    held = sum(math.prod(shape) for shape in shapes.values())
     if needed > 2 * held + 2**26:  # tied tensors are saved once; 2**26 float32 values are 256 MB
         raise LoadError(f"{located.reference!r}: config.json describes a model of {needed:,} parameters, but "
                         f"{located.weight_files[0]} holds {held:,} values; {CONFIG_FIX}")
-    check_floating_weights(located.reference, {key: stored.stored_dtype(key) for key in stored}, model)
+    check_floating_weights(located.reference, dtypes, model)
 
 
 WEIGHT_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -1326,6 +1394,8 @@ def load_parents(refs: Sequence[Any], *, token: str | bool | None = None, allow_
     check_objects_complete(located)
     warning = check_vocabularies(located)
     for parent in located:
+        check_hub_shard_headers(parent, token=token)
+    for parent in located:
         _prepare(parent, token=token, cache_dir=cache_dir)
     if not names_known:
         check_parameter_names(located)
@@ -1395,6 +1465,8 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
         check_config(located[0].model if located[0].model is not None else located[0].config,
                      [unloaded(p) for p in located], None if located_base is None else unloaded(located_base))
     warning = check_vocabularies(located + ([located_base] if located_base is not None else []))
+    for parent in located + ([located_base] if located_base is not None else []):
+        check_hub_shard_headers(parent, token=token)  # before the calibration data is opened, too: a few requests
     if before_weights is not None:
         before_weights([p.loaded.processor if p.loaded is not None else p.processor for p in located])
     for parent in located + ([located_base] if located_base is not None else []):

@@ -1,0 +1,66 @@
+"""Session 34's load-stage hunt: hostile or careless parents refused in one line before heavy work (downloads,
+weights loaded), nothing modified, no code run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file, save_file
+from test_scale_s30 import sharded_vit, shards
+
+import hf_mudsc
+from hf_mudsc.errors import LoadError
+
+
+def weight_downloads(hub) -> list[str]:
+    """The weight files the client downloaded (GETs without a Range header: a header read asks for a range)."""
+    return [r.path for r in hub.requests if r.method == "GET" and r.path.endswith((".safetensors", ".bin"))
+            and "range" not in r.headers]
+
+
+def doubled(folder, key: str = "classifier.bias") -> tuple[str, str]:
+    """Store `key` of a sharded checkpoint in a second shard as well: (first, second) shard holding it."""
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    holder = index["weight_map"][key]
+    other = next(name for name in shards(folder) if name != holder)
+    tensors = load_file(folder / other)
+    tensors[key] = load_file(folder / holder)[key]
+    save_file(tensors, folder / other, metadata={"format": "pt"})
+    first, second = sorted((holder, other))
+    return first, second
+
+
+def test_a_hub_tensor_stored_in_two_shards_is_refused_before_any_weights_are_downloaded(local_hub, tmp_path):
+    """merge(['user/p1', 'user/dup']) with user/dup's classifier.bias in two shards downloaded every weight first."""
+    from test_loading import make_model
+
+    make_model("vit_cls", seed=1).save_pretrained(tmp_path / "p1")
+    local_hub.upload_folder("user/p1", tmp_path / "p1")
+    folder = sharded_vit(tmp_path / "dup", seed=2)
+    first, second = doubled(folder)
+    local_hub.upload_folder("user/dup", folder)
+    local_hub.requests.clear()
+    with pytest.raises(LoadError) as refused:
+        hf_mudsc.merge(["user/p1", "user/dup"], method="linear", progress=False)
+    assert str(refused.value).startswith(f"'user/dup': tensor 'classifier.bias' is stored twice, in {first} and "
+                                         f"{second}"), refused.value
+    assert weight_downloads(local_hub) == []
+
+
+def test_a_hub_model_type_no_adapter_merges_is_refused_with_only_its_config_downloaded(local_hub, tmp_path):
+    """merge(['user/gpt', 'user/gpt']) of a gpt2 repo fetched its tokenizer files before reading config.json."""
+    from hf_mudsc.errors import UnsupportedArchitectureError
+
+    folder = tmp_path / "gpt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    (folder / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
+    (folder / "vocab.json").write_text(json.dumps({"a": 0}))
+    save_file({"wte.weight": __import__("torch").zeros(2, 2)}, folder / "model.safetensors")
+    local_hub.upload_folder("user/gpt", folder)
+    local_hub.requests.clear()
+    with pytest.raises(UnsupportedArchitectureError, match="GPT2LMHeadModel"):
+        hf_mudsc.merge(["user/gpt", "user/gpt"], method="linear", progress=False)
+    fetched = {r.path.rsplit("/", 1)[-1] for r in local_hub.requests_for("resolve")}
+    assert fetched == {"config.json"}, fetched
