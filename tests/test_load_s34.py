@@ -64,3 +64,17 @@ def test_a_hub_model_type_no_adapter_merges_is_refused_with_only_its_config_down
         hf_mudsc.merge(["user/gpt", "user/gpt"], method="linear", progress=False)
     fetched = {r.path.rsplit("/", 1)[-1] for r in local_hub.requests_for("resolve")}
     assert fetched == {"config.json"}, fetched
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_hidden_size_whose_tensors_overflow_torch_is_refused_in_one_line(tmp_path, dry_run):
+    """merge([folder with hidden_size 10**12, good]) ended in torch's 'Storage size calculation overflowed' traceback."""
+    from factories import make_model, vit_folder
+
+    bad = vit_folder(tmp_path / "bad", edit=lambda config: config.update(hidden_size=10**12))
+    make_model("vit_cls", seed=1).save_pretrained(tmp_path / "good")
+    with pytest.raises(LoadError) as refused:
+        hf_mudsc.merge([str(bad), str(tmp_path / "good")], method="linear", progress=False, dry_run=dry_run)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"{str(bad)!r}: config.json describes no "
+                                                      "ViTForImageClassification transformers can build"), message
