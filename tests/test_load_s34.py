@@ -68,7 +68,7 @@ def test_a_hub_model_type_no_adapter_merges_is_refused_with_only_its_config_down
 
 @pytest.mark.parametrize("dry_run", [True, False])
 def test_a_hidden_size_whose_tensors_overflow_torch_is_refused_in_one_line(tmp_path, dry_run):
-    """merge([folder with hidden_size 10**12, good]) ended in torch's 'Storage size calculation overflowed' traceback."""
+    """merge([folder with hidden_size 10**12, good]): torch's 'Storage size calculation overflowed' traceback."""
     from factories import make_model, vit_folder
 
     bad = vit_folder(tmp_path / "bad", edit=lambda config: config.update(hidden_size=10**12))
@@ -78,3 +78,27 @@ def test_a_hidden_size_whose_tensors_overflow_torch_is_refused_in_one_line(tmp_p
     message = str(refused.value)
     assert "\n" not in message and message.startswith(f"{str(bad)!r}: config.json describes no "
                                                       "ViTForImageClassification transformers can build"), message
+
+
+def test_a_last_parent_whose_config_does_not_fit_its_weights_is_refused_before_any_parent_is_loaded(tmp_path,
+                                                                                                   monkeypatch):
+    """merge([good, good, folder whose classifier.weight is stored transposed]) loaded both good parents first."""
+    import transformers
+    from factories import make_model
+
+    folders = []
+    for seed in (1, 2, 3):
+        make_model("vit_cls", seed=seed).save_pretrained(tmp_path / f"p{seed}")
+        folders.append(str(tmp_path / f"p{seed}"))
+    tensors = load_file(tmp_path / "p3" / "model.safetensors")
+    tensors["classifier.weight"] = tensors["classifier.weight"].t().contiguous()
+    save_file(tensors, tmp_path / "p3" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LoadError) as planned:
+        hf_mudsc.merge(folders, method="linear", progress=False, dry_run=True)
+    monkeypatch.setattr(transformers.ViTForImageClassification, "from_pretrained",
+                        lambda *a, **k: pytest.fail("weights loaded before refusing"))
+    with pytest.raises(LoadError) as merged:
+        hf_mudsc.merge(folders, method="linear", progress=False)
+    assert str(merged.value) == str(planned.value)
+    assert str(merged.value).startswith(f"{folders[2]!r}: config.json does not describe the weights in "
+                                        "model.safetensors"), merged.value

@@ -253,8 +253,8 @@ def meta_model(config: PretrainedConfig, cls: type[PreTrainedModel] | None = Non
                reference: str | None = None, options: Mapping[str, Any] | None = None) -> PreTrainedModel:
     """`config`'s model (or `cls`'s) with every tensor on the meta device: shapes, no memory (`options`: constructor
     arguments beside the config, `constructor_options`). A config no model can be built from (zero attention heads, a
-    patch of 0 pixels: transformers' constructors divide by them; a size whose tensors have more bytes than torch counts,
-    a RuntimeError) is refused in one line naming `reference` (default: the config's `_name_or_path`)."""
+    patch of 0 pixels: transformers' constructors divide by them; a size whose tensors have more bytes than torch
+    counts, a RuntimeError) is refused in one line naming `reference` (default: the config's `_name_or_path`)."""
     cls = cls or model_class_for(config, reference)
     try:
         with torch.device("meta"):
@@ -1320,6 +1320,49 @@ def _load_weights(located: _Located) -> tuple[PreTrainedModel, list[str]]:
     return model, []
 
 
+def weights_refusal(reference: str, model: Any, shapes: Mapping[str, Sequence[int]], file: str) -> str | None:
+    """The loader's refusal of a checkpoint whose config.json does not describe its weights — tensors the config
+    needs that the headers lack, or other shapes (`model`: built on the meta device from that config; `shapes`: the
+    headers' shapes by stored key) — or None: the dry run reads the headers, so it refuses what the merge would, in
+    the same words (`_load_weights`). Public: the dry run reads the headers alike."""
+    from hf_mudsc.load.lazy import stored_keys
+
+    named = stored_keys(model, shapes)
+    if named is None:
+        return None
+    ignored = [re.compile(pattern) for pattern in getattr(model, "_keys_to_ignore_on_load_missing", None) or ()]
+    missing = sorted(name for name, _ in model.named_parameters()
+                     if name not in named and not any(pattern.search(name) for pattern in ignored))
+    mismatched = sorted((name, tuple(shapes[named[name]]), tuple(p.shape)) for name, p in model.named_parameters()
+                        if name in named and tuple(shapes[named[name]]) != tuple(p.shape))
+    if missing and saved_without_pooler(type(model), missing, (), mismatched):
+        missing = []  # a bare encoder saved with add_pooling_layer=False: read without its pooler
+    if not missing and not mismatched:
+        return None
+    return config_weights_refusal(reference, file, type(model).__name__, missing, mismatched)
+
+
+def check_weights_fit(located: _Located) -> None:
+    """Refuse a parent whose config.json does not describe its safetensors weights (tensors missing, other shapes),
+    from the headers in its folder, before any parent is loaded: `_load_weights` found it only in `from_pretrained`,
+    after loading every parent before it. The dry run refuses from the same headers in the same words
+    (`weights_refusal`). Parents only: a base may be read as another class (`check_base_config`)."""
+    from hf_mudsc.load.lazy import LazyParameters, safetensors_files
+
+    if (located.loaded is not None or located.model is not None or located.use_pickle or located.folder is None
+            or located.read_as is not None or located.config is None):
+        return
+    files = safetensors_files(located.folder)
+    if not files or not all(file.is_file() for file in files):
+        return
+    stored = LazyParameters(files)
+    model = meta_model(located.config, reference=located.reference, options=built_with(located))
+    refusal = weights_refusal(located.reference, model, {key: stored.shape(key) for key in stored},
+                              located.weight_files[0])
+    if refusal is not None:
+        raise LoadError(refusal)
+
+
 def _log_read_as(located: _Located, missing: Sequence[str], unused: Sequence[str]) -> None:
     """One line: a base of another head class was read as the parents' class, and which tensors it did not provide
     (merged as when the base has no head) or held beyond the parents' class (its own head: not read)."""
@@ -1397,6 +1440,8 @@ def load_parents(refs: Sequence[Any], *, token: str | bool | None = None, allow_
         check_hub_shard_headers(parent, token=token)
     for parent in located:
         _prepare(parent, token=token, cache_dir=cache_dir)
+    for parent in located:
+        check_weights_fit(parent)
     if not names_known:
         check_parameter_names(located)
     return _warned([_finish(p, token=token, cache_dir=cache_dir) for p in located], warning)
@@ -1471,6 +1516,8 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
         before_weights([p.loaded.processor if p.loaded is not None else p.processor for p in located])
     for parent in located + ([located_base] if located_base is not None else []):
         _prepare(parent, token=token, cache_dir=cache_dir)
+    for parent in located:
+        check_weights_fit(parent)
     if not names_known:
         check_parameter_names(located)
     views: list[LoadedParent | None] = [None] * len(located)
