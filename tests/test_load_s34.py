@@ -102,3 +102,21 @@ def test_a_last_parent_whose_config_does_not_fit_its_weights_is_refused_before_a
     assert str(merged.value) == str(planned.value)
     assert str(merged.value).startswith(f"{folders[2]!r}: config.json does not describe the weights in "
                                         "model.safetensors"), merged.value
+
+
+@pytest.mark.parametrize("edit", [lambda c: c.update(hidden_size={"a": 1}), lambda c: c.update(layer_norm_eps="x"),
+                                  lambda c: c.update(id2label={"a": "x", "b": "y", "c": "z"})])
+def test_a_config_value_of_the_wrong_kind_names_the_config_fix_not_custom_code(tmp_path, edit):
+    """load_parent(folder whose config.json has hidden_size {"a": 1}) said 'Models that need custom code are not
+    supported': a known model type's config with a wrong value needs its config.json restored."""
+    from factories import vit_folder
+
+    from hf_mudsc.load.parents import load_parent
+
+    folder = vit_folder(tmp_path / "vit", edit=edit)
+    with pytest.raises(LoadError) as refused:
+        load_parent(folder)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"cannot read the config of {str(folder)!r}: "), message
+    assert "custom code" not in message and message.endswith("restore the config.json saved with the weights "
+                                                             "(save_pretrained writes both)"), message

@@ -643,10 +643,12 @@ def load_config(folder: Path, reference: str, *, for_merge: bool = False) -> Pre
     try:
         return AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except (ValueError, OSError, KeyError, TypeError, AttributeError, StrictDataclassError) as error:
-        raise LoadError(
-            f"cannot read the config of {reference!r}: {brief(error, 400)}. Models that need custom code "
-            "(trust_remote_code) are not supported"
-        ) from error
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        # a model type transformers knows: a value of the wrong kind, whose fix is the config saved with the weights
+        fix = (f"; {CONFIG_FIX}" if data["model_type"] in CONFIG_MAPPING
+               else ". Models that need custom code (trust_remote_code) are not supported")
+        raise LoadError(f"cannot read the config of {reference!r}: {brief(error, 400)}{fix}") from error
 
 
 def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: str | bool | None,
