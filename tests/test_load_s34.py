@@ -120,3 +120,27 @@ def test_a_config_value_of_the_wrong_kind_names_the_config_fix_not_custom_code(t
     assert "\n" not in message and message.startswith(f"cannot read the config of {str(folder)!r}: "), message
     assert "custom code" not in message and message.endswith("restore the config.json saved with the weights "
                                                              "(save_pretrained writes both)"), message
+
+
+def test_a_sharded_hub_parent_whose_config_does_not_fit_its_weights_is_refused_before_downloading_them(local_hub,
+                                                                                                       tmp_path):
+    """merge(['user/p1', 'user/s']) with user/s's classifier.weight stored transposed downloaded every shard first."""
+    from test_loading import make_model
+
+    make_model("vit_cls", seed=1).save_pretrained(tmp_path / "p1")
+    local_hub.upload_folder("user/p1", tmp_path / "p1")
+    folder = sharded_vit(tmp_path / "s", seed=2)
+    holder = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]["classifier.weight"]
+    tensors = load_file(folder / holder)
+    tensors["classifier.weight"] = tensors["classifier.weight"].t().contiguous()
+    save_file(tensors, folder / holder, metadata={"format": "pt"})
+    local_hub.upload_folder("user/s", folder)
+    with pytest.raises(LoadError) as planned:
+        hf_mudsc.merge(["user/p1", "user/s"], method="linear", progress=False, dry_run=True)
+    local_hub.requests.clear()
+    with pytest.raises(LoadError) as merged:
+        hf_mudsc.merge(["user/p1", "user/s"], method="linear", progress=False)
+    assert str(merged.value) == str(planned.value)
+    assert "'classifier.weight' is (32, 3) in the checkpoint but (3, 32) per config.json" in str(merged.value)
+    assert weight_downloads(local_hub) == []
+

@@ -149,6 +149,10 @@ class _Located:
     """A pickle checkpoint's stored dtype, read when its weights are checked (`_prepare`)."""
     headers_read: bool = False
     """Its Hub shards' headers were checked over HTTP before their download (`check_hub_shard_headers`)."""
+    header_shapes: dict[str, tuple[int, ...]] | None = None
+    """Those headers' tensor shapes by stored key, for `check_weights_fit` before the shards are downloaded."""
+    weights_fit: bool = False
+    """`check_weights_fit` found its config describes its weights (not checked again)."""
     prepared: bool = False
     """Its weights are fetched and their headers checked (`_prepare`): only loading is left."""
     card_bytes: int | None = None
@@ -1001,7 +1005,7 @@ def check_hub_shard_headers(located: _Located, *, token: str | bool | None) -> N
             shapes[key], dtypes[key] = tuple(tensor.shape), dtype_name(tensor.dtype)
     refuse_lost_tensor(reference, located.folder, stored_in)
     check_config_fits_weights(located, (shapes, dtypes))
-    located.headers_read = True
+    located.headers_read, located.header_shapes = True, shapes
 
 
 def _prepare(located: _Located, *, token: str | bool | None, cache_dir: str | os.PathLike | None) -> None:
@@ -1346,23 +1350,27 @@ def weights_refusal(reference: str, model: Any, shapes: Mapping[str, Sequence[in
 
 def check_weights_fit(located: _Located) -> None:
     """Refuse a parent whose config.json does not describe its safetensors weights (tensors missing, other shapes),
-    from the headers in its folder, before any parent is loaded: `_load_weights` found it only in `from_pretrained`,
-    after loading every parent before it. The dry run refuses from the same headers in the same words
-    (`weights_refusal`). Parents only: a base may be read as another class (`check_base_config`)."""
+    from the headers in its folder (or a Hub checkpoint's read over HTTP, `check_hub_shard_headers`), before any
+    parent is loaded: `_load_weights` found it only in `from_pretrained`, after loading (and downloading) every parent
+    before it. The dry run refuses from the same headers in the same words (`weights_refusal`). Parents only: a base
+    may be read as another class (`check_base_config`). Headers not at hand yet: checked when called again."""
     from hf_mudsc.load.lazy import LazyParameters, safetensors_files
 
-    if (located.loaded is not None or located.model is not None or located.use_pickle or located.folder is None
-            or located.read_as is not None or located.config is None):
+    if (located.weights_fit or located.loaded is not None or located.model is not None or located.use_pickle
+            or located.folder is None or located.read_as is not None or located.config is None):
         return
-    files = safetensors_files(located.folder)
-    if not files or not all(file.is_file() for file in files):
-        return
-    stored = LazyParameters(files)
-    model = meta_model(located.config, reference=located.reference, options=built_with(located))
-    refusal = weights_refusal(located.reference, model, {key: stored.shape(key) for key in stored},
-                              located.weight_files[0])
+    shapes = located.header_shapes
+    if shapes is None:
+        files = safetensors_files(located.folder)
+        if not files or not all(file.is_file() for file in files):
+            return
+        stored = LazyParameters(files)
+        shapes = {key: stored.shape(key) for key in stored}
+    model = meta_model(located.config, reference=located.reference, options=built_with(located, shapes))
+    refusal = weights_refusal(located.reference, model, shapes, located.weight_files[0])
     if refusal is not None:
         raise LoadError(refusal)
+    located.weights_fit = True
 
 
 def _log_read_as(located: _Located, missing: Sequence[str], unused: Sequence[str]) -> None:
@@ -1440,10 +1448,11 @@ def load_parents(refs: Sequence[Any], *, token: str | bool | None = None, allow_
     warning = check_vocabularies(located)
     for parent in located:
         check_hub_shard_headers(parent, token=token)
+        check_weights_fit(parent)  # a folder's headers, or a sharded Hub checkpoint's just read: before any download
     for parent in located:
         _prepare(parent, token=token, cache_dir=cache_dir)
     for parent in located:
-        check_weights_fit(parent)
+        check_weights_fit(parent)  # a single-file Hub checkpoint's, now downloaded: before any parent is loaded
     if not names_known:
         check_parameter_names(located)
     return _warned([_finish(p, token=token, cache_dir=cache_dir) for p in located], warning)
@@ -1514,12 +1523,14 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
     warning = check_vocabularies(located + ([located_base] if located_base is not None else []))
     for parent in located + ([located_base] if located_base is not None else []):
         check_hub_shard_headers(parent, token=token)  # before the calibration data is opened, too: a few requests
+    for parent in located:
+        check_weights_fit(parent)  # a folder's headers, or a sharded Hub checkpoint's just read: before any download
     if before_weights is not None:
         before_weights([p.loaded.processor if p.loaded is not None else p.processor for p in located])
     for parent in located + ([located_base] if located_base is not None else []):
         _prepare(parent, token=token, cache_dir=cache_dir)
     for parent in located:
-        check_weights_fit(parent)
+        check_weights_fit(parent)  # a single-file Hub checkpoint's, now downloaded: before any parent is loaded
     if not names_known:
         check_parameter_names(located)
     views: list[LoadedParent | None] = [None] * len(located)
