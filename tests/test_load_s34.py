@@ -144,3 +144,28 @@ def test_a_sharded_hub_parent_whose_config_does_not_fit_its_weights_is_refused_b
     assert "'classifier.weight' is (32, 3) in the checkpoint but (3, 32) per config.json" in str(merged.value)
     assert weight_downloads(local_hub) == []
 
+
+@pytest.mark.parametrize("dry_run", [True, False])
+@pytest.mark.parametrize("architecture", ["PreTrainedModel", "ViTPreTrainedModel"])
+def test_a_config_naming_an_abstract_model_class_is_refused_before_any_weights(tmp_path, monkeypatch, dry_run,
+                                                                                architecture):
+    """merge of two folders whose config.json says architectures ['ViTPreTrainedModel']: the dry run's StopIteration
+    traceback; the merge loaded the weights into a model without parameters, then 'does not look like a ViT'."""
+    import transformers
+    from factories import make_model
+
+    folders = []
+    for seed in (1, 2):
+        folder = tmp_path / f"p{seed}"
+        make_model("vit_cls", seed=seed).save_pretrained(folder)
+        config = json.loads((folder / "config.json").read_text())
+        config["architectures"] = [architecture]
+        (folder / "config.json").write_text(json.dumps(config))
+        folders.append(str(folder))
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained",
+                        classmethod(lambda *a, **k: pytest.fail("weights loaded before refusing")))
+    with pytest.raises(LoadError) as refused:
+        hf_mudsc.merge(folders, method="linear", progress=False, dry_run=dry_run)
+    assert str(refused.value) == (f"{folders[0]!r}: config.json names the architecture {architecture}, an abstract "
+                                  "base class no checkpoint is saved from; restore the config.json saved with the "
+                                  "weights (save_pretrained writes both)")

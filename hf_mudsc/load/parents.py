@@ -199,6 +199,11 @@ def model_class_for(config: PretrainedConfig, reference: str | None = None) -> t
     where = f"{reference or getattr(config, '_name_or_path', '') or 'a parent'!r}: "
     for name in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, name, None) if isinstance(name, str) else None
+        if isinstance(cls, type) and issubclass(cls, PreTrainedModel) and (
+                cls is PreTrainedModel or cls.__name__.endswith("PreTrainedModel")):
+            # an abstract base (no modules of its own): a model of it holds no parameter, every tensor unused
+            raise LoadError(f"{where}config.json names the architecture {name}, an abstract base class no checkpoint "
+                            f"is saved from; {CONFIG_FIX}")
         if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
             wanted = getattr(cls, "config_class", None)
             if isinstance(wanted, type) and not isinstance(config, wanted):  # its constructor reads other fields
