@@ -169,3 +169,33 @@ def test_a_config_naming_an_abstract_model_class_is_refused_before_any_weights(t
     assert str(refused.value) == (f"{folders[0]!r}: config.json names the architecture {architecture}, an abstract "
                                   "base class no checkpoint is saved from; restore the config.json saved with the "
                                   "weights (save_pretrained writes both)")
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+@pytest.mark.parametrize(("index", "said"), [
+    ("{nope", "model.safetensors.index.json is unreadable (JSONDecodeError"),
+    ('{"metadata": {}, "weight_map": ["a"]}', "model.safetensors.index.json is unreadable (AttributeError"),
+    ('{"metadata": {}}', "model.safetensors.index.json is unreadable (KeyError"),
+    (None, "model.safetensors.index.json names the shard '../../../../p1/model.safetensors', outside the folder"),
+])
+def test_a_hub_shard_index_that_is_malformed_or_leads_out_is_refused_in_one_line(local_hub, tmp_path, dry_run, index,
+                                                                                  said):
+    """merge(['user/p1', 'user/bad']) with user/bad's model.safetensors.index.json not JSON or a weight_map list: a
+    bare JSONDecodeError or an AttributeError traceback; leading out, the dry run asked the Hub for another path."""
+    from test_loading import make_model
+
+    make_model("vit_cls", seed=1).save_pretrained(tmp_path / "p1")
+    local_hub.upload_folder("user/p1", tmp_path / "p1")
+    folder = sharded_vit(tmp_path / "bad", seed=2)
+    if index is None:
+        weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+        outside = "../../../../p1/model.safetensors"
+        index = json.dumps({"metadata": {}, "weight_map": dict.fromkeys(weight_map, outside)})
+    (folder / "model.safetensors.index.json").write_text(index)
+    local_hub.upload_folder("user/bad", folder)
+    local_hub.requests.clear()
+    with pytest.raises(LoadError) as refused:
+        hf_mudsc.merge(["user/p1", "user/bad"], method="linear", progress=False, dry_run=dry_run)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"'user/bad': {said}"), message
+    assert not [r.path for r in local_hub.requests if r.path.endswith(".safetensors")]

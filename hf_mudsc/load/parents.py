@@ -712,6 +712,9 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
             download_files(reference, repo_id, sha, rest, token=token, cache_dir=cache_dir)
             refuse_links_out(reference, folder)
         remember_revision(folder, revision, sha)
+    for name in weight_files:  # a shard index is read before its shards (their names, headers, sizes): checked here
+        if name.endswith(".index.json"):
+            _shard_names(reference, folder, name)
     return _Located(reference=reference, config=config, folder=folder, repo_id=repo_id, revision=revision,
                     commit_sha=sha, weight_files=weight_files, use_pickle=use_pickle, card_bytes=card_bytes)
 
