@@ -199,3 +199,22 @@ def test_a_hub_shard_index_that_is_malformed_or_leads_out_is_refused_in_one_line
     message = str(refused.value)
     assert "\n" not in message and message.startswith(f"'user/bad': {said}"), message
     assert not [r.path for r in local_hub.requests if r.path.endswith(".safetensors")]
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_pad_token_id_past_the_vocabulary_is_refused_in_one_line(tmp_path, dry_run):
+    """merge([bert folder with pad_token_id 10**6, good]): torch's 'Padding_idx must be within num_embeddings'
+    AssertionError traceback from building the model on the meta device."""
+    from factories import make_model
+
+    make_model("bert_cls", seed=1).save_pretrained(tmp_path / "bad")
+    config = json.loads((tmp_path / "bad" / "config.json").read_text())
+    config["pad_token_id"] = 10**6
+    (tmp_path / "bad" / "config.json").write_text(json.dumps(config))
+    make_model("bert_cls", seed=2).save_pretrained(tmp_path / "good")
+    bad = str(tmp_path / "bad")
+    with pytest.raises(LoadError) as refused:
+        hf_mudsc.merge([bad, str(tmp_path / "good")], method="linear", progress=False, dry_run=dry_run)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"{bad!r}: config.json describes no "
+                                                      "BertForSequenceClassification transformers can build"), message

@@ -263,12 +263,14 @@ def meta_model(config: PretrainedConfig, cls: type[PreTrainedModel] | None = Non
     """`config`'s model (or `cls`'s) with every tensor on the meta device: shapes, no memory (`options`: constructor
     arguments beside the config, `constructor_options`). A config no model can be built from (zero attention heads, a
     patch of 0 pixels: transformers' constructors divide by them; a size whose tensors have more bytes than torch
-    counts, a RuntimeError) is refused in one line naming `reference` (default: the config's `_name_or_path`)."""
+    counts, a RuntimeError; a pad_token_id past the vocabulary, torch's AssertionError) is refused in one line naming
+    `reference` (default: the config's `_name_or_path`)."""
     cls = cls or model_class_for(config, reference)
     try:
         with torch.device("meta"):
             return cls(config, **(options or {}))
-    except (ArithmeticError, ValueError, TypeError, AttributeError, KeyError, IndexError, RuntimeError) as error:
+    except (ArithmeticError, ValueError, TypeError, AttributeError, KeyError, IndexError, RuntimeError,
+            AssertionError) as error:
         name = reference or getattr(config, "_name_or_path", "") or cls.__name__
         raise LoadError(f"{name!r}: config.json describes no {cls.__name__} transformers can build "
                         f"({type(error).__name__}: {first_line(error)}); {CONFIG_FIX}") from error
