@@ -218,3 +218,43 @@ def test_a_pad_token_id_past_the_vocabulary_is_refused_in_one_line(tmp_path, dry
     message = str(refused.value)
     assert "\n" not in message and message.startswith(f"{bad!r}: config.json describes no "
                                                       "BertForSequenceClassification transformers can build"), message
+
+
+@pytest.mark.parametrize(("kind", "edit"), [
+    ("vit_cls", lambda c: c.update(architectures=1)),
+    ("vit_cls", lambda c: c.update(dtype=1e308)),
+    ("clip", lambda c: c["text_config"].update(num_attention_heads=0)),
+])
+def test_a_config_value_transformers_fails_on_outside_its_checks_is_refused_in_one_line(tmp_path, kind, edit):
+    """merge([folder, folder], dry_run=True) with config.json architectures 1 (TypeError in model_class_for), dtype
+    1e308 (IndexError printing the config) or a CLIP text_config with 0 heads (ZeroDivisionError): tracebacks."""
+    from factories import make_model
+
+    folder = tmp_path / "bad"
+    make_model(kind, seed=1).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LoadError) as refused:
+        hf_mudsc.merge([str(folder), str(folder)], method="linear", progress=False, dry_run=True)
+    message = str(refused.value)
+    assert "\n" not in message and str(folder) in message, message
+    assert "restore the config.json saved with the weights" in message or "save_pretrained" in message, message
+
+
+def test_a_hub_config_whose_architectures_is_a_number_is_refused_in_one_line(local_hub, tmp_path):
+    """merge(['user/odd', 'user/odd']) with config.json architectures 1: a TypeError traceback comparing the
+    parents' classes (a Hub parent's class is first read there, before its weights)."""
+    from factories import make_model
+
+    folder = tmp_path / "odd"
+    make_model("vit_cls", seed=1).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = 1
+    (folder / "config.json").write_text(json.dumps(config))
+    local_hub.upload_folder("user/odd", folder)
+    for dry_run in (True, False):
+        with pytest.raises(LoadError) as refused:
+            hf_mudsc.merge(["user/odd", "user/odd"], method="linear", progress=False, dry_run=dry_run)
+        assert str(refused.value).startswith("'user/odd': the config names no transformers architecture (1)")
+

@@ -197,7 +197,8 @@ def model_class_for(config: PretrainedConfig, reference: str | None = None) -> t
     """The class named in `config.architectures` (the class the checkpoint was saved from); refusals name `reference`
     (default: the config's `_name_or_path`), so that with N parents the message says which."""
     where = f"{reference or getattr(config, '_name_or_path', '') or 'a parent'!r}: "
-    for name in getattr(config, "architectures", None) or []:
+    names = getattr(config, "architectures", None)
+    for name in names if isinstance(names, (list, tuple)) else []:  # a number there is no list of class names
         cls = getattr(transformers, name, None) if isinstance(name, str) else None
         if isinstance(cls, type) and issubclass(cls, PreTrainedModel) and (
                 cls is PreTrainedModel or cls.__name__.endswith("PreTrainedModel")):
@@ -653,7 +654,8 @@ def load_config(folder: Path, reference: str, *, for_merge: bool = False) -> Pre
         check_config_supported(data)
     try:
         return AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    except (ValueError, OSError, KeyError, TypeError, AttributeError, StrictDataclassError) as error:
+    except (ValueError, OSError, KeyError, TypeError, AttributeError, IndexError, ArithmeticError,
+            StrictDataclassError) as error:  # IndexError: a dtype that is a number; a sub-config with 0 heads divides
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
         # a model type transformers knows: a value of the wrong kind, whose fix is the config saved with the weights
@@ -709,6 +711,8 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
         folder = download_files(reference, repo_id, sha, ["config.json"], token=token, cache_dir=cache_dir)
         refuse_links_out(reference, folder)  # a cached snapshot is handed back unchecked: links only into its blobs
         config = load_config(folder, reference, for_merge=for_merge)
+        if for_merge:  # the class it names, refused here as a folder's is when located (before any download)
+            model_class_for(config, reference)
         rest = [name for name in small if name != "config.json"]
         if rest:
             download_files(reference, repo_id, sha, rest, token=token, cache_dir=cache_dir)
@@ -850,8 +854,9 @@ def _architecture(located: _Located) -> str:
     model = located.model if located.model is not None else (located.loaded.model if located.loaded else None)
     if model is not None:
         return type(model).__name__
-    names = getattr(located.config, "architectures", None) or []
-    return names[0] if names else f"a {located.config.model_type!r} model"
+    names = getattr(located.config, "architectures", None)
+    return names[0] if isinstance(names, (list, tuple)) and names and isinstance(names[0], str) else (
+        f"a {located.config.model_type!r} model")
 
 
 def _named(located: _Located, index: int) -> str:
