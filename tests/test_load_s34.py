@@ -258,3 +258,43 @@ def test_a_hub_config_whose_architectures_is_a_number_is_refused_in_one_line(loc
             hf_mudsc.merge(["user/odd", "user/odd"], method="linear", progress=False, dry_run=dry_run)
         assert str(refused.value).startswith("'user/odd': the config names no transformers architecture (1)")
 
+
+def test_parents_whose_configs_do_not_fit_their_weights_are_refused_before_the_merges_own_config_checks(tmp_path):
+    """merge([p1, p2]) both with config.json intermediate_size 0 over 48-wide weights: a multi-line SpecError from
+    the memory check's spec; the dry run said the one-line config refusal."""
+    from factories import make_model
+
+    folders = []
+    for seed in (1, 2):
+        folder = tmp_path / f"p{seed}"
+        make_model("vit_cls", seed=seed).save_pretrained(folder)
+        config = json.loads((folder / "config.json").read_text())
+        config["intermediate_size"] = 0
+        (folder / "config.json").write_text(json.dumps(config))
+        folders.append(str(folder))
+    with pytest.raises(LoadError) as planned:
+        hf_mudsc.merge(folders, method="linear", progress=False, dry_run=True)
+    with pytest.raises(LoadError) as merged:
+        hf_mudsc.merge(folders, method="linear", progress=False)
+    assert str(merged.value) == str(planned.value) and "\n" not in str(merged.value)
+
+
+def test_a_config_value_transformers_fails_on_while_loading_the_weights_is_refused_in_one_line(tmp_path):
+    """merge([clip, clip]) with config.json initializer_factor null: a TypeError traceback from transformers'
+    _init_weights inside from_pretrained (the dry run, which builds no weights, cannot see it)."""
+    from factories import make_model
+
+    folders = []
+    for seed in (1, 2):
+        folder = tmp_path / f"p{seed}"
+        make_model("clip", seed=seed).save_pretrained(folder)
+        config = json.loads((folder / "config.json").read_text())
+        config["initializer_factor"] = None
+        (folder / "config.json").write_text(json.dumps(config))
+        folders.append(str(folder))
+    with pytest.raises(LoadError) as refused:
+        hf_mudsc.merge(folders, method="linear", progress=False)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"{folders[0]!r}: transformers cannot load model.safetensors "
+                                                      "into the CLIPModel config.json describes (TypeError: "), message
+    assert message.endswith("restore the config.json saved with the weights (save_pretrained writes both)"), message

@@ -1318,6 +1318,10 @@ def _load_weights(located: _Located) -> tuple[PreTrainedModel, list[str]]:
     except (SafetensorError, OSError, EOFError, RuntimeError) as error:
         raise LoadError(f"{located.reference!r}: cannot read the weights in {name} ({first_line(error)}); "
                         "download them again or re-save the model with save_pretrained") from error
+    except (TypeError, ValueError, ArithmeticError, AttributeError, KeyError, IndexError, AssertionError) as error:
+        # a config value transformers reads only as it builds and initialises the model (initializer_factor null)
+        raise LoadError(f"{located.reference!r}: transformers cannot load {name} into the {cls.__name__} config.json "
+                        f"describes ({type(error).__name__}: {first_line(error)}); {CONFIG_FIX}") from error
     missing, unused = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
     mismatched = sorted(info.get("mismatched_keys") or ())
     if located.read_as is None and saved_without_pooler(cls, missing, unused, mismatched):
@@ -1532,14 +1536,14 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
     check_objects_complete(located)
     located_base, source = locate_base(located, base, base_needed_for=base_needed_for, token=token,
                                        allow_pickle=allow_pickle, cache_dir=cache_dir)
+    for parent in located + ([located_base] if located_base is not None else []):
+        check_hub_shard_headers(parent, token=token)  # before the calibration data is opened, too: a few requests
+    for parent in located:  # a folder's headers, or a sharded Hub checkpoint's just read: before any download, and
+        check_weights_fit(parent)  # before `check_config` builds the merge's spec from configs the dry run refused
     if check_config is not None and located[0].config is not None:
         check_config(located[0].model if located[0].model is not None else located[0].config,
                      [unloaded(p) for p in located], None if located_base is None else unloaded(located_base))
     warning = check_vocabularies(located + ([located_base] if located_base is not None else []))
-    for parent in located + ([located_base] if located_base is not None else []):
-        check_hub_shard_headers(parent, token=token)  # before the calibration data is opened, too: a few requests
-    for parent in located:
-        check_weights_fit(parent)  # a folder's headers, or a sharded Hub checkpoint's just read: before any download
     if before_weights is not None:
         before_weights([p.loaded.processor if p.loaded is not None else p.processor for p in located])
     for parent in located + ([located_base] if located_base is not None else []):
