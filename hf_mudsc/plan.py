@@ -829,32 +829,6 @@ def _hub_metadata(parent: Any, *, token: str | bool | None) -> Any:
                                           reason)) from error
 
 
-def weights_refusal(reference: str, model: Any, shapes: Mapping[str, Sequence[int]], file: str) -> str | None:
-    """The loader's refusal of a checkpoint whose config.json does not describe its weights — tensors the config
-    needs that the headers lack, or other shapes (`model`: built on the meta device from that config; `shapes`: the
-    headers' shapes by stored key) — or None: the dry run reads the headers, so it refuses what the merge would, in
-    the same words (`load.parents`' `_load_weights`)."""
-    import re
-
-    from hf_mudsc.load.checks import config_weights_refusal
-    from hf_mudsc.load.lazy import stored_keys
-    from hf_mudsc.load.parents import saved_without_pooler
-
-    named = stored_keys(model, shapes)
-    if named is None:
-        return None
-    ignored = [re.compile(pattern) for pattern in getattr(model, "_keys_to_ignore_on_load_missing", None) or ()]
-    missing = sorted(name for name, _ in model.named_parameters()
-                     if name not in named and not any(pattern.search(name) for pattern in ignored))
-    mismatched = sorted((name, tuple(shapes[named[name]]), tuple(p.shape)) for name, p in model.named_parameters()
-                        if name in named and tuple(shapes[named[name]]) != tuple(p.shape))
-    if missing and saved_without_pooler(type(model), missing, (), mismatched):
-        missing = []  # a bare encoder saved with add_pooling_layer=False: read without its pooler
-    if not missing and not mismatched:
-        return None
-    return config_weights_refusal(reference, file, type(model).__name__, missing, mismatched)
-
-
 def _local_header_facts(folder: Any, files: Sequence[str]) -> HeaderFacts:
     import json
 
@@ -963,6 +937,8 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
             dtypes = sorted(set(weight_dtypes(model, facts.key_dtypes)))
         header_keys.append(facts.keys)
         if facts.shapes and model.device.type == "meta" and parent.read_as is None:  # built from its config
+            from hf_mudsc.load.parents import weights_refusal
+
             refusal = weights_refusal(parent.reference, model, facts.shapes, parent.weight_files[0])
             if refusal is not None:
                 raise LoadError(refusal)

@@ -147,6 +147,12 @@ class _Located:
     loaded: LoadedParent | None = None
     stored_dtype: str | None = None
     """A pickle checkpoint's stored dtype, read when its weights are checked (`_prepare`)."""
+    headers_read: bool = False
+    """Its Hub shards' headers were checked over HTTP before their download (`check_hub_shard_headers`)."""
+    header_shapes: dict[str, tuple[int, ...]] | None = None
+    """Those headers' tensor shapes by stored key, for `check_weights_fit` before the shards are downloaded."""
+    weights_fit: bool = False
+    """`check_weights_fit` found its config describes its weights (not checked again)."""
     prepared: bool = False
     """Its weights are fetched and their headers checked (`_prepare`): only loading is left."""
     card_bytes: int | None = None
@@ -191,8 +197,14 @@ def model_class_for(config: PretrainedConfig, reference: str | None = None) -> t
     """The class named in `config.architectures` (the class the checkpoint was saved from); refusals name `reference`
     (default: the config's `_name_or_path`), so that with N parents the message says which."""
     where = f"{reference or getattr(config, '_name_or_path', '') or 'a parent'!r}: "
-    for name in getattr(config, "architectures", None) or []:
+    names = getattr(config, "architectures", None)
+    for name in names if isinstance(names, (list, tuple)) else []:  # a number there is no list of class names
         cls = getattr(transformers, name, None) if isinstance(name, str) else None
+        if isinstance(cls, type) and issubclass(cls, PreTrainedModel) and (
+                cls is PreTrainedModel or cls.__name__.endswith("PreTrainedModel")):
+            # an abstract base (no modules of its own): a model of it holds no parameter, every tensor unused
+            raise LoadError(f"{where}config.json names the architecture {name}, an abstract base class no checkpoint "
+                            f"is saved from; {CONFIG_FIX}")
         if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
             wanted = getattr(cls, "config_class", None)
             if isinstance(wanted, type) and not isinstance(config, wanted):  # its constructor reads other fields
@@ -251,13 +263,15 @@ def meta_model(config: PretrainedConfig, cls: type[PreTrainedModel] | None = Non
                reference: str | None = None, options: Mapping[str, Any] | None = None) -> PreTrainedModel:
     """`config`'s model (or `cls`'s) with every tensor on the meta device: shapes, no memory (`options`: constructor
     arguments beside the config, `constructor_options`). A config no model can be built from (zero attention heads, a
-    patch of 0 pixels: transformers' constructors divide by them) is refused in one line naming `reference` (default:
-    the config's `_name_or_path`)."""
+    patch of 0 pixels: transformers' constructors divide by them; a size whose tensors have more bytes than torch
+    counts, a RuntimeError; a pad_token_id past the vocabulary, torch's AssertionError) is refused in one line naming
+    `reference` (default: the config's `_name_or_path`)."""
     cls = cls or model_class_for(config, reference)
     try:
         with torch.device("meta"):
             return cls(config, **(options or {}))
-    except (ArithmeticError, ValueError, TypeError, AttributeError, KeyError, IndexError) as error:
+    except (ArithmeticError, ValueError, TypeError, AttributeError, KeyError, IndexError, RuntimeError,
+            AssertionError) as error:
         name = reference or getattr(config, "_name_or_path", "") or cls.__name__
         raise LoadError(f"{name!r}: config.json describes no {cls.__name__} transformers can build "
                         f"({type(error).__name__}: {first_line(error)}); {CONFIG_FIX}") from error
@@ -578,13 +592,20 @@ def check_weight_files(reference: str, folder: Path, weight_files: Sequence[str]
         except (SafetensorError, OSError, ValueError) as error:
             raise LoadError(corrupt_file_line(reference, name, first_line(error))) from error
         refuse_stored_twice(reference, stored_in, keys, name)
-    if SAFETENSORS_INDEX in weight_files:  # read by _shard_names above: a JSON object with a weight_map of strings
-        weight_map = json.loads((folder / SAFETENSORS_INDEX).read_text())["weight_map"]
-        lost = next((key for key in weight_map if key not in stored_in), None)
-        if lost is not None:  # from_pretrained would find it missing only once every parent was checked
-            raise LoadError(f"{reference!r}: {SAFETENSORS_INDEX} puts tensor {shown(lost)} in {weight_map[lost]}, but "
-                            "no shard holds it (a shard is truncated or from another save); re-download the model or "
-                            "re-save it with save_pretrained")
+    if SAFETENSORS_INDEX in weight_files:
+        refuse_lost_tensor(reference, folder, stored_in)
+
+
+def refuse_lost_tensor(reference: str, folder: Path, stored_in: Mapping[str, str]) -> None:
+    """Refuse a shard index placing a tensor that no shard holds (`stored_in`: key -> the shard whose header holds
+    it), which from_pretrained would find missing only once every parent was checked. The index was read by
+    `_shard_names` before: a JSON object with a weight_map of strings."""
+    weight_map = json.loads((folder / SAFETENSORS_INDEX).read_text())["weight_map"]
+    lost = next((key for key in weight_map if key not in stored_in), None)
+    if lost is not None:
+        raise LoadError(f"{reference!r}: {SAFETENSORS_INDEX} puts tensor {shown(lost)} in {weight_map[lost]}, but "
+                        "no shard holds it (a shard is truncated or from another save); re-download the model or "
+                        "re-save it with save_pretrained")
 
 
 def corrupt_file_line(reference: str, name: str, reason: str) -> str:
@@ -633,11 +654,14 @@ def load_config(folder: Path, reference: str, *, for_merge: bool = False) -> Pre
         check_config_supported(data)
     try:
         return AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    except (ValueError, OSError, KeyError, TypeError, AttributeError, StrictDataclassError) as error:
-        raise LoadError(
-            f"cannot read the config of {reference!r}: {brief(error, 400)}. Models that need custom code "
-            "(trust_remote_code) are not supported"
-        ) from error
+    except (ValueError, OSError, KeyError, TypeError, AttributeError, IndexError, ArithmeticError,
+            StrictDataclassError) as error:  # IndexError: a dtype that is a number; a sub-config with 0 heads divides
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        # a model type transformers knows: a value of the wrong kind, whose fix is the config saved with the weights
+        fix = (f"; {CONFIG_FIX}" if data["model_type"] in CONFIG_MAPPING
+               else ". Models that need custom code (trust_remote_code) are not supported")
+        raise LoadError(f"cannot read the config of {reference!r}: {brief(error, 400)}{fix}") from error
 
 
 def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: str | bool | None,
@@ -664,6 +688,7 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
         sha = folder.name  # a snapshot folder is named by its commit sha
         card_bytes = None  # a cached card is measured when it is read
         logger.info("offline: using the cached snapshot %s of %s", sha, repo_id)
+        config = load_config(folder, reference, for_merge=for_merge)
     else:
         info = hub_request(
             reference, lambda: HfApi().model_info(repo_id, revision=revision, token=token, files_metadata=True,
@@ -681,10 +706,21 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
         refuse_large_side_files(reference, {name: sizes.get(name, 0) for name in small},
                                 "a model repository's side files are small — remove it from the repository or "
                                 "choose another revision")
-        folder = download_files(reference, repo_id, sha, small, token=token, cache_dir=cache_dir)
+        # config.json alone first: a config refused (not JSON, absurd counts, a model_type no adapter merges) is
+        # refused before the tokenizer and processor files, which may be tens of MB, are fetched
+        folder = download_files(reference, repo_id, sha, ["config.json"], token=token, cache_dir=cache_dir)
         refuse_links_out(reference, folder)  # a cached snapshot is handed back unchecked: links only into its blobs
+        config = load_config(folder, reference, for_merge=for_merge)
+        if for_merge:  # the class it names, refused here as a folder's is when located (before any download)
+            model_class_for(config, reference)
+        rest = [name for name in small if name != "config.json"]
+        if rest:
+            download_files(reference, repo_id, sha, rest, token=token, cache_dir=cache_dir)
+            refuse_links_out(reference, folder)
         remember_revision(folder, revision, sha)
-    config = load_config(folder, reference, for_merge=for_merge)
+    for name in weight_files:  # a shard index is read before its shards (their names, headers, sizes): checked here
+        if name.endswith(".index.json"):
+            _shard_names(reference, folder, name)
     return _Located(reference=reference, config=config, folder=folder, repo_id=repo_id, revision=revision,
                     commit_sha=sha, weight_files=weight_files, use_pickle=use_pickle, card_bytes=card_bytes)
 
@@ -818,8 +854,9 @@ def _architecture(located: _Located) -> str:
     model = located.model if located.model is not None else (located.loaded.model if located.loaded else None)
     if model is not None:
         return type(model).__name__
-    names = getattr(located.config, "architectures", None) or []
-    return names[0] if names else f"a {located.config.model_type!r} model"
+    names = getattr(located.config, "architectures", None)
+    return names[0] if isinstance(names, (list, tuple)) and names and isinstance(names[0], str) else (
+        f"a {located.config.model_type!r} model")
 
 
 def _named(located: _Located, index: int) -> str:
@@ -941,6 +978,51 @@ def _fetch_weights(located: _Located, *, token: str | bool | None, cache_dir: st
     download_files(located.reference, located.repo_id, located.commit_sha, names, token=token, cache_dir=cache_dir)
 
 
+def check_hub_shard_headers(located: _Located, *, token: str | bool | None) -> None:
+    """Refuse a sharded Hub checkpoint from its shards' headers, read over HTTP (a ranged GET of each file's first
+    bytes), before any shard is downloaded: a tensor stored in two shards, a tensor the index places in a shard that
+    lacks it, a corrupt header, a config its weights do not fit — what `_prepare` finds once the shards are local,
+    which for a checkpoint of many GB was only after downloading them (and every parent before it). A single
+    model.safetensors cannot store a tensor twice: its header is read once it is downloaded, as before. Shards
+    already in the snapshot are read there, by `_prepare`, with no request."""
+    from huggingface_hub import HfApi, constants, errors
+
+    from hf_mudsc.load.lazy import dtype_name
+
+    if (located.repo_id is None or constants.HF_HUB_OFFLINE or located.use_pickle or located.prepared
+            or located.headers_read or located.loaded is not None or located.model is not None
+            or located.folder is None or SAFETENSORS_INDEX not in located.weight_files):
+        return
+    names = _shard_names(located.reference, located.folder, SAFETENSORS_INDEX)
+    if all((located.folder / name).is_file() for name in names):
+        return
+    reference = located.reference
+    stored_in: dict[str, str] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str] = {}
+    for name in names:
+        if not name.endswith(".safetensors"):  # refused in the loader's words by check_weight_files
+            return
+        try:
+            header = hub_request(reference, lambda name=name: HfApi().parse_safetensors_file_metadata(
+                located.repo_id, name, revision=located.commit_sha, token=token,
+                timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT), what=f"reading the header of {name}")
+        except LoadError as error:
+            if isinstance(error.__cause__, errors.EntryNotFoundError):
+                raise LoadError(f"{reference!r}: weight file {name} is missing; re-download the model or re-save it "
+                                "with save_pretrained") from error.__cause__
+            raise
+        except errors.SafetensorsParsingError as error:
+            reason = str(error).split("): ", 1)[-1].split(". ")[0]
+            raise LoadError(corrupt_file_line(reference, name, reason)) from error
+        refuse_stored_twice(reference, stored_in, header.tensors, name)
+        for key, tensor in header.tensors.items():
+            shapes[key], dtypes[key] = tuple(tensor.shape), dtype_name(tensor.dtype)
+    refuse_lost_tensor(reference, located.folder, stored_in)
+    check_config_fits_weights(located, (shapes, dtypes))
+    located.headers_read, located.header_shapes = True, shapes
+
+
 def _prepare(located: _Located, *, token: str | bool | None, cache_dir: str | os.PathLike | None) -> None:
     """Fetch a parent's weight files and check what their headers tell (intact files, a config that fits them,
     floating-point weights) without loading them: the loaders run this for every parent and the base before
@@ -952,6 +1034,7 @@ def _prepare(located: _Located, *, token: str | bool | None, cache_dir: str | os
                                                    for name, tensor in located.model.named_parameters()},
                                located.model)
     else:
+        check_hub_shard_headers(located, token=token)  # load_parent: no pass over every parent's headers before
         _fetch_weights(located, token=token, cache_dir=cache_dir)
         check_weight_files(located.reference, located.folder, located.weight_files)
         if located.use_pickle:
@@ -1037,23 +1120,29 @@ def weight_dtypes(model: Any, stored: Mapping[str, Any]) -> list[Any]:
     return [stored[key] for key in names.values()]
 
 
-def check_config_fits_weights(located: _Located) -> None:
+def check_config_fits_weights(located: _Located,
+                              headers: tuple[Mapping[str, tuple[int, ...]], Mapping[str, str]] | None = None) -> None:
     """Refuse a config.json whose model is far larger than its safetensors checkpoint, from the headers and a model
     on the meta device, before `from_pretrained` allocates it (a hidden_size of 10**9 over a 65 kB file asked for
-    68 GB). Smaller disagreements are left to `_load_weights`, which names the tensors that do not fit."""
+    68 GB). Smaller disagreements are left to `_load_weights`, which names the tensors that do not fit. `headers`:
+    `(shapes, dtypes by torch's name)` by key when read elsewhere (a Hub checkpoint's, before its download), else
+    read from the files in the folder."""
     from hf_mudsc.load.lazy import LazyParameters, safetensors_files
 
-    files = safetensors_files(located.folder)
-    if not files:
-        return
+    if headers is None:
+        files = safetensors_files(located.folder)
+        if not files:
+            return
+        stored = LazyParameters(files)
+        headers = ({key: stored.shape(key) for key in stored}, {key: stored.stored_dtype(key) for key in stored})
+    shapes, dtypes = headers
     model = meta_model(located.config, reference=located.reference)
     needed = sum(tensor.numel() for tensor in model.parameters())
-    stored = LazyParameters(files)
-    held = sum(math.prod(stored.shape(key)) for key in stored)
+    held = sum(math.prod(shape) for shape in shapes.values())
     if needed > 2 * held + 2**26:  # tied tensors are saved once; 2**26 float32 values are 256 MB
         raise LoadError(f"{located.reference!r}: config.json describes a model of {needed:,} parameters, but "
                         f"{located.weight_files[0]} holds {held:,} values; {CONFIG_FIX}")
-    check_floating_weights(located.reference, {key: stored.stored_dtype(key) for key in stored}, model)
+    check_floating_weights(located.reference, dtypes, model)
 
 
 WEIGHT_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -1229,6 +1318,10 @@ def _load_weights(located: _Located) -> tuple[PreTrainedModel, list[str]]:
     except (SafetensorError, OSError, EOFError, RuntimeError) as error:
         raise LoadError(f"{located.reference!r}: cannot read the weights in {name} ({first_line(error)}); "
                         "download them again or re-save the model with save_pretrained") from error
+    except (TypeError, ValueError, ArithmeticError, AttributeError, KeyError, IndexError, AssertionError) as error:
+        # a config value transformers reads only as it builds and initialises the model (initializer_factor null)
+        raise LoadError(f"{located.reference!r}: transformers cannot load {name} into the {cls.__name__} config.json "
+                        f"describes ({type(error).__name__}: {first_line(error)}); {CONFIG_FIX}") from error
     missing, unused = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
     mismatched = sorted(info.get("mismatched_keys") or ())
     if located.read_as is None and saved_without_pooler(cls, missing, unused, mismatched):
@@ -1250,6 +1343,53 @@ def _load_weights(located: _Located) -> tuple[PreTrainedModel, list[str]]:
         logger.warning("%s: %d tensors of the checkpoint are unused (e.g. %s)", located.reference, len(unused),
                        ", ".join(map(repr, stored)))
     return model, []
+
+
+def weights_refusal(reference: str, model: Any, shapes: Mapping[str, Sequence[int]], file: str) -> str | None:
+    """The loader's refusal of a checkpoint whose config.json does not describe its weights — tensors the config
+    needs that the headers lack, or other shapes (`model`: built on the meta device from that config; `shapes`: the
+    headers' shapes by stored key) — or None: the dry run reads the headers, so it refuses what the merge would, in
+    the same words (`_load_weights`). Public: the dry run reads the headers alike."""
+    from hf_mudsc.load.lazy import stored_keys
+
+    named = stored_keys(model, shapes)
+    if named is None:
+        return None
+    ignored = [re.compile(pattern) for pattern in getattr(model, "_keys_to_ignore_on_load_missing", None) or ()]
+    missing = sorted(name for name, _ in model.named_parameters()
+                     if name not in named and not any(pattern.search(name) for pattern in ignored))
+    mismatched = sorted((name, tuple(shapes[named[name]]), tuple(p.shape)) for name, p in model.named_parameters()
+                        if name in named and tuple(shapes[named[name]]) != tuple(p.shape))
+    if missing and saved_without_pooler(type(model), missing, (), mismatched):
+        missing = []  # a bare encoder saved with add_pooling_layer=False: read without its pooler
+    if not missing and not mismatched:
+        return None
+    return config_weights_refusal(reference, file, type(model).__name__, missing, mismatched)
+
+
+def check_weights_fit(located: _Located) -> None:
+    """Refuse a parent whose config.json does not describe its safetensors weights (tensors missing, other shapes),
+    from the headers in its folder (or a Hub checkpoint's read over HTTP, `check_hub_shard_headers`), before any
+    parent is loaded: `_load_weights` found it only in `from_pretrained`, after loading (and downloading) every parent
+    before it. The dry run refuses from the same headers in the same words (`weights_refusal`). Parents only: a base
+    may be read as another class (`check_base_config`). Headers not at hand yet: checked when called again."""
+    from hf_mudsc.load.lazy import LazyParameters, safetensors_files
+
+    if (located.weights_fit or located.loaded is not None or located.model is not None or located.use_pickle
+            or located.folder is None or located.read_as is not None or located.config is None):
+        return
+    shapes = located.header_shapes
+    if shapes is None:
+        files = safetensors_files(located.folder)
+        if not files or not all(file.is_file() for file in files):
+            return
+        stored = LazyParameters(files)
+        shapes = {key: stored.shape(key) for key in stored}
+    model = meta_model(located.config, reference=located.reference, options=built_with(located, shapes))
+    refusal = weights_refusal(located.reference, model, shapes, located.weight_files[0])
+    if refusal is not None:
+        raise LoadError(refusal)
+    located.weights_fit = True
 
 
 def _log_read_as(located: _Located, missing: Sequence[str], unused: Sequence[str]) -> None:
@@ -1326,7 +1466,12 @@ def load_parents(refs: Sequence[Any], *, token: str | bool | None = None, allow_
     check_objects_complete(located)
     warning = check_vocabularies(located)
     for parent in located:
+        check_hub_shard_headers(parent, token=token)
+        check_weights_fit(parent)  # a folder's headers, or a sharded Hub checkpoint's just read: before any download
+    for parent in located:
         _prepare(parent, token=token, cache_dir=cache_dir)
+    for parent in located:
+        check_weights_fit(parent)  # a single-file Hub checkpoint's, now downloaded: before any parent is loaded
     if not names_known:
         check_parameter_names(located)
     return _warned([_finish(p, token=token, cache_dir=cache_dir) for p in located], warning)
@@ -1391,6 +1536,10 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
     check_objects_complete(located)
     located_base, source = locate_base(located, base, base_needed_for=base_needed_for, token=token,
                                        allow_pickle=allow_pickle, cache_dir=cache_dir)
+    for parent in located + ([located_base] if located_base is not None else []):
+        check_hub_shard_headers(parent, token=token)  # before the calibration data is opened, too: a few requests
+    for parent in located:  # a folder's headers, or a sharded Hub checkpoint's just read: before any download, and
+        check_weights_fit(parent)  # before `check_config` builds the merge's spec from configs the dry run refused
     if check_config is not None and located[0].config is not None:
         check_config(located[0].model if located[0].model is not None else located[0].config,
                      [unloaded(p) for p in located], None if located_base is None else unloaded(located_base))
@@ -1399,6 +1548,8 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
         before_weights([p.loaded.processor if p.loaded is not None else p.processor for p in located])
     for parent in located + ([located_base] if located_base is not None else []):
         _prepare(parent, token=token, cache_dir=cache_dir)
+    for parent in located:
+        check_weights_fit(parent)  # a single-file Hub checkpoint's, now downloaded: before any parent is loaded
     if not names_known:
         check_parameter_names(located)
     views: list[LoadedParent | None] = [None] * len(located)
