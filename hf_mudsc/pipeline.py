@@ -968,7 +968,8 @@ def merge(
                     averaging, group_names=[], group_values=[], rows=None, shared_labels=None,
                     relation_text=relation_warning(relation.relation, averaging))
                 average_option_warnings = _returned_average_warnings(
-                    option_warnings, merge_options, used_options, merge_method, averaging, average_options, count)
+                    option_warnings, merge_options, averaging, average_options, calibration, count, spec.inputs,
+                    strangers)
                 warnings += [text for text in average_option_warnings + input_check.warnings if text not in warnings]
                 merged.config.mudsc.update(
                     recorded.values(recorded=True), method_choice_reason=choice_reason, statistics_dtype=None,
@@ -1096,12 +1097,13 @@ def _one_shot_refusal(method: MergeMethod, chosen: str | None, relation: str) ->
 
 def _warn_unused(options: MergeOptions, used: Mapping[str, Any], method: MergeMethod, calibration: Any, count: int,
                  refit_value: str, inputs: Sequence[str] = (), *, data_note: str | None = None,
-                 strangers: str = "") -> list[str]:
+                 strangers: str = "", log: bool = True) -> list[str]:
     """Say which options change nothing (`diagnostics.unread_options_warning`, `inert_options_warnings`) or do less
     than they say (`MergeMethod.option_warnings`), and that
     `reference_compat=True` has no reference merge to reproduce with a method that matches no units; returns the
     texts said, which the merge records with its other warnings. `data_note`: why the data goes unread (`auto`'s
-    dataless choice for want of memory), said instead of the advice to pass a method that reads it."""
+    dataless choice for want of memory), said instead of the advice to pass a method that reads it. `log` False:
+    the texts are returned, not logged (the caller logs the ones that are new)."""
     reads_data = _reads_data(method, refit_value in REFITTING)
     unread = unread_options_warning(options, used, method.name, read=method.read_as_default(options))
     advice = advice_warnings(None, None, unread_data_warning(method.name, reads_data=reads_data,
@@ -1111,32 +1113,33 @@ def _warn_unused(options: MergeOptions, used: Mapping[str, Any], method: MergeMe
             has_data=calibration is not None, refit=refit_value, pairs_heads=method.pairs_attention_heads,
             inputs=inputs, data_note=data_note, strangers=strangers)] if text]
     said += method.option_warnings(options, count)
-    for text in said:
+    for text in said if log else ():
         logger.warning("%s", text, extra={ADVICE: text in advice})
     if reference_compat_unread(method, options):
         without = _refits(dataclasses.replace(options, reference_compat=False), method, calibration, count)
         effect = f": it only turned the refit off (refit {without!r} otherwise)" if without != refit_value else ""
         said.append(f"method {method.name} matches no units, so {option_hint('reference_compat')} has no reference "
                     f"merge to reproduce{effect}; pass method='mudsc' for the reference's merge")
-        logger.warning("%s", said[-1])
+        if log:
+            logger.warning("%s", said[-1])
     return said
 
 
-def _returned_average_warnings(said: Sequence[str], options: MergeOptions, used: Mapping[str, Any],
-                               replaced: MergeMethod, averaging: MergeMethod, average_options: MergeOptions,
-                               count: int) -> list[str]:
-    """The option warnings `said` for the method `auto`'s averaging check replaced, restated for the plain average
-    it returned: "method M does not read X" and M's own option notes name a method that is not the model's, so they
-    give way to the average's (logged: new to the user); the rest (inert refit or data settings) stay."""
-    replaced_texts = {unread_options_warning(options, used, replaced.name, read=replaced.read_as_default(options)),
-                      *replaced.option_warnings(options, count)}
-    average_texts = [text for text in [
-        unread_options_warning(options, averaging.used_options(average_options), averaging.name,
-                               read=averaging.read_as_default(average_options)),
-        *averaging.option_warnings(average_options, count)] if text]
-    for text in average_texts:
-        logger.warning("%s", text)
-    return average_texts + [text for text in said if text not in replaced_texts and text not in average_texts]
+def _returned_average_warnings(said: Sequence[str], options: MergeOptions, averaging: MergeMethod,
+                               average_options: MergeOptions, calibration: Any, count: int, inputs: Sequence[str],
+                               strangers: str) -> list[str]:
+    """The option warnings of the plain average `auto`'s averaging check returned, in place of `said` (those of the
+    method it replaced, which name that method, its matching, its base or its refit): what `method="linear"` with
+    `refit="none"` says of these options (`_warn_unused`) — but the data: it chose the average, so it is no
+    "unread" data. The texts new to the user are logged."""
+    data_text = unread_data_warning(averaging.name, reads_data=False, has_data=calibration is not None)
+    texts = [text for text in _warn_unused(options, averaging.used_options(average_options), averaging, calibration,
+                                           count, "none", inputs, strangers=strangers, log=False)
+             if text != data_text]
+    for text in texts:
+        if text not in said:
+            logger.warning("%s", text)
+    return texts
 
 
 def _correspondence_checker(relation: ParentRelation, chosen: MergeMethod, options: MergeOptions, calibration: Any,

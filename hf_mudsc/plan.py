@@ -407,15 +407,34 @@ def memory_shortfall(model_or_config: Any, parents: int, method: Any, *, loading
 
 
 #: `memory_floor` parts only the process that solves holds (process 0 under a launcher, `calibrate.distributed`):
-#: every other process loads the parents and holds the summed statistics, nothing of the solve or the method's pass.
+#: every other process loads the parents and holds the summed statistics, then returns (`pipeline.merge`) while
+#: process 0 solves or runs the method's own pass.
 SOLVER_ONLY_PARTS = ("similarity", "working")
 
 
+def shared_floor(floor: Mapping[str, float]) -> float:
+    """The part of `floor` every process of a launch holds (all but `SOLVER_ONLY_PARTS`)."""
+    return sum(value for key, value in floor.items() if key not in SOLVER_ONLY_PARTS)
+
+
 def machine_floor(floor: Mapping[str, float], processes: int) -> float:
-    """Bytes `processes` processes of one merge on this machine hold at once: one `floor`, and the other processes'
-    share of it (every part but `SOLVER_ONLY_PARTS`) — they all draw on the memory `available_memory` reports."""
-    shared = sum(value for key, value in floor.items() if key not in SOLVER_ONLY_PARTS)
-    return sum(floor.values()) + (processes - 1) * shared
+    """Bytes `processes` processes of one merge on this machine hold at once (they all draw on the memory
+    `available_memory` reports): each its `shared_floor` while the statistics are collected, then process 0 alone
+    its whole `floor` — the larger of the two."""
+    return max(sum(floor.values()), processes * shared_floor(floor))
+
+
+def most_parents(floor: Mapping[str, float], parents: int, every: bool, available: float) -> int:
+    """The largest N with a·N² + b·N + c <= `available` for `floor` measured at `parents` parents (statistics and
+    similarity grow with N², the weights of parents loaded whole — `every` — with N; a fixed count's weights and the
+    other parts are c)."""
+    per_parent = floor.get("weights", 0.0) / parents if every else 0.0
+    room = available - (0.0 if every else floor.get("weights", 0.0)) - sum(
+        floor.get(key, 0.0) for key in ("copies", "base", "base_copy", "working"))
+    squared = (floor.get("statistics", 0.0) + floor.get("similarity", 0.0)) / parents**2
+    if squared:
+        return int((-per_parent + (per_parent**2 + 4 * squared * max(room, 0.0)) ** 0.5) / (2 * squared))
+    return int(max(room, 0.0) // per_parent) if per_parent else 0
 
 
 def check_memory(model_or_config: Any, parents: int, method: Any | None, *, loading: int,
@@ -439,18 +458,12 @@ def check_memory(model_or_config: Any, parents: int, method: Any | None, *, load
     needed = machine_floor(floor, processes)
     if needed <= available:
         return
-    # The most parents that fit: the largest N with a·N² + b·N + c <= available (statistics and similarity grow
-    # with N², the weights of parents loaded whole with N; weights of a fixed count are c), every process on this
-    # machine holding its share (`machine_floor`).
+    # The most parents that fit, process 0's whole floor and every process's share (`machine_floor`) alike.
     every = loading == parents
-    per_parent = processes * floor.get("weights", 0.0) / parents if every else 0.0
-    room = available - processes * ((0.0 if every else floor.get("weights", 0.0)) + sum(
-        floor.get(key, 0.0) for key in ("copies", "base", "base_copy"))) - floor.get("working", 0.0)
-    squared = (processes * floor.get("statistics", 0.0) + floor.get("similarity", 0.0)) / parents**2
-    if squared:
-        fits = int((-per_parent + (per_parent**2 + 4 * squared * max(room, 0.0)) ** 0.5) / (2 * squared))
-    else:
-        fits = int(max(room, 0.0) // per_parent) if per_parent else 0
+    fits = most_parents(floor, parents, every, available)
+    if processes > 1:
+        share = {key: processes * value for key, value in floor.items() if key not in SOLVER_ONLY_PARTS}
+        fits = min(fits, most_parents(share, parents, every, available))
     parts = {"statistics": "of activation statistics (8·(N·n)² bytes per group: they grow with the square of the "
                            "number of parents)",
              "similarity": "for the widest group's similarity (8·(N·n)² bytes)",
@@ -473,10 +486,14 @@ def check_memory(model_or_config: Any, parents: int, method: Any | None, *, load
                                                    or method.needs_data)
     instead = "" if tensor_at_a_time else f", or choose {other} (CLI: --method)"  # it is such a method already
     others = ""
-    if processes > 1:
-        others = (f", and {memory_text(needed - sum(floor.values()))} more for the {processes - 1} other processes "
-                  "on this machine (each loads the parents and holds the statistics; process 0 alone solves)")
-        fewer = f"launch fewer processes per machine (--nproc_per_node), {fewer}"
+    if processes > 1 and processes * shared_floor(floor) > sum(floor.values()):
+        others = (f", {processes} times over: the {processes} processes on this machine each load the parents and "
+                  "hold the statistics (process 0 alone solves)")
+        held = ", ".join(f"{memory_text(floor[key])} {text}" for key, text in parts.items()
+                         if floor.get(key) and key not in SOLVER_ONLY_PARTS)
+    if processes > 1 and processes * shared_floor(floor) > available:
+        fewer = (f"launch fewer processes per machine (torchrun --nproc_per_node, accelerate launch --num_processes),"
+                 f" {fewer}")
     raise MergeInputError(
         f"{why}merging {parents} parents with {name} needs at least {memory_text(needed)} at once — {held}{others} "
         f"— but {memory_text(available)} of memory is available; {fewer}{instead}")

@@ -34,15 +34,26 @@ def test_warnings_of_a_returned_average_name_plain_averaging_not_the_method_it_r
     assert f"method {returned} does not read alpha= (CLI: --alpha): it has no effect" in warnings, warnings
     assert not any(f"method {replaced} " in text for text in warnings), warnings
     assert merged.merge_report.warnings == warnings
-    assert any(f"method {returned} does not read alpha=" in record.getMessage() for record in caplog.records)
+    logged = [record.getMessage() for record in caplog.records]
+    assert sum(f"method {returned} does not read alpha=" in text for text in logged) == 1, logged  # once
+    # (review) the replaced method's other notes too: options of unit matching, the base, the data it read
+    merged = hf_mudsc.merge(parents, batches, alpha=0.3, independent_heads=True, base=parents[0], refit_lambda=0.5,
+                            progress=False)
+    warnings = merged.config.mudsc["warnings"]
+    assert merged.config.mudsc["method"] == returned
+    assert not any(replaced in text for text in warnings), warnings
+    assert any(f"method {returned} does not read alpha=" in text for text in warnings), warnings
+    assert any("refit_lambda" in text and "no refit runs" in text for text in warnings), warnings
+    assert not any("calibration data" in text and "no effect" in text for text in warnings), warnings  # it chose
 
 
 def test_the_memory_check_counts_every_process_a_launcher_starts_on_this_machine(monkeypatch):
     """`torchrun --nproc_per_node 4 -m hf_mudsc merge ...`: each process loads the parents and holds the summed
-    statistics (process 0 alone solves), but each process's memory check held one process's floor against the
-    machine's whole free memory: four processes passed a check that fit one and ran out of memory in calibration.
-    Now the check counts the other processes on this machine (`LOCAL_WORLD_SIZE`, set by torchrun and accelerate)
-    and its one-line refusal names them and the fix."""
+    statistics (process 0 alone then solves, the others return), but each process's memory check held one process's
+    floor against the machine's whole free memory: four processes passed a check that fit one and ran out of memory
+    in calibration. Now the check holds the larger of process 0's floor and every process's share
+    (`LOCAL_WORLD_SIZE`, set by torchrun and accelerate), and its one-line refusal names them and the fix. (The
+    review's case: a floor that process 0 alone reaches — a method's working set — is not counted once per process.)"""
     from factories import make_model
 
     import hf_mudsc.plan as plan
@@ -54,6 +65,7 @@ def test_the_memory_check_counts_every_process_a_launcher_starts_on_this_machine
     floor = plan.memory_floor(model, 2, mudsc, loading=2)
     one = sum(floor.values())
     shared = floor["weights"] + floor["statistics"]  # what a process that does not solve holds too
+    assert 4 * shared > one > shared
     monkeypatch.setattr(plan, "available_memory", lambda: int(one * 1.01))
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert local_processes() == 1
@@ -67,9 +79,41 @@ def test_the_memory_check_counts_every_process_a_launcher_starts_on_this_machine
     with pytest.raises(MergeInputError) as error:
         plan.check_memory(model, 2, mudsc, loading=2)
     line = str(error.value)
-    assert "\n" not in line and "the 3 other processes on this machine" in line, line
-    assert "launch fewer processes per machine (--nproc_per_node)" in line, line
-    assert plan.memory_shortfall(model, 2, mudsc, loading=2) == (one + 3 * shared, int(one * 1.01))
-    monkeypatch.setattr(plan, "available_memory", lambda: int((one + 3 * shared) * 1.01))
+    assert "\n" not in line and "4 times over: the 4 processes on this machine each load the parents" in line, line
+    assert "launch fewer processes per machine (torchrun --nproc_per_node, accelerate launch --num_processes)" in line
+    assert plan.memory_shortfall(model, 2, mudsc, loading=2) == (4 * shared, int(one * 1.01))
+    monkeypatch.setattr(plan, "available_memory", lambda: int(4 * shared * 1.01))
     plan.check_memory(model, 2, mudsc, loading=2)  # room for all four: fits
     assert plan.memory_shortfall(model, 2, mudsc, loading=2) is None
+    # Process 0's own floor larger than the processes' shares: counted once, and no launch advice.
+    regmean = METHODS["regmean"]
+    working = plan.memory_floor(model, 2, regmean, loading=2)
+    assert plan.machine_floor(working, 2) == max(sum(working.values()), 2 * working["weights"])
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    big = {"weights": 10.0, "working": 100.0}
+    assert plan.machine_floor(big, 2) == 110.0 and plan.machine_floor(big, 20) == 200.0
+    monkeypatch.setattr(plan, "memory_floor", lambda *args, **kwargs: dict(big))
+    monkeypatch.setattr(plan, "available_memory", lambda: 105)
+    with pytest.raises(MergeInputError) as error:  # process 0 alone does not fit: fewer processes would not help
+        plan.check_memory(model, 2, regmean, loading=2)
+    assert "needs at least 110 B" in str(error.value), str(error.value)
+    assert "launch fewer" not in str(error.value) and "times over" not in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize("flag", ["", "   "])
+def test_a_blank_api_key_flag_is_refused_not_read_as_no_key(tmp_path, flag, monkeypatch, capsys):
+    """(review) HF_MUDSC_API_KEY=secret hf-mudsc serve --api-key "  ": the blank flag won over the environment
+    variable and was then cleaned to no key — the service started without the key its operator set, saying nothing.
+    Now one line, exit 1, nothing started, the key not shown."""
+    import uvicorn
+
+    from hf_mudsc.cli.main import main
+
+    started: list[object] = []
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: started.append(args))
+    monkeypatch.setenv("HF_MUDSC_API_KEY", "secret-key-1234")
+    code = main(["serve", "--api-key", flag, "--port", "0", "--state-dir", str(tmp_path / "state")])
+    err = capsys.readouterr().err
+    assert code == 1 and started == [], err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "--api-key is empty" in err and "secret-key-1234" not in err, err

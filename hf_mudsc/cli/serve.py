@@ -119,7 +119,11 @@ def check_exposure(host: str, api_key: str | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    api_key = clean_api_key(getattr(args, "api_key", None) or os.environ.get(API_KEY_ENV))
+    flag = getattr(args, "api_key", None)
+    if flag is not None and not flag.strip():  # else it would win over the environment's key and mean none
+        raise ValueError(f"--api-key is empty: pass the key, or leave the flag out (then {API_KEY_ENV} is read; "
+                         "without either the service serves this machine only, with no key)")
+    api_key = clean_api_key(flag or os.environ.get(API_KEY_ENV))
     if getattr(args, "api_key", None):
         logger.warning("--api-key on the command line is visible to every user of this machine (ps, "
                        "/proc/<pid>/cmdline): set the environment variable %s instead", API_KEY_ENV)
