@@ -671,15 +671,12 @@ def staged_output(
             if target is not None:
                 # Complete, and still naming this process until it is in place: killed meanwhile (the old folder's
                 # check before the swap hashes a whole model), it is a leftover the next run removes.
-                marker = record_files(staging, staging=True)
+                record_files(staging, staging=True)
                 check = _RENAME_CHECK.get()
                 if check is not None:
                     check()
-                staged_id = _identity(staging)
                 _move_into_place(staging, target, overwrite=overwrite, keep_existing=keep_existing, flag=flag,
                                  existed=existed)
-                if not os.path.lexists(staging) and _identity(target) == staged_id:  # in place, not dropped
-                    _write_marker(target, {key: value for key, value in marker.items() if key not in ("pid", "host")})
             finished = True
         finally:  # marker last: interrupted again meanwhile, what is left is still known as a leftover
             if staging.is_dir():
@@ -898,9 +895,14 @@ def _restore(path: Path, previous: tuple[str, Any] | None) -> None:
 
 def _move_into_place(staging: Path, target: Path, *, overwrite: bool, keep_existing: bool, flag: str,
                      existed: bool) -> None:
+    """Rename the complete `staging` onto `target`; an existing `target` (with `overwrite`, checked again) is renamed
+    aside first and deleted once the new folder is in place. Right after the rename, before that delete (seconds for a
+    big model), the marker stops naming this process (`_drop_writer`)."""
+    placed = _identity(staging)
     if not target.exists() and not target.is_symlink():
         try:
             os.rename(staging, target)
+            _drop_writer(target, placed)
             return
         except OSError:
             if not target.exists():  # no race lost: a real error
@@ -924,6 +926,7 @@ def _move_into_place(staging: Path, target: Path, *, overwrite: bool, keep_exist
         if isinstance(error, OSError) and error.errno in (errno.ENOTEMPTY, errno.EEXIST) and target.exists():
             _check_appeared(target, overwrite=False, flag=flag, replacing=overwrite)  # another run finished first
         raise
+    _drop_writer(target, placed)
     try:
         _remove_marker_last(backup)
     except BaseException as error:  # Ctrl-C during a multi-GB delete, a file that may not be deleted: said, not lost
@@ -932,6 +935,24 @@ def _move_into_place(staging: Path, target: Path, *, overwrite: bool, keep_exist
                        "interrupted" if isinstance(error, KeyboardInterrupt) else error, backup, target)
         if not isinstance(error, OSError):
             raise
+
+
+def _drop_writer(target: Path, placed: tuple[int, int] | None) -> None:
+    """Rewrite the marker of `target`, just renamed in, without this process and host (the output names no writer):
+    the marker as it is now, not as recorded before the rename, so the files another run (`evaluate`) recorded in it
+    meanwhile stay listed. Only while `target` is still the folder `placed` (its identity) and its marker names this
+    process: another run's folder put there meanwhile keeps its own. Not done (a full disk): said, and harmless (only
+    a staging folder's process is ever read: `clean_leftovers`)."""
+    if placed is None or _identity(target) != placed:
+        return
+    marker = read_marker(target)
+    if marker is None or marker.get("pid") != os.getpid() or marker.get("host") != socket.gethostname():
+        return
+    try:
+        _write_marker(target, {key: value for key, value in marker.items() if key not in ("pid", "host")})
+    except OSError as error:
+        logger.warning("%s is in place and complete, but its %s still names this process and host (%s), which "
+                       "nothing reads there", target, MARKER_FILENAME, error.strerror or error)
 
 
 def _remove_marker_last(folder: Path, *, ignore_errors: bool = False) -> bool:
