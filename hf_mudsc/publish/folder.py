@@ -397,8 +397,12 @@ def listed_outside(folder: str | os.PathLike) -> list[str]:
     empty) parts. hf-mudsc records only relative names of files it wrote inside; such a name means the marker was
     crafted, and whatever reads the list (a push uploads it) would reach files elsewhere on this machine."""
     listed = (read_marker(folder) or {}).get("files", {})
-    return sorted(name for name in listed
-                  if not name or name.startswith("/") or {"", ".", ".."} & set(name.split("/")))
+    return sorted(name for name in listed if _is_outside(name))
+
+
+def _is_outside(name: str) -> bool:
+    """Whether a name the marker lists cannot be a file of its folder (`listed_outside`)."""
+    return not name or name.startswith("/") or bool({"", ".", ".."} & set(name.split("/")))
 
 
 def _walk(folder: Path) -> Iterator[Path]:
@@ -458,7 +462,10 @@ def _marker_listings(root: Path, written: Iterable[tuple[Path, Path]], *, finish
     """`root`'s marker, when it has a complete one, as two temporary files (`_marker_temporary`) to rename onto it:
     before the files `(path, temporary)` are put in place, one listing their new entries under `REPLACING` besides
     their current ones; after, one listing each under `root` with the temporary's content. None when `root` has no
-    complete marker (nothing to record). The final marker ends the `REPLACING` entries of `finished` (None: all)."""
+    complete marker (nothing to record). The final marker ends the `REPLACING` entries of `finished` (None: all) that
+    a killed run left and this one does not rewrite (an evaluate that draws no chart), by what the file holds now:
+    its new entry if it matches that, else its listed one if it matches that (kept), else neither (the file is
+    refused, as one the writer cannot vouch for); the others stay, for the next writer to end."""
     marker = read_marker(root)
     if marker is None or not marker.get("complete"):
         return None
@@ -466,9 +473,11 @@ def _marker_listings(root: Path, written: Iterable[tuple[Path, Path]], *, finish
            for path, temporary in written if path.is_relative_to(root)}
     replacing = marker.pop(REPLACING, None)
     replacing = replacing if isinstance(replacing, dict) else {}
-    final = {**marker, "files": {**marker["files"], **new}}
-    left = {} if finished is None else {name: entry for name, entry in replacing.items()
-                                        if name not in set(finished) and name not in new}
+    ending = {name for name in replacing if name not in new and (finished is None or name in set(finished))}
+    settled = {name: replacing[name] for name in sorted(ending)
+               if not _is_outside(name) and _holds(root / name, replacing[name])}
+    final = {**marker, "files": {**marker["files"], **settled, **new}}
+    left = {name: entry for name, entry in replacing.items() if name not in new and name not in ending}
     if left:
         final[REPLACING] = left
     journal = _marker_temporary(root, {**marker, REPLACING: {**replacing, **new}})
@@ -477,6 +486,14 @@ def _marker_listings(root: Path, written: Iterable[tuple[Path, Path]], *, finish
     except BaseException:
         journal.unlink(missing_ok=True)
         raise
+
+
+def _holds(path: Path, entry: Any) -> bool:
+    """Whether `path` is a regular file with the size and sha256 of the marker's `entry`."""
+    if (not isinstance(entry, dict) or path.is_symlink() or not path.is_file()
+            or path.stat().st_size != entry.get("size")):
+        return False
+    return _fingerprint_of(path, settled=True)["sha256"] == entry.get("sha256")
 
 
 def _marker_temporary(folder: Path, marker: dict[str, Any]) -> Path:
