@@ -833,6 +833,7 @@ def temporary_beside(path: Path) -> Path:
 
 
 def _host_tag() -> str:
+    """This host in a temporary file's name: 8 hex digits of its name's sha256 (fixed length, no odd characters)."""
     return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
 
 
@@ -893,6 +894,7 @@ def _previous(path: Path) -> tuple[str, Any] | None:
 
 
 def _restore(path: Path, previous: tuple[str, Any] | None) -> None:
+    """Put `_previous`'s record back at `path` by a rename of a temporary sibling (None: remove what is there)."""
     if previous is None:
         path.unlink(missing_ok=True)
         return
