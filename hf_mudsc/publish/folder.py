@@ -780,7 +780,8 @@ def replace_files_together(writes: Iterable[tuple[str | os.PathLike, Callable[[P
     Each `(path, write)` is first written by `write(temporary)` to a temporary sibling (a failure there changes
     nothing), then put in place by `_put_in_place`: a failure on the way puts the previous files (and marker) back,
     Ctrl-C and SIGTERM wait for the renames, and a SIGKILL among them leaves each file old or new, the marker saying
-    which may be either (`REPLACING`: `push` refuses the folder until the next run of the writer replaces them all).
+    which may be either (`REPLACING`: `push` refuses the folder until the next of these runs ends them, each by
+    what the file then holds: `_marker_listings`).
     Returns the paths written."""
     root = without_dot_dot(Path(owner)).absolute()
     return _put_in_place([(without_dot_dot(Path(path)).absolute(), write) for path, write in writes], root=root)
