@@ -397,8 +397,12 @@ def listed_outside(folder: str | os.PathLike) -> list[str]:
     empty) parts. hf-mudsc records only relative names of files it wrote inside; such a name means the marker was
     crafted, and whatever reads the list (a push uploads it) would reach files elsewhere on this machine."""
     listed = (read_marker(folder) or {}).get("files", {})
-    return sorted(name for name in listed
-                  if not name or name.startswith("/") or {"", ".", ".."} & set(name.split("/")))
+    return sorted(name for name in listed if _is_outside(name))
+
+
+def _is_outside(name: str) -> bool:
+    """Whether a name the marker lists cannot be a file of its folder (`listed_outside`)."""
+    return not name or name.startswith("/") or bool({"", ".", ".."} & set(name.split("/")))
 
 
 def _walk(folder: Path) -> Iterator[Path]:
@@ -458,7 +462,10 @@ def _marker_listings(root: Path, written: Iterable[tuple[Path, Path]], *, finish
     """`root`'s marker, when it has a complete one, as two temporary files (`_marker_temporary`) to rename onto it:
     before the files `(path, temporary)` are put in place, one listing their new entries under `REPLACING` besides
     their current ones; after, one listing each under `root` with the temporary's content. None when `root` has no
-    complete marker (nothing to record). The final marker ends the `REPLACING` entries of `finished` (None: all)."""
+    complete marker (nothing to record). The final marker ends the `REPLACING` entries of `finished` (None: all) that
+    a killed run left and this one does not rewrite (an evaluate that draws no chart), by what the file holds now:
+    its new entry if it matches that, else its listed one if it matches that (kept), else neither (the file is
+    refused, as one the writer cannot vouch for); the others stay, for the next writer to end."""
     marker = read_marker(root)
     if marker is None or not marker.get("complete"):
         return None
@@ -466,9 +473,11 @@ def _marker_listings(root: Path, written: Iterable[tuple[Path, Path]], *, finish
            for path, temporary in written if path.is_relative_to(root)}
     replacing = marker.pop(REPLACING, None)
     replacing = replacing if isinstance(replacing, dict) else {}
-    final = {**marker, "files": {**marker["files"], **new}}
-    left = {} if finished is None else {name: entry for name, entry in replacing.items()
-                                        if name not in set(finished) and name not in new}
+    ending = {name for name in replacing if name not in new and (finished is None or name in set(finished))}
+    settled = {name: replacing[name] for name in sorted(ending)
+               if not _is_outside(name) and _holds(root / name, replacing[name])}
+    final = {**marker, "files": {**marker["files"], **settled, **new}}
+    left = {name: entry for name, entry in replacing.items() if name not in new and name not in ending}
     if left:
         final[REPLACING] = left
     journal = _marker_temporary(root, {**marker, REPLACING: {**replacing, **new}})
@@ -477,6 +486,14 @@ def _marker_listings(root: Path, written: Iterable[tuple[Path, Path]], *, finish
     except BaseException:
         journal.unlink(missing_ok=True)
         raise
+
+
+def _holds(path: Path, entry: Any) -> bool:
+    """Whether `path` is a regular file with the size and sha256 of the marker's `entry`."""
+    if (not isinstance(entry, dict) or path.is_symlink() or not path.is_file()
+            or path.stat().st_size != entry.get("size")):
+        return False
+    return _fingerprint_of(path, settled=True)["sha256"] == entry.get("sha256")
 
 
 def _marker_temporary(folder: Path, marker: dict[str, Any]) -> Path:
@@ -671,15 +688,12 @@ def staged_output(
             if target is not None:
                 # Complete, and still naming this process until it is in place: killed meanwhile (the old folder's
                 # check before the swap hashes a whole model), it is a leftover the next run removes.
-                marker = record_files(staging, staging=True)
+                record_files(staging, staging=True)
                 check = _RENAME_CHECK.get()
                 if check is not None:
                     check()
-                staged_id = _identity(staging)
                 _move_into_place(staging, target, overwrite=overwrite, keep_existing=keep_existing, flag=flag,
                                  existed=existed)
-                if not os.path.lexists(staging) and _identity(target) == staged_id:  # in place, not dropped
-                    _write_marker(target, {key: value for key, value in marker.items() if key not in ("pid", "host")})
             finished = True
         finally:  # marker last: interrupted again meanwhile, what is left is still known as a leftover
             if staging.is_dir():
@@ -766,7 +780,8 @@ def replace_files_together(writes: Iterable[tuple[str | os.PathLike, Callable[[P
     Each `(path, write)` is first written by `write(temporary)` to a temporary sibling (a failure there changes
     nothing), then put in place by `_put_in_place`: a failure on the way puts the previous files (and marker) back,
     Ctrl-C and SIGTERM wait for the renames, and a SIGKILL among them leaves each file old or new, the marker saying
-    which may be either (`REPLACING`: `push` refuses the folder until the next run of the writer replaces them all).
+    which may be either (`REPLACING`: `push` refuses the folder until the next of these runs ends them, each by
+    what the file then holds: `_marker_listings`).
     Returns the paths written."""
     root = without_dot_dot(Path(owner)).absolute()
     return _put_in_place([(without_dot_dot(Path(path)).absolute(), write) for path, write in writes], root=root)
@@ -819,6 +834,7 @@ def temporary_beside(path: Path) -> Path:
 
 
 def _host_tag() -> str:
+    """This host in a temporary file's name: 8 hex digits of its name's sha256 (fixed length, no odd characters)."""
     return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
 
 
@@ -879,6 +895,7 @@ def _previous(path: Path) -> tuple[str, Any] | None:
 
 
 def _restore(path: Path, previous: tuple[str, Any] | None) -> None:
+    """Put `_previous`'s record back at `path` by a rename of a temporary sibling (None: remove what is there)."""
     if previous is None:
         path.unlink(missing_ok=True)
         return
@@ -898,9 +915,14 @@ def _restore(path: Path, previous: tuple[str, Any] | None) -> None:
 
 def _move_into_place(staging: Path, target: Path, *, overwrite: bool, keep_existing: bool, flag: str,
                      existed: bool) -> None:
+    """Rename the complete `staging` onto `target`; an existing `target` (with `overwrite`, checked again) is renamed
+    aside first and deleted once the new folder is in place. Right after the rename, before that delete (seconds for a
+    big model), the marker stops naming this process (`_drop_writer`)."""
+    placed = _identity(staging)
     if not target.exists() and not target.is_symlink():
         try:
             os.rename(staging, target)
+            _drop_writer(target, placed)
             return
         except OSError:
             if not target.exists():  # no race lost: a real error
@@ -924,6 +946,7 @@ def _move_into_place(staging: Path, target: Path, *, overwrite: bool, keep_exist
         if isinstance(error, OSError) and error.errno in (errno.ENOTEMPTY, errno.EEXIST) and target.exists():
             _check_appeared(target, overwrite=False, flag=flag, replacing=overwrite)  # another run finished first
         raise
+    _drop_writer(target, placed)
     try:
         _remove_marker_last(backup)
     except BaseException as error:  # Ctrl-C during a multi-GB delete, a file that may not be deleted: said, not lost
@@ -932,6 +955,24 @@ def _move_into_place(staging: Path, target: Path, *, overwrite: bool, keep_exist
                        "interrupted" if isinstance(error, KeyboardInterrupt) else error, backup, target)
         if not isinstance(error, OSError):
             raise
+
+
+def _drop_writer(target: Path, placed: tuple[int, int] | None) -> None:
+    """Rewrite the marker of `target`, just renamed in, without this process and host (the output names no writer):
+    the marker as it is now, not as recorded before the rename, so the files another run (`evaluate`) recorded in it
+    meanwhile stay listed. Only while `target` is still the folder `placed` (its identity) and its marker names this
+    process: another run's folder put there meanwhile keeps its own. Not done (a full disk): said, and harmless (only
+    a staging folder's process is ever read: `clean_leftovers`)."""
+    if placed is None or _identity(target) != placed:
+        return
+    marker = read_marker(target)
+    if marker is None or marker.get("pid") != os.getpid() or marker.get("host") != socket.gethostname():
+        return
+    try:
+        _write_marker(target, {key: value for key, value in marker.items() if key not in ("pid", "host")})
+    except OSError as error:
+        logger.warning("%s is in place and complete, but its %s still names this process and host (%s), which "
+                       "nothing reads there", target, MARKER_FILENAME, error.strerror or error)
 
 
 def _remove_marker_last(folder: Path, *, ignore_errors: bool = False) -> bool:
