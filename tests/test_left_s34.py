@@ -117,3 +117,17 @@ def test_a_blank_api_key_flag_is_refused_not_read_as_no_key(tmp_path, flag, monk
     assert code == 1 and started == [], err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert "--api-key is empty" in err and "secret-key-1234" not in err, err
+
+
+def test_a_json_body_sent_as_yaml_with_a_huge_integer_is_named_json(tmp_path):
+    """(review) POST '{"models": [...], "seed": 1000...0}' (5000 digits) as YAML: the page's JSON recipe was read as
+    JSON and refused as "the body's YAML holds an integer too large". Now the message names the JSON it was read as."""
+    from fastapi.testclient import TestClient
+
+    from hf_mudsc.serve.app import create_app
+
+    body = '{"models": ["user/a", "user/b"], "seed": 1' + "0" * 5000 + "}"
+    client = TestClient(create_app(tmp_path / "state"), base_url="http://127.0.0.1", raise_server_exceptions=False)
+    answer = client.post("/api/jobs", content=body.encode(), headers={"Content-Type": "text/yaml"})
+    assert answer.status_code == 400, answer.text
+    assert "the body's JSON holds an integer too large" in answer.json()["error"], answer.text

@@ -575,7 +575,12 @@ def _parse_body(raw: bytes, content_type: str) -> Any:
     try:
         if kind == "YAML" and text.lstrip().startswith("{"):  # the page sends its "YAML or JSON" textarea as YAML
             with contextlib.suppress(json.JSONDecodeError):  # JSON indented with tabs is no YAML (a tab starts no
-                return json.loads(text, object_pairs_hook=_json_mapping)  # token); a YAML flow mapping: below
+                try:  # token); a YAML flow mapping: below
+                    return json.loads(text, object_pairs_hook=_json_mapping)
+                except ValueError as problem:  # JSON syntax json cannot hold (an integer of thousands of digits)
+                    if integer_too_long(problem):
+                        kind = "JSON"
+                    raise
         return yaml.load(text, Loader=JobLoader) if kind == "YAML" else json.loads(
             text, object_pairs_hook=_json_mapping)
     except RecipeError:
