@@ -131,3 +131,32 @@ def test_a_json_body_sent_as_yaml_with_a_huge_integer_is_named_json(tmp_path):
     answer = client.post("/api/jobs", content=body.encode(), headers={"Content-Type": "text/yaml"})
     assert answer.status_code == 400, answer.text
     assert "the body's JSON holds an integer too large" in answer.json()["error"], answer.text
+
+
+def test_text_p_methods_pairs_each_row_with_mudsc_zip_under_the_same_refit(monkeypatch):
+    """`scripts/text_p_methods.py`'s paired column: a `refit none` row is paired with `mudsc zip refit none` (the
+    paper's merge against the paper's merge), every other row with the refitted `mudsc zip`; ahead / tied counted."""
+    import importlib.util
+    from pathlib import Path
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    monkeypatch.syspath_prepend(str(scripts))
+    spec = importlib.util.spec_from_file_location("text_p_methods", scripts / "text_p_methods.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def row(joint: float) -> dict[str, float]:
+        return {"task_0": 90.0, "task_1": 80.0, "joint": joint}
+
+    records = [{"pair": f"p{i}", "rows": {"ensemble": row(90.0), "mudsc zip": row(70.0 + i),
+                                           "mudsc zip refit none": row(80.0), "zipit": row(75.0),
+                                           "zipit refit none": row(40.0 + 10 * i)}} for i in range(2)]
+    labels = ["mudsc zip", "mudsc zip refit none", "zipit", "zipit refit none"]
+    result = module.summary(records, labels)
+    assert result["zipit"]["mudsc_zip_minus"]["mean"] == -4.5  # (70 − 75 + 71 − 75) / 2
+    assert result["zipit"]["mudsc_zip_minus"]["wins"] == 0
+    assert result["zipit refit none"]["mudsc_zip_minus"]["mean"] == 35.0  # (80 − 40 + 80 − 50) / 2
+    assert result["zipit refit none"]["mudsc_zip_minus"]["wins"] == 2
+    assert "mudsc_zip_minus" not in result["mudsc zip refit none"] and "mudsc_zip_minus" not in result["mudsc zip"]
+    assert "| zipit refit none | 90.0 ± 0.0 | 80.0 ± 0.0 | 45.0 ± 7.1 | +35.0 ± 7.1 | 2 / 0 of 2 |" in (
+        module.markdown(result, labels))
