@@ -804,11 +804,14 @@ def header_facts(parent: Any, *, token: str | bool | None) -> HeaderFacts:
 
     if parent.repo_id is not None and not constants.HF_HUB_OFFLINE:
         metadata = _hub_metadata(parent, token=token)
-        from hf_mudsc.load.parents import refuse_stored_twice
+        from hf_mudsc.load.parents import refuse_lost_tensor, refuse_stored_twice
+        from hf_mudsc.load.weight_files import SAFETENSORS_INDEX
 
         stored_in: dict[str, str] = {}  # a tensor stored twice is refused as the merge refuses it, before downloads
         for name in sorted(metadata.files_metadata):
-            refuse_stored_twice(parent.reference, stored_in, metadata.files_metadata[name].tensors, name)
+            refuse_stored_twice(parent.reference, stored_in, metadata.files_metadata[name].tensors, name, hub=True)
+        if metadata.sharded and SAFETENSORS_INDEX in parent.weight_files:  # its index is in the snapshot already
+            refuse_lost_tensor(parent.reference, parent.folder, stored_in, hub=True)
         tensors = {key: t for f in metadata.files_metadata.values() for key, t in f.tensors.items()}
         return HeaderFacts(sum(t.data_offsets[1] - t.data_offsets[0] for t in tensors.values()),
                            sorted({t.dtype for t in tensors.values()}), list(tensors),
@@ -818,32 +821,30 @@ def header_facts(parent: Any, *, token: str | bool | None) -> HeaderFacts:
 
 
 def _hub_metadata(parent: Any, *, token: str | bool | None) -> Any:
-    """`get_safetensors_metadata`, its failures refused in the loader's lines: a shard the index lists but the repo
-    lacks, a corrupt header, the Hub's other answers (the dry run says whether the merge would run)."""
+    """`get_safetensors_metadata`, its failures refused in the loader's lines (`hub_header_refusal`): a shard the
+    index lists but the repo lacks, an empty one, a corrupt header, the Hub's other answers (the dry run says whether
+    the merge would run)."""
     import re
 
     from huggingface_hub import HfApi, errors
 
     from hf_mudsc.errors import LoadError
-    from hf_mudsc.load.parents import corrupt_file_line, hub_request
+    from hf_mudsc.load.parents import hub_header_refusal, hub_request
 
     what = "reading the safetensors headers"
     try:
         return hub_request(parent.reference, lambda: HfApi().get_safetensors_metadata(
             parent.repo_id, revision=parent.commit_sha, token=token), what=what)
     except LoadError as error:
-        cause = error.__cause__
-        response = getattr(cause, "response", None)
-        if isinstance(cause, errors.EntryNotFoundError) and response is not None:
-            name = str(response.url).rsplit("/", 1)[-1]
-            raise LoadError(f"{parent.reference!r}: weight file {name} is missing; re-download the model or re-save "
-                            "it with save_pretrained") from cause
-        raise
+        response = getattr(error.__cause__, "response", None)
+        refusal = (hub_header_refusal(parent.reference, str(response.url).rsplit("/", 1)[-1], error)
+                   if response is not None else None)
+        if refusal is None:
+            raise
+        raise refusal from error.__cause__
     except errors.SafetensorsParsingError as error:
         found = re.search(r"header for '([^']+)'", str(error))
-        reason = str(error).split("): ", 1)[-1].split(". ")[0]
-        raise LoadError(corrupt_file_line(parent.reference, found.group(1) if found else "a weight file",
-                                          reason)) from error
+        raise hub_header_refusal(parent.reference, found.group(1) if found else "a weight file", error) from error
 
 
 def _local_header_facts(folder: Any, files: Sequence[str]) -> HeaderFacts:

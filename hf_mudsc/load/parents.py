@@ -541,9 +541,16 @@ def _folder_sizes(folder: Path, names: Sequence[str]) -> dict[str, int]:
 _FOLDER_FIX = "a model's side files are small — remove it from the folder, or restore the one save_pretrained wrote"
 
 
-def _shard_names(reference: str, folder: Path, index_name: str) -> list[str]:
-    """The shard files a `*.index.json` of `folder` points to."""
-    fix = "re-download it or re-save the model with save_pretrained"
+HUB_FILE_FIX = "choose another revision or ask the repo's owner"
+"""The fix of a Hub repository's broken or missing file, read from the Hub: nothing was cached to delete or fetch
+again, and the repository is not the user's to re-save (public: the dry run's header reads refuse alike)."""
+
+
+def _shard_names(reference: str, folder: Path, index_name: str, *, hub: bool = False) -> list[str]:
+    """The shard files a `*.index.json` of `folder` points to; a safetensors index naming a file that is not
+    `.safetensors` is refused here, where the index is read (for a Hub repo when it is located, before any weight is
+    requested: its shards would be downloaded and only then refused). `hub`: the index came from a Hub repository."""
+    fix = HUB_FILE_FIX if hub else "re-download it or re-save the model with save_pretrained"
     try:
         index = json.loads((folder / index_name).read_text())
         names = sorted(set(index["weight_map"].values()))
@@ -557,6 +564,11 @@ def _shard_names(reference: str, folder: Path, index_name: str) -> list[str]:
         raise LoadError(f"{reference!r}: {index_name} names no shard (its weight_map is empty); {fix}")
     if not isinstance(index.get("metadata"), dict):  # transformers reads it as a dict (a KeyError without one)
         raise LoadError(f"{reference!r}: {index_name} has no 'metadata' object (save_pretrained writes one); {fix}")
+    odd = next((name for name in names if not name.endswith(".safetensors")), None)
+    if index_name == SAFETENSORS_INDEX and odd is not None:  # a folder, `.`, config.json: opened as safetensors
+        where = "repository" if hub else "folder"
+        raise LoadError(f"{reference!r}: {index_name} names the shard {odd!r}, not a .safetensors file of the "
+                        f"{where}; {fix}")
     return names
 
 
@@ -569,10 +581,6 @@ def check_weight_files(reference: str, folder: Path, weight_files: Sequence[str]
     for name in weight_files:
         if name.endswith(".index.json"):
             shards = _shard_names(reference, folder, name)
-            odd = next((shard for shard in shards if not shard.endswith(".safetensors")), None)
-            if name == SAFETENSORS_INDEX and odd is not None:  # a folder, `.`, config.json: opened as safetensors
-                raise LoadError(f"{reference!r}: {name} names the shard {odd!r}, not a .safetensors file of the "
-                                "folder; re-download it or re-save the model with save_pretrained")
             names += [shard for shard in shards if shard.endswith(".safetensors")]
             for shard in shards:  # pickle shards too: their headers are read only when they load
                 if (folder / shard).is_symlink():
@@ -583,8 +591,7 @@ def check_weight_files(reference: str, folder: Path, weight_files: Sequence[str]
     for name in names:
         path = folder / name
         if not path.is_file():
-            raise LoadError(f"{reference!r}: weight file {name} is missing; re-download the model or re-save it "
-                            "with save_pretrained")
+            raise LoadError(missing_file_line(reference, name))
         refuse_link_out(reference, folder, path)
         try:
             with safe_open(str(path), framework="pt") as opened:
@@ -596,32 +603,46 @@ def check_weight_files(reference: str, folder: Path, weight_files: Sequence[str]
         refuse_lost_tensor(reference, folder, stored_in)
 
 
-def refuse_lost_tensor(reference: str, folder: Path, stored_in: Mapping[str, str]) -> None:
+def refuse_lost_tensor(reference: str, folder: Path, stored_in: Mapping[str, str], *, hub: bool = False) -> None:
     """Refuse a shard index placing a tensor that no shard holds (`stored_in`: key -> the shard whose header holds
     it), which from_pretrained would find missing only once every parent was checked. The index was read by
-    `_shard_names` before: a JSON object with a weight_map of strings."""
+    `_shard_names` before: a JSON object with a weight_map of strings. `hub`: the headers were read from the Hub."""
     weight_map = json.loads((folder / SAFETENSORS_INDEX).read_text())["weight_map"]
     lost = next((key for key in weight_map if key not in stored_in), None)
     if lost is not None:
         raise LoadError(f"{reference!r}: {SAFETENSORS_INDEX} puts tensor {shown(lost)} in {weight_map[lost]}, but "
-                        "no shard holds it (a shard is truncated or from another save); re-download the model or "
-                        "re-save it with save_pretrained")
+                        "no shard holds it (a shard is truncated or from another save); "
+                        + (HUB_FILE_FIX if hub else "re-download the model or re-save it with save_pretrained"))
 
 
-def corrupt_file_line(reference: str, name: str, reason: str) -> str:
-    """The refusal of a safetensors file whose header cannot be read (public: the dry run reads Hub headers)."""
+def corrupt_file_line(reference: str, name: str, reason: str, *, hub: bool = False) -> str:
+    """The refusal of a safetensors file whose header cannot be read (public: the dry run reads Hub headers). `hub`:
+    the header was read from the Hub, so nothing was cached: the fix is another revision or the repo's owner."""
+    if hub:
+        return (f"{reference!r}: {name} is not a valid safetensors file ({reason}): it is truncated or corrupt; "
+                f"{HUB_FILE_FIX}")
     return (f"{reference!r}: {name} is not a valid safetensors file ({reason}): it is truncated or corrupt. Download "
             "it again (for a Hub model, delete it from the cache first) or re-save it with save_pretrained")
 
 
-def refuse_stored_twice(reference: str, stored_in: dict[str, str], keys: Iterable[str], name: str) -> None:
+def missing_file_line(reference: str, name: str, *, hub: bool = False) -> str:
+    """The refusal of a weight file the shard index names but the folder (or, `hub`, the Hub repository) lacks
+    (public: the dry run reads Hub headers)."""
+    if hub:
+        return f"{reference!r}: weight file {name} is missing from the repository; {HUB_FILE_FIX}"
+    return f"{reference!r}: weight file {name} is missing; re-download the model or re-save it with save_pretrained"
+
+
+def refuse_stored_twice(reference: str, stored_in: dict[str, str], keys: Iterable[str], name: str, *,
+                        hub: bool = False) -> None:
     """Refuse a tensor of file `name` already stored in another (`stored_in`: key -> file, updated with `keys`):
-    which copy transformers would load is its own affair. Public: the dry run checks Hub headers alike."""
+    which copy transformers would load is its own affair. Public: the dry run checks Hub headers alike (`hub`: read
+    from the Hub, where the fix is another revision or the repo's owner)."""
     keys = list(keys)
     twice = next((key for key in keys if key in stored_in), None)
     if twice is not None:
         raise LoadError(f"{reference!r}: tensor {twice!r} is stored twice, in {stored_in[twice]} and {name}; "
-                        "re-download it or re-save the model with save_pretrained")
+                        + (HUB_FILE_FIX if hub else "re-download it or re-save the model with save_pretrained"))
     stored_in.update(dict.fromkeys(keys, name))
 
 
@@ -720,7 +741,7 @@ def _locate_hub(reference: str, repo_id: str, revision: str | None, *, token: st
         remember_revision(folder, revision, sha)
     for name in weight_files:  # a shard index is read before its shards (their names, headers, sizes): checked here
         if name.endswith(".index.json"):
-            _shard_names(reference, folder, name)
+            _shard_names(reference, folder, name, hub=True)
     return _Located(reference=reference, config=config, folder=folder, repo_id=repo_id, revision=revision,
                     commit_sha=sha, weight_files=weight_files, use_pickle=use_pickle, card_bytes=card_bytes)
 
@@ -978,14 +999,41 @@ def _fetch_weights(located: _Located, *, token: str | bool | None, cache_dir: st
     download_files(located.reference, located.repo_id, located.commit_sha, names, token=token, cache_dir=cache_dir)
 
 
+HEADER_READERS = 8
+"""How many shard headers of a Hub repo are read at once (as huggingface_hub's `get_safetensors_metadata`, which the
+dry run uses, reads them): each is a small ranged GET, so the time is the Hub's latency, not the bandwidth."""
+
+
+def hub_header_refusal(reference: str, name: str, error: BaseException) -> LoadError | None:
+    """The loader's line for a failed read of Hub file `name`'s safetensors header (public: the dry run reads the
+    headers alike), or None when it is no fault of the file (the Hub's other answers: `hub_request`'s line stands):
+    a file the repo lacks (404), an empty one (the ranged GET is answered 416: no byte to give), a header that does
+    not parse."""
+    from huggingface_hub import errors
+
+    cause = error.__cause__ if isinstance(error, LoadError) else error
+    if isinstance(cause, errors.EntryNotFoundError):
+        return LoadError(missing_file_line(reference, name, hub=True))
+    response = getattr(cause, "response", None)
+    if isinstance(cause, errors.HfHubHTTPError) and getattr(response, "status_code", None) == 416:
+        return LoadError(corrupt_file_line(reference, name, "empty file", hub=True))
+    if isinstance(error, errors.SafetensorsParsingError):
+        reason = str(error).split("): ", 1)[-1].split(". ")[0]
+        return LoadError(corrupt_file_line(reference, name, reason, hub=True))
+    return None
+
+
 def check_hub_shard_headers(located: _Located, *, token: str | bool | None) -> None:
     """Refuse a sharded Hub checkpoint from its shards' headers, read over HTTP (a ranged GET of each file's first
-    bytes), before any shard is downloaded: a tensor stored in two shards, a tensor the index places in a shard that
-    lacks it, a corrupt header, a config its weights do not fit — what `_prepare` finds once the shards are local,
-    which for a checkpoint of many GB was only after downloading them (and every parent before it). A single
-    model.safetensors cannot store a tensor twice: its header is read once it is downloaded, as before. Shards
-    already in the snapshot are read there, by `_prepare`, with no request."""
-    from huggingface_hub import HfApi, constants, errors
+    bytes, `HEADER_READERS` at once), before any shard is downloaded: a tensor stored in two shards, a tensor the
+    index places in a shard that lacks it, a corrupt header, a config its weights do not fit — what `_prepare` finds
+    once the shards are local, which for a checkpoint of many GB was only after downloading them (and every parent
+    before it). The headers are checked in the shards' order whatever order they arrive in, so the refusal is the
+    same line run to run. A single model.safetensors cannot store a tensor twice: its header is read once it is
+    downloaded, as before. Shards already in the snapshot are read there, by `_prepare`, with no request."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from huggingface_hub import HfApi, constants
 
     from hf_mudsc.load.lazy import dtype_name
 
@@ -993,32 +1041,38 @@ def check_hub_shard_headers(located: _Located, *, token: str | bool | None) -> N
             or located.headers_read or located.loaded is not None or located.model is not None
             or located.folder is None or SAFETENSORS_INDEX not in located.weight_files):
         return
-    names = _shard_names(located.reference, located.folder, SAFETENSORS_INDEX)
+    names = _shard_names(located.reference, located.folder, SAFETENSORS_INDEX, hub=True)  # all .safetensors
     if all((located.folder / name).is_file() for name in names):
         return
     reference = located.reference
+    api = HfApi()
+
+    def read(name: str) -> Any:
+        """The header of shard `name`, or the exception reading it ended in (raised below, in the shards' order)."""
+        try:
+            return hub_request(reference, lambda: api.parse_safetensors_file_metadata(
+                located.repo_id, name, revision=located.commit_sha, token=token,
+                timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT), what=f"reading the header of {name}")
+        except Exception as error:  # noqa: BLE001 - handed back to the caller's thread, which raises or maps it
+            return error
+
+    logger.info("reading %d shard headers of %s", len(names), located.repo_id)
+    with ThreadPoolExecutor(max_workers=min(HEADER_READERS, len(names)),
+                            thread_name_prefix="hf-mudsc-headers") as pool:
+        headers = list(pool.map(read, names))
     stored_in: dict[str, str] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, str] = {}
-    for name in names:
-        if not name.endswith(".safetensors"):  # refused in the loader's words by check_weight_files
-            return
-        try:
-            header = hub_request(reference, lambda name=name: HfApi().parse_safetensors_file_metadata(
-                located.repo_id, name, revision=located.commit_sha, token=token,
-                timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT), what=f"reading the header of {name}")
-        except LoadError as error:
-            if isinstance(error.__cause__, errors.EntryNotFoundError):
-                raise LoadError(f"{reference!r}: weight file {name} is missing; re-download the model or re-save it "
-                                "with save_pretrained") from error.__cause__
-            raise
-        except errors.SafetensorsParsingError as error:
-            reason = str(error).split("): ", 1)[-1].split(". ")[0]
-            raise LoadError(corrupt_file_line(reference, name, reason)) from error
-        refuse_stored_twice(reference, stored_in, header.tensors, name)
+    for name, header in zip(names, headers):
+        if isinstance(header, BaseException):
+            refusal = hub_header_refusal(reference, name, header)
+            if refusal is not None:
+                raise refusal from (header.__cause__ if isinstance(header, LoadError) else header)
+            raise header
+        refuse_stored_twice(reference, stored_in, header.tensors, name, hub=True)
         for key, tensor in header.tensors.items():
             shapes[key], dtypes[key] = tuple(tensor.shape), dtype_name(tensor.dtype)
-    refuse_lost_tensor(reference, located.folder, stored_in)
+    refuse_lost_tensor(reference, located.folder, stored_in, hub=True)
     check_config_fits_weights(located, (shapes, dtypes))
     located.headers_read, located.header_shapes = True, shapes
 
