@@ -36,6 +36,15 @@ def test_the_readme_same_base_examples_run_and_give_what_they_say(tmp_path, monk
     swapped = scope["swapped"].state_dict()
     block1 = key.replace("layer.0", "layer.1")
     assert torch.equal(swapped[block1], parents[1][block1]) and torch.equal(swapped[key], parents[0][key])
+    # slerp's layer gradient [0, 0.5, 1]: the first block at t=0 (parent 0), the last at t=1 (parent 1), the
+    # embeddings at the list's first value (parent 0).
+    graded = scope["graded"].state_dict()
+    last = key.replace("layer.0", f"layer.{scope['graded'].config.num_hidden_layers - 1}")
+    embeddings = "bert.embeddings.word_embeddings.weight"
+    assert torch.allclose(graded[key], parents[0][key], atol=1e-6)
+    assert torch.allclose(graded[last], parents[1][last], atol=1e-6)
+    assert torch.allclose(graded[embeddings], parents[0][embeddings], atol=1e-6)
+    assert not torch.allclose(parents[0][last], parents[1][last], atol=1e-6)
     for name in ("ties", "dare", "regmean", "fisher", "slerped"):
         merged = scope[name]
         assert merged.config.mudsc["method"] == {"dare": "dare_ties", "slerped": "slerp"}.get(name, name)
