@@ -69,3 +69,32 @@ def test_num_samples_as_large_as_the_data_scores_it_whole_and_says_so_not_first_
     cut = evaluate_merge(model, None, {"t": data}, num_samples=3, progress=False)
     assert cut.score("merged", "t") == 1.0 and cut.tasks["t"]["first_rows"] is True
     assert [row.rows for row in cut.card_rows()] == ["first 3", "first 3"]
+
+
+def test_a_task_column_of_indices_with_task_names_in_another_order_than_the_merge_is_refused():
+    """tasks_from_dataset(d, list(loaded_config.task_label_ranges), task_column=int ids): refused, not swapped."""
+    import datasets
+
+    from hf_mudsc.evaluate.tasks import tasks_from_dataset
+
+    merged = controlled(["zeta: x", "zeta: y", "alpha: p", "alpha: q"],
+                        [[5, 0, 0, 0], [0, 5, 0, 0], [0, 0, 0, 5], [0, 0, 5, 0]], {"alpha": [2, 4], "zeta": [0, 2]})
+    parents = [controlled(["x", "y"], [[1, 0], [0, 1], [1, 0], [0, 1]]),
+               controlled(["p", "q"], [[1, 0], [0, 1], [0, 1], [1, 0]])]
+    data = datasets.Dataset.from_dict({**{k: v.tolist() for k, v in rows(range(4)).items()},
+                                       "task": [0, 0, 1, 1], "label": [0, 1, 1, 0]})  # 0: zeta (parent A), 1: alpha
+    in_order = evaluate_merge(merged, parents, tasks_from_dataset(data, ["zeta", "alpha"], task_column="task"),
+                              progress=False)
+    assert in_order.score("merged", "zeta") == in_order.score("merged", "alpha") == 1.0
+    assert in_order.score("merged", "joint") == 1.0
+    assert in_order.score("parent_a", "zeta") == in_order.score("parent_b", "alpha") == 1.0
+    assert list(merged.config.task_label_ranges) == ["alpha", "zeta"]  # as a loaded config.json lists them
+    with pytest.raises(EvaluationError, match=r"task column 'task' holds task indices.*merge order") as error:
+        evaluate_merge(merged, parents, tasks_from_dataset(data, list(merged.config.task_label_ranges),
+                                                           task_column="task"), progress=False)
+    assert "\n" not in str(error.value)
+    named = data.cast_column("task", datasets.Value("string")).map(
+        lambda row: {"task": ["zeta", "alpha"][int(row["task"])]})
+    by_name = evaluate_merge(merged, parents, tasks_from_dataset(named, ["alpha", "zeta"], task_column="task"),
+                             progress=False)
+    assert by_name.scores == in_order.scores

@@ -59,6 +59,13 @@ def _select_rows(dataset: Any, source: TaskData, label_column: str, task_names: 
             value = row[source.task_column]
             if task_labels is not None and isinstance(value, (int, np.integer)):
                 value = task_labels[int(value)] if 0 <= int(value) < len(task_labels) else value
+            if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= given_index != own_index:
+                # an index read by the names given in another order would score one task's rows as another's
+                raise EvaluationError(
+                    f"task column {source.task_column!r} holds task indices ({int(value)}), but task {task!r} is task "
+                    f"{given_index} in the task names given (tasks_from_dataset) and task {own_index} of the merged "
+                    f"model, whose merge order is {list(task_names)}; pass the task names in merge order, or name "
+                    "each row's task in the column")
             if not any(names_task(value, i, known) for i, known in enumerate(task_names)):  # never dropped silently
                 raise EvaluationError(
                     f"task column {source.task_column!r} holds {value!r}, no task of the merged model (tasks: "
@@ -78,6 +85,8 @@ def _select_rows(dataset: Any, source: TaskData, label_column: str, task_names: 
 
     if source.task_column is None and source.label_range is None:
         return dataset
+    given_index = source.task_value[0] if source.task_column is not None else None
+    own_index = list(task_names).index(task) if task in task_names else given_index
     columns = [c for c in (source.task_column, label_column) if c]
     if isinstance(dataset, datasets.Dataset):
         table = dataset.select_columns(columns)
