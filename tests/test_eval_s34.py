@@ -98,3 +98,34 @@ def test_a_task_column_of_indices_with_task_names_in_another_order_than_the_merg
     by_name = evaluate_merge(merged, parents, tasks_from_dataset(named, ["alpha", "zeta"], task_column="task"),
                              progress=False)
     assert by_name.scores == in_order.scores
+
+
+def test_joint_figures_under_both_rules_match_a_hand_computation():
+    """evaluate_merge(m, [A, B], {a: 2 rows, b: 2 rows}, joint_rule=per_task|raw): each figure as worked out by hand."""
+    # merged rows: 0 a=[10, 9, 0] b=[3, 0] -> raw a:0, per-task b:0 (0.953 > 0.731); 1 a=[0, 0, 4] b=[1, 0]: a:2 both
+    # rows 2-3 (task b): 2 a=[2, 0, 0] b=[0, 5] -> b:1 both; 3 a=[5, 0, 0] b=[0, 5.5] -> b:1 both (5.5 > 5; .996 > .987)
+    merged = controlled(["a: x", "a: y", "a: z", "b: p", "b: q"],
+                        [[10, 9, 0, 3, 0], [0, 0, 4, 1, 0], [2, 0, 0, 0, 5], [5, 0, 0, 0, 5.5]],
+                        {"a": [0, 3], "b": [3, 5]})
+    # parents: A right on row 0 only, B right on both its rows; ensemble (A | B) decided by the same rule
+    parent_a = controlled(["x", "y", "z"], [[5, 0, 0], [5, 0, 0], [1, 0, 0], [0, 0, 1]])
+    parent_b = controlled(["p", "q"], [[0, 2], [2, 0], [0, 3], [0, 0.5]])
+    data = {"a": (rows([0, 1]), torch.tensor([0, 2])), "b": (rows([2, 3]), torch.tensor([1, 1]))}
+    # joint references: 0, 2, 4, 4
+    expected = {
+        # raw: merged 0,2,4,4 -> 4/4; ensemble [A|B] raw: row0 [5,0,0,0,2]->0 ok, row1 [5,0,0,2,0]->0 no,
+        # row2 [1,0,0,0,3]->4 ok, row3 [0,0,1,0,.5]->2 no -> 2/4
+        "raw": {"merged": 1.0, "ensemble": 0.5},
+        # per task: merged row0 -> 3 no, row1 a max .96 vs b .73 -> 2 ok, row2 -> 4 ok, row3 -> 4 ok
+        # ensemble: row0 A .987 vs B .88 -> 0 ok, row1 -> 0 no, row2 A .58 vs B .95 -> 4 ok, row3 A .58 vs .62 -> 4 ok
+        "per_task": {"merged": 0.75, "ensemble": 0.75},
+    }
+    for rule, figures in expected.items():
+        result = evaluate_merge(merged, [parent_a, parent_b], data, joint_rule=rule, progress=False)
+        assert result.score("merged", "joint") == figures["merged"], rule
+        assert result.score("ensemble", "joint") == figures["ensemble"], rule
+        assert result.score("merged", "a") == 1.0 and result.score("merged", "b") == 1.0
+        assert result.score("parent_a", "a") == 0.5 and result.score("parent_b", "b") == 1.0
+        assert result.score("ensemble", "average") == 0.75 and result.score("merged", "average") == 1.0
+        assert result.score("parent_a", "joint") == 0.25 and result.score("parent_b", "joint") == 0.5
+        assert result.definitions["joint_rule"] == rule
