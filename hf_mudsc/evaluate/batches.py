@@ -59,6 +59,13 @@ def _select_rows(dataset: Any, source: TaskData, label_column: str, task_names: 
             value = row[source.task_column]
             if task_labels is not None and isinstance(value, (int, np.integer)):
                 value = task_labels[int(value)] if 0 <= int(value) < len(task_labels) else value
+            if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= given_index != own_index:
+                # an index read by the names given in another order would score one task's rows as another's
+                raise EvaluationError(
+                    f"task column {source.task_column!r} holds task indices ({int(value)}), but task {task!r} is task "
+                    f"{given_index} in the task names given (tasks_from_dataset) and task {own_index} of the merged "
+                    f"model, whose merge order is {list(task_names)}; pass the task names in merge order, or name "
+                    "each row's task in the column")
             if not any(names_task(value, i, known) for i, known in enumerate(task_names)):  # never dropped silently
                 raise EvaluationError(
                     f"task column {source.task_column!r} holds {value!r}, no task of the merged model (tasks: "
@@ -78,6 +85,8 @@ def _select_rows(dataset: Any, source: TaskData, label_column: str, task_names: 
 
     if source.task_column is None and source.label_range is None:
         return dataset
+    given_index = source.task_value[0] if source.task_column is not None else None
+    own_index = list(task_names).index(task) if task in task_names else given_index
     columns = [c for c in (source.task_column, label_column) if c]
     if isinstance(dataset, datasets.Dataset):
         table = dataset.select_columns(columns)
@@ -211,9 +220,11 @@ def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: in
                  image_column: str | None, text_column: str | None, rank: int, world: int,
                  task_names: Sequence[str], class_names: Sequence[str] | None = None,
                  joint_classes: Sequence[tuple[str, str]] | None = None,
-                 ) -> tuple[Iterator[tuple[list[dict], list]], int | None, bool]:
+                 ) -> tuple[Iterator[tuple[list[dict], list]], int | None, bool, bool | None]:
     """(model inputs per processor, raw labels) batches of this process's shard of one task, the row count if known,
-    and whether raw columns were preprocessed (else every processor's inputs are the same tensors).
+    whether raw columns were preprocessed (else every processor's inputs are the same tensors), and whether
+    `num_samples` left rows of the task out (None: a stream, whose length is unknown) — the results and the card say
+    `first N` only of data that had more, not of data scored whole.
 
     `processors`: the distinct processors, one list of inputs each, in this order, of the same rows; each is
     configured (image channels, text length limit) by its `model_configs` entry — the config of a model it
@@ -231,6 +242,7 @@ def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: in
         for name, value in inputs.items():
             if len(value) != count:
                 raise EvaluationError(f"task {task!r}: {len(value)} rows of {name!r} for {count} labels")
+        left_out = num_samples is not None and count > num_samples
         if num_samples is not None:
             count = min(count, num_samples)
         rows = list(range(rank, count, world))
@@ -241,7 +253,7 @@ def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: in
                 batch = {k: torch.as_tensor(v)[index] for k, v in inputs.items()}
                 yield [batch] * len(processors), [labels[i] for i in index]
 
-        return tensor_batches(), len(rows), False
+        return tensor_batches(), len(rows), False, left_out
 
     dataset = _dataset_of(source, task)
     if not isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)):
@@ -286,6 +298,8 @@ def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: in
             check_task_column_classes(list(feature.names), list(class_names), joint_classes, source.task_column)
         check_class_label_ids(list(feature.names), list(class_names), task)
     dataset = _select_rows(dataset, source, label_column, task_names, task, task_labels, relabel)
+    left_out = (num_samples is not None and len(dataset) > num_samples) if isinstance(dataset, datasets.Dataset) \
+        else (False if num_samples is None else None)
     if num_samples is not None:
         dataset = (dataset.select(range(min(num_samples, len(dataset))), keep_in_memory=True)
                    if isinstance(dataset, datasets.Dataset) else dataset.take(num_samples))
@@ -319,4 +333,4 @@ def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: in
                 labels = [class_label_name(feature, label, task) for label in labels]
             yield inputs, [relabeled(label, relabel) for label in labels] if relabel is not None else labels
 
-    return dataset_batches(), count, preprocesses[0] is not None
+    return dataset_batches(), count, preprocesses[0] is not None, left_out

@@ -163,14 +163,12 @@ def evaluate_merge(
     group_tokens = [_fewest_tokens([model for model, of in zip(models, group_of) if of == group])
                     for group in range(len(distinct))]
     group_owners = [[label for label, of in zip(labels, group_of) if of == group] for group in range(len(distinct))]
-    multi_label = [name for name, model in merged_models.items()
-                   if getattr(model.config, "problem_type", None) == "multi_label_classification"]
-    if multi_label:
-        raise EvaluationError(
-            f"model {', '.join(multi_label)} has a multi-label head (problem_type 'multi_label_classification': "
-            "one sigmoid per label), which has no single class per row to score by accuracy or f1; score its "
-            "sigmoid outputs (model(**inputs).logits) with a multi-label metric yourself"
-        )
+    # every model as loaded: a Hub id's config is known only now, and a regression head (its outputs numbers, not
+    # class logits) or a multi-label one would otherwise be scored by an argmax and published as accuracy
+    for name, model in merged_models.items():
+        check_scorable(model.config, scored, f"merged model {name!r}")
+    for index, model in enumerate(parent_models):
+        check_scorable(model.config, 2, f"parent {parent_label(index)}")
     reference = next(iter(merged_models.values()))
     clip = is_clip(reference)
     layout, sources = _layout_and_sources(datasets_per_task, merged_models, parent_models, clip, class_names)
@@ -182,14 +180,17 @@ def evaluate_merge(
     rank, world = process_info()
     main_input = "pixel_values" if clip else getattr(reference, "main_input_name", "input_ids")
 
+    left_out: dict[str, bool | None] = {}  # per task: num_samples left rows out (None: a stream, not known)
+
     def batches_of(task: str, source: TaskData) -> tuple[Iterator[tuple[list[dict], list]], int | None, bool]:
-        return task_batches(
+        batches, total, raw_columns, left_out[task] = task_batches(
             source, task=task, main_input=main_input, batch_size=batch_size, num_samples=num_samples,
             processors=distinct, model_configs=group_configs, max_tokens=group_tokens, owners=group_owners,
             image_column=image_column,
             text_column=text_column, rank=rank, world=world, task_names=list(layout.ranges),
             class_names=layout.class_names[task],  # CLIP too: names given in another order than the data's
             joint_classes=joint_classes)
+        return batches, total, raw_columns
 
     joint_classes = [(name, label) for name, (lo, _) in sorted(layout.ranges.items(), key=lambda item: item[1][0])
                      for label in layout.class_names[name]] if not layout.shared else None
@@ -217,13 +218,14 @@ def evaluate_merge(
         )
     scores = {scorer.name: _views(collected[scorer.name], list(sources), shown, modules) for scorer in scorers}
 
-    def truncated(count: int) -> bool:
-        """`num_samples` rows were scored of a task that may have more: its figures are of the first rows only."""
-        return num_samples is not None and count >= num_samples
+    def truncated(task: str) -> bool:
+        """`num_samples` left rows of the task out (a stream: it may have): its figures are of the first rows only."""
+        known = left_out.get(task)
+        return known if known is not None else num_samples is not None and counts[task] >= num_samples
 
     tasks = {
         task: {"dataset": source_name(source), "split": source.split or spec_split(source),
-               "num_samples": counts[task], **({"first_rows": True} if truncated(counts[task]) else {}),
+               "num_samples": counts[task], **({"first_rows": True} if truncated(task) else {}),
                # its rows picked out of one dataset holding every task: no split string names its first rows
                **({"picked": True} if source.label_range is not None or source.task_column is not None else {}),
                "label_range": list(layout.ranges[task]),

@@ -74,8 +74,10 @@ def tasks_from_dataset(
     """Split ONE dataset holding several tasks into `TaskData` per task.
 
     With `task_column`, a row belongs to the task whose name (or index in `task_names`) the column holds,
-    and its label is that task's own class id or name. Without it, integer labels are ids of the joint label
-    space (the merged model's head, `task_ranges`), so the task is the range the label falls in.
+    and its label is that task's own class id or name. Indices need `task_names` in merge order (A's task first; a
+    loaded config lists `task_label_ranges` alphabetically): another order is refused when the rows are read.
+    Without it, integer labels are ids of the joint label space (the merged model's head, `task_ranges`), so the
+    task is the range the label falls in.
     """
     if task_column is not None:
         return {task: TaskData(data, label_column=label_column, task_column=task_column, task_value=(i, task),
