@@ -26,8 +26,9 @@ import torch
 
 from hf_mudsc.calibrate.dataset_spec import FILE_BUILDERS, DatasetSpec
 from hf_mudsc.errors import CalibrationError, brief, first_line, shown
-from hf_mudsc.load.hub_calls import hub_call
+from hf_mudsc.load.hub_calls import http_client, hub_call
 from hf_mudsc.load.processors import image_processor_of, tokenizer_of
+from hf_mudsc.load.references import hide_tokens
 from hf_mudsc.options import check_option, flag, option_hint
 
 logger = logging.getLogger(__name__)
@@ -737,7 +738,7 @@ class SamePasses:
         self.first: bytes | None = None
 
     def __iter__(self) -> Iterator[Any]:
-        for index, batch in enumerate(self.data):
+        for index, batch in enumerate(collated_safely(self.data)):
             if index == 0:
                 self._check(batch_digest(batch))
             yield batch
@@ -746,7 +747,7 @@ class SamePasses:
         """Read the first batch of two passes now (before any work): a reshuffling loader is refused up front, and
         so is an iterable whose second read gives nothing (it can be read once)."""
         for read in range(2):
-            for batch in self.data:
+            for batch in collated_safely(self.data):
                 self._check(batch_digest(batch))
                 break
             else:
@@ -758,6 +759,20 @@ class SamePasses:
             self.first = digest
         elif digest != self.first:
             raise CalibrationError(RESHUFFLED)
+
+
+def collated_safely(batches: Iterable[Any]) -> Iterator[Any]:
+    """`batches`, with a DataLoader's refusal to collate its rows (`default_collate` meeting PIL images or other raw
+    values: a TypeError from inside torch) turned into one line naming the fixes."""
+    try:
+        yield from batches
+    except TypeError as error:
+        if "collate" not in str(error):
+            raise
+        raise CalibrationError(
+            f"the calibration DataLoader cannot collate its rows into batches ({brief(error)}); pass the "
+            "datasets.Dataset itself, whose raw columns (images, text) the parents' processor preprocesses, or give "
+            "the DataLoader a collate_fn that makes the model inputs (e.g. by calling the processor)") from None
 
 
 def same_passes(calibration: Any) -> Any:
@@ -773,23 +788,36 @@ def same_passes(calibration: Any) -> Any:
 
 
 def batch_digest(batch: Any) -> bytes:
-    """A 16-byte BLAKE2 digest of a batch's tensors and arrays (names, dtypes, shapes, bytes; other values by repr)."""
+    """A 16-byte BLAKE2 digest of a batch's tensors and arrays (names, dtypes, shapes, bytes), PIL images (mode, size,
+    pixels) and lists of them, item by item; other values by repr. An image's repr holds its object's address, new at
+    each read, so a loader giving the same raw images each pass was refused as reshuffling (`RESHUFFLED`)."""
     import hashlib
-
-    import numpy as np
 
     digest = hashlib.blake2b(digest_size=16)
     items = sorted(batch.items(), key=lambda item: str(item[0])) if isinstance(batch, Mapping) else [("", batch)]
     for name, value in items:
-        if isinstance(value, torch.Tensor):
-            value = value.detach().cpu().contiguous()
-            digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
-            digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(value, np.ndarray):
-            digest.update(f"{name}:{value.dtype}:{value.shape}".encode() + np.ascontiguousarray(value).tobytes())
-        else:
-            digest.update(f"{name}:{value!r}".encode())
+        _digest_value(digest, str(name), value)
     return digest.digest()
+
+
+def _digest_value(digest: Any, name: str, value: Any) -> None:
+    """`batch_digest`'s update by one value."""
+    from PIL import Image
+
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, np.ndarray):
+        digest.update(f"{name}:{value.dtype}:{value.shape}".encode() + np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, Image.Image):
+        digest.update(f"{name}:image:{value.mode}:{value.size}".encode() + value.tobytes())
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{name}:{type(value).__name__}:{len(value)}".encode())
+        for index, item in enumerate(value):
+            _digest_value(digest, f"{name}[{index}]", item)
+    else:
+        digest.update(f"{name}:{value!r}".encode())
 
 
 def decoded_safely(chunks: Iterable[Any], source: str, error: type[ValueError] = CalibrationError) -> Iterator[Any]:
@@ -799,7 +827,7 @@ def decoded_safely(chunks: Iterable[Any], source: str, error: type[ValueError] =
 
     try:
         yield from chunks
-    except (ValueError, OSError, Image.DecompressionBombError) as failure:
+    except (ValueError, OSError, Image.DecompressionBombError, http_client().TransportError) as failure:
         if isinstance(failure, error):
             raise
         raise data_error(failure, source, error) from None
@@ -822,6 +850,13 @@ def data_error(failure: Exception, source: str, error: type[ValueError] = Calibr
     if isinstance(failure, FileNotFoundError):  # an Image row naming a file by its path
         return error(f"dataset {source!r} names a file that does not exist ({failure.filename!r}); remove that row "
                      "or restore the file")
+    if isinstance(failure, (ConnectionError, TimeoutError, http_client().TransportError)):
+        # a streamed split's connection dropped (datasets raises ConnectionError once its retries run out): the data
+        # is not at fault, so "fix or replace the data file" was the wrong advice
+        said = hide_tokens(brief(failure))
+        return error(f"the connection dropped while reading dataset {source!r} ({type(failure).__name__}: {said}); "
+                     "retry the command, or read a local copy (load the split with datasets and save it with "
+                     "Dataset.save_to_disk, then pass that folder)")
     return error(f"dataset {source!r} cannot be read ({type(failure).__name__}: {brief(failure)}); fix or replace the "
                  "data file")
 

@@ -1,0 +1,99 @@
+"""Calibration data after the session-34 hunt (helper "calib"): DataLoaders and batches holding raw rows (PIL images,
+text), and a streamed dataset whose connection drops mid-way. Each is refused in one line naming the real problem."""
+
+from __future__ import annotations
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from factories import make_model
+from PIL import Image
+from torch.utils.data import DataLoader
+from transformers import ViTImageProcessor
+
+import hf_mudsc
+from hf_mudsc.calibrate.datasets import RESHUFFLED, SamePasses, batch_digest, resolve_calibration
+from hf_mudsc.errors import CalibrationError
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
+
+def image_rows(count: int = 8) -> datasets.Dataset:
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)) for _ in range(count)]
+    return datasets.Dataset.from_dict({"image": pictures}).cast_column("image", datasets.Image())
+
+
+def processor() -> ViTImageProcessor:
+    return ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5])
+
+
+def listed(rows: list[dict]) -> dict:
+    """A collate_fn keeping raw values as lists (a DataLoader over raw rows cannot stack PIL images)."""
+    return {key: [row[key] for row in rows] for key in rows[0]}
+
+
+def one_line(caught: pytest.ExceptionInfo) -> str:
+    message = str(caught.value)
+    assert isinstance(caught.value, CalibrationError) and "\n" not in message, message
+    return message
+
+
+def test_an_unshuffled_dataloader_of_pil_images_is_not_called_reshuffling():
+    """SamePasses(DataLoader(Dataset(image=PIL), shuffle=False, collate_fn=listed)).check_now() said 'another order'."""
+    loader = DataLoader(image_rows(), batch_size=4, collate_fn=listed)
+    SamePasses(loader).check_now()  # the same images each pass: their digests agree (not their object addresses)
+    first = next(iter(loader))
+    assert batch_digest(first) == batch_digest(next(iter(loader)))
+    other = dict(first, image=[first["image"][1], first["image"][0], *first["image"][2:]])
+    assert batch_digest(other) != batch_digest(first)  # and other images (or another order) still differ
+    shuffled = DataLoader(image_rows(), batch_size=4, collate_fn=listed, shuffle=True,
+                          generator=torch.Generator().manual_seed(0))
+    with pytest.raises(CalibrationError, match="another order"):
+        SamePasses(shuffled).check_now()
+
+
+def test_raw_images_in_a_dataloader_are_refused_as_raw_data_not_as_reshuffled():
+    """merge([vit, vit], DataLoader(Dataset(image=PIL), collate_fn=listed)) said 'a DataLoader with shuffle=True?'."""
+    models = [make_model("vit_cls", 0), make_model("vit_cls", 1)]
+    loader = DataLoader(image_rows(), batch_size=4, collate_fn=listed)
+    with pytest.raises(CalibrationError) as caught:
+        hf_mudsc.merge(models, loader, method="mudsc", progress=False, processor=processor())
+    message = one_line(caught)
+    assert RESHUFFLED not in message and "'image'" in message and "datasets.Dataset" in message, message
+
+
+def test_a_dataloader_that_cannot_collate_raw_images_is_one_line():
+    """merge([vit, vit], DataLoader(Dataset(image=PIL), batch_size=4)) ended in default_collate's TypeError."""
+    models = [make_model("vit_cls", 0), make_model("vit_cls", 1)]
+    with pytest.raises(CalibrationError) as caught:
+        hf_mudsc.merge(models, DataLoader(image_rows(), batch_size=4), method="mudsc", progress=False,
+                       processor=processor())
+    message = one_line(caught)
+    assert "collate" in message and "datasets.Dataset" in message, message
+
+
+def test_raw_text_in_a_list_of_batches_names_the_dataset_as_the_fix():
+    """merge([bert, bert], [{'text': [...]}]) said only 'provide preprocessed model inputs', not: a Dataset."""
+    models = [make_model("bert_cls", 0), make_model("bert_cls", 1)]
+    with pytest.raises(CalibrationError) as caught:
+        hf_mudsc.merge(models, [{"text": ["w1 w2", "w3"]}] * 2, method="mudsc", progress=False)
+    message = one_line(caught)
+    assert "'text'" in message and "datasets.Dataset" in message, message
+
+
+def test_a_stream_whose_connection_drops_midway_says_so_not_to_fix_the_file():
+    """A streamed split raising ConnectionError('Server Disconnected') at row 12 said 'fix or replace the data file'."""
+    def rows():
+        for index in range(20):
+            if index == 12:
+                raise ConnectionError("Server Disconnected")  # what datasets raises once its read retries run out
+            yield {"image": Image.new("RGB", (20, 20), index)}
+
+    stream = resolve_calibration(datasets.IterableDataset.from_generator(rows), [processor()],
+                                 model_config=make_model("vit_cls").config, inputs=("pixel_values",))
+    with pytest.raises(CalibrationError) as caught:
+        list(stream.batches(4))
+    message = one_line(caught)
+    assert "connection" in message.lower() and "retry" in message and "fix or replace" not in message, message
