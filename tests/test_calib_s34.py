@@ -97,3 +97,26 @@ def test_a_stream_whose_connection_drops_midway_says_so_not_to_fix_the_file():
         list(stream.batches(4))
     message = one_line(caught)
     assert "connection" in message.lower() and "retry" in message and "fix or replace" not in message, message
+
+
+def streamed(values: list) -> datasets.IterableDataset:
+    """A stream declaring no features (as a generator or a JSON file streams): its image values are known only read."""
+    def rows():
+        for value in values:
+            yield {"image": value}
+
+    return datasets.IterableDataset.from_generator(rows)
+
+
+@pytest.mark.parametrize(("values", "needle"), [
+    ([[[1, 2, 3], [4, 5]]] * 4, "ragged"),
+    (["photos/cat.png"] * 4, "datasets.Image()"),
+])
+def test_a_streamed_image_value_that_is_no_image_is_one_line_naming_the_fix(values, needle):
+    """A stream of image=[[1,2,3],[4,5]] raised numpy's ValueError; image='x.png' dumped the processor's arrays."""
+    stream = resolve_calibration(streamed(values), [processor()], model_config=make_model("vit_cls").config,
+                                 inputs=("pixel_values",))
+    with pytest.raises(CalibrationError) as caught:
+        list(stream.batches(4))
+    message = one_line(caught)
+    assert needle in message and "'image'" in message and "array(" not in message, message

@@ -515,6 +515,12 @@ class _Preprocessor:
             raise self.role.error(f"column {self.image_column!r} of the {self.role.data} holds a missing value (None), "
                                   "not an image; drop those rows (Dataset.filter) or name the image column with "
                                   f"{option_hint('image_column')}")
+        if isinstance(image, (str, bytes, os.PathLike)):  # a stream that declared no features: known only when read
+            kind = "bytes" if isinstance(image, bytes) else f"the string {shown(str(image))}"
+            raise self.role.error(f"column {self.image_column!r} of the {self.role.data} holds {kind}, not an image "
+                                  "(file paths and encoded files are not read as images: cast the column with "
+                                  "datasets.Image()); name the image column with "
+                                  f"{option_hint('image_column')}")
         convert = getattr(image, "convert", None)
         if convert is None:
             if isinstance(image, Mapping) and "bytes" in image:  # a stream that declared no features
@@ -561,7 +567,12 @@ def array_image(array: Any, column: str | None, role: DataRole = CALIBRATION, *,
     anything else is refused. Any other shape is returned as an array (the processor says what it cannot read)."""
     from PIL import Image
 
-    values = np.asarray(array, dtype=dtype)  # `dtype`: the column's declared one, which decides the bit depth
+    try:
+        values = np.asarray(array, dtype=dtype)  # `dtype`: the column's declared one, which decides the bit depth
+    except (ValueError, TypeError) as error:  # nested lists of unequal lengths, or values that are no numbers
+        raise role.error(f"column {column!r} of the {role.data} holds an image array that is ragged or not numeric "
+                         f"({brief(error, 120)}), not an image; pass images (PIL, or arrays of equal-length rows of "
+                         "pixel values) or drop those rows (Dataset.filter)") from None
     if values.ndim == 3 and values.shape[-1] not in (1, 3, 4) and values.shape[0] in (1, 3, 4):
         values = np.moveaxis(values, 0, -1)  # channels first (torchvision's layout)
     if values.ndim == 3 and values.shape[-1] == 1:
