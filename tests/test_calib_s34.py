@@ -13,7 +13,13 @@ from torch.utils.data import DataLoader
 from transformers import ViTImageProcessor
 
 import hf_mudsc
-from hf_mudsc.calibrate.datasets import RESHUFFLED, SamePasses, batch_digest, resolve_calibration
+from hf_mudsc.calibrate.datasets import (
+    RESHUFFLED,
+    SamePasses,
+    batch_digest,
+    load_calibration_dataset,
+    resolve_calibration,
+)
 from hf_mudsc.errors import CalibrationError
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -120,3 +126,24 @@ def test_a_streamed_image_value_that_is_no_image_is_one_line_naming_the_fix(valu
         list(stream.batches(4))
     message = one_line(caught)
     assert needle in message and "'image'" in message and "array(" not in message, message
+
+
+@pytest.mark.parametrize("saved", [True, False])
+def test_a_slice_reaching_past_the_end_of_its_split_says_how_many_rows_it_gave(tmp_path, caplog, saved):
+    """resolve_calibration('rows:train[95:200]') of a 100-row split read 5 rows without a word (105 asked)."""
+    rows = datasets.Dataset.from_dict({"text": [f"w{index % 9 + 1} w2" for index in range(100)]})
+    if saved:
+        rows.save_to_disk(tmp_path / "rows")
+        spec = f"{tmp_path / 'rows'}:train[95:200]"
+    else:
+        rows.to_csv(tmp_path / "rows.csv", index=False)
+        spec = f"{tmp_path / 'rows.csv'}:train[95:200]"
+    with caplog.at_level("WARNING", logger="hf_mudsc"):
+        loaded = load_calibration_dataset(spec)
+    assert len(loaded) == 5
+    said = [r.getMessage() for r in caplog.records if "[95:200]" in r.getMessage()]
+    assert len(said) == 1 and "100 rows" in said[0] and "5" in said[0], caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_mudsc"):
+        assert len(load_calibration_dataset(spec.replace("[95:200]", "[90:100]"))) == 10
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text

@@ -280,7 +280,31 @@ def _load_split(parsed: DatasetSpec, streaming: bool, token: str | bool | None, 
             f"provide it ({type(error).__name__}: {brief(error)}); no columns found. Pass an existing path "
             "(e.g. an imagefolder or a save_to_disk folder) or a Hub dataset id as 'repo[:config]:split'"
         ) from error
-    return _pick_split(loaded, parsed, role)
+    picked = _pick_split(loaded, parsed, role)
+    name, slice_ = split_slice(parsed.split or "")
+    split_info = (getattr(getattr(picked, "info", None), "splits", None) or {}).get(name) if slice_ else None
+    if isinstance(getattr(split_info, "num_examples", None), int):
+        warn_short_slice(slice_, split_info.num_examples, parsed, role)
+    return picked
+
+
+_ABSOLUTE_SLICE = re.compile(r"\[\s*(-?\d+)?\s*:\s*(-?\d+)?\s*\]")
+
+
+def warn_short_slice(slice_: str, total: int, parsed: DatasetSpec, role: DataRole = CALIBRATION) -> None:
+    """Say when an absolute slice (`[95:200]`) reaches past the end of its split of `total` rows: it gives fewer rows
+    than it names, as Python's slicing does, and the merge would use them without a word. A slice that gives no row
+    at all is refused as an empty split; percent slices never reach past the end."""
+    match = _ABSOLUTE_SLICE.fullmatch(slice_.strip())
+    if match is None or match.group(2) is None:
+        return
+    start, stop = (int(match.group(1) or 0), int(match.group(2)))
+    start, stop = (start + total if start < 0 else start), (stop + total if stop < 0 else stop)
+    given = max(0, min(stop, total) - max(start, 0))
+    if stop > total and given > 0:
+        logger.warning("%s: the slice %s names %d rows, but the split holds %d rows: %d of them are read (rows %d to "
+                       "%d); name a slice within the split to say what is read", role.names("spec", str(parsed)),
+                       slice_, stop - max(start, 0), total, given, max(start, 0), total - 1)
 
 
 #: Deepest nesting of a JSON calibration file read: pyarrow's JSON reader crashes (SIGSEGV) at about 20,000.
@@ -418,6 +442,7 @@ def _sliced(dataset: Any, slice_: str, parsed: DatasetSpec, role: DataRole = CAL
                          f"({brief(error)}); write it as datasets does, e.g. '[:100]', '[10:20]', '[-50:]' or "
                          "'[:10%]'") from None
     (instruction,) = instructions
+    warn_short_slice(slice_, len(dataset), parsed, role)
     # A slice beyond the end comes back as [n:n], which `select` refuses: no rows (refused as an empty split).
     return dataset.select(range(instruction.from_, max(instruction.from_, instruction.to)) if instruction.from_ <
                           len(dataset) else [], keep_in_memory=True)
