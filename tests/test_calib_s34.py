@@ -147,3 +147,13 @@ def test_a_slice_reaching_past_the_end_of_its_split_says_how_many_rows_it_gave(t
     with caplog.at_level("WARNING", logger="hf_mudsc"):
         assert len(load_calibration_dataset(spec.replace("[95:200]", "[90:100]"))) == 10
     assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
+
+
+@pytest.mark.parametrize("slice_", ["[5000:]", "[:0]"])
+def test_a_slice_of_a_data_file_that_selects_no_row_is_refused_as_the_saved_one_is(tmp_path, slice_):
+    """load_calibration_dataset('rows.csv:train[5000:]') said only 'Instruction ... corresponds to no data!'."""
+    datasets.Dataset.from_dict({"text": ["w1 w2"] * 100}).to_csv(tmp_path / "rows.csv", index=False)
+    with pytest.raises(CalibrationError) as caught:
+        load_calibration_dataset(f"{tmp_path / 'rows.csv'}:train{slice_}")
+    message = one_line(caught)
+    assert "empty (0 rows)" in message and "100 rows" in message and "corresponds to no data" not in message, message

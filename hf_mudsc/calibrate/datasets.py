@@ -254,6 +254,8 @@ def _load_split(parsed: DatasetSpec, streaming: bool, token: str | bool | None, 
             raise
         raise data_error(cause, str(parsed), role.error) from None
     except ValueError as error:
+        if "corresponds to no data" in str(error):  # datasets' refusal of a slice that selects no row
+            raise role.error(_empty_slice(args, kwargs, parsed, role)) from None
         if "split" in str(error).lower():
             raise role.error(f"{role.names('spec', str(parsed))}: {brief(error)}") from error
         raise role.error(f"cannot load {role.names('dataset', str(parsed))}: {brief(error)}") from error
@@ -286,6 +288,21 @@ def _load_split(parsed: DatasetSpec, streaming: bool, token: str | bool | None, 
     if isinstance(getattr(split_info, "num_examples", None), int):
         warn_short_slice(slice_, split_info.num_examples, parsed, role)
     return picked
+
+
+def _empty_slice(args: tuple[Any, ...], kwargs: dict[str, Any], parsed: DatasetSpec, role: DataRole) -> str:
+    """The refusal of a slice that selects no row of its split (`train[5000:]` of 100 rows), as an empty saved split
+    is refused, with the split's size: read from the split `datasets` has just prepared (no download again)."""
+    name, slice_ = split_slice(parsed.split or "")
+    size = ""
+    try:
+        import datasets
+
+        size = f" of the {len(datasets.load_dataset(*args, **{**kwargs, 'split': name})):,} rows of split {name!r}"
+    except Exception as error:  # noqa: BLE001 - the size only adds to the message; the refusal stands without it
+        logger.debug("size of split %r not read: %s", name, error)
+    return (f"{role.names('split', str(parsed))} is empty (0 rows): the slice {slice_} selects none{size}; no samples "
+            f"to {role.purpose}: name a slice within the split (e.g. '{name}[:100]')")
 
 
 _ABSOLUTE_SLICE = re.compile(r"\[\s*(-?\d+)?\s*:\s*(-?\d+)?\s*\]")
