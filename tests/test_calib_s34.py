@@ -10,7 +10,7 @@ import torch
 from factories import make_model
 from PIL import Image
 from torch.utils.data import DataLoader
-from transformers import ViTImageProcessor
+from transformers import BertTokenizer, ViTImageProcessor
 
 import hf_mudsc
 from hf_mudsc.calibrate.datasets import (
@@ -157,3 +157,21 @@ def test_a_slice_of_a_data_file_that_selects_no_row_is_refused_as_the_saved_one_
         load_calibration_dataset(f"{tmp_path / 'rows.csv'}:train{slice_}")
     message = one_line(caught)
     assert "empty (0 rows)" in message and "100 rows" in message and "corresponds to no data" not in message, message
+
+
+@pytest.mark.parametrize("formatted", [
+    lambda data: data.with_format("numpy", columns=["label"]),  # set_format(columns=...) leaving the raw column out
+    lambda data: data.with_format("arrow"),  # rows as pyarrow scalars: the text was called 'StringScalar, not text'
+])
+def test_a_formatted_dataset_is_read_with_its_raw_columns_as_python_values(formatted):
+    """resolve_calibration(ds.with_format('numpy', columns=['label'])) crashed with KeyError 'text' when read."""
+    from factories import BERT
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(BERT["vocab_size"] - 5)]
+    tokenizer = BertTokenizer(vocab={word: index for index, word in enumerate(words)})
+    rows = datasets.Dataset.from_dict({"text": ["w1 w2", "w3 w4 w5"] * 4, "label": [0, 1] * 4})
+    config = make_model("bert_cls").config
+    plain = list(resolve_calibration(rows, [tokenizer], model_config=config).batches(4))
+    read = list(resolve_calibration(formatted(rows), [tokenizer], model_config=config).batches(4))
+    assert len(read) == len(plain) == 2
+    assert all(torch.equal(a[key], b[key]) for a, b in zip(plain, read, strict=True) for key in a)

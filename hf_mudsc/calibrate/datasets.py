@@ -1209,6 +1209,29 @@ def refuse_transform(dataset: Any, role: DataRole = CALIBRATION) -> None:
                          "with Dataset.map")
 
 
+#: `Dataset.with_format` types whose rows are no Python, numpy or torch values (pyarrow scalars, a polars frame):
+#: the preprocessing reads raw columns as Python values, so these are read without the format.
+_FOREIGN_FORMATS = ("arrow", "polars")
+
+
+def all_columns_readable(dataset: Any) -> Any:
+    """`dataset` with a format that hides columns (`set_format(columns=[...])`: its rows lack the others, though
+    `column_names` lists them, so reading a raw column planned from those names was a KeyError) or that gives rows as
+    pyarrow/polars values (a text row was refused as `StringScalar, not text`) read with every column as Python,
+    numpy or torch values; its format type kept otherwise (the values read are the same)."""
+    import datasets
+
+    format_ = getattr(dataset, "format", None) if isinstance(dataset, datasets.Dataset) else None
+    if not isinstance(format_, Mapping):
+        return dataset
+    kind, hidden = format_.get("type"), format_.get("columns") is not None and not format_.get("output_all_columns")
+    if kind in _FOREIGN_FORMATS:
+        return dataset.with_format(None)
+    if hidden:
+        return dataset.with_format(kind, **(format_.get("format_kwargs") or {}))
+    return dataset
+
+
 def check_calibration_columns(calibration: Any, processors: Any = None, *, image_column: str | None = None,
                               text_column: str | None = None, inputs: Sequence[str] | None = None,
                               model_config: Any = None, role: DataRole = CALIBRATION) -> None:
@@ -1398,6 +1421,7 @@ def resolve_calibration(
     if not isinstance(calibration, (datasets.Dataset, datasets.IterableDataset)):
         return calibration
     refuse_transform(calibration, role)
+    calibration = all_columns_readable(calibration)
     _refuse_empty(calibration, source, role)
     if source == "dataset":
         source = getattr(calibration.info, "dataset_name", None) or getattr(calibration.info, "builder_name", None) \
