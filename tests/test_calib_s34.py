@@ -162,6 +162,7 @@ def test_a_slice_of_a_data_file_that_selects_no_row_is_refused_as_the_saved_one_
 @pytest.mark.parametrize("formatted", [
     lambda data: data.with_format("numpy", columns=["label"]),  # set_format(columns=...) leaving the raw column out
     lambda data: data.with_format("arrow"),  # rows as pyarrow scalars: the text was called 'StringScalar, not text'
+    lambda data: data.to_iterable_dataset().with_format("arrow"),  # a stream likewise
 ])
 def test_a_formatted_dataset_is_read_with_its_raw_columns_as_python_values(formatted):
     """resolve_calibration(ds.with_format('numpy', columns=['label'])) crashed with KeyError 'text' when read."""

@@ -1221,6 +1221,9 @@ def all_columns_readable(dataset: Any) -> Any:
     numpy or torch values; its format type kept otherwise (the values read are the same)."""
     import datasets
 
+    if isinstance(dataset, datasets.IterableDataset):  # it has no public `format`; its type is in its config
+        kind = getattr(getattr(dataset, "_formatting", None), "format_type", None)
+        return dataset.with_format(None) if kind in _FOREIGN_FORMATS else dataset
     format_ = getattr(dataset, "format", None) if isinstance(dataset, datasets.Dataset) else None
     if not isinstance(format_, Mapping):
         return dataset
