@@ -7,7 +7,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from factories import make_model
+from factories import BERT, make_model
 from PIL import Image
 from torch.utils.data import DataLoader
 from transformers import BertTokenizer, ViTImageProcessor
@@ -33,6 +33,11 @@ def image_rows(count: int = 8) -> datasets.Dataset:
 
 def processor() -> ViTImageProcessor:
     return ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5])
+
+
+def bert_tokenizer() -> BertTokenizer:
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(BERT["vocab_size"] - 5)]
+    return BertTokenizer(vocab={word: index for index, word in enumerate(words)})
 
 
 def listed(rows: list[dict]) -> dict:
@@ -166,13 +171,30 @@ def test_a_slice_of_a_data_file_that_selects_no_row_is_refused_as_the_saved_one_
 ])
 def test_a_formatted_dataset_is_read_with_its_raw_columns_as_python_values(formatted):
     """resolve_calibration(ds.with_format('numpy', columns=['label'])) crashed with KeyError 'text' when read."""
-    from factories import BERT
-
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(BERT["vocab_size"] - 5)]
-    tokenizer = BertTokenizer(vocab={word: index for index, word in enumerate(words)})
+    tokenizer = bert_tokenizer()
     rows = datasets.Dataset.from_dict({"text": ["w1 w2", "w3 w4 w5"] * 4, "label": [0, 1] * 4})
     config = make_model("bert_cls").config
     plain = list(resolve_calibration(rows, [tokenizer], model_config=config).batches(4))
     read = list(resolve_calibration(formatted(rows), [tokenizer], model_config=config).batches(4))
     assert len(read) == len(plain) == 2
     assert all(torch.equal(a[key], b[key]) for a, b in zip(plain, read, strict=True) for key in a)
+
+
+@pytest.mark.parametrize("named", ["text,text", "sentence1, sentence1"])
+def test_a_text_pair_naming_one_column_twice_is_refused(named):
+    """resolve_calibration(ds, text_column='text,text') read each text paired with itself ([CLS] t [SEP] t [SEP])."""
+    rows = datasets.Dataset.from_dict({"text": ["w1 w2"] * 4, "sentence1": ["w1"] * 4, "sentence2": ["w2"] * 4})
+    with pytest.raises(CalibrationError) as caught:
+        resolve_calibration(rows, [bert_tokenizer()], text_column=named, inputs=("input_ids",))
+    message = one_line(caught)
+    assert "twice" in message and "text_column" in message, message
+
+
+def test_the_cli_refuses_a_text_pair_naming_one_column_twice_before_opening_anything(tmp_path, capsys):
+    """hf-mudsc merge a b --calibration x:train --text-column text,text went on to open the parents and the data."""
+    from hf_mudsc.cli.main import main
+
+    code = main(["merge", str(tmp_path / "missing-a"), str(tmp_path / "missing-b"), "--calibration", "x:train",
+                 "--text-column", "text,text", "--output", str(tmp_path / "out")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and "twice" in err[0] and "--text-column" in err[0], err

@@ -1110,6 +1110,10 @@ def text_columns(text_column: str | None, role: DataRole = CALIBRATION) -> tuple
     if len(names) > 2 or not all(names):
         raise role.error(f"text_column={text_column!r} (CLI: {flag('text_column')}) names {len(names)} columns; name "
                          "one text column or two separated by a comma, read as text pairs (e.g. 'sentence1,sentence2')")
+    if len(names) == 2 and names[0] == names[1]:  # each text would be read paired with itself
+        raise role.error(f"text_column={text_column!r} (CLI: {flag('text_column')}) names column {names[0]!r} twice, "
+                         "which would read each text paired with itself; name one column, or the two columns of the "
+                         "pairs (e.g. 'sentence1,sentence2')")
     return names
 
 
