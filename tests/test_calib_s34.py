@@ -198,3 +198,13 @@ def test_the_cli_refuses_a_text_pair_naming_one_column_twice_before_opening_anyt
                  "--text-column", "text,text", "--output", str(tmp_path / "out")])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(err) == 1 and "twice" in err[0] and "--text-column" in err[0], err
+
+
+def test_rows_of_token_ids_given_as_batches_are_refused_as_rows():
+    """merge([bert, bert], [{'input_ids': tensor([2, 7, 8, 3])}] * 8) said only 'not enough values to unpack'."""
+    models = [make_model("bert_cls", 0), make_model("bert_cls", 1)]
+    rows = [{"input_ids": torch.tensor([2, 7, 8, 3]), "attention_mask": torch.ones(4, dtype=torch.long)}] * 8
+    with pytest.raises(CalibrationError) as caught:
+        hf_mudsc.merge(models, rows, method="mudsc", progress=False)
+    message = one_line(caught)
+    assert "(4,)" in message and "(batch, tokens)" in message and "unpack" not in message, message

@@ -236,6 +236,11 @@ class ModelInputCheck:
                     raise self.error(f"{self.data} {name} hold NaN or inf in {rows} of the {len(bad)} examples of a "
                                      "batch, which no model reads as input: drop or fix those examples")
         ids = batch.get("input_ids")
+        if isinstance(ids, torch.Tensor) and ids.dim() == 1:  # one row's tokens (a list of rows passed as batches)
+            raise self.error(
+                f"{self.data} input_ids have shape {tuple(ids.shape)}, one example's tokens, but {self.models} read "
+                "(batch, tokens): pass batches (rows stacked, e.g. by a DataLoader or the tokenizer called on a list "
+                "of texts) or the rows as a datasets.Dataset")
         if isinstance(ids, torch.Tensor) and ids.numel() and not ids.is_floating_point():
             largest = int(ids.max())
             if self.vocab_size is not None and largest >= self.vocab_size:
