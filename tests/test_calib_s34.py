@@ -208,3 +208,11 @@ def test_rows_of_token_ids_given_as_batches_are_refused_as_rows():
         hf_mudsc.merge(models, rows, method="mudsc", progress=False)
     message = one_line(caught)
     assert "(4,)" in message and "(batch, tokens)" in message and "unpack" not in message, message
+
+
+def test_a_datasetdict_without_splits_is_refused_as_empty():
+    """resolve_calibration(datasets.DatasetDict()) said 'pass one of them, e.g. dataset['train']' of its 0 splits."""
+    with pytest.raises(CalibrationError) as caught:
+        resolve_calibration(datasets.DatasetDict(), [bert_tokenizer()])
+    message = one_line(caught)
+    assert "no split" in message and "pass one of them" not in message, message

@@ -1197,6 +1197,9 @@ def single_split(calibration: Any, role: DataRole = CALIBRATION) -> Any:
     if not isinstance(calibration, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         return calibration
     splits = list(calibration)
+    if not splits:
+        raise role.error(f"the {role.data} is a DatasetDict with no split: no samples to {role.purpose}; pass a "
+                         "dataset that holds examples")
     if len(splits) != 1:
         raise role.error(f"the {role.data} is a DatasetDict with {len(splits)} splits {splits}; pass one of them, "
                          f"e.g. dataset[{(splits or ['train'])[0]!r}]")
