@@ -312,6 +312,10 @@ def _check_text_column(name: str, value: str | None, cli: str) -> None:
     if len(names) > 2 or not all(names):
         raise OptionError(f"text_column={value!r} {cli} names {len(names)} columns; name one text column or two "
                           "separated by a comma, read as text pairs (e.g. 'sentence1,sentence2')")
+    if len(names) == 2 and names[0] == names[1]:
+        raise OptionError(f"text_column={value!r} {cli} names column {names[0]!r} twice, which would read each text "
+                          "paired with itself; name one column, or the two columns of the pairs (e.g. "
+                          "'sentence1,sentence2')")
 
 
 def _check_statistics_dtype(name: str, value: str, cli: str) -> None:

@@ -26,8 +26,9 @@ import torch
 
 from hf_mudsc.calibrate.dataset_spec import FILE_BUILDERS, DatasetSpec
 from hf_mudsc.errors import CalibrationError, brief, first_line, shown
-from hf_mudsc.load.hub_calls import hub_call
+from hf_mudsc.load.hub_calls import http_client, hub_call
 from hf_mudsc.load.processors import image_processor_of, tokenizer_of
+from hf_mudsc.load.references import hide_tokens
 from hf_mudsc.options import check_option, flag, option_hint
 
 logger = logging.getLogger(__name__)
@@ -253,6 +254,8 @@ def _load_split(parsed: DatasetSpec, streaming: bool, token: str | bool | None, 
             raise
         raise data_error(cause, str(parsed), role.error) from None
     except ValueError as error:
+        if "corresponds to no data" in str(error):  # datasets' refusal of a slice that selects no row
+            raise role.error(_empty_slice(args, kwargs, parsed, role)) from None
         if "split" in str(error).lower():
             raise role.error(f"{role.names('spec', str(parsed))}: {brief(error)}") from error
         raise role.error(f"cannot load {role.names('dataset', str(parsed))}: {brief(error)}") from error
@@ -279,7 +282,46 @@ def _load_split(parsed: DatasetSpec, streaming: bool, token: str | bool | None, 
             f"provide it ({type(error).__name__}: {brief(error)}); no columns found. Pass an existing path "
             "(e.g. an imagefolder or a save_to_disk folder) or a Hub dataset id as 'repo[:config]:split'"
         ) from error
-    return _pick_split(loaded, parsed, role)
+    picked = _pick_split(loaded, parsed, role)
+    name, slice_ = split_slice(parsed.split or "")
+    split_info = (getattr(getattr(picked, "info", None), "splits", None) or {}).get(name) if slice_ else None
+    if isinstance(getattr(split_info, "num_examples", None), int):
+        warn_short_slice(slice_, split_info.num_examples, parsed, role)
+    return picked
+
+
+def _empty_slice(args: tuple[Any, ...], kwargs: dict[str, Any], parsed: DatasetSpec, role: DataRole) -> str:
+    """The refusal of a slice that selects no row of its split (`train[5000:]` of 100 rows), as an empty saved split
+    is refused, with the split's size: read from the split `datasets` has just prepared (no download again)."""
+    name, slice_ = split_slice(parsed.split or "")
+    size = ""
+    try:
+        import datasets
+
+        size = f" of the {len(datasets.load_dataset(*args, **{**kwargs, 'split': name})):,} rows of split {name!r}"
+    except Exception as error:  # noqa: BLE001 - the size only adds to the message; the refusal stands without it
+        logger.debug("size of split %r not read: %s", name, error)
+    return (f"{role.names('split', str(parsed))} is empty (0 rows): the slice {slice_} selects none{size}; no samples "
+            f"to {role.purpose}: name a slice within the split (e.g. '{name}[:100]')")
+
+
+_ABSOLUTE_SLICE = re.compile(r"\[\s*(-?\d+)?\s*:\s*(-?\d+)?\s*\]")
+
+
+def warn_short_slice(slice_: str, total: int, parsed: DatasetSpec, role: DataRole = CALIBRATION) -> None:
+    """Say when an absolute slice (`[95:200]`) reaches past the end of its split of `total` rows: it gives fewer rows
+    than it names, as Python's slicing does, and the merge would use them without a word. A slice that gives no row
+    at all is refused as an empty split; percent slices never reach past the end."""
+    match = _ABSOLUTE_SLICE.fullmatch(slice_.strip())
+    if match is None or match.group(2) is None:
+        return
+    start, stop = (int(match.group(1) or 0), int(match.group(2)))
+    start, stop = (start + total if start < 0 else start), (stop + total if stop < 0 else stop)
+    given = max(0, min(stop, total) - max(start, 0))
+    if stop > total and given > 0:
+        logger.warning("%s: the slice %s names %d rows, but the split holds %d rows: %d of them are read (rows %d to "
+                       "%d); name a slice within the split to say what is read", role.names("spec", str(parsed)),
+                       slice_, stop - max(start, 0), total, given, max(start, 0), total - 1)
 
 
 #: Deepest nesting of a JSON calibration file read: pyarrow's JSON reader crashes (SIGSEGV) at about 20,000.
@@ -417,6 +459,7 @@ def _sliced(dataset: Any, slice_: str, parsed: DatasetSpec, role: DataRole = CAL
                          f"({brief(error)}); write it as datasets does, e.g. '[:100]', '[10:20]', '[-50:]' or "
                          "'[:10%]'") from None
     (instruction,) = instructions
+    warn_short_slice(slice_, len(dataset), parsed, role)
     # A slice beyond the end comes back as [n:n], which `select` refuses: no rows (refused as an empty split).
     return dataset.select(range(instruction.from_, max(instruction.from_, instruction.to)) if instruction.from_ <
                           len(dataset) else [], keep_in_memory=True)
@@ -514,6 +557,12 @@ class _Preprocessor:
             raise self.role.error(f"column {self.image_column!r} of the {self.role.data} holds a missing value (None), "
                                   "not an image; drop those rows (Dataset.filter) or name the image column with "
                                   f"{option_hint('image_column')}")
+        if isinstance(image, (str, bytes, os.PathLike)):  # a stream that declared no features: known only when read
+            kind = "bytes" if isinstance(image, bytes) else f"the string {shown(str(image))}"
+            raise self.role.error(f"column {self.image_column!r} of the {self.role.data} holds {kind}, not an image "
+                                  "(file paths and encoded files are not read as images: cast the column with "
+                                  "datasets.Image()); name the image column with "
+                                  f"{option_hint('image_column')}")
         convert = getattr(image, "convert", None)
         if convert is None:
             if isinstance(image, Mapping) and "bytes" in image:  # a stream that declared no features
@@ -560,7 +609,12 @@ def array_image(array: Any, column: str | None, role: DataRole = CALIBRATION, *,
     anything else is refused. Any other shape is returned as an array (the processor says what it cannot read)."""
     from PIL import Image
 
-    values = np.asarray(array, dtype=dtype)  # `dtype`: the column's declared one, which decides the bit depth
+    try:
+        values = np.asarray(array, dtype=dtype)  # `dtype`: the column's declared one, which decides the bit depth
+    except (ValueError, TypeError) as error:  # nested lists of unequal lengths, or values that are no numbers
+        raise role.error(f"column {column!r} of the {role.data} holds an image array that is ragged or not numeric "
+                         f"({brief(error, 120)}), not an image; pass images (PIL, or arrays of equal-length rows of "
+                         "pixel values) or drop those rows (Dataset.filter)") from None
     if values.ndim == 3 and values.shape[-1] not in (1, 3, 4) and values.shape[0] in (1, 3, 4):
         values = np.moveaxis(values, 0, -1)  # channels first (torchvision's layout)
     if values.ndim == 3 and values.shape[-1] == 1:
@@ -737,7 +791,7 @@ class SamePasses:
         self.first: bytes | None = None
 
     def __iter__(self) -> Iterator[Any]:
-        for index, batch in enumerate(self.data):
+        for index, batch in enumerate(collated_safely(self.data)):
             if index == 0:
                 self._check(batch_digest(batch))
             yield batch
@@ -746,7 +800,7 @@ class SamePasses:
         """Read the first batch of two passes now (before any work): a reshuffling loader is refused up front, and
         so is an iterable whose second read gives nothing (it can be read once)."""
         for read in range(2):
-            for batch in self.data:
+            for batch in collated_safely(self.data):
                 self._check(batch_digest(batch))
                 break
             else:
@@ -758,6 +812,20 @@ class SamePasses:
             self.first = digest
         elif digest != self.first:
             raise CalibrationError(RESHUFFLED)
+
+
+def collated_safely(batches: Iterable[Any]) -> Iterator[Any]:
+    """`batches`, with a DataLoader's refusal to collate its rows (`default_collate` meeting PIL images or other raw
+    values: a TypeError from inside torch) turned into one line naming the fixes."""
+    try:
+        yield from batches
+    except TypeError as error:
+        if "collate" not in str(error):
+            raise
+        raise CalibrationError(
+            f"the calibration DataLoader cannot collate its rows into batches ({brief(error)}); pass the "
+            "datasets.Dataset itself, whose raw columns (images, text) the parents' processor preprocesses, or give "
+            "the DataLoader a collate_fn that makes the model inputs (e.g. by calling the processor)") from None
 
 
 def same_passes(calibration: Any) -> Any:
@@ -773,23 +841,36 @@ def same_passes(calibration: Any) -> Any:
 
 
 def batch_digest(batch: Any) -> bytes:
-    """A 16-byte BLAKE2 digest of a batch's tensors and arrays (names, dtypes, shapes, bytes; other values by repr)."""
+    """A 16-byte BLAKE2 digest of a batch's tensors and arrays (names, dtypes, shapes, bytes), PIL images (mode, size,
+    pixels) and lists of them, item by item; other values by repr. An image's repr holds its object's address, new at
+    each read, so a loader giving the same raw images each pass was refused as reshuffling (`RESHUFFLED`)."""
     import hashlib
-
-    import numpy as np
 
     digest = hashlib.blake2b(digest_size=16)
     items = sorted(batch.items(), key=lambda item: str(item[0])) if isinstance(batch, Mapping) else [("", batch)]
     for name, value in items:
-        if isinstance(value, torch.Tensor):
-            value = value.detach().cpu().contiguous()
-            digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
-            digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(value, np.ndarray):
-            digest.update(f"{name}:{value.dtype}:{value.shape}".encode() + np.ascontiguousarray(value).tobytes())
-        else:
-            digest.update(f"{name}:{value!r}".encode())
+        _digest_value(digest, str(name), value)
     return digest.digest()
+
+
+def _digest_value(digest: Any, name: str, value: Any) -> None:
+    """`batch_digest`'s update by one value."""
+    from PIL import Image
+
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, np.ndarray):
+        digest.update(f"{name}:{value.dtype}:{value.shape}".encode() + np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, Image.Image):
+        digest.update(f"{name}:image:{value.mode}:{value.size}".encode() + value.tobytes())
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{name}:{type(value).__name__}:{len(value)}".encode())
+        for index, item in enumerate(value):
+            _digest_value(digest, f"{name}[{index}]", item)
+    else:
+        digest.update(f"{name}:{value!r}".encode())
 
 
 def decoded_safely(chunks: Iterable[Any], source: str, error: type[ValueError] = CalibrationError) -> Iterator[Any]:
@@ -799,7 +880,7 @@ def decoded_safely(chunks: Iterable[Any], source: str, error: type[ValueError] =
 
     try:
         yield from chunks
-    except (ValueError, OSError, Image.DecompressionBombError) as failure:
+    except (ValueError, OSError, Image.DecompressionBombError, http_client().TransportError) as failure:
         if isinstance(failure, error):
             raise
         raise data_error(failure, source, error) from None
@@ -822,6 +903,13 @@ def data_error(failure: Exception, source: str, error: type[ValueError] = Calibr
     if isinstance(failure, FileNotFoundError):  # an Image row naming a file by its path
         return error(f"dataset {source!r} names a file that does not exist ({failure.filename!r}); remove that row "
                      "or restore the file")
+    if isinstance(failure, (ConnectionError, TimeoutError, http_client().TransportError)):
+        # a streamed split's connection dropped (datasets raises ConnectionError once its retries run out): the data
+        # is not at fault, so "fix or replace the data file" was the wrong advice
+        said = hide_tokens(brief(failure))
+        return error(f"the connection dropped while reading dataset {source!r} ({type(failure).__name__}: {said}); "
+                     "retry the command, or read a local copy (load the split with datasets and save it with "
+                     "Dataset.save_to_disk, then pass that folder)")
     return error(f"dataset {source!r} cannot be read ({type(failure).__name__}: {brief(failure)}); fix or replace the "
                  "data file")
 
@@ -1022,6 +1110,10 @@ def text_columns(text_column: str | None, role: DataRole = CALIBRATION) -> tuple
     if len(names) > 2 or not all(names):
         raise role.error(f"text_column={text_column!r} (CLI: {flag('text_column')}) names {len(names)} columns; name "
                          "one text column or two separated by a comma, read as text pairs (e.g. 'sentence1,sentence2')")
+    if len(names) == 2 and names[0] == names[1]:  # each text would be read paired with itself
+        raise role.error(f"text_column={text_column!r} (CLI: {flag('text_column')}) names column {names[0]!r} twice, "
+                         "which would read each text paired with itself; name one column, or the two columns of the "
+                         "pairs (e.g. 'sentence1,sentence2')")
     return names
 
 
@@ -1105,6 +1197,9 @@ def single_split(calibration: Any, role: DataRole = CALIBRATION) -> Any:
     if not isinstance(calibration, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         return calibration
     splits = list(calibration)
+    if not splits:
+        raise role.error(f"the {role.data} is a DatasetDict with no split: no samples to {role.purpose}; pass a "
+                         "dataset that holds examples")
     if len(splits) != 1:
         raise role.error(f"the {role.data} is a DatasetDict with {len(splits)} splits {splits}; pass one of them, "
                          f"e.g. dataset[{(splits or ['train'])[0]!r}]")
@@ -1119,6 +1214,32 @@ def refuse_transform(dataset: Any, role: DataRole = CALIBRATION) -> None:
         raise role.error(f"the {role.data} has a transform (with_transform/set_transform), whose output columns are "
                          "unknown until read; pass the dataset without it (dataset.with_format(None)), or apply it "
                          "with Dataset.map")
+
+
+#: `Dataset.with_format` types whose rows are no Python, numpy or torch values (pyarrow scalars, a polars frame):
+#: the preprocessing reads raw columns as Python values, so these are read without the format.
+_FOREIGN_FORMATS = ("arrow", "polars")
+
+
+def all_columns_readable(dataset: Any) -> Any:
+    """`dataset` with a format that hides columns (`set_format(columns=[...])`: its rows lack the others, though
+    `column_names` lists them, so reading a raw column planned from those names was a KeyError) or that gives rows as
+    pyarrow/polars values (a text row was refused as `StringScalar, not text`) read with every column as Python,
+    numpy or torch values; its format type kept otherwise (the values read are the same)."""
+    import datasets
+
+    if isinstance(dataset, datasets.IterableDataset):  # it has no public `format`; its type is in its config
+        kind = getattr(getattr(dataset, "_formatting", None), "format_type", None)
+        return dataset.with_format(None) if kind in _FOREIGN_FORMATS else dataset
+    format_ = getattr(dataset, "format", None) if isinstance(dataset, datasets.Dataset) else None
+    if not isinstance(format_, Mapping):
+        return dataset
+    kind, hidden = format_.get("type"), format_.get("columns") is not None and not format_.get("output_all_columns")
+    if kind in _FOREIGN_FORMATS:
+        return dataset.with_format(None)
+    if hidden:
+        return dataset.with_format(kind, **(format_.get("format_kwargs") or {}))
+    return dataset
 
 
 def check_calibration_columns(calibration: Any, processors: Any = None, *, image_column: str | None = None,
@@ -1310,6 +1431,7 @@ def resolve_calibration(
     if not isinstance(calibration, (datasets.Dataset, datasets.IterableDataset)):
         return calibration
     refuse_transform(calibration, role)
+    calibration = all_columns_readable(calibration)
     _refuse_empty(calibration, source, role)
     if source == "dataset":
         source = getattr(calibration.info, "dataset_name", None) or getattr(calibration.info, "builder_name", None) \

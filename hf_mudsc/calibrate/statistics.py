@@ -236,6 +236,11 @@ class ModelInputCheck:
                     raise self.error(f"{self.data} {name} hold NaN or inf in {rows} of the {len(bad)} examples of a "
                                      "batch, which no model reads as input: drop or fix those examples")
         ids = batch.get("input_ids")
+        if isinstance(ids, torch.Tensor) and ids.dim() == 1:  # one row's tokens (a list of rows passed as batches)
+            raise self.error(
+                f"{self.data} input_ids have shape {tuple(ids.shape)}, one example's tokens, but {self.models} read "
+                "(batch, tokens): pass batches (rows stacked, e.g. by a DataLoader or the tokenizer called on a list "
+                "of texts) or the rows as a datasets.Dataset")
         if isinstance(ids, torch.Tensor) and ids.numel() and not ids.is_floating_point():
             largest = int(ids.max())
             if self.vocab_size is not None and largest >= self.vocab_size:
@@ -313,7 +318,7 @@ def iter_batches(
     seen = 0
     for index, raw in enumerate(_raw_batches(calibration, batch_size, keep, required)):
         if index == 0:
-            _check_columns(raw.keys(), required)
+            _check_columns(raw.keys(), required, batches=not _is_data_object(calibration))
         rows = f"rows {seen + 1}-{seen + _raw_length(raw)}"
         batch = {k: _column(k, v, seen, rows) for k, v in raw.items() if keep is None or k in keep}
         _check_length(batch, max_tokens)
@@ -353,19 +358,38 @@ def check_first_batch(calibration: Any, config: Any, required: Iterable[str]) ->
     if not isinstance(calibration, (list, tuple)) or not calibration or not isinstance(calibration[0], Mapping):
         return
     first = calibration[0]
-    _check_columns(first.keys(), tuple(required))
+    _check_columns(first.keys(), tuple(required), batches=True)
     check = ModelInputCheck.of(config, quiet=True)  # its warnings: said by the merge's pass
     check({name: value for name, value in first.items() if isinstance(value, torch.Tensor)})
 
 
-def _check_columns(found: Iterable[str], required: tuple[str, ...]) -> None:
+def _check_columns(found: Iterable[str], required: tuple[str, ...], *, batches: bool = False) -> None:
+    """Refuse data lacking a model input. `batches`: the data are dict batches (a list, a DataLoader), whose other
+    columns (raw `image`, `text`) are read as they are: only a `datasets` object's raw columns are preprocessed by the
+    parents' processor, which the fix then names."""
+    from hf_mudsc.calibrate.datasets import MODEL_INPUT_COLUMNS
+
     found = sorted(found)
     missing = [name for name in required if name not in found]
     if missing:
-        raise CalibrationError(
-            f"the calibration data lacks column(s) {missing} that the models need; found columns {found}. "
-            "Provide preprocessed model inputs (e.g. map the parents' processor over the dataset)."
-        )
+        raw = [name for name in found if name not in MODEL_INPUT_COLUMNS]
+        fix = ("Provide preprocessed model inputs (e.g. map the parents' processor over the dataset)." if not
+               (batches and raw) else
+               f"Batches are passed to the models as they are, so their raw column(s) {raw} are not preprocessed: "
+               "pass the rows as a datasets.Dataset (e.g. datasets.Dataset.from_list(rows), or the dataset itself "
+               "instead of a DataLoader over it), whose raw columns the parents' processor preprocesses, or make "
+               "the model inputs in your batches (e.g. a DataLoader collate_fn calling the processor).")
+        raise CalibrationError(f"the calibration data lacks column(s) {missing} that the models need; found columns "
+                               f"{found}. {fix}")
+
+
+def _is_data_object(calibration: Any) -> bool:
+    """Whether `calibration` is rows (a `datasets` object or a `CalibrationStream`), not dict batches."""
+    import datasets
+
+    from hf_mudsc.calibrate.datasets import CalibrationStream
+
+    return isinstance(calibration, (CalibrationStream, datasets.Dataset, datasets.IterableDataset))
 
 
 def _raw_batches(
@@ -399,7 +423,9 @@ def _raw_batches(
             f"calibration must be a datasets.Dataset/IterableDataset or an iterable of dict batches, "
             f"got {type(calibration).__name__}"
         )
-    for batch in calibration:
+    from hf_mudsc.calibrate.datasets import collated_safely
+
+    for batch in collated_safely(calibration):
         if not isinstance(batch, Mapping):
             raise CalibrationError(f"calibration batches must be dicts of model inputs, got {type(batch).__name__}")
         yield batch
