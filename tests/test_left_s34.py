@@ -160,3 +160,25 @@ def test_text_p_methods_pairs_each_row_with_mudsc_zip_under_the_same_refit(monke
     assert "mudsc_zip_minus" not in result["mudsc zip refit none"] and "mudsc_zip_minus" not in result["mudsc zip"]
     assert "| zipit refit none | 90.0 ± 0.0 | 80.0 ± 0.0 | 45.0 ± 7.1 | +35.0 ± 7.1 | 2 / 0 of 2 |" in (
         module.markdown(result, labels))
+
+
+def test_every_merged_model_of_the_demos_chart_has_a_bar_style_of_its_own():
+    """`hf-mudsc demo`'s accuracy chart draws 12 merged models with a 9-colour palette: `regmean + refit` was drawn in
+    `mudsc (zip) + refit`'s red (and two more pairs alike), so the legend could not tell them apart. Past the palette
+    the bars are hatched: each merged model's (colour, hatch) is its own."""
+    from matplotlib.colors import to_hex
+
+    from hf_mudsc.evaluate.results import EvaluationResult
+    from hf_mudsc.publish.plots import accuracy_figure
+
+    merged = [f"merge {i}" for i in range(20)]
+    tasks = {name: {"dataset": "org/d", "split": "test"} for name in ("a", "b")}
+    scores = {**{name: {"a": {"accuracy": 0.5}, "b": {"accuracy": 0.5}} for name in merged},
+              "parent_a": {"a": {"accuracy": 0.9}}, "parent_b": {"b": {"accuracy": 0.8}},
+              "ensemble": {"a": {"accuracy": 0.9}, "b": {"accuracy": 0.8}}}
+    axes = accuracy_figure(EvaluationResult(metrics=["accuracy"], tasks=tasks, scores=scores,
+                                            merged=merged).to_dict()).axes[0]
+    styles = [(to_hex(container.patches[0].get_facecolor()), container.patches[0].get_hatch())
+              for container in axes.containers[3:]]  # parents A, B and the ensemble first
+    assert len(styles) == 20 and len(set(styles)) == 20, styles
+    assert styles[0][1] is None and styles[8][1] is None  # the palette's nine plain first

@@ -40,6 +40,8 @@ STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fo
 PARENT_HATCHES = (None, "//", "\\\\", "xx", "..")
 # Merged models' bars: matplotlib's default cycle without its grey (the parents' colour).
 MERGED_COLORS = ("#d62728", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
+# Past the palette (the demo draws 12 merged models) the colours come round again hatched, so no two look alike.
+MERGED_HATCHES = (None, "..", "oo", "++", "**")
 COLORS = {"activation": "#1f77b4", "weight": "#ff7f0e", "blended": "#222222", "value": "#7f7f7f"}
 
 
@@ -417,11 +419,12 @@ def accuracy_figure(evaluation: Mapping[str, Any]) -> Figure:
                     xs.append(position - 0.4 + width * (index + 0.5))
                     heights.append(100.0 * value)
             colour = "#9e9e9e" if scorer in parents else ("#555555" if scorer == "ensemble" else None)
-            hatch = PARENT_HATCHES[index % len(PARENT_HATCHES)] if scorer in parents else None
             merged_index = index - len(fixed)
+            hatch = (PARENT_HATCHES[index % len(PARENT_HATCHES)] if scorer in parents else None if colour
+                     else MERGED_HATCHES[merged_index // len(MERGED_COLORS) % len(MERGED_HATCHES)])
             bars = axes.bar(xs, heights, width=width * 0.95, label=scorer_label(scorer, parents),
                             color=colour if colour else MERGED_COLORS[merged_index % len(MERGED_COLORS)],
-                            hatch=hatch, edgecolor="white" if colour else None)
+                            hatch=hatch, edgecolor="white" if colour or hatch else None)
             if len(order) <= 6:
                 axes.bar_label(bars, fmt="%.0f", fontsize=8, padding=1)
         axes.set_xticks(range(len(views)), views)
