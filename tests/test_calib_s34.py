@@ -216,3 +216,18 @@ def test_a_datasetdict_without_splits_is_refused_as_empty():
         resolve_calibration(datasets.DatasetDict(), [bert_tokenizer()])
     message = one_line(caught)
     assert "no split" in message and "pass one of them" not in message, message
+
+
+def test_an_arrow_stream_without_declared_features_is_checked_as_plain_rows():
+    """(review) check_calibration_columns(IterableDataset.from_generator(gen).with_format("arrow")): refused in
+    several lines ("lacks column(s) ['input_ids'] ... found columns [<pyarrow.lib.ChunkedArray ...") though its rows
+    hold raw text a tokenizer reads; the check now reads the rows as plain values, as the merge does."""
+    from hf_mudsc.calibrate.datasets import check_calibration_columns
+
+    def rows():
+        for i in range(8):
+            yield {"text": f"w{i} w{i + 1}", "label": i % 2}
+
+    stream = datasets.IterableDataset.from_generator(rows).with_format("arrow")
+    config = make_model("bert_cls").config
+    check_calibration_columns(stream, [bert_tokenizer()], inputs=("input_ids",), model_config=config)

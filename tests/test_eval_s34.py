@@ -129,3 +129,38 @@ def test_joint_figures_under_both_rules_match_a_hand_computation():
         assert result.score("ensemble", "average") == 0.75 and result.score("merged", "average") == 1.0
         assert result.score("parent_a", "joint") == 0.25 and result.score("parent_b", "joint") == 0.5
         assert result.definitions["joint_rule"] == rule
+
+
+def test_a_task_column_of_indices_for_a_subset_of_tasks_in_merge_order_is_scored():
+    """(review) merge order [zeta, beta, alpha], one dataset of zeta and alpha rows, task column 0 = zeta, 1 = alpha,
+    tasks_from_dataset(d, ["zeta", "alpha"]): names in merge order, yet refused ("alpha is task 1 given, task 2 of the
+    merge") with advice that could not be followed. The indices count in the names given: scored, 1.0 each."""
+    import datasets
+
+    from hf_mudsc.evaluate.tasks import tasks_from_dataset
+
+    merged = controlled(["zeta: x", "zeta: y", "beta: m", "beta: n", "alpha: p", "alpha: q"],
+                        [[5, 0, 0, 0, 0, 0], [0, 5, 0, 0, 0, 0], [0, 0, 0, 0, 0, 5], [0, 0, 0, 0, 5, 0]],
+                        {"zeta": [0, 2], "beta": [2, 4], "alpha": [4, 6]})
+    data = datasets.Dataset.from_dict({**{k: v.tolist() for k, v in rows(range(4)).items()},
+                                       "task": [0, 0, 1, 1], "label": [0, 1, 1, 0]})
+    result = evaluate_merge(merged, None, tasks_from_dataset(data, ["zeta", "alpha"], task_column="task"),
+                            progress=False)
+    assert result.score("merged", "zeta") == result.score("merged", "alpha") == 1.0
+    with pytest.raises(EvaluationError, match=r"task column 'task' holds task indices.*merge order"):
+        evaluate_merge(merged, None, tasks_from_dataset(data, ["alpha", "zeta"], task_column="task"), progress=False)
+
+
+@pytest.mark.parametrize("formatted", ["torch_columns", "arrow"])
+def test_a_formatted_evaluation_dataset_is_scored_as_the_plain_one(formatted):
+    """(review) evaluate_merge(m, None, {"t": ds.with_format("torch", columns=[inputs])}): a bare KeyError 'label'
+    traceback; with_format("arrow"): "label <pyarrow.Int64Scalar: 0> is not a class id". Read as plain values now."""
+    import datasets
+
+    model = controlled(["neg", "pos", "mid"], [[3, 0, 0], [0, 3, 0], [0, 0, 3], [3, 0, 0]])
+    data = datasets.Dataset.from_dict({**{k: v.tolist() for k, v in rows(range(4)).items()}, "label": [0, 1, 2, 1]})
+    plain = evaluate_merge(model, None, {"t": data}, progress=False)
+    shaped = (data.with_format("torch", columns=["input_ids", "attention_mask"]) if formatted == "torch_columns"
+              else data.with_format("arrow"))
+    assert plain.score("merged", "t") == 0.75
+    assert evaluate_merge(model, None, {"t": shaped}, progress=False).scores == plain.scores

@@ -1256,6 +1256,7 @@ def check_calibration_columns(calibration: Any, processors: Any = None, *, image
     if not isinstance(calibration, (datasets.Dataset, datasets.IterableDataset)):
         return
     refuse_transform(calibration, role)
+    calibration = all_columns_readable(calibration)  # columns named as the merge reads them (an arrow stream's rows)
     name = loaded_from(calibration) or "calibration data"
     columns = column_names(calibration, name)
     refuse_no_columns(calibration, columns, name)

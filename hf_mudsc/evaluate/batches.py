@@ -17,7 +17,7 @@ import datasets
 import numpy as np
 import torch
 
-from hf_mudsc.calibrate.datasets import DataRole
+from hf_mudsc.calibrate.datasets import DataRole, all_columns_readable
 from hf_mudsc.calibrate.statistics import batch_column_as_tensor
 from hf_mudsc.errors import EvaluationError
 from hf_mudsc.evaluate.names import LABEL_COLUMNS
@@ -62,10 +62,10 @@ def _select_rows(dataset: Any, source: TaskData, label_column: str, task_names: 
             if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= given_index != own_index:
                 # an index read by the names given in another order would score one task's rows as another's
                 raise EvaluationError(
-                    f"task column {source.task_column!r} holds task indices ({int(value)}), but task {task!r} is task "
-                    f"{given_index} in the task names given (tasks_from_dataset) and task {own_index} of the merged "
-                    f"model, whose merge order is {list(task_names)}; pass the task names in merge order, or name "
-                    "each row's task in the column")
+                    f"task column {source.task_column!r} holds task indices, but task {task!r} is task "
+                    f"{given_index} in the task names given (tasks_from_dataset: {list(source.task_order or ())}) and "
+                    f"task {own_index} of them in the merged model's order {merge_order}; pass the task names in "
+                    "merge order, or name each row's task in the column")
             if not any(names_task(value, i, known) for i, known in enumerate(task_names)):  # never dropped silently
                 raise EvaluationError(
                     f"task column {source.task_column!r} holds {value!r}, no task of the merged model (tasks: "
@@ -85,8 +85,11 @@ def _select_rows(dataset: Any, source: TaskData, label_column: str, task_names: 
 
     if source.task_column is None and source.label_range is None:
         return dataset
+    # The column's indices count in the names given (`TaskData.task_order`); read by the merge's order of those
+    # same tasks they must agree, else one task's rows would be scored as another's.
     given_index = source.task_value[0] if source.task_column is not None else None
-    own_index = list(task_names).index(task) if task in task_names else given_index
+    merge_order = [name for name in task_names if source.task_order is not None and name in source.task_order]
+    own_index = merge_order.index(task) if task in merge_order else given_index
     columns = [c for c in (source.task_column, label_column) if c]
     if isinstance(dataset, datasets.Dataset):
         table = dataset.select_columns(columns)
@@ -256,6 +259,8 @@ def task_batches(source: TaskData, *, task: str, main_input: str, batch_size: in
         return tensor_batches(), len(rows), False, left_out
 
     dataset = _dataset_of(source, task)
+    # A formatted dataset (columns hidden by set_format, arrow scalars) read as plain values: labels and raw columns
+    dataset = all_columns_readable(dataset)
     if not isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)):
         raise EvaluationError(
             f"task {task!r}: evaluation data is a {type(dataset).__name__}; pass a datasets.Dataset or "

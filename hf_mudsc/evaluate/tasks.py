@@ -35,6 +35,8 @@ class TaskData:
             class ids `0..k-1`; string labels are class names of the task.
         label_offset: subtracted from integer labels first (a dataset labelled in the joint label space).
         task_column, task_value: keep only the rows whose `task_column` equals `task_value`.
+        task_order: the task names the column's indices count in (`tasks_from_dataset`'s `task_names`): indices
+            are read only when that order is the merge's (for the tasks it names); None: not checked.
         label_range: keep only rows whose integer label lies in `[lo, hi)` (before the offset).
         joint_size: with `label_range`, the size of the joint label space: a label outside it lies in no task's
             range, and is refused rather than left out of every task.
@@ -50,6 +52,7 @@ class TaskData:
     label_offset: int = 0
     task_column: str | None = None
     task_value: Any = None
+    task_order: tuple[str, ...] | None = None
     label_range: tuple[int, int] | None = None
     joint_size: int | None = None
     name: str | None = None
@@ -75,13 +78,14 @@ def tasks_from_dataset(
 
     With `task_column`, a row belongs to the task whose name (or index in `task_names`) the column holds,
     and its label is that task's own class id or name. Indices need `task_names` in merge order (A's task first; a
-    loaded config lists `task_label_ranges` alphabetically): another order is refused when the rows are read.
+    loaded config lists `task_label_ranges` alphabetically), a subset of the tasks too: another order is refused
+    when the rows are read.
     Without it, integer labels are ids of the joint label space (the merged model's head, `task_ranges`), so the
     task is the range the label falls in.
     """
     if task_column is not None:
         return {task: TaskData(data, label_column=label_column, task_column=task_column, task_value=(i, task),
-                               name=name, split=split, local=local, config=config)
+                               task_order=tuple(task_names), name=name, split=split, local=local, config=config)
                 for i, task in enumerate(task_names)}
     if not task_ranges:
         raise EvaluationError(
