@@ -475,7 +475,10 @@ def check_memory(model_or_config: Any, parents: int, method: Any | None, *, load
                           "order)",
              "working": f"for {method.name if method is not None else 'auto'}'s working set (what it holds besides "
                         "the weights, whatever the number of parents)"}
-    held = ", ".join(f"{memory_text(floor[key])} {text}" for key, text in parts.items() if floor.get(key))
+    # Every process's share is the larger need (`machine_floor`): its parts, N times over; else process 0's floor.
+    by_processes = needed > sum(floor.values())
+    held = ", ".join(f"{memory_text(floor[key])} {text}" for key, text in parts.items()
+                     if floor.get(key) and not (by_processes and key in SOLVER_ONLY_PARTS))
     name = method.name if method is not None else "auto"
     why = f"method 'auto' chose {name!r} ({chosen}); " if chosen else ""
     other = ("a method that does not match units (linear, ties, ...: one tensor per parent in memory)"
@@ -485,13 +488,9 @@ def check_memory(model_or_config: Any, parents: int, method: Any | None, *, load
     tensor_at_a_time = method is not None and not (method.needs_calibration or method.matches_units
                                                    or method.needs_data)
     instead = "" if tensor_at_a_time else f", or choose {other} (CLI: --method)"  # it is such a method already
-    others = ""
-    if processes > 1 and processes * shared_floor(floor) > sum(floor.values()):
-        others = (f", {processes} times over: the {processes} processes on this machine each load the parents and "
-                  "hold the statistics (process 0 alone solves)")
-        held = ", ".join(f"{memory_text(floor[key])} {text}" for key, text in parts.items()
-                         if floor.get(key) and key not in SOLVER_ONLY_PARTS)
-    if processes > 1 and processes * shared_floor(floor) > available:
+    others = (f", {processes} times over: the {processes} processes on this machine each load the parents and hold "
+              "the statistics (process 0 alone solves)") if by_processes else ""
+    if processes > 1 and processes * shared_floor(floor) > available:  # fewer processes would fit
         fewer = (f"launch fewer processes per machine (torchrun --nproc_per_node, accelerate launch --num_processes),"
                  f" {fewer}")
     raise MergeInputError(

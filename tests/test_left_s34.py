@@ -74,6 +74,11 @@ def test_the_memory_check_counts_every_process_a_launcher_starts_on_this_machine
         monkeypatch.setenv("LOCAL_WORLD_SIZE", value)
         assert local_processes() == 1
         plan.check_memory(model, 2, mudsc, loading=2)
+    monkeypatch.setattr(plan, "available_memory", lambda: 1)
+    with pytest.raises(MergeInputError) as error:  # one process: no launch advice, nothing "times over"
+        plan.check_memory(model, 2, mudsc, loading=2)
+    assert "launch fewer" not in str(error.value) and "times over" not in str(error.value), str(error.value)
+    monkeypatch.setattr(plan, "available_memory", lambda: int(one * 1.01))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert local_processes() == 4
     with pytest.raises(MergeInputError) as error:
