@@ -1,7 +1,7 @@
 """`merge(..., dry_run=True)` / `hf-mudsc merge --dry-run`: what a merge would do, from small files only.
 
 The plan resolves the parents' revisions, reads their configs, processors and safetensors *headers* (tensor names,
-shapes, dtypes: `huggingface_hub.get_safetensors_metadata` for Hub repos, `safetensors.safe_open` for local files —
+shapes, dtypes: the loader's `read_hub_headers` for Hub repos, `safetensors.safe_open` for local files —
 never a weight file's data), builds the model on the `meta` device to get the permutation spec (the groups and
 their widths), opens (does not read) the calibration split, and estimates time and peak memory from the sizes
 (docs/design.md, "Dry run"). Nothing is written and nothing is pushed. `MergePlan.to_dict()` is JSON-able (what
@@ -794,56 +794,24 @@ def filled_tensors(base: Any, model_a: Any, spec: Any, *, token: str | bool | No
 def header_facts(parent: Any, *, token: str | bool | None) -> HeaderFacts:
     """What the safetensors headers of a located parent say; `HeaderFacts(None, [])` without them.
 
-    Hub parents: `get_safetensors_metadata` (a HEAD and a ranged GET of each file's first bytes); local folders
-    and cached snapshots: `safe_open`, which maps the file and reads its header only."""
+    Hub parents: the loader's `read_hub_headers` (a ranged GET of each file's first bytes); local folders and
+    cached snapshots: `safe_open`, which maps the file and reads its header only."""
     files = [f for f in parent.weight_files if f.endswith((".safetensors", ".safetensors.index.json"))]
     if not files:
         return HeaderFacts(None, [])
     from huggingface_hub import constants
 
     if parent.repo_id is not None and not constants.HF_HUB_OFFLINE:
-        metadata = _hub_metadata(parent, token=token)
-        from hf_mudsc.load.parents import refuse_lost_tensor, refuse_stored_twice
-        from hf_mudsc.load.weight_files import SAFETENSORS_INDEX
+        from hf_mudsc.load.parents import read_hub_headers
 
-        stored_in: dict[str, str] = {}  # a tensor stored twice is refused as the merge refuses it, before downloads
-        for name in sorted(metadata.files_metadata):
-            refuse_stored_twice(parent.reference, stored_in, metadata.files_metadata[name].tensors, name, hub=True)
-        if metadata.sharded and SAFETENSORS_INDEX in parent.weight_files:  # its index is in the snapshot already
-            refuse_lost_tensor(parent.reference, parent.folder, stored_in, hub=True)
-        tensors = {key: t for f in metadata.files_metadata.values() for key, t in f.tensors.items()}
+        # the loader's reader: the same requests, and the same refusals in the same words, as the merge's
+        headers = read_hub_headers(parent, token=token)
+        tensors = {key: t for f in headers.values() for key, t in f.tensors.items()}
         return HeaderFacts(sum(t.data_offsets[1] - t.data_offsets[0] for t in tensors.values()),
                            sorted({t.dtype for t in tensors.values()}), list(tensors),
                            {key: tuple(t.shape) for key, t in tensors.items()},
                            {key: t.dtype for key, t in tensors.items()})
     return _local_header_facts(parent.folder, files)
-
-
-def _hub_metadata(parent: Any, *, token: str | bool | None) -> Any:
-    """`get_safetensors_metadata`, its failures refused in the loader's lines (`hub_header_refusal`): a shard the
-    index lists but the repo lacks, an empty one, a corrupt header, the Hub's other answers (the dry run says whether
-    the merge would run)."""
-    import re
-
-    from huggingface_hub import HfApi, errors
-
-    from hf_mudsc.errors import LoadError
-    from hf_mudsc.load.parents import hub_header_refusal, hub_request
-
-    what = "reading the safetensors headers"
-    try:
-        return hub_request(parent.reference, lambda: HfApi().get_safetensors_metadata(
-            parent.repo_id, revision=parent.commit_sha, token=token), what=what)
-    except LoadError as error:
-        response = getattr(error.__cause__, "response", None)
-        refusal = (hub_header_refusal(parent.reference, str(response.url).rsplit("/", 1)[-1], error)
-                   if response is not None else None)
-        if refusal is None:
-            raise
-        raise refusal from error.__cause__
-    except errors.SafetensorsParsingError as error:
-        found = re.search(r"header for '([^']+)'", str(error))
-        raise hub_header_refusal(parent.reference, found.group(1) if found else "a weight file", error) from error
 
 
 def _local_header_facts(folder: Any, files: Sequence[str]) -> HeaderFacts:

@@ -1000,8 +1000,9 @@ def _fetch_weights(located: _Located, *, token: str | bool | None, cache_dir: st
 
 
 HEADER_READERS = 8
-"""How many shard headers of a Hub repo are read at once (as huggingface_hub's `get_safetensors_metadata`, which the
-dry run uses, reads them): each is a small ranged GET, so the time is the Hub's latency, not the bandwidth."""
+"""How many shard headers of a Hub repo are read at once (`read_hub_headers`, as huggingface_hub's
+`get_safetensors_metadata` reads them): each is a small ranged GET, so the time is the Hub's latency, not the
+bandwidth."""
 
 
 def hub_header_refusal(reference: str, name: str, error: BaseException) -> LoadError | None:
@@ -1023,32 +1024,37 @@ def hub_header_refusal(reference: str, name: str, error: BaseException) -> LoadE
     return None
 
 
-def check_hub_shard_headers(located: _Located, *, token: str | bool | None) -> None:
-    """Refuse a sharded Hub checkpoint from its shards' headers, read over HTTP (a ranged GET of each file's first
-    bytes, `HEADER_READERS` at once), before any shard is downloaded: a tensor stored in two shards, a tensor the
-    index places in a shard that lacks it, a corrupt header, a config its weights do not fit — what `_prepare` finds
-    once the shards are local, which for a checkpoint of many GB was only after downloading them (and every parent
-    before it). The headers are checked in the shards' order whatever order they arrive in, so the refusal is the
-    same line run to run. A single model.safetensors cannot store a tensor twice: its header is read once it is
-    downloaded, as before. Shards already in the snapshot are read there, by `_prepare`, with no request."""
+def hub_weight_names(located: _Located) -> list[str]:
+    """The safetensors files of a located Hub checkpoint, in order: its shards (from the index fetched when it was
+    located) or its single model.safetensors; none for pickle weights."""
+    if located.use_pickle or located.folder is None:
+        return []
+    if SAFETENSORS_INDEX in located.weight_files:
+        return _shard_names(located.reference, located.folder, SAFETENSORS_INDEX, hub=True)  # all .safetensors
+    return [name for name in located.weight_files if name.endswith(".safetensors")]
+
+
+def read_hub_headers(located: _Located, *, token: str | bool | None) -> dict[str, Any]:
+    """The safetensors headers of a located Hub checkpoint, read over HTTP before any weight is downloaded: file name ->
+    huggingface_hub's `SafetensorsFileMetadata`, in the files' order. The one reader of Hub headers: the loader
+    (`check_hub_shard_headers`) and the dry run (`plan.header_facts`) both call it, so they refuse alike in the same
+    words and ask the Hub the same requests — a ranged GET of each file's first bytes (a second only for a header
+    over 100 kB), `HEADER_READERS` at once, no HEAD or index request (the file list and the index came when the
+    parent was located). Refused here, in the files' order whatever order the answers arrive in (the same line run to
+    run): a file the repo lacks, an empty one, a corrupt header (`hub_header_refusal`), the Hub's other answers
+    (`hub_request`'s line), a tensor stored in two files, a tensor the index places in a shard that lacks it."""
     from concurrent.futures import ThreadPoolExecutor
 
     from huggingface_hub import HfApi, constants
 
-    from hf_mudsc.load.lazy import dtype_name
-
-    if (located.repo_id is None or constants.HF_HUB_OFFLINE or located.use_pickle or located.prepared
-            or located.headers_read or located.loaded is not None or located.model is not None
-            or located.folder is None or SAFETENSORS_INDEX not in located.weight_files):
-        return
-    names = _shard_names(located.reference, located.folder, SAFETENSORS_INDEX, hub=True)  # all .safetensors
-    if all((located.folder / name).is_file() for name in names):
-        return
+    names = hub_weight_names(located)
+    if not names:
+        return {}
     reference = located.reference
     api = HfApi()
 
     def read(name: str) -> Any:
-        """The header of shard `name`, or the exception reading it ended in (raised below, in the shards' order)."""
+        """The header of file `name`, or the exception reading it ended in (raised below, in the files' order)."""
         try:
             return hub_request(reference, lambda: api.parse_safetensors_file_metadata(
                 located.repo_id, name, revision=located.commit_sha, token=token,
@@ -1056,13 +1062,15 @@ def check_hub_shard_headers(located: _Located, *, token: str | bool | None) -> N
         except Exception as error:  # noqa: BLE001 - handed back to the caller's thread, which raises or maps it
             return error
 
-    logger.info("reading %d shard headers of %s", len(names), located.repo_id)
-    with ThreadPoolExecutor(max_workers=min(HEADER_READERS, len(names)),
-                            thread_name_prefix="hf-mudsc-headers") as pool:
-        headers = list(pool.map(read, names))
+    if len(names) == 1:
+        logger.info("reading the header of %s of %s", names[0], located.repo_id)
+        headers = [read(names[0])]
+    else:
+        logger.info("reading %d shard headers of %s", len(names), located.repo_id)
+        with ThreadPoolExecutor(max_workers=min(HEADER_READERS, len(names)),
+                                thread_name_prefix="hf-mudsc-headers") as pool:
+            headers = list(pool.map(read, names))
     stored_in: dict[str, str] = {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    dtypes: dict[str, str] = {}
     for name, header in zip(names, headers):
         if isinstance(header, BaseException):
             refusal = hub_header_refusal(reference, name, header)
@@ -1070,9 +1078,34 @@ def check_hub_shard_headers(located: _Located, *, token: str | bool | None) -> N
                 raise refusal from (header.__cause__ if isinstance(header, LoadError) else header)
             raise header
         refuse_stored_twice(reference, stored_in, header.tensors, name, hub=True)
+    if SAFETENSORS_INDEX in located.weight_files:
+        refuse_lost_tensor(reference, located.folder, stored_in, hub=True)
+    return dict(zip(names, headers))
+
+
+def check_hub_shard_headers(located: _Located, *, token: str | bool | None) -> None:
+    """Refuse a Hub checkpoint from its safetensors headers, read over HTTP (`read_hub_headers`), before any weight
+    file is downloaded: a tensor stored in two shards, a tensor the index places in a shard that lacks it, a corrupt
+    header, a config its weights do not fit — what `_prepare` finds once the files are local, which for a checkpoint
+    of many GB was only after downloading it (and every parent before it). A single model.safetensors too: its
+    corrupt header was refused only after its whole download. Files already in the snapshot are read there, by
+    `_prepare`, with no request."""
+    from huggingface_hub import constants
+
+    from hf_mudsc.load.lazy import dtype_name
+
+    if (located.repo_id is None or constants.HF_HUB_OFFLINE or located.use_pickle or located.prepared
+            or located.headers_read or located.loaded is not None or located.model is not None
+            or located.folder is None):
+        return
+    names = hub_weight_names(located)
+    if not names or all((located.folder / name).is_file() for name in names):
+        return
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str] = {}
+    for header in read_hub_headers(located, token=token).values():
         for key, tensor in header.tensors.items():
             shapes[key], dtypes[key] = tuple(tensor.shape), dtype_name(tensor.dtype)
-    refuse_lost_tensor(reference, located.folder, stored_in, hub=True)
     check_config_fits_weights(located, (shapes, dtypes))
     located.headers_read, located.header_shapes = True, shapes
 
