@@ -46,7 +46,7 @@ from hf_mudsc.diagnostics import (
     unread_options_warning,
 )
 from hf_mudsc.errors import MergeInputError, OptionError, parent_label
-from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_finite, check_gradients_possible, check_parents
+from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_gradients_possible, check_parents
 from hf_mudsc.load.lazy import subset
 from hf_mudsc.load.objects import claimed_for_merge, held_as_given, model_objects
 from hf_mudsc.load.processors import (
@@ -564,9 +564,7 @@ def merge(
     # A protected parent is refused here, before calibration and before anything is written or pushed.
     # The solve and apply run on the CPU (no copy for parents already there); lazily read parents stay lazy.
     params = [parameters_of(p) for p in parents]
-    for index, (parent, parent_params) in enumerate(zip(parents, params)):
-        if parent.parameters is not None:
-            check_finite(parent_params, f"parent {parent_label(index)}")
+    # NaN/inf weights are refused by the relation check, which reads every tensor anyway (`relation.parent_relation`)
     # `auto` that chose before loading judged these same (aligned) parents, read one tensor at a time
     relation = early[0].relation if early else check_parents_mergeable(params, spec, parent_names)
     base_params = None

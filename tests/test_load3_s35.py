@@ -71,3 +71,48 @@ def test_the_dry_run_reads_hub_headers_with_the_merges_requests_and_no_head(loca
     assert located.headers_read
     assert sorted(_weight_requests(local_hub)) == sorted(("GET", name, True) for name in names)
 
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_parent_with_non_finite_weights_is_refused_before_any_parent_is_loaded_whole(tmp_path, monkeypatch, bad):
+    """merge([a, b with NaN in fc1], data) (method auto) judged the parents 'permuted copy (relative weight distance
+    0)' from the NaN weights, chose mudsc, loaded every parent whole, and only then refused parent B."""
+    import torch
+    import transformers
+    from factories import make_batches
+
+    from hf_mudsc.errors import MergeInputError
+
+    a, b = make_model("vit_cls", seed=0), make_model("vit_cls", seed=1)
+    with torch.no_grad():
+        b.vit.layers[1].mlp.fc1.weight[0, 0] = bad
+    a.save_pretrained(tmp_path / "a")
+    b.save_pretrained(tmp_path / "b")
+    monkeypatch.setattr(transformers.ViTForImageClassification, "from_pretrained",
+                        lambda *args, **kwargs: pytest.fail("a parent was loaded whole before the refusal"))
+    with pytest.raises(MergeInputError) as refused:
+        hf_mudsc.merge([str(tmp_path / "a"), str(tmp_path / "b")], make_batches("vit_cls", 1), progress=False)
+    assert str(refused.value) == ("parent B has NaN or infinite values in 'vit.layers.1.mlp.fc1.weight'; the "
+                                  "checkpoint is corrupt or diverged in training — fix or re-export it before "
+                                  "merging"), refused.value
+
+
+@pytest.mark.parametrize("as_folders", [False, True])
+def test_an_inf_attention_weight_is_refused_as_non_finite_not_with_a_traceback(tmp_path, as_folders):
+    """merge([folder a, folder b with inf in a query weight]) (method auto) crashed with 'LinAlgError: linalg.svd: The
+    algorithm failed to converge' from the head-factor balance check, before the NaN/inf check."""
+    import torch
+
+    from hf_mudsc.errors import MergeInputError
+
+    a, b = make_model("vit_cls", seed=0), make_model("vit_cls", seed=1)
+    name = next(n for n, _ in b.named_parameters() if "q_proj.weight" in n or "query.weight" in n)
+    with torch.no_grad():
+        dict(b.named_parameters())[name][0, 0] = float("inf")
+    parents = [a, b]
+    if as_folders:
+        a.save_pretrained(tmp_path / "a")
+        b.save_pretrained(tmp_path / "b")
+        parents = [str(tmp_path / "a"), str(tmp_path / "b")]
+    with pytest.raises(MergeInputError) as refused:
+        hf_mudsc.merge(parents, progress=False)
+    assert str(refused.value).startswith(f"parent B has NaN or infinite values in {name!r}; "), refused.value

@@ -186,8 +186,15 @@ def check_parents(model_a: PreTrainedModel, model_b: PreTrainedModel, labels: tu
     if difference is not None:
         raise MergeInputError(structure_mismatch(f"parent {label_a}", f"parent {label_b}", *difference,
                                                  type(model_a).__name__))
-    for name, model in ((label_a, model_a), (label_b, model_b)):
-        check_finite(dict(model.named_parameters()), f"parent {name}")
+    # NaN/inf weights are refused by the relation check (`relation.parent_relation`), which reads every tensor of
+    # every parent anyway — before calibration, and for `auto` before any parent is loaded whole — not by a pass of
+    # its own here (a lazily read parent's tensors would be read from disk one more time for it).
+
+
+def non_finite_refusal(who: str, name: str) -> MergeInputError:
+    """The one line refusing `who` (e.g. "parent B") for NaN or infinite values in its tensor `name`."""
+    return MergeInputError(f"{who} has NaN or infinite values in {name!r}; the checkpoint is corrupt or "
+                           "diverged in training — fix or re-export it before merging")
 
 
 def check_finite(parameters: Mapping[str, torch.Tensor], who: str) -> None:
@@ -200,10 +207,7 @@ def check_finite(parameters: Mapping[str, torch.Tensor], who: str) -> None:
         with torch.no_grad():
             finite = bool(torch.isfinite(param).all())
         if not finite:
-            raise MergeInputError(
-                f"{who} has NaN or infinite values in {param_name!r}; the checkpoint is corrupt or "
-                "diverged in training — fix or re-export it before merging"
-            )
+            raise non_finite_refusal(who, param_name)
 
 
 def check_gradients_possible(named: Sequence[tuple[str, torch.nn.Module]], method: str) -> None:

@@ -21,6 +21,7 @@ See docs/design.md ("Protected parents") for the measurements and what cannot be
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from hf_mudsc.errors import UnmergeableModelError, option_hint, parent_label
+from hf_mudsc.load.checks import check_finite, non_finite_refusal
 from hf_mudsc.spec import Group, PermutationSpec
 
 logger = logging.getLogger(__name__)
@@ -112,7 +114,11 @@ def factor_imbalance(params: Mapping[str, torch.Tensor], spec: PermutationSpec) 
     for qk, v in attention_pairs(spec):
         ratios = []
         for a, b in head_factors(params, qk, v):
-            ratios.append(float(a.norm() * b.norm() / product_nuclear_norm(a, b).clamp_min(1e-30)))
+            scale = a.norm() * b.norm()
+            if not bool(torch.isfinite(scale)):  # NaN/inf weights: no QR/SVD of them (a LinAlgError traceback)
+                ratios.append(float("inf"))  # out of balance; `parent_relation` refuses the values themselves
+                continue
+            ratios.append(float(scale / product_nuclear_norm(a, b).clamp_min(1e-30)))
         scores[qk.name] = float(torch.tensor(ratios).median())
     return scores
 
@@ -259,17 +265,25 @@ def _attention_params(spec: PermutationSpec) -> set[str]:
 
 
 def parent_relation(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, torch.Tensor],
-                    spec: PermutationSpec, labels: Sequence[str] = ("A", "B")
+                    spec: PermutationSpec, labels: Sequence[str] = ("A", "B"), *, check_values: bool = True
                     ) -> tuple[ParentRelation, tuple[int, str] | None]:
     """The parents' relation, and — when a parent looks protected — which one (0 = A, 1 = B) and why, else None.
 
-    `labels`: how the reason names the two parents."""
+    `labels`: how the reason names the two parents. `check_values`: refuse a parent holding NaN or inf (`parent
+    {label} has NaN ...`, its first such tensor in parent A's order), found from the sums this check takes of every
+    tensor anyway (Σa² in float64 is finite exactly when `a` is), so no tensor is read again for it; the tensors
+    not compared (a head of another shape, a tensor one parent lacks) are read for it alone. The merge's only NaN
+    check of the parents: it runs before calibration, and for `auto` before any parent is loaded whole. Off for a
+    base (`base_relations`), which `pipeline._check_base` refuses in its own words."""
     imbalance = []
     for side, params in enumerate((params_a, params_b)):
         blocks = factor_imbalance(params, spec)
         worst = max(blocks.items(), key=lambda item: item[1], default=("", 1.0))
         imbalance.append(worst[1])
         if worst[1] > IMBALANCE_LIMIT:
+            if check_values:  # an inf weight is out of balance too: the attention tensors it was read from, refused
+                check_finite({name: params[name] for name in params if name in _attention_params(spec)},
+                             f"parent {labels[side]}")
             return ParentRelation("protected", float("nan"), (0.0, 0.0)), (side, (
                 f"its attention heads are re-factored by random invertible maps (MergeLock-style "
                 f"protection): in {worst[0]!r} the q/k and v/o weight factors are {worst[1]:.1f}x out of balance "
@@ -284,15 +298,27 @@ def parent_relation(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
     for name, a in params_a.items():
         b = params_b.get(name)
         if b is None or b.shape != a.shape:
+            if check_values:
+                check_finite({name: a}, f"parent {labels[0]}")
+                if b is not None:
+                    check_finite({name: b}, f"parent {labels[1]}")
             continue
         compared.append(name)
         identical = identical and bool(torch.equal(a, b))
         sums = unsorted_sums(a, b)
+        if check_values and not (math.isfinite(sums[2]) and math.isfinite(sums[3])):
+            for label, tensor in ((labels[0], a), (labels[1], b)):
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise non_finite_refusal(f"parent {label}", name)
         whole.add_unsorted(sums)
         if a.dim() >= 2:
             matrices.add_unsorted(sums)
             if name not in attention:
                 rest.add_unsorted(sums)
+    if check_values:
+        seen = set(compared) | set(params_a)
+        for name in (name for name in params_b if name not in seen):  # what only parent B holds
+            check_finite({name: params_b[name]}, f"parent {labels[1]}")
     # The sorted sums (a sort of every tensor of both parents: most of this check's time) only where a permuted copy
     # is still possible: the floors of independent or same-base parents already rule it out, and decide alike.
     sort_whole = not identical and not whole.rules_out_permutation()
@@ -400,7 +426,7 @@ def base_relations(base: Mapping[str, torch.Tensor], params: Sequence[Mapping[st
                    spec: PermutationSpec) -> list[ParentRelation]:
     """How each parent relates to the base (a fine-tune of it is `shared base`); the base is no parent, so it is
     not refused here as a protected one."""
-    return [parent_relation(base, parent, spec)[0] for parent in params]
+    return [parent_relation(base, parent, spec, check_values=False)[0] for parent in params]
 
 
 def base_is_a_parent(name: str, parents: Sequence[str], method: str, how: str) -> str:
