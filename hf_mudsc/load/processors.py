@@ -134,11 +134,20 @@ def image_processor_of(processor: Any) -> Any | None:
     return image_processor if isinstance(image_processor, ImageProcessingMixin) else None
 
 
+def _runs_alike(settings: dict[str, Any]) -> dict[str, Any]:
+    """A processor's serialised settings without those naming remote code (`auto_map`, `custom_pipelines`): the
+    merged folder is written without them (`publish.writer.drop_remote_code_pointers`) and they change nothing in how
+    the processor preprocesses, so processors differing only in them are alike."""
+    from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS  # here: torch stays unimported for `inspect`
+
+    return {key: value for key, value in settings.items() if key not in REMOTE_CODE_CONFIG_KEYS}
+
+
 def image_processor_differences(processors: Sequence[Any]) -> list[str]:
     """The settings (`image_mean`, `size`, ...) in which another parent's image processor differs from parent A's:
     the merged model ships parent A's, so the other parents' tasks are served with its preprocessing."""
     present = [image_processor_of(p) for p in processors if p is not None]
-    present = [p.to_dict() for p in present if p is not None]
+    present = [_runs_alike(p.to_dict()) for p in present if p is not None]
     if len(present) < 2:
         return []
     first = present[0]
@@ -178,7 +187,8 @@ def _tokenizer_aspects(tokenizer: Any) -> dict[str, str]:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     serialised = json.loads(backend.to_str()) if backend is not None else {}
     named_apart = (*_LOCATION_KEYS, *_TOKENIZER_ASPECTS, "do_lower_case", "added_tokens_decoder")
-    settings = {k: v for k, v in tokenizer.init_kwargs.items() if k not in named_apart and not k.endswith("_file")}
+    settings = {k: v for k, v in _runs_alike(tokenizer.init_kwargs).items()
+                if k not in named_apart and not k.endswith("_file")}
     aspects: dict[str, Any] = {
         "class": type(tokenizer).__name__,
         "lower-casing": bool(tokenizer.init_kwargs.get("do_lower_case")) or _lowercases(serialised.get("normalizer")),
@@ -236,11 +246,11 @@ def processor_fingerprint(processor: Any) -> str:
     parts: dict[str, Any] = {"class": type(processor).__name__}
     image = image_processor_of(processor)
     if image is not None:
-        parts["image"] = {k: v for k, v in image.to_dict().items() if k != "processor_class"}
+        parts["image"] = {k: v for k, v in _runs_alike(image.to_dict()).items() if k != "processor_class"}
     tokenizer = tokenizer_of(processor)
     if tokenizer is not None:
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        settings = {k: v for k, v in tokenizer.init_kwargs.items()
+        settings = {k: v for k, v in _runs_alike(tokenizer.init_kwargs).items()
                     if k not in _LOCATION_KEYS and not k.endswith("_file")}
         parts["tokenizer"] = {
             "class": type(tokenizer).__name__, "settings": settings,

@@ -1,0 +1,69 @@
+"""Session 35, the merged model a user loads: config fields, processor files (helper "build")."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+from factories import BERT, fine_tune, randomize
+from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification, BertTokenizer
+
+import hf_mudsc
+
+
+def _tokenizer() -> BertTokenizer:
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(BERT["vocab_size"] - 5)]
+    return BertTokenizer(vocab={token: i for i, token in enumerate(vocab)})
+
+
+def _bert_parents(tmp_path, edit=None):
+    """Two fine-tunes of one tiny BERT classifier saved with a tokenizer; `edit(config_dict)` changes parent B's
+    config.json."""
+    torch.manual_seed(0)
+    base = randomize(BertForSequenceClassification(BertConfig(**BERT, num_labels=2)), 0)
+    folders = []
+    for seed in (1, 2):
+        folder = tmp_path / f"bert{seed}"
+        fine_tune(base, seed, 0.01).save_pretrained(folder)
+        _tokenizer().save_pretrained(folder)
+        folders.append(folder)
+    if edit is not None:
+        path = folders[1] / "config.json"
+        config = json.loads(path.read_text())
+        edit(config)
+        path.write_text(json.dumps(config))
+    return folders
+
+
+def test_parents_differing_only_in_fields_that_never_run_are_merged(tmp_path):
+    """merge([A, B]) with B's config.json holding bert-base-uncased's legacy "gradient_checkpointing": false and
+    another initializer_range / use_cache was refused ("different configurations")."""
+    def legacy(config):
+        config.update(gradient_checkpointing=False, initializer_range=0.01, use_cache=False, torchscript=False,
+                      chunk_size_feed_forward=0, output_past=True)
+
+    folders = _bert_parents(tmp_path, legacy)
+    merged = hf_mudsc.merge(folders, method="linear", progress=False)
+    out = tmp_path / "merged"
+    hf_mudsc.save_merged(merged, out)
+    loaded, info = AutoModelForSequenceClassification.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values())
+    assert loaded.config.initializer_range == BERT.get("initializer_range", 0.02)  # parent A's, as for dropout
+
+
+def test_a_tokenizer_s_remote_code_pointer_is_no_tokenizer_difference(tmp_path, caplog):
+    """merge([A, B]) where A's tokenizer_config.json names remote code (auto_map) that the merged folder drops warned
+    "the parents' tokenizers differ (auto_map)" though both tokenize alike."""
+    folders = _bert_parents(tmp_path)
+    path = folders[0] / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["auto_map"] = {"AutoTokenizer": ["their_code.Tokenizer", None]}
+    path.write_text(json.dumps(config))
+    with caplog.at_level(logging.WARNING):
+        merged = hf_mudsc.merge(folders, method="linear", progress=False)
+    assert not [text for text in merged.config.mudsc["warnings"] if "tokenizers differ" in text]
+    assert "tokenizers differ" not in caplog.text
+    out = tmp_path / "merged"
+    hf_mudsc.save_merged(merged, out)
+    assert "auto_map" not in json.loads((out / "tokenizer_config.json").read_text())
