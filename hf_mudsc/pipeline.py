@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel
 
 from hf_mudsc._version import __version__
-from hf_mudsc.apply.build import build_model, widened_config
+from hf_mudsc.apply.build import build_model, widened_config, with_stock_outputs
 from hf_mudsc.apply.classifier import (
     aligned_to_parent_a,
     concatenated_classifier_config,
@@ -845,7 +845,7 @@ def merge(
         if report.diagnostics is not None and alpha_curve is not None:
             report.diagnostics.alpha_curve = alpha_curve
 
-    config = copy.deepcopy(model_a.config)
+    config = with_stock_outputs(copy.deepcopy(model_a.config))
     for key in REMOTE_CODE_CONFIG_KEYS:
         if hasattr(config, key):
             delattr(config, key)

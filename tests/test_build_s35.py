@@ -67,3 +67,21 @@ def test_a_tokenizer_s_remote_code_pointer_is_no_tokenizer_difference(tmp_path, 
     out = tmp_path / "merged"
     hf_mudsc.save_merged(merged, out)
     assert "auto_map" not in json.loads((out / "tokenizer_config.json").read_text())
+
+
+def test_a_parent_object_s_output_switches_are_not_written_into_the_merged_config(tmp_path):
+    """merge([A loaded with return_dict=False, output_hidden_states=True, B]) wrote those switches into the merged
+    config.json: the merged folder returned tuples and pipeline("text-classification", folder) raised TypeError."""
+    from transformers import pipeline
+
+    folders = _bert_parents(tmp_path)
+    model_a = AutoModelForSequenceClassification.from_pretrained(
+        folders[0], return_dict=False, output_hidden_states=True, output_attentions=True)
+    merged = hf_mudsc.merge([model_a, folders[1]], method="linear", progress=False)
+    assert (model_a.config.return_dict, model_a.config.output_hidden_states) == (False, True)  # the parent is kept
+    out = tmp_path / "merged"
+    hf_mudsc.save_merged(merged, out)
+    config = json.loads((out / "config.json").read_text())
+    assert not {"return_dict", "output_hidden_states", "output_attentions"} & set(config)
+    answer = pipeline("text-classification", model=str(out))("w1 w2 w3")
+    assert answer[0]["label"] in ("LABEL_0", "LABEL_1")
