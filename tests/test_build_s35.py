@@ -85,3 +85,20 @@ def test_a_parent_object_s_output_switches_are_not_written_into_the_merged_confi
     assert not {"return_dict", "output_hidden_states", "output_attentions"} & set(config)
     answer = pipeline("text-classification", model=str(out))("w1 w2 w3")
     assert answer[0]["label"] in ("LABEL_0", "LABEL_1")
+
+
+def test_a_processor_s_remote_code_pointer_dropped_from_the_merged_folder_is_said(tmp_path, caplog):
+    """save_merged of a merge whose parent A's tokenizer_config.json names remote code (auto_map) wrote the tokenizer
+    without it and said nothing: a user of that remote tokenizer gets transformers' own one unwarned."""
+    folders = _bert_parents(tmp_path)
+    for folder in folders:
+        path = folder / "tokenizer_config.json"
+        config = json.loads(path.read_text())
+        config["auto_map"] = {"AutoTokenizer": ["their_code.Tokenizer", None]}
+        path.write_text(json.dumps(config))
+    merged = hf_mudsc.merge(folders, method="linear", progress=False)
+    with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
+        hf_mudsc.save_merged(merged, tmp_path / "merged")
+    said = [record.getMessage() for record in caplog.records if "auto_map" in record.getMessage()]
+    assert len(said) == 1 and "tokenizer_config.json" in said[0], caplog.text
+    assert "auto_map" not in (tmp_path / "merged" / "tokenizer_config.json").read_text()
