@@ -51,6 +51,7 @@ from hf_mudsc.load.lazy import subset
 from hf_mudsc.load.objects import claimed_for_merge, held_as_given, model_objects
 from hf_mudsc.load.processors import (
     image_processor_differences,
+    missing_part_warning,
     processor_fingerprint,
     processor_note,
     tokenizer_differences,
@@ -815,11 +816,14 @@ def merge(
         relation.relation, merge_method, refitting=refit_value in ("ridge", "gate"), gated=refit_value == "gate",
         units_correspond=units_correspond(share_in_place(report.matches))) if relation.relation else None
     def warnings_for(method: MergeMethod, **found: Any) -> list[str]:
-        """`merge_warnings` for this merge's parents and data, by `method` with what its merge `found`."""
-        return merge_warnings(
+        """`merge_warnings` for this merge's parents and data, by `method` with what its merge `found`; then the
+        part parent A's processor lacks, if any (`missing_part_warning`)."""
+        said = merge_warnings(
             relation=relation.relation, method=method, widths={g.name: g.width for g in spec.groups}, parents=count,
             processor_differences=image_processor_differences([p.processor for p in parents]),
             tokenizer_differences=tokenizer_differences([p.processor for p in parents]), repeats=repeats, **found)
+        missing = missing_part_warning([p.processor for p in parents], spec.inputs)
+        return [*said, missing] if missing else said
 
     report.warnings = warnings_for(
         merge_method, group_names=report.group_names, group_values=report.group_values, rows=rows,

@@ -102,3 +102,39 @@ def test_a_processor_s_remote_code_pointer_dropped_from_the_merged_folder_is_sai
     said = [record.getMessage() for record in caplog.records if "auto_map" in record.getMessage()]
     assert len(said) == 1 and "tokenizer_config.json" in said[0], caplog.text
     assert "auto_map" not in (tmp_path / "merged" / "tokenizer_config.json").read_text()
+
+
+def _clip_tokenizer(folder):
+    """A tiny CLIP tokenizer (letters and their word ends) written into `folder`."""
+    from transformers import CLIPTokenizer
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = {"!": 0, **{c: i + 1 for i, c in enumerate(letters)}, **{f"{c}</w>": i + 27 for i, c in enumerate(letters)},
+             "<|startoftext|>": 57, "<|endoftext|>": 58}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="!")
+
+
+def test_a_merged_clip_saved_without_a_tokenizer_another_parent_ships_is_said(tmp_path):
+    """merge([CLIP A saved with its image processor only, CLIP B with image processor and tokenizer]): the merged
+    folder got no tokenizer, said nowhere; zero-shot pipeline() on it built a tokenizer of special tokens only and
+    scored every label alike."""
+    from factories import TEXT, VISION
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    torch.manual_seed(0)
+    base = randomize(CLIPModel(CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=24)), 0)
+    folders = []
+    for seed in (1, 2):
+        folder = tmp_path / f"clip{seed}"
+        fine_tune(base, seed, 0.01).save_pretrained(folder)
+        folders.append(folder)
+    image_processor.save_pretrained(folders[0])
+    CLIPProcessor(image_processor=image_processor, tokenizer=_clip_tokenizer(tmp_path / "vocab")).save_pretrained(
+        folders[1])
+    merged = hf_mudsc.merge(folders, method="linear", progress=False)
+    said = [text for text in merged.config.mudsc["warnings"] if "no tokenizer" in text]
+    assert len(said) == 1 and "parent B" in said[0], merged.config.mudsc["warnings"]

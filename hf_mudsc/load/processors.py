@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +211,35 @@ def tokenizer_differences(processors: Sequence[Any]) -> list[str]:
     first = present[0]
     return sorted({name for other in present[1:] for name in set(first) | set(other)
                    if first.get(name) != other.get(name)})
+
+
+#: What a model reads (`PermutationSpec.inputs`) -> the processor part that prepares it, and how a message names both.
+_PARTS = (("input_ids", "tokenizer", "text", tokenizer_of), ("pixel_values", "image processor", "images",
+                                                                image_processor_of))
+
+
+def missing_part_warning(processors: Sequence[Any], inputs: Collection[str]) -> str | None:
+    """The warning when parent A's processor (the one the merged model is saved with) lacks a part the model reads —
+    a CLIP parent saved with its image processor only: the merged folder gets no tokenizer, and transformers then
+    builds one of the special tokens alone (every word one token), so `pipeline(...)` on it scores every label alike;
+    the fix names a parent that ships the part. None when A's has every part, or has no processor at all
+    (`processor_note` says that)."""
+    first = processors[0] if processors else None
+    if first is None:
+        return None
+    for column, part, what, part_of in _PARTS:
+        if column not in inputs or part_of(first) is not None:
+            continue
+        holder = next((i for i, p in enumerate(processors) if p is not None and part_of(p) is not None), None)
+        fix = (f"add parent {parent_label(holder)}'s to the merged folder (its {part} files, e.g. "
+               f"{'AutoTokenizer' if part == 'tokenizer' else 'AutoImageProcessor'}.from_pretrained(that parent)"
+               ".save_pretrained(folder))" if holder is not None else
+               f"no parent ships one: add the {part} the parents were fine-tuned with to the merged folder")
+        effect = ("transformers then builds one of the special tokens alone, which reads every word as one token"
+                  if part == "tokenizer" else "loading an image processor from its folder fails")
+        return (f"parent A's processor has no {part}, so the merged model is saved without one though it reads "
+                f"{what} ({effect}); {fix}")
+    return None
 
 
 def processor_note(processors: Sequence[Any], given: Any = None, preprocessed: bool = False) -> str | None:
