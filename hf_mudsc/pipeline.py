@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel
 
 from hf_mudsc._version import __version__
-from hf_mudsc.apply.build import build_model, widened_config
+from hf_mudsc.apply.build import build_model, widened_config, with_stock_outputs
 from hf_mudsc.apply.classifier import (
     aligned_to_parent_a,
     concatenated_classifier_config,
@@ -51,6 +51,7 @@ from hf_mudsc.load.lazy import subset
 from hf_mudsc.load.objects import claimed_for_merge, held_as_given, model_objects
 from hf_mudsc.load.processors import (
     image_processor_differences,
+    missing_part_warning,
     processor_fingerprint,
     processor_note,
     tokenizer_differences,
@@ -813,11 +814,14 @@ def merge(
         relation.relation, merge_method, refitting=refit_value in ("ridge", "gate"), gated=refit_value == "gate",
         units_correspond=units_correspond(share_in_place(report.matches))) if relation.relation else None
     def warnings_for(method: MergeMethod, **found: Any) -> list[str]:
-        """`merge_warnings` for this merge's parents and data, by `method` with what its merge `found`."""
-        return merge_warnings(
+        """`merge_warnings` for this merge's parents and data, by `method` with what its merge `found`; then the
+        part parent A's processor lacks, if any (`missing_part_warning`)."""
+        said = merge_warnings(
             relation=relation.relation, method=method, widths={g.name: g.width for g in spec.groups}, parents=count,
             processor_differences=image_processor_differences([p.processor for p in parents]),
             tokenizer_differences=tokenizer_differences([p.processor for p in parents]), repeats=repeats, **found)
+        missing = missing_part_warning([p.processor for p in parents], spec.inputs)
+        return [*said, missing] if missing else said
 
     report.warnings = warnings_for(
         merge_method, group_names=report.group_names, group_values=report.group_values, rows=rows,
@@ -843,7 +847,7 @@ def merge(
         if report.diagnostics is not None and alpha_curve is not None:
             report.diagnostics.alpha_curve = alpha_curve
 
-    config = copy.deepcopy(model_a.config)
+    config = with_stock_outputs(copy.deepcopy(model_a.config))
     for key in REMOTE_CODE_CONFIG_KEYS:
         if hasattr(config, key):
             delattr(config, key)

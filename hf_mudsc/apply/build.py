@@ -49,6 +49,26 @@ def build_model(
     return merged.requires_grad_(True).eval()
 
 
+#: How a model returns its outputs, as `from_pretrained(path, return_dict=False, output_hidden_states=True)` sets it on
+#: that object's config (its defaults here): a switch of one loaded parent A, not of the checkpoint.
+OUTPUT_SWITCHES = {"return_dict": True, "output_hidden_states": False, "output_attentions": False}
+
+
+def with_stock_outputs(config: PretrainedConfig) -> PretrainedConfig:
+    """`config` (changed in place and returned) with transformers' default output switches (`OUTPUT_SWITCHES`), in
+    its sub-configs too: the merged config is copied from parent A's, and a parent A loaded to return tuples or hidden
+    states would write that into the merged config.json — its folder then returned tuples, and `pipeline(...)` on it
+    failed (a TypeError indexing them). The parents may differ in them; the merged model is a stock one."""
+    holders = [config, *(getattr(config, key, None) for key in getattr(config, "sub_configs", {}) or {})]
+    for holder in holders:
+        if not isinstance(holder, PretrainedConfig):
+            continue
+        for key, default in OUTPUT_SWITCHES.items():
+            if getattr(holder, key, default) != default:
+                setattr(holder, key, default)
+    return config
+
+
 def _shared_configs(given: PretrainedConfig, config: PretrainedConfig) -> dict[int, Any]:
     """A `copy.deepcopy` memo mapping `given` and each of its sub-configs (`text_config`, `vision_config`) to
     `config`'s: the copied modules then hold `config` itself, not a copy of `given` that `merged.config = config`

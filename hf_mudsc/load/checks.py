@@ -17,6 +17,17 @@ _IGNORED_CONFIG_KEYS = {
     "auto_map", "custom_pipelines",
 }
 
+# Config fields that never change what a merged encoder computes in eval mode: initialisation (`initializer_range`,
+# `initializer_factor`), training and export switches (`gradient_checkpointing`, left in old configs such as
+# bert-base-uncased's; `torchscript`), a decoder's cache (`use_cache`, `output_past`: the adapters merge encoders),
+# feed-forward chunking (the same sums in pieces) and hints for other tools (`tokenizer_class`, `prefix`,
+# `task_specific_params`). Parents may differ in them (two fine-tunes saved by other transformers releases do); the
+# merged config keeps parent A's, as for dropout rates.
+_NOT_COMPUTED_CONFIG_KEYS = frozenset({
+    "initializer_range", "initializer_factor", "gradient_checkpointing", "torchscript", "use_cache", "output_past",
+    "chunk_size_feed_forward", "tokenizer_class", "prefix", "task_specific_params",
+})
+
 
 # Config keys that point at code in a parent's repo (`trust_remote_code` classes and pipelines). The merged
 # model is a stock transformers class; copying them would make it point users at code it was never built with.
@@ -45,10 +56,10 @@ def training_only(key: str) -> bool:
 
 def config_differences(a: PretrainedConfig, b: PretrainedConfig, prefix: str = "", *,
                        ignored: Collection[str] = ()) -> list[str]:
-    """`key: a vs b` for each field that differs, labels, bookkeeping and dropout rates aside (and the `ignored`
-    fields)."""
+    """`key: a vs b` for each field that differs, labels, bookkeeping, dropout rates and fields no eval-mode forward
+    reads (`_NOT_COMPUTED_CONFIG_KEYS`) aside (and the `ignored` fields)."""
     da, db = a.to_dict(), b.to_dict()
-    skip = _IGNORED_CONFIG_KEYS | set(ignored)
+    skip = _IGNORED_CONFIG_KEYS | _NOT_COMPUTED_CONFIG_KEYS | set(ignored)
     problems = []
     for key in sorted(set(da) | set(db)):
         if key in skip or training_only(key):

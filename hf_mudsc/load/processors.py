@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -134,11 +134,20 @@ def image_processor_of(processor: Any) -> Any | None:
     return image_processor if isinstance(image_processor, ImageProcessingMixin) else None
 
 
+def _runs_alike(settings: dict[str, Any]) -> dict[str, Any]:
+    """A processor's serialised settings without those naming remote code (`auto_map`, `custom_pipelines`): the
+    merged folder is written without them (`publish.writer.drop_remote_code_pointers`) and they change nothing in how
+    the processor preprocesses, so processors differing only in them are alike."""
+    from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS  # here: torch stays unimported for `inspect`
+
+    return {key: value for key, value in settings.items() if key not in REMOTE_CODE_CONFIG_KEYS}
+
+
 def image_processor_differences(processors: Sequence[Any]) -> list[str]:
     """The settings (`image_mean`, `size`, ...) in which another parent's image processor differs from parent A's:
     the merged model ships parent A's, so the other parents' tasks are served with its preprocessing."""
     present = [image_processor_of(p) for p in processors if p is not None]
-    present = [p.to_dict() for p in present if p is not None]
+    present = [_runs_alike(p.to_dict()) for p in present if p is not None]
     if len(present) < 2:
         return []
     first = present[0]
@@ -178,7 +187,8 @@ def _tokenizer_aspects(tokenizer: Any) -> dict[str, str]:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     serialised = json.loads(backend.to_str()) if backend is not None else {}
     named_apart = (*_LOCATION_KEYS, *_TOKENIZER_ASPECTS, "do_lower_case", "added_tokens_decoder")
-    settings = {k: v for k, v in tokenizer.init_kwargs.items() if k not in named_apart and not k.endswith("_file")}
+    settings = {k: v for k, v in _runs_alike(tokenizer.init_kwargs).items()
+                if k not in named_apart and not k.endswith("_file")}
     aspects: dict[str, Any] = {
         "class": type(tokenizer).__name__,
         "lower-casing": bool(tokenizer.init_kwargs.get("do_lower_case")) or _lowercases(serialised.get("normalizer")),
@@ -201,6 +211,35 @@ def tokenizer_differences(processors: Sequence[Any]) -> list[str]:
     first = present[0]
     return sorted({name for other in present[1:] for name in set(first) | set(other)
                    if first.get(name) != other.get(name)})
+
+
+#: What a model reads (`PermutationSpec.inputs`) -> the processor part that prepares it, and how a message names both.
+_PARTS = (("input_ids", "tokenizer", "text", tokenizer_of), ("pixel_values", "image processor", "images",
+                                                                image_processor_of))
+
+
+def missing_part_warning(processors: Sequence[Any], inputs: Collection[str]) -> str | None:
+    """The warning when parent A's processor (the one the merged model is saved with) lacks a part the model reads —
+    a CLIP parent saved with its image processor only: the merged folder gets no tokenizer, and transformers then
+    builds one of the special tokens alone (every word one token), so `pipeline(...)` on it scores every label alike;
+    the fix names a parent that ships the part. None when A's has every part, or has no processor at all
+    (`processor_note` says that)."""
+    first = processors[0] if processors else None
+    if first is None:
+        return None
+    for column, part, what, part_of in _PARTS:
+        if column not in inputs or part_of(first) is not None:
+            continue
+        holder = next((i for i, p in enumerate(processors) if p is not None and part_of(p) is not None), None)
+        fix = (f"add parent {parent_label(holder)}'s to the merged folder (its {part} files, e.g. "
+               f"{'AutoTokenizer' if part == 'tokenizer' else 'AutoImageProcessor'}.from_pretrained(that parent)"
+               ".save_pretrained(folder))" if holder is not None else
+               f"no parent ships one: add the {part} the parents were fine-tuned with to the merged folder")
+        effect = ("transformers then builds one of the special tokens alone, which reads every word as one token"
+                  if part == "tokenizer" else "loading an image processor from its folder fails")
+        return (f"parent A's processor has no {part}, so the merged model is saved without one though it reads "
+                f"{what} ({effect}); {fix}")
+    return None
 
 
 def processor_note(processors: Sequence[Any], given: Any = None, preprocessed: bool = False) -> str | None:
@@ -236,11 +275,11 @@ def processor_fingerprint(processor: Any) -> str:
     parts: dict[str, Any] = {"class": type(processor).__name__}
     image = image_processor_of(processor)
     if image is not None:
-        parts["image"] = {k: v for k, v in image.to_dict().items() if k != "processor_class"}
+        parts["image"] = {k: v for k, v in _runs_alike(image.to_dict()).items() if k != "processor_class"}
     tokenizer = tokenizer_of(processor)
     if tokenizer is not None:
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        settings = {k: v for k, v in tokenizer.init_kwargs.items()
+        settings = {k: v for k, v in _runs_alike(tokenizer.init_kwargs).items()
                     if k not in _LOCATION_KEYS and not k.endswith("_file")}
         parts["tokenizer"] = {
             "class": type(tokenizer).__name__, "settings": settings,

@@ -178,7 +178,13 @@ def write_merged_folder(
         if processor is not None:
             model_files = set(os.listdir(folder))
             processor.save_pretrained(folder)
-            drop_remote_code_pointers(folder, sorted(set(os.listdir(folder)) - model_files))
+            dropped = drop_remote_code_pointers(folder, sorted(set(os.listdir(folder)) - model_files))
+            if dropped:
+                logger.warning(
+                    "the merged model's processor is written without its remote-code pointers (%s): they name code "
+                    "in a model repo, which hf-mudsc never runs nor ships, so loading it gives transformers' own "
+                    "class; check that it preprocesses as the parent's did",
+                    ", ".join(f"{key} in {name}" for name, keys in dropped.items() for key in keys))
         report = getattr(merged, "merge_report", None)  # data read but no spec recorded: it was given in memory
         recipe.save(folder / RECIPE_FILENAME, calibration_in_memory=bool(getattr(report, "num_samples", 0)),
                     processor_given=bool(getattr(report, "processor_given", False)))
@@ -190,15 +196,22 @@ def write_merged_folder(
     return folder
 
 
-def drop_remote_code_pointers(folder: Path, names: Iterable[str]) -> None:
+def drop_remote_code_pointers(folder: Path, names: Iterable[str]) -> dict[str, list[str]]:
     """Remove `auto_map` / `custom_pipelines` (`REMOTE_CODE_CONFIG_KEYS`) from the JSON files `names` the processor
     wrote into `folder`, as from the config: they point at code in a parent's repo (or another repo) the merged
-    model was never built with, and a `trust_remote_code` user of the merge would run it."""
-    def without_pointers(value: Any) -> Any:
+    model was never built with, and a `trust_remote_code` user of the merge would run it. Returns the keys dropped
+    by file name (the writer says so: a user of that remote processor gets transformers' own)."""
+    dropped: dict[str, list[str]] = {}
+
+    def without_pointers(value: Any, name: str) -> Any:
         if isinstance(value, dict):
-            return {key: without_pointers(item) for key, item in value.items() if key not in REMOTE_CODE_CONFIG_KEYS}
+            for key in value:
+                if key in REMOTE_CODE_CONFIG_KEYS and key not in dropped.setdefault(name, []):
+                    dropped[name].append(key)
+            return {key: without_pointers(item, name) for key, item in value.items()
+                    if key not in REMOTE_CODE_CONFIG_KEYS}
         if isinstance(value, list):
-            return [without_pointers(item) for item in value]
+            return [without_pointers(item, name) for item in value]
         return value
 
     for name in names:
@@ -206,9 +219,10 @@ def drop_remote_code_pointers(folder: Path, names: Iterable[str]) -> None:
         if path.suffix != ".json" or path.is_symlink() or not path.is_file():
             continue
         settings = json.loads(path.read_text(encoding="utf-8"))
-        cleaned = without_pointers(settings)
+        cleaned = without_pointers(settings, name)
         if cleaned != settings:
             path.write_text(json.dumps(cleaned, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    return {name: keys for name, keys in dropped.items() if keys}
 
 
 def write_diagnostics(folder: Path, diagnostics: MergeDiagnostics | None, evaluation: Any = None
