@@ -27,10 +27,26 @@ FORWARD_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, AttributeErro
 NOT_MODEL_INPUTS = frozenset({"labels", "label", "return_loss"})
 
 
+def forward_parameters(model: nn.Module) -> list[inspect.Parameter]:
+    """The parameters of the model's forward, read from the nearest class in its MRO whose forward names them: a
+    user's subclass wrapping the stock forward as `forward(self, *args, **kwargs)` hides the input names its
+    `super().forward` reads, and the stock class's signature is what the call reaches."""
+    own = list(inspect.signature(model.forward).parameters.values())
+    if any(p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL) for p in own):
+        return own
+    for cls in type(model).__mro__[1:]:
+        forward = cls.__dict__.get("forward")
+        if forward is None:
+            continue
+        named = list(inspect.signature(forward).parameters.values())[1:]  # without self
+        if any(p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL) for p in named):
+            return named
+    return own
+
+
 def model_input_names(model: nn.Module) -> set[str]:
     """The names of the model's forward arguments that are model inputs (not `NOT_MODEL_INPUTS`, not `**kwargs`)."""
-    parameters = inspect.signature(model.forward).parameters.values()
-    return {parameter.name for parameter in parameters if parameter.name not in NOT_MODEL_INPUTS
+    return {parameter.name for parameter in forward_parameters(model) if parameter.name not in NOT_MODEL_INPUTS
             and parameter.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
 
 
@@ -40,8 +56,7 @@ def forward_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]
     tuple, and every pass reads its outputs by name."""
     accepted = model_input_names(model)
     inputs = {k: v for k, v in batch.items() if k in accepted}
-    parameters = inspect.signature(model.forward).parameters.values()
-    if any(p.name == "return_dict" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+    if any(p.name == "return_dict" or p.kind is inspect.Parameter.VAR_KEYWORD for p in forward_parameters(model)):
         inputs["return_dict"] = True
     return inputs
 

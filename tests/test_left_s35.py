@@ -1,0 +1,28 @@
+"""Defects the lead fixed in session 35, each test written first (its reproduction in its docstring)."""
+
+from __future__ import annotations
+
+from factories import make_batches, make_model, model_output, permuted_copy, relative_error
+
+import hf_mudsc
+from hf_mudsc.architectures import spec_for
+
+
+def test_a_parent_subclass_whose_forward_hides_its_argument_names_calibrates_by_its_stock_forward():
+    """merge([Sub(A), Sub(permuted A)], calibration=batches) with `forward(self, *args, **kwargs)` calling super was
+    refused: 'calibration rows hold no input column the models read: ['pixel_values']'."""
+    stock = make_model("vit_cls", 0)
+    cls = type(stock)
+
+    class Wrapped(cls):
+        def forward(self, *args, **kwargs):  # a user's wrapper: logs, then the stock forward
+            return super().forward(*args, **kwargs)
+
+    a = Wrapped(stock.config)
+    a.load_state_dict(stock.state_dict())
+    b = Wrapped(stock.config)
+    b.load_state_dict(permuted_copy(stock, spec_for(stock), seed=3).state_dict())
+    batches = make_batches("vit_cls", num_batches=2, batch_size=8)
+    merged = hf_mudsc.merge([a.eval(), b.eval()], calibration=batches, method="mudsc", refit="none")
+    batch = batches[0]
+    assert relative_error(model_output(merged.eval(), batch)[:, :3], model_output(stock.eval(), batch)) < 1e-4
