@@ -26,3 +26,27 @@ def test_a_parent_subclass_whose_forward_hides_its_argument_names_calibrates_by_
     merged = hf_mudsc.merge([a.eval(), b.eval()], calibration=batches, method="mudsc", refit="none")
     batch = batches[0]
     assert relative_error(model_output(merged.eval(), batch)[:, :3], model_output(stock.eval(), batch)) < 1e-4
+
+
+def test_the_writer_reads_the_umask_without_setting_it(tmp_path, monkeypatch):
+    """save_merged(merged, DIR) set the process umask to 0 and back (publish.folder) to read it: another thread creating
+    a file in that instant made it world-writable. Where /proc shows the umask it is read, never set; and the marker,
+    which teammates' push/evaluate read, got 0600 where every other file got the umask's mode."""
+    import os
+
+    if not os.path.exists("/proc/self/status"):
+        raise AssertionError("this test needs Linux's /proc (CI runs on Linux)")
+    calls: list[int] = []
+    real = os.umask
+    previous = real(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", lambda mask: calls.append(mask) or real(mask))
+        model = make_model("vit_cls", 0)
+        batches = make_batches("vit_cls", num_batches=1, batch_size=4)
+        merged = hf_mudsc.merge([model, model], calibration=batches, method="mudsc", refit="none")
+        hf_mudsc.save_merged(merged, tmp_path / "out")
+        assert calls == []
+        modes = {p.name: os.stat(p).st_mode & 0o777 for p in (tmp_path / "out").iterdir() if p.is_file()}
+        assert modes and set(modes.values()) == {0o640}, modes
+    finally:
+        real(previous)

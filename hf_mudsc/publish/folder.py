@@ -502,6 +502,7 @@ def _marker_temporary(folder: Path, marker: dict[str, Any]) -> Path:
     temporary = temporary_beside(folder / MARKER_FILENAME)
     try:
         temporary.write_text(_marker_text(marker), encoding="utf-8")
+        temporary.chmod(0o666 & ~_umask())  # a plain file's mode: others sharing the output read it to push/evaluate
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
@@ -1023,6 +1024,15 @@ def _check_appeared(target: Path, *, overwrite: bool, flag: str, replacing: bool
 
 
 def _umask() -> int:
+    """The process's umask, read without setting it where the system shows it (Linux: /proc/self/status): the
+    set-and-restore fallback leaves it 0 for an instant, when another thread's new file would be world-writable."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     umask = os.umask(0)
     os.umask(umask)
     return umask
