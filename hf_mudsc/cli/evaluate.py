@@ -359,14 +359,14 @@ def card_with_results(folder: Path, model: Any, result: Any, *, chart: Any = Non
     rendered from the recipe; None if the folder has neither."""
     from huggingface_hub import ModelCard
 
-    from hf_mudsc.publish.card import render_card, update_card_evaluation
+    from hf_mudsc.publish.card import MergeCard, render_card, update_card_evaluation
     from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
 
     card_path = folder / CARD_FILENAME
     if card_path.is_file():
         card = update_card_evaluation(ModelCard.load(card_path), result.card_rows())
         if chart is not None:
-            card = ModelCard(retitled_plot(str(card), chart.path.relative_to(folder).as_posix(), chart.title,
+            card = MergeCard(retitled_plot(str(card), chart.path.relative_to(folder).as_posix(), chart.title,
                                            chart.caption))
         return card
     if (folder / RECIPE_FILENAME).is_file():
