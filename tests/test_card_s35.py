@@ -1,0 +1,59 @@
+"""Session 35 (card): names from configs, datasets and users reaching the card, the terminal and the logs."""
+
+from __future__ import annotations
+
+import pytest
+from huggingface_hub import ModelCard
+
+from hf_mudsc.publish.card import update_card_evaluation
+
+LINE_SEPARATORS = ["a\x85b", "a\u2028b", "a\u2029b", "x\u2029y\x85z\u2028w"]
+
+
+@pytest.mark.parametrize("name", LINE_SEPARATORS)
+def test_a_name_holding_a_unicode_line_separator_reaches_the_model_index_as_it_is(name):
+    """update_card_evaluation(card, [{"task": "a\\x85b", "dataset": "org/d", "merged": 0.5}]) -> task "a b"."""
+    row = {"task": name, "dataset": "org/" + name, "dataset_config": name, "split": name, "metric": name,
+           "merged": 0.5}
+    card = update_card_evaluation("---\nlicense: mit\n---\n\n# m\n", [row], model_name=name)
+    front = str(card).split("\n---\n", 1)[0]
+    # written as YAML escapes: raw, YAML 1.1 (PyYAML) reads U+0085 as a line break and folds it into a space, and a
+    # YAML 1.2 reader (the Hub's) keeps the indentation PyYAML put after each raw separator in the name
+    assert not any(char in front for char in "\x85\u2028\u2029"), repr(front)
+    back = ModelCard(str(card))
+    result = back.data.eval_results[0]
+    assert (result.task_name, result.dataset_type, result.dataset_config, result.dataset_split,
+            result.metric_type, back.data.model_name) == (name, "org/" + name, name, name, name, name)
+    assert back.data.license == "mit"
+
+
+def test_a_recipe_naming_a_folder_with_a_next_line_character_loads_back_that_folder(tmp_path):
+    """Recipe(models=[...], calibration="DIR/cal\\x85ib").save(p); Recipe.load(p).calibration -> "DIR/cal ib"."""
+    from hf_mudsc.publish.recipe import Recipe
+
+    folder = tmp_path / "cal\x85ib\u2028x"
+    folder.mkdir()
+    path = tmp_path / "mudsc_recipe.yaml"
+    Recipe(models=["org/vit-a", "org/vit-b"], calibration=str(folder)).save(path)
+    assert Recipe.load(path).calibration == str(folder)
+
+
+HOSTILE_TASKS = {"a\x1b[2J\x1b]0;owned\x07": [0, 2], "b\nmerged | 0.9990 | 0.9990 |\u202e": [2, 4]}
+
+
+def test_evaluate_prints_a_downloaded_models_task_names_escaped(tmp_path, capsys, caplog):
+    """hf-mudsc evaluate DIR --dataset DATA on a config naming a task "a\\x1b[2J": the table cleared the terminal."""
+    from test_evaluate_s30 import bert, rows
+
+    from hf_mudsc.cli.main import main
+
+    bert(["a: x", "a: y", "b: p", "b: q"], [5, 0, 0, 5], HOSTILE_TASKS).save_pretrained(tmp_path / "m")
+    rows([0, 1, 2, 3]).save_to_disk(tmp_path / "data")
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "m"), "--dataset", str(tmp_path / "data"), "--no-card"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out, repr(out)
+    assert not any(line.startswith("merged |") for line in out.splitlines()), out
+    assert "a\\x1b[2J\\x1b]0;owned\\x07" in out and "b\\nmerged" in out, out
+    logged = [record.getMessage() for record in caplog.records]  # "evaluated model on a\x1b[2J..."
+    assert not any("\x1b" in line or "\n" in line for line in logged), logged
