@@ -57,3 +57,77 @@ def test_evaluate_prints_a_downloaded_models_task_names_escaped(tmp_path, capsys
     assert "a\\x1b[2J\\x1b]0;owned\\x07" in out and "b\\nmerged" in out, out
     logged = [record.getMessage() for record in caplog.records]  # "evaluated model on a\x1b[2J..."
     assert not any("\x1b" in line or "\n" in line for line in logged), logged
+
+
+FORGED = "cat\x1b[2J\x1b]0;owned\x07\nERROR hf_mudsc: forged\u202e"
+
+
+def _labelled(seed: int, labels: list[str]):
+    from factories import make_model
+
+    model = make_model("vit_cls", seed)
+    model.config.id2label = dict(enumerate(labels))
+    model.config.label2id = {label: i for i, label in enumerate(labels)}
+    return model
+
+
+def test_a_log_line_naming_a_downloaded_parents_labels_cannot_clear_the_terminal_or_forge_a_line():
+    """merge([A, B]) with labels ["cat\\x1b[2J\\nERROR forged", ...] in two orders: the INFO line cleared the screen."""
+    import io
+    import logging
+
+    import torch
+    from factories import make_batches
+
+    import hf_mudsc
+    from hf_mudsc.cli.main import configure_logging
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    root.addHandler(handler)  # as the CLI's stderr handler: configure_logging gives it its filters
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        configure_logging(0, False)
+        hf_mudsc.merge([_labelled(1, [FORGED, "dog", "eel"]), _labelled(2, ["dog", FORGED, "eel"])],
+                       make_batches("vit_cls", num_batches=1), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+        root.removeHandler(handler)
+    out = stream.getvalue()
+    assert "reordered" in out, out
+    assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out, repr(out)
+    assert not any(line.startswith("ERROR hf_mudsc: forged") for line in out.splitlines()), out
+
+
+def test_a_service_jobs_log_line_naming_a_label_with_a_line_break_stays_one_line():
+    """A job's log forwarded the line "...label order (cat\\x1b[2J\\nERROR forged, ...)" as two lines, one forged."""
+    import logging
+
+    from hf_mudsc.serve.worker import ForwardHandler
+
+    class Reporter:  # the web process's end: what the handler sends it
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def log(self, line: str) -> None:
+            self.lines.append(line)
+
+        def on_record(self, record: logging.LogRecord) -> None:
+            pass
+
+        def checkpoint(self) -> None:
+            pass
+
+    reporter = Reporter()
+    logger = logging.getLogger("hf_mudsc.pipeline")
+    handler = ForwardHandler(reporter)
+    logger.addHandler(handler)
+    try:
+        logger.warning("head reordered to parent A's label order (%s)", FORGED)
+    finally:
+        logger.removeHandler(handler)
+    (line,) = reporter.lines
+    assert "\n" not in line and "\x1b" not in line and "\u202e" not in line, repr(line)
+    assert "cat\\x1b[2J\\x1b]0;owned\\x07\\nERROR hf_mudsc: forged\\u202e" in line, line

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import PushInterrupted, UsageError, brief
-from hf_mudsc.load.references import HiddenCredentials, clean_token, hide_tokens
+from hf_mudsc.load.references import EscapedControls, HiddenCredentials, clean_token, hide_tokens
 
 # Sub-command name -> module in hf_mudsc.cli exposing `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS = {
@@ -120,10 +120,12 @@ def configure_logging(verbose: int, quiet: bool) -> None:
     for name in HTTP_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else logging.INFO if verbose
                                          else logging.WARNING)
-    # Every line that reaches stderr (the root's handlers, huggingface_hub's own) without an HF_ENDPOINT's credentials.
+    # Every line that reaches stderr (the root's handlers, huggingface_hub's own) without an HF_ENDPOINT's credentials,
+    # and with the control characters of the names it holds escaped.
     for handler in logging.getLogger().handlers + logging.getLogger("huggingface_hub").handlers:
-        if not any(isinstance(each, HiddenCredentials) for each in handler.filters):
-            handler.addFilter(HiddenCredentials())
+        for kind in (HiddenCredentials, EscapedControls):
+            if not any(isinstance(each, kind) for each in handler.filters):
+                handler.addFilter(kind())
 
 
 # The libraries' own progress bars (weights loading, shard writing, dataset saving), switched off by these.
