@@ -131,3 +131,39 @@ def test_a_service_jobs_log_line_naming_a_label_with_a_line_break_stays_one_line
     (line,) = reporter.lines
     assert "\n" not in line and "\x1b" not in line and "\u202e" not in line, repr(line)
     assert "cat\\x1b[2J\\x1b]0;owned\\x07\\nERROR hf_mudsc: forged\\u202e" in line, line
+
+
+SETTINGS_KEYS = ["method", "matcher", "alpha", "seed", "batch_size", "zip_decay", "zip_budget", "out_dtype",
+                 "out_dtype_reason", "layer_swap", "refit", "refit_samples", "refit_examples", "weights",
+                 "num_calibration_samples", "base_source"]
+
+
+@pytest.mark.parametrize("key", SETTINGS_KEYS)
+def test_a_merged_configs_setting_holding_markup_is_shown_as_text_in_the_card(key):
+    """A folder's config.mudsc {"alpha": "<script>..."} rendered (hf-mudsc evaluate, no README): the script went raw."""
+    import re
+
+    import torch
+    from factories import make_batches
+    from test_card import card_with_mudsc, markup_of
+
+    import hf_mudsc
+
+    global _MERGED
+    if _MERGED is None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            _MERGED = hf_mudsc.merge([_labelled(1, ["zero", "one", "two"]), _labelled(2, ["cat", "dog", "eel"])],
+                                     make_batches("vit_cls", num_batches=2), progress=False)
+        finally:
+            torch.set_num_threads(threads)
+    hostile = "x`\n## Usage\n<script>alert(1)</script> [a](javascript:alert(2)) | y"
+    card = card_with_mudsc(_MERGED, **{key: hostile}, **({"base": "org/base"} if key == "base_source" else {}))
+    markup = markup_of(card.text)
+    assert "<script" not in markup and "[a](javascript:" not in markup, [
+        line for line in card.text.splitlines() if "script" in line]
+    assert re.findall(r"^## Usage", card.text, flags=re.MULTILINE) == ["## Usage"]
+
+
+_MERGED = None

@@ -640,11 +640,31 @@ def settings_rows(mudsc: Mapping[str, Any], recipe: Recipe, context: Mapping[str
             values[name] = mudsc.get(name)
         else:
             values[name] = mudsc.get(name, getattr(recipe, name))
-    context = {**context, "settings": values}
+    # A folder's or model's name (calibration data, base) is put in a code span or link by its row's text; every
+    # other value is put in the cell as it is
+    names = {f.name for f in recipe.option_fields() if f.metadata["card"] is not None and
+             f.metadata["card"].source != "recipe" and f.metadata["kind"] != "model"}
+    values = {name: as_text(value) if name in names else value for name, value in values.items()}
+    context = {**context, **{key: as_text(context.get(key)) for key in ("mudsc", "num_samples", "base_source")},
+               "settings": values}
     cells: dict[str, list[str | None]] = {}
     for row, name in rows:
         cells.setdefault(row.label, []).append(row.text(values[name], context))
     return [(label, table_safe(" / ".join(texts))) for label, texts in cells.items() if texts[0] is not None]
+
+
+def as_text(value: Any) -> Any:
+    """`value` (a setting, or `config.mudsc`, nested) with every string that Markdown would read as more than its text
+    replaced by its `markdown_cell`: a settings cell puts the values into its Markdown as they are, and a folder's
+    `config.json` (`hf-mudsc evaluate` renders the card of a folder without one) can hold any text there. The values a
+    merge records (numbers, `auto`, method and dtype names) are left as they are."""
+    if isinstance(value, str):
+        return value if markdown_cell(value) == value else markdown_cell(value)
+    if isinstance(value, Mapping):
+        return {key: as_text(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(as_text(item) for item in value)
+    return value
 
 
 def table_safe(cell: str) -> str:
