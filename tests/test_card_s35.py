@@ -167,3 +167,41 @@ def test_a_merged_configs_setting_holding_markup_is_shown_as_text_in_the_card(ke
 
 
 _MERGED = None
+
+
+@pytest.fixture(scope="module")
+def merged_folder(tmp_path_factory):
+    import torch
+    from factories import vit_cli_case
+
+    from hf_mudsc.cli.main import main
+
+    root = tmp_path_factory.mktemp("card_s35")
+    parents, calibration = vit_cli_case(root)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["merge", *parents, "--calibration", calibration, "--output", str(root / "merged"), "-q"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return root / "merged"
+
+
+def test_an_error_naming_a_downloaded_files_key_is_printed_escaped(merged_folder, tmp_path, capsys):
+    """hf-mudsc inspect DIR, eval_results.json with a view "a\\x1b[2J\\n...": the error cleared the screen."""
+    import json
+    import shutil
+
+    from hf_mudsc.cli.main import main
+
+    folder = tmp_path / "copy"
+    shutil.copytree(merged_folder, folder)
+    view = "a\x1b[2J\x1b]0;owned\x07\nhf-mudsc inspect: all good\u202e"
+    (folder / "eval_results.json").write_text(json.dumps(
+        {"metrics": ["accuracy"], "tasks": {}, "scores": {"merged": {view: {"accuracy": "high"}}}}))
+    capsys.readouterr()
+    assert main(["inspect", str(folder), "--no-plots"]) == 1
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err and "\u202e" not in err, repr(err)
+    assert not any(line.startswith("hf-mudsc inspect: all good") for line in err.splitlines()), err
+    assert "a\\x1b[2J\\x1b]0;owned\\x07\\nhf-mudsc inspect: all good\\u202e" in err, err

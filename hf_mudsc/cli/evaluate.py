@@ -39,7 +39,7 @@ from typing import Any
 
 from hf_mudsc.calibrate.dataset_spec import missing_local_data
 from hf_mudsc.cli.merge import option_argument
-from hf_mudsc.errors import EvaluationError, UsageError, parent_label
+from hf_mudsc.errors import EvaluationError, UsageError, escaped, parent_label
 from hf_mudsc.evaluate.names import (
     AVERAGE,
     DEFAULT_PROMPT,
@@ -689,7 +689,7 @@ def run(args: argparse.Namespace) -> int:
             check_scorable(config, list(datasets_per_task) if isinstance(datasets_per_task, dict)
                            else len(datasets_per_task), f"merged model {args.model!r}")
         except EvaluationError as error:
-            print(f"hf-mudsc evaluate: error: {hide_tokens(str(error))}", file=sys.stderr)
+            print(f"hf-mudsc evaluate: error: {escaped(hide_tokens(str(error)))}", file=sys.stderr)
             return 1
         parent_refs = _parents(args, folder)
         refused = [said for _, said in missing_parents(parent_refs or [], allow_pickle)]
@@ -739,7 +739,7 @@ def run(args: argparse.Namespace) -> int:
             progress=sys.stderr.isatty() and not getattr(args, "quiet", False),
             trust_remote_code=args.trust_remote_code, own_processors=not args.shared_processor)
     except EvaluationError as error:
-        print(f"hf-mudsc evaluate: error: {hide_tokens(str(error))}", file=sys.stderr)
+        print(f"hf-mudsc evaluate: error: {escaped(hide_tokens(str(error)))}", file=sys.stderr)
         return 1
     if result is None:  # a non-main process of a distributed run
         return 0

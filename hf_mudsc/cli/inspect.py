@@ -404,7 +404,7 @@ def dry_run(recipe: Any) -> tuple[Any, list[str]] | None:
         return hf_mudsc.merge(recipe.models, recipe.calibration, **{**recipe.keywords(), "dry_run": True,
                                                                     "progress": False}), []
     except HfHubHTTPError as error:
-        print(f"hf-mudsc inspect: error: {hide_tokens(hub_error_line(error))}", file=sys.stderr)
+        print(f"hf-mudsc inspect: error: {escaped(hide_tokens(hub_error_line(error)))}", file=sys.stderr)
         return None
     except LoadError as error:
         cause = error.__cause__
@@ -444,7 +444,7 @@ def inspect_recipe(path: Path) -> int:
         skip = frozenset(entry.label for entry in unresolved) | ({"calibration"} if in_memory else set())
         recipe.check_local_inputs(path, skip)
     except RecipeError as error:
-        print(f"hf-mudsc inspect: error: {hide_tokens(str(error))}", file=sys.stderr)
+        print(f"hf-mudsc inspect: error: {escaped(hide_tokens(str(error)))}", file=sys.stderr)
         return 2
     warnings: list[str] = []
     if not unresolved and not in_memory:  # the dry run finds every parent: what it refuses, the merge refuses
