@@ -205,3 +205,21 @@ def test_an_error_naming_a_downloaded_files_key_is_printed_escaped(merged_folder
     assert "\x1b" not in err and "\x07" not in err and "\u202e" not in err, repr(err)
     assert not any(line.startswith("hf-mudsc inspect: all good") for line in err.splitlines()), err
     assert "a\\x1b[2J\\x1b]0;owned\\x07\\nhf-mudsc inspect: all good\\u202e" in err, err
+
+
+def test_the_evaluation_chart_of_long_or_control_character_task_names_keeps_its_layout(tmp_path):
+    """draw_plots(DIR, None, results with a 300-character task and one "a\\x1b[2J"): axes collapsed, ESC warned raw."""
+    import warnings
+
+    from hf_mudsc.publish.plots import draw_plots
+
+    names = ["t" * 300, "a\x1b[2J\nb", "$\\frac{1", "short"]
+    results = {"metrics": ["accuracy"], "tasks": {name: {} for name in names},
+               "scores": {"parent_a": {name: {"accuracy": 0.6} for name in names},
+                          "m" * 200: {**{name: {"accuracy": 0.5} for name in names}, "joint": {"accuracy": 0.4}}}}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (plot,) = draw_plots(tmp_path, None, results)
+    said = [str(warning.message) for warning in caught]
+    assert not any("collapsed" in text or "Glyph" in text or "\x1b" in text for text in said), said
+    assert plot.path.is_file()
