@@ -223,3 +223,28 @@ def test_the_evaluation_chart_of_long_or_control_character_task_names_keeps_its_
     said = [str(warning.message) for warning in caught]
     assert not any("collapsed" in text or "Glyph" in text or "\x1b" in text for text in said), said
     assert plot.path.is_file()
+
+
+def test_a_hub_parent_named_with_underscores_at_its_ends_is_shown_as_named():
+    """A parent `org/_vit_` (a valid Hub id) was listed as `org/` + italic `vit`: its link text was read as Markdown."""
+    import torch
+    from factories import make_batches
+
+    import hf_mudsc
+    from hf_mudsc.publish.card import ParentInfo, render_card
+    from hf_mudsc.publish.recipe import Recipe
+
+    global _MERGED
+    if _MERGED is None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            _MERGED = hf_mudsc.merge([_labelled(1, ["zero", "one", "two"]), _labelled(2, ["cat", "dog", "eel"])],
+                                     make_batches("vit_cls", num_batches=2), progress=False)
+        finally:
+            torch.set_num_threads(threads)
+    parents = [ParentInfo("org/_vit_", "org/_vit_", None, "a" * 40), ParentInfo("org/vit-b", "org/vit-b")]
+    text = render_card(_MERGED, Recipe(models=["org/_vit_", "org/vit-b"], calibration="c"), parents=parents).text
+    row = next(line for line in text.splitlines() if line.startswith("| A |"))
+    assert "[org/\\_vit\\_](" in row, row
+    assert "/org/_vit_)" in row and "/org/_vit_/tree/" in row, row  # the links themselves unchanged
