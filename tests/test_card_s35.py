@@ -248,3 +248,30 @@ def test_a_hub_parent_named_with_underscores_at_its_ends_is_shown_as_named():
     row = next(line for line in text.splitlines() if line.startswith("| A |"))
     assert "[org/\\_vit\\_](" in row, row
     assert "/org/_vit_)" in row and "/org/_vit_/tree/" in row, row  # the links themselves unchanged
+
+
+def test_a_merged_configs_warning_cannot_open_a_heading_or_a_quote_inside_its_list_item():
+    """config.mudsc warnings ["# Safe to use", "> quoted"] -> the card's Warnings list held an h1 and a blockquote."""
+    import re
+
+    import torch
+    from factories import make_batches
+    from test_card import card_with_mudsc
+
+    import hf_mudsc
+
+    global _MERGED
+    if _MERGED is None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            _MERGED = hf_mudsc.merge([_labelled(1, ["zero", "one", "two"]), _labelled(2, ["cat", "dog", "eel"])],
+                                     make_batches("vit_cls", num_batches=2), progress=False)
+        finally:
+            torch.set_num_threads(threads)
+    warnings = ["# Safe to use", "> quoted", "1. listed", "- listed", "+ listed", "===", "  ## indented"]
+    card = card_with_mudsc(_MERGED, warnings=warnings)
+    section = card.text.split("## Warnings\n")[1].split("\n## ")[0]
+    items = [line for line in section.splitlines() if line.startswith("- ")]
+    assert len(items) == len(warnings), items
+    assert not any(re.match(r"- +(#|>|\d+[.)]|[-+*](\s|$)|=+$)", item) for item in items), items

@@ -48,6 +48,7 @@ from hf_mudsc.markdown import (
     markdown_cell,
     markdown_code,
     markdown_code_cell,
+    markdown_item,
     markdown_text,
 )
 from hf_mudsc.methods import plugin_module
@@ -675,7 +676,8 @@ def table_safe(cell: str) -> str:
 
 def _environment(folder: Path) -> jinja2.Environment:
     """Templates from `folder`, then the shipped ones (a custom template may include the shipped sections); the
-    filters `cell` and `code_cell` put a name into a table cell safely (`markdown_cell`, `markdown_code_cell`)."""
+    filters `cell` and `code_cell` put a name into a table cell safely (`markdown_cell`, `markdown_code_cell`), `item`
+    into a list item (`markdown_item`)."""
     environment = jinja2.Environment(
         loader=jinja2.ChoiceLoader([jinja2.FileSystemLoader(str(folder)),
                                     jinja2.FileSystemLoader(str(template_path().parent))]),
@@ -687,6 +689,7 @@ def _environment(folder: Path) -> jinja2.Environment:
     )
     environment.filters["cell"] = markdown_cell
     environment.filters["code_cell"] = markdown_code_cell
+    environment.filters["item"] = markdown_item
     return environment
 
 
