@@ -275,3 +275,20 @@ def test_a_merged_configs_warning_cannot_open_a_heading_or_a_quote_inside_its_li
     items = [line for line in section.splitlines() if line.startswith("- ")]
     assert len(items) == len(warnings), items
     assert not any(re.match(r"- +(#|>|\d+[.)]|[-+*](\s|$)|=+$)", item) for item in items), items
+
+
+def test_the_evaluation_progress_bar_of_a_hostile_task_name_cannot_act_on_the_terminal(monkeypatch, capsys):
+    """evaluate_merge(model with task "a\\x1b[2J...", progress=True) on a tty: the bar's title cleared the screen."""
+    from test_evaluate_s30 import bert, rows
+
+    from hf_mudsc import evaluate_merge
+    from hf_mudsc.evaluate.tasks import tasks_from_dataset
+
+    monkeypatch.setattr("hf_mudsc.progress.interactive", lambda: True)  # stderr a terminal: tqdm's bars
+    merged = bert(["a: x", "a: y", "b: p", "b: q"], [5, 0, 0, 5], HOSTILE_TASKS)
+    capsys.readouterr()
+    evaluate_merge(merged, None, tasks_from_dataset(rows([0, 1, 2, 3]), list(HOSTILE_TASKS), HOSTILE_TASKS),
+                   progress=True)
+    err = capsys.readouterr().err
+    assert "evaluate a\\x1b[2J" in err, repr(err)
+    assert "\x1b[2J" not in err and "\x07" not in err and "\u202e" not in err and "\nmerged |" not in err, repr(err)
