@@ -71,6 +71,27 @@ def _labelled(seed: int, labels: list[str]):
     return model
 
 
+_MERGED: list = []
+
+
+def merged():
+    """One small merge of two ViTs with different label sets, made once for the card tests."""
+    import torch
+    from factories import make_batches
+
+    import hf_mudsc
+
+    if not _MERGED:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            parents = [_labelled(1, ["zero", "one", "two"]), _labelled(2, ["cat", "dog", "eel"])]
+            _MERGED.append(hf_mudsc.merge(parents, make_batches("vit_cls", num_batches=2), progress=False))
+        finally:
+            torch.set_num_threads(threads)
+    return _MERGED[0]
+
+
 def test_a_log_line_naming_a_downloaded_parents_labels_cannot_clear_the_terminal_or_forge_a_line():
     """merge([A, B]) with labels ["cat\\x1b[2J\\nERROR forged", ...] in two orders: the INFO line cleared the screen."""
     import io
@@ -143,30 +164,15 @@ def test_a_merged_configs_setting_holding_markup_is_shown_as_text_in_the_card(ke
     """A folder's config.mudsc {"alpha": "<script>..."} rendered (hf-mudsc evaluate, no README): the script went raw."""
     import re
 
-    import torch
-    from factories import make_batches
     from test_card import card_with_mudsc, markup_of
 
-    import hf_mudsc
-
-    global _MERGED
-    if _MERGED is None:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            _MERGED = hf_mudsc.merge([_labelled(1, ["zero", "one", "two"]), _labelled(2, ["cat", "dog", "eel"])],
-                                     make_batches("vit_cls", num_batches=2), progress=False)
-        finally:
-            torch.set_num_threads(threads)
     hostile = "x`\n## Usage\n<script>alert(1)</script> [a](javascript:alert(2)) | y"
-    card = card_with_mudsc(_MERGED, **{key: hostile}, **({"base": "org/base"} if key == "base_source" else {}))
+    card = card_with_mudsc(merged(), **{key: hostile}, **({"base": "org/base"} if key == "base_source" else {}))
     markup = markup_of(card.text)
     assert "<script" not in markup and "[a](javascript:" not in markup, [
         line for line in card.text.splitlines() if "script" in line]
     assert re.findall(r"^## Usage", card.text, flags=re.MULTILINE) == ["## Usage"]
 
-
-_MERGED = None
 
 
 @pytest.fixture(scope="module")
@@ -227,50 +233,24 @@ def test_the_evaluation_chart_of_long_or_control_character_task_names_keeps_its_
 
 def test_a_hub_parent_named_with_underscores_at_its_ends_is_shown_as_named():
     """A parent `org/_vit_` (a valid Hub id) was listed as `org/` + italic `vit`: its link text was read as Markdown."""
-    import torch
-    from factories import make_batches
-
-    import hf_mudsc
     from hf_mudsc.publish.card import ParentInfo, render_card
     from hf_mudsc.publish.recipe import Recipe
 
-    global _MERGED
-    if _MERGED is None:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            _MERGED = hf_mudsc.merge([_labelled(1, ["zero", "one", "two"]), _labelled(2, ["cat", "dog", "eel"])],
-                                     make_batches("vit_cls", num_batches=2), progress=False)
-        finally:
-            torch.set_num_threads(threads)
     parents = [ParentInfo("org/_vit_", "org/_vit_", None, "a" * 40), ParentInfo("org/vit-b", "org/vit-b")]
-    text = render_card(_MERGED, Recipe(models=["org/_vit_", "org/vit-b"], calibration="c"), parents=parents).text
+    text = render_card(merged(), Recipe(models=["org/_vit_", "org/vit-b"], calibration="c"), parents=parents).text
     row = next(line for line in text.splitlines() if line.startswith("| A |"))
     assert "[org/\\_vit\\_](" in row, row
     assert "/org/_vit_)" in row and "/org/_vit_/tree/" in row, row  # the links themselves unchanged
 
 
-def test_a_merged_configs_warning_cannot_open_a_heading_or_a_quote_inside_its_list_item():
-    """config.mudsc warnings ["# Safe to use", "> quoted"] -> the card's Warnings list held an h1 and a blockquote."""
+def test_a_merged_configs_warning_cannot_open_a_heading_or_a_list_inside_its_list_item():
+    """config.mudsc warnings ["# Safe to use", "1. listed"] -> the Warnings list held an h1 and an ordered list."""
     import re
 
-    import torch
-    from factories import make_batches
     from test_card import card_with_mudsc
 
-    import hf_mudsc
-
-    global _MERGED
-    if _MERGED is None:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            _MERGED = hf_mudsc.merge([_labelled(1, ["zero", "one", "two"]), _labelled(2, ["cat", "dog", "eel"])],
-                                     make_batches("vit_cls", num_batches=2), progress=False)
-        finally:
-            torch.set_num_threads(threads)
     warnings = ["# Safe to use", "> quoted", "1. listed", "- listed", "+ listed", "===", "  ## indented"]
-    card = card_with_mudsc(_MERGED, warnings=warnings)
+    card = card_with_mudsc(merged(), warnings=warnings)
     section = card.text.split("## Warnings\n")[1].split("\n## ")[0]
     items = [line for line in section.splitlines() if line.startswith("- ")]
     assert len(items) == len(warnings), items
