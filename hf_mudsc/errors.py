@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import reprlib
+import unicodedata
 from typing import Any
 
 # How messages show a value someone gave: nested, long or aliased values (a YAML "billion laughs" is gigabytes
@@ -48,6 +49,18 @@ def first_line(error: BaseException, limit: int | None = 300) -> str:
     traceback, a URL or advice that does not apply here."""
     line = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
     return brief(ValueError(line), limit) if line else type(error).__name__
+
+
+# Bidirectional overrides make a name display as another (U+202A-U+202E, U+2066-U+2069).
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def escaped(text: str, keep: str = "") -> str:
+    """`text` with every control character (but those in `keep`) and bidirectional override written as its escape
+    (`\\x1b`, `\\n`, `\\u202e`): printed or logged, a name from a config or a dataset shows what it holds instead of
+    acting on the terminal (clearing it, or forging a line of output)."""
+    return "".join(char if char in keep or (unicodedata.category(char) != "Cc" and char not in BIDI_CONTROLS)
+                   else char.encode("unicode_escape").decode("ascii") for char in text)
 
 
 def option_hint(name: str) -> str:

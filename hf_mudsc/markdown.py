@@ -21,6 +21,16 @@ def markdown_cell(value: Any) -> str:
     return html.escape(_MARKDOWN_PUNCTUATION.sub(r"\\\1", text), quote=False)
 
 
+def markdown_item(value: Any) -> str:
+    """`markdown_cell` for text that begins a line (a list item's): a leading `#`, `-`, `+`, `=` or `1.` would open
+    a heading, a list or a numbered list inside the item, so it is escaped too (leading spaces dropped)."""
+    text = markdown_cell(value).lstrip()
+    ordered = re.match(r"(\d{1,9})([.)])", text)
+    if ordered:
+        return f"{ordered.group(1)}\\{ordered.group(2)}{text[ordered.end():]}"
+    return "\\" + text if text[:1] in ("#", "-", "+", "=") else text
+
+
 def markdown_text(cell: str) -> str:
     """The text a `markdown_cell` shows (its escapes undone): the title read back as the model's name."""
     return html.unescape(re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", cell))

@@ -20,6 +20,8 @@ from tqdm import autonotebook
 from tqdm.auto import tqdm
 from tqdm.std import tqdm as plain_tqdm
 
+from hf_mudsc.errors import escaped
+
 logger = logging.getLogger(__name__)
 
 
@@ -67,7 +69,8 @@ class Progress:
 
     def __init__(self, *, desc: str, unit: str, total: int | None = None, enabled: bool = True,
                  rate: bool = False, clock: Any = time.monotonic) -> None:
-        self.desc, self.unit, self.total, self.rate = desc, unit, total, rate
+        # a task's or model's name in the title, from a config: its control characters would act on the terminal
+        self.desc, self.unit, self.total, self.rate = escaped(desc), unit, total, rate
         self.n = 0
         self.postfix: dict[str, Any] = {}
         self._clock = clock
@@ -76,7 +79,7 @@ class Progress:
         self._bar = None
         self._log = enabled and not interactive()
         if enabled and not self._log:
-            self._bar = tqdm(desc=desc, unit=unit, total=total, dynamic_ncols=True)
+            self._bar = tqdm(desc=self.desc, unit=unit, total=total, dynamic_ncols=True)
 
     def update(self, n: int = 1) -> None:
         self.n += n

@@ -39,7 +39,7 @@ from typing import Any
 
 from hf_mudsc.calibrate.dataset_spec import missing_local_data
 from hf_mudsc.cli.merge import option_argument
-from hf_mudsc.errors import EvaluationError, UsageError, parent_label
+from hf_mudsc.errors import EvaluationError, UsageError, escaped, parent_label
 from hf_mudsc.evaluate.names import (
     AVERAGE,
     DEFAULT_PROMPT,
@@ -359,14 +359,14 @@ def card_with_results(folder: Path, model: Any, result: Any, *, chart: Any = Non
     rendered from the recipe; None if the folder has neither."""
     from huggingface_hub import ModelCard
 
-    from hf_mudsc.publish.card import render_card, update_card_evaluation
+    from hf_mudsc.publish.card import MergeCard, render_card, update_card_evaluation
     from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
 
     card_path = folder / CARD_FILENAME
     if card_path.is_file():
         card = update_card_evaluation(ModelCard.load(card_path), result.card_rows())
         if chart is not None:
-            card = ModelCard(retitled_plot(str(card), chart.path.relative_to(folder).as_posix(), chart.title,
+            card = MergeCard(retitled_plot(str(card), chart.path.relative_to(folder).as_posix(), chart.title,
                                            chart.caption))
         return card
     if (folder / RECIPE_FILENAME).is_file():
@@ -689,7 +689,7 @@ def run(args: argparse.Namespace) -> int:
             check_scorable(config, list(datasets_per_task) if isinstance(datasets_per_task, dict)
                            else len(datasets_per_task), f"merged model {args.model!r}")
         except EvaluationError as error:
-            print(f"hf-mudsc evaluate: error: {hide_tokens(str(error))}", file=sys.stderr)
+            print(f"hf-mudsc evaluate: error: {escaped(hide_tokens(str(error)))}", file=sys.stderr)
             return 1
         parent_refs = _parents(args, folder)
         refused = [said for _, said in missing_parents(parent_refs or [], allow_pickle)]
@@ -739,7 +739,7 @@ def run(args: argparse.Namespace) -> int:
             progress=sys.stderr.isatty() and not getattr(args, "quiet", False),
             trust_remote_code=args.trust_remote_code, own_processors=not args.shared_processor)
     except EvaluationError as error:
-        print(f"hf-mudsc evaluate: error: {hide_tokens(str(error))}", file=sys.stderr)
+        print(f"hf-mudsc evaluate: error: {escaped(hide_tokens(str(error)))}", file=sys.stderr)
         return 1
     if result is None:  # a non-main process of a distributed run
         return 0

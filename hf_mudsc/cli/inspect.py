@@ -13,12 +13,11 @@ import math
 import re
 import sys
 import tempfile
-import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from hf_mudsc.errors import parent_label
+from hf_mudsc.errors import escaped, parent_label
 from hf_mudsc.evaluate.names import RESULTS_FILENAME
 from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES, parse_json
 from hf_mudsc.option_values import AVERAGE_CHECK_METHOD
@@ -263,17 +262,6 @@ MODEL_FILES = ("config.json", "mudsc_recipe.yaml", "*.safetensors", "*.bin", "*.
 POORER_WITHOUT_DIAGNOSTICS = ("match_quality.png",)
 
 
-# Bidirectional overrides make a name display as another (U+202A-U+202E, U+2066-U+2069).
-BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-
-
-def escaped(text: str, keep: str = "") -> str:
-    """`text` with every control character (but those in `keep`) and bidirectional override written as its escape
-    (`\\x1b`, `\\n`, `\\u202e`): printed, it shows what the file holds instead of acting on the terminal."""
-    return "".join(char if char in keep or (unicodedata.category(char) != "Cc" and char not in BIDI_CONTROLS)
-                   else char.encode("unicode_escape").decode("ascii") for char in text)
-
-
 def printable(value: Any) -> Any:
     """`value` (a config's `mudsc` record) with every string in it `escaped`, newlines too."""
     if isinstance(value, str):
@@ -416,7 +404,7 @@ def dry_run(recipe: Any) -> tuple[Any, list[str]] | None:
         return hf_mudsc.merge(recipe.models, recipe.calibration, **{**recipe.keywords(), "dry_run": True,
                                                                     "progress": False}), []
     except HfHubHTTPError as error:
-        print(f"hf-mudsc inspect: error: {hide_tokens(hub_error_line(error))}", file=sys.stderr)
+        print(f"hf-mudsc inspect: error: {escaped(hide_tokens(hub_error_line(error)))}", file=sys.stderr)
         return None
     except LoadError as error:
         cause = error.__cause__
@@ -456,7 +444,7 @@ def inspect_recipe(path: Path) -> int:
         skip = frozenset(entry.label for entry in unresolved) | ({"calibration"} if in_memory else set())
         recipe.check_local_inputs(path, skip)
     except RecipeError as error:
-        print(f"hf-mudsc inspect: error: {hide_tokens(str(error))}", file=sys.stderr)
+        print(f"hf-mudsc inspect: error: {escaped(hide_tokens(str(error)))}", file=sys.stderr)
         return 2
     warnings: list[str] = []
     if not unresolved and not in_memory:  # the dry run finds every parent: what it refuses, the merge refuses

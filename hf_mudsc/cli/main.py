@@ -15,8 +15,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 from hf_mudsc._version import __version__
-from hf_mudsc.errors import PushInterrupted, UsageError, brief
-from hf_mudsc.load.references import HiddenCredentials, clean_token, hide_tokens
+from hf_mudsc.errors import PushInterrupted, UsageError, brief, escaped
+from hf_mudsc.load.references import EscapedControls, HiddenCredentials, clean_token, hide_tokens
 
 # Sub-command name -> module in hf_mudsc.cli exposing `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS = {
@@ -120,10 +120,12 @@ def configure_logging(verbose: int, quiet: bool) -> None:
     for name in HTTP_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else logging.INFO if verbose
                                          else logging.WARNING)
-    # Every line that reaches stderr (the root's handlers, huggingface_hub's own) without an HF_ENDPOINT's credentials.
+    # Every line that reaches stderr (the root's handlers, huggingface_hub's own) without an HF_ENDPOINT's credentials,
+    # and with the control characters of the names it holds escaped.
     for handler in logging.getLogger().handlers + logging.getLogger("huggingface_hub").handlers:
-        if not any(isinstance(each, HiddenCredentials) for each in handler.filters):
-            handler.addFilter(HiddenCredentials())
+        for kind in (HiddenCredentials, EscapedControls):
+            if not any(isinstance(each, kind) for each in handler.filters):
+                handler.addFilter(kind())
 
 
 # The libraries' own progress bars (weights loading, shard writing, dataset saving), switched off by these.
@@ -375,18 +377,18 @@ def run_command(argv: list[str]) -> int:
         return int(args._run(args) or 0)
     except UsageError as error:  # an invalid command line: argparse's exit code
         logging.getLogger("hf_mudsc").debug("command refused", exc_info=True)
-        print(f"hf-mudsc {args.command}: error: {hide_tokens(str(error))}", file=sys.stderr)
+        print(f"hf-mudsc {args.command}: error: {escaped(hide_tokens(str(error)))}", file=sys.stderr)
         return 2
     except (ValueError, FileExistsError, FileNotFoundError, PermissionError) as error:
         logging.getLogger("hf_mudsc").debug("command failed", exc_info=True)
         # A token the user gave in place of a path or name (`inspect $HF_TOKEN`) is not shown back.
-        print(f"hf-mudsc {args.command}: error: {hide_tokens(str(error))}", file=sys.stderr)
+        print(f"hf-mudsc {args.command}: error: {escaped(hide_tokens(str(error)))}", file=sys.stderr)
         return 1
     except (MemoryError, RuntimeError) as error:
         if not isinstance(error, MemoryError) and not OUT_OF_MEMORY.search(str(error)):
             raise
         logging.getLogger("hf_mudsc").debug("command failed", exc_info=True)
-        said = hide_tokens(brief(error, None))
+        said = escaped(hide_tokens(brief(error, None)))
         print(f"hf-mudsc {args.command}: error: out of memory{f' ({said[:300]})' if said else ''}; `hf-mudsc "
               "merge ... --dry-run` estimates the peak memory: use fewer parents, calibration samples or a "
               "smaller --batch-size", file=sys.stderr)
@@ -396,7 +398,7 @@ def run_command(argv: list[str]) -> int:
         if line is None:
             raise
         logging.getLogger("hf_mudsc").debug("command failed", exc_info=True)
-        print(hide_tokens(line), file=sys.stderr)
+        print(escaped(hide_tokens(line)), file=sys.stderr)
         return 1
 
 

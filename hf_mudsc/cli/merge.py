@@ -19,7 +19,7 @@ import sys
 from dataclasses import Field
 from typing import Any
 
-from hf_mudsc.errors import RecipeError
+from hf_mudsc.errors import RecipeError, escaped
 from hf_mudsc.load.hub_calls import hub_error_line
 from hf_mudsc.load.references import hide_tokens
 from hf_mudsc.options import MergeOptions, flag, int_auto_or_all, int_or_all, int_or_auto, number_or_auto
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         # Every local input that is not there, at once (as `inspect RECIPE` lists them), before anything is loaded.
         recipe.check_local_inputs(getattr(args, "recipe", None))
     except RecipeError as error:
-        print(f"hf-mudsc merge: error: {hide_tokens(str(error))}", file=sys.stderr)
+        print(f"hf-mudsc merge: error: {escaped(hide_tokens(str(error)))}", file=sys.stderr)
         return 2
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
             plan = hf_mudsc.merge(recipe.models, recipe.calibration, **recipe.keywords(),
                                   token=getattr(args, "token", None))
         except HfHubHTTPError as error:
-            print(f"hf-mudsc merge: error: {hide_tokens(hub_error_line(error))}", file=sys.stderr)
+            print(f"hf-mudsc merge: error: {escaped(hide_tokens(hub_error_line(error)))}", file=sys.stderr)
             return 1
         plan.warnings += notes
         print(plan)
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         result = execute(recipe, token=getattr(args, "token", None), recipe_file=getattr(args, "recipe", None),
                          progress=not getattr(args, "quiet", False))
     except (PushError, HfHubHTTPError) as error:
-        print(f"hf-mudsc merge: error: {hide_tokens(hub_error_line(error))}", file=sys.stderr)
+        print(f"hf-mudsc merge: error: {escaped(hide_tokens(hub_error_line(error)))}", file=sys.stderr)
         return 1
     if result.get("calibration_samples"):  # none read (a method that reads no data): nothing to say
         used, asked = result["calibration_samples"], recipe.num_samples

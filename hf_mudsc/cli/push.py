@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from hf_mudsc.errors import UsageError
+from hf_mudsc.errors import UsageError, escaped
 from hf_mudsc.load.hub_calls import hub_error_line
 from hf_mudsc.load.references import hide_tokens
 from hf_mudsc.publish.recipe import RECIPE_FILENAME
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         result = push_folder(args.folder, args.repo_id, private=args.private, overwrite=args.overwrite,
                              token=getattr(args, "token", None), flag="ORG/NAME", allow_changed=args.allow_changed)
     except (PushError, HfHubHTTPError) as error:
-        print(f"hf-mudsc push: error: {hide_tokens(hub_error_line(error))}", file=sys.stderr)
+        print(f"hf-mudsc push: error: {escaped(hide_tokens(hub_error_line(error)))}", file=sys.stderr)
         return 1
     if not result.changed:
         print(f"Nothing to push: {result.repo_id} already holds exactly these files (commit {result.commit_sha})")

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from hf_mudsc.calibrate.statistics import ModelInputCheck
-from hf_mudsc.errors import EvaluationError, parent_label
+from hf_mudsc.errors import EvaluationError, escaped, parent_label
 from hf_mudsc.evaluate.batches import evaluation_source, task_batches
 from hf_mudsc.evaluate.decision import uneven_tasks_warning
 from hf_mudsc.evaluate.metrics import compute_metric, load_metric
@@ -250,7 +250,8 @@ def evaluate_merge(
                                                       if clip else None,
                                                       shared_classes=layout.repeated_classes),
                               processors=processors, models=hub_sources)
-    logger.info("evaluated %s on %s", ", ".join(scores), ", ".join(f"{t} ({n})" for t, n in counts.items()))
+    logger.info("evaluated %s on %s", escaped(", ".join(scores)),
+                escaped(", ".join(f"{t} ({n})" for t, n in counts.items())))
     return result
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_mudsc._version import __version__
-from hf_mudsc.errors import EvaluationError
+from hf_mudsc.errors import EvaluationError, escaped
 from hf_mudsc.evaluate.names import (
     AVERAGE,
     ENSEMBLE,
@@ -157,19 +157,20 @@ class EvaluationResult:
 
     def table(self, metric: str | None = None, *, scorers: Sequence[str] | None = None,
               labels: Mapping[str, str] | None = None) -> str:
-        """A markdown table: one row per scorer, columns = tasks, joint, average (`-`: not defined)."""
+        """A markdown table for the terminal: one row per scorer, columns = tasks, joint, average (`-`: not defined).
+        Names are `escaped`: a task or folder name from a downloaded config cannot clear the screen or add a row."""
         metric = metric or self.metrics[0]
         views = [*self.tasks, JOINT, AVERAGE]
         labels = dict(labels or {})
         names = list(scorers or self.scores)
-        header = ["model", *views]
+        header = ["model", *(escaped(view) for view in views)]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * len(views)]
         for name in names:
             cells = []
             for view in views:
                 value = self.score(name, view, metric)
                 cells.append("-" if value is None else f"{value:.4f}")
-            lines.append("| " + " | ".join([labels.get(name, name), *cells]) + " |")
+            lines.append("| " + " | ".join([escaped(labels.get(name, name)), *cells]) + " |")
         return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from hf_mudsc.errors import LoadError, brief, parent_label
+from hf_mudsc.errors import LoadError, brief, escaped, parent_label
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,23 @@ class HiddenCredentials(logging.Filter):
             record.exc_text = hide_tokens(record.exc_text)
         if record.stack_info:
             record.stack_info = hide_tokens(record.stack_info)
+        return True
+
+
+class EscapedControls(logging.Filter):
+    """A log handler's filter writing each record's control characters and bidirectional overrides as escapes
+    (`errors.escaped`): hf-mudsc's lines name labels, tasks and models from downloaded configs, and one holding
+    `\\x1b[2J` cleared the terminal, one holding a line break printed a forged line of its own. An hf-mudsc record
+    stays one line; other libraries' keep their line breaks (their multi-line warnings)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is logging's to report, not ours
+            return True
+        shown = escaped(text, keep="" if record.name.split(".")[0] == "hf_mudsc" else "\n\t")
+        if shown != text:
+            record.msg, record.args = shown, None
         return True
 
 

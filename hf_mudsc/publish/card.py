@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
 from transformers.models.auto import modeling_auto
 
@@ -47,11 +48,12 @@ from hf_mudsc.markdown import (
     markdown_cell,
     markdown_code,
     markdown_code_cell,
+    markdown_item,
     markdown_text,
 )
 from hf_mudsc.methods import plugin_module
 from hf_mudsc.methods.registry import METHODS
-from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
+from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe, represent_text
 from hf_mudsc.solve.diagnostics import DIAGNOSTICS_FILENAME
 
 DEFAULT_TEMPLATE = "merged_model.md.jinja"
@@ -119,6 +121,37 @@ class ParentInfo:
         if found:
             return found.group(1)
         return self.repo_id or Path(self.reference.rstrip("/\\")).name or self.reference
+
+
+class FrontMatterDumper(yaml.Dumper):
+    """The Dumper `huggingface_hub` writes a card's front matter with (`ModelCardData.to_yaml`), but a name holding a
+    Unicode line break written as a YAML escape (`represent_text`): raw, PyYAML reads U+0085 back as a space and the
+    Hub's YAML 1.2 reader keeps the indentation written after U+2028/U+2029, so the `model-index` no longer named
+    what was evaluated."""
+
+
+FrontMatterDumper.add_representer(str, represent_text)
+
+
+def front_matter(data: ModelCardData, line_break: str = "\n") -> str:
+    """The card's YAML front matter (without its `---` lines): `data.to_yaml()` written by `FrontMatterDumper`."""
+    return yaml.dump(data.to_dict(), Dumper=FrontMatterDumper, sort_keys=False, allow_unicode=True,
+                     line_break=line_break).strip()
+
+
+class MergeCard(ModelCard):
+    """A `ModelCard` whose front matter is written by `front_matter`. `ModelCard` writes it anew from `data` each time
+    the card is printed or saved, so the card itself must write it, not just the text it is made from."""
+
+    @property
+    def content(self) -> str:
+        shown = ModelCard.content.fget(self)  # orders `data`'s keys as the text read had them
+        line_break = "\r\n" if shown.startswith("---\r\n") else "\n"
+        return f"---{line_break}{front_matter(self.data, line_break)}{line_break}---{line_break}{self.text}"
+
+    @content.setter
+    def content(self, content: str) -> None:
+        ModelCard.content.fset(self, content)
 
 
 #: How the card names evaluation data given in memory without a name (`dataset=None`): no Hub dataset id.
@@ -485,7 +518,7 @@ def render_card(
     template: str | os.PathLike | None = None,
     plots: Iterable[Mapping[str, str]] = (),
     processor_saved: bool = True,
-) -> ModelCard:
+) -> MergeCard:
     """Render the card of a merged model.
 
     Args:
@@ -501,7 +534,7 @@ def render_card(
             must run as written on the folder).
 
     Returns:
-        A `huggingface_hub.ModelCard` (`str(card)` is the README; `card.save(path)`, `card.data`).
+        A `huggingface_hub.ModelCard` (a `MergeCard`: `str(card)` is the README; `card.save(path)`, `card.data`).
     """
     infos = [ParentInfo.from_any(p) for p in (parents if parents is not None else recipe.models)]
     rows = [EvalRow.from_any(r) for r in (eval_results or [])]
@@ -532,7 +565,7 @@ def render_card(
         "calibration_dataset": calibration_dataset_id(recipe.calibration), "num_samples": num_samples})
     recipe_yaml = shown_recipe.to_yaml(reproducible=True).rstrip("\n")
     content = _environment(path.parent).get_template(path.name).render(
-        card_data=data.to_yaml(),
+        card_data=front_matter(data),
         model_name=name,
         model_class=type(model).__name__,
         pipeline_tag=data.pipeline_tag,
@@ -583,7 +616,7 @@ def render_card(
         plots=[dict(plot) for plot in plots],
         diagnostics_filename=DIAGNOSTICS_FILENAME,
     )
-    return ModelCard(content)
+    return MergeCard(content)
 
 
 def relation_text(relation: Mapping[str, Any] | None) -> str | None:
@@ -608,11 +641,31 @@ def settings_rows(mudsc: Mapping[str, Any], recipe: Recipe, context: Mapping[str
             values[name] = mudsc.get(name)
         else:
             values[name] = mudsc.get(name, getattr(recipe, name))
-    context = {**context, "settings": values}
+    # A folder's or model's name (calibration data, base) is put in a code span or link by its row's text; every
+    # other value is put in the cell as it is
+    names = {f.name for f in recipe.option_fields() if f.metadata["card"] is not None and
+             f.metadata["card"].source != "recipe" and f.metadata["kind"] != "model"}
+    values = {name: as_text(value) if name in names else value for name, value in values.items()}
+    context = {**context, **{key: as_text(context.get(key)) for key in ("mudsc", "num_samples", "base_source")},
+               "settings": values}
     cells: dict[str, list[str | None]] = {}
     for row, name in rows:
         cells.setdefault(row.label, []).append(row.text(values[name], context))
     return [(label, table_safe(" / ".join(texts))) for label, texts in cells.items() if texts[0] is not None]
+
+
+def as_text(value: Any) -> Any:
+    """`value` (a setting, or `config.mudsc`, nested) with every string that Markdown would read as more than its text
+    replaced by its `markdown_cell`: a settings cell puts the values into its Markdown as they are, and a folder's
+    `config.json` (`hf-mudsc evaluate` renders the card of a folder without one) can hold any text there. The values a
+    merge records (numbers, `auto`, method and dtype names) are left as they are."""
+    if isinstance(value, str):
+        return value if markdown_cell(value) == value else markdown_cell(value)
+    if isinstance(value, Mapping):
+        return {key: as_text(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(as_text(item) for item in value)
+    return value
 
 
 def table_safe(cell: str) -> str:
@@ -623,7 +676,8 @@ def table_safe(cell: str) -> str:
 
 def _environment(folder: Path) -> jinja2.Environment:
     """Templates from `folder`, then the shipped ones (a custom template may include the shipped sections); the
-    filters `cell` and `code_cell` put a name into a table cell safely (`markdown_cell`, `markdown_code_cell`)."""
+    filters `cell` and `code_cell` put a name into a table cell safely (`markdown_cell`, `markdown_code_cell`), `item`
+    into a list item (`markdown_item`)."""
     environment = jinja2.Environment(
         loader=jinja2.ChoiceLoader([jinja2.FileSystemLoader(str(folder)),
                                     jinja2.FileSystemLoader(str(template_path().parent))]),
@@ -635,6 +689,7 @@ def _environment(folder: Path) -> jinja2.Environment:
     )
     environment.filters["cell"] = markdown_cell
     environment.filters["code_cell"] = markdown_code_cell
+    environment.filters["item"] = markdown_item
     return environment
 
 
@@ -659,7 +714,7 @@ def update_card_evaluation(
     eval_results: Iterable[EvalRow | Mapping[str, Any]],
     *,
     model_name: str | None = None,
-) -> ModelCard:
+) -> MergeCard:
     """An existing card with new evaluation results: only its `## Evaluation` section and `model-index` change.
 
     Everything else the merge wrote (parents, settings, sweeps, usage, recipe, datasets, tags) is kept as it
@@ -681,4 +736,4 @@ def update_card_evaluation(
             body = body[:usage.start()] + section + body[usage.start():]
         else:
             body = body.rstrip("\n") + "\n\n" + section
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+    return MergeCard(f"---\n{front_matter(data)}\n---\n{body}")

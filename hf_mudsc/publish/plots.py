@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
-from hf_mudsc.errors import parent_names
+from hf_mudsc.errors import escaped, parent_names
 from hf_mudsc.publish.folder import write_file_atomically
 from hf_mudsc.solve.diagnostics import GroupDiagnostics, MergeDiagnostics
 
@@ -369,6 +369,22 @@ def alpha_figure(curve: Mapping[str, Any]) -> Figure:
     return figure
 
 
+#: The longest name an axis or legend shows whole: a task or model named by a long text pushed the axes out of the
+#: picture (matplotlib gives up its layout and the bars shrink to nothing).
+NAME_LIMIT = 24
+
+
+def drawn_name(name: str) -> str:
+    """A task's or model's name as a chart shows it: control characters as escapes (they have no glyph, and matplotlib
+    warns with the raw character, which a terminal acts on), a name past `NAME_LIMIT` cut in the middle (`abc…xyz`:
+    names alike at their start still differ)."""
+    text = escaped(name)
+    if len(text) <= NAME_LIMIT:
+        return text
+    half = (NAME_LIMIT - 1) // 2
+    return f"{text[:half]}…{text[-(NAME_LIMIT - 1 - half):]}"
+
+
 def scorer_label(scorer: str, parents: Sequence[str] = tuple(parent_names(2))) -> str:
     """How a legend names a scorer: `parent_c` -> "parent C", the ensemble by its parents' letters ("ensemble
     (A+B+C)"); merged models by their own names."""
@@ -422,12 +438,15 @@ def accuracy_figure(evaluation: Mapping[str, Any]) -> Figure:
             merged_index = index - len(fixed)
             hatch = (PARENT_HATCHES[index % len(PARENT_HATCHES)] if scorer in parents else None if colour
                      else MERGED_HATCHES[merged_index // len(MERGED_COLORS) % len(MERGED_HATCHES)])
-            bars = axes.bar(xs, heights, width=width * 0.95, label=scorer_label(scorer, parents),
+            bars = axes.bar(xs, heights, width=width * 0.95, label=drawn_name(scorer_label(scorer, parents)),
                             color=colour if colour else MERGED_COLORS[merged_index % len(MERGED_COLORS)],
                             hatch=hatch, edgecolor="white" if colour or hatch else None)
             if len(order) <= 6:
                 axes.bar_label(bars, fmt="%.0f", fontsize=8, padding=1)
-        axes.set_xticks(range(len(views)), views)
+        ticks = [drawn_name(view) for view in views]
+        long = max(map(len, ticks), default=0) > 10  # side by side, longer names run into each other: slanted
+        axes.set_xticks(range(len(views)), ticks, rotation=25 if long else 0, ha="right" if long else "center",
+                        rotation_mode="anchor")
         axes.set_ylim(0, 105)
         axes.set_ylabel(f"{label} (%)")
         axes.set_xlabel("evaluation (per task: argmax within the task's classes; joint: over all classes)")

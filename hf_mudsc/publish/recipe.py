@@ -719,11 +719,26 @@ def _expect_str(key: str, value: Any, source: str) -> str:
 EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
 
 
+# Characters YAML 1.1 counts as line breaks besides CR and LF. Written raw in a quoted scalar, PyYAML reads U+0085
+# back as a space (a folder `a\x85b` named `a b`), and a YAML 1.2 reader (the Hub's, of a card's front matter) keeps
+# the indentation PyYAML writes after each one as part of the name.
+UNICODE_LINE_BREAKS = "\x85\u2028\u2029"
+
+
+def represent_text(dumper: yaml.representer.BaseRepresenter, text: str) -> yaml.ScalarNode:
+    """A string as YAML, as PyYAML writes it, but double-quoted when it holds a `UNICODE_LINE_BREAKS` character: there
+    they are written as the escapes `\\N`, `\\L`, `\\P`, which every YAML reader reads back as the character."""
+    style = '"' if any(char in text for char in UNICODE_LINE_BREAKS) else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style=style)
+
+
 class RecipeDumper(yaml.SafeDumper):
-    """`yaml.SafeDumper` that quotes a string `RecipeLoader` would read as a number (a folder named `1e3`)."""
+    """`yaml.SafeDumper` that quotes a string `RecipeLoader` would read as a number (a folder named `1e3`), and one
+    holding a Unicode line break (`represent_text`)."""
 
 
 RecipeDumper.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789"))
+RecipeDumper.add_representer(str, represent_text)
 
 
 # The keys that hold names, paths or choices (`models`, `base`, `calibration`, `output`, ...). A plain `1e5` there is

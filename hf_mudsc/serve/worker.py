@@ -54,7 +54,7 @@ from typing import Any
 
 from hf_mudsc.errors import PushError
 from hf_mudsc.load.hub_calls import hub_error_line
-from hf_mudsc.load.references import hide_tokens, looks_like_token
+from hf_mudsc.load.references import EscapedControls, hide_tokens, looks_like_token
 from hf_mudsc.options import REFITTING
 from hf_mudsc.publish.folder import checked_rename, weights_fingerprint
 from hf_mudsc.runner import push_not_checked
@@ -208,6 +208,7 @@ class ForwardHandler(logging.Handler):
         super().__init__(level=logging.INFO)
         self.reporter = reporter
         self.setFormatter(LINE_FORMAT)
+        self.addFilter(EscapedControls())  # a label or task name from a parent's config cannot split or forge a line
 
     def emit(self, record: logging.LogRecord) -> None:
         self.reporter.log(self.format(record))
