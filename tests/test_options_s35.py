@@ -34,3 +34,56 @@ def test_flags_meant_to_repeat_still_repeat(capsys, tmp_path, monkeypatch):
     args = build_parser(available=["evaluate"]).parse_args(
         ["-v", "-v", "evaluate", "dir", "-d", "a:test", "-d", "b:test", "--metric", "accuracy", "--metric", "f1"])
     assert args.dataset == ["a:test", "b:test"] and args.metric == ["accuracy", "f1"] and args.verbose == 2
+
+
+def _recipe(tmp_path, text: str):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("key, meant", [("alpah", "alpha"), ("batch-size", "batch_size"),
+                                       ("calibraton", "calibration")])
+def test_a_recipe_key_misspelt_names_the_closest_key(key, meant, tmp_path, capsys, monkeypatch):
+    """hf-mudsc merge --recipe r.yaml (alpah: 0.3) --dry-run: the valid keys were listed, the one meant not named."""
+    monkeypatch.chdir(tmp_path)
+    _recipe(tmp_path, f"models: [org/a, org/b]\n{key}: 0.3\n")
+    code, lines = run_cli(["merge", "--recipe", "r.yaml", "--dry-run"], capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert f"did you mean `{meant}`" in lines[0], lines
+
+
+def test_a_recipe_key_far_from_any_names_none(tmp_path, capsys, monkeypatch):
+    """hf-mudsc merge --recipe r.yaml (zzzz: 1): no guess is offered for a key close to none."""
+    monkeypatch.chdir(tmp_path)
+    _recipe(tmp_path, "models: [org/a, org/b]\nzzzz: 1\n")
+    code, lines = run_cli(["merge", "--recipe", "r.yaml", "--dry-run"], capsys)
+    assert code == 2 and "did you mean" not in lines[0] and "unknown key(s) ['zzzz']" in lines[0]
+
+
+def test_a_service_job_key_misspelt_names_the_closest_key(tmp_path):
+    """POST /api/jobs {"models": [...], "alpah": 0.3}: the 400 listed the valid keys, not the one meant."""
+    from hf_mudsc.errors import RecipeError
+    from hf_mudsc.serve.jobs import check_job
+
+    with pytest.raises(RecipeError, match="did you mean `alpha`"):
+        check_job({"models": ["org/a", "org/b"], "alpah": 0.3, "output": "x"}, tmp_path)
+
+
+def test_a_merge_keyword_misspelt_names_the_closest_option():
+    """hf_mudsc.merge(["org/a", "org/b"], alpah=0.3): Python's TypeError named no option meant."""
+    import hf_mudsc
+    from hf_mudsc.errors import MergeInputError
+
+    with pytest.raises(MergeInputError, match=r"did you mean `alpha`") as caught:
+        hf_mudsc.merge(["org/a", "org/b"], alpah=0.3)
+    assert isinstance(caught.value, TypeError)  # what Python raised before: callers catching it still do
+    assert "\n" not in str(caught.value)
+
+
+def test_a_misspelt_flag_names_the_closest_flag(tmp_path, capsys, monkeypatch):
+    """hf-mudsc merge A B --alpah 0.3 --dry-run: `unrecognized arguments: --alpah 0.3`, nothing meant named."""
+    monkeypatch.chdir(tmp_path)
+    code, lines = run_cli(["merge", "a", "b", "--alpah", "0.3", "--dry-run"], capsys)
+    assert code == 2
+    assert "--alpah" in lines[-1] and "did you mean --alpha" in lines[-1], lines

@@ -10,6 +10,7 @@ import importlib
 import logging
 import os
 import re
+import shlex
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
@@ -17,6 +18,7 @@ from typing import Any, NoReturn
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import PushInterrupted, UsageError, brief
 from hf_mudsc.load.references import HiddenCredentials, clean_token, hide_tokens
+from hf_mudsc.options import closest_names
 
 # Sub-command name -> module in hf_mudsc.cli exposing `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS = {
@@ -256,9 +258,15 @@ class Parser(argparse.ArgumentParser):
                 action.__class__ = given_once(type(action))
         self.given_flags = {}
         try:
-            return super().parse_known_args(args, namespace)
+            parsed, extras = super().parse_known_args(args, namespace)
         finally:
             self.given_flags = None
+        flags = [name for action in self._actions for name in action.option_strings if name.startswith("--")]
+        unknown = [extra.partition("=")[0] for extra in extras if extra.startswith("--")]
+        if closest := closest_names(unknown, flags):  # `--alpah 0.3`: argparse named no flag meant
+            self.exit(2, f"{self.prog}: error: {redact(f'unrecognized arguments: {shlex.join(extras)}', self.secrets)}"
+                      f"{closest.replace('`', '')}\n")
+        return parsed, extras
 
     def error(self, message: str) -> NoReturn:
         super().error(redact(message, self.secrets))

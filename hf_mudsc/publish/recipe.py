@@ -45,7 +45,7 @@ from hf_mudsc.load.references import (
 from hf_mudsc.methods import plugin_module
 from hf_mudsc.option_values import MATCHERS as MATCHERS  # re-exported: the CLI's --matcher choices
 from hf_mudsc.options import RECIPE_FILENAME as RECIPE_FILENAME
-from hf_mudsc.options import REFITTING, MergeOptions
+from hf_mudsc.options import REFITTING, MergeOptions, closest_names
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,8 @@ class Recipe(MergeOptions):
                            newer, __version__)
         if unknown:
             valid = [k for k in cls.keys() if k not in cls.command_line_only()]
-            raise RecipeError(f"{source} has unknown key(s) {shown(unknown)}; valid keys are: {', '.join(valid)}")
+            raise RecipeError(f"{source} has unknown key(s) {shown(unknown)}{closest_names(unknown, valid)}; valid "
+                              f"keys are: {', '.join(valid)}")
         for key, how in cls.command_line_only().items():
             if key not in data:
                 continue
