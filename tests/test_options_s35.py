@@ -87,3 +87,25 @@ def test_a_misspelt_flag_names_the_closest_flag(tmp_path, capsys, monkeypatch):
     code, lines = run_cli(["merge", "a", "b", "--alpah", "0.3", "--dry-run"], capsys)
     assert code == 2
     assert "--alpah" in lines[-1] and "did you mean --alpha" in lines[-1], lines
+
+
+def test_a_flag_over_a_recipe_key_says_it_wins(tmp_path, capsys, monkeypatch, caplog):
+    """hf-mudsc merge --recipe r.yaml (alpha: 0.3) --alpha 0.7 --dry-run: the flag won, and nothing said so."""
+    import logging
+
+    from hf_mudsc.cli.main import build_parser
+    from hf_mudsc.cli.merge import build_recipe
+
+    monkeypatch.chdir(tmp_path)
+    _recipe(tmp_path, "models: [org/a, org/b]\nalpha: 0.3\nseed: 4\nmethod: mudsc\ncalibration: org/ds:train\n")
+    args = build_parser(available=["merge"]).parse_args(
+        ["merge", "org/c", "org/d", "--recipe", "r.yaml", "--alpha", "0.7", "--seed", "4", "--batch-size", "8",
+         "--dry-run"])
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        recipe = build_recipe(args)
+    assert recipe.alpha == 0.7 and recipe.models == ["org/c", "org/d"]
+    said = [r.getMessage() for r in caplog.records if "overrid" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "--alpha 0.7" in said[0] and "alpha: 0.3" in said[0] and "models" in said[0]
+    assert "--seed" not in said[0]  # the same value: nothing overridden
+    assert "batch" not in said[0]  # not in the file: nothing overridden

@@ -128,6 +128,9 @@ class Recipe(MergeOptions):
     (`auto_chosen_of`): `{"method": {"value", "reason", "correspondence_check"}, "out_dtype": {"value", "reason"}}`.
     The recipe pins the chosen values (a later release must re-run the same merge); a re-run restates these reasons
     (`restate_auto_choices`), so its card and config say what the original's said. Not a merge option."""
+    file_keys: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+    """The keys the recipe file (or mapping) it was read from sets (`from_dict`): what a flag given with it overrides
+    (`cli.merge.build_recipe` says so). Not a merge option, never written."""
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -170,6 +173,7 @@ class Recipe(MergeOptions):
                   if k not in INFO_KEYS and k not in cls.command_line_only()}
         recipe = cls(**values)
         recipe.auto_chosen = checked_auto_chosen(data.get(AUTO_CHOSEN_KEY), source)
+        recipe.file_keys = frozenset(values)
         return recipe
 
     @classmethod
