@@ -906,6 +906,9 @@ class MergeOptions:
 
         if value is None and meta["nullable"]:
             return None
+        if value == ALL and meta["nullable"] and kind in ("int", "int_or_auto"):  # the CLI's word, written elsewhere
+            raise OptionError(f"{name} takes '{ALL}' on the command line only ({flag(name)} {ALL}); for every "
+                              f"calibration example write `{name}: null` in a recipe, {name}=None from Python")
         if kind in ("str", "bool"):
             if value is None:
                 raise OptionError(f"`{name}` cannot be null")

@@ -109,3 +109,24 @@ def test_a_flag_over_a_recipe_key_says_it_wins(tmp_path, capsys, monkeypatch, ca
     assert "--alpha 0.7" in said[0] and "alpha: 0.3" in said[0] and "models" in said[0]
     assert "--seed" not in said[0]  # the same value: nothing overridden
     assert "batch" not in said[0]  # not in the file: nothing overridden
+
+
+@pytest.mark.parametrize("key", ["num_samples", "refit_samples"])
+def test_all_in_a_recipe_says_null(key, tmp_path):
+    """mudsc_recipe.yaml `num_samples: all` (the CLI's word, --num-samples all): refused without saying `null`."""
+    from hf_mudsc.errors import RecipeError
+    from hf_mudsc.publish.recipe import Recipe
+
+    path = _recipe(tmp_path, f"models: [org/a, org/b]\ncalibration: org/ds:train\n{key}: all\n")
+    with pytest.raises(RecipeError, match=rf"{key}: null") as caught:
+        Recipe.load(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_all_from_python_says_none():
+    """hf_mudsc.merge(["org/a", "org/b"], num_samples="all"): refused without saying None."""
+    import hf_mudsc
+    from hf_mudsc.errors import MergeInputError
+
+    with pytest.raises(MergeInputError, match=r"num_samples=None"):
+        hf_mudsc.merge(["org/a", "org/b"], num_samples="all")
