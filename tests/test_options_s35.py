@@ -130,3 +130,19 @@ def test_all_from_python_says_none():
 
     with pytest.raises(MergeInputError, match=r"num_samples=None"):
         hf_mudsc.merge(["org/a", "org/b"], num_samples="all")
+
+
+def test_a_recipe_alias_bomb_is_refused_fast_when_published(tmp_path):
+    """hf-mudsc push DIR --allow-changed, its mudsc_recipe.yaml holding nested aliases (billion laughs) and a local
+    parent: the published copy's check compared the 9**12 expanded values (hours), it is refused at once."""
+    import time
+
+    from hf_mudsc.errors import RecipeError
+    from hf_mudsc.publish.recipe import published_text
+
+    lines = [f"models: [{tmp_path}, {tmp_path}]", 'a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 13)]
+    start = time.monotonic()
+    with pytest.raises(RecipeError, match="not a recipe as hf-mudsc writes it"):
+        published_text("\n".join(lines) + "\n")
+    assert time.monotonic() - start < 5

@@ -477,6 +477,10 @@ def published_text(text: str, *, name: str = RECIPE_FILENAME) -> str:
                           "folder name for the Hub; write the folder again with `hf-mudsc merge --output DIR`")
     try:
         data = yaml.load(text, Loader=RecipeLoader)
+        # Nested aliases (billion laughs) are shared objects here, but comparing the published copy below expands
+        # them: a recipe is a few hundred values (`auto_chosen`'s records at most `AUTO_CHOSEN_MAX_VALUES` each).
+        if not is_small_json(data, MAX_RECIPE_VALUES):
+            raise refused
         local = local_references(data) if isinstance(data, Mapping) else []
         if not local:
             return text
@@ -654,6 +658,8 @@ def checked_auto_chosen(value: Any, source: str) -> dict[str, Any] | None:
 # What `auto_chosen`'s records may hold once expanded: hf-mudsc writes a few dozen values; YAML aliases can make a
 # short file expand to billions when the record is copied into a re-run's config.json.
 AUTO_CHOSEN_MAX_VALUES = 10_000
+#: What a whole recipe file may hold once expanded: its keys plus both `auto_chosen` records, with room to spare.
+MAX_RECIPE_VALUES = 4 * AUTO_CHOSEN_MAX_VALUES
 
 
 def is_small_json(value: Any, limit: int = AUTO_CHOSEN_MAX_VALUES) -> bool:
