@@ -4,7 +4,7 @@ refuses what the merge would refuse, in one line naming the option, before anyth
 from __future__ import annotations
 
 import pytest
-from cli_runs import run_cli
+from cli_runs import run_cli, run_cli_output
 
 
 @pytest.mark.parametrize("argv, named", [
@@ -146,3 +146,39 @@ def test_a_recipe_alias_bomb_is_refused_fast_when_published(tmp_path):
     with pytest.raises(RecipeError, match="not a recipe as hf-mudsc writes it"):
         published_text("\n".join(lines) + "\n")
     assert time.monotonic() - start < 5
+
+
+def test_a_json_recipe_indented_with_tabs_reads_as_the_service_reads_it(tmp_path):
+    """hf-mudsc merge --recipe r.json (json.dumps(indent='\\t')): `not valid YAML: found character '\\t'`, where a
+    service job of the same text is read."""
+    import json
+
+    from hf_mudsc.publish.recipe import Recipe
+
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"models": ["org/a", "org/b"], "alpha": 0.25, "method": "mudsc"}, indent="\t"))
+    recipe = Recipe.load(path)
+    assert recipe.models == ["org/a", "org/b"] and recipe.alpha == 0.25 and recipe.method == "mudsc"
+
+
+def test_a_json_recipe_key_given_twice_is_refused(tmp_path):
+    """r.json {"alpha": 0.3, "alpha": 0.7} indented with tabs: refused naming the key, as in YAML and a service job."""
+    from hf_mudsc.errors import RecipeError
+    from hf_mudsc.publish.recipe import Recipe
+
+    path = tmp_path / "r.json"
+    path.write_text('{\n\t"models": ["org/a", "org/b"],\n\t"alpha": 0.3,\n\t"alpha": 0.7\n}\n')
+    with pytest.raises(RecipeError, match="'alpha' is given twice"):
+        Recipe.load(path)
+
+
+def test_inspect_reads_the_json_recipe_merge_runs(tmp_path, capsys, monkeypatch):
+    """hf-mudsc inspect r.json: `neither a merged-model folder nor a recipe file (*.yaml)`, though `merge --recipe
+    r.json` runs it: the plan of a recipe was refused."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.json").write_text(json.dumps({"models": ["org/a", "org/b"]}))
+    code, out, err = run_cli_output(["inspect", "r.json"], capsys)
+    assert code == 0, err
+    assert "would merge: org/a, org/b" in out

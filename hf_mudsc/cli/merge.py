@@ -77,8 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser, options: type[MergeOptions] =
         "or local folders. Omit them with --recipe.")
     parser.add_argument(
         "--recipe", metavar="YAML", default=S, type=os.path.expanduser,  # `--recipe=~/x.yaml`: no shell expands it
-        help=f"run a recipe file (e.g. a {RECIPE_FILENAME} written next to a merged model); every other flag "
-        "overrides the recipe's key of the same name")
+        help=f"run a recipe file, YAML or JSON (e.g. a {RECIPE_FILENAME} written next to a merged model); every "
+        "other flag overrides the recipe's key of the same name, and the run says which it overrode")
     for option in options.option_fields():
         flags, kwargs = option_argument(option)
         parser.add_argument(*flags, **kwargs)

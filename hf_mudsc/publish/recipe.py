@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -191,7 +192,16 @@ class Recipe(MergeOptions):
             raise RecipeError(f"recipe {str(path)!r} is not UTF-8 text (byte {error.start}: {error.reason}); "
                               "save it as UTF-8") from None
         try:
-            data = yaml.load(text, Loader=RecipeLoader)  # a SafeLoader: builds plain data only
+            data = read_json_recipe(text)
+        except RecipeError as error:
+            raise RecipeError(f"{str(path)!r} is not valid JSON: {error}") from None
+        except RecursionError:
+            raise RecipeError(f"{str(path)!r} is not valid JSON: it is nested too deeply to be a recipe") from None
+        except ValueError as error:  # an integer longer than Python reads (4300 digits)
+            raise RecipeError(f"{str(path)!r} is not valid JSON: {brief(error, None)}") from None
+        try:
+            if data is None:
+                data = yaml.load(text, Loader=RecipeLoader)  # a SafeLoader: builds plain data only
         except (yaml.YAMLError, ValueError) as error:  # ValueError: an integer longer than Python reads (4300 digits)
             raise RecipeError(f"{str(path)!r} is not valid YAML: {yaml_error_line(error)}") from None
         except RecursionError:
@@ -774,6 +784,25 @@ class RecipeLoader(yaml.SafeLoader):
 
 
 RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789"))
+
+
+def read_json_recipe(text: str) -> Any:
+    """A recipe file written as JSON (`{...}`), read as JSON — as the service reads a job: JSON indented with tabs
+    is no YAML (a tab starts no YAML token). None when the text is not JSON (YAML, a YAML flow mapping `{a: 1}`):
+    read as YAML then. A key given twice is refused (`repeated_key`), as in YAML; raises `RecipeError` naming it."""
+    if not text.lstrip().startswith("{"):
+        return None
+
+    def mapping(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        index = repeated_key([key for key, _ in pairs])
+        if index is not None:
+            raise RecipeError(f"key {shown(pairs[index][0])} is given twice; give each key once")
+        return dict(pairs)
+
+    try:
+        return json.loads(text, object_pairs_hook=mapping)
+    except json.JSONDecodeError:
+        return None
 
 
 def repeated_key(keys: list[Any]) -> int | None:
