@@ -182,3 +182,12 @@ def test_inspect_reads_the_json_recipe_merge_runs(tmp_path, capsys, monkeypatch)
     code, out, err = run_cli_output(["inspect", "r.json"], capsys)
     assert code == 0, err
     assert "would merge: org/a, org/b" in out
+
+
+def test_a_parent_given_apart_from_the_others_is_named(tmp_path, capsys, monkeypatch):
+    """hf-mudsc merge org/a --alpha 0.3 org/b --dry-run: `hf-mudsc: error: unrecognized arguments: org/b` under the
+    top-level usage, as if org/b were no parent."""
+    monkeypatch.chdir(tmp_path)
+    code, lines = run_cli(["merge", "org/a", "--alpha", "0.3", "org/b", "--dry-run"], capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("hf-mudsc merge: error:") and "org/b" in lines[0] and "together" in lines[0], lines

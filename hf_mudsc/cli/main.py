@@ -266,6 +266,13 @@ class Parser(argparse.ArgumentParser):
         if closest := closest_names(unknown, flags):  # `--alpah 0.3`: argparse named no flag meant
             self.exit(2, f"{self.prog}: error: {redact(f'unrecognized arguments: {shlex.join(extras)}', self.secrets)}"
                       f"{closest.replace('`', '')}\n")
+        listed = [action for action in self._actions if not action.option_strings and action.nargs in ("*", "+")]
+        stray = [extra for extra in extras if not extra.startswith("-")]
+        if listed and stray:  # `merge org/a --alpha 0.3 org/b`: argparse reads one run of MODELs, then "unrecognized"
+            name = listed[0].metavar or listed[0].dest
+            self.exit(2, f"{self.prog}: error: {redact(f'unrecognized arguments: {shlex.join(extras)}', self.secrets)}"
+                      f"; a {name} given apart from the others is not read: give every {name} together, before "
+                      f"or after the flags (`{self.prog} {name} {name} ... --flag VALUE`)\n")
         return parsed, extras
 
     def error(self, message: str) -> NoReturn:
