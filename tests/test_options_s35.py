@@ -191,3 +191,12 @@ def test_a_parent_given_apart_from_the_others_is_named(tmp_path, capsys, monkeyp
     code, lines = run_cli(["merge", "org/a", "--alpha", "0.3", "org/b", "--dry-run"], capsys)
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith("hf-mudsc merge: error:") and "org/b" in lines[0] and "together" in lines[0], lines
+
+
+def test_an_empty_recipe_path_is_refused(tmp_path, capsys, monkeypatch):
+    """hf-mudsc merge org/a org/b --recipe "$UNSET" --dry-run: the empty path read as no recipe, and the merge ran
+    with the defaults instead of the recipe meant."""
+    monkeypatch.chdir(tmp_path)
+    code, lines = run_cli(["merge", "org/a", "org/b", "--recipe", "", "--dry-run"], capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert "--recipe" in lines[0] and "empty" in lines[0], lines

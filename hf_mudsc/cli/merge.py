@@ -92,6 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser, options: type[MergeOptions] =
 def build_recipe(args: argparse.Namespace, recipe_class: type[Recipe] = Recipe) -> Recipe:
     """The recipe file (if any) with the given flags applied on top."""
     path = getattr(args, "recipe", None)
+    if path is not None and not path.strip():  # `--recipe "$UNSET"`: the merge would run without the recipe meant
+        raise RecipeError("--recipe is empty; pass the path of a recipe file (e.g. DIR/mudsc_recipe.yaml), or leave "
+                          "--recipe out")
     loaded = recipe_class.load(path) if path else recipe_class()
     overrides = {k: v for k, v in vars(args).items() if k in recipe_class.keys() and k != "models"}
     if getattr(args, "models", None):
