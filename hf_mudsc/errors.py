@@ -138,6 +138,11 @@ class UnsupportedArchitectureError(ValueError):
     """The model's architecture has no adapter."""
 
 
+class UnknownKeywordError(MergeInputError, TypeError):
+    """A keyword argument a function of the API does not take (`merge(..., alpah=0.3)`): Python's TypeError named
+    no option meant; still a TypeError, so callers catching that one catch this."""
+
+
 class UnmergeableModelError(MergeInputError):
     """A parent is protected against merging (e.g. MergeLock-style re-factored attention heads); no option
     overrides this: its owner asked not to be merged, and the merge would collapse."""

@@ -17,6 +17,9 @@ This module imports nothing heavy (no torch), so the CLI can check options befor
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import math
 import os
 import re
@@ -26,7 +29,7 @@ from numbers import Integral, Real
 from typing import Any
 
 # `flag`/`option_hint` live in errors.py (modules below options, e.g. methods/, name options in messages too).
-from hf_mudsc.errors import OptionError, flag, option_hint, parent_label, shown  # noqa: F401 (re-exported)
+from hf_mudsc.errors import OptionError, UnknownKeywordError, flag, option_hint, parent_label, shown  # noqa: F401 (re-exported)
 from hf_mudsc.load.references import TOKEN_FIX, looks_like_token
 from hf_mudsc.markdown import markdown_cell, markdown_code
 from hf_mudsc.option_values import FACTOR_LIMIT, MATCHERS, WEIGHT_RANGE, parse_layer_swap
@@ -132,6 +135,43 @@ def int_or_all(text: str) -> int | None:
 
 
 int_or_all.__name__ = "int or 'all'"
+
+
+def closest_names(unknown: Sequence[Any], valid: Sequence[str]) -> str:
+    """` (did you mean `alpha`?)` for the unknown names within a typo of a valid one (`alpah`, `batch-size`),
+    ` (did you mean: `alpah` -> `alpha`, `sed` -> `seed`?)` for several; "" when none is close. Said wherever an
+    option's name is given wrong — a recipe's or a job's key, a merge() keyword, a flag (spelt as `valid` is)."""
+    pairs = []
+    for name in unknown:
+        if not isinstance(name, str):
+            continue
+        match = difflib.get_close_matches(name, valid, n=1, cutoff=0.7) or difflib.get_close_matches(
+            name.replace("-", "_").lower(), valid, n=1, cutoff=0.7)
+        if match:
+            pairs.append((name, match[0]))
+    if not pairs:
+        return ""
+    if len(pairs) == 1 and len(unknown) == 1:
+        return f" (did you mean `{pairs[0][1]}`?)"
+    return " (did you mean: " + ", ".join(f"`{name}` -> `{meant}`" for name, meant in pairs) + "?)"
+
+
+def known_keywords(function: Callable[..., Any]) -> Callable[..., Any]:
+    """`function` refusing a keyword argument it does not take in one line naming the closest it does
+    (`closest_names`), before running any of it; its signature is kept (`inspect.signature` reads the original)."""
+    parameters = inspect.signature(function).parameters
+    taken = [name for name, parameter in parameters.items() if parameter.kind in (
+        inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+
+    @functools.wraps(function)
+    def checked(*args: Any, **keywords: Any) -> Any:
+        unknown = [name for name in keywords if name not in parameters]
+        if unknown:
+            raise UnknownKeywordError(f"{function.__name__}() takes no keyword argument(s) {shown(unknown)}"
+                                      f"{closest_names(unknown, taken)}; its options are: {', '.join(taken)}")
+        return function(*args, **keywords)
+
+    return checked
 
 
 def _is_int(value: Any) -> bool:
@@ -866,6 +906,9 @@ class MergeOptions:
 
         if value is None and meta["nullable"]:
             return None
+        if value == ALL and meta["nullable"] and kind in ("int", "int_or_auto"):  # the CLI's word, written elsewhere
+            raise OptionError(f"{name} takes '{ALL}' on the command line only ({flag(name)} {ALL}); for every "
+                              f"calibration example write `{name}: null` in a recipe, {name}=None from Python")
         if kind in ("str", "bool"):
             if value is None:
                 raise OptionError(f"`{name}` cannot be null")
@@ -956,7 +999,8 @@ class MergeOptions:
         """Check every given option (type, then range); return them normalised. Raises `OptionError`."""
         unknown = sorted(set(options) - set(cls.names()))
         if unknown:
-            raise OptionError(f"unknown option(s) {unknown}; valid options are: {', '.join(cls.names())}")
+            raise OptionError(f"unknown option(s) {unknown}{closest_names(unknown, cls.names())}; valid options are: "
+                              f"{', '.join(cls.names())}")
         return {name: cls.check(name, value) for name, value in options.items()}
 
     @classmethod
@@ -965,7 +1009,8 @@ class MergeOptions:
         a recipe and the CLI); keywords that are not merge() options are refused."""
         unknown = sorted(set(keywords) - set(cls.names(keyword=True)))
         if unknown:
-            raise OptionError(f"unknown keyword argument(s) {unknown}; merge() options are: "
+            raise OptionError(f"unknown keyword argument(s) {unknown}{closest_names(unknown, cls.names(keyword=True))}"
+                              "; merge() options are: "
                               f"{', '.join(cls.names(keyword=True))}")
         unchecked = {name for name in keywords if not cls.option_field(name).metadata["check_keyword"]}
         checked = cls.check_all(**{name: value for name, value in keywords.items() if name not in unchecked})

@@ -96,7 +96,7 @@ from hf_mudsc.methods.registry import (
     get_method,
 )
 from hf_mudsc.option_values import AVERAGE_CHECK_METHOD
-from hf_mudsc.options import AUTO, REFITTING, MergeOptions, flag, option_hint
+from hf_mudsc.options import AUTO, REFITTING, MergeOptions, flag, known_keywords, option_hint
 from hf_mudsc.plan import (
     MergePlan,
     base_copied,
@@ -244,6 +244,7 @@ def _holding_given_objects(merge_function: Callable[..., Any]) -> Callable[..., 
 
 
 @_holding_given_objects
+@known_keywords  # `merge(..., alpah=0.3)`: one line naming `alpha`, not Python's TypeError
 def merge(
     models: Sequence[Any],
     calibration: Any = None,

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
             return inspect_folder(target, output=args.output, overwrite=args.overwrite, plots=not args.no_plots)
         except (AttributeError, TypeError, KeyError, IndexError) as error:  # config.json's `mudsc` of another shape
             raise ValueError(malformed(target, "config.json", f"{type(error).__name__}: {error}")) from None
-    if target.is_file() and target.suffix in (".yaml", ".yml"):
+    if target.is_file() and target.suffix in (".yaml", ".yml", ".json"):  # what `merge --recipe` reads
         if args.output is not None:  # a recipe has no plots: ignored, the run ended 0 with none and no word
             raise UsageError(f"--output is where the plots of a merged-model folder go, and the recipe "
                              f"{args.target!r} has none; drop --output, or inspect the folder the merge wrote")
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
             f"download {args.target} --local-dir DIR`), then run `hf-mudsc inspect DIR`"
         )
     raise FileNotFoundError(
-        f"{args.target!r} is neither a merged-model folder nor a recipe file (*.yaml); pass the folder "
+        f"{args.target!r} is neither a merged-model folder nor a recipe file (*.yaml, *.json); pass the folder "
         "`hf-mudsc merge --output DIR` wrote, or its mudsc_recipe.yaml"
     )
 

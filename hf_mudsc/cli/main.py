@@ -10,6 +10,7 @@ import importlib
 import logging
 import os
 import re
+import shlex
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
@@ -17,6 +18,7 @@ from typing import Any, NoReturn
 from hf_mudsc._version import __version__
 from hf_mudsc.errors import PushInterrupted, UsageError, brief, escaped
 from hf_mudsc.load.references import EscapedControls, HiddenCredentials, clean_token, hide_tokens
+from hf_mudsc.options import closest_names
 
 # Sub-command name -> module in hf_mudsc.cli exposing `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS = {
@@ -199,14 +201,81 @@ def disk_failure(error: BaseException, command: str | None) -> str | None:
     return f"hf-mudsc {command}: error: {line}{claim}; {fix}"
 
 
+# The argparse actions that hold one value (store, store_const / store_true / store_false, --x/--no-x): given a
+# second time, argparse keeps the last silently. Flags meant to repeat (append, count: `--dataset`, `-v`) are not.
+SINGLE_VALUE_ACTIONS = (argparse._StoreAction, argparse._StoreConstAction, argparse.BooleanOptionalAction)
+
+
+class GivenOnce:
+    """Mixed into a flag's action that holds one value (`SINGLE_VALUE_ACTIONS`): a second occurrence on one command
+    line (`--alpha 0.3 --alpha 0.7`, `--rescale --no-rescale`, `-o A --output B`) is refused in one line naming the
+    flag — argparse kept the last value and the merge ran with a value the user may not have meant."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        given = getattr(parser, "given_flags", None)
+        if given is not None:
+            if self in given:
+                parser.exit(2, f"{parser.prog}: error: {repeated_flag_line(self, given[self], option_string)}\n")
+            given[self] = option_string
+        super().__call__(parser, namespace, values, option_string)  # type: ignore[misc]
+
+
+@functools.cache
+def given_once(action_class: type[argparse.Action]) -> type[argparse.Action]:
+    """`action_class` with `GivenOnce` mixed in (one class per action class)."""
+    return type(f"GivenOnce{action_class.__name__}", (GivenOnce, action_class), {})
+
+
+def repeated_flag_line(action: argparse.Action, first: str | None, second: str | None) -> str:
+    """`--alpha is given twice; give it once` — the flag by its long name (`-o` -> `--output`), how each was spelled
+    when they differ (an abbreviation, `--no-x`), never the values (one may be a token)."""
+    names = action.option_strings
+    if isinstance(action, argparse.BooleanOptionalAction):
+        name = "/".join(names[:2])
+    else:
+        name = max(names, key=len)
+    spelled = f" (as {first} and {second})" if first != second and None not in (first, second) else ""
+    together = f", with all its values after one {name}" if action.nargs in ("+", "*") else ""
+    return f"{name} is given twice{spelled}; give it once{together}"
+
+
 class Parser(argparse.ArgumentParser):
     """argparse's parser, except that its error line never echoes a token (`unrecognized arguments: --token hf_...`
     when a command has no --token flag, `invalid choice: '<token>'` when --token came before the command): `secrets`
-    are the command line's secret values (`secret_values`), shown as `***`."""
+    are the command line's secret values (`secret_values`), shown as `***`. A flag that holds one value and is
+    given twice is refused (`GivenOnce`)."""
 
     def __init__(self, *args: Any, secrets: Sequence[str] = (), **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.secrets = list(secrets)
+        self.given_flags: dict[argparse.Action, str | None] | None = None
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        # Every flag this parser holds, however added (groups, `parents=`), counted per parse.
+        for action in self._actions:
+            if (action.option_strings and isinstance(action, SINGLE_VALUE_ACTIONS)
+                    and not isinstance(action, GivenOnce)):
+                action.__class__ = given_once(type(action))
+        self.given_flags = {}
+        try:
+            parsed, extras = super().parse_known_args(args, namespace)
+        finally:
+            self.given_flags = None
+        flags = [name for action in self._actions for name in action.option_strings if name.startswith("--")]
+        unknown = [extra.partition("=")[0] for extra in extras if extra.startswith("--")]
+        if closest := closest_names(unknown, flags):  # `--alpah 0.3`: argparse named no flag meant
+            self.exit(2, f"{self.prog}: error: {redact(f'unrecognized arguments: {shlex.join(extras)}', self.secrets)}"
+                      f"{closest.replace('`', '')}\n")
+        listed = [action for action in self._actions if not action.option_strings and action.nargs in ("*", "+")]
+        stray = [extra for extra in extras if not extra.startswith("-")]
+        if listed and stray:  # `merge org/a --alpha 0.3 org/b`: argparse reads one run of MODELs, then "unrecognized"
+            name = listed[0].metavar or listed[0].dest
+            self.exit(2, f"{self.prog}: error: {redact(f'unrecognized arguments: {shlex.join(extras)}', self.secrets)}"
+                      f"; a {name} given apart from the others is not read: give every {name} together, before "
+                      f"or after the flags (`{self.prog} {name} {name} ... --flag VALUE`)\n")
+        return parsed, extras
 
     def error(self, message: str) -> NoReturn:
         super().error(redact(message, self.secrets))

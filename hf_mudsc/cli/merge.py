@@ -14,6 +14,7 @@ which the service's worker shares.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from dataclasses import Field
@@ -32,6 +33,8 @@ from hf_mudsc.publish.recipe import (
     warn_given_processor,
 )
 from hf_mudsc.runner import check_before_dry_run, execute
+
+logger = logging.getLogger(__name__)
 
 
 def option_argument(option: Field, command: str = "merge") -> tuple[list[str], dict[str, Any]]:
@@ -74,8 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser, options: type[MergeOptions] =
         "or local folders. Omit them with --recipe.")
     parser.add_argument(
         "--recipe", metavar="YAML", default=S, type=os.path.expanduser,  # `--recipe=~/x.yaml`: no shell expands it
-        help=f"run a recipe file (e.g. a {RECIPE_FILENAME} written next to a merged model); every other flag "
-        "overrides the recipe's key of the same name")
+        help=f"run a recipe file, YAML or JSON (e.g. a {RECIPE_FILENAME} written next to a merged model); every "
+        "other flag overrides the recipe's key of the same name, and the run says which it overrode")
     for option in options.option_fields():
         flags, kwargs = option_argument(option)
         parser.add_argument(*flags, **kwargs)
@@ -89,6 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser, options: type[MergeOptions] =
 def build_recipe(args: argparse.Namespace, recipe_class: type[Recipe] = Recipe) -> Recipe:
     """The recipe file (if any) with the given flags applied on top."""
     path = getattr(args, "recipe", None)
+    if path is not None and not path.strip():  # `--recipe "$UNSET"`: the merge would run without the recipe meant
+        raise RecipeError("--recipe is empty; pass the path of a recipe file (e.g. DIR/mudsc_recipe.yaml), or leave "
+                          "--recipe out")
     loaded = recipe_class.load(path) if path else recipe_class()
     overrides = {k: v for k, v in vars(args).items() if k in recipe_class.keys() and k != "models"}
     if getattr(args, "models", None):
@@ -102,9 +108,32 @@ def build_recipe(args: argparse.Namespace, recipe_class: type[Recipe] = Recipe) 
     if path:  # a recipe pushed to the Hub names local folders by name only: their paths must be given
         check_local_folders_given(path, recipe)
         warn_given_processor(path)
+        if replaced := overridden(loaded, recipe, overrides):
+            logger.info("recipe %s: the command line overrides its keys: %s", path, "; ".join(replaced))
     if not recipe.output and not recipe.push_to_hub and not recipe.dry_run:
         raise RecipeError("say where the merged model goes: --output DIR and/or --push-to-hub ORG/NAME")
     return recipe
+
+
+def overridden(loaded: Recipe, recipe: Recipe, given: dict[str, Any]) -> list[str]:
+    """`--alpha 0.7 over alpha: 0.3` for each flag `given` that changed a key the recipe file sets: the flag wins (as
+    `--recipe`'s help says), and the run says so rather than merge with a value the file does not hold."""
+    def text(key: str, value: Any) -> str:
+        if isinstance(value, bool):
+            return flag(key) if value else f"--no-{flag(key)[2:]}"
+        shown_value = " ".join(map(str, value)) if isinstance(value, list) else "all" if value is None else value
+        return f"{flag(key)} {shown_value}"
+
+    said = []
+    for key in given:
+        old, new = getattr(loaded, key), getattr(recipe, key)
+        if key not in loaded.file_keys or old == new:
+            continue
+        if key == "models":
+            said.append(f"the {len(new)} parents given over its models")
+        else:
+            said.append(f"{text(key, new)} over {key}: {'null' if old is None else old}")
+    return said
 
 
 def run(args: argparse.Namespace) -> int:

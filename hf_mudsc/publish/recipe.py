@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -45,7 +46,7 @@ from hf_mudsc.load.references import (
 from hf_mudsc.methods import plugin_module
 from hf_mudsc.option_values import MATCHERS as MATCHERS  # re-exported: the CLI's --matcher choices
 from hf_mudsc.options import RECIPE_FILENAME as RECIPE_FILENAME
-from hf_mudsc.options import REFITTING, MergeOptions
+from hf_mudsc.options import REFITTING, MergeOptions, closest_names
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,9 @@ class Recipe(MergeOptions):
     (`auto_chosen_of`): `{"method": {"value", "reason", "correspondence_check"}, "out_dtype": {"value", "reason"}}`.
     The recipe pins the chosen values (a later release must re-run the same merge); a re-run restates these reasons
     (`restate_auto_choices`), so its card and config say what the original's said. Not a merge option."""
+    file_keys: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+    """The keys the recipe file (or mapping) it was read from sets (`from_dict`): what a flag given with it overrides
+    (`cli.merge.build_recipe` says so). Not a merge option, never written."""
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -155,7 +159,8 @@ class Recipe(MergeOptions):
                            newer, __version__)
         if unknown:
             valid = [k for k in cls.keys() if k not in cls.command_line_only()]
-            raise RecipeError(f"{source} has unknown key(s) {shown(unknown)}; valid keys are: {', '.join(valid)}")
+            raise RecipeError(f"{source} has unknown key(s) {shown(unknown)}{closest_names(unknown, valid)}; valid "
+                              f"keys are: {', '.join(valid)}")
         for key, how in cls.command_line_only().items():
             if key not in data:
                 continue
@@ -169,6 +174,7 @@ class Recipe(MergeOptions):
                   if k not in INFO_KEYS and k not in cls.command_line_only()}
         recipe = cls(**values)
         recipe.auto_chosen = checked_auto_chosen(data.get(AUTO_CHOSEN_KEY), source)
+        recipe.file_keys = frozenset(values)
         return recipe
 
     @classmethod
@@ -186,7 +192,16 @@ class Recipe(MergeOptions):
             raise RecipeError(f"recipe {str(path)!r} is not UTF-8 text (byte {error.start}: {error.reason}); "
                               "save it as UTF-8") from None
         try:
-            data = yaml.load(text, Loader=RecipeLoader)  # a SafeLoader: builds plain data only
+            data = read_json_recipe(text)
+        except RecipeError as error:
+            raise RecipeError(f"{str(path)!r} is not valid JSON: {error}") from None
+        except RecursionError:
+            raise RecipeError(f"{str(path)!r} is not valid JSON: it is nested too deeply to be a recipe") from None
+        except ValueError as error:  # an integer longer than Python reads (4300 digits)
+            raise RecipeError(f"{str(path)!r} is not valid JSON: {brief(error, None)}") from None
+        try:
+            if data is None:
+                data = yaml.load(text, Loader=RecipeLoader)  # a SafeLoader: builds plain data only
         except (yaml.YAMLError, ValueError) as error:  # ValueError: an integer longer than Python reads (4300 digits)
             raise RecipeError(f"{str(path)!r} is not valid YAML: {yaml_error_line(error)}") from None
         except RecursionError:
@@ -472,6 +487,10 @@ def published_text(text: str, *, name: str = RECIPE_FILENAME) -> str:
                           "folder name for the Hub; write the folder again with `hf-mudsc merge --output DIR`")
     try:
         data = yaml.load(text, Loader=RecipeLoader)
+        # Nested aliases (billion laughs) are shared objects here, but comparing the published copy below expands
+        # them: a recipe is a few hundred values (`auto_chosen`'s records at most `AUTO_CHOSEN_MAX_VALUES` each).
+        if not is_small_json(data, MAX_RECIPE_VALUES):
+            raise refused
         local = local_references(data) if isinstance(data, Mapping) else []
         if not local:
             return text
@@ -649,6 +668,8 @@ def checked_auto_chosen(value: Any, source: str) -> dict[str, Any] | None:
 # What `auto_chosen`'s records may hold once expanded: hf-mudsc writes a few dozen values; YAML aliases can make a
 # short file expand to billions when the record is copied into a re-run's config.json.
 AUTO_CHOSEN_MAX_VALUES = 10_000
+#: What a whole recipe file may hold once expanded: its keys plus both `auto_chosen` records, with room to spare.
+MAX_RECIPE_VALUES = 4 * AUTO_CHOSEN_MAX_VALUES
 
 
 def is_small_json(value: Any, limit: int = AUTO_CHOSEN_MAX_VALUES) -> bool:
@@ -778,6 +799,25 @@ class RecipeLoader(yaml.SafeLoader):
 
 
 RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789"))
+
+
+def read_json_recipe(text: str) -> Any:
+    """A recipe file written as JSON (`{...}`), read as JSON — as the service reads a job: JSON indented with tabs
+    is no YAML (a tab starts no YAML token). None when the text is not JSON (YAML, a YAML flow mapping `{a: 1}`):
+    read as YAML then. A key given twice is refused (`repeated_key`), as in YAML; raises `RecipeError` naming it."""
+    if not text.lstrip().startswith("{"):
+        return None
+
+    def mapping(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        index = repeated_key([key for key, _ in pairs])
+        if index is not None:
+            raise RecipeError(f"key {shown(pairs[index][0])} is given twice; give each key once")
+        return dict(pairs)
+
+    try:
+        return json.loads(text, object_pairs_hook=mapping)
+    except json.JSONDecodeError:
+        return None
 
 
 def repeated_key(keys: list[Any]) -> int | None:
