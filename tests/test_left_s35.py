@@ -50,3 +50,19 @@ def test_the_writer_reads_the_umask_without_setting_it(tmp_path, monkeypatch):
         assert modes and set(modes.values()) == {0o640}, modes
     finally:
         real(previous)
+
+
+def test_a_switch_given_twice_means_what_it_means_once():
+    """`hf-mudsc -q -q merge ...` / `--dry-run --dry-run` were refused as 'given twice' once repeated value flags
+    were: a switch storing one constant cannot disagree with itself (a flag holding a value still is refused)."""
+    from hf_mudsc.cli.main import build_parser
+
+    parser = build_parser(["merge"])
+    parsed = parser.parse_args(["-q", "-q", "merge", "a", "b", "--dry-run", "--dry-run"])
+    assert parsed.dry_run is True
+    try:
+        parser.parse_args(["merge", "a", "b", "--alpha", "0.3", "--alpha", "0.7"])
+    except SystemExit as stop:
+        assert stop.code == 2
+    else:
+        raise AssertionError("--alpha given twice was accepted")

@@ -203,7 +203,8 @@ def disk_failure(error: BaseException, command: str | None) -> str | None:
 
 # The argparse actions that hold one value (store, store_const / store_true / store_false, --x/--no-x): given a
 # second time, argparse keeps the last silently. Flags meant to repeat (append, count: `--dataset`, `-v`) are not.
-SINGLE_VALUE_ACTIONS = (argparse._StoreAction, argparse._StoreConstAction, argparse.BooleanOptionalAction)
+# A switch that stores one constant (`-q`, `--dry-run`) means the same however often it is given: not counted
+SINGLE_VALUE_ACTIONS = (argparse._StoreAction, argparse.BooleanOptionalAction)
 
 
 class GivenOnce:
@@ -215,7 +216,9 @@ class GivenOnce:
                  option_string: str | None = None) -> None:
         given = getattr(parser, "given_flags", None)
         if given is not None:
-            if self in given:
+            # `--dry-run --dry-run` says one thing; `--rescale --no-rescale` two
+            switched = isinstance(self, argparse.BooleanOptionalAction) and given.get(self) != option_string
+            if self in given and (switched or not isinstance(self, argparse.BooleanOptionalAction)):
                 parser.exit(2, f"{parser.prog}: error: {repeated_flag_line(self, given[self], option_string)}\n")
             given[self] = option_string
         super().__call__(parser, namespace, values, option_string)  # type: ignore[misc]
