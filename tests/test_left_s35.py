@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+from cli_runs import run_cli
 from factories import make_batches, make_model, model_output, permuted_copy, relative_error
 
 import hf_mudsc
@@ -66,3 +68,19 @@ def test_a_switch_given_twice_means_what_it_means_once():
         assert stop.code == 2
     else:
         raise AssertionError("--alpha given twice was accepted")
+
+
+@pytest.mark.parametrize("argv", [
+    ["push", "", "org/name"], ["inspect", ""], ["inspect", "x", "--output", " "], ["evaluate", "", "-d", "x:test"],
+    ["serve", "--state-dir", ""], ["serve", "--local-root", ""], ["serve", "--output-root", ""],
+    ["demo", "--output", ""], ["demo", "--cache-dir", ""],
+], ids=lambda argv: " ".join(map(repr, argv)))
+def test_an_empty_path_argument_is_refused_not_read_as_the_current_folder(argv, tmp_path, monkeypatch, capsys):
+    """`hf-mudsc push "$DIR" org/x` with DIR unset read '' as '.', and pushed (inspected, served from) whatever folder
+    the shell was in: refused in one line before any work."""
+    monkeypatch.chdir(tmp_path)
+    code, lines = run_cli(argv, capsys)
+    errors = [line for line in lines if "error:" in line]
+    assert code == 2 and len(errors) == 1, lines
+    assert "is empty" in errors[0] and "unset shell variable" in errors[0], errors
+    assert list(tmp_path.iterdir()) == []

@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hf_mudsc.cli.arguments import path_text
 from hf_mudsc.diagnostics import ADVICE, ALIGNED_RELATIONS
 from hf_mudsc.errors import UsageError
 from hf_mudsc.options import AUTO, REFITTING, number_or_auto
@@ -101,7 +102,7 @@ def _first_clause(text: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("--output", metavar="DIR", default="hf-mudsc-demo", help="folder for the MuDSC-merged model")
+    add("--output", metavar="DIR", default="hf-mudsc-demo", type=path_text, help="folder for the MuDSC-merged model")
     add("--overwrite", action="store_true", help="replace an existing output folder")
     add("--hidden-size", type=int, default=64, metavar="N",
         help=f"width of the two ViTs (a multiple of 4, at most {MAX_HIDDEN_SIZE})")
@@ -112,7 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"calibration images (from both tasks; the set holds {CALIBRATION_IMAGES}: a larger N uses them all)")
     add("--alpha", type=number_or_auto, default=0.5, metavar="A",
         help="MuDSC balance factor (weight-space share), or 'auto' to choose it on held-out calibration images")
-    add("--cache-dir", metavar="DIR", default=str(DEFAULT_CACHE),
+    add("--cache-dir", metavar="DIR", type=path_text, default=str(DEFAULT_CACHE),
         help="where trained parents and the calibration set are kept between runs")
     add("--threads", type=int, default=1, metavar="N", help="torch threads (tiny models: 1 is fastest)")
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_mudsc.calibrate.dataset_spec import missing_local_data
+from hf_mudsc.cli.arguments import path_text
 from hf_mudsc.cli.merge import option_argument
 from hf_mudsc.errors import EvaluationError, UsageError, escaped, parent_label
 from hf_mudsc.evaluate.names import (
@@ -88,7 +89,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = _Formatter
     parser.epilog = EPILOG
-    parser.add_argument("model", metavar="DIR",
+    parser.add_argument("model", metavar="DIR", type=path_text,
                         help="the merged model: a folder a merge wrote, or a Hub id org/name[@revision] "
                         "(safetensors only, no remote code; the parents come from its recipe)")
     parser.add_argument(

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from hf_mudsc.cli.arguments import path_text
 from hf_mudsc.errors import escaped, parent_label
 from hf_mudsc.evaluate.names import RESULTS_FILENAME
 from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES, parse_json
@@ -26,10 +27,10 @@ from hf_mudsc.solve.diagnostics import DIAGNOSTICS_FILENAME, PLOTS_FOLDER
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", metavar="DIR|RECIPE",
+    parser.add_argument("target", metavar="DIR|RECIPE", type=path_text,
                         help="a merged-model folder (written by `hf-mudsc merge --output DIR`) or a recipe file "
                              "(mudsc_recipe.yaml)")
-    parser.add_argument("--output", metavar="DIR", default=None,
+    parser.add_argument("--output", metavar="DIR", default=None, type=path_text,
                         help=f"folder for the redrawn plots (default: DIR/{PLOTS_FOLDER})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     parser.add_argument("--no-plots", action="store_true", help="print the summary only, draw nothing")

@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from hf_mudsc.cli.arguments import path_text
 from hf_mudsc.errors import UsageError, escaped
 from hf_mudsc.load.hub_calls import hub_error_line
 from hf_mudsc.load.references import hide_tokens
@@ -20,7 +21,7 @@ from hf_mudsc.publish.recipe import RECIPE_FILENAME
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "folder", metavar="DIR",
+        "folder", metavar="DIR", type=path_text,
         help=f"merged-model folder (config.json, *.safetensors, README.md, {RECIPE_FILENAME}, processor)")
     parser.add_argument("repo_id", metavar="ORG/NAME", help="the Hub model repo to create and upload to")
     parser.add_argument("--private", action="store_true", help="create the repo private")

@@ -17,6 +17,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from hf_mudsc.cli.arguments import path_text
 from hf_mudsc.serve import HEADER_MAX_BYTES, clean_api_key, is_loopback
 from hf_mudsc.serve.store import MAX_JOBS, MAX_QUEUED, lock_state_dir
 
@@ -76,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind; anything but a loopback address needs --api-key")
     parser.add_argument("--port", type=port_number, default=8000, help="port to listen on (1 to 65535)")
-    parser.add_argument("--state-dir", default="hf-mudsc-serve", metavar="DIR",
+    parser.add_argument("--state-dir", default="hf-mudsc-serve", metavar="DIR", type=path_text,
                         help="where the job store (SQLite) and, by default, the output folders live; jobs "
                         "survive a restart with the same folder")
     parser.add_argument("--workers", type=int, default=1,
@@ -93,12 +94,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "beyond it removes the records of those that finished longest ago — never a queued or "
                         "running job, never an output folder (each POST adds a record: without a cap, anyone who "
                         "may POST could fill the disk)")
-    parser.add_argument("--local-root", action="append", default=argparse.SUPPRESS, metavar="DIR",
+    parser.add_argument("--local-root", action="append", default=argparse.SUPPRESS, metavar="DIR", type=path_text,
                         help="a folder whose contents jobs may name as local paths (parents, base, calibration "
                         "data, and a base_model a local parent's model card names), symlinks followed; "
                         "repeatable. Without it jobs name Hub references only: anyone who may POST could "
                         "otherwise merge, and push to the Hub, any folder the server can read")
-    parser.add_argument("--output-root", default=argparse.SUPPRESS, metavar="DIR",
+    parser.add_argument("--output-root", default=argparse.SUPPRESS, metavar="DIR", type=path_text,
                         help="the folder a job's `output` names a folder in (default: STATE_DIR/outputs)")
 
 

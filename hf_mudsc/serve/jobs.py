@@ -46,7 +46,7 @@ from typing import Any, NoReturn
 
 from hf_mudsc._version import __version__
 from hf_mudsc.calibrate.dataset_spec import DatasetSpec, missing_local_data
-from hf_mudsc.errors import CalibrationError, LoadError, RecipeError, option_hint, shown
+from hf_mudsc.errors import BIDI_CONTROLS, CalibrationError, LoadError, RecipeError, option_hint, shown
 from hf_mudsc.load.config_json import read_card
 from hf_mudsc.load.references import (
     TOKEN_FIX,
@@ -75,7 +75,6 @@ logger = logging.getLogger(__name__)
 SERVICE_KEYS = ("dry_run",)
 NAME_MAX = 255  # bytes in one folder name (Linux, macOS, Windows)
 CONTROLS = "control characters (newlines, tabs, escapes, direction overrides)"
-BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 # How a refusal tells the client a local path is not allowed: no server path but the one it sent (docs/design.md §11).
 # How the service tells a client that sent a token in a field where its token goes (the library's `TOKEN_FIX` is the
 # Python API's and the CLI's advice).
