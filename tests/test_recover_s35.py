@@ -19,6 +19,7 @@ from itertools import product
 import pytest
 import torch
 from factories import (
+    BERT,
     VIT,
     make_batches,
     make_model,
@@ -160,6 +161,43 @@ def test_units_constant_in_calibration_are_matched_to_their_twins(kind, method, 
 
 
 @pytest.mark.parametrize(("method", "matcher"), ACTIVATION_ONLY)
+def test_dead_relu_units_come_back(method, matcher):
+    """merge([A, perm(A)], method="zipit") for a ReLU BERT whose first 8 MLP units have bias -50 (exactly 0)."""
+    model = randomize(BertForSequenceClassification(BertConfig(**{**BERT, "hidden_act": "relu"}, num_labels=3)), 0)
+    with torch.no_grad():
+        for layer in model.bert.encoder.layer:
+            layer.intermediate.dense.bias[:8] = -50.0
+    permuted = permuted_copy(model, spec_for(model), seed=1)
+    assert recovers(model, [model, permuted], make_batches("bert_cls", num_batches=3), method, matcher,
+                    refit="none") < 1e-5
+
+
+def test_constant_units_of_one_value_correlate_1_in_both_finalizations():
+    """CorrelationAccumulator over units [varying, 0, 0, 0.7, 0.7, 0.3, varying]: Pearson left every constant unit
+    at 0 with its equal; now equal constants get 1, other pairs keep Pearson's value, and finalize() (a copy) equals
+    finalize_in_place() (the solve's) bit for bit."""
+    from hf_mudsc.calibrate.correlation import CorrelationAccumulator
+
+    generator = torch.Generator().manual_seed(0)
+    varying = torch.randn(40, 2, generator=generator)
+    constants = torch.tensor([0.0, 0.0, 0.7, 0.7, 0.3]).expand(40, 5)
+    samples = torch.cat([varying[:, :1], constants, varying[:, 1:]], dim=1)
+    accumulators = [CorrelationAccumulator(7), CorrelationAccumulator(7)]
+    for accumulator in accumulators:
+        accumulator.update(samples[:25])
+        accumulator.update(samples[25:])
+    copy_, in_place = accumulators[0].finalize(), accumulators[1].finalize_in_place()
+    assert torch.equal(copy_, in_place)
+    same = {(1, 2), (2, 1), (3, 4), (4, 3)}
+    for i, j in product(range(1, 6), range(1, 6)):
+        if i != j:
+            assert copy_[i, j] == (1.0 if (i, j) in same else 0.0), (i, j)
+    assert copy_[0, 1:6].abs().max() == 0 and copy_[6, 1:6].abs().max() == 0
+    expected = torch.corrcoef(varying.T.double())[0, 1]
+    assert copy_[0, 6] == pytest.approx(float(expected), abs=1e-12)
+
+
+@pytest.mark.parametrize(("method", "matcher"), ACTIVATION_ONLY)
 def test_three_parents_with_constant_units_come_back(method, matcher):
     """merge([A, perm(A), perm'(A)], method="zipit") with dead and constant MLP units."""
     model = with_constant_units("vit_cls")
@@ -168,7 +206,7 @@ def test_three_parents_with_constant_units_come_back(method, matcher):
 
 
 @pytest.mark.parametrize(("method", "matcher"), MATCHING)
-@pytest.mark.parametrize("kind", ["vit_cls", "bert_cls"])
+@pytest.mark.parametrize("kind", ["vit_cls", "bert_cls", "roberta_cls"])
 def test_a_single_calibration_example_still_recovers_the_permuted_copy(kind, method, matcher, caplog):
     """merge([A, perm(A)], [one example], method="activation_align", refit="none"): the groups read once per example
     (the residual stream at the first token, BERT's pooler) saw one row, every unit zero-variance, correlation 0
