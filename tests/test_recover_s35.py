@@ -288,3 +288,13 @@ def test_activations_overflowing_float32_are_refused_in_one_line(method, matcher
         hf_mudsc.merge([model, permuted], make_batches("vit_cls", num_batches=2), method=method, matcher=matcher,
                        progress=False)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("method", "matcher"), ACTIVATION_ONLY)
+def test_calibration_of_one_image_repeated_recovers(method, matcher):
+    """merge([A, perm(A)], [{"pixel_values": zeros(4, 1, 16, 16)}], method="zipit"): every example alike, so every
+    unit read once per example is constant; the twins' equal values are what tells them apart."""
+    model = make_model("vit_cls", seed=0)
+    permuted = permuted_copy(model, spec_for(model), seed=1)
+    batches = [{"pixel_values": torch.zeros(4, 1, 16, 16)}] * 2
+    assert recovers(model, [model, permuted], batches, method, matcher, refit="none") < 1e-5
