@@ -298,3 +298,25 @@ def test_calibration_of_one_image_repeated_recovers(method, matcher):
     permuted = permuted_copy(model, spec_for(model), seed=1)
     batches = [{"pixel_values": torch.zeros(4, 1, 16, 16)}] * 2
     assert recovers(model, [model, permuted], batches, method, matcher, refit="none") < 1e-5
+
+
+# The zip one: align's exact ties among constant units are broken otherwise than by the reference (pre-existing).
+@pytest.mark.parametrize(("method", "matcher"), [m for m in ACTIVATION_ONLY if m[1] == "zip"])
+def test_reference_compat_keeps_the_references_pearson_for_constant_units(method, matcher):
+    """merge([A, perm(A)], method="zipit", reference_compat=True) with constant MLP units equals the reference
+    implementation's merge (tests/reference_mudsc.py: constant units correlate 0 with everything there), while the
+    default matches them by value — so the two merges differ."""
+    import reference_mudsc as ref
+
+    model = with_constant_units("vit_cls")
+    permuted = permuted_copy(model, spec_for(model), seed=1)
+    batches = make_batches("vit_cls", num_batches=3)
+    expected = ref.reference_merge(model, permuted, batches, method=method, matcher=matcher).state_dict
+    options = dict(method=method, matcher=matcher, statistics_dtype="float64", refit="none", progress=False)
+    compat = hf_mudsc.merge([model, permuted], batches, reference_compat=True, **options)
+    params = {k: v.detach().double() for k, v in compat.named_parameters()}
+    assert params.keys() == expected.keys()
+    assert max(float((params[k] - v).abs().max()) for k, v in expected.items()) < 1e-6
+    default = hf_mudsc.merge([model, permuted], batches, **options)
+    assert relative_error(model_output(default, batches[0]), model_output(model, batches[0])) < 1e-5
+    assert relative_error(model_output(compat, batches[0]), model_output(model, batches[0])) > 1e-2

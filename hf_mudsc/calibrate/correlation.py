@@ -162,11 +162,11 @@ class CorrelationAccumulator:
         mean = self.total / self.count
         return self._symmetric() / self.count - torch.outer(mean, mean)
 
-    def finalize(self) -> torch.Tensor:
-        """The `(dim, dim)` Pearson correlation of everything seen."""
-        return pearson_from_covariance(self.covariance(), self.shift + self.total / self.count)
+    def finalize(self, *, constants: bool = True) -> torch.Tensor:
+        """The `(dim, dim)` Pearson correlation of everything seen (`constants`: with `match_constant_units`)."""
+        return pearson_from_covariance(self.covariance(), self.shift + self.total / self.count if constants else None)
 
-    def finalize_in_place(self, chunk_rows: int = 1024) -> torch.Tensor:
+    def finalize_in_place(self, chunk_rows: int = 1024, *, constants: bool = True) -> torch.Tensor:
         """`finalize()` computed inside the sums' own buffer, which it returns: the accumulator is used up.
 
         For the biggest groups the `(dim, dim)` sums are hundreds of MB; the plain formula makes three
@@ -182,7 +182,8 @@ class CorrelationAccumulator:
         for start in range(0, self.dim, chunk_rows):
             rows = covariance[start:start + chunk_rows]
             rows.div_(torch.outer(std[start:start + chunk_rows], std).clamp_min_(CLAMP))
-        match_constant_units(covariance, self.shift + mean, variance)
+        if constants:
+            match_constant_units(covariance, self.shift + mean, variance)
         self.outer = self.total = self.shift = None  # consumed: further use fails in _check_usable
         return covariance
 
@@ -211,12 +212,14 @@ class CorrelationAccumulator:
             self.shift = mean
 
 
-def correlations_from(accumulators: list[CorrelationAccumulator]) -> list[torch.Tensor]:
+def correlations_from(accumulators: list[CorrelationAccumulator], *, constants: bool = True) -> list[torch.Tensor]:
     """Every accumulator's Pearson correlation, finalized in place one group at a time (the list is emptied).
 
-    Peak memory stays at one copy of the statistics plus a few rows, whatever the number of groups.
+    Peak memory stays at one copy of the statistics plus a few rows, whatever the number of groups. `constants=False`
+    keeps plain Pearson for constant units (0 with everything: the reference implementation's, for
+    `reference_compat=True`) instead of `match_constant_units`.
     """
     correlations = []
     while accumulators:
-        correlations.append(accumulators.pop(0).finalize_in_place())
+        correlations.append(accumulators.pop(0).finalize_in_place(constants=constants))
     return correlations
