@@ -320,3 +320,42 @@ def test_reference_compat_keeps_the_references_pearson_for_constant_units(method
     default = hf_mudsc.merge([model, permuted], batches, **options)
     assert relative_error(model_output(default, batches[0]), model_output(model, batches[0])) < 1e-5
     assert relative_error(model_output(compat, batches[0]), model_output(model, batches[0])) > 1e-2
+
+
+def pruned(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` (a ViT) with its first 6 MLP units per block pruned: fc1 row, bias and fc2 column zero."""
+    with torch.no_grad():
+        for layer in model.vit.layers:
+            layer.mlp.fc1.weight[:6] = 0.0
+            layer.mlp.fc1.bias[:6] = 0.0
+            layer.mlp.fc2.weight[:, :6] = 0.0
+    return model
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.9])
+@pytest.mark.parametrize("parents", [2, 3])
+def test_pruned_units_are_matched_by_weight_too(alpha, parents):
+    """merge([A, perm(A)], method="mudsc", matcher="zip", alpha=1) where 6 MLP units per block are pruned (fc1 row,
+    bias and fc2 column zero): their weight rows are constant, so weight Pearson gave them 0 with their (identical)
+    twins and zip fused live twin pairs instead (err 0.39; 0.018 at alpha 0.9)."""
+    model = pruned(make_model("vit_cls", seed=0))
+    copies = [permuted_copy(model, spec_for(model), seed=s) for s in range(1, parents)]
+    assert recovers(model, [model, *copies], make_batches("vit_cls", num_batches=3), "mudsc", "zip", alpha=alpha,
+                    refit="none") < 1e-5
+
+
+def test_reference_compat_keeps_the_references_weight_pearson_for_pruned_units():
+    """merge([A, perm(A)], method="mudsc", matcher="zip", alpha=1, reference_compat=True) with pruned units equals
+    the reference implementation's merge (its weight Pearson: 0 for constant rows), not the default's."""
+    import reference_mudsc as ref
+
+    model = pruned(make_model("vit_cls", seed=0))
+    permuted = permuted_copy(model, spec_for(model), seed=1)
+    batches = make_batches("vit_cls", num_batches=3)
+    expected = ref.reference_merge(model, permuted, batches, method="mudsc", matcher="zip", alpha=1.0).state_dict
+    options = dict(method="mudsc", matcher="zip", alpha=1.0, statistics_dtype="float64", refit="none", progress=False)
+    compat = hf_mudsc.merge([model, permuted], batches, reference_compat=True, **options)
+    params = {k: v.detach().double() for k, v in compat.named_parameters()}
+    assert max(float((params[k] - v).abs().max()) for k, v in expected.items()) < 1e-6
+    default = hf_mudsc.merge([model, permuted], batches, **options)
+    assert relative_error(model_output(default, batches[0]), model_output(model, batches[0])) < 1e-5
