@@ -730,7 +730,8 @@ def merge(
                           else f"{merge_method.name}'s statistics", held_out=held_out is not None)
         if held_out is None:  # else the held-out rows are counted once the search has read them
             short_said = short_said or _warn_short(num_samples, report.num_samples)
-        correlations = correlations_from(accumulators)
+        # reference_compat reproduces the reference's statistics: constant units keep Pearson's 0 there.
+        correlations = correlations_from(accumulators, constants=not reference_compat)
     batches = calibration_batches if needs_data else None
     reference_rows = (reference_compat and spec.classifier is not None and count == 2
                       and params[0][spec.classifier.weight].shape == params[1][spec.classifier.weight].shape)
@@ -1195,7 +1196,8 @@ def _pair_in_place(checker: MergeMethod, models: Sequence[PreTrainedModel],
     examples = accumulators[0].examples or accumulators[0].count
     context = MethodContext(
         spec=spec, solve_spec=solve_spec(spec, concatenate), parents=list(params), base=None, models=list(models),
-        batches=None, correlations=correlations_from(accumulators), concatenate_classifier=concatenate,
+        batches=None, correlations=correlations_from(accumulators, constants=not options.reference_compat),
+        concatenate_classifier=concatenate,
         options=dataclasses.replace(options, weights=[1.0, 1.0]), device=str(device), progress=progress)
     return share_in_place(checker.merge_parameters(context).matches), examples
 

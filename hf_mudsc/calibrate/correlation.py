@@ -10,12 +10,42 @@ import torch
 from hf_mudsc.blas import add_upper, mirror_upper, syrk_upper
 
 CLAMP = 1e-7
+#: A unit whose standard deviation over the calibration samples is at most this (times max(1, |mean|)) is constant
+#: there: a dead ReLU/GELU unit (exactly 0), a unit whose input row is zero (its bias's activation), or any unit of
+#: a group that saw one sample. Pearson correlation is undefined for it (0 after the clamp).
+CONSTANT_STD = 1e-12
+#: Two constant units are the same unit on the calibration data when their values agree to this share of the largest
+#: constant's magnitude (float32 forward passes of one function in two unit orders differ in the last bits).
+CONSTANT_MATCH = 1e-5
 
 
-def pearson_from_covariance(covariance: torch.Tensor) -> torch.Tensor:
-    """Pearson correlation `Cov / clamp(σσᵀ, 1e-7)`; zero-variance units get zero rows and columns."""
+def match_constant_units(correlation: torch.Tensor, mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+    """Give two constant units (`CONSTANT_STD`) of equal value (`CONSTANT_MATCH`) similarity 1, in place.
+
+    Pearson gives a constant unit 0 with every unit, its twin in the other parent included: align then paired a dead
+    unit with a constant one (their biases averaged, the constant lost) and zip left dead units unfused and fused
+    two live twin pairs into one cluster instead; a group read once per example matched at random on one example.
+    Equal constants are interchangeable on the data, so they are as similar as units get; a constant unit and a
+    varying one stay at 0. Only constant units change, so every other merge keeps its numbers."""
+    std = variance.clamp_min(0).sqrt()
+    constant = torch.nonzero(std <= CONSTANT_STD * mean.abs().clamp_min(1.0)).flatten()
+    if constant.numel() < 2:
+        return correlation
+    values = mean[constant]
+    same = (values[:, None] - values[None, :]).abs() <= CONSTANT_MATCH * float(values.abs().max().clamp_min(1.0))
+    block = correlation[constant[:, None], constant[None, :]]
+    correlation[constant[:, None], constant[None, :]] = torch.where(same, torch.ones_like(block), block)
+    return correlation
+
+
+def pearson_from_covariance(covariance: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
+    """Pearson correlation `Cov / clamp(σσᵀ, 1e-7)`; zero-variance units get zero rows and columns, except that, given
+    the units' `mean`, two constant units of one value get 1 (`match_constant_units`)."""
     std = covariance.diagonal().clamp_min(0).sqrt()
-    return covariance / torch.outer(std, std).clamp_min(CLAMP)
+    correlation = covariance / torch.outer(std, std).clamp_min(CLAMP)
+    if mean is not None:
+        match_constant_units(correlation, mean, covariance.diagonal())
+    return correlation
 
 
 def column_sums(x: torch.Tensor) -> torch.Tensor:
@@ -132,11 +162,11 @@ class CorrelationAccumulator:
         mean = self.total / self.count
         return self._symmetric() / self.count - torch.outer(mean, mean)
 
-    def finalize(self) -> torch.Tensor:
-        """The `(dim, dim)` Pearson correlation of everything seen."""
-        return pearson_from_covariance(self.covariance())
+    def finalize(self, *, constants: bool = True) -> torch.Tensor:
+        """The `(dim, dim)` Pearson correlation of everything seen (`constants`: with `match_constant_units`)."""
+        return pearson_from_covariance(self.covariance(), self.shift + self.total / self.count if constants else None)
 
-    def finalize_in_place(self, chunk_rows: int = 1024) -> torch.Tensor:
+    def finalize_in_place(self, chunk_rows: int = 1024, *, constants: bool = True) -> torch.Tensor:
         """`finalize()` computed inside the sums' own buffer, which it returns: the accumulator is used up.
 
         For the biggest groups the `(dim, dim)` sums are hundreds of MB; the plain formula makes three
@@ -147,10 +177,13 @@ class CorrelationAccumulator:
             raise ValueError("no calibration samples reached this accumulator")
         mean = self.total / self.count
         covariance = self._symmetric().div_(self.count).addr_(mean, mean, alpha=-1)
-        std = covariance.diagonal().clamp_min(0).sqrt()
+        variance = covariance.diagonal().clone()
+        std = variance.clamp_min(0).sqrt()
         for start in range(0, self.dim, chunk_rows):
             rows = covariance[start:start + chunk_rows]
             rows.div_(torch.outer(std[start:start + chunk_rows], std).clamp_min_(CLAMP))
+        if constants:
+            match_constant_units(covariance, self.shift + mean, variance)
         self.outer = self.total = self.shift = None  # consumed: further use fails in _check_usable
         return covariance
 
@@ -179,12 +212,14 @@ class CorrelationAccumulator:
             self.shift = mean
 
 
-def correlations_from(accumulators: list[CorrelationAccumulator]) -> list[torch.Tensor]:
+def correlations_from(accumulators: list[CorrelationAccumulator], *, constants: bool = True) -> list[torch.Tensor]:
     """Every accumulator's Pearson correlation, finalized in place one group at a time (the list is emptied).
 
-    Peak memory stays at one copy of the statistics plus a few rows, whatever the number of groups.
+    Peak memory stays at one copy of the statistics plus a few rows, whatever the number of groups. `constants=False`
+    keeps plain Pearson for constant units (0 with everything: the reference implementation's, for
+    `reference_compat=True`) instead of `match_constant_units`.
     """
     correlations = []
     while accumulators:
-        correlations.append(accumulators.pop(0).finalize_in_place())
+        correlations.append(accumulators.pop(0).finalize_in_place(constants=constants))
     return correlations

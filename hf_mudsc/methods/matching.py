@@ -139,6 +139,7 @@ class UnitMatchingMethod(MergeMethod):
             seed=given.seed,
             device=context.device,
             extra_starts=() if shortcut else starts,
+            constant_units=not given.reference_compat,
         )
         parents = list(context.parents)
         more = {"others": parents[2:]} if len(parents) > 2 else {}  # two parents: the two-parent call as before

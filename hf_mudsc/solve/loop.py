@@ -167,6 +167,9 @@ class SolveOptions:
     extra_starts: tuple[str, ...] = ()
     # Where the weight-similarity Gram products run ("cpu", "cuda:0", ...); matching itself is on the CPU.
     device: str = "cpu"
+    # Constant weight rows of one value (pruned units) get similarity 1 (`similarity.WeightCorrelation`); False:
+    # plain Pearson, the reference's (`reference_compat=True`).
+    constant_units: bool = True
 
 
 @dataclass
@@ -298,12 +301,12 @@ class Solver:
                        weight_cache_bytes([group.width for group in spec.groups], 2 + len(others)))
             if cache.weight_correlation is None:
                 cache.weight_correlation = WeightCorrelation(spec, params_a, params_b, device=options.device,
-                                                             others=others)
+                                                             others=others, constants=options.constant_units)
             self.weight_correlation = cache.weight_correlation
             self.weight_cache = cache.weight_correlations
         else:
             self.weight_correlation = WeightCorrelation(spec, params_a, params_b, device=options.device,
-                                                        others=others)
+                                                        others=others, constants=options.constant_units)
             # One solve alone keeps none: its starts meet few neighbourhoods twice (on MiniLM 28 of 100 weight
             # correlations, 5 CPU s, for ~0.7 GB kept); the α search's solves meet most of them again.
             self.weight_cache = WeightCorrelationCache(0)

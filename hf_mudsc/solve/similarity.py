@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 
 from hf_mudsc.blas import can_syrk, mirror_upper, syrk_upper
-from hf_mudsc.calibrate.correlation import CLAMP
+from hf_mudsc.calibrate.correlation import CLAMP, match_constant_units
 from hf_mudsc.solve.maps import GroupMaps
 from hf_mudsc.spec import Member, PermutationSpec
 
@@ -131,13 +131,14 @@ class _Moments:
         total.add_moments(other)
         return total
 
-    def correlation(self, *, consume: bool = False) -> torch.Tensor:
+    def correlation(self, *, consume: bool = False, constants: bool = True) -> torch.Tensor:
         """Pearson correlation of the rows: a fresh matrix, or with `consume` the Gram's own buffer (the moments
         are used up) and no `(2n, 2n)` temporary — `_CORRELATION_ROWS` rows of `μμᵀ` and `σσᵀ` at a time.
 
         Both ways compute every entry with the same operations, so the results are bitwise equal; the solve
         consumes (a visit of a MiniLM MLP group otherwise makes three 75 MB temporaries, which also fragment
-        the heap between the solve's starts)."""
+        the heap between the solve's starts). `constants`: constant rows of one value (pruned units: every weight
+        zero) get 1, as `calibrate.correlation.match_constant_units` does for activations."""
         size = self.models * self.width
         mean = self.sums / self.columns
         cov = self.gram.div_(self.columns) if consume else self.gram / self.columns
@@ -146,10 +147,13 @@ class _Moments:
         mirror_upper(cov)
         for start in range(0, size, _CORRELATION_ROWS):
             cov[start:start + _CORRELATION_ROWS] -= torch.outer(mean[start:start + _CORRELATION_ROWS], mean)
-        std = cov.diagonal().clamp_min(0).sqrt()
+        variance = cov.diagonal().clone()
+        std = variance.clamp_min(0).sqrt()
         for start in range(0, size, _CORRELATION_ROWS):
             rows = cov[start:start + _CORRELATION_ROWS]
             rows.div_(torch.outer(std[start:start + _CORRELATION_ROWS], std).clamp_min_(CLAMP))
+        if constants:
+            match_constant_units(cov, mean, variance)
         return cov
 
 
@@ -174,8 +178,11 @@ class WeightCorrelation:
         cache_constant: bool = True,
         device: torch.device | str | None = None,
         others: Sequence[Mapping[str, torch.Tensor]] = (),
+        constants: bool = True,
     ) -> None:
-        """`others`: parents after the first two (N > 2: `Z = [Z_0; Z_1; ...]`, an `(N·n, N·n)` correlation)."""
+        """`others`: parents after the first two (N > 2: `Z = [Z_0; Z_1; ...]`, an `(N·n, N·n)` correlation);
+        `constants=False`: plain Pearson for constant rows (the reference's, `reference_compat=True`)."""
+        self.constants = constants
         self.spec = spec
         self.params = (params_a, params_b, *others)
         self.cache_constant = cache_constant
@@ -249,7 +256,7 @@ class WeightCorrelation:
         self._accumulate(moments, group_index, varying, maps, extra=columns)
         if fixed is not None:
             moments.add_moments(fixed)
-        return moments.correlation(consume=True).cpu()
+        return moments.correlation(consume=True, constants=self.constants).cpu()
 
 
 def weight_correlation(
