@@ -84,3 +84,42 @@ def test_an_empty_path_argument_is_refused_not_read_as_the_current_folder(argv, 
     assert code == 2 and len(errors) == 1, lines
     assert "is empty" in errors[0] and "unset shell variable" in errors[0], errors
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_malformed_merge_record_is_refused_before_the_evaluation_not_after_it(tmp_path, capsys):
+    """hf-mudsc evaluate DIR (no README.md, a recipe; config.json's mudsc record holding `size_budget: "x"`) scored
+    every task and the parents, then ended in a TypeError traceback while rendering the card."""
+    import json
+    import shutil
+
+    import datasets
+    import numpy as np
+    from factories import vit_cli_case
+    from PIL import Image
+
+    from hf_mudsc.cli.main import main
+
+    parents, calibration = vit_cli_case(tmp_path)
+    folder = tmp_path / "merged"
+    assert main(["merge", *parents, "--calibration", calibration, "--output", str(folder), "-q"]) == 0
+    (folder / "README.md").unlink()
+    config = json.loads((folder / "config.json").read_text())
+    config["mudsc"]["size_budget"] = "x"
+    (folder / "config.json").write_text(json.dumps(config))
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L") for _ in range(6)]
+    data = datasets.Dataset.from_dict({"image": images, "label": [0, 1, 2, 0, 1, 2]})
+    data.cast_column("image", datasets.Image()).save_to_disk(tmp_path / "eval")
+    tasks = list(config.get("task_label_ranges") or {})
+    before = sorted(p.name for p in folder.iterdir())
+    capsys.readouterr()
+    flags = ([f for task in tasks for f in ("--dataset", f"{task}={tmp_path / 'eval'}")]
+             or ["--dataset", str(tmp_path / "eval")])
+    code = main(["evaluate", str(folder), *flags])
+    captured = capsys.readouterr()
+    assert code != 0
+    errors = [line for line in captured.err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "merge record" in errors[0] and "--no-card" in errors[0], captured.err
+    assert "accuracy" not in captured.out, captured.out  # refused before any scoring
+    assert sorted(p.name for p in folder.iterdir()) == before
+    shutil.rmtree(tmp_path / "eval")

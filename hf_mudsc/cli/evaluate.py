@@ -376,6 +376,27 @@ def card_with_results(folder: Path, model: Any, result: Any, *, chart: Any = Non
     return None
 
 
+def check_card_renders(folder: Path, model: Any) -> None:
+    """A folder with a recipe and no card gets one rendered from its merge record (`config.json`'s `mudsc`) after the
+    scores: a record that does not read (a hand-edited or hostile `size_budget: "x"`) is refused now, before minutes
+    of scoring, not as a traceback after them."""
+    if (folder / CARD_FILENAME).is_file():
+        return
+    from hf_mudsc.publish.card import render_card
+    from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe
+
+    if not (folder / RECIPE_FILENAME).is_file():
+        return
+    recipe = Recipe.load(folder / RECIPE_FILENAME)
+    try:
+        render_card(model, recipe, eval_results=[], model_name=folder.resolve().name)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as error:
+        raise UsageError(
+            f"cannot write a model card for {str(folder)!r}: its config.json's merge record (`mudsc`) does not read "
+            f"({type(error).__name__}: {error}); re-create the folder with hf-mudsc merge, or pass "
+            "--no-card (with --output-json PATH to keep the results)") from None
+
+
 def retitled_plot(card: str, link: str, title: str, caption: str) -> str:
     """The card's text with the Diagnostics lines of the plot at `link` (`**Title** — caption.` and its image's alt
     text) saying `title` and `caption`; a card without that plot is returned as it is."""
@@ -710,6 +731,8 @@ def run(args: argparse.Namespace) -> int:
         merged = load_parent(args.model, token=token, allow_pickle=allow_pickle)
     except LoadError as error:
         raise ValueError(f"cannot load the merged model {args.model!r}: {error}") from error
+    if local and not args.no_card:
+        check_card_renders(folder, merged.model)
     if datasets_per_task is None:
         ranges = {task: list(bounds) for task, bounds in task_ranges(merged.model.config).items()} or None
         datasets_per_task = _datasets(args, list(ranges or {}), ranges,  # tasks in parent order
