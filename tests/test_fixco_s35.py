@@ -51,3 +51,38 @@ def test_an_hf_mudsc_record_without_keep_lines_stays_one_line():
     record = logging.LogRecord("hf_mudsc.x", logging.INFO, __file__, 1, "label %s", ("cat\nERROR forged",), None)
     EscapedControls().filter(record)
     assert record.getMessage() == "label cat\\nERROR forged"
+
+
+def test_an_adapters_list_of_spec_problems_prints_as_a_list_and_a_name_with_a_line_break_stays_escaped(
+        monkeypatch, capsys):
+    """`hf-mudsc merge`, an adapter spec misfitting: "does not fit the model:\\n  - group ..." printed on one line."""
+    from hf_mudsc.cli import inspect as inspect_command
+    from hf_mudsc.cli.main import main
+    from hf_mudsc.errors import SpecError
+
+    forged = "x.\nERROR forged"  # a parameter name, repr'd by the spec as every name is
+    problems = ("group 'mlp': no parameter 'fc1.weight'", f"parameter {forged!r} is in no group")
+
+    def refuse(args: object) -> int:
+        raise SpecError("the vit permutation spec does not fit the model:\n  - " + "\n  - ".join(problems),
+                        problems=problems)
+
+    monkeypatch.setattr(inspect_command, "run", refuse)
+    assert main(["inspect", "some-folder"]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["hf-mudsc inspect: error: the vit permutation spec does not fit the model:",
+                     "  - group 'mlp': no parameter 'fc1.weight'",
+                     "  - parameter 'x.\\nERROR forged' is in no group"], lines
+
+
+def test_an_error_naming_a_value_with_a_line_break_unquoted_stays_one_line(monkeypatch, capsys):
+    """`hf-mudsc inspect` failing on a label "cat\\nERROR forged" named in its message must not forge a line."""
+    from hf_mudsc.cli import inspect as inspect_command
+    from hf_mudsc.cli.main import main
+
+    def refuse(args: object) -> int:
+        raise ValueError("label cat\nERROR forged is unknown")
+
+    monkeypatch.setattr(inspect_command, "run", refuse)
+    assert main(["inspect", "some-folder"]) == 1
+    assert capsys.readouterr().err.splitlines() == ["hf-mudsc inspect: error: label cat\\nERROR forged is unknown"]

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 from hf_mudsc._version import __version__
-from hf_mudsc.errors import PushInterrupted, UsageError, brief, escaped
+from hf_mudsc.errors import PushInterrupted, SpecError, UsageError, brief, escaped
 from hf_mudsc.load.references import EscapedControls, HiddenCredentials, clean_token, hide_tokens
 from hf_mudsc.options import closest_names
 
@@ -423,6 +423,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return TERMINATED_EXIT if terminated else INTERRUPTED_EXIT
 
 
+def error_text(error: BaseException) -> str:
+    """How the CLI prints an error it ends in: tokens hidden, control characters escaped so a name from a config
+    cannot act on the terminal or forge a line; a `SpecError` keeps its own line breaks (its list of problems, one a
+    line, each name in it repr'd so a line break inside a name stays escaped)."""
+    return escaped(hide_tokens(str(error)), keep="\n" if isinstance(error, SpecError) else "")
+
+
 def run_command(argv: list[str]) -> int:
     """Parse `argv` and run its command, turning the errors a user can fix into one line and an exit code."""
     parser = build_parser(available=[command] if (command := command_in(argv)) else [], secrets=secret_values(argv))
@@ -449,12 +456,12 @@ def run_command(argv: list[str]) -> int:
         return int(args._run(args) or 0)
     except UsageError as error:  # an invalid command line: argparse's exit code
         logging.getLogger("hf_mudsc").debug("command refused", exc_info=True)
-        print(f"hf-mudsc {args.command}: error: {escaped(hide_tokens(str(error)))}", file=sys.stderr)
+        print(f"hf-mudsc {args.command}: error: {error_text(error)}", file=sys.stderr)
         return 2
     except (ValueError, FileExistsError, FileNotFoundError, PermissionError) as error:
         logging.getLogger("hf_mudsc").debug("command failed", exc_info=True)
         # A token the user gave in place of a path or name (`inspect $HF_TOKEN`) is not shown back.
-        print(f"hf-mudsc {args.command}: error: {escaped(hide_tokens(str(error)))}", file=sys.stderr)
+        print(f"hf-mudsc {args.command}: error: {error_text(error)}", file=sys.stderr)
         return 1
     except (MemoryError, RuntimeError) as error:
         if not isinstance(error, MemoryError) and not OUT_OF_MEMORY.search(str(error)):
