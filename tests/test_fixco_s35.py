@@ -86,3 +86,56 @@ def test_an_error_naming_a_value_with_a_line_break_unquoted_stays_one_line(monke
     monkeypatch.setattr(inspect_command, "run", refuse)
     assert main(["inspect", "some-folder"]) == 1
     assert capsys.readouterr().err.splitlines() == ["hf-mudsc inspect: error: label cat\\nERROR forged is unknown"]
+
+
+def merged_folder_files(tmp_path):
+    """A folder holding what a merge writes beside the weights: config.json and eval_results.json."""
+    import json
+
+    folder = tmp_path / "merged"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["ViTForImageClassification"], "model_type": "vit", "hidden_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "intermediate_size": 64, "image_size": 32, "patch_size": 8, "num_labels": 3,
+        "torch_dtype": "float32", "seed": 0, "mudsc": {"method": "x"}}))
+    (folder / "eval_results.json").write_text(json.dumps({"metrics": ["accuracy"], "tasks": ["t"], "scores": {}}))
+    return folder
+
+
+def test_inspect_given_a_merged_folders_config_json_names_the_folder_to_pass_not_a_recipes_unknown_keys(
+        tmp_path, capsys):
+    """`hf-mudsc inspect DIR/config.json` said "recipe ... has unknown key(s) [...] (did you mean ...)"."""
+    from hf_mudsc.cli.main import main
+
+    folder = merged_folder_files(tmp_path)
+    for name in ("config.json", "eval_results.json"):
+        assert main(["inspect", str(folder / name)]) == 1
+        err = capsys.readouterr().err
+        assert "neither a merged-model folder nor a recipe file" in err, err
+        assert f"hf-mudsc inspect {folder}" in err and "unknown key" not in err and "did you mean" not in err, err
+
+
+def test_a_json_recipe_is_still_inspected_as_a_recipe(tmp_path, capsys):
+    """`hf-mudsc inspect r.json` holding {"models": [...], "alpah": 0.3}: still the recipe's refusal, with its hint."""
+    from hf_mudsc.cli.main import main
+
+    recipe = tmp_path / "r.json"
+    recipe.write_text('{"models": ["a/b", "c/d"], "alpah": 0.3}')
+    assert main(["inspect", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key(s) ['alpah'] (did you mean `alpha`?)" in err, err
+
+
+def test_a_mapping_of_mostly_unknown_keys_gets_no_did_you_mean():
+    """`hf-mudsc merge --recipe DIR/config.json`: "unknown key(s) [...] (did you mean: `seeds` -> `seed`, ...?)"."""
+    import pytest
+
+    from hf_mudsc.errors import RecipeError
+    from hf_mudsc.publish.recipe import Recipe
+
+    with pytest.raises(RecipeError) as refused:
+        Recipe.from_dict({"model_type": "vit", "seeds": 1, "architectures": [], "hidden_size": 3, "alpha": 0.5})
+    assert "unknown key(s)" in str(refused.value) and "did you mean" not in str(refused.value), refused.value
+    with pytest.raises(RecipeError) as typo:
+        Recipe.from_dict({"models": ["a", "b"], "alpah": 0.5, "sed": 1, "alpha": 0.4, "seed": 3})
+    assert "did you mean: `alpah` -> `alpha`, `sed` -> `seed`?" in str(typo.value), typo.value

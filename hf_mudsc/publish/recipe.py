@@ -159,8 +159,8 @@ class Recipe(MergeOptions):
                            newer, __version__)
         if unknown:
             valid = [k for k in cls.keys() if k not in cls.command_line_only()]
-            raise RecipeError(f"{source} has unknown key(s) {shown(unknown)}{closest_names(unknown, valid)}; valid "
-                              f"keys are: {', '.join(valid)}")
+            hint = closest_names(unknown, valid, len(data))
+            raise RecipeError(f"{source} has unknown key(s) {shown(unknown)}{hint}; valid keys are: {', '.join(valid)}")
         for key, how in cls.command_line_only().items():
             if key not in data:
                 continue
