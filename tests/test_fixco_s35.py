@@ -139,3 +139,19 @@ def test_a_mapping_of_mostly_unknown_keys_gets_no_did_you_mean():
     with pytest.raises(RecipeError) as typo:
         Recipe.from_dict({"models": ["a", "b"], "alpah": 0.5, "sed": 1, "alpha": 0.4, "seed": 3})
     assert "did you mean: `alpah` -> `alpha`, `sed` -> `seed`?" in str(typo.value), typo.value
+
+
+def test_an_unknown_flags_value_is_not_blamed_as_a_stray_model(tmp_path, capsys):
+    """`hf-mudsc merge A B -o x --frobnicate 3` said "a MODEL given apart from the others is not read"."""
+    import pytest
+
+    from hf_mudsc.cli.main import main
+
+    with pytest.raises(SystemExit) as ended:
+        main(["merge", "org/a", "org/b", "-o", str(tmp_path / "x"), "--frobnicate", "3"])
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and "unrecognized arguments: --frobnicate 3" in err, err
+    assert "apart from the others" not in err, err
+    with pytest.raises(SystemExit):  # a MODEL given apart, no unknown flag: the hint stays
+        main(["merge", "org/a", "--alpha", "0.3", "org/b", "-o", str(tmp_path / "x")])
+    assert "a MODEL given apart from the others is not read" in capsys.readouterr().err

@@ -273,7 +273,9 @@ class Parser(argparse.ArgumentParser):
                       f"{closest.replace('`', '')}\n")
         listed = [action for action in self._actions if not action.option_strings and action.nargs in ("*", "+")]
         stray = [extra for extra in extras if not extra.startswith("-")]
-        if listed and stray:  # `merge org/a --alpha 0.3 org/b`: argparse reads one run of MODELs, then "unrecognized"
+        # `merge org/a --alpha 0.3 org/b`: argparse reads one run of MODELs, then "unrecognized". Beside an unknown
+        # flag, a stray word is that flag's value (`--frobnicate 3`): argparse's own line says so.
+        if listed and stray and not unknown:
             name = listed[0].metavar or listed[0].dest
             self.exit(2, f"{self.prog}: error: {redact(f'unrecognized arguments: {shlex.join(extras)}', self.secrets)}"
                       f"; a {name} given apart from the others is not read: give every {name} together, before "
