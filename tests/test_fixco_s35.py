@@ -155,3 +155,33 @@ def test_an_unknown_flags_value_is_not_blamed_as_a_stray_model(tmp_path, capsys)
     with pytest.raises(SystemExit):  # a MODEL given apart, no unknown flag: the hint stays
         main(["merge", "org/a", "--alpha", "0.3", "org/b", "-o", str(tmp_path / "x")])
     assert "a MODEL given apart from the others is not read" in capsys.readouterr().err
+
+
+def test_a_key_given_twice_is_refused_in_one_wording_in_json_and_yaml(tmp_path):
+    """r.json {"alpha": 0.3, "alpha": 0.7}: "'r.json' is not valid JSON: key ...", worded unlike r.yaml's refusal."""
+    import pytest
+
+    from hf_mudsc.errors import RecipeError
+    from hf_mudsc.publish.recipe import Recipe
+
+    said = {}
+    for name, text in (("r.json", '{\n\t"models": ["a", "b"],\n\t"alpha": 0.3,\n\t"alpha": 0.7\n}\n'),
+                       ("r.yaml", "models: [a, b]\nalpha: 0.3\nalpha: 0.7\n")):
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(RecipeError) as refused:
+            Recipe.load(path)
+        said[name] = str(refused.value)
+    assert said["r.json"] == f"{str(tmp_path / 'r.json')!r}: key 'alpha' is given twice; give each key once"
+    assert said["r.yaml"] == (f"{str(tmp_path / 'r.yaml')!r}: key 'alpha' is given twice (line 3, column 1); give "
+                              "each key once")
+
+
+def test_a_json_recipe_starting_with_a_byte_order_mark_is_read(tmp_path):
+    """r.json saved by Notepad (UTF-8 BOM) and indented with tabs: "not valid YAML: found character '\\t'"."""
+    from hf_mudsc.publish.recipe import Recipe
+
+    path = tmp_path / "r.json"
+    path.write_bytes(b'\xef\xbb\xbf{\n\t"models": ["org/a", "org/b"],\n\t"alpha": 0.25\n}\n')
+    recipe = Recipe.load(path)
+    assert recipe.models == ["org/a", "org/b"] and recipe.alpha == 0.25
