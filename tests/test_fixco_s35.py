@@ -185,3 +185,23 @@ def test_a_json_recipe_starting_with_a_byte_order_mark_is_read(tmp_path):
     path.write_bytes(b'\xef\xbb\xbf{\n\t"models": ["org/a", "org/b"],\n\t"alpha": 0.25\n}\n')
     recipe = Recipe.load(path)
     assert recipe.models == ["org/a", "org/b"] and recipe.alpha == 0.25
+
+
+def test_two_long_merged_model_names_alike_but_in_the_middle_stay_distinct_in_the_chart():
+    """evaluate `vit-cars-pets-seed1-mudsc-final` and `...seed2...`: the chart drew both `vit-cars-pe…-mudsc-final`."""
+    from hf_mudsc.evaluate.results import EvaluationResult
+    from hf_mudsc.publish.plots import accuracy_figure, drawn_names
+
+    merged = ["vit-cars-pets-seed1-mudsc-final", "vit-cars-pets-seed2-mudsc-final", "ab" * 40 + "1", "ab" * 40 + "2"]
+    tasks = {name: {"dataset": "org/d", "split": "test"} for name in ("cars-and-pets-test-split-one",
+                                                                      "cars-and-pets-test-split-two")}
+    scores = {**{name: {task: {"accuracy": 0.5} for task in tasks} for name in merged},
+              "parent_a": {task: {"accuracy": 0.9} for task in tasks}}
+    axes = accuracy_figure(EvaluationResult(metrics=["accuracy"], tasks=tasks, scores=scores,
+                                            merged=merged).to_dict()).axes[0]
+    legend = [text.get_text() for text in axes.get_legend().get_texts()]
+    ticks = [label.get_text() for label in axes.get_xticklabels()]
+    assert len(set(legend)) == len(legend) == 5 and len(set(ticks)) == len(ticks), (legend, ticks)
+    assert max(map(len, legend + ticks)) <= 60, (legend, ticks)  # still cut: a long name cannot push the axes out
+    assert drawn_names(["short", "vit-cars-pets-seed9-mudsc-final-and-more"]) == [
+        "short", "vit-cars-pe…nal-and-more"]  # a cut name that collides with none keeps the usual cut
