@@ -205,3 +205,21 @@ def test_two_long_merged_model_names_alike_but_in_the_middle_stay_distinct_in_th
     assert max(map(len, legend + ticks)) <= 60, (legend, ticks)  # still cut: a long name cannot push the axes out
     assert drawn_names(["short", "vit-cars-pets-seed9-mudsc-final-and-more"]) == [
         "short", "vit-cars-pe…nal-and-more"]  # a cut name that collides with none keeps the usual cut
+
+
+def test_the_recipe_override_line_writes_the_files_values_as_yaml(tmp_path, monkeypatch, caplog):
+    """merge --recipe r.yaml (independent_heads: true) --no-independent-heads logged "over independent_heads: True"."""
+    from hf_mudsc.cli.main import build_parser
+    from hf_mudsc.cli.merge import build_recipe
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yaml").write_text("models: [org/a, org/b]\nindependent_heads: true\nalpha: 0.3\nmethod: mudsc\n"
+                                     "calibration: org/ds:train\nnum_samples: null\n")
+    args = build_parser(available=["merge"]).parse_args(
+        ["merge", "--recipe", "r.yaml", "--no-independent-heads", "--alpha", "0.5", "--num-samples", "64",
+         "--dry-run"])
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        build_recipe(args)
+    said = [r.getMessage() for r in caplog.records if "overrid" in r.getMessage()]
+    assert len(said) == 1 and "--no-independent-heads over independent_heads: true;" in said[0], said
+    assert "alpha: 0.3" in said[0] and "num_samples: null" in said[0] and "True" not in said[0], said

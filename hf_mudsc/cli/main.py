@@ -232,7 +232,8 @@ def given_once(action_class: type[argparse.Action]) -> type[argparse.Action]:
 
 def repeated_flag_line(action: argparse.Action, first: str | None, second: str | None) -> str:
     """`--alpha is given twice; give it once` — the flag by its long name (`-o` -> `--output`), how each was spelled
-    when they differ (an abbreviation, `--no-x`), never the values (one may be a token)."""
+    when they differ (`-o` and `--output`, `--x` and `--no-x`; argparse hands an abbreviation, `--alp`, over as the
+    flag's full name, so it is never shown), never the values (one may be a token)."""
     names = action.option_strings
     if isinstance(action, argparse.BooleanOptionalAction):
         name = "/".join(names[:2])

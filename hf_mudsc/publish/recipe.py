@@ -733,6 +733,13 @@ def _yaml_scalar(value: str) -> str:
     return item.removeprefix("- ").removesuffix("\n")  # a block sequence's item: quoted as a block value would be
 
 
+def yaml_value(value: Any) -> str:
+    """`value` on one line as the recipe file writes it (`RecipeDumper`, flow style): `true`, `null`, `[a, b]`, so a
+    line naming a key's value from the file shows it as the file does, not as Python prints it (`True`, `None`)."""
+    text = yaml.dump(value, Dumper=RecipeDumper, default_flow_style=True, width=float("inf"), allow_unicode=True)
+    return text.removesuffix("\n").removesuffix("\n...").strip()
+
+
 def _expect_str(key: str, value: Any, source: str) -> str:
     if not isinstance(value, str) or not value:
         raise RecipeError(f"{source}: every entry of `{key}` must be a non-empty string, got {shown(value)}; quote "
