@@ -108,7 +108,10 @@ def test_inspect_given_a_merged_folders_config_json_names_the_folder_to_pass_not
     from hf_mudsc.cli.main import main
 
     folder = merged_folder_files(tmp_path)
-    for name in ("config.json", "eval_results.json"):
+    (folder / "tokenizer.json").write_text('{"model": {"vocab": {' + ", ".join(f'"w{i}": {i}' for i in range(99999))
+                                           + "}}}")  # past a recipe's 1 MB
+    (folder / "labels.json").write_text('["cat", "dog"]')
+    for name in ("config.json", "eval_results.json", "tokenizer.json", "labels.json"):
         assert main(["inspect", str(folder / name)]) == 1
         err = capsys.readouterr().err
         assert "neither a merged-model folder nor a recipe file" in err, err

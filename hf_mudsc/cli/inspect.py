@@ -76,18 +76,18 @@ RECIPE_MARKS = ("models", "hf_mudsc_version")
 
 def is_json_recipe(path: Path) -> bool:
     """Whether a .json file given to `inspect` is a recipe: a JSON object with `RECIPE_MARKS`. A merged folder's
-    config.json or eval_results.json is not, and gets the line naming the folder to pass instead of a recipe's
-    "unknown keys" refusal; a file that is not JSON at all (or too big to read here) is left to the recipe reader's
-    own refusal."""
+    config.json, eval_results.json or tokenizer.json (past a recipe's size) is not, and gets the line naming the
+    folder to pass instead of a recipe's "unknown keys" refusal; a file that is not JSON at all is left to the recipe
+    reader, whose refusal says what is wrong with it."""
     from hf_mudsc.publish.recipe import MAX_RECIPE_BYTES
 
     try:
         if path.stat().st_size > MAX_RECIPE_BYTES:
-            return True  # refused by the recipe reader for its size, before it reads it
+            return False
         data = parse_json(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError):  # unreadable, not UTF-8, not JSON: the recipe reader says what is wrong
         return True
-    return not isinstance(data, Mapping) or any(key in data for key in RECIPE_MARKS)
+    return isinstance(data, Mapping) and any(key in data for key in RECIPE_MARKS)
 
 
 #: What a Hub repo id looks like (`org/name`): named to `inspect`, it gets the download hint.
