@@ -137,10 +137,18 @@ def int_or_all(text: str) -> int | None:
 int_or_all.__name__ = "int or 'all'"
 
 
-def closest_names(unknown: Sequence[Any], valid: Sequence[str]) -> str:
+#: The fewest unknown keys that, when they are most of a mapping's, make it another kind of file (`closest_names`).
+OTHER_FILE_UNKNOWN = 3
+
+
+def closest_names(unknown: Sequence[Any], valid: Sequence[str], given: int | None = None) -> str:
     """` (did you mean `alpha`?)` for the unknown names within a typo of a valid one (`alpah`, `batch-size`),
     ` (did you mean: `alpah` -> `alpha`, `sed` -> `seed`?)` for several; "" when none is close. Said wherever an
-    option's name is given wrong — a recipe's or a job's key, a merge() keyword, a flag (spelt as `valid` is)."""
+    option's name is given wrong — a recipe's or a job's key, a merge() keyword, a flag (spelt as `valid` is).
+    `given`: how many keys the mapping holds; "" when most of them (and at least `OTHER_FILE_UNKNOWN`) are unknown,
+    as in a config.json given as a recipe: it is another kind of file, not a recipe with typos."""
+    if given is not None and len(unknown) >= OTHER_FILE_UNKNOWN and 2 * len(unknown) > given:
+        return ""
     pairs = []
     for name in unknown:
         if not isinstance(name, str):

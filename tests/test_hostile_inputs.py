@@ -148,7 +148,7 @@ def test_a_key_given_twice_is_refused(tmp_path):
     """YAML keeps the last of two equal keys silently: `alpha: 0.1` above `alpha: 0.9` would merge at 0.9."""
     path = tmp_path / "twice.yaml"
     path.write_text("models: [a, b]\nalpha: 0.1\nseed: 1\nalpha: 0.9\n")
-    with pytest.raises(RecipeError, match=r"is not valid YAML: key 'alpha' is given twice \(line 4, column 1\)"):
+    with pytest.raises(RecipeError, match=r"twice.yaml.: key .alpha. is given twice \(line 4, column 1\); give each"):
         Recipe.load(path)
     path.write_text("models: [a, b]\n<<: {alpha: 0.3}\nseed: 1\n")  # a merge key is not a repeated key
     assert Recipe.load(path).alpha == 0.3

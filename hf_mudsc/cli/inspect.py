@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
             return inspect_folder(target, output=args.output, overwrite=args.overwrite, plots=not args.no_plots)
         except (AttributeError, TypeError, KeyError, IndexError) as error:  # config.json's `mudsc` of another shape
             raise ValueError(malformed(target, "config.json", f"{type(error).__name__}: {error}")) from None
-    if target.is_file() and target.suffix in (".yaml", ".yml", ".json"):  # what `merge --recipe` reads
+    if target.is_file() and (target.suffix in (".yaml", ".yml") or target.suffix == ".json"
+                             and is_json_recipe(target)):  # what `merge --recipe` reads
         if args.output is not None:  # a recipe has no plots: ignored, the run ended 0 with none and no word
             raise UsageError(f"--output is where the plots of a merged-model folder go, and the recipe "
                              f"{args.target!r} has none; drop --output, or inspect the folder the merge wrote")
@@ -61,10 +62,32 @@ def run(args: argparse.Namespace) -> int:
             f"{args.target!r} is not a folder here; if it is a Hub repo, download it first (`huggingface-cli "
             f"download {args.target} --local-dir DIR`), then run `hf-mudsc inspect DIR`"
         )
+    beside = target.is_file() and (target.parent / "config.json").is_file()  # a file of a merged folder
+    here = f" (here `hf-mudsc inspect {target.parent}`)" if beside else ""
     raise FileNotFoundError(
         f"{args.target!r} is neither a merged-model folder nor a recipe file (*.yaml, *.json); pass the folder "
-        "`hf-mudsc merge --output DIR` wrote, or its mudsc_recipe.yaml"
+        f"`hf-mudsc merge --output DIR` wrote{here}, or its mudsc_recipe.yaml"
     )
+
+
+#: The keys that make a JSON file a recipe: every recipe names its parents, and the ones a merge wrote its version.
+RECIPE_MARKS = ("models", "hf_mudsc_version")
+
+
+def is_json_recipe(path: Path) -> bool:
+    """Whether a .json file given to `inspect` is a recipe: a JSON object with `RECIPE_MARKS`. A merged folder's
+    config.json, eval_results.json or tokenizer.json (past a recipe's size) is not, and gets the line naming the
+    folder to pass instead of a recipe's "unknown keys" refusal; a file that is not JSON at all is left to the recipe
+    reader, whose refusal says what is wrong with it."""
+    from hf_mudsc.publish.recipe import MAX_RECIPE_BYTES
+
+    try:
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            return False
+        data = parse_json(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON: the recipe reader says what is wrong
+        return True
+    return isinstance(data, Mapping) and any(key in data for key in RECIPE_MARKS)
 
 
 #: What a Hub repo id looks like (`org/name`): named to `inspect`, it gets the download hint.

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 from hf_mudsc._version import __version__
-from hf_mudsc.errors import PushInterrupted, UsageError, brief, escaped
+from hf_mudsc.errors import PushInterrupted, SpecError, UsageError, brief, escaped
 from hf_mudsc.load.references import EscapedControls, HiddenCredentials, clean_token, hide_tokens
 from hf_mudsc.options import closest_names
 
@@ -232,7 +232,8 @@ def given_once(action_class: type[argparse.Action]) -> type[argparse.Action]:
 
 def repeated_flag_line(action: argparse.Action, first: str | None, second: str | None) -> str:
     """`--alpha is given twice; give it once` — the flag by its long name (`-o` -> `--output`), how each was spelled
-    when they differ (an abbreviation, `--no-x`), never the values (one may be a token)."""
+    when they differ (`-o` and `--output`, `--x` and `--no-x`; argparse hands an abbreviation, `--alp`, over as the
+    flag's full name, so it is never shown), never the values (one may be a token)."""
     names = action.option_strings
     if isinstance(action, argparse.BooleanOptionalAction):
         name = "/".join(names[:2])
@@ -273,7 +274,9 @@ class Parser(argparse.ArgumentParser):
                       f"{closest.replace('`', '')}\n")
         listed = [action for action in self._actions if not action.option_strings and action.nargs in ("*", "+")]
         stray = [extra for extra in extras if not extra.startswith("-")]
-        if listed and stray:  # `merge org/a --alpha 0.3 org/b`: argparse reads one run of MODELs, then "unrecognized"
+        # `merge org/a --alpha 0.3 org/b`: argparse reads one run of MODELs, then "unrecognized". Beside an unknown
+        # flag, a stray word is that flag's value (`--frobnicate 3`): argparse's own line says so.
+        if listed and stray and not unknown:
             name = listed[0].metavar or listed[0].dest
             self.exit(2, f"{self.prog}: error: {redact(f'unrecognized arguments: {shlex.join(extras)}', self.secrets)}"
                       f"; a {name} given apart from the others is not read: give every {name} together, before "
@@ -423,6 +426,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return TERMINATED_EXIT if terminated else INTERRUPTED_EXIT
 
 
+def error_text(error: BaseException) -> str:
+    """How the CLI prints an error it ends in: tokens hidden, control characters escaped so a name from a config
+    cannot act on the terminal or forge a line; a `SpecError` keeps its own line breaks (its list of problems, one a
+    line, each name in it repr'd so a line break inside a name stays escaped)."""
+    return escaped(hide_tokens(str(error)), keep="\n" if isinstance(error, SpecError) else "")
+
+
 def run_command(argv: list[str]) -> int:
     """Parse `argv` and run its command, turning the errors a user can fix into one line and an exit code."""
     parser = build_parser(available=[command] if (command := command_in(argv)) else [], secrets=secret_values(argv))
@@ -449,12 +459,12 @@ def run_command(argv: list[str]) -> int:
         return int(args._run(args) or 0)
     except UsageError as error:  # an invalid command line: argparse's exit code
         logging.getLogger("hf_mudsc").debug("command refused", exc_info=True)
-        print(f"hf-mudsc {args.command}: error: {escaped(hide_tokens(str(error)))}", file=sys.stderr)
+        print(f"hf-mudsc {args.command}: error: {error_text(error)}", file=sys.stderr)
         return 2
     except (ValueError, FileExistsError, FileNotFoundError, PermissionError) as error:
         logging.getLogger("hf_mudsc").debug("command failed", exc_info=True)
         # A token the user gave in place of a path or name (`inspect $HF_TOKEN`) is not shown back.
-        print(f"hf-mudsc {args.command}: error: {escaped(hide_tokens(str(error)))}", file=sys.stderr)
+        print(f"hf-mudsc {args.command}: error: {error_text(error)}", file=sys.stderr)
         return 1
     except (MemoryError, RuntimeError) as error:
         if not isinstance(error, MemoryError) and not OUT_OF_MEMORY.search(str(error)):

@@ -31,6 +31,7 @@ from hf_mudsc.publish.recipe import (
     check_local_folders_given,
     refuse_unrecorded_data,
     warn_given_processor,
+    yaml_value,
 )
 from hf_mudsc.runner import check_before_dry_run, execute
 
@@ -132,7 +133,7 @@ def overridden(loaded: Recipe, recipe: Recipe, given: dict[str, Any]) -> list[st
         if key == "models":
             said.append(f"the {len(new)} parents given over its models")
         else:
-            said.append(f"{text(key, new)} over {key}: {'null' if old is None else old}")
+            said.append(f"{text(key, new)} over {key}: {yaml_value(old)}")
     return said
 
 

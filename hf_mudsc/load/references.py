@@ -119,14 +119,17 @@ class EscapedControls(logging.Filter):
     """A log handler's filter writing each record's control characters and bidirectional overrides as escapes
     (`errors.escaped`): hf-mudsc's lines name labels, tasks and models from downloaded configs, and one holding
     `\\x1b[2J` cleared the terminal, one holding a line break printed a forged line of its own. An hf-mudsc record
-    stays one line; other libraries' keep their line breaks (their multi-line warnings)."""
+    stays one line, but for one marked `extra={"keep_lines": True}` (the service's log of a failed job's traceback,
+    unreadable on one line), which keeps its line breaks only; other libraries' keep their line breaks and tabs
+    (their multi-line warnings)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             text = record.getMessage()
         except Exception:  # noqa: BLE001 - a malformed record is logging's to report, not ours
             return True
-        shown = escaped(text, keep="" if record.name.split(".")[0] == "hf_mudsc" else "\n\t")
+        own = record.name.split(".")[0] == "hf_mudsc"
+        shown = escaped(text, keep=("\n" if getattr(record, "keep_lines", False) else "") if own else "\n\t")
         if shown != text:
             record.msg, record.args = shown, None
         return True

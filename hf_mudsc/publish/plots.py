@@ -374,15 +374,33 @@ def alpha_figure(curve: Mapping[str, Any]) -> Figure:
 NAME_LIMIT = 24
 
 
-def drawn_name(name: str) -> str:
+def drawn_name(name: str, limit: int = NAME_LIMIT) -> str:
     """A task's or model's name as a chart shows it: control characters as escapes (they have no glyph, and matplotlib
-    warns with the raw character, which a terminal acts on), a name past `NAME_LIMIT` cut in the middle (`abc…xyz`:
+    warns with the raw character, which a terminal acts on), a name past `limit` cut in the middle (`abc…xyz`:
     names alike at their start still differ)."""
     text = escaped(name)
-    if len(text) <= NAME_LIMIT:
+    if len(text) <= limit:
         return text
-    half = (NAME_LIMIT - 1) // 2
-    return f"{text[:half]}…{text[-(NAME_LIMIT - 1 - half):]}"
+    half = (limit - 1) // 2
+    return f"{text[:half]}…{text[-(limit - 1 - half):]}"
+
+
+def drawn_names(names: Sequence[str]) -> list[str]:
+    """The names of one chart's legend or axis (`drawn_name`), each distinct: names cut alike
+    (`vit-cars-pe…-mudsc-final` for `...-seed1-...` and `...-seed2-...`) are shown longer, up to twice
+    `NAME_LIMIT`, and numbered (` (2)`) if still alike; the others keep the usual cut."""
+    shown = [drawn_name(name) for name in names]
+    limit = NAME_LIMIT
+    while limit < 2 * NAME_LIMIT and len(set(shown)) < len(shown):
+        limit += 1
+        alike = {text for text in shown if shown.count(text) > 1}
+        shown = [drawn_name(name, limit) if text in alike else text for name, text in zip(names, shown)]
+    seen: dict[str, int] = {}
+    numbered = []
+    for text in shown:
+        seen[text] = seen.get(text, 0) + 1
+        numbered.append(text if seen[text] == 1 else f"{text} ({seen[text]})")
+    return numbered
 
 
 def scorer_label(scorer: str, parents: Sequence[str] = tuple(parent_names(2))) -> str:
@@ -427,6 +445,7 @@ def accuracy_figure(evaluation: Mapping[str, Any]) -> Figure:
         figure = Figure(figsize=(min(max(8.0, 2.5 + len(views) * (0.25 * len(order) + 0.5)), 15.0), 5.2),
                         layout="constrained")
         axes = figure.add_subplot()
+        legend = drawn_names([scorer_label(scorer, parents) for scorer in order])
         for index, scorer in enumerate(order):
             xs, heights = [], []
             for position, view in enumerate(views):
@@ -438,12 +457,12 @@ def accuracy_figure(evaluation: Mapping[str, Any]) -> Figure:
             merged_index = index - len(fixed)
             hatch = (PARENT_HATCHES[index % len(PARENT_HATCHES)] if scorer in parents else None if colour
                      else MERGED_HATCHES[merged_index // len(MERGED_COLORS) % len(MERGED_HATCHES)])
-            bars = axes.bar(xs, heights, width=width * 0.95, label=drawn_name(scorer_label(scorer, parents)),
+            bars = axes.bar(xs, heights, width=width * 0.95, label=legend[index],
                             color=colour if colour else MERGED_COLORS[merged_index % len(MERGED_COLORS)],
                             hatch=hatch, edgecolor="white" if colour or hatch else None)
             if len(order) <= 6:
                 axes.bar_label(bars, fmt="%.0f", fontsize=8, padding=1)
-        ticks = [drawn_name(view) for view in views]
+        ticks = drawn_names(views)
         long = max(map(len, ticks), default=0) > 10  # side by side, longer names run into each other: slanted
         axes.set_xticks(range(len(views)), ticks, rotation=25 if long else 0, ha="right" if long else "center",
                         rotation_mode="anchor")

@@ -159,8 +159,8 @@ class Recipe(MergeOptions):
                            newer, __version__)
         if unknown:
             valid = [k for k in cls.keys() if k not in cls.command_line_only()]
-            raise RecipeError(f"{source} has unknown key(s) {shown(unknown)}{closest_names(unknown, valid)}; valid "
-                              f"keys are: {', '.join(valid)}")
+            hint = closest_names(unknown, valid, len(data))
+            raise RecipeError(f"{source} has unknown key(s) {shown(unknown)}{hint}; valid keys are: {', '.join(valid)}")
         for key, how in cls.command_line_only().items():
             if key not in data:
                 continue
@@ -191,8 +191,11 @@ class Recipe(MergeOptions):
         except UnicodeDecodeError as error:
             raise RecipeError(f"recipe {str(path)!r} is not UTF-8 text (byte {error.start}: {error.reason}); "
                               "save it as UTF-8") from None
+        text = text.removeprefix("\ufeff")  # a byte order mark (Notepad's UTF-8): JSON's reader refuses it
         try:
             data = read_json_recipe(text)
+        except RepeatedKeyError as error:  # valid JSON, a recipe's rule: worded as YAML's (`RecipeLoader`)
+            raise RecipeError(f"{str(path)!r}: {error}") from None
         except RecipeError as error:
             raise RecipeError(f"{str(path)!r} is not valid JSON: {error}") from None
         except RecursionError:
@@ -202,6 +205,8 @@ class Recipe(MergeOptions):
         try:
             if data is None:
                 data = yaml.load(text, Loader=RecipeLoader)  # a SafeLoader: builds plain data only
+        except RepeatedYAMLKey as error:
+            raise RecipeError(f"{str(path)!r}: {error.line}") from None
         except (yaml.YAMLError, ValueError) as error:  # ValueError: an integer longer than Python reads (4300 digits)
             raise RecipeError(f"{str(path)!r} is not valid YAML: {yaml_error_line(error)}") from None
         except RecursionError:
@@ -728,6 +733,13 @@ def _yaml_scalar(value: str) -> str:
     return item.removeprefix("- ").removesuffix("\n")  # a block sequence's item: quoted as a block value would be
 
 
+def yaml_value(value: Any) -> str:
+    """`value` on one line as the recipe file writes it (`RecipeDumper`, flow style): `true`, `null`, `[a, b]`, so a
+    line naming a key's value from the file shows it as the file does, not as Python prints it (`True`, `None`)."""
+    text = yaml.dump(value, Dumper=RecipeDumper, default_flow_style=True, width=float("inf"), allow_unicode=True)
+    return text.removesuffix("\n").removesuffix("\n...").strip()
+
+
 def _expect_str(key: str, value: Any, source: str) -> str:
     if not isinstance(value, str) or not value:
         raise RecipeError(f"{source}: every entry of `{key}` must be a non-empty string, got {shown(value)}; quote "
@@ -772,6 +784,25 @@ _FLOAT_TAG = "tag:yaml.org,2002:float"
 _TEXT_TAG = "tag:yaml.org,2002:str"
 
 
+def repeated_key_line(key: Any, mark: yaml.Mark | None = None) -> str:
+    """How a recipe's key given twice is refused, read as JSON or YAML alike: the key, where (YAML knows), the fix."""
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"key {shown(key)} is given twice{where}; give each key once"
+
+
+class RepeatedKeyError(RecipeError):
+    """A JSON recipe gives a key twice (`read_json_recipe`); the message is `repeated_key_line`'s."""
+
+
+class RepeatedYAMLKey(yaml.constructor.ConstructorError):
+    """A YAML mapping gives a key twice (`RecipeLoader`): a YAML error as before (the service's job reader says it
+    so), carrying `line`, the refusal a recipe file gets (`repeated_key_line`)."""
+
+    def __init__(self, key: Any, mark: yaml.Mark) -> None:
+        super().__init__(None, None, f"key {shown(key)} is given twice", mark)
+        self.line = repeated_key_line(key, mark)
+
+
 class RecipeLoader(yaml.SafeLoader):
     """`yaml.SafeLoader` that refuses a key given twice (plain YAML keeps the last one silently): a recipe file's,
     and (with aliases refused too) a service job's (`hf_mudsc.serve.app`). Under `TEXT_KEYS` a plain `EXPONENT_FLOAT`
@@ -793,8 +824,7 @@ class RecipeLoader(yaml.SafeLoader):
         keys = [self.construct_object(key_node, deep=deep) for key_node, _ in node.value]
         index = repeated_key(keys)
         if index is not None:
-            raise yaml.constructor.ConstructorError(None, None, f"key {shown(keys[index])} is given twice",
-                                                    node.value[index][0].start_mark)
+            raise RepeatedYAMLKey(keys[index], node.value[index][0].start_mark)
         return super().construct_mapping(node, deep=deep)
 
 
@@ -811,7 +841,7 @@ def read_json_recipe(text: str) -> Any:
     def mapping(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         index = repeated_key([key for key, _ in pairs])
         if index is not None:
-            raise RecipeError(f"key {shown(pairs[index][0])} is given twice; give each key once")
+            raise RepeatedKeyError(repeated_key_line(pairs[index][0]))
         return dict(pairs)
 
     try:

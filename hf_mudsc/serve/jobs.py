@@ -226,8 +226,8 @@ def check_job(body: Any, output_root: Path, *, dry_run: bool = False, local_root
                           f"and has key(s) {unknown} this version does not know: ask the service's operator to "
                           "upgrade hf-mudsc to run it, or delete those keys to run it without them")
     if unknown:
-        raise RecipeError(f"unknown key(s) {unknown}{closest_names(unknown, accepted_keys())}; valid keys are: "
-                          f"{', '.join(accepted_keys())}")
+        raise RecipeError(f"unknown key(s) {unknown}{closest_names(unknown, accepted_keys(), len(body))}; valid keys "
+                          f"are: {', '.join(accepted_keys())}")
     if newer:  # a warning of the request (`parse_job` records it)
         logger.warning("the recipe was written by hf-mudsc %s, newer than this service's (%s): every key is known "
                        "here, but the merge may differ from the one it recorded; ask the service's operator to "

@@ -388,7 +388,7 @@ class Scheduler:
                 self.store.append_log(job_id, pending)
                 pending = []
             if kind == "traceback":  # the server's log only: a job's log is shown to clients
-                logger.log(int(message[1]), "job %s failed:\n%s", job_id, message[2])
+                logger.log(int(message[1]), "job %s failed:\n%s", job_id, message[2], extra={"keep_lines": True})
             elif kind == "phase":
                 self.store.update(job_id, phase=message[1], progress=float(message[2]))
             elif kind == "pushing":
