@@ -1034,6 +1034,19 @@ def hub_weight_names(located: _Located) -> list[str]:
     return [name for name in located.weight_files if name.endswith(".safetensors")]
 
 
+def _proper_tensor_info(info: Any) -> bool:
+    """Whether a tensor entry of a Hub safetensors header is what the safetensors format says (huggingface_hub's
+    parser does not check: a header of valid JSON but not of the format crashed whatever read it): a str dtype, a
+    shape of ints >= 0, data offsets of two ints 0 <= begin <= end."""
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    shape, offsets = info.shape, info.data_offsets
+    return (isinstance(info.dtype, str) and isinstance(shape, list) and all(is_int(n) and n >= 0 for n in shape)
+            and isinstance(offsets, tuple) and len(offsets) == 2 and all(is_int(n) for n in offsets)
+            and 0 <= offsets[0] <= offsets[1])
+
+
 def read_hub_headers(located: _Located, *, token: str | bool | None) -> dict[str, Any]:
     """The safetensors headers of a located Hub checkpoint, read over HTTP before any weight is downloaded: file name ->
     huggingface_hub's `SafetensorsFileMetadata`, in the files' order. The one reader of Hub headers: the loader
@@ -1056,9 +1069,17 @@ def read_hub_headers(located: _Located, *, token: str | bool | None) -> dict[str
     def read(name: str) -> Any:
         """The header of file `name`, or the exception reading it ended in (raised below, in the files' order)."""
         try:
-            return hub_request(reference, lambda: api.parse_safetensors_file_metadata(
+            header = hub_request(reference, lambda: api.parse_safetensors_file_metadata(
                 located.repo_id, name, revision=located.commit_sha, token=token,
                 timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT), what=f"reading the header of {name}")
+            if not all(_proper_tensor_info(info) for info in header.tensors.values()):
+                raise ValueError("a tensor entry is not {dtype, shape, data_offsets}")
+            return header
+        except (AttributeError, TypeError, ValueError) as error:
+            # huggingface_hub's parser takes any JSON: '[]' or '{"w": 5}' end in its AttributeError/TypeError
+            unrecognized = LoadError(corrupt_file_line(reference, name, "header format not recognized", hub=True))
+            unrecognized.__cause__ = error
+            return unrecognized
         except Exception as error:  # noqa: BLE001 - handed back to the caller's thread, which raises or maps it
             return error
 

@@ -1,0 +1,80 @@
+"""Session 35's fixload fixes: hostile Hub safetensors headers refused in one line, chunked feed-forward parents
+merged on whole sequences, the skipped config differences said, output switches recorded as config."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from factories import make_model
+from test_scale_s30 import sharded_vit, shards
+
+import hf_mudsc
+from hf_mudsc.errors import LoadError
+
+HUB_FIX = "choose another revision or ask the repo's owner"
+
+HOSTILE_HEADERS = {
+    "json-list": b"[]",
+    "json-int-entry": b'{"w": 5}',
+    "offsets-int": b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": 5}}',
+    "offsets-strings": b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": ["0", "4"]}}',
+    "offsets-reversed": b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}',
+    "offsets-three": b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 2, 4]}}',
+    "shape-strings": b'{"w": {"dtype": "F32", "shape": ["a"], "data_offsets": [0, 4]}}',
+    "shape-negative": b'{"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}',
+    "shape-int": b'{"w": {"dtype": "F32", "shape": 1, "data_offsets": [0, 4]}}',
+    "dtype-int": b'{"w": {"dtype": 5, "shape": [1], "data_offsets": [0, 4]}}',
+    "json-string": b'"abc"',
+}
+
+
+def _hostile(path, raw_header: bytes) -> None:
+    """Overwrite safetensors file `path` with a header `raw_header` (valid JSON) and four bytes of data."""
+    path.write_bytes(struct.pack("<Q", len(raw_header)) + raw_header + b"\0" * 4)
+
+
+def _refusals(parents: list[str]) -> list[str]:
+    """The refusal lines of the dry run and of the merge of `parents`."""
+    lines = []
+    for dry_run in (True, False):
+        with pytest.raises(LoadError) as refused:
+            hf_mudsc.merge(parents, method="linear", progress=False, dry_run=dry_run)
+        lines.append(str(refused.value))
+    return lines
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_HEADERS))
+def test_a_hostile_single_file_hub_header_is_refused_in_one_line(local_hub, tmp_path, case):
+    """merge(['user/p1', 'user/c']) with user/c's model.safetensors header '[]' raised a bare AttributeError."""
+    make_model("vit_cls", seed=1).save_pretrained(tmp_path / "p1")
+    local_hub.upload_folder("user/p1", tmp_path / "p1")
+    make_model("vit_cls", seed=2).save_pretrained(tmp_path / "c")
+    _hostile(tmp_path / "c" / "model.safetensors", HOSTILE_HEADERS[case])
+    local_hub.upload_folder("user/c", tmp_path / "c")
+    for line in _refusals(["user/p1", "user/c"]):
+        assert line.startswith("'user/c': model.safetensors is not a valid safetensors file ("), line
+        assert line.endswith(f"it is truncated or corrupt; {HUB_FIX}"), line
+
+
+@pytest.mark.parametrize("case", ["json-list", "json-int-entry", "shape-strings", "dtype-int"])
+def test_a_hostile_shard_hub_header_is_refused_in_one_line(local_hub, tmp_path, case):
+    """merge(['user/p1', 'user/c']) with a shard of user/c headed '{"w": 5}' raised a bare TypeError (dry run too)."""
+    make_model("vit_cls", seed=1).save_pretrained(tmp_path / "p1")
+    local_hub.upload_folder("user/p1", tmp_path / "p1")
+    folder = sharded_vit(tmp_path / "c", seed=2)
+    first = shards(folder)[0]
+    _hostile(folder / first, HOSTILE_HEADERS[case])
+    local_hub.upload_folder("user/c", folder)
+    for line in _refusals(["user/p1", "user/c"]):
+        assert line.startswith(f"'user/c': {first} is not a valid safetensors file ("), line
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_HEADERS))
+def test_a_hostile_local_header_is_refused_in_one_line(tmp_path, case):
+    """merge([p1, c]) with c/model.safetensors headed '[]' (a local folder): the safetensors parser's refusal."""
+    make_model("vit_cls", seed=1).save_pretrained(tmp_path / "p1")
+    make_model("vit_cls", seed=2).save_pretrained(tmp_path / "c")
+    _hostile(tmp_path / "c" / "model.safetensors", HOSTILE_HEADERS[case])
+    for line in _refusals([str(tmp_path / "p1"), str(tmp_path / "c")]):
+        assert "model.safetensors is not a valid safetensors file (" in line, line
