@@ -1059,6 +1059,7 @@ def read_hub_headers(located: _Located, *, token: str | bool | None) -> dict[str
     from concurrent.futures import ThreadPoolExecutor
 
     from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import SafetensorsParsingError
 
     names = hub_weight_names(located)
     if not names:
@@ -1075,6 +1076,8 @@ def read_hub_headers(located: _Located, *, token: str | bool | None) -> dict[str
             if not all(_proper_tensor_info(info) for info in header.tensors.values()):
                 raise ValueError("a tensor entry is not {dtype, shape, data_offsets}")
             return header
+        except (LoadError, SafetensorsParsingError) as error:  # a LoadError is a ValueError: `hub_request`'s words
+            return error
         except (AttributeError, TypeError, ValueError) as error:
             # huggingface_hub's parser takes any JSON: '[]' or '{"w": 5}' end in its AttributeError/TypeError
             unrecognized = LoadError(corrupt_file_line(reference, name, "header format not recognized", hub=True))
