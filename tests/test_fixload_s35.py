@@ -6,11 +6,12 @@ from __future__ import annotations
 import struct
 
 import pytest
-from factories import make_model
+import torch
+from factories import BERT, make_batches, make_model, randomize, same_weights
 from test_scale_s30 import sharded_vit, shards
 
 import hf_mudsc
-from hf_mudsc.errors import LoadError
+from hf_mudsc.errors import LoadError, MergeInputError
 
 HUB_FIX = "choose another revision or ask the repo's owner"
 
@@ -78,3 +79,39 @@ def test_a_hostile_local_header_is_refused_in_one_line(tmp_path, case):
     _hostile(tmp_path / "c" / "model.safetensors", HOSTILE_HEADERS[case])
     for line in _refusals([str(tmp_path / "p1"), str(tmp_path / "c")]):
         assert "model.safetensors is not a valid safetensors file (" in line, line
+
+
+def _chunked_bert(seed: int, chunk: int):
+    """Tiny BERT classifier `seed` whose layers run their feed-forward in chunks of `chunk` positions (0: whole)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = randomize(BertForSequenceClassification(BertConfig(**BERT, num_labels=3, chunk_size_feed_forward=chunk)),
+                      seed)
+    return model.eval()
+
+
+def _chunks(model) -> list[int]:
+    return [module.chunk_size_feed_forward for module in model.modules() if hasattr(module, "chunk_size_feed_forward")]
+
+
+@pytest.mark.parametrize("refit", ["none", "repair"])
+def test_parents_chunking_their_feed_forward_merge_as_unchunked_ones(refit):
+    """merge([A, B]) of BERTs with chunk_size_feed_forward=4 gave other weights than with 0 (hooks saw chunks)."""
+    batches = make_batches("bert_cls", num_batches=2, batch_size=8)
+    whole = hf_mudsc.merge([_chunked_bert(0, 0), _chunked_bert(1, 0)], batches, method="mudsc", refit=refit,
+                           progress=False)
+    a, b = _chunked_bert(0, 4), _chunked_bert(1, 4)
+    chunked = hf_mudsc.merge([a, b], batches, method="mudsc", refit=refit, progress=False)
+    assert same_weights(whole, chunked)
+    assert _chunks(a) == _chunks(b) == [4] * BERT["num_hidden_layers"]  # the objects as given
+    assert chunked.config.chunk_size_feed_forward == 4 and _chunks(chunked) == [4] * BERT["num_hidden_layers"]
+
+
+def test_parents_differing_in_feed_forward_chunking_are_refused(tmp_path):
+    """merge([A, B]) with A chunk_size_feed_forward=0 and B 4 crashed: RuntimeError: Sizes of tensors must match."""
+    batches = make_batches("bert_cls", num_batches=1, batch_size=8)
+    _chunked_bert(0, 0).save_pretrained(tmp_path / "a")
+    _chunked_bert(1, 4).save_pretrained(tmp_path / "b")
+    with pytest.raises(MergeInputError, match="chunk_size_feed_forward"):
+        hf_mudsc.merge([str(tmp_path / "a"), str(tmp_path / "b")], batches, method="mudsc", progress=False)

@@ -19,13 +19,14 @@ _IGNORED_CONFIG_KEYS = {
 
 # Config fields that never change what a merged encoder computes in eval mode: initialisation (`initializer_range`,
 # `initializer_factor`), training and export switches (`gradient_checkpointing`, left in old configs such as
-# bert-base-uncased's; `torchscript`), a decoder's cache (`use_cache`, `output_past`: the adapters merge encoders),
-# feed-forward chunking (the same sums in pieces) and hints for other tools (`tokenizer_class`, `prefix`,
-# `task_specific_params`). Parents may differ in them (two fine-tunes saved by other transformers releases do); the
-# merged config keeps parent A's, as for dropout rates.
+# bert-base-uncased's; `torchscript`), a decoder's cache (`use_cache`, `output_past`: the adapters merge encoders)
+# and hints for other tools (`tokenizer_class`, `prefix`, `task_specific_params`). Parents may differ in them (two
+# fine-tunes saved by other transformers releases do); the merged config keeps parent A's, as for dropout rates.
+# Not `chunk_size_feed_forward`: a chunked MLP runs once per chunk, so its hooks fire per chunk; parents differing in
+# it crashed the statistics pass, and are refused (the merge's passes run whole sequences: `objects.whole_sequences`).
 _NOT_COMPUTED_CONFIG_KEYS = frozenset({
     "initializer_range", "initializer_factor", "gradient_checkpointing", "torchscript", "use_cache", "output_past",
-    "chunk_size_feed_forward", "tokenizer_class", "prefix", "task_specific_params",
+    "tokenizer_class", "prefix", "task_specific_params",
 })
 
 

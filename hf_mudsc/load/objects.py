@@ -112,6 +112,33 @@ def held_as_given(models: Iterable[nn.Module]) -> Iterator[None]:
                 setattr(module, name, value)
 
 
+# The module attribute transformers' layers read to run their feed-forward in chunks of positions
+# (`apply_chunking_to_forward`, set from `config.chunk_size_feed_forward`; 0: whole sequences).
+FEED_FORWARD_CHUNKING = "chunk_size_feed_forward"
+
+
+@contextlib.contextmanager
+def whole_sequences(models: Iterable[nn.Module]) -> Iterator[None]:
+    """Every layer of `models` running its feed-forward on whole sequences inside the block, each layer's chunking
+    restored on leaving it. A chunked layer calls its MLP once per chunk of positions, so a hook on the MLP's modules
+    fires once per chunk: the merge's statistics, refit and RegMean passes, which record one call per batch, would
+    pair one parent's last chunk with the other's first (a silently wrong merge), or fail on chunks of other sizes.
+    Unchunked, the MLP computes the same values (it acts on each position alone). Shared modules are fine."""
+    saved: dict[int, tuple[nn.Module, Any]] = {}
+    for model in models:
+        for module in model.modules():
+            chunk = vars(module).get(FEED_FORWARD_CHUNKING)
+            if isinstance(chunk, int) and chunk and id(module) not in saved:
+                saved[id(module)] = (module, chunk)
+    try:
+        for module, _ in saved.values():
+            setattr(module, FEED_FORWARD_CHUNKING, 0)
+        yield
+    finally:
+        for module, chunk in saved.values():
+            setattr(module, FEED_FORWARD_CHUNKING, chunk)
+
+
 @dataclass(frozen=True)
 class ObjectSource:
     """Where a model object's weights can be read again: a local folder, or a Hub repo at a commit (`repo_id`,
