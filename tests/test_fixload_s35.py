@@ -115,3 +115,21 @@ def test_parents_differing_in_feed_forward_chunking_are_refused(tmp_path):
     _chunked_bert(1, 4).save_pretrained(tmp_path / "b")
     with pytest.raises(MergeInputError, match="chunk_size_feed_forward"):
         hf_mudsc.merge([str(tmp_path / "a"), str(tmp_path / "b")], batches, method="mudsc", progress=False)
+
+
+def test_the_config_differences_the_merge_skips_are_said_in_one_info_line(tmp_path, caplog):
+    """merge([A, B]) with B's config.json holding another initializer_range and use_cache merged with no word of it."""
+    import json
+    import logging
+
+    for seed, name in ((0, "a"), (1, "b")):
+        _chunked_bert(seed, 0).save_pretrained(tmp_path / name)
+    path = tmp_path / "b" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "initializer_range": 0.5, "use_cache": False}))
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        hf_mudsc.merge([str(tmp_path / "a"), str(tmp_path / "b")], method="linear", progress=False)
+    lines = [r.getMessage() for r in caplog.records if "initializer_range" in r.getMessage()
+             and r.levelno == logging.INFO]
+    assert len(lines) == 1, lines
+    assert "initializer_range: 0.02 vs 0.5" in lines[0] and "use_cache: True vs False" in lines[0], lines
+    assert "parent A's" in lines[0], lines

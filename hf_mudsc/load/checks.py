@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
@@ -59,20 +59,35 @@ def config_differences(a: PretrainedConfig, b: PretrainedConfig, prefix: str = "
                        ignored: Collection[str] = ()) -> list[str]:
     """`key: a vs b` for each field that differs, labels, bookkeeping, dropout rates and fields no eval-mode forward
     reads (`_NOT_COMPUTED_CONFIG_KEYS`) aside (and the `ignored` fields)."""
-    da, db = a.to_dict(), b.to_dict()
     skip = _IGNORED_CONFIG_KEYS | _NOT_COMPUTED_CONFIG_KEYS | set(ignored)
+    compared = lambda key: key not in skip and not training_only(key)  # noqa: E731
+    return _differences(a, b, compared, compared, prefix)
+
+
+def not_computed_differences(a: PretrainedConfig, b: PretrainedConfig) -> list[str]:
+    """`key: a vs b` for each field no eval-mode forward reads (`_NOT_COMPUTED_CONFIG_KEYS`) that differs: what
+    `config_differences` lets parents differ in, and the merged config takes from parent A — said, not refused."""
+    return _differences(a, b, lambda key: key in _NOT_COMPUTED_CONFIG_KEYS,
+                        lambda key: key not in _IGNORED_CONFIG_KEYS and not training_only(key))
+
+
+def _differences(a: PretrainedConfig, b: PretrainedConfig, compared: Callable[[str], bool],
+                 descend: Callable[[str], bool], prefix: str = "") -> list[str]:
+    """`key: a vs b` for each `compared` field that differs, and for each `compared` field of the sub-configs
+    (`text_config`) to `descend` into, named `key.sub`."""
+    da, db = a.to_dict(), b.to_dict()
     problems = []
     for key in sorted(set(da) | set(db)):
-        if key in skip or training_only(key):
-            continue
         va, vb = da.get(key), db.get(key)
         if isinstance(va, dict) and isinstance(vb, dict) and key.endswith("_config"):
-            sub_a = {k: v for k, v in va.items() if k not in skip and not training_only(k)}
-            sub_b = {k: v for k, v in vb.items() if k not in skip and not training_only(k)}
+            if not descend(key):
+                continue
+            sub_a = {k: v for k, v in va.items() if compared(k)}
+            sub_b = {k: v for k, v in vb.items() if compared(k)}
             for sub in sorted(set(sub_a) | set(sub_b)):
                 if sub_a.get(sub) != sub_b.get(sub):
                     problems.append(f"{prefix}{key}.{sub}: {sub_a.get(sub)!r} vs {sub_b.get(sub)!r}")
-        elif va != vb:
+        elif compared(key) and va != vb:
             problems.append(f"{prefix}{key}: {va!r} vs {vb!r}")
     return problems
 

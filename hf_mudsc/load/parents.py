@@ -45,6 +45,7 @@ from hf_mudsc.load.checks import (
     config_weights_refusal,
     is_multi_label_head,
     is_regression_head,
+    not_computed_differences,
     parameter_difference,
     same_class_fix,
     structure_mismatch,
@@ -887,8 +888,10 @@ def _named(located: _Located, index: int) -> str:
 
 
 def check_configs(located: Sequence[_Located]) -> None:
-    """Refuse parents whose configurations differ (architecture, sizes) before any weights are fetched."""
+    """Refuse parents whose configurations differ (architecture, sizes) before any weights are fetched; say in one
+    INFO line the differences the merge lets pass (`checks.not_computed_differences`: parent A's values are kept)."""
     first = located[0]
+    skipped: list[str] = []
     for index, other in enumerate(located[1:], start=1):
         if first.config is None or other.config is None:
             continue
@@ -901,6 +904,9 @@ def check_configs(located: Sequence[_Located]) -> None:
         differences = config_differences(first.config, other.config)
         if differences:
             raise ParentMismatchError(config_mismatch(f"{_named(first, 0)} and {_named(other, index)}", differences))
+        not_computed = not_computed_differences(first.config, other.config)
+        if not_computed:
+            skipped.append(f"parent {parent_label(index)}: {', '.join(not_computed)}")
         if kind_a.endswith("Classification") and is_regression_head(first.config) != is_regression_head(other.config):
             (regression, r), (classifier, c) = sorted(((first, 0), (other, index)),
                                                       key=lambda pair: not is_regression_head(pair[0].config))
@@ -920,6 +926,9 @@ def check_configs(located: Sequence[_Located]) -> None:
                 "problem_type, and either task would be read by the other's rule; merge multi-label heads with "
                 "multi-label heads, or merge their encoders (e.g. ViTModel)"
             )
+    if skipped:
+        logger.info("the parents' configs differ in fields no eval-mode forward reads (merged as they are; the merged "
+                    "config keeps parent A's values): %s", "; ".join(skipped))
 
 
 def held_parameters(located: _Located, keys: Sequence[str] | None = None) -> list[str] | None:
