@@ -133,3 +133,28 @@ def test_the_config_differences_the_merge_skips_are_said_in_one_info_line(tmp_pa
     assert len(lines) == 1, lines
     assert "initializer_range: 0.02 vs 0.5" in lines[0] and "use_cache: True vs False" in lines[0], lines
     assert "parent A's" in lines[0], lines
+
+
+@pytest.mark.parametrize("switch", [{"return_dict": False}, {"output_hidden_states": True},
+                                    {"output_attentions": True}])
+def test_a_parent_loaded_with_output_switches_still_holds_its_folder_s_config(tmp_path, switch):
+    """holds_config(from_pretrained(folder, return_dict=False), folder) was False: its recipe named it an object."""
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_mudsc.load.objects import holds_config, object_source
+
+    _chunked_bert(0, 0).save_pretrained(tmp_path / "a")
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "a", **switch)
+    assert holds_config(loaded, tmp_path / "a")
+    assert object_source(loaded, str(tmp_path / "a")) is not None  # the recipe names the folder, not an object
+
+
+@pytest.mark.parametrize("switch", [{}, {"return_dict": False}])
+def test_a_clip_parent_loaded_from_its_folder_holds_that_folder_s_config(tmp_path, switch):
+    """holds_config(CLIPModel.from_pretrained(folder), folder) was False: text_config records its loaded dtype."""
+    from transformers import CLIPModel
+
+    from hf_mudsc.load.objects import holds_config
+
+    make_model("clip", 0).save_pretrained(tmp_path / "a")
+    assert holds_config(CLIPModel.from_pretrained(tmp_path / "a", **switch), tmp_path / "a")

@@ -30,6 +30,13 @@ _NOT_COMPUTED_CONFIG_KEYS = frozenset({
 })
 
 
+#: How a model returns its outputs, as `from_pretrained(path, return_dict=False, output_hidden_states=True)` sets it on
+#: that object's config (its defaults here): a switch of one loaded object, not of the checkpoint (the merged config
+#: gets the defaults: `apply.build.with_stock_outputs`; an object's config is compared without them:
+#: `objects.holds_config`).
+OUTPUT_SWITCHES = {"return_dict": True, "output_hidden_states": False, "output_attentions": False}
+
+
 # Config keys that point at code in a parent's repo (`trust_remote_code` classes and pipelines). The merged
 # model is a stock transformers class; copying them would make it point users at code it was never built with.
 REMOTE_CODE_CONFIG_KEYS = ("auto_map", "custom_pipelines")

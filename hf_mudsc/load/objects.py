@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from hf_mudsc.errors import MergeInputError
+from hf_mudsc.load.checks import OUTPUT_SWITCHES
 from hf_mudsc.load.references import COMMIT_SHA, looks_like_path
 from hf_mudsc.load.weight_files import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
 
@@ -166,9 +167,10 @@ def object_source(model: nn.Module, name_or_path: str) -> ObjectSource | None:
     return None
 
 
-#: Config keys that say where or how a config was read or saved, not what the model is.
+#: Config keys that say where or how a config was read or saved, or how one loaded object returns its outputs
+#: (`from_pretrained(folder, return_dict=False)`), not what the model is.
 _CONFIG_RECORD_KEYS = ("_name_or_path", "_commit_hash", "transformers_version", "dtype", "torch_dtype",
-                       "_attn_implementation_autoset", "_attn_implementation")
+                       "_attn_implementation_autoset", "_attn_implementation", *OUTPUT_SWITCHES)
 
 
 def holds_config(model: nn.Module, folder: str | os.PathLike) -> bool:
@@ -187,7 +189,14 @@ def holds_config(model: nn.Module, folder: str | os.PathLike) -> bool:
     except Exception as error:  # noqa: BLE001 - a config that cannot be compared is not known to be this one
         logger.debug("cannot compare the config in %s: %s", folder, error)
         return False
-    return all(full.get(key) == mine.get(key) for key in set(full) | set(mine) if key not in _CONFIG_RECORD_KEYS)
+    return _without_records(full) == _without_records(mine)
+
+
+def _without_records(config: dict[str, Any]) -> dict[str, Any]:
+    """A config's dict without `_CONFIG_RECORD_KEYS`, in its sub-configs too (CLIP's `text_config` records the dtype
+    it was loaded in)."""
+    return {key: _without_records(value) if isinstance(value, dict) and key.endswith("_config") else value
+            for key, value in config.items() if key not in _CONFIG_RECORD_KEYS}
 
 
 def holds_checkpoint_weights(model: nn.Module, folder: str | os.PathLike) -> bool:
