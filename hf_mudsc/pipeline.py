@@ -1024,8 +1024,9 @@ def merge(
 
 def refuse_non_finite(merged: PreTrainedModel, parents: Sequence[Mapping[str, torch.Tensor]] = (),
                       base: Mapping[str, torch.Tensor] | None = None) -> None:
-    """Never return (or write) NaN/inf merged weights. The parents were finite (checked on loading), so either the
-    options overflowed float32 or a parent's finite weights were too large to combine: the merges add and subtract
+    """Never return (or write) NaN/inf merged weights. The parents were finite (refused before calibration by the
+    relation check, `relation.parent_relation`, from the sums it takes of every tensor), so either the options
+    overflowed float32 or a parent's finite weights were too large to combine: the merges add and subtract
     the N parents' and the base's values, so a sum reaches (N + 1) times the largest of them and a task vector twice
     that — values beyond float32's largest (3.4e38) / (2·(N + 1)) can overflow under default options. The first bad
     tensor's largest parent value says which, and the message names that parent (one tensor per parent read)."""

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from hf_mudsc.load.checks import stock_class
+from hf_mudsc.load.checks import OUTPUT_SWITCHES, stock_class
 from hf_mudsc.load.objects import held_as_given
 from hf_mudsc.load.parents import constructor_options
 from hf_mudsc.spec import Group, PermutationSpec
@@ -47,11 +47,6 @@ def build_model(
     if missing or unexpected:
         raise RuntimeError(f"merged state does not fit the model: missing {missing}, unexpected {unexpected}")
     return merged.requires_grad_(True).eval()
-
-
-#: How a model returns its outputs, as `from_pretrained(path, return_dict=False, output_hidden_states=True)` sets it on
-#: that object's config (its defaults here): a switch of one loaded parent A, not of the checkpoint.
-OUTPUT_SWITCHES = {"return_dict": True, "output_hidden_states": False, "output_attentions": False}
 
 
 def with_stock_outputs(config: PretrainedConfig) -> PretrainedConfig:

@@ -49,6 +49,7 @@ from hf_mudsc.calibrate.layer_inputs import (
 )
 from hf_mudsc.errors import CalibrationError, option_hint
 from hf_mudsc.load.checks import is_softmax_head
+from hf_mudsc.load.objects import whole_sequences
 from hf_mudsc.options import AUTO, MergeOptions
 from hf_mudsc.progress import Progress
 from hf_mudsc.solve.maps import AxisMap, GroupMaps
@@ -444,7 +445,7 @@ def refit_model(
             if target is not None:
                 model.to(target)
         # The Gram's BLAS (scipy's, `syrk_upper`) uses as many threads as torch does.
-        with torch.no_grad(), torch_thread_count():
+        with torch.no_grad(), torch_thread_count(), whole_sequences((merged, *parents)):
             if not layers:
                 return report
             if samples == AUTO:

@@ -31,6 +31,7 @@ from hf_mudsc.apply.block_replay import BlockReplay, Storage, find_chains
 from hf_mudsc.apply.refit import capture_layers, forward_steps, subset_batches, target_maps
 from hf_mudsc.calibrate.layer_inputs import batch_to, norm_mask_key, padding_mask_key, token_rows
 from hf_mudsc.errors import CalibrationError
+from hf_mudsc.load.objects import whole_sequences
 from hf_mudsc.options import AUTO
 from hf_mudsc.progress import Progress
 from hf_mudsc.solve.maps import GroupMaps
@@ -217,7 +218,7 @@ def repair_model(
             model.eval()
             if target is not None:
                 model.to(target)
-        with torch.no_grad():
+        with torch.no_grad(), whole_sequences(models):
             if not layers:
                 return report
             report.samples = AUTO_SAMPLES if samples == AUTO else samples

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from hf_mudsc.errors import CalibrationError, MergeInputError
+from hf_mudsc.load.objects import whole_sequences
 from hf_mudsc.spec import PermutationSpec
 
 # What a forward raises on a batch the model cannot run (a wrong shape, dtype or length): torch's and transformers'
@@ -147,7 +148,7 @@ def first_inputs(model: nn.Module, layers: Sequence[str], batch: Mapping[str, An
 
     handles = [modules[name].register_forward_pre_hook(hook(name)) for name in layers]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), whole_sequences([model]):
             run_forward(model, batch)
     finally:
         for handle in handles:
@@ -217,7 +218,7 @@ def collect_grams(
         handles.append(modules[stop_after].register_forward_hook(stop))
     examples = 0
     try:
-        with torch.no_grad():
+        with torch.no_grad(), whole_sequences([model]):
             for batch in batches():
                 batch = batch_to(batch, device)
                 current.clear()

@@ -22,6 +22,7 @@ from hf_mudsc.calibrate.layer_inputs import FORWARD_ERRORS, unrunnable_batch
 from hf_mudsc.calibrate.layer_inputs import forward_inputs as forward_inputs  # re-exported
 from hf_mudsc.errors import CalibrationError, MergeInputError, option_hint, parent_label
 from hf_mudsc.heap import release_free_heap
+from hf_mudsc.load.objects import whole_sequences
 from hf_mudsc.progress import Progress
 from hf_mudsc.spec import HookPoint, PermutationSpec
 
@@ -661,7 +662,7 @@ def collect_statistics(
     bar = Progress(desc="calibration", unit="samples", total=total, enabled=progress, rate=True)
     try:
         # The Grams' BLAS (scipy's ?syrk) uses as many threads as torch does.
-        with torch.no_grad(), torch_thread_count():
+        with torch.no_grad(), torch_thread_count(), whole_sequences(models):
             if target is not None:
                 for model, home in zip(models, homes):
                     if home is not None and home != target:

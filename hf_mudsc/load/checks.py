@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
@@ -19,14 +19,22 @@ _IGNORED_CONFIG_KEYS = {
 
 # Config fields that never change what a merged encoder computes in eval mode: initialisation (`initializer_range`,
 # `initializer_factor`), training and export switches (`gradient_checkpointing`, left in old configs such as
-# bert-base-uncased's; `torchscript`), a decoder's cache (`use_cache`, `output_past`: the adapters merge encoders),
-# feed-forward chunking (the same sums in pieces) and hints for other tools (`tokenizer_class`, `prefix`,
-# `task_specific_params`). Parents may differ in them (two fine-tunes saved by other transformers releases do); the
-# merged config keeps parent A's, as for dropout rates.
+# bert-base-uncased's; `torchscript`), a decoder's cache (`use_cache`, `output_past`: the adapters merge encoders)
+# and hints for other tools (`tokenizer_class`, `prefix`, `task_specific_params`). Parents may differ in them (two
+# fine-tunes saved by other transformers releases do); the merged config keeps parent A's, as for dropout rates.
+# Not `chunk_size_feed_forward`: a chunked MLP runs once per chunk, so its hooks fire per chunk; parents differing in
+# it crashed the statistics pass, and are refused (the merge's passes run whole sequences: `objects.whole_sequences`).
 _NOT_COMPUTED_CONFIG_KEYS = frozenset({
     "initializer_range", "initializer_factor", "gradient_checkpointing", "torchscript", "use_cache", "output_past",
-    "chunk_size_feed_forward", "tokenizer_class", "prefix", "task_specific_params",
+    "tokenizer_class", "prefix", "task_specific_params",
 })
+
+
+#: How a model returns its outputs, as `from_pretrained(path, return_dict=False, output_hidden_states=True)` sets it on
+#: that object's config (its defaults here): a switch of one loaded object, not of the checkpoint (the merged config
+#: gets the defaults: `apply.build.with_stock_outputs`; an object's config is compared without them:
+#: `objects.holds_config`).
+OUTPUT_SWITCHES = {"return_dict": True, "output_hidden_states": False, "output_attentions": False}
 
 
 # Config keys that point at code in a parent's repo (`trust_remote_code` classes and pipelines). The merged
@@ -58,20 +66,35 @@ def config_differences(a: PretrainedConfig, b: PretrainedConfig, prefix: str = "
                        ignored: Collection[str] = ()) -> list[str]:
     """`key: a vs b` for each field that differs, labels, bookkeeping, dropout rates and fields no eval-mode forward
     reads (`_NOT_COMPUTED_CONFIG_KEYS`) aside (and the `ignored` fields)."""
-    da, db = a.to_dict(), b.to_dict()
     skip = _IGNORED_CONFIG_KEYS | _NOT_COMPUTED_CONFIG_KEYS | set(ignored)
+    compared = lambda key: key not in skip and not training_only(key)  # noqa: E731
+    return _differences(a, b, compared, compared, prefix)
+
+
+def not_computed_differences(a: PretrainedConfig, b: PretrainedConfig) -> list[str]:
+    """`key: a vs b` for each field no eval-mode forward reads (`_NOT_COMPUTED_CONFIG_KEYS`) that differs: what
+    `config_differences` lets parents differ in, and the merged config takes from parent A — said, not refused."""
+    return _differences(a, b, lambda key: key in _NOT_COMPUTED_CONFIG_KEYS,
+                        lambda key: key not in _IGNORED_CONFIG_KEYS and not training_only(key))
+
+
+def _differences(a: PretrainedConfig, b: PretrainedConfig, compared: Callable[[str], bool],
+                 descend: Callable[[str], bool], prefix: str = "") -> list[str]:
+    """`key: a vs b` for each `compared` field that differs, and for each `compared` field of the sub-configs
+    (`text_config`) to `descend` into, named `key.sub`."""
+    da, db = a.to_dict(), b.to_dict()
     problems = []
     for key in sorted(set(da) | set(db)):
-        if key in skip or training_only(key):
-            continue
         va, vb = da.get(key), db.get(key)
         if isinstance(va, dict) and isinstance(vb, dict) and key.endswith("_config"):
-            sub_a = {k: v for k, v in va.items() if k not in skip and not training_only(k)}
-            sub_b = {k: v for k, v in vb.items() if k not in skip and not training_only(k)}
+            if not descend(key):
+                continue
+            sub_a = {k: v for k, v in va.items() if compared(k)}
+            sub_b = {k: v for k, v in vb.items() if compared(k)}
             for sub in sorted(set(sub_a) | set(sub_b)):
                 if sub_a.get(sub) != sub_b.get(sub):
                     problems.append(f"{prefix}{key}.{sub}: {sub_a.get(sub)!r} vs {sub_b.get(sub)!r}")
-        elif va != vb:
+        elif compared(key) and va != vb:
             problems.append(f"{prefix}{key}: {va!r} vs {vb!r}")
     return problems
 

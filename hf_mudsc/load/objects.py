@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from hf_mudsc.errors import MergeInputError
+from hf_mudsc.load.checks import OUTPUT_SWITCHES
 from hf_mudsc.load.references import COMMIT_SHA, looks_like_path
 from hf_mudsc.load.weight_files import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
 
@@ -112,6 +113,33 @@ def held_as_given(models: Iterable[nn.Module]) -> Iterator[None]:
                 setattr(module, name, value)
 
 
+# The module attribute transformers' layers read to run their feed-forward in chunks of positions
+# (`apply_chunking_to_forward`, set from `config.chunk_size_feed_forward`; 0: whole sequences).
+FEED_FORWARD_CHUNKING = "chunk_size_feed_forward"
+
+
+@contextlib.contextmanager
+def whole_sequences(models: Iterable[nn.Module]) -> Iterator[None]:
+    """Every layer of `models` running its feed-forward on whole sequences inside the block, each layer's chunking
+    restored on leaving it. A chunked layer calls its MLP once per chunk of positions, so a hook on the MLP's modules
+    fires once per chunk: the merge's statistics, refit and RegMean passes, which record one call per batch, would
+    pair one parent's last chunk with the other's first (a silently wrong merge), or fail on chunks of other sizes.
+    Unchunked, the MLP computes the same values (it acts on each position alone). Shared modules are fine."""
+    saved: dict[int, tuple[nn.Module, Any]] = {}
+    for model in models:
+        for module in model.modules():
+            chunk = vars(module).get(FEED_FORWARD_CHUNKING)
+            if isinstance(chunk, int) and chunk and id(module) not in saved:
+                saved[id(module)] = (module, chunk)
+    try:
+        for module, _ in saved.values():
+            setattr(module, FEED_FORWARD_CHUNKING, 0)
+        yield
+    finally:
+        for module, chunk in saved.values():
+            setattr(module, FEED_FORWARD_CHUNKING, chunk)
+
+
 @dataclass(frozen=True)
 class ObjectSource:
     """Where a model object's weights can be read again: a local folder, or a Hub repo at a commit (`repo_id`,
@@ -139,9 +167,10 @@ def object_source(model: nn.Module, name_or_path: str) -> ObjectSource | None:
     return None
 
 
-#: Config keys that say where or how a config was read or saved, not what the model is.
+#: Config keys that say where or how a config was read or saved, or how one loaded object returns its outputs
+#: (`from_pretrained(folder, return_dict=False)`), not what the model is.
 _CONFIG_RECORD_KEYS = ("_name_or_path", "_commit_hash", "transformers_version", "dtype", "torch_dtype",
-                       "_attn_implementation_autoset", "_attn_implementation")
+                       "_attn_implementation_autoset", "_attn_implementation", *OUTPUT_SWITCHES)
 
 
 def holds_config(model: nn.Module, folder: str | os.PathLike) -> bool:
@@ -160,7 +189,14 @@ def holds_config(model: nn.Module, folder: str | os.PathLike) -> bool:
     except Exception as error:  # noqa: BLE001 - a config that cannot be compared is not known to be this one
         logger.debug("cannot compare the config in %s: %s", folder, error)
         return False
-    return all(full.get(key) == mine.get(key) for key in set(full) | set(mine) if key not in _CONFIG_RECORD_KEYS)
+    return _without_records(full) == _without_records(mine)
+
+
+def _without_records(config: dict[str, Any]) -> dict[str, Any]:
+    """A config's dict without `_CONFIG_RECORD_KEYS`, in its sub-configs too (CLIP's `text_config` records the dtype
+    it was loaded in)."""
+    return {key: _without_records(value) if isinstance(value, dict) and key.endswith("_config") else value
+            for key, value in config.items() if key not in _CONFIG_RECORD_KEYS}
 
 
 def holds_checkpoint_weights(model: nn.Module, folder: str | os.PathLike) -> bool:

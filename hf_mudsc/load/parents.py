@@ -45,6 +45,7 @@ from hf_mudsc.load.checks import (
     config_weights_refusal,
     is_multi_label_head,
     is_regression_head,
+    not_computed_differences,
     parameter_difference,
     same_class_fix,
     structure_mismatch,
@@ -887,8 +888,10 @@ def _named(located: _Located, index: int) -> str:
 
 
 def check_configs(located: Sequence[_Located]) -> None:
-    """Refuse parents whose configurations differ (architecture, sizes) before any weights are fetched."""
+    """Refuse parents whose configurations differ (architecture, sizes) before any weights are fetched; say in one
+    INFO line the differences the merge lets pass (`checks.not_computed_differences`: parent A's values are kept)."""
     first = located[0]
+    skipped: list[str] = []
     for index, other in enumerate(located[1:], start=1):
         if first.config is None or other.config is None:
             continue
@@ -901,6 +904,9 @@ def check_configs(located: Sequence[_Located]) -> None:
         differences = config_differences(first.config, other.config)
         if differences:
             raise ParentMismatchError(config_mismatch(f"{_named(first, 0)} and {_named(other, index)}", differences))
+        not_computed = not_computed_differences(first.config, other.config)
+        if not_computed:
+            skipped.append(f"parent {parent_label(index)}: {', '.join(not_computed)}")
         if kind_a.endswith("Classification") and is_regression_head(first.config) != is_regression_head(other.config):
             (regression, r), (classifier, c) = sorted(((first, 0), (other, index)),
                                                       key=lambda pair: not is_regression_head(pair[0].config))
@@ -920,6 +926,9 @@ def check_configs(located: Sequence[_Located]) -> None:
                 "problem_type, and either task would be read by the other's rule; merge multi-label heads with "
                 "multi-label heads, or merge their encoders (e.g. ViTModel)"
             )
+    if skipped:
+        logger.info("the parents' configs differ in fields no eval-mode forward reads (merged as they are; the merged "
+                    "config keeps parent A's values): %s", "; ".join(skipped))
 
 
 def held_parameters(located: _Located, keys: Sequence[str] | None = None) -> list[str] | None:
@@ -1034,6 +1043,19 @@ def hub_weight_names(located: _Located) -> list[str]:
     return [name for name in located.weight_files if name.endswith(".safetensors")]
 
 
+def _proper_tensor_info(info: Any) -> bool:
+    """Whether a tensor entry of a Hub safetensors header is what the safetensors format says (huggingface_hub's
+    parser does not check: a header of valid JSON but not of the format crashed whatever read it): a str dtype, a
+    shape of ints >= 0, data offsets of two ints 0 <= begin <= end."""
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    shape, offsets = info.shape, info.data_offsets
+    return (isinstance(info.dtype, str) and isinstance(shape, list) and all(is_int(n) and n >= 0 for n in shape)
+            and isinstance(offsets, tuple) and len(offsets) == 2 and all(is_int(n) for n in offsets)
+            and 0 <= offsets[0] <= offsets[1])
+
+
 def read_hub_headers(located: _Located, *, token: str | bool | None) -> dict[str, Any]:
     """The safetensors headers of a located Hub checkpoint, read over HTTP before any weight is downloaded: file name ->
     huggingface_hub's `SafetensorsFileMetadata`, in the files' order. The one reader of Hub headers: the loader
@@ -1046,6 +1068,7 @@ def read_hub_headers(located: _Located, *, token: str | bool | None) -> dict[str
     from concurrent.futures import ThreadPoolExecutor
 
     from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import SafetensorsParsingError
 
     names = hub_weight_names(located)
     if not names:
@@ -1056,9 +1079,19 @@ def read_hub_headers(located: _Located, *, token: str | bool | None) -> dict[str
     def read(name: str) -> Any:
         """The header of file `name`, or the exception reading it ended in (raised below, in the files' order)."""
         try:
-            return hub_request(reference, lambda: api.parse_safetensors_file_metadata(
+            header = hub_request(reference, lambda: api.parse_safetensors_file_metadata(
                 located.repo_id, name, revision=located.commit_sha, token=token,
                 timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT), what=f"reading the header of {name}")
+            if not all(_proper_tensor_info(info) for info in header.tensors.values()):
+                raise ValueError("a tensor entry is not {dtype, shape, data_offsets}")
+            return header
+        except (LoadError, SafetensorsParsingError) as error:  # a LoadError is a ValueError: `hub_request`'s words
+            return error
+        except (AttributeError, TypeError, ValueError) as error:
+            # huggingface_hub's parser takes any JSON: '[]' or '{"w": 5}' end in its AttributeError/TypeError
+            unrecognized = LoadError(corrupt_file_line(reference, name, "header format not recognized", hub=True))
+            unrecognized.__cause__ = error
+            return unrecognized
         except Exception as error:  # noqa: BLE001 - handed back to the caller's thread, which raises or maps it
             return error
 
