@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -49,17 +49,25 @@ def build_model(
     return merged.requires_grad_(True).eval()
 
 
-def with_stock_outputs(config: PretrainedConfig) -> PretrainedConfig:
+def with_stock_outputs(config: PretrainedConfig, parents: Sequence[PretrainedConfig] = ()) -> PretrainedConfig:
     """`config` (changed in place and returned) with transformers' default output switches (`OUTPUT_SWITCHES`), in
-    its sub-configs too: the merged config is copied from parent A's, and a parent A loaded to return tuples or hidden
-    states would write that into the merged config.json — its folder then returned tuples, and `pipeline(...)` on it
-    failed (a TypeError indexing them). The parents may differ in them; the merged model is a stock one."""
-    holders = [config, *(getattr(config, key, None) for key in getattr(config, "sub_configs", {}) or {})]
-    for holder in holders:
+    its sub-configs too, unless every parent in `parents` sets a switch alike: the merged config is copied from parent
+    A's, and a parent A loaded to return tuples or hidden states would write that into the merged config.json — its
+    folder then returned tuples, and `pipeline(...)` on it failed (a TypeError indexing them). A setting all the
+    parents share (configs saved with `return_dict=False` for torch.jit / ONNX export) is the user's, and kept."""
+    def holders(root: PretrainedConfig) -> list[Any]:
+        return [root, *(getattr(root, key, None) for key in getattr(root, "sub_configs", {}) or {})]
+
+    others = [holders(parent) for parent in parents]
+    for index, holder in enumerate(holders(config)):
         if not isinstance(holder, PretrainedConfig):
             continue
         for key, default in OUTPUT_SWITCHES.items():
-            if getattr(holder, key, default) != default:
+            value = getattr(holder, key, default)
+            shared = bool(others) and all(
+                index < len(other) and isinstance(other[index], PretrainedConfig)
+                and getattr(other[index], key, default) == value for other in others)
+            if value != default and not shared:
                 setattr(holder, key, default)
     return config
 
