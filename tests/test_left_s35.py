@@ -123,3 +123,19 @@ def test_a_malformed_merge_record_is_refused_before_the_evaluation_not_after_it(
     assert "accuracy" not in captured.out, captured.out  # refused before any scoring
     assert sorted(p.name for p in folder.iterdir()) == before
     shutil.rmtree(tmp_path / "eval")
+
+
+def test_tiny_constants_of_opposite_signs_are_not_one_unit():
+    """MiniLM's last LayerNorm scales two residual units by ~5e-33: at that hook they are constant at -4.5e-32 and
+    +3.8e-32. The constant-unit rule compared constants with an absolute 1e-5 and gave them similarity 1 with each
+    other's twins: activation_align on MiniLM and its permuted copy swapped two live residual units (error 0.52, was
+    exact). Constants match relative to the largest constant."""
+    import torch
+
+    from hf_mudsc.calibrate.correlation import match_constant_units
+
+    mean = torch.tensor([-4.48e-32, 3.82e-32, -4.47999e-32, 3.82e-32], dtype=torch.float64)
+    zeros = torch.zeros(4, dtype=torch.float64)
+    correlation = match_constant_units(torch.zeros(4, 4, dtype=torch.float64), mean, zeros)
+    assert correlation[0, 2] == correlation[1, 3] == 1  # the twins (to 1e-5) still match
+    assert correlation[0, 1] == correlation[0, 3] == correlation[2, 1] == 0  # opposite signs do not

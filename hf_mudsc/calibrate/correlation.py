@@ -17,6 +17,7 @@ CONSTANT_STD = 1e-12
 #: Two constant units are the same unit on the calibration data when their values agree to this share of the largest
 #: constant's magnitude (float32 forward passes of one function in two unit orders differ in the last bits).
 CONSTANT_MATCH = 1e-5
+CONSTANT_ROWS = 256  # constant units compared per step in `match_constant_units`
 
 
 def match_constant_units(correlation: torch.Tensor, mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
@@ -32,9 +33,14 @@ def match_constant_units(correlation: torch.Tensor, mean: torch.Tensor, variance
     if constant.numel() < 2:
         return correlation
     values = mean[constant]
-    same = (values[:, None] - values[None, :]).abs() <= CONSTANT_MATCH * float(values.abs().max().clamp_min(1.0))
-    block = correlation[constant[:, None], constant[None, :]]
-    correlation[constant[:, None], constant[None, :]] = torch.where(same, torch.ones_like(block), block)
+    # relative to the largest constant, with no absolute floor: MiniLM's last LayerNorm scales two residual units by
+    # ~5e-33, constant there at -4.5e-32 and +3.8e-32 — opposite signs, not one unit (an absolute 1e-5 matched them)
+    tolerance = CONSTANT_MATCH * float(values.abs().max())
+    one = torch.ones((), dtype=correlation.dtype, device=correlation.device)
+    for start in range(0, constant.numel(), CONSTANT_ROWS):  # a few rows at a time: no (k, k) temporaries
+        rows, columns = ((values[start:start + CONSTANT_ROWS, None] - values[None, :]).abs() <= tolerance).nonzero(
+            as_tuple=True)
+        correlation.index_put_((constant[start:start + CONSTANT_ROWS][rows], constant[columns]), one)
     return correlation
 
 
