@@ -139,3 +139,17 @@ def test_tiny_constants_of_opposite_signs_are_not_one_unit():
     correlation = match_constant_units(torch.zeros(4, 4, dtype=torch.float64), mean, zeros)
     assert correlation[0, 2] == correlation[1, 3] == 1  # the twins (to 1e-5) still match
     assert correlation[0, 1] == correlation[0, 3] == correlation[2, 1] == 0  # opposite signs do not
+
+
+def test_a_broken_json_recipe_gets_json_s_complaint_not_yaml_s(tmp_path):
+    """hf-mudsc merge --recipe r.json with a missing comma said "'r.json' is not valid YAML: ..." (the reader fell back
+    to YAML after JSON failed): a .json file gets JSON's line and column."""
+    from hf_mudsc.errors import RecipeError
+    from hf_mudsc.publish.recipe import Recipe
+
+    path = tmp_path / "r.json"
+    path.write_text('{\n\t"models": ["a", "b"]\n\t"alpha": 0.3\n}\n')
+    with pytest.raises(RecipeError) as caught:
+        Recipe.load(path)
+    message = str(caught.value)
+    assert "not valid JSON" in message and "line 3" in message and "YAML" not in message, message

@@ -208,6 +208,14 @@ class Recipe(MergeOptions):
         except RepeatedYAMLKey as error:
             raise RecipeError(f"{str(path)!r}: {error.line}") from None
         except (yaml.YAMLError, ValueError) as error:  # ValueError: an integer longer than Python reads (4300 digits)
+            if path.suffix.lower() == ".json":  # meant as JSON: JSON's own complaint, not the YAML reader's
+                try:
+                    json.loads(text)
+                except json.JSONDecodeError as json_error:
+                    raise RecipeError(f"{str(path)!r} is not valid JSON: {json_error.msg} (line {json_error.lineno}, "
+                                      f"column {json_error.colno})") from None
+                except (ValueError, RecursionError):
+                    pass
             raise RecipeError(f"{str(path)!r} is not valid YAML: {yaml_error_line(error)}") from None
         except RecursionError:
             raise RecipeError(f"{str(path)!r} is not valid YAML: it is nested too deeply to be a recipe") from None
