@@ -46,7 +46,7 @@ from hf_mudsc.diagnostics import (
     unread_options_warning,
 )
 from hf_mudsc.errors import MergeInputError, OptionError, parent_label
-from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_gradients_possible, check_parents
+from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS, check_gradients_possible, check_parents, non_finite_refusal
 from hf_mudsc.load.lazy import subset
 from hf_mudsc.load.objects import claimed_for_merge, held_as_given, model_objects
 from hf_mudsc.load.processors import (
@@ -1349,15 +1349,17 @@ def auto_before_loading(views: Sequence[LoadedParent], options: MergeOptions, ca
     base_links: list[ParentRelation] = []
     if has_base:
         base_params = None
+        base_name = None  # a base read from its files: its NaN/inf refused here, before any parent loads whole
         from hf_mudsc.load.parents import LoadedParent, parameters_of
 
         if base_view is not None or isinstance(found_base, LoadedParent):
             given = base_view if base_view is not None else found_base
             base_params = parameters_of(aligned_to_parent_a(given, model_a.config, spec) or given)
+            base_name = given.repo_id or given.reference
         elif isinstance(found_base, PreTrainedModel) and found_base.device.type != "meta":
             base_params = {name: tensor.detach() for name, tensor in found_base.named_parameters()}
         if base_params is not None:
-            base_links = base_relations(base_params, [view.parameters for view in aligned], spec)
+            base_links = base_relations(base_params, [view.parameters for view in aligned], spec, name=base_name)
 
     def holds(method: MergeMethod) -> dict[str, Any]:
         """What a merge by `method` loads and copies whole (it streams parents when it can)."""
@@ -1498,7 +1500,7 @@ def _check_base(base: Any, model_a: PreTrainedModel, spec: PermutationSpec,
                                 if key in dropped and not (concatenated_head and key in head)], weights)
     for key, tensor in base_params.items():
         if key not in dropped and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise MergeInputError(f"the base {name!r} has NaN or infinite values in {key!r}; fix or re-export it")
+            raise non_finite_refusal(f"the base {name!r}", key)  # the words `auto` refuses it in before loading
     names = dict(model_a.named_parameters())
     if not dropped and all(key in names for key in base_params):
         return base_params

@@ -153,3 +153,33 @@ def test_a_broken_json_recipe_gets_json_s_complaint_not_yaml_s(tmp_path):
         Recipe.load(path)
     message = str(caught.value)
     assert "not valid JSON" in message and "line 3" in message and "YAML" not in message, message
+
+
+def test_a_base_with_non_finite_weights_is_refused_before_any_parent_is_loaded_whole(tmp_path, monkeypatch):
+    """merge([a, b], base=folder with NaN) (method auto): the base's relations were judged from its NaN values, parent
+    A was loaded whole, and only then `_check_base` refused the base."""
+    import torch
+    import transformers
+    from factories import fine_tune
+
+    from hf_mudsc.errors import MergeInputError
+
+    base = make_model("vit_cls", seed=0)
+    fine_tune(copy_of(base), 1, 0.05).save_pretrained(tmp_path / "a")
+    fine_tune(copy_of(base), 2, 0.05).save_pretrained(tmp_path / "b")
+    with torch.no_grad():
+        base.vit.layers[1].mlp.fc1.weight[0, 0] = float("nan")
+    base.save_pretrained(tmp_path / "base")
+    monkeypatch.setattr(transformers.ViTForImageClassification, "from_pretrained",
+                        lambda *args, **kwargs: pytest.fail("a model was loaded whole before the refusal"))
+    with pytest.raises(MergeInputError) as refused:
+        hf_mudsc.merge([str(tmp_path / "a"), str(tmp_path / "b")], base=str(tmp_path / "base"), progress=False)
+    message = str(refused.value)
+    assert "\n" not in message and "the base" in message and "NaN or infinite" in message, message
+    assert "'vit.layers.1.mlp.fc1.weight'" in message, message
+
+
+def copy_of(model):
+    import copy
+
+    return copy.deepcopy(model)

@@ -265,8 +265,8 @@ def _attention_params(spec: PermutationSpec) -> set[str]:
 
 
 def parent_relation(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, torch.Tensor],
-                    spec: PermutationSpec, labels: Sequence[str] = ("A", "B"), *, check_values: bool = True
-                    ) -> tuple[ParentRelation, tuple[int, str] | None]:
+                    spec: PermutationSpec, labels: Sequence[str] = ("A", "B"), *, check_values: bool = True,
+                    base: str | None = None) -> tuple[ParentRelation, tuple[int, str] | None]:
     """The parents' relation, and — when a parent looks protected — which one (0 = A, 1 = B) and why, else None.
 
     `labels`: how the reason names the two parents. `check_values`: refuse a parent holding NaN or inf (`parent
@@ -274,7 +274,9 @@ def parent_relation(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
     tensor anyway (Σa² in float64 is finite exactly when `a` is), so no tensor is read again for it; the tensors
     not compared (a head of another shape, a tensor one parent lacks) are read for it alone. The merge's only NaN
     check of the parents: it runs before calibration, and for `auto` before any parent is loaded whole. Off for a
-    base (`base_relations`), which `pipeline._check_base` refuses in its own words."""
+    base (`base_relations`); given the base's name (`base`: `params_a` is that base), the tensors of it compared —
+    those a merge reads — are refused alike from the same sums, so `auto` refuses a corrupt base before it loads any
+    parent whole (`pipeline._check_base` refuses it otherwise, in the same words)."""
     imbalance = []
     for side, params in enumerate((params_a, params_b)):
         blocks = factor_imbalance(params, spec)
@@ -310,6 +312,9 @@ def parent_relation(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
             for label, tensor in ((labels[0], a), (labels[1], b)):
                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                     raise non_finite_refusal(f"parent {label}", name)
+        if base is not None and not math.isfinite(sums[2]) and a.is_floating_point() \
+                and not bool(torch.isfinite(a).all()):  # sums[2] = Σa² in float64: finite exactly when `a` is
+            raise non_finite_refusal(f"the base {base!r}", name)
         whole.add_unsorted(sums)
         if a.dim() >= 2:
             matrices.add_unsorted(sums)
@@ -423,10 +428,11 @@ def check_parents_mergeable(params: Sequence[Mapping[str, torch.Tensor]], spec: 
 
 
 def base_relations(base: Mapping[str, torch.Tensor], params: Sequence[Mapping[str, torch.Tensor]],
-                   spec: PermutationSpec) -> list[ParentRelation]:
+                   spec: PermutationSpec, *, name: str | None = None) -> list[ParentRelation]:
     """How each parent relates to the base (a fine-tune of it is `shared base`); the base is no parent, so it is
-    not refused here as a protected one."""
-    return [parent_relation(base, parent, spec, check_values=False)[0] for parent in params]
+    not refused here as a protected one. Given the base's `name`, NaN/inf in the tensors of it a merge reads are
+    refused from the sums taken anyway (`parent_relation(base=...)`)."""
+    return [parent_relation(base, parent, spec, check_values=False, base=name)[0] for parent in params]
 
 
 def base_is_a_parent(name: str, parents: Sequence[str], method: str, how: str) -> str:
