@@ -849,7 +849,7 @@ def merge(
         if report.diagnostics is not None and alpha_curve is not None:
             report.diagnostics.alpha_curve = alpha_curve
 
-    config = with_stock_outputs(copy.deepcopy(model_a.config), [m.config for m in loaded])
+    config = with_stock_outputs(copy.deepcopy(model_a.config))
     for key in REMOTE_CODE_CONFIG_KEYS:
         if hasattr(config, key):
             delattr(config, key)

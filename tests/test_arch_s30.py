@@ -3,6 +3,8 @@ merge must merge right or refuse in one line before heavy work."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from factories import make_batches, make_model, model_output, permuted_copy, relative_error
 
@@ -13,17 +15,20 @@ pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.mark.parametrize("kind", ["bert_cls", "roberta_cls", "bert"])
-def test_a_parent_whose_config_says_return_dict_false_merges(kind, tmp_path):
+def test_a_parent_whose_config_says_return_dict_false_merges(kind, tmp_path, caplog):
     """A config saved with `return_dict=False` (set for torch.jit / ONNX export) makes the forward return a tuple:
-    the merge read `.logits` of it and died with a bare StopIteration after calibration and the solve. Every pass
-    asks for the output object; the merged model keeps the user's setting."""
+    the merged model is a stock one (session 35: `from_pretrained(..., return_dict=False)` puts the switch on the
+    objects, not in their checkpoints, and a merged folder returning tuples broke `pipeline()`), and says so."""
     model = make_model(kind, 0)
     model.config.return_dict = False
     copy = permuted_copy(model, spec_for(model), seed=1)
     batches = make_batches(kind)
-    merged = hf_mudsc.merge([model, copy], batches, progress=False)
-    assert merged.config.return_dict is False
-    merged.config.return_dict = model.config.return_dict = True
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        merged = hf_mudsc.merge([model, copy], batches, progress=False)
+    assert merged.config.return_dict is True
+    assert any("return_dict=False" in record.getMessage() and "default output switches" in record.getMessage()
+               for record in caplog.records)
+    model.config.return_dict = True
     assert relative_error(model_output(merged, batches[0]), model_output(model, batches[0])) < 1e-4
 
 

@@ -183,3 +183,49 @@ def copy_of(model):
     import copy
 
     return copy.deepcopy(model)
+
+
+def test_forward_wrappers_naming_only_non_inputs_or_set_on_the_instance_still_show_the_inputs():
+    """Review of the wrapper fix: `forward(self, *args, labels=None, **kwargs)` (a custom-loss subclass) and a forward
+    set on a stock model's instance (`model.forward = MethodType(logged, model)`) still hid 'pixel_values'."""
+    import types
+
+    from hf_mudsc.calibrate.layer_inputs import model_input_names
+
+    stock = make_model("vit_cls", 0)
+
+    class WithLoss(type(stock)):
+        def forward(self, *args, labels=None, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    assert "pixel_values" in model_input_names(WithLoss(stock.config))
+    original = stock.forward
+    stock.forward = types.MethodType(lambda self, *args, **kwargs: original(*args, **kwargs), stock)
+    assert "pixel_values" in model_input_names(stock)
+
+
+def test_parent_objects_all_loaded_to_return_tuples_give_a_stock_merged_folder(tmp_path):
+    """Review: merge([from_pretrained(A, return_dict=False), from_pretrained(B, return_dict=False)]) wrote
+    return_dict: false into the merged config.json (the parents' checkpoints hold no such setting): the folder's
+    pipeline() failed on tuples."""
+    import json
+
+    from transformers import AutoModelForSequenceClassification
+
+    stock = make_model("bert_cls", 0)
+    stock.save_pretrained(tmp_path / "a")
+    permuted_copy(stock, spec_for(stock), seed=3).save_pretrained(tmp_path / "b")
+    a, b = (AutoModelForSequenceClassification.from_pretrained(tmp_path / name, return_dict=False) for name in "ab")
+    merged = hf_mudsc.merge([a, b], calibration=make_batches("bert_cls", num_batches=2, batch_size=8),
+                            method="mudsc", refit="none", progress=False)
+    hf_mudsc.save_merged(merged, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text()).get("return_dict", True) is True
+    assert a.config.return_dict is False  # the parent objects as given
+
+
+def test_inspect_reads_a_recipe_whose_suffix_is_upper_case(tmp_path, capsys):
+    """Review: `merge --recipe r.JSON` read the recipe, `inspect r.JSON` said it was neither a folder nor a recipe."""
+    path = tmp_path / "r.JSON"
+    path.write_text('{"models": ["org/a", "org/b"], "alpha": 0.3}')
+    code, lines = run_cli(["inspect", str(path)], capsys)
+    assert code == 0, lines

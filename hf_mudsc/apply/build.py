@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -13,6 +14,8 @@ from hf_mudsc.load.checks import OUTPUT_SWITCHES, stock_class
 from hf_mudsc.load.objects import held_as_given
 from hf_mudsc.load.parents import constructor_options
 from hf_mudsc.spec import Group, PermutationSpec
+
+logger = logging.getLogger(__name__)
 
 
 def build_model(
@@ -49,26 +52,25 @@ def build_model(
     return merged.requires_grad_(True).eval()
 
 
-def with_stock_outputs(config: PretrainedConfig, parents: Sequence[PretrainedConfig] = ()) -> PretrainedConfig:
+def with_stock_outputs(config: PretrainedConfig) -> PretrainedConfig:
     """`config` (changed in place and returned) with transformers' default output switches (`OUTPUT_SWITCHES`), in
-    its sub-configs too, unless every parent in `parents` sets a switch alike: the merged config is copied from parent
-    A's, and a parent A loaded to return tuples or hidden states would write that into the merged config.json — its
-    folder then returned tuples, and `pipeline(...)` on it failed (a TypeError indexing them). A setting all the
-    parents share (configs saved with `return_dict=False` for torch.jit / ONNX export) is the user's, and kept."""
-    def holders(root: PretrainedConfig) -> list[Any]:
-        return [root, *(getattr(root, key, None) for key in getattr(root, "sub_configs", {}) or {})]
-
-    others = [holders(parent) for parent in parents]
-    for index, holder in enumerate(holders(config)):
+    its sub-configs too: the merged config is copied from parent A's, and a parent loaded to return tuples or hidden
+    states (`from_pretrained(..., return_dict=False)` sets it on the object, not in its checkpoint) would write that
+    into the merged config.json — its folder then returned tuples, and `pipeline(...)` on it failed (a TypeError
+    indexing them). The merged model is a stock one; a switch reset is said (set it on the merged model to export)."""
+    holders = [config, *(getattr(config, key, None) for key in getattr(config, "sub_configs", {}) or {})]
+    reset = []
+    for holder in holders:
         if not isinstance(holder, PretrainedConfig):
             continue
         for key, default in OUTPUT_SWITCHES.items():
-            value = getattr(holder, key, default)
-            shared = bool(others) and all(
-                index < len(other) and isinstance(other[index], PretrainedConfig)
-                and getattr(other[index], key, default) == value for other in others)
-            if value != default and not shared:
+            if getattr(holder, key, default) != default:
+                reset.append(f"{key}={getattr(holder, key)!r}")
                 setattr(holder, key, default)
+    if reset:
+        logger.info("the merged config has transformers' default output switches (parent A's object had %s); set "
+                    "them on the merged model's config if you need them (e.g. for torch.jit / ONNX export)",
+                    ", ".join(dict.fromkeys(reset)))
     return config
 
 

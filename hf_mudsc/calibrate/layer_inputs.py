@@ -28,19 +28,27 @@ FORWARD_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, AttributeErro
 NOT_MODEL_INPUTS = frozenset({"labels", "label", "return_loss"})
 
 
+def _names_inputs(parameters: list[inspect.Parameter]) -> bool:
+    """Whether a forward's parameters name a model input (not only `*args`, `**kwargs` and `NOT_MODEL_INPUTS`)."""
+    return any(p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+               and p.name not in NOT_MODEL_INPUTS for p in parameters)
+
+
 def forward_parameters(model: nn.Module) -> list[inspect.Parameter]:
-    """The parameters of the model's forward, read from the nearest class in its MRO whose forward names them: a
-    user's subclass wrapping the stock forward as `forward(self, *args, **kwargs)` hides the input names its
-    `super().forward` reads, and the stock class's signature is what the call reaches."""
+    """The parameters of the model's forward, read from the nearest forward that names its inputs: a user's wrapper
+    of the stock forward — a subclass's `forward(self, *args, labels=None, **kwargs)`, or a function set on the
+    instance — hides the input names the stock forward it calls reads, and that signature is what the call reaches."""
     own = list(inspect.signature(model.forward).parameters.values())
-    if any(p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL) for p in own):
+    if _names_inputs(own):
         return own
-    for cls in type(model).__mro__[1:]:
+    bound = getattr(model.forward, "__func__", None)
+    replaced = bound is not type(model).__dict__.get("forward", bound)  # a forward set on the instance
+    for cls in type(model).__mro__[0 if replaced else 1:]:
         forward = cls.__dict__.get("forward")
         if forward is None:
             continue
         named = list(inspect.signature(forward).parameters.values())[1:]  # without self
-        if any(p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL) for p in named):
+        if _names_inputs(named):
             return named
     return own
 

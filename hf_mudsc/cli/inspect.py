@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
             return inspect_folder(target, output=args.output, overwrite=args.overwrite, plots=not args.no_plots)
         except (AttributeError, TypeError, KeyError, IndexError) as error:  # config.json's `mudsc` of another shape
             raise ValueError(malformed(target, "config.json", f"{type(error).__name__}: {error}")) from None
-    if target.is_file() and (target.suffix in (".yaml", ".yml") or target.suffix == ".json"
+    if target.is_file() and (target.suffix.lower() in (".yaml", ".yml") or target.suffix.lower() == ".json"
                              and is_json_recipe(target)):  # what `merge --recipe` reads
         if args.output is not None:  # a recipe has no plots: ignored, the run ended 0 with none and no word
             raise UsageError(f"--output is where the plots of a merged-model folder go, and the recipe "

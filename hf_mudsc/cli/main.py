@@ -201,9 +201,9 @@ def disk_failure(error: BaseException, command: str | None) -> str | None:
     return f"hf-mudsc {command}: error: {line}{claim}; {fix}"
 
 
-# The argparse actions that hold one value (store, store_const / store_true / store_false, --x/--no-x): given a
-# second time, argparse keeps the last silently. Flags meant to repeat (append, count: `--dataset`, `-v`) are not.
-# A switch that stores one constant (`-q`, `--dry-run`) means the same however often it is given: not counted
+# The argparse actions that hold one value (store, --x/--no-x): given a second time, argparse keeps the last
+# silently. Not counted: flags meant to repeat (append, count: `--dataset`, `-v`) and switches storing one constant
+# (store_true / store_const: `-q`), which mean the same however often they are given.
 SINGLE_VALUE_ACTIONS = (argparse._StoreAction, argparse.BooleanOptionalAction)
 
 
