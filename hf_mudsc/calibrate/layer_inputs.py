@@ -53,9 +53,11 @@ def forward_parameters(model: nn.Module) -> list[inspect.Parameter]:
     return own
 
 
-def model_input_names(model: nn.Module) -> set[str]:
-    """The names of the model's forward arguments that are model inputs (not `NOT_MODEL_INPUTS`, not `**kwargs`)."""
-    return {parameter.name for parameter in forward_parameters(model) if parameter.name not in NOT_MODEL_INPUTS
+def model_input_names(model: nn.Module, parameters: list[inspect.Parameter] | None = None) -> set[str]:
+    """The names of the model's forward arguments that are model inputs (not `NOT_MODEL_INPUTS`, not `**kwargs`);
+    `parameters`: its `forward_parameters`, when the caller has them already."""
+    parameters = forward_parameters(model) if parameters is None else parameters
+    return {parameter.name for parameter in parameters if parameter.name not in NOT_MODEL_INPUTS
             and parameter.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
 
 
@@ -63,9 +65,10 @@ def forward_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]
     """The batch entries the model's forward reads as inputs (`model_input_names`), and `return_dict=True` where
     the forward takes it: a config saved with `return_dict=False` (for torch.jit / ONNX export) makes it return a
     tuple, and every pass reads its outputs by name."""
-    accepted = model_input_names(model)
+    parameters = forward_parameters(model)  # once per batch: a signature read, and for a wrapper its MRO walked
+    accepted = model_input_names(model, parameters)
     inputs = {k: v for k, v in batch.items() if k in accepted}
-    if any(p.name == "return_dict" or p.kind is inspect.Parameter.VAR_KEYWORD for p in forward_parameters(model)):
+    if any(p.name == "return_dict" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         inputs["return_dict"] = True
     return inputs
 

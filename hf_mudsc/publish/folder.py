@@ -802,12 +802,13 @@ def _put_in_place(writes: list[tuple[Path, Callable[[Path], None]]], *, root: Pa
         for folder in dict.fromkeys([*(path.parent for path, _ in writes), *([root] if root is not None else [])]):
             if folder.is_dir():
                 clean_temporaries(folder)
+        mode = 0o666 & ~_umask()  # read once, not once per file
         for path, write in writes:
             path.parent.mkdir(parents=True, exist_ok=True)
             temporary = temporary_beside(path)
             staged.append((path, temporary))
             write(temporary)
-            temporary.chmod(0o666 & ~_umask())
+            temporary.chmod(mode)
         # The marker names the new files before any is in place: a full disk fails here and changes nothing.
         listings = _marker_listings(root, staged, finished=finished) if root is not None else None
         renames = list(staged)
