@@ -227,5 +227,20 @@ def test_inspect_reads_a_recipe_whose_suffix_is_upper_case(tmp_path, capsys):
     """Review: `merge --recipe r.JSON` read the recipe, `inspect r.JSON` said it was neither a folder nor a recipe."""
     path = tmp_path / "r.JSON"
     path.write_text('{"models": ["org/a", "org/b"], "alpha": 0.3}')
-    code, lines = run_cli(["inspect", str(path)], capsys)
-    assert code == 0, lines
+    from cli_runs import run_cli_output
+
+    code, out, err = run_cli_output(["inspect", str(path)], capsys)
+    assert code == 0, err
+    assert "would merge: org/a, org/b" in out, out  # the recipe read
+
+
+def test_inspect_of_an_auto_recipe_shows_the_alpha_it_sets(tmp_path, capsys):
+    """hf-mudsc inspect r.yaml (models, alpha: 0.3, method auto by default) said "other options: all at their
+    defaults": alpha and matcher were left out of that line as shown on the method's line, which auto does not show."""
+    from cli_runs import run_cli_output
+
+    path = tmp_path / "r.yaml"
+    path.write_text("models: [org/a, org/b]\nalpha: 0.3\n")
+    code, out, err = run_cli_output(["inspect", str(path)], capsys)
+    assert code == 0, err
+    assert "alpha = 0.3" in out and "all at their defaults" not in out, out

@@ -495,7 +495,9 @@ def inspect_recipe(path: Path) -> int:
         samples = f", {recipe.num_samples} samples" if recipe.num_samples else ", every sample"
         where = "given in memory to hf_mudsc.merge, not recorded" if in_memory else recipe.calibration
         lines.append(f"  calibration: {where}{samples}")
-    shown = {"models", "method", "matcher", "alpha", "calibration", "num_samples"} - unread
+    # matcher and alpha are on the method's line, except under auto, which names no settings there
+    shown = {"models", "method", "calibration", "num_samples",
+             *(() if is_auto(recipe.method) else ("matcher", "alpha"))} - unread
     others = [f"{key} = {getattr(recipe, key)!r}{' (no effect)' if key in unread else ''}" for key in Recipe.keys()
               if key not in shown and getattr(recipe, key) != getattr(defaults, key)]
     lines.append(f"  other options: {', '.join(others) if others else 'all at their defaults'}")
