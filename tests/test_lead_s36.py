@@ -1,0 +1,30 @@
+"""Session 36 (lead): defects found test first."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+BODY = {"models": ["user/a", "user/b"], "method": "average", "dry_run": True}
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/yaml"])
+def test_a_job_body_starting_with_a_byte_order_mark_is_read(tmp_path, content_type):
+    """POST '\\ufeff{...}' (Windows editors, PowerShell's Out-File save one): was a 400 "not valid JSON" though a recipe
+    file with the same BOM merges; the mark is dropped as for a recipe file (RFC 8259 lets a parser ignore it)."""
+    from fastapi.testclient import TestClient
+
+    from hf_mudsc.serve.app import create_app
+
+    client = TestClient(create_app(tmp_path / "state"), base_url="http://127.0.0.1")
+    body = "\ufeff" + json.dumps(BODY)
+    answer = client.post("/api/jobs", content=body.encode(), headers={"Content-Type": content_type})
+    assert answer.status_code == 201, answer.text
+    job = client.get(f"/api/jobs/{answer.json()['id']}").json()
+    assert job["recipe"]["models"] == BODY["models"]
+    # only a leading mark: one inside the text is the text's (a name holding U+FEFF is no BOM)
+    inside = json.dumps({**BODY, "output": "x\ufeffy"}, ensure_ascii=False).encode()
+    kept = client.post("/api/jobs", content=inside, headers={"Content-Type": content_type})
+    assert kept.status_code == 201, kept.text
+    assert client.get(f"/api/jobs/{kept.json()['id']}").json()["recipe"]["output"] == "x\ufeffy"
