@@ -28,3 +28,14 @@ def test_a_job_body_starting_with_a_byte_order_mark_is_read(tmp_path, content_ty
     kept = client.post("/api/jobs", content=inside, headers={"Content-Type": content_type})
     assert kept.status_code == 201, kept.text
     assert client.get(f"/api/jobs/{kept.json()['id']}").json()["recipe"]["output"] == "x\ufeffy"
+
+
+@pytest.mark.parametrize("command", [["demo"], ["inspect", "merged"]])
+def test_every_command_writing_a_folder_takes_o_for_output(command):
+    """`hf-mudsc demo -o out` was refused ("unrecognized arguments: -o") while `merge -o out` works and the README says
+    `-o` is short for `--output`: every command with an --output takes -o."""
+    from hf_mudsc.cli.main import build_parser
+
+    args = build_parser().parse_args([*command, "-o", "out"])
+    assert args.output == "out"
+    assert build_parser().parse_args([*command, "--output", "out"]).output == "out"
