@@ -39,3 +39,20 @@ def test_every_command_writing_a_folder_takes_o_for_output(command):
     args = build_parser().parse_args([*command, "-o", "out"])
     assert args.output == "out"
     assert build_parser().parse_args([*command, "--output", "out"]).output == "out"
+
+
+def test_a_parent_object_whose_id2label_keys_are_no_numbers_is_refused_in_one_line():
+    """merge([a, b]) with a.config.id2label = {"a": "x", ...} (set on the object): a bare `ValueError: invalid literal
+    for int()` from the label code; a folder's config.json with such keys was already one line (AutoConfig's)."""
+    from factories import make_model
+
+    import hf_mudsc
+    from hf_mudsc.errors import LoadError
+
+    a, b = make_model("vit_cls", seed=0), make_model("vit_cls", seed=1)
+    a.config.id2label = {"a": "x", "b": "y", "c": "z"}
+    with pytest.raises(LoadError) as caught:
+        hf_mudsc.merge([a, b], method="average", progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and "id2label" in message and "'a'" in message, message
+    assert a.config.id2label == {"a": "x", "b": "y", "c": "z"}
