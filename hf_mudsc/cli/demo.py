@@ -102,7 +102,8 @@ def _first_clause(text: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("--output", metavar="DIR", default="hf-mudsc-demo", type=path_text, help="folder for the MuDSC-merged model")
+    add("-o", "--output", metavar="DIR", default="hf-mudsc-demo", type=path_text,
+        help="folder for the MuDSC-merged model")
     add("--overwrite", action="store_true", help="replace an existing output folder")
     add("--hidden-size", type=int, default=64, metavar="N",
         help=f"width of the two ViTs (a multiple of 4, at most {MAX_HIDDEN_SIZE})")

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", metavar="DIR|RECIPE", type=path_text,
                         help="a merged-model folder (written by `hf-mudsc merge --output DIR`) or a recipe file "
                              "(mudsc_recipe.yaml)")
-    parser.add_argument("--output", metavar="DIR", default=None, type=path_text,
+    parser.add_argument("-o", "--output", metavar="DIR", default=None, type=path_text,
                         help=f"folder for the redrawn plots (default: DIR/{PLOTS_FOLDER})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     parser.add_argument("--no-plots", action="store_true", help="print the summary only, draw nothing")

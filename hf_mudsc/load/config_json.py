@@ -79,16 +79,26 @@ def check_config_json(folder: Path, reference: str) -> dict[str, Any]:
     return data
 
 
+def _is_integer(key: Any) -> bool:
+    try:
+        int(key)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def check_label_numbers(id2label: Any, where: str) -> None:
     """`id2label` names classifier row `i` by key `i`: keys other than 0 .. n-1 (`-1, 0, 1`) would be read in sorted
-    order, each label naming another row than transformers gives it. Keys that are no integers are left to
-    `AutoConfig`, which refuses them."""
+    order, each label naming another row than transformers gives it. A key that is no integer (`"a"`) names no row:
+    `AutoConfig` refuses it in a config.json, and a model object's config (set after it was built) is refused here."""
     if not isinstance(id2label, dict):
         return
     try:
         numbers = sorted(int(key) for key in id2label)
     except (TypeError, ValueError):
-        return
+        key = next(key for key in id2label if not _is_integer(key))
+        raise LoadError(f"{where}: id2label has the key {shown(key)}, which is no class number (0 to "
+                        f"{len(id2label) - 1}, one per classifier row); {FIX}") from None
     if numbers != list(range(len(numbers))):
         raise LoadError(f"{where}: id2label numbers its labels {shown(numbers)}, not 0 to {len(numbers) - 1} (one per "
                         f"classifier row); {FIX}")

@@ -565,7 +565,7 @@ def _json_mapping(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _parse_body(raw: bytes, content_type: str) -> Any:
     try:  # refused, not repaired: a replaced byte would name a folder or a parent the client never sent
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a leading byte order mark dropped, as a recipe file's (RFC 8259 allows)
     except UnicodeDecodeError as problem:
         raise RecipeError(f"the body is not UTF-8 text (byte {problem.start}: {problem.reason}); send it as "
                           "UTF-8") from None

@@ -1,0 +1,58 @@
+"""Session 36 (lead): defects found test first."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+BODY = {"models": ["user/a", "user/b"], "method": "average", "dry_run": True}
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/yaml"])
+def test_a_job_body_starting_with_a_byte_order_mark_is_read(tmp_path, content_type):
+    """POST '\\ufeff{...}' (Windows editors, PowerShell's Out-File save one): was a 400 "not valid JSON" though a recipe
+    file with the same BOM merges; the mark is dropped as for a recipe file (RFC 8259 lets a parser ignore it)."""
+    from fastapi.testclient import TestClient
+
+    from hf_mudsc.serve.app import create_app
+
+    client = TestClient(create_app(tmp_path / "state"), base_url="http://127.0.0.1")
+    body = "\ufeff" + json.dumps(BODY)
+    answer = client.post("/api/jobs", content=body.encode(), headers={"Content-Type": content_type})
+    assert answer.status_code == 201, answer.text
+    job = client.get(f"/api/jobs/{answer.json()['id']}").json()
+    assert job["recipe"]["models"] == BODY["models"]
+    # only a leading mark: one inside the text is the text's (a name holding U+FEFF is no BOM)
+    inside = json.dumps({**BODY, "output": "x\ufeffy"}, ensure_ascii=False).encode()
+    kept = client.post("/api/jobs", content=inside, headers={"Content-Type": content_type})
+    assert kept.status_code == 201, kept.text
+    assert client.get(f"/api/jobs/{kept.json()['id']}").json()["recipe"]["output"] == "x\ufeffy"
+
+
+@pytest.mark.parametrize("command", [["demo"], ["inspect", "merged"]])
+def test_every_command_writing_a_folder_takes_o_for_output(command):
+    """`hf-mudsc demo -o out` was refused ("unrecognized arguments: -o") while `merge -o out` works and the README says
+    `-o` is short for `--output`: every command with an --output takes -o."""
+    from hf_mudsc.cli.main import build_parser
+
+    args = build_parser().parse_args([*command, "-o", "out"])
+    assert args.output == "out"
+    assert build_parser().parse_args([*command, "--output", "out"]).output == "out"
+
+
+def test_a_parent_object_whose_id2label_keys_are_no_numbers_is_refused_in_one_line():
+    """merge([a, b]) with a.config.id2label = {"a": "x", ...} (set on the object): a bare `ValueError: invalid literal
+    for int()` from the label code; a folder's config.json with such keys was already one line (AutoConfig's)."""
+    from factories import make_model
+
+    import hf_mudsc
+    from hf_mudsc.errors import LoadError
+
+    a, b = make_model("vit_cls", seed=0), make_model("vit_cls", seed=1)
+    a.config.id2label = {"a": "x", "b": "y", "c": "z"}
+    with pytest.raises(LoadError) as caught:
+        hf_mudsc.merge([a, b], method="average", progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and "id2label" in message and "'a'" in message, message
+    assert a.config.id2label == {"a": "x", "b": "y", "c": "z"}
