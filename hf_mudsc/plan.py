@@ -512,6 +512,15 @@ def _tokens_for(name: str, tokens: Mapping[str, int]) -> int:
     return tokens.get(prefix, tokens.get("", 1))
 
 
+def group_tokens_per_example(spec: Any, tokens: Mapping[str, int]) -> list[int]:
+    """Calibration rows each group of `spec` reads per example, as the statistics count them: each hook's rows added
+    up, one per token of its tower (`tokens_per_example`'s `tokens`), or one for a hook read at one position
+    (`HookPoint.per_example`: the first token, a pooled output). Counting those per token hid the merge's own
+    calibration-size warning from the dry run (a ViT classifier's input read 17 rows per example, not 1)."""
+    return [sum(1 if h.per_example else _tokens_for(h.module, tokens) for h in g.hooks) if g.hooks else 1
+            for g in spec.groups]
+
+
 def solve_flops(widths: Sequence[int], columns: Sequence[int], parents: int = 2) -> float:
     """The solve's work in FLOPs, the unit `SOLVE_FACTOR` is fitted in: per group of width n with D weight
     columns, the weight correlation `[Z_A; Z_B]` product (2·(2n)²·D) and an O((2n)³) matching (N·n for N
@@ -980,7 +989,7 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     linear = {name: _numel(shape) for name, shape in shapes.items() if len(shape) >= 2 and name not in embeddings}
     widths = [g.width for g in spec.groups]
     columns = [sum(_numel(shapes[m.param]) // g.width for m in g.members if m.param in shapes) for g in spec.groups]
-    group_tokens = [max(_tokens_for(h.module, tokens) for h in g.hooks) if g.hooks else 1 for g in spec.groups]
+    group_tokens = group_tokens_per_example(spec, tokens)
     rows = calibration_plan.rows if calibration_plan is not None else None
     refitted, refit_examples = _refit_shapes(models_meta[0], spec, options, refit, tokens, rows)
     residual = max((getattr(sub, "hidden_size", 0) or 0 for sub in (

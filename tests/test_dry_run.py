@@ -157,9 +157,11 @@ def test_the_plan_is_json_and_matches_the_models(wide_inputs, tmp_path):
                                    "columns_unchecked_reason": ""}
     assert data["method"] == ("auto (chosen at merge time from the parents' weights and mudsc's solve on the "
                               "calibration data; estimated as mudsc)")
-    # the fixture's parents carry transformers' placeholder labels (LABEL_0, ...): that warning alone
+    # the fixture's parents carry transformers' placeholder labels (LABEL_0, ...), and the residual group (read at the
+    # class token: one row per example) sees 32 rows for 2 x 64 units — the merge says both (session 36)
     assert data["matcher"] == "zip" and [w[:60] for w in data["warnings"]] == [
-        "the parents' heads are fused as one label set because every "]
+        "the parents' heads are fused as one label set because every ",
+        "calibration too small for the widths: group 'residual' (64 u"]
     assert "dry_run" not in data["options"] and data["options"]["alpha"] == 0.5
     estimate = data["estimate"]
     assert estimate["seconds"] == pytest.approx(estimate["calibration_seconds"] + estimate["solve_seconds"]
