@@ -48,3 +48,23 @@ def test_the_dry_run_counts_the_rows_each_group_reads(kind):
             assert tokens * 16 >= count > 16 * hooks, (group.name, count, tokens)
         else:
             assert tokens * 16 == count, (group.name, count, tokens)
+
+
+def test_a_size_budget_leaves_the_figures_of_groups_it_did_not_widen_alone():
+    """merge(vit_cls 1 and 2, size=1.5) showed the residual's fused pairs at weight correlation 0.123 against 0.170
+    at size 1, with the same residual match: the diagnostics mapped the MLP axes by the widened matches, not by the
+    matches the solve computed its similarity at ("blended: the similarity the units were matched on")."""
+    models = [make_model("vit_cls", seed, 3) for seed in (1, 2)]
+    batches = make_batches("vit_cls", 4, 16)
+    reports = [hf_mudsc.merge(models, batches, method="mudsc", refit="none", size=size, progress=False).merge_report
+               for size in (1.0, 1.5)]
+    plain, widened = (report.diagnostics for report in reports)
+    for name in ("residual", "vit.layers.0.attention.qk", "vit.layers.1.attention.v"):  # not widened
+        assert reports[0].matches[reports[0].group_names.index(name)].same_as(
+            reports[1].matches[reports[1].group_names.index(name)]), name
+        before, after = plain.group(name), widened.group(name)
+        assert (after.weight, after.activation, after.blended, after.cross_fraction) == (
+            before.weight, before.activation, before.blended, before.cross_fraction), name
+    # the widened MLP groups show the merged model: every unit kept unfused, so no A-B pair to score
+    assert widened.group("vit.layers.0.mlp").cross_fraction == 0.0
+    assert widened.group("vit.layers.0.mlp").blended is None

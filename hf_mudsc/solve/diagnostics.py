@@ -277,12 +277,17 @@ def compute_diagnostics(
     starts: Mapping[str, float] | None = None,
     solve_start: str | None = None,
     heatmap_units: int = HEATMAP_UNITS,
+    solved_matches: Sequence[Match | None] | None = None,
 ) -> MergeDiagnostics | None:
     """The diagnostics of a finished solve (None when no group was matched, e.g. `average`).
 
     `spec` is the spec the solve matched with (weight similarities as in docs/design.md §4.3, other axes mapped by
     the final matches). Only the fused pairs' entries and a sampled block are computed: `O(n · D)` per group,
     not the `O(n² · D)` of a full weight correlation.
+
+    `solved_matches`: the solve's matches when a size budget widened them into `matches` (§4.12): the weight
+    similarity maps the other groups' axes by these, as the solve did, while the fused pairs are those of `matches`
+    (the merged model's) — mapped by the widened ones, the residual's unchanged match showed a lower correlation.
     """
     import torch
 
@@ -290,7 +295,7 @@ def compute_diagnostics(
 
     if not any(m is not None for m in matches):
         return None
-    maps = [GroupMaps.from_match(m) if m is not None else None for m in matches]
+    maps = [GroupMaps.from_match(m) if m is not None else None for m in (solved_matches or matches)]
     # Without activations the units were matched on weights alone, whatever `alpha` says.
     weight_share = 1.0 if correlations is None else (0.0 if alpha is None else float(alpha))
     report = MergeDiagnostics(
