@@ -4,6 +4,7 @@ independent computation on tiny models (session 36's diagnostics hunt)."""
 from __future__ import annotations
 
 import pytest
+from cli_runs import run_cli_output
 from factories import KINDS, make_batches, make_model
 
 import hf_mudsc
@@ -68,3 +69,20 @@ def test_a_size_budget_leaves_the_figures_of_groups_it_did_not_widen_alone():
     # the widened MLP groups show the merged model: every unit kept unfused, so no A-B pair to score
     assert widened.group("vit.layers.0.mlp").cross_fraction == 0.0
     assert widened.group("vit.layers.0.mlp").blended is None
+
+
+def test_inspect_shows_and_draws_the_alpha_auto_curve_of_a_three_parent_merge(tmp_path, capsys):
+    """hf-mudsc inspect of a 3-parent merge with alpha='auto' said 'alpha 0.9' as if given and drew no fidelity curve,
+    though config.json records it (the card shows it): three parents have no merge_diagnostics.json to draw from."""
+    models = [make_model("vit_cls", seed, 3) for seed in (1, 2, 3)]
+    merged = hf_mudsc.merge(models, make_batches("vit_cls", 4, 16), method="mudsc", alpha="auto", refit="none",
+                            progress=False)
+    curve = merged.config.mudsc["alpha_auto"]
+    assert curve["returned_fidelity"] is not None
+    folder = tmp_path / "merged"
+    hf_mudsc.save_merged(merged, folder)
+    code, out, err = run_cli_output(["inspect", str(folder), "--output", str(tmp_path / "plots")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "plots" / "alpha_fidelity.png").is_file(), out
+    line = next(line for line in out.splitlines() if "alpha" in line and "auto" in line)
+    assert f"{curve['chosen']:g}" in line and f"{max(curve['fidelity']):.3f}" in line, line

@@ -158,12 +158,12 @@ def read_merge(folder: Path) -> tuple[dict[str, Any], Any, dict[str, Any] | None
             raise ValueError(malformed(folder, DIAGNOSTICS_FILENAME, str(error))) from None
     else:
         diagnostics = MergeDiagnostics.from_config(mudsc)
-        try:  # its match values and start objectives, checked as the file's would be
+        try:  # its match values, start objectives and alpha curve, checked as the file's would be
             check_diagnostics_dict({key: value for key, value in diagnostics.to_dict().items()
-                                    if key in ("method", "groups", "starts")})
+                                    if key in ("method", "groups", "starts", "alpha_curve")})
         except ValueError as error:
             raise ValueError(malformed(folder, "config.json",
-                                       f"mudsc.group_match_values or start_objectives: {error}")) from None
+                                       f"mudsc.group_match_values, start_objectives or alpha_auto: {error}")) from None
     evaluation = None
     results_path = folder / RESULTS_FILENAME
     if results_path.is_file():
@@ -214,6 +214,16 @@ def summary(folder: Path, mudsc: Mapping[str, Any], diagnostics: Any, evaluation
                 f"refit {mudsc['refit']}" if mudsc.get("refit") not in (None, "none") else None]
     detail = ", ".join(s for s in settings if s)
     lines.append(f"  method:    {mudsc.get('method')}{f' ({detail})' if detail else ''}")
+    curve = diagnostics.alpha_curve  # alpha="auto": the α above was chosen, as the card's α row says
+    if curve:
+        if curve.get("returned_fidelity") is None:
+            lines.append(f"  alpha:     auto, not scored (no held-out example): {float(curve['chosen']):g} used")
+        else:
+            points = ", ".join(f"{alpha:g}: {score:.3f}" for alpha, score in zip(curve["grid"], curve["fidelity"]))
+            returned = ("" if curve.get("returned_is_candidate", True) is not False else
+                        f"; solved again with every start, the merge returned: {float(curve['returned_fidelity']):.3f}")
+            lines.append(f"  alpha:     {float(curve['chosen']):g} chosen by alpha auto (held-out fidelity {points}"
+                         f"{returned}; {curve.get('held_out_examples', '?')} examples)")
     gate = mudsc.get("refit_gate")  # refit="gate": whether the held-out scores kept the refit
     if isinstance(gate, Mapping) and isinstance(gate.get("kept"), bool):
         scores = (f" (held-out {gate.get('measure') or 'score'} {float(gate['refit']):.4f} with it, "

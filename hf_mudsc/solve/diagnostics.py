@@ -136,13 +136,15 @@ class MergeDiagnostics:
 
     @classmethod
     def from_config(cls, mudsc: Mapping[str, Any]) -> MergeDiagnostics:
-        """What a merged model's `config.mudsc` alone tells (a folder without `merge_diagnostics.json`): the method,
-        each group's match value and each start's final objective — no correlations, heads or heat maps."""
+        """What a merged model's `config.mudsc` alone tells (a folder without `merge_diagnostics.json`: more than two
+        parents, or removed): the method, each group's match value, each start's final objective and `alpha="auto"`'s
+        curve — no correlations, heads or heat maps."""
         return cls(
             method=str(mudsc.get("method")), matcher=mudsc.get("matcher"), alpha=mudsc.get("alpha"),
             groups=[GroupDiagnostics(name=name, width=0, value=value)
                     for name, value in (mudsc.get("group_match_values") or {}).items()],
             starts=dict(mudsc.get("start_objectives") or {}), solve_start=mudsc.get("solve_start"),
+            alpha_curve=mudsc.get("alpha_auto"),
         )
 
     def save(self, path: str | os.PathLike) -> Path:
