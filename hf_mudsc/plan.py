@@ -1017,7 +1017,11 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
             rereadable=not isinstance(calibration, Iterator)))
     warnings = [memory_refusal] if memory_refusal is not None else []
     if calibration_plan is not None and rows is not None and method.needs_calibration:
-        text = calibration_size_warning({g.name: rows * t for g, t in zip(spec.groups, group_tokens)},
+        from hf_mudsc.apply.fidelity import HOLDOUT_EVERY
+
+        # the α search holds every HOLDOUT_EVERY-th example out of the statistics (`fidelity.holdout_split`)
+        read = rows - rows // HOLDOUT_EVERY if searched else rows
+        text = calibration_size_warning({g.name: read * t for g, t in zip(spec.groups, group_tokens)},
                                         dict(zip((g.name for g in spec.groups), widths)), len(models))
         if text:
             warnings.append(text)

@@ -86,3 +86,15 @@ def test_inspect_shows_and_draws_the_alpha_auto_curve_of_a_three_parent_merge(tm
     assert (tmp_path / "plots" / "alpha_fidelity.png").is_file(), out
     line = next(line for line in out.splitlines() if "alpha" in line and "auto" in line)
     assert f"{curve['chosen']:g}" in line and f"{max(curve['fidelity']):.3f}" in line, line
+
+
+def test_the_dry_run_of_alpha_auto_counts_the_rows_the_statistics_read():
+    """merge(2 vit_cls, 70 examples, alpha='auto', dry_run=True) said nothing, the merge then warned 'residual saw 56
+    rows, fewer than the 64 units': the α search holds every 5th example out of the statistics, the plan counted 70."""
+    models = [make_model("vit_cls", seed, 3) for seed in (1, 2)]
+    batches = make_batches("vit_cls", 5, 14)
+    plan = hf_mudsc.merge(models, batches, method="mudsc", alpha="auto", refit="none", dry_run=True, progress=False)
+    merged = hf_mudsc.merge(models, batches, method="mudsc", alpha="auto", refit="none", progress=False)
+    said = _size_warning(merged.config.mudsc["warnings"])
+    assert said and "saw 56 rows" in said[0], merged.config.mudsc["warnings"]
+    assert _size_warning(plan.warnings) == said, plan.warnings
