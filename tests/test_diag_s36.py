@@ -3,9 +3,11 @@ independent computation on tiny models (session 36's diagnostics hunt)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from cli_runs import run_cli_output
-from factories import KINDS, make_batches, make_model
+from factories import KINDS, fine_tune, make_batches, make_model
 
 import hf_mudsc
 from hf_mudsc.architectures import spec_for
@@ -98,3 +100,42 @@ def test_the_dry_run_of_alpha_auto_counts_the_rows_the_statistics_read():
     said = _size_warning(merged.config.mudsc["warnings"])
     assert said and "saw 56 rows" in said[0], merged.config.mudsc["warnings"]
     assert _size_warning(plan.warnings) == said, plan.warnings
+
+
+def _gate_figures(text: str) -> tuple[float, float]:
+    found = re.search(r"agreement (-?[\d.]+) with(?: it)?, (-?[\d.]+) without", text)
+    assert found, text
+    return float(found.group(1)), float(found.group(2))
+
+
+def test_the_gate_scores_shown_say_why_the_refit_was_dropped(tmp_path, capsys):
+    """merge(two fine-tunes of one base, default method auto) recorded the refit at -0.856132 against -0.856065 and
+    dropped it, while the card and inspect showed '-0.8561 with, -0.8561 without': a tie, which the gate keeps."""
+    base = make_model("vit_cls", 1, 3)
+    parents = [fine_tune(base, seed, 0.05, relative=True) for seed in (2, 3)]
+    merged = hf_mudsc.merge(parents, make_batches("vit_cls", 4, 16), progress=False)
+    gate = merged.config.mudsc["refit_gate"]
+    assert gate["kept"] is False and gate["refit"] < gate["none"], gate
+    folder = tmp_path / "merged"
+    hf_mudsc.save_merged(merged, folder)
+    row = next(line for line in (folder / "README.md").read_text().splitlines() if line.startswith("| Refit"))
+    code, out, err = run_cli_output(["inspect", str(folder), "--no-plots"], capsys)
+    assert code == 0, err
+    shown = next(line for line in out.splitlines() if line.strip().startswith("refit:"))
+    for text in (row, shown):
+        refit, none = _gate_figures(text)
+        assert refit < none and refit == pytest.approx(gate["refit"], abs=1e-4), text
+        assert none == pytest.approx(gate["none"], abs=1e-4), text
+
+
+def test_a_refit_dropped_at_scores_equal_as_recorded_says_it_scored_lower():
+    """A permuted copy's refit scored -0.8461792322074411 against -0.8461792322072851 and was dropped; both were
+    recorded and shown as -0.846179 / -0.8462, a tie, which the gate keeps: the card and inspect now say why."""
+    from hf_mudsc.options import gate_scores, gate_tie_note
+
+    tied = {"kept": False, "refit": -0.846179, "none": -0.846179}
+    assert gate_tie_note(tied) and not gate_tie_note({**tied, "kept": True})
+    assert not gate_tie_note({**tied, "refit": -0.85})
+    assert gate_scores(-0.846179, -0.846179) == ("-0.8462", "-0.8462")
+    assert gate_scores(-0.856132, -0.856065) == ("-0.85613", "-0.85606")
+    assert gate_scores(-0.1234561, -0.1234559) == ("-0.123456", "-0.123456")  # 6 recorded: no more shown

@@ -22,7 +22,7 @@ from hf_mudsc.errors import escaped, parent_label
 from hf_mudsc.evaluate.names import RESULTS_FILENAME
 from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES, parse_json
 from hf_mudsc.option_values import AVERAGE_CHECK_METHOD
-from hf_mudsc.options import gate_lowered_tasks_text
+from hf_mudsc.options import gate_lowered_tasks_text, gate_scores, gate_tie_note
 from hf_mudsc.solve.diagnostics import DIAGNOSTICS_FILENAME, PLOTS_FOLDER
 
 
@@ -226,10 +226,11 @@ def summary(folder: Path, mudsc: Mapping[str, Any], diagnostics: Any, evaluation
                          f"{returned}; {curve.get('held_out_examples', '?')} examples)")
     gate = mudsc.get("refit_gate")  # refit="gate": whether the held-out scores kept the refit
     if isinstance(gate, Mapping) and isinstance(gate.get("kept"), bool):
-        scores = (f" (held-out {gate.get('measure') or 'score'} {float(gate['refit']):.4f} with it, "
-                  f"{float(gate['none']):.4f} without; {gate.get('held_out_examples', '?')} examples"
-                  f"{gate_lowered_tasks_text(gate)})"
-                  if all(isinstance(gate.get(k), (int, float)) for k in ("refit", "none")) else "")
+        shown = gate_scores(gate["refit"], gate["none"]) if all(
+            isinstance(gate.get(k), (int, float)) for k in ("refit", "none")) else None
+        scores = (f" (held-out {gate.get('measure') or 'score'} {shown[0]} with it, {shown[1]} without"
+                  f"{gate_tie_note(gate)}; {gate.get('held_out_examples', '?')} examples"
+                  f"{gate_lowered_tasks_text(gate)})" if shown else "")
         average = gate.get("average")  # method auto held the merge against plain averaging (apply.refit_gate)
         swapped = (f"; then plain averaging was returned: the merge scored parent(s) "
                    f"{', '.join(parent_label(i) for i in average.get('lowered_tasks') or [] if isinstance(i, int))} "
