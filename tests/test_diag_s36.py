@@ -13,6 +13,7 @@ import hf_mudsc
 from hf_mudsc.architectures import spec_for
 from hf_mudsc.calibrate.statistics import collect_statistics
 from hf_mudsc.plan import group_tokens_per_example, tokens_per_example
+from hf_mudsc.publish.plots import draw_plots
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -139,3 +140,24 @@ def test_a_refit_dropped_at_scores_equal_as_recorded_says_it_scored_lower():
     assert gate_scores(-0.846179, -0.846179) == ("-0.8462", "-0.8462")
     assert gate_scores(-0.856132, -0.856065) == ("-0.85613", "-0.85606")
     assert gate_scores(-0.1234561, -0.1234559) == ("-0.123456", "-0.123456")  # 6 recorded: no more shown
+
+
+def test_a_head_pair_kept_apart_by_the_size_budget_is_not_shown_as_merged(tmp_path):
+    """merge(vit_cls 1 and 2, size=1.6, size_spend='heads') kept one head pair per block unfused, yet the diagnostics
+    (and the head plot: 'the head of B merged with each head of A') still named its B head as merged with the A head."""
+    models = [make_model("vit_cls", seed, 3) for seed in (1, 2)]
+    report = hf_mudsc.merge(models, make_batches("vit_cls", 4, 16), method="mudsc", refit="none", size=1.6,
+                            size_spend="heads", progress=False).merge_report
+    spec = spec_for(models[0])
+    for index, group in enumerate(spec.groups):
+        if group.num_heads == 1:
+            continue
+        found, shown = report.matches[index], report.diagnostics.group(group.name).head_pairing
+        d = group.width // group.num_heads
+        cluster = found.cluster_of.tolist()
+        for head, partner in enumerate(found.head_pairing):
+            blocks_a = {cluster[u] // d for u in range(head * d, (head + 1) * d)}
+            blocks_b = {cluster[group.width + u] // d for u in range(partner * d, (partner + 1) * d)}
+            assert shown[head] == (partner if blocks_a & blocks_b else None), (group.name, head, shown)
+        assert None in shown, (group.name, shown)  # one pair per block kept apart (the plan bought one head)
+    assert "attention_heads" in [plot.name for plot in draw_plots(tmp_path, report.diagnostics.rounded())]

@@ -62,8 +62,9 @@ class GroupDiagnostics:
     """The similarity the units were matched on: `alpha * weight + (1 - alpha) * activation`."""
     cross_fraction: float | None = None
     """Share of merged units holding at least one unit of each parent (1.0 for align; zip may fuse within one)."""
-    head_pairing: list[int] | None = None
-    """The B head merged with each A head (attention groups)."""
+    head_pairing: list[int | None] | None = None
+    """The B head merged with each A head (attention groups); None for an A head whose pair a size budget kept apart
+    (`size_spend="heads"`: the B head became a merged head of its own)."""
     head_scores: list[float] | None = None
     """Mean blended correlation of the fused pairs of each A head with its partner."""
     baseline_activation: float | None = None
@@ -199,7 +200,7 @@ _GROUP = {"name": (_text, "a text"), "width": (_integer, "an integer"), "num_hea
               "value", "activation", "weight", "blended", "cross_fraction", "baseline_activation", "baseline_weight",
               "baseline_blended")},
           "baseline_pairs": (_or_none(_integer), "an integer"),
-          "head_pairing": (_or_none(_list_of(_integer)), "a list of integers"),
+          "head_pairing": (_or_none(_list_of(_or_none(_integer))), "a list of integers"),
           "head_scores": (_or_none(_list_of(_or_none(_number))), "a list of numbers")}
 _HEATMAP = {"group": (_text, "a text"), "rows": (_list_of(_integer), "a list of integers"),
             "columns": (_list_of(_integer), "a list of integers"),
@@ -349,8 +350,9 @@ def compute_diagnostics(
         members[cluster[n:], 1] = True
         entry.cross_fraction = _rounded(float(members.all(1).double().mean()))
         if found.head_pairing is not None and group.num_heads > 1:
-            entry.head_pairing = [int(h) for h in found.head_pairing]
             size = n // group.num_heads
+            entry.head_pairing = [int(partner) if _heads_merged(cluster, n, size, head, int(partner)) else None
+                                  for head, partner in enumerate(found.head_pairing)]
             heads = a_units // size
             entry.head_scores = [_mean(pair_blended[heads == h]) if bool((heads == h).any()) else None
                                  for h in range(group.num_heads)]
@@ -441,6 +443,14 @@ def _fused_pairs(cluster: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Ten
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
     a_units, b_units = zip(*sorted(pairs))
     return torch.tensor(a_units), torch.tensor(b_units)
+
+
+def _heads_merged(cluster: torch.Tensor, n: int, size: int, head: int, partner: int) -> bool:
+    """Whether A head `head` and its paired B head `partner` share a merged head (blocks of `size` merged units): not
+    when a size budget kept the pair apart (`widen.unfuse_heads` gives the B head a merged head of its own)."""
+    blocks_a = set((cluster[head * size:(head + 1) * size] // size).tolist())
+    blocks_b = set((cluster[n + partner * size:n + (partner + 1) * size] // size).tolist())
+    return bool(blocks_a & blocks_b)
 
 
 def _mean(values: torch.Tensor) -> float | None:
