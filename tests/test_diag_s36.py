@@ -161,3 +161,19 @@ def test_a_head_pair_kept_apart_by_the_size_budget_is_not_shown_as_merged(tmp_pa
             assert shown[head] == (partner if blocks_a & blocks_b else None), (group.name, head, shown)
         assert None in shown, (group.name, shown)  # one pair per block kept apart (the plan bought one head)
     assert "attention_heads" in [plot.name for plot in draw_plots(tmp_path, report.diagnostics.rounded())]
+
+
+def test_inspect_says_why_a_start_that_ended_lower_was_kept(tmp_path, capsys):
+    """hf-mudsc inspect of merge(vit_cls 1 and 2) said 'activation start kept (final objective: activation 0.2684,
+    weight 0.2729)': the lower one kept, no word of the margin a start must clear (the card's Method row says it)."""
+    models = [make_model("vit_cls", seed, 3) for seed in (1, 2)]
+    merged = hf_mudsc.merge(models, make_batches("vit_cls", 4, 16), method="mudsc", refit="none", progress=False)
+    starts = merged.config.mudsc["start_objectives"]
+    kept = merged.config.mudsc["solve_start"]
+    assert max(starts.values()) > starts[kept], starts
+    folder = tmp_path / "merged"
+    hf_mudsc.save_merged(merged, folder)
+    code, out, err = run_cli_output(["inspect", str(folder), "--no-plots"], capsys)
+    assert code == 0, err
+    line = next(line for line in out.splitlines() if line.strip().startswith("solve:"))
+    assert "0.01 higher" in line, line

@@ -21,7 +21,7 @@ from hf_mudsc.cli.arguments import path_text
 from hf_mudsc.errors import escaped, parent_label
 from hf_mudsc.evaluate.names import RESULTS_FILENAME
 from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES, parse_json
-from hf_mudsc.option_values import AVERAGE_CHECK_METHOD
+from hf_mudsc.option_values import AVERAGE_CHECK_METHOD, start_margin_note
 from hf_mudsc.options import gate_lowered_tasks_text, gate_scores, gate_tie_note
 from hf_mudsc.solve.diagnostics import DIAGNOSTICS_FILENAME, PLOTS_FOLDER
 
@@ -248,7 +248,9 @@ def summary(folder: Path, mudsc: Mapping[str, Any], diagnostics: Any, evaluation
     if diagnostics.starts:
         starts = ", ".join(f"{name} {value:.4f}" for name, value in diagnostics.starts.items())
         sweeps = f"{diagnostics.sweeps} sweeps, " if diagnostics.sweeps else ""
-        lines.append(f"  solve:     {sweeps}{diagnostics.solve_start or '?'} start kept (final objective: {starts})")
+        margin = start_margin_note(diagnostics.starts, diagnostics.solve_start)
+        lines.append(f"  solve:     {sweeps}{diagnostics.solve_start or '?'} start kept (final objective: {starts}"
+                     f"{f'; {margin}' if margin else ''})")
     if diagnostics.groups:
         scored = [g for g in diagnostics.groups if g.blended is not None]
         chance = any(g.baseline_blended is not None for g in scored)

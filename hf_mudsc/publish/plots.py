@@ -26,6 +26,7 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from hf_mudsc.errors import escaped, parent_names
+from hf_mudsc.option_values import start_margin_note
 from hf_mudsc.publish.folder import write_file_atomically
 from hf_mudsc.solve.diagnostics import GroupDiagnostics, MergeDiagnostics
 
@@ -262,8 +263,10 @@ def objective_figure(diagnostics: MergeDiagnostics) -> Figure:
         axes.set_xlim(0.5, max(len(history), 1) + 0.5)
         axes.set_xlabel("sweep (each group re-matched once, in a seeded random order)")
         axes.set_ylabel("objective: mean match value over groups")
+        margin = start_margin_note(diagnostics.starts, diagnostics.solve_start)
         axes.set_title(f"Solve objective per sweep — {_title_settings(diagnostics)}\n"
-                       f"{diagnostics.sweeps} sweeps; the best sweep's matches are kept")
+                       f"{diagnostics.sweeps} sweeps; the best sweep's matches are kept"
+                       + (f"\n{margin}" if margin else ""))
         axes.grid(alpha=0.3)
         axes.legend(loc="best", framealpha=0.9)
     return figure
