@@ -507,6 +507,24 @@ def forward_flops(linear_params: Mapping[str, int], tokens: Mapping[str, int]) -
     return float(sum(2 * count * _tokens_for(name, tokens) for name, count in linear_params.items()))
 
 
+def weight_tokens(spec: Any, shapes: Mapping[str, tuple[int, ...]], tokens: Mapping[str, int]) -> dict[str, int]:
+    """`tokens` (`tokens_per_example`) with, by full weight name, the rows per example of the weights that do not read
+    one per token of their tower (what `forward_flops` and a method's data pass count): a layer fed the first token or
+    a pooled output (`HookPoint.per_example` inputs, the classifier) reads one; a patch convolution reads the patches
+    (its tower's tokens but the class token). Counted per token, a ViT's classifier read 17 rows where it reads 1."""
+    counted = dict(tokens)
+    heads = {f"{hook.module}.weight" for group in spec.groups for hook in group.hooks
+             if hook.per_example and hook.where == "input"}
+    if spec.classifier is not None:
+        heads.add(spec.classifier.weight)
+    for name, shape in shapes.items():
+        if name in heads:
+            counted[name] = 1
+        elif len(shape) == 4:  # a patch embedding: one product per patch, none for the class token
+            counted[name] = max(_tokens_for(name, tokens) - 1, 1)
+    return counted
+
+
 def _tokens_for(name: str, tokens: Mapping[str, int]) -> int:
     prefix = max((p for p in tokens if name.startswith(p)), key=len, default="")
     return tokens.get(prefix, tokens.get("", 1))
@@ -997,11 +1015,12 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         default=0)
     refit_memory = refit_bytes(refitted, refit_examples, len(models), residual, max(tokens.values()),
                                gram=refit != "repair") if refitted else 0.0
-    facts = _pass_facts(models_meta[0], spec, shapes, linear, tokens, parents[0].num_parameters)
+    counted = weight_tokens(spec, shapes, tokens)  # rows per example of each weight, for the FLOPs
+    facts = _pass_facts(models_meta[0], spec, shapes, linear, counted, parents[0].num_parameters)
     searched = not automatic and alpha_searched(method, options, len(models))
     identical = _identical_weights(located, token=token)  # the same model: no averaging check (no shared base)
     estimate = estimate_cost(
-        widths=widths, columns=columns, group_tokens=group_tokens, linear_params=linear, tokens=tokens,
+        widths=widths, columns=columns, group_tokens=group_tokens, linear_params=linear, tokens=counted,
         num_parameters=parents[0].num_parameters, rows=rows, needs_statistics=method.needs_calibration,
         matmul_flops=matmul_flops or matmul_rate(), solves=method.matches_units, parents=len(models),
         base=base_whole, copies=copies, whole=whole, multi_start=not options.reference_compat,

@@ -177,3 +177,40 @@ def test_inspect_says_why_a_start_that_ended_lower_was_kept(tmp_path, capsys):
     assert code == 0, err
     line = next(line for line in out.splitlines() if line.strip().startswith("solve:"))
     assert "0.01 higher" in line, line
+
+
+@pytest.mark.parametrize("kind", ["vit_cls", "bert_cls", "roberta_cls"])
+def test_the_dry_runs_forward_flops_match_a_hand_count(kind):
+    """The dry run's forward FLOPs (its time estimate) counted a classifier or pooler read at the first token once per
+    token (ViT: 17 rows where it reads 1) and a ViT's patch projection at the class token too (16 patches, 17 tokens).
+    Hand count: 2 x in x out per row each Linear (and the patch convolution) reads."""
+    import torch
+
+    from hf_mudsc.plan import forward_flops, weight_tokens
+
+    model = make_model(kind, 1, 3)
+    batch = make_batches(kind, 1, 2)[0]
+    rows: dict[str, int] = {}
+
+    def count(name):
+        def hook(module, args, output):
+            rows[name] = args[0].reshape(-1, args[0].shape[-1]).shape[0] if not isinstance(
+                module, torch.nn.Conv2d) else output.shape[-1] * output.shape[-2] * output.shape[0]
+        return hook
+
+    handles = [module.register_forward_hook(count(name)) for name, module in model.named_modules()
+               if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))]
+    with torch.no_grad():
+        model(**{key: value for key, value in batch.items() if key != "attention_mask"})
+    for handle in handles:
+        handle.remove()
+    examples = batch[next(iter(batch))].shape[0]
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    linear = {f"{name}.weight": shapes[f"{name}.weight"] for name in rows}
+    tokens, _ = tokens_per_example(model.config)
+    if "input_ids" in batch:
+        tokens = {key: batch["input_ids"].shape[1] for key in tokens}
+    flops = forward_flops({name: torch.Size(shape).numel() for name, shape in linear.items()},
+                          weight_tokens(spec_for(model), shapes, tokens))
+    hand = sum(2 * torch.Size(linear[f"{name}.weight"]).numel() * seen / examples for name, seen in rows.items())
+    assert flops == hand
