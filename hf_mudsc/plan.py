@@ -1038,10 +1038,16 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     if calibration_plan is not None and rows is not None and method.needs_calibration:
         from hf_mudsc.apply.fidelity import HOLDOUT_EVERY
 
-        # the α search holds every HOLDOUT_EVERY-th example out of the statistics (`fidelity.holdout_split`)
-        read = rows - rows // HOLDOUT_EVERY if searched else rows
+        # the α search holds every HOLDOUT_EVERY-th example out of the statistics (`fidelity.holdout_split`): under
+        # auto too, when the method planned (the one the warning is of) searches
+        held_out = alpha_searched(method, options, len(models))
+        read = rows - rows // HOLDOUT_EVERY if held_out else rows
         text = calibration_size_warning({g.name: read * t for g, t in zip(spec.groups, group_tokens)},
                                         dict(zip((g.name for g in spec.groups), widths)), len(models))
+        if text and automatic:  # the merge warns only if auto keeps the unit matching (it drops the statistics else)
+            text = (f"if method auto chooses {method.name} (for parents whose units must be matched: of different "
+                    "initializations, permuted copies, or fine-tunes of one base whose units do not correspond on the "
+                    f"data), the merge warns: {text}")
         if text:
             warnings.append(text)
     if located_base is not None:  # the merge's refusal of a base that is a parent (`pipeline.check_base_not_a_parent`)

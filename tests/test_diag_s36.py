@@ -214,3 +214,91 @@ def test_the_dry_runs_forward_flops_match_a_hand_count(kind):
                           weight_tokens(spec_for(model), shapes, tokens))
     hand = sum(2 * torch.Size(linear[f"{name}.weight"]).numel() * seen / examples for name, seen in rows.items())
     assert flops == hand
+
+
+def test_the_dry_run_under_auto_says_its_size_warning_holds_only_if_auto_matches_units():
+    """merge(two fine-tunes of one base, 48 examples, dry_run=True) warned 'residual saw 48 rows, fewer than the 64
+    units' unqualified, while the merge (method auto: regmean) gave no size warning: it is the unit matching's."""
+    from hf_mudsc.methods.auto import planned_method
+
+    base = make_model("vit_cls", 1, 3)
+    parents = [fine_tune(base, seed, 0.05, relative=True) for seed in (2, 3)]
+    batches = make_batches("vit_cls", 3, 16)
+    plan = hf_mudsc.merge(parents, batches, dry_run=True, progress=False)
+    merged = hf_mudsc.merge(parents, batches, progress=False)
+    assert merged.config.mudsc["method"] != planned_method(True).name, merged.config.mudsc["method"]
+    assert not _size_warning(merged.config.mudsc["warnings"]), merged.config.mudsc["warnings"]
+    said = [text for text in plan.warnings if "calibration too small" in text]
+    assert said and all(text.startswith(f"if method auto chooses {planned_method(True).name} ") for text in said), \
+        plan.warnings
+    assert not _size_warning(plan.warnings), plan.warnings
+
+
+def test_the_dry_run_of_alpha_auto_under_method_auto_counts_the_held_out_examples():
+    """merge(vit_cls 1 and 2, 70 examples, alpha='auto') (default method auto, which chose mudsc) warned 'residual saw
+    56 rows', its dry run said nothing: the plan counted the α search's hold-out only for an explicit method."""
+    models = [make_model("vit_cls", seed, 3) for seed in (1, 2)]
+    batches = make_batches("vit_cls", 5, 14)
+    plan = hf_mudsc.merge(models, batches, alpha="auto", dry_run=True, progress=False)
+    merged = hf_mudsc.merge(models, batches, alpha="auto", progress=False)
+    said = _size_warning(merged.config.mudsc["warnings"])
+    assert said and "saw 56 rows" in said[0], merged.config.mudsc["warnings"]
+    planned = [text for text in plan.warnings if "calibration too small" in text]
+    assert len(planned) == 1 and planned[0].endswith(said[0]), plan.warnings
+
+
+def test_a_refit_dropped_for_a_lowered_task_at_equal_scores_is_not_said_lower_past_the_digits():
+    """A refit dropped because it lowered parent B's task, at pooled scores equal as recorded, read '(lower past the
+    recorded digits); ...; it lowered parent B's task': the first reason is not why it was dropped."""
+    from hf_mudsc.options import gate_tie_note
+
+    lowered = {"kept": False, "refit": -0.5, "none": -0.5, "lowered_tasks": [1], "tasks_none": [-0.4, -0.6],
+               "tasks_refit": [-0.3, -0.7]}
+    assert gate_tie_note(lowered) == ""
+    assert gate_tie_note({**lowered, "lowered_tasks": []})
+
+
+def test_a_diagnostics_file_with_a_pair_kept_apart_says_a_newer_format(tmp_path, capsys):
+    """A size_spend='heads' merge wrote head_pairing null in a format-1 file: ae0a7c2's inspect called the folder
+    malformed ('not a list of integers; write the folder again'). Such a file is format 2; a format this version does
+    not know is said to be a newer hf-mudsc's, not malformed."""
+    import json
+
+    from hf_mudsc.solve.diagnostics import DIAGNOSTICS_FILENAME
+
+    models = [make_model("vit_cls", seed, 3) for seed in (1, 2)]
+    batches = make_batches("vit_cls", 4, 16)
+    formats = []
+    for keywords in ({"size": 1.6, "size_spend": "heads"}, {}):
+        folder = tmp_path / f"merged{len(formats)}"
+        hf_mudsc.save_merged(hf_mudsc.merge(models, batches, method="mudsc", refit="none", progress=False,
+                                            **keywords), folder)
+        data = json.loads((folder / DIAGNOSTICS_FILENAME).read_text())
+        formats.append(data["format"])
+        code, out, err = run_cli_output(["inspect", str(folder), "--no-plots"], capsys)
+        assert code == 0, err
+    assert formats == [2, 1]  # null pairings only in the new format: other merges' files are as before
+    data["format"] = 3
+    (folder / DIAGNOSTICS_FILENAME).write_text(json.dumps(data))
+    code, out, err = run_cli_output(["inspect", str(folder), "--no-plots"], capsys)
+    assert code != 0 and "newer hf-mudsc" in err and "malformed" not in err, err
+
+
+def test_inspect_shows_an_alpha_auto_fidelity_not_scored(tmp_path, capsys):
+    """hf-mudsc inspect of a folder whose alpha_auto curve holds a null fidelity (the file checker allows it: 'null:
+    not scored') failed with a TypeError traceback formatting it with .3f."""
+    import json
+
+    from hf_mudsc.solve.diagnostics import DIAGNOSTICS_FILENAME
+
+    models = [make_model("vit_cls", seed, 3) for seed in (1, 2)]
+    folder = tmp_path / "merged"
+    hf_mudsc.save_merged(hf_mudsc.merge(models, make_batches("vit_cls", 4, 16), method="mudsc", alpha="auto",
+                                        refit="none", progress=False), folder)
+    data = json.loads((folder / DIAGNOSTICS_FILENAME).read_text())
+    data["alpha_curve"]["fidelity"][0] = None
+    (folder / DIAGNOSTICS_FILENAME).write_text(json.dumps(data))
+    code, out, err = run_cli_output(["inspect", str(folder), "--no-plots"], capsys)
+    assert code == 0, err
+    line = next(line for line in out.splitlines() if line.strip().startswith("alpha:"))
+    assert f"{data['alpha_curve']['grid'][0]:g}: –" in line, line
