@@ -564,8 +564,10 @@ def gate_scores(*scores: float) -> tuple[str, ...]:
 
 def gate_tie_note(gate: Mapping[str, Any]) -> str:
     """What a dropped refit scored equal to the merge without it as recorded says: the gate keeps ties, so the refit
-    was lower past the recorded digits (`apply.refit_gate.decide` compares the scores as measured)."""
-    if gate.get("kept") is False and gate.get("refit") is not None and gate.get("refit") == gate.get("none"):
+    was lower past the recorded digits (`apply.refit_gate.decide` compares the scores as measured) — unless it lowered a
+    task (`lowered_tasks`), which drops it whatever the pooled scores (`gate_lowered_tasks_text` says so)."""
+    if (gate.get("kept") is False and gate.get("refit") is not None and gate.get("refit") == gate.get("none")
+            and not gate.get("lowered_tasks")):
         return " (lower past the recorded digits)"
     return ""
 
