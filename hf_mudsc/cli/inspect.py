@@ -129,7 +129,7 @@ def check_results_dict(data: Any) -> None:
 def read_merge(folder: Path) -> tuple[dict[str, Any], Any, dict[str, Any] | None]:
     """`(config.mudsc, MergeDiagnostics, evaluation dict or None)` of a merged folder; a one-line `ValueError`
     for a folder that is not a merge made by hf-mudsc."""
-    from hf_mudsc.solve.diagnostics import MergeDiagnostics, check_diagnostics_dict
+    from hf_mudsc.solve.diagnostics import MergeDiagnostics, NewerFormatError, check_diagnostics_dict
 
     config_path = folder / "config.json"
     how = "pass a folder written by `hf-mudsc merge --output DIR` (or hf_mudsc.save_merged)"
@@ -154,6 +154,8 @@ def read_merge(folder: Path) -> tuple[dict[str, Any], Any, dict[str, Any] | None
             diagnostics = MergeDiagnostics.load(diagnostics_path)  # every value's type checked (`from_dict`)
         except OSError as error:
             raise ValueError(f"cannot read {str(diagnostics_path)!r}: {error}") from None
+        except NewerFormatError as error:  # the file is fine: this hf-mudsc is too old for it
+            raise ValueError(f"{str(folder)!r}: {DIAGNOSTICS_FILENAME}: {error}") from None
         except ValueError as error:
             raise ValueError(malformed(folder, DIAGNOSTICS_FILENAME, str(error))) from None
     else:
@@ -219,7 +221,8 @@ def summary(folder: Path, mudsc: Mapping[str, Any], diagnostics: Any, evaluation
         if curve.get("returned_fidelity") is None:
             lines.append(f"  alpha:     auto, not scored (no held-out example): {float(curve['chosen']):g} used")
         else:
-            points = ", ".join(f"{alpha:g}: {score:.3f}" for alpha, score in zip(curve["grid"], curve["fidelity"]))
+            points = ", ".join(f"{alpha:g}: {'–' if score is None else f'{score:.3f}'}"  # None: not scored
+                               for alpha, score in zip(curve["grid"], curve["fidelity"]))
             returned = ("" if curve.get("returned_is_candidate", True) is not False else
                         f"; solved again with every start, the merge returned: {float(curve['returned_fidelity']):.3f}")
             lines.append(f"  alpha:     {float(curve['chosen']):g} chosen by alpha auto (held-out fidelity {points}"

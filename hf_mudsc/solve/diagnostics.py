@@ -26,7 +26,11 @@ if TYPE_CHECKING:
 
 DIAGNOSTICS_FILENAME = "merge_diagnostics.json"
 PLOTS_FOLDER = "plots"  # the PNGs drawn from the diagnostics, next to the model: DIR/plots/*.png
-FORMAT_VERSION = 1
+#: The newest format of `merge_diagnostics.json`. 2: a group's `head_pairing` may hold null (an A head whose pair
+#: `size_spend="heads"` kept apart), which a version-1 reader refuses; a file without such a null is written as
+#: format 1, readable by older hf-mudsc as before. `READ_FORMATS`: what this version reads.
+FORMAT_VERSION = 2
+READ_FORMATS = (1, 2)
 #: Units shown per heat map side: a sample of evenly spaced merged units (whole matrices of a ViT-B MLP group are
 #: 6144 x 6144 — far too large to store, and pooling would wash out the diagonal of matched pairs).
 HEATMAP_UNITS = 40
@@ -44,6 +48,11 @@ PAIR_CHUNK = 256
 
 def _rounded(value: float | None, digits: int = 5) -> float | None:
     return None if value is None or not math.isfinite(value) else round(float(value), digits)
+
+
+class NewerFormatError(ValueError):
+    """`merge_diagnostics.json` of a format newer than this version reads (`READ_FORMATS`): the file is fine, this
+    hf-mudsc is too old for it — said so, not as a malformed file."""
 
 
 @dataclass
@@ -115,16 +124,26 @@ class MergeDiagnostics:
                 return group
         raise KeyError(name)
 
+    def format_version(self) -> int:
+        """The format the file is written in: `FORMAT_VERSION` only when it holds what older readers refuse (a null
+        head pairing), else 1."""
+        kept_apart = any(None in (group.head_pairing or ()) for group in self.groups)
+        return FORMAT_VERSION if kept_apart else 1
+
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT_VERSION, **asdict(self)}
+        return {"format": self.format_version(), **asdict(self)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MergeDiagnostics:
         if not isinstance(data, Mapping):
             raise ValueError(f"it holds a JSON {type(data).__name__}, not an object")
-        if data.get("format") != FORMAT_VERSION:
-            raise ValueError(f"unknown merge diagnostics format {data.get('format')!r} (this version reads "
-                             f"{FORMAT_VERSION}); redraw with the hf-mudsc version that merged the model")
+        version, readable = data.get("format"), " and ".join(map(str, READ_FORMATS))
+        if _integer(version) and version > FORMAT_VERSION:
+            raise NewerFormatError(f"merge diagnostics format {version} was made by a newer hf-mudsc (this version "
+                                   f"reads formats {readable}); upgrade hf-mudsc to read it")
+        if not _integer(version) or version not in READ_FORMATS:
+            raise ValueError(f"unknown merge diagnostics format {version!r} (this version reads formats {readable}); "
+                             "redraw with the hf-mudsc version that merged the model")
         check_diagnostics_dict(data)  # every value's type up front: a plot or summary never meets a wrong one
         return cls(
             method=data["method"], matcher=data.get("matcher"), alpha=data.get("alpha"),
@@ -200,7 +219,8 @@ _GROUP = {"name": (_text, "a text"), "width": (_integer, "an integer"), "num_hea
               "value", "activation", "weight", "blended", "cross_fraction", "baseline_activation", "baseline_weight",
               "baseline_blended")},
           "baseline_pairs": (_or_none(_integer), "an integer"),
-          "head_pairing": (_or_none(_list_of(_or_none(_integer))), "a list of integers"),
+          "head_pairing": (_or_none(_list_of(_or_none(_integer))),
+                           "a list of integers or nulls (null: a pair the size budget kept apart)"),
           "head_scores": (_or_none(_list_of(_or_none(_number))), "a list of numbers")}
 _HEATMAP = {"group": (_text, "a text"), "rows": (_list_of(_integer), "a list of integers"),
             "columns": (_list_of(_integer), "a list of integers"),
