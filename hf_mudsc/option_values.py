@@ -12,6 +12,23 @@ from hf_mudsc.errors import shown
 #: parents, docs/design.md §4.9): the pipeline builds it, the dry run counts it, `inspect` names it.
 AVERAGE_CHECK_METHOD = "linear"
 
+#: How much higher (read by the solve, `solve.loop.choose_start`, and said by `inspect` and the plots;
+#: absolute, on the mean-similarity objective in [-1, 1]) another start's final objective must
+#: be to replace the activation start's solution. An internal constant, not an option: on different-init pairs the
+#: three starts end within 0.004 of each other — a plateau where the higher objective is noise and once cost 12.5
+#: points of joint accuracy — while on same-init pairs the weight/identity start wins by 0.08–0.33
+#: (docs/research/quality_probe.md §1, §7). Nothing in between was measured, so a user has no basis to tune it;
+#: `reference_compat=True` is the switch back to the paper's single start.
+MULTISTART_MARGIN = 0.01
+
+
+def start_margin_note(starts: dict[str, float], kept: str | None) -> str:
+    """`the activation start is kept unless another ends more than 0.01 higher` when a start that ended higher than
+    the kept one was not kept (`inspect`, the objective plot): the rule that kept the lower one; empty otherwise."""
+    if kept not in starts or not any(value > starts[kept] for value in starts.values()):
+        return ""
+    return f"the {kept} start is kept unless another ends more than {MULTISTART_MARGIN:g} higher"
+
 #: Valid values of `matcher` (``match(..., matcher=...)``); ``num_heads > 1`` selects the group variant of each.
 MATCHERS: tuple[str, ...] = ("align", "zip")
 

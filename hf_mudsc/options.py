@@ -542,9 +542,34 @@ def _card_refit(value: Any, context: Mapping[str, Any]) -> str:
     if gate.get("none") is None:
         return f"gate{norms}: refit kept (no held-out example to score)"
     measure = gate.get("measure", "log-probability agreement")
+    refit, none = gate_scores(gate["refit"], gate["none"])
     return (f"gate{norms}: refit {'kept' if gate['kept'] else 'dropped'} (held-out {measure} "
-            f"{gate['refit']:.4f} with, {gate['none']:.4f} without; {gate['held_out_examples']} examples"
+            f"{refit} with, {none} without{gate_tie_note(gate)}; {gate['held_out_examples']} examples"
             f"{gate_lowered_tasks_text(gate)})")
+
+
+#: Decimals a gate score is shown with: 4, more (up to the 6 recorded, `GateDecision.as_config`) when two scores
+#: differ only past the 4th — a refit dropped at -0.856132 against -0.856065 read as a tie at 4, which it keeps.
+GATE_DIGITS = (4, 6)
+
+
+def gate_scores(*scores: float) -> tuple[str, ...]:
+    """`scores` as the card and `inspect` show them: with the fewest decimals (`GATE_DIGITS`) at which those that
+    differ as recorded are shown different."""
+    low, high = GATE_DIGITS
+    digits = next((d for d in range(low, high + 1)
+                   if len({round(float(s), d) for s in scores}) == len({float(s) for s in scores})), high)
+    return tuple(f"{float(s):.{digits}f}" for s in scores)
+
+
+def gate_tie_note(gate: Mapping[str, Any]) -> str:
+    """What a dropped refit scored equal to the merge without it as recorded says: the gate keeps ties, so the refit
+    was lower past the recorded digits (`apply.refit_gate.decide` compares the scores as measured) — unless it lowered a
+    task (`lowered_tasks`), which drops it whatever the pooled scores (`gate_lowered_tasks_text` says so)."""
+    if (gate.get("kept") is False and gate.get("refit") is not None and gate.get("refit") == gate.get("none")
+            and not gate.get("lowered_tasks")):
+        return " (lower past the recorded digits)"
+    return ""
 
 
 def gate_lowered_tasks_text(gate: Mapping[str, Any]) -> str:
@@ -553,7 +578,8 @@ def gate_lowered_tasks_text(gate: Mapping[str, Any]) -> str:
     and `inspect`); empty when none was."""
     lowered = [i for i in gate.get("lowered_tasks") or () if isinstance(i, int)]
     tasks_none, tasks_refit = gate.get("tasks_none") or [], gate.get("tasks_refit") or []
-    parts = [f"parent {parent_label(i)}'s task: {tasks_refit[i]:.4f} with, {tasks_none[i]:.4f} without"
+    parts = ["parent {}'s task: {} with, {} without".format(parent_label(i),
+                                                             *gate_scores(tasks_refit[i], tasks_none[i]))
              for i in lowered if i < min(len(tasks_none), len(tasks_refit))]
     return f"; it lowered {'; '.join(parts)}" if parts else ""
 

@@ -845,7 +845,7 @@ def merge(
             matching_spec, params[0], params[1], report.matches, correlations, alpha=result.similarity_alpha,
             method=merge_method.name, matcher=used_options.get("matcher"), group_values=report.group_values,
             objective_history=report.objective_history, sweeps=report.sweeps, starts=report.starts,
-            solve_start=report.solve_start)
+            solve_start=report.solve_start, solved_matches=result.solved_matches)
         if report.diagnostics is not None and alpha_curve is not None:
             report.diagnostics.alpha_curve = alpha_curve
 

@@ -507,9 +507,36 @@ def forward_flops(linear_params: Mapping[str, int], tokens: Mapping[str, int]) -
     return float(sum(2 * count * _tokens_for(name, tokens) for name, count in linear_params.items()))
 
 
+def weight_tokens(spec: Any, shapes: Mapping[str, tuple[int, ...]], tokens: Mapping[str, int]) -> dict[str, int]:
+    """`tokens` (`tokens_per_example`) with, by full weight name, the rows per example of the weights that do not read
+    one per token of their tower (what `forward_flops` and a method's data pass count): a layer fed the first token or
+    a pooled output (`HookPoint.per_example` inputs, the classifier) reads one; a patch convolution reads the patches
+    (its tower's tokens but the class token). Counted per token, a ViT's classifier read 17 rows where it reads 1."""
+    counted = dict(tokens)
+    heads = {f"{hook.module}.weight" for group in spec.groups for hook in group.hooks
+             if hook.per_example and hook.where == "input"}
+    if spec.classifier is not None:
+        heads.add(spec.classifier.weight)
+    for name, shape in shapes.items():
+        if name in heads:
+            counted[name] = 1
+        elif len(shape) == 4:  # a patch embedding: one product per patch, none for the class token
+            counted[name] = max(_tokens_for(name, tokens) - 1, 1)
+    return counted
+
+
 def _tokens_for(name: str, tokens: Mapping[str, int]) -> int:
     prefix = max((p for p in tokens if name.startswith(p)), key=len, default="")
     return tokens.get(prefix, tokens.get("", 1))
+
+
+def group_tokens_per_example(spec: Any, tokens: Mapping[str, int]) -> list[int]:
+    """Calibration rows each group of `spec` reads per example, as the statistics count them: each hook's rows added
+    up, one per token of its tower (`tokens_per_example`'s `tokens`), or one for a hook read at one position
+    (`HookPoint.per_example`: the first token, a pooled output). Counting those per token hid the merge's own
+    calibration-size warning from the dry run (a ViT classifier's input read 17 rows per example, not 1)."""
+    return [sum(1 if h.per_example else _tokens_for(h.module, tokens) for h in g.hooks) if g.hooks else 1
+            for g in spec.groups]
 
 
 def solve_flops(widths: Sequence[int], columns: Sequence[int], parents: int = 2) -> float:
@@ -980,7 +1007,7 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
     linear = {name: _numel(shape) for name, shape in shapes.items() if len(shape) >= 2 and name not in embeddings}
     widths = [g.width for g in spec.groups]
     columns = [sum(_numel(shapes[m.param]) // g.width for m in g.members if m.param in shapes) for g in spec.groups]
-    group_tokens = [max(_tokens_for(h.module, tokens) for h in g.hooks) if g.hooks else 1 for g in spec.groups]
+    group_tokens = group_tokens_per_example(spec, tokens)
     rows = calibration_plan.rows if calibration_plan is not None else None
     refitted, refit_examples = _refit_shapes(models_meta[0], spec, options, refit, tokens, rows)
     residual = max((getattr(sub, "hidden_size", 0) or 0 for sub in (
@@ -988,11 +1015,12 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         default=0)
     refit_memory = refit_bytes(refitted, refit_examples, len(models), residual, max(tokens.values()),
                                gram=refit != "repair") if refitted else 0.0
-    facts = _pass_facts(models_meta[0], spec, shapes, linear, tokens, parents[0].num_parameters)
+    counted = weight_tokens(spec, shapes, tokens)  # rows per example of each weight, for the FLOPs
+    facts = _pass_facts(models_meta[0], spec, shapes, linear, counted, parents[0].num_parameters)
     searched = not automatic and alpha_searched(method, options, len(models))
     identical = _identical_weights(located, token=token)  # the same model: no averaging check (no shared base)
     estimate = estimate_cost(
-        widths=widths, columns=columns, group_tokens=group_tokens, linear_params=linear, tokens=tokens,
+        widths=widths, columns=columns, group_tokens=group_tokens, linear_params=linear, tokens=counted,
         num_parameters=parents[0].num_parameters, rows=rows, needs_statistics=method.needs_calibration,
         matmul_flops=matmul_flops or matmul_rate(), solves=method.matches_units, parents=len(models),
         base=base_whole, copies=copies, whole=whole, multi_start=not options.reference_compat,
@@ -1008,8 +1036,18 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
             rereadable=not isinstance(calibration, Iterator)))
     warnings = [memory_refusal] if memory_refusal is not None else []
     if calibration_plan is not None and rows is not None and method.needs_calibration:
-        text = calibration_size_warning({g.name: rows * t for g, t in zip(spec.groups, group_tokens)},
+        from hf_mudsc.apply.fidelity import HOLDOUT_EVERY
+
+        # the α search holds every HOLDOUT_EVERY-th example out of the statistics (`fidelity.holdout_split`): under
+        # auto too, when the method planned (the one the warning is of) searches
+        held_out = alpha_searched(method, options, len(models))
+        read = rows - rows // HOLDOUT_EVERY if held_out else rows
+        text = calibration_size_warning({g.name: read * t for g, t in zip(spec.groups, group_tokens)},
                                         dict(zip((g.name for g in spec.groups), widths)), len(models))
+        if text and automatic:  # the merge warns only if auto keeps the unit matching (it drops the statistics else)
+            text = (f"if method auto chooses {method.name} (for parents whose units must be matched: of different "
+                    "initializations, permuted copies, or fine-tunes of one base whose units do not correspond on the "
+                    f"data), the merge warns: {text}")
         if text:
             warnings.append(text)
     if located_base is not None:  # the merge's refusal of a base that is a parent (`pipeline.check_base_not_a_parent`)

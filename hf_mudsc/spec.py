@@ -43,12 +43,15 @@ class HookPoint:
     Features have shape `(..., width)`; every leading position becomes a sample. `attr` picks a field
     of a structured output (e.g. `pooler_output`). `mask` names the calibration batch key of a
     `(batch, tokens)` 0/1 mask whose zero positions (padding) are dropped from per-token features.
+    `per_example`: the features are one row per example (the first token, a pooled output), not one per token — what
+    a dry run counts as the group's calibration rows (`hf_mudsc.plan.group_tokens_per_example`), which it cannot see.
     """
 
     module: str
     where: Literal["input", "output"] = "input"
     attr: str | None = None
     mask: str | None = None
+    per_example: bool = False
 
 
 @dataclass(frozen=True)

@@ -157,9 +157,13 @@ def test_the_plan_is_json_and_matches_the_models(wide_inputs, tmp_path):
                                    "columns_unchecked_reason": ""}
     assert data["method"] == ("auto (chosen at merge time from the parents' weights and mudsc's solve on the "
                               "calibration data; estimated as mudsc)")
-    # the fixture's parents carry transformers' placeholder labels (LABEL_0, ...): that warning alone
+    # the fixture's parents carry transformers' placeholder labels (LABEL_0, ...), and the residual group (read at the
+    # class token: one row per example) sees 32 rows for 2 x 64 units — the merge says both, the second only if auto
+    # keeps the unit matching (session 36)
     assert data["matcher"] == "zip" and [w[:60] for w in data["warnings"]] == [
-        "the parents' heads are fused as one label set because every "]
+        "the parents' heads are fused as one label set because every ",
+        "if method auto chooses mudsc (for parents whose units must b"]
+    assert "the merge warns: calibration too small for the widths: group 'residual' (64 u" in data["warnings"][1]
     assert "dry_run" not in data["options"] and data["options"]["alpha"] == 0.5
     estimate = data["estimate"]
     assert estimate["seconds"] == pytest.approx(estimate["calibration_seconds"] + estimate["solve_seconds"]
@@ -177,9 +181,11 @@ def test_dry_run_of_objects_and_batches_counts_rows_and_warns_about_a_small_cali
     assert plan.calibration.rows == 2 and plan.calibration.source == "1 batches"
     assert plan.parents[0].num_parameters == sum(p.numel() for p in a.parameters())
     assert plan.parents[0].weight_bytes is None and plan.parents[0].dtypes == ["float32"]
-    # 2 images x 17 tokens = 34 rows < 2 x 48 MLP units (the dry run counts every group per token)
-    assert [w for w in plan.warnings if w.startswith(
-        "calibration too small for the widths: group 'vit.layers.0.mlp' (48 units per parent) saw 34 rows")]
+    # 2 images x 17 tokens = 34 rows < 2 x 48 MLP units (the dry run counts every group per token); method auto:
+    # the merge warns if it keeps the unit matching
+    said = ("the merge warns: calibration too small for the widths: group 'vit.layers.0.mlp' (48 units per parent) "
+            "saw 34 rows")
+    assert [w for w in plan.warnings if w.startswith("if method auto chooses mudsc ") and said in w]
     no_data = hf_mudsc.merge([a, b], method="average", dry_run=True)
     assert no_data.calibration is None and no_data.estimate.calibration_seconds == 0
     assert no_data.estimate.statistics_bytes == 0 and "Calibration: none" in str(no_data)

@@ -75,12 +75,12 @@ def bert_spec(model: nn.Module) -> PermutationSpec:
     tail: list[Group] = []
     if has_pooler:
         residual += in_cols(f"{prefix}pooler.dense.weight")
-        hook = HookPoint(f"{prefix}pooler.dense", "input")
+        hook = HookPoint(f"{prefix}pooler.dense", "input", per_example=True)
         pooler = list(linear_out(f"{prefix}pooler.dense"))
         if has_classifier:
             pooler += in_cols("classifier.weight")
         tail.append(Group(name=f"{prefix}pooler", width=width, members=tuple(pooler),
-                          hooks=(HookPoint(f"{prefix}pooler", "output"),)))
+                          hooks=(HookPoint(f"{prefix}pooler", "output", per_example=True),)))
     elif has_classifier:
         raise UnsupportedArchitectureError(
             f"{type(model).__name__} is not supported (a classifier without the pooler this adapter "

@@ -82,13 +82,13 @@ def clip_spec(model: nn.Module) -> PermutationSpec:
         projection = "text_projection" if text else "visual_projection"
         if f"{projection}.weight" in params:
             residual += in_cols(f"{projection}.weight")
-            hook = HookPoint(projection, "input")
+            hook = HookPoint(projection, "input", per_example=True)
             projection_members += linear_out(projection, bias=f"{projection}.bias" in params)
-            projection_hooks.append(HookPoint(projection, "output"))
+            projection_hooks.append(HookPoint(projection, "output", per_example=True))
         elif text:
-            hook = HookPoint(prefix.rstrip("."), "output", attr="pooler_output")
+            hook = HookPoint(prefix.rstrip("."), "output", attr="pooler_output", per_example=True)
         else:
-            hook = HookPoint(f"{prefix}post_layernorm", "input")
+            hook = HookPoint(f"{prefix}post_layernorm", "input", per_example=True)
         groups.append(Group(name=f"{kind}.residual", width=tower_config.hidden_size, members=tuple(residual),
                             hooks=(hook,)))
         blocks += tower_blocks

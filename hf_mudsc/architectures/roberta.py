@@ -41,15 +41,15 @@ def roberta_spec(model: nn.Module) -> PermutationSpec:
     if has_head:
         # The head reads the first token: dense -> tanh -> out_proj. Its hidden layer is one more unit space.
         residual += in_cols("classifier.dense.weight")
-        hook = HookPoint("classifier.dense", "input")
+        hook = HookPoint("classifier.dense", "input", per_example=True)
         groups.append(Group(name="classifier.dense", width=width,
                             members=tuple(linear_out("classifier.dense") + in_cols("classifier.out_proj.weight")),
-                            hooks=(HookPoint("classifier.out_proj", "input"),)))
+                            hooks=(HookPoint("classifier.out_proj", "input", per_example=True),)))
     elif f"{prefix}pooler.dense.weight" in params:
         residual += in_cols(f"{prefix}pooler.dense.weight")
-        hook = HookPoint(f"{prefix}pooler.dense", "input")
+        hook = HookPoint(f"{prefix}pooler.dense", "input", per_example=True)
         groups.append(Group(name=f"{prefix}pooler", width=width, members=tuple(linear_out(f"{prefix}pooler.dense")),
-                            hooks=(HookPoint(f"{prefix}pooler", "output"),)))
+                            hooks=(HookPoint(f"{prefix}pooler", "output", per_example=True),)))
     else:
         last = f"{prefix}encoder.layer.{config.num_hidden_layers - 1}.output.LayerNorm"
         hook = HookPoint(last, "output", mask=MASK)

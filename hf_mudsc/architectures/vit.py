@@ -68,16 +68,16 @@ def vit_spec(model: nn.Module) -> PermutationSpec:
     tail: list[Group] = []
     if has_classifier:
         residual += in_cols("classifier.weight")
-        hook = HookPoint("classifier", "input")
+        hook = HookPoint("classifier", "input", per_example=True)
     elif has_pooler:
         residual += in_cols(f"{prefix}pooler.dense.weight")
-        hook = HookPoint(f"{prefix}pooler.dense", "input")
+        hook = HookPoint(f"{prefix}pooler.dense", "input", per_example=True)
         tail.append(
             Group(
                 name=f"{prefix}pooler",
                 width=params[f"{prefix}pooler.dense.weight"].shape[0],
                 members=tuple(linear_out(f"{prefix}pooler.dense")),
-                hooks=(HookPoint(f"{prefix}pooler", "output"),),
+                hooks=(HookPoint(f"{prefix}pooler", "output", per_example=True),),
             )
         )
     else:

@@ -21,8 +21,8 @@ from hf_mudsc.cli.arguments import path_text
 from hf_mudsc.errors import escaped, parent_label
 from hf_mudsc.evaluate.names import RESULTS_FILENAME
 from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES, parse_json
-from hf_mudsc.option_values import AVERAGE_CHECK_METHOD
-from hf_mudsc.options import gate_lowered_tasks_text
+from hf_mudsc.option_values import AVERAGE_CHECK_METHOD, start_margin_note
+from hf_mudsc.options import gate_lowered_tasks_text, gate_scores, gate_tie_note
 from hf_mudsc.solve.diagnostics import DIAGNOSTICS_FILENAME, PLOTS_FOLDER
 
 
@@ -129,7 +129,7 @@ def check_results_dict(data: Any) -> None:
 def read_merge(folder: Path) -> tuple[dict[str, Any], Any, dict[str, Any] | None]:
     """`(config.mudsc, MergeDiagnostics, evaluation dict or None)` of a merged folder; a one-line `ValueError`
     for a folder that is not a merge made by hf-mudsc."""
-    from hf_mudsc.solve.diagnostics import MergeDiagnostics, check_diagnostics_dict
+    from hf_mudsc.solve.diagnostics import MergeDiagnostics, NewerFormatError, check_diagnostics_dict
 
     config_path = folder / "config.json"
     how = "pass a folder written by `hf-mudsc merge --output DIR` (or hf_mudsc.save_merged)"
@@ -154,16 +154,18 @@ def read_merge(folder: Path) -> tuple[dict[str, Any], Any, dict[str, Any] | None
             diagnostics = MergeDiagnostics.load(diagnostics_path)  # every value's type checked (`from_dict`)
         except OSError as error:
             raise ValueError(f"cannot read {str(diagnostics_path)!r}: {error}") from None
+        except NewerFormatError as error:  # the file is fine: this hf-mudsc is too old for it
+            raise ValueError(f"{str(folder)!r}: {DIAGNOSTICS_FILENAME}: {error}") from None
         except ValueError as error:
             raise ValueError(malformed(folder, DIAGNOSTICS_FILENAME, str(error))) from None
     else:
         diagnostics = MergeDiagnostics.from_config(mudsc)
-        try:  # its match values and start objectives, checked as the file's would be
+        try:  # its match values, start objectives and alpha curve, checked as the file's would be
             check_diagnostics_dict({key: value for key, value in diagnostics.to_dict().items()
-                                    if key in ("method", "groups", "starts")})
+                                    if key in ("method", "groups", "starts", "alpha_curve")})
         except ValueError as error:
             raise ValueError(malformed(folder, "config.json",
-                                       f"mudsc.group_match_values or start_objectives: {error}")) from None
+                                       f"mudsc.group_match_values, start_objectives or alpha_auto: {error}")) from None
     evaluation = None
     results_path = folder / RESULTS_FILENAME
     if results_path.is_file():
@@ -214,12 +216,24 @@ def summary(folder: Path, mudsc: Mapping[str, Any], diagnostics: Any, evaluation
                 f"refit {mudsc['refit']}" if mudsc.get("refit") not in (None, "none") else None]
     detail = ", ".join(s for s in settings if s)
     lines.append(f"  method:    {mudsc.get('method')}{f' ({detail})' if detail else ''}")
+    curve = diagnostics.alpha_curve  # alpha="auto": the α above was chosen, as the card's α row says
+    if curve:
+        if curve.get("returned_fidelity") is None:
+            lines.append(f"  alpha:     auto, not scored (no held-out example): {float(curve['chosen']):g} used")
+        else:
+            points = ", ".join(f"{alpha:g}: {'–' if score is None else f'{score:.3f}'}"  # None: not scored
+                               for alpha, score in zip(curve["grid"], curve["fidelity"]))
+            returned = ("" if curve.get("returned_is_candidate", True) is not False else
+                        f"; solved again with every start, the merge returned: {float(curve['returned_fidelity']):.3f}")
+            lines.append(f"  alpha:     {float(curve['chosen']):g} chosen by alpha auto (held-out fidelity {points}"
+                         f"{returned}; {curve.get('held_out_examples', '?')} examples)")
     gate = mudsc.get("refit_gate")  # refit="gate": whether the held-out scores kept the refit
     if isinstance(gate, Mapping) and isinstance(gate.get("kept"), bool):
-        scores = (f" (held-out {gate.get('measure') or 'score'} {float(gate['refit']):.4f} with it, "
-                  f"{float(gate['none']):.4f} without; {gate.get('held_out_examples', '?')} examples"
-                  f"{gate_lowered_tasks_text(gate)})"
-                  if all(isinstance(gate.get(k), (int, float)) for k in ("refit", "none")) else "")
+        shown = gate_scores(gate["refit"], gate["none"]) if all(
+            isinstance(gate.get(k), (int, float)) for k in ("refit", "none")) else None
+        scores = (f" (held-out {gate.get('measure') or 'score'} {shown[0]} with it, {shown[1]} without"
+                  f"{gate_tie_note(gate)}; {gate.get('held_out_examples', '?')} examples"
+                  f"{gate_lowered_tasks_text(gate)})" if shown else "")
         average = gate.get("average")  # method auto held the merge against plain averaging (apply.refit_gate)
         swapped = (f"; then plain averaging was returned: the merge scored parent(s) "
                    f"{', '.join(parent_label(i) for i in average.get('lowered_tasks') or [] if isinstance(i, int))} "
@@ -237,7 +251,9 @@ def summary(folder: Path, mudsc: Mapping[str, Any], diagnostics: Any, evaluation
     if diagnostics.starts:
         starts = ", ".join(f"{name} {value:.4f}" for name, value in diagnostics.starts.items())
         sweeps = f"{diagnostics.sweeps} sweeps, " if diagnostics.sweeps else ""
-        lines.append(f"  solve:     {sweeps}{diagnostics.solve_start or '?'} start kept (final objective: {starts})")
+        margin = start_margin_note(diagnostics.starts, diagnostics.solve_start)
+        lines.append(f"  solve:     {sweeps}{diagnostics.solve_start or '?'} start kept (final objective: {starts}"
+                     f"{f'; {margin}' if margin else ''})")
     if diagnostics.groups:
         scored = [g for g in diagnostics.groups if g.blended is not None]
         chance = any(g.baseline_blended is not None for g in scored)

@@ -175,6 +175,7 @@ class UnitMatchingMethod(MergeMethod):
             start_objectives=dict(result.starts),
             similarity_alpha=options.alpha,
             full=not shortcut,
+            solved_matches=list(result.matches) if given.size != 1.0 else None,
         )
 
 

@@ -105,6 +105,9 @@ class MethodResult:
     """Examples read per pass over the calibration data, by a method that reads it itself (`needs_data`)."""
     full: bool = True
     """False: a cheaper merge for a search candidate (`MethodContext.candidate`), not the merge to return."""
+    solved_matches: list[Match | None] | None = None
+    """The solve's matches when a size budget widened them into `matches` (None: not widened): the similarity the
+    units were matched on maps the other groups' axes by these (docs/design.md §4.12), so the diagnostics do too."""
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from hf_mudsc.errors import escaped, parent_names
+from hf_mudsc.option_values import start_margin_note
 from hf_mudsc.publish.folder import write_file_atomically
 from hf_mudsc.solve.diagnostics import GroupDiagnostics, MergeDiagnostics
 
@@ -262,8 +263,10 @@ def objective_figure(diagnostics: MergeDiagnostics) -> Figure:
         axes.set_xlim(0.5, max(len(history), 1) + 0.5)
         axes.set_xlabel("sweep (each group re-matched once, in a seeded random order)")
         axes.set_ylabel("objective: mean match value over groups")
+        margin = start_margin_note(diagnostics.starts, diagnostics.solve_start)
         axes.set_title(f"Solve objective per sweep — {_title_settings(diagnostics)}\n"
-                       f"{diagnostics.sweeps} sweeps; the best sweep's matches are kept")
+                       f"{diagnostics.sweeps} sweeps; the best sweep's matches are kept"
+                       + (f"\n{margin}" if margin else ""))
         axes.grid(alpha=0.3)
         axes.legend(loc="best", framealpha=0.9)
     return figure
@@ -299,7 +302,7 @@ def heatmap_figure(diagnostics: MergeDiagnostics) -> Figure:
 def head_pairing_figure(diagnostics: MergeDiagnostics) -> Figure:
     """One row per block (per attention group when q/k and v were paired independently), one column per head of
     A: the text is the head of B merged with it, the colour its fused units' mean blended correlation."""
-    rows: list[tuple[str, list[int], list[float | None]]] = []
+    rows: list[tuple[str, list[int | None], list[float | None]]] = []
     by_block: dict[str, list[GroupDiagnostics]] = {}
     for group in diagnostics.groups:
         if group.head_pairing:
@@ -330,15 +333,18 @@ def head_pairing_figure(diagnostics: MergeDiagnostics) -> Figure:
             for head, partner in enumerate(pairing):
                 value = values[row][head]
                 colour = "black" if math.isnan(value) or value > 0.6 else "white"
-                axes.text(head, row, str(partner), ha="center", va="center", fontsize=9 if heads > 16 else 10,
-                          color=colour, fontweight="bold" if partner != head else "normal")
+                axes.text(head, row, "–" if partner is None else str(partner), ha="center", va="center",
+                          fontsize=9 if heads > 16 else 10, color=colour,
+                          fontweight="bold" if partner is not None and partner != head else "normal")
         axes.set_xticks(range(heads), [str(h) for h in range(heads)])
         axes.set_yticks(range(len(rows)), [label for label, _, _ in rows])
         axes.set_xlabel("head of A")
         axes.set_ylabel("block")
+        apart = any(partner is None for _, pairing, _ in rows for partner in pairing)
         axes.set_title("Attention head pairing: the head of B merged with each head of A\n"
                        "bold: another index than A's; colour: mean similarity of its fused A–B units "
-                       "(grey: none fused)", fontsize=11)
+                       "(grey: none fused)" + ("\n–: a pair the size budget kept apart (size_spend='heads')" if apart
+                                               else ""), fontsize=11)
         bar = figure.colorbar(image, ax=axes, shrink=0.9)
         bar.set_label("mean blended correlation")
     return figure

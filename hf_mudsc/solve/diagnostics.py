@@ -26,7 +26,11 @@ if TYPE_CHECKING:
 
 DIAGNOSTICS_FILENAME = "merge_diagnostics.json"
 PLOTS_FOLDER = "plots"  # the PNGs drawn from the diagnostics, next to the model: DIR/plots/*.png
-FORMAT_VERSION = 1
+#: The newest format of `merge_diagnostics.json`. 2: a group's `head_pairing` may hold null (an A head whose pair
+#: `size_spend="heads"` kept apart), which a version-1 reader refuses; a file without such a null is written as
+#: format 1, readable by older hf-mudsc as before. `READ_FORMATS`: what this version reads.
+FORMAT_VERSION = 2
+READ_FORMATS = (1, 2)
 #: Units shown per heat map side: a sample of evenly spaced merged units (whole matrices of a ViT-B MLP group are
 #: 6144 x 6144 — far too large to store, and pooling would wash out the diagonal of matched pairs).
 HEATMAP_UNITS = 40
@@ -46,6 +50,11 @@ def _rounded(value: float | None, digits: int = 5) -> float | None:
     return None if value is None or not math.isfinite(value) else round(float(value), digits)
 
 
+class NewerFormatError(ValueError):
+    """`merge_diagnostics.json` of a format newer than this version reads (`READ_FORMATS`): the file is fine, this
+    hf-mudsc is too old for it — said so, not as a malformed file."""
+
+
 @dataclass
 class GroupDiagnostics:
     """One group's match quality. Correlations are means over every (A unit, B unit) pair fused into one merged unit
@@ -62,8 +71,9 @@ class GroupDiagnostics:
     """The similarity the units were matched on: `alpha * weight + (1 - alpha) * activation`."""
     cross_fraction: float | None = None
     """Share of merged units holding at least one unit of each parent (1.0 for align; zip may fuse within one)."""
-    head_pairing: list[int] | None = None
-    """The B head merged with each A head (attention groups)."""
+    head_pairing: list[int | None] | None = None
+    """The B head merged with each A head (attention groups); None for an A head whose pair a size budget kept apart
+    (`size_spend="heads"`: the B head became a merged head of its own)."""
     head_scores: list[float] | None = None
     """Mean blended correlation of the fused pairs of each A head with its partner."""
     baseline_activation: float | None = None
@@ -114,16 +124,26 @@ class MergeDiagnostics:
                 return group
         raise KeyError(name)
 
+    def format_version(self) -> int:
+        """The format the file is written in: `FORMAT_VERSION` only when it holds what older readers refuse (a null
+        head pairing), else 1."""
+        kept_apart = any(None in (group.head_pairing or ()) for group in self.groups)
+        return FORMAT_VERSION if kept_apart else 1
+
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT_VERSION, **asdict(self)}
+        return {"format": self.format_version(), **asdict(self)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MergeDiagnostics:
         if not isinstance(data, Mapping):
             raise ValueError(f"it holds a JSON {type(data).__name__}, not an object")
-        if data.get("format") != FORMAT_VERSION:
-            raise ValueError(f"unknown merge diagnostics format {data.get('format')!r} (this version reads "
-                             f"{FORMAT_VERSION}); redraw with the hf-mudsc version that merged the model")
+        version, readable = data.get("format"), " and ".join(map(str, READ_FORMATS))
+        if _integer(version) and version > FORMAT_VERSION:
+            raise NewerFormatError(f"merge diagnostics format {version} was made by a newer hf-mudsc (this version "
+                                   f"reads formats {readable}); upgrade hf-mudsc to read it")
+        if not _integer(version) or version not in READ_FORMATS:
+            raise ValueError(f"unknown merge diagnostics format {version!r} (this version reads formats {readable}); "
+                             "redraw with the hf-mudsc version that merged the model")
         check_diagnostics_dict(data)  # every value's type up front: a plot or summary never meets a wrong one
         return cls(
             method=data["method"], matcher=data.get("matcher"), alpha=data.get("alpha"),
@@ -136,13 +156,15 @@ class MergeDiagnostics:
 
     @classmethod
     def from_config(cls, mudsc: Mapping[str, Any]) -> MergeDiagnostics:
-        """What a merged model's `config.mudsc` alone tells (a folder without `merge_diagnostics.json`): the method,
-        each group's match value and each start's final objective — no correlations, heads or heat maps."""
+        """What a merged model's `config.mudsc` alone tells (a folder without `merge_diagnostics.json`: more than two
+        parents, or removed): the method, each group's match value, each start's final objective and `alpha="auto"`'s
+        curve — no correlations, heads or heat maps."""
         return cls(
             method=str(mudsc.get("method")), matcher=mudsc.get("matcher"), alpha=mudsc.get("alpha"),
             groups=[GroupDiagnostics(name=name, width=0, value=value)
                     for name, value in (mudsc.get("group_match_values") or {}).items()],
             starts=dict(mudsc.get("start_objectives") or {}), solve_start=mudsc.get("solve_start"),
+            alpha_curve=mudsc.get("alpha_auto"),
         )
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -197,7 +219,8 @@ _GROUP = {"name": (_text, "a text"), "width": (_integer, "an integer"), "num_hea
               "value", "activation", "weight", "blended", "cross_fraction", "baseline_activation", "baseline_weight",
               "baseline_blended")},
           "baseline_pairs": (_or_none(_integer), "an integer"),
-          "head_pairing": (_or_none(_list_of(_integer)), "a list of integers"),
+          "head_pairing": (_or_none(_list_of(_or_none(_integer))),
+                           "a list of integers or nulls (null: a pair the size budget kept apart)"),
           "head_scores": (_or_none(_list_of(_or_none(_number))), "a list of numbers")}
 _HEATMAP = {"group": (_text, "a text"), "rows": (_list_of(_integer), "a list of integers"),
             "columns": (_list_of(_integer), "a list of integers"),
@@ -277,12 +300,17 @@ def compute_diagnostics(
     starts: Mapping[str, float] | None = None,
     solve_start: str | None = None,
     heatmap_units: int = HEATMAP_UNITS,
+    solved_matches: Sequence[Match | None] | None = None,
 ) -> MergeDiagnostics | None:
     """The diagnostics of a finished solve (None when no group was matched, e.g. `average`).
 
     `spec` is the spec the solve matched with (weight similarities as in docs/design.md §4.3, other axes mapped by
     the final matches). Only the fused pairs' entries and a sampled block are computed: `O(n · D)` per group,
     not the `O(n² · D)` of a full weight correlation.
+
+    `solved_matches`: the solve's matches when a size budget widened them into `matches` (§4.12): the weight
+    similarity maps the other groups' axes by these, as the solve did, while the fused pairs are those of `matches`
+    (the merged model's) — mapped by the widened ones, the residual's unchanged match showed a lower correlation.
     """
     import torch
 
@@ -290,7 +318,7 @@ def compute_diagnostics(
 
     if not any(m is not None for m in matches):
         return None
-    maps = [GroupMaps.from_match(m) if m is not None else None for m in matches]
+    maps = [GroupMaps.from_match(m) if m is not None else None for m in (solved_matches or matches)]
     # Without activations the units were matched on weights alone, whatever `alpha` says.
     weight_share = 1.0 if correlations is None else (0.0 if alpha is None else float(alpha))
     report = MergeDiagnostics(
@@ -342,8 +370,9 @@ def compute_diagnostics(
         members[cluster[n:], 1] = True
         entry.cross_fraction = _rounded(float(members.all(1).double().mean()))
         if found.head_pairing is not None and group.num_heads > 1:
-            entry.head_pairing = [int(h) for h in found.head_pairing]
             size = n // group.num_heads
+            entry.head_pairing = [int(partner) if _heads_merged(cluster, n, size, head, int(partner)) else None
+                                  for head, partner in enumerate(found.head_pairing)]
             heads = a_units // size
             entry.head_scores = [_mean(pair_blended[heads == h]) if bool((heads == h).any()) else None
                                  for h in range(group.num_heads)]
@@ -434,6 +463,14 @@ def _fused_pairs(cluster: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Ten
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
     a_units, b_units = zip(*sorted(pairs))
     return torch.tensor(a_units), torch.tensor(b_units)
+
+
+def _heads_merged(cluster: torch.Tensor, n: int, size: int, head: int, partner: int) -> bool:
+    """Whether A head `head` and its paired B head `partner` share a merged head (blocks of `size` merged units): not
+    when a size budget kept the pair apart (`widen.unfuse_heads` gives the B head a merged head of its own)."""
+    blocks_a = set((cluster[head * size:(head + 1) * size] // size).tolist())
+    blocks_b = set((cluster[n + partner * size:n + (partner + 1) * size] // size).tolist())
+    return bool(blocks_a & blocks_b)
 
 
 def _mean(values: torch.Tensor) -> float | None:

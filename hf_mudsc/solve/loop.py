@@ -21,6 +21,7 @@ import torch
 from hf_mudsc.blas import pack_upper, packed_size, torch_thread_count, unpack_upper
 from hf_mudsc.heap import release_free_heap
 from hf_mudsc.memory import available_memory
+from hf_mudsc.option_values import MULTISTART_MARGIN
 from hf_mudsc.progress import Progress
 from hf_mudsc.solve.maps import GroupMaps
 from hf_mudsc.solve.matchers import (
@@ -39,13 +40,6 @@ logger = logging.getLogger(__name__)
 #: The starts a solve may run, in the order they run (docs/design.md §4.5). A solve without activations
 #: (`weight_matching`) has no activation start: its own start is the weight-only solve, named "weight".
 STARTS = ("activation", "weight", "identity")
-#: How much higher (absolute, on the mean-similarity objective in [-1, 1]) another start's final objective must
-#: be to replace the activation start's solution. An internal constant, not an option: on different-init pairs the
-#: three starts end within 0.004 of each other — a plateau where the higher objective is noise and once cost 12.5
-#: points of joint accuracy — while on same-init pairs the weight/identity start wins by 0.08–0.33
-#: (docs/research/quality_probe.md §1, §7). Nothing in between was measured, so a user has no basis to tune it;
-#: `reference_compat=True` is the switch back to the paper's single start.
-MULTISTART_MARGIN = 0.01
 #: Visit results kept per group (§4.5's exact shortcut): enough for the sweeps' revert-to-best states and for a
 #: later start that reaches a neighbourhood an earlier one visited; each is a few index tensors.
 VISIT_CACHE_SIZE = 4
