@@ -87,18 +87,27 @@ def _is_integer(key: Any) -> bool:
     return True
 
 
+def refuse_label_keys_not_numbers(id2label: Any, where: str) -> None:
+    """A model object's `id2label` (set after it was built, so no `AutoConfig` read it) with a key that is no integer
+    (`"a"`): it names no classifier row, and the label code would fail on it with a bare ValueError."""
+    if isinstance(id2label, dict):
+        key = next((key for key in id2label if not _is_integer(key)), None)
+        if key is not None:
+            raise LoadError(f"{where}: id2label has the key {shown(key)}, which is no class number (0 to "
+                            f"{len(id2label) - 1}, one per classifier row); give the model back the labels it was "
+                            "built with")
+
+
 def check_label_numbers(id2label: Any, where: str) -> None:
     """`id2label` names classifier row `i` by key `i`: keys other than 0 .. n-1 (`-1, 0, 1`) would be read in sorted
-    order, each label naming another row than transformers gives it. A key that is no integer (`"a"`) names no row:
-    `AutoConfig` refuses it in a config.json, and a model object's config (set after it was built) is refused here."""
+    order, each label naming another row than transformers gives it. Keys that are no integers are left to
+    `AutoConfig`, which refuses them (a model object's config: `refuse_label_keys_not_numbers`)."""
     if not isinstance(id2label, dict):
         return
     try:
         numbers = sorted(int(key) for key in id2label)
     except (TypeError, ValueError):
-        key = next(key for key in id2label if not _is_integer(key))
-        raise LoadError(f"{where}: id2label has the key {shown(key)}, which is no class number (0 to "
-                        f"{len(id2label) - 1}, one per classifier row); {FIX}") from None
+        return
     if numbers != list(range(len(numbers))):
         raise LoadError(f"{where}: id2label numbers its labels {shown(numbers)}, not 0 to {len(numbers) - 1} (one per "
                         f"classifier row); {FIX}")

@@ -58,6 +58,7 @@ from hf_mudsc.load.config_json import (
     check_config_json,
     check_label_numbers,
     read_card,
+    refuse_label_keys_not_numbers,
 )
 from hf_mudsc.load.hub_calls import http_cause, hub_call, hub_error_line
 from hf_mudsc.load.links import TEMPLATES_FOLDER, refuse_link_out, refuse_links_out
@@ -293,6 +294,7 @@ def _locate(ref: Any, *, token: str | bool | None, allow_pickle: bool,
     if isinstance(ref, PreTrainedModel):
         name_or_path = str(getattr(ref.config, "_name_or_path", "") or getattr(ref, "name_or_path", "") or "")
         # as a folder's config.json is: labels numbered other than 0..n-1 name other rows than transformers reads
+        refuse_label_keys_not_numbers(getattr(ref.config, "id2label", None), f"{name_or_path or type(ref).__name__!r}")
         check_label_numbers(getattr(ref.config, "id2label", None), f"{name_or_path or type(ref).__name__!r}")
         return _Located(reference=name_or_path or type(ref).__name__, config=ref.config, model=ref,
                         processor=processor_from_name(name_or_path, getattr(ref.config, "_commit_hash", None)))
