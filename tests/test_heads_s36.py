@@ -57,3 +57,44 @@ def test_a_regression_head_of_several_outputs_is_not_called_one_output(tmp_path)
         hf_mudsc.merge([scores, classes], method="average", progress=False)
     message = str(caught.value)
     assert "regression head" in message and "one output" not in message and "2 outputs" in message, message
+
+
+def test_a_merge_of_a_merged_model_keeps_each_of_its_tasks(tmp_path):
+    """merge([merge([A, B]) saved, C]) — what `method='average'` with 3 parents says to do ('merge them 2 at a time')
+    — made one task 'ab' of A's and B's classes ('ab: task1: t1c0'): the joint decision took one softmax over both
+    tasks' labels, and evaluate could score neither A's task nor B's (3 parents for 2 tasks)."""
+    import torch
+    from factories import fine_tune, with_new_head
+
+    from hf_mudsc.evaluate.decision import joint_probabilities
+
+    base = make_model("vit_cls", 0, num_labels=2)
+    parents = []
+    for seed, size in ((1, 2), (2, 3), (3, 5)):
+        parent = with_new_head(fine_tune(base, seed, 0.01), size, seed)
+        parent.config.id2label = {i: f"t{seed}c{i}" for i in range(size)}
+        parent.config.label2id = {name: i for i, name in parent.config.id2label.items()}
+        parent.config._name_or_path = f"org/task{seed}"
+        parents.append(parent)
+    first = hf_mudsc.merge(parents[:2], method="average", progress=False)
+    hf_mudsc.save_merged(first, tmp_path / "ab")
+    merged = hf_mudsc.merge([str(tmp_path / "ab"), parents[2]], method="average", progress=False)
+    ranges = {"task1": [0, 2], "task2": [2, 5], "task3": [5, 10]}
+    assert merged.config.task_label_ranges == ranges
+    assert merged.config.id2label[0] == "task1: t1c0" and merged.config.id2label[9] == "task3: t3c4"
+    assert merged.config.label2id == {name: i for i, name in merged.config.id2label.items()}
+    logits = torch.randn(4, 10)
+    expected = torch.cat([logits[:, lo:hi].softmax(-1) for lo, hi in ranges.values()], dim=-1)
+    assert torch.allclose(joint_probabilities(logits, merged.config), expected)
+    pixels = torch.randn(12, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    data = {}
+    for parent, task in zip(parents, ranges):
+        with torch.no_grad():
+            data[task] = (pixels, parent(pixel_values=pixels).logits.argmax(-1))
+    result = hf_mudsc.evaluate_merge(merged, parents, data, progress=False)
+    assert {task: result.score(f"parent_{letter}", task) for task, letter in zip(ranges, "abc")} == dict.fromkeys(
+        ranges, 1.0)
+    # A merged model and a parent holding one of its tasks' names: every task keeps a name of its own.
+    again = hf_mudsc.merge([str(tmp_path / "ab"), parents[0]], method="average", progress=False)
+    assert again.config.task_label_ranges == {"task1_a": [0, 2], "task2": [2, 5], "task1_b": [5, 7]}
+    assert again.config.id2label[5] == "task1_b: t1c0"
