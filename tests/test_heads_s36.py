@@ -98,3 +98,42 @@ def test_a_merge_of_a_merged_model_keeps_each_of_its_tasks(tmp_path):
     again = hf_mudsc.merge([str(tmp_path / "ab"), parents[0]], method="average", progress=False)
     assert again.config.task_label_ranges == {"task1_a": [0, 2], "task2": [2, 5], "task1_b": [5, 7]}
     assert again.config.id2label[5] == "task1_b: t1c0"
+
+
+def test_evaluate_figures_of_a_three_task_merge_are_the_per_task_and_joint_rules_by_hand():
+    """Label sets of sizes 2, 3 and 5 (one of size 1 is a regression head, or a one-class softmax: refused above):
+    each task's figure is the argmax within its slice on its data, the joint one the per-task softmax argmax over
+    all rows, the ensemble's the same rule on the parents' concatenated logits."""
+    import torch
+    from factories import fine_tune, with_new_head
+
+    from hf_mudsc.evaluate.decision import joint_probabilities
+
+    base = make_model("vit_cls", 0, num_labels=2)
+    parents = []
+    for seed, size in ((1, 2), (2, 3), (3, 5)):
+        parent = with_new_head(fine_tune(base, seed, 0.01), size, seed)
+        parent.config._name_or_path = f"org/task{seed}"
+        parents.append(parent)
+    merged = hf_mudsc.merge(parents, method="linear", progress=False)
+    generator = torch.Generator().manual_seed(0)
+    data = []
+    for parent in parents:
+        pixels = torch.randn(30, 1, 16, 16, generator=generator)
+        with torch.no_grad():
+            labels = parent(pixel_values=pixels).logits.argmax(-1)
+        labels[:10] = torch.randint(0, parent.config.num_labels, (10,), generator=generator)  # not all right
+        data.append((pixels, labels))
+    result = hf_mudsc.evaluate_merge(merged, parents, data, progress=False, batch_size=7)
+    ranges = merged.config.task_label_ranges
+    joint = ensemble = 0
+    with torch.no_grad():
+        for (task, (lo, hi)), (pixels, labels) in zip(ranges.items(), data):
+            logits = merged(pixel_values=pixels).logits
+            assert result.score("merged", task) == pytest.approx((logits[:, lo:hi].argmax(-1) == labels).float().mean())
+            joint += int((joint_probabilities(logits, merged.config).argmax(-1) == labels + lo).sum())
+            together = torch.cat([p(pixel_values=pixels).logits.softmax(-1) for p in parents], dim=-1)
+            ensemble += int((together.argmax(-1) == labels + lo).sum())
+    assert result.score("merged", "joint") == pytest.approx(joint / 90)
+    assert result.score("ensemble", "joint") == pytest.approx(ensemble / 90)
+    assert 0 < joint < 90
