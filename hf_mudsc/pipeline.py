@@ -22,6 +22,7 @@ from hf_mudsc.apply.classifier import (
     concatenated_classifier_config,
     concatenated_head,
     distinct_task_names,
+    int_keyed_labels,
     label_ids,
     label_names,
     repeated_labels_message,
@@ -858,6 +859,7 @@ def merge(
         for key, value in concatenated_classifier_config(configs, distinct_task_names(configs)).items():
             setattr(config, key, value)
     elif spec.classifier is not None:  # parent A's labels: label2id written from its id2label, not copied
+        config.id2label = int_keyed_labels(config)
         config.label2id = label_ids(config)
     # What the merge used, for each option declared `recorded`: the per-method options as the method reports them
     # (None where it does not read them), the others as given.

@@ -137,3 +137,14 @@ def test_evaluate_figures_of_a_three_task_merge_are_the_per_task_and_joint_rules
     assert result.score("merged", "joint") == pytest.approx(joint / 90)
     assert result.score("ensemble", "joint") == pytest.approx(ensemble / 90)
     assert 0 < joint < 90
+
+
+def test_the_merged_id2label_is_keyed_by_int_as_from_pretrained_gives_it():
+    """merge([A, B]) with A's labels set from a JSON dict (`a.config.id2label = {"0": "neg", "1": "pos"}`) gave a
+    merged config keyed by strings beside a label2id of ints: `pipeline("text-classification", model=merged)`
+    failed with KeyError: 0 (its saved copy, read back by from_pretrained, had int keys)."""
+    a, b = _labelled("bert_cls", 1, ["neg", "pos"]), _labelled("bert_cls", 2, ["neg", "pos"])
+    a.config.id2label = {"0": "neg", "1": "pos"}
+    merged = hf_mudsc.merge([a, b], method="linear", progress=False)
+    assert merged.config.id2label == {0: "neg", 1: "pos"} and merged.config.label2id == {"neg": 0, "pos": 1}
+    assert a.config.id2label == {"0": "neg", "1": "pos"}  # the parent is left as given

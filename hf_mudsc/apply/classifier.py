@@ -39,6 +39,14 @@ def label_ids(config: PretrainedConfig) -> dict[str, int]:
     return {str(name): int(index) for index, name in id2label.items()}
 
 
+def int_keyed_labels(config: PretrainedConfig) -> dict[int, Any]:
+    """`id2label` keyed by int ids, in id order, as `from_pretrained` reads it: a config set from a JSON dict
+    (`config.id2label = {"0": "neg"}`) holds string keys, and `pipeline(...)` on a model holding it fails (KeyError:
+    0); the merged config, copied from parent A's, gets int keys."""
+    id2label = getattr(config, "id2label", None) or {}
+    return {int(index): id2label[index] for index in sorted(id2label, key=int)}
+
+
 def repeated_label(config: PretrainedConfig) -> tuple[str, list[int]] | None:
     """The first name `id2label` gives to more than one class, with those ids; None when each name is one class's.
 
