@@ -553,7 +553,13 @@ def gate_lowered_tasks_text(gate: Mapping[str, Any]) -> str:
     and `inspect`); empty when none was."""
     lowered = [i for i in gate.get("lowered_tasks") or () if isinstance(i, int)]
     tasks_none, tasks_refit = gate.get("tasks_none") or [], gate.get("tasks_refit") or []
-    parts = [f"parent {parent_label(i)}'s task: {tasks_refit[i]:.4f} with, {tasks_none[i]:.4f} without"
+    # a merged parent holds several tasks: they are named (`task_names`), task i being no longer parent i's
+    names = gate.get("task_names") if isinstance(gate.get("task_names"), list) else None
+
+    def task(i: int) -> str:
+        return f"task {str(names[i])!r}" if names and i < len(names) else f"parent {parent_label(i)}'s task"
+
+    parts = [f"{task(i)}: {tasks_refit[i]:.4f} with, {tasks_none[i]:.4f} without"
              for i in lowered if i < min(len(tasks_none), len(tasks_refit))]
     return f"; it lowered {'; '.join(parts)}" if parts else ""
 

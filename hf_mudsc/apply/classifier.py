@@ -172,6 +172,20 @@ def _tasks_of(configs: Sequence[PretrainedConfig]) -> list[tuple[int, str, list[
             for name, labels in parent_tasks(config, f"task_{parent_label(index).lower()}")]
 
 
+def head_tasks(configs: Sequence[PretrainedConfig], rows: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(each task's size, its parent's index) for every task of the concatenated head, in head order: a parent of
+    `rows[i]` head rows is one task of them, a merged parent (`parent_tasks`) each of its tasks — so the held-out
+    scores compare each task's slice, not one softmax over a merged parent's several tasks."""
+    sizes: list[int] = []
+    owners: list[int] = []
+    for index, (config, count) in enumerate(zip(configs, rows, strict=True)):
+        own = [len(labels) for _, labels in parent_tasks(config, f"task_{parent_label(index).lower()}")]
+        parts = own if len(own) > 1 and sum(own) == count else [count]
+        sizes += parts
+        owners += [index] * len(parts)
+    return sizes, owners
+
+
 def concatenated_classifier_config(configs: Sequence[PretrainedConfig], tasks: Sequence[str]) -> dict[str, Any]:
     """Config fields of a merged model whose classifier is parent 0's rows, then parent 1's, ...: one task each, or
     a merged parent's own tasks (`parent_tasks`); `tasks`: their names (`distinct_task_names`)."""
