@@ -325,3 +325,51 @@ def test_the_refit_head_target_centres_each_task_of_a_merged_parent(tmp_path):
     for lo, hi in ((0, 2), (2, 5), (5, 10)):
         assert torch.allclose(target[:, lo:hi].mean(1), torch.zeros(6), atol=1e-6)
     assert torch.equal(target[:, 5:], parent - parent.mean(1, keepdim=True))
+
+
+def _three_task_folder(tmp_path):
+    """Parents A, B, C (2, 3 and 5 labels) saved in p1..p3, abc = merge([A, B, C]) saved, and 8 rows per task."""
+    import torch
+    from factories import fine_tune, with_new_head
+
+    base = make_model("vit_cls", 0, num_labels=2)
+    parents = []
+    for seed, size in ((1, 2), (2, 3), (3, 5)):
+        parent = with_new_head(fine_tune(base, seed, 0.01), size, seed)
+        parent.config.id2label = {i: f"t{seed}c{i}" for i in range(size)}
+        parent.config.label2id = {name: i for i, name in parent.config.id2label.items()}
+        parent.config._name_or_path = f"org/task{seed}"
+        parent.save_pretrained(tmp_path / f"p{seed}")
+        parents.append(parent)
+    hf_mudsc.save_merged(hf_mudsc.merge(parents, method="linear", progress=False), tmp_path / "abc")
+    generator = torch.Generator().manual_seed(0)
+    data = {f"task{i + 1}": (torch.randn(8, 1, 16, 16, generator=generator), torch.zeros(8, dtype=torch.long))
+            for i in range(3)}
+    return parents, data
+
+
+def test_two_hub_parents_for_three_tasks_are_refused_before_any_request(local_hub, tmp_path):
+    """evaluate_merge("./abc", ["user/p1", "user/p2"], data) of a 3-task merge downloaded both parents' weights
+    (11 requests) before '2 parents for 3 tasks'."""
+    from hf_mudsc.errors import EvaluationError
+
+    _, data = _three_task_folder(tmp_path)
+    for seed in (1, 2):
+        local_hub.upload_folder(f"user/p{seed}", tmp_path / f"p{seed}", "p")
+    local_hub.requests.clear()
+    with pytest.raises(EvaluationError, match=r"2 parents for 3 tasks") as caught:
+        hf_mudsc.evaluate_merge(str(tmp_path / "abc"), ["user/p1", "user/p2"], data, progress=False)
+    assert "\n" not in str(caught.value) and "a merged parent holds each of its tasks" in str(caught.value)
+    assert not local_hub.requests, local_hub.describe_requests()
+
+
+def test_two_hub_parents_for_three_tasks_offline_get_the_count_refusal(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE=1 evaluate_merge("./abc", ["org/p1", "org/p2"], data) said 'not in the local cache' instead
+    of '2 parents for 3 tasks'."""
+    from hf_mudsc.errors import EvaluationError
+
+    _, data = _three_task_folder(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _no_weights(monkeypatch)
+    with pytest.raises(EvaluationError, match=r"^2 parents for 3 tasks \['task1', 'task2', 'task3'\]"):
+        hf_mudsc.evaluate_merge(str(tmp_path / "abc"), ["org/p1", "org/p2"], data, progress=False)
