@@ -373,3 +373,26 @@ def test_two_hub_parents_for_three_tasks_offline_get_the_count_refusal(tmp_path,
     _no_weights(monkeypatch)
     with pytest.raises(EvaluationError, match=r"^2 parents for 3 tasks \['task1', 'task2', 'task3'\]"):
         hf_mudsc.evaluate_merge(str(tmp_path / "abc"), ["org/p1", "org/p2"], data, progress=False)
+
+
+def test_inspect_names_the_tasks_the_average_check_found_lowered_by_name(tmp_path):
+    """`hf-mudsc inspect` of merge([./ab, C]) whose average check found task2 lowered said 'scored parent(s) B' (task
+    index 1 read as a parent letter: task2 is merged parent A's); it now names the task."""
+    import json
+
+    from hf_mudsc.cli.inspect import read_merge, summary
+
+    _three_task_folder(tmp_path)
+    config = json.loads((tmp_path / "abc" / "config.json").read_text())
+    config["mudsc"]["refit_gate"] = {
+        "kept": False, "none": -1.0, "refit": -1.2, "held_out_examples": 40, "tasks_none": [-0.5, -0.6, -0.9],
+        "tasks_refit": [-0.5, -0.7, -0.3], "lowered_tasks": [], "task_names": ["task1", "task2", "task3"],
+        "average": {"kept": True, "score": -0.9, "tasks": [-0.4, -0.5, -0.9], "lowered_tasks": [1]}}
+    (tmp_path / "abc" / "config.json").write_text(json.dumps(config))
+    saved, diagnostics, _ = read_merge(tmp_path / "abc")
+    text = summary(tmp_path / "abc", saved, diagnostics, None, False)
+    assert "then plain averaging was returned: the merge scored task(s) 'task2' below it" in text, text
+    del config["mudsc"]["refit_gate"]["task_names"]  # ordinary parents: task i is parent i's
+    (tmp_path / "abc" / "config.json").write_text(json.dumps(config))
+    saved, diagnostics, _ = read_merge(tmp_path / "abc")
+    assert "the merge scored parent(s) B below it" in summary(tmp_path / "abc", saved, diagnostics, None, False)
