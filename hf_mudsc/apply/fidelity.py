@@ -147,8 +147,9 @@ SIGNIFICANCE = 0.05
 
 
 def tasks_below(chosen: Agreement, reference: Agreement) -> tuple[int, ...]:
-    """The tasks (parent indices) whose own term `chosen` has below `reference`'s on the same held-out examples —
-    significantly (`SIGNIFICANCE`, a paired t-test over the examples' terms) when both carry them, else by the means.
+    """The task indices (a parent's, unless a merged parent holds several) whose own term `chosen` has below
+    `reference`'s on the same held-out examples — significantly (`SIGNIFICANCE`, a paired t-test over the examples'
+    terms) when both carry them, else by the means.
     A few hundred held-out examples move a term by a few thousandths between two merges equally good on the task
     (measured: 0.001 while the test accuracy of the three tasks moved −1.2 … +1.2), which must not decide."""
     if chosen.tasks is None or reference.tasks is None:

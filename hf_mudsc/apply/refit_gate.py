@@ -62,7 +62,8 @@ class GateDecision:
     measure: str = "log-probability agreement"  # `FidelityScorer.measure`: what the scores are
     tasks_none: tuple[float, ...] | None = None
     tasks_refit: tuple[float, ...] | None = None
-    lowered_tasks: tuple[int, ...] = ()  # the tasks (parent indices) the refit lowered (`fidelity.tasks_below`)
+    # the task indices (a parent's, unless a merged parent holds several) the refit lowered (`fidelity.tasks_below`)
+    lowered_tasks: tuple[int, ...] = ()
     average: AverageCheck | None = None  # the check against plain averaging, when one ran
     # the tasks' names when a merged parent holds several of them (task i is then not parent i's): None otherwise
     task_names: tuple[str, ...] | None = None

@@ -6,8 +6,10 @@
 * **parent A / B / C ...** (N >= 2 parents, merge order): when the parents have different label sets, a
   parent scores only its own classes (its slice holds its logits, every other class ``-inf``). It is scored per
   task on its own task only; its joint figure is that of a single-task model answering the joint test — always
-  one of its own classes, so it is right at most on its own task's share of the samples. When the parents share
-  one label set, each parent is scored on every task.
+  one of its own classes, so it is right at most on its own task's share of the samples. A merged parent (its
+  config holds several tasks, `merge([merge([A, B]), C])`'s first) is scored on each of its tasks on that task's
+  own slice of its head, and its joint figure is decided by the `joint_rule` over its slices (right at most on its
+  tasks' share). When the parents share one label set, each parent is scored on every task.
 * **ensemble**: every parent runs; different label sets: the parents' logits concatenated in parent order, decided
   by the same `joint_rule` as the merged head (`per_task`: each head's softmax); one shared label set: the mean of
   the parents' softmaxes.
