@@ -572,14 +572,35 @@ def gate_tie_note(gate: Mapping[str, Any]) -> str:
     return ""
 
 
+def gate_task_names(gate: Mapping[str, Any]) -> list[str] | None:
+    """The held-out terms' task names the gate recorded (config `refit_gate["task_names"]`): a merged parent holds
+    several tasks, task i being no longer parent i's; None when task i is parent i's."""
+    names = gate.get("task_names")
+    return [str(name) for name in names] if isinstance(names, list) and names else None
+
+
+def gate_tasks_text(gate: Mapping[str, Any], indices: Sequence[Any]) -> str:
+    """`task(s) 'task1', 'task2'` for the held-out terms `indices` (e.g. the average check's lowered tasks) when the
+    gate names its tasks, else `parent(s) A, B` (task i is parent i's)."""
+    names = gate_task_names(gate)
+    indices = [i for i in indices if isinstance(i, int)]
+    if names and all(i < len(names) for i in indices):
+        return f"task(s) {', '.join(repr(names[i]) for i in indices)}"
+    return f"parent(s) {', '.join(parent_label(i) for i in indices)}"
+
+
 def gate_lowered_tasks_text(gate: Mapping[str, Any]) -> str:
     """`; it lowered parent B's task: -0.7000 with, -0.6000 without` for each task whose own held-out term the
     refit lowered (config `refit_gate["lowered_tasks"]`): why a refit with the higher pooled score was dropped (card
     and `inspect`); empty when none was."""
     lowered = [i for i in gate.get("lowered_tasks") or () if isinstance(i, int)]
     tasks_none, tasks_refit = gate.get("tasks_none") or [], gate.get("tasks_refit") or []
-    parts = ["parent {}'s task: {} with, {} without".format(parent_label(i),
-                                                             *gate_scores(tasks_refit[i], tasks_none[i]))
+    names = gate_task_names(gate)
+
+    def task(i: int) -> str:
+        return f"task {names[i]!r}" if names and i < len(names) else f"parent {parent_label(i)}'s task"
+
+    parts = ["{}: {} with, {} without".format(task(i), *gate_scores(tasks_refit[i], tasks_none[i]))
              for i in lowered if i < min(len(tasks_none), len(tasks_refit))]
     return f"; it lowered {'; '.join(parts)}" if parts else ""
 

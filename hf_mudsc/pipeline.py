@@ -22,6 +22,8 @@ from hf_mudsc.apply.classifier import (
     concatenated_classifier_config,
     concatenated_head,
     distinct_task_names,
+    head_tasks,
+    int_keyed_labels,
     label_ids,
     label_names,
     repeated_labels_message,
@@ -780,6 +782,9 @@ def merge(
             result = merge_method.merge_parameters(context)
         option_warnings = _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value,
                                        spec.inputs, data_note=data_note, strangers=strangers)
+    # the concatenated head's tasks (size, parent), for the held-out scores: a merged parent holds several
+    task_sizes, task_parents = head_tasks([m.config for m in loaded], [
+        p[spec.classifier.weight].shape[0] for p in params]) if concatenate else (None, None)
     if auto_alpha:
         from hf_mudsc.apply.fidelity import FidelityScorer, search_alpha
 
@@ -789,8 +794,8 @@ def merge(
                 [m.config for m in loaded], distinct_task_names([m.config for m in loaded])
             ).items():
                 setattr(head_config, key, value)
-        alpha_scorer = FidelityScorer(loaded, held_out, mask_key="attention_mask", task_sizes=[
-            p[spec.classifier.weight].shape[0] for p in params] if concatenate else None)
+        alpha_scorer = FidelityScorer(loaded, held_out, mask_key="attention_mask", task_sizes=task_sizes,
+                                      task_parents=task_parents)
         short_said = short_said or _warn_short(num_samples, report.num_samples + alpha_scorer.examples)
         chosen_alpha, result, alpha_curve = search_alpha(
             merge_method, context, alpha_scorer,
@@ -858,6 +863,7 @@ def merge(
         for key, value in concatenated_classifier_config(configs, distinct_task_names(configs)).items():
             setattr(config, key, value)
     elif spec.classifier is not None:  # parent A's labels: label2id written from its id2label, not copied
+        config.id2label = int_keyed_labels(config)
         config.label2id = label_ids(config)
     # What the merge used, for each option declared `recorded`: the per-method options as the method reports them
     # (None where it does not read them), the others as given.
@@ -948,7 +954,9 @@ def merge(
                              and merge_method is not averaging)
             merged, report.refit, gate = gated_refit(
                 merged, loaded, calibration_batches, lambda model, data: run_refit(model, data, None),
-                task_sizes=[p[spec.classifier.weight].shape[0] for p in params] if concatenate else None,
+                task_sizes=task_sizes, task_parents=task_parents,
+                task_names=distinct_task_names([m.config for m in loaded]) if task_parents is not None and len(
+                    task_parents) != len(loaded) else None,
                 scorer=alpha_scorer,  # alpha="auto" held out the same examples: its parents' outputs are reused
                 average=plain_average if check_average else None)
             merged.config.mudsc["refit_gate"] = gate.as_config()
@@ -957,9 +965,11 @@ def merge(
             if gate.average is not None:
                 merged.config.mudsc["refit_gate"]["average"]["merge"] = held
             if gate.average is not None and gate.average.kept:
-                lowered = ", ".join(parent_label(i) for i in gate.average.lowered)
+                lowered = (f"task(s) {', '.join(gate.task_names[i] for i in gate.average.lowered)}"
+                           if gate.task_names is not None else
+                           f"parent(s) {', '.join(parent_label(i) for i in gate.average.lowered)}")
                 choice_reason = (f"{choice_reason}; then plain averaging ({averaging.name}): {held}'s merge scored "
-                                 f"below it on the held-out examples of parent(s) {lowered}")
+                                 f"below it on the held-out examples of {lowered}")
                 logger.info("method auto: %s", choice_reason)
                 recorded = dataclasses.replace(
                     used, **{**dict.fromkeys(MergeOptions.names(per_method=True)),

@@ -39,6 +39,14 @@ def label_ids(config: PretrainedConfig) -> dict[str, int]:
     return {str(name): int(index) for index, name in id2label.items()}
 
 
+def int_keyed_labels(config: PretrainedConfig) -> dict[int, Any]:
+    """`id2label` keyed by int ids, in id order, as `from_pretrained` reads it: a config set from a JSON dict
+    (`config.id2label = {"0": "neg"}`) holds string keys, and `pipeline(...)` on a model holding it fails (KeyError:
+    0); the merged config, copied from parent A's, gets int keys."""
+    id2label = getattr(config, "id2label", None) or {}
+    return {int(index): id2label[index] for index in sorted(id2label, key=int)}
+
+
 def repeated_label(config: PretrainedConfig) -> tuple[str, list[int]] | None:
     """The first name `id2label` gives to more than one class, with those ids; None when each name is one class's.
 
@@ -143,13 +151,49 @@ def task_name(config: PretrainedConfig, fallback: str) -> str:
     return name or fallback
 
 
+def parent_tasks(config: PretrainedConfig, fallback: str) -> list[tuple[str, list[str]]]:
+    """The tasks a parent's head holds, each as (task name, its label names): one, named after the parent
+    (`task_name`); or, for a parent that is itself a merge of different label sets (`config.task_label_ranges`),
+    each of its tasks with its own labels (the `task: ` prefix taken off) — a merge of merges (what "merge them 2 at
+    a time" gives) keeps every task's slice, rather than one task whose softmax spans several tasks' classes."""
+    labels = label_names(config)
+    try:
+        ranges = task_ranges(config)
+    except ValueError:  # ranges that do not tile the head say nothing reliable: the parent is one task, as before
+        ranges = {}
+    if not ranges:
+        return [(task_name(config, fallback), labels)]
+    return [(task, [label.removeprefix(f"{task}: ") for label in labels[lo:hi]]) for task, (lo, hi) in ranges.items()]
+
+
+def _tasks_of(configs: Sequence[PretrainedConfig]) -> list[tuple[int, str, list[str]]]:
+    """(parent index, task name, label names) of every task of every parent, in head order (`parent_tasks`)."""
+    return [(index, name, labels) for index, config in enumerate(configs)
+            for name, labels in parent_tasks(config, f"task_{parent_label(index).lower()}")]
+
+
+def head_tasks(configs: Sequence[PretrainedConfig], rows: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(each task's size, its parent's index) for every task of the concatenated head, in head order: a parent of
+    `rows[i]` head rows is one task of them, a merged parent (`parent_tasks`) each of its tasks — so the held-out
+    scores compare each task's slice, not one softmax over a merged parent's several tasks."""
+    sizes: list[int] = []
+    owners: list[int] = []
+    for index, (config, count) in enumerate(zip(configs, rows, strict=True)):
+        own = [len(labels) for _, labels in parent_tasks(config, f"task_{parent_label(index).lower()}")]
+        parts = own if len(own) > 1 and sum(own) == count else [count]
+        sizes += parts
+        owners += [index] * len(parts)
+    return sizes, owners
+
+
 def concatenated_classifier_config(configs: Sequence[PretrainedConfig], tasks: Sequence[str]) -> dict[str, Any]:
-    """Config fields of a merged model whose classifier is parent 0's rows, then parent 1's, ... (one task each)."""
+    """Config fields of a merged model whose classifier is parent 0's rows, then parent 1's, ...: one task each, or
+    a merged parent's own tasks (`parent_tasks`); `tasks`: their names (`distinct_task_names`)."""
     id2label: dict[int, str] = {}
     ranges: dict[str, list[int]] = {}
-    for config, task in zip(configs, tasks, strict=True):
+    for (_, _, labels), task in zip(_tasks_of(configs), tasks, strict=True):
         start = len(id2label)
-        for label in label_names(config):
+        for label in labels:
             id2label[len(id2label)] = f"{task}: {label}"
         ranges[task] = [start, len(id2label)]
     label2id = {label: i for i, label in id2label.items()}
@@ -170,19 +214,21 @@ RESERVED_TASK_NAMES = ("joint", "average")
 
 
 def distinct_task_names(configs: Sequence[PretrainedConfig]) -> tuple[str, ...]:
-    """One task name per parent from its name; names shared by several parents, or taken by an evaluation view
-    (`RESERVED_TASK_NAMES`: a parent saved in `./joint`), get the parent's letter (`vit_a`, `vit_b`, `joint_a`), and
-    a name that is still taken (a parent named `vit_b` beside two named `vit`) a number too (`vit_b_2`): every task
-    keeps its own name, so no parent's range is written over another's, and evaluate accepts every one. A name
-    whose merged labels (`task: label`) would repeat an earlier task's is numbered too (a parent `run` with a label
-    `x: cat` and a parent `run: x` with a label `cat`: `run: x_2`), so every merged label is distinct."""
-    names = [task_name(config, f"task_{parent_label(i).lower()}") for i, config in enumerate(configs)]
+    """One task name per task of the concatenated head, in head order: per parent from its name, or a merged
+    parent's own task names (`parent_tasks`); names shared by several tasks, or taken by an evaluation view
+    (`RESERVED_TASK_NAMES`: a parent saved in `./joint`), get the letter of their parent (`vit_a`, `vit_b`,
+    `joint_a`), and a name that is still taken (a parent named `vit_b` beside two named `vit`) a number too
+    (`vit_b_2`): every task keeps its own name, so no parent's range is written over another's, and evaluate accepts
+    every one. A name whose merged labels (`task: label`) would repeat an earlier task's is numbered too (a parent
+    `run` with a label `x: cat` and a parent `run: x` with a label `cat`: `run: x_2`), so every merged label is
+    distinct."""
+    tasks = _tasks_of(configs)
+    names = [name for _, name, _ in tasks]
     lettered = [f"{name}_{parent_label(i).lower()}" if names.count(name) > 1 or name in RESERVED_TASK_NAMES else name
-                for i, name in enumerate(names)]
+                for i, name, _ in tasks]
     distinct: list[str] = []
     merged_labels: set[str] = set()
-    for name, config in zip(lettered, configs):
-        labels = label_names(config)
+    for name, (_, _, labels) in zip(lettered, tasks):
         candidate, number = name, 2
         while candidate in distinct or (candidate != name and candidate in lettered) \
                 or any(f"{candidate}: {label}" in merged_labels for label in labels):

@@ -147,8 +147,9 @@ SIGNIFICANCE = 0.05
 
 
 def tasks_below(chosen: Agreement, reference: Agreement) -> tuple[int, ...]:
-    """The tasks (parent indices) whose own term `chosen` has below `reference`'s on the same held-out examples —
-    significantly (`SIGNIFICANCE`, a paired t-test over the examples' terms) when both carry them, else by the means.
+    """The task indices (a parent's, unless a merged parent holds several) whose own term `chosen` has below
+    `reference`'s on the same held-out examples — significantly (`SIGNIFICANCE`, a paired t-test over the examples'
+    terms) when both carry them, else by the means.
     A few hundred held-out examples move a term by a few thousandths between two merges equally good on the task
     (measured: 0.001 while the test accuracy of the three tasks moved −1.2 … +1.2), which must not decide."""
     if chosen.tasks is None or reference.tasks is None:
@@ -192,14 +193,17 @@ class FidelityScorer:
     """Scores merged models against the parents on held-out calibration examples (module docstring)."""
 
     def __init__(self, parents: Sequence[nn.Module], held_out: Iterable[Mapping[str, Any]], *,
-                 task_sizes: Sequence[int] | None, mask_key: str | None = None) -> None:
-        """`task_sizes`: each parent's class count when the merged head is their heads concatenated (in parent
-        order); None when the heads share one label set or there are no logits."""
+                 task_sizes: Sequence[int] | None, mask_key: str | None = None,
+                 task_parents: Sequence[int] | None = None) -> None:
+        """`task_sizes`: each task's class count when the merged head is the parents' heads concatenated (in head
+        order); None when the heads share one label set or there are no logits. `task_parents`: each task's parent
+        (`classifier.head_tasks`: a merged parent holds several consecutive tasks); None: task i is parent i's."""
         self.held_out, self.mask_key, self.task_sizes = held_out, mask_key, task_sizes
         ends = [int(end) for end in itertools.accumulate(task_sizes or ())]
         self.task_ranges = list(zip([0, *ends[:-1]], ends))  # the concatenated head's slices, parent order
         outputs = [_outputs(parent, held_out, mask_key) for parent in parents]
         self.parents = [out for out, _, _ in outputs]
+        self.owners = list(task_parents) if task_parents is not None and task_sizes else list(range(len(parents)))
         self.widths = [widths for _, _, widths in outputs]
         self.logits = all(is_logits for _, is_logits, _ in outputs)
         self.examples = len(self.parents[0])
@@ -212,6 +216,10 @@ class FidelityScorer:
         # A multi-label head decides each label by its own sigmoid (problem_type "multi_label_classification"):
         # scored per label, never through a softmax a shift of its logits would leave unchanged.
         self.multi_label = [self.logits and kind == "multi_label_classification" for kind in problem_types]
+        # per task, what it is compared with: its parent's outputs, or its slice of a merged parent's
+        self.targets = self._task_targets() if task_parents is not None and task_sizes else self.parents
+        self.regression = [self.regression[owner] for owner in self.owners]
+        self.multi_label = [self.multi_label[owner] for owner in self.owners]
         self.softmax_tasks = [not (regression or multi) for regression, multi in zip(self.regression,
                                                                                    self.multi_label)]
         kinds = [name for name, present in (
@@ -221,6 +229,16 @@ class FidelityScorer:
         features = ("linear CKA of the image and text embeddings (mean over the towers)"
                     if len(self.widths[0]) == len(_TOWERS) else "linear CKA of the features")
         self.measure = features if not self.logits else " and ".join(kinds)
+
+    def _task_targets(self) -> list[torch.Tensor]:
+        """Each task's parent outputs: a parent's whole output when it holds one task, else that task's slice."""
+        targets, start = [], 0
+        for task, (owner, size) in enumerate(zip(self.owners, self.task_sizes or ())):
+            start = 0 if task == 0 or self.owners[task - 1] != owner else start
+            whole = self.owners.count(owner) == 1
+            targets.append(self.parents[owner] if whole else self.parents[owner][:, start:start + size])
+            start += size
+        return targets
 
     def features_score(self, out: torch.Tensor, widths: Sequence[int]) -> float:
         """The score of a merged model without logits: the mean over parents (and towers) of the linear CKA."""
@@ -233,7 +251,7 @@ class FidelityScorer:
         sizes = list(self.task_sizes or ())
         slices = torch.split(out, sizes, dim=1)
         keep = [i for i, softmax in enumerate(self.softmax_tasks) if softmax]
-        return torch.cat([slices[i] for i in keep], dim=1), [self.parents[i] for i in keep]
+        return torch.cat([slices[i] for i in keep], dim=1), [self.targets[i] for i in keep]
 
     def __call__(self, merged: nn.Module) -> float:
         if self.examples == 0:
@@ -245,11 +263,11 @@ class FidelityScorer:
         agreements = [math.exp(-relative_squared_error(part, parent)) if regression
                       else float(((part > 0) == (parent > 0)).double().mean()) if multi
                       else float((part.argmax(1) == parent.argmax(1)).double().mean())
-                      for part, parent, regression, multi in zip(slices, self.parents, self.regression,
+                      for part, parent, regression, multi in zip(slices, self.targets, self.regression,
                                                                  self.multi_label)]
         if all(self.softmax_tasks):  # the joint decision: only single-label classification heads have one
             if self.task_sizes:
-                ensemble = torch.cat([parent.softmax(1) for parent in self.parents], dim=1)
+                ensemble = torch.cat([target.softmax(1) for target in self.targets], dim=1)
                 decided = per_task_softmax(out, self.task_ranges)
             else:
                 ensemble = sum(parent.softmax(1) for parent in self.parents) / len(self.parents)
@@ -287,7 +305,7 @@ class FidelityScorer:
             return Agreement(self.features_score(out, widths))
         slices = torch.split(out, list(self.task_sizes), dim=1) if self.task_sizes else [out] * len(self.parents)
         examples = tuple(example_terms(part, parent, regression=regression, multi_label=multi)
-                         for part, parent, regression, multi in zip(slices, self.parents, self.regression,
+                         for part, parent, regression, multi in zip(slices, self.targets, self.regression,
                                                                     self.multi_label))
         terms = [float(values.mean()) for values in examples]
         per_task = sum(terms) / len(terms)

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from hf_mudsc.apply.block_replay import BlockReplay, Storage, find_chains
+from hf_mudsc.apply.classifier import parent_tasks
 from hf_mudsc.blas import mirror_upper, syrk_upper, torch_thread_count
 from hf_mudsc.calibrate.correlation import CLAMP
 from hf_mudsc.calibrate.layer_inputs import (
@@ -437,6 +438,7 @@ def refit_model(
         report.head_kept = bool(keep_head)
     maps, shares = target_maps(matches, weights, len(parents))
     centred = [is_softmax_head(parent.config) if hasattr(parent, "config") else True for parent in parents]
+    splits = [held_task_sizes(parent.config) if hasattr(parent, "config") else None for parent in parents]
     modules = dict(merged.named_modules())
     layers = [name for name in refit_layers(merged, spec, norms=norms) if not (report.head_kept and name == head)]
     try:
@@ -496,7 +498,7 @@ def refit_model(
                                 # changed a target by at most 1 ulp and took twice the time).
                                 ys = [token_rows(out[name], mask).to(torch.float32) for out in outputs]
                                 cached[name].append(_target(spec, maps, name, name == head and concatenate_classifier,
-                                                            ys, shares, centred))
+                                                            ys, shares, centred, splits))
                             del outputs
                     report.parent_passes += 1
                     if position == 0 and samples is not None and report.examples < samples:
@@ -683,7 +685,15 @@ def target_maps(matches: Sequence[Match | None], weights: Sequence[float] | None
     return maps, shares
 
 
-def head_target(outputs: Sequence[torch.Tensor], centred: Sequence[bool] | None = None) -> torch.Tensor:
+def held_task_sizes(config: Any) -> list[int] | None:
+    """The sizes of the tasks a merged parent's head holds (`classifier.parent_tasks`), each centred on its own in
+    the head's target; None for a parent of one task (centred whole, as before)."""
+    sizes = [len(labels) for _, labels in parent_tasks(config, "task")]
+    return sizes if len(sizes) > 1 else None
+
+
+def head_target(outputs: Sequence[torch.Tensor], centred: Sequence[bool] | None = None,
+                splits: Sequence[Sequence[int] | None] | None = None) -> torch.Tensor:
     """A concatenated head's target: each parent's logits centred per task, `[z_A − mean_row(z_A), ...]`.
 
     Measured against raw logits, per-task log-probabilities (the ensemble's own decision rule: least squares
@@ -691,20 +701,24 @@ def head_target(outputs: Sequence[torch.Tensor], centred: Sequence[bool] | None 
     §2: none beat the centred logits on the mean over pairs. `centred[i]` False keeps parent i's outputs raw: only
     a softmax ignores a shift (`is_softmax_head`), and a one-output regression slice centred is zero."""
     keep = centred if centred is not None else [True] * len(outputs)
-    return torch.cat([y - y.mean(dim=1, keepdim=True) if centre else y
-                      for y, centre in zip(outputs, keep, strict=True)], dim=1)
+    parts = splits if splits is not None else [None] * len(outputs)
+    return torch.cat([torch.cat([z - z.mean(dim=1, keepdim=True) for z in torch.split(y, list(split), dim=1)], dim=1)
+                      if centre and split is not None and sum(split) == y.shape[1]
+                      else y - y.mean(dim=1, keepdim=True) if centre else y
+                      for y, centre, split in zip(outputs, keep, parts, strict=True)], dim=1)
 
 
 def _target(spec: PermutationSpec, maps: Sequence[GroupMaps | None], name: str, concatenated_head: bool,
             outputs: Sequence[torch.Tensor], shares: Sequence[float] | None = None,
-            centred: Sequence[bool] | None = None) -> torch.Tensor:
+            centred: Sequence[bool] | None = None,
+            splits: Sequence[Sequence[int] | None] | None = None) -> torch.Tensor:
     """The layer's target in the merged basis: per-task centred logits for a concatenated head (parent order; raw
     outputs for the parents `centred` marks False),
     else the mean over the N parents of their outputs mapped by the apply step's out-axis map (`N·merge_i`, so
     `Σ_i merge_i Y_i`: each merged unit's cluster mean; `target_maps`), or `Σ_i w̄_i Y_i` for an unmatched layer
     of a weighted merge."""
     if concatenated_head:
-        return head_target(outputs, centred)
+        return head_target(outputs, centred, splits)
     out_group = next((index for index, member in spec.axes_of(f"{name}.weight")
                       if member.role == "out" and member.axis % 2 == 0), None)
     found = maps[out_group] if out_group is not None else None

@@ -62,8 +62,11 @@ class GateDecision:
     measure: str = "log-probability agreement"  # `FidelityScorer.measure`: what the scores are
     tasks_none: tuple[float, ...] | None = None
     tasks_refit: tuple[float, ...] | None = None
-    lowered_tasks: tuple[int, ...] = ()  # the tasks (parent indices) the refit lowered (`fidelity.tasks_below`)
+    # the task indices (a parent's, unless a merged parent holds several) the refit lowered (`fidelity.tasks_below`)
+    lowered_tasks: tuple[int, ...] = ()
     average: AverageCheck | None = None  # the check against plain averaging, when one ran
+    # the tasks' names when a merged parent holds several of them (task i is then not parent i's): None otherwise
+    task_names: tuple[str, ...] | None = None
 
     def as_config(self) -> dict[str, Any]:
         config = {"kept": self.kept,
@@ -79,6 +82,8 @@ class GateDecision:
             config.update(tasks_none=[round(t, 6) for t in self.tasks_none],
                           tasks_refit=[round(t, 6) for t in self.tasks_refit],
                           lowered_tasks=list(self.lowered_tasks))
+            if self.task_names is not None:
+                config["task_names"] = list(self.task_names)
         if self.average is not None:
             config["average"] = self.average.as_config()
         return config
@@ -95,7 +100,9 @@ def gated_refit(merged: nn.Module, parents: Sequence[nn.Module],
                 refit: Callable[[nn.Module, Callable[[], Iterable[Mapping[str, Any]]]], Any], *,
                 task_sizes: Sequence[int] | None, mask_key: str | None = "attention_mask",
                 scorer: FidelityScorer | None = None,
-                average: Callable[[], nn.Module | None] | None = None) -> tuple[nn.Module, Any, GateDecision]:
+                average: Callable[[], nn.Module | None] | None = None,
+                task_parents: Sequence[int] | None = None,
+                task_names: Sequence[str] | None = None) -> tuple[nn.Module, Any, GateDecision]:
     """(the model to keep, the refit's report, the decision). `refit(model, batches)` refits `model` in place on
     `batches` (the pipeline's `refit_model` call); `merged` is refitted in place on the kept examples, and a copy
     taken before is returned when the gate drops the refit. Without held-out examples (fewer than
@@ -108,10 +115,13 @@ def gated_refit(merged: nn.Module, parents: Sequence[nn.Module],
     `method="auto"` on fine-tunes of one base: when the merge the gate keeps has any task's own held-out term below
     the average's, the average is returned (`GateDecision.average`). Averaging is the baseline a default must not
     lose to; a data method plus refit can buy one parent's task with another's (three same-init parents, one
-    fine-tuned far: a task 33 points under averaging) where no task of the average is worse on held-out data."""
+    fine-tuned far: a task 33 points under averaging) where no task of the average is worse on held-out data.
+
+    `task_parents`: each task's parent when a merged parent holds several (`classifier.head_tasks`), and
+    `task_names` the tasks' names, recorded to name a lowered task; None: task i is parent i's."""
     kept_rows, held_out = holdout_split(batches)
     if scorer is None:
-        scorer = FidelityScorer(parents, held_out, task_sizes=task_sizes, mask_key=mask_key)
+        scorer = FidelityScorer(parents, held_out, task_sizes=task_sizes, mask_key=mask_key, task_parents=task_parents)
     if scorer.examples == 0:
         report = refit(merged, batches)
         logger.warning("refit gate: no held-out calibration example (fewer than 5 examples); the refit is kept")
@@ -121,7 +131,8 @@ def gated_refit(merged: nn.Module, parents: Sequence[nn.Module],
     report = refit(merged, lambda: kept_rows)
     refitted = scorer.agreement(merged)
     decision = GateDecision(decide(none, refitted), none.score, refitted.score, scorer.examples, scorer.measure,
-                            none.tasks, refitted.tasks, tasks_below(refitted, none))
+                            none.tasks, refitted.tasks, tasks_below(refitted, none),
+                            task_names=tuple(task_names) if task_names is not None else None)
     logger.info("refit gate: held-out %s %.4f without the refit, %.4f with it%s: %s", scorer.measure,
                 none.score, refitted.score,
                 f" (it lowered task(s) {list(decision.lowered_tasks)} of the concatenated head)"

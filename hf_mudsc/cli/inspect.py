@@ -22,7 +22,7 @@ from hf_mudsc.errors import escaped, parent_label
 from hf_mudsc.evaluate.names import RESULTS_FILENAME
 from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES, parse_json
 from hf_mudsc.option_values import AVERAGE_CHECK_METHOD, start_margin_note
-from hf_mudsc.options import gate_lowered_tasks_text, gate_scores, gate_tie_note
+from hf_mudsc.options import gate_lowered_tasks_text, gate_scores, gate_tasks_text, gate_tie_note
 from hf_mudsc.solve.diagnostics import DIAGNOSTICS_FILENAME, PLOTS_FOLDER
 
 
@@ -235,9 +235,9 @@ def summary(folder: Path, mudsc: Mapping[str, Any], diagnostics: Any, evaluation
                   f"{gate_tie_note(gate)}; {gate.get('held_out_examples', '?')} examples"
                   f"{gate_lowered_tasks_text(gate)})" if shown else "")
         average = gate.get("average")  # method auto held the merge against plain averaging (apply.refit_gate)
-        swapped = (f"; then plain averaging was returned: the merge scored parent(s) "
-                   f"{', '.join(parent_label(i) for i in average.get('lowered_tasks') or [] if isinstance(i, int))} "
-                   f"below it" if isinstance(average, Mapping) and average.get("kept") is True else "")
+        swapped = (f"; then plain averaging was returned: the merge scored "
+                   f"{gate_tasks_text(gate, average.get('lowered_tasks') or [])} below it"
+                   if isinstance(average, Mapping) and average.get("kept") is True else "")
         lines.append(f"  refit:     the gate {'kept' if gate['kept'] else 'dropped'} the refit{scores}{swapped}")
     if mudsc.get("num_calibration_samples"):
         lines.append(f"  calibration: {mudsc.get('calibration') or 'data'}, {mudsc['num_calibration_samples']} samples")

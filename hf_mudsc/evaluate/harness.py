@@ -57,8 +57,10 @@ from hf_mudsc.evaluate.tasks import (
     as_task_data,
     classifier_layout,
     clip_layout,
+    held_tasks,
     local_labels,
     one_dataset_per_task_fix,
+    parents_tasks_mismatch,
     source_key,
     source_name,
     spec_revision,
@@ -468,8 +470,14 @@ def check_tasks_of(config: Any, datasets_per_task: Mapping[str, Any] | Sequence[
         raise EvaluationError(
             f"{len(datasets_per_task)} datasets for {len(ranges)} tasks {list(ranges)}; pass one per task in order, "
             "or a mapping {task: data}")
-    if parents is not None and len(parents) >= 2 and len(parents) != len(ranges):
-        raise EvaluationError(f"{len(parents)} parents for {len(ranges)} tasks {list(ranges)}; pass one per task")
+    if parents is not None and len(parents) >= 2:
+        # A merged parent holds each of its tasks; a parent whose config only loading reads (a Hub id) counts as one
+        # here, so that a count off is refused before any download (a merged one on the Hub: pass its own parents).
+        configs = [_config_before_loading(parent) for parent in parents]
+        counts = [len(held_tasks(config, index)) if config is not None else 1 for index, config in enumerate(configs)]
+        refusal = parents_tasks_mismatch(counts, ranges, unread=any(config is None for config in configs))
+        if refusal is not None:
+            raise EvaluationError(refusal)
 
 
 def check_scorable(config: Any, scored: Sequence[str] | int, what: str) -> None:

@@ -235,7 +235,9 @@ DEFINITIONS = {
     JOINT: "argmax over all classes of all tasks, on every task's data together",
     AVERAGE: "mean of the per-task figures (only when a scorer has one for every task)",
     "parent": "with different label sets a parent scores only its own classes: per task on its own task; "
-              "joint = a single-task model answering the joint test (right at most on its own task's share)",
+              "joint = a single-task model answering the joint test (right at most on its own task's share); "
+              "a merged parent (several tasks): each of its tasks on its own slice, its joint figure decided by the "
+              "joint rule over its slices (right at most on its tasks' share)",
     ENSEMBLE: "every parent; different label sets: the heads concatenated in parent order, decided by the joint "
               "rule; same label set: mean of the softmaxes",
     "clip": "zero-shot: cosine similarity of image and class-prompt embeddings times logit_scale",

@@ -6,8 +6,10 @@
 * **parent A / B / C ...** (N >= 2 parents, merge order): when the parents have different label sets, a
   parent scores only its own classes (its slice holds its logits, every other class ``-inf``). It is scored per
   task on its own task only; its joint figure is that of a single-task model answering the joint test — always
-  one of its own classes, so it is right at most on its own task's share of the samples. When the parents share
-  one label set, each parent is scored on every task.
+  one of its own classes, so it is right at most on its own task's share of the samples. A merged parent (its
+  config holds several tasks, `merge([merge([A, B]), C])`'s first) is scored on each of its tasks on that task's
+  own slice of its head, and its joint figure is decided by the `joint_rule` over its slices (right at most on its
+  tasks' share). When the parents share one label set, each parent is scored on every task.
 * **ensemble**: every parent runs; different label sets: the parents' logits concatenated in parent order, decided
   by the same `joint_rule` as the merged head (`per_task`: each head's softmax); one shared label set: the mean of
   the parents' softmaxes.
@@ -120,9 +122,12 @@ def _decided(logits: torch.Tensor, layout: LabelLayout, joint_rule: str) -> torc
 
 
 class _ClassifierScorer(Scorer):
-    def __init__(self, name: str, model: Any, layout: LabelLayout, own: str | None, joint_rule: str,
+    """A merged model (`own` None: every task), or a parent scoring the tasks `own` its head holds (consecutive in
+    the joint label space: one, or a merged parent's several)."""
+
+    def __init__(self, name: str, model: Any, layout: LabelLayout, own: Sequence[str] | None, joint_rule: str,
                  columns: Sequence[int] | None = None) -> None:
-        super().__init__(name, list(layout.ranges) if own is None else [own])
+        super().__init__(name, list(layout.ranges) if own is None else list(own))
         self.model, self.layout, self.own, self.joint_rule = model, layout, own, joint_rule
         self.columns = columns
 
@@ -132,7 +137,10 @@ class _ClassifierScorer(Scorer):
             return logits
         if self.own is None:
             return _decided(logits, self.layout, self.joint_rule)
-        lo, hi = self.layout.ranges[self.own]
+        spans = [self.layout.ranges[task] for task in self.own]
+        lo, hi = spans[0][0], spans[-1][1]
+        if len(spans) > 1 and self.joint_rule != "raw":  # a merged parent decides its tasks as the merged head does
+            logits = per_task_softmax(logits, [(start - lo, end - lo) for start, end in spans])
         full = torch.full((logits.shape[0], self.layout.size), -math.inf)
         full[:, lo:hi] = logits
         return full
@@ -278,7 +286,7 @@ def build_scorers(merged: Mapping[str, Any], parents: Sequence[Any], layout: Lab
             )
     merged_scorers = [_ClassifierScorer(n, m, layout, None, joint_rule) for n, m in merged.items()]
     # one shared label set: every parent scores every task (however many tasks there are); else parent i task i
-    own_tasks = [None] * len(parents) if layout.shared else tasks
+    own_tasks = [None] * len(parents) if layout.shared else list(layout.parent_tasks) or [[task] for task in tasks]
     columns = layout.parent_columns or [None] * len(parents)
     parent_scorers = [_ClassifierScorer(n, m, layout, task, joint_rule, order)
                       for n, m, task, order in zip(parent_names(len(parents)), parents, own_tasks, columns)]

@@ -174,6 +174,9 @@ class LabelLayout:
     parent_columns: tuple[list[int] | None, ...] = ()
     """One shared label set: per parent (merge order), its logit column for each of the merged model's labels when
     it lists them in another order (the merge reordered its head by name, docs/design.md §6), else None."""
+    parent_tasks: tuple[tuple[str, ...], ...] = ()
+    """Different label sets, with parents: per parent (merge order), the merged model's tasks its head holds, in order
+    — one each, or a merged parent's several (`apply.classifier.parent_tasks`); empty otherwise."""
     joint_alias: tuple[int, ...] = ()
     """A CLIP whose tasks share a class name: each joint id's first id of the same name (their prompts are identical,
     so the later one is never picked); the joint view reads both through it. Empty when no name repeats."""
@@ -261,39 +264,82 @@ def classifier_layout(merged: Mapping[str, Any], parents: Sequence[Any], request
                 f"a task may not be named {task!r} (a reserved view name); rename it in the config"
             )
     class_names = {t: [_strip_task(names[i], t) for i in range(lo, hi)] for t, (lo, hi) in ranges.items()}
+    held: tuple[tuple[str, ...], ...] = ()
     if parents:
-        if len(parents) != len(ranges):
-            raise EvaluationError(
-                f"{len(parents)} parents for {len(ranges)} tasks {list(ranges)}; pass one per task"
-            )
-        for index, ((task, (lo, hi)), parent) in enumerate(zip(ranges.items(), parents)):
-            side = parent_label(index)
-            width = len(_label_names(parent))
-            if width != hi - lo:
+        held = _parents_tasks(parents, ranges)
+        _check_parent_classes(parents, class_names, held)
+    return LabelLayout(dict(ranges), shared=False, class_names=class_names, parent_tasks=held)
+
+
+def held_tasks(config: Any, index: int) -> list[tuple[str, list[str]]]:
+    """The tasks parent `index`'s head holds, each (its own name, its labels): one, or a merged parent's several
+    (`apply.classifier.parent_tasks`, whose task ranges it reads)."""
+    from hf_mudsc.apply.classifier import parent_tasks
+
+    return parent_tasks(config, f"task_{parent_label(index).lower()}")
+
+
+def parents_tasks_mismatch(counts: Sequence[int], ranges: Mapping[str, Any], unread: bool = False) -> str | None:
+    """The one-line refusal of parents holding `counts` tasks each (merge order) for the merged model's `ranges`,
+    None when they hold as many; `unread`: some parent's config is not read yet (a Hub id, counted as one task so that
+    the count is refused before any download), and the line says how to pass a merged one."""
+    total = sum(counts)
+    if total == len(ranges):
+        return None
+    if all(count == 1 for count in counts):
+        hint = ("; a merged parent holds each of its tasks (one from the Hub is counted as one task before it loads): "
+                "pass its own parents in its place") if unread else ""
+        return f"{len(counts)} parents for {len(ranges)} tasks {list(ranges)}; pass one per task{hint}"
+    return (f"{len(counts)} parents holding {total} tasks (a merged parent holds each of its tasks) for the merged "
+            f"model's {len(ranges)} tasks {list(ranges)}; pass the parents in merge order, which together hold one "
+            "per task")
+
+
+def _parents_tasks(parents: Sequence[Any], ranges: Mapping[str, tuple[int, int]]) -> tuple[tuple[str, ...], ...]:
+    """Per parent (merge order), the merged tasks its head holds: consecutive tasks, as many as it brings (a merged
+    parent its own tasks), each as wide as that task's slice of its head."""
+    held = [held_tasks(parent.config, index) for index, parent in enumerate(parents)]
+    refusal = parents_tasks_mismatch([len(own) for own in held], ranges)
+    if refusal is not None:
+        raise EvaluationError(refusal)
+    tasks = list(ranges)
+    assigned: list[tuple[str, ...]] = []
+    for index, own in enumerate(held):
+        start = sum(len(earlier) for earlier in held[:index])
+        mine = tuple(tasks[start:start + len(own)])
+        for task, (own_name, labels) in zip(mine, own):
+            lo, hi = ranges[task]
+            if len(labels) != hi - lo:
+                whose = f"parent {parent_label(index)}" if len(own) == 1 else \
+                    f"parent {parent_label(index)}'s task {own_name!r}"
                 raise EvaluationError(
-                    f"parent {side} has {width} labels but task {task!r} has {hi - lo} in the merged model; "
+                    f"{whose} has {len(labels)} labels but task {task!r} has {hi - lo} in the merged model; "
                     "pass the parents in the order they were merged (A first)"
                 )
-        _check_parent_classes(parents, class_names)
-    return LabelLayout(dict(ranges), shared=False, class_names=class_names)
+        assigned.append(mine)
+    return tuple(assigned)
 
 
-def _check_parent_classes(parents: Sequence[Any], class_names: Mapping[str, Sequence[str]]) -> None:
-    """Each parent (in the order given) must have its task's classes: a parent whose labels are another task's
-    (`--parents cars pets` for a merge of pets then cars) would be scored on that task's data and fill the Parent
-    and ensemble figures with it. Refused rather than reordered: the order given is also the ensemble's and the
-    one the user believes; placeholder labels (`LABEL_0`, ...) cannot tell and are left as given."""
-    for index, (parent, (task, names)) in enumerate(zip(parents, class_names.items())):
-        labels = [_strip_task(label, task) for label in _label_names(parent)]
-        if labels == list(names) or unnamed_classes(labels) or unnamed_classes(names):
-            continue
-        other = next((t for t, n in class_names.items() if t != task and list(n) == labels), None)
-        whose = f"the classes of task {other!r}" if other else "no task's classes"
-        raise EvaluationError(
-            f"parent {parent_label(index)} has the labels {labels[:6]} ({whose}), not those of task {task!r} "
-            f"{list(names)[:6]} it would be scored on; pass the parents in merge order, one per task: "
-            f"{', '.join(class_names)} (the merged model's tasks; CLI: --parents A B ...)"
-        )
+def _check_parent_classes(parents: Sequence[Any], class_names: Mapping[str, Sequence[str]],
+                          held: Sequence[Sequence[str]]) -> None:
+    """Each parent (in the order given) must have its tasks' classes (`held`: the merged tasks it holds): a parent
+    whose labels are another task's (`--parents cars pets` for a merge of pets then cars) would be scored on that
+    task's data and fill the Parent and ensemble figures with it. Refused rather than reordered: the order given is
+    also the ensemble's and the one the user believes; placeholder labels (`LABEL_0`, ...) cannot tell and are left
+    as given."""
+    for index, (parent, tasks) in enumerate(zip(parents, held)):
+        for task, (_, own) in zip(tasks, held_tasks(parent.config, index)):
+            names = class_names[task]
+            labels = [_strip_task(label, task) for label in own]
+            if labels == list(names) or unnamed_classes(labels) or unnamed_classes(names):
+                continue
+            other = next((t for t, n in class_names.items() if t != task and list(n) == labels), None)
+            whose = f"the classes of task {other!r}" if other else "no task's classes"
+            raise EvaluationError(
+                f"parent {parent_label(index)} has the labels {labels[:6]} ({whose}), not those of task {task!r} "
+                f"{list(names)[:6]} it would be scored on; pass the parents in merge order, one per task: "
+                f"{', '.join(class_names)} (the merged model's tasks; CLI: --parents A B ...)"
+            )
 
 
 def clip_layout(tasks: Sequence[str], sources: Mapping[str, TaskData],

@@ -190,6 +190,14 @@ def is_multi_label_head(config: PretrainedConfig) -> bool:
     return getattr(config, "problem_type", None) == "multi_label_classification"
 
 
+def is_one_class_softmax_head(config: PretrainedConfig) -> bool:
+    """Whether the config says single-label classification of one class (problem_type "single_label_classification"
+    with num_labels=1): a softmax over one logit is 1 on every input, and transformers refuses to load such a
+    config.json (it asks for num_labels > 1) — a config edited on a model object after it was built can hold it."""
+    return (getattr(config, "problem_type", None) == "single_label_classification"
+            and getattr(config, "num_labels", None) == 1)
+
+
 def is_softmax_head(config: PretrainedConfig) -> bool:
     """Whether a classifier class with this config reads its logits through one softmax (single-label
     classification), so that shifting a row of them changes nothing: not a regression head, nor a multi-label one

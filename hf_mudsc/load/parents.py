@@ -44,6 +44,7 @@ from hf_mudsc.load.checks import (
     config_mismatch,
     config_weights_refusal,
     is_multi_label_head,
+    is_one_class_softmax_head,
     is_regression_head,
     not_computed_differences,
     parameter_difference,
@@ -894,6 +895,14 @@ def check_configs(located: Sequence[_Located]) -> None:
     INFO line the differences the merge lets pass (`checks.not_computed_differences`: parent A's values are kept)."""
     first = located[0]
     skipped: list[str] = []
+    for index, parent in enumerate(located):
+        if (parent.config is not None and _architecture(parent).endswith("Classification")
+                and is_one_class_softmax_head(parent.config)):
+            raise ParentMismatchError(
+                f"{_named(parent, index)}'s config says problem_type 'single_label_classification' with one label "
+                "(num_labels=1): a softmax over one class is 1 on every input (beside other tasks it would win every "
+                "joint decision), and transformers refuses to load such a config; set problem_type 'regression' for "
+                "a score (config.problem_type = 'regression'), or give the head one row per class (2 or more)")
     for index, other in enumerate(located[1:], start=1):
         if first.config is None or other.config is None:
             continue
@@ -912,10 +921,13 @@ def check_configs(located: Sequence[_Located]) -> None:
         if kind_a.endswith("Classification") and is_regression_head(first.config) != is_regression_head(other.config):
             (regression, r), (classifier, c) = sorted(((first, 0), (other, index)),
                                                       key=lambda pair: not is_regression_head(pair[0].config))
+            outputs = getattr(regression.config, "num_labels", 1)
+            # A one-output head is regression by transformers' rule; one of several says so by its problem_type.
+            what, why = (("one output", "each task's softmax over one output is 1") if outputs == 1 else
+                         (f"problem_type 'regression', {outputs} outputs", "its scores would be read as class logits"))
             raise ParentMismatchError(
-                f"{_named(regression, r)} has a regression head (one output) and {_named(classifier, c)} a "
-                "classifier: one concatenated head cannot mix scores with class logits (each task's softmax over "
-                "one output is 1); merge classifiers with "
+                f"{_named(regression, r)} has a regression head ({what}) and {_named(classifier, c)} a classifier: "
+                f"one concatenated head cannot mix scores with class logits ({why}); merge classifiers with "
                 "classifiers and regression heads with regression heads, or merge their encoders (e.g. ViTModel)"
             )
         if kind_a.endswith("Classification") and is_multi_label_head(first.config) != is_multi_label_head(
