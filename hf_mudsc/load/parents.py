@@ -1617,6 +1617,7 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
                           before_weights: Callable[[list[Any]], None] | None = None,
                           choose_loading: Callable[[list[LoadedParent], Any, LoadedParent | None], bool]
                           | None = None,
+                          found_base: Callable[[str], None] | None = None,
                           ) -> tuple[list[LoadedParent], LoadedParent | None, str | None]:
     """N parents and their common base (`base`: a reference, model or `LoadedParent`, or None), checked against
     each other before any weights are downloaded: `(parents, base or None, where the base came from or None)`.
@@ -1635,7 +1636,8 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
     column no processor can read still before any weights are downloaded). Without
     `base`, when `base_needed_for` names a method that needs one, the base is the `base_model` every parent's model
     card names (README.md front matter; Hub parents' cards at their pinned commit); if they name none or different
-    ones, a one-line `MergeInputError`.
+    ones, a one-line `MergeInputError`. `found_base(reference)`: called with that base's reference as soon as it is
+    found, before anything else is read (the caller refuses an output inside it, as for a base it was given).
 
     `choose_loading(views, base, base_view)`: called once every parent's weights are fetched and their headers checked,
     before any parent is loaded, with every parent opened for reading one tensor at a time (`_finish_lazily`), the base
@@ -1656,6 +1658,8 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
     check_objects_complete(located)
     located_base, source = locate_base(located, base, base_needed_for=base_needed_for, token=token,
                                        allow_pickle=allow_pickle, cache_dir=cache_dir)
+    if found_base is not None and located_base is not None and source == BASE_FROM_CARDS:
+        found_base(located_base.reference)
     for parent in located + ([located_base] if located_base is not None else []):
         check_hub_shard_headers(parent, token=token)  # before the calibration data is opened, too: a few requests
     for parent in located:  # a folder's headers, or a sharded Hub checkpoint's just read: before any download, and
