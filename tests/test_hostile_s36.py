@@ -47,3 +47,47 @@ def test_the_dry_run_refuses_an_output_inside_the_base_the_parents_cards_name(tm
     code, err = run_cli(["merge", *parents, "--method", "task_arithmetic", "-o", str(tmp_path / "out"), "--dry-run"],
                         capsys)
     assert code == 0, err
+
+
+# ---------------------------------------------------------------- a processor transformers cannot save again
+
+
+def _bert_parents_with_chat_template(root: Path, name: str) -> list[str]:
+    """Two BERT parents with a tokenizer whose tokenizer_config.json lists a second chat template called `name`."""
+    import json
+
+    from test_data import tokenizer
+
+    parents = []
+    for folder_name, seed in (("a", 1), ("b", 2)):
+        folder = root / folder_name
+        make_model("bert_cls", seed).save_pretrained(folder)
+        tokenizer().save_pretrained(folder)
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        config["chat_template"] = [{"name": "default", "template": "{{ messages }}"}, {"name": name, "template": "x"}]
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+        parents.append(str(folder))
+    return parents
+
+
+@pytest.mark.parametrize("name", ["../../escape", "tools/x", "x" * 300])
+def test_a_chat_template_name_that_is_no_file_name_is_refused_before_merging(tmp_path, capsys, monkeypatch, name):
+    """merge A B -o out, A's tokenizer_config.json naming a chat template '../../escape': merged, then refused by
+    transformers' save ('Invalid chat template name', no parent, no fix); 300 characters: an OSError traceback."""
+    parents = _bert_parents_with_chat_template(tmp_path, name)
+    monkeypatch.setattr(hf_mudsc, "merge", lambda *a, **k: pytest.fail("the merge ran before the refusal"))
+    code, err = run_cli(["merge", *parents, "--method", "linear", "-o", str(tmp_path / "out")], capsys)
+    assert code == 1, err
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    shown = repr(name) if len(name) <= 40 else f"{name[:20]!r}... ({len(name)} characters)"
+    assert f"{parents[0]!r}: its tokenizer names a chat template {shown}, no file name" in err[0], err
+    assert "rename it in tokenizer_config.json" in err[0], err
+    assert sorted(os.listdir(tmp_path)) == ["a", "b"]
+
+
+def test_chat_templates_with_file_names_are_written_with_the_merged_model(tmp_path, capsys):
+    """The refusal is for names transformers cannot write: an ordinary second template is saved as before."""
+    parents = _bert_parents_with_chat_template(tmp_path, "tool_use")
+    code, err = run_cli(["merge", *parents, "--method", "linear", "-o", str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "out" / "additional_chat_templates" / "tool_use.jinja").read_text() == "x"
