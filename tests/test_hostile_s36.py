@@ -91,3 +91,29 @@ def test_chat_templates_with_file_names_are_written_with_the_merged_model(tmp_pa
     code, err = run_cli(["merge", *parents, "--method", "linear", "-o", str(tmp_path / "out")], capsys)
     assert code == 0, err
     assert (tmp_path / "out" / "additional_chat_templates" / "tool_use.jinja").read_text() == "x"
+
+
+# ---------------------------------------------------------------- a shard index naming no file name
+
+
+@pytest.mark.parametrize(("shard", "shown_as"), [
+    ("x" * 300 + ".safetensors", "'xxxx"),  # an OSError traceback (File name too long)
+    ("a\x00.safetensors", "'a\\x00.safetensors'"),  # said as "weight file a .safetensors is missing"
+])
+def test_a_shard_index_naming_no_file_name_is_refused_in_one_line(tmp_path, shard, shown_as):
+    """model.safetensors.index.json whose weight_map names a 300-character shard: OSError traceback from the loader."""
+    import json
+
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import load_parent
+
+    folder = tmp_path / "vit"
+    make_model("vit_cls", seed=0).save_pretrained(folder, max_shard_size="20KB")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"][sorted(index["weight_map"])[0]] = shard
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(LoadError) as caught:
+        load_parent(folder)
+    message = str(caught.value)
+    assert f"model.safetensors.index.json names the shard {shown_as}" in message, message
+    assert "which is no file name" in message and "\n" not in message and len(message) < 400, message

@@ -62,7 +62,7 @@ from hf_mudsc.load.config_json import (
 from hf_mudsc.load.hub_calls import http_cause, hub_call, hub_error_line
 from hf_mudsc.load.links import TEMPLATES_FOLDER, refuse_link_out, refuse_links_out
 from hf_mudsc.load.objects import object_source
-from hf_mudsc.load.processors import load_processor, processor_from_name, tokenizer_of
+from hf_mudsc.load.processors import FILE_NAME_MAX_BYTES, load_processor, processor_from_name, tokenizer_of
 from hf_mudsc.load.references import (
     LICENSE_NOT_READ,
     card_base_model,
@@ -561,6 +561,9 @@ def _shard_names(reference: str, folder: Path, index_name: str, *, hub: bool = F
     for name in names:  # read as the parent's weights: never a file of this machine outside the folder
         if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
             raise LoadError(f"{reference!r}: {index_name} names the shard {shown(name)}, outside the folder; {fix}")
+        if "\x00" in name or any(len(os.fsencode(part)) > FILE_NAME_MAX_BYTES for part in Path(name).parts):
+            raise LoadError(f"{reference!r}: {index_name} names the shard {shown(name)}, which is no file name (a NUL "
+                            f"byte, or a name over {FILE_NAME_MAX_BYTES} bytes); {fix}")
     if not names:
         raise LoadError(f"{reference!r}: {index_name} names no shard (its weight_map is empty); {fix}")
     if not isinstance(index.get("metadata"), dict):  # transformers reads it as a dict (a KeyError without one)
