@@ -117,3 +117,65 @@ def test_a_shard_index_naming_no_file_name_is_refused_in_one_line(tmp_path, shar
     message = str(caught.value)
     assert f"model.safetensors.index.json names the shard {shown_as}" in message, message
     assert "which is no file name" in message and "\n" not in message and len(message) < 400, message
+
+
+# ---------------------------------------------------------------- evaluate: a token given as a name is never written
+
+LONG_TOKEN = "hf_" + "Q" * 34  # the shape of a real token
+
+
+@pytest.fixture(scope="module")
+def scored_folder(tmp_path_factory) -> tuple[Path, Path]:
+    """A plain ViT folder with its owner's card, and a labelled image dataset saved with save_to_disk."""
+    import datasets
+    import numpy as np
+    from factories import vit_folder
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("scored")
+    from transformers import ViTImageProcessor
+
+    folder = vit_folder(root / "model")
+    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5]).save_pretrained(folder)
+    (folder / "README.md").write_text("# my model\n")
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L") for _ in range(6)]
+    datasets.Dataset.from_dict({"image": images, "label": [0, 1, 2] * 2}).cast_column(
+        "image", datasets.Image()).save_to_disk(root / "data")
+    return folder, root / "data"
+
+
+@pytest.mark.parametrize("given", [
+    ["--dataset", f"{LONG_TOKEN}=DATA:train"],
+    ["--dataset", "vit=DATA:train", "--dataset", f"{LONG_TOKEN}=DATA:train"],
+])
+def test_evaluate_refuses_a_token_given_as_a_name_without_writing_it(scored_folder, tmp_path, capsys, given):
+    """evaluate DIR --dataset $HF_TOKEN=data:train --output-json r.json: the token named a task, written in r.json."""
+    folder, data = scored_folder
+    argv = [item.replace("DATA", str(data)) for item in given]
+    before = (folder / "README.md").read_text()
+    code, err = run_cli(["evaluate", str(folder), "--no-parents", "--no-card", *argv, "--output-json",
+                         str(tmp_path / "r.json")], capsys)
+    assert code == 2, err
+    assert len(err) == 1 and "looks like a Hugging Face access token (not shown)" in err[0], err
+    assert LONG_TOKEN not in err[0]
+    assert not (tmp_path / "r.json").exists() and (folder / "README.md").read_text() == before
+
+
+@pytest.mark.parametrize("keywords", [
+    {"datasets_per_task": {LONG_TOKEN: "DATA:train"}},  # a task of the results (and the card written from them)
+    {"image_column": LONG_TOKEN},  # an error naming the column showed it
+])
+def test_evaluate_merge_refuses_a_token_given_as_a_name(scored_folder, keywords):
+    """evaluate_merge(folder, None, {os.environ['HF_TOKEN']: data}): the token named a task of the results."""
+    from hf_mudsc.errors import EvaluationError
+
+    folder, data = scored_folder
+    keywords = {"datasets_per_task": {"vit": f"{data}:train"}, **keywords}
+    if isinstance(keywords["datasets_per_task"], dict):
+        keywords["datasets_per_task"] = {task: spec.replace("DATA", str(data))
+                                         for task, spec in keywords["datasets_per_task"].items()}
+    with pytest.raises(EvaluationError) as caught:
+        hf_mudsc.evaluate_merge(str(folder), None, progress=False, **keywords)
+    assert "looks like a Hugging Face access token (not shown)" in str(caught.value)
+    assert LONG_TOKEN not in str(caught.value)

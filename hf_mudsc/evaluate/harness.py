@@ -48,6 +48,7 @@ from hf_mudsc.evaluate.names import (
     check_prompt_templates,
     metric_shown_name,
     parent_names,
+    refuse_token_names,
 )
 from hf_mudsc.evaluate.results import EvaluationResult, definitions
 from hf_mudsc.evaluate.scorers import ModelInputs, NonFiniteScores, Scorer, build_scorers, is_clip, is_clip_config
@@ -144,6 +145,13 @@ def evaluate_merge(
         raise EvaluationError(f"num_samples must be >= 1 or None, got {num_samples}")
     if datasets_per_task is None or len(datasets_per_task) == 0:
         raise EvaluationError("no evaluation data: pass datasets_per_task={task: dataset, ...}")
+    refuse_token_names([  # before any message could name one
+        ("a task name of datasets_per_task (CLI: --dataset TASK=SPEC)",
+         list(datasets_per_task) if isinstance(datasets_per_task, Mapping) else []),
+        ("a name of the merged models", list(merged) if isinstance(merged, Mapping) else []),
+        ("image_column (CLI: --image-column)", image_column), ("text_column (CLI: --text-column)", text_column),
+        ("class_names (CLI: --class-names)", class_names),
+        ("prompt_template (CLI: --prompt-template)", prompt_template)])
     check_merged_names(merged)
     scored = list(datasets_per_task) if isinstance(datasets_per_task, Mapping) else len(datasets_per_task)
     for name, reference in (dict(merged) if isinstance(merged, Mapping) else {MERGED: merged}).items():
