@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from cli_runs import run_cli
+from cli_runs import run_cli, run_cli_output
 from factories import make_model
 
 import hf_mudsc
@@ -160,6 +160,16 @@ def test_evaluate_refuses_a_token_given_as_a_name_without_writing_it(scored_fold
     assert len(err) == 1 and "looks like a Hugging Face access token (not shown)" in err[0], err
     assert LONG_TOKEN not in err[0]
     assert not (tmp_path / "r.json").exists() and (folder / "README.md").read_text() == before
+
+
+def test_evaluate_refuses_a_token_as_the_results_file_name(scored_folder, tmp_path, capsys):
+    """evaluate DIR --dataset data:train --output-json $HF_TOKEN: a file named by the token, printed to stdout."""
+    folder, data = scored_folder
+    code, out, err = run_cli_output(["evaluate", str(folder), "--no-parents", "--no-card", "--dataset",
+                                     f"{data}:train", "--output-json", str(tmp_path / LONG_TOKEN)], capsys)
+    assert code == 2, err
+    assert "--output-json looks like a Hugging Face access token (not shown)" in err, err
+    assert LONG_TOKEN not in out + err and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("keywords", [
