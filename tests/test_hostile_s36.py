@@ -175,6 +175,7 @@ def test_evaluate_refuses_a_token_as_the_results_file_name(scored_folder, tmp_pa
 @pytest.mark.parametrize("keywords", [
     {"datasets_per_task": {LONG_TOKEN: "DATA:train"}},  # a task of the results (and the card written from them)
     {"image_column": LONG_TOKEN},  # an error naming the column showed it
+    {"metrics": [LONG_TOKEN]},  # "metric '<token>' is not shipped" (with trust_remote_code: a Hub request naming it)
 ])
 def test_evaluate_merge_refuses_a_token_given_as_a_name(scored_folder, keywords):
     """evaluate_merge(folder, None, {os.environ['HF_TOKEN']: data}): the token named a task of the results."""

@@ -579,7 +579,7 @@ def check_arguments(args: argparse.Namespace) -> dict[str, list[str]] | None:
         refuse_token_names([("a task name of --dataset TASK=SPEC", tasks), *(
             (flag, getattr(args, flag[2:].replace("-", "_"))) for flag in (
                 "--task-column", "--label-column", "--image-column", "--text-column", "--class-names",
-                "--prompt-template", "--output-json"))])  # the results file's path is printed when written
+                "--prompt-template", "--metric", "--output-json"))])  # the results file's path is printed when written
     except EvaluationError as error:
         raise UsageError(str(error)) from None
     try:

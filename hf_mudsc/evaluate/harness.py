@@ -133,6 +133,14 @@ def evaluate_merge(
     from hf_mudsc.calibrate.distributed import is_main_process, process_info
 
     metrics = list(metrics)
+    refuse_token_names([  # before any message could name one (a metric's: before the Hub is asked for it)
+        ("a metric name (CLI: --metric)", metrics),
+        ("a task name of datasets_per_task (CLI: --dataset TASK=SPEC)",
+         list(datasets_per_task) if isinstance(datasets_per_task, Mapping) else []),
+        ("a name of the merged models", list(merged) if isinstance(merged, Mapping) else []),
+        ("image_column (CLI: --image-column)", image_column), ("text_column (CLI: --text-column)", text_column),
+        ("class_names (CLI: --class-names)", class_names),
+        ("prompt_template (CLI: --prompt-template)", prompt_template)])
     check_metric_names(metrics)
     modules = {name: load_metric(name, trust_remote_code=trust_remote_code) for name in metrics}  # before any model
     shown = {name: metric_shown_name(name) for name in metrics}  # a local metric by its name, never its path
@@ -145,13 +153,6 @@ def evaluate_merge(
         raise EvaluationError(f"num_samples must be >= 1 or None, got {num_samples}")
     if datasets_per_task is None or len(datasets_per_task) == 0:
         raise EvaluationError("no evaluation data: pass datasets_per_task={task: dataset, ...}")
-    refuse_token_names([  # before any message could name one
-        ("a task name of datasets_per_task (CLI: --dataset TASK=SPEC)",
-         list(datasets_per_task) if isinstance(datasets_per_task, Mapping) else []),
-        ("a name of the merged models", list(merged) if isinstance(merged, Mapping) else []),
-        ("image_column (CLI: --image-column)", image_column), ("text_column (CLI: --text-column)", text_column),
-        ("class_names (CLI: --class-names)", class_names),
-        ("prompt_template (CLI: --prompt-template)", prompt_template)])
     check_merged_names(merged)
     scored = list(datasets_per_task) if isinstance(datasets_per_task, Mapping) else len(datasets_per_task)
     for name, reference in (dict(merged) if isinstance(merged, Mapping) else {MERGED: merged}).items():
