@@ -190,3 +190,43 @@ def test_evaluate_merge_refuses_a_token_given_as_a_name(scored_folder, keywords)
         hf_mudsc.evaluate_merge(str(folder), None, progress=False, **keywords)
     assert "looks like a Hugging Face access token (not shown)" in str(caught.value)
     assert LONG_TOKEN not in str(caught.value)
+
+
+# ---------------------------------------------------------------- a pickle that runs code: refused before loading
+
+
+class _RunsCode:
+    """Unpickling this calls `os.system` (what a hostile pytorch_model.bin holds)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_parent_that_runs_code_is_refused_before_any_parent_is_loaded(tmp_path, monkeypatch):
+    """merge A B --allow-pickle, B's pytorch_model.bin calling os.system: A was loaded whole before B was refused."""
+    import torch
+    import transformers
+
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import load_parents
+
+    marker = tmp_path / "ran"
+    parents = []
+    for name, seed in (("a", 1), ("b", 2)):
+        model = make_model("vit_cls", seed)
+        model.save_pretrained(tmp_path / name)
+        (tmp_path / name / "model.safetensors").unlink()
+        state = dict(model.state_dict(), **({"extra": _RunsCode(marker)} if name == "b" else {}))
+        torch.save(state, tmp_path / name / "pytorch_model.bin")
+        parents.append(str(tmp_path / name))
+    monkeypatch.setattr(transformers.ViTForImageClassification, "from_pretrained",
+                        lambda *a, **k: pytest.fail("a parent was loaded before the pickle was refused"))
+    with pytest.raises(LoadError) as caught:
+        load_parents(parents, allow_pickle=True)
+    message = str(caught.value)
+    assert f"{parents[1]!r}: pytorch_model.bin holds more than tensors — unpickling it would call posix.system" \
+        in message, message
+    assert not marker.exists()

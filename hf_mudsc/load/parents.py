@@ -1311,7 +1311,8 @@ def check_floating_weights(reference: str, stored: Mapping[str, str], model: tor
 def _check_pickle_dtypes(located: _Located) -> str | None:
     """`check_floating_weights` for a pickle checkpoint (`allow_pickle`): its tensors' dtypes read onto the meta
     device (weights-only unpickling, no tensor data read); returns how its weights are stored (`dtype_description`).
-    A file that cannot be read so is left to `_load_weights`, which names the problem (None)."""
+    A file that would run code when unpickled (it names the callable) is refused here, before any parent is loaded;
+    another file that cannot be read so is left to `_load_weights`, which names the problem (None)."""
     import pickle
 
     stored: dict[str, str] = {}
@@ -1321,7 +1322,11 @@ def _check_pickle_dtypes(located: _Located) -> str | None:
     for name in names:
         try:
             tensors = torch.load(located.folder / name, map_location="meta", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError):
+        except pickle.UnpicklingError as error:
+            if _unsafe_global(error) != "code":  # it names the callable it would run: refused before any parent loads
+                raise _code_in_pickle(located.reference, name, error) from error
+            return None
+        except (RuntimeError, EOFError, OSError, ValueError):
             return None
         if not isinstance(tensors, Mapping):
             return None
@@ -1433,11 +1438,7 @@ def _load_weights(located: _Located) -> tuple[PreTrainedModel, list[str]]:
                 weights_only=True, output_loading_info=True, ignore_mismatched_sizes=True, **built_with(located),
             )
     except pickle.UnpicklingError as error:
-        raise LoadError(
-            f"{located.reference!r}: {name} holds more than tensors — unpickling it would call "
-            f"{_unsafe_global(error)}, and hf_mudsc refused to run it (weights_only loading). Do not use this "
-            "file; convert the checkpoint to safetensors from a trusted copy"
-        ) from error
+        raise _code_in_pickle(located.reference, name, error) from error
     except (SafetensorError, OSError, EOFError, RuntimeError) as error:
         raise LoadError(f"{located.reference!r}: cannot read the weights in {name} ({first_line(error)}); "
                         "download them again or re-save the model with save_pretrained") from error
@@ -1541,6 +1542,15 @@ def _without_load_report() -> Iterator[None]:
         yield
     finally:
         target.removeFilter(dropper)
+
+
+def _code_in_pickle(reference: str, name: str, error: BaseException) -> LoadError:
+    """The refusal of pickle file `name`, whose weights-only unpickling stopped at `error`: it holds more than
+    tensors, and would run code if unpickled otherwise."""
+    return LoadError(
+        f"{reference!r}: {name} holds more than tensors — unpickling it would call {_unsafe_global(error)}, and "
+        "hf_mudsc refused to run it (weights_only loading). Do not use this file; convert the checkpoint to "
+        "safetensors from a trusted copy")
 
 
 def _unsafe_global(error: BaseException) -> str:
