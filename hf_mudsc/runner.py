@@ -15,7 +15,7 @@ from typing import Any
 from hf_mudsc.errors import RecipeError
 from hf_mudsc.options import REFITTING
 from hf_mudsc.publish.folder import check_output
-from hf_mudsc.publish.recipe import Recipe
+from hf_mudsc.publish.recipe import Recipe, check_push_target
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
     output = Path(recipe.output).expanduser().absolute() if recipe.output else None
     if output is not None:
         check_merge_output(output, recipe, recipe_file)
+    check_push_target(recipe)
     if recipe.push_to_hub and main:
         from hf_mudsc.publish.hub import check_target
 
@@ -107,6 +108,7 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
     def check_found_base(reference: str) -> None:  # a base the cards name is an input too, as one given
         if output is not None:
             check_output_around_base(output, recipe, reference, recipe_file)
+        check_push_target(recipe.override(base=reference))
 
     parents, base, _ = load_parents_and_base(
         recipe.models, recipe.base, token=token, allow_pickle=recipe.allow_pickle,
@@ -182,6 +184,7 @@ def check_before_dry_run(recipe: Recipe, recipe_file: str | None = None) -> list
         raise RecipeError(str(error)) from None
     if recipe.output:
         check_merge_output(Path(recipe.output).expanduser().absolute(), recipe, recipe_file)
+    check_push_target(recipe)
     return [push_not_checked(recipe.push_to_hub)] if recipe.push_to_hub else []
 
 

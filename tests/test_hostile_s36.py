@@ -230,3 +230,35 @@ def test_a_pickle_parent_that_runs_code_is_refused_before_any_parent_is_loaded(t
     assert f"{parents[1]!r}: pytorch_model.bin holds more than tensors — unpickling it would call posix.system" \
         in message, message
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- a push may not replace a parent's Hub repo
+
+
+@pytest.mark.parametrize("extra", [["--overwrite"], ["--overwrite", "--dry-run"]])
+def test_a_push_over_a_parents_hub_repo_is_refused_before_merging(local_hub, hub_cli, tmp_path, monkeypatch, extra):
+    """merge user/a user/b --push-to-hub user/a --overwrite: parent A's repo was replaced by the merged model."""
+    for name, seed in (("a", 1), ("b", 2)):
+        make_model("vit_cls", seed).save_pretrained(tmp_path / name)
+        local_hub.upload_folder(f"user/{name}", tmp_path / name, f"parent {name}")
+    before = local_hub.head("user/a")
+    monkeypatch.setattr(hf_mudsc, "merge", lambda *a, **k: pytest.fail("merged before the push target was refused"))
+    run = hub_cli("merge", "user/a", "user/b", "--method", "linear", "--push-to-hub", "user/a", *extra)
+    assert run.returncode == 1, run.stderr
+    assert ("--push-to-hub 'user/a' is the Hub repo of parent A ('user/a'); inputs are never modified: choose "
+            "another --push-to-hub name") in run.stderr, run.stderr
+    assert local_hub.head("user/a") == before
+
+
+def test_push_merged_over_a_parents_hub_repo_is_refused(local_hub, tmp_path):
+    """push_merged(merge(['user/a', 'user/b']), 'user/a', overwrite=True): parent A's repo was replaced."""
+    from hf_mudsc.errors import RecipeError
+
+    for name, seed in (("a", 1), ("b", 2)):
+        make_model("vit_cls", seed).save_pretrained(tmp_path / name)
+        local_hub.upload_folder(f"user/{name}", tmp_path / name, f"parent {name}")
+    before = local_hub.head("user/a")
+    merged = hf_mudsc.merge(["user/a", "user/b"], method="linear", progress=False)
+    with pytest.raises(RecipeError, match=r"repo_id 'user/a' is the Hub repo of parent A \('user/a@[0-9a-f]{40}'\)"):
+        hf_mudsc.push_merged(merged, "user/a", overwrite=True)
+    assert local_hub.head("user/a") == before

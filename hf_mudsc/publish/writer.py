@@ -24,7 +24,7 @@ from typing import Any
 from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS
 from hf_mudsc.publish.folder import record_files, staged_output
 from hf_mudsc.publish.hub import CARD_FILENAME
-from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe, auto_chosen_of
+from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe, auto_chosen_of, check_push_target
 from hf_mudsc.solve.diagnostics import DIAGNOSTICS_FILENAME, PLOTS_FOLDER, MergeDiagnostics
 
 logger = logging.getLogger(__name__)
@@ -369,6 +369,7 @@ def push_merged(
     token = clean_token(token)  # a token read from a file, its line break with it
     check_repo_id(repo_id, flag="repo_id")  # a token pasted here: refused before any message could show it
     recipe = recipe_of(merged).override(push_to_hub=repo_id)
+    check_push_target(recipe, given_as="repo_id")  # a parent's (or the base's) repo: never replaced
     refuse_non_finite_weights(merged)  # before the Hub is asked anything
     check_target(repo_id, overwrite=overwrite, token=token, flag="repo_id")  # before writing anything
     return publish(merged, push_to_hub=repo_id, overwrite=overwrite, private=private, token=token,
