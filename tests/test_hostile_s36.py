@@ -262,3 +262,17 @@ def test_push_merged_over_a_parents_hub_repo_is_refused(local_hub, tmp_path):
     with pytest.raises(RecipeError, match=r"repo_id 'user/a' is the Hub repo of parent A \('user/a@[0-9a-f]{40}'\)"):
         hf_mudsc.push_merged(merged, "user/a", overwrite=True)
     assert local_hub.head("user/a") == before
+
+
+def test_the_service_refuses_a_job_pushing_over_a_parents_hub_repo(tmp_path):
+    """POST {models: [user/a, user/b], push_to_hub: user/a, overwrite: true}: queued; its worker replaced user/a."""
+    from fastapi.testclient import TestClient
+
+    from hf_mudsc.serve.app import create_app
+
+    client = TestClient(create_app(tmp_path), base_url="http://127.0.0.1", raise_server_exceptions=False)
+    answer = client.post("/api/jobs", json={"models": ["user/a", "user/b@v1"], "method": "linear",
+                                            "push_to_hub": "user/b", "overwrite": True})
+    assert answer.status_code == 400, answer.text
+    assert "push_to_hub 'user/b' is the Hub repo of parent B ('user/b@v1'); inputs are never modified" in \
+        answer.json()["error"], answer.text

@@ -64,6 +64,7 @@ from hf_mudsc.publish.recipe import (
     INFO_KEYS,
     CalibrationMissing,
     Recipe,
+    check_push_target,
     given_processor_warning,
     newer_version,
     unresolved_published_entries,
@@ -257,6 +258,7 @@ def check_job(body: Any, output_root: Path, *, dry_run: bool = False, local_root
     # Refuses; the store keeps what the client sent, the worker gets the paths resolved again when the job starts.
     resolved = resolve_local_paths(JobRequest(recipe, dry_run), local_roots).recipe
     refuse_missing_inputs(recipe, being_written)
+    check_push_target(resolved.override(push_to_hub=recipe.push_to_hub), given_as="push_to_hub")  # the card's base too
     check_hub_ids(recipe)
     check_method(recipe)
     check_device(recipe.device)
