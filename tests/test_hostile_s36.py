@@ -276,3 +276,16 @@ def test_the_service_refuses_a_job_pushing_over_a_parents_hub_repo(tmp_path):
     assert answer.status_code == 400, answer.text
     assert "push_to_hub 'user/b' is the Hub repo of parent B ('user/b@v1'); inputs are never modified" in \
         answer.json()["error"], answer.text
+
+
+def test_push_of_a_merged_folder_over_its_parents_hub_repo_is_refused(local_hub, hub_cli, tmp_path):
+    """merge user/a user/b -o out; push out user/a --overwrite: parent A's repo was replaced by the merge."""
+    for name, seed in (("a", 1), ("b", 2)):
+        make_model("vit_cls", seed).save_pretrained(tmp_path / name)
+        local_hub.upload_folder(f"user/{name}", tmp_path / name, f"parent {name}")
+    assert hub_cli("merge", "user/a", "user/b", "--method", "linear", "-o", str(tmp_path / "out")).returncode == 0
+    before = local_hub.head("user/a")
+    run = hub_cli("push", str(tmp_path / "out"), "user/a", "--overwrite")
+    assert run.returncode == 1, run.stderr
+    assert "ORG/NAME 'user/a' is the Hub repo of parent A ('user/a@" in run.stderr, run.stderr
+    assert local_hub.head("user/a") == before
