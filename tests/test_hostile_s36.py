@@ -52,22 +52,25 @@ def test_the_dry_run_refuses_an_output_inside_the_base_the_parents_cards_name(tm
 # ---------------------------------------------------------------- a processor transformers cannot save again
 
 
-def _bert_parents_with_chat_template(root: Path, name: str) -> list[str]:
-    """Two BERT parents with a tokenizer whose tokenizer_config.json lists a second chat template called `name`."""
+def _bert_with_chat_template(folder: Path, seed: int, name: str | None) -> str:
+    """A BERT model with a tokenizer whose tokenizer_config.json lists a second chat template called `name` (no
+    chat template when None)."""
     import json
 
     from test_data import tokenizer
 
-    parents = []
-    for folder_name, seed in (("a", 1), ("b", 2)):
-        folder = root / folder_name
-        make_model("bert_cls", seed).save_pretrained(folder)
-        tokenizer().save_pretrained(folder)
+    make_model("bert_cls", seed).save_pretrained(folder)
+    tokenizer().save_pretrained(folder)
+    if name is not None:
         config = json.loads((folder / "tokenizer_config.json").read_text())
         config["chat_template"] = [{"name": "default", "template": "{{ messages }}"}, {"name": name, "template": "x"}]
         (folder / "tokenizer_config.json").write_text(json.dumps(config))
-        parents.append(str(folder))
-    return parents
+    return str(folder)
+
+
+def _bert_parents_with_chat_template(root: Path, name: str) -> list[str]:
+    """Two BERT parents with a tokenizer whose tokenizer_config.json lists a second chat template called `name`."""
+    return [_bert_with_chat_template(root / folder_name, seed, name) for folder_name, seed in (("a", 1), ("b", 2))]
 
 
 @pytest.mark.parametrize("name", ["../../escape", "tools/x", "x" * 300])
@@ -91,6 +94,71 @@ def test_chat_templates_with_file_names_are_written_with_the_merged_model(tmp_pa
     code, err = run_cli(["merge", *parents, "--method", "linear", "-o", str(tmp_path / "out")], capsys)
     assert code == 0, err
     assert (tmp_path / "out" / "additional_chat_templates" / "tool_use.jinja").read_text() == "x"
+
+
+def test_a_chat_template_name_no_file_name_in_parent_b_alone_merges(tmp_path, capsys):
+    """merge A B, only B's tokenizer_config.json naming a template 'tools/x': refused, though only A's is saved."""
+    parents = [_bert_with_chat_template(tmp_path / "a", 1, None),
+               _bert_with_chat_template(tmp_path / "b", 2, "tools/x")]
+    code, err = run_cli(["merge", *parents, "--method", "linear", "-o", str(tmp_path / "out"), "--dry-run"], capsys)
+    assert code == 0, err
+    code, err = run_cli(["merge", *parents, "--method", "linear", "-o", str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    assert not (tmp_path / "out" / "additional_chat_templates").exists()
+
+
+def test_a_chat_template_name_no_file_name_in_the_base_merges(tmp_path, capsys):
+    """merge A B --method task_arithmetic --base BASE, BASE's template named 'tools/x': refused, though not saved."""
+    parents = _bert_parents_with_chat_template(tmp_path, "tool_use")
+    base = _bert_with_chat_template(tmp_path / "base", 0, "tools/x")
+    code, err = run_cli(["merge", *parents, "--method", "task_arithmetic", "--base", base,
+                         "-o", str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "out" / "additional_chat_templates" / "tool_use.jinja").read_text() == "x"
+
+
+def test_load_parent_reads_a_folder_whose_chat_template_name_is_no_file_name(tmp_path):
+    """load_parent(FOLDER) (evaluate's loader), FOLDER's template named 'tools/x': raised, though nothing is saved."""
+    from hf_mudsc.load.parents import load_parent
+
+    parent = load_parent(_bert_with_chat_template(tmp_path / "a", 1, "tools/x"))
+    assert "tools/x" in parent.processor.chat_template
+
+
+def test_saving_with_a_processor_whose_chat_template_name_is_no_file_name_is_refused_before_writing(tmp_path):
+    """publish(merge([A, B]), output=out, processor=P), P naming a template '../x': transformers' error after the
+    weights were written."""
+    from transformers import AutoTokenizer
+
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.publish.writer import publish
+
+    parents = _bert_parents_with_chat_template(tmp_path, "tool_use")
+    given = AutoTokenizer.from_pretrained(_bert_with_chat_template(tmp_path / "p", 3, "../x"))
+    merged = hf_mudsc.merge(parents, method="linear", progress=False)
+    with pytest.raises(LoadError, match=r"^the processor given: its tokenizer names a chat template '\.\./x', no file"):
+        publish(merged, output=tmp_path / "out", processor=given)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_chat_template_name_with_a_backslash_is_merged_and_saved(tmp_path, capsys):
+    """merge A B, A's template named 'a\\b' (a file name on POSIX, which transformers saves): refused."""
+    parents = _bert_parents_with_chat_template(tmp_path, "a\\b")
+    code, err = run_cli(["merge", *parents, "--method", "linear", "-o", str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "out" / "additional_chat_templates" / "a\\b.jinja").read_text() == "x"
+
+
+def test_a_processors_own_chat_template_refusal_names_its_file():
+    """A processor's (not its tokenizer's) template named '../x': the refusal said to rename it in
+    tokenizer_config.json, which does not hold it (chat_template.json does)."""
+    from types import SimpleNamespace
+
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.processors import refuse_unsavable_chat_templates
+
+    with pytest.raises(LoadError, match=r"rename it in chat_template\.json"):
+        refuse_unsavable_chat_templates("'org/a'", SimpleNamespace(chat_template={"default": "d", "../x": "x"}))
 
 
 # ---------------------------------------------------------------- a shard index naming no file name

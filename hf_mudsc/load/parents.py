@@ -62,7 +62,13 @@ from hf_mudsc.load.config_json import (
 from hf_mudsc.load.hub_calls import http_cause, hub_call, hub_error_line
 from hf_mudsc.load.links import TEMPLATES_FOLDER, refuse_link_out, refuse_links_out
 from hf_mudsc.load.objects import object_source
-from hf_mudsc.load.processors import FILE_NAME_MAX_BYTES, load_processor, processor_from_name, tokenizer_of
+from hf_mudsc.load.processors import (
+    FILE_NAME_MAX_BYTES,
+    load_processor,
+    processor_from_name,
+    refuse_unsavable_chat_templates,
+    tokenizer_of,
+)
 from hf_mudsc.load.references import (
     LICENSE_NOT_READ,
     card_base_model,
@@ -1569,6 +1575,18 @@ def _locate_with_processor(ref: Any, *, token, allow_pickle, cache_dir, for_merg
     return located
 
 
+def check_saved_processor(located: Sequence[_Located]) -> None:
+    """Refuse parent A's processor, the one a merged model's folder saves, when it could not be saved (a chat
+    template named by a path: `processors.refuse_unsavable_chat_templates`) — before any weights are read. The
+    other parents' and the base's processors are never saved, so they are not refused."""
+    if not located:
+        return
+    first = located[0]
+    processor = first.loaded.processor if first.loaded is not None else first.processor
+    if processor is not None:
+        refuse_unsavable_chat_templates(repr(first.reference), processor)
+
+
 def load_parent(ref: Any, *, token: str | bool | None = None, allow_pickle: bool = False,
                 cache_dir: str | os.PathLike | None = None) -> LoadedParent:
     """One parent: a `PreTrainedModel`, a `LoadedParent`, a local folder, or `org/name[@revision]`.
@@ -1664,6 +1682,7 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
         raise LoadError("load_parents takes a list of parents, e.g. ['org/a', 'org/b@v2']")
     located = [_locate_with_processor(r, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir, for_merge=True)
                for r in refs]
+    check_saved_processor(located)
     check_model_objects(located)
     agree_on_constructor_options(located)
     check_configs(located)
@@ -1944,6 +1963,7 @@ def locate_parents(refs: Sequence[Any], base: Any = None, *, base_needed_for: st
     names them). `(parents, base or None, where the base came from or None)`."""
     located = [_locate_with_processor(r, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir, for_merge=True)
                for r in refs]
+    check_saved_processor(located)
     check_model_objects(located)
     agree_on_constructor_options(located)
     check_configs(located)

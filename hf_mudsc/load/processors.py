@@ -72,7 +72,6 @@ def load_processor(folder: str | os.PathLike, reference: str | None = None) -> A
             logger.debug("AutoProcessor gave %s for %s, whose model reads another kind; reading it alone",
                          type(found).__name__, folder)
             continue
-        refuse_unsavable_chat_templates(reference or str(folder), found)
         return found
     return None
 
@@ -81,24 +80,28 @@ def load_processor(folder: str | os.PathLike, reference: str | None = None) -> A
 FILE_NAME_MAX_BYTES = 255
 
 
-def refuse_unsavable_chat_templates(reference: str, processor: Any) -> None:
-    """Refuse a processor whose chat templates (`tokenizer_config.json`'s list of `{name, template}`) include one
-    whose name is no file name — a path (`../../x`, `tools/x`) or over `FILE_NAME_MAX_BYTES` — before any weights
-    are read: the merged model's folder saves each as `additional_chat_templates/NAME.jinja`, which transformers
-    refuses for a path and the file system for a long name, so the merge failed only when it was written."""
-    for part, holder in (("tokenizer", tokenizer_of(processor)), ("processor", processor)):
+def refuse_unsavable_chat_templates(owner: str, processor: Any) -> None:
+    """Refuse the processor a merged model's folder will save (`owner`: whose it is, as the message starts) when its
+    chat templates (`tokenizer_config.json`'s list of `{name, template}`) include one whose name is no file name — a
+    path (`../../x`, `tools/x`) or over `FILE_NAME_MAX_BYTES` — before any weights are read: the folder saves each
+    as `additional_chat_templates/NAME.jinja`, which transformers refuses for a path and the file system for a long
+    name, so the merge failed only when it was written. Only the processor saved is checked (parent A's, or the one
+    given to the writer): another parent's, the base's or an evaluated model's is never written."""
+    for part, holder, source in (("tokenizer", tokenizer_of(processor), "tokenizer_config.json"),
+                                 ("processor", processor, "chat_template.json")):
         templates = getattr(holder, "chat_template", None)
         if not isinstance(templates, dict):
             continue
         for name in templates:
             text = str(name)
-            if ("/" in text or "\\" in text or "\x00" in text
+            # a backslash is a file name on POSIX, and transformers saves it: only a name resolving elsewhere fails
+            if ("/" in text or "\x00" in text
                     or len(f"{text}.jinja".encode("utf-8", "surrogateescape")) > FILE_NAME_MAX_BYTES):
                 shown = repr(text) if len(text) <= 40 else f"{text[:20]!r}... ({len(text)} characters)"
                 raise LoadError(
-                    f"{reference!r}: its {part} names a chat template {shown}, no file name (a path, or over "
+                    f"{owner}: its {part} names a chat template {shown}, no file name (a path, or over "
                     f"{FILE_NAME_MAX_BYTES} bytes), so the merged model could not be saved; rename it in "
-                    "tokenizer_config.json (chat_template)")
+                    f"{source} (chat_template)")
 
 
 def _inputs_read(folder: Path) -> tuple[bool, bool]:

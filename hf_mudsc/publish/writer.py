@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS
+from hf_mudsc.load.processors import refuse_unsavable_chat_templates
 from hf_mudsc.publish.folder import record_files, staged_output
 from hf_mudsc.publish.hub import CARD_FILENAME
 from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe, auto_chosen_of, check_push_target
@@ -171,8 +172,12 @@ def write_merged_folder(
     refuse_non_finite_weights(merged)
     folder = Path(folder)
     recipe = recipe if recipe is not None else recipe_of(merged)
+    owner = "the processor given"
     if processor is None:
         processor = getattr(getattr(merged, "merge_report", None), "processor", None)
+        owner = f"parent A ({recipe.models[0]!r})" if recipe.models else "parent A"
+    if processor is not None:  # before any file is written (the merge refused parent A's before its weights)
+        refuse_unsavable_chat_templates(owner, processor)
     with recorded_dtype(merged, recipe) as recipe:
         merged.save_pretrained(folder)
         if processor is not None:
@@ -281,6 +286,8 @@ def publish(
     if output is None and not push_to_hub:
         raise ValueError("say where the merged model goes: an output folder and/or a Hub repo id")
     refuse_non_finite_weights(merged)  # before any folder is staged (write_merged_folder checks again for its callers)
+    if processor is not None:  # likewise: a given processor transformers could not save, before anything is staged
+        refuse_unsavable_chat_templates("the processor given", processor)
     produced: dict[str, Any] = {}
     failure: Exception | None = None
     interrupted: PushInterrupted | None = None
