@@ -342,8 +342,8 @@ def test_the_service_refuses_a_job_pushing_over_a_parents_hub_repo(tmp_path):
     answer = client.post("/api/jobs", json={"models": ["user/a", "user/b@v1"], "method": "linear",
                                             "push_to_hub": "user/b", "overwrite": True})
     assert answer.status_code == 400, answer.text
-    assert "push_to_hub 'user/b' is the Hub repo of parent B ('user/b@v1'); inputs are never modified" in \
-        answer.json()["error"], answer.text
+    assert ("`push_to_hub` 'user/b' is the Hub repo of parent B ('user/b@v1'); inputs are never modified: choose "
+            "another `push_to_hub`") in answer.json()["error"], answer.text
 
 
 def test_push_of_a_merged_folder_over_its_parents_hub_repo_is_refused(local_hub, hub_cli, tmp_path):
@@ -357,3 +357,51 @@ def test_push_of_a_merged_folder_over_its_parents_hub_repo_is_refused(local_hub,
     assert run.returncode == 1, run.stderr
     assert "ORG/NAME 'user/a' is the Hub repo of parent A ('user/a@" in run.stderr, run.stderr
     assert local_hub.head("user/a") == before
+
+
+def _local_parents_whose_cards_name(root: Path, base: str) -> list[str]:
+    """Two local ViT parents whose model cards name `base` (a Hub id) as their base_model."""
+    parents = []
+    for name, seed in (("a", 1), ("b", 2)):
+        make_model("vit_cls", seed).save_pretrained(root / name)
+        (root / name / "README.md").write_text(f"---\nbase_model: {base}\n---\n# {name}\n")
+        parents.append(str(root / name))
+    return parents
+
+
+def test_the_service_refuses_a_job_pushing_over_the_hub_base_its_parents_cards_name(tmp_path):
+    """POST {models: [local a, b] (cards: base_model user/base), task_arithmetic, push_to_hub: user/base,
+    overwrite: true}: 201, queued for a worker that refuses only once it reads the cards."""
+    from fastapi.testclient import TestClient
+
+    from hf_mudsc.serve.app import create_app
+
+    root = tmp_path / "models"
+    parents = _local_parents_whose_cards_name(root, "user/base")
+    client = TestClient(create_app(tmp_path / "state", local_roots=[root]), base_url="http://127.0.0.1",
+                        raise_server_exceptions=False)
+    job = {"models": parents, "method": "task_arithmetic", "push_to_hub": "user/base", "overwrite": True}
+    answer = client.post("/api/jobs", json=job)
+    assert answer.status_code == 400, answer.text
+    assert ("`push_to_hub` 'user/base' is the Hub repo of the base ('user/base'); inputs are never modified: "
+            "choose another `push_to_hub`") in answer.json()["error"], answer.text
+    assert client.post("/api/jobs", json={**job, "push_to_hub": "user/merged"}).status_code == 201
+
+
+def test_the_service_dry_run_refuses_a_push_over_the_hub_base_its_parents_cards_name(local_hub, tmp_path):
+    """A job's dry run, local parents whose cards name user/base, push_to_hub user/base, overwrite: the plan passed
+    it (the CLI's dry run refuses it; the real job refuses it before pushing)."""
+    from hf_mudsc.errors import RecipeError
+    from hf_mudsc.publish.recipe import Recipe
+    from hf_mudsc.serve.jobs import JobRequest, service_advice
+    from hf_mudsc.serve.worker import dry_run_plan
+
+    make_model("vit_cls", 0).save_pretrained(tmp_path / "base")
+    local_hub.upload_folder("user/base", tmp_path / "base", "base")
+    parents = _local_parents_whose_cards_name(tmp_path, "user/base")
+    recipe = Recipe(models=parents, method="task_arithmetic", push_to_hub="user/base", overwrite=True)
+    refusal = r"'user/base' is the Hub repo of the base \('user/base@[0-9a-f]{40}'\)"
+    with pytest.raises(RecipeError, match=refusal) as refused:
+        dry_run_plan(JobRequest(recipe, True), local_hub.token)
+    assert service_advice(str(refused.value)).startswith("`push_to_hub` 'user/base' is the Hub repo")  # as shown
+    assert "plan" in dry_run_plan(JobRequest(recipe.override(push_to_hub="user/merged"), True), local_hub.token)

@@ -907,5 +907,6 @@ def check_push_target(recipe: Recipe, *, given_as: str = "--push-to-hub") -> Non
         except ValueError:  # refused, with its reason, where the reference is loaded
             continue
         if repo_id.casefold() == recipe.push_to_hub.casefold():
+            another = f"{given_as} name" if given_as.startswith("--") else given_as  # as `check_target` says it
             raise RecipeError(f"{given_as} {recipe.push_to_hub!r} is the Hub repo of {what} ({reference!r}); inputs "
-                              f"are never modified: choose another {given_as} name")
+                              f"are never modified: choose another {another}")
