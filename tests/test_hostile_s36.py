@@ -300,6 +300,29 @@ def test_a_pickle_parent_that_runs_code_is_refused_before_any_parent_is_loaded(t
     assert not marker.exists()
 
 
+def test_a_pickle_parent_holding_numpy_data_names_the_numpy_callable(tmp_path):
+    """merge A B --allow-pickle, B's pytorch_model.bin holding a numpy array: 'unpickling it would call GLOBAL'
+    (torch: 'Unsupported global: GLOBAL numpy._core.multiarray._reconstruct')."""
+    import numpy
+    import torch
+
+    from hf_mudsc.errors import LoadError
+    from hf_mudsc.load.parents import load_parents
+
+    parents = []
+    for name, seed in (("a", 1), ("b", 2)):
+        model = make_model("vit_cls", seed)
+        model.save_pretrained(tmp_path / name)
+        (tmp_path / name / "model.safetensors").unlink()
+        state = dict(model.state_dict(), **({"extra": numpy.zeros(3)} if name == "b" else {}))
+        torch.save(state, tmp_path / name / "pytorch_model.bin")
+        parents.append(str(tmp_path / name))
+    with pytest.raises(LoadError) as caught:
+        load_parents(parents, allow_pickle=True)
+    message = str(caught.value)
+    assert "unpickling it would call numpy." in message and "GLOBAL" not in message, message
+
+
 # ---------------------------------------------------------------- a push may not replace a parent's Hub repo
 
 

@@ -1563,7 +1563,9 @@ def _unsafe_global(error: BaseException) -> str:
     """The callable a refused pickle wanted to run, as torch names it (or a generic phrase)."""
     import re
 
-    found = re.search(r"(?:GLOBAL|global:?)\s+([\w.]+)", str(error))
+    # torch says "Unsupported global: GLOBAL numpy._core.multiarray._reconstruct" (the opcode, then the callable),
+    # or "global: posix.system": the name after GLOBAL first, so the opcode is never taken for the callable
+    found = re.search(r"\bGLOBAL\s+([\w.]+)", str(error)) or re.search(r"(?:GLOBAL|global:?)\s+([\w.]+)", str(error))
     return found.group(1) if found else "code"
 
 
