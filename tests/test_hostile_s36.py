@@ -382,6 +382,22 @@ def test_push_of_a_merged_folder_over_its_parents_hub_repo_is_refused(local_hub,
     assert local_hub.head("user/a") == before
 
 
+
+def test_push_over_a_parents_hub_repo_is_refused_before_the_folder_is_hashed(local_hub, hub_cli, tmp_path,
+                                                                               monkeypatch):
+    """push OUT user/a --overwrite, OUT merged from user/a: refused only after every file of OUT was hashed
+    (check_unchanged), and the refusal said 'choose another ORG/NAME name'."""
+    from hf_mudsc.publish import hub
+
+    for name, seed in (("a", 1), ("b", 2)):
+        make_model("vit_cls", seed).save_pretrained(tmp_path / name)
+        local_hub.upload_folder(f"user/{name}", tmp_path / name, f"parent {name}")
+    assert hub_cli("merge", "user/a", "user/b", "--method", "linear", "-o", str(tmp_path / "out")).returncode == 0
+    monkeypatch.setattr(hub, "check_unchanged", lambda *a, **k: pytest.fail("the folder was hashed first"))
+    run = hub_cli("push", str(tmp_path / "out"), "user/a", "--overwrite")
+    assert run.returncode == 1, run.stderr
+    assert "inputs are never modified: choose another ORG/NAME\n" in run.stderr + "\n", run.stderr
+
 def _local_parents_whose_cards_name(root: Path, base: str) -> list[str]:
     """Two local ViT parents whose model cards name `base` (a Hub id) as their base_model."""
     parents = []

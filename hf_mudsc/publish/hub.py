@@ -279,9 +279,9 @@ def push_folder(
     with pinned_files(folder) as (files, handles):
         folder = check_folder(folder)
         if not just_written:
+            refuse_push_over_parent(folder, repo_id, flag)  # reads the recipe only: before every file is hashed
             check_unchanged(folder, allow_changed=allow_changed,
                             switch="allow_changed=True" if flag == "repo_id" else "--allow-changed")
-            refuse_push_over_parent(folder, repo_id, flag)
             refuse_non_finite_files(folder, files)
         contents = published_contents(folder)
         check_still_pinned(folder, files, handles)  # what was checked is what the open files hold
