@@ -15,7 +15,7 @@ from typing import Any
 from hf_mudsc.errors import RecipeError
 from hf_mudsc.options import REFITTING
 from hf_mudsc.publish.folder import check_output
-from hf_mudsc.publish.recipe import Recipe
+from hf_mudsc.publish.recipe import Recipe, check_push_target
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
     output = Path(recipe.output).expanduser().absolute() if recipe.output else None
     if output is not None:
         check_merge_output(output, recipe, recipe_file)
+    check_push_target(recipe)
     if recipe.push_to_hub and main:
         from hf_mudsc.publish.hub import check_target
 
@@ -104,10 +105,16 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
                                                base=recipe.base, found_base=found_base, base_view=base_view)
         return opened["choice"].streams
 
+    def check_found_base(reference: str) -> None:  # a base the cards name is an input too, as one given
+        if output is not None:
+            check_output_around_base(output, recipe, reference, recipe_file)
+        check_push_target(recipe.override(base=reference))
+
     parents, base, _ = load_parents_and_base(
         recipe.models, recipe.base, token=token, allow_pickle=recipe.allow_pickle,
         base_needed_for=recipe.method if chosen is not None and chosen.needs_base_model else None, lazy=lazy,
         check_config=check_config, choose_loading=choose_loading if chosen is None else None,
+        found_base=check_found_base,
         before_weights=open_calibration if reads_data or recipe.refit in REFITTING or (
             recipe.refit == "auto" and recipe.calibration is not None) else None)
     if base is not None and base_origin is not None:
@@ -154,6 +161,14 @@ def check_merge_output(output: Path, recipe: Recipe, recipe_file: str | None = N
     check_output(output, overwrite=recipe.overwrite, inputs=recipe.inputs(recipe_file), flag=flag)
 
 
+def check_output_around_base(output: Path, recipe: Recipe, base: str, recipe_file: str | None = None, *,
+                             flag: str = "--output") -> None:
+    """`check_merge_output` once the base the parents' model cards name is found (`recipe.base` unset): that base's
+    folder (or the Hub cache it is read from) is an input the output may not be equal to, inside or around, exactly as
+    for a base given with --base. The merge refuses so before any weights are read, its dry run after its plan."""
+    check_output(output, overwrite=recipe.overwrite, inputs=recipe.override(base=base).inputs(recipe_file), flag=flag)
+
+
 def check_before_dry_run(recipe: Recipe, recipe_file: str | None = None) -> list[str]:
     """What the merge refuses at once about where its result goes, refused by its dry run in the same words (the CLI
     exits 1 for both): an existing --output without --overwrite, one overlapping an input (`check_merge_output`).
@@ -169,6 +184,7 @@ def check_before_dry_run(recipe: Recipe, recipe_file: str | None = None) -> list
         raise RecipeError(str(error)) from None
     if recipe.output:
         check_merge_output(Path(recipe.output).expanduser().absolute(), recipe, recipe_file)
+    check_push_target(recipe)
     return [push_not_checked(recipe.push_to_hub)] if recipe.push_to_hub else []
 
 

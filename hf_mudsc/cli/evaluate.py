@@ -51,6 +51,7 @@ from hf_mudsc.evaluate.names import (
     SHIPPED_METRIC_NAMES,
     check_metric_names,
     check_prompt_templates,
+    refuse_token_names,
 )
 from hf_mudsc.load.hub_calls import hub_error_line
 from hf_mudsc.load.references import hide_tokens, looks_like_path, parse_reference
@@ -573,6 +574,14 @@ def check_arguments(args: argparse.Namespace) -> dict[str, list[str]] | None:
     if args.parents is not None and len(args.parents) < 2:
         raise UsageError(f"--parents takes the parents in merge order, at least two (A B [C ...]), got "
                          f"{len(args.parents)}; or pass --no-parents")
+    try:  # every name the results, the card, the table or an error would show (`evaluate_merge` checks its own too)
+        tasks = [task for task, _ in map(_split_task, args.dataset or []) if task]
+        refuse_token_names([("a task name of --dataset TASK=SPEC", tasks), *(
+            (flag, getattr(args, flag[2:].replace("-", "_"))) for flag in (
+                "--task-column", "--label-column", "--image-column", "--text-column", "--class-names",
+                "--prompt-template", "--metric", "--output-json"))])  # the results file's path is printed when written
+    except EvaluationError as error:
+        raise UsageError(str(error)) from None
     try:
         class_names = _class_names(args.class_names)
     except ValueError as error:

@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 from dataclasses import Field
+from pathlib import Path
 from typing import Any
 
 from hf_mudsc.errors import RecipeError, escaped
@@ -33,7 +34,7 @@ from hf_mudsc.publish.recipe import (
     warn_given_processor,
     yaml_value,
 )
-from hf_mudsc.runner import check_before_dry_run, execute
+from hf_mudsc.runner import check_before_dry_run, check_output_around_base, check_push_target, execute
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +160,11 @@ def run(args: argparse.Namespace) -> int:
         except HfHubHTTPError as error:
             print(f"hf-mudsc merge: error: {escaped(hide_tokens(hub_error_line(error)))}", file=sys.stderr)
             return 1
+        if plan.base_source is not None and recipe.base is None:  # the base the cards name: an input too
+            if recipe.output:
+                check_output_around_base(Path(recipe.output).expanduser().absolute(), recipe, plan.base,
+                                         getattr(args, "recipe", None))
+            check_push_target(recipe.override(base=plan.base))
         plan.warnings += notes
         print(plan)
         return 0

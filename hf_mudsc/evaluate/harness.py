@@ -48,6 +48,7 @@ from hf_mudsc.evaluate.names import (
     check_prompt_templates,
     metric_shown_name,
     parent_names,
+    refuse_token_names,
 )
 from hf_mudsc.evaluate.results import EvaluationResult, definitions
 from hf_mudsc.evaluate.scorers import ModelInputs, NonFiniteScores, Scorer, build_scorers, is_clip, is_clip_config
@@ -134,6 +135,14 @@ def evaluate_merge(
     from hf_mudsc.calibrate.distributed import is_main_process, process_info
 
     metrics = list(metrics)
+    refuse_token_names([  # before any message could name one (a metric's: before the Hub is asked for it)
+        ("a metric name (CLI: --metric)", metrics),
+        ("a task name of datasets_per_task (CLI: --dataset TASK=SPEC)",
+         list(datasets_per_task) if isinstance(datasets_per_task, Mapping) else []),
+        ("a name of the merged models", list(merged) if isinstance(merged, Mapping) else []),
+        ("image_column (CLI: --image-column)", image_column), ("text_column (CLI: --text-column)", text_column),
+        ("class_names (CLI: --class-names)", class_names),
+        ("prompt_template (CLI: --prompt-template)", prompt_template)])
     check_metric_names(metrics)
     modules = {name: load_metric(name, trust_remote_code=trust_remote_code) for name in metrics}  # before any model
     shown = {name: metric_shown_name(name) for name in metrics}  # a local metric by its name, never its path

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import string
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from hf_mudsc.errors import EvaluationError, parent_names
 
@@ -33,6 +34,28 @@ SHIPPED_METRIC_NAMES = ("accuracy", "f1")  # the keys of metrics.SHIPPED_METRICS
 #: How a shipped metric averages, as the card's table (`f1 (macro)`) and `model-index` (`args`) say it: `f1` alone
 #: could be read as micro-F1, which for one label per row is the accuracy.
 SHIPPED_METRIC_ARGS = {"f1": {"average": "macro"}}
+
+
+def refuse_token_names(named: Sequence[tuple[str, Any]]) -> None:
+    """Refuse a name shaped like an access token (`where` it was given, never the value): task names, columns, class
+    names and prompts are written into the results file and the card's `model-index`, printed in the table and named
+    by errors, so a token pasted as one (`--dataset $HF_TOKEN=data:test`) would be published. `named`: `(where,
+    value)` pairs, a value being a text, a mapping (its keys and values) or a sequence of them; as `merge` refuses a
+    token in any text option."""
+    from hf_mudsc.load.references import TOKEN_FIX, looks_like_token
+
+    def texts(value: Any) -> list[str]:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, Mapping):
+            return [text for key, item in value.items() for text in (*texts(key), *texts(item))]
+        if isinstance(value, (list, tuple)):
+            return [text for item in value for text in texts(item)]
+        return []
+
+    for where, value in named:
+        if any(looks_like_token(text) for text in texts(value)):
+            raise EvaluationError(f"{where} looks like a Hugging Face access token (not shown); {TOKEN_FIX}")
 
 
 def check_metric_names(names: Sequence[str]) -> None:

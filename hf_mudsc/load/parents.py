@@ -64,7 +64,13 @@ from hf_mudsc.load.config_json import (
 from hf_mudsc.load.hub_calls import http_cause, hub_call, hub_error_line
 from hf_mudsc.load.links import TEMPLATES_FOLDER, refuse_link_out, refuse_links_out
 from hf_mudsc.load.objects import object_source
-from hf_mudsc.load.processors import load_processor, processor_from_name, tokenizer_of
+from hf_mudsc.load.processors import (
+    FILE_NAME_MAX_BYTES,
+    load_processor,
+    processor_from_name,
+    refuse_unsavable_chat_templates,
+    tokenizer_of,
+)
 from hf_mudsc.load.references import (
     LICENSE_NOT_READ,
     card_base_model,
@@ -564,6 +570,9 @@ def _shard_names(reference: str, folder: Path, index_name: str, *, hub: bool = F
     for name in names:  # read as the parent's weights: never a file of this machine outside the folder
         if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
             raise LoadError(f"{reference!r}: {index_name} names the shard {shown(name)}, outside the folder; {fix}")
+        if "\x00" in name or any(len(os.fsencode(part)) > FILE_NAME_MAX_BYTES for part in Path(name).parts):
+            raise LoadError(f"{reference!r}: {index_name} names the shard {shown(name)}, which is no file name (a NUL "
+                            f"byte, or a name over {FILE_NAME_MAX_BYTES} bytes); {fix}")
     if not names:
         raise LoadError(f"{reference!r}: {index_name} names no shard (its weight_map is empty); {fix}")
     if not isinstance(index.get("metadata"), dict):  # transformers reads it as a dict (a KeyError without one)
@@ -1322,7 +1331,8 @@ def check_floating_weights(reference: str, stored: Mapping[str, str], model: tor
 def _check_pickle_dtypes(located: _Located) -> str | None:
     """`check_floating_weights` for a pickle checkpoint (`allow_pickle`): its tensors' dtypes read onto the meta
     device (weights-only unpickling, no tensor data read); returns how its weights are stored (`dtype_description`).
-    A file that cannot be read so is left to `_load_weights`, which names the problem (None)."""
+    A file that would run code when unpickled (it names the callable) is refused here, before any parent is loaded;
+    another file that cannot be read so is left to `_load_weights`, which names the problem (None)."""
     import pickle
 
     stored: dict[str, str] = {}
@@ -1332,7 +1342,11 @@ def _check_pickle_dtypes(located: _Located) -> str | None:
     for name in names:
         try:
             tensors = torch.load(located.folder / name, map_location="meta", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError):
+        except pickle.UnpicklingError as error:
+            if _unsafe_global(error) != "code":  # it names the callable it would run: refused before any parent loads
+                raise _code_in_pickle(located.reference, name, error) from error
+            return None
+        except (RuntimeError, EOFError, OSError, ValueError):
             return None
         if not isinstance(tensors, Mapping):
             return None
@@ -1444,11 +1458,7 @@ def _load_weights(located: _Located) -> tuple[PreTrainedModel, list[str]]:
                 weights_only=True, output_loading_info=True, ignore_mismatched_sizes=True, **built_with(located),
             )
     except pickle.UnpicklingError as error:
-        raise LoadError(
-            f"{located.reference!r}: {name} holds more than tensors — unpickling it would call "
-            f"{_unsafe_global(error)}, and hf_mudsc refused to run it (weights_only loading). Do not use this "
-            "file; convert the checkpoint to safetensors from a trusted copy"
-        ) from error
+        raise _code_in_pickle(located.reference, name, error) from error
     except (SafetensorError, OSError, EOFError, RuntimeError) as error:
         raise LoadError(f"{located.reference!r}: cannot read the weights in {name} ({first_line(error)}); "
                         "download them again or re-save the model with save_pretrained") from error
@@ -1554,11 +1564,22 @@ def _without_load_report() -> Iterator[None]:
         target.removeFilter(dropper)
 
 
+def _code_in_pickle(reference: str, name: str, error: BaseException) -> LoadError:
+    """The refusal of pickle file `name`, whose weights-only unpickling stopped at `error`: it holds more than
+    tensors, and would run code if unpickled otherwise."""
+    return LoadError(
+        f"{reference!r}: {name} holds more than tensors — unpickling it would call {_unsafe_global(error)}, and "
+        "hf_mudsc refused to run it (weights_only loading). Do not use this file; convert the checkpoint to "
+        "safetensors from a trusted copy")
+
+
 def _unsafe_global(error: BaseException) -> str:
     """The callable a refused pickle wanted to run, as torch names it (or a generic phrase)."""
     import re
 
-    found = re.search(r"(?:GLOBAL|global:?)\s+([\w.]+)", str(error))
+    # torch says "Unsupported global: GLOBAL numpy._core.multiarray._reconstruct" (the opcode, then the callable),
+    # or "global: posix.system": the name after GLOBAL first, so the opcode is never taken for the callable
+    found = re.search(r"\bGLOBAL\s+([\w.]+)", str(error)) or re.search(r"(?:GLOBAL|global:?)\s+([\w.]+)", str(error))
     return found.group(1) if found else "code"
 
 
@@ -1568,6 +1589,18 @@ def _locate_with_processor(ref: Any, *, token, allow_pickle, cache_dir, for_merg
     if located.folder is not None:
         located.processor = load_processor(located.folder, located.reference)
     return located
+
+
+def check_saved_processor(located: Sequence[_Located]) -> None:
+    """Refuse parent A's processor, the one a merged model's folder saves, when it could not be saved (a chat
+    template named by a path: `processors.refuse_unsavable_chat_templates`) — before any weights are read. The
+    other parents' and the base's processors are never saved, so they are not refused."""
+    if not located:
+        return
+    first = located[0]
+    processor = first.loaded.processor if first.loaded is not None else first.processor
+    if processor is not None:
+        refuse_unsavable_chat_templates(repr(first.reference), processor)
 
 
 def load_parent(ref: Any, *, token: str | bool | None = None, allow_pickle: bool = False,
@@ -1631,6 +1664,7 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
                           before_weights: Callable[[list[Any]], None] | None = None,
                           choose_loading: Callable[[list[LoadedParent], Any, LoadedParent | None], bool]
                           | None = None,
+                          found_base: Callable[[str], None] | None = None,
                           ) -> tuple[list[LoadedParent], LoadedParent | None, str | None]:
     """N parents and their common base (`base`: a reference, model or `LoadedParent`, or None), checked against
     each other before any weights are downloaded: `(parents, base or None, where the base came from or None)`.
@@ -1649,7 +1683,8 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
     column no processor can read still before any weights are downloaded). Without
     `base`, when `base_needed_for` names a method that needs one, the base is the `base_model` every parent's model
     card names (README.md front matter; Hub parents' cards at their pinned commit); if they name none or different
-    ones, a one-line `MergeInputError`.
+    ones, a one-line `MergeInputError`. `found_base(reference)`: called with that base's reference as soon as it is
+    found, before anything else is read (the caller refuses an output inside it, as for a base it was given).
 
     `choose_loading(views, base, base_view)`: called once every parent's weights are fetched and their headers checked,
     before any parent is loaded, with every parent opened for reading one tensor at a time (`_finish_lazily`), the base
@@ -1663,6 +1698,7 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
         raise LoadError("load_parents takes a list of parents, e.g. ['org/a', 'org/b@v2']")
     located = [_locate_with_processor(r, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir, for_merge=True)
                for r in refs]
+    check_saved_processor(located)
     check_model_objects(located)
     agree_on_constructor_options(located)
     check_configs(located)
@@ -1670,6 +1706,8 @@ def load_parents_and_base(refs: Sequence[Any], base: Any = None, *, base_needed_
     check_objects_complete(located)
     located_base, source = locate_base(located, base, base_needed_for=base_needed_for, token=token,
                                        allow_pickle=allow_pickle, cache_dir=cache_dir)
+    if found_base is not None and located_base is not None and source == BASE_FROM_CARDS:
+        found_base(located_base.reference)
     for parent in located + ([located_base] if located_base is not None else []):
         check_hub_shard_headers(parent, token=token)  # before the calibration data is opened, too: a few requests
     for parent in located:  # a folder's headers, or a sharded Hub checkpoint's just read: before any download, and
@@ -1941,6 +1979,7 @@ def locate_parents(refs: Sequence[Any], base: Any = None, *, base_needed_for: st
     names them). `(parents, base or None, where the base came from or None)`."""
     located = [_locate_with_processor(r, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir, for_merge=True)
                for r in refs]
+    check_saved_processor(located)
     check_model_objects(located)
     agree_on_constructor_options(located)
     check_configs(located)

@@ -76,6 +76,34 @@ def load_processor(folder: str | os.PathLike, reference: str | None = None) -> A
     return None
 
 
+# The longest file name most file systems take, in bytes (a chat template is saved as `NAME.jinja`).
+FILE_NAME_MAX_BYTES = 255
+
+
+def refuse_unsavable_chat_templates(owner: str, processor: Any) -> None:
+    """Refuse the processor a merged model's folder will save (`owner`: whose it is, as the message starts) when its
+    chat templates (`tokenizer_config.json`'s list of `{name, template}`) include one whose name is no file name — a
+    path (`../../x`, `tools/x`) or over `FILE_NAME_MAX_BYTES` — before any weights are read: the folder saves each
+    as `additional_chat_templates/NAME.jinja`, which transformers refuses for a path and the file system for a long
+    name, so the merge failed only when it was written. Only the processor saved is checked (parent A's, or the one
+    given to the writer): another parent's, the base's or an evaluated model's is never written."""
+    for part, holder, source in (("tokenizer", tokenizer_of(processor), "tokenizer_config.json"),
+                                 ("processor", processor, "chat_template.json")):
+        templates = getattr(holder, "chat_template", None)
+        if not isinstance(templates, dict):
+            continue
+        for name in templates:
+            text = str(name)
+            # a backslash is a file name on POSIX, and transformers saves it: only a name resolving elsewhere fails
+            if ("/" in text or "\x00" in text
+                    or len(f"{text}.jinja".encode("utf-8", "surrogateescape")) > FILE_NAME_MAX_BYTES):
+                shown = repr(text) if len(text) <= 40 else f"{text[:20]!r}... ({len(text)} characters)"
+                raise LoadError(
+                    f"{owner}: its {part} names a chat template {shown}, no file name (a path, or over "
+                    f"{FILE_NAME_MAX_BYTES} bytes), so the merged model could not be saved; rename it in "
+                    f"{source} (chat_template)")
+
+
 def _inputs_read(folder: Path) -> tuple[bool, bool]:
     """(images, text): what the folder's model reads, by its config.json (an image size or vision config; a vocabulary
     or text config); both when the config cannot be read."""

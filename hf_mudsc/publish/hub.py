@@ -279,6 +279,7 @@ def push_folder(
     with pinned_files(folder) as (files, handles):
         folder = check_folder(folder)
         if not just_written:
+            refuse_push_over_parent(folder, repo_id, flag)  # reads the recipe only: before every file is hashed
             check_unchanged(folder, allow_changed=allow_changed,
                             switch="allow_changed=True" if flag == "repo_id" else "--allow-changed")
             refuse_non_finite_files(folder, files)
@@ -288,6 +289,19 @@ def push_folder(
             return _push(folder, files, contents, repo_id, private=private, overwrite=overwrite, token=token,
                          commit_message=commit_message, flag=flag, seconds=seconds, shown_as=shown_as,
                          handles=handles)
+
+
+def refuse_push_over_parent(folder: Path, repo_id: str, flag: str) -> None:
+    """Refuse to push a merged folder to the Hub repo of one of the parents (or the base) its recipe names: with
+    --overwrite that input's files would be replaced by the merge (`recipe.check_push_target`, as `merge` refuses it).
+    A recipe that cannot be read names no parent here (`check_folder` and `check_unchanged` judge the folder)."""
+    from hf_mudsc.publish.recipe import Recipe, check_push_target
+
+    try:
+        recipe = Recipe.load(folder / RECIPE_FILENAME)
+    except (OSError, ValueError):
+        return
+    check_push_target(recipe.override(push_to_hub=repo_id), given_as=flag.split()[0])
 
 
 @contextmanager

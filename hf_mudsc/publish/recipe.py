@@ -35,12 +35,23 @@ from typing import Any
 import yaml
 
 from hf_mudsc._version import __version__
-from hf_mudsc.errors import MergeInputError, OptionError, RecipeError, brief, flag, option_hint, shown
+from hf_mudsc.errors import (
+    MergeInputError,
+    OptionError,
+    RecipeError,
+    brief,
+    flag,
+    option_hint,
+    parent_label,
+    shown,
+)
 from hf_mudsc.load.references import (
     TOKEN_FIX,
     display_name,
     is_object_reference,
+    looks_like_path,
     looks_like_token,
+    parse_reference,
     repo_id_refusal,
 )
 from hf_mudsc.methods import plugin_module
@@ -879,3 +890,23 @@ def yaml_error_line(error: Exception) -> str:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         return ", ".join(part for part in (error.context, error.problem) if part) + where
     return brief(error, None)
+
+
+def check_push_target(recipe: Recipe, *, given_as: str = "--push-to-hub") -> None:
+    """Refuse a `push_to_hub` repo that is a parent's or the base's Hub repo (any revision; the Hub's repo names
+    ignore case): with `overwrite` the push would replace that input's files with the merged model, which local
+    outputs never may (`runner.check_merge_output`). Before any Hub call, for the merge and its dry run alike."""
+    if not recipe.push_to_hub:
+        return
+    named = [(f"parent {parent_label(index)}", reference) for index, reference in enumerate(recipe.models)]
+    for what, reference in named + ([("the base", recipe.base)] if isinstance(recipe.base, str) else []):
+        if not isinstance(reference, str) or looks_like_path(reference):
+            continue
+        try:
+            repo_id, _ = parse_reference(reference)
+        except ValueError:  # refused, with its reason, where the reference is loaded
+            continue
+        if repo_id.casefold() == recipe.push_to_hub.casefold():
+            another = f"{given_as} name" if given_as.startswith("--") else given_as  # as `check_target` says it
+            raise RecipeError(f"{given_as} {recipe.push_to_hub!r} is the Hub repo of {what} ({reference!r}); inputs "
+                              f"are never modified: choose another {another}")

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from hf_mudsc.load.checks import REMOTE_CODE_CONFIG_KEYS
+from hf_mudsc.load.processors import refuse_unsavable_chat_templates
 from hf_mudsc.publish.folder import record_files, staged_output
 from hf_mudsc.publish.hub import CARD_FILENAME
-from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe, auto_chosen_of
+from hf_mudsc.publish.recipe import RECIPE_FILENAME, Recipe, auto_chosen_of, check_push_target
 from hf_mudsc.solve.diagnostics import DIAGNOSTICS_FILENAME, PLOTS_FOLDER, MergeDiagnostics
 
 logger = logging.getLogger(__name__)
@@ -171,8 +172,12 @@ def write_merged_folder(
     refuse_non_finite_weights(merged)
     folder = Path(folder)
     recipe = recipe if recipe is not None else recipe_of(merged)
+    owner = "the processor given"
     if processor is None:
         processor = getattr(getattr(merged, "merge_report", None), "processor", None)
+        owner = f"parent A ({recipe.models[0]!r})" if recipe.models else "parent A"
+    if processor is not None:  # before any file is written (the merge refused parent A's before its weights)
+        refuse_unsavable_chat_templates(owner, processor)
     with recorded_dtype(merged, recipe) as recipe:
         merged.save_pretrained(folder)
         if processor is not None:
@@ -281,6 +286,8 @@ def publish(
     if output is None and not push_to_hub:
         raise ValueError("say where the merged model goes: an output folder and/or a Hub repo id")
     refuse_non_finite_weights(merged)  # before any folder is staged (write_merged_folder checks again for its callers)
+    if processor is not None:  # likewise: a given processor transformers could not save, before anything is staged
+        refuse_unsavable_chat_templates("the processor given", processor)
     produced: dict[str, Any] = {}
     failure: Exception | None = None
     interrupted: PushInterrupted | None = None
@@ -369,6 +376,7 @@ def push_merged(
     token = clean_token(token)  # a token read from a file, its line break with it
     check_repo_id(repo_id, flag="repo_id")  # a token pasted here: refused before any message could show it
     recipe = recipe_of(merged).override(push_to_hub=repo_id)
+    check_push_target(recipe, given_as="repo_id")  # a parent's (or the base's) repo: never replaced
     refuse_non_finite_weights(merged)  # before the Hub is asked anything
     check_target(repo_id, overwrite=overwrite, token=token, flag="repo_id")  # before writing anything
     return publish(merged, push_to_hub=repo_id, overwrite=overwrite, private=private, token=token,

@@ -64,6 +64,7 @@ from hf_mudsc.publish.recipe import (
     INFO_KEYS,
     CalibrationMissing,
     Recipe,
+    check_push_target,
     given_processor_warning,
     newer_version,
     unresolved_published_entries,
@@ -257,10 +258,15 @@ def check_job(body: Any, output_root: Path, *, dry_run: bool = False, local_root
     # Refuses; the store keeps what the client sent, the worker gets the paths resolved again when the job starts.
     resolved = resolve_local_paths(JobRequest(recipe, dry_run), local_roots).recipe
     refuse_missing_inputs(recipe, being_written)
+    # a parent's or a given base's repo (a base local cards name is a folder in `resolved`: no repo), in the job's
+    # words (`service_advice`, as the worker's refusal reads); a Hub base the cards name: below
+    check_push_target(resolved.override(push_to_hub=recipe.push_to_hub))
     check_hub_ids(recipe)
     check_method(recipe)
     check_device(recipe.device)
     check_base_found(recipe, resolved)
+    if recipe.push_to_hub and (named := cards_hub_base(recipe, resolved)) is not None:
+        check_push_target(resolved.override(push_to_hub=recipe.push_to_hub, base=named))
     check_shapes_on_disk(resolved)
     dry_run = dry_run or flag
     if recipe.output is not None:
@@ -483,13 +489,27 @@ def check_base_found(recipe: Recipe, resolved: Recipe) -> None:
         return
     if any(looks_local(reference) is None for reference in recipe.models):
         return
-    named = [card_base_model(card_text(Path(folder))) for folder in resolved.models]
-    if named and all(name is not None for name in named) and len(set(named)) == 1:
+    if cards_hub_base(recipe, resolved) is not None:
         return  # a Hub id every card names: the loader takes it
     raise RecipeError(f"method {recipe.method!r} needs the parents' common base model and none was given, and the "
                       "parents' model cards (README.md) do not name one common base_model; pass "
                       f"{service_advice(option_hint('base'))} (a Hub id `org/name[@revision]` or a folder), or choose "
                       'a method that needs no base (`"method": "linear"`)')
+
+
+def cards_hub_base(recipe: Recipe, resolved: Recipe) -> str | None:
+    """The Hub base the merge will take from the parents' model cards (`load.parents.locate_base`), when it can be told
+    at POST: a method that needs a base, given none, whose parents are all local folders whose cards name one common
+    `base_model` (a local folder they name is `resolved.base` already); else None (a Hub parent's card, or `auto`'s
+    choice, is the worker's to read)."""
+    if recipe.base is not None or resolved.base is not None or recipe.method == AUTO:
+        return None
+    if not get_method(recipe.method).needs_base_model:
+        return None
+    if any(looks_local(reference) is None for reference in recipe.models):
+        return None
+    named = [card_base_model(card_text(Path(folder))) for folder in resolved.models]
+    return named[0] if named and named[0] is not None and len(set(named)) == 1 else None
 
 
 class ConfigUnreadable(Exception):
