@@ -341,8 +341,10 @@ def merge(
         independent_heads: pair q/k heads and v heads separately, as the reference implementation does.
         reference_compat: reproduce the reference implementation's merged weights (its `+1e-5` merge
             normaliser and independent head pairing).
-        progress: show progress bars for calibration and the solve (False: no bar at all, transformers' loading
-            and the Hub's download bars included).
+        progress: show progress bars for calibration, the solve and the refit (False: no bar at all, transformers'
+            loading and the Hub's download bars included). On a terminal they are tqdm bars; elsewhere, and when
+            Hugging Face's bars are switched off (`HF_HUB_DISABLE_PROGRESS_BARS=1`,
+            `huggingface_hub.utils.disable_progress_bars()`), INFO lines of the `hf_mudsc` logger.
         token: Hub token for private parents/datasets (default: the usual places; never logged).
         allow_pickle: load parents that only have pickle (`pytorch_model.bin`) weights — only if trusted.
         image_column, text_column: raw calibration columns to preprocess (default `image`/`img`,
@@ -355,8 +357,8 @@ def merge(
             cast once at the end and its `config.dtype` set to match, so `save_pretrained` writes it and
             `from_pretrained(dtype="auto")` restores it). `"auto"` (default): the dtype every parent is stored in
             (safetensors headers; a model object's own parameters), float32 when they differ (logged);
-            `"float32"`, `"float16"`, `"bfloat16"` or a `torch.dtype`: that one. Recorded with its reason in
-            `config.mudsc["out_dtype"]` / `["out_dtype_reason"]`, the card and the recipe (resolved).
+            `"float32"`, `"float16"`, `"bfloat16"`, `"float64"` or a `torch.dtype`: that one. Recorded with its
+            reason in `config.mudsc["out_dtype"]` / `["out_dtype_reason"]`, the card and the recipe (resolved).
         device: where the calibration forward passes and statistics products run: `"cpu"`, `"cuda"`,
             `"cuda:N"` or a `torch.device`; None = CUDA when available, else the CPU. Parents are read into
             CPU memory (as `from_pretrained` does), moved to the device for calibration and moved back;
@@ -1641,7 +1643,10 @@ def from_pretrained(model_a: Any, model_b: Any, calibration: Any = None, *, toke
     as `transformers`' `from_pretrained` reads one name each (a third positional argument is `calibration`): for three
     or more, `hf_mudsc.merge([a, b, c, ...], calibration, ...)`, which loads them the same way.
     `calibration`: a `"repo_or_path[:config]:split"` spec, a `datasets` dataset (raw or model-input
-    columns) or an iterable of input batches. `merge_options` are `hf_mudsc.merge`'s keywords.
+    columns) or an iterable of input batches. `token`: a Hub token for private parents or data (default: `HF_TOKEN`
+    or the stored login; never logged). `allow_pickle`: load parents that only have pickle weights
+    (`pytorch_model.bin`: a pickle can run code when loaded; trusted sources only). `merge_options` are
+    `hf_mudsc.merge`'s keywords.
 
     Returns:
         What `hf_mudsc.merge` returns: the merged `PreTrainedModel` (a `MergePlan` with `dry_run=True`); under

@@ -119,12 +119,16 @@ def evaluate_merge(
             scored which row when they differ.
         class_names, prompt_template: CLIP zero-shot — class names per task (default: the label column's
             `ClassLabel` names) and the prompt template(s) with `{}` for the name.
+        image_column, text_column: the raw columns to preprocess (default `image`/`img`, `text`/`sentence`; a text
+            column may be two names separated by a comma, read as text pairs).
         joint_rule: how a concatenated head decides the joint view, for the merged model(s) and the ensemble
             alike: `"per_task"` (each task's softmax, then the argmax; `hf_mudsc.joint_probabilities`) or `"raw"`
             (the argmax over the raw concatenated logits, what a `transformers` pipeline does). Neither wins
             everywhere (docs/benchmarks/joint_rules.md); the result records the rule.
         allow_pickle: load models given as a folder or Hub id that have pickle-only weights (pytorch_model.bin:
             a pickle can run arbitrary code when loaded; only for sources you trust), as `merge(allow_pickle=True)`.
+        progress: a progress bar per task (INFO lines when stderr is no terminal; False: neither).
+        trust_remote_code: allow a metric that is not shipped (its script is downloaded or read and run).
 
     Returns:
         An `EvaluationResult` on the main process (None on the others under a distributed launch).

@@ -1,0 +1,95 @@
+"""Session 36, "every documented example runs and says the truth": what a user copying from the README, the public
+docstrings and `--help` met that the text did not say, and checks that keep the text and the code together."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+
+import pytest
+
+import hf_mudsc
+from hf_mudsc.options import MergeOptions
+
+
+def public_functions() -> list[tuple[str, object]]:
+    """Every function of `hf_mudsc.__all__` (classes and data carry their own documentation)."""
+    return [(name, getattr(hf_mudsc, name)) for name in hf_mudsc.__all__
+            if inspect.isfunction(getattr(hf_mudsc, name))]
+
+
+@pytest.mark.parametrize(("name", "function"), public_functions(), ids=[name for name, _ in public_functions()])
+def test_every_public_function_names_each_of_its_parameters_in_its_docstring(name, function):
+    """`help(hf_mudsc.evaluate_merge)` said nothing of its image_column, text_column, progress and trust_remote_code
+    keywords, and `help(hf_mudsc.from_pretrained)` nothing of token and allow_pickle: each parameter is named
+    (`name` or `name:`) in the docstring, and each `Args:` entry names a real parameter."""
+    doc = inspect.getdoc(function) or ""
+    parameters = [p for p in inspect.signature(function).parameters.values()
+                  if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+    undocumented = [p.name for p in parameters if not re.search(rf"`{p.name}`|^ *(?:\w+, )*{p.name}(?:, \w+)*:", doc,
+                                                                  flags=re.MULTILINE)]
+    assert undocumented == [], f"{name}: {undocumented}"
+    if "Args:" in doc:
+        args = re.split(r"^(?:Returns|Raises|Yields):", doc.split("Args:", 1)[1], flags=re.MULTILINE)[0]
+        entries = {each.strip() for line in re.findall(r"^ {4}([a-z_][a-z_, ]*):", args, flags=re.MULTILINE)
+                   for each in line.split(",")}
+        names = {p.name for p in inspect.signature(function).parameters.values()}
+        assert entries <= names, f"{name}: {entries - names}"
+
+
+@pytest.mark.parametrize("option", [name for name in MergeOptions.names(keyword=True)
+                                    if isinstance(MergeOptions.option_field(name).metadata["choices"], tuple)])
+def test_merge_docstring_names_every_value_a_choice_option_takes(option):
+    """`help(hf_mudsc.merge)` listed out_dtype's values as "float32", "float16", "bfloat16" while the README, `--help`
+    and the check take "float64" too: the docstring entry of every option with fixed choices names each one."""
+    args = hf_mudsc.merge.__doc__.split("Args:", 1)[1].split("Returns:", 1)[0]
+    entry = re.search(rf"^ {{8}}{option}:(.*?)(?=^ {{8}}[a-z_, ]+:|\Z)", args, flags=re.MULTILINE | re.DOTALL)
+    assert entry is not None, option
+    missing = [value for value in MergeOptions.option_field(option).metadata["choices"]
+               if f'"{value}"' not in entry.group(1) and f"`{value}`" not in entry.group(1)]
+    assert missing == [], f"{option}: {missing}"
+
+
+def test_the_hugging_face_switch_for_progress_bars_turns_off_hf_mudscs_bars_too(monkeypatch, capsys, caplog):
+    """`HF_HUB_DISABLE_PROGRESS_BARS=1 python merge.py` (or `huggingface_hub.utils.disable_progress_bars()`, which
+    transformers' `disable_progress_bar()` calls) on a terminal: transformers' and the Hub's bars were gone, but the
+    calibration, solve and refit bars were still drawn; now they log their INFO lines instead, as in a log file."""
+    from huggingface_hub import utils as hub_utils
+
+    from hf_mudsc import progress
+
+    monkeypatch.setattr(progress, "interactive", lambda: True)  # as on a terminal
+    with progress.Progress(desc="calibration", unit="samples", total=4) as bar:  # the switch on: a bar
+        bar.update(4)
+    assert "calibration: 100%" in capsys.readouterr().err
+    hub_utils.disable_progress_bars()
+    try:
+        with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+            with progress.Progress(desc="calibration", unit="samples", total=4) as bar:
+                bar.update(4)
+    finally:
+        hub_utils.enable_progress_bars()
+    assert "%|" not in capsys.readouterr().err
+    assert any("calibration" in record.getMessage() for record in caplog.records), caplog.records
+
+
+def test_the_readme_says_how_a_python_user_sees_the_log_and_its_example_shows_it(tmp_path):
+    """README: "The log, `config.mudsc["method_choice_reason"]` and the card say which and why" — but from Python
+    `hf_mudsc.merge(...)` printed no INFO line and no document said how to see them (the library, like transformers,
+    adds no handler). The README's `logging` example, run as printed, shows the method chosen and why."""
+    import os
+    import subprocess
+    import sys
+
+    from readme_examples import readme_example
+
+    example = readme_example("logging")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for line in ("INFO:hf_mudsc.load.relation:parents: independent",
+                 "INFO:hf_mudsc.pipeline:merged model_a, model_b with weight_matching"):
+        assert line in example and re.search(rf"^{line}", result.stderr, flags=re.MULTILINE), result.stderr
+    assert "%|" not in result.stderr  # progress=False: no bar, no line
