@@ -93,3 +93,15 @@ def test_the_readme_says_how_a_python_user_sees_the_log_and_its_example_shows_it
                  "INFO:hf_mudsc.pipeline:merged model_a, model_b with weight_matching"):
         assert line in example and re.search(rf"^{line}", result.stderr, flags=re.MULTILINE), result.stderr
     assert "%|" not in result.stderr  # progress=False: no bar, no line
+
+
+def test_a_parent_object_built_in_memory_is_not_said_to_differ_from_a_checkpoint_named_after_its_class(caplog):
+    """The README's logging example, `merge([ViTForImageClassification(config), ...])`, logged "the
+    ViTForImageClassification object given as a parent does not hold the weights of 'ViTForImageClassification'":
+    a model built in memory has no `name_or_path`, and its class name was looked up as a folder or Hub repo."""
+    from factories import make_model
+
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        hf_mudsc.merge([make_model("vit_cls", 1), make_model("vit_cls", 2)], method="weight_matching", progress=False)
+    said = [record.getMessage() for record in caplog.records]
+    assert not [line for line in said if "does not hold the weights" in line], said
