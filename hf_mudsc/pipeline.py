@@ -432,8 +432,13 @@ def merge(
         raise MergeInputError(str(error)) from None
     alpha, statistics_dtype = merge_options.alpha, merge_options.statistics_dtype
     if not isinstance(models, Sequence) or isinstance(models, (str, os.PathLike, PreTrainedModel)) or len(models) < 2:
-        raise MergeInputError("merge takes a list of two or more parents (Hub ids, folders or models), got "
-                              f"{models if isinstance(models, (str, os.PathLike)) else type(models).__name__}")
+        if isinstance(models, (str, os.PathLike)):
+            given = repr(str(models))
+        elif isinstance(models, Sequence):
+            given = f"a list of {len(models)} parent{'' if len(models) == 1 else 's'}"
+        else:
+            given = type(models).__name__
+        raise MergeInputError(f"merge takes a list of two or more parents (Hub ids, folders or models), got {given}")
     count = len(models)
     automatic = is_auto(method)
     if auto_choice is not None and not automatic:

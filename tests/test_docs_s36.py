@@ -105,3 +105,24 @@ def test_a_parent_object_built_in_memory_is_not_said_to_differ_from_a_checkpoint
         hf_mudsc.merge([make_model("vit_cls", 1), make_model("vit_cls", 2)], method="weight_matching", progress=False)
     said = [record.getMessage() for record in caplog.records]
     assert not [line for line in said if "does not hold the weights" in line], said
+
+
+def test_too_few_parents_is_refused_saying_how_many_were_given():
+    """`hf_mudsc.merge([model])` said "merge takes a list of two or more parents ..., got list": the user did pass a
+    list; the line now says it held one parent."""
+    from factories import make_model
+
+    with pytest.raises(hf_mudsc.MergeInputError) as refused:
+        hf_mudsc.merge([make_model("vit_cls", 1)])
+    assert "got a list of 1 parent" in str(refused.value) and "got list" not in str(refused.value)
+
+
+def test_save_merged_of_a_model_merge_did_not_return_names_the_public_functions(tmp_path):
+    """`hf_mudsc.save_merged(stock_model, ...)` said it writes "models returned by hf_mudsc.pipeline", a module no
+    user calls: the line names `hf_mudsc.merge` / `hf_mudsc.from_pretrained`."""
+    from factories import make_model
+
+    with pytest.raises(ValueError, match="carries no merge recipe") as refused:
+        hf_mudsc.save_merged(make_model("vit_cls", 1), tmp_path / "out")
+    assert "hf_mudsc.merge" in str(refused.value) and "hf_mudsc.pipeline" not in str(refused.value)
+    assert not (tmp_path / "out").exists()
