@@ -126,3 +126,29 @@ def test_save_merged_of_a_model_merge_did_not_return_names_the_public_functions(
         hf_mudsc.save_merged(make_model("vit_cls", 1), tmp_path / "out")
     assert "hf_mudsc.merge" in str(refused.value) and "hf_mudsc.pipeline" not in str(refused.value)
     assert not (tmp_path / "out").exists()
+
+
+
+def _subparsers() -> dict:
+    import argparse
+
+    from hf_mudsc.cli.main import build_parser
+
+    parser = build_parser()
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+@pytest.mark.parametrize("command", sorted(_subparsers()))
+def test_no_help_shows_a_default_in_python_syntax(command):
+    """`hf-mudsc demo --help` showed `--seeds A B ... (default: (0, 1))`: a Python tuple, which typed back
+    (`--seeds (0, 1)`) is refused. Each default is shown as it is typed (`0 1`), and typed so it parses to itself."""
+    parser = _subparsers()[command]
+    text = " ".join(parser.format_help().split())
+    assert not re.findall(r"\(default: [(\[][^)]*[)\]]", text)
+    for action in parser._actions:
+        if isinstance(action.default, (list, tuple)) and action.option_strings and action.nargs not in (0, None):
+            shown = " ".join(map(str, action.default))
+            flag_name = max(action.option_strings, key=len)
+            assert f"(default: {shown})" in text, (flag_name, shown)
+            parsed = getattr(parser.parse_known_args([flag_name, *shown.split()])[0], action.dest)
+            assert list(parsed) == list(action.default), (flag_name, parsed)

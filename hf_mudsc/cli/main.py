@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import errno
 import functools
 import importlib
@@ -328,6 +329,14 @@ class DefaultsOnceFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         return text if "(default" in text else super()._get_help_string(action)
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        """A default of several values shown as they are typed (`--seeds A B ... (default: 0 1)`), not as Python
+        writes a tuple (`(0, 1)`, which the flag refuses)."""
+        if isinstance(action.default, (list, tuple)):
+            action = copy.copy(action)
+            action.default = " ".join(map(str, action.default))
+        return super()._expand_help(action)
 
 
 # The exit status of a command stopped by Ctrl-C: 128 + SIGINT, what a shell reports for a process it killed.
