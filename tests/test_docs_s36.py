@@ -152,3 +152,34 @@ def test_no_help_shows_a_default_in_python_syntax(command):
             assert f"(default: {shown})" in text, (flag_name, shown)
             parsed = getattr(parser.parse_known_args([flag_name, *shown.split()])[0], action.dest)
             assert list(parsed) == list(action.default), (flag_name, parsed)
+
+
+def _attribute_docstrings(cls: type) -> set[str]:
+    """The fields of `cls` documented by a string right after them (an attribute docstring, as Sphinx reads it)."""
+    import ast
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {statement.target.id for statement, following in zip(body, body[1:])
+            if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)
+            and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)}
+
+
+@pytest.mark.parametrize("name", [name for name in hf_mudsc.__all__ if inspect.isclass(getattr(hf_mudsc, name))
+                                  and __import__("dataclasses").is_dataclass(getattr(hf_mudsc, name))])
+def test_every_field_and_method_of_a_public_class_is_documented(name):
+    """`help(merged.merge_report)` listed `matches`, `refit`, `starts`, ... with no word on any (their meaning was in
+    source comments only), and `EvaluationResult.score` / `to_dict` had no docstring: every field of a public class is
+    named in its docstring or has an attribute docstring, and every public method or property has a docstring."""
+    import dataclasses
+
+    cls = getattr(hf_mudsc, name)
+    doc = inspect.getdoc(cls) or ""
+    undocumented = [f.name for f in dataclasses.fields(cls) if f.name not in _attribute_docstrings(cls)
+                    and not re.search(rf"`{f.name}`|^ *(?:\w+, )*{f.name}(?:, \w+)*:", doc, flags=re.MULTILINE)]
+    assert undocumented == [], f"{name}: {undocumented}"
+    bare = [member for member, value in vars(cls).items() if not member.startswith("_")
+            and (isinstance(value, (property, classmethod, staticmethod)) or inspect.isfunction(value))
+            and not inspect.getdoc(getattr(cls, member))]
+    assert bare == [], f"{name}: {bare}"
