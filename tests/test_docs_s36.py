@@ -183,3 +183,18 @@ def test_every_field_and_method_of_a_public_class_is_documented(name):
             and (isinstance(value, (property, classmethod, staticmethod)) or inspect.isfunction(value))
             and not inspect.getdoc(getattr(cls, member))]
     assert bare == [], f"{name}: {bare}"
+
+
+def test_the_readme_shell_commands_run_in_order_do_not_write_one_output_twice():
+    """README's first command runs `hf-mudsc demo`; "Seeing a merge" then gave `hf-mudsc demo && hf-mudsc inspect
+    hf-mudsc-demo`, whose demo is refused (its folder exists, no --overwrite), so `&&` never ran the inspect. A user
+    running the README's commands in order writes each default output folder once."""
+    import shlex
+
+    from readme_examples import README, shell_lines
+
+    commands = [shlex.split(command, comments=True) for line in shell_lines(README.read_text(encoding="utf-8"))
+                if "hf-mudsc demo" in line for command in line.split("&&")]
+    demos = [words for words in commands if words[:2] == ["hf-mudsc", "demo"]
+             and not {"--output", "-o", "--overwrite"} & set(words)]
+    assert len(demos) == 1, demos
