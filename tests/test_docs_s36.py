@@ -198,3 +198,23 @@ def test_the_readme_shell_commands_run_in_order_do_not_write_one_output_twice():
     demos = [words for words in commands if words[:2] == ["hf-mudsc", "demo"]
              and not {"--output", "-o", "--overwrite"} & set(words)]
     assert len(demos) == 1, demos
+
+
+def test_no_two_readme_commands_write_the_same_output_folder():
+    """"Reproduce a merge from its recipe" wrote `--output rebuilt` twice in one block (and a third time below), and
+    "Distributed calibration" `merged-vit` twice: run in order, the second is refused (the folder exists). Every
+    `hf-mudsc merge` of the README writing a folder (no --dry-run, no --overwrite) names a folder of its own."""
+    import shlex
+    from collections import Counter
+
+    from readme_examples import README, shell_lines
+
+    outputs = []
+    for line in shell_lines(README.read_text(encoding="utf-8")):
+        if "hf-mudsc merge" not in line and "hf_mudsc merge" not in line:
+            continue
+        words = shlex.split(line, comments=True)
+        if {"--dry-run", "--overwrite"} & set(words):
+            continue
+        outputs += [words[at + 1] for at, word in enumerate(words) if word in ("--output", "-o")]
+    assert [name for name, count in Counter(outputs).items() if count > 1] == [], outputs
