@@ -218,3 +218,18 @@ def test_no_two_readme_commands_write_the_same_output_folder():
             continue
         outputs += [words[at + 1] for at, word in enumerate(words) if word in ("--output", "-o")]
     assert [name for name, count in Counter(outputs).items() if count > 1] == [], outputs
+
+
+def test_the_readme_names_every_two_parent_method_where_it_says_which_methods_take_any_number():
+    """README "N parents": "... `linear` and the same-base methods take any number ...; `average` merges two" — but
+    `slerp`, a same-base method, refuses a third parent: the sentence names every method that takes two only."""
+    from readme_examples import README
+
+    from hf_mudsc.methods import METHODS
+
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    sentence = text[text.index("**N parents, a base and the default method.**"):][:600]
+    two_only = [name for name, method in METHODS.items() if method.num_parents == 2]
+    said = re.search(r";((?: `\w+`,?)+(?: and `\w+`)?) merges? two", sentence)
+    assert said is not None, sentence
+    assert sorted(re.findall(r"`(\w+)`", said.group(1))) == sorted(two_only), said.group(0)
