@@ -3,6 +3,7 @@ docstrings and `--help` met that the text did not say, and checks that keep the 
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 import re
@@ -60,6 +61,8 @@ def test_the_hugging_face_switch_for_progress_bars_turns_off_hf_mudscs_bars_too(
     from hf_mudsc import progress
 
     monkeypatch.setattr(progress, "interactive", lambda: True)  # as on a terminal
+    monkeypatch.setattr(progress, "COMMAND_LINE_SILENCED", False)  # no in-process command line ran before
+    monkeypatch.setattr(importlib.import_module("huggingface_hub.utils.tqdm"), "HF_HUB_DISABLE_PROGRESS_BARS", None)
     with progress.Progress(desc="calibration", unit="samples", total=4) as bar:  # the switch on: a bar
         bar.update(4)
     assert "calibration: 100%" in capsys.readouterr().err
@@ -233,3 +236,31 @@ def test_the_readme_names_every_two_parent_method_where_it_says_which_methods_ta
     said = re.search(r";((?: `\w+`,?)+(?: and `\w+`)?) merges? two", sentence)
     assert said is not None, sentence
     assert sorted(re.findall(r"`(\w+)`", said.group(1))) == sorted(two_only), said.group(0)
+
+
+def test_hf_mudscs_bars_are_drawn_after_the_command_line_ran_in_the_same_process(tmp_path, monkeypatch, capsys):
+    """`hf_mudsc.cli.main.main([...])` run in-process (a notebook, a test) switches Hugging Face's bars off for its
+    own run (no terminal) and leaves them so; hf_mudsc's bars, which follow the user's switch, must not take that for
+    the user's choice: a later merge on a terminal still draws its bars."""
+    import os
+
+    from huggingface_hub import utils as hub_utils
+
+    from hf_mudsc import progress
+    from hf_mudsc.cli.main import LIBRARY_BAR_SWITCHES, main
+
+    monkeypatch.setattr(progress, "COMMAND_LINE_SILENCED", False)
+    for name in LIBRARY_BAR_SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(importlib.import_module("huggingface_hub.utils.tqdm"), "HF_HUB_DISABLE_PROGRESS_BARS", None)
+    try:
+        assert main(["inspect", str(tmp_path / "missing"), "--no-plots"]) != 0
+        monkeypatch.setattr(progress, "interactive", lambda: True)
+        capsys.readouterr()
+        with progress.Progress(desc="calibration", unit="samples", total=4) as bar:
+            bar.update(4)
+        assert "calibration: 100%" in capsys.readouterr().err
+    finally:
+        hub_utils.enable_progress_bars()
+        for name in LIBRARY_BAR_SWITCHES:
+            os.environ.pop(name, None)

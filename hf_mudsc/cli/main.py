@@ -143,6 +143,9 @@ def silence_library_bars() -> None:
     for name in unset:
         os.environ[name] = "1"
     if "HF_HUB_DISABLE_PROGRESS_BARS" in unset:
+        from hf_mudsc import progress
+
+        progress.COMMAND_LINE_SILENCED = True  # hf_mudsc's own bars do not take this for the user's switch
         if "huggingface_hub" in sys.modules:
             sys.modules["huggingface_hub"].utils.disable_progress_bars()
         if "transformers" in sys.modules:
