@@ -1089,7 +1089,8 @@ def _check_data(method: MergeMethod, calibration: Any, count: int, chosen: str |
                else " / ".join(map(repr, data_free_methods(count)[:3])))
     raise MergeInputError(
         f"{why} needs calibration data (a 'dataset:split' spec, a datasets.Dataset or an iterable of input batches); "
-        f"pass calibration" + (f", or merge without data: method={offered} (CLI: --method)" if offered else "")
+        "pass calibration= (CLI: --calibration)"
+        + (f", or merge without data: method={offered} (CLI: --method)" if offered else "")
     )
 
 

@@ -264,3 +264,19 @@ def test_hf_mudscs_bars_are_drawn_after_the_command_line_ran_in_the_same_process
         hub_utils.enable_progress_bars()
         for name in LIBRARY_BAR_SWITCHES:
             os.environ.pop(name, None)
+
+
+def test_a_method_auto_chose_without_its_data_names_the_flag_that_gives_it(tmp_path, capsys):
+    """`hf-mudsc merge A B --output m` (parents of different seeds, no data) said "method 'auto' chose 'mudsc' ...,
+    which needs calibration data ...; pass calibration, or merge without data: method='weight_matching' (CLI:
+    --method)": the method's flag was named, the data's not (`--method mudsc` alone says "pass --calibration")."""
+    from factories import make_model
+
+    from hf_mudsc.cli.main import main
+
+    for seed, name in ((1, "a"), (2, "b")):
+        make_model("vit_cls", seed).save_pretrained(tmp_path / name)
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(tmp_path / "m")]) != 0
+    err = capsys.readouterr().err
+    assert "chose 'mudsc'" in err and "needs calibration data" in err and "(CLI: --calibration)" in err, err
