@@ -55,18 +55,11 @@ LOG_EVERY_FRACTION = 0.1
 LOG_EVERY_SECONDS = 30.0
 
 
-# Whether hf-mudsc's command line switched Hugging Face's bars off itself (`cli.main.silence_library_bars`: its
-# stderr is no terminal, or -q) in this process: then the switch is not the user's choice, and the command leaves it
-# off when it returns (`main()` run in-process, as tests do), so hf_mudsc's own bars no longer read it.
-COMMAND_LINE_SILENCED = False
-
-
 def bars_switched_off() -> bool:
     """Whether the user turned Hugging Face's progress bars off (`HF_HUB_DISABLE_PROGRESS_BARS=1`,
     `huggingface_hub.utils.disable_progress_bars()`, transformers' `logging.disable_progress_bar()`, which calls it):
-    the switch a Hugging Face user knows, so it covers hf_mudsc's bars too (not when the command line set it)."""
-    if COMMAND_LINE_SILENCED:
-        return False
+    the switch a Hugging Face user knows, so it covers hf_mudsc's bars too (the command line puts it back as it found
+    it when it returns, `cli.main.library_bars_restored`)."""
     from huggingface_hub import utils as hub_utils
 
     return hub_utils.are_progress_bars_disabled()

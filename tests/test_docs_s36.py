@@ -61,7 +61,6 @@ def test_the_hugging_face_switch_for_progress_bars_turns_off_hf_mudscs_bars_too(
     from hf_mudsc import progress
 
     monkeypatch.setattr(progress, "interactive", lambda: True)  # as on a terminal
-    monkeypatch.setattr(progress, "COMMAND_LINE_SILENCED", False)  # no in-process command line ran before
     monkeypatch.setattr(importlib.import_module("huggingface_hub.utils.tqdm"), "HF_HUB_DISABLE_PROGRESS_BARS", None)
     with progress.Progress(desc="calibration", unit="samples", total=4) as bar:  # the switch on: a bar
         bar.update(4)
@@ -240,8 +239,8 @@ def test_the_readme_names_every_two_parent_method_where_it_says_which_methods_ta
 
 def test_hf_mudscs_bars_are_drawn_after_the_command_line_ran_in_the_same_process(tmp_path, monkeypatch, capsys):
     """`hf_mudsc.cli.main.main([...])` run in-process (a notebook, a test) switches Hugging Face's bars off for its
-    own run (no terminal) and leaves them so; hf_mudsc's bars, which follow the user's switch, must not take that for
-    the user's choice: a later merge on a terminal still draws its bars."""
+    own run (no terminal) and left them so; hf_mudsc's bars, which follow the user's switch, took that for the user's
+    choice: a later merge on a terminal must still draw its bars."""
     import os
 
     from huggingface_hub import utils as hub_utils
@@ -249,7 +248,6 @@ def test_hf_mudscs_bars_are_drawn_after_the_command_line_ran_in_the_same_process
     from hf_mudsc import progress
     from hf_mudsc.cli.main import LIBRARY_BAR_SWITCHES, main
 
-    monkeypatch.setattr(progress, "COMMAND_LINE_SILENCED", False)
     for name in LIBRARY_BAR_SWITCHES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(importlib.import_module("huggingface_hub.utils.tqdm"), "HF_HUB_DISABLE_PROGRESS_BARS", None)
@@ -280,3 +278,84 @@ def test_a_method_auto_chose_without_its_data_names_the_flag_that_gives_it(tmp_p
     assert main(["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(tmp_path / "m")]) != 0
     err = capsys.readouterr().err
     assert "chose 'mudsc'" in err and "needs calibration data" in err and "(CLI: --calibration)" in err, err
+
+
+@pytest.fixture
+def logger_levels_kept():
+    """The levels `main()` sets for its run (`configure_logging`), put back after the test."""
+    from hf_mudsc.cli.main import HTTP_LOGGERS
+
+    loggers = [logging.getLogger(name) for name in ("", "hf_mudsc", *HTTP_LOGGERS)]
+    levels = [logger.level for logger in loggers]
+    yield
+    for logger, level in zip(loggers, levels):
+        logger.setLevel(level)
+
+
+def bar_drawn(capsys: pytest.CaptureFixture[str]) -> bool:
+    """Whether an hf_mudsc progress bar drew itself (on a terminal, patched by the caller) rather than logging."""
+    from hf_mudsc import progress
+
+    capsys.readouterr()
+    with progress.Progress(desc="calibration", unit="samples", total=4) as bar:
+        bar.update(4)
+    return "calibration: 100%" in capsys.readouterr().err
+
+
+def test_the_users_own_bar_switch_still_works_after_the_command_line_ran_in_the_same_process(
+        tmp_path, monkeypatch, capsys, logger_levels_kept):
+    """`huggingface_hub.utils.disable_progress_bars(); main(["-q", "inspect", ...])` in one process: hf_mudsc drew
+    its bars again afterwards and no later call of the switch turned them off (/tmp/review-docs/leak.py)."""
+    from huggingface_hub import utils as hub_utils
+
+    from hf_mudsc import progress
+    from hf_mudsc.cli.main import LIBRARY_BAR_SWITCHES, main
+
+    for name in LIBRARY_BAR_SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(importlib.import_module("huggingface_hub.utils.tqdm"), "HF_HUB_DISABLE_PROGRESS_BARS", None)
+    monkeypatch.setattr(progress, "interactive", lambda: True)  # as on a terminal or in a notebook
+    hub_utils.disable_progress_bars()  # the user's own choice
+    try:
+        assert not bar_drawn(capsys)
+        assert main(["-q", "inspect", str(tmp_path / "missing"), "--no-plots"]) != 0
+        assert hub_utils.are_progress_bars_disabled()
+        assert not bar_drawn(capsys)
+        hub_utils.enable_progress_bars()
+        assert bar_drawn(capsys)
+        hub_utils.disable_progress_bars()
+        assert not bar_drawn(capsys)
+    finally:
+        hub_utils.enable_progress_bars()
+
+
+def test_a_command_line_run_in_process_leaves_the_libraries_bar_switches_as_it_found_them(
+        tmp_path, monkeypatch, capsys, logger_levels_kept):
+    """`main(["-q", "inspect", ...])` (or stderr no terminal) in a notebook left HF_HUB_DISABLE_PROGRESS_BARS=1 and
+    HF_DATASETS_DISABLE_PROGRESS_BARS=1 in `os.environ` and the Hub's, transformers' and datasets' bars off."""
+    import os
+
+    import datasets
+    import transformers
+    from huggingface_hub import utils as hub_utils
+
+    from hf_mudsc.cli.main import LIBRARY_BAR_SWITCHES, main
+
+    for name in LIBRARY_BAR_SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(importlib.import_module("huggingface_hub.utils.tqdm"), "HF_HUB_DISABLE_PROGRESS_BARS", None)
+    monkeypatch.setattr(importlib.import_module("datasets.utils.tqdm"), "HF_DATASETS_DISABLE_PROGRESS_BARS", None)
+    transformers.utils.logging.enable_progress_bar()
+    datasets.enable_progress_bars()
+    try:
+        for argv in (["-q"], []):  # -q; no terminal under pytest
+            assert main([*argv, "inspect", str(tmp_path / "missing"), "--no-plots"]) != 0
+            assert [name for name in LIBRARY_BAR_SWITCHES if name in os.environ] == []
+            assert not hub_utils.are_progress_bars_disabled()
+            assert transformers.utils.logging.is_progress_bar_enabled()
+            assert datasets.is_progress_bar_enabled()
+    finally:
+        for name in LIBRARY_BAR_SWITCHES:
+            os.environ.pop(name, None)
+        hub_utils.enable_progress_bars()
+        datasets.enable_progress_bars()
