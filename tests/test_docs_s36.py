@@ -52,6 +52,16 @@ def test_merge_docstring_names_every_value_a_choice_option_takes(option):
     assert missing == [], f"{option}: {missing}"
 
 
+def hub_bars_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hugging Face's bar switch on for one test, whatever the environment and earlier tests left: the variable unset
+    (huggingface_hub read it at import: its constant too), and no `disable_progress_bars()` in force (one made
+    under HF_HUB_DISABLE_PROGRESS_BARS=1 outlives its `enable_progress_bars()`, which that variable refuses)."""
+    hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    monkeypatch.setattr(hub_tqdm, "HF_HUB_DISABLE_PROGRESS_BARS", None)
+    monkeypatch.setattr(hub_tqdm, "progress_bar_states", {})
+
+
 def test_the_hugging_face_switch_for_progress_bars_turns_off_hf_mudscs_bars_too(monkeypatch, capsys, caplog):
     """`HF_HUB_DISABLE_PROGRESS_BARS=1 python merge.py` (or `huggingface_hub.utils.disable_progress_bars()`, which
     transformers' `disable_progress_bar()` calls) on a terminal: transformers' and the Hub's bars were gone, but the
@@ -61,7 +71,7 @@ def test_the_hugging_face_switch_for_progress_bars_turns_off_hf_mudscs_bars_too(
     from hf_mudsc import progress
 
     monkeypatch.setattr(progress, "interactive", lambda: True)  # as on a terminal
-    monkeypatch.setattr(importlib.import_module("huggingface_hub.utils.tqdm"), "HF_HUB_DISABLE_PROGRESS_BARS", None)
+    hub_bars_on(monkeypatch)
     with progress.Progress(desc="calibration", unit="samples", total=4) as bar:  # the switch on: a bar
         bar.update(4)
     assert "calibration: 100%" in capsys.readouterr().err
@@ -250,7 +260,7 @@ def test_hf_mudscs_bars_are_drawn_after_the_command_line_ran_in_the_same_process
 
     for name in LIBRARY_BAR_SWITCHES:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(importlib.import_module("huggingface_hub.utils.tqdm"), "HF_HUB_DISABLE_PROGRESS_BARS", None)
+    hub_bars_on(monkeypatch)
     try:
         assert main(["inspect", str(tmp_path / "missing"), "--no-plots"]) != 0
         monkeypatch.setattr(progress, "interactive", lambda: True)
@@ -313,7 +323,7 @@ def test_the_users_own_bar_switch_still_works_after_the_command_line_ran_in_the_
 
     for name in LIBRARY_BAR_SWITCHES:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(importlib.import_module("huggingface_hub.utils.tqdm"), "HF_HUB_DISABLE_PROGRESS_BARS", None)
+    hub_bars_on(monkeypatch)
     monkeypatch.setattr(progress, "interactive", lambda: True)  # as on a terminal or in a notebook
     hub_utils.disable_progress_bars()  # the user's own choice
     try:
@@ -343,7 +353,7 @@ def test_a_command_line_run_in_process_leaves_the_libraries_bar_switches_as_it_f
 
     for name in LIBRARY_BAR_SWITCHES:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(importlib.import_module("huggingface_hub.utils.tqdm"), "HF_HUB_DISABLE_PROGRESS_BARS", None)
+    hub_bars_on(monkeypatch)
     monkeypatch.setattr(importlib.import_module("datasets.utils.tqdm"), "HF_DATASETS_DISABLE_PROGRESS_BARS", None)
     transformers.utils.logging.enable_progress_bar()
     datasets.enable_progress_bars()
