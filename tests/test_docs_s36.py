@@ -369,3 +369,26 @@ def test_a_command_line_run_in_process_leaves_the_libraries_bar_switches_as_it_f
             os.environ.pop(name, None)
         hub_utils.enable_progress_bars()
         datasets.enable_progress_bars()
+
+
+def test_transformers_imported_by_a_command_line_run_keeps_bars_off_under_the_users_variable(monkeypatch):
+    """`HF_HUB_DISABLE_PROGRESS_BARS=1`, transformers first imported by an in-process `main(["-q", "merge", ...])`:
+    putting the switches back turned transformers' bars on (read from the Hub's switch states, not its variable), so
+    the next -q merge drew 'Loading weights' bars (tests/test_cli_verbosity.py failed under that variable)."""
+    import warnings
+
+    import transformers
+
+    from hf_mudsc.cli.main import restore_library_bars
+
+    hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    monkeypatch.setattr(hub_tqdm, "HF_HUB_DISABLE_PROGRESS_BARS", True)  # as huggingface_hub read it at import
+    monkeypatch.setattr(hub_tqdm, "progress_bar_states", {})
+    monkeypatch.setattr(transformers.utils.logging, "_tqdm_active", True)  # put back after the test
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "Cannot enable progress bars" warning either
+        restore_library_bars({}, None, None, None, {"HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                                                    "HF_DATASETS_DISABLE_PROGRESS_BARS": None})
+    assert not transformers.utils.logging.is_progress_bar_enabled()
+    assert hub_tqdm.progress_bar_states == {}

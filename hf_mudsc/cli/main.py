@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
@@ -185,16 +186,24 @@ def restore_library_bars(hub_states: dict[str, bool] | None, transformers_on: bo
     """The libraries' switches back as `library_bars_restored` found them; a library first imported during the
     command gets what it would have had imported after it: transformers the Hub's switch, datasets its variable's."""
     hub_tqdm = sys.modules.get("huggingface_hub.utils.tqdm")
+
+    def hub_back() -> None:
+        if hub_tqdm is not None:
+            hub_tqdm.progress_bar_states.clear()
+            hub_tqdm.progress_bar_states.update(hub_states or {})
+
+    hub_back()
     transformers = sys.modules.get("transformers")
-    if transformers is not None:  # first: its switch calls the Hub's
-        hub_off = (not hub_states.get("_global", True)) if hub_states is not None else False
-        if transformers_on if transformers_on is not None else not hub_off:
-            transformers.utils.logging.enable_progress_bar()
-        else:
-            transformers.utils.logging.disable_progress_bar()
-    if hub_tqdm is not None:
-        hub_tqdm.progress_bar_states.clear()
-        hub_tqdm.progress_bar_states.update(hub_states or {})
+    if transformers is not None:
+        if transformers_on is None:  # imported during the command: what it reads from the Hub's switch at import
+            transformers_on = hub_tqdm is None or not sys.modules["huggingface_hub"].utils.are_progress_bars_disabled()
+        with warnings.catch_warnings():  # its switch calls the Hub's, which HF_HUB_DISABLE_PROGRESS_BARS may refuse
+            warnings.simplefilter("ignore")
+            if transformers_on:
+                transformers.utils.logging.enable_progress_bar()
+            else:
+                transformers.utils.logging.disable_progress_bar()
+        hub_back()  # as it was, whatever transformers' switch did to it
     datasets = sys.modules.get("datasets")
     if datasets is None:
         return
@@ -206,10 +215,12 @@ def restore_library_bars(hub_states: dict[str, bool] | None, transformers_on: bo
                 if module is not None and hasattr(module, "HF_DATASETS_DISABLE_PROGRESS_BARS"):
                     module.HF_DATASETS_DISABLE_PROGRESS_BARS = None
             datasets_on = True
-    if datasets_on:
-        datasets.enable_progress_bars()
-    elif datasets_on is not None:
-        datasets.disable_progress_bars()
+    with warnings.catch_warnings():  # HF_DATASETS_DISABLE_PROGRESS_BARS may refuse it: then it is as it was
+        warnings.simplefilter("ignore")
+        if datasets_on:
+            datasets.enable_progress_bars()
+        elif datasets_on is not None:
+            datasets.disable_progress_bars()
 
 
 # What argument errors must never echo: the value of a --token flag (also a mistyped or unknown one, `--tokn X`) and
