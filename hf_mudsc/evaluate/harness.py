@@ -127,7 +127,8 @@ def evaluate_merge(
             everywhere (docs/benchmarks/joint_rules.md); the result records the rule.
         allow_pickle: load models given as a folder or Hub id that have pickle-only weights (pytorch_model.bin:
             a pickle can run arbitrary code when loaded; only for sources you trust), as `merge(allow_pickle=True)`.
-        progress: a progress bar per task (INFO lines when stderr is no terminal; False: neither).
+        progress: a progress bar per task (INFO lines when stderr is no terminal or Hugging Face's bars are switched
+            off: `HF_HUB_DISABLE_PROGRESS_BARS=1`, `huggingface_hub.utils.disable_progress_bars()`; False: neither).
         trust_remote_code: allow a metric that is not shipped (its script is downloaded or read and run).
 
     Returns:
@@ -630,9 +631,10 @@ def _load(model: Any, what: str, allow_pickle: bool = False) -> tuple[Any, Any, 
     from transformers import PreTrainedModel
 
     if isinstance(model, PreTrainedModel):
+        from hf_mudsc.load.parents import own_name_or_path
         from hf_mudsc.load.processors import processor_from_name
 
-        name_or_path = str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or "")
+        name_or_path = own_name_or_path(model)
         commit = getattr(model.config, "_commit_hash", None)
         source = None
         if not commit and name_or_path and not Path(name_or_path).expanduser().is_dir():
