@@ -355,8 +355,9 @@ def test_a_command_line_run_in_process_leaves_the_libraries_bar_switches_as_it_f
         monkeypatch.delenv(name, raising=False)
     hub_bars_on(monkeypatch)
     monkeypatch.setattr(importlib.import_module("datasets.utils.tqdm"), "HF_DATASETS_DISABLE_PROGRESS_BARS", None)
+    monkeypatch.setattr(importlib.import_module("datasets.utils.tqdm"), "_hf_datasets_progress_bars_disabled", False)
+    transformers_on = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.enable_progress_bar()
-    datasets.enable_progress_bars()
     try:
         for argv in (["-q"], []):  # -q; no terminal under pytest
             assert main([*argv, "inspect", str(tmp_path / "missing"), "--no-plots"]) != 0
@@ -367,8 +368,8 @@ def test_a_command_line_run_in_process_leaves_the_libraries_bar_switches_as_it_f
     finally:
         for name in LIBRARY_BAR_SWITCHES:
             os.environ.pop(name, None)
-        hub_utils.enable_progress_bars()
-        datasets.enable_progress_bars()
+        if not transformers_on:  # as the environment had it (HF_HUB_DISABLE_PROGRESS_BARS=1: off)
+            transformers.utils.logging.disable_progress_bar()
 
 
 def test_transformers_imported_by_a_command_line_run_keeps_bars_off_under_the_users_variable(monkeypatch):
