@@ -125,7 +125,38 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class MergeReport:
-    """What the merge did, for logs and the model card (attached to the merged model as `merge_report`)."""
+    """What the merge did, for logs and the model card (attached to the merged model as `merge_report`).
+
+    Attributes:
+        method, matcher, alpha: the method that ran (what `auto` chose), its matcher and balance factor (None where
+            the method reads none).
+        group_names, group_values: the solve spec's unit groups and each one's final match value.
+        objective_history, sweeps: the kept start's objective after each solve sweep, and how many sweeps it ran.
+        starts, solve_start: each solve start's final objective, in the order they ran (docs/design.md §4.5), and
+            the start whose solution was kept (`objective_history`, `sweeps` and `group_values` are that start's).
+        num_samples: the calibration samples the statistics read.
+        matches: one `Match` per spec group (None for a group left unmatched, e.g. by `average`): which original
+            units of each parent were fused into each merged unit (`match.clusters()`).
+        recipe: what `save_merged` / `push_merged` write as `mudsc_recipe.yaml`: the merge's inputs and options as
+            recipe keys (parents pinned: `org/name@sha`, local folders absolute).
+        processor: parent A's processor, saved beside the model.
+        processor_given: a processor passed as `processor=` (not parent A's) preprocessed the calibration data: the
+            recipe, whose re-run preprocesses with parent A's, says so.
+        calibration_folders: the folders a calibration `Dataset` object was read from (its cache files), which no
+            recipe can name: `save_merged` refuses an output there.
+        refit: what `refit="ridge"` / `"gate"` did (layers, steps, time: a `RefitReport`) or `refit="repair"`
+            (a `RepairReport`); None without a refit.
+        refit_gate: with `refit="gate"`, both held-out scores and the decision (`apply.refit_gate.GateDecision`).
+        warnings: why the merge may disappoint (`hf_mudsc.diagnostics`): logged, in `config.mudsc["warnings"]` and
+            the card.
+        auto_out_dtype: what `out_dtype="auto"` gives for these parents, (dtype, reason), whatever was asked (a
+            recipe's re-run restates the reason its original recorded only when it still holds).
+        weights_digest: a digest of the weights merge() returned (`apply.fidelity.parameters_digest`): a writer
+            that finds other weights (trained or edited since) says so in what it writes.
+        diagnostics: per-group match quality (activation, weight and blended correlation of the fused pairs), head
+            pairings and sampled similarity blocks, for the plots (`plot(folder)`) and `hf-mudsc inspect`; None when
+            no unit was matched.
+    """
 
     method: str
     matcher: str | None
@@ -134,40 +165,19 @@ class MergeReport:
     group_values: list[float] = field(default_factory=list)
     objective_history: list[float] = field(default_factory=list)
     sweeps: int = 0
-    # The solve's starts (docs/design.md §4.5): each start's final objective, in the order they ran, and the
-    # start whose solution was kept (`objective_history`, `sweeps` and `group_values` are that start's).
     starts: dict[str, float] = field(default_factory=dict)
     solve_start: str | None = None
     num_samples: int = 0
-    # One Match per spec group (None for groups left unmatched, e.g. by `average`): which original units
-    # of A and B were fused into each merged unit — what benchmarks and analyses of a merge need.
     matches: list[Match | None] = field(default_factory=list)
-    # What `hf_mudsc.save_merged`/`push_merged` write next to the model: the merge's inputs and options as
-    # recipe keys (parents pinned: `org/name@sha`, local folders absolute), and parent A's processor.
     recipe: dict[str, Any] = field(default_factory=dict)
     processor: Any = None
-    # A processor passed to merge() (`processor=`) that is not parent A's preprocessed the calibration data read: the
-    # recipe (a re-run preprocesses with parent A's) says so (`recipe.PROCESSOR_NOTE`).
     processor_given: bool = False
-    # The folders a calibration `Dataset` object was read from (its cache files), which the recipe cannot name:
-    # `save_merged` refuses an output there, as the recipe's calibration path is refused.
     calibration_folders: list[str] = field(default_factory=list)
-    # What `refit="ridge"` / "gate" did (layers, steps, shared-basis score, time) or `refit="repair"` (a
-    # RepairReport: layers, scales, time); None without a refit.
     refit: RefitReport | RepairReport | None = None
-    # `refit="gate"`: both held-out scores and the decision (`apply.refit_gate.GateDecision`); None otherwise.
     refit_gate: Any = None
-    # Why the merge may disappoint (hf_mudsc.diagnostics): logged, in `config.mudsc["warnings"]` and the card.
     warnings: list[str] = field(default_factory=list)
-    # What `out_dtype="auto"` gives for these parents, (dtype, reason), whatever was asked: a recipe's re-run
-    # restates the reason its original recorded only when it still holds (`recipe.restate_auto_choices`).
     auto_out_dtype: tuple[str, str] | None = None
-    # `apply.fidelity.parameters_digest` of the state merge() returned: a writer that finds other weights in the same
-    # dtype (trained or edited since) says so in what it writes (`publish.writer.recorded_dtype`).
     weights_digest: str | None = None
-
-    # Per-group match quality (activation, weight, blended correlation of the fused pairs), head pairings and
-    # sampled similarity blocks, for the plots and `hf-mudsc inspect`; None when no unit was matched.
     diagnostics: MergeDiagnostics | None = None
 
     def plot(self, path: str | os.PathLike, evaluation: Any = None) -> list[Path]:
@@ -343,8 +353,10 @@ def merge(
         independent_heads: pair q/k heads and v heads separately, as the reference implementation does.
         reference_compat: reproduce the reference implementation's merged weights (its `+1e-5` merge
             normaliser and independent head pairing).
-        progress: show progress bars for calibration and the solve (False: no bar at all, transformers' loading
-            and the Hub's download bars included).
+        progress: show progress bars for calibration, the solve and the refit (False: no bar at all, transformers'
+            loading and the Hub's download bars included). On a terminal they are tqdm bars; elsewhere, and when
+            Hugging Face's bars are switched off (`HF_HUB_DISABLE_PROGRESS_BARS=1`,
+            `huggingface_hub.utils.disable_progress_bars()`), INFO lines of the `hf_mudsc` logger.
         token: Hub token for private parents/datasets (default: the usual places; never logged).
         allow_pickle: load parents that only have pickle (`pytorch_model.bin`) weights — only if trusted.
         image_column, text_column: raw calibration columns to preprocess (default `image`/`img`,
@@ -357,8 +369,8 @@ def merge(
             cast once at the end and its `config.dtype` set to match, so `save_pretrained` writes it and
             `from_pretrained(dtype="auto")` restores it). `"auto"` (default): the dtype every parent is stored in
             (safetensors headers; a model object's own parameters), float32 when they differ (logged);
-            `"float32"`, `"float16"`, `"bfloat16"` or a `torch.dtype`: that one. Recorded with its reason in
-            `config.mudsc["out_dtype"]` / `["out_dtype_reason"]`, the card and the recipe (resolved).
+            `"float32"`, `"float16"`, `"bfloat16"`, `"float64"` or a `torch.dtype`: that one. Recorded with its
+            reason in `config.mudsc["out_dtype"]` / `["out_dtype_reason"]`, the card and the recipe (resolved).
         device: where the calibration forward passes and statistics products run: `"cpu"`, `"cuda"`,
             `"cuda:N"` or a `torch.device`; None = CUDA when available, else the CPU. Parents are read into
             CPU memory (as `from_pretrained` does), moved to the device for calibration and moved back;
@@ -432,8 +444,13 @@ def merge(
         raise MergeInputError(str(error)) from None
     alpha, statistics_dtype = merge_options.alpha, merge_options.statistics_dtype
     if not isinstance(models, Sequence) or isinstance(models, (str, os.PathLike, PreTrainedModel)) or len(models) < 2:
-        raise MergeInputError("merge takes a list of two or more parents (Hub ids, folders or models), got "
-                              f"{models if isinstance(models, (str, os.PathLike)) else type(models).__name__}")
+        if isinstance(models, (str, os.PathLike)):
+            given = repr(str(models))
+        elif isinstance(models, Sequence):
+            given = f"a list of {len(models)} parent{'' if len(models) == 1 else 's'}"
+        else:
+            given = type(models).__name__
+        raise MergeInputError(f"merge takes a list of two or more parents (Hub ids, folders or models), got {given}")
     count = len(models)
     automatic = is_auto(method)
     if auto_choice is not None and not automatic:
@@ -1082,7 +1099,8 @@ def _check_data(method: MergeMethod, calibration: Any, count: int, chosen: str |
                else " / ".join(map(repr, data_free_methods(count)[:3])))
     raise MergeInputError(
         f"{why} needs calibration data (a 'dataset:split' spec, a datasets.Dataset or an iterable of input batches); "
-        f"pass calibration" + (f", or merge without data: method={offered} (CLI: --method)" if offered else "")
+        "pass calibration= (CLI: --calibration)"
+        + (f", or merge without data: method={offered} (CLI: --method)" if offered else "")
     )
 
 
@@ -1651,7 +1669,10 @@ def from_pretrained(model_a: Any, model_b: Any, calibration: Any = None, *, toke
     as `transformers`' `from_pretrained` reads one name each (a third positional argument is `calibration`): for three
     or more, `hf_mudsc.merge([a, b, c, ...], calibration, ...)`, which loads them the same way.
     `calibration`: a `"repo_or_path[:config]:split"` spec, a `datasets` dataset (raw or model-input
-    columns) or an iterable of input batches. `merge_options` are `hf_mudsc.merge`'s keywords.
+    columns) or an iterable of input batches. `token`: a Hub token for private parents or data (default: `HF_TOKEN`
+    or the stored login; never logged). `allow_pickle`: load parents that only have pickle weights
+    (`pytorch_model.bin`: a pickle can run code when loaded; trusted sources only). `merge_options` are
+    `hf_mudsc.merge`'s keywords.
 
     Returns:
         What `hf_mudsc.merge` returns: the merged `PreTrainedModel` (a `MergePlan` with `dry_run=True`); under

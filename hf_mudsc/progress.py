@@ -2,9 +2,11 @@
 
 A bar written into a log file or a CI console is a wall of carriage returns, and a job that prints nothing for
 minutes looks hung. So `Progress` shows tqdm's bar only when stderr is a terminal (or a notebook, where
-`tqdm.auto` draws a widget), and otherwise logs one INFO line every `LOG_EVERY_FRACTION` of the total (when the
-total is known) or every `LOG_EVERY_SECONDS`, whichever comes first, plus a last line at the end. `enabled=False`
-(`progress=False`, `hf-mudsc -q`) shows neither.
+`tqdm.auto` draws a widget) and Hugging Face's bar switch is on (`HF_HUB_DISABLE_PROGRESS_BARS=1`,
+`huggingface_hub.utils.disable_progress_bars()` and transformers' `disable_progress_bar()` turn it off), and
+otherwise logs one INFO line every `LOG_EVERY_FRACTION` of the total (when the total is known) or every
+`LOG_EVERY_SECONDS`, whichever comes first, plus a last line at the end. `enabled=False` (`progress=False`,
+`hf-mudsc -q`) shows neither.
 """
 
 from __future__ import annotations
@@ -53,6 +55,16 @@ LOG_EVERY_FRACTION = 0.1
 LOG_EVERY_SECONDS = 30.0
 
 
+def bars_switched_off() -> bool:
+    """Whether the user turned Hugging Face's progress bars off (`HF_HUB_DISABLE_PROGRESS_BARS=1`,
+    `huggingface_hub.utils.disable_progress_bars()`, transformers' `logging.disable_progress_bar()`, which calls it):
+    the switch a Hugging Face user knows, so it covers hf_mudsc's bars too (the command line puts it back as it found
+    it when it returns, `cli.main.library_bars_restored`)."""
+    from huggingface_hub import utils as hub_utils
+
+    return hub_utils.are_progress_bars_disabled()
+
+
 def interactive() -> bool:
     """Whether a bar can be drawn: stderr is a terminal, or `tqdm.auto` picked a notebook widget."""
     if autonotebook.tqdm is not plain_tqdm:  # tqdm.auto found a notebook kernel: it draws a widget
@@ -77,7 +89,7 @@ class Progress:
         self._start = self._last_time = clock()
         self._last_logged = 0
         self._bar = None
-        self._log = enabled and not interactive()
+        self._log = enabled and not (interactive() and not bars_switched_off())
         if enabled and not self._log:
             self._bar = tqdm(desc=self.desc, unit=unit, total=total, dynamic_ncols=True)
 

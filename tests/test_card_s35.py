@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 from huggingface_hub import ModelCard
 
@@ -265,6 +267,12 @@ def test_the_evaluation_progress_bar_of_a_hostile_task_name_cannot_act_on_the_te
     from hf_mudsc.evaluate.tasks import tasks_from_dataset
 
     monkeypatch.setattr("hf_mudsc.progress.interactive", lambda: True)  # stderr a terminal: tqdm's bars
+    # Hugging Face's bar switch on, whatever the environment (HF_HUB_DISABLE_PROGRESS_BARS=1 is read at import) and
+    # earlier tests (a disable_progress_bars() under that variable outlives its enable) left: hf_mudsc's bars follow it
+    hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    monkeypatch.setattr(hub_tqdm, "HF_HUB_DISABLE_PROGRESS_BARS", None)
+    monkeypatch.setattr(hub_tqdm, "progress_bar_states", {})
     merged = bert(["a: x", "a: y", "b: p", "b: q"], [5, 0, 0, 5], HOSTILE_TASKS)
     capsys.readouterr()
     evaluate_merge(merged, None, tasks_from_dataset(rows([0, 1, 2, 3]), list(HOSTILE_TASKS), HOSTILE_TASKS),

@@ -289,6 +289,7 @@ def test_a_downloaded_merge_of_local_folders_asks_for_parents(tmp_path, capsys, 
     assert not (model / "eval_results.json").exists()
     # Only the local parent is named when the other was a Hub model.
     model_b = _published_merge(tmp_path / "downloaded-b", [f"org/vit-a@{'a' * 40}", str(elsewhere / "vit-b")])
+    capsys.readouterr()  # the set-up's progress bars (off only if an earlier in-process CLI run had left them off)
     assert main(["evaluate", str(model_b), "--dataset", str(data), "--no-card"]) == 1
     err = capsys.readouterr().err
     _check_asks_for_parents(err, ["vit-b"])

@@ -873,6 +873,7 @@ def test_one_dataset_that_holds_one_task_of_several_is_refused_before_loading_na
         flags = ["--dataset", str(tmp_path / "only-a"), "--task-column", "task", "--label-column", "local"]
     _no_loading(monkeypatch)
     json_path = tmp_path / "x.json"
+    capsys.readouterr()  # the setup's own datasets bars (filter, save), drawn unless an earlier test left them off
     assert main(["evaluate", str(out), *flags, "--no-card", "--output-json", str(json_path)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
@@ -907,6 +908,7 @@ def test_a_clip_model_with_datasets_not_named_by_task_is_refused_before_loading(
     make_model("clip", seed=0).save_pretrained(tmp_path / "clip-merged")
     (tmp_path / "no-data").mkdir()  # data that exists (a missing folder is refused first, also before loading)
     _no_loading(monkeypatch)
+    capsys.readouterr()  # the setup's own transformers bar (writing shards), drawn unless an earlier test left it off
     assert main(["evaluate", str(tmp_path / "clip-merged"), "--dataset", str(tmp_path / "no-data"),
                  "--no-parents", "--no-card", "--output-json", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err

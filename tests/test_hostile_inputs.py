@@ -471,6 +471,7 @@ def test_a_calibration_folder_holding_a_dataset_script_is_refused_in_one_line(tm
     marker = tmp_path / "ran"
     (folder / "evilds.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     out = tmp_path / "out"
+    capsys.readouterr()  # the set-up's progress bars (off only if an earlier in-process CLI run had left them off)
     code = main(["merge", *parents, "--method", "zipit", "--calibration", f"{folder}:train", "--output", str(out)])
     assert code == 1
     line = _one_line_error(capsys)

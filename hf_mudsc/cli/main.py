@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import errno
 import functools
 import importlib
@@ -12,6 +13,7 @@ import os
 import re
 import shlex
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
@@ -136,18 +138,89 @@ LIBRARY_BAR_SWITCHES = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PRO
 
 def silence_library_bars() -> None:
     """Turn off the progress bars of huggingface_hub, transformers and datasets (their bars in a log are walls of
-    carriage returns, and -q means no progress): by environment before they are imported, by their switches if
-    they already are. A variable the user set is left alone."""
+    carriage returns, and -q means no progress): by environment for those imported later and the processes the
+    command starts, by their switches for those already imported. A variable the user set is left alone. Run inside
+    `library_bars_restored`, which puts everything back."""
+    # huggingface_hub reads its variable once, when imported: imported after it is set, its switch would stay off for
+    # the rest of the process (and the user's `enable_progress_bars()` would be refused); it is cheap, so import it
+    # first and turn it off by its switch. transformers, imported later, takes the Hub's switch as its own.
+    from huggingface_hub import utils as hub_utils
+
     unset = [name for name in LIBRARY_BAR_SWITCHES if name not in os.environ]
     for name in unset:
         os.environ[name] = "1"
     if "HF_HUB_DISABLE_PROGRESS_BARS" in unset:
-        if "huggingface_hub" in sys.modules:
-            sys.modules["huggingface_hub"].utils.disable_progress_bars()
+        hub_utils.disable_progress_bars()
         if "transformers" in sys.modules:
             sys.modules["transformers"].utils.logging.disable_progress_bar()
     if "HF_DATASETS_DISABLE_PROGRESS_BARS" in unset and "datasets" in sys.modules:
         sys.modules["datasets"].disable_progress_bars()
+
+
+@contextlib.contextmanager
+def library_bars_restored() -> Iterator[None]:
+    """Around one command: the bar variables and the Hub's, transformers' and datasets' bar switches as they were
+    before it. A process of its own ends with them; `main()` run in-process (a notebook, a test) left them off, and
+    the user's own switch (`huggingface_hub.utils.disable_progress_bars()`, which hf_mudsc's bars follow too) no
+    longer said what the user chose."""
+    variables = {name: os.environ.get(name) for name in LIBRARY_BAR_SWITCHES}
+    hub_tqdm = sys.modules.get("huggingface_hub.utils.tqdm")
+    hub_states = dict(hub_tqdm.progress_bar_states) if hub_tqdm is not None else None
+    transformers = sys.modules.get("transformers")
+    transformers_on = transformers.utils.logging.is_progress_bar_enabled() if transformers is not None else None
+    datasets = sys.modules.get("datasets")
+    datasets_on = datasets.is_progress_bar_enabled() if datasets is not None else None
+    try:
+        yield
+    finally:
+        for name, value in variables.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        restore_library_bars(hub_states, transformers_on, datasets, datasets_on, variables)
+
+
+def restore_library_bars(hub_states: dict[str, bool] | None, transformers_on: bool | None, datasets_before: Any,
+                         datasets_on: bool | None, variables: dict[str, str | None]) -> None:
+    """The libraries' switches back as `library_bars_restored` found them; a library first imported during the
+    command gets what it would have had imported after it: transformers the Hub's switch, datasets its variable's."""
+    hub_tqdm = sys.modules.get("huggingface_hub.utils.tqdm")
+
+    def hub_back() -> None:
+        if hub_tqdm is not None:
+            hub_tqdm.progress_bar_states.clear()
+            hub_tqdm.progress_bar_states.update(hub_states or {})
+
+    hub_back()
+    transformers = sys.modules.get("transformers")
+    if transformers is not None:
+        if transformers_on is None:  # imported during the command: what it reads from the Hub's switch at import
+            transformers_on = hub_tqdm is None or not sys.modules["huggingface_hub"].utils.are_progress_bars_disabled()
+        with warnings.catch_warnings():  # its switch calls the Hub's, which HF_HUB_DISABLE_PROGRESS_BARS may refuse
+            warnings.simplefilter("ignore")
+            if transformers_on:
+                transformers.utils.logging.enable_progress_bar()
+            else:
+                transformers.utils.logging.disable_progress_bar()
+        hub_back()  # as it was, whatever transformers' switch did to it
+    datasets = sys.modules.get("datasets")
+    if datasets is None:
+        return
+    if datasets_before is None:  # imported during the command, its variable then set: read as the user has it
+        datasets_tqdm = sys.modules.get("datasets.utils.tqdm")
+        user = variables["HF_DATASETS_DISABLE_PROGRESS_BARS"]
+        if datasets_tqdm is not None and user is None:
+            for module in (datasets_tqdm, sys.modules.get("datasets.config")):
+                if module is not None and hasattr(module, "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+                    module.HF_DATASETS_DISABLE_PROGRESS_BARS = None
+            datasets_on = True
+    with warnings.catch_warnings():  # HF_DATASETS_DISABLE_PROGRESS_BARS may refuse it: then it is as it was
+        warnings.simplefilter("ignore")
+        if datasets_on:
+            datasets.enable_progress_bars()
+        elif datasets_on is not None:
+            datasets.disable_progress_bars()
 
 
 # What argument errors must never echo: the value of a --token flag (also a mistyped or unknown one, `--tokn X`) and
@@ -329,6 +402,14 @@ class DefaultsOnceFormatter(argparse.ArgumentDefaultsHelpFormatter):
         text = action.help or ""
         return text if "(default" in text else super()._get_help_string(action)
 
+    def _expand_help(self, action: argparse.Action) -> str:
+        """A default of several values shown as they are typed (`--seeds A B ... (default: 0 1)`), not as Python
+        writes a tuple (`(0, 1)`, which the flag refuses)."""
+        if isinstance(action.default, (list, tuple)):
+            action = copy.copy(action)
+            action.default = " ".join(map(str, action.default))
+        return super()._expand_help(action)
+
 
 # The exit status of a command stopped by Ctrl-C: 128 + SIGINT, what a shell reports for a process it killed.
 INTERRUPTED_EXIT = 130
@@ -448,13 +529,20 @@ def run_command(argv: list[str]) -> int:
             print(f"hf-mudsc {args.command}: error: {error}", file=sys.stderr)
             return 2
     configure_logging(args.verbose, args.quiet)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    with library_bars_restored():
+        return run_parsed(args)
+
+
+def run_parsed(args: argparse.Namespace) -> int:
+    """Run the parsed command (Hugging Face's bars off with -q or no terminal), turning the errors a user can fix
+    into one line and an exit code."""
     from hf_mudsc.progress import interactive
 
     if args.quiet or not interactive():
         silence_library_bars()
-    if not getattr(args, "_run", None):
-        parser.print_help()
-        return 2
     try:
         return int(args._run(args) or 0)
     except UsageError as error:  # an invalid command line: argparse's exit code

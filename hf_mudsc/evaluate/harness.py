@@ -122,12 +122,17 @@ def evaluate_merge(
             scored which row when they differ.
         class_names, prompt_template: CLIP zero-shot — class names per task (default: the label column's
             `ClassLabel` names) and the prompt template(s) with `{}` for the name.
+        image_column, text_column: the raw columns to preprocess (default `image`/`img`, `text`/`sentence`; a text
+            column may be two names separated by a comma, read as text pairs).
         joint_rule: how a concatenated head decides the joint view, for the merged model(s) and the ensemble
             alike: `"per_task"` (each task's softmax, then the argmax; `hf_mudsc.joint_probabilities`) or `"raw"`
             (the argmax over the raw concatenated logits, what a `transformers` pipeline does). Neither wins
             everywhere (docs/benchmarks/joint_rules.md); the result records the rule.
         allow_pickle: load models given as a folder or Hub id that have pickle-only weights (pytorch_model.bin:
             a pickle can run arbitrary code when loaded; only for sources you trust), as `merge(allow_pickle=True)`.
+        progress: a progress bar per task (INFO lines when stderr is no terminal or Hugging Face's bars are switched
+            off: `HF_HUB_DISABLE_PROGRESS_BARS=1`, `huggingface_hub.utils.disable_progress_bars()`; False: neither).
+        trust_remote_code: allow a metric that is not shipped (its script is downloaded or read and run).
 
     Returns:
         An `EvaluationResult` on the main process (None on the others under a distributed launch).
@@ -643,9 +648,10 @@ def _load(model: Any, what: str, allow_pickle: bool = False) -> tuple[Any, Any, 
     from transformers import PreTrainedModel
 
     if isinstance(model, PreTrainedModel):
+        from hf_mudsc.load.parents import own_name_or_path
         from hf_mudsc.load.processors import processor_from_name
 
-        name_or_path = str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or "")
+        name_or_path = own_name_or_path(model)
         commit = getattr(model.config, "_commit_hash", None)
         source = None
         if not commit and name_or_path and not Path(name_or_path).expanduser().is_dir():

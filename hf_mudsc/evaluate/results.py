@@ -26,7 +26,10 @@ from hf_mudsc.evaluate.names import (
 @dataclass
 class EvaluationResult:
     """Scores by scorer (`merged`…, `parent_a`, `parent_b`, `parent_c` …, `ensemble`), view (task, joint,
-    average), metric.
+    average), metric: `scores` holds `scores[scorer][view][metric]` (`score(scorer, view, metric)` reads one).
+    `metrics`: the metrics computed, in the order asked; `merged`: the merged scorers' names (several when a
+    mapping of merges was scored); `definitions`: what each figure means (the views, the ensemble, the joint rule;
+    `joint_rule` records the rule that decided the joint view).
 
     `tasks` maps each task to its data description: `dataset`, `split`, `num_samples` (the rows scored),
     `first_rows` (true when `num_samples=` cut the data to its first rows), `revision` (the Hub revision a spec
@@ -49,6 +52,8 @@ class EvaluationResult:
     models: dict[str, str] = field(default_factory=dict)
 
     def score(self, scorer: str, view: str, metric: str | None = None) -> float | None:
+        """One figure: `scorer`'s `view` (a task, `joint` or `average`) by `metric` (default: the first metric); None
+        where it is not defined (parent A on task B)."""
         return self.scores.get(scorer, {}).get(view, {}).get(metric or self.metrics[0])
 
     @property
@@ -58,9 +63,11 @@ class EvaluationResult:
 
     @property
     def task_names(self) -> list[str]:
+        """The tasks scored, in parent order (A's task first)."""
         return list(self.tasks)
 
     def to_dict(self) -> dict[str, Any]:
+        """The results as `eval_results.json` holds them (JSON types; the shipped metrics' arguments included)."""
         return {
             "hf_mudsc_version": __version__,
             "metrics": list(self.metrics),
@@ -77,6 +84,7 @@ class EvaluationResult:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EvaluationResult:
+        """The result a `to_dict` dict (or a read `eval_results.json`) describes."""
         return cls(metrics=list(data["metrics"]), tasks=dict(data["tasks"]), scores=dict(data["scores"]),
                    merged=list(data.get("merged", [])), definitions=dict(data.get("definitions", {})),
                    processors=dict(data.get("processors", {})), models=dict(data.get("models", {})))

@@ -293,13 +293,19 @@ def meta_model(config: PretrainedConfig, cls: type[PreTrainedModel] | None = Non
 
 
 
+def own_name_or_path(model: Any) -> str:
+    """The folder or Hub id a model object was loaded from (its config's `_name_or_path`), '' for one built in
+    memory: the display name a parent falls back to (its class name) names no checkpoint."""
+    return str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or "")
+
+
 def _locate(ref: Any, *, token: str | bool | None, allow_pickle: bool,
             cache_dir: str | os.PathLike | None, for_merge: bool = False) -> _Located:
     if isinstance(ref, LoadedParent):
         return _Located(reference=ref.reference, config=ref.model.config, repo_id=ref.repo_id,
                         revision=ref.revision, commit_sha=ref.commit_sha, loaded=ref)
     if isinstance(ref, PreTrainedModel):
-        name_or_path = str(getattr(ref.config, "_name_or_path", "") or getattr(ref, "name_or_path", "") or "")
+        name_or_path = own_name_or_path(ref)
         # as a folder's config.json is: labels numbered other than 0..n-1 name other rows than transformers reads
         refuse_label_keys_not_numbers(getattr(ref.config, "id2label", None), f"{name_or_path or type(ref).__name__!r}")
         check_label_numbers(getattr(ref.config, "id2label", None), f"{name_or_path or type(ref).__name__!r}")
@@ -1196,7 +1202,7 @@ def _finish(located: _Located, *, token: str | bool | None, cache_dir: str | os.
     _prepare(located, token=token, cache_dir=cache_dir)
     stored = stored_dtype(located)  # before from_pretrained(dtype=float32) sets the config's dtype to float32
     if located.model is not None:  # named by its folder or Hub repo only if that holds exactly its weights
-        source = object_source(located.model, located.reference)
+        source = object_source(located.model, own_name_or_path(located.model))
         processor = located.processor
         if source and source.commit_sha and not getattr(located.model.config, "_commit_hash", None):
             # located before its snapshot was known: the processor came from the repo's default revision, and the

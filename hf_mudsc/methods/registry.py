@@ -138,9 +138,13 @@ class MergeMethod:
     """
 
     name: str
+    """The registry key: `method=` (CLI `--method`, recipe `method:`), lower case."""
     pretty_name: str
+    """The name the card and `--help` show (`"TIES-Merging"`)."""
     paper: str | None
+    """A link to the method's paper, for the card (None: none)."""
     description: str
+    """One sentence on how it merges, for the card's Method row."""
     needs_calibration: bool = False
     """Needs activation statistics (`context.correlations`), i.e. calibration data."""
     needs_base_model: bool = False

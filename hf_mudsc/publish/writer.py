@@ -40,8 +40,8 @@ def recipe_of(merged: Any) -> Recipe:
     if not keys:
         raise ValueError(
             f"{type(merged).__name__} carries no merge recipe: save_merged/push_merged write models returned by "
-            "hf_mudsc.pipeline (a model loaded from a merged folder already has its files there; use "
-            "save_pretrained for it)"
+            "hf_mudsc.merge or hf_mudsc.from_pretrained (a model loaded from a merged folder already has its files "
+            "there; use save_pretrained for it)"
         )
     return Recipe(**{k: v for k, v in keys.items() if k in Recipe.keys()},
                   auto_chosen=auto_chosen_of(getattr(getattr(merged, "config", None), "mudsc", None) or {}))
