@@ -982,7 +982,7 @@ def merge(
             if gate.average is not None:
                 merged.config.mudsc["refit_gate"]["average"]["merge"] = held
             if gate.average is not None and gate.average.kept:
-                lowered = (f"task(s) {', '.join(gate.task_names[i] for i in gate.average.lowered)}"
+                lowered = (f"task(s) {', '.join(repr(gate.task_names[i]) for i in gate.average.lowered)}"
                            if gate.task_names is not None else
                            f"parent(s) {', '.join(parent_label(i) for i in gate.average.lowered)}")
                 choice_reason = (f"{choice_reason}; then plain averaging ({averaging.name}): {held}'s merge scored "

@@ -348,31 +348,52 @@ def _three_task_folder(tmp_path):
     return parents, data
 
 
-def test_two_hub_parents_for_three_tasks_are_refused_before_any_request(local_hub, tmp_path):
-    """evaluate_merge("./abc", ["user/p1", "user/p2"], data) of a 3-task merge downloaded both parents' weights
-    (11 requests) before '2 parents for 3 tasks'."""
+def test_too_many_hub_parents_are_refused_before_any_request(local_hub, tmp_path):
+    """evaluate_merge("./abc", ["user/p1", ..., "user/p4"], data) of a 3-task merge: four parents hold at least four
+    tasks, refused before anything is downloaded."""
     from hf_mudsc.errors import EvaluationError
 
     _, data = _three_task_folder(tmp_path)
     for seed in (1, 2):
         local_hub.upload_folder(f"user/p{seed}", tmp_path / f"p{seed}", "p")
     local_hub.requests.clear()
-    with pytest.raises(EvaluationError, match=r"2 parents for 3 tasks") as caught:
-        hf_mudsc.evaluate_merge(str(tmp_path / "abc"), ["user/p1", "user/p2"], data, progress=False)
-    assert "\n" not in str(caught.value) and "a merged parent holds each of its tasks" in str(caught.value)
+    with pytest.raises(EvaluationError, match=r"4 parents for 3 tasks") as caught:
+        hf_mudsc.evaluate_merge(str(tmp_path / "abc"), ["user/p1", "user/p2", "user/p1", "user/p2"], data,
+                                progress=False)
+    assert "\n" not in str(caught.value)
     assert not local_hub.requests, local_hub.describe_requests()
 
 
-def test_two_hub_parents_for_three_tasks_offline_get_the_count_refusal(tmp_path, monkeypatch):
-    """HF_HUB_OFFLINE=1 evaluate_merge("./abc", ["org/p1", "org/p2"], data) said 'not in the local cache' instead
-    of '2 parents for 3 tasks'."""
+def test_a_merged_parent_on_the_hub_is_scored_through_the_api_as_on_the_command_line(local_hub, tmp_path):
+    """evaluate_merge("./abc", ["user/ab", "user/c"], data) — abc merged from a merged parent pushed to the Hub — was
+    refused '2 parents for 3 tasks ... pass its own parents' (a Hub parent counted as one task), while `hf-mudsc
+    evaluate abc` scored it; fewer Hub parents than tasks are now checked once they are loaded."""
+    parents, data = _three_task_folder(tmp_path)
+    hf_mudsc.save_merged(hf_mudsc.merge(parents[:2], method="linear", progress=False), tmp_path / "ab")
+    merged = hf_mudsc.merge([str(tmp_path / "ab"), str(tmp_path / "p3")], method="linear", progress=False)
+    hf_mudsc.save_merged(merged, tmp_path / "abc2")
+    assert list(merged.config.task_label_ranges) == ["task1", "task2", "p3"]  # C named by its folder
+    data["p3"] = data.pop("task3")
+    local_hub.upload_folder("user/ab", tmp_path / "ab", "p")
+    local_hub.upload_folder("user/c", tmp_path / "p3", "p")
+    result = hf_mudsc.evaluate_merge(str(tmp_path / "abc2"), ["user/ab", "user/c"], data, progress=False)
+    assert set(result.task_names) == {"task1", "task2", "p3"}
+    for task in ("task1", "task2"):
+        assert result.score("parent_a", task) is not None
+    assert result.score("parent_b", "p3") is not None
+
+
+def test_two_parents_for_three_tasks_on_the_hub_are_refused_once_loaded(local_hub, tmp_path):
+    """Two plain Hub parents for a 3-task merge: they may be merged parents, so the exact count is checked once they
+    are loaded — and refused there in one line."""
     from hf_mudsc.errors import EvaluationError
 
     _, data = _three_task_folder(tmp_path)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    _no_weights(monkeypatch)
-    with pytest.raises(EvaluationError, match=r"^2 parents for 3 tasks \['task1', 'task2', 'task3'\]"):
-        hf_mudsc.evaluate_merge(str(tmp_path / "abc"), ["org/p1", "org/p2"], data, progress=False)
+    for seed in (1, 2):
+        local_hub.upload_folder(f"user/p{seed}", tmp_path / f"p{seed}", "p")
+    with pytest.raises(EvaluationError, match=r"2 parents .*3 tasks") as caught:
+        hf_mudsc.evaluate_merge(str(tmp_path / "abc"), ["user/p1", "user/p2"], data, progress=False)
+    assert "\n" not in str(caught.value)
 
 
 def test_inspect_names_the_tasks_the_average_check_found_lowered_by_name(tmp_path):

@@ -56,3 +56,30 @@ def test_a_parent_object_whose_id2label_keys_are_no_numbers_is_refused_in_one_li
     message = str(caught.value)
     assert "\n" not in message and "id2label" in message and "'a'" in message, message
     assert a.config.id2label == {"a": "x", "b": "y", "c": "z"}
+
+
+def test_the_gates_log_lines_show_scores_and_tasks_as_the_card_does(caplog):
+    """The card and inspect show gate scores with the digits that tell them apart and name lowered tasks; the merge's
+    own INFO lines said '%.4f' and 'task(s) [1]' (a dropped refit could log as a tie, a task index as a list)."""
+    import logging
+
+    from test_refit_gate import THREE, Built, CountingRefit, FixedLogits, _batches
+
+    from hf_mudsc.apply.refit_gate import gated_refit
+    from hf_mudsc.options import gate_scores
+
+    merged = FixedLogits([1.0, 0.0, 0.0, 1.0, 0.0, 0.0])
+    refit = CountingRefit([1.0, 0.0, 0.0, 0.8, 4.0, 0.0])  # task B a little less sure: dropped for task B
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        _, _, decision = gated_refit(merged, THREE, lambda: _batches(10), refit, task_sizes=[2, 2, 2])
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("refit gate: held-out"))
+    none, refitted = gate_scores(decision.score_none, decision.score_refit)
+    assert f" {none} without the refit, {refitted} with it" in line, line
+    assert "it lowered the own term of parent(s) B" in line and "[1]" not in line, line
+    caplog.clear()
+    merged = FixedLogits([1.0, 0.0, 0.0, 0.2, 0.0, 0.0])
+    refit = CountingRefit([1.5, 0.0, 0.0, 0.5, 4.0, 0.0])
+    average = Built(FixedLogits([1.0, 0.0, 0.0, 1.0, 1.0, 0.0]))
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        gated_refit(merged, THREE, lambda: _batches(10), refit, task_sizes=[2, 2, 2], average=average)
+    assert "the merge is below it on parent(s) B: averaging kept" in caplog.text, caplog.text

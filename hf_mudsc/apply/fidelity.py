@@ -133,7 +133,7 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
 @dataclass(frozen=True)
 class Agreement:
     """A merged model's agreement with its parents on the held-out examples (`FidelityScorer.agreement`): `score`,
-    what `alpha="auto"` and the refit gate compare, and, for a concatenated head, each task's own term (parent order),
+    what `alpha="auto"` and the refit gate compare, and, for a concatenated head, each task's own term (head order),
     so the gate can see a change that buys one task with another (docs/design.md §4.9)."""
 
     score: float

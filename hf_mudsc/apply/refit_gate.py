@@ -26,6 +26,7 @@ from typing import Any
 from torch import nn
 
 from hf_mudsc.apply.fidelity import Agreement, FidelityScorer, holdout_split, tasks_below
+from hf_mudsc.options import gate_scores, gate_tasks_text
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class AverageCheck:
 @dataclass
 class GateDecision:
     """What the gate measured and chose (`as_config()` is `config.mudsc["refit_gate"]`); `tasks_none` /
-    `tasks_refit`: each task's own term (parent order) when the head is the parents' heads concatenated."""
+    `tasks_refit`: each task's own term (head order) when the head is the parents' heads concatenated."""
 
     kept: bool
     score_none: float | None
@@ -133,9 +134,10 @@ def gated_refit(merged: nn.Module, parents: Sequence[nn.Module],
     decision = GateDecision(decide(none, refitted), none.score, refitted.score, scorer.examples, scorer.measure,
                             none.tasks, refitted.tasks, tasks_below(refitted, none),
                             task_names=tuple(task_names) if task_names is not None else None)
-    logger.info("refit gate: held-out %s %.4f without the refit, %.4f with it%s: %s", scorer.measure,
-                none.score, refitted.score,
-                f" (it lowered task(s) {list(decision.lowered_tasks)} of the concatenated head)"
+    recorded = decision.as_config()  # the log says the scores and tasks as the card and inspect show them
+    shown_none, shown_refit = gate_scores(none.score, refitted.score)
+    logger.info("refit gate: held-out %s %s without the refit, %s with it%s: %s", scorer.measure, shown_none,
+                shown_refit, f" (it lowered the own term of {gate_tasks_text(recorded, decision.lowered_tasks)})"
                 if decision.lowered_tasks else "", "refit kept" if decision.kept else "refit dropped")
     chosen = refitted if decision.kept else none
     kept_model = merged if decision.kept else before
@@ -145,9 +147,11 @@ def gated_refit(merged: nn.Module, parents: Sequence[nn.Module],
             reference = scorer.agreement(averaged)
             decision.average = AverageCheck(reference.score, tuple(reference.tasks or ()),
                                             tasks_below(chosen, reference))
-            logger.info("refit gate: plain averaging's held-out %s %.4f; %s", scorer.measure, reference.score,
-                        f"the merge is below it on task(s) {list(decision.average.lowered)}: averaging kept"
-                        if decision.average.kept else "the merge is at or above it on every task: merge kept")
+            logger.info("refit gate: plain averaging's held-out %s %s; %s", scorer.measure,
+                        gate_scores(reference.score)[0],
+                        f"the merge is below it on {gate_tasks_text(recorded, decision.average.lowered)}: "
+                        "averaging kept" if decision.average.kept else
+                        "the merge is at or above it on every task: merge kept")
             if decision.average.kept:
                 return averaged, report, decision
     return kept_model, report, decision

@@ -485,12 +485,14 @@ def check_tasks_of(config: Any, datasets_per_task: Mapping[str, Any] | Sequence[
             f"{len(datasets_per_task)} datasets for {len(ranges)} tasks {list(ranges)}; pass one per task in order, "
             "or a mapping {task: data}")
     if parents is not None and len(parents) >= 2:
-        # A merged parent holds each of its tasks; a parent whose config only loading reads (a Hub id) counts as one
-        # here, so that a count off is refused before any download (a merged one on the Hub: pass its own parents).
+        # A merged parent holds each of its tasks. A parent whose config only loading reads (a Hub id) holds at least
+        # one: too many parents are refused here, before any download; too few may be merged parents on the Hub,
+        # checked exactly once they are loaded (`tasks.classifier_layout`), as the command line checks them.
         configs = [_config_before_loading(parent) for parent in parents]
         counts = [len(held_tasks(config, index)) if config is not None else 1 for index, config in enumerate(configs)]
-        refusal = parents_tasks_mismatch(counts, ranges, unread=any(config is None for config in configs))
-        if refusal is not None:
+        unread = any(config is None for config in configs)
+        refusal = parents_tasks_mismatch(counts, ranges)
+        if refusal is not None and not (unread and sum(counts) < len(ranges)):
             raise EvaluationError(refusal)
 
 

@@ -279,17 +279,14 @@ def held_tasks(config: Any, index: int) -> list[tuple[str, list[str]]]:
     return parent_tasks(config, f"task_{parent_label(index).lower()}")
 
 
-def parents_tasks_mismatch(counts: Sequence[int], ranges: Mapping[str, Any], unread: bool = False) -> str | None:
+def parents_tasks_mismatch(counts: Sequence[int], ranges: Mapping[str, Any]) -> str | None:
     """The one-line refusal of parents holding `counts` tasks each (merge order) for the merged model's `ranges`,
-    None when they hold as many; `unread`: some parent's config is not read yet (a Hub id, counted as one task so that
-    the count is refused before any download), and the line says how to pass a merged one."""
+    None when they hold as many."""
     total = sum(counts)
     if total == len(ranges):
         return None
     if all(count == 1 for count in counts):
-        hint = ("; a merged parent holds each of its tasks (one from the Hub is counted as one task before it loads): "
-                "pass its own parents in its place") if unread else ""
-        return f"{len(counts)} parents for {len(ranges)} tasks {list(ranges)}; pass one per task{hint}"
+        return f"{len(counts)} parents for {len(ranges)} tasks {list(ranges)}; pass one per task"
     return (f"{len(counts)} parents holding {total} tasks (a merged parent holds each of its tasks) for the merged "
             f"model's {len(ranges)} tasks {list(ranges)}; pass the parents in merge order, which together hold one "
             "per task")
