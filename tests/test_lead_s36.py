@@ -83,3 +83,16 @@ def test_the_gates_log_lines_show_scores_and_tasks_as_the_card_does(caplog):
     with caplog.at_level(logging.INFO, logger="hf_mudsc"):
         gated_refit(merged, THREE, lambda: _batches(10), refit, task_sizes=[2, 2, 2], average=average)
     assert "the merge is below it on parent(s) B: averaging kept" in caplog.text, caplog.text
+
+
+def test_parents_that_each_hold_every_task_are_not_told_to_pass_them_in_merge_order():
+    """evaluate_merge(m, [ab, ab2]) of a same-label merge of two merged parents said '2 parents holding 4 tasks ...
+    pass the parents in merge order' — they were in merge order; the line now says what they are and what to do."""
+    from hf_mudsc.evaluate.tasks import parents_tasks_mismatch
+
+    ranges = {"task1": (0, 2), "task2": (2, 5)}
+    line = parents_tasks_mismatch([2, 2], ranges)
+    assert "\n" not in line and "each of the 2 parents holds all 2" in line and "--no-parents" in line, line
+    assert "merge order" not in line
+    assert "merge order" in parents_tasks_mismatch([2, 1, 1], ranges)  # one task too many: as before
+    assert parents_tasks_mismatch([1, 1], ranges) is None

@@ -287,6 +287,11 @@ def parents_tasks_mismatch(counts: Sequence[int], ranges: Mapping[str, Any]) -> 
         return None
     if all(count == 1 for count in counts):
         return f"{len(counts)} parents for {len(ranges)} tasks {list(ranges)}; pass one per task"
+    if len(counts) >= 2 and all(count == len(ranges) for count in counts):
+        return (f"each of the {len(counts)} parents holds all {len(ranges)} of the merged model's tasks "
+                f"{list(ranges)}: merged models with the same labels, whose heads were merged, not concatenated — "
+                "scoring them beside such a merge is not supported; score the merged model alone (parents=None, "
+                "CLI: --no-parents)")
     return (f"{len(counts)} parents holding {total} tasks (a merged parent holds each of its tasks) for the merged "
             f"model's {len(ranges)} tasks {list(ranges)}; pass the parents in merge order, which together hold one "
             "per task")
