@@ -98,7 +98,7 @@ from hf_mudsc.methods.registry import (
     get_method,
 )
 from hf_mudsc.option_values import AVERAGE_CHECK_METHOD
-from hf_mudsc.options import AUTO, REFITTING, MergeOptions, flag, known_keywords, option_hint
+from hf_mudsc.options import AUTO, REFITTING, MergeOptions, flag, gate_tasks_text, known_keywords, option_hint
 from hf_mudsc.plan import (
     MergePlan,
     base_copied,
@@ -982,9 +982,7 @@ def merge(
             if gate.average is not None:
                 merged.config.mudsc["refit_gate"]["average"]["merge"] = held
             if gate.average is not None and gate.average.kept:
-                lowered = (f"task(s) {', '.join(repr(gate.task_names[i]) for i in gate.average.lowered)}"
-                           if gate.task_names is not None else
-                           f"parent(s) {', '.join(parent_label(i) for i in gate.average.lowered)}")
+                lowered = gate_tasks_text(merged.config.mudsc["refit_gate"], gate.average.lowered)
                 choice_reason = (f"{choice_reason}; then plain averaging ({averaging.name}): {held}'s merge scored "
                                  f"below it on the held-out examples of {lowered}")
                 logger.info("method auto: %s", choice_reason)

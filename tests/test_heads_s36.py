@@ -29,6 +29,22 @@ def _no_weights(monkeypatch) -> None:
     monkeypatch.setattr(loading, "_prepare", refuse)
 
 
+def labelled_parents() -> list:
+    """Parents A, B, C: fine-tunes of one tiny ViT with heads of 2, 3 and 5 named labels (`t{seed}c{i}`), named
+    `org/task1..3` (their tasks' names)."""
+    from factories import fine_tune, with_new_head
+
+    base = make_model("vit_cls", 0, num_labels=2)
+    parents = []
+    for seed, size in ((1, 2), (2, 3), (3, 5)):
+        parent = with_new_head(fine_tune(base, seed, 0.01), size, seed)
+        parent.config.id2label = {i: f"t{seed}c{i}" for i in range(size)}
+        parent.config.label2id = {name: i for i, name in parent.config.id2label.items()}
+        parent.config._name_or_path = f"org/task{seed}"
+        parents.append(parent)
+    return parents
+
+
 @pytest.mark.parametrize("kind", CLASSIFIERS)
 def test_a_one_class_single_label_head_is_refused_in_one_line(kind, tmp_path):
     """merge([A: 1 label with problem_type single_label_classification set on the object, B: 2 labels, C: 5 labels])
@@ -65,18 +81,10 @@ def test_a_merge_of_a_merged_model_keeps_each_of_its_tasks(tmp_path):
     — made one task 'ab' of A's and B's classes ('ab: task1: t1c0'): the joint decision took one softmax over both
     tasks' labels, and evaluate could score neither A's task nor B's (3 parents for 2 tasks)."""
     import torch
-    from factories import fine_tune, with_new_head
 
     from hf_mudsc.evaluate.decision import joint_probabilities
 
-    base = make_model("vit_cls", 0, num_labels=2)
-    parents = []
-    for seed, size in ((1, 2), (2, 3), (3, 5)):
-        parent = with_new_head(fine_tune(base, seed, 0.01), size, seed)
-        parent.config.id2label = {i: f"t{seed}c{i}" for i in range(size)}
-        parent.config.label2id = {name: i for i, name in parent.config.id2label.items()}
-        parent.config._name_or_path = f"org/task{seed}"
-        parents.append(parent)
+    parents = labelled_parents()
     first = hf_mudsc.merge(parents[:2], method="average", progress=False)
     hf_mudsc.save_merged(first, tmp_path / "ab")
     merged = hf_mudsc.merge([str(tmp_path / "ab"), parents[2]], method="average", progress=False)
@@ -155,16 +163,8 @@ def _three_tasks(tmp_path):
     """Parents A, B, C (2, 3 and 5 labels), M = merge([A, B]) saved in `ab`, and abc = merge([./ab, C]) saved in `abc`
     with its recipe, and each task's data labelled by its parent."""
     import torch
-    from factories import fine_tune, with_new_head
 
-    base = make_model("vit_cls", 0, num_labels=2)
-    parents = []
-    for seed, size in ((1, 2), (2, 3), (3, 5)):
-        parent = with_new_head(fine_tune(base, seed, 0.01), size, seed)
-        parent.config.id2label = {i: f"t{seed}c{i}" for i in range(size)}
-        parent.config.label2id = {name: i for i, name in parent.config.id2label.items()}
-        parent.config._name_or_path = f"org/task{seed}"
-        parents.append(parent)
+    parents = labelled_parents()
     hf_mudsc.save_merged(hf_mudsc.merge(parents[:2], method="average", progress=False), tmp_path / "ab")
     merged = hf_mudsc.merge([str(tmp_path / "ab"), parents[2]], method="average", progress=False)
     generator = torch.Generator().manual_seed(0)
@@ -330,17 +330,10 @@ def test_the_refit_head_target_centres_each_task_of_a_merged_parent(tmp_path):
 def _three_task_folder(tmp_path):
     """Parents A, B, C (2, 3 and 5 labels) saved in p1..p3, abc = merge([A, B, C]) saved, and 8 rows per task."""
     import torch
-    from factories import fine_tune, with_new_head
 
-    base = make_model("vit_cls", 0, num_labels=2)
-    parents = []
-    for seed, size in ((1, 2), (2, 3), (3, 5)):
-        parent = with_new_head(fine_tune(base, seed, 0.01), size, seed)
-        parent.config.id2label = {i: f"t{seed}c{i}" for i in range(size)}
-        parent.config.label2id = {name: i for i, name in parent.config.id2label.items()}
-        parent.config._name_or_path = f"org/task{seed}"
+    parents = labelled_parents()
+    for seed, parent in enumerate(parents, start=1):
         parent.save_pretrained(tmp_path / f"p{seed}")
-        parents.append(parent)
     hf_mudsc.save_merged(hf_mudsc.merge(parents, method="linear", progress=False), tmp_path / "abc")
     generator = torch.Generator().manual_seed(0)
     data = {f"task{i + 1}": (torch.randn(8, 1, 16, 16, generator=generator), torch.zeros(8, dtype=torch.long))
@@ -378,9 +371,12 @@ def test_a_merged_parent_on_the_hub_is_scored_through_the_api_as_on_the_command_
     local_hub.upload_folder("user/c", tmp_path / "p3", "p")
     result = hf_mudsc.evaluate_merge(str(tmp_path / "abc2"), ["user/ab", "user/c"], data, progress=False)
     assert set(result.task_names) == {"task1", "task2", "p3"}
-    for task in ("task1", "task2"):
-        assert result.score("parent_a", task) is not None
-    assert result.score("parent_b", "p3") is not None
+    # the same figures as the same parents read from their folders (each task on its own slice of parent A)
+    local = hf_mudsc.evaluate_merge(str(tmp_path / "abc2"), [str(tmp_path / "ab"), str(tmp_path / "p3")], data,
+                                    progress=False)
+    for scorer, view in [("parent_a", "task1"), ("parent_a", "task2"), ("parent_b", "p3"), ("ensemble", "joint"),
+                         ("merged", "joint")]:
+        assert result.score(scorer, view) == local.score(scorer, view), (scorer, view)
 
 
 def test_two_parents_for_three_tasks_on_the_hub_are_refused_once_loaded(local_hub, tmp_path):

@@ -151,25 +151,26 @@ def task_name(config: PretrainedConfig, fallback: str) -> str:
     return name or fallback
 
 
-def parent_tasks(config: PretrainedConfig, fallback: str) -> list[tuple[str, list[str]]]:
-    """The tasks a parent's head holds, each as (task name, its label names): one, named after the parent
-    (`task_name`); or, for a parent that is itself a merge of different label sets (`config.task_label_ranges`),
-    each of its tasks with its own labels (the `task: ` prefix taken off) — a merge of merges (what "merge them 2 at
-    a time" gives) keeps every task's slice, rather than one task whose softmax spans several tasks' classes."""
+def parent_tasks(config: PretrainedConfig, index: int = 0) -> list[tuple[str, list[str]]]:
+    """The tasks the head of parent `index` (merge order) holds, each as (task name, its label names): one, named
+    after the parent (`task_name`; unnamed: `task_a`, `task_b`, ...); or, for a parent that is itself a merge of
+    different label sets (`config.task_label_ranges`), each of its tasks with its own labels (the `task: ` prefix
+    taken off) — a merge of merges (what "merge them 2 at a time" gives) keeps every task's slice, rather than one
+    task whose softmax spans several tasks' classes."""
     labels = label_names(config)
     try:
         ranges = task_ranges(config)
     except ValueError:  # ranges that do not tile the head say nothing reliable: the parent is one task, as before
         ranges = {}
     if not ranges:
-        return [(task_name(config, fallback), labels)]
+        return [(task_name(config, f"task_{parent_label(index).lower()}"), labels)]
     return [(task, [label.removeprefix(f"{task}: ") for label in labels[lo:hi]]) for task, (lo, hi) in ranges.items()]
 
 
 def _tasks_of(configs: Sequence[PretrainedConfig]) -> list[tuple[int, str, list[str]]]:
     """(parent index, task name, label names) of every task of every parent, in head order (`parent_tasks`)."""
     return [(index, name, labels) for index, config in enumerate(configs)
-            for name, labels in parent_tasks(config, f"task_{parent_label(index).lower()}")]
+            for name, labels in parent_tasks(config, index)]
 
 
 def head_tasks(configs: Sequence[PretrainedConfig], rows: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -179,7 +180,7 @@ def head_tasks(configs: Sequence[PretrainedConfig], rows: Sequence[int]) -> tupl
     sizes: list[int] = []
     owners: list[int] = []
     for index, (config, count) in enumerate(zip(configs, rows, strict=True)):
-        own = [len(labels) for _, labels in parent_tasks(config, f"task_{parent_label(index).lower()}")]
+        own = [len(labels) for _, labels in parent_tasks(config, index)]
         parts = own if len(own) > 1 and sum(own) == count else [count]
         sizes += parts
         owners += [index] * len(parts)

@@ -688,7 +688,7 @@ def target_maps(matches: Sequence[Match | None], weights: Sequence[float] | None
 def held_task_sizes(config: Any) -> list[int] | None:
     """The sizes of the tasks a merged parent's head holds (`classifier.parent_tasks`), each centred on its own in
     the head's target; None for a parent of one task (centred whole, as before)."""
-    sizes = [len(labels) for _, labels in parent_tasks(config, "task")]
+    sizes = [len(labels) for _, labels in parent_tasks(config)]
     return sizes if len(sizes) > 1 else None
 
 

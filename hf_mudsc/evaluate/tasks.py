@@ -273,10 +273,10 @@ def classifier_layout(merged: Mapping[str, Any], parents: Sequence[Any], request
 
 def held_tasks(config: Any, index: int) -> list[tuple[str, list[str]]]:
     """The tasks parent `index`'s head holds, each (its own name, its labels): one, or a merged parent's several
-    (`apply.classifier.parent_tasks`, whose task ranges it reads)."""
+    (`apply.classifier.parent_tasks`, imported here: that module imports torch, this one does not)."""
     from hf_mudsc.apply.classifier import parent_tasks
 
-    return parent_tasks(config, f"task_{parent_label(index).lower()}")
+    return parent_tasks(config, index)
 
 
 def parents_tasks_mismatch(counts: Sequence[int], ranges: Mapping[str, Any]) -> str | None:
