@@ -29,6 +29,20 @@ def start_margin_note(starts: dict[str, float], kept: str | None) -> str:
         return ""
     return f"the {kept} start is kept unless another ends more than {MULTISTART_MARGIN:g} higher"
 
+#: What `auto`'s correspondence check records (`config.mudsc["correspondence_check"]["solved"]`) when the solve's first
+#: start alone settled it (`hf_mudsc.methods.auto`); the key is absent when the solve ran.
+CHECK_FIRST_START = "first start"
+
+
+def check_solved_by(checker: str, record: object = None, *, first_start: bool = False) -> str:
+    """How a correspondence check's share is named in `auto`'s reason, the log and `inspect` (`checker`: the method's
+    name): "mudsc's solve", or, when its first start decided alone (`first_start`, or a record saying so), "mudsc's
+    activation-only zip start"."""
+    if first_start or (isinstance(record, dict) and record.get("solved") == CHECK_FIRST_START):
+        return f"{checker}'s activation-only zip start"
+    return f"{checker}'s solve"
+
+
 #: Valid values of `matcher` (``match(..., matcher=...)``); ``num_heads > 1`` selects the group variant of each.
 MATCHERS: tuple[str, ...] = ("align", "zip")
 

@@ -75,6 +75,7 @@ from hf_mudsc.load.relation import (
 )
 from hf_mudsc.methods.auto import (
     CHOICES,
+    START_MATCHER,
     alpha_searched,
     check_choices,
     check_record,
@@ -684,7 +685,7 @@ def merge(
     if unconfirmed is not None and count > 2:
         pair = (0, relation.farthest)
         pair_name = f"parents {parent_label(pair[0])} and {parent_label(pair[1])}"
-        in_place, examples = _pair_in_place(
+        in_place, examples, first_start = _pair_in_place(
             checker, [loaded[i] for i in pair], [params[i] for i in pair], spec, calibration,
             options=method_options, batch_size=batch_size, num_samples=num_samples,
             statistics_dtype=statistics_dtype, device=run_device, progress=progress, check=input_check)
@@ -692,8 +693,9 @@ def merge(
         short_said = _warn_short(num_samples, examples)
         same_base, pending = unconfirmed
         merge_method, choice_reason = confirm_choice(same_base, pending, checker, in_place,
-                                                     relation.weight_distance, pair=pair_name)
-        correspondence = check_record(checker, [parent_label(i) for i in pair], in_place)
+                                                     relation.weight_distance, pair=pair_name,
+                                                     first_start=first_start)
+        correspondence = check_record(checker, [parent_label(i) for i in pair], in_place, first_start=first_start)
         logger.info("method auto: %s", choice_reason)
         unconfirmed = None
         if merge_method is checker:
@@ -782,11 +784,17 @@ def merge(
     context, left_out = context_for(merge_method)
     alpha_curve = None
     if unconfirmed is not None:
-        result = merge_method.merge_parameters(context)  # at the α handed: alpha="auto" searches once decided
-        in_place = share_in_place(result.matches)
+        # The solve's first start decides alone when it already leaves most units in place (methods.auto); else
+        # the solve runs, at the α handed (alpha="auto" searches once decided), and its merge is kept if it wins.
+        start_share = _start_in_place(merge_method, context)
+        first_start = start_share is not None and units_correspond(start_share)
+        result = None if first_start else merge_method.merge_parameters(context)
+        in_place = start_share if result is None else share_in_place(result.matches)
         final, choice_reason = confirm_choice(*unconfirmed, merge_method, in_place, relation.weight_distance,
-                                              pair=f"all {count} parents" if count > 2 else "")
-        correspondence = check_record(merge_method, [parent_label(i) for i in range(count)], in_place)
+                                              pair=f"all {count} parents" if count > 2 else "",
+                                              first_start=first_start)
+        correspondence = check_record(merge_method, [parent_label(i) for i in range(count)], in_place,
+                                      first_start=first_start)
         logger.info("method auto: %s", choice_reason)
         if final is not merge_method:  # the units correspond: the same-base method merges, without the statistics
             merge_method = final
@@ -795,7 +803,7 @@ def merge(
             report = MergeReport(method=merge_method.name, matcher=used_options.get("matcher"),
                                  alpha=used_options.get("alpha"))
             context, left_out = context_for(merge_method)
-            del result  # the solve's merged weights are not held while the same-base method runs
+            del result  # the solve's merged weights (if it ran) are not held while the same-base method runs
             result = merge_method.merge_parameters(context)
         option_warnings = _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value,
                                        spec.inputs, data_note=data_note, strangers=strangers)
@@ -1208,11 +1216,12 @@ def _pair_in_place(checker: MergeMethod, models: Sequence[PreTrainedModel],
                    params: Sequence[Mapping[str, torch.Tensor]], spec: PermutationSpec, calibration: Any, *,
                    options: MergeOptions, batch_size: int, num_samples: int | None, statistics_dtype: Any,
                    device: Any, progress: bool, check: Callable[[Mapping[str, Any]], None] | None = None
-                   ) -> tuple[float, int]:
+                   ) -> tuple[float, int, bool]:
     """The share of units `checker`'s solve leaves in place (`solve.matchers.share_in_place`) for two of the parents
-    (`models`, `params`: heads in parent A's label order), from their own statistics on the calibration data. Every
-    process of a distributed run solves (the reduced statistics are the same everywhere), so all decide alike. Also
-    returns the calibration examples those statistics read."""
+    (`models`, `params`: heads in parent A's label order), from their own statistics on the calibration data — its
+    first start's share when that alone leaves most in place (`_start_in_place`). Every process of a distributed run
+    solves (the reduced statistics are the same everywhere), so all decide alike. Also returns the calibration
+    examples those statistics read, and whether the first start decided."""
     from hf_mudsc.calibrate.distributed import collect_statistics_distributed
 
     concatenate = spec.classifier is not None and not same_label_sets([m.config for m in models])
@@ -1226,7 +1235,19 @@ def _pair_in_place(checker: MergeMethod, models: Sequence[PreTrainedModel],
         batches=None, correlations=correlations_from(accumulators, constants=not options.reference_compat),
         concatenate_classifier=concatenate,
         options=dataclasses.replace(options, weights=[1.0, 1.0]), device=str(device), progress=progress)
-    return share_in_place(checker.merge_parameters(context).matches), examples
+    start_share = _start_in_place(checker, context)
+    if start_share is not None and units_correspond(start_share):
+        return start_share, examples, True
+    return share_in_place(checker.merge_parameters(context).matches), examples, False
+
+
+def _start_in_place(checker: MergeMethod, context: MethodContext) -> float | None:
+    """The share of units `checker`'s first start (`MergeMethod.first_start`: the activation matching, unrefined)
+    leaves in place with the zip matcher (`methods.auto.START_MATCHER`), or None for a method without one: `auto`'s
+    check needs no solve when it is a majority."""
+    zipped = dataclasses.replace(context, options=dataclasses.replace(context.options, matcher=START_MATCHER))
+    matches = checker.first_start(zipped)
+    return None if matches is None else share_in_place(matches)
 
 
 def _fits_in_memory(model: PreTrainedModel, count: int, checker: MergeMethod, chosen: MergeMethod) -> bool:

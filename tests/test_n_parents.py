@@ -122,10 +122,11 @@ def test_auto_merges_fine_tunes_of_one_base_by_regmean_when_calibration_data_is_
     assert merged.config.mudsc["method"] == "regmean"
     assert merged.config.mudsc["method_choice_reason"] == (
         "parents share a base, so the identity correspondence holds and calibration data is given "
-        f"(relative weight distance {distance:.3g}; mudsc's solve on the calibration data leaves 100.0% of units in "
-        "place): regmean")
+        f"(relative weight distance {distance:.3g}; mudsc's activation-only zip start on the calibration data leaves "
+        "100.0% of units in place): regmean")
     assert merged.config.mudsc["correspondence_check"] == {"method": "mudsc", "parents": ["A", "B"],
-                                                           "units_in_place": 1.0, "holds": True}
+                                                           "units_in_place": 1.0, "holds": True,
+                                                           "solved": "first start"}
     direct = hf_mudsc.merge(parents[:2], batches, method="regmean", progress=False)
     for (name, tensor), (_, expected) in zip(merged.named_parameters(), direct.named_parameters()):
         assert torch.equal(tensor, expected), name

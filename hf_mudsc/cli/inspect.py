@@ -21,7 +21,7 @@ from hf_mudsc.cli.arguments import path_text
 from hf_mudsc.errors import escaped, parent_label
 from hf_mudsc.evaluate.names import RESULTS_FILENAME
 from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES, parse_json
-from hf_mudsc.option_values import AVERAGE_CHECK_METHOD, start_margin_note
+from hf_mudsc.option_values import AVERAGE_CHECK_METHOD, check_solved_by, start_margin_note
 from hf_mudsc.options import gate_lowered_tasks_text, gate_scores, gate_tasks_text, gate_tie_note
 from hf_mudsc.solve.diagnostics import DIAGNOSTICS_FILENAME, PLOTS_FOLDER
 
@@ -210,7 +210,7 @@ def summary(folder: Path, mudsc: Mapping[str, Any], diagnostics: Any, evaluation
         elif mudsc.get("method") == AVERAGE_CHECK_METHOD:
             found += ", then plain averaging replaced it"
         lines.append(f"  units:     {float(check.get('units_in_place', math.nan)):.1%} left in place by "
-                     f"{check['method']}'s solve on the calibration data: {found}")
+                     f"{check_solved_by(str(check['method']), check)} on the calibration data: {found}")
     settings = [f"matcher {mudsc['matcher']}" if mudsc.get("matcher") else None,
                 f"alpha {mudsc['alpha']:g}" if isinstance(mudsc.get("alpha"), (int, float)) else None,
                 f"refit {mudsc['refit']}" if mudsc.get("refit") not in (None, "none") else None]

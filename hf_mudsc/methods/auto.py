@@ -26,6 +26,13 @@ is confirmed on the activations (`CORRESPONDENCE_CHECK`, docs/design.md §4.8): 
 only if it leaves most units where they are (`IN_PLACE_MAJORITY`) does the same-base method merge; otherwise the
 solve's own merge is kept. Fine-tunes of a pretrained base leave 97-100 % in place (MiniLM pairs, the benchmark's
 same-init ViTs), the collapsing pairs 0-0.4 %.
+
+The solve's first start — the activation matching, before its sweeps and the other starts — is looked at first:
+when it alone already leaves most units in place, the units correspond and the solve is skipped (`check_record`
+says so; on a MiniLM fine-tune pair the solve is most of the check's cost). Only the confirming case is shortened:
+the sweeps and the weight and identity starts add the weights to the activations, and the weights of fine-tunes of
+one base line up unpermuted, so they can only pull more units into place; a start that moved most units decides
+nothing, and the solve runs as before. Measured (`scripts/correspondence_start.py`): MEASURE.
 Torch-free (reads the relation's label and distance, and the share of units a solve left in place).
 """
 
@@ -36,6 +43,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hf_mudsc.methods.registry import AUTO, METHODS, MergeMethod
+from hf_mudsc.option_values import CHECK_FIRST_START, check_solved_by
 
 # (relation of the parents, base given) -> methods in order of preference; the first registered one is chosen.
 UNIT_MATCHING = ("mudsc",)
@@ -64,6 +72,11 @@ WHY = {
 # of them. Not fitted: any cut from 0.25 to 0.97 separates the pairs measured (docs/design.md §4.8).
 CORRESPONDENCE_CHECK = "mudsc"
 IN_PLACE_MAJORITY = 0.5
+# The matcher of the first start the check looks at before its solve, whatever the merge's: zip, which may also fuse
+# units within one parent, keeps few in place where the units moved (0-4 %, the solve 0-0.9 %) while align's start
+# came within 6 points of the majority there (44 %); fine-tunes whose units correspond: zip 67-85 %, align 88-95 %
+# (`scripts/correspondence_start.py`).
+START_MATCHER = "zip"
 
 
 def is_auto(method: str) -> bool:
@@ -119,20 +132,24 @@ def units_correspond(in_place: float) -> bool:
     return in_place >= IN_PLACE_MAJORITY
 
 
-def check_record(checker: MergeMethod, parents: Sequence[str], in_place: float) -> dict[str, Any]:
+def check_record(checker: MergeMethod, parents: Sequence[str], in_place: float, *, first_start: bool = False
+                 ) -> dict[str, Any]:
     """What `config.mudsc["correspondence_check"]` records of a check: the solve's method, the parents it solved
-    (letters), the share of units it left in place, and whether the units correspond (`units_correspond`)."""
-    return {"method": checker.name, "parents": list(parents), "units_in_place": round(in_place, 6),
-            "holds": units_correspond(in_place)}
+    (letters), the share of units it left in place, whether the units correspond (`units_correspond`), and — only
+    when the solve's first start decided alone (`first_start`) — `"solved": CHECK_FIRST_START`."""
+    record = {"method": checker.name, "parents": list(parents), "units_in_place": round(in_place, 6),
+              "holds": units_correspond(in_place)}
+    return {**record, "solved": CHECK_FIRST_START} if first_start else record
 
 
 def confirm_choice(chosen: MergeMethod, reason: str, checker: MergeMethod, in_place: float, weight_distance: float,
-                   pair: str = "") -> tuple[MergeMethod, str]:
+                   pair: str = "", *, first_start: bool = False) -> tuple[MergeMethod, str]:
     """`auto`'s final method and reason once `checker`'s solve left the share `in_place` of units where they are:
     `chosen` (the same-base method) when most units stay, else `checker` itself. `pair`: the two parents solved, when
-    more were given (e.g. "parents A and C")."""
+    more were given (e.g. "parents A and C"). `first_start`: the solve's first start alone gave the share."""
     solved = f" of {pair}" if pair else ""
-    share = f"{checker.name}'s solve on the calibration data leaves {in_place:.1%} of units{solved} in place"
+    by = check_solved_by(checker.name, first_start=first_start)
+    share = f"{by} on the calibration data leaves {in_place:.1%} of units{solved} in place"
     if units_correspond(in_place):  # "... (relative weight distance d): name" -> "... (...; share): name"
         said, name = reason.rsplit("): ", 1)
         return chosen, f"{said}; {share}): {name}"

@@ -7,6 +7,7 @@ which matcher (align/zip, fixed or the user's) and whether they refine the start
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -117,35 +118,68 @@ class UnitMatchingMethod(MergeMethod):
             raise MergeInputError(f"{option_hint('reference_compat')} reproduces the reference's equal-weight merge; "
                                   f"drop {option_hint('weights')} (got {list(weights)})")
 
-    def merge_parameters(self, context: MethodContext) -> MethodResult:
-        from hf_mudsc.apply.weights import apply_matches, apply_matches_weighted
-        from hf_mudsc.blas import torch_thread_count
-        from hf_mudsc.solve.loop import SolveOptions, Solver
+    def _shortcut(self, context: MethodContext) -> bool:
+        """A search candidate is solved from the paper's start only (docs/design.md §4.4); the merge the search
+        returns is solved again with every start."""
+        return context.candidate and not context.options.reference_compat and bool(self.starts_for(context.relation))
+
+    def _extra_starts(self, context: MethodContext) -> tuple[str, ...]:
+        """The starts refined besides the paper's: none under `reference_compat` or for a search candidate."""
+        if context.options.reference_compat or self._shortcut(context):
+            return ()
+        return self.starts_for(context.relation)
+
+    def _solve_options(self, context: MethodContext, *, iterate: bool = True) -> Any:
+        """The solve's settings (`hf_mudsc.solve.loop.SolveOptions`) for this context: the method's matcher, alpha
+        and starts with the user's options. `iterate=False`: the first start alone, unrefined (`first_start`)."""
+        from hf_mudsc.solve.loop import SolveOptions
 
         given = context.options
-        starts = () if given.reference_compat else self.starts_for(context.relation)
-        # A search candidate is solved from the paper's start only (docs/design.md §4.4); the merge the search
-        # returns is solved again with every start.
-        shortcut = context.candidate and bool(starts)
-        options = SolveOptions(
+        starts = self._extra_starts(context)
+        return SolveOptions(
             matcher=self.used_matcher(given.matcher),
             alpha=float(given.alpha) if self.alpha is None else self.alpha,
             use_activations=self.needs_calibration,
-            iterate=self.iterate,
+            iterate=self.iterate and iterate,
             zip_decay=given.zip_decay,
             zip_budget=given.zip_budget,
             independent_heads=given.independent_heads or given.reference_compat,
             normalizer_eps=REFERENCE_NORMALIZER_EPS if given.reference_compat else 0.0,
             seed=given.seed,
             device=context.device,
-            extra_starts=() if shortcut else starts,
+            extra_starts=starts if iterate else (),
             constant_units=not given.reference_compat,
         )
+
+    def _solver(self, context: MethodContext, *, iterate: bool = True) -> Any:
+        """The solve loop (`hf_mudsc.solve.loop.Solver`) over the context's parents and statistics."""
+        from hf_mudsc.solve.loop import Solver
+
         parents = list(context.parents)
         more = {"others": parents[2:]} if len(parents) > 2 else {}  # two parents: the two-parent call as before
         if context.solve_cache is not None:  # the alpha="auto" search's shared alpha-free parts
             more["cache"] = context.solve_cache
-        solver = Solver(context.solve_spec, parents[0], parents[1], context.correlations, options, **more)
+        return Solver(context.solve_spec, parents[0], parents[1], context.correlations,
+                      self._solve_options(context, iterate=iterate), **more)
+
+    def first_start(self, context: MethodContext) -> list[Any] | None:
+        """The activation matching (the paper's start, ZipIt's matching for zip), unrefined: None without
+        calibration statistics (a weight-only method's start is itself a sweep)."""
+        if not self.needs_calibration or context.correlations is None:
+            return None
+        # Without the search's cache: its key holds the solve's settings, so an unrefined solve would empty it.
+        unrefined = self._solver(dataclasses.replace(context, solve_cache=None), iterate=False)
+        return list(unrefined.solve(progress=False).matches)
+
+    def merge_parameters(self, context: MethodContext) -> MethodResult:
+        from hf_mudsc.apply.weights import apply_matches, apply_matches_weighted
+        from hf_mudsc.blas import torch_thread_count
+
+        given = context.options
+        parents = list(context.parents)
+        solver = self._solver(context)
+        options = solver.options
+        shortcut = self._shortcut(context)
         result = solver.solve(progress=context.progress)
         matches = list(result.matches)
         if given.size != 1.0:  # the size budget (docs/design.md §4.12): MLP units, or the stream first, unfused

@@ -181,6 +181,12 @@ class MergeMethod:
         §4.12); the others keep one parent's shape and refuse `size` != 1."""
         return False
 
+    def first_start(self, context: MethodContext) -> list[Any] | None:
+        """The unit matches of the method's first start, before any refinement (unit matching: the activation
+        matching, the paper's start), for a cheap look at how the parents' units relate (`auto`'s correspondence
+        check, `hf_mudsc.methods.auto.start_decides`); None for a method that has none."""
+        return None
+
     def matcher_choices(self) -> tuple[str | None, ...]:
         """The matchers this method runs with, the demo's first; `(None,)` when the matcher plays no part."""
         return (None,)
