@@ -44,3 +44,24 @@ def test_regmean_at_scale_1_keeps_the_average_split_of_duplicated_units_inputs()
         # weighted average's (the least-squares solution nearest it, as for features without input energy).
         error = float(((got[:, 5] - got[:, 2]) - (average[:, 5] - average[:, 2])).abs().max())
         assert error < 1e-5, (name, error)
+
+
+def test_the_default_scale_never_takes_the_singular_path_even_with_equal_inputs(monkeypatch):
+    """RegMeanSystem with column 5 == column 2 at regmean_scale 0.95 (the default): every pivot is >= 5 % of its
+    feature's energy, so the Cholesky solve runs (lstsq made to fail); an ill-conditioned but solvable system at scale 1
+    (condition number ~1e8) stays on Cholesky too."""
+    def no_lstsq(*args, **kwargs):
+        raise AssertionError("the singular path ran")
+
+    monkeypatch.setattr(torch.linalg, "lstsq", no_lstsq)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=generator, dtype=torch.float64)
+    x[:, 5] = x[:, 2]
+    matrix = torch.randn(3, 8, generator=generator, dtype=torch.float64)
+    system = RegMeanSystem(8, 3)
+    system.add(1.0, x.T @ x / len(x), matrix, scale=0.95, rows=len(x))
+    assert torch.isfinite(system.solve(matrix)).all()
+    x[:, 5] = x[:, 2] + 1e-4 * torch.randn(64, generator=generator, dtype=torch.float64)  # nearly equal: solvable
+    conditioned = RegMeanSystem(8, 3)
+    conditioned.add(1.0, x.T @ x / len(x), matrix, scale=1.0, rows=len(x))
+    torch.testing.assert_close(conditioned.solve(torch.zeros_like(matrix)), matrix, rtol=1e-5, atol=1e-5)
