@@ -18,6 +18,15 @@ from hf_mudsc.calibrate.layer_inputs import first_inputs
 # A feature whose summed Gram diagonal is below this share of the largest carried no input energy: its weight
 # column cannot change any output on the data, so it keeps the weighted average (the system is singular there).
 DEAD_FEATURE = 1e-12
+# A Cholesky pivot (the input energy of a feature that the features before it do not explain) at most this share of
+# the feature's own energy: the feature is, to rounding, a combination of the others (two equal inputs, or fewer
+# samples than features), so the system is singular although the factorisation went through on rounding noise, and
+# its solve would split the fitted weight between those features by that noise. Such a system is solved as a singular
+# one. With regmean_scale r < 1 every pivot is at least (1 - r) of its feature's energy, so only r near 1 reaches it.
+# Rounding leaves pivots of 1e-17 to 1e-15 of the energy (float64); 1e-11 catches them with a margin while a system
+# that is merely ill-conditioned (condition number up to ~1e11, which float64 still solves: the least-squares path
+# gives the same answer ~25x slower) stays on Cholesky.
+SINGULAR_PIVOT = 1e-11
 
 
 class RegMeanSystem:
@@ -52,12 +61,13 @@ class RegMeanSystem:
             lhs[dead, dead] = 1
             rhs[dead] = average.detach().to(torch.float64)[:, dead].T
         factor, info = torch.linalg.cholesky_ex(lhs)
-        if int(info) == 0:
+        if int(info) == 0 and bool((factor.diagonal().square() > SINGULAR_PIVOT * lhs.diagonal()).all()):
             solution = torch.cholesky_solve(rhs, factor)
         else:
-            # Not positive definite (regmean_scale=1 with fewer samples than features, negative weights): of the
-            # least-squares solutions, the one closest to the weighted average — directions the data leaves
-            # free keep the average, as dead features do.
+            # Singular (regmean_scale=1 with fewer samples than features or equal input features: Cholesky fails
+            # or leaves a pivot at rounding level, `SINGULAR_PIVOT`): of the least-squares solutions, the one
+            # closest to the weighted average — directions the data leaves free keep the average, as dead features
+            # do. (The paper and FusionBench invert and define nothing here: this is hf_mudsc's choice.)
             start = average.detach().to(torch.float64).T
             solution = start + torch.linalg.lstsq(lhs, rhs - lhs @ start, driver="gelsd").solution
         return solution.T.contiguous().to(average.dtype)
