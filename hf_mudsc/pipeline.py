@@ -619,8 +619,10 @@ def merge(
         # and the parent farthest from it by weight distance), as every pair would multiply the check's cost.
         checker = _correspondence_checker(relation, merge_method, merge_options, calibration, count)
         if checker is not None and _fits_in_memory(model_a, min(count, 2), checker, merge_method):
-            logger.info("method auto: %s's solve runs first, to confirm that the units correspond (method=%r, CLI: "
-                        "%s %s, skips it)", checker.name, merge_method.name, flag("method"), merge_method.name)
+            logger.info("method auto: %s's unit matching runs first, to confirm that the units correspond: its "
+                        "activation-only zip start, then its solve unless that start leaves most units in place "
+                        "(method=%r, CLI: %s %s, skips it)", checker.name, merge_method.name, flag("method"),
+                        merge_method.name)
             unconfirmed = (merge_method, choice_reason)
             if count == 2:
                 merge_method = checker

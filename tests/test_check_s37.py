@@ -126,8 +126,8 @@ def test_the_record_and_reason_say_when_the_first_start_decided():
     assert "solved" not in check_record(mudsc, ["A", "B"], 0.8)
     _, reason = confirm_choice(regmean, "parents share a base ... (relative weight distance 0.1): regmean", mudsc,
                                0.8, 0.1, pair="parents A and C", first_start=True)
-    assert reason == ("parents share a base ... (relative weight distance 0.1; mudsc's activation-only zip start on the "
-                      "calibration data leaves 80.0% of units of parents A and C in place): regmean")
+    assert reason == ("parents share a base ... (relative weight distance 0.1; mudsc's activation-only zip start on "
+                      "the calibration data leaves 80.0% of units of parents A and C in place): regmean")
 
 
 def test_inspect_names_the_first_start_when_it_decided(tmp_path, capsys):

@@ -121,8 +121,9 @@ def test_auto_hands_a_shared_base_pair_whose_units_moved_to_the_unit_matching(ca
     assert mudsc["method_choice_reason"].endswith("a same-base method needs at least 50%: mudsc")
     assert merged.merge_report.recipe["method"] == "mudsc"  # the recipe re-runs the same merge
     # how to skip the check, from Python and the command line alike
-    assert ("method auto: mudsc's solve runs first, to confirm that the units correspond (method='regmean', CLI: "
-            "--method regmean, skips it)") in caplog.text
+    assert ("method auto: mudsc's unit matching runs first, to confirm that the units correspond: its activation-only "
+            "zip start, then its solve unless that start leaves most units in place (method='regmean', CLI: --method "
+            "regmean, skips it)") in caplog.text
     assert not any("can only reorder" in text for text in mudsc["warnings"])
     asked = hf_mudsc.merge([model_a, model_b], batches, method="mudsc", refit="none", progress=False)
     assert same_weights(merged, asked)
@@ -394,9 +395,10 @@ def test_the_first_auto_line_says_the_choice_waits_for_the_check(caplog, case):
     lines = _auto_lines(caplog)
     assert lines == [
         f"method auto: parents share a base by their weights (relative weight distance {distance:.3g}) and "
-        "calibration data is given: regmean if their units correspond, which mudsc's solve checks first",
-        "method auto: mudsc's solve runs first, to confirm that the units correspond (method='regmean', CLI: "
-        "--method regmean, skips it)",
+        "calibration data is given: regmean if their units correspond, which mudsc's unit matching checks first",
+        "method auto: mudsc's unit matching runs first, to confirm that the units correspond: its activation-only zip "
+        "start, then its solve unless that start leaves most units in place (method='regmean', CLI: --method "
+        "regmean, skips it)",
         f"method auto: {merged.config.mudsc['method_choice_reason']}"]
     assert ("identity correspondence holds" in lines[-1]) is (case == "same base")
 

@@ -126,7 +126,8 @@ def pending_reason(chosen: MergeMethod, checker: MergeMethod, weight_distance: f
     """What `auto` says of a same-base choice `checker`'s solve has yet to confirm: the choice, conditional — not yet
     "the identity correspondence holds", which only the check can conclude (`confirm_choice` says the outcome)."""
     return (f"parents share a base by their weights (relative weight distance {weight_distance:.3g}) and calibration "
-            f"data is given: {chosen.name} if their units correspond, which {checker.name}'s solve checks first")
+            f"data is given: {chosen.name} if their units correspond, which {checker.name}'s unit matching checks "
+            "first")
 
 
 def units_correspond(in_place: float) -> bool:

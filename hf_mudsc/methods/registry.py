@@ -184,7 +184,7 @@ class MergeMethod:
     def first_start(self, context: MethodContext) -> list[Any] | None:
         """The unit matches of the method's first start, before any refinement (unit matching: the activation
         matching, the paper's start), for a cheap look at how the parents' units relate (`auto`'s correspondence
-        check, `hf_mudsc.methods.auto.start_decides`); None for a method that has none."""
+        check, docs/design.md §4.8); None for a method that has none."""
         return None
 
     def matcher_choices(self) -> tuple[str | None, ...]:
