@@ -683,6 +683,7 @@ def merge(
                 alpha_searched(method, merge_options, count))
 
     correspondence = None  # the solve that confirmed or overturned auto's same-base choice (config.mudsc)
+    pair_overturned = False  # (3+ parents) the pair's solve moved most units: the solve over every parent decides
     short_said = False  # whether the data holding fewer samples than `num_samples` asked for was said
     if unconfirmed is not None and count > 2:
         pair = (0, relation.farthest)
@@ -707,6 +708,7 @@ def merge(
             overturned = (f"{said}; {checker.name}'s solve of {pair_name} leaves {in_place:.1%} of their units in "
                           "place, so it solves every parent")
             unconfirmed = (same_base, f"{overturned}): {name}")
+            pair_overturned = True
             # Only the pair's memory was checked (`_fits_in_memory`); every parent's statistics grow with N².
             check_memory(model_a, count, checker, loading=0, chosen=f"{overturned})")
         refit_value, refitting, used_options, auto_alpha = settled(merge_method)
@@ -788,7 +790,8 @@ def merge(
     if unconfirmed is not None:
         # The solve's first start decides alone when it already leaves most units in place (methods.auto); else
         # the solve runs, at the α handed (alpha="auto" searches once decided), and its merge is kept if it wins.
-        start_share = _start_in_place(merge_method, context)
+        # After a pair's solve moved most units, the solve over every parent decides (as the reason says).
+        start_share = None if pair_overturned else _start_in_place(merge_method, context)
         first_start = start_share is not None and units_correspond(start_share)
         result = None if first_start else merge_method.merge_parameters(context)
         in_place = start_share if result is None else share_in_place(result.matches)

@@ -1117,7 +1117,7 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         if unspent := unspent_stream_warning(spec, size_plan, options.size_spend):
             warnings.append(unspent)
     # with data (not under reference_compat), a same-base choice is confirmed by the unit matching's solve (§4.8)
-    confirmed = (f" and {CORRESPONDENCE_CHECK}'s solve on the calibration data"
+    confirmed = (f" and {CORRESPONDENCE_CHECK}'s unit matching on the calibration data"
                  if calibration is not None and not options.reference_compat else "")
     method_label = (f"auto (chosen at merge time from the parents' weights{confirmed}; estimated as {method.name})"
                     if automatic else method.name)

@@ -415,7 +415,14 @@ def test_a_choice_no_check_confirms_is_said_once_as_final(caplog):
 def test_three_parents_whose_pair_check_fails_are_judged_again_by_the_solve_over_all(monkeypatch):
     """The pair's solve is a proxy: a pair near a tie between its starts judged "do not correspond" (1.8 % in place)
     while the three-parent mudsc solve that then merged left every unit in place — the recorded reason contradicted
-    the merge. The solve over every parent decides by the same rule as two parents' solve."""
+    the merge. The solve over every parent decides by the same rule as two parents' solve (the solve itself, never
+    its first start alone, as the reason says: session 37's review)."""
+    from hf_mudsc.methods.matching import UnitMatchingMethod
+
+    solves: list[int] = []
+    solve = UnitMatchingMethod.merge_parameters
+    monkeypatch.setattr(UnitMatchingMethod, "merge_parameters",
+                        lambda self, context: solves.append(len(context.parents)) or solve(self, context))
     import hf_mudsc.pipeline as pipeline
 
     real = pipeline._pair_in_place
@@ -428,5 +435,7 @@ def test_three_parents_whose_pair_check_fails_are_judged_again_by_the_solve_over
     check = record["correspondence_check"]
     assert record["method"] == "regmean", record["method_choice_reason"]
     assert check["parents"] == ["A", "B", "C"] and check["holds"] is True and check["units_in_place"] >= 0.5
+    assert "solved" not in check and solves == [3]  # the solve over all three ran and decided
     assert "leaves 0.0% of their units in place, so it solves every parent" in record["method_choice_reason"]
+    assert "mudsc's solve on the calibration data leaves" in record["method_choice_reason"]
     assert same_weights(merged, hf_mudsc.merge(parents, batches, method="regmean", progress=False))

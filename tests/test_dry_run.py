@@ -101,8 +101,8 @@ def test_dry_run_against_the_hub_downloads_no_weights_and_writes_nothing(local_h
     assert f"  B: user/b@{pinned_b} — ViTForImageClassification" in stdout
     assert "Relation: same class and configuration (ViTForImageClassification); the weight-based relation check " \
         "(shared base, permuted copy, independent, protected) runs at merge time" in stdout
-    assert ("Method: auto (chosen at merge time from the parents' weights and mudsc's solve on the calibration data; "
-            "estimated as mudsc) (matcher zip)" in stdout)
+    assert ("Method: auto (chosen at merge time from the parents' weights and mudsc's unit matching on the calibration "
+            "data; estimated as mudsc) (matcher zip)" in stdout)
     spec = spec_for(model)
     assert f"Groups: {len(spec.groups)} (widths 64, 128)" in stdout
     for group in spec.groups:
@@ -155,7 +155,7 @@ def test_the_plan_is_json_and_matches_the_models(wide_inputs, tmp_path):
     assert data["calibration"] == {"source": str(calibration), "rows_available": 32, "rows": 32,
                                    "tokens_per_example": 17, "tokens_assumed": False, "columns_checked": True,
                                    "columns_unchecked_reason": ""}
-    assert data["method"] == ("auto (chosen at merge time from the parents' weights and mudsc's solve on the "
+    assert data["method"] == ("auto (chosen at merge time from the parents' weights and mudsc's unit matching on the "
                               "calibration data; estimated as mudsc)")
     # the fixture's parents carry transformers' placeholder labels (LABEL_0, ...), and the residual group (read at the
     # class token: one row per example) sees 32 rows for 2 x 64 units — the merge says both, the second only if auto
