@@ -1,0 +1,56 @@
+"""Session 37's hunt in the refit, the size budget and N-parent merges (docs/design.md §4.9, §4.12, §4.13): what a
+user hit there, each proven here before it was fixed."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from factories import fine_tune, make_batches, make_model
+
+import hf_mudsc
+from hf_mudsc.errors import MergeInputError
+from hf_mudsc.options import REFITTING
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MISSING = ["/nonexistent/parent-a", "/nonexistent/parent-b"]  # any load would fail: a refusal comes before it
+
+
+@pytest.fixture(scope="module")
+def same_base():
+    """Two fine-tunes of one tiny ViT classifier, their base and a little calibration data."""
+    base = make_model("vit_cls", seed=0)
+    return base, fine_tune(base, 1, 0.05), fine_tune(base, 2, 0.05), make_batches("vit_cls", num_batches=2,
+                                                                                   batch_size=8)
+
+
+@pytest.mark.parametrize("refit", REFITTING)
+@pytest.mark.parametrize("weights", [[1.0, -1.0], [0.5, 0.25, -0.75]])
+def test_a_refit_with_weights_summing_to_zero_is_refused_in_one_line_before_loading(refit, weights):
+    """merge(..., method="task_arithmetic", refit="ridge", weights=[1, -1]) raised ZeroDivisionError from the
+    refit's target weights (each parent's share w_i / Σw), after loading, calibrating and merging."""
+    with pytest.raises(MergeInputError) as caught:
+        hf_mudsc.merge(MISSING + MISSING[:len(weights) - 2], [{"pixel_values": torch.zeros(1, 1, 16, 16)}],
+                       method="task_arithmetic", base="/nonexistent/base", refit=refit, weights=weights)
+    message = str(caught.value)
+    assert "sum to 0" in message and "weights= (CLI: --weights)" in message and "--refit" in message
+    assert "\n" not in message
+
+
+def test_a_refit_whose_weights_scale_a_parent_far_beyond_a_mean_is_refused_before_loading():
+    """weights=[1, -0.995] with a refit: the refit's target was 200·Y_A − 199·Y_B (each share w_i / Σw), no mean of
+    the parents' outputs; refused like the base-filling mean of the same weights (`plan.check_filled_weights`)."""
+    with pytest.raises(MergeInputError) as caught:
+        hf_mudsc.merge(MISSING, [{"pixel_values": torch.zeros(1, 1, 16, 16)}], method="task_arithmetic",
+                       base="/nonexistent/base", refit="ridge", weights=[1.0, -0.995])
+    assert "scale a parent by 200" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_zero_sum_weights_without_a_refit_still_merge(same_base):
+    """The refusal is the refit's: task arithmetic itself takes weights summing to 0 (A's task vector minus B's)."""
+    base, a, b, batches = same_base
+    merged = hf_mudsc.merge([a, b], batches, method="task_arithmetic", base=base, refit="none", weights=[1, -1],
+                            progress=False)
+    assert all(torch.isfinite(p).all() for p in merged.parameters())
