@@ -391,6 +391,16 @@ def _check_refit(name: str, value: str, cli: str) -> None:
         raise OptionError(f"unknown refit {shown(value)}; choose one of: {', '.join(REFITS)} {cli}")
 
 
+def refit_read_options(used: Mapping[str, Any], options: Any, refit: str) -> dict[str, Any]:
+    """`used` (a method's `used_options`) with the per-method options the refit `refit` (resolved) reads where the
+    method does not: unequal `weights` weight the refit's targets (`apply.refit.target_maps`) after a method that
+    ignores them (average, slerp), so they are recorded and not called unread."""
+    weights = getattr(options, "weights", None)
+    if refit in REFITTING and used.get("weights") is None and weights is not None and len(set(weights)) > 1:
+        return {**used, "weights": [float(weight) for weight in weights]}
+    return dict(used)
+
+
 def _check_refit_weights(refit: str, weights: Sequence[float] | None) -> None:
     """A refit's targets weight parent i's outputs by its share `w_i / Σw` (`apply.refit.target_maps`): refuse
     unequal `weights` that make no mean of the parents there — a sum of 0 (the division failed after the whole

@@ -98,7 +98,16 @@ from hf_mudsc.methods.registry import (
     get_method,
 )
 from hf_mudsc.option_values import AVERAGE_CHECK_METHOD
-from hf_mudsc.options import AUTO, REFITTING, MergeOptions, flag, gate_tasks_text, known_keywords, option_hint
+from hf_mudsc.options import (
+    AUTO,
+    REFITTING,
+    MergeOptions,
+    flag,
+    gate_tasks_text,
+    known_keywords,
+    option_hint,
+    refit_read_options,
+)
 from hf_mudsc.plan import (
     MergePlan,
     base_copied,
@@ -631,7 +640,8 @@ def merge(
     # Options as the method reads them: `weights` one per parent (1 each when not given).
     # `alpha="auto"` hands the method 0.5 until the search below sets each candidate.
     method_options = handed_options(merge_options, count)
-    used_options = merge_method.used_options(method_options)
+    # ... and the weights a refit reads after a method that does not (`refit_read_options`)
+    used_options = refit_read_options(merge_method.used_options(method_options), merge_options, refit_value)
     option_warnings: list[str] = []  # options that change nothing, said for the method that finally merges
     if unconfirmed is None:  # (else once the solve has decided the method)
         option_warnings = _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value,
@@ -676,7 +686,8 @@ def merge(
         """What follows from the method once `auto`'s check has decided it: the refit it runs, whether that reads
         the data, the options it reads, and whether alpha="auto" searches."""
         refit = _refits(merge_options, method, calibration, count)
-        return (refit, refit in REFITTING, method.used_options(method_options),
+        used = refit_read_options(method.used_options(method_options), merge_options, refit)
+        return (refit, refit in REFITTING, used,
                 alpha_searched(method, merge_options, count))
 
     correspondence = None  # the solve that confirmed or overturned auto's same-base choice (config.mudsc)

@@ -54,3 +54,21 @@ def test_zero_sum_weights_without_a_refit_still_merge(same_base):
     merged = hf_mudsc.merge([a, b], batches, method="task_arithmetic", base=base, refit="none", weights=[1, -1],
                             progress=False)
     assert all(torch.isfinite(p).all() for p in merged.parameters())
+
+
+@pytest.mark.parametrize("method", ["average", "slerp"])
+@pytest.mark.parametrize("refit", ["ridge", "repair"])
+def test_weights_read_only_by_the_refit_are_recorded_and_not_called_unread(same_base, caplog, method, refit):
+    """merge([A, B], data, method="average", refit="ridge", weights=[1, 3]) warned "method average does not read
+    weights=: it has no effect" and recorded config.mudsc["weights"] None (the card hid its row), yet the refit's
+    targets are the weighted mean of the parents' outputs: the merged weights differ from weights=None's."""
+    _, a, b, batches = same_base
+    with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
+        weighted = hf_mudsc.merge([a, b], batches, method=method, refit=refit, weights=[1, 3], progress=False)
+    plain = hf_mudsc.merge([a, b], batches, method=method, refit=refit, progress=False)
+    assert any(not torch.equal(p, q) for p, q in zip(weighted.state_dict().values(), plain.state_dict().values()))
+    assert not [r.message for r in caplog.records if "weights=" in r.getMessage() and "no effect" in r.getMessage()]
+    assert weighted.config.mudsc["weights"] == [1.0, 3.0]
+    plan = hf_mudsc.merge([a, b], batches, method=method, refit=refit, weights=[1, 3], dry_run=True)
+    assert not [text for text in plan.warnings if "weights=" in text and "no effect" in text]
+    assert weighted.merge_report.recipe["weights"] == [1.0, 3.0]
