@@ -464,8 +464,12 @@ def refit_model(
             del first
             storage = Storage()
             # The merged model also replays the finished parts of the block it refits (its 4 steps per block).
+            # One replay (its hooks, its stored outputs) per distinct parent object: one object passed twice
+            # (`merge([model, model])`) hooked by two replays returned one's stored outputs inside the other's pass.
+            distinct = list({id(parent): parent for parent in parents}.values())
+            slots = [next(i for i, model in enumerate(distinct) if model is parent) for parent in parents]
             replays = [BlockReplay(merged, chains, storage, units=True),
-                       *(BlockReplay(model, chains, storage, units=True) for model in parents)]
+                       *(BlockReplay(model, chains, storage, units=True) for model in distinct)]
             bar = Progress(total=len(report.steps), desc="refit", unit="steps", enabled=progress)
             tokens = 0  # samples (tokens) per pass, known after the first step: sizes the target cache
             position = 0
@@ -489,9 +493,10 @@ def refit_model(
                             if position == 0:
                                 report.examples += _batch_rows(batch)
                             outputs = []
-                            for parent, replay in zip(parents, replays[1:]):
+                            for parent, replay in zip(distinct, replays[1:], strict=True):
                                 replay.batch(number)
                                 outputs.append(capture_layers(parent, names, batch, "output", until=replay.storing))
+                            outputs = [outputs[slot] for slot in slots]
                             for name in names:
                                 mask = _mask(spec, name, batch, norm=_is_refit_norm(modules[name]))
                                 # Computed and kept in float32 (the parents' own precision; a float64 round trip
