@@ -85,3 +85,20 @@ def test_a_refit_of_one_model_object_passed_more_than_once_gives_that_model_back
     merged = hf_mudsc.merge([model] * copies, batches, method="mudsc", refit=refit, progress=False)
     for batch in batches:
         assert relative_error(model_output(merged, batch), model_output(model, batch)) < 1e-5
+
+
+def test_inspect_of_a_recipe_does_not_call_the_weights_a_refit_reads_without_effect(tmp_path, capsys):
+    """`hf-mudsc inspect recipe.yaml` (method average, refit ridge, weights [1, 3]) printed "weights = [1.0, 3.0] (no
+    effect)", though the refit's targets are the weighted mean of the parents' outputs."""
+    import yaml
+    from factories import vit_cli_case
+
+    from hf_mudsc.cli.main import main
+
+    parents, calibration = vit_cli_case(tmp_path)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"models": parents, "calibration": calibration, "method": "average",
+                                      "refit": "ridge", "weights": [1.0, 3.0]}))
+    assert main(["inspect", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "weights = [1.0, 3.0]" in out and "weights = [1.0, 3.0] (no effect)" not in out
