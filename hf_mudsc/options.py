@@ -401,11 +401,14 @@ def refit_read_options(used: Mapping[str, Any], options: Any, refit: str) -> dic
     return dict(used)
 
 
-def _check_refit_weights(refit: str, weights: Sequence[float] | None) -> None:
+def _check_refit_weights(refit: str, weights: Sequence[float] | None, parents: int | None) -> None:
     """A refit's targets weight parent i's outputs by its share `w_i / Σw` (`apply.refit.target_maps`): refuse
     unequal `weights` that make no mean of the parents there — a sum of 0 (the division failed after the whole
-    merge) or a share beyond ±`FACTOR_LIMIT` (the limit `linear` and the base-filling mean keep)."""
+    merge) or a share beyond ±`FACTOR_LIMIT` (the limit `linear` and the base-filling mean keep). Weights not one per
+    parent (`parents`; None: not known here) are left to the per-parent count check, whose message is the fix."""
     if weights is None or len(set(weights)) <= 1:  # equal weights: the plain mean, whatever their value
+        return
+    if parents is None or len(weights) != parents:
         return
     given = (f"refit={refit!r} fits the parents' outputs weighted by each one's share of the weights, but "
              f"{shown(list(weights))}")
@@ -1103,8 +1106,10 @@ class MergeOptions:
         """{name: value} of the options whose metadata match `where`, in declaration order."""
         return {name: getattr(self, name) for name in self.names(**where)}
 
-    def check_combination(self) -> None:
-        """Refuse options that contradict each other (each alone is valid). Raises `OptionError`."""
+    def check_combination(self, parents: int | None = None) -> None:
+        """Refuse options that contradict each other (each alone is valid). Raises `OptionError`. `parents`: how
+        many parents are merged, if known: the refit's weight check reads only one weight per parent (another count
+        is the caller's per-parent count check to refuse, with its own fix)."""
         if self.alpha == AUTO and self.reference_compat:
             raise OptionError(f"alpha='auto' chooses the balance factor, but reference_compat=True reproduces the "
                               f"reference's merge at a given one; pass a number ({flag('alpha')} 0.5) or drop "
@@ -1126,7 +1131,7 @@ class MergeOptions:
                               f"keep equal to the reference's; drop one of {flag('refit')} / "
                               f"{flag('reference_compat')}")
         if self.refit in REFITTING:
-            _check_refit_weights(self.refit, self.weights)
+            _check_refit_weights(self.refit, self.weights, parents)
 
     def keywords(self) -> dict[str, Any]:
         """The keyword arguments of `hf_mudsc.merge` these options stand for."""

@@ -447,7 +447,9 @@ def merge(
     keywords = {name: value for name, value in locals().items() if name in MergeOptions.names(keyword=True)}
     try:
         merge_options = MergeOptions.from_keywords(**keywords)
-        merge_options.check_combination()
+        # (the parents' count when `models` is a list of them; anything else is refused below)
+        merge_options.check_combination(parents=len(models) if isinstance(models, Sequence) and not isinstance(
+            models, (str, os.PathLike, PreTrainedModel)) else None)
         token = clean_token(token)
     except OptionError as error:
         raise MergeInputError(str(error)) from None

@@ -102,3 +102,30 @@ def test_inspect_of_a_recipe_does_not_call_the_weights_a_refit_reads_without_eff
     assert main(["inspect", str(recipe)]) == 0
     out = capsys.readouterr().out
     assert "weights = [1.0, 3.0]" in out and "weights = [1.0, 3.0] (no effect)" not in out
+
+
+@pytest.mark.parametrize("refit", REFITTING)
+def test_more_weights_than_parents_with_a_refit_gets_the_count_message(refit):
+    """merge([A, B], ..., refit="ridge", weights=[1, -1, 0]) said "... sum to 0" (the refit's check ran on all three)
+    instead of "weights= gives 3 values for 2 parents"."""
+    with pytest.raises(MergeInputError) as caught:
+        hf_mudsc.merge(MISSING, [{"pixel_values": torch.zeros(1, 1, 16, 16)}], method="task_arithmetic",
+                       base="/nonexistent/base", refit=refit, weights=[1.0, -1.0, 0.0])
+    assert "3 values for 2 parents" in str(caught.value) and "sum to 0" not in str(caught.value)
+
+
+def test_a_recipe_with_more_weights_than_parents_and_a_refit_gets_the_count_message(tmp_path):
+    """A recipe (2 models, refit ridge, weights [1, -1, 0]) was refused "... sum to 0", not for its count."""
+    import yaml
+
+    from hf_mudsc.errors import RecipeError
+    from hf_mudsc.publish.recipe import Recipe
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"models": ["org/a", "org/b"], "calibration": "org/data:train",
+                                      "method": "task_arithmetic", "base": "org/base", "refit": "ridge",
+                                      "weights": [1.0, -1.0, 0.0]}))
+    with pytest.raises(RecipeError) as caught:
+        Recipe.load(recipe).validate()
+    assert "sum to 0" not in str(caught.value) and "3" in str(caught.value)
+
