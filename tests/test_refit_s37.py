@@ -104,6 +104,49 @@ def test_inspect_of_a_recipe_does_not_call_the_weights_a_refit_reads_without_eff
     assert "weights = [1.0, 3.0]" in out and "weights = [1.0, 3.0] (no effect)" not in out
 
 
+def _shared_backbone(kind: str) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+    """A, B = A with another head on A's own backbone object (`B.bert = A.bert`), and B's unshared twin."""
+    import copy
+
+    a, other = make_model(kind, seed=0), make_model(kind, seed=3)
+    b = copy.deepcopy(a)
+    b.classifier = copy.deepcopy(other.classifier)
+    b.bert = a.bert
+    return a, b, copy.deepcopy(b)
+
+
+@pytest.mark.parametrize("refit", ["ridge", "gate", None])
+def test_parents_sharing_their_backbone_object_merge_as_their_unshared_twins(caplog, refit):
+    """B = deepcopy(A) with another head and `B.bert = A.bert`: merge([A, B], data, method="mudsc", refit="ridge")
+    was 0.87 away from the merge of B's unshared twin, refit="gate" and the default merge raised "a calibration batch
+    could not be run": each parent's block replay hooked the modules the other parent holds too."""
+    a, b, twin = _shared_backbone("bert_cls")
+    batches = make_batches("bert_cls", num_batches=2, batch_size=8)
+    keywords = {"method": "mudsc", "refit": refit} if refit is not None else {}
+    with caplog.at_level(logging.INFO, logger="hf_mudsc"):
+        shared = hf_mudsc.merge([a, b], batches, progress=False, **keywords)
+    said = [r.getMessage() for r in caplog.records if "share" in r.getMessage() and "copy" in r.getMessage()]
+    assert said and "bert" in said[0]
+    unshared = hf_mudsc.merge([a, twin], batches, progress=False, **keywords)
+    for (name, p), q in zip(shared.state_dict().items(), unshared.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert b.bert is a.bert and b.classifier is not a.classifier  # the parents are left as given
+
+
+@pytest.mark.parametrize("refit", ["ridge", "gate", None])
+def test_a_shallow_copy_of_a_parent_merges_as_that_model(refit):
+    """B = copy.copy(A) (another object holding every module of A): merge([A, B], data, method="mudsc",
+    refit="ridge") returned a model 0.87 away from A (gate raised): the two replays hooked the same modules."""
+    import copy
+
+    a = make_model("bert_cls", seed=0)
+    batches = make_batches("bert_cls", num_batches=2, batch_size=8)
+    keywords = {"method": "mudsc", "refit": refit} if refit is not None else {}
+    merged = hf_mudsc.merge([a, copy.copy(a)], batches, progress=False, **keywords)
+    for batch in batches:
+        assert relative_error(model_output(merged, batch), model_output(a, batch)) < 1e-5
+
+
 @pytest.mark.parametrize("refit", REFITTING)
 def test_more_weights_than_parents_with_a_refit_gets_the_count_message(refit):
     """merge([A, B], ..., refit="ridge", weights=[1, -1, 0]) said "... sum to 0" (the refit's check ran on all three)
