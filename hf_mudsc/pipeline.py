@@ -1024,6 +1024,17 @@ def merge(
                     report, method=averaging.name, matcher=None, alpha=None, refit=None, matches=[], group_names=[],
                     group_values=[], objective_history=[], sweeps=0, starts={}, solve_start=None, diagnostics=None,
                     warnings=list(warnings))
+            elif not gate.kept and merge_method.used_options(method_options).get("weights") is None \
+                    and used_options.get("weights") is not None:
+                # The weights only weighted the refit's targets (`refit_read_options`): the merge returned without
+                # it reads none, so they are recorded as its method records them and said to have had no effect.
+                text = (f"{option_hint('weights')} {used_options['weights']} weighted only the refit's targets, "
+                        f"and the refit gate dropped the refit (held-out scores in config.mudsc['refit_gate']): "
+                        f"they have no effect on the returned {merge_method.name} merge")
+                logger.warning("%s", text)
+                report.warnings.append(text)
+                merged.config.mudsc["warnings"].append(text)
+                merged.config.mudsc["weights"] = None
         else:
             report.refit = run_refit(merged, calibration_batches, calibration_examples)
     if refitting:

@@ -172,3 +172,17 @@ def test_a_recipe_with_more_weights_than_parents_and_a_refit_gets_the_count_mess
         Recipe.load(recipe).validate()
     assert "sum to 0" not in str(caught.value) and "3" in str(caught.value)
 
+
+def test_weights_read_only_by_a_refit_the_gate_dropped_are_not_recorded(same_base, caplog):
+    """merge([A, B], data, method="average", refit="gate", weights=[1, 3]) with the gate dropping the refit recorded
+    config.mudsc["weights"] [1, 3] on an unweighted average and said nothing of the weights."""
+    _, a, b, batches = same_base
+    with caplog.at_level(logging.WARNING, logger="hf_mudsc"):
+        merged = hf_mudsc.merge([a, b], batches, method="average", refit="gate", weights=[1, 3], progress=False)
+    assert merged.config.mudsc["refit_gate"]["kept"] is False  # (the case: these parents' gate drops the refit)
+    assert merged.config.mudsc["weights"] is None
+    said = [r.getMessage() for r in caplog.records if "weights=" in r.getMessage() and "gate" in r.getMessage()]
+    assert len(said) == 1 and "no effect" in said[0] and said[0] in merged.config.mudsc["warnings"]
+    plain = hf_mudsc.merge([a, b], batches, method="average", refit="none", progress=False)
+    for p, q in zip(merged.state_dict().values(), plain.state_dict().values()):
+        assert torch.equal(p, q)
