@@ -32,7 +32,7 @@ from typing import Any
 from hf_mudsc.errors import OptionError, UnknownKeywordError, flag, option_hint, parent_label, shown  # noqa: F401 (re-exported)
 from hf_mudsc.load.references import TOKEN_FIX, looks_like_token
 from hf_mudsc.markdown import markdown_cell, markdown_code
-from hf_mudsc.option_values import FACTOR_LIMIT, MATCHERS, WEIGHT_RANGE, parse_layer_swap
+from hf_mudsc.option_values import FACTOR_LIMIT, MATCHERS, WEIGHT_RANGE, WEIGHT_SUM_FLOOR, parse_layer_swap
 
 STATISTICS_DTYPES = ("float32", "float64")
 #: The dtypes the merged model may be returned and saved in (`out_dtype`); "auto" keeps the parents' common stored
@@ -389,6 +389,36 @@ def _card_out_dtype(value: Any, context: Mapping[str, Any]) -> str | None:
 def _check_refit(name: str, value: str, cli: str) -> None:
     if value not in REFITS:
         raise OptionError(f"unknown refit {shown(value)}; choose one of: {', '.join(REFITS)} {cli}")
+
+
+def refit_read_options(used: Mapping[str, Any], options: Any, refit: str) -> dict[str, Any]:
+    """`used` (a method's `used_options`) with the per-method options the refit `refit` (resolved) reads where the
+    method does not: unequal `weights` weight the refit's targets (`apply.refit.target_maps`) after a method that
+    ignores them (average, slerp), so they are recorded and not called unread."""
+    weights = getattr(options, "weights", None)
+    if refit in REFITTING and used.get("weights") is None and weights is not None and len(set(weights)) > 1:
+        return {**used, "weights": [float(weight) for weight in weights]}
+    return dict(used)
+
+
+def _check_refit_weights(refit: str, weights: Sequence[float] | None, parents: int | None) -> None:
+    """A refit's targets weight parent i's outputs by its share `w_i / Σw` (`apply.refit.target_maps`): refuse
+    unequal `weights` that make no mean of the parents there — a sum of 0 (the division failed after the whole
+    merge) or a share beyond ±`FACTOR_LIMIT` (the limit `linear` and the base-filling mean keep). Weights not one per
+    parent (`parents`; None: not known here) are left to the per-parent count check, whose message is the fix."""
+    if weights is None or len(set(weights)) <= 1:  # equal weights: the plain mean, whatever their value
+        return
+    if parents is None or len(weights) != parents:
+        return
+    given = (f"refit={refit!r} fits the parents' outputs weighted by each one's share of the weights, but "
+             f"{shown(list(weights))}")
+    fix = f"give {option_hint('weights')} with a sum away from 0, or pass {flag('refit')} none"
+    total = sum(weights)
+    if abs(total) < WEIGHT_SUM_FLOOR:
+        raise OptionError(f"{given} sum to 0; {fix}")
+    worst = max((weight / total for weight in weights), key=abs)
+    if abs(worst) > FACTOR_LIMIT:
+        raise OptionError(f"{given} scale a parent by {worst:g} there, beyond ±{FACTOR_LIMIT:g}; {fix}")
 
 
 def _check_refit_lambda(name: str, value: float, cli: str) -> None:
@@ -1076,8 +1106,10 @@ class MergeOptions:
         """{name: value} of the options whose metadata match `where`, in declaration order."""
         return {name: getattr(self, name) for name in self.names(**where)}
 
-    def check_combination(self) -> None:
-        """Refuse options that contradict each other (each alone is valid). Raises `OptionError`."""
+    def check_combination(self, parents: int | None = None) -> None:
+        """Refuse options that contradict each other (each alone is valid). Raises `OptionError`. `parents`: how
+        many parents are merged, if known: the refit's weight check reads only one weight per parent (another count
+        is the caller's per-parent count check to refuse, with its own fix)."""
         if self.alpha == AUTO and self.reference_compat:
             raise OptionError(f"alpha='auto' chooses the balance factor, but reference_compat=True reproduces the "
                               f"reference's merge at a given one; pass a number ({flag('alpha')} 0.5) or drop "
@@ -1098,6 +1130,8 @@ class MergeOptions:
             raise OptionError(f"refit={self.refit!r} changes the merged weights, which reference_compat=True must "
                               f"keep equal to the reference's; drop one of {flag('refit')} / "
                               f"{flag('reference_compat')}")
+        if self.refit in REFITTING:
+            _check_refit_weights(self.refit, self.weights, parents)
 
     def keywords(self) -> dict[str, Any]:
         """The keyword arguments of `hf_mudsc.merge` these options stand for."""

@@ -99,7 +99,16 @@ from hf_mudsc.methods.registry import (
     get_method,
 )
 from hf_mudsc.option_values import AVERAGE_CHECK_METHOD
-from hf_mudsc.options import AUTO, REFITTING, MergeOptions, flag, gate_tasks_text, known_keywords, option_hint
+from hf_mudsc.options import (
+    AUTO,
+    REFITTING,
+    MergeOptions,
+    flag,
+    gate_tasks_text,
+    known_keywords,
+    option_hint,
+    refit_read_options,
+)
 from hf_mudsc.plan import (
     MergePlan,
     base_copied,
@@ -439,7 +448,9 @@ def merge(
     keywords = {name: value for name, value in locals().items() if name in MergeOptions.names(keyword=True)}
     try:
         merge_options = MergeOptions.from_keywords(**keywords)
-        merge_options.check_combination()
+        # (the parents' count when `models` is a list of them; anything else is refused below)
+        merge_options.check_combination(parents=len(models) if isinstance(models, Sequence) and not isinstance(
+            models, (str, os.PathLike, PreTrainedModel)) else None)
         token = clean_token(token)
     except OptionError as error:
         raise MergeInputError(str(error)) from None
@@ -634,7 +645,8 @@ def merge(
     # Options as the method reads them: `weights` one per parent (1 each when not given).
     # `alpha="auto"` hands the method 0.5 until the search below sets each candidate.
     method_options = handed_options(merge_options, count)
-    used_options = merge_method.used_options(method_options)
+    # ... and the weights a refit reads after a method that does not (`refit_read_options`)
+    used_options = refit_read_options(merge_method.used_options(method_options), merge_options, refit_value)
     option_warnings: list[str] = []  # options that change nothing, said for the method that finally merges
     if unconfirmed is None:  # (else once the solve has decided the method)
         option_warnings = _warn_unused(merge_options, used_options, merge_method, calibration, count, refit_value,
@@ -679,7 +691,8 @@ def merge(
         """What follows from the method once `auto`'s check has decided it: the refit it runs, whether that reads
         the data, the options it reads, and whether alpha="auto" searches."""
         refit = _refits(merge_options, method, calibration, count)
-        return (refit, refit in REFITTING, method.used_options(method_options),
+        used = refit_read_options(method.used_options(method_options), merge_options, refit)
+        return (refit, refit in REFITTING, used,
                 alpha_searched(method, merge_options, count))
 
     correspondence = None  # the solve that confirmed or overturned auto's same-base choice (config.mudsc)
@@ -1024,6 +1037,17 @@ def merge(
                     report, method=averaging.name, matcher=None, alpha=None, refit=None, matches=[], group_names=[],
                     group_values=[], objective_history=[], sweeps=0, starts={}, solve_start=None, diagnostics=None,
                     warnings=list(warnings))
+            elif not gate.kept and merge_method.used_options(method_options).get("weights") is None \
+                    and used_options.get("weights") is not None:
+                # The weights only weighted the refit's targets (`refit_read_options`): the merge returned without
+                # it reads none, so they are recorded as its method records them and said to have had no effect.
+                text = (f"{option_hint('weights')} {used_options['weights']} weighted only the refit's targets, "
+                        f"and the refit gate dropped the refit (held-out scores in config.mudsc['refit_gate']): "
+                        f"they have no effect on the returned {merge_method.name} merge")
+                logger.warning("%s", text)
+                report.warnings.append(text)
+                merged.config.mudsc["warnings"].append(text)
+                merged.config.mudsc["weights"] = None
         else:
             report.refit = run_refit(merged, calibration_batches, calibration_examples)
     if refitting:

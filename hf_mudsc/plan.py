@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 from hf_mudsc.errors import parent_label
 from hf_mudsc.memory import available_memory, local_processes
-from hf_mudsc.options import AUTO, REFITTING, MergeOptions, option_hint, resolve_refit
+from hf_mudsc.options import AUTO, REFITTING, MergeOptions, option_hint, refit_read_options, resolve_refit
 
 logger = logging.getLogger(__name__)
 
@@ -1084,7 +1084,8 @@ def plan_merge(models: Sequence[Any], calibration: Any, options: MergeOptions, *
         warnings += check_choices(options, len(models), has_data=calibration is not None,
                                   has_base=options.base is not None)
     else:  # what the merge will say of options that change nothing, said before it runs
-        warnings += [text for text in (unread_options_warning(options, method.used_options(handed), method.name,
+        used = refit_read_options(method.used_options(handed), options, refit)  # as the merge records them
+        warnings += [text for text in (unread_options_warning(options, used, method.name,
                                                               read=method.read_as_default(options)),
                                        *inert_options_warnings(options, method=method.name,
                                                                reads_base=method.needs_base_model,

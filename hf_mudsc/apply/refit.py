@@ -24,6 +24,7 @@ fit (`NormAccumulator`); off by default (docs/benchmarks/refit_layernorm.md: wit
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import math
@@ -48,7 +49,7 @@ from hf_mudsc.calibrate.layer_inputs import (
     run_forward,
     token_rows,
 )
-from hf_mudsc.errors import CalibrationError, option_hint
+from hf_mudsc.errors import CalibrationError, option_hint, parent_label
 from hf_mudsc.load.checks import is_softmax_head
 from hf_mudsc.load.objects import whole_sequences
 from hf_mudsc.options import AUTO, MergeOptions
@@ -383,6 +384,44 @@ def capture_layers(model: nn.Module, names: Sequence[str], batch: Mapping[str, A
     return captured
 
 
+def replayed_parents(parents: Sequence[nn.Module]) -> tuple[list[nn.Module], list[int]]:
+    """The models the refit runs for `parents`, one block replay each, and each parent's index among them. A replay
+    hooks and replaces the forwards of its model's modules for a whole pass, every parent's at once, so no two of
+    them may hold one module object: a parent holding the same modules under the same names as an earlier one (the
+    same object passed twice, a shallow copy) is run once for both (the same outputs); one holding only some module
+    of an earlier one (two heads on one backbone object) is run as a deep copy, made for the refit only (its memory
+    once more, said in a log line)."""
+    runs: list[nn.Module] = []
+    keys: list[tuple] = []
+    held: dict[int, tuple[int, str]] = {}  # id of a module holding weights -> (parent index, its name there)
+    slots = []
+    for index, parent in enumerate(parents):
+        named = [(name, module) for name, module in parent.named_modules() if name]
+        key = (type(parent), tuple((name, id(module)) for name, module in named),
+               tuple(id(t) for t in (*parent.parameters(recurse=False), *parent.buffers(recurse=False))))
+        if key in keys:
+            slots.append(keys.index(key))
+            continue
+        weighted = [(name, module) for name, module in named
+                    if next(module.parameters(), None) is not None or next(module.buffers(), None) is not None]
+        shared = next(((name, held[id(module)]) for name, module in weighted if id(module) in held), None)
+        if shared is not None:
+            name, (owner, owner_name) = shared
+            logger.warning("refit: parent %s shares module %r%s with parent %s (one object in both); the refit "
+                           "runs a copy of parent %s (its memory once more) — pass copy.deepcopy(...) of it to merge "
+                           "to run without one", parent_label(index), name,
+                           f" (its {owner_name!r})" if owner_name != name else "", parent_label(owner),
+                           parent_label(index))
+            parent = copy.deepcopy(parent)
+        else:
+            for name, module in weighted:
+                held.setdefault(id(module), (index, name))
+        slots.append(len(runs))
+        runs.append(parent)
+        keys.append(key)
+    return runs, slots
+
+
 def refit_model(
     merged: nn.Module,
     parents: Sequence[nn.Module],
@@ -427,8 +466,10 @@ def refit_model(
     started = time.perf_counter()
     report = RefitReport()
     target = torch.device(device) if device is not None else None
-    homes = [_home(model) for model in (merged, *parents)]
-    was_training = [model.training for model in (merged, *parents)]
+    # The models run (a parent sharing modules with another is run once or copied) and each parent's among them.
+    runs, slots = replayed_parents(parents)
+    homes = [_home(model) for model in (merged, *runs)]
+    was_training = [model.training for model in (merged, *runs)]
     head = _classifier_module(spec)
     if concatenate_classifier and head is not None:
         if keep_head is None:
@@ -442,12 +483,12 @@ def refit_model(
     modules = dict(merged.named_modules())
     layers = [name for name in refit_layers(merged, spec, norms=norms) if not (report.head_kept and name == head)]
     try:
-        for model in (merged, *parents):
+        for model in (merged, *runs):
             model.eval()
             if target is not None:
                 model.to(target)
         # The Gram's BLAS (scipy's, `syrk_upper`) uses as many threads as torch does.
-        with torch.no_grad(), torch_thread_count(), whole_sequences((merged, *parents)):
+        with torch.no_grad(), torch_thread_count(), whole_sequences((merged, *runs)):
             if not layers:
                 return report
             if samples == AUTO:
@@ -464,8 +505,10 @@ def refit_model(
             del first
             storage = Storage()
             # The merged model also replays the finished parts of the block it refits (its 4 steps per block).
+            # One replay (its hooks, its stored outputs) per model run (`replayed_parents`): two replays hooking one
+            # module object returned one's stored outputs inside the other's pass.
             replays = [BlockReplay(merged, chains, storage, units=True),
-                       *(BlockReplay(model, chains, storage, units=True) for model in parents)]
+                       *(BlockReplay(model, chains, storage, units=True) for model in runs)]
             bar = Progress(total=len(report.steps), desc="refit", unit="steps", enabled=progress)
             tokens = 0  # samples (tokens) per pass, known after the first step: sizes the target cache
             position = 0
@@ -489,9 +532,10 @@ def refit_model(
                             if position == 0:
                                 report.examples += _batch_rows(batch)
                             outputs = []
-                            for parent, replay in zip(parents, replays[1:]):
+                            for parent, replay in zip(runs, replays[1:], strict=True):
                                 replay.batch(number)
                                 outputs.append(capture_layers(parent, names, batch, "output", until=replay.storing))
+                            outputs = [outputs[slot] for slot in slots]
                             for name in names:
                                 mask = _mask(spec, name, batch, norm=_is_refit_norm(modules[name]))
                                 # Computed and kept in float32 (the parents' own precision; a float64 round trip
@@ -542,7 +586,7 @@ def refit_model(
                 report.chains = [chain.blocks for chain in chains]
                 report.stored_bytes, report.stored_files = storage.ram_peak, storage.files
     finally:
-        for model, home, training in zip((merged, *parents), homes, was_training):
+        for model, home, training in zip((merged, *runs), homes, was_training):
             if target is not None and home is not None:
                 model.to(home)
             model.train(training)

@@ -22,7 +22,13 @@ from hf_mudsc.errors import escaped, parent_label
 from hf_mudsc.evaluate.names import RESULTS_FILENAME
 from hf_mudsc.load.config_json import SIDE_FILE_MAX_BYTES, parse_json
 from hf_mudsc.option_values import AVERAGE_CHECK_METHOD, check_solved_by, start_margin_note
-from hf_mudsc.options import gate_lowered_tasks_text, gate_scores, gate_tasks_text, gate_tie_note
+from hf_mudsc.options import (
+    gate_lowered_tasks_text,
+    gate_scores,
+    gate_tasks_text,
+    gate_tie_note,
+    refit_read_options,
+)
 from hf_mudsc.solve.diagnostics import DIAGNOSTICS_FILENAME, PLOTS_FOLDER
 
 
@@ -501,7 +507,9 @@ def inspect_recipe(path: Path) -> int:
     else:
         method = get_method(recipe.method)  # the options the method reads, as the merge records them
         matcher, alpha = method.used_matcher(recipe.matcher), method.recorded_alpha(recipe.alpha)
-        unread = set(unread_options(recipe, method.used_options(handed_options(recipe, len(recipe.models))),
+        used = refit_read_options(method.used_options(handed_options(recipe, len(recipe.models))), recipe,
+                                  recipe.refit)  # the weights a refit reads after a method that does not
+        unread = set(unread_options(recipe, used,
                                     read=method.read_as_default(recipe)))
         settings = ", ".join(s for s in (f"matcher {matcher}" if matcher else "",
                                          f"alpha {alpha:g}" if isinstance(alpha, float) else

@@ -280,7 +280,7 @@ class Recipe(MergeOptions):
         for key, value in checked.items():
             setattr(self, key, value)
         try:
-            self.check_combination()
+            self.check_combination(parents=len(self.models))
         except OptionError as error:
             raise RecipeError(str(error)) from None
         self.refuse_objects()
