@@ -1,0 +1,246 @@
+"""Session 37, pushing as huggingface_hub users expect: commit message and description, a branch (`revision`) and
+pull requests (`create_pr`), through `push_merged`, `hf-mudsc push` and `merge --push-to-hub`; the dry run refusing a
+pickle that runs code as the merge does; the push's arguments checked before any upload."""
+
+from __future__ import annotations
+
+import os
+import shlex
+
+import pytest
+import torch
+from factories import make_model
+from huggingface_hub import ModelCard
+from test_cli import FAST, save_parents_and_data
+
+import hf_mudsc
+from hf_mudsc.cli.main import main
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
+UPLOADS = ("preupload", "lfs_batch", "lfs_upload", "commit")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return save_parents_and_data(tmp_path_factory.mktemp("push37_inputs"))
+
+
+@pytest.fixture(scope="module")
+def merged(inputs):
+    """The module's merge of the two tiny ViTs, in memory (zipit, 24 samples)."""
+    a, b, calibration = inputs
+    return hf_mudsc.merge([str(a), str(b)], str(calibration), method="zipit", num_samples=24, batch_size=8,
+                          progress=False)
+
+
+@pytest.fixture(scope="module")
+def folder(merged, tmp_path_factory):
+    """The same merge saved as `hf-mudsc merge --output` writes it."""
+    return hf_mudsc.save_merged(merged, tmp_path_factory.mktemp("push37_folder") / "merged")
+
+
+def uploads(hub) -> int:
+    return sum(len(hub.requests_for(op)) for op in UPLOADS)
+
+
+def test_push_merged_commits_to_a_new_branch_with_the_message_and_description_given(local_hub, merged, monkeypatch):
+    """push_merged(m, "user/m", revision="dev", commit_message=..., commit_description=...): the branch is created from
+    main (as push_to_hub does), holds the model; main keeps only its initial commit; the card loads revision="dev"."""
+    monkeypatch.setenv("HF_TOKEN", local_hub.token)
+    result = hf_mudsc.push_merged(merged, "user/m", revision="dev", commit_message="First merge",
+                                  commit_description="zipit of two ViTs")
+    hub = local_hub
+    assert result.revision == "dev" and result.pr_url is None and result.created
+    assert result.commit_sha == hub.head("user/m", revision="dev")
+    assert [c.title for c in hub.commits("user/m")] == ["initial commit"]
+    head = hub.commits("user/m", revision="dev")[0]
+    assert head.title == "First merge" and head.message.endswith("\n\nzipit of two ViTs")
+    card = hub.file_bytes("user/m", "README.md", revision="dev").decode()
+    assert 'from_pretrained("user/m", revision="dev")' in card
+    assert "model.safetensors" in hub.list_files("user/m", revision="dev")
+    assert not hub.unhandled and not hub.server_errors
+
+
+def test_push_merged_opens_a_pull_request_without_overwrite_and_returns_its_url(local_hub, merged, monkeypatch):
+    """push_merged(m, "user/m") then push_merged(m2, "user/m", create_pr=True): refs/pr/1 holds the new model, main
+    is untouched, result.pr_url is the PR's URL; a PR against a branch that does not exist is refused in one line
+    before any upload."""
+    monkeypatch.setenv("HF_TOKEN", local_hub.token)
+    hub = local_hub
+    hf_mudsc.push_merged(merged, "user/m")
+    main_head = hub.head("user/m")
+    before = uploads(hub)
+    with pytest.raises(ValueError) as caught:
+        hf_mudsc.push_merged(merged, "user/m", create_pr=True, revision="nope")
+    assert "has no branch 'nope' to open a pull request against" in str(caught.value)
+    assert len(str(caught.value).splitlines()) == 1 and uploads(hub) == before
+    merged.merge_report.diagnostics = None  # another model's files: no plots, so the PR deletes them
+    try:
+        result = hf_mudsc.push_merged(merged, "user/m", create_pr=True, commit_message="Proposed merge")
+    finally:
+        del merged.merge_report.diagnostics
+    assert result.pr_url == f"{hub.endpoint}/user/m/discussions/1" and result.changed
+    assert hub.head("user/m") == main_head
+    assert hub.head("user/m", revision="refs/pr/1") == result.commit_sha
+    assert hub.commits("user/m", revision="refs/pr/1")[0].title == "Proposed merge"
+    assert not any(name.startswith("plots/") for name in hub.list_files("user/m", revision="refs/pr/1"))
+    assert any(name.startswith("plots/") for name in hub.list_files("user/m"))
+
+
+def test_push_to_a_branch_needs_overwrite_once_it_holds_files(hub_cli, local_hub, folder):
+    """hf-mudsc push DIR user/m --revision dev twice: the second is refused naming --overwrite and --create-pr; with
+    --overwrite the branch's files are replaced and main is untouched; the output names the branch."""
+    hub = local_hub
+    hub.create_repo("user/m")
+    hub.commit_files("user/m", {"weights.bin": b"main's model"}, "main's model")
+    main_head = hub.head("user/m")
+    first = hub_cli("push", str(folder), "user/m", "--revision", "dev", "--commit-message", "Merge on dev")
+    assert first.returncode == 0, first.stderr
+    assert "(branch dev)" in first.stdout
+    # created from main, main's files replaced on it (main keeps them)
+    assert "weights.bin" not in hub.list_files("user/m", revision="dev")
+    assert hub.commits("user/m", revision="dev")[0].title == "Merge on dev"
+    before = uploads(hub)
+    again = hub_cli("push", str(folder), "user/m", "--revision", "dev")
+    assert again.returncode == 1
+    error = again.stderr.strip().splitlines()[0]
+    assert "the branch 'dev' of the Hub repo 'user/m' already holds files; pass --overwrite" in error
+    assert "--create-pr" in error and uploads(hub) == before
+    replaced = hub_cli("push", str(folder), "user/m", "--revision", "dev", "--overwrite", "--commit-message", "Again")
+    assert replaced.returncode == 0, replaced.stderr
+    assert "Nothing to push: user/m (dev) already holds exactly these files" in replaced.stdout
+    assert hub.head("user/m") == main_head and "weights.bin" in hub.list_files("user/m")
+
+
+def test_push_cli_opens_a_pull_request_and_prints_its_url(hub_cli, local_hub, folder):
+    """hf-mudsc push DIR user/m --create-pr on a repo holding another model: no --overwrite needed, the PR's URL is
+    printed, main is untouched."""
+    hub = local_hub
+    hub.create_repo("user/m")
+    hub.commit_files("user/m", {"weights.bin": b"main's model"}, "main's model")
+    main_head = hub.head("user/m")
+    run = hub_cli("push", str(folder), "user/m", "--create-pr", "--commit-description", "please review")
+    assert run.returncode == 0, run.stderr
+    assert f"as a pull request: {hub.endpoint}/user/m/discussions/1" in run.stdout
+    assert hub.head("user/m") == main_head
+    pr = hub.commits("user/m", revision="refs/pr/1")[0]
+    assert pr.message.endswith("please review") and "weights.bin" not in pr.files
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["user/m@dev"], "names a revision, which a push target does not take: give the repo as 'user/m' and the branch "
+                     "with --revision 'dev'"),
+    (["user/m", "--revision", "refs/pr/1"], "is a git ref, not a branch name"),
+    (["user/m", "--revision", "a" * 40], "is not a branch name the Hub accepts"),
+    (["user/m", "--revision", "my branch"], "is not a branch name the Hub accepts"),
+    (["user/m", "--commit-message", " "], "--commit-message is empty"),
+    (["user/m", "--commit-message", "hf_" + "x" * 34], "--commit-message looks like it holds a Hugging Face access "
+                                                         "token (not shown)"),
+])
+def test_push_arguments_the_hub_would_refuse_are_refused_in_one_line_before_the_hub(hub_cli, local_hub, folder,
+                                                                                     argv, said):
+    """hf-mudsc push DIR user/m@dev (or a ref, a sha, a blank message, a token as message): exit 2, one line, no Hub
+    request at all."""
+    run = hub_cli("push", str(folder), *argv)
+    assert run.returncode == 2 and said in run.stderr, run.stderr
+    assert "hf_" + "x" * 34 not in run.stderr
+    assert not local_hub.requests
+
+
+def test_push_to_a_tag_is_refused_before_any_upload(hub_cli, local_hub, folder):
+    """hf-mudsc push DIR user/m --revision v1, v1 a tag: refused in one line (the Hub commits to branches only)."""
+    from huggingface_hub import HfApi
+
+    hub = local_hub
+    hub.create_repo("user/m")
+    HfApi(token=hub.token).create_tag("user/m", tag="v1")
+    before = uploads(hub)
+    run = hub_cli("push", str(folder), "user/m", "--revision", "v1", "--overwrite")
+    assert run.returncode == 1 and "'v1' is a tag of the Hub repo 'user/m', not a branch" in run.stderr
+    assert run.stderr.count("hf-mudsc push: error:") == 1 and uploads(hub) == before
+
+
+def test_explicit_token_wins_over_hf_token(hub_cli, local_hub, folder):
+    """hf-mudsc push DIR user/m --token GOOD with HF_TOKEN=BAD pushes (the given token wins, as in huggingface_hub);
+    --token BAD with HF_TOKEN=GOOD is refused without showing either."""
+    hub = local_hub
+    hub.accept_any_token = False
+    bad = "hf_" + "b" * 34
+    ok = hub_cli("push", str(folder), "user/m", "--token", hub.token, token=bad)
+    assert ok.returncode == 0, ok.stderr
+    refused = hub_cli("push", str(folder), "user/other", "--token", bad)
+    assert refused.returncode == 1 and bad not in refused.stderr and hub.token not in refused.stderr
+
+
+def test_merge_push_to_a_branch_names_it_in_the_card_and_the_flags_need_push_to_hub(hub_cli, local_hub, inputs,
+                                                                                    tmp_path):
+    """hf-mudsc merge A B ... --push-to-hub user/m --revision dev: the card on dev loads revision="dev"; --revision
+    without --push-to-hub is refused (exit 2) before anything is loaded."""
+    a, b, calibration = inputs
+    alone = hub_cli("merge", str(a), str(b), "--calibration", str(calibration), "--output", str(tmp_path / "o"),
+                    "--revision", "dev", *FAST)
+    assert alone.returncode == 2 and "--revision says how --push-to-hub commits" in alone.stderr
+    assert not (tmp_path / "o").exists()
+    run = hub_cli("merge", str(a), str(b), "--calibration", str(calibration), "--push-to-hub", "user/m",
+                  "--revision", "dev", "--commit-message", "Merged on dev", *FAST)
+    assert run.returncode == 0, run.stderr
+    assert "(branch dev)" in run.stdout
+    hub = local_hub
+    assert hub.commits("user/m", revision="dev")[0].title == "Merged on dev"
+    card = ModelCard(hub.file_bytes("user/m", "README.md", revision="dev").decode())
+    assert 'from_pretrained("user/m", revision="dev")' in card.content
+    assert [c.title for c in hub.commits("user/m")] == ["initial commit"]
+
+
+def test_dry_run_refuses_a_pickle_that_runs_code_as_the_merge_does(tmp_path, capsys):
+    """hf-mudsc merge A B --allow-pickle --dry-run, B's pytorch_model.bin calling os.system: the merge refuses it at
+    its header pass; the dry run printed a plan (it read headers only)."""
+    marker = tmp_path / "ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    parents = []
+    for name, seed in (("a", 1), ("b", 2)):
+        model = make_model("vit_cls", seed)
+        model.save_pretrained(tmp_path / name)
+        (tmp_path / name / "model.safetensors").unlink()
+        state = dict(model.state_dict(), **({"extra": RunsCode()} if name == "b" else {}))
+        torch.save(state, tmp_path / name / "pytorch_model.bin")
+        parents.append(str(tmp_path / name))
+    code = main(["merge", *parents, "--method", "average", "--allow-pickle", "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 1 and "pytorch_model.bin holds more than tensors — unpickling it would call posix.system" in err
+    assert not marker.exists()
+
+
+def test_the_readmes_branch_and_pull_request_examples_run_as_printed(hub_cli, local_hub, folder, merged,
+                                                                       monkeypatch):
+    """README "Push to a branch, or open a pull request": its `hf-mudsc push merged ...` lines (DIR = a merged folder)
+    against a repo holding a model, then its Python example: the branch, the pull requests and the card it names."""
+    from readme_examples import README, readme_example, shell_lines
+
+    hub = local_hub
+    hub.create_repo("org/my-merged-vit")
+    hub.commit_files("org/my-merged-vit", {"weights.bin": b"main's model"}, "main's model")
+    lines = [shlex.split(line, comments=True) for line in shell_lines(README.read_text(encoding="utf-8"))
+             if line.startswith("hf-mudsc push merged ") and ("--revision" in line or "--create-pr" in line)]
+    assert len(lines) == 2, lines
+    for words in lines:
+        run = hub_cli(*[str(folder) if word == "merged" else word for word in words[1:]])
+        assert run.returncode == 0, run.stderr
+    assert hub.commits("org/my-merged-vit", revision="zipit-24")[0].title == "zipit, 24 samples"
+    assert hub.commits("org/my-merged-vit", revision="refs/pr/1")[0].message.endswith("Proposed: the zipit merge")
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    namespace = {"hf_mudsc": hf_mudsc, "merged": merged}
+    merged.merge_report.diagnostics = None  # the folder's files differ from these: the pull request is not empty
+    try:
+        exec(compile(readme_example("push-branch"), "README.md", "exec"), namespace)
+    finally:
+        del merged.merge_report.diagnostics
+    assert namespace["result"].pr_url == f"{hub.endpoint}/org/my-merged-vit/discussions/2"
+    card = hub.file_bytes("org/my-merged-vit", "README.md", revision="experiment").decode()
+    assert 'from_pretrained("org/my-merged-vit", revision="experiment")' in card
+    assert hub.list_files("org/my-merged-vit") == [".gitattributes", "weights.bin"]  # main never touched
