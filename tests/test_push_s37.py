@@ -10,7 +10,7 @@ import shlex
 import pytest
 import torch
 from factories import make_model
-from huggingface_hub import ModelCard
+from huggingface_hub import HfApi, ModelCard
 from test_cli import FAST, save_parents_and_data
 
 import hf_mudsc
@@ -85,6 +85,8 @@ def test_push_merged_opens_a_pull_request_without_overwrite_and_returns_its_url(
     assert hub.head("user/m", revision="refs/pr/1") == result.commit_sha
     assert hub.commits("user/m", revision="refs/pr/1")[0].title == "Proposed merge"
     assert not any(name.startswith("plots/") for name in hub.list_files("user/m", revision="refs/pr/1"))
+    card = hub.file_bytes("user/m", "README.md", revision="refs/pr/1").decode()
+    assert 'from_pretrained("user/m")' in card  # merged into main, it loads from main
     assert any(name.startswith("plots/") for name in hub.list_files("user/m"))
 
 
@@ -126,6 +128,11 @@ def test_push_cli_opens_a_pull_request_and_prints_its_url(hub_cli, local_hub, fo
     assert hub.head("user/m") == main_head
     pr = hub.commits("user/m", revision="refs/pr/1")[0]
     assert pr.message.endswith("please review") and "weights.bin" not in pr.files
+    assert hub_cli("push", str(folder), "user/m", "--overwrite").returncode == 0
+    same = hub_cli("push", str(folder), "user/m", "--create-pr")
+    assert same.returncode == 0 and "Nothing to push: user/m already holds exactly these files" in same.stdout
+    assert not [ref for ref in HfApi(token=hub.token).list_repo_refs("user/m", include_pull_requests=True)
+                .pull_requests if ref.ref != "refs/pr/1"]
 
 
 @pytest.mark.parametrize(("argv", "said"), [
@@ -150,8 +157,6 @@ def test_push_arguments_the_hub_would_refuse_are_refused_in_one_line_before_the_
 
 def test_push_to_a_tag_is_refused_before_any_upload(hub_cli, local_hub, folder):
     """hf-mudsc push DIR user/m --revision v1, v1 a tag: refused in one line (the Hub commits to branches only)."""
-    from huggingface_hub import HfApi
-
     hub = local_hub
     hub.create_repo("user/m")
     HfApi(token=hub.token).create_tag("user/m", tag="v1")
@@ -244,3 +249,31 @@ def test_the_readmes_branch_and_pull_request_examples_run_as_printed(hub_cli, lo
     card = hub.file_bytes("org/my-merged-vit", "README.md", revision="experiment").decode()
     assert 'from_pretrained("org/my-merged-vit", revision="experiment")' in card
     assert hub.list_files("org/my-merged-vit") == [".gitattributes", "weights.bin"]  # main never touched
+
+
+def test_a_failed_push_to_a_new_branch_deletes_the_branch_it_created(hub_cli, local_hub, folder):
+    """hf-mudsc push DIR user/m --revision dev, the commit failing (500): one line saying nothing was committed and
+    the branch this run created was deleted; main untouched."""
+    hub = local_hub
+    hub.create_repo("user/m")
+    main_head = hub.head("user/m")
+    hub.fail_next("commit", status=500)
+    run = hub_cli("push", str(folder), "user/m", "--revision", "dev")
+    assert run.returncode == 1
+    assert "nothing was committed; the branch 'dev' created by this run was deleted" in run.stderr, run.stderr
+    assert run.stderr.count("hf-mudsc push: error:") == 1
+    branches = {ref.name for ref in HfApi(token=hub.token).list_repo_refs("user/m").branches}
+    assert branches == {"main"} and hub.head("user/m") == main_head
+
+
+def test_a_pull_request_opened_although_its_answer_was_lost_is_reported(hub_cli, local_hub, folder):
+    """hf-mudsc push DIR user/m --create-pr, the commit applied but answered 500: the error names refs/pr/1 rather
+    than saying nothing was committed."""
+    hub = local_hub
+    hub.create_repo("user/m")
+    hub.commit_files("user/m", {"weights.bin": b"main's model"}, "main's model")
+    hub.fail_next("commit", status=500, apply=True)
+    run = hub_cli("push", str(folder), "user/m", "--create-pr")
+    assert run.returncode == 1
+    assert "the pull request was opened although its answer was lost: refs/pr/1" in run.stderr, run.stderr
+    assert "nothing was committed" not in run.stderr

@@ -534,8 +534,9 @@ def render_card(
             to the card (`plots/match_quality.png`); they fill its "Diagnostics" section.
         processor_saved: a processor is saved with the model; without one the usage snippet loads none (it
             must run as written on the folder).
-        revision: the branch of the push target the model is pushed to (not main): the usage snippet loads it
-            from there (`from_pretrained(repo, revision=...)`), else it would load main's model.
+        revision: the branch of the push target the model is pushed to, or whose pull request it is in (not
+            main): the usage snippet loads it from there (`from_pretrained(repo, revision=...)`), else it would load
+            main's model.
 
     Returns:
         A `huggingface_hub.ModelCard` (a `MergeCard`: `str(card)` is the README; `card.save(path)`, `card.data`).

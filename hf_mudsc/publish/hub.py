@@ -523,10 +523,10 @@ def _commit(api: HfApi, repo_id: str, folder: Path, files: list[str], contents: 
     stale = (sorted(set(api.list_repo_files(repo_id, revision=parent)) - set(files) - {GITATTRIBUTES}) if replace
              else [])
     if stale:  # the repo's own files, gone with this commit (the old revision keeps them): say which
-        logger.warning("deleting %d file%s of %r%s that the folder does not hold: %s", len(stale),
+        logger.warning("deleting %d file%s of %r that the folder does not hold%s: %s", len(stale),
                        "s" if len(stale) > 1 else "", repo_id,
                        f" (in the pull request against {options.branch!r})" if options.create_pr
-                       else "" if options.branch == "main" else f" (on the branch {options.branch!r})",
+                       else " (--overwrite)" if options.branch == "main" else f" (on the branch {options.branch!r})",
                        ", ".join(stale[:10]) + (f" and {len(stale) - 10} more" if len(stale) > 10 else ""))
     deletes = [CommitOperationDelete(path_in_repo=name, is_folder=False) for name in stale]
     with interrupts_deferred():
@@ -612,12 +612,12 @@ def _push(folder: Path, files: list[str], contents: dict[str, bytes], repo_id: s
     repo_url = f"{without_userinfo(api.endpoint).rstrip('/')}/{repo_id}"  # as create_repo's answer, never credentials
     changed = commit.oid != head_before
     pr_url = without_userinfo(commit.pr_url) if changed and commit.pr_url else None
-    where = f"a pull request ({pr_url})" if pr_url else f"the branch {branch!r}" if branch != "main" else "main"
+    where = f" as a pull request ({pr_url})" if pr_url else f", branch {branch!r}" if branch != "main" else ""
     if changed:
-        logger.info("pushed %s to %s, %s (commit %s)", shown_as or folder, repo_id, where, commit.oid)
+        logger.info("pushed %s to %s%s (commit %s)", shown_as or folder, repo_id, where, commit.oid)
     else:
-        logger.info("nothing changed: %s (%s) already holds exactly the files of %s (commit %s); no commit was made"
-                    "%s", repo_id, branch, shown_as or folder, commit.oid,
+        logger.info("nothing changed: %s%s already holds exactly the files of %s (commit %s); no commit was made"
+                    "%s", repo_id, f" ({branch})" if branch != "main" else "", shown_as or folder, commit.oid,
                     ", so no pull request was opened" if options.create_pr else "")
     return PushResult(repo_id=repo_id, commit_sha=commit.oid, commit_url=without_userinfo(commit.commit_url),
                       url=repo_url, created=created, changed=changed, revision=options.revision, pr_url=pr_url)

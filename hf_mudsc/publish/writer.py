@@ -305,7 +305,7 @@ def publish(
     with staged_output(output, overwrite=overwrite, inputs=inputs, flag=output_flag) as staging:
         write_merged_folder(staging, merged, recipe=recipe, parents=parents, processor=processor,
                             eval_results=eval_results, model_name=model_name,
-                            revision=None if commit is None or commit.create_pr else commit.revision)
+                            revision=commit.revision if commit else None)  # a PR lands on it when merged
         if push_to_hub:
             record_files(staging, staging=True)  # the marker says what the push may upload
             try:
