@@ -46,7 +46,8 @@ def execute(recipe: Recipe, *, token: str | None = None, recipe_file: str | None
     if recipe.push_to_hub and main:
         from hf_mudsc.publish.hub import check_target
 
-        check_target(recipe.push_to_hub, overwrite=recipe.overwrite, token=token, options=commit)
+        check_target(recipe.push_to_hub, overwrite=recipe.overwrite, token=token, options=commit,
+                     private=bool(recipe.private))
 
     from hf_mudsc.calibrate.datasets import load_calibration_dataset, pin_calibration_revision
     from hf_mudsc.load.parents import load_parents_and_base

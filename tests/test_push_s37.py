@@ -277,3 +277,28 @@ def test_a_pull_request_opened_although_its_answer_was_lost_is_reported(hub_cli,
     assert run.returncode == 1
     assert "the pull request was opened although its answer was lost: refs/pr/1" in run.stderr, run.stderr
     assert "nothing was committed" not in run.stderr
+
+
+def test_dry_run_says_it_did_not_check_a_hub_parents_pickle(hub_cli, local_hub, tmp_path):
+    """hf-mudsc merge user/a user/b --allow-pickle --dry-run, both pickle-only on the Hub: the plan says their pickle
+    weights were not checked (a dry run downloads none), rather than implying the merge will start."""
+    for name, seed in (("a", 1), ("b", 2)):
+        model = make_model("vit_cls", seed)
+        model.save_pretrained(tmp_path / name)
+        (tmp_path / name / "model.safetensors").unlink()
+        torch.save(model.state_dict(), tmp_path / name / "pytorch_model.bin")
+        local_hub.upload_folder(f"user/{name}", tmp_path / name, "pickle parent")
+    run = hub_cli("merge", "user/a", "user/b", "--method", "average", "--allow-pickle", "--dry-run")
+    assert run.returncode == 0, run.stderr
+    assert "'user/b': its pickle weights were not checked (a dry run downloads no weights)" in run.stdout
+
+
+def test_a_pull_request_never_changes_the_repos_visibility(hub_cli, local_hub, folder):
+    """hf-mudsc push DIR user/m --create-pr --private, user/m public: refused in one line before any upload (proposing
+    a change must not make someone's public repo private, as --private does to a repo pushed to)."""
+    hub = local_hub
+    hub.create_repo("user/m")
+    hub.commit_files("user/m", {"weights.bin": b"main's model"}, "main's model")
+    run = hub_cli("push", str(folder), "user/m", "--create-pr", "--private")
+    assert run.returncode == 1 and "--private would make the public repo 'user/m' private" in run.stderr, run.stderr
+    assert not hub.is_private("user/m") and uploads(hub) == 0 and not hub.requests_for("settings")

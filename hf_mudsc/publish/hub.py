@@ -268,7 +268,7 @@ def _is_empty(api: HfApi, repo_id: str, revision: str = "main") -> bool:
 
 
 def _target_state(repo_id: str, *, overwrite: bool, token: str | None, flag: str, seconds: float,
-                  options: CommitOptions | None = None) -> str:
+                  options: CommitOptions | None = None, private: bool = False) -> str:
     """"absent", "empty" (pushed into without --overwrite), "new-branch" (a branch the repo lacks: created from main,
     its copy of main's files replaced on it, main untouched), "pr" (a pull request: nothing replaced until someone
     merges it, so no overwrite needed) or "exists" (only with `overwrite`: the branch's files replaced)."""
@@ -299,6 +299,11 @@ def _target_state(repo_id: str, *, overwrite: bool, token: str | None, flag: str
             logger.info("the Hub repo %s has no branch %r: it is created from main (as huggingface_hub's push_to_hub "
                         "does), and the push replaces main's files on it (main keeps them)", repo_id, branch)
             return "new-branch"
+    if options.create_pr and private and not _step(f"reading the repo {repo_id!r}",
+                                                    lambda: api.repo_info(repo_id), seconds=seconds).private:
+        switch = "private=True" if api_names else "--private"
+        raise ValueError(f"{switch} would make the public repo {repo_id!r} private, and a pull request only "
+                         f"proposes a change; leave {switch} out (or change the repo's visibility yourself)")
     where = f"the Hub repo {repo_id!r}" if branch == "main" else f"the branch {branch!r} of the Hub repo {repo_id!r}"
     if _step(f"listing the files of {where}", lambda: _is_empty(api, repo_id, branch), seconds=seconds):
         logger.warning("%s exists but is empty (left by an interrupted push?): pushing into it", where)
@@ -319,7 +324,7 @@ def _target_state(repo_id: str, *, overwrite: bool, token: str | None, flag: str
 
 def check_target(
     repo_id: str, *, overwrite: bool = False, token: str | None = None, flag: str = "--push-to-hub name",
-    options: CommitOptions | None = None,
+    options: CommitOptions | None = None, private: bool = False,
 ) -> bool:
     """Refuse an existing repo (or branch of it, `options.revision`) unless `overwrite` or `options.create_pr`, and
     commit options the push would fail on (called before any heavy work). Returns: the repo exists.
@@ -329,7 +334,7 @@ def check_target(
     """
     with hub_timeouts() as seconds:
         return _target_state(repo_id, overwrite=overwrite, token=token, flag=flag, seconds=seconds,
-                             options=options) != "absent"
+                             options=options, private=private) != "absent"
 
 
 def push_folder(
@@ -542,7 +547,8 @@ def _push(folder: Path, files: list[str], contents: dict[str, bytes], repo_id: s
           overwrite: bool, token: str | None, options: CommitOptions, flag: str, seconds: float,
           shown_as: str | None = None, handles: dict[str, BinaryIO] | None = None) -> PushResult:
     api = HfApi(token=token)
-    state = _target_state(repo_id, overwrite=overwrite, token=token, flag=flag, seconds=seconds, options=options)
+    state = _target_state(repo_id, overwrite=overwrite, token=token, flag=flag, seconds=seconds, options=options,
+                          private=private)
     created = state == "absent"
     branch = options.branch
     make_branch = branch != "main" and state in ("absent", "new-branch")

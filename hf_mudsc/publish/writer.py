@@ -407,6 +407,7 @@ def push_merged(
     recipe = recipe_of(merged).override(push_to_hub=repo_id)
     check_push_target(recipe, given_as="repo_id")  # a parent's (or the base's) repo: never replaced
     refuse_non_finite_weights(merged)  # before the Hub is asked anything
-    check_target(repo_id, overwrite=overwrite, token=token, flag="repo_id", options=commit)  # before writing anything
+    check_target(repo_id, overwrite=overwrite, token=token, flag="repo_id", options=commit,  # before writing anything
+                 private=private)
     return publish(merged, push_to_hub=repo_id, overwrite=overwrite, private=private, token=token,
                    recipe=recipe, push_flag="repo_id", commit=commit)["push"]
