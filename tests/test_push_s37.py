@@ -302,3 +302,14 @@ def test_a_pull_request_never_changes_the_repos_visibility(hub_cli, local_hub, f
     run = hub_cli("push", str(folder), "user/m", "--create-pr", "--private")
     assert run.returncode == 1 and "--private would make the public repo 'user/m' private" in run.stderr, run.stderr
     assert not hub.is_private("user/m") and uploads(hub) == 0 and not hub.requests_for("settings")
+
+
+def test_merge_push_to_hub_with_a_revision_suffix_points_at_revision(hub_cli, local_hub, inputs):
+    """hf-mudsc merge A B ... --push-to-hub user/m@dev: exit 2 before anything is loaded, pointing at --revision
+    (it said only that the repo id has invalid characters)."""
+    a, b, calibration = inputs
+    run = hub_cli("merge", str(a), str(b), "--calibration", str(calibration), "--push-to-hub", "user/m@dev", *FAST)
+    assert run.returncode == 2
+    assert "'user/m@dev' names a revision, which a push target does not take: give the repo as 'user/m' and the " \
+           "branch with --revision 'dev'" in run.stderr, run.stderr
+    assert not local_hub.requests

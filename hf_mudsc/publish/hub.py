@@ -247,11 +247,6 @@ def check_repo_id(repo_id: str, *, flag: str = "--push-to-hub name") -> None:
     """Refuse a repo id to push to that is no `org/name`, one the Hub would refuse (`repo_id_refusal`), or that holds
     a token (pasted where the id goes): its every Hub call would send the token in a URL, and the repo created would
     be named after it. `org/name@branch` (as parents are named) is refused pointing at the revision option."""
-    name, at, revision = repo_id.partition("@")
-    if at and revision and repo_id_refusal(name, flag) is None and not looks_like_token(revision):
-        option = "revision=" if flag == "repo_id" else "--revision"
-        raise ValueError(f"{flag} {repo_id!r} names a revision, which a push target does not take: give the repo as "
-                         f"{name!r} and the branch with {option} {revision!r}")
     refusal = repo_id_refusal(repo_id, flag)
     if refusal is not None:
         raise ValueError(refusal)
