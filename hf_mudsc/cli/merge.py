@@ -85,7 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser, options: type[MergeOptions] =
     for option in options.option_fields():
         flags, kwargs = option_argument(option)
         parser.add_argument(*flags, **kwargs)
-    add_commit_arguments(parser)  # how --push-to-hub commits: not recipe keys (they say where, not what, to merge)
+    # How --push-to-hub commits: not recipe keys (they say where, not what, to merge).
+    add_commit_arguments(parser, of="--push-to-hub: ")
     parser.add_argument(
         "--token", metavar="TOKEN", default=S,
         help="Hub token for private parents and pushing (default: HF_TOKEN or the stored `hf auth login`; "

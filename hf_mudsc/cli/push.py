@@ -42,21 +42,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Hub token (default: HF_TOKEN or the stored `hf auth login`); never logged or written")
 
 
-def add_commit_arguments(parser: argparse.ArgumentParser) -> None:
+def add_commit_arguments(parser: argparse.ArgumentParser, *, of: str = "") -> None:
     """--commit-message, --commit-description, --revision, --create-pr: huggingface_hub's `upload_folder` /
-    `push_to_hub` options (`hub.CommitOptions`), for `push` and `merge --push-to-hub`."""
+    `push_to_hub` options (`hub.CommitOptions`), for `push` and `merge --push-to-hub` (`of`: the help's prefix that
+    says they are the push's, not the parents' revisions)."""
     parser.add_argument("--commit-message", metavar="TEXT", default=argparse.SUPPRESS,
-                        help="the commit's title (default: 'Upload merged model (NAME) with hf-mudsc')")
+                        help=f"{of}the commit's title (default: 'Upload merged model (NAME) with hf-mudsc')")
     parser.add_argument("--commit-description", metavar="TEXT", default=argparse.SUPPRESS,
-                        help="the commit's (or pull request's) description")
+                        help=f"{of}the commit's (or pull request's) description")
     parser.add_argument(
         "--revision", metavar="BRANCH", default=argparse.SUPPRESS,
-        help="the branch to commit to (default: main); one the repo lacks is created from main, as huggingface_hub's "
-             "push_to_hub does, and needs no --overwrite (main keeps its files)")
+        help=f"{of}the branch to commit to (default: main); one the repo lacks is created from main, as "
+             "huggingface_hub's push_to_hub does, and needs no --overwrite (main keeps its files)")
     parser.add_argument(
         "--create-pr", action="store_true", default=argparse.SUPPRESS,
-        help="open a pull request against --revision (an existing branch; default main) instead of committing to "
-             "it; needs no --overwrite, since nothing changes until the pull request is merged")
+        help=f"{of}open a pull request against --revision (an existing branch; default main) instead of committing "
+             "to it; needs no --overwrite, since nothing changes until the pull request is merged")
 
 
 def commit_options(args: argparse.Namespace) -> CommitOptions:
