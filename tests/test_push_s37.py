@@ -75,7 +75,7 @@ def test_push_merged_opens_a_pull_request_without_overwrite_and_returns_its_url(
         hf_mudsc.push_merged(merged, "user/m", create_pr=True, revision="nope")
     assert "has no branch 'nope' to open a pull request against" in str(caught.value)
     assert len(str(caught.value).splitlines()) == 1 and uploads(hub) == before
-    merged.merge_report.diagnostics = None  # another model's files: no plots, so the PR deletes them
+    merged.merge_report.diagnostics = None  # another model's files: no plots, which main holds
     try:
         result = hf_mudsc.push_merged(merged, "user/m", create_pr=True, commit_message="Proposed merge")
     finally:
@@ -84,7 +84,9 @@ def test_push_merged_opens_a_pull_request_without_overwrite_and_returns_its_url(
     assert hub.head("user/m") == main_head
     assert hub.head("user/m", revision="refs/pr/1") == result.commit_sha
     assert hub.commits("user/m", revision="refs/pr/1")[0].title == "Proposed merge"
-    assert not any(name.startswith("plots/") for name in hub.list_files("user/m", revision="refs/pr/1"))
+    # without overwrite a pull request only adds and replaces files (as upload_folder without delete_patterns)
+    assert any(name.startswith("plots/") for name in hub.list_files("user/m", revision="refs/pr/1"))
+    assert result.deleted == ()
     card = hub.file_bytes("user/m", "README.md", revision="refs/pr/1").decode()
     assert 'from_pretrained("user/m")' in card  # merged into main, it loads from main
     assert any(name.startswith("plots/") for name in hub.list_files("user/m"))
@@ -117,22 +119,29 @@ def test_push_to_a_branch_needs_overwrite_once_it_holds_files(hub_cli, local_hub
 
 def test_push_cli_opens_a_pull_request_and_prints_its_url(hub_cli, local_hub, folder):
     """hf-mudsc push DIR user/m --create-pr on a repo holding another model: no --overwrite needed, the PR's URL is
-    printed, main is untouched."""
+    printed, main is untouched, main's other files stay in the PR; with --overwrite the PR deletes them and says how
+    many (it deleted them without --overwrite)."""
     hub = local_hub
     hub.create_repo("user/m")
     hub.commit_files("user/m", {"weights.bin": b"main's model"}, "main's model")
     main_head = hub.head("user/m")
     run = hub_cli("push", str(folder), "user/m", "--create-pr", "--commit-description", "please review")
     assert run.returncode == 0, run.stderr
-    assert f"as a pull request: {hub.endpoint}/user/m/discussions/1" in run.stdout
+    assert f"as a pull request: {hub.endpoint}/user/m/discussions/1" in run.stdout and "deletes" not in run.stdout
     assert hub.head("user/m") == main_head
     pr = hub.commits("user/m", revision="refs/pr/1")[0]
-    assert pr.message.endswith("please review") and "weights.bin" not in pr.files
+    # without --overwrite the pull request only adds and replaces files: main's own file stays in it
+    assert pr.message.endswith("please review") and "weights.bin" in hub.list_files("user/m", revision="refs/pr/1")
+    replacing = hub_cli("push", str(folder), "user/m", "--create-pr", "--overwrite")
+    assert replacing.returncode == 0, replacing.stderr
+    assert "as a pull request" in replacing.stdout and "it deletes 1 file of 'main' the folder lacks" in \
+        replacing.stdout, replacing.stdout
+    assert "weights.bin" not in hub.list_files("user/m", revision="refs/pr/2") and hub.head("user/m") == main_head
     assert hub_cli("push", str(folder), "user/m", "--overwrite").returncode == 0
     same = hub_cli("push", str(folder), "user/m", "--create-pr")
     assert same.returncode == 0 and "Nothing to push: user/m already holds exactly these files" in same.stdout
-    assert not [ref for ref in HfApi(token=hub.token).list_repo_refs("user/m", include_pull_requests=True)
-                .pull_requests if ref.ref != "refs/pr/1"]
+    assert {ref.ref for ref in HfApi(token=hub.token).list_repo_refs("user/m", include_pull_requests=True)
+            .pull_requests} == {"refs/pr/1", "refs/pr/2"}
 
 
 @pytest.mark.parametrize(("argv", "said"), [
@@ -313,3 +322,161 @@ def test_merge_push_to_hub_with_a_revision_suffix_points_at_revision(hub_cli, lo
     assert "'user/m@dev' names a revision, which a push target does not take: give the repo as 'user/m' and the " \
            "branch with --revision 'dev'" in run.stderr, run.stderr
     assert not local_hub.requests
+
+
+# ------------------------------------------------------------------ review findings (fix-push)
+def test_a_branch_someone_creates_meanwhile_is_neither_replaced_nor_deleted(hub_cli, local_hub, folder, monkeypatch):
+    """hf-mudsc push DIR user/m --revision dev while someone creates dev with their file first: refused in one line,
+    their file and branch kept (create_branch(exist_ok=True) took their branch as new and replaced their files)."""
+    hub = local_hub
+    hub.create_repo("user/m")
+    real = HfApi.create_branch
+
+    def someone_first(self, repo_id, *, branch, **kwargs):
+        real(self, repo_id, branch=branch)
+        hub.commit_files(repo_id, {"theirs.txt": b"their work"}, "their work", revision=branch)
+        return real(self, repo_id, branch=branch, **kwargs)
+
+    monkeypatch.setattr(HfApi, "create_branch", someone_first)
+    run = hub_cli("push", str(folder), "user/m", "--revision", "dev")
+    assert run.returncode == 1, run.stderr
+    errors = [line for line in run.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and ("branch 'dev' appeared meanwhile; run again — with --overwrite to replace its files"
+                                 in errors[0]), run.stderr
+    assert hub.list_files("user/m", revision="dev") == [".gitattributes", "theirs.txt"]
+    assert hub.commits("user/m", revision="dev")[0].title == "their work" and uploads(hub) == 0
+
+
+def test_a_failed_commit_never_deletes_a_branch_this_run_did_not_create(local_hub, folder, monkeypatch):
+    """push_folder(DIR, "user/m", revision="dev"), dev created by someone between the check and the push, the commit
+    failing: their branch is kept (it was deleted as "created by this run")."""
+    from hf_mudsc.errors import PushError
+    from hf_mudsc.publish.hub import push_folder
+
+    hub = local_hub
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    hub.create_repo("user/m")
+    real = HfApi.create_branch
+
+    def someone_first(self, repo_id, *, branch, **kwargs):
+        real(self, repo_id, branch=branch)
+        return real(self, repo_id, branch=branch, **kwargs)
+
+    monkeypatch.setattr(HfApi, "create_branch", someone_first)
+    hub.fail_next("commit", status=500)
+    with pytest.raises(PushError) as caught:
+        push_folder(folder, "user/m", revision="dev", flag="repo_id")
+    assert "appeared meanwhile" in str(caught.value) and "overwrite=True" in str(caught.value)
+    assert "dev" in {ref.name for ref in HfApi(token=hub.token).list_repo_refs("user/m").branches}
+
+
+def test_the_pushed_cards_snippet_names_the_push_target_not_the_one_written(hub_cli, local_hub, merged, tmp_path,
+                                                                              monkeypatch):
+    """merge --output DIR --push-to-hub user/m --revision dev, then hf-mudsc push DIR user/m: main's README loaded
+    revision="dev"; a folder written for no repo pushed with --revision dev said "path/to/this/model"; a pull
+    request's card says its snippet's branch holds the files once merged. The folder itself is never changed."""
+    from hf_mudsc.publish.hub import CommitOptions
+    from hf_mudsc.publish.writer import publish, recipe_of
+
+    hub = local_hub
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    out = tmp_path / "out"
+    publish(merged, output=out, push_to_hub="user/m", recipe=recipe_of(merged).override(push_to_hub="user/m"),
+            commit=CommitOptions(revision="dev"))
+    written = (out / "README.md").read_bytes()
+    assert b'from_pretrained("user/m", revision="dev")' in written
+    run = hub_cli("push", str(out), "user/m")
+    assert run.returncode == 0, run.stderr
+    card = hub.file_bytes("user/m", "README.md").decode()
+    assert 'from_pretrained("user/m")' in card and 'revision="dev"' not in card
+    other = hub_cli("push", str(out), "user/other", "--revision", "exp")
+    assert other.returncode == 0, other.stderr
+    card = hub.file_bytes("user/other", "README.md", revision="exp").decode()
+    assert 'from_pretrained("user/other", revision="exp")' in card and '"user/m"' not in card
+    assert (out / "README.md").read_bytes() == written  # the folder is only read: it still passes check_unchanged
+    hub.commit_files("user/m", {"weights.bin": b"another model"}, "another model")
+    pr = hub_cli("push", str(out), "user/m", "--create-pr", "--overwrite")  # a change: it deletes weights.bin
+    assert pr.returncode == 0, pr.stderr
+    card = hub.file_bytes("user/m", "README.md", revision="refs/pr/1").decode()
+    assert 'from_pretrained("user/m")' in card
+    assert "pull request against `main`" in card and "holds these files once the pull request is merged" in card
+
+
+def test_private_with_a_branch_never_makes_the_public_repo_private(hub_cli, local_hub, folder):
+    """hf-mudsc push DIR user/m --revision dev --private, user/m public: refused in one line before any write (it
+    made the whole repo private, with no --overwrite asked)."""
+    hub = local_hub
+    hub.create_repo("user/m")
+    hub.commit_files("user/m", {"weights.bin": b"main's model"}, "main's model")
+    run = hub_cli("push", str(folder), "user/m", "--revision", "dev", "--private")
+    assert run.returncode == 1 and "--private would make the public repo 'user/m' private" in run.stderr, run.stderr
+    assert run.stderr.count("error:") == 1
+    assert not hub.is_private("user/m") and uploads(hub) == 0 and not hub.requests_for("settings")
+    assert {ref.name for ref in HfApi(token=hub.token).list_repo_refs("user/m").branches} == {"main"}
+
+
+def test_a_failed_branch_creation_deletes_the_repo_this_run_created(hub_cli, local_hub, folder):
+    """hf-mudsc push DIR user/new --revision dev, creating the branch failing (500): the repo this run created is
+    deleted (the check listed the commits of the missing branch, failed, and left the repo)."""
+    hub = local_hub
+    hub.fail_next("branch", status=500)
+    run = hub_cli("push", str(folder), "user/new", "--revision", "dev")
+    assert run.returncode == 1
+    assert "the repo 'user/new' created by this run was deleted" in run.stderr, run.stderr
+    assert not hub.repo_exists("user/new")
+
+
+def test_ctrl_c_after_a_pull_request_names_the_pull_request(hub_cli, local_hub, folder, monkeypatch):
+    """Ctrl-C during hf-mudsc push DIR user/m --create-pr, once the commit is being made: the line said "user/m holds
+    the merged model" (main holds the other one); it names the pull request."""
+    import signal
+
+    hub = local_hub
+    hub.create_repo("user/m")
+    hub.commit_files("user/m", {"weights.bin": b"main's model"}, "main's model")
+    real = HfApi.create_commit
+
+    def interrupted(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(HfApi, "create_commit", interrupted)
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        run = hub_cli("push", str(folder), "user/m", "--create-pr")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert run.returncode == 130, run.stderr
+    assert (f"the pull request {hub.endpoint}/user/m/discussions/1 against 'main' of user/m holds the merged model"
+            in run.stderr), run.stderr
+    assert "the push was done first: user/m holds" not in run.stderr
+
+
+def test_the_retry_command_after_a_failed_push_keeps_the_commit_message(hub_cli, local_hub, merged, tmp_path,
+                                                                         monkeypatch):
+    """push_merged(m, "user/m", revision="dev", commit_message="First merge", commit_description=...), the commit
+    failing: the suggested `hf-mudsc push KEPT user/m ...` dropped the message and description; it keeps them and
+    runs as printed."""
+    import re
+    import shutil
+    import tempfile
+
+    from hf_mudsc.errors import PushError
+
+    hub = local_hub
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    hub.fail_next("commit", status=500)
+    with pytest.raises(PushError) as caught:
+        hf_mudsc.push_merged(merged, "user/m", revision="dev", commit_message="First merge",
+                             commit_description="zipit of two ViT's")
+    command = re.search(r"`(hf-mudsc push [^`]+)`", str(caught.value)).group(1)
+    words = shlex.split(command)
+    assert words[words.index("--commit-message") + 1] == "First merge"
+    assert words[words.index("--commit-description") + 1] == "zipit of two ViT's"
+    run = hub_cli(*words[1:])
+    assert run.returncode == 0, run.stderr
+    head = hub.commits("user/m", revision="dev")[0]
+    assert head.title == "First merge" and head.message.endswith("zipit of two ViT's")
+    shutil.rmtree(words[2])

@@ -43,9 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_commit_arguments(parser: argparse.ArgumentParser, *, of: str = "") -> None:
-    """--commit-message, --commit-description, --revision, --create-pr: huggingface_hub's `upload_folder` /
-    `push_to_hub` options (`hub.CommitOptions`), for `push` and `merge --push-to-hub` (`of`: the help's prefix that
-    says they are the push's, not the parents' revisions)."""
+    """--commit-message, --commit-description, --revision, --create-pr: huggingface_hub's commit options, with
+    `create_commit`'s semantics (`hub.CommitOptions`), for `push` and `merge --push-to-hub` (`of`: the help's prefix
+    that says they are the push's, not the parents' revisions)."""
     parser.add_argument("--commit-message", metavar="TEXT", default=argparse.SUPPRESS,
                         help=f"{of}the commit's title (default: 'Upload merged model (NAME) with hf-mudsc')")
     parser.add_argument("--commit-description", metavar="TEXT", default=argparse.SUPPRESS,
@@ -57,7 +57,8 @@ def add_commit_arguments(parser: argparse.ArgumentParser, *, of: str = "") -> No
     parser.add_argument(
         "--create-pr", action="store_true", default=argparse.SUPPRESS,
         help=f"{of}open a pull request against --revision (an existing branch; default main) instead of committing "
-             "to it; needs no --overwrite, since nothing changes until the pull request is merged")
+             "to it; needs no --overwrite, since nothing changes until the pull request is merged; it adds and "
+             "replaces files, and with --overwrite also deletes the branch's files the folder lacks")
 
 
 def commit_options(args: argparse.Namespace) -> CommitOptions:
@@ -76,7 +77,10 @@ def pushed_line(folder: str | None, result: PushResult) -> str:
                 f"exactly these files (commit {result.commit_sha})")
     what = f"Pushed {folder} to" if folder else "Pushed to"
     if result.pr_url:
-        return f"{what} {result.url} as a pull request: {result.pr_url} (commit {result.commit_sha})"
+        count = len(result.deleted)
+        deletes = (f"; it deletes {count} file{'s' if count > 1 else ''} of {result.revision or 'main'!r} the folder "
+                   "lacks" if count else "")
+        return f"{what} {result.url} as a pull request: {result.pr_url} (commit {result.commit_sha}){deletes}"
     branch = f" (branch {result.revision})" if result.revision and result.revision != "main" else ""
     return f"{what} {result.url}{branch} (commit {result.commit_sha})"
 

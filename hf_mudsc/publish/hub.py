@@ -14,6 +14,8 @@ The token comes from the usual places (argument, `HF_TOKEN`, the stored `hf auth
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import re
@@ -55,7 +57,8 @@ GITATTRIBUTES = ".gitattributes"
 class PushResult:
     """What a push did. `changed=False`: the repo already held exactly these files, so no commit was made
     (`commit_sha` is its head). `revision`: the branch committed to (None: main); `pr_url`: the pull request
-    opened (`create_pr`), as huggingface_hub's `CommitInfo.pr_url`. URLs never carry the credentials an
+    opened (`create_pr`), as huggingface_hub's `CommitInfo.pr_url`; `deleted`: the branch's files the commit (or pull
+    request) deletes because the folder lacks them (only with `overwrite`). URLs never carry the credentials an
     `HF_ENDPOINT` may hold."""
 
     repo_id: str
@@ -66,15 +69,16 @@ class PushResult:
     changed: bool = True
     revision: str | None = None
     pr_url: str | None = None
+    deleted: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class CommitOptions:
-    """How a push commits, with huggingface_hub's names and meanings (`HfApi.upload_folder`,
-    `PreTrainedModel.push_to_hub`): the commit's title and description; the branch committed to (`revision`, default
-    main; a branch the repo lacks is created from main first, as `push_to_hub` and `hf upload` do); `create_pr`:
-    open a pull request against that branch instead of committing to it (the branch must exist). Not recipe keys:
-    they say where and how a result is published, not what is merged."""
+    """How a push commits, with huggingface_hub's names and `HfApi.create_commit`'s semantics (what the push calls):
+    the commit's title and description; the branch committed to (`revision`, default main; a branch the repo lacks
+    is created from main first, as `push_to_hub` and `hf upload` do); `create_pr`: open a pull request against that
+    branch instead of committing to it (the branch must exist; any branch, as `create_commit` allows). Not recipe
+    keys: they say where and how a result is published, not what is merged."""
 
     message: str | None = None
     description: str | None = None
@@ -265,8 +269,10 @@ def _is_empty(api: HfApi, repo_id: str, revision: str = "main") -> bool:
 def _target_state(repo_id: str, *, overwrite: bool, token: str | None, flag: str, seconds: float,
                   options: CommitOptions | None = None, private: bool = False) -> str:
     """"absent", "empty" (pushed into without --overwrite), "new-branch" (a branch the repo lacks: created from main,
-    its copy of main's files replaced on it, main untouched), "pr" (a pull request: nothing replaced until someone
-    merges it, so no overwrite needed) or "exists" (only with `overwrite`: the branch's files replaced)."""
+    its copy of main's files replaced on it, main untouched), "pr" (a pull request: nothing changes until someone
+    merges it, so no overwrite needed; it adds and replaces files, and deletes the branch's others only with
+    `overwrite`) or "exists" (only with `overwrite`: the branch's files replaced). `private` on an existing public
+    repo is refused unless the push commits to main (a branch or a pull request must not change the repo)."""
     options = options or CommitOptions()
     api_names = flag == "repo_id"
     check_repo_id(repo_id, flag=flag)
@@ -281,6 +287,13 @@ def _target_state(repo_id: str, *, overwrite: bool, token: str | None, flag: str
             raise ValueError(f"the Hub repo {repo_id!r} does not exist, so it has no branch {branch!r} to open a pull "
                              f"request against; push without {pr_switch} (the repo and the branch are created)")
         return "absent"
+    if private and (options.create_pr or branch != "main") and not _step(
+            f"reading the repo {repo_id!r}", lambda: api.repo_info(repo_id), seconds=seconds).private:
+        switch = "private=True" if api_names else "--private"
+        change = ("a pull request only proposes a change" if options.create_pr
+                  else f"a push to the branch {branch!r} changes only that branch")
+        raise ValueError(f"{switch} would make the public repo {repo_id!r} private, and {change}; leave {switch} out "
+                         "(or change the repo's visibility yourself)")
     if branch != "main":
         refs = _step(f"listing the branches of {repo_id!r}", lambda: api.list_repo_refs(repo_id), seconds=seconds)
         branches = {ref.name for ref in refs.branches}
@@ -294,11 +307,6 @@ def _target_state(repo_id: str, *, overwrite: bool, token: str | None, flag: str
             logger.info("the Hub repo %s has no branch %r: it is created from main (as huggingface_hub's push_to_hub "
                         "does), and the push replaces main's files on it (main keeps them)", repo_id, branch)
             return "new-branch"
-    if options.create_pr and private and not _step(f"reading the repo {repo_id!r}",
-                                                    lambda: api.repo_info(repo_id), seconds=seconds).private:
-        switch = "private=True" if api_names else "--private"
-        raise ValueError(f"{switch} would make the public repo {repo_id!r} private, and a pull request only "
-                         f"proposes a change; leave {switch} out (or change the repo's visibility yourself)")
     where = f"the Hub repo {repo_id!r}" if branch == "main" else f"the branch {branch!r} of the Hub repo {repo_id!r}"
     if _step(f"listing the files of {where}", lambda: _is_empty(api, repo_id, branch), seconds=seconds):
         logger.warning("%s exists but is empty (left by an interrupted push?): pushing into it", where)
@@ -353,7 +361,8 @@ def push_folder(
     Args:
         folder: a merged-model folder written by hf-mudsc (`check_folder`); the marker is not uploaded.
         repo_id: `org/name`.
-        private: create the repo private (an existing public repo is made private too).
+        private: create the repo private (an existing public repo is made private too, by a push to main only;
+            with a branch or a pull request it is refused).
         overwrite: allow an existing repo; its files are replaced by the folder's in the same commit.
             An empty repo (initial commit only) is pushed into without it.
         token: a Hub token; default: `HF_TOKEN` or the stored login.
@@ -362,7 +371,8 @@ def push_folder(
         revision: the branch to commit to (default main); one the repo lacks is created from main first (as
             `push_to_hub` and `hf upload` do) and needs no `overwrite`: main keeps its files.
         create_pr: open a pull request against `revision` (which must exist) instead of committing to it; it
-            needs no `overwrite` (nothing is replaced until it is merged) and holds exactly the folder's files.
+            needs no `overwrite` (nothing changes until it is merged) and adds and replaces the folder's files;
+            with `overwrite` it also deletes the branch's files the folder lacks (`PushResult.deleted`).
         flag: how the user named the repo (for messages): `--push-to-hub name`, `ORG/NAME`, `repo_id`.
         allow_changed: publish files changed since hf-mudsc wrote them, as they are (`check_unchanged` refuses
             them otherwise); NaN/inf weights are refused all the same.
@@ -388,11 +398,16 @@ def push_folder(
             check_unchanged(folder, allow_changed=allow_changed,
                             switch="allow_changed=True" if flag == "repo_id" else "--allow-changed")
             refuse_non_finite_files(folder, files)
-        contents = published_contents(folder)
+        contents = published_contents(folder, repo_id=repo_id, options=options)
+        bare_card = None
+        if options.create_pr:  # the card as a push to the branch uploads it: a pull request of it alone is none
+            bare = published_contents(folder, repo_id=repo_id, options=dataclasses.replace(options, create_pr=False))
+            bare_card = bare.get(CARD_FILENAME) or (folder / CARD_FILENAME).read_bytes()
         check_still_pinned(folder, files, handles)  # what was checked is what the open files hold
         with hub_timeouts() as seconds:
             return _push(folder, files, contents, repo_id, private=private, overwrite=overwrite, token=token,
-                         options=options, flag=flag, seconds=seconds, shown_as=shown_as, handles=handles)
+                         options=options, flag=flag, seconds=seconds, shown_as=shown_as, handles=handles,
+                         bare_card=bare_card)
 
 
 def refuse_push_over_parent(folder: Path, repo_id: str, flag: str) -> None:
@@ -470,9 +485,50 @@ def refuse_non_finite_files(folder: Path, files: list[str]) -> None:
                      "changed since — write it again with `hf-mudsc merge ... --output DIR`")
 
 
-def published_contents(folder: Path) -> dict[str, bytes]:
+def published_contents(folder: Path, *, repo_id: str | None = None, options: CommitOptions | None = None
+                       ) -> dict[str, bytes]:
     """The files uploaded with other bytes than the folder's: the recipe with its local folders named by folder
-    name (`recipe.published_text`), when it has any. Read from the folder, which is never changed."""
+    name (`recipe.published_text`), when it has any; the card with its "how to load" snippet naming the push's
+    target (`repo_id`, `options`' branch: `pushed_card`), whatever repo and branch the folder was written for. Read
+    from the folder, which is never changed (so `check_unchanged` still accepts it)."""
+    contents = _published_recipe(folder)
+    if repo_id is not None:
+        card = (folder / CARD_FILENAME).read_bytes()
+        try:
+            text = card.decode("utf-8")
+        except UnicodeDecodeError:  # not the card hf-mudsc wrote: published as it is (check_unchanged judged it)
+            return contents
+        options = options or CommitOptions()
+        pushed = pushed_card(text, repo_id, options.branch, pull_request=options.create_pr).encode("utf-8")
+        if pushed != card:
+            contents[CARD_FILENAME] = pushed
+    return contents
+
+
+# The usage snippet's loads, as the card template writes them: `.from_pretrained("REPO"` and the revision after it.
+_USAGE_LOAD = re.compile(r'(\.from_pretrained\()"[^"\n]*"(?:, revision="[^"\n]*")?')
+
+
+def pushed_card(text: str, repo_id: str, branch: str = "main", *, pull_request: bool = False) -> str:
+    """The card as pushed to `repo_id`'s `branch`: its "## Usage" snippet loads from there (the folder's card names the
+    repo and branch it was written for, or `path/to/this/model`), so a folder written for a branch and pushed to main
+    (or the reverse) never tells readers to load another revision. A pull request's card says that the snippet's branch
+    holds these files once the pull request is merged. A card with no such snippet (a custom template) is unchanged."""
+    start = text.find("\n## Usage\n")
+    opening = text.find("```python\n", start) if start >= 0 else -1
+    closing = text.find("\n```", opening + len("```python\n")) if opening >= 0 else -1
+    if closing < 0:
+        return text
+    target = json.dumps(repo_id) + (f", revision={json.dumps(branch)}" if branch != "main" else "")
+    snippet = _USAGE_LOAD.sub(lambda match: match.group(1) + target, text[opening:closing])
+    end = closing + len("\n```")
+    note = (f"\n\nThis card is part of a pull request against `{branch}`: the snippet loads from `{branch}`, which "
+            "holds these files once the pull request is merged." if pull_request else "")
+    return text[:opening] + snippet + text[closing:end] + note + text[end:]
+
+
+def _published_recipe(folder: Path) -> dict[str, bytes]:
+    """The recipe as published (`recipe.published_text`), when its bytes differ from the folder's."""
     path = folder / RECIPE_FILENAME
     size = path.stat().st_size
     if size > MAX_RECIPE_BYTES:  # read whole below: refused as `Recipe.load` refuses it
@@ -491,7 +547,8 @@ def published_contents(folder: Path) -> dict[str, bytes]:
 
 def _commit(api: HfApi, repo_id: str, folder: Path, files: list[str], contents: dict[str, bytes], *,
             replace: bool, message: str, parent: str | None = None, made: list[CommitInfo] | None = None,
-            handles: dict[str, BinaryIO] | None = None, options: CommitOptions | None = None) -> CommitInfo:
+            handles: dict[str, BinaryIO] | None = None, options: CommitOptions | None = None,
+            deleted: list[str] | None = None, bare_card: bytes | None = None) -> CommitInfo:
     """One commit adding exactly `files` (the writer's; `contents` gives some of them other bytes) and, when
     `replace`, deleting every other file of the repo but `.gitattributes`, so the old model's leftovers go with it.
     `parent`: the head this push read: the commit applies only on top of it (the Hub refuses it, 412, when someone
@@ -500,7 +557,9 @@ def _commit(api: HfApi, repo_id: str, folder: Path, files: list[str], contents: 
     The large files are uploaded first (Ctrl-C stops that at once), then the commit is made with Ctrl-C and SIGTERM
     deferred: made or not, never cut with its outcome unknown; it is appended to `made` before a deferred interrupt
     is raised. `handles`: the files as `pinned_files` opened them, uploaded from these (never opened again by name:
-    the folder may have been replaced since). `options`: the description, branch and pull request of the commit."""
+    the folder may have been replaced since). `options`: the description, branch and pull request of the commit.
+    `deleted` receives the names of the files the commit deletes. `bare_card`: a pull request's card without its note
+    (`pushed_card`), uploaded instead when the note would be the pull request's only change."""
     options = options or CommitOptions()
     def source(name: str) -> bytes | BinaryIO | Path:
         if name in contents:
@@ -525,10 +584,14 @@ def _commit(api: HfApi, repo_id: str, folder: Path, files: list[str], contents: 
     if stale:  # the repo's own files, gone with this commit (the old revision keeps them): say which
         logger.warning("deleting %d file%s of %r that the folder does not hold%s: %s", len(stale),
                        "s" if len(stale) > 1 else "", repo_id,
-                       f" (in the pull request against {options.branch!r})" if options.create_pr
+                       f" (in the pull request against {options.branch!r}, --overwrite)" if options.create_pr
                        else " (--overwrite)" if options.branch == "main" else f" (on the branch {options.branch!r})",
                        ", ".join(stale[:10]) + (f" and {len(stale) - 10} more" if len(stale) > 10 else ""))
+    if options.create_pr and bare_card is not None and not stale and CARD_FILENAME in contents:
+        adds = _without_a_lone_note(api, repo_id, adds, bare_card, options)
     deletes = [CommitOperationDelete(path_in_repo=name, is_folder=False) for name in stale]
+    if deleted is not None:
+        deleted[:] = stale
     with interrupts_deferred():
         commit = api.create_commit(repo_id=repo_id, operations=[*deletes, *adds], commit_message=message,
                                    commit_description=options.description, revision=options.branch,
@@ -538,9 +601,26 @@ def _commit(api: HfApi, repo_id: str, folder: Path, files: list[str], contents: 
     return commit
 
 
+def _without_a_lone_note(api: HfApi, repo_id: str, adds: list[CommitOperationAdd], bare_card: bytes,
+                         options: CommitOptions) -> list[CommitOperationAdd]:
+    """A pull request whose only change would be its card's note (the branch already holds these files, its card
+    included): the card goes up without the note, so the commit changes nothing and no pull request is opened, as a
+    push of identical files makes no commit. Reads the Hub's answer to the pre-upload (each file's oid on the branch),
+    as `create_commit` does to drop unchanged files."""
+    def unchanged(add: CommitOperationAdd) -> bool:
+        return add._remote_oid is not None and add._remote_oid == add._local_oid
+
+    if [add.path_in_repo for add in adds if not unchanged(add)] != [CARD_FILENAME]:
+        return adds
+    card = CommitOperationAdd(path_in_repo=CARD_FILENAME, path_or_fileobj=bare_card)
+    api.preupload_lfs_files(repo_id, additions=[card], free_memory=False, revision=options.branch, create_pr=True)
+    return [card if add.path_in_repo == CARD_FILENAME else add for add in adds] if unchanged(card) else adds
+
+
 def _push(folder: Path, files: list[str], contents: dict[str, bytes], repo_id: str, *, private: bool,
           overwrite: bool, token: str | None, options: CommitOptions, flag: str, seconds: float,
-          shown_as: str | None = None, handles: dict[str, BinaryIO] | None = None) -> PushResult:
+          shown_as: str | None = None, handles: dict[str, BinaryIO] | None = None,
+          bare_card: bytes | None = None) -> PushResult:
     api = HfApi(token=token)
     state = _target_state(repo_id, overwrite=overwrite, token=token, flag=flag, seconds=seconds, options=options,
                           private=private)
@@ -550,7 +630,9 @@ def _push(folder: Path, files: list[str], contents: dict[str, bytes], repo_id: s
     message = options.message or commit_title(shown_as or folder.name)
     head_before: str | None = None
     made: list[CommitInfo] = []
-    prs_before: set[str] | None = None
+    deleted: list[str] = []
+    prs_before: dict[str, str] | None = None
+    branch_made = False  # only a branch this run created is ever deleted
     try:
         # Creating the repo and reading its head with Ctrl-C deferred: an interrupt then knows what this run made.
         with interrupts_deferred():
@@ -566,14 +648,23 @@ def _push(folder: Path, files: list[str], contents: dict[str, bytes], repo_id: s
                         ) from None
                     raise PushError(f"could not create the Hub repo {repo_id!r}: {hub_error_line(error)}") from error
             if make_branch:  # from main, as push_to_hub and `hf upload` create a missing branch
-                try:
+                try:  # exist_ok=False: a branch someone created since the check is theirs, never replaced
                     _step(f"creating the branch {branch!r} of {repo_id!r} from main",
-                          lambda: api.create_branch(repo_id, branch=branch, exist_ok=True), seconds=seconds)
+                          lambda: api.create_branch(repo_id, branch=branch, exist_ok=False), seconds=seconds)
                 except HfHubHTTPError as error:
+                    if error.response is not None and error.response.status_code == 409:
+                        switch = "overwrite=True" if flag == "repo_id" else "--overwrite"
+                        raise PushError(
+                            f"nothing was pushed to {repo_id!r}: the branch {branch!r} appeared meanwhile; run again — "
+                            f"with {switch} to replace its files"
+                            + (f" (the repo {repo_id!r} created by this run is kept: it holds that branch)"
+                               if created else "")) from None
+                    # the repo this run created holds only main: check main, so it is deleted when empty
                     left = _what_is_there(api, repo_id, None, message, created=created, seconds=seconds,
-                                          options=options)
+                                          options=CommitOptions())
                     raise PushError(f"could not create the branch {branch!r} of {repo_id!r}: "
                                     f"{hub_error_line(error)} ({left})") from error
+                branch_made = True
             info = _step(f"reading the repo {repo_id!r}", lambda: api.repo_info(repo_id, revision=branch),
                          seconds=seconds)
             head_before = info.sha
@@ -589,26 +680,32 @@ def _push(folder: Path, files: list[str], contents: dict[str, bytes], repo_id: s
                     + (f" (a pull request against {branch!r})" if options.create_pr
                        else f" (branch {branch!r})" if branch != "main" else ""),
                     # Exactly the writer's files (never the marker, nothing added since); on overwrite (or on a new
-                    # branch, or in a pull request), files the new folder lacks go away in the same commit.
+                    # branch), files the new folder lacks go away in the same commit.
+                    # A pull request without overwrite only adds and replaces (as upload_folder without
+                    # delete_patterns): the branch's other files stay.
                     lambda: _commit(api, repo_id, folder, files, contents,
-                                    replace=state in ("exists", "new-branch", "pr"), message=message,
-                                    parent=head_before, made=made, handles=handles, options=options),
+                                    replace=state in ("exists", "new-branch") or (state == "pr" and overwrite),
+                                    message=message, parent=head_before, made=made, handles=handles,
+                                    options=options, deleted=deleted, bare_card=bare_card),
                     seconds=seconds,
                 )
         except Exception as error:
             logger.debug("push failed", exc_info=True)
             left = _what_is_there(api, repo_id, head_before, message, created=created, seconds=seconds,
-                                  options=options, prs_before=prs_before, branch_created=make_branch and not created)
+                                  options=options, prs_before=prs_before, branch_created=branch_made)
             raise PushError(f"uploading to {repo_id!r} failed: {hub_error_line(error)} ({left})") from error
     except KeyboardInterrupt as interrupt:
         logger.debug("push interrupted", exc_info=True)
         if made:  # the commit was made, then the Ctrl-C it deferred came
-            raise PushInterrupted(f"the push was done first: {repo_id} holds the merged model (commit "
+            pr = without_userinfo(made[0].pr_url) if options.create_pr and made[0].pr_url else None
+            holder = (f"the pull request {pr} against {branch!r} of {repo_id}" if pr
+                      else f"{repo_id}" + (f" (branch {branch!r})" if branch != "main" else ""))
+            raise PushInterrupted(f"the push was done first: {holder} holds the merged model (commit "
                                   f"{made[0].oid})", pushed=True) from interrupt
         if head_before is None:  # stopped before the repo was created (creating it defers a Ctrl-C)
             raise PushInterrupted(f"nothing was pushed to {repo_id}") from interrupt
         left = _what_is_there(api, repo_id, head_before, message, created=created, seconds=seconds,
-                              options=options, prs_before=prs_before, branch_created=make_branch and not created)
+                              options=options, prs_before=prs_before, branch_created=branch_made)
         raise PushInterrupted(f"{repo_id}: {left}") from interrupt
     repo_url = f"{without_userinfo(api.endpoint).rstrip('/')}/{repo_id}"  # as create_repo's answer, never credentials
     changed = commit.oid != head_before
@@ -621,7 +718,8 @@ def _push(folder: Path, files: list[str], contents: dict[str, bytes], repo_id: s
                     "%s", repo_id, f" ({branch})" if branch != "main" else "", shown_as or folder, commit.oid,
                     ", so no pull request was opened" if options.create_pr else "")
     return PushResult(repo_id=repo_id, commit_sha=commit.oid, commit_url=without_userinfo(commit.commit_url),
-                      url=repo_url, created=created, changed=changed, revision=options.revision, pr_url=pr_url)
+                      url=repo_url, created=created, changed=changed, revision=options.revision, pr_url=pr_url,
+                      deleted=tuple(deleted) if changed else ())
 
 
 def _pull_requests(api: HfApi, repo_id: str, seconds: float) -> dict[str, str]:

@@ -341,11 +341,15 @@ def publish(
 
 
 def push_flags(commit: CommitOptions | None) -> str:
-    """The `hf-mudsc push` flags that push a kept folder as `commit` asked (the branch, the pull request)."""
+    """The `hf-mudsc push` flags that push a kept folder as `commit` asked (the branch, the pull request, the commit's
+    message and description), each quoted for a shell."""
     if commit is None:
         return ""
     return "".join([f" --revision {shlex.quote(commit.revision)}" if commit.revision else "",
-                    " --create-pr" if commit.create_pr else ""])
+                    " --create-pr" if commit.create_pr else "",
+                    f" --commit-message {shlex.quote(commit.message)}" if commit.message is not None else "",
+                    f" --commit-description {shlex.quote(commit.description)}" if commit.description is not None
+                    else ""])
 
 
 def save_merged(merged: Any, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -392,7 +396,8 @@ def push_merged(
             `push_to_hub` does, and needs no `overwrite` (main keeps its files); the card's "how to load" snippet
             names it (`from_pretrained(repo, revision=...)`).
         create_pr: open a pull request against `revision` (an existing branch) instead of committing; it needs no
-            `overwrite` (nothing changes until it is merged) and its URL is the result's `pr_url`.
+            `overwrite` (nothing changes until it is merged) and its URL is the result's `pr_url`. It adds and
+            replaces files; with `overwrite` it also deletes the branch's files the model lacks (`result.deleted`).
 
     Returns:
         A `hf_mudsc.publish.hub.PushResult` (`commit_sha`, `commit_url`, `url`, `revision`, `pr_url`).
